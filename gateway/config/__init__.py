@@ -1,0 +1,1 @@
+"""policies.yaml: its schema, loading with line-accurate validation, and hot reload."""

@@ -1,0 +1,228 @@
+"""Load policies.yaml into a :class:`Policy`, with messages that name the field and the line."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from gateway.config.envsubst import MissingVariable, substitute
+from gateway.config.schema import ModelConfig, Policy, RouteConfig
+from gateway.errors import ConfigError
+
+__all__ = ["LoadedPolicy", "load_policy", "load_policy_text"]
+
+_Path = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedPolicy:
+    policy: Policy
+    version: str
+    """Short sha256 of the file's bytes: what ``/readyz`` and the logs show."""
+    source: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_policy(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> LoadedPolicy:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from None
+    return load_policy_text(text, source=source, environ=environ)
+
+
+def load_policy_text(
+    text: str, *, source: str = "<policy>", environ: Mapping[str, str] | None = None
+) -> LoadedPolicy:
+    environ = os.environ if environ is None else environ
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError(source, [f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    if root is None:
+        raise ConfigError(source, ["the file is empty"])
+
+    lines: dict[_Path, int] = {}
+    problems: list[str] = []
+    data = _NodeReader(environ, lines, problems).read(root, ())
+    if problems:
+        raise ConfigError(source, problems)
+    problems = _validate_keyed_sections(data, lines)
+    if problems:
+        raise ConfigError(source, problems)
+    try:
+        policy = msgspec.convert(data, Policy, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(source, [_describe_validation_error(str(exc), lines)]) from None
+
+    problems = _check_references(policy, lines)
+    if problems:
+        raise ConfigError(source, problems)
+    version = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return LoadedPolicy(policy, version, source, _warnings(policy, environ))
+
+
+class _NodeReader:
+    """Turns a composed YAML tree into plain values, recording each path's line."""
+
+    def __init__(self, environ: Mapping[str, str], lines: dict[_Path, int], problems: list[str]) -> None:
+        self._environ = environ
+        self._lines = lines
+        self._problems = problems
+        self._loader = yaml.SafeLoader("")
+
+    def read(self, node: yaml.Node, path: _Path) -> Any:
+        self._lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = self._loader.construct_object(key_node)
+                if key == "<<":
+                    self._problems.append(f"line {key_node.start_mark.line + 1}: YAML merge keys are not supported")
+                    continue
+                if key in out:
+                    self._problems.append(
+                        f"{_dotted(path + (key,))} (line {key_node.start_mark.line + 1}): duplicate key"
+                    )
+                out[key] = self.read(value_node, path + (str(key),))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.read(item, path + (i,)) for i, item in enumerate(node.value)]
+        return self._scalar(node, path)
+
+    def _scalar(self, node: yaml.ScalarNode, path: _Path) -> Any:
+        if "${" in node.value:
+            try:
+                value = substitute(node.value, self._environ)
+            except MissingVariable as exc:
+                self._problems.append(
+                    f"{_dotted(path)} (line {node.start_mark.line + 1}): environment variable "
+                    f"{exc.name} is not set and has no default (write ${{{exc.name}:-default}} to give one)"
+                )
+                return None
+            if node.style is None:  # plain scalar: let "${PORT}" become an int, as if written inline
+                tag = self._loader.resolve(yaml.ScalarNode, value, (True, False))
+                node = yaml.ScalarNode(tag, value, node.start_mark, node.end_mark, node.style)
+            else:
+                return value
+        return self._loader.construct_object(node)
+
+
+_MSGSPEC_PATH = re.compile(r" - at `\$([^`]*)`$")
+_PATH_PART = re.compile(r"\.([A-Za-z0-9_\-]+)|\[(\d+)\]|\[\.\.\.\]")
+
+
+_KEYED_SECTIONS: dict[str, type] = {"models": ModelConfig, "routes": RouteConfig}
+
+
+def _validate_keyed_sections(data: Any, lines: dict[_Path, int]) -> list[str]:
+    """Validate each named entry alone: msgspec's paths say ``models[...]``, we want ``models.small``."""
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        return problems
+    for section, entry_type in _KEYED_SECTIONS.items():
+        entries = data.get(section)
+        if not isinstance(entries, dict):
+            continue
+        for name, entry in entries.items():
+            try:
+                msgspec.convert(entry, entry_type, strict=True)
+            except msgspec.ValidationError as exc:
+                problems.append(_describe_validation_error(str(exc), lines, prefix=(section, str(name))))
+    return problems
+
+
+def _describe_validation_error(message: str, lines: dict[_Path, int], prefix: _Path = ()) -> str:
+    match = _MSGSPEC_PATH.search(message)
+    if not match:
+        line = _nearest_line(prefix, lines)
+        return f"{_dotted(prefix) or '(top level)'}{f' (line {line})' if line else ''}: {message}"
+    reason = message[: match.start()]
+    path: _Path = prefix + tuple(
+        (m.group(1) if m.group(1) is not None else int(m.group(2)) if m.group(2) is not None else "...")
+        for m in _PATH_PART.finditer(match.group(1))
+    )
+    line = _nearest_line(path, lines)
+    where = f" (line {line})" if line else ""
+    return f"{_dotted(path) or '(top level)'}{where}: {reason}"
+
+
+def _nearest_line(path: _Path, lines: dict[_Path, int]) -> int | None:
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path[:-1]
+    return lines.get(())
+
+
+def _dotted(path: _Path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _check_references(policy: Policy, lines: dict[_Path, int]) -> list[str]:
+    problems: list[str] = []
+
+    def problem(path: _Path, text: str) -> None:
+        line = _nearest_line(path, lines)
+        problems.append(f"{_dotted(path)}{f' (line {line})' if line else ''}: {text}")
+
+    known = sorted(policy.models)
+
+    def check_model(path: _Path, name: str | None) -> None:
+        if name is not None and name not in policy.models:
+            problem(path, f"unknown model {name!r}; models are: {', '.join(known)}")
+
+    for role in ("small", "large"):
+        name = getattr(policy.pair, role)
+        check_model(("pair", role), name)
+        if name in policy.models and policy.models[name].tier != role:
+            problem(("pair", role), f"model {name!r} has tier {policy.models[name].tier!r}, expected {role!r}")
+    if not policy.routes:
+        problem(("routes",), "at least one route is needed")
+    for route_name, route in policy.routes.items():
+        base: _Path = ("routes", route_name)
+        if route.model is None:
+            problem(base, "'model' is required (for classifier routes: the model used until the classifier loads)")
+        check_model(base + ("model",), route.model)
+        for i, name in enumerate(route.fallbacks):
+            check_model(base + ("fallbacks", i), name)
+        check_model(base + ("baseline",), route.baseline)
+        if not 0.0 <= route.threshold <= 1.0:
+            problem(base + ("threshold",), "must be between 0 and 1")
+        if route_name in policy.models and policy.models[route_name].public:
+            problem(base, f"route {route_name!r} has the name of a public model; rename one of them")
+    seen_ids: set[str] = set()
+    for i, key in enumerate(policy.auth.keys):
+        base = ("auth", "keys", i)
+        if key.id in seen_ids:
+            problem(base + ("id",), f"duplicate key id {key.id!r}")
+        seen_ids.add(key.id)
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", key.hash):
+            problem(base + ("hash",), "must be 'sha256:' followed by 64 lowercase hex digits")
+    if policy.auth.mode == "keys" and not policy.auth.keys:
+        problem(("auth", "keys"), "auth mode 'keys' needs at least one key")
+    if policy.limits.max_body_bytes < 1024:
+        problem(("limits", "max_body_bytes"), "must be at least 1024")
+    return problems
+
+
+def _warnings(policy: Policy, environ: Mapping[str, str]) -> list[str]:
+    out = []
+    for name, model in policy.models.items():
+        if model.api_key_env and not environ.get(model.api_key_env):
+            out.append(f"models.{name}: {model.api_key_env} is not set; requests to it carry no API key")
+    return out

@@ -1,0 +1,145 @@
+"""The typed shape of policies.yaml.
+
+Structs are frozen: a loaded policy is never mutated, a reload builds a new one and
+swaps it in whole, so a request always sees one consistent version.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+ProviderKind = Literal["openai", "anthropic"]
+Tier = Literal["small", "large"]
+
+
+class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Frozen, strict: an unknown key in policies.yaml is an error, not silently ignored."""
+
+
+class Price(_Struct, kw_only=True):
+    """USD per million tokens."""
+
+    input_per_mtok: float = msgspec.field(name="input")
+    output_per_mtok: float = msgspec.field(name="output")
+
+    def __post_init__(self) -> None:
+        if self.input_per_mtok < 0 or self.output_per_mtok < 0:
+            raise ValueError("prices must be >= 0")
+
+
+class Timeouts(_Struct, kw_only=True):
+    """Seconds. ``first_byte`` bounds the wait for response headers (and, streamed, the first event)."""
+
+    connect: float = 5.0
+    first_byte: float = 60.0
+    total: float = 600.0
+
+    def __post_init__(self) -> None:
+        if min(self.connect, self.first_byte, self.total) <= 0:
+            raise ValueError("timeouts must be > 0")
+
+
+class ModelConfig(_Struct, kw_only=True):
+    provider: ProviderKind = "openai"
+    base_url: str
+    upstream_model: str | None = None
+    """The model name sent upstream; defaults to the key under ``models``."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the key. Keys never live in the file."""
+    price: Price
+    encoding: str = "cl100k_base"
+    context_window: int = 8192
+    tier: Tier
+    timeouts: Timeouts = Timeouts()
+    max_connections: int = 256
+    public: bool = True
+    """Whether clients may call this model by name (besides through routes)."""
+    simulated: bool = False
+    headers: dict[str, str] = {}
+    """Extra headers sent upstream (for example an API version)."""
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        if self.context_window <= 0:
+            raise ValueError("context_window must be > 0")
+        if self.max_connections <= 0:
+            raise ValueError("max_connections must be > 0")
+
+
+class RetryPolicy(_Struct, kw_only=True):
+    max_attempts: int = 2
+    """Attempts per model, the first included, before moving to the next fallback."""
+    backoff_initial_ms: float = 100.0
+    backoff_max_ms: float = 2000.0
+    max_retry_after_s: float = 10.0
+    """A Retry-After longer than this is not waited for: the next fallback is tried instead."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+
+
+class CircuitBreakerPolicy(_Struct, kw_only=True):
+    failure_threshold: int = 5
+    """Consecutive failures that open the circuit."""
+    reset_after_s: float = 15.0
+    """How long an open circuit skips the upstream before one probe is let through."""
+
+
+class RouteConfig(_Struct, kw_only=True):
+    """A name clients call. ``strategy: classifier`` picks between the pair per prompt."""
+
+    strategy: Literal["fixed", "classifier"] = "fixed"
+    model: str | None = None
+    """``fixed``: the model that answers. ``classifier``: used until the router is loaded."""
+    fallbacks: list[str] = []
+    baseline: str | None = None
+    """The model whose cost the request is compared with (``baseline_cost_usd``); default: the pair's large model."""
+    threshold: float = 0.5
+    retry: RetryPolicy | None = None
+
+
+class Pair(_Struct, kw_only=True):
+    small: str
+    large: str
+
+
+class AuthKey(_Struct, kw_only=True):
+    id: str
+    hash: str
+    """``sha256:<hex>`` of the secret."""
+    tenant: str = "default"
+    models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+
+
+class AuthPolicy(_Struct, kw_only=True):
+    mode: Literal["none", "keys"] = "none"
+    keys: list[AuthKey] = []
+
+
+class RequestLogPolicy(_Struct, kw_only=True):
+    enabled: bool = True
+    path: str | None = None
+    """Also append the JSON lines to this file (stdout always gets them)."""
+    stdout: bool = True
+
+
+class LimitsPolicy(_Struct, kw_only=True):
+    max_body_bytes: int = 4 * 1024 * 1024
+    long_prompt_chars: int = 32_000
+    """Prompts longer than this are tokenized off the event loop."""
+
+
+class Policy(_Struct, kw_only=True):
+    version: int = 1
+    pair: Pair
+    models: dict[str, ModelConfig]
+    routes: dict[str, RouteConfig]
+    retry: RetryPolicy = RetryPolicy()
+    circuit_breaker: CircuitBreakerPolicy = CircuitBreakerPolicy()
+    auth: AuthPolicy = AuthPolicy()
+    request_log: RequestLogPolicy = RequestLogPolicy()
+    limits: LimitsPolicy = LimitsPolicy()

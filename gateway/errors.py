@@ -1,0 +1,185 @@
+"""One exception hierarchy for everything a client can be told.
+
+Every error the gateway returns is a :class:`GatewayError`; it knows its HTTP
+status and renders itself as OpenAI's error body
+(``{"error": {"message", "type", "param", "code"}}``), so handlers never build
+error JSON by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "GatewayError",
+    "InvalidRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "ModelNotFoundError",
+    "PayloadTooLargeError",
+    "RateLimitError",
+    "UpstreamError",
+    "UpstreamStatusError",
+    "UpstreamConnectError",
+    "UpstreamTimeoutError",
+    "UpstreamProtocolError",
+    "UpstreamUnavailableError",
+    "ConfigError",
+]
+
+
+class GatewayError(Exception):
+    """An error that is answered to the client with an OpenAI-style body."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def to_body(self) -> bytes:
+        return msgspec.json.encode(
+            {
+                "error": {
+                    "message": self.message,
+                    "type": self.error_type,
+                    "param": self.param,
+                    "code": self.code,
+                }
+            }
+        )
+
+
+class InvalidRequestError(GatewayError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(GatewayError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(GatewayError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "model_not_allowed"
+
+
+class ModelNotFoundError(GatewayError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLargeError(GatewayError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimitError(GatewayError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after_s = retry_after_s
+        if retry_after_s is not None:
+            self.headers.setdefault("retry-after", str(max(1, round(retry_after_s))))
+
+
+class UpstreamError(GatewayError):
+    """An upstream could not give an answer. ``retryable`` drives retries and fallbacks."""
+
+    status_code = 502
+    error_type = "upstream_error"
+    code = "upstream_error"
+    retryable = True
+
+    def __init__(self, upstream: str, message: str, **kwargs: Any) -> None:
+        super().__init__(f"upstream '{upstream}': {message}", **kwargs)
+        self.upstream = upstream
+
+
+class UpstreamStatusError(UpstreamError):
+    """The upstream answered with an HTTP error status.
+
+    429 and 5xx are retryable; other 4xx are the client's fault, so they are passed
+    through with the upstream's own status and message and never retried.
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        status: int,
+        detail: str,
+        *,
+        retry_after_s: float | None = None,
+        body: bytes | None = None,
+    ) -> None:
+        super().__init__(upstream, f"HTTP {status}: {detail}")
+        self.upstream_status = status
+        self.retry_after_s = retry_after_s
+        self.upstream_body = body
+        self.retryable = status == 429 or status >= 500 or status == 408
+        if status == 429:
+            self.status_code = 429
+            self.error_type = "rate_limit_error"
+            self.code = "upstream_rate_limited"
+            if retry_after_s is not None:
+                self.headers["retry-after"] = str(max(1, round(retry_after_s)))
+        elif 400 <= status < 500 and status != 408:
+            self.status_code = status
+            self.error_type = "invalid_request_error"
+            self.code = "upstream_rejected_request"
+        else:
+            self.status_code = 502
+
+
+class UpstreamConnectError(UpstreamError):
+    code = "upstream_connect_error"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status_code = 504
+    error_type = "timeout_error"
+    code = "upstream_timeout"
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream answered something that is not the API it claims to speak."""
+
+    code = "upstream_bad_response"
+
+
+class UpstreamUnavailableError(UpstreamError):
+    """Skipped without a call: the upstream's circuit breaker is open."""
+
+    code = "upstream_unavailable"
+
+
+class ConfigError(Exception):
+    """policies.yaml is invalid. ``problems`` are human-readable lines naming field and line."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
