@@ -1,0 +1,104 @@
+"""Send a request along a route: retries with jittered backoff, fallbacks, circuit breakers.
+
+Everything here happens before the first byte reaches the client; once a stream
+has started nothing is retried (the client would see tokens twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from gateway.config.schema import RetryPolicy
+from gateway.errors import UpstreamError, UpstreamStatusError, UpstreamUnavailableError
+from gateway.upstreams.base import Provider
+from gateway.upstreams.breaker import CircuitBreaker
+
+__all__ = ["DispatchInfo", "dispatch"]
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class DispatchInfo:
+    """How the answer was obtained, for headers, the log and metrics."""
+
+    provider: Provider | None = None
+    attempts: int = 0
+    fallback_used: bool = False
+    upstream_seconds: float = 0.0
+    """Time spent waiting on upstreams (backoff included): excluded from the gateway's overhead."""
+    failures: list[UpstreamError] = field(default_factory=list)
+
+    @property
+    def retries(self) -> int:
+        return max(0, self.attempts - 1)
+
+
+async def dispatch(
+    candidates: tuple[str, ...],
+    providers: Mapping[str, Provider],
+    breakers: Mapping[str, CircuitBreaker],
+    retry: RetryPolicy,
+    body: dict[str, Any],
+    call: Callable[[Provider, dict[str, Any]], Awaitable[T]],
+    info: DispatchInfo,
+) -> T:
+    """Run ``call`` on the first candidate that answers; raise the last error if none does.
+
+    An error that is not retryable (a 4xx other than 408/429: the request itself is
+    wrong) is raised at once: another model would reject it the same way.
+    """
+    last_error: UpstreamError | None = None
+    for position, name in enumerate(candidates):
+        provider, breaker = providers[name], breakers[name]
+        for attempt in range(retry.max_attempts):
+            if not breaker.allow():
+                last_error = UpstreamUnavailableError(name, "circuit open after repeated failures; skipped")
+                info.failures.append(last_error)
+                break
+            info.attempts += 1
+            info.fallback_used = position > 0
+            started = time.perf_counter()
+            verdict = False
+            try:
+                result = await call(provider, {**body, "model": provider.upstream_model})
+                breaker.record_success()
+                verdict = True
+                info.provider = provider
+                return result
+            except UpstreamError as exc:
+                last_error = exc
+                info.failures.append(exc)
+                if not _is_rate_limit(exc):
+                    breaker.record_failure()
+                    verdict = True
+                if not exc.retryable:
+                    raise
+                delay = _backoff_s(retry, attempt, exc)
+                if delay is None or attempt + 1 >= retry.max_attempts:
+                    break
+                await asyncio.sleep(delay)
+            finally:
+                if not verdict:
+                    breaker.abandon()
+                info.upstream_seconds += time.perf_counter() - started
+    assert last_error is not None
+    raise last_error
+
+
+def _is_rate_limit(exc: UpstreamError) -> bool:
+    return isinstance(exc, UpstreamStatusError) and exc.upstream_status == 429
+
+
+def _backoff_s(retry: RetryPolicy, attempt: int, exc: UpstreamError) -> float | None:
+    """Seconds to wait before the next attempt, or None to move to the next fallback now."""
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        return retry_after if retry_after <= retry.max_retry_after_s else None
+    ceiling = min(retry.backoff_max_ms, retry.backoff_initial_ms * (2**attempt)) / 1000
+    return random.uniform(ceiling / 2, ceiling)  # "equal jitter": spread retries, keep a floor

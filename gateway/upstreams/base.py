@@ -1,0 +1,210 @@
+"""The provider interface and the HTTP plumbing every provider shares."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import httpx
+import msgspec
+
+from gateway.config.schema import ModelConfig
+from gateway.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+)
+
+__all__ = ["ChatStream", "Completion", "Provider", "StreamTally", "Usage"]
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(slots=True)
+class Completion:
+    """A finished, non-streamed answer in OpenAI's ``chat.completion`` shape."""
+
+    body: bytes
+    """The JSON returned to the client as is."""
+    usage: Usage | None
+    text: str
+    """The assistant's text, counted by the gateway when ``usage`` is absent."""
+
+
+@dataclass(slots=True)
+class StreamTally:
+    """What a stream said besides its chunks: identity, usage, text (for counting), finish."""
+
+    id: str | None = None
+    created: int | None = None
+    model: str | None = None
+    usage: Usage | None = None
+    text_parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    chunks: int = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+
+class ChatStream(ABC):
+    """An open streamed answer: yields OpenAI ``chat.completion.chunk`` JSON payloads (no SSE framing).
+
+    Usage-only chunks are not yielded; they land in :attr:`tally`, and the API layer
+    emits one if the client asked for it. ``[DONE]`` is the API layer's job too.
+    """
+
+    def __init__(self) -> None:
+        self.tally = StreamTally()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    @abstractmethod
+    async def __anext__(self) -> bytes: ...
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+
+class Provider(ABC):
+    """One upstream model. Subclasses translate the OpenAI chat API to what the server speaks."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, name: str, config: ModelConfig, client: httpx.AsyncClient, api_key: str | None) -> None:
+        self.name = name
+        self.config = config
+        self.client = client
+        self.api_key = api_key
+        self.upstream_model = config.upstream_model or name
+        self._timeout = httpx.Timeout(
+            connect=config.timeouts.connect,
+            read=config.timeouts.first_byte,
+            write=config.timeouts.first_byte,
+            pool=config.timeouts.connect,
+        )
+
+    @abstractmethod
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        """Answer a non-streamed chat request. ``body`` is the client's, model name already replaced."""
+
+    @abstractmethod
+    async def open_stream(self, body: dict[str, Any]) -> ChatStream:
+        """Start a streamed answer; returns once the upstream accepted it (HTTP errors raise here)."""
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    # -- shared HTTP plumbing -------------------------------------------------
+
+    async def _post(self, path: str, payload: dict[str, Any], headers: dict[str, str], *, stream: bool) -> httpx.Response:
+        """POST JSON; map transport failures and HTTP errors to :class:`UpstreamError`.
+
+        With ``stream=True`` the caller owns the open response and must close it.
+        """
+        request = self.client.build_request(
+            "POST", path, content=msgspec.json.encode(payload), headers=headers, timeout=self._timeout
+        )
+        try:
+            async with asyncio.timeout(self.config.timeouts.total):
+                response = await self.client.send(request, stream=True)
+                if response.status_code >= 400:
+                    try:
+                        await response.aread()
+                    finally:
+                        await response.aclose()
+                    raise self._status_error(response)
+                if not stream:
+                    try:
+                        await response.aread()
+                    finally:
+                        await response.aclose()
+        except UpstreamError:
+            raise
+        except TimeoutError:
+            raise UpstreamTimeoutError(self.name, f"no complete answer within {self.config.timeouts.total:g}s") from None
+        except httpx.HTTPError as exc:
+            raise self.transport_error(exc) from None
+        return response
+
+    def transport_error(self, exc: Exception) -> UpstreamError:
+        """Classify a transport failure by its root cause (some transports relabel disconnects as timeouts)."""
+        root = exc.__cause__ or exc
+        cause = type(root).__name__
+        if isinstance(exc, httpx.ConnectError) or cause in {"ClientConnectorError", "ConnectionRefusedError"}:
+            return UpstreamConnectError(self.name, f"cannot connect ({cause})")
+        if cause in {"ServerDisconnectedError", "ClientPayloadError", "RemoteProtocolError", "ReadError"}:
+            return UpstreamProtocolError(self.name, f"connection closed before the answer was complete ({cause})")
+        if isinstance(exc, httpx.TimeoutException) or "Timeout" in cause:
+            return UpstreamTimeoutError(self.name, f"timed out ({cause})")
+        return UpstreamConnectError(self.name, f"transport error ({cause})")
+
+    def _status_error(self, response: httpx.Response) -> UpstreamStatusError:
+        return UpstreamStatusError(
+            self.name,
+            response.status_code,
+            _error_detail(response.content),
+            retry_after_s=_retry_after(response.headers.get("retry-after")),
+            body=response.content,
+        )
+
+
+def _error_detail(content: bytes) -> str:
+    try:
+        data = msgspec.json.decode(content)
+    except msgspec.DecodeError:
+        return content[:200].decode("utf-8", "replace") or "no detail"
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"][:500]
+        if isinstance(error, str):
+            return error[:500]
+    return content[:200].decode("utf-8", "replace")
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def decode_json_object(upstream: str, content: bytes) -> dict[str, Any]:
+    try:
+        data = msgspec.json.decode(content)
+    except msgspec.DecodeError:
+        raise UpstreamProtocolError(upstream, "answered with invalid JSON") from None
+    if not isinstance(data, dict):
+        raise UpstreamProtocolError(upstream, "answered with JSON that is not an object")
+    return data
+
+
+def usage_from(data: Any, prompt_key: str = "prompt_tokens", completion_key: str = "completion_tokens") -> Usage | None:
+    if not isinstance(data, dict):
+        return None
+    prompt, completion = data.get(prompt_key), data.get(completion_key)
+    if isinstance(prompt, int) and isinstance(completion, int):
+        return Usage(prompt, completion)
+    return None

@@ -1,0 +1,125 @@
+"""Any OpenAI-compatible server: OpenAI, vLLM, llama.cpp's server, Ollama, SGLang, ..."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import msgspec
+
+from gateway.errors import UpstreamProtocolError, UpstreamStatusError, UpstreamTimeoutError
+from gateway.upstreams.base import (
+    ChatStream,
+    Completion,
+    Provider,
+    StreamTally,
+    decode_json_object,
+    usage_from,
+)
+from gateway.upstreams.sse import iter_sse
+
+__all__ = ["OpenAIProvider"]
+
+class OpenAIProvider(Provider):
+    kind = "openai"
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"content-type": "application/json", **self.config.headers}
+        if self.api_key:
+            headers["authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        response = await self._post("chat/completions", body, self._headers(), stream=False)
+        content = response.content
+        data = decode_json_object(self.name, content)
+        return Completion(body=content, usage=usage_from(data.get("usage")), text=_message_text(self.name, data))
+
+    async def open_stream(self, body: dict[str, Any]) -> ChatStream:
+        options = body.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage")):
+            # Ask for usage even when the client did not: it is the authoritative count.
+            body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
+        response = await self._post("chat/completions", body, self._headers(), stream=True)
+        deadline = asyncio.get_running_loop().time() + self.config.timeouts.total
+        return _OpenAIChatStream(self, response, deadline)
+
+class _OpenAIChatStream(ChatStream):
+    def __init__(self, provider: OpenAIProvider, response: httpx.Response, deadline: float) -> None:
+        super().__init__()
+        self._provider = provider
+        self._response = response
+        self._deadline = deadline
+        self._events = iter_sse(response.aiter_bytes())
+        self._done = False
+
+    async def __anext__(self) -> bytes:
+        tally = self.tally
+        while not self._done:
+            if asyncio.get_running_loop().time() > self._deadline:
+                raise UpstreamTimeoutError(self._provider.name, "stream exceeded its total timeout")
+            try:
+                event = await self._events.__anext__()
+            except StopAsyncIteration:
+                raise UpstreamProtocolError(self._provider.name, "stream ended before [DONE]") from None
+            except httpx.HTTPError as exc:
+                raise self._provider.transport_error(exc) from None
+            if event.data == b"[DONE]":
+                self._done = True
+                break
+            try:
+                chunk = msgspec.json.decode(event.data)
+            except msgspec.DecodeError:
+                raise UpstreamProtocolError(self._provider.name, "sent a stream event that is not JSON") from None
+            if not isinstance(chunk, dict):
+                raise UpstreamProtocolError(self._provider.name, "sent a stream event that is not an object")
+            if "error" in chunk:
+                raise UpstreamStatusError(self._provider.name, 500, _in_stream_error(chunk["error"]))
+            _tally_chunk(tally, chunk)
+            choices = chunk.get("choices")
+            if not choices:
+                continue  # the usage chunk: kept in the tally, re-emitted by the gateway if asked for
+            return event.data
+        await self.aclose()
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:
+    tally.chunks += 1
+    if tally.id is None:
+        tally.id = chunk.get("id")
+        tally.created = chunk.get("created")
+        tally.model = chunk.get("model")
+    usage = usage_from(chunk.get("usage"))
+    if usage is not None:
+        tally.usage = usage
+    choices = chunk.get("choices")
+    if choices and isinstance(choices, list):
+        choice = choices[0]
+        if isinstance(choice, dict):
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                content = delta.get("content")
+                if isinstance(content, str) and content:
+                    tally.text_parts.append(content)
+            if choice.get("finish_reason"):
+                tally.finish_reason = choice["finish_reason"]
+
+def _message_text(upstream: str, data: dict[str, Any]) -> str:
+    choices = data.get("choices")
+    if not isinstance(choices, list):
+        raise UpstreamProtocolError(upstream, "answer has no choices")
+    parts = []
+    for choice in choices:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            parts.append(message["content"])
+    return "".join(parts)
+
+def _in_stream_error(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message", "error in stream"))[:500]
+    return str(error)[:500]
