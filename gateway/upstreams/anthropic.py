@@ -1,0 +1,545 @@
+"""Anthropic's Messages API behind the OpenAI chat-completions interface.
+
+Request (OpenAI → Anthropic, ``POST {base_url}/v1/messages``):
+
+- ``system`` and ``developer`` messages, wherever they are, become the top-level
+  ``system`` string (joined with a blank line).
+- ``user`` / ``assistant`` messages become ``messages``; content is a string or a list
+  of parts: ``text`` → text block, ``image_url`` → image block (``data:`` URLs as a
+  base64 source, http(s) URLs as a url source). Consecutive messages of one role are
+  merged, since Anthropic requires user/assistant alternation; empty text is dropped
+  (Anthropic rejects empty text blocks).
+- Assistant ``tool_calls`` → ``tool_use`` blocks (arguments JSON-decoded to ``input``);
+  ``tool`` messages → a user message of ``tool_result`` blocks.
+- ``max_tokens`` / ``max_completion_tokens`` → ``max_tokens`` (4096 when absent, since
+  Anthropic requires it); ``temperature`` (clamped to [0, 1]); ``top_p``; ``stop`` →
+  ``stop_sequences``; ``user`` → ``metadata.user_id``; ``tools`` → ``tools``
+  (``parameters`` → ``input_schema``); ``tool_choice`` ``auto`` / ``required`` /
+  named function → ``auto`` / ``any`` / ``tool``, ``none`` omits the tools;
+  ``parallel_tool_calls: false`` → ``disable_parallel_tool_use``.
+- Dropped, having no Anthropic equivalent: ``n`` (``n > 1`` is refused with a 400),
+  ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``seed``,
+  ``response_format``, ``logprobs``, ``top_logprobs``, ``stream_options``, the
+  deprecated ``functions`` / ``function_call``, tools' ``strict`` and any other
+  unknown field.
+
+Response (Anthropic → OpenAI): text blocks are joined into ``message.content``
+(``null`` when there are none), ``tool_use`` blocks become ``message.tool_calls``,
+``thinking`` blocks are dropped; ``stop_reason`` maps to ``finish_reason``
+(end_turn/stop_sequence → stop, max_tokens → length, tool_use → tool_calls,
+refusal → content_filter); ``prompt_tokens`` counts cached input tokens too.
+Streams are re-encoded event by event as ``chat.completion.chunk`` payloads; usage
+goes to the stream's tally, never into a chunk.
+
+Error bodies (``{"type": "error", "error": {"type", "message"}}``) are read by
+:func:`gateway.upstreams.base._error_detail` as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import msgspec
+
+from gateway.errors import InvalidRequestError, UpstreamProtocolError, UpstreamStatusError, UpstreamTimeoutError
+from gateway.upstreams.base import ChatStream, Completion, Provider, Usage, decode_json_object
+from gateway.upstreams.sse import iter_sse
+
+__all__ = ["AnthropicProvider"]
+
+ANTHROPIC_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 4096
+_MESSAGES_PATH = "v1/messages"
+
+_FINISH_REASONS: dict[str, str] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+    "pause_turn": "stop",
+}
+
+Block = dict[str, Any]
+
+
+class AnthropicProvider(Provider):
+    kind = "anthropic"
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"content-type": "application/json", "anthropic-version": ANTHROPIC_VERSION, **self.config.headers}
+        if self.api_key:
+            headers["x-api-key"] = self.api_key
+        return headers
+
+    def _model(self, body: dict[str, Any]) -> str:
+        model = body.get("model")
+        return model if isinstance(model, str) and model else self.upstream_model
+
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        payload = _translate_request(self.name, self._model(body), body, stream=False)
+        response = await self._post(_MESSAGES_PATH, payload, self._headers(), stream=False)
+        data = decode_json_object(self.name, response.content)
+        return _translate_response(self.name, data)
+
+    async def open_stream(self, body: dict[str, Any]) -> ChatStream:
+        payload = _translate_request(self.name, self._model(body), body, stream=True)
+        response = await self._post(_MESSAGES_PATH, payload, self._headers(), stream=True)
+        deadline = asyncio.get_running_loop().time() + self.config.timeouts.total
+        return _AnthropicChatStream(self, response, deadline)
+
+
+# -- request translation ------------------------------------------------------
+
+
+def _translate_request(upstream: str, model: str, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
+    n = body.get("n")
+    if isinstance(n, int) and n > 1:
+        raise InvalidRequestError(f"n > 1 is not supported by anthropic upstream '{upstream}'", param="n")
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise InvalidRequestError("messages must be a list", param="messages")
+
+    system, turns = _translate_messages(messages)
+    payload: dict[str, Any] = {"model": model, "messages": turns, "max_tokens": _max_tokens(body)}
+    if system:
+        payload["system"] = system
+    temperature = body.get("temperature")
+    if _is_number(temperature):
+        payload["temperature"] = min(1.0, max(0.0, float(temperature)))
+    top_p = body.get("top_p")
+    if _is_number(top_p):
+        payload["top_p"] = top_p
+    stop = body.get("stop")
+    if isinstance(stop, str) and stop:
+        payload["stop_sequences"] = [stop]
+    elif isinstance(stop, list):
+        sequences = [s for s in stop if isinstance(s, str) and s]
+        if sequences:
+            payload["stop_sequences"] = sequences
+    user = body.get("user")
+    if isinstance(user, str) and user:
+        payload["metadata"] = {"user_id": user}
+    payload.update(_translate_tools(body))
+    if stream:
+        payload["stream"] = True
+    return payload
+
+
+def _max_tokens(body: dict[str, Any]) -> int:
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise InvalidRequestError(f"{key} must be >= 1", param=key)
+            return value
+    return DEFAULT_MAX_TOKENS
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _translate_messages(messages: list[Any]) -> tuple[str, list[dict[str, Any]]]:
+    """Lift system text out; turn the rest into alternating user/assistant block lists."""
+    system_parts: list[str] = []
+    turns: list[tuple[str, list[Block]]] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequestError(f"messages[{i}] must be an object", param="messages")
+        role = message.get("role")
+        if role in ("system", "developer"):
+            text = _plain_text(message.get("content"), i)
+            if text:
+                system_parts.append(text)
+            continue
+        if role == "user":
+            role, blocks = "user", _content_blocks(message.get("content"), i)
+        elif role == "assistant":
+            blocks = _content_blocks(message.get("content"), i) + _tool_use_blocks(message.get("tool_calls"), i)
+        elif role == "tool":
+            role, blocks = "user", [_tool_result_block(message, i)]
+        else:
+            raise InvalidRequestError(f"messages[{i}]: role {role!r} is not supported", param="messages")
+        if not blocks:
+            continue
+        if turns and turns[-1][0] == role:
+            turns[-1][1].extend(blocks)
+        else:
+            turns.append((role, blocks))
+    return "\n\n".join(system_parts), [{"role": role, "content": _compact(blocks)} for role, blocks in turns]
+
+
+def _compact(blocks: list[Block]) -> str | list[Block]:
+    """A lone plain text block is sent as a string, as a client would write it."""
+    if len(blocks) == 1 and blocks[0].keys() == {"type", "text"}:
+        text: str = blocks[0]["text"]
+        return text
+    return blocks
+
+
+def _plain_text(content: Any, i: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise InvalidRequestError(f"messages[{i}]: only text parts are allowed here", param="messages")
+            texts.append(part["text"])
+        return "\n\n".join(t for t in texts if t)
+    raise InvalidRequestError(f"messages[{i}]: content must be a string or a list of parts", param="messages")
+
+
+def _content_blocks(content: Any, i: int) -> list[Block]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if not isinstance(content, list):
+        raise InvalidRequestError(f"messages[{i}]: content must be a string or a list of parts", param="messages")
+    blocks: list[Block] = []
+    for part in content:
+        block = _part_block(part, i)
+        if block is not None:
+            blocks.append(block)
+    return blocks
+
+
+def _part_block(part: Any, i: int) -> Block | None:
+    kind = part.get("type") if isinstance(part, dict) else None
+    block: Block
+    if kind in ("text", "refusal"):
+        text = part.get(kind)
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"messages[{i}]: a {kind} part needs a string {kind!r}", param="messages")
+        if not text:
+            return None
+        block = {"type": "text", "text": text}
+    elif kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str):
+            raise InvalidRequestError(f"messages[{i}]: an image_url part needs a url", param="messages")
+        block = {"type": "image", "source": _image_source(url, i)}
+    else:
+        raise InvalidRequestError(
+            f"messages[{i}]: content part type {kind!r} is not supported by anthropic upstreams", param="messages"
+        )
+    if isinstance(part.get("cache_control"), dict):
+        block["cache_control"] = part["cache_control"]
+    return block
+
+
+def _image_source(url: str, i: int) -> dict[str, str]:
+    if url.startswith("data:"):
+        header, comma, data = url[5:].partition(",")
+        media_type, _, encoding = header.partition(";")
+        if not comma or encoding != "base64" or not media_type:
+            raise InvalidRequestError(
+                f"messages[{i}]: image data URLs must be data:<media type>;base64,<data>", param="messages"
+            )
+        return {"type": "base64", "media_type": media_type, "data": data}
+    if url.startswith(("http://", "https://")):
+        return {"type": "url", "url": url}
+    raise InvalidRequestError(f"messages[{i}]: image URLs must be data: or http(s) URLs", param="messages")
+
+
+def _tool_use_blocks(tool_calls: Any, i: int) -> list[Block]:
+    if not tool_calls:
+        return []
+    if not isinstance(tool_calls, list):
+        raise InvalidRequestError(f"messages[{i}]: tool_calls must be a list", param="messages")
+    blocks: list[Block] = []
+    for call in tool_calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        named = isinstance(function, dict) and isinstance(function.get("name"), str)
+        if not (named and isinstance(call.get("id"), str)):
+            raise InvalidRequestError(
+                f"messages[{i}]: each tool call needs an id and a function name", param="messages"
+            )
+        assert isinstance(function, dict)
+        arguments = function.get("arguments") or "{}"
+        try:
+            tool_input = msgspec.json.decode(arguments) if isinstance(arguments, str | bytes) else arguments
+        except msgspec.DecodeError:
+            raise InvalidRequestError(
+                f"messages[{i}]: tool call arguments are not valid JSON", param="messages"
+            ) from None
+        if not isinstance(tool_input, dict):
+            raise InvalidRequestError(f"messages[{i}]: tool call arguments must be a JSON object", param="messages")
+        blocks.append({"type": "tool_use", "id": call["id"], "name": function["name"], "input": tool_input})
+    return blocks
+
+
+def _tool_result_block(message: dict[str, Any], i: int) -> Block:
+    tool_call_id = message.get("tool_call_id")
+    if not isinstance(tool_call_id, str):
+        raise InvalidRequestError(f"messages[{i}]: a tool message needs a tool_call_id", param="messages")
+    block: Block = {"type": "tool_result", "tool_use_id": tool_call_id}
+    content = message.get("content")
+    if isinstance(content, list):
+        block["content"] = _content_blocks(content, i)
+    elif content:
+        block["content"] = _plain_text(content, i)
+    return block
+
+
+def _translate_tools(body: dict[str, Any]) -> dict[str, Any]:
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if not tools or choice == "none":
+        return {}
+    if not isinstance(tools, list):
+        raise InvalidRequestError("tools must be a list", param="tools")
+    translated: list[dict[str, Any]] = []
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
+            raise InvalidRequestError("only function tools with a name are supported", param="tools")
+        entry: dict[str, Any] = {"name": function["name"]}
+        if isinstance(function.get("description"), str):
+            entry["description"] = function["description"]
+        parameters = function.get("parameters")
+        entry["input_schema"] = parameters if isinstance(parameters, dict) else {"type": "object", "properties": {}}
+        translated.append(entry)
+    result: dict[str, Any] = {"tools": translated}
+    tool_choice = _tool_choice(choice)
+    if body.get("parallel_tool_calls") is False:
+        tool_choice = {**(tool_choice or {"type": "auto"}), "disable_parallel_tool_use": True}
+    if tool_choice is not None:
+        result["tool_choice"] = tool_choice
+    return result
+
+
+def _tool_choice(choice: Any) -> dict[str, Any] | None:
+    if choice is None:
+        return None
+    if choice == "auto":
+        return {"type": "auto"}
+    if choice == "required":
+        return {"type": "any"}
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            return {"type": "tool", "name": function["name"]}
+    raise InvalidRequestError(f"tool_choice {choice!r} is not supported", param="tool_choice")
+
+
+# -- response translation -----------------------------------------------------
+
+
+def _finish_reason(stop_reason: Any) -> str:
+    return _FINISH_REASONS.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _prompt_tokens(usage: dict[str, Any]) -> int:
+    return (
+        _int(usage.get("input_tokens"))
+        + _int(usage.get("cache_read_input_tokens"))
+        + _int(usage.get("cache_creation_input_tokens"))
+    )
+
+
+def _usage(data: Any) -> Usage | None:
+    if not isinstance(data, dict) or not isinstance(data.get("input_tokens"), int):
+        return None
+    return Usage(_prompt_tokens(data), _int(data.get("output_tokens")))
+
+
+def _translate_response(upstream: str, data: dict[str, Any]) -> Completion:
+    content = data.get("content")
+    if data.get("type") != "message" or not isinstance(content, list):
+        raise UpstreamProtocolError(upstream, "answer is not an Anthropic message")
+    texts: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
+    for block in content:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif block.get("type") == "tool_use":
+            arguments = msgspec.json.encode(block.get("input") or {}).decode()
+            function = {"name": block.get("name"), "arguments": arguments}
+            tool_calls.append({"id": block.get("id"), "type": "function", "function": function})
+    text = "".join(texts)
+    message: dict[str, Any] = {"role": "assistant", "content": text if texts else None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    usage = _usage(data.get("usage"))
+    answer: dict[str, Any] = {
+        "id": data.get("id"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": data.get("model"),
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": _finish_reason(data.get("stop_reason")), "logprobs": None}
+        ],
+    }
+    if usage is not None:
+        answer["usage"] = {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        }
+    return Completion(body=msgspec.json.encode(answer), usage=usage, text=text)
+
+
+class _AnthropicChatStream(ChatStream):
+    """Re-encodes Anthropic's stream events as OpenAI chunks, one event at a time."""
+
+    def __init__(self, provider: AnthropicProvider, response: httpx.Response, deadline: float) -> None:
+        super().__init__()
+        self._provider = provider
+        self._response = response
+        self._deadline = deadline
+        self._events = iter_sse(response.aiter_bytes())
+        self._started = False
+        self._done = False
+        self._prompt_tokens = 0
+        self._tool_indexes: dict[int, int] = {}
+        """Anthropic content block index → OpenAI tool call index."""
+
+    async def __anext__(self) -> bytes:
+        try:
+            while not self._done:
+                chunk = self._handle(await self._next_event())
+                if chunk is not None:
+                    self.tally.chunks += 1
+                    return chunk
+        except Exception:
+            await self.aclose()
+            raise
+        await self.aclose()
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+    async def _next_event(self) -> dict[str, Any]:
+        name = self._provider.name
+        if asyncio.get_running_loop().time() > self._deadline:
+            raise UpstreamTimeoutError(name, "stream exceeded its total timeout")
+        try:
+            event = await self._events.__anext__()
+        except StopAsyncIteration:
+            raise UpstreamProtocolError(name, "stream ended before message_stop") from None
+        except httpx.HTTPError as exc:
+            raise self._provider.transport_error(exc) from None
+        try:
+            data = msgspec.json.decode(event.data)
+        except msgspec.DecodeError:
+            raise UpstreamProtocolError(name, "sent a stream event that is not JSON") from None
+        if not isinstance(data, dict):
+            raise UpstreamProtocolError(name, "sent a stream event that is not an object")
+        return data
+
+    def _handle(self, event: dict[str, Any]) -> bytes | None:
+        """Update the tally from one event; return the chunk it becomes, if any."""
+        kind = event.get("type")
+        if kind == "message_start":
+            return self._on_message_start(event)
+        if kind == "error":
+            error = event.get("error")
+            error = error if isinstance(error, dict) else {}
+            status = 529 if error.get("type") == "overloaded_error" else 500
+            raise UpstreamStatusError(self._provider.name, status, str(error.get("message", "error in stream"))[:500])
+        if not self._started:
+            if kind == "ping":
+                return None
+            raise UpstreamProtocolError(self._provider.name, f"stream event {kind!r} came before message_start")
+        if kind == "content_block_start":
+            return self._on_block_start(event)
+        if kind == "content_block_delta":
+            return self._on_block_delta(event)
+        if kind == "message_delta":
+            return self._on_message_delta(event)
+        if kind == "message_stop":
+            self._done = True
+        return None  # ping, content_block_stop, and event types added later
+
+    def _on_message_start(self, event: dict[str, Any]) -> bytes:
+        message = event.get("message")
+        message = message if isinstance(message, dict) else {}
+        tally = self.tally
+        self._started = True
+        tally.id = message.get("id") if isinstance(message.get("id"), str) else None
+        tally.model = message.get("model") if isinstance(message.get("model"), str) else self._provider.upstream_model
+        tally.created = int(time.time())
+        usage = message.get("usage")
+        if isinstance(usage, dict):
+            self._prompt_tokens = _prompt_tokens(usage)
+            tally.usage = Usage(self._prompt_tokens, _int(usage.get("output_tokens")))
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def _on_block_start(self, event: dict[str, Any]) -> bytes | None:
+        block = event.get("content_block")
+        if not isinstance(block, dict):
+            return None
+        if block.get("type") == "text":
+            return self._text_chunk(block.get("text"))
+        if block.get("type") != "tool_use":
+            return None
+        tool_index = len(self._tool_indexes)
+        self._tool_indexes[_int(event.get("index"))] = tool_index
+        call = {
+            "index": tool_index,
+            "id": block.get("id"),
+            "type": "function",
+            "function": {"name": block.get("name"), "arguments": ""},
+        }
+        return self._chunk({"tool_calls": [call]})
+
+    def _on_block_delta(self, event: dict[str, Any]) -> bytes | None:
+        delta = event.get("delta")
+        if not isinstance(delta, dict):
+            return None
+        if delta.get("type") == "text_delta":
+            return self._text_chunk(delta.get("text"))
+        if delta.get("type") == "input_json_delta":
+            tool_index = self._tool_indexes.get(_int(event.get("index")))
+            partial = delta.get("partial_json")
+            if tool_index is None or not isinstance(partial, str) or not partial:
+                return None
+            return self._chunk({"tool_calls": [{"index": tool_index, "function": {"arguments": partial}}]})
+        return None  # thinking_delta, signature_delta, citations_delta
+
+    def _on_message_delta(self, event: dict[str, Any]) -> bytes:
+        tally = self.tally
+        usage = event.get("usage")
+        if isinstance(usage, dict):
+            if isinstance(usage.get("input_tokens"), int):
+                self._prompt_tokens = _prompt_tokens(usage)
+            output = _int(usage.get("output_tokens"))
+            tally.usage = Usage(self._prompt_tokens, output)
+        delta = event.get("delta")
+        stop_reason = delta.get("stop_reason") if isinstance(delta, dict) else None
+        tally.finish_reason = _finish_reason(stop_reason)
+        return self._chunk({}, tally.finish_reason)
+
+    def _text_chunk(self, text: Any) -> bytes | None:
+        if not isinstance(text, str) or not text:
+            return None
+        self.tally.text_parts.append(text)
+        return self._chunk({"content": text})
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        tally = self.tally
+        return msgspec.json.encode(
+            {
+                "id": tally.id,
+                "object": "chat.completion.chunk",
+                "created": tally.created,
+                "model": tally.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+            }
+        )
