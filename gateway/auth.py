@@ -1,0 +1,54 @@
+"""Who is calling: API keys from policy, stored as hashes, compared in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from gateway.config.schema import AuthPolicy
+from gateway.errors import AuthenticationError, PermissionDeniedError
+
+__all__ = ["ANONYMOUS", "Authenticator", "Principal", "hash_key"]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key_id: str
+    tenant: str
+    allowed: frozenset[str]
+    """Route and model names this key may call; ``*`` for all."""
+
+    def check_model(self, name: str) -> None:
+        if "*" not in self.allowed and name not in self.allowed:
+            raise PermissionDeniedError(f"API key '{self.key_id}' may not use model '{name}'", param="model")
+
+
+ANONYMOUS = Principal(key_id="anonymous", tenant="default", allowed=frozenset({"*"}))
+
+
+def hash_key(secret: str) -> str:
+    return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
+
+
+class Authenticator:
+    def __init__(self, policy: AuthPolicy) -> None:
+        self.enabled = policy.mode == "keys"
+        self._by_hash = {
+            key.hash: Principal(key.id, key.tenant, frozenset(key.models)) for key in policy.keys
+        }
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        if not self.enabled:
+            return ANONYMOUS
+        if not authorization:
+            raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
+        scheme, _, secret = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise AuthenticationError("malformed Authorization header: expected 'Bearer <key>'")
+        digest = hash_key(secret.strip())
+        # Secrets are never compared, only their sha256 digests: a lookup's timing can
+        # at most reveal a prefix of a digest, which says nothing usable about a secret.
+        principal = self._by_hash.get(digest)
+        if principal is None:
+            raise AuthenticationError("invalid API key")
+        return principal

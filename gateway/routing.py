@@ -1,0 +1,47 @@
+"""From the model name a client asked for to the ordered list of models that may answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.config.schema import Policy
+from gateway.errors import ModelNotFoundError
+
+__all__ = ["RoutePlan", "Router"]
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    route: str
+    """The name the client called: a route alias, or a model called directly."""
+    candidates: tuple[str, ...]
+    """Models to try in order: the chosen one first, then the fallbacks."""
+    baseline: str
+    """The model whose price gives ``baseline_cost_usd``: what the request would have cost without routing."""
+    decision: str
+    """Why the first candidate: ``fixed``, ``direct``, or ``default`` (classifier not loaded)."""
+
+
+class Router:
+    def __init__(self, policy: Policy) -> None:
+        plans: dict[str, RoutePlan] = {}
+        large = policy.pair.large
+        for name, model in policy.models.items():
+            if model.public:
+                plans[name] = RoutePlan(name, (name,), large, "direct")
+        for name, route in policy.routes.items():
+            assert route.model is not None  # enforced by the loader
+            decision = "default" if route.strategy == "classifier" else "fixed"
+            candidates = tuple(dict.fromkeys([route.model, *route.fallbacks]))
+            plans[name] = RoutePlan(name, candidates, route.baseline or large, decision)
+        self._plans = plans
+        self.route_names = tuple(policy.routes)
+        self.model_names = tuple(name for name, model in policy.models.items() if model.public)
+
+    def plan(self, requested: str) -> RoutePlan:
+        plan = self._plans.get(requested)
+        if plan is None:
+            raise ModelNotFoundError(
+                f"model '{requested}' does not exist; available: {', '.join(sorted(self._plans))}", param="model"
+            )
+        return plan
