@@ -1,0 +1,1 @@
+"""After the answer: the request log line and the metrics."""

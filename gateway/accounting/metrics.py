@@ -1,0 +1,61 @@
+"""Prometheus metrics: requests, latency, tokens, cost by model and route, upstream errors."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from gateway.accounting.request_log import RequestRecord
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests", "Finished requests", ["route", "model", "status", "cache"], registry=r
+        )
+        self.latency = Histogram(
+            "gateway_request_duration_seconds", "Whole request latency", ["route"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.overhead = Histogram(
+            "gateway_overhead_seconds", "Time spent in the gateway itself", ["route"], buckets=_OVERHEAD_BUCKETS, registry=r
+        )
+        self.tokens = Counter("gateway_tokens", "Tokens", ["model", "route", "kind"], registry=r)
+        self.cost = Counter("gateway_cost_usd", "Cost in USD", ["model", "route"], registry=r)
+        self.baseline_cost = Counter(
+            "gateway_baseline_cost_usd", "Cost the same requests would have had on the baseline model", ["route"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors", "Failed upstream attempts", ["upstream", "code"], registry=r
+        )
+        self.policy_info = Gauge("gateway_policy_info", "Policy version in force", ["version"], registry=r)
+        self.redis_up = Gauge("gateway_redis_up", "1 when Redis answered the last check", registry=r)
+
+    def observe(self, record: RequestRecord) -> None:
+        route = record.route or "-"
+        model = record.model or "-"
+        self.requests.labels(route, model, str(record.status), record.cache).inc()
+        self.latency.labels(route).observe(record.latency_ms / 1000)
+        self.overhead.labels(route).observe(record.overhead_ms / 1000)
+        if record.prompt_tokens or record.completion_tokens:
+            self.tokens.labels(model, route, "prompt").inc(record.prompt_tokens)
+            self.tokens.labels(model, route, "completion").inc(record.completion_tokens)
+        if record.cost_usd:
+            self.cost.labels(model, route).inc(record.cost_usd)
+        if record.baseline_cost_usd:
+            self.baseline_cost.labels(route).inc(record.baseline_cost_usd)
+
+    def upstream_error(self, upstream: str, code: str | None) -> None:
+        self.upstream_errors.labels(upstream, code or "unknown").inc()
+
+    def set_policy_version(self, version: str) -> None:
+        self.policy_info.clear()
+        self.policy_info.labels(version).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

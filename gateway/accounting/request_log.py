@@ -1,0 +1,158 @@
+"""One JSON line per finished request: the record cost dashboards are built from.
+
+The schema is documented in docs/request-log.md; bump ``SCHEMA_VERSION`` on any
+incompatible change. Lines are handed to a writer thread, so a slow stdout or disk
+never blocks the event loop; the thread writes in batches.
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import sys
+import threading
+from dataclasses import dataclass
+from typing import IO, Any
+
+import msgspec
+import structlog
+
+__all__ = ["SCHEMA_VERSION", "RequestRecord", "RequestLogWriter", "configure_logging"]
+
+SCHEMA_VERSION = 1
+
+
+class RequestRecord(msgspec.Struct, kw_only=True):
+    """The fields of a request log line, in the order they are written."""
+
+    request_id: str
+    key_id: str
+    tenant: str
+    route: str | None = None
+    decision: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    cache: str = "bypass"
+    """``bypass`` until a cache layer answers; then ``miss``, ``exact`` or ``semantic``."""
+    stream: bool = False
+    status: int = 200
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    tokens_source: str | None = None
+    """``upstream`` when the upstream reported usage, ``gateway`` when counted here."""
+    cost_usd: float = 0.0
+    baseline_model: str | None = None
+    baseline_cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    overhead_ms: float = 0.0
+    upstream_status: int | None = None
+    retries: int = 0
+    fallback_used: bool = False
+    error_type: str | None = None
+    finish_reason: str | None = None
+    policy_version: str | None = None
+
+
+@dataclass(slots=True)
+class _Sink:
+    stream: IO[str]
+    owned: bool
+
+
+class RequestLogWriter:
+    """A background thread that writes queued lines to stdout and/or a file."""
+
+    def __init__(self, *, stdout: bool = True, stderr: bool = False, path: str | None = None) -> None:
+        self._sinks: list[_Sink] = []
+        if stdout:
+            self._sinks.append(_Sink(sys.stdout, owned=False))
+        if stderr:
+            self._sinks.append(_Sink(sys.stderr, owned=False))
+        if path:
+            self._sinks.append(_Sink(open(path, "a", encoding="utf-8", buffering=1 << 16), owned=True))
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    def write(self, line: str) -> None:
+        self._queue.put(line)
+
+    def _run(self) -> None:
+        while True:
+            line = self._queue.get()
+            batch = [] if line is None else [line]
+            closing = line is None
+            while not closing:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    closing = True
+                else:
+                    batch.append(more)
+            if batch:
+                text = "\n".join(batch) + "\n"
+                for sink in self._sinks:
+                    try:
+                        sink.stream.write(text)
+                        sink.stream.flush()
+                    except (OSError, ValueError):
+                        pass  # a closed or broken sink must not take the thread down
+            if closing:
+                return
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=5)
+        for sink in self._sinks:
+            if sink.owned:
+                sink.stream.close()
+        self._sinks = []
+
+
+class _QueuedLogger:
+    """structlog's final logger: hands the rendered line to the writer thread."""
+
+    def __init__(self, writer: RequestLogWriter) -> None:
+        self._writer = writer
+
+    def msg(self, message: str) -> None:
+        self._writer.write(message)
+
+    info = warning = error = debug = critical = exception = msg
+
+
+def _encode(event: dict[str, Any], **_: Any) -> str:
+    return msgspec.json.encode(event).decode()
+
+
+REQUEST_LOGGER = "gateway.request"
+
+
+def configure_logging(request_writer: RequestLogWriter, ops_writer: RequestLogWriter) -> None:
+    """JSON lines for every structlog logger: request lines to ``request_writer``, the rest to ``ops_writer``."""
+
+    def factory(name: str | None = None, *_: Any) -> _QueuedLogger:
+        return _QueuedLogger(request_writer if name == REQUEST_LOGGER else ops_writer)
+
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(serializer=_encode),
+        ],
+        logger_factory=factory,
+        cache_logger_on_first_use=True,
+    )
+
+
+def request_event(record: RequestRecord) -> dict[str, Any]:
+    """The record as keyword arguments for ``log.info("request", **...)``."""
+    fields = msgspec.structs.asdict(record)
+    fields["schema_version"] = SCHEMA_VERSION
+    return fields

@@ -1,0 +1,5 @@
+"""The HTTP surface (Litestar): OpenAI's routes, health, readiness and metrics."""
+
+from gateway.api.app import create_app
+
+__all__ = ["create_app"]

@@ -1,0 +1,88 @@
+"""The Litestar application and its lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+import structlog
+from litestar import Litestar, Request, Response
+from litestar.exceptions import HTTPException
+
+from gateway.accounting.metrics import Metrics
+from gateway.accounting.request_log import RequestLogWriter, configure_logging
+from gateway.api.chat import chat_completions
+from gateway.api.probes import error_response, healthz, list_models, metrics, readyz
+from gateway.api.state import GatewayState, RedisHealth
+from gateway.config.loader import load_policy
+from gateway.errors import GatewayError, InvalidRequestError, ModelNotFoundError
+from gateway.pipeline import ChatPipeline
+from gateway.runtime import RuntimeHolder
+from gateway.settings import Settings
+
+__all__ = ["create_app"]
+
+_log = structlog.get_logger("gateway.app")
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        state = await _start(settings)
+        app.state.gateway = state
+        try:
+            yield
+        finally:
+            await state.aclose()
+
+    return Litestar(
+        route_handlers=[chat_completions, list_models, healthz, readyz, metrics],
+        lifespan=[lifespan],
+        exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _internal_error},
+        openapi_config=None,
+        logging_config=None,
+        request_max_body_size=None,
+    )
+
+
+async def _start(settings: Settings) -> GatewayState:
+    log_policy = load_policy(settings.policies_path).policy.request_log
+    request_log = RequestLogWriter(stdout=log_policy.enabled and log_policy.stdout, path=log_policy.path if log_policy.enabled else None)
+    ops_log = RequestLogWriter(stdout=False, stderr=True)
+    configure_logging(request_log, ops_log)
+    metrics = Metrics()
+    holder = RuntimeHolder(settings.policies_path, metrics, transport=settings.upstream_transport)  # type: ignore[arg-type]
+    holder.start()
+    client = (
+        aioredis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        if settings.redis_url
+        else None
+    )
+    state = GatewayState(holder, ChatPipeline(holder, metrics), metrics, RedisHealth(client, metrics), request_log, ops_log)
+    if settings.watch_policies:
+        state.tasks.append(asyncio.create_task(holder.watch(), name="policy-watch"))
+    if not await state.redis.check():
+        _log.warning("redis_not_ready", url_set=bool(settings.redis_url))
+    return state
+
+
+def _gateway_error(_: Request, exc: GatewayError) -> Response[bytes]:
+    return error_response(exc)
+
+
+def _http_error(_: Request, exc: HTTPException) -> Response[bytes]:
+    if exc.status_code == 404:
+        return error_response(ModelNotFoundError("no such endpoint", code="not_found"))
+    error = InvalidRequestError(str(exc.detail))
+    error.status_code = exc.status_code
+    return error_response(error)
+
+
+def _internal_error(request: Request, exc: Exception) -> Response[bytes]:
+    _log.error("internal_error", path=request.url.path, error=type(exc).__name__, exc_info=exc)
+    error = GatewayError("internal error in the gateway; the request id is in x-request-id")
+    return error_response(error)

@@ -1,0 +1,119 @@
+"""``python -m gateway serve | check``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+
+from gateway.config.loader import load_policy
+from gateway.errors import ConfigError
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description="OpenAI-compatible LLM routing gateway")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--policies", default="policies.yaml", help="policy file (default: ./policies.yaml)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--server", choices=("granian", "uvicorn"), default="granian", help="ASGI server")
+    serve.add_argument(
+        "--simulate-missing",
+        action="store_true",
+        help="start simulated upstreams for SMALL_MODEL_URL / LARGE_MODEL_URL when they are unset",
+    )
+    serve.add_argument("--data-dir", default=".gateway", help="where the embedded Redis keeps its data")
+    serve.set_defaults(run=_serve)
+
+    check = commands.add_parser("check", help="validate a policy file; exits 1 with the problems if it is invalid")
+    check.add_argument("path")
+    check.set_defaults(run=_check)
+
+    args = parser.parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    return run(args)
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        loaded = load_policy(args.path)
+    except ConfigError as exc:
+        print(f"{exc.source}: invalid", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    policy = loaded.policy
+    print(f"{loaded.source}: ok (version {loaded.version})")
+    print(f"  models: {', '.join(sorted(policy.models))}; routes: {', '.join(sorted(policy.routes))}; auth: {policy.auth.mode}")
+    for warning in loaded.warnings:
+        print(f"  warning: {warning}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.services.redis_server import start_embedded_redis
+    from gateway.simulated import start_simulated_upstream
+
+    with ExitStack() as cleanup:
+        if args.simulate_missing:
+            for role in ("small", "large"):
+                variable = f"{role.upper()}_MODEL_URL"
+                if not os.environ.get(variable):
+                    upstream = start_simulated_upstream(role)
+                    cleanup.callback(upstream.stop)
+                    os.environ[variable] = upstream.url
+                    os.environ[f"{role.upper()}_MODEL_SIMULATED"] = "true"
+                    _say(f"{variable} is unset: started a SIMULATED '{role}' upstream at {upstream.url}")
+        try:
+            loaded = load_policy(args.policies)
+        except ConfigError as exc:
+            _say(f"{exc.source} is invalid:")
+            for problem in exc.problems:
+                _say(f"  - {problem}")
+            return 2
+        if not os.environ.get("REDIS_URL"):
+            redis = start_embedded_redis(os.path.join(args.data_dir, "redis"))
+            cleanup.callback(redis.stop)
+            os.environ["REDIS_URL"] = redis.url
+            _say(f"REDIS_URL is unset: started a private Redis 8 at {redis.url} (data in {redis.data_dir})")
+        else:
+            _say("using Redis at REDIS_URL")
+        policy = loaded.policy
+        auth = "ON (API keys required)" if policy.auth.mode == "keys" else "OFF (any client may call; for local use only)"
+        _say(f"policy {loaded.source} version {loaded.version}; auth {auth}")
+        for warning in loaded.warnings:
+            _say(f"warning: {warning}")
+        _say(f"serving the OpenAI API at http://{args.host}:{args.port}/v1 with {args.workers} worker(s) on {args.server}")
+        os.environ["GATEWAY_POLICIES"] = os.path.abspath(args.policies)
+        _run_server(args.server, args.host, args.port, args.workers)
+    return 0
+
+
+def _run_server(server: str, host: str, port: int, workers: int) -> None:
+    if server == "uvicorn":
+        import uvicorn
+
+        uvicorn.run(
+            "gateway.api.app:create_app", factory=True, host=host, port=port, workers=workers,
+            access_log=False, log_level="warning", lifespan="on", timeout_graceful_shutdown=30,
+        )  # fmt: skip
+        return
+    from granian import Granian
+    from granian.constants import Interfaces
+
+    Granian(
+        "gateway.api.app:create_app", factory=True, address=host, port=port, workers=workers,
+        interface=Interfaces.ASGI, log_access=False, log_level="warning", respawn_failed_workers=True,
+        workers_kill_timeout=30,
+    ).serve()  # fmt: skip
+
+
+def _say(message: str) -> None:
+    print(f"[gateway] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,152 @@
+"""The gateway's live state: the policy in force and what is built from it, swapped whole on reload."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from gateway.accounting.metrics import Metrics
+from gateway.auth import Authenticator
+from gateway.config.loader import LoadedPolicy, load_policy
+from gateway.errors import ConfigError
+from gateway.routing import Router
+from gateway.tokens import encoding_for
+from gateway.upstreams.base import Provider
+from gateway.upstreams.breaker import CircuitBreaker
+from gateway.upstreams.registry import Transport, build_provider
+
+__all__ = ["Runtime", "RuntimeHolder"]
+
+_log = structlog.get_logger("gateway.policy")
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """One consistent version of everything the policy decides. Requests take one and keep it."""
+
+    loaded: LoadedPolicy
+    providers: Mapping[str, Provider]
+    router: Router
+    auth: Authenticator
+
+    @property
+    def policy(self):  # noqa: ANN201 - Policy, kept short for the hot path
+        return self.loaded.policy
+
+    @property
+    def version(self) -> str:
+        return self.loaded.version
+
+
+class RuntimeHolder:
+    """Loads the policy, rebuilds the runtime on change, keeps the old one on a bad edit."""
+
+    def __init__(self, path: str | os.PathLike[str], metrics: Metrics, transport: Transport = "aiohttp") -> None:
+        self.path = Path(path)
+        self.metrics = metrics
+        self.transport = transport
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self._runtime: Runtime | None = None
+        self._retired: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
+        self.last_reload_error: str | None = None
+
+    @property
+    def current(self) -> Runtime:
+        assert self._runtime is not None, "RuntimeHolder.start() was not called"
+        return self._runtime
+
+    def start(self) -> Runtime:
+        """Load at start-up: an invalid policy here is fatal (raises ConfigError)."""
+        runtime = self._build(load_policy(self.path))
+        self._install(runtime)
+        _log.info("policy_loaded", version=runtime.version, source=str(self.path), models=sorted(runtime.providers))
+        for warning in runtime.loaded.warnings:
+            _log.warning("policy_warning", detail=warning)
+        return runtime
+
+    async def reload(self, reason: str = "manual") -> bool:
+        """Try the file again; on any problem keep the policy in force and log why."""
+        async with self._reload_lock:
+            try:
+                loaded = await asyncio.to_thread(load_policy, self.path)
+            except ConfigError as exc:
+                self.last_reload_error = "; ".join(exc.problems)
+                _log.error("policy_rejected", reason=reason, problems=exc.problems, kept=self.current.version)
+                return False
+            if loaded.version == self.current.version:
+                return True
+            old = self.current
+            new = self._build(loaded, previous=old)
+            self._install(new)
+            self.last_reload_error = None
+            self._retire([p for name, p in old.providers.items() if new.providers.get(name) is not p])
+            _log.info("policy_reloaded", reason=reason, version=new.version, previous=old.version)
+            for warning in loaded.warnings:
+                _log.warning("policy_warning", detail=warning)
+            return True
+
+    async def watch(self) -> None:
+        """Reload on file change (polling-free, via watchfiles) and on SIGHUP. Runs until cancelled."""
+        import watchfiles
+
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload("SIGHUP")))
+        # Watch the folder: editors and Kubernetes ConfigMaps replace the file rather than write it.
+        target = self.path.resolve()
+        async for changes in watchfiles.awatch(target.parent, debounce=200, step=50, recursive=False):
+            if any(Path(changed).name in (target.name, "..data") for _, changed in changes):
+                await self.reload("file changed")
+
+    async def aclose(self) -> None:
+        for task in list(self._retired):
+            task.cancel()
+        if self._runtime is not None:
+            await asyncio.gather(*(p.aclose() for p in self._runtime.providers.values()), return_exceptions=True)
+
+    def _build(self, loaded: LoadedPolicy, previous: Runtime | None = None) -> Runtime:
+        policy = loaded.policy
+        providers: dict[str, Provider] = {}
+        for name, config in policy.models.items():
+            encoding_for(config.encoding)  # load the tokenizer now, not on a request
+            old = previous.providers.get(name) if previous else None
+            if old is not None and old.config == config and old.api_key == _api_key(config.api_key_env):
+                providers[name] = old  # unchanged: keep its warm connection pool
+            else:
+                providers[name] = build_provider(name, config, transport=self.transport)
+            breaker = self.breakers.get(name)
+            if breaker is None:
+                self.breakers[name] = CircuitBreaker(policy.circuit_breaker)
+            else:
+                breaker.update_policy(policy.circuit_breaker)
+        return Runtime(loaded, providers, Router(policy), Authenticator(policy.auth))
+
+    def _install(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self.metrics.set_policy_version(runtime.version)
+
+    def _retire(self, providers: list[Provider]) -> None:
+        """Close replaced providers once requests that still hold them have had time to finish."""
+        for provider in providers:
+            task = asyncio.get_running_loop().create_task(_close_later(provider, provider.config.timeouts.total))
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+
+
+def _api_key(env_name: str | None) -> str | None:
+    return os.environ.get(env_name) if env_name else None
+
+
+async def _close_later(provider: Provider, delay_s: float) -> None:
+    try:
+        await asyncio.sleep(delay_s)
+    finally:
+        await provider.aclose()

@@ -1,0 +1,1 @@
+"""Processes the gateway may run beside itself: a private Redis, simulated upstreams."""

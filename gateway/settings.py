@@ -1,0 +1,29 @@
+"""Process settings: read once from the environment, passed down from there.
+
+The command line sets these for the server's worker processes; nothing else in the
+gateway reads the environment, except ``${VAR}`` references inside policies.yaml.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = ["Settings"]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    policies_path: str = "policies.yaml"
+    redis_url: str | None = None
+    watch_policies: bool = True
+    upstream_transport: str = "aiohttp"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            policies_path=os.environ.get("GATEWAY_POLICIES", "policies.yaml"),
+            redis_url=os.environ.get("REDIS_URL") or None,
+            watch_policies=os.environ.get("GATEWAY_WATCH_POLICIES", "1") != "0",
+            upstream_transport=os.environ.get("GATEWAY_UPSTREAM_TRANSPORT", "aiohttp"),
+        )
