@@ -1,0 +1,82 @@
+"""Shared fixtures: a real Redis 8, two simulated upstreams, and the gateway as a real process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
+from gateway.simulated import SimulatedUpstream, start_simulated_upstream
+from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = start_embedded_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def small_upstream() -> Iterator[SimulatedUpstream]:
+    with start_simulated_upstream("small") as upstream:
+        yield upstream
+
+
+@pytest.fixture(scope="session")
+def large_upstream() -> Iterator[SimulatedUpstream]:
+    with start_simulated_upstream("large") as upstream:
+        yield upstream
+
+
+@pytest.fixture(autouse=True)
+def _reset_upstreams(request: pytest.FixtureRequest) -> None:
+    """Each test starts with no queued faults and zeroed stats on the upstreams it uses."""
+    for name in ("small_upstream", "large_upstream"):
+        if name in request.fixturenames:
+            upstream: SimulatedUpstream = request.getfixturevalue(name)
+            httpx.post(f"{upstream.root_url}/_control/reset").raise_for_status()
+
+
+@pytest.fixture(scope="session")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:
+    """The shared gateway. Tests that trip breakers or edit the policy start their own."""
+    process = start_gateway(
+        tmp_path_factory.mktemp("gateway"),
+        policy_text(small_upstream, large_upstream),
+        env={"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "sk-large-secret-123", "TEST_ANTHROPIC_KEY": "sk-ant-456"},
+    )
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def client(gateway: GatewayProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=10)
+
+
+@pytest.fixture
+def aclient(gateway: GatewayProcess) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=10)
+
+
+def inject(upstream: SimulatedUpstream, *faults: dict[str, object]) -> None:
+    httpx.post(f"{upstream.root_url}/_control/faults", json={"faults": list(faults)}).raise_for_status()
+
+
+def upstream_stats(upstream: SimulatedUpstream) -> dict[str, object]:
+    return httpx.get(f"{upstream.root_url}/_control/stats").json()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,158 @@
+"""Start the gateway as a real process (``python -m gateway serve``) for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+
+from gateway.simulated import SimulatedUpstream
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def policy_text(small: SimulatedUpstream, large: SimulatedUpstream, *, auth: str = "auth: {mode: none}",
+                extra_models: str = "", routes: str = "", limits: str = "max_body_bytes: 65536",
+                breaker: str = "{failure_threshold: 50, reset_after_s: 1}") -> str:
+    """A policy over the two simulated upstreams, with short timeouts and fast retries for tests."""
+    return f"""
+version: 1
+pair: {{small: small, large: large}}
+models:
+  small:
+    base_url: {small.url}
+    price: {{input: 0.5, output: 1.5}}
+    tier: small
+    simulated: true
+    timeouts: {{connect: 1, first_byte: 1, total: 5}}
+  large:
+    base_url: {large.url}
+    price: {{input: 5, output: 15}}
+    tier: large
+    simulated: true
+    api_key_env: TEST_LARGE_KEY
+    timeouts: {{connect: 1, first_byte: 1, total: 5}}
+  claude:
+    provider: anthropic
+    base_url: {large.root_url}
+    upstream_model: claude-sim
+    api_key_env: TEST_ANTHROPIC_KEY
+    price: {{input: 3, output: 15}}
+    tier: large
+{extra_models}
+routes:
+  fast: {{model: small, fallbacks: [large]}}
+  best: {{model: large}}
+  auto: {{strategy: classifier, model: small, fallbacks: [large]}}
+{routes}
+retry: {{max_attempts: 2, backoff_initial_ms: 10, backoff_max_ms: 50, max_retry_after_s: 2}}
+circuit_breaker: {breaker}
+{auth}
+limits: {{{limits}}}
+"""
+
+
+@dataclass
+class GatewayProcess:
+    process: subprocess.Popen[bytes]
+    port: int
+    policy_path: Path
+    log_path: Path
+    err_path: Path
+    _log_offset: int = field(default=0)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def log_records(self, event: str = "request") -> list[dict[str, Any]]:
+        records = []
+        for line in self.log_path.read_bytes().splitlines():
+            try:
+                record = msgspec.json.decode(line)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(record, dict) and record.get("event") == event:
+                records.append(record)
+        return records
+
+    def wait_for_record(self, request_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
+        """The log line of one request (lines are written by a background thread, so poll)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for record in self.log_records():
+                if record["request_id"] == request_id:
+                    return record
+            time.sleep(0.02)
+        raise AssertionError(f"no log line for request {request_id}")
+
+    def stderr_text(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def send_signal(self, sig: int) -> None:
+        for pid in _worker_pids(self.process.pid):
+            os.kill(pid, sig)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _worker_pids(pid: int) -> list[int]:
+    """The server's worker processes (granian forks them), or the process itself."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        children += [int(p) for p in task.read_text().split()]
+    return children or [pid]
+
+
+def start_gateway(workdir: Path, policy: str, *, env: dict[str, str] | None = None, timeout_s: float = 30.0,
+                  expect_ready: bool = True) -> GatewayProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    policy_path = workdir / "policies.yaml"
+    policy_path.write_text(policy)
+    port = free_port()
+    log_path, err_path = workdir / "gateway.log", workdir / "gateway.err"
+    child_env = {**os.environ, **(env or {})}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--policies", str(policy_path), "--port", str(port),
+         "--data-dir", str(workdir / "data")],
+        stdout=log_path.open("wb"), stderr=err_path.open("wb"), stdin=subprocess.DEVNULL, env=child_env,
+    )  # fmt: skip
+    gateway = GatewayProcess(process, port, policy_path, log_path, err_path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}:\n{gateway.stderr_text()}")
+        try:
+            response = httpx.get(f"{gateway.url}/healthz", timeout=0.5)
+            if response.status_code == 200:
+                if not expect_ready or httpx.get(f"{gateway.url}/readyz", timeout=2).status_code == 200:
+                    return gateway
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    gateway.stop()
+    raise RuntimeError(f"gateway did not become ready:\n{gateway.stderr_text()}")

@@ -1,0 +1,147 @@
+"""The OpenAI API through the gateway, with the official SDK as the client."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from gateway.simulated import SimulatedUpstream
+from tests.conftest import inject, upstream_stats
+from tests.gateway_process import GatewayProcess
+
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "alpha beta gamma"}]
+
+
+def test_non_streamed_answer_with_gateway_headers(client: openai.OpenAI, gateway: GatewayProcess) -> None:
+    raw = client.chat.completions.with_raw_response.create(model="fast", messages=MESSAGES)
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "[simulated small] gamma beta alpha"
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+    headers = raw.headers
+    assert headers["x-gateway-model"] == "small"
+    assert headers["x-gateway-route"] == "fast"
+    assert headers["x-gateway-cache"] == "bypass"
+    assert float(headers["x-gateway-overhead-ms"]) >= 0
+    record = gateway.wait_for_record(headers["x-request-id"])
+    expected_cost = (completion.usage.prompt_tokens * 0.5 + completion.usage.completion_tokens * 1.5) / 1e6
+    assert float(headers["x-gateway-cost-usd"]) == pytest.approx(expected_cost, abs=1e-8)
+    assert record["cost_usd"] == pytest.approx(expected_cost)
+    # baseline: the same tokens at the pair's large model prices
+    expected_baseline = (completion.usage.prompt_tokens * 5 + completion.usage.completion_tokens * 15) / 1e6
+    assert record["baseline_cost_usd"] == pytest.approx(expected_baseline)
+    assert record["tokens_source"] == "upstream"
+    assert record["schema_version"] == 1
+    assert record["route"] == "fast" and record["model"] == "small" and record["provider"] == "openai"
+    assert record["stream"] is False and record["status"] == 200 and record["retries"] == 0
+
+
+def test_streamed_answer_chunks_and_usage(client: openai.OpenAI, gateway: GatewayProcess) -> None:
+    with client.chat.completions.with_streaming_response.create(
+        model="auto", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        assert response.headers["content-type"].startswith("text/event-stream")
+        chunks = list(response.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "[simulated small] gamma beta alpha"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["stop"]
+    record = gateway.wait_for_record(request_id)
+    assert record["stream"] is True and record["ttft_ms"] is not None
+    assert record["completion_tokens"] == chunks[-1].usage.completion_tokens
+    assert record["decision"] == "default"  # `auto` before the classifier exists
+
+
+def test_stream_without_include_usage_has_no_usage_chunk_but_is_priced(
+    client: openai.OpenAI, gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    with client.chat.completions.with_streaming_response.create(model="fast", messages=MESSAGES, stream=True) as response:
+        request_id = response.headers["x-request-id"]
+        chunks = list(response.parse())
+    assert all(c.choices for c in chunks)
+    # The gateway asked the upstream for usage anyway: it is the authoritative count.
+    assert upstream_stats(small_upstream)["last_request"]["body"]["stream_options"] == {"include_usage": True}
+    record = gateway.wait_for_record(request_id)
+    assert record["tokens_source"] == "upstream" and record["completion_tokens"] > 0 and record["cost_usd"] > 0
+
+
+def test_raw_sse_ends_with_done(gateway: GatewayProcess) -> None:
+    body = {"model": "fast", "messages": MESSAGES, "stream": True}
+    with httpx.stream("POST", f"{gateway.base_url}/chat/completions", json=body) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+
+
+def test_unknown_fields_are_passed_through(client: openai.OpenAI, small_upstream: SimulatedUpstream) -> None:
+    client.chat.completions.create(
+        model="fast", messages=MESSAGES, temperature=0.2, extra_body={"vendor_option": {"x": 1}, "top_k": 5}
+    )
+    sent = upstream_stats(small_upstream)["last_request"]["body"]
+    assert sent["vendor_option"] == {"x": 1} and sent["top_k"] == 5 and sent["temperature"] == 0.2
+    assert sent["model"] == "small"  # the upstream's model name replaces the alias
+
+
+def test_gateway_counts_tokens_when_upstream_reports_no_usage(
+    client: openai.OpenAI, gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    inject(small_upstream, {"omit_usage": True})
+    raw = client.chat.completions.with_raw_response.create(model="fast", messages=MESSAGES)
+    record = gateway.wait_for_record(raw.headers["x-request-id"])
+    assert record["tokens_source"] == "gateway"
+    assert record["prompt_tokens"] == 3 + 3 * 2 + 2 + 3  # "be brief" = 2 tokens, "alpha beta gamma" = 3
+    assert record["completion_tokens"] > 0 and record["cost_usd"] > 0
+
+
+def test_upstream_api_key_comes_from_the_environment(client: openai.OpenAI, large_upstream: SimulatedUpstream) -> None:
+    client.chat.completions.create(model="best", messages=MESSAGES)
+    assert upstream_stats(large_upstream)["last_request"]["headers"]["authorization"] == "Bearer sk-large-secret-123"
+
+
+def test_models_lists_routes_and_simulated_models(client: openai.OpenAI) -> None:
+    models = {m.id: m for m in client.models.list()}
+    assert {"auto", "fast", "best", "small", "large", "claude"} <= set(models)
+    assert models["small"].owned_by == "simulated"
+    assert models["auto"].owned_by == "gateway-route"
+
+
+def test_concrete_model_can_be_called_directly(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(model="large", messages=MESSAGES)
+    assert raw.headers["x-gateway-model"] == "large" and raw.headers["x-gateway-route"] == "large"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_provider_end_to_end(
+    client: openai.OpenAI, gateway: GatewayProcess, large_upstream: SimulatedUpstream, stream: bool
+) -> None:
+    if stream:
+        with client.chat.completions.with_streaming_response.create(
+            model="claude", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        ) as response:
+            request_id = response.headers["x-request-id"]
+            chunks = list(response.parse())
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert chunks[-1].usage is not None
+    else:
+        raw = client.chat.completions.with_raw_response.create(model="claude", messages=MESSAGES)
+        request_id = raw.headers["x-request-id"]
+        text = raw.parse().choices[0].message.content
+    assert text == "[simulated large] gamma beta alpha"
+    sent = upstream_stats(large_upstream)["last_request"]
+    assert sent["path"] == "/v1/messages"
+    assert sent["body"]["system"] == "be brief" and sent["body"]["model"] == "claude-sim"
+    assert sent["headers"]["x-api-key"] == "sk-ant-456"
+    record = gateway.wait_for_record(request_id)
+    assert record["provider"] == "anthropic" and record["tokens_source"] == "upstream" and record["cost_usd"] > 0
+
+
+async def test_concurrent_requests_all_answered(aclient: openai.AsyncOpenAI) -> None:
+    import asyncio
+
+    results = await asyncio.gather(
+        *(aclient.chat.completions.create(model="fast", messages=[{"role": "user", "content": f"n{i}"}]) for i in range(40))
+    )
+    assert [r.choices[0].message.content for r in results] == [f"[simulated small] n{i}" for i in range(40)]

@@ -1,0 +1,207 @@
+"""What clients see when upstreams fail: retries, fallbacks, breakers, timeouts, bad input."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from gateway.services.redis_server import EmbeddedRedis
+from gateway.simulated import SimulatedUpstream
+from tests.conftest import inject, upstream_stats
+from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def _error(response: httpx.Response) -> dict[str, object]:
+    body = response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def _chat(gateway: GatewayProcess, **body: object) -> httpx.Response:
+    return httpx.post(f"{gateway.base_url}/chat/completions", json={"messages": MESSAGES, **body}, timeout=15)
+
+
+def test_5xx_is_retried_then_answered(gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+    inject(small_upstream, {"status": 503})
+    response = _chat(gateway, model="small")
+    assert response.status_code == 200
+    record = gateway.wait_for_record(response.headers["x-request-id"])
+    assert record["retries"] == 1 and record["fallback_used"] is False
+    assert upstream_stats(small_upstream)["chat_requests"] == 2
+
+
+def test_connection_dropped_before_answer_is_retried(gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+    inject(small_upstream, {"close": True})
+    assert _chat(gateway, model="small").status_code == 200
+
+
+def test_fallback_answers_when_primary_keeps_failing(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    inject(small_upstream, {"status": 500}, {"status": 502})
+    response = _chat(gateway, model="fast")
+    assert response.status_code == 200
+    assert response.headers["x-gateway-model"] == "large"
+    record = gateway.wait_for_record(response.headers["x-request-id"])
+    assert record["fallback_used"] is True and record["retries"] == 2 and record["model"] == "large"
+
+
+def test_exhausted_upstream_gives_502_naming_it(gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+    inject(small_upstream, {"status": 500}, {"status": 500})
+    response = _chat(gateway, model="small")
+    assert response.status_code == 502
+    error = _error(response)
+    assert "small" in str(error["message"]) and error["type"] == "upstream_error"
+    assert gateway.wait_for_record(response.headers["x-request-id"])["error_type"] == "upstream_error"
+
+
+def test_upstream_timeout_gives_504(gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+    inject(small_upstream, {"delay_ms": 2500}, {"delay_ms": 2500})  # first_byte timeout is 1 s
+    response = _chat(gateway, model="small")
+    assert response.status_code == 504
+    error = _error(response)
+    assert error["code"] == "upstream_timeout" and "small" in str(error["message"])
+
+
+def test_upstream_429_passes_through_with_retry_after(gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+    # Retry-After beyond max_retry_after_s (2 s): not waited for; no fallback on the direct model.
+    inject(small_upstream, {"status": 429, "retry_after": 30})
+    response = _chat(gateway, model="small")
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "30"
+    assert _error(response)["type"] == "rate_limit_error"
+    assert upstream_stats(small_upstream)["chat_requests"] == 1
+
+
+def test_short_retry_after_is_honoured(gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+    inject(small_upstream, {"status": 429, "retry_after": 1})
+    started = time.monotonic()
+    response = _chat(gateway, model="small")
+    assert response.status_code == 200
+    assert time.monotonic() - started >= 0.9
+
+
+def test_upstream_4xx_is_passed_through_not_retried(
+    client: openai.OpenAI, gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    inject(small_upstream, {"status": 400})
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="fast", messages=MESSAGES)
+    assert upstream_stats(small_upstream)["chat_requests"] == 1
+    assert upstream_stats(large_upstream)["chat_requests"] == 0  # the request itself is wrong: no fallback
+
+
+def test_stream_failing_before_first_chunk_is_retried(client: openai.OpenAI, small_upstream: SimulatedUpstream) -> None:
+    inject(small_upstream, {"status": 503})
+    chunks = list(client.chat.completions.create(model="small", messages=MESSAGES, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "[simulated small] hello"
+
+
+def test_stream_cut_midway_is_reported_in_band_and_not_retried(
+    client: openai.OpenAI, gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    inject(small_upstream, {"cut_after_chunks": 3})
+    received = []
+    with pytest.raises(openai.APIError):
+        with client.chat.completions.with_streaming_response.create(model="fast", messages=MESSAGES, stream=True) as resp:
+            request_id = resp.headers["x-request-id"]
+            for chunk in resp.parse():
+                received.append(chunk)
+    assert len(received) >= 1
+    assert upstream_stats(small_upstream)["chat_requests"] == 1
+    record = gateway.wait_for_record(request_id)
+    assert record["error_type"] == "upstream_bad_response" and record["stream"] is True
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "fast", "messages": MESSAGES, "temperature": 5}, "temperature"),
+        ({"model": "fast", "messages": []}, "messages"),
+        ({"model": "fast"}, None),
+        ({"model": "fast", "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"model": "fast", "messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+        ({"model": "fast", "messages": MESSAGES, "stream": "yes"}, "stream"),
+    ],
+)
+def test_invalid_parameters_give_400_naming_them(gateway: GatewayProcess, body: dict[str, object], param: str | None) -> None:
+    response = httpx.post(f"{gateway.base_url}/chat/completions", json=body)
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["type"] == "invalid_request_error"
+    if param:
+        assert error["param"] == param and param in str(error["message"])
+    else:
+        assert "messages" in str(error["message"])
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b"\xff\xfe"])
+def test_malformed_bodies_give_400(gateway: GatewayProcess, raw: bytes) -> None:
+    response = httpx.post(f"{gateway.base_url}/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert _error(response)["type"] == "invalid_request_error"
+
+
+def test_unknown_model_gives_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-nope", messages=MESSAGES)
+    assert "gpt-nope" in str(caught.value)
+
+
+def test_oversized_body_gives_413(gateway: GatewayProcess) -> None:
+    big = [{"role": "user", "content": "x" * 70_000}]  # the test policy's limit is 65,536 bytes
+    response = httpx.post(f"{gateway.base_url}/chat/completions", json={"model": "fast", "messages": big})
+    assert response.status_code == 413
+    assert _error(response)["code"] == "request_too_large"
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the limit holds on the bytes received
+        yield b'{"model": "fast", "messages": [{"role": "user", "content": "'
+        for _ in range(20):
+            yield b"y" * 5000
+        yield b'"}]}'
+
+    response = httpx.post(f"{gateway.base_url}/chat/completions", content=chunked())
+    assert response.status_code == 413
+
+
+def test_unknown_path_and_method_use_openai_error_body(gateway: GatewayProcess) -> None:
+    assert httpx.get(f"{gateway.base_url}/nope").status_code == 404
+    response = httpx.get(f"{gateway.base_url}/chat/completions")
+    assert response.status_code == 405 and "error" in response.json()
+
+
+@pytest.fixture(scope="module")
+def breaker_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:
+    policy = policy_text(small_upstream, large_upstream, breaker="{failure_threshold: 2, reset_after_s: 1}")
+    process = start_gateway(Path(tmp_path_factory.mktemp("breaker")), policy, env={"REDIS_URL": redis_server.url})
+    yield process
+    process.stop()
+
+
+def test_circuit_breaker_skips_dead_upstream_then_probes_again(
+    breaker_gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    inject(small_upstream, *[{"status": 500}] * 2)
+    first = _chat(breaker_gateway, model="fast")  # two failures open small's circuit; large answers
+    assert first.headers["x-gateway-model"] == "large"
+    calls_before = upstream_stats(small_upstream)["chat_requests"]
+    second = _chat(breaker_gateway, model="fast")  # small is skipped without a call
+    assert second.headers["x-gateway-model"] == "large"
+    assert upstream_stats(small_upstream)["chat_requests"] == calls_before
+    assert httpx.get(f"{breaker_gateway.url}/readyz").json()["upstreams"]["small"] == "open"
+    time.sleep(1.1)
+    third = _chat(breaker_gateway, model="fast")  # one probe goes through, succeeds, closes the circuit
+    assert third.headers["x-gateway-model"] == "small"
+    assert httpx.get(f"{breaker_gateway.url}/readyz").json()["upstreams"]["small"] == "closed"
