@@ -1,4 +1,5 @@
-"""The request path for ``/v1/chat/completions``: auth → policy → tokens → upstream → accounting.
+"""The request path for ``/v1/chat/completions``:
+auth → policy → cache (exact, coalescing, semantic) → router → upstreams → accounting.
 
 The HTTP layer (``gateway.api``) only moves bytes; everything a request goes through
 is here, in the order it happens, and every outcome ends in one log line.
@@ -9,15 +10,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import anyio
 import msgspec
+import numpy as np
 import structlog
 
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import REQUEST_LOGGER, RequestRecord, request_event
+from gateway.cache.entries import CachedAnswer, completion_from_stream, replay_sse
+from gateway.cache.exact import ExactCache, Lease
+from gateway.cache.plan import CachePlan, plan_cache
+from gateway.cache.semantic import SemanticCache
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.errors import GatewayError, UpstreamError
 from gateway.pricing import cost_usd
@@ -25,14 +31,25 @@ from gateway.protocol import ChatRequest, parse_chat_request
 from gateway.routing import RoutePlan
 from gateway.runtime import Runtime, RuntimeHolder
 from gateway.tokens import count_chat_prompt, count_text, prompt_chars
-from gateway.upstreams.base import ChatStream, Provider, Usage
+from gateway.upstreams.base import ChatStream, Completion, Provider, Usage
 
-__all__ = ["Answer", "ChatPipeline", "StreamingAnswer"]
+__all__ = ["Answer", "ChatPipeline", "Scorer", "StreamingAnswer"]
 
 _request_log = structlog.get_logger(REQUEST_LOGGER)
 
 BodyReader = Callable[[int], Awaitable[bytes]]
 """Reads the request body, raising PayloadTooLargeError past the given byte limit."""
+
+
+class PromptScore(Protocol):
+    p_large: float
+    embedding: np.ndarray
+
+
+class Scorer(Protocol):
+    """The router's classifier: one forward pass gives the routing score and the cache embedding."""
+
+    async def score(self, messages: list[dict[str, Any]]) -> PromptScore: ...
 
 
 @dataclass(slots=True)
@@ -49,92 +66,188 @@ class StreamingAnswer:
     """SSE bytes, ``data: [DONE]`` included; the request is logged when it ends."""
 
 
+@dataclass(slots=True)
+class _Exchange:
+    """One request's state on its way through the pipeline."""
+
+    runtime: Runtime
+    record: RequestRecord
+    started: float
+    info: DispatchInfo = field(default_factory=DispatchInfo)
+    body: dict[str, Any] = field(default_factory=dict)
+    request: ChatRequest | None = None
+    plan: RoutePlan | None = None
+    prompt_tokens: int = 0
+    cache: CachePlan | None = None
+    lease: Lease | None = None
+    embedding: np.ndarray | None = None
+    similarity: float | None = None
+
+
 class ChatPipeline:
-    def __init__(self, holder: RuntimeHolder, metrics: Metrics) -> None:
+    def __init__(
+        self, holder: RuntimeHolder, metrics: Metrics, exact: ExactCache, semantic: SemanticCache, scorer: Scorer | None
+    ) -> None:
         self._holder = holder
         self._metrics = metrics
+        self._exact = exact
+        self._semantic = semantic
+        self._scorer = scorer
 
     async def handle(
-        self, read_body: BodyReader, authorization: str | None, request_id: str, started: float
+        self,
+        read_body: BodyReader,
+        authorization: str | None,
+        cache_control: str | None,
+        request_id: str,
+        started: float,
     ) -> Answer | StreamingAnswer:
         runtime = self._holder.current  # one policy version for the whole request
-        record = RequestRecord(request_id=request_id, key_id="-", tenant="-", policy_version=runtime.version)
-        info = DispatchInfo()
+        x = _Exchange(runtime, RequestRecord(request_id=request_id, key_id="-", tenant="-", policy_version=runtime.version), started)
+        record = x.record
+        streaming_started = False
         try:
             principal = runtime.auth.authenticate(authorization)
             record.key_id, record.tenant = principal.key_id, principal.tenant
-            body, request = parse_chat_request(await read_body(runtime.policy.limits.max_body_bytes))
-            plan = runtime.router.plan(request.model)
+            x.body, x.request = parse_chat_request(await read_body(runtime.policy.limits.max_body_bytes))
+            x.plan = plan = runtime.router.plan(x.request.model)
             principal.check_model(plan.route)
-            record.route, record.decision, record.stream = plan.route, plan.decision, request.stream
+            record.route, record.decision, record.stream = plan.route, plan.decision, x.request.stream
             record.baseline_model = plan.baseline
-            prompt_tokens = await self._count_prompt(runtime, plan, body)
-            if request.stream:
-                return await self._start_stream(runtime, plan, body, request, prompt_tokens, record, info, started)
+            x.prompt_tokens = await self._count_prompt(x)
+            cached = await self._from_cache(x, cache_control)
+            if cached is not None:
+                return cached
+            if x.request.stream:
+                answer = await self._start_stream(x)
+                streaming_started = True
+                return answer
             completion = await dispatch(
-                plan.candidates, runtime.providers, self._holder.breakers, runtime.policy.retry, body,
-                _complete, info,
-            )  # fmt: skip
-            provider = info.provider
+                plan.candidates, runtime.providers, self._holder.breakers, runtime.policy.retry, x.body, _complete, x.info
+            )
+            provider = x.info.provider
             assert provider is not None
-            self._settle(runtime, record, provider, completion.usage, prompt_tokens, completion.text)
+            self._settle(x, provider, completion.usage, completion.text)
             record.upstream_status = 200
-            return Answer(200, completion.body, self._headers(record, started, info))
+            await self._fill_cache(x, completion.body)
+            return Answer(200, completion.body, self._headers(x))
         except GatewayError as exc:
-            return self._error_answer(record, exc, started, info)
+            return self._error_answer(x, exc)
         except asyncio.CancelledError:
             record.status, record.error_type = 499, "client_disconnected"
             raise
         finally:
-            if not record.stream or record.status != 200:
-                self._finish(record, started, info.upstream_seconds, info)
+            if not streaming_started:
+                await self._release_lease(x)
+                self._finish(x, x.info.upstream_seconds)
 
-    async def _count_prompt(self, runtime: Runtime, plan: RoutePlan, body: dict[str, Any]) -> int:
-        encoding = runtime.policy.models[plan.candidates[0]].encoding
-        messages, tools = body["messages"], body.get("tools")
-        if prompt_chars(messages) > runtime.policy.limits.long_prompt_chars:
+    # -- steps -------------------------------------------------------------------
+
+    async def _count_prompt(self, x: _Exchange) -> int:
+        assert x.plan is not None
+        encoding = x.runtime.policy.models[x.plan.candidates[0]].encoding
+        messages, tools = x.body["messages"], x.body.get("tools")
+        if prompt_chars(messages) > x.runtime.policy.limits.long_prompt_chars:
             return await asyncio.to_thread(count_chat_prompt, messages, encoding, tools)
         return count_chat_prompt(messages, encoding, tools)
 
-    async def _start_stream(
-        self,
-        runtime: Runtime,
-        plan: RoutePlan,
-        body: dict[str, Any],
-        request: ChatRequest,
-        prompt_tokens: int,
-        record: RequestRecord,
-        info: DispatchInfo,
-        started: float,
-    ) -> StreamingAnswer:
-        stream, first = await dispatch(
-            plan.candidates, runtime.providers, self._holder.breakers, runtime.policy.retry, body,
-            _open_stream, info,
-        )  # fmt: skip
-        record.ttft_ms = (time.perf_counter() - started) * 1000
-        record.upstream_status = 200
-        provider = info.provider
-        assert provider is not None
-        record.model, record.provider = provider.name, provider.kind
-        headers = self._headers(record, started, info, cost=cost_usd(provider.config.price, prompt_tokens, 0))
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        events = self._relay(runtime, stream, first, include_usage, prompt_tokens, record, info, started)
-        return StreamingAnswer(headers, events)
+    async def _from_cache(self, x: _Exchange, cache_control: str | None) -> Answer | StreamingAnswer | None:
+        """Exact hit, then semantic hit, then a coalesced answer; None means: ask upstream."""
+        assert x.plan is not None and x.request is not None
+        policy = x.runtime.policy.cache
+        x.cache = plan = plan_cache(policy, x.record.tenant, x.plan.route, x.body, x.request, cache_control)
+        if plan is None:
+            return None
+        x.record.cache = "miss"
+        timeout_s = policy.redis_timeout_ms / 1000
+        if plan.read:
+            hit = await self._exact.get(plan.exact_key, timeout_s)
+            if hit is not None:
+                return self._cached_answer(x, hit, "exact")
+        if plan.semantic_set is not None and self._scorer is not None:
+            score = await self._scorer.score(x.body["messages"])
+            x.embedding = score.embedding
+            if plan.read:
+                found = await self._semantic.lookup(
+                    plan.semantic_set, score.embedding, plan.prompt, policy.semantic.threshold, policy.semantic.guard, timeout_s
+                )
+                x.record.semantic_guard_refusals = found.refused_by_guard or None
+                if found.hit is not None:
+                    x.similarity = found.hit.similarity
+                    return self._cached_answer(x, found.hit.answer, "semantic")
+        if plan.write and plan.read and policy.coalesce.enabled:
+            answer, x.lease = await self._exact.join_or_lead(plan.exact_key, policy.coalesce.wait_s, timeout_s)
+            if answer is not None:
+                x.record.coalesced = True
+                return self._cached_answer(x, answer, "exact")
+        return None
 
-    async def _relay(
-        self,
-        runtime: Runtime,
-        stream: ChatStream,
-        first: bytes | None,
-        include_usage: bool,
-        prompt_tokens: int,
-        record: RequestRecord,
-        info: DispatchInfo,
-        started: float,
-    ) -> AsyncIterator[bytes]:
-        provider = info.provider
+    def _cached_answer(self, x: _Exchange, hit: CachedAnswer, kind: str) -> Answer | StreamingAnswer:
+        record = x.record
+        record.cache, record.model, record.provider = kind, hit.model, hit.provider
+        record.prompt_tokens, record.completion_tokens, record.tokens_source = hit.prompt_tokens, hit.completion_tokens, "cache"
+        record.cost_usd = 0.0
+        record.cache_saved_usd = hit.cost_usd
+        record.cache_similarity = None if x.similarity is None else round(x.similarity, 4)
+        baseline = x.runtime.policy.models.get(record.baseline_model or "")
+        if baseline is not None:
+            record.baseline_cost_usd = cost_usd(baseline.price, hit.prompt_tokens, hit.completion_tokens)
+        headers = self._headers(x)
+        assert x.request is not None
+        if not x.request.stream:
+            return Answer(200, hit.body, headers)
+        include_usage = bool(x.request.stream_options and x.request.stream_options.include_usage)
+        return StreamingAnswer(headers, _iterate(replay_sse(hit, include_usage)))
+
+    async def _fill_cache(self, x: _Exchange, completion_body: bytes) -> CachedAnswer | None:
+        """Store a complete, successful answer (exact, and semantic where it applies)."""
+        plan = x.cache
+        if plan is None or not plan.write or x.record.status != 200 or x.info.provider is None:
+            return None
+        policy = x.runtime.policy.cache
+        timeout_s = policy.redis_timeout_ms / 1000
+        record = x.record
+        entry = CachedAnswer(
+            body=completion_body, model=record.model or "", provider=record.provider or "", prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens, cost_usd=record.cost_usd, created_at=time.time(),
+            prompt=plan.prompt if plan.semantic_set is not None else None,
+        )  # fmt: skip
+        await self._exact.put(plan.exact_key, entry, policy.exact.ttl_s, timeout_s)
+        if plan.semantic_set is not None and x.embedding is not None:
+            await self._semantic.store(
+                plan.semantic_set, x.embedding, entry, policy.semantic.ttl_s, policy.semantic.max_entries, timeout_s
+            )
+        if x.lease is not None:
+            await self._exact.release(x.lease, entry, timeout_s)
+            x.lease = None
+        return entry
+
+    async def _release_lease(self, x: _Exchange) -> None:
+        if x.lease is not None:
+            lease, x.lease = x.lease, None
+            with anyio.CancelScope(shield=True):
+                await self._exact.release(lease, None, x.runtime.policy.cache.redis_timeout_ms / 1000)
+
+    async def _start_stream(self, x: _Exchange) -> StreamingAnswer:
+        assert x.plan is not None and x.request is not None
+        runtime = x.runtime
+        stream, first = await dispatch(
+            x.plan.candidates, runtime.providers, self._holder.breakers, runtime.policy.retry, x.body, _open_stream, x.info
+        )
+        x.record.ttft_ms = (time.perf_counter() - x.started) * 1000
+        x.record.upstream_status = 200
+        provider = x.info.provider
         assert provider is not None
-        upstream_wait = info.upstream_seconds
+        x.record.model, x.record.provider = provider.name, provider.kind
+        headers = self._headers(x, cost=cost_usd(provider.config.price, x.prompt_tokens, 0))
+        include_usage = bool(x.request.stream_options and x.request.stream_options.include_usage)
+        return StreamingAnswer(headers, self._relay(x, stream, first, include_usage))
+
+    async def _relay(self, x: _Exchange, stream: ChatStream, first: bytes | None, include_usage: bool) -> AsyncIterator[bytes]:
+        provider = x.info.provider
+        assert provider is not None
+        record = x.record
+        upstream_wait = x.info.upstream_seconds
         try:
             if first is not None:
                 yield b"data: " + first + b"\n\n"
@@ -148,49 +261,56 @@ class ChatPipeline:
                         upstream_wait += time.perf_counter() - waited_from
                     yield b"data: " + payload + b"\n\n"
             tally = stream.tally
-            self._settle(runtime, record, provider, tally.usage, prompt_tokens, tally.text)
+            self._settle(x, provider, tally.usage, tally.text)
             record.finish_reason = tally.finish_reason
             if include_usage:
                 yield b"data: " + _usage_chunk(tally.id, tally.created, tally.model, record) + b"\n\n"
             yield b"data: [DONE]\n\n"
+            if not tally.has_tool_calls:
+                body = completion_from_stream(
+                    tally.id, tally.created, tally.model, tally.text, tally.finish_reason,
+                    record.prompt_tokens, record.completion_tokens,
+                )  # fmt: skip
+                with anyio.CancelScope(shield=True):
+                    await self._fill_cache(x, body)
         except UpstreamError as exc:
             # Headers are gone: tell the client in-band, as OpenAI does; never retry mid-stream.
             self._metrics.upstream_error(exc.upstream, exc.code)
             record.error_type = exc.code
-            self._settle(runtime, record, provider, None, prompt_tokens, stream.tally.text)
+            self._settle(x, provider, None, stream.tally.text)
             yield b"data: " + exc.to_body() + b"\n\n"
         except (asyncio.CancelledError, GeneratorExit):
-            record.error_type = "client_disconnected"
-            record.status = 499
-            self._settle(runtime, record, provider, stream.tally.usage, prompt_tokens, stream.tally.text)
+            record.error_type, record.status = "client_disconnected", 499
+            self._settle(x, provider, stream.tally.usage, stream.tally.text)
             raise
         finally:
             with anyio.CancelScope(shield=True):  # the client may be gone: still close upstream and log
                 await stream.aclose()
-            self._finish(record, started, upstream_wait, info)
+                await self._release_lease(x)
+            self._finish(x, upstream_wait)
 
-    def _settle(
-        self, runtime: Runtime, record: RequestRecord, provider: Provider, usage: Usage | None, prompt_tokens: int, text: str
-    ) -> None:
+    # -- accounting ----------------------------------------------------------------
+
+    def _settle(self, x: _Exchange, provider: Provider, usage: Usage | None, text: str) -> None:
         """Tokens (the upstream's usage when it sent one) and costs, actual and baseline."""
+        record = x.record
         record.model, record.provider = provider.name, provider.kind
         if usage is not None:
             record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
             record.tokens_source = "upstream"
         else:
-            record.prompt_tokens = prompt_tokens
+            record.prompt_tokens = x.prompt_tokens
             record.completion_tokens = count_text(text, provider.config.encoding)
             record.tokens_source = "gateway"
         record.cost_usd = cost_usd(provider.config.price, record.prompt_tokens, record.completion_tokens)
-        baseline = runtime.policy.models.get(record.baseline_model or "")
+        baseline = x.runtime.policy.models.get(record.baseline_model or "")
         if baseline is not None:
             record.baseline_cost_usd = cost_usd(baseline.price, record.prompt_tokens, record.completion_tokens)
 
-    def _headers(
-        self, record: RequestRecord, started: float, info: DispatchInfo, cost: float | None = None
-    ) -> dict[str, str]:
-        overhead_ms = (time.perf_counter() - started - info.upstream_seconds) * 1000
-        return {
+    def _headers(self, x: _Exchange, cost: float | None = None) -> dict[str, str]:
+        record = x.record
+        overhead_ms = (time.perf_counter() - x.started - x.info.upstream_seconds) * 1000
+        headers = {
             "x-request-id": record.request_id,
             "x-gateway-model": record.model or "",
             "x-gateway-route": record.route or "",
@@ -199,31 +319,36 @@ class ChatPipeline:
             "x-gateway-overhead-ms": f"{overhead_ms:.3f}",
             "x-gateway-policy-version": record.policy_version or "",
         }
+        if record.cache_similarity is not None:
+            headers["x-gateway-cache-similarity"] = f"{record.cache_similarity:.4f}"
+        return headers
 
-    def _error_answer(self, record: RequestRecord, exc: GatewayError, started: float, info: DispatchInfo) -> Answer:
+    def _error_answer(self, x: _Exchange, exc: GatewayError) -> Answer:
+        record = x.record
         record.status = exc.status_code
         record.error_type = exc.code or exc.error_type
         if isinstance(exc, UpstreamError):
             record.upstream_status = getattr(exc, "upstream_status", None)
-        headers = self._headers(record, started, info)
+        headers = self._headers(x)
         headers.update(exc.headers)
         return Answer(exc.status_code, exc.to_body(), headers)
 
-    def _finish(self, record: RequestRecord, started: float, upstream_seconds: float, info: DispatchInfo) -> None:
-        elapsed = time.perf_counter() - started
+    def _finish(self, x: _Exchange, upstream_seconds: float) -> None:
+        record = x.record
+        elapsed = time.perf_counter() - x.started
         record.latency_ms = round(elapsed * 1000, 3)
         record.overhead_ms = round(max(0.0, elapsed - upstream_seconds) * 1000, 3)
-        record.retries = info.retries
-        record.fallback_used = info.fallback_used
+        record.retries = x.info.retries
+        record.fallback_used = x.info.fallback_used
         if record.ttft_ms is not None:
             record.ttft_ms = round(record.ttft_ms, 3)
-        for failure in info.failures:
+        for failure in x.info.failures:
             self._metrics.upstream_error(failure.upstream, failure.code)
         self._metrics.observe(record)
         _request_log.info("request", **request_event(record))
 
 
-async def _complete(provider: Provider, body: dict[str, Any]):  # noqa: ANN202
+async def _complete(provider: Provider, body: dict[str, Any]) -> Completion:
     return await provider.complete(body)
 
 
@@ -237,6 +362,11 @@ async def _open_stream(provider: Provider, body: dict[str, Any]) -> tuple[ChatSt
     except BaseException:
         await stream.aclose()
         raise
+
+
+async def _iterate(events: list[bytes]) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event
 
 
 def _usage_chunk(chunk_id: str | None, created: int | None, model: str | None, record: RequestRecord) -> bytes:

@@ -52,6 +52,12 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     error_type: str | None = None
     finish_reason: str | None = None
     policy_version: str | None = None
+    cache_saved_usd: float | None = None
+    """Cache hits: the cost the answer had when it was first paid for."""
+    cache_similarity: float | None = None
+    coalesced: bool | None = None
+    """True when this request waited for an identical in-flight request's answer."""
+    semantic_guard_refusals: int | None = None
 
 
 @dataclass(slots=True)

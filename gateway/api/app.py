@@ -15,11 +15,14 @@ from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestLogWriter, configure_logging
 from gateway.api.chat import chat_completions
 from gateway.api.probes import error_response, healthz, list_models, metrics, readyz
-from gateway.api.state import GatewayState, RedisHealth
+from gateway.api.state import GatewayState
+from gateway.cache.exact import ExactCache
+from gateway.cache.semantic import SemanticCache
 from gateway.config.loader import load_policy
 from gateway.errors import GatewayError, InvalidRequestError, ModelNotFoundError
 from gateway.pipeline import ChatPipeline
 from gateway.runtime import RuntimeHolder
+from gateway.services.redis_client import SharedRedis
 from gateway.settings import Settings
 
 __all__ = ["create_app"]
@@ -62,7 +65,9 @@ async def _start(settings: Settings) -> GatewayState:
         if settings.redis_url
         else None
     )
-    state = GatewayState(holder, ChatPipeline(holder, metrics), metrics, RedisHealth(client, metrics), request_log, ops_log)
+    redis = SharedRedis(client, metrics)
+    pipeline = ChatPipeline(holder, metrics, ExactCache(redis), SemanticCache(redis), scorer=None)
+    state = GatewayState(holder, pipeline, metrics, redis, request_log, ops_log)
     if settings.watch_policies:
         state.tasks.append(asyncio.create_task(holder.watch(), name="policy-watch"))
     if not await state.redis.check():

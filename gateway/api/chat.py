@@ -30,7 +30,9 @@ async def chat_completions(request: Request) -> Response[bytes] | Stream:
     request_id = incoming_id if incoming_id and _REQUEST_ID.fullmatch(incoming_id) else uuid.uuid4().hex
     disconnected = _DisconnectWatch(request)
     work = asyncio.ensure_future(
-        state.pipeline.handle(disconnected.read_body, headers.get("authorization"), request_id, started)
+        state.pipeline.handle(
+            disconnected.read_body, headers.get("authorization"), headers.get("cache-control"), request_id, started
+        )
     )
     answer = await disconnected.run_until_gone(work)
     if answer is None:

@@ -53,7 +53,7 @@ async def readyz(request: Request) -> Response[bytes]:
             "source": runtime.loaded.source,
             "last_reload_error": state.holder.last_reload_error,
         },
-        "classifier": {"configured": False, "loaded": False},
+        "classifier": state.classifier_info or {"loaded": False},
         "upstreams": {name: state.holder.breakers[name].state for name in runtime.providers},
     }
     return Response(msgspec.json.encode(body), status_code=200 if redis_ok else 503, media_type="application/json")

@@ -156,6 +156,42 @@ class LimitsPolicy(_Struct, kw_only=True):
     """Prompts longer than this are tokenized off the event loop."""
 
 
+class ExactCachePolicy(_Struct, kw_only=True):
+    enabled: bool = True
+    ttl_s: int = 3600
+    max_temperature: float | None = None
+    """Skip the exact cache above this temperature (None: cache at any temperature)."""
+
+
+class SemanticCachePolicy(_Struct, kw_only=True):
+    enabled: bool = True
+    ttl_s: int = 3600
+    threshold: float = 0.92
+    """Cosine similarity at or above which a stored prompt counts as the same question."""
+    guard: bool = True
+    """Refuse a hit when the prompts differ in numbers, quoted strings, code or names."""
+    max_entries: int = 10_000
+    """Per vector set (tenant, route, system prompt, parameters); the oldest entries go first."""
+    max_temperature: float = 0.5
+    multi_turn: bool = False
+    tools: bool = False
+
+
+class CoalescePolicy(_Struct, kw_only=True):
+    enabled: bool = True
+    wait_s: float = 30.0
+    """How long identical requests wait for the first one's answer before calling upstream themselves."""
+
+
+class CachePolicy(_Struct, kw_only=True):
+    enabled: bool = True
+    exact: ExactCachePolicy = ExactCachePolicy()
+    semantic: SemanticCachePolicy = SemanticCachePolicy()
+    coalesce: CoalescePolicy = CoalescePolicy()
+    redis_timeout_ms: float = 50.0
+    """A cache operation slower than this is abandoned: the request goes on without the cache."""
+
+
 class Policy(_Struct, kw_only=True):
     version: int = 1
     pair: Pair
@@ -166,3 +202,4 @@ class Policy(_Struct, kw_only=True):
     auth: AuthPolicy = AuthPolicy()
     request_log: RequestLogPolicy = RequestLogPolicy()
     limits: LimitsPolicy = LimitsPolicy()
+    cache: CachePolicy = CachePolicy()

@@ -491,6 +491,7 @@ class _AnthropicChatStream(ChatStream):
             return None
         tool_index = len(self._tool_indexes)
         self._tool_indexes[_int(event.get("index"))] = tool_index
+        self.tally.has_tool_calls = True
         call = {
             "index": tool_index,
             "id": block.get("id"),

@@ -52,6 +52,7 @@ class StreamTally:
     text_parts: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     chunks: int = 0
+    has_tool_calls: bool = False
 
     @property
     def text(self) -> str:

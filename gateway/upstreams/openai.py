@@ -105,6 +105,8 @@ def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:
                 content = delta.get("content")
                 if isinstance(content, str) and content:
                     tally.text_parts.append(content)
+                if delta.get("tool_calls") or delta.get("function_call"):
+                    tally.has_tool_calls = True
             if choice.get("finish_reason"):
                 tally.finish_reason = choice["finish_reason"]
 

@@ -1,0 +1,89 @@
+"""A cached answer, and how it is replayed as JSON or as an SSE stream."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+__all__ = ["CachedAnswer", "completion_from_stream", "replay_sse"]
+
+
+class CachedAnswer(msgspec.Struct, kw_only=True):
+    body: bytes
+    """OpenAI ``chat.completion`` JSON, as first returned."""
+    model: str
+    provider: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    created_at: float
+    prompt: str | None = None
+    """Semantic entries: the prompt text the guard compares against."""
+
+    def encode(self) -> bytes:
+        return _encoder.encode(self)
+
+    @staticmethod
+    def decode(raw: bytes) -> CachedAnswer:
+        return _decoder.decode(raw)
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(CachedAnswer)
+
+
+def completion_from_stream(
+    chunk_id: str | None, created: int | None, model: str | None, text: str, finish_reason: str | None,
+    prompt_tokens: int, completion_tokens: int,
+) -> bytes:  # fmt: skip
+    """The ``chat.completion`` a finished text stream amounts to (so a stream can fill the cache)."""
+    return msgspec.json.encode(
+        {
+            "id": chunk_id or "chatcmpl-gateway",
+            "object": "chat.completion",
+            "created": created or int(time.time()),
+            "model": model,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+    )
+
+
+_PIECE_CHARS = 24
+
+
+def replay_sse(answer: CachedAnswer, include_usage: bool) -> list[bytes]:
+    """The SSE events of a cached answer: role, content pieces, finish, usage if asked, ``[DONE]``."""
+    completion: dict[str, Any] = msgspec.json.decode(answer.body)
+    base = {"id": completion.get("id"), "object": "chat.completion.chunk", "created": completion.get("created"),
+            "model": completion.get("model")}  # fmt: skip
+    events: list[bytes] = []
+
+    def emit(choices: list[dict[str, Any]], **extra: Any) -> None:
+        events.append(b"data: " + msgspec.json.encode({**base, "choices": choices, **extra}) + b"\n\n")
+
+    for choice in completion.get("choices", []):
+        index = choice.get("index", 0)
+        message = choice.get("message") or {}
+        emit([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        content = message.get("content") or ""
+        for start in range(0, len(content), _PIECE_CHARS):
+            emit([{"index": index, "delta": {"content": content[start : start + _PIECE_CHARS]}, "finish_reason": None}])
+        if message.get("tool_calls"):
+            calls = [{**call, "index": i} for i, call in enumerate(message["tool_calls"])]
+            emit([{"index": index, "delta": {"tool_calls": calls}, "finish_reason": None}])
+        emit([{"index": index, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}])
+    if include_usage:
+        usage = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                 "total_tokens": answer.prompt_tokens + answer.completion_tokens}  # fmt: skip
+        emit([], usage=usage)
+    events.append(b"data: [DONE]\n\n")
+    return events

@@ -1,0 +1,81 @@
+"""The shared Redis, used as an optimisation: every call is bounded and failure is an answer.
+
+When Redis errors or is slow, the call returns its fallback value, the outage is
+logged once (not once per request), and further calls skip Redis for a second
+before trying again, so a dead Redis costs requests nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+import structlog
+
+from gateway.accounting.metrics import Metrics
+
+__all__ = ["SharedRedis"]
+
+T = TypeVar("T")
+_log = structlog.get_logger("gateway.redis")
+_RETRY_AFTER_S = 1.0
+
+
+class SharedRedis:
+    def __init__(self, client: aioredis.Redis | None, metrics: Metrics) -> None:
+        self.client = client
+        self._metrics = metrics
+        self.up = client is not None
+        self._down_since: float | None = None
+        self._last_attempt = 0.0
+        metrics.redis_up.set(1 if self.up else 0)
+
+    async def run(self, operation: Callable[[aioredis.Redis], Awaitable[T]], fallback: T, timeout_s: float) -> T:
+        """``operation(client)`` within ``timeout_s``, or ``fallback`` if Redis cannot answer."""
+        client = self.client
+        if client is None:
+            return fallback
+        if not self.up and time.monotonic() - self._last_attempt < _RETRY_AFTER_S:
+            return fallback
+        self._last_attempt = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout_s):
+                result = await operation(client)
+        except (OSError, TimeoutError, aioredis.RedisError) as exc:
+            self._mark_down(exc)
+            return fallback
+        if not self.up:
+            self._mark_up()
+        return result
+
+    async def check(self, timeout_s: float = 0.5) -> bool:
+        """Ping now (readiness probes), updating the state like any other call."""
+        if self.client is None:
+            return False
+        self._last_attempt = 0.0
+        return await self.run(_ping, False, timeout_s)
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if self.up or self._down_since is None:
+            self._down_since = time.monotonic()
+            _log.error("redis_unavailable", error=type(exc).__name__, detail=str(exc)[:200])
+        self.up = False
+        self._metrics.redis_up.set(0)
+
+    def _mark_up(self) -> None:
+        down_for = time.monotonic() - (self._down_since or time.monotonic())
+        _log.info("redis_recovered", down_s=round(down_for, 3))
+        self.up = True
+        self._down_since = None
+        self._metrics.redis_up.set(1)
+
+    async def aclose(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+
+async def _ping(client: aioredis.Redis) -> bool:
+    return bool(await client.ping())

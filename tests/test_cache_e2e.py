@@ -1,0 +1,252 @@
+"""The exact cache and request coalescing through real gateway processes and a real Redis 8."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from gateway.auth import hash_key
+from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
+from gateway.simulated import SimulatedUpstream
+from tests.conftest import inject, upstream_stats
+from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
+
+CACHE_ON = "{enabled: true, semantic: {enabled: false}, coalesce: {wait_s: 5}}"
+KEYS = """auth:
+  mode: keys
+  keys:
+    - {id: a1, tenant: team-a, hash: "%s"}
+    - {id: a2, tenant: team-a, hash: "%s"}
+    - {id: b1, tenant: team-b, hash: "%s"}
+""" % (hash_key("key-a1"), hash_key("key-a2"), hash_key("key-b1"))
+
+
+@pytest.fixture(scope="module")
+def cached_gateway(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:  # fmt: skip
+    policy = policy_text(small_upstream, large_upstream, cache=CACHE_ON, auth=KEYS)
+    process = start_gateway(Path(tmp_path_factory.mktemp("cache")), policy, env={"REDIS_URL": redis_server.url})
+    yield process
+    process.stop()
+
+
+def _client(gateway: GatewayProcess, key: str = "key-a1") -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=15)
+
+
+def _unique(label: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"{label} {time.monotonic_ns()}"}]
+
+
+def _post(gateway: GatewayProcess, content: bytes, key: str = "key-a1", **headers: str) -> httpx.Response:
+    return httpx.post(
+        f"{gateway.base_url}/chat/completions", content=content,
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json", **headers}, timeout=15,
+    )  # fmt: skip
+
+
+def test_repeat_is_an_exact_hit_with_cost_saved(cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+    client, messages = _client(cached_gateway), _unique("repeat")
+    first = client.chat.completions.with_raw_response.create(model="fast", messages=messages, temperature=0)
+    second = client.chat.completions.with_raw_response.create(model="fast", messages=messages, temperature=0)
+    assert first.headers["x-gateway-cache"] == "miss" and second.headers["x-gateway-cache"] == "exact"
+    assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
+    assert upstream_stats(small_upstream)["chat_requests"] == 1
+    paid = cached_gateway.wait_for_record(first.headers["x-request-id"])
+    hit = cached_gateway.wait_for_record(second.headers["x-request-id"])
+    assert hit["cache"] == "exact" and hit["cost_usd"] == 0 and hit["cache_saved_usd"] == pytest.approx(paid["cost_usd"])
+    assert (hit["prompt_tokens"], hit["completion_tokens"]) == (paid["prompt_tokens"], paid["completion_tokens"])
+    assert hit["baseline_cost_usd"] == pytest.approx(paid["baseline_cost_usd"])
+    assert float(second.headers["x-gateway-cost-usd"]) == 0
+
+
+def test_key_ignores_field_order_and_whitespace(cached_gateway: GatewayProcess) -> None:
+    marker = f"order {time.monotonic_ns()}"
+    compact = b'{"model":"fast","temperature":0,"messages":[{"role":"user","content":"%s"}]}' % marker.encode()
+    spaced = b'{ "messages" : [ { "content" : "%s", "role" : "user" } ],\n  "temperature": 0, "model": "fast" }' % marker.encode()
+    assert _post(cached_gateway, compact).headers["x-gateway-cache"] == "miss"
+    assert _post(cached_gateway, spaced).headers["x-gateway-cache"] == "exact"
+
+
+@pytest.mark.parametrize("change", [{"temperature": 0.5}, {"max_tokens": 3}, {"seed": 7}, {"stop": ["x"]}, {"vendor_flag": 1}])
+def test_parameters_that_change_the_answer_change_the_key(cached_gateway: GatewayProcess, change: dict[str, object]) -> None:
+    client, messages = _client(cached_gateway), _unique("params")
+    client.chat.completions.create(model="fast", messages=messages, temperature=0)
+    other = {"temperature": 0, **change}
+    extra = {"extra_body": {"vendor_flag": 1}} if "vendor_flag" in change else {}
+    other.pop("vendor_flag", None)
+    raw = client.chat.completions.with_raw_response.create(model="fast", messages=messages, **other, **extra)
+    assert raw.headers["x-gateway-cache"] == "miss"
+
+
+def test_route_is_part_of_the_key(cached_gateway: GatewayProcess) -> None:
+    client, messages = _client(cached_gateway), _unique("route")
+    client.chat.completions.create(model="fast", messages=messages, temperature=0)
+    assert client.chat.completions.with_raw_response.create(model="best", messages=messages, temperature=0).headers[
+        "x-gateway-cache"
+    ] == "miss"
+
+
+@pytest.mark.parametrize("stream_first", [False, True])
+def test_streamed_and_plain_requests_share_entries(cached_gateway: GatewayProcess, stream_first: bool) -> None:
+    client, messages = _client(cached_gateway), _unique("stream")
+
+    def streamed() -> tuple[str, str, list[object]]:
+        with client.chat.completions.with_streaming_response.create(
+            model="fast", messages=messages, temperature=0, stream=True, stream_options={"include_usage": True}
+        ) as response:
+            chunks = list(response.parse())
+            cache = response.headers["x-gateway-cache"]
+        return cache, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
+
+    def plain() -> tuple[str, str]:
+        raw = client.chat.completions.with_raw_response.create(model="fast", messages=messages, temperature=0)
+        return raw.headers["x-gateway-cache"], raw.parse().choices[0].message.content or ""
+
+    if stream_first:
+        (c1, t1, _), (c2, t2) = streamed(), plain()
+    else:
+        (c1, t1), (c2, t2, chunks) = plain(), streamed()
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0  # type: ignore[attr-defined]
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]  # type: ignore[attr-defined]
+        assert finishes == ["stop"]
+    assert (c1, c2) == ("miss", "exact") and t1 == t2 and t1.startswith("[simulated small]")
+
+
+def test_errors_are_never_cached(cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+    client, messages = _client(cached_gateway), _unique("error")
+    inject(small_upstream, {"status": 500}, {"status": 500})
+    with pytest.raises(openai.APIStatusError):
+        client.chat.completions.create(model="small", messages=messages, temperature=0)
+    raw = client.chat.completions.with_raw_response.create(model="small", messages=messages, temperature=0)
+    assert raw.headers["x-gateway-cache"] == "miss" and upstream_stats(small_upstream)["chat_requests"] == 3
+
+
+def test_a_cut_stream_is_never_cached(cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+    client, messages = _client(cached_gateway), _unique("cut")
+    inject(small_upstream, {"cut_after_chunks": 2})
+    with pytest.raises(openai.APIError):
+        list(client.chat.completions.create(model="small", messages=messages, temperature=0, stream=True))
+    raw = client.chat.completions.with_raw_response.create(model="small", messages=messages, temperature=0)
+    assert raw.headers["x-gateway-cache"] == "miss"
+
+
+def test_cache_control_no_cache_and_no_store(cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+    client, messages = _client(cached_gateway), _unique("directives")
+    client.chat.completions.create(model="fast", messages=messages, temperature=0)
+    fresh = client.chat.completions.with_raw_response.create(
+        model="fast", messages=messages, temperature=0, extra_headers={"Cache-Control": "no-cache"}
+    )
+    assert fresh.headers["x-gateway-cache"] == "miss" and upstream_stats(small_upstream)["chat_requests"] == 2
+
+    other = _unique("no-store")
+    client.chat.completions.create(model="fast", messages=other, temperature=0, extra_headers={"Cache-Control": "no-store"})
+    assert client.chat.completions.with_raw_response.create(model="fast", messages=other, temperature=0).headers[
+        "x-gateway-cache"
+    ] == "miss"
+    # the body field does the same, and is not forwarded upstream
+    third = _unique("field")
+    client.chat.completions.create(model="fast", messages=third, temperature=0, extra_body={"gateway_cache": "no-store"})
+    assert "gateway_cache" not in upstream_stats(small_upstream)["last_request"]["body"]
+    assert client.chat.completions.with_raw_response.create(model="fast", messages=third, temperature=0).headers[
+        "x-gateway-cache"
+    ] == "miss"
+
+
+def test_tenants_never_see_each_others_cached_answers(cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+    messages = _unique("tenant")
+    inject(small_upstream, {"text": "team-a's confidential answer"})
+    a = _client(cached_gateway, "key-a1").chat.completions.create(model="fast", messages=messages, temperature=0)
+    assert a.choices[0].message.content == "team-a's confidential answer"
+    raw = _client(cached_gateway, "key-b1").chat.completions.with_raw_response.create(
+        model="fast", messages=messages, temperature=0
+    )
+    assert raw.headers["x-gateway-cache"] == "miss"
+    assert "confidential" not in (raw.parse().choices[0].message.content or "")
+    # another key of the same tenant shares the tenant's cache
+    same_tenant = _client(cached_gateway, "key-a2").chat.completions.with_raw_response.create(
+        model="fast", messages=messages, temperature=0
+    )
+    assert same_tenant.headers["x-gateway-cache"] == "exact"
+
+
+def test_identical_concurrent_requests_are_coalesced(cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+    messages = _unique("coalesce")
+    inject(small_upstream, {"delay_ms": 600})
+    client = _client(cached_gateway)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(
+            lambda _: client.chat.completions.with_raw_response.create(model="fast", messages=messages, temperature=0),
+            range(8),
+        ))  # fmt: skip
+    assert upstream_stats(small_upstream)["chat_requests"] == 1
+    assert len({r.parse().choices[0].message.content for r in results}) == 1
+    records = [cached_gateway.wait_for_record(r.headers["x-request-id"]) for r in results]
+    assert sum(1 for r in records if r.get("coalesced")) == 7
+
+
+def test_coalescing_and_cache_work_across_gateway_processes(
+    tmp_path: Path, cached_gateway: GatewayProcess, redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream,
+) -> None:  # fmt: skip
+    policy = policy_text(small_upstream, large_upstream, cache=CACHE_ON, auth=KEYS)
+    second = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url})
+    try:
+        messages = _unique("cross-process")
+        inject(small_upstream, {"delay_ms": 800})
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            leader = pool.submit(_client(cached_gateway).chat.completions.create, model="fast", messages=messages, temperature=0)
+            time.sleep(0.3)
+            follower = pool.submit(
+                _client(second).chat.completions.with_raw_response.create, model="fast", messages=messages, temperature=0
+            )
+            led, followed = leader.result(), follower.result()
+        assert followed.headers["x-gateway-cache"] == "exact"
+        assert followed.parse().choices[0].message.content == led.choices[0].message.content
+        assert upstream_stats(small_upstream)["chat_requests"] == 1
+        # and an answer cached through one process is served by the other
+        later = _unique("shared")
+        _client(second).chat.completions.create(model="fast", messages=later, temperature=0)
+        assert _client(cached_gateway).chat.completions.with_raw_response.create(
+            model="fast", messages=later, temperature=0
+        ).headers["x-gateway-cache"] == "exact"
+    finally:
+        second.stop()
+
+
+def test_gateway_serves_without_redis_and_uses_it_again_when_back(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    port = free_port()
+    policy = policy_text(small_upstream, large_upstream, cache=CACHE_ON)
+    gateway = start_gateway(tmp_path / "gw", policy, env={"REDIS_URL": f"redis://127.0.0.1:{port}/0"}, expect_ready=False)
+    redis: EmbeddedRedis | None = None
+    try:
+        client = openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0, timeout=10)
+        messages = _unique("outage")
+        for _ in range(3):  # no request fails because of the cache
+            raw = client.chat.completions.with_raw_response.create(model="fast", messages=messages, temperature=0)
+            assert raw.headers["x-gateway-cache"] == "miss"
+        assert gateway.stderr_text().count('"redis_unavailable"') == 1  # once per incident
+        redis = start_embedded_redis(tmp_path / "redis", port=port)
+        deadline = time.monotonic() + 10
+        cache = "miss"
+        while cache != "exact" and time.monotonic() < deadline:
+            time.sleep(0.3)
+            cache = client.chat.completions.with_raw_response.create(
+                model="fast", messages=messages, temperature=0
+            ).headers["x-gateway-cache"]
+        assert cache == "exact"
+        assert '"redis_recovered"' in gateway.stderr_text()
+    finally:
+        gateway.stop()
+        if redis is not None:
+            redis.stop()
