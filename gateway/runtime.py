@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import structlog
 
 from gateway.accounting.metrics import Metrics
 from gateway.auth import Authenticator
-from gateway.config.loader import LoadedPolicy, load_policy
+from gateway.config.loader import LoadedPolicy, key_file_path, load_policy
 from gateway.errors import ConfigError
 from gateway.routing import Router
 from gateway.tokens import encoding_for
@@ -82,6 +82,7 @@ class RuntimeHolder:
                 _log.error("policy_rejected", reason=reason, problems=exc.problems, kept=self.current.version)
                 return False
             if loaded.version == self.current.version:
+                self.last_reload_error = None  # e.g. a rejected edit was reverted
                 return True
             old = self.current
             new = self._build(loaded, previous=old)
@@ -93,18 +94,33 @@ class RuntimeHolder:
                 _log.warning("policy_warning", detail=warning)
             return True
 
-    async def watch(self) -> None:
-        """Reload on file change (polling-free, via watchfiles) and on SIGHUP. Runs until cancelled."""
-        import watchfiles
-
+    def reload_on_sighup(self) -> None:
+        """``kill -HUP`` reloads the policy, whether or not the file is watched."""
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload("SIGHUP")))
-        # Watch the folder: editors and Kubernetes ConfigMaps replace the file rather than write it.
-        target = self.path.resolve()
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload("SIGHUP")))
+
+    async def watch(self) -> None:
+        """Reload when the file changes (inotify, via watchfiles). Runs until cancelled.
+
+        The folder is watched, not the file: editors and Kubernetes replace the file
+        rather than write it. It is the folder as named, not its resolved target: a
+        ConfigMap's file is a symlink through ``..data`` into a timestamped folder
+        that the kubelet deletes on every update.
+        """
+        import watchfiles
+
+        target = self.path.absolute()
+        key_file = key_file_path(self.current.policy, target.parent)
+        watched = {target.name, "..data"} | ({key_file.name} if key_file is not None else set())
         async for changes in watchfiles.awatch(target.parent, debounce=200, step=50, recursive=False):
-            if any(Path(changed).name in (target.name, "..data") for _, changed in changes):
+            if any(Path(changed).name in watched for _, changed in changes):
                 await self.reload("file changed")
+
+    def _spawn(self, coro: Coroutine[None, None, object]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._retired.add(task)  # keep a reference until done
+        task.add_done_callback(self._retired.discard)
 
     async def aclose(self) -> None:
         for task in list(self._retired):

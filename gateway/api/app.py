@@ -15,11 +15,13 @@ from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestLogWriter, configure_logging
 from gateway.api.chat import chat_completions
 from gateway.api.probes import error_response, healthz, list_models, metrics, readyz
+from gateway.api.usage import usage
 from gateway.api.state import GatewayState
 from gateway.cache.exact import ExactCache
 from gateway.cache.semantic import SemanticCache
 from gateway.config.loader import load_policy
 from gateway.errors import GatewayError, InvalidRequestError, ModelNotFoundError
+from gateway.limits import RateLimiter
 from gateway.pipeline import ChatPipeline
 from gateway.runtime import RuntimeHolder
 from gateway.services.redis_client import SharedRedis
@@ -43,7 +45,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await state.aclose()
 
     return Litestar(
-        route_handlers=[chat_completions, list_models, healthz, readyz, metrics],
+        route_handlers=[chat_completions, list_models, usage, healthz, readyz, metrics],
         lifespan=[lifespan],
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _internal_error},
         openapi_config=None,
@@ -66,8 +68,10 @@ async def _start(settings: Settings) -> GatewayState:
         else None
     )
     redis = SharedRedis(client, metrics)
-    pipeline = ChatPipeline(holder, metrics, ExactCache(redis), SemanticCache(redis), scorer=None)
-    state = GatewayState(holder, pipeline, metrics, redis, request_log, ops_log)
+    limiter = RateLimiter(redis)
+    pipeline = ChatPipeline(holder, metrics, ExactCache(redis), SemanticCache(redis), limiter, scorer=None)
+    state = GatewayState(holder, pipeline, metrics, redis, limiter, request_log, ops_log)
+    holder.reload_on_sighup()
     if settings.watch_policies:
         state.tasks.append(asyncio.create_task(holder.watch(), name="policy-watch"))
     if not await state.redis.check():

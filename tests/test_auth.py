@@ -1,0 +1,205 @@
+"""API keys against a real gateway process: 401/403 bodies, model allow-lists, and no secrets in the logs."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from gateway.services.redis_server import EmbeddedRedis
+from gateway.simulated import SimulatedUpstream
+from tests.conftest import upstream_stats
+from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+
+UPSTREAM_KEY = "sk-large-secret-123"
+# Unique per run, so finding one in a log can only mean this run leaked it.
+APP_SECRET = f"sk-gw-app-{uuid.uuid4().hex}"
+ADMIN_SECRET = f"sk-gw-admin-{uuid.uuid4().hex}"
+WRONG_SECRET = f"sk-gw-wrong-{uuid.uuid4().hex}"
+MALFORMED_SECRET = f"sk-gw-basic-{uuid.uuid4().hex}"
+MARKER = f"zebra-{uuid.uuid4().hex}-marker"
+
+
+def _sha256(secret: str) -> str:
+    return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
+
+
+AUTH = f"""auth:
+  mode: keys
+  keys:
+    - {{id: app-1, tenant: team-a, hash: "{_sha256(APP_SECRET)}", models: [fast]}}
+    - {{id: admin-1, tenant: team-ops, hash: "{_sha256(ADMIN_SECRET)}", models: ["*"]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def auth_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:
+    gw = start_gateway(
+        tmp_path_factory.mktemp("auth-gw"),
+        policy_text(small_upstream, large_upstream, auth=AUTH),
+        env={"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": UPSTREAM_KEY},
+    )
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def gw(auth_gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+       ) -> GatewayProcess:
+    return auth_gateway  # (asking for the upstreams resets their faults and stats per test)
+
+
+def _sdk(gw: GatewayProcess, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0, timeout=10)
+
+
+def _messages(text: str = "") -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"{MARKER} {text}".strip()}]
+
+
+def _raw_chat(gw: GatewayProcess, headers: dict[str, str], model: str = "fast") -> httpx.Response:
+    return httpx.post(f"{gw.base_url}/chat/completions", json={"model": model, "messages": _messages()},
+                      headers=headers, timeout=10)  # fmt: skip
+
+
+def _assert_openai_error(response: httpx.Response, status: int, error_type: str, code: str) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == error_type
+    assert error["code"] == code
+    assert isinstance(error["message"], str) and error["message"]
+    return error
+
+
+def test_missing_wrong_and_malformed_keys_get_401(gw: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+    # No Authorization header at all.
+    error = _assert_openai_error(_raw_chat(gw, {}), 401, "authentication_error", "invalid_api_key")
+    assert "missing" in str(error["message"]).lower()
+
+    # A well-formed but unknown key, through the SDK.
+    with pytest.raises(openai.AuthenticationError) as caught:
+        _sdk(gw, WRONG_SECRET).chat.completions.create(model="fast", messages=_messages("wrong key"))
+    assert caught.value.status_code == 401
+    assert caught.value.code == "invalid_api_key"
+    assert caught.value.type == "authentication_error"
+    assert WRONG_SECRET not in str(caught.value)  # the error does not echo the key back
+
+    # Malformed headers: another scheme, a bearer without a key, no space, a bare token.
+    for value in (f"Basic {MALFORMED_SECRET}", "Bearer", f"Bearer{MALFORMED_SECRET}", MALFORMED_SECRET):
+        error = _assert_openai_error(_raw_chat(gw, {"authorization": value}), 401, "authentication_error",
+                                     "invalid_api_key")  # fmt: skip
+        assert MALFORMED_SECRET not in str(error["message"])
+
+    # A valid key with a wrong scheme is still refused.
+    _assert_openai_error(_raw_chat(gw, {"authorization": f"Basic {APP_SECRET}"}), 401, "authentication_error",
+                         "invalid_api_key")  # fmt: skip
+
+    # Unauthenticated requests never reach an upstream.
+    assert upstream_stats(small_upstream)["chat_requests"] == 0
+
+    # /v1/models needs a key too.
+    with pytest.raises(openai.AuthenticationError):
+        _sdk(gw, WRONG_SECRET).models.list()
+    _assert_openai_error(httpx.get(f"{gw.base_url}/models", timeout=5), 401, "authentication_error", "invalid_api_key")
+
+
+def test_allowed_key_on_allowed_route(gw: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+    raw = _sdk(gw, APP_SECRET).chat.completions.with_raw_response.create(model="fast", messages=_messages("allowed"))
+    completion = raw.parse()
+    assert raw.http_response.status_code == 200
+    assert completion.choices[0].message.content
+    assert raw.headers["x-gateway-model"] == "small"
+
+    record = gw.wait_for_record(raw.headers["x-request-id"])
+    assert record["key_id"] == "app-1"
+    assert record["tenant"] == "team-a"
+    assert record["status"] == 200
+
+    # The client's key is the gateway's business, not the upstream's.
+    stats = upstream_stats(small_upstream)
+    assert stats["chat_requests"] == 1
+    assert stats["last_api_key"] != APP_SECRET
+    assert APP_SECRET not in str(stats["last_request"])
+
+
+def test_key_on_a_model_it_may_not_use_gets_403(gw: GatewayProcess, large_upstream: SimulatedUpstream) -> None:
+    client = _sdk(gw, APP_SECRET)
+    for model in ("best", "large", "small"):  # a route and raw model names: none is on the key's list
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            client.chat.completions.create(model=model, messages=_messages("forbidden"))
+        assert caught.value.status_code == 403
+        assert caught.value.code == "model_not_allowed"
+        assert caught.value.type == "permission_error"
+        request_id = caught.value.response.headers["x-request-id"]
+        record = gw.wait_for_record(request_id)
+        assert (record["status"], record["key_id"], record["tenant"]) == (403, "app-1", "team-a")
+        assert record["error_type"] == "model_not_allowed"
+    assert upstream_stats(large_upstream)["chat_requests"] == 0
+
+    response = httpx.post(f"{gw.base_url}/chat/completions", headers={"authorization": f"Bearer {APP_SECRET}"},
+                          json={"model": "best", "messages": _messages()}, timeout=10)  # fmt: skip
+    _assert_openai_error(response, 403, "permission_error", "model_not_allowed")
+
+
+def test_models_list_shows_only_allowed_names(gw: GatewayProcess) -> None:
+    assert [m.id for m in _sdk(gw, APP_SECRET).models.list()] == ["fast"]
+    every = {m.id for m in _sdk(gw, ADMIN_SECRET).models.list()}
+    assert {"fast", "best", "auto"} <= every
+
+
+def test_wildcard_key_reaches_the_large_model_with_the_upstream_key(
+    gw: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    raw = _sdk(gw, ADMIN_SECRET).chat.completions.with_raw_response.create(model="best", messages=_messages("admin"))
+    assert raw.http_response.status_code == 200
+    assert raw.headers["x-gateway-model"] == "large"
+    record = gw.wait_for_record(raw.headers["x-request-id"])
+    assert (record["key_id"], record["tenant"]) == ("admin-1", "team-ops")
+    # The gateway swapped the client's key for the upstream's own.
+    assert upstream_stats(large_upstream)["last_api_key"] == UPSTREAM_KEY
+
+
+def test_streamed_request_with_key_is_logged_with_its_tenant(gw: GatewayProcess) -> None:
+    with _sdk(gw, APP_SECRET).chat.completions.with_streaming_response.create(
+        model="fast", messages=_messages("streamed"), stream=True
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        chunks = list(response.parse())
+    assert chunks
+    record = gw.wait_for_record(request_id)
+    assert (record["key_id"], record["tenant"], record["stream"], record["status"]) == ("app-1", "team-a", True, 200)
+
+
+def test_no_secrets_or_prompts_in_the_logs(gw: GatewayProcess) -> None:
+    """Runs last in the module: everything the tests above sent must be absent from both logs."""
+    # Make sure at least one request of each kind has been made in this module, even if run alone.
+    _raw_chat(gw, {"authorization": f"Bearer {WRONG_SECRET}"})
+    _raw_chat(gw, {"authorization": f"Bearer {APP_SECRET}"})
+    _raw_chat(gw, {"authorization": f"Bearer {APP_SECRET}"}, model="best")
+    last = _raw_chat(gw, {"authorization": f"Bearer {ADMIN_SECRET}"}, model="best")
+    assert last.status_code == 200
+    gw.wait_for_record(last.headers["x-request-id"])
+
+    stdout = gw.log_path.read_text(errors="replace")
+    stderr = gw.stderr_text()
+    assert stdout.strip(), "no request log lines were written"
+    for name, text in (("stdout", stdout), ("stderr", stderr)):
+        for secret in (APP_SECRET, ADMIN_SECRET, WRONG_SECRET, MALFORMED_SECRET, UPSTREAM_KEY, MARKER, "Bearer"):
+            assert secret not in text, f"{secret!r} found in the gateway's {name}"
+        assert "authorization" not in text.lower(), f"an Authorization header found in the gateway's {name}"
+    # The log still says who called.
+    records = gw.log_records()
+    assert {("app-1", "team-a"), ("admin-1", "team-ops")} <= {(r["key_id"], r["tenant"]) for r in records}

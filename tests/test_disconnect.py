@@ -1,0 +1,127 @@
+"""A client that hangs up cancels the gateway's upstream call, and the request is logged as 499."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+from gateway.simulated import SimulatedUpstream
+from tests.conftest import inject, upstream_stats
+from tests.gateway_process import GatewayProcess
+
+T = TypeVar("T")
+
+
+def _poll(probe: Callable[[], T], done: Callable[[T], bool], timeout_s: float, step_s: float = 0.05) -> T:
+    deadline = time.monotonic() + timeout_s
+    value = probe()
+    while not done(value) and time.monotonic() < deadline:
+        time.sleep(step_s)
+        value = probe()
+    return value
+
+
+def _record_with_id(gateway: GatewayProcess, request_id: str, timeout_s: float = 3.0) -> dict[str, Any] | None:
+    """The log line of a request we only know by the x-request-id we sent, among all of them."""
+    found = _poll(lambda: [r for r in gateway.log_records() if r["request_id"] == request_id], bool, timeout_s)
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
+def _body(content: str, **extra: object) -> dict[str, object]:
+    return {"model": "fast", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def test_non_streamed_disconnect_cancels_the_upstream_call(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    inject(small_upstream, {"delay_ms": 3000})
+    request_id = f"disconnect-{uuid.uuid4().hex}"
+    with httpx.Client(timeout=0.5) as client, pytest.raises(httpx.ReadTimeout):
+        client.post(f"{gateway.base_url}/chat/completions", json=_body("please wait for me"),
+                    headers={"x-request-id": request_id})  # fmt: skip
+    gone_at = time.monotonic()
+
+    stats = _poll(lambda: upstream_stats(small_upstream), lambda s: s["cancelled"] >= 1, timeout_s=2.0)
+    assert stats["cancelled"] >= 1, f"the upstream call was not cancelled: {stats}"
+    assert stats["in_flight"] == 0
+    # Cancelled because the client left, not because the 1 s first-byte timeout fired.
+    assert time.monotonic() - gone_at < 2.0
+
+    record = _record_with_id(gateway, request_id)
+    assert record is not None, "no log line for the abandoned request"
+    assert record["status"] == 499
+    assert record["error_type"] == "client_disconnected"
+    assert record["route"] == "fast"
+    assert record["stream"] is False
+    assert record["latency_ms"] < 2500  # the gateway did not keep waiting for the 3 s upstream
+
+    # No retry and no fallback were attempted on behalf of a client that had gone.
+    time.sleep(0.3)
+    assert upstream_stats(small_upstream)["chat_requests"] == 1
+    assert upstream_stats(large_upstream)["chat_requests"] == 0
+
+
+def test_streamed_disconnect_cancels_the_upstream_stream(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    inject(small_upstream, {"chunk_delay_ms": 200})
+    words = " ".join(f"word{i}" for i in range(12))
+    events: list[str] = []
+    with httpx.Client(timeout=5) as client:
+        with client.stream("POST", f"{gateway.base_url}/chat/completions", json=_body(words, stream=True)) as response:
+            assert response.status_code == 200
+            request_id = response.headers["x-request-id"]
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line)
+                if len(events) == 2:
+                    break
+    assert len(events) == 2 and "[DONE]" not in events[-1]
+
+    stats = _poll(lambda: upstream_stats(small_upstream), lambda s: s["cancelled"] >= 1, timeout_s=3.0)
+    assert stats["cancelled"] >= 1, f"the upstream stream was not cancelled: {stats}"
+    assert stats["in_flight"] == 0
+
+    record = gateway.wait_for_record(request_id)
+    assert record["error_type"] == "client_disconnected"
+    assert record["status"] == 499
+    assert record["stream"] is True
+    assert record["model"] == "small"
+    # 12 words at 200 ms a token would take over 2 s: the stream was cut well before.
+    assert record["latency_ms"] < 2000
+    assert upstream_stats(large_upstream)["chat_requests"] == 0
+
+
+def test_gateway_serves_normally_after_disconnects(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    # Leave twice more (one of each kind), then ask normally.
+    inject(small_upstream, {"delay_ms": 2000}, {"chunk_delay_ms": 300})
+    with httpx.Client(timeout=0.3) as client, pytest.raises(httpx.ReadTimeout):
+        client.post(f"{gateway.base_url}/chat/completions", json=_body("again"))
+    with httpx.Client(timeout=5) as client:
+        with client.stream("POST", f"{gateway.base_url}/chat/completions", json=_body("a b c d e", stream=True)) as r:
+            next(r.iter_lines())
+    _poll(lambda: upstream_stats(small_upstream), lambda s: s["cancelled"] >= 2 and s["in_flight"] == 0, timeout_s=3)
+
+    with httpx.Client(timeout=10) as client:
+        answer = client.post(f"{gateway.base_url}/chat/completions", json=_body("one two three"))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == "[simulated small] three two one"
+        assert answer.headers["x-gateway-model"] == "small"
+        assert gateway.wait_for_record(answer.headers["x-request-id"])["status"] == 200
+
+        with client.stream("POST", f"{gateway.base_url}/chat/completions", json=_body("x y", stream=True)) as response:
+            assert response.status_code == 200
+            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        record = gateway.wait_for_record(response.headers["x-request-id"])
+        assert (record["status"], record["error_type"]) == (200, None)
+
+    assert httpx.get(f"{gateway.url}/readyz", timeout=5).json()["upstreams"]["small"] == "closed"

@@ -1,0 +1,429 @@
+"""Hot reload of policies.yaml in a running gateway process: file edits, SIGHUP, bad edits, in-flight requests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import msgspec
+import pytest
+
+from gateway.services.redis_server import EmbeddedRedis
+from gateway.simulated import SimulatedUpstream
+from tests.conftest import inject, upstream_stats
+from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+
+T = TypeVar("T")
+
+FAST_ROUTE = "fast: {model: small, fallbacks: [large]}"
+FAST_ON_LARGE = "fast: {model: large}"
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _base_policy(small: SimulatedUpstream, large: SimulatedUpstream) -> str:
+    # A first-byte timeout well above the 800 ms delay of the in-flight test, so a slow
+    # 2-core machine never turns that request into a timeout-and-fallback.
+    text = policy_text(small, large).replace("first_byte: 1,", "first_byte: 3,")
+    assert FAST_ROUTE in text
+    return text
+
+
+def _version_of(text: str) -> str:
+    """What the gateway reports as the policy version: sha256 of the file's bytes, 12 hex digits."""
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace the file as editors do (write a temporary file, rename it over the old one)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _chat(gw: GatewayProcess, model: str = "fast", content: str = "hello reload world", timeout: float = 10
+          ) -> httpx.Response:
+    return httpx.post(
+        f"{gw.base_url}/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": content}]},
+        timeout=timeout,
+    )
+
+
+def _readyz(gw: GatewayProcess) -> dict[str, Any]:
+    return httpx.get(f"{gw.url}/readyz", timeout=5).json()
+
+
+def _poll(probe: Callable[[], T], done: Callable[[T], bool], timeout_s: float = 5.0, step_s: float = 0.05) -> T:
+    """Call ``probe`` until ``done`` accepts its value; return the last value either way."""
+    deadline = time.monotonic() + timeout_s
+    value = probe()
+    while not done(value) and time.monotonic() < deadline:
+        time.sleep(step_s)
+        value = probe()
+    return value
+
+
+def _ops_events(gw: GatewayProcess, event: str) -> list[dict[str, Any]]:
+    """JSON ops log lines on the gateway's stderr with this ``event``."""
+    out = []
+    for line in gw.stderr_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            record = msgspec.json.decode(line)
+        except msgspec.DecodeError:
+            continue
+        if isinstance(record, dict) and record.get("event") == event:
+            out.append(record)
+    return out
+
+
+def _wait_for_ops_event(gw: GatewayProcess, event: str, match: Callable[[dict[str, Any]], bool],
+                        timeout_s: float = 3.0) -> list[dict[str, Any]]:
+    """Ops log lines are written by a background thread: poll for them."""
+    return _poll(lambda: [r for r in _ops_events(gw, event) if match(r)], bool, timeout_s)
+
+
+def _settle(gw: GatewayProcess, text: str) -> str:
+    """Put ``text`` (a valid policy) in force and wait until it is; return its version."""
+    _write_atomically(gw.policy_path, text)
+    version = _version_of(text)
+    state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == version and p["last_reload_error"] is None)
+    assert state["version"] == version, f"policy reset not picked up: {state}"
+    return version
+
+
+# --------------------------------------------------------------------- fixtures
+
+
+def _env(redis_server: EmbeddedRedis, **extra: str) -> dict[str, str]:
+    return {"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "sk-large-secret-123", **extra}
+
+
+@pytest.fixture(scope="module")
+def reload_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:
+    """An own gateway whose policy file the tests edit (watcher on, as by default)."""
+    gw = start_gateway(
+        tmp_path_factory.mktemp("reload-gw"), _base_policy(small_upstream, large_upstream), env=_env(redis_server)
+    )
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def gw(reload_gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+       ) -> Iterator[GatewayProcess]:
+    """The reload gateway, left after each test with a fresh valid policy and no reload error.
+
+    The reset writes the base policy plus a unique comment, so its version always differs
+    from the one in force and the reload really happens (and clears ``last_reload_error``).
+    """
+    yield reload_gateway
+    if reload_gateway.process.poll() is None:
+        _settle(reload_gateway, _base_policy(small_upstream, large_upstream) + f"\n# reset {uuid.uuid4().hex}\n")
+
+
+# ------------------------------------------------------------------------ tests
+
+
+def test_file_edit_is_picked_up_without_restart(gw: GatewayProcess) -> None:
+    before = _chat(gw)
+    assert before.status_code == 200, before.text
+    assert before.headers["x-gateway-model"] == "small"
+    old_version = before.headers["x-gateway-policy-version"]
+    assert _readyz(gw)["policy"]["version"] == old_version
+
+    edited = gw.policy_path.read_text().replace(FAST_ROUTE, FAST_ON_LARGE)
+    _write_atomically(gw.policy_path, edited)
+
+    after = _poll(
+        lambda: _chat(gw),
+        lambda r: r.headers.get("x-gateway-model") == "large"
+        and r.headers.get("x-gateway-policy-version") != old_version,
+    )
+    assert after.status_code == 200, after.text
+    assert after.headers["x-gateway-model"] == "large", "the edit was not picked up within 5 s"
+    new_version = after.headers["x-gateway-policy-version"]
+    assert new_version == _version_of(edited)
+
+    ready = _readyz(gw)
+    assert ready["policy"]["version"] == new_version
+    assert ready["policy"]["last_reload_error"] is None
+    assert ready["policy"]["source"] == str(gw.policy_path)
+
+    reloaded = _wait_for_ops_event(gw, "policy_reloaded", lambda r: r.get("version") == new_version)
+    assert len(reloaded) == 1, gw.stderr_text()
+    assert reloaded[0]["previous"] == old_version
+    assert reloaded[0]["reason"] == "file changed"
+    assert reloaded[0]["level"] == "info"
+
+
+def test_invalid_edits_are_rejected_and_a_fix_is_picked_up(gw: GatewayProcess) -> None:
+    good = gw.policy_path.read_text()
+    version = _version_of(good)
+    state = _readyz(gw)["policy"]
+    assert (state["version"], state["last_reload_error"]) == (version, None)
+
+    # 1. A route that points at a model that does not exist.
+    unknown_model = good.replace(FAST_ROUTE, "fast: {model: no-such-model}")
+    _write_atomically(gw.policy_path, unknown_model)
+    policy = _poll(lambda: _readyz(gw)["policy"], lambda p: p["last_reload_error"] is not None)
+    assert policy["last_reload_error"] is not None, "the bad edit was never looked at"
+    assert "routes.fast.model" in policy["last_reload_error"]
+    assert "no-such-model" in policy["last_reload_error"]
+    assert policy["version"] == version, "a rejected edit must keep the previous policy in force"
+
+    answer = _chat(gw)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-gateway-policy-version"] == version
+    assert answer.headers["x-gateway-model"] == "small"
+
+    rejected = _wait_for_ops_event(gw, "policy_rejected", lambda r: "no-such-model" in str(r.get("problems")))
+    assert rejected, gw.stderr_text()
+    assert rejected[-1]["kept"] == version
+    assert rejected[-1]["level"] == "error"
+    assert not [r for r in _ops_events(gw, "policy_reloaded") if r.get("version") == _version_of(unknown_model)]
+
+    # 2. Broken YAML.
+    broken = good.replace(FAST_ROUTE, "fast: {model: small, fallbacks: [large]")
+    _write_atomically(gw.policy_path, broken)
+    policy = _poll(lambda: _readyz(gw)["policy"], lambda p: "YAML" in (p["last_reload_error"] or ""))
+    assert "not valid YAML" in (policy["last_reload_error"] or ""), policy
+    assert "line " in policy["last_reload_error"]
+    assert policy["version"] == version
+    answer = _chat(gw)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-gateway-policy-version"] == version
+    assert _wait_for_ops_event(gw, "policy_rejected", lambda r: "YAML" in str(r.get("problems")))
+
+    # 3. A fix (a valid, different policy) is picked up and clears the error.
+    fixed = good.replace(FAST_ROUTE, FAST_ON_LARGE)
+    _write_atomically(gw.policy_path, fixed)
+    answer = _poll(lambda: _chat(gw), lambda r: r.headers.get("x-gateway-policy-version") == _version_of(fixed))
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-gateway-policy-version"] == _version_of(fixed)
+    assert answer.headers["x-gateway-model"] == "large"
+    assert _readyz(gw)["policy"]["last_reload_error"] is None
+
+
+def test_reverting_a_rejected_edit_clears_the_reload_error(gw: GatewayProcess) -> None:
+    """Undoing a bad edit brings back the version in force: /readyz must stop reporting the error."""
+    good = gw.policy_path.read_text()
+    version = _version_of(good)
+    _write_atomically(gw.policy_path, good.replace(FAST_ROUTE, "fast: {model: no-such-model}"))
+    policy = _poll(lambda: _readyz(gw)["policy"], lambda p: p["last_reload_error"] is not None)
+    assert policy["last_reload_error"] is not None
+
+    # Revert to exactly the file in force (the usual "undo" of a bad edit), and make sure a
+    # reload really runs, through the watcher and through SIGHUP.
+    _write_atomically(gw.policy_path, good)
+    time.sleep(0.4)
+    gw.send_signal(signal.SIGHUP)
+    policy = _poll(lambda: _readyz(gw)["policy"], lambda p: p["last_reload_error"] is None, timeout_s=3.0)
+    assert policy["version"] == version
+    assert policy["last_reload_error"] is None, f"the file on disk is valid and in force, yet /readyz says: {policy}"
+
+
+def test_sighup_reload_alongside_the_watcher(gw: GatewayProcess) -> None:
+    """A change followed at once by SIGHUP: reloaded once (whichever comes first), nothing breaks."""
+    old_version = _readyz(gw)["policy"]["version"]
+    edited = gw.policy_path.read_text().replace(FAST_ROUTE, FAST_ON_LARGE)
+    _write_atomically(gw.policy_path, edited)
+    gw.send_signal(signal.SIGHUP)
+    answer = _poll(lambda: _chat(gw), lambda r: r.headers.get("x-gateway-policy-version") == _version_of(edited))
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-gateway-model"] == "large"
+    assert gw.process.poll() is None
+    time.sleep(0.4)  # let the watcher's (debounced) reload run too: it must find nothing new
+    reloads = [r for r in _ops_events(gw, "policy_reloaded") if r.get("version") == _version_of(edited)]
+    assert len(reloads) == 1, reloads
+    assert reloads[0]["previous"] == old_version
+    assert reloads[0]["reason"] in ("SIGHUP", "file changed")
+    assert _chat(gw).status_code == 200
+
+
+def test_in_flight_requests_survive_a_reload(
+    gw: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    old_version = _readyz(gw)["policy"]["version"]
+    # The non-streamed request waits 800 ms on its first byte; the stream sends a token every 150 ms.
+    inject(small_upstream, {"delay_ms": 800}, {"chunk_delay_ms": 150})
+
+    def slow_stream() -> tuple[int, dict[str, str], list[str]]:
+        with httpx.stream(
+            "POST", f"{gw.base_url}/chat/completions", timeout=15,
+            json={"model": "fast", "stream": True,
+                  "messages": [{"role": "user", "content": "one two three four five six"}]},
+        ) as response:  # fmt: skip
+            return response.status_code, dict(response.headers), [line for line in response.iter_lines() if line]
+
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(_chat, gw)
+        _poll(lambda: upstream_stats(small_upstream)["in_flight"], lambda n: n >= 1, timeout_s=3)
+        streamed = pool.submit(slow_stream)
+        _poll(lambda: upstream_stats(small_upstream)["in_flight"], lambda n: n >= 2, timeout_s=3)
+        assert upstream_stats(small_upstream)["in_flight"] == 2
+
+        # Route `fast` moves to the large model, and the small model's settings change, so
+        # its provider (the one both requests are using) is replaced and retired.
+        edited = (
+            gw.policy_path.read_text()
+            .replace(FAST_ROUTE, FAST_ON_LARGE)
+            .replace("price: {input: 0.5, output: 1.5}", "price: {input: 0.7, output: 1.7}")
+        )
+        _write_atomically(gw.policy_path, edited)
+        new_version = _version_of(edited)
+        state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == new_version, timeout_s=5)
+        assert state["version"] == new_version
+        assert not slow.done(), "the slow request finished before the reload: the test proves nothing"
+        assert not streamed.done(), "the stream finished before the reload: the test proves nothing"
+
+        answer = slow.result(timeout=15)
+        status, headers, events = streamed.result(timeout=15)
+
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-gateway-model"] == "small"  # the policy the request started under
+    assert answer.headers["x-gateway-policy-version"] == old_version
+    assert answer.json()["choices"][0]["message"]["content"]
+
+    assert status == 200
+    assert headers["x-gateway-policy-version"] == old_version
+    assert events[-1] == "data: [DONE]", events
+    payloads = [msgspec.json.decode(e.removeprefix("data: ")) for e in events[:-1]]
+    assert not [p for p in payloads if "error" in p], payloads
+    text = "".join((p["choices"][0]["delta"].get("content") or "") for p in payloads if p.get("choices"))
+    assert text.startswith("[simulated small]"), text
+    assert "six five four three two one" in text
+
+    stream_record = gw.wait_for_record(headers["x-request-id"])
+    assert stream_record["status"] == 200 and stream_record["error_type"] is None
+
+    # New requests use the new policy.
+    after = _chat(gw)
+    assert after.status_code == 200
+    assert after.headers["x-gateway-model"] == "large"
+    assert after.headers["x-gateway-policy-version"] == new_version
+    assert upstream_stats(small_upstream)["cancelled"] == 0
+
+
+# ------------------------------------------------------- SIGHUP, without the watcher
+
+
+@pytest.fixture(scope="module")
+def unwatched_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:
+    gw = start_gateway(
+        tmp_path_factory.mktemp("nowatch-gw"),
+        _base_policy(small_upstream, large_upstream),
+        env=_env(redis_server, GATEWAY_WATCH_POLICIES="0"),
+    )
+    yield gw
+    gw.stop()
+
+
+def test_sighup_alone_reloads_the_policy(unwatched_gateway: GatewayProcess) -> None:
+    """With GATEWAY_WATCH_POLICIES=0 only SIGHUP can reload: the file watcher is off, the signal is not."""
+    gw = unwatched_gateway
+    old_version = _readyz(gw)["policy"]["version"]
+    edited = gw.policy_path.read_text().replace(FAST_ROUTE, FAST_ON_LARGE)
+    _write_atomically(gw.policy_path, edited)
+    time.sleep(0.4)  # longer than a watcher's debounce: nothing may have reloaded
+    assert _readyz(gw)["policy"]["version"] == old_version
+    assert _chat(gw).headers["x-gateway-model"] == "small"
+
+    gw.send_signal(signal.SIGHUP)
+    answer = _poll(lambda: _chat(gw), lambda r: r.headers.get("x-gateway-model") == "large", timeout_s=3.0)
+    assert gw.process.poll() is None  # the worker survives the signal
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-gateway-model"] == "large", "SIGHUP did not reload the policy"
+    assert answer.headers["x-gateway-policy-version"] == _version_of(edited)
+    state = _readyz(gw)["policy"]
+    assert (state["version"], state["last_reload_error"]) == (_version_of(edited), None)
+    reloaded = _wait_for_ops_event(gw, "policy_reloaded", lambda r: r.get("version") == _version_of(edited))
+    assert [(r["reason"], r["previous"]) for r in reloaded] == [("SIGHUP", old_version)]
+
+    # A bad file on SIGHUP is rejected the same way as on a file change.
+    _write_atomically(gw.policy_path, edited.replace(FAST_ON_LARGE, "fast: {model: no-such-model}"))
+    gw.send_signal(signal.SIGHUP)
+    policy = _poll(lambda: _readyz(gw)["policy"], lambda p: p["last_reload_error"] is not None, timeout_s=3.0)
+    assert "no-such-model" in (policy["last_reload_error"] or ""), policy
+    assert policy["version"] == _version_of(edited)
+    rejected = _wait_for_ops_event(gw, "policy_rejected", lambda r: r.get("reason") == "SIGHUP")
+    assert rejected and rejected[-1]["kept"] == _version_of(edited)
+    assert _chat(gw).headers["x-gateway-model"] == "large"
+
+
+# ---------------------------------------------------------- Kubernetes ConfigMap layout
+
+
+def _configmap_publish(folder: Path, generation: int, text: str) -> None:
+    """Update a mounted ConfigMap the way the kubelet does.
+
+    ``policies.yaml -> ..data/policies.yaml``, ``..data -> ..<timestamp>``: a new timestamped
+    folder is written, ``..data`` is swapped to it with a rename, the old folder is deleted.
+    """
+    stamped = folder / f"..2024_01_01_00_00_0{generation}.000000001"
+    stamped.mkdir()
+    (stamped / "policies.yaml").write_text(text)
+    data = folder / "..data"
+    old = os.readlink(data) if data.is_symlink() else None
+    tmp = folder / "..data_tmp"
+    tmp.symlink_to(stamped.name)
+    os.replace(tmp, data)
+    if old is not None:
+        shutil.rmtree(folder / old)
+
+
+@pytest.fixture(scope="module")
+def configmap_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:
+    # The gateway's folder is the mount: <workdir>/policies.yaml -> ..data/policies.yaml
+    # (start_gateway writes the policy through that link, into the timestamped folder).
+    workdir = tmp_path_factory.mktemp("configmap-gw")
+    base = _base_policy(small_upstream, large_upstream)
+    _configmap_publish(workdir, 1, base)
+    (workdir / "policies.yaml").symlink_to("..data/policies.yaml")
+    gw = start_gateway(workdir, base, env=_env(redis_server))
+    yield gw
+    gw.stop()
+
+
+def test_configmap_updates_are_all_picked_up(configmap_gateway: GatewayProcess) -> None:
+    """Every update, not just the first: the first one deletes the folder the link resolved to at start."""
+    gw = configmap_gateway
+    mount = gw.policy_path.parent
+    base = gw.policy_path.read_text()
+
+    first = base.replace(FAST_ROUTE, FAST_ON_LARGE)
+    _configmap_publish(mount, 2, first)
+    state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == _version_of(first))
+    assert state["version"] == _version_of(first), "first ConfigMap update not picked up"
+
+    second = base.replace(FAST_ROUTE, "fast: {model: small}")
+    _configmap_publish(mount, 3, second)
+    state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == _version_of(second), timeout_s=5.0)
+    assert state["version"] == _version_of(second), "second ConfigMap update not picked up"

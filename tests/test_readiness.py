@@ -1,0 +1,207 @@
+"""Probes and metrics of the gateway process, its behaviour with Redis down, and ``python -m gateway check``."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+
+from gateway.simulated import SimulatedUpstream
+from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _chat(gw: GatewayProcess, model: str = "fast") -> httpx.Response:
+    return httpx.post(f"{gw.base_url}/chat/completions", timeout=10,
+                      json={"model": model, "messages": [{"role": "user", "content": "ready or not"}]})  # fmt: skip
+
+
+def _metric_lines(text: str, name: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " ")]
+
+
+def _ops_events(gw: GatewayProcess, event: str) -> list[dict[str, object]]:
+    out = []
+    for line in gw.stderr_text().splitlines():
+        if line.startswith("{"):
+            try:
+                record = msgspec.json.decode(line)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(record, dict) and record.get("event") == event:
+                out.append(record)
+    return out
+
+
+# --------------------------------------------------------------- the shared gateway
+
+
+def test_healthz(gateway: GatewayProcess) -> None:
+    response = httpx.get(f"{gateway.url}/healthz", timeout=5)
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_readyz_reports_redis_and_the_policy_in_force(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    answer = _chat(gateway)
+    assert answer.status_code == 200, answer.text
+    response = httpx.get(f"{gateway.url}/readyz", timeout=5)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["ready"] is True
+    assert body["redis"] == "ok"
+    assert body["policy"]["version"] == answer.headers["x-gateway-policy-version"]
+    assert re.fullmatch(r"[0-9a-f]{12}", body["policy"]["version"])
+    assert body["policy"]["source"] == str(gateway.policy_path)
+    assert body["policy"]["last_reload_error"] is None
+    assert set(body["upstreams"]) >= {"small", "large"}
+
+
+def test_metrics_are_prometheus_text(gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+    assert _chat(gateway).status_code == 200
+    response = httpx.get(f"{gateway.url}/metrics", timeout=5)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert "# TYPE gateway_requests_total counter" in text
+    assert any('route="fast"' in line and 'model="small"' in line and 'status="200"' in line
+               for line in _metric_lines(text, "gateway_requests_total"))  # fmt: skip
+    cost = [line for line in _metric_lines(text, "gateway_cost_usd_total") if 'model="small"' in line]
+    assert cost, text
+    assert float(cost[0].rsplit(" ", 1)[1]) > 0
+    assert _metric_lines(text, "gateway_overhead_seconds_bucket")
+    assert 'le="+Inf"' in "".join(_metric_lines(text, "gateway_overhead_seconds_bucket"))
+    assert "gateway_redis_up 1.0" in text.splitlines()
+    version = httpx.get(f"{gateway.url}/readyz", timeout=5).json()["policy"]["version"]
+    assert f'gateway_policy_info{{version="{version}"}} 1.0' in text.splitlines()
+    # Every sample line parses as "<name>{labels} <float>".
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            float(line.rsplit(" ", 1)[1])
+
+
+# ------------------------------------------------------------------------ Redis down
+
+
+@pytest.fixture(scope="module")
+def redisless_gateway(
+    tmp_path_factory: pytest.TempPathFactory, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> Iterator[GatewayProcess]:
+    dead_port = free_port()  # nothing listens there
+    gw = start_gateway(
+        tmp_path_factory.mktemp("redisless-gw"),
+        policy_text(small_upstream, large_upstream),
+        env={"REDIS_URL": f"redis://127.0.0.1:{dead_port}/0", "TEST_LARGE_KEY": "sk-large-secret-123"},
+        expect_ready=False,
+    )
+    yield gw
+    gw.stop()
+
+
+def test_redis_down_means_not_ready_but_still_serving(
+    redisless_gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    gw = redisless_gateway
+    started = time.monotonic()
+    for _ in range(4):  # spaced over > 1 s, so Redis is really checked again (checks are at most 1/s)
+        response = httpx.get(f"{gw.url}/readyz", timeout=5)
+        assert response.status_code == 503
+        body = response.json()
+        assert body["ready"] is False
+        assert body["redis"] == "unavailable"
+        assert body["policy"]["version"]
+        time.sleep(0.4)
+    assert time.monotonic() - started > 1.2
+
+    # The gateway never fails a request because of Redis.
+    for _ in range(2):
+        answer = _chat(gw)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"]
+    assert httpx.get(f"{gw.url}/healthz", timeout=5).status_code == 200
+
+    metrics = httpx.get(f"{gw.url}/metrics", timeout=5)
+    assert metrics.status_code == 200
+    assert "gateway_redis_up 0.0" in metrics.text.splitlines()
+
+    time.sleep(0.2)  # ops lines are written by a background thread
+    unavailable = _ops_events(gw, "redis_unavailable")
+    assert len(unavailable) == 1, f"expected one redis_unavailable line per outage, got {len(unavailable)}"
+    assert unavailable[0]["level"] == "error"
+    assert not _ops_events(gw, "redis_recovered")
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def _check(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    child_env = {k: v for k, v in os.environ.items() if k != "GATEWAY_TEST_UNSET_VARIABLE"}
+    child_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "gateway", "check", str(path)], capture_output=True, text=True,
+                          timeout=30, cwd=PROJECT_ROOT, env=child_env)  # fmt: skip
+
+
+def _line_of(text: str, fragment: str) -> int:
+    """1-based number of the only line of ``text`` containing ``fragment``."""
+    numbers = [i for i, line in enumerate(text.splitlines(), start=1) if fragment in line]
+    assert len(numbers) == 1, (fragment, numbers)
+    return numbers[0]
+
+
+def test_cli_check_accepts_a_valid_file(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    path = tmp_path / "policies.yaml"
+    path.write_text(policy_text(small_upstream, large_upstream))
+    result = _check(path, {"TEST_LARGE_KEY": "x", "TEST_ANTHROPIC_KEY": "y"})
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+    assert "fast" in result.stdout and "best" in result.stdout
+
+
+def test_cli_check_names_field_and_line_of_a_problem(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    text = policy_text(small_upstream, large_upstream).replace(
+        "fast: {model: small, fallbacks: [large]}", "fast: {model: small, fallbacks: [no-such-model]}"
+    )
+    path = tmp_path / "policies.yaml"
+    path.write_text(text)
+    result = _check(path)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    line = _line_of(text, "fallbacks: [no-such-model]")
+    assert f"routes.fast.fallbacks[0] (line {line})" in result.stderr, result.stderr
+    assert "no-such-model" in result.stderr
+
+
+def test_cli_check_reports_an_unset_variable_by_name(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    text = policy_text(small_upstream, large_upstream).replace(
+        f"base_url: {small_upstream.url}", "base_url: ${GATEWAY_TEST_UNSET_VARIABLE}"
+    )
+    path = tmp_path / "policies.yaml"
+    path.write_text(text)
+    result = _check(path)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "GATEWAY_TEST_UNSET_VARIABLE" in result.stderr
+    line = _line_of(text, "${GATEWAY_TEST_UNSET_VARIABLE}")
+    assert f"models.small.base_url (line {line})" in result.stderr, result.stderr
+
+    # With a default, or with the variable set, the same file is fine.
+    with_default = "${GATEWAY_TEST_UNSET_VARIABLE:-http://127.0.0.1:9/v1}"
+    path.write_text(text.replace("${GATEWAY_TEST_UNSET_VARIABLE}", with_default))
+    assert _check(path).returncode == 0
+    path.write_text(text)
+    assert _check(path, {"GATEWAY_TEST_UNSET_VARIABLE": small_upstream.url}).returncode == 0
