@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from gateway.config.schema import AuthPolicy
+from gateway.config.schema import AuthPolicy, Limits
 from gateway.errors import AuthenticationError, PermissionDeniedError
 
 __all__ = ["ANONYMOUS", "Authenticator", "Principal", "hash_key"]
@@ -17,6 +17,8 @@ class Principal:
     tenant: str
     allowed: frozenset[str]
     """Route and model names this key may call; ``*`` for all."""
+    limits: Limits = Limits()
+    admin: bool = False
 
     def check_model(self, name: str) -> None:
         if "*" not in self.allowed and name not in self.allowed:
@@ -34,7 +36,7 @@ class Authenticator:
     def __init__(self, policy: AuthPolicy) -> None:
         self.enabled = policy.mode == "keys"
         self._by_hash = {
-            key.hash: Principal(key.id, key.tenant, frozenset(key.models)) for key in policy.keys
+            key.hash: Principal(key.id, key.tenant, frozenset(key.models), key.limits, key.admin) for key in policy.keys
         }
 
     def authenticate(self, authorization: str | None) -> Principal:

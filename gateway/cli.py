@@ -10,6 +10,7 @@ from contextlib import ExitStack
 
 from gateway.config.loader import load_policy
 from gateway.errors import ConfigError
+from gateway.keys_command import add_keys_parser
 
 __all__ = ["main"]
 
@@ -35,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = commands.add_parser("check", help="validate a policy file; exits 1 with the problems if it is invalid")
     check.add_argument("path")
     check.set_defaults(run=_check)
+
+    add_keys_parser(commands)
 
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run

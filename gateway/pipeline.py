@@ -20,12 +20,14 @@ import structlog
 
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import REQUEST_LOGGER, RequestRecord, request_event
+from gateway.auth import Principal
 from gateway.cache.entries import CachedAnswer, completion_from_stream, replay_sse
 from gateway.cache.exact import ExactCache, Lease
 from gateway.cache.plan import CachePlan, plan_cache
 from gateway.cache.semantic import SemanticCache
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.errors import GatewayError, UpstreamError
+from gateway.limits import RateLimiter, Reservation
 from gateway.pricing import cost_usd
 from gateway.protocol import ChatRequest, parse_chat_request
 from gateway.routing import RoutePlan
@@ -82,17 +84,31 @@ class _Exchange:
     lease: Lease | None = None
     embedding: np.ndarray | None = None
     similarity: float | None = None
+    reservation: Reservation | None = None
 
 
 class ChatPipeline:
     def __init__(
-        self, holder: RuntimeHolder, metrics: Metrics, exact: ExactCache, semantic: SemanticCache, scorer: Scorer | None
+        self,
+        holder: RuntimeHolder,
+        metrics: Metrics,
+        exact: ExactCache,
+        semantic: SemanticCache,
+        limiter: RateLimiter,
+        scorer: Scorer | None,
     ) -> None:
         self._holder = holder
         self._metrics = metrics
         self._exact = exact
         self._semantic = semantic
+        self._limiter = limiter
         self._scorer = scorer
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def drain(self) -> None:
+        """Wait for background accounting (budget settlement) to finish: called at shutdown."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     async def handle(
         self,
@@ -110,11 +126,12 @@ class ChatPipeline:
             principal = runtime.auth.authenticate(authorization)
             record.key_id, record.tenant = principal.key_id, principal.tenant
             x.body, x.request = parse_chat_request(await read_body(runtime.policy.limits.max_body_bytes))
-            x.plan = plan = runtime.router.plan(x.request.model)
-            principal.check_model(plan.route)
-            record.route, record.decision, record.stream = plan.route, plan.decision, x.request.stream
-            record.baseline_model = plan.baseline
+            x.plan = runtime.router.plan(x.request.model)
+            principal.check_model(x.plan.route)
+            record.route, record.decision, record.stream = x.plan.route, x.plan.decision, x.request.stream
+            record.baseline_model = x.plan.baseline
             x.prompt_tokens = await self._count_prompt(x)
+            await self._reserve(x, principal)
             cached = await self._from_cache(x, cache_control)
             if cached is not None:
                 return cached
@@ -123,7 +140,7 @@ class ChatPipeline:
                 streaming_started = True
                 return answer
             completion = await dispatch(
-                plan.candidates, runtime.providers, self._holder.breakers, runtime.policy.retry, x.body, _complete, x.info
+                x.plan.candidates, runtime.providers, self._holder.breakers, runtime.policy.retry, x.body, _complete, x.info
             )
             provider = x.info.provider
             assert provider is not None
@@ -150,6 +167,26 @@ class ChatPipeline:
         if prompt_chars(messages) > x.runtime.policy.limits.long_prompt_chars:
             return await asyncio.to_thread(count_chat_prompt, messages, encoding, tools)
         return count_chat_prompt(messages, encoding, tools)
+
+    async def _reserve(self, x: _Exchange, principal: Principal) -> None:
+        """Check the key's and tenant's limits against this request's estimate, and reserve it."""
+        assert x.plan is not None and x.request is not None
+        policy = x.runtime.policy
+        request = x.request
+        completion = request.max_completion_tokens or request.max_tokens or policy.limits.default_completion_tokens
+        price = policy.models[x.plan.candidates[0]].price
+        estimate = cost_usd(price, x.prompt_tokens, completion)
+        x.reservation = await self._limiter.reserve(policy, principal, x.prompt_tokens + completion, estimate)
+        tenant = policy.tenants.get(principal.tenant)
+        if (
+            tenant is not None
+            and tenant.downgrade_auto_at is not None
+            and x.reservation.budget_share >= tenant.downgrade_auto_at
+            and policy.routes.get(x.plan.route) is not None
+            and policy.routes[x.plan.route].strategy == "classifier"
+        ):
+            x.plan = x.runtime.router.downgrade(x.plan)
+            x.record.decision = x.plan.decision
 
     async def _from_cache(self, x: _Exchange, cache_control: str | None) -> Answer | StreamingAnswer | None:
         """Exact hit, then semantic hit, then a coalesced answer; None means: ask upstream."""
@@ -346,6 +383,20 @@ class ChatPipeline:
             self._metrics.upstream_error(failure.upstream, failure.code)
         self._metrics.observe(record)
         _request_log.info("request", **request_event(record))
+        if x.reservation is not None:
+            self._settle_later(x.runtime, x.reservation, record)
+
+    def _settle_later(self, runtime: Runtime, reservation: Reservation, record: RequestRecord) -> None:
+        """Charge the actual cost off the request's path: the answer does not wait for it."""
+        settle = self._limiter.settle(
+            runtime.policy, reservation, prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+            cost_usd=record.cost_usd, baseline_cost_usd=record.baseline_cost_usd,
+            cache_saved_usd=record.cache_saved_usd or 0.0, cache_hit=record.cache in ("exact", "semantic"),
+            error=record.status >= 400,
+        )  # fmt: skip
+        task = asyncio.get_running_loop().create_task(settle)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
 
 async def _complete(provider: Provider, body: dict[str, Any]) -> Completion:

@@ -35,6 +35,7 @@ class Router:
             candidates = tuple(dict.fromkeys([route.model, *route.fallbacks]))
             plans[name] = RoutePlan(name, candidates, route.baseline or large, decision)
         self._plans = plans
+        self._small = policy.pair.small
         self.route_names = tuple(policy.routes)
         self.model_names = tuple(name for name, model in policy.models.items() if model.public)
 
@@ -45,3 +46,7 @@ class Router:
                 f"model '{requested}' does not exist; available: {', '.join(sorted(self._plans))}", param="model"
             )
         return plan
+
+    def downgrade(self, plan: RoutePlan) -> RoutePlan:
+        """The same route on the small model alone: a nearly spent budget must not reach the large one."""
+        return RoutePlan(plan.route, (self._small,), plan.baseline, "budget_downgrade")

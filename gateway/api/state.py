@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestLogWriter
+from gateway.limits import RateLimiter
 from gateway.pipeline import ChatPipeline
 from gateway.runtime import RuntimeHolder
 from gateway.services.redis_client import SharedRedis
@@ -21,6 +22,7 @@ class GatewayState:
     pipeline: ChatPipeline
     metrics: Metrics
     redis: SharedRedis
+    limiter: RateLimiter
     request_log: RequestLogWriter
     ops_log: RequestLogWriter
     classifier_info: dict[str, object] = field(default_factory=dict)
@@ -32,6 +34,7 @@ class GatewayState:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.pipeline.drain()
         await self.holder.aclose()
         await self.redis.aclose()
         self.request_log.close()

@@ -14,7 +14,7 @@ import msgspec
 import yaml
 
 from gateway.config.envsubst import MissingVariable, substitute
-from gateway.config.schema import ModelConfig, Policy, RouteConfig
+from gateway.config.schema import AuthKey, ModelConfig, Policy, RouteConfig
 from gateway.errors import ConfigError
 
 __all__ = ["LoadedPolicy", "load_policy", "load_policy_text"]
@@ -37,11 +37,22 @@ def load_policy(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from None
-    return load_policy_text(text, source=source, environ=environ)
+    return load_policy_text(text, source=source, environ=environ, base_dir=Path(path).parent)
+
+
+def key_file_path(policy: Policy, base_dir: Path) -> Path | None:
+    """Where the policy's key file is (relative paths are relative to policies.yaml)."""
+    if not policy.auth.key_file:
+        return None
+    return base_dir / policy.auth.key_file
 
 
 def load_policy_text(
-    text: str, *, source: str = "<policy>", environ: Mapping[str, str] | None = None
+    text: str,
+    *,
+    source: str = "<policy>",
+    environ: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
 ) -> LoadedPolicy:
     environ = os.environ if environ is None else environ
     try:
@@ -66,11 +77,49 @@ def load_policy_text(
     except msgspec.ValidationError as exc:
         raise ConfigError(source, [_describe_validation_error(str(exc), lines)]) from None
 
+    digest = hashlib.sha256(text.encode())
+    key_path = key_file_path(policy, base_dir or Path("."))
+    if key_path is not None:
+        extra_keys, key_text = _load_key_file(key_path, environ)
+        digest.update(key_text.encode())
+        auth = msgspec.structs.replace(policy.auth, keys=[*policy.auth.keys, *extra_keys])
+        policy = msgspec.structs.replace(policy, auth=auth)
     problems = _check_references(policy, lines)
     if problems:
         raise ConfigError(source, problems)
-    version = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return LoadedPolicy(policy, version, source, _warnings(policy, environ))
+    return LoadedPolicy(policy, digest.hexdigest()[:12], source, _warnings(policy, environ))
+
+
+def _load_key_file(path: Path, environ: Mapping[str, str]) -> tuple[list[AuthKey], str]:
+    """``keys: [...]`` from a file of its own; a missing file is an empty list (no keys made yet)."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return [], ""
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read the key file: {exc.strerror or exc}"]) from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError(source, [f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    if root is None:
+        return [], text
+    lines: dict[_Path, int] = {}
+    problems: list[str] = []
+    data = _NodeReader(environ, lines, problems).read(root, ())
+    if not problems:
+        try:
+            return msgspec.convert(data, _KeyFile, strict=True).keys, text
+        except msgspec.ValidationError as exc:
+            problems.append(_describe_validation_error(str(exc), lines))
+    raise ConfigError(source, problems)
+
+
+class _KeyFile(msgspec.Struct, forbid_unknown_fields=True):
+    keys: list[AuthKey] = []
 
 
 class _NodeReader:
@@ -222,8 +271,12 @@ def _check_references(policy: Policy, lines: dict[_Path, int]) -> list[str]:
         seen_ids.add(key.id)
         if not re.fullmatch(r"sha256:[0-9a-f]{64}", key.hash):
             problem(base + ("hash",), "must be 'sha256:' followed by 64 lowercase hex digits")
-    if policy.auth.mode == "keys" and not policy.auth.keys:
-        problem(("auth", "keys"), "auth mode 'keys' needs at least one key")
+    if policy.auth.mode == "keys" and not policy.auth.keys and not policy.auth.key_file:
+        problem(("auth", "keys"), "auth mode 'keys' needs at least one key (or a key_file)")
+    for name, tenant in policy.tenants.items():
+        share = tenant.downgrade_auto_at
+        if share is not None and not 0 < share <= 1:
+            problem(("tenants", name, "downgrade_auto_at"), "must be in (0, 1]")
     if policy.limits.max_body_bytes < 1024:
         problem(("limits", "max_body_bytes"), "must be at least 1024")
     return problems

@@ -130,17 +130,51 @@ class Pair(_Struct, kw_only=True):
     large: str
 
 
+class Limits(_Struct, kw_only=True):
+    """Per key or per tenant; a missing value means no limit."""
+
+    rpm: int | None = None
+    """Requests per minute (sliding window)."""
+    tpm: int | None = None
+    """Tokens per minute, prompt + completion (sliding window; estimated before the call, corrected after)."""
+    usd_per_day: float | None = None
+    """Spend per UTC day."""
+    usd_per_month: float | None = None
+    """Spend per UTC calendar month."""
+
+    def __post_init__(self) -> None:
+        for value in (self.rpm, self.tpm, self.usd_per_day, self.usd_per_month):
+            if value is not None and value < 0:
+                raise ValueError("limits must be >= 0")
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.rpm, self.tpm, self.usd_per_day, self.usd_per_month))
+
+
 class AuthKey(_Struct, kw_only=True):
     id: str
     hash: str
     """``sha256:<hex>`` of the secret."""
     tenant: str = "default"
     models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    limits: Limits = Limits()
+    admin: bool = False
+    """May read every key's usage from ``/v1/usage``."""
 
 
 class AuthPolicy(_Struct, kw_only=True):
     mode: Literal["none", "keys"] = "none"
     keys: list[AuthKey] = []
+    key_file: str | None = None
+    """More keys, in a file of their own (``keys: [...]``), relative to policies.yaml;
+    ``python -m gateway keys new`` appends to it."""
+
+
+class TenantPolicy(_Struct, kw_only=True):
+    limits: Limits = Limits()
+    downgrade_auto_at: float | None = None
+    """When spend reaches this share of a daily or monthly budget, ``auto`` goes to the small model."""
 
 
 class RequestLogPolicy(_Struct, kw_only=True):
@@ -154,6 +188,11 @@ class LimitsPolicy(_Struct, kw_only=True):
     max_body_bytes: int = 4 * 1024 * 1024
     long_prompt_chars: int = 32_000
     """Prompts longer than this are tokenized off the event loop."""
+    on_redis_error: Literal["open", "closed"] = "open"
+    """Rate limits and budgets when Redis cannot answer: serve anyway (open) or refuse with 503 (closed)."""
+    default_completion_tokens: int = 512
+    """The completion estimate for budgets when a request sets no max_tokens."""
+    redis_timeout_ms: float = 100.0
 
 
 class ExactCachePolicy(_Struct, kw_only=True):
@@ -203,3 +242,4 @@ class Policy(_Struct, kw_only=True):
     request_log: RequestLogPolicy = RequestLogPolicy()
     limits: LimitsPolicy = LimitsPolicy()
     cache: CachePolicy = CachePolicy()
+    tenants: dict[str, TenantPolicy] = {}

@@ -1,0 +1,178 @@
+"""Rate limits and budgets held across two gateway processes sharing one Redis."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.auth import hash_key
+from gateway.services.redis_server import EmbeddedRedis
+from gateway.simulated import SimulatedUpstream
+from tests.conftest import inject
+from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
+
+# small costs $0.5/M input and $1.5/M output in the test policy.
+KEYS = """auth:
+  mode: keys
+  key_file: keys.yaml
+  keys:
+    - {id: rpm, tenant: solo-rpm, hash: "%(rpm)s", limits: {rpm: 10}}
+    - {id: tpm, tenant: solo-tpm, hash: "%(tpm)s", limits: {tpm: 300}}
+    - {id: budget, tenant: solo-budget, hash: "%(budget)s", limits: {usd_per_day: 0.0005}}
+    - {id: shared-1, tenant: shared, hash: "%(s1)s"}
+    - {id: shared-2, tenant: shared, hash: "%(s2)s"}
+    - {id: saver, tenant: saver, hash: "%(saver)s", limits: {usd_per_day: 0.001}}
+    - {id: admin, tenant: ops, hash: "%(admin)s", admin: true}
+tenants:
+  shared: {limits: {rpm: 6}}
+  saver: {downgrade_auto_at: 0.3}
+""" % {name: hash_key(f"key-{name}") for name in ("rpm", "tpm", "budget", "s1", "s2", "saver", "admin")}
+ROUTES = "  costly: {strategy: classifier, model: large, fallbacks: [small]}"
+
+
+@pytest.fixture(scope="module")
+def pair(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream,
+) -> Iterator[tuple[GatewayProcess, GatewayProcess]]:  # fmt: skip
+    """Two gateway processes behind an imaginary load balancer, one Redis."""
+    policy = policy_text(small_upstream, large_upstream, auth=KEYS, routes=ROUTES)
+    redis_server_url = redis_server.url
+    import redis as redis_sync
+
+    redis_sync.Redis.from_url(redis_server_url).flushdb()  # fresh counters for this module
+    root = Path(tmp_path_factory.mktemp("limits"))
+    first = start_gateway(root / "a", policy, env={"REDIS_URL": redis_server_url})
+    second = start_gateway(root / "b", policy, env={"REDIS_URL": redis_server_url})
+    yield first, second
+    first.stop()
+    second.stop()
+
+
+def _chat(gateway: GatewayProcess, key: str, model: str = "fast", content: str = "hi", **extra: object) -> httpx.Response:
+    return httpx.post(
+        f"{gateway.base_url}/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": content}], **extra},
+        headers={"authorization": f"Bearer key-{key}"},
+        timeout=15,
+    )
+
+
+def _burst(pair: tuple[GatewayProcess, GatewayProcess], key: str, count: int, **extra: object) -> list[httpx.Response]:
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda i: _chat(pair[i % 2], key, content=f"req {i} {time.monotonic_ns()}", **extra), range(count)))
+
+
+def test_requests_per_minute_hold_across_processes(pair: tuple[GatewayProcess, GatewayProcess]) -> None:
+    responses = _burst(pair, "rpm", 24)
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(200) == 10 and statuses.count(429) == 14
+    refused = next(r for r in responses if r.status_code == 429)
+    assert int(refused.headers["retry-after"]) >= 1
+    error = refused.json()["error"]
+    assert error["type"] == "rate_limit_error" and "key.rpm" in error["message"] and "10 requests per minute" in error["message"]
+
+
+def test_tokens_per_minute_reserve_the_estimate_while_in_flight(
+    pair: tuple[GatewayProcess, GatewayProcess], small_upstream: SimulatedUpstream
+) -> None:
+    # In flight, each request holds prompt tokens + max_tokens (8 + 90): three fit in 300, the fourth does not.
+    inject(small_upstream, *[{"delay_ms": 700}] * 3)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(_chat, pair[i % 2], "tpm", content=f"t{i}", max_tokens=90) for i in range(3)]
+        time.sleep(0.3)
+        fourth = _chat(pair[1], "tpm", content="t3", max_tokens=90)
+        assert [f.result().status_code for f in futures] == [200, 200, 200]
+    assert fourth.status_code == 429 and "key.tpm" in fourth.json()["error"]["message"]
+    # After the answers, the reservation is replaced by the tokens really used, which leaves room again.
+    time.sleep(0.3)
+    assert _chat(pair[0], "tpm", content="t4", max_tokens=90).status_code == 200
+
+
+def test_daily_budget_is_never_overspent_under_concurrent_load(pair: tuple[GatewayProcess, GatewayProcess]) -> None:
+    responses = _burst(pair, "budget", 40, max_tokens=20)
+    refused = [r for r in responses if r.status_code == 429]
+    assert refused and all(r.json()["error"]["type"] == "insufficient_quota" for r in refused)
+    assert "key.usd_per_day" in refused[0].json()["error"]["message"]
+    time.sleep(0.5)  # settlement runs after each answer
+    usage = httpx.get(f"{pair[0].base_url}/usage", headers={"authorization": "Bearer key-budget"}).json()
+    spent = usage["total"]["cost_usd"]
+    assert 0 < spent <= 0.0005  # reservations are upper bounds (max_tokens), so the actual spend stays under
+    served = sum(1 for r in responses if r.status_code == 200)
+    assert usage["total"]["requests"] == served and usage["data"][0]["key_id"] == "budget"  # admitted requests
+
+
+def test_tenant_limit_spans_its_keys(pair: tuple[GatewayProcess, GatewayProcess]) -> None:
+    statuses = [_chat(pair[i % 2], "s1" if i % 3 else "s2", content=f"s{i}").status_code for i in range(9)]
+    assert statuses.count(200) == 6
+    last = _chat(pair[0], "s2", content="again")
+    assert last.status_code == 429 and "tenant.rpm" in last.json()["error"]["message"] and "shared" in last.json()["error"]["message"]
+
+
+def test_nearly_spent_budget_downgrades_auto_to_the_small_model(pair: tuple[GatewayProcess, GatewayProcess]) -> None:
+    models = []
+    for i in range(12):
+        response = _chat(pair[i % 2], "saver", model="costly", content=f"d{i}", max_tokens=10)
+        if response.status_code != 200:
+            break
+        models.append(response.headers["x-gateway-model"])
+        time.sleep(0.05)  # let settlement land
+    assert models[0] == "large" and "small" in models  # large until 30% of the budget is spent, then small
+    first_small = models.index("small")
+    assert set(models[first_small:]) == {"small"}
+    downgraded = [r for gw in pair for r in gw.log_records() if r["key_id"] == "saver" and r["model"] == "small"]
+    assert downgraded and all(r["decision"] == "budget_downgrade" for r in downgraded)
+
+
+def test_usage_is_per_key_unless_admin(pair: tuple[GatewayProcess, GatewayProcess]) -> None:
+    own = httpx.get(f"{pair[1].base_url}/usage", headers={"authorization": "Bearer key-rpm"}).json()
+    assert [row["key_id"] for row in own["data"]] == ["rpm"] and own["total"]["requests"] >= 10
+    everyone = httpx.get(f"{pair[1].base_url}/usage", headers={"authorization": "Bearer key-admin"}).json()
+    assert {"rpm", "tpm", "budget", "shared-1"} <= {row["key_id"] for row in everyone["data"]}
+    assert httpx.get(f"{pair[1].base_url}/usage?start=2026-13-01", headers={"authorization": "Bearer key-admin"}).status_code == 400
+    assert httpx.get(f"{pair[1].base_url}/usage").status_code == 401
+
+
+def test_new_key_is_created_once_and_picked_up_without_restart(pair: tuple[GatewayProcess, GatewayProcess]) -> None:
+    gateway = pair[0]
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "keys", "new", "--tenant", "newcomer", "--models", "fast", "--rpm", "5",
+         "--policies", str(gateway.policy_path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    secret = next(line.split()[-1] for line in result.stdout.splitlines() if line.startswith("secret:"))
+    stored = (gateway.policy_path.parent / "keys.yaml").read_text()
+    assert secret not in stored and hash_key(secret) in stored
+    deadline = time.monotonic() + 8
+    status = 401
+    while status == 401 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        status = httpx.post(
+            f"{gateway.base_url}/chat/completions", json={"model": "fast", "messages": [{"role": "user", "content": "x"}]},
+            headers={"authorization": f"Bearer {secret}"},
+        ).status_code  # fmt: skip
+    assert status == 200
+    assert secret not in gateway.log_path.read_text() and secret not in gateway.stderr_text()
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("open", 200), ("closed", 503)])
+def test_redis_down_fails_open_or_closed_by_policy(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream, mode: str, expected: int
+) -> None:
+    policy = policy_text(small_upstream, large_upstream, auth=KEYS, limits=f"max_body_bytes: 65536, on_redis_error: {mode}")
+    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, expect_ready=False)
+    try:
+        response = _chat(gateway, "rpm")
+        assert response.status_code == expected
+        if expected == 503:
+            assert response.json()["error"]["code"] == "limiter_unavailable"
+        assert _chat(gateway, "admin").status_code == 200  # no limits on this key or its tenant: nothing to check
+    finally:
+        gateway.stop()
