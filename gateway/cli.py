@@ -95,7 +95,10 @@ def _serve(args: argparse.Namespace) -> int:
             _say(f"warning: {warning}")
         _say(f"serving the OpenAI API at http://{args.host}:{args.port}/v1 with {args.workers} worker(s) on {args.server}")
         os.environ["GATEWAY_POLICIES"] = os.path.abspath(args.policies)
+        if args.workers > 1:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir(args.data_dir)
         _run_server(args.server, args.host, args.port, args.workers)
+        _say("stopped: in-flight requests finished; stopping what the gateway started")
     return 0
 
 
@@ -116,6 +119,16 @@ def _run_server(server: str, host: str, port: int, workers: int) -> None:
         interface=Interfaces.ASGI, log_access=False, log_level="warning", respawn_failed_workers=True,
         workers_kill_timeout=30,
     ).serve()  # fmt: skip
+
+
+def _fresh_metrics_dir(data_dir: str) -> str:
+    """An empty folder for this run's per-worker metric files (stale ones would be added in)."""
+    import shutil
+
+    path = os.path.abspath(os.path.join(data_dir, "metrics"))
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
 
 
 def _say(message: str) -> None:

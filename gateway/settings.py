@@ -18,6 +18,8 @@ class Settings:
     redis_url: str | None = None
     watch_policies: bool = True
     upstream_transport: str = "aiohttp"
+    metrics_dir: str | None = None
+    """Set (by ``serve --workers N``, N > 1) for prometheus_client's multiprocess mode."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -26,4 +28,5 @@ class Settings:
             redis_url=os.environ.get("REDIS_URL") or None,
             watch_policies=os.environ.get("GATEWAY_WATCH_POLICIES", "1") != "0",
             upstream_transport=os.environ.get("GATEWAY_UPSTREAM_TRANSPORT", "aiohttp"),
+            metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
         )

@@ -130,7 +130,7 @@ def _worker_pids(pid: int) -> list[int]:
 
 
 def start_gateway(workdir: Path, policy: str, *, env: dict[str, str] | None = None, timeout_s: float = 30.0,
-                  expect_ready: bool = True) -> GatewayProcess:
+                  expect_ready: bool = True, workers: int = 1) -> GatewayProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     policy_path = workdir / "policies.yaml"
     policy_path.write_text(policy)
@@ -139,7 +139,7 @@ def start_gateway(workdir: Path, policy: str, *, env: dict[str, str] | None = No
     child_env = {**os.environ, **(env or {})}
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--policies", str(policy_path), "--port", str(port),
-         "--data-dir", str(workdir / "data")],
+         "--data-dir", str(workdir / "data"), "--workers", str(workers)],
         stdout=log_path.open("wb"), stderr=err_path.open("wb"), stdin=subprocess.DEVNULL, env=child_env,
     )  # fmt: skip
     gateway = GatewayProcess(process, port, policy_path, log_path, err_path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from gateway.accounting.request_log import RequestRecord
 
@@ -13,8 +13,16 @@ _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+    """The gateway's metrics.
+
+    With several worker processes (``multiprocess_dir`` set, as ``serve --workers N``
+    does), values live in prometheus_client's per-process files and every scrape
+    adds them up, so any worker answers ``/metrics`` with the whole gateway's figures.
+    """
+
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self._multiprocess_dir = multiprocess_dir
         r = self.registry
         self.requests = Counter(
             "gateway_requests", "Finished requests", ["route", "model", "status", "cache"], registry=r
@@ -33,8 +41,14 @@ class Metrics:
         self.upstream_errors = Counter(
             "gateway_upstream_errors", "Failed upstream attempts", ["upstream", "code"], registry=r
         )
-        self.policy_info = Gauge("gateway_policy_info", "Policy version in force", ["version"], registry=r)
-        self.redis_up = Gauge("gateway_redis_up", "1 when Redis answered the last check", registry=r)
+        self.policy_info = Gauge(
+            "gateway_policy_info", "Policy version in force (1 while any worker uses it)", ["version"], registry=r,
+            multiprocess_mode="max",
+        )  # fmt: skip
+        self.redis_up = Gauge(
+            "gateway_redis_up", "1 when Redis answered the last call (every worker)", registry=r, multiprocess_mode="min"
+        )
+        self._policy_version: str | None = None
 
     def observe(self, record: RequestRecord) -> None:
         route = record.route or "-"
@@ -54,8 +68,14 @@ class Metrics:
         self.upstream_errors.labels(upstream, code or "unknown").inc()
 
     def set_policy_version(self, version: str) -> None:
-        self.policy_info.clear()
+        if self._policy_version is not None and self._policy_version != version:
+            self.policy_info.labels(self._policy_version).set(0)
         self.policy_info.labels(version).set(1)
+        self._policy_version = version
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self._multiprocess_dir)
+        return generate_latest(registry)

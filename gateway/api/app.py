@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 import structlog
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
@@ -24,7 +23,7 @@ from gateway.errors import GatewayError, InvalidRequestError, ModelNotFoundError
 from gateway.limits import RateLimiter
 from gateway.pipeline import ChatPipeline
 from gateway.runtime import RuntimeHolder
-from gateway.services.redis_client import SharedRedis
+from gateway.services.redis_client import SharedRedis, connect
 from gateway.settings import Settings
 
 __all__ = ["create_app"]
@@ -59,14 +58,10 @@ async def _start(settings: Settings) -> GatewayState:
     request_log = RequestLogWriter(stdout=log_policy.enabled and log_policy.stdout, path=log_policy.path if log_policy.enabled else None)
     ops_log = RequestLogWriter(stdout=False, stderr=True)
     configure_logging(request_log, ops_log)
-    metrics = Metrics()
+    metrics = Metrics(settings.metrics_dir)
     holder = RuntimeHolder(settings.policies_path, metrics, transport=settings.upstream_transport)  # type: ignore[arg-type]
     holder.start()
-    client = (
-        aioredis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        if settings.redis_url
-        else None
-    )
+    client = connect(settings.redis_url) if settings.redis_url else None
     redis = SharedRedis(client, metrics)
     limiter = RateLimiter(redis)
     pipeline = ChatPipeline(holder, metrics, ExactCache(redis), SemanticCache(redis), limiter, scorer=None)

@@ -17,11 +17,26 @@ import structlog
 
 from gateway.accounting.metrics import Metrics
 
-__all__ = ["SharedRedis"]
+__all__ = ["SharedRedis", "connect"]
 
 T = TypeVar("T")
 _log = structlog.get_logger("gateway.redis")
 _RETRY_AFTER_S = 1.0
+
+
+def connect(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
+    """A client for ``REDIS_URL``: ``redis://`` / ``rediss://`` (TLS; ``rediss://:password@host``),
+    or ``redis+cluster://`` / ``rediss+cluster://`` for Redis Cluster.
+
+    Every key the gateway writes carries its tenant's hash tag, so the multi-key scripts
+    (limits, semantic cache) always run on one slot.
+    """
+    options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if "+cluster://" in url:
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(url.replace("+cluster://", "://", 1), **options)  # type: ignore[return-value]
+    return aioredis.Redis.from_url(url, **options)
 
 
 class SharedRedis:

@@ -1,0 +1,63 @@
+"""The gateway on a Redis Cluster of three masters (cluster mode on loopback, the same Redis 8 binary)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.auth import hash_key
+from gateway.simulated import SimulatedUpstream
+from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+from tests.redis_cluster import LocalCluster, start_local_cluster
+
+KEYS = """auth:
+  mode: keys
+  keys:
+%s
+""" % "\n".join(f'    - {{id: k{i}, tenant: tenant-{i}, hash: "{hash_key(f"key-{i}")}", limits: {{rpm: 3}}}}' for i in range(6))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    local = start_local_cluster(Path(tmp_path_factory.mktemp("cluster")))
+    yield local
+    local.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, cluster: LocalCluster,
+    small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:  # fmt: skip
+    cache = "{enabled: true, semantic: {enabled: false}}"
+    policy = policy_text(small_upstream, large_upstream, auth=KEYS, cache=cache)
+    process = start_gateway(Path(tmp_path_factory.mktemp("gw")), policy, env={"REDIS_URL": cluster.url})
+    yield process
+    process.stop()
+
+
+def _chat(gateway: GatewayProcess, key: int, content: str) -> httpx.Response:
+    return httpx.post(
+        f"{gateway.base_url}/chat/completions",
+        json={"model": "fast", "temperature": 0, "messages": [{"role": "user", "content": content}]},
+        headers={"authorization": f"Bearer key-{key}"},
+    )
+
+
+def test_ready_on_a_cluster(gateway: GatewayProcess) -> None:
+    assert httpx.get(f"{gateway.url}/readyz").json()["redis"] == "ok"
+
+
+def test_cache_and_limits_work_for_tenants_on_every_slot(gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+    # six tenants hash to slots spread over the three masters
+    for key in range(6):
+        assert _chat(gateway, key, f"cluster question {key}").headers["x-gateway-cache"] == "miss"
+        assert _chat(gateway, key, f"cluster question {key}").headers["x-gateway-cache"] == "exact"
+        assert _chat(gateway, key, f"third {key}").status_code == 200
+        refused = _chat(gateway, key, f"fourth {key}")
+        assert refused.status_code == 429 and "key.rpm" in refused.json()["error"]["message"]
+    usage = httpx.get(f"{gateway.base_url}/usage", headers={"authorization": "Bearer key-0"}).json()
+    assert usage["total"]["requests"] == 3 and usage["total"]["cache_hits"] == 1
