@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Servers for the pair in policies.yaml, for either speculation mode. Edit the three names.
+#
+#   ./vllm-pair.sh engine    # one server: the large model, drafting with the small one inside vLLM
+#   ./vllm-pair.sh gateway   # two servers: the gateway runs the draft/verify loop over their APIs
+#
+# Both models must share one tokenizer and vocabulary (same family, e.g. Llama-3.1-8B-Instruct
+# drafting for Llama-3.1-70B-Instruct, or Qwen2.5-7B-Instruct for Qwen2.5-72B-Instruct).
+set -euo pipefail
+
+LARGE="${LARGE_MODEL:-meta-llama/Llama-3.1-70B-Instruct}"
+SMALL="${SMALL_MODEL:-meta-llama/Llama-3.1-8B-Instruct}"
+K="${NUM_SPECULATIVE_TOKENS:-4}"
+
+case "${1:-}" in
+  engine)
+    # vLLM's own speculative decoding with a draft model. Recent vLLM wants "method": "draft_model";
+    # older 0.x releases inferred the method from "model" and may reject the key: drop it there.
+    exec vllm serve "$LARGE" \
+      --served-model-name large \
+      --port 8001 \
+      --tensor-parallel-size "${LARGE_TP:-4}" \
+      --speculative-config "{\"model\": \"$SMALL\", \"num_speculative_tokens\": $K, \"method\": \"draft_model\", \"draft_tensor_parallel_size\": 1}"
+    ;;
+  gateway)
+    # Two ordinary servers. The gateway needs /tokenize and /detokenize (on by default), token-id
+    # prompts, prompt_logprobs and return_tokens_as_token_ids on /v1/completions (vLLM >= 0.6),
+    # and up to 20 logprobs per position (the default --max-logprobs) for temperature > 0.
+    vllm serve "$SMALL" --served-model-name small --port 8000 --max-logprobs 20 &
+    exec vllm serve "$LARGE" --served-model-name large --port 8001 \
+      --tensor-parallel-size "${LARGE_TP:-4}" --max-logprobs 20 --enable-prefix-caching
+    ;;
+  *)
+    echo "usage: $0 engine|gateway" >&2
+    exit 2
+    ;;
+esac

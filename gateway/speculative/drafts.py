@@ -1,0 +1,80 @@
+"""Where draft tokens come from: the small model, or the prompt's own n-grams ("prompt lookup")."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from gateway.speculative.eos import EosTable
+from gateway.speculative.token_api import Distribution, TokenAPI
+
+__all__ = ["Draft", "DraftSource", "ModelDraft", "PromptLookupDraft"]
+
+
+@dataclass(slots=True)
+class Draft:
+    tokens: list[int]
+    dists: list[Distribution] | None = None
+    """The drafter's (raw, temperature-1) logprobs per token, for speculative sampling.
+    ``None``: a deterministic proposal (probability 1 for the proposed token)."""
+
+
+class DraftSource(ABC):
+    name: ClassVar[str]
+    costly: ClassVar[bool]
+    """Whether proposing costs a server call (worth overlapping with the gateway's other work)."""
+
+    @abstractmethod
+    async def propose(self, context: Sequence[int], k: int, *, temperature: float, top_n: int, seed: int | None) -> Draft:
+        """Up to ``k`` tokens that may follow ``context``. Raises UpstreamError if its server fails."""
+
+
+class ModelDraft(DraftSource):
+    """The small model drafts ``k`` tokens by ordinary decoding (greedy at temperature 0, sampled otherwise)."""
+
+    name = "model"
+    costly = True
+
+    def __init__(self, api: TokenAPI, eos: EosTable) -> None:
+        self.api = api
+        self._eos = eos
+
+    async def propose(self, context: Sequence[int], k: int, *, temperature: float, top_n: int, seed: int | None) -> Draft:
+        sampled = temperature > 0
+        generation = await self.api.generate(
+            context, k, temperature=temperature, logprobs=top_n if sampled else 1, seed=seed
+        )
+        self._eos.learn(generation.tokens, generation.finish_reason)
+        return Draft(generation.tokens[:k], generation.top[:k] if sampled and generation.top else None)
+
+
+class PromptLookupDraft(DraftSource):
+    """Copy what followed the latest earlier occurrence of the context's last n tokens (n = max_ngram..1)."""
+
+    name = "prompt_lookup"
+    costly = False
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, window: int = 4096) -> None:
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+        self.window = window
+
+    async def propose(self, context: Sequence[int], k: int, *, temperature: float, top_n: int, seed: int | None) -> Draft:
+        return Draft(lookup(context, k, self.max_ngram, self.min_ngram, self.window))
+
+
+def lookup(context: Sequence[int], k: int, max_ngram: int, min_ngram: int, window: int) -> list[int]:
+    size = len(context)
+    lowest = max(0, size - window)
+    for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
+        suffix = list(context[size - n :])
+        first = suffix[0]
+        # latest earlier occurrence whose continuation is not the suffix itself
+        for start in range(size - n - 1, lowest - 1, -1):
+            if context[start] == first and list(context[start : start + n]) == suffix:
+                follow = list(context[start + n : start + n + k])
+                if follow:
+                    return follow
+    return []

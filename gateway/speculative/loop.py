@@ -1,0 +1,207 @@
+"""The draft/verify loop: rounds of k drafted tokens checked by one large-model call.
+
+Each round: the draft source proposes k tokens; the large model gets prefix + draft as
+one prompt with ``max_tokens: 1`` and ``prompt_logprobs``; the longest agreeing prefix
+of the draft is accepted, then the large model's own token (its correction at the
+first disagreement, or the token it generated after a fully accepted draft). The next
+round's draft is started before the round's tokens are handed on, so the small
+model's work overlaps the gateway's detokenization and streaming.
+
+If the draft server fails, the rest of the answer is one plain streamed completion
+on the large model from exactly the accepted tokens: nothing repeated, nothing lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from gateway.errors import UpstreamError
+from gateway.speculative.adaptive import AdaptiveK
+from gateway.speculative.drafts import Draft, DraftSource
+from gateway.speculative.eos import EosTable
+from gateway.speculative.sampling import verify_greedy, verify_sampled
+from gateway.speculative.stats import SpeculationStats
+from gateway.speculative.token_api import TokenAPI
+
+__all__ = ["Decoder", "Step", "TOP_N"]
+
+TOP_N = 20
+"""Logprobs asked for in speculative sampling: vLLM's default ``--max-logprobs``."""
+
+_log = structlog.get_logger("gateway.speculative")
+
+
+@dataclass(slots=True)
+class Step:
+    tokens: list[int]
+    """Newly final tokens, in order; when ``eos`` the last one is the end-of-sequence token."""
+    finish_reason: str | None = None
+    eos: bool = False
+
+
+class Decoder:
+    """One request's decoding. Iterate :meth:`run`; closing the iterator early (a stop string) is fine."""
+
+    def __init__(
+        self,
+        target: TokenAPI,
+        draft: DraftSource | None,
+        eos: EosTable,
+        k: AdaptiveK,
+        stats: SpeculationStats,
+        *,
+        temperature: float,
+        seed: int | None = None,
+    ) -> None:
+        self._target = target
+        self._draft = draft
+        self._eos = eos
+        self._k = k
+        self.stats = stats
+        self._temperature = temperature
+        self._rng = random.Random(seed)
+        self._seeded = seed is not None
+
+    async def run(self, prompt: Sequence[int], max_new: int) -> AsyncIterator[Step]:
+        out: list[int] = []
+        pending: asyncio.Task[tuple[Draft, float]] | None = None
+        try:
+            while len(out) < max_new:
+                context = [*prompt, *out]
+                remaining = max_new - len(out)
+                if pending is None:
+                    pending = self._start_draft(context, remaining)
+                try:
+                    draft, draft_s = await pending if pending is not None else (Draft([]), 0.0)
+                except UpstreamError as exc:
+                    pending = None
+                    _log.warning("draft_failed", upstream=exc.upstream, detail=exc.message, at_token=len(out))
+                    self.stats.draft_failed = True
+                    async for step in self._plain(context, remaining):
+                        yield step
+                    return
+                pending = None
+                step, verify_s = await self._verify(context, draft, remaining)
+                cpu = time.thread_time()
+                self.stats.output_tokens += len(step.tokens)
+                out.extend(step.tokens)
+                if step.finish_reason is None and len(out) >= max_new:
+                    step.finish_reason = "length"
+                next_k = self._k.observe(len(draft.tokens), self._last_accepted, draft_s, verify_s)
+                self.stats.k_last = next_k
+                if step.finish_reason is None:
+                    pending = self._start_draft([*prompt, *out], max_new - len(out))
+                self.stats.loop_cpu_ms += (time.thread_time() - cpu) * 1000
+                yield step
+                if step.finish_reason is not None:
+                    return
+            yield Step([], "length")
+        finally:
+            if pending is not None:  # a stop string ended the answer while the next draft was on its way
+                pending.cancel()
+                pending.add_done_callback(_retrieve)
+
+    # -- one round ---------------------------------------------------------------
+
+    def _start_draft(self, context: list[int], remaining: int) -> asyncio.Task[tuple[Draft, float]] | None:
+        k = min(self._k.k, remaining - 1)  # a round yields up to k + 1 tokens
+        if k <= 0 or self._draft is None or self.stats.draft_failed:
+            return None
+        self.stats.k_history.append(k)
+        return asyncio.get_running_loop().create_task(self._propose(context, k))
+
+    async def _propose(self, context: list[int], k: int) -> tuple[Draft, float]:
+        assert self._draft is not None
+        started = time.perf_counter()
+        draft = await self._draft.propose(
+            context, k, temperature=self._temperature, top_n=TOP_N, seed=self._next_seed()
+        )
+        elapsed = time.perf_counter() - started
+        if self._draft.costly:
+            self.stats.draft_calls += 1
+            self.stats.draft_ms += elapsed * 1000
+        return draft, elapsed
+
+    async def _verify(self, context: list[int], draft: Draft, remaining: int) -> tuple[Step, float]:
+        sampled = self._temperature > 0
+        # No draft (prompt lookup found nothing): plain decoding, k tokens in one call rather than one.
+        burst = 1 if draft.tokens or self._draft is None or self._draft.costly else max(1, min(self._k.k, remaining))
+        started = time.perf_counter()
+        generation = await self._target.generate(
+            [*context, *draft.tokens], burst,
+            temperature=self._temperature,
+            logprobs=1,
+            prompt_logprobs=(TOP_N if sampled else 1) if draft.tokens else None,
+            prompt_tail=len(draft.tokens),
+            seed=self._next_seed(),
+        )  # fmt: skip
+        verify_s = time.perf_counter() - started
+        self.stats.verify_ms += verify_s * 1000
+        cpu = time.thread_time()
+        self.stats.rounds += 1
+        self.stats.large_calls += 1
+        self.stats.drafted += len(draft.tokens)
+        self._eos.learn(generation.tokens, generation.finish_reason)
+        if not draft.tokens:
+            accepted, correction = 0, None
+        elif sampled:
+            assert generation.prompt_top is not None
+            accepted, correction = verify_sampled(
+                draft.tokens, draft.dists, generation.prompt_top, self._temperature, self._rng
+            )
+        else:
+            assert generation.prompt_best is not None
+            accepted, correction = verify_greedy(draft.tokens, generation.prompt_best)
+        self._last_accepted = accepted
+        self.stats.accepted += accepted
+        self.stats.rejections += accepted < len(draft.tokens)
+        if correction is None and accepted == len(draft.tokens):
+            tokens = [*draft.tokens, *generation.tokens[:burst]]
+        else:
+            tokens = [*draft.tokens[:accepted], *([] if correction is None else [correction])]
+        self.stats.loop_cpu_ms += (time.thread_time() - cpu) * 1000
+        return await self._cut_at_eos(tokens, context), verify_s
+
+    async def _cut_at_eos(self, tokens: list[int], context: list[int]) -> Step:
+        for i, token in enumerate(tokens):
+            if not self._eos.known(token):
+                self.stats.eos_probes += 1
+                self.stats.large_calls += 1
+                await self._eos.probe(self._target, token, context[-1])
+            if token in self._eos.eos:
+                return Step(tokens[: i + 1], "stop", eos=True)
+        return Step(tokens)
+
+    async def _plain(self, context: list[int], remaining: int) -> AsyncIterator[Step]:
+        """The rest of the answer from the large model alone (after a draft failure)."""
+        self.stats.large_calls += 1
+        stream = self._target.stream_generate(context, remaining, temperature=self._temperature, seed=self._next_seed())
+        produced = 0
+        async for generation in stream:
+            self._eos.learn(generation.tokens, None)
+            produced += len(generation.tokens)
+            self.stats.output_tokens += len(generation.tokens)
+            finish = generation.finish_reason
+            if finish is None and produced >= remaining:
+                finish = "length"
+            yield Step(generation.tokens, finish, eos=finish == "stop" and bool(generation.tokens))
+            if finish is not None:
+                return
+        yield Step([], "length")  # a stream that ended without a finish reason
+
+    def _next_seed(self) -> int | None:
+        return self._rng.getrandbits(31) if self._seeded else None
+
+    _last_accepted: int = 0
+
+
+def _retrieve(task: asyncio.Task[tuple[Draft, float]]) -> None:
+    """Collect an abandoned draft's outcome so that its failure is not reported as never retrieved."""
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,332 @@
+"""``SpeculativeProvider``: the large model, answered through the draft/verify loop.
+
+It speaks the same OpenAI chat interface as any provider; inside, a request is
+tokenized with the large model's chat template, decoded by :class:`Decoder`, turned
+back into text by :class:`TextAssembler`, and shaped as ``chat.completion`` (or its
+chunks). Requests the loop cannot reproduce exactly go to the large model as they are
+(``fallback_to_plain`` with a reason in the stats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgspec
+import structlog
+
+from gateway.config.schema import SpeculationPolicy
+from gateway.errors import UpstreamError, UpstreamTimeoutError
+from gateway.speculative.adaptive import AdaptiveK
+from gateway.speculative.drafts import DraftSource, ModelDraft, PromptLookupDraft
+from gateway.speculative.eos import EosTable
+from gateway.speculative.errors import PairMismatchError
+from gateway.speculative.loop import Decoder, Step
+from gateway.speculative.stats import SpeculationStats
+from gateway.speculative.text import TextAssembler
+from gateway.speculative.token_api import TokenAPI
+from gateway.upstreams.base import ChatStream, Completion, Provider, Usage
+
+__all__ = ["PROBE_TEXT", "SpeculativeCompletion", "SpeculativeProvider"]
+
+_log = structlog.get_logger("gateway.speculative")
+_encode = msgspec.json.Encoder().encode
+
+PROBE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. It was the best of times; it was the worst of times.\n"
+    "def mean(xs: list[float]) -> float:\n\treturn sum(xs) / len(xs)  # 3.14159, 2**10 = 1024\n"
+    "Ünïcödé: naïve café, Straße, 東京, Москва, مرحبا, 🙂🚀 <|endoftext|> </s> [INST]"
+)
+"""Text both servers must tokenize identically: prose, code, numbers, several scripts, emoji, special-looking strings."""
+
+_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias",
+                "guided_json", "guided_regex", "guided_choice", "structured_outputs")  # fmt: skip
+
+
+@dataclass(slots=True)
+class SpeculativeCompletion(Completion):
+    speculation: SpeculationStats | None = None
+
+
+class SpeculativeProvider(Provider):
+    """The target (large) model with a draft source. Shares the target's client, key, name and config."""
+
+    kind: ClassVar[str] = "speculative"
+
+    def __init__(
+        self, target: Provider, draft: Provider | None, policy: SpeculationPolicy, *, eos_token_ids: tuple[int, ...] = ()
+    ) -> None:
+        # Not Provider.__init__: nothing new is opened, everything is the target's.
+        self.name = target.name
+        self.config = target.config
+        self.client = target.client
+        self.api_key = target.api_key
+        self.upstream_model = target.upstream_model
+        self._timeout = target._timeout  # noqa: SLF001
+        self.target = target
+        self.draft = draft
+        self.policy = policy
+        self._target_api = TokenAPI(target)
+        self._draft_api = TokenAPI(draft) if draft is not None else None
+        self._eos = EosTable(eos_token_ids)
+        self._pair: bool | None = None if policy.draft_source == "model" else True
+        self._pair_problem: str | None = None
+        self._check_lock: asyncio.Lock | None = None
+        self._alpha = 0.7  # running acceptance across requests: the prior of each request's k controller
+
+    # -- the pair check ------------------------------------------------------------
+
+    async def check_pair(self) -> None:
+        """Compare both servers' tokenization of :data:`PROBE_TEXT`; raise :class:`PairMismatchError` if they differ.
+
+        Transport and HTTP failures raise ``UpstreamError`` (the pair is then still unchecked).
+        """
+        if self.policy.draft_source != "model":
+            self._pair = True
+            return
+        if self._draft_api is None:
+            self._refuse("draft_source 'model' needs a draft model, and none was given")
+        assert self._draft_api is not None
+        ours, theirs = await asyncio.gather(
+            self._target_api.tokenize_text(PROBE_TEXT), self._draft_api.tokenize_text(PROBE_TEXT)
+        )
+        if ours != theirs:
+            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            self._refuse(
+                f"'{self.name}' and draft '{self._draft_api.name}' tokenize the probe text differently "
+                f"({len(ours)} vs {len(theirs)} tokens, first difference at token {first}); "
+                "mode 'gateway' needs both servers to share one tokenizer (same model family and vocabulary)"
+            )
+        self._pair, self._pair_problem = True, None
+
+    def _refuse(self, problem: str) -> None:
+        self._pair, self._pair_problem = False, problem
+        raise PairMismatchError(f"models.{self.name}.speculative", [problem])
+
+    async def _pair_ready(self) -> str | None:
+        """None when the loop may run; otherwise why this request goes plain."""
+        if self._pair is None:
+            if self._check_lock is None:
+                self._check_lock = asyncio.Lock()
+            async with self._check_lock:
+                if self._pair is None:
+                    try:
+                        await self.check_pair()
+                    except PairMismatchError as exc:
+                        _log.error("speculation_refused", model=self.name, problems=exc.problems)
+                    except UpstreamError as exc:
+                        _log.warning("speculation_pair_unchecked", model=self.name, detail=exc.message)
+                        return "pair_unchecked"
+        return None if self._pair else "pair_refused"
+
+    # -- Provider ------------------------------------------------------------------
+
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        reason = await self._plain_reason(body)
+        if reason is not None:
+            completion = await self.target.complete(body)
+            stats = self._plain_stats(reason)
+            return SpeculativeCompletion(completion.body, completion.usage, completion.text, speculation=stats)
+        run = await self._start(body, streaming=False)
+        try:
+            async with asyncio.timeout(self.config.timeouts.total):
+                text = [piece async for piece in run.pieces()]
+        except TimeoutError:
+            raise UpstreamTimeoutError(self.name, f"no complete answer within {self.config.timeouts.total:g}s") from None
+        finally:
+            await run.aclose()
+        usage = Usage(len(run.prompt), run.assembler.completion_tokens)
+        content = "".join(text)
+        data = {
+            "id": run.id, "object": "chat.completion", "created": run.created, "model": body.get("model", self.upstream_model),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "logprobs": None, "finish_reason": run.assembler.finish_reason}],
+            "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                      "total_tokens": usage.prompt_tokens + usage.completion_tokens},
+        }  # fmt: skip
+        return SpeculativeCompletion(_encode(data), usage, content, speculation=run.stats)
+
+    async def open_stream(self, body: dict[str, Any]) -> ChatStream:
+        reason = await self._plain_reason(body)
+        if reason is not None:
+            return _PlainStream(await self.target.open_stream(body), self._plain_stats(reason))
+        run = await self._start(body, streaming=True)
+        return _SpeculativeStream(run, body.get("model", self.upstream_model), self.config.timeouts.total)
+
+    async def aclose(self) -> None:
+        """Closes the target's client (shared); the draft is its own provider and is closed by its owner."""
+        await self.target.aclose()
+
+    # -- helpers -------------------------------------------------------------------
+
+    async def _plain_reason(self, body: dict[str, Any]) -> str | None:
+        if self.policy.mode != "gateway":
+            return f"mode_{self.policy.mode}"
+        for name in _UNSUPPORTED:
+            if body.get(name) is not None:
+                return f"unsupported_{name}"
+        if (body.get("n") or 1) != 1:
+            return "unsupported_n"
+        if body.get("logprobs") or body.get("top_logprobs"):
+            return "unsupported_logprobs"
+        if body.get("presence_penalty") or body.get("frequency_penalty") or body.get("repetition_penalty") not in (None, 1, 1.0):
+            return "unsupported_penalties"
+        temperature = _temperature(body)
+        if temperature > 0:
+            if self.policy.sampling == "plain":
+                return "sampling_plain"
+            if body.get("top_p") not in (None, 1, 1.0) or body.get("top_k") not in (None, -1, 0) or body.get("min_p"):
+                return "unsupported_top_p"
+        return await self._pair_ready()
+
+    def _plain_stats(self, reason: str) -> SpeculationStats:
+        return SpeculationStats(
+            mode="plain", draft_source=self.policy.draft_source, sampling="plain", fallback_to_plain=True,
+            fallback_reason=reason,
+        )  # fmt: skip
+
+    def _draft_source(self) -> DraftSource | None:
+        if self.policy.draft_source == "prompt_lookup":
+            return PromptLookupDraft()
+        return ModelDraft(self._draft_api, self._eos) if self._draft_api is not None else None
+
+    async def _start(self, body: dict[str, Any], *, streaming: bool) -> _Run:
+        extra = {key: body[key] for key in ("chat_template_kwargs", "continue_final_message") if key in body}
+        prompt, max_model_len = await self._target_api.tokenize_chat(body["messages"], extra or None)
+        room = (max_model_len or self.config.context_window) - len(prompt)
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        max_new = min(int(limit), room) if limit else room
+        temperature = _temperature(body)
+        stats = SpeculationStats(
+            mode="gateway", draft_source=self.policy.draft_source, sampling="speculative" if temperature > 0 else "greedy"
+        )
+        k = AdaptiveK(self.policy.k_initial, self.policy.k_min, self.policy.k_max, prior_alpha=self._alpha)
+        decoder = Decoder(
+            self._target_api, self._draft_source(), self._eos, k, stats, temperature=temperature, seed=body.get("seed")
+        )
+        stop = body.get("stop")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        assembler = TextAssembler(self._target_api, stops, incremental=streaming)
+        return _Run(self, prompt, max(0, max_new), decoder, assembler, stats, k)
+
+    def _learn_alpha(self, k: AdaptiveK) -> None:
+        self._alpha = 0.8 * self._alpha + 0.2 * k.alpha
+
+
+def _temperature(body: dict[str, Any]) -> float:
+    value = body.get("temperature")
+    return 1.0 if value is None else float(value)
+
+
+class _Run:
+    """One request in flight: the decoder's steps turned into text pieces."""
+
+    def __init__(
+        self, provider: SpeculativeProvider, prompt: list[int], max_new: int, decoder: Decoder,
+        assembler: TextAssembler, stats: SpeculationStats, k: AdaptiveK,
+    ) -> None:  # fmt: skip
+        self.provider = provider
+        self.prompt = prompt
+        self.assembler = assembler
+        self.stats = stats
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self._k = k
+        self._steps: AsyncIterator[Step] = decoder.run(prompt, max_new) if max_new > 0 else _nothing()
+        self.done = False
+        self._closed = False
+
+    async def pieces(self) -> AsyncIterator[str]:
+        """Text as it becomes final (possibly empty strings); ends when the answer does."""
+        while not self.done:
+            yield await self.next_piece()
+
+    async def next_piece(self) -> str:
+        step = await self._steps.__anext__()
+        text = await self.assembler.push(step)
+        if self.assembler.finish_reason is not None:
+            self.done = True
+            await self.aclose()
+        return text
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        aclose = getattr(self._steps, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        self.provider._learn_alpha(self._k)  # noqa: SLF001
+
+
+async def _nothing() -> AsyncIterator[Step]:
+    yield Step([], "length")
+
+
+class _SpeculativeStream(ChatStream):
+    def __init__(self, run: _Run, model: str, total_s: float) -> None:
+        super().__init__()
+        self._run = run
+        self.speculation = run.stats
+        self._model = model
+        self._deadline = asyncio.get_running_loop().time() + total_s
+        self._total_s = total_s
+        self._queue: deque[bytes] = deque()
+        self._started = False
+        self._finished = False
+        tally = self.tally
+        tally.id, tally.created, tally.model = run.id, run.created, model
+
+    async def __anext__(self) -> bytes:
+        while not self._queue:
+            if self._finished:
+                raise StopAsyncIteration
+            remaining = self._deadline - asyncio.get_running_loop().time()
+            try:
+                async with asyncio.timeout(max(0.0, remaining)):
+                    text = await self._run.next_piece()
+            except TimeoutError:
+                raise UpstreamTimeoutError(self._run.provider.name, "stream exceeded its total timeout") from None
+            if text or not self._started:
+                self._queue.append(self._chunk({"role": "assistant", "content": text} if not self._started else {"content": text}))
+                self._started = True
+                if text:
+                    self.tally.text_parts.append(text)
+            if self._run.done:
+                finish = self._run.assembler.finish_reason
+                self._queue.append(self._chunk({}, finish))
+                self.tally.finish_reason = finish
+                self.tally.usage = Usage(len(self._run.prompt), self._run.assembler.completion_tokens)
+                self._finished = True
+        self.tally.chunks += 1
+        return self._queue.popleft()
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return _encode({
+            "id": self._run.id, "object": "chat.completion.chunk", "created": self._run.created, "model": self._model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        })  # fmt: skip
+
+    async def aclose(self) -> None:
+        await self._run.aclose()
+
+
+class _PlainStream(ChatStream):
+    """The large model's own stream, passed through, with the stats saying why."""
+
+    def __init__(self, inner: ChatStream, stats: SpeculationStats) -> None:
+        super().__init__()
+        self._inner = inner
+        self.tally = inner.tally
+        self.speculation = stats
+
+    async def __anext__(self) -> bytes:
+        return await self._inner.__anext__()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()

@@ -1,0 +1,294 @@
+"""Speculative decoding in the gateway against two real loopback toy LM servers (tests/speculative)."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import msgspec
+import pytest
+
+from gateway.config.schema import ModelConfig, Price, SpeculationPolicy, Timeouts
+from gateway.speculative import PairMismatchError, SpeculativeProvider
+from gateway.speculative.adaptive import AdaptiveK, expected_tokens
+from gateway.speculative.drafts import lookup
+from gateway.speculative.sampling import verify_sampled
+from gateway.upstreams.base import Provider
+from gateway.upstreams.registry import build_provider
+from tests.speculative.servers import ToyServer, start_toy_server
+
+pytestmark = pytest.mark.timeout(60)
+
+_PROMPTS = [
+    f"tell me {i} things about the way it was when {w}"
+    for i, w in enumerate("we said that she would write some long word and then see him at time".split())
+] + ["the the the the", "a", "write about them if you can", "it is what it is and it was what it was"]
+
+
+@pytest.fixture(scope="module")
+def large() -> Iterator[ToyServer]:
+    server = start_toy_server(role="large", eos_rate=0.03)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def small() -> Iterator[ToyServer]:
+    server = start_toy_server(role="small", agreement=0.8)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def foreign() -> Iterator[ToyServer]:
+    """A small model whose tokenizer numbers the words differently."""
+    server = start_toy_server(role="small", agreement=0.8, tokenizer_variant=7)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset(request: pytest.FixtureRequest) -> None:
+    for name in ("large", "small", "foreign"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).reset()
+
+
+def _provider(name: str, server: ToyServer, tier: str = "large") -> Provider:
+    config = ModelConfig(
+        base_url=server.base_url, price=Price(input_per_mtok=1, output_per_mtok=1), tier=tier,  # type: ignore[arg-type]
+        timeouts=Timeouts(connect=2, first_byte=10, total=20),
+    )  # fmt: skip
+    return build_provider(name, config)
+
+
+@pytest.fixture
+async def pair(large: ToyServer, small: ToyServer) -> AsyncIterator[tuple[Provider, Provider]]:
+    target, draft = _provider("large", large), _provider("small", small, "small")
+    yield target, draft
+    await target.aclose()
+    await draft.aclose()
+
+
+def _spec(pair: tuple[Provider, Provider], **policy: Any) -> SpeculativeProvider:
+    target, draft = pair
+    options: dict[str, Any] = {"mode": "gateway", "draft": "small", **policy}
+    return SpeculativeProvider(target, draft if options.get("draft_source") != "prompt_lookup" else None,
+                               SpeculationPolicy(**options))  # fmt: skip
+
+
+def _body(prompt: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "large", "messages": [{"role": "user", "content": prompt}], "temperature": 0, **extra}
+
+
+def _answer(completion: Any) -> tuple[str, str, int]:
+    data = msgspec.json.decode(completion.body)
+    choice = data["choices"][0]
+    return choice["message"]["content"], choice["finish_reason"], data["usage"]["completion_tokens"]
+
+
+async def _stream(provider: Provider, body: dict[str, Any]) -> tuple[list[dict[str, Any]], Any]:
+    stream = await provider.open_stream({**body, "stream": True})
+    try:
+        chunks = [msgspec.json.decode(chunk) async for chunk in stream]
+    finally:
+        await stream.aclose()
+    return chunks, stream
+
+
+def _streamed_answer(chunks: list[dict[str, Any]], stream: Any) -> tuple[str, str, int]:
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    return text, chunks[-1]["choices"][0]["finish_reason"], stream.tally.usage.completion_tokens
+
+
+# --------------------------------------------------------------------------- exactness (temperature 0)
+
+
+async def test_greedy_output_is_the_large_models_own(pair: tuple[Provider, Provider]) -> None:
+    spec = _spec(pair)
+    await spec.check_pair()
+    drafted = accepted = 0
+    finishes = Counter()
+    for prompt in _PROMPTS:
+        body = _body(prompt, max_tokens=80)
+        got = await spec.complete(body)
+        want = await pair[0].complete(body)
+        assert _answer(got) == _answer(want), prompt
+        stats = got.speculation  # type: ignore[attr-defined]
+        assert stats.mode == "gateway" and not stats.fallback_to_plain
+        assert stats.large_calls < stats.output_tokens or stats.output_tokens <= 2
+        drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
+        finishes[_answer(got)[1]] += 1
+    assert finishes["stop"] and finishes["length"], finishes  # EOS and max_tokens both exercised
+    assert 0.3 < accepted / drafted < 0.95
+
+
+async def test_streaming_sends_verified_tokens_in_chunks(pair: tuple[Provider, Provider]) -> None:
+    spec = _spec(pair)
+    for prompt in _PROMPTS[:6]:
+        body = _body(prompt, max_tokens=60)
+        chunks, stream = await _stream(spec, body)
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        # a chunk per round (the last round may only end the answer), not one at the end
+        assert len(chunks) >= stream.speculation.rounds
+        assert _streamed_answer(chunks, stream) == _answer(await pair[0].complete(body))
+        assert stream.tally.text == _answer(await pair[0].complete(body))[0]
+        assert stream.speculation.rounds >= 1
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 3, 5, 9])
+async def test_max_tokens_is_honoured_exactly(pair: tuple[Provider, Provider], max_tokens: int) -> None:
+    spec = _spec(pair, k_initial=4, k_min=4, k_max=4)
+    body = _body(_PROMPTS[1], max_tokens=max_tokens)
+    got = _answer(await spec.complete(body))
+    assert got == _answer(await pair[0].complete(body))
+    assert got[2] <= max_tokens
+
+
+async def test_stop_strings_are_honoured_exactly(pair: tuple[Provider, Provider]) -> None:
+    spec = _spec(pair)
+    for prompt in _PROMPTS[:8]:
+        full, _, _ = _answer(await pair[0].complete(_body(prompt, max_tokens=40)))
+        words = full.split()
+        if len(words) < 8:
+            continue
+        for stops in ([" " + words[5]], [words[6][:2], "zz"], ["zz", " " + words[3] + " " + words[4]]):
+            body = _body(prompt, max_tokens=40, stop=stops)
+            want = _answer(await pair[0].complete(body))
+            assert _answer(await spec.complete(body)) == want, (prompt, stops)
+            chunks, stream = await _stream(spec, body)
+            assert _streamed_answer(chunks, stream) == want, (prompt, stops)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+@pytest.mark.parametrize("kind", ["500", "drop"])
+async def test_draft_failure_mid_answer_finishes_on_the_large_model(
+    pair: tuple[Provider, Provider], small: ToyServer, kind: str
+) -> None:
+    spec = _spec(pair)
+    await spec.check_pair()
+    body, want = await _long_answer(pair[0], max_tokens=70)
+    for streaming in (False, True):
+        small.reset()
+        small.fail_after(3, kind)
+        if streaming:
+            chunks, stream = await _stream(spec, body)
+            got, stats = _streamed_answer(chunks, stream), stream.speculation
+        else:
+            completion = await spec.complete(body)
+            got, stats = _answer(completion), completion.speculation  # type: ignore[attr-defined]
+        assert got == want  # nothing repeated, nothing lost
+        assert stats.draft_failed and stats.rounds >= 3
+
+
+async def _long_answer(target: Provider, max_tokens: int) -> tuple[dict[str, Any], tuple[str, str, int]]:
+    """A prompt whose answer runs to ``max_tokens`` (no early end of sequence)."""
+    for prompt in _PROMPTS:
+        body = _body(prompt, max_tokens=max_tokens)
+        answer = _answer(await target.complete(body))
+        if answer[1] == "length":
+            return body, answer
+    raise AssertionError("no prompt gives a long answer")
+
+
+async def test_tokenizer_mismatch_is_refused(large: ToyServer, foreign: ToyServer) -> None:
+    target, draft = _provider("large", large), _provider("small", foreign, "small")
+    try:
+        spec = SpeculativeProvider(target, draft, SpeculationPolicy(mode="gateway", draft="small"))
+        with pytest.raises(PairMismatchError, match="tokenize the probe text differently"):
+            await spec.check_pair()
+        completion = await spec.complete(_body(_PROMPTS[0], max_tokens=10))
+        assert completion.speculation.fallback_reason == "pair_refused"  # type: ignore[attr-defined]
+        assert foreign.stats()["completions"] == 0
+    finally:
+        await target.aclose()
+        await draft.aclose()
+
+
+async def test_requests_the_loop_cannot_reproduce_go_plain(pair: tuple[Provider, Provider]) -> None:
+    spec = _spec(pair, sampling="plain")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    for body, reason in (
+        (_body("hi", max_tokens=5, tools=tools), "unsupported_tools"),
+        (_body("hi", max_tokens=5, n=2), "unsupported_n"),
+        ({**_body("hi", max_tokens=5), "temperature": 0.7}, "sampling_plain"),
+    ):
+        completion = await spec.complete(body)
+        assert completion.speculation.fallback_reason == reason  # type: ignore[attr-defined]
+    chunks, stream = await _stream(spec, {**_body("hi", max_tokens=5), "temperature": 0.7})
+    assert stream.speculation.fallback_to_plain and chunks
+
+
+# --------------------------------------------------------------------------- draft sources and k
+
+
+async def test_prompt_lookup_draft_is_exact_and_cheap(pair: tuple[Provider, Provider], small: ToyServer) -> None:
+    spec = _spec(pair, draft_source="prompt_lookup", draft=None)
+    await spec.check_pair()
+    for prompt in _PROMPTS[-4:]:
+        body = _body(prompt, max_tokens=60)
+        completion = await spec.complete(body)
+        assert _answer(completion) == _answer(await pair[0].complete(body))
+        assert completion.speculation.draft_source == "prompt_lookup"  # type: ignore[attr-defined]
+    assert small.stats()["completions"] == 0
+
+
+def test_prompt_lookup_copies_what_followed_the_last_match() -> None:
+    assert lookup([1, 2, 3, 4, 9, 2, 3], 3, 3, 1, 4096) == [4, 9, 2]
+    assert lookup([5, 6, 7], 2, 3, 1, 4096) == []
+    assert lookup([1, 2, 1, 2], 4, 3, 1, 4096) == [1, 2]
+
+
+async def test_adaptive_k_stays_within_bounds(pair: tuple[Provider, Provider]) -> None:
+    spec = _spec(pair, k_initial=3, k_min=2, k_max=5)
+    for prompt in _PROMPTS[:4]:
+        completion = await spec.complete(_body(prompt, max_tokens=60))
+        history = completion.speculation.k_history  # type: ignore[attr-defined]
+        assert history and max(history) <= 5
+        assert min(history[:-1] or [2]) >= 2  # only the last round may be cut by max_tokens
+
+
+def test_adaptive_k_follows_acceptance_and_costs() -> None:
+    high, low = AdaptiveK(4, 1, 8), AdaptiveK(4, 1, 8)
+    for _ in range(30):
+        high.observe(drafted=8, accepted=8, draft_s=0.004 * 8, verify_s=0.030)
+        low.observe(drafted=4, accepted=0, draft_s=0.004 * 4, verify_s=0.030)
+    assert high.k == 8 and low.k == 1
+    assert expected_tokens(0.8, 4) == pytest.approx((1 - 0.8**5) / 0.2)
+
+
+# --------------------------------------------------------------------------- temperature > 0
+
+
+def test_speculative_sampling_preserves_the_target_distribution() -> None:
+    """With full distributions (top-n covers the vocabulary) the output token follows p exactly."""
+    rng = random.Random(5)
+    p = {0: 0.5, 1: 0.3, 2: 0.15, 3: 0.05}
+    q = {0: 0.2, 1: 0.6, 2: 0.1, 3: 0.1}
+    p_log = {t: math.log(v) for t, v in p.items()}
+    q_log = {t: math.log(v) for t, v in q.items()}
+    counts: Counter[int] = Counter()
+    trials = 40_000
+    for _ in range(trials):
+        x = rng.choices(list(q), weights=list(q.values()))[0]
+        accepted, correction = verify_sampled([x], [q_log], [p_log], 1.0, rng)
+        counts[x if accepted else correction] += 1  # type: ignore[index]
+    for token, prob in p.items():
+        assert counts[token] / trials == pytest.approx(prob, abs=0.01)
+
+
+async def test_sampled_requests_use_speculative_sampling(pair: tuple[Provider, Provider]) -> None:
+    spec = _spec(pair)
+    for seed in range(6):
+        body = {**_body(_PROMPTS[seed], max_tokens=30), "temperature": 1.0, "seed": seed}
+        completion = await spec.complete(body)
+        text, finish, count = _answer(completion)
+        stats = completion.speculation  # type: ignore[attr-defined]
+        assert stats.sampling == "speculative" and not stats.fallback_to_plain
+        assert count <= 30 and finish in ("stop", "length")
+        assert stats.rounds >= 1 and stats.accepted <= stats.drafted
