@@ -146,6 +146,7 @@ class ChatPipeline:
             assert provider is not None
             self._settle(x, provider, completion.usage, completion.text)
             record.upstream_status = 200
+            _record_speculation(record, completion)
             await self._fill_cache(x, completion.body)
             return Answer(200, completion.body, self._headers(x))
         except GatewayError as exc:
@@ -324,6 +325,7 @@ class ChatPipeline:
             with anyio.CancelScope(shield=True):  # the client may be gone: still close upstream and log
                 await stream.aclose()
                 await self._release_lease(x)
+            _record_speculation(record, stream)
             self._finish(x, upstream_wait)
 
     # -- accounting ----------------------------------------------------------------
@@ -397,6 +399,12 @@ class ChatPipeline:
         task = asyncio.get_running_loop().create_task(settle)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _record_speculation(record: RequestRecord, result: object) -> None:
+    stats = getattr(result, "speculation", None)
+    if stats is not None:
+        record.speculation = stats.to_log()
 
 
 async def _complete(provider: Provider, body: dict[str, Any]) -> Completion:

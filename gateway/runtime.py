@@ -15,8 +15,9 @@ import structlog
 from gateway.accounting.metrics import Metrics
 from gateway.auth import Authenticator
 from gateway.config.loader import LoadedPolicy, key_file_path, load_policy
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, UpstreamError
 from gateway.routing import Router
+from gateway.speculative import SpeculativeProvider
 from gateway.tokens import encoding_for
 from gateway.upstreams.base import Provider
 from gateway.upstreams.breaker import CircuitBreaker
@@ -88,7 +89,7 @@ class RuntimeHolder:
             new = self._build(loaded, previous=old)
             self._install(new)
             self.last_reload_error = None
-            self._retire([p for name, p in old.providers.items() if new.providers.get(name) is not p])
+            self._retire(list(old.providers.values()))
             _log.info("policy_reloaded", reason=reason, version=new.version, previous=old.version)
             for warning in loaded.warnings:
                 _log.warning("policy_warning", detail=warning)
@@ -126,14 +127,15 @@ class RuntimeHolder:
         for task in list(self._retired):
             task.cancel()
         if self._runtime is not None:
-            await asyncio.gather(*(p.aclose() for p in self._runtime.providers.values()), return_exceptions=True)
+            pools = {id(_plain(p)): _plain(p) for p in self._runtime.providers.values()}
+            await asyncio.gather(*(p.aclose() for p in pools.values()), return_exceptions=True)
 
     def _build(self, loaded: LoadedPolicy, previous: Runtime | None = None) -> Runtime:
         policy = loaded.policy
         providers: dict[str, Provider] = {}
         for name, config in policy.models.items():
             encoding_for(config.encoding)  # load the tokenizer now, not on a request
-            old = previous.providers.get(name) if previous else None
+            old = _plain(previous.providers[name]) if previous and name in previous.providers else None
             if old is not None and old.config == config and old.api_key == _api_key(config.api_key_env):
                 providers[name] = old  # unchanged: keep its warm connection pool
             else:
@@ -143,18 +145,52 @@ class RuntimeHolder:
                 self.breakers[name] = CircuitBreaker(policy.circuit_breaker)
             else:
                 breaker.update_policy(policy.circuit_breaker)
+        for name, config in policy.models.items():
+            spec = config.speculative
+            if spec.mode == "gateway":  # the draft/verify loop runs here, over both servers' token APIs
+                draft = providers.get(spec.draft) if spec.draft else None
+                providers[name] = SpeculativeProvider(_plain(providers[name]), draft and _plain(draft), spec)
         return Runtime(loaded, providers, Router(policy), Authenticator(policy.auth))
+
+    def _check_pairs(self, runtime: Runtime) -> None:
+        """Compare each speculative pair's tokenizers now rather than on the first request (never fatal)."""
+        for provider in runtime.providers.values():
+            if isinstance(provider, SpeculativeProvider):
+                self._spawn(_check_pair(provider))
 
     def _install(self, runtime: Runtime) -> None:
         self._runtime = runtime
         self.metrics.set_policy_version(runtime.version)
+        with contextlib.suppress(RuntimeError):  # no running loop (a synchronous caller): checked on first use
+            self._check_pairs(runtime)
 
     def _retire(self, providers: list[Provider]) -> None:
-        """Close replaced providers once requests that still hold them have had time to finish."""
-        for provider in providers:
+        """Close replaced providers once requests that still hold them have had time to finish.
+
+        Speculative providers share their target's pool: only pools the new runtime no
+        longer uses are closed.
+        """
+        in_use = {id(_plain(p)) for p in self.current.providers.values()}
+        retired = {id(_plain(p)): _plain(p) for p in providers if id(_plain(p)) not in in_use}
+        for provider in retired.values():
             task = asyncio.get_running_loop().create_task(_close_later(provider, provider.config.timeouts.total))
             self._retired.add(task)
             task.add_done_callback(self._retired.discard)
+
+
+def _plain(provider: Provider) -> Provider:
+    """The provider that owns the connection pool (a speculative one borrows its target's)."""
+    return provider.target if isinstance(provider, SpeculativeProvider) else provider
+
+
+async def _check_pair(provider: SpeculativeProvider) -> None:
+    try:
+        await provider.check_pair()
+        _log.info("speculation_pair_ok", model=provider.name, draft=provider.policy.draft)
+    except ConfigError as exc:
+        _log.error("speculation_refused", model=provider.name, problems=exc.problems)
+    except UpstreamError as exc:
+        _log.warning("speculation_pair_unchecked", model=provider.name, detail=exc.message)
 
 
 def _api_key(env_name: str | None) -> str | None:

@@ -58,6 +58,8 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     coalesced: bool | None = None
     """True when this request waited for an identical in-flight request's answer."""
     semantic_guard_refusals: int | None = None
+    speculation: dict[str, Any] | None = None
+    """Speculative decoding: mode, rounds, drafted and accepted tokens, large-model calls, fallback."""
 
 
 @dataclass(slots=True)

@@ -1,0 +1,87 @@
+"""Speculative decoding (mode gateway) through the gateway process, with the toy LM servers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from gateway.services.redis_server import EmbeddedRedis
+from tests.gateway_process import GatewayProcess, start_gateway
+from tests.speculative.servers import ToyServer, start_toy_server
+
+PROMPTS = ["tell me about the way it was", "write some long word and then see", "it is what it is"]
+
+
+def _policy(large: ToyServer, small: ToyServer) -> str:
+    return f"""
+pair: {{small: small, large: large}}
+models:
+  small:
+    base_url: {small.base_url}
+    price: {{input: 0.2, output: 0.2}}
+    tier: small
+  large:
+    base_url: {large.base_url}
+    price: {{input: 2, output: 6}}
+    tier: large
+    speculative: {{mode: gateway, draft: small, k_initial: 4, k_min: 1, k_max: 8}}
+  large-plain:
+    base_url: {large.base_url}
+    upstream_model: large
+    price: {{input: 2, output: 6}}
+    tier: large
+routes:
+  best: {{model: large}}
+cache: {{enabled: false}}
+"""
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[tuple[ToyServer, ToyServer]]:
+    large, small = start_toy_server(role="large", eos_rate=0.03), start_toy_server(role="small", agreement=0.8)
+    yield large, small
+    large.stop()
+    small.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis, servers: tuple[ToyServer, ToyServer]
+) -> Iterator[GatewayProcess]:
+    process = start_gateway(Path(tmp_path_factory.mktemp("spec")), _policy(*servers), env={"REDIS_URL": redis_server.url})
+    yield process
+    process.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_speculative_answers_equal_the_large_models_own(gateway: GatewayProcess, stream: bool) -> None:
+    client = openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0, timeout=30)
+    for prompt in PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        plain = client.chat.completions.create(model="large-plain", messages=messages, temperature=0, max_tokens=40)
+        if stream:
+            with client.chat.completions.with_streaming_response.create(
+                model="best", messages=messages, temperature=0, max_tokens=40, stream=True
+            ) as response:
+                request_id = response.headers["x-request-id"]
+                text = "".join(c.choices[0].delta.content or "" for c in response.parse() if c.choices)
+        else:
+            raw = client.chat.completions.with_raw_response.create(model="best", messages=messages, temperature=0, max_tokens=40)
+            request_id = raw.headers["x-request-id"]
+            text = raw.parse().choices[0].message.content or ""
+        assert text == plain.choices[0].message.content
+        record = gateway.wait_for_record(request_id)
+        speculation = record["speculation"]
+        assert speculation["mode"] == "gateway" and speculation["rounds"] >= 1
+        assert speculation["drafted"] >= speculation["accepted"] >= 0 and speculation["large_calls"] >= 1
+    assert '"speculation_pair_ok"' in gateway.stderr_text()
+
+
+def test_non_speculative_models_log_no_speculation(gateway: GatewayProcess) -> None:
+    response = httpx.post(f"{gateway.base_url}/chat/completions",
+                          json={"model": "small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})  # fmt: skip
+    assert gateway.wait_for_record(response.headers["x-request-id"]).get("speculation") is None
