@@ -11,6 +11,7 @@ from contextlib import ExitStack
 from gateway.config.loader import load_policy
 from gateway.errors import ConfigError
 from gateway.keys_command import add_keys_parser
+from gateway.reporting.command import add_report_parser
 
 __all__ = ["main"]
 
@@ -38,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.set_defaults(run=_check)
 
     add_keys_parser(commands)
+    add_report_parser(commands)
 
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run

@@ -25,6 +25,7 @@ from gateway.cache.entries import CachedAnswer, completion_from_stream, replay_s
 from gateway.cache.exact import ExactCache, Lease
 from gateway.cache.plan import CachePlan, plan_cache
 from gateway.cache.semantic import SemanticCache
+from gateway.classifier import ClassifierError
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.errors import GatewayError, UpstreamError
 from gateway.limits import RateLimiter, Reservation
@@ -38,6 +39,7 @@ from gateway.upstreams.base import ChatStream, Completion, Provider, Usage
 __all__ = ["Answer", "ChatPipeline", "Scorer", "StreamingAnswer"]
 
 _request_log = structlog.get_logger(REQUEST_LOGGER)
+_log = structlog.get_logger("gateway.pipeline")
 
 BodyReader = Callable[[int], Awaitable[bytes]]
 """Reads the request body, raising PayloadTooLargeError past the given byte limit."""
@@ -85,6 +87,10 @@ class _Exchange:
     embedding: np.ndarray | None = None
     similarity: float | None = None
     reservation: Reservation | None = None
+    score: PromptScore | None = None
+    scored: bool = False
+    downgrade: bool = False
+    """The tenant's budget is nearly spent: a classifier route goes to the small model."""
 
 
 class ChatPipeline:
@@ -135,6 +141,7 @@ class ChatPipeline:
             cached = await self._from_cache(x, cache_control)
             if cached is not None:
                 return cached
+            await self._route(x)
             if x.request.stream:
                 answer = await self._start_stream(x)
                 streaming_started = True
@@ -175,19 +182,44 @@ class ChatPipeline:
         policy = x.runtime.policy
         request = x.request
         completion = request.max_completion_tokens or request.max_tokens or policy.limits.default_completion_tokens
-        price = policy.models[x.plan.candidates[0]].price
+        # A classifier route may still pick the large model: estimate at the baseline's (large) price.
+        priced = x.plan.baseline if x.plan.threshold is not None else x.plan.candidates[0]
+        price = policy.models[priced].price
         estimate = cost_usd(price, x.prompt_tokens, completion)
         x.reservation = await self._limiter.reserve(policy, principal, x.prompt_tokens + completion, estimate)
         tenant = policy.tenants.get(principal.tenant)
-        if (
+        x.downgrade = (
             tenant is not None
             and tenant.downgrade_auto_at is not None
             and x.reservation.budget_share >= tenant.downgrade_auto_at
-            and policy.routes.get(x.plan.route) is not None
-            and policy.routes[x.plan.route].strategy == "classifier"
-        ):
-            x.plan = x.runtime.router.downgrade(x.plan)
-            x.record.decision = x.plan.decision
+        )
+
+    async def _score(self, x: _Exchange) -> PromptScore | None:
+        """The classifier's one forward pass (routing score and cache embedding), at most once per request."""
+        if not x.scored:
+            x.scored = True
+            if self._scorer is not None:
+                try:
+                    x.score = await self._scorer.score(x.body["messages"])
+                except ClassifierError as exc:
+                    _log.warning("classifier_failed", request_id=x.record.request_id, error=str(exc)[:200])
+        return x.score
+
+    async def _route(self, x: _Exchange) -> None:
+        """Classifier routes: small or large by ``p_large``; the route's default when there is no score."""
+        assert x.plan is not None
+        if x.plan.threshold is None:
+            return
+        router = x.runtime.router
+        if x.downgrade:
+            x.plan = router.downgrade(x.plan)
+        else:
+            score = await self._score(x)
+            if score is None:
+                return
+            x.plan = router.classify(x.plan, score.p_large)
+            x.record.p_large = round(score.p_large, 4)
+        x.record.decision = x.plan.decision
 
     async def _from_cache(self, x: _Exchange, cache_control: str | None) -> Answer | StreamingAnswer | None:
         """Exact hit, then semantic hit, then a coalesced answer; None means: ask upstream."""
@@ -202,8 +234,8 @@ class ChatPipeline:
             hit = await self._exact.get(plan.exact_key, timeout_s)
             if hit is not None:
                 return self._cached_answer(x, hit, "exact")
-        if plan.semantic_set is not None and self._scorer is not None:
-            score = await self._scorer.score(x.body["messages"])
+        score = await self._score(x) if plan.semantic_set is not None else None
+        if score is not None and plan.semantic_set is not None:
             x.embedding = score.embedding
             if plan.read:
                 found = await self._semantic.lookup(
@@ -360,6 +392,10 @@ class ChatPipeline:
         }
         if record.cache_similarity is not None:
             headers["x-gateway-cache-similarity"] = f"{record.cache_similarity:.4f}"
+        if record.decision is not None:
+            headers["x-gateway-decision"] = record.decision
+        if record.p_large is not None:
+            headers["x-gateway-p-large"] = f"{record.p_large:.4f}"
         return headers
 
     def _error_answer(self, x: _Exchange, exc: GatewayError) -> Answer:

@@ -19,7 +19,10 @@ class RoutePlan:
     baseline: str
     """The model whose price gives ``baseline_cost_usd``: what the request would have cost without routing."""
     decision: str
-    """Why the first candidate: ``fixed``, ``direct``, or ``default`` (classifier not loaded)."""
+    """Why the first candidate: ``fixed``, ``direct``, ``small``/``large`` (classifier), ``default``
+    (classifier route, classifier unavailable), ``budget_downgrade``."""
+    threshold: float | None = None
+    """Classifier routes: send to the large model when ``p_large`` is at or above this."""
 
 
 class Router:
@@ -31,11 +34,14 @@ class Router:
                 plans[name] = RoutePlan(name, (name,), large, "direct")
         for name, route in policy.routes.items():
             assert route.model is not None  # enforced by the loader
-            decision = "default" if route.strategy == "classifier" else "fixed"
             candidates = tuple(dict.fromkeys([route.model, *route.fallbacks]))
-            plans[name] = RoutePlan(name, candidates, route.baseline or large, decision)
+            if route.strategy == "classifier":
+                plans[name] = RoutePlan(name, candidates, route.baseline or large, "default", route.threshold)
+            else:
+                plans[name] = RoutePlan(name, candidates, route.baseline or large, "fixed")
         self._plans = plans
-        self._small = policy.pair.small
+        self._small, self._large = policy.pair.small, policy.pair.large
+        self._fallbacks = {name: tuple(route.fallbacks) for name, route in policy.routes.items()}
         self.route_names = tuple(policy.routes)
         self.model_names = tuple(name for name, model in policy.models.items() if model.public)
 
@@ -50,3 +56,11 @@ class Router:
     def downgrade(self, plan: RoutePlan) -> RoutePlan:
         """The same route on the small model alone: a nearly spent budget must not reach the large one."""
         return RoutePlan(plan.route, (self._small,), plan.baseline, "budget_downgrade")
+
+    def classify(self, plan: RoutePlan, p_large: float) -> RoutePlan:
+        """The pair's large model when ``p_large`` reaches the threshold, else the small; the route's
+        other fallbacks follow."""
+        assert plan.threshold is not None
+        chosen, decision = (self._large, "large") if p_large >= plan.threshold else (self._small, "small")
+        candidates = tuple(dict.fromkeys([chosen, *self._fallbacks.get(plan.route, ())]))
+        return RoutePlan(plan.route, candidates, plan.baseline, decision, plan.threshold)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["Settings"]
+__all__ = ["DEFAULT_ROUTER_ARTIFACTS", "Settings"]
+
+DEFAULT_ROUTER_ARTIFACTS = str(Path(__file__).resolve().parent.parent / "router_models" / "artifacts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +21,8 @@ class Settings:
     redis_url: str | None = None
     watch_policies: bool = True
     upstream_transport: str = "aiohttp"
+    router_artifacts: str = DEFAULT_ROUTER_ARTIFACTS
+    """The classifier's ONNX graph, tokenizer and config (missing: ``auto`` uses its default model)."""
     metrics_dir: str | None = None
     """Set (by ``serve --workers N``, N > 1) for prometheus_client's multiprocess mode."""
 
@@ -29,4 +34,5 @@ class Settings:
             watch_policies=os.environ.get("GATEWAY_WATCH_POLICIES", "1") != "0",
             upstream_transport=os.environ.get("GATEWAY_UPSTREAM_TRANSPORT", "aiohttp"),
             metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
+            router_artifacts=os.environ.get("GATEWAY_ROUTER_ARTIFACTS") or DEFAULT_ROUTER_ARTIFACTS,
         )

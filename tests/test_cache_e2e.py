@@ -17,7 +17,7 @@ from gateway.simulated import SimulatedUpstream
 from tests.conftest import inject, upstream_stats
 from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
-CACHE_ON = "{enabled: true, semantic: {enabled: false}, coalesce: {wait_s: 5}}"
+CACHE_ON = "{enabled: true, semantic: {enabled: false}, coalesce: {wait_s: 5}, redis_timeout_ms: 1000}"
 KEYS = """auth:
   mode: keys
   keys:

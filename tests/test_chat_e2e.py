@@ -44,7 +44,10 @@ def test_streamed_answer_chunks_and_usage(client: openai.OpenAI, gateway: Gatewa
         assert response.headers["content-type"].startswith("text/event-stream")
         chunks = list(response.parse())
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == "[simulated small] gamma beta alpha"
+    model = response.headers["x-gateway-model"]
+    assert text == f"[simulated {model}] gamma beta alpha"
+    assert response.headers["x-gateway-decision"] == model  # the classifier chose small or large
+    assert 0 <= float(response.headers["x-gateway-p-large"]) <= 1
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -52,7 +55,7 @@ def test_streamed_answer_chunks_and_usage(client: openai.OpenAI, gateway: Gatewa
     record = gateway.wait_for_record(request_id)
     assert record["stream"] is True and record["ttft_ms"] is not None
     assert record["completion_tokens"] == chunks[-1].usage.completion_tokens
-    assert record["decision"] == "default"  # `auto` before the classifier exists
+    assert record["decision"] == model and record["p_large"] == pytest.approx(float(response.headers["x-gateway-p-large"]))
 
 
 def test_stream_without_include_usage_has_no_usage_chunk_but_is_priced(

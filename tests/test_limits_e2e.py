@@ -34,7 +34,7 @@ tenants:
   shared: {limits: {rpm: 6}}
   saver: {downgrade_auto_at: 0.3}
 """ % {name: hash_key(f"key-{name}") for name in ("rpm", "tpm", "budget", "s1", "s2", "saver", "admin")}
-ROUTES = "  costly: {strategy: classifier, model: large, fallbacks: [small]}"
+ROUTES = "  costly: {strategy: classifier, model: large, fallbacks: [small], threshold: 0.0}"  # always large
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_new_key_is_created_once_and_picked_up_without_restart(pair: tuple[Gatew
 def test_redis_down_fails_open_or_closed_by_policy(
     tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream, mode: str, expected: int
 ) -> None:
-    policy = policy_text(small_upstream, large_upstream, auth=KEYS, limits=f"max_body_bytes: 65536, on_redis_error: {mode}")
+    policy = policy_text(small_upstream, large_upstream, auth=KEYS, limits=f"max_body_bytes: 65536, on_redis_error: {mode}, redis_timeout_ms: 2000")
     gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, expect_ready=False)
     try:
         response = _chat(gateway, "rpm")

@@ -32,7 +32,7 @@ def gateway(
     tmp_path_factory: pytest.TempPathFactory, cluster: LocalCluster,
     small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:  # fmt: skip
-    cache = "{enabled: true, semantic: {enabled: false}}"
+    cache = "{enabled: true, semantic: {enabled: false}, redis_timeout_ms: 1000}"
     policy = policy_text(small_upstream, large_upstream, auth=KEYS, cache=cache)
     process = start_gateway(Path(tmp_path_factory.mktemp("gw")), policy, env={"REDIS_URL": cluster.url})
     yield process

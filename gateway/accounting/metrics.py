@@ -48,6 +48,10 @@ class Metrics:
         self.redis_up = Gauge(
             "gateway_redis_up", "1 when Redis answered the last call (every worker)", registry=r, multiprocess_mode="min"
         )
+        self.redis_timeouts = Counter(
+            "gateway_redis_timeouts", "Redis calls abandoned at their deadline (the request went on without them)",
+            registry=r,
+        )  # fmt: skip
         self._policy_version: str | None = None
 
     def observe(self, record: RequestRecord) -> None:

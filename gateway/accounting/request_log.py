@@ -30,6 +30,8 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     tenant: str
     route: str | None = None
     decision: str | None = None
+    p_large: float | None = None
+    """Classifier routes: the router's score (higher: the large model helps more)."""
     model: str | None = None
     provider: str | None = None
     cache: str = "bypass"

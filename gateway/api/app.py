@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,6 +18,7 @@ from gateway.api.probes import error_response, healthz, list_models, metrics, re
 from gateway.api.usage import usage
 from gateway.api.state import GatewayState
 from gateway.cache.exact import ExactCache
+from gateway.classifier import load_classifier
 from gateway.cache.semantic import SemanticCache
 from gateway.config.loader import load_policy
 from gateway.errors import GatewayError, InvalidRequestError, ModelNotFoundError
@@ -36,7 +38,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        state = await _start(settings)
+        try:
+            state = await _start(settings)
+        except Exception as exc:
+            # The ASGI server may not show a failed start-up; say why before the worker exits.
+            print(f"[gateway] worker failed to start: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            raise
         app.state.gateway = state
         try:
             yield
@@ -64,8 +71,17 @@ async def _start(settings: Settings) -> GatewayState:
     client = connect(settings.redis_url) if settings.redis_url else None
     redis = SharedRedis(client, metrics)
     limiter = RateLimiter(redis)
-    pipeline = ChatPipeline(holder, metrics, ExactCache(redis), SemanticCache(redis), limiter, scorer=None)
-    state = GatewayState(holder, pipeline, metrics, redis, limiter, request_log, ops_log)
+    classifier = await asyncio.to_thread(load_classifier, settings.router_artifacts)
+    if classifier is None:
+        _log.warning("router_not_loaded", artifacts=settings.router_artifacts, effect="auto uses its default model")
+        classifier_info: dict[str, object] = {"loaded": False, "artifacts": settings.router_artifacts}
+    else:
+        classifier_info = {"loaded": True, **classifier.describe()}
+        _log.info("router_loaded", **classifier_info)
+    pipeline = ChatPipeline(holder, metrics, ExactCache(redis), SemanticCache(redis), limiter, scorer=classifier)
+    state = GatewayState(holder, pipeline, metrics, redis, limiter, request_log, ops_log, classifier_info)
+    if classifier is not None:
+        state.closers.append(classifier.aclose)
     holder.reload_on_sighup()
     if settings.watch_policies:
         state.tasks.append(asyncio.create_task(holder.watch(), name="policy-watch"))

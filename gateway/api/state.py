@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from gateway.accounting.metrics import Metrics
@@ -27,6 +28,7 @@ class GatewayState:
     ops_log: RequestLogWriter
     classifier_info: dict[str, object] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def aclose(self) -> None:
         for task in self.tasks:
@@ -35,6 +37,8 @@ class GatewayState:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.pipeline.drain()
+        for close in self.closers:
+            await close()
         await self.holder.aclose()
         await self.redis.aclose()
         self.request_log.close()

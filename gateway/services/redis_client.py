@@ -1,8 +1,10 @@
 """The shared Redis, used as an optimisation: every call is bounded and failure is an answer.
 
-When Redis errors or is slow, the call returns its fallback value, the outage is
-logged once (not once per request), and further calls skip Redis for a second
-before trying again, so a dead Redis costs requests nothing.
+A call that cannot reach Redis (refused, reset, unknown host) returns its fallback,
+the outage is logged once (not once per request), and further calls skip Redis for
+a second before trying again, so a dead Redis costs requests nothing. A call that is
+merely slow returns its fallback at its deadline, but does not mark Redis down: one
+slow answer under load must not switch the cache and the limits off for everyone.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ __all__ = ["SharedRedis", "connect"]
 T = TypeVar("T")
 _log = structlog.get_logger("gateway.redis")
 _RETRY_AFTER_S = 1.0
+_SLOW_LOG_EVERY_S = 10.0
 
 
 def connect(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
@@ -46,6 +49,7 @@ class SharedRedis:
         self.up = client is not None
         self._down_since: float | None = None
         self._last_attempt = 0.0
+        self._slow_logged_at = -_SLOW_LOG_EVERY_S
         metrics.redis_up.set(1 if self.up else 0)
 
     async def run(self, operation: Callable[[aioredis.Redis], Awaitable[T]], fallback: T, timeout_s: float) -> T:
@@ -59,7 +63,11 @@ class SharedRedis:
         try:
             async with asyncio.timeout(timeout_s):
                 result = await operation(client)
-        except (OSError, TimeoutError, aioredis.RedisError) as exc:
+        except (TimeoutError, aioredis.TimeoutError):
+            self._metrics.redis_timeouts.inc()
+            self._log_slow(timeout_s)
+            return fallback
+        except (OSError, aioredis.RedisError) as exc:
             self._mark_down(exc)
             return fallback
         if not self.up:
@@ -72,6 +80,12 @@ class SharedRedis:
             return False
         self._last_attempt = 0.0
         return await self.run(_ping, False, timeout_s)
+
+    def _log_slow(self, timeout_s: float) -> None:
+        now = time.monotonic()
+        if now - self._slow_logged_at >= _SLOW_LOG_EVERY_S:
+            self._slow_logged_at = now
+            _log.warning("redis_slow", timeout_ms=round(timeout_s * 1000, 1), effect="call skipped; see gateway_redis_timeouts_total")
 
     def _mark_down(self, exc: BaseException) -> None:
         if self.up or self._down_since is None:
