@@ -1,0 +1,371 @@
+"""Streaming totals over request log lines (docs/request-log.md).
+
+One pass keeps totals per (UTC day, key, tenant, model, route) — the finest grain any
+report asks for — so a table grouped any way, the chart and a usage summary all roll
+up from the same small set of cells instead of re-reading the log. The hot loop
+decodes each line with a typed msgspec Struct (only the fields used here) and adds
+into plain lists; any line that does not decode as a request line (blank lines,
+other events, broken lines) takes a slower path that only classifies it. There is no
+bytes pre-filter: in a request log nearly every line is a request line, and searching
+each ~700-byte line for ``"request"`` cost more (~0.6 µs) than it saved.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import re
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import IO, Annotated, Any
+
+import msgspec
+
+__all__ = [
+    "DIMENSIONS",
+    "Aggregator",
+    "LogLine",
+    "Totals",
+    "aggregate_path",
+    "open_log",
+    "parse_dimensions",
+    "parse_when",
+]
+
+DIMENSIONS = ("day", "key", "tenant", "model", "route")
+"""What ``--by`` can group on, in the order of a cell's key."""
+
+Cell = tuple[date, str, str, str | None, str | None]
+GroupKey = tuple[str | None, ...]
+
+
+class LogLine(msgspec.Struct, forbid_unknown_fields=False, gc=False):
+    """The fields of a request line a report needs; every other field is skipped."""
+
+    event: str
+    ts: Annotated[datetime, msgspec.Meta(tz=True)]
+    key_id: str
+    tenant: str
+    route: str | None
+    model: str | None
+    cache: str
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    baseline_cost_usd: float
+    cache_saved_usd: float | None = None
+
+
+class _EventOnly(msgspec.Struct, forbid_unknown_fields=False, gc=False):
+    event: Any = None
+
+
+_decode_line = msgspec.json.Decoder(LogLine).decode
+_decode_event = msgspec.json.Decoder(_EventOnly).decode
+
+# Positions in a cell's accumulator list.
+_REQUESTS, _ERRORS, _PROMPT, _COMPLETION, _COST, _BASELINE, _EXACT, _SEMANTIC, _SAVED = range(9)
+_FIELDS = 9
+
+
+@dataclass(slots=True)
+class Totals:
+    """Summed figures for one group; ``savings_usd`` already includes what caching saved."""
+
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    baseline_cost_usd: float = 0.0
+    cache_exact: int = 0
+    cache_semantic: int = 0
+    cache_saved_usd: float = 0.0
+
+    @property
+    def savings_usd(self) -> float:
+        return self.baseline_cost_usd - self.cost_usd
+
+    @property
+    def savings_pct(self) -> float | None:
+        """Savings as a share of the baseline cost; ``None`` when there is no baseline cost."""
+        return 100.0 * self.savings_usd / self.baseline_cost_usd if self.baseline_cost_usd else None
+
+    @property
+    def cache_hits(self) -> int:
+        return self.cache_exact + self.cache_semantic
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def add(self, other: Totals) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.cost_usd += other.cost_usd
+        self.baseline_cost_usd += other.baseline_cost_usd
+        self.cache_exact += other.cache_exact
+        self.cache_semantic += other.cache_semantic
+        self.cache_saved_usd += other.cache_saved_usd
+
+    def as_dict(self) -> dict[str, int | float | None]:
+        """Every figure, derived ones included, in the order reports show them."""
+        out: dict[str, int | float | None] = asdict(self)
+        out["cache_hits"] = self.cache_hits
+        out["savings_usd"] = self.savings_usd
+        out["savings_pct"] = self.savings_pct
+        return out
+
+    @classmethod
+    def _from_list(cls, acc: list[Any]) -> Totals:
+        return cls(
+            requests=acc[_REQUESTS], errors=acc[_ERRORS], prompt_tokens=acc[_PROMPT],
+            completion_tokens=acc[_COMPLETION], cost_usd=acc[_COST], baseline_cost_usd=acc[_BASELINE],
+            cache_exact=acc[_EXACT], cache_semantic=acc[_SEMANTIC], cache_saved_usd=acc[_SAVED],
+        )  # fmt: skip
+
+    def _to_list(self) -> list[Any]:
+        return [
+            self.requests, self.errors, self.prompt_tokens, self.completion_tokens, self.cost_usd,
+            self.baseline_cost_usd, self.cache_exact, self.cache_semantic, self.cache_saved_usd,
+        ]  # fmt: skip
+
+
+class Aggregator:
+    """Totals over request lines whose ``ts`` lies in ``[since, until)``.
+
+    Line counters: ``lines`` read, ``blank``, ``malformed`` (not JSON, not an object,
+    or a request line with a missing or mistyped field), ``ignored`` (other events),
+    ``out_of_period`` (request lines outside the period) and ``requests`` (counted).
+    """
+
+    def __init__(self, since: datetime | None = None, until: datetime | None = None) -> None:
+        for name, bound in (("since", since), ("until", until)):
+            if bound is not None and bound.tzinfo is None:
+                raise ValueError(f"{name} must be timezone-aware")
+        self.since = since
+        self.until = until
+        self.lines = 0
+        self.blank = 0
+        self.malformed = 0
+        self.ignored = 0
+        self.out_of_period = 0
+        self._cells: dict[Cell, list[Any]] = {}
+
+    @property
+    def requests(self) -> int:
+        return sum(acc[_REQUESTS] for acc in self._cells.values())
+
+    def feed(self, lines: Iterable[bytes]) -> None:
+        """Add every request line in ``lines`` (bytes, with or without the newline)."""
+        cells = self._cells
+        get = cells.get
+        decode = _decode_line
+        decode_error = msgspec.DecodeError
+        since, until = self.since, self.until
+        utc = UTC
+        read = skipped = 0
+        try:
+            for line in lines:
+                read += 1
+                try:
+                    r = decode(line)
+                except decode_error:
+                    self._classify(line)
+                    continue
+                if r.event != "request":
+                    self.ignored += 1
+                    continue
+                ts = r.ts
+                if (since is not None and ts < since) or (until is not None and ts >= until):
+                    skipped += 1
+                    continue
+                day = ts.date() if ts.tzinfo is utc else ts.astimezone(utc).date()
+                cell = (day, r.key_id, r.tenant, r.model, r.route)
+                acc = get(cell)
+                if acc is None:
+                    acc = cells[cell] = [0, 0, 0, 0, 0.0, 0.0, 0, 0, 0.0]
+                acc[0] += 1
+                if r.status >= 400:
+                    acc[1] += 1
+                acc[2] += r.prompt_tokens
+                acc[3] += r.completion_tokens
+                acc[4] += r.cost_usd
+                acc[5] += r.baseline_cost_usd
+                cache = r.cache
+                if cache == "exact":
+                    acc[6] += 1
+                elif cache == "semantic":
+                    acc[7] += 1
+                saved = r.cache_saved_usd
+                if saved:
+                    acc[8] += saved
+        finally:
+            self.lines += read
+            self.out_of_period += skipped
+
+    def add_record(self, record: LogLine) -> None:
+        """Add one already-decoded request line (not counted in ``lines``)."""
+        if record.event != "request":
+            self.ignored += 1
+            return
+        ts = record.ts
+        if (self.since is not None and ts < self.since) or (self.until is not None and ts >= self.until):
+            self.out_of_period += 1
+            return
+        saved = record.cache_saved_usd or 0.0
+        one = Totals(
+            requests=1, errors=int(record.status >= 400), prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens, cost_usd=record.cost_usd,
+            baseline_cost_usd=record.baseline_cost_usd, cache_exact=int(record.cache == "exact"),
+            cache_semantic=int(record.cache == "semantic"), cache_saved_usd=saved,
+        )  # fmt: skip
+        day = ts.astimezone(UTC).date()
+        self.add_totals(day, record.key_id, record.tenant, record.model, record.route, one)
+
+    def add_totals(
+        self, day: date, key_id: str, tenant: str, model: str | None, route: str | None, totals: Totals
+    ) -> None:
+        """Add pre-summed figures for one cell, e.g. from counters kept elsewhere (Redis)."""
+        cell: Cell = (day, key_id, tenant, model, route)
+        acc = self._cells.get(cell)
+        if acc is None:
+            self._cells[cell] = totals._to_list()
+            return
+        for i, value in enumerate(totals._to_list()):
+            acc[i] += value
+
+    def _classify(self, line: bytes) -> None:
+        """A line the fast path did not take: blank, another event, or malformed."""
+        if not line.strip():
+            self.blank += 1
+            return
+        try:
+            event = _decode_event(line).event
+        except msgspec.DecodeError:
+            self.malformed += 1
+            return
+        if event == "request":
+            self.malformed += 1
+        else:
+            self.ignored += 1
+
+    def cells(self) -> Iterator[tuple[Cell, Totals]]:
+        for cell, acc in self._cells.items():
+            yield cell, Totals._from_list(acc)
+
+    def rows(self, by: Sequence[str], *, key_id: str | None = None) -> list[tuple[GroupKey, Totals]]:
+        """Totals grouped by ``by`` (names from ``DIMENSIONS``, in that order), sorted by group.
+
+        ``day`` values are ISO dates; a missing model or route is ``None``.
+        """
+        index = [DIMENSIONS.index(name) for name in parse_dimensions(by)]
+        groups: dict[GroupKey, list[Any]] = {}
+        for cell, acc in self._cells.items():
+            if key_id is not None and cell[1] != key_id:
+                continue
+            group = tuple(cell[i].isoformat() if i == 0 else cell[i] for i in index)  # type: ignore[union-attr]
+            into = groups.get(group)
+            if into is None:
+                groups[group] = list(acc)
+            else:
+                for i in range(_FIELDS):
+                    into[i] += acc[i]
+        ordered = sorted(groups.items(), key=lambda item: tuple("" if v is None else v for v in item[0]))
+        return [(group, Totals._from_list(acc)) for group, acc in ordered]
+
+    def total(self, *, key_id: str | None = None) -> Totals:
+        rows = self.rows((), key_id=key_id)
+        return rows[0][1] if rows else Totals()
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "lines": self.lines,
+            "requests": self.requests,
+            "out_of_period": self.out_of_period,
+            "ignored": self.ignored,
+            "blank": self.blank,
+            "malformed": self.malformed,
+        }
+
+
+def parse_dimensions(by: str | Sequence[str]) -> tuple[str, ...]:
+    """``"day,model"`` or ``["day", "model"]`` → ``("day", "model")``; rejects unknown or repeated names."""
+    names = [part.strip() for part in by.split(",")] if isinstance(by, str) else [str(part) for part in by]
+    names = [name for name in names if name]
+    unknown = [name for name in names if name not in DIMENSIONS]
+    if unknown:
+        raise ValueError(f"unknown grouping {', '.join(unknown)}: choose from {', '.join(DIMENSIONS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"repeated grouping in {','.join(names)}")
+    return tuple(names)
+
+
+_RELATIVE = re.compile(r"^\s*(\d+)\s*([mhdw])\s*$")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_when(text: str, *, now: datetime | None = None) -> datetime:
+    """An aware UTC datetime from ``2026-11-20``, ``2026-11-20T12:00[:00][Z|±hh:mm]`` or ``7d``/``24h``/``30m``/``2w`` ago.
+
+    Dates mean midnight UTC; datetimes without an offset are taken as UTC; relative
+    times are truncated to the second.
+    """
+    match = _RELATIVE.match(text)
+    if match:
+        now = now or datetime.now(UTC)
+        ago = now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        return ago.astimezone(UTC).replace(microsecond=0)
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"not a date, datetime or relative time (7d, 24h, 30m, 2w): {text!r}") from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+@contextmanager
+def open_log(path: str) -> Iterator[IO[bytes]]:
+    """A binary stream over a log file, a gzipped one (by its magic bytes), or stdin for ``-``."""
+    if path == "-":
+        stream: IO[bytes] = sys.stdin.buffer
+        peek = getattr(stream, "peek", None)
+        with _unzipped(stream) if peek is not None and peek(2)[:2] == _GZIP_MAGIC else _as_is(stream) as lines:
+            yield lines
+        return
+    with open(path, "rb") as file:
+        with _unzipped(file) if file.peek(2)[:2] == _GZIP_MAGIC else _as_is(file) as lines:
+            yield lines
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+@contextmanager
+def _unzipped(raw: IO[bytes]) -> Iterator[IO[bytes]]:
+    # A 64 KiB buffer over GzipFile costs ~25% less CPU per line than gzip.open's 8 KiB
+    # one. If the file is cut short, what is left in the buffer (at most 64 KiB of
+    # lines) is lost with the EOFError.
+    with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
+        with io.BufferedReader(unzipped, buffer_size=1 << 16) as buffered:  # type: ignore[arg-type]
+            yield buffered
+
+
+@contextmanager
+def _as_is(raw: IO[bytes]) -> Iterator[IO[bytes]]:
+    yield raw
+
+
+def aggregate_path(path: str, since: datetime | None = None, until: datetime | None = None) -> Aggregator:
+    """Read a whole log (path, gzipped file or ``-``) into a new ``Aggregator``."""
+    aggregator = Aggregator(since, until)
+    with open_log(path) as stream:
+        aggregator.feed(stream)
+    return aggregator

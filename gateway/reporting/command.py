@@ -1,0 +1,107 @@
+"""``python -m gateway report LOG [--by ...] [--since ...] [--until ...] [--format ...] [--png FILE]``.
+
+Also runnable on its own as ``python -m gateway.reporting.command LOG ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from gateway.reporting.aggregate import DIMENSIONS, Aggregator, open_log, parse_dimensions, parse_when
+from gateway.reporting.table import FORMATS, render, summary_line
+
+__all__ = ["add_report_parser", "main", "run_report"]
+
+_DESCRIPTION = (
+    "Totals from the request log (the JSON lines with \"event\": \"request\"): requests, errors, tokens, "
+    "cost, baseline cost, savings (baseline − cost, cache hits included) and cache hits, grouped as asked. "
+    "Other lines are skipped; malformed ones are counted."
+)
+
+
+def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``report`` command to an ``add_subparsers()`` object; it sets ``run=run_report``."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "report", help="cost and savings totals from a request log", description=_DESCRIPTION
+    )
+    _add_arguments(parser)
+    parser.set_defaults(run=run_report)
+    return parser
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "logs", metavar="LOG", nargs="+", help="request log: a file (plain or gzipped) or - for stdin; several are summed"
+    )
+    parser.add_argument(
+        "--by", default="day", type=_dimensions,
+        help=f"comma-separated grouping, any of {','.join(DIMENSIONS)} in the order wanted; '' for one total (default: day)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--since", type=_when, help="first time included: 2026-11-20, 2026-11-20T12:00Z, or 7d / 24h / 30m / 2w ago"
+    )
+    parser.add_argument("--until", type=_when, help="first time excluded, same forms as --since (default: no end)")
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output on stdout (default: table)")
+    parser.add_argument("--png", metavar="FILE", help="also write a chart: cost per day by model, savings per day")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Exit status 0, or 1 when the log cannot be read or the chart cannot be drawn."""
+    if args.since and args.until and args.since >= args.until:
+        print("report: --since must be before --until", file=sys.stderr)
+        return 1
+    aggregator = Aggregator(args.since, args.until)
+    for path in args.logs:
+        try:
+            with open_log(path) as stream:
+                aggregator.feed(stream)
+        except EOFError:  # a gzipped log cut short, e.g. copied while being written
+            print(f"report: {path} ends early; the lines before that are counted", file=sys.stderr)
+        except OSError as exc:  # includes gzip.BadGzipFile
+            print(f"report: cannot read {path}: {exc}", file=sys.stderr)
+            return 1
+    try:
+        sys.stdout.write(render(aggregator, args.by, args.format))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `... | head`: not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
+    if args.format != "table":
+        print(summary_line(aggregator), file=sys.stderr)
+    if args.png:
+        from gateway.reporting.chart import ChartUnavailable, render_png
+
+        try:
+            render_png(aggregator, args.png)
+        except ChartUnavailable as exc:
+            print(f"report: {exc}", file=sys.stderr)
+            return 1
+        print(f"report: chart written to {args.png}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway report", description=_DESCRIPTION)
+    _add_arguments(parser)
+    return run_report(parser.parse_args(argv))
+
+
+def _dimensions(text: str) -> tuple[str, ...]:
+    try:
+        return parse_dimensions(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _when(text: str) -> Any:
+    try:
+        return parse_when(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

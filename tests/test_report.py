@@ -1,0 +1,455 @@
+"""``python -m gateway report``: totals from a synthetic request log whose figures are known.
+
+The log mixes valid request lines with every kind of line the aggregator must skip
+(malformed, blank, other events, a truncated last line); expected totals come from a
+plain dict-based reference computed here, plus a small log with hand-written figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import random
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from gateway.reporting import command
+from gateway.reporting.aggregate import DIMENSIONS, Aggregator, Totals, aggregate_path, parse_dimensions, parse_when
+from gateway.reporting.usage import usage_summary
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+_KEYS = [("key-a", "acme"), ("key-b", "acme"), ("key-c", "globex"), ("key-d", "globex"), ("key-e", "initech")]
+_MODELS = [("small", "openai"), ("large", "anthropic"), ("mini", "openai")]
+_ROUTES = ["auto", "fast", "best"]
+_DAYS = ["2026-03-01", "2026-03-02", "2026-03-03", "2026-03-04"]
+
+
+# --- the synthetic log --------------------------------------------------------------------
+
+
+def _request(rng: random.Random, i: int) -> dict[str, Any]:
+    """One request line with every field the gateway writes, varied on every axis."""
+    key_id, tenant = rng.choice(_KEYS)
+    model, provider = rng.choice(_MODELS)
+    route = rng.choice(_ROUTES)
+    day = _DAYS[i % len(_DAYS)]
+    ts = f"{day}T{rng.randrange(24):02d}:{rng.randrange(60):02d}:{rng.randrange(60):02d}.{rng.randrange(10**6):06d}Z"
+    if i % 17 == 0:
+        ts = ts.replace("Z", "+00:00")
+    prompt, completion = rng.randint(1, 3000), rng.randint(0, 900)
+    baseline = round(prompt * 3e-6 + completion * 15e-6, 12)
+    roll = rng.random()
+    cache = "exact" if roll < 0.15 else "semantic" if roll < 0.25 else "miss" if roll < 0.7 else "bypass"
+    errors = [(400, "invalid_request_error"), (502, "upstream_bad_response"), (499, "client_disconnected")]
+    status, error = (200, None) if rng.random() > 0.1 else rng.choice(errors)
+    hit = cache in ("exact", "semantic") and status == 200
+    cost = 0.0 if hit else round(prompt * rng.choice([0.15e-6, 3e-6]) + completion * 0.6e-6, 12)
+    return {
+        "request_id": f"req-{i}", "key_id": key_id, "tenant": tenant, "route": route, "decision": "fixed",
+        "model": model, "provider": provider, "cache": cache, "stream": bool(i % 2), "status": status,
+        "prompt_tokens": prompt, "completion_tokens": completion, "tokens_source": "upstream",
+        "cost_usd": cost, "baseline_model": "large", "baseline_cost_usd": baseline,
+        "latency_ms": 12.5, "ttft_ms": None, "overhead_ms": 0.4, "upstream_status": status, "retries": 0,
+        "fallback_used": False, "error_type": error, "finish_reason": None, "policy_version": "abc123",
+        "cache_saved_usd": round(cost + baseline / 4, 12) if hit else None, "cache_similarity": None,
+        "schema_version": 1, "event": "request", "level": "info", "ts": ts,
+    }  # fmt: skip
+
+
+def _unrouted(i: int) -> dict[str, Any]:
+    """A request refused before routing: no route, no model, no tokens."""
+    return {
+        "request_id": f"req-{i}", "key_id": "-", "tenant": "-", "route": None, "decision": None, "model": None,
+        "provider": None, "cache": "bypass", "stream": False, "status": 401, "prompt_tokens": 0,
+        "completion_tokens": 0, "cost_usd": 0, "baseline_model": None, "baseline_cost_usd": 0,
+        "latency_ms": 0.3, "overhead_ms": 0.3, "error_type": "invalid_api_key", "schema_version": 1,
+        "event": "request", "level": "info", "ts": "2026-03-02T10:00:00Z",
+    }  # fmt: skip
+
+
+_MALFORMED = [
+    b"[gateway] REDIS_URL is unset: started a private Redis 8\n",  # not JSON
+    b"Traceback (most recent call last):\n",
+    b"[1, 2, 3]\n",  # JSON, not an object
+    b"42\n",
+    b'"request"\n',
+    b'{"event":"request","ts":"2026-03-01T00:00:00Z","key_id":"k"}\n',  # fields missing
+    b'{"event":"request","ts":"2026-03-01T00:00:00Z","key_id":"k","tenant":"t","route":"auto","model":"small",'
+    b'"cache":"miss","status":"200","prompt_tokens":1,"completion_tokens":1,"cost_usd":1,"baseline_cost_usd":1}\n',  # status is a string
+    b'{"event":"request","ts":"2026-03-01T00:00:00","key_id":"k","tenant":"t","route":"auto","model":"small",'
+    b'"cache":"miss","status":200,"prompt_tokens":1,"completion_tokens":1,"cost_usd":1,"baseline_cost_usd":1}\n',  # ts without zone
+    b'{"event":"request","ts":"yesterday","key_id":"k","tenant":"t","route":"auto","model":"small",'
+    b'"cache":"miss","status":200,"prompt_tokens":1,"completion_tokens":1,"cost_usd":1,"baseline_cost_usd":1}\n',
+    b'{"event":"request","ts":"2026-03-01T00:00:00Z","key_id":"k","tenant":"t","route":"auto","model":"small",'
+    b'"cache":"miss","status":200,"prompt_tokens":1.5,"completion_tokens":1,"cost_usd":1,"baseline_cost_usd":1}\n',
+    b'{"event":"request","ts":"2026-03-01T00:00:00Z","key_id":"k","tenant":"t","route":"auto","model":"small",'
+    b'"cache":"miss","status":200,"prompt_tokens":1,"completion_tokens":1,"cost_usd":"free","baseline_cost_usd":1}\n',
+    b'{"event":"request", "key_id": \n',  # broken JSON
+]
+_OTHER_EVENTS = [
+    b'{"event":"policy_loaded","version":"abc123","level":"info","ts":"2026-03-01T00:00:00Z"}\n',
+    b'{"event":"redis_unavailable","error":"refused","level":"warning","ts":"2026-03-02T00:00:00Z"}\n',
+    b'{"event": "tokenizer_fallback", "model": "small", "ts": "2026-03-03T00:00:00Z"}\n',
+    b'{"level":"info","msg":"no event field at all"}\n',
+    # every request field present, but another event: must not be counted
+    b'{"event":"request_replayed","ts":"2026-03-01T00:00:00Z","key_id":"k","tenant":"t","route":"auto","model":"small",'
+    b'"cache":"miss","status":200,"prompt_tokens":1,"completion_tokens":1,"cost_usd":1,"baseline_cost_usd":1}\n',
+]
+_BLANK = [b"\n", b"   \n", b"\r\n"]
+
+
+class SyntheticLog:
+    def __init__(self, requests: int = 600, seed: int = 20260301) -> None:
+        rng = random.Random(seed)
+        self.records = [_request(rng, i) for i in range(requests)]
+        self.records += [_unrouted(requests), _unrouted(requests + 1)]
+        lines = [msgspec.json.encode(r) + b"\n" for r in self.records]
+        lines[3] = json.dumps(self.records[3], indent=None).encode() + b"\r\n"  # spaced JSON, CRLF: still valid
+        noise = [*_MALFORMED, *_OTHER_EVENTS, *_BLANK]
+        for position, extra in zip(rng.sample(range(len(lines)), len(noise)), noise):
+            lines.insert(position, extra)
+        truncated = msgspec.json.encode(_request(rng, 99_999))[:150]  # the writer was killed mid-line
+        self.data = b"".join(lines) + truncated
+        self.lines = len(lines) + 1
+        self.malformed = len(_MALFORMED) + 1
+        self.ignored = len(_OTHER_EVENTS)
+        self.blank = len(_BLANK)
+
+
+def _day(record: dict[str, Any]) -> str:
+    return datetime.fromisoformat(record["ts"]).astimezone(UTC).date().isoformat()
+
+
+_FIELD = {"key": "key_id", "tenant": "tenant", "model": "model", "route": "route"}
+
+
+def _reference(records: Iterable[dict[str, Any]], by: Sequence[str]) -> dict[tuple[Any, ...], dict[str, float]]:
+    """The expected totals, computed the obvious way."""
+    groups: dict[tuple[Any, ...], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for r in records:
+        group = tuple(_day(r) if name == "day" else r[_FIELD[name]] for name in by)
+        g = groups[group]
+        g["requests"] += 1
+        g["errors"] += r["status"] >= 400
+        g["prompt_tokens"] += r["prompt_tokens"]
+        g["completion_tokens"] += r["completion_tokens"]
+        g["cost_usd"] += r["cost_usd"]
+        g["baseline_cost_usd"] += r["baseline_cost_usd"]
+        g["savings_usd"] += r["baseline_cost_usd"] - r["cost_usd"]
+        g["cache_exact"] += r["cache"] == "exact"
+        g["cache_semantic"] += r["cache"] == "semantic"
+        g["cache_hits"] += r["cache"] in ("exact", "semantic")
+        g["cache_saved_usd"] += r.get("cache_saved_usd") or 0.0
+    return {group: dict(figures) for group, figures in groups.items()}
+
+
+def _assert_matches(actual: dict[tuple[Any, ...], dict[str, Any]], expected: dict[tuple[Any, ...], dict[str, float]]) -> None:
+    assert set(actual) == set(expected)
+    for group, figures in expected.items():
+        got = actual[group]
+        for name, value in figures.items():
+            assert got[name] == pytest.approx(value, rel=1e-9, abs=1e-9), (group, name)
+        if figures["baseline_cost_usd"]:
+            pct = 100 * figures["savings_usd"] / figures["baseline_cost_usd"]
+            assert got["savings_pct"] == pytest.approx(pct, abs=0.01), group
+
+
+def _rows(aggregator: Aggregator, by: Sequence[str]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    return {group: totals.as_dict() for group, totals in aggregator.rows(by)}
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> SyntheticLog:
+    return SyntheticLog()
+
+
+@pytest.fixture(scope="module")
+def log_file(synthetic: SyntheticLog, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("report") / "requests.log"
+    path.write_bytes(synthetic.data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def aggregated(log_file: Path) -> Aggregator:
+    return aggregate_path(str(log_file))
+
+
+# --- totals --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "by",
+    [(), ("day",), ("key",), ("tenant",), ("model",), ("route",), ("day", "model"), ("model", "day"),
+     ("tenant", "key", "route"), DIMENSIONS],
+)  # fmt: skip
+def test_totals_match_the_reference_for_every_grouping(
+    synthetic: SyntheticLog, aggregated: Aggregator, by: tuple[str, ...]
+) -> None:
+    _assert_matches(_rows(aggregated, by), _reference(synthetic.records, by))
+
+
+def test_groups_come_in_the_order_asked_and_sorted(aggregated: Aggregator) -> None:
+    groups = [group for group, _ in aggregated.rows(("model", "day"))]
+    assert groups == sorted(groups, key=lambda g: tuple("" if v is None else v for v in g))
+    assert groups[0] == (None, "2026-03-02")  # the unrouted requests have no model
+    assert {g[1] for g in groups} == set(_DAYS)
+
+
+def test_skipped_lines_are_classified_and_counted(synthetic: SyntheticLog, aggregated: Aggregator) -> None:
+    assert aggregated.counters() == {
+        "lines": synthetic.lines,
+        "requests": len(synthetic.records),
+        "out_of_period": 0,
+        "ignored": synthetic.ignored,
+        "blank": synthetic.blank,
+        "malformed": synthetic.malformed,
+    }
+
+
+def test_hand_computed_figures() -> None:
+    """Three requests on two days; every figure worked out by hand."""
+    lines = [
+        {"ts": "2026-05-01T08:00:00Z", "key_id": "k1", "tenant": "t1", "route": "auto", "model": "small",
+         "cache": "miss", "status": 200, "prompt_tokens": 100, "completion_tokens": 50,
+         "cost_usd": 0.25, "baseline_cost_usd": 1.0},
+        {"ts": "2026-05-01T09:00:00Z", "key_id": "k1", "tenant": "t1", "route": "auto", "model": "small",
+         "cache": "exact", "status": 200, "prompt_tokens": 100, "completion_tokens": 50,
+         "cost_usd": 0.0, "baseline_cost_usd": 1.0, "cache_saved_usd": 0.25},
+        {"ts": "2026-05-02T23:59:59.999999Z", "key_id": "k2", "tenant": "t2", "route": "best", "model": "large",
+         "cache": "bypass", "status": 502, "prompt_tokens": 10, "completion_tokens": 0,
+         "cost_usd": 0.5, "baseline_cost_usd": 0.5},
+    ]  # fmt: skip
+    aggregator = Aggregator()
+    aggregator.feed(msgspec.json.encode({**line, "event": "request"}) for line in lines)
+    total = aggregator.total()
+    assert (total.requests, total.errors, total.prompt_tokens, total.completion_tokens) == (3, 1, 210, 100)
+    assert (total.cost_usd, total.baseline_cost_usd, total.savings_usd) == (0.75, 2.5, 1.75)
+    assert (total.cache_exact, total.cache_semantic, total.cache_hits, total.cache_saved_usd) == (1, 0, 1, 0.25)
+    assert total.savings_pct == pytest.approx(70.0)
+    days = dict(aggregator.rows(("day",)))
+    assert days[("2026-05-01",)].savings_usd == 1.75 and days[("2026-05-01",)].savings_pct == 87.5
+    assert days[("2026-05-02",)].savings_usd == 0.0 and days[("2026-05-02",)].errors == 1
+    assert Totals().savings_pct is None
+
+
+# --- the period -----------------------------------------------------------------------------
+
+
+def test_since_and_until_keep_a_half_open_period(synthetic: SyntheticLog, log_file: Path) -> None:
+    since, until = parse_when("2026-03-02"), parse_when("2026-03-03T12:00:00+02:00")  # 10:00 UTC
+    aggregator = aggregate_path(str(log_file), since, until)
+    kept = [r for r in synthetic.records if since <= datetime.fromisoformat(r["ts"]) < until]
+    assert 0 < len(kept) < len(synthetic.records)
+    _assert_matches(_rows(aggregator, ("day", "tenant")), _reference(kept, ("day", "tenant")))
+    assert aggregator.out_of_period == len(synthetic.records) - len(kept)
+    assert aggregator.malformed == synthetic.malformed
+
+
+def test_a_record_exactly_at_since_is_in_and_at_until_is_out() -> None:
+    line = b'{"event":"request","ts":"%s","key_id":"k","tenant":"t","route":"auto","model":"m","cache":"miss",' \
+           b'"status":200,"prompt_tokens":1,"completion_tokens":1,"cost_usd":1,"baseline_cost_usd":2}'  # fmt: skip
+    aggregator = Aggregator(parse_when("2026-01-01"), parse_when("2026-01-02"))
+    aggregator.feed([line % b"2026-01-01T00:00:00Z", line % b"2026-01-02T00:00:00Z", line % b"2026-01-02T01:00:00+02:00"])
+    assert aggregator.total().requests == 2  # the last one is 23:00 UTC on the 1st
+    assert aggregator.rows(("day",))[0][0] == ("2026-01-01",)
+    assert aggregator.out_of_period == 1
+
+
+def test_parse_when_forms() -> None:
+    now = datetime(2026, 3, 10, 12, 30, 15, 123456, tzinfo=UTC)
+    assert parse_when("7d", now=now) == datetime(2026, 3, 3, 12, 30, 15, tzinfo=UTC)
+    assert parse_when("24h", now=now) == datetime(2026, 3, 9, 12, 30, 15, tzinfo=UTC)
+    assert parse_when("30m", now=now) == datetime(2026, 3, 10, 12, 0, 15, tzinfo=UTC)
+    assert parse_when("2w", now=now) == datetime(2026, 2, 24, 12, 30, 15, tzinfo=UTC)
+    assert parse_when("2026-03-01") == datetime(2026, 3, 1, tzinfo=UTC)
+    assert parse_when("2026-03-01T06:00") == datetime(2026, 3, 1, 6, tzinfo=UTC)
+    assert parse_when("2026-03-01T06:00:00Z") == datetime(2026, 3, 1, 6, tzinfo=UTC)
+    assert parse_when("2026-03-01T06:00:00-05:00") == datetime(2026, 3, 1, 11, tzinfo=UTC)
+    for bad in ("yesterday", "7y", "", "2026-13-01"):
+        with pytest.raises(ValueError):
+            parse_when(bad)
+
+
+def test_relative_since_through_the_cli(log_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Everything in the log is years before "now - 1d": nothing is counted, nothing breaks."""
+    assert command.main([str(log_file), "--since", "1d", "--format", "json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["total"]["requests"] == 0 and document["rows"] == []
+    assert document["lines"]["out_of_period"] > 0
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def test_cli_subprocess_reads_stdin_and_writes_json(synthetic: SyntheticLog) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "report", "-", "--by", "tenant,model", "--format", "json"],
+        input=synthetic.data, capture_output=True, cwd=_ROOT, timeout=60, check=True,
+    )  # fmt: skip
+    document = json.loads(done.stdout)
+    assert document["by"] == ["tenant", "model"]
+    assert document["lines"]["malformed"] == synthetic.malformed
+    rows = {(row["tenant"], row["model"]): row for row in document["rows"]}
+    _assert_matches(rows, _reference(synthetic.records, ("tenant", "model")))
+    total = _reference(synthetic.records, ())[()]
+    assert document["total"]["cost_usd"] == pytest.approx(total["cost_usd"], abs=1e-8)
+    assert b"malformed" in done.stderr
+
+
+def test_cli_csv(synthetic: SyntheticLog, log_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert command.main([str(log_file), "--by", "day,route", "--format", "csv"]) == 0
+    out = capsys.readouterr()
+    table = list(csv.DictReader(io.StringIO(out.out)))
+    assert list(table[0])[:4] == ["day", "route", "requests", "errors"]
+    rows = {
+        (row["day"], row["route"] or None): {k: float(v) for k, v in row.items() if k not in ("day", "route") and v}
+        for row in table
+    }  # fmt: skip
+    expected = _reference(synthetic.records, ("day", "route"))
+    assert set(rows) == set(expected)
+    for group, figures in expected.items():
+        for name, value in figures.items():
+            assert rows[group][name] == pytest.approx(value, abs=1e-8), (group, name)
+    assert f"{synthetic.malformed} malformed" in out.err
+
+
+def test_cli_table(synthetic: SyntheticLog, log_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert command.main([str(log_file), "--by", "model"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header, rule = out[0], out[1]
+    assert header.split()[:3] == ["model", "requests", "errors"]
+    total_row = next(line for line in out if line.startswith("TOTAL"))
+    expected = _reference(synthetic.records, ())[()]
+    assert total_row.split()[1] == f"{int(expected['requests']):,}"
+    assert f"{expected['cost_usd']:,.4f}" in total_row
+    # columns line up: every figure ends where its header ends
+    ends = [i + 1 for i, c in enumerate(rule) if c == "-" and (i + 1 == len(rule) or rule[i + 1] == " ")]
+    for line in out[2:5] + [total_row]:
+        for end in ends[1:]:
+            assert line[end - 1] != " ", line
+    assert f"{synthetic.malformed} malformed" in out[-1]
+
+
+def test_gzipped_log_gives_the_same_totals(synthetic: SyntheticLog, tmp_path: Path, aggregated: Aggregator) -> None:
+    path = tmp_path / "requests.log.gz"
+    path.write_bytes(gzip.compress(synthetic.data))
+    zipped = aggregate_path(str(path))
+    assert _rows(zipped, DIMENSIONS) == _rows(aggregated, DIMENSIONS)
+    assert zipped.counters() == aggregated.counters()
+
+
+def test_several_logs_are_summed_and_a_cut_gzip_is_read_up_to_the_cut(
+    synthetic: SyntheticLog, log_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cut = tmp_path / "cut.log.gz"
+    cut.write_bytes(gzip.compress(synthetic.data)[:-200])
+    assert command.main([str(log_file), str(log_file), str(cut), "--by", "", "--format", "json"]) == 0
+    out = capsys.readouterr()
+    document = json.loads(out.out)
+    assert "ends early" in out.err
+    expected = _reference(synthetic.records, ())[()]
+    # the third copy is counted up to the cut, less what was still in the 64 KiB read buffer
+    assert 2.5 * expected["requests"] < document["total"]["requests"] < 3 * expected["requests"]
+    assert document["lines"]["malformed"] >= 2 * synthetic.malformed
+
+
+def test_bad_arguments(log_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        command.main([str(log_file), "--by", "day,colour"])
+    with pytest.raises(SystemExit):
+        command.main([str(log_file), "--since", "last tuesday"])
+    assert command.main([str(log_file), "--since", "2026-03-02", "--until", "2026-03-01"]) == 1
+    assert command.main([str(log_file.parent / "missing.log")]) == 1
+    assert "cannot read" in capsys.readouterr().err
+    with pytest.raises(ValueError):
+        parse_dimensions("day,day")
+
+
+def test_add_report_parser_wires_into_a_cli() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add = parser.add_subparsers(dest="command", required=True)
+    command.add_report_parser(add)
+    args = parser.parse_args(["report", "x.log", "--by", "tenant,key", "--since", "2026-03-01"])
+    assert args.run is command.run_report
+    assert args.by == ("tenant", "key") and args.since == datetime(2026, 3, 1, tzinfo=UTC)
+
+
+# --- the chart -----------------------------------------------------------------------------------
+
+
+def test_png_is_written(log_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "report.png"
+    assert command.main([str(log_file), "--by", "day", "--png", str(png)]) == 0
+    data = png.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+    assert "chart written" in capsys.readouterr().err
+
+
+def test_png_without_matplotlib_says_how_to_install(
+    log_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes importing it fail, even once imported
+    assert command.main([str(log_file), "--png", str(tmp_path / "r.png")]) == 1
+    assert "pip install 'llm-gateway[report]'" in capsys.readouterr().err
+    assert not (tmp_path / "r.png").exists()
+
+
+# --- usage summary ---------------------------------------------------------------------------------
+
+
+def test_usage_summary_from_lines_records_and_aggregator(synthetic: SyntheticLog, aggregated: Aggregator) -> None:
+    since, until = parse_when("2026-03-02"), parse_when("2026-03-04")
+    from_lines = usage_summary(io.BytesIO(synthetic.data), "key-c", since, until)
+    decoded = []
+    for line in synthetic.data.splitlines():
+        try:
+            decoded.append(json.loads(line))
+        except ValueError:
+            pass
+    from_records = usage_summary(decoded, "key-c", since, until)
+    from_aggregator = usage_summary(aggregated, "key-c", since, until)
+    assert from_lines == from_records == from_aggregator
+
+    kept = [r for r in synthetic.records if r["key_id"] == "key-c" and since <= datetime.fromisoformat(r["ts"]) < until]
+    expected = _reference(kept, ())[()]
+    assert from_lines["key_id"] == "key-c"
+    assert (from_lines["since"], from_lines["until"]) == ("2026-03-02T00:00:00Z", "2026-03-04T00:00:00Z")
+    assert from_lines["requests"] == expected["requests"]
+    assert from_lines["total_tokens"] == expected["prompt_tokens"] + expected["completion_tokens"]
+    assert from_lines["savings_usd"] == pytest.approx(expected["savings_usd"], abs=1e-8)
+    assert from_lines["cache"]["hits"] == expected["cache_hits"]
+    assert from_lines["cache"]["saved_usd"] == pytest.approx(expected["cache_saved_usd"], abs=1e-8)
+    assert [d["day"] for d in from_lines["by_day"]] == ["2026-03-02", "2026-03-03"]
+    assert sum(m["requests"] for m in from_lines["by_model"]) == expected["requests"]
+    msgspec.json.encode(from_lines)  # the body is JSON-serialisable
+
+    everyone = usage_summary(aggregated)
+    assert everyone["key_id"] is None and everyone["requests"] == len(synthetic.records)
+    with pytest.raises(ValueError, match="midnight"):
+        usage_summary(aggregated, None, parse_when("2026-03-02T06:00Z"))
+
+
+def test_aggregator_accepts_counters_kept_elsewhere() -> None:
+    """What a Redis-backed /v1/usage would do: per-day counters in, the same summary out."""
+    aggregator = Aggregator()
+    day = datetime(2026, 3, 1, tzinfo=UTC).date()
+    aggregator.add_totals(day, "k", "t", "small", "auto", Totals(requests=2, cost_usd=0.5, baseline_cost_usd=2.0))
+    aggregator.add_totals(day, "k", "t", "small", "auto", Totals(requests=1, cost_usd=0.5, baseline_cost_usd=1.0))
+    summary = usage_summary(aggregator, "k")
+    assert (summary["requests"], summary["cost_usd"], summary["savings_usd"], summary["savings_pct"]) == (3, 1.0, 2.0, 66.67)
