@@ -1,0 +1,173 @@
+"""``python -m gateway route`` and ``python -m gateway calibrate`` (no upstream is called).
+
+route_jsonl: one JSON line in (``prompt`` string or ``messages`` list), one out:
+``{"p_large", "decision": "large"|"small", "model", "text_chars"}`` plus the input's
+``id`` when it has one. Lines that are not valid get ``{"error": ...}`` and the run goes on.
+
+calibrate: the threshold that sends ``target_large_share`` of the sample to the large
+model (the (1 - share) quantile of ``p_large``), optionally written into a policy file.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from gateway.classifier.runtime import Classifier
+from gateway.classifier.text import select_text
+
+BATCH = 32
+
+
+def _open_in(src: str | Path | IO[str] | None) -> tuple[IO[str], bool]:
+    if src is None or src == "-":
+        return sys.stdin, False
+    if isinstance(src, (str, Path)):
+        return open(src, encoding="utf-8"), True
+    return src, False
+
+
+def _open_out(dst: str | Path | IO[str] | None) -> tuple[IO[str], bool]:
+    if dst is None or dst == "-":
+        return sys.stdout, False
+    if isinstance(dst, (str, Path)):
+        return open(dst, "w", encoding="utf-8"), True
+    return dst, False
+
+
+def _texts(lines: IO[str]) -> Iterator[tuple[dict[str, Any] | None, str | None, str | None]]:
+    """(record, text, error) per non-empty line."""
+    for raw in lines:
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except ValueError as exc:
+            yield None, None, f"invalid JSON: {exc}"
+            continue
+        if not isinstance(rec, dict):
+            yield None, None, "line is not a JSON object"
+            continue
+        if isinstance(rec.get("messages"), list):
+            yield rec, select_text(rec["messages"]), None
+        elif isinstance(rec.get("prompt"), str):
+            yield rec, rec["prompt"], None
+        else:
+            yield rec, None, "needs a 'prompt' string or a 'messages' list"
+
+
+def _scores(classifier: Classifier, src: IO[str]) -> Iterator[tuple[dict | None, str | None, float | None, str | None]]:
+    pending: list[tuple[dict | None, str]] = []
+
+    def flush() -> Iterator[tuple[dict | None, str | None, float | None, str | None]]:
+        scored = classifier.score_batch_sync([t for _, t in pending])
+        for (rec, t), s in zip(pending, scored):
+            yield rec, t, s.p_large, None
+        pending.clear()
+
+    for rec, text, err in _texts(src):
+        if err is not None:
+            yield from flush()
+            yield rec, None, None, err
+            continue
+        pending.append((rec, text or ""))
+        if len(pending) >= BATCH:
+            yield from flush()
+    yield from flush()
+
+
+def route_jsonl(
+    classifier: Classifier,
+    input_path: str | Path | IO[str] | None,
+    output: str | Path | IO[str] | None,
+    threshold: float,
+    small_model: str,
+    large_model: str,
+) -> dict[str, int]:
+    """Score every line of ``input_path`` (path, ``-``/None for stdin, or a file object)
+    and write one decision line per input to ``output``. Returns counts."""
+    src, close_src = _open_in(input_path)
+    dst, close_dst = _open_out(output)
+    counts = {"lines": 0, "large": 0, "small": 0, "errors": 0}
+    try:
+        for rec, text, p, err in _scores(classifier, src):
+            counts["lines"] += 1
+            out: dict[str, Any] = {}
+            if rec is not None and "id" in rec:
+                out["id"] = rec["id"]
+            if err is not None:
+                counts["errors"] += 1
+                out["error"] = err
+            else:
+                assert p is not None and text is not None
+                large = p >= threshold
+                counts["large" if large else "small"] += 1
+                out |= {
+                    "p_large": p,
+                    "decision": "large" if large else "small",
+                    "model": large_model if large else small_model,
+                    "threshold": threshold,
+                    "text_chars": len(text),
+                }
+            dst.write(json.dumps(out, ensure_ascii=False) + "\n")
+        dst.flush()
+    finally:
+        if close_src:
+            src.close()
+        if close_dst:
+            dst.close()
+    return counts
+
+
+def threshold_for_share(p_large: np.ndarray | list[float], target_large_share: float) -> float:
+    """Smallest threshold t with mean(p >= t) <= target (ties never overshoot the share)."""
+    if not 0.0 <= target_large_share <= 1.0:
+        raise ValueError("target_large_share must be in [0, 1]")
+    p = np.sort(np.asarray(p_large, dtype=np.float64))[::-1]
+    n = len(p)
+    if n == 0:
+        raise ValueError("no prompts to calibrate on")
+    k = int(np.floor(target_large_share * n + 1e-9))  # number of prompts sent to large
+    if k <= 0:
+        return float(np.nextafter(p[0], np.inf)) if p[0] < 1.0 else 1.0 + 1e-9
+    if k >= n:
+        return float(p[-1])
+    # p[k-1] is the k-th largest; if it ties with p[k], move up to the next distinct value
+    t = p[k - 1]
+    if p[k] == t:
+        higher = p[:k][p[:k] > t]
+        return float(higher[-1]) if len(higher) else float(np.nextafter(t, np.inf))
+    return float(t)
+
+
+def calibrate(classifier: Classifier, jsonl_path: str | Path | IO[str] | None, target_large_share: float) -> float:
+    """Threshold on ``p_large`` that sends ``target_large_share`` of the sample to the large model."""
+    src, close = _open_in(jsonl_path)
+    try:
+        ps = [p for _, _, p, err in _scores(classifier, src) if err is None and p is not None]
+    finally:
+        if close:
+            src.close()
+    return threshold_for_share(ps, target_large_share)
+
+
+def write_threshold(policy_path: str | Path, route: str, threshold: float) -> None:
+    """Set ``routes.<route>.auto.threshold`` in a YAML policy (rewrites the file; comments are lost).
+
+    The key layout is the integrator's call; this helper only covers the simple case.
+    """
+    import yaml
+
+    path = Path(policy_path)
+    doc = yaml.safe_load(path.read_text()) or {}
+    routes = doc.setdefault("routes", {})
+    node = routes.setdefault(route, {})
+    auto = node.setdefault("auto", {}) if isinstance(node, dict) else None
+    if auto is None:
+        raise ValueError(f"route {route!r} is not a mapping")
+    auto["threshold"] = round(float(threshold), 6)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))

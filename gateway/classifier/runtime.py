@@ -1,0 +1,298 @@
+"""The router classifier at serving time: one ONNX forward pass gives the prompt's
+normalized embedding (for the semantic cache) and ``p_large`` (for ``auto`` routing).
+
+* onnxruntime with the CUDA execution provider when a GPU is usable (and the artifact
+  ships a GPU variant, else the CPU one runs there), the CPU provider otherwise; the
+  active provider is in ``Classifier.provider``.
+* ``score()`` never blocks the event loop: requests go to a queue, a batcher task
+  collects them (waiting at most ``max_wait_s`` after the first, up to ``max_batch``),
+  and tokenization + inference of the batch run in a dedicated single-thread executor.
+  While one batch runs the next one fills up, so throughput grows with load.
+* ``load_classifier`` returns ``None`` (and logs why) when the artifacts are missing,
+  do not match their recorded sha256, or fail to load; it never raises.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from gateway.classifier.text import select_text
+
+_log = structlog.get_logger("gateway.classifier")
+
+DEFAULT_MAX_BATCH = 32
+DEFAULT_MAX_WAIT_S = 0.001
+
+
+class ClassifierError(RuntimeError):
+    """Inference failed; the caller falls back to the route's default model."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouterScore:
+    p_large: float
+    embedding: np.ndarray  # float32, L2-normalized, shape (d,)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+class Classifier:
+    """Loaded router. Build it with :func:`load_classifier`."""
+
+    def __init__(
+        self,
+        *,
+        session: Any,
+        tokenizer: Any,
+        config: dict[str, Any],
+        model_file: str,
+        version: str,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_wait_s: float = DEFAULT_MAX_WAIT_S,
+    ) -> None:
+        self._session = session
+        self._tokenizer = tokenizer
+        self.config = config
+        self.model_file = model_file
+        self.version = version
+        self.provider: str = session.get_providers()[0]
+        self.max_tokens: int = int(config["max_tokens"])
+        self.max_batch = max(1, int(max_batch))
+        self.max_wait_s = max(0.0, float(max_wait_s))
+        # characters cut before tokenizing (cheap bound on tokenizer work for huge prompts)
+        self._max_chars = self.max_tokens * 12
+        self._truncate_left = config.get("truncation", "right") == "left"
+        self._input_names = {i.name for i in session.get_inputs()}
+        self._out_names = [o.name for o in session.get_outputs()]
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-onnx")
+        self._lock = threading.Lock()
+        self._queue: asyncio.Queue[tuple[str, asyncio.Future[RouterScore]]] | None = None
+        self._batcher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self.batches_run = 0  # batches through score() (observability / tests)
+        self.max_batch_seen = 0
+
+    # ---------------------------------------------------------------- sync path
+    def _clip(self, text: str) -> str:
+        if len(text) <= self._max_chars:
+            return text
+        return text[-self._max_chars :] if self._truncate_left else text[: self._max_chars]
+
+    def _infer(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            encs = self._tokenizer.encode_batch([self._clip(t) for t in texts])
+        n = len(encs)
+        width = max(1, max(len(e.ids) for e in encs))
+        ids = np.zeros((n, width), dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        for i, e in enumerate(encs):
+            k = len(e.ids)
+            ids[i, :k] = e.ids
+            mask[i, :k] = 1
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        feeds = {k: v for k, v in feeds.items() if k in self._input_names}
+        emb, p = self._session.run(self._out_names, feeds)
+        return np.asarray(emb, dtype=np.float32), np.asarray(p, dtype=np.float32).reshape(-1)
+
+    def score_batch_sync(self, texts: list[str]) -> list[RouterScore]:
+        """Score raw texts (already selected) in one forward pass, on the calling thread."""
+        if not texts:
+            return []
+        out: list[RouterScore] = []
+        for start in range(0, len(texts), max(self.max_batch, 1)):
+            emb, p = self._infer(list(texts[start : start + self.max_batch]))
+            out.extend(RouterScore(float(np.clip(p[i], 0.0, 1.0)), emb[i]) for i in range(len(p)))
+        return out
+
+    def score_messages_sync(self, messages: list[dict]) -> RouterScore:
+        return self.score_batch_sync([select_text(messages)])[0]
+
+    # --------------------------------------------------------------- async path
+    def _ensure_batcher(self) -> asyncio.Queue[tuple[str, asyncio.Future[RouterScore]]]:
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._loop is not loop or self._batcher is None or self._batcher.done():
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            self._batcher = loop.create_task(self._batch_loop(self._queue), name="router-batcher")
+        return self._queue
+
+    async def score(self, messages: list[dict]) -> RouterScore:
+        """``p_large`` and the embedding for a conversation (micro-batched, off the loop)."""
+        return await self.score_text(select_text(messages))
+
+    async def score_text(self, text: str) -> RouterScore:
+        if self._closed:
+            raise ClassifierError("classifier is closed")
+        queue = self._ensure_batcher()
+        fut: asyncio.Future[RouterScore] = asyncio.get_running_loop().create_future()
+        queue.put_nowait((text, fut))
+        return await fut
+
+    async def _batch_loop(self, queue: asyncio.Queue[tuple[str, asyncio.Future[RouterScore]]]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await queue.get()]
+            if queue.empty() and self.max_wait_s > 0:
+                await asyncio.sleep(self.max_wait_s)  # bounded wait for peers to join
+            while len(batch) < self.max_batch and not queue.empty():
+                batch.append(queue.get_nowait())
+            live = [(t, f) for t, f in batch if not f.done()]
+            if not live:
+                continue
+            self.batches_run += 1
+            self.max_batch_seen = max(self.max_batch_seen, len(live))
+            try:
+                emb, p = await loop.run_in_executor(self._executor, self._infer, [t for t, _ in live])
+            except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
+                _log.warning("classifier_inference_failed", error=repr(exc), batch=len(live))
+                for _, f in live:
+                    if not f.done():
+                        f.set_exception(ClassifierError(repr(exc)))
+                continue
+            for i, (_, f) in enumerate(live):
+                if not f.done():
+                    f.set_result(RouterScore(float(np.clip(p[i], 0.0, 1.0)), emb[i]))
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._batcher is not None and not self._batcher.done():
+            self._batcher.cancel()
+            try:
+                await self._batcher
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        if self._queue is not None:
+            while not self._queue.empty():
+                _, f = self._queue.get_nowait()
+                if not f.done():
+                    f.set_exception(ClassifierError("classifier closed"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def describe(self) -> dict[str, Any]:
+        """For /readyz and the start-up log."""
+        return {
+            "provider": self.provider,
+            "version": self.version,
+            "model_file": self.model_file,
+            "max_tokens": self.max_tokens,
+            "max_batch": self.max_batch,
+            "max_wait_ms": self.max_wait_s * 1000,
+        }
+
+
+def _gpu_usable(ort: Any) -> bool:
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def load_classifier(
+    artifacts_dir: str | Path,
+    *,
+    prefer_gpu: bool = True,
+    variant: str | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_wait_s: float = DEFAULT_MAX_WAIT_S,
+    intra_op_threads: int | None = None,
+) -> Classifier | None:
+    """Load the router from ``artifacts_dir`` (config.json, tokenizer, ONNX graph).
+
+    ``variant`` picks a model file key from config["files"] (e.g. "int8", "fp32");
+    by default the GPU variant under CUDA and the CPU variant otherwise.
+    Returns None, with a ``classifier_unavailable`` log line saying why, on any failure.
+    """
+    d = Path(artifacts_dir)
+    try:
+        config_path = d / "config.json"
+        if not config_path.is_file():
+            _log.warning("classifier_unavailable", reason="missing", path=str(config_path))
+            return None
+        try:
+            config = json.loads(config_path.read_text())
+            files: dict[str, str] = config["files"]
+            hashes: dict[str, str] = config.get("sha256", {})
+            int(config["max_tokens"])
+        except (ValueError, KeyError, TypeError) as exc:
+            _log.warning("classifier_unavailable", reason="bad_config", path=str(config_path), error=repr(exc))
+            return None
+
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        use_gpu = prefer_gpu and _gpu_usable(ort)
+        if variant is None:
+            variant = config.get("gpu_variant", config["cpu_variant"]) if use_gpu else config["cpu_variant"]
+        if variant not in files:
+            _log.warning("classifier_unavailable", reason="unknown_variant", variant=variant)
+            return None
+        model_path = d / files[variant]
+        tok_path = d / files.get("tokenizer", "tokenizer.json")
+        for p in (model_path, tok_path):
+            if not p.is_file():
+                _log.warning("classifier_unavailable", reason="missing", path=str(p))
+                return None
+            want = hashes.get(p.name)
+            if want is not None:
+                got = _sha256(p)
+                if got != want:
+                    _log.warning("classifier_unavailable", reason="sha256_mismatch", path=str(p), expected=want, actual=got)
+                    return None
+
+        tokenizer = Tokenizer.from_file(str(tok_path))
+        tokenizer.enable_truncation(
+            max_length=int(config["max_tokens"]),
+            direction="left" if config.get("truncation") == "left" else "right",
+        )
+        tokenizer.no_padding()
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = intra_op_threads or _cpu_count()
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if use_gpu:
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
+        outs = [o.name for o in session.get_outputs()]
+        if outs[:2] != ["embedding", "p_large"]:
+            _log.warning("classifier_unavailable", reason="unexpected_outputs", outputs=outs)
+            return None
+        version = hashes.get(model_path.name) or _sha256(model_path)
+        clf = Classifier(
+            session=session,
+            tokenizer=tokenizer,
+            config=config,
+            model_file=model_path.name,
+            version=version[:16],
+            max_batch=max_batch,
+            max_wait_s=max_wait_s,
+        )
+        clf.score_batch_sync(["warm up"])  # fail here, not on the first request
+        _log.info("classifier_loaded", **clf.describe(), requested_gpu=prefer_gpu, gpu_available=use_gpu)
+        return clf
+    except Exception as exc:  # noqa: BLE001 - never raise: the gateway serves without it
+        _log.warning("classifier_unavailable", reason="load_failed", path=str(d), error=repr(exc))
+        return None

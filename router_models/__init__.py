@@ -1,0 +1,1 @@
+"""Training, evaluation and export of the gateway's prompt router (see README.md)."""

