@@ -12,6 +12,7 @@ from gateway.config.loader import load_policy
 from gateway.errors import ConfigError
 from gateway.keys_command import add_keys_parser
 from gateway.reporting.command import add_report_parser
+from gateway.router_commands import add_router_parsers
 
 __all__ = ["main"]
 
@@ -40,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     add_keys_parser(commands)
     add_report_parser(commands)
+    add_router_parsers(commands)
 
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run

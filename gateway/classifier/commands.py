@@ -153,21 +153,3 @@ def calibrate(classifier: Classifier, jsonl_path: str | Path | IO[str] | None, t
         if close:
             src.close()
     return threshold_for_share(ps, target_large_share)
-
-
-def write_threshold(policy_path: str | Path, route: str, threshold: float) -> None:
-    """Set ``routes.<route>.auto.threshold`` in a YAML policy (rewrites the file; comments are lost).
-
-    The key layout is the integrator's call; this helper only covers the simple case.
-    """
-    import yaml
-
-    path = Path(policy_path)
-    doc = yaml.safe_load(path.read_text()) or {}
-    routes = doc.setdefault("routes", {})
-    node = routes.setdefault(route, {})
-    auto = node.setdefault("auto", {}) if isinstance(node, dict) else None
-    if auto is None:
-        raise ValueError(f"route {route!r} is not a mapping")
-    auto["threshold"] = round(float(threshold), 6)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))

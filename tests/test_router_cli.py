@@ -1,0 +1,61 @@
+"""``python -m gateway route`` and ``calibrate`` on the committed classifier, as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from gateway.config.edit import set_route_threshold
+
+PROMPTS = [
+    {"prompt": "hi there"},
+    {"prompt": "A train leaves at 3pm going 60 mph; another leaves at 4pm going 80 mph. When does it catch up?"},
+    {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "What is 2+2?"}]},
+    {"prompt": "Which of the following is a prime number? A) 21 B) 27 C) 29 D) 33"},
+] * 5
+
+
+def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def test_route_writes_one_decision_per_prompt(tmp_path: Path) -> None:
+    sample = tmp_path / "prompts.jsonl"
+    sample.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    result = _run("route", "--jsonl", str(sample), "--policies", "policies.yaml", "--threshold", "0.5")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == len(PROMPTS)
+    for line in lines:
+        assert 0 <= line["p_large"] <= 1 and line["decision"] in ("small", "large")
+        assert line["model"] == line["decision"]  # the shipped pair is named small / large
+        assert (line["p_large"] >= 0.5) == (line["decision"] == "large")
+
+
+def test_calibrate_hits_the_share_and_writes_the_threshold_keeping_comments(tmp_path: Path) -> None:
+    policy = tmp_path / "policies.yaml"
+    policy.write_text(Path("policies.yaml").read_text())
+    sample = "".join(json.dumps({"prompt": f"question number {i} about {topic}"}) + "\n"
+                     for i, topic in enumerate(["maths", "history", "chemistry", "law", "poetry"] * 8))  # fmt: skip
+    result = _run("calibrate", "--target-large-share", "0.25", "--jsonl", "-", "--policies", str(policy), "--write", stdin=sample)
+    assert result.returncode == 0, result.stderr
+    threshold = float(result.stdout.strip())
+    routed = _run("route", "--jsonl", "-", "--policies", str(policy), stdin=sample)
+    decisions = [json.loads(line)["decision"] for line in routed.stdout.splitlines()]
+    assert decisions.count("large") <= 10  # at most 25% of 40
+    text = policy.read_text()
+    assert f"threshold: {threshold:.6f}".rstrip("0").rstrip(".") in text
+    assert "# policies.yaml: what ops edit." in text  # comments survive
+
+
+def test_threshold_edit_handles_flow_and_block_routes(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text("routes:\n  auto: {strategy: classifier, model: s}  # keep me\n  blocky:\n    model: s\n")
+    set_route_threshold(policy, "auto", 0.25)
+    set_route_threshold(policy, "blocky", 0.5)
+    set_route_threshold(policy, "auto", 0.3)
+    assert policy.read_text() == (
+        "routes:\n  auto: {strategy: classifier, model: s, threshold: 0.3}  # keep me\n  blocky:\n    threshold: 0.5\n    model: s\n"
+    )
