@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -115,23 +117,51 @@ def _run_server(server: str, host: str, port: int, workers: int) -> None:
             access_log=False, log_level="warning", lifespan="on", timeout_graceful_shutdown=30,
         )  # fmt: skip
         return
-    from granian import Granian
     from granian.constants import Interfaces
 
-    Granian(
+    _granian_server()(
         "gateway.api.app:create_app", factory=True, address=host, port=port, workers=workers,
         interface=Interfaces.ASGI, log_access=False, log_level="warning", respawn_failed_workers=True,
         workers_kill_timeout=30,
     ).serve()  # fmt: skip
 
 
+def _granian_server() -> type:
+    from granian import Granian
+
+    class GatewayServer(Granian):  # type: ignore[misc, valid-type]
+        """SIGHUP to the main process reloads the policy in every worker, in place.
+
+        Granian's own SIGHUP restarts the workers: in-flight requests would be cut, and
+        with an invalid policy on disk the new workers would fail to start. Each worker
+        already reloads on SIGHUP and keeps the policy in force when the new one is bad.
+        """
+
+        def signal_handler_reload(self, *args: object, **kwargs: object) -> None:
+            for worker in self.wrks:
+                pid = worker._id()  # noqa: SLF001 - granian exposes no public accessor
+                if pid:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGHUP)
+
+    return GatewayServer
+
+
 def _fresh_metrics_dir(data_dir: str) -> str:
-    """An empty folder for this run's per-worker metric files (stale ones would be added in)."""
+    """An empty folder for this run's per-worker metric files (stale ones would be added in).
+
+    Under the data folder when it is writable, else a private temporary folder (read-only
+    container file systems).
+    """
     import shutil
+    import tempfile
 
     path = os.path.abspath(os.path.join(data_dir, "metrics"))
     shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path)
+    try:
+        os.makedirs(path)
+    except OSError:
+        path = tempfile.mkdtemp(prefix="gateway-metrics-")
     return path
 
 

@@ -33,3 +33,39 @@ def test_metrics_are_whole_across_two_workers(
         assert "gateway_redis_up 1.0" in httpx.get(f"{gateway.url}/metrics").text
     finally:
         gateway.stop()
+
+
+def test_sighup_to_the_main_process_reloads_every_worker_in_place(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    import os
+    import signal
+    import time
+
+    policy = policy_text(small_upstream, large_upstream)
+    gateway = start_gateway(
+        tmp_path, policy, env={"REDIS_URL": redis_server.url, "GATEWAY_WATCH_POLICIES": "0"}, workers=2
+    )
+    try:
+        workers = sorted(_worker_pids(gateway.process.pid))
+        old = httpx.get(f"{gateway.url}/readyz").json()["policy"]["version"]
+        gateway.policy_path.write_text(policy.replace("fast: {model: small, fallbacks: [large]}", "fast: {model: large}"))
+        os.kill(gateway.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        seen: set[str] = set()
+        while time.monotonic() < deadline and seen != {"large"}:
+            seen = {httpx.post(f"{gateway.base_url}/chat/completions",
+                               json={"model": "fast", "messages": [{"role": "user", "content": f"x{i}"}]}
+                               ).headers["x-gateway-model"] for i in range(8)}  # fmt: skip
+            time.sleep(0.2)
+        assert seen == {"large"}  # every worker answers with the new policy
+        assert sorted(_worker_pids(gateway.process.pid)) == workers  # reloaded in place, not restarted
+        assert httpx.get(f"{gateway.url}/readyz").json()["policy"]["version"] != old
+        # an invalid policy on SIGHUP is rejected by each worker; nobody crashes
+        gateway.policy_path.write_text("pair: [")
+        os.kill(gateway.process.pid, signal.SIGHUP)
+        time.sleep(1.0)
+        assert gateway.process.poll() is None and sorted(_worker_pids(gateway.process.pid)) == workers
+        assert httpx.get(f"{gateway.url}/readyz").json()["policy"]["last_reload_error"]
+    finally:
+        gateway.stop()
