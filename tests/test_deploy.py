@@ -1,0 +1,793 @@
+"""The deployment files in deploy/ agree with each other and with the gateway.
+
+No Docker engine or cluster is needed: the YAML is parsed and cross-checked (probes,
+ports, mounts, Secret/ConfigMap references, grace periods), the policies the manifests
+ship are validated with the gateway's own loader, and the images' ENTRYPOINT + CMD,
+HEALTHCHECK script and .dockerignore rules are exercised here, directly.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import http.server
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.config.loader import load_policy_text
+from gateway.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.gpu"]
+COMPOSE = DEPLOY / "compose.yaml"
+ENV_EXAMPLE = DEPLOY / ".env.example"
+NAMESPACE = "llm-gateway"
+SUBPROCESS_TIMEOUT_S = 30
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _yaml_docs(path: Path) -> list[Any]:
+    return list(_parsed(path, path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=None)
+def _parsed(path: Path, _mtime: int) -> tuple[Any, ...]:
+    with path.open(encoding="utf-8") as f:
+        return tuple(doc for doc in yaml.load_all(f, Loader=_Loader) if doc is not None)
+
+
+def _k8s_manifest_files() -> list[Path]:
+    """What `kubectl apply -k` should apply: every manifest but the kustomization and examples."""
+    return sorted(
+        p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml" and not p.name.endswith(".example.yaml")
+    )
+
+
+def _k8s_objects(include_examples: bool = False) -> list[dict[str, Any]]:
+    files = _k8s_manifest_files()
+    if include_examples:
+        files += sorted(K8S.glob("*.example.yaml"))
+    return [doc for path in files for doc in _yaml_docs(path)]
+
+
+def _one(kind: str, name: str | None = None, objects: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    found = [
+        o for o in (objects or _k8s_objects()) if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def _gateway_deployment() -> dict[str, Any]:
+    return _one("Deployment", "llm-gateway")
+
+
+def _gateway_container(deployment: dict[str, Any] | None = None) -> dict[str, Any]:
+    containers = (deployment or _gateway_deployment())["spec"]["template"]["spec"]["containers"]
+    return next(c for c in containers if c["name"] == "gateway")
+
+
+def _flag(args: list[str], name: str) -> str:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` in an argument list."""
+    for i, arg in enumerate(args):
+        if arg == name:
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    raise AssertionError(f"{name} not in {args}")
+
+
+def _without(args: list[str], *flags: str) -> list[str]:
+    """The argument list less the given ``--flag VALUE`` pairs."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        elif arg.split("=", 1)[0] not in flags:
+            out.append(arg)
+    return out
+
+
+def _resolve_port(container: dict[str, Any], port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    if port.isdigit():
+        return int(port)
+    for p in container.get("ports", []):
+        if p.get("name") == port:
+            return int(p["containerPort"])
+    raise AssertionError(f"container {container['name']} has no port named {port!r}")
+
+
+def _drain_seconds() -> int:
+    """granian's drain after SIGTERM, as gateway/cli.py configures it (its default: 30 s)."""
+    match = re.search(r"workers_kill_timeout\s*=\s*(\d+)", (ROOT / "gateway" / "cli.py").read_text())
+    return int(match.group(1)) if match else 30
+
+
+def _secret_values(name: str) -> dict[str, str]:
+    secret = _one("Secret", name, _k8s_objects(include_examples=True))
+    return {**secret.get("stringData", {}), **{k: "(base64)" for k in secret.get("data", {})}}
+
+
+def _container_environ(container: dict[str, Any], objects: list[dict[str, Any]]) -> dict[str, str]:
+    """The environment a container gets, from literal values, ConfigMaps and the example Secrets."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(_one("ConfigMap", source["configMapRef"]["name"], objects)["data"])
+        if "secretRef" in source:
+            env.update(_secret_values(source["secretRef"]["name"]))
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), var["value"])
+        elif "secretKeyRef" in var["valueFrom"]:
+            ref = var["valueFrom"]["secretKeyRef"]
+            env[var["name"]] = _secret_values(ref["name"])[ref["key"]]
+        elif "configMapKeyRef" in var["valueFrom"]:
+            ref = var["valueFrom"]["configMapKeyRef"]
+            env[var["name"]] = _one("ConfigMap", ref["name"], objects)["data"][ref["key"]]
+    return env
+
+
+def _env_example() -> dict[str, str]:
+    values = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+_COMPOSE_VAR = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+
+
+def _interpolate(value: Any, env: Mapping[str, str]) -> Any:
+    """docker compose's ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error} substitution."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(m: re.Match[str]) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        current = env.get(name)
+        if op == ":-":
+            return current if current else arg
+        if op == "-":
+            return arg if current is None else current
+        if op in (":?", "?"):
+            assert current, f"compose requires {name}: {arg}"
+        return current or ""
+
+    return _COMPOSE_VAR.sub(one, value)
+
+
+def _compose(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    (doc,) = _yaml_docs(COMPOSE)
+    return _interpolate(doc, _env_example() if env is None else env)
+
+
+class _Dockerfile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        text = re.sub(r"\\\n", " ", path.read_text())  # join continuation lines
+        self.instructions: list[tuple[str, str]] = []
+        for line in text.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                keyword, _, rest = line.partition(" ")
+                self.instructions.append((keyword.upper(), rest.strip()))
+
+    def all(self, keyword: str) -> list[str]:
+        return [rest for k, rest in self.instructions if k == keyword]
+
+    def last(self, keyword: str) -> str:
+        found = self.all(keyword)
+        assert found, f"{self.path.name} has no {keyword}"
+        return found[-1]
+
+    def exec_form(self, keyword: str) -> list[str]:
+        value = json.loads(self.last(keyword))
+        assert isinstance(value, list) and all(isinstance(v, str) for v in value), f"{keyword} must be exec form"
+        return value
+
+    def final_stage(self) -> list[tuple[str, str]]:
+        starts = [i for i, (k, _) in enumerate(self.instructions) if k == "FROM"]
+        return self.instructions[starts[-1] :]
+
+    def context_copies(self) -> list[tuple[list[str], str]]:
+        """(sources, destination) of each COPY from the build context (not --from)."""
+        out = []
+        for rest in self.all("COPY"):
+            words = shlex.split(rest)
+            if any(w.startswith("--from") for w in words):
+                continue
+            words = [w for w in words if not w.startswith("--")]
+            out.append((words[:-1], words[-1]))
+        return out
+
+
+def _run_all(commands: list[tuple[list[str], Mapping[str, str]]]) -> list[subprocess.CompletedProcess[str]]:
+    """Run the commands side by side (each is mostly interpreter start-up); results in order."""
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    procs = [(argv, subprocess.Popen(argv, cwd=ROOT, env=dict(env), **pipes)) for argv, env in commands]
+    results = []
+    for argv, proc in procs:
+        try:
+            out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        results.append(subprocess.CompletedProcess(argv, proc.returncode, out, err))
+    return results
+
+
+def _gateway_command(args: list[str], env: Mapping[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """``python -m gateway ARGS`` as the images' ENTRYPOINT runs it, with this interpreter."""
+    entrypoint = _Dockerfile(DEPLOY / "Dockerfile").exec_form("ENTRYPOINT")
+    assert entrypoint[0] == "python"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SMALL_MODEL_", "LARGE_MODEL_", "REDIS_"))}
+    full_env.update(env or {})
+    return [sys.executable, *entrypoint[1:], *args], full_env
+
+
+def _run_gateway(args: list[str], env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    (result,) = _run_all([_gateway_command(args, env)])
+    return result
+
+
+# ------------------------------------------------------------------------------ all YAML
+
+
+def _all_yaml_files() -> list[Path]:
+    return sorted(p for pattern in ("*.yaml", "*.yml") for p in DEPLOY.rglob(pattern))
+
+
+@pytest.mark.parametrize("path", _all_yaml_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_every_yaml_file_in_deploy_parses(path: Path) -> None:
+    docs = _yaml_docs(path)
+    assert docs, f"{path} holds no YAML document"
+
+
+def test_k8s_manifests_are_well_formed_and_namespaced() -> None:
+    objects = _k8s_objects(include_examples=True)
+    assert objects
+    for obj in objects:
+        assert obj.get("apiVersion") and obj.get("kind") and obj.get("metadata", {}).get("name"), obj
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") == NAMESPACE, f"{obj['kind']}/{obj['metadata']['name']}"
+    assert _one("Namespace", NAMESPACE)
+
+
+def test_kustomization_lists_exactly_the_k8s_manifests() -> None:
+    (kustomization,) = _yaml_docs(K8S / "kustomization.yaml")
+    listed = kustomization["resources"]
+    assert len(listed) == len(set(listed)), "a resource is listed twice"
+    assert set(listed) == {p.name for p in _k8s_manifest_files()}
+    assert not [r for r in listed if r.endswith(".example.yaml")], "example Secrets must never be applied"
+    assert kustomization.get("namespace") == NAMESPACE
+    image = _gateway_container()["image"].split(":")[0]
+    assert image in {i["name"] for i in kustomization.get("images", [])}
+
+
+# ------------------------------------------------------------------------------ k8s Deployment
+
+
+def test_probes_point_at_healthz_and_readyz_on_the_port_the_service_targets() -> None:
+    deployment = _gateway_deployment()
+    container = _gateway_container(deployment)
+    service = _one("Service", "llm-gateway")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items(), "the Service does not select the pods"
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (service_port,) = service["spec"]["ports"]
+    target = _resolve_port(container, service_port["targetPort"])
+
+    probes = {kind: container[kind]["httpGet"] for kind in ("readinessProbe", "livenessProbe", "startupProbe")}
+    assert probes["readinessProbe"]["path"] == "/readyz"
+    assert probes["livenessProbe"]["path"] == "/healthz"
+    assert probes["startupProbe"]["path"] == "/healthz"
+    for kind, probe in probes.items():
+        assert _resolve_port(container, probe["port"]) == target, kind
+
+    assert int(_flag(container["args"], "--port")) == target, "the server listens elsewhere"
+    assert _flag(container["args"], "--host") == "0.0.0.0"
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == target
+    assert annotations["prometheus.io/path"] == "/metrics"
+    exposed = {int(p.split("/")[0]) for p in _Dockerfile(DEPLOY / "Dockerfile").all("EXPOSE")}
+    assert target in exposed
+
+
+def test_replicas_workers_autoscaler_and_disruption_budget() -> None:
+    deployment = _gateway_deployment()
+    container = _gateway_container(deployment)
+    assert deployment["spec"]["replicas"] >= 2
+    assert _flag(container["args"], "--workers") == "2"
+    cmd = _Dockerfile(DEPLOY / "Dockerfile").exec_form("CMD")
+    assert _without(container["args"], "--workers", "--data-dir") == cmd, "the Deployment's args drifted from the CMD"
+    assert container["resources"]["requests"]["cpu"], "HPA utilisation needs a CPU request"
+    assert container["resources"]["limits"]["memory"]
+
+    hpa = _one("HorizontalPodAutoscaler", "llm-gateway")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "llm-gateway"}
+    assert hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["type"] == "Utilization"
+
+    pdb = _one("PodDisruptionBudget", "llm-gateway")
+    assert pdb["spec"]["minAvailable"] == 1
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_policies_configmap_is_mounted_as_a_directory_where_policies_points() -> None:
+    deployment = _gateway_deployment()
+    pod = deployment["spec"]["template"]["spec"]
+    container = _gateway_container(deployment)
+    policies = PurePosixPath(_flag(container["args"], "--policies"))
+    configmap = _one("ConfigMap", "gateway-policies")
+    assert policies.name in configmap["data"], "the file --policies names is not a key of the ConfigMap"
+
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = [
+        m
+        for m in container["volumeMounts"]
+        if volumes[m["name"]].get("configMap", {}).get("name") == "gateway-policies"
+    ]
+    assert len(mounts) == 1
+    (mount,) = mounts
+    assert "subPath" not in mount and "subPathExpr" not in mount, "subPath mounts never receive ConfigMap updates"
+    assert PurePosixPath(mount["mountPath"]) == policies.parent
+    assert "items" not in volumes[mount["name"]]["configMap"] or any(
+        i["key"] == policies.name and i["path"] == policies.name for i in volumes[mount["name"]]["configMap"]["items"]
+    )
+    for c in pod["containers"]:  # no ConfigMap anywhere is mounted with subPath
+        for m in c.get("volumeMounts", []):
+            if "configMap" in volumes[m["name"]]:
+                assert "subPath" not in m, f"{c['name']} mounts {m['name']} with subPath"
+
+
+def test_env_references_only_secrets_and_configmaps_that_exist() -> None:
+    objects = _k8s_objects(include_examples=True)
+    defined = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    for container in _gateway_deployment()["spec"]["template"]["spec"]["containers"] + _one(
+        "StatefulSet", "redis"
+    )["spec"]["template"]["spec"]["containers"]:
+        seen: list[str] = []
+        for var in container.get("env", []):
+            for ref_kind, kind in (("secretKeyRef", "Secret"), ("configMapKeyRef", "ConfigMap")):
+                ref = var.get("valueFrom", {}).get(ref_kind)
+                if ref:
+                    obj = defined.get((kind, ref["name"]))
+                    assert obj is not None, f"{container['name']}: {var['name']} refers to missing {kind} {ref['name']}"
+                    keys = {*obj.get("data", {}), *obj.get("stringData", {})}
+                    assert ref["key"] in keys, f"{kind} {ref['name']} has no key {ref['key']}"
+            for used in re.findall(r"\$\((\w+)\)", var.get("value", "")):
+                assert used in seen, f"{var['name']} uses $({used}) before it is defined"
+            seen.append(var["name"])
+        for arg in container.get("args", []):
+            for used in re.findall(r"\$\((\w+)\)", arg):
+                assert used in seen, f"{container['name']} args use $({used}), which is not in its env"
+        for source in container.get("envFrom", []):
+            for ref_kind, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):
+                if ref_kind in source:
+                    assert (kind, source[ref_kind]["name"]) in defined, f"missing {kind} {source[ref_kind]['name']}"
+
+
+def test_example_secret_holds_placeholders_only() -> None:
+    for path in K8S.glob("*.example.yaml"):
+        for doc in _yaml_docs(path):
+            assert doc["kind"] == "Secret"
+            assert "data" not in doc, "base64 data in an example hides what it is"
+            for key, value in doc["stringData"].items():
+                assert "<" in value and ">" in value, f"{path.name}: {key} does not look like a placeholder"
+
+
+def test_grace_period_covers_prestop_and_drain() -> None:
+    pod = _gateway_deployment()["spec"]["template"]["spec"]
+    pre_stop = _gateway_container()["lifecycle"]["preStop"]
+    if "sleep" in pre_stop:
+        sleep_s = int(pre_stop["sleep"]["seconds"])
+    else:
+        command = pre_stop["exec"]["command"]
+        match = re.search(r"\bsleep\s+(\d+)", " ".join(command))
+        assert match, f"preStop does not sleep: {command}"
+        sleep_s = int(match.group(1))
+    assert sleep_s >= 5, "too short for endpoint removal to propagate"
+    assert pod["terminationGracePeriodSeconds"] > sleep_s + _drain_seconds()
+
+
+def _under(path: str, folders: list[str]) -> bool:
+    return any(PurePosixPath(path).is_relative_to(PurePosixPath(f)) for f in folders)
+
+
+def test_multi_worker_data_dir_is_writable_under_a_read_only_root() -> None:
+    """`serve --workers N>1` writes per-worker metric files into --data-dir (default ./.gateway,
+    i.e. the image's root-owned WORKDIR): it must name a writable mount instead."""
+    pod = _gateway_deployment()["spec"]["template"]["spec"]
+    container = _gateway_container()
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    writable = [m["mountPath"] for m in container["volumeMounts"] if "emptyDir" in volumes[m["name"]]]
+    gateway = _compose()["services"]["gateway"]
+    assert gateway["read_only"] is True
+    for args, mounts in ((container["args"], writable), (gateway["command"], gateway["tmpfs"])):
+        if int(_flag(args, "--workers")) > 1:
+            assert _under(_flag(args, "--data-dir"), mounts), (args, mounts)
+
+
+def test_images_point_the_gateway_at_the_artifacts_they_ship(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.settings import Settings
+
+    for dockerfile in DOCKERFILES:
+        d = _Dockerfile(dockerfile)
+        (destination,) = [dest for src, dest in d.context_copies() if src == ["router_models/artifacts/"]]
+        env = dict(
+            item.split("=", 1) for rest in (r for k, r in d.final_stage() if k == "ENV") for item in shlex.split(rest)
+        )
+        assert env["GATEWAY_ROUTER_ARTIFACTS"].rstrip("/") == destination.rstrip("/"), dockerfile.name
+        monkeypatch.setenv("GATEWAY_ROUTER_ARTIFACTS", env["GATEWAY_ROUTER_ARTIFACTS"])
+        assert Settings.from_env().router_artifacts == env["GATEWAY_ROUTER_ARTIFACTS"]
+
+
+def test_pod_runs_non_root_with_a_read_only_root_and_a_writable_tmp() -> None:
+    pod = _gateway_deployment()["spec"]["template"]["spec"]
+    container = _gateway_container()
+    user = _Dockerfile(DEPLOY / "Dockerfile").last("USER").split(":")[0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert str(pod["securityContext"]["runAsUser"]) == user != "0"
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+    assert tmp and "emptyDir" in volumes[tmp[0]["name"]]
+
+
+def test_redis_url_names_the_redis_service() -> None:
+    objects = _k8s_objects(include_examples=True)
+    env = _container_environ(_gateway_container(), objects)
+    url = env["REDIS_URL"]
+    match = re.fullmatch(r"rediss?://:([^@]+)@([^:/]+):(\d+)/\d+", url)
+    assert match, url
+    host, port = match.group(2), int(match.group(3))
+    service_name, *rest = host.split(".")
+    assert rest[:1] in ([], [NAMESPACE])
+    service = _one("Service", service_name)
+    assert port in {p["port"] for p in service["spec"]["ports"]}
+    statefulset = _one("StatefulSet", "redis")
+    assert service["spec"]["selector"].items() <= statefulset["spec"]["template"]["metadata"]["labels"].items()
+    assert statefulset["spec"]["template"]["spec"]["containers"][0]["image"].startswith("redis:8")
+    assert _one("Service", statefulset["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
+
+
+def test_configmap_policy_validates_with_the_gateway_loader() -> None:
+    objects = _k8s_objects(include_examples=True)
+    environ = _container_environ(_gateway_container(), objects)
+    text = _one("ConfigMap", "gateway-policies")["data"]["policies.yaml"]
+    try:
+        loaded = load_policy_text(text, source="k8s/configmap-policies.yaml", environ=environ)
+    except ConfigError as exc:
+        pytest.fail("\n".join(exc.problems))
+    policy = loaded.policy
+    assert {"auto", "fast", "best"} <= set(policy.routes)
+    assert policy.auth.mode == "keys", "a cluster deployment must require keys"
+    assert not loaded.warnings, loaded.warnings
+    # Without the Deployment's environment the policy must NOT load: proves it is what supplies it.
+    with pytest.raises(ConfigError):
+        load_policy_text(text, environ={})
+
+
+# ------------------------------------------------------------------------------ images
+
+
+def test_dockerfiles_are_multi_stage_non_root_and_share_entrypoint_and_cmd() -> None:
+    parsed = [_Dockerfile(p) for p in DOCKERFILES]
+    for d in parsed:
+        assert len(d.all("FROM")) >= 2, f"{d.path.name} is not multi-stage"
+        final = d.final_stage()
+        assert any(k == "COPY" and "--from=builder" in rest for k, rest in final), "runtime copies nothing from builder"
+        user = d.last("USER").split(":")[0]
+        assert user.isdigit() and user != "0", "USER must be a numeric non-root id (runAsNonRoot checks it)"
+        assert d.last("EXPOSE") == "8000"
+        assert d.last("STOPSIGNAL") == "SIGTERM"
+        env = " ".join(rest for k, rest in final if k == "ENV")
+        assert "PYTHONDONTWRITEBYTECODE=1" in env and "PYTHONUNBUFFERED=1" in env
+        assert d.exec_form("ENTRYPOINT") == ["python", "-m", "gateway"]
+        assert any("router_models/artifacts" in " ".join(src) for src, _ in d.context_copies()), "classifier not copied"
+    assert parsed[0].exec_form("CMD") == parsed[1].exec_form("CMD")
+    assert parsed[0].exec_form("CMD") == [
+        "serve", "--host", "0.0.0.0", "--port", "8000", "--policies", "/etc/gateway/policies.yaml",
+    ]  # fmt: skip
+
+
+def test_gpu_image_is_cuda_12_with_cudnn_9_and_a_matching_onnxruntime() -> None:
+    d = _Dockerfile(DEPLOY / "Dockerfile.gpu")
+    args = dict(re.match(r"(\w+)=\"?([^\"]*)\"?$", rest).groups() for rest in d.all("ARG") if "=" in rest)
+    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu24\.04", args["CUDA_IMAGE"])
+    assert d.final_stage()[0] == ("FROM", "${CUDA_IMAGE} AS runtime")
+    # onnxruntime-gpu >= 1.27 on PyPI is built for CUDA 13: it would fall back to the CPU here.
+    spec = args["ORT_GPU_SPEC"]
+    assert spec.startswith("onnxruntime-gpu") and "<1.27" in spec.replace(" ", "")
+
+
+def test_image_entrypoint_and_cmd_work_when_run_directly(tmp_path: Path) -> None:
+    cmd = _Dockerfile(DEPLOY / "Dockerfile").exec_form("CMD")
+    # ENTRYPOINT + CMD exactly, with --policies aimed at a file that is not there: the
+    # parser must accept every argument and the server must stop at loading the policy
+    # (exit 2), before it would start Redis or listen.
+    missing = tmp_path / "absent" / "policies.yaml"
+    swapped = [str(missing) if a == _flag(cmd, "--policies") else a for a in cmd]
+    help_run, run = _run_all([_gateway_command([cmd[0], "--help"]), _gateway_command(swapped)])
+    assert help_run.returncode == 0, help_run.stderr
+    assert run.returncode == 2, (run.stdout, run.stderr)
+    assert str(missing) in run.stderr and "invalid" in run.stderr
+    for flag in (a for a in cmd if a.startswith("--")):
+        assert flag in help_run.stdout
+
+
+def test_compose_and_k8s_arguments_parse_as_the_image_cmd_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """compose's `command:` and the Deployment's `args:` replace the image's CMD: the
+    gateway's own parser must accept them (parsed in-process; the server is not started)."""
+    import gateway.cli
+
+    parsed: list[Any] = []
+    monkeypatch.setattr(gateway.cli, "_serve", lambda args: parsed.append(args) or 0)
+    cmd = _Dockerfile(DEPLOY / "Dockerfile").exec_form("CMD")
+    for args in (cmd, _compose()["services"]["gateway"]["command"], _gateway_container()["args"]):
+        assert gateway.cli.main(args) == 0
+        namespace = parsed.pop()
+        assert namespace.policies == _flag(args, "--policies")
+        assert namespace.host == "0.0.0.0" and namespace.port == 8000
+        assert namespace.server == "granian", "graceful drain relies on granian's workers_kill_timeout"
+        if "--workers" in args:
+            assert namespace.workers == 2
+
+
+def test_entrypoint_check_accepts_the_k8s_and_compose_policies(tmp_path: Path) -> None:
+    container = _gateway_container()
+    k8s_env = _container_environ(container, _k8s_objects(include_examples=True))
+    folder = tmp_path / "etc-gateway"
+    folder.mkdir()
+    k8s_policy = folder / PurePosixPath(_flag(container["args"], "--policies")).name
+    k8s_policy.write_text(_one("ConfigMap", "gateway-policies")["data"]["policies.yaml"])
+
+    gateway = _compose()["services"]["gateway"]
+    (mount,) = [v for v in gateway["volumes"] if v["target"] == "/etc/gateway"]
+    compose_policy = (DEPLOY / mount["source"]).resolve() / PurePosixPath(_flag(gateway["command"], "--policies")).name
+
+    runs = _run_all([
+        _gateway_command(["check", str(k8s_policy)], k8s_env),
+        _gateway_command(["check", str(compose_policy)], gateway["environment"]),
+    ])  # fmt: skip
+    for run in runs:
+        assert run.returncode == 0, run.args[-1] + "\n" + run.stderr
+        assert ": ok (version" in run.stdout
+
+
+def _healthcheck_script() -> Path:
+    d = _Dockerfile(DEPLOY / "Dockerfile")
+    healthcheck = d.last("HEALTHCHECK")
+    assert healthcheck.startswith("--") and " CMD " in f" {healthcheck}"
+    command = json.loads(healthcheck.split("CMD", 1)[1])
+    assert command[0] == "python"
+    script = command[1]
+    for sources, destination in d.context_copies():
+        if destination == script:
+            (source,) = sources
+            return ROOT / source
+    raise AssertionError(f"{script} is not COPYed into the image")
+
+
+class _Status(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.send_response(self.status if self.path == "/healthz" else 404)
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_healthcheck_is_valid_python_and_reports_health() -> None:
+    script = _healthcheck_script()
+    compile(script.read_text(), str(script), "exec")
+    image_check = json.loads(_Dockerfile(DEPLOY / "Dockerfile").last("HEALTHCHECK").split("CMD", 1)[1])
+    assert _compose()["services"]["gateway"]["healthcheck"]["test"] == ["CMD", *image_check]
+
+    servers = []
+    for status in (200, 503):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("H", (_Status,), {"status": status}))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    urls = [f"http://127.0.0.1:{srv.server_address[1]}/healthz" for srv in servers]
+    urls.append(f"http://127.0.0.1:{closed}/healthz")
+    # A proxy in the environment must not capture the loopback check.
+    proxy = {"HTTP_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}
+    try:
+        runs = _run_all([
+            ([sys.executable, str(script)], {**os.environ, **proxy, "GATEWAY_HEALTHCHECK_URL": url}) for url in urls
+        ])  # fmt: skip
+    finally:
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
+    assert [r.returncode for r in runs] == [0, 1, 1], [r.stderr for r in runs]
+
+
+def _dockerignore_rules(path: Path) -> list[tuple[bool, re.Pattern[str]]]:
+    rules = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        include = line.startswith("!")
+        pattern = line.lstrip("!").strip("/")
+        regex = ""
+        i = 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                regex, i = regex + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                regex, i = regex + ".*", i + 2
+            else:
+                part = re.search(r"[^*]*\*?|.", pattern[i:]).group(0)  # type: ignore[union-attr]
+                translated = fnmatch.translate(part)[4:-3]  # strip (?s: ... )\Z
+                regex += translated.replace(".*", "[^/]*")
+                i += len(part)
+        rules.append((include, re.compile(regex + r"\Z")))
+    return rules
+
+
+def _ignored(rules: list[tuple[bool, re.Pattern[str]]], path: str) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent folders wins."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for include, regex in rules:
+        if any(regex.match(p) for p in prefixes):
+            ignored = not include
+    return ignored
+
+
+def test_dockerignore_lets_in_what_the_images_copy_and_nothing_secret() -> None:
+    canonical = (DEPLOY / ".dockerignore").read_bytes()
+    for dockerfile in DOCKERFILES:  # BuildKit uses <Dockerfile>.dockerignore next to the Dockerfile
+        companion = dockerfile.with_name(dockerfile.name + ".dockerignore")
+        assert companion.read_bytes() == canonical, f"{companion.name} differs from deploy/.dockerignore"
+    rules = _dockerignore_rules(DEPLOY / ".dockerignore")
+    for dockerfile in DOCKERFILES:
+        for sources, _ in _Dockerfile(dockerfile).context_copies():
+            for source in sources:
+                source = source.rstrip("/")
+                assert not _ignored(rules, source), f"{dockerfile.name} copies {source}, which .dockerignore drops"
+                assert not _ignored(rules, f"{source}/x.py") or not (ROOT / source).is_dir()
+    assert not _ignored(rules, "gateway/classifier/runtime.py")
+    leaks = (".env", "deploy/.env", ".venv/bin/python", ".git/config", "bench-results/x.json",
+             "gateway/__pycache__/cli.cpython-311.pyc", "router_models/train.py", "tests/test_deploy.py")  # fmt: skip
+    for leak in leaks:
+        assert _ignored(rules, leak), f"{leak} would be sent to the builder"
+
+
+def test_artifact_and_policy_sources_exist() -> None:
+    for dockerfile in DOCKERFILES:
+        for sources, _ in _Dockerfile(dockerfile).context_copies():
+            for source in sources:
+                if source.rstrip("/") == "router_models/artifacts" and not (ROOT / source).exists():
+                    continue  # produced by the classifier's training; checked below
+                assert (ROOT / source).exists(), f"{dockerfile.name}: COPY {source}: not in the repository"
+    if not (ROOT / "router_models" / "artifacts" / "config.json").is_file():
+        pytest.skip("router_models/artifacts/ is not there yet: `docker build` fails until it is committed")
+
+
+# ------------------------------------------------------------------------------ compose
+
+
+def test_compose_services_dependencies_and_healthchecks() -> None:
+    compose = _compose()
+    services = compose["services"]
+    assert {"gateway", "redis", "vllm-large", "vllm-small"} <= set(services)
+    for name, service in services.items():
+        assert "healthcheck" in service, f"{name} has no healthcheck"
+        for dependency, condition in service.get("depends_on", {}).items():
+            assert dependency in services, f"{name} depends on unknown service {dependency}"
+            assert condition["condition"] == "service_healthy"
+    assert services["redis"]["image"].startswith("redis:8")
+    assert services["gateway"]["depends_on"]["redis"].get("required", True) is True
+    gateway = services["gateway"]
+    assert gateway["build"]["dockerfile"] in {str(p.relative_to(ROOT)) for p in DOCKERFILES}
+    assert (DEPLOY / gateway["build"]["context"]).resolve() == ROOT
+    assert _flag(gateway["command"], "--workers") == "2"
+    cmd = _Dockerfile(DEPLOY / "Dockerfile").exec_form("CMD")
+    assert _without(gateway["command"], "--workers", "--data-dir") == cmd, "compose's command drifted from the CMD"
+
+
+def test_compose_mounts_the_repo_policy_folder_where_policies_points() -> None:
+    gateway = _compose()["services"]["gateway"]
+    policies = PurePosixPath(_flag(gateway["command"], "--policies"))
+    mounts = [v for v in gateway["volumes"] if isinstance(v, dict) and v.get("type") == "bind"]
+    assert not [v for v in gateway["volumes"] if isinstance(v, str) and policies.name in v], "single-file mount"
+    (mount,) = [m for m in mounts if PurePosixPath(m["target"]) == policies.parent]
+    source = (DEPLOY / mount["source"]).resolve()
+    assert source.is_dir(), "a folder is mounted, not the file (hot reload needs the folder)"
+    assert (source / policies.name).is_file(), f"{source / policies.name} does not exist in the repo"
+    assert mount.get("read_only") is True
+
+
+def test_compose_env_points_at_the_vllm_services_and_their_names() -> None:
+    services = _compose()["services"]
+    env = services["gateway"]["environment"]
+    for role in ("small", "large"):
+        url = env[f"{role.upper()}_MODEL_URL"]
+        match = re.fullmatch(r"http://([\w-]+):(\d+)/v1", url)
+        assert match, url
+        server = services[match.group(1)]
+        command = server["command"]
+        assert int(_flag(command, "--port")) == int(match.group(2))
+        assert _flag(command, "--served-model-name") == env[f"{role.upper()}_MODEL_NAME"]
+        devices = server["deploy"]["resources"]["reservations"]["devices"]
+        assert devices and all("gpu" in d["capabilities"] for d in devices)
+    speculative = json.loads(_flag(services["vllm-large"]["command"], "--speculative-config"))
+    assert speculative["num_speculative_tokens"] == 5
+    assert speculative["model"] == services["vllm-small"]["command"][0], "the draft is the small model"
+    redis_url = env["REDIS_URL"]
+    assert re.fullmatch(r"redis://:[^@]+@redis:6379/0", redis_url), redis_url
+
+
+def test_compose_policy_validates_with_the_gateway_loader() -> None:
+    gateway = _compose()["services"]["gateway"]
+    (mount,) = [v for v in gateway["volumes"] if v["target"] == "/etc/gateway"]
+    path = (DEPLOY / mount["source"]).resolve() / "policies.yaml"
+    try:
+        load_policy_text(path.read_text(), source=str(path), environ=gateway["environment"])
+    except ConfigError as exc:
+        pytest.fail("\n".join(exc.problems))
+
+
+def test_env_example_defines_every_required_variable_and_no_secret() -> None:
+    example = _env_example()
+    required = {m.group(1) for m in _COMPOSE_VAR.finditer(COMPOSE.read_text()) if m.group(2) in (":?", "?")}
+    assert required <= {k for k, v in example.items() if v}, "a required variable is missing from .env.example"
+    for key, value in example.items():
+        if key.endswith(("_API_KEY", "HF_TOKEN")):
+            assert value == "", f"{key} must be empty in the example"
+        if "PASSWORD" in key:
+            assert "change-me" in value
+    assert ".env" in (DEPLOY / ".gitignore").read_text().split(), "deploy/.env must stay out of git"
+    # Without a .env, compose refuses to start rather than run Redis without a password.
+    with pytest.raises(AssertionError, match="REDIS_PASSWORD"):
+        _compose(env={})
