@@ -13,6 +13,7 @@ per UTC day and per UTC month.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass
@@ -117,18 +118,53 @@ class RateLimiter:
         client = redis.client
         self._reserve = client.register_script(_RESERVE) if client is not None else None
         self._settle = client.register_script(_SETTLE) if client is not None else None
+        self._usage = _UsageBuffer()
+        self._flusher: asyncio.Task[None] | None = None
+
+    def _ensure_flusher(self, timeout_s: float) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_every(_USAGE_FLUSH_S, timeout_s))
+
+    async def _flush_every(self, interval_s: float, timeout_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.flush_usage(timeout_s)
+
+    async def flush_usage(self, timeout_s: float = 1.0) -> None:
+        """Write buffered usage (requests without limits) in one pipeline; at shutdown too."""
+        pending = self._usage.take()
+        if not pending:
+            return
+
+        async def write(client: aioredis.Redis) -> None:
+            async with client.pipeline(transaction=False) as pipe:
+                for key, fields in pending.items():
+                    for field, value in fields.items():
+                        if isinstance(value, float):
+                            pipe.hincrbyfloat(key, field, value)
+                        elif value:
+                            pipe.hincrby(key, field, value)
+                    pipe.expire(key, _USAGE_TTL_S)
+                await pipe.execute()
+
+        await self._redis.run(write, None, timeout_s)
+
+    async def aclose(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+        await self.flush_usage()
 
     async def reserve(self, policy: Policy, principal: Principal, tokens: int, cost_usd: float) -> Reservation:
         """Check and reserve; raises RateLimitError / BudgetExceededError naming the limit."""
         now = time.time()
         tenant = policy.tenants.get(principal.tenant)
         key_limits, tenant_limits = principal.limits, tenant.limits if tenant else _NO_LIMIT
+        usage = _usage_keys(principal, now)
+        if (not key_limits.any and not tenant_limits.any) or self._reserve is None:
+            return Reservation((), usage, 0, 0.0, 0.0)  # nothing to enforce: usage is recorded in batches
         minute = int(now // 60)
         keys = _counter_keys(principal, minute, now)
-        usage = _usage_keys(principal, now)
         reservation = Reservation((keys[2], keys[4], keys[5], keys[8], keys[10], keys[11]), usage, tokens, cost_usd, 0.0)
-        if (not key_limits.any and not tenant_limits.any) or self._reserve is None:
-            return Reservation(reservation.scope_keys, usage, 0, 0.0, 0.0)  # nothing to enforce: record usage only
         args = [now / 60 - minute, tokens, repr(cost_usd), *_limit_args(key_limits), *_limit_args(tenant_limits)]
         reserve = self._reserve
         result = await self._redis.run(
@@ -137,7 +173,7 @@ class RateLimiter:
         if result is None:
             if policy.limits.on_redis_error == "closed":
                 raise LimiterUnavailableError("rate limits cannot be checked (Redis unavailable); refusing by policy")
-            return Reservation(reservation.scope_keys, usage, 0, 0.0, 0.0)
+            return Reservation((), usage, 0, 0.0, 0.0)
         status, which, detail = int(result[0]), _text(result[1]), _text(result[2])
         if status == 1:
             limit = getattr(key_limits if which.startswith("key") else tenant_limits, which.split(".")[1])
@@ -167,6 +203,11 @@ class RateLimiter:
         baseline_cost_usd: float, cache_saved_usd: float, cache_hit: bool, error: bool,
     ) -> None:  # fmt: skip
         if self._settle is None:
+            return
+        if not reservation.scope_keys:
+            self._usage.add(reservation.usage_keys, prompt_tokens, completion_tokens, cost_usd, baseline_cost_usd,
+                            cache_saved_usd, cache_hit, error)  # fmt: skip
+            self._ensure_flusher(policy.limits.redis_timeout_ms / 1000)
             return
         token_delta = prompt_tokens + completion_tokens - reservation.tokens if reservation.tokens else 0
         cost_delta = cost_usd - reservation.cost_usd if reservation.tokens else 0.0
@@ -202,6 +243,41 @@ class RateLimiter:
             return totals
 
         return await self._redis.run(read, None, 2.0)
+
+
+_USAGE_FLUSH_S = 1.0
+_USAGE_TTL_S = 8_000_000
+
+
+class _UsageBuffer:
+    """Usage of requests without limits, summed in memory between flushes (no Redis call per request)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, dict[str, int | float]] = {}
+
+    def add(
+        self, keys: tuple[str, str], prompt_tokens: int, completion_tokens: int, cost_usd: float,
+        baseline_cost_usd: float, cache_saved_usd: float, cache_hit: bool, error: bool,
+    ) -> None:  # fmt: skip
+        for key in keys:
+            fields = self._pending.get(key)
+            if fields is None:
+                fields = self._pending[key] = {
+                    "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
+                    "baseline_cost_usd": 0.0, "cache_saved_usd": 0.0, "cache_hits": 0, "errors": 0,
+                }  # fmt: skip
+            fields["requests"] += 1
+            fields["prompt_tokens"] += prompt_tokens
+            fields["completion_tokens"] += completion_tokens
+            fields["cost_usd"] += cost_usd
+            fields["baseline_cost_usd"] += baseline_cost_usd
+            fields["cache_saved_usd"] += cache_saved_usd
+            fields["cache_hits"] += int(cache_hit)
+            fields["errors"] += int(error)
+
+    def take(self) -> dict[str, dict[str, int | float]]:
+        pending, self._pending = self._pending, {}
+        return pending
 
 
 def _limit_args(limits: Limits) -> list[str]:

@@ -70,8 +70,11 @@ def count_chat_prompt(messages: list[dict[str, Any]], encoding: str, tools: Any 
             texts.append(_as_text(tool_calls))
     if tools:
         texts.append(_as_text(tools))
-    if texts:
-        total += sum(len(tokens) for tokens in enc.encode_ordinary_batch(texts, num_threads=1))
+    # One encode per text: tiktoken's *_batch variants start a thread pool on every call,
+    # which cost more than the encoding itself on the hot path (seen in a profile).
+    encode = enc.encode_ordinary
+    for text in texts:
+        total += len(encode(text))
     return total
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import redis
 
-from gateway.services.redis_server import _free_port, find_redis_server
+from gateway.services.redis_server import find_redis_server
 
 _SLOTS = 16384
 
@@ -33,9 +35,28 @@ class LocalCluster:
                 process.kill()
 
 
+def _cluster_ports(count: int) -> list[int]:
+    """Free ports whose cluster bus port (port + 10000) is free and valid too."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randint(20000, 45000)
+        if port not in ports and _is_free(port) and _is_free(port + 10000):
+            ports.append(port)
+    return ports
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def start_local_cluster(folder: Path, masters: int = 3, timeout_s: float = 20.0) -> LocalCluster:
     """Three cluster-enabled servers on loopback, slots split evenly, introduced with CLUSTER MEET."""
-    ports = [_free_port() for _ in range(masters)]
+    ports = _cluster_ports(masters)
     processes = []
     for port in ports:
         node_dir = folder / str(port)
@@ -48,15 +69,15 @@ def start_local_cluster(folder: Path, masters: int = 3, timeout_s: float = 20.0)
     cluster = LocalCluster(processes, ports)
     clients = [redis.Redis(host="127.0.0.1", port=port) for port in ports]
     deadline = time.monotonic() + timeout_s
-    for client in clients:
+    for client, process in zip(clients, processes, strict=True):
         while True:
             try:
                 client.ping()
                 break
             except redis.ConnectionError:
-                if time.monotonic() > deadline:
+                if process.poll() is not None or time.monotonic() > deadline:
                     cluster.stop()
-                    raise
+                    raise RuntimeError(f"a cluster node did not start (exit code {process.poll()})") from None
                 time.sleep(0.05)
     share = _SLOTS // masters
     for index, client in enumerate(clients):

@@ -53,20 +53,31 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self._policy_version: str | None = None
+        self._children: dict[tuple[str, str, int, str], tuple] = {}  # type: ignore[type-arg]
 
     def observe(self, record: RequestRecord) -> None:
         route = record.route or "-"
         model = record.model or "-"
-        self.requests.labels(route, model, str(record.status), record.cache).inc()
-        self.latency.labels(route).observe(record.latency_ms / 1000)
-        self.overhead.labels(route).observe(record.overhead_ms / 1000)
+        key = (route, model, record.status, record.cache)
+        children = self._children.get(key)
+        if children is None:  # label lookups cost more than the updates: resolve each combination once
+            children = self._children[key] = (
+                self.requests.labels(route, model, str(record.status), record.cache),
+                self.latency.labels(route), self.overhead.labels(route),
+                self.tokens.labels(model, route, "prompt"), self.tokens.labels(model, route, "completion"),
+                self.cost.labels(model, route), self.baseline_cost.labels(route),
+            )  # fmt: skip
+        requests, latency, overhead, prompt, completion, cost, baseline = children
+        requests.inc()
+        latency.observe(record.latency_ms / 1000)
+        overhead.observe(record.overhead_ms / 1000)
         if record.prompt_tokens or record.completion_tokens:
-            self.tokens.labels(model, route, "prompt").inc(record.prompt_tokens)
-            self.tokens.labels(model, route, "completion").inc(record.completion_tokens)
+            prompt.inc(record.prompt_tokens)
+            completion.inc(record.completion_tokens)
         if record.cost_usd:
-            self.cost.labels(model, route).inc(record.cost_usd)
+            cost.inc(record.cost_usd)
         if record.baseline_cost_usd:
-            self.baseline_cost.labels(route).inc(record.baseline_cost_usd)
+            baseline.inc(record.baseline_cost_usd)
 
     def upstream_error(self, upstream: str, code: str | None) -> None:
         self.upstream_errors.labels(upstream, code or "unknown").inc()

@@ -8,7 +8,6 @@ never blocks the event loop; the thread writes in batches.
 from __future__ import annotations
 
 import atexit
-import queue
 import sys
 import threading
 from dataclasses import dataclass
@@ -71,9 +70,13 @@ class _Sink:
 
 
 class RequestLogWriter:
-    """A background thread that writes queued lines to stdout and/or a file."""
+    """Lines are appended to a list on the caller's thread and written by a background
+    thread every ``flush_every_s``: one hand-over per interval, not one per line (a
+    per-line queue put cost a GIL hand-off on every request, seen in a profile)."""
 
-    def __init__(self, *, stdout: bool = True, stderr: bool = False, path: str | None = None) -> None:
+    def __init__(
+        self, *, stdout: bool = True, stderr: bool = False, path: str | None = None, flush_every_s: float = 0.02
+    ) -> None:
         self._sinks: list[_Sink] = []
         if stdout:
             self._sinks.append(_Sink(sys.stdout, owned=False))
@@ -81,28 +84,25 @@ class RequestLogWriter:
             self._sinks.append(_Sink(sys.stderr, owned=False))
         if path:
             self._sinks.append(_Sink(open(path, "a", encoding="utf-8", buffering=1 << 16), owned=True))
-        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._pending: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._flush_every_s = flush_every_s
         self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
         self._thread.start()
         atexit.register(self.close)
 
     def write(self, line: str) -> None:
-        self._queue.put(line)
+        with self._lock:
+            self._pending.append(line)
 
     def _run(self) -> None:
         while True:
-            line = self._queue.get()
-            batch = [] if line is None else [line]
-            closing = line is None
-            while not closing:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    closing = True
-                else:
-                    batch.append(more)
+            self._wake.wait(self._flush_every_s)
+            closing = self._closing
+            with self._lock:
+                batch, self._pending = self._pending, []
             if batch:
                 text = "\n".join(batch) + "\n"
                 for sink in self._sinks:
@@ -115,8 +115,10 @@ class RequestLogWriter:
                 return
 
     def close(self) -> None:
+        """Write what is pending and stop (at shutdown: nothing is lost)."""
         if self._thread.is_alive():
-            self._queue.put(None)
+            self._closing = True
+            self._wake.set()
             self._thread.join(timeout=5)
         for sink in self._sinks:
             if sink.owned:

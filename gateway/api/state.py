@@ -37,6 +37,7 @@ class GatewayState:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.pipeline.drain()
+        await self.limiter.aclose()
         for close in self.closers:
             await close()
         await self.holder.aclose()

@@ -1,10 +1,29 @@
 """Refuse a semantic hit when two prompts differ in what makes their answers differ.
 
-Embeddings put "what is 17 × 23?" and "what is 17 × 24?" side by side; the answer
-differs all the same. Before serving a semantic hit, the two prompts must agree on
-their *answer-determining tokens*: numbers, quoted strings, code, capitalised names,
-and the text of lettered answer options. Paraphrases keep those and pass; edits
-that change them are refused. ``docs/semantic-cache.md`` has the measurements.
+Embeddings put "what is 17 × 23?" and "what is 17 × 24?" side by side; the answers
+differ all the same. Before a semantic hit is served, the two prompts must agree on
+their *answer-determining tokens*:
+
+* ``code``: code blocks and inline code, exactly (whitespace collapsed);
+* ``quote``: quoted strings (case, spacing, contractions and number spelling ignored);
+* ``option``: the text of each lettered answer option, by letter ("A. x", "(A) x",
+  "A) x" alike), so changed or swapped options are refused;
+* ``num``: numbers, with "80,000" = "80000", "5.00" = "5" and "three" = "3" (zero to
+  ninety-nine; "one" only where it counts something, not in "one of", "which one");
+  ``numword``: other number words (hundred, half, twice, dozen, first, ...);
+* ``unit``: units and currencies ("hours", "km", "GB", "$", "%" = "percent", ...);
+* ``neg``: negations ("not", "n't", "never", "no", "except", ...);
+* ``polar``: words whose antonym flips the answer (most/least, before/after,
+  increase/decrease, true/false, ...);
+* ``name``: capitalised words other than common English words (sentence starters,
+  function words, politeness). Names are compared by containment, case-insensitively:
+  each name in one prompt must occur in the other as a word in any case, so
+  "josh" still matches "Josh" but "Mark" does not.
+
+Everything but names must be equal as multisets. Harmless rewrites (case, spacing,
+punctuation, a polite prefix or suffix, contractions, "3" for "three", "(A)" for "A.")
+keep all of these; edits that change the answer usually change one. The rules and
+their measured catch and false-refusal rates are in ``docs/semantic-cache.md``.
 """
 
 from __future__ import annotations
@@ -12,26 +31,110 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
 
-__all__ = ["answer_determinants", "guard_allows"]
+__all__ = ["answer_determinants", "guard_allows", "refusal_reasons"]
 
 _CODE = re.compile(r"```.*?```|`[^`\n]+`", re.S)
 _QUOTED = re.compile(r"\"([^\"\n]{1,200})\"|“([^”\n]{1,200})”|‘([^’\n]{1,200})’|(?<!\w)'([^'\n]{1,200})'(?!\w)")
-_NUMBER = re.compile(r"(?<![\w.])[-−]?\d+(?:[.,]\d+)*(?:/\d+)?%?")
-_NUMBER_WORDS = re.compile(
-    r"\b(zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|fifteen|sixteen|"
-    r"seventeen|eighteen|nineteen|twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety|hundred|thousand|million|"
-    r"billion|half|twice|double|triple|first|second|third|fourth|fifth|tenth)\b",
-    re.I,
+_OPTION = re.compile(r"(?m)^[ \t]*\(?([A-Ja-j])[).:][ \t]+(.+?)[ \t]*$")
+_NUMBER = re.compile(r"(?<![\w.])[-−]?(?:\d+(?:[.,/]\d+)*|\.\d+)")
+_WORD = re.compile(r"[A-Za-z][A-Za-z’'-]*")
+_APOSTROPHE_TAIL = re.compile(r"(n[’']t|[’'](s|m|d|ll|re|ve)?)$", re.I)
+_IRREGULAR_NOT = {"can't": "can", "won't": "will", "shan't": "shall", "can’t": "can", "won’t": "will"}
+
+_UNITS_UP_TO_20 = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+                   "sixteen seventeen eighteen nineteen").split()  # fmt: skip
+_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+_CARDINAL = {w: i for i, w in enumerate(_UNITS_UP_TO_20)} | {w: 20 + 10 * i for i, w in enumerate(_TENS)}
+_CARDINAL_RE = re.compile(
+    r"\b(" + "|".join(_TENS) + r")[- ](" + "|".join(_UNITS_UP_TO_20[1:10]) + r")\b|\b(" + "|".join(_CARDINAL) + r")\b"
 )
-_OPTION = re.compile(r"(?m)^\s*\(?([A-Ja-j])[).:]\s+(.+?)\s*$")
-_WORD = re.compile(r"[A-Za-z][\w'’-]*")
-_SENTENCE_START = re.compile(r"(?:^|[.!?\n]\s*|[\"“(]\s*)$")
-_COMMON_CAPITALISED = frozenset(
-    "I A An The What Which Who Whom Whose Why How When Where Is Are Was Were Do Does Did Can Could Should Would Will "
-    "Please Explain Tell Give List Describe Write Find Calculate Compute Answer Question Options Choose Select True "
-    "False Yes No If In On At Of For To From By With And Or But Not All None Both Neither Let Suppose Assume Consider "
-    "Given Then Thus So It This That These Those There Here My Your Our Their His Her Its We You They He She".split()
+_ONE_NOT_A_COUNT_BEFORE = frozenset("which no any each every some the this that another someone anyone everyone".split())
+_ONE_NOT_A_COUNT_AFTER = frozenset("of another or and".split())
+_NUMBER_WORDS = frozenset(
+    "hundred hundreds thousand thousands million millions billion billions trillion half halves twice thrice double "
+    "triple quadruple dozen dozens quarter quarters third thirds fourth fifth sixth seventh eighth ninth tenth first "
+    "second once".split()
+)
+_UNIT_WORDS = {
+    **dict.fromkeys("second seconds sec secs".split(), "second"),
+    **dict.fromkeys("minute minutes min mins".split(), "minute"),
+    **dict.fromkeys("hour hours hr hrs".split(), "hour"),
+    **dict.fromkeys("day days".split(), "day"), **dict.fromkeys("week weeks".split(), "week"),
+    **dict.fromkeys("month months".split(), "month"), **dict.fromkeys("year years".split(), "year"),
+    **dict.fromkeys("decade decades".split(), "decade"), **dict.fromkeys("century centuries".split(), "century"),
+    **dict.fromkeys("mile miles".split(), "mile"), **dict.fromkeys("yard yards".split(), "yard"),
+    **dict.fromkeys("foot feet ft".split(), "foot"), **dict.fromkeys("inch inches".split(), "inch"),
+    **dict.fromkeys("km kilometer kilometers kilometre kilometres".split(), "km"),
+    **dict.fromkeys("m meter meters metre metres".split(), "m"),
+    **dict.fromkeys("cm centimeter centimeters centimetre centimetres".split(), "cm"),
+    **dict.fromkeys("mm millimeter millimeters millimetre millimetres".split(), "mm"),
+    **dict.fromkeys("kg kilogram kilograms kilo kilos".split(), "kg"),
+    **dict.fromkeys("g gram grams".split(), "g"), **dict.fromkeys("mg milligram milligrams".split(), "mg"),
+    **dict.fromkeys("lb lbs pound pounds".split(), "lb"), **dict.fromkeys("oz ounce ounces".split(), "oz"),
+    **dict.fromkeys("ton tons tonne tonnes".split(), "ton"),
+    **dict.fromkeys("l liter liters litre litres".split(), "l"),
+    **dict.fromkeys("ml milliliter milliliters millilitre millilitres".split(), "ml"),
+    **dict.fromkeys("gallon gallons".split(), "gallon"), **dict.fromkeys("quart quarts".split(), "quart"),
+    **dict.fromkeys("cup cups".split(), "cup"), **dict.fromkeys("pint pints".split(), "pint"),
+    **dict.fromkeys("kb kilobyte kilobytes".split(), "kb"), **dict.fromkeys("mb megabyte megabytes".split(), "mb"),
+    **dict.fromkeys("gb gigabyte gigabytes".split(), "gb"), **dict.fromkeys("tb terabyte terabytes".split(), "tb"),
+    **dict.fromkeys("mph kmh kph".split(), "speed"), **dict.fromkeys("percent percentage".split(), "percent"),
+    **dict.fromkeys("dollar dollars usd".split(), "$"), **dict.fromkeys("cent cents".split(), "cent"),
+    **dict.fromkeys("euro euros eur".split(), "€"), **dict.fromkeys("yen jpy".split(), "¥"),
+    **dict.fromkeys("degree degrees".split(), "degree"), **dict.fromkeys("radian radians".split(), "radian"),
+    **dict.fromkeys("celsius fahrenheit kelvin".split(), "temperature"),
+    **dict.fromkeys("watt watts kw kilowatt kilowatts".split(), "watt"),
+    **dict.fromkeys("volt volts".split(), "volt"), **dict.fromkeys("joule joules".split(), "joule"),
+    **dict.fromkeys("acre acres".split(), "acre"), **dict.fromkeys("hectare hectares".split(), "hectare"),
+}  # fmt: skip
+_SYMBOL_UNITS = {"$": "$", "€": "€", "£": "£", "¥": "¥", "%": "percent", "°": "degree"}
+_NEGATIONS = frozenset("not never no none nothing nobody neither nor except".split())
+_POLAR = frozenset(
+    "most least largest smallest greatest biggest fewest maximum minimum max min highest lowest increase increases "
+    "increased increasing decrease decreases decreased decreasing before after true false correct incorrect right "
+    "wrong best worst better worse longest shortest oldest youngest above below positive negative more less fewer "
+    "higher lower larger smaller bigger greater lesser strongest weakest stronger weaker faster slower fastest "
+    "slowest accurate inaccurate likely unlikely always early late earlier later earliest latest inside outside last "
+    "same different similar upper".split()
+)
+_CONTRACTIONS = [(re.compile(p, re.I), r) for p, r in (
+    (r"\bcan[’']t\b", "can not"), (r"\bcannot\b", "can not"), (r"\bwon[’']t\b", "will not"),
+    (r"\bshan[’']t\b", "shall not"), (r"n[’']t\b", " not"), (r"\b(it|that|what|there|here|who|where|how|he|she)[’']s\b",
+    r"\1 is"), (r"[’']re\b", " are"), (r"[’']ve\b", " have"), (r"[’']ll\b", " will"), (r"\bi[’']m\b", "i am"),
+)]  # fmt: skip
+# Capitalised words that are not names: function words, sentence starters, politeness.
+_COMMON = frozenset(
+    """a an the this that these those there here it its it's i i'm i've i'd i'll me my mine we us our you your he him
+his she her they them their what which who whom whose why how when where whether if then than so thus hence
+therefore because since as while although though however but and or nor not no yes yet also too either neither both
+all any some each every many much most more few several such other another same own only just even still already
+again always never often sometimes usually now today tomorrow yesterday soon once in on at of for to from by with
+without within into onto upon about above below over under between among through during before after until against
+across along around behind beyond near off out up down is are was were be been being am do does did done have has
+had having can could shall should will would may might must let let's please thanks thank hi hello hey dear ok okay
+sure well oh so question questions answer answers q a. options option choose select pick true false note remember
+consider suppose assume given imagine find compute calculate determine evaluate estimate solve explain describe
+list name identify give tell show write state define compare discuss summarize check help need want like know think
+say see look use make take try read quick quickly here's there's what's that's it's who's where's how's i'd
+statement scenario choice correct incorrect best following based according regarding concerning one two three
+first second third next last finally then first""".split()
+)
+
+
+# Words that carry no topic of their own: a rewrite may add, drop or swap them freely.
+_FUNCTION_WORDS = frozenset(
+    """a an the this that these those there here it its i me my mine we us our you your he him his she her they them
+their what which who whom whose why how when where whether if then than so thus hence therefore because since as
+while although though however but and or nor not no yes yet also too either neither both all any some each every
+many much most more few several such other another same own only just even still already again always never often
+sometimes usually now in on at of for to from by with without within into onto upon about above below over under
+between among through during before after until against across along around behind beyond near off out up down is
+are was were be been being am do does did done doing have has had having can could shall should will would may might
+must let please thanks thank hi hello hey ok okay sure well oh very really quite rather way ways thing things one ones
+get gets got""".split()
 )
 
 
@@ -39,8 +142,57 @@ def _normalise(text: str) -> str:
     return unicodedata.normalize("NFKC", text).replace("−", "-")
 
 
-def answer_determinants(prompt: str) -> Counter[str]:
-    """The multiset of tokens that, if changed, change the answer."""
+def _canon(text: str) -> str:
+    """Text compared as a whole (options, quotes): case, spacing, contractions and number spelling ignored."""
+    text = text.lower()
+    for pattern, repl in _CONTRACTIONS:
+        text = pattern.sub(repl, text)
+    text = _CARDINAL_RE.sub(lambda m: str(_cardinal(m)), text)
+    return " ".join(text.split()).strip(" .;,")
+
+
+def _cardinal(m: re.Match[str]) -> int:
+    if m.group(3) is not None:
+        return _CARDINAL[m.group(3)]
+    return _CARDINAL[m.group(1)] + _CARDINAL[m.group(2)]
+
+
+def _number_key(raw: str) -> str:
+    n = raw.replace("−", "-")
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", n):
+        n = n.replace(",", "")
+    if re.fullmatch(r"-?\d*\.\d+", n):
+        n = n.rstrip("0").rstrip(".") or "0"
+        if n.startswith("."):
+            n = "0" + n
+    return n
+
+
+def _stem(word: str) -> str:
+    """A crude stem, so that "spiders"/"spider" and "boils"/"boiled"/"boiling" compare equal."""
+    if word.endswith("ies") and len(word) > 4:
+        word = word[:-3] + "y"
+    elif word.endswith("s") and not word.endswith(("ss", "us", "is")) and len(word) > 3:
+        word = word[:-1]
+    for suffix in ("ing", "ed"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 4:
+            return word[: -len(suffix)]
+    return word
+
+
+@dataclass(frozen=True, slots=True)
+class _Analysis:
+    determinants: Counter[str]
+    """Everything but names and content words: compared as multisets."""
+    names: frozenset[str]
+    words: frozenset[str]
+    """Every word, lower case: where the other prompt's names are looked up."""
+    content: Counter[str]
+    """Stems of the content words (not function, number or unit words), counted: the lexical rule."""
+
+
+@lru_cache(maxsize=4096)
+def _analyse(prompt: str) -> _Analysis:
     text = _normalise(prompt)
     found: Counter[str] = Counter()
     for block in _CODE.findall(text):
@@ -48,19 +200,74 @@ def answer_determinants(prompt: str) -> Counter[str]:
     text = _CODE.sub(" ", text)
     for match in _QUOTED.finditer(text):
         quoted = next(g for g in match.groups() if g is not None)
-        found["quote:" + " ".join(quoted.lower().split())] += 1
+        found["quote:" + _canon(quoted)] += 1
     for letter, option in _OPTION.findall(text):
-        found[f"option:{letter.upper()}:" + " ".join(option.lower().split())] += 1
+        found[f"option:{letter.upper()}:" + _canon(option)] += 1
     for number in _NUMBER.findall(text):
-        found["num:" + number.replace(",", "").rstrip(".")] += 1
-    for word in _NUMBER_WORDS.findall(text):
-        found["numword:" + word.lower()] += 1
+        found["num:" + _number_key(number)] += 1
+    for symbol, unit in _SYMBOL_UNITS.items():
+        if symbol in text:
+            found["unit:" + unit] += text.count(symbol)
+    lower = text.lower()
+    for pattern, repl in _CONTRACTIONS:
+        lower = pattern.sub(repl, lower)
+    words = re.findall(r"[a-z]+", lower)
+    for m in _CARDINAL_RE.finditer(lower):
+        if m.group(3) == "one":
+            before = lower[: m.start()].split()[-1:] or [""]
+            after = lower[m.end() :].split()[:1] or [""]
+            if before[0] in _ONE_NOT_A_COUNT_BEFORE or re.sub(r"\W", "", after[0]) in _ONE_NOT_A_COUNT_AFTER:
+                continue
+        found[f"num:{_cardinal(m)}"] += 1
+    for w in words:
+        if w in _NUMBER_WORDS:
+            found["numword:" + w] += 1
+        if w in _UNIT_WORDS:
+            found["unit:" + _UNIT_WORDS[w]] += 1
+        if w in _NEGATIONS:
+            found["neg:" + w] += 1
+        if w in _POLAR:
+            found["polar:" + w] += 1
+    names: set[str] = set()
+    all_words: set[str] = set(words)
     for match in _WORD.finditer(text):
-        word = match.group(0)
-        if word[0].isupper() and word not in _COMMON_CAPITALISED and not _SENTENCE_START.search(text[: match.start()]):
-            found["name:" + word] += 1
-    return found
+        raw = match.group(0)
+        word = _IRREGULAR_NOT.get(raw.lower()) or _APOSTROPHE_TAIL.sub("", raw).lower()
+        all_words.add(word)
+        if raw[0].isupper() and word not in _COMMON:
+            names.add(word)
+    content = Counter(
+        _stem(w) for w in words
+        if len(w) >= 3 and w not in _FUNCTION_WORDS and w not in _CARDINAL and w not in _NUMBER_WORDS
+        and w not in _UNIT_WORDS
+    )  # fmt: skip
+    return _Analysis(found, frozenset(names), frozenset(all_words), content)
 
 
-def guard_allows(new_prompt: str, cached_prompt: str) -> bool:
-    return answer_determinants(new_prompt) == answer_determinants(cached_prompt)
+def answer_determinants(prompt: str) -> Counter[str]:
+    """The multiset of tokens that, if changed, change the answer (names as ``name:<lower case>``)."""
+    a = _analyse(prompt)
+    return a.determinants + Counter("name:" + n for n in a.names)
+
+
+def guard_allows(new_prompt: str, cached_prompt: str, *, lexical: bool = True) -> bool:
+    """Whether a cached answer to ``cached_prompt`` may be served for ``new_prompt``.
+
+    ``lexical``: also refuse when a content word was *replaced* (one dropped and another
+    added, as in "boiling point" -> "freezing point"); adding or dropping words alone
+    (a polite prefix, a filler sentence) is allowed.
+    """
+    if new_prompt == cached_prompt:
+        return True
+    return not refusal_reasons(new_prompt, cached_prompt, lexical=lexical)
+
+
+def refusal_reasons(new_prompt: str, cached_prompt: str, *, lexical: bool = True) -> list[str]:
+    """The rules that refuse the pair (``num``, ``name``, ``lexical``, ...); empty when the guard allows it."""
+    new, old = _analyse(new_prompt), _analyse(cached_prompt)
+    kinds = {key.split(":", 1)[0] for key in (new.determinants - old.determinants) + (old.determinants - new.determinants)}
+    if not (new.names <= old.words and old.names <= new.words):
+        kinds.add("name")
+    if lexical and new.content - old.content and old.content - new.content:
+        kinds.add("lexical")
+    return sorted(kinds)

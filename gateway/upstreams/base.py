@@ -90,6 +90,7 @@ class Provider(ABC):
         self.client = client
         self.api_key = api_key
         self.upstream_model = config.upstream_model or name
+        self._urls: dict[str, httpx.URL] = {}
         self._timeout = httpx.Timeout(
             connect=config.timeouts.connect,
             read=config.timeouts.first_byte,
@@ -116,7 +117,7 @@ class Provider(ABC):
         With ``stream=True`` the caller owns the open response and must close it.
         """
         request = self.client.build_request(
-            "POST", path, content=msgspec.json.encode(payload), headers=headers, timeout=self._timeout
+            "POST", self._url(path), content=msgspec.json.encode(payload), headers=headers, timeout=self._timeout
         )
         try:
             async with asyncio.timeout(self.config.timeouts.total):
@@ -139,6 +140,18 @@ class Provider(ABC):
         except httpx.HTTPError as exc:
             raise self.transport_error(exc) from None
         return response
+
+    def _url(self, path: str) -> httpx.URL:
+        """The absolute URL for ``path``, parsed once (httpx would parse a relative path on every request)."""
+        url = self._urls.get(path)
+        if url is None:
+            if "://" in path:  # already absolute (e.g. a server-root endpoint)
+                url = httpx.URL(path)
+            else:
+                base = self.client.base_url
+                url = base.copy_with(raw_path=base.raw_path + path.lstrip("/").encode())
+            self._urls[path] = url
+        return url
 
     def transport_error(self, exc: Exception) -> UpstreamError:
         """Classify a transport failure by its root cause (some transports relabel disconnects as timeouts)."""
