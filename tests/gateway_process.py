@@ -130,10 +130,12 @@ def _worker_pids(pid: int) -> list[int]:
 
 
 def start_gateway(workdir: Path, policy: str, *, env: dict[str, str] | None = None, timeout_s: float = 30.0,
-                  expect_ready: bool = True, workers: int = 1) -> GatewayProcess:
+                  expect_ready: bool = True, workers: int = 1, policy_path: Path | None = None) -> GatewayProcess:
+    """``policy_path``: serve an existing policy file (shared with another gateway) instead of writing ``policy``."""
     workdir.mkdir(parents=True, exist_ok=True)
-    policy_path = workdir / "policies.yaml"
-    policy_path.write_text(policy)
+    if policy_path is None:
+        policy_path = workdir / "policies.yaml"
+        policy_path.write_text(policy)
     port = free_port()
     log_path, err_path = workdir / "gateway.log", workdir / "gateway.err"
     child_env = {**os.environ, **(env or {})}

@@ -69,3 +69,29 @@ def test_sighup_to_the_main_process_reloads_every_worker_in_place(
         assert httpx.get(f"{gateway.url}/readyz").json()["policy"]["last_reload_error"]
     finally:
         gateway.stop()
+
+
+def test_a_policy_edit_is_picked_up_by_two_gateway_processes(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """Two gateways (as behind a load balancer) serve one policies.yaml, as from one ConfigMap volume."""
+    import time
+
+    policy = policy_text(small_upstream, large_upstream)
+    first = start_gateway(tmp_path / "a", policy, env={"REDIS_URL": redis_server.url})
+    second = start_gateway(tmp_path / "b", "", env={"REDIS_URL": redis_server.url}, policy_path=first.policy_path)
+    try:
+        first.policy_path.write_text(policy.replace("fast: {model: small, fallbacks: [large]}", "fast: {model: large}"))
+        deadline = time.monotonic() + 10
+        models: set[str] = set()
+        while time.monotonic() < deadline and models != {"large"}:
+            time.sleep(0.2)
+            models = {httpx.post(f"{g.base_url}/chat/completions",
+                                 json={"model": "fast", "messages": [{"role": "user", "content": "edit"}]}
+                                 ).headers["x-gateway-model"] for g in (first, second)}  # fmt: skip
+        assert models == {"large"}
+        versions = {httpx.get(f"{g.url}/readyz").json()["policy"]["version"] for g in (first, second)}
+        assert len(versions) == 1
+    finally:
+        first.stop()
+        second.stop()
