@@ -28,15 +28,20 @@ async def chat_completions(request: Request) -> Response[bytes] | Stream:
     headers = request.headers
     incoming_id = headers.get("x-request-id")
     request_id = incoming_id if incoming_id and _REQUEST_ID.fullmatch(incoming_id) else uuid.uuid4().hex
-    disconnected = _DisconnectWatch(request)
-    work = asyncio.ensure_future(
-        state.pipeline.handle(
-            disconnected.read_body, headers.get("authorization"), headers.get("cache-control"), request_id, started
+    task = asyncio.current_task()
+    assert task is not None
+    watch = _DisconnectWatch(request, task)
+    try:
+        answer = await state.pipeline.handle(
+            watch.read_body, headers.get("authorization"), headers.get("cache-control"), request_id, started
         )
-    )
-    answer = await disconnected.run_until_gone(work)
-    if answer is None:
+    except asyncio.CancelledError:
+        if not watch.client_left:
+            raise
+        task.uncancel()  # our own cancellation: the client is gone, nothing more to do
         return _CLIENT_GONE
+    finally:
+        watch.stop()
     if isinstance(answer, Answer):
         return Response(content=answer.body, status_code=answer.status, headers=answer.headers, media_type="application/json")
     return Stream(
@@ -47,17 +52,20 @@ async def chat_completions(request: Request) -> Response[bytes] | Stream:
 
 
 class _DisconnectWatch:
-    """Reads the body, then cancels the request's work if the client hangs up before the answer.
+    """Reads the body, then cancels the request's task if the client hangs up before the answer.
 
-    Streams are watched by Litestar's ``Stream`` itself; this covers the wait for the
-    upstream before the first byte, so a client that leaves cancels the upstream call.
+    So a client that leaves while the upstream is still thinking cancels the upstream call.
+    Streams are watched by Litestar's ``Stream`` itself once they start. The watcher is a
+    task only from the end of the body on (receive() would otherwise steal body messages).
     """
 
-    __slots__ = ("_request", "_body_read")
+    __slots__ = ("_request", "_task", "_watcher", "client_left")
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, task: asyncio.Task[object]) -> None:
         self._request = request
-        self._body_read = asyncio.Event()
+        self._task = task
+        self._watcher: asyncio.Task[None] | None = None
+        self.client_left = False
 
     async def read_body(self, limit: int) -> bytes:
         request = self._request
@@ -76,28 +84,19 @@ class _DisconnectWatch:
                     raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
                 chunks.append(chunk)
         except InternalServerException:
-            raise asyncio.CancelledError from None  # the client left while sending
-        self._body_read.set()
+            self.client_left = True  # the client left while sending
+            raise asyncio.CancelledError from None
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
         return b"".join(chunks)
 
-    async def run_until_gone(self, work: asyncio.Future[object]):  # noqa: ANN201 - Answer | StreamingAnswer | None
-        watcher = asyncio.ensure_future(self._wait_for_disconnect())
-        try:
-            await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-        if work.done():
-            return work.result()
-        work.cancel()
-        try:
-            await work
-        except asyncio.CancelledError:
-            pass
-        return None
-
-    async def _wait_for_disconnect(self) -> None:
-        await self._body_read.wait()
+    async def _watch(self) -> None:
         while True:
             message = await self._request.receive()
             if message["type"] == "http.disconnect":
+                self.client_left = True
+                self._task.cancel()
                 return
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
