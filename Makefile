@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test bench check venv clean
+.PHONY: run test bench check venv clean router
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m tests.bench.gateway_bench
+
+# Rebuild the router's artifacts from ../shared/data/routing (about 35 minutes on 2 cores).
+router: $(STAMP)
+	$(PY) -m pip install -q -e '.[train]'
+	HF_HUB_OFFLINE=1 nice -n 19 $(PY) -m router_models.train --layers 3 --max-tokens 128 --epochs 2 --distill 1.0 --out router_models/build/ckpt_ft_l3
+	$(PY) -m router_models.export --ckpt router_models/build/ckpt_ft_l3 --artifacts router_models/artifacts
+	$(PY) -m router_models.evaluate --artifacts router_models/artifacts --teacher --text-selection
 
 check: $(STAMP)
 	$(PY) -m gateway check policies.yaml

@@ -291,7 +291,9 @@ def load_classifier(
             max_wait_s=max_wait_s,
         )
         clf.score_batch_sync(["warm up"])  # fail here, not on the first request
-        _log.info("classifier_loaded", **clf.describe(), requested_gpu=prefer_gpu, gpu_available=use_gpu)
+        if use_gpu and clf.provider != "CUDAExecutionProvider":
+            _log.warning("classifier_gpu_unavailable", reason="CUDA provider listed but failed to start; using CPU")
+        _log.info("classifier_loaded", **clf.describe(), requested_gpu=prefer_gpu, cuda_provider_listed=use_gpu)
         return clf
     except Exception as exc:  # noqa: BLE001 - never raise: the gateway serves without it
         _log.warning("classifier_unavailable", reason="load_failed", path=str(d), error=repr(exc))

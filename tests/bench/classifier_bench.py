@@ -43,10 +43,16 @@ BASE = (
 
 
 def prompt_of(clf, tokens: int) -> str:
-    text = BASE
-    while len(clf._tokenizer.encode(text).ids) < tokens:  # noqa: SLF001 - bench only
-        text += BASE
-    n = len(clf._tokenizer.encode(text).ids)  # noqa: SLF001
+    """A prompt that encodes to exactly ``tokens`` tokens ([CLS] and [SEP] included)."""
+    tok = clf._tokenizer  # noqa: SLF001 - bench only
+    text = BASE * (tokens // 20 + 2)
+    enc = tok.encode(text)
+    if tokens < clf.max_tokens:
+        end = enc.offsets[tokens - 2][1]  # last kept word piece (before [SEP])
+        text = text[:end]
+        while len(tok.encode(text).ids) > tokens:
+            text = text[:-1]
+    n = len(tok.encode(text).ids)
     assert n == min(tokens, clf.max_tokens), n
     return text
 
@@ -133,6 +139,8 @@ def bench_variant(name: str, art: Path, variant: str | None, args) -> dict:
         for k in ("mmlu_heldout", "gsm8k_heldout")
         if k in metrics
     }
+    if "speedonly" in name:  # a different (untrained) graph: the shipped quality does not apply
+        res["quality"] = None
     res["encoder_layers"] = clf.config.get("encoder_layers")
     return res
 
@@ -141,7 +149,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifacts", default=str(REPO / "router_models" / "artifacts"))
     ap.add_argument("--extra", action="append", default=[],
-                    help="NAME=PATH.onnx: another graph with the same tokenizer/config (e.g. the fp32 build)")
+                    help="NAME=PATH.onnx: another graph with the same tokenizer/config (e.g. the fp32 build); "
+                    "a NAME containing 'speedonly' marks a graph measured for speed only (no quality shown)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--single-n", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=64)
