@@ -112,6 +112,10 @@ def _run_server(server: str, host: str, port: int, workers: int) -> None:
     if server == "uvicorn":
         import uvicorn
 
+        # uvicorn re-raises SIGTERM after its graceful shutdown; with the default action the
+        # process would die there and never stop what serve started (the embedded Redis).
+        signal.signal(signal.SIGTERM, _exit_after_shutdown)
+
         uvicorn.run(
             "gateway.api.app:create_app", factory=True, host=host, port=port, workers=workers,
             access_log=False, log_level="warning", lifespan="on", timeout_graceful_shutdown=30,
@@ -124,6 +128,10 @@ def _run_server(server: str, host: str, port: int, workers: int) -> None:
         interface=Interfaces.ASGI, log_access=False, log_level="warning", respawn_failed_workers=True,
         workers_kill_timeout=30,
     ).serve()  # fmt: skip
+
+
+def _exit_after_shutdown(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _granian_server() -> type:

@@ -20,6 +20,7 @@ def test_sigterm_lets_a_stream_finish_then_exits_cleanly(tmp_path: Path, large_u
         env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
         gateway = start_gateway(tmp_path, policy_text(slow_small, large_upstream), env=env)
         redis_pid = _embedded_redis_pid(tmp_path)
+        assert redis_pid is not None
         lines: list[str] = []
 
         def stream() -> None:
@@ -37,23 +38,23 @@ def test_sigterm_lets_a_stream_finish_then_exits_cleanly(tmp_path: Path, large_u
         records = gateway.log_records()
         assert len(records) == 1 and records[0]["status"] == 200 and records[0]["stream"] is True  # flushed
         deadline = time.monotonic() + 5
-        while redis_pid is not None and Path(f"/proc/{redis_pid}").exists() and time.monotonic() < deadline:
+        while Path(f"/proc/{redis_pid}").exists() and not _is_zombie(redis_pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert redis_pid is None or not Path(f"/proc/{redis_pid}").exists() or _is_zombie(redis_pid)
+        assert not Path(f"/proc/{redis_pid}").exists() or _is_zombie(redis_pid)
         assert "stopped" in gateway.stderr_text()
 
 
 def _embedded_redis_pid(workdir: Path) -> int | None:
+    """Redis rewrites its process title, but it runs in its --dir: find it by working directory."""
     data = str((workdir / "data" / "redis").resolve())
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"redis-server" in (proc / "cmdline").read_bytes() and os.readlink(proc / "cwd") == data:
+                return int(proc.name)
         except OSError:
             continue
-        if cmdline and cmdline[0].endswith(b"redis-server") and data.encode() in cmdline:
-            return int(proc.name)
     return None
 
 
@@ -62,3 +63,36 @@ def _is_zombie(pid: int) -> bool:
         return " Z " in Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return True
+
+
+def test_sigterm_under_uvicorn_also_stops_the_embedded_redis(tmp_path: Path, large_upstream: SimulatedUpstream) -> None:
+    import subprocess
+    import sys
+
+    from tests.gateway_process import free_port
+
+    with start_simulated_upstream("small") as small:
+        policy = tmp_path / "policies.yaml"
+        policy.write_text(policy_text(small, large_upstream))
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--server", "uvicorn", "--policies", str(policy), "--port", str(port),
+             "--data-dir", str(tmp_path / "data")],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        redis_pid = _embedded_redis_pid(tmp_path)
+        assert redis_pid is not None
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{redis_pid}").exists() and not _is_zombie(redis_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{redis_pid}").exists() or _is_zombie(redis_pid)
