@@ -211,11 +211,6 @@ def _stat_fields(pid: int) -> list[str] | None:
     return stat[stat.rindex(")") + 2 :].split()
 
 
-def process_group(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return None if fields is None else int(fields[2])
-
-
 def cpu_seconds(pid: int) -> float | None:
     """utime + stime of one process, all its threads, in seconds."""
     fields = _stat_fields(pid)
@@ -252,6 +247,9 @@ class CpuUse:
         pct = {name: None if s is None else round(s / self.elapsed_s * 100, 1) for name, s in self.seconds.items()}
         ours = sum(sec for sec in self.seconds.values() if sec is not None)
         pct["other_processes"] = round(max(0.0, self.machine_s - ours) / self.elapsed_s * 100, 1)
+        workers = self._all_workers()
+        if workers is not None:
+            pct["gateway_workers_all"] = round(workers / self.elapsed_s * 100, 1)
         pct["machine"] = round(self.machine_s / self.elapsed_s * 100, 1)
         return pct
 
@@ -259,7 +257,17 @@ class CpuUse:
         """CPU time per request (warm-up included): other load disturbs it less than latency."""
         if requests <= 0:
             return {}
-        return {name: None if sec is None else round(sec / requests * 1000, 3) for name, sec in self.seconds.items()}
+        per_request = {name: None if s is None else round(s / requests * 1000, 3) for name, s in self.seconds.items()}
+        workers = self._all_workers()
+        if workers is not None:
+            per_request["gateway_workers_all"] = round(workers / requests * 1000, 3)
+        return per_request
+
+    def _all_workers(self) -> float | None:
+        """The workers' CPU together, when there are several."""
+        workers = [s for name, s in self.seconds.items() if name.startswith("gateway_worker_") and s is not None]
+        first = self.seconds.get("gateway_worker")
+        return None if not workers or first is None else first + sum(workers)
 
 
 @dataclass
@@ -308,11 +316,15 @@ class GatewayProcess:
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def worker_pid(self) -> int:
-        """The Python process serving requests: granian's forked worker, else the main process."""
+    def worker_pids(self) -> list[int]:
+        """The Python processes serving requests: the server's worker children (granian forks
+        one even for 1 worker), else the main process (uvicorn with 1 worker)."""
         self.seen_descendants.update(descendants(self.process.pid))
-        workers = [pid for pid in children(self.process.pid) if "redis-server" not in command_line(pid)]
-        return workers[0] if len(workers) == 1 else self.process.pid
+        workers = [
+            pid for pid in children(self.process.pid)
+            if not any(name in command_line(pid) for name in ("redis-server", "resource_tracker"))
+        ]  # fmt: skip
+        return sorted(workers) or [self.process.pid]
 
     def redis_pid(self) -> int | None:
         redis = [pid for pid in children(self.process.pid) if "redis-server" in command_line(pid)]
@@ -340,8 +352,7 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 _kill_group(self.process.pid)
                 self.process.wait()
-        time.sleep(0.2)
-        left = [pid for pid in sorted(self.seen_descendants) if process_group(pid) == self.process.pid]
+        left = self._left_behind(grace_s=1.0)
         left_behind = [f"{pid} {command_line(pid)}" for pid in left]
         for pid in left:
             try:
@@ -349,6 +360,21 @@ class GatewayProcess:
             except ProcessLookupError:
                 pass
         return {"exit_code": self.process.returncode, "left_behind": left_behind}
+
+
+    def _left_behind(self, grace_s: float) -> list[int]:
+        """Its descendants still running in its process group once ``grace_s`` has passed."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            left = [pid for pid in sorted(self.seen_descendants) if _running_in_group(pid, self.process.pid)]
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.1)
+
+
+def _running_in_group(pid: int, pgid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X") and int(fields[2]) == pgid and bool(command_line(pid))
 
 
 def _kill_group(pgid: int) -> None:
@@ -552,12 +578,13 @@ class Bench:
             ),
         }
 
-    def memory(self, gateway: GatewayProcess, worker: int, cpu_pids: dict[str, int]) -> dict[str, Any]:
+    def memory(self, gateway: GatewayProcess, workers: list[int], cpu_pids: dict[str, int]) -> dict[str, Any]:
+        """RSS of the worker (the sum over the workers when there are several)."""
         s = self.settings
-        samples: list[dict[str, Any]] = [{"requests": 0, "rss_mib": rss_mib(worker)}]
+        samples: list[dict[str, Any]] = [{"requests": 0, "rss_mib": _total_rss(workers)}]
 
         def sample(done: int) -> None:
-            samples.append({"requests": done, "rss_mib": rss_mib(worker)})
+            samples.append({"requests": done, "rss_mib": _total_rss(workers)})
 
         target = make_target(gateway.port, ROUTE, gateway=True)
         run = self._phase(
@@ -568,7 +595,12 @@ class Bench:
         )
         if samples[-1]["requests"] != run["completed"]:
             sample(run["completed"])
-        return {"worker_pid": worker, "samples": samples, **_drift(samples), "run": run}
+        return {"worker_pids": workers, "samples": samples, **_drift(samples), "run": run}
+
+
+def _total_rss(pids: list[int]) -> float | None:
+    values = [rss_mib(pid) for pid in pids]
+    return None if any(v is None for v in values) else round(sum(v for v in values if v is not None), 1)
 
 
 def _drift(samples: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -690,8 +722,10 @@ def run_config(bench: Bench, config: Config, workdir: Path, cleanup: ExitStack) 
     _say(f"[{config.label}] starting the gateway ({settings.workers} worker(s))")
     gateway = start_gateway(config, workdir, policy, settings.workers)
     cleanup.callback(gateway.stop)
-    worker = gateway.worker_pid()
+    workers = gateway.worker_pids()
+    worker = workers[0]
     pids = {**direct_pids, "gateway_worker": worker, "gateway_redis": gateway.redis_pid() or -1}
+    pids.update({f"gateway_worker_{i}": pid for i, pid in enumerate(workers[1:], start=2)})
     if worker != gateway.process.pid:
         pids["gateway_main"] = gateway.process.pid
     _say(f"[{config.label}] gateway main pid {gateway.process.pid}, worker pid {worker}; measuring")
@@ -699,8 +733,8 @@ def run_config(bench: Bench, config: Config, workdir: Path, cleanup: ExitStack) 
     memory = None
     if config.measure_memory:
         _say(f"[{config.label}] memory: {settings.memory_requests} requests over {settings.connections} connections")
-        memory = bench.memory(gateway, worker, pids)
-    worker_after = gateway.worker_pid()
+        memory = bench.memory(gateway, workers, pids)
+    workers_after = gateway.worker_pids()
     stopped = gateway.stop()
     return {
         "label": config.label,
@@ -709,9 +743,9 @@ def run_config(bench: Bench, config: Config, workdir: Path, cleanup: ExitStack) 
         "cache": config.cache,
         "workers": settings.workers,
         "gateway_main_pid": gateway.process.pid,
-        "gateway_worker_pid": worker,
-        "gateway_worker_pid_at_end": worker_after,
-        "worker_replaced": worker_after != worker,
+        "gateway_worker_pids": workers,
+        "gateway_worker_pids_at_end": workers_after,
+        "worker_replaced": workers_after != workers,
         "gateway_exit_code": stopped["exit_code"],
         "left_behind_after_sigterm": stopped["left_behind"],
         "direct": direct,
@@ -839,7 +873,7 @@ def _phase_lines(name: str, phase: dict[str, Any]) -> list[str]:
 def print_run(run: dict[str, Any]) -> None:
     cache = "on" if run["cache"] else "off"
     print(f"\n== {run['label']}: {run['server']}, {run['transport']} transport, cache {cache}, {run['workers']} "
-          f"worker(s); worker pid {run['gateway_worker_pid']} (main {run['gateway_main_pid']}) ==")  # fmt: skip
+          f"worker(s); worker pid(s) {run['gateway_worker_pids']} (main {run['gateway_main_pid']}) ==")  # fmt: skip
     for name, phase in phases_of(run).items():
         print("\n".join(_phase_lines(name, phase)))
     for variant, o in run["overhead"].items():
@@ -856,7 +890,7 @@ def print_run(run: dict[str, Any]) -> None:
     print(f"  request log: {log['destination']}, {log['request_lines']} request lines, statuses {log['statuses']}, "
           f"cache {log['cache']}, retried {log['retried']}, {log['file_bytes'] / 1e6:.1f} MB")  # fmt: skip
     if run["worker_replaced"]:
-        print(f"  WARNING: the worker was replaced ({run['gateway_worker_pid']} -> {run['gateway_worker_pid_at_end']})")
+        print(f"  WARNING: a worker was replaced ({run['gateway_worker_pids']} -> {run['gateway_worker_pids_at_end']})")
     print(f"  gateway exit code after SIGTERM: {run['gateway_exit_code']}")
     for leftover in run["left_behind_after_sigterm"]:
         print(f"  WARNING: still running after the gateway exited (killed by the bench): {leftover}")
@@ -868,7 +902,7 @@ def _print_memory(memory: dict[str, Any] | None) -> None:
     if memory is None:
         return
     trail = " ".join(_f(s["rss_mib"], "", 1) for s in memory["samples"])
-    print(f"  worker (pid {memory['worker_pid']}) RSS MiB at 0, then every sample: {trail}")
+    print(f"  worker RSS MiB (pids {memory['worker_pids']}) at 0, then every sample: {trail}")
     print(f"  RSS after the first sample {_f(memory['rss_after_first_mib'], ' MiB', 1)}, at the end "
           f"{_f(memory['rss_end_mib'], ' MiB', 1)}: drift {_f(memory['drift_pct'], ' %', 2)}")  # fmt: skip
 
@@ -894,8 +928,23 @@ def print_comparison(runs: list[dict[str, Any]]) -> None:
 
 
 def _worker_cpu(phase: dict[str, Any]) -> float | None:
-    value: float | None = phase["cpu_ms_per_request"].get("gateway_worker")
+    per_request = phase["cpu_ms_per_request"]
+    value: float | None = per_request.get("gateway_workers_all", per_request.get("gateway_worker"))
     return value
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured, and whether the work tree differed from it."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=_ROOT, capture_output=True, text=True, timeout=10, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip()
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "modified_files": None if status is None else status.splitlines()}
 
 
 def machine_info() -> dict[str, Any]:
@@ -933,9 +982,13 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     stamp = time.strftime("%Y%m%d-%H%M%S")
     report: dict[str, Any] = {
-        "timestamp": stamp, "machine": machine_info(), "settings": _settings_json(settings), "targets": TARGETS,
+        "timestamp": stamp, "machine": machine_info(), "git": git_state(), "settings": _settings_json(settings),
+        "targets": TARGETS,
     }  # fmt: skip
-    print(f"gateway benchmark {stamp}: {os.cpu_count()} cores, load average {os.getloadavg()}")
+    commit = (report["git"]["commit"] or "unknown")[:12]
+    modified = len(report["git"]["modified_files"] or [])
+    print(f"gateway benchmark {stamp}: {os.cpu_count()} cores, load average {os.getloadavg()}; "
+          f"commit {commit}, {modified} modified tracked file(s)")  # fmt: skip
     runs: list[dict[str, Any]] = []
     started = time.monotonic()
     with ExitStack() as cleanup, terminate_on_sigterm():
