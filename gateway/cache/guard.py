@@ -2,28 +2,35 @@
 
 Embeddings put "what is 17 × 23?" and "what is 17 × 24?" side by side; the answers
 differ all the same. Before a semantic hit is served, the two prompts must agree on
-their *answer-determining tokens*:
+their *answer-determining tokens*, each kind a rule (the names ``refusal_reasons`` gives):
 
 * ``code``: code blocks and inline code, exactly (whitespace collapsed);
 * ``quote``: quoted strings (case, spacing, contractions and number spelling ignored);
 * ``option``: the text of each lettered answer option, by letter ("A. x", "(A) x",
-  "A) x" alike), so changed or swapped options are refused;
+  "a) x" alike), so changed or swapped options are refused;
 * ``num``: numbers, with "80,000" = "80000", "5.00" = "5" and "three" = "3" (zero to
-  ninety-nine; "one" only where it counts something, not in "one of", "which one");
-  ``numword``: other number words (hundred, half, twice, dozen, first, ...);
+  ninety-nine; "one" only where it counts something: not in "one of", "which one");
+* ``numword``: other number words (hundred, half, twice, dozen, first, ...);
 * ``unit``: units and currencies ("hours", "km", "GB", "$", "%" = "percent", ...);
-* ``neg``: negations ("not", "n't", "never", "no", "except", ...);
+* ``neg``: negations ("not", "n't", "never", "no", "except", ...), contractions
+  written out first, so "isn't" = "is not";
 * ``polar``: words whose antonym flips the answer (most/least, before/after,
   increase/decrease, true/false, ...);
-* ``name``: capitalised words other than common English words (sentence starters,
-  function words, politeness). Names are compared by containment, case-insensitively:
-  each name in one prompt must occur in the other as a word in any case, so
-  "josh" still matches "Josh" but "Mark" does not.
+* ``name``: capitalised words other than common English words (function words and
+  words that often start a request). Compared by containment, case-insensitively:
+  each name in one prompt must occur in the other as a word in any case, so "josh"
+  matches "Josh" and "Mark" does not;
+* ``lexical`` (on by default): a content word *replaced*, i.e. one prompt has a content
+  word the other lacks and the other way round ("boiling point" / "freezing point").
+  Adding or dropping words alone (a polite prefix, a filler sentence) passes; content
+  words are compared by a crude stem ("spiders" = "spider").
 
-Everything but names must be equal as multisets. Harmless rewrites (case, spacing,
+All but ``name`` and ``lexical`` compare multisets. Harmless rewrites (case, spacing,
 punctuation, a polite prefix or suffix, contractions, "3" for "three", "(A)" for "A.")
-keep all of these; edits that change the answer usually change one. The rules and
-their measured catch and false-refusal rates are in ``docs/semantic-cache.md``.
+keep all of these; edits that change the answer usually change one. What each rule
+catches and what it wrongly refuses, measured, is in ``docs/semantic-cache.md``.
+The analysis of a prompt is cached (LRU), so a prompt compared with several candidates
+is analysed once (about 0.1 ms for a 300-character prompt).
 """
 
 from __future__ import annotations
@@ -40,9 +47,8 @@ _CODE = re.compile(r"```.*?```|`[^`\n]+`", re.S)
 _QUOTED = re.compile(r"\"([^\"\n]{1,200})\"|“([^”\n]{1,200})”|‘([^’\n]{1,200})’|(?<!\w)'([^'\n]{1,200})'(?!\w)")
 _OPTION = re.compile(r"(?m)^[ \t]*\(?([A-Ja-j])[).:][ \t]+(.+?)[ \t]*$")
 _NUMBER = re.compile(r"(?<![\w.])[-−]?(?:\d+(?:[.,/]\d+)*|\.\d+)")
-_WORD = re.compile(r"[A-Za-z][A-Za-z’'-]*")
 _APOSTROPHE_TAIL = re.compile(r"(n[’']t|[’'](s|m|d|ll|re|ve)?)$", re.I)
-_IRREGULAR_NOT = {"can't": "can", "won't": "will", "shan't": "shall", "can’t": "can", "won’t": "will"}
+_IRREGULAR_NOT = {"can't": "can", "won't": "will", "shan't": "shall", "can’t": "can", "won’t": "will", "cannot": "can"}
 
 _UNITS_UP_TO_20 = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
                    "sixteen seventeen eighteen nineteen").split()  # fmt: skip
@@ -100,28 +106,30 @@ _POLAR = frozenset(
     "slowest accurate inaccurate likely unlikely always early late earlier later earliest latest inside outside last "
     "same different similar upper".split()
 )
-_CONTRACTIONS = [(re.compile(p, re.I), r) for p, r in (
-    (r"\bcan[’']t\b", "can not"), (r"\bcannot\b", "can not"), (r"\bwon[’']t\b", "will not"),
-    (r"\bshan[’']t\b", "shall not"), (r"n[’']t\b", " not"), (r"\b(it|that|what|there|here|who|where|how|he|she)[’']s\b",
-    r"\1 is"), (r"[’']re\b", " are"), (r"[’']ve\b", " have"), (r"[’']ll\b", " will"), (r"\bi[’']m\b", "i am"),
-)]  # fmt: skip
-# Capitalised words that are not names: function words, sentence starters, politeness.
-_COMMON = frozenset(
-    """a an the this that these those there here it its it's i i'm i've i'd i'll me my mine we us our you your he him
-his she her they them their what which who whom whose why how when where whether if then than so thus hence
-therefore because since as while although though however but and or nor not no yes yet also too either neither both
-all any some each every many much most more few several such other another same own only just even still already
-again always never often sometimes usually now today tomorrow yesterday soon once in on at of for to from by with
-without within into onto upon about above below over under between among through during before after until against
-across along around behind beyond near off out up down is are was were be been being am do does did done have has
-had having can could shall should will would may might must let let's please thanks thank hi hello hey dear ok okay
-sure well oh so question questions answer answers q a. options option choose select pick true false note remember
-consider suppose assume given imagine find compute calculate determine evaluate estimate solve explain describe
-list name identify give tell show write state define compare discuss summarize check help need want like know think
-say see look use make take try read quick quickly here's there's what's that's it's who's where's how's i'd
-statement scenario choice correct incorrect best following based according regarding concerning one two three
-first second third next last finally then first""".split()
-)
+_CONTRACTION = re.compile(r"\b([a-z]+)[’']([a-z]+)\b")
+_NOT_STEMS = {"can": "can", "won": "will", "shan": "shall", "ain": "is"}
+_IS_HEADS = frozenset("it that what there here who where how he she".split())
+_TAILS = {"re": " are", "ve": " have", "ll": " will", "m": " am"}
+
+
+def _expand_one(m: re.Match[str]) -> str:
+    head, tail = m.groups()
+    if tail == "t" and head.endswith("n"):
+        return _NOT_STEMS.get(head, head[:-1]) + " not"
+    if tail == "s" and head in _IS_HEADS:
+        return head + " is"
+    if tail in _TAILS:
+        return head + _TAILS[tail]
+    return m.group(0)
+
+
+def _expand(text: str) -> str:
+    """Contractions written out (lower-case text): "don't" -> "do not", "what's" -> "what is"."""
+    if "cannot" in text:
+        text = text.replace("cannot", "can not")
+    if "'" not in text and "’" not in text:
+        return text
+    return _CONTRACTION.sub(_expand_one, text)
 
 
 # Words that carry no topic of their own: a rewrite may add, drop or swap them freely.
@@ -136,6 +144,20 @@ are was were be been being am do does did done doing have has had having can cou
 must let please thanks thank hi hello hey ok okay sure well oh very really quite rather way ways thing things one ones
 get gets got""".split()
 )
+# Capitalised words that are not names: function words, and words that often start a request.
+_COMMON = _FUNCTION_WORDS | frozenset(
+    """dear today tomorrow yesterday soon question questions answer answers q options option choose select pick true
+false note remember consider suppose assume given imagine find compute calculate determine evaluate estimate solve
+explain describe list name identify give tell show write state define compare discuss summarize check help need
+want like know think say see look use make take try read quick quickly statement scenario choice correct incorrect
+best following based according regarding concerning two three first second third next last finally""".split()
+)
+
+_LETTERS = re.compile(r"[a-z]+")
+_CAPITALISED = re.compile(r"(?<![\w’'-])[A-Z][A-Za-z’'-]*")
+_LAST_WORD = re.compile(r"([a-z]+)\W*$")
+_FIRST_WORD = re.compile(r"\W*([a-z]+)")
+_NOT_CONTENT = _FUNCTION_WORDS | frozenset(_CARDINAL) | _NUMBER_WORDS | frozenset(_UNIT_WORDS) | _NEGATIONS
 
 
 def _normalise(text: str) -> str:
@@ -144,9 +166,7 @@ def _normalise(text: str) -> str:
 
 def _canon(text: str) -> str:
     """Text compared as a whole (options, quotes): case, spacing, contractions and number spelling ignored."""
-    text = text.lower()
-    for pattern, repl in _CONTRACTIONS:
-        text = pattern.sub(repl, text)
+    text = _expand(text.lower())
     text = _CARDINAL_RE.sub(lambda m: str(_cardinal(m)), text)
     return " ".join(text.split()).strip(" .;,")
 
@@ -168,6 +188,7 @@ def _number_key(raw: str) -> str:
     return n
 
 
+@lru_cache(maxsize=65536)
 def _stem(word: str) -> str:
     """A crude stem, so that "spiders"/"spider" and "boils"/"boiled"/"boiling" compare equal."""
     if word.endswith("ies") and len(word) > 4:
@@ -195,9 +216,10 @@ class _Analysis:
 def _analyse(prompt: str) -> _Analysis:
     text = _normalise(prompt)
     found: Counter[str] = Counter()
-    for block in _CODE.findall(text):
-        found["code:" + " ".join(block.strip("`").split())] += 1
-    text = _CODE.sub(" ", text)
+    if "`" in text:
+        for block in _CODE.findall(text):
+            found["code:" + " ".join(block.strip("`").split())] += 1
+        text = _CODE.sub(" ", text)
     for match in _QUOTED.finditer(text):
         quoted = next(g for g in match.groups() if g is not None)
         found["quote:" + _canon(quoted)] += 1
@@ -208,40 +230,41 @@ def _analyse(prompt: str) -> _Analysis:
     for symbol, unit in _SYMBOL_UNITS.items():
         if symbol in text:
             found["unit:" + unit] += text.count(symbol)
-    lower = text.lower()
-    for pattern, repl in _CONTRACTIONS:
-        lower = pattern.sub(repl, lower)
-    words = re.findall(r"[a-z]+", lower)
+    lower = _expand(text.lower())
     for m in _CARDINAL_RE.finditer(lower):
-        if m.group(3) == "one":
-            before = lower[: m.start()].split()[-1:] or [""]
-            after = lower[m.end() :].split()[:1] or [""]
-            if before[0] in _ONE_NOT_A_COUNT_BEFORE or re.sub(r"\W", "", after[0]) in _ONE_NOT_A_COUNT_AFTER:
-                continue
+        if m.group(3) == "one" and _one_is_not_a_count(lower, m):
+            continue
         found[f"num:{_cardinal(m)}"] += 1
+    words = _LETTERS.findall(lower)
+    content: Counter[str] = Counter()
     for w in words:
-        if w in _NUMBER_WORDS:
-            found["numword:" + w] += 1
-        if w in _UNIT_WORDS:
-            found["unit:" + _UNIT_WORDS[w]] += 1
-        if w in _NEGATIONS:
-            found["neg:" + w] += 1
+        if w in _NOT_CONTENT:
+            if w in _NUMBER_WORDS:
+                found["numword:" + w] += 1
+            if w in _UNIT_WORDS:
+                found["unit:" + _UNIT_WORDS[w]] += 1
+            if w in _NEGATIONS:
+                found["neg:" + w] += 1
+        elif len(w) >= 3:
+            content[_stem(w)] += 1
         if w in _POLAR:
             found["polar:" + w] += 1
     names: set[str] = set()
-    all_words: set[str] = set(words)
-    for match in _WORD.finditer(text):
-        raw = match.group(0)
-        word = _IRREGULAR_NOT.get(raw.lower()) or _APOSTROPHE_TAIL.sub("", raw).lower()
-        all_words.add(word)
-        if raw[0].isupper() and word not in _COMMON:
-            names.add(word)
-    content = Counter(
-        _stem(w) for w in words
-        if len(w) >= 3 and w not in _FUNCTION_WORDS and w not in _CARDINAL and w not in _NUMBER_WORDS
-        and w not in _UNIT_WORDS
-    )  # fmt: skip
-    return _Analysis(found, frozenset(names), frozenset(all_words), content)
+    for match in _CAPITALISED.finditer(text):
+        raw = match.group(0).lower()
+        word = _IRREGULAR_NOT.get(raw) or (_APOSTROPHE_TAIL.sub("", raw) if "'" in raw or "’" in raw else raw)
+        if word not in _COMMON:
+            names.update(_LETTERS.findall(word))
+    return _Analysis(found, frozenset(names), frozenset(words), content)
+
+
+def _one_is_not_a_count(lower: str, m: re.Match[str]) -> bool:
+    """"one" in "which one", "one of", "no one": not a number."""
+    before = _LAST_WORD.search(lower, max(0, m.start() - 24), m.start())
+    after = _FIRST_WORD.match(lower, m.end())
+    return bool(before and before.group(1) in _ONE_NOT_A_COUNT_BEFORE) or bool(
+        after and after.group(1) in _ONE_NOT_A_COUNT_AFTER
+    )
 
 
 def answer_determinants(prompt: str) -> Counter[str]:

@@ -3,7 +3,7 @@
 Run ``python -m tests.bench.semantic_testset --show 3`` to print counts and examples.
 
 Originals: ``n_prompts`` prompts (default 400) drawn with a fixed seed from
-``../shared/data/routing/``: ``gsm8k_share`` of them from ``gsm8k_dev.jsonl``, the rest
+``../shared/data/routing/`` (``--data``): ``gsm8k_share`` of them from ``gsm8k_dev.jsonl``, the rest
 from ``mmlu_dev.jsonl`` taken round-robin over its subjects (so every subject is
 represented), duplicates removed. Each original gets ``per_prompt`` positive and
 ``per_prompt`` negative variants, chosen at random (seeded) among the transformations
@@ -61,9 +61,12 @@ NEGATIVE transformations: the answer changes, a semantic cache must not hit.
   so only the embedding (and the determinants the new question brings) can see it.
 * ``content_word``: one content word (5+ letters, not a stop word) of the question
   sentence replaced by a content word (same crude ending: -ing, -tion, -ed, -ly, -s or
-  none) taken from prompts outside the test set. This edit has no
-  number, name or option in it: only the embedding can see it (the guard is not built
-  for it), so it measures how far the threshold alone protects.
+  none) taken from prompts outside the test set. This edit has no number, name or option
+  in it: only the embedding and the guard's ``lexical`` rule (added after this was
+  measured) can see it.
+
+Hand-written pairs (``PARAPHRASES``, ``NEAR_MISSES``, 30 each): short chat questions
+reworded with other words, or changed by one word, as a check on the rules above.
 
 Each variant records its original's id; ``Variant.detail`` says what was changed.
 """
@@ -127,18 +130,25 @@ class TestSet:
 
 # --------------------------------------------------------------------------- parsing
 
-_OPTION_LINE = re.compile(r"(?m)^([A-J])\. (.*)$")
+_OPTION_LINE = re.compile(r"^([A-J])\. (.*)$")
 
 
 def split_mmlu(prompt: str) -> tuple[str, list[tuple[str, str]], str] | None:
-    """(stem, [(letter, text)], tail) for an MMLU prompt, None when it has no options."""
-    matches = list(_OPTION_LINE.finditer(prompt))
-    if len(matches) < 2:
+    """(stem, [(letter, text)], tail) for an MMLU prompt: the options are the block of
+    "A. ..." lines at its end (before a final "Answer:"); None when there is no such block."""
+    lines = prompt.split("\n")
+    tail = lines[-1] if lines[-1].strip() == "Answer:" else ""
+    body = lines[:-1] if tail else lines
+    start = len(body)
+    while start > 0 and _OPTION_LINE.match(body[start - 1]):
+        start -= 1
+    while start < len(body) and not body[start].startswith("A. "):
+        start += 1
+    block = [_OPTION_LINE.match(line) for line in body[start:]]
+    if len(block) < 2 or start == 0:
         return None
-    stem = prompt[: matches[0].start()].rstrip("\n")
-    options = [(m.group(1), m.group(2)) for m in matches]
-    tail = prompt[matches[-1].end() :].strip("\n")
-    return stem, options, tail
+    options = [(m.group(1), m.group(2)) for m in block if m]
+    return "\n".join(body[:start]), options, tail
 
 
 def join_mmlu(stem: str, options: list[tuple[str, str]], tail: str, fmt: str = "{}. {}") -> str:
@@ -284,7 +294,7 @@ def p_digits(o: Original, rng: random.Random) -> tuple[str, str] | None:
         word = SMALL_NUMBERS[value]
         for m in re.finditer(rf"\b{word}\b", o.prompt, flags=re.I):
             choices.append((m.start(), m.end(), str(value)))
-        for m in re.finditer(rf"(?<![\w.,$-]){value}(?![\w.,%]|\.\d)", o.prompt):
+        for m in re.finditer(rf"(?<![\w.,$/^-]){value}(?![\w.,%/^]|\.\d)", o.prompt):
             choices.append((m.start(), m.end(), word))
     if not choices:
         return None
