@@ -20,6 +20,10 @@ __all__ = [
     "ModelNotFoundError",
     "PayloadTooLargeError",
     "RateLimitError",
+    "BudgetExceededError",
+    "ServiceUnavailableError",
+    "LimiterUnavailableError",
+    "UsageUnavailableError",
     "UpstreamError",
     "UpstreamStatusError",
     "UpstreamConnectError",
@@ -104,6 +108,30 @@ class RateLimitError(GatewayError):
         self.retry_after_s = retry_after_s
         if retry_after_s is not None:
             self.headers.setdefault("retry-after", str(max(1, round(retry_after_s))))
+
+
+class BudgetExceededError(GatewayError):
+    """429 as OpenAI answers an exhausted quota (``insufficient_quota``), which SDKs already handle."""
+
+    status_code = 429
+    error_type = "insufficient_quota"
+    code = "budget_exceeded"
+
+
+class ServiceUnavailableError(GatewayError):
+    """A dependency the request needs cannot answer (the policy says not to go on without it)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "service_unavailable"
+
+
+class LimiterUnavailableError(ServiceUnavailableError):
+    code = "limiter_unavailable"
+
+
+class UsageUnavailableError(ServiceUnavailableError):
+    code = "usage_unavailable"
 
 
 class UpstreamError(GatewayError):

@@ -24,10 +24,10 @@ import redis.asyncio as aioredis
 from gateway.auth import Principal
 from gateway.cache.keys import tenant_prefix
 from gateway.config.schema import Limits, Policy
-from gateway.errors import GatewayError, RateLimitError
+from gateway.errors import BudgetExceededError, LimiterUnavailableError, RateLimitError
 from gateway.services.redis_client import SharedRedis
 
-__all__ = ["BudgetExceededError", "LimiterUnavailableError", "RateLimiter", "Reservation"]
+__all__ = ["RateLimiter", "Reservation"]
 
 _RESERVE = """
 local frac, tokens, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -85,20 +85,6 @@ return 1
 """
 
 _NO_LIMIT = Limits()
-
-
-class BudgetExceededError(GatewayError):
-    """429 like OpenAI's own exhausted quota (``insufficient_quota``), which SDKs already handle."""
-
-    status_code = 429
-    error_type = "insufficient_quota"
-    code = "budget_exceeded"
-
-
-class LimiterUnavailableError(GatewayError):
-    status_code = 503
-    error_type = "server_error"
-    code = "limiter_unavailable"
 
 
 @dataclass(slots=True)

@@ -8,19 +8,13 @@ import msgspec
 from litestar import Request, Response, get
 
 from gateway.api.state import GatewayState
-from gateway.errors import GatewayError, InvalidRequestError
+from gateway.errors import InvalidRequestError, UsageUnavailableError
 
 __all__ = ["usage"]
 
 _FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cost_usd", "baseline_cost_usd", "cache_hits",
            "cache_saved_usd", "errors")  # fmt: skip
 _MAX_DAYS = 366
-
-
-class UsageUnavailableError(GatewayError):
-    status_code = 503
-    error_type = "server_error"
-    code = "usage_unavailable"
 
 
 @get("/v1/usage")

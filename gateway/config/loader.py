@@ -55,12 +55,7 @@ def load_policy_text(
     base_dir: Path | None = None,
 ) -> LoadedPolicy:
     environ = os.environ if environ is None else environ
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ConfigError(source, [f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    root = _compose(text, source)
     if root is None:
         raise ConfigError(source, ["the file is empty"])
 
@@ -99,12 +94,7 @@ def _load_key_file(path: Path, environ: Mapping[str, str]) -> tuple[list[AuthKey
         return [], ""
     except OSError as exc:
         raise ConfigError(source, [f"cannot read the key file: {exc.strerror or exc}"]) from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ConfigError(source, [f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    root = _compose(text, source)
     if root is None:
         return [], text
     lines: dict[_Path, int] = {}
@@ -120,6 +110,16 @@ def _load_key_file(path: Path, environ: Mapping[str, str]) -> tuple[list[AuthKey
 
 class _KeyFile(msgspec.Struct, forbid_unknown_fields=True):
     keys: list[AuthKey] = []
+
+
+def _compose(text: str, source: str) -> yaml.Node | None:
+    """The YAML node tree (it keeps line numbers), or a ConfigError naming the line."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError(source, [f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
 
 
 class _NodeReader:
