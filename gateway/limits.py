@@ -140,13 +140,17 @@ class RateLimiter:
             self._flusher.cancel()
         await self.flush_usage()
 
+    def enforces(self, policy: Policy, principal: Principal) -> bool:
+        """Whether this key or its tenant has a limit to check (only then is an estimate needed)."""
+        key_limits, tenant_limits = _limits(policy, principal)
+        return self._reserve is not None and (key_limits.any or tenant_limits.any)
+
     async def reserve(self, policy: Policy, principal: Principal, tokens: int, cost_usd: float) -> Reservation:
         """Check and reserve; raises RateLimitError / BudgetExceededError naming the limit."""
         now = time.time()
-        tenant = policy.tenants.get(principal.tenant)
-        key_limits, tenant_limits = principal.limits, tenant.limits if tenant else _NO_LIMIT
+        key_limits, tenant_limits = _limits(policy, principal)
         usage = _usage_keys(principal, now)
-        if (not key_limits.any and not tenant_limits.any) or self._reserve is None:
+        if not self.enforces(policy, principal):
             return Reservation((), usage, 0, 0.0, 0.0)  # nothing to enforce: usage is recorded in batches
         minute = int(now // 60)
         keys = _counter_keys(principal, minute, now)
@@ -264,6 +268,11 @@ class _UsageBuffer:
     def take(self) -> dict[str, dict[str, int | float]]:
         pending, self._pending = self._pending, {}
         return pending
+
+
+def _limits(policy: Policy, principal: Principal) -> tuple[Limits, Limits]:
+    tenant = policy.tenants.get(principal.tenant)
+    return principal.limits, tenant.limits if tenant else _NO_LIMIT
 
 
 def _limit_args(limits: Limits) -> list[str]:

@@ -82,6 +82,7 @@ class _Exchange:
     request: ChatRequest | None = None
     plan: RoutePlan | None = None
     prompt_tokens: int = 0
+    counted: bool = False
     cache: CachePlan | None = None
     lease: Lease | None = None
     embedding: np.ndarray | None = None
@@ -136,11 +137,13 @@ class ChatPipeline:
             principal.check_model(x.plan.route)
             record.route, record.decision, record.stream = x.plan.route, x.plan.decision, x.request.stream
             record.baseline_model = x.plan.baseline
-            x.prompt_tokens = await self._count_prompt(x)
+            if self._limiter.enforces(runtime.policy, principal):
+                await self._count_prompt(x)  # the limits need the estimate before anything is served
             await self._reserve(x, principal)
             cached = await self._from_cache(x, cache_control)
             if cached is not None:
-                return cached
+                return cached  # a hit carries its own token counts: no tokenizing
+            await self._count_prompt(x)
             await self._route(x)
             if x.request.stream:
                 answer = await self._start_stream(x)
@@ -168,13 +171,18 @@ class ChatPipeline:
 
     # -- steps -------------------------------------------------------------------
 
-    async def _count_prompt(self, x: _Exchange) -> int:
+    async def _count_prompt(self, x: _Exchange) -> None:
+        """Prompt tokens with tiktoken, once per request (long prompts off the event loop)."""
+        if x.counted:
+            return
         assert x.plan is not None
         encoding = x.runtime.policy.models[x.plan.candidates[0]].encoding
         messages, tools = x.body["messages"], x.body.get("tools")
         if prompt_chars(messages) > x.runtime.policy.limits.long_prompt_chars:
-            return await asyncio.to_thread(count_chat_prompt, messages, encoding, tools)
-        return count_chat_prompt(messages, encoding, tools)
+            x.prompt_tokens = await asyncio.to_thread(count_chat_prompt, messages, encoding, tools)
+        else:
+            x.prompt_tokens = count_chat_prompt(messages, encoding, tools)
+        x.counted = True
 
     async def _reserve(self, x: _Exchange, principal: Principal) -> None:
         """Check the key's and tenant's limits against this request's estimate, and reserve it."""
