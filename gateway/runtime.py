@@ -96,10 +96,16 @@ class RuntimeHolder:
             return True
 
     def reload_on_sighup(self) -> None:
-        """``kill -HUP`` reloads the policy, whether or not the file is watched."""
+        """``kill -HUP`` reloads the policy, whether or not the file is watched.
+
+        A SIGHUP that arrives while a worker is still starting (between its load of the
+        file and this handler) would be lost, leaving that worker on the old policy while
+        its siblings move on; so, once the handler is in place, the file is checked once more.
+        """
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload("SIGHUP")))
+        self._spawn(self.reload("changed during start-up"))
 
     async def watch(self) -> None:
         """Reload when the file changes (inotify, via watchfiles). Runs until cancelled.

@@ -427,3 +427,30 @@ def test_configmap_updates_are_all_picked_up(configmap_gateway: GatewayProcess) 
     _configmap_publish(mount, 3, second)
     state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == _version_of(second), timeout_s=5.0)
     assert state["version"] == _version_of(second), "second ConfigMap update not picked up"
+
+
+async def test_an_edit_made_while_a_worker_starts_is_not_lost(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """A SIGHUP sent between a worker's load of the file and its handler is lost; the worker catches up."""
+    import asyncio
+
+    from gateway.accounting.metrics import Metrics
+    from gateway.runtime import RuntimeHolder
+
+    path = tmp_path / "policies.yaml"
+    path.write_text(_base_policy(small_upstream, large_upstream))
+    holder = RuntimeHolder(path, Metrics())
+    started = holder.start()
+    path.write_text(_base_policy(small_upstream, large_upstream).replace(FAST_ROUTE, FAST_ON_LARGE))
+    try:
+        holder.reload_on_sighup()  # no signal arrives after this
+        for _ in range(100):
+            if holder.current.version != started.version:
+                break
+            await asyncio.sleep(0.02)
+        assert holder.current.version != started.version
+        assert holder.current.policy.routes["fast"].model == "large"
+    finally:
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        await holder.aclose()
