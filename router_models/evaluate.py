@@ -107,7 +107,7 @@ def teacher_fidelity(val_prompts: list[str], emb: np.ndarray) -> dict:
     from router_models.train import embed_all, encode, make_tokenizer
 
     torch.set_num_threads(2)
-    t = embed_all(RouterNet(layers=6), encode(make_tokenizer(128), val_prompts))
+    t = embed_all(RouterNet(layers=6, families=1), encode(make_tokenizer(128), val_prompts))
     cos = (t * emb).sum(1)
     k = 10
     st = t @ t.T

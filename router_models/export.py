@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt = Path(args.ckpt)
     meta = json.loads((ckpt / "meta.json").read_text())
-    model = RouterNet(layers=meta["layers"])
+    model = RouterNet(layers=meta["layers"], families=meta.get("families", 1))
     model.load_state_dict(torch.load(ckpt / "model.pt", map_location="cpu"))
     model.eval()
 
@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         "embedding_dim": cfg.hidden_size,
         "text_selection": "last user turn; previous user turn prepended when the last is under 24 chars "
         "(gateway/classifier/text.py)",
-        "score": "p_large = sigmoid(a * (P(large right) - P(small right)) + b)",
+        "score": "p_large = sigmoid(a * gain + b), gain = P(large right) - P(small right)"
+        + (" from the knowledge and math heads, mixed by the family gate" if meta.get("families", 1) == 2 else ""),
+        "families": meta.get("families", 1),
         "platt": meta["platt"],
         "cpu_variant": "int8",
         "files": files,

@@ -98,7 +98,7 @@ def teacher_embeddings(prompts: list[str], cache_dir: Path) -> np.ndarray:
     if path.is_file():
         return np.load(path)
     t0 = time.time()
-    teacher = RouterNet(layers=6)
+    teacher = RouterNet(layers=6, families=1)
     emb = embed_all(teacher, encode(make_tokenizer(128), prompts))
     cache_dir.mkdir(parents=True, exist_ok=True)
     np.save(path, emb)
@@ -106,18 +106,28 @@ def teacher_embeddings(prompts: list[str], cache_dir: Path) -> np.ndarray:
     return emb
 
 
-def fit_head_frozen(model: RouterNet, emb: np.ndarray, small: np.ndarray, large: np.ndarray, c: float) -> None:
-    """Two logistic regressions on frozen embeddings -> the head's weights."""
+def _logistic(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, float]:
     from sklearn.linear_model import LogisticRegression
 
-    w, b = [], []
-    for y in (small, large):
-        lr = LogisticRegression(C=c, max_iter=5000).fit(emb, y)
-        w.append(lr.coef_[0])
-        b.append(lr.intercept_[0])
+    lr = LogisticRegression(C=c, max_iter=5000).fit(x, y)
+    return lr.coef_[0], float(lr.intercept_[0])
+
+
+def _set_linear(layer: nn.Linear, fits: list[tuple[np.ndarray, float]]) -> None:
     with torch.no_grad():
-        model.head.weight.copy_(torch.tensor(np.stack(w), dtype=torch.float32))
-        model.head.bias.copy_(torch.tensor(b, dtype=torch.float32))
+        layer.weight.copy_(torch.tensor(np.stack([w for w, _ in fits]), dtype=torch.float32))
+        layer.bias.copy_(torch.tensor([b for _, b in fits], dtype=torch.float32))
+
+
+def fit_head_frozen(model: RouterNet, emb: np.ndarray, train, c: float) -> None:
+    """Logistic regressions on frozen features -> the heads' (and the gate's) weights."""
+    if model.families == 1:
+        _set_linear(model.head, [_logistic(emb, y, c) for y in (train.small, train.large)])
+        return
+    is_math = train.is_gsm8k
+    for head, rows in ((model.head, ~is_math), (model.head_math, is_math)):
+        _set_linear(head, [_logistic(emb[rows], y[rows], c) for y in (train.small, train.large)])
+    _set_linear(model.gate, [_logistic(emb, is_math.astype(np.float32), c)])
 
 
 def fit_proj_frozen(model: RouterNet, feats: np.ndarray, teacher: np.ndarray, lam: float = 0.1) -> None:
@@ -131,7 +141,7 @@ def fit_proj_frozen(model: RouterNet, feats: np.ndarray, teacher: np.ndarray, la
 
 def gains(model: RouterNet, emb: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return model.gain(model.logits(torch.from_numpy(emb))).numpy()
+        return model.mixed_gain(torch.from_numpy(emb)).numpy()
 
 
 def fit_platt(model: RouterNet, gain: np.ndarray, small: np.ndarray, large: np.ndarray) -> None:
@@ -159,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="router_models/build/ckpt")
     ap.add_argument("--cache-dir", default="router_models/build/cache")
     ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--families", type=int, choices=(1, 2), default=2,
+                    help="2: a head per task family (knowledge / math) and a gate; 1: one shared head")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--truncation", choices=("right", "left"), default="right", help="right keeps the start")
     ap.add_argument("--epochs", type=float, default=2.0, help="0: head only on the frozen encoder")
@@ -182,12 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     tok = make_tokenizer(args.max_tokens, args.truncation)
     ids = encode(tok, train.prompts)
     lengths = np.array([len(x) for x in ids])
-    model = RouterNet(layers=args.layers)
+    model = RouterNet(layers=args.layers, families=args.families)
 
     # head init on the frozen student embeddings (also the whole model when --epochs 0)
     t0 = time.time()
     emb0 = embed_all(model, ids)
-    fit_head_frozen(model, emb0, train.small, train.large, args.head_c)
+    fit_head_frozen(model, emb0, train, args.head_c)
     teacher_np = teacher_embeddings(train.prompts, Path(args.cache_dir))
     if args.layers < 6:
         fit_proj_frozen(model, emb0, teacher_np)
@@ -197,9 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         teacher = torch.from_numpy(teacher_np)
         small = torch.from_numpy(train.small)
         large = torch.from_numpy(train.large)
-        enc_params = [p for n, p in model.named_parameters() if not n.startswith("head.")]
+        is_math = torch.from_numpy(train.is_gsm8k.astype(np.float32))
+        heads = ("head.", "head_math.", "gate.")
+        enc_params = [p for n, p in model.named_parameters() if not n.startswith(heads)]
+        head_params = [p for n, p in model.named_parameters() if n.startswith(heads)]
         opt = torch.optim.AdamW(
-            [{"params": enc_params, "lr": args.lr}, {"params": model.head.parameters(), "lr": args.head_lr}],
+            [{"params": enc_params, "lr": args.lr}, {"params": head_params, "lr": args.head_lr}],
             weight_decay=0.01,
         )
         rng = random.Random(args.seed)
@@ -209,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         warm = max(1, int(0.06 * total))
         base = [g["lr"] for g in opt.param_groups]
         bce = nn.BCEWithLogitsLoss()
+        bce_rows = nn.BCEWithLogitsLoss(reduction="none")
         step = 0
         t0 = time.time()
         for ep in range(n_ep):
@@ -224,8 +240,15 @@ def main(argv: list[str] | None = None) -> int:
                 a, m = collate([ids[i] for i in b])
                 feats = model.features(a, m)
                 emb = model.embedding(feats)
-                lg = model.logits(feats)
-                loss = bce(lg[:, 0], small[bt]) + bce(lg[:, 1], large[bt])
+                target = torch.stack([small[bt], large[bt]], 1)
+                if model.families == 1:
+                    loss = 2 * bce(model.logits(feats), target)
+                else:
+                    # each head learns from its own family's rows; the gate learns the family
+                    fam = is_math[bt]
+                    per_row = (1 - fam) * bce_rows(model.head(feats), target).sum(1)
+                    per_row = per_row + fam * bce_rows(model.head_math(feats), target).sum(1)
+                    loss = per_row.mean() + bce(model.gate(feats).squeeze(-1), fam)
                 if args.distill > 0:
                     loss = loss + args.distill * (1 - (emb * teacher[bt]).sum(-1)).mean()
                 opt.zero_grad(set_to_none=True)
@@ -247,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.save(model.state_dict(), out / "model.pt")
     meta = {
         "layers": args.layers,
+        "families": args.families,
         "max_tokens": args.max_tokens,
         "truncation": args.truncation,
         "pooling": "mean",
