@@ -108,6 +108,22 @@ async def test_microbatching_matches_one_by_one(clf: Classifier) -> None:
     assert abs(one.p_large - alone.p_large) < 1e-6
 
 
+async def test_a_lone_request_does_not_wait_for_peers() -> None:
+    """The batching wait applies under load only: with a (deliberately absurd) 60 s wait,
+    sequential requests must still be answered, each in its own batch."""
+    lazy = load_classifier(ARTIFACTS, prefer_gpu=False, max_wait_s=60.0)
+    assert lazy is not None
+    try:
+        for text in (EASY, HARD, EASY):
+            await asyncio.wait_for(lazy.score_text(text), timeout=20)
+        assert lazy.batches_run == 3
+        # a burst is still batched, and the request after it may wait: it is not alone
+        await asyncio.gather(*(lazy.score_text(f"question {i}") for i in range(8)))
+        assert lazy.max_batch_seen > 1
+    finally:
+        await lazy.aclose()
+
+
 def _capture():
     return structlog.testing.capture_logs()
 

@@ -5,9 +5,10 @@ normalized embedding (for the semantic cache) and ``p_large`` (for ``auto`` rout
   ships a GPU variant, else the CPU one runs there), the CPU provider otherwise; the
   active provider is in ``Classifier.provider``.
 * ``score()`` never blocks the event loop: requests go to a queue, a batcher task
-  collects them (waiting at most ``max_wait_s`` after the first, up to ``max_batch``),
-  and tokenization + inference of the batch run in a dedicated single-thread executor.
-  While one batch runs the next one fills up, so throughput grows with load.
+  collects them (up to ``max_batch``), and tokenization + inference of the batch run in a
+  dedicated single-thread executor. While one batch runs the next one fills up, so
+  throughput grows with load. The batcher waits up to ``max_wait_s`` for peers only when
+  the previous batch had company: a lone request on an idle gateway does not pay the wait.
 * ``load_classifier`` returns ``None`` (and logs why) when the artifacts are missing,
   do not match their recorded sha256, or fail to load; it never raises.
 """
@@ -95,6 +96,7 @@ class Classifier:
         self._closed = False
         self.batches_run = 0  # batches through score() (observability / tests)
         self.max_batch_seen = 0
+        self._last_batch_size = 0
 
     # ---------------------------------------------------------------- sync path
     def _clip(self, text: str) -> str:
@@ -156,14 +158,15 @@ class Classifier:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await queue.get()]
-            if queue.empty() and self.max_wait_s > 0:
-                await asyncio.sleep(self.max_wait_s)  # bounded wait for peers to join
+            if queue.empty() and self.max_wait_s > 0 and self._last_batch_size > 1:
+                await asyncio.sleep(self.max_wait_s)  # under load: a bounded wait for peers to join
             while len(batch) < self.max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
             live = [(t, f) for t, f in batch if not f.done()]
             if not live:
                 continue
             self.batches_run += 1
+            self._last_batch_size = len(live)
             self.max_batch_seen = max(self.max_batch_seen, len(live))
             try:
                 emb, p = await loop.run_in_executor(self._executor, self._infer, [t for t, _ in live])
