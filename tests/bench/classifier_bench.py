@@ -16,6 +16,9 @@ Method
   adds the executor hop and the bounded batching wait.
 * Load: ``--concurrency`` asyncio callers each loop ``await score(...)`` for ``--duration``
   seconds on one event loop; prompts/s = completed / elapsed; mean batch size reported.
+* Real prompts (when ``../shared/data/routing`` is there): the same load phase, each caller
+  cycling through the routing data's MMLU and GSM8K prompts (mixed lengths, so batches are
+  padded to their longest prompt, as in production).
 * onnxruntime's intra-op threads = the cores this process may use (printed).
 Figures come from one run on a shared machine; compare only within one run.
 """
@@ -61,15 +64,34 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
 
-async def load_phase(clf, text: str, concurrency: int, duration: float) -> dict:
+DATA = REPO.parent / "shared" / "data" / "routing"
+
+
+def real_prompts(limit: int = 2000) -> list[str]:
+    """MMLU and GSM8K prompts from the routing data, interleaved (empty when it is absent)."""
+    out: list[str] = []
+    for name in ("mmlu_dev.jsonl", "gsm8k_dev.jsonl"):
+        path = DATA / name
+        if path.is_file():
+            rows = path.read_text().splitlines()
+            step = max(1, len(rows) // (limit // 2))
+            out += [json.loads(line)["prompt"] for line in rows[::step][: limit // 2]]
+    np.random.default_rng(0).shuffle(out)
+    return out
+
+
+async def load_phase(clf, texts: str | list[str], concurrency: int, duration: float) -> dict:
     stop = time.perf_counter() + duration
     done = 0
     lat: list[float] = []
+    texts = [texts] if isinstance(texts, str) else texts
 
-    async def caller() -> None:
+    async def caller(offset: int) -> None:
         nonlocal done
-        msgs = [{"role": "user", "content": text}]
+        i = offset
         while time.perf_counter() < stop:
+            msgs = [{"role": "user", "content": texts[i % len(texts)]}]
+            i += concurrency
             t = time.perf_counter()
             await clf.score(msgs)
             lat.append(time.perf_counter() - t)
@@ -77,7 +99,7 @@ async def load_phase(clf, text: str, concurrency: int, duration: float) -> dict:
 
     b0 = clf.batches_run
     t0 = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    await asyncio.gather(*(caller(k) for k in range(concurrency)))
     el = time.perf_counter() - t0
     batches = clf.batches_run - b0
     return {
@@ -130,6 +152,11 @@ def bench_variant(name: str, art: Path, variant: str | None, args) -> dict:
         res["score_async_single_p50_ms"] = round(pct(sa, 50) * 1e3, 2)
         res["score_async_single_p99_ms"] = round(pct(sa, 99) * 1e3, 2)
         res["load"] = {"concurrency": args.concurrency} | await load_phase(clf, text, args.concurrency, args.duration)
+        real = real_prompts()
+        if real:
+            res["load_real_prompts"] = {"concurrency": args.concurrency, "prompts": len(real)} | await load_phase(
+                clf, real, args.concurrency, args.duration
+            )
         await clf.aclose()
 
     asyncio.run(run())
