@@ -48,6 +48,7 @@ BodyReader = Callable[[int], Awaitable[bytes]]
 class PromptScore(Protocol):
     p_large: float
     embedding: np.ndarray
+    truncated: bool
 
 
 class Scorer(Protocol):
@@ -247,8 +248,9 @@ class ChatPipeline:
             x.embedding = score.embedding
             if plan.read:
                 found = await self._semantic.lookup(
-                    plan.semantic_set, score.embedding, plan.prompt, policy.semantic.threshold, policy.semantic.guard, timeout_s
-                )
+                    plan.semantic_set, score.embedding, plan.prompt, policy.semantic.threshold, policy.semantic.guard,
+                    timeout_s, truncated=score.truncated,
+                )  # fmt: skip
                 x.record.semantic_guard_refusals = found.refused_by_guard or None
                 if found.hit is not None:
                     x.similarity = found.hit.similarity
@@ -289,6 +291,7 @@ class ChatPipeline:
             body=completion_body, model=record.model or "", provider=record.provider or "", prompt_tokens=record.prompt_tokens,
             completion_tokens=record.completion_tokens, cost_usd=record.cost_usd, created_at=time.time(),
             prompt=plan.prompt if plan.semantic_set is not None else None,
+            prompt_truncated=x.score is not None and x.score.truncated,
         )  # fmt: skip
         await self._exact.put(plan.exact_key, entry, policy.exact.ttl_s, timeout_s)
         if plan.semantic_set is not None and x.embedding is not None:

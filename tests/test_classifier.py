@@ -108,6 +108,13 @@ async def test_microbatching_matches_one_by_one(clf: Classifier) -> None:
     assert abs(one.p_large - alone.p_large) < 1e-6
 
 
+def test_scores_say_when_the_text_ran_past_the_window(clf: Classifier) -> None:
+    window = clf.max_tokens
+    short, long_ = clf.score_batch_sync([EASY, "word " * (2 * window)])
+    assert not short.truncated and long_.truncated
+    assert clf.score_batch_sync([" " * 100_000])[0].truncated  # cut by characters before tokenizing
+
+
 async def test_a_lone_request_does_not_wait_for_peers() -> None:
     """The batching wait applies under load only: with a (deliberately absurd) 60 s wait,
     sequential requests must still be answered, each in its own batch."""

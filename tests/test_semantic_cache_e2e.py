@@ -65,6 +65,21 @@ def test_guard_refuses_a_near_identical_prompt_with_another_number(gateway: Gate
     assert gateway.wait_for_record(other.headers["x-request-id"])["semantic_guard_refusals"] >= 1
 
 
+def test_a_question_appended_past_the_embedding_window_is_not_served_the_old_answer(gateway: GatewayProcess) -> None:
+    story = (
+        "A bakery sells loaves, rolls and cakes to cafes across the city, delivering every morning before "
+        "dawn with a fleet of small electric vans that the owner bought second hand from a florist. "
+    ) * 3  # well past the router's token window
+    first = _ask(gateway, story + "How many vans does the bakery need?")
+    again = _ask(gateway, "  " + story + "How many vans does the bakery need?\n")
+    longer = _ask(gateway, story + "How many vans does the bakery need? Also describe how the drivers plan each route.")
+    assert first.headers["x-gateway-cache"] == "miss"
+    assert again.headers["x-gateway-cache"] == "semantic"  # the same question, reformatted
+    # the window ends before the question: both embed alike, only the guard can tell
+    assert longer.headers["x-gateway-cache"] == "miss"
+    assert gateway.wait_for_record(longer.headers["x-request-id"])["semantic_guard_refusals"] >= 1
+
+
 def test_tenants_have_separate_vector_sets(gateway: GatewayProcess) -> None:
     _ask(gateway, "Name the largest ocean on Earth.", key="key-a")
     assert _ask(gateway, "name the largest ocean on Earth", key="key-b").headers["x-gateway-cache"] == "miss"

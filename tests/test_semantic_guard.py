@@ -146,6 +146,18 @@ def test_adding_or_dropping_words_alone_is_allowed() -> None:
     allowed("How many legs do spiders have?", "How many legs does a spider have?")
 
 
+def test_past_the_embedding_window_no_content_word_may_be_added() -> None:
+    """When a prompt ran past the encoder's window, an appended question is invisible to the
+    similarity; the guard then wants the same content words (harmless rewrites still pass)."""
+    long = "Explain how the Treaty of Westphalia shaped the idea of state sovereignty in Europe."
+    extra = long + " Also explain why historians still debate it."
+    assert guard_allows(extra, long)  # the window saw everything: the threshold's job
+    for new, cached in ((extra, long), (long, extra)):
+        assert not guard_allows(new, cached, beyond_window=True)
+        assert "unseen" in refusal_reasons(new, cached, beyond_window=True)
+    assert guard_allows("  " + long.lower() + "\n", long, beyond_window=True)
+
+
 # -------------------------------------------------------------- harmless rewrites
 
 

@@ -21,6 +21,8 @@ class CachedAnswer(msgspec.Struct, kw_only=True):
     created_at: float
     prompt: str | None = None
     """Semantic entries: the prompt text the guard compares against."""
+    prompt_truncated: bool = False
+    """Semantic entries: the prompt ran past the embedding's window (the guard is stricter)."""
 
     def encode(self) -> bytes:
         return _encoder.encode(self)

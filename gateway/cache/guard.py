@@ -273,19 +273,25 @@ def answer_determinants(prompt: str) -> Counter[str]:
     return a.determinants + Counter("name:" + n for n in a.names)
 
 
-def guard_allows(new_prompt: str, cached_prompt: str, *, lexical: bool = True) -> bool:
+def guard_allows(new_prompt: str, cached_prompt: str, *, lexical: bool = True, beyond_window: bool = False) -> bool:
     """Whether a cached answer to ``cached_prompt`` may be served for ``new_prompt``.
 
     ``lexical``: also refuse when a content word was *replaced* (one dropped and another
     added, as in "boiling point" -> "freezing point"); adding or dropping words alone
     (a polite prefix, a filler sentence) is allowed.
+    ``beyond_window``: one of the prompts ran past the embedding's token window, so the
+    similarity did not see all of it (a question appended after the window embeds exactly
+    like the prompt without it): then the content words must be the same, none added or
+    dropped (rule ``unseen``).
     """
     if new_prompt == cached_prompt:
         return True
-    return not refusal_reasons(new_prompt, cached_prompt, lexical=lexical)
+    return not refusal_reasons(new_prompt, cached_prompt, lexical=lexical, beyond_window=beyond_window)
 
 
-def refusal_reasons(new_prompt: str, cached_prompt: str, *, lexical: bool = True) -> list[str]:
+def refusal_reasons(
+    new_prompt: str, cached_prompt: str, *, lexical: bool = True, beyond_window: bool = False
+) -> list[str]:
     """The rules that refuse the pair (``num``, ``name``, ``lexical``, ...); empty when the guard allows it."""
     new, old = _analyse(new_prompt), _analyse(cached_prompt)
     kinds = {key.split(":", 1)[0] for key in (new.determinants - old.determinants) + (old.determinants - new.determinants)}
@@ -293,4 +299,6 @@ def refusal_reasons(new_prompt: str, cached_prompt: str, *, lexical: bool = True
         kinds.add("name")
     if lexical and new.content - old.content and old.content - new.content:
         kinds.add("lexical")
+    if beyond_window and new.content != old.content:
+        kinds.add("unseen")
     return sorted(kinds)

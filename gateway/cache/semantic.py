@@ -70,8 +70,18 @@ class SemanticCache:
         return f"{tenant_prefix(tenant)}:v:{namespace}"
 
     async def lookup(
-        self, set_key: str, embedding: np.ndarray, prompt: str, threshold: float, guard: bool, timeout_s: float
+        self,
+        set_key: str,
+        embedding: np.ndarray,
+        prompt: str,
+        threshold: float,
+        guard: bool,
+        timeout_s: float,
+        *,
+        truncated: bool = False,
     ) -> SemanticLookup:
+        """The best entry at or above ``threshold`` that the guard allows. ``truncated``: the
+        prompt ran past the embedding's window (see ``guard_allows(beyond_window=...)``)."""
         blob = np.ascontiguousarray(embedding, dtype=np.float32).tobytes()
 
         async def search(client: aioredis.Redis) -> SemanticLookup:
@@ -90,7 +100,11 @@ class SemanticCache:
                     result.expired_removed += 1
                     continue
                 answer = CachedAnswer.decode(raw)
-                if guard and answer.prompt is not None and not guard_allows(prompt, answer.prompt):
+                if (
+                    guard
+                    and answer.prompt is not None
+                    and not guard_allows(prompt, answer.prompt, beyond_window=truncated or answer.prompt_truncated)
+                ):
                     result.refused_by_guard += 1
                     continue
                 result.hit = SemanticHit(answer, similarity)

@@ -43,6 +43,8 @@ class ClassifierError(RuntimeError):
 class RouterScore:
     p_large: float
     embedding: np.ndarray  # float32, L2-normalized, shape (d,)
+    truncated: bool = False
+    """The text filled the model's token window: the score and embedding may not have seen all of it."""
 
 
 def _sha256(path: Path) -> str:
@@ -104,7 +106,7 @@ class Classifier:
             return text
         return text[-self._max_chars :] if self._truncate_left else text[: self._max_chars]
 
-    def _infer(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _infer(self, texts: list[str]) -> list[RouterScore]:
         with self._lock:
             encs = self._tokenizer.encode_batch([self._clip(t) for t in texts])
         n = len(encs)
@@ -118,7 +120,13 @@ class Classifier:
         feeds = {"input_ids": ids, "attention_mask": mask}
         feeds = {k: v for k, v in feeds.items() if k in self._input_names}
         emb, p = self._session.run(self._out_names, feeds)
-        return np.asarray(emb, dtype=np.float32), np.asarray(p, dtype=np.float32).reshape(-1)
+        emb = np.asarray(emb, dtype=np.float32)
+        p = np.clip(np.asarray(p, dtype=np.float32).reshape(-1), 0.0, 1.0)
+        full = self.max_tokens
+        cut = self._max_chars
+        return [
+            RouterScore(float(p[i]), emb[i], len(e.ids) >= full or len(texts[i]) > cut) for i, e in enumerate(encs)
+        ]
 
     def score_batch_sync(self, texts: list[str]) -> list[RouterScore]:
         """Score raw texts (already selected) in one forward pass, on the calling thread."""
@@ -126,8 +134,7 @@ class Classifier:
             return []
         out: list[RouterScore] = []
         for start in range(0, len(texts), max(self.max_batch, 1)):
-            emb, p = self._infer(list(texts[start : start + self.max_batch]))
-            out.extend(RouterScore(float(np.clip(p[i], 0.0, 1.0)), emb[i]) for i in range(len(p)))
+            out.extend(self._infer(list(texts[start : start + self.max_batch])))
         return out
 
     def score_messages_sync(self, messages: list[dict]) -> RouterScore:
@@ -169,16 +176,16 @@ class Classifier:
             self._last_batch_size = len(live)
             self.max_batch_seen = max(self.max_batch_seen, len(live))
             try:
-                emb, p = await loop.run_in_executor(self._executor, self._infer, [t for t, _ in live])
+                scores = await loop.run_in_executor(self._executor, self._infer, [t for t, _ in live])
             except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
                 _log.warning("classifier_inference_failed", error=repr(exc), batch=len(live))
                 for _, f in live:
                     if not f.done():
                         f.set_exception(ClassifierError(repr(exc)))
                 continue
-            for i, (_, f) in enumerate(live):
+            for (_, f), score in zip(live, scores):
                 if not f.done():
-                    f.set_result(RouterScore(float(np.clip(p[i], 0.0, 1.0)), emb[i]))
+                    f.set_result(score)
 
     async def aclose(self) -> None:
         self._closed = True

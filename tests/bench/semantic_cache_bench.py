@@ -142,12 +142,13 @@ def v0_allows(new: str, cached: str) -> bool:
     return v0_determinants(new) == v0_determinants(cached)
 
 
-def allows(guard: str, new: str, cached: str) -> bool:
+def allows(guard: str, new: str, cached: str, long: bool = False) -> bool:
+    """``long``: a prompt filled the embedding's window, as the gateway tells the guard."""
     if guard == "none":
         return True
     if guard == "v0":
         return v0_allows(new, cached)
-    return guard_allows(new, cached, lexical=guard == "full")
+    return guard_allows(new, cached, lexical=guard == "full", beyond_window=long)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -201,9 +202,9 @@ def quality(ts: Any, emb: dict[str, np.ndarray], thresholds: list[float], max_fa
     for v in ts.variants:
         o = originals[v.original_id]
         cosine = float(emb[o.prompt] @ emb[v.text])
-        allowed = {g: allows(g, v.text, o.prompt) for g in GUARDS}
-        reasons = refusal_reasons(v.text, o.prompt)
-        long = max(tokens[o.prompt], tokens[v.text]) > window
+        long = max(tokens[o.prompt], tokens[v.text]) >= window
+        allowed = {g: allows(g, v.text, o.prompt, long) for g in GUARDS}
+        reasons = refusal_reasons(v.text, o.prompt, beyond_window=long)
         pairs.append({"v": v, "cos": cosine, "allowed": allowed, "reasons": reasons, "source": o.source, "long": long})
     pos = [p for p in pairs if p["v"].positive]
     neg = [p for p in pairs if not p["v"].positive]
@@ -315,7 +316,8 @@ def handwritten(emb: dict[str, np.ndarray], thresholds: list[float]) -> dict[str
     return out
 
 
-def cache_simulation(ts: Any, emb: dict[str, np.ndarray], threshold: float, count: int = 4) -> dict[str, Any]:
+def cache_simulation(ts: Any, emb: dict[str, np.ndarray], threshold: float, tokens: dict[str, int], window: int,
+                     count: int = 4) -> dict[str, Any]:  # fmt: skip
     entries = [o.prompt for o in ts.originals] + list(ts.distractors) + [a for a, _ in PARAPHRASES + NEAR_MISSES]
     entries = list(dict.fromkeys(entries))
     index = {text: i for i, text in enumerate(entries)}
@@ -329,7 +331,7 @@ def cache_simulation(ts: Any, emb: dict[str, np.ndarray], threshold: float, coun
         for i in np.argsort(-scores)[:count]:
             if scores[i] < threshold:
                 return None
-            if allows(guard, query, entries[i]):
+            if allows(guard, query, entries[i], max(tokens[query], tokens[entries[i]]) >= window):
                 return int(i)
         return None
 
@@ -707,7 +709,8 @@ def main() -> None:
         res["quality"] = quality(ts, emb, thresholds, args.max_false_hit, tokens, int(config["max_tokens"]))
         chosen = res["quality"]["chosen"]
         res["handwritten"] = handwritten(emb, thresholds)
-        res["cache_simulation"] = {f"{t:.2f}": cache_simulation(ts, emb, t) for t in sorted({chosen, 0.92})}
+        window = int(config["max_tokens"])
+        res["cache_simulation"] = {f"{t:.2f}": cache_simulation(ts, emb, t, tokens, window) for t in sorted({chosen, 0.92})}
         res["guard_cost"] = guard_cost(ts)
     from gateway.services.redis_server import start_embedded_redis
 
