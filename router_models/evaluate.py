@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from gateway.classifier import load_classifier, select_text  # noqa: E402
 from gateway.classifier.commands import threshold_for_share  # noqa: E402
 from router_models.data import HELDOUT_SUBJECTS, load_splits  # noqa: E402
-from router_models.metrics import oracle_summary, pgr_curve, summary  # noqa: E402
+from router_models.metrics import apgr_interval, oracle_summary, pgr_curve, summary  # noqa: E402
 
 SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -170,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     curves = {}
     for name, m in (("mmlu_heldout", ~val.is_gsm8k), ("gsm8k_heldout", val.is_gsm8k)):
         s, l = val.small[m], val.large[m]
+        lengths = np.array([len(val.prompts[i]) for i in np.flatnonzero(m)], dtype=float)
         res = {
-            "router": summary(p_val[m], s, l),
-            "knn": summary(knn[m], s, l),
+            "router": summary(p_val[m], s, l) | {"apgr_ci95": apgr_interval(p_val[m], s, l)},
+            "knn": summary(knn[m], s, l) | {"apgr_ci95": apgr_interval(knn[m], s, l)},
+            "prompt_length": summary(lengths, s, l),  # longer = harder: the simplest baseline
             "random": summary(constant(int(m.sum())), s, l),
             "oracle": oracle_summary(s, l),
             "rows": int(m.sum()),

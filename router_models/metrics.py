@@ -60,6 +60,20 @@ def summary(score, small, large) -> dict[str, float]:
     }
 
 
+def apgr_interval(score, small, large, resamples: int = 1000, seed: int = 0) -> list[float]:
+    """95% bootstrap interval of APGR over the rows (how much a small held-out set can say)."""
+    rng = np.random.default_rng(seed)
+    score, small, large = (np.asarray(a, float) for a in (score, small, large))
+    n = len(score)
+    values = []
+    for _ in range(resamples):
+        i = rng.integers(0, n, n)
+        if large[i].mean() != small[i].mean():
+            values.append(apgr(score[i], small[i], large[i]))
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
 def random_summary(small, large, seeds: int = 200) -> dict[str, float]:
     """Random routing: expected APGR 0.5; CPT averaged over random orders."""
     rng = np.random.default_rng(0)
