@@ -205,9 +205,9 @@ class ExactCachePolicy(_Struct, kw_only=True):
 class SemanticCachePolicy(_Struct, kw_only=True):
     enabled: bool = True
     ttl_s: int = 3600
-    threshold: float = 0.96
+    threshold: float = 0.95
     """Cosine similarity at or above which a stored prompt counts as the same question
-    (0.96 with the guard: 83.8 % hits on harmless rewrites, 1.0 % false hits; docs/semantic-cache.md)."""
+    (0.95 with the guard: 81 % hits on harmless rewrites, 0.6 % false hits; docs/semantic-cache.md)."""
     guard: bool = True
     """Refuse a hit when the prompts differ in numbers, quoted strings, code or names."""
     max_entries: int = 10_000

@@ -703,6 +703,7 @@ def main() -> None:
 
     counter = Tokenizer.from_file(str(artifacts / config["files"].get("tokenizer", "tokenizer.json")))
     counter.no_truncation()
+    counter.no_padding()  # tokenizer.json pads to 128: count the real tokens
     tokens = {t: len(counter.encode(t).ids) for t in dict.fromkeys(texts)}
     chosen = 0.92
     if "quality" not in skip:
