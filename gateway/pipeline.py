@@ -86,7 +86,6 @@ class _Exchange:
     counted: bool = False
     cache: CachePlan | None = None
     lease: Lease | None = None
-    embedding: np.ndarray | None = None
     similarity: float | None = None
     reservation: Reservation | None = None
     score: PromptScore | None = None
@@ -244,17 +243,15 @@ class ChatPipeline:
             if hit is not None:
                 return self._cached_answer(x, hit, "exact")
         score = await self._score(x) if plan.semantic_set is not None else None
-        if score is not None and plan.semantic_set is not None:
-            x.embedding = score.embedding
-            if plan.read:
-                found = await self._semantic.lookup(
-                    plan.semantic_set, score.embedding, plan.prompt, policy.semantic.threshold, policy.semantic.guard,
-                    timeout_s, truncated=score.truncated,
-                )  # fmt: skip
-                x.record.semantic_guard_refusals = found.refused_by_guard or None
-                if found.hit is not None:
-                    x.similarity = found.hit.similarity
-                    return self._cached_answer(x, found.hit.answer, "semantic")
+        if score is not None and plan.semantic_set is not None and plan.read:
+            found = await self._semantic.lookup(
+                plan.semantic_set, score.embedding, plan.prompt, policy.semantic.threshold, policy.semantic.guard,
+                timeout_s, truncated=score.truncated,
+            )  # fmt: skip
+            x.record.semantic_guard_refusals = found.refused_by_guard or None
+            if found.hit is not None:
+                x.similarity = found.hit.similarity
+                return self._cached_answer(x, found.hit.answer, "semantic")
         if plan.write and plan.read and policy.coalesce.enabled:
             answer, x.lease = await self._exact.join_or_lead(plan.exact_key, policy.coalesce.wait_s, timeout_s)
             if answer is not None:
@@ -294,9 +291,9 @@ class ChatPipeline:
             prompt_truncated=x.score is not None and x.score.truncated,
         )  # fmt: skip
         await self._exact.put(plan.exact_key, entry, policy.exact.ttl_s, timeout_s)
-        if plan.semantic_set is not None and x.embedding is not None:
+        if plan.semantic_set is not None and x.score is not None:  # the same forward pass the lookup used
             await self._semantic.store(
-                plan.semantic_set, x.embedding, entry, policy.semantic.ttl_s, policy.semantic.max_entries, timeout_s
+                plan.semantic_set, x.score.embedding, entry, policy.semantic.ttl_s, policy.semantic.max_entries, timeout_s
             )
         if x.lease is not None:
             await self._exact.release(x.lease, entry, timeout_s)
