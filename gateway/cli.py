@@ -15,6 +15,7 @@ from gateway.errors import ConfigError
 from gateway.keys_command import add_keys_parser
 from gateway.reporting.command import add_report_parser
 from gateway.router_commands import add_router_parsers
+from gateway.services.redis_server import DEFAULT_MAXMEMORY
 
 __all__ = ["main"]
 
@@ -34,7 +35,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="start simulated upstreams for SMALL_MODEL_URL / LARGE_MODEL_URL when they are unset",
     )
+    serve.add_argument(
+        "--drain-s", type=float, default=25.0,
+        help="after SIGTERM, end streams still open after this many seconds with an in-band error (default 25)",
+    )  # fmt: skip
     serve.add_argument("--data-dir", default=".gateway", help="where the embedded Redis keeps its data")
+    serve.add_argument(
+        "--redis-maxmemory", default=DEFAULT_MAXMEMORY,
+        help=f"memory bound of the embedded Redis; cache entries are evicted first (default {DEFAULT_MAXMEMORY})",
+    )  # fmt: skip
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="validate a policy file; exits 1 with the problems if it is invalid")
@@ -88,10 +97,12 @@ def _serve(args: argparse.Namespace) -> int:
                 _say(f"  - {problem}")
             return 2
         if not os.environ.get("REDIS_URL"):
-            redis = start_embedded_redis(os.path.join(args.data_dir, "redis"))
+            redis = start_embedded_redis(os.path.join(args.data_dir, "redis"), maxmemory=args.redis_maxmemory)
             cleanup.callback(redis.stop)
+            redis.supervise(_say)
             os.environ["REDIS_URL"] = redis.url
-            _say(f"REDIS_URL is unset: started a private Redis 8 at {redis.url} (data in {redis.data_dir})")
+            _say(f"REDIS_URL is unset: started a private Redis 8 on {redis.display_url}, at most "
+                 f"{args.redis_maxmemory} (data in {redis.data_dir}; restarted if it dies)")  # fmt: skip
         else:
             _say("using Redis at REDIS_URL")
         policy = loaded.policy
@@ -103,12 +114,16 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["GATEWAY_POLICIES"] = os.path.abspath(args.policies)
         if args.workers > 1:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir(args.data_dir)
-        _run_server(args.server, args.host, args.port, args.workers)
-        _say("stopped: in-flight requests finished; stopping what the gateway started")
+        os.environ["GATEWAY_DRAIN_S"] = str(args.drain_s)
+        _run_server(args.server, args.host, args.port, args.workers, kill_after_s=args.drain_s + 5)
+        _say(
+            f"stopped: requests finished, or were ended in-band at the {args.drain_s:g}s drain deadline "
+            "(the log says which); stopping what the gateway started"
+        )
     return 0
 
 
-def _run_server(server: str, host: str, port: int, workers: int) -> None:
+def _run_server(server: str, host: str, port: int, workers: int, *, kill_after_s: float) -> None:
     if server == "uvicorn":
         import uvicorn
 
@@ -118,7 +133,7 @@ def _run_server(server: str, host: str, port: int, workers: int) -> None:
 
         uvicorn.run(
             "gateway.api.app:create_app", factory=True, host=host, port=port, workers=workers,
-            access_log=False, log_level="warning", lifespan="on", timeout_graceful_shutdown=30,
+            access_log=False, log_level="warning", lifespan="on", timeout_graceful_shutdown=int(kill_after_s),
         )  # fmt: skip
         return
     from granian.constants import Interfaces
@@ -126,7 +141,7 @@ def _run_server(server: str, host: str, port: int, workers: int) -> None:
     _granian_server()(
         "gateway.api.app:create_app", factory=True, address=host, port=port, workers=workers,
         interface=Interfaces.ASGI, log_access=False, log_level="warning", respawn_failed_workers=True,
-        workers_kill_timeout=30,
+        workers_kill_timeout=int(kill_after_s),
     ).serve()  # fmt: skip
 
 

@@ -56,43 +56,50 @@ async def dispatch(
     last_error: UpstreamError | None = None
     for position, name in enumerate(candidates):
         provider, breaker = providers[name], breakers[name]
-        for attempt in range(retry.max_attempts):
-            if not breaker.allow():
-                last_error = UpstreamUnavailableError(name, "circuit open after repeated failures; skipped")
-                info.failures.append(last_error)
-                break
-            info.attempts += 1
-            info.fallback_used = position > 0
-            started = time.perf_counter()
-            verdict = False
-            try:
-                result = await call(provider, {**body, "model": provider.upstream_model})
+        if not breaker.allow():
+            last_error = UpstreamUnavailableError(name, "circuit open: the upstream is failing; skipped")
+            info.failures.append(last_error)
+            continue
+        healthy: bool | None = None  # one verdict per request and upstream, whatever the attempts
+        try:
+            for attempt in range(retry.max_attempts):
+                info.attempts += 1
+                info.fallback_used = position > 0
+                started = time.perf_counter()
+                try:
+                    result = await call(provider, {**body, "model": provider.upstream_model})
+                    healthy = True
+                    info.provider = provider
+                    return result
+                except UpstreamError as exc:
+                    last_error = exc
+                    info.failures.append(exc)
+                    if _says_upstream_is_unhealthy(exc):
+                        healthy = False
+                    if not exc.retryable:
+                        raise
+                    delay = _backoff_s(retry, attempt, exc)
+                    if delay is None or attempt + 1 >= retry.max_attempts:
+                        break
+                    await asyncio.sleep(delay)
+                finally:
+                    info.upstream_seconds += time.perf_counter() - started
+        finally:
+            if healthy is True:
                 breaker.record_success()
-                verdict = True
-                info.provider = provider
-                return result
-            except UpstreamError as exc:
-                last_error = exc
-                info.failures.append(exc)
-                if not _is_rate_limit(exc):
-                    breaker.record_failure()
-                    verdict = True
-                if not exc.retryable:
-                    raise
-                delay = _backoff_s(retry, attempt, exc)
-                if delay is None or attempt + 1 >= retry.max_attempts:
-                    break
-                await asyncio.sleep(delay)
-            finally:
-                if not verdict:
-                    breaker.abandon()
-                info.upstream_seconds += time.perf_counter() - started
+            elif healthy is False:
+                breaker.record_failure()
+            else:
+                breaker.abandon()
     assert last_error is not None
     raise last_error
 
 
-def _is_rate_limit(exc: UpstreamError) -> bool:
-    return isinstance(exc, UpstreamStatusError) and exc.upstream_status == 429
+def _says_upstream_is_unhealthy(exc: UpstreamError) -> bool:
+    """Connection errors, timeouts, 5xx and broken answers; not 429 or the request's own 4xx."""
+    if isinstance(exc, UpstreamStatusError):
+        return exc.upstream_status >= 500
+    return not isinstance(exc, UpstreamUnavailableError)
 
 
 def _backoff_s(retry: RetryPolicy, attempt: int, exc: UpstreamError) -> float | None:

@@ -19,11 +19,13 @@ __all__ = [
     "PermissionDeniedError",
     "ModelNotFoundError",
     "PayloadTooLargeError",
+    "RequestTimeoutError",
     "RateLimitError",
     "BudgetExceededError",
     "ServiceUnavailableError",
     "LimiterUnavailableError",
     "UsageUnavailableError",
+    "ShuttingDownError",
     "UpstreamError",
     "UpstreamStatusError",
     "UpstreamConnectError",
@@ -98,6 +100,14 @@ class PayloadTooLargeError(GatewayError):
     code = "request_too_large"
 
 
+class RequestTimeoutError(GatewayError):
+    """The client did not finish sending its request body in time."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class RateLimitError(GatewayError):
     status_code = 429
     error_type = "rate_limit_error"
@@ -132,6 +142,12 @@ class LimiterUnavailableError(ServiceUnavailableError):
 
 class UsageUnavailableError(ServiceUnavailableError):
     code = "usage_unavailable"
+
+
+class ShuttingDownError(ServiceUnavailableError):
+    """The worker is stopping and its drain deadline passed before the answer ended."""
+
+    code = "shutting_down"
 
 
 class UpstreamError(GatewayError):

@@ -29,58 +29,81 @@ from gateway.services.redis_client import SharedRedis
 
 __all__ = ["RateLimiter", "Reservation"]
 
+# Counters live in two fixed-size hashes per scope (the key, its tenant) and carry no TTL:
+# ``win`` holds this minute's and the previous minute's requests and tokens (m, r, rp, t, tp),
+# ``spend`` today's and this month's USD (day, d, month, mo). A period that has passed is
+# rolled over here rather than expired, so Redis's volatile-lru eviction, which only takes
+# keys with a TTL (cache entries), can never reset a limit.
 _RESERVE = """
 local frac, tokens, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local function num(key) return tonumber(redis.call('GET', key) or '0') end
-local share = 0
+local minute, day, month = tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local function window(key)
+  local v = redis.call('HMGET', key, 'm', 'r', 'rp', 't', 'tp')
+  local m = tonumber(v[1] or '-2')
+  local r, rp, t, tp = tonumber(v[2] or '0'), tonumber(v[3] or '0'), tonumber(v[4] or '0'), tonumber(v[5] or '0')
+  if m == minute then return {r, rp, t, tp} end
+  if m == minute - 1 then return {0, r, 0, t} end
+  return {0, 0, 0, 0}
+end
+local function spent(key)
+  local v = redis.call('HMGET', key, 'day', 'd', 'month', 'mo')
+  return (v[1] == day) and tonumber(v[2]) or 0, (v[3] == month) and tonumber(v[4]) or 0
+end
+local share, seen = 0, {}
 for s = 0, 1 do
-  local k, a = s * 6, 3 + s * 4
-  local rpm, tpm, day, month = tonumber(ARGV[a+1]), tonumber(ARGV[a+2]), tonumber(ARGV[a+3]), tonumber(ARGV[a+4])
+  local a = 6 + s * 4
+  local rpm, tpm, per_day, per_month = tonumber(ARGV[a+1]), tonumber(ARGV[a+2]), tonumber(ARGV[a+3]), tonumber(ARGV[a+4])
   local scope = (s == 0) and 'key' or 'tenant'
-  if rpm >= 0 and num(KEYS[k+1]) + num(KEYS[k+2]) * (1 - frac) + 1 > rpm then return {1, scope .. '.rpm', '0'} end
-  if tpm >= 0 and num(KEYS[k+3]) + num(KEYS[k+4]) * (1 - frac) + tokens > tpm then return {1, scope .. '.tpm', '0'} end
-  local spent_day, spent_month = num(KEYS[k+5]), num(KEYS[k+6])
-  if day >= 0 then
-    if spent_day + cost > day then return {2, scope .. '.usd_per_day', tostring(spent_day)} end
-    if day > 0 then share = math.max(share, spent_day / day) end
+  local w = window(KEYS[s*2+1])
+  local spent_day, spent_month = spent(KEYS[s*2+2])
+  seen[s] = {w, spent_day, spent_month}
+  if rpm >= 0 and w[1] + w[2] * (1 - frac) + 1 > rpm then return {1, scope .. '.rpm', '0'} end
+  if tpm >= 0 and w[3] + w[4] * (1 - frac) + tokens > tpm then return {1, scope .. '.tpm', '0'} end
+  if per_day >= 0 then
+    if spent_day + cost > per_day then return {2, scope .. '.usd_per_day', tostring(spent_day)} end
+    if per_day > 0 then share = math.max(share, spent_day / per_day) end
   end
-  if month >= 0 then
-    if spent_month + cost > month then return {2, scope .. '.usd_per_month', tostring(spent_month)} end
-    if month > 0 then share = math.max(share, spent_month / month) end
+  if per_month >= 0 then
+    if spent_month + cost > per_month then return {2, scope .. '.usd_per_month', tostring(spent_month)} end
+    if per_month > 0 then share = math.max(share, spent_month / per_month) end
   end
 end
 for s = 0, 1 do
-  local k = s * 6
-  redis.call('INCR', KEYS[k+1]); redis.call('EXPIRE', KEYS[k+1], 150)
-  redis.call('INCRBY', KEYS[k+3], tokens); redis.call('EXPIRE', KEYS[k+3], 150)
-  redis.call('INCRBYFLOAT', KEYS[k+5], cost); redis.call('EXPIRE', KEYS[k+5], 172800)
-  redis.call('INCRBYFLOAT', KEYS[k+6], cost); redis.call('EXPIRE', KEYS[k+6], 2764800)
+  local w, spent_day, spent_month = seen[s][1], seen[s][2], seen[s][3]
+  redis.call('HSET', KEYS[s*2+1], 'm', minute, 'r', w[1] + 1, 'rp', w[2], 't', w[3] + tokens, 'tp', w[4])
+  redis.call('HSET', KEYS[s*2+2], 'day', day, 'd', spent_day + cost, 'month', month, 'mo', spent_month + cost)
 end
 return {0, '', tostring(share)}
 """
 
-# Replace the reservation by the actual figures, and add them to the day's usage hashes.
+# Replace the reservation by the actual figures (in the periods it was made in), add them
+# to the day's usage hashes, and drop the usage hashes that left the retention period.
 _SETTLE = """
 local token_delta, cost_delta = tonumber(ARGV[1]), tonumber(ARGV[2])
+local minute, day, month = tonumber(ARGV[3]), ARGV[4], ARGV[5]
 for s = 0, 1 do
-  local k = s * 3
-  if token_delta ~= 0 then redis.call('INCRBY', KEYS[k+1], token_delta); redis.call('EXPIRE', KEYS[k+1], 150) end
+  local win, spend = KEYS[s*2+1], KEYS[s*2+2]
+  if token_delta ~= 0 then
+    local m = tonumber(redis.call('HGET', win, 'm') or '-2')
+    if m == minute then redis.call('HINCRBY', win, 't', token_delta)
+    elseif m == minute + 1 then redis.call('HINCRBY', win, 'tp', token_delta) end
+  end
   if cost_delta ~= 0 then
-    redis.call('INCRBYFLOAT', KEYS[k+2], cost_delta)
-    redis.call('INCRBYFLOAT', KEYS[k+3], cost_delta)
+    if redis.call('HGET', spend, 'day') == day then redis.call('HINCRBYFLOAT', spend, 'd', cost_delta) end
+    if redis.call('HGET', spend, 'month') == month then redis.call('HINCRBYFLOAT', spend, 'mo', cost_delta) end
   end
 end
-for i = 7, 8 do
+for i = 5, 6 do
   redis.call('HINCRBY', KEYS[i], 'requests', 1)
-  redis.call('HINCRBY', KEYS[i], 'prompt_tokens', ARGV[3])
-  redis.call('HINCRBY', KEYS[i], 'completion_tokens', ARGV[4])
-  redis.call('HINCRBYFLOAT', KEYS[i], 'cost_usd', ARGV[5])
-  redis.call('HINCRBYFLOAT', KEYS[i], 'baseline_cost_usd', ARGV[6])
-  redis.call('HINCRBYFLOAT', KEYS[i], 'cache_saved_usd', ARGV[7])
-  redis.call('HINCRBY', KEYS[i], 'cache_hits', ARGV[8])
-  redis.call('HINCRBY', KEYS[i], 'errors', ARGV[9])
-  redis.call('EXPIRE', KEYS[i], 8000000)
+  redis.call('HINCRBY', KEYS[i], 'prompt_tokens', ARGV[6])
+  redis.call('HINCRBY', KEYS[i], 'completion_tokens', ARGV[7])
+  redis.call('HINCRBYFLOAT', KEYS[i], 'cost_usd', ARGV[8])
+  redis.call('HINCRBYFLOAT', KEYS[i], 'baseline_cost_usd', ARGV[9])
+  redis.call('HINCRBYFLOAT', KEYS[i], 'cache_saved_usd', ARGV[10])
+  redis.call('HINCRBY', KEYS[i], 'cache_hits', ARGV[11])
+  redis.call('HINCRBY', KEYS[i], 'errors', ARGV[12])
 end
+redis.call('DEL', KEYS[7], KEYS[8])
 return 1
 """
 
@@ -90,8 +113,11 @@ _NO_LIMIT = Limits()
 @dataclass(slots=True)
 class Reservation:
     scope_keys: tuple[str, ...]
-    """The key's and the tenant's (tokens this minute, usd today, usd this month) counters."""
-    usage_keys: tuple[str, str]
+    """The key's and the tenant's counter hashes (window, spend); empty when nothing was reserved."""
+    periods: tuple[int, str, str]
+    """The minute, UTC day and month the reservation was counted in."""
+    usage_keys: tuple[str, str, str, str]
+    """Today's usage hashes (key, tenant), then the two that leave the retention period today."""
     tokens: int
     cost_usd: float
     budget_share: float
@@ -118,7 +144,7 @@ class RateLimiter:
 
     async def flush_usage(self, timeout_s: float = 1.0) -> None:
         """Write buffered usage (requests without limits) in one pipeline; at shutdown too."""
-        pending = self._usage.take()
+        pending, expired = self._usage.take()
         if not pending:
             return
 
@@ -130,7 +156,8 @@ class RateLimiter:
                             pipe.hincrbyfloat(key, field, value)
                         elif value:
                             pipe.hincrby(key, field, value)
-                    pipe.expire(key, _USAGE_TTL_S)
+                for key in expired:
+                    pipe.delete(key)
                 await pipe.execute()
 
         await self._redis.run(write, None, timeout_s)
@@ -150,12 +177,13 @@ class RateLimiter:
         now = time.time()
         key_limits, tenant_limits = _limits(policy, principal)
         usage = _usage_keys(principal, now)
+        periods = _periods(now)
         if not self.enforces(policy, principal):
-            return Reservation((), usage, 0, 0.0, 0.0)  # nothing to enforce: usage is recorded in batches
-        minute = int(now // 60)
-        keys = _counter_keys(principal, minute, now)
-        reservation = Reservation((keys[2], keys[4], keys[5], keys[8], keys[10], keys[11]), usage, tokens, cost_usd, 0.0)
-        args = [now / 60 - minute, tokens, repr(cost_usd), *_limit_args(key_limits), *_limit_args(tenant_limits)]
+            return Reservation((), periods, usage, 0, 0.0, 0.0)  # nothing to enforce: usage is recorded in batches
+        minute = periods[0]
+        keys = _counter_keys(principal)
+        reservation = Reservation(keys, periods, usage, tokens, cost_usd, 0.0)
+        args = [now / 60 - minute, tokens, repr(cost_usd), *periods, *_limit_args(key_limits), *_limit_args(tenant_limits)]
         reserve = self._reserve
         result = await self._redis.run(
             lambda r: reserve(keys=list(keys), args=args), None, policy.limits.redis_timeout_ms / 1000
@@ -163,7 +191,7 @@ class RateLimiter:
         if result is None:
             if policy.limits.on_redis_error == "closed":
                 raise LimiterUnavailableError("rate limits cannot be checked (Redis unavailable); refusing by policy")
-            return Reservation((), usage, 0, 0.0, 0.0)
+            return Reservation((), periods, usage, 0, 0.0, 0.0)
         status, which, detail = int(result[0]), _text(result[1]), _text(result[2])
         if status == 1:
             limit = getattr(key_limits if which.startswith("key") else tenant_limits, which.split(".")[1])
@@ -201,8 +229,8 @@ class RateLimiter:
             return
         token_delta = prompt_tokens + completion_tokens - reservation.tokens if reservation.tokens else 0
         cost_delta = cost_usd - reservation.cost_usd if reservation.tokens else 0.0
-        args = [token_delta, repr(cost_delta), prompt_tokens, completion_tokens, repr(cost_usd), repr(baseline_cost_usd),
-                repr(cache_saved_usd), int(cache_hit), int(error)]  # fmt: skip
+        args = [token_delta, repr(cost_delta), *reservation.periods, prompt_tokens, completion_tokens, repr(cost_usd),
+                repr(baseline_cost_usd), repr(cache_saved_usd), int(cache_hit), int(error)]  # fmt: skip
         settle = self._settle
         await self._redis.run(
             lambda r: settle(keys=[*reservation.scope_keys, *reservation.usage_keys], args=args),
@@ -236,7 +264,7 @@ class RateLimiter:
 
 
 _USAGE_FLUSH_S = 1.0
-_USAGE_TTL_S = 8_000_000
+_USAGE_RETENTION_DAYS = 92
 
 
 class _UsageBuffer:
@@ -244,12 +272,14 @@ class _UsageBuffer:
 
     def __init__(self) -> None:
         self._pending: dict[str, dict[str, int | float]] = {}
+        self._expired: set[str] = set()
 
     def add(
-        self, keys: tuple[str, str], prompt_tokens: int, completion_tokens: int, cost_usd: float,
+        self, keys: tuple[str, str, str, str], prompt_tokens: int, completion_tokens: int, cost_usd: float,
         baseline_cost_usd: float, cache_saved_usd: float, cache_hit: bool, error: bool,
     ) -> None:  # fmt: skip
-        for key in keys:
+        self._expired.update(keys[2:])
+        for key in keys[:2]:
             fields = self._pending.get(key)
             if fields is None:
                 fields = self._pending[key] = {
@@ -265,9 +295,10 @@ class _UsageBuffer:
             fields["cache_hits"] += int(cache_hit)
             fields["errors"] += int(error)
 
-    def take(self) -> dict[str, dict[str, int | float]]:
+    def take(self) -> tuple[dict[str, dict[str, int | float]], set[str]]:
         pending, self._pending = self._pending, {}
-        return pending
+        expired, self._expired = self._expired, set()
+        return pending, expired
 
 
 def _limits(policy: Policy, principal: Principal) -> tuple[Limits, Limits]:
@@ -279,21 +310,26 @@ def _limit_args(limits: Limits) -> list[str]:
     return [str(-1 if v is None else v) for v in (limits.rpm, limits.tpm, limits.usd_per_day, limits.usd_per_month)]
 
 
-def _counter_keys(principal: Principal, minute: int, now: float) -> tuple[str, ...]:
+def _counter_keys(principal: Principal) -> tuple[str, str, str, str]:
     prefix = tenant_prefix(principal.tenant)
+    key, tenant = f"{prefix}:rl:k:{principal.key_id}", f"{prefix}:rl:t"
+    return f"{key}:win", f"{key}:spend", f"{tenant}:win", f"{tenant}:spend"
+
+
+def _periods(now: float) -> tuple[int, str, str]:
     stamp = datetime.fromtimestamp(now, UTC)
-    day, month = stamp.strftime("%Y%m%d"), stamp.strftime("%Y%m")
+    return int(now // 60), stamp.strftime("%Y%m%d"), stamp.strftime("%Y%m")
+
+
+def _usage_keys(principal: Principal, now: float) -> tuple[str, str, str, str]:
+    """Today's usage hashes, then those of the day that leaves the retention period."""
+    prefix = tenant_prefix(principal.tenant)
+    today = datetime.fromtimestamp(now, UTC)
+    gone = today - timedelta(days=_USAGE_RETENTION_DAYS)
     keys: list[str] = []
-    for scope in (f"k:{principal.key_id}", "t"):
-        base = f"{prefix}:rl:{scope}"
-        keys += [f"{base}:r:{minute}", f"{base}:r:{minute - 1}", f"{base}:tk:{minute}", f"{base}:tk:{minute - 1}",
-                 f"{base}:d:{day}", f"{base}:m:{month}"]  # fmt: skip
-    return tuple(keys)
-
-
-def _usage_keys(principal: Principal, now: float) -> tuple[str, str]:
-    day = datetime.fromtimestamp(now, UTC).strftime("%Y%m%d")
-    return (f"{tenant_prefix(principal.tenant)}:use:k:{principal.key_id}:{day}", f"{tenant_prefix(principal.tenant)}:use:t:{day}")
+    for day in (today.strftime("%Y%m%d"), gone.strftime("%Y%m%d")):
+        keys += [f"{prefix}:use:k:{principal.key_id}:{day}", f"{prefix}:use:t:{day}"]
+    return keys[0], keys[1], keys[2], keys[3]
 
 
 def _seconds_to_next_period(now: float, field: str) -> int:

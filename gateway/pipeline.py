@@ -19,7 +19,7 @@ import numpy as np
 import structlog
 
 from gateway.accounting.metrics import Metrics
-from gateway.accounting.request_log import REQUEST_LOGGER, RequestRecord, request_event
+from gateway.accounting.request_log import REQUEST_LOGGER, RequestRecord, exception_frames, request_event
 from gateway.auth import Principal
 from gateway.cache.entries import CachedAnswer, completion_from_stream, replay_sse
 from gateway.cache.exact import ExactCache, Lease
@@ -27,12 +27,14 @@ from gateway.cache.plan import CachePlan, plan_cache
 from gateway.cache.semantic import SemanticCache
 from gateway.classifier import ClassifierError
 from gateway.dispatch import DispatchInfo, dispatch
-from gateway.errors import GatewayError, UpstreamError
+from gateway.drain import Drain
+from gateway.errors import GatewayError, ShuttingDownError, UpstreamError
 from gateway.limits import RateLimiter, Reservation
 from gateway.pricing import cost_usd
 from gateway.protocol import ChatRequest, parse_chat_request
 from gateway.routing import RoutePlan
 from gateway.runtime import Runtime, RuntimeHolder
+from gateway.services.redis_client import RedisUnavailable
 from gateway.tokens import count_chat_prompt, count_text, prompt_chars
 from gateway.upstreams.base import ChatStream, Completion, Provider, Usage
 
@@ -41,8 +43,8 @@ __all__ = ["Answer", "ChatPipeline", "Scorer", "StreamingAnswer"]
 _request_log = structlog.get_logger(REQUEST_LOGGER)
 _log = structlog.get_logger("gateway.pipeline")
 
-BodyReader = Callable[[int], Awaitable[bytes]]
-"""Reads the request body, raising PayloadTooLargeError past the given byte limit."""
+BodyReader = Callable[[int, float], Awaitable[bytes]]
+"""Reads the request body: PayloadTooLargeError past the byte limit, RequestTimeoutError past the seconds."""
 
 
 class PromptScore(Protocol):
@@ -103,8 +105,10 @@ class ChatPipeline:
         semantic: SemanticCache,
         limiter: RateLimiter,
         scorer: Scorer | None,
+        drain: Drain | None = None,
     ) -> None:
         self._holder = holder
+        self._drain = drain or Drain(deadline_s=25.0)
         self._metrics = metrics
         self._exact = exact
         self._semantic = semantic
@@ -132,7 +136,9 @@ class ChatPipeline:
         try:
             principal = runtime.auth.authenticate(authorization)
             record.key_id, record.tenant = principal.key_id, principal.tenant
-            x.body, x.request = parse_chat_request(await read_body(runtime.policy.limits.max_body_bytes))
+            x.body, x.request = parse_chat_request(
+                await read_body(runtime.policy.limits.max_body_bytes, runtime.policy.limits.body_read_timeout_s)
+            )
             x.plan = runtime.router.plan(x.request.model)
             principal.check_model(x.plan.route)
             record.route, record.decision, record.stream = x.plan.route, x.plan.decision, x.request.stream
@@ -161,6 +167,8 @@ class ChatPipeline:
             return Answer(200, completion.body, self._headers(x))
         except GatewayError as exc:
             return self._error_answer(x, exc)
+        except Exception as exc:  # a bug of ours: answered and logged as what it is, never a lost request
+            return self._error_answer(x, _internal_error(x, exc))
         except asyncio.CancelledError:
             record.status, record.error_type = 499, "client_disconnected"
             raise
@@ -239,7 +247,11 @@ class ChatPipeline:
         x.record.cache = "miss"
         timeout_s = policy.redis_timeout_ms / 1000
         if plan.read:
-            hit = await self._exact.get(plan.exact_key, timeout_s)
+            try:
+                hit = await self._exact.get(plan.exact_key, timeout_s)
+            except RedisUnavailable:  # down, hung or slow: go on without the cache, and say so
+                x.record.cache, x.cache = "bypass", None
+                return None
             if hit is not None:
                 return self._cached_answer(x, hit, "exact")
         score = await self._score(x) if plan.semantic_set is not None else None
@@ -326,6 +338,8 @@ class ChatPipeline:
         assert provider is not None
         record = x.record
         upstream_wait = x.info.upstream_seconds
+        drain = self._drain
+        task = drain.track()
         try:
             if first is not None:
                 yield b"data: " + first + b"\n\n"
@@ -357,11 +371,25 @@ class ChatPipeline:
             record.error_type = exc.code
             self._settle(x, provider, None, stream.tally.text)
             yield b"data: " + exc.to_body() + b"\n\n"
-        except (asyncio.CancelledError, GeneratorExit):
+        except Exception as exc:
+            record.status = 500
+            yield b"data: " + _internal_error(x, exc).to_body() + b"\n\n"
+        except asyncio.CancelledError:
+            self._settle(x, provider, stream.tally.usage, stream.tally.text)
+            if not drain.expired or task is None:
+                record.error_type, record.status = "client_disconnected", 499
+                raise
+            task.uncancel()  # ended by the drain deadline: the client is still there, tell it why
+            drain.ended_streams += 1
+            error = ShuttingDownError("the gateway is shutting down; the answer was cut at its drain deadline")
+            record.error_type = error.code
+            yield b"data: " + error.to_body() + b"\n\n"
+        except GeneratorExit:
             record.error_type, record.status = "client_disconnected", 499
             self._settle(x, provider, stream.tally.usage, stream.tally.text)
             raise
         finally:
+            drain.untrack(task)
             with anyio.CancelScope(shield=True):  # the client may be gone: still close upstream and log
                 await stream.aclose()
                 await self._release_lease(x)
@@ -443,6 +471,13 @@ class ChatPipeline:
         task = asyncio.get_running_loop().create_task(settle)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _internal_error(x: _Exchange, exc: Exception) -> GatewayError:
+    """Log an unexpected exception with the request's id (its type and place, never contents)."""
+    x.record.error_type = "internal_error"
+    _log.error("internal_error", request_id=x.record.request_id, error=type(exc).__name__, where=exception_frames(exc))
+    return GatewayError("internal error in the gateway; the request id is in x-request-id", code="internal_error")
 
 
 def _record_speculation(record: RequestRecord, result: object) -> None:

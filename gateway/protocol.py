@@ -14,7 +14,7 @@ import msgspec
 
 from gateway.errors import InvalidRequestError
 
-__all__ = ["ChatRequest", "parse_chat_request"]
+__all__ = ["ChatRequest", "ContentPart", "parse_chat_request"]
 
 _Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -23,10 +23,20 @@ class _View(msgspec.Struct, forbid_unknown_fields=False):
     pass
 
 
+class ContentPart(_View):
+    """Any part type is accepted and forwarded; a ``text`` part must carry a string."""
+
+    type: str
+    text: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs a string 'text'")
+
 
 class _Message(_View):
     role: _Role
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
@@ -64,6 +74,8 @@ def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], ChatRequest]:
         body = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequestError("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     try:

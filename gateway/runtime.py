@@ -74,10 +74,16 @@ class RuntimeHolder:
         return runtime
 
     async def reload(self, reason: str = "manual") -> bool:
-        """Try the file again; on any problem keep the policy in force and log why."""
+        """Try the file again; on any problem keep the policy in force and log why.
+
+        The file is read once it has stopped changing: an editor or ``kubectl cp`` that
+        is still writing would otherwise hand over a prefix that may well be valid YAML.
+        """
         async with self._reload_lock:
             try:
+                await _wait_until_stable(self.path)
                 loaded = await asyncio.to_thread(load_policy, self.path)
+                _refuse_weakening_by_omission(self.current.loaded, loaded)
             except ConfigError as exc:
                 self.last_reload_error = "; ".join(exc.problems)
                 _log.error("policy_rejected", reason=reason, problems=exc.problems, kept=self.current.version)
@@ -182,6 +188,40 @@ class RuntimeHolder:
             task = asyncio.get_running_loop().create_task(_close_later(provider, provider.config.timeouts.total))
             self._retired.add(task)
             task.add_done_callback(self._retired.discard)
+
+
+_SETTLE_S = 0.25
+_STABLE_WAIT_MAX_S = 5.0
+
+
+async def _wait_until_stable(path: Path) -> None:
+    """Return once the file's size and mtime held still for ``_SETTLE_S`` (or after ``_STABLE_WAIT_MAX_S``)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + _STABLE_WAIT_MAX_S
+    last = _signature(path)
+    while loop.time() < give_up:
+        await asyncio.sleep(_SETTLE_S)
+        current = _signature(path)
+        if current == last:
+            return
+        last = current
+
+
+def _signature(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _refuse_weakening_by_omission(current: LoadedPolicy, new: LoadedPolicy) -> None:
+    """A section that sets limits may be emptied on purpose, never dropped by a file cut short."""
+    if current.policy.tenants and "tenants" not in new.sections:
+        raise ConfigError(
+            new.source,
+            ["'tenants' is missing while the policy in force has tenants (write 'tenants: {}' to remove them all)"],
+        )
 
 
 def _plain(provider: Provider) -> Provider:

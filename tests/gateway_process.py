@@ -26,7 +26,7 @@ def free_port() -> int:
 
 def policy_text(small: SimulatedUpstream, large: SimulatedUpstream, *, auth: str = "auth: {mode: none}",
                 extra_models: str = "", routes: str = "", limits: str = "max_body_bytes: 65536, redis_timeout_ms: 2000",
-                breaker: str = "{failure_threshold: 50, reset_after_s: 1}", cache: str = "{enabled: false}") -> str:
+                breaker: str = "{min_requests: 50, reset_after_s: 1}", cache: str = "{enabled: false}") -> str:
     """A policy over the two simulated upstreams, with short timeouts and fast retries for tests."""
     return f"""
 version: 1

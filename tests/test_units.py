@@ -54,11 +54,14 @@ def test_backoff_is_jittered_bounded_and_honours_retry_after() -> None:
 
 def test_circuit_breaker_opens_half_opens_and_closes() -> None:
     now = [0.0]
-    breaker = CircuitBreaker(CircuitBreakerPolicy(failure_threshold=2, reset_after_s=10), clock=lambda: now[0])
+    policy = CircuitBreakerPolicy(failure_rate=0.5, min_requests=4, window_s=10, reset_after_s=10)
+    breaker = CircuitBreaker(policy, clock=lambda: now[0])
     breaker.record_failure()
-    assert breaker.allow()
+    breaker.record_success()
     breaker.record_failure()
-    assert breaker.state == "open" and not breaker.allow()
+    assert breaker.allow()  # 2 of 3: too few requests to judge
+    breaker.record_failure()
+    assert breaker.state == "open" and not breaker.allow()  # 3 of 4 failed
     now[0] = 10.0
     assert breaker.allow()  # the probe
     assert not breaker.allow()  # only one probe at a time
@@ -72,7 +75,7 @@ def test_circuit_breaker_opens_half_opens_and_closes() -> None:
 
 def test_abandoned_probe_lets_the_next_request_probe() -> None:
     now = [0.0]
-    breaker = CircuitBreaker(CircuitBreakerPolicy(failure_threshold=1, reset_after_s=1), clock=lambda: now[0])
+    breaker = CircuitBreaker(CircuitBreakerPolicy(min_requests=1, reset_after_s=1), clock=lambda: now[0])
     breaker.record_failure()
     now[0] = 1.0
     assert breaker.allow()
@@ -101,3 +104,29 @@ def test_keys_are_checked_by_hash_and_models_by_allow_list() -> None:
 
 def test_cost() -> None:
     assert cost_usd(Price(input_per_mtok=2.5, output_per_mtok=10), 1000, 500) == pytest.approx(0.0075)
+
+
+def test_breaker_judges_the_failure_rate_not_single_bad_requests() -> None:
+    """Defect 5: one failing prompt in ten must not open the circuit for everyone."""
+    now = [0.0]
+    breaker = CircuitBreaker(CircuitBreakerPolicy(failure_rate=0.5, min_requests=10, window_s=10), clock=lambda: now[0])
+    for i in range(1000):
+        now[0] = i * 0.05
+        breaker.record_failure() if i % 10 == 0 else breaker.record_success()
+        assert breaker.state == "closed"
+    died_at, i = 50.0, 0
+    while breaker.state == "closed":  # then the upstream really dies
+        now[0] = died_at + i * 0.05
+        breaker.record_failure()
+        i += 1
+    assert now[0] - died_at < 10  # within one window of the failures taking over
+
+
+def test_breaker_forgets_failures_older_than_its_window() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(CircuitBreakerPolicy(failure_rate=0.5, min_requests=4, window_s=10), clock=lambda: now[0])
+    for _ in range(3):
+        breaker.record_failure()
+    now[0] = 30.0
+    breaker.record_failure()
+    assert breaker.state == "closed"  # one failure in the window, not four

@@ -184,7 +184,7 @@ def breaker_gateway(
     small_upstream: SimulatedUpstream,
     large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:
-    policy = policy_text(small_upstream, large_upstream, breaker="{failure_threshold: 2, reset_after_s: 1}")
+    policy = policy_text(small_upstream, large_upstream, breaker="{min_requests: 1, reset_after_s: 1}")
     process = start_gateway(Path(tmp_path_factory.mktemp("breaker")), policy, env={"REDIS_URL": redis_server.url})
     yield process
     process.stop()

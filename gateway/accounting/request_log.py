@@ -10,13 +10,15 @@ from __future__ import annotations
 import atexit
 import sys
 import threading
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 import msgspec
 import structlog
 
-__all__ = ["SCHEMA_VERSION", "RequestRecord", "RequestLogWriter", "configure_logging"]
+__all__ = ["SCHEMA_VERSION", "RequestLogWriter", "RequestRecord", "configure_logging", "exception_frames"]
 
 SCHEMA_VERSION = 1
 
@@ -168,3 +170,13 @@ def request_event(record: RequestRecord) -> dict[str, Any]:
     fields = msgspec.structs.asdict(record)
     fields["schema_version"] = SCHEMA_VERSION
     return fields
+
+
+def exception_frames(exc: BaseException, depth: int = 6) -> list[str]:
+    """Where an exception was raised, as ``file:line function``, for logs.
+
+    Its message is left out on purpose: it may quote the request (a KeyError names
+    the key, a TypeError the value), and contents never reach the logs.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)[-depth:]
+    return [f"{Path(frame.filename).name}:{frame.lineno} {frame.name}" for frame in frames]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import structlog
@@ -12,7 +13,7 @@ from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 
 from gateway.accounting.metrics import Metrics
-from gateway.accounting.request_log import RequestLogWriter, configure_logging
+from gateway.accounting.request_log import RequestLogWriter, configure_logging, exception_frames
 from gateway.api.chat import chat_completions
 from gateway.api.probes import error_response, healthz, list_models, metrics, readyz
 from gateway.api.usage import usage
@@ -21,6 +22,7 @@ from gateway.cache.exact import ExactCache
 from gateway.classifier import load_classifier
 from gateway.cache.semantic import SemanticCache
 from gateway.config.loader import load_policy
+from gateway.drain import Drain
 from gateway.errors import GatewayError, InvalidRequestError, ModelNotFoundError
 from gateway.limits import RateLimiter
 from gateway.pipeline import ChatPipeline
@@ -78,8 +80,11 @@ async def _start(settings: Settings) -> GatewayState:
     else:
         classifier_info = {"loaded": True, **classifier.describe()}
         _log.info("router_loaded", **classifier_info)
-    pipeline = ChatPipeline(holder, metrics, ExactCache(redis), SemanticCache(redis), limiter, scorer=classifier)
+    drain = Drain(settings.drain_s)
+    drain.install_signal_handler(asyncio.get_running_loop())
+    pipeline = ChatPipeline(holder, metrics, ExactCache(redis), SemanticCache(redis), limiter, scorer=classifier, drain=drain)
     state = GatewayState(holder, pipeline, metrics, redis, limiter, request_log, ops_log, classifier_info)
+    state.closers.append(_stopper(drain))
     if classifier is not None:
         state.closers.append(classifier.aclose)
     holder.reload_on_sighup()
@@ -88,6 +93,13 @@ async def _start(settings: Settings) -> GatewayState:
     if not await state.redis.check():
         _log.warning("redis_not_ready", url_set=bool(settings.redis_url))
     return state
+
+
+def _stopper(drain: Drain) -> Callable[[], Awaitable[None]]:
+    async def stop() -> None:
+        drain.stop()
+
+    return stop
 
 
 def _gateway_error(_: Request, exc: GatewayError) -> Response[bytes]:
@@ -103,6 +115,9 @@ def _http_error(_: Request, exc: HTTPException) -> Response[bytes]:
 
 
 def _internal_error(request: Request, exc: Exception) -> Response[bytes]:
-    _log.error("internal_error", path=request.url.path, error=type(exc).__name__, exc_info=exc)
-    error = GatewayError("internal error in the gateway; the request id is in x-request-id")
+    request_id = uuid.uuid4().hex
+    _log.error("internal_error", request_id=request_id, path=request.url.path, error=type(exc).__name__,
+               where=exception_frames(exc))  # fmt: skip
+    error = GatewayError("internal error in the gateway; the request id is in x-request-id", code="internal_error")
+    error.headers["x-request-id"] = request_id
     return error_response(error)

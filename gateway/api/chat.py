@@ -12,7 +12,7 @@ from litestar.exceptions import InternalServerException
 from litestar.response import Stream
 
 from gateway.api.state import GatewayState
-from gateway.errors import InvalidRequestError, PayloadTooLargeError
+from gateway.errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError
 from gateway.pipeline import Answer
 
 __all__ = ["chat_completions"]
@@ -67,7 +67,7 @@ class _DisconnectWatch:
         self._watcher: asyncio.Task[None] | None = None
         self.client_left = False
 
-    async def read_body(self, limit: int) -> bytes:
+    async def read_body(self, limit: int, timeout_s: float) -> bytes:
         request = self._request
         announced = request.headers.get("content-length")
         if announced is not None:
@@ -78,11 +78,16 @@ class _DisconnectWatch:
         chunks: list[bytes] = []
         size = 0
         try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
-                chunks.append(chunk)
+            async with asyncio.timeout(timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"the request body was not received within {timeout_s:g}s", headers={"connection": "close"}
+            ) from None
         except InternalServerException:
             self.client_left = True  # the client left while sending
             raise asyncio.CancelledError from None

@@ -36,7 +36,8 @@ class ExactCache:
         self._release = redis.client.register_script(_RELEASE) if redis.client is not None else None
 
     async def get(self, key: str, timeout_s: float) -> CachedAnswer | None:
-        raw = await self._redis.run(lambda r: r.get(key), None, timeout_s)
+        """The stored answer, or None; raises RedisUnavailable when the cache could not be asked."""
+        raw = await self._redis.call(lambda r: r.get(key), timeout_s)
         return CachedAnswer.decode(raw) if raw else None
 
     async def put(self, key: str, answer: CachedAnswer, ttl_s: int, timeout_s: float) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from gateway.cache.keys import exact_key, namespace_hash
 from gateway.cache.semantic import SemanticCache
 from gateway.config.schema import CachePolicy
-from gateway.protocol import ChatRequest
+from gateway.protocol import ChatRequest, ContentPart
 
 __all__ = ["CachePlan", "plan_cache"]
 
@@ -74,9 +74,9 @@ def _directives(header: str | None, field: Any) -> set[str]:
     return found
 
 
-def _text(content: Any) -> str:
+def _text(content: str | list[ContentPart] | None) -> str:
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    if content:
+        return "\n".join(part.text for part in content if part.type == "text" and part.text is not None)
     return ""

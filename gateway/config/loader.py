@@ -29,6 +29,8 @@ class LoadedPolicy:
     """Short sha256 of the file's bytes: what ``/readyz`` and the logs show."""
     source: str
     warnings: list[str] = field(default_factory=list)
+    sections: frozenset[str] = frozenset()
+    """The top-level keys the file spelled out (the others took their defaults)."""
 
 
 def load_policy(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> LoadedPolicy:
@@ -82,7 +84,8 @@ def load_policy_text(
     problems = _check_references(policy, lines)
     if problems:
         raise ConfigError(source, problems)
-    return LoadedPolicy(policy, digest.hexdigest()[:12], source, _warnings(policy, environ))
+    sections = frozenset(data) if isinstance(data, dict) else frozenset()
+    return LoadedPolicy(policy, digest.hexdigest()[:12], source, _warnings(policy, environ), sections)
 
 
 def _load_key_file(path: Path, environ: Mapping[str, str]) -> tuple[list[AuthKey], str]:

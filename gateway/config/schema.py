@@ -30,14 +30,17 @@ class Price(_Struct, kw_only=True):
 
 
 class Timeouts(_Struct, kw_only=True):
-    """Seconds. ``first_byte`` bounds the wait for response headers (and, streamed, the first event)."""
+    """Seconds. ``first_byte`` bounds the wait for response headers; ``total`` bounds the whole
+    answer, streamed or not, whatever bytes arrive; ``idle`` bounds the gap between two stream
+    events (SSE comments and partial lines do not count as events)."""
 
     connect: float = 5.0
     first_byte: float = 60.0
     total: float = 600.0
+    idle: float = 60.0
 
     def __post_init__(self) -> None:
-        if min(self.connect, self.first_byte, self.total) <= 0:
+        if min(self.connect, self.first_byte, self.total, self.idle) <= 0:
             raise ValueError("timeouts must be > 0")
 
 
@@ -82,8 +85,12 @@ class ModelConfig(_Struct, kw_only=True):
     headers: dict[str, str] = {}
     """Extra headers sent upstream (for example an API version)."""
     speculative: SpeculationPolicy = SpeculationPolicy()
+    max_stream_line_bytes: int = 1 << 20
+    """A streamed line (or one event's data) longer than this ends the stream with an in-band error."""
 
     def __post_init__(self) -> None:
+        if self.max_stream_line_bytes < 1024:
+            raise ValueError("max_stream_line_bytes must be >= 1024")
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
         if self.context_window <= 0:
@@ -106,10 +113,20 @@ class RetryPolicy(_Struct, kw_only=True):
 
 
 class CircuitBreakerPolicy(_Struct, kw_only=True):
-    failure_threshold: int = 5
-    """Consecutive failures that open the circuit."""
+    """Opens when, within ``window_s``, at least ``min_requests`` requests reached the upstream
+    and at least ``failure_rate`` of them failed (connection errors, timeouts, 5xx; one verdict per request)."""
+
+    failure_rate: float = 0.5
+    min_requests: int = 10
+    window_s: int = 10
     reset_after_s: float = 15.0
     """How long an open circuit skips the upstream before one probe is let through."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.failure_rate <= 1:
+            raise ValueError("failure_rate must be in (0, 1]")
+        if self.min_requests < 1 or self.window_s < 1 or self.reset_after_s <= 0:
+            raise ValueError("min_requests and window_s must be >= 1, reset_after_s > 0")
 
 
 class RouteConfig(_Struct, kw_only=True):
@@ -164,7 +181,8 @@ class AuthKey(_Struct, kw_only=True):
 
 
 class AuthPolicy(_Struct, kw_only=True):
-    mode: Literal["none", "keys"] = "none"
+    mode: Literal["none", "keys"]
+    """Required, like ``auth`` itself: a missing line must never mean 'no keys'."""
     keys: list[AuthKey] = []
     key_file: str | None = None
     """More keys, in a file of their own (``keys: [...]``), relative to policies.yaml;
@@ -186,6 +204,8 @@ class RequestLogPolicy(_Struct, kw_only=True):
 
 class LimitsPolicy(_Struct, kw_only=True):
     max_body_bytes: int = 4 * 1024 * 1024
+    body_read_timeout_s: float = 30.0
+    """A request body not received in full within this is answered 408 and its connection closed."""
     long_prompt_chars: int = 32_000
     """Prompts longer than this are tokenized off the event loop."""
     on_redis_error: Literal["open", "closed"] = "open"
@@ -239,7 +259,8 @@ class Policy(_Struct, kw_only=True):
     routes: dict[str, RouteConfig]
     retry: RetryPolicy = RetryPolicy()
     circuit_breaker: CircuitBreakerPolicy = CircuitBreakerPolicy()
-    auth: AuthPolicy = AuthPolicy()
+    auth: AuthPolicy
+    """Required: a file cut short (a save or ``kubectl cp`` caught half-way) must not switch keys off."""
     request_log: RequestLogPolicy = RequestLogPolicy()
     limits: LimitsPolicy = LimitsPolicy()
     cache: CachePolicy = CachePolicy()

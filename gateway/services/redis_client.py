@@ -3,13 +3,19 @@
 A call that cannot reach Redis (refused, reset, unknown host) returns its fallback,
 the outage is logged once (not once per request), and further calls skip Redis for
 a second before trying again, so a dead Redis costs requests nothing. A call that is
-merely slow returns its fallback at its deadline, but does not mark Redis down: one
-slow answer under load must not switch the cache and the limits off for everyone.
+merely slow returns its fallback at its deadline, but one slow answer under load does
+not mark Redis down; ``_DEGRADED_AFTER`` timeouts in a row do (a hung or stopped
+server accepts connections and never answers), with the same skip and probe.
+
+:meth:`SharedRedis.call` raises :class:`RedisUnavailable` instead of returning a
+fallback, for callers that tell "not there" from "could not ask" (the cache says
+``bypass`` rather than ``miss``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -19,12 +25,17 @@ import structlog
 
 from gateway.accounting.metrics import Metrics
 
-__all__ = ["SharedRedis", "connect"]
+__all__ = ["RedisUnavailable", "SharedRedis", "connect"]
 
 T = TypeVar("T")
 _log = structlog.get_logger("gateway.redis")
 _RETRY_AFTER_S = 1.0
 _SLOW_LOG_EVERY_S = 10.0
+_DEGRADED_AFTER = 3
+
+
+class RedisUnavailable(Exception):
+    """Redis was not asked (marked down) or did not answer in time."""
 
 
 def connect(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
@@ -50,26 +61,39 @@ class SharedRedis:
         self._down_since: float | None = None
         self._last_attempt = 0.0
         self._slow_logged_at = -_SLOW_LOG_EVERY_S
+        self._timeouts_in_a_row = 0
         metrics.redis_up.set(1 if self.up else 0)
 
     async def run(self, operation: Callable[[aioredis.Redis], Awaitable[T]], fallback: T, timeout_s: float) -> T:
         """``operation(client)`` within ``timeout_s``, or ``fallback`` if Redis cannot answer."""
+        try:
+            return await self.call(operation, timeout_s)
+        except RedisUnavailable:
+            return fallback
+
+    async def call(self, operation: Callable[[aioredis.Redis], Awaitable[T]], timeout_s: float) -> T:
+        """``operation(client)`` within ``timeout_s``; raises :class:`RedisUnavailable` if Redis cannot answer."""
         client = self.client
         if client is None:
-            return fallback
+            raise RedisUnavailable
         if not self.up and time.monotonic() - self._last_attempt < _RETRY_AFTER_S:
-            return fallback
+            raise RedisUnavailable
         self._last_attempt = time.monotonic()
         try:
             async with asyncio.timeout(timeout_s):
                 result = await operation(client)
-        except (TimeoutError, aioredis.TimeoutError):
+        except (TimeoutError, aioredis.TimeoutError) as exc:
             self._metrics.redis_timeouts.inc()
-            self._log_slow(timeout_s)
-            return fallback
+            self._timeouts_in_a_row += 1
+            if self._timeouts_in_a_row >= _DEGRADED_AFTER:
+                self._mark_down(exc, "redis_degraded")
+            else:
+                self._log_slow(timeout_s)
+            raise RedisUnavailable from None
         except (OSError, aioredis.RedisError) as exc:
-            self._mark_down(exc)
-            return fallback
+            self._mark_down(exc, "redis_unavailable")
+            raise RedisUnavailable from None
+        self._timeouts_in_a_row = 0
         if not self.up:
             self._mark_up()
         return result
@@ -87,10 +111,10 @@ class SharedRedis:
             self._slow_logged_at = now
             _log.warning("redis_slow", timeout_ms=round(timeout_s * 1000, 1), effect="call skipped; see gateway_redis_timeouts_total")
 
-    def _mark_down(self, exc: BaseException) -> None:
+    def _mark_down(self, exc: BaseException, event: str) -> None:
         if self.up or self._down_since is None:
             self._down_since = time.monotonic()
-            _log.error("redis_unavailable", error=type(exc).__name__, detail=str(exc)[:200])
+            _log.error(event, error=type(exc).__name__, detail=_without_secrets(str(exc))[:200])
         self.up = False
         self._metrics.redis_up.set(0)
 
@@ -104,6 +128,11 @@ class SharedRedis:
     async def aclose(self) -> None:
         if self.client is not None:
             await self.client.aclose()
+
+
+def _without_secrets(text: str) -> str:
+    """redis-py quotes the URL in some errors; a password in it must not reach the log."""
+    return re.sub(r"(password=|://[^:/@]*:)[^@&\s]+", r"\1***", text)
 
 
 async def _ping(client: aioredis.Redis) -> bool:

@@ -15,8 +15,7 @@ import httpx
 import msgspec
 
 from gateway.errors import UpstreamProtocolError
-from gateway.upstreams.base import Provider
-from gateway.upstreams.sse import iter_sse
+from gateway.upstreams.base import Provider, UpstreamEvents
 
 __all__ = ["Generation", "TokenAPI", "server_root"]
 
@@ -151,8 +150,9 @@ class TokenAPI:
         payload = self._completion_payload(prompt, max_tokens, temperature, 1, seed)
         payload["stream"] = True
         response = await self.provider._post("completions", payload, self._headers, stream=True)  # noqa: SLF001
+        events = UpstreamEvents(self.provider, response)
         try:
-            async for event in iter_sse(response.aiter_bytes()):
+            while (event := await events.next()) is not None:
                 if event.data == b"[DONE]":
                     return
                 try:
@@ -164,8 +164,6 @@ class TokenAPI:
                     if tokens or choice.finish_reason:
                         yield Generation(tokens, choice.finish_reason)
             raise UpstreamProtocolError(self.name, "stream ended before [DONE]")
-        except httpx.HTTPError as exc:
-            raise self.provider.transport_error(exc) from None
         finally:
             await response.aclose()
 

@@ -37,16 +37,14 @@ Error bodies (``{"type": "error", "error": {"type", "message"}}``) are read by
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 import httpx
 import msgspec
 
-from gateway.errors import InvalidRequestError, UpstreamProtocolError, UpstreamStatusError, UpstreamTimeoutError
-from gateway.upstreams.base import ChatStream, Completion, Provider, Usage, decode_json_object
-from gateway.upstreams.sse import iter_sse
+from gateway.errors import InvalidRequestError, UpstreamProtocolError, UpstreamStatusError
+from gateway.upstreams.base import ChatStream, Completion, Provider, UpstreamEvents, Usage, decode_json_object
 
 __all__ = ["AnthropicProvider"]
 
@@ -88,8 +86,7 @@ class AnthropicProvider(Provider):
     async def open_stream(self, body: dict[str, Any]) -> ChatStream:
         payload = _translate_request(self.name, self._model(body), body, stream=True)
         response = await self._post(_MESSAGES_PATH, payload, self._headers(), stream=True)
-        deadline = asyncio.get_running_loop().time() + self.config.timeouts.total
-        return _AnthropicChatStream(self, response, deadline)
+        return _AnthropicChatStream(self, response)
 
 
 # -- request translation ------------------------------------------------------
@@ -397,12 +394,11 @@ def _translate_response(upstream: str, data: dict[str, Any]) -> Completion:
 class _AnthropicChatStream(ChatStream):
     """Re-encodes Anthropic's stream events as OpenAI chunks, one event at a time."""
 
-    def __init__(self, provider: AnthropicProvider, response: httpx.Response, deadline: float) -> None:
+    def __init__(self, provider: AnthropicProvider, response: httpx.Response) -> None:
         super().__init__()
         self._provider = provider
         self._response = response
-        self._deadline = deadline
-        self._events = iter_sse(response.aiter_bytes())
+        self._events = UpstreamEvents(provider, response)
         self._started = False
         self._done = False
         self._prompt_tokens = 0
@@ -427,14 +423,9 @@ class _AnthropicChatStream(ChatStream):
 
     async def _next_event(self) -> dict[str, Any]:
         name = self._provider.name
-        if asyncio.get_running_loop().time() > self._deadline:
-            raise UpstreamTimeoutError(name, "stream exceeded its total timeout")
-        try:
-            event = await self._events.__anext__()
-        except StopAsyncIteration:
-            raise UpstreamProtocolError(name, "stream ended before message_stop") from None
-        except httpx.HTTPError as exc:
-            raise self._provider.transport_error(exc) from None
+        event = await self._events.next()
+        if event is None:
+            raise UpstreamProtocolError(name, "stream ended before message_stop")
         try:
             data = msgspec.json.decode(event.data)
         except msgspec.DecodeError:

@@ -20,8 +20,9 @@ from gateway.errors import (
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
+from gateway.upstreams.sse import SSEEvent, SSELineTooLong, iter_sse
 
-__all__ = ["ChatStream", "Completion", "Provider", "StreamTally", "Usage"]
+__all__ = ["ChatStream", "Completion", "Provider", "StreamTally", "UpstreamEvents", "Usage"]
 
 
 @dataclass(slots=True)
@@ -178,6 +179,44 @@ class Provider(ABC):
             retry_after_s=_retry_after(response.headers.get("retry-after")),
             body=response.content,
         )
+
+
+class UpstreamEvents:
+    """The SSE events of an open streamed response, each wait bounded twice over.
+
+    The socket's read timer restarts on every byte, so an upstream that sends only
+    comments (``: keep-alive``) or a line without end would otherwise hold the stream
+    open for ever: every wait here ends at the stream's ``total`` deadline, and at
+    ``idle`` seconds without a whole event.
+    """
+
+    __slots__ = ("_deadline", "_events", "_idle_s", "_provider")
+
+    def __init__(self, provider: Provider, response: httpx.Response) -> None:
+        config = provider.config
+        self._provider = provider
+        self._deadline = asyncio.get_running_loop().time() + config.timeouts.total
+        self._idle_s = config.timeouts.idle
+        self._events = iter_sse(response.aiter_bytes(), config.max_stream_line_bytes)
+
+    async def next(self) -> SSEEvent | None:
+        """The next event; None at the end of the stream. Failures raise :class:`UpstreamError`."""
+        name = self._provider.name
+        now = asyncio.get_running_loop().time()
+        idle_ends = now + self._idle_s
+        try:
+            async with asyncio.timeout_at(min(self._deadline, idle_ends)):
+                return await self._events.__anext__()
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            if idle_ends < self._deadline:
+                raise UpstreamTimeoutError(name, f"stream sent no event for {self._idle_s:g}s") from None
+            raise UpstreamTimeoutError(name, "stream exceeded its total timeout") from None
+        except SSELineTooLong as exc:
+            raise UpstreamProtocolError(name, f"stream {exc}") from None
+        except httpx.HTTPError as exc:
+            raise self._provider.transport_error(exc) from None
 
 
 def _error_detail(content: bytes) -> str:

@@ -1,8 +1,20 @@
-"""Per-upstream circuit breaker: skip a dead upstream quickly, probe it again later."""
+"""Per-upstream circuit breaker that judges the upstream's health, not one request's.
+
+As Envoy's outlier detection does: the circuit opens when, over the last
+``window_s`` seconds, at least ``min_requests`` requests reached the upstream and at
+least ``failure_rate`` of them failed. A request counts once however many attempts
+it made (the dispatcher gives one verdict), and only failures that say something
+about the upstream count: connection errors, timeouts, 5xx and broken answers. A
+prompt that fails on every model therefore cannot open anyone's circuit by itself.
+
+After ``reset_after_s`` one probe goes through (half-open): success closes the
+circuit and forgets the window, failure opens it again.
+"""
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 
 from gateway.config.schema import CircuitBreakerPolicy
@@ -11,14 +23,12 @@ __all__ = ["CircuitBreaker"]
 
 
 class CircuitBreaker:
-    """Closed → open after ``failure_threshold`` consecutive failures; after ``reset_after_s``
-    one probe goes through (half-open): success closes it, failure opens it again."""
-
-    __slots__ = ("_policy", "_failures", "_opened_at", "_probing", "_clock")
+    __slots__ = ("_buckets", "_clock", "_opened_at", "_policy", "_probing")
 
     def __init__(self, policy: CircuitBreakerPolicy, clock: Callable[[], float] = time.monotonic) -> None:
         self._policy = policy
-        self._failures = 0
+        self._buckets: deque[list[int]] = deque()
+        """``[second, successes, failures]``, oldest first, within the window."""
         self._opened_at: float | None = None
         self._probing = False
         self._clock = clock
@@ -38,19 +48,45 @@ class CircuitBreaker:
         return True
 
     def record_success(self) -> None:
-        self._failures = 0
-        self._opened_at = None
-        self._probing = False
+        if self._opened_at is not None:  # the probe answered: a fresh start
+            self._opened_at = None
+            self._probing = False
+            self._buckets.clear()
+        self._count(ok=True)
 
     def record_failure(self) -> None:
-        self._failures += 1
-        if self._probing or self._failures >= self._policy.failure_threshold:
+        if self._probing:
             self._opened_at = self._clock()
-        self._probing = False
+            self._probing = False
+            return
+        self._count(ok=False)
+        requests, failures = self._totals()
+        policy = self._policy
+        if requests >= policy.min_requests and failures >= policy.failure_rate * requests:
+            self._opened_at = self._clock()
 
     def update_policy(self, policy: CircuitBreakerPolicy) -> None:
         self._policy = policy
 
     def abandon(self) -> None:
-        """A call ended with no verdict (the client left): let the next one probe."""
+        """A call ended with no verdict (the client left, or the request itself was refused): let the next one probe."""
         self._probing = False
+
+    def _count(self, *, ok: bool) -> None:
+        second = int(self._clock())
+        buckets = self._buckets
+        if not buckets or buckets[-1][0] != second:
+            buckets.append([second, 0, 0])
+        buckets[-1][1 if ok else 2] += 1
+        horizon = second - self._policy.window_s
+        while buckets and buckets[0][0] <= horizon:
+            buckets.popleft()
+
+    def _totals(self) -> tuple[int, int]:
+        horizon = int(self._clock()) - self._policy.window_s
+        successes = failures = 0
+        for second, ok, failed in self._buckets:
+            if second > horizon:
+                successes += ok
+                failures += failed
+        return successes + failures, failures

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import httpx
 import msgspec
 
-from gateway.errors import UpstreamProtocolError, UpstreamStatusError, UpstreamTimeoutError
+from gateway.errors import UpstreamProtocolError, UpstreamStatusError
 from gateway.upstreams.base import (
     ChatStream,
     Completion,
     Provider,
     StreamTally,
+    UpstreamEvents,
     decode_json_object,
     usage_from,
 )
-from gateway.upstreams.sse import iter_sse
 
 __all__ = ["OpenAIProvider"]
 
@@ -42,50 +41,50 @@ class OpenAIProvider(Provider):
             # Ask for usage even when the client did not: it is the authoritative count.
             body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
         response = await self._post("chat/completions", body, self._headers(), stream=True)
-        deadline = asyncio.get_running_loop().time() + self.config.timeouts.total
-        return _OpenAIChatStream(self, response, deadline)
+        return _OpenAIChatStream(self, response)
+
 
 class _OpenAIChatStream(ChatStream):
-    def __init__(self, provider: OpenAIProvider, response: httpx.Response, deadline: float) -> None:
+    def __init__(self, provider: OpenAIProvider, response: httpx.Response) -> None:
         super().__init__()
         self._provider = provider
         self._response = response
-        self._deadline = deadline
-        self._events = iter_sse(response.aiter_bytes())
+        self._events = UpstreamEvents(provider, response)
         self._done = False
+        self._choices_seen = False
 
     async def __anext__(self) -> bytes:
         tally = self.tally
+        name = self._provider.name
         while not self._done:
-            if asyncio.get_running_loop().time() > self._deadline:
-                raise UpstreamTimeoutError(self._provider.name, "stream exceeded its total timeout")
-            try:
-                event = await self._events.__anext__()
-            except StopAsyncIteration:
-                raise UpstreamProtocolError(self._provider.name, "stream ended before [DONE]") from None
-            except httpx.HTTPError as exc:
-                raise self._provider.transport_error(exc) from None
+            event = await self._events.next()
+            if event is None:
+                raise UpstreamProtocolError(name, "stream ended before [DONE]")
             if event.data == b"[DONE]":
                 self._done = True
                 break
             try:
                 chunk = msgspec.json.decode(event.data)
             except msgspec.DecodeError:
-                raise UpstreamProtocolError(self._provider.name, "sent a stream event that is not JSON") from None
+                raise UpstreamProtocolError(name, "sent a stream event that is not JSON") from None
             if not isinstance(chunk, dict):
-                raise UpstreamProtocolError(self._provider.name, "sent a stream event that is not an object")
+                raise UpstreamProtocolError(name, "sent a stream event that is not an object")
             if "error" in chunk:
-                raise UpstreamStatusError(self._provider.name, 500, _in_stream_error(chunk["error"]))
+                raise UpstreamStatusError(name, 500, _in_stream_error(chunk["error"]))
             _tally_chunk(tally, chunk)
             choices = chunk.get("choices")
             if not choices:
                 continue  # the usage chunk: kept in the tally, re-emitted by the gateway if asked for
+            self._choices_seen = True
             return event.data
         await self.aclose()
+        if not self._choices_seen:
+            raise UpstreamProtocolError(name, "stream ended without a choice")
         raise StopAsyncIteration
 
     async def aclose(self) -> None:
         await self._response.aclose()
+
 
 def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:
     tally.chunks += 1
@@ -112,7 +111,7 @@ def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:
 
 def _message_text(upstream: str, data: dict[str, Any]) -> str:
     choices = data.get("choices")
-    if not isinstance(choices, list):
+    if not isinstance(choices, list) or not choices:
         raise UpstreamProtocolError(upstream, "answer has no choices")
     parts = []
     for choice in choices:

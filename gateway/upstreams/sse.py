@@ -1,35 +1,51 @@
-"""Incremental Server-Sent Events parsing over a byte stream."""
+"""Incremental Server-Sent Events parsing over a byte stream.
+
+Linear in the bytes received: each byte is searched for a newline once, however the
+upstream splits its lines, and a line (or an event's data) past ``max_line_bytes``
+ends the stream instead of growing a buffer without bound.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+__all__ = ["DEFAULT_MAX_LINE_BYTES", "SSEEvent", "SSELineTooLong", "iter_sse"]
+
+DEFAULT_MAX_LINE_BYTES = 1 << 20
+
+
+class SSELineTooLong(ValueError):
+    """A line, or one event's data, grew past the cap."""
+
 
 class SSEEvent:
-    __slots__ = ("event", "data")
+    __slots__ = ("data", "event")
 
     def __init__(self, event: str | None, data: bytes) -> None:
         self.event = event
         self.data = data
 
 
-async def iter_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
+async def iter_sse(chunks: AsyncIterator[bytes], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> AsyncIterator[SSEEvent]:
     """Yield events as soon as their blank-line terminator arrives; tolerates CRLF and split lines."""
-    buffer = b""
+    buffer = bytearray()
     event: str | None = None
     data: list[bytes] = []
+    data_size = 0
     async for chunk in chunks:
+        scan_from = len(buffer)  # what is already buffered holds no newline
         buffer += chunk
+        start = 0
         while True:
-            newline = buffer.find(b"\n")
+            newline = buffer.find(b"\n", max(start, scan_from))
             if newline < 0:
                 break
-            line = buffer[:newline].rstrip(b"\r")
-            buffer = buffer[newline + 1 :]
+            line = bytes(buffer[start:newline]).rstrip(b"\r")
+            start = newline + 1
             if not line:
                 if data:
                     yield SSEEvent(event, b"\n".join(data))
-                event, data = None, []
+                event, data, data_size = None, [], 0
                 continue
             if line.startswith(b":"):
                 continue
@@ -37,8 +53,15 @@ async def iter_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
             if value.startswith(b" "):
                 value = value[1:]
             if name == b"data":
+                data_size += len(value) + 1
+                if data_size > max_line_bytes:
+                    raise SSELineTooLong(f"an event's data exceeds {max_line_bytes} bytes")
                 data.append(value)
             elif name == b"event":
-                event = value.decode()
+                event = value.decode("utf-8", "replace")
+        if start:
+            del buffer[:start]
+        if len(buffer) > max_line_bytes:
+            raise SSELineTooLong(f"a line exceeds {max_line_bytes} bytes")
     if data:
         yield SSEEvent(event, b"\n".join(data))

@@ -1,0 +1,76 @@
+"""The end of a worker's life: streams still open at the drain deadline are ended in-band.
+
+The server stops accepting on SIGTERM and waits for open requests, up to its kill
+timeout; a stream whose upstream says nothing (or only ``: keep-alive``) would be cut
+there with no error event and no log line. :class:`Drain` ends such streams a little
+before that, through their own error path, so the client reads why and the request is
+logged and charged like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import structlog
+
+__all__ = ["Drain"]
+
+_log = structlog.get_logger("gateway.drain")
+
+
+class Drain:
+    def __init__(self, deadline_s: float) -> None:
+        self.deadline_s = deadline_s
+        self.expired = False
+        """True once the deadline passed: a stream cancelled now was ended by the drain."""
+        self.ended_streams = 0
+        self._streams: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def track(self) -> asyncio.Task[Any] | None:
+        """Register the running stream's task; pass it to :meth:`untrack` when the stream ends."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._streams.add(task)
+        return task
+
+    def untrack(self, task: asyncio.Task[Any] | None) -> None:
+        self._streams.discard(task)  # type: ignore[arg-type]
+
+    def begin(self) -> None:
+        """Start the countdown (idempotent)."""
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.deadline_s, self._end_streams)
+            _log.info("drain_started", open_streams=len(self._streams), deadline_s=self.deadline_s)
+
+    def install_signal_handler(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Begin on SIGTERM, keeping whatever the server installed for it.
+
+        The server's own asyncio handler keeps working: the event loop learns of the
+        signal through its wakeup fd, whichever Python-level handler is set.
+        """
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            loop.call_soon_threadsafe(self.begin)
+            if callable(previous):
+                previous(signum, frame)
+
+        try:
+            signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:  # not the main thread (an embedding server): no drain deadline
+            pass
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.ended_streams or self._timer is not None:
+            _log.info("drain_finished", ended_in_band=self.ended_streams, still_open=len(self._streams))
+
+    def _end_streams(self) -> None:
+        self.expired = True
+        for task in list(self._streams):
+            task.cancel()

@@ -1,0 +1,192 @@
+"""The outside tester's fault matrix (issue 11): each test is named after the defect it pins."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+
+from gateway.simulated import SimulatedUpstream
+from tests.faulty_upstream import FaultyUpstream, start_faulty_upstream
+from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+
+_FAULTY_MODELS = ("comments", "trickle", "endless-line", "no-choices")
+
+
+def _faulty_models(url: str) -> str:
+    lines = []
+    for name in _FAULTY_MODELS:
+        total, idle = (2, 30) if name == "comments" else (30, 1)
+        lines.append(
+            f"  {name}:\n    base_url: {url}\n    price: {{input: 1, output: 1}}\n    tier: small\n"
+            f"    timeouts: {{connect: 1, first_byte: 2, total: {total}, idle: {idle}}}\n"
+        )
+    return "".join(lines)
+
+
+@pytest.fixture(scope="module")
+def faulty() -> Iterator[FaultyUpstream]:
+    with start_faulty_upstream() as upstream:
+        yield upstream
+
+
+@pytest.fixture(scope="module")
+def gw(
+    tmp_path_factory: pytest.TempPathFactory, faulty: FaultyUpstream, redis_server: object,
+    small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:  # fmt: skip
+    routes = "".join(f"  r-{name}: {{model: {name}}}\n" for name in _FAULTY_MODELS)
+    policy = policy_text(
+        small_upstream, large_upstream, extra_models=_faulty_models(faulty.url), routes=routes,
+        limits="max_body_bytes: 65536, redis_timeout_ms: 2000, body_read_timeout_s: 1",
+        cache="{enabled: true, redis_timeout_ms: 2000}",
+    )  # fmt: skip
+    env = {"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k", "TEST_ANTHROPIC_KEY": "k"}  # type: ignore[attr-defined]
+    process = start_gateway(tmp_path_factory.mktemp("hardening"), policy, env=env)
+    yield process
+    process.stop()
+
+
+def _stream_lines(gw: GatewayProcess, model: str, timeout_s: float = 30) -> list[str]:
+    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": f"hi {time.time_ns()}"}]}
+    with httpx.stream("POST", f"{gw.base_url}/chat/completions", json=body, timeout=timeout_s) as response:
+        assert response.status_code == 200
+        return [line for line in response.iter_lines() if line]
+
+
+def _in_band_error(lines: list[str]) -> dict[str, object]:
+    errors = [msgspec.json.decode(line[6:]) for line in lines if line.startswith("data: {") and '"error"' in line]
+    assert errors, lines[-3:]
+    return errors[-1]["error"]  # type: ignore[no-any-return]
+
+
+def test_defect1_a_comment_only_stream_ends_at_its_total_timeout(gw: GatewayProcess, faulty: FaultyUpstream) -> None:
+    # The first event never comes: the total (2 s) bounds the wait, though bytes keep arriving.
+    started = time.monotonic()
+    response = httpx.post(f"{gw.base_url}/chat/completions", timeout=30, json={
+        "model": "r-comments", "stream": True, "messages": [{"role": "user", "content": "hello"}]})  # fmt: skip
+    assert time.monotonic() - started < 20  # would be "as long as the client waits" without the bound
+    assert response.status_code == 504 and response.json()["error"]["code"] == "upstream_timeout"
+
+
+def test_defect1_a_stream_that_stalls_mid_answer_ends_at_the_idle_timeout(gw: GatewayProcess) -> None:
+    lines = _stream_lines(gw, "r-trickle")
+    error = _in_band_error(lines)
+    assert error["code"] == "upstream_timeout" and "no event for 1s" in str(error["message"])
+    assert lines[-1] != "data: [DONE]"
+
+
+def test_defect1_an_endless_line_is_cut_at_the_line_cap_and_the_gateway_stays_responsive(gw: GatewayProcess) -> None:
+    probes: list[float] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        while not done.is_set():
+            started = time.perf_counter()
+            httpx.get(f"{gw.url}/healthz", timeout=10)
+            probes.append(time.perf_counter() - started)
+            time.sleep(0.05)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        response = httpx.post(f"{gw.base_url}/chat/completions", timeout=60, json={
+            "model": "r-endless-line", "stream": True, "messages": [{"role": "user", "content": "hello"}]})  # fmt: skip
+    finally:
+        done.set()
+        prober.join()
+    # Cut before the first event: still retryable, so an ordinary 502 naming the cause.
+    assert response.status_code == 502, response.text
+    assert "exceeds 1048576 bytes" in response.json()["error"]["message"]
+    assert probes and max(probes) < 5  # quadratic parsing took seconds per probe
+
+
+def test_defect2_an_answer_without_a_choice_is_a_bad_upstream_response_never_cached(
+    gw: GatewayProcess, faulty: FaultyUpstream
+) -> None:
+    body = {"model": "r-no-choices", "temperature": 0, "messages": [{"role": "user", "content": "empty please"}]}
+    before = faulty.calls.get("no-choices", 0)
+    for _ in range(2):
+        response = httpx.post(f"{gw.base_url}/chat/completions", json=body, timeout=10)
+        assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_bad_response"
+        assert response.headers["x-gateway-cache"] == "miss"
+    streamed = httpx.post(f"{gw.base_url}/chat/completions", json={**body, "stream": True}, timeout=10)
+    assert streamed.status_code == 502 and "without a choice" in streamed.json()["error"]["message"]
+    assert faulty.calls["no-choices"] - before >= 3  # every request went upstream: nothing was cached
+
+
+def test_defect4_a_deeply_nested_body_is_a_400_not_a_500(gw: GatewayProcess) -> None:
+    nested = b'{"model": "fast", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = httpx.post(f"{gw.base_url}/chat/completions", content=nested, timeout=10,
+                          headers={"content-type": "application/json"})  # fmt: skip
+    assert response.status_code == 413 or response.status_code == 400  # over max_body_bytes here, or too deep
+    deep = b'{"model": "fast", "messages": [{"role": "user", "content": "x", "extra": ' + b"[" * 5000 + b"]" * 5000 + b"}]}"
+    response = httpx.post(f"{gw.base_url}/chat/completions", content=deep, timeout=10)
+    assert response.status_code == 400 and "nested too deeply" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("text", [1, None, ["a"], {"a": 1}, True])
+def test_defect4_a_text_part_that_is_not_a_string_is_a_400_naming_it(gw: GatewayProcess, text: object) -> None:
+    body = {"model": "fast", "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}
+    response = httpx.post(f"{gw.base_url}/chat/completions", json=body, timeout=10)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages[0].content[0]" or error["param"] == "messages[0].content[0].text"
+    assert response.headers.get("x-request-id")
+
+
+def test_defect9_a_body_that_never_finishes_is_answered_408(gw: GatewayProcess) -> None:
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as connection:
+        connection.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: 1000\r\n\r\n{\"model\": "
+        )
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = connection.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 408"), received[:200]
+    assert b"request_timeout" in received or b"content-length" in received.lower()
+
+
+def test_defect10_the_drain_deadline_ends_silent_streams_in_band_and_logs_them(
+    tmp_path: Path, faulty: FaultyUpstream, redis_server: object,
+    small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream,
+) -> None:  # fmt: skip
+    models = (f"  silent:\n    base_url: {faulty.url}\n    upstream_model: trickle\n    price: {{input: 1, output: 1}}\n"
+              "    tier: small\n    timeouts: {connect: 1, first_byte: 2, total: 300, idle: 300}\n")  # fmt: skip
+    policy = policy_text(small_upstream, large_upstream, extra_models=models, routes="  r-silent: {model: silent}\n")
+    env = {"REDIS_URL": redis_server.url, "GATEWAY_DRAIN_S": "1"}  # type: ignore[attr-defined]
+    gateway = start_gateway(tmp_path, policy, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(_stream_lines(gateway, "r-silent", timeout_s=60)))
+    reader.start()
+    time.sleep(1.0)  # the stream has started and gone quiet
+    gateway.process.send_signal(signal.SIGTERM)
+    reader.join(30)
+    assert not reader.is_alive()
+    assert gateway.process.wait(30) == 0
+    error = _in_band_error(lines)
+    assert error["code"] == "shutting_down"
+    records = gateway.log_records()
+    assert len(records) == 1 and records[0]["error_type"] == "shutting_down"
+    drained = [msgspec.json.decode(line) for line in gateway.stderr_text().splitlines() if "drain_finished" in line]
+    assert drained and drained[0]["ended_in_band"] == 1
+    assert "in-flight requests finished" not in gateway.stderr_text()
+
+
+def test_no_internal_error_leaves_the_request_without_an_id_or_a_log_line(gw: GatewayProcess) -> None:
+    """Whatever the status, the answer carries x-request-id and the log line its real status."""
+    response = httpx.post(f"{gw.base_url}/chat/completions", content=b"[1, 2]", timeout=10)
+    assert response.status_code == 400
+    record = gw.wait_for_record(response.headers["x-request-id"])
+    assert record["status"] == 400
