@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     try:
-        loaded = load_policy(args.path)
+        loaded = load_policy(args.path, unset_ok=True)
     except ConfigError as exc:
         print(f"{exc.source}: invalid", file=sys.stderr)
         for problem in exc.problems:
@@ -71,7 +71,7 @@ def _check(args: argparse.Namespace) -> int:
     print(f"{loaded.source}: ok (version {loaded.version})")
     print(f"  models: {', '.join(sorted(policy.models))}; routes: {', '.join(sorted(policy.routes))}; auth: {policy.auth.mode}")
     for warning in loaded.warnings:
-        print(f"  warning: {warning}")
+        print(f"  note: {warning}")
     return 0
 
 

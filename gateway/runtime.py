@@ -73,7 +73,7 @@ class RuntimeHolder:
             _log.warning("policy_warning", detail=warning)
         return runtime
 
-    async def reload(self, reason: str = "manual") -> bool:
+    async def reload(self, reason: str = "manual", *, settle: bool = True) -> bool:
         """Try the file again; on any problem keep the policy in force and log why.
 
         The file is read once it has stopped changing: an editor or ``kubectl cp`` that
@@ -81,7 +81,8 @@ class RuntimeHolder:
         """
         async with self._reload_lock:
             try:
-                await _wait_until_stable(self.path)
+                if settle:
+                    await _wait_until_stable(self.path)
                 loaded = await asyncio.to_thread(load_policy, self.path)
                 _refuse_weakening_by_omission(self.current.loaded, loaded)
             except ConfigError as exc:
@@ -111,7 +112,7 @@ class RuntimeHolder:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload("SIGHUP")))
-        self._spawn(self.reload("changed during start-up"))
+        self._spawn(self.reload("changed during start-up", settle=False))  # as fresh as the load it follows
 
     async def watch(self) -> None:
         """Reload when the file changes (inotify, via watchfiles). Runs until cancelled.

@@ -109,5 +109,5 @@ def prompt_chars(messages: list[dict[str, Any]]) -> int:
         if isinstance(content, str):
             total += len(content)
         elif isinstance(content, list):
-            total += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
+            total += sum(len(text) for p in content if isinstance(p, dict) and isinstance(text := p.get("text"), str))
     return total

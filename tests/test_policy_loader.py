@@ -24,6 +24,7 @@ models:
     tier: large
 routes:
   fast: {model: s, fallbacks: [l]}
+auth: {mode: none}
 """
 
 

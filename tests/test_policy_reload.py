@@ -454,3 +454,68 @@ async def test_an_edit_made_while_a_worker_starts_is_not_lost(
     finally:
         asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await holder.aclose()
+
+
+_KEYED_AUTH = "auth:\n  mode: keys\n  keys:\n    - {id: app, tenant: team-a, hash: \"sha256:" + "0" * 64 + "\"}\n"
+
+
+def _shipped_with_keys() -> str:
+    """The shipped policies.yaml with auth on (an inline key nobody has the secret of)."""
+    shipped = (Path(__file__).parent.parent / "policies.yaml").read_text()
+    start = shipped.index("\nauth:\n") + 1
+    end = shipped.index("\n\n", start) + 1
+    return shipped[:start] + _KEYED_AUTH + shipped[end:]
+
+
+async def test_defect3_no_truncated_prefix_of_the_policy_turns_auth_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every prefix a half-finished write can leave, cut at each line and inside lines, keeps keys required."""
+    from gateway import runtime
+    from gateway.accounting.metrics import Metrics
+    from gateway.errors import AuthenticationError
+    from gateway.runtime import RuntimeHolder
+
+    monkeypatch.setattr(runtime, "_SETTLE_S", 0.001)  # the stability wait has its own test
+    monkeypatch.setenv("SMALL_MODEL_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("LARGE_MODEL_URL", "http://127.0.0.1:9/v1")
+    full = _shipped_with_keys()
+    path = tmp_path / "policies.yaml"
+    path.write_text(full)
+    holder = RuntimeHolder(path, Metrics())
+    tenants = holder.start().policy.tenants
+    cuts = sorted({i + 1 for i, c in enumerate(full) if c == "\n"} | set(range(0, len(full), 37)))
+    try:
+        for cut in cuts:
+            path.write_text(full[:cut])
+            await holder.reload("test")
+            runtime_now = holder.current
+            assert runtime_now.policy.auth.mode == "keys", f"auth off after a cut at {cut}: {full[max(0, cut - 60):cut]!r}"
+            with pytest.raises(AuthenticationError):
+                runtime_now.auth.authenticate(None)
+            assert runtime_now.policy.tenants == tenants
+            path.write_text(full)
+            assert await holder.reload("restore")
+    finally:
+        await holder.aclose()
+    assert len(cuts) > 100
+
+
+def test_defect3_a_file_still_being_written_is_not_loaded(
+    gw: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """A writer that pauses mid-file (a slow kubectl cp) is waited for; the gateway loads the whole file."""
+    full = gw.policy_path.read_text().replace(FAST_ROUTE, FAST_ON_LARGE)
+    assert full != gw.policy_path.read_text()
+    half = full[: full.index("\nauth:")]
+    rejected_before = len(_ops_events(gw, "policy_rejected"))
+    with gw.policy_path.open("w") as handle:
+        handle.write(half[: len(half) // 2])
+        handle.flush()
+        for start in range(len(half) // 2, len(full), 200):
+            time.sleep(0.05)  # longer than the watcher's step, shorter than the settle time
+            handle.write(full[start : start + 200])
+            handle.flush()
+    state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == _version_of(full), timeout_s=10.0)
+    assert state["version"] == _version_of(full)
+    assert len(_ops_events(gw, "policy_rejected")) == rejected_before

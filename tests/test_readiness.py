@@ -185,7 +185,7 @@ def test_cli_check_names_field_and_line_of_a_problem(
     assert "no-such-model" in result.stderr
 
 
-def test_cli_check_reports_an_unset_variable_by_name(
+def test_cli_check_notes_an_unset_variable_by_name_and_line(
     tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
 ) -> None:
     text = policy_text(small_upstream, large_upstream).replace(
@@ -194,10 +194,10 @@ def test_cli_check_reports_an_unset_variable_by_name(
     path = tmp_path / "policies.yaml"
     path.write_text(text)
     result = _check(path)
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    assert "GATEWAY_TEST_UNSET_VARIABLE" in result.stderr
+    # A file that is fine is not failed for the environment it was checked in: a note names what serving needs.
+    assert result.returncode == 0, (result.stdout, result.stderr)
     line = _line_of(text, "${GATEWAY_TEST_UNSET_VARIABLE}")
-    assert f"models.small.base_url (line {line})" in result.stderr, result.stderr
+    assert f"note: GATEWAY_TEST_UNSET_VARIABLE is not set: models.small.base_url (line {line})" in result.stdout
 
     # With a default, or with the variable set, the same file is fine.
     with_default = "${GATEWAY_TEST_UNSET_VARIABLE:-http://127.0.0.1:9/v1}"

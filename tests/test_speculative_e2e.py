@@ -36,6 +36,7 @@ models:
     tier: large
 routes:
   best: {{model: large}}
+auth: {{mode: none}}
 cache: {{enabled: false}}
 """
 

@@ -33,13 +33,15 @@ class LoadedPolicy:
     """The top-level keys the file spelled out (the others took their defaults)."""
 
 
-def load_policy(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> LoadedPolicy:
+def load_policy(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, *, unset_ok: bool = False
+) -> LoadedPolicy:
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from None
-    return load_policy_text(text, source=source, environ=environ, base_dir=Path(path).parent)
+    return load_policy_text(text, source=source, environ=environ, base_dir=Path(path).parent, unset_ok=unset_ok)
 
 
 def key_file_path(policy: Policy, base_dir: Path) -> Path | None:
@@ -55,7 +57,13 @@ def load_policy_text(
     source: str = "<policy>",
     environ: Mapping[str, str] | None = None,
     base_dir: Path | None = None,
+    unset_ok: bool = False,
 ) -> LoadedPolicy:
+    """Every problem of the file at once, each naming its field and line.
+
+    ``unset_ok`` (``gateway check``): a ``${VAR}`` without a value or default is a note, not a
+    problem, and a placeholder stands in for it; the file is judged on what it says.
+    """
     environ = os.environ if environ is None else environ
     root = _compose(text, source)
     if root is None:
@@ -63,29 +71,75 @@ def load_policy_text(
 
     lines: dict[_Path, int] = {}
     problems: list[str] = []
-    data = _NodeReader(environ, lines, problems).read(root, ())
-    if problems:
-        raise ConfigError(source, problems)
-    problems = _validate_keyed_sections(data, lines)
-    if problems:
-        raise ConfigError(source, problems)
-    try:
-        policy = msgspec.convert(data, Policy, strict=True)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(source, [_describe_validation_error(str(exc), lines)]) from None
-
+    notes: list[str] | None = [] if unset_ok else None
+    data = _NodeReader(environ, lines, problems, notes).read(root, ())
+    if not isinstance(data, dict):
+        raise ConfigError(source, [*problems, "the file must be a mapping of sections (version, models, routes, ...)"])
+    data, invalid_models, complete = _checked_sections(data, lines, problems)
+    policy = None
+    if complete:
+        try:
+            policy = msgspec.convert(data, Policy, strict=True)
+        except msgspec.ValidationError as exc:
+            problems.append(_describe_validation_error(str(exc), lines))
     digest = hashlib.sha256(text.encode())
-    key_path = key_file_path(policy, base_dir or Path("."))
-    if key_path is not None:
-        extra_keys, key_text = _load_key_file(key_path, environ)
-        digest.update(key_text.encode())
-        auth = msgspec.structs.replace(policy.auth, keys=[*policy.auth.keys, *extra_keys])
-        policy = msgspec.structs.replace(policy, auth=auth)
-    problems = _check_references(policy, lines)
-    if problems:
+    if policy is not None:
+        key_path = key_file_path(policy, base_dir or Path("."))
+        if key_path is not None:
+            extra_keys, key_text = _load_key_file(key_path, environ)
+            digest.update(key_text.encode())
+            auth = msgspec.structs.replace(policy.auth, keys=[*policy.auth.keys, *extra_keys])
+            policy = msgspec.structs.replace(policy, auth=auth)
+        problems += _check_references(policy, lines, invalid_models)
+    if problems or policy is None:
         raise ConfigError(source, problems)
-    sections = frozenset(data) if isinstance(data, dict) else frozenset()
-    return LoadedPolicy(policy, digest.hexdigest()[:12], source, _warnings(policy, environ), sections)
+    sections = frozenset(data)
+    warnings = [*(notes or []), *_warnings(policy, environ)]
+    return LoadedPolicy(policy, digest.hexdigest()[:12], source, warnings, sections)
+
+
+_SECTIONS = {field.encode_name: field for field in msgspec.structs.fields(Policy)}
+
+
+def _checked_sections(data: dict[str, Any], lines: dict[_Path, int], problems: list[str]) -> tuple[dict[str, Any], set[str], bool]:
+    """Check each top-level section (and each named model and route) on its own.
+
+    Returns the data without what failed (so the remaining checks still run), the names
+    of the models that failed (references to them are not "unknown"), and whether the
+    whole policy can be built (no required section missing or broken).
+    """
+    kept: dict[str, Any] = {}
+    invalid_models: set[str] = set()
+    complete = True
+    for name, value in data.items():
+        field = _SECTIONS.get(name)
+        if field is None:
+            problems.append(f"{name} (line {lines.get((name,), '?')}): unknown section; "
+                            f"sections are: {', '.join(_SECTIONS)}")  # fmt: skip
+            continue
+        if name in _KEYED_SECTIONS and isinstance(value, dict):
+            entries = {}
+            for entry_name, entry in value.items():
+                try:
+                    msgspec.convert(entry, _KEYED_SECTIONS[name], strict=True)
+                    entries[entry_name] = entry
+                except msgspec.ValidationError as exc:
+                    problems.append(_describe_validation_error(str(exc), lines, prefix=(name, str(entry_name))))
+                    if name == "models":
+                        invalid_models.add(str(entry_name))
+            kept[name] = entries
+            continue
+        try:
+            msgspec.convert(value, field.type, strict=True)
+            kept[name] = value
+        except msgspec.ValidationError as exc:
+            problems.append(_describe_validation_error(str(exc), lines, prefix=(name,)))
+            complete = complete and not field.required
+    for name, field in _SECTIONS.items():
+        if field.required and name not in data:
+            problems.append(f"{name}: required section is missing")
+            complete = False
+    return kept, invalid_models, complete
 
 
 def _load_key_file(path: Path, environ: Mapping[str, str]) -> tuple[list[AuthKey], str]:
@@ -128,10 +182,14 @@ def _compose(text: str, source: str) -> yaml.Node | None:
 class _NodeReader:
     """Turns a composed YAML tree into plain values, recording each path's line."""
 
-    def __init__(self, environ: Mapping[str, str], lines: dict[_Path, int], problems: list[str]) -> None:
+    def __init__(
+        self, environ: Mapping[str, str], lines: dict[_Path, int], problems: list[str], notes: list[str] | None = None
+    ) -> None:
         self._environ = environ
         self._lines = lines
         self._problems = problems
+        self._notes = notes
+        """When a list: unset variables are noted here and a placeholder stands in for them."""
         self._loader = yaml.SafeLoader("")
 
     def read(self, node: yaml.Node, path: _Path) -> Any:
@@ -155,14 +213,18 @@ class _NodeReader:
 
     def _scalar(self, node: yaml.ScalarNode, path: _Path) -> Any:
         if "${" in node.value:
-            try:
-                value = substitute(node.value, self._environ)
-            except MissingVariable as exc:
-                self._problems.append(
-                    f"{_dotted(path)} (line {node.start_mark.line + 1}): environment variable "
-                    f"{exc.name} is not set and has no default (write ${{{exc.name}:-default}} to give one)"
-                )
-                return None
+            value, unset = _with_placeholders(node.value, self._environ)
+            if unset:  # a placeholder stands in, so the rest of the file is still checked
+                where = f"{_dotted(path)} (line {node.start_mark.line + 1})"
+                if self._notes is not None:
+                    self._notes += [f"{name} is not set: {where} needs it to serve (or give a default)" for name in unset]
+                else:
+                    self._problems += [
+                        f"{where}: environment variable {name} is not set and has no default "
+                        f"(write ${{{name}:-default}} to give one)"
+                        for name in unset
+                    ]
+                return value
             if node.style is None:  # plain scalar: let "${PORT}" become an int, as if written inline
                 tag = self._loader.resolve(yaml.ScalarNode, value, (True, False))
                 node = yaml.ScalarNode(tag, value, node.start_mark, node.end_mark, node.style)
@@ -171,28 +233,22 @@ class _NodeReader:
         return self._loader.construct_object(node)
 
 
+def _with_placeholders(value: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
+    """The value with each unset variable replaced by a URL that names it, and those variables."""
+    filled, unset = dict(environ), []
+    while True:
+        try:
+            return substitute(value, filled), unset
+        except MissingVariable as exc:
+            unset.append(exc.name)
+            filled[exc.name] = f"http://unset-{exc.name.lower().replace('_', '-')}.invalid"
+
+
 _MSGSPEC_PATH = re.compile(r" - at `\$([^`]*)`$")
 _PATH_PART = re.compile(r"\.([A-Za-z0-9_\-]+)|\[(\d+)\]|\[\.\.\.\]")
 
 
 _KEYED_SECTIONS: dict[str, type] = {"models": ModelConfig, "routes": RouteConfig}
-
-
-def _validate_keyed_sections(data: Any, lines: dict[_Path, int]) -> list[str]:
-    """Validate each named entry alone: msgspec's paths say ``models[...]``, we want ``models.small``."""
-    problems: list[str] = []
-    if not isinstance(data, dict):
-        return problems
-    for section, entry_type in _KEYED_SECTIONS.items():
-        entries = data.get(section)
-        if not isinstance(entries, dict):
-            continue
-        for name, entry in entries.items():
-            try:
-                msgspec.convert(entry, entry_type, strict=True)
-            except msgspec.ValidationError as exc:
-                problems.append(_describe_validation_error(str(exc), lines, prefix=(section, str(name))))
-    return problems
 
 
 def _describe_validation_error(message: str, lines: dict[_Path, int], prefix: _Path = ()) -> str:
@@ -225,7 +281,7 @@ def _dotted(path: _Path) -> str:
     return out
 
 
-def _check_references(policy: Policy, lines: dict[_Path, int]) -> list[str]:
+def _check_references(policy: Policy, lines: dict[_Path, int], invalid_models: set[str]) -> list[str]:
     problems: list[str] = []
 
     def problem(path: _Path, text: str) -> None:
@@ -235,7 +291,7 @@ def _check_references(policy: Policy, lines: dict[_Path, int]) -> list[str]:
     known = sorted(policy.models)
 
     def check_model(path: _Path, name: str | None) -> None:
-        if name is not None and name not in policy.models:
+        if name is not None and name not in policy.models and name not in invalid_models:
             problem(path, f"unknown model {name!r}; models are: {', '.join(known)}")
 
     for role in ("small", "large"):
