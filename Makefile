@@ -1,6 +1,8 @@
 # The two commands a fresh machine needs: `make run` and `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m gateway serve --policies policies.yaml --simulate-missing
+	$(PY) -m gateway serve --policies policies.yaml --simulate-missing --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -115,6 +115,8 @@ def _serve(args: argparse.Namespace) -> int:
         if args.workers > 1:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir(args.data_dir)
         os.environ["GATEWAY_DRAIN_S"] = str(args.drain_s)
+        if args.server == "granian" or args.workers == 1:  # uvicorn spawns its workers: no inherited fds
+            _keep_stdout_for_the_request_log()
         _run_server(args.server, args.host, args.port, args.workers, kill_after_s=args.drain_s + 5)
         _say(
             f"stopped: requests finished, or were ended in-band at the {args.drain_s:g}s drain deadline "
@@ -143,6 +145,16 @@ def _run_server(server: str, host: str, port: int, workers: int, *, kill_after_s
         interface=Interfaces.ASGI, log_access=False, log_level="warning", respawn_failed_workers=True,
         workers_kill_timeout=int(kill_after_s),
     ).serve()  # fmt: skip
+
+
+def _keep_stdout_for_the_request_log() -> None:
+    """Stdout is the request log, which dashboards parse line by line: the server's own warnings
+    and anything a library prints go to stderr; the workers write the log to the original stdout."""
+    sys.stdout.flush()
+    request_log = os.dup(1)
+    os.set_inheritable(request_log, True)
+    os.dup2(2, 1)
+    os.environ["GATEWAY_REQUEST_LOG_FD"] = str(request_log)
 
 
 def _exit_after_shutdown(signum: int, frame: object) -> None:

@@ -25,6 +25,8 @@ class Settings:
     """The classifier's ONNX graph, tokenizer and config (missing: ``auto`` uses its default model)."""
     metrics_dir: str | None = None
     """Set (by ``serve --workers N``, N > 1) for prometheus_client's multiprocess mode."""
+    request_log_fd: int | None = None
+    """The request log's own descriptor (``serve`` keeps stdout for it alone); None: ``sys.stdout``."""
     drain_s: float = 25.0
     """After SIGTERM, streams still open this long are ended in-band (the server kills workers 5 s later)."""
 
@@ -38,4 +40,5 @@ class Settings:
             metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
             router_artifacts=os.environ.get("GATEWAY_ROUTER_ARTIFACTS") or DEFAULT_ROUTER_ARTIFACTS,
             drain_s=float(os.environ.get("GATEWAY_DRAIN_S") or 25.0),
+            request_log_fd=int(os.environ["GATEWAY_REQUEST_LOG_FD"]) if os.environ.get("GATEWAY_REQUEST_LOG_FD") else None,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -190,3 +191,23 @@ def test_no_internal_error_leaves_the_request_without_an_id_or_a_log_line(gw: Ga
     assert response.status_code == 400
     record = gw.wait_for_record(response.headers["x-request-id"])
     assert record["status"] == 400
+
+
+def test_stdout_holds_request_lines_only_whatever_the_server_prints(
+    tmp_path: Path, redis_server: object, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """granian's own warnings (more workers than cores make it warn) go to stderr, not the log."""
+    env = {"REDIS_URL": redis_server.url}  # type: ignore[attr-defined]
+    workers = (os.cpu_count() or 1) + 1
+    gateway = start_gateway(tmp_path, policy_text(small_upstream, large_upstream), env=env, workers=workers)
+    try:
+        for _ in range(4):
+            body = {"model": "fast", "messages": [{"role": "user", "content": "hello"}]}
+            assert httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=10).status_code == 200
+        time.sleep(0.3)
+    finally:
+        gateway.stop()
+    lines = gateway.log_path.read_bytes().splitlines()
+    assert "cpu cores" in gateway.stderr_text().lower()  # granian did warn, on stderr
+    assert len(lines) == 4
+    assert all(msgspec.json.decode(line)["event"] == "request" for line in lines)

@@ -77,11 +77,17 @@ class RequestLogWriter:
     per-line queue put cost a GIL hand-off on every request, seen in a profile)."""
 
     def __init__(
-        self, *, stdout: bool = True, stderr: bool = False, path: str | None = None, flush_every_s: float = 0.02
-    ) -> None:
+        self, *, stdout: bool = True, stderr: bool = False, path: str | None = None, flush_every_s: float = 0.02,
+        stdout_fd: int | None = None,
+    ) -> None:  # fmt: skip
+        """``stdout_fd``: where "stdout" really is, when ``serve`` moved the process's own stdout to
+        stderr so that nothing else (the ASGI server's warnings, a library's print) lands in the log."""
         self._sinks: list[_Sink] = []
         if stdout:
-            self._sinks.append(_Sink(sys.stdout, owned=False))
+            if stdout_fd is None:
+                self._sinks.append(_Sink(sys.stdout, owned=False))
+            else:
+                self._sinks.append(_Sink(open(stdout_fd, "w", encoding="utf-8", closefd=False), owned=True))
         if stderr:
             self._sinks.append(_Sink(sys.stderr, owned=False))
         if path:

@@ -64,7 +64,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
 async def _start(settings: Settings) -> GatewayState:
     log_policy = load_policy(settings.policies_path).policy.request_log
-    request_log = RequestLogWriter(stdout=log_policy.enabled and log_policy.stdout, path=log_policy.path if log_policy.enabled else None)
+    request_log = RequestLogWriter(
+        stdout=log_policy.enabled and log_policy.stdout, path=log_policy.path if log_policy.enabled else None,
+        stdout_fd=settings.request_log_fd,
+    )
     ops_log = RequestLogWriter(stdout=False, stderr=True)
     configure_logging(request_log, ops_log)
     metrics = Metrics(settings.metrics_dir)

@@ -15,6 +15,7 @@ normalized embedding (for the semantic cache) and ``p_large`` (for ``auto`` rout
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import json
 import os
@@ -214,8 +215,25 @@ class Classifier:
         }
 
 
-def _gpu_usable(ort: Any) -> bool:
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+def _cuda_probe(ort: Any) -> str | None:
+    """None when the CUDA provider can start here; otherwise why not, found quietly.
+
+    ``onnxruntime-gpu`` lists the CUDA provider on every machine and, asked for it where
+    the driver or CUDA's libraries are missing, prints a red error on each start. Loading
+    the driver and the provider's own library first answers the same question in silence.
+    """
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDA provider"
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver (libcuda.so.1)"
+    provider_library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    try:
+        ctypes.CDLL(str(provider_library))
+    except OSError as exc:
+        return f"CUDA libraries missing ({str(exc).split(':')[0]})"
+    return None
 
 
 def load_classifier(
@@ -251,7 +269,8 @@ def load_classifier(
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        use_gpu = prefer_gpu and _gpu_usable(ort)
+        no_cuda = _cuda_probe(ort) if prefer_gpu else "not requested"
+        use_gpu = no_cuda is None
         if variant is None:
             variant = config.get("gpu_variant", config["cpu_variant"]) if use_gpu else config["cpu_variant"]
         if variant not in files:
@@ -306,7 +325,7 @@ def load_classifier(
         clf.score_batch_sync(["warm up"])  # fail here, not on the first request
         if use_gpu and clf.provider != "CUDAExecutionProvider":
             _log.warning("classifier_gpu_unavailable", reason="CUDA provider listed but failed to start; using CPU")
-        _log.info("classifier_loaded", **clf.describe(), requested_gpu=prefer_gpu, cuda_provider_listed=use_gpu)
+        _log.info("classifier_loaded", **clf.describe(), why_not_cuda=no_cuda)
         return clf
     except Exception as exc:  # noqa: BLE001 - never raise: the gateway serves without it
         _log.warning("classifier_unavailable", reason="load_failed", path=str(d), error=repr(exc))
