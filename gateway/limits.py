@@ -27,7 +27,7 @@ from gateway.config.schema import Limits, Policy
 from gateway.errors import BudgetExceededError, LimiterUnavailableError, RateLimitError
 from gateway.services.redis_client import SharedRedis
 
-__all__ = ["RateLimiter", "Reservation"]
+__all__ = ["USAGE_FLUSH_S", "RateLimiter", "Reservation"]
 
 # Counters live in two fixed-size hashes per scope (the key, its tenant) and carry no TTL:
 # ``win`` holds this minute's and the previous minute's requests and tokens (m, r, rp, t, tp),
@@ -135,7 +135,7 @@ class RateLimiter:
 
     def _ensure_flusher(self, timeout_s: float) -> None:
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_every(_USAGE_FLUSH_S, timeout_s))
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_every(USAGE_FLUSH_S, timeout_s))
 
     async def _flush_every(self, interval_s: float, timeout_s: float) -> None:
         while True:
@@ -263,7 +263,7 @@ class RateLimiter:
         return await self._redis.run(read, None, 2.0)
 
 
-_USAGE_FLUSH_S = 1.0
+USAGE_FLUSH_S = 1.0
 _USAGE_RETENTION_DAYS = 92
 
 

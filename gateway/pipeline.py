@@ -21,7 +21,7 @@ import structlog
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import REQUEST_LOGGER, RequestRecord, exception_frames, request_event
 from gateway.auth import Principal
-from gateway.cache.entries import CachedAnswer, completion_from_stream, replay_sse
+from gateway.cache.entries import CachedAnswer, completion_from_stream, replay_json, replay_sse
 from gateway.cache.exact import ExactCache, Lease
 from gateway.cache.plan import CachePlan, plan_cache
 from gateway.cache.semantic import SemanticCache
@@ -281,12 +281,15 @@ class ChatPipeline:
         baseline = x.runtime.policy.models.get(record.baseline_model or "")
         if baseline is not None:
             record.baseline_cost_usd = cost_usd(baseline.price, hit.prompt_tokens, hit.completion_tokens)
+        if record.decision is not None:
+            record.decision = "cache"  # not the classifier's "default": nothing was routed
         headers = self._headers(x)
         assert x.request is not None
+        answer_id, created = f"chatcmpl-{record.request_id}", int(time.time())
         if not x.request.stream:
-            return Answer(200, hit.body, headers)
+            return Answer(200, replay_json(hit, answer_id, created), headers)
         include_usage = bool(x.request.stream_options and x.request.stream_options.include_usage)
-        return StreamingAnswer(headers, _iterate(replay_sse(hit, include_usage)))
+        return StreamingAnswer(headers, _iterate(replay_sse(hit, include_usage, answer_id, created)))
 
     async def _fill_cache(self, x: _Exchange, completion_body: bytes) -> CachedAnswer | None:
         """Store a complete, successful answer (exact, and semantic where it applies)."""

@@ -57,8 +57,11 @@ def _calibrate(args: argparse.Namespace) -> int:
         print("--target-large-share must be between 0 and 1", file=sys.stderr)
         return 2
     classifier = _load(args.artifacts)
-    threshold = calibrate(classifier, args.jsonl, args.target_large_share)
+    threshold, unreadable = calibrate(classifier, args.jsonl, args.target_large_share)
     print(f"{threshold:.6f}")
+    if unreadable:  # as route does: a sample with holes is not a calibration to write silently
+        print(f"{unreadable} line(s) could not be read; nothing written", file=sys.stderr)
+        return 1
     if args.write:
         set_route_threshold(args.policies, args.route, threshold)
         print(f"wrote routes.{args.route}.threshold = {threshold:.6f} to {args.policies}", file=sys.stderr)

@@ -177,8 +177,8 @@ def _sample_jsonl(path: Path, n: int = 40) -> None:
 def test_route_jsonl_and_calibrate(clf: Classifier, tmp_path: Path) -> None:
     src = tmp_path / "prompts.jsonl"
     _sample_jsonl(src)
-    t = calibrate(clf, src, 0.25)
-    assert 0.0 <= t <= 1.0 + 1e-6
+    t, unreadable = calibrate(clf, src, 0.25)
+    assert 0.0 <= t <= 1.0 + 1e-6 and unreadable == 2
     out = io.StringIO()
     counts = route_jsonl(clf, src, out, t, "small-model", "large-model")
     rows = [json.loads(x) for x in out.getvalue().splitlines()]

@@ -211,3 +211,44 @@ def test_stdout_holds_request_lines_only_whatever_the_server_prints(
     assert "cpu cores" in gateway.stderr_text().lower()  # granian did warn, on stderr
     assert len(lines) == 4
     assert all(msgspec.json.decode(line)["event"] == "request" for line in lines)
+
+
+def test_a_cache_hit_is_a_new_answer_with_its_own_id_and_says_it_came_from_the_cache(gw: GatewayProcess) -> None:
+    body = {"model": "auto", "temperature": 0, "messages": [{"role": "user", "content": f"ids {time.time_ns()}"}]}
+    first = httpx.post(f"{gw.base_url}/chat/completions", json=body, timeout=10)
+    second = httpx.post(f"{gw.base_url}/chat/completions", json=body, timeout=10)
+    streamed = httpx.post(f"{gw.base_url}/chat/completions", json={**body, "stream": True}, timeout=10)
+    assert (first.headers["x-gateway-cache"], second.headers["x-gateway-cache"]) == ("miss", "exact")
+    assert second.headers["x-gateway-decision"] == "cache"
+    assert first.json()["id"] != second.json()["id"]
+    assert second.json()["id"] == f"chatcmpl-{second.headers['x-request-id']}"
+    assert second.json()["choices"] == first.json()["choices"]
+    chunk_ids = {msgspec.json.decode(line[6:])["id"] for line in streamed.text.splitlines() if line.startswith("data: {")}
+    assert chunk_ids == {f"chatcmpl-{streamed.headers['x-request-id']}"}
+
+
+def test_usage_counts_a_request_as_soon_as_it_is_answered(gw: GatewayProcess) -> None:
+    def requests_so_far() -> int:
+        body = httpx.get(f"{gw.base_url}/usage", timeout=10).json()
+        assert body["max_lag_s"] > 0
+        return int(body["total"]["requests"])
+
+    before = requests_so_far()
+    body = {"model": "fast", "messages": [{"role": "user", "content": f"usage {time.time_ns()}"}]}
+    assert httpx.post(f"{gw.base_url}/chat/completions", json=body, timeout=10).status_code == 200
+    assert requests_so_far() == before + 1  # no waiting
+
+
+def test_a_model_can_be_retrieved_by_id_as_openai_serves_it(gw: GatewayProcess) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
+    assert client.models.retrieve("auto").id == "auto"
+    assert client.models.retrieve("small").owned_by == "simulated"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no/such-model")
+
+
+def test_the_simulator_answers_400_to_a_faults_body_without_faults(small_upstream: SimulatedUpstream) -> None:
+    response = httpx.post(f"{small_upstream.root_url}/_control/faults", json={"fault": []}, timeout=5)
+    assert response.status_code == 400

@@ -453,3 +453,12 @@ def test_aggregator_accepts_counters_kept_elsewhere() -> None:
     aggregator.add_totals(day, "k", "t", "small", "auto", Totals(requests=1, cost_usd=0.5, baseline_cost_usd=1.0))
     summary = usage_summary(aggregator, "k")
     assert (summary["requests"], summary["cost_usd"], summary["savings_usd"], summary["savings_pct"]) == (3, 1.0, 2.0, 66.67)
+
+
+def test_chart_amounts_keep_significant_figures_below_a_dollar() -> None:
+    from gateway.reporting.chart import usd
+
+    assert usd(0.0053) == "0.0053 USD"  # a small deployment's day, not "0.01"
+    assert usd(0.000123456) == "0.000123 USD"
+    assert usd(0) == "0 USD"
+    assert usd(1234.567) == "1,234.57 USD"

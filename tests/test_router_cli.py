@@ -59,3 +59,12 @@ def test_threshold_edit_handles_flow_and_block_routes(tmp_path: Path) -> None:
     assert policy.read_text() == (
         "routes:\n  auto: {strategy: classifier, model: s, threshold: 0.3}  # keep me\n  blocky:\n    threshold: 0.5\n    model: s\n"
     )
+
+
+def test_calibrate_exits_1_when_lines_were_unreadable_as_route_does(tmp_path: Path) -> None:
+    policy = tmp_path / "policies.yaml"
+    policy.write_text(Path("policies.yaml").read_text())
+    sample = "".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(20)) + "not json\n{\"x\": 1}\n"
+    result = _run("calibrate", "--target-large-share", "0.25", "--jsonl", "-", "--policies", str(policy), "--write", stdin=sample)
+    assert result.returncode == 1 and "2 line(s) could not be read" in result.stderr
+    assert policy.read_text() == Path("policies.yaml").read_text()  # nothing written

@@ -15,7 +15,7 @@ from litestar.exceptions import HTTPException
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestLogWriter, configure_logging, exception_frames
 from gateway.api.chat import chat_completions
-from gateway.api.probes import error_response, healthz, list_models, metrics, readyz
+from gateway.api.probes import error_response, healthz, list_models, metrics, readyz, retrieve_model
 from gateway.api.usage import usage
 from gateway.api.state import GatewayState
 from gateway.cache.exact import ExactCache
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await state.aclose()
 
     return Litestar(
-        route_handlers=[chat_completions, list_models, usage, healthz, readyz, metrics],
+        route_handlers=[chat_completions, list_models, retrieve_model, usage, healthz, readyz, metrics],
         lifespan=[lifespan],
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _internal_error},
         openapi_config=None,

@@ -6,13 +6,29 @@ import msgspec
 from litestar import Request, Response, get
 
 from gateway.api.state import GatewayState
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, ModelNotFoundError
 
-__all__ = ["healthz", "list_models", "metrics", "readyz"]
+__all__ = ["healthz", "list_models", "metrics", "readyz", "retrieve_model"]
 
 
 @get("/v1/models")
 async def list_models(request: Request) -> Response[bytes]:
+    data = _visible_models(request)
+    return Response(msgspec.json.encode({"object": "list", "data": data}), media_type="application/json")
+
+
+@get("/v1/models/{model_id:path}")
+async def retrieve_model(request: Request, model_id: str) -> Response[bytes]:
+    """One model or route, as OpenAI's ``GET /v1/models/{id}`` (ids may hold slashes)."""
+    wanted = model_id.lstrip("/")
+    for entry in _visible_models(request):
+        if entry["id"] == wanted:
+            return Response(msgspec.json.encode(entry), media_type="application/json")
+    raise ModelNotFoundError(f"the model '{wanted}' does not exist or you do not have access to it", param="model")
+
+
+def _visible_models(request: Request) -> list[dict[str, object]]:
+    """Routes and public models this caller's key may use."""
     state: GatewayState = request.app.state.gateway
     runtime = state.holder.current
     principal = runtime.auth.authenticate(request.headers.get("authorization"))
@@ -28,7 +44,7 @@ async def list_models(request: Request) -> Response[bytes]:
     allowed = principal.allowed
     if "*" not in allowed:
         data = [entry for entry in data if entry["id"] in allowed]
-    return Response(msgspec.json.encode({"object": "list", "data": data}), media_type="application/json")
+    return data
 
 
 def _model_entry(name: str, owned_by: str, **extra: object) -> dict[str, object]:

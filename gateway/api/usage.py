@@ -9,6 +9,7 @@ from litestar import Request, Response, get
 
 from gateway.api.state import GatewayState
 from gateway.errors import InvalidRequestError, UsageUnavailableError
+from gateway.limits import USAGE_FLUSH_S
 
 __all__ = ["usage"]
 
@@ -19,7 +20,11 @@ _MAX_DAYS = 366
 
 @get("/v1/usage")
 async def usage(request: Request) -> Response[bytes]:
-    """Query ``start`` and ``end`` (UTC dates, inclusive; default: this month so far)."""
+    """Query ``start`` and ``end`` (UTC dates, inclusive; default: this month so far).
+
+    Every request this worker answered is counted; those answered by other workers or
+    gateway processes are counted up to ``max_lag_s`` (in the body) after they ended.
+    """
     state: GatewayState = request.app.state.gateway
     runtime = state.holder.current
     principal = runtime.auth.authenticate(request.headers.get("authorization"))
@@ -32,6 +37,9 @@ async def usage(request: Request) -> Response[bytes]:
         keys = [(key.id, key.tenant) for key in runtime.policy.auth.keys]
     else:
         keys = [(principal.key_id, principal.tenant)]
+    # This worker's own figures are made current; other workers write theirs every USAGE_FLUSH_S.
+    await state.pipeline.drain()
+    await state.limiter.flush_usage()
     totals = await state.limiter.usage(keys, start, end)
     if totals is None:
         raise UsageUnavailableError("usage cannot be read right now (Redis unavailable)")
@@ -44,6 +52,7 @@ async def usage(request: Request) -> Response[bytes]:
         "end": end.date().isoformat(),
         "data": data,
         "total": total,
+        "max_lag_s": USAGE_FLUSH_S,
     }
     return Response(msgspec.json.encode(body), media_type="application/json")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["CachedAnswer", "completion_from_stream", "replay_sse"]
+__all__ = ["CachedAnswer", "completion_from_stream", "replay_json", "replay_sse"]
 
 
 class CachedAnswer(msgspec.Struct, kw_only=True):
@@ -62,11 +62,18 @@ def completion_from_stream(
 _PIECE_CHARS = 24
 
 
-def replay_sse(answer: CachedAnswer, include_usage: bool) -> list[bytes]:
+def replay_json(answer: CachedAnswer, answer_id: str, created: int) -> bytes:
+    """The cached ``chat.completion`` under an id and time of its own: a served answer is a new answer
+    (clients key conversations and de-duplication on ``id``)."""
+    completion: dict[str, Any] = msgspec.json.decode(answer.body)
+    completion["id"], completion["created"] = answer_id, created
+    return msgspec.json.encode(completion)
+
+
+def replay_sse(answer: CachedAnswer, include_usage: bool, answer_id: str, created: int) -> list[bytes]:
     """The SSE events of a cached answer: role, content pieces, finish, usage if asked, ``[DONE]``."""
     completion: dict[str, Any] = msgspec.json.decode(answer.body)
-    base = {"id": completion.get("id"), "object": "chat.completion.chunk", "created": completion.get("created"),
-            "model": completion.get("model")}  # fmt: skip
+    base = {"id": answer_id, "object": "chat.completion.chunk", "created": created, "model": completion.get("model")}
     events: list[bytes] = []
 
     def emit(choices: list[dict[str, Any]], **extra: Any) -> None:

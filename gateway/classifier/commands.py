@@ -144,12 +144,21 @@ def threshold_for_share(p_large: np.ndarray | list[float], target_large_share: f
     return float(t)
 
 
-def calibrate(classifier: Classifier, jsonl_path: str | Path | IO[str] | None, target_large_share: float) -> float:
-    """Threshold on ``p_large`` that sends ``target_large_share`` of the sample to the large model."""
+def calibrate(
+    classifier: Classifier, jsonl_path: str | Path | IO[str] | None, target_large_share: float
+) -> tuple[float, int]:
+    """Threshold on ``p_large`` that sends ``target_large_share`` of the sample to the large model,
+    and how many lines could not be read (the caller decides whether that is fatal)."""
     src, close = _open_in(jsonl_path)
+    unreadable = 0
+    ps: list[float] = []
     try:
-        ps = [p for _, _, p, err in _scores(classifier, src) if err is None and p is not None]
+        for _, _, p, err in _scores(classifier, src):
+            if err is None and p is not None:
+                ps.append(p)
+            else:
+                unreadable += 1
     finally:
         if close:
             src.close()
-    return threshold_for_share(ps, target_large_share)
+    return threshold_for_share(ps, target_large_share), unreadable

@@ -650,7 +650,7 @@ async def _faults_handler(request: web.Request) -> web.Response:
     state = request.app[_STATE]
     try:
         body = await _read_json(request)
-        raw_faults = body["faults"] if isinstance(body, dict) else None
+        raw_faults = body.get("faults") if isinstance(body, dict) else None
         if not isinstance(raw_faults, list):
             raise ValueError("body must be {\"faults\": [...]}")
         faults = [msgspec.convert(raw, _Fault) for raw in raw_faults]
