@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from gateway.config.schema import RetryPolicy
-from gateway.errors import UpstreamError, UpstreamStatusError, UpstreamUnavailableError
+from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamStatusError, UpstreamUnavailableError
 from gateway.upstreams.base import Provider
 from gateway.upstreams.breaker import CircuitBreaker
 
@@ -53,29 +53,29 @@ async def dispatch(
     An error that is not retryable (a 4xx other than 408/429: the request itself is
     wrong) is raised at once: another model would reject it the same way.
     """
+    verdicts = _Verdicts()
     last_error: UpstreamError | None = None
-    for position, name in enumerate(candidates):
-        provider, breaker = providers[name], breakers[name]
-        if not breaker.allow():
-            last_error = UpstreamUnavailableError(name, "circuit open: the upstream is failing; skipped")
-            info.failures.append(last_error)
-            continue
-        healthy: bool | None = None  # one verdict per request and upstream, whatever the attempts
-        try:
+    try:
+        for position, name in enumerate(candidates):
+            provider, breaker = providers[name], breakers[name]
+            if not breaker.allow():
+                last_error = UpstreamUnavailableError(name, "circuit open: the upstream is failing; skipped")
+                info.failures.append(last_error)
+                continue
+            verdicts.tried(breaker)
             for attempt in range(retry.max_attempts):
                 info.attempts += 1
                 info.fallback_used = position > 0
                 started = time.perf_counter()
                 try:
                     result = await call(provider, {**body, "model": provider.upstream_model})
-                    healthy = True
+                    verdicts.answered(breaker)
                     info.provider = provider
                     return result
                 except UpstreamError as exc:
                     last_error = exc
                     info.failures.append(exc)
-                    if _says_upstream_is_unhealthy(exc):
-                        healthy = False
+                    verdicts.failed(breaker, exc)
                     if not exc.retryable:
                         raise
                     delay = _backoff_s(retry, attempt, exc)
@@ -84,15 +84,53 @@ async def dispatch(
                     await asyncio.sleep(delay)
                 finally:
                     info.upstream_seconds += time.perf_counter() - started
-        finally:
-            if healthy is True:
-                breaker.record_success()
-            elif healthy is False:
-                breaker.record_failure()
-            else:
-                breaker.abandon()
+    finally:
+        verdicts.record()
     assert last_error is not None
     raise last_error
+
+
+class _Verdicts:
+    """What one request says about the health of each upstream it reached: one verdict each.
+
+    Only failures that can be the upstream's count (connection errors, timeouts, 5xx,
+    broken answers; never 429 or the request's own 4xx). And a request that failed on
+    every upstream it reached may be the one at fault (a prompt that breaks every
+    server): then only connection failures, which no request can cause, count. So a
+    share of poisonous requests never opens a circuit for the traffic that is healthy,
+    while an upstream that fails requests another upstream answers is judged by them.
+    """
+
+    __slots__ = ("_answered", "_order", "_succeeded", "_worst")
+
+    def __init__(self) -> None:
+        self._order: list[CircuitBreaker] = []
+        self._worst: dict[CircuitBreaker, UpstreamError] = {}
+        self._succeeded: set[CircuitBreaker] = set()
+        self._answered = False
+
+    def tried(self, breaker: CircuitBreaker) -> None:
+        self._order.append(breaker)
+
+    def failed(self, breaker: CircuitBreaker, exc: UpstreamError) -> None:
+        if _says_upstream_is_unhealthy(exc):
+            self._worst[breaker] = exc
+
+    def answered(self, breaker: CircuitBreaker) -> None:
+        self._answered = True
+        self._succeeded.add(breaker)  # a retry on the same upstream answered: it is healthy
+        breaker.record_success()
+
+    def record(self) -> None:
+        alone = len(self._order) == 1
+        for breaker in self._order:
+            if breaker in self._succeeded:
+                continue
+            failure = self._worst.get(breaker)
+            if failure is not None and (self._answered or alone or isinstance(failure, UpstreamConnectError)):
+                breaker.record_failure()
+            else:
+                breaker.abandon()  # no verdict; a half-open circuit lets the next request probe
 
 
 def _says_upstream_is_unhealthy(exc: UpstreamError) -> bool:

@@ -7,7 +7,9 @@ policy), so one server serves every fault:
 - ``trickle``: one content chunk, then comments for ever (an upstream that stalls mid-answer);
 - ``endless-line``: ``data: `` and then bytes without a newline, up to 40 MB;
 - ``no-choices``: ``{"choices": []}``, or a stream of ``data: [DONE]`` alone;
-- ``fail-marked``: 500 when the prompt contains ``FAULT``, a normal answer otherwise;
+- ``marked``: a normal answer unless the prompt carries one of :data:`FAULTS`, which
+  picks the failure (a 500, a body that is not JSON, no choices, an answer cut half-way,
+  a hang, a stream of comments only);
 - anything else: a normal answer, streamed or not.
 
 It runs on loopback in a thread of its own, like the servers it stands in for.
@@ -24,9 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
 
-__all__ = ["FaultyUpstream", "start_faulty_upstream"]
+__all__ = ["FAULTS", "FaultyUpstream", "start_faulty_upstream"]
+
+FAULTS = ("FAULT-500", "FAULT-GARBAGE", "FAULT-EMPTY", "FAULT-CUT", "FAULT-HANG", "FAULT-COMMENTS")
 
 
 @dataclass
@@ -52,12 +56,22 @@ def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> byte
 
 
 async def _handle(request: web.Request, upstream: FaultyUpstream) -> web.StreamResponse:
+    try:
+        return await _answer(request, upstream)
+    except (ConnectionResetError, ClientConnectionResetError):  # the gateway gave up on an endless answer
+        return web.Response(status=499)
+
+
+async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamResponse:
     body = await request.json()
     model = str(body.get("model"))
     upstream.calls[model] = upstream.calls.get(model, 0) + 1
     stream = bool(body.get("stream"))
-    if model == "fail-marked" and "FAULT" in msgspec.json.encode(body.get("messages")).decode():
-        return web.json_response({"error": {"message": "simulated failure", "type": "server_error"}}, status=500)
+    if model == "marked":
+        prompt = msgspec.json.encode(body.get("messages")).decode()
+        fault = next((name for name in FAULTS if name in prompt), None)
+        if fault is not None:
+            return await _marked_fault(request, fault, model, stream)
     if model == "no-choices" and not stream:
         return web.json_response({"id": "x", "object": "chat.completion", "created": 0, "model": model, "choices": []})
     if not stream:
@@ -83,6 +97,28 @@ async def _handle(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
         await response.write(_chunk(model, {"content": " answer"}, "stop"))
         await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
+    return response
+
+
+async def _marked_fault(request: web.Request, fault: str, model: str, stream: bool) -> web.StreamResponse:
+    if fault == "FAULT-500":
+        return web.json_response({"error": {"message": "simulated failure", "type": "server_error"}}, status=500)
+    if fault == "FAULT-GARBAGE":
+        return web.Response(body=b"<html>502 Bad Gateway</html>", content_type="application/json")
+    if fault == "FAULT-EMPTY":
+        return web.json_response({"id": "x", "object": "chat.completion", "created": 0, "model": model, "choices": []})
+    if fault == "FAULT-HANG":
+        await asyncio.sleep(3600)
+    response = web.StreamResponse(headers={"content-type": "text/event-stream" if stream else "application/json"})
+    await response.prepare(request)
+    if fault == "FAULT-COMMENTS":
+        while True:
+            await response.write(b": keep-alive\n\n")
+            await asyncio.sleep(0.05)
+    # FAULT-CUT: half an answer, then the connection drops.
+    await response.write(_chunk(model, {"role": "assistant", "content": "half"}) if stream else b'{"id": "x", "choi')
+    assert request.transport is not None
+    request.transport.close()
     return response
 
 
@@ -117,6 +153,16 @@ def start_faulty_upstream() -> Iterator[FaultyUpstream]:
     try:
         yield holder["upstream"]
     finally:
-        asyncio.run_coroutine_threadsafe(holder["runner"].cleanup(), loop).result(10)
+        asyncio.run_coroutine_threadsafe(_shutdown(holder["runner"]), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+
+
+async def _shutdown(runner: web.AppRunner) -> None:
+    """Close the listener, then end the handlers still hanging or streaming comments."""
+    await runner.cleanup()
+    current = asyncio.current_task()
+    pending = [task for task in asyncio.all_tasks() if task is not current]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from gateway.auth import Authenticator, hash_key
 from gateway.config.schema import AuthKey, AuthPolicy, CircuitBreakerPolicy, Price, RetryPolicy
 from gateway.dispatch import _backoff_s
-from gateway.errors import AuthenticationError, PermissionDeniedError, UpstreamConnectError, UpstreamStatusError
+from gateway.errors import (
+    AuthenticationError,
+    PermissionDeniedError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+)
 from gateway.pricing import cost_usd
 from gateway.tokens import count_chat_prompt, count_text, encoding_for
 from gateway.upstreams.breaker import CircuitBreaker
@@ -130,3 +139,82 @@ def test_breaker_forgets_failures_older_than_its_window() -> None:
     now[0] = 30.0
     breaker.record_failure()
     assert breaker.state == "closed"  # one failure in the window, not four
+
+
+async def _dispatch_many(failures: dict[str, Exception | None], candidates: tuple[str, ...], requests: int
+                         ) -> dict[str, CircuitBreaker]:  # fmt: skip
+    """Send ``requests`` requests along ``candidates``; each upstream fails with its exception, or answers."""
+    from types import SimpleNamespace
+
+    from gateway.dispatch import DispatchInfo, dispatch
+
+    policy = CircuitBreakerPolicy(failure_rate=0.5, min_requests=5, window_s=60, reset_after_s=600)
+    breakers = {name: CircuitBreaker(policy) for name in candidates}
+    providers = {name: SimpleNamespace(name=name, upstream_model=name) for name in candidates}
+
+    async def call(provider: Any, body: dict[str, Any]) -> str:
+        failure = failures.get(provider.name)
+        if failure is not None:
+            raise failure
+        return provider.name
+
+    retry = RetryPolicy(max_attempts=2, backoff_initial_ms=0.01, backoff_max_ms=0.01)
+    for _ in range(requests):
+        with contextlib.suppress(UpstreamError):
+            await dispatch(candidates, providers, breakers, retry, {}, call, DispatchInfo())  # type: ignore[arg-type]
+    return breakers
+
+
+async def test_a_request_that_fails_everywhere_opens_no_circuit() -> None:
+    """Defect 5: a poisonous prompt (a 500 from every model) says nothing about the upstreams."""
+    poison = UpstreamStatusError("x", 500, "boom")
+    breakers = await _dispatch_many({"small": poison, "large": poison}, ("small", "large"), 50)
+    assert breakers["small"].state == breakers["large"].state == "closed"
+
+
+async def test_an_upstream_that_fails_what_another_answers_is_opened() -> None:
+    breakers = await _dispatch_many({"small": UpstreamStatusError("small", 503, "down")}, ("small", "large"), 10)
+    assert breakers["small"].state == "open" and breakers["large"].state == "closed"
+
+
+async def test_refused_connections_open_every_circuit_and_a_lone_upstream_is_judged_alone() -> None:
+    refused = UpstreamConnectError("x", "refused")
+    both = await _dispatch_many({"small": refused, "large": refused}, ("small", "large"), 10)
+    assert both["small"].state == both["large"].state == "open"
+    alone = await _dispatch_many({"large": UpstreamTimeoutError("large", "slow")}, ("large",), 10)
+    assert alone["large"].state == "open"
+
+
+async def test_rate_limits_and_rejected_requests_never_count() -> None:
+    breakers = await _dispatch_many({"small": UpstreamStatusError("small", 429, "slow down")}, ("small", "large"), 20)
+    assert breakers["small"].state == "closed"
+    rejected = await _dispatch_many({"small": UpstreamStatusError("small", 400, "bad")}, ("small",), 20)
+    assert rejected["small"].state == "closed"
+
+
+async def test_sse_lines_split_anywhere_parse_the_same_and_an_endless_line_is_capped() -> None:
+    from gateway.upstreams.sse import SSELineTooLong
+
+    raw = b'data: {"a": 1}\r\n\r\n: comment\n\nevent: x\ndata: two\ndata: lines\n\n'
+
+    async def bytewise() -> AsyncIterator[bytes]:
+        for i in range(len(raw)):
+            yield raw[i : i + 1]
+
+    events = [(e.event, e.data) async for e in iter_sse(bytewise())]
+    assert events == [(None, b'{"a": 1}'), ("x", b"two\nlines")]
+
+    async def endless() -> AsyncIterator[bytes]:
+        yield b"data: "
+        for _ in range(100):
+            yield b"x" * 4096
+
+    with pytest.raises(SSELineTooLong):
+        [e async for e in iter_sse(endless(), max_line_bytes=64 * 1024)]
+
+    async def many_data_lines() -> AsyncIterator[bytes]:
+        for _ in range(100):
+            yield b"data: " + b"y" * 1000 + b"\n"
+
+    with pytest.raises(SSELineTooLong):
+        [e async for e in iter_sse(many_data_lines(), max_line_bytes=64 * 1024)]
