@@ -6,7 +6,7 @@ PORT   ?= 8000
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test bench check venv clean router
+.PHONY: run test bench soak check venv clean router
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m tests.bench.gateway_bench
+
+# 10 minutes of load with 10 % faulty requests, loopback only (SOAK_ARGS="--duration 60" for less).
+soak: $(STAMP)
+	$(PY) -m tests.bench.soak $(SOAK_ARGS)
 
 # Rebuild the router's artifacts from ../shared/data/routing (about 20 minutes on 2 cores).
 router: $(STAMP)
