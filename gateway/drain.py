@@ -39,6 +39,15 @@ class Drain:
     def untrack(self, task: asyncio.Task[Any] | None) -> None:
         self._streams.discard(task)  # type: ignore[arg-type]
 
+    def ended_by_deadline(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether the cancellation ``task`` is handling came from the deadline; if so it is taken back
+        (the stream goes on to tell its client why it ends) and counted."""
+        if not self.expired or task is None:
+            return False
+        task.uncancel()
+        self.ended_streams += 1
+        return True
+
     def begin(self) -> None:
         """Start the countdown (idempotent)."""
         if self._timer is None:

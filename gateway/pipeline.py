@@ -379,11 +379,9 @@ class ChatPipeline:
             yield b"data: " + _internal_error(x, exc).to_body() + b"\n\n"
         except asyncio.CancelledError:
             self._settle(x, provider, stream.tally.usage, stream.tally.text)
-            if not drain.expired or task is None:
+            if not drain.ended_by_deadline(task):
                 record.error_type, record.status = "client_disconnected", 499
                 raise
-            task.uncancel()  # ended by the drain deadline: the client is still there, tell it why
-            drain.ended_streams += 1
             error = ShuttingDownError("the gateway is shutting down; the answer was cut at its drain deadline")
             record.error_type = error.code
             yield b"data: " + error.to_body() + b"\n\n"

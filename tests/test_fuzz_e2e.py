@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -136,6 +137,20 @@ def test_defect4_generated_chat_bodies_never_get_a_5xx(http: httpx.Client, body:
 @given(raw=_raw)
 def test_defect4_arbitrary_bytes_never_get_a_5xx(http: httpx.Client, raw: bytes) -> None:
     _post(http, raw)
+
+
+_query_value = st.one_of(st.text(max_size=30), st.dates().map(str), st.sampled_from(["2026-02-30", "0000-01-01", "-1"]))
+
+
+@settings(max_examples=_EXAMPLES // 3, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(query=st.dictionaries(st.sampled_from(["start", "end", "x"]), _query_value, max_size=3),
+       model_id=st.text(min_size=1, max_size=40))  # fmt: skip
+def test_defect4_generated_usage_and_model_queries_never_get_a_5xx(
+    http: httpx.Client, query: dict[str, str], model_id: str
+) -> None:
+    for response in (http.get("/usage", params=query), http.get(f"/models/{quote(model_id, safe='')}")):
+        _STATUSES[response.status_code] += 1
+        assert response.status_code < 500, (response.status_code, query, model_id, response.text[:300])
 
 
 def test_fuzz_figures_are_reported(fuzz_gateway: GatewayProcess) -> None:

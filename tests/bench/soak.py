@@ -9,8 +9,8 @@ on, retries and fallbacks, a real Redis 8, and the default circuit breaker.
 
 Reported (and written as JSON under bench-results/): requests by kind and status, the
 healthy requests' success rate (200 and, streamed, a clean ``[DONE]``), how often a
-breaker was seen open, worker RSS and open descriptors at the start and the end, and
-Redis memory and key count at the start and the end. Every loop is bounded by the
+breaker was seen open, worker RSS and open descriptors, Redis memory and key count at
+the start, after a warm-up (a tenth of the run) and at the end. Every loop is bounded by the
 duration; nothing leaves the machine.
 """
 
@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -141,16 +142,25 @@ async def _watch_breakers(base_url: str, until: float, seen: Counter[str]) -> No
             await asyncio.sleep(1.0)
 
 
-async def _drive(gateway: GatewayProcess, args: argparse.Namespace) -> tuple[_Load, Counter[str]]:
+async def _drive(
+    gateway: GatewayProcess, args: argparse.Namespace, sample: Callable[[], dict[str, Any]]
+) -> tuple[_Load, Counter[str], dict[str, Any]]:
     load = _Load(gateway.base_url, args.fault_share, args.seed)
     limits = httpx.Limits(max_connections=args.connections, max_keepalive_connections=args.connections)
     breakers: Counter[str] = Counter()
     until = time.monotonic() + args.duration
+    warm: dict[str, Any] = {}
+
+    async def after_warmup() -> None:
+        await asyncio.sleep(args.duration * 0.1)
+        warm.update(sample())
+
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30, limits=limits) as client:
         await asyncio.gather(
-            *(load.run(client, until) for _ in range(args.connections)), _watch_breakers(gateway.url, until, breakers)
-        )
-    return load, breakers
+            *(load.run(client, until) for _ in range(args.connections)), _watch_breakers(gateway.url, until, breakers),
+            after_warmup(),
+        )  # fmt: skip
+    return load, breakers, warm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,12 +182,16 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(gateway.stop)
         store = redis.Redis.from_url(server.url)
         pids = _worker_pids(gateway)
-        started = {**_process_sample(pids), **_redis_sample(store)}
+
+        def sample() -> dict[str, Any]:
+            return {**_process_sample(pids), **_redis_sample(store)}
+
+        started = sample()
         began = time.monotonic()
-        load, breakers = asyncio.run(_drive(gateway, args))
+        load, breakers, warm = asyncio.run(_drive(gateway, args, sample))
         elapsed = time.monotonic() - began
         time.sleep(1.0)  # let the drain of background settlements and log writes finish
-        ended = {**_process_sample(pids), **_redis_sample(store)}
+        ended = sample()
         log_statuses = Counter(str(r.get("status")) for r in gateway.log_records())
 
     total = sum(load.statuses.values())
@@ -195,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "breaker_samples": dict(sorted(breakers.items())),
         "request_log_statuses": dict(sorted(log_statuses.items())),
         "start": started,
+        "after_warmup (10 % of the run)": warm,
         "end": ended,
     }
     results = Path(args.results_dir)
