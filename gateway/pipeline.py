@@ -21,7 +21,7 @@ import structlog
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import REQUEST_LOGGER, RequestRecord, exception_frames, request_event
 from gateway.auth import Principal
-from gateway.cache.entries import CachedAnswer, completion_from_stream, replay_json, replay_sse
+from gateway.cache.entries import CachedAnswer, completion_from_stream, replay_json, replay_sse, without_identity
 from gateway.cache.exact import ExactCache, Lease
 from gateway.cache.plan import CachePlan, plan_cache
 from gateway.cache.semantic import SemanticCache
@@ -300,7 +300,7 @@ class ChatPipeline:
         timeout_s = policy.redis_timeout_ms / 1000
         record = x.record
         entry = CachedAnswer(
-            body=completion_body, model=record.model or "", provider=record.provider or "", prompt_tokens=record.prompt_tokens,
+            body=without_identity(completion_body), identity_free=True, model=record.model or "", provider=record.provider or "", prompt_tokens=record.prompt_tokens,
             completion_tokens=record.completion_tokens, cost_usd=record.cost_usd, created_at=time.time(),
             prompt=plan.prompt if plan.semantic_set is not None else None,
             prompt_truncated=x.score is not None and x.score.truncated,

@@ -125,9 +125,15 @@ def test_defect8_a_hung_redis_is_reported_degraded_and_the_cache_says_bypass(
         os.kill(server.pid, signal.SIGSTOP)
         try:
             caches = [ask(model="fast", messages=messages, temperature=0).headers["x-gateway-cache"] for _ in range(5)]
-            assert set(caches) == {"bypass"}
-            metrics = httpx.get(f"{gateway.url}/metrics", timeout=5).text.splitlines()
-            assert "gateway_redis_up 0.0" in metrics
+            assert set(caches) == {"bypass"}  # the cache could not be asked: never "miss"
+            deadline, metrics = time.monotonic() + 10, ""
+            while "gateway_redis_up 0.0" not in metrics and time.monotonic() < deadline:  # degraded after 1 s
+                ask(model="fast", messages=messages, temperature=0)
+                metrics = httpx.get(f"{gateway.url}/metrics", timeout=5).text
+            assert "gateway_redis_up 0.0" in metrics.splitlines()
+            logged_by = time.monotonic() + 5  # the ops log is written by a background thread
+            while '"redis_degraded"' not in gateway.stderr_text() and time.monotonic() < logged_by:
+                time.sleep(0.05)
             assert '"redis_degraded"' in gateway.stderr_text()
         finally:
             os.kill(server.pid, signal.SIGCONT)

@@ -218,3 +218,16 @@ async def test_sse_lines_split_anywhere_parse_the_same_and_an_endless_line_is_ca
 
     with pytest.raises(SSELineTooLong):
         [e async for e in iter_sse(many_data_lines(), max_line_bytes=64 * 1024)]
+
+
+def test_a_replayed_answer_has_its_own_identity_whichever_way_it_was_stored() -> None:
+    import msgspec
+
+    from gateway.cache.entries import CachedAnswer, replay_json, without_identity
+
+    original = b'{"id":"chatcmpl-1","object":"chat.completion","created":5,"model":"m","choices":[]}'
+    for body, identity_free in ((without_identity(original), True), (original, False)):
+        entry = CachedAnswer(body=body, identity_free=identity_free, model="m", provider="p", prompt_tokens=1,
+                             completion_tokens=1, cost_usd=0.0, created_at=0.0)  # fmt: skip
+        replayed = msgspec.json.decode(replay_json(entry, "chatcmpl-new", 42))
+        assert replayed == {"id": "chatcmpl-new", "object": "chat.completion", "created": 42, "model": "m", "choices": []}

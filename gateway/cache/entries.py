@@ -7,12 +7,12 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["CachedAnswer", "completion_from_stream", "replay_json", "replay_sse"]
+__all__ = ["CachedAnswer", "completion_from_stream", "replay_json", "replay_sse", "without_identity"]
 
 
 class CachedAnswer(msgspec.Struct, kw_only=True):
     body: bytes
-    """OpenAI ``chat.completion`` JSON, as first returned."""
+    """OpenAI ``chat.completion`` JSON; without ``id`` and ``created`` when ``identity_free``."""
     model: str
     provider: str
     prompt_tokens: int
@@ -23,6 +23,8 @@ class CachedAnswer(msgspec.Struct, kw_only=True):
     """Semantic entries: the prompt text the guard compares against."""
     prompt_truncated: bool = False
     """Semantic entries: the prompt ran past the embedding's window (the guard is stricter)."""
+    identity_free: bool = False
+    """``body`` was stored without its id and time (entries written before this field have them)."""
 
     def encode(self) -> bytes:
         return _encoder.encode(self)
@@ -62,10 +64,21 @@ def completion_from_stream(
 _PIECE_CHARS = 24
 
 
+def without_identity(completion_body: bytes) -> bytes:
+    """The completion without ``id`` and ``created``: parsed once when stored, so a hit only splices."""
+    completion: dict[str, Any] = msgspec.json.decode(completion_body)
+    completion.pop("id", None)
+    completion.pop("created", None)
+    return msgspec.json.encode(completion)
+
+
 def replay_json(answer: CachedAnswer, answer_id: str, created: int) -> bytes:
     """The cached ``chat.completion`` under an id and time of its own: a served answer is a new answer
     (clients key conversations and de-duplication on ``id``)."""
-    completion: dict[str, Any] = msgspec.json.decode(answer.body)
+    body = answer.body
+    if answer.identity_free and body.startswith(b"{") and len(body) > 2:
+        return b'{"id":' + msgspec.json.encode(answer_id) + b',"created":' + str(created).encode() + b"," + body[1:]
+    completion: dict[str, Any] = msgspec.json.decode(body)
     completion["id"], completion["created"] = answer_id, created
     return msgspec.json.encode(completion)
 
