@@ -14,6 +14,7 @@ per UTC day and per UTC month.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -311,24 +312,39 @@ def _limit_args(limits: Limits) -> list[str]:
 
 
 def _counter_keys(principal: Principal) -> tuple[str, str, str, str]:
-    prefix = tenant_prefix(principal.tenant)
-    key, tenant = f"{prefix}:rl:k:{principal.key_id}", f"{prefix}:rl:t"
+    return _counter_keys_of(principal.tenant, principal.key_id)
+
+
+@functools.lru_cache(maxsize=4096)
+def _counter_keys_of(tenant_name: str, key_id: str) -> tuple[str, str, str, str]:
+    prefix = tenant_prefix(tenant_name)
+    key, tenant = f"{prefix}:rl:k:{key_id}", f"{prefix}:rl:t"
     return f"{key}:win", f"{key}:spend", f"{tenant}:win", f"{tenant}:spend"
 
 
 def _periods(now: float) -> tuple[int, str, str]:
-    stamp = datetime.fromtimestamp(now, UTC)
-    return int(now // 60), stamp.strftime("%Y%m%d"), stamp.strftime("%Y%m")
+    return _periods_of_minute(int(now // 60))
+
+
+@functools.lru_cache(maxsize=4)
+def _periods_of_minute(minute: int) -> tuple[int, str, str]:
+    """The minute and its UTC day and month: formatted once a minute, not on every request."""
+    stamp = datetime.fromtimestamp(minute * 60, UTC)
+    return minute, stamp.strftime("%Y%m%d"), stamp.strftime("%Y%m")
 
 
 def _usage_keys(principal: Principal, now: float) -> tuple[str, str, str, str]:
-    """Today's usage hashes, then those of the day that leaves the retention period."""
-    prefix = tenant_prefix(principal.tenant)
-    today = datetime.fromtimestamp(now, UTC)
-    gone = today - timedelta(days=_USAGE_RETENTION_DAYS)
+    return _usage_keys_of_day(principal.tenant, principal.key_id, int(now // 86400))
+
+
+@functools.lru_cache(maxsize=4096)
+def _usage_keys_of_day(tenant: str, key_id: str, day: int) -> tuple[str, str, str, str]:
+    """Today's usage hashes, then those of the day that leaves the retention period (built once a day per key)."""
+    prefix = tenant_prefix(tenant)
     keys: list[str] = []
-    for day in (today.strftime("%Y%m%d"), gone.strftime("%Y%m%d")):
-        keys += [f"{prefix}:use:k:{principal.key_id}:{day}", f"{prefix}:use:t:{day}"]
+    for number in (day, day - _USAGE_RETENTION_DAYS):
+        stamp = datetime.fromtimestamp(number * 86400, UTC).strftime("%Y%m%d")
+        keys += [f"{prefix}:use:k:{key_id}:{stamp}", f"{prefix}:use:t:{stamp}"]
     return keys[0], keys[1], keys[2], keys[3]
 
 
