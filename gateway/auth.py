@@ -17,7 +17,7 @@ class Principal:
     tenant: str
     allowed: frozenset[str]
     """Route and model names this key may call; ``*`` for all."""
-    limits: Limits = Limits()
+    limits: Limits = Limits()  # noqa: RUF009 - a frozen struct: one shared default is safe
     admin: bool = False
 
     def check_model(self, name: str) -> None:

@@ -69,7 +69,9 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     policy = loaded.policy
     print(f"{loaded.source}: ok (version {loaded.version})")
-    print(f"  models: {', '.join(sorted(policy.models))}; routes: {', '.join(sorted(policy.routes))}; auth: {policy.auth.mode}")
+    print(
+        f"  models: {', '.join(sorted(policy.models))}; routes: {', '.join(sorted(policy.routes))}; auth: {policy.auth.mode}"
+    )
     for warning in loaded.warnings:
         print(f"  note: {warning}")
     return 0
@@ -106,11 +108,15 @@ def _serve(args: argparse.Namespace) -> int:
         else:
             _say("using Redis at REDIS_URL")
         policy = loaded.policy
-        auth = "ON (API keys required)" if policy.auth.mode == "keys" else "OFF (any client may call; for local use only)"
+        auth = (
+            "ON (API keys required)" if policy.auth.mode == "keys" else "OFF (any client may call; for local use only)"
+        )
         _say(f"policy {loaded.source} version {loaded.version}; auth {auth}")
         for warning in loaded.warnings:
             _say(f"warning: {warning}")
-        _say(f"serving the OpenAI API at http://{args.host}:{args.port}/v1 with {args.workers} worker(s) on {args.server}")
+        _say(
+            f"serving the OpenAI API at http://{args.host}:{args.port}/v1 with {args.workers} worker(s) on {args.server}"
+        )
         os.environ["GATEWAY_POLICIES"] = os.path.abspath(args.policies)
         if args.workers > 1:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir(args.data_dir)
@@ -174,7 +180,7 @@ def _granian_server() -> type:
 
         def signal_handler_reload(self, *args: object, **kwargs: object) -> None:
             for worker in self.wrks:
-                pid = worker._id()  # noqa: SLF001 - granian exposes no public accessor
+                pid = worker._id()
                 if pid:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGHUP)

@@ -13,26 +13,26 @@ from typing import Any
 import msgspec
 
 __all__ = [
+    "AuthenticationError",
+    "BudgetExceededError",
+    "ConfigError",
     "GatewayError",
     "InvalidRequestError",
-    "AuthenticationError",
-    "PermissionDeniedError",
+    "LimiterUnavailableError",
     "ModelNotFoundError",
     "PayloadTooLargeError",
-    "RequestTimeoutError",
+    "PermissionDeniedError",
     "RateLimitError",
-    "BudgetExceededError",
+    "RequestTimeoutError",
     "ServiceUnavailableError",
-    "LimiterUnavailableError",
-    "UsageUnavailableError",
     "ShuttingDownError",
-    "UpstreamError",
-    "UpstreamStatusError",
     "UpstreamConnectError",
-    "UpstreamTimeoutError",
+    "UpstreamError",
     "UpstreamProtocolError",
+    "UpstreamStatusError",
+    "UpstreamTimeoutError",
     "UpstreamUnavailableError",
-    "ConfigError",
+    "UsageUnavailableError",
 ]
 
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import msgspec
-
 import yaml
 
 from gateway.auth import hash_key

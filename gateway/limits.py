@@ -184,7 +184,14 @@ class RateLimiter:
         minute = periods[0]
         keys = _counter_keys(principal)
         reservation = Reservation(keys, periods, usage, tokens, cost_usd, 0.0)
-        args = [now / 60 - minute, tokens, repr(cost_usd), *periods, *_limit_args(key_limits), *_limit_args(tenant_limits)]
+        args = [
+            now / 60 - minute,
+            tokens,
+            repr(cost_usd),
+            *periods,
+            *_limit_args(key_limits),
+            *_limit_args(tenant_limits),
+        ]
         reserve = self._reserve
         result = await self._redis.run(
             lambda r: reserve(keys=list(keys), args=args), None, policy.limits.redis_timeout_ms / 1000
@@ -239,7 +246,9 @@ class RateLimiter:
             policy.limits.redis_timeout_ms / 1000,
         )
 
-    async def usage(self, keys: list[tuple[str, str]], start: datetime, end: datetime) -> dict[str, dict[str, float]] | None:
+    async def usage(
+        self, keys: list[tuple[str, str]], start: datetime, end: datetime
+    ) -> dict[str, dict[str, float]] | None:
         """Daily usage hashes of ``(key_id, tenant)`` pairs summed per key over [start, end] (UTC days).
 
         None when Redis cannot answer.

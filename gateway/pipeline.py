@@ -130,7 +130,11 @@ class ChatPipeline:
         started: float,
     ) -> Answer | StreamingAnswer:
         runtime = self._holder.current  # one policy version for the whole request
-        x = _Exchange(runtime, RequestRecord(request_id=request_id, key_id="-", tenant="-", policy_version=runtime.version), started)
+        x = _Exchange(
+            runtime,
+            RequestRecord(request_id=request_id, key_id="-", tenant="-", policy_version=runtime.version),
+            started,
+        )
         record = x.record
         streaming_started = False
         try:
@@ -156,7 +160,13 @@ class ChatPipeline:
                 streaming_started = True
                 return answer
             completion = await dispatch(
-                x.plan.candidates, runtime.providers, self._holder.breakers, runtime.policy.retry, x.body, _complete, x.info
+                x.plan.candidates,
+                runtime.providers,
+                self._holder.breakers,
+                runtime.policy.retry,
+                x.body,
+                _complete,
+                x.info,
             )
             provider = x.info.provider
             assert provider is not None
@@ -274,7 +284,11 @@ class ChatPipeline:
     def _cached_answer(self, x: _Exchange, hit: CachedAnswer, kind: str) -> Answer | StreamingAnswer:
         record = x.record
         record.cache, record.model, record.provider = kind, hit.model, hit.provider
-        record.prompt_tokens, record.completion_tokens, record.tokens_source = hit.prompt_tokens, hit.completion_tokens, "cache"
+        record.prompt_tokens, record.completion_tokens, record.tokens_source = (
+            hit.prompt_tokens,
+            hit.completion_tokens,
+            "cache",
+        )
         record.cost_usd = 0.0
         record.cache_saved_usd = hit.cost_usd
         record.cache_similarity = None if x.similarity is None else round(x.similarity, 4)
@@ -308,7 +322,12 @@ class ChatPipeline:
         await self._exact.put(plan.exact_key, entry, policy.exact.ttl_s, timeout_s)
         if plan.semantic_set is not None and x.score is not None:  # the same forward pass the lookup used
             await self._semantic.store(
-                plan.semantic_set, x.score.embedding, entry, policy.semantic.ttl_s, policy.semantic.max_entries, timeout_s
+                plan.semantic_set,
+                x.score.embedding,
+                entry,
+                policy.semantic.ttl_s,
+                policy.semantic.max_entries,
+                timeout_s,
             )
         if x.lease is not None:
             await self._exact.release(x.lease, entry, timeout_s)
@@ -325,7 +344,13 @@ class ChatPipeline:
         assert x.plan is not None and x.request is not None
         runtime = x.runtime
         stream, first = await dispatch(
-            x.plan.candidates, runtime.providers, self._holder.breakers, runtime.policy.retry, x.body, _open_stream, x.info
+            x.plan.candidates,
+            runtime.providers,
+            self._holder.breakers,
+            runtime.policy.retry,
+            x.body,
+            _open_stream,
+            x.info,
         )
         x.record.ttft_ms = (time.perf_counter() - x.started) * 1000
         x.record.upstream_status = 200
@@ -336,7 +361,9 @@ class ChatPipeline:
         include_usage = bool(x.request.stream_options and x.request.stream_options.include_usage)
         return StreamingAnswer(headers, self._relay(x, stream, first, include_usage))
 
-    async def _relay(self, x: _Exchange, stream: ChatStream, first: bytes | None, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _relay(
+        self, x: _Exchange, stream: ChatStream, first: bytes | None, include_usage: bool
+    ) -> AsyncIterator[bytes]:
         provider = x.info.provider
         assert provider is not None
         record = x.record

@@ -15,17 +15,23 @@ __all__ = ["add_router_parsers"]
 
 
 def add_router_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    route = commands.add_parser("route", help="score prompts (JSON lines with 'prompt' or 'messages') and print decisions")
+    route = commands.add_parser(
+        "route", help="score prompts (JSON lines with 'prompt' or 'messages') and print decisions"
+    )
     route.add_argument("--jsonl", required=True, help="input file, or - for stdin")
     route.add_argument("--output", default="-", help="output file (default: stdout)")
     route.add_argument("--threshold", type=float, help="default: the route's threshold in the policy")
     _common(route)
     route.set_defaults(run=_route)
 
-    calibrate = commands.add_parser("calibrate", help="the threshold that sends a target share of prompts to the large model")
+    calibrate = commands.add_parser(
+        "calibrate", help="the threshold that sends a target share of prompts to the large model"
+    )
     calibrate.add_argument("--target-large-share", type=float, required=True)
     calibrate.add_argument("--jsonl", required=True, help="a sample of prompts, or - for stdin")
-    calibrate.add_argument("--write", action="store_true", help="write it into the policy (a running gateway reloads it)")
+    calibrate.add_argument(
+        "--write", action="store_true", help="write it into the policy (a running gateway reloads it)"
+    )
     _common(calibrate)
     calibrate.set_defaults(run=_calibrate)
 
@@ -68,7 +74,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(artifacts: str):  # noqa: ANN202 - Classifier
+def _load(artifacts: str):
     import structlog
 
     from gateway.classifier import load_classifier

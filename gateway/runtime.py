@@ -38,7 +38,7 @@ class Runtime:
     auth: Authenticator
 
     @property
-    def policy(self):  # noqa: ANN201 - Policy, kept short for the hot path
+    def policy(self):
         return self.loaded.policy
 
     @property

@@ -40,5 +40,7 @@ class Settings:
             metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
             router_artifacts=os.environ.get("GATEWAY_ROUTER_ARTIFACTS") or DEFAULT_ROUTER_ARTIFACTS,
             drain_s=float(os.environ.get("GATEWAY_DRAIN_S") or 25.0),
-            request_log_fd=int(os.environ["GATEWAY_REQUEST_LOG_FD"]) if os.environ.get("GATEWAY_REQUEST_LOG_FD") else None,
+            request_log_fd=int(os.environ["GATEWAY_REQUEST_LOG_FD"])
+            if os.environ.get("GATEWAY_REQUEST_LOG_FD")
+            else None,
         )

@@ -37,7 +37,9 @@ def encoding_for(name: str) -> tiktoken.Encoding:
     offline_name = _OFFLINE_ALIASES.get(name, name)
     if offline_name in tiktoken.registry.list_encoding_names() and not _needs_download(offline_name):
         return tiktoken.get_encoding(offline_name)
-    _log.warning("tokenizer_fallback", encoding=name, used=_FALLBACK, reason="not available offline; counts approximate")
+    _log.warning(
+        "tokenizer_fallback", encoding=name, used=_FALLBACK, reason="not available offline; counts approximate"
+    )
     return tiktoken.get_encoding(_FALLBACK)
 
 

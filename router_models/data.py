@@ -10,6 +10,7 @@ Split (fixed, documented in README.md):
 - GSM8K: one source only, so it is split by question: a stable hash of the prompt
   puts ~30% of the questions in validation.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,7 +53,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def subset(self, mask: np.ndarray) -> "Split":
+    def subset(self, mask: np.ndarray) -> Split:
         idx = np.flatnonzero(mask)
         return Split([self.prompts[i] for i in idx], self.source[idx], self.small[idx], self.large[idx])
 

@@ -8,6 +8,7 @@ Runs the ONNX artifact through the serving code (gateway.classifier), so the fig
 for exactly what is shipped.  Needs numpy, onnxruntime, tokenizers; matplotlib for the figure;
 torch + transformers only for ``--teacher`` (embedding fidelity against the base model).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from gateway.classifier import load_classifier, select_text  # noqa: E402
-from gateway.classifier.commands import threshold_for_share  # noqa: E402
-from router_models.data import HELDOUT_SUBJECTS, load_splits  # noqa: E402
-from router_models.metrics import apgr_interval, oracle_summary, pgr_curve, summary  # noqa: E402
+from gateway.classifier import load_classifier, select_text
+from gateway.classifier.commands import threshold_for_share
+from router_models.data import HELDOUT_SUBJECTS, load_splits
+from router_models.metrics import apgr_interval, oracle_summary, pgr_curve, summary
 
 SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -82,7 +83,7 @@ def text_selection_experiment(clf, val, n: int = 1200) -> dict:
     rng = np.random.default_rng(0)
     idx = rng.choice(len(val), size=min(n, len(val)), replace=False)
     prompts = [val.prompts[i] for i in idx]
-    s, l = val.small[idx], val.large[idx]
+    s, l = val.small[idx], val.large[idx]  # noqa: E741 - small/large, as in the papers' notation
     convs = conversations(prompts)
     join = lambda ms: "\n".join(m["content"] for m in ms)  # noqa: E731
     variants = {
@@ -116,8 +117,12 @@ def teacher_fidelity(val_prompts: list[str], emb: np.ndarray) -> dict:
     np.fill_diagonal(se, -2)
     nt = np.argpartition(-st, k, axis=1)[:, :k]
     ne = np.argpartition(-se, k, axis=1)[:, :k]
-    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(nt, ne)])
-    return {"cosine_to_base_mean": round(float(cos.mean()), 4), "cosine_to_base_p5": round(float(np.percentile(cos, 5)), 4), "top10_neighbour_overlap": round(float(overlap), 4)}
+    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(nt, ne, strict=False)])
+    return {
+        "cosine_to_base_mean": round(float(cos.mean()), 4),
+        "cosine_to_base_p5": round(float(np.percentile(cos, 5)), 4),
+        "top10_neighbour_overlap": round(float(overlap), 4),
+    }
 
 
 def plot(curves: dict, path: Path) -> None:
@@ -127,7 +132,7 @@ def plot(curves: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5))
-    for ax, (title, (lines, q_small, q_large)) in zip(np.atleast_1d(axes), curves.items()):
+    for ax, (title, (lines, q_small, q_large)) in zip(np.atleast_1d(axes), curves.items(), strict=False):
         for name, (x, y, apgr) in lines.items():
             ax.plot(x * 100, y * 100, label=f"{name} (APGR {apgr:.3f})", lw=1.6 if name == "router" else 1.1)
         ax.axhline(q_small * 100, color="grey", ls=":", lw=1)
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics: dict = {"split": {"heldout_mmlu_subjects": list(HELDOUT_SUBJECTS), "gsm8k_val_fraction": 0.3}}
     curves = {}
     for name, m in (("mmlu_heldout", ~val.is_gsm8k), ("gsm8k_heldout", val.is_gsm8k)):
-        s, l = val.small[m], val.large[m]
+        s, l = val.small[m], val.large[m]  # noqa: E741 - small/large, as in the papers' notation
         lengths = np.array([len(val.prompts[i]) for i in np.flatnonzero(m)], dtype=float)
         res = {
             "router": summary(p_val[m], s, l) | {"apgr_ci95": apgr_interval(p_val[m], s, l)},
@@ -187,13 +192,21 @@ def main(argv: list[str] | None = None) -> int:
             x, pgr = pgr_curve(sc, s, l)
             acc = s.mean() + pgr * (l.mean() - s.mean())
             lines[key] = (x, acc, float(np.trapezoid(pgr, x)))
-        title = f"held-out MMLU ({len(HELDOUT_SUBJECTS)} unseen subjects, n={int(m.sum())})" if name == "mmlu_heldout" else f"held-out GSM8K (n={int(m.sum())})"
+        title = (
+            f"held-out MMLU ({len(HELDOUT_SUBJECTS)} unseen subjects, n={int(m.sum())})"
+            if name == "mmlu_heldout"
+            else f"held-out GSM8K (n={int(m.sum())})"
+        )
         curves[title] = (lines, float(s.mean()), float(l.mean()))
     # per held-out subject (router vs kNN): how uneven it is
     per = {}
     for subj in HELDOUT_SUBJECTS:
         m = val.source == f"mmlu/{subj}"
-        per[subj] = {"router": summary(p_val[m], val.small[m], val.large[m])["apgr"], "knn": summary(knn[m], val.small[m], val.large[m])["apgr"], "n": int(m.sum())}
+        per[subj] = {
+            "router": summary(p_val[m], val.small[m], val.large[m])["apgr"],
+            "knn": summary(knn[m], val.small[m], val.large[m])["apgr"],
+            "n": int(m.sum()),
+        }
     metrics["per_subject_apgr"] = per
     all_p = np.concatenate([p_tr, p_val])
     thresholds = {f"{s:.1f}": round(threshold_for_share(all_p, s), 6) for s in SHARES}

@@ -13,6 +13,7 @@ Writes into ``--artifacts``:
 
     python -m router_models.export --ckpt router_models/build/ckpt --artifacts router_models/artifacts
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from router_models.model import RouterNet, base_model_dir  # noqa: E402
+from router_models.model import RouterNet, base_model_dir
 
 OPSET = 17
 
@@ -68,9 +69,8 @@ def optimize(src: Path, dst: Path, hidden: int, heads: int) -> None:
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
         str(src),
@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         "platt": meta["platt"],
         "cpu_variant": "int8",
         "files": files,
-        "train": {k: meta[k] for k in ("epochs", "lr", "head_lr", "distill", "batch", "seed", "train_rows", "train_command")},
+        "train": {
+            k: meta[k] for k in ("epochs", "lr", "head_lr", "distill", "batch", "seed", "train_rows", "train_command")
+        },
         "inputs": ["input_ids", "attention_mask"],
         "outputs": ["embedding", "p_large"],
     }

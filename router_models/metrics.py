@@ -8,6 +8,7 @@ APGR = the area under PGR(s) for s in [0, 1] (random routing: 0.5).
 CPT(x) = the smallest share of large calls at which PGR reaches x (random: x).
 Tied scores are treated as routed in random order (the curve is linear across a tie).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,7 +57,7 @@ def summary(score, small, large) -> dict[str, float]:
         "apgr": round(apgr(score, small, large), 4),
         "cpt50": round(cpt(score, small, large, 0.5), 4),
         "cpt80": round(cpt(score, small, large, 0.8), 4),
-        "n": int(len(score)),
+        "n": len(score),
     }
 
 
@@ -78,7 +79,7 @@ def random_summary(small, large, seeds: int = 200) -> dict[str, float]:
     """Random routing: expected APGR 0.5; CPT averaged over random orders."""
     rng = np.random.default_rng(0)
     res = [summary(rng.random(len(small)), small, large) for _ in range(seeds)]
-    return {k: round(float(np.mean([r[k] for r in res])), 4) for k in ("apgr", "cpt50", "cpt80")} | {"n": int(len(small))}
+    return {k: round(float(np.mean([r[k] for r in res])), 4) for k in ("apgr", "cpt50", "cpt80")} | {"n": len(small)}
 
 
 def oracle_summary(small, large) -> dict[str, float]:

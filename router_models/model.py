@@ -14,6 +14,7 @@ training rows (Platt scaling against "small wrong and large right"), so p_large 
 the probability that the large model is needed, and its order is the expected gain
 P(large right) - P(small right).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,10 +22,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 
 def base_model_dir() -> Path:

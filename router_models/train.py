@@ -17,6 +17,7 @@ Steps:
 Only training rows are used (router_models.data: held-out MMLU subjects and 30% of
 GSM8K are never seen); the validation figures printed at the end are for information.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,13 +31,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+from torch import nn
 
-from router_models.data import load_splits  # noqa: E402
-from router_models.metrics import summary  # noqa: E402
-from router_models.model import RouterNet, base_model_dir  # noqa: E402
+from router_models.data import load_splits
+from router_models.metrics import summary
+from router_models.model import RouterNet, base_model_dir
 
 
 def make_tokenizer(max_tokens: int, truncation: str = "right"):
@@ -169,8 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="router_models/build/ckpt")
     ap.add_argument("--cache-dir", default="router_models/build/cache")
     ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--families", type=int, choices=(1, 2), default=2,
-                    help="2: a head per task family (knowledge / math) and a gate; 1: one shared head")
+    ap.add_argument(
+        "--families",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="2: a head per task family (knowledge / math) and a gate; 1: one shared head",
+    )
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--truncation", choices=("right", "left"), default="right", help="right keeps the start")
     ap.add_argument("--epochs", type=float, default=2.0, help="0: head only on the frozen encoder")
@@ -234,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 if step >= total:
                     break
                 scale = step / warm if step < warm else max(0.0, (total - step) / max(1, total - warm))
-                for g, lr0 in zip(opt.param_groups, base):
+                for g, lr0 in zip(opt.param_groups, base, strict=False):
                     g["lr"] = lr0 * scale
                 bt = torch.from_numpy(b)
                 a, m = collate([ids[i] for i in b])
@@ -258,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
                 step += 1
                 run += loss.item()
                 if bi % 50 == 49:
-                    print(f"epoch {ep} step {bi + 1}/{per_epoch} loss {run / 50:.4f} ({time.time() - t0:.0f}s)", flush=True)
+                    print(
+                        f"epoch {ep} step {bi + 1}/{per_epoch} loss {run / 50:.4f} ({time.time() - t0:.0f}s)",
+                        flush=True,
+                    )
                     run = 0.0
         emb_train = embed_all(model, ids)
     else:

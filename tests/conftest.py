@@ -53,7 +53,11 @@ def gateway(
     process = start_gateway(
         tmp_path_factory.mktemp("gateway"),
         policy_text(small_upstream, large_upstream),
-        env={"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "sk-large-secret-123", "TEST_ANTHROPIC_KEY": "sk-ant-456"},
+        env={
+            "REDIS_URL": redis_server.url,
+            "TEST_LARGE_KEY": "sk-large-secret-123",
+            "TEST_ANTHROPIC_KEY": "sk-ant-456",
+        },
     )
     yield process
     process.stop()

@@ -24,9 +24,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def policy_text(small: SimulatedUpstream, large: SimulatedUpstream, *, auth: str = "auth: {mode: none}",
-                extra_models: str = "", routes: str = "", limits: str = "max_body_bytes: 65536, redis_timeout_ms: 2000",
-                breaker: str = "{min_requests: 50, reset_after_s: 1}", cache: str = "{enabled: false}") -> str:
+def policy_text(
+    small: SimulatedUpstream,
+    large: SimulatedUpstream,
+    *,
+    auth: str = "auth: {mode: none}",
+    extra_models: str = "",
+    routes: str = "",
+    limits: str = "max_body_bytes: 65536, redis_timeout_ms: 2000",
+    breaker: str = "{min_requests: 50, reset_after_s: 1}",
+    cache: str = "{enabled: false}",
+) -> str:
     """A policy over the two simulated upstreams, with short timeouts and fast retries for tests."""
     return f"""
 version: 1
@@ -129,8 +137,16 @@ def _worker_pids(pid: int) -> list[int]:
     return children or [pid]
 
 
-def start_gateway(workdir: Path, policy: str, *, env: dict[str, str] | None = None, timeout_s: float = 30.0,
-                  expect_ready: bool = True, workers: int = 1, policy_path: Path | None = None) -> GatewayProcess:
+def start_gateway(
+    workdir: Path,
+    policy: str,
+    *,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 30.0,
+    expect_ready: bool = True,
+    workers: int = 1,
+    policy_path: Path | None = None,
+) -> GatewayProcess:
     """``policy_path``: serve an existing policy file (shared with another gateway) instead of writing ``policy``."""
     workdir.mkdir(parents=True, exist_ok=True)
     if policy_path is None:
@@ -151,9 +167,9 @@ def start_gateway(workdir: Path, policy: str, *, env: dict[str, str] | None = No
             raise RuntimeError(f"gateway exited with {process.returncode}:\n{gateway.stderr_text()}")
         try:
             response = httpx.get(f"{gateway.url}/healthz", timeout=0.5)
-            if response.status_code == 200:
-                if not expect_ready or httpx.get(f"{gateway.url}/readyz", timeout=2).status_code == 200:
-                    return gateway
+            ready = not expect_ready or httpx.get(f"{gateway.url}/readyz", timeout=2).status_code == 200
+            if response.status_code == 200 and ready:
+                return gateway
         except httpx.HTTPError:
             pass
         time.sleep(0.1)

@@ -75,7 +75,11 @@ STREAM_EVENTS: list[dict[str, Any]] = [
     {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '{"city": '}},
     {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '"Paris"}'}},
     {"type": "content_block_stop", "index": 1},
-    {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None}, "usage": {"output_tokens": 42}},
+    {
+        "type": "message_delta",
+        "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+        "usage": {"output_tokens": 42},
+    },
     {"type": "message_stop"},
 ]
 
@@ -113,7 +117,10 @@ class FakeAnthropic:
         if self.mode in ("cut", "abort"):
             events = STREAM_EVENTS[:5]
         elif self.mode == "overloaded":
-            events = [*STREAM_EVENTS[:4], {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}]
+            events = [
+                *STREAM_EVENTS[:4],
+                {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+            ]
         for event in events:
             data = _sse(event)
             # Split each event in two writes, so the parser sees partial lines.
@@ -189,12 +196,19 @@ async def test_request_translation(upstream: tuple[FakeAnthropic, Provider]) -> 
                 "role": "assistant",
                 "content": None,
                 "tool_calls": [
-                    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                    }
                 ],
             },
             {"role": "tool", "tool_call_id": "call_1", "content": "18C, sunny"},
             {"role": "user", "content": "Thanks. And this?"},
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0K"}}]},
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0K"}}],
+            },
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}}]},
         ],
         "tools": [
@@ -312,7 +326,12 @@ async def test_complete_text(upstream: tuple[FakeAnthropic, Provider]) -> None:
     assert isinstance(answer["created"], int)
     assert answer["model"] == "claude-test-1"
     assert answer["choices"] == [
-        {"index": 0, "message": {"role": "assistant", "content": "Hello there"}, "finish_reason": "stop", "logprobs": None}
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello there"},
+            "finish_reason": "stop",
+            "logprobs": None,
+        }
     ]
     assert answer["usage"] == {"prompt_tokens": 15, "completion_tokens": 5, "total_tokens": 20}
 
@@ -341,14 +360,20 @@ async def test_stream_text_and_tool_use(upstream: tuple[FakeAnthropic, Provider]
     assert server.last_body["stream"] is True
     assert "stream_options" not in server.last_body
 
-    assert {(c["id"], c["model"], c["object"]) for c in chunks} == {("msg_stream", "claude-test-1", "chat.completion.chunk")}
+    assert {(c["id"], c["model"], c["object"]) for c in chunks} == {
+        ("msg_stream", "claude-test-1", "chat.completion.chunk")
+    }
     assert len({c["created"] for c in chunks}) == 1
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert deltas == [
         {"role": "assistant", "content": ""},
         {"content": "Hello"},
         {"content": " world"},
-        {"tool_calls": [{"index": 0, "id": "toolu_9", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]},
+        {
+            "tool_calls": [
+                {"index": 0, "id": "toolu_9", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+            ]
+        },
         {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]},
         {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]},
         {},
@@ -381,7 +406,7 @@ async def test_rate_limited(upstream: tuple[FakeAnthropic, Provider]) -> None:
 
 
 async def test_rejected_request_passes_message_through(upstream: tuple[FakeAnthropic, Provider]) -> None:
-    server, base = upstream
+    _server, base = upstream
     provider = AnthropicProvider("claude", base.config, base.client, api_key="wrong")
     with pytest.raises(UpstreamStatusError) as caught:
         await provider.complete(_body())

@@ -53,8 +53,9 @@ def auth_gateway(
 
 
 @pytest.fixture
-def gw(auth_gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
-       ) -> GatewayProcess:
+def gw(
+    auth_gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> GatewayProcess:
     return auth_gateway  # (asking for the upstreams resets their faults and stats per test)
 
 

@@ -53,7 +53,9 @@ def _post(gateway: GatewayProcess, content: bytes, key: str = "key-a1", **header
     )  # fmt: skip
 
 
-def test_repeat_is_an_exact_hit_with_cost_saved(cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+def test_repeat_is_an_exact_hit_with_cost_saved(
+    cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
     client, messages = _client(cached_gateway), _unique("repeat")
     first = client.chat.completions.with_raw_response.create(model="fast", messages=messages, temperature=0)
     second = client.chat.completions.with_raw_response.create(model="fast", messages=messages, temperature=0)
@@ -62,7 +64,9 @@ def test_repeat_is_an_exact_hit_with_cost_saved(cached_gateway: GatewayProcess, 
     assert upstream_stats(small_upstream)["chat_requests"] == 1
     paid = cached_gateway.wait_for_record(first.headers["x-request-id"])
     hit = cached_gateway.wait_for_record(second.headers["x-request-id"])
-    assert hit["cache"] == "exact" and hit["cost_usd"] == 0 and hit["cache_saved_usd"] == pytest.approx(paid["cost_usd"])
+    assert (
+        hit["cache"] == "exact" and hit["cost_usd"] == 0 and hit["cache_saved_usd"] == pytest.approx(paid["cost_usd"])
+    )
     assert (hit["prompt_tokens"], hit["completion_tokens"]) == (paid["prompt_tokens"], paid["completion_tokens"])
     assert hit["baseline_cost_usd"] == pytest.approx(paid["baseline_cost_usd"])
     assert float(second.headers["x-gateway-cost-usd"]) == 0
@@ -71,13 +75,20 @@ def test_repeat_is_an_exact_hit_with_cost_saved(cached_gateway: GatewayProcess, 
 def test_key_ignores_field_order_and_whitespace(cached_gateway: GatewayProcess) -> None:
     marker = f"order {time.monotonic_ns()}"
     compact = b'{"model":"fast","temperature":0,"messages":[{"role":"user","content":"%s"}]}' % marker.encode()
-    spaced = b'{ "messages" : [ { "content" : "%s", "role" : "user" } ],\n  "temperature": 0, "model": "fast" }' % marker.encode()
+    spaced = (
+        b'{ "messages" : [ { "content" : "%s", "role" : "user" } ],\n  "temperature": 0, "model": "fast" }'
+        % marker.encode()
+    )
     assert _post(cached_gateway, compact).headers["x-gateway-cache"] == "miss"
     assert _post(cached_gateway, spaced).headers["x-gateway-cache"] == "exact"
 
 
-@pytest.mark.parametrize("change", [{"temperature": 0.5}, {"max_tokens": 3}, {"seed": 7}, {"stop": ["x"]}, {"vendor_flag": 1}])
-def test_parameters_that_change_the_answer_change_the_key(cached_gateway: GatewayProcess, change: dict[str, object]) -> None:
+@pytest.mark.parametrize(
+    "change", [{"temperature": 0.5}, {"max_tokens": 3}, {"seed": 7}, {"stop": ["x"]}, {"vendor_flag": 1}]
+)
+def test_parameters_that_change_the_answer_change_the_key(
+    cached_gateway: GatewayProcess, change: dict[str, object]
+) -> None:
     client, messages = _client(cached_gateway), _unique("params")
     client.chat.completions.create(model="fast", messages=messages, temperature=0)
     other = {"temperature": 0, **change}
@@ -90,9 +101,12 @@ def test_parameters_that_change_the_answer_change_the_key(cached_gateway: Gatewa
 def test_route_is_part_of_the_key(cached_gateway: GatewayProcess) -> None:
     client, messages = _client(cached_gateway), _unique("route")
     client.chat.completions.create(model="fast", messages=messages, temperature=0)
-    assert client.chat.completions.with_raw_response.create(model="best", messages=messages, temperature=0).headers[
-        "x-gateway-cache"
-    ] == "miss"
+    assert (
+        client.chat.completions.with_raw_response.create(model="best", messages=messages, temperature=0).headers[
+            "x-gateway-cache"
+        ]
+        == "miss"
+    )
 
 
 @pytest.mark.parametrize("stream_first", [False, True])
@@ -148,20 +162,32 @@ def test_cache_control_no_cache_and_no_store(cached_gateway: GatewayProcess, sma
     assert fresh.headers["x-gateway-cache"] == "miss" and upstream_stats(small_upstream)["chat_requests"] == 2
 
     other = _unique("no-store")
-    client.chat.completions.create(model="fast", messages=other, temperature=0, extra_headers={"Cache-Control": "no-store"})
-    assert client.chat.completions.with_raw_response.create(model="fast", messages=other, temperature=0).headers[
-        "x-gateway-cache"
-    ] == "miss"
+    client.chat.completions.create(
+        model="fast", messages=other, temperature=0, extra_headers={"Cache-Control": "no-store"}
+    )
+    assert (
+        client.chat.completions.with_raw_response.create(model="fast", messages=other, temperature=0).headers[
+            "x-gateway-cache"
+        ]
+        == "miss"
+    )
     # the body field does the same, and is not forwarded upstream
     third = _unique("field")
-    client.chat.completions.create(model="fast", messages=third, temperature=0, extra_body={"gateway_cache": "no-store"})
+    client.chat.completions.create(
+        model="fast", messages=third, temperature=0, extra_body={"gateway_cache": "no-store"}
+    )
     assert "gateway_cache" not in upstream_stats(small_upstream)["last_request"]["body"]
-    assert client.chat.completions.with_raw_response.create(model="fast", messages=third, temperature=0).headers[
-        "x-gateway-cache"
-    ] == "miss"
+    assert (
+        client.chat.completions.with_raw_response.create(model="fast", messages=third, temperature=0).headers[
+            "x-gateway-cache"
+        ]
+        == "miss"
+    )
 
 
-def test_tenants_never_see_each_others_cached_answers(cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+def test_tenants_never_see_each_others_cached_answers(
+    cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
     messages = _unique("tenant")
     inject(small_upstream, {"text": "team-a's confidential answer"})
     a = _client(cached_gateway, "key-a1").chat.completions.create(model="fast", messages=messages, temperature=0)
@@ -178,7 +204,9 @@ def test_tenants_never_see_each_others_cached_answers(cached_gateway: GatewayPro
     assert same_tenant.headers["x-gateway-cache"] == "exact"
 
 
-def test_identical_concurrent_requests_are_coalesced(cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+def test_identical_concurrent_requests_are_coalesced(
+    cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
     messages = _unique("coalesce")
     inject(small_upstream, {"delay_ms": 600})
     client = _client(cached_gateway)
@@ -203,10 +231,15 @@ def test_coalescing_and_cache_work_across_gateway_processes(
         messages = _unique("cross-process")
         inject(small_upstream, {"delay_ms": 800})
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            leader = pool.submit(_client(cached_gateway).chat.completions.create, model="fast", messages=messages, temperature=0)
+            leader = pool.submit(
+                _client(cached_gateway).chat.completions.create, model="fast", messages=messages, temperature=0
+            )
             time.sleep(0.3)
             follower = pool.submit(
-                _client(second).chat.completions.with_raw_response.create, model="fast", messages=messages, temperature=0
+                _client(second).chat.completions.with_raw_response.create,
+                model="fast",
+                messages=messages,
+                temperature=0,
             )
             led, followed = leader.result(), follower.result()
         assert followed.headers["x-gateway-cache"] == "exact"
@@ -215,9 +248,12 @@ def test_coalescing_and_cache_work_across_gateway_processes(
         # and an answer cached through one process is served by the other
         later = _unique("shared")
         _client(second).chat.completions.create(model="fast", messages=later, temperature=0)
-        assert _client(cached_gateway).chat.completions.with_raw_response.create(
-            model="fast", messages=later, temperature=0
-        ).headers["x-gateway-cache"] == "exact"
+        assert (
+            _client(cached_gateway)
+            .chat.completions.with_raw_response.create(model="fast", messages=later, temperature=0)
+            .headers["x-gateway-cache"]
+            == "exact"
+        )
     finally:
         second.stop()
 

@@ -55,13 +55,17 @@ def test_streamed_answer_chunks_and_usage(client: openai.OpenAI, gateway: Gatewa
     record = gateway.wait_for_record(request_id)
     assert record["stream"] is True and record["ttft_ms"] is not None
     assert record["completion_tokens"] == chunks[-1].usage.completion_tokens
-    assert record["decision"] == model and record["p_large"] == pytest.approx(float(response.headers["x-gateway-p-large"]))
+    assert record["decision"] == model and record["p_large"] == pytest.approx(
+        float(response.headers["x-gateway-p-large"])
+    )
 
 
 def test_stream_without_include_usage_has_no_usage_chunk_but_is_priced(
     client: openai.OpenAI, gateway: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:
-    with client.chat.completions.with_streaming_response.create(model="fast", messages=MESSAGES, stream=True) as response:
+    with client.chat.completions.with_streaming_response.create(
+        model="fast", messages=MESSAGES, stream=True
+    ) as response:
         request_id = response.headers["x-request-id"]
         chunks = list(response.parse())
     assert all(c.choices for c in chunks)
@@ -145,6 +149,9 @@ async def test_concurrent_requests_all_answered(aclient: openai.AsyncOpenAI) -> 
     import asyncio
 
     results = await asyncio.gather(
-        *(aclient.chat.completions.create(model="fast", messages=[{"role": "user", "content": f"n{i}"}]) for i in range(40))
+        *(
+            aclient.chat.completions.create(model="fast", messages=[{"role": "user", "content": f"n{i}"}])
+            for i in range(40)
+        )
     )
     assert [r.choices[0].message.content for r in results] == [f"[simulated small] n{i}" for i in range(40)]

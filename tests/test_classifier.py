@@ -3,12 +3,12 @@
 Training is never run here. Everything runs on the CPU provider so results are
 deterministic on any machine.
 """
+
 from __future__ import annotations
 
 import asyncio
 import io
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -57,7 +57,7 @@ def test_deterministic_and_batch_invariant(clf: Classifier) -> None:
     a = clf.score_batch_sync(texts)
     b = clf.score_batch_sync(texts)
     single = [clf.score_batch_sync([t])[0] for t in texts]
-    for x, y, z in zip(a, b, single):
+    for x, y, z in zip(a, b, single, strict=False):
         assert x.p_large == y.p_large
         np.testing.assert_array_equal(x.embedding, y.embedding)
         # int8 dynamic quantization scales activations per batch tensor, so batch
@@ -84,7 +84,7 @@ def test_select_text() -> None:
         {"role": "user", "content": [{"type": "text", "text": "Now explain it for a child, step by step."}]},
     ]
     assert select_text(msgs) == "Now explain it for a child, step by step."
-    short = msgs[:3] + [{"role": "user", "content": "why?"}]
+    short = [*msgs[:3], {"role": "user", "content": "why?"}]
     assert select_text(short) == "Prove that there are infinitely many primes.\nwhy?"
     assert select_text([{"role": "system", "content": "only a system prompt"}]) == "only a system prompt"
     assert select_text([]) == ""
@@ -98,7 +98,7 @@ async def test_microbatching_matches_one_by_one(clf: Classifier) -> None:
     batches = clf.batches_run - batches_before
     assert batches < len(texts), "concurrent callers were not batched"
     assert clf.max_batch_seen > 1
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=False):
         assert abs(g.p_large - e.p_large) < BATCH_TOL
         assert float(g.embedding @ e.embedding) > 0.98
     # sequential callers still work (batch of one after the bounded wait)
@@ -166,8 +166,16 @@ def _sample_jsonl(path: Path, n: int = 40) -> None:
     with path.open("w") as f:
         for i in range(n):
             if i % 2:
-                f.write(json.dumps({"id": i, "prompt": f"A train leaves at {i}:00 going {30 + i} km/h; a second leaves "
-                                    f"an hour later at {45 + i} km/h. When does it catch up, and how far out?"}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "id": i,
+                            "prompt": f"A train leaves at {i}:00 going {30 + i} km/h; a second leaves "
+                            f"an hour later at {45 + i} km/h. When does it catch up, and how far out?",
+                        }
+                    )
+                    + "\n"
+                )
             else:
                 f.write(json.dumps({"id": i, "messages": [{"role": "user", "content": f"Say hello #{i}."}]}) + "\n")
         f.write("not json\n")

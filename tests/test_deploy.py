@@ -49,7 +49,7 @@ def _yaml_docs(path: Path) -> list[Any]:
     return list(_parsed(path, path.stat().st_mtime_ns))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parsed(path: Path, _mtime: int) -> tuple[Any, ...]:
     with path.open(encoding="utf-8") as f:
         return tuple(doc for doc in yaml.load_all(f, Loader=_Loader) if doc is not None)
@@ -379,9 +379,10 @@ def test_policies_configmap_is_mounted_as_a_directory_where_policies_points() ->
 def test_env_references_only_secrets_and_configmaps_that_exist() -> None:
     objects = _k8s_objects(include_examples=True)
     defined = {(o["kind"], o["metadata"]["name"]): o for o in objects}
-    for container in _gateway_deployment()["spec"]["template"]["spec"]["containers"] + _one(
-        "StatefulSet", "redis"
-    )["spec"]["template"]["spec"]["containers"]:
+    for container in (
+        _gateway_deployment()["spec"]["template"]["spec"]["containers"]
+        + _one("StatefulSet", "redis")["spec"]["template"]["spec"]["containers"]
+    ):
         seen: list[str] = []
         for var in container.get("env", []):
             for ref_kind, kind in (("secretKeyRef", "Secret"), ("configMapKeyRef", "ConfigMap")):
@@ -611,7 +612,7 @@ def _healthcheck_script() -> Path:
 class _Status(http.server.BaseHTTPRequestHandler):
     status = 200
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         self.send_response(self.status if self.path == "/healthz" else 404)
         self.end_headers()
         self.wfile.write(b"{}")

@@ -98,9 +98,7 @@ def test_streamed_disconnect_cancels_the_upstream_stream(
     assert upstream_stats(large_upstream)["chat_requests"] == 0
 
 
-def test_gateway_serves_normally_after_disconnects(
-    gateway: GatewayProcess, small_upstream: SimulatedUpstream
-) -> None:
+def test_gateway_serves_normally_after_disconnects(gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
     # Leave twice more (one of each kind), then ask normally.
     inject(small_upstream, {"delay_ms": 2000}, {"chunk_delay_ms": 300})
     with httpx.Client(timeout=0.3) as client, pytest.raises(httpx.ReadTimeout):

@@ -49,15 +49,30 @@ _other_part = st.fixed_dictionaries(
     {"type": _mostly(st.sampled_from(["image_url", "input_audio", "refusal", "file"]))},
     optional={"text": _json, "image_url": _mostly(st.fixed_dictionaries({"url": st.text(max_size=30)}))},
 )
-_content = _mostly(st.one_of(st.text(max_size=200), st.lists(st.one_of(_text_part, _text_part, _other_part), max_size=3)))
+_content = _mostly(
+    st.one_of(st.text(max_size=200), st.lists(st.one_of(_text_part, _text_part, _other_part), max_size=3))
+)
 _message = st.fixed_dictionaries(
-    {"role": _mostly(st.sampled_from(["system", "developer", "user", "user", "assistant", "tool"])), "content": _content},
+    {
+        "role": _mostly(st.sampled_from(["system", "developer", "user", "user", "assistant", "tool"])),
+        "content": _content,
+    },
     optional={
         "name": _mostly(st.text(max_size=10)),
-        "tool_calls": _mostly(st.lists(st.fixed_dictionaries({"id": st.text(max_size=5), "type": st.just("function"),
-                                       "function": st.fixed_dictionaries({"name": st.text(max_size=5),
-                                                                          "arguments": st.text(max_size=20)})}),
-                                       max_size=2)),
+        "tool_calls": _mostly(
+            st.lists(
+                st.fixed_dictionaries(
+                    {
+                        "id": st.text(max_size=5),
+                        "type": st.just("function"),
+                        "function": st.fixed_dictionaries(
+                            {"name": st.text(max_size=5), "arguments": st.text(max_size=20)}
+                        ),
+                    }
+                ),
+                max_size=2,
+            )
+        ),
         "tool_call_id": _mostly(st.text(max_size=10)),
     },
 )
@@ -74,9 +89,20 @@ _chat_body = st.fixed_dictionaries(
         "n": _mostly(st.integers(min_value=1, max_value=3)),
         "stop": _mostly(st.one_of(st.text(max_size=5), st.lists(st.text(max_size=5), max_size=4))),
         "seed": _mostly(st.integers()),
-        "tools": _mostly(st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
-            {"name": st.text(min_size=1, max_size=8)}, optional={"parameters": st.just({"type": "object"})})}),
-            max_size=2)),
+        "tools": _mostly(
+            st.lists(
+                st.fixed_dictionaries(
+                    {
+                        "type": st.just("function"),
+                        "function": st.fixed_dictionaries(
+                            {"name": st.text(min_size=1, max_size=8)},
+                            optional={"parameters": st.just({"type": "object"})},
+                        ),
+                    }
+                ),
+                max_size=2,
+            )
+        ),
         "tool_choice": _mostly(st.sampled_from(["auto", "none"])),
         "response_format": _mostly(st.sampled_from([{"type": "text"}, {"type": "json_object"}])),
         "user": _mostly(st.text(max_size=10)),
@@ -110,7 +136,9 @@ def _digest() -> str:
 
 @pytest.fixture(scope="module")
 def http(fuzz_gateway: GatewayProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=fuzz_gateway.base_url, timeout=30, headers={"authorization": "Bearer sk-fuzz"}) as client:
+    with httpx.Client(
+        base_url=fuzz_gateway.base_url, timeout=30, headers={"authorization": "Bearer sk-fuzz"}
+    ) as client:
         yield client
 
 

@@ -128,7 +128,12 @@ def test_defect4_a_deeply_nested_body_is_a_400_not_a_500(gw: GatewayProcess) -> 
     response = httpx.post(f"{gw.base_url}/chat/completions", content=nested, timeout=10,
                           headers={"content-type": "application/json"})  # fmt: skip
     assert response.status_code == 413 or response.status_code == 400  # over max_body_bytes here, or too deep
-    deep = b'{"model": "fast", "messages": [{"role": "user", "content": "x", "extra": ' + b"[" * 5000 + b"]" * 5000 + b"}]}"
+    deep = (
+        b'{"model": "fast", "messages": [{"role": "user", "content": "x", "extra": '
+        + b"[" * 5000
+        + b"]" * 5000
+        + b"}]}"
+    )
     response = httpx.post(f"{gw.base_url}/chat/completions", content=deep, timeout=10)
     assert response.status_code == 400 and "nested too deeply" in response.json()["error"]["message"]
 
@@ -147,7 +152,7 @@ def test_defect9_a_body_that_never_finishes_is_answered_408(gw: GatewayProcess) 
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as connection:
         connection.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            b"content-length: 1000\r\n\r\n{\"model\": "
+            b'content-length: 1000\r\n\r\n{"model": '
         )
         received = b""
         while b"\r\n\r\n" not in received:
@@ -223,7 +228,9 @@ def test_a_cache_hit_is_a_new_answer_with_its_own_id_and_says_it_came_from_the_c
     assert first.json()["id"] != second.json()["id"]
     assert second.json()["id"] == f"chatcmpl-{second.headers['x-request-id']}"
     assert second.json()["choices"] == first.json()["choices"]
-    chunk_ids = {msgspec.json.decode(line[6:])["id"] for line in streamed.text.splitlines() if line.startswith("data: {")}
+    chunk_ids = {
+        msgspec.json.decode(line[6:])["id"] for line in streamed.text.splitlines() if line.startswith("data: {")
+    }
     assert chunk_ids == {f"chatcmpl-{streamed.headers['x-request-id']}"}
 
 

@@ -56,7 +56,9 @@ def pair(
     second.stop()
 
 
-def _chat(gateway: GatewayProcess, key: str, model: str = "fast", content: str = "hi", **extra: object) -> httpx.Response:
+def _chat(
+    gateway: GatewayProcess, key: str, model: str = "fast", content: str = "hi", **extra: object
+) -> httpx.Response:
     return httpx.post(
         f"{gateway.base_url}/chat/completions",
         json={"model": model, "messages": [{"role": "user", "content": content}], **extra},
@@ -67,7 +69,9 @@ def _chat(gateway: GatewayProcess, key: str, model: str = "fast", content: str =
 
 def _burst(pair: tuple[GatewayProcess, GatewayProcess], key: str, count: int, **extra: object) -> list[httpx.Response]:
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        return list(pool.map(lambda i: _chat(pair[i % 2], key, content=f"req {i} {time.monotonic_ns()}", **extra), range(count)))
+        return list(
+            pool.map(lambda i: _chat(pair[i % 2], key, content=f"req {i} {time.monotonic_ns()}", **extra), range(count))
+        )
 
 
 def test_requests_per_minute_hold_across_processes(pair: tuple[GatewayProcess, GatewayProcess]) -> None:
@@ -77,7 +81,11 @@ def test_requests_per_minute_hold_across_processes(pair: tuple[GatewayProcess, G
     refused = next(r for r in responses if r.status_code == 429)
     assert int(refused.headers["retry-after"]) >= 1
     error = refused.json()["error"]
-    assert error["type"] == "rate_limit_error" and "key.rpm" in error["message"] and "10 requests per minute" in error["message"]
+    assert (
+        error["type"] == "rate_limit_error"
+        and "key.rpm" in error["message"]
+        and "10 requests per minute" in error["message"]
+    )
 
 
 def test_tokens_per_minute_reserve_the_estimate_while_in_flight(
@@ -113,7 +121,11 @@ def test_tenant_limit_spans_its_keys(pair: tuple[GatewayProcess, GatewayProcess]
     statuses = [_chat(pair[i % 2], "s1" if i % 3 else "s2", content=f"s{i}").status_code for i in range(9)]
     assert statuses.count(200) == 6
     last = _chat(pair[0], "s2", content="again")
-    assert last.status_code == 429 and "tenant.rpm" in last.json()["error"]["message"] and "shared" in last.json()["error"]["message"]
+    assert (
+        last.status_code == 429
+        and "tenant.rpm" in last.json()["error"]["message"]
+        and "shared" in last.json()["error"]["message"]
+    )
 
 
 def test_nearly_spent_budget_downgrades_auto_to_the_small_model(pair: tuple[GatewayProcess, GatewayProcess]) -> None:
@@ -136,7 +148,12 @@ def test_usage_is_per_key_unless_admin(pair: tuple[GatewayProcess, GatewayProces
     assert [row["key_id"] for row in own["data"]] == ["rpm"] and own["total"]["requests"] >= 10
     everyone = httpx.get(f"{pair[1].base_url}/usage", headers={"authorization": "Bearer key-admin"}).json()
     assert {"rpm", "tpm", "budget", "shared-1"} <= {row["key_id"] for row in everyone["data"]}
-    assert httpx.get(f"{pair[1].base_url}/usage?start=2026-13-01", headers={"authorization": "Bearer key-admin"}).status_code == 400
+    assert (
+        httpx.get(
+            f"{pair[1].base_url}/usage?start=2026-13-01", headers={"authorization": "Bearer key-admin"}
+        ).status_code
+        == 400
+    )
     assert httpx.get(f"{pair[1].base_url}/usage").status_code == 401
 
 
@@ -166,8 +183,15 @@ def test_new_key_is_created_once_and_picked_up_without_restart(pair: tuple[Gatew
 def test_redis_down_fails_open_or_closed_by_policy(
     tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream, mode: str, expected: int
 ) -> None:
-    policy = policy_text(small_upstream, large_upstream, auth=KEYS, limits=f"max_body_bytes: 65536, on_redis_error: {mode}, redis_timeout_ms: 2000")
-    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, expect_ready=False)
+    policy = policy_text(
+        small_upstream,
+        large_upstream,
+        auth=KEYS,
+        limits=f"max_body_bytes: 65536, on_redis_error: {mode}, redis_timeout_ms: 2000",
+    )
+    gateway = start_gateway(
+        tmp_path, policy, env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, expect_ready=False
+    )
     try:
         response = _chat(gateway, "rpm")
         assert response.status_code == expected

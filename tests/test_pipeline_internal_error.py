@@ -42,7 +42,9 @@ async def test_defect4_an_unexpected_exception_is_a_500_with_an_id_and_a_truthfu
     holder = RuntimeHolder(path, metrics)
     holder.start()
     redis = SharedRedis(None, metrics)
-    pipeline = ChatPipeline(holder, metrics, ExactCache(redis), SemanticCache(redis), RateLimiter(redis), _BrokenScorer())
+    pipeline = ChatPipeline(
+        holder, metrics, ExactCache(redis), SemanticCache(redis), RateLimiter(redis), _BrokenScorer()
+    )
     body = msgspec.json.encode({"model": "auto", "messages": [{"role": "user", "content": "hello"}]})
 
     async def read_body(limit: int, timeout_s: float) -> bytes:

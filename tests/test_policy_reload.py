@@ -51,8 +51,9 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _chat(gw: GatewayProcess, model: str = "fast", content: str = "hello reload world", timeout: float = 10
-          ) -> httpx.Response:
+def _chat(
+    gw: GatewayProcess, model: str = "fast", content: str = "hello reload world", timeout: float = 10
+) -> httpx.Response:
     return httpx.post(
         f"{gw.base_url}/chat/completions",
         json={"model": model, "messages": [{"role": "user", "content": content}]},
@@ -89,8 +90,9 @@ def _ops_events(gw: GatewayProcess, event: str) -> list[dict[str, Any]]:
     return out
 
 
-def _wait_for_ops_event(gw: GatewayProcess, event: str, match: Callable[[dict[str, Any]], bool],
-                        timeout_s: float = 3.0) -> list[dict[str, Any]]:
+def _wait_for_ops_event(
+    gw: GatewayProcess, event: str, match: Callable[[dict[str, Any]], bool], timeout_s: float = 3.0
+) -> list[dict[str, Any]]:
     """Ops log lines are written by a background thread: poll for them."""
     return _poll(lambda: [r for r in _ops_events(gw, event) if match(r)], bool, timeout_s)
 
@@ -127,8 +129,9 @@ def reload_gateway(
 
 
 @pytest.fixture
-def gw(reload_gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
-       ) -> Iterator[GatewayProcess]:
+def gw(
+    reload_gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> Iterator[GatewayProcess]:
     """The reload gateway, left after each test with a fresh valid policy and no reload error.
 
     The reset writes the base policy plus a unique comment, so its version always differs
@@ -154,8 +157,9 @@ def test_file_edit_is_picked_up_without_restart(gw: GatewayProcess) -> None:
 
     after = _poll(
         lambda: _chat(gw),
-        lambda r: r.headers.get("x-gateway-model") == "large"
-        and r.headers.get("x-gateway-policy-version") != old_version,
+        lambda r: (
+            r.headers.get("x-gateway-model") == "large" and r.headers.get("x-gateway-policy-version") != old_version
+        ),
     )
     assert after.status_code == 200, after.text
     assert after.headers["x-gateway-model"] == "large", "the edit was not picked up within 5 s"
@@ -456,7 +460,7 @@ async def test_an_edit_made_while_a_worker_starts_is_not_lost(
         await holder.aclose()
 
 
-_KEYED_AUTH = "auth:\n  mode: keys\n  keys:\n    - {id: app, tenant: team-a, hash: \"sha256:" + "0" * 64 + "\"}\n"
+_KEYED_AUTH = 'auth:\n  mode: keys\n  keys:\n    - {id: app, tenant: team-a, hash: "sha256:' + "0" * 64 + '"}\n'
 
 
 def _shipped_with_keys() -> str:
@@ -490,7 +494,9 @@ async def test_defect3_no_truncated_prefix_of_the_policy_turns_auth_off(
             path.write_text(full[:cut])
             await holder.reload("test")
             runtime_now = holder.current
-            assert runtime_now.policy.auth.mode == "keys", f"auth off after a cut at {cut}: {full[max(0, cut - 60):cut]!r}"
+            assert runtime_now.policy.auth.mode == "keys", (
+                f"auth off after a cut at {cut}: {full[max(0, cut - 60) : cut]!r}"
+            )
             with pytest.raises(AuthenticationError):
                 runtime_now.auth.authenticate(None)
             assert runtime_now.policy.tenants == tenants

@@ -17,7 +17,9 @@ KEYS = """auth:
   mode: keys
   keys:
 %s
-""" % "\n".join(f'    - {{id: k{i}, tenant: tenant-{i}, hash: "{hash_key(f"key-{i}")}", limits: {{rpm: 3}}}}' for i in range(6))
+""" % "\n".join(
+    f'    - {{id: k{i}, tenant: tenant-{i}, hash: "{hash_key(f"key-{i}")}", limits: {{rpm: 3}}}}' for i in range(6)
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,9 @@ def test_ready_on_a_cluster(gateway: GatewayProcess) -> None:
     assert httpx.get(f"{gateway.url}/readyz").json()["redis"] == "ok"
 
 
-def test_cache_and_limits_work_for_tenants_on_every_slot(gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+def test_cache_and_limits_work_for_tenants_on_every_slot(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
     # six tenants hash to slots spread over the three masters
     for key in range(6):
         assert _chat(gateway, key, f"cluster question {key}").headers["x-gateway-cache"] == "miss"

@@ -117,7 +117,7 @@ class SyntheticLog:
         lines = [msgspec.json.encode(r) + b"\n" for r in self.records]
         lines[3] = json.dumps(self.records[3], indent=None).encode() + b"\r\n"  # spaced JSON, CRLF: still valid
         noise = [*_MALFORMED, *_OTHER_EVENTS, *_BLANK]
-        for position, extra in zip(rng.sample(range(len(lines)), len(noise)), noise):
+        for position, extra in zip(rng.sample(range(len(lines)), len(noise)), noise, strict=False):
             lines.insert(position, extra)
         truncated = msgspec.json.encode(_request(rng, 99_999))[:150]  # the writer was killed mid-line
         self.data = b"".join(lines) + truncated
@@ -154,7 +154,9 @@ def _reference(records: Iterable[dict[str, Any]], by: Sequence[str]) -> dict[tup
     return {group: dict(figures) for group, figures in groups.items()}
 
 
-def _assert_matches(actual: dict[tuple[Any, ...], dict[str, Any]], expected: dict[tuple[Any, ...], dict[str, float]]) -> None:
+def _assert_matches(
+    actual: dict[tuple[Any, ...], dict[str, Any]], expected: dict[tuple[Any, ...], dict[str, float]]
+) -> None:
     assert set(actual) == set(expected)
     for group, figures in expected.items():
         got = actual[group]
@@ -261,7 +263,9 @@ def test_a_record_exactly_at_since_is_in_and_at_until_is_out() -> None:
     line = b'{"event":"request","ts":"%s","key_id":"k","tenant":"t","route":"auto","model":"m","cache":"miss",' \
            b'"status":200,"prompt_tokens":1,"completion_tokens":1,"cost_usd":1,"baseline_cost_usd":2}'  # fmt: skip
     aggregator = Aggregator(parse_when("2026-01-01"), parse_when("2026-01-02"))
-    aggregator.feed([line % b"2026-01-01T00:00:00Z", line % b"2026-01-02T00:00:00Z", line % b"2026-01-02T01:00:00+02:00"])
+    aggregator.feed(
+        [line % b"2026-01-01T00:00:00Z", line % b"2026-01-02T00:00:00Z", line % b"2026-01-02T01:00:00+02:00"]
+    )
     assert aggregator.total().requests == 2  # the last one is 23:00 UTC on the 1st
     assert aggregator.rows(("day",))[0][0] == ("2026-01-01",)
     assert aggregator.out_of_period == 1
@@ -336,7 +340,7 @@ def test_cli_table(synthetic: SyntheticLog, log_file: Path, capsys: pytest.Captu
     assert f"{expected['cost_usd']:,.4f}" in total_row
     # columns line up: every figure ends where its header ends
     ends = [i + 1 for i, c in enumerate(rule) if c == "-" and (i + 1 == len(rule) or rule[i + 1] == " ")]
-    for line in out[2:5] + [total_row]:
+    for line in [*out[2:5], total_row]:
         for end in ends[1:]:
             assert line[end - 1] != " ", line
     assert f"{synthetic.malformed} malformed" in out[-1]
@@ -452,7 +456,12 @@ def test_aggregator_accepts_counters_kept_elsewhere() -> None:
     aggregator.add_totals(day, "k", "t", "small", "auto", Totals(requests=2, cost_usd=0.5, baseline_cost_usd=2.0))
     aggregator.add_totals(day, "k", "t", "small", "auto", Totals(requests=1, cost_usd=0.5, baseline_cost_usd=1.0))
     summary = usage_summary(aggregator, "k")
-    assert (summary["requests"], summary["cost_usd"], summary["savings_usd"], summary["savings_pct"]) == (3, 1.0, 2.0, 66.67)
+    assert (summary["requests"], summary["cost_usd"], summary["savings_usd"], summary["savings_pct"]) == (
+        3,
+        1.0,
+        2.0,
+        66.67,
+    )
 
 
 def test_chart_amounts_keep_significant_figures_below_a_dollar() -> None:

@@ -18,7 +18,9 @@ PROMPTS = [
 
 
 def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args], input=stdin, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], input=stdin, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_route_writes_one_decision_per_prompt(tmp_path: Path) -> None:
@@ -39,7 +41,9 @@ def test_calibrate_hits_the_share_and_writes_the_threshold_keeping_comments(tmp_
     policy.write_text(Path("policies.yaml").read_text())
     sample = "".join(json.dumps({"prompt": f"question number {i} about {topic}"}) + "\n"
                      for i, topic in enumerate(["maths", "history", "chemistry", "law", "poetry"] * 8))  # fmt: skip
-    result = _run("calibrate", "--target-large-share", "0.25", "--jsonl", "-", "--policies", str(policy), "--write", stdin=sample)
+    result = _run(
+        "calibrate", "--target-large-share", "0.25", "--jsonl", "-", "--policies", str(policy), "--write", stdin=sample
+    )
     assert result.returncode == 0, result.stderr
     threshold = float(result.stdout.strip())
     routed = _run("route", "--jsonl", "-", "--policies", str(policy), stdin=sample)
@@ -64,7 +68,9 @@ def test_threshold_edit_handles_flow_and_block_routes(tmp_path: Path) -> None:
 def test_calibrate_exits_1_when_lines_were_unreadable_as_route_does(tmp_path: Path) -> None:
     policy = tmp_path / "policies.yaml"
     policy.write_text(Path("policies.yaml").read_text())
-    sample = "".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(20)) + "not json\n{\"x\": 1}\n"
-    result = _run("calibrate", "--target-large-share", "0.25", "--jsonl", "-", "--policies", str(policy), "--write", stdin=sample)
+    sample = "".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(20)) + 'not json\n{"x": 1}\n'
+    result = _run(
+        "calibrate", "--target-large-share", "0.25", "--jsonl", "-", "--policies", str(policy), "--write", stdin=sample
+    )
     assert result.returncode == 1 and "2 line(s) could not be read" in result.stderr
     assert policy.read_text() == Path("policies.yaml").read_text()  # nothing written

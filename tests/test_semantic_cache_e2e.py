@@ -37,13 +37,17 @@ def gateway(
     process.stop()
 
 
-def _ask(gateway: GatewayProcess, content: str, key: str = "key-a", **extra: object):  # noqa: ANN202
+def _ask(gateway: GatewayProcess, content: str, key: str = "key-a", **extra: object):
     client = openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=15)
     options = {"temperature": 0, **extra}
-    return client.chat.completions.with_raw_response.create(model="fast", messages=[{"role": "user", "content": content}], **options)
+    return client.chat.completions.with_raw_response.create(
+        model="fast", messages=[{"role": "user", "content": content}], **options
+    )
 
 
-def test_paraphrase_is_a_semantic_hit_with_its_similarity(gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+def test_paraphrase_is_a_semantic_hit_with_its_similarity(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
     first = _ask(gateway, "What is the capital of France?")
     second = _ask(gateway, "what is the capital of France")
     assert first.headers["x-gateway-cache"] == "miss"
@@ -100,14 +104,18 @@ def test_semantic_cache_stays_off_where_policy_says(gateway: GatewayProcess, ext
 def test_multi_turn_conversations_are_not_semantically_cached(gateway: GatewayProcess) -> None:
     client = openai.OpenAI(base_url=gateway.base_url, api_key="key-a", max_retries=0, timeout=15)
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
-    client.chat.completions.create(model="fast", temperature=0, messages=[*turns, {"role": "user", "content": "What is DNA?"}])
+    client.chat.completions.create(
+        model="fast", temperature=0, messages=[*turns, {"role": "user", "content": "What is DNA?"}]
+    )
     again = client.chat.completions.with_raw_response.create(
         model="fast", temperature=0, messages=[*turns, {"role": "user", "content": "what is DNA"}]
     )
     assert again.headers["x-gateway-cache"] == "miss"
 
 
-def test_expired_entries_are_never_served_and_leave_the_set(gateway: GatewayProcess, redis_server: EmbeddedRedis) -> None:
+def test_expired_entries_are_never_served_and_leave_the_set(
+    gateway: GatewayProcess, redis_server: EmbeddedRedis
+) -> None:
     _ask(gateway, "Explain photosynthesis in one sentence.", key="key-b")
     time.sleep(2.5)  # ttl_s is 2
     late = _ask(gateway, "explain photosynthesis in one sentence.", key="key-b")

@@ -63,7 +63,11 @@ def test_one_that_does_not_count_is_not_a_number() -> None:
 
 
 def test_swapped_names_are_refused_wherever_they_are() -> None:
-    refused("Mark buys a house for $80,000. How much did Mark pay?", "Josh buys a house for $80,000. How much did Josh pay?", "name")
+    refused(
+        "Mark buys a house for $80,000. How much did Mark pay?",
+        "Josh buys a house for $80,000. How much did Josh pay?",
+        "name",
+    )
     refused("What is the capital of Germany?", "What is the capital of France?", "name")
     refused("How far is it from Paris to Rome?", "How far is it from Paris to Madrid?", "name")
 
@@ -118,7 +122,9 @@ def test_option_formats_are_the_same_options() -> None:
 def test_negation_and_polarity() -> None:
     refused("Which of the following is not true?", "Which of the following is true?", "neg")
     refused("Which of the following isn't a mammal?", "Which of the following is a mammal?", "neg")
-    refused("What is the smallest planet in the solar system?", "What is the largest planet in the solar system?", "polar")
+    refused(
+        "What is the smallest planet in the solar system?", "What is the largest planet in the solar system?", "polar"
+    )
     refused("What happened after the war?", "What happened before the war?", "polar")
     allowed("Which of the following isn't true?", "Which of the following is not true?")
     allowed("I can't open the file, what's wrong?", "I cannot open the file, what is wrong?")
@@ -216,7 +222,9 @@ def test_identical_prompts_are_allowed_and_empty_ones_too() -> None:
 def test_the_bench_test_set_is_deterministic_and_the_guard_keeps_its_measured_behaviour() -> None:
     a = build_testset(n_prompts=60, per_prompt=2, distractors=10, seed=3)
     b = build_testset(n_prompts=60, per_prompt=2, distractors=10, seed=3)
-    assert [(v.original_id, v.transform, v.text) for v in a.variants] == [(v.original_id, v.transform, v.text) for v in b.variants]
+    assert [(v.original_id, v.transform, v.text) for v in a.variants] == [
+        (v.original_id, v.transform, v.text) for v in b.variants
+    ]
     originals = {o.id: o.prompt for o in a.originals}
     pos = [v for v in a.variants if v.positive]
     neg = [v for v in a.variants if not v.positive and v.transform not in ("extra_question",)]

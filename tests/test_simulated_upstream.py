@@ -73,7 +73,9 @@ USER = [{"role": "user", "content": "hello world"}]
 # ------------------------------------------------------------------------ basics
 
 
-async def test_healthz_and_models(upstream: SimulatedUpstream, oai: openai.AsyncOpenAI, control: httpx.AsyncClient) -> None:
+async def test_healthz_and_models(
+    upstream: SimulatedUpstream, oai: openai.AsyncOpenAI, control: httpx.AsyncClient
+) -> None:
     health = (await control.get("/healthz")).json()
     assert health == {"status": "ok", "simulated": True, "name": "small"}
     models = await oai.models.list()
@@ -106,7 +108,10 @@ async def test_chat_content_parts_and_word_limit(oai: openai.AsyncOpenAI) -> Non
     messages = [
         {"role": "user", "content": "earlier"},
         {"role": "assistant", "content": "reply"},
-        {"role": "user", "content": [{"type": "text", "text": " ".join(words[:10])}, {"type": "text", "text": " ".join(words[10:])}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": " ".join(words[:10])}, {"type": "text", "text": " ".join(words[10:])}],
+        },
     ]
     result = await oai.chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
     assert result.choices[0].message.content == "[simulated small] " + " ".join(reversed(words[:12]))
@@ -147,7 +152,10 @@ async def test_chat_validation(oai: openai.AsyncOpenAI, control: httpx.AsyncClie
 
 async def test_chat_stream_with_usage(oai: openai.AsyncOpenAI) -> None:
     stream = await oai.chat.completions.create(
-        model="m", messages=USER, stream=True, stream_options={"include_usage": True}  # type: ignore[arg-type]
+        model="m",
+        messages=USER,
+        stream=True,
+        stream_options={"include_usage": True},  # type: ignore[arg-type]
     )
     chunks = [chunk async for chunk in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -317,7 +325,9 @@ async def test_anthropic_limits(claude: anthropic.AsyncAnthropic) -> None:
 
 
 async def test_anthropic_stream(claude: anthropic.AsyncAnthropic) -> None:
-    async with claude.messages.stream(model="c", max_tokens=100, messages=[{"role": "user", "content": "hi there"}]) as stream:
+    async with claude.messages.stream(
+        model="c", max_tokens=100, messages=[{"role": "user", "content": "hi there"}]
+    ) as stream:
         texts = [text async for text in stream.text_stream]
         final = await stream.get_final_message()
     assert "".join(texts) == "[simulated small] there hi"
@@ -340,7 +350,9 @@ async def test_anthropic_raw_event_order(control: httpx.AsyncClient) -> None:
 
 
 async def test_anthropic_errors(claude: anthropic.AsyncAnthropic, control: httpx.AsyncClient) -> None:
-    no_max = await control.post("/v1/messages", json={"model": "c", "messages": USER}, headers={"anthropic-version": "2023-06-01"})
+    no_max = await control.post(
+        "/v1/messages", json={"model": "c", "messages": USER}, headers={"anthropic-version": "2023-06-01"}
+    )
     assert no_max.status_code == 400
     assert no_max.json()["type"] == "error" and no_max.json()["error"]["type"] == "invalid_request_error"
     no_version = await control.post("/v1/messages", json={"model": "c", "max_tokens": 5, "messages": USER})
@@ -369,4 +381,3 @@ async def test_latency_and_context_manager() -> None:
         assert time.monotonic() - started >= 0.15
         assert result.choices[0].message.content == "[simulated slow] world hello"
     assert slow.process.returncode == 0
-

@@ -24,7 +24,25 @@ pytestmark = pytest.mark.timeout(60)
 
 _PROMPTS = [
     f"tell me {i} things about the way it was when {w}"
-    for i, w in enumerate("we said that she would write some long word and then see him at time".split())
+    for i, w in enumerate(
+        [
+            "we",
+            "said",
+            "that",
+            "she",
+            "would",
+            "write",
+            "some",
+            "long",
+            "word",
+            "and",
+            "then",
+            "see",
+            "him",
+            "at",
+            "time",
+        ]
+    )
 ] + ["the the the the", "a", "write about them if you can", "it is what it is and it was what it was"]
 
 
@@ -287,7 +305,7 @@ async def test_sampled_requests_use_speculative_sampling(pair: tuple[Provider, P
     for seed in range(6):
         body = {**_body(_PROMPTS[seed], max_tokens=30), "temperature": 1.0, "seed": seed}
         completion = await spec.complete(body)
-        text, finish, count = _answer(completion)
+        _text, finish, count = _answer(completion)
         stats = completion.speculation  # type: ignore[attr-defined]
         assert stats.sampling == "speculative" and not stats.fallback_to_plain
         assert count <= 30 and finish in ("stop", "length")

@@ -53,7 +53,9 @@ def servers() -> Iterator[tuple[ToyServer, ToyServer]]:
 def gateway(
     tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis, servers: tuple[ToyServer, ToyServer]
 ) -> Iterator[GatewayProcess]:
-    process = start_gateway(Path(tmp_path_factory.mktemp("spec")), _policy(*servers), env={"REDIS_URL": redis_server.url})
+    process = start_gateway(
+        Path(tmp_path_factory.mktemp("spec")), _policy(*servers), env={"REDIS_URL": redis_server.url}
+    )
     yield process
     process.stop()
 
@@ -71,7 +73,9 @@ def test_speculative_answers_equal_the_large_models_own(gateway: GatewayProcess,
                 request_id = response.headers["x-request-id"]
                 text = "".join(c.choices[0].delta.content or "" for c in response.parse() if c.choices)
         else:
-            raw = client.chat.completions.with_raw_response.create(model="best", messages=messages, temperature=0, max_tokens=40)
+            raw = client.chat.completions.with_raw_response.create(
+                model="best", messages=messages, temperature=0, max_tokens=40
+            )
             request_id = raw.headers["x-request-id"]
             text = raw.parse().choices[0].message.content or ""
         assert text == plain.choices[0].message.content

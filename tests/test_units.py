@@ -33,7 +33,9 @@ def test_prompt_tokens_follow_openai_chat_overhead() -> None:
 
 def test_content_parts_names_and_images_are_counted() -> None:
     parts = [{"type": "text", "text": "Hello world"}, {"type": "image_url", "image_url": {"url": "x"}}]
-    assert count_chat_prompt([{"role": "user", "content": parts, "name": "bob"}], "cl100k_base") == 3 + 1 + 1 + 3 + 2 + 85
+    assert (
+        count_chat_prompt([{"role": "user", "content": parts, "name": "bob"}], "cl100k_base") == 3 + 1 + 1 + 3 + 2 + 85
+    )
 
 
 def test_unavailable_encoding_falls_back_offline() -> None:
@@ -47,7 +49,7 @@ async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
 
 
 async def test_sse_parser_handles_split_lines_crlf_comments_and_multiline_data() -> None:
-    stream = _chunks(b"data: {\"a\"", b":1}\r\n\r\n: comment\n\nevent: ping\ndata: x\ndata: y\n\n", b"data: [DONE]\n\n")
+    stream = _chunks(b'data: {"a"', b":1}\r\n\r\n: comment\n\nevent: ping\ndata: x\ndata: y\n\n", b"data: [DONE]\n\n")
     events = [(e.event, e.data) async for e in iter_sse(stream)]
     assert events == [(None, b'{"a":1}'), ("ping", b"x\ny"), (None, b"[DONE]")]
 
@@ -100,7 +102,9 @@ def test_upstream_status_errors_map_to_client_statuses() -> None:
 
 
 def test_keys_are_checked_by_hash_and_models_by_allow_list() -> None:
-    auth = Authenticator(AuthPolicy(mode="keys", keys=[AuthKey(id="k1", hash=hash_key("s3cret"), tenant="t", models=["fast"])]))
+    auth = Authenticator(
+        AuthPolicy(mode="keys", keys=[AuthKey(id="k1", hash=hash_key("s3cret"), tenant="t", models=["fast"])])
+    )
     principal = auth.authenticate("Bearer s3cret")
     assert (principal.key_id, principal.tenant) == ("k1", "t")
     principal.check_model("fast")
@@ -230,4 +234,10 @@ def test_a_replayed_answer_has_its_own_identity_whichever_way_it_was_stored() ->
         entry = CachedAnswer(body=body, identity_free=identity_free, model="m", provider="p", prompt_tokens=1,
                              completion_tokens=1, cost_usd=0.0, created_at=0.0)  # fmt: skip
         replayed = msgspec.json.decode(replay_json(entry, "chatcmpl-new", 42))
-        assert replayed == {"id": "chatcmpl-new", "object": "chat.completion", "created": 42, "model": "m", "choices": []}
+        assert replayed == {
+            "id": "chatcmpl-new",
+            "object": "chat.completion",
+            "created": 42,
+            "model": "m",
+            "choices": [],
+        }

@@ -37,7 +37,9 @@ def test_5xx_is_retried_then_answered(gateway: GatewayProcess, small_upstream: S
     assert upstream_stats(small_upstream)["chat_requests"] == 2
 
 
-def test_connection_dropped_before_answer_is_retried(gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+def test_connection_dropped_before_answer_is_retried(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
     inject(small_upstream, {"close": True})
     assert _chat(gateway, model="small").status_code == 200
 
@@ -70,7 +72,9 @@ def test_upstream_timeout_gives_504(gateway: GatewayProcess, small_upstream: Sim
     assert error["code"] == "upstream_timeout" and "small" in str(error["message"])
 
 
-def test_upstream_429_passes_through_with_retry_after(gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+def test_upstream_429_passes_through_with_retry_after(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
     # Retry-After beyond max_retry_after_s (2 s): not waited for; no fallback on the direct model.
     inject(small_upstream, {"status": 429, "retry_after": 30})
     response = _chat(gateway, model="small")
@@ -110,7 +114,9 @@ def test_stream_cut_midway_is_reported_in_band_and_not_retried(
     inject(small_upstream, {"cut_after_chunks": 3})
     received = []
     with pytest.raises(openai.APIError):
-        with client.chat.completions.with_streaming_response.create(model="fast", messages=MESSAGES, stream=True) as resp:
+        with client.chat.completions.with_streaming_response.create(
+            model="fast", messages=MESSAGES, stream=True
+        ) as resp:
             request_id = resp.headers["x-request-id"]
             for chunk in resp.parse():
                 received.append(chunk)
@@ -131,7 +137,9 @@ def test_stream_cut_midway_is_reported_in_band_and_not_retried(
         ({"model": "fast", "messages": MESSAGES, "stream": "yes"}, "stream"),
     ],
 )
-def test_invalid_parameters_give_400_naming_them(gateway: GatewayProcess, body: dict[str, object], param: str | None) -> None:
+def test_invalid_parameters_give_400_naming_them(
+    gateway: GatewayProcess, body: dict[str, object], param: str | None
+) -> None:
     response = httpx.post(f"{gateway.base_url}/chat/completions", json=body)
     assert response.status_code == 400
     error = _error(response)
@@ -144,7 +152,9 @@ def test_invalid_parameters_give_400_naming_them(gateway: GatewayProcess, body: 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b"\xff\xfe"])
 def test_malformed_bodies_give_400(gateway: GatewayProcess, raw: bytes) -> None:
-    response = httpx.post(f"{gateway.base_url}/chat/completions", content=raw, headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{gateway.base_url}/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400
     assert _error(response)["type"] == "invalid_request_error"
 

@@ -19,7 +19,9 @@ def _requests_total(text: str) -> float:
 def test_metrics_are_whole_across_two_workers(
     tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
 ) -> None:
-    gateway = start_gateway(tmp_path, policy_text(small_upstream, large_upstream), env={"REDIS_URL": redis_server.url}, workers=2)
+    gateway = start_gateway(
+        tmp_path, policy_text(small_upstream, large_upstream), env={"REDIS_URL": redis_server.url}, workers=2
+    )
     try:
         assert len(_worker_pids(gateway.process.pid)) == 2
         for i in range(30):  # a new connection each time, so both workers take requests
@@ -49,7 +51,9 @@ def test_sighup_to_the_main_process_reloads_every_worker_in_place(
     try:
         workers = sorted(_worker_pids(gateway.process.pid))
         old = httpx.get(f"{gateway.url}/readyz").json()["policy"]["version"]
-        gateway.policy_path.write_text(policy.replace("fast: {model: small, fallbacks: [large]}", "fast: {model: large}"))
+        gateway.policy_path.write_text(
+            policy.replace("fast: {model: small, fallbacks: [large]}", "fast: {model: large}")
+        )
         os.kill(gateway.process.pid, signal.SIGHUP)
         deadline = time.monotonic() + 10
         seen: set[str] = set()

@@ -31,12 +31,19 @@ class Metrics:
             "gateway_request_duration_seconds", "Whole request latency", ["route"], buckets=_LATENCY_BUCKETS, registry=r
         )
         self.overhead = Histogram(
-            "gateway_overhead_seconds", "Time spent in the gateway itself", ["route"], buckets=_OVERHEAD_BUCKETS, registry=r
+            "gateway_overhead_seconds",
+            "Time spent in the gateway itself",
+            ["route"],
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
         )
         self.tokens = Counter("gateway_tokens", "Tokens", ["model", "route", "kind"], registry=r)
         self.cost = Counter("gateway_cost_usd", "Cost in USD", ["model", "route"], registry=r)
         self.baseline_cost = Counter(
-            "gateway_baseline_cost_usd", "Cost the same requests would have had on the baseline model", ["route"], registry=r
+            "gateway_baseline_cost_usd",
+            "Cost the same requests would have had on the baseline model",
+            ["route"],
+            registry=r,
         )
         self.upstream_errors = Counter(
             "gateway_upstream_errors", "Failed upstream attempts", ["upstream", "code"], registry=r
@@ -46,7 +53,10 @@ class Metrics:
             multiprocess_mode="max",
         )  # fmt: skip
         self.redis_up = Gauge(
-            "gateway_redis_up", "1 when Redis answered the last call (every worker)", registry=r, multiprocess_mode="min"
+            "gateway_redis_up",
+            "1 when Redis answered the last call (every worker)",
+            registry=r,
+            multiprocess_mode="min",
         )
         self.redis_timeouts = Counter(
             "gateway_redis_timeouts", "Redis calls abandoned at their deadline (the request went on without them)",

@@ -87,11 +87,11 @@ class RequestLogWriter:
             if stdout_fd is None:
                 self._sinks.append(_Sink(sys.stdout, owned=False))
             else:
-                self._sinks.append(_Sink(open(stdout_fd, "w", encoding="utf-8", closefd=False), owned=True))
+                self._sinks.append(_Sink(open(stdout_fd, "w", encoding="utf-8", closefd=False), owned=True))  # noqa: SIM115 - closed in close()
         if stderr:
             self._sinks.append(_Sink(sys.stderr, owned=False))
         if path:
-            self._sinks.append(_Sink(open(path, "a", encoding="utf-8", buffering=1 << 16), owned=True))
+            self._sinks.append(_Sink(open(path, "a", encoding="utf-8", buffering=1 << 16), owned=True))  # noqa: SIM115 - closed in close()
         self._pending: list[str] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()

@@ -16,11 +16,11 @@ from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestLogWriter, configure_logging, exception_frames
 from gateway.api.chat import chat_completions
 from gateway.api.probes import error_response, healthz, list_models, metrics, readyz, retrieve_model
-from gateway.api.usage import usage
 from gateway.api.state import GatewayState
+from gateway.api.usage import usage
 from gateway.cache.exact import ExactCache
-from gateway.classifier import load_classifier
 from gateway.cache.semantic import SemanticCache
+from gateway.classifier import load_classifier
 from gateway.config.loader import load_policy
 from gateway.drain import Drain
 from gateway.errors import GatewayError, InvalidRequestError, ModelNotFoundError
@@ -65,7 +65,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
 async def _start(settings: Settings) -> GatewayState:
     log_policy = load_policy(settings.policies_path).policy.request_log
     request_log = RequestLogWriter(
-        stdout=log_policy.enabled and log_policy.stdout, path=log_policy.path if log_policy.enabled else None,
+        stdout=log_policy.enabled and log_policy.stdout,
+        path=log_policy.path if log_policy.enabled else None,
         stdout_fd=settings.request_log_fd,
     )
     ops_log = RequestLogWriter(stdout=False, stderr=True)
@@ -85,7 +86,9 @@ async def _start(settings: Settings) -> GatewayState:
         _log.info("router_loaded", **classifier_info)
     drain = Drain(settings.drain_s)
     drain.install_signal_handler(asyncio.get_running_loop())
-    pipeline = ChatPipeline(holder, metrics, ExactCache(redis), SemanticCache(redis), limiter, scorer=classifier, drain=drain)
+    pipeline = ChatPipeline(
+        holder, metrics, ExactCache(redis), SemanticCache(redis), limiter, scorer=classifier, drain=drain
+    )
     state = GatewayState(holder, pipeline, metrics, redis, limiter, request_log, ops_log, classifier_info)
     state.closers.append(_stopper(drain))
     if classifier is not None:

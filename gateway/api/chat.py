@@ -43,7 +43,9 @@ async def chat_completions(request: Request) -> Response[bytes] | Stream:
     finally:
         watch.stop()
     if isinstance(answer, Answer):
-        return Response(content=answer.body, status_code=answer.status, headers=answer.headers, media_type="application/json")
+        return Response(
+            content=answer.body, status_code=answer.status, headers=answer.headers, media_type="application/json"
+        )
     return Stream(
         answer.events,
         media_type="text/event-stream",

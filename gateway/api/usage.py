@@ -61,7 +61,9 @@ def _row(key_id: str, tenant: str, figures: dict[str, float]) -> dict[str, objec
     row: dict[str, object] = {"key_id": key_id, "tenant": tenant}
     for field in _FIELDS:
         value = figures.get(field, 0.0)
-        row[field] = int(value) if field in ("requests", "prompt_tokens", "completion_tokens", "cache_hits", "errors") else value
+        row[field] = (
+            int(value) if field in ("requests", "prompt_tokens", "completion_tokens", "cache_hits", "errors") else value
+        )
     row["savings_usd"] = float(row["baseline_cost_usd"]) - float(row["cost_usd"])  # type: ignore[arg-type]
     return row
 
@@ -73,5 +75,3 @@ def _date(value: str | None, param: str) -> datetime | None:
         return datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
     except ValueError:
         raise InvalidRequestError(f"'{param}' must be a date like 2026-11-01", param=param) from None
-
-

@@ -50,7 +50,12 @@ def completion_from_stream(
             "created": created or int(time.time()),
             "model": model,
             "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": finish_reason,
+                }
             ],
             "usage": {
                 "prompt_tokens": prompt_tokens,

@@ -9,7 +9,9 @@ import msgspec
 
 __all__ = ["exact_key", "namespace_hash"]
 
-_NOT_IN_KEY = frozenset({"model", "stream", "stream_options", "user", "metadata", "store", "service_tier", "gateway_cache"})
+_NOT_IN_KEY = frozenset(
+    {"model", "stream", "stream_options", "user", "metadata", "store", "service_tier", "gateway_cache"}
+)
 """Fields that do not change the answer. Everything else, unknown fields included, is part of the key."""
 
 _encoder = msgspec.json.Encoder(order="sorted")

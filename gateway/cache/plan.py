@@ -12,7 +12,9 @@ from gateway.protocol import ChatRequest, ContentPart
 
 __all__ = ["CachePlan", "plan_cache"]
 
-_ANSWER_INDEPENDENT = frozenset({"messages", "model", "stream", "stream_options", "user", "metadata", "store", "gateway_cache"})
+_ANSWER_INDEPENDENT = frozenset(
+    {"messages", "model", "stream", "stream_options", "user", "metadata", "store", "gateway_cache"}
+)
 
 
 @dataclass(slots=True)
@@ -52,7 +54,9 @@ def plan_cache(
         system = "\n".join(_text(m.content) for m in request.messages if m.role in ("system", "developer"))
         params = {k: v for k, v in body.items() if k not in _ANSWER_INDEPENDENT}
         earlier = [(m.role, _text(m.content)) for m in turns[:-1]]
-        semantic_set = SemanticCache.set_key(tenant, namespace_hash(route, system, {"params": params, "earlier": earlier}))
+        semantic_set = SemanticCache.set_key(
+            tenant, namespace_hash(route, system, {"params": params, "earlier": earlier})
+        )
     prompt = "\n".join(_text(m.content) for m in turns[-1:]) if turns else ""
     return CachePlan(read, write, exact_key(tenant, route, body), semantic_set, prompt)
 

@@ -125,7 +125,9 @@ class SemanticCache:
 
         async def write(client: aioredis.Redis) -> None:
             await client.set(entry_prefix + element, answer.encode(), ex=ttl_s)
-            await add(keys=[set_key, f"{set_key}:z"], args=[element, blob, time.time(), max_entries, ttl_s, entry_prefix])
+            await add(
+                keys=[set_key, f"{set_key}:z"], args=[element, blob, time.time(), max_entries, ttl_s, entry_prefix]
+            )
 
         await self._redis.run(write, None, timeout_s)
 

@@ -1,4 +1,5 @@
 """Prompt router: ``p_large`` and a normalized embedding from one ONNX forward pass."""
+
 from gateway.classifier.runtime import (
     Classifier,
     ClassifierError,

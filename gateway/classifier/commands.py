@@ -7,6 +7,7 @@ route_jsonl: one JSON line in (``prompt`` string or ``messages`` list), one out:
 calibrate: the threshold that sends ``target_large_share`` of the sample to the large
 model (the (1 - share) quantile of ``p_large``), optionally written into a policy file.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,7 +66,7 @@ def _scores(classifier: Classifier, src: IO[str]) -> Iterator[tuple[dict | None,
 
     def flush() -> Iterator[tuple[dict | None, str | None, float | None, str | None]]:
         scored = classifier.score_batch_sync([t for _, t in pending])
-        for (rec, t), s in zip(pending, scored):
+        for (rec, t), s in zip(pending, scored, strict=False):
             yield rec, t, s.p_large, None
         pending.clear()
 

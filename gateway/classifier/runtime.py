@@ -12,6 +12,7 @@ normalized embedding (for the semantic cache) and ``p_large`` (for ``auto`` rout
 * ``load_classifier`` returns ``None`` (and logs why) when the artifacts are missing,
   do not match their recorded sha256, or fail to load; it never raises.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -125,9 +126,7 @@ class Classifier:
         p = np.clip(np.asarray(p, dtype=np.float32).reshape(-1), 0.0, 1.0)
         full = self.max_tokens
         cut = self._max_chars
-        return [
-            RouterScore(float(p[i]), emb[i], len(e.ids) >= full or len(texts[i]) > cut) for i, e in enumerate(encs)
-        ]
+        return [RouterScore(float(p[i]), emb[i], len(e.ids) >= full or len(texts[i]) > cut) for i, e in enumerate(encs)]
 
     def score_batch_sync(self, texts: list[str]) -> list[RouterScore]:
         """Score raw texts (already selected) in one forward pass, on the calling thread."""
@@ -178,13 +177,13 @@ class Classifier:
             self.max_batch_seen = max(self.max_batch_seen, len(live))
             try:
                 scores = await loop.run_in_executor(self._executor, self._infer, [t for t, _ in live])
-            except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
+            except Exception as exc:
                 _log.warning("classifier_inference_failed", error=repr(exc), batch=len(live))
                 for _, f in live:
                     if not f.done():
                         f.set_exception(ClassifierError(repr(exc)))
                 continue
-            for (_, f), score in zip(live, scores):
+            for (_, f), score in zip(live, scores, strict=False):
                 if not f.done():
                     f.set_result(score)
 
@@ -194,7 +193,7 @@ class Classifier:
             self._batcher.cancel()
             try:
                 await self._batcher
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+            except (asyncio.CancelledError, Exception):
                 pass
         if self._queue is not None:
             while not self._queue.empty():
@@ -286,7 +285,9 @@ def load_classifier(
             if want is not None:
                 got = _sha256(p)
                 if got != want:
-                    _log.warning("classifier_unavailable", reason="sha256_mismatch", path=str(p), expected=want, actual=got)
+                    _log.warning(
+                        "classifier_unavailable", reason="sha256_mismatch", path=str(p), expected=want, actual=got
+                    )
                     return None
 
         tokenizer = Tokenizer.from_file(str(tok_path))
@@ -327,6 +328,6 @@ def load_classifier(
             _log.warning("classifier_gpu_unavailable", reason="CUDA provider listed but failed to start; using CPU")
         _log.info("classifier_loaded", **clf.describe(), why_not_cuda=no_cuda)
         return clf
-    except Exception as exc:  # noqa: BLE001 - never raise: the gateway serves without it
+    except Exception as exc:
         _log.warning("classifier_unavailable", reason="load_failed", path=str(d), error=repr(exc))
         return None

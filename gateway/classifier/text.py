@@ -8,6 +8,7 @@ are not used: on conversations built from held-out prompts, adding them lowered 
 (they are mostly boilerplate shared by easy and hard requests, and at 64-128 tokens
 they push the question out of the window).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping

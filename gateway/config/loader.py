@@ -101,7 +101,9 @@ def load_policy_text(
 _SECTIONS = {field.encode_name: field for field in msgspec.structs.fields(Policy)}
 
 
-def _checked_sections(data: dict[str, Any], lines: dict[_Path, int], problems: list[str]) -> tuple[dict[str, Any], set[str], bool]:
+def _checked_sections(
+    data: dict[str, Any], lines: dict[_Path, int], problems: list[str]
+) -> tuple[dict[str, Any], set[str], bool]:
     """Check each top-level section (and each named model and route) on its own.
 
     Returns the data without what failed (so the remaining checks still run), the names
@@ -203,12 +205,12 @@ class _NodeReader:
                     continue
                 if key in out:
                     self._problems.append(
-                        f"{_dotted(path + (key,))} (line {key_node.start_mark.line + 1}): duplicate key"
+                        f"{_dotted((*path, key))} (line {key_node.start_mark.line + 1}): duplicate key"
                     )
-                out[key] = self.read(value_node, path + (str(key),))
+                out[key] = self.read(value_node, (*path, str(key)))
             return out
         if isinstance(node, yaml.SequenceNode):
-            return [self.read(item, path + (i,)) for i, item in enumerate(node.value)]
+            return [self.read(item, (*path, i)) for i, item in enumerate(node.value)]
         return self._scalar(node, path)
 
     def _scalar(self, node: yaml.ScalarNode, path: _Path) -> Any:
@@ -217,7 +219,9 @@ class _NodeReader:
             if unset:  # a placeholder stands in, so the rest of the file is still checked
                 where = f"{_dotted(path)} (line {node.start_mark.line + 1})"
                 if self._notes is not None:
-                    self._notes += [f"{name} is not set: {where} needs it to serve (or give a default)" for name in unset]
+                    self._notes += [
+                        f"{name} is not set: {where} needs it to serve (or give a default)" for name in unset
+                    ]
                 else:
                     self._problems += [
                         f"{where}: environment variable {name} is not set and has no default "
@@ -305,12 +309,12 @@ def _check_references(policy: Policy, lines: dict[_Path, int], invalid_models: s
         base: _Path = ("routes", route_name)
         if route.model is None:
             problem(base, "'model' is required (for classifier routes: the model used until the classifier loads)")
-        check_model(base + ("model",), route.model)
+        check_model((*base, "model"), route.model)
         for i, name in enumerate(route.fallbacks):
-            check_model(base + ("fallbacks", i), name)
-        check_model(base + ("baseline",), route.baseline)
+            check_model((*base, "fallbacks", i), name)
+        check_model((*base, "baseline"), route.baseline)
         if not 0.0 <= route.threshold <= 1.0:
-            problem(base + ("threshold",), "must be between 0 and 1")
+            problem((*base, "threshold"), "must be between 0 and 1")
         if route_name in policy.models and policy.models[route_name].public:
             problem(base, f"route {route_name!r} has the name of a public model; rename one of them")
     for name, model in policy.models.items():
@@ -318,18 +322,18 @@ def _check_references(policy: Policy, lines: dict[_Path, int], invalid_models: s
         base = ("models", name, "speculative")
         if spec.mode == "gateway":
             if spec.draft is None and spec.draft_source == "model":
-                problem(base + ("draft",), "mode 'gateway' with draft_source 'model' needs a draft model")
-            check_model(base + ("draft",), spec.draft)
+                problem((*base, "draft"), "mode 'gateway' with draft_source 'model' needs a draft model")
+            check_model((*base, "draft"), spec.draft)
             if spec.draft == name:
-                problem(base + ("draft",), "a model cannot draft for itself")
+                problem((*base, "draft"), "a model cannot draft for itself")
     seen_ids: set[str] = set()
     for i, key in enumerate(policy.auth.keys):
         base = ("auth", "keys", i)
         if key.id in seen_ids:
-            problem(base + ("id",), f"duplicate key id {key.id!r}")
+            problem((*base, "id"), f"duplicate key id {key.id!r}")
         seen_ids.add(key.id)
         if not re.fullmatch(r"sha256:[0-9a-f]{64}", key.hash):
-            problem(base + ("hash",), "must be 'sha256:' followed by 64 lowercase hex digits")
+            problem((*base, "hash"), "must be 'sha256:' followed by 64 lowercase hex digits")
     if policy.auth.mode == "keys" and not policy.auth.keys and not policy.auth.key_file:
         problem(("auth", "keys"), "auth mode 'keys' needs at least one key (or a key_file)")
     for name, tenant in policy.tenants.items():

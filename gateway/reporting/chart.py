@@ -88,13 +88,13 @@ def _cost_panel(axes: Any, aggregator: Aggregator, days: list[str]) -> None:
         series.setdefault(str(model), [0.0] * len(days))[position[str(day)]] += totals.cost_usd
     ranked = sorted(series, key=lambda name: -sum(series[name]))
     if len(ranked) > _MAX_MODELS:
-        other = [sum(values) for values in zip(*(series.pop(name) for name in ranked[_MAX_MODELS - 1 :]))]
+        other = [sum(values) for values in zip(*(series.pop(name) for name in ranked[_MAX_MODELS - 1 :]), strict=False)]
         ranked = [*ranked[: _MAX_MODELS - 1], "other"]
         series["other"] = other
     bottom = [0.0] * len(days)
     for name in ranked:
         axes.bar(range(len(days)), series[name], bottom=bottom, label=name, width=0.8)
-        bottom = [b + v for b, v in zip(bottom, series[name])]
+        bottom = [b + v for b, v in zip(bottom, series[name], strict=False)]
     total = aggregator.total()
     axes.set_title(f"Spend per day by model: {usd(total.cost_usd)} in {len(days)} day(s), {total.requests:,} requests")
 
@@ -120,7 +120,13 @@ def _savings_panel(axes: Any, aggregator: Aggregator, days: list[str]) -> None:
 def _comparison_panel(axes: Any, aggregator: Aggregator, days: list[str]) -> None:
     rows = [totals for _, totals in aggregator.rows(("day",))]
     x = range(len(days))
-    axes.plot(x, [t.baseline_cost_usd for t in rows], color="tab:gray", marker="o", label="baseline (every request on the baseline model)")
+    axes.plot(
+        x,
+        [t.baseline_cost_usd for t in rows],
+        color="tab:gray",
+        marker="o",
+        label="baseline (every request on the baseline model)",
+    )
     axes.plot(x, [t.cost_usd for t in rows], color="tab:red", marker="o", label="actual spend")
     axes.set_ylim(bottom=0)
     total = aggregator.total()

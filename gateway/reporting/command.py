@@ -17,7 +17,7 @@ from gateway.reporting.table import FORMATS, render, summary_line
 __all__ = ["add_report_parser", "main", "run_report"]
 
 _DESCRIPTION = (
-    "Totals from the request log (the JSON lines with \"event\": \"request\"): requests, errors, tokens, "
+    'Totals from the request log (the JSON lines with "event": "request"): requests, errors, tokens, '
     "cost, baseline cost, savings (baseline − cost, cache hits included) and cache hits, grouped as asked. "
     "Other lines are skipped; malformed ones are counted."
 )
@@ -35,7 +35,10 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "logs", metavar="LOG", nargs="+", help="request log: a file (plain or gzipped) or - for stdin; several are summed"
+        "logs",
+        metavar="LOG",
+        nargs="+",
+        help="request log: a file (plain or gzipped) or - for stdin; several are summed",
     )
     parser.add_argument(
         "--by", default="day", type=_dimensions,

@@ -54,7 +54,9 @@ def render_table(aggregator: Aggregator, by: Sequence[str]) -> str:
     widths = [max(len(row[i]) for row in (header, *body, total)) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i < len(by) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(
+            c.ljust(w) if i < len(by) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=False))
+        ).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     out = [line(header), rule, *(line(row) for row in body)]
@@ -68,7 +70,7 @@ def render_table(aggregator: Aggregator, by: Sequence[str]) -> str:
 
 def render_json(aggregator: Aggregator, by: Sequence[str]) -> str:
     """``{"by", "since", "until", "rows": [{group..., figures...}], "total": {...}, "lines": {...}}``."""
-    rows = [{**dict(zip(by, group)), **_json_figures(totals)} for group, totals in aggregator.rows(by)]
+    rows = [{**dict(zip(by, group, strict=False)), **_json_figures(totals)} for group, totals in aggregator.rows(by)]
     document = {
         "by": list(by),
         "since": _iso(aggregator.since),
@@ -133,4 +135,3 @@ def _label(value: str | None) -> str:
 
 def _iso(when: datetime | None) -> str | None:
     return None if when is None else when.isoformat().replace("+00:00", "Z")
-

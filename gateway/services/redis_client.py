@@ -114,7 +114,11 @@ class SharedRedis:
         now = time.monotonic()
         if now - self._slow_logged_at >= _SLOW_LOG_EVERY_S:
             self._slow_logged_at = now
-            _log.warning("redis_slow", timeout_ms=round(timeout_s * 1000, 1), effect="call skipped; see gateway_redis_timeouts_total")
+            _log.warning(
+                "redis_slow",
+                timeout_ms=round(timeout_s * 1000, 1),
+                effect="call skipped; see gateway_redis_timeouts_total",
+            )
 
     def _mark_down(self, exc: BaseException, event: str) -> None:
         if self.up or self._down_since is None:

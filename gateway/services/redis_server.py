@@ -84,7 +84,9 @@ class EmbeddedRedis:
     def supervise(self, say: Callable[[str], None] | None = None) -> None:
         """Restart the server whenever it exits, with backoff, until :meth:`stop`."""
         report = say or (lambda message: print(f"[gateway] {message}", file=sys.stderr, flush=True))
-        self._supervisor = threading.Thread(target=self._supervise, args=(report,), name="redis-supervisor", daemon=True)
+        self._supervisor = threading.Thread(
+            target=self._supervise, args=(report,), name="redis-supervisor", daemon=True
+        )
         self._supervisor.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -139,7 +141,9 @@ class EmbeddedRedis:
             time.sleep(0.05)
         process.kill()
         process.wait()
-        raise RuntimeError(f"redis-server did not answer within {self._timeout_s:g}s; see {self.data_dir / 'redis.log'}")
+        raise RuntimeError(
+            f"redis-server did not answer within {self._timeout_s:g}s; see {self.data_dir / 'redis.log'}"
+        )
 
     def _answers_ping(self) -> bool:
         command = f"AUTH {self.password}\r\nPING\r\n".encode()

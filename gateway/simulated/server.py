@@ -394,7 +394,7 @@ def _api_key(request: web.Request) -> str | None:
 class _EventSink:
     """Writes SSE events, honouring the chunk delay and ``cut_after_chunks``."""
 
-    __slots__ = ("_resp", "_cut", "_sent", "_delay_s")
+    __slots__ = ("_cut", "_delay_s", "_resp", "_sent")
 
     def __init__(self, resp: web.StreamResponse, fault: _Fault, default_delay_s: float) -> None:
         self._resp = resp
@@ -652,7 +652,7 @@ async def _faults_handler(request: web.Request) -> web.Response:
         body = await _read_json(request)
         raw_faults = body.get("faults") if isinstance(body, dict) else None
         if not isinstance(raw_faults, list):
-            raise ValueError("body must be {\"faults\": [...]}")
+            raise ValueError('body must be {"faults": [...]}')
         faults = [msgspec.convert(raw, _Fault) for raw in raw_faults]
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         return _json_response(_openai_error(400, f"bad faults: {exc}"), 400)

@@ -41,7 +41,7 @@ class AdaptiveK:
             self._accepted = self._decay * self._accepted + accepted
             self._rejected = self._decay * self._rejected + (1 if accepted < drafted else 0)
             self._fit = [self._decay * old + new for old, new in
-                         zip(self._fit, (1.0, drafted, drafted * drafted, draft_s, drafted * draft_s))]  # fmt: skip
+                         zip(self._fit, (1.0, drafted, drafted * drafted, draft_s, drafted * draft_s), strict=False)]  # fmt: skip
         self._verify_s = _ema(self._verify_s, verify_s)
         if self.k_min != self.k_max and self._verify_s is not None and self._fit[0] > 0:
             fixed, per_token = self._draft_cost()

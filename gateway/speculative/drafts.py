@@ -27,7 +27,9 @@ class DraftSource(ABC):
     """Whether proposing costs a server call (worth overlapping with the gateway's other work)."""
 
     @abstractmethod
-    async def propose(self, context: Sequence[int], k: int, *, temperature: float, top_n: int, seed: int | None) -> Draft:
+    async def propose(
+        self, context: Sequence[int], k: int, *, temperature: float, top_n: int, seed: int | None
+    ) -> Draft:
         """Up to ``k`` tokens that may follow ``context``. Raises UpstreamError if its server fails."""
 
 
@@ -41,7 +43,9 @@ class ModelDraft(DraftSource):
         self.api = api
         self._eos = eos
 
-    async def propose(self, context: Sequence[int], k: int, *, temperature: float, top_n: int, seed: int | None) -> Draft:
+    async def propose(
+        self, context: Sequence[int], k: int, *, temperature: float, top_n: int, seed: int | None
+    ) -> Draft:
         sampled = temperature > 0
         generation = await self.api.generate(
             context, k, temperature=temperature, logprobs=top_n if sampled else 1, seed=seed
@@ -61,7 +65,9 @@ class PromptLookupDraft(DraftSource):
         self.min_ngram = min_ngram
         self.window = window
 
-    async def propose(self, context: Sequence[int], k: int, *, temperature: float, top_n: int, seed: int | None) -> Draft:
+    async def propose(
+        self, context: Sequence[int], k: int, *, temperature: float, top_n: int, seed: int | None
+    ) -> Draft:
         return Draft(lookup(context, k, self.max_ngram, self.min_ngram, self.window))
 
 

@@ -37,9 +37,7 @@ class EosTable:
 
     async def probe(self, api: TokenAPI, token: int, context_token: int) -> bool:
         """Ask the server whether ``token`` ends a sequence (one tiny, forced, one-token call)."""
-        generation = await api.generate(
-            [context_token], 1, temperature=0.0, logprobs=1, logit_bias={token: 100.0}
-        )
+        generation = await api.generate([context_token], 1, temperature=0.0, logprobs=1, logit_bias={token: 100.0})
         if generation.tokens == [token]:
             self.learn(generation.tokens, generation.finish_reason)
         else:  # the bias did not force it: assume it ends nothing, as the large model's text will show

@@ -29,7 +29,7 @@ from gateway.speculative.sampling import verify_greedy, verify_sampled
 from gateway.speculative.stats import SpeculationStats
 from gateway.speculative.token_api import TokenAPI
 
-__all__ = ["Decoder", "Step", "TOP_N"]
+__all__ = ["TOP_N", "Decoder", "Step"]
 
 TOP_N = 20
 """Logprobs asked for in speculative sampling: vLLM's default ``--max-logprobs``."""

@@ -59,7 +59,12 @@ class SpeculativeProvider(Provider):
     kind: ClassVar[str] = "speculative"
 
     def __init__(
-        self, target: Provider, draft: Provider | None, policy: SpeculationPolicy, *, eos_token_ids: tuple[int, ...] = ()
+        self,
+        target: Provider,
+        draft: Provider | None,
+        policy: SpeculationPolicy,
+        *,
+        eos_token_ids: tuple[int, ...] = (),
     ) -> None:
         # Not Provider.__init__: nothing new is opened, everything is the target's.
         self.name = target.name
@@ -67,7 +72,7 @@ class SpeculativeProvider(Provider):
         self.client = target.client
         self.api_key = target.api_key
         self.upstream_model = target.upstream_model
-        self._timeout = target._timeout  # noqa: SLF001
+        self._timeout = target._timeout
         self.target = target
         self.draft = draft
         self.policy = policy
@@ -96,7 +101,9 @@ class SpeculativeProvider(Provider):
             self._target_api.tokenize_text(PROBE_TEXT), self._draft_api.tokenize_text(PROBE_TEXT)
         )
         if ours != theirs:
-            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            first = next(
+                (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs))
+            )
             self._refuse(
                 f"'{self.name}' and draft '{self._draft_api.name}' tokenize the probe text differently "
                 f"({len(ours)} vs {len(theirs)} tokens, first difference at token {first}); "
@@ -137,7 +144,9 @@ class SpeculativeProvider(Provider):
             async with asyncio.timeout(self.config.timeouts.total):
                 text = [piece async for piece in run.pieces()]
         except TimeoutError:
-            raise UpstreamTimeoutError(self.name, f"no complete answer within {self.config.timeouts.total:g}s") from None
+            raise UpstreamTimeoutError(
+                self.name, f"no complete answer within {self.config.timeouts.total:g}s"
+            ) from None
         finally:
             await run.aclose()
         usage = Usage(len(run.prompt), run.assembler.completion_tokens)
@@ -174,7 +183,11 @@ class SpeculativeProvider(Provider):
             return "unsupported_n"
         if body.get("logprobs") or body.get("top_logprobs"):
             return "unsupported_logprobs"
-        if body.get("presence_penalty") or body.get("frequency_penalty") or body.get("repetition_penalty") not in (None, 1, 1.0):
+        if (
+            body.get("presence_penalty")
+            or body.get("frequency_penalty")
+            or body.get("repetition_penalty") not in (None, 1, 1.0)
+        ):
             return "unsupported_penalties"
         temperature = _temperature(body)
         if temperature > 0:
@@ -203,7 +216,9 @@ class SpeculativeProvider(Provider):
         max_new = min(int(limit), room) if limit else room
         temperature = _temperature(body)
         stats = SpeculationStats(
-            mode="gateway", draft_source=self.policy.draft_source, sampling="speculative" if temperature > 0 else "greedy"
+            mode="gateway",
+            draft_source=self.policy.draft_source,
+            sampling="speculative" if temperature > 0 else "greedy",
         )
         k = AdaptiveK(self.policy.k_initial, self.policy.k_min, self.policy.k_max, prior_alpha=self._alpha)
         decoder = Decoder(
@@ -261,7 +276,7 @@ class _Run:
         aclose = getattr(self._steps, "aclose", None)
         if aclose is not None:
             await aclose()
-        self.provider._learn_alpha(self._k)  # noqa: SLF001
+        self.provider._learn_alpha(self._k)
 
 
 async def _nothing() -> AsyncIterator[Step]:
@@ -293,7 +308,9 @@ class _SpeculativeStream(ChatStream):
             except TimeoutError:
                 raise UpstreamTimeoutError(self._run.provider.name, "stream exceeded its total timeout") from None
             if text or not self._started:
-                self._queue.append(self._chunk({"role": "assistant", "content": text} if not self._started else {"content": text}))
+                self._queue.append(
+                    self._chunk({"role": "assistant", "content": text} if not self._started else {"content": text})
+                )
                 self._started = True
                 if text:
                     self.tally.text_parts.append(text)

@@ -84,7 +84,7 @@ class TextAssembler:
         """How many of the new tokens it takes for the text to reach ``end`` (vLLM counts them all)."""
         candidates = range(first_new + 1, len(self._ids) + 1)
         texts = await asyncio.gather(*(self._api.detokenize(self._ids[self._anchor : n]) for n in candidates))
-        for n, text in zip(candidates, texts):
+        for n, text in zip(candidates, texts, strict=False):
             if self._before + len(text.rstrip("\ufffd")) >= end:
                 return n - first_new
         return len(self._ids) - first_new

@@ -96,7 +96,9 @@ class TokenAPI:
     def name(self) -> str:
         return self.provider.name
 
-    async def tokenize_chat(self, messages: list[Any], extra: dict[str, Any] | None = None) -> tuple[list[int], int | None]:
+    async def tokenize_chat(
+        self, messages: list[Any], extra: dict[str, Any] | None = None
+    ) -> tuple[list[int], int | None]:
         """The chat template applied to ``messages``, generation prompt added; also the server's max_model_len."""
         payload = {"model": self.provider.upstream_model, "messages": messages, "add_generation_prompt": True}
         if extra:
@@ -149,7 +151,7 @@ class TokenAPI:
         """Plain decoding on this server, streamed: one :class:`Generation` per event that carries tokens."""
         payload = self._completion_payload(prompt, max_tokens, temperature, 1, seed)
         payload["stream"] = True
-        response = await self.provider._post("completions", payload, self._headers, stream=True)  # noqa: SLF001
+        response = await self.provider._post("completions", payload, self._headers, stream=True)
         events = UpstreamEvents(self.provider, response)
         try:
             while (event := await events.next()) is not None:
@@ -158,7 +160,9 @@ class TokenAPI:
                 try:
                     chunk = _decode_completion(event.data)
                 except msgspec.DecodeError:
-                    raise UpstreamProtocolError(self.name, "sent a stream event that is not a completion chunk") from None
+                    raise UpstreamProtocolError(
+                        self.name, "sent a stream event that is not a completion chunk"
+                    ) from None
                 for choice in chunk.choices:
                     tokens, _ = self._generated(choice.logprobs, False)
                     if tokens or choice.finish_reason:
@@ -188,7 +192,7 @@ class TokenAPI:
 
     async def _call(self, path: str, payload: dict[str, Any], decode: Any) -> Any:
         # Provider._post is the shared plumbing: timeouts, transport and status errors → UpstreamError.
-        response = await self.provider._post(path, payload, self._headers, stream=False)  # noqa: SLF001
+        response = await self.provider._post(path, payload, self._headers, stream=False)
         try:
             return decode(response.content)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -217,7 +221,9 @@ def _token_id(upstream: str, token: str) -> int:
             return int(token[9:])
         except ValueError:
             pass
-    raise UpstreamProtocolError(upstream, f"token {token!r} is not 'token_id:N' (is return_tokens_as_token_ids supported?)")
+    raise UpstreamProtocolError(
+        upstream, f"token {token!r} is not 'token_id:N' (is return_tokens_as_token_ids supported?)"
+    )
 
 
 def _prompt_tables(

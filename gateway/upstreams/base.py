@@ -92,7 +92,7 @@ class Provider(ABC):
         self.api_key = api_key
         self.upstream_model = config.upstream_model or name
         self._urls: dict[str, httpx.URL] = {}
-        self._transport: httpx.AsyncBaseTransport = client._transport  # noqa: SLF001 - the pool make_client built
+        self._transport: httpx.AsyncBaseTransport = client._transport
         self._timeout = httpx.Timeout(
             connect=config.timeouts.connect,
             read=config.timeouts.first_byte,
@@ -114,7 +114,9 @@ class Provider(ABC):
 
     # -- shared HTTP plumbing -------------------------------------------------
 
-    async def _post(self, path: str, payload: dict[str, Any], headers: dict[str, str], *, stream: bool) -> httpx.Response:
+    async def _post(
+        self, path: str, payload: dict[str, Any], headers: dict[str, str], *, stream: bool
+    ) -> httpx.Response:
         """POST JSON; map transport failures and HTTP errors to :class:`UpstreamError`.
 
         With ``stream=True`` the caller owns the open response and must close it.
@@ -142,7 +144,9 @@ class Provider(ABC):
         except UpstreamError:
             raise
         except TimeoutError:
-            raise UpstreamTimeoutError(self.name, f"no complete answer within {self.config.timeouts.total:g}s") from None
+            raise UpstreamTimeoutError(
+                self.name, f"no complete answer within {self.config.timeouts.total:g}s"
+            ) from None
         except httpx.HTTPError as exc:
             raise self.transport_error(exc) from None
         return response

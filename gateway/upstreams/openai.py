@@ -20,6 +20,7 @@ from gateway.upstreams.base import (
 
 __all__ = ["OpenAIProvider"]
 
+
 class OpenAIProvider(Provider):
     kind = "openai"
 
@@ -109,6 +110,7 @@ def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:
             if choice.get("finish_reason"):
                 tally.finish_reason = choice["finish_reason"]
 
+
 def _message_text(upstream: str, data: dict[str, Any]) -> str:
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices:
@@ -119,6 +121,7 @@ def _message_text(upstream: str, data: dict[str, Any]) -> str:
         if isinstance(message, dict) and isinstance(message.get("content"), str):
             parts.append(message["content"])
     return "".join(parts)
+
 
 def _in_stream_error(error: Any) -> str:
     if isinstance(error, dict):

@@ -26,7 +26,9 @@ class SSEEvent:
         self.data = data
 
 
-async def iter_sse(chunks: AsyncIterator[bytes], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> AsyncIterator[SSEEvent]:
+async def iter_sse(
+    chunks: AsyncIterator[bytes], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> AsyncIterator[SSEEvent]:
     """Yield events as soon as their blank-line terminator arrives; tolerates CRLF and split lines."""
     buffer = bytearray()
     event: str | None = None

@@ -24,10 +24,10 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gateway.simulated import start_simulated_upstream  # noqa: E402
-from gateway.services.redis_server import start_embedded_redis  # noqa: E402
-from tests.bench.loadgen import HttpTarget, build_post, run_closed_loop, run_sequential  # noqa: E402
-from tests.gateway_process import policy_text, start_gateway  # noqa: E402
+from gateway.services.redis_server import start_embedded_redis
+from gateway.simulated import start_simulated_upstream
+from tests.bench.loadgen import HttpTarget, build_post, run_closed_loop, run_sequential
+from tests.gateway_process import policy_text, start_gateway
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "routing"
 
@@ -40,8 +40,12 @@ def _prompts(count: int) -> list[str]:
 
 def _target(port: int, path: str, model: str, prompts: list[str]) -> HttpTarget:
     payloads = tuple(
-        build_post("127.0.0.1", port, path, msgspec.json.encode({"model": model, "max_tokens": 16,
-                   "messages": [{"role": "user", "content": p}]}))  # fmt: skip
+        build_post(
+            "127.0.0.1",
+            port,
+            path,
+            msgspec.json.encode({"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": p}]}),
+        )
         for p in prompts
     )
     return HttpTarget("127.0.0.1", port, payloads, number_header=b"x-gateway-overhead-ms")
@@ -60,14 +64,18 @@ async def main_async(requests: int) -> dict[str, object]:
     try:
         prompts = _prompts(requests)
         report: dict[str, object] = {"cores": os.cpu_count(), "requests": requests}
-        direct = await run_sequential(_target(small.port, "/v1/chat/completions", "small", prompts), requests, warmup=50)
+        direct = await run_sequential(
+            _target(small.port, "/v1/chat/completions", "small", prompts), requests, warmup=50
+        )
         fast = await run_sequential(_target(gateway.port, "/v1/chat/completions", "fast", prompts), requests, warmup=50)
         auto = await run_sequential(_target(gateway.port, "/v1/chat/completions", "auto", prompts), requests, warmup=50)
         d, f, a = _ms(direct), _ms(fast), _ms(auto)
         report["direct"], report["fast"], report["auto"] = d, f, a
         report["overhead_fast"] = {k: round(f[k] - d[k], 3) for k in d}
         report["overhead_auto"] = {k: round(a[k] - d[k], 3) for k in d}
-        loaded = await run_closed_loop(_target(gateway.port, "/v1/chat/completions", "auto", prompts), 16, duration_s=8, warmup_s=1)
+        loaded = await run_closed_loop(
+            _target(gateway.port, "/v1/chat/completions", "auto", prompts), 16, duration_s=8, warmup_s=1
+        )
         report["auto_16_connections_rps"] = round(loaded.requests_per_s, 1)  # type: ignore[attr-defined]
         return report
     finally:

@@ -22,6 +22,7 @@ Method
 * onnxruntime's intra-op threads = the cores this process may use (printed).
 Figures come from one run on a shared machine; compare only within one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,7 @@ BASE = (
 
 def prompt_of(clf, tokens: int) -> str:
     """A prompt that encodes to exactly ``tokens`` tokens ([CLS] and [SEP] included)."""
-    tok = clf._tokenizer  # noqa: SLF001 - bench only
+    tok = clf._tokenizer
     text = BASE * (tokens // 20 + 2)
     enc = tok.encode(text)
     if tokens < clf.max_tokens:
@@ -121,8 +122,14 @@ async def seq_async(clf, text: str, n: int) -> list[float]:
 
 
 def bench_variant(name: str, art: Path, variant: str | None, args) -> dict:
-    clf = load_classifier(art, prefer_gpu=False, variant=variant, max_batch=args.max_batch,
-                          max_wait_s=args.max_wait_ms / 1e3, intra_op_threads=args.threads)
+    clf = load_classifier(
+        art,
+        prefer_gpu=False,
+        variant=variant,
+        max_batch=args.max_batch,
+        max_wait_s=args.max_wait_ms / 1e3,
+        intra_op_threads=args.threads,
+    )
     if clf is None:
         return {"variant": name, "error": "failed to load"}
     text = prompt_of(clf, args.tokens)
@@ -175,9 +182,13 @@ def bench_variant(name: str, art: Path, variant: str | None, args) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifacts", default=str(REPO / "router_models" / "artifacts"))
-    ap.add_argument("--extra", action="append", default=[],
-                    help="NAME=PATH.onnx: another graph with the same tokenizer/config (e.g. the fp32 build); "
-                    "a NAME containing 'speedonly' marks a graph measured for speed only (no quality shown)")
+    ap.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        help="NAME=PATH.onnx: another graph with the same tokenizer/config (e.g. the fp32 build); "
+        "a NAME containing 'speedonly' marks a graph measured for speed only (no quality shown)",
+    )
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--single-n", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=64)

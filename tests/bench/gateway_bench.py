@@ -361,7 +361,6 @@ class GatewayProcess:
                 pass
         return {"exit_code": self.process.returncode, "left_behind": left_behind}
 
-
     def _left_behind(self, grace_s: float) -> list[int]:
         """Its descendants still running in its process group once ``grace_s`` has passed."""
         deadline = time.monotonic() + grace_s
@@ -663,7 +662,6 @@ def _round3(value: float) -> float | None:
     return None if value != value else round(value, 3)
 
 
-
 class _LogLine(msgspec.Struct):
     event: str | None = None
     status: int | None = None
@@ -910,8 +908,10 @@ def _print_memory(memory: dict[str, Any] | None) -> None:
 def print_comparison(runs: list[dict[str, Any]]) -> None:
     if len(runs) < 2:
         return
-    print("\n== comparison (ms; each row's direct baseline measured right before it;"
-          " cpu = gateway worker CPU ms per request) ==")
+    print(
+        "\n== comparison (ms; each row's direct baseline measured right before it;"
+        " cpu = gateway worker CPU ms per request) =="
+    )
     print(f"{'config / variant':<34}{'dir p50':>8}{'gw p50':>8}{'ovh p50':>8}{'ovh p99':>8}{'hdr p50':>8}"
           f"{'dir rps':>8}{'gw rps':>8}{'cpu 1c':>8}{'cpu Nc':>8}{'bad':>5}")  # fmt: skip
     for run in runs:

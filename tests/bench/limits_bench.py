@@ -28,15 +28,15 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gateway.accounting.metrics import Metrics  # noqa: E402
-from gateway.auth import Principal, hash_key  # noqa: E402
-from gateway.config.loader import load_policy_text  # noqa: E402
-from gateway.config.schema import Limits  # noqa: E402
-from gateway.limits import RateLimiter  # noqa: E402
-from gateway.services.redis_client import SharedRedis, connect  # noqa: E402
-from gateway.services.redis_server import start_embedded_redis  # noqa: E402
-from gateway.simulated import start_simulated_upstream  # noqa: E402
-from tests.gateway_process import policy_text, start_gateway  # noqa: E402
+from gateway.accounting.metrics import Metrics
+from gateway.auth import Principal, hash_key
+from gateway.config.loader import load_policy_text
+from gateway.config.schema import Limits
+from gateway.limits import RateLimiter
+from gateway.services.redis_client import SharedRedis, connect
+from gateway.services.redis_server import start_embedded_redis
+from gateway.simulated import start_simulated_upstream
+from tests.gateway_process import policy_text, start_gateway
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "routing"
 
@@ -132,10 +132,10 @@ def main() -> int:
     keys = f"""auth:
   mode: keys
   keys:
-    - {{id: free, tenant: free, hash: "{hash_key('key-free')}"}}
-    - {{id: limited, tenant: limited, hash: "{hash_key('key-limited')}", limits: {{rpm: 100000000, tpm: 1000000000}}}}
-    - {{id: plain, tenant: plain, hash: "{hash_key('key-plain')}", limits: {{usd_per_day: {BUDGET}}}}}
-    - {{id: saver, tenant: saver, hash: "{hash_key('key-saver')}", limits: {{usd_per_day: {BUDGET}}}}}
+    - {{id: free, tenant: free, hash: "{hash_key("key-free")}"}}
+    - {{id: limited, tenant: limited, hash: "{hash_key("key-limited")}", limits: {{rpm: 100000000, tpm: 1000000000}}}}
+    - {{id: plain, tenant: plain, hash: "{hash_key("key-plain")}", limits: {{usd_per_day: {BUDGET}}}}}
+    - {{id: saver, tenant: saver, hash: "{hash_key("key-saver")}", limits: {{usd_per_day: {BUDGET}}}}}
 tenants:
   saver: {{downgrade_auto_at: 0.5}}
 """
@@ -143,7 +143,9 @@ tenants:
     try:
         report: dict[str, object] = {"cores": os.cpu_count()}
         report["in_process"] = asyncio.run(in_process(redis.url, args.requests))
-        policy = policy_text(small, large, auth=keys, routes=AUTO30, limits="max_body_bytes: 65536, redis_timeout_ms: 1000")
+        policy = policy_text(
+            small, large, auth=keys, routes=AUTO30, limits="max_body_bytes: 65536, redis_timeout_ms: 1000"
+        )
         gateway = start_gateway(work / "gw", policy, env={"REDIS_URL": redis.url})
         report["through_gateway"] = through_gateway(gateway.base_url, args.requests)
         prompts = [json.loads(line)["prompt"] for line in (DATA / "mmlu_dev.jsonl").open()][: args.prompts // 2]

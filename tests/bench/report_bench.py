@@ -165,7 +165,11 @@ def main() -> int:
         try:
             started, cpu_started = time.perf_counter(), time.process_time()
             render_png(aggregator, folder / "report.png")
-            _show("png render (in process, matplotlib import included)", time.perf_counter() - started, time.process_time() - cpu_started)
+            _show(
+                "png render (in process, matplotlib import included)",
+                time.perf_counter() - started,
+                time.process_time() - cpu_started,
+            )
             seconds, cpu, _ = _cli(str(log), "--by", "day,model", "--png", str(folder / "report-cli.png"))
             _show("report --by day,model --png (CLI, subprocess)", seconds, cpu)
         except ChartUnavailable as exc:

@@ -109,10 +109,97 @@ _V0_OPTION = re.compile(r"(?m)^\s*\(?([A-Ja-j])[).:]\s+(.+?)\s*$")
 _V0_WORD = re.compile(r"[A-Za-z][\w'’-]*")
 _V0_SENTENCE_START = re.compile(r"(?:^|[.!?\n]\s*|[\"“(]\s*)$")
 _V0_COMMON = frozenset(
-    "I A An The What Which Who Whom Whose Why How When Where Is Are Was Were Do Does Did Can Could Should Would Will "
-    "Please Explain Tell Give List Describe Write Find Calculate Compute Answer Question Options Choose Select True "
-    "False Yes No If In On At Of For To From By With And Or But Not All None Both Neither Let Suppose Assume Consider "
-    "Given Then Thus So It This That These Those There Here My Your Our Their His Her Its We You They He She".split()
+    [
+        "I",
+        "A",
+        "An",
+        "The",
+        "What",
+        "Which",
+        "Who",
+        "Whom",
+        "Whose",
+        "Why",
+        "How",
+        "When",
+        "Where",
+        "Is",
+        "Are",
+        "Was",
+        "Were",
+        "Do",
+        "Does",
+        "Did",
+        "Can",
+        "Could",
+        "Should",
+        "Would",
+        "Will",
+        "Please",
+        "Explain",
+        "Tell",
+        "Give",
+        "List",
+        "Describe",
+        "Write",
+        "Find",
+        "Calculate",
+        "Compute",
+        "Answer",
+        "Question",
+        "Options",
+        "Choose",
+        "Select",
+        "True",
+        "False",
+        "Yes",
+        "No",
+        "If",
+        "In",
+        "On",
+        "At",
+        "Of",
+        "For",
+        "To",
+        "From",
+        "By",
+        "With",
+        "And",
+        "Or",
+        "But",
+        "Not",
+        "All",
+        "None",
+        "Both",
+        "Neither",
+        "Let",
+        "Suppose",
+        "Assume",
+        "Consider",
+        "Given",
+        "Then",
+        "Thus",
+        "So",
+        "It",
+        "This",
+        "That",
+        "These",
+        "Those",
+        "There",
+        "Here",
+        "My",
+        "Your",
+        "Our",
+        "Their",
+        "His",
+        "Her",
+        "Its",
+        "We",
+        "You",
+        "They",
+        "He",
+        "She",
+    ]
 )
 
 
@@ -177,7 +264,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def embed_all(clf: Any, texts: list[str], cache_path: Path | None, model_sha: str) -> tuple[dict[str, np.ndarray], float]:
+def embed_all(
+    clf: Any, texts: list[str], cache_path: Path | None, model_sha: str
+) -> tuple[dict[str, np.ndarray], float]:
     store: dict[str, dict[str, np.ndarray]] = {}
     if cache_path is not None and cache_path.exists():
         store = pickle.loads(cache_path.read_bytes())
@@ -267,7 +356,8 @@ def quality(ts: Any, emb: dict[str, np.ndarray], thresholds: list[float], max_fa
         for g in GUARDS
     }  # fmt: skip
     reverse = {
-        "positives_allowed": sum(guard_allows(originals[p["v"].original_id].prompt, p["v"].text) for p in pos) / len(pos),
+        "positives_allowed": sum(guard_allows(originals[p["v"].original_id].prompt, p["v"].text) for p in pos)
+        / len(pos),
         "negatives_refused": sum(not guard_allows(originals[p["v"].original_id].prompt, p["v"].text) for p in neg)
         / len(neg),
     }
@@ -349,7 +439,13 @@ def cache_simulation(ts: Any, emb: dict[str, np.ndarray], threshold: float, toke
             c["distinct_false_hit" if lookup(o.prompt, index[o.prompt], guard) is not None else "distinct_miss"] += 1
         for a, b in PARAPHRASES:
             hit = lookup(b, None, guard)
-            c["hand_paraphrase_hit" if hit == index[a] else "hand_paraphrase_miss" if hit is None else "hand_paraphrase_wrong_hit"] += 1
+            c[
+                "hand_paraphrase_hit"
+                if hit == index[a]
+                else "hand_paraphrase_miss"
+                if hit is None
+                else "hand_paraphrase_wrong_hit"
+            ] += 1
         for _, b in NEAR_MISSES:
             c["hand_near_miss_false_hit" if lookup(b, None, guard) is not None else "hand_near_miss_miss"] += 1
         n_pos = sum(v.positive for v in ts.variants)
@@ -369,7 +465,7 @@ def guard_cost(ts: Any, n: int = 2000) -> dict[str, float]:
     pairs = [(v.text, originals[v.original_id].prompt) for v in ts.variants[:n]]
     cold = []
     for a, b in pairs:
-        guard_module._analyse.cache_clear()  # noqa: SLF001 - bench: time the analysis of both prompts
+        guard_module._analyse.cache_clear()
         start = time.perf_counter()
         guard_allows(a, b)
         cold.append((time.perf_counter() - start) * 1e6)
@@ -427,7 +523,7 @@ async def lookup_latency(clf: Any, ts: Any, emb: dict[str, np.ndarray], redis_ur
         found = await cache.lookup(set_key, score.embedding, q, threshold, True, 0.05)
         t2 = time.perf_counter()
         if i >= 20:
-            tokens = len(clf._tokenizer.encode(q).ids)  # noqa: SLF001 - bench only
+            tokens = len(clf._tokenizer.encode(q).ids)
             rows.append({"embed": (t1 - t0) * 1000, "lookup": (t2 - t1) * 1000, "total": (t2 - t0) * 1000,
                          "tokens": tokens, "hit": found.hit is not None, "timeout": found.best_similarity is None,
                          "refused": found.refused_by_guard})  # fmt: skip
@@ -595,7 +691,9 @@ def print_report(res: dict[str, Any]) -> None:
             if r["threshold"] in (0.85, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98):
                 print(f"  {r['threshold']:.2f}: hit {r['hit_full_short']:5.1%} / {r['hit_full_long']:5.1%}, "
                       f"false hit {r['false_hit_full_short']:5.1%} / {r['false_hit_full_long']:5.1%}")  # fmt: skip
-        print(f"  recommended if prompts longer than the window were not cached: {q['recommended_if_only_prompts_within_window']}")
+        print(
+            f"  recommended if prompts longer than the window were not cached: {q['recommended_if_only_prompts_within_window']}"
+        )
         for label in ("at_chosen", "at_0.92"):
             t = q["chosen"] if label == "at_chosen" else 0.92
             print(f"\nper transformation at threshold {t:.2f} (rate = hit for +, false hit for -)")
@@ -610,7 +708,9 @@ def print_report(res: dict[str, Any]) -> None:
             print(f"  {rule:8s} {e['negatives_refused']:6d} ({e['negatives_refused_only_by_it']:4d})"
                   f"             | {e['positives_refused']:5d} ({e['positives_refused_only_by_it']:3d})")  # fmt: skip
         for g, e in q["guards"].items():
-            print(f"  guard {g:5s}: allows {e['positives_allowed']:.1%} of positives, refuses {e['negatives_refused']:.1%} of negatives")
+            print(
+                f"  guard {g:5s}: allows {e['positives_allowed']:.1%} of positives, refuses {e['negatives_refused']:.1%} of negatives"
+            )
         rv = q["guard_reverse_direction"]
         print(f"  full guard, variant cached and original asked: allows {rv['positives_allowed']:.1%} of positives, "
               f"refuses {rv['negatives_refused']:.1%} of negatives")  # fmt: skip
@@ -621,7 +721,7 @@ def print_report(res: dict[str, Any]) -> None:
             shown = [k for k in rates if k in (f"{q['chosen']:.2f}", "0.92", "0.85")]
             print(f"  hand-written {name} (30): cos p50 {h[name]['cos_p50']:.3f}; served at "
                   + "; ".join(f"{k}: none {rates[k]['none']:.0%}, rules {rates[k]['rules']:.0%}, full {rates[k]['full']:.0%}" for k in shown))  # fmt: skip
-        for label, sim in res["cache_simulation"].items():
+        for _label, sim in res["cache_simulation"].items():
             print(f"\ncache simulation at {sim['threshold']:.2f} ({sim['entries']} entries, exact top-4):")
             for g in ("none", "full"):
                 s = sim[g]
@@ -642,7 +742,9 @@ def print_report(res: dict[str, Any]) -> None:
             if s["n"]:
                 print(f"  {k:14s} {s['n']:4d} |    {s['embed_p50']:6.2f} {s['embed_p99']:6.2f} |    {s['lookup_p50']:6.2f} "
                       f"{s['lookup_p99']:6.2f} |   {s['total_p50']:6.2f} {s['total_p99']:6.2f}")  # fmt: skip
-        print(f"  hits {lat['hit_share']:.0%}, guard refusals {lat['guard_refusals']}, Redis timeouts {lat['timeouts']}")
+        print(
+            f"  hits {lat['hit_share']:.0%}, guard refusals {lat['guard_refusals']}, Redis timeouts {lat['timeouts']}"
+        )
     for v in res.get("vsim", []):
         print(f"\nVSIM {v['quant']} at {v['n']:,} vectors: insert {v['insert_s']:.1f} s ({v['insert_per_s']:.0f}/s, "
               f"pipelined VADD), memory {v['memory_mb']:.0f} MB; {v['queries']} queries COUNT 4: client p50 "
@@ -687,9 +789,14 @@ def main() -> None:
     res: dict[str, Any] = {
         "args": vars(args),
         "machine": machine(),
-        "model": {"artifacts": str(artifacts), "config_sha256": config_sha, "version": clf.version,
-                  "provider": clf.provider, "train_command": config.get("train", {}).get("train_command"),
-                  "intra_op_threads": len(os.sched_getaffinity(0))},  # fmt: skip
+        "model": {
+            "artifacts": str(artifacts),
+            "config_sha256": config_sha,
+            "version": clf.version,
+            "provider": clf.provider,
+            "train_command": config.get("train", {}).get("train_command"),
+            "intra_op_threads": len(os.sched_getaffinity(0)),
+        },
     }
     started = time.perf_counter()
     ts = build_testset(args.data, args.prompts, args.per_prompt, distractors=args.distractors, seed=args.seed)
@@ -711,7 +818,9 @@ def main() -> None:
         chosen = res["quality"]["chosen"]
         res["handwritten"] = handwritten(emb, thresholds)
         window = int(config["max_tokens"])
-        res["cache_simulation"] = {f"{t:.2f}": cache_simulation(ts, emb, t, tokens, window) for t in sorted({chosen, 0.92})}
+        res["cache_simulation"] = {
+            f"{t:.2f}": cache_simulation(ts, emb, t, tokens, window) for t in sorted({chosen, 0.92})
+        }
         res["guard_cost"] = guard_cost(ts)
     from gateway.services.redis_server import start_embedded_redis
 

@@ -175,7 +175,7 @@ def _question_part(o: Original) -> tuple[str, Callable[[str], str]]:
 def _last_sentence_span(text: str) -> tuple[int, int]:
     """The span of the question sentence: the last sentence with a '?', else the last one."""
     starts = [0] + [m.end() for m in re.finditer(r"[.!?]\s+|\n", text)]
-    spans = [(s, e) for s, e in zip(starts, starts[1:] + [len(text)], strict=True) if text[s:e].strip()]
+    spans = [(s, e) for s, e in zip(starts, [*starts[1:], len(text)], strict=True) if text[s:e].strip()]
     if not spans:
         return 0, len(text)
     for s, e in reversed(spans):
@@ -344,39 +344,198 @@ POSITIVE["combo"] = p_combo
 
 # ----------------------------------------------------------------- negative rewrites
 
-PERSON_NAMES = """James John Robert Michael William David Richard Joseph Thomas Charles Christopher Daniel Matthew
-Anthony Mark Donald Steven Paul Andrew Joshua Kenneth Kevin Brian George Timothy Ronald Edward Jason Jeffrey Ryan Jacob
-Gary Nicholas Eric Jonathan Stephen Larry Justin Scott Brandon Benjamin Samuel Gregory Frank Alexander Raymond Patrick
-Jack Dennis Jerry Tyler Aaron Jose Adam Henry Nathan Douglas Zachary Peter Kyle Walter Ethan Jeremy Harold Carl Keith
-Roger Gerald Christian Terry Sean Arthur Austin Noah Lawrence Jesse Joe Bryan Billy Jordan Albert Dylan Bruce Willie
-Gabriel Alan Juan Logan Wayne Ralph Roy Eugene Randy Vincent Russell Louis Philip Bobby Johnny Bradley Josh Tom Tim Ben
-Sam Max Jim Bob Dan Mike Tony Luke Leo Oliver Liam Lucas Mason Owen Carlos Ali Ahmed Mohamed Hassan Kim Raj
-Mary Patricia Jennifer Linda Elizabeth Barbara Susan Jessica Sarah Karen Lisa Nancy Betty Margaret Sandra Ashley
-Kimberly Emily Donna Michelle Carol Amanda Dorothy Melissa Deborah Stephanie Rebecca Sharon Laura Cynthia Kathleen Amy
-Angela Shirley Anna Brenda Pamela Emma Nicole Helen Samantha Katherine Christine Debra Rachel Carolyn Janet Catherine
-Maria Heather Diane Ruth Julie Olivia Joyce Virginia Victoria Kelly Lauren Christina Joan Evelyn Judith Megan Andrea
-Cheryl Hannah Jacqueline Martha Gloria Teresa Ann Sara Madison Frances Kathryn Janice Jean Abigail Alice Judy Sophia
-Grace Denise Amber Doris Marilyn Danielle Beverly Isabella Theresa Diana Natalie Brittany Charlotte Marie Kayla Alexis
-Lori Carla Eliza Jane Kate Lily Mia Ella Chloe Zoe Ava Jenny Lucy Julia Tina Rosa Gina Nina Lena Sofia Aisha Fatima
-Mei Yuki Priya""".split()  # fmt: skip
+PERSON_NAMES = ["James", "John", "Robert", "Michael", "William", "David", "Richard", "Joseph", "Thomas", "Charles", "Christopher", "Daniel", "Matthew", "Anthony", "Mark", "Donald", "Steven", "Paul", "Andrew", "Joshua", "Kenneth", "Kevin", "Brian", "George", "Timothy", "Ronald", "Edward", "Jason", "Jeffrey", "Ryan", "Jacob", "Gary", "Nicholas", "Eric", "Jonathan", "Stephen", "Larry", "Justin", "Scott", "Brandon", "Benjamin", "Samuel", "Gregory", "Frank", "Alexander", "Raymond", "Patrick", "Jack", "Dennis", "Jerry", "Tyler", "Aaron", "Jose", "Adam", "Henry", "Nathan", "Douglas", "Zachary", "Peter", "Kyle", "Walter", "Ethan", "Jeremy", "Harold", "Carl", "Keith", "Roger", "Gerald", "Christian", "Terry", "Sean", "Arthur", "Austin", "Noah", "Lawrence", "Jesse", "Joe", "Bryan", "Billy", "Jordan", "Albert", "Dylan", "Bruce", "Willie", "Gabriel", "Alan", "Juan", "Logan", "Wayne", "Ralph", "Roy", "Eugene", "Randy", "Vincent", "Russell", "Louis", "Philip", "Bobby", "Johnny", "Bradley", "Josh", "Tom", "Tim", "Ben", "Sam", "Max", "Jim", "Bob", "Dan", "Mike", "Tony", "Luke", "Leo", "Oliver", "Liam", "Lucas", "Mason", "Owen", "Carlos", "Ali", "Ahmed", "Mohamed", "Hassan", "Kim", "Raj", "Mary", "Patricia", "Jennifer", "Linda", "Elizabeth", "Barbara", "Susan", "Jessica", "Sarah", "Karen", "Lisa", "Nancy", "Betty", "Margaret", "Sandra", "Ashley", "Kimberly", "Emily", "Donna", "Michelle", "Carol", "Amanda", "Dorothy", "Melissa", "Deborah", "Stephanie", "Rebecca", "Sharon", "Laura", "Cynthia", "Kathleen", "Amy", "Angela", "Shirley", "Anna", "Brenda", "Pamela", "Emma", "Nicole", "Helen", "Samantha", "Katherine", "Christine", "Debra", "Rachel", "Carolyn", "Janet", "Catherine", "Maria", "Heather", "Diane", "Ruth", "Julie", "Olivia", "Joyce", "Virginia", "Victoria", "Kelly", "Lauren", "Christina", "Joan", "Evelyn", "Judith", "Megan", "Andrea", "Cheryl", "Hannah", "Jacqueline", "Martha", "Gloria", "Teresa", "Ann", "Sara", "Madison", "Frances", "Kathryn", "Janice", "Jean", "Abigail", "Alice", "Judy", "Sophia", "Grace", "Denise", "Amber", "Doris", "Marilyn", "Danielle", "Beverly", "Isabella", "Theresa", "Diana", "Natalie", "Brittany", "Charlotte", "Marie", "Kayla", "Alexis", "Lori", "Carla", "Eliza", "Jane", "Kate", "Lily", "Mia", "Ella", "Chloe", "Zoe", "Ava", "Jenny", "Lucy", "Julia", "Tina", "Rosa", "Gina", "Nina", "Lena", "Sofia", "Aisha", "Fatima", "Mei", "Yuki", "Priya"]  # fmt: skip
 PLACES = {
-    "country": """France Germany Italy Spain Portugal Canada Mexico Brazil Argentina Chile Peru China Japan Korea India
-Pakistan Russia Ukraine Poland Sweden Norway Denmark Finland Egypt Nigeria Kenya Ethiopia Australia Greece Turkey Iran
-Iraq Israel Vietnam Thailand Indonesia Ireland England Scotland Britain Netherlands Belgium Switzerland Austria Cuba
-Colombia Venezuela Philippines""".split(),
-    "state": """Texas California Florida Ohio Georgia Virginia Michigan Illinois Arizona Colorado Oregon Nevada Utah Iowa
-Kansas Kentucky Alabama Louisiana Maryland Massachusetts Minnesota Missouri Montana Nebraska Oklahoma Pennsylvania
-Tennessee Washington Wisconsin Idaho Maine Vermont Alaska Hawaii Arkansas Connecticut Delaware Indiana Mississippi
-Wyoming""".split(),
-    "city": """London Paris Berlin Rome Madrid Tokyo Beijing Moscow Chicago Boston Seattle Toulouse Charleston Denver
-Dallas Houston Atlanta Miami Toronto Sydney Dublin Vienna Prague Athens Cairo Delhi Mumbai Shanghai Lagos Nairobi
-Philadelphia Detroit Phoenix Portland Vancouver Montreal Amsterdam Brussels Lisbon Stockholm Oslo Helsinki Warsaw
-Istanbul Baghdad Jerusalem Geneva Venice Florence Naples Milan Munich Hamburg Manchester Liverpool Oxford
-Cambridge""".split(),
-    "continent": "Africa Asia Europe Antarctica Australia".split(),
-    "nationality": """American British French German Italian Spanish Chinese Japanese Russian Indian Canadian Mexican
-Brazilian Greek Roman Egyptian Irish English Scottish Dutch Swedish Polish Turkish Korean Persian African European
-Asian Australian Israeli Arab Jewish Christian Muslim Catholic Protestant""".split(),
+    "country": [
+        "France",
+        "Germany",
+        "Italy",
+        "Spain",
+        "Portugal",
+        "Canada",
+        "Mexico",
+        "Brazil",
+        "Argentina",
+        "Chile",
+        "Peru",
+        "China",
+        "Japan",
+        "Korea",
+        "India",
+        "Pakistan",
+        "Russia",
+        "Ukraine",
+        "Poland",
+        "Sweden",
+        "Norway",
+        "Denmark",
+        "Finland",
+        "Egypt",
+        "Nigeria",
+        "Kenya",
+        "Ethiopia",
+        "Australia",
+        "Greece",
+        "Turkey",
+        "Iran",
+        "Iraq",
+        "Israel",
+        "Vietnam",
+        "Thailand",
+        "Indonesia",
+        "Ireland",
+        "England",
+        "Scotland",
+        "Britain",
+        "Netherlands",
+        "Belgium",
+        "Switzerland",
+        "Austria",
+        "Cuba",
+        "Colombia",
+        "Venezuela",
+        "Philippines",
+    ],
+    "state": [
+        "Texas",
+        "California",
+        "Florida",
+        "Ohio",
+        "Georgia",
+        "Virginia",
+        "Michigan",
+        "Illinois",
+        "Arizona",
+        "Colorado",
+        "Oregon",
+        "Nevada",
+        "Utah",
+        "Iowa",
+        "Kansas",
+        "Kentucky",
+        "Alabama",
+        "Louisiana",
+        "Maryland",
+        "Massachusetts",
+        "Minnesota",
+        "Missouri",
+        "Montana",
+        "Nebraska",
+        "Oklahoma",
+        "Pennsylvania",
+        "Tennessee",
+        "Washington",
+        "Wisconsin",
+        "Idaho",
+        "Maine",
+        "Vermont",
+        "Alaska",
+        "Hawaii",
+        "Arkansas",
+        "Connecticut",
+        "Delaware",
+        "Indiana",
+        "Mississippi",
+        "Wyoming",
+    ],
+    "city": [
+        "London",
+        "Paris",
+        "Berlin",
+        "Rome",
+        "Madrid",
+        "Tokyo",
+        "Beijing",
+        "Moscow",
+        "Chicago",
+        "Boston",
+        "Seattle",
+        "Toulouse",
+        "Charleston",
+        "Denver",
+        "Dallas",
+        "Houston",
+        "Atlanta",
+        "Miami",
+        "Toronto",
+        "Sydney",
+        "Dublin",
+        "Vienna",
+        "Prague",
+        "Athens",
+        "Cairo",
+        "Delhi",
+        "Mumbai",
+        "Shanghai",
+        "Lagos",
+        "Nairobi",
+        "Philadelphia",
+        "Detroit",
+        "Phoenix",
+        "Portland",
+        "Vancouver",
+        "Montreal",
+        "Amsterdam",
+        "Brussels",
+        "Lisbon",
+        "Stockholm",
+        "Oslo",
+        "Helsinki",
+        "Warsaw",
+        "Istanbul",
+        "Baghdad",
+        "Jerusalem",
+        "Geneva",
+        "Venice",
+        "Florence",
+        "Naples",
+        "Milan",
+        "Munich",
+        "Hamburg",
+        "Manchester",
+        "Liverpool",
+        "Oxford",
+        "Cambridge",
+    ],
+    "continent": ["Africa", "Asia", "Europe", "Antarctica", "Australia"],
+    "nationality": [
+        "American",
+        "British",
+        "French",
+        "German",
+        "Italian",
+        "Spanish",
+        "Chinese",
+        "Japanese",
+        "Russian",
+        "Indian",
+        "Canadian",
+        "Mexican",
+        "Brazilian",
+        "Greek",
+        "Roman",
+        "Egyptian",
+        "Irish",
+        "English",
+        "Scottish",
+        "Dutch",
+        "Swedish",
+        "Polish",
+        "Turkish",
+        "Korean",
+        "Persian",
+        "African",
+        "European",
+        "Asian",
+        "Australian",
+        "Israeli",
+        "Arab",
+        "Jewish",
+        "Christian",
+        "Muslim",
+        "Catholic",
+        "Protestant",
+    ],
 }
 NUMBER_WORDS = {"two": "three", "three": "four", "four": "five", "five": "six", "six": "seven", "seven": "eight",
                 "eight": "nine", "nine": "ten", "ten": "twelve", "eleven": "twelve", "twelve": "fifteen",
@@ -399,11 +558,7 @@ ANTONYMS = [("most", "least"), ("largest", "smallest"), ("greatest", "smallest")
             ("more", "less"), ("higher", "lower"), ("larger", "smaller"), ("strongest", "weakest"),
             ("faster", "slower"), ("accurate", "inaccurate"), ("likely", "unlikely"), ("always", "never"),
             ("minimum", "maximum"), ("early", "late"), ("earlier", "later"), ("inside", "outside")]  # fmt: skip
-STOP = set("""about above after again against among because before being below between both could different does
-doing during either every first following further given great having however large later least little might
-might never other others people person picture rather really second several should since small something still
-their there these thing things think those though three through total under until using usually which while
-whose within without would years answer options option statement statements correct""".split())  # fmt: skip
+STOP = set(["about", "above", "after", "again", "against", "among", "because", "before", "being", "below", "between", "both", "could", "different", "does", "doing", "during", "either", "every", "first", "following", "further", "given", "great", "having", "however", "large", "later", "least", "little", "might", "might", "never", "other", "others", "people", "person", "picture", "rather", "really", "second", "several", "should", "since", "small", "something", "still", "their", "there", "these", "thing", "things", "think", "those", "though", "three", "through", "total", "under", "until", "using", "usually", "which", "while", "whose", "within", "without", "would", "years", "answer", "options", "option", "statement", "statements", "correct"])  # fmt: skip
 QUOTE_WORDS = ["table", "river", "honest", "bright", "window", "garden", "silver", "market", "winter", "letter"]
 _AUX = r"\b(is|are|was|were|does|do|did|can|could|should|would|will|has|have|must)\b"
 _NEGATED = {"can": "can't", "will": "won't"}
@@ -477,7 +632,7 @@ def n_option_text(o: Original, rng: random.Random, pool: list[str] | None = None
         how = "replaced by another question's option"
     else:
         return None
-    options = options[:i] + [(letter, new_text)] + options[i + 1 :]
+    options = [*options[:i], (letter, new_text), *options[i + 1 :]]
     return join_mmlu(stem, options, tail), f"option {letter}: {how}"
 
 
@@ -613,9 +768,14 @@ PARAPHRASES = [
     ("Who wrote Pride and Prejudice?", "Who is the author of Pride and Prejudice?"),
     ("How many continents are there?", "What is the number of continents on Earth?"),
     ("What does HTTP stand for?", "What is HTTP short for?"),
-    ("Explain the difference between a list and a tuple in Python.",
-     "What's the difference between Python lists and tuples?"),
-    ("How do I convert a string to an integer in JavaScript?", "In JavaScript, how can I turn a string into an integer?"),
+    (
+        "Explain the difference between a list and a tuple in Python.",
+        "What's the difference between Python lists and tuples?",
+    ),
+    (
+        "How do I convert a string to an integer in JavaScript?",
+        "In JavaScript, how can I turn a string into an integer?",
+    ),
     ("What is photosynthesis?", "Can you explain what photosynthesis is?"),
     ("What is the speed of light?", "How fast does light travel?"),
     ("Translate 'good morning' into Spanish.", "How do you say 'good morning' in Spanish?"),
@@ -645,9 +805,14 @@ NEAR_MISSES = [
     ("What is the boiling point of water at sea level?", "What is the freezing point of water at sea level?"),
     ("Who wrote Pride and Prejudice?", "Who wrote War and Peace?"),
     ("What does HTTP stand for?", "What does HTML stand for?"),
-    ("Explain the difference between a list and a tuple in Python.",
-     "Explain the difference between a list and a set in Python."),
-    ("How do I convert a string to an integer in JavaScript?", "How do I convert an integer to a string in JavaScript?"),
+    (
+        "Explain the difference between a list and a tuple in Python.",
+        "Explain the difference between a list and a set in Python.",
+    ),
+    (
+        "How do I convert a string to an integer in JavaScript?",
+        "How do I convert an integer to a string in JavaScript?",
+    ),
     ("What is the speed of light?", "What is the speed of sound?"),
     ("Translate 'good morning' into Spanish.", "Translate 'good morning' into French."),
     ("How do I center a div in CSS?", "How do I hide a div in CSS?"),
@@ -737,7 +902,9 @@ def build_testset(
 
     # pools for the rewrites that borrow text from elsewhere: prompts outside the test set
     option_pool = [t for p in rest[distractors : distractors + 400] if (x := split_mmlu(p)) for _, t in x[1]]
-    word_pool = sorted({w for p in rest[distractors : distractors + 400] for w in re.findall(r"\b[a-z]{5,}\b", p)} - STOP)
+    word_pool = sorted(
+        {w for p in rest[distractors : distractors + 400] for w in re.findall(r"\b[a-z]{5,}\b", p)} - STOP
+    )
     question_pool = []
     for p in rest[distractors : distractors + 400]:
         part = (split_mmlu(p) or (p,))[0]

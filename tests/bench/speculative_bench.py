@@ -45,12 +45,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gateway.config.schema import ModelConfig, Price, SpeculationPolicy, Timeouts  # noqa: E402
-from gateway.speculative import SpeculativeProvider  # noqa: E402
-from gateway.speculative.adaptive import expected_tokens  # noqa: E402
-from gateway.upstreams.base import Provider  # noqa: E402
-from gateway.upstreams.registry import build_provider  # noqa: E402
-from tests.speculative.servers import ToyServer, start_toy_server  # noqa: E402
+from gateway.config.schema import ModelConfig, Price, SpeculationPolicy, Timeouts
+from gateway.speculative import SpeculativeProvider
+from gateway.speculative.adaptive import expected_tokens
+from gateway.upstreams.base import Provider
+from gateway.upstreams.registry import build_provider
+from tests.speculative.servers import ToyServer, start_toy_server
 
 _PROMPTS = [
     "write about the time when we said that she would see him",
@@ -102,8 +102,17 @@ async def _speculative(
         stats = completion.speculation  # type: ignore[attr-defined]
         assert stats is not None and not stats.fallback_to_plain, stats
         totals["tokens"] += stats.output_tokens
-        for name in ("rounds", "drafted", "accepted", "rejections", "large_calls", "draft_calls", "loop_cpu_ms",
-                     "draft_ms", "verify_ms"):
+        for name in (
+            "rounds",
+            "drafted",
+            "accepted",
+            "rejections",
+            "large_calls",
+            "draft_calls",
+            "loop_cpu_ms",
+            "draft_ms",
+            "verify_ms",
+        ):
             totals[name] += getattr(stats, name)
         k_seen += stats.k_history
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu

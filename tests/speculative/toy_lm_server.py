@@ -50,11 +50,76 @@ from aiohttp import web
 
 EOS, SYSTEM, USER, ASSISTANT = 0, 1, 2, 3
 _SPECIALS = ["<eos>", "<|system|>", "<|user|>", "<|assistant|>"]
-WORDS = (
-    "the a of and to in is it that was for on are with as his they be at one have this from or had by "
-    "word but what some we can out other were all there when up use your how said an each she which do "
-    "their time if will way about many then them write would like so these her long make thing see him"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "it",
+    "that",
+    "was",
+    "for",
+    "on",
+    "are",
+    "with",
+    "as",
+    "his",
+    "they",
+    "be",
+    "at",
+    "one",
+    "have",
+    "this",
+    "from",
+    "or",
+    "had",
+    "by",
+    "word",
+    "but",
+    "what",
+    "some",
+    "we",
+    "can",
+    "out",
+    "other",
+    "were",
+    "all",
+    "there",
+    "when",
+    "up",
+    "use",
+    "your",
+    "how",
+    "said",
+    "an",
+    "each",
+    "she",
+    "which",
+    "do",
+    "their",
+    "time",
+    "if",
+    "will",
+    "way",
+    "about",
+    "many",
+    "then",
+    "them",
+    "write",
+    "would",
+    "like",
+    "so",
+    "these",
+    "her",
+    "long",
+    "make",
+    "thing",
+    "see",
+    "him",
+]
 VOCAB = len(_SPECIALS) + len(WORDS)
 _BLOCK = 16
 _encode = msgspec.json.Encoder().encode
@@ -364,7 +429,7 @@ def _logprobs_block(tokenizer: Tokenizer, req: _Request, tokens: list[int], lps:
     n = req.logprobs or 0
     block: dict[str, Any] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
     offset = 0
-    for token, lp in zip(tokens, lps):
+    for token, lp in zip(tokens, lps, strict=False):
         block["text_offset"].append(offset)
         offset += len(tokenizer.decode([token], skip_special=True))
         block["tokens"].append(_token_name(token, req.as_ids, tokenizer))
@@ -493,7 +558,9 @@ def build_app(settings: Settings) -> web.Application:
 
     async def fail(request: web.Request) -> web.Response:
         body = await request.json()
-        state.failure = Failure(after_calls=int(body.get("after_calls", 0)), kind=str(body.get("kind", "500")), armed=True)
+        state.failure = Failure(
+            after_calls=int(body.get("after_calls", 0)), kind=str(body.get("kind", "500")), armed=True
+        )
         return _json({"ok": True})
 
     app.router.add_post("/tokenize", tokenize)
