@@ -6,7 +6,7 @@ PORT   ?= 8000
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test bench soak check venv clean router
+.PHONY: run test lint bench soak check venv clean router
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,14 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(PY) -m gateway serve --policies policies.yaml --simulate-missing --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q
+
+# The gate CI runs first: ruff's rules, ruff format, and mypy --strict over gateway/.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gateway tests router_models
+	$(VENV)/bin/ruff format --check gateway tests router_models
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) -m tests.bench.gateway_bench

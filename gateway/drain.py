@@ -37,7 +37,8 @@ class Drain:
         return task
 
     def untrack(self, task: asyncio.Task[Any] | None) -> None:
-        self._streams.discard(task)  # type: ignore[arg-type]
+        if task is not None:
+            self._streams.discard(task)
 
     def ended_by_deadline(self, task: asyncio.Task[Any] | None) -> bool:
         """Whether the cancellation ``task`` is handling came from the deadline; if so it is taken back

@@ -184,7 +184,7 @@ class RateLimiter:
         minute = periods[0]
         keys = _counter_keys(principal)
         reservation = Reservation(keys, periods, usage, tokens, cost_usd, 0.0)
-        args = [
+        args: list[str | int | float] = [
             now / 60 - minute,
             tokens,
             repr(cost_usd),
@@ -193,6 +193,7 @@ class RateLimiter:
             *_limit_args(tenant_limits),
         ]
         reserve = self._reserve
+        assert reserve is not None  # enforces() said so
         result = await self._redis.run(
             lambda r: reserve(keys=list(keys), args=args), None, policy.limits.redis_timeout_ms / 1000
         )
@@ -237,7 +238,7 @@ class RateLimiter:
             return
         token_delta = prompt_tokens + completion_tokens - reservation.tokens if reservation.tokens else 0
         cost_delta = cost_usd - reservation.cost_usd if reservation.tokens else 0.0
-        args = [token_delta, repr(cost_delta), *reservation.periods, prompt_tokens, completion_tokens, repr(cost_usd),
+        args: list[str | int | float] = [token_delta, repr(cost_delta), *reservation.periods, prompt_tokens, completion_tokens, repr(cost_usd),
                 repr(baseline_cost_usd), repr(cache_saved_usd), int(cache_hit), int(error)]  # fmt: skip
         settle = self._settle
         await self._redis.run(

@@ -48,9 +48,12 @@ BodyReader = Callable[[int, float], Awaitable[bytes]]
 
 
 class PromptScore(Protocol):
-    p_large: float
-    embedding: np.ndarray
-    truncated: bool
+    @property
+    def p_large(self) -> float: ...
+    @property
+    def embedding(self) -> np.ndarray[Any, Any]: ...
+    @property
+    def truncated(self) -> bool: ...
 
 
 class Scorer(Protocol):

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from gateway.config.edit import set_route_threshold
 from gateway.settings import DEFAULT_ROUTER_ARTIFACTS
+
+if TYPE_CHECKING:
+    from gateway.classifier.runtime import Classifier
 
 __all__ = ["add_router_parsers"]
 
@@ -74,7 +78,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(artifacts: str):
+def _load(artifacts: str) -> Classifier:
     import structlog
 
     from gateway.classifier import load_classifier

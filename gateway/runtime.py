@@ -15,6 +15,7 @@ import structlog
 from gateway.accounting.metrics import Metrics
 from gateway.auth import Authenticator
 from gateway.config.loader import LoadedPolicy, key_file_path, load_policy
+from gateway.config.schema import Policy
 from gateway.errors import ConfigError, UpstreamError
 from gateway.routing import Router
 from gateway.speculative import SpeculativeProvider
@@ -38,7 +39,7 @@ class Runtime:
     auth: Authenticator
 
     @property
-    def policy(self):
+    def policy(self) -> Policy:
         return self.loaded.policy
 
     @property
@@ -55,7 +56,7 @@ class RuntimeHolder:
         self.transport = transport
         self.breakers: dict[str, CircuitBreaker] = {}
         self._runtime: Runtime | None = None
-        self._retired: set[asyncio.Task[None]] = set()
+        self._retired: set[asyncio.Task[object]] = set()
         self._reload_lock = asyncio.Lock()
         self.last_reload_error: str | None = None
 

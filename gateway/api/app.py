@@ -7,6 +7,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import structlog
 from litestar import Litestar, Request, Response
@@ -108,11 +109,11 @@ def _stopper(drain: Drain) -> Callable[[], Awaitable[None]]:
     return stop
 
 
-def _gateway_error(_: Request, exc: GatewayError) -> Response[bytes]:
+def _gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
     return error_response(exc)
 
 
-def _http_error(_: Request, exc: HTTPException) -> Response[bytes]:
+def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     if exc.status_code == 404:
         return error_response(ModelNotFoundError("no such endpoint", code="not_found"))
     error = InvalidRequestError(str(exc.detail))
@@ -120,7 +121,7 @@ def _http_error(_: Request, exc: HTTPException) -> Response[bytes]:
     return error_response(error)
 
 
-def _internal_error(request: Request, exc: Exception) -> Response[bytes]:
+def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     request_id = uuid.uuid4().hex
     _log.error("internal_error", request_id=request_id, path=request.url.path, error=type(exc).__name__,
                where=exception_frames(exc))  # fmt: skip

@@ -6,6 +6,7 @@ import asyncio
 import re
 import time
 import uuid
+from typing import Any
 
 from litestar import Request, Response, post
 from litestar.exceptions import InternalServerException
@@ -22,7 +23,7 @@ _CLIENT_GONE = Response(content=b"", status_code=499)
 
 
 @post("/v1/chat/completions", request_max_body_size=None, status_code=200)
-async def chat_completions(request: Request) -> Response[bytes] | Stream:
+async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     started = time.perf_counter()
     state: GatewayState = request.app.state.gateway
     headers = request.headers
@@ -63,7 +64,7 @@ class _DisconnectWatch:
 
     __slots__ = ("_request", "_task", "_watcher", "client_left")
 
-    def __init__(self, request: Request, task: asyncio.Task[object]) -> None:
+    def __init__(self, request: Request[Any, Any, Any], task: asyncio.Task[object]) -> None:
         self._request = request
         self._task = task
         self._watcher: asyncio.Task[None] | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 from litestar import Request, Response, get
 
@@ -12,13 +14,13 @@ __all__ = ["healthz", "list_models", "metrics", "readyz", "retrieve_model"]
 
 
 @get("/v1/models")
-async def list_models(request: Request) -> Response[bytes]:
+async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
     data = _visible_models(request)
     return Response(msgspec.json.encode({"object": "list", "data": data}), media_type="application/json")
 
 
 @get("/v1/models/{model_id:path}")
-async def retrieve_model(request: Request, model_id: str) -> Response[bytes]:
+async def retrieve_model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
     """One model or route, as OpenAI's ``GET /v1/models/{id}`` (ids may hold slashes)."""
     wanted = model_id.lstrip("/")
     for entry in _visible_models(request):
@@ -27,7 +29,7 @@ async def retrieve_model(request: Request, model_id: str) -> Response[bytes]:
     raise ModelNotFoundError(f"the model '{wanted}' does not exist or you do not have access to it", param="model")
 
 
-def _visible_models(request: Request) -> list[dict[str, object]]:
+def _visible_models(request: Request[Any, Any, Any]) -> list[dict[str, object]]:
     """Routes and public models this caller's key may use."""
     state: GatewayState = request.app.state.gateway
     runtime = state.holder.current
@@ -57,11 +59,11 @@ async def healthz() -> Response[bytes]:
 
 
 @get("/readyz")
-async def readyz(request: Request) -> Response[bytes]:
+async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
     state: GatewayState = request.app.state.gateway
     runtime = state.holder.current
     redis_ok = await state.redis.check()
-    body = {
+    body: dict[str, object] = {
         "ready": redis_ok,
         "redis": "ok" if redis_ok else "unavailable",
         "policy": {
@@ -76,7 +78,7 @@ async def readyz(request: Request) -> Response[bytes]:
 
 
 @get("/metrics")
-async def metrics(request: Request) -> Response[bytes]:
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     state: GatewayState = request.app.state.gateway
     await state.redis.check()
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 from litestar import Request, Response, get
@@ -19,7 +20,7 @@ _MAX_DAYS = 366
 
 
 @get("/v1/usage")
-async def usage(request: Request) -> Response[bytes]:
+async def usage(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Query ``start`` and ``end`` (UTC dates, inclusive; default: this month so far).
 
     Every request this worker answered is counted; those answered by other workers or
@@ -57,14 +58,14 @@ async def usage(request: Request) -> Response[bytes]:
     return Response(msgspec.json.encode(body), media_type="application/json")
 
 
-def _row(key_id: str, tenant: str, figures: dict[str, float]) -> dict[str, object]:
-    row: dict[str, object] = {"key_id": key_id, "tenant": tenant}
+def _row(key_id: str, tenant: str, figures: dict[str, float]) -> dict[str, Any]:
+    row: dict[str, Any] = {"key_id": key_id, "tenant": tenant}
     for field in _FIELDS:
         value = figures.get(field, 0.0)
         row[field] = (
             int(value) if field in ("requests", "prompt_tokens", "completion_tokens", "cache_hits", "errors") else value
         )
-    row["savings_usd"] = float(row["baseline_cost_usd"]) - float(row["cost_usd"])  # type: ignore[arg-type]
+    row["savings_usd"] = float(row["baseline_cost_usd"]) - float(row["cost_usd"])
     return row
 
 

@@ -30,8 +30,9 @@ class CachedAnswer(msgspec.Struct, kw_only=True):
         return _encoder.encode(self)
 
     @staticmethod
-    def decode(raw: bytes) -> CachedAnswer:
-        return _decoder.decode(raw)
+    def decode(raw: bytes | str) -> CachedAnswer:
+        """From what Redis returned (bytes: the gateway's clients never decode responses)."""
+        return _decoder.decode(raw.encode() if isinstance(raw, str) else raw)
 
 
 _encoder = msgspec.msgpack.Encoder()

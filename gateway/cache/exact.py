@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from gateway.cache.entries import CachedAnswer
-from gateway.services.redis_client import SharedRedis
+from gateway.services.redis_client import RedisUnavailable, SharedRedis
 
 __all__ = ["ExactCache", "Lease"]
 
@@ -60,9 +60,12 @@ class ExactCache:
         self._flights[key] = future
         token = secrets.token_hex(8)
         lock_ms = int(wait_s * 1000) + 1000
-        acquired = await self._redis.run(lambda r: r.set(_lock(key), token, nx=True, px=lock_ms), "down", timeout_s)
+        try:
+            acquired = await self._redis.call(lambda r: r.set(_lock(key), token, nx=True, px=lock_ms), timeout_s)
+        except RedisUnavailable:  # no lock to be had: this process answers alone
+            return None, Lease(key, token, future, held_in_redis=False)
         if acquired:
-            return None, Lease(key, token, future, held_in_redis=acquired != "down")
+            return None, Lease(key, token, future, held_in_redis=True)
         # Another process is answering: wait for its answer to appear in the cache.
         answer = await self._await_other_process(key, wait_s, timeout_s)
         self._settle(key, future, answer)
@@ -88,7 +91,8 @@ class ExactCache:
         while loop.time() < deadline:
             await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
             delay = min(delay * 1.5, 0.05)
-            raw, locked = await self._redis.run(lambda r: _get_and_lock_state(r, key), (None, 0), timeout_s)
+            nothing: tuple[bytes | None, int] = (None, 0)
+            raw, locked = await self._redis.run(lambda r: _get_and_lock_state(r, key), nothing, timeout_s)
             if raw:
                 return CachedAnswer.decode(raw)
             if not locked:

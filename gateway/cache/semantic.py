@@ -85,7 +85,9 @@ class SemanticCache:
         blob = np.ascontiguousarray(embedding, dtype=np.float32).tobytes()
 
         async def search(client: aioredis.Redis) -> SemanticLookup:
-            found = await client.execute_command("VSIM", set_key, "FP32", blob, "WITHSCORES", "COUNT", _CANDIDATES)
+            found = await client.execute_command(  # type: ignore[no-untyped-call]
+                "VSIM", set_key, "FP32", blob, "WITHSCORES", "COUNT", _CANDIDATES
+            )
             result = SemanticLookup(hit=None, best_similarity=None)
             for element, score in _pairs(found):
                 similarity = 2.0 * float(score) - 1.0  # VSIM reports (1 + cosine) / 2
@@ -95,7 +97,7 @@ class SemanticCache:
                     break
                 raw = await client.get(f"{set_key}:e:{element}")
                 if raw is None:  # its answer expired: never serve it, drop it from the set
-                    await client.execute_command("VREM", set_key, element)
+                    await client.execute_command("VREM", set_key, element)  # type: ignore[no-untyped-call]
                     await client.zrem(f"{set_key}:z", element)
                     result.expired_removed += 1
                     continue

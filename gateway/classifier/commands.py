@@ -61,10 +61,12 @@ def _texts(lines: IO[str]) -> Iterator[tuple[dict[str, Any] | None, str | None, 
             yield rec, None, "needs a 'prompt' string or a 'messages' list"
 
 
-def _scores(classifier: Classifier, src: IO[str]) -> Iterator[tuple[dict | None, str | None, float | None, str | None]]:
-    pending: list[tuple[dict | None, str]] = []
+def _scores(
+    classifier: Classifier, src: IO[str]
+) -> Iterator[tuple[dict[str, Any] | None, str | None, float | None, str | None]]:
+    pending: list[tuple[dict[str, Any] | None, str]] = []
 
-    def flush() -> Iterator[tuple[dict | None, str | None, float | None, str | None]]:
+    def flush() -> Iterator[tuple[dict[str, Any] | None, str | None, float | None, str | None]]:
         scored = classifier.score_batch_sync([t for _, t in pending])
         for (rec, t), s in zip(pending, scored, strict=False):
             yield rec, t, s.p_large, None

@@ -137,7 +137,7 @@ class Classifier:
             out.extend(self._infer(list(texts[start : start + self.max_batch])))
         return out
 
-    def score_messages_sync(self, messages: list[dict]) -> RouterScore:
+    def score_messages_sync(self, messages: list[dict[str, Any]]) -> RouterScore:
         return self.score_batch_sync([select_text(messages)])[0]
 
     # --------------------------------------------------------------- async path
@@ -149,7 +149,7 @@ class Classifier:
             self._batcher = loop.create_task(self._batch_loop(self._queue), name="router-batcher")
         return self._queue
 
-    async def score(self, messages: list[dict]) -> RouterScore:
+    async def score(self, messages: list[dict[str, Any]]) -> RouterScore:
         """``p_large`` and the embedding for a conversation (micro-batched, off the loop)."""
         return await self.score_text(select_text(messages))
 

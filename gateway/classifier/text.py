@@ -37,7 +37,7 @@ def message_text(message: Mapping[str, Any]) -> str:
     return str(content)
 
 
-def select_text(messages: list[dict]) -> str:
+def select_text(messages: list[dict[str, Any]]) -> str:
     """The text the classifier scores for ``messages`` (see module docstring)."""
     user_turns = [t for t in (message_text(m) for m in messages if m.get("role") == "user") if t.strip()]
     if not user_turns:

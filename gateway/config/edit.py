@@ -38,5 +38,5 @@ def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
         return None
     for key_node, value_node in node.value:
         if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
-            return value_node
+            return value_node if isinstance(value_node, yaml.Node) else None
     return None

@@ -211,6 +211,7 @@ class _NodeReader:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.read(item, (*path, i)) for i, item in enumerate(node.value)]
+        assert isinstance(node, yaml.ScalarNode)
         return self._scalar(node, path)
 
     def _scalar(self, node: yaml.ScalarNode, path: _Path) -> Any:
@@ -230,7 +231,7 @@ class _NodeReader:
                     ]
                 return value
             if node.style is None:  # plain scalar: let "${PORT}" become an int, as if written inline
-                tag = self._loader.resolve(yaml.ScalarNode, value, (True, False))
+                tag = self._loader.resolve(yaml.ScalarNode, value, (True, False))  # type: ignore[no-untyped-call]
                 node = yaml.ScalarNode(tag, value, node.start_mark, node.end_mark, node.style)
             else:
                 return value
@@ -239,7 +240,7 @@ class _NodeReader:
 
 def _with_placeholders(value: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
     """The value with each unset variable replaced by a URL that names it, and those variables."""
-    filled, unset = dict(environ), []
+    filled, unset = dict(environ), list[str]()
     while True:
         try:
             return substitute(value, filled), unset

@@ -18,7 +18,7 @@ class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Frozen, strict: an unknown key in policies.yaml is an error, not silently ignored."""
 
 
-class Price(_Struct, kw_only=True):
+class Price(_Struct, frozen=True, kw_only=True):
     """USD per million tokens."""
 
     input_per_mtok: float = msgspec.field(name="input")
@@ -29,7 +29,7 @@ class Price(_Struct, kw_only=True):
             raise ValueError("prices must be >= 0")
 
 
-class Timeouts(_Struct, kw_only=True):
+class Timeouts(_Struct, frozen=True, kw_only=True):
     """Seconds. ``first_byte`` bounds the wait for response headers; ``total`` bounds the whole
     answer, streamed or not, whatever bytes arrive; ``idle`` bounds the gap between two stream
     events (SSE comments and partial lines do not count as events)."""
@@ -44,7 +44,7 @@ class Timeouts(_Struct, kw_only=True):
             raise ValueError("timeouts must be > 0")
 
 
-class SpeculationPolicy(_Struct, kw_only=True):
+class SpeculationPolicy(_Struct, frozen=True, kw_only=True):
     """Speculative decoding for this (large) model, with a smaller model drafting.
 
     ``engine``: the model's own server drafts (vLLM's speculative config); the gateway only routes.
@@ -66,7 +66,7 @@ class SpeculationPolicy(_Struct, kw_only=True):
             raise ValueError("need 1 <= k_min <= k_initial <= k_max <= 64")
 
 
-class ModelConfig(_Struct, kw_only=True):
+class ModelConfig(_Struct, frozen=True, kw_only=True):
     provider: ProviderKind = "openai"
     base_url: str
     upstream_model: str | None = None
@@ -99,7 +99,7 @@ class ModelConfig(_Struct, kw_only=True):
             raise ValueError("max_connections must be > 0")
 
 
-class RetryPolicy(_Struct, kw_only=True):
+class RetryPolicy(_Struct, frozen=True, kw_only=True):
     max_attempts: int = 2
     """Attempts per model, the first included, before moving to the next fallback."""
     backoff_initial_ms: float = 100.0
@@ -112,7 +112,7 @@ class RetryPolicy(_Struct, kw_only=True):
             raise ValueError("max_attempts must be >= 1")
 
 
-class CircuitBreakerPolicy(_Struct, kw_only=True):
+class CircuitBreakerPolicy(_Struct, frozen=True, kw_only=True):
     """Opens when, within ``window_s``, at least ``min_requests`` requests reached the upstream
     and at least ``failure_rate`` of them failed (connection errors, timeouts, 5xx; one verdict per request)."""
 
@@ -129,7 +129,7 @@ class CircuitBreakerPolicy(_Struct, kw_only=True):
             raise ValueError("min_requests and window_s must be >= 1, reset_after_s > 0")
 
 
-class RouteConfig(_Struct, kw_only=True):
+class RouteConfig(_Struct, frozen=True, kw_only=True):
     """A name clients call. ``strategy: classifier`` picks between the pair per prompt."""
 
     strategy: Literal["fixed", "classifier"] = "fixed"
@@ -142,12 +142,12 @@ class RouteConfig(_Struct, kw_only=True):
     retry: RetryPolicy | None = None
 
 
-class Pair(_Struct, kw_only=True):
+class Pair(_Struct, frozen=True, kw_only=True):
     small: str
     large: str
 
 
-class Limits(_Struct, kw_only=True):
+class Limits(_Struct, frozen=True, kw_only=True):
     """Per key or per tenant; a missing value means no limit."""
 
     rpm: int | None = None
@@ -169,7 +169,7 @@ class Limits(_Struct, kw_only=True):
         return any(v is not None for v in (self.rpm, self.tpm, self.usd_per_day, self.usd_per_month))
 
 
-class AuthKey(_Struct, kw_only=True):
+class AuthKey(_Struct, frozen=True, kw_only=True):
     id: str
     hash: str
     """``sha256:<hex>`` of the secret."""
@@ -180,7 +180,7 @@ class AuthKey(_Struct, kw_only=True):
     """May read every key's usage from ``/v1/usage``."""
 
 
-class AuthPolicy(_Struct, kw_only=True):
+class AuthPolicy(_Struct, frozen=True, kw_only=True):
     mode: Literal["none", "keys"]
     """Required, like ``auth`` itself: a missing line must never mean 'no keys'."""
     keys: list[AuthKey] = []
@@ -189,20 +189,20 @@ class AuthPolicy(_Struct, kw_only=True):
     ``python -m gateway keys new`` appends to it."""
 
 
-class TenantPolicy(_Struct, kw_only=True):
+class TenantPolicy(_Struct, frozen=True, kw_only=True):
     limits: Limits = Limits()
     downgrade_auto_at: float | None = None
     """When spend reaches this share of a daily or monthly budget, ``auto`` goes to the small model."""
 
 
-class RequestLogPolicy(_Struct, kw_only=True):
+class RequestLogPolicy(_Struct, frozen=True, kw_only=True):
     enabled: bool = True
     path: str | None = None
     """Also append the JSON lines to this file (stdout always gets them)."""
     stdout: bool = True
 
 
-class LimitsPolicy(_Struct, kw_only=True):
+class LimitsPolicy(_Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 4 * 1024 * 1024
     body_read_timeout_s: float = 30.0
     """A request body not received in full within this is answered 408 and its connection closed."""
@@ -215,14 +215,14 @@ class LimitsPolicy(_Struct, kw_only=True):
     redis_timeout_ms: float = 100.0
 
 
-class ExactCachePolicy(_Struct, kw_only=True):
+class ExactCachePolicy(_Struct, frozen=True, kw_only=True):
     enabled: bool = True
     ttl_s: int = 3600
     max_temperature: float | None = None
     """Skip the exact cache above this temperature (None: cache at any temperature)."""
 
 
-class SemanticCachePolicy(_Struct, kw_only=True):
+class SemanticCachePolicy(_Struct, frozen=True, kw_only=True):
     enabled: bool = True
     ttl_s: int = 3600
     threshold: float = 0.95
@@ -237,13 +237,13 @@ class SemanticCachePolicy(_Struct, kw_only=True):
     tools: bool = False
 
 
-class CoalescePolicy(_Struct, kw_only=True):
+class CoalescePolicy(_Struct, frozen=True, kw_only=True):
     enabled: bool = True
     wait_s: float = 30.0
     """How long identical requests wait for the first one's answer before calling upstream themselves."""
 
 
-class CachePolicy(_Struct, kw_only=True):
+class CachePolicy(_Struct, frozen=True, kw_only=True):
     enabled: bool = True
     exact: ExactCachePolicy = ExactCachePolicy()
     semantic: SemanticCachePolicy = SemanticCachePolicy()
@@ -252,7 +252,7 @@ class CachePolicy(_Struct, kw_only=True):
     """A cache operation slower than this is abandoned: the request goes on without the cache."""
 
 
-class Policy(_Struct, kw_only=True):
+class Policy(_Struct, frozen=True, kw_only=True):
     version: int = 1
     pair: Pair
     models: dict[str, ModelConfig]

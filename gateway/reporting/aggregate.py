@@ -270,7 +270,7 @@ class Aggregator:
         for cell, acc in self._cells.items():
             if key_id is not None and cell[1] != key_id:
                 continue
-            group = tuple(cell[i].isoformat() if i == 0 else cell[i] for i in index)  # type: ignore[union-attr]
+            group: GroupKey = tuple(_dimension(cell, i) for i in index)
             into = groups.get(group)
             if into is None:
                 groups[group] = list(acc)
@@ -293,6 +293,12 @@ class Aggregator:
             "blank": self.blank,
             "malformed": self.malformed,
         }
+
+
+def _dimension(cell: Cell, i: int) -> str | None:
+    """A cell's value for one dimension; the day as an ISO date."""
+    value = cell[i]
+    return value.isoformat() if isinstance(value, date) else value
 
 
 def parse_dimensions(by: str | Sequence[str]) -> tuple[str, ...]:
@@ -354,7 +360,7 @@ def _unzipped(raw: IO[bytes]) -> Iterator[IO[bytes]]:
     # one. If the file is cut short, what is left in the buffer (at most 64 KiB of
     # lines) is lost with the EOFError.
     with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
-        with io.BufferedReader(unzipped, buffer_size=1 << 16) as buffered:  # type: ignore[arg-type]
+        with io.BufferedReader(unzipped, buffer_size=1 << 16) as buffered:
             yield buffered
 
 

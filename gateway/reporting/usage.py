@@ -77,7 +77,7 @@ def _feed(aggregator: Aggregator, records: Iterable[Record]) -> None:
     """Lines go through the fast path in runs; other records are converted one by one."""
     for is_line, run in itertools.groupby(records, key=lambda r: isinstance(r, (bytes, str))):
         if is_line:
-            aggregator.feed(r.encode() if isinstance(r, str) else r for r in run)  # type: ignore[union-attr]
+            aggregator.feed(r.encode() if isinstance(r, str) else r for r in run if isinstance(r, (bytes, str)))
             continue
         for record in run:
             try:

@@ -47,12 +47,14 @@ def connect(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
     Every key the gateway writes carries its tenant's hash tag, so the multi-key scripts
     (limits, semantic cache) always run on one slot.
     """
-    options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if "+cluster://" in url:
         from redis.asyncio.cluster import RedisCluster
 
-        return RedisCluster.from_url(url.replace("+cluster://", "://", 1), **options)  # type: ignore[return-value]
-    return aioredis.Redis.from_url(url, **options)
+        cluster = RedisCluster.from_url(
+            url.replace("+cluster://", "://", 1), socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        return cluster  # type: ignore[return-value]  # the commands the gateway uses are the same
+    return aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
 
 class SharedRedis:

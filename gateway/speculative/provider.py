@@ -209,7 +209,9 @@ class SpeculativeProvider(Provider):
         return ModelDraft(self._draft_api, self._eos) if self._draft_api is not None else None
 
     async def _start(self, body: dict[str, Any], *, streaming: bool) -> _Run:
-        extra = {key: body[key] for key in ("chat_template_kwargs", "continue_final_message") if key in body}
+        extra: dict[str, Any] = {
+            key: body[key] for key in ("chat_template_kwargs", "continue_final_message") if key in body
+        }
         prompt, max_model_len = await self._target_api.tokenize_chat(body["messages"], extra or None)
         room = (max_model_len or self.config.context_window) - len(prompt)
         limit = body.get("max_completion_tokens") or body.get("max_tokens")

@@ -7,15 +7,17 @@ prompt given as token ids. Token ids come back as ``"token_id:123"`` strings whe
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import msgspec
 
 from gateway.errors import UpstreamProtocolError
 from gateway.upstreams.base import Provider, UpstreamEvents
+
+_Decoded = TypeVar("_Decoded")
 
 __all__ = ["Generation", "TokenAPI", "server_root"]
 
@@ -190,7 +192,7 @@ class TokenAPI:
             payload["seed"] = seed
         return payload
 
-    async def _call(self, path: str, payload: dict[str, Any], decode: Any) -> Any:
+    async def _call(self, path: str, payload: dict[str, Any], decode: Callable[[bytes], _Decoded]) -> _Decoded:
         # Provider._post is the shared plumbing: timeouts, transport and status errors → UpstreamError.
         response = await self.provider._post(path, payload, self._headers, stream=False)
         try:

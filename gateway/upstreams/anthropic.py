@@ -38,7 +38,7 @@ Error bodies (``{"type": "error", "error": {"type", "message"}}``) are read by
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, TypeGuard
 
 import httpx
 import msgspec
@@ -136,7 +136,7 @@ def _max_tokens(body: dict[str, Any]) -> int:
     return DEFAULT_MAX_TOKENS
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 

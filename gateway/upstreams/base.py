@@ -230,8 +230,9 @@ def _error_detail(content: bytes) -> str:
         return content[:200].decode("utf-8", "replace") or "no detail"
     if isinstance(data, dict):
         error = data.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"][:500]
+        message = error.get("message") if isinstance(error, dict) else None
+        if isinstance(message, str):
+            return message[:500]
         if isinstance(error, str):
             return error[:500]
     return content[:200].decode("utf-8", "replace")
