@@ -1,4 +1,4 @@
-"""Who is calling: API keys from policy, stored as hashes, compared in constant time."""
+"""Who is calling: API keys from policy, stored and looked up as sha256 digests, never compared as secrets."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The request path for ``/v1/chat/completions``:
-auth → policy → cache (exact, coalescing, semantic) → router → upstreams → accounting.
+auth → policy → cache (exact, semantic, then coalescing) → router → upstreams → accounting.
 
 The HTTP layer (``gateway.api``) only moves bytes; everything a request goes through
 is here, in the order it happens, and every outcome ends in one log line.
@@ -166,7 +166,7 @@ class ChatPipeline:
                 x.plan.candidates,
                 runtime.providers,
                 self._holder.breakers,
-                runtime.policy.retry,
+                x.plan.retry or runtime.policy.retry,
                 x.body,
                 _complete,
                 x.info,
@@ -350,7 +350,7 @@ class ChatPipeline:
             x.plan.candidates,
             runtime.providers,
             self._holder.breakers,
-            runtime.policy.retry,
+            x.plan.retry or runtime.policy.retry,
             x.body,
             _open_stream,
             x.info,

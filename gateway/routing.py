@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.config.schema import Policy
+from gateway.config.schema import Policy, RetryPolicy
 from gateway.errors import ModelNotFoundError
 
 __all__ = ["RoutePlan", "Router"]
@@ -23,6 +23,8 @@ class RoutePlan:
     (classifier route, classifier unavailable), ``budget_downgrade``."""
     threshold: float | None = None
     """Classifier routes: send to the large model when ``p_large`` is at or above this."""
+    retry: RetryPolicy | None = None
+    """The route's own retry policy (``routes.<name>.retry``); None: the policy-wide one."""
 
 
 class Router:
@@ -36,9 +38,11 @@ class Router:
             assert route.model is not None  # enforced by the loader
             candidates = tuple(dict.fromkeys([route.model, *route.fallbacks]))
             if route.strategy == "classifier":
-                plans[name] = RoutePlan(name, candidates, route.baseline or large, "default", route.threshold)
+                plans[name] = RoutePlan(
+                    name, candidates, route.baseline or large, "default", route.threshold, route.retry
+                )
             else:
-                plans[name] = RoutePlan(name, candidates, route.baseline or large, "fixed")
+                plans[name] = RoutePlan(name, candidates, route.baseline or large, "fixed", retry=route.retry)
         self._plans = plans
         self._small, self._large = policy.pair.small, policy.pair.large
         self._fallbacks = {name: tuple(route.fallbacks) for name, route in policy.routes.items()}
@@ -55,7 +59,7 @@ class Router:
 
     def downgrade(self, plan: RoutePlan) -> RoutePlan:
         """The same route on the small model alone: a nearly spent budget must not reach the large one."""
-        return RoutePlan(plan.route, (self._small,), plan.baseline, "budget_downgrade")
+        return RoutePlan(plan.route, (self._small,), plan.baseline, "budget_downgrade", retry=plan.retry)
 
     def classify(self, plan: RoutePlan, p_large: float) -> RoutePlan:
         """The pair's large model when ``p_large`` reaches the threshold, else the small; the route's
@@ -63,4 +67,4 @@ class Router:
         assert plan.threshold is not None
         chosen, decision = (self._large, "large") if p_large >= plan.threshold else (self._small, "small")
         candidates = tuple(dict.fromkeys([chosen, *self._fallbacks.get(plan.route, ())]))
-        return RoutePlan(plan.route, candidates, plan.baseline, decision, plan.threshold)
+        return RoutePlan(plan.route, candidates, plan.baseline, decision, plan.threshold, plan.retry)

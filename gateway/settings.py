@@ -1,7 +1,8 @@
 """Process settings: read once from the environment, passed down from there.
 
-The command line sets these for the server's worker processes; nothing else in the
-gateway reads the environment, except ``${VAR}`` references inside policies.yaml.
+The command line sets these for the server's worker processes. Besides them, the
+environment holds what policies.yaml names: its ``${VAR}`` references and each model's
+``api_key_env``, read where the policy is loaded and its providers are built.
 """
 
 from __future__ import annotations

@@ -215,3 +215,21 @@ def test_circuit_breaker_skips_dead_upstream_then_probes_again(
     third = _chat(breaker_gateway, model="fast")  # one probe goes through, succeeds, closes the circuit
     assert third.headers["x-gateway-model"] == "small"
     assert httpx.get(f"{breaker_gateway.url}/readyz").json()["upstreams"]["small"] == "closed"
+
+
+def test_a_route_retry_policy_overrides_the_policy_wide_one(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """routes.<name>.retry was accepted and ignored; now it decides the attempts on that route."""
+    routes = "  once: {model: small, fallbacks: [large], retry: {max_attempts: 1}}\n"
+    gateway = start_gateway(tmp_path, policy_text(small_upstream, large_upstream, routes=routes),
+                            env={"REDIS_URL": redis_server.url})  # fmt: skip
+    try:
+        inject(small_upstream, {"status": 500})
+        response = _chat(gateway, model="once")
+        assert response.status_code == 200 and response.headers["x-gateway-model"] == "large"
+        assert upstream_stats(small_upstream)["chat_requests"] == 1  # one attempt, not the policy's two
+        inject(small_upstream, {"status": 500})
+        assert _chat(gateway, model="fast").headers["x-gateway-model"] == "small"  # the policy's retry: 2 attempts
+    finally:
+        gateway.stop()

@@ -1,1 +1,1 @@
-"""policies.yaml: its schema, loading with line-accurate validation, and hot reload."""
+"""policies.yaml: its schema, and loading it with every problem named by field and line (reloads: ``gateway.runtime``)."""

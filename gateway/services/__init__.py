@@ -1,1 +1,1 @@
-"""Processes the gateway may run beside itself: a private Redis, simulated upstreams."""
+"""Services the gateway runs beside itself (the embedded Redis) and its client for them."""
