@@ -34,6 +34,8 @@ class Drain:
         task = asyncio.current_task()
         if task is not None:
             self._streams.add(task)
+            if self.expired:  # started after the deadline: it ends at its first wait, like the others
+                task.get_loop().call_soon(task.cancel)
         return task
 
     def untrack(self, task: asyncio.Task[Any] | None) -> None:

@@ -174,9 +174,19 @@ def test_defect10_the_drain_deadline_ends_silent_streams_in_band_and_logs_them(
     env = {"REDIS_URL": redis_server.url, "GATEWAY_DRAIN_S": "1"}  # type: ignore[attr-defined]
     gateway = start_gateway(tmp_path, policy, env=env)
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(_stream_lines(gateway, "r-silent", timeout_s=60)))
+    first_line = threading.Event()
+
+    def read() -> None:
+        body = {"model": "r-silent", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.stream("POST", f"{gateway.base_url}/chat/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                    first_line.set()
+
+    reader = threading.Thread(target=read)
     reader.start()
-    time.sleep(1.0)  # the stream has started and gone quiet
+    assert first_line.wait(20)  # the stream has started, and then goes quiet
     gateway.process.send_signal(signal.SIGTERM)
     reader.join(30)
     assert not reader.is_alive()

@@ -519,7 +519,7 @@ def test_defect3_a_file_still_being_written_is_not_loaded(
         handle.write(half[: len(half) // 2])
         handle.flush()
         for start in range(len(half) // 2, len(full), 200):
-            time.sleep(0.05)  # longer than the watcher's step, shorter than the settle time
+            time.sleep(0.02)  # a writer that pauses, but for far less than the settle time
             handle.write(full[start : start + 200])
             handle.flush()
     state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == _version_of(full), timeout_s=10.0)
