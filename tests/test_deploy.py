@@ -121,8 +121,8 @@ def _resolve_port(container: dict[str, Any], port: int | str) -> int:
 
 
 def _drain_seconds() -> int:
-    """granian's drain after SIGTERM, as gateway/cli.py configures it (its default: 30 s)."""
-    match = re.search(r"workers_kill_timeout\s*=\s*(\d+)", (ROOT / "gateway" / "cli.py").read_text())
+    """granian's drain after SIGTERM, as gateway/cli/serve.py configures it (its default: 30 s)."""
+    match = re.search(r"workers_kill_timeout\s*=\s*(\d+)", (ROOT / "gateway" / "cli" / "serve.py").read_text())
     return int(match.group(1)) if match else 30
 
 
@@ -560,9 +560,10 @@ def test_compose_and_k8s_arguments_parse_as_the_image_cmd_does(monkeypatch: pyte
     """compose's `command:` and the Deployment's `args:` replace the image's CMD: the
     gateway's own parser must accept them (parsed in-process; the server is not started)."""
     import gateway.cli
+    import gateway.cli.serve
 
     parsed: list[Any] = []
-    monkeypatch.setattr(gateway.cli, "_serve", lambda args: parsed.append(args) or 0)
+    monkeypatch.setattr(gateway.cli.serve, "run", lambda args: parsed.append(args) or 0)
     cmd = _Dockerfile(DEPLOY / "Dockerfile").exec_form("CMD")
     for args in (cmd, _compose()["services"]["gateway"]["command"], _gateway_container()["args"]):
         assert gateway.cli.main(args) == 0

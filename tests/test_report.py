@@ -23,7 +23,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.reporting import command
+from gateway.cli import main as cli_main
+from gateway.cli import report
 from gateway.reporting.aggregate import DIMENSIONS, Aggregator, Totals, aggregate_path, parse_dimensions, parse_when
 from gateway.reporting.usage import usage_summary
 
@@ -288,7 +289,7 @@ def test_parse_when_forms() -> None:
 
 def test_relative_since_through_the_cli(log_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Everything in the log is years before "now - 1d": nothing is counted, nothing breaks."""
-    assert command.main([str(log_file), "--since", "1d", "--format", "json"]) == 0
+    assert cli_main(["report", str(log_file), "--since", "1d", "--format", "json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["total"]["requests"] == 0 and document["rows"] == []
     assert document["lines"]["out_of_period"] > 0
@@ -313,7 +314,7 @@ def test_cli_subprocess_reads_stdin_and_writes_json(synthetic: SyntheticLog) -> 
 
 
 def test_cli_csv(synthetic: SyntheticLog, log_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert command.main([str(log_file), "--by", "day,route", "--format", "csv"]) == 0
+    assert cli_main(["report", str(log_file), "--by", "day,route", "--format", "csv"]) == 0
     out = capsys.readouterr()
     table = list(csv.DictReader(io.StringIO(out.out)))
     assert list(table[0])[:4] == ["day", "route", "requests", "errors"]
@@ -330,7 +331,7 @@ def test_cli_csv(synthetic: SyntheticLog, log_file: Path, capsys: pytest.Capture
 
 
 def test_cli_table(synthetic: SyntheticLog, log_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert command.main([str(log_file), "--by", "model"]) == 0
+    assert cli_main(["report", str(log_file), "--by", "model"]) == 0
     out = capsys.readouterr().out.splitlines()
     header, rule = out[0], out[1]
     assert header.split()[:3] == ["model", "requests", "errors"]
@@ -359,7 +360,7 @@ def test_several_logs_are_summed_and_a_cut_gzip_is_read_up_to_the_cut(
 ) -> None:
     cut = tmp_path / "cut.log.gz"
     cut.write_bytes(gzip.compress(synthetic.data)[:-200])
-    assert command.main([str(log_file), str(log_file), str(cut), "--by", "", "--format", "json"]) == 0
+    assert cli_main(["report", str(log_file), str(log_file), str(cut), "--by", "", "--format", "json"]) == 0
     out = capsys.readouterr()
     document = json.loads(out.out)
     assert "ends early" in out.err
@@ -371,24 +372,24 @@ def test_several_logs_are_summed_and_a_cut_gzip_is_read_up_to_the_cut(
 
 def test_bad_arguments(log_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        command.main([str(log_file), "--by", "day,colour"])
+        cli_main(["report", str(log_file), "--by", "day,colour"])
     with pytest.raises(SystemExit):
-        command.main([str(log_file), "--since", "last tuesday"])
-    assert command.main([str(log_file), "--since", "2026-03-02", "--until", "2026-03-01"]) == 1
-    assert command.main([str(log_file.parent / "missing.log")]) == 1
+        cli_main(["report", str(log_file), "--since", "last tuesday"])
+    assert cli_main(["report", str(log_file), "--since", "2026-03-02", "--until", "2026-03-01"]) == 1
+    assert cli_main(["report", str(log_file.parent / "missing.log")]) == 1
     assert "cannot read" in capsys.readouterr().err
     with pytest.raises(ValueError):
         parse_dimensions("day,day")
 
 
-def test_add_report_parser_wires_into_a_cli() -> None:
+def test_the_report_command_registers_like_every_command() -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
     add = parser.add_subparsers(dest="command", required=True)
-    command.add_report_parser(add)
+    report.register(add)
     args = parser.parse_args(["report", "x.log", "--by", "tenant,key", "--since", "2026-03-01"])
-    assert args.run is command.run_report
+    assert args.run is report.run
     assert args.by == ("tenant", "key") and args.since == datetime(2026, 3, 1, tzinfo=UTC)
 
 
@@ -398,7 +399,7 @@ def test_add_report_parser_wires_into_a_cli() -> None:
 def test_png_is_written(log_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("matplotlib")
     png = tmp_path / "report.png"
-    assert command.main([str(log_file), "--by", "day", "--png", str(png)]) == 0
+    assert cli_main(["report", str(log_file), "--by", "day", "--png", str(png)]) == 0
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
     assert "chart written" in capsys.readouterr().err
@@ -409,7 +410,7 @@ def test_png_without_matplotlib_says_how_to_install(
 ) -> None:
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)  # makes importing it fail, even once imported
-    assert command.main([str(log_file), "--png", str(tmp_path / "r.png")]) == 1
+    assert cli_main(["report", str(log_file), "--png", str(tmp_path / "r.png")]) == 1
     assert "pip install 'llm-gateway[report]'" in capsys.readouterr().err
     assert not (tmp_path / "r.png").exists()
 

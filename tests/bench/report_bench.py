@@ -125,7 +125,7 @@ def _cli(*args: str) -> tuple[float, float, str]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "gateway.reporting.command", *args],
+        [sys.executable, "-m", "gateway", "report", *args],
         cwd=_ROOT, capture_output=True, text=True, check=True,
     )  # fmt: skip
     wall = time.perf_counter() - started

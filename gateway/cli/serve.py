@@ -1,4 +1,4 @@
-"""``python -m gateway serve | check``."""
+"""``python -m gateway serve``: the embedded Redis and simulated upstreams it may start, then the ASGI server."""
 
 from __future__ import annotations
 
@@ -7,23 +7,17 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 
+from gateway.cli._parsers import Subcommands
 from gateway.config.loader import load_policy
 from gateway.errors import ConfigError
-from gateway.keys_command import add_keys_parser
-from gateway.reporting.command import add_report_parser
-from gateway.router_commands import add_router_parsers
 from gateway.services.redis_server import DEFAULT_MAXMEMORY
 
-__all__ = ["main"]
+__all__ = ["register", "run"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway", description="OpenAI-compatible LLM routing gateway")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def register(commands: Subcommands) -> None:
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--policies", default="policies.yaml", help="policy file (default: ./policies.yaml)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -44,40 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--redis-maxmemory", default=DEFAULT_MAXMEMORY,
         help=f"memory bound of the embedded Redis; cache entries are evicted first (default {DEFAULT_MAXMEMORY})",
     )  # fmt: skip
-    serve.set_defaults(run=_serve)
-
-    check = commands.add_parser("check", help="validate a policy file; exits 1 with the problems if it is invalid")
-    check.add_argument("path")
-    check.set_defaults(run=_check)
-
-    add_keys_parser(commands)
-    add_report_parser(commands)
-    add_router_parsers(commands)
-
-    args = parser.parse_args(argv)
-    run: Callable[[argparse.Namespace], int] = args.run
-    return run(args)
+    serve.set_defaults(run=run)
 
 
-def _check(args: argparse.Namespace) -> int:
-    try:
-        loaded = load_policy(args.path, unset_ok=True)
-    except ConfigError as exc:
-        print(f"{exc.source}: invalid", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  - {problem}", file=sys.stderr)
-        return 1
-    policy = loaded.policy
-    print(f"{loaded.source}: ok (version {loaded.version})")
-    print(
-        f"  models: {', '.join(sorted(policy.models))}; routes: {', '.join(sorted(policy.routes))}; auth: {policy.auth.mode}"
-    )
-    for warning in loaded.warnings:
-        print(f"  note: {warning}")
-    return 0
-
-
-def _serve(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from gateway.services.redis_server import start_embedded_redis
     from gateway.simulated import start_simulated_upstream
 

@@ -1,20 +1,17 @@
-"""``python -m gateway report LOG [--by ...] [--since ...] [--until ...] [--format ...] [--png FILE]``.
-
-Also runnable on its own as ``python -m gateway.reporting.command LOG ...``.
-"""
+"""``python -m gateway report LOG [--by ...] [--since ...] [--until ...] [--format ...] [--png FILE]``."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from collections.abc import Sequence
 from typing import Any
 
+from gateway.cli._parsers import Subcommands
 from gateway.reporting.aggregate import DIMENSIONS, Aggregator, open_log, parse_dimensions, parse_when
 from gateway.reporting.table import FORMATS, render, summary_line
 
-__all__ = ["add_report_parser", "main", "run_report"]
+__all__ = ["register", "run"]
 
 _DESCRIPTION = (
     'Totals from the request log (the JSON lines with "event": "request"): requests, errors, tokens, '
@@ -23,14 +20,10 @@ _DESCRIPTION = (
 )
 
 
-def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``report`` command to an ``add_subparsers()`` object; it sets ``run=run_report``."""
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "report", help="cost and savings totals from a request log", description=_DESCRIPTION
-    )
+def register(commands: Subcommands) -> None:
+    parser = commands.add_parser("report", help="cost and savings totals from a request log", description=_DESCRIPTION)
     _add_arguments(parser)
-    parser.set_defaults(run=run_report)
-    return parser
+    parser.set_defaults(run=run)
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +45,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--png", metavar="FILE", help="also write a chart: cost per day by model, savings per day")
 
 
-def run_report(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Exit status 0, or 1 when the log cannot be read or the chart cannot be drawn."""
     if args.since and args.until and args.since >= args.until:
         print("report: --since must be before --until", file=sys.stderr)
@@ -86,12 +79,6 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway report", description=_DESCRIPTION)
-    _add_arguments(parser)
-    return run_report(parser.parse_args(argv))
-
-
 def _dimensions(text: str) -> tuple[str, ...]:
     try:
         return parse_dimensions(text)
@@ -104,7 +91,3 @@ def _when(text: str) -> Any:
         return parse_when(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

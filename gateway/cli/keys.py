@@ -13,14 +13,15 @@ import msgspec
 import yaml
 
 from gateway.auth import hash_key
+from gateway.cli._parsers import Subcommands
 from gateway.config.envsubst import MissingVariable, substitute
 
-__all__ = ["add_keys_parser"]
+__all__ = ["register", "run"]
 
 _ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-def add_keys_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(commands: Subcommands) -> None:
     keys = commands.add_parser("keys", help="manage API keys")
     actions = keys.add_subparsers(dest="keys_command", required=True)
     new = actions.add_parser("new", help="create a key: prints the secret once, writes its hash to the key file")
@@ -33,10 +34,11 @@ def add_keys_parser(commands: argparse._SubParsersAction) -> None:  # type: igno
     new.add_argument("--usd-per-month", type=float)
     new.add_argument("--admin", action="store_true", help="may read every key's usage")
     new.add_argument("--policies", default="policies.yaml")
-    new.set_defaults(run=_new_key)
+    new.set_defaults(run=run)
 
 
-def _new_key(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``keys new`` (the only action so far)."""
     policy_path = Path(args.policies)
     try:
         key_file, existing = _key_file_and_ids(policy_path)

@@ -1,0 +1,43 @@
+"""``python -m gateway calibrate``: the threshold that sends a target share of prompts to the large model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gateway.cli._classifier import add_classifier_arguments, load_classifier_or_exit
+from gateway.cli._parsers import Subcommands
+from gateway.config.edit import set_route_threshold
+
+__all__ = ["register", "run"]
+
+
+def register(commands: Subcommands) -> None:
+    calibrate = commands.add_parser(
+        "calibrate", help="the threshold that sends a target share of prompts to the large model"
+    )
+    calibrate.add_argument("--target-large-share", type=float, required=True)
+    calibrate.add_argument("--jsonl", required=True, help="a sample of prompts, or - for stdin")
+    calibrate.add_argument(
+        "--write", action="store_true", help="write it into the policy (a running gateway reloads it)"
+    )
+    add_classifier_arguments(calibrate)
+    calibrate.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gateway.classifier.commands import calibrate
+
+    if not 0 <= args.target_large_share <= 1:
+        print("--target-large-share must be between 0 and 1", file=sys.stderr)
+        return 2
+    classifier = load_classifier_or_exit(args.artifacts)
+    threshold, unreadable = calibrate(classifier, args.jsonl, args.target_large_share)
+    print(f"{threshold:.6f}")
+    if unreadable:  # as route does: a sample with holes is not a calibration to write silently
+        print(f"{unreadable} line(s) could not be read; nothing written", file=sys.stderr)
+        return 1
+    if args.write:
+        set_route_threshold(args.policies, args.route, threshold)
+        print(f"wrote routes.{args.route}.threshold = {threshold:.6f} to {args.policies}", file=sys.stderr)
+    return 0

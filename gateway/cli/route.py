@@ -1,0 +1,37 @@
+"""``python -m gateway route``: the classifier's decision for each prompt, without calling upstreams."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gateway.cli._classifier import add_classifier_arguments, load_classifier_or_exit, route_settings
+from gateway.cli._parsers import Subcommands
+
+__all__ = ["register", "run"]
+
+
+def register(commands: Subcommands) -> None:
+    route = commands.add_parser(
+        "route", help="score prompts (JSON lines with 'prompt' or 'messages') and print decisions"
+    )
+    route.add_argument("--jsonl", required=True, help="input file, or - for stdin")
+    route.add_argument("--output", default="-", help="output file (default: stdout)")
+    route.add_argument("--threshold", type=float, help="default: the route's threshold in the policy")
+    add_classifier_arguments(route)
+    route.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gateway.classifier.commands import route_jsonl
+
+    classifier = load_classifier_or_exit(args.artifacts)
+    small, large, threshold = route_settings(Path(args.policies), args.route)
+    counts = route_jsonl(
+        classifier, args.jsonl, None if args.output == "-" else args.output,
+        args.threshold if args.threshold is not None else threshold, small, large,
+    )  # fmt: skip
+    print(f"{counts['lines']} prompts: {counts['large']} large, {counts['small']} small, {counts['errors']} unreadable",
+          file=sys.stderr)  # fmt: skip
+    return 0 if counts["errors"] == 0 else 1
