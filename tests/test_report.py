@@ -26,7 +26,6 @@ import pytest
 from gateway.cli import main as cli_main
 from gateway.cli import report
 from gateway.reporting.aggregate import DIMENSIONS, Aggregator, Totals, aggregate_path, parse_dimensions, parse_when
-from gateway.reporting.usage import usage_summary
 
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -413,56 +412,6 @@ def test_png_without_matplotlib_says_how_to_install(
     assert cli_main(["report", str(log_file), "--png", str(tmp_path / "r.png")]) == 1
     assert "pip install 'llm-gateway[report]'" in capsys.readouterr().err
     assert not (tmp_path / "r.png").exists()
-
-
-# --- usage summary ---------------------------------------------------------------------------------
-
-
-def test_usage_summary_from_lines_records_and_aggregator(synthetic: SyntheticLog, aggregated: Aggregator) -> None:
-    since, until = parse_when("2026-03-02"), parse_when("2026-03-04")
-    from_lines = usage_summary(io.BytesIO(synthetic.data), "key-c", since, until)
-    decoded = []
-    for line in synthetic.data.splitlines():
-        try:
-            decoded.append(json.loads(line))
-        except ValueError:
-            pass
-    from_records = usage_summary(decoded, "key-c", since, until)
-    from_aggregator = usage_summary(aggregated, "key-c", since, until)
-    assert from_lines == from_records == from_aggregator
-
-    kept = [r for r in synthetic.records if r["key_id"] == "key-c" and since <= datetime.fromisoformat(r["ts"]) < until]
-    expected = _reference(kept, ())[()]
-    assert from_lines["key_id"] == "key-c"
-    assert (from_lines["since"], from_lines["until"]) == ("2026-03-02T00:00:00Z", "2026-03-04T00:00:00Z")
-    assert from_lines["requests"] == expected["requests"]
-    assert from_lines["total_tokens"] == expected["prompt_tokens"] + expected["completion_tokens"]
-    assert from_lines["savings_usd"] == pytest.approx(expected["savings_usd"], abs=1e-8)
-    assert from_lines["cache"]["hits"] == expected["cache_hits"]
-    assert from_lines["cache"]["saved_usd"] == pytest.approx(expected["cache_saved_usd"], abs=1e-8)
-    assert [d["day"] for d in from_lines["by_day"]] == ["2026-03-02", "2026-03-03"]
-    assert sum(m["requests"] for m in from_lines["by_model"]) == expected["requests"]
-    msgspec.json.encode(from_lines)  # the body is JSON-serialisable
-
-    everyone = usage_summary(aggregated)
-    assert everyone["key_id"] is None and everyone["requests"] == len(synthetic.records)
-    with pytest.raises(ValueError, match="midnight"):
-        usage_summary(aggregated, None, parse_when("2026-03-02T06:00Z"))
-
-
-def test_aggregator_accepts_counters_kept_elsewhere() -> None:
-    """What a Redis-backed /v1/usage would do: per-day counters in, the same summary out."""
-    aggregator = Aggregator()
-    day = datetime(2026, 3, 1, tzinfo=UTC).date()
-    aggregator.add_totals(day, "k", "t", "small", "auto", Totals(requests=2, cost_usd=0.5, baseline_cost_usd=2.0))
-    aggregator.add_totals(day, "k", "t", "small", "auto", Totals(requests=1, cost_usd=0.5, baseline_cost_usd=1.0))
-    summary = usage_summary(aggregator, "k")
-    assert (summary["requests"], summary["cost_usd"], summary["savings_usd"], summary["savings_pct"]) == (
-        3,
-        1.0,
-        2.0,
-        66.67,
-    )
 
 
 def test_chart_amounts_keep_significant_figures_below_a_dollar() -> None:

@@ -1,7 +1,7 @@
 """Streaming totals over request log lines (docs/request-log.md).
 
 One pass keeps totals per (UTC day, key, tenant, model, route) — the finest grain any
-report asks for — so a table grouped any way, the chart and a usage summary all roll
+report asks for — so a table grouped any way and the chart all roll
 up from the same small set of cells instead of re-reading the log. The hot loop
 decodes each line with a typed msgspec Struct (only the fields used here) and adds
 into plain lists; any line that does not decode as a request line (blank lines,
@@ -209,37 +209,6 @@ class Aggregator:
         finally:
             self.lines += read
             self.out_of_period += skipped
-
-    def add_record(self, record: LogLine) -> None:
-        """Add one already-decoded request line (not counted in ``lines``)."""
-        if record.event != "request":
-            self.ignored += 1
-            return
-        ts = record.ts
-        if (self.since is not None and ts < self.since) or (self.until is not None and ts >= self.until):
-            self.out_of_period += 1
-            return
-        saved = record.cache_saved_usd or 0.0
-        one = Totals(
-            requests=1, errors=int(record.status >= 400), prompt_tokens=record.prompt_tokens,
-            completion_tokens=record.completion_tokens, cost_usd=record.cost_usd,
-            baseline_cost_usd=record.baseline_cost_usd, cache_exact=int(record.cache == "exact"),
-            cache_semantic=int(record.cache == "semantic"), cache_saved_usd=saved,
-        )  # fmt: skip
-        day = ts.astimezone(UTC).date()
-        self.add_totals(day, record.key_id, record.tenant, record.model, record.route, one)
-
-    def add_totals(
-        self, day: date, key_id: str, tenant: str, model: str | None, route: str | None, totals: Totals
-    ) -> None:
-        """Add pre-summed figures for one cell, e.g. from counters kept elsewhere (Redis)."""
-        cell: Cell = (day, key_id, tenant, model, route)
-        acc = self._cells.get(cell)
-        if acc is None:
-            self._cells[cell] = totals._to_list()
-            return
-        for i, value in enumerate(totals._to_list()):
-            acc[i] += value
 
     def _classify(self, line: bytes) -> None:
         """A line the fast path did not take: blank, another event, or malformed."""
