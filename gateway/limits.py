@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 
 import redis.asyncio as aioredis
 
+from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal
 from gateway.cache.keys import tenant_prefix
 from gateway.config.schema import Limits, Policy
@@ -95,14 +96,7 @@ for s = 0, 1 do
   end
 end
 for i = 5, 6 do
-  redis.call('HINCRBY', KEYS[i], 'requests', 1)
-  redis.call('HINCRBY', KEYS[i], 'prompt_tokens', ARGV[6])
-  redis.call('HINCRBY', KEYS[i], 'completion_tokens', ARGV[7])
-  redis.call('HINCRBYFLOAT', KEYS[i], 'cost_usd', ARGV[8])
-  redis.call('HINCRBYFLOAT', KEYS[i], 'baseline_cost_usd', ARGV[9])
-  redis.call('HINCRBYFLOAT', KEYS[i], 'cache_saved_usd', ARGV[10])
-  redis.call('HINCRBY', KEYS[i], 'cache_hits', ARGV[11])
-  redis.call('HINCRBY', KEYS[i], 'errors', ARGV[12])
+  for j = 6, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[i], ARGV[j], ARGV[j + 1]) end
 end
 redis.call('DEL', KEYS[7], KEYS[8])
 return 1
@@ -151,11 +145,11 @@ class RateLimiter:
 
         async def write(client: aioredis.Redis) -> None:
             async with client.pipeline(transaction=False) as pipe:
-                for key, fields in pending.items():
-                    for field, value in fields.items():
+                for key, used in pending.items():
+                    for field, value in used.increments():
                         if isinstance(value, float):
                             pipe.hincrbyfloat(key, field, value)
-                        elif value:
+                        else:
                             pipe.hincrby(key, field, value)
                 for key in expired:
                     pipe.delete(key)
@@ -225,21 +219,20 @@ class RateLimiter:
         reservation.budget_share = float(detail)
         return reservation
 
-    async def settle(
-        self, policy: Policy, reservation: Reservation, *, prompt_tokens: int, completion_tokens: int, cost_usd: float,
-        baseline_cost_usd: float, cache_saved_usd: float, cache_hit: bool, error: bool,
-    ) -> None:  # fmt: skip
+    async def settle(self, policy: Policy, reservation: Reservation, used: UsageFigures) -> None:
+        """Replace the reservation by what ``used`` (one request's figures) says, and record the usage."""
         if self._settle is None:
             return
         if not reservation.scope_keys:
-            self._usage.add(reservation.usage_keys, prompt_tokens, completion_tokens, cost_usd, baseline_cost_usd,
-                            cache_saved_usd, cache_hit, error)  # fmt: skip
+            self._usage.add(reservation.usage_keys, used)
             self._ensure_flusher(policy.limits.redis_timeout_ms / 1000)
             return
-        token_delta = prompt_tokens + completion_tokens - reservation.tokens if reservation.tokens else 0
-        cost_delta = cost_usd - reservation.cost_usd if reservation.tokens else 0.0
-        args: list[str | int | float] = [token_delta, repr(cost_delta), *reservation.periods, prompt_tokens, completion_tokens, repr(cost_usd),
-                repr(baseline_cost_usd), repr(cache_saved_usd), int(cache_hit), int(error)]  # fmt: skip
+        tokens = used.prompt_tokens + used.completion_tokens
+        token_delta = tokens - reservation.tokens if reservation.tokens else 0
+        cost_delta = used.cost_usd - reservation.cost_usd if reservation.tokens else 0.0
+        args: list[str | int | float] = [token_delta, repr(cost_delta), *reservation.periods]
+        for name, value in used.increments():
+            args += [name, repr(value) if isinstance(value, float) else value]
         settle = self._settle
         await self._redis.run(
             lambda r: settle(keys=[*reservation.scope_keys, *reservation.usage_keys], args=args),
@@ -249,26 +242,22 @@ class RateLimiter:
 
     async def usage(
         self, keys: list[tuple[str, str]], start: datetime, end: datetime
-    ) -> dict[str, dict[str, float]] | None:
+    ) -> dict[str, UsageFigures] | None:
         """Daily usage hashes of ``(key_id, tenant)`` pairs summed per key over [start, end] (UTC days).
 
         None when Redis cannot answer.
         """
         days = [(start + timedelta(days=i)).strftime("%Y%m%d") for i in range((end - start).days + 1)]
 
-        async def read(client: aioredis.Redis) -> dict[str, dict[str, float]]:
+        async def read(client: aioredis.Redis) -> dict[str, UsageFigures]:
             async with client.pipeline(transaction=False) as pipe:
                 for key_id, tenant in keys:
                     for day in days:
                         pipe.hgetall(f"{tenant_prefix(tenant)}:use:k:{key_id}:{day}")
                 rows = await pipe.execute()
-            totals: dict[str, dict[str, float]] = {key_id: {} for key_id, _ in keys}
+            totals = {key_id: UsageFigures() for key_id, _ in keys}
             for index, row in enumerate(rows):
-                key_id = keys[index // len(days)][0]
-                bucket = totals.setdefault(key_id, {})
-                for field, value in row.items():
-                    name = field.decode() if isinstance(field, bytes) else field
-                    bucket[name] = bucket.get(name, 0.0) + float(value)
+                totals[keys[index // len(days)][0]].add(UsageFigures.from_hash(row))
             return totals
 
         return await self._redis.run(read, None, 2.0)
@@ -282,31 +271,18 @@ class _UsageBuffer:
     """Usage of requests without limits, summed in memory between flushes (no Redis call per request)."""
 
     def __init__(self) -> None:
-        self._pending: dict[str, dict[str, int | float]] = {}
+        self._pending: dict[str, UsageFigures] = {}
         self._expired: set[str] = set()
 
-    def add(
-        self, keys: tuple[str, str, str, str], prompt_tokens: int, completion_tokens: int, cost_usd: float,
-        baseline_cost_usd: float, cache_saved_usd: float, cache_hit: bool, error: bool,
-    ) -> None:  # fmt: skip
+    def add(self, keys: tuple[str, str, str, str], used: UsageFigures) -> None:
         self._expired.update(keys[2:])
         for key in keys[:2]:
-            fields = self._pending.get(key)
-            if fields is None:
-                fields = self._pending[key] = {
-                    "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
-                    "baseline_cost_usd": 0.0, "cache_saved_usd": 0.0, "cache_hits": 0, "errors": 0,
-                }  # fmt: skip
-            fields["requests"] += 1
-            fields["prompt_tokens"] += prompt_tokens
-            fields["completion_tokens"] += completion_tokens
-            fields["cost_usd"] += cost_usd
-            fields["baseline_cost_usd"] += baseline_cost_usd
-            fields["cache_saved_usd"] += cache_saved_usd
-            fields["cache_hits"] += int(cache_hit)
-            fields["errors"] += int(error)
+            pending = self._pending.get(key)
+            if pending is None:
+                pending = self._pending[key] = UsageFigures()
+            pending.add(used)
 
-    def take(self) -> tuple[dict[str, dict[str, int | float]], set[str]]:
+    def take(self) -> tuple[dict[str, UsageFigures], set[str]]:
         pending, self._pending = self._pending, {}
         expired, self._expired = self._expired, set()
         return pending, expired

@@ -20,6 +20,7 @@ import structlog
 
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import REQUEST_LOGGER, RequestRecord, exception_frames, request_event
+from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal
 from gateway.cache.entries import CachedAnswer, completion_from_stream, replay_json, replay_sse, without_identity
 from gateway.cache.exact import ExactCache, Lease
@@ -493,12 +494,13 @@ class ChatPipeline:
 
     def _settle_later(self, runtime: Runtime, reservation: Reservation, record: RequestRecord) -> None:
         """Charge the actual cost off the request's path: the answer does not wait for it."""
-        settle = self._limiter.settle(
-            runtime.policy, reservation, prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+        used = UsageFigures(
+            requests=1, prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
             cost_usd=record.cost_usd, baseline_cost_usd=record.baseline_cost_usd,
-            cache_saved_usd=record.cache_saved_usd or 0.0, cache_hit=record.cache in ("exact", "semantic"),
-            error=record.status >= 400,
+            cache_saved_usd=record.cache_saved_usd or 0.0, cache_hits=int(record.cache in ("exact", "semantic")),
+            errors=int(record.status >= 400),
         )  # fmt: skip
+        settle = self._limiter.settle(runtime.policy, reservation, used)
         task = asyncio.get_running_loop().create_task(settle)
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -8,14 +8,13 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, get
 
+from gateway.accounting.usage import UsageFigures
 from gateway.api.state import GatewayState
 from gateway.errors import InvalidRequestError, UsageUnavailableError
 from gateway.limits import USAGE_FLUSH_S
 
 __all__ = ["usage"]
 
-_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cost_usd", "baseline_cost_usd", "cache_hits",
-           "cache_saved_usd", "errors")  # fmt: skip
 _MAX_DAYS = 366
 
 
@@ -45,28 +44,23 @@ async def usage(request: Request[Any, Any, Any]) -> Response[bytes]:
     if totals is None:
         raise UsageUnavailableError("usage cannot be read right now (Redis unavailable)")
     tenants = dict(keys)
-    data = [_row(key_id, tenants[key_id], figures) for key_id, figures in totals.items()]
-    total = {field: sum(row[field] for row in data) for field in (*_FIELDS, "savings_usd")}
+    data = [_row(figures, key_id=key_id, tenant=tenants[key_id]) for key_id, figures in totals.items()]
+    everyone = UsageFigures()
+    for figures in totals.values():
+        everyone.add(figures)
     body = {
         "object": "usage",
         "start": start.date().isoformat(),
         "end": end.date().isoformat(),
         "data": data,
-        "total": total,
+        "total": _row(everyone),
         "max_lag_s": USAGE_FLUSH_S,
     }
     return Response(msgspec.json.encode(body), media_type="application/json")
 
 
-def _row(key_id: str, tenant: str, figures: dict[str, float]) -> dict[str, Any]:
-    row: dict[str, Any] = {"key_id": key_id, "tenant": tenant}
-    for field in _FIELDS:
-        value = figures.get(field, 0.0)
-        row[field] = (
-            int(value) if field in ("requests", "prompt_tokens", "completion_tokens", "cache_hits", "errors") else value
-        )
-    row["savings_usd"] = float(row["baseline_cost_usd"]) - float(row["cost_usd"])
-    return row
+def _row(figures: UsageFigures, **identity: str) -> dict[str, Any]:
+    return {**identity, **msgspec.structs.asdict(figures), "savings_usd": figures.savings_usd}
 
 
 def _date(value: str | None, param: str) -> datetime | None:

@@ -29,6 +29,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from gateway.accounting.metrics import Metrics
+from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal, hash_key
 from gateway.config.loader import load_policy_text
 from gateway.config.schema import Limits
@@ -65,8 +66,10 @@ async def in_process(redis_url: str, count: int) -> dict[str, object]:
         reservation = await limiter.reserve(policy, principal, 120, 0.0002)
         reserve_ms.append((time.perf_counter() - started) * 1000)
         started = time.perf_counter()
-        await limiter.settle(policy, reservation, prompt_tokens=20, completion_tokens=30, cost_usd=0.0001,
-                             baseline_cost_usd=0.001, cache_saved_usd=0.0, cache_hit=False, error=False)  # fmt: skip
+        used = UsageFigures(
+            requests=1, prompt_tokens=20, completion_tokens=30, cost_usd=0.0001, baseline_cost_usd=0.001
+        )
+        await limiter.settle(policy, reservation, used)
         settle_ms.append((time.perf_counter() - started) * 1000)
     return {"reserve": _summary(reserve_ms), "settle": _summary(settle_ms)}
 

@@ -1,0 +1,56 @@
+"""One day's usage of a key or a tenant: the one list of usage fields.
+
+The limiter adds a request's figures to Redis hashes of these fields, ``GET /v1/usage``
+reads them back and sums them; nothing else spells the field names out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import msgspec
+
+__all__ = ["USAGE_FIELDS", "UsageFigures"]
+
+
+class UsageFigures(msgspec.Struct, kw_only=True):
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    baseline_cost_usd: float = 0.0
+    """What the same tokens would have cost on the route's baseline (large) model."""
+    cache_saved_usd: float = 0.0
+    cache_hits: int = 0
+    errors: int = 0
+
+    @property
+    def savings_usd(self) -> float:
+        return self.baseline_cost_usd - self.cost_usd
+
+    def add(self, other: UsageFigures) -> None:
+        for name in USAGE_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def increments(self) -> Iterator[tuple[str, int | float]]:
+        """``(field, value)`` for every field that is not zero."""
+        for name in USAGE_FIELDS:
+            value = getattr(self, name)
+            if value:
+                yield name, value
+
+    @classmethod
+    def from_hash(cls, raw: Mapping[bytes | str, bytes | str]) -> UsageFigures:
+        """From a Redis hash of these fields (unknown fields are ignored)."""
+        figures = cls()
+        for key, value in raw.items():
+            name = key.decode() if isinstance(key, bytes) else key
+            if name in _INTEGERS:
+                setattr(figures, name, int(float(value)))
+            elif name in USAGE_FIELDS:
+                setattr(figures, name, float(value))
+        return figures
+
+
+USAGE_FIELDS = tuple(field.name for field in msgspec.structs.fields(UsageFigures))
+_INTEGERS = frozenset(field.name for field in msgspec.structs.fields(UsageFigures) if field.type is int)

@@ -1,0 +1,55 @@
+"""Usage figures round-trip through Redis exactly, on both paths: the settle script (keys with
+limits) and the in-memory buffer flushed in batches (keys without)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from gateway.accounting.metrics import Metrics
+from gateway.accounting.usage import UsageFigures
+from gateway.auth import Principal
+from gateway.config.loader import load_policy_text
+from gateway.config.schema import Limits
+from gateway.limits import RateLimiter
+from gateway.services.redis_client import SharedRedis, connect
+from gateway.services.redis_server import EmbeddedRedis
+
+_POLICY = """
+pair: {small: s, large: l}
+models:
+  s: {base_url: "http://127.0.0.1:9", price: {input: 1, output: 1}, tier: small}
+  l: {base_url: "http://127.0.0.1:9", price: {input: 1, output: 1}, tier: large}
+routes: {fast: {model: s}}
+auth: {mode: none}
+"""
+
+
+@pytest.mark.parametrize("limited", [True, False], ids=["settle-script", "batched-buffer"])
+async def test_usage_figures_round_trip_exactly(redis_server: EmbeddedRedis, limited: bool) -> None:
+    policy = load_policy_text(_POLICY, environ={}).policy
+    limits = Limits(usd_per_day=100.0) if limited else Limits()
+    principal = Principal(
+        key_id=f"acct-{limited}-{datetime.now(UTC).timestamp()}", tenant="acct", allowed=frozenset({"*"}), limits=limits
+    )
+    limiter = RateLimiter(SharedRedis(connect(redis_server.url, timeout_s=2), Metrics()))
+    used = [
+        UsageFigures(requests=1, prompt_tokens=120, completion_tokens=30, cost_usd=0.00123, baseline_cost_usd=0.0099),
+        UsageFigures(requests=1, prompt_tokens=80, cache_saved_usd=0.004, cache_hits=1, baseline_cost_usd=0.004),
+        UsageFigures(requests=1, errors=1),
+    ]
+    for figures in used:
+        reservation = await limiter.reserve(policy, principal, 200, 0.002)
+        assert bool(reservation.scope_keys) is limited
+        await limiter.settle(policy, reservation, figures)
+    await limiter.flush_usage()
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    totals = await limiter.usage([(principal.key_id, principal.tenant)], today, today)
+    assert totals is not None
+    got = totals[principal.key_id]
+    assert (got.requests, got.prompt_tokens, got.completion_tokens, got.cache_hits, got.errors) == (3, 200, 30, 1, 1)
+    assert got.cost_usd == pytest.approx(0.00123)
+    assert got.baseline_cost_usd == pytest.approx(0.0139)
+    assert got.cache_saved_usd == pytest.approx(0.004)
+    await limiter.aclose()
