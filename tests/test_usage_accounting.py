@@ -53,3 +53,14 @@ async def test_usage_figures_round_trip_exactly(redis_server: EmbeddedRedis, lim
     assert got.baseline_cost_usd == pytest.approx(0.0139)
     assert got.cache_saved_usd == pytest.approx(0.004)
     await limiter.aclose()
+
+
+def test_adding_figures_covers_every_field() -> None:
+    """add() names the fields one by one (it is on every request): it must not miss one."""
+    import msgspec
+
+    ones = UsageFigures(**{field.name: field.type(1) for field in msgspec.structs.fields(UsageFigures)})
+    total = UsageFigures()
+    total.add(ones)
+    total.add(ones)
+    assert msgspec.structs.asdict(total) == {name: 2 * value for name, value in msgspec.structs.asdict(ones).items()}
