@@ -15,7 +15,10 @@ from typing import Any
 
 import structlog
 
-__all__ = ["Drain"]
+__all__ = ["DEFAULT_DRAIN_S", "Drain"]
+
+DEFAULT_DRAIN_S = 25.0
+"""The server kills workers 5 s after this (``serve`` sets its kill timeout to drain + 5)."""
 
 _log = structlog.get_logger("gateway.drain")
 
@@ -76,7 +79,8 @@ class Drain:
         except ValueError:  # not the main thread (an embedding server): no drain deadline
             pass
 
-    def stop(self) -> None:
+    async def aclose(self) -> None:
+        """At the worker's end: stop the countdown and say what the drain did."""
         if self._timer is not None:
             self._timer.cancel()
         if self.ended_streams or self._timer is not None:

@@ -28,7 +28,7 @@ from gateway.cache.plan import CachePlan, plan_cache
 from gateway.cache.semantic import SemanticCache
 from gateway.classifier import ClassifierError
 from gateway.dispatch import DispatchInfo, dispatch
-from gateway.drain import Drain
+from gateway.drain import DEFAULT_DRAIN_S, Drain
 from gateway.errors import GatewayError, ShuttingDownError, UpstreamError
 from gateway.limits import RateLimiter, Reservation
 from gateway.pricing import cost_usd
@@ -112,7 +112,7 @@ class ChatPipeline:
         drain: Drain | None = None,
     ) -> None:
         self._holder = holder
-        self._drain = drain or Drain(deadline_s=25.0)
+        self._drain = drain or Drain(DEFAULT_DRAIN_S)
         self._metrics = metrics
         self._exact = exact
         self._semantic = semantic

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.drain import DEFAULT_DRAIN_S
+
 __all__ = ["DEFAULT_ROUTER_ARTIFACTS", "Settings"]
 
 DEFAULT_ROUTER_ARTIFACTS = str(Path(__file__).resolve().parent.parent / "router_models" / "artifacts")
@@ -28,7 +30,7 @@ class Settings:
     """Set (by ``serve --workers N``, N > 1) for prometheus_client's multiprocess mode."""
     request_log_fd: int | None = None
     """The request log's own descriptor (``serve`` keeps stdout for it alone); None: ``sys.stdout``."""
-    drain_s: float = 25.0
+    drain_s: float = DEFAULT_DRAIN_S
     """After SIGTERM, streams still open this long are ended in-band (the server kills workers 5 s later)."""
 
     @classmethod
@@ -40,7 +42,7 @@ class Settings:
             upstream_transport=os.environ.get("GATEWAY_UPSTREAM_TRANSPORT", "aiohttp"),
             metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
             router_artifacts=os.environ.get("GATEWAY_ROUTER_ARTIFACTS") or DEFAULT_ROUTER_ARTIFACTS,
-            drain_s=float(os.environ.get("GATEWAY_DRAIN_S") or 25.0),
+            drain_s=float(os.environ.get("GATEWAY_DRAIN_S") or DEFAULT_DRAIN_S),
             request_log_fd=int(os.environ["GATEWAY_REQUEST_LOG_FD"])
             if os.environ.get("GATEWAY_REQUEST_LOG_FD")
             else None,

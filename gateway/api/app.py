@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -91,7 +91,7 @@ async def _start(settings: Settings) -> GatewayState:
         holder, metrics, ExactCache(redis), SemanticCache(redis), limiter, scorer=classifier, drain=drain
     )
     state = GatewayState(holder, pipeline, metrics, redis, limiter, request_log, ops_log, classifier_info)
-    state.closers.append(_stopper(drain))
+    state.closers.append(drain.aclose)
     if classifier is not None:
         state.closers.append(classifier.aclose)
     holder.reload_on_sighup()
@@ -100,13 +100,6 @@ async def _start(settings: Settings) -> GatewayState:
     if not await state.redis.check():
         _log.warning("redis_not_ready", url_set=bool(settings.redis_url))
     return state
-
-
-def _stopper(drain: Drain) -> Callable[[], Awaitable[None]]:
-    async def stop() -> None:
-        drain.stop()
-
-    return stop
 
 
 def _gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:

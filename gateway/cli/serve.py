@@ -11,6 +11,7 @@ from contextlib import ExitStack
 
 from gateway.cli._parsers import Subcommands
 from gateway.config.loader import load_policy
+from gateway.drain import DEFAULT_DRAIN_S
 from gateway.errors import ConfigError
 from gateway.services.redis_server import DEFAULT_MAXMEMORY
 
@@ -30,8 +31,8 @@ def register(commands: Subcommands) -> None:
         help="start simulated upstreams for SMALL_MODEL_URL / LARGE_MODEL_URL when they are unset",
     )
     serve.add_argument(
-        "--drain-s", type=float, default=25.0,
-        help="after SIGTERM, end streams still open after this many seconds with an in-band error (default 25)",
+        "--drain-s", type=float, default=DEFAULT_DRAIN_S,
+        help=f"after SIGTERM, end streams still open after this many seconds with an in-band error (default {DEFAULT_DRAIN_S:g})",
     )  # fmt: skip
     serve.add_argument("--data-dir", default=".gateway", help="where the embedded Redis keeps its data")
     serve.add_argument(
