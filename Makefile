@@ -35,12 +35,13 @@ bench: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m tests.bench.soak $(SOAK_ARGS)
 
-# Rebuild the router's artifacts from ../shared/data/routing (about 20 minutes on 2 cores).
+# Rebuild the router's artifacts (gateway/classifier/artifacts/, package data) from ../shared/data/routing
+# (about 20 minutes on 2 cores).
 router: $(STAMP)
 	$(PY) -m pip install -q -e '.[train]'
 	HF_HUB_OFFLINE=1 nice -n 19 $(PY) -m router_models.train --layers 3 --max-tokens 96 --families 2 --epochs 2 --distill 1.0 --out router_models/build/ckpt_ft_l3_t96_fam2
-	$(PY) -m router_models.export --ckpt router_models/build/ckpt_ft_l3_t96_fam2 --artifacts router_models/artifacts
-	$(PY) -m router_models.evaluate --artifacts router_models/artifacts --teacher --text-selection
+	$(PY) -m router_models.export --ckpt router_models/build/ckpt_ft_l3_t96_fam2 --artifacts gateway/classifier/artifacts
+	$(PY) -m router_models.evaluate --artifacts gateway/classifier/artifacts --teacher --text-selection
 
 check: $(STAMP)
 	$(PY) -m gateway check policies.yaml

@@ -15,7 +15,9 @@ from gateway.drain import DEFAULT_DRAIN_S
 
 __all__ = ["DEFAULT_ROUTER_ARTIFACTS", "Settings"]
 
-DEFAULT_ROUTER_ARTIFACTS = str(Path(__file__).resolve().parent.parent / "router_models" / "artifacts")
+DEFAULT_ROUTER_ARTIFACTS = str(Path(__file__).resolve().parent / "classifier" / "artifacts")
+"""The classifier that ships inside the package (package data of ``gateway.classifier``);
+``GATEWAY_ROUTER_ARTIFACTS`` overrides it."""
 
 
 @dataclass(frozen=True, slots=True)

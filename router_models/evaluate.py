@@ -2,7 +2,7 @@
 routing and a kNN baseline on the same embeddings; draw the figure; store metrics and
 share->threshold calibration in ``artifacts/config.json``.
 
-    python -m router_models.evaluate --artifacts router_models/artifacts
+    python -m router_models.evaluate --artifacts gateway/classifier/artifacts
 
 Runs the ONNX artifact through the serving code (gateway.classifier), so the figures are
 for exactly what is shipped.  Needs numpy, onnxruntime, tokenizers; matplotlib for the figure;
@@ -150,7 +150,7 @@ def plot(curves: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--artifacts", default="router_models/artifacts")
+    ap.add_argument("--artifacts", default="gateway/classifier/artifacts")
     ap.add_argument("--data", default=None)
     ap.add_argument("--variant", default=None, help="model file key (default: the CPU variant)")
     ap.add_argument("--knn-k", type=int, default=50)

@@ -11,7 +11,7 @@ Writes into ``--artifacts``:
   tokenizer.json     all-MiniLM-L6-v2's tokenizer (truncation is set at load from config.json)
   config.json        max_tokens, truncation, pooling, files, sha256 (evaluate.py adds metrics)
 
-    python -m router_models.export --ckpt router_models/build/ckpt --artifacts router_models/artifacts
+    python -m router_models.export --ckpt router_models/build/ckpt --artifacts gateway/classifier/artifacts
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def check(model: RouterNet, path: Path, tol: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default="router_models/build/ckpt")
-    ap.add_argument("--artifacts", default="router_models/artifacts")
+    ap.add_argument("--artifacts", default="gateway/classifier/artifacts")
     ap.add_argument("--build-dir", default="router_models/build", help="where the fp32 graph goes unless shipped")
     ap.add_argument(
         "--ship-fp32",

@@ -1,4 +1,4 @@
-"""The router classifier, loaded from the COMMITTED artifacts (router_models/artifacts).
+"""The router classifier, loaded from the COMMITTED artifacts (gateway/classifier/artifacts, package data).
 
 Training is never run here. Everything runs on the CPU provider so results are
 deterministic on any machine.
@@ -18,9 +18,10 @@ import structlog
 
 from gateway.classifier import Classifier, RouterScore, load_classifier, select_text
 from gateway.classifier.commands import calibrate, route_jsonl, threshold_for_share
+from gateway.settings import DEFAULT_ROUTER_ARTIFACTS
 
 BATCH_TOL = 0.04  # p_large difference allowed between batch compositions (int8 dynamic quantization)
-ARTIFACTS = Path(__file__).resolve().parent.parent / "router_models" / "artifacts"
+ARTIFACTS = Path(DEFAULT_ROUTER_ARTIFACTS)
 
 HARD = (
     "Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins "

@@ -445,18 +445,32 @@ def test_multi_worker_data_dir_is_writable_under_a_read_only_root() -> None:
             assert _under(_flag(args, "--data-dir"), mounts), (args, mounts)
 
 
-def test_images_point_the_gateway_at_the_artifacts_they_ship(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.settings import Settings
+def test_images_get_the_classifier_from_the_package_they_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The artifacts are package data of gateway.classifier: the wheel the builder installs carries
+    them, and the gateway's default finds them there (tests/test_wheel_install.py installs one)."""
+    import tomllib
 
+    from gateway.settings import DEFAULT_ROUTER_ARTIFACTS, Settings
+
+    monkeypatch.delenv("GATEWAY_ROUTER_ARTIFACTS", raising=False)
+    packaged = ROOT / "gateway" / "classifier" / "artifacts"
+    assert Path(Settings.from_env().router_artifacts) == Path(DEFAULT_ROUTER_ARTIFACTS) == packaged
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "gateway.classifier"
+    ]
+    for artifact in ("config.json", "tokenizer.json", "router.int8.onnx"):
+        assert (packaged / artifact).is_file(), artifact
+        assert any(fnmatch.fnmatch(f"artifacts/{artifact}", glob) for glob in globs), f"{artifact} is not package data"
     for dockerfile in DOCKERFILES:
         d = _Dockerfile(dockerfile)
-        (destination,) = [dest for src, dest in d.context_copies() if src == ["router_models/artifacts/"]]
+        assert (["gateway/"], "./gateway/") in d.context_copies(), dockerfile.name
         env = dict(
             item.split("=", 1) for rest in (r for k, r in d.final_stage() if k == "ENV") for item in shlex.split(rest)
         )
-        assert env["GATEWAY_ROUTER_ARTIFACTS"].rstrip("/") == destination.rstrip("/"), dockerfile.name
-        monkeypatch.setenv("GATEWAY_ROUTER_ARTIFACTS", env["GATEWAY_ROUTER_ARTIFACTS"])
-        assert Settings.from_env().router_artifacts == env["GATEWAY_ROUTER_ARTIFACTS"]
+        assert "GATEWAY_ROUTER_ARTIFACTS" not in env, f"{dockerfile.name}: the package's own copy is the one to load"
+        assert "DEFAULT_ROUTER_ARTIFACTS" in " ".join(d.all("RUN")), f"{dockerfile.name}: the build does not check it"
+    monkeypatch.setenv("GATEWAY_ROUTER_ARTIFACTS", "/elsewhere/artifacts")  # still the override
+    assert Settings.from_env().router_artifacts == "/elsewhere/artifacts"
 
 
 def test_pod_runs_non_root_with_a_read_only_root_and_a_writable_tmp() -> None:
@@ -524,7 +538,7 @@ def test_dockerfiles_are_multi_stage_non_root_and_share_entrypoint_and_cmd() -> 
         env = " ".join(rest for k, rest in final if k == "ENV")
         assert "PYTHONDONTWRITEBYTECODE=1" in env and "PYTHONUNBUFFERED=1" in env
         assert d.exec_form("ENTRYPOINT") == ["python", "-m", "gateway"]
-        assert any("router_models/artifacts" in " ".join(src) for src, _ in d.context_copies()), "classifier not copied"
+        assert any(src == ["gateway/"] for src, _ in d.context_copies()), "package (and its classifier) not copied"
     assert parsed[0].exec_form("CMD") == parsed[1].exec_form("CMD")
     assert parsed[0].exec_form("CMD") == [
         "serve", "--host", "0.0.0.0", "--port", "8000", "--policies", "/etc/gateway/policies.yaml",
@@ -699,6 +713,7 @@ def test_dockerignore_lets_in_what_the_images_copy_and_nothing_secret() -> None:
                 assert not _ignored(rules, source), f"{dockerfile.name} copies {source}, which .dockerignore drops"
                 assert not _ignored(rules, f"{source}/x.py") or not (ROOT / source).is_dir()
     assert not _ignored(rules, "gateway/classifier/runtime.py")
+    assert not _ignored(rules, "gateway/classifier/artifacts/router.int8.onnx")
     leaks = (".env", "deploy/.env", ".venv/bin/python", ".git/config", "bench-results/x.json",
              "gateway/__pycache__/cli.cpython-311.pyc", "router_models/train.py", "tests/test_deploy.py")  # fmt: skip
     for leak in leaks:
@@ -709,11 +724,8 @@ def test_artifact_and_policy_sources_exist() -> None:
     for dockerfile in DOCKERFILES:
         for sources, _ in _Dockerfile(dockerfile).context_copies():
             for source in sources:
-                if source.rstrip("/") == "router_models/artifacts" and not (ROOT / source).exists():
-                    continue  # produced by the classifier's training; checked below
                 assert (ROOT / source).exists(), f"{dockerfile.name}: COPY {source}: not in the repository"
-    if not (ROOT / "router_models" / "artifacts" / "config.json").is_file():
-        pytest.skip("router_models/artifacts/ is not there yet: `docker build` fails until it is committed")
+    assert (ROOT / "gateway" / "classifier" / "artifacts" / "config.json").is_file(), "the classifier is not committed"
 
 
 # ------------------------------------------------------------------------------ compose

@@ -4,7 +4,7 @@ concurrent load with micro-batching, per artifact variant, next to routing quali
 Run (after the artifacts exist; takes ~1-2 minutes per variant on 2 cores):
 
     nice -n 19 python -m tests.bench.classifier_bench
-    python -m tests.bench.classifier_bench --artifacts router_models/artifacts \
+    python -m tests.bench.classifier_bench --artifacts gateway/classifier/artifacts \
         --extra fp32=router_models/build/router.fp32.onnx
 
 Method
@@ -181,7 +181,7 @@ def bench_variant(name: str, art: Path, variant: str | None, args) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--artifacts", default=str(REPO / "router_models" / "artifacts"))
+    ap.add_argument("--artifacts", default=str(REPO / "gateway" / "classifier" / "artifacts"))
     ap.add_argument(
         "--extra",
         action="append",

@@ -759,7 +759,7 @@ def print_report(res: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--artifacts", default=str(_ROOT / "router_models" / "artifacts"))
+    parser.add_argument("--artifacts", default=str(_ROOT / "gateway" / "classifier" / "artifacts"))
     parser.add_argument("--prompts", type=int, default=400)
     parser.add_argument("--per-prompt", type=int, default=3)
     parser.add_argument("--distractors", type=int, default=600)
