@@ -30,12 +30,12 @@ from gateway.classifier import ClassifierError
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.drain import DEFAULT_DRAIN_S, Drain
 from gateway.errors import GatewayError, ShuttingDownError, UpstreamError
-from gateway.limits import RateLimiter, Reservation
+from gateway.limits import Limiter, Reservation
 from gateway.pricing import cost_usd
 from gateway.protocol import ChatRequest, parse_chat_request
 from gateway.routing import RoutePlan
 from gateway.runtime import Runtime, RuntimeHolder
-from gateway.services.redis_client import RedisUnavailable
+from gateway.store.base import StoreUnavailable
 from gateway.tokens import count_chat_prompt, count_text, prompt_chars
 from gateway.upstreams.base import ChatStream, Completion, Provider, Usage
 
@@ -107,7 +107,7 @@ class ChatPipeline:
         metrics: Metrics,
         exact: ExactCache,
         semantic: SemanticCache,
-        limiter: RateLimiter,
+        limiter: Limiter,
         scorer: Scorer | None,
         drain: Drain | None = None,
     ) -> None:
@@ -263,7 +263,7 @@ class ChatPipeline:
         if plan.read:
             try:
                 hit = await self._exact.get(plan.exact_key, timeout_s)
-            except RedisUnavailable:  # down, hung or slow: go on without the cache, and say so
+            except StoreUnavailable:  # down, hung or slow: go on without the cache, and say so
                 x.record.cache, x.cache = "bypass", None
                 return None
             if hit is not None:

@@ -15,13 +15,14 @@ import openai
 import pytest
 import redis
 
+from gateway.accounting.ledger import UsageLedger
 from gateway.accounting.metrics import Metrics
 from gateway.auth import Principal
 from gateway.config.loader import load_policy_text
-from gateway.limits import RateLimiter
-from gateway.services.redis_client import SharedRedis, connect
+from gateway.limits import Limiter
 from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
 from gateway.simulated import SimulatedUpstream
+from gateway.store.redis import RedisLimitCounters, SharedRedis, connect
 from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
 
@@ -49,20 +50,22 @@ def test_defect6_the_embedded_redis_admits_nobody_without_its_password(private_r
 
 async def test_defect6_a_full_redis_evicts_cache_entries_and_never_a_budget(private_redis: EmbeddedRedis) -> None:
     policy = load_policy_text(_LIMITED_POLICY, environ={}).policy
-    limiter = RateLimiter(SharedRedis(connect(private_redis.url, timeout_s=2), Metrics()))
+    counters = RedisLimitCounters(SharedRedis(connect(private_redis.url, timeout_s=2), Metrics()))
+    limiter = Limiter(counters, UsageLedger(counters))
     principal = Principal(key_id="app", tenant="team-a", allowed=frozenset({"*"}), limits=policy.auth.keys[0].limits)
     reservation = await limiter.reserve(policy, principal, tokens=100, cost_usd=0.25)
-    assert reservation.scope_keys
+    assert reservation.scopes
+    counter_keys = [key for scope in reservation.scopes for key in (scope.window, scope.spend)]
     client = redis.Redis.from_url(private_redis.url)
-    for key in reservation.scope_keys:
+    for key in counter_keys:
         assert client.ttl(key) == -1  # no TTL: volatile-lru can never pick it
     blob = b"x" * 20_000
     for i in range(2_000):  # 40 MB of cache-like entries into a 4 MB Redis
         client.set(f"gw:{{t}}:x:{i}", blob, ex=3600)
     assert int(client.info("stats")["evicted_keys"]) > 0
-    for key in reservation.scope_keys:
+    for key in counter_keys:
         assert client.exists(key), key
-    spend = client.hgetall(reservation.scope_keys[1])
+    spend = client.hgetall(reservation.scopes[0].spend)
     assert float(spend[b"d"]) == pytest.approx(0.25)
 
 

@@ -10,13 +10,14 @@ from typing import Any
 import msgspec
 from structlog.testing import capture_logs
 
+from gateway.accounting.ledger import UsageLedger
 from gateway.accounting.metrics import Metrics
 from gateway.cache.exact import ExactCache
 from gateway.cache.semantic import SemanticCache
-from gateway.limits import RateLimiter
+from gateway.limits import Limiter
 from gateway.pipeline import Answer, ChatPipeline
 from gateway.runtime import RuntimeHolder
-from gateway.services.redis_client import SharedRedis
+from gateway.store.memory import memory_store
 
 _POLICY = """
 pair: {small: small, large: large}
@@ -41,9 +42,10 @@ async def test_defect4_an_unexpected_exception_is_a_500_with_an_id_and_a_truthfu
     metrics = Metrics()
     holder = RuntimeHolder(path, metrics)
     holder.start()
-    redis = SharedRedis(None, metrics)
+    store = memory_store()
+    limiter = Limiter(store.counters, UsageLedger(store.counters))
     pipeline = ChatPipeline(
-        holder, metrics, ExactCache(redis), SemanticCache(redis), RateLimiter(redis), _BrokenScorer()
+        holder, metrics, ExactCache(store.kv), SemanticCache(store.vectors), limiter, _BrokenScorer()
     )
     body = msgspec.json.encode({"model": "auto", "messages": [{"role": "user", "content": "hello"}]})
 

@@ -11,9 +11,9 @@ import pytest
 import redis
 
 from gateway.auth import hash_key
-from gateway.cache.keys import tenant_prefix
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
+from gateway.store.keyspace import tenant_prefix
 from tests.conftest import upstream_stats
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 

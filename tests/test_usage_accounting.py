@@ -7,14 +7,15 @@ from datetime import UTC, datetime
 
 import pytest
 
+from gateway.accounting.ledger import UsageLedger
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal
 from gateway.config.loader import load_policy_text
 from gateway.config.schema import Limits
-from gateway.limits import RateLimiter
-from gateway.services.redis_client import SharedRedis, connect
+from gateway.limits import Limiter
 from gateway.services.redis_server import EmbeddedRedis
+from gateway.store.redis import RedisLimitCounters, SharedRedis, connect
 
 _POLICY = """
 pair: {small: s, large: l}
@@ -33,7 +34,8 @@ async def test_usage_figures_round_trip_exactly(redis_server: EmbeddedRedis, lim
     principal = Principal(
         key_id=f"acct-{limited}-{datetime.now(UTC).timestamp()}", tenant="acct", allowed=frozenset({"*"}), limits=limits
     )
-    limiter = RateLimiter(SharedRedis(connect(redis_server.url, timeout_s=2), Metrics()))
+    counters = RedisLimitCounters(SharedRedis(connect(redis_server.url, timeout_s=2), Metrics()))
+    limiter = Limiter(counters, UsageLedger(counters))
     used = [
         UsageFigures(requests=1, prompt_tokens=120, completion_tokens=30, cost_usd=0.00123, baseline_cost_usd=0.0099),
         UsageFigures(requests=1, prompt_tokens=80, cache_saved_usd=0.004, cache_hits=1, baseline_cost_usd=0.004),
@@ -41,11 +43,11 @@ async def test_usage_figures_round_trip_exactly(redis_server: EmbeddedRedis, lim
     ]
     for figures in used:
         reservation = await limiter.reserve(policy, principal, 200, 0.002)
-        assert bool(reservation.scope_keys) is limited
+        assert bool(reservation.scopes) is limited
         await limiter.settle(policy, reservation, figures)
-    await limiter.flush_usage()
+    await limiter.ledger.flush()
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    totals = await limiter.usage([(principal.key_id, principal.tenant)], today, today)
+    totals = await limiter.ledger.read([(principal.key_id, principal.tenant)], today, today)
     assert totals is not None
     got = totals[principal.key_id]
     assert (got.requests, got.prompt_tokens, got.completion_tokens, got.cache_hits, got.errors) == (3, 200, 30, 1, 1)

@@ -13,6 +13,7 @@ import structlog
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 
+from gateway.accounting.ledger import UsageLedger
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestLogWriter, configure_logging, exception_frames
 from gateway.api.chat import chat_completions
@@ -25,11 +26,11 @@ from gateway.classifier import load_classifier
 from gateway.config.loader import load_policy
 from gateway.drain import Drain
 from gateway.errors import GatewayError, InvalidRequestError, ModelNotFoundError
-from gateway.limits import RateLimiter
+from gateway.limits import Limiter
 from gateway.pipeline import ChatPipeline
 from gateway.runtime import RuntimeHolder
-from gateway.services.redis_client import SharedRedis, connect
 from gateway.settings import Settings
+from gateway.store.redis import SharedRedis, connect, redis_store
 
 __all__ = ["create_app"]
 
@@ -77,7 +78,8 @@ async def _start(settings: Settings) -> GatewayState:
     holder.start()
     client = connect(settings.redis_url) if settings.redis_url else None
     redis = SharedRedis(client, metrics)
-    limiter = RateLimiter(redis)
+    store = redis_store(redis)
+    limiter = Limiter(store.counters, UsageLedger(store.counters))
     classifier = await asyncio.to_thread(load_classifier, settings.router_artifacts)
     if classifier is None:
         _log.warning("router_not_loaded", artifacts=settings.router_artifacts, effect="auto uses its default model")
@@ -88,7 +90,7 @@ async def _start(settings: Settings) -> GatewayState:
     drain = Drain(settings.drain_s)
     drain.install_signal_handler(asyncio.get_running_loop())
     pipeline = ChatPipeline(
-        holder, metrics, ExactCache(redis), SemanticCache(redis), limiter, scorer=classifier, drain=drain
+        holder, metrics, ExactCache(store.kv), SemanticCache(store.vectors), limiter, scorer=classifier, drain=drain
     )
     state = GatewayState(holder, pipeline, metrics, redis, limiter, request_log, ops_log, classifier_info)
     state.closers.append(drain.aclose)

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestLogWriter
-from gateway.limits import RateLimiter
+from gateway.limits import Limiter
 from gateway.pipeline import ChatPipeline
 from gateway.runtime import RuntimeHolder
-from gateway.services.redis_client import SharedRedis
+from gateway.store.redis import SharedRedis
 
 __all__ = ["GatewayState"]
 
@@ -23,7 +23,7 @@ class GatewayState:
     pipeline: ChatPipeline
     metrics: Metrics
     redis: SharedRedis
-    limiter: RateLimiter
+    limiter: Limiter
     request_log: RequestLogWriter
     ops_log: RequestLogWriter
     classifier_info: dict[str, object] = field(default_factory=dict)

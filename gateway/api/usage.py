@@ -8,10 +8,10 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, get
 
+from gateway.accounting.ledger import USAGE_FLUSH_S
 from gateway.accounting.usage import UsageFigures
 from gateway.api.state import GatewayState
 from gateway.errors import InvalidRequestError, UsageUnavailableError
-from gateway.limits import USAGE_FLUSH_S
 
 __all__ = ["usage"]
 
@@ -39,8 +39,8 @@ async def usage(request: Request[Any, Any, Any]) -> Response[bytes]:
         keys = [(principal.key_id, principal.tenant)]
     # This worker's own figures are made current; other workers write theirs every USAGE_FLUSH_S.
     await state.pipeline.drain()
-    await state.limiter.flush_usage()
-    totals = await state.limiter.usage(keys, start, end)
+    await state.limiter.ledger.flush()
+    totals = await state.limiter.ledger.read(keys, start, end)
     if totals is None:
         raise UsageUnavailableError("usage cannot be read right now (Redis unavailable)")
     tenants = dict(keys)

@@ -7,6 +7,8 @@ from typing import Any
 
 import msgspec
 
+from gateway.store import keyspace
+
 __all__ = ["exact_key", "namespace_hash"]
 
 _NOT_IN_KEY = frozenset(
@@ -18,25 +20,16 @@ _encoder = msgspec.json.Encoder(order="sorted")
 
 
 def exact_key(tenant: str, route: str, body: dict[str, Any]) -> str:
-    """``gw:{tenant}:x:<sha256>``: the tenant is in the key, so no lookup can cross tenants.
+    """The tenant's exact-cache key (see :mod:`gateway.store.keyspace`): no lookup can cross tenants.
 
     The hash covers the route asked for and every field that can change the answer,
     encoded with sorted keys (field order and whitespace in the client's JSON don't matter).
     """
     canonical = {k: v for k, v in body.items() if k not in _NOT_IN_KEY}
     digest = hashlib.sha256(_encoder.encode([route, canonical])).hexdigest()
-    return f"gw:{{{_tenant_tag(tenant)}}}:x:{digest}"
+    return keyspace.exact(tenant, digest)
 
 
 def namespace_hash(route: str, system_prompt: str, params: dict[str, Any]) -> str:
     """What a semantic vector set is specific to, besides its tenant."""
     return hashlib.sha256(_encoder.encode([route, system_prompt, params])).hexdigest()[:32]
-
-
-def _tenant_tag(tenant: str) -> str:
-    """Tenants are hashed: any string is a safe key part, and a Redis Cluster hash tag keeps a tenant on one slot."""
-    return hashlib.sha256(tenant.encode()).hexdigest()[:16]
-
-
-def tenant_prefix(tenant: str) -> str:
-    return f"gw:{{{_tenant_tag(tenant)}}}"

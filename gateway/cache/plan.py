@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.cache.keys import exact_key, namespace_hash
-from gateway.cache.semantic import SemanticCache
 from gateway.config.schema import CachePolicy
 from gateway.protocol import ChatRequest, ContentPart
+from gateway.store import keyspace
 
 __all__ = ["CachePlan", "plan_cache"]
 
@@ -54,7 +54,7 @@ def plan_cache(
         system = "\n".join(_text(m.content) for m in request.messages if m.role in ("system", "developer"))
         params = {k: v for k, v in body.items() if k not in _ANSWER_INDEPENDENT}
         earlier = [(m.role, _text(m.content)) for m in turns[:-1]]
-        semantic_set = SemanticCache.set_key(
+        semantic_set = keyspace.semantic_index(
             tenant, namespace_hash(route, system, {"params": params, "earlier": earlier})
         )
     prompt = "\n".join(_text(m.content) for m in turns[-1:]) if turns else ""

@@ -1,1 +1,1 @@
-"""Services the gateway runs beside itself (the embedded Redis) and its client for them."""
+"""Services the gateway can run beside itself: the embedded Redis."""

@@ -28,15 +28,16 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from gateway.accounting.ledger import UsageLedger
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal, hash_key
 from gateway.config.loader import load_policy_text
 from gateway.config.schema import Limits
-from gateway.limits import RateLimiter
-from gateway.services.redis_client import SharedRedis, connect
+from gateway.limits import Limiter
 from gateway.services.redis_server import start_embedded_redis
 from gateway.simulated import start_simulated_upstream
+from gateway.store.redis import RedisLimitCounters, SharedRedis, connect
 from tests.gateway_process import policy_text, start_gateway
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "routing"
@@ -58,7 +59,8 @@ async def in_process(redis_url: str, count: int) -> dict[str, object]:
         "tenants:\n  t: {limits: {rpm: 100000000, usd_per_day: 1000000}}\nlimits: {redis_timeout_ms: 1000}\n",
         environ={},
     ).policy
-    limiter = RateLimiter(SharedRedis(connect(redis_url), Metrics()))
+    counters = RedisLimitCounters(SharedRedis(connect(redis_url), Metrics()))
+    limiter = Limiter(counters, UsageLedger(counters))
     principal = Principal("k", "t", frozenset({"*"}), Limits(rpm=100_000_000, tpm=10**12))
     reserve_ms, settle_ms = [], []
     for _ in range(count):

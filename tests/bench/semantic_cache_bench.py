@@ -487,11 +487,12 @@ async def lookup_latency(clf: Any, ts: Any, emb: dict[str, np.ndarray], redis_ur
     from gateway.accounting.metrics import Metrics
     from gateway.cache.entries import CachedAnswer
     from gateway.cache.semantic import SemanticCache
-    from gateway.services.redis_client import SharedRedis, connect
+    from gateway.store import keyspace
+    from gateway.store.redis import RedisVectorIndex, SharedRedis, connect
 
     client = connect(redis_url, timeout_s=1.0)
-    cache = SemanticCache(SharedRedis(client, Metrics()))
-    set_key = SemanticCache.set_key("bench", "latency")
+    cache = SemanticCache(RedisVectorIndex(SharedRedis(client, Metrics())))
+    set_key = keyspace.semantic_index("bench", "latency")
     entries = list(dict.fromkeys([o.prompt for o in ts.originals] + list(ts.distractors) + [a for a, _ in PARAPHRASES]))
     body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "x" * 400}}]}).encode()
     store_ms = []
@@ -651,10 +652,10 @@ def vsim_phase(redis_url: str, anchors: np.ndarray, n: int, n_queries: int, quan
 async def lookup_at_scale(redis_url: str, key: str, queries: np.ndarray, threshold: float) -> dict[str, float]:
     from gateway.accounting.metrics import Metrics
     from gateway.cache.semantic import SemanticCache
-    from gateway.services.redis_client import SharedRedis, connect
+    from gateway.store.redis import RedisVectorIndex, SharedRedis, connect
 
     client = connect(redis_url, timeout_s=1.0)
-    cache = SemanticCache(SharedRedis(client, Metrics()))
+    cache = SemanticCache(RedisVectorIndex(SharedRedis(client, Metrics())))
     lat = []
     for q in queries:
         t0 = time.perf_counter()

@@ -9,9 +9,8 @@ often enough to switch the cache off for 1 s at a time). Timeouts with no answer
 between for ``_DEGRADED_AFTER_S`` do: a hung or stopped server accepts connections and
 never answers. Then calls are skipped and probed as for a server that is down.
 
-:meth:`SharedRedis.call` raises :class:`RedisUnavailable` instead of returning a
-fallback, for callers that tell "not there" from "could not ask" (the cache says
-``bypass`` rather than ``miss``).
+:meth:`SharedRedis.call` raises :class:`~gateway.store.base.StoreUnavailable` instead of
+returning a fallback; the store implementations beside this module are built on it.
 """
 
 from __future__ import annotations
@@ -26,18 +25,15 @@ import redis.asyncio as aioredis
 import structlog
 
 from gateway.accounting.metrics import Metrics
+from gateway.store.base import StoreUnavailable
 
-__all__ = ["RedisUnavailable", "SharedRedis", "connect"]
+__all__ = ["SharedRedis", "connect"]
 
 T = TypeVar("T")
 _log = structlog.get_logger("gateway.redis")
 _RETRY_AFTER_S = 1.0
 _SLOW_LOG_EVERY_S = 10.0
 _DEGRADED_AFTER_S = 1.0
-
-
-class RedisUnavailable(Exception):
-    """Redis was not asked (marked down) or did not answer in time."""
 
 
 def connect(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
@@ -73,16 +69,16 @@ class SharedRedis:
         """``operation(client)`` within ``timeout_s``, or ``fallback`` if Redis cannot answer."""
         try:
             return await self.call(operation, timeout_s)
-        except RedisUnavailable:
+        except StoreUnavailable:
             return fallback
 
     async def call(self, operation: Callable[[aioredis.Redis], Awaitable[T]], timeout_s: float) -> T:
-        """``operation(client)`` within ``timeout_s``; raises :class:`RedisUnavailable` if Redis cannot answer."""
+        """``operation(client)`` within ``timeout_s``; raises :class:`StoreUnavailable` if Redis cannot answer."""
         client = self.client
         if client is None:
-            raise RedisUnavailable
+            raise StoreUnavailable
         if not self.up and time.monotonic() - self._last_attempt < _RETRY_AFTER_S:
-            raise RedisUnavailable
+            raise StoreUnavailable
         self._last_attempt = time.monotonic()
         try:
             async with asyncio.timeout(timeout_s):
@@ -96,10 +92,10 @@ class SharedRedis:
                 self._mark_down(exc, "redis_degraded")
             else:
                 self._log_slow(timeout_s)
-            raise RedisUnavailable from None
+            raise StoreUnavailable from None
         except (OSError, aioredis.RedisError) as exc:
             self._mark_down(exc, "redis_unavailable")
-            raise RedisUnavailable from None
+            raise StoreUnavailable from None
         self._timeouts_since = None
         if not self.up:
             self._mark_up()

@@ -1,0 +1,96 @@
+"""Where usage is written and read back: daily sums per key and per tenant in the store.
+
+Requests that reserved nothing (no limits) are summed in memory and written every
+:data:`USAGE_FLUSH_S` in one batch, so they cost no store call each; requests that
+reserved are written with their settlement (see :class:`gateway.limits.Limiter`).
+Sums are kept :data:`USAGE_RETENTION_DAYS` days: each write deletes the day that left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from gateway.accounting.usage import UsageFigures
+from gateway.store import keyspace
+from gateway.store.base import LimitCounters, StoreUnavailable
+
+__all__ = ["USAGE_FLUSH_S", "USAGE_RETENTION_DAYS", "UsageKeys", "UsageLedger", "usage_keys"]
+
+USAGE_FLUSH_S = 1.0
+USAGE_RETENTION_DAYS = 92
+
+UsageKeys = tuple[tuple[str, str], tuple[str, str]]
+"""Today's sums (key, tenant), then the two that leave the retention period today."""
+
+
+def usage_keys(tenant: str, key_id: str, now: float) -> UsageKeys:
+    return _usage_keys_of_day(tenant, key_id, int(now // 86400))
+
+
+@functools.lru_cache(maxsize=4096)
+def _usage_keys_of_day(tenant: str, key_id: str, day: int) -> UsageKeys:
+    """Built once a day per key, not per request."""
+    today, gone = (
+        datetime.fromtimestamp(number * 86400, UTC).strftime("%Y%m%d") for number in (day, day - USAGE_RETENTION_DAYS)
+    )
+    return keyspace.usage(tenant, key_id, today), keyspace.usage(tenant, key_id, gone)
+
+
+class UsageLedger:
+    def __init__(self, counters: LimitCounters) -> None:
+        self._counters = counters
+        self._pending: dict[str, UsageFigures] = {}
+        self._expired: set[str] = set()
+        self._flusher: asyncio.Task[None] | None = None
+        self._timeout_s = 1.0
+
+    def record(self, keys: UsageKeys, used: UsageFigures, timeout_s: float) -> None:
+        """Add ``used`` to today's sums at the next flush."""
+        self._expired.update(keys[1])
+        for key in keys[0]:
+            pending = self._pending.get(key)
+            if pending is None:
+                pending = self._pending[key] = UsageFigures()
+            pending.add(used)
+        self._timeout_s = timeout_s
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_every(USAGE_FLUSH_S))
+
+    async def flush(self, timeout_s: float | None = None) -> None:
+        """Write what is buffered in one batch (before a read, and at shutdown)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        expired, self._expired = self._expired, set()
+        try:
+            await self._counters.add_usage(pending, expired, timeout_s or self._timeout_s)
+        except StoreUnavailable:
+            pass  # lost with the store, as the store's own sums would be
+
+    async def read(
+        self, keys: Sequence[tuple[str, str]], start: datetime, end: datetime
+    ) -> dict[str, UsageFigures] | None:
+        """The daily sums of ``(key_id, tenant)`` pairs over [start, end] (UTC days), per key; None when unreadable."""
+        days = [(start + timedelta(days=i)).strftime("%Y%m%d") for i in range((end - start).days + 1)]
+        names = [keyspace.usage(tenant, key_id, day)[0] for key_id, tenant in keys for day in days]
+        try:
+            rows = await self._counters.read_usage(names, 2.0)
+        except StoreUnavailable:
+            return None
+        totals = {key_id: UsageFigures() for key_id, _ in keys}
+        for index, row in enumerate(rows):
+            totals[keys[index // len(days)][0]].add(row)
+        return totals
+
+    async def aclose(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+        await self.flush()
+
+    async def _flush_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.flush()

@@ -1,0 +1,36 @@
+"""Budgets: USD per UTC day and per UTC month, charged the estimate first and the actual cost after."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+from gateway.errors import BudgetExceededError
+
+__all__ = ["BUDGET_CAPS", "budget_error"]
+
+BUDGET_CAPS = frozenset({"usd_per_day", "usd_per_month"})
+
+
+def budget_error(
+    cap: str, owner: str, limit: float, spent_usd: float, cost_usd: float, now: float, *, name: str
+) -> BudgetExceededError:
+    """``cap`` is ``"usd_per_day"`` or ``"usd_per_month"``, ``name`` the limit as policies.yaml has it
+    (``tenant.usd_per_day``); ``retry-after`` is the start of the next period."""
+    period = "daily" if cap == "usd_per_day" else "monthly"
+    error = BudgetExceededError(
+        f"{period} budget exhausted: {owner} may spend ${limit:.2f}, ${spent_usd:.4f} is spent "
+        f"and this request may cost up to ${cost_usd:.4f} ({name})",
+    )
+    error.headers["retry-after"] = str(_seconds_to_next_period(now, cap))
+    return error
+
+
+def _seconds_to_next_period(now: float, cap: str) -> int:
+    stamp = datetime.fromtimestamp(now, UTC)
+    if cap == "usd_per_day":
+        boundary = (stamp + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    else:
+        year, month = (stamp.year + 1, 1) if stamp.month == 12 else (stamp.year, stamp.month + 1)
+        boundary = stamp.replace(year=year, month=month, day=1, hour=0, minute=0, second=0, microsecond=0)
+    return max(1, math.ceil(boundary.timestamp() - now))

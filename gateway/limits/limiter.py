@@ -1,0 +1,134 @@
+"""Limits per key and per tenant, enforced in the shared store for every gateway process.
+
+Before the upstream call, :meth:`Limiter.reserve` checks every rate limit and budget
+of the key and of its tenant against the request's *estimate* (prompt tokens + the
+completion it may ask for, priced at the first model) and reserves it, atomically, in
+one store call: two processes behind a load balancer enforce one limit. After the call,
+:meth:`Limiter.settle` replaces the estimate with the actual tokens and cost and adds
+the request to the usage ``/v1/usage`` reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from gateway.accounting.ledger import UsageKeys, UsageLedger, usage_keys
+from gateway.accounting.usage import UsageFigures
+from gateway.auth import Principal
+from gateway.config.schema import Limits, Policy
+from gateway.errors import LimiterUnavailableError
+from gateway.limits.budget import budget_error
+from gateway.limits.rate import RATE_CAPS, rate_limit_error
+from gateway.store import keyspace
+from gateway.store.base import Caps, CounterScope, LimitCounters, ReserveRequest, SettleRequest, StoreUnavailable
+
+__all__ = ["Limiter", "Reservation"]
+
+_NO_LIMIT = Limits()
+_SCOPE_NAMES = ("key", "tenant")
+
+
+@dataclass(slots=True)
+class Reservation:
+    scopes: tuple[CounterScope, ...]
+    """The key's and the tenant's counters; empty when nothing was reserved."""
+    periods: tuple[int, str, str]
+    """The minute, UTC day and month the reservation was counted in."""
+    usage: UsageKeys
+    tokens: int
+    cost_usd: float
+    budget_share: float
+    """The largest share of a daily or monthly budget spent before this request."""
+
+
+class Limiter:
+    def __init__(self, counters: LimitCounters, ledger: UsageLedger) -> None:
+        self._counters = counters
+        self.ledger = ledger
+
+    @staticmethod
+    def enforces(policy: Policy, principal: Principal) -> bool:
+        """Whether this key or its tenant has a limit to check (only then is an estimate needed)."""
+        key_limits, tenant_limits = _limits(policy, principal)
+        return key_limits.any or tenant_limits.any
+
+    async def reserve(self, policy: Policy, principal: Principal, tokens: int, cost_usd: float) -> Reservation:
+        """Check and reserve; raises RateLimitError / BudgetExceededError naming the limit."""
+        now = time.time()
+        periods = _periods_of_minute(int(now // 60))
+        usage = usage_keys(principal.tenant, principal.key_id, now)
+        if not self.enforces(policy, principal):
+            return Reservation((), periods, usage, 0, 0.0, 0.0)  # nothing to enforce: usage is recorded in batches
+        limits = _limits(policy, principal)
+        window, spend, tenant_window, tenant_spend = keyspace.limit_counters(principal.tenant, principal.key_id)
+        scopes = (
+            CounterScope(window, spend, _caps(limits[0])),
+            CounterScope(tenant_window, tenant_spend, _caps(limits[1])),
+        )
+        minute, day, month = periods
+        request = ReserveRequest(scopes, tokens, cost_usd, minute, day, month, now / 60 - minute)
+        try:
+            outcome = await self._counters.reserve(request, policy.limits.redis_timeout_ms / 1000)
+        except StoreUnavailable:
+            if policy.limits.on_redis_error == "closed":
+                raise LimiterUnavailableError(
+                    "rate limits cannot be checked (Redis unavailable); refusing by policy"
+                ) from None
+            return Reservation((), periods, usage, 0, 0.0, 0.0)
+        if outcome.refused_by is not None:
+            index, cap = outcome.refused_by.split(".")
+            scope = int(index)
+            name = f"{_SCOPE_NAMES[scope]}.{cap}"
+            owner = f"key '{principal.key_id}'" if scope == 0 else f"tenant '{principal.tenant}'"
+            limit = getattr(limits[scope], cap)
+            if cap in RATE_CAPS:
+                raise rate_limit_error(cap, owner, limit, now, name=name)
+            raise budget_error(cap, owner, limit, outcome.spent_usd, cost_usd, now, name=name)
+        return Reservation(scopes, periods, usage, tokens, cost_usd, outcome.budget_share)
+
+    async def settle(self, policy: Policy, reservation: Reservation, used: UsageFigures) -> None:
+        """Replace the reservation by what ``used`` (one request's figures) says, and record the usage."""
+        timeout_s = policy.limits.redis_timeout_ms / 1000
+        if not reservation.scopes:
+            self.ledger.record(reservation.usage, used, timeout_s)
+            return
+        tokens = used.prompt_tokens + used.completion_tokens
+        minute, day, month = reservation.periods
+        request = SettleRequest(
+            reservation.scopes,
+            token_delta=tokens - reservation.tokens if reservation.tokens else 0,
+            cost_delta=used.cost_usd - reservation.cost_usd if reservation.tokens else 0.0,
+            minute=minute,
+            day=day,
+            month=month,
+            usage_keys=reservation.usage[0],
+            used=used,
+            expired_keys=reservation.usage[1],
+        )
+        try:
+            await self._counters.settle(request, timeout_s)
+        except StoreUnavailable:
+            pass  # the reservation stands in for the actual figures
+
+    async def aclose(self) -> None:
+        await self.ledger.aclose()
+
+
+def _limits(policy: Policy, principal: Principal) -> tuple[Limits, Limits]:
+    tenant = policy.tenants.get(principal.tenant)
+    return principal.limits, tenant.limits if tenant else _NO_LIMIT
+
+
+@functools.lru_cache(maxsize=256)
+def _caps(limits: Limits) -> Caps:
+    return Caps(limits.rpm, limits.tpm, limits.usd_per_day, limits.usd_per_month)
+
+
+@functools.lru_cache(maxsize=4)
+def _periods_of_minute(minute: int) -> tuple[int, str, str]:
+    """The minute and its UTC day and month: formatted once a minute, not on every request."""
+    stamp = datetime.fromtimestamp(minute * 60, UTC)
+    return minute, stamp.strftime("%Y%m%d"), stamp.strftime("%Y%m")

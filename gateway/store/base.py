@@ -1,0 +1,170 @@
+"""What the gateway needs from shared storage, as three small Protocols.
+
+- :class:`KeyValue`: bytes under a key with a TTL, plus *leases* (one holder per key,
+  released by its token) that coalesce identical requests across processes;
+- :class:`VectorIndex`: nearest-neighbour search over prompt embeddings, each element
+  carrying an entry that expires;
+- :class:`LimitCounters`: the atomic check-and-reserve of rate and spend counters, and
+  the usage sums ``/v1/usage`` reads.
+
+Every method raises :class:`StoreUnavailable` when the store could not be asked or did
+not answer in time; callers decide what that means (the cache goes on without itself,
+the limiter fails open or closed by policy). ``gateway.store.redis`` implements them on
+Redis 8, ``gateway.store.memory`` in process (unit tests, one process). Key names come
+from :mod:`gateway.store.keyspace` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from gateway.accounting.usage import UsageFigures
+
+__all__ = [
+    "Caps",
+    "CounterScope",
+    "KeyValue",
+    "LimitCounters",
+    "ReserveOutcome",
+    "ReserveRequest",
+    "SettleRequest",
+    "Store",
+    "StoreUnavailable",
+    "VectorIndex",
+    "VectorMatch",
+]
+
+
+class StoreUnavailable(Exception):
+    """The store was not asked (marked down) or did not answer in time."""
+
+
+class KeyValue(Protocol):
+    async def get(self, key: str, timeout_s: float) -> bytes | None: ...
+
+    async def put(self, key: str, value: bytes, ttl_s: int, timeout_s: float) -> None: ...
+
+    async def acquire(self, key: str, token: str, ttl_ms: int, timeout_s: float) -> bool:
+        """Take the lease on ``key`` for ``ttl_ms`` unless another token holds it."""
+        ...
+
+    async def release(self, key: str, token: str, timeout_s: float) -> None:
+        """Drop the lease on ``key`` if ``token`` still holds it."""
+        ...
+
+    async def peek(self, key: str, timeout_s: float) -> tuple[bytes | None, bool]:
+        """The value under ``key`` and whether its lease is held, in one round trip."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class VectorMatch:
+    element: str
+    similarity: float
+    """Cosine similarity, in [-1, 1]."""
+
+
+class VectorIndex(Protocol):
+    async def nearest(self, index: str, vector: np.ndarray, count: int, timeout_s: float) -> list[VectorMatch]:
+        """Up to ``count`` elements, most similar first."""
+        ...
+
+    async def entry(self, index: str, element: str, timeout_s: float) -> bytes | None:
+        """The element's entry; None once it has expired."""
+        ...
+
+    async def add(
+        self, index: str, element: str, vector: np.ndarray, entry: bytes, ttl_s: int, max_entries: int, timeout_s: float
+    ) -> None:
+        """Add (or replace) an element; past ``max_entries`` the oldest elements go."""
+        ...
+
+    async def remove(self, index: str, element: str, timeout_s: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Caps:
+    """One scope's limits; None means unlimited."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    usd_per_day: float | None = None
+    usd_per_month: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CounterScope:
+    """The counters of one scope (a key or a tenant) and the caps they are checked against."""
+
+    window: str
+    """Requests and tokens of this minute and the previous one."""
+    spend: str
+    """USD spent today and this month."""
+    caps: Caps
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    scopes: Sequence[CounterScope]
+    tokens: int
+    cost_usd: float
+    minute: int
+    day: str
+    month: str
+    minute_fraction: float
+    """How far into ``minute`` the request is (0..1): the previous minute counts for the rest."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveOutcome:
+    refused_by: str | None
+    """None when reserved; else ``"<scope index>.<cap>"``, e.g. ``"0.rpm"`` or ``"1.usd_per_day"``."""
+    spent_usd: float
+    """When refused by a budget: what its period had spent already."""
+    budget_share: float
+    """When reserved: the largest share of a budget spent before this request."""
+
+
+@dataclass(frozen=True, slots=True)
+class SettleRequest:
+    scopes: Sequence[CounterScope]
+    """Those the reservation was made in (empty: none was)."""
+    token_delta: int
+    cost_delta: float
+    minute: int
+    day: str
+    month: str
+    usage_keys: Sequence[str]
+    """Usage sums to add ``used`` to."""
+    used: UsageFigures
+    expired_keys: Sequence[str]
+    """Usage sums that have left the retention period."""
+
+
+class LimitCounters(Protocol):
+    async def reserve(self, request: ReserveRequest, timeout_s: float) -> ReserveOutcome:
+        """Check every cap of every scope and, only if all allow it, count the request in all of them."""
+        ...
+
+    async def settle(self, request: SettleRequest, timeout_s: float) -> None:
+        """Correct a reservation to what was used (in the periods it was made in) and add the usage."""
+        ...
+
+    async def add_usage(self, sums: Mapping[str, UsageFigures], expired: Iterable[str], timeout_s: float) -> None:
+        """Add batched usage (requests that reserved nothing) and drop expired sums."""
+        ...
+
+    async def read_usage(self, keys: Sequence[str], timeout_s: float) -> list[UsageFigures]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    """The three parts, as the pipeline and the limiter are given them."""
+
+    kv: KeyValue
+    vectors: VectorIndex
+    counters: LimitCounters

@@ -1,0 +1,79 @@
+"""Every key the gateway writes, named in one place.
+
+All keys of a tenant start with ``gw:{<tenant hash>}``: the tenant is part of every
+key, so no lookup can cross tenants, and the braces are a Redis Cluster hash tag that
+keeps a tenant's keys on one slot (the multi-key scripts need that). Tenants are
+hashed, so any string is a safe key part.
+
+::
+
+    gw:{t}:x:<sha256>                 exact-cache answer         (TTL)
+    gw:{t}:x:<sha256>:lock            its coalescing lease        (TTL)
+    gw:{t}:v:<ns>                     semantic vector set         (TTL, refreshed on add)
+    gw:{t}:v:<ns>:e:<element>         an element's answer         (TTL)
+    gw:{t}:v:<ns>:z                   elements by insertion time  (TTL)
+    gw:{t}:rl:k:<key id>:win|spend    a key's rate and spend counters (no TTL: never evicted)
+    gw:{t}:rl:t:win|spend             the tenant's
+    gw:{t}:use:k:<key id>:<yyyymmdd>  a key's usage that day      (deleted after the retention period)
+    gw:{t}:use:t:<yyyymmdd>           the tenant's
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+
+__all__ = [
+    "exact",
+    "lease",
+    "limit_counters",
+    "semantic_ages",
+    "semantic_entry",
+    "semantic_entry_prefix",
+    "semantic_index",
+    "tenant_prefix",
+    "usage",
+]
+
+
+@functools.lru_cache(maxsize=4096)
+def tenant_prefix(tenant: str) -> str:
+    return f"gw:{{{hashlib.sha256(tenant.encode()).hexdigest()[:16]}}}"
+
+
+def exact(tenant: str, digest: str) -> str:
+    return f"{tenant_prefix(tenant)}:x:{digest}"
+
+
+def lease(key: str) -> str:
+    return key + ":lock"
+
+
+def semantic_index(tenant: str, namespace: str) -> str:
+    return f"{tenant_prefix(tenant)}:v:{namespace}"
+
+
+def semantic_entry_prefix(index: str) -> str:
+    return index + ":e:"
+
+
+def semantic_entry(index: str, element: str) -> str:
+    return f"{index}:e:{element}"
+
+
+def semantic_ages(index: str) -> str:
+    return index + ":z"
+
+
+@functools.lru_cache(maxsize=4096)
+def limit_counters(tenant: str, key_id: str) -> tuple[str, str, str, str]:
+    """The key's window and spend counters, then its tenant's."""
+    prefix = tenant_prefix(tenant)
+    key, scope = f"{prefix}:rl:k:{key_id}", f"{prefix}:rl:t"
+    return f"{key}:win", f"{key}:spend", f"{scope}:win", f"{scope}:spend"
+
+
+def usage(tenant: str, key_id: str, day: str) -> tuple[str, str]:
+    """The key's and its tenant's usage sums of one UTC day (``yyyymmdd``)."""
+    prefix = tenant_prefix(tenant)
+    return f"{prefix}:use:k:{key_id}:{day}", f"{prefix}:use:t:{day}"

@@ -1,0 +1,251 @@
+"""The store in process: the same contracts as the Redis store, for unit tests and one process.
+
+Nothing is shared between processes and nothing survives a restart. ``clock`` is
+injectable so tests can move time (TTLs, leases, minute windows) without sleeping.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.accounting.usage import UsageFigures
+from gateway.store import keyspace
+from gateway.store.base import (
+    Caps,
+    ReserveOutcome,
+    ReserveRequest,
+    SettleRequest,
+    Store,
+    StoreUnavailable,
+    VectorMatch,
+)
+
+__all__ = ["MemoryKeyValue", "MemoryLimitCounters", "MemoryVectorIndex", "memory_store"]
+
+Clock = Callable[[], float]
+
+
+class _Outage:
+    """``down = True`` makes every call raise StoreUnavailable, as a dead Redis does."""
+
+    down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreUnavailable
+
+
+class MemoryKeyValue(_Outage):
+    def __init__(self, clock: Clock = time.time) -> None:
+        self._clock = clock
+        self._values: dict[str, tuple[bytes, float]] = {}
+
+    async def get(self, key: str, timeout_s: float) -> bytes | None:
+        self._check()
+        return self._live(key)
+
+    async def put(self, key: str, value: bytes, ttl_s: int, timeout_s: float) -> None:
+        self._check()
+        self._values[key] = (value, self._clock() + ttl_s)
+
+    async def acquire(self, key: str, token: str, ttl_ms: int, timeout_s: float) -> bool:
+        self._check()
+        lease = keyspace.lease(key)
+        if self._live(lease) is not None:
+            return False
+        self._values[lease] = (token.encode(), self._clock() + ttl_ms / 1000)
+        return True
+
+    async def release(self, key: str, token: str, timeout_s: float) -> None:
+        self._check()
+        lease = keyspace.lease(key)
+        if self._live(lease) == token.encode():
+            del self._values[lease]
+
+    async def peek(self, key: str, timeout_s: float) -> tuple[bytes | None, bool]:
+        self._check()
+        return self._live(key), self._live(keyspace.lease(key)) is not None
+
+    def keys(self) -> list[str]:
+        return [key for key in self._values if self._live(key) is not None]
+
+    def _live(self, key: str) -> bytes | None:
+        found = self._values.get(key)
+        if found is None:
+            return None
+        if found[1] <= self._clock():
+            del self._values[key]
+            return None
+        return found[0]
+
+
+@dataclass(slots=True)
+class _Element:
+    unit: np.ndarray
+    entry: bytes
+    expires: float
+    added: float
+
+
+@dataclass(slots=True)
+class _Index:
+    elements: dict[str, _Element] = field(default_factory=dict)
+
+
+class MemoryVectorIndex(_Outage):
+    def __init__(self, clock: Clock = time.time) -> None:
+        self._clock = clock
+        self._indexes: dict[str, _Index] = {}
+
+    async def nearest(self, index: str, vector: np.ndarray, count: int, timeout_s: float) -> list[VectorMatch]:
+        self._check()
+        found = self._indexes.get(index)
+        if found is None or not found.elements:
+            return []
+        query = _unit(vector)
+        scored = [VectorMatch(name, float(element.unit @ query)) for name, element in found.elements.items()]
+        scored.sort(key=lambda match: match.similarity, reverse=True)
+        return scored[:count]
+
+    async def entry(self, index: str, element: str, timeout_s: float) -> bytes | None:
+        self._check()
+        found = self._indexes.get(index)
+        item = found.elements.get(element) if found is not None else None
+        if item is None or item.expires <= self._clock():
+            return None
+        return item.entry
+
+    async def add(
+        self, index: str, element: str, vector: np.ndarray, entry: bytes, ttl_s: int, max_entries: int, timeout_s: float
+    ) -> None:
+        self._check()
+        now = self._clock()
+        elements = self._indexes.setdefault(index, _Index()).elements
+        elements.pop(element, None)
+        elements[element] = _Element(_unit(vector), entry, now + ttl_s, now)
+        while len(elements) > max_entries:
+            del elements[next(iter(elements))]  # insertion order: the oldest first
+
+    async def remove(self, index: str, element: str, timeout_s: float) -> None:
+        self._check()
+        found = self._indexes.get(index)
+        if found is not None:
+            found.elements.pop(element, None)
+
+    def size(self, index: str) -> int:
+        found = self._indexes.get(index)
+        return len(found.elements) if found is not None else 0
+
+
+@dataclass(slots=True)
+class _Window:
+    minute: int = -2
+    requests: float = 0
+    previous_requests: float = 0
+    tokens: float = 0
+    previous_tokens: float = 0
+
+    def seen_at(self, minute: int) -> tuple[float, float, float, float]:
+        if self.minute == minute:
+            return self.requests, self.previous_requests, self.tokens, self.previous_tokens
+        if self.minute == minute - 1:
+            return 0, self.requests, 0, self.tokens
+        return 0, 0, 0, 0
+
+
+@dataclass(slots=True)
+class _Spend:
+    day: str = ""
+    spent_day: float = 0.0
+    month: str = ""
+    spent_month: float = 0.0
+
+
+class MemoryLimitCounters(_Outage):
+    """The Redis scripts' arithmetic, in Python (the unit tests hold both to one contract)."""
+
+    def __init__(self) -> None:
+        self.windows: dict[str, _Window] = {}
+        self.spends: dict[str, _Spend] = {}
+        self.usage: dict[str, UsageFigures] = {}
+
+    async def reserve(self, request: ReserveRequest, timeout_s: float) -> ReserveOutcome:
+        self._check()
+        share = 0.0
+        seen = []
+        rest = 1 - request.minute_fraction
+        for index, scope in enumerate(request.scopes):
+            r, rp, t, tp = self.windows.get(scope.window, _Window()).seen_at(request.minute)
+            spend = self.spends.get(scope.spend, _Spend())
+            day = spend.spent_day if spend.day == request.day else 0.0
+            month = spend.spent_month if spend.month == request.month else 0.0
+            seen.append((r, rp, t, tp, day, month))
+            caps: Caps = scope.caps
+            if caps.rpm is not None and r + rp * rest + 1 > caps.rpm:
+                return ReserveOutcome(f"{index}.rpm", 0.0, 0.0)
+            if caps.tpm is not None and t + tp * rest + request.tokens > caps.tpm:
+                return ReserveOutcome(f"{index}.tpm", 0.0, 0.0)
+            for cap, spent, name in (
+                (caps.usd_per_day, day, "usd_per_day"),
+                (caps.usd_per_month, month, "usd_per_month"),
+            ):
+                if cap is None:
+                    continue
+                if spent + request.cost_usd > cap:
+                    return ReserveOutcome(f"{index}.{name}", spent, 0.0)
+                if cap > 0:
+                    share = max(share, spent / cap)
+        for scope, (r, rp, t, tp, day, month) in zip(request.scopes, seen, strict=True):
+            self.windows[scope.window] = _Window(request.minute, r + 1, rp, t + request.tokens, tp)
+            cost = request.cost_usd
+            self.spends[scope.spend] = _Spend(request.day, day + cost, request.month, month + cost)
+        return ReserveOutcome(None, 0.0, share)
+
+    async def settle(self, request: SettleRequest, timeout_s: float) -> None:
+        self._check()
+        for scope in request.scopes:
+            window = self.windows.get(scope.window)
+            if window is not None and request.token_delta:
+                if window.minute == request.minute:
+                    window.tokens += request.token_delta
+                elif window.minute == request.minute + 1:
+                    window.previous_tokens += request.token_delta
+            spend = self.spends.get(scope.spend)
+            if spend is not None and request.cost_delta:
+                if spend.day == request.day:
+                    spend.spent_day += request.cost_delta
+                if spend.month == request.month:
+                    spend.spent_month += request.cost_delta
+        await self.add_usage(dict.fromkeys(request.usage_keys, request.used), request.expired_keys, timeout_s)
+
+    async def add_usage(self, sums: Mapping[str, UsageFigures], expired: Iterable[str], timeout_s: float) -> None:
+        self._check()
+        for key, used in sums.items():
+            self.usage.setdefault(key, UsageFigures()).add(used)
+        for key in expired:
+            self.usage.pop(key, None)
+
+    async def read_usage(self, keys: Sequence[str], timeout_s: float) -> list[UsageFigures]:
+        self._check()
+        result = []
+        for key in keys:
+            figures = UsageFigures()
+            found = self.usage.get(key)
+            if found is not None:
+                figures.add(found)
+            result.append(figures)
+        return result
+
+
+def memory_store(clock: Clock = time.time) -> Store:
+    return Store(MemoryKeyValue(clock), MemoryVectorIndex(clock), MemoryLimitCounters())
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    values = np.asarray(vector, dtype=np.float32).ravel()
+    norm = float(np.linalg.norm(values))
+    return values / norm if norm > 0 else values

@@ -1,0 +1,169 @@
+""":class:`~gateway.store.base.LimitCounters` on Redis: one Lua script per reservation and per settlement.
+
+Each scope has two fixed-size hashes and no TTL: ``win`` holds this minute's and the
+previous minute's requests and tokens (m, r, rp, t, tp), ``spend`` today's and this
+month's USD (day, d, month, mo). A period that has passed is rolled over here rather
+than expired, so Redis's volatile-lru eviction, which only takes keys with a TTL
+(cache entries), can never reset a limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import redis.asyncio as aioredis
+
+from gateway.accounting.usage import UsageFigures
+from gateway.store.base import Caps, ReserveOutcome, ReserveRequest, SettleRequest, StoreUnavailable
+from gateway.store.redis.client import SharedRedis
+
+__all__ = ["RedisLimitCounters"]
+
+# KEYS: window, spend of each scope. ARGV: fraction, tokens, cost, minute, day, month, then
+# rpm, tpm, usd_per_day, usd_per_month of each scope (-1: no limit).
+_RESERVE = """
+local frac, tokens, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local minute, day, month = tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local function window(key)
+  local v = redis.call('HMGET', key, 'm', 'r', 'rp', 't', 'tp')
+  local m = tonumber(v[1] or '-2')
+  local r, rp, t, tp = tonumber(v[2] or '0'), tonumber(v[3] or '0'), tonumber(v[4] or '0'), tonumber(v[5] or '0')
+  if m == minute then return {r, rp, t, tp} end
+  if m == minute - 1 then return {0, r, 0, t} end
+  return {0, 0, 0, 0}
+end
+local function spent(key)
+  local v = redis.call('HMGET', key, 'day', 'd', 'month', 'mo')
+  return (v[1] == day) and tonumber(v[2]) or 0, (v[3] == month) and tonumber(v[4]) or 0
+end
+local share, seen = 0, {}
+for s = 0, #KEYS / 2 - 1 do
+  local a = 6 + s * 4
+  local rpm, tpm, per_day, per_month = tonumber(ARGV[a+1]), tonumber(ARGV[a+2]), tonumber(ARGV[a+3]), tonumber(ARGV[a+4])
+  local w = window(KEYS[s*2+1])
+  local spent_day, spent_month = spent(KEYS[s*2+2])
+  seen[s] = {w, spent_day, spent_month}
+  if rpm >= 0 and w[1] + w[2] * (1 - frac) + 1 > rpm then return {1, s .. '.rpm', '0'} end
+  if tpm >= 0 and w[3] + w[4] * (1 - frac) + tokens > tpm then return {1, s .. '.tpm', '0'} end
+  if per_day >= 0 then
+    if spent_day + cost > per_day then return {1, s .. '.usd_per_day', tostring(spent_day)} end
+    if per_day > 0 then share = math.max(share, spent_day / per_day) end
+  end
+  if per_month >= 0 then
+    if spent_month + cost > per_month then return {1, s .. '.usd_per_month', tostring(spent_month)} end
+    if per_month > 0 then share = math.max(share, spent_month / per_month) end
+  end
+end
+for s = 0, #KEYS / 2 - 1 do
+  local w, spent_day, spent_month = seen[s][1], seen[s][2], seen[s][3]
+  redis.call('HSET', KEYS[s*2+1], 'm', minute, 'r', w[1] + 1, 'rp', w[2], 't', w[3] + tokens, 'tp', w[4])
+  redis.call('HSET', KEYS[s*2+2], 'day', day, 'd', spent_day + cost, 'month', month, 'mo', spent_month + cost)
+end
+return {0, '', tostring(share)}
+"""
+
+# KEYS: window, spend of each scope, then the usage sums, then the expired sums.
+# ARGV: token delta, cost delta, minute, day, month, number of scopes, number of usage
+# sums, then field/value pairs to add to the usage sums.
+_SETTLE = """
+local token_delta, cost_delta = tonumber(ARGV[1]), tonumber(ARGV[2])
+local minute, day, month = tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local scopes, sums = tonumber(ARGV[6]), tonumber(ARGV[7])
+for s = 0, scopes - 1 do
+  local win, spend = KEYS[s*2+1], KEYS[s*2+2]
+  if token_delta ~= 0 then
+    local m = tonumber(redis.call('HGET', win, 'm') or '-2')
+    if m == minute then redis.call('HINCRBY', win, 't', token_delta)
+    elseif m == minute + 1 then redis.call('HINCRBY', win, 'tp', token_delta) end
+  end
+  if cost_delta ~= 0 then
+    if redis.call('HGET', spend, 'day') == day then redis.call('HINCRBYFLOAT', spend, 'd', cost_delta) end
+    if redis.call('HGET', spend, 'month') == month then redis.call('HINCRBYFLOAT', spend, 'mo', cost_delta) end
+  end
+end
+for i = scopes * 2 + 1, scopes * 2 + sums do
+  for j = 8, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[i], ARGV[j], ARGV[j + 1]) end
+end
+for i = scopes * 2 + sums + 1, #KEYS do redis.call('DEL', KEYS[i]) end
+return 1
+"""
+
+
+class RedisLimitCounters:
+    def __init__(self, redis: SharedRedis) -> None:
+        self._redis = redis
+        client = redis.client
+        self._reserve = client.register_script(_RESERVE) if client is not None else None
+        self._settle = client.register_script(_SETTLE) if client is not None else None
+
+    async def reserve(self, request: ReserveRequest, timeout_s: float) -> ReserveOutcome:
+        script = self._reserve
+        if script is None:
+            raise StoreUnavailable
+        keys = [key for scope in request.scopes for key in (scope.window, scope.spend)]
+        args: list[str | int | float] = [
+            request.minute_fraction,
+            request.tokens,
+            repr(request.cost_usd),
+            request.minute,
+            request.day,
+            request.month,
+        ]
+        for scope in request.scopes:
+            args += _cap_args(scope.caps)
+        status, which, detail = await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s)
+        if int(status) == 0:
+            return ReserveOutcome(None, 0.0, float(_text(detail)))
+        return ReserveOutcome(_text(which), float(_text(detail)), 0.0)
+
+    async def settle(self, request: SettleRequest, timeout_s: float) -> None:
+        script = self._settle
+        if script is None:
+            raise StoreUnavailable
+        keys = [key for scope in request.scopes for key in (scope.window, scope.spend)]
+        keys += [*request.usage_keys, *request.expired_keys]
+        args: list[str | int | float] = [
+            request.token_delta,
+            repr(request.cost_delta),
+            request.minute,
+            request.day,
+            request.month,
+            len(request.scopes),
+            len(request.usage_keys),
+        ]
+        for name, value in request.used.increments():
+            args += [name, repr(value) if isinstance(value, float) else value]
+        await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s)
+
+    async def add_usage(self, sums: Mapping[str, UsageFigures], expired: Iterable[str], timeout_s: float) -> None:
+        async def write(client: aioredis.Redis) -> None:
+            async with client.pipeline(transaction=False) as pipe:
+                for key, used in sums.items():
+                    for field, value in used.increments():
+                        if isinstance(value, float):
+                            pipe.hincrbyfloat(key, field, value)
+                        else:
+                            pipe.hincrby(key, field, value)
+                for key in expired:
+                    pipe.delete(key)
+                await pipe.execute()
+
+        await self._redis.call(write, timeout_s)
+
+    async def read_usage(self, keys: Sequence[str], timeout_s: float) -> list[UsageFigures]:
+        async def read(client: aioredis.Redis) -> list[UsageFigures]:
+            async with client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(key)
+                rows = await pipe.execute()
+            return [UsageFigures.from_hash(row) for row in rows]
+
+        return await self._redis.call(read, timeout_s)
+
+
+def _cap_args(caps: Caps) -> list[str]:
+    return [str(-1 if v is None else v) for v in (caps.rpm, caps.tpm, caps.usd_per_day, caps.usd_per_month)]
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,177 @@
+"""One contract for every store: the in-process one (unit tests' fake) and Redis 8 must agree.
+
+Each test runs against both, so a unit test that passes on the fake says something
+about production, and a new backend has a checklist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from gateway.accounting.metrics import Metrics
+from gateway.accounting.usage import UsageFigures
+from gateway.services.redis_server import EmbeddedRedis
+from gateway.store import keyspace
+from gateway.store.base import Caps, CounterScope, ReserveRequest, SettleRequest, Store, StoreUnavailable
+from gateway.store.memory import memory_store
+from gateway.store.redis import SharedRedis, connect, redis_store
+
+T = 1.0
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        yield memory_store()
+        return
+    server: EmbeddedRedis = request.getfixturevalue("redis_server")
+    shared = SharedRedis(connect(server.url, timeout_s=2), Metrics())
+    yield redis_store(shared)
+    await shared.aclose()
+
+
+def _tenant() -> str:
+    return f"contract-{uuid.uuid4().hex[:8]}"
+
+
+async def test_values_expire_and_leases_have_one_holder(store: Store) -> None:
+    key = keyspace.exact(_tenant(), "abc")
+    assert await store.kv.get(key, T) is None
+    await store.kv.put(key, b"answer", 60, T)
+    assert await store.kv.get(key, T) == b"answer"
+    assert await store.kv.peek(key, T) == (b"answer", False)
+    assert await store.kv.acquire(key, "one", 5_000, T)
+    assert not await store.kv.acquire(key, "two", 5_000, T)
+    assert (await store.kv.peek(key, T))[1] is True
+    await store.kv.release(key, "two", T)  # not its lease: nothing happens
+    assert (await store.kv.peek(key, T))[1] is True
+    await store.kv.release(key, "one", T)
+    assert (await store.kv.peek(key, T))[1] is False
+    assert await store.kv.acquire(key, "two", 50, T)
+    await asyncio.sleep(0.1)
+    assert await store.kv.acquire(key, "three", 5_000, T)  # the abandoned lease ran out
+
+
+async def test_the_nearest_vectors_come_first_with_cosine_similarity(store: Store) -> None:
+    index = keyspace.semantic_index(_tenant(), "ns")
+    assert await store.vectors.nearest(index, np.ones(4, dtype=np.float32), 4, T) == []
+    vectors = {"east": [1, 0, 0, 0], "north": [0, 1, 0, 0], "north-east": [1, 1, 0, 0]}
+    for name, vector in vectors.items():
+        await store.vectors.add(index, name, np.array(vector, dtype=np.float32), name.encode(), 60, 10, T)
+    found = await store.vectors.nearest(index, np.array([1, 0.1, 0, 0], dtype=np.float32), 2, T)
+    assert [match.element for match in found] == ["east", "north-east"]
+    assert found[0].similarity == pytest.approx(0.995, abs=0.01)
+    assert found[1].similarity == pytest.approx(0.777, abs=0.01)
+    assert await store.vectors.entry(index, "north", T) == b"north"
+    await store.vectors.remove(index, "north", T)
+    assert await store.vectors.entry(index, "north", T) is None
+    assert "north" not in [m.element for m in await store.vectors.nearest(index, np.array([0, 1, 0, 0]), 4, T)]
+
+
+async def test_past_the_cap_the_oldest_elements_go(store: Store) -> None:
+    index = keyspace.semantic_index(_tenant(), "capped")
+    for i in range(5):
+        vector = np.zeros(8, dtype=np.float32)
+        vector[i] = 1
+        await store.vectors.add(index, f"e{i}", vector, b"x", 60, 3, T)
+        await asyncio.sleep(0.002)  # distinct insertion times
+    names = {m.element for m in await store.vectors.nearest(index, np.ones(8, dtype=np.float32), 10, T)}
+    assert names == {"e2", "e3", "e4"}
+    assert await store.vectors.entry(index, "e0", T) is None
+
+
+async def test_entries_expire_even_while_their_vector_stays(store: Store) -> None:
+    index = keyspace.semantic_index(_tenant(), "ttl")
+    await store.vectors.add(index, "gone", np.ones(4, dtype=np.float32), b"x", 1, 10, T)
+    await asyncio.sleep(1.1)
+    assert await store.vectors.entry(index, "gone", T) is None
+
+
+def _scopes(tenant: str, key: Caps, team: Caps) -> tuple[CounterScope, CounterScope]:
+    window, spend, tenant_window, tenant_spend = keyspace.limit_counters(tenant, "k")
+    return CounterScope(window, spend, key), CounterScope(tenant_window, tenant_spend, team)
+
+
+def _ask(
+    scopes: tuple[CounterScope, ...], tokens: int = 10, cost: float = 0.01, minute: int = 1000, fraction: float = 0.5
+) -> ReserveRequest:
+    return ReserveRequest(scopes, tokens, cost, minute, "20261130", "202611", fraction)
+
+
+async def test_a_request_is_counted_only_if_every_scope_allows_it(store: Store) -> None:
+    scopes = _scopes(_tenant(), Caps(rpm=3), Caps(rpm=2))
+    assert (await store.counters.reserve(_ask(scopes), T)).refused_by is None
+    assert (await store.counters.reserve(_ask(scopes), T)).refused_by is None
+    assert (await store.counters.reserve(_ask(scopes), T)).refused_by == "1.rpm"  # the tenant's cap
+    # refused requests are not counted: the key has used 2 of its 3
+    key_only = (CounterScope(scopes[0].window, scopes[0].spend, Caps(rpm=3)),)
+    assert (await store.counters.reserve(_ask(key_only), T)).refused_by is None
+    assert (await store.counters.reserve(_ask(key_only), T)).refused_by == "0.rpm"
+
+
+async def test_the_previous_minute_counts_for_what_is_left_of_it(store: Store) -> None:
+    scopes = _scopes(_tenant(), Caps(tpm=100), Caps())
+    assert (await store.counters.reserve(_ask(scopes, tokens=80, minute=1000), T)).refused_by is None
+    # a quarter into the next minute, 3/4 of the previous 80 tokens still count: 60 + 50 > 100
+    assert (await store.counters.reserve(_ask(scopes, tokens=50, minute=1001, fraction=0.25), T)).refused_by == "0.tpm"
+    assert (await store.counters.reserve(_ask(scopes, tokens=30, minute=1001, fraction=0.25), T)).refused_by is None
+    # two minutes on, nothing counts
+    assert (await store.counters.reserve(_ask(scopes, tokens=100, minute=1003), T)).refused_by is None
+
+
+async def test_budgets_report_what_was_spent_and_the_share_used(store: Store) -> None:
+    scopes = _scopes(_tenant(), Caps(usd_per_day=1.0), Caps(usd_per_month=10.0))
+    first = await store.counters.reserve(_ask(scopes, cost=0.6), T)
+    assert first.refused_by is None and first.budget_share == 0
+    second = await store.counters.reserve(_ask(scopes, cost=0.3), T)
+    assert second.refused_by is None and second.budget_share == pytest.approx(0.6)
+    refused = await store.counters.reserve(_ask(scopes, cost=0.2), T)
+    assert refused.refused_by == "0.usd_per_day" and refused.spent_usd == pytest.approx(0.9)
+    # a new day starts from nothing; the month goes on
+    tomorrow = ReserveRequest(scopes, 10, 0.2, 3000, "20261201", "202611", 0.5)
+    outcome = await store.counters.reserve(tomorrow, T)
+    assert outcome.refused_by is None and outcome.budget_share == pytest.approx(0.09)
+
+
+async def test_settling_corrects_the_estimate_and_adds_the_usage(store: Store) -> None:
+    tenant = _tenant()
+    scopes = _scopes(tenant, Caps(usd_per_day=1.0), Caps())
+    assert (await store.counters.reserve(_ask(scopes, cost=0.9), T)).refused_by is None
+    today, gone = keyspace.usage(tenant, "k", "20261130"), keyspace.usage(tenant, "k", "20260830")
+    await store.counters.add_usage({gone[0]: UsageFigures(requests=7)}, [], T)
+    used = UsageFigures(requests=1, prompt_tokens=5, completion_tokens=2, cost_usd=0.1, cache_hits=1)
+    settle = SettleRequest(scopes, -3, -0.8, 1000, "20261130", "202611", today, used, gone)
+    await store.counters.settle(settle, T)
+    # 0.9 reserved, 0.1 used: 0.85 more fits
+    assert (await store.counters.reserve(_ask(scopes, cost=0.85), T)).refused_by is None
+    key_day, tenant_day, expired = await store.counters.read_usage([today[0], today[1], gone[0]], T)
+    assert (key_day.requests, key_day.prompt_tokens, key_day.completion_tokens, key_day.cache_hits) == (1, 5, 2, 1)
+    assert key_day.cost_usd == pytest.approx(0.1) and tenant_day.requests == 1
+    assert expired == UsageFigures()
+
+
+async def test_batched_usage_adds_up(store: Store) -> None:
+    key = keyspace.usage(_tenant(), "k", "20261130")[0]
+    await store.counters.add_usage({key: UsageFigures(requests=2, cost_usd=0.5)}, [], T)
+    await store.counters.add_usage({key: UsageFigures(requests=1, errors=1, cost_usd=0.25)}, [], T)
+    (figures,) = await store.counters.read_usage([key], T)
+    assert (figures.requests, figures.errors) == (3, 1) and figures.cost_usd == pytest.approx(0.75)
+
+
+async def test_a_store_that_cannot_answer_says_so() -> None:
+    shared = SharedRedis(connect("redis://127.0.0.1:1", timeout_s=0.2), Metrics())
+    store = redis_store(shared)
+    with pytest.raises(StoreUnavailable):
+        await store.kv.get("k", T)
+    with pytest.raises(StoreUnavailable):
+        await store.counters.reserve(_ask(_scopes("t", Caps(rpm=1), Caps())), T)
+    await shared.aclose()
+    fake = memory_store()
+    fake.kv.down = True  # type: ignore[attr-defined]
+    with pytest.raises(StoreUnavailable):
+        await fake.kv.get("k", T)
