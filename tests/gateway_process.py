@@ -146,8 +146,11 @@ def start_gateway(
     expect_ready: bool = True,
     workers: int = 1,
     policy_path: Path | None = None,
+    command: list[str] | None = None,
+    cwd: Path | None = None,
 ) -> GatewayProcess:
-    """``policy_path``: serve an existing policy file (shared with another gateway) instead of writing ``policy``."""
+    """``policy_path``: serve an existing policy file (shared with another gateway) instead of writing ``policy``.
+    ``command``: what runs the gateway (default: this interpreter's ``python -m gateway``), in ``cwd``."""
     workdir.mkdir(parents=True, exist_ok=True)
     if policy_path is None:
         policy_path = workdir / "policies.yaml"
@@ -156,9 +159,9 @@ def start_gateway(
     log_path, err_path = workdir / "gateway.log", workdir / "gateway.err"
     child_env = {**os.environ, **(env or {})}
     process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--policies", str(policy_path), "--port", str(port),
+        [*(command or [sys.executable, "-m", "gateway"]), "serve", "--policies", str(policy_path), "--port", str(port),
          "--data-dir", str(workdir / "data"), "--workers", str(workers)],
-        stdout=log_path.open("wb"), stderr=err_path.open("wb"), stdin=subprocess.DEVNULL, env=child_env,
+        stdout=log_path.open("wb"), stderr=err_path.open("wb"), stdin=subprocess.DEVNULL, env=child_env, cwd=cwd,
     )  # fmt: skip
     gateway = GatewayProcess(process, port, policy_path, log_path, err_path)
     deadline = time.monotonic() + timeout_s
