@@ -20,7 +20,8 @@ PROVIDER_KINDS: dict[str, type[Provider]] = {
     AnthropicProvider.kind: AnthropicProvider,
 }
 
-Transport = Literal["aiohttp", "httpx"]
+Transport = Literal["aiohttp", "httpx"] | httpx.AsyncBaseTransport
+"""A transport by name, or one to use as it is (unit tests pass an ``httpx.MockTransport``)."""
 
 
 def make_client(config: ModelConfig, transport: Transport = "aiohttp") -> httpx.AsyncClient:
@@ -31,6 +32,8 @@ def make_client(config: ModelConfig, transport: Transport = "aiohttp") -> httpx.
     """
     limits = httpx.Limits(max_connections=config.max_connections, keepalive_expiry=60.0)
     base_url = config.base_url.rstrip("/") + "/"
+    if isinstance(transport, httpx.AsyncBaseTransport):
+        return httpx.AsyncClient(base_url=base_url, transport=transport, timeout=None)
     if transport == "httpx":
         return httpx.AsyncClient(base_url=base_url, limits=limits, timeout=None)
     from httpx_aiohttp import AiohttpTransport

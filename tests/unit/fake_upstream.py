@@ -1,0 +1,81 @@
+"""An OpenAI-compatible upstream inside the test process, served through ``httpx.MockTransport``.
+
+It answers ``/v1/chat/completions`` as vLLM does (usage in the body, SSE with an
+optional usage chunk and ``data: [DONE]``), records every call, and fails on request:
+``fail(model, status, times)`` queues error statuses with OpenAI's error body.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+__all__ = ["FakeUpstream"]
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self._failures: dict[str, deque[tuple[int, dict[str, str]]]] = defaultdict(deque)
+        self.transport = httpx.MockTransport(self._handle)
+
+    def fail(self, model: str, status: int, times: int = 1, headers: dict[str, str] | None = None) -> None:
+        self._failures[model].extend([(status, headers or {})] * times)
+
+    def calls_to(self, model: str) -> int:
+        return sum(1 for call in self.calls if call["model"] == model)
+
+    async def _handle(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(await request.aread())
+        self.calls.append(body)
+        model = body["model"]
+        if self._failures[model]:
+            status, headers = self._failures[model].popleft()
+            error = {"error": {"message": f"{model} is failing", "type": "server_error", "code": None}}
+            return httpx.Response(status, json=error, headers=headers)
+        text = f"{model} says: {_last_user_text(body)[::-1]}"
+        prompt_tokens, completion_tokens = len(json.dumps(body["messages"]).split()), len(text.split())
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            events = _events(model, text, usage if include_usage else None)
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=events)
+        completion = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 1,
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": usage,
+        }
+        return httpx.Response(200, json=completion)
+
+
+def _last_user_text(body: dict[str, Any]) -> str:
+    for message in reversed(body["messages"]):
+        if message["role"] == "user":
+            content = message["content"]
+            return content if isinstance(content, str) else " ".join(part.get("text", "") for part in content)
+    return ""
+
+
+async def _events(model: str, text: str, usage: dict[str, int] | None) -> AsyncIterator[bytes]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        payload = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+        return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    for word in text.split(" "):
+        yield chunk({"content": word + " "})
+    yield chunk({}, "stop")
+    if usage is not None:
+        tail = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
+                "choices": [], "usage": usage}  # fmt: skip
+        yield b"data: " + json.dumps(tail).encode() + b"\n\n"
+    yield b"data: [DONE]\n\n"

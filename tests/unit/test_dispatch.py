@@ -1,0 +1,95 @@
+"""dispatch with real providers over a MockTransport upstream: retries, fallbacks, breakers, verdicts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.config.loader import load_policy_text
+from gateway.config.schema import RetryPolicy
+from gateway.dispatch import DispatchInfo, dispatch
+from gateway.errors import UpstreamStatusError
+from gateway.upstreams.base import Completion, Provider
+from gateway.upstreams.breaker import CircuitBreaker
+from gateway.upstreams.registry import build_provider
+from tests.unit.fake_upstream import FakeUpstream
+
+_POLICY = """
+pair: {small: a, large: b}
+models:
+  a: {base_url: "http://a.test/v1", price: {input: 1, output: 1}, tier: small}
+  b: {base_url: "http://b.test/v1", price: {input: 1, output: 1}, tier: large}
+routes: {fast: {model: a, fallbacks: [b]}}
+auth: {mode: none}
+circuit_breaker: {failure_rate: 0.5, min_requests: 2, window_s: 60, reset_after_s: 60}
+"""
+_FAST_RETRY = RetryPolicy(max_attempts=2, backoff_initial_ms=1, backoff_max_ms=2, max_retry_after_s=0.5)
+_BODY = {"messages": [{"role": "user", "content": "hello"}]}
+
+
+@pytest.fixture
+def upstream() -> FakeUpstream:
+    return FakeUpstream()
+
+
+@pytest.fixture
+def route(upstream: FakeUpstream) -> tuple[dict[str, Provider], dict[str, CircuitBreaker]]:
+    policy = load_policy_text(_POLICY, environ={}).policy
+    providers = {name: build_provider(name, config, {}, upstream.transport) for name, config in policy.models.items()}
+    breakers = {name: CircuitBreaker(policy.circuit_breaker) for name in providers}
+    return providers, breakers
+
+
+async def _complete(provider: Provider, body: dict[str, Any]) -> Completion:
+    return await provider.complete(body)
+
+
+async def _send(route: tuple[dict[str, Provider], dict[str, CircuitBreaker]], info: DispatchInfo) -> Completion:
+    providers, breakers = route
+    return await dispatch(("a", "b"), providers, breakers, _FAST_RETRY, dict(_BODY), _complete, info)
+
+
+async def test_a_5xx_is_retried_on_the_same_model_first(upstream: FakeUpstream, route: Any) -> None:
+    upstream.fail("a", 503)
+    info = DispatchInfo()
+    await _send(route, info)
+    assert (info.attempts, info.fallback_used, info.provider and info.provider.name) == (2, False, "a")
+    assert route[1]["a"].state == "closed"
+
+
+async def test_a_long_retry_after_moves_to_the_fallback_at_once(upstream: FakeUpstream, route: Any) -> None:
+    upstream.fail("a", 429, headers={"retry-after": "30"})
+    info = DispatchInfo()
+    await _send(route, info)
+    assert (info.attempts, info.fallback_used) == (2, True)
+    assert upstream.calls_to("a") == 1
+
+
+async def test_an_upstream_that_fails_what_another_answers_opens_its_circuit(
+    upstream: FakeUpstream, route: Any
+) -> None:
+    upstream.fail("a", 500, times=4)
+    for _ in range(2):
+        await _send(route, DispatchInfo())
+    assert route[1]["a"].state == "open"
+    info = DispatchInfo()
+    await _send(route, info)
+    assert upstream.calls_to("a") == 4 and info.failures[0].code == "upstream_unavailable"
+
+
+async def test_a_request_that_fails_everywhere_does_not_open_circuits(upstream: FakeUpstream, route: Any) -> None:
+    """It may be the request that breaks the servers: healthy traffic must keep its upstreams."""
+    upstream.fail("a", 500, times=8)
+    upstream.fail("b", 500, times=8)
+    for _ in range(4):
+        with pytest.raises(UpstreamStatusError):
+            await _send(route, DispatchInfo())
+    assert route[1]["a"].state == route[1]["b"].state == "closed"
+
+
+async def test_a_bad_request_is_raised_without_trying_the_fallback(upstream: FakeUpstream, route: Any) -> None:
+    upstream.fail("a", 422)
+    with pytest.raises(UpstreamStatusError) as raised:
+        await _send(route, DispatchInfo())
+    assert raised.value.upstream_status == 422 and upstream.calls_to("b") == 0

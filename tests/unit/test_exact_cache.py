@@ -1,0 +1,64 @@
+"""Coalescing on the memory store: one request calls upstream, the others get its answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.cache.entries import CachedAnswer
+from gateway.cache.exact import ExactCache
+from gateway.store.memory import MemoryKeyValue
+
+T = 1.0
+
+
+def _answer(text: str) -> CachedAnswer:
+    return CachedAnswer(body=text.encode(), model="m", provider="p", prompt_tokens=1, completion_tokens=1,
+                        cost_usd=0.0, created_at=0.0)  # fmt: skip
+
+
+async def test_waiters_in_another_process_get_the_leaders_answer() -> None:
+    shared = MemoryKeyValue()
+    here, there = ExactCache(shared), ExactCache(shared)  # two gateway processes, one store
+    answer, lease = await here.join_or_lead("k", 2.0, T)
+    assert answer is None and lease is not None and lease.held_in_store
+    waiter = asyncio.create_task(there.join_or_lead("k", 2.0, T))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    await here.put("k", _answer("the answer"), 60, T)
+    await here.release(lease, _answer("the answer"), T)
+    got, no_lease = await waiter
+    assert got is not None and got.body == b"the answer" and no_lease is None
+
+
+async def test_a_leader_that_fails_lets_the_waiters_go_at_once() -> None:
+    shared = MemoryKeyValue()
+    here, there = ExactCache(shared), ExactCache(shared)
+    _, lease = await here.join_or_lead("k", 5.0, T)
+    assert lease is not None
+    waiter = asyncio.create_task(there.join_or_lead("k", 5.0, T))
+    await asyncio.sleep(0.05)
+    await here.release(lease, None, T)
+    got, _ = await asyncio.wait_for(waiter, 1.0)  # not the whole 5 s
+    assert got is None
+
+
+async def test_waiters_in_the_same_process_share_one_future() -> None:
+    cache = ExactCache(MemoryKeyValue())
+    _, lease = await cache.join_or_lead("k", 2.0, T)
+    assert lease is not None
+    waiters = [asyncio.create_task(cache.join_or_lead("k", 2.0, T)) for _ in range(3)]
+    await asyncio.sleep(0)
+    await cache.release(lease, _answer("shared"), T)
+    for waiter in waiters:
+        got, _ = await waiter
+        assert got is not None and got.body == b"shared"
+
+
+async def test_without_a_store_the_request_answers_alone() -> None:
+    store = MemoryKeyValue()
+    store.down = True
+    cache = ExactCache(store)
+    answer, lease = await cache.join_or_lead("k", 2.0, T)
+    assert answer is None and lease is not None and not lease.held_in_store
+    await cache.put("k", _answer("x"), 60, T)  # no error: a cache that cannot store is a later miss
+    await cache.release(lease, None, T)

@@ -1,0 +1,102 @@
+"""The limiter on the memory store: what is refused, how it is told, and failing open or closed."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.accounting.ledger import UsageLedger
+from gateway.accounting.usage import UsageFigures
+from gateway.auth import Principal
+from gateway.config.loader import load_policy_text
+from gateway.config.schema import Limits, Policy
+from gateway.errors import BudgetExceededError, LimiterUnavailableError, RateLimitError
+from gateway.limits import Limiter
+from gateway.store.memory import MemoryLimitCounters
+
+_POLICY = """
+pair: {small: s, large: l}
+models:
+  s: {base_url: "http://s.test/v1", price: {input: 1, output: 1}, tier: small}
+  l: {base_url: "http://l.test/v1", price: {input: 1, output: 1}, tier: large}
+routes: {fast: {model: s}}
+auth: {mode: none}
+tenants:
+  team: {limits: {usd_per_month: 1.0}}
+limits: {on_redis_error: %s}
+"""
+
+
+def _setup(on_error: str = "open") -> tuple[Policy, Limiter, MemoryLimitCounters]:
+    policy = load_policy_text(_POLICY % on_error, environ={}).policy
+    counters = MemoryLimitCounters()
+    return policy, Limiter(counters, UsageLedger(counters)), counters
+
+
+def _principal(**limits: float) -> Principal:
+    return Principal("app", "team", frozenset({"*"}), Limits(**limits))  # type: ignore[arg-type]
+
+
+async def test_the_rate_limit_names_the_limit_and_when_to_retry() -> None:
+    policy, limiter, _ = _setup()
+    principal = _principal(rpm=1)
+    await limiter.reserve(policy, principal, 10, 0.0)
+    with pytest.raises(RateLimitError) as refused:
+        await limiter.reserve(policy, principal, 10, 0.0)
+    assert "key 'app' allows 1 requests per minute (key.rpm)" in refused.value.message
+    assert 1 <= float(refused.value.headers["retry-after"]) <= 60
+
+
+async def test_the_tenants_budget_binds_every_key_of_the_tenant() -> None:
+    policy, limiter, _ = _setup()
+    await limiter.reserve(policy, _principal(), 10, 0.7)
+    with pytest.raises(BudgetExceededError) as refused:
+        await limiter.reserve(policy, Principal("other", "team", frozenset({"*"}), Limits()), 10, 0.5)
+    assert "tenant 'team' may spend $1.00, $0.7000 is spent" in refused.value.message
+    assert "(tenant.usd_per_month)" in refused.value.message
+    assert int(refused.value.headers["retry-after"]) >= 1
+
+
+async def test_the_budget_share_spent_is_reported_for_downgrades() -> None:
+    policy, limiter, _ = _setup()
+    await limiter.reserve(policy, _principal(), 10, 0.25)
+    reservation = await limiter.reserve(policy, _principal(), 10, 0.25)
+    assert reservation.budget_share == pytest.approx(0.25)
+
+
+async def test_settling_gives_back_what_the_estimate_overstated() -> None:
+    policy, limiter, _ = _setup()
+    reservation = await limiter.reserve(policy, _principal(), 1000, 0.9)
+    await limiter.settle(policy, reservation, UsageFigures(requests=1, prompt_tokens=10, cost_usd=0.1))
+    await limiter.reserve(policy, _principal(), 10, 0.85)  # 0.1 + 0.85 fits in 1.0
+
+
+async def test_an_unreachable_store_fails_open_or_closed_by_policy() -> None:
+    policy, limiter, counters = _setup("open")
+    counters.down = True
+    reservation = await limiter.reserve(policy, _principal(rpm=1), 10, 0.0)
+    assert reservation.scopes == ()
+    policy, limiter, counters = _setup("closed")
+    counters.down = True
+    with pytest.raises(LimiterUnavailableError):
+        await limiter.reserve(policy, _principal(rpm=1), 10, 0.0)
+
+
+async def test_usage_without_limits_is_batched_and_read_back_per_key() -> None:
+    from datetime import UTC, datetime
+
+    policy = load_policy_text((_POLICY % "open").replace("team: {limits: {usd_per_month: 1.0}}", "team: {}"), environ={}).policy
+    counters = MemoryLimitCounters()
+    limiter = Limiter(counters, UsageLedger(counters))
+    for key_id in ("a", "a", "b"):
+        principal = Principal(key_id, "team", frozenset({"*"}), Limits())
+        reservation = await limiter.reserve(policy, principal, 10, 0.0)
+        assert reservation.scopes == ()
+        await limiter.settle(policy, reservation, UsageFigures(requests=1, cost_usd=0.5))
+    assert counters.usage == {}  # nothing written per request
+    await limiter.ledger.flush()
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    totals = await limiter.ledger.read([("a", "team"), ("b", "team")], today, today)
+    assert totals is not None
+    assert (totals["a"].requests, totals["b"].requests) == (2, 1)
+    assert totals["a"].cost_usd == pytest.approx(1.0)
+    await limiter.aclose()

@@ -1,0 +1,100 @@
+"""ChatPipeline in process: cache, coalescing, limits, fallbacks and streams, on the memory store."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+
+from gateway.pipeline import StreamingAnswer
+from tests.unit.conftest import Harness, answer_of
+
+
+async def test_a_repeated_question_is_answered_from_the_exact_cache(harness: Harness) -> None:
+    status, first, headers = answer_of(await harness.ask("What is the capital of France?"))
+    assert status == 200 and headers["x-gateway-cache"] == "miss"
+    assert first["choices"][0]["message"]["content"] == "small says: ?ecnarF fo latipac eht si tahW"
+    status, second, headers = answer_of(await harness.ask("What is the capital of France?"))
+    assert headers["x-gateway-cache"] == "exact"
+    assert second["choices"][0]["message"] == first["choices"][0]["message"]
+    assert second["id"] != first["id"]  # a hit is its own response
+    assert harness.upstream.calls_to("small") == 1
+
+
+async def test_no_cache_reads_fresh_and_no_store_leaves_nothing(harness: Harness) -> None:
+    answer_of(await harness.ask("hello", cache_control="no-store"))
+    assert answer_of(await harness.ask("hello"))[2]["x-gateway-cache"] == "miss"
+    assert answer_of(await harness.ask("hello", cache_control="no-cache"))[2]["x-gateway-cache"] == "miss"
+    assert harness.upstream.calls_to("small") == 3
+
+
+async def test_one_tenants_answer_is_never_served_to_another(harness: Harness) -> None:
+    answer_of(await harness.ask("the shared question", key="alice"))
+    _, _, headers = answer_of(await harness.ask("the shared question", key="bob"))
+    assert headers["x-gateway-cache"] == "miss"
+    assert harness.upstream.calls_to("small") == 2
+
+
+async def test_identical_requests_in_flight_call_the_upstream_once(harness: Harness) -> None:
+    results = await asyncio.gather(*(harness.ask("a popular question") for _ in range(5)))
+    caches = sorted(answer_of(result)[2]["x-gateway-cache"] for result in results)
+    assert harness.upstream.calls_to("small") == 1
+    assert caches.count("miss") == 1
+
+
+async def test_a_failing_model_falls_back_to_the_next(harness: Harness) -> None:
+    harness.upstream.fail("small", 503, times=10)
+    status, body, headers = answer_of(await harness.ask("anyone there?"))
+    assert status == 200 and body["model"] == "large"
+    assert headers["x-gateway-model"] == "large"
+
+
+async def test_a_client_error_is_not_retried_on_another_model(harness: Harness) -> None:
+    harness.upstream.fail("small", 400)
+    status, body, _ = answer_of(await harness.ask("malformed for the upstream"))
+    assert status == 400 and "failing" in body["error"]["message"]
+    assert harness.upstream.calls_to("large") == 0
+
+
+async def test_a_rate_limit_refuses_with_429_and_retry_after(harness: Harness) -> None:
+    for i in range(2):
+        assert answer_of(await harness.ask(f"question {i}", key="capped"))[0] == 200
+    status, body, headers = answer_of(await harness.ask("one too many", key="capped"))
+    assert status == 429 and "key.rpm" in body["error"]["message"]
+    assert 1 <= int(headers["retry-after"]) <= 60
+
+
+async def test_a_budget_refuses_before_the_upstream_is_called(harness: Harness) -> None:
+    status, body, headers = answer_of(await harness.ask("word " * 200, key="frugal", max_tokens=500))
+    assert status == 429 and "key.usd_per_day" in body["error"]["message"]
+    assert int(headers["retry-after"]) >= 1
+    assert harness.upstream.calls == []
+
+
+async def test_a_store_outage_bypasses_the_cache_and_still_answers(harness: Harness) -> None:
+    harness.store.kv.down = True  # type: ignore[attr-defined]
+    harness.store.vectors.down = True  # type: ignore[attr-defined]
+    status, _, headers = answer_of(await harness.ask("while the cache is down"))
+    assert status == 200 and headers["x-gateway-cache"] == "bypass"
+
+
+async def test_an_unknown_key_is_a_401_and_calls_nothing(harness: Harness) -> None:
+    status, body, _ = answer_of(await harness.ask("hi", key="mallory"))
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    assert harness.upstream.calls == []
+
+
+async def test_a_stream_is_relayed_and_then_served_from_the_cache(harness: Harness) -> None:
+    result = await harness.ask("stream me", stream=True, stream_options={"include_usage": True})
+    assert isinstance(result, StreamingAnswer)
+    events = [chunk async for chunk in result.events]
+    data = b"".join(events).split(b"\n\n")
+    payloads = [msgspec.json.decode(line[6:]) for line in data if line.startswith(b"data: {")]
+    text = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if p["choices"])
+    assert text.strip() == "small says: em maerts"
+    assert payloads[-1]["usage"]["completion_tokens"] > 0
+    assert data[-2] == b"data: [DONE]"
+    await harness.pipeline.drain()
+    again = await harness.ask("stream me", stream=True)
+    assert isinstance(again, StreamingAnswer) and again.headers["x-gateway-cache"] == "exact"
+    assert harness.upstream.calls_to("small") == 1

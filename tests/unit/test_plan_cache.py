@@ -1,0 +1,79 @@
+"""plan_cache: when a request may use the cache, and which key and namespace it gets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from gateway.cache.plan import CachePlan, plan_cache
+from gateway.config.schema import CachePolicy, ExactCachePolicy, SemanticCachePolicy
+from gateway.protocol import parse_chat_request
+
+_POLICY = CachePolicy(exact=ExactCachePolicy(max_temperature=1.0), semantic=SemanticCachePolicy(max_temperature=0.5))
+
+
+def _plan(
+    body: dict[str, Any], *, tenant: str = "t", header: str | None = None, policy: CachePolicy = _POLICY
+) -> CachePlan | None:
+    parsed, request = parse_chat_request(msgspec.json.encode(body))
+    return plan_cache(policy, tenant, "fast", parsed, request, header)
+
+
+def _ask(text: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "fast", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def test_the_key_ignores_layout_and_fields_that_do_not_change_the_answer() -> None:
+    a = _plan(_ask("hi", temperature=0, stream=True, user="u1"))
+    b = _plan({"temperature": 0, "messages": [{"content": "hi", "role": "user"}], "model": "other"})
+    assert a is not None and b is not None and a.exact_key == b.exact_key
+
+
+def test_fields_that_change_the_answer_change_the_key() -> None:
+    base = _plan(_ask("hi", temperature=0))
+    assert base is not None
+    for changed in (_ask("hi", temperature=0.2), _ask("hi", temperature=0, max_tokens=5), _ask("hi!", temperature=0),
+                    _ask("hi", temperature=0, seed=3)):  # fmt: skip
+        plan = _plan(changed)
+        assert plan is not None and plan.exact_key != base.exact_key, changed
+
+
+def test_tenants_never_share_a_key_or_a_namespace() -> None:
+    a, b = _plan(_ask("hi", temperature=0), tenant="a"), _plan(_ask("hi", temperature=0), tenant="b")
+    assert a is not None and b is not None
+    assert a.exact_key != b.exact_key and a.semantic_set != b.semantic_set
+
+
+def test_directives_from_the_header_or_the_body() -> None:
+    plan = _plan(_ask("hi"), header="no-cache")
+    assert plan is not None and (plan.read, plan.write) == (False, True)
+    plan = _plan(_ask("hi", gateway_cache="no-store"))
+    assert plan is not None and (plan.read, plan.write) == (True, False)
+    assert _plan(_ask("hi"), header="no-cache, no-store") is None
+
+
+def test_several_choices_or_a_hot_temperature_skip_the_cache() -> None:
+    assert _plan(_ask("hi", n=2)) is None
+    assert _plan(_ask("hi", temperature=1.5)) is None
+    warm = _plan(_ask("hi", temperature=0.8))
+    assert warm is not None and warm.semantic_set is None  # exact only above the semantic limit
+
+
+def test_the_semantic_namespace_is_specific_to_the_system_prompt_and_earlier_turns() -> None:
+    def with_system(system: str) -> CachePlan | None:
+        return _plan({"model": "fast", "temperature": 0,
+                      "messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]})  # fmt: skip
+
+    pirate, lawyer = with_system("Talk like a pirate."), with_system("Answer as a lawyer.")
+    assert pirate is not None and lawyer is not None and pirate.semantic_set != lawyer.semantic_set
+    assert pirate.prompt == "hi"
+
+
+def test_tool_requests_skip_the_semantic_cache_unless_allowed() -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    plan = _plan(_ask("hi", temperature=0, tools=tools))
+    assert plan is not None and plan.semantic_set is None
+    allowed = CachePolicy(semantic=SemanticCachePolicy(tools=True))
+    plan = _plan(_ask("hi", temperature=0, tools=tools), policy=allowed)
+    assert plan is not None and plan.semantic_set is not None
