@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config.envsubst import MissingVariable, substitute
-from gateway.config.loader import load_policy, load_policy_text
+from gateway.config.loader import load_keys, load_policy, load_policy_text
 from gateway.errors import ConfigError
 
 VALID = """\
@@ -103,3 +103,100 @@ def test_substitute_semantics() -> None:
     assert substitute("$${NOT} plain", {"NOT": "y"}) == "$y plain"
     with pytest.raises(MissingVariable):
         substitute("${MISSING}", {})
+
+
+def test_range_checks_name_the_field_and_value() -> None:
+    [message] = problems(VALID.replace("input: 1,", "input: -1,"))
+    assert message == "models.l.price.input (line 10): must be >= 0, got -1"
+    [message] = problems(VALID.replace("fallbacks: [l]", "fallbacks: [l], threshold: 1.5"))
+    assert message == "routes.fast.threshold (line 13): must be a number from 0 to 1, got 1.5"
+    [message] = problems(VALID + "tenants:\n  t: {limits: {rpm: -1}}\n")
+    assert message == "tenants.t.limits.rpm (line 16): must be >= 0, got -1"
+
+
+def test_problems_across_sections_and_rules_come_together() -> None:
+    text = (
+        VALID.replace("http://127.0.0.1:2", "ftp://x")  # a pattern, in a model (which is then left out)
+        .replace("fallbacks: [l]", "fallbacks: [l, nope]")  # a reference: l is invalid, nope unknown
+        .replace("tier: small", "tier: small\n    speculative: {k_min: 5, k_initial: 2}")  # a cross-field rule
+    ) + "circuit_breaker: {failure_rate: 0}\nretyr: {}\n"  # an optional section; an unknown one
+    found = problems(text)
+    assert [p.split(" ")[0] for p in found] == [
+        "models.l.base_url", "circuit_breaker.failure_rate", "retyr", "routes.fast.fallbacks[1]", "models.s.speculative",
+    ], found  # fmt: skip
+    assert "http:// or https://" in found[0] and "'ftp://x'" in found[0]
+
+
+def test_unknown_field_suggests_the_close_one() -> None:
+    [message] = problems(VALID.replace("tier: large", "tier: large\n    context_windw: 9"))
+    assert message == "models.l.context_windw (line 12): unknown field; did you mean 'context_window'?"
+
+
+def test_merge_keys_and_unknown_tags_are_problems_not_crashes() -> None:
+    assert problems(VALID + "cache: {<<: {enabled: true}}\n") == [
+        "cache (line 15): YAML merge keys (<<) are not supported"
+    ]
+    [message] = problems(VALID.replace("tier: large", "tier: !big large"))
+    assert message.startswith("models.l.tier (line 11): not valid YAML") and "!big" in message
+
+
+def _with_key_file(tmp_path: Path, policy: str, keys: str) -> Path:
+    (tmp_path / "keys.yaml").write_text(keys)
+    path = tmp_path / "policies.yaml"
+    path.write_text(policy)
+    return path
+
+
+def test_key_file_problems_name_that_file_and_its_line(tmp_path: Path) -> None:
+    hashed = "sha256:" + "a" * 64
+    policy = VALID.replace(
+        "auth: {mode: none}", f"auth:\n  mode: keys\n  key_file: keys.yaml\n  keys: [{{id: a, hash: '{hashed}'}}]"
+    )
+    path = _with_key_file(
+        tmp_path,
+        policy,
+        f"keys:\n  - {{id: b, hash: '{hashed}'}}\n  - {{id: a, hash: '{hashed}'}}\n  - {{id: c, hash: md5}}\n",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_policy(path, environ={})
+    key_file = tmp_path / "keys.yaml"
+    assert caught.value.problems == [
+        f"{key_file}: keys[2].hash (line 4): must be 'sha256:' followed by 64 lowercase hex digits, got 'md5'"
+    ]  # the file is judged as a whole: the duplicate waits for the next check
+    (tmp_path / "keys.yaml").write_text(f"keys:\n  - {{id: b, hash: '{hashed}'}}\n  - {{id: a, hash: '{hashed}'}}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_policy(path, environ={})
+    assert caught.value.problems == [f"{key_file}: keys[1].id (line 3): duplicate key id 'a'"]
+
+
+def test_load_keys_reads_only_auth_and_the_key_file(tmp_path: Path) -> None:
+    hashed = "sha256:" + "b" * 64
+    policy = VALID.replace("http://127.0.0.1:2", "${UNSET_URL}").replace(
+        "auth: {mode: none}",
+        f"auth:\n  mode: keys\n  key_file: ${{KEY_FILE:-keys.yaml}}\n  keys: [{{id: a, hash: '{hashed}'}}]",
+    )
+    path = _with_key_file(tmp_path, policy, f"# made by hand\nkeys:\n  - {{id: b, hash: '{hashed}'}}\n")
+    ring = load_keys(path, environ={})
+    assert ring.key_file == tmp_path / "keys.yaml"
+    assert [key.id for key in ring.keys] == ["a", "b"]
+    path.write_text(policy.replace("mode: keys", "mode: some"))
+    with pytest.raises(ConfigError) as caught:
+        load_keys(path, environ={})
+    assert caught.value.problems == ["auth.mode (line 15): must be one of 'none', 'keys', got 'some'"]
+
+
+def test_libyaml_and_pure_python_composers_agree_on_lines() -> None:
+    import yaml
+
+    from gateway.config import loader
+
+    if loader._Loader is yaml.SafeLoader:
+        pytest.skip("PyYAML without libyaml")
+    text = (Path(__file__).parent.parent / "policies.yaml").read_text()
+    results = []
+    for composer in (yaml.SafeLoader, yaml.CSafeLoader):
+        problems = loader.Problems()
+        root = yaml.compose(text, Loader=composer)
+        data = loader._NodeReader({}, problems, notes=[]).read(root, ())
+        results.append((data, problems.lines))
+    assert results[0] == results[1]

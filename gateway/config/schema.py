@@ -2,16 +2,33 @@
 
 Structs are frozen: a loaded policy is never mutated, a reload builds a new one and
 swaps it in whole, so a request always sees one consistent version.
+
+What one field can be checked on its own (a range, a pattern) is said here, as msgspec
+constraints; what needs several fields or sections (a route naming a model that exists)
+is in :mod:`gateway.config.validate`. Building a struct by hand checks neither: the
+loader is the one way a policy is read.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
+from msgspec import Meta
 
 ProviderKind = Literal["openai", "anthropic"]
 Tier = Literal["small", "large"]
+
+AtLeastZero = Annotated[float, Meta(ge=0)]
+AboveZero = Annotated[float, Meta(gt=0)]
+AtLeastOne = Annotated[int, Meta(ge=1)]
+Share = Annotated[float, Meta(gt=0, le=1, description="a share in (0, 1]")]
+Probability = Annotated[float, Meta(ge=0, le=1, description="a number from 0 to 1")]
+HttpUrl = Annotated[str, Meta(pattern=r"^https?://", description="a URL starting with http:// or https://")]
+KeyHash = Annotated[
+    str, Meta(pattern=r"^sha256:[0-9a-f]{64}$", description="'sha256:' followed by 64 lowercase hex digits")
+]
+SpeculationK = Annotated[int, Meta(ge=1, le=64)]
 
 
 class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -21,12 +38,8 @@ class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Price(_Struct, frozen=True, kw_only=True):
     """USD per million tokens."""
 
-    input_per_mtok: float = msgspec.field(name="input")
-    output_per_mtok: float = msgspec.field(name="output")
-
-    def __post_init__(self) -> None:
-        if self.input_per_mtok < 0 or self.output_per_mtok < 0:
-            raise ValueError("prices must be >= 0")
+    input_per_mtok: AtLeastZero = msgspec.field(name="input")
+    output_per_mtok: AtLeastZero = msgspec.field(name="output")
 
 
 class Timeouts(_Struct, frozen=True, kw_only=True):
@@ -34,14 +47,10 @@ class Timeouts(_Struct, frozen=True, kw_only=True):
     answer, streamed or not, whatever bytes arrive; ``idle`` bounds the gap between two stream
     events (SSE comments and partial lines do not count as events)."""
 
-    connect: float = 5.0
-    first_byte: float = 60.0
-    total: float = 600.0
-    idle: float = 60.0
-
-    def __post_init__(self) -> None:
-        if min(self.connect, self.first_byte, self.total, self.idle) <= 0:
-            raise ValueError("timeouts must be > 0")
+    connect: AboveZero = 5.0
+    first_byte: AboveZero = 60.0
+    total: AboveZero = 600.0
+    idle: AboveZero = 60.0
 
 
 class SpeculationPolicy(_Struct, frozen=True, kw_only=True):
@@ -55,90 +64,68 @@ class SpeculationPolicy(_Struct, frozen=True, kw_only=True):
     draft: str | None = None
     """The drafting model (a key under ``models``); required for ``gateway``."""
     draft_source: Literal["model", "prompt_lookup"] = "model"
-    k_initial: int = 4
-    k_min: int = 1
-    k_max: int = 8
+    k_initial: SpeculationK = 4
+    k_min: SpeculationK = 1
+    k_max: SpeculationK = 8
+    """``k_min <= k_initial <= k_max``, all from 1 to 64."""
     sampling: Literal["speculative", "plain"] = "speculative"
     """With temperature > 0: speculative sampling from returned logprobs, or plain decoding on the large model."""
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.k_min <= self.k_initial <= self.k_max <= 64:
-            raise ValueError("need 1 <= k_min <= k_initial <= k_max <= 64")
 
 
 class ModelConfig(_Struct, frozen=True, kw_only=True):
     provider: ProviderKind = "openai"
-    base_url: str
+    base_url: HttpUrl
     upstream_model: str | None = None
     """The model name sent upstream; defaults to the key under ``models``."""
     api_key_env: str | None = None
     """Name of the environment variable holding the key. Keys never live in the file."""
     price: Price
     encoding: str = "cl100k_base"
-    context_window: int = 8192
+    context_window: AtLeastOne = 8192
     tier: Tier
     timeouts: Timeouts = Timeouts()
-    max_connections: int = 256
+    max_connections: AtLeastOne = 256
     public: bool = True
     """Whether clients may call this model by name (besides through routes)."""
     simulated: bool = False
     headers: dict[str, str] = {}
     """Extra headers sent upstream (for example an API version)."""
     speculative: SpeculationPolicy = SpeculationPolicy()
-    max_stream_line_bytes: int = 1 << 20
+    max_stream_line_bytes: Annotated[int, Meta(ge=1024)] = 1 << 20
     """A streamed line (or one event's data) longer than this ends the stream with an in-band error."""
-
-    def __post_init__(self) -> None:
-        if self.max_stream_line_bytes < 1024:
-            raise ValueError("max_stream_line_bytes must be >= 1024")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
-        if self.context_window <= 0:
-            raise ValueError("context_window must be > 0")
-        if self.max_connections <= 0:
-            raise ValueError("max_connections must be > 0")
 
 
 class RetryPolicy(_Struct, frozen=True, kw_only=True):
-    max_attempts: int = 2
+    max_attempts: AtLeastOne = 2
     """Attempts per model, the first included, before moving to the next fallback."""
     backoff_initial_ms: float = 100.0
     backoff_max_ms: float = 2000.0
     max_retry_after_s: float = 10.0
     """A Retry-After longer than this is not waited for: the next fallback is tried instead."""
 
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
-
 
 class CircuitBreakerPolicy(_Struct, frozen=True, kw_only=True):
     """Opens when, within ``window_s``, at least ``min_requests`` requests reached the upstream
     and at least ``failure_rate`` of them failed (connection errors, timeouts, 5xx; one verdict per request)."""
 
-    failure_rate: float = 0.5
-    min_requests: int = 10
-    window_s: int = 10
-    reset_after_s: float = 15.0
+    failure_rate: Share = 0.5
+    min_requests: AtLeastOne = 10
+    window_s: AtLeastOne = 10
+    reset_after_s: AboveZero = 15.0
     """How long an open circuit skips the upstream before one probe is let through."""
-
-    def __post_init__(self) -> None:
-        if not 0 < self.failure_rate <= 1:
-            raise ValueError("failure_rate must be in (0, 1]")
-        if self.min_requests < 1 or self.window_s < 1 or self.reset_after_s <= 0:
-            raise ValueError("min_requests and window_s must be >= 1, reset_after_s > 0")
 
 
 class RouteConfig(_Struct, frozen=True, kw_only=True):
     """A name clients call. ``strategy: classifier`` picks between the pair per prompt."""
 
     strategy: Literal["fixed", "classifier"] = "fixed"
-    model: str | None = None
+    model: str
     """``fixed``: the model that answers. ``classifier``: used until the router is loaded."""
     fallbacks: list[str] = []
     baseline: str | None = None
     """The model whose cost the request is compared with (``baseline_cost_usd``); default: the pair's large model."""
-    threshold: float = 0.5
+    threshold: Probability = 0.5
+    """``classifier``: a p_large at or above this goes to the pair's large model."""
     retry: RetryPolicy | None = None
 
 
@@ -150,19 +137,14 @@ class Pair(_Struct, frozen=True, kw_only=True):
 class Limits(_Struct, frozen=True, kw_only=True):
     """Per key or per tenant; a missing value means no limit."""
 
-    rpm: int | None = None
+    rpm: Annotated[int, Meta(ge=0)] | None = None
     """Requests per minute (sliding window)."""
-    tpm: int | None = None
+    tpm: Annotated[int, Meta(ge=0)] | None = None
     """Tokens per minute, prompt + completion (sliding window; estimated before the call, corrected after)."""
-    usd_per_day: float | None = None
+    usd_per_day: AtLeastZero | None = None
     """Spend per UTC day."""
-    usd_per_month: float | None = None
+    usd_per_month: AtLeastZero | None = None
     """Spend per UTC calendar month."""
-
-    def __post_init__(self) -> None:
-        for value in (self.rpm, self.tpm, self.usd_per_day, self.usd_per_month):
-            if value is not None and value < 0:
-                raise ValueError("limits must be >= 0")
 
     @property
     def any(self) -> bool:
@@ -171,7 +153,7 @@ class Limits(_Struct, frozen=True, kw_only=True):
 
 class AuthKey(_Struct, frozen=True, kw_only=True):
     id: str
-    hash: str
+    hash: KeyHash
     """``sha256:<hex>`` of the secret."""
     tenant: str = "default"
     models: list[str] = msgspec.field(default_factory=lambda: ["*"])
@@ -191,7 +173,7 @@ class AuthPolicy(_Struct, frozen=True, kw_only=True):
 
 class TenantPolicy(_Struct, frozen=True, kw_only=True):
     limits: Limits = Limits()
-    downgrade_auto_at: float | None = None
+    downgrade_auto_at: Share | None = None
     """When spend reaches this share of a daily or monthly budget, ``auto`` goes to the small model."""
 
 
@@ -203,7 +185,7 @@ class RequestLogPolicy(_Struct, frozen=True, kw_only=True):
 
 
 class LimitsPolicy(_Struct, frozen=True, kw_only=True):
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
     body_read_timeout_s: float = 30.0
     """A request body not received in full within this is answered 408 and its connection closed."""
     long_prompt_chars: int = 32_000
@@ -265,3 +247,9 @@ class Policy(_Struct, frozen=True, kw_only=True):
     limits: LimitsPolicy = LimitsPolicy()
     cache: CachePolicy = CachePolicy()
     tenants: dict[str, TenantPolicy] = {}
+
+
+class KeyFile(_Struct, frozen=True, kw_only=True):
+    """The file ``auth.key_file`` names: more keys, kept apart so ``gateway keys new`` can append to it."""
+
+    keys: list[AuthKey] = []

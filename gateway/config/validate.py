@@ -1,0 +1,326 @@
+"""Every check of a policy, in one place, each problem naming its field path and line.
+
+Two steps, both collecting every problem rather than stopping at the first:
+
+* :func:`convert` builds the schema's structs from plain data, walking the schema's
+  types itself: the path of each value is known from the walk, and only leaves (a
+  number, a string, a literal) go through ``msgspec.convert``, whose message is then
+  the reason, never a path to parse back. Ranges and patterns are the schema's own
+  ``Meta`` constraints.
+* :func:`check_policy` (and :func:`check_auth`, which it calls) holds the rules that
+  span several fields or sections: references to models, the pair's tiers, key ids.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import types
+import typing
+from collections.abc import Mapping, Set
+from typing import Any, TypeVar
+
+import msgspec
+
+from gateway.config.schema import AuthKey, AuthPolicy, Policy
+
+__all__ = ["Path", "Problems", "check_auth", "check_policy", "convert", "convert_policy", "dotted"]
+
+Path = tuple[str | int, ...]
+T = TypeVar("T")
+
+
+class Problems:
+    """Problem lines, each ``<field path> (line N): <reason>``; siblings share one list across files."""
+
+    def __init__(
+        self, lines: dict[Path, int] | None = None, messages: list[str] | None = None, *, file: str = ""
+    ) -> None:
+        self.lines = {} if lines is None else lines
+        """The line of each path read from the file (filled in as it is read)."""
+        self.messages = [] if messages is None else messages
+        self._prefix = f"{file}: " if file else ""
+
+    def sibling(self, file: str) -> Problems:
+        """Problems of another file (the key file), added to the same list and naming that file."""
+        return Problems({}, self.messages, file=file)
+
+    def add(self, path: Path, reason: str, *, line: int | None = None, in_file: bool = True) -> None:
+        """``line``: where it is, when not where ``path`` starts; ``in_file``: False when ``path`` is not written at all."""
+        line = (line or self.line_of(path)) if in_file else None
+        self.messages.append(
+            f"{self._prefix}{dotted(path) or '(top level)'}{f' (line {line})' if line else ''}: {reason}"
+        )
+
+    def line_of(self, path: Path) -> int | None:
+        """The line of ``path``, or of the nearest enclosing value read from the file."""
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get(())
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+
+def dotted(path: Path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# ------------------------------------------------------------------ conversion
+
+
+class _Invalid:
+    """What :func:`_convert` returns for a value it reported as a problem."""
+
+
+_INVALID = _Invalid()
+
+
+def convert(data: Any, cls: type[T], path: Path, problems: Problems) -> T | None:
+    """``data`` as ``cls``, or None when it is not (every reason is added to ``problems``)."""
+    value = _convert(data, cls, path, problems)
+    return None if value is _INVALID else typing.cast(T, value)
+
+
+def convert_policy(data: Mapping[str, Any], problems: Problems) -> tuple[Policy | None, dict[str, set[str]]]:
+    """The top level of policies.yaml, section by section.
+
+    An optional section that is invalid is reported and replaced by its default, a model
+    or route that is invalid is reported and left out, so the rules still run on the rest;
+    the policy is None only when a required section is missing or invalid. Also returns,
+    per section, the names of the entries left out (a reference to one is not "unknown").
+    """
+    fields = _fields(Policy)
+    sections: dict[str, Any] = {}
+    complete = True
+    for name, value in data.items():
+        field = fields.get(name)
+        if field is None:
+            problems.add((name,), f"unknown section; sections are: {', '.join(fields)}")
+            continue
+        converted = _convert(value, field.type, (name,), problems)
+        if converted is _INVALID:
+            complete = complete and not _required(field)
+        else:
+            sections[field.name] = converted
+    for name, field in fields.items():
+        if _required(field) and name not in data:
+            problems.add((name,), "required section is missing", in_file=False)
+            complete = False
+    dropped = {
+        name: {str(key) for key in value} - set(sections.get(name, ()))
+        for name, value in data.items()
+        if isinstance(value, dict) and name in ("models", "routes", "tenants")
+    }
+    return (Policy(**sections) if complete else None), dropped
+
+
+def _convert(data: Any, tp: Any, path: Path, problems: Problems) -> Any:
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return _struct(data, tp, path, problems)
+    origin = typing.get_origin(tp)
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(data, dict):
+            problems.add(path, f"expected a mapping, got {_kind(data)}")
+            return _INVALID
+        entries = {}
+        for key, value in data.items():
+            name = _convert(key, key_type, (*path, str(key)), problems)
+            converted = _convert(value, value_type, (*path, str(key)), problems)
+            if name is not _INVALID and converted is not _INVALID:
+                entries[name] = converted  # an invalid entry is left out, the others kept
+        return entries
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(data, list):
+            problems.add(path, f"expected a list, got {_kind(data)}")
+            return _INVALID
+        items = [_convert(item, item_type, (*path, i), problems) for i, item in enumerate(data)]
+        return _INVALID if any(item is _INVALID for item in items) else items
+    if origin in (typing.Union, types.UnionType):
+        structs = [arg for arg in typing.get_args(tp) if isinstance(arg, type) and issubclass(arg, msgspec.Struct)]
+        if structs and data is not None:  # ``RetryPolicy | None``: the struct, walked field by field
+            return _convert(data, structs[0], path, problems)
+    return _leaf(data, tp, path, problems)
+
+
+def _struct(data: Any, cls: type[msgspec.Struct], path: Path, problems: Problems) -> Any:
+    fields = _fields(cls)
+    if not isinstance(data, dict):
+        problems.add(path, f"expected a mapping (of {', '.join(fields)}), got {_kind(data)}")
+        return _INVALID
+    values: dict[str, Any] = {}
+    valid = True
+    for key, value in data.items():
+        field = fields.get(key)
+        if field is None:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"fields are: {', '.join(fields)}"
+            problems.add((*path, str(key)), f"unknown field; {hint}")
+            valid = False
+            continue
+        converted = _convert(value, field.type, (*path, key), problems)
+        if converted is _INVALID:
+            valid = False
+        else:
+            values[field.name] = converted
+    missing = [name for name, field in fields.items() if _required(field) and name not in data]
+    for name in missing:
+        problems.add(path, f"missing required field {name!r}")
+    return cls(**values) if valid and not missing else _INVALID
+
+
+def _leaf(data: Any, tp: Any, path: Path, problems: Problems) -> Any:
+    try:
+        return msgspec.convert(data, tp, strict=True)
+    except msgspec.ValidationError as exc:
+        problems.add(path, _reason(data, tp, str(exc)))
+        return _INVALID
+
+
+def _reason(data: Any, tp: Any, message: str) -> str:
+    """Why ``data`` is not a ``tp``: the allowed literals, the constraint not met, or msgspec's words."""
+    bare, metas = _without_constraints(tp)
+    literals = [arg for arg in _union_args(bare) if typing.get_origin(arg) is typing.Literal]
+    if literals:
+        allowed = [repr(value) for literal in literals for value in typing.get_args(literal)]
+        return f"must be one of {', '.join(allowed)}, got {_shown(data)}"
+    if metas and _fits(data, bare):  # the type is right, a constraint is not met
+        return f"must be {' and '.join(_described(meta) for meta in metas)}, got {_shown(data)}"
+    return f"{message}: {_shown(data)}" if isinstance(data, str | int | float | bool) else message
+
+
+def _described(meta: msgspec.Meta) -> str:
+    if meta.description:
+        return meta.description
+    bounds = [(">=", meta.ge), (">", meta.gt), ("<=", meta.le), ("<", meta.lt)]
+    words = [f"{sign} {bound}" for sign, bound in bounds if bound is not None]
+    if meta.pattern is not None:
+        words.append(f"matching {meta.pattern!r}")
+    return " and ".join(words)
+
+
+def _without_constraints(tp: Any) -> tuple[Any, list[msgspec.Meta]]:
+    """``tp`` without ``Annotated`` (in it or in its union members), and the constraints it carried."""
+    metas: list[msgspec.Meta] = []
+
+    def strip(t: Any) -> Any:
+        if typing.get_origin(t) is typing.Annotated:
+            base, *metadata = typing.get_args(t)
+            metas.extend(m for m in metadata if isinstance(m, msgspec.Meta))
+            return base
+        return t
+
+    args = [strip(arg) for arg in _union_args(tp)]
+    return functools.reduce(lambda a, b: a | b, args), metas
+
+
+def _union_args(tp: Any) -> tuple[Any, ...]:
+    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+
+
+def _fits(data: Any, tp: Any) -> bool:
+    try:
+        msgspec.convert(data, tp, strict=True)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def _shown(data: Any) -> str:
+    text = repr(data)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _kind(data: Any) -> str:
+    if data is None:
+        return "nothing"
+    if isinstance(data, dict):
+        return "a mapping"
+    if isinstance(data, list):
+        return "a list"
+    return f"the string {_shown(data)}" if isinstance(data, str) else _shown(data)
+
+
+@functools.cache
+def _fields(cls: type[msgspec.Struct]) -> dict[str, msgspec.structs.FieldInfo]:
+    return {field.encode_name: field for field in msgspec.structs.fields(cls)}
+
+
+def _required(field: msgspec.structs.FieldInfo) -> bool:
+    return field.default is msgspec.NODEFAULT and field.default_factory is msgspec.NODEFAULT
+
+
+# ----------------------------------------------------------------------- rules
+
+
+def check_policy(
+    policy: Policy,
+    problems: Problems,
+    *,
+    dropped: Mapping[str, Set[str]] | None = None,
+    key_file: tuple[list[AuthKey], Problems] | None = None,
+) -> None:
+    """The rules that span fields and sections.
+
+    ``dropped``: per section, the entries that failed to convert (already reported: a
+    reference to one is not "unknown"); ``key_file``: its keys, and where to report about them.
+    """
+    dropped = dropped or {}
+    known = ", ".join(sorted(policy.models))
+    invalid_models = dropped.get("models", set())
+
+    def check_model(path: Path, name: str | None) -> None:
+        if name is not None and name not in policy.models and name not in invalid_models:
+            problems.add(path, f"unknown model {name!r}; models are: {known}")
+
+    for role in ("small", "large"):
+        name = getattr(policy.pair, role)
+        check_model(("pair", role), name)
+        if name in policy.models and policy.models[name].tier != role:
+            problems.add(("pair", role), f"model {name!r} has tier {policy.models[name].tier!r}, expected {role!r}")
+    if not policy.routes and not dropped.get("routes"):
+        problems.add(("routes",), "at least one route is needed")
+    for route_name, route in policy.routes.items():
+        base: Path = ("routes", route_name)
+        check_model((*base, "model"), route.model)
+        for i, name in enumerate(route.fallbacks):
+            check_model((*base, "fallbacks", i), name)
+        check_model((*base, "baseline"), route.baseline)
+        if route_name in policy.models and policy.models[route_name].public:
+            problems.add(base, f"route {route_name!r} has the name of a public model; rename one of them")
+    for name, model in policy.models.items():
+        spec = model.speculative
+        base = ("models", name, "speculative")
+        if not spec.k_min <= spec.k_initial <= spec.k_max:
+            problems.add(base, f"need k_min <= k_initial <= k_max, got {spec.k_min}, {spec.k_initial}, {spec.k_max}")
+        if spec.mode == "gateway":
+            if spec.draft is None and spec.draft_source == "model":
+                problems.add((*base, "draft"), "mode 'gateway' with draft_source 'model' needs a draft model")
+            check_model((*base, "draft"), spec.draft)
+            if spec.draft == name:
+                problems.add((*base, "draft"), "a model cannot draft for itself")
+    check_auth(policy.auth, problems, key_file=key_file)
+
+
+def check_auth(auth: AuthPolicy, problems: Problems, *, key_file: tuple[list[AuthKey], Problems] | None = None) -> None:
+    """Key ids are unique across the policy and its key file; ``mode: keys`` has a way to get keys."""
+    located: list[tuple[AuthKey, Problems, Path]] = [
+        (key, problems, ("auth", "keys", i)) for i, key in enumerate(auth.keys)
+    ]
+    if key_file is not None:
+        keys, where = key_file
+        located += [(key, where, ("keys", i)) for i, key in enumerate(keys)]
+    seen: set[str] = set()
+    for key, where, path in located:
+        if key.id in seen:
+            where.add((*path, "id"), f"duplicate key id {key.id!r}")
+        seen.add(key.id)
+    if auth.mode == "keys" and not auth.keys and not auth.key_file:
+        problems.add(("auth", "keys"), "auth mode 'keys' needs at least one key (or a key_file)")
