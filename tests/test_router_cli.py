@@ -63,6 +63,9 @@ def test_threshold_edit_handles_flow_and_block_routes(tmp_path: Path) -> None:
     assert policy.read_text() == (
         "routes:\n  auto: {strategy: classifier, model: s, threshold: 0.3}  # keep me\n  blocky:\n    threshold: 0.5\n    model: s\n"
     )
+    policy.write_text("routes:\n  empty: {}\n")
+    set_route_threshold(policy, "empty", 0.4)  # no ", " before the first key of an empty flow mapping
+    assert policy.read_text() == "routes:\n  empty: {threshold: 0.4}\n"
 
 
 def test_calibrate_exits_1_when_lines_were_unreadable_as_route_does(tmp_path: Path) -> None:

@@ -7,14 +7,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
+from gateway.cli.check import report_invalid
+from gateway.config.loader import load_policy
+from gateway.errors import ConfigError
 from gateway.settings import DEFAULT_ROUTER_ARTIFACTS
 
 if TYPE_CHECKING:
     from gateway.classifier.runtime import Classifier
 
-__all__ = ["add_classifier_arguments", "load_classifier_or_exit", "route_settings"]
+__all__ = ["add_classifier_arguments", "load_classifier_or_exit", "load_route_or_exit"]
 
 
 def add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,9 +38,18 @@ def load_classifier_or_exit(artifacts: str) -> Classifier:
     return classifier
 
 
-def route_settings(policy_path: Path, route: str) -> tuple[str, str, float]:
-    """The pair and the route's threshold, read without resolving the rest of the policy (URLs may be unset here)."""
-    doc = yaml.safe_load(policy_path.read_text(encoding="utf-8")) or {}
-    pair = doc.get("pair") or {}
-    settings = (doc.get("routes") or {}).get(route) or {}
-    return str(pair.get("small", "small")), str(pair.get("large", "large")), float(settings.get("threshold", 0.5))
+def load_route_or_exit(policy_path: Path, route: str) -> tuple[str, str, float]:
+    """The pair's models and the route's threshold, from the policy loaded as the gateway loads it.
+
+    Unset ``${VAR}``s are let through, as ``gateway check`` lets them: the upstream URLs may
+    not be set where prompts are scored. An invalid file, or no such route, exits with 1.
+    """
+    try:
+        policy = load_policy(policy_path, unset_ok=True).policy
+    except ConfigError as exc:
+        report_invalid(exc)
+        raise SystemExit(1) from None
+    if route not in policy.routes:
+        print(f"{policy_path}: no route {route!r}; routes are: {', '.join(policy.routes)}", file=sys.stderr)
+        raise SystemExit(1)
+    return policy.pair.small, policy.pair.large, policy.routes[route].threshold

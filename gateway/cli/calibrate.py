@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from gateway.cli._classifier import add_classifier_arguments, load_classifier_or_exit
+from gateway.cli._classifier import add_classifier_arguments, load_classifier_or_exit, load_route_or_exit
 from gateway.cli._parsers import Subcommands
 from gateway.config.edit import set_route_threshold
 
@@ -31,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.target_large_share <= 1:
         print("--target-large-share must be between 0 and 1", file=sys.stderr)
         return 2
+    if args.write:  # the file and the route are checked before the work, not after
+        load_route_or_exit(Path(args.policies), args.route)
     classifier = load_classifier_or_exit(args.artifacts)
     threshold, unreadable = calibrate(classifier, args.jsonl, args.target_large_share)
     print(f"{threshold:.6f}")

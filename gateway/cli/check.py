@@ -9,7 +9,7 @@ from gateway.cli._parsers import Subcommands
 from gateway.config.loader import load_policy
 from gateway.errors import ConfigError
 
-__all__ = ["register", "run"]
+__all__ = ["register", "report_invalid", "run"]
 
 
 def register(commands: Subcommands) -> None:
@@ -22,9 +22,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         loaded = load_policy(args.path, unset_ok=True)
     except ConfigError as exc:
-        print(f"{exc.source}: invalid", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  - {problem}", file=sys.stderr)
+        report_invalid(exc)
         return 1
     policy = loaded.policy
     print(f"{loaded.source}: ok (version {loaded.version})")
@@ -34,3 +32,10 @@ def run(args: argparse.Namespace) -> int:
     for warning in loaded.warnings:
         print(f"  note: {warning}")
     return 0
+
+
+def report_invalid(exc: ConfigError) -> None:
+    """Every problem, one a line, on stderr (what ``check``, ``keys`` and ``route`` print for an invalid file)."""
+    print(f"{exc.source}: invalid", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  - {problem}", file=sys.stderr)

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import secrets
 import sys
-from pathlib import Path
 
-import msgspec
 import yaml
 
 from gateway.auth import hash_key
 from gateway.cli._parsers import Subcommands
-from gateway.config.envsubst import MissingVariable, substitute
+from gateway.cli.check import report_invalid
+from gateway.config.edit import append_key
+from gateway.config.loader import load_keys
+from gateway.config.schema import AuthKey
+from gateway.config.validate import Problems, convert
+from gateway.errors import ConfigError
 
 __all__ = ["register", "run"]
 
@@ -39,20 +41,19 @@ def register(commands: Subcommands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``keys new`` (the only action so far)."""
-    policy_path = Path(args.policies)
     try:
-        key_file, existing = _key_file_and_ids(policy_path)
-    except (OSError, ValueError, yaml.YAMLError, MissingVariable) as exc:
-        print(f"cannot read the keys of {policy_path}: {exc}", file=sys.stderr)
+        ring = load_keys(args.policies)
+    except ConfigError as exc:
+        report_invalid(exc)
         return 1
-    if key_file is None:
-        print(f"{policy_path} names no auth.key_file; add e.g. 'key_file: keys.yaml' under auth:", file=sys.stderr)
+    if ring.key_file is None:
+        print(f"{args.policies} names no auth.key_file; add e.g. 'key_file: keys.yaml' under auth:", file=sys.stderr)
         return 1
     key_id = args.id or f"{args.tenant}-{secrets.token_hex(3)}"
     if not _ID.fullmatch(key_id) or not args.tenant.strip():
         print("key ids are 1-64 letters, digits, '.', '_' or '-'; the tenant must not be empty", file=sys.stderr)
         return 1
-    if key_id in existing:
+    if key_id in {key.id for key in ring.keys}:
         print(f"a key with id {key_id!r} exists already", file=sys.stderr)
         return 1
     secret = "gw-" + secrets.token_urlsafe(32)
@@ -66,34 +67,16 @@ def run(args: argparse.Namespace) -> int:
         entry["limits"] = limits
     if args.admin:
         entry["admin"] = True
-    _append(key_file, entry)
+    problems = Problems()
+    if convert(entry, AuthKey, (), problems) is None:  # the checks the gateway will make when it loads the key
+        report_invalid(ConfigError("the new key", problems.messages))
+        return 1
+    try:
+        append_key(ring.key_file, entry)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        print(f"cannot add the key to {ring.key_file}: {exc}", file=sys.stderr)
+        return 1
     print(f"key id:  {key_id}\ntenant:  {args.tenant}\nsecret:  {secret}", flush=True)
-    print(f"The secret is shown only now; {key_file} holds its sha256. A running gateway picks it up by itself.",
+    print(f"The secret is shown only now; {ring.key_file} holds its sha256. A running gateway picks it up by itself.",
           file=sys.stderr)  # fmt: skip
     return 0
-
-
-def _append(path: Path, entry: dict[str, object]) -> None:
-    """Append as text, so the file's comments and layout survive."""
-    line = "  - " + msgspec.json.encode(entry).decode() + "\n"  # JSON is valid YAML flow style
-    if not path.exists() or not path.read_text(encoding="utf-8").strip():
-        path.write_text("# API keys: sha256 hashes only. Add with `python -m gateway keys new`.\nkeys:\n" + line)
-        return
-    text = path.read_text(encoding="utf-8")
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(("" if text.endswith("\n") else "\n") + line)
-
-
-def _key_file_and_ids(policy_path: Path) -> tuple[Path | None, set[str]]:
-    """Only the auth section matters here: the rest (upstream URLs...) may be unset on this machine."""
-    policy = yaml.safe_load(policy_path.read_text(encoding="utf-8")) or {}
-    auth = policy.get("auth") or {}
-    ids = {str(key.get("id")) for key in auth.get("keys") or [] if isinstance(key, dict)}
-    name = auth.get("key_file")
-    if not name:
-        return None, ids
-    key_file = policy_path.parent / substitute(str(name), os.environ)
-    if key_file.exists():
-        listed = (yaml.safe_load(key_file.read_text(encoding="utf-8")) or {}).get("keys") or []
-        ids |= {str(key.get("id")) for key in listed if isinstance(key, dict)}
-    return key_file, ids

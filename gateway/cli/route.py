@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gateway.cli._classifier import add_classifier_arguments, load_classifier_or_exit, route_settings
+from gateway.cli._classifier import add_classifier_arguments, load_classifier_or_exit, load_route_or_exit
 from gateway.cli._parsers import Subcommands
 
 __all__ = ["register", "run"]
@@ -26,8 +26,8 @@ def register(commands: Subcommands) -> None:
 def run(args: argparse.Namespace) -> int:
     from gateway.classifier.commands import route_jsonl
 
+    small, large, threshold = load_route_or_exit(Path(args.policies), args.route)
     classifier = load_classifier_or_exit(args.artifacts)
-    small, large, threshold = route_settings(Path(args.policies), args.route)
     counts = route_jsonl(
         classifier, args.jsonl, None if args.output == "-" else args.output,
         args.threshold if args.threshold is not None else threshold, small, large,

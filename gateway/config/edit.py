@@ -1,12 +1,22 @@
-"""Small in-place edits to policies.yaml that keep its comments and layout."""
+"""Small in-place edits to policies.yaml and its key file that keep comments and layout.
+
+Each edit splices text at the position PyYAML's node marks give, so every other line
+of the file stays byte for byte as written. (ruamel.yaml's round trip was weighed and
+not taken: it re-emits the whole file, normalising what it does not model, such as
+mixed sequence indentation or an empty ``{}`` turned block, and writes floats such as
+``1e-06`` that the YAML 1.1 loader reads back as strings.)
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import yaml
 
-__all__ = ["set_route_threshold"]
+__all__ = ["append_key", "set_route_threshold"]
+
+_KEY_FILE_HEADER = "# API keys: sha256 hashes only. Add with `python -m gateway keys new`.\n"
 
 
 def set_route_threshold(path: str | Path, route: str, threshold: float) -> None:
@@ -24,13 +34,59 @@ def set_route_threshold(path: str | Path, route: str, threshold: float) -> None:
         text = text[: current.start_mark.index] + value + text[current.end_mark.index :]
     elif node.flow_style:
         end = node.end_mark.index - 1  # the closing brace
-        text = text[:end].rstrip() + f", threshold: {value}" + text[end:]
+        separator = ", " if node.value else ""
+        text = text[:end].rstrip() + f"{separator}threshold: {value}" + text[end:]
     else:
         first_key = node.value[0][0]
         indent = " " * first_key.start_mark.column
         line_start = text.rfind("\n", 0, first_key.start_mark.index) + 1
         text = text[:line_start] + f"{indent}threshold: {value}\n" + text[line_start:]
     path.write_text(text, encoding="utf-8")
+
+
+def append_key(path: str | Path, entry: dict[str, object]) -> None:
+    """Add ``entry`` to the key file's ``keys`` list, one line of flow style (JSON is valid YAML).
+
+    A missing or empty file is created with a header. The entry goes after the list's last
+    item, at that item's indentation (or inside ``[...]``), whatever the file's layout.
+    """
+    path = Path(path)
+    item = msgspec.json.encode(entry).decode()
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is None:
+        text = (text if text.strip() else _KEY_FILE_HEADER) + ("" if text.endswith("\n") or not text else "\n")
+        path.write_text(f"{text}keys:\n  - {item}\n", encoding="utf-8")
+        return
+    keys = _child(root, "keys")
+    if not isinstance(root, yaml.MappingNode) or not isinstance(keys, yaml.SequenceNode | yaml.ScalarNode | None):
+        raise ValueError(f"{path}: expected a mapping with a 'keys' list")
+    if keys is None:  # other keys only: add the list after them
+        text += ("" if text.endswith("\n") else "\n") + f"keys:\n  - {item}\n"
+    elif isinstance(keys, yaml.ScalarNode):  # ``keys:`` with nothing (or null) after it
+        if keys.tag != "tag:yaml.org,2002:null":
+            raise ValueError(f"{path}: 'keys' must be a list")
+        start, end = keys.start_mark.index, keys.end_mark.index
+        text = text[:start] + ("" if end > start else " ") + f"[{item}]" + text[end:]
+    elif keys.flow_style:
+        end = keys.end_mark.index - 1  # the closing bracket
+        separator = ", " if keys.value else ""
+        text = text[:end].rstrip() + f"{separator}{item}" + text[end:]
+    else:
+        dash = " " * keys.start_mark.column  # a block sequence starts at its first dash
+        line_end = text.find("\n", _end(keys.value[-1]))
+        at = len(text) if line_end < 0 else line_end + 1
+        text = text[:at] + ("" if text[:at].endswith("\n") else "\n") + f"{dash}- {item}\n" + text[at:]
+    path.write_text(text, encoding="utf-8")
+
+
+def _end(node: yaml.Node) -> int:
+    """Where ``node``'s own text ends (a block collection's end mark is the next token's start)."""
+    if isinstance(node, yaml.MappingNode) and not node.flow_style and node.value:
+        return _end(node.value[-1][1])
+    if isinstance(node, yaml.SequenceNode) and not node.flow_style and node.value:
+        return _end(node.value[-1])
+    return node.end_mark.index
 
 
 def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:

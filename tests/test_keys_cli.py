@@ -1,0 +1,108 @@
+"""``gateway keys new`` and ``route`` read the policy through the loader; key file edits keep the file's layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.cli import main
+from gateway.config.edit import append_key
+from gateway.config.loader import load_keys
+
+HASH = "sha256:" + "c" * 64
+
+POLICY = f"""\
+pair: {{small: s, large: l}}
+models:
+  s: {{base_url: "${{KEYS_TEST_UNSET_URL}}", price: {{input: 0, output: 0}}, tier: small}}
+  l: {{base_url: "${{KEYS_TEST_UNSET_URL}}", price: {{input: 0, output: 0}}, tier: large}}
+routes:
+  fast: {{model: s}}
+auth:
+  mode: keys
+  key_file: keys.yaml
+  keys: [{{id: inline, hash: "{HASH}"}}]
+"""
+
+
+@pytest.fixture
+def policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("KEYS_TEST_UNSET_URL", raising=False)
+    path = tmp_path / "policies.yaml"
+    path.write_text(POLICY)
+    return path
+
+
+def _new(policy: Path, *args: str) -> int:
+    return main(["keys", "new", "--tenant", "team", "--policies", str(policy), *args])
+
+
+def test_new_key_without_upstream_urls_set_keeps_the_key_file_layout(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key_file = policy.parent / "keys.yaml"
+    key_file.write_text(f"# by hand\nkeys:\n- {{id: old, hash: '{HASH}'}}  # the first\n\n# end\n")
+    assert _new(policy, "--id", "fresh", "--models", "fast", "--rpm", "5") == 0
+    assert "secret:" in capsys.readouterr().out
+    text = key_file.read_text()
+    assert text.startswith(f"# by hand\nkeys:\n- {{id: old, hash: '{HASH}'}}  # the first\n- ")
+    assert text.endswith("\n\n# end\n")
+    [new] = [key for key in load_keys(policy).keys if key.id == "fresh"]
+    assert (new.tenant, new.models, new.limits.rpm) == ("team", ["fast"], 5)
+
+
+def test_existing_ids_are_those_the_loader_reads(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _new(policy, "--id", "inline") == 1
+    assert "exists already" in capsys.readouterr().err
+
+
+def test_an_invalid_auth_section_is_reported_by_field_and_line(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy.write_text(POLICY.replace("mode: keys", "mode: key"))
+    assert _new(policy) == 1
+    assert "auth.mode (line 8): must be one of 'none', 'keys', got 'key'" in capsys.readouterr().err
+    assert not (policy.parent / "keys.yaml").exists()
+
+
+def test_a_key_the_gateway_would_refuse_is_not_written(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _new(policy, "--rpm", "-1") == 1
+    assert "limits.rpm: must be >= 0, got -1" in capsys.readouterr().err
+    assert not (policy.parent / "keys.yaml").exists()
+
+
+def test_route_names_an_unknown_route_before_loading_the_classifier(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["route", "--jsonl", "-", "--policies", str(policy), "--route", "auto", "--artifacts", "/nonexistent"])
+    assert exited.value.code == 1
+    assert "no route 'auto'; routes are: fast" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "before",
+    [
+        "",
+        "# nothing yet\n",
+        "keys: []\n",
+        "keys:\n",
+        "keys: ~  # none yet\n",
+        "keys:\n- {id: a, hash: x}\n",
+        "keys:\n    - id: a   # block style, deeper\n      models:\n        - fast\n\n# end\n",
+        "keys: [{id: a},\n  {id: b}]\n",
+        "keys:\n  - {id: a}",  # no final newline
+    ],
+)
+def test_append_key_fits_any_layout(tmp_path: Path, before: str) -> None:
+    path = tmp_path / "keys.yaml"
+    if before:
+        path.write_text(before)
+    listed = (yaml.safe_load(before) or {}).get("keys") or []
+    append_key(path, {"id": "new", "hash": HASH})
+    after = path.read_text()
+    assert [key["id"] for key in yaml.safe_load(after)["keys"]] == [*(key["id"] for key in listed), "new"]
+    kept = [line for line in before.splitlines() if line.strip() and not line.startswith("keys:") and "}]" not in line]
+    assert all(line in after.splitlines() for line in kept), after  # every other line as it was
