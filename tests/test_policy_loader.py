@@ -138,6 +138,10 @@ def test_merge_keys_and_unknown_tags_are_problems_not_crashes() -> None:
     ]
     [message] = problems(VALID.replace("tier: large", "tier: !big large"))
     assert message.startswith("models.l.tier (line 11): not valid YAML") and "!big" in message
+    for key in ("{a: 1}", "[1, 2]"):  # a mapping or a list as a key once crashed the loader (unhashable)
+        assert problems(VALID + f"tenants: {{{key}: {{}}}}\n") == [
+            "tenants (line 15): a key must be a plain name, not a mapping or a list"
+        ]
 
 
 def _with_key_file(tmp_path: Path, policy: str, keys: str) -> Path:

@@ -200,6 +200,9 @@ class _NodeReader:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     self._problems.add(path, "YAML merge keys (<<) are not supported", line=line)
                     continue
+                if not isinstance(key_node, yaml.ScalarNode):
+                    self._problems.add(path, "a key must be a plain name, not a mapping or a list", line=line)
+                    continue
                 key = self._construct(key_node, path)
                 if key in out:
                     self._problems.add((*path, str(key)), "duplicate key", line=line)
