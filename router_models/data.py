@@ -17,6 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -43,6 +44,15 @@ HELDOUT_SUBJECTS: tuple[str, ...] = (
 GSM8K_VAL_FRACTION = 0.30
 
 
+class RoutingRow(TypedDict):
+    """One line of ``mmlu_dev.jsonl`` / ``gsm8k_dev.jsonl``."""
+
+    prompt: str
+    source: str  # "gsm8k" or "mmlu/<subject>"
+    small_correct: bool
+    large_correct: bool
+
+
 @dataclass
 class Split:
     prompts: list[str]
@@ -59,10 +69,11 @@ class Split:
 
     @property
     def is_gsm8k(self) -> np.ndarray:
-        return self.source == "gsm8k"
+        mask: np.ndarray = self.source == "gsm8k"
+        return mask
 
 
-def _read(path: Path) -> list[dict]:
+def _read(path: Path) -> list[RoutingRow]:
     with path.open() as f:
         return [json.loads(line) for line in f if line.strip()]
 

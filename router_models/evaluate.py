@@ -17,20 +17,25 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
-from gateway.classifier import load_classifier, select_text
+from gateway.classifier import Classifier, load_classifier, select_text
 from gateway.classifier.commands import threshold_for_share
-from router_models.data import HELDOUT_SUBJECTS, load_splits
+from router_models.data import HELDOUT_SUBJECTS, Split, load_splits
 from router_models.metrics import apgr_interval, oracle_summary, pgr_curve, summary
 
 SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
+Message = dict[str, str]  # {"role": ..., "content": ...}
+CurveLines = dict[str, tuple[np.ndarray, np.ndarray, float]]  # name -> (share of large calls, accuracy, APGR)
+Curve = tuple[CurveLines, float, float]  # (lines, accuracy of the small model, of the large model)
 
-def score_texts(clf, texts: list[str], batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+
+def score_texts(clf: Classifier, texts: list[str], batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
     # sort by length so batches pad little; restore order after
     order = np.argsort([len(t) for t in texts])
     p = np.zeros(len(texts), dtype=np.float64)
@@ -43,7 +48,7 @@ def score_texts(clf, texts: list[str], batch: int = 32) -> tuple[np.ndarray, np.
     return p, emb
 
 
-def knn_scores(train_emb, train_gain, query_emb, k: int) -> np.ndarray:
+def knn_scores(train_emb: np.ndarray, train_gain: np.ndarray, query_emb: np.ndarray, k: int) -> np.ndarray:
     out = np.zeros(len(query_emb))
     for i in range(0, len(query_emb), 512):
         sims = query_emb[i : i + 512] @ train_emb.T
@@ -56,14 +61,14 @@ def constant(n: int) -> np.ndarray:
     return np.zeros(n)  # all tied: the expected curve of random routing
 
 
-def conversations(prompts: list[str], seed: int = 0) -> dict[str, list[list[dict]]]:
+def conversations(prompts: list[str], seed: int = 0) -> list[list[Message]]:
     """Synthetic multi-turn conversations whose LAST user turn is the labelled prompt."""
     rng = random.Random(seed)
     system = (
         "You are a helpful, careful assistant. Answer accurately and concisely. "
         "If the question is multiple choice, reply with the letter of the answer."
     )
-    convs = []
+    convs: list[list[Message]] = []
     for p in prompts:
         prev = [rng.choice(prompts) for _ in range(2)]
         convs.append(
@@ -79,13 +84,16 @@ def conversations(prompts: list[str], seed: int = 0) -> dict[str, list[list[dict
     return convs
 
 
-def text_selection_experiment(clf, val, n: int = 1200) -> dict:
+def text_selection_experiment(clf: Classifier, val: Split, n: int = 1200) -> dict[str, float]:
     rng = np.random.default_rng(0)
     idx = rng.choice(len(val), size=min(n, len(val)), replace=False)
     prompts = [val.prompts[i] for i in idx]
     s, l = val.small[idx], val.large[idx]  # noqa: E741 - small/large, as in the papers' notation
     convs = conversations(prompts)
-    join = lambda ms: "\n".join(m["content"] for m in ms)  # noqa: E731
+
+    def join(ms: list[Message]) -> str:
+        return "\n".join(m["content"] for m in ms)
+
     variants = {
         "last_user_turn (select_text)": [select_text(c) for c in convs],
         "system + last user turn": [c[0]["content"] + "\n" + c[-1]["content"] for c in convs],
@@ -93,14 +101,14 @@ def text_selection_experiment(clf, val, n: int = 1200) -> dict:
         "whole conversation, tail (last 1500 chars)": [join(c)[-1500:] for c in convs],
         "all user turns": [join([m for m in c if m["role"] == "user"]) for c in convs],
     }
-    res = {}
+    res: dict[str, float] = {}
     for name, texts in variants.items():
         p, _ = score_texts(clf, texts)
         res[name] = summary(p, s, l)["apgr"]
     return res
 
 
-def teacher_fidelity(val_prompts: list[str], emb: np.ndarray) -> dict:
+def teacher_fidelity(val_prompts: list[str], emb: np.ndarray) -> dict[str, float]:
     """Cosine to the unmodified all-MiniLM-L6-v2 embedding (128 tokens) and kNN agreement."""
     import torch
 
@@ -125,7 +133,7 @@ def teacher_fidelity(val_prompts: list[str], emb: np.ndarray) -> dict:
     }
 
 
-def plot(curves: dict, path: Path) -> None:
+def plot(curves: dict[str, Curve], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scored {len(val) + len(train)} prompts in {time.time() - t0:.0f}s ({clf.model_file})", flush=True)
     knn = knn_scores(e_tr, train.large - train.small, e_val, args.knn_k)
 
-    metrics: dict = {"split": {"heldout_mmlu_subjects": list(HELDOUT_SUBJECTS), "gsm8k_val_fraction": 0.3}}
-    curves = {}
+    metrics: dict[str, Any] = {"split": {"heldout_mmlu_subjects": list(HELDOUT_SUBJECTS), "gsm8k_val_fraction": 0.3}}
+    curves: dict[str, Curve] = {}
     for name, m in (("mmlu_heldout", ~val.is_gsm8k), ("gsm8k_heldout", val.is_gsm8k)):
         s, l = val.small[m], val.large[m]  # noqa: E741 - small/large, as in the papers' notation
         lengths = np.array([len(val.prompts[i]) for i in np.flatnonzero(m)], dtype=float)
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             "acc_large": round(float(l.mean()), 4),
         }
         metrics[name] = res
-        lines = {}
+        lines: CurveLines = {}
         for key, sc in (("router", p_val[m]), (f"kNN (k={args.knn_k})", knn[m]), ("random", constant(int(m.sum())))):
             x, pgr = pgr_curve(sc, s, l)
             acc = s.mean() + pgr * (l.mean() - s.mean())

@@ -34,12 +34,12 @@ def pgr_curve(score: np.ndarray, small: np.ndarray, large: np.ndarray) -> tuple[
     return share, pgr
 
 
-def apgr(score, small, large) -> float:
+def apgr(score: np.ndarray, small: np.ndarray, large: np.ndarray) -> float:
     share, pgr = pgr_curve(score, small, large)
     return float(np.trapezoid(pgr, share))
 
 
-def cpt(score, small, large, target: float) -> float:
+def cpt(score: np.ndarray, small: np.ndarray, large: np.ndarray, target: float) -> float:
     """Smallest share of large calls reaching PGR >= target (linear interpolation)."""
     share, pgr = pgr_curve(score, small, large)
     idx = np.flatnonzero(pgr >= target)
@@ -52,7 +52,7 @@ def cpt(score, small, large, target: float) -> float:
     return float(x0 + (target - y0) * (x1 - x0) / (y1 - y0)) if y1 != y0 else float(x1)
 
 
-def summary(score, small, large) -> dict[str, float]:
+def summary(score: np.ndarray, small: np.ndarray, large: np.ndarray) -> dict[str, float]:
     return {
         "apgr": round(apgr(score, small, large), 4),
         "cpt50": round(cpt(score, small, large, 0.5), 4),
@@ -61,12 +61,14 @@ def summary(score, small, large) -> dict[str, float]:
     }
 
 
-def apgr_interval(score, small, large, resamples: int = 1000, seed: int = 0) -> list[float]:
+def apgr_interval(
+    score: np.ndarray, small: np.ndarray, large: np.ndarray, resamples: int = 1000, seed: int = 0
+) -> list[float]:
     """95% bootstrap interval of APGR over the rows (how much a small held-out set can say)."""
     rng = np.random.default_rng(seed)
     score, small, large = (np.asarray(a, float) for a in (score, small, large))
     n = len(score)
-    values = []
+    values: list[float] = []
     for _ in range(resamples):
         i = rng.integers(0, n, n)
         if large[i].mean() != small[i].mean():
@@ -75,12 +77,12 @@ def apgr_interval(score, small, large, resamples: int = 1000, seed: int = 0) -> 
     return [round(float(lo), 4), round(float(hi), 4)]
 
 
-def random_summary(small, large, seeds: int = 200) -> dict[str, float]:
+def random_summary(small: np.ndarray, large: np.ndarray, seeds: int = 200) -> dict[str, float]:
     """Random routing: expected APGR 0.5; CPT averaged over random orders."""
     rng = np.random.default_rng(0)
     res = [summary(rng.random(len(small)), small, large) for _ in range(seeds)]
     return {k: round(float(np.mean([r[k] for r in res])), 4) for k in ("apgr", "cpt50", "cpt80")} | {"n": len(small)}
 
 
-def oracle_summary(small, large) -> dict[str, float]:
+def oracle_summary(small: np.ndarray, large: np.ndarray) -> dict[str, float]:
     return summary(np.asarray(large, float) - np.asarray(small, float), small, large)

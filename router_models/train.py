@@ -25,8 +25,10 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -35,12 +37,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from router_models.data import load_splits
+from router_models.data import Split, load_splits
 from router_models.metrics import summary
 from router_models.model import RouterNet, base_model_dir
 
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
-def make_tokenizer(max_tokens: int, truncation: str = "right"):
+
+def make_tokenizer(max_tokens: int, truncation: str = "right") -> Tokenizer:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(base_model_dir() / "tokenizer.json"))
@@ -49,7 +54,7 @@ def make_tokenizer(max_tokens: int, truncation: str = "right"):
     return tok
 
 
-def encode(tok, texts: list[str]) -> list[list[int]]:
+def encode(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in tok.encode_batch(texts)]
 
 
@@ -69,8 +74,10 @@ def length_batches(lengths: np.ndarray, batch: int, rng: random.Random | None, c
     if rng is None:
         order = idx[np.argsort(lengths, kind="stable")]
         return [order[i : i + batch] for i in range(0, len(order), batch)]
-    perm = idx.copy()
-    rng.shuffle(perm)
+    # random.Random shuffles a list, not an array: the same swaps, so the same permutation
+    perm_list: list[int] = idx.tolist()
+    rng.shuffle(perm_list)
+    perm = np.array(perm_list, dtype=idx.dtype)
     out: list[np.ndarray] = []
     for c in range(0, len(perm), batch * chunk):
         block = perm[c : c + batch * chunk]
@@ -80,15 +87,15 @@ def length_batches(lengths: np.ndarray, batch: int, rng: random.Random | None, c
     return out
 
 
-@torch.inference_mode()
 def embed_all(model: RouterNet, ids: list[list[int]], batch: int = 64) -> np.ndarray:
-    model.eval()
-    lengths = np.array([len(x) for x in ids])
-    out = np.zeros((len(ids), model.bert.config.hidden_size), dtype=np.float32)
-    for b in length_batches(lengths, batch, None):
-        a, m = collate([ids[i] for i in b])
-        out[b] = model.features(a, m).numpy()
-    return out
+    with torch.inference_mode():
+        model.eval()
+        lengths = np.array([len(x) for x in ids])
+        out = np.zeros((len(ids), model.bert.config.hidden_size), dtype=np.float32)
+        for b in length_batches(lengths, batch, None):
+            a, m = collate([ids[i] for i in b])
+            out[b] = model.features(a, m).numpy()
+        return out
 
 
 def teacher_embeddings(prompts: list[str], cache_dir: Path) -> np.ndarray:
@@ -97,7 +104,8 @@ def teacher_embeddings(prompts: list[str], cache_dir: Path) -> np.ndarray:
     key = hashlib.sha256("\x00".join(prompts).encode()).hexdigest()[:16]
     path = cache_dir / f"teacher_l6_t128_{key}.npy"
     if path.is_file():
-        return np.load(path)
+        cached: np.ndarray = np.load(path)
+        return cached
     t0 = time.time()
     teacher = RouterNet(layers=6, families=1)
     emb = embed_all(teacher, encode(make_tokenizer(128), prompts))
@@ -120,7 +128,7 @@ def _set_linear(layer: nn.Linear, fits: list[tuple[np.ndarray, float]]) -> None:
         layer.bias.copy_(torch.tensor([b for _, b in fits], dtype=torch.float32))
 
 
-def fit_head_frozen(model: RouterNet, emb: np.ndarray, train, c: float) -> None:
+def fit_head_frozen(model: RouterNet, emb: np.ndarray, train: Split, c: float) -> None:
     """Logistic regressions on frozen features -> the heads' (and the gate's) weights."""
     if model.families == 1:
         _set_linear(model.head, [_logistic(emb, y, c) for y in (train.small, train.large)])
@@ -142,7 +150,8 @@ def fit_proj_frozen(model: RouterNet, feats: np.ndarray, teacher: np.ndarray, la
 
 def gains(model: RouterNet, emb: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return model.mixed_gain(torch.from_numpy(emb)).numpy()
+        g: np.ndarray = model.mixed_gain(torch.from_numpy(emb)).numpy()
+        return g
 
 
 def fit_platt(model: RouterNet, gain: np.ndarray, small: np.ndarray, large: np.ndarray) -> None:
@@ -154,10 +163,10 @@ def fit_platt(model: RouterNet, gain: np.ndarray, small: np.ndarray, large: np.n
         model.platt.copy_(torch.tensor([lr.coef_[0, 0], lr.intercept_[0]], dtype=torch.float32))
 
 
-def report(tag: str, model: RouterNet, tok, val) -> dict:
+def report(tag: str, model: RouterNet, tok: Tokenizer, val: Split) -> dict[str, dict[str, float]]:
     emb = embed_all(model, encode(tok, val.prompts))
     g = gains(model, emb)
-    res = {}
+    res: dict[str, dict[str, float]] = {}
     for name, m in (("mmlu_heldout", ~val.is_gsm8k), ("gsm8k_heldout", val.is_gsm8k)):
         res[name] = summary(g[m], val.small[m], val.large[m])
     print(f"[{tag}] " + json.dumps(res), flush=True)
@@ -277,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / "model.pt")
-    meta = {
+    meta: dict[str, Any] = {
         "layers": args.layers,
         "families": args.families,
         "max_tokens": args.max_tokens,
@@ -291,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "train_rows": len(train),
         "platt": model.platt.tolist(),
-        "train_command": "python -m router_models.train " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "train_command": "python -m router_models.train " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     if not args.no_val:
         meta["val_gain_metrics"] = report("val", model, tok, val)

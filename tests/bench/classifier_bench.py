@@ -33,10 +33,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from gateway.classifier import load_classifier
+from gateway.classifier import Classifier, load_classifier
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = (
@@ -46,7 +47,7 @@ BASE = (
 )
 
 
-def prompt_of(clf, tokens: int) -> str:
+def prompt_of(clf: Classifier, tokens: int) -> str:
     """A prompt that encodes to exactly ``tokens`` tokens ([CLS] and [SEP] included)."""
     tok = clf._tokenizer
     text = BASE * (tokens // 20 + 2)
@@ -81,7 +82,7 @@ def real_prompts(limit: int = 2000) -> list[str]:
     return out
 
 
-async def load_phase(clf, texts: str | list[str], concurrency: int, duration: float) -> dict:
+async def load_phase(clf: Classifier, texts: str | list[str], concurrency: int, duration: float) -> dict[str, float]:
     stop = time.perf_counter() + duration
     done = 0
     lat: list[float] = []
@@ -111,9 +112,9 @@ async def load_phase(clf, texts: str | list[str], concurrency: int, duration: fl
     }
 
 
-async def seq_async(clf, text: str, n: int) -> list[float]:
+async def seq_async(clf: Classifier, text: str, n: int) -> list[float]:
     msgs = [{"role": "user", "content": text}]
-    out = []
+    out: list[float] = []
     for _ in range(n):
         t = time.perf_counter()
         await clf.score(msgs)
@@ -121,7 +122,7 @@ async def seq_async(clf, text: str, n: int) -> list[float]:
     return out
 
 
-def bench_variant(name: str, art: Path, variant: str | None, args) -> dict:
+def bench_variant(name: str, art: Path, variant: str | None, args: argparse.Namespace) -> dict[str, Any]:
     clf = load_classifier(
         art,
         prefer_gpu=False,
@@ -135,12 +136,12 @@ def bench_variant(name: str, art: Path, variant: str | None, args) -> dict:
     text = prompt_of(clf, args.tokens)
     for _ in range(20):
         clf.score_batch_sync([text])
-    lat = []
+    lat: list[float] = []
     for _ in range(args.single_n):
         t = time.perf_counter()
         clf.score_batch_sync([text])
         lat.append(time.perf_counter() - t)
-    res = {
+    res: dict[str, Any] = {
         "variant": name,
         "file": clf.model_file,
         "tokens": min(args.tokens, clf.max_tokens),

@@ -77,8 +77,9 @@ import tempfile
 import time
 import unicodedata
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -88,10 +89,37 @@ if str(_ROOT) not in sys.path:  # run as a script: make `gateway` and `tests` im
 
 from gateway.cache import guard as guard_module  # noqa: E402
 from gateway.cache.guard import guard_allows, refusal_reasons  # noqa: E402
-from tests.bench.semantic_testset import DEFAULT_DATA, NEAR_MISSES, PARAPHRASES, build_testset  # noqa: E402
+from tests.bench.semantic_testset import (  # noqa: E402
+    DEFAULT_DATA,
+    NEAR_MISSES,
+    PARAPHRASES,
+    TestSet,
+    Variant,
+    build_testset,
+)
 
 RULES = ["code", "quote", "option", "num", "numword", "unit", "neg", "polar", "name", "lexical"]
 GUARDS = ["none", "v0", "rules", "full"]
+
+
+class Pair(TypedDict):
+    """A test-set variant scored against its original (the original cached, the variant asked)."""
+
+    v: Variant
+    cos: float
+    allowed: dict[str, bool]  # guard name -> whether that guard serves the cached answer
+    reasons: list[str]  # the current guard's rules that refuse the pair
+    source: str
+    long: bool  # one of the two prompts fills the embedding's token window
+
+
+class HandwrittenRow(TypedDict):
+    cached: str
+    asked: str
+    cos: float
+    guard: bool
+    guard_rules: bool
+    reasons: list[str]
 
 
 # ------------------------------------------------------------ the guard as first committed (v0)
@@ -284,10 +312,10 @@ def embed_all(
 # ----------------------------------------------------------------------------- quality
 
 
-def quality(ts: Any, emb: dict[str, np.ndarray], thresholds: list[float], max_false_hit: float,
+def quality(ts: TestSet, emb: dict[str, np.ndarray], thresholds: list[float], max_false_hit: float,
             tokens: dict[str, int], window: int) -> dict[str, Any]:  # fmt: skip
     originals = {o.id: o for o in ts.originals}
-    pairs = []
+    pairs: list[Pair] = []
     for v in ts.variants:
         o = originals[v.original_id]
         cosine = float(emb[o.prompt] @ emb[v.text])
@@ -298,7 +326,7 @@ def quality(ts: Any, emb: dict[str, np.ndarray], thresholds: list[float], max_fa
     pos = [p for p in pairs if p["v"].positive]
     neg = [p for p in pairs if not p["v"].positive]
 
-    def rate(rows: list[dict], t: float, g: str) -> float:
+    def rate(rows: list[Pair], t: float, g: str) -> float:
         return sum(r["cos"] >= t and r["allowed"][g] for r in rows) / max(len(rows), 1)
 
     sweep = []
@@ -329,7 +357,7 @@ def quality(ts: Any, emb: dict[str, np.ndarray], thresholds: list[float], max_fa
 
     def per_transform(t: float) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
-        groups: dict[tuple[bool, str], list[dict]] = defaultdict(list)
+        groups: dict[tuple[bool, str], list[Pair]] = defaultdict(list)
         for p in pairs:
             groups[(p["v"].positive, p["v"].transform)].append(p)
         for (positive, name), rows in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
@@ -392,7 +420,7 @@ def quality(ts: Any, emb: dict[str, np.ndarray], thresholds: list[float], max_fa
 def handwritten(emb: dict[str, np.ndarray], thresholds: list[float]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, pairs in (("paraphrases", PARAPHRASES), ("near_misses", NEAR_MISSES)):
-        rows = [{"cached": a, "asked": b, "cos": float(emb[a] @ emb[b]), "guard": guard_allows(b, a),
+        rows: list[HandwrittenRow] = [{"cached": a, "asked": b, "cos": float(emb[a] @ emb[b]), "guard": guard_allows(b, a),
                  "guard_rules": guard_allows(b, a, lexical=False), "reasons": refusal_reasons(b, a)}
                 for a, b in pairs]  # fmt: skip
         out[name] = {
@@ -406,7 +434,7 @@ def handwritten(emb: dict[str, np.ndarray], thresholds: list[float]) -> dict[str
     return out
 
 
-def cache_simulation(ts: Any, emb: dict[str, np.ndarray], threshold: float, tokens: dict[str, int], window: int,
+def cache_simulation(ts: TestSet, emb: dict[str, np.ndarray], threshold: float, tokens: dict[str, int], window: int,
                      count: int = 4) -> dict[str, Any]:  # fmt: skip
     entries = [o.prompt for o in ts.originals] + list(ts.distractors) + [a for a, _ in PARAPHRASES + NEAR_MISSES]
     entries = list(dict.fromkeys(entries))
@@ -460,7 +488,7 @@ def cache_simulation(ts: Any, emb: dict[str, np.ndarray], threshold: float, toke
     return out
 
 
-def guard_cost(ts: Any, n: int = 2000) -> dict[str, float]:
+def guard_cost(ts: TestSet, n: int = 2000) -> dict[str, float]:
     originals = {o.id: o for o in ts.originals}
     pairs = [(v.text, originals[v.original_id].prompt) for v in ts.variants[:n]]
     cold = []
@@ -482,7 +510,7 @@ def guard_cost(ts: Any, n: int = 2000) -> dict[str, float]:
 # ----------------------------------------------------------------------------- latency
 
 
-async def lookup_latency(clf: Any, ts: Any, emb: dict[str, np.ndarray], redis_url: str, threshold: float,
+async def lookup_latency(clf: Any, ts: TestSet, emb: dict[str, np.ndarray], redis_url: str, threshold: float,
                          lookups: int, seed: int) -> dict[str, Any]:  # fmt: skip
     from gateway.accounting.metrics import Metrics
     from gateway.cache.entries import CachedAnswer
@@ -530,7 +558,7 @@ async def lookup_latency(clf: Any, ts: Any, emb: dict[str, np.ndarray], redis_ur
                          "refused": found.refused_by_guard})  # fmt: skip
     await client.aclose()
 
-    def summary(rs: list[dict]) -> dict[str, Any]:
+    def summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
         if not rs:
             return {"n": 0}
         return {"n": len(rs), **{f"{k}_{q}": pct([r[k] for r in rs], n) for k in ("embed", "lookup", "total")
@@ -583,13 +611,15 @@ def realish_vectors(anchors: np.ndarray, n: int, rng: np.random.Generator) -> np
     a = rng.uniform(0.5, 1.0, (n, 1)).astype(np.float32)
     noise = rng.standard_normal((n, anchors.shape[1])).astype(np.float32) * np.float32(0.3 / np.sqrt(anchors.shape[1]))
     x = a * anchors[i] + (1 - a) * anchors[j] + noise
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    unit: np.ndarray = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return unit
 
 
 def vsim_phase(redis_url: str, anchors: np.ndarray, n: int, n_queries: int, quant: str, seed: int) -> dict[str, Any]:
     import redis
 
     r = redis.Redis.from_url(redis_url)
+    command: Callable[..., Any] = r.execute_command  # redis-py leaves execute_command unannotated
     rng = np.random.default_rng(seed)
     vectors = realish_vectors(anchors, n, rng)
     queries = realish_vectors(anchors, n_queries, rng)
@@ -598,12 +628,13 @@ def vsim_phase(redis_url: str, anchors: np.ndarray, n: int, n_queries: int, quan
     start = time.perf_counter()
     for s in range(0, n, 1000):
         pipe = r.pipeline(transaction=False)
+        queue: Callable[..., Any] = pipe.execute_command  # unannotated in redis-py, as above
         for i in range(s, min(n, s + 1000)):
-            pipe.execute_command("VADD", key, "FP32", vectors[i].tobytes(), f"e{i}", quant)
+            queue("VADD", key, "FP32", vectors[i].tobytes(), f"e{i}", quant)
         pipe.execute()
     insert_s = time.perf_counter() - start
-    info = r.execute_command("VINFO", key)
-    memory = r.execute_command("MEMORY", "USAGE", key)
+    info = command("VINFO", key)
+    memory = command("MEMORY", "USAGE", key)
     ping = []
     for _ in range(200):
         t0 = time.perf_counter()
@@ -613,7 +644,7 @@ def vsim_phase(redis_url: str, anchors: np.ndarray, n: int, n_queries: int, quan
     lat, firsts = [], []
     for q in queries:
         t0 = time.perf_counter()
-        found = r.execute_command("VSIM", key, "FP32", q.tobytes(), "WITHSCORES", "COUNT", 4)
+        found = command("VSIM", key, "FP32", q.tobytes(), "WITHSCORES", "COUNT", 4)
         lat.append((time.perf_counter() - t0) * 1000)
         pairs = list(found.items()) if isinstance(found, dict) else list(zip(found[::2], found[1::2], strict=False))
         best = max(pairs, key=lambda kv: float(kv[1]))[0] if pairs else b"e-1"
@@ -630,7 +661,7 @@ def vsim_phase(redis_url: str, anchors: np.ndarray, n: int, n_queries: int, quan
     near_truth = np.argmax(near @ vectors.T, axis=1)
     near_first = []
     for q in near:
-        found = r.execute_command("VSIM", key, "FP32", q.tobytes(), "WITHSCORES", "COUNT", 4)
+        found = command("VSIM", key, "FP32", q.tobytes(), "WITHSCORES", "COUNT", 4)
         pairs = list(found.items()) if isinstance(found, dict) else list(zip(found[::2], found[1::2], strict=False))
         best = max(pairs, key=lambda kv: float(kv[1]))[0] if pairs else b"e-1"
         near_first.append(int((best.decode() if isinstance(best, bytes) else str(best))[1:]))
