@@ -6,7 +6,7 @@ PORT   ?= 8000
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint bench soak check venv clean router
+.PHONY: run test unit lint bench soak check venv clean router
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ run: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-# The gate CI runs first: ruff's rules, ruff format, and mypy --strict over gateway/.
+# The in-process tests alone (seconds): tests/unit, no processes, no Redis.
+unit: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e"
+
+# The gate CI runs first: ruff's rules, ruff format, and mypy --strict over [tool.mypy] files.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests router_models
 	$(VENV)/bin/ruff format --check gateway tests router_models

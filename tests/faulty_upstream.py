@@ -156,6 +156,7 @@ def start_faulty_upstream() -> Iterator[FaultyUpstream]:
         asyncio.run_coroutine_threadsafe(_shutdown(holder["runner"]), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+        loop.close()
 
 
 async def _shutdown(runner: web.AppRunner) -> None:

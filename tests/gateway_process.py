@@ -158,11 +158,12 @@ def start_gateway(
     port = free_port()
     log_path, err_path = workdir / "gateway.log", workdir / "gateway.err"
     child_env = {**os.environ, **(env or {})}
-    process = subprocess.Popen(
-        [*(command or [sys.executable, "-m", "gateway"]), "serve", "--policies", str(policy_path), "--port", str(port),
-         "--data-dir", str(workdir / "data"), "--workers", str(workers)],
-        stdout=log_path.open("wb"), stderr=err_path.open("wb"), stdin=subprocess.DEVNULL, env=child_env, cwd=cwd,
-    )  # fmt: skip
+    with log_path.open("wb") as stdout, err_path.open("wb") as stderr:  # the child keeps its own copies
+        process = subprocess.Popen(
+            [*(command or [sys.executable, "-m", "gateway"]), "serve", "--policies", str(policy_path), "--port",
+             str(port), "--data-dir", str(workdir / "data"), "--workers", str(workers)],
+            stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=child_env, cwd=cwd,
+        )  # fmt: skip
     gateway = GatewayProcess(process, port, policy_path, log_path, err_path)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

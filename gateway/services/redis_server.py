@@ -160,8 +160,12 @@ class EmbeddedRedis:
                 connection = socket.create_connection(("127.0.0.1", self.port), timeout=0.2)
             else:
                 connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                connection.settimeout(0.2)
-                connection.connect(str(self.socket_path))
+                try:
+                    connection.settimeout(0.2)
+                    connection.connect(str(self.socket_path))
+                except OSError:
+                    connection.close()  # the socket file is not there yet: close, or it leaks per poll
+                    raise
             with connection:
                 connection.sendall(command)
                 received = b""

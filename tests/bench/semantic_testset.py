@@ -81,6 +81,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "routing"
@@ -841,8 +842,8 @@ NEAR_MISSES = [
 # ----------------------------------------------------------------------- building
 
 
-def load_prompts(data_dir: Path) -> tuple[list[dict], list[dict]]:
-    def read(name: str) -> list[dict]:
+def load_prompts(data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def read(name: str) -> list[dict[str, Any]]:
         with (data_dir / name).open() as f:
             return [json.loads(line) for line in f if line.strip()]
 
@@ -867,7 +868,7 @@ def build_testset(
     mmlu, gsm8k = load_prompts(Path(data_dir))
     seen: set[str] = set()
 
-    def unique(rows: list[dict]) -> list[dict]:
+    def unique(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []
         for r in rows:
             if r["prompt"] not in seen:
@@ -878,7 +879,7 @@ def build_testset(
     gsm8k = unique(gsm8k)
     mmlu = unique(mmlu)
     rng.shuffle(gsm8k)
-    by_subject: dict[str, list[dict]] = defaultdict(list)
+    by_subject: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in mmlu:
         by_subject[r["source"]].append(r)
     for rows in by_subject.values():
@@ -886,7 +887,7 @@ def build_testset(
     subjects = sorted(by_subject)
     rng.shuffle(subjects)
     n_gsm = round(n_prompts * gsm8k_share)
-    picked_mmlu: list[dict] = []
+    picked_mmlu: list[dict[str, Any]] = []
     depth = 0
     while len(picked_mmlu) < n_prompts - n_gsm:
         for s in subjects:
@@ -921,7 +922,8 @@ def build_testset(
     applicable: Counter[str] = Counter()
     per_original: list[tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]] = []
     for o in originals:
-        pos, neg = {}, {}
+        pos: dict[str, tuple[str, str]] = {}
+        neg: dict[str, tuple[str, str]] = {}
         for kind, rewrites, out in (("pos", POSITIVE, pos), ("neg", negative, neg)):
             for name, rewrite in rewrites.items():
                 result = rewrite(o, random.Random(f"{seed}:{o.id}:{name}"))

@@ -30,7 +30,8 @@ class ToyServer:
         return f"{self.root_url}/v1"
 
     def stats(self) -> dict[str, Any]:
-        return httpx.get(f"{self.root_url}/_control/stats").json()
+        stats: dict[str, Any] = httpx.get(f"{self.root_url}/_control/stats").json()
+        return stats
 
     def reset(self) -> None:
         httpx.post(f"{self.root_url}/_control/reset").raise_for_status()
@@ -46,6 +47,8 @@ class ToyServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
 
 def start_toy_server(**options: Any) -> ToyServer:

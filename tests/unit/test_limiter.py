@@ -84,7 +84,9 @@ async def test_an_unreachable_store_fails_open_or_closed_by_policy() -> None:
 async def test_usage_without_limits_is_batched_and_read_back_per_key() -> None:
     from datetime import UTC, datetime
 
-    policy = load_policy_text((_POLICY % "open").replace("team: {limits: {usd_per_month: 1.0}}", "team: {}"), environ={}).policy
+    policy = load_policy_text(
+        (_POLICY % "open").replace("team: {limits: {usd_per_month: 1.0}}", "team: {}"), environ={}
+    ).policy
     counters = MemoryLimitCounters()
     limiter = Limiter(counters, UsageLedger(counters))
     for key_id in ("a", "a", "b"):

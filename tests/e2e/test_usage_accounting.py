@@ -34,7 +34,8 @@ async def test_usage_figures_round_trip_exactly(redis_server: EmbeddedRedis, lim
     principal = Principal(
         key_id=f"acct-{limited}-{datetime.now(UTC).timestamp()}", tenant="acct", allowed=frozenset({"*"}), limits=limits
     )
-    counters = RedisLimitCounters(SharedRedis(connect(redis_server.url, timeout_s=2), Metrics()))
+    shared = SharedRedis(connect(redis_server.url, timeout_s=2), Metrics())
+    counters = RedisLimitCounters(shared)
     limiter = Limiter(counters, UsageLedger(counters))
     used = [
         UsageFigures(requests=1, prompt_tokens=120, completion_tokens=30, cost_usd=0.00123, baseline_cost_usd=0.0099),
@@ -55,6 +56,7 @@ async def test_usage_figures_round_trip_exactly(redis_server: EmbeddedRedis, lim
     assert got.baseline_cost_usd == pytest.approx(0.0139)
     assert got.cache_saved_usd == pytest.approx(0.004)
     await limiter.aclose()
+    await shared.aclose()
 
 
 def test_adding_figures_covers_every_field() -> None:

@@ -50,10 +50,12 @@ def test_defect6_the_embedded_redis_admits_nobody_without_its_password(private_r
 
 async def test_defect6_a_full_redis_evicts_cache_entries_and_never_a_budget(private_redis: EmbeddedRedis) -> None:
     policy = load_policy_text(_LIMITED_POLICY, environ={}).policy
-    counters = RedisLimitCounters(SharedRedis(connect(private_redis.url, timeout_s=2), Metrics()))
+    shared = SharedRedis(connect(private_redis.url, timeout_s=2), Metrics())
+    counters = RedisLimitCounters(shared)
     limiter = Limiter(counters, UsageLedger(counters))
     principal = Principal(key_id="app", tenant="team-a", allowed=frozenset({"*"}), limits=policy.auth.keys[0].limits)
     reservation = await limiter.reserve(policy, principal, tokens=100, cost_usd=0.25)
+    await shared.aclose()
     assert reservation.scopes
     counter_keys = [key for scope in reservation.scopes for key in (scope.window, scope.spend)]
     client = redis.Redis.from_url(private_redis.url)
@@ -98,6 +100,9 @@ def test_defect7_a_killed_embedded_redis_is_restarted_and_readiness_returns(
                 ready = True
                 break
         assert ready, gateway.stderr_text()[-2000:]
+        said_by = time.monotonic() + 5  # the supervisor says so once its ping answers, maybe after readiness
+        while "embedded Redis restarted" not in gateway.stderr_text() and time.monotonic() < said_by:
+            time.sleep(0.05)
         assert "embedded Redis restarted" in gateway.stderr_text()
         assert "password" not in gateway.stderr_text().lower().replace("password protected", "")
     finally:

@@ -29,7 +29,7 @@ import yaml
 from gateway.config.loader import load_policy_text
 from gateway.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.gpu"]
@@ -447,7 +447,7 @@ def test_multi_worker_data_dir_is_writable_under_a_read_only_root() -> None:
 
 def test_images_get_the_classifier_from_the_package_they_install(monkeypatch: pytest.MonkeyPatch) -> None:
     """The artifacts are package data of gateway.classifier: the wheel the builder installs carries
-    them, and the gateway's default finds them there (tests/test_wheel_install.py installs one)."""
+    them, and the gateway's default finds them there (tests/e2e/test_wheel_install.py installs one)."""
     import tomllib
 
     from gateway.settings import DEFAULT_ROUTER_ARTIFACTS, Settings

@@ -160,7 +160,7 @@ async def _dispatch_many(failures: dict[str, Exception | None], candidates: tupl
         failure = failures.get(provider.name)
         if failure is not None:
             raise failure
-        return provider.name
+        return str(provider.name)
 
     retry = RetryPolicy(max_attempts=2, backoff_initial_ms=0.01, backoff_max_ms=0.01)
     for _ in range(requests):

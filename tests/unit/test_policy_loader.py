@@ -36,14 +36,14 @@ def problems(text: str, environ: dict[str, str] | None = None) -> list[str]:
 
 def test_shipped_policy_is_valid() -> None:
     environ = {"SMALL_MODEL_URL": "http://127.0.0.1:1/v1", "LARGE_MODEL_URL": "http://127.0.0.1:2/v1"}
-    loaded = load_policy(Path(__file__).parent.parent / "policies.yaml", environ=environ)
+    loaded = load_policy(Path(__file__).parents[2] / "policies.yaml", environ=environ)
     assert set(loaded.policy.routes) >= {"auto", "fast", "best"}
     assert loaded.policy.models["small"].simulated is False
 
 
 def test_shipped_policy_names_the_unset_model_urls() -> None:
     with pytest.raises(ConfigError) as caught:
-        load_policy(Path(__file__).parent.parent / "policies.yaml", environ={})
+        load_policy(Path(__file__).parents[2] / "policies.yaml", environ={})
     assert [p.split(" ")[0] for p in caught.value.problems] == ["models.small.base_url", "models.large.base_url"]
 
 
@@ -196,11 +196,12 @@ def test_libyaml_and_pure_python_composers_agree_on_lines() -> None:
 
     if loader._Loader is yaml.SafeLoader:
         pytest.skip("PyYAML without libyaml")
-    text = (Path(__file__).parent.parent / "policies.yaml").read_text()
+    text = (Path(__file__).parents[2] / "policies.yaml").read_text()
     results = []
     for composer in (yaml.SafeLoader, yaml.CSafeLoader):
-        problems = loader.Problems()
+        problems = loader.Problems()  # type: ignore[attr-defined]  # a private piece, compared on purpose
         root = yaml.compose(text, Loader=composer)
+        assert root is not None
         data = loader._NodeReader({}, problems, notes=[]).read(root, ())
         results.append((data, problems.lines))
     assert results[0] == results[1]

@@ -11,6 +11,7 @@ import io
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,17 +20,10 @@ import structlog
 from gateway.classifier import Classifier, RouterScore, load_classifier, select_text
 from gateway.classifier.commands import calibrate, route_jsonl, threshold_for_share
 from gateway.settings import DEFAULT_ROUTER_ARTIFACTS
+from tests.prompts import EASY, HARD
 
 BATCH_TOL = 0.04  # p_large difference allowed between batch compositions (int8 dynamic quantization)
 ARTIFACTS = Path(DEFAULT_ROUTER_ARTIFACTS)
-
-HARD = (
-    "Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins "
-    "for her friends every day with four. She sells the remainder at the farmers' market daily for $2 "
-    "per fresh duck egg. Each week she also buys 3 bags of feed at $7.50 each and pays a 15% fee on her "
-    "sales to the market. How much profit in dollars does she make in a 4-week month?"
-)
-EASY = "What is the capital of France?\nA. Paris\nB. London\nC. Rome\nD. Berlin\nAnswer:"
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +72,7 @@ def test_scores_depend_on_text_and_embedding_is_semantic(clf: Classifier) -> Non
 
 
 def test_select_text() -> None:
-    msgs = [
+    msgs: list[dict[str, Any]] = [
         {"role": "system", "content": "You are helpful."},
         {"role": "user", "content": "Prove that there are infinitely many primes."},
         {"role": "assistant", "content": "Suppose finitely many..."},
@@ -132,7 +126,7 @@ async def test_a_lone_request_does_not_wait_for_peers() -> None:
         await lazy.aclose()
 
 
-def _capture():
+def _capture() -> Any:
     return structlog.testing.capture_logs()
 
 

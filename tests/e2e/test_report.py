@@ -27,7 +27,7 @@ from gateway.cli import main as cli_main
 from gateway.cli import report
 from gateway.reporting.aggregate import DIMENSIONS, Aggregator, Totals, aggregate_path, parse_dimensions, parse_when
 
-_ROOT = Path(__file__).resolve().parents[1]
+_ROOT = Path(__file__).resolve().parents[2]
 
 _KEYS = [("key-a", "acme"), ("key-b", "acme"), ("key-c", "globex"), ("key-d", "globex"), ("key-e", "initech")]
 _MODELS = [("small", "openai"), ("large", "anthropic"), ("mini", "openai")]

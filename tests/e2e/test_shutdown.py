@@ -91,7 +91,8 @@ def test_sigterm_under_uvicorn_also_stops_the_embedded_redis(tmp_path: Path, lar
         redis_pid = _embedded_redis_pid(tmp_path)
         assert redis_pid is not None
         process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
+        _, stderr = process.communicate(timeout=30)  # reads and closes the pipe
+        assert process.returncode == 0, stderr.decode()[-2000:]
         deadline = time.monotonic() + 5
         while Path(f"/proc/{redis_pid}").exists() and not _is_zombie(redis_pid) and time.monotonic() < deadline:
             time.sleep(0.1)

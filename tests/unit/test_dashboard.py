@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-_DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "gateway-dashboard.json"
+_DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "gateway-dashboard.json"
 
 # What gateway/accounting/metrics.py exports (counters get `_total`, histograms `_bucket`).
 _PROMETHEUS_METRICS = {
@@ -27,7 +27,8 @@ _DATASOURCES = {"loki": "${loki}", "prometheus": "${prometheus}"}
 
 @pytest.fixture(scope="module")
 def dashboard() -> dict[str, Any]:
-    return json.loads(_DASHBOARD.read_text(encoding="utf-8"))
+    loaded: dict[str, Any] = json.loads(_DASHBOARD.read_text(encoding="utf-8"))
+    return loaded
 
 
 def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:

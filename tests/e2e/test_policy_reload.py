@@ -465,7 +465,7 @@ _KEYED_AUTH = 'auth:\n  mode: keys\n  keys:\n    - {id: app, tenant: team-a, has
 
 def _shipped_with_keys() -> str:
     """The shipped policies.yaml with auth on (an inline key nobody has the secret of)."""
-    shipped = (Path(__file__).parent.parent / "policies.yaml").read_text()
+    shipped = (Path(__file__).parents[2] / "policies.yaml").read_text()
     start = shipped.index("\nauth:\n") + 1
     end = shipped.index("\n\n", start) + 1
     return shipped[:start] + _KEYED_AUTH + shipped[end:]

@@ -28,15 +28,9 @@ import pytest
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.gateway_process import policy_text, start_gateway
+from tests.prompts import EASY, HARD
 
-ROOT = Path(__file__).resolve().parent.parent
-HARD = (
-    "Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins "
-    "for her friends every day with four. She sells the remainder at the farmers' market daily for $2 "
-    "per fresh duck egg. Each week she also buys 3 bags of feed at $7.50 each and pays a 15% fee on her "
-    "sales to the market. How much profit in dollars does she make in a 4-week month?"
-)
-EASY = "What is the capital of France?\nA. Paris\nB. London\nC. Rome\nD. Berlin\nAnswer:"
+ROOT = Path(__file__).resolve().parents[2]
 THRESHOLD = 0.15
 """Between the two prompts' p_large (about 0.09 and 0.19 with the committed classifier)."""
 
@@ -130,7 +124,14 @@ def test_gateway_route_scores_with_the_packaged_classifier(installed: FreshInsta
     prompts = installed.outside / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in (("easy", EASY), ("hard", HARD))))
     policy = installed.outside / "route-policy.yaml"
-    policy.write_text("pair: {small: small-model, large: large-model}\nroutes: {auto: {strategy: classifier}}\n")
+    policy.write_text(
+        "pair: {small: small-model, large: large-model}\n"
+        "models:\n"
+        "  small-model: {base_url: 'http://127.0.0.1:9/v1', price: {input: 0.1, output: 0.1}, tier: small}\n"
+        "  large-model: {base_url: 'http://127.0.0.1:9/v1', price: {input: 1, output: 1}, tier: large}\n"
+        "routes: {auto: {strategy: classifier, model: small-model}}\n"
+        "auth: {mode: none}\n"
+    )
     result = installed.run(
         installed.bin("gateway"), "route", "--jsonl", str(prompts), "--policies", str(policy),
         "--threshold", str(THRESHOLD),

@@ -17,7 +17,7 @@ import pytest
 from gateway.simulated import SimulatedUpstream
 from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _chat(gw: GatewayProcess, model: str = "fast") -> httpx.Response:
