@@ -132,14 +132,14 @@ class ChatPipeline:
         cache_control: str | None,
         request_id: str,
         started: float,
+        protocol: str = "openai.chat",
     ) -> Answer | StreamingAnswer:
+        """``protocol``: the API the client called, for the log; the body is a chat request whatever it was."""
         runtime = self._holder.current  # one policy version for the whole request
-        x = _Exchange(
-            runtime,
-            RequestRecord(request_id=request_id, key_id="-", tenant="-", policy_version=runtime.version),
-            started,
-        )
-        record = x.record
+        record = RequestRecord(request_id=request_id, key_id="-", tenant="-", policy_version=runtime.version)
+        if protocol != "openai.chat":
+            record.protocol = protocol
+        x = _Exchange(runtime, record, started)
         streaming_started = False
         try:
             principal = runtime.auth.authenticate(authorization)

@@ -63,6 +63,8 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     semantic_guard_refusals: int | None = None
     speculation: dict[str, Any] | None = None
     """Speculative decoding: mode, rounds, drafted and accepted tokens, large-model calls, fallback."""
+    protocol: str = "openai.chat"
+    """The API the client called: ``openai.chat`` or ``anthropic.messages``."""
 
 
 @dataclass(slots=True)

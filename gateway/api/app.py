@@ -17,6 +17,7 @@ from gateway.accounting.ledger import UsageLedger
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestLogWriter, configure_logging, exception_frames
 from gateway.api.chat import chat_completions
+from gateway.api.messages import count_message_tokens, create_message
 from gateway.api.probes import error_response, healthz, list_models, metrics, readyz, retrieve_model
 from gateway.api.state import GatewayState
 from gateway.api.usage import usage
@@ -55,7 +56,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await state.aclose()
 
     return Litestar(
-        route_handlers=[chat_completions, list_models, retrieve_model, usage, healthz, readyz, metrics],
+        route_handlers=[
+            chat_completions,
+            create_message,
+            count_message_tokens,
+            list_models,
+            retrieve_model,
+            usage,
+            healthz,
+            readyz,
+            metrics,
+        ],
         lifespan=[lifespan],
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _internal_error},
         openapi_config=None,

@@ -1,0 +1,138 @@
+"""``POST /v1/messages`` and ``/v1/messages/count_tokens``: Anthropic's Messages API on the chat pipeline.
+
+The request is decoded into the internal model and handed to the pipeline as a chat
+request, so auth, limits, the cache, routing, fallbacks and the log apply unchanged;
+the pipeline's answer (a completion, a stream of chunks, or an error) is encoded back
+in Anthropic's shapes. ``x-api-key`` is accepted as well as ``Authorization: Bearer``;
+``anthropic-version`` and ``anthropic-beta`` are accepted and need nothing from us.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, post
+from litestar.response import Stream
+
+from gateway.api.handoff import hand_to_pipeline
+from gateway.api.state import GatewayState
+from gateway.core.model import Request as CoreRequest
+from gateway.errors import GatewayError
+from gateway.pipeline import Answer, StreamingAnswer
+from gateway.protocols import anthropic_messages as anthropic
+from gateway.protocols import openai_chat
+from gateway.tokens import count_chat_prompt
+
+__all__ = ["count_message_tokens", "create_message"]
+
+_CLIENT_GONE = Response(content=b"", status_code=499)
+_PROTOCOL = "anthropic.messages"
+_MAX_COUNT_BODY_BYTES = 32 * 1024 * 1024
+
+
+@post("/v1/messages", request_max_body_size=None, status_code=200)
+async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+    asked: list[CoreRequest] = []
+
+    def translate(raw: bytes) -> bytes:
+        decoded = anthropic.decode_request(raw)
+        asked.append(decoded)
+        return msgspec.json.encode(openai_chat.to_chat_body(decoded))
+
+    request_id, answer = await hand_to_pipeline(
+        request, protocol=_PROTOCOL, authorization=_authorization(request), translate=translate
+    )
+    if answer is None:
+        return _CLIENT_GONE
+    model = asked[0].model if asked else ""
+    headers = {**answer.headers, "request-id": f"req_{request_id}"}
+    if asked and asked[0].dropped:
+        headers["x-gateway-dropped"] = ",".join(asked[0].dropped)
+    if isinstance(answer, Answer):
+        if answer.status != 200:
+            return _error(answer.status, _message_of(answer.body), headers)
+        completion = openai_chat.answer_from_completion(msgspec.json.decode(answer.body))
+        body = anthropic.encode_answer(completion, f"msg_{request_id}", model)
+        return Response(content=body, status_code=200, headers=headers, media_type="application/json")
+    return Stream(
+        _events(answer, f"msg_{request_id}", model),
+        media_type="text/event-stream",
+        headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
+@post("/v1/messages/count_tokens", request_max_body_size=_MAX_COUNT_BODY_BYTES, status_code=200)
+async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Prompt tokens as the gateway counts them for the route's first model (tiktoken)."""
+    state: GatewayState = request.app.state.gateway
+    runtime = state.holder.current
+    try:
+        principal = runtime.auth.authenticate(_authorization(request))
+        decoded = anthropic.decode_request(await request.body(), counting=True)
+        plan = runtime.router.plan(decoded.model)
+        principal.check_model(plan.route)
+        body = openai_chat.to_chat_body(decoded)
+        encoding = runtime.policy.models[plan.candidates[0]].encoding
+        tokens = count_chat_prompt(body["messages"], encoding, body.get("tools"))
+    except GatewayError as exc:
+        return _error(exc.status_code, exc.message, exc.headers)
+    return Response(content=msgspec.json.encode({"input_tokens": tokens}), media_type="application/json")
+
+
+def _authorization(request: Request[Any, Any, Any]) -> str | None:
+    key = request.headers.get("x-api-key")
+    return f"Bearer {key}" if key else request.headers.get("authorization")
+
+
+def _message_of(body: bytes) -> str:
+    try:
+        error = msgspec.json.decode(body).get("error") or {}
+        return str(error.get("message") or "error")
+    except (msgspec.DecodeError, AttributeError):
+        return "error"
+
+
+def _error(status: int, message: str, headers: dict[str, str]) -> Response[bytes]:
+    return Response(
+        content=anthropic.encode_error(status, message),
+        status_code=status,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+async def _events(answer: StreamingAnswer, message_id: str, model: str) -> AsyncIterator[bytes]:
+    """The pipeline's chat chunks (``data: {...}`` frames, ``data: [DONE]`` last) as Anthropic events."""
+    reader = openai_chat.ChunkReader()
+    encoder = anthropic.StreamEncoder(message_id, model, 0)  # the full usage comes in message_delta
+    yield encoder.start()
+    pending = b""
+    async for piece in answer.events:
+        pending += piece
+        *frames, pending = pending.split(b"\n\n")
+        for frame in frames:
+            if not frame.startswith(b"data: "):
+                continue
+            data = frame[6:]
+            if data == b"[DONE]":
+                yield encoder.finish()
+                return
+            chunk = msgspec.json.decode(data)
+            if "error" in chunk:
+                error = chunk["error"] or {}
+                yield encoder.error(_status_of(error), str(error.get("message") or "upstream error"))
+                return
+            out = encoder.feed(reader.read(chunk))
+            if out:
+                yield out
+
+
+def _status_of(error: dict[str, Any]) -> int:
+    code = str(error.get("code") or error.get("type") or "")
+    if "timeout" in code:
+        return 504
+    if code in ("shutting_down", "upstream_unavailable"):
+        return 503
+    return 500 if code == "internal_error" else 502

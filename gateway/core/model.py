@@ -1,0 +1,148 @@
+"""A request and its answer as the gateway understands them, whatever protocol carried them.
+
+Protocol codecs (:mod:`gateway.protocols`) decode their wire format into these types and
+encode these types back; nothing here knows JSON field names of any API. Streams are
+told as a sequence of :data:`Delta` values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = [
+    "Answer",
+    "Delta",
+    "Finish",
+    "ImagePart",
+    "Message",
+    "Part",
+    "Request",
+    "TextDelta",
+    "TextPart",
+    "Tool",
+    "ToolArgumentsDelta",
+    "ToolCall",
+    "ToolCallStart",
+    "ToolChoice",
+    "Usage",
+    "UsageReport",
+]
+
+Role = Literal["system", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "stop_sequence"]
+
+
+class TextPart(msgspec.Struct, frozen=True, tag="text"):
+    text: str
+    cache_hint: bool = False
+    """The client marked this part as a prompt-cache breakpoint (Anthropic's ``cache_control``)."""
+
+
+class ImagePart(msgspec.Struct, frozen=True, tag="image"):
+    url: str
+    """An ``https://`` URL or a ``data:<media type>;base64,...`` URL."""
+
+
+Part = TextPart | ImagePart
+
+
+class ToolCall(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    arguments: str
+    """The arguments as JSON text, as the model wrote them (it may not parse)."""
+
+
+class Message(msgspec.Struct, frozen=True):
+    role: Role
+    parts: tuple[Part, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    """For ``tool`` messages: the call this is the result of."""
+    is_error: bool = False
+    """For ``tool`` messages: the tool failed."""
+
+    @property
+    def text(self) -> str:
+        return "".join(part.text for part in self.parts if isinstance(part, TextPart))
+
+
+class Tool(msgspec.Struct, frozen=True):
+    name: str
+    parameters: dict[str, Any]
+    """A JSON schema of the arguments."""
+    description: str | None = None
+
+
+class ToolChoice(msgspec.Struct, frozen=True):
+    mode: Literal["auto", "none", "required", "tool"] = "auto"
+    name: str | None = None
+    """With ``mode="tool"``: the one tool to call."""
+    parallel: bool = True
+
+
+class Request(msgspec.Struct, kw_only=True):
+    model: str
+    messages: list[Message]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = msgspec.field(default_factory=list)
+    stream: bool = False
+    tools: list[Tool] = msgspec.field(default_factory=list)
+    tool_choice: ToolChoice | None = None
+    user: str | None = None
+    json_schema: dict[str, Any] | None = None
+    """Structured output: the answer must validate against this schema."""
+    dropped: list[str] = msgspec.field(default_factory=list)
+    """Fields of the incoming protocol that no upstream of this request can honour (said in a header)."""
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    input_tokens: int = 0
+    """All prompt tokens, cached ones included."""
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    """Of ``input_tokens``, those read from the upstream's prompt cache."""
+    cache_write_tokens: int = 0
+    """Of ``input_tokens``, those written to the upstream's prompt cache."""
+    reasoning_tokens: int = 0
+    """Of ``output_tokens``, those spent reasoning."""
+
+
+class Answer(msgspec.Struct, kw_only=True):
+    id: str
+    model: str
+    text: str | None = None
+    tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_sequence: str | None = None
+    usage: Usage = msgspec.field(default_factory=Usage)
+
+
+class TextDelta(msgspec.Struct, frozen=True):
+    text: str
+
+
+class ToolCallStart(msgspec.Struct, frozen=True):
+    index: int
+    id: str
+    name: str
+
+
+class ToolArgumentsDelta(msgspec.Struct, frozen=True):
+    index: int
+    fragment: str
+
+
+class Finish(msgspec.Struct, frozen=True):
+    reason: FinishReason
+
+
+class UsageReport(msgspec.Struct, frozen=True):
+    usage: Usage
+
+
+Delta = TextDelta | ToolCallStart | ToolArgumentsDelta | Finish | UsageReport

@@ -1,0 +1,372 @@
+"""Anthropic Messages (``POST /v1/messages``): requests in, messages, stream events and errors out.
+
+Decoding follows the API's rules where they differ from OpenAI's: ``max_tokens`` is
+required; ``system`` is a string or text blocks; a user turn's ``tool_result`` blocks
+become tool messages placed before the rest of the turn (OpenAI wants them right
+after the assistant's calls); ``input_tokens`` in the usage excludes cache reads and
+writes, which are reported in their own fields.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from gateway.core.model import (
+    Answer,
+    Delta,
+    Finish,
+    FinishReason,
+    ImagePart,
+    Message,
+    Part,
+    Request,
+    TextDelta,
+    TextPart,
+    Tool,
+    ToolArgumentsDelta,
+    ToolCall,
+    ToolCallStart,
+    ToolChoice,
+    Usage,
+    UsageReport,
+)
+from gateway.errors import InvalidRequestError
+
+__all__ = ["StreamEncoder", "decode_request", "encode_answer", "encode_error", "error_type_for", "usage_body"]
+
+
+class _Wire(msgspec.Struct, forbid_unknown_fields=False):
+    pass
+
+
+class _Source(_Wire):
+    type: str
+    media_type: str | None = None
+    data: str | None = None
+    url: str | None = None
+
+
+class _Block(_Wire):
+    type: str
+    text: str | None = None
+    source: _Source | None = None
+    id: str | None = None
+    name: str | None = None
+    input: Any = None
+    tool_use_id: str | None = None
+    content: str | list[_Block] | None = None
+    is_error: bool = False
+    cache_control: dict[str, Any] | None = None
+
+
+class _Turn(_Wire):
+    role: Literal["user", "assistant"]
+    content: str | list[_Block]
+
+
+class _Tool(_Wire):
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    input_schema: dict[str, Any] | None = None
+    description: str | None = None
+    type: str | None = None
+
+
+class _ToolChoice(_Wire):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool = False
+
+
+class _Metadata(_Wire):
+    user_id: str | None = None
+
+
+class _MessagesRequest(_Wire):
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    messages: list[_Turn]
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    system: str | list[_Block] | None = None
+    stop_sequences: list[str] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    top_k: int | None = None
+    stream: bool = False
+    tools: list[_Tool] | None = None
+    tool_choice: _ToolChoice | None = None
+    metadata: _Metadata | None = None
+    thinking: dict[str, Any] | None = None
+
+
+def decode_request(raw: bytes, *, counting: bool = False) -> Request:
+    """A Messages request; ``counting``: for ``count_tokens``, where ``max_tokens`` is not required."""
+    try:
+        wire = msgspec.json.decode(raw, type=_MessagesRequest)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequestError(f"invalid request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequestError("the request body is nested too deeply") from None
+    if wire.max_tokens is None and not counting:
+        raise InvalidRequestError("max_tokens: Field required", param="max_tokens")
+    if not wire.messages and not counting:
+        raise InvalidRequestError("messages: at least one message is required", param="messages")
+    messages: list[Message] = []
+    if wire.system:
+        messages.append(Message("system", _parts(wire.system, "system")))
+    for index, turn in enumerate(wire.messages):
+        messages += _turn(turn, f"messages.{index}")
+    request = Request(
+        model=wire.model,
+        messages=messages,
+        max_tokens=wire.max_tokens,
+        temperature=wire.temperature,
+        top_p=wire.top_p,
+        stop=list(wire.stop_sequences or []),
+        stream=wire.stream,
+        tools=[_tool(tool, f"tools.{i}") for i, tool in enumerate(wire.tools or [])],
+        tool_choice=_choice(wire.tool_choice),
+        user=wire.metadata.user_id if wire.metadata else None,
+    )
+    if wire.thinking is not None and wire.thinking.get("type") != "disabled":
+        request.dropped.append("thinking")
+    if wire.top_k is not None:
+        request.dropped.append("top_k")
+    return request
+
+
+def _parts(content: str | list[_Block], where: str) -> tuple[Part, ...]:
+    if isinstance(content, str):
+        return (TextPart(content),)
+    parts: list[Part] = []
+    for index, block in enumerate(content):
+        if block.type == "text":
+            if block.text is None:
+                raise InvalidRequestError(f"{where}.{index}.text: Field required")
+            parts.append(TextPart(block.text, cache_hint=block.cache_control is not None))
+        elif block.type == "image":
+            parts.append(ImagePart(_image_url(block, f"{where}.{index}")))
+        elif block.type in ("thinking", "redacted_thinking"):
+            continue  # the model's own reasoning from an earlier turn: not sent to other upstreams
+        else:
+            raise InvalidRequestError(f"{where}.{index}.type: '{block.type}' is not supported here")
+    return tuple(parts)
+
+
+def _image_url(block: _Block, where: str) -> str:
+    source = block.source
+    if source is None:
+        raise InvalidRequestError(f"{where}.source: Field required")
+    if source.type == "base64" and source.data and source.media_type:
+        return f"data:{source.media_type};base64,{source.data}"
+    if source.type == "url" and source.url:
+        return source.url
+    raise InvalidRequestError(f"{where}.source: an image needs base64 data with a media_type, or a url")
+
+
+def _turn(turn: _Turn, where: str) -> list[Message]:
+    if isinstance(turn.content, str):
+        return [Message(turn.role, (TextPart(turn.content),))]
+    if turn.role == "assistant":
+        calls = tuple(
+            ToolCall(
+                block.id or f"toolu_{index}",
+                block.name or "",
+                json.dumps(block.input if block.input is not None else {}),
+            )
+            for index, block in enumerate(turn.content)
+            if block.type == "tool_use"
+        )
+        text = [block for block in turn.content if block.type != "tool_use"]
+        return [Message("assistant", _parts(text, where), calls)]
+    results = [block for block in turn.content if block.type == "tool_result"]
+    messages = [
+        Message(
+            "tool",
+            _parts(block.content if block.content is not None else "", f"{where}.content"),
+            tool_call_id=block.tool_use_id,
+            is_error=block.is_error,
+        )
+        for block in results
+    ]
+    rest = [block for block in turn.content if block.type != "tool_result"]
+    if rest or not results:
+        messages.append(Message("user", _parts(rest, f"{where}.content")))
+    return messages
+
+
+def _tool(tool: _Tool, where: str) -> Tool:
+    if tool.input_schema is None:
+        raise InvalidRequestError(
+            f"{where}: server tools ({tool.type or 'no input_schema'}) are not supported; give an input_schema"
+        )
+    return Tool(tool.name, tool.input_schema, tool.description)
+
+
+def _choice(choice: _ToolChoice | None) -> ToolChoice | None:
+    if choice is None:
+        return None
+    parallel = not choice.disable_parallel_tool_use
+    if choice.type == "tool":
+        if not choice.name:
+            raise InvalidRequestError("tool_choice.name: Field required when type is 'tool'")
+        return ToolChoice("tool", choice.name, parallel)
+    return ToolChoice({"auto": "auto", "any": "required", "none": "none"}[choice.type], None, parallel)  # type: ignore[arg-type]
+
+
+_STOP_REASON: dict[FinishReason, str] = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "content_filter": "refusal",
+    "stop_sequence": "stop_sequence",
+}
+
+
+def usage_body(usage: Usage) -> dict[str, int]:
+    """Anthropic's usage: ``input_tokens`` without the cache's reads and writes."""
+    return {
+        "input_tokens": max(0, usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens),
+        "output_tokens": usage.output_tokens,
+        "cache_creation_input_tokens": usage.cache_write_tokens,
+        "cache_read_input_tokens": usage.cached_input_tokens,
+    }
+
+
+def encode_answer(answer: Answer, message_id: str, model: str) -> bytes:
+    content: list[dict[str, Any]] = []
+    if answer.text:
+        content.append({"type": "text", "text": answer.text})
+    for call in answer.tool_calls:
+        content.append({"type": "tool_use", "id": call.id, "name": call.name, "input": _arguments(call.arguments)})
+    body = {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": _STOP_REASON.get(answer.finish_reason or "stop", "end_turn"),
+        "stop_sequence": answer.stop_sequence,
+        "usage": usage_body(answer.usage),
+    }
+    return msgspec.json.encode(body)
+
+
+def _arguments(text: str) -> Any:
+    """Tool input as an object; arguments that do not parse are kept whole rather than lost."""
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {"_raw_arguments": text}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def error_type_for(status: int) -> str:
+    return _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+def encode_error(status: int, message: str) -> bytes:
+    return msgspec.json.encode({"type": "error", "error": {"type": error_type_for(status), "message": message}})
+
+
+class StreamEncoder:
+    """Deltas to Anthropic's event sequence: message_start, ping, content blocks, message_delta, message_stop.
+
+    Content blocks are sequential: a text block or a tool's block closes when the next
+    one starts. Tool arguments for a block that has closed (OpenAI upstreams stream
+    parallel calls one after another, so this does not happen in practice) are dropped.
+    """
+
+    __slots__ = ("_blocks", "_finish", "_input_tokens", "_message_id", "_model", "_open", "_open_kind", "_usage")
+
+    def __init__(self, message_id: str, model: str, input_tokens: int) -> None:
+        self._message_id = message_id
+        self._model = model
+        self._input_tokens = input_tokens
+        self._blocks = 0
+        self._open: int | None = None
+        self._open_kind: int | str | None = None
+        """``"text"``, or the upstream index of the tool call the open block belongs to."""
+        self._finish: FinishReason | None = None
+        self._usage: Usage | None = None
+
+    def start(self) -> bytes:
+        message: dict[str, Any] = {
+            "id": self._message_id, "type": "message", "role": "assistant", "model": self._model, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": self._input_tokens, "output_tokens": 0,
+                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+        }  # fmt: skip
+        return _event("message_start", {"type": "message_start", "message": message}) + _event("ping", {"type": "ping"})
+
+    def feed(self, deltas: list[Delta]) -> bytes:
+        out = b""
+        for delta in deltas:
+            if isinstance(delta, TextDelta):
+                if self._open_kind != "text":
+                    out += self._close() + self._begin("text", {"type": "text", "text": ""})
+                out += self._delta({"type": "text_delta", "text": delta.text})
+            elif isinstance(delta, ToolCallStart):
+                block = {"type": "tool_use", "id": delta.id, "name": delta.name, "input": {}}
+                out += self._close() + self._begin(delta.index, block)
+            elif isinstance(delta, ToolArgumentsDelta):
+                if self._open_kind == delta.index:
+                    out += self._delta({"type": "input_json_delta", "partial_json": delta.fragment})
+            elif isinstance(delta, Finish):
+                self._finish = delta.reason
+            elif isinstance(delta, UsageReport):
+                self._usage = delta.usage
+        return out
+
+    def finish(self) -> bytes:
+        usage = usage_body(self._usage) if self._usage is not None else {"output_tokens": 0}
+        delta = {"stop_reason": _STOP_REASON.get(self._finish or "stop", "end_turn"), "stop_sequence": None}
+        return (
+            self._close()
+            + _event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})
+            + _event("message_stop", {"type": "message_stop"})
+        )
+
+    def error(self, status: int, message: str) -> bytes:
+        """An error after the stream began: Anthropic's ``error`` event."""
+        return _event("error", {"type": "error", "error": {"type": error_type_for(status), "message": message}})
+
+    def _begin(self, kind: int | str, block: dict[str, Any]) -> bytes:
+        self._open, self._open_kind = self._blocks, kind
+        self._blocks += 1
+        return _event(
+            "content_block_start", {"type": "content_block_start", "index": self._open, "content_block": block}
+        )
+
+    def _delta(self, delta: dict[str, Any]) -> bytes:
+        return _event("content_block_delta", {"type": "content_block_delta", "index": self._open, "delta": delta})
+
+    def _close(self) -> bytes:
+        if self._open is None:
+            return b""
+        index, self._open, self._open_kind = self._open, None, None
+        return _event("content_block_stop", {"type": "content_block_stop", "index": index})
+
+
+def _event(name: str, payload: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + msgspec.json.encode(payload) + b"\n\n"

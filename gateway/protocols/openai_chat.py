@@ -1,0 +1,177 @@
+"""OpenAI Chat Completions: the internal model to a chat body, and completions and chunks back.
+
+The OpenAI-compatible path through the pipeline carries the client's own bytes; this
+codec is for requests that arrive in another protocol and are answered by the chat
+pipeline (Anthropic Messages today).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.core.model import (
+    Answer,
+    Delta,
+    Finish,
+    FinishReason,
+    ImagePart,
+    Message,
+    Request,
+    TextDelta,
+    TextPart,
+    ToolArgumentsDelta,
+    ToolCall,
+    ToolCallStart,
+    Usage,
+    UsageReport,
+)
+
+__all__ = ["ChunkReader", "answer_from_completion", "to_chat_body", "usage_from"]
+
+_FINISH: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "content_filter",
+}
+
+
+def to_chat_body(request: Request) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": request.model, "messages": [_message(m) for m in request.messages]}
+    if request.max_tokens is not None:
+        body["max_tokens"] = request.max_tokens
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    if request.stop:
+        body["stop"] = request.stop[:4]
+    if request.user is not None:
+        body["user"] = request.user
+    if request.tools:
+        body["tools"] = [
+            {"type": "function", "function": _drop_none({"name": t.name, "description": t.description,
+                                                         "parameters": t.parameters})}
+            for t in request.tools
+        ]  # fmt: skip
+        choice = request.tool_choice
+        if choice is not None:
+            if choice.mode == "tool":
+                body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+            else:
+                body["tool_choice"] = choice.mode
+            if not choice.parallel:
+                body["parallel_tool_calls"] = False
+    if request.json_schema is not None:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": request.json_schema},
+        }
+    if request.stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _message(message: Message) -> dict[str, Any]:
+    if message.role == "tool":
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.text}
+    out: dict[str, Any] = {"role": message.role}
+    if any(isinstance(part, ImagePart) for part in message.parts):
+        out["content"] = [
+            {"type": "text", "text": part.text}
+            if isinstance(part, TextPart)
+            else {"type": "image_url", "image_url": {"url": part.url}}
+            for part in message.parts
+        ]
+    else:
+        out["content"] = message.text if message.parts or not message.tool_calls else None
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            for call in message.tool_calls
+        ]
+    return out
+
+
+def usage_from(raw: Any) -> Usage:
+    """OpenAI's usage object, cached-prompt and reasoning details included."""
+    if not isinstance(raw, dict):
+        return Usage()
+    prompt_details = raw.get("prompt_tokens_details") or {}
+    completion_details = raw.get("completion_tokens_details") or {}
+    return Usage(
+        input_tokens=_int(raw.get("prompt_tokens")),
+        output_tokens=_int(raw.get("completion_tokens")),
+        cached_input_tokens=_int(prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else 0),
+        reasoning_tokens=_int(
+            completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else 0
+        ),
+    )
+
+
+def answer_from_completion(body: dict[str, Any]) -> Answer:
+    """The first choice of a chat completion."""
+    choice = (body.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    calls = [
+        ToolCall(
+            id=str(call.get("id") or f"call_{index}"),
+            name=str((call.get("function") or {}).get("name") or ""),
+            arguments=str((call.get("function") or {}).get("arguments") or ""),
+        )
+        for index, call in enumerate(message.get("tool_calls") or [])
+    ]
+    content = message.get("content")
+    return Answer(
+        id=str(body.get("id") or ""),
+        model=str(body.get("model") or ""),
+        text=content if isinstance(content, str) else None,
+        tool_calls=calls,
+        finish_reason=_FINISH.get(str(choice.get("finish_reason"))),
+        usage=usage_from(body.get("usage")),
+    )
+
+
+class ChunkReader:
+    """Chat completion chunks (first choice) to deltas; tool calls keep their upstream index."""
+
+    __slots__ = ("_started",)
+
+    def __init__(self) -> None:
+        self._started: set[int] = set()
+
+    def read(self, chunk: dict[str, Any]) -> list[Delta]:
+        deltas: list[Delta] = []
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                deltas.append(TextDelta(content))
+            for call in delta.get("tool_calls") or []:
+                index = int(call.get("index", 0))
+                function = call.get("function") or {}
+                if index not in self._started:
+                    self._started.add(index)
+                    name = str(function.get("name") or "")
+                    deltas.append(ToolCallStart(index, str(call.get("id") or f"call_{index}"), name))
+                fragment = function.get("arguments")
+                if isinstance(fragment, str) and fragment:
+                    deltas.append(ToolArgumentsDelta(index, fragment))
+            reason = _FINISH.get(str(choice.get("finish_reason")))
+            if reason is not None:
+                deltas.append(Finish(reason))
+        if chunk.get("usage"):
+            deltas.append(UsageReport(usage_from(chunk["usage"])))
+        return deltas
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}

@@ -1,0 +1,142 @@
+"""Anthropic's Messages API served by the gateway over an OpenAI-compatible upstream, with the anthropic SDK."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import anthropic
+import httpx
+import pytest
+
+from tests.gateway_process import GatewayProcess
+
+
+@pytest.fixture
+def claude(gateway: GatewayProcess) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=gateway.url, api_key="sk-unused", max_retries=0, timeout=15) as client:
+        yield client
+
+
+def test_a_message_is_answered_in_anthropics_shape(claude: anthropic.Anthropic, gateway: GatewayProcess) -> None:
+    raw = claude.messages.with_raw_response.create(
+        model="fast", max_tokens=64, messages=[{"role": "user", "content": "Name three primary colours."}]
+    )
+    message = raw.parse()
+    assert message.type == "message" and message.role == "assistant" and message.model == "fast"
+    assert message.content[0].type == "text" and message.content[0].text
+    assert message.stop_reason == "end_turn"
+    assert message.usage.input_tokens > 0 and message.usage.output_tokens > 0
+    assert raw.headers["x-gateway-model"] == "small" and raw.headers["request-id"].startswith("req_")
+    record = gateway.wait_for_record(raw.headers["x-request-id"])
+    assert record["protocol"] == "anthropic.messages" and record["status"] == 200
+
+
+def test_the_stream_helper_accumulates_the_same_answer(claude: anthropic.Anthropic) -> None:
+    ask = {
+        "model": "fast",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "Describe the sea in a few words."}],
+    }
+    whole = claude.messages.create(**ask, extra_headers={"cache-control": "no-cache"})  # type: ignore[call-overload]
+    with claude.messages.stream(**ask, extra_headers={"cache-control": "no-cache"}) as stream:  # type: ignore[arg-type]
+        events = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert final.content[0].type == "text" and whole.content[0].type == "text"
+    assert final.content[0].text == whole.content[0].text
+    assert final.stop_reason == "end_turn" and final.usage.output_tokens > 0
+    assert events[0] == "message_start" and events[-1] == "message_stop"
+    assert "content_block_start" in events and "content_block_stop" in events and "message_delta" in events
+
+
+def test_raw_stream_events_follow_anthropics_sequence(gateway: GatewayProcess) -> None:
+    body = {"model": "fast", "max_tokens": 32, "stream": True, "messages": [{"role": "user", "content": "hi there"}]}
+    names: list[str] = []
+    with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": "k"}, timeout=15) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        names = [line[7:] for line in r.iter_lines() if line.startswith("event: ")]
+    assert names[:3] == ["message_start", "ping", "content_block_start"]
+    assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert set(names[3:-3]) == {"content_block_delta"}
+
+
+def test_a_claude_code_shaped_request_round_trips(gateway: GatewayProcess) -> None:
+    """System blocks with cache_control, tools, a tool_use/tool_result history, anthropic-beta, a stream."""
+    tools = [
+        {
+            "name": "read_file",
+            "description": "Read a file from disk",
+            "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
+        }
+    ]
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "What is in README.md?"}]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me look."},
+                {"type": "tool_use", "id": "toolu_01", "name": "read_file", "input": {"path": "README.md"}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_01", "content": "# A gateway"},
+                {"type": "text", "text": "Summarise it.", "cache_control": {"type": "ephemeral"}},
+            ],
+        },
+    ]
+    system = [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}]
+    with anthropic.Anthropic(
+        base_url=gateway.url,
+        api_key="sk-unused",
+        max_retries=0,
+        timeout=15,
+        default_headers={"anthropic-beta": "claude-code-20250219,prompt-caching-2024-07-31"},
+    ) as client:
+        with client.messages.stream(
+            model="fast",
+            max_tokens=128,
+            system=system,
+            tools=tools,  # type: ignore[arg-type]
+            messages=messages,
+            metadata={"user_id": "dev-1"},
+        ) as stream:  # type: ignore[arg-type]
+            final = stream.get_final_message()
+    assert final.stop_reason in ("end_turn", "tool_use") and final.content
+
+
+def test_thinking_is_dropped_with_a_note_for_a_chat_upstream(gateway: GatewayProcess) -> None:
+    body = {
+        "model": "fast",
+        "max_tokens": 2048,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "messages": [{"role": "user", "content": "2+2?"}],
+    }
+    response = httpx.post(f"{gateway.url}/v1/messages", json=body, timeout=15)
+    assert response.status_code == 200 and response.headers["x-gateway-dropped"] == "thinking"
+
+
+def test_errors_come_in_anthropics_shape_and_the_sdk_raises_its_own_types(
+    claude: anthropic.Anthropic, gateway: GatewayProcess
+) -> None:
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        claude.messages.create(model="no-such-model", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+    assert missing.value.body["type"] == "error"  # type: ignore[index]
+    assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    response = httpx.post(f"{gateway.url}/v1/messages", json={"model": "fast", "messages": []}, timeout=10)
+    assert response.status_code == 400
+    assert response.json() == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"},
+    }
+    bad_role = {"model": "fast", "max_tokens": 8, "messages": [{"role": "robot", "content": "x"}]}
+    response = httpx.post(f"{gateway.url}/v1/messages", json=bad_role, timeout=10)
+    assert response.status_code == 400 and "messages[0].role" in response.json()["error"]["message"]
+
+
+def test_count_tokens(claude: anthropic.Anthropic) -> None:
+    short = claude.messages.count_tokens(model="fast", messages=[{"role": "user", "content": "hi"}])
+    longer = claude.messages.count_tokens(
+        model="fast", system="You are terse.", messages=[{"role": "user", "content": "hi " * 50}]
+    )
+    assert 0 < short.input_tokens < longer.input_tokens

@@ -1,0 +1,144 @@
+"""The Anthropic Messages codec and the chat codec it is paired with, without a server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from gateway.core.model import Answer, ImagePart, TextPart, ToolCall, Usage
+from gateway.errors import InvalidRequestError
+from gateway.protocols import anthropic_messages as anthropic
+from gateway.protocols import openai_chat
+
+
+def _decode(**body: Any) -> Any:
+    return anthropic.decode_request(msgspec.json.encode({"model": "m", "max_tokens": 10, **body}))
+
+
+def test_tool_results_come_first_as_tool_messages_then_the_rest_of_the_turn() -> None:
+    request = _decode(
+        system=[{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
+        messages=[
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "w", "input": {"city": "Oslo"}}]},
+            {"role": "user", "content": [
+                {"type": "text", "text": "and now?"},
+                {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "-3C"}], "is_error": False},
+            ]},
+        ],
+    )  # fmt: skip
+    roles = [m.role for m in request.messages]
+    assert roles == ["system", "user", "assistant", "tool", "user"]
+    assert request.messages[0].parts == (TextPart("be brief", cache_hint=True),)
+    assert request.messages[2].tool_calls == (ToolCall("t1", "w", '{"city": "Oslo"}'),)
+    assert request.messages[3].tool_call_id == "t1" and request.messages[3].text == "-3C"
+    body = openai_chat.to_chat_body(request)
+    assert body["messages"][2] == {
+        "role": "assistant", "content": None,
+        "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "w", "arguments": '{"city": "Oslo"}'}}],
+    }  # fmt: skip
+    assert body["messages"][3] == {"role": "tool", "tool_call_id": "t1", "content": "-3C"}
+
+
+def test_images_tools_and_choices_translate() -> None:
+    request = _decode(
+        messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}},
+            {"type": "text", "text": "what is it?"}]}],
+        tools=[{"name": "f", "input_schema": {"type": "object"}, "description": "does f"}],
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
+        stop_sequences=["END"], metadata={"user_id": "u-9"}, top_k=5,
+    )  # fmt: skip
+    assert request.messages[0].parts[0] == ImagePart("data:image/png;base64,iVBO")
+    body = openai_chat.to_chat_body(request)
+    assert body["messages"][0]["content"][0] == {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64,iVBO"},
+    }
+    assert body["tools"][0]["function"] == {"name": "f", "description": "does f", "parameters": {"type": "object"}}
+    assert body["tool_choice"] == "required" and body["parallel_tool_calls"] is False
+    assert body["stop"] == ["END"] and body["user"] == "u-9"
+    assert request.dropped == ["top_k"]
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}]}, "max_tokens: Field required"),
+        ({"model": "m", "max_tokens": 0, "messages": []}, "max_tokens"),
+        ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "video"}]}]}, "'video'"),
+        ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+          "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tools"),
+    ],
+)  # fmt: skip
+def test_bad_requests_are_named(body: dict[str, Any], says: str) -> None:
+    with pytest.raises(InvalidRequestError) as raised:
+        anthropic.decode_request(msgspec.json.encode(body))
+    assert says in raised.value.message
+
+
+def test_count_tokens_needs_no_max_tokens() -> None:
+    request = anthropic.decode_request(b'{"model": "m", "messages": [{"role": "user", "content": "x"}]}', counting=True)
+    assert request.max_tokens is None
+
+
+def test_usage_reports_cache_reads_and_writes_apart_from_input_tokens() -> None:
+    answer = Answer(
+        id="x", model="m", text="hi", tool_calls=[ToolCall("c1", "f", '{"a": 1}'), ToolCall("c2", "g", "{oops")],
+        finish_reason="tool_calls", usage=Usage(input_tokens=1000, output_tokens=20, cached_input_tokens=800),
+    )  # fmt: skip
+    body = msgspec.json.decode(anthropic.encode_answer(answer, "msg_1", "claude-x"))
+    assert body["usage"] == {"input_tokens": 200, "output_tokens": 20, "cache_creation_input_tokens": 0,
+                             "cache_read_input_tokens": 800}  # fmt: skip
+    assert body["stop_reason"] == "tool_use" and body["model"] == "claude-x"
+    assert body["content"][1] == {"type": "tool_use", "id": "c1", "name": "f", "input": {"a": 1}}
+    assert body["content"][2]["input"] == {"_raw_arguments": "{oops"}
+
+
+def test_openai_usage_details_are_read() -> None:
+    usage = openai_chat.usage_from({"prompt_tokens": 50, "completion_tokens": 30,
+                                    "prompt_tokens_details": {"cached_tokens": 40},
+                                    "completion_tokens_details": {"reasoning_tokens": 12}})  # fmt: skip
+    assert (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, usage.reasoning_tokens) == (
+        50,
+        30,
+        40,
+        12,
+    )
+
+
+def _events(stream: bytes) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for frame in stream.strip().split(b"\n\n"):
+        name, data = frame.split(b"\n")
+        out.append((name[7:].decode(), msgspec.json.decode(data[6:])))
+    return out
+
+
+def test_a_streamed_text_then_tool_call_becomes_two_content_blocks() -> None:
+    reader, encoder = openai_chat.ChunkReader(), anthropic.StreamEncoder("msg_1", "m", 0)
+    chunks: list[dict[str, Any]] = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Let me"}}]},
+        {"choices": [{"index": 0, "delta": {"content": " check."}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_9", "type": "function",
+                                                            "function": {"name": "w", "arguments": ""}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": ' "Oslo"}'}}]}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+        {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 9}},
+    ]  # fmt: skip
+    stream = encoder.start() + b"".join(encoder.feed(reader.read(chunk)) for chunk in chunks) + encoder.finish()
+    events = _events(stream)
+    assert [name for name, _ in events] == [
+        "message_start", "ping",
+        "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
+        "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
+        "message_delta", "message_stop",
+    ]  # fmt: skip
+    assert events[6][1]["content_block"] == {"type": "tool_use", "id": "call_9", "name": "w", "input": {}}
+    json_parts = [e[1]["delta"]["partial_json"] for e in events[7:9]]
+    assert "".join(json_parts) == '{"city": "Oslo"}'
+    assert events[10][1]["delta"]["stop_reason"] == "tool_use"
+    assert events[10][1]["usage"]["output_tokens"] == 9 and events[10][1]["usage"]["input_tokens"] == 12
