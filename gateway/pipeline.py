@@ -27,6 +27,7 @@ from gateway.cache.exact import ExactCache, Lease
 from gateway.cache.plan import CachePlan, plan_cache
 from gateway.cache.semantic import SemanticCache
 from gateway.classifier import ClassifierError
+from gateway.config.schema import Price
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.drain import DEFAULT_DRAIN_S, Drain
 from gateway.errors import GatewayError, ShuttingDownError, UpstreamError
@@ -436,15 +437,20 @@ class ChatPipeline:
         record.model, record.provider = provider.name, provider.kind
         if usage is not None:
             record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+            record.cached_prompt_tokens, record.cache_write_tokens = (
+                usage.cached_prompt_tokens,
+                usage.cache_write_tokens,
+            )
+            record.reasoning_tokens = usage.reasoning_tokens
             record.tokens_source = "upstream"
         else:
             record.prompt_tokens = x.prompt_tokens
             record.completion_tokens = count_text(text, provider.config.encoding)
             record.tokens_source = "gateway"
-        record.cost_usd = cost_usd(provider.config.price, record.prompt_tokens, record.completion_tokens)
+        record.cost_usd = _cost(provider.config.price, record)
         baseline = x.runtime.policy.models.get(record.baseline_model or "")
         if baseline is not None:
-            record.baseline_cost_usd = cost_usd(baseline.price, record.prompt_tokens, record.completion_tokens)
+            record.baseline_cost_usd = _cost(baseline.price, record)
 
     def _headers(self, x: _Exchange, cost: float | None = None) -> dict[str, str]:
         record = x.record
@@ -540,6 +546,13 @@ async def _iterate(events: list[bytes]) -> AsyncIterator[bytes]:
         yield event
 
 
+def _cost(price: Price, record: RequestRecord) -> float:
+    return cost_usd(
+        price, record.prompt_tokens, record.completion_tokens, cached_prompt_tokens=record.cached_prompt_tokens,
+        cache_write_tokens=record.cache_write_tokens, reasoning_tokens=record.reasoning_tokens,
+    )  # fmt: skip
+
+
 def _usage_chunk(chunk_id: str | None, created: int | None, model: str | None, record: RequestRecord) -> bytes:
     return msgspec.json.encode(
         {
@@ -552,6 +565,8 @@ def _usage_chunk(chunk_id: str | None, created: int | None, model: str | None, r
                 "prompt_tokens": record.prompt_tokens,
                 "completion_tokens": record.completion_tokens,
                 "total_tokens": record.prompt_tokens + record.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": record.cached_prompt_tokens},
+                "completion_tokens_details": {"reasoning_tokens": record.reasoning_tokens},
             },
         }
     )

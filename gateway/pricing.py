@@ -7,5 +7,22 @@ from gateway.config.schema import Price
 __all__ = ["cost_usd"]
 
 
-def cost_usd(price: Price, prompt_tokens: int, completion_tokens: int) -> float:
-    return (prompt_tokens * price.input_per_mtok + completion_tokens * price.output_per_mtok) / 1_000_000
+def cost_usd(
+    price: Price,
+    prompt_tokens: int,
+    completion_tokens: int,
+    *,
+    cached_prompt_tokens: int = 0,
+    cache_write_tokens: int = 0,
+    reasoning_tokens: int = 0,
+) -> float:
+    """``prompt_tokens`` and ``completion_tokens`` are totals: the cached, cache-write and
+    reasoning tokens are parts of them, priced at their own fields where the policy sets one."""
+    cost = prompt_tokens * price.input_per_mtok + completion_tokens * price.output_per_mtok
+    if cached_prompt_tokens and price.cached_input_per_mtok is not None:
+        cost += cached_prompt_tokens * (price.cached_input_per_mtok - price.input_per_mtok)
+    if cache_write_tokens and price.cache_write_per_mtok is not None:
+        cost += cache_write_tokens * (price.cache_write_per_mtok - price.input_per_mtok)
+    if reasoning_tokens and price.reasoning_per_mtok is not None:
+        cost += reasoning_tokens * (price.reasoning_per_mtok - price.output_per_mtok)
+    return cost / 1_000_000

@@ -20,7 +20,7 @@ import structlog
 
 __all__ = ["SCHEMA_VERSION", "RequestLogWriter", "RequestRecord", "configure_logging", "exception_frames"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class RequestRecord(msgspec.Struct, kw_only=True):
@@ -41,6 +41,12 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     status: int = 200
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    """Of ``prompt_tokens``, those the upstream read from its prompt cache (schema 2)."""
+    cache_write_tokens: int = 0
+    """Of ``prompt_tokens``, those the upstream wrote to its prompt cache (schema 2)."""
+    reasoning_tokens: int = 0
+    """Of ``completion_tokens``, those spent reasoning (schema 2)."""
     tokens_source: str | None = None
     """``upstream`` when the upstream reported usage, ``gateway`` when counted here."""
     cost_usd: float = 0.0

@@ -40,6 +40,14 @@ class Price(_Struct, frozen=True, kw_only=True):
 
     input_per_mtok: AtLeastZero = msgspec.field(name="input")
     output_per_mtok: AtLeastZero = msgspec.field(name="output")
+    cached_input_per_mtok: AtLeastZero | None = msgspec.field(name="cached_input", default=None)
+    """Prompt tokens read from the upstream's prompt cache (OpenAI ``cached_tokens``, Anthropic
+    ``cache_read_input_tokens``); unset: the input price."""
+    cache_write_per_mtok: AtLeastZero | None = msgspec.field(name="cache_write", default=None)
+    """Prompt tokens written to the upstream's prompt cache (Anthropic ``cache_creation_input_tokens``);
+    unset: the input price."""
+    reasoning_per_mtok: AtLeastZero | None = msgspec.field(name="reasoning", default=None)
+    """Completion tokens spent reasoning (``reasoning_tokens``); unset: the output price."""
 
 
 class Timeouts(_Struct, frozen=True, kw_only=True):

@@ -350,7 +350,17 @@ def _prompt_tokens(usage: dict[str, Any]) -> int:
 def _usage(data: Any) -> Usage | None:
     if not isinstance(data, dict) or not isinstance(data.get("input_tokens"), int):
         return None
-    return Usage(_prompt_tokens(data), _int(data.get("output_tokens")))
+    return _usage_of(data, _prompt_tokens(data), _int(data.get("output_tokens")))
+
+
+def _usage_of(usage: dict[str, Any], prompt_tokens: int, output_tokens: int) -> Usage:
+    """Anthropic bills cache reads and writes at their own prices: keep them apart."""
+    return Usage(
+        prompt_tokens,
+        output_tokens,
+        cached_prompt_tokens=_int(usage.get("cache_read_input_tokens")),
+        cache_write_tokens=_int(usage.get("cache_creation_input_tokens")),
+    )
 
 
 def _translate_response(upstream: str, data: dict[str, Any]) -> Completion:
@@ -387,6 +397,7 @@ def _translate_response(upstream: str, data: dict[str, Any]) -> Completion:
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
         }
     return Completion(body=msgspec.json.encode(answer), usage=usage, text=text)
 
@@ -402,6 +413,8 @@ class _AnthropicChatStream(ChatStream):
         self._started = False
         self._done = False
         self._prompt_tokens = 0
+        self._cache_usage: dict[str, Any] = {}
+        """The usage that reported the prompt (message_start, or a later message_delta): its cache fields."""
         self._tool_indexes: dict[int, int] = {}
         """Anthropic content block index → OpenAI tool call index."""
 
@@ -469,7 +482,8 @@ class _AnthropicChatStream(ChatStream):
         usage = message.get("usage")
         if isinstance(usage, dict):
             self._prompt_tokens = _prompt_tokens(usage)
-            tally.usage = Usage(self._prompt_tokens, _int(usage.get("output_tokens")))
+            self._cache_usage = usage
+            tally.usage = _usage_of(usage, self._prompt_tokens, _int(usage.get("output_tokens")))
         return self._chunk({"role": "assistant", "content": ""})
 
     def _on_block_start(self, event: dict[str, Any]) -> bytes | None:
@@ -511,8 +525,9 @@ class _AnthropicChatStream(ChatStream):
         if isinstance(usage, dict):
             if isinstance(usage.get("input_tokens"), int):
                 self._prompt_tokens = _prompt_tokens(usage)
+                self._cache_usage = usage
             output = _int(usage.get("output_tokens"))
-            tally.usage = Usage(self._prompt_tokens, output)
+            tally.usage = _usage_of(self._cache_usage, self._prompt_tokens, output)
         delta = event.get("delta")
         stop_reason = delta.get("stop_reason") if isinstance(delta, dict) else None
         tally.finish_reason = _finish_reason(stop_reason)

@@ -28,7 +28,12 @@ __all__ = ["ChatStream", "Completion", "Provider", "StreamTally", "UpstreamEvent
 @dataclass(slots=True)
 class Usage:
     prompt_tokens: int
+    """All prompt tokens, those read from or written to the upstream's prompt cache included."""
     completion_tokens: int
+    """All completion tokens, reasoning tokens included."""
+    cached_prompt_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -268,6 +273,14 @@ def usage_from(data: Any, prompt_key: str = "prompt_tokens", completion_key: str
     if not isinstance(data, dict):
         return None
     prompt, completion = data.get(prompt_key), data.get(completion_key)
-    if isinstance(prompt, int) and isinstance(completion, int):
-        return Usage(prompt, completion)
-    return None
+    if not (isinstance(prompt, int) and isinstance(completion, int)):
+        return None
+    prompt_details, completion_details = data.get("prompt_tokens_details"), data.get("completion_tokens_details")
+    cached = prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None
+    reasoning = completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else None
+    return Usage(
+        prompt,
+        completion,
+        cached_prompt_tokens=min(prompt, cached) if isinstance(cached, int) and cached > 0 else 0,
+        reasoning_tokens=min(completion, reasoning) if isinstance(reasoning, int) and reasoning > 0 else 0,
+    )

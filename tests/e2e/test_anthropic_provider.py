@@ -320,6 +320,7 @@ async def test_complete_text(upstream: tuple[FakeAnthropic, Provider]) -> None:
     assert completion.text == "Hello there"
     assert completion.usage is not None
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (15, 5)
+    assert (completion.usage.cached_prompt_tokens, completion.usage.cache_write_tokens) == (3, 2)
     answer = msgspec.json.decode(completion.body)
     assert answer["id"] == "msg_text"
     assert answer["object"] == "chat.completion"
@@ -333,7 +334,9 @@ async def test_complete_text(upstream: tuple[FakeAnthropic, Provider]) -> None:
             "logprobs": None,
         }
     ]
-    assert answer["usage"] == {"prompt_tokens": 15, "completion_tokens": 5, "total_tokens": 20}
+    assert answer["usage"] == {
+        "prompt_tokens": 15, "completion_tokens": 5, "total_tokens": 20, "prompt_tokens_details": {"cached_tokens": 3}
+    }  # fmt: skip
 
 
 async def test_complete_tool_calls(upstream: tuple[FakeAnthropic, Provider]) -> None:
@@ -350,7 +353,9 @@ async def test_complete_tool_calls(upstream: tuple[FakeAnthropic, Provider]) -> 
     assert call["type"] == "function"
     assert call["function"]["name"] == "get_weather"
     assert msgspec.json.decode(call["function"]["arguments"]) == {"city": "Paris"}
-    assert answer["usage"] == {"prompt_tokens": 20, "completion_tokens": 7, "total_tokens": 27}
+    assert answer["usage"] == {
+        "prompt_tokens": 20, "completion_tokens": 7, "total_tokens": 27, "prompt_tokens_details": {"cached_tokens": 0}
+    }  # fmt: skip
 
 
 async def test_stream_text_and_tool_use(upstream: tuple[FakeAnthropic, Provider]) -> None:
@@ -387,6 +392,7 @@ async def test_stream_text_and_tool_use(upstream: tuple[FakeAnthropic, Provider]
     assert tally.finish_reason == "tool_calls"
     assert tally.usage is not None
     assert (tally.usage.prompt_tokens, tally.usage.completion_tokens) == (30, 42)
+    assert tally.usage.cached_prompt_tokens == 5  # from message_start: the stream reports its cache reads too
     assert tally.chunks == len(chunks)
     with pytest.raises(StopAsyncIteration):
         await stream.__anext__()

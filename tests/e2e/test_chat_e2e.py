@@ -31,7 +31,8 @@ def test_non_streamed_answer_with_gateway_headers(client: openai.OpenAI, gateway
     expected_baseline = (completion.usage.prompt_tokens * 5 + completion.usage.completion_tokens * 15) / 1e6
     assert record["baseline_cost_usd"] == pytest.approx(expected_baseline)
     assert record["tokens_source"] == "upstream"
-    assert record["schema_version"] == 1
+    assert record["schema_version"] == 2
+    assert record["cached_prompt_tokens"] == 0 and record["protocol"] == "openai.chat"
     assert record["route"] == "fast" and record["model"] == "small" and record["provider"] == "openai"
     assert record["stream"] is False and record["status"] == 200 and record["retries"] == 0
 

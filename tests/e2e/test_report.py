@@ -64,7 +64,12 @@ def _request(rng: random.Random, i: int) -> dict[str, Any]:
         "fallback_used": False, "error_type": error, "finish_reason": None, "policy_version": "abc123",
         "cache_saved_usd": round(cost + baseline / 4, 12) if hit else None, "cache_similarity": None,
         "schema_version": 1, "event": "request", "level": "info", "ts": ts,
-    }  # fmt: skip
+    } | (_V2_FIELDS if i % 2 else {})  # fmt: skip
+
+
+# Half the synthetic lines are schema 2: the report reads a log that spans the upgrade.
+_V2_FIELDS = {"schema_version": 2, "cached_prompt_tokens": 3, "cache_write_tokens": 0, "reasoning_tokens": 1,
+              "protocol": "anthropic.messages"}  # fmt: skip
 
 
 def _unrouted(i: int) -> dict[str, Any]:

@@ -22,6 +22,8 @@ class FakeUpstream:
         self.calls: list[dict[str, Any]] = []
         self._failures: dict[str, deque[tuple[int, dict[str, str]]]] = defaultdict(deque)
         self.transport = httpx.MockTransport(self._handle)
+        self.usage: dict[str, Any] | None = None
+        """When set, the usage every answer reports (as a provider with prompt caching would)."""
 
     def fail(self, model: str, status: int, times: int = 1, headers: dict[str, str] | None = None) -> None:
         self._failures[model].extend([(status, headers or {})] * times)
@@ -39,8 +41,8 @@ class FakeUpstream:
             return httpx.Response(status, json=error, headers=headers)
         text = f"{model} says: {_last_user_text(body)[::-1]}"
         prompt_tokens, completion_tokens = len(json.dumps(body["messages"]).split()), len(text.split())
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+        usage = self.usage or {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                               "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             events = _events(model, text, usage if include_usage else None)

@@ -1,0 +1,50 @@
+"""Cached-prompt, cache-write and reasoning tokens are priced at their own fields, to the cent."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.config.schema import Price
+from gateway.pricing import cost_usd
+from tests.unit.conftest import POLICY, MakeHarness, answer_of
+
+# $ per million tokens, as policies.yaml writes them (names as in the file).
+_PRICE = Price(input_per_mtok=3.0, output_per_mtok=15.0, cached_input_per_mtok=0.3, cache_write_per_mtok=3.75,
+               reasoning_per_mtok=15.0)  # fmt: skip
+
+
+def test_a_long_cached_prompt_costs_a_tenth() -> None:
+    # 1,000,000 prompt tokens of which 900,000 cached; 10,000 output tokens.
+    cost = cost_usd(_PRICE, 1_000_000, 10_000, cached_prompt_tokens=900_000)
+    assert cost == pytest.approx(0.30 + 0.27 + 0.15)  # 100k at $3, 900k at $0.30, 10k at $15
+
+
+def test_cache_writes_and_reasoning_have_their_own_prices() -> None:
+    price = Price(input_per_mtok=1.0, output_per_mtok=4.0, cache_write_per_mtok=1.25, reasoning_per_mtok=8.0)
+    cost = cost_usd(price, 200_000, 50_000, cache_write_tokens=100_000, reasoning_tokens=20_000)
+    # 100k uncached at $1 + 100k written at $1.25 + 30k output at $4 + 20k reasoning at $8
+    assert round(cost, 2) == round(0.10 + 0.125 + 0.12 + 0.16, 2) == 0.51
+
+
+def test_unset_prices_charge_as_before() -> None:
+    plain = Price(input_per_mtok=2.0, output_per_mtok=6.0)
+    assert cost_usd(plain, 1000, 100, cached_prompt_tokens=900, reasoning_tokens=50) == cost_usd(plain, 1000, 100)
+
+
+async def test_the_pipeline_charges_what_the_upstream_says_was_cached(make_harness: MakeHarness) -> None:
+    policy = POLICY.replace(
+        "small: {base_url: \"http://small.test/v1\", price: {input: 0.5, output: 1.5}, tier: small}",
+        "small: {base_url: \"http://small.test/v1\", price: {input: 3, output: 15, cached_input: 0.3, reasoning: 60}, tier: small}",
+    )  # fmt: skip
+    assert policy != POLICY
+    harness = await make_harness(policy)
+    harness.upstream.usage = {
+        "prompt_tokens": 100_000, "completion_tokens": 2_000, "total_tokens": 102_000,
+        "prompt_tokens_details": {"cached_tokens": 80_000}, "completion_tokens_details": {"reasoning_tokens": 1_500},
+    }  # fmt: skip
+    status, body, headers = answer_of(await harness.ask("summarise the long document", cache_control="no-store"))
+    assert status == 200 and body["usage"]["prompt_tokens_details"]["cached_tokens"] == 80_000
+    # 20k uncached at $3 + 80k cached at $0.30 + 500 output at $15 + 1,500 reasoning at $60
+    expected = 0.06 + 0.024 + 0.0075 + 0.09
+    assert float(headers["x-gateway-cost-usd"]) == pytest.approx(expected)
+    assert round(float(headers["x-gateway-cost-usd"]), 2) == 0.18
