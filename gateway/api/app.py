@@ -17,6 +17,7 @@ from gateway.accounting.ledger import UsageLedger
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestLogWriter, configure_logging, exception_frames
 from gateway.api.chat import chat_completions
+from gateway.api.completions import create_completion
 from gateway.api.messages import count_message_tokens, create_message
 from gateway.api.probes import error_response, healthz, list_models, metrics, readyz, retrieve_model
 from gateway.api.state import GatewayState
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return Litestar(
         route_handlers=[
             chat_completions,
+            create_completion,
             create_message,
             count_message_tokens,
             list_models,

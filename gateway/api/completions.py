@@ -1,0 +1,97 @@
+"""``POST /v1/completions``: OpenAI's legacy Completions API on the chat pipeline.
+
+The text prompt is decoded into the internal model and handed to the pipeline as a
+chat request with one user message, so auth, limits, the cache, routing, fallbacks and
+the log apply unchanged; the pipeline's answer is encoded back as a ``text_completion``
+(or its stream). Errors are OpenAI's already and pass through as they are.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, post
+from litestar.response import Stream
+
+from gateway.api.handoff import hand_to_pipeline
+from gateway.pipeline import Answer, StreamingAnswer
+from gateway.protocols import openai_chat
+from gateway.protocols import openai_completions as completions
+
+__all__ = ["create_completion"]
+
+_CLIENT_GONE = Response(content=b"", status_code=499)
+_PROTOCOL = "openai.completions"
+
+
+@post("/v1/completions", request_max_body_size=None, status_code=200)
+async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+    asked: list[completions.Completion] = []
+
+    def translate(raw: bytes) -> bytes:
+        decoded = completions.decode_request(raw)
+        asked.append(decoded)
+        return msgspec.json.encode(completions.to_chat_body(decoded))
+
+    request_id, answer = await hand_to_pipeline(request, protocol=_PROTOCOL, translate=translate)
+    if answer is None:
+        return _CLIENT_GONE
+    headers = dict(answer.headers)
+    if asked and asked[0].request.dropped:
+        headers["x-gateway-dropped"] = ",".join(asked[0].request.dropped)
+    if not asked or (isinstance(answer, Answer) and answer.status != 200):
+        assert isinstance(answer, Answer)  # nothing decoded: the pipeline answered with an error
+        return Response(content=answer.body, status_code=answer.status, headers=headers, media_type="application/json")
+    decoded = asked[0]
+    model, completion_id = decoded.request.model, f"cmpl-{request_id}"
+    if isinstance(answer, Answer):
+        chat = msgspec.json.decode(answer.body)
+        created = chat.get("created") if isinstance(chat.get("created"), int) else int(time.time())
+        body = completions.encode_answer(
+            openai_chat.answer_from_completion(chat), completion_id, model, created, decoded.echo
+        )
+        return Response(content=body, status_code=200, headers=headers, media_type="application/json")
+    encoder = completions.StreamEncoder(completion_id, model, echo=decoded.echo, include_usage=decoded.include_usage)
+    return Stream(
+        _frames(answer, encoder),
+        media_type="text/event-stream",
+        headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
+async def _frames(answer: StreamingAnswer, encoder: completions.StreamEncoder) -> AsyncIterator[bytes]:
+    """The pipeline's chat chunks (``data: {...}`` frames, ``data: [DONE]`` last) as completion frames.
+
+    An error frame (the stream broke after it began) is passed on as it is, as OpenAI sends it.
+    The pipeline's stream is read to its end: after ``[DONE]`` it still fills the cache and logs.
+    """
+    reader = openai_chat.ChunkReader()
+    start = encoder.start()
+    if start:
+        yield start
+    pending = b""
+    ended = False
+    async for piece in answer.events:
+        if ended:
+            continue
+        pending += piece
+        *frames, pending = pending.split(b"\n\n")
+        for frame in frames:
+            if not frame.startswith(b"data: "):
+                continue
+            data = frame[6:]
+            if data == b"[DONE]":
+                ended = True
+                yield encoder.finish()
+                break
+            chunk = msgspec.json.decode(data)
+            if "error" in chunk:
+                ended = True
+                yield frame + b"\n\n"
+                break
+            out = encoder.feed(reader.read(chunk))
+            if out:
+                yield out

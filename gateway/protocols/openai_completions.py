@@ -1,0 +1,258 @@
+"""OpenAI's legacy Completions (``POST /v1/completions``): a text prompt in, a text completion out.
+
+The prompt becomes one user message of a chat request, answered by the chat pipeline.
+Only what a chat upstream can honour is accepted: one text prompt (a string, or a list
+of one string), ``n`` of 1, no ``suffix``, ``best_of`` or ``logprobs``; ``echo`` is
+honoured by putting the prompt before the answer's text. ``max_tokens`` defaults to 16,
+as in OpenAI's API. ``seed``, ``presence_penalty``, ``frequency_penalty`` and
+``logit_bias`` mean the same in a chat request and are carried into it as they are;
+other fields the API does not define are named in ``Request.dropped``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import msgspec
+
+from gateway.core.model import (
+    Answer,
+    Delta,
+    Finish,
+    FinishReason,
+    Message,
+    Request,
+    TextDelta,
+    TextPart,
+    Usage,
+    UsageReport,
+)
+from gateway.errors import InvalidRequestError
+from gateway.protocols import openai_chat
+
+__all__ = ["DEFAULT_MAX_TOKENS", "Completion", "StreamEncoder", "decode_request", "encode_answer", "to_chat_body"]
+
+DEFAULT_MAX_TOKENS = 16
+"""OpenAI's default for the legacy API when ``max_tokens`` is absent."""
+
+_SINGLE_PROMPT = "only a single text prompt is supported (a string, or a list of one string)"
+
+
+class _View(msgspec.Struct, forbid_unknown_fields=False):
+    pass
+
+
+class _StreamOptions(_View):
+    include_usage: bool = False
+
+
+class _CompletionsRequest(_View):
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    prompt: str | list[Any]
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=128)] | None = None
+    stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | None = None
+    stream: bool | None = None
+    stream_options: _StreamOptions | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: Annotated[int, msgspec.Meta(ge=1, le=20)] | None = None
+    logprobs: int | None = None
+    user: str | None = None
+    seed: int | None = None
+    presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+_KNOWN = frozenset(_CompletionsRequest.__struct_fields__)
+_CARRIED = ("seed", "presence_penalty", "frequency_penalty", "logit_bias")
+"""Fields a chat request has with the same meaning: put in the chat body as they came."""
+
+_AT = re.compile(r" - at `\$\.?([^`]*)`$")
+_MISSING = re.compile(r"^Object missing required field `([^`]*)`$")
+
+
+@dataclass(slots=True)
+class Completion:
+    """A decoded completions request: the internal request and what only this protocol needs."""
+
+    request: Request
+    echo: str | None = None
+    """With ``echo``: the prompt, to put before the answer's text."""
+    include_usage: bool = False
+    """``stream_options.include_usage``: a usage frame before ``[DONE]``."""
+    carried: dict[str, Any] = field(default_factory=dict)
+    """Chat fields the internal request does not hold, for the chat body (see ``_CARRIED``)."""
+
+
+def decode_request(raw: bytes) -> Completion:
+    if not raw:
+        raise InvalidRequestError("the request body is empty; expected a JSON object")
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequestError("the request body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    try:
+        wire = msgspec.convert(body, _CompletionsRequest, strict=True)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        missing = _MISSING.match(message)
+        if missing:
+            raise InvalidRequestError(f"{missing.group(1)}: Field required", param=missing.group(1)) from None
+        match = _AT.search(message)
+        param = match.group(1) if match else None
+        reason = message[: match.start()] if match else message
+        raise InvalidRequestError(
+            f"invalid parameter '{param}': {reason}" if param else f"invalid request: {reason}", param=param
+        ) from None
+    prompt = _prompt(wire.prompt)
+    _refuse_what_a_chat_upstream_cannot_do(wire)
+    stop = [wire.stop] if isinstance(wire.stop, str) else list(wire.stop or [])
+    request = Request(
+        model=wire.model,
+        messages=[Message("user", (TextPart(prompt),))],
+        max_tokens=wire.max_tokens if wire.max_tokens is not None else DEFAULT_MAX_TOKENS,
+        temperature=wire.temperature,
+        top_p=wire.top_p,
+        stop=stop,
+        stream=bool(wire.stream),
+        user=wire.user,
+        dropped=sorted(name for name in body if name not in _KNOWN),
+    )
+    carried = {name: getattr(wire, name) for name in _CARRIED if getattr(wire, name) is not None}
+    return Completion(
+        request=request,
+        echo=prompt if wire.echo else None,
+        include_usage=bool(wire.stream and wire.stream_options and wire.stream_options.include_usage),
+        carried=carried,
+    )
+
+
+def _prompt(prompt: str | list[Any]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if not prompt:
+        raise InvalidRequestError(f"invalid parameter 'prompt': the list is empty; {_SINGLE_PROMPT}", param="prompt")
+    if all(isinstance(item, str) for item in prompt):
+        if len(prompt) == 1:
+            return str(prompt[0])
+        raise InvalidRequestError(
+            f"invalid parameter 'prompt': {len(prompt)} prompts were given; {_SINGLE_PROMPT}", param="prompt"
+        )
+    if all(isinstance(item, int | list) for item in prompt):
+        raise InvalidRequestError(
+            f"invalid parameter 'prompt': token-id prompts are not supported; {_SINGLE_PROMPT}", param="prompt"
+        )
+    raise InvalidRequestError(f"invalid parameter 'prompt': {_SINGLE_PROMPT}", param="prompt")
+
+
+def _refuse_what_a_chat_upstream_cannot_do(wire: _CompletionsRequest) -> None:
+    if wire.n is not None and wire.n != 1:
+        raise InvalidRequestError("invalid parameter 'n': only n=1 is supported", param="n")
+    if wire.best_of is not None and wire.best_of > 1:
+        raise InvalidRequestError("invalid parameter 'best_of': best_of > 1 is not supported", param="best_of")
+    if wire.suffix:
+        raise InvalidRequestError("invalid parameter 'suffix': suffix (insertion) is not supported", param="suffix")
+    if wire.logprobs is not None:
+        raise InvalidRequestError("invalid parameter 'logprobs': logprobs are not supported", param="logprobs")
+
+
+def to_chat_body(completion: Completion) -> dict[str, Any]:
+    """The chat request the pipeline answers: one user message, and the carried fields."""
+    return {**openai_chat.to_chat_body(completion.request), **completion.carried}
+
+
+_FINISH: dict[FinishReason, str] = {
+    "stop": "stop",
+    "stop_sequence": "stop",
+    "tool_calls": "stop",
+    "length": "length",
+    "content_filter": "content_filter",
+}
+
+
+def _finish(reason: FinishReason | None) -> str:
+    return _FINISH.get(reason or "stop", "stop")
+
+
+def _usage(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+    }
+
+
+def encode_answer(answer: Answer, completion_id: str, model: str, created: int, echo: str | None = None) -> bytes:
+    """A ``text_completion`` object; ``model`` is the one the client asked for."""
+    text = (echo or "") + (answer.text or "")
+    choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": _finish(answer.finish_reason)}
+    body = {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": _usage(answer.usage),
+    }
+    return msgspec.json.encode(body)
+
+
+class StreamEncoder:
+    """Deltas to legacy completion frames: text deltas, a frame with the finish reason, usage if asked, ``[DONE]``."""
+
+    __slots__ = ("_created", "_echo", "_finish", "_id", "_include_usage", "_model", "_usage")
+
+    def __init__(
+        self, completion_id: str, model: str, *, created: int | None = None, echo: str | None = None,
+        include_usage: bool = False,
+    ) -> None:  # fmt: skip
+        self._id = completion_id
+        self._model = model
+        self._created = created if created is not None else int(time.time())
+        self._echo = echo
+        self._include_usage = include_usage
+        self._finish: FinishReason | None = None
+        self._usage = Usage()
+
+    def start(self) -> bytes:
+        """With ``echo``: the prompt as the first frame."""
+        return self._frame(self._echo, None) if self._echo else b""
+
+    def feed(self, deltas: list[Delta]) -> bytes:
+        out = b""
+        for delta in deltas:
+            if isinstance(delta, TextDelta):
+                out += self._frame(delta.text, None)
+            elif isinstance(delta, Finish):
+                self._finish = delta.reason
+            elif isinstance(delta, UsageReport):
+                self._usage = delta.usage
+        return out
+
+    def finish(self) -> bytes:
+        out = self._frame("", _finish(self._finish))
+        if self._include_usage:
+            out += self._data({**self._head(), "choices": [], "usage": _usage(self._usage)})
+        return out + b"data: [DONE]\n\n"
+
+    def _head(self) -> dict[str, Any]:
+        return {"id": self._id, "object": "text_completion", "created": self._created, "model": self._model}
+
+    def _frame(self, text: str, finish_reason: str | None) -> bytes:
+        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+        return self._data({**self._head(), "choices": [choice]})
+
+    @staticmethod
+    def _data(payload: dict[str, Any]) -> bytes:
+        return b"data: " + msgspec.json.encode(payload) + b"\n\n"
