@@ -118,12 +118,12 @@ async def _events(answer: StreamingAnswer, message_id: str, model: str) -> Async
             data = frame[6:]
             if data == b"[DONE]":
                 yield encoder.finish()
-                return
+                continue  # read on to the end: the pipeline logs, settles and caches when its stream ends
             chunk = msgspec.json.decode(data)
             if "error" in chunk:
                 error = chunk["error"] or {}
                 yield encoder.error(_status_of(error), str(error.get("message") or "upstream error"))
-                return
+                continue
             out = encoder.feed(reader.read(chunk))
             if out:
                 yield out

@@ -54,9 +54,12 @@ def test_raw_stream_events_follow_anthropics_sequence(gateway: GatewayProcess) -
     with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": "k"}, timeout=15) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         names = [line[7:] for line in r.iter_lines() if line.startswith("event: ")]
+        request_id = r.headers["x-request-id"]
     assert names[:3] == ["message_start", "ping", "content_block_start"]
     assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert set(names[3:-3]) == {"content_block_delta"}
+    record = gateway.wait_for_record(request_id)  # the stream ran to its end: logged, settled and cached
+    assert record["status"] == 200 and record["error_type"] is None and record["protocol"] == "anthropic.messages"
 
 
 def test_a_claude_code_shaped_request_round_trips(gateway: GatewayProcess) -> None:
