@@ -20,6 +20,7 @@ from gateway.api.chat import chat_completions
 from gateway.api.completions import create_completion
 from gateway.api.messages import count_message_tokens, create_message
 from gateway.api.probes import error_response, healthz, list_models, metrics, readyz, retrieve_model
+from gateway.api.responses import create_response, delete_response, retrieve_response
 from gateway.api.state import GatewayState
 from gateway.api.usage import usage
 from gateway.cache.exact import ExactCache
@@ -62,6 +63,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             create_completion,
             create_message,
             count_message_tokens,
+            create_response,
+            retrieve_response,
+            delete_response,
             list_models,
             retrieve_model,
             usage,
@@ -109,6 +113,7 @@ async def _start(settings: Settings) -> GatewayState:
     state.closers.append(drain.aclose)
     if classifier is not None:
         state.closers.append(classifier.aclose)
+    state.kv = store.kv
     holder.reload_on_sighup()
     if settings.watch_policies:
         state.tasks.append(asyncio.create_task(holder.watch(), name="policy-watch"))

@@ -12,6 +12,7 @@ from gateway.accounting.request_log import RequestLogWriter
 from gateway.limits import Limiter
 from gateway.pipeline import ChatPipeline
 from gateway.runtime import RuntimeHolder
+from gateway.store.base import KeyValue
 from gateway.store.redis import SharedRedis
 
 __all__ = ["GatewayState"]
@@ -29,6 +30,8 @@ class GatewayState:
     classifier_info: dict[str, object] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    kv: KeyValue | None = None
+    """The shared store's key-value part (stored Responses API turns); None: there is none."""
 
     async def aclose(self) -> None:
         for task in self.tasks:

@@ -16,6 +16,7 @@ hashed, so any string is a safe key part.
     gw:{t}:rl:t:win|spend             the tenant's
     gw:{t}:use:k:<key id>:<yyyymmdd>  a key's usage that day      (deleted after the retention period)
     gw:{t}:use:t:<yyyymmdd>           the tenant's
+    gw:{t}:resp:<response id>         a stored Responses API turn (TTL: 30 days)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "exact",
     "lease",
     "limit_counters",
+    "response",
     "semantic_ages",
     "semantic_entry",
     "semantic_entry_prefix",
@@ -77,3 +79,8 @@ def usage(tenant: str, key_id: str, day: str) -> tuple[str, str]:
     """The key's and its tenant's usage sums of one UTC day (``yyyymmdd``)."""
     prefix = tenant_prefix(tenant)
     return f"{prefix}:use:k:{key_id}:{day}", f"{prefix}:use:t:{day}"
+
+
+def response(tenant: str, response_id: str) -> str:
+    """A response kept for ``GET /v1/responses/{id}`` and ``previous_response_id``."""
+    return f"{tenant_prefix(tenant)}:resp:{response_id}"

@@ -1,0 +1,663 @@
+"""OpenAI Responses (``POST /v1/responses``): requests in, response objects and stream events out.
+
+A request's ``input`` (a string, or a list of items: messages, ``function_call`` and
+``function_call_output``) becomes internal messages; ``instructions`` is a system
+message put first (and, as in OpenAI's API, not carried into a later turn that names
+this one as ``previous_response_id``: the caller prepends a stored turn's messages, which
+never hold its instructions). Only ``function`` tools are accepted: a chat upstream
+cannot run OpenAI's hosted tools (web search, file search, ...), so those are a 400
+naming them. ``reasoning``, ``text.verbosity`` and ``top_logprobs`` have no chat
+equivalent the gateway can promise and are named in ``Request.dropped``; ``include``,
+``truncation``, ``service_tier``, ``prompt_cache_key`` and ``stream_options`` are
+accepted and need nothing from a chat upstream.
+
+The answer is a ``response`` object with ``message`` and ``function_call`` output items
+(``output_text`` is not on the wire: SDKs compute it), or the stream of semantic events
+OpenAI sends (``response.created`` ... ``response.completed``), each with its
+``sequence_number``. An answer cut by ``max_output_tokens`` is ``incomplete``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from gateway.core.model import (
+    Answer,
+    Delta,
+    Finish,
+    FinishReason,
+    ImagePart,
+    Message,
+    Part,
+    Request,
+    TextDelta,
+    TextPart,
+    Tool,
+    ToolArgumentsDelta,
+    ToolCall,
+    ToolCallStart,
+    ToolChoice,
+    Usage,
+    UsageReport,
+)
+from gateway.errors import InvalidRequestError
+from gateway.protocols import openai_chat
+
+__all__ = [
+    "ResponsesRequest",
+    "StreamEncoder",
+    "assistant_message",
+    "decode_request",
+    "new_id",
+    "output_items",
+    "response_object",
+    "to_chat_body",
+    "usage_body",
+]
+
+IdMaker = Callable[[str], str]
+"""A fresh id with the given prefix (``resp``, ``msg``, ``fc``)."""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class _Wire(msgspec.Struct, forbid_unknown_fields=False):
+    pass
+
+
+class _ResponsesRequest(_Wire):
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    input: str | list[Any] | None = None
+    instructions: str | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    max_output_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    metadata: dict[str, str] | None = None
+    stream: bool | None = None
+    store: bool | None = None
+    previous_response_id: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    reasoning: dict[str, Any] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = None
+    background: bool | None = None
+    conversation: Any = None
+    prompt: Any = None
+
+
+class ResponsesRequest(msgspec.Struct, kw_only=True):
+    """A decoded request: the internal request and what the response object repeats of it."""
+
+    request: Request
+    """Its ``messages`` are this request's input items only: no instructions, no earlier turns."""
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    store: bool = True
+    echo: dict[str, Any] = msgspec.field(default_factory=dict)
+    """The request's fields as the response object repeats them (tools, tool_choice, text, ...)."""
+    response_format: dict[str, Any] | None = None
+    """The chat ``response_format`` for ``text.format`` (json_schema with its name, or json_object)."""
+    strict: dict[str, bool] = msgspec.field(default_factory=dict)
+    """Function tools' ``strict`` flags as the client set them, by tool name."""
+
+
+def decode_request(raw: bytes, *, json_object_ok: Callable[[str], bool] | None = None) -> ResponsesRequest:
+    """``json_object_ok(model)``: whether the model can be asked for a JSON object (else
+    ``text.format`` is named in ``dropped``); asked only when a request wants one."""
+    try:
+        wire = msgspec.json.decode(raw, type=_ResponsesRequest)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequestError(f"invalid request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequestError("the request body is nested too deeply") from None
+    for name in ("background", "conversation", "prompt"):
+        if getattr(wire, name) not in (None, False):
+            raise InvalidRequestError(f"'{name}' is not supported by this gateway", param=name)
+    tools, echo_tools, strict = _tools(wire.tools or [])
+    choice, echo_choice = _tool_choice(wire.tool_choice, wire.parallel_tool_calls)
+    text = wire.text or {}
+    text_format, json_schema, response_format, dropped = _text_format(
+        text.get("format"), lambda: json_object_ok is None or json_object_ok(wire.model)
+    )
+    request = Request(
+        model=wire.model,
+        messages=_input(wire.input),
+        max_tokens=wire.max_output_tokens,
+        temperature=wire.temperature,
+        top_p=wire.top_p,
+        stream=bool(wire.stream),
+        tools=tools,
+        tool_choice=choice,
+        user=wire.user or wire.safety_identifier,
+        json_schema=json_schema,
+        dropped=dropped,
+    )
+    if wire.reasoning is not None and any(value is not None for value in wire.reasoning.values()):
+        request.dropped.append("reasoning")
+    if text.get("verbosity") is not None:
+        request.dropped.append("text.verbosity")
+    if wire.top_logprobs:
+        request.dropped.append("top_logprobs")
+    echo: dict[str, Any] = {
+        "instructions": wire.instructions,
+        "max_output_tokens": wire.max_output_tokens,
+        "metadata": wire.metadata or {},
+        "parallel_tool_calls": True if wire.parallel_tool_calls is None else wire.parallel_tool_calls,
+        "previous_response_id": wire.previous_response_id,
+        "reasoning": wire.reasoning,
+        "store": True if wire.store is None else wire.store,
+        "temperature": wire.temperature,
+        "text": {"format": text_format},
+        "tool_choice": echo_choice,
+        "tools": echo_tools,
+        "top_p": wire.top_p,
+        "truncation": wire.truncation or "disabled",
+        "user": wire.user,
+    }
+    return ResponsesRequest(
+        request=request,
+        instructions=wire.instructions,
+        previous_response_id=wire.previous_response_id,
+        store=echo["store"],
+        echo=echo,
+        response_format=response_format,
+        strict=strict,
+    )
+
+
+# -- input items ------------------------------------------------------------------
+
+
+def _input(raw: str | list[Any] | None) -> list[Message]:
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        return [Message("user", (TextPart(raw),))]
+    messages: list[Message] = []
+    pending: tuple[tuple[Part, ...], list[ToolCall]] | None = None
+    """An assistant message that later ``function_call`` items attach their calls to."""
+
+    def flush() -> None:
+        nonlocal pending
+        if pending is not None:
+            messages.append(Message("assistant", pending[0], tuple(pending[1])))
+            pending = None
+
+    for index, item in enumerate(raw):
+        where = f"input[{index}]"
+        if not isinstance(item, dict):
+            raise InvalidRequestError(f"{where}: an input item must be an object", param=where)
+        kind = item.get("type")
+        if kind is None or kind == "message":
+            role = item.get("role")
+            parts = _content(item.get("content"), f"{where}.content")
+            if role == "assistant":
+                flush()
+                pending = (parts, [])
+            elif role in ("user", "system", "developer"):
+                flush()
+                messages.append(Message("user" if role == "user" else "system", parts))
+            else:
+                raise InvalidRequestError(
+                    f"{where}.role: expected 'user', 'assistant', 'system' or 'developer', got {role!r}",
+                    param=f"{where}.role",
+                )
+        elif kind == "function_call":
+            call = ToolCall(
+                _string(item, "call_id", where), _string(item, "name", where), _string(item, "arguments", where)
+            )
+            if pending is None:
+                pending = ((), [])
+            pending[1].append(call)
+        elif kind == "function_call_output":
+            flush()
+            call_id = _string(item, "call_id", where)
+            output = item.get("output")
+            text = output if isinstance(output, str) else _output_text(output, f"{where}.output")
+            messages.append(Message("tool", (TextPart(text),), tool_call_id=call_id))
+        elif kind == "reasoning":
+            continue  # the model's own reasoning from an earlier turn: not sent to chat upstreams
+        else:
+            raise InvalidRequestError(f"{where}.type: input items of type {kind!r} are not supported", param=where)
+    flush()
+    return messages
+
+
+def _string(item: dict[str, Any], name: str, where: str) -> str:
+    value = item.get(name)
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{where}.{name}: a string is required", param=f"{where}.{name}")
+    return value
+
+
+def _content(content: Any, where: str) -> tuple[Part, ...]:
+    if isinstance(content, str):
+        return (TextPart(content),)
+    if not isinstance(content, list):
+        raise InvalidRequestError(f"{where}: a string or a list of content parts is required", param=where)
+    parts: list[Part] = []
+    for index, part in enumerate(content):
+        at = f"{where}[{index}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text"):
+            parts.append(TextPart(_string(part, "text", at)))
+        elif kind == "refusal":
+            parts.append(TextPart(_string(part, "refusal", at)))
+        elif kind == "input_image":
+            url = part.get("image_url")
+            if not isinstance(url, str) or not url:
+                raise InvalidRequestError(
+                    f"{at}: an image needs an 'image_url' (an https or data: URL); file ids are not supported",
+                    param=at,
+                )
+            parts.append(ImagePart(url))
+        else:
+            raise InvalidRequestError(f"{at}.type: content parts of type {kind!r} are not supported", param=at)
+    return tuple(parts)
+
+
+def _output_text(output: Any, where: str) -> str:
+    """A function call's output given as content parts: their text (a chat tool message is text)."""
+    if not isinstance(output, list):
+        raise InvalidRequestError(f"{where}: a string or a list of content parts is required", param=where)
+    texts = []
+    for index, part in enumerate(output):
+        if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text"):
+            raise InvalidRequestError(f"{where}[{index}]: only text parts are supported here", param=where)
+        texts.append(_string(part, "text", f"{where}[{index}]"))
+    return "".join(texts)
+
+
+# -- tools and formats ------------------------------------------------------------
+
+_EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+def _tools(raw: list[Any]) -> tuple[list[Tool], list[dict[str, Any]], dict[str, bool]]:
+    unsupported = [
+        str(tool.get("type")) if isinstance(tool, dict) else repr(tool)
+        for tool in raw
+        if not isinstance(tool, dict) or tool.get("type") != "function"
+    ]
+    if unsupported:
+        names = ", ".join(dict.fromkeys(unsupported))
+        raise InvalidRequestError(
+            f"tools: tool type(s) {names} are not supported by this gateway; only 'function' tools are",
+            param="tools",
+            code="unsupported_tool_type",
+        )
+    tools: list[Tool] = []
+    echo: list[dict[str, Any]] = []
+    strict: dict[str, bool] = {}
+    for index, tool in enumerate(raw):
+        name = _string(tool, "name", f"tools[{index}]")
+        parameters = tool.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise InvalidRequestError(f"tools[{index}].parameters: a JSON schema object is required")
+        description = tool.get("description")
+        tools.append(Tool(name, parameters or _EMPTY_PARAMETERS, description if isinstance(description, str) else None))
+        if isinstance(tool.get("strict"), bool):
+            strict[name] = tool["strict"]
+        echo.append(
+            {
+                "type": "function",
+                "name": name,
+                "description": description,
+                "parameters": parameters,
+                "strict": strict.get(name, True),
+            }
+        )
+    return tools, echo, strict
+
+
+def _tool_choice(
+    raw: str | dict[str, Any] | None, parallel: bool | None
+) -> tuple[ToolChoice | None, str | dict[str, Any]]:
+    allow_parallel = parallel is not False
+    if raw is None:
+        return (None if allow_parallel else ToolChoice("auto", None, False)), "auto"
+    if isinstance(raw, str):
+        if raw not in ("auto", "none", "required"):
+            raise InvalidRequestError(
+                f"tool_choice: expected 'auto', 'none', 'required' or a function, got {raw!r}", param="tool_choice"
+            )
+        return ToolChoice(raw, None, allow_parallel), raw  # type: ignore[arg-type]
+    if raw.get("type") != "function" or not isinstance(raw.get("name"), str):
+        raise InvalidRequestError(
+            "tool_choice: only 'auto', 'none', 'required' or {'type': 'function', 'name': ...} are supported",
+            param="tool_choice",
+        )
+    return ToolChoice("tool", raw["name"], allow_parallel), {"type": "function", "name": raw["name"]}
+
+
+def _text_format(
+    raw: Any, json_object_ok: Callable[[], bool]
+) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None, list[str]]:
+    """The echoed format, the JSON schema, the chat ``response_format`` and what is dropped."""
+    if raw is None or (isinstance(raw, dict) and raw.get("type") == "text"):
+        return {"type": "text"}, None, None, []
+    if not isinstance(raw, dict):
+        raise InvalidRequestError("text.format: an object is required", param="text.format")
+    kind = raw.get("type")
+    if kind == "json_object":
+        if not json_object_ok():
+            return {"type": "json_object"}, None, None, ["text.format"]
+        return {"type": "json_object"}, None, {"type": "json_object"}, []
+    if kind != "json_schema":
+        raise InvalidRequestError(
+            f"text.format.type: expected 'text', 'json_schema' or 'json_object', got {kind!r}",
+            param="text.format.type",
+        )
+    schema, name = raw.get("schema"), raw.get("name")
+    if not isinstance(schema, dict):
+        raise InvalidRequestError("text.format.schema: a JSON schema object is required", param="text.format.schema")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError("text.format.name: a name is required", param="text.format.name")
+    spec: dict[str, Any] = {"name": name, "schema": schema}
+    if isinstance(raw.get("description"), str):
+        spec["description"] = raw["description"]
+    if isinstance(raw.get("strict"), bool):
+        spec["strict"] = raw["strict"]
+    echo = {"type": "json_schema", **spec, "strict": spec.get("strict", False)}
+    return echo, schema, {"type": "json_schema", "json_schema": spec}, []
+
+
+def to_chat_body(decoded: ResponsesRequest, history: Sequence[Message] = ()) -> dict[str, Any]:
+    """The chat request: the instructions, then the earlier turns' messages, then this input."""
+    messages = list(history) + decoded.request.messages
+    if not messages:
+        raise InvalidRequestError("input: at least one input item is required", param="input")
+    if decoded.instructions:
+        messages.insert(0, Message("system", (TextPart(decoded.instructions),)))
+    request = msgspec.structs.replace(decoded.request, messages=messages)
+    body = openai_chat.to_chat_body(request)
+    if decoded.response_format is not None:
+        body["response_format"] = decoded.response_format
+    for tool in body.get("tools", ()):
+        function = tool["function"]
+        if function["name"] in decoded.strict:
+            function["strict"] = decoded.strict[function["name"]]
+    return body
+
+
+# -- the answer -------------------------------------------------------------------
+
+
+def usage_body(usage: Usage) -> dict[str, Any]:
+    return {
+        "input_tokens": usage.input_tokens,
+        "input_tokens_details": {
+            "cached_tokens": usage.cached_input_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+        },
+        "output_tokens": usage.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+    }
+
+
+_INCOMPLETE: dict[FinishReason, str] = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": []}]
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+def _call_item(item_id: str, call: ToolCall, status: str) -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": item_id,
+        "call_id": call.id,
+        "name": call.name,
+        "arguments": call.arguments,
+        "status": status,
+    }
+
+
+def output_items(answer: Answer, make_id: IdMaker = new_id) -> list[dict[str, Any]]:
+    """A message item (when there is text, or nothing else), then a function_call item per call."""
+    status = "incomplete" if answer.finish_reason in _INCOMPLETE else "completed"
+    items: list[dict[str, Any]] = []
+    if answer.text or not answer.tool_calls:
+        items.append(_message_item(make_id("msg"), answer.text or "", status))
+    items += [_call_item(make_id("fc"), call, "completed") for call in answer.tool_calls]
+    return items
+
+
+def assistant_message(answer: Answer) -> Message:
+    """The answer as the assistant turn of the conversation (what a later turn continues)."""
+    return Message("assistant", (TextPart(answer.text),) if answer.text else (), tuple(answer.tool_calls))
+
+
+def response_object(
+    decoded: ResponsesRequest,
+    response_id: str,
+    created_at: int,
+    *,
+    output: list[dict[str, Any]],
+    usage: Usage | None,
+    finish_reason: FinishReason | None = None,
+    status: Literal["in_progress", "completed", "incomplete", "failed"] | None = None,
+    error: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``response`` object; ``status`` defaults to completed or incomplete by the finish reason."""
+    reason = _INCOMPLETE.get(finish_reason) if finish_reason is not None else None
+    if status is None:
+        status = "incomplete" if reason is not None else "completed"
+    body: dict[str, Any] = {
+        "id": response_id,
+        "object": "response",
+        "created_at": created_at,
+        "status": status,
+        "background": False,
+        "error": error,
+        "incomplete_details": {"reason": reason} if status == "incomplete" else None,
+        "model": decoded.request.model,
+        "output": output,
+        **decoded.echo,
+        "usage": usage_body(usage) if usage is not None else None,
+    }
+    if status == "completed":
+        body["completed_at"] = int(time.time())
+    return body
+
+
+# -- streams ----------------------------------------------------------------------
+
+
+class _Item:
+    __slots__ = ("arguments", "call_id", "id", "index", "kind", "name", "text")
+
+    def __init__(self, kind: str, item_id: str, index: int, call_id: str = "", name: str = "") -> None:
+        self.kind, self.id, self.index = kind, item_id, index
+        self.call_id, self.name = call_id, name
+        self.text = ""
+        self.arguments = ""
+
+    def body(self, status: str) -> dict[str, Any]:
+        if self.kind == "message":
+            return _message_item(self.id, self.text, status)
+        return _call_item(self.id, ToolCall(self.call_id, self.name, self.arguments), status)
+
+
+class StreamEncoder:
+    """Deltas to OpenAI's Responses events, ``response.created`` first and ``response.completed`` last.
+
+    Output items are sequential: a message item (text) or a function call's item closes
+    when the next one starts. Tool arguments for an item that has closed (OpenAI upstreams
+    stream parallel calls one after another, so this does not happen in practice) are
+    dropped. An answer with no output at all still ends with an (empty) message item.
+    """
+
+    __slots__ = (
+        "_calls",
+        "_created_at",
+        "_decoded",
+        "_finish",
+        "_items",
+        "_make_id",
+        "_open",
+        "_response_id",
+        "_sequence",
+        "_usage",
+        "response",
+    )
+
+    def __init__(self, decoded: ResponsesRequest, response_id: str, created_at: int, make_id: IdMaker = new_id) -> None:
+        self._decoded = decoded
+        self._response_id = response_id
+        self._created_at = created_at
+        self._make_id = make_id
+        self._sequence = 0
+        self._items: list[_Item] = []
+        self._open: _Item | None = None
+        self._calls: dict[int, _Item] = {}
+        """Function call items by the upstream's tool call index."""
+        self._finish: FinishReason | None = None
+        self._usage: Usage | None = None
+        self.response: dict[str, Any] | None = None
+        """The final response object, once :meth:`finish` has run."""
+
+    def start(self) -> bytes:
+        response = self._response("in_progress", [], None)
+        return self._event("response.created", {"response": response}) + self._event(
+            "response.in_progress", {"response": response}
+        )
+
+    def feed(self, deltas: list[Delta]) -> bytes:
+        out = b""
+        for delta in deltas:
+            if isinstance(delta, TextDelta):
+                if self._open is None or self._open.kind != "message":
+                    out += self._close() + self._begin_message()
+                assert self._open is not None
+                self._open.text += delta.text
+                out += self._event(
+                    "response.output_text.delta",
+                    {**self._where(self._open), "content_index": 0, "delta": delta.text, "logprobs": []},
+                )
+            elif isinstance(delta, ToolCallStart):
+                out += self._close()
+                item = _Item("function_call", self._make_id("fc"), len(self._items), delta.id, delta.name)
+                self._items.append(item)
+                self._calls[delta.index] = item
+                self._open = item
+                out += self._event(
+                    "response.output_item.added", {"output_index": item.index, "item": item.body("in_progress")}
+                )
+            elif isinstance(delta, ToolArgumentsDelta):
+                call = self._calls.get(delta.index)
+                if call is not None and call is self._open:
+                    call.arguments += delta.fragment
+                    out += self._event(
+                        "response.function_call_arguments.delta", {**self._where(call), "delta": delta.fragment}
+                    )
+            elif isinstance(delta, Finish):
+                self._finish = delta.reason
+            elif isinstance(delta, UsageReport):
+                self._usage = delta.usage
+        return out
+
+    def finish(self) -> bytes:
+        """The open item's closing events, then ``response.completed`` (``response.incomplete`` if cut)."""
+        out = b""
+        if not self._items:
+            out += self._begin_message()
+        out += self._close()
+        response = self._response(None, [item.body(self._status_of(item)) for item in self._items], self._usage)
+        self.response = response
+        name = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
+        return out + self._event(name, {"response": response})
+
+    def fail(self, message: str, code: str = "server_error") -> bytes:
+        """The stream broke after it began: ``response.failed`` with what was output so far."""
+        output = [item.body("completed" if item is not self._open else "incomplete") for item in self._items]
+        response = self._response("failed", output, self._usage, error={"code": code, "message": message})
+        return self._event("response.failed", {"response": response})
+
+    def answer(self) -> Answer:
+        """What was streamed, as an answer (the text, the calls, the finish reason and usage)."""
+        texts = [item.text for item in self._items if item.kind == "message"]
+        calls = [ToolCall(item.call_id, item.name, item.arguments) for item in self._items if item.kind != "message"]
+        return Answer(
+            id=self._response_id,
+            model=self._decoded.request.model,
+            text="".join(texts) or None,
+            tool_calls=calls,
+            finish_reason=self._finish,
+            usage=self._usage or Usage(),
+        )
+
+    def _status_of(self, item: _Item) -> str:
+        return "incomplete" if item.kind == "message" and self._finish in _INCOMPLETE else "completed"
+
+    def _response(
+        self,
+        status: Literal["in_progress", "failed"] | None,
+        output: list[dict[str, Any]],
+        usage: Usage | None,
+        error: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        return response_object(
+            self._decoded,
+            self._response_id,
+            self._created_at,
+            output=output,
+            usage=usage,
+            finish_reason=self._finish,
+            status=status,
+            error=error,
+        )
+
+    def _begin_message(self) -> bytes:
+        item = _Item("message", self._make_id("msg"), len(self._items))
+        self._items.append(item)
+        self._open = item
+        part = {"type": "output_text", "text": "", "annotations": []}
+        return self._event(
+            "response.output_item.added",
+            {"output_index": item.index, "item": {**item.body("in_progress"), "content": []}},
+        ) + self._event("response.content_part.added", {**self._where(item), "content_index": 0, "part": part})
+
+    def _close(self) -> bytes:
+        item, self._open = self._open, None
+        if item is None:
+            return b""
+        where = self._where(item)
+        if item.kind == "message":
+            part = {"type": "output_text", "text": item.text, "annotations": []}
+            out = self._event(
+                "response.output_text.done", {**where, "content_index": 0, "text": item.text, "logprobs": []}
+            ) + self._event("response.content_part.done", {**where, "content_index": 0, "part": part})
+        else:
+            out = self._event(
+                "response.function_call_arguments.done", {**where, "name": item.name, "arguments": item.arguments}
+            )
+        return out + self._event(
+            "response.output_item.done", {"output_index": item.index, "item": item.body(self._status_of(item))}
+        )
+
+    @staticmethod
+    def _where(item: _Item) -> dict[str, Any]:
+        return {"item_id": item.id, "output_index": item.index}
+
+    def _event(self, name: str, payload: dict[str, Any]) -> bytes:
+        data = {"type": name, "sequence_number": self._sequence, **payload}
+        self._sequence += 1
+        return b"event: " + name.encode() + b"\ndata: " + msgspec.json.encode(data) + b"\n\n"

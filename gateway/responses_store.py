@@ -1,0 +1,75 @@
+"""Responses API turns kept in the shared store, per tenant, for ``previous_response_id`` and ``GET``.
+
+A stored turn is the response object as the client got it and the whole conversation
+up to and including its answer, as internal messages (the earlier turns', this turn's
+input items, the assistant's answer; never the ``instructions``, which OpenAI does not
+carry into the next turn). A later turn naming it loads one record, however long the
+chain: there is nothing to follow recursively.
+
+Keys are :func:`gateway.store.keyspace.response` (``gw:{<tenant hash>}:resp:<id>``): a
+tenant's lookup can only ever reach its own turns. Records expire after
+:data:`RESPONSE_TTL_S` (30 days, OpenAI's retention for stored responses). The
+:class:`~gateway.store.base.KeyValue` seam has no delete: a deleted turn is overwritten
+by an empty value that expires at once, and an empty value reads as absent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from gateway.core.model import Message
+from gateway.store import keyspace
+from gateway.store.base import KeyValue
+
+__all__ = ["RESPONSE_TTL_S", "STORE_TIMEOUT_S", "ResponseStore", "StoredResponse"]
+
+RESPONSE_TTL_S = 30 * 24 * 3600
+"""How long a stored response is kept: 30 days, as OpenAI keeps them."""
+STORE_TIMEOUT_S = 1.0
+"""Deadline of one store call (a record holds a whole conversation: larger than a cache entry)."""
+_TOMBSTONE_TTL_S = 1
+
+
+class StoredResponse(msgspec.Struct, kw_only=True):
+    response: dict[str, Any]
+    """The response object, as ``GET /v1/responses/{id}`` returns it."""
+    messages: list[Message]
+    """The conversation so far, this turn's answer last."""
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(StoredResponse)
+
+
+class ResponseStore:
+    """Every method raises :class:`~gateway.store.base.StoreUnavailable` when the store cannot answer."""
+
+    __slots__ = ("_kv", "_timeout_s")
+
+    def __init__(self, kv: KeyValue, timeout_s: float = STORE_TIMEOUT_S) -> None:
+        self._kv = kv
+        self._timeout_s = timeout_s
+
+    async def load(self, tenant: str, response_id: str) -> StoredResponse | None:
+        raw = await self._kv.get(keyspace.response(tenant, response_id), self._timeout_s)
+        if not raw:
+            return None
+        try:
+            return _decoder.decode(raw)
+        except msgspec.DecodeError:
+            return None  # written by an incompatible version: as good as gone
+
+    async def save(self, tenant: str, response_id: str, record: StoredResponse) -> None:
+        await self._kv.put(
+            keyspace.response(tenant, response_id), _encoder.encode(record), RESPONSE_TTL_S, self._timeout_s
+        )
+
+    async def delete(self, tenant: str, response_id: str) -> bool:
+        """Whether there was a response to delete."""
+        key = keyspace.response(tenant, response_id)
+        if not await self._kv.get(key, self._timeout_s):
+            return False
+        await self._kv.put(key, b"", _TOMBSTONE_TTL_S, self._timeout_s)
+        return True

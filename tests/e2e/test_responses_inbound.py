@@ -1,0 +1,342 @@
+"""OpenAI's Responses API served by the gateway over OpenAI-compatible upstreams, with the openai SDK."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from pydantic import BaseModel
+
+from gateway.auth import hash_key
+from gateway.services.redis_server import EmbeddedRedis
+from gateway.simulated import SimulatedUpstream
+from tests.conftest import inject, upstream_stats
+from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
+
+WEATHER_TOOL: Any = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+
+
+def _last_upstream_body(upstream: SimulatedUpstream) -> dict[str, Any]:
+    last = upstream_stats(upstream)["last_request"]
+    assert isinstance(last, dict)
+    body: dict[str, Any] = last["body"]
+    return body
+
+
+def test_a_string_input_is_answered_as_a_response_object(client: openai.OpenAI, gateway: GatewayProcess) -> None:
+    raw = client.responses.with_raw_response.create(model="fast", input="Name three primary colours.")
+    response = raw.parse()
+    assert response.id.startswith("resp_") and response.object == "response" and response.status == "completed"
+    assert response.model == "fast" and response.output_text
+    message = response.output[0]
+    assert message.type == "message" and message.id.startswith("msg_") and message.role == "assistant"
+    assert response.usage is not None and response.usage.input_tokens > 0 and response.usage.output_tokens > 0
+    assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
+    assert response.store is True and response.error is None and response.previous_response_id is None
+    assert "output_text" not in raw.http_response.json()  # the SDK computes it; it is not on the wire
+    assert raw.headers["x-gateway-model"] == "small"
+    record = gateway.wait_for_record(raw.headers["x-request-id"])
+    assert record["protocol"] == "openai.responses" and record["status"] == 200 and record["route"] == "fast"
+
+
+def test_instructions_and_a_list_input_reach_the_upstream_in_order(
+    client: openai.OpenAI, small_upstream: SimulatedUpstream
+) -> None:
+    response = client.responses.create(
+        model="fast",
+        instructions="You are terse.",
+        input=[
+            {"role": "developer", "content": "Answer in English."},
+            {"role": "user", "content": [{"type": "input_text", "text": "Say hello."}]},
+            {"type": "message", "role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Again, please."},
+        ],
+        max_output_tokens=64,
+        temperature=0.5,
+        metadata={"ticket": "T-1"},
+    )
+    assert response.output_text and response.instructions == "You are terse."
+    assert response.metadata == {"ticket": "T-1"} and response.max_output_tokens == 64
+    body = _last_upstream_body(small_upstream)
+    assert [(m["role"], m["content"]) for m in body["messages"]] == [
+        ("system", "You are terse."),
+        ("system", "Answer in English."),
+        ("user", "Say hello."),
+        ("assistant", "Hello."),
+        ("user", "Again, please."),
+    ]
+    assert body["max_tokens"] == 64 and body["temperature"] == 0.5
+
+
+def test_the_stream_helper_gets_the_same_answer_with_events_in_order(client: openai.OpenAI) -> None:
+    ask = {"model": "fast", "input": "Describe the sea in a few words.", "extra_headers": {"cache-control": "no-cache"}}
+    whole = client.responses.create(**ask)
+    with client.responses.stream(**ask) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    names = [event.type for event in events]
+    assert final.output_text == whole.output_text and final.status == "completed"
+    assert final.usage is not None and final.usage.output_tokens > 0 and final.id.startswith("resp_")
+    assert names[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert names[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert set(names[4:-4]) == {"response.output_text.delta"}
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == final.output_text
+
+
+def test_raw_stream_events_are_named_and_numbered(gateway: GatewayProcess) -> None:
+    body = {"model": "fast", "input": "hi there", "stream": True}
+    with httpx.stream("POST", f"{gateway.base_url}/responses", json=body, timeout=15) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        request_id = response.headers["x-request-id"]
+        lines = [line for line in response.iter_lines() if line]
+    names = [line[7:] for line in lines if line.startswith("event: ")]
+    data = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert len(names) == len(data) and [d["type"] for d in data] == names
+    assert [d["sequence_number"] for d in data] == list(range(len(data)))
+    assert names[0] == "response.created" and names[-1] == "response.completed"
+    completed = data[-1]["response"]
+    assert completed["status"] == "completed" and completed["usage"]["total_tokens"] > 0
+    record = gateway.wait_for_record(request_id)  # the pipeline's stream was read to its end
+    assert record["status"] == 200 and record["stream"] is True and record["protocol"] == "openai.responses"
+    retrieved = httpx.get(f"{gateway.base_url}/responses/{completed['id']}", timeout=10)
+    assert retrieved.status_code == 200 and retrieved.json()["output"] == completed["output"]
+
+
+def test_a_stream_cut_midway_ends_with_response_failed_and_is_not_stored(
+    client: openai.OpenAI, gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    inject(small_upstream, {"cut_after_chunks": 3})
+    with client.responses.with_streaming_response.create(
+        model="fast", input="Tell me a long story.", stream=True
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        events = list(response.parse())
+    assert events[0].type == "response.created" and events[-1].type == "response.failed"
+    failed = events[-1].response
+    assert failed.status == "failed" and failed.error is not None and failed.error.code == "server_error"
+    assert any(event.type == "response.output_text.delta" for event in events)
+    assert gateway.wait_for_record(request_id)["error_type"] == "upstream_bad_response"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(failed.id)
+
+
+class Colours(BaseModel):
+    colours: list[str]
+    count: int
+
+
+def test_structured_output_parses_into_the_model(client: openai.OpenAI, small_upstream: SimulatedUpstream) -> None:
+    parsed = client.responses.parse(model="fast", input="Name three colours.", text_format=Colours)
+    assert isinstance(parsed.output_parsed, Colours)
+    response_format = _last_upstream_body(small_upstream)["response_format"]
+    assert response_format["type"] == "json_schema" and response_format["json_schema"]["name"] == "Colours"
+    assert response_format["json_schema"]["strict"] is True
+
+
+def test_function_calls_and_their_outputs_round_trip(client: openai.OpenAI, small_upstream: SimulatedUpstream) -> None:
+    first = client.responses.create(
+        model="fast", input="What is the weather in Oslo?", tools=[WEATHER_TOOL], tool_choice="required"
+    )
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert calls and calls[0].name == "get_weather" and calls[0].id and calls[0].id.startswith("fc_")
+    assert json.loads(calls[0].arguments).keys() == {"city"}
+    assert first.tools[0].type == "function" and first.tool_choice == "required"
+    second = client.responses.create(
+        model="fast",
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "-3C and snowing"}],
+        tools=[WEATHER_TOOL],
+    )
+    assert second.output_text and second.previous_response_id == first.id
+    messages = _last_upstream_body(small_upstream)["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool"]
+    assert messages[1]["tool_calls"][0]["id"] == calls[0].call_id
+    assert messages[2] == {"role": "tool", "tool_call_id": calls[0].call_id, "content": "-3C and snowing"}
+
+
+def test_a_streamed_function_call(client: openai.OpenAI) -> None:
+    with client.responses.stream(
+        model="fast", input="What is the weather in Paris?", tools=[WEATHER_TOOL], tool_choice="required"
+    ) as stream:
+        names = [event.type for event in stream]
+        final = stream.get_final_response()
+    call = final.output[-1]
+    assert call.type == "function_call" and json.loads(call.arguments)
+    assert "response.function_call_arguments.delta" in names and "response.function_call_arguments.done" in names
+    assert names[-1] == "response.completed"
+
+
+def test_previous_response_id_continues_the_conversation(
+    client: openai.OpenAI, small_upstream: SimulatedUpstream
+) -> None:
+    first = client.responses.create(model="fast", instructions="Be kind.", input="My name is Zed.")
+    second = client.responses.create(model="fast", previous_response_id=first.id, input="What is my name?")
+    third = client.responses.create(model="fast", previous_response_id=second.id, input="And again?")
+    messages = _last_upstream_body(small_upstream)["messages"]
+    # Each stored turn holds the whole conversation; instructions are not carried over (as in OpenAI's API).
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "My name is Zed."),
+        ("assistant", first.output_text),
+        ("user", "What is my name?"),
+        ("assistant", second.output_text),
+        ("user", "And again?"),
+    ]
+    assert third.previous_response_id == second.id and third.instructions is None
+
+
+def test_a_stored_response_can_be_retrieved_and_deleted(client: openai.OpenAI) -> None:
+    created = client.responses.create(model="fast", input="Keep this.", metadata={"k": "v"})
+    retrieved = client.responses.retrieve(created.id)
+    assert retrieved.id == created.id and retrieved.output_text == created.output_text
+    assert retrieved.metadata == {"k": "v"} and retrieved.usage == created.usage
+    client.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(created.id)
+    with pytest.raises(openai.NotFoundError) as gone:
+        client.responses.create(model="fast", previous_response_id=created.id, input="more")
+    assert gone.value.code == "previous_response_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(created.id)
+
+
+def test_store_false_keeps_nothing(client: openai.OpenAI) -> None:
+    response = client.responses.create(model="fast", input="Forget this.", store=False)
+    assert response.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(response.id)
+
+
+def test_errors_come_in_openais_shape(client: openai.OpenAI, gateway: GatewayProcess) -> None:
+    with pytest.raises(openai.BadRequestError) as hosted:
+        client.responses.create(model="fast", input="x", tools=[{"type": "web_search"}])
+    assert hosted.value.status_code == 400 and "web_search" in hosted.value.message
+    assert hosted.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+    response = httpx.post(
+        f"{gateway.base_url}/responses",
+        json={"model": "fast", "input": "x", "previous_response_id": "resp_nope"},
+        timeout=10,
+    )
+    assert response.status_code == 404
+    assert response.json() == {
+        "error": {
+            "message": "Response with id 'resp_nope' not found.",
+            "type": "invalid_request_error",
+            "param": "previous_response_id",
+            "code": "previous_response_not_found",
+        }
+    }
+    assert gateway.wait_for_record(response.headers["x-request-id"])["status"] == 404
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.responses.create(model="no-such-model", input="x")
+    assert unknown.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="fast", input=[{"role": "robot", "content": "x"}])  # type: ignore[list-item]
+
+
+def test_reasoning_is_dropped_with_a_note_for_a_chat_upstream(gateway: GatewayProcess) -> None:
+    body = {
+        "model": "fast",
+        "input": "2+2?",
+        "reasoning": {"effort": "high"},
+        "include": ["reasoning.encrypted_content"],
+    }
+    response = httpx.post(f"{gateway.base_url}/responses", json=body, timeout=15)
+    assert response.status_code == 200 and response.headers["x-gateway-dropped"] == "reasoning"
+    assert response.json()["reasoning"] == {"effort": "high"}
+
+
+# -- tenants and the store being down ------------------------------------------------
+
+KEYS = """auth:
+  mode: keys
+  keys:
+    - {id: a1, tenant: acme, hash: "%(a1)s"}
+    - {id: a2, tenant: acme, hash: "%(a2)s"}
+    - {id: b1, tenant: globex, hash: "%(b1)s"}
+""" % {name: hash_key(f"key-{name}") for name in ("a1", "a2", "b1")}
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:
+    policy = policy_text(small_upstream, large_upstream, auth=KEYS)
+    process = start_gateway(Path(tmp_path_factory.mktemp("responses")), policy, env={"REDIS_URL": redis_server.url})
+    yield process
+    process.stop()
+
+
+def _client(gateway: GatewayProcess, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key=f"key-{key}", max_retries=0, timeout=10)
+
+
+def test_a_tenant_cannot_read_continue_or_delete_another_tenants_response(keyed_gateway: GatewayProcess) -> None:
+    with _client(keyed_gateway, "a1") as alice, _client(keyed_gateway, "a2") as colleague:
+        with _client(keyed_gateway, "b1") as bob:
+            mine = alice.responses.create(model="fast", input="A secret of acme.")
+            with pytest.raises(openai.NotFoundError):
+                bob.responses.retrieve(mine.id)
+            with pytest.raises(openai.NotFoundError) as continued:
+                bob.responses.create(model="fast", previous_response_id=mine.id, input="What was the secret?")
+            assert continued.value.code == "previous_response_not_found"
+            with pytest.raises(openai.NotFoundError):
+                bob.responses.delete(mine.id)
+            assert alice.responses.retrieve(mine.id).output_text == mine.output_text  # still there
+            # Another key of the same tenant shares its responses, as keys of one OpenAI project do.
+            assert colleague.responses.retrieve(mine.id).id == mine.id
+            with _client(keyed_gateway, "wrong") as stranger, pytest.raises(openai.AuthenticationError):
+                stranger.responses.retrieve(mine.id)
+
+
+def test_without_the_store_answers_go_on_but_continuations_are_503(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    policy = policy_text(small_upstream, large_upstream)
+    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": f"redis://:pw-9@127.0.0.1:{free_port()}/0"},
+                            expect_ready=False)  # fmt: skip
+    try:
+        with openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=10) as client:
+            answered = client.responses.create(model="fast", input="hello")
+            assert answered.output_text and answered.status == "completed"
+            with client.responses.stream(model="fast", input="hello again") as stream:
+                assert stream.get_final_response().output_text
+            with pytest.raises(openai.InternalServerError) as unavailable:
+                client.responses.create(model="fast", previous_response_id=answered.id, input="more")
+            assert unavailable.value.status_code == 503
+            assert unavailable.value.body["param"] == "previous_response_id"  # type: ignore[index]
+            with pytest.raises(openai.InternalServerError):
+                client.responses.retrieve(answered.id)
+    finally:
+        gateway.stop()
+    said = gateway.stderr_text()
+    assert "response_not_stored" in said and "pw-9" not in said and "hello" not in said

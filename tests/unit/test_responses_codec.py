@@ -1,0 +1,360 @@
+"""The OpenAI Responses codec and the store of Responses turns, without a server.
+
+Response objects and stream events are checked against the openai SDK's own models,
+and streams are replayed through the SDK's stream accumulator, so a client parses them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import msgspec
+import pytest
+from openai import omit
+from openai.lib.streaming.responses._responses import ResponseStreamState
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
+
+from gateway.core.model import (
+    Answer,
+    Finish,
+    ImagePart,
+    Message,
+    TextDelta,
+    TextPart,
+    ToolArgumentsDelta,
+    ToolCall,
+    ToolCallStart,
+    ToolChoice,
+    Usage,
+    UsageReport,
+)
+from gateway.errors import InvalidRequestError
+from gateway.protocols import openai_responses as codec
+from gateway.responses_store import RESPONSE_TTL_S, ResponseStore, StoredResponse
+from gateway.store import keyspace
+from gateway.store.memory import MemoryKeyValue
+
+_EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+
+
+def _decode(**body: Any) -> codec.ResponsesRequest:
+    return codec.decode_request(msgspec.json.encode({"model": "m", **body}))
+
+
+def _ids() -> codec.IdMaker:
+    counter = itertools.count(1)
+    return lambda prefix: f"{prefix}_{next(counter)}"
+
+
+def test_a_string_input_is_one_user_message_and_instructions_come_first() -> None:
+    decoded = _decode(input="hello", instructions="be brief", max_output_tokens=50, temperature=0.2)
+    assert decoded.request.messages == [Message("user", (TextPart("hello"),))]
+    body = codec.to_chat_body(decoded)
+    assert body["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    assert body["max_tokens"] == 50 and body["temperature"] == 0.2 and "stream" not in body
+    assert decoded.store is True and decoded.request.dropped == []
+
+
+def test_items_become_chat_messages_with_calls_on_the_assistant_turn() -> None:
+    decoded = _decode(
+        input=[
+            {"role": "developer", "content": "use tools"},
+            {"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "weather in Oslo?"},
+                {"type": "input_image", "image_url": "data:image/png;base64,AAAA", "detail": "auto"},
+            ]},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me look."}]},
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"type": "function_call", "id": "fc_1", "call_id": "call_a", "name": "weather", "arguments": '{"city":"Oslo"}'},
+            {"type": "function_call", "call_id": "call_b", "name": "time", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_a", "output": "-3C"},
+            {"type": "function_call_output", "call_id": "call_b", "output": [{"type": "input_text", "text": "noon"}]},
+        ]
+    )  # fmt: skip
+    messages = decoded.request.messages
+    assert [m.role for m in messages] == ["system", "user", "assistant", "tool", "tool"]
+    assert messages[1].parts == (TextPart("weather in Oslo?"), ImagePart("data:image/png;base64,AAAA"))
+    assert messages[2].text == "Let me look."
+    assert messages[2].tool_calls == (
+        ToolCall("call_a", "weather", '{"city":"Oslo"}'),
+        ToolCall("call_b", "time", "{}"),
+    )
+    assert messages[4].tool_call_id == "call_b" and messages[4].text == "noon"
+    body = codec.to_chat_body(decoded)
+    assert body["messages"][2]["tool_calls"][0] == {
+        "id": "call_a", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Oslo"}'},
+    }  # fmt: skip
+    assert body["messages"][3] == {"role": "tool", "tool_call_id": "call_a", "content": "-3C"}
+
+
+def test_a_function_call_without_an_assistant_message_makes_one() -> None:
+    decoded = _decode(
+        input=[
+            {"role": "user", "content": "hi"},
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "ok"},
+        ]
+    )
+    assert decoded.request.messages[1] == Message("assistant", (), (ToolCall("c1", "f", "{}"),))
+    assert codec.to_chat_body(decoded)["messages"][1]["content"] is None
+
+
+def test_function_tools_choice_and_strict_are_carried() -> None:
+    parameters = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
+    decoded = _decode(
+        input="x",
+        tools=[
+            {"type": "function", "name": "search", "description": "find", "parameters": parameters, "strict": True},
+            {"type": "function", "name": "noop", "parameters": None},
+        ],
+        tool_choice={"type": "function", "name": "search"},
+        parallel_tool_calls=False,
+    )
+    assert decoded.request.tool_choice == ToolChoice("tool", "search", parallel=False)
+    body = codec.to_chat_body(decoded)
+    assert body["tools"][0]["function"] == {
+        "name": "search", "description": "find", "parameters": parameters, "strict": True,
+    }  # fmt: skip
+    assert body["tools"][1]["function"] == {"name": "noop", "parameters": {"type": "object", "properties": {}}}
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "search"}}
+    assert body["parallel_tool_calls"] is False
+    assert decoded.echo["tool_choice"] == {"type": "function", "name": "search"}
+    assert decoded.echo["parallel_tool_calls"] is False
+    assert (
+        codec.to_chat_body(_decode(input="x", tools=[decoded.echo["tools"][1]], tool_choice="required"))["tool_choice"]
+        == "required"
+    )
+
+
+def test_hosted_tools_are_refused_naming_every_type() -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        _decode(
+            input="x",
+            tools=[
+                {"type": "web_search"},
+                {"type": "function", "name": "f", "parameters": {}},
+                {"type": "file_search", "vector_store_ids": []},
+                {"type": "web_search"},
+            ],
+        )
+    assert refused.value.status_code == 400 and refused.value.param == "tools"
+    assert "web_search, file_search" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "'item_reference'"),
+        ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "'input_file'"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]}, "image_url"),
+        ({"input": "x", "tool_choice": {"type": "web_search"}}, "tool_choice"),
+        ({"input": "x", "text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format.name"),
+        ({"input": "x", "background": True}, "'background'"),
+        ({"input": "x", "temperature": 3}, "temperature"),
+        ({"input": "x", "model": ""}, "model"),
+    ],
+)
+def test_bad_requests_are_400s_that_say_where(body: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidRequestError) as bad:
+        _decode(**body)
+    assert message in bad.value.message
+
+
+def test_no_input_at_all_is_a_400_but_a_continuation_may_add_none() -> None:
+    with pytest.raises(InvalidRequestError, match="input"):
+        codec.to_chat_body(_decode(instructions="only this"))
+    history = [Message("user", (TextPart("q"),)), Message("assistant", (TextPart("a"),))]
+    body = codec.to_chat_body(_decode(previous_response_id="resp_1"), history)
+    assert [m["role"] for m in body["messages"]] == ["user", "assistant"]
+
+
+def test_a_continuation_puts_the_earlier_turns_after_the_instructions() -> None:
+    history = [Message("system", (TextPart("old rule"),)), Message("user", (TextPart("q1"),))]
+    history.append(Message("assistant", (TextPart("a1"),)))
+    decoded = _decode(input="q2", instructions="new rule", previous_response_id="resp_1")
+    body = codec.to_chat_body(decoded, history)
+    assert [(m["role"], m["content"]) for m in body["messages"]] == [
+        ("system", "new rule"), ("system", "old rule"), ("user", "q1"), ("assistant", "a1"), ("user", "q2"),
+    ]  # fmt: skip
+    assert decoded.echo["previous_response_id"] == "resp_1"
+
+
+def test_structured_output_formats() -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    fmt = {"type": "json_schema", "name": "Count", "schema": schema, "strict": True}
+    decoded = _decode(input="x", text={"format": fmt})
+    assert decoded.request.json_schema == schema
+    assert codec.to_chat_body(decoded)["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "Count", "schema": schema, "strict": True},
+    }  # fmt: skip
+    assert decoded.echo["text"] == {"format": fmt}
+    plain = _decode(input="x", text={"format": {"type": "text"}})
+    assert "response_format" not in codec.to_chat_body(plain)
+    json_mode = _decode(input="x", text={"format": {"type": "json_object"}})
+    assert codec.to_chat_body(json_mode)["response_format"] == {"type": "json_object"}
+    asked: list[str] = []
+
+    def never(model: str) -> bool:
+        asked.append(model)
+        return False
+
+    dropped = codec.decode_request(
+        msgspec.json.encode({"model": "m", "input": "x", "text": {"format": {"type": "json_object"}}}),
+        json_object_ok=never,
+    )
+    assert asked == ["m"] and dropped.request.dropped == ["text.format"]
+    assert "response_format" not in codec.to_chat_body(dropped)
+
+
+def test_reasoning_and_verbosity_are_dropped_and_the_rest_accepted() -> None:
+    decoded = _decode(
+        input="x",
+        reasoning={"effort": "high", "summary": "auto"},
+        text={"verbosity": "low"},
+        include=["reasoning.encrypted_content"],
+        truncation="auto",
+        store=False,
+        prompt_cache_key="abc",
+        service_tier="auto",
+        metadata={"k": "v"},
+    )
+    assert decoded.request.dropped == ["reasoning", "text.verbosity"]
+    assert decoded.store is False and decoded.echo["metadata"] == {"k": "v"}
+    assert decoded.echo["truncation"] == "auto"
+    assert _decode(input="x", reasoning={"effort": None}).request.dropped == []
+
+
+def _answer(text: str | None, calls: list[ToolCall], finish: Any, usage: Usage) -> Answer:
+    return Answer(id="chatcmpl-1", model="small", text=text, tool_calls=calls, finish_reason=finish, usage=usage)
+
+
+def test_a_response_object_the_sdk_parses() -> None:
+    decoded = _decode(
+        input="x", instructions="be brief", metadata={"a": "b"}, tools=[{"type": "function", "name": "f"}]
+    )
+    usage = Usage(input_tokens=12, output_tokens=5, cached_input_tokens=4, reasoning_tokens=1)
+    answer = _answer("Hello.", [ToolCall("call_1", "f", '{"x": 1}')], "tool_calls", usage)
+    body = codec.response_object(decoded, "resp_1", 1700000000, output=codec.output_items(answer, _ids()), usage=usage)
+    assert "output_text" not in body
+    response = Response.model_validate(msgspec.json.decode(msgspec.json.encode(body)))
+    assert response.status == "completed" and response.output_text == "Hello."
+    assert response.model == "m" and response.instructions == "be brief" and response.metadata == {"a": "b"}
+    assert [item.type for item in response.output] == ["message", "function_call"]
+    assert response.output[0].id == "msg_1" and response.output[1].id == "fc_2"
+    assert body["output"][1]["call_id"] == "call_1" and body["output"][1]["arguments"] == '{"x": 1}'
+    assert response.usage is not None and response.usage.total_tokens == 17
+    assert response.usage.input_tokens_details.cached_tokens == 4
+    assert response.usage.output_tokens_details.reasoning_tokens == 1
+    assert response.incomplete_details is None and response.error is None
+
+
+def test_an_answer_cut_by_max_output_tokens_is_incomplete() -> None:
+    decoded = _decode(input="x", max_output_tokens=3)
+    answer = _answer("one two three", [], "length", Usage(input_tokens=3, output_tokens=3))
+    body = codec.response_object(
+        decoded, "resp_1", 1, output=codec.output_items(answer), usage=answer.usage, finish_reason="length"
+    )
+    response = Response.model_validate(body)
+    assert response.status == "incomplete" and response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert body["output"][0]["status"] == "incomplete" and body["max_output_tokens"] == 3
+
+
+def _replay(frames: bytes) -> tuple[list[str], list[Any], ResponseStreamState[Any]]:
+    """Event names, the SDK's typed events and its accumulator, fed as the SDK would feed them."""
+    names: list[str] = []
+    events: list[Any] = []
+    state: ResponseStreamState[Any] = ResponseStreamState(input_tools=omit, text_format=omit)
+    for frame in frames.split(b"\n\n"):
+        if not frame:
+            continue
+        head, data = frame.split(b"\n", 1)
+        assert head.startswith(b"event: ") and data.startswith(b"data: ")
+        payload = msgspec.json.decode(data[6:])
+        assert payload["type"] == head[7:].decode()
+        names.append(payload["type"])
+        event = _EVENTS.validate_python(payload)
+        events.append(event)
+        state.handle_event(event)
+    return names, events, state
+
+
+def test_a_stream_of_text_and_a_call_follows_openais_event_order() -> None:
+    decoded = _decode(input="x", stream=True)
+    encoder = codec.StreamEncoder(decoded, "resp_1", 1, _ids())
+    out = encoder.start()
+    out += encoder.feed([TextDelta("Hel"), TextDelta("lo")])
+    out += encoder.feed([ToolCallStart(0, "call_9", "f"), ToolArgumentsDelta(0, '{"a"'), ToolArgumentsDelta(0, ":1}")])
+    out += encoder.feed([Finish("tool_calls"), UsageReport(Usage(input_tokens=7, output_tokens=9))])
+    out += encoder.finish()
+    names, events, state = _replay(out)
+    assert names == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added",
+        "response.function_call_arguments.delta", "response.function_call_arguments.delta",
+        "response.function_call_arguments.done", "response.output_item.done",
+        "response.completed",
+    ]  # fmt: skip
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert events[0].response.status == "in_progress" and events[0].response.output == []
+    assert events[4].item_id == "msg_1" and events[4].output_index == 0 and events[4].content_index == 0
+    assert events[6].text == "Hello" and events[12].arguments == '{"a":1}' and events[12].output_index == 1
+    final = state._completed_response
+    assert final is not None and final.output_text == "Hello" and final.status == "completed"
+    assert final.usage is not None and final.usage.output_tokens == 9
+    call = final.output[1]
+    assert call.type == "function_call" and call.call_id == "call_9" and call.arguments == '{"a":1}'
+    assert encoder.response is not None and encoder.response["output"] == msgspec.json.decode(
+        msgspec.json.encode(events[-1].response.model_dump(mode="json", exclude_unset=True)["output"])
+    )
+    streamed = encoder.answer()  # what the store keeps of the turn
+    assert streamed.finish_reason == "tool_calls" and streamed.usage == Usage(input_tokens=7, output_tokens=9)
+    assert codec.assistant_message(streamed) == Message(
+        "assistant", (TextPart("Hello"),), (ToolCall("call_9", "f", '{"a":1}'),)
+    )
+
+
+def test_a_stream_with_no_output_still_has_a_message_and_a_cut_one_is_incomplete() -> None:
+    encoder = codec.StreamEncoder(_decode(input="x"), "resp_1", 1, _ids())
+    names, _, state = _replay(encoder.start() + encoder.finish())
+    assert "response.output_item.added" in names and names[-1] == "response.completed"
+    assert state._completed_response is not None and state._completed_response.output_text == ""
+    cut = codec.StreamEncoder(_decode(input="x", max_output_tokens=2), "resp_2", 1, _ids())
+    frames = cut.start() + cut.feed([TextDelta("a b"), Finish("length")]) + cut.finish()
+    names, events, _ = _replay(frames)
+    assert names[-1] == "response.incomplete"
+    assert events[-1].response.incomplete_details.reason == "max_output_tokens"
+
+
+def test_a_broken_stream_ends_with_response_failed() -> None:
+    encoder = codec.StreamEncoder(_decode(input="x"), "resp_1", 1, _ids())
+    frames = encoder.start() + encoder.feed([TextDelta("part")]) + encoder.fail("upstream 'small': timed out")
+    names, events, _ = _replay(frames)
+    assert names[-1] == "response.failed"
+    failed = events[-1].response
+    assert failed.status == "failed" and failed.error.code == "server_error" and "timed out" in failed.error.message
+    assert failed.output[0].content[0].text == "part" and failed.output[0].status == "incomplete"
+
+
+async def test_the_store_keeps_turns_per_tenant_and_deletes_them() -> None:
+    kv = MemoryKeyValue()
+    store = ResponseStore(kv)
+    record = StoredResponse(
+        response={"id": "resp_1", "object": "response"},
+        messages=[Message("user", (TextPart("q"), ImagePart("https://x/y.png"))), Message("assistant", (), (ToolCall("c", "f", "{}"),))],
+    )  # fmt: skip
+    await store.save("acme", "resp_1", record)
+    assert await store.load("acme", "resp_1") == record
+    assert await store.load("globex", "resp_1") is None  # another tenant's key: not even looked at
+    assert keyspace.response("acme", "resp_1").startswith(keyspace.tenant_prefix("acme") + ":resp:")
+    assert kv._values[keyspace.response("acme", "resp_1")][1] > RESPONSE_TTL_S  # expires, 30 days out
+    assert not await store.delete("globex", "resp_1")
+    assert await store.delete("acme", "resp_1")
+    assert await store.load("acme", "resp_1") is None
+    assert not await store.delete("acme", "resp_1")
