@@ -30,7 +30,7 @@ from gateway.classifier import ClassifierError
 from gateway.config.schema import Price
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.drain import DEFAULT_DRAIN_S, Drain
-from gateway.errors import GatewayError, ShuttingDownError, UpstreamError
+from gateway.errors import GatewayError, InvalidRequestError, ShuttingDownError, UpstreamError
 from gateway.limits import Limiter, Reservation
 from gateway.pricing import cost_usd
 from gateway.protocol import ChatRequest, parse_chat_request
@@ -149,6 +149,10 @@ class ChatPipeline:
                 await read_body(runtime.policy.limits.max_body_bytes, runtime.policy.limits.body_read_timeout_s)
             )
             x.plan = runtime.router.plan(x.request.model)
+            if runtime.policy.models[x.plan.candidates[0]].kind != "chat":
+                raise InvalidRequestError(
+                    f"model '{x.request.model}' is an embedding model; use POST /v1/embeddings", param="model"
+                )
             principal.check_model(x.plan.route)
             record.route, record.decision, record.stream = x.plan.route, x.plan.decision, x.request.stream
             record.baseline_model = x.plan.baseline

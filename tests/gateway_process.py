@@ -60,11 +60,22 @@ models:
     api_key_env: TEST_ANTHROPIC_KEY
     price: {{input: 3, output: 15}}
     tier: large
+  embed:
+    kind: embedding
+    base_url: {small.url}
+    price: {{input: 0.02, output: 0}}
+    timeouts: {{connect: 1, first_byte: 1, total: 5}}
+  embed-large:
+    kind: embedding
+    base_url: {large.url}
+    price: {{input: 0.13, output: 0}}
+    timeouts: {{connect: 1, first_byte: 1, total: 5}}
 {extra_models}
 routes:
   fast: {{model: small, fallbacks: [large]}}
   best: {{model: large}}
   auto: {{strategy: classifier, model: small, fallbacks: [large]}}
+  vectors: {{model: embed, fallbacks: [embed-large]}}
 {routes}
 retry: {{max_attempts: 2, backoff_initial_ms: 10, backoff_max_ms: 50, max_retry_after_s: 2}}
 circuit_breaker: {breaker}

@@ -18,6 +18,7 @@ from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestLogWriter, configure_logging, exception_frames
 from gateway.api.chat import chat_completions
 from gateway.api.completions import create_completion
+from gateway.api.embeddings import create_embeddings
 from gateway.api.messages import count_message_tokens, create_message
 from gateway.api.probes import error_response, healthz, list_models, metrics, readyz, retrieve_model
 from gateway.api.responses import create_response, delete_response, retrieve_response
@@ -28,6 +29,7 @@ from gateway.cache.semantic import SemanticCache
 from gateway.classifier import load_classifier
 from gateway.config.loader import load_policy
 from gateway.drain import Drain
+from gateway.embeddings import EmbeddingsPipeline
 from gateway.errors import GatewayError, InvalidRequestError, ModelNotFoundError
 from gateway.limits import Limiter
 from gateway.pipeline import ChatPipeline
@@ -61,6 +63,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[
             chat_completions,
             create_completion,
+            create_embeddings,
             create_message,
             count_message_tokens,
             create_response,
@@ -109,7 +112,8 @@ async def _start(settings: Settings) -> GatewayState:
     pipeline = ChatPipeline(
         holder, metrics, ExactCache(store.kv), SemanticCache(store.vectors), limiter, scorer=classifier, drain=drain
     )
-    state = GatewayState(holder, pipeline, metrics, redis, limiter, request_log, ops_log, classifier_info)
+    embeddings = EmbeddingsPipeline(holder, metrics, store.kv, limiter)
+    state = GatewayState(holder, pipeline, metrics, redis, limiter, request_log, ops_log, embeddings, classifier_info)
     state.closers.append(drain.aclose)
     if classifier is not None:
         state.closers.append(classifier.aclose)

@@ -27,11 +27,13 @@ async def hand_to_pipeline(
     protocol: str = "openai.chat",
     authorization: str | None = None,
     translate: Callable[[bytes], bytes] | None = None,
+    embeddings: bool = False,
 ) -> tuple[str, Answer | StreamingAnswer | None]:
     """The request id and the pipeline's answer; None when the client left before it.
 
     ``translate`` turns another protocol's body into a chat request (raising a
-    GatewayError for a bad one, which the pipeline answers like any other).
+    GatewayError for a bad one, which the pipeline answers like any other);
+    ``embeddings``: the embeddings pipeline answers instead of the chat pipeline.
     """
     started = time.perf_counter()
     state: GatewayState = request.app.state.gateway
@@ -49,7 +51,8 @@ async def hand_to_pipeline(
             return convert(await watch.read_body(limit, timeout_s))
 
     try:
-        answer = await state.pipeline.handle(
+        handle = state.embeddings.handle if embeddings else state.pipeline.handle
+        answer = await handle(
             read_body,
             authorization if authorization is not None else headers.get("authorization"),
             headers.get("cache-control"),

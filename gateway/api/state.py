@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestLogWriter
+from gateway.embeddings import EmbeddingsPipeline
 from gateway.limits import Limiter
 from gateway.pipeline import ChatPipeline
 from gateway.runtime import RuntimeHolder
@@ -27,6 +28,7 @@ class GatewayState:
     limiter: Limiter
     request_log: RequestLogWriter
     ops_log: RequestLogWriter
+    embeddings: EmbeddingsPipeline
     classifier_info: dict[str, object] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -40,6 +42,7 @@ class GatewayState:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.pipeline.drain()
+        await self.embeddings.drain()
         await self.limiter.aclose()
         for close in self.closers:
             await close()

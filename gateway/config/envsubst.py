@@ -1,11 +1,11 @@
-"""``${VAR}`` and ``${VAR:-default}`` in policy values."""
+"""``${VAR}``, ``${VAR:-default}`` and nested defaults (``${A:-${B}}``) in policy values."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
 
-_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class MissingVariable(LookupError):
@@ -17,20 +17,55 @@ class MissingVariable(LookupError):
 def substitute(value: str, environ: Mapping[str, str]) -> str:
     """Replace each reference; an unset variable without a default raises :class:`MissingVariable`.
 
-    ``${VAR:-default}`` uses the default when VAR is unset or empty, as the shell does.
+    ``${VAR:-default}`` uses the default when VAR is unset or empty, as the shell does; a
+    default may hold references itself, resolved only when the default is used. Text
+    that is not a well-formed reference is kept as it is.
     """
     if "${" not in value:
         return value
+    out: list[str] = []
+    i = 0
+    while i < len(value):
+        name = _NAME.match(value, i + 2) if value.startswith("${", i) else None
+        if name is not None:
+            end = name.end()
+            if value.startswith("}", end):
+                out.append(_lookup(name.group(), None, environ))
+                i = end + 1
+                continue
+            close = _closing_brace(value, end + 2) if value.startswith(":-", end) else -1
+            if close >= 0:
+                out.append(_lookup(name.group(), value[end + 2 : close], environ))
+                i = close + 1
+                continue
+        out.append(value[i])
+        i += 1
+    return "".join(out)
 
-    def _replace(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        found = environ.get(name)
-        if found:
-            return found
-        if default is not None:
-            return default
-        if found is not None:
-            return found
-        raise MissingVariable(name)
 
-    return _PATTERN.sub(_replace, value)
+def _closing_brace(text: str, start: int) -> int:
+    """The index of the ``}`` that closes a default starting at ``start`` (nested ``${...}`` skipped), or -1."""
+    depth = 0
+    i = start
+    while i < len(text):
+        if text.startswith("${", i):
+            depth += 1
+            i += 2
+            continue
+        if text[i] == "}":
+            if depth == 0:
+                return i
+            depth -= 1
+        i += 1
+    return -1
+
+
+def _lookup(name: str, default: str | None, environ: Mapping[str, str]) -> str:
+    found = environ.get(name)
+    if found:
+        return found
+    if default is not None:
+        return substitute(default, environ)
+    if found is not None:
+        return found
+    raise MissingVariable(name)

@@ -82,6 +82,8 @@ class SpeculationPolicy(_Struct, frozen=True, kw_only=True):
 
 class ModelConfig(_Struct, frozen=True, kw_only=True):
     provider: ProviderKind = "openai"
+    kind: Literal["chat", "embedding"] = "chat"
+    """``embedding``: served on ``POST /v1/embeddings`` only (and chat models never there)."""
     base_url: HttpUrl
     upstream_model: str | None = None
     """The model name sent upstream; defaults to the key under ``models``."""
@@ -90,7 +92,8 @@ class ModelConfig(_Struct, frozen=True, kw_only=True):
     price: Price
     encoding: str = "cl100k_base"
     context_window: AtLeastOne = 8192
-    tier: Tier
+    tier: Tier | None = None
+    """Chat models: ``small`` or ``large`` (required); embedding models have none."""
     timeouts: Timeouts = Timeouts()
     max_connections: AtLeastOne = 256
     public: bool = True

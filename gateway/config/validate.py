@@ -296,6 +296,24 @@ def check_policy(
         if route_name in policy.models and policy.models[route_name].public:
             problems.add(base, f"route {route_name!r} has the name of a public model; rename one of them")
     for name, model in policy.models.items():
+        if model.kind == "chat" and model.tier is None:
+            problems.add(("models", name), "missing required field 'tier' (small or large) for a chat model")
+        if model.kind == "embedding" and model.provider != "openai":
+            problems.add(("models", name, "kind"), f"provider {model.provider!r} serves no embeddings; use 'openai'")
+    for route_name, route in policy.routes.items():
+        names = [route.model, *route.fallbacks]
+        kinds = {policy.models[n].kind for n in names if n in policy.models}
+        if len(kinds) > 1:
+            problems.add(
+                ("routes", route_name), "a route's model and fallbacks must all be chat or all embedding models"
+            )
+        if route.strategy == "classifier" and "embedding" in kinds:
+            problems.add(("routes", route_name, "strategy"), "an embedding route cannot use the classifier")
+    for role in ("small", "large"):
+        name = getattr(policy.pair, role)
+        if name in policy.models and policy.models[name].kind != "chat":
+            problems.add(("pair", role), f"model {name!r} is an embedding model; the pair routes chat")
+    for name, model in policy.models.items():
         spec = model.speculative
         base = ("models", name, "speculative")
         if not spec.k_min <= spec.k_initial <= spec.k_max:

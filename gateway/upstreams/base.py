@@ -37,6 +37,14 @@ class Usage:
 
 
 @dataclass(slots=True)
+class Embeddings:
+    """Vectors in the order of the inputs, and the prompt tokens the upstream billed (None: not said)."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int | None
+
+
+@dataclass(slots=True)
 class Completion:
     """A finished, non-streamed answer in OpenAI's ``chat.completion`` shape."""
 
@@ -113,6 +121,10 @@ class Provider(ABC):
     @abstractmethod
     async def open_stream(self, body: dict[str, Any]) -> ChatStream:
         """Start a streamed answer; returns once the upstream accepted it (HTTP errors raise here)."""
+
+    async def embed(self, inputs: list[str] | list[list[int]], dimensions: int | None) -> Embeddings:
+        """Embed ``inputs`` (texts or token ids), one vector each, in order."""
+        raise UpstreamProtocolError(self.name, f"provider {self.kind!r} serves no embeddings")
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -11,6 +11,7 @@ from gateway.errors import UpstreamProtocolError, UpstreamStatusError
 from gateway.upstreams.base import (
     ChatStream,
     Completion,
+    Embeddings,
     Provider,
     StreamTally,
     UpstreamEvents,
@@ -35,6 +36,26 @@ class OpenAIProvider(Provider):
         content = response.content
         data = decode_json_object(self.name, content)
         return Completion(body=content, usage=usage_from(data.get("usage")), text=_message_text(self.name, data))
+
+    async def embed(self, inputs: list[str] | list[list[int]], dimensions: int | None) -> Embeddings:
+        payload: dict[str, Any] = {"model": self.upstream_model, "input": inputs, "encoding_format": "float"}
+        if dimensions is not None:
+            payload["dimensions"] = dimensions
+        response = await self._post("embeddings", payload, self._headers(), stream=False)
+        data = decode_json_object(self.name, response.content)
+        rows = data.get("data")
+        if not isinstance(rows, list) or len(rows) != len(inputs):
+            raise UpstreamProtocolError(self.name, f"answered {_count(rows)} embeddings for {len(inputs)} inputs")
+        vectors: list[list[float]] = [[] for _ in inputs]
+        for position, row in enumerate(rows):
+            index = row.get("index", position) if isinstance(row, dict) else None
+            vector = row.get("embedding") if isinstance(row, dict) else None
+            if not isinstance(index, int) or not 0 <= index < len(inputs) or not isinstance(vector, list) or not vector:
+                raise UpstreamProtocolError(self.name, "answered an embedding that is not a list of numbers")
+            vectors[index] = vector
+        usage = data.get("usage")
+        prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        return Embeddings(vectors, prompt if isinstance(prompt, int) else None)
 
     async def open_stream(self, body: dict[str, Any]) -> ChatStream:
         options = body.get("stream_options")
@@ -127,3 +148,7 @@ def _in_stream_error(error: Any) -> str:
     if isinstance(error, dict):
         return str(error.get("message", "error in stream"))[:500]
     return str(error)[:500]
+
+
+def _count(rows: object) -> int:
+    return len(rows) if isinstance(rows, list) else 0

@@ -81,7 +81,8 @@ auth:
   mode: keys
   keys: [{{id: app, tenant: team-a, hash: "sha256:{"0" * 64}", limits: {{usd_per_day: 100, rpm: 1000}}}}]
 tenants: {{team-a: {{limits: {{usd_per_month: 1000}}}}}}
-"""
+limits: {{redis_timeout_ms: 2000}}
+"""  # a generous deadline: the first script call loads the script, slow on a busy machine
 
 
 def test_defect7_a_killed_embedded_redis_is_restarted_and_readiness_returns(

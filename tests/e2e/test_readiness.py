@@ -189,8 +189,8 @@ def test_cli_check_notes_an_unset_variable_by_name_and_line(
     tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
 ) -> None:
     text = policy_text(small_upstream, large_upstream).replace(
-        f"base_url: {small_upstream.url}", "base_url: ${GATEWAY_TEST_UNSET_VARIABLE}"
-    )
+        f"base_url: {small_upstream.url}", "base_url: ${GATEWAY_TEST_UNSET_VARIABLE}", 1
+    )  # the small model's line only (the embedding model shares its server)
     path = tmp_path / "policies.yaml"
     path.write_text(text)
     result = _check(path)

@@ -44,7 +44,21 @@ def test_shipped_policy_is_valid() -> None:
 def test_shipped_policy_names_the_unset_model_urls() -> None:
     with pytest.raises(ConfigError) as caught:
         load_policy(Path(__file__).parents[2] / "policies.yaml", environ={})
-    assert [p.split(" ")[0] for p in caught.value.problems] == ["models.small.base_url", "models.large.base_url"]
+    assert [p.split(" ")[0] for p in caught.value.problems] == [
+        "models.small.base_url", "models.large.base_url", "models.embed.base_url"
+    ]  # fmt: skip
+    assert "SMALL_MODEL_URL" in caught.value.problems[2]  # the embeddings server defaults to the small model's
+
+
+def test_nested_defaults_resolve_only_when_used() -> None:
+    from gateway.config.envsubst import MissingVariable, substitute
+
+    assert substitute("${A:-${B}}", {"B": "http://b"}) == "http://b"
+    assert substitute("${A:-${NOT_SET}}", {"A": "http://a"}) == "http://a"  # the default is never looked at
+    assert substitute("x-${A:-${C:-deep}}-y", {}) == "x-deep-y"
+    assert substitute("${A:-unclosed", {}) == "${A:-unclosed"
+    with pytest.raises(MissingVariable):
+        substitute("${A:-${NOT_SET}}", {})
 
 
 def test_valid_policy_and_env_defaults() -> None:

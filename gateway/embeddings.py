@@ -1,0 +1,292 @@
+"""``POST /v1/embeddings``: the chat pipeline's steps for embedding models.
+
+Auth, the route (a model or route of ``kind: embedding``), limits and budgets on the
+input tokens, an exact cache per input string (a batch whose inputs were seen before
+pays only for the new ones), retries, fallbacks and breakers through :func:`dispatch`,
+and one request-log line with ``protocol`` ``openai.embeddings``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+import msgspec
+import numpy as np
+import structlog
+
+from gateway.accounting.metrics import Metrics
+from gateway.accounting.request_log import REQUEST_LOGGER, RequestRecord, exception_frames, request_event
+from gateway.accounting.usage import UsageFigures
+from gateway.dispatch import DispatchInfo, dispatch
+from gateway.errors import GatewayError, InvalidRequestError
+from gateway.limits import Limiter, Reservation
+from gateway.pipeline import Answer, BodyReader
+from gateway.pricing import cost_usd
+from gateway.routing import RoutePlan
+from gateway.runtime import Runtime, RuntimeHolder
+from gateway.store import keyspace
+from gateway.store.base import KeyValue, StoreUnavailable
+from gateway.tokens import count_text
+from gateway.upstreams.base import Embeddings, Provider
+
+__all__ = ["EmbeddingsPipeline"]
+
+_request_log = structlog.get_logger(REQUEST_LOGGER)
+_log = structlog.get_logger("gateway.embeddings")
+_MAX_INPUTS = 2048
+
+
+class _EmbeddingsRequest(msgspec.Struct, forbid_unknown_fields=False):
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    input: Any
+    """A string, strings, token ids, or lists of token ids (checked in :func:`_parse`)."""
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    user: str | None = None
+
+
+class EmbeddingsPipeline:
+    def __init__(self, holder: RuntimeHolder, metrics: Metrics, store: KeyValue, limiter: Limiter) -> None:
+        self._holder = holder
+        self._metrics = metrics
+        self._store = store
+        self._limiter = limiter
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def drain(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def handle(
+        self,
+        read_body: BodyReader,
+        authorization: str | None,
+        cache_control: str | None,
+        request_id: str,
+        started: float,
+        protocol: str = "openai.embeddings",
+    ) -> Answer:
+        runtime = self._holder.current
+        record = RequestRecord(
+            request_id=request_id, key_id="-", tenant="-", policy_version=runtime.version, protocol=protocol
+        )
+        info = DispatchInfo()
+        reservation: Reservation | None = None
+        try:
+            principal = runtime.auth.authenticate(authorization)
+            record.key_id, record.tenant = principal.key_id, principal.tenant
+            limits = runtime.policy.limits
+            request, inputs = _parse(await read_body(limits.max_body_bytes, limits.body_read_timeout_s))
+            plan = runtime.router.plan(request.model)
+            principal.check_model(plan.route)
+            record.route, record.decision = plan.route, plan.decision
+            models = [runtime.policy.models[name] for name in plan.candidates]
+            if any(model.kind != "embedding" for model in models):
+                raise InvalidRequestError(
+                    f"model '{request.model}' is a chat model; embeddings need a model of kind 'embedding'",
+                    param="model",
+                )
+            first = models[0]
+            counts = await _count(inputs, first.encoding, limits.long_prompt_chars)
+            total_tokens = sum(counts)
+            if self._limiter.enforces(runtime.policy, principal):
+                estimate = cost_usd(first.price, total_tokens, 0)
+                reservation = await self._limiter.reserve(runtime.policy, principal, total_tokens, estimate)
+            vectors = await self._answer(runtime, plan, request, inputs, counts, record, info, cache_control)
+            record.prompt_tokens = total_tokens
+            body = _response(request, vectors, total_tokens)
+            return Answer(200, body, _headers(record))
+        except GatewayError as exc:
+            return _error_answer(record, exc)
+        except Exception as exc:  # a bug of ours: answered and logged as what it is, never a lost request
+            record.error_type = "internal_error"
+            _log.error("internal_error", request_id=request_id, error=type(exc).__name__, where=exception_frames(exc))
+            error = GatewayError(
+                "internal error in the gateway; the request id is in x-request-id", code="internal_error"
+            )
+            return _error_answer(record, error)
+        finally:
+            self._finish(runtime, record, info, started, reservation)
+
+    async def _answer(
+        self,
+        runtime: Runtime,
+        plan: RoutePlan,
+        request: _EmbeddingsRequest,
+        inputs: list[str] | list[list[int]],
+        counts: list[int],
+        record: RequestRecord,
+        info: DispatchInfo,
+        cache_control: str | None,
+    ) -> list[np.ndarray]:
+        policy = runtime.policy.cache
+        directives = {part.strip().lower() for part in (cache_control or "").split(",")}
+        use_cache = policy.enabled and policy.exact.enabled
+        read, write = use_cache and "no-cache" not in directives, use_cache and "no-store" not in directives
+        timeout_s = policy.redis_timeout_ms / 1000
+        keys = [_key(record.tenant, plan.route, request.dimensions, item) for item in inputs]
+        found: list[np.ndarray | None] = [None] * len(inputs)
+        record.cache = "bypass"
+        if read:
+            try:
+                raws = await asyncio.gather(*(self._store.get(key, timeout_s) for key in keys))
+                found = [np.frombuffer(raw, dtype="<f4") if raw else None for raw in raws]
+                record.cache = "miss"
+            except StoreUnavailable:
+                read = write = False
+        missing = [i for i, vector in enumerate(found) if vector is None]
+        price = runtime.policy.models[plan.candidates[0]].price
+        hit_tokens = sum(counts[i] for i, vector in enumerate(found) if vector is not None)
+        if not missing:
+            record.cache = "exact"
+            record.model = plan.candidates[0]
+            record.cost_usd = 0.0
+            record.cache_saved_usd = cost_usd(price, hit_tokens, 0)
+            return [vector for vector in found if vector is not None]
+        asked = [inputs[i] for i in missing]
+
+        async def embed(provider: Provider, _: dict[str, Any]) -> Embeddings:
+            return await provider.embed(asked, request.dimensions)  # type: ignore[arg-type]
+
+        answered = await dispatch(
+            plan.candidates,
+            runtime.providers,
+            self._holder.breakers,
+            plan.retry or runtime.policy.retry,
+            {},
+            embed,
+            info,
+        )
+        provider = info.provider
+        assert provider is not None
+        record.model, record.provider, record.upstream_status = provider.name, provider.kind, 200
+        billed = answered.prompt_tokens if answered.prompt_tokens is not None else sum(counts[i] for i in missing)
+        record.tokens_source = "upstream" if answered.prompt_tokens is not None else "gateway"
+        record.cost_usd = cost_usd(provider.config.price, billed, 0)
+        if hit_tokens:
+            record.cache_saved_usd = cost_usd(price, hit_tokens, 0)
+        new = [np.asarray(vector, dtype="<f4") for vector in answered.vectors]
+        for index, vector in zip(missing, new, strict=True):
+            found[index] = vector
+        if write:
+            ttl_s = policy.exact.ttl_s
+            try:
+                await asyncio.gather(
+                    *(
+                        self._store.put(keys[i], vector.tobytes(), ttl_s, timeout_s)
+                        for i, vector in zip(missing, new, strict=True)
+                    )
+                )
+            except StoreUnavailable:
+                pass  # a later miss, nothing worse
+        return [vector for vector in found if vector is not None]
+
+    def _finish(
+        self,
+        runtime: Runtime,
+        record: RequestRecord,
+        info: DispatchInfo,
+        started: float,
+        reservation: Reservation | None,
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        record.latency_ms = round(elapsed * 1000, 3)
+        record.overhead_ms = round(max(0.0, elapsed - info.upstream_seconds) * 1000, 3)
+        record.retries, record.fallback_used = info.retries, info.fallback_used
+        for failure in info.failures:
+            self._metrics.upstream_error(failure.upstream, failure.code)
+        self._metrics.observe(record)
+        _request_log.info("request", **request_event(record))
+        if reservation is not None:
+            used = UsageFigures(
+                requests=1, prompt_tokens=record.prompt_tokens, cost_usd=record.cost_usd,
+                cache_saved_usd=record.cache_saved_usd or 0.0, cache_hits=int(record.cache == "exact"),
+                errors=int(record.status >= 400),
+            )  # fmt: skip
+            task = asyncio.get_running_loop().create_task(self._limiter.settle(runtime.policy, reservation, used))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+
+def _parse(raw: bytes) -> tuple[_EmbeddingsRequest, list[str] | list[list[int]]]:
+    if not raw:
+        raise InvalidRequestError("the request body is empty; expected a JSON object")
+    try:
+        request = msgspec.json.decode(raw, type=_EmbeddingsRequest)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequestError(f"invalid request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequestError("the request body is nested too deeply") from None
+    value: Any = request.input
+    inputs: list[str] | list[list[int]]
+    if isinstance(value, str):
+        inputs = [value]
+    elif isinstance(value, list) and value and all(_is_token(item) for item in value):
+        inputs = [value]  # one prompt as token ids
+    elif isinstance(value, list) and (
+        all(isinstance(item, str) for item in value)
+        or all(isinstance(item, list) and all(_is_token(t) for t in item) for item in value)
+    ):
+        inputs = value
+    else:
+        raise InvalidRequestError(
+            "input must be a string, a list of strings, a list of token ids or a list of token-id lists", param="input"
+        )
+    if not inputs or len(inputs) > _MAX_INPUTS:
+        raise InvalidRequestError(f"input must hold 1 to {_MAX_INPUTS} items", param="input")
+    if any(not item for item in inputs):
+        raise InvalidRequestError("input must not contain an empty string or an empty token list", param="input")
+    return request, inputs
+
+
+def _is_token(item: object) -> bool:
+    return isinstance(item, int) and not isinstance(item, bool) and item >= 0
+
+
+async def _count(inputs: list[str] | list[list[int]], encoding: str, long_chars: int) -> list[int]:
+    if not inputs or isinstance(inputs[0], list):
+        return [len(item) for item in inputs]
+    texts: list[Any] = inputs
+    if sum(len(text) for text in texts) > long_chars:
+        return await asyncio.to_thread(lambda: [count_text(text, encoding) for text in texts])
+    return [count_text(text, encoding) for text in texts]
+
+
+def _key(tenant: str, route: str, dimensions: int | None, item: str | list[int]) -> str:
+    digest = hashlib.sha256(msgspec.json.encode(["embedding", route, dimensions, item])).hexdigest()
+    return keyspace.exact(tenant, digest)
+
+
+def _response(request: _EmbeddingsRequest, vectors: list[np.ndarray], tokens: int) -> bytes:
+    encode: Callable[[np.ndarray], Any] = (
+        (lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode())
+        if request.encoding_format == "base64"
+        else (lambda v: v.astype(float).tolist())
+    )
+    data = [{"object": "embedding", "index": i, "embedding": encode(vector)} for i, vector in enumerate(vectors)]
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return msgspec.json.encode({"object": "list", "data": data, "model": request.model, "usage": usage})
+
+
+def _error_answer(record: RequestRecord, exc: GatewayError) -> Answer:
+    record.status = exc.status_code
+    record.error_type = exc.code or exc.error_type
+    return Answer(exc.status_code, exc.to_body(), {**_headers(record), **exc.headers})
+
+
+def _headers(record: RequestRecord) -> dict[str, str]:
+    return {
+        "x-request-id": record.request_id,
+        "x-gateway-model": record.model or "",
+        "x-gateway-route": record.route or "",
+        "x-gateway-cache": record.cache,
+        "x-gateway-cost-usd": f"{record.cost_usd:.8f}",
+        "x-gateway-policy-version": record.policy_version or "",
+    }

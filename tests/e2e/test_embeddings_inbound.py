@@ -1,0 +1,108 @@
+"""POST /v1/embeddings through the gateway with the openai SDK: routing, fallbacks, the per-input cache, limits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+
+from gateway.auth import hash_key
+from gateway.services.redis_server import EmbeddedRedis
+from gateway.simulated import SimulatedUpstream
+from tests.conftest import inject, upstream_stats
+from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+
+_AUTH = f"""auth:
+  mode: keys
+  keys:
+    - {{id: a, tenant: team-a, hash: "{hash_key("key-a")}"}}
+    - {{id: b, tenant: team-b, hash: "{hash_key("key-b")}"}}
+    - {{id: tiny, tenant: team-t, hash: "{hash_key("key-tiny")}", limits: {{tpm: 40}}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def gateway_with_cache(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:
+    policy = policy_text(
+        small_upstream, large_upstream, auth=_AUTH, cache="{enabled: true, semantic: {enabled: false}}"
+    )
+    process = start_gateway(tmp_path_factory.mktemp("embeddings"), policy, env={"REDIS_URL": redis_server.url})
+    yield process
+    process.stop()
+
+
+def _client(gateway: GatewayProcess, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=10)
+
+
+def test_vectors_come_back_in_order_in_both_encodings(gateway: GatewayProcess) -> None:
+    texts = ["The cat sat on the mat.", "A cat was sitting on a mat.", "Quarterly revenue rose by 4%."]
+    with _client(gateway, "x") as client:
+        as_base64 = client.embeddings.create(model="embed", input=texts)  # the SDK asks for base64
+        as_floats = client.embeddings.create(model="embed", input=texts, encoding_format="float")
+        single = client.embeddings.create(model="embed", input=texts[2])
+    vectors = np.array([item.embedding for item in as_base64.data])
+    assert vectors.shape == (3, 384) and [item.index for item in as_base64.data] == [0, 1, 2]
+    assert np.allclose(vectors, np.array([item.embedding for item in as_floats.data]), atol=1e-6)
+    assert np.allclose(vectors[2], single.data[0].embedding, atol=1e-6)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]  # similar texts are closer
+    assert as_base64.usage.prompt_tokens > 0 and as_base64.model == "embed"
+
+
+def test_a_failing_embedding_model_falls_back(gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
+    inject(small_upstream, {"status": 503}, {"status": 503})
+    with _client(gateway, "x") as client:
+        raw = client.embeddings.with_raw_response.create(model="vectors", input=["hello"])
+    assert raw.headers["x-gateway-model"] == "embed-large"
+    record = gateway.wait_for_record(raw.headers["x-request-id"])
+    assert record["protocol"] == "openai.embeddings" and record["fallback_used"] is True
+
+
+def test_chat_and_embedding_models_do_not_mix(gateway: GatewayProcess) -> None:
+    with _client(gateway, "x") as client:
+        with pytest.raises(openai.BadRequestError) as chat_model:
+            client.embeddings.create(model="fast", input="hi")
+        with pytest.raises(openai.BadRequestError) as embedding_model:
+            client.chat.completions.create(model="embed", messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(openai.BadRequestError):
+            client.embeddings.create(model="embed", input=[])
+    assert "kind 'embedding'" in chat_model.value.message
+    assert "/v1/embeddings" in embedding_model.value.message
+
+
+def test_each_input_is_cached_apart_per_tenant(
+    gateway_with_cache: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    texts = ["alpha cached text", "beta cached text"]
+    with _client(gateway_with_cache, "key-a") as a, _client(gateway_with_cache, "key-b") as b:
+        first = a.embeddings.with_raw_response.create(model="embed", input=texts)
+        before = upstream_stats(small_upstream)["embeddings_requests"]
+        again = a.embeddings.with_raw_response.create(model="embed", input=[texts[1], texts[0]])
+        mixed = a.embeddings.with_raw_response.create(model="embed", input=[texts[0], "gamma new text"])
+        other_tenant = b.embeddings.with_raw_response.create(model="embed", input=texts)
+    assert first.headers["x-gateway-cache"] == "miss"
+    assert again.headers["x-gateway-cache"] == "exact" and float(again.headers["x-gateway-cost-usd"]) == 0
+    assert upstream_stats(small_upstream)["embeddings_requests"] == before + 2  # mixed: only "gamma"; tenant b: both
+    first_vectors = [item.embedding for item in first.parse().data]
+    again_vectors = [item.embedding for item in again.parse().data]
+    assert np.allclose(again_vectors[0], first_vectors[1]) and np.allclose(again_vectors[1], first_vectors[0])
+    assert mixed.headers["x-gateway-cache"] == "miss"
+    assert other_tenant.headers["x-gateway-cache"] == "miss"  # another tenant's cache is never read
+    record = gateway_with_cache.wait_for_record(mixed.headers["x-request-id"])
+    assert record["cache_saved_usd"] > 0 and record["cost_usd"] > 0
+
+
+def test_tokens_per_minute_apply_to_embeddings(gateway_with_cache: GatewayProcess, tmp_path: Path) -> None:
+    with _client(gateway_with_cache, "key-tiny") as client:
+        client.embeddings.create(model="embed", input="a short one", extra_headers={"cache-control": "no-cache"})
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.embeddings.create(model="embed", input="word " * 60)
+    assert "key.tpm" in refused.value.message
