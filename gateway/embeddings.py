@@ -204,10 +204,13 @@ class EmbeddingsPipeline:
         _request_log.info("request", **request_event(record))
         if reservation is not None:
             used = UsageFigures(
-                requests=1, prompt_tokens=record.prompt_tokens, cost_usd=record.cost_usd,
-                cache_saved_usd=record.cache_saved_usd or 0.0, cache_hits=int(record.cache == "exact"),
+                requests=1,
+                prompt_tokens=record.prompt_tokens,
+                cost_usd=record.cost_usd,
+                cache_saved_usd=record.cache_saved_usd or 0.0,
+                cache_hits=int(record.cache == "exact"),
                 errors=int(record.status >= 400),
-            )  # fmt: skip
+            )
             task = asyncio.get_running_loop().create_task(self._limiter.settle(runtime.policy, reservation, used))
             self._background.add(task)
             task.add_done_callback(self._background.discard)

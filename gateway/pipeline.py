@@ -276,9 +276,14 @@ class ChatPipeline:
         score = await self._score(x) if plan.semantic_set is not None else None
         if score is not None and plan.semantic_set is not None and plan.read:
             found = await self._semantic.lookup(
-                plan.semantic_set, score.embedding, plan.prompt, policy.semantic.threshold, policy.semantic.guard,
-                timeout_s, truncated=score.truncated,
-            )  # fmt: skip
+                plan.semantic_set,
+                score.embedding,
+                plan.prompt,
+                policy.semantic.threshold,
+                policy.semantic.guard,
+                timeout_s,
+                truncated=score.truncated,
+            )
             x.record.semantic_guard_refusals = found.refused_by_guard or None
             if found.hit is not None:
                 x.similarity = found.hit.similarity
@@ -323,11 +328,17 @@ class ChatPipeline:
         timeout_s = policy.redis_timeout_ms / 1000
         record = x.record
         entry = CachedAnswer(
-            body=without_identity(completion_body), identity_free=True, model=record.model or "", provider=record.provider or "", prompt_tokens=record.prompt_tokens,
-            completion_tokens=record.completion_tokens, cost_usd=record.cost_usd, created_at=time.time(),
+            body=without_identity(completion_body),
+            identity_free=True,
+            model=record.model or "",
+            provider=record.provider or "",
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
+            cost_usd=record.cost_usd,
+            created_at=time.time(),
             prompt=plan.prompt if plan.semantic_set is not None else None,
             prompt_truncated=x.score is not None and x.score.truncated,
-        )  # fmt: skip
+        )
         await self._exact.put(plan.exact_key, entry, policy.exact.ttl_s, timeout_s)
         if plan.semantic_set is not None and x.score is not None:  # the same forward pass the lookup used
             await self._semantic.store(
@@ -399,9 +410,14 @@ class ChatPipeline:
             yield b"data: [DONE]\n\n"
             if not tally.has_tool_calls:
                 body = completion_from_stream(
-                    tally.id, tally.created, tally.model, tally.text, tally.finish_reason,
-                    record.prompt_tokens, record.completion_tokens,
-                )  # fmt: skip
+                    tally.id,
+                    tally.created,
+                    tally.model,
+                    tally.text,
+                    tally.finish_reason,
+                    record.prompt_tokens,
+                    record.completion_tokens,
+                )
                 with anyio.CancelScope(shield=True):
                     await self._fill_cache(x, body)
         except UpstreamError as exc:
@@ -505,11 +521,15 @@ class ChatPipeline:
     def _settle_later(self, runtime: Runtime, reservation: Reservation, record: RequestRecord) -> None:
         """Charge the actual cost off the request's path: the answer does not wait for it."""
         used = UsageFigures(
-            requests=1, prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
-            cost_usd=record.cost_usd, baseline_cost_usd=record.baseline_cost_usd,
-            cache_saved_usd=record.cache_saved_usd or 0.0, cache_hits=int(record.cache in ("exact", "semantic")),
+            requests=1,
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
+            cost_usd=record.cost_usd,
+            baseline_cost_usd=record.baseline_cost_usd,
+            cache_saved_usd=record.cache_saved_usd or 0.0,
+            cache_hits=int(record.cache in ("exact", "semantic")),
             errors=int(record.status >= 400),
-        )  # fmt: skip
+        )
         settle = self._limiter.settle(runtime.policy, reservation, used)
         task = asyncio.get_running_loop().create_task(settle)
         self._background.add(task)
@@ -552,9 +572,13 @@ async def _iterate(events: list[bytes]) -> AsyncIterator[bytes]:
 
 def _cost(price: Price, record: RequestRecord) -> float:
     return cost_usd(
-        price, record.prompt_tokens, record.completion_tokens, cached_prompt_tokens=record.cached_prompt_tokens,
-        cache_write_tokens=record.cache_write_tokens, reasoning_tokens=record.reasoning_tokens,
-    )  # fmt: skip
+        price,
+        record.prompt_tokens,
+        record.completion_tokens,
+        cached_prompt_tokens=record.cached_prompt_tokens,
+        cache_write_tokens=record.cache_write_tokens,
+        reasoning_tokens=record.reasoning_tokens,
+    )
 
 
 def _usage_chunk(chunk_id: str | None, created: int | None, model: str | None, record: RequestRecord) -> bytes:

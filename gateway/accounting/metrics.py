@@ -49,9 +49,12 @@ class Metrics:
             "gateway_upstream_errors", "Failed upstream attempts", ["upstream", "code"], registry=r
         )
         self.policy_info = Gauge(
-            "gateway_policy_info", "Policy version in force (1 while any worker uses it)", ["version"], registry=r,
+            "gateway_policy_info",
+            "Policy version in force (1 while any worker uses it)",
+            ["version"],
+            registry=r,
             multiprocess_mode="max",
-        )  # fmt: skip
+        )
         self.redis_up = Gauge(
             "gateway_redis_up",
             "1 when Redis answered the last call (every worker)",
@@ -59,9 +62,10 @@ class Metrics:
             multiprocess_mode="min",
         )
         self.redis_timeouts = Counter(
-            "gateway_redis_timeouts", "Redis calls abandoned at their deadline (the request went on without them)",
+            "gateway_redis_timeouts",
+            "Redis calls abandoned at their deadline (the request went on without them)",
             registry=r,
-        )  # fmt: skip
+        )
         self._policy_version: str | None = None
         self._children: dict[tuple[str, str, int, str], tuple] = {}  # type: ignore[type-arg]
 
@@ -73,10 +77,13 @@ class Metrics:
         if children is None:  # label lookups cost more than the updates: resolve each combination once
             children = self._children[key] = (
                 self.requests.labels(route, model, str(record.status), record.cache),
-                self.latency.labels(route), self.overhead.labels(route),
-                self.tokens.labels(model, route, "prompt"), self.tokens.labels(model, route, "completion"),
-                self.cost.labels(model, route), self.baseline_cost.labels(route),
-            )  # fmt: skip
+                self.latency.labels(route),
+                self.overhead.labels(route),
+                self.tokens.labels(model, route, "prompt"),
+                self.tokens.labels(model, route, "completion"),
+                self.cost.labels(model, route),
+                self.baseline_cost.labels(route),
+            )
         requests, latency, overhead, prompt, completion, cost, baseline = children
         requests.inc()
         latency.observe(record.latency_ms / 1000)

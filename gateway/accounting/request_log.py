@@ -85,9 +85,14 @@ class RequestLogWriter:
     per-line queue put cost a GIL hand-off on every request, seen in a profile)."""
 
     def __init__(
-        self, *, stdout: bool = True, stderr: bool = False, path: str | None = None, flush_every_s: float = 0.02,
+        self,
+        *,
+        stdout: bool = True,
+        stderr: bool = False,
+        path: str | None = None,
+        flush_every_s: float = 0.02,
         stdout_fd: int | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """``stdout_fd``: where "stdout" really is, when ``serve`` moved the process's own stdout to
         stderr so that nothing else (the ASGI server's warnings, a library's print) lands in the log."""
         self._sinks: list[_Sink] = []

@@ -140,8 +140,13 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     request_id = uuid.uuid4().hex
-    _log.error("internal_error", request_id=request_id, path=request.url.path, error=type(exc).__name__,
-               where=exception_frames(exc))  # fmt: skip
+    _log.error(
+        "internal_error",
+        request_id=request_id,
+        path=request.url.path,
+        error=type(exc).__name__,
+        where=exception_frames(exc),
+    )
     error = GatewayError("internal error in the gateway; the request id is in x-request-id", code="internal_error")
     error.headers["x-request-id"] = request_id
     return error_response(error)

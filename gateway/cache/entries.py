@@ -40,9 +40,14 @@ _decoder = msgspec.msgpack.Decoder(CachedAnswer)
 
 
 def completion_from_stream(
-    chunk_id: str | None, created: int | None, model: str | None, text: str, finish_reason: str | None,
-    prompt_tokens: int, completion_tokens: int,
-) -> bytes:  # fmt: skip
+    chunk_id: str | None,
+    created: int | None,
+    model: str | None,
+    text: str,
+    finish_reason: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> bytes:
     """The ``chat.completion`` a finished text stream amounts to (so a stream can fill the cache)."""
     return msgspec.json.encode(
         {
@@ -110,8 +115,11 @@ def replay_sse(answer: CachedAnswer, include_usage: bool, answer_id: str, create
             emit([{"index": index, "delta": {"tool_calls": calls}, "finish_reason": None}])
         emit([{"index": index, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}])
     if include_usage:
-        usage = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-                 "total_tokens": answer.prompt_tokens + answer.completion_tokens}  # fmt: skip
+        usage = {
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
+            "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+        }
         emit([], usage=usage)
     events.append(b"data: [DONE]\n\n")
     return events

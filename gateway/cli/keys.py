@@ -61,8 +61,16 @@ def run(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if models != ["*"]:
         entry["models"] = models
-    limits = {name: value for name, value in (("rpm", args.rpm), ("tpm", args.tpm), ("usd_per_day", args.usd_per_day),
-              ("usd_per_month", args.usd_per_month)) if value is not None}  # fmt: skip
+    limits = {
+        name: value
+        for name, value in (
+            ("rpm", args.rpm),
+            ("tpm", args.tpm),
+            ("usd_per_day", args.usd_per_day),
+            ("usd_per_month", args.usd_per_month),
+        )
+        if value is not None
+    }
     if limits:
         entry["limits"] = limits
     if args.admin:
@@ -77,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"cannot add the key to {ring.key_file}: {exc}", file=sys.stderr)
         return 1
     print(f"key id:  {key_id}\ntenant:  {args.tenant}\nsecret:  {secret}", flush=True)
-    print(f"The secret is shown only now; {ring.key_file} holds its sha256. A running gateway picks it up by itself.",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"The secret is shown only now; {ring.key_file} holds its sha256. A running gateway picks it up by itself.",
+        file=sys.stderr,
+    )
     return 0

@@ -34,9 +34,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         help="request log: a file (plain or gzipped) or - for stdin; several are summed",
     )
     parser.add_argument(
-        "--by", default="day", type=_dimensions,
+        "--by",
+        default="day",
+        type=_dimensions,
         help=f"comma-separated grouping, any of {','.join(DIMENSIONS)} in the order wanted; '' for one total (default: day)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--since", type=_when, help="first time included: 2026-11-20, 2026-11-20T12:00Z, or 7d / 24h / 30m / 2w ago"
     )

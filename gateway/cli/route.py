@@ -29,9 +29,15 @@ def run(args: argparse.Namespace) -> int:
     small, large, threshold = load_route_or_exit(Path(args.policies), args.route)
     classifier = load_classifier_or_exit(args.artifacts)
     counts = route_jsonl(
-        classifier, args.jsonl, None if args.output == "-" else args.output,
-        args.threshold if args.threshold is not None else threshold, small, large,
-    )  # fmt: skip
-    print(f"{counts['lines']} prompts: {counts['large']} large, {counts['small']} small, {counts['errors']} unreadable",
-          file=sys.stderr)  # fmt: skip
+        classifier,
+        args.jsonl,
+        None if args.output == "-" else args.output,
+        args.threshold if args.threshold is not None else threshold,
+        small,
+        large,
+    )
+    print(
+        f"{counts['lines']} prompts: {counts['large']} large, {counts['small']} small, {counts['errors']} unreadable",
+        file=sys.stderr,
+    )
     return 0 if counts["errors"] == 0 else 1

@@ -32,14 +32,17 @@ def register(commands: Subcommands) -> None:
         "(a source checkout only: the built package leaves the simulator out)",
     )
     serve.add_argument(
-        "--drain-s", type=float, default=DEFAULT_DRAIN_S,
+        "--drain-s",
+        type=float,
+        default=DEFAULT_DRAIN_S,
         help=f"after SIGTERM, end streams still open after this many seconds with an in-band error (default {DEFAULT_DRAIN_S:g})",
-    )  # fmt: skip
+    )
     serve.add_argument("--data-dir", default=".gateway", help="where the embedded Redis keeps its data")
     serve.add_argument(
-        "--redis-maxmemory", default=DEFAULT_MAXMEMORY,
+        "--redis-maxmemory",
+        default=DEFAULT_MAXMEMORY,
         help=f"memory bound of the embedded Redis; cache entries are evicted first (default {DEFAULT_MAXMEMORY})",
-    )  # fmt: skip
+    )
     serve.set_defaults(run=run)
 
 
@@ -78,14 +81,18 @@ def run(args: argparse.Namespace) -> int:
                 redis = start_embedded_redis(os.path.join(args.data_dir, "redis"), maxmemory=args.redis_maxmemory)
             except RedisServerNotFound:
                 # As with a Redis that is down: requests are served, without the cache and limits.
-                _say("no Redis available: REDIS_URL is unset and the embedded Redis is not installed "
-                     "(pip install 'llm-gateway[embedded-redis]', or set REDIS_URL); serving without the cache and limits")  # fmt: skip
+                _say(
+                    "no Redis available: REDIS_URL is unset and the embedded Redis is not installed "
+                    "(pip install 'llm-gateway[embedded-redis]', or set REDIS_URL); serving without the cache and limits"
+                )
             else:
                 cleanup.callback(redis.stop)
                 redis.supervise(_say)
                 os.environ["REDIS_URL"] = redis.url
-                _say(f"REDIS_URL is unset: started a private Redis 8 on {redis.display_url}, at most "
-                     f"{args.redis_maxmemory} (data in {redis.data_dir}; restarted if it dies)")  # fmt: skip
+                _say(
+                    f"REDIS_URL is unset: started a private Redis 8 on {redis.display_url}, at most "
+                    f"{args.redis_maxmemory} (data in {redis.data_dir}; restarted if it dies)"
+                )
         else:
             _say("using Redis at REDIS_URL")
         policy = loaded.policy
@@ -121,17 +128,31 @@ def _run_server(server: str, host: str, port: int, workers: int, *, kill_after_s
         signal.signal(signal.SIGTERM, _exit_after_shutdown)
 
         uvicorn.run(
-            "gateway.api.app:create_app", factory=True, host=host, port=port, workers=workers,
-            access_log=False, log_level="warning", lifespan="on", timeout_graceful_shutdown=int(kill_after_s),
-        )  # fmt: skip
+            "gateway.api.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            access_log=False,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=int(kill_after_s),
+        )
         return
     from granian.constants import Interfaces
 
     _granian_server()(
-        "gateway.api.app:create_app", factory=True, address=host, port=port, workers=workers,
-        interface=Interfaces.ASGI, log_access=False, log_level="warning", respawn_failed_workers=True,
+        "gateway.api.app:create_app",
+        factory=True,
+        address=host,
+        port=port,
+        workers=workers,
+        interface=Interfaces.ASGI,
+        log_access=False,
+        log_level="warning",
+        respawn_failed_workers=True,
         workers_kill_timeout=int(kill_after_s),
-    ).serve()  # fmt: skip
+    ).serve()
 
 
 def _keep_stdout_for_the_request_log() -> None:

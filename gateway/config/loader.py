@@ -224,8 +224,11 @@ class _NodeReader:
                     ]
                 else:
                     for name in unset:
-                        self._problems.add(path, f"environment variable {name} is not set and has no default "
-                                                 f"(write ${{{name}:-default}} to give one)")  # fmt: skip
+                        self._problems.add(
+                            path,
+                            f"environment variable {name} is not set and has no default "
+                            f"(write ${{{name}:-default}} to give one)",
+                        )
                 return value
             if not node.style:  # plain (None from PyYAML, "" from libyaml): "${PORT}" becomes an int, as if inline
                 tag = self._loader.resolve(yaml.ScalarNode, value, (True, False))  # type: ignore[no-untyped-call]

@@ -312,11 +312,20 @@ class StreamEncoder:
 
     def start(self) -> bytes:
         message: dict[str, Any] = {
-            "id": self._message_id, "type": "message", "role": "assistant", "model": self._model, "content": [],
-            "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": self._input_tokens, "output_tokens": 0,
-                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
-        }  # fmt: skip
+            "id": self._message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": self._model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": self._input_tokens,
+                "output_tokens": 0,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+            },
+        }
         return _event("message_start", {"type": "message_start", "message": message}) + _event("ping", {"type": "ping"})
 
     def feed(self, deltas: list[Delta]) -> bytes:

@@ -51,10 +51,12 @@ def to_chat_body(request: Request) -> dict[str, Any]:
         body["user"] = request.user
     if request.tools:
         body["tools"] = [
-            {"type": "function", "function": _drop_none({"name": t.name, "description": t.description,
-                                                         "parameters": t.parameters})}
+            {
+                "type": "function",
+                "function": _drop_none({"name": t.name, "description": t.description, "parameters": t.parameters}),
+            }
             for t in request.tools
-        ]  # fmt: skip
+        ]
         choice = request.tool_choice
         if choice is not None:
             if choice.mode == "tool":

@@ -214,9 +214,14 @@ class StreamEncoder:
     __slots__ = ("_created", "_echo", "_finish", "_id", "_include_usage", "_model", "_usage")
 
     def __init__(
-        self, completion_id: str, model: str, *, created: int | None = None, echo: str | None = None,
+        self,
+        completion_id: str,
+        model: str,
+        *,
+        created: int | None = None,
+        echo: str | None = None,
         include_usage: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._id = completion_id
         self._model = model
         self._created = created if created is not None else int(time.time())

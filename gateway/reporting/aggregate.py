@@ -125,16 +125,29 @@ class Totals:
     @classmethod
     def _from_list(cls, acc: list[Any]) -> Totals:
         return cls(
-            requests=acc[_REQUESTS], errors=acc[_ERRORS], prompt_tokens=acc[_PROMPT],
-            completion_tokens=acc[_COMPLETION], cost_usd=acc[_COST], baseline_cost_usd=acc[_BASELINE],
-            cache_exact=acc[_EXACT], cache_semantic=acc[_SEMANTIC], cache_saved_usd=acc[_SAVED],
-        )  # fmt: skip
+            requests=acc[_REQUESTS],
+            errors=acc[_ERRORS],
+            prompt_tokens=acc[_PROMPT],
+            completion_tokens=acc[_COMPLETION],
+            cost_usd=acc[_COST],
+            baseline_cost_usd=acc[_BASELINE],
+            cache_exact=acc[_EXACT],
+            cache_semantic=acc[_SEMANTIC],
+            cache_saved_usd=acc[_SAVED],
+        )
 
     def _to_list(self) -> list[Any]:
         return [
-            self.requests, self.errors, self.prompt_tokens, self.completion_tokens, self.cost_usd,
-            self.baseline_cost_usd, self.cache_exact, self.cache_semantic, self.cache_saved_usd,
-        ]  # fmt: skip
+            self.requests,
+            self.errors,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cost_usd,
+            self.baseline_cost_usd,
+            self.cache_exact,
+            self.cache_semantic,
+            self.cache_saved_usd,
+        ]
 
 
 class Aggregator:

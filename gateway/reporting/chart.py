@@ -105,8 +105,14 @@ def _savings_panel(axes: Any, aggregator: Aggregator, days: list[str]) -> None:
     routing = [t.savings_usd - t.cache_saved_usd for t in rows]
     x = range(len(days))
     axes.bar(x, routing, label="saved by routing (a cheaper model answered)", color="tab:green", width=0.8)
-    axes.bar(x, cache, bottom=[max(r, 0.0) for r in routing], label="saved by cache hits (no model called)",
-             color="tab:olive", width=0.8)  # fmt: skip
+    axes.bar(
+        x,
+        cache,
+        bottom=[max(r, 0.0) for r in routing],
+        label="saved by cache hits (no model called)",
+        color="tab:olive",
+        width=0.8,
+    )
     axes.axhline(0, color="black", linewidth=0.6)
     total = aggregator.total()
     share = "" if total.savings_pct is None else f" ({total.savings_pct:.1f}% of the baseline)"

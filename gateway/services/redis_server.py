@@ -138,8 +138,11 @@ class EmbeddedRedis:
     def _spawn(self) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
             [find_redis_server(), str(self.config_path)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, umask=0o077,
-        )  # fmt: skip
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            umask=0o077,
+        )
         deadline = time.monotonic() + self._timeout_s
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -180,9 +183,13 @@ class EmbeddedRedis:
 
 
 def start_embedded_redis(
-    data_dir: str | os.PathLike[str], *, port: int | None = None, password: str | None = None,
-    maxmemory: str = DEFAULT_MAXMEMORY, timeout_s: float = 15.0,
-) -> EmbeddedRedis:  # fmt: skip
+    data_dir: str | os.PathLike[str],
+    *,
+    port: int | None = None,
+    password: str | None = None,
+    maxmemory: str = DEFAULT_MAXMEMORY,
+    timeout_s: float = 15.0,
+) -> EmbeddedRedis:
     """Start it: on a unix socket only, unless ``port`` is given (tests use it, with ``password``, to
     start a server on an address a gateway already knows)."""
     data = Path(data_dir).resolve()

@@ -110,14 +110,22 @@ def start_simulated_upstream(
     tmpdir = Path(tempfile.mkdtemp(prefix="simulated-upstream-"))
     ready_file = tmpdir / "port"
     command = [
-        python, "-m", "gateway.simulated",
-        "--name", name,
-        "--port", str(port),
-        "--latency-ms", str(latency_ms),
-        "--chunk-delay-ms", str(chunk_delay_ms),
-        "--ready-file", str(ready_file),
-        "--parent-pid", str(os.getpid()),
-    ]  # fmt: skip
+        python,
+        "-m",
+        "gateway.simulated",
+        "--name",
+        name,
+        "--port",
+        str(port),
+        "--latency-ms",
+        str(latency_ms),
+        "--chunk-delay-ms",
+        str(chunk_delay_ms),
+        "--ready-file",
+        str(ready_file),
+        "--parent-pid",
+        str(os.getpid()),
+    ]
     process = subprocess.Popen(
         command,
         stdin=subprocess.DEVNULL,

@@ -40,14 +40,20 @@ class AdaptiveK:
         if drafted:
             self._accepted = self._decay * self._accepted + accepted
             self._rejected = self._decay * self._rejected + (1 if accepted < drafted else 0)
-            self._fit = [self._decay * old + new for old, new in
-                         zip(self._fit, (1.0, drafted, drafted * drafted, draft_s, drafted * draft_s), strict=False)]  # fmt: skip
+            self._fit = [
+                self._decay * old + new
+                for old, new in zip(
+                    self._fit, (1.0, drafted, drafted * drafted, draft_s, drafted * draft_s), strict=False
+                )
+            ]
         self._verify_s = _ema(self._verify_s, verify_s)
         if self.k_min != self.k_max and self._verify_s is not None and self._fit[0] > 0:
             fixed, per_token = self._draft_cost()
             verify = self._verify_s + fixed
-            self.k = max(range(self.k_min, self.k_max + 1),
-                         key=lambda k: expected_tokens(self.alpha, k) / (verify + k * per_token))  # fmt: skip
+            self.k = max(
+                range(self.k_min, self.k_max + 1),
+                key=lambda k: expected_tokens(self.alpha, k) / (verify + k * per_token),
+            )
         return self.k
 
     def _draft_cost(self) -> tuple[float, float]:

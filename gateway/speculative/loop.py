@@ -134,13 +134,14 @@ class Decoder:
         burst = 1 if draft.tokens or self._draft is None or self._draft.costly else max(1, min(self._k.k, remaining))
         started = time.perf_counter()
         generation = await self._target.generate(
-            [*context, *draft.tokens], burst,
+            [*context, *draft.tokens],
+            burst,
             temperature=self._temperature,
             logprobs=1,
             prompt_logprobs=(TOP_N if sampled else 1) if draft.tokens else None,
             prompt_tail=len(draft.tokens),
             seed=self._next_seed(),
-        )  # fmt: skip
+        )
         verify_s = time.perf_counter() - started
         self.stats.verify_ms += verify_s * 1000
         cpu = time.thread_time()

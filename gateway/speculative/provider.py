@@ -44,8 +44,18 @@ PROBE_TEXT = (
 )
 """Text both servers must tokenize identically: prose, code, numbers, several scripts, emoji, special-looking strings."""
 
-_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias",
-                "guided_json", "guided_regex", "guided_choice", "structured_outputs")  # fmt: skip
+_UNSUPPORTED = (
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+    "logit_bias",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "structured_outputs",
+)
 
 
 @dataclass(slots=True)
@@ -152,12 +162,24 @@ class SpeculativeProvider(Provider):
         usage = Usage(len(run.prompt), run.assembler.completion_tokens)
         content = "".join(text)
         data = {
-            "id": run.id, "object": "chat.completion", "created": run.created, "model": body.get("model", self.upstream_model),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "logprobs": None, "finish_reason": run.assembler.finish_reason}],
-            "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                      "total_tokens": usage.prompt_tokens + usage.completion_tokens},
-        }  # fmt: skip
+            "id": run.id,
+            "object": "chat.completion",
+            "created": run.created,
+            "model": body.get("model", self.upstream_model),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "logprobs": None,
+                    "finish_reason": run.assembler.finish_reason,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            },
+        }
         return SpeculativeCompletion(_encode(data), usage, content, speculation=run.stats)
 
     async def open_stream(self, body: dict[str, Any]) -> ChatStream:
@@ -199,9 +221,12 @@ class SpeculativeProvider(Provider):
 
     def _plain_stats(self, reason: str) -> SpeculationStats:
         return SpeculationStats(
-            mode="plain", draft_source=self.policy.draft_source, sampling="plain", fallback_to_plain=True,
+            mode="plain",
+            draft_source=self.policy.draft_source,
+            sampling="plain",
+            fallback_to_plain=True,
             fallback_reason=reason,
-        )  # fmt: skip
+        )
 
     def _draft_source(self) -> DraftSource | None:
         if self.policy.draft_source == "prompt_lookup":
@@ -244,9 +269,15 @@ class _Run:
     """One request in flight: the decoder's steps turned into text pieces."""
 
     def __init__(
-        self, provider: SpeculativeProvider, prompt: list[int], max_new: int, decoder: Decoder,
-        assembler: TextAssembler, stats: SpeculationStats, k: AdaptiveK,
-    ) -> None:  # fmt: skip
+        self,
+        provider: SpeculativeProvider,
+        prompt: list[int],
+        max_new: int,
+        decoder: Decoder,
+        assembler: TextAssembler,
+        stats: SpeculationStats,
+        k: AdaptiveK,
+    ) -> None:
         self.provider = provider
         self.prompt = prompt
         self.assembler = assembler
@@ -326,10 +357,15 @@ class _SpeculativeStream(ChatStream):
         return self._queue.popleft()
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return _encode({
-            "id": self._run.id, "object": "chat.completion.chunk", "created": self._run.created, "model": self._model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        })  # fmt: skip
+        return _encode(
+            {
+                "id": self._run.id,
+                "object": "chat.completion.chunk",
+                "created": self._run.created,
+                "model": self._model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
+        )
 
     async def aclose(self) -> None:
         await self._run.aclose()
