@@ -70,7 +70,8 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     speculation: dict[str, Any] | None = None
     """Speculative decoding: mode, rounds, drafted and accepted tokens, large-model calls, fallback."""
     protocol: str = "openai.chat"
-    """The API the client called: ``openai.chat``, ``openai.completions``, ``openai.responses`` or ``anthropic.messages``."""
+    """The API the client called: ``openai.chat``, ``openai.completions``, ``openai.responses``,
+    ``openai.embeddings`` or ``anthropic.messages``."""
 
 
 @dataclass(slots=True)
