@@ -27,6 +27,7 @@ from gateway.errors import GatewayError, InvalidRequestError
 from gateway.limits import Limiter, Reservation
 from gateway.pipeline import Answer, BodyReader
 from gateway.pricing import cost_usd
+from gateway.protocols.body import decode_body
 from gateway.routing import RoutePlan
 from gateway.runtime import Runtime, RuntimeHolder
 from gateway.store import keyspace
@@ -217,16 +218,7 @@ class EmbeddingsPipeline:
 
 
 def _parse(raw: bytes) -> tuple[_EmbeddingsRequest, list[str] | list[list[int]]]:
-    if not raw:
-        raise InvalidRequestError("the request body is empty; expected a JSON object")
-    try:
-        request = msgspec.json.decode(raw, type=_EmbeddingsRequest)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequestError(f"invalid request: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidRequestError("the request body is nested too deeply") from None
+    request = decode_body(raw, _EmbeddingsRequest)
     value: Any = request.input
     inputs: list[str] | list[list[int]]
     if isinstance(value, str):

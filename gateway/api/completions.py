@@ -31,7 +31,7 @@ _PROTOCOL = "openai.completions"
 async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     asked: list[completions.Completion] = []
 
-    def translate(raw: bytes) -> bytes:
+    async def translate(raw: bytes) -> bytes:
         decoded = completions.decode_request(raw)
         asked.append(decoded)
         return msgspec.json.encode(completions.to_chat_body(decoded))
@@ -72,26 +72,17 @@ async def _frames(answer: StreamingAnswer, encoder: completions.StreamEncoder) -
     start = encoder.start()
     if start:
         yield start
-    pending = b""
     ended = False
-    async for piece in answer.events:
+    async for chunk in openai_chat.chat_stream_chunks(answer.events):
         if ended:
             continue
-        pending += piece
-        *frames, pending = pending.split(b"\n\n")
-        for frame in frames:
-            if not frame.startswith(b"data: "):
-                continue
-            data = frame[6:]
-            if data == b"[DONE]":
-                ended = True
-                yield encoder.finish()
-                break
-            chunk = msgspec.json.decode(data)
-            if "error" in chunk:
-                ended = True
-                yield frame + b"\n\n"
-                break
+        if chunk is None:
+            ended = True
+            yield encoder.finish()
+        elif "error" in chunk:
+            ended = True
+            yield b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+        else:
             out = encoder.feed(reader.read(chunk))
             if out:
                 yield out

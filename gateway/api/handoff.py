@@ -26,13 +26,14 @@ async def hand_to_pipeline(
     *,
     protocol: str = "openai.chat",
     authorization: str | None = None,
-    translate: Callable[[bytes], bytes] | None = None,
+    translate: Callable[[bytes], Awaitable[bytes]] | None = None,
     embeddings: bool = False,
 ) -> tuple[str, Answer | StreamingAnswer | None]:
     """The request id and the pipeline's answer; None when the client left before it.
 
-    ``translate`` turns another protocol's body into a chat request (raising a
-    GatewayError for a bad one, which the pipeline answers like any other);
+    ``translate`` turns another protocol's body into a chat request, and may wait (the
+    Responses API loads earlier turns from the store); a GatewayError it raises for a
+    bad body is answered by the pipeline like any other;
     ``embeddings``: the embeddings pipeline answers instead of the chat pipeline.
     """
     started = time.perf_counter()
@@ -48,7 +49,7 @@ async def hand_to_pipeline(
         convert = translate
 
         async def read_body(limit: int, timeout_s: float) -> bytes:
-            return convert(await watch.read_body(limit, timeout_s))
+            return await convert(await watch.read_body(limit, timeout_s))
 
     try:
         handle = state.embeddings.handle if embeddings else state.pipeline.handle

@@ -36,7 +36,7 @@ _MAX_COUNT_BODY_BYTES = 32 * 1024 * 1024
 async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     asked: list[CoreRequest] = []
 
-    def translate(raw: bytes) -> bytes:
+    async def translate(raw: bytes) -> bytes:
         decoded = anthropic.decode_request(raw)
         asked.append(decoded)
         return msgspec.json.encode(openai_chat.to_chat_body(decoded))
@@ -108,22 +108,18 @@ async def _events(answer: StreamingAnswer, message_id: str, model: str) -> Async
     reader = openai_chat.ChunkReader()
     encoder = anthropic.StreamEncoder(message_id, model, 0)  # the full usage comes in message_delta
     yield encoder.start()
-    pending = b""
-    async for piece in answer.events:
-        pending += piece
-        *frames, pending = pending.split(b"\n\n")
-        for frame in frames:
-            if not frame.startswith(b"data: "):
-                continue
-            data = frame[6:]
-            if data == b"[DONE]":
-                yield encoder.finish()
-                continue  # read on to the end: the pipeline logs, settles and caches when its stream ends
-            chunk = msgspec.json.decode(data)
-            if "error" in chunk:
-                error = chunk["error"] or {}
-                yield encoder.error(_status_of(error), str(error.get("message") or "upstream error"))
-                continue
+    ended = False
+    async for chunk in openai_chat.chat_stream_chunks(answer.events):
+        if ended:
+            continue
+        if chunk is None:
+            ended = True
+            yield encoder.finish()
+        elif "error" in chunk:
+            ended = True
+            error = chunk["error"] or {}
+            yield encoder.error(_status_of(error), str(error.get("message") or "upstream error"))
+        else:
             out = encoder.feed(reader.read(chunk))
             if out:
                 yield out

@@ -15,11 +15,8 @@ Reading a stored turn needs the store: ``previous_response_id`` is then a 503.
 
 from __future__ import annotations
 
-import asyncio
-import re
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +25,7 @@ import structlog
 from litestar import Request, Response, delete, get, post
 from litestar.response import Stream
 
-from gateway.api.handoff import DisconnectWatch
+from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.core.model import Answer as CoreAnswer
 from gateway.core.model import Message
@@ -50,7 +47,6 @@ __all__ = [
 
 _CLIENT_GONE = Response(content=b"", status_code=499)
 _PROTOCOL = "openai.responses"
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _log = structlog.get_logger("gateway.responses")
 
 
@@ -89,7 +85,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
             turn.history = await _history(store, turn.tenant, decoded.previous_response_id)
         return msgspec.json.encode(codec.to_chat_body(decoded, turn.history))
 
-    _, answer = await _hand_over(request, translate)
+    _, answer = await hand_to_pipeline(request, protocol=_PROTOCOL, translate=translate)
     if answer is None:
         return _CLIENT_GONE
     headers = dict(answer.headers)
@@ -216,36 +212,6 @@ async def _keep(store: ResponseStore, turn: _Turn, response: dict[str, Any], ans
         _log.warning("response_not_stored", response_id=response["id"], reason="store unavailable")
 
 
-async def _hand_over(
-    request: Request[Any, Any, Any], translate: Callable[[bytes], Awaitable[bytes]]
-) -> tuple[str, Answer | StreamingAnswer | None]:
-    """:func:`gateway.api.handoff.hand_to_pipeline` with a translation that may wait (for the store)."""
-    started = time.perf_counter()
-    state: GatewayState = request.app.state.gateway
-    headers = request.headers
-    incoming_id = headers.get("x-request-id")
-    request_id = incoming_id if incoming_id and _REQUEST_ID.fullmatch(incoming_id) else uuid.uuid4().hex
-    task = asyncio.current_task()
-    assert task is not None
-    watch = DisconnectWatch(request, task)
-
-    async def read_body(limit: int, timeout_s: float) -> bytes:
-        return await translate(await watch.read_body(limit, timeout_s))
-
-    try:
-        answer = await state.pipeline.handle(
-            read_body, headers.get("authorization"), headers.get("cache-control"), request_id, started, _PROTOCOL
-        )
-    except asyncio.CancelledError:
-        if not watch.client_left:
-            raise
-        task.uncancel()  # our own cancellation: the client is gone, nothing more to do
-        return request_id, None
-    finally:
-        watch.stop()
-    return request_id, answer
-
-
 async def _events(
     answer: StreamingAnswer, encoder: codec.StreamEncoder, store: ResponseStore, turn: _Turn
 ) -> AsyncIterator[bytes]:
@@ -256,31 +222,22 @@ async def _events(
     """
     reader = openai_chat.ChunkReader()
     yield encoder.start()
-    pending = b""
     ended = False
     try:
-        async for piece in answer.events:
+        async for chunk in openai_chat.chat_stream_chunks(answer.events):
             if ended:
                 continue
-            pending += piece
-            *frames, pending = pending.split(b"\n\n")
-            for frame in frames:
-                if not frame.startswith(b"data: "):
-                    continue
-                data = frame[6:]
-                if data == b"[DONE]":
-                    ended = True
-                    last = encoder.finish()
-                    assert encoder.response is not None
-                    await _keep(store, turn, encoder.response, encoder.answer())
-                    yield last
-                    break
-                chunk = msgspec.json.decode(data)
-                if "error" in chunk:
-                    ended = True
-                    error = chunk["error"] or {}
-                    yield encoder.fail(str(error.get("message") or "upstream error"))
-                    break
+            if chunk is None:
+                ended = True
+                last = encoder.finish()
+                assert encoder.response is not None
+                await _keep(store, turn, encoder.response, encoder.answer())
+                yield last
+            elif "error" in chunk:
+                ended = True
+                error = chunk["error"] or {}
+                yield encoder.fail(str(error.get("message") or "upstream error"))
+            else:
                 out = encoder.feed(reader.read(chunk))
                 if out:
                     yield out

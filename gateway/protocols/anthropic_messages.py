@@ -34,6 +34,7 @@ from gateway.core.model import (
     UsageReport,
 )
 from gateway.errors import InvalidRequestError
+from gateway.protocols.body import decode_body
 
 __all__ = ["StreamEncoder", "decode_request", "encode_answer", "encode_error", "error_type_for", "usage_body"]
 
@@ -102,14 +103,7 @@ class _MessagesRequest(_Wire):
 
 def decode_request(raw: bytes, *, counting: bool = False) -> Request:
     """A Messages request; ``counting``: for ``count_tokens``, where ``max_tokens`` is not required."""
-    try:
-        wire = msgspec.json.decode(raw, type=_MessagesRequest)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequestError(f"invalid request: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidRequestError("the request body is nested too deeply") from None
+    wire = decode_body(raw, _MessagesRequest)
     if wire.max_tokens is None and not counting:
         raise InvalidRequestError("max_tokens: Field required", param="max_tokens")
     if not wire.messages and not counting:

@@ -7,7 +7,10 @@ pipeline (Anthropic Messages today).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
+
+import msgspec
 
 from gateway.core.model import (
     Answer,
@@ -26,7 +29,7 @@ from gateway.core.model import (
     UsageReport,
 )
 
-__all__ = ["ChunkReader", "answer_from_completion", "to_chat_body", "usage_from"]
+__all__ = ["ChunkReader", "answer_from_completion", "chat_stream_chunks", "to_chat_body", "usage_from"]
 
 _FINISH: dict[str, FinishReason] = {
     "stop": "stop",
@@ -177,3 +180,21 @@ def _int(value: Any) -> int:
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
+
+
+async def chat_stream_chunks(events: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any] | None]:
+    """The chat pipeline's SSE frames as chunks, None for ``data: [DONE]``; an in-band error is a
+    chunk with an ``error`` key.
+
+    Read to its end whatever the caller does with what comes after ``[DONE]`` or an error:
+    the pipeline logs, settles and fills the cache when its stream ends, and a stream
+    closed early is a client that left.
+    """
+    pending = b""
+    async for piece in events:
+        pending += piece
+        *frames, pending = pending.split(b"\n\n")
+        for frame in frames:
+            if frame.startswith(b"data: "):
+                data = frame[6:]
+                yield None if data == b"[DONE]" else msgspec.json.decode(data)

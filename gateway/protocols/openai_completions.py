@@ -32,6 +32,7 @@ from gateway.core.model import (
 )
 from gateway.errors import InvalidRequestError
 from gateway.protocols import openai_chat
+from gateway.protocols.body import decode_body
 
 __all__ = ["DEFAULT_MAX_TOKENS", "Completion", "StreamEncoder", "decode_request", "encode_answer", "to_chat_body"]
 
@@ -92,16 +93,7 @@ class Completion:
 
 
 def decode_request(raw: bytes) -> Completion:
-    if not raw:
-        raise InvalidRequestError("the request body is empty; expected a JSON object")
-    try:
-        body = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidRequestError("the request body is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
+    body = decode_body(raw, dict[str, Any])
     try:
         wire = msgspec.convert(body, _CompletionsRequest, strict=True)
     except msgspec.ValidationError as exc:

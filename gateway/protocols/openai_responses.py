@@ -47,6 +47,7 @@ from gateway.core.model import (
 )
 from gateway.errors import InvalidRequestError
 from gateway.protocols import openai_chat
+from gateway.protocols.body import decode_body
 
 __all__ = [
     "ResponsesRequest",
@@ -117,14 +118,7 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
 def decode_request(raw: bytes, *, json_object_ok: Callable[[str], bool] | None = None) -> ResponsesRequest:
     """``json_object_ok(model)``: whether the model can be asked for a JSON object (else
     ``text.format`` is named in ``dropped``); asked only when a request wants one."""
-    try:
-        wire = msgspec.json.decode(raw, type=_ResponsesRequest)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequestError(f"invalid request: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidRequestError("the request body is nested too deeply") from None
+    wire = decode_body(raw, _ResponsesRequest)
     for name in ("background", "conversation", "prompt"):
         if getattr(wire, name) not in (None, False):
             raise InvalidRequestError(f"'{name}' is not supported by this gateway", param=name)
