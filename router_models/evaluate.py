@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 from gateway.classifier import Classifier, load_classifier, select_text
-from gateway.classifier.commands import threshold_for_share
+from gateway.classifier.batch import threshold_for_share
 from router_models.data import HELDOUT_SUBJECTS, Split, load_splits
 from router_models.metrics import apgr_interval, oracle_summary, pgr_curve, summary
 

@@ -27,7 +27,7 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gateway.classifier.commands import calibrate
+    from gateway.classifier.batch import calibrate
 
     if not 0 <= args.target_large_share <= 1:
         print("--target-large-share must be between 0 and 1", file=sys.stderr)

@@ -24,7 +24,7 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gateway.classifier.commands import route_jsonl
+    from gateway.classifier.batch import route_jsonl
 
     small, large, threshold = load_route_or_exit(Path(args.policies), args.route)
     classifier = load_classifier_or_exit(args.artifacts)

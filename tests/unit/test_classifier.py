@@ -18,7 +18,7 @@ import pytest
 import structlog
 
 from gateway.classifier import Classifier, RouterScore, load_classifier, select_text
-from gateway.classifier.commands import calibrate, route_jsonl, threshold_for_share
+from gateway.classifier.batch import calibrate, route_jsonl, threshold_for_share
 from gateway.settings import DEFAULT_ROUTER_ARTIFACTS
 from tests.prompts import EASY, HARD
 

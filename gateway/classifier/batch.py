@@ -1,4 +1,4 @@
-"""``python -m gateway route`` and ``python -m gateway calibrate`` (no upstream is called).
+"""The classifier over a batch of prompts, for the ``route`` and ``calibrate`` commands (no upstream is called).
 
 route_jsonl: one JSON line in (``prompt`` string or ``messages`` list), one out:
 ``{"p_large", "decision": "large"|"small", "model", "text_chars"}`` plus the input's
