@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         for warning in loaded.warnings:
             _say(f"warning: {warning}")
         _say(
-            f"serving the OpenAI API at http://{args.host}:{args.port}/v1 with {args.workers} worker(s) on {args.server}"
+            f"serving the OpenAI and Anthropic APIs at http://{args.host}:{args.port}/v1 "
+            f"with {args.workers} worker(s) on {args.server}"
         )
         os.environ["GATEWAY_POLICIES"] = os.path.abspath(args.policies)
         if args.workers > 1:
