@@ -8,9 +8,7 @@ chain: there is nothing to follow recursively.
 
 Keys are :func:`gateway.store.keyspace.response` (``gw:{<tenant hash>}:resp:<id>``): a
 tenant's lookup can only ever reach its own turns. Records expire after
-:data:`RESPONSE_TTL_S` (30 days, OpenAI's retention for stored responses). The
-:class:`~gateway.store.base.KeyValue` seam has no delete: a deleted turn is overwritten
-by an empty value that expires at once, and an empty value reads as absent.
+:data:`RESPONSE_TTL_S` (30 days, OpenAI's retention for stored responses).
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ RESPONSE_TTL_S = 30 * 24 * 3600
 """How long a stored response is kept: 30 days, as OpenAI keeps them."""
 STORE_TIMEOUT_S = 1.0
 """Deadline of one store call (a record holds a whole conversation: larger than a cache entry)."""
-_TOMBSTONE_TTL_S = 1
 
 
 class StoredResponse(msgspec.Struct, kw_only=True):
@@ -68,8 +65,4 @@ class ResponseStore:
 
     async def delete(self, tenant: str, response_id: str) -> bool:
         """Whether there was a response to delete."""
-        key = keyspace.response(tenant, response_id)
-        if not await self._kv.get(key, self._timeout_s):
-            return False
-        await self._kv.put(key, b"", _TOMBSTONE_TTL_S, self._timeout_s)
-        return True
+        return await self._kv.delete(keyspace.response(tenant, response_id), self._timeout_s)

@@ -113,11 +113,12 @@ async def _start(settings: Settings) -> GatewayState:
         holder, metrics, ExactCache(store.kv), SemanticCache(store.vectors), limiter, scorer=classifier, drain=drain
     )
     embeddings = EmbeddingsPipeline(holder, metrics, store.kv, limiter)
-    state = GatewayState(holder, pipeline, metrics, redis, limiter, request_log, ops_log, embeddings, classifier_info)
+    state = GatewayState(
+        holder, pipeline, metrics, redis, limiter, request_log, ops_log, embeddings, store.kv, classifier_info
+    )
     state.closers.append(drain.aclose)
     if classifier is not None:
         state.closers.append(classifier.aclose)
-    state.kv = store.kv
     holder.reload_on_sighup()
     if settings.watch_policies:
         state.tasks.append(asyncio.create_task(holder.watch(), name="policy-watch"))

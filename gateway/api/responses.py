@@ -149,27 +149,8 @@ async def delete_response(request: Request[Any, Any, Any], response_id: str) -> 
 # -- helpers ----------------------------------------------------------------------
 
 
-class _NoStore:
-    """The store a state without one has: every call is unavailable."""
-
-    async def get(self, key: str, timeout_s: float) -> bytes | None:
-        raise StoreUnavailable
-
-    async def put(self, key: str, value: bytes, ttl_s: int, timeout_s: float) -> None:
-        raise StoreUnavailable
-
-    async def acquire(self, key: str, token: str, ttl_ms: int, timeout_s: float) -> bool:
-        raise StoreUnavailable
-
-    async def release(self, key: str, token: str, timeout_s: float) -> None:
-        raise StoreUnavailable
-
-    async def peek(self, key: str, timeout_s: float) -> tuple[bytes | None, bool]:
-        raise StoreUnavailable
-
-
 def _store(state: GatewayState) -> ResponseStore:
-    return ResponseStore(state.kv if state.kv is not None else _NoStore())
+    return ResponseStore(state.kv)
 
 
 def _not_found(response_id: str, param: str | None = None, code: str | None = None) -> ResponseNotFoundError:

@@ -29,11 +29,11 @@ class GatewayState:
     request_log: RequestLogWriter
     ops_log: RequestLogWriter
     embeddings: EmbeddingsPipeline
+    kv: KeyValue
+    """The shared store's key-value part (stored Responses API turns)."""
     classifier_info: dict[str, object] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    kv: KeyValue | None = None
-    """The shared store's key-value part (stored Responses API turns); None: there is none."""
 
     async def aclose(self) -> None:
         for task in self.tasks:

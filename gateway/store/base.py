@@ -48,6 +48,10 @@ class KeyValue(Protocol):
 
     async def put(self, key: str, value: bytes, ttl_s: int, timeout_s: float) -> None: ...
 
+    async def delete(self, key: str, timeout_s: float) -> bool:
+        """Remove ``key``; whether it was there."""
+        ...
+
     async def acquire(self, key: str, token: str, ttl_ms: int, timeout_s: float) -> bool:
         """Take the lease on ``key`` for ``ttl_ms`` unless another token holds it."""
         ...

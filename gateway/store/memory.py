@@ -52,6 +52,10 @@ class MemoryKeyValue(_Outage):
         self._check()
         self._values[key] = (value, self._clock() + ttl_s)
 
+    async def delete(self, key: str, timeout_s: float) -> bool:
+        self._check()
+        return self._live(key) is not None and self._values.pop(key, None) is not None
+
     async def acquire(self, key: str, token: str, ttl_ms: int, timeout_s: float) -> bool:
         self._check()
         lease = keyspace.lease(key)

@@ -44,6 +44,10 @@ async def test_values_expire_and_leases_have_one_holder(store: Store) -> None:
     assert await store.kv.get(key, T) is None
     await store.kv.put(key, b"answer", 60, T)
     assert await store.kv.get(key, T) == b"answer"
+    other = key + ":other"
+    await store.kv.put(other, b"x", 60, T)
+    assert await store.kv.delete(other, T) is True and await store.kv.get(other, T) is None
+    assert await store.kv.delete(other, T) is False
     assert await store.kv.peek(key, T) == (b"answer", False)
     assert await store.kv.acquire(key, "one", 5_000, T)
     assert not await store.kv.acquire(key, "two", 5_000, T)

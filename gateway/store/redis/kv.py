@@ -27,6 +27,9 @@ class RedisKeyValue:
     async def put(self, key: str, value: bytes, ttl_s: int, timeout_s: float) -> None:
         await self._redis.call(lambda r: r.set(key, value, ex=ttl_s), timeout_s)
 
+    async def delete(self, key: str, timeout_s: float) -> bool:
+        return bool(await self._redis.call(lambda r: r.delete(key), timeout_s))
+
     async def acquire(self, key: str, token: str, ttl_ms: int, timeout_s: float) -> bool:
         lease = keyspace.lease(key)
         return bool(await self._redis.call(lambda r: r.set(lease, token, nx=True, px=ttl_ms), timeout_s))
