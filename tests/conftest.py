@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -75,12 +76,13 @@ async def aclient(gateway: GatewayProcess) -> AsyncIterator[openai.AsyncOpenAI]:
         yield client  # closed on the loop that opened it: its sockets must not outlive the test
 
 
-def inject(upstream: SimulatedUpstream, *faults: dict[str, object]) -> None:
+def inject(upstream: SimulatedUpstream, *faults: Mapping[str, object]) -> None:
     httpx.post(f"{upstream.root_url}/_control/faults", json={"faults": list(faults)}).raise_for_status()
 
 
-def upstream_stats(upstream: SimulatedUpstream) -> dict[str, object]:
-    return httpx.get(f"{upstream.root_url}/_control/stats").json()
+def upstream_stats(upstream: SimulatedUpstream) -> dict[str, Any]:
+    stats: dict[str, Any] = httpx.get(f"{upstream.root_url}/_control/stats").json()
+    return stats
 
 
 @pytest.fixture

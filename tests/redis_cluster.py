@@ -80,12 +80,14 @@ def start_local_cluster(folder: Path, masters: int = 3, timeout_s: float = 20.0)
                     raise RuntimeError(f"a cluster node did not start (exit code {process.poll()})") from None
                 time.sleep(0.05)
     share = _SLOTS // masters
+    # redis-py leaves execute_command unannotated, hence the no-untyped-call ignores below; the typed
+    # client.cluster(...) would parse CLUSTER INFO into a dict, and the raw reply is what is read here.
     for index, client in enumerate(clients):
         last = _SLOTS - 1 if index == masters - 1 else (index + 1) * share - 1
-        client.execute_command("CLUSTER", "ADDSLOTSRANGE", index * share, last)
+        client.execute_command("CLUSTER", "ADDSLOTSRANGE", index * share, last)  # type: ignore[no-untyped-call]
     for port in ports[1:]:
-        clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port)
-    while any(c.execute_command("CLUSTER", "INFO").decode().find("cluster_state:ok") < 0 for c in clients):
+        clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port)  # type: ignore[no-untyped-call]
+    while any(c.execute_command("CLUSTER", "INFO").decode().find("cluster_state:ok") < 0 for c in clients):  # type: ignore[no-untyped-call]
         if time.monotonic() > deadline:
             cluster.stop()
             raise RuntimeError("the local cluster did not reach cluster_state:ok")

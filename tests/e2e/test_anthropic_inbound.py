@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import anthropic
 import httpx
 import pytest
+from anthropic.types import MessageParam, TextBlockParam, ToolUnionParam
 
 from tests.gateway_process import GatewayProcess
 
@@ -64,14 +65,14 @@ def test_raw_stream_events_follow_anthropics_sequence(gateway: GatewayProcess) -
 
 def test_a_claude_code_shaped_request_round_trips(gateway: GatewayProcess) -> None:
     """System blocks with cache_control, tools, a tool_use/tool_result history, anthropic-beta, a stream."""
-    tools = [
+    tools: list[ToolUnionParam] = [
         {
             "name": "read_file",
             "description": "Read a file from disk",
             "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
         }
     ]
-    messages = [
+    messages: list[MessageParam] = [
         {"role": "user", "content": [{"type": "text", "text": "What is in README.md?"}]},
         {
             "role": "assistant",
@@ -88,7 +89,9 @@ def test_a_claude_code_shaped_request_round_trips(gateway: GatewayProcess) -> No
             ],
         },
     ]
-    system = [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}]
+    system: list[TextBlockParam] = [
+        {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}
+    ]
     with anthropic.Anthropic(
         base_url=gateway.url,
         api_key="sk-unused",
@@ -100,10 +103,10 @@ def test_a_claude_code_shaped_request_round_trips(gateway: GatewayProcess) -> No
             model="fast",
             max_tokens=128,
             system=system,
-            tools=tools,  # type: ignore[arg-type]
+            tools=tools,
             messages=messages,
             metadata={"user_id": "dev-1"},
-        ) as stream:  # type: ignore[arg-type]
+        ) as stream:
             final = stream.get_final_message()
     assert final.stop_reason in ("end_turn", "tool_use") and final.content
 

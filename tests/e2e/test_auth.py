@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
@@ -63,7 +65,7 @@ def _sdk(gw: GatewayProcess, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0, timeout=10)
 
 
-def _messages(text: str = "") -> list[dict[str, str]]:
+def _messages(text: str = "") -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": f"{MARKER} {text}".strip()}]
 
 
@@ -75,9 +77,9 @@ def _raw_chat(gw: GatewayProcess, headers: dict[str, str], model: str = "fast") 
 def _assert_openai_error(response: httpx.Response, status: int, error_type: str, code: str) -> dict[str, object]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
+    body: dict[str, Any] = response.json()
     assert set(body) == {"error"}
-    error = body["error"]
+    error: dict[str, object] = body["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == error_type
     assert error["code"] == code

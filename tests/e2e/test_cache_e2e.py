@@ -6,10 +6,12 @@ import concurrent.futures
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
@@ -42,7 +44,7 @@ def _client(gateway: GatewayProcess, key: str = "key-a1") -> openai.OpenAI:
     return openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=15)
 
 
-def _unique(label: str) -> list[dict[str, str]]:
+def _unique(label: str) -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": f"{label} {time.monotonic_ns()}"}]
 
 
@@ -91,8 +93,8 @@ def test_parameters_that_change_the_answer_change_the_key(
 ) -> None:
     client, messages = _client(cached_gateway), _unique("params")
     client.chat.completions.create(model="fast", messages=messages, temperature=0)
-    other = {"temperature": 0, **change}
-    extra = {"extra_body": {"vendor_flag": 1}} if "vendor_flag" in change else {}
+    other: dict[str, Any] = {"temperature": 0, **change}
+    extra: dict[str, Any] = {"extra_body": {"vendor_flag": 1}} if "vendor_flag" in change else {}
     other.pop("vendor_flag", None)
     raw = client.chat.completions.with_raw_response.create(model="fast", messages=messages, **other, **extra)
     assert raw.headers["x-gateway-cache"] == "miss"
@@ -113,7 +115,7 @@ def test_route_is_part_of_the_key(cached_gateway: GatewayProcess) -> None:
 def test_streamed_and_plain_requests_share_entries(cached_gateway: GatewayProcess, stream_first: bool) -> None:
     client, messages = _client(cached_gateway), _unique("stream")
 
-    def streamed() -> tuple[str, str, list[object]]:
+    def streamed() -> tuple[str, str, list[ChatCompletionChunk]]:
         with client.chat.completions.with_streaming_response.create(
             model="fast", messages=messages, temperature=0, stream=True, stream_options={"include_usage": True}
         ) as response:
@@ -129,8 +131,8 @@ def test_streamed_and_plain_requests_share_entries(cached_gateway: GatewayProces
         (c1, t1, _), (c2, t2) = streamed(), plain()
     else:
         (c1, t1), (c2, t2, chunks) = plain(), streamed()
-        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0  # type: ignore[attr-defined]
-        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]  # type: ignore[attr-defined]
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
         assert finishes == ["stop"]
     assert (c1, c2) == ("miss", "exact") and t1 == t2 and t1.startswith("[simulated small]")
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import inject, upstream_stats
 from tests.gateway_process import GatewayProcess
 
-MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "alpha beta gamma"}]
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "alpha beta gamma"},
+]
 
 
 def test_non_streamed_answer_with_gateway_headers(client: openai.OpenAI, gateway: GatewayProcess) -> None:
@@ -125,6 +129,7 @@ def test_concrete_model_can_be_called_directly(client: openai.OpenAI) -> None:
 def test_anthropic_provider_end_to_end(
     client: openai.OpenAI, gateway: GatewayProcess, large_upstream: SimulatedUpstream, stream: bool
 ) -> None:
+    text: str | None
     if stream:
         with client.chat.completions.with_streaming_response.create(
             model="claude", messages=MESSAGES, stream=True, stream_options={"include_usage": True}

@@ -8,6 +8,7 @@ HEALTHCHECK script and .dockerignore rules are exercised here, directly.
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import functools
 import http.server
@@ -189,7 +190,8 @@ def _interpolate(value: Any, env: Mapping[str, str]) -> Any:
 
 def _compose(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     (doc,) = _yaml_docs(COMPOSE)
-    return _interpolate(doc, _env_example() if env is None else env)
+    compose: dict[str, Any] = _interpolate(doc, _env_example() if env is None else env)
+    return compose
 
 
 class _Dockerfile:
@@ -234,8 +236,13 @@ class _Dockerfile:
 
 def _run_all(commands: list[tuple[list[str], Mapping[str, str]]]) -> list[subprocess.CompletedProcess[str]]:
     """Run the commands side by side (each is mostly interpreter start-up); results in order."""
-    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    procs = [(argv, subprocess.Popen(argv, cwd=ROOT, env=dict(env), **pipes)) for argv, env in commands]
+    procs = [
+        (
+            argv,
+            subprocess.Popen(argv, cwd=ROOT, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        )
+        for argv, env in commands
+    ]
     results = []
     for argv, proc in procs:
         try:
@@ -545,9 +552,16 @@ def test_dockerfiles_are_multi_stage_non_root_and_share_entrypoint_and_cmd() -> 
     ]  # fmt: skip
 
 
+def _arg_assignment(rest: str) -> tuple[str, str]:
+    """NAME and value of a Dockerfile `ARG NAME=value` (the value unquoted)."""
+    match = re.match(r"(\w+)=\"?([^\"]*)\"?$", rest)
+    assert match is not None, f"ARG {rest!r} is not NAME=value"
+    return match[1], match[2]
+
+
 def test_gpu_image_is_cuda_12_with_cudnn_9_and_a_matching_onnxruntime() -> None:
     d = _Dockerfile(DEPLOY / "Dockerfile.gpu")
-    args = dict(re.match(r"(\w+)=\"?([^\"]*)\"?$", rest).groups() for rest in d.all("ARG") if "=" in rest)
+    args = dict(_arg_assignment(rest) for rest in d.all("ARG") if "=" in rest)
     assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu24\.04", args["CUDA_IMAGE"])
     assert d.final_stage()[0] == ("FROM", "${CUDA_IMAGE} AS runtime")
     # onnxruntime-gpu >= 1.27 on PyPI is built for CUDA 13: it would fall back to the CPU here.
@@ -576,8 +590,13 @@ def test_compose_and_k8s_arguments_parse_as_the_image_cmd_does(monkeypatch: pyte
     import gateway.cli
     import gateway.cli.serve
 
-    parsed: list[Any] = []
-    monkeypatch.setattr(gateway.cli.serve, "run", lambda args: parsed.append(args) or 0)
+    parsed: list[argparse.Namespace] = []
+
+    def run(args: argparse.Namespace) -> int:
+        parsed.append(args)
+        return 0
+
+    monkeypatch.setattr(gateway.cli.serve, "run", run)
     cmd = _Dockerfile(DEPLOY / "Dockerfile").exec_form("CMD")
     for args in (cmd, _compose()["services"]["gateway"]["command"], _gateway_container()["args"]):
         assert gateway.cli.main(args) == 0

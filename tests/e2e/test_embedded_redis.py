@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 import redis
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.accounting.ledger import UsageLedger
 from gateway.accounting.metrics import Metrics
@@ -129,7 +130,7 @@ def test_defect8_a_hung_redis_is_reported_degraded_and_the_cache_says_bypass(
         gateway = start_gateway(tmp_path / "gw", policy, env={"REDIS_URL": f"redis://:pw-8@127.0.0.1:{port}/0"})
         client = openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0, timeout=10)
         ask = client.chat.completions.with_raw_response.create
-        messages = [{"role": "user", "content": f"hung redis {time.time_ns()}"}]
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": f"hung redis {time.time_ns()}"}]
         assert ask(model="fast", messages=messages, temperature=0).headers["x-gateway-cache"] == "miss"
         os.kill(server.pid, signal.SIGSTOP)
         try:

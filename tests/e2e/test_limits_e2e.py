@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -67,7 +68,7 @@ def _chat(
     )
 
 
-def _burst(pair: tuple[GatewayProcess, GatewayProcess], key: str, count: int, **extra: object) -> list[httpx.Response]:
+def _burst(pair: tuple[GatewayProcess, GatewayProcess], key: str, count: int, **extra: Any) -> list[httpx.Response]:
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         return list(
             pool.map(lambda i: _chat(pair[i % 2], key, content=f"req {i} {time.monotonic_ns()}", **extra), range(count))

@@ -62,7 +62,8 @@ def _chat(
 
 
 def _readyz(gw: GatewayProcess) -> dict[str, Any]:
-    return httpx.get(f"{gw.url}/readyz", timeout=5).json()
+    readyz: dict[str, Any] = httpx.get(f"{gw.url}/readyz", timeout=5).json()
+    return readyz
 
 
 def _poll(probe: Callable[[], T], done: Callable[[T], bool], timeout_s: float = 5.0, step_s: float = 0.05) -> T:

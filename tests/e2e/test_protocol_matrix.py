@@ -14,6 +14,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.gateway_process import GatewayProcess
 
@@ -68,12 +69,14 @@ def _chat(oai: openai.OpenAI, _: anthropic.Anthropic, model: str, stream: bool, 
     if tools:
         extra = {"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": _SCHEMA}}],
                  "tool_choice": "required"}  # fmt: skip
-    messages: Any = [{"role": "user", "content": _PROMPT}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": _PROMPT}]
     if not stream:
         message = oai.chat.completions.create(model=model, messages=messages, **extra).choices[0].message
-        calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or []]  # type: ignore[union-attr]
+        calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
         return message.content or "", calls
-    text, names, arguments = "", {}, {}
+    text = ""
+    names: dict[int, str] = {}
+    arguments: dict[int, str] = {}
     for chunk in oai.chat.completions.create(model=model, messages=messages, stream=True, **extra):
         for choice in chunk.choices:
             text += choice.delta.content or ""

@@ -13,6 +13,8 @@ import httpx
 import openai
 import pytest
 import tiktoken
+from anthropic.types import MessageParam
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.simulated import SimulatedUpstream, start_simulated_upstream
 
@@ -53,7 +55,8 @@ async def _faults(control: httpx.AsyncClient, *faults: dict[str, Any]) -> None:
 
 
 async def _stats(control: httpx.AsyncClient) -> dict[str, Any]:
-    return (await control.get("/_control/stats")).json()
+    stats: dict[str, Any] = (await control.get("/_control/stats")).json()
+    return stats
 
 
 async def _wait_for(control: httpx.AsyncClient, key: str, value: int) -> dict[str, Any]:
@@ -69,7 +72,7 @@ def _prompt_tokens(*contents: str) -> int:
     return sum(len(_ENC.encode(c)) + 3 for c in contents) + 3
 
 
-USER = [{"role": "user", "content": "hello world"}]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello world"}]
 
 # ------------------------------------------------------------------------ basics
 
@@ -85,11 +88,11 @@ async def test_healthz_and_models(
 
 
 async def test_chat_completion(oai: openai.AsyncOpenAI) -> None:
-    messages = [
+    messages: list[ChatCompletionMessageParam] = [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "hello world"},
     ]
-    result = await oai.chat.completions.create(model="gpt-x", messages=messages)  # type: ignore[arg-type]
+    result = await oai.chat.completions.create(model="gpt-x", messages=messages)
     assert result.object == "chat.completion"
     assert result.id.startswith("chatcmpl-sim-")
     assert result.model == "gpt-x"
@@ -106,7 +109,7 @@ async def test_chat_completion(oai: openai.AsyncOpenAI) -> None:
 
 async def test_chat_content_parts_and_word_limit(oai: openai.AsyncOpenAI) -> None:
     words = [f"w{i}" for i in range(20)]
-    messages = [
+    messages: list[ChatCompletionMessageParam] = [
         {"role": "user", "content": "earlier"},
         {"role": "assistant", "content": "reply"},
         {
@@ -114,7 +117,7 @@ async def test_chat_content_parts_and_word_limit(oai: openai.AsyncOpenAI) -> Non
             "content": [{"type": "text", "text": " ".join(words[:10])}, {"type": "text", "text": " ".join(words[10:])}],
         },
     ]
-    result = await oai.chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
+    result = await oai.chat.completions.create(model="m", messages=messages)
     assert result.choices[0].message.content == "[simulated small] " + " ".join(reversed(words[:12]))
 
 
@@ -124,15 +127,15 @@ async def test_chat_without_user_words(oai: openai.AsyncOpenAI) -> None:
 
 
 async def test_chat_max_tokens_and_stop(oai: openai.AsyncOpenAI) -> None:
-    cut = await oai.chat.completions.create(model="m", messages=USER, max_tokens=3)  # type: ignore[arg-type]
+    cut = await oai.chat.completions.create(model="m", messages=USER, max_tokens=3)
     assert cut.choices[0].finish_reason == "length"
     assert cut.choices[0].message.content == _ENC.decode(_ENC.encode("[simulated small] world hello")[:3])
     assert cut.usage is not None and cut.usage.completion_tokens == 3
 
-    newer = await oai.chat.completions.create(model="m", messages=USER, max_completion_tokens=1000)  # type: ignore[arg-type]
+    newer = await oai.chat.completions.create(model="m", messages=USER, max_completion_tokens=1000)
     assert newer.choices[0].finish_reason == "stop"
 
-    stopped = await oai.chat.completions.create(model="m", messages=USER, stop=["hello", " world"])  # type: ignore[arg-type]
+    stopped = await oai.chat.completions.create(model="m", messages=USER, stop=["hello", " world"])
     assert stopped.choices[0].message.content == "[simulated small]"
     assert stopped.choices[0].finish_reason == "stop"
 
@@ -156,7 +159,7 @@ async def test_chat_stream_with_usage(oai: openai.AsyncOpenAI) -> None:
         model="m",
         messages=USER,
         stream=True,
-        stream_options={"include_usage": True},  # type: ignore[arg-type]
+        stream_options={"include_usage": True},
     )
     chunks = [chunk async for chunk in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -189,12 +192,12 @@ async def test_chat_stream_raw_events(control: httpx.AsyncClient) -> None:
 async def test_fault_status_with_retry_after(oai: openai.AsyncOpenAI, control: httpx.AsyncClient) -> None:
     await _faults(control, {"status": 429, "retry_after": 7}, {"status": 503})
     with pytest.raises(openai.RateLimitError) as info:
-        await oai.chat.completions.create(model="m", messages=USER)  # type: ignore[arg-type]
+        await oai.chat.completions.create(model="m", messages=USER)
     assert info.value.response.headers["retry-after"] == "7"
     assert info.value.code == "rate_limit_exceeded"
     with pytest.raises(openai.InternalServerError):
-        await oai.chat.completions.create(model="m", messages=USER)  # type: ignore[arg-type]
-    ok = await oai.chat.completions.create(model="m", messages=USER)  # type: ignore[arg-type]
+        await oai.chat.completions.create(model="m", messages=USER)
+    ok = await oai.chat.completions.create(model="m", messages=USER)
     assert ok.choices[0].finish_reason == "stop"
 
 
@@ -206,7 +209,7 @@ async def test_fault_verbatim_body(control: httpx.AsyncClient) -> None:
 
 async def test_fault_text_and_omit_usage(oai: openai.AsyncOpenAI, control: httpx.AsyncClient) -> None:
     await _faults(control, {"text": "exact answer", "omit_usage": True}, {"omit_usage": True})
-    result = await oai.chat.completions.create(model="m", messages=USER)  # type: ignore[arg-type]
+    result = await oai.chat.completions.create(model="m", messages=USER)
     assert result.choices[0].message.content == "exact answer"
     assert result.usage is None
     stream = await control.post(
@@ -219,7 +222,7 @@ async def test_fault_text_and_omit_usage(oai: openai.AsyncOpenAI, control: httpx
 async def test_fault_close(oai: openai.AsyncOpenAI, control: httpx.AsyncClient) -> None:
     await _faults(control, {"close": True})
     with pytest.raises(openai.APIConnectionError):
-        await oai.chat.completions.create(model="m", messages=USER)  # type: ignore[arg-type]
+        await oai.chat.completions.create(model="m", messages=USER)
     stats = await _wait_for(control, "in_flight", 0)
     assert stats["cancelled"] == 0 and stats["chat_requests"] == 1
 
@@ -266,7 +269,7 @@ async def test_bad_fault_rejected(control: httpx.AsyncClient) -> None:
 
 
 async def test_stats_and_reset(oai: openai.AsyncOpenAI, control: httpx.AsyncClient) -> None:
-    await oai.chat.completions.create(model="m", messages=USER, temperature=0.5)  # type: ignore[arg-type]
+    await oai.chat.completions.create(model="m", messages=USER, temperature=0.5)
     stats = await _stats(control)
     assert (stats["requests"], stats["chat_requests"], stats["messages_requests"]) == (1, 1, 0)
     last = stats["last_request"]
@@ -278,7 +281,7 @@ async def test_stats_and_reset(oai: openai.AsyncOpenAI, control: httpx.AsyncClie
     await control.post("/_control/reset")
     stats = await _stats(control)
     assert stats["requests"] == 0 and stats["last_request"] is None
-    await oai.chat.completions.create(model="m", messages=USER)  # type: ignore[arg-type]  # fault was cleared
+    await oai.chat.completions.create(model="m", messages=USER)  # fault was cleared
 
 
 async def test_reset_keeps_in_flight_accurate(control: httpx.AsyncClient) -> None:
@@ -317,10 +320,10 @@ async def test_anthropic_message(claude: anthropic.AsyncAnthropic, control: http
 
 
 async def test_anthropic_limits(claude: anthropic.AsyncAnthropic) -> None:
-    blocks = [{"role": "user", "content": [{"type": "text", "text": "hello world"}]}]
-    cut = await claude.messages.create(model="c", max_tokens=2, messages=blocks)  # type: ignore[arg-type]
+    blocks: list[MessageParam] = [{"role": "user", "content": [{"type": "text", "text": "hello world"}]}]
+    cut = await claude.messages.create(model="c", max_tokens=2, messages=blocks)
     assert cut.stop_reason == "max_tokens" and cut.usage.output_tokens == 2
-    stopped = await claude.messages.create(model="c", max_tokens=50, messages=blocks, stop_sequences=["zzz", "hello"])  # type: ignore[arg-type]
+    stopped = await claude.messages.create(model="c", max_tokens=50, messages=blocks, stop_sequences=["zzz", "hello"])
     assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == "hello"
     assert stopped.content[0].text == "[simulated small] world "  # type: ignore[union-attr]
 
@@ -360,7 +363,7 @@ async def test_anthropic_errors(claude: anthropic.AsyncAnthropic, control: httpx
     assert no_version.status_code == 400
     await _faults(control, {"status": 529})
     with pytest.raises(anthropic.APIStatusError) as info:
-        await claude.messages.create(model="c", max_tokens=5, messages=USER)  # type: ignore[arg-type]
+        await claude.messages.create(model="c", max_tokens=5, messages=[{"role": "user", "content": "hello world"}])
     assert info.value.status_code == 529
     assert info.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
 
@@ -378,7 +381,7 @@ async def test_latency_and_context_manager() -> None:
         assert slow.url == f"http://127.0.0.1:{slow.port}/v1"
         async with openai.AsyncOpenAI(base_url=slow.url, api_key="x", max_retries=0) as client:
             started = time.monotonic()
-            result = await client.chat.completions.create(model="m", messages=USER)  # type: ignore[arg-type]
+            result = await client.chat.completions.create(model="m", messages=USER)
         assert time.monotonic() - started >= 0.15
         assert result.choices[0].message.content == "[simulated slow] world hello"
     assert slow.process.returncode == 0

@@ -129,7 +129,7 @@ async def test_greedy_output_is_the_large_models_own(pair: tuple[Provider, Provi
     spec = _spec(pair)
     await spec.check_pair()
     drafted = accepted = 0
-    finishes = Counter()
+    finishes: Counter[str] = Counter()
     for prompt in _PROMPTS:
         body = _body(prompt, max_tokens=80)
         got = await spec.complete(body)

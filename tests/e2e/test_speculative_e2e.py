@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.services.redis_server import EmbeddedRedis
 from tests.gateway_process import GatewayProcess, start_gateway
@@ -64,7 +65,7 @@ def gateway(
 def test_speculative_answers_equal_the_large_models_own(gateway: GatewayProcess, stream: bool) -> None:
     client = openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0, timeout=30)
     for prompt in PROMPTS:
-        messages = [{"role": "user", "content": prompt}]
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": prompt}]
         plain = client.chat.completions.create(model="large-plain", messages=messages, temperature=0, max_tokens=40)
         if stream:
             with client.chat.completions.with_streaming_response.create(

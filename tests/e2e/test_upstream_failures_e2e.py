@@ -5,23 +5,26 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import inject, upstream_stats
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
-MESSAGES = [{"role": "user", "content": "hello"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
 
 def _error(response: httpx.Response) -> dict[str, object]:
-    body = response.json()
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    return body["error"]
+    body: dict[str, Any] = response.json()
+    error: dict[str, object] = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
 
 
 def _chat(gateway: GatewayProcess, **body: object) -> httpx.Response:

@@ -250,7 +250,8 @@ def _perturb(settings: Settings, key: tuple[int, int, int], target: np.ndarray) 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max()
-    return shifted - math.log(float(np.exp(shifted).sum()))
+    log_probs: np.ndarray = shifted - math.log(float(np.exp(shifted).sum()))
+    return log_probs
 
 
 def _choose(logits: np.ndarray, temperature: float, rng: random.Random, bias: dict[int, float]) -> int:
