@@ -57,11 +57,6 @@ class EmbeddingsPipeline:
         self._metrics = metrics
         self._store = store
         self._limiter = limiter
-        self._background: set[asyncio.Task[None]] = set()
-
-    async def drain(self) -> None:
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
 
     async def handle(
         self,
@@ -204,17 +199,7 @@ class EmbeddingsPipeline:
         self._metrics.observe(record)
         _request_log.info("request", **request_event(record))
         if reservation is not None:
-            used = UsageFigures(
-                requests=1,
-                prompt_tokens=record.prompt_tokens,
-                cost_usd=record.cost_usd,
-                cache_saved_usd=record.cache_saved_usd or 0.0,
-                cache_hits=int(record.cache == "exact"),
-                errors=int(record.status >= 400),
-            )
-            task = asyncio.get_running_loop().create_task(self._limiter.settle(runtime.policy, reservation, used))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._limiter.settle_later(runtime.policy, reservation, UsageFigures.of_request(record))
 
 
 def _parse(raw: bytes) -> tuple[_EmbeddingsRequest, list[str] | list[list[int]]]:

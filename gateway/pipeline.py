@@ -119,12 +119,6 @@ class ChatPipeline:
         self._semantic = semantic
         self._limiter = limiter
         self._scorer = scorer
-        self._background: set[asyncio.Task[None]] = set()
-
-    async def drain(self) -> None:
-        """Wait for background accounting (budget settlement) to finish: called at shutdown."""
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
 
     async def handle(
         self,
@@ -516,24 +510,7 @@ class ChatPipeline:
         self._metrics.observe(record)
         _request_log.info("request", **request_event(record))
         if x.reservation is not None:
-            self._settle_later(x.runtime, x.reservation, record)
-
-    def _settle_later(self, runtime: Runtime, reservation: Reservation, record: RequestRecord) -> None:
-        """Charge the actual cost off the request's path: the answer does not wait for it."""
-        used = UsageFigures(
-            requests=1,
-            prompt_tokens=record.prompt_tokens,
-            completion_tokens=record.completion_tokens,
-            cost_usd=record.cost_usd,
-            baseline_cost_usd=record.baseline_cost_usd,
-            cache_saved_usd=record.cache_saved_usd or 0.0,
-            cache_hits=int(record.cache in ("exact", "semantic")),
-            errors=int(record.status >= 400),
-        )
-        settle = self._limiter.settle(runtime.policy, reservation, used)
-        task = asyncio.get_running_loop().create_task(settle)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+            self._limiter.settle_later(x.runtime.policy, x.reservation, UsageFigures.of_request(record))
 
 
 def _internal_error(x: _Exchange, exc: Exception) -> GatewayError:

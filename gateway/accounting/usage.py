@@ -10,6 +10,8 @@ from collections.abc import Iterator, Mapping
 
 import msgspec
 
+from gateway.accounting.request_log import RequestRecord
+
 __all__ = ["USAGE_FIELDS", "UsageFigures"]
 
 
@@ -45,6 +47,20 @@ class UsageFigures(msgspec.Struct, kw_only=True):
             value = getattr(self, name)
             if value:
                 yield name, value
+
+    @classmethod
+    def of_request(cls, record: RequestRecord) -> UsageFigures:
+        """What one finished request adds to its key's and tenant's usage."""
+        return cls(
+            requests=1,
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
+            cost_usd=record.cost_usd,
+            baseline_cost_usd=record.baseline_cost_usd,
+            cache_saved_usd=record.cache_saved_usd or 0.0,
+            cache_hits=int(record.cache in ("exact", "semantic")),
+            errors=int(record.status >= 400),
+        )
 
     @classmethod
     def from_hash(cls, raw: Mapping[bytes | str, bytes | str]) -> UsageFigures:

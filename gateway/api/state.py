@@ -41,8 +41,6 @@ class GatewayState:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await self.pipeline.drain()
-        await self.embeddings.drain()
         await self.limiter.aclose()
         for close in self.closers:
             await close()

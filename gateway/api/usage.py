@@ -38,7 +38,7 @@ async def usage(request: Request[Any, Any, Any]) -> Response[bytes]:
     else:
         keys = [(principal.key_id, principal.tenant)]
     # This worker's own figures are made current; other workers write theirs every USAGE_FLUSH_S.
-    await state.pipeline.drain()
+    await state.limiter.drain()
     await state.limiter.ledger.flush()
     totals = await state.limiter.ledger.read(keys, start, end)
     if totals is None:

@@ -10,6 +10,7 @@ the request to the usage ``/v1/usage`` reads.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ class Limiter:
     def __init__(self, counters: LimitCounters, ledger: UsageLedger) -> None:
         self._counters = counters
         self.ledger = ledger
+        self._settling: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def enforces(policy: Policy, principal: Principal) -> bool:
@@ -113,7 +115,19 @@ class Limiter:
         except StoreUnavailable:
             pass  # the reservation stands in for the actual figures
 
+    def settle_later(self, policy: Policy, reservation: Reservation, used: UsageFigures) -> None:
+        """:meth:`settle` off the request's path: the answer does not wait for the store."""
+        task = asyncio.get_running_loop().create_task(self.settle(policy, reservation, used))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def drain(self) -> None:
+        """Wait for the settlements still running (before a usage read, and at shutdown)."""
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+
     async def aclose(self) -> None:
+        await self.drain()
         await self.ledger.aclose()
 
 

@@ -52,6 +52,7 @@ class Harness:
     upstream: FakeUpstream
     store: Store
     holder: RuntimeHolder
+    limiter: Limiter
 
     async def ask(
         self, content: str, *, key: str = "alice", model: str = "fast", cache_control: str | None = None, **extra: Any
@@ -86,12 +87,12 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
         store = memory_store()
         limiter = Limiter(store.counters, UsageLedger(store.counters))
         pipeline = ChatPipeline(holder, metrics, ExactCache(store.kv), SemanticCache(store.vectors), limiter, None)
-        made.append(Harness(pipeline, upstream, store, holder))
+        made.append(Harness(pipeline, upstream, store, holder, limiter))
         return made[-1]
 
     yield make
     for harness in made:
-        await harness.pipeline.drain()
+        await harness.limiter.drain()
         await harness.holder.aclose()
 
 

@@ -94,7 +94,7 @@ async def test_a_stream_is_relayed_and_then_served_from_the_cache(harness: Harne
     assert text.strip() == "small says: em maerts"
     assert payloads[-1]["usage"]["completion_tokens"] > 0
     assert data[-2] == b"data: [DONE]"
-    await harness.pipeline.drain()
+    await harness.limiter.drain()
     again = await harness.ask("stream me", stream=True)
     assert isinstance(again, StreamingAnswer) and again.headers["x-gateway-cache"] == "exact"
     assert harness.upstream.calls_to("small") == 1
