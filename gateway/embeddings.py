@@ -125,7 +125,9 @@ class EmbeddingsPipeline:
         use_cache = policy.enabled and policy.exact.enabled
         read, write = use_cache and "no-cache" not in directives, use_cache and "no-store" not in directives
         timeout_s = policy.redis_timeout_ms / 1000
-        keys = [_key(record.tenant, plan.route, request.dimensions, item) for item in inputs]
+        primary = plan.candidates[0]
+        space = (primary, runtime.policy.models[primary].upstream_model or primary, request.dimensions)
+        keys = [_key(record.tenant, space, item) for item in inputs]
         found: list[np.ndarray | None] = [None] * len(inputs)
         record.cache = "bypass"
         if read:
@@ -147,7 +149,9 @@ class EmbeddingsPipeline:
         asked = [inputs[i] for i in missing]
 
         async def embed(provider: Provider, _: dict[str, Any]) -> Embeddings:
-            return await provider.embed(asked, request.dimensions)  # type: ignore[arg-type]
+            # A fallback's vectors live in another space than the primary's cached ones: it embeds the whole batch.
+            batch = asked if provider.name == primary else inputs
+            return await provider.embed(batch, request.dimensions)  # type: ignore[arg-type]
 
         answered = await dispatch(
             plan.candidates,
@@ -160,6 +164,9 @@ class EmbeddingsPipeline:
         )
         provider = info.provider
         assert provider is not None
+        if provider.name != primary:  # its vectors answer the whole batch and are not cached under the primary's keys
+            write = False
+            missing, hit_tokens = list(range(len(inputs))), 0
         record.model, record.provider, record.upstream_status = provider.name, provider.kind, 200
         billed = answered.prompt_tokens if answered.prompt_tokens is not None else sum(counts[i] for i in missing)
         record.tokens_source = "upstream" if answered.prompt_tokens is not None else "gateway"
@@ -239,8 +246,9 @@ async def _count(inputs: list[str] | list[list[int]], encoding: str, long_chars:
     return [count_text(text, encoding) for text in texts]
 
 
-def _key(tenant: str, route: str, dimensions: int | None, item: str | list[int]) -> str:
-    digest = hashlib.sha256(msgspec.json.encode(["embedding", route, dimensions, item])).hexdigest()
+def _key(tenant: str, space: tuple[str, str, int | None], item: str | list[int]) -> str:
+    """Per tenant and per vector space: the model (policy name and upstream model) and the dimensions."""
+    digest = hashlib.sha256(msgspec.json.encode(["embedding", *space, item])).hexdigest()
     return keyspace.exact(tenant, digest)
 
 

@@ -106,3 +106,21 @@ def test_tokens_per_minute_apply_to_embeddings(gateway_with_cache: GatewayProces
         with pytest.raises(openai.RateLimitError) as refused:
             client.embeddings.create(model="embed", input="word " * 60)
     assert "key.tpm" in refused.value.message
+
+
+def test_a_fallback_embeds_the_whole_batch_and_is_not_cached_as_the_primary(
+    gateway_with_cache: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """Vectors of two models are not comparable: a response never mixes them, the cache never confuses them."""
+    known, new = "delta vector space text", "epsilon vector space text"
+    with _client(gateway_with_cache, "key-a") as client:
+        client.embeddings.create(model="vectors", input=[known])  # cached for the primary (embed)
+        inject(small_upstream, {"status": 503}, {"status": 503})
+        before = upstream_stats(large_upstream)["embeddings_requests"]
+        fallback = client.embeddings.with_raw_response.create(model="vectors", input=[known, new])
+        assert fallback.headers["x-gateway-model"] == "embed-large"
+        assert upstream_stats(large_upstream)["embeddings_requests"] == before + 1  # both inputs, one call
+        record = gateway_with_cache.wait_for_record(fallback.headers["x-request-id"])
+        assert not record["cache_saved_usd"]
+        again = client.embeddings.with_raw_response.create(model="vectors", input=[new])
+    assert again.headers["x-gateway-cache"] == "miss"  # the fallback's vector was not stored as the primary's
