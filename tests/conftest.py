@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import openai
@@ -13,6 +13,28 @@ import pytest
 from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
 from gateway.simulated import SimulatedUpstream, start_simulated_upstream
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
+_open_clients: list[_Closable] = []
+
+
+def closed_after_test(client: C) -> C:
+    """An SDK client the test's teardown closes: one left open keeps pooled sockets that the
+    garbage collector reports later, as a failure of whichever test it happens to run in."""
+    _open_clients.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_sdk_clients() -> Iterator[None]:
+    yield
+    while _open_clients:
+        _open_clients.pop().close()
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
-from tests.conftest import upstream_stats
+from tests.conftest import closed_after_test, upstream_stats
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 UPSTREAM_KEY = "sk-large-secret-123"
@@ -62,7 +62,7 @@ def gw(
 
 
 def _sdk(gw: GatewayProcess, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0, timeout=10)
+    return closed_after_test(openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0, timeout=10))
 
 
 def _messages(text: str = "") -> list[ChatCompletionMessageParam]:

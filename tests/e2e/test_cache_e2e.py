@@ -16,7 +16,7 @@ from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
 from gateway.simulated import SimulatedUpstream
-from tests.conftest import inject, upstream_stats
+from tests.conftest import closed_after_test, inject, upstream_stats
 from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
 CACHE_ON = "{enabled: true, semantic: {enabled: false}, coalesce: {wait_s: 5}, redis_timeout_ms: 1000}"
@@ -41,7 +41,7 @@ def cached_gateway(
 
 
 def _client(gateway: GatewayProcess, key: str = "key-a1") -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=15)
+    return closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=15))
 
 
 def _unique(label: str) -> list[ChatCompletionMessageParam]:
@@ -269,7 +269,7 @@ def test_gateway_serves_without_redis_and_uses_it_again_when_back(
                             expect_ready=False)  # fmt: skip
     redis: EmbeddedRedis | None = None
     try:
-        client = openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0, timeout=10)
+        client = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0, timeout=10))
         messages = _unique("outage")
         for _ in range(3):  # no request fails because of the cache, and none claims to have looked in it
             raw = client.chat.completions.with_raw_response.create(model="fast", messages=messages, temperature=0)

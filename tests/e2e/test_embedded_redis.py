@@ -24,6 +24,7 @@ from gateway.limits import Limiter
 from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
 from gateway.simulated import SimulatedUpstream
 from gateway.store.redis import RedisLimitCounters, SharedRedis, connect
+from tests.conftest import closed_after_test
 from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
 
@@ -128,7 +129,7 @@ def test_defect8_a_hung_redis_is_reported_degraded_and_the_cache_says_bypass(
     gateway: GatewayProcess | None = None
     try:
         gateway = start_gateway(tmp_path / "gw", policy, env={"REDIS_URL": f"redis://:pw-8@127.0.0.1:{port}/0"})
-        client = openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0, timeout=10)
+        client = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0, timeout=10))
         ask = client.chat.completions.with_raw_response.create
         messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": f"hung redis {time.time_ns()}"}]
         assert ask(model="fast", messages=messages, temperature=0).headers["x-gateway-cache"] == "miss"

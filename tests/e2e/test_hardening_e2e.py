@@ -15,6 +15,7 @@ import msgspec
 import pytest
 
 from gateway.simulated import SimulatedUpstream
+from tests.conftest import closed_after_test
 from tests.faulty_upstream import FaultyUpstream, start_faulty_upstream
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
@@ -259,7 +260,7 @@ def test_usage_counts_a_request_as_soon_as_it_is_answered(gw: GatewayProcess) ->
 def test_a_model_can_be_retrieved_by_id_as_openai_serves_it(gw: GatewayProcess) -> None:
     import openai
 
-    client = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
+    client = closed_after_test(openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0))
     assert client.models.retrieve("auto").id == "auto"
     assert client.models.retrieve("small").owned_by == "simulated"
     with pytest.raises(openai.NotFoundError):

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
-from tests.conftest import inject, upstream_stats
+from tests.conftest import closed_after_test, inject, upstream_stats
 from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
 WEATHER_TOOL: Any = {
@@ -308,7 +308,7 @@ def keyed_gateway(
 
 
 def _client(gateway: GatewayProcess, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.base_url, api_key=f"key-{key}", max_retries=0, timeout=10)
+    return closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key=f"key-{key}", max_retries=0, timeout=10))
 
 
 def test_a_tenant_cannot_read_continue_or_delete_another_tenants_response(keyed_gateway: GatewayProcess) -> None:

@@ -17,7 +17,7 @@ from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from gateway.store.keyspace import tenant_prefix
-from tests.conftest import upstream_stats
+from tests.conftest import closed_after_test, upstream_stats
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 SEMANTIC = "{enabled: true, semantic: {threshold: 0.85, ttl_s: 2, max_entries: 4}, coalesce: {enabled: false}, redis_timeout_ms: 1000}"
@@ -43,7 +43,7 @@ def gateway(
 def _ask(
     gateway: GatewayProcess, content: str, key: str = "key-a", **extra: object
 ) -> LegacyAPIResponse[ChatCompletion]:
-    client = openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=15)
+    client = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=15))
     options: dict[str, Any] = {"temperature": 0, **extra}
     return client.chat.completions.with_raw_response.create(
         model="fast", messages=[{"role": "user", "content": content}], **options
@@ -107,7 +107,7 @@ def test_semantic_cache_stays_off_where_policy_says(gateway: GatewayProcess, ext
 
 
 def test_multi_turn_conversations_are_not_semantically_cached(gateway: GatewayProcess) -> None:
-    client = openai.OpenAI(base_url=gateway.base_url, api_key="key-a", max_retries=0, timeout=15)
+    client = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="key-a", max_retries=0, timeout=15))
     turns: list[ChatCompletionMessageParam] = [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},
@@ -149,7 +149,7 @@ def test_each_set_is_capped_oldest_first(gateway: GatewayProcess, redis_server: 
 
 def test_streamed_request_replays_a_semantic_hit(gateway: GatewayProcess) -> None:
     _ask(gateway, "What is the boiling point of water at sea level?")
-    client = openai.OpenAI(base_url=gateway.base_url, api_key="key-a", max_retries=0, timeout=15)
+    client = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="key-a", max_retries=0, timeout=15))
     with client.chat.completions.with_streaming_response.create(
         model="fast", temperature=0, stream=True,
         messages=[{"role": "user", "content": "what is the boiling point of water at sea level"}],

@@ -11,6 +11,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.services.redis_server import EmbeddedRedis
+from tests.conftest import closed_after_test
 from tests.gateway_process import GatewayProcess, start_gateway
 from tests.speculative.servers import ToyServer, start_toy_server
 
@@ -63,7 +64,7 @@ def gateway(
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_speculative_answers_equal_the_large_models_own(gateway: GatewayProcess, stream: bool) -> None:
-    client = openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0, timeout=30)
+    client = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0, timeout=30))
     for prompt in PROMPTS:
         messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": prompt}]
         plain = client.chat.completions.create(model="large-plain", messages=messages, temperature=0, max_tokens=40)
