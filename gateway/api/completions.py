@@ -72,15 +72,10 @@ async def _frames(answer: StreamingAnswer, encoder: completions.StreamEncoder) -
     start = encoder.start()
     if start:
         yield start
-    ended = False
     async for chunk in openai_chat.chat_stream_chunks(answer.events):
-        if ended:
-            continue
         if chunk is None:
-            ended = True
             yield encoder.finish()
         elif "error" in chunk:
-            ended = True
             yield b"data: " + msgspec.json.encode(chunk) + b"\n\n"
         else:
             out = encoder.feed(reader.read(chunk))

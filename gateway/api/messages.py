@@ -108,15 +108,10 @@ async def _events(answer: StreamingAnswer, message_id: str, model: str) -> Async
     reader = openai_chat.ChunkReader()
     encoder = anthropic.StreamEncoder(message_id, model, 0)  # the full usage comes in message_delta
     yield encoder.start()
-    ended = False
     async for chunk in openai_chat.chat_stream_chunks(answer.events):
-        if ended:
-            continue
         if chunk is None:
-            ended = True
             yield encoder.finish()
         elif "error" in chunk:
-            ended = True
             error = chunk["error"] or {}
             yield encoder.error(_status_of(error), str(error.get("message") or "upstream error"))
         else:

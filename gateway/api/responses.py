@@ -16,9 +16,9 @@ Reading a stored turn needs the store: ``previous_response_id`` is then a 503.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
@@ -47,6 +47,7 @@ __all__ = [
 
 _CLIENT_GONE = Response(content=b"", status_code=499)
 _PROTOCOL = "openai.responses"
+T = TypeVar("T")
 _log = structlog.get_logger("gateway.responses")
 
 
@@ -121,12 +122,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
 @get("/v1/responses/{response_id:str}")
 async def retrieve_response(request: Request[Any, Any, Any], response_id: str) -> Response[bytes]:
     """A stored response of the caller's tenant, as it was answered."""
-    state: GatewayState = request.app.state.gateway
-    tenant = state.holder.current.auth.authenticate(request.headers.get("authorization")).tenant
-    try:
-        record = await _store(state).load(tenant, response_id)
-    except StoreUnavailable:
-        raise _unavailable(None) from None
+    record = await _on_stored(request, lambda store, tenant: store.load(tenant, response_id))
     if record is None:
         raise _not_found(response_id)
     return Response(content=msgspec.json.encode(record.response), media_type="application/json")
@@ -134,16 +130,20 @@ async def retrieve_response(request: Request[Any, Any, Any], response_id: str) -
 
 @delete("/v1/responses/{response_id:str}", status_code=200)
 async def delete_response(request: Request[Any, Any, Any], response_id: str) -> Response[bytes]:
-    state: GatewayState = request.app.state.gateway
-    tenant = state.holder.current.auth.authenticate(request.headers.get("authorization")).tenant
-    try:
-        deleted = await _store(state).delete(tenant, response_id)
-    except StoreUnavailable:
-        raise _unavailable(None) from None
-    if not deleted:
+    if not await _on_stored(request, lambda store, tenant: store.delete(tenant, response_id)):
         raise _not_found(response_id)
     body = {"id": response_id, "object": "response", "deleted": True}
     return Response(content=msgspec.json.encode(body), media_type="application/json")
+
+
+async def _on_stored(request: Request[Any, Any, Any], operation: Callable[[ResponseStore, str], Awaitable[T]]) -> T:
+    """``operation`` on the caller's tenant's stored responses; a 503 when the store cannot answer."""
+    state: GatewayState = request.app.state.gateway
+    tenant = state.holder.current.auth.authenticate(request.headers.get("authorization")).tenant
+    try:
+        return await operation(_store(state), tenant)
+    except StoreUnavailable:
+        raise _unavailable(None) from None
 
 
 # -- helpers ----------------------------------------------------------------------
@@ -206,8 +206,6 @@ async def _events(
     ended = False
     try:
         async for chunk in openai_chat.chat_stream_chunks(answer.events):
-            if ended:
-                continue
             if chunk is None:
                 ended = True
                 last = encoder.finish()

@@ -183,18 +183,25 @@ def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
 
 
 async def chat_stream_chunks(events: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any] | None]:
-    """The chat pipeline's SSE frames as chunks, None for ``data: [DONE]``; an in-band error is a
-    chunk with an ``error`` key.
+    """The chat pipeline's SSE frames as chunks, ending with None for ``data: [DONE]`` or with an
+    in-band error (a chunk with an ``error`` key); nothing is yielded after either.
 
-    Read to its end whatever the caller does with what comes after ``[DONE]`` or an error:
-    the pipeline logs, settles and fills the cache when its stream ends, and a stream
-    closed early is a client that left.
+    The stream is still read to its end: the pipeline logs, settles and fills the cache
+    when its stream ends, and a stream closed early is a client that left.
     """
     pending = b""
+    ended = False
     async for piece in events:
+        if ended:
+            continue
         pending += piece
         *frames, pending = pending.split(b"\n\n")
         for frame in frames:
-            if frame.startswith(b"data: "):
-                data = frame[6:]
-                yield None if data == b"[DONE]" else msgspec.json.decode(data)
+            if not frame.startswith(b"data: "):
+                continue
+            data = frame[6:]
+            chunk = None if data == b"[DONE]" else msgspec.json.decode(data)
+            yield chunk
+            if chunk is None or "error" in chunk:
+                ended = True
+                break
