@@ -16,10 +16,6 @@ normalized embedding (for the semantic cache) and ``p_large`` (for ``auto`` rout
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import hashlib
-import json
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +26,7 @@ import numpy as np
 import structlog
 
 from gateway.classifier.text import select_text
+from gateway.inference import ArtifactError, load_onnx_model
 
 _log = structlog.get_logger("gateway.classifier")
 
@@ -47,21 +44,6 @@ class RouterScore:
     embedding: np.ndarray  # float32, L2-normalized, shape (d,)
     truncated: bool = False
     """The text filled the model's token window: the score and embedding may not have seen all of it."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
 
 
 class Classifier:
@@ -214,27 +196,6 @@ class Classifier:
         }
 
 
-def _cuda_probe(ort: Any) -> str | None:
-    """None when the CUDA provider can start here; otherwise why not, found quietly.
-
-    ``onnxruntime-gpu`` lists the CUDA provider on every machine and, asked for it where
-    the driver or CUDA's libraries are missing, prints a red error on each start. Loading
-    the driver and the provider's own library first answers the same question in silence.
-    """
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return "this onnxruntime build has no CUDA provider"
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return "no NVIDIA driver (libcuda.so.1)"
-    provider_library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
-    try:
-        ctypes.CDLL(str(provider_library))
-    except OSError as exc:
-        return f"CUDA libraries missing ({str(exc).split(':')[0]})"
-    return None
-
-
 def load_classifier(
     artifacts_dir: str | Path,
     *,
@@ -250,84 +211,38 @@ def load_classifier(
     by default the GPU variant under CUDA and the CPU variant otherwise.
     Returns None, with a ``classifier_unavailable`` log line saying why, on any failure.
     """
-    d = Path(artifacts_dir)
     try:
-        config_path = d / "config.json"
-        if not config_path.is_file():
-            _log.warning("classifier_unavailable", reason="missing", path=str(config_path))
-            return None
-        try:
-            config = json.loads(config_path.read_text())
-            files: dict[str, str] = config["files"]
-            hashes: dict[str, str] = config.get("sha256", {})
-            int(config["max_tokens"])
-        except (ValueError, KeyError, TypeError) as exc:
-            _log.warning("classifier_unavailable", reason="bad_config", path=str(config_path), error=repr(exc))
-            return None
-
-        import onnxruntime as ort
-        from tokenizers import Tokenizer
-
-        no_cuda = _cuda_probe(ort) if prefer_gpu else "not requested"
-        use_gpu = no_cuda is None
-        if variant is None:
-            variant = config.get("gpu_variant", config["cpu_variant"]) if use_gpu else config["cpu_variant"]
-        if variant not in files:
-            _log.warning("classifier_unavailable", reason="unknown_variant", variant=variant)
-            return None
-        model_path = d / files[variant]
-        tok_path = d / files.get("tokenizer", "tokenizer.json")
-        for p in (model_path, tok_path):
-            if not p.is_file():
-                _log.warning("classifier_unavailable", reason="missing", path=str(p))
-                return None
-            want = hashes.get(p.name)
-            if want is not None:
-                got = _sha256(p)
-                if got != want:
-                    _log.warning(
-                        "classifier_unavailable", reason="sha256_mismatch", path=str(p), expected=want, actual=got
-                    )
-                    return None
-
-        tokenizer = Tokenizer.from_file(str(tok_path))
-        tokenizer.enable_truncation(
+        model = load_onnx_model(
+            artifacts_dir, prefer_gpu=prefer_gpu, variant=variant, intra_op_threads=intra_op_threads
+        )
+    except ArtifactError as exc:
+        _log.warning("classifier_unavailable", reason=exc.reason, **exc.details)
+        return None
+    try:
+        config = model.config
+        model.tokenizer.enable_truncation(
             max_length=int(config["max_tokens"]),
             direction="left" if config.get("truncation") == "left" else "right",
         )
-        tokenizer.no_padding()
-
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = intra_op_threads or _cpu_count()
-        # Idle ONNX threads must not spin: they would take CPU from the event loop and the
-        # other processes on a small machine (measured: embedding p50 12-16 ms -> ~6.5 ms under load).
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        providers: list[Any] = ["CPUExecutionProvider"]
-        if use_gpu:
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
-        outs = [o.name for o in session.get_outputs()]
+        model.tokenizer.no_padding()
+        outs = [o.name for o in model.session.get_outputs()]
         if outs[:2] != ["embedding", "p_large"]:
             _log.warning("classifier_unavailable", reason="unexpected_outputs", outputs=outs)
             return None
-        version = hashes.get(model_path.name) or _sha256(model_path)
         clf = Classifier(
-            session=session,
-            tokenizer=tokenizer,
+            session=model.session,
+            tokenizer=model.tokenizer,
             config=config,
-            model_file=model_path.name,
-            version=version[:16],
+            model_file=model.model_file,
+            version=model.version,
             max_batch=max_batch,
             max_wait_s=max_wait_s,
         )
         clf.score_batch_sync(["warm up"])  # fail here, not on the first request
-        if use_gpu and clf.provider != "CUDAExecutionProvider":
-            _log.warning("classifier_gpu_unavailable", reason="CUDA provider listed but failed to start; using CPU")
-        _log.info("classifier_loaded", **clf.describe(), why_not_cuda=no_cuda)
-        return clf
     except Exception as exc:
-        _log.warning("classifier_unavailable", reason="load_failed", path=str(d), error=repr(exc))
+        _log.warning("classifier_unavailable", reason="load_failed", path=str(artifacts_dir), error=repr(exc))
         return None
+    if model.why_not_cuda is None and clf.provider != "CUDAExecutionProvider":
+        _log.warning("classifier_gpu_unavailable", reason="CUDA provider listed but failed to start; using CPU")
+    _log.info("classifier_loaded", **clf.describe(), why_not_cuda=model.why_not_cuda)
+    return clf
