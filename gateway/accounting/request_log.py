@@ -64,9 +64,12 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     cache_saved_usd: float | None = None
     """Cache hits: the cost the answer had when it was first paid for."""
     cache_similarity: float | None = None
+    cache_p_same: float | None = None
+    """Semantic hits: the verifier's probability that the stored prompt has the same answer."""
     coalesced: bool | None = None
     """True when this request waited for an identical in-flight request's answer."""
     semantic_guard_refusals: int | None = None
+    """Semantic lookups: candidates above the similarity floor that the rules or the verifier refused."""
     speculation: dict[str, Any] | None = None
     """Speculative decoding: mode, rounds, drafted and accepted tokens, large-model calls, fallback."""
     protocol: str = "openai.chat"

@@ -24,8 +24,10 @@ from gateway.api.probes import error_response, healthz, list_models, metrics, re
 from gateway.api.responses import create_response, delete_response, retrieve_response
 from gateway.api.state import GatewayState
 from gateway.api.usage import usage
+from gateway.cache.audit import SemanticAudit
 from gateway.cache.exact import ExactCache
 from gateway.cache.semantic import SemanticCache
+from gateway.cache.verifier import load_verifier
 from gateway.classifier import load_classifier
 from gateway.config.loader import load_policy
 from gateway.drain import Drain
@@ -107,16 +109,30 @@ async def _start(settings: Settings) -> GatewayState:
     else:
         classifier_info = {"loaded": True, **classifier.describe()}
         _log.info("router_loaded", **classifier_info)
+    verifier = await asyncio.to_thread(load_verifier)
+    if verifier is None:
+        _log.warning("cache_verifier_not_loaded", effect="the semantic cache serves no hits")
+    audit = SemanticAudit(metrics)
     drain = Drain(settings.drain_s)
     drain.install_signal_handler(asyncio.get_running_loop())
     pipeline = ChatPipeline(
-        holder, metrics, ExactCache(store.kv), SemanticCache(store.vectors), limiter, scorer=classifier, drain=drain
+        holder,
+        metrics,
+        ExactCache(store.kv),
+        SemanticCache(store.vectors, verifier),
+        limiter,
+        scorer=classifier,
+        drain=drain,
+        audit=audit,
     )
     embeddings = EmbeddingsPipeline(holder, metrics, store.kv, limiter)
     state = GatewayState(
         holder, pipeline, metrics, redis, limiter, request_log, ops_log, embeddings, store.kv, classifier_info
     )
     state.closers.append(drain.aclose)
+    state.closers.append(audit.aclose)
+    if verifier is not None:
+        state.closers.append(verifier.aclose)
     if classifier is not None:
         state.closers.append(classifier.aclose)
     holder.reload_on_sighup()

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["CachedAnswer", "completion_from_stream", "replay_json", "replay_sse", "without_identity"]
+__all__ = ["CachedAnswer", "answer_text", "completion_from_stream", "replay_json", "replay_sse", "without_identity"]
 
 
 class CachedAnswer(msgspec.Struct, kw_only=True):
@@ -20,9 +20,7 @@ class CachedAnswer(msgspec.Struct, kw_only=True):
     cost_usd: float
     created_at: float
     prompt: str | None = None
-    """Semantic entries: the prompt text the guard compares against."""
-    prompt_truncated: bool = False
-    """Semantic entries: the prompt ran past the embedding's window (the guard is stricter)."""
+    """Semantic entries: the prompt text a new prompt is checked against."""
     identity_free: bool = False
     """``body`` was stored without its id and time (entries written before this field have them)."""
 
@@ -73,6 +71,16 @@ def completion_from_stream(
 
 
 _PIECE_CHARS = 24
+
+
+def answer_text(answer: CachedAnswer) -> str:
+    """The first choice's message text (what an audit compares with a fresh answer)."""
+    try:
+        message = msgspec.json.decode(answer.body)["choices"][0]["message"]
+        content = message.get("content")
+        return content if isinstance(content, str) else ""
+    except (msgspec.DecodeError, KeyError, IndexError, TypeError, AttributeError):
+        return ""
 
 
 def without_identity(completion_body: bytes) -> bytes:

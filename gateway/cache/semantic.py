@@ -1,9 +1,22 @@
-"""The semantic cache: one vector index per namespace, searched for an earlier prompt that means the same.
+"""The semantic cache: one vector index per namespace, searched for an earlier prompt that
+asks the same thing, and a check of each candidate before it is served.
 
 A namespace is specific to a tenant, a route, the system prompt and the parameters that
-change the answer (see :func:`gateway.cache.plan.plan_cache`). An element whose answer
-has expired is never served: the lookup removes it. Candidates above the threshold pass
-through :func:`gateway.cache.guard.guard_allows` before they are served.
+change the answer (see :func:`gateway.cache.plan.plan_cache`). A lookup:
+
+1. the ``_CANDIDATES`` nearest stored prompts at cosine ≥ ``threshold`` (a loose floor:
+   the embedding finds candidates, it cannot tell a paraphrase from a near miss);
+2. an element whose answer has expired is never served: the lookup removes it;
+3. with ``guard`` on, :func:`gateway.cache.structure.conflicts` refuses a candidate whose
+   numbers, options, code or script differ;
+4. the verifier (:mod:`gateway.cache.verifier`) judges the rest in one batch (a prompt
+   equal to the new one but for case, spacing, accents, closing punctuation and number
+   spelling needs no judging); the most likely
+   candidate at ``p_same`` ≥ ``verify_threshold`` (``verify_threshold_matched`` where the
+   rules matched numbers or options in both prompts) is served.
+
+Without a verifier nothing is served semantically: an unverified hit is the failure the
+cache exists to avoid.
 """
 
 from __future__ import annotations
@@ -13,33 +26,43 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+import structlog
 
 from gateway.cache.entries import CachedAnswer
-from gateway.cache.guard import guard_allows
+from gateway.cache.structure import conflicts, matched_structure, plain_text
+from gateway.cache.verifier import PairVerifier, Verdict
 from gateway.store.base import StoreUnavailable, VectorIndex
 
 __all__ = ["SemanticCache", "SemanticHit", "SemanticLookup"]
 
 _CANDIDATES = 4
+_VERIFIED = 2
+"""At most this many candidates (the nearest that the rules allow) go to the verifier: on
+development pairs the third and fourth never decided a hit, and each costs a forward pass."""
+
+_log = structlog.get_logger("gateway.cache")
 
 
 @dataclass(slots=True)
 class SemanticHit:
     answer: CachedAnswer
     similarity: float
+    p_same: float
 
 
 @dataclass(slots=True)
 class SemanticLookup:
     hit: SemanticHit | None
     best_similarity: float | None
-    refused_by_guard: int = 0
+    refused: int = 0
+    """Candidates above the similarity floor that the rules or the verifier refused."""
     expired_removed: int = 0
 
 
 class SemanticCache:
-    def __init__(self, index: VectorIndex) -> None:
+    def __init__(self, index: VectorIndex, verifier: PairVerifier | None) -> None:
         self._index = index
+        self._verifier = verifier
 
     async def lookup(
         self,
@@ -47,24 +70,67 @@ class SemanticCache:
         embedding: np.ndarray,
         prompt: str,
         threshold: float,
+        verify_threshold: float,
+        verify_threshold_matched: float,
         guard: bool,
         timeout_s: float,
-        *,
-        truncated: bool = False,
     ) -> SemanticLookup:
-        """The best entry at or above ``threshold`` that the guard allows, all within ``timeout_s``.
+        """The stored answer for ``prompt`` the checks allow, all within ``timeout_s`` (else a miss).
 
-        ``truncated``: the prompt ran past the embedding's window (see ``guard_allows(beyond_window=...)``).
+        ``verify_threshold_matched`` applies instead of ``verify_threshold`` where the rules
+        matched numbers or answer options in both prompts (:func:`matched_structure`).
         """
         result = SemanticLookup(hit=None, best_similarity=None)
+        if self._verifier is None:
+            return result
         deadline = asyncio.get_running_loop().time() + timeout_s
         try:
-            await self._search(result, index, embedding, prompt, threshold, guard, deadline, truncated)
-        except StoreUnavailable:
+            candidates = await self._candidates(result, index, embedding, prompt, threshold, guard, deadline)
+            if candidates:
+                verdicts = await self._judge(candidates, prompt, deadline)
+                passing = [
+                    i
+                    for i, (answer, _) in enumerate(candidates)
+                    if not verdicts[i].unsure
+                    and verdicts[i].p_same
+                    >= (
+                        verify_threshold_matched
+                        if guard and matched_structure(answer.prompt or "", prompt)
+                        else verify_threshold
+                    )
+                ]
+                if passing:
+                    best = max(passing, key=lambda i: verdicts[i].p_same)
+                    answer, similarity = candidates[best]
+                    result.hit = SemanticHit(answer, similarity, verdicts[best].p_same)
+                result.refused += len(candidates) - (1 if passing else 0)
+        except (StoreUnavailable, TimeoutError):
             result.hit = None
         return result
 
-    async def _search(
+    async def _judge(self, candidates: list[tuple[CachedAnswer, float]], prompt: str, deadline: float) -> list[Verdict]:
+        """The verifier's verdicts; a prompt equal to the stored one but for what
+        :func:`plain_text` makes uniform needs none (and may be too long for the verifier to read)."""
+        assert self._verifier is not None
+        mine = plain_text(prompt)
+        verdicts: list[Verdict | None] = [
+            Verdict(1.0) if plain_text(answer.prompt or "") == mine else None for answer, _ in candidates
+        ]
+        asked = [i for i, v in enumerate(verdicts) if v is None]
+        if asked:
+            pairs = [(candidates[i][0].prompt or "", prompt) for i in asked]
+            try:
+                judged = await asyncio.wait_for(self._verifier.judge(pairs), _left(deadline))
+            except (TimeoutError, StoreUnavailable):
+                raise
+            except Exception as exc:  # a failing model is a miss, never a failed request
+                _log.warning("cache_verifier_failed", error=type(exc).__name__)
+                judged = [Verdict(0.0, unsure=True) for _ in pairs]
+            for i, verdict in zip(asked, judged, strict=True):
+                verdicts[i] = verdict
+        return [v if v is not None else Verdict(0.0, unsure=True) for v in verdicts]
+
+    async def _candidates(
         self,
         result: SemanticLookup,
         index: str,
@@ -73,8 +139,8 @@ class SemanticCache:
         threshold: float,
         guard: bool,
         deadline: float,
-        truncated: bool,
-    ) -> None:
+    ) -> list[tuple[CachedAnswer, float]]:
+        found: list[tuple[CachedAnswer, float]] = []
         for match in await self._index.nearest(index, embedding, _CANDIDATES, _left(deadline)):
             if result.best_similarity is None:
                 result.best_similarity = match.similarity
@@ -86,15 +152,13 @@ class SemanticCache:
                 result.expired_removed += 1
                 continue
             answer = CachedAnswer.decode(raw)
-            if (
-                guard
-                and answer.prompt is not None
-                and not guard_allows(prompt, answer.prompt, beyond_window=truncated or answer.prompt_truncated)
-            ):
-                result.refused_by_guard += 1
+            if answer.prompt is None or (guard and conflicts(answer.prompt, prompt)):
+                result.refused += 1
                 continue
-            result.hit = SemanticHit(answer, match.similarity)
-            return
+            found.append((answer, match.similarity))
+            if len(found) == _VERIFIED:
+                break
+        return found
 
     async def store(
         self, index: str, embedding: np.ndarray, answer: CachedAnswer, ttl_s: int, max_entries: int, timeout_s: float

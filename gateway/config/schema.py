@@ -215,19 +215,43 @@ class ExactCachePolicy(_Struct, frozen=True, kw_only=True):
     """Skip the exact cache above this temperature (None: cache at any temperature)."""
 
 
+class SemanticAuditPolicy(_Struct, frozen=True, kw_only=True):
+    """The semantic cache's own error measurement (gateway/cache/audit.py)."""
+
+    sample_rate: float = 0.02
+    """Share of semantic hits also asked upstream, after the hit was served."""
+    max_per_minute: int = 10
+    """At most this many audits a minute per gateway process: they cost upstream calls."""
+    max_false_hit_rate: float = 0.01
+    """The error budget: above it (estimated), the cache tightens itself for that tenant's route."""
+    min_audits: int = 30
+    """Decided audits needed before the estimate can tighten anything."""
+    tighten_step: float = 0.05
+    """How far each tightening raises ``verify_threshold``; past 0.995 semantic hits stop."""
+    judge_model: str | None = None
+    """A model of this policy that judges free-text answers (yes/no); without one only exact
+    text, option letters and final numbers are compared and other audits stay undecided."""
+
+
 class SemanticCachePolicy(_Struct, frozen=True, kw_only=True):
     enabled: bool = True
     ttl_s: int = 3600
-    threshold: float = 0.95
-    """Cosine similarity at or above which a stored prompt counts as the same question
-    (0.95 with the guard: 81 % hits on harmless rewrites, 0.6 % false hits; docs/semantic-cache.md)."""
+    threshold: float = 0.75
+    """Cosine similarity (router embedding) from which a stored prompt is a candidate: a
+    floor for the search; whether it is served is the verifier's call."""
+    verify_threshold: float = 0.9
+    """The verifier's P(same answer) from which a candidate is served (docs/semantic-cache.md)."""
+    verify_threshold_matched: float = 0.8
+    """The same where the rules matched numbers or answer options in both prompts (``guard`` on):
+    the edits that most often change an answer are already ruled out there."""
     guard: bool = True
-    """Refuse a hit when the prompts differ in numbers, quoted strings, code or names."""
+    """Refuse a candidate whose numbers, answer options, code or script differ, before the verifier."""
     max_entries: int = 10_000
     """Per vector set (tenant, route, system prompt, parameters); the oldest entries go first."""
     max_temperature: float = 0.5
     multi_turn: bool = False
     tools: bool = False
+    audit: SemanticAuditPolicy = SemanticAuditPolicy()
 
 
 class CoalescePolicy(_Struct, frozen=True, kw_only=True):

@@ -17,7 +17,7 @@ import difflib
 import functools
 import types
 import typing
-from collections.abc import Mapping, Set
+from collections.abc import Callable, Mapping, Set
 from typing import Any, TypeVar
 
 import msgspec
@@ -324,7 +324,28 @@ def check_policy(
             check_model((*base, "draft"), spec.draft)
             if spec.draft == name:
                 problems.add((*base, "draft"), "a model cannot draft for itself")
+    _check_semantic_cache(policy, problems, check_model)
     check_auth(policy.auth, problems, key_file=key_file)
+
+
+def _check_semantic_cache(policy: Policy, problems: Problems, check_model: Callable[[Path, str | None], None]) -> None:
+    semantic = policy.cache.semantic
+    base: Path = ("cache", "semantic")
+    for name in ("threshold", "verify_threshold", "verify_threshold_matched"):
+        value = getattr(semantic, name)
+        if not 0.0 <= value <= 1.0:
+            problems.add((*base, name), f"must be between 0 and 1, got {value}")
+    audit = semantic.audit
+    for name in ("sample_rate", "max_false_hit_rate"):
+        value = getattr(audit, name)
+        if not 0.0 <= value <= 1.0:
+            problems.add((*base, "audit", name), f"must be between 0 and 1, got {value}")
+    if audit.max_per_minute < 0 or audit.min_audits < 1:
+        problems.add((*base, "audit"), "max_per_minute must be >= 0 and min_audits >= 1")
+    check_model((*base, "audit", "judge_model"), audit.judge_model)
+    judge = policy.models.get(audit.judge_model or "")
+    if judge is not None and judge.kind != "chat":
+        problems.add((*base, "audit", "judge_model"), f"model {audit.judge_model!r} is an embedding model")
 
 
 def check_auth(auth: AuthPolicy, problems: Problems, *, key_file: tuple[list[AuthKey], Problems] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""The semantic cache through the gateway: the router's embeddings, Redis 8 vector sets, the guard."""
+"""The semantic cache through the gateway: the router's embeddings, Redis 8 vector sets, the rules, the verifier."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from gateway.store.keyspace import tenant_prefix
 from tests.conftest import closed_after_test, upstream_stats
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
-SEMANTIC = "{enabled: true, semantic: {threshold: 0.85, ttl_s: 2, max_entries: 4}, coalesce: {enabled: false}, redis_timeout_ms: 1000}"
+SEMANTIC = "{enabled: true, semantic: {ttl_s: 2, max_entries: 4}, coalesce: {enabled: false}, redis_timeout_ms: 1000}"
 KEYS = """auth:
   mode: keys
   keys:
@@ -66,6 +66,29 @@ def test_paraphrase_is_a_semantic_hit_with_its_similarity(
     assert record["cost_usd"] == 0 and record["cache_saved_usd"] > 0
 
 
+def test_a_reworded_question_is_served_with_the_verifiers_verdict(gateway: GatewayProcess) -> None:
+    first = _ask(gateway, "How do I reverse a list in Python?")
+    reworded = _ask(gateway, "python: what's the way to reverse a list?")
+    assert (first.headers["x-gateway-cache"], reworded.headers["x-gateway-cache"]) == ("miss", "semantic")
+    p_same = float(reworded.headers["x-gateway-cache-p-same"])
+    assert 0.9 <= p_same <= 1.0
+    assert gateway.wait_for_record(reworded.headers["x-request-id"])["cache_p_same"] == pytest.approx(p_same, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "edited",
+    [
+        "How do I reverse a list in JavaScript?",  # the rules: another language named
+        "How do I sort a list in Python?",  # the verifier: another operation
+    ],
+)
+def test_an_edited_question_is_not_served_the_stored_answer(gateway: GatewayProcess, edited: str) -> None:
+    _ask(gateway, "How do I reverse a list in Python?")
+    other = _ask(gateway, edited)
+    assert other.headers["x-gateway-cache"] == "miss"
+    assert gateway.wait_for_record(other.headers["x-request-id"])["semantic_guard_refusals"] >= 1
+
+
 def test_guard_refuses_a_near_identical_prompt_with_another_number(gateway: GatewayProcess) -> None:
     _ask(gateway, "What is 17 times 23?")
     other = _ask(gateway, "What is 17 times 24?")  # cosine about 0.94 with this encoder: only the guard stops it
@@ -83,8 +106,9 @@ def test_a_question_appended_past_the_embedding_window_is_not_served_the_old_ans
     again = _ask(gateway, "  " + story + "How many vans does the bakery need?\n")
     longer = _ask(gateway, story + "How many vans does the bakery need? Also describe how the drivers plan each route.")
     assert first.headers["x-gateway-cache"] == "miss"
-    assert again.headers["x-gateway-cache"] == "semantic"  # the same question, reformatted
-    # the window ends before the question: both embed alike, only the guard can tell
+    assert again.headers["x-gateway-cache"] == "semantic"  # the same question, reformatted: no verdict needed
+    # the router's window ends before the question: both embed alike; the rules and the verifier's
+    # window (too long for it: not judged, so not served) each refuse it
     assert longer.headers["x-gateway-cache"] == "miss"
     assert gateway.wait_for_record(longer.headers["x-request-id"])["semantic_guard_refusals"] >= 1
 

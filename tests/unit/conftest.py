@@ -86,7 +86,9 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
         holder.start()
         store = memory_store()
         limiter = Limiter(store.counters, UsageLedger(store.counters))
-        pipeline = ChatPipeline(holder, metrics, ExactCache(store.kv), SemanticCache(store.vectors), limiter, None)
+        pipeline = ChatPipeline(
+            holder, metrics, ExactCache(store.kv), SemanticCache(store.vectors, None), limiter, None
+        )
         made.append(Harness(pipeline, upstream, store, holder, limiter))
         return made[-1]
 

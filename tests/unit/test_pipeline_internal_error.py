@@ -45,7 +45,7 @@ async def test_defect4_an_unexpected_exception_is_a_500_with_an_id_and_a_truthfu
     store = memory_store()
     limiter = Limiter(store.counters, UsageLedger(store.counters))
     pipeline = ChatPipeline(
-        holder, metrics, ExactCache(store.kv), SemanticCache(store.vectors), limiter, _BrokenScorer()
+        holder, metrics, ExactCache(store.kv), SemanticCache(store.vectors, None), limiter, _BrokenScorer()
     )
     body = msgspec.json.encode({"model": "auto", "messages": [{"role": "user", "content": "hello"}]})
 

@@ -1,0 +1,399 @@
+"""What two prompts must share, checked by rule, before a semantic hit is even considered.
+
+Only comparisons that a paraphrase keeps and an answer-changing edit breaks, reliably
+enough to decide alone (measured in ``docs/semantic-cache.md``):
+
+* ``numbers``: the numbers in order, with their signs, as digits ("twenty-one" = "21",
+  "80,000" = "80000", "5.00" = "5", "- 14" = "−14" = "-14"). A paraphrase keeps every
+  number; a near miss changes one, drops one or swaps two. Order counts only within a
+  sentence-free list of numbers, so a paraphrase that moves a clause ("at 4 pm, 3 of
+  us" / "3 of us at 4 pm") is compared as a multiset *and* the pairs that keep their
+  neighbours: see :func:`_numbers_agree`.
+* ``options``: the lettered answer options ("A. x", "(A) x", "a) x", on separate lines
+  or one), by letter: the same letters with the same texts (case, accents and
+  punctuation aside), so reordered or replaced options are refused.
+* ``code``: fenced and inline code, whitespace aside.
+* ``script``: the writing system of the letters (Latin, Cyrillic, CJK, ...): a prompt and
+  its translation are two requests.
+* ``language``: a programming or natural language named in one prompt replaced by another
+  in the other ("in Rust" / "in Java", "into French" / "into German"); one left unnamed
+  ("translate this German text to English" / "translate this to English") is the verifier's.
+* ``direction``: "x to y" (or than, into, before, after, over, vs) in one prompt and
+  "y to x" in the other: "string to integer" / "integer to string", "least to greatest"
+  / "greatest to least".
+* ``added_words``: one prompt is the other with words added and nothing else changed,
+  and an added word is not filler ("please", "hey", "quick question", ...): "random" /
+  "non-random", "hello llamaindex chat" / "hello llamaindex complete chat", a constraint
+  appended. A rewording that also changes any other word is the verifier's to judge.
+
+Everything else (wording, order, negation, entities, direction) is the verifier's to judge.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+
+__all__ = ["Structure", "conflicts", "matched_structure", "plain_text", "structure_of"]
+
+_CODE = re.compile(r"```.*?```|`[^`\n]+`", re.S)
+_OPTION_LINE = re.compile(r"(?m)^[ \t]*(?:\(([A-Ja-j])\)|([A-Ja-j])[.)])[ \t]+(\S.*?)[ \t]*$")
+_OPTION_INLINE = re.compile(
+    r"(?:(?<=\s)|^)(?:\(([A-J])\)|([A-J])[.)])[ \t]+(.+?)(?=\s+(?:\([A-J]\)|[A-J][.)])\s|\s*$)", re.S
+)
+_UNITS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
+_TENS = ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+_WORD_VALUE = {w: i for i, w in enumerate(_UNITS)} | {w: 20 + 10 * i for i, w in enumerate(_TENS)}
+_NUMBER_WORDS = re.compile(
+    r"\b(?:(" + "|".join(_TENS) + r")[- ](" + "|".join(_UNITS[1:10]) + r")|(" + "|".join(_WORD_VALUE) + r"))\b", re.I
+)
+# a sign is "-14" anywhere, "- 14" after "=", "(" or ":" and not a "- " list bullet
+_NUMBER = re.compile(r"(?<![\w.])(?:(?:^|(?<=[\s(=:\[]))-(?=\d)|(?<=[=(:]) ?- )?\d+(?:[.,]\d+)*", re.M)
+
+
+@dataclass(frozen=True, slots=True)
+class Structure:
+    numbers: tuple[str, ...]
+    options: tuple[tuple[str, str], ...]
+    code: tuple[str, ...]
+    script: str
+    relations: frozenset[tuple[str, str, str]]
+    words: tuple[str, ...]
+
+
+def conflicts(a: str, b: str) -> list[str]:
+    """The rules ``a`` and ``b`` break (empty: nothing structural tells them apart)."""
+    x, y = structure_of(a), structure_of(b)
+    found = []
+    if (
+        (languages := _languages(x.words))
+        and (other := _languages(y.words))
+        and languages - other
+        and other - languages
+    ):
+        found.append("language")
+    if _reversed(x.relations, y.relations):
+        found.append("direction")
+    if _only_added(x.words, y.words):
+        found.append("added_words")
+    if x.script != y.script:
+        found.append("script")
+    if x.code != y.code:
+        found.append("code")
+    if x.options != y.options:
+        found.append("options")
+    if not _numbers_agree(x.numbers, y.numbers):
+        found.append("numbers")
+    return found
+
+
+def matched_structure(a: str, b: str) -> bool:
+    """Both prompts carry numbers or answer options, and (``conflicts`` being empty) the same
+    ones: the edits that most often change an answer are ruled out, the verifier's job is narrower."""
+    x, y = structure_of(a), structure_of(b)
+    return bool((x.numbers and y.numbers) or (x.options and y.options))
+
+
+@lru_cache(maxsize=4096)
+def structure_of(text: str) -> Structure:
+    folded = _fold(text)
+    code = tuple(" ".join(block.strip("`").split()) for block in _CODE.findall(folded))
+    prose = _CODE.sub(" ", folded)
+    options = _options(prose)
+    words = tuple(_WORD.findall(plain_text(text)))
+    return Structure(_numbers(prose), options, code, _script(text), _relations(words), words)
+
+
+_CONTRACTED = re.compile(r"\b(what|who|where|how|it|that|there|here)'s\b")
+
+
+@lru_cache(maxsize=4096)
+def plain_text(text: str) -> str:
+    """The text with case, spacing, accents, closing punctuation, number spelling and
+    "what's" / "what is" made uniform: two prompts equal here ask the same thing."""
+    text = _fold(text).casefold().strip().rstrip("?.! ")
+    text = _NUMBER_WORDS.sub(lambda m: str(_word_value(m)), _CONTRACTED.sub(r"\1 is", text))
+    return " ".join(text.split())
+
+
+def _fold(text: str) -> str:
+    """NFKC, accents dropped (a typed paraphrase often drops them), typographic quotes and dashes made plain."""
+    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text))
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    return text.replace("’", "'").replace("−", "-").replace("–", "-")
+
+
+def _options(prose: str) -> tuple[tuple[str, str], ...]:
+    found = {(a or b).upper(): t for a, b, t in _OPTION_LINE.findall(prose)}
+    if len(found) < 2:
+        found = {(a or b): t for a, b, t in _OPTION_INLINE.findall(" ".join(prose.split()))}
+    if len(found) < 2 or "A" not in found:
+        return ()
+    return tuple(sorted((letter, _plain(text)) for letter, text in found.items()))
+
+
+def _plain(text: str) -> str:
+    words = re.findall(r"\w+", _NUMBER_WORDS.sub(lambda m: str(_word_value(m)), text.lower()))
+    return " ".join(w for w in words if w not in ("answer",))
+
+
+def _word_value(m: re.Match[str]) -> int:
+    if m.group(3):
+        return _WORD_VALUE[m.group(3).lower()]
+    return _WORD_VALUE[m.group(1).lower()] + _WORD_VALUE[m.group(2).lower()]
+
+
+def _number_word(m: re.Match[str]) -> str:
+    # a lone "one" is as often "a" or a pronoun ("which one", "in one sentence") as a count
+    return " " if (m.group(3) or "").lower() == "one" else str(_word_value(m))
+
+
+def _numbers(prose: str) -> tuple[str, ...]:
+    prose = _NUMBER_WORDS.sub(_number_word, prose)
+    prose = _OPTION_LINE.sub(lambda m: m.group(3), prose)
+    out = []
+    for m in _NUMBER.finditer(prose):
+        raw = m.group().replace(" ", "").replace("–", "-")
+        sign = "-" if raw.startswith("-") else ""
+        digits = raw.lstrip("-")
+        if re.fullmatch(r"\d{1,3}(,\d{3})+(\.\d+)?", digits):
+            digits = digits.replace(",", "")
+        elif re.fullmatch(r"\d+,\d+", digits):
+            digits = digits.replace(",", ".")  # a decimal comma (most of Europe)
+        try:
+            value = float(digits)
+        except ValueError:
+            out.append(sign + digits)
+            continue
+        out.append(sign + f"{value:g}")
+    return tuple(out)
+
+
+def _numbers_agree(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
+    """No number replaced by another, no two swapped. A number only one side has (an added
+    limit, "a" written "1") is left to the verifier: paraphrases do that too."""
+    only_x, only_y = Counter(x) - Counter(y), Counter(y) - Counter(x)
+    if only_x and only_y:
+        return False
+    if only_x or only_y or x == y:
+        return True
+    # The same numbers in another order: a moved clause shifts many; two numbers trading
+    # places ("5 red and 3 blue" / "3 red and 5 blue") leaves the rest where they were.
+    moved = [i for i, (p, q) in enumerate(zip(x, y, strict=True)) if p != q]
+    return len(moved) != 2
+
+
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
+_RELATION = frozenset({"to", "into", "than", "vs", "versus", "before", "after", "over", "from"})
+_ARTICLES = frozenset({"a", "an", "the"})
+# Words a polite or casual rewording adds or drops without changing the request
+_FILLER = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "please",
+        "pls",
+        "plz",
+        "kindly",
+        "thanks",
+        "thank",
+        "thx",
+        "you",
+        "hi",
+        "hey",
+        "hello",
+        "just",
+        "quick",
+        "quickly",
+        "question",
+        "can",
+        "could",
+        "would",
+        "will",
+        "me",
+        "i",
+        "tell",
+        "help",
+        "need",
+        "want",
+        "briefly",
+        "simply",
+        "so",
+        "ok",
+        "okay",
+        "hmm",
+        "um",
+    ]
+)
+
+
+_LANGUAGES = frozenset(
+    # programming languages and tools
+    [
+        "python",
+        "javascript",
+        "typescript",
+        "java",
+        "kotlin",
+        "scala",
+        "golang",
+        "rust",
+        "ruby",
+        "php",
+        "perl",
+        "swift",
+        "c",
+        "c#",
+        "c++",
+        "cpp",
+        "csharp",
+        "haskell",
+        "elixir",
+        "erlang",
+        "clojure",
+        "lua",
+        "r",
+        "matlab",
+        "julia",
+        "dart",
+        "bash",
+        "powershell",
+        "sql",
+        "postgresql",
+        "postgres",
+        "mysql",
+        "sqlite",
+        "oracle",
+        "tsql",
+        "t-sql",
+        "mongodb",
+        "html",
+        "css",
+        "react",
+        "vue",
+        "angular",
+        "django",
+        "flask",
+        "rails",
+        "node",
+        "nodejs",
+        "english",
+        "spanish",
+        "french",
+        "german",
+        "italian",
+        "portuguese",
+        "dutch",
+        "russian",
+        "chinese",
+        "mandarin",
+        "cantonese",
+        "japanese",
+        "korean",
+        "arabic",
+        "hindi",
+        "turkish",
+        "polish",
+        "swedish",
+        "norwegian",
+        "danish",
+        "finnish",
+        "greek",
+        "hebrew",
+        "vietnamese",
+        "thai",
+        "indonesian",
+        "ukrainian",
+        "czech",
+        "romanian",
+        "hungarian",
+        "latin",
+    ]
+)
+_LANGUAGE_ALIASES = {"golang": "go", "cpp": "c++", "csharp": "c#", "postgres": "postgresql", "nodejs": "node",
+                     "t-sql": "tsql", "mandarin": "chinese"}  # fmt: skip
+
+
+def _languages(words: tuple[str, ...]) -> frozenset[str]:
+    """The programming and natural languages a prompt names ("in Rust", "to French")."""
+    return frozenset(_LANGUAGE_ALIASES.get(w, w) for w in words if w in _LANGUAGES and w != "c")
+
+
+def _relations(words: tuple[str, ...]) -> frozenset[tuple[str, str, str]]:
+    """(x, relation, y) for "x to y", "x than an y", "from x to y", ... (articles skipped)."""
+    content = [w for w in words if w not in _ARTICLES]
+    return frozenset(
+        (content[i - 1], content[i], content[i + 1])
+        for i in range(1, len(content) - 1)
+        if content[i] in _RELATION and content[i - 1] not in _RELATION and content[i + 1] not in _RELATION
+    )
+
+
+def _reversed(x: frozenset[tuple[str, str, str]], y: frozenset[tuple[str, str, str]]) -> bool:
+    """ "string to integer" in one, "integer to string" in the other (and not both ways in either)."""
+    return any((b, rel, a) in y and (a, rel, b) not in y and (b, rel, a) not in x for a, rel, b in x if a != b)
+
+
+def _only_added(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
+    """One prompt is the other with words added and nothing else changed, and an added word
+    carries meaning ("random" / "non-random", "... excluding cancelled orders")."""
+    if x == y:
+        return False
+    short, long = (x, y) if len(x) < len(y) else (y, x)
+    extra = _inserted(short, long)
+    return extra is not None and any(w not in _FILLER for w in extra)
+
+
+def _inserted(short: tuple[str, ...], long: tuple[str, ...]) -> list[str] | None:
+    """The words ``long`` has beyond ``short`` when ``short`` is a subsequence of it, else None."""
+    extra, i = [], 0
+    for word in long:
+        if i < len(short) and word == short[i]:
+            i += 1
+        else:
+            extra.append(word)
+    return extra if i == len(short) else None
+
+
+_SCRIPTS = (
+    ("cjk", re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")),
+    ("cyrillic", re.compile(r"[\u0400-\u04ff]")),
+    ("arabic", re.compile(r"[\u0600-\u06ff]")),
+    ("greek", re.compile(r"[\u0370-\u03ff]")),
+    ("hebrew", re.compile(r"[\u0590-\u05ff]")),
+    ("devanagari", re.compile(r"[\u0900-\u097f]")),
+    ("thai", re.compile(r"[\u0e00-\u0e7f]")),
+)
+
+
+def _script(text: str) -> str:
+    """The script most of the letters are written in ("latin" by default)."""
+    counts = {name: len(pattern.findall(text)) for name, pattern in _SCRIPTS}
+    name, n = max(counts.items(), key=lambda kv: kv[1])
+    latin = len(re.findall(r"[A-Za-z]", text))
+    return name if n > latin / 3 else "latin"

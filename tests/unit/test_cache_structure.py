@@ -1,0 +1,104 @@
+"""The semantic cache's rules: what a paraphrase keeps and an answer-changing edit breaks."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.cache.structure import conflicts, plain_text, structure_of
+
+MCQ = "Which planet is largest?\nA. Mars\nB. Jupiter\nC. Venus\nD. Earth\nAnswer:"
+
+
+@pytest.mark.parametrize(
+    ("stored", "new", "rule"),
+    [
+        ("A train goes 60 km in 1.5 hours. Speed?", "A train goes 60 km in 2.5 hours. Speed?", "numbers"),
+        ("Ann has 5 apples and Bo has 3. How many more does Ann have?",
+         "Ann has 3 apples and Bo has 5. How many more does Ann have?", "numbers"),
+        ("Solve x + 3 = - 14", "Solve x + 3 = 14", "numbers"),
+        ("What is −14 squared plus 2?", "What is 14 squared plus 2?", "numbers"),
+        ("Convert 80,000 m to km", "Convert 8,000 m to km", "numbers"),
+        (MCQ, MCQ.replace("A. Mars\nB. Jupiter", "A. Jupiter\nB. Mars"), "options"),
+        (MCQ, "Which planet is largest? A. Mars B. Saturn C. Venus D. Earth", "options"),
+        ("Fix this: `x = y + 1`", "Fix this: `x = y - 1`", "code"),
+        ("Translate 'good morning' to French", "Traduis « good morning » en français", None),
+        ("东京的人口是多少？", "What is the population of Tokyo?", "script"),
+    ],
+)  # fmt: skip
+def test_answer_changing_edits_are_refused_by_their_rule(stored: str, new: str, rule: str | None) -> None:
+    found = conflicts(stored, new)
+    if rule is None:
+        assert "script" not in found
+    else:
+        assert rule in found, found
+        assert rule in conflicts(new, stored)
+
+
+@pytest.mark.parametrize(
+    ("stored", "new"),
+    [
+        ("Tom buys three pens at $2 each. What does he pay?", "tom bought 3 pens, $2 apiece - total cost?"),
+        ("Sara is 12 and her brother is 15. In 3 years, what is the sum of their ages?",
+         "In 3 years, what will the sum of the ages be if Sara is 12 now and her brother 15?"),
+        ("Total of 1,250 and 3.50?", "what's 1250 plus 3.5"),
+        (MCQ, "which planet is the largest?  (A) Mars (B) Jupiter (C) Venus (D) Earth"),
+        (MCQ, "Largest planet?\na) mars\nb) jupiter\nc) venus\nd) earth"),
+        ("Summarize this in one sentence: the meeting moved to Friday.", "one-sentence summary pls: the meeting moved to Friday."),
+        ("Give me a list:\n- 3 eggs\n- 2 cups of flour\nWhat can I bake?", "With 3 eggs and 2 cups of flour, what can I bake?"),
+        ("Rewrite `print(x)` in Rust", "how would `print(x)` look in Rust?"),
+    ],
+)  # fmt: skip
+def test_rewording_keeps_every_structure(stored: str, new: str) -> None:
+    assert conflicts(stored, new) == []
+    assert conflicts(new, stored) == []
+
+
+def test_numbers_are_read_as_values_with_their_signs() -> None:
+    assert structure_of("Add twenty-one and 4.50, then subtract 1,000").numbers == ("21", "4.5", "1000")
+    assert structure_of("x = - 7 and y = -3; a 5-3 win").numbers == ("-7", "-3", "5", "3")
+    assert structure_of("3,5 kg").numbers == ("3.5",)  # a decimal comma
+
+
+def test_a_number_only_one_prompt_has_is_not_a_number_conflict() -> None:
+    # "a" written "1", "one" dropped: paraphrases do it; the other rules and the verifier judge the rest
+    assert conflicts("Give me a tip for sleeping better.", "Give me 1 tip for sleeping better.") == []
+    assert conflicts("Summarize the article.", "Summarize the article in 80 words.") == ["added_words"]
+
+
+@pytest.mark.parametrize(
+    ("stored", "new", "rule"),
+    [
+        ("Convert this string to an integer in Python", "Convert this integer to a string in Python", "direction"),
+        ("Sort from least to greatest: 5, 2, 9", "Sort from greatest to least: 5, 2, 9", "direction"),
+        ("hello llamaindex complete chat", "hello llamaindex chat", "added_words"),
+        ("Generate non-random test IDs", "Generate random test IDs", "added_words"),
+        ("Count the orders", "Count the orders excluding cancelled ones", "added_words"),
+        ("Write this in Python: read a CSV", "Write this in Rust: read a CSV", "language"),
+        ("Translate 'thank you' into French", "Translate 'thank you' into German", "language"),
+    ],
+)
+def test_reversed_added_and_swapped_language_words_are_refused(stored: str, new: str, rule: str) -> None:
+    assert rule in conflicts(stored, new)
+    assert rule in conflicts(new, stored)
+
+
+@pytest.mark.parametrize(
+    ("stored", "new"),
+    [
+        ("Explain photosynthesis in one sentence.", "hey, quick question: explain photosynthesis in one sentence pls"),
+        ("Translate this German text to English: Guten Morgen", "to English please: Guten Morgen"),
+        (
+            "What's heavier, a kilo of feathers or a kilo of iron?",
+            "Which is heavier: a kilo of iron or a kilo of feathers?",
+        ),
+    ],
+)
+def test_filler_words_dropped_languages_and_reordered_alternatives_pass(stored: str, new: str) -> None:
+    assert conflicts(stored, new) == []
+
+
+def test_plain_text_makes_only_harmless_differences_uniform() -> None:
+    assert plain_text("What is six times seven?") == plain_text("what's 6 times 7")
+    assert plain_text("  Où est  la GARE ?") == plain_text("ou est la gare")
+    assert plain_text("What is 6 times 7?") != plain_text("What is 6 times 8?")
+    assert plain_text("Is it safe?") != plain_text("It is safe.")

@@ -1,0 +1,106 @@
+"""The semantic cache's self-measurement: comparing answers, the estimate, tightening."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from gateway.accounting.metrics import Metrics
+from gateway.cache.audit import CEILING, AuditOutcome, SemanticAudit, compare_answers, parse_judgement
+from gateway.config.schema import SemanticAuditPolicy
+
+
+@pytest.mark.parametrize(
+    ("cached", "fresh", "agree", "method"),
+    [
+        ("Paris.", "  paris. ", True, "exact"),
+        ("The answer is B.", "B. Jupiter is the largest planet.", True, "choice"),
+        ("Answer: (C)", "The correct answer is B", False, "choice"),
+        ("She pays 3 * 4 = $12 in total, so the answer is 12.", "Total: 12", True, "number"),
+        ("So he has 1,250 left.", "He has 1250.0 left", True, "number"),
+        ("The result is 41.", "The result is 42.", False, "number"),
+        ("A warm, sunny coastal city.", "Known for its beaches and mild winters.", None, "undecided"),
+    ],
+)
+def test_answers_are_compared_by_what_can_be_compared(cached: str, fresh: str, agree: bool | None, method: str) -> None:
+    assert compare_answers(cached, fresh) == AuditOutcome(agree, method)
+
+
+def test_a_judges_reply_is_read_as_yes_no_or_nothing() -> None:
+    assert parse_judgement(" Yes.") is True
+    assert parse_judgement("'no'") is False
+    assert parse_judgement("maybe") is None
+
+
+def _threshold(audit: SemanticAudit, policy: SemanticAuditPolicy, tenant: str, base: float) -> float | None:
+    raised = audit.raised_by(policy, tenant, "fast")
+    return None if raised is None else min(CEILING, base + raised)
+
+
+def test_the_estimate_tightens_the_route_then_stops_it() -> None:
+    policy = SemanticAuditPolicy(min_audits=4, max_false_hit_rate=0.2, tighten_step=0.1)
+    audit = SemanticAudit(Metrics())
+    assert _threshold(audit, policy, "t", 0.8) == 0.8
+    for agree in (True, True, False):
+        audit.record(policy, 0.8, "t", "fast", AuditOutcome(agree, "number"))
+    assert _threshold(audit, policy, "t", 0.8) == 0.8  # 3 decided: fewer than min_audits
+    audit.record(policy, 0.8, "t", "fast", AuditOutcome(None, "undecided"))  # not counted
+    assert _threshold(audit, policy, "t", 0.8) == 0.8
+    audit.record(policy, 0.8, "t", "fast", AuditOutcome(True, "exact"))  # 1 wrong in 4: 0.25 > 0.2
+    assert _threshold(audit, policy, "t", 0.8) == pytest.approx(0.9)
+    assert _threshold(audit, policy, "other-tenant", 0.8) == 0.8  # per tenant and route
+    for _ in range(4):  # measured afresh at 0.9; still wrong: up to the ceiling, then stopped
+        audit.record(policy, 0.8, "t", "fast", AuditOutcome(False, "choice"))
+    assert _threshold(audit, policy, "t", 0.8) == pytest.approx(0.995)
+    for _ in range(4):
+        audit.record(policy, 0.8, "t", "fast", AuditOutcome(False, "choice"))
+    assert _threshold(audit, policy, "t", 0.8) is None
+    reloaded = SemanticAuditPolicy(min_audits=4, max_false_hit_rate=0.2, tighten_step=0.1)
+    assert _threshold(audit, reloaded, "t", 0.8) == 0.8  # a new policy starts afresh
+
+
+def test_sampling_keeps_to_the_rate_and_the_per_minute_budget() -> None:
+    audit = SemanticAudit(Metrics(), rng=random.Random(0))
+    assert not any(audit.sample(SemanticAuditPolicy(sample_rate=0.0)) for _ in range(100))
+    sampled = sum(audit.sample(SemanticAuditPolicy(sample_rate=1.0, max_per_minute=7)) for _ in range(100))
+    assert sampled == 7
+
+
+async def test_an_audit_runs_in_the_background_and_a_failed_one_counts_nothing() -> None:
+    policy = SemanticAuditPolicy(min_audits=1, max_false_hit_rate=0.5)
+    audit = SemanticAudit(Metrics())
+
+    async def wrong() -> tuple[str, float]:
+        return "The answer is 7.", 0.001
+
+    async def broken() -> tuple[str, float]:
+        raise ConnectionError
+
+    audit.start(policy, 0.8, "t", "fast", "The answer is 8.", broken, None)
+    await asyncio.sleep(0.01)
+    assert _threshold(audit, policy, "t", 0.8) == 0.8
+    audit.start(policy, 0.8, "t", "fast", "The answer is 8.", wrong, None)
+    await asyncio.sleep(0.01)
+    assert _threshold(audit, policy, "t", 0.8) == pytest.approx(0.85)
+    await audit.aclose()
+
+
+async def test_free_text_goes_to_the_judge_when_there_is_one() -> None:
+    policy = SemanticAuditPolicy(min_audits=1, max_false_hit_rate=0.5)
+    audit = SemanticAudit(Metrics())
+    asked: list[tuple[str, str]] = []
+
+    async def fresh() -> tuple[str, float]:
+        return "Lisbon is hilly.", 0.0
+
+    async def judge(cached: str, new: str) -> bool | None:
+        asked.append((cached, new))
+        return False
+
+    audit.start(policy, 0.8, "t", "fast", "Lisbon is flat.", fresh, judge)
+    await asyncio.sleep(0.01)
+    assert asked == [("Lisbon is flat.", "Lisbon is hilly.")]
+    assert _threshold(audit, policy, "t", 0.8) == pytest.approx(0.85)
+    await audit.aclose()

@@ -1,0 +1,108 @@
+"""A semantic lookup's checks, with the shipped verifier and an in-memory index."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from gateway.cache.entries import CachedAnswer
+from gateway.cache.semantic import SemanticCache
+from gateway.cache.verifier import PairVerifier, load_verifier
+from gateway.store.memory import MemoryVectorIndex
+
+INDEX = "gw:{t}:v:test"
+
+
+@pytest.fixture(scope="module")
+async def verifier() -> AsyncIterator[PairVerifier]:
+    loaded = load_verifier(prefer_gpu=False)
+    assert loaded is not None, "the verifier ships with the package"
+    yield loaded
+    await loaded.aclose()
+
+
+def _entry(prompt: str) -> CachedAnswer:
+    return CachedAnswer(
+        body=b"{}", model="m", provider="p", prompt_tokens=1, completion_tokens=1, cost_usd=0.0,
+        created_at=time.time(), prompt=prompt,
+    )  # fmt: skip
+
+
+def _unit(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(384).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+async def _cache_with(prompt: str, verifier: PairVerifier | None) -> tuple[SemanticCache, np.ndarray]:
+    cache = SemanticCache(MemoryVectorIndex(), verifier)
+    vector = _unit(0)
+    await cache.store(INDEX, vector, _entry(prompt), 60, 100, 1.0)
+    return cache, vector
+
+
+async def test_a_reworded_question_is_served_and_an_edited_one_is_not(verifier: PairVerifier) -> None:
+    cache, vector = await _cache_with("How do I reverse a list in Python?", verifier)
+    # the same vector for all: the embedding proposes, only the checks decide
+    served = await cache.lookup(INDEX, vector, "python: what's the way to reverse a list?", 0.75, 0.8, 0.8, True, 1.0)
+    assert served.hit is not None and served.hit.p_same >= 0.8
+    refused = await cache.lookup(INDEX, vector, "How do I reverse a list in JavaScript?", 0.75, 0.8, 0.8, True, 1.0)
+    assert refused.hit is None and refused.refused == 1
+
+
+async def test_the_rules_refuse_before_the_verifier_is_asked(verifier: PairVerifier) -> None:
+    cache, vector = await _cache_with("What is 17 times 23?", verifier)
+    found = await cache.lookup(INDEX, vector, "What is 17 times 24?", 0.75, 0.0, 0.0, True, 1.0)
+    assert found.hit is None and found.refused == 1  # refused even at verify_threshold 0
+
+
+async def test_without_a_verifier_nothing_is_served() -> None:
+    cache, vector = await _cache_with("How do I reverse a list in Python?", None)
+    found = await cache.lookup(INDEX, vector, "How do I reverse a list in Python?", 0.75, 0.8, 0.8, True, 1.0)
+    assert found.hit is None
+
+
+async def test_a_pair_too_long_to_judge_is_a_miss_unless_equal_but_for_spacing(verifier: PairVerifier) -> None:
+    story = "The committee met on a rainy Tuesday to weigh the budget for the new library wing. " * 12
+    cache, vector = await _cache_with(story + "How many members voted?", verifier)
+    longer = await cache.lookup(
+        INDEX, vector, story + "How many members voted, and who abstained?", 0.75, 0.5, 0.5, True, 1.0
+    )
+    assert longer.hit is None
+    assert verifier.judge_sync([(story, story + "?")])[0].unsure
+    same = await cache.lookup(
+        INDEX, vector, "  " + story.upper() + "How many members voted?\n", 0.75, 0.8, 0.8, True, 1.0
+    )
+    assert same.hit is not None and same.hit.p_same == 1.0
+
+
+async def test_below_the_similarity_floor_nothing_is_judged(verifier: PairVerifier) -> None:
+    cache, _ = await _cache_with("How do I reverse a list in Python?", verifier)
+    found = await cache.lookup(INDEX, _unit(1), "How do I reverse a list in Python?", 0.75, 0.8, 0.8, True, 1.0)
+    assert found.hit is None and found.refused == 0 and found.best_similarity is not None
+
+
+def test_the_verifier_reads_pairs_in_a_batch_as_it_reads_them_alone(verifier: PairVerifier) -> None:
+    a, b = "How do I reverse a list in Python?", "python: what's the way to reverse a list?"
+    c, d = "What is the capital of France?", "What is the capital of Spain?"
+    together = verifier.judge_sync([(a, b), (c, d)])
+    alone = verifier.judge_sync([(a, b)]) + verifier.judge_sync([(c, d)])
+    assert [v.p_same for v in together] == pytest.approx(
+        [v.p_same for v in alone], abs=0.02
+    )  # int8: padding moves it a little
+    assert together[0].p_same > together[1].p_same
+
+
+async def test_a_failing_verifier_is_a_miss_not_an_error(
+    verifier: PairVerifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache, vector = await _cache_with("How do I reverse a list in Python?", verifier)
+
+    def broken(pairs: list[tuple[str, str]]) -> list[object]:
+        raise RuntimeError("onnxruntime failed")
+
+    monkeypatch.setattr(verifier, "judge_sync", broken)
+    found = await cache.lookup(INDEX, vector, "python: what's the way to reverse a list?", 0.75, 0.8, 0.8, True, 1.0)
+    assert found.hit is None and found.refused == 1
