@@ -23,7 +23,7 @@ from gateway.accounting.request_log import REQUEST_LOGGER, RequestRecord, except
 from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal
 from gateway.cache.audit import CEILING as _CEILING
-from gateway.cache.audit import SemanticAudit, judge_request, parse_judgement
+from gateway.cache.audit import AuditJob, SemanticAudit, judge_request, parse_judgement
 from gateway.cache.entries import (
     CachedAnswer,
     answer_text,
@@ -345,13 +345,15 @@ class ChatPipeline:
             return parse_judgement(verdict)
 
         self._audit.start(
-            semantic.audit,
-            semantic.verify_threshold,
-            x.record.tenant,
-            plan.route,
-            answer_text(hit),
-            lambda: ask(plan.candidates, body),
-            judge if judge_model is not None and judge_model in runtime.providers else None,
+            AuditJob(
+                semantic.audit,
+                semantic.verify_threshold,
+                x.record.tenant,
+                plan.route,
+                answer_text(hit),
+                lambda: ask(plan.candidates, body),
+                judge if judge_model is not None and judge_model in runtime.providers else None,
+            )
         )
 
     def _cached_answer(self, x: _Exchange, hit: CachedAnswer, kind: str) -> Answer | StreamingAnswer:

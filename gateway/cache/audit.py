@@ -29,7 +29,15 @@ import structlog
 from gateway.accounting.metrics import Metrics
 from gateway.config.schema import SemanticAuditPolicy
 
-__all__ = ["CEILING", "AuditOutcome", "SemanticAudit", "compare_answers", "judge_request", "parse_judgement"]
+__all__ = [
+    "CEILING",
+    "AuditJob",
+    "AuditOutcome",
+    "SemanticAudit",
+    "compare_answers",
+    "judge_request",
+    "parse_judgement",
+]
 
 _log = structlog.get_logger("gateway.cache")
 
@@ -114,6 +122,22 @@ def _short_tail(a: str, b: str) -> bool:
     return all(re.search(r"(answer|total|result|=)[^.]{0,60}$", t[-120:]) for t in (a, b))
 
 
+@dataclass(frozen=True, slots=True)
+class AuditJob:
+    """One served semantic hit to check."""
+
+    policy: SemanticAuditPolicy
+    base_threshold: float
+    """The policy's ``verify_threshold``: what tightening raises from."""
+    tenant: str
+    route: str
+    cached_text: str
+    ask_upstream: Callable[[], Awaitable[tuple[str, float]]]
+    """The fresh answer's text and what it cost."""
+    judge: Callable[[str, str], Awaitable[bool | None]] | None = None
+    """Whether two free-text answers agree (a judge model); None: they stay undecided."""
+
+
 @dataclass(slots=True)
 class _RouteState:
     outcomes: deque[bool] = field(default_factory=lambda: deque(maxlen=500))
@@ -151,21 +175,9 @@ class SemanticAudit:
         self._in_window += 1
         return True
 
-    def start(
-        self,
-        policy: SemanticAuditPolicy,
-        base_threshold: float,
-        tenant: str,
-        route: str,
-        cached_text: str,
-        ask_upstream: Callable[[], Awaitable[tuple[str, float]]],
-        judge: Callable[[str, str], Awaitable[bool | None]] | None,
-    ) -> None:
-        """Audit one served hit in the background: ``ask_upstream`` returns (answer text, cost)."""
-        task = asyncio.get_running_loop().create_task(
-            self._audit(policy, base_threshold, tenant, route, cached_text, ask_upstream, judge),
-            name="semantic-audit",
-        )
+    def start(self, job: AuditJob) -> None:
+        """Audit one served hit in the background."""
+        task = asyncio.get_running_loop().create_task(self._audit(job), name="semantic-audit")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -234,33 +246,24 @@ class SemanticAudit:
             action="stopped serving semantic hits" if after is None else "raised the verifier's threshold",
         )
 
-    async def _audit(
-        self,
-        policy: SemanticAuditPolicy,
-        base_threshold: float,
-        tenant: str,
-        route: str,
-        cached_text: str,
-        ask_upstream: Callable[[], Awaitable[tuple[str, float]]],
-        judge: Callable[[str, str], Awaitable[bool | None]] | None,
-    ) -> None:
+    async def _audit(self, job: AuditJob) -> None:
         try:
-            fresh, cost = await ask_upstream()
-            outcome = compare_answers(cached_text, fresh)
-            if outcome.agree is None and judge is not None:
-                verdict = await judge(cached_text, fresh)
+            fresh, cost = await job.ask_upstream()
+            outcome = compare_answers(job.cached_text, fresh)
+            if outcome.agree is None and job.judge is not None:
+                verdict = await job.judge(job.cached_text, fresh)
                 outcome = AuditOutcome(verdict, "judge" if verdict is not None else "undecided")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # an audit that fails tells nothing: not counted
-            _log.info("semantic_audit_failed", tenant=tenant, route=route, error=type(exc).__name__)
+            _log.info("semantic_audit_failed", tenant=job.tenant, route=job.route, error=type(exc).__name__)
             return
-        estimate = self.record(policy, base_threshold, tenant, route, outcome)
-        self._metrics.semantic_audit_cost(route, cost)
+        estimate = self.record(job.policy, job.base_threshold, job.tenant, job.route, outcome)
+        self._metrics.semantic_audit_cost(job.route, cost)
         _log.info(
             "semantic_audit",
-            tenant=tenant,
-            route=route,
+            tenant=job.tenant,
+            route=job.route,
             agree=outcome.agree,
             method=outcome.method,
             cost_usd=round(cost, 8),

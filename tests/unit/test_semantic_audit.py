@@ -8,7 +8,7 @@ import random
 import pytest
 
 from gateway.accounting.metrics import Metrics
-from gateway.cache.audit import CEILING, AuditOutcome, SemanticAudit, compare_answers, parse_judgement
+from gateway.cache.audit import CEILING, AuditJob, AuditOutcome, SemanticAudit, compare_answers, parse_judgement
 from gateway.config.schema import SemanticAuditPolicy
 
 
@@ -78,10 +78,10 @@ async def test_an_audit_runs_in_the_background_and_a_failed_one_counts_nothing()
     async def broken() -> tuple[str, float]:
         raise ConnectionError
 
-    audit.start(policy, 0.8, "t", "fast", "The answer is 8.", broken, None)
+    audit.start(AuditJob(policy, 0.8, "t", "fast", "The answer is 8.", broken))
     await asyncio.sleep(0.01)
     assert _threshold(audit, policy, "t", 0.8) == 0.8
-    audit.start(policy, 0.8, "t", "fast", "The answer is 8.", wrong, None)
+    audit.start(AuditJob(policy, 0.8, "t", "fast", "The answer is 8.", wrong))
     await asyncio.sleep(0.01)
     assert _threshold(audit, policy, "t", 0.8) == pytest.approx(0.85)
     await audit.aclose()
@@ -99,7 +99,7 @@ async def test_free_text_goes_to_the_judge_when_there_is_one() -> None:
         asked.append((cached, new))
         return False
 
-    audit.start(policy, 0.8, "t", "fast", "Lisbon is flat.", fresh, judge)
+    audit.start(AuditJob(policy, 0.8, "t", "fast", "Lisbon is flat.", fresh, judge))
     await asyncio.sleep(0.01)
     assert asked == [("Lisbon is flat.", "Lisbon is hilly.")]
     assert _threshold(audit, policy, "t", 0.8) == pytest.approx(0.85)
