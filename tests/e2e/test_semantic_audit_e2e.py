@@ -85,7 +85,16 @@ def test_wrong_semantic_hits_are_found_counted_and_stop_the_route(
     assert (cache, text) == ("semantic", "6 x 7 = 42. The answer is 42.")  # served before the audit answered
     first = _wait_for(gateway, "semantic_audit", 1)[0]
     assert first["agree"] is False and first["method"] == "number" and first["false_hit_estimate"] == 1.0
-    assert "seven" not in json.dumps(first).lower() and "42" not in json.dumps(first)  # no texts in the ops log
+    # no prompt or answer text in the ops log: its only strings are these
+    assert {k for k, v in first.items() if isinstance(v, str)} <= {
+        "event",
+        "level",
+        "ts",
+        "logger",
+        "tenant",
+        "route",
+        "method",
+    }
 
     inject(small_upstream, {"text": "The answer is B."})
     assert _ask(gateway, MCQ)[0] == "miss"
