@@ -40,6 +40,7 @@ from gateway.config.schema import Price
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.drain import DEFAULT_DRAIN_S, Drain
 from gateway.errors import GatewayError, InvalidRequestError, ShuttingDownError, UpstreamError
+from gateway.large_share import LargeShareTracker
 from gateway.limits import Limiter, Reservation
 from gateway.pricing import cost_usd
 from gateway.protocol import ChatRequest, parse_chat_request
@@ -121,6 +122,7 @@ class ChatPipeline:
         scorer: Scorer | None,
         drain: Drain | None = None,
         audit: SemanticAudit | None = None,
+        large_share: LargeShareTracker | None = None,
     ) -> None:
         self._holder = holder
         self._drain = drain or Drain(DEFAULT_DRAIN_S)
@@ -130,6 +132,7 @@ class ChatPipeline:
         self._limiter = limiter
         self._scorer = scorer
         self._audit = audit or SemanticAudit(metrics)
+        self._large_share = large_share
 
     async def handle(
         self,
@@ -257,7 +260,15 @@ class ChatPipeline:
             score = await self._score(x)
             if score is None:
                 return
-            x.plan = router.classify(x.plan, score.p_large)
+            plan, tenant = x.plan, x.record.tenant
+            target = plan.target_large_share if self._large_share is not None else None
+            if target is None or self._large_share is None:
+                x.plan = router.classify(plan, score.p_large)
+            else:
+                assert plan.threshold is not None
+                threshold = self._large_share.threshold(tenant, plan.route, plan.threshold)
+                x.plan = router.classify(plan, score.p_large, threshold)
+                self._large_share.observe(tenant, plan.route, score.p_large, target, plan.threshold)
             x.record.p_large = round(score.p_large, 4)
         x.record.decision = x.plan.decision
 

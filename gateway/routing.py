@@ -25,6 +25,8 @@ class RoutePlan:
     """Classifier routes: send to the large model when ``p_large`` is at or above this."""
     retry: RetryPolicy | None = None
     """The route's own retry policy (``routes.<name>.retry``); None: the policy-wide one."""
+    target_large_share: float | None = None
+    """Classifier routes: keep this share on the large model (the threshold then moves; gateway/large_share.py)."""
 
 
 class Router:
@@ -39,7 +41,13 @@ class Router:
             candidates = tuple(dict.fromkeys([route.model, *route.fallbacks]))
             if route.strategy == "classifier":
                 plans[name] = RoutePlan(
-                    name, candidates, route.baseline or large, "default", route.threshold, route.retry
+                    name,
+                    candidates,
+                    route.baseline or large,
+                    "default",
+                    route.threshold,
+                    route.retry,
+                    route.target_large_share,
                 )
             else:
                 plans[name] = RoutePlan(name, candidates, route.baseline or large, "fixed", retry=route.retry)
@@ -61,10 +69,13 @@ class Router:
         """The same route on the small model alone: a nearly spent budget must not reach the large one."""
         return RoutePlan(plan.route, (self._small,), plan.baseline, "budget_downgrade", retry=plan.retry)
 
-    def classify(self, plan: RoutePlan, p_large: float) -> RoutePlan:
-        """The pair's large model when ``p_large`` reaches the threshold, else the small; the route's
-        other fallbacks follow."""
-        assert plan.threshold is not None
-        chosen, decision = (self._large, "large") if p_large >= plan.threshold else (self._small, "small")
+    def classify(self, plan: RoutePlan, p_large: float, threshold: float | None = None) -> RoutePlan:
+        """The pair's large model when ``p_large`` reaches the threshold (``threshold``, else the
+        route's), else the small; the route's other fallbacks follow."""
+        threshold = plan.threshold if threshold is None else threshold
+        assert threshold is not None
+        chosen, decision = (self._large, "large") if p_large >= threshold else (self._small, "small")
         candidates = tuple(dict.fromkeys([chosen, *self._fallbacks.get(plan.route, ())]))
-        return RoutePlan(plan.route, candidates, plan.baseline, decision, plan.threshold, plan.retry)
+        return RoutePlan(
+            plan.route, candidates, plan.baseline, decision, threshold, plan.retry, plan.target_large_share
+        )

@@ -33,6 +33,7 @@ from gateway.config.loader import load_policy
 from gateway.drain import Drain
 from gateway.embeddings import EmbeddingsPipeline
 from gateway.errors import GatewayError, InvalidRequestError, ModelNotFoundError
+from gateway.large_share import LargeShareTracker
 from gateway.limits import Limiter
 from gateway.pipeline import ChatPipeline
 from gateway.runtime import RuntimeHolder
@@ -113,6 +114,7 @@ async def _start(settings: Settings) -> GatewayState:
     if verifier is None:
         _log.warning("cache_verifier_not_loaded", effect="the semantic cache serves no hits")
     audit = SemanticAudit(metrics)
+    large_share = LargeShareTracker(store.kv)
     drain = Drain(settings.drain_s)
     drain.install_signal_handler(asyncio.get_running_loop())
     pipeline = ChatPipeline(
@@ -124,6 +126,7 @@ async def _start(settings: Settings) -> GatewayState:
         scorer=classifier,
         drain=drain,
         audit=audit,
+        large_share=large_share,
     )
     embeddings = EmbeddingsPipeline(holder, metrics, store.kv, limiter)
     state = GatewayState(
@@ -131,6 +134,7 @@ async def _start(settings: Settings) -> GatewayState:
     )
     state.closers.append(drain.aclose)
     state.closers.append(audit.aclose)
+    state.closers.append(large_share.aclose)
     if verifier is not None:
         state.closers.append(verifier.aclose)
     if classifier is not None:

@@ -137,6 +137,9 @@ class RouteConfig(_Struct, frozen=True, kw_only=True):
     """The model whose cost the request is compared with (``baseline_cost_usd``); default: the pair's large model."""
     threshold: Probability = 0.5
     """``classifier``: a p_large at or above this goes to the pair's large model."""
+    target_large_share: Probability | None = None
+    """``classifier``: instead of a fixed threshold, one that follows recent scores so that this
+    share of the tenant's prompts goes to the large model (gateway/large_share.py)."""
     retry: RetryPolicy | None = None
 
 

@@ -307,6 +307,10 @@ def check_policy(
             problems.add(
                 ("routes", route_name), "a route's model and fallbacks must all be chat or all embedding models"
             )
+        if route.target_large_share is not None and route.strategy != "classifier":
+            problems.add(
+                ("routes", route_name, "target_large_share"), "only a classifier route has a large share to keep"
+            )
         if route.strategy == "classifier" and "embedding" in kinds:
             problems.add(("routes", route_name, "strategy"), "an embedding route cannot use the classifier")
     for role in ("small", "large"):

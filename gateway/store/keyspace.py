@@ -17,6 +17,7 @@ hashed, so any string is a safe key part.
     gw:{t}:use:k:<key id>:<yyyymmdd>  a key's usage that day      (deleted after the retention period)
     gw:{t}:use:t:<yyyymmdd>           the tenant's
     gw:{t}:resp:<response id>         a stored Responses API turn (TTL: 30 days)
+    gw:{t}:share:<route>              a route's threshold kept on target_large_share (TTL: 7 days)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import hashlib
 
 __all__ = [
     "exact",
+    "large_share_threshold",
     "lease",
     "limit_counters",
     "response",
@@ -45,6 +47,10 @@ def tenant_prefix(tenant: str) -> str:
 
 def exact(tenant: str, digest: str) -> str:
     return f"{tenant_prefix(tenant)}:x:{digest}"
+
+
+def large_share_threshold(tenant: str, route: str) -> str:
+    return f"{tenant_prefix(tenant)}:share:{hashlib.sha256(route.encode()).hexdigest()[:16]}"
 
 
 def lease(key: str) -> str:

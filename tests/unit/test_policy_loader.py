@@ -219,3 +219,13 @@ def test_libyaml_and_pure_python_composers_agree_on_lines() -> None:
         data = loader._NodeReader({}, problems, notes=[]).read(root, ())
         results.append((data, problems.lines))
     assert results[0] == results[1]
+
+
+def test_a_target_large_share_needs_a_classifier_route(tmp_path: Path) -> None:
+    text = (Path(__file__).parents[2] / "policies.yaml").read_text()
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        text.replace("  fast:\n    model: small\n", "  fast:\n    model: small\n    target_large_share: 0.3\n", 1)
+    )
+    with pytest.raises(ConfigError, match="target_large_share"):
+        load_policy(path)

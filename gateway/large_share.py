@@ -1,0 +1,83 @@
+"""Keeps a classifier route's share of large-model answers on target as traffic shifts.
+
+A route with ``target_large_share: s`` does not use its fixed ``threshold``: its
+threshold follows the (1 − s) quantile of the ``p_large`` scores it has seen recently,
+so that about a share s of prompts goes to the large model whatever the scores' scale
+on today's traffic. Per tenant and route (traffic one tenant sends never moves another's
+routing): each process keeps the last ``window`` scores; every ``update_every`` scores it
+reads the shared threshold from the store, moves it toward its own window's quantile by
+at most ``max_step``, and writes it back. Processes thus share one threshold, and no
+burst of odd prompts can move it far. Until a route has seen ``update_every`` scores, or
+while the store is unavailable, the last known threshold (at first the configured one) holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import numpy as np
+import structlog
+
+from gateway.store import keyspace
+from gateway.store.base import KeyValue, StoreUnavailable
+
+__all__ = ["LargeShareTracker"]
+
+_log = structlog.get_logger("gateway.routing")
+
+_TTL_S = 7 * 86400
+_TIMEOUT_S = 0.05
+
+
+class LargeShareTracker:
+    def __init__(self, kv: KeyValue, *, window: int = 1000, update_every: int = 50, max_step: float = 0.02) -> None:
+        self._kv = kv
+        self._window = window
+        self._update_every = update_every
+        self._max_step = max_step
+        self._scores: dict[tuple[str, str], deque[float]] = {}
+        self._seen: dict[tuple[str, str], int] = {}
+        self._thresholds: dict[tuple[str, str], float] = {}
+        self._tasks: set[asyncio.Task[float]] = set()
+
+    def threshold(self, tenant: str, route: str, configured: float) -> float:
+        """The threshold in force for this tenant's route."""
+        return self._thresholds.get((tenant, route), configured)
+
+    def observe(self, tenant: str, route: str, p_large: float, target: float, configured: float) -> None:
+        """Count one score; every ``update_every`` scores, update the shared threshold in the background."""
+        key = (tenant, route)
+        scores = self._scores.get(key)
+        if scores is None:
+            scores = self._scores[key] = deque(maxlen=self._window)
+        scores.append(p_large)
+        self._seen[key] = seen = self._seen.get(key, 0) + 1
+        if seen % self._update_every == 0:
+            wanted = float(np.quantile(np.fromiter(scores, dtype=np.float64), 1.0 - target))
+            task = asyncio.get_running_loop().create_task(self.update(tenant, route, wanted, configured))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def update(self, tenant: str, route: str, wanted: float, configured: float) -> float:
+        """Move the shared threshold toward ``wanted`` by at most ``max_step``; the new value."""
+        key = (tenant, route)
+        store_key = keyspace.large_share_threshold(tenant, route)
+        current = self._thresholds.get(key, configured)
+        try:
+            raw = await self._kv.get(store_key, _TIMEOUT_S)
+            shared = float(raw) if raw is not None else current
+            new = shared + max(-self._max_step, min(self._max_step, wanted - shared))
+            await self._kv.put(store_key, f"{new:.6f}".encode(), _TTL_S, _TIMEOUT_S)
+        except (StoreUnavailable, ValueError):
+            return current
+        self._thresholds[key] = new
+        if abs(new - current) >= 0.05:
+            _log.info("route_threshold_moved", tenant=tenant, route=route, threshold=round(new, 4))
+        return new
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,117 @@
+"""A classifier route's threshold follows recent scores to keep its large-model share on target."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import pytest
+
+from gateway.accounting.ledger import UsageLedger
+from gateway.accounting.metrics import Metrics
+from gateway.cache.exact import ExactCache
+from gateway.cache.semantic import SemanticCache
+from gateway.large_share import LargeShareTracker
+from gateway.limits import Limiter
+from gateway.pipeline import Answer, ChatPipeline
+from gateway.runtime import RuntimeHolder
+from gateway.store.memory import MemoryKeyValue, memory_store
+from tests.unit.conftest import POLICY
+from tests.unit.fake_upstream import FakeUpstream
+
+
+async def _feed(tracker: LargeShareTracker, tenant: str, scores: list[float], target: float) -> None:
+    for score in scores:
+        tracker.observe(tenant, "auto", score, target, configured=0.5)
+        await asyncio.sleep(0)  # let the background updates run
+    await asyncio.sleep(0.01)
+
+
+async def test_the_threshold_walks_to_the_target_quantile_in_bounded_steps() -> None:
+    tracker = LargeShareTracker(MemoryKeyValue(), window=400, update_every=20, max_step=0.02)
+    rng = random.Random(0)
+    scores = [rng.betavariate(2, 8) for _ in range(4000)]  # today's traffic scores low: mean 0.2
+    assert tracker.threshold("t", "auto", 0.5) == 0.5
+    await _feed(tracker, "t", scores[:20], target=0.3)
+    assert tracker.threshold("t", "auto", 0.5) == pytest.approx(0.48)  # one step of at most 0.02
+    await _feed(tracker, "t", scores[20:], target=0.3)
+    threshold = tracker.threshold("t", "auto", 0.5)
+    recent = scores[-400:]
+    share = sum(s >= threshold for s in recent) / len(recent)
+    assert share == pytest.approx(0.3, abs=0.05)
+
+
+async def test_processes_share_one_threshold_and_tenants_do_not() -> None:
+    store = MemoryKeyValue()
+    first, second = (LargeShareTracker(store, window=200, update_every=10, max_step=0.05) for _ in range(2))
+    rng = random.Random(1)
+    await _feed(first, "t", [rng.random() * 0.4 for _ in range(400)], target=0.5)
+    moved = first.threshold("t", "auto", 0.5)
+    assert moved == pytest.approx(0.2, abs=0.05)
+    # the other process starts from the shared value: its first update moves it by one step at most
+    await second.update("t", "auto", wanted=0.9, configured=0.5)
+    assert second.threshold("t", "auto", 0.5) == pytest.approx(moved + 0.05, abs=1e-6)
+    assert first.threshold("other-tenant", "auto", 0.5) == 0.5
+
+
+async def test_an_unavailable_store_keeps_the_last_threshold() -> None:
+    store = MemoryKeyValue()
+    tracker = LargeShareTracker(store, update_every=1, max_step=0.1)
+    assert await tracker.update("t", "auto", wanted=0.1, configured=0.5) == pytest.approx(0.4)
+    store.down = True
+    assert await tracker.update("t", "auto", wanted=0.1, configured=0.5) == pytest.approx(0.4)
+
+
+@dataclass(frozen=True)
+class _Score:
+    p_large: float
+    embedding: np.ndarray = field(default_factory=lambda: np.zeros(384, dtype=np.float32))
+    truncated: bool = False
+
+
+class _Scorer:
+    """p_large = the number the prompt ends with, so a test chooses each request's score."""
+
+    async def score(self, messages: list[dict[str, Any]]) -> _Score:
+        return _Score(float(str(messages[-1]["content"]).rsplit(" ", 1)[1]))
+
+
+async def test_a_route_with_a_target_share_sends_that_share_to_large_through_the_pipeline(tmp_path: Path) -> None:
+    policy = tmp_path / "policies.yaml"
+    policy.write_text(
+        POLICY.replace("  smart: {model: large}", "  smart: {model: large}\n  auto: {strategy: classifier, model: small, "
+                       "threshold: 0.5, target_large_share: 0.25}")
+    )  # fmt: skip
+    upstream, metrics, store = FakeUpstream(), Metrics(), memory_store()
+    holder = RuntimeHolder(policy, metrics, transport=upstream.transport)
+    holder.start()
+    limiter = Limiter(store.counters, UsageLedger(store.counters))
+    tracker = LargeShareTracker(store.kv, window=200, update_every=10, max_step=0.05)
+    pipeline = ChatPipeline(
+        holder, metrics, ExactCache(store.kv), SemanticCache(store.vectors, None), limiter, _Scorer(),
+        large_share=tracker,
+    )  # fmt: skip
+    rng = random.Random(2)
+    decisions = []
+    for i in range(300):  # today's scores all sit below the configured 0.5: a fixed threshold sends none to large
+        body = msgspec.json.encode(
+            {"model": "auto", "messages": [{"role": "user", "content": f"q{i} {rng.random() * 0.3}"}]}
+        )
+
+        async def read_body(limit: int, timeout_s: float, body: bytes = body) -> bytes:
+            return body
+
+        result = await pipeline.handle(read_body, "Bearer sk-alice", None, f"r{i}", 0.0)
+        assert isinstance(result, Answer) and result.status == 200
+        decisions.append(result.headers["x-gateway-decision"])
+        await asyncio.sleep(0)
+    assert decisions[:10].count("large") == 0  # the configured threshold holds until enough scores are seen
+    assert decisions[-100:].count("large") == pytest.approx(25, abs=8)
+    await tracker.aclose()
+    await limiter.drain()
+    await holder.aclose()
