@@ -260,15 +260,13 @@ class ChatPipeline:
             score = await self._score(x)
             if score is None:
                 return
-            plan, tenant = x.plan, x.record.tenant
-            target = plan.target_large_share if self._large_share is not None else None
-            if target is None or self._large_share is None:
+            plan, tenant, tracker, target = x.plan, x.record.tenant, self._large_share, x.plan.target_large_share
+            if tracker is None or target is None or plan.threshold is None:
                 x.plan = router.classify(plan, score.p_large)
             else:
-                assert plan.threshold is not None
-                threshold = self._large_share.threshold(tenant, plan.route, plan.threshold)
+                threshold = tracker.threshold(tenant, plan.route, plan.threshold)
                 x.plan = router.classify(plan, score.p_large, threshold)
-                self._large_share.observe(tenant, plan.route, score.p_large, target, plan.threshold)
+                tracker.observe(tenant, plan.route, score.p_large, target, plan.threshold)
             x.record.p_large = round(score.p_large, 4)
         x.record.decision = x.plan.decision
 

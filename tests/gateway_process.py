@@ -103,15 +103,12 @@ class GatewayProcess:
         return f"{self.url}/v1"
 
     def log_records(self, event: str = "request") -> list[dict[str, Any]]:
-        records = []
-        for line in self.log_path.read_bytes().splitlines():
-            try:
-                record = msgspec.json.decode(line)
-            except msgspec.DecodeError:
-                continue
-            if isinstance(record, dict) and record.get("event") == event:
-                records.append(record)
-        return records
+        """Request log lines (stdout) with this ``event``."""
+        return _records(self.log_path.read_bytes(), event)
+
+    def ops_records(self, event: str) -> list[dict[str, Any]]:
+        """JSON ops log lines (stderr) with this ``event``."""
+        return _records(self.err_path.read_bytes(), event)
 
     def wait_for_record(self, request_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
         """The log line of one request (lines are written by a background thread, so poll)."""
@@ -138,6 +135,20 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def _records(lines: bytes, event: str) -> list[dict[str, Any]]:
+    records = []
+    for line in lines.splitlines():
+        if not line.startswith(b"{"):
+            continue
+        try:
+            record = msgspec.json.decode(line)
+        except msgspec.DecodeError:
+            continue
+        if isinstance(record, dict) and record.get("event") == event:
+            records.append(record)
+    return records
 
 
 def _worker_pids(pid: int) -> list[int]:

@@ -76,26 +76,11 @@ def _poll(probe: Callable[[], T], done: Callable[[T], bool], timeout_s: float = 
     return value
 
 
-def _ops_events(gw: GatewayProcess, event: str) -> list[dict[str, Any]]:
-    """JSON ops log lines on the gateway's stderr with this ``event``."""
-    out = []
-    for line in gw.stderr_text().splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            record = msgspec.json.decode(line)
-        except msgspec.DecodeError:
-            continue
-        if isinstance(record, dict) and record.get("event") == event:
-            out.append(record)
-    return out
-
-
 def _wait_for_ops_event(
     gw: GatewayProcess, event: str, match: Callable[[dict[str, Any]], bool], timeout_s: float = 3.0
 ) -> list[dict[str, Any]]:
     """Ops log lines are written by a background thread: poll for them."""
-    return _poll(lambda: [r for r in _ops_events(gw, event) if match(r)], bool, timeout_s)
+    return _poll(lambda: [r for r in gw.ops_records(event) if match(r)], bool, timeout_s)
 
 
 def _settle(gw: GatewayProcess, text: str) -> str:
@@ -203,7 +188,7 @@ def test_invalid_edits_are_rejected_and_a_fix_is_picked_up(gw: GatewayProcess) -
     assert rejected, gw.stderr_text()
     assert rejected[-1]["kept"] == version
     assert rejected[-1]["level"] == "error"
-    assert not [r for r in _ops_events(gw, "policy_reloaded") if r.get("version") == _version_of(unknown_model)]
+    assert not [r for r in gw.ops_records("policy_reloaded") if r.get("version") == _version_of(unknown_model)]
 
     # 2. Broken YAML.
     broken = good.replace(FAST_ROUTE, "fast: {model: small, fallbacks: [large]")
@@ -256,7 +241,7 @@ def test_sighup_reload_alongside_the_watcher(gw: GatewayProcess) -> None:
     assert answer.headers["x-gateway-model"] == "large"
     assert gw.process.poll() is None
     time.sleep(0.4)  # let the watcher's (debounced) reload run too: it must find nothing new
-    reloads = [r for r in _ops_events(gw, "policy_reloaded") if r.get("version") == _version_of(edited)]
+    reloads = [r for r in gw.ops_records("policy_reloaded") if r.get("version") == _version_of(edited)]
     assert len(reloads) == 1, reloads
     assert reloads[0]["previous"] == old_version
     assert reloads[0]["reason"] in ("SIGHUP", "file changed")
@@ -515,7 +500,7 @@ def test_defect3_a_file_still_being_written_is_not_loaded(
     full = gw.policy_path.read_text().replace(FAST_ROUTE, FAST_ON_LARGE)
     assert full != gw.policy_path.read_text()
     half = full[: full.index("\nauth:")]
-    rejected_before = len(_ops_events(gw, "policy_rejected"))
+    rejected_before = len(gw.ops_records("policy_rejected"))
     with gw.policy_path.open("w") as handle:
         handle.write(half[: len(half) // 2])
         handle.flush()
@@ -525,4 +510,4 @@ def test_defect3_a_file_still_being_written_is_not_loaded(
             handle.flush()
     state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == _version_of(full), timeout_s=10.0)
     assert state["version"] == _version_of(full)
-    assert len(_ops_events(gw, "policy_rejected")) == rejected_before
+    assert len(gw.ops_records("policy_rejected")) == rejected_before

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import msgspec
 import pytest
 
 from gateway.simulated import SimulatedUpstream
@@ -27,19 +26,6 @@ def _chat(gw: GatewayProcess, model: str = "fast") -> httpx.Response:
 
 def _metric_lines(text: str, name: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " ")]
-
-
-def _ops_events(gw: GatewayProcess, event: str) -> list[dict[str, object]]:
-    out = []
-    for line in gw.stderr_text().splitlines():
-        if line.startswith("{"):
-            try:
-                record = msgspec.json.decode(line)
-            except msgspec.DecodeError:
-                continue
-            if isinstance(record, dict) and record.get("event") == event:
-                out.append(record)
-    return out
 
 
 # --------------------------------------------------------------- the shared gateway
@@ -136,10 +122,10 @@ def test_redis_down_means_not_ready_but_still_serving(
     assert "gateway_redis_up 0.0" in metrics.text.splitlines()
 
     time.sleep(0.2)  # ops lines are written by a background thread
-    unavailable = _ops_events(gw, "redis_unavailable")
+    unavailable = gw.ops_records("redis_unavailable")
     assert len(unavailable) == 1, f"expected one redis_unavailable line per outage, got {len(unavailable)}"
     assert unavailable[0]["level"] == "error"
-    assert not _ops_events(gw, "redis_recovered")
+    assert not gw.ops_records("redis_recovered")
 
 
 # --------------------------------------------------------------------------- the CLI

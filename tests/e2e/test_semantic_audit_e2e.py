@@ -4,7 +4,6 @@ budget the route stops serving semantic hits."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,22 +45,10 @@ def _ask(gateway: GatewayProcess, content: str) -> tuple[str, str]:
     return raw.headers["x-gateway-cache"], raw.parse().choices[0].message.content or ""
 
 
-def _ops_events(gateway: GatewayProcess, event: str) -> list[dict[str, object]]:
-    found = []
-    for line in gateway.stderr_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("event") == event:
-            found.append(record)
-    return found
-
-
 def _wait_for(gateway: GatewayProcess, event: str, count: int) -> list[dict[str, object]]:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if len(found := _ops_events(gateway, event)) >= count:
+        if len(found := gateway.ops_records(event)) >= count:
             return found
         time.sleep(0.05)
     raise AssertionError(f"fewer than {count} {event} events:\n{gateway.stderr_text()[-2000:]}")
