@@ -105,3 +105,47 @@ def load_splits(data_dir: str | Path | None = None) -> tuple[Split, Split]:
     """(train, validation)."""
     allrows, val = load_all(data_dir)
     return allrows.subset(~val), allrows.subset(val)
+
+
+# ---------------------------------------------------------------- the routing head's data
+# The routing head (gateway/classifier/head.py) is fitted on the graph's outputs, so its
+# final test rows must be ones the graph never trained on either: half of the subjects the
+# graph held out, and half of its GSM8K validation questions. Fixed before any figure of
+# the head was looked at; the other halves are development data.
+HEAD_TEST_SUBJECTS: tuple[str, ...] = HELDOUT_SUBJECTS[1::2]
+PROJECT_DATA = REPO_ROOT / "router_models" / "data" / "routing"
+GENERAL_TRAIN_FILES: tuple[str, ...] = tuple(f"general_train_{c}.jsonl" for c in "abcdefg")
+GENERAL_TEST_FILE = "general_test.jsonl"
+
+
+class GeneralRow(TypedDict):
+    """One hand-labelled prompt of general traffic (see data/routing/README.md)."""
+
+    id: str
+    category: str
+    prompt: str
+    label: str  # "easy" | "hard"
+    why: str
+
+
+def gsm8k_is_head_test(prompt: str) -> bool:
+    """Half of the graph's GSM8K validation questions: the routing head's final test rows."""
+    h = int.from_bytes(hashlib.sha256(("final:" + prompt).encode()).digest()[:8], "big")
+    return _gsm8k_is_val(prompt) and h % 2 == 0
+
+
+def is_head_test(source: str, prompt: str) -> bool:
+    if source == "gsm8k":
+        return gsm8k_is_head_test(prompt)
+    return source.removeprefix("mmlu/") in HEAD_TEST_SUBJECTS
+
+
+def load_general(files: tuple[str, ...], data_dir: str | Path | None = None) -> dict[str, list[GeneralRow]]:
+    """Rows per file; ``general_dev.jsonl`` is read from the shared data folder, the rest from the project's."""
+    out: dict[str, list[GeneralRow]] = {}
+    for name in files:
+        folder = Path(data_dir) if data_dir and name == "general_dev.jsonl" else DEFAULT_DATA
+        path = folder / name if name == "general_dev.jsonl" else PROJECT_DATA / name
+        if path.is_file():
+            out[name] = [json.loads(line) for line in path.open() if line.strip()]
+    return out

@@ -55,8 +55,21 @@ def test_deterministic_and_batch_invariant(clf: Classifier) -> None:
     for x, y, z in zip(a, b, single, strict=False):
         assert x.p_large == y.p_large
         np.testing.assert_array_equal(x.embedding, y.embedding)
-        # int8 dynamic quantization scales activations per batch tensor, so batch
-        # composition moves the result slightly (not beyond this)
+        # on the CPU provider every prompt gets its own forward pass: what else is in the
+        # batch (another tenant's prompt) cannot move its score
+        assert clf.row_by_row
+        assert x.p_large == pytest.approx(z.p_large, abs=1e-5)  # only the head's float sums differ
+        np.testing.assert_array_equal(x.embedding, z.embedding)
+
+
+def test_one_shared_pass_moves_scores_with_company_which_is_why_cpu_runs_rows_alone() -> None:
+    shared = load_classifier(ARTIFACTS, prefer_gpu=False, row_by_row=False, use_head=False)
+    assert shared is not None and not shared.row_by_row
+    texts = [EASY, HARD, "Explain quantum entanglement to a physicist.", "2+2?"]
+    together = shared.score_batch_sync(texts)
+    alone = [shared.score_batch_sync([t])[0] for t in texts]
+    for x, z in zip(together, alone, strict=True):
+        # int8 dynamic quantization scales activations per batch tensor (not beyond this)
         assert abs(x.p_large - z.p_large) < BATCH_TOL
         assert float(x.embedding @ z.embedding) > 0.98
 
@@ -94,11 +107,11 @@ async def test_microbatching_matches_one_by_one(clf: Classifier) -> None:
     assert batches < len(texts), "concurrent callers were not batched"
     assert clf.max_batch_seen > 1
     for g, e in zip(got, expected, strict=False):
-        assert abs(g.p_large - e.p_large) < BATCH_TOL
-        assert float(g.embedding @ e.embedding) > 0.98
+        assert g.p_large == pytest.approx(e.p_large, abs=1e-5)
+        np.testing.assert_array_equal(g.embedding, e.embedding)
     # sequential callers still work (batch of one after the bounded wait)
     one = await clf.score([{"role": "user", "content": EASY}])
-    assert abs(one.p_large - expected[-2].p_large) < BATCH_TOL
+    assert one.p_large == pytest.approx(expected[-2].p_large, abs=1e-5)
     alone = clf.score_batch_sync([EASY])[0]
     assert abs(one.p_large - alone.p_large) < 1e-6
 
@@ -208,3 +221,121 @@ def test_threshold_for_share_edges() -> None:
     assert np.mean(p >= threshold_for_share(p, 1.0)) == 1.0
     with pytest.raises(ValueError):
         threshold_for_share([], 0.5)
+
+
+# Ten everyday requests and ten that need a frontier model, written for this test (in no
+# training file): the shipped router once scored both groups alike (mean p_large 0.137 vs 0.129).
+TRIVIAL = (
+    "what is 2+2",
+    "hi! how are you doing today?",
+    "Translate 'good morning' into Spanish.",
+    "What's the capital of Italy?",
+    "Give me a synonym for 'happy'.",
+    "Convert 5 km to meters.",
+    "Fix the typos: 'I recieved your mesage yesturday.'",
+    "What colour do you get when you mix blue and yellow?",
+    "Write a one-line thank-you note to my neighbour for the cake.",
+    "How many days are there in a week?",
+)
+DEMANDING = (
+    "Prove that there are infinitely many primes congruent to 3 mod 4.",
+    "Is a non-compete signed in California in 2019 by a software engineer enforceable after she moves "
+    "to Texas? Walk through the choice-of-law analysis and the relevant statutes.",
+    "Write a lock-free multi-producer multi-consumer queue in C++ with correct memory orderings and "
+    "explain why ABA cannot happen.",
+    "Prove that every finite group of order p^2 is abelian.",
+    "A patient on warfarin starts amiodarone and fluconazole; estimate the INR effect and give a dose "
+    "adjustment plan with monitoring intervals.",
+    "Derive the closed form of sum_{k=1}^n k^3 binom(n,k) and prove it.",
+    "Explain the tax treatment of a Section 1031 exchange with boot and a related-party seller, and "
+    "compute the recognized gain: relinquished FMV 900k, basis 400k, replacement 850k, cash boot 50k.",
+    "Find all integer solutions of x^2 - 7y^2 = 1 with x < 10^4 and prove your list is complete.",
+    "Write a sestina about grief in which every line has exactly ten syllables.",
+    "Design a consensus protocol for 5 replicas that tolerates 1 Byzantine fault and prove safety.",
+)
+
+
+def test_everyday_requests_score_below_demanding_ones(clf: Classifier) -> None:
+    easy = np.array([s.p_large for s in clf.score_batch_sync(list(TRIVIAL))])
+    hard = np.array([s.p_large for s in clf.score_batch_sync(list(DEMANDING))])
+    assert hard.mean() - easy.mean() > 0.3, (easy.round(2), hard.round(2))
+    pairs_ordered = (hard[:, None] > easy[None, :]).mean()  # the AUC of this little set
+    assert pairs_ordered >= 0.85
+
+
+def test_the_head_is_what_serves_and_the_graph_score_stays_reachable(clf: Classifier) -> None:
+    graph = load_classifier(ARTIFACTS, prefer_gpu=False, use_head=False)
+    assert graph is not None and clf.head_version is not None and graph.head_version is None
+    served = clf.score_batch_sync(list(DEMANDING))
+    raw = graph.score_batch_sync(list(DEMANDING))
+    assert [s.p_large for s in served] != [s.p_large for s in raw]
+    for s, r in zip(served, raw, strict=True):  # the head never touches the cache's embedding
+        assert np.array_equal(s.embedding, r.embedding)
+
+
+def test_a_prompt_unlike_any_training_data_leans_large(clf: Classifier) -> None:
+    from dataclasses import replace
+
+    from gateway.classifier.head import RoutingHead
+
+    assert isinstance(clf._head, RoutingHead)
+    texts = ["What's the capital of Italy?", "lorem ipsum dolor sit amet consectetur adipiscing elit"]
+    emb = np.stack([s.embedding for s in clf.score_batch_sync(texts)])
+    # references: the first prompt only, so the second is as far from them as it can be
+    head = replace(clf._head, reference=emb[:1], novelty_low=0.3, novelty_high=0.6, novelty_lift=0.5)
+    parts = head.parts(emb, np.full(2, 0.1, dtype=np.float32), texts)
+    assert parts["nearest"][0] == pytest.approx(1.0, abs=1e-5) and parts["unfamiliar"][0] == 0.0
+    assert parts["p_large"][0] == pytest.approx(parts["mixed"][0])
+    assert parts["nearest"][1] < 0.6 and parts["unfamiliar"][1] > 0.0
+    expected = parts["mixed"][1] + 0.5 * parts["unfamiliar"][1] * (1 - parts["mixed"][1])
+    assert parts["p_large"][1] == pytest.approx(expected, abs=1e-6) and expected > parts["mixed"][1]
+    # the shipped head's own reference and bounds: a prompt of the training kind is familiar
+    shipped = clf._head.parts(emb[:1], np.full(1, 0.1, dtype=np.float32), texts[:1])
+    assert shipped["unfamiliar"][0] == 0.0 and clf._head.novelty_low < clf._head.novelty_high
+
+
+def test_a_tampered_or_foreign_head_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "art"
+    shutil.copytree(ARTIFACTS, d)
+    cfg = json.loads((d / "config.json").read_text())
+    head_file = d / cfg["files"]["head"]
+    original = head_file.read_bytes()
+    head_file.write_bytes(original[:-10] + b"0123456789")
+    with _capture() as logs:
+        assert load_classifier(d, prefer_gpu=False) is None
+    assert any(e.get("reason") == "bad_routing_head" and "sha256" in e["error"] for e in logs)
+    # a head fitted on other features: refused even when its hash is recorded
+    with np.load(ARTIFACTS / cfg["files"]["head"]) as z:
+        arrays = dict(z)
+    arrays["feature_names"] = np.array(["something_else"] * len(arrays["feature_names"]))
+    np.savez(head_file, **arrays)
+    from gateway.inference import sha256_file
+
+    cfg["sha256"][head_file.name] = sha256_file(head_file)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with _capture() as logs:
+        assert load_classifier(d, prefer_gpu=False) is None
+    assert any(e.get("reason") == "bad_routing_head" and "features" in e["error"] for e in logs)
+    # head file gone: refused, not silently served by the graph's benchmark-only score
+    head_file.unlink()
+    with _capture() as logs:
+        assert load_classifier(d, prefer_gpu=False) is None
+    assert any(e.get("reason") == "bad_routing_head" and "missing" in e["error"] for e in logs)
+
+
+@pytest.mark.parametrize("text", ["", " ", "\n\n\n", "é" * 50_000, "1" * 10_000, "```\n" * 3000, "?" * 100])
+def test_surface_features_are_finite_for_any_text(text: str) -> None:
+    from gateway.classifier.features import NAMES, surface_features
+
+    f = surface_features(text)
+    assert f.shape == (len(NAMES),) and np.isfinite(f).all()
+
+
+def test_surface_features_count_what_they_say() -> None:
+    from gateway.classifier.features import NAMES, surface_features
+
+    f = dict(zip(NAMES, surface_features("Rules:\n- must be exactly 3 lines\n- avoid 'the'\n2. x = 4^2?"), strict=True))
+    assert f["log_list_items"] == pytest.approx(np.log1p(3))
+    assert f["log_numbers"] == pytest.approx(np.log1p(4))
+    assert f["question_marks"] == 1
+    assert f["non_ascii_share"] == 0.0
