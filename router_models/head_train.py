@@ -170,7 +170,9 @@ def leave_one_writer_out(rows: Rows) -> tuple[dict[str, Any], np.ndarray]:
     return out, s
 
 
-def record(artifacts: Path, head: RoutingHead, rows: Rows, train: np.ndarray, cv: dict[str, Any], unseen: np.ndarray) -> None:
+def record(
+    artifacts: Path, head: RoutingHead, rows: Rows, train: np.ndarray, cv: dict[str, Any], unseen: np.ndarray
+) -> None:
     path = artifacts / HEAD_FILE
     head.save(path)
     config_path = artifacts / "config.json"
@@ -204,7 +206,9 @@ def record(artifacts: Path, head: RoutingHead, rows: Rows, train: np.ndarray, cv
     }
     config["head"]["development_leave_one_writer_out"] = cv
     config["thresholds"] = {
-        "by_large_share": {f"{share:.1f}": round(threshold_for_share(unseen, share), 6) for share in np.arange(0.1, 0.95, 0.1)},
+        "by_large_share": {
+            f"{share:.1f}": round(threshold_for_share(unseen, share), 6) for share in np.arange(0.1, 0.95, 0.1)
+        },
         "sample": f"{len(unseen)} hand-labelled general prompts, each scored by a head fitted without its file",
     }
     config_path.write_text(json.dumps(config, indent=2) + "\n")
