@@ -5,9 +5,12 @@ threshold follows the (1 − s) quantile of the ``p_large`` scores it has seen r
 so that about a share s of prompts goes to the large model whatever the scores' scale
 on today's traffic. Per tenant and route (traffic one tenant sends never moves another's
 routing): each process keeps the last ``window`` scores; every ``update_every`` scores it
-reads the shared threshold from the store, moves it toward its own window's quantile by
-at most ``max_step``, and writes it back. Processes thus share one threshold, and no
-burst of odd prompts can move it far. Until a route has seen ``update_every`` scores, or
+reads the shared threshold from the store, and moves it so that the share its window
+would send to large comes closer to s by at most ``max_share_step`` (a bound in share,
+not in score: the routing head's scores are not on one scale across kinds of traffic, so
+a bound in score units took 1,600 prompts to follow a shift from chat to quiz traffic),
+and writes it back. Processes thus share one threshold, and no burst of odd prompts can
+move the share far. Until a route has seen ``update_every`` scores, or
 while the store is unavailable, the last known threshold (at first the configured one) holds.
 """
 
@@ -31,11 +34,13 @@ _TIMEOUT_S = 0.05
 
 
 class LargeShareTracker:
-    def __init__(self, kv: KeyValue, *, window: int = 1000, update_every: int = 50, max_step: float = 0.02) -> None:
+    def __init__(
+        self, kv: KeyValue, *, window: int = 1000, update_every: int = 50, max_share_step: float = 0.05
+    ) -> None:
         self._kv = kv
         self._window = window
         self._update_every = update_every
-        self._max_step = max_step
+        self._max_share_step = max_share_step
         self._scores: dict[tuple[str, str], deque[float]] = {}
         self._seen: dict[tuple[str, str], int] = {}
         self._thresholds: dict[tuple[str, str], float] = {}
@@ -54,20 +59,23 @@ class LargeShareTracker:
         scores.append(p_large)
         self._seen[key] = seen = self._seen.get(key, 0) + 1
         if seen % self._update_every == 0:
-            wanted = float(np.quantile(np.fromiter(scores, dtype=np.float64), 1.0 - target))
-            task = asyncio.get_running_loop().create_task(self.update(tenant, route, wanted, configured))
+            recent = np.fromiter(scores, dtype=np.float64)
+            task = asyncio.get_running_loop().create_task(self.update(tenant, route, recent, target, configured))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def update(self, tenant: str, route: str, wanted: float, configured: float) -> float:
-        """Move the shared threshold toward ``wanted`` by at most ``max_step``; the new value."""
+    async def update(self, tenant: str, route: str, recent: np.ndarray, target: float, configured: float) -> float:
+        """Move the shared threshold so that ``recent`` scores' share at or above it nears
+        ``target`` by at most ``max_share_step``; the new threshold."""
         key = (tenant, route)
         store_key = keyspace.large_share_threshold(tenant, route)
         current = self._thresholds.get(key, configured)
         try:
             raw = await self._kv.get(store_key, _TIMEOUT_S)
             shared = float(raw) if raw is not None else current
-            new = shared + max(-self._max_step, min(self._max_step, wanted - shared))
+            share_now = float((recent >= shared).mean())
+            share_next = share_now + max(-self._max_share_step, min(self._max_share_step, target - share_now))
+            new = float(np.quantile(recent, min(max(1.0 - share_next, 0.0), 1.0)))
             await self._kv.put(store_key, f"{new:.6f}".encode(), _TTL_S, _TIMEOUT_S)
         except (StoreUnavailable, ValueError):
             return current

@@ -32,39 +32,58 @@ async def _feed(tracker: LargeShareTracker, tenant: str, scores: list[float], ta
     await asyncio.sleep(0.01)
 
 
-async def test_the_threshold_walks_to_the_target_quantile_in_bounded_steps() -> None:
-    tracker = LargeShareTracker(MemoryKeyValue(), window=400, update_every=20, max_step=0.02)
+def _share(scores: list[float], threshold: float) -> float:
+    return sum(s >= threshold for s in scores) / len(scores)
+
+
+async def test_the_threshold_walks_to_the_target_share_in_bounded_steps() -> None:
+    tracker = LargeShareTracker(MemoryKeyValue(), window=400, update_every=20, max_share_step=0.05)
     rng = random.Random(0)
     scores = [rng.betavariate(2, 8) for _ in range(4000)]  # today's traffic scores low: mean 0.2
     assert tracker.threshold("t", "auto", 0.5) == 0.5
+    assert _share(scores[:20], 0.5) <= 0.05
     await _feed(tracker, "t", scores[:20], target=0.3)
-    assert tracker.threshold("t", "auto", 0.5) == pytest.approx(0.48)  # one step of at most 0.02
-    await _feed(tracker, "t", scores[20:], target=0.3)
-    threshold = tracker.threshold("t", "auto", 0.5)
-    recent = scores[-400:]
-    share = sum(s >= threshold for s in recent) / len(recent)
-    assert share == pytest.approx(0.3, abs=0.05)
+    first = tracker.threshold("t", "auto", 0.5)
+    assert first < 0.5 and _share(scores[:20], first) <= _share(scores[:20], 0.5) + 0.05 + 1e-9  # one bounded step
+    await _feed(tracker, "t", scores[20:200], target=0.3)  # ~9 more updates: enough to get there
+    assert _share(scores[:200], tracker.threshold("t", "auto", 0.5)) == pytest.approx(0.3, abs=0.05)
+    await _feed(tracker, "t", scores[200:], target=0.3)
+    assert _share(scores[-400:], tracker.threshold("t", "auto", 0.5)) == pytest.approx(0.3, abs=0.05)
+
+
+async def test_a_burst_of_odd_prompts_moves_the_share_by_one_step_at_most() -> None:
+    tracker = LargeShareTracker(MemoryKeyValue(), window=1000, update_every=50, max_share_step=0.05)
+    rng = random.Random(3)
+    calm = [rng.random() for _ in range(1000)]
+    await _feed(tracker, "t", calm, target=0.3)
+    settled = tracker.threshold("t", "auto", 0.5)
+    assert _share(calm, settled) == pytest.approx(0.3, abs=0.03)
+    await _feed(tracker, "t", [0.999] * 50, target=0.3)  # 50 prompts that all score high
+    assert _share(calm, tracker.threshold("t", "auto", 0.5)) >= _share(calm, settled) - 0.05 - 0.01
 
 
 async def test_processes_share_one_threshold_and_tenants_do_not() -> None:
     store = MemoryKeyValue()
-    first, second = (LargeShareTracker(store, window=200, update_every=10, max_step=0.05) for _ in range(2))
+    first, second = (LargeShareTracker(store, window=200, update_every=10, max_share_step=0.05) for _ in range(2))
     rng = random.Random(1)
     await _feed(first, "t", [rng.random() * 0.4 for _ in range(400)], target=0.5)
     moved = first.threshold("t", "auto", 0.5)
     assert moved == pytest.approx(0.2, abs=0.05)
-    # the other process starts from the shared value: its first update moves it by one step at most
-    await second.update("t", "auto", wanted=0.9, configured=0.5)
-    assert second.threshold("t", "auto", 0.5) == pytest.approx(moved + 0.05, abs=1e-6)
+    # the other process starts from the shared value: its first update moves the share by one step at most
+    recent = np.array([rng.random() * 0.4 for _ in range(200)])
+    before = float((recent >= moved).mean())
+    after = await second.update("t", "auto", recent, target=0.9, configured=0.5)
+    assert float((recent >= after).mean()) == pytest.approx(before + 0.05, abs=0.01)
     assert first.threshold("other-tenant", "auto", 0.5) == 0.5
 
 
 async def test_an_unavailable_store_keeps_the_last_threshold() -> None:
     store = MemoryKeyValue()
-    tracker = LargeShareTracker(store, update_every=1, max_step=0.1)
-    assert await tracker.update("t", "auto", wanted=0.1, configured=0.5) == pytest.approx(0.4)
+    tracker = LargeShareTracker(store, update_every=1, max_share_step=0.1)
+    recent = np.linspace(0.0, 1.0, 101)
+    assert await tracker.update("t", "auto", recent, target=0.9, configured=0.5) == pytest.approx(0.4, abs=0.011)
     store.down = True
-    assert await tracker.update("t", "auto", wanted=0.1, configured=0.5) == pytest.approx(0.4)
+    assert await tracker.update("t", "auto", recent, target=0.9, configured=0.5) == pytest.approx(0.4, abs=0.011)
 
 
 @dataclass(frozen=True)
@@ -91,7 +110,7 @@ async def test_a_route_with_a_target_share_sends_that_share_to_large_through_the
     holder = RuntimeHolder(policy, metrics, transport=upstream.transport)
     holder.start()
     limiter = Limiter(store.counters, UsageLedger(store.counters))
-    tracker = LargeShareTracker(store.kv, window=200, update_every=10, max_step=0.05)
+    tracker = LargeShareTracker(store.kv, window=200, update_every=10, max_share_step=0.05)
     pipeline = ChatPipeline(
         holder, metrics, ExactCache(store.kv), SemanticCache(store.vectors, None), limiter, _Scorer(),
         large_share=tracker,
