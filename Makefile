@@ -46,6 +46,7 @@ router: $(STAMP)
 	HF_HUB_OFFLINE=1 nice -n 19 $(PY) -m router_models.train --layers 3 --max-tokens 96 --families 2 --epochs 2 --distill 1.0 --out router_models/build/ckpt_ft_l3_t96_fam2
 	$(PY) -m router_models.export --ckpt router_models/build/ckpt_ft_l3_t96_fam2 --artifacts gateway/classifier/artifacts
 	$(PY) -m router_models.evaluate --artifacts gateway/classifier/artifacts --teacher --text-selection
+	$(PY) -m router_models.head_train --artifacts gateway/classifier/artifacts
 
 check: $(STAMP)
 	$(PY) -m gateway check policies.yaml
