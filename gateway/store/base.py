@@ -64,6 +64,19 @@ class KeyValue(Protocol):
         """The value under ``key`` and whether its lease is held, in one round trip."""
         ...
 
+    async def append(self, key: str, value: bytes, max_len: int, ttl_s: int, timeout_s: float) -> None:
+        """Add ``value`` to the list under ``key``, keeping the newest ``max_len``; the list expires
+        ``ttl_s`` after its last append."""
+        ...
+
+    async def read_list(self, key: str, timeout_s: float) -> list[bytes]:
+        """The list under ``key``, oldest first (empty when there is none)."""
+        ...
+
+    async def add_float(self, key: str, amount: float, ttl_s: int, timeout_s: float) -> float:
+        """Add ``amount`` to the number under ``key`` (created at 0 with ``ttl_s``); the new total."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class VectorMatch:

@@ -18,6 +18,12 @@ hashed, so any string is a safe key part.
     gw:{t}:use:t:<yyyymmdd>           the tenant's
     gw:{t}:resp:<response id>         a stored Responses API turn (TTL: 30 days)
     gw:{t}:share:<route>              a route's threshold kept on target_large_share (TTL: 7 days)
+    gw:{t}:learn:tr:<request id>      what the router saw of a routed request (TTL: learning.keep_hours)
+    gw:{t}:learn:labels               labelled routing examples, newest kept (TTL: refreshed on append)
+    gw:{t}:learn:shadow:<route>:<day> a route's shadow-judging spend that UTC day (TTL: 2 days)
+    gw:{t}:router:active|previous     the tenant's learnt router version in force, and the one before
+    gw:{t}:router:v:<version>         a learnt router (TTL: 90 days)
+    gw:{global}:router:...            the same for the router learnt from pooled labels
 """
 
 from __future__ import annotations
@@ -26,15 +32,20 @@ import functools
 import hashlib
 
 __all__ = [
+    "GLOBAL_SCOPE",
     "exact",
     "large_share_threshold",
+    "learned_router",
     "lease",
     "limit_counters",
     "response",
+    "routing_labels",
+    "routing_trace",
     "semantic_ages",
     "semantic_entry",
     "semantic_entry_prefix",
     "semantic_index",
+    "shadow_spend",
     "tenant_prefix",
     "usage",
 ]
@@ -90,3 +101,24 @@ def usage(tenant: str, key_id: str, day: str) -> tuple[str, str]:
 def response(tenant: str, response_id: str) -> str:
     """A response kept for ``GET /v1/responses/{id}`` and ``previous_response_id``."""
     return f"{tenant_prefix(tenant)}:resp:{response_id}"
+
+
+GLOBAL_SCOPE = "gw:{global}"
+"""The prefix of what is learnt from labels pooled across tenants (a policy choice)."""
+
+
+def routing_trace(tenant: str, request_id: str) -> str:
+    return f"{tenant_prefix(tenant)}:learn:tr:{hashlib.sha256(request_id.encode()).hexdigest()[:32]}"
+
+
+def routing_labels(tenant: str) -> str:
+    return f"{tenant_prefix(tenant)}:learn:labels"
+
+
+def shadow_spend(tenant: str, route: str, day: str) -> str:
+    return f"{tenant_prefix(tenant)}:learn:shadow:{hashlib.sha256(route.encode()).hexdigest()[:16]}:{day}"
+
+
+def learned_router(tenant: str | None, part: str) -> str:
+    """``part``: ``active``, ``previous`` or ``v:<version>``; ``tenant`` None: the pooled router."""
+    return f"{GLOBAL_SCOPE if tenant is None else tenant_prefix(tenant)}:router:{part}"

@@ -43,6 +43,7 @@ class MemoryKeyValue(_Outage):
     def __init__(self, clock: Clock = time.time) -> None:
         self._clock = clock
         self._values: dict[str, tuple[bytes, float]] = {}
+        self._lists: dict[str, tuple[list[bytes], float]] = {}
 
     async def get(self, key: str, timeout_s: float) -> bytes | None:
         self._check()
@@ -73,6 +74,27 @@ class MemoryKeyValue(_Outage):
     async def peek(self, key: str, timeout_s: float) -> tuple[bytes | None, bool]:
         self._check()
         return self._live(key), self._live(keyspace.lease(key)) is not None
+
+    async def append(self, key: str, value: bytes, max_len: int, ttl_s: int, timeout_s: float) -> None:
+        self._check()
+        items = self._lists.get(key)
+        if items is None or items[1] <= self._clock():
+            items = ([], 0.0)
+        kept = [*items[0], value][-max_len:]
+        self._lists[key] = (kept, self._clock() + ttl_s)
+
+    async def read_list(self, key: str, timeout_s: float) -> list[bytes]:
+        self._check()
+        items = self._lists.get(key)
+        return list(items[0]) if items is not None and items[1] > self._clock() else []
+
+    async def add_float(self, key: str, amount: float, ttl_s: int, timeout_s: float) -> float:
+        self._check()
+        current = self._live(key)
+        total = (float(current) if current is not None else 0.0) + amount
+        expires = self._values[key][1] if current is not None else self._clock() + ttl_s
+        self._values[key] = (repr(total).encode(), expires)
+        return total
 
     def keys(self) -> list[str]:
         return [key for key in self._values if self._live(key) is not None]

@@ -1,4 +1,5 @@
-""":class:`~gateway.store.base.KeyValue` on Redis: ``GET``/``SET EX``, leases as ``SET NX PX``."""
+""":class:`~gateway.store.base.KeyValue` on Redis: ``GET``/``SET EX``, leases as ``SET NX PX``,
+bounded lists as ``RPUSH``/``LTRIM``, float totals as ``INCRBYFLOAT``."""
 
 from __future__ import annotations
 
@@ -42,6 +43,30 @@ class RedisKeyValue:
 
     async def peek(self, key: str, timeout_s: float) -> tuple[bytes | None, bool]:
         return await self._redis.call(lambda r: _value_and_lease(r, key), timeout_s)
+
+    async def append(self, key: str, value: bytes, max_len: int, ttl_s: int, timeout_s: float) -> None:
+        async def write(client: aioredis.Redis) -> None:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.rpush(key, value)
+                pipe.ltrim(key, -max_len, -1)
+                pipe.expire(key, ttl_s)
+                await pipe.execute()
+
+        await self._redis.call(write, timeout_s)
+
+    async def read_list(self, key: str, timeout_s: float) -> list[bytes]:
+        items = await self._redis.call(lambda r: r.lrange(key, 0, -1), timeout_s)
+        return [i.encode() if isinstance(i, str) else i for i in items]
+
+    async def add_float(self, key: str, amount: float, ttl_s: int, timeout_s: float) -> float:
+        async def add(client: aioredis.Redis) -> float:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.incrbyfloat(key, amount)
+                pipe.expire(key, ttl_s, nx=True)
+                total, _ = await pipe.execute()
+            return float(total)
+
+        return await self._redis.call(add, timeout_s)
 
 
 async def _value_and_lease(client: aioredis.Redis, key: str) -> tuple[bytes | None, bool]:
