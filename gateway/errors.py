@@ -94,6 +94,22 @@ class ModelNotFoundError(GatewayError):
     code = "model_not_found"
 
 
+class NotFoundError(GatewayError):
+    """A resource the caller named (a request id, a stored response) that it cannot see."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class ConflictError(GatewayError):
+    """The request was valid but the gateway's state refuses it (e.g. a route that no longer learns)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
 class PayloadTooLargeError(GatewayError):
     status_code = 413
     error_type = "invalid_request_error"
@@ -142,6 +158,10 @@ class LimiterUnavailableError(ServiceUnavailableError):
 
 class UsageUnavailableError(ServiceUnavailableError):
     code = "usage_unavailable"
+
+
+class FeedbackUnavailableError(ServiceUnavailableError):
+    code = "feedback_unavailable"
 
 
 class ShuttingDownError(ServiceUnavailableError):

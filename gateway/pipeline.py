@@ -36,11 +36,15 @@ from gateway.cache.exact import ExactCache, Lease
 from gateway.cache.plan import CachePlan, plan_cache
 from gateway.cache.semantic import SemanticCache
 from gateway.classifier import ClassifierError
+from gateway.classifier.text import message_text
 from gateway.config.schema import Price
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.drain import DEFAULT_DRAIN_S, Drain
 from gateway.errors import GatewayError, InvalidRequestError, ShuttingDownError, UpstreamError
 from gateway.large_share import LargeShareTracker
+from gateway.learning.examples import Side
+from gateway.learning.loop import LearningLoop
+from gateway.learning.shadow import judge_request as shadow_judge_request
 from gateway.limits import Limiter, Reservation
 from gateway.pricing import cost_usd
 from gateway.protocol import ChatRequest, parse_chat_request
@@ -66,6 +70,8 @@ class PromptScore(Protocol):
     def embedding(self) -> np.ndarray[Any, Any]: ...
     @property
     def truncated(self) -> bool: ...
+    @property
+    def features(self) -> np.ndarray[Any, Any] | None: ...
 
 
 class Scorer(Protocol):
@@ -109,6 +115,8 @@ class _Exchange:
     scored: bool = False
     downgrade: bool = False
     """The tenant's budget is nearly spent: a classifier route goes to the small model."""
+    answered: str = ""
+    """The answer's text, once settled (what shadow judging compares)."""
 
 
 class ChatPipeline:
@@ -123,6 +131,7 @@ class ChatPipeline:
         drain: Drain | None = None,
         audit: SemanticAudit | None = None,
         large_share: LargeShareTracker | None = None,
+        learning: LearningLoop | None = None,
     ) -> None:
         self._holder = holder
         self._drain = drain or Drain(DEFAULT_DRAIN_S)
@@ -133,6 +142,7 @@ class ChatPipeline:
         self._scorer = scorer
         self._audit = audit or SemanticAudit(metrics)
         self._large_share = large_share
+        self._learning = learning
 
     async def handle(
         self,
@@ -261,13 +271,19 @@ class ChatPipeline:
             if score is None:
                 return
             plan, tenant, tracker, target = x.plan, x.record.tenant, self._large_share, x.plan.target_large_share
+            p_large = score.p_large
+            if plan.learning is not None and self._learning is not None:
+                learned = self._learning.routers.current(tenant)
+                if learned is not None:
+                    p_large = learned.apply(p_large, score.embedding, score.features)
+                    x.record.router_version = learned.version
             if tracker is None or target is None or plan.threshold is None:
-                x.plan = router.classify(plan, score.p_large)
+                x.plan = router.classify(plan, p_large)
             else:
                 threshold = tracker.threshold(tenant, plan.route, plan.threshold)
-                x.plan = router.classify(plan, score.p_large, threshold)
-                tracker.observe(tenant, plan.route, score.p_large, target, plan.threshold)
-            x.record.p_large = round(score.p_large, 4)
+                x.plan = router.classify(plan, p_large, threshold)
+                tracker.observe(tenant, plan.route, p_large, target, plan.threshold)
+            x.record.p_large = round(p_large, 4)
         x.record.decision = x.plan.decision
 
     async def _from_cache(self, x: _Exchange, cache_control: str | None) -> Answer | StreamingAnswer | None:
@@ -332,20 +348,8 @@ class ChatPipeline:
         """Ask upstream what the cached answer stood in for, after it was served (gateway/cache/audit.py)."""
         assert x.plan is not None
         runtime, plan, semantic = x.runtime, x.plan, x.runtime.policy.cache.semantic
-        body = {k: v for k, v in x.body.items() if k not in ("stream", "stream_options")}
-        retry = plan.retry or runtime.policy.retry
-
-        async def ask(candidates: tuple[str, ...], request: dict[str, Any]) -> tuple[str, float]:
-            info = DispatchInfo()
-            completion = await dispatch(
-                candidates, runtime.providers, self._holder.breakers, retry, request, _complete, info
-            )
-            usage, provider = completion.usage, info.provider
-            cost = 0.0
-            if usage is not None and provider is not None:
-                cost = cost_usd(provider.config.price, usage.prompt_tokens, usage.completion_tokens)
-            return completion.text, cost
-
+        body = _unstreamed(x.body)
+        ask = self._asker(x)
         judge_model = semantic.audit.judge_model
 
         async def judge(cached: str, fresh: str) -> bool | None:
@@ -363,6 +367,67 @@ class ChatPipeline:
                 lambda: ask(plan.candidates, body),
                 judge if judge_model is not None and judge_model in runtime.providers else None,
             )
+        )
+
+    def _asker(self, x: _Exchange) -> Callable[[tuple[str, ...], dict[str, Any]], Awaitable[tuple[str, float]]]:
+        """Ask models off the request path (audits, shadow judging): the answer's text and its cost."""
+        assert x.plan is not None
+        runtime = x.runtime
+        retry = x.plan.retry or runtime.policy.retry
+        breakers = self._holder.breakers
+
+        async def ask(candidates: tuple[str, ...], request: dict[str, Any]) -> tuple[str, float]:
+            info = DispatchInfo()
+            completion = await dispatch(candidates, runtime.providers, breakers, retry, request, _complete, info)
+            usage, provider = completion.usage, info.provider
+            cost = 0.0
+            if usage is not None and provider is not None:
+                cost = cost_usd(provider.config.price, usage.prompt_tokens, usage.completion_tokens)
+            return completion.text, cost
+
+        return ask
+
+    def _teach(self, x: _Exchange) -> None:
+        """A routed request was answered: hand the learning loop what the router saw."""
+        plan, score, learning = x.plan, x.score, self._learning
+        if learning is None or plan is None or plan.learning is None or score is None or score.features is None:
+            return
+        if plan.decision not in ("small", "large") or x.record.status != 200 or not x.answered:
+            return
+        small, large = x.runtime.router.pair
+        side: Side = "small" if x.record.model == small else "large"
+        if x.record.model not in (small, large):
+            return  # a fallback outside the pair answered: nothing to learn about the pair
+        other = large if side == "small" else small
+        judge_model = plan.learning.judge or large
+        if other not in x.runtime.providers or judge_model not in x.runtime.providers:
+            return
+        ask, body = self._asker(x), _unstreamed(x.body)
+        request_text = "\n\n".join(
+            f"{m.get('role', 'user')}: {message_text(m)}" for m in x.body.get("messages", ()) if isinstance(m, dict)
+        )
+
+        async def ask_other() -> tuple[str, float]:
+            return await ask((other,), {**body, "model": other})
+
+        async def judge(small_answer: str, large_answer: str) -> tuple[str, float]:
+            return await ask(
+                (judge_model,), shadow_judge_request(judge_model, request_text, small_answer, large_answer)
+            )
+
+        learning.after_answer(
+            plan.learning,
+            tenant=x.record.tenant,
+            key_id=x.record.key_id,
+            request_id=x.record.request_id,
+            route=plan.route,
+            side=side,
+            p_base=score.p_large,
+            embedding=score.embedding,
+            features=score.features,
+            answered=x.answered,
+            ask_other=ask_other,
+            judge=judge,
         )
 
     def _cached_answer(self, x: _Exchange, hit: CachedAnswer, kind: str) -> Answer | StreamingAnswer:
@@ -524,6 +589,7 @@ class ChatPipeline:
         """Tokens (the upstream's usage when it sent one) and costs, actual and baseline."""
         record = x.record
         record.model, record.provider = provider.name, provider.kind
+        x.answered = text
         if usage is not None:
             record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
             record.cached_prompt_tokens, record.cache_write_tokens = (
@@ -561,6 +627,7 @@ class ChatPipeline:
             headers["x-gateway-decision"] = record.decision
         if record.p_large is not None:
             headers["x-gateway-p-large"] = f"{record.p_large:.4f}"
+            headers["x-gateway-router-version"] = record.router_version or "shipped"
         return headers
 
     def _error_answer(self, x: _Exchange, exc: GatewayError) -> Answer:
@@ -586,8 +653,13 @@ class ChatPipeline:
             self._metrics.upstream_error(failure.upstream, failure.code)
         self._metrics.observe(record)
         _request_log.info("request", **request_event(record))
+        self._teach(x)
         if x.reservation is not None:
             self._limiter.settle_later(x.runtime.policy, x.reservation, UsageFigures.of_request(record))
+
+
+def _unstreamed(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
 
 
 def _internal_error(x: _Exchange, exc: Exception) -> GatewayError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.config.schema import Policy, RetryPolicy
+from gateway.config.schema import LearningPolicy, Policy, RetryPolicy
 from gateway.errors import ModelNotFoundError
 
 __all__ = ["RoutePlan", "Router"]
@@ -27,6 +27,8 @@ class RoutePlan:
     """The route's own retry policy (``routes.<name>.retry``); None: the policy-wide one."""
     target_large_share: float | None = None
     """Classifier routes: keep this share on the large model (the threshold then moves; gateway/large_share.py)."""
+    learning: LearningPolicy | None = None
+    """Classifier routes: the router learns from this route's traffic (gateway/learning/)."""
 
 
 class Router:
@@ -48,11 +50,13 @@ class Router:
                     route.threshold,
                     route.retry,
                     route.target_large_share,
+                    route.learning,
                 )
             else:
                 plans[name] = RoutePlan(name, candidates, route.baseline or large, "fixed", retry=route.retry)
         self._plans = plans
         self._small, self._large = policy.pair.small, policy.pair.large
+        self.pair = (policy.pair.small, policy.pair.large)
         self._fallbacks = {name: tuple(route.fallbacks) for name, route in policy.routes.items()}
         self.route_names = tuple(policy.routes)
         self.model_names = tuple(name for name, model in policy.models.items() if model.public)
@@ -77,5 +81,12 @@ class Router:
         chosen, decision = (self._large, "large") if p_large >= threshold else (self._small, "small")
         candidates = tuple(dict.fromkeys([chosen, *self._fallbacks.get(plan.route, ())]))
         return RoutePlan(
-            plan.route, candidates, plan.baseline, decision, threshold, plan.retry, plan.target_large_share
+            plan.route,
+            candidates,
+            plan.baseline,
+            decision,
+            threshold,
+            plan.retry,
+            plan.target_large_share,
+            plan.learning,
         )

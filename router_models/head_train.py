@@ -154,7 +154,7 @@ def leave_one_writer_out(rows: Rows) -> tuple[dict[str, Any], np.ndarray]:
     for name in np.unique(rows.group[general]):
         own = rows.group == name
         head = fit(rows, ~own)
-        score[own] = head.p_large(rows.embedding[own], rows.p_graph[own], [rows.texts[i] for i in np.flatnonzero(own)])
+        score[own] = head.p_large(rows.embedding[own], rows.p_graph[own], rows.features[own])
     y, s = rows.hard[general], score[general]
     out: dict[str, Any] = {"auc": round(float(roc_auc_score(y, s)), 4), "n": int(general.sum())}
     out["graph_auc"] = round(float(roc_auc_score(y, rows.p_graph[general])), 4)

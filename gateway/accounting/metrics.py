@@ -75,6 +75,25 @@ class Metrics:
         self.semantic_audit_costs = Counter(
             "gateway_semantic_cache_audit_cost_usd", "What the audits' upstream calls cost", ["route"], registry=r
         )
+        self.shadow_judgements = Counter(
+            "gateway_router_shadow_judgements",
+            "Answers also asked of the other model and judged; outcome: small_enough, needed_large, "
+            "undecided, failed, over_budget",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.shadow_costs = Counter(
+            "gateway_router_shadow_cost_usd",
+            "What shadow answers and judgements cost (the operator's)",
+            ["route"],
+            registry=r,
+        )
+        self.feedback = Counter(
+            "gateway_router_feedback",
+            "Feedback received; label: needed_large, small_enough, none",
+            ["label"],
+            registry=r,
+        )
         self.semantic_false_hits_ratio = Gauge(
             "gateway_semantic_cache_false_hits_ratio",
             "Estimated share of semantic hits whose answer was wrong (decided audits since the last tightening)",
@@ -128,6 +147,14 @@ class Metrics:
     def semantic_audit_cost(self, route: str, cost_usd: float) -> None:
         if cost_usd:
             self.semantic_audit_costs.labels(route).inc(cost_usd)
+
+    def shadow_judgement(self, route: str, outcome: str, cost_usd: float) -> None:
+        self.shadow_judgements.labels(route, outcome).inc()
+        if cost_usd:
+            self.shadow_costs.labels(route).inc(cost_usd)
+
+    def feedback_received(self, label: str) -> None:
+        self.feedback.labels(label).inc()
 
     def semantic_false_hits(self, tenant: str, route: str, ratio: float) -> None:
         self.semantic_false_hits_ratio.labels(tenant, route).set(ratio)

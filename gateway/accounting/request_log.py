@@ -33,6 +33,8 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     decision: str | None = None
     p_large: float | None = None
     """Classifier routes: the router's score (higher: the large model helps more)."""
+    router_version: str | None = None
+    """Classifier routes: the learnt router that scored the request (gateway/learning/); None: the shipped one."""
     model: str | None = None
     provider: str | None = None
     cache: str = "bypass"

@@ -19,6 +19,7 @@ from gateway.accounting.request_log import RequestLogWriter, configure_logging, 
 from gateway.api.chat import chat_completions
 from gateway.api.completions import create_completion
 from gateway.api.embeddings import create_embeddings
+from gateway.api.feedback import feedback
 from gateway.api.messages import count_message_tokens, create_message
 from gateway.api.probes import error_response, healthz, list_models, metrics, readyz, retrieve_model
 from gateway.api.responses import create_response, delete_response, retrieve_response
@@ -34,6 +35,7 @@ from gateway.drain import Drain
 from gateway.embeddings import EmbeddingsPipeline
 from gateway.errors import GatewayError, InvalidRequestError, ModelNotFoundError
 from gateway.large_share import LargeShareTracker
+from gateway.learning.loop import LearningLoop
 from gateway.limits import Limiter
 from gateway.pipeline import ChatPipeline
 from gateway.runtime import RuntimeHolder
@@ -75,6 +77,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             list_models,
             retrieve_model,
             usage,
+            feedback,
             healthz,
             readyz,
             metrics,
@@ -115,6 +118,7 @@ async def _start(settings: Settings) -> GatewayState:
         _log.warning("cache_verifier_not_loaded", effect="the semantic cache serves no hits")
     audit = SemanticAudit(metrics)
     large_share = LargeShareTracker(store.kv)
+    learning = LearningLoop(store.kv, metrics)
     drain = Drain(settings.drain_s)
     drain.install_signal_handler(asyncio.get_running_loop())
     pipeline = ChatPipeline(
@@ -127,14 +131,16 @@ async def _start(settings: Settings) -> GatewayState:
         drain=drain,
         audit=audit,
         large_share=large_share,
+        learning=learning,
     )
     embeddings = EmbeddingsPipeline(holder, metrics, store.kv, limiter)
     state = GatewayState(
-        holder, pipeline, metrics, redis, limiter, request_log, ops_log, embeddings, store.kv, classifier_info
+        holder, pipeline, metrics, redis, limiter, request_log, ops_log, embeddings, store.kv, learning, classifier_info
     )
     state.closers.append(drain.aclose)
     state.closers.append(audit.aclose)
     state.closers.append(large_share.aclose)
+    state.closers.append(learning.aclose)
     if verifier is not None:
         state.closers.append(verifier.aclose)
     if classifier is not None:

@@ -9,6 +9,8 @@ from litestar import Request, Response, get
 
 from gateway.api.state import GatewayState
 from gateway.errors import GatewayError, ModelNotFoundError
+from gateway.learning.learned import active_version
+from gateway.store.base import StoreUnavailable
 
 __all__ = ["healthz", "list_models", "metrics", "readyz", "retrieve_model"]
 
@@ -72,6 +74,7 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
             "last_reload_error": state.holder.last_reload_error,
         },
         "classifier": state.classifier_info or {"loaded": False},
+        "learned_router": await _learned_router(state),
         "upstreams": {name: state.holder.breakers[name].state for name in runtime.providers},
     }
     return Response(msgspec.json.encode(body), status_code=200 if redis_ok else 503, media_type="application/json")
@@ -86,3 +89,11 @@ async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 def error_response(exc: GatewayError) -> Response[bytes]:
     return Response(exc.to_body(), status_code=exc.status_code, headers=exc.headers, media_type="application/json")
+
+
+async def _learned_router(state: GatewayState) -> str | None:
+    """The pooled learnt router in force (tenants' own versions are in their responses' headers)."""
+    try:
+        return await active_version(state.kv, None)
+    except StoreUnavailable:
+        return None

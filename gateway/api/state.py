@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestLogWriter
 from gateway.embeddings import EmbeddingsPipeline
+from gateway.learning.loop import LearningLoop
 from gateway.limits import Limiter
 from gateway.pipeline import ChatPipeline
 from gateway.runtime import RuntimeHolder
@@ -31,6 +32,8 @@ class GatewayState:
     embeddings: EmbeddingsPipeline
     kv: KeyValue
     """The shared store's key-value part (stored Responses API turns)."""
+    learning: LearningLoop
+    """Routing traces, labels and learnt routers (``POST /v1/feedback``)."""
     classifier_info: dict[str, object] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)

@@ -20,13 +20,12 @@ No learnt weight changes the embedding, so the semantic cache is untouched by th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from gateway.classifier.features import NAMES, surface_features
+from gateway.classifier.features import NAMES
 
 
 class HeadError(ValueError):
@@ -58,18 +57,18 @@ class RoutingHead:
     novelty_high: float
     novelty_lift: float
 
-    def inputs(self, embedding: np.ndarray, texts: Sequence[str]) -> np.ndarray:
-        feats = np.stack([surface_features(t) for t in texts])
-        scaled = self.feature_scale * (feats - self.feature_mean) / self.feature_std
+    def inputs(self, embedding: np.ndarray, features: np.ndarray) -> np.ndarray:
+        scaled = self.feature_scale * (features - self.feature_mean) / self.feature_std
         return np.hstack([embedding.astype(np.float32), scaled.astype(np.float32)])
 
-    def parts(self, embedding: np.ndarray, p_graph: np.ndarray, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Every intermediate (for evaluation); :meth:`p_large` is the part that serves."""
-        x = self.inputs(embedding, texts)
+    def parts(self, embedding: np.ndarray, p_graph: np.ndarray, features: np.ndarray) -> dict[str, np.ndarray]:
+        """Every intermediate (for evaluation); :meth:`p_large` is the part that serves.
+        ``features``: :func:`~gateway.classifier.features.surface_features` of each text, stacked."""
+        x = self.inputs(embedding, features)
         w_general = _softmax(x @ self.gate_weight.T + self.gate_bias)[:, 0]
         p_general = _sigmoid(x @ self.general_weight + self.general_bias)
         mixed = w_general * p_general + (1.0 - w_general) * p_graph
-        nearest = (embedding @ self.reference.T).max(axis=1) if len(self.reference) else np.ones(len(texts))
+        nearest = (embedding @ self.reference.T).max(axis=1) if len(self.reference) else np.ones(len(embedding))
         span = max(self.novelty_high - self.novelty_low, 1e-6)
         unfamiliar = np.clip((self.novelty_high - nearest) / span, 0.0, 1.0)
         p = mixed + self.novelty_lift * unfamiliar * (1.0 - mixed)
@@ -82,8 +81,8 @@ class RoutingHead:
             "p_large": np.clip(p, 0.0, 1.0).astype(np.float32),
         }
 
-    def p_large(self, embedding: np.ndarray, p_graph: np.ndarray, texts: Sequence[str]) -> np.ndarray:
-        return self.parts(embedding, p_graph, texts)["p_large"]
+    def p_large(self, embedding: np.ndarray, p_graph: np.ndarray, features: np.ndarray) -> np.ndarray:
+        return self.parts(embedding, p_graph, features)["p_large"]
 
     def save(self, path: str | Path) -> None:
         np.savez(

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from gateway.classifier.features import surface_features
 from gateway.classifier.head import HeadError, RoutingHead, load_head
 from gateway.classifier.text import select_text
 from gateway.inference import ArtifactError, load_onnx_model, sha256_file
@@ -53,6 +54,8 @@ class RouterScore:
     embedding: np.ndarray  # float32, L2-normalized, shape (d,)
     truncated: bool = False
     """The text filled the model's token window: the score and embedding may not have seen all of it."""
+    features: np.ndarray | None = None
+    """The text's surface features (gateway/classifier/features.py), where the routing head read them."""
 
 
 class Classifier:
@@ -116,11 +119,21 @@ class Classifier:
             emb, p = self._run(encs)
         emb = np.asarray(emb, dtype=np.float32)
         p = np.clip(np.asarray(p, dtype=np.float32).reshape(-1), 0.0, 1.0)
+        feats: np.ndarray | None = None
         if self._head is not None:
-            p = self._head.p_large(emb, p, [t[:_FEATURE_CHARS] for t in texts])
+            feats = np.stack([surface_features(t[:_FEATURE_CHARS]) for t in texts])
+            p = self._head.p_large(emb, p, feats)
         full = self.max_tokens
         cut = self._max_chars
-        return [RouterScore(float(p[i]), emb[i], len(e.ids) >= full or len(texts[i]) > cut) for i, e in enumerate(encs)]
+        return [
+            RouterScore(
+                float(p[i]),
+                emb[i],
+                len(e.ids) >= full or len(texts[i]) > cut,
+                None if feats is None else feats[i],
+            )
+            for i, e in enumerate(encs)
+        ]
 
     def _run(self, encs: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         """One forward pass over tokenized texts, padded to the longest."""

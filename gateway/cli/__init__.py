@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
-from gateway.cli import calibrate, check, keys, report, route, serve
+from gateway.cli import calibrate, check, keys, report, route, router, serve
 
 __all__ = ["main"]
 
-_COMMANDS = (serve, check, keys, report, route, calibrate)
+_COMMANDS = (serve, check, keys, report, route, calibrate, router)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -126,6 +126,28 @@ class CircuitBreakerPolicy(_Struct, frozen=True, kw_only=True):
     """How long an open circuit skips the upstream before one probe is let through."""
 
 
+class LearningPolicy(_Struct, frozen=True, kw_only=True):
+    """``routes.<name>.learning``: the router learns from this route's traffic (gateway/learning/)."""
+
+    keep_hours: Annotated[int, Meta(ge=1, le=24 * 90)] = 72
+    """How long what the router saw of a request (embedding, surface features, score; never
+    the text) stays available for feedback and shadow judging."""
+    max_labels: Annotated[int, Meta(ge=100, le=1_000_000)] = 50_000
+    """Labelled examples kept per tenant (the newest)."""
+    shadow_share: Probability = 0.0
+    """Share of this route's answered requests that are also asked of the other model of the
+    pair, off the request path, and judged (a label without waiting for users)."""
+    judge: str | None = None
+    """The model that compares the two answers; default: the pair's large model."""
+    usd_per_day: AtLeastZero = 5.0
+    """Shadow answers and judgements stop for the day once they cost this much (per tenant
+    and route). The operator pays: shadow spend is logged and exported, never charged to
+    the tenant's budget."""
+    scope: Literal["tenant", "global"] = "tenant"
+    """``tenant``: a tenant's labels train only its own router. ``global``: they may also be
+    pooled (``gateway router learn --global``) into the router of tenants without their own."""
+
+
 class RouteConfig(_Struct, frozen=True, kw_only=True):
     """A name clients call. ``strategy: classifier`` picks between the pair per prompt."""
 
@@ -141,6 +163,8 @@ class RouteConfig(_Struct, frozen=True, kw_only=True):
     """``classifier``: instead of a fixed threshold, one that follows recent scores so that this
     share of the tenant's prompts goes to the large model (gateway/large_share.py)."""
     retry: RetryPolicy | None = None
+    learning: LearningPolicy | None = None
+    """``classifier``: keep what the router saw, take feedback, judge in the shadow (gateway/learning/)."""
 
 
 class Pair(_Struct, frozen=True, kw_only=True):

@@ -313,6 +313,13 @@ def check_policy(
             )
         if route.strategy == "classifier" and "embedding" in kinds:
             problems.add(("routes", route_name, "strategy"), "an embedding route cannot use the classifier")
+        if route.learning is not None:
+            if route.strategy != "classifier":
+                problems.add(("routes", route_name, "learning"), "only a classifier route has a router to teach")
+            judge = route.learning.judge
+            check_model(("routes", route_name, "learning", "judge"), judge)
+            if judge is not None and judge in policy.models and policy.models[judge].kind != "chat":
+                problems.add(("routes", route_name, "learning", "judge"), f"model {judge!r} is not a chat model")
     for role in ("small", "large"):
         name = getattr(policy.pair, role)
         if name in policy.models and policy.models[name].kind != "chat":

@@ -100,6 +100,7 @@ def start_simulated_upstream(
     chunk_delay_ms: float = 0.0,
     python: str = sys.executable,
     timeout_s: float = 15.0,
+    weak_on: tuple[str, ...] = (),
 ) -> SimulatedUpstream:
     """Spawn a simulated upstream and wait until it answers ``/healthz``.
 
@@ -125,6 +126,8 @@ def start_simulated_upstream(
         str(ready_file),
         "--parent-pid",
         str(os.getpid()),
+        "--weak-on",
+        ",".join(weak_on),
     ]
     process = subprocess.Popen(
         command,

@@ -46,6 +46,7 @@ from gateway.simulated.answers import (
     Answer,
     content_parts,
     is_positive_int,
+    last_user_text,
     make_answer,
     reply_words,
     stop_tuple,
@@ -67,6 +68,7 @@ from gateway.simulated.openai_extras import (
     response_choices,
     stream_rounds,
 )
+from gateway.simulated.quality import FAILURE, judge_verdict, weak_on
 from gateway.simulated.tokenizer import count, encoding
 
 __all__ = ["build_app", "main"]
@@ -162,6 +164,8 @@ class _State:
     latency_s: float
     chunk_delay_s: float
     faults: deque[_Fault] = field(default_factory=deque)
+    weak_on: tuple[str, ...] = ()
+    """Topics this model answers badly (gateway/simulated/quality.py)."""
     stats: _Stats = field(default_factory=_Stats)  # never replaced, see _Stats.reset
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -393,6 +397,12 @@ def _max_tokens(body: dict[str, Any]) -> int | None:
 def _openai_answer(state: _State, body: dict[str, Any], fault: _Fault) -> tuple[int, Answer]:
     prompt_tokens, words = _analyze_openai(_encode_json(body["messages"]))
     full = fault.text if fault.text is not None else f"[simulated {state.name}] {words}"
+    if fault.text is None:
+        verdict = judge_verdict(body["messages"])
+        if verdict is not None:
+            full = verdict
+        elif state.weak_on and weak_on(last_user_text(body["messages"]), state.weak_on):
+            full = f"[simulated {state.name}] {FAILURE} {words}"
     stops = stop_tuple(body.get("stop")) or ()
     return prompt_tokens, make_answer(full, _max_tokens(body), stops)
 
@@ -716,10 +726,12 @@ async def _warm_tokenizer(app: web.Application) -> None:
     encoding().encode("warm up")
 
 
-def build_app(name: str, *, latency_ms: float = 0.0, chunk_delay_ms: float = 0.0) -> web.Application:
+def build_app(
+    name: str, *, latency_ms: float = 0.0, chunk_delay_ms: float = 0.0, weak: tuple[str, ...] = ()
+) -> web.Application:
     """The aiohttp application; run it with ``handler_cancellation=True`` (see module docs)."""
     app = web.Application()
-    app[_STATE] = _State(name=name, latency_s=latency_ms / 1000.0, chunk_delay_s=chunk_delay_ms / 1000.0)
+    app[_STATE] = _State(name=name, latency_s=latency_ms / 1000.0, chunk_delay_s=chunk_delay_ms / 1000.0, weak_on=weak)
     app.on_startup.append(_warm_tokenizer)
     app.router.add_post("/v1/chat/completions", _chat_handler)
     app.router.add_post("/v1/embeddings", _embeddings_handler)
@@ -747,6 +759,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="sleep between stream chunks")
     parser.add_argument("--ready-file", type=Path, help="write the bound port here once listening")
     parser.add_argument("--parent-pid", type=int, help="exit when this process is no longer our parent")
+    parser.add_argument(
+        "--weak-on",
+        default="",
+        help="comma-separated words: answer badly when the prompt mentions one, and judge shadow "
+        "requests by it (gateway/simulated/quality.py)",
+    )
     return parser.parse_args(argv)
 
 
@@ -766,7 +784,8 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    app = build_app(args.name, latency_ms=args.latency_ms, chunk_delay_ms=args.chunk_delay_ms)
+    weak = tuple(w.strip().lower() for w in args.weak_on.split(",") if w.strip())
+    app = build_app(args.name, latency_ms=args.latency_ms, chunk_delay_ms=args.chunk_delay_ms, weak=weak)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     stop = asyncio.Event()

@@ -276,6 +276,7 @@ def test_the_head_is_what_serves_and_the_graph_score_stays_reachable(clf: Classi
 def test_a_prompt_unlike_any_training_data_leans_large(clf: Classifier) -> None:
     from dataclasses import replace
 
+    from gateway.classifier.features import surface_features
     from gateway.classifier.head import RoutingHead
 
     assert isinstance(clf._head, RoutingHead)
@@ -283,14 +284,15 @@ def test_a_prompt_unlike_any_training_data_leans_large(clf: Classifier) -> None:
     emb = np.stack([s.embedding for s in clf.score_batch_sync(texts)])
     # references: the first prompt only, so the second is as far from them as it can be
     head = replace(clf._head, reference=emb[:1], novelty_low=0.3, novelty_high=0.6, novelty_lift=0.5)
-    parts = head.parts(emb, np.full(2, 0.1, dtype=np.float32), texts)
+    feats = np.stack([surface_features(t) for t in texts])
+    parts = head.parts(emb, np.full(2, 0.1, dtype=np.float32), feats)
     assert parts["nearest"][0] == pytest.approx(1.0, abs=1e-5) and parts["unfamiliar"][0] == 0.0
     assert parts["p_large"][0] == pytest.approx(parts["mixed"][0])
     assert parts["nearest"][1] < 0.6 and parts["unfamiliar"][1] > 0.0
     expected = parts["mixed"][1] + 0.5 * parts["unfamiliar"][1] * (1 - parts["mixed"][1])
     assert parts["p_large"][1] == pytest.approx(expected, abs=1e-6) and expected > parts["mixed"][1]
     # the shipped head's own reference and bounds: a prompt of the training kind is familiar
-    shipped = clf._head.parts(emb[:1], np.full(1, 0.1, dtype=np.float32), texts[:1])
+    shipped = clf._head.parts(emb[:1], np.full(1, 0.1, dtype=np.float32), feats[:1])
     assert shipped["unfamiliar"][0] == 0.0 and clf._head.novelty_low < clf._head.novelty_high
 
 

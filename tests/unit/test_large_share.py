@@ -91,6 +91,7 @@ class _Score:
     p_large: float
     embedding: np.ndarray = field(default_factory=lambda: np.zeros(384, dtype=np.float32))
     truncated: bool = False
+    features: np.ndarray | None = None
 
 
 class _Scorer:

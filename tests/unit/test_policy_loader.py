@@ -229,3 +229,34 @@ def test_a_target_large_share_needs_a_classifier_route(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="target_large_share"):
         load_policy(path)
+
+
+@pytest.mark.parametrize(
+    ("route", "learning", "problem"),
+    [
+        ("fast", "{shadow_share: 0.1}", "only a classifier route has a router to teach"),
+        ("auto", "{judge: nowhere}", "nowhere"),
+        ("auto", "{judge: embed}", "not a chat model"),
+        ("auto", "{shadow_share: 1.5}", "shadow_share"),
+        ("auto", "{scope: everyone}", "scope"),
+    ],
+)
+def test_a_learning_block_is_checked(tmp_path: Path, route: str, learning: str, problem: str) -> None:
+    text = (Path(__file__).parents[2] / "policies.yaml").read_text()
+    anchor = f"  {route}:\n"
+    assert anchor in text
+    path = tmp_path / "p.yaml"
+    path.write_text(text.replace(anchor, f"{anchor}    learning: {learning}\n", 1))
+    with pytest.raises(ConfigError, match=problem):
+        load_policy(path)
+
+
+def test_a_learning_block_on_the_classifier_route_loads(tmp_path: Path) -> None:
+    text = (Path(__file__).parents[2] / "policies.yaml").read_text()
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        text.replace("  auto:\n", "  auto:\n    learning: {shadow_share: 0.02, judge: large, usd_per_day: 5}\n", 1)
+    )
+    environ = {"SMALL_MODEL_URL": "http://127.0.0.1:1/v1", "LARGE_MODEL_URL": "http://127.0.0.1:2/v1"}
+    route = load_policy(path, environ=environ).policy.routes["auto"]
+    assert route.learning is not None and route.learning.shadow_share == 0.02 and route.learning.scope == "tenant"

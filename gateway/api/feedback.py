@@ -1,0 +1,96 @@
+"""``POST /v1/feedback``: a caller says how a routed answer turned out.
+
+Body: ``{"request_id": ..., and one of "label": "needed_large" | "small_was_enough",
+"score": 0..1, "thumbs": "up" | "down"}``. Accepted only for a request made with the
+calling key (an admin key may label any request of its tenant); anything else is answered
+404, the same as a request that never existed, so no key learns about another's requests.
+A score or thumbs on the small model's answer becomes a label (good: the small model was
+enough; bad: the large one was needed); on the large model's answer it says nothing about
+whether the small one would have done, so it is acknowledged and not learnt from.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+from litestar import Request, Response, post
+
+from gateway.api.state import GatewayState
+from gateway.errors import ConflictError, FeedbackUnavailableError, InvalidRequestError, NotFoundError
+from gateway.learning.examples import LabelledExample
+from gateway.store.base import StoreUnavailable
+
+__all__ = ["feedback"]
+
+_MAX_BODY = 4096
+
+
+class _Feedback(msgspec.Struct, forbid_unknown_fields=True):
+    request_id: str
+    label: Literal["needed_large", "small_was_enough"] | None = None
+    score: float | None = None
+    thumbs: Literal["up", "down"] | None = None
+
+
+@post("/v1/feedback", status_code=200)
+async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
+    state: GatewayState = request.app.state.gateway
+    runtime = state.holder.current
+    key = request.headers.get("x-api-key")
+    principal = runtime.auth.authenticate(f"Bearer {key}" if key else request.headers.get("authorization"))
+    body = await request.body()
+    if len(body) > _MAX_BODY:
+        raise InvalidRequestError(f"a feedback body is at most {_MAX_BODY} bytes")
+    try:
+        given = msgspec.json.decode(body, type=_Feedback)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequestError(f"invalid feedback: {exc}") from None
+    except msgspec.DecodeError:
+        raise InvalidRequestError("the body must be a JSON object") from None
+    if sum(v is not None for v in (given.label, given.score, given.thumbs)) != 1:
+        raise InvalidRequestError("give exactly one of 'label', 'score' or 'thumbs'", param="label")
+    if given.score is not None and not 0.0 <= given.score <= 1.0:
+        raise InvalidRequestError("'score' must be between 0 and 1", param="score")
+    learning = state.learning
+    try:
+        trace = await learning.store.trace(principal.tenant, given.request_id)
+    except StoreUnavailable:
+        raise FeedbackUnavailableError("feedback cannot be recorded right now (Redis unavailable)") from None
+    if trace is None or (trace.key_id != principal.key_id and not principal.admin):
+        raise NotFoundError(
+            "no routed request with this id for this key (or it is older than the route's learning.keep_hours)",
+            param="request_id",
+        )
+    route = runtime.policy.routes.get(trace.route)
+    policy = None if route is None else route.learning
+    if policy is None:
+        raise ConflictError(f"route {trace.route!r} no longer learns from feedback")
+    needed_large = _label(given, trace.side)
+    if needed_large is not None:
+        example = LabelledExample.of(given.request_id, trace, needed_large, "feedback", policy.scope == "global")
+        try:
+            await learning.store.add_label(principal.tenant, example, policy.max_labels)
+        except StoreUnavailable:
+            raise FeedbackUnavailableError("feedback cannot be recorded right now (Redis unavailable)") from None
+    label = None if needed_large is None else ("needed_large" if needed_large else "small_was_enough")
+    state.metrics.feedback_received(label or "none")
+    out: dict[str, object] = {
+        "object": "feedback",
+        "request_id": given.request_id,
+        "answered_by": trace.side,
+        "label": label,
+    }
+    if label is None:
+        out["note"] = "a score on the large model's answer says nothing about the small model; not learnt from"
+    return Response(msgspec.json.encode(out), media_type="application/json")
+
+
+def _label(given: _Feedback, side: str) -> bool | None:
+    """Whether the prompt needed the large model; None when the feedback cannot say."""
+    if given.label is not None:
+        return given.label == "needed_large"
+    good = given.thumbs == "up" if given.thumbs is not None else (given.score or 0.0) >= 0.5
+    if side == "small":
+        return not good
+    return None

@@ -1,0 +1,117 @@
+"""``python -m gateway router learn|rollback|status``: the router learnt from a deployment's labels.
+
+``learn`` reads the labelled requests of the given tenant (``--global``: the poolable
+labels of every ``--tenant`` given, for tenants without a router of their own), fits a
+candidate on the older three quarters, compares it with the router in force on the newest
+quarter (gateway/learning/learned.py) and prints the comparison as JSON. ``--promote``
+puts the candidate in force only when it is better beyond the interval; running gateways
+pick it up within seconds. ``rollback`` puts the previous version back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from gateway.cli._parsers import Subcommands
+
+if TYPE_CHECKING:
+    from gateway.store.base import KeyValue
+
+# The store and the metrics are imported when the command runs, not when the CLI is built:
+# prometheus_client picks its multiprocess mode at import, before `serve --workers` sets it.
+
+__all__ = ["register", "run"]
+
+
+def register(commands: Subcommands) -> None:
+    router = commands.add_parser("router", help="learn the router from labelled traffic; promote, roll back")
+    actions = router.add_subparsers(dest="router_command", required=True)
+    for name, text in (
+        ("learn", "fit a candidate router on the labels and compare it with the one in force"),
+        ("rollback", "put the previous learnt router back in force"),
+        ("status", "the learnt router versions in force"),
+    ):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("--redis", default=os.environ.get("REDIS_URL"), help="Redis URL (default: $REDIS_URL)")
+        action.add_argument("--tenant", action="append", default=[], help="tenant (repeat with --global)")
+        action.add_argument("--global", dest="pooled", action="store_true", help="the router pooled across tenants")
+        if name == "learn":
+            action.add_argument("--promote", action="store_true", help="put the candidate in force if it is better")
+        action.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.redis:
+        print("give --redis or set REDIS_URL", file=sys.stderr)
+        return 1
+    if (not args.pooled and len(args.tenant) != 1) or (
+        args.pooled and args.router_command == "learn" and not args.tenant
+    ):
+        print("give exactly one --tenant, or --global with the tenants whose labels to pool", file=sys.stderr)
+        return 1
+    from gateway.store.base import StoreUnavailable
+
+    try:
+        return asyncio.run(_run(args))
+    except StoreUnavailable:
+        print("Redis did not answer", file=sys.stderr)
+        return 1
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from gateway.accounting.metrics import Metrics
+    from gateway.learning.learned import active_version, rollback
+    from gateway.store.redis import SharedRedis, connect, redis_store
+
+    redis = SharedRedis(connect(args.redis, timeout_s=5.0), Metrics())
+    kv = redis_store(redis).kv
+    scope = None if args.pooled else args.tenant[0]
+    try:
+        if args.router_command == "status":
+            print(json.dumps({"scope": scope or "global", "active": await active_version(kv, scope)}))
+            return 0
+        if args.router_command == "rollback":
+            now = await rollback(kv, scope)
+            print(json.dumps({"scope": scope or "global", "active": now}))
+            return 0
+        return await _learn(kv, scope, args.tenant, args.promote)
+    finally:
+        await redis.aclose()
+
+
+async def _learn(kv: KeyValue, scope: str | None, tenants: list[str], promote_it: bool) -> int:
+    from gateway.learning.examples import LabelledExample, LearningStore
+    from gateway.learning.learned import active, fit_candidate, promote
+
+    store = LearningStore(kv)
+    examples: list[LabelledExample] = []
+    for tenant in tenants:
+        found = await store.labels(tenant)
+        examples.extend(e for e in found if scope is not None or e.poolable)
+    current = await active(kv, scope)
+    try:
+        candidate, evaluation = fit_candidate(examples, current)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    report = {
+        "scope": scope or "global",
+        "labels": len(examples),
+        "current": None if current is None else current.version,
+        "candidate": candidate.version,
+        **evaluation.to_dict(),
+    }
+    if promote_it:
+        if evaluation.better:
+            await promote(kv, scope, candidate)
+            report["promoted"] = True
+        else:
+            report["promoted"] = False
+            report["why_not"] = "the candidate is not better than the router in force beyond the interval"
+    print(json.dumps(report, indent=2))
+    return 0 if not promote_it or evaluation.better else 2

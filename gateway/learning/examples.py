@@ -1,0 +1,129 @@
+"""What the router keeps of a routed request, and the labels that teach it.
+
+A routed request leaves a :class:`RoutingTrace` for ``learning.keep_hours``: the prompt's
+embedding and surface features as the router saw them, the score, and which side of the
+pair answered. Never the text: a trace says nothing a request log would not. Feedback or a
+shadow judgement turns a trace into a :class:`LabelledExample` (did this prompt need the
+large model?), appended to the tenant's bounded list. Everything is under the tenant's
+keys: no lookup can reach another tenant's traces or labels.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Literal
+
+import msgspec
+import numpy as np
+
+from gateway.store import keyspace
+from gateway.store.base import KeyValue
+
+__all__ = ["LabelledExample", "LearningStore", "RoutingTrace", "Side"]
+
+Side = Literal["small", "large"]
+_TIMEOUT_S = 0.2
+_SHADOW_TTL_S = 2 * 86400
+
+
+class RoutingTrace(msgspec.Struct, frozen=True):
+    key_id: str
+    route: str
+    side: Side
+    """Which model of the pair answered."""
+    p_large: float
+    embedding: bytes  # float16
+    features: bytes  # float32
+    at: float
+
+    @classmethod
+    def of(
+        cls, key_id: str, route: str, side: Side, p_large: float, embedding: np.ndarray, features: np.ndarray
+    ) -> RoutingTrace:
+        return cls(
+            key_id,
+            route,
+            side,
+            float(p_large),
+            np.asarray(embedding, dtype=np.float16).tobytes(),
+            np.asarray(features, dtype=np.float32).tobytes(),
+            time.time(),
+        )
+
+
+class LabelledExample(msgspec.Struct, frozen=True):
+    request_id: str
+    route: str
+    needed_large: bool
+    source: Literal["feedback", "shadow"]
+    side: Side
+    p_large: float
+    embedding: bytes
+    features: bytes
+    at: float
+    poolable: bool = False
+    """The route's ``learning.scope`` was ``global`` when it was labelled."""
+
+    @classmethod
+    def of(
+        cls,
+        request_id: str,
+        trace: RoutingTrace,
+        needed_large: bool,
+        source: Literal["feedback", "shadow"],
+        poolable: bool,
+    ) -> LabelledExample:
+        return cls(
+            request_id,
+            trace.route,
+            needed_large,
+            source,
+            trace.side,
+            trace.p_large,
+            trace.embedding,
+            trace.features,
+            time.time(),
+            poolable,
+        )
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(embedding, features) as float32."""
+        return (
+            np.frombuffer(self.embedding, dtype=np.float16).astype(np.float32),
+            np.frombuffer(self.features, dtype=np.float32),
+        )
+
+
+_trace_encoder = msgspec.msgpack.Encoder()
+_trace_decoder = msgspec.msgpack.Decoder(RoutingTrace)
+_example_decoder = msgspec.msgpack.Decoder(LabelledExample)
+
+
+class LearningStore:
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    async def keep_trace(self, tenant: str, request_id: str, trace: RoutingTrace, keep_hours: int) -> None:
+        key = keyspace.routing_trace(tenant, request_id)
+        await self._kv.put(key, _trace_encoder.encode(trace), keep_hours * 3600, _TIMEOUT_S)
+
+    async def trace(self, tenant: str, request_id: str) -> RoutingTrace | None:
+        raw = await self._kv.get(keyspace.routing_trace(tenant, request_id), _TIMEOUT_S)
+        return None if raw is None else _trace_decoder.decode(raw)
+
+    async def add_label(self, tenant: str, example: LabelledExample, max_labels: int, keep_days: int = 180) -> None:
+        key = keyspace.routing_labels(tenant)
+        await self._kv.append(key, _trace_encoder.encode(example), max_labels, keep_days * 86400, _TIMEOUT_S)
+
+    async def labels(self, tenant: str, timeout_s: float = 5.0) -> list[LabelledExample]:
+        raw = await self._kv.read_list(keyspace.routing_labels(tenant), timeout_s)
+        return [_example_decoder.decode(item) for item in raw]
+
+    async def add_shadow_spend(self, tenant: str, route: str, usd: float) -> float:
+        """Today's shadow spend on this tenant's route after adding ``usd``."""
+        return await self._kv.add_float(keyspace.shadow_spend(tenant, route, _today()), usd, _SHADOW_TTL_S, _TIMEOUT_S)
+
+
+def _today() -> str:
+    return datetime.now(UTC).strftime("%Y%m%d")

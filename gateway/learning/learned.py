@@ -1,0 +1,318 @@
+"""A router learnt from a deployment's own labels, on top of the shipped one.
+
+The shipped router's ``p_large`` stays the starting point: a learnt router is a logistic
+correction ``p = sigmoid(a * logit(p_shipped) + w . x + b)`` over the same inputs the
+routing head reads (embedding and surface features), fitted on the labelled examples with
+an L2 pull toward "no change" (a = 1, w = 0, b = 0). With few labels it barely moves the
+shipped router; with many, it learns what this deployment's small model gets wrong.
+
+``fit_candidate`` holds out the newest quarter of the labels, fits on the rest, and
+compares candidate and current router there (APGR, CPT(50 %), a paired bootstrap interval
+of the difference); ``promote`` refuses a candidate unless it is better beyond that
+interval. Versions live in the store (``keyspace.learned_router``), so every gateway
+process serves the same one: :class:`LearnedRouters` re-reads the version in force every
+few seconds, off the request path, and swaps it in place (requests in flight keep the
+router they started with).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import numpy as np
+import structlog
+
+from gateway.learning.examples import LabelledExample
+from gateway.store import keyspace
+from gateway.store.base import KeyValue, StoreUnavailable
+
+__all__ = ["Evaluation", "LearnedRouter", "LearnedRouters", "fit_candidate", "promote", "rollback"]
+
+_log = structlog.get_logger("gateway.learning")
+
+_FEATURE_SCALE = 0.2
+_VERSION_TTL_S = 90 * 86400
+_TIMEOUT_S = 0.5
+MIN_HELD_OUT = 20
+
+
+class LearnedRouter(msgspec.Struct, frozen=True):
+    version: str
+    created_at: float
+    base_weight: float
+    bias: float
+    weight: bytes  # float32: embedding dims then surface features
+    feature_mean: bytes  # float32
+    feature_std: bytes  # float32
+    labels: int
+    evaluation: dict[str, Any] = {}
+
+    def apply(self, p_base: float, embedding: np.ndarray, features: np.ndarray | None) -> float:
+        if features is None:
+            return p_base
+        params = self._params()
+        return float(_predict(params, _inputs(params, embedding[None, :], features[None, :]), np.array([p_base]))[0])
+
+    def _params(self) -> _Params:
+        return _Params(
+            self.base_weight,
+            self.bias,
+            np.frombuffer(self.weight, dtype=np.float32),
+            np.frombuffer(self.feature_mean, dtype=np.float32),
+            np.frombuffer(self.feature_std, dtype=np.float32),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Params:
+    a: float
+    b: float
+    w: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(p, 1e-4, 1 - 1e-4)
+    out: np.ndarray = np.log(q / (1 - q))
+    return out
+
+
+def _inputs(params: _Params, embedding: np.ndarray, features: np.ndarray) -> np.ndarray:
+    scaled = _FEATURE_SCALE * (features - params.mean) / params.std
+    return np.hstack([embedding, scaled]).astype(np.float32)
+
+
+def _predict(params: _Params, x: np.ndarray, p_base: np.ndarray) -> np.ndarray:
+    z = params.a * _logit(p_base) + x @ params.w + params.b
+    out: np.ndarray = 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
+    return out
+
+
+def _fit(x: np.ndarray, base: np.ndarray, y: np.ndarray, steps: int = 600) -> tuple[float, float, np.ndarray]:
+    """L2-regularized logistic regression on [logit(p_base), x], pulled toward a=1, w=0, b=0 (Adam)."""
+    n, d = x.shape
+    l2 = 1.0 / (10.0 * n)  # weaker as labels accumulate
+    theta = np.zeros(d + 2)
+    theta[0] = 1.0  # a
+    lb = _logit(base)
+    m, v = np.zeros_like(theta), np.zeros_like(theta)
+    lr, beta1, beta2 = 0.05, 0.9, 0.999
+    for t in range(1, steps + 1):
+        z = theta[0] * lb + x @ theta[2:] + theta[1]
+        p = 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
+        r = (p - y) / n
+        grad = np.concatenate([[r @ lb, r.sum()], x.T @ r])
+        grad[0] += l2 * (theta[0] - 1.0)
+        grad[2:] += l2 * theta[2:]
+        m = beta1 * m + (1 - beta1) * grad
+        v = beta2 * v + (1 - beta2) * grad * grad
+        theta -= lr * (m / (1 - beta1**t)) / (np.sqrt(v / (1 - beta2**t)) + 1e-8)
+    return float(theta[0]), float(theta[1]), theta[2:].astype(np.float32)
+
+
+def apgr(score: np.ndarray, needed_large: np.ndarray) -> float:
+    """RouteLLM's APGR with the large model taken as right and the small one right unless the
+    label says the large one was needed: the share of needed-large prompts recovered, averaged
+    over every share of large calls."""
+    y = np.asarray(needed_large, dtype=float)
+    if y.sum() == 0:
+        return 0.5
+    order = np.argsort(-np.asarray(score, dtype=float), kind="stable")
+    recovered = np.concatenate([[0.0], np.cumsum(y[order])]) / y.sum()
+    share = np.arange(len(y) + 1) / len(y)
+    return float(np.trapezoid(recovered, share))
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    held_out: int
+    trained_on: int
+    current_apgr: float
+    candidate_apgr: float
+    difference_ci95: tuple[float, float]
+    better: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "held_out": self.held_out,
+            "trained_on": self.trained_on,
+            "current_apgr": round(self.current_apgr, 4),
+            "candidate_apgr": round(self.candidate_apgr, 4),
+            "difference_ci95": [round(v, 4) for v in self.difference_ci95],
+            "better_beyond_interval": self.better,
+        }
+
+
+def _arrays(examples: list[LabelledExample]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    emb = np.stack([e.vectors()[0] for e in examples])
+    feats = np.stack([e.vectors()[1] for e in examples])
+    base = np.array([e.p_large for e in examples])
+    y = np.array([e.needed_large for e in examples], dtype=float)
+    return emb, feats, base, y
+
+
+def fit_candidate(
+    examples: list[LabelledExample],
+    current: LearnedRouter | None,
+    *,
+    held_out_share: float = 0.25,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> tuple[LearnedRouter, Evaluation]:
+    """A candidate fitted on the older labels, and how it and ``current`` (None: the shipped
+    router alone) do on the newest ``held_out_share`` of them."""
+    examples = sorted(examples, key=lambda e: e.at)
+    held = max(MIN_HELD_OUT, int(len(examples) * held_out_share))
+    if len(examples) < held + MIN_HELD_OUT:
+        raise ValueError(f"{len(examples)} labelled requests; at least {2 * MIN_HELD_OUT} are needed")
+    train, test = examples[:-held], examples[-held:]
+    emb, feats, base, y = _arrays(train)
+    mean = feats.mean(0)
+    std = np.maximum(feats.std(0), 1e-6)
+    stub = _Params(1.0, 0.0, np.zeros(emb.shape[1] + feats.shape[1], dtype=np.float32), mean, std)
+    a, b, w = _fit(_inputs(stub, emb, feats), base, y)
+    params = _Params(a, b, w, mean.astype(np.float32), std.astype(np.float32))
+    t_emb, t_feats, t_base, t_y = _arrays(test)
+    candidate_p = _predict(params, _inputs(params, t_emb, t_feats), t_base)
+    if current is None:
+        current_p = t_base
+    else:
+        cp = current._params()
+        current_p = _predict(cp, _inputs(cp, t_emb, t_feats), t_base)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(resamples):
+        i = rng.integers(0, len(t_y), len(t_y))
+        diffs.append(apgr(candidate_p[i], t_y[i]) - apgr(current_p[i], t_y[i]))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    evaluation = Evaluation(
+        len(test), len(train), apgr(current_p, t_y), apgr(candidate_p, t_y), (float(lo), float(hi)), bool(lo > 0)
+    )
+    digest = hashlib.sha256(w.tobytes() + np.array([a, b]).tobytes()).hexdigest()[:8]
+    version = f"{datetime.now(UTC).strftime('%Y%m%d%H%M%S')}-{digest}"
+    router = LearnedRouter(
+        version,
+        time.time(),
+        a,
+        b,
+        w.tobytes(),
+        params.mean.tobytes(),
+        params.std.tobytes(),
+        len(train),
+        evaluation.to_dict(),
+    )
+    return router, evaluation
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(LearnedRouter)
+
+
+async def load_version(kv: KeyValue, tenant: str | None, version: str) -> LearnedRouter | None:
+    raw = await kv.get(keyspace.learned_router(tenant, f"v:{version}"), _TIMEOUT_S)
+    return None if raw is None else _decoder.decode(raw)
+
+
+async def active_version(kv: KeyValue, tenant: str | None) -> str | None:
+    raw = await kv.get(keyspace.learned_router(tenant, "active"), _TIMEOUT_S)
+    return None if raw is None else raw.decode()
+
+
+async def active(kv: KeyValue, tenant: str | None) -> LearnedRouter | None:
+    version = await active_version(kv, tenant)
+    return None if version is None else await load_version(kv, tenant, version)
+
+
+async def promote(kv: KeyValue, tenant: str | None, router: LearnedRouter) -> None:
+    """Make ``router`` the one in force (the one before stays as ``previous`` for rollback)."""
+    await kv.put(
+        keyspace.learned_router(tenant, f"v:{router.version}"), _encoder.encode(router), _VERSION_TTL_S, _TIMEOUT_S
+    )
+    before = await active_version(kv, tenant)
+    if before is not None:
+        await kv.put(keyspace.learned_router(tenant, "previous"), before.encode(), _VERSION_TTL_S, _TIMEOUT_S)
+    await kv.put(keyspace.learned_router(tenant, "active"), router.version.encode(), _VERSION_TTL_S, _TIMEOUT_S)
+
+
+async def rollback(kv: KeyValue, tenant: str | None) -> str | None:
+    """Put the previous version back in force (none before it: the shipped router); what is in force now."""
+    previous = await kv.get(keyspace.learned_router(tenant, "previous"), _TIMEOUT_S)
+    await kv.delete(keyspace.learned_router(tenant, "previous"), _TIMEOUT_S)
+    if previous is None:
+        await kv.delete(keyspace.learned_router(tenant, "active"), _TIMEOUT_S)
+        return None
+    await kv.put(keyspace.learned_router(tenant, "active"), previous, _VERSION_TTL_S, _TIMEOUT_S)
+    return previous.decode()
+
+
+@dataclass(slots=True)
+class _Entry:
+    router: LearnedRouter | None
+    fetched: float
+
+
+class LearnedRouters:
+    """The learnt router in force per tenant (its own, else the pooled one), re-read from
+    the store at most every ``refresh_s`` in the background: the request path never waits."""
+
+    def __init__(self, kv: KeyValue, refresh_s: float = 5.0) -> None:
+        self._kv = kv
+        self._refresh_s = refresh_s
+        self._entries: dict[str, _Entry] = {}
+        self._loading: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def current(self, tenant: str) -> LearnedRouter | None:
+        entry = self._entries.get(tenant)
+        if (entry is None or time.monotonic() - entry.fetched >= self._refresh_s) and tenant not in self._loading:
+            self._loading.add(tenant)
+            task = asyncio.get_running_loop().create_task(self._load(tenant))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return None if entry is None else entry.router
+
+    async def refresh(self, tenant: str) -> LearnedRouter | None:
+        """Read the version in force now (tests, and the first request after a promotion)."""
+        await self._load(tenant)
+        entry = self._entries.get(tenant)
+        return None if entry is None else entry.router
+
+    async def _load(self, tenant: str) -> None:
+        try:
+            known = self._entries.get(tenant)
+            router = await self._fetch(tenant, None if known is None else known.router)
+            if (known is None or known.router is None) != (router is None) or (
+                known is not None
+                and known.router is not None
+                and router is not None
+                and known.router.version != router.version
+            ):
+                _log.info("learned_router_in_force", tenant=tenant, version=None if router is None else router.version)
+            self._entries[tenant] = _Entry(router, time.monotonic())
+        except StoreUnavailable:
+            pass  # keep what is in force
+        finally:
+            self._loading.discard(tenant)
+
+    async def _fetch(self, tenant: str, known: LearnedRouter | None) -> LearnedRouter | None:
+        for scope in (tenant, None):
+            version = await active_version(self._kv, scope)
+            if version is None:
+                continue
+            if known is not None and known.version == version:
+                return known
+            return await load_version(self._kv, scope, version)
+        return None
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,67 @@
+"""What the request path hands the learning loop once a routed request is answered."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import structlog
+
+from gateway.accounting.metrics import Metrics
+from gateway.config.schema import LearningPolicy
+from gateway.learning.examples import LearningStore, RoutingTrace, Side
+from gateway.learning.learned import LearnedRouters
+from gateway.learning.shadow import Ask, Judge, ShadowJob, ShadowJudge
+from gateway.store.base import KeyValue, StoreUnavailable
+
+__all__ = ["LearningLoop"]
+
+_log = structlog.get_logger("gateway.learning")
+
+
+class LearningLoop:
+    def __init__(self, kv: KeyValue, metrics: Metrics) -> None:
+        self.store = LearningStore(kv)
+        self.shadow = ShadowJudge(self.store, metrics)
+        self.routers = LearnedRouters(kv)
+        self.metrics = metrics
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def after_answer(
+        self,
+        policy: LearningPolicy,
+        *,
+        tenant: str,
+        key_id: str,
+        request_id: str,
+        route: str,
+        side: Side,
+        p_base: float,
+        embedding: np.ndarray,
+        features: np.ndarray,
+        answered: str,
+        ask_other: Ask,
+        judge: Judge,
+    ) -> None:
+        """Keep what the router saw (for feedback), and maybe judge the answer in the shadow;
+        all of it in the background."""
+        trace = RoutingTrace.of(key_id, route, side, p_base, embedding, features)
+        task = asyncio.get_running_loop().create_task(self._keep(tenant, request_id, trace, policy.keep_hours))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if self.shadow.sample(policy):
+            self.shadow.start(ShadowJob(policy, tenant, request_id, trace, answered, ask_other, judge))
+
+    async def _keep(self, tenant: str, request_id: str, trace: RoutingTrace, keep_hours: int) -> None:
+        try:
+            await self.store.keep_trace(tenant, request_id, trace, keep_hours)
+        except StoreUnavailable:
+            _log.info("routing_trace_dropped", reason="store unavailable")
+
+    async def aclose(self) -> None:
+        await self.shadow.aclose()
+        await self.routers.aclose()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

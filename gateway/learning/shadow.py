@@ -1,0 +1,146 @@
+"""Shadow judging: labels without waiting for users.
+
+For a sampled share (``learning.shadow_share``) of a classifier route's answered requests,
+after the client has its answer, the gateway asks the *other* model of the pair the same
+request and has a judge model compare the two answers (:func:`judge_request`, the prompt
+below). "The small model's answer is as good" labels the prompt *small was enough*;
+otherwise *needed large*. Shadow calls cost money: each tenant's route stops for the day
+once its shadow spend reaches ``learning.usd_per_day``; the spend is logged
+(``shadow_judgement``) and exported, never charged to the tenant. A shadow call that fails
+is logged and dropped: it never touches what the client received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from gateway.accounting.metrics import Metrics
+from gateway.config.schema import LearningPolicy
+from gateway.learning.examples import LabelledExample, LearningStore, RoutingTrace
+from gateway.store.base import StoreUnavailable
+
+__all__ = ["JUDGE_INSTRUCTIONS", "ShadowJob", "ShadowJudge", "judge_request", "parse_verdict"]
+
+_log = structlog.get_logger("gateway.learning")
+
+JUDGE_INSTRUCTIONS = (
+    "You grade whether a cheaper model's answer is good enough. You see a request, Answer A "
+    "(cheaper model) and Answer B (stronger model). Reply with exactly one word: 'yes' if A "
+    "answers the request as correctly and completely as B (same facts, numbers, code behaviour, "
+    "constraints met, language and format asked for; wording may differ), 'no' if A is wrong, "
+    "incomplete or clearly worse in anything the request asked for."
+)
+_MAX_CHARS = 12_000
+
+
+def judge_request(model: str, request: str, small_answer: str, large_answer: str) -> dict[str, object]:
+    """The chat request that asks ``model`` whether the small model's answer was good enough."""
+    return {
+        "model": model,
+        "temperature": 0,
+        "max_tokens": 3,
+        "messages": [
+            {"role": "system", "content": JUDGE_INSTRUCTIONS},
+            {
+                "role": "user",
+                "content": f"Request:\n{request[:_MAX_CHARS]}\n\nAnswer A:\n{small_answer[:_MAX_CHARS]}"
+                f"\n\nAnswer B:\n{large_answer[:_MAX_CHARS]}",
+            },
+        ],
+    }
+
+
+def parse_verdict(reply: str) -> bool | None:
+    """True: the small model's answer was good enough."""
+    word = reply.strip().lower().lstrip("'\"*")
+    if word.startswith("yes"):
+        return True
+    if word.startswith("no"):
+        return False
+    return None
+
+
+Ask = Callable[[], Awaitable[tuple[str, float]]]
+"""The other model's answer's text and what it cost."""
+Judge = Callable[[str, str], Awaitable[tuple[str, float]]]
+"""The judge's reply to (small answer, large answer) and what it cost."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowJob:
+    policy: LearningPolicy
+    tenant: str
+    request_id: str
+    trace: RoutingTrace
+    answered: str
+    """The text the client received."""
+    ask_other: Ask
+    judge: Judge
+
+
+class ShadowJudge:
+    def __init__(self, store: LearningStore, metrics: Metrics, *, rng: random.Random | None = None) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._rng = rng or random.Random()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def sample(self, policy: LearningPolicy) -> bool:
+        return policy.shadow_share > 0 and self._rng.random() < policy.shadow_share
+
+    def start(self, job: ShadowJob) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(job), name="shadow-judge")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, job: ShadowJob) -> None:
+        route, tenant = job.trace.route, job.tenant
+        cost = 0.0
+        try:
+            spent = await self._store.add_shadow_spend(tenant, route, 0.0)
+            if spent >= job.policy.usd_per_day:
+                self._metrics.shadow_judgement(route, "over_budget", 0.0)
+                _log.info(
+                    "shadow_skipped", tenant=tenant, route=route, reason="daily budget spent", spent_usd=round(spent, 6)
+                )
+                return
+            other, cost = await job.ask_other()
+            small, large = (job.answered, other) if job.trace.side == "small" else (other, job.answered)
+            reply, judge_cost = await job.judge(small, large)
+            cost += judge_cost
+            verdict = parse_verdict(reply)
+            spent = await self._store.add_shadow_spend(tenant, route, cost)
+            if verdict is not None:
+                example = LabelledExample.of(
+                    job.request_id, job.trace, not verdict, "shadow", job.policy.scope == "global"
+                )
+                await self._store.add_label(tenant, example, job.policy.max_labels)
+        except asyncio.CancelledError:
+            raise
+        except (StoreUnavailable, Exception) as exc:  # a shadow call that fails teaches nothing
+            self._metrics.shadow_judgement(route, "failed", cost)
+            _log.info("shadow_failed", tenant=tenant, route=route, error=type(exc).__name__, cost_usd=round(cost, 8))
+            return
+        outcome = "undecided" if verdict is None else ("small_enough" if verdict else "needed_large")
+        self._metrics.shadow_judgement(route, outcome, cost)
+        _log.info(
+            "shadow_judgement",
+            tenant=tenant,
+            route=route,
+            request_id=job.request_id,
+            answered_by=job.trace.side,
+            outcome=outcome,
+            cost_usd=round(cost, 8),
+            spent_today_usd=round(spent, 6),
+        )
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,264 @@
+"""The router learns from the traffic it routes, end to end: feedback (own requests only),
+shadow judging within a budget that never touches the client's answer, learning with a
+promotion rule, hot swap under load, rollback, and tenants kept apart."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.accounting.metrics import Metrics
+from gateway.learning.examples import LearningStore
+from gateway.learning.learned import fit_candidate, promote
+from gateway.services.redis_server import EmbeddedRedis
+from gateway.simulated import SimulatedUpstream, start_simulated_upstream
+from gateway.store.redis import RedisKeyValue, SharedRedis, connect
+from tests.conftest import inject
+from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+
+KEYS = {name: f"sk-{name}-{uuid.uuid4().hex}" for name in ("alice", "alice2", "bob", "admin")}
+AUTH = "auth:\n  mode: keys\n  keys:\n" + "".join(
+    f"    - {{id: {name}, tenant: {'b' if name == 'bob' else 'a'}, "
+    f'hash: "sha256:{hashlib.sha256(secret.encode()).hexdigest()}"'
+    f"{', admin: true' if name == 'admin' else ''}}}\n"
+    for name, secret in KEYS.items()
+)
+# threshold 0.9999: every answer comes from the small model, the one that has a weakness
+ROUTES = """  smart: {strategy: classifier, model: small, fallbacks: [large], threshold: 0.9999,
+           learning: {shadow_share: 1.0, usd_per_day: 100}}
+  taught: {strategy: classifier, model: small, fallbacks: [large], threshold: 0.9999, learning: {}}
+  stingy: {strategy: classifier, model: small, fallbacks: [large], threshold: 0.9999,
+           learning: {shadow_share: 1.0, usd_per_day: 0.0000001}}"""
+PROMPTS = [
+    json.loads(line)["prompt"]
+    for line in (Path(__file__).parents[2] / "router_models/data/routing/general_train_a.jsonl")
+    .read_text()
+    .splitlines()
+]
+
+
+@pytest.fixture(scope="module")
+def weak_small() -> Iterator[SimulatedUpstream]:
+    with start_simulated_upstream("small", weak_on=("invoice", "customer")) as upstream:
+        yield upstream
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis, weak_small: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:  # fmt: skip
+    policy = policy_text(weak_small, large_upstream, auth=AUTH, routes=ROUTES)
+    process = start_gateway(Path(tmp_path_factory.mktemp("learning")), policy, env={"REDIS_URL": redis_server.url})
+    yield process
+    process.stop()
+
+
+def _ask(gateway: GatewayProcess, key: str, route: str, prompt: str) -> httpx.Response:
+    response = httpx.post(
+        f"{gateway.base_url}/chat/completions",
+        json={"model": route, "messages": [{"role": "user", "content": prompt}]},
+        headers={"authorization": f"Bearer {KEYS[key]}"},
+        timeout=15,
+    )
+    assert response.status_code == 200, response.text
+    return response
+
+
+def _feedback(gateway: GatewayProcess, key: str, body: object) -> httpx.Response:
+    return httpx.post(f"{gateway.base_url}/feedback", json=body, headers={"x-api-key": KEYS[key]}, timeout=10)
+
+
+def _events(gateway: GatewayProcess, event: str, count: int, timeout_s: float = 15) -> list[dict[str, object]]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if len(found := gateway.ops_records(event)) >= count:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} {event} events:\n{gateway.stderr_text()[-3000:]}")
+
+
+def _labels(redis_server: EmbeddedRedis, tenant: str) -> list[object]:
+    async def read() -> list[object]:
+        redis = SharedRedis(connect(redis_server.url, timeout_s=2.0), Metrics())
+        try:
+            return list(await LearningStore(RedisKeyValue(redis)).labels(tenant))
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(read())
+
+
+def test_feedback_is_taken_only_from_the_key_that_made_the_request(gateway: GatewayProcess) -> None:
+    request_id = _ask(gateway, "alice", "taught", "Say hello to my grandmother for me.").headers["x-request-id"]
+    for other in ("bob", "alice2"):  # another tenant's key, and another key of the same tenant
+        refused = _feedback(gateway, other, {"request_id": request_id, "label": "needed_large"})
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found"
+    accepted = _feedback(gateway, "alice", {"request_id": request_id, "thumbs": "down"})
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json() == {
+        "object": "feedback", "request_id": request_id, "answered_by": "small", "label": "needed_large",
+    }  # fmt: skip
+    by_admin = _feedback(gateway, "admin", {"request_id": request_id, "score": 0.9})
+    assert by_admin.status_code == 200 and by_admin.json()["label"] == "small_was_enough"
+    # a request on a route that does not learn left nothing to label
+    fixed = _ask(gateway, "alice", "fast", "Say hello.").headers["x-request-id"]
+    assert _feedback(gateway, "alice", {"request_id": fixed, "score": 1.0}).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"request_id": "x"},
+        {"request_id": "x", "label": "needed_large", "score": 1.0},
+        {"request_id": "x", "score": 1.5},
+        {"request_id": "x", "label": "great"},
+        {"request_id": "x", "thumbs": "up", "comment": "nice"},
+        [1, 2],
+    ],
+)
+def test_bad_feedback_gets_a_400_in_openais_shape(gateway: GatewayProcess, body: object) -> None:
+    response = _feedback(gateway, "alice", body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_feedback_without_a_valid_key_is_401(gateway: GatewayProcess) -> None:
+    response = httpx.post(f"{gateway.base_url}/feedback", json={"request_id": "x", "score": 1}, timeout=10)
+    assert response.status_code == 401
+
+
+def test_shadow_judging_labels_what_the_small_model_gets_wrong_and_logs_no_text(
+    gateway: GatewayProcess, redis_server: EmbeddedRedis
+) -> None:
+    before = len(gateway.ops_records("shadow_judgement"))
+    weak = _ask(gateway, "bob", "smart", "Please double-check the total on this invoice: 3 x 19.99 plus 7% VAT.")
+    fine = _ask(gateway, "bob", "smart", "Suggest a name for a grey kitten with white paws.")
+    assert weak.headers["x-gateway-model"] == "small" and weak.headers["x-gateway-router-version"] == "shipped"
+    judged = _events(gateway, "shadow_judgement", before + 2)[before:]
+    outcomes = {str(e["request_id"]): e["outcome"] for e in judged}
+    assert outcomes == {weak.headers["x-request-id"]: "needed_large", fine.headers["x-request-id"]: "small_enough"}
+    assert all(float(e["cost_usd"]) > 0 for e in judged)  # type: ignore[arg-type]
+    assert "kitten" not in gateway.stderr_text() and "invoice" not in gateway.stderr_text()
+    assert "kitten" not in gateway.log_path.read_text()
+    labels = _labels(redis_server, "b")
+    assert len(labels) >= 2 and _labels(redis_server, "nobody") == []
+
+
+def test_shadow_spend_stops_at_the_daily_budget(gateway: GatewayProcess) -> None:
+    before_skipped = len(gateway.ops_records("shadow_skipped"))
+    for prompt in ("What is 2+2?", "Name a primary colour.", "Spell 'cat' backwards."):
+        _ask(gateway, "alice", "stingy", prompt)
+        time.sleep(0.3)  # one at a time: the first one's cost is booked before the next starts
+    skipped = _events(gateway, "shadow_skipped", before_skipped + 2)
+    assert all(e["reason"] == "daily budget spent" for e in skipped)
+
+
+def test_a_failing_shadow_call_never_touches_the_clients_answer(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    before = len(gateway.ops_records("shadow_failed"))
+    inject(large_upstream, *([{"status": 500, "body": "boom"}] * 4))
+    response = _ask(gateway, "alice", "smart", "Describe the smell of rain in one sentence.")
+    assert response.headers["x-gateway-model"] == "small" and response.json()["choices"][0]["message"]["content"]
+    failed = _events(gateway, "shadow_failed", before + 1)[before]
+    assert failed["route"] == "smart"
+
+
+def _learn(redis_server: EmbeddedRedis, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "router", *args, "--redis", redis_server.url],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_learning_refuses_a_candidate_that_is_not_better(gateway: GatewayProcess, redis_server: EmbeddedRedis) -> None:
+    # labels by feedback that carry no pattern: every third one says "needed large"
+    for i, prompt in enumerate(PROMPTS[:48]):
+        request_id = _ask(gateway, "alice2", "taught", prompt).headers["x-request-id"]
+        label = "needed_large" if i % 3 == 0 else "small_was_enough"
+        assert _feedback(gateway, "alice2", {"request_id": request_id, "label": label}).status_code == 200
+    result = _learn(redis_server, "learn", "--tenant", "a", "--promote")
+    assert result.returncode == 2, result.stderr
+    report = json.loads(result.stdout)
+    assert report["promoted"] is False and report["held_out"] >= 20
+    assert json.loads(_learn(redis_server, "status", "--tenant", "a").stdout)["active"] is None
+
+
+def test_a_promoted_router_swaps_in_under_load_and_rolls_back_and_stays_with_its_tenant(
+    gateway: GatewayProcess, redis_server: EmbeddedRedis
+) -> None:
+    for prompt in PROMPTS[48:100]:
+        _ask(gateway, "alice", "smart", prompt)
+    labels_needed = 40
+
+    async def promote_one() -> str:
+        redis = SharedRedis(connect(redis_server.url, timeout_s=2.0), Metrics())
+        try:
+            store, kv = LearningStore(RedisKeyValue(redis)), RedisKeyValue(redis)
+            deadline = time.monotonic() + 30
+            while len(examples := await store.labels("a")) < labels_needed and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            candidate, _ = fit_candidate(examples, None)
+            await promote(kv, "a", candidate)  # as `router learn --promote` does once a candidate wins
+            return candidate.version
+        finally:
+            await redis.aclose()
+
+    statuses: list[int] = []
+    versions: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=15) as client:
+            while not stop.is_set():
+                response = client.post(
+                    f"{gateway.base_url}/chat/completions",
+                    json={"model": "taught", "messages": [{"role": "user", "content": "Summarise: the sky is blue."}]},
+                    headers={"authorization": f"Bearer {KEYS['alice']}"},
+                )
+                statuses.append(response.status_code)
+                versions.append(response.headers.get("x-gateway-router-version", ""))
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(0.5)
+        version = asyncio.run(promote_one())
+        deadline = time.monotonic() + 15
+        while version not in versions[-4:] and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    assert statuses and set(statuses) == {200}, "a request was lost or failed during the swap"
+    assert "shipped" in versions and versions[-1] == version
+    # another tenant's requests never use tenant a's router
+    assert (
+        _ask(gateway, "bob", "taught", "Summarise: the sky is blue.").headers["x-gateway-router-version"] == "shipped"
+    )
+    # rollback: nothing before it, so the shipped router again
+    rolled = _learn(redis_server, "rollback", "--tenant", "a")
+    assert rolled.returncode == 0 and json.loads(rolled.stdout)["active"] is None
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if _ask(gateway, "alice", "taught", "Hi").headers["x-gateway-router-version"] == "shipped":
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the rollback did not reach the gateway")
+    record = gateway.wait_for_record(_ask(gateway, "alice", "taught", "Hi again").headers["x-request-id"])
+    assert record["router_version"] is None and record["p_large"] is not None

@@ -1,0 +1,112 @@
+"""The learning loop's parts without a network: labels, the learnt router's fit and its promotion rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gateway.learning.examples import LabelledExample, LearningStore, RoutingTrace
+from gateway.learning.learned import LearnedRouters, active_version, apgr, fit_candidate, promote, rollback
+from gateway.learning.shadow import judge_request, parse_verdict
+from gateway.simulated.quality import FAILURE, judge_verdict
+from gateway.store.memory import MemoryKeyValue
+
+
+def _examples(n: int, rule: bool, seed: int = 0) -> list[LabelledExample]:
+    """Examples whose label follows a direction of the embedding (rule) or nothing (noise)."""
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=384)
+    direction /= np.linalg.norm(direction)
+    out = []
+    for i in range(n):
+        emb = rng.normal(size=384)
+        emb /= np.linalg.norm(emb)
+        needed = bool(emb @ direction > 0.02) if rule else bool(rng.random() < 0.3)
+        trace = RoutingTrace.of("k", "auto", "small", float(rng.uniform(0.1, 0.3)), emb, rng.normal(size=12))
+        example = LabelledExample.of(f"r{i}", trace, needed, "shadow", False)
+        out.append(msgspec_replace_at(example, float(i)))
+    return out
+
+
+def msgspec_replace_at(example: LabelledExample, at: float) -> LabelledExample:
+    import msgspec
+
+    return msgspec.structs.replace(example, at=at)
+
+
+def test_a_learnable_rule_is_learnt_and_beats_the_shipped_router_beyond_its_interval() -> None:
+    candidate, evaluation = fit_candidate(_examples(600, rule=True), None)
+    assert evaluation.better and evaluation.difference_ci95[0] > 0
+    assert evaluation.candidate_apgr > evaluation.current_apgr + 0.1
+    assert evaluation.held_out == 150 and evaluation.trained_on == 450 and candidate.labels == 450
+
+
+def test_labels_that_say_nothing_give_a_candidate_that_is_not_promoted() -> None:
+    _, evaluation = fit_candidate(_examples(600, rule=False, seed=1), None)
+    assert not evaluation.better
+
+
+def test_too_few_labels_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 40"):
+        fit_candidate(_examples(30, rule=True), None)
+
+
+def test_the_learnt_router_leaves_a_prompt_without_features_alone() -> None:
+    candidate, _ = fit_candidate(_examples(200, rule=True), None)
+    emb = np.ones(384, dtype=np.float32) / np.sqrt(384)
+    assert candidate.apply(0.3, emb, None) == 0.3
+    assert 0.0 <= candidate.apply(0.3, emb, np.zeros(12, dtype=np.float32)) <= 1.0
+
+
+async def test_promotion_rollback_and_tenant_scopes() -> None:
+    kv = MemoryKeyValue()
+    first, _ = fit_candidate(_examples(200, rule=True), None)
+    second, _ = fit_candidate(_examples(200, rule=True, seed=2), first)
+    await promote(kv, "a", first)
+    await promote(kv, "a", second)
+    routers = LearnedRouters(kv, refresh_s=0.0)
+    assert (await routers.refresh("a")) == second
+    assert await routers.refresh("b") is None  # tenant a's router is not tenant b's
+    await promote(kv, None, first)  # the pooled router: for tenants without their own
+    assert (await routers.refresh("b")) == first
+    assert await rollback(kv, "a") == first.version
+    assert await active_version(kv, "a") == first.version
+    assert await rollback(kv, "a") is None  # nothing before: back to the pooled / shipped router
+    assert (await routers.refresh("a")) == first  # the pooled one
+    await routers.aclose()
+
+
+async def test_labels_are_kept_per_tenant_and_bounded() -> None:
+    store = LearningStore(MemoryKeyValue())
+    for example in _examples(30, rule=True):
+        await store.add_label("a", example, max_labels=25)
+    assert [e.request_id for e in await store.labels("a")] == [f"r{i}" for i in range(5, 30)]
+    assert await store.labels("b") == []
+    trace = RoutingTrace.of("key-1", "auto", "large", 0.7, np.zeros(384), np.zeros(12))
+    await store.keep_trace("a", "req-1", trace, keep_hours=1)
+    assert await store.trace("a", "req-1") == trace
+    assert await store.trace("b", "req-1") is None
+
+
+def test_apgr_of_labels() -> None:
+    y = np.array([1, 0, 0, 1, 0, 0, 0, 0])
+    assert apgr(y.astype(float), y) > 0.85  # the labels themselves rank perfectly
+    assert apgr(-y.astype(float), y) < 0.2
+
+
+def test_the_judge_prompt_and_the_simulated_judge_agree_on_the_protocol() -> None:
+    request = judge_request("large", "user: draft an email", f"[simulated small] {FAILURE} x", "fine answer")
+    messages = request["messages"]
+    assert isinstance(messages, list)
+    assert judge_verdict(messages) == "no"
+    request = judge_request("large", "user: draft an email", "a good answer", "fine answer")
+    assert judge_verdict(request["messages"]) == "yes"  # type: ignore[arg-type]
+    assert parse_verdict("Yes.") is True and parse_verdict("no") is False and parse_verdict("maybe") is None
+
+
+def test_building_the_cli_does_not_import_prometheus_before_serve_sets_its_multiprocess_dir() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, gateway.cli; sys.exit('prometheus_client' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
