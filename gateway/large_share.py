@@ -16,12 +16,12 @@ while the store is unavailable, the last known threshold (at first the configure
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 
 import numpy as np
 import structlog
 
+from gateway.background import BackgroundTasks
 from gateway.store import keyspace
 from gateway.store.base import KeyValue, StoreUnavailable
 
@@ -44,7 +44,7 @@ class LargeShareTracker:
         self._scores: dict[tuple[str, str], deque[float]] = {}
         self._seen: dict[tuple[str, str], int] = {}
         self._thresholds: dict[tuple[str, str], float] = {}
-        self._tasks: set[asyncio.Task[float]] = set()
+        self._background = BackgroundTasks()
 
     def threshold(self, tenant: str, route: str, configured: float) -> float:
         """The threshold in force for this tenant's route."""
@@ -60,9 +60,7 @@ class LargeShareTracker:
         self._seen[key] = seen = self._seen.get(key, 0) + 1
         if seen % self._update_every == 0:
             recent = np.fromiter(scores, dtype=np.float64)
-            task = asyncio.get_running_loop().create_task(self.update(tenant, route, recent, target, configured))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._background.spawn(self.update(tenant, route, recent, target, configured), "large-share-update")
 
     async def update(self, tenant: str, route: str, recent: np.ndarray, target: float, configured: float) -> float:
         """Move the shared threshold so that ``recent`` scores' share at or above it nears
@@ -85,7 +83,4 @@ class LargeShareTracker:
         return new
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._background.aclose()

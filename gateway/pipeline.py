@@ -23,7 +23,7 @@ from gateway.accounting.request_log import REQUEST_LOGGER, RequestRecord, except
 from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal
 from gateway.cache.audit import CEILING as _CEILING
-from gateway.cache.audit import AuditJob, SemanticAudit, judge_request, parse_judgement
+from gateway.cache.audit import AuditJob, SemanticAudit, judge_request
 from gateway.cache.entries import (
     CachedAnswer,
     answer_text,
@@ -41,6 +41,7 @@ from gateway.config.schema import Price
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.drain import DEFAULT_DRAIN_S, Drain
 from gateway.errors import GatewayError, InvalidRequestError, ShuttingDownError, UpstreamError
+from gateway.judge import parse_yes_no
 from gateway.large_share import LargeShareTracker
 from gateway.learning.examples import Side
 from gateway.learning.loop import LearningLoop
@@ -355,7 +356,7 @@ class ChatPipeline:
         async def judge(cached: str, fresh: str) -> bool | None:
             assert judge_model is not None
             verdict, _ = await ask((judge_model,), judge_request(judge_model, prompt, cached, fresh))
-            return parse_judgement(verdict)
+            return parse_yes_no(verdict)
 
         self._audit.start(
             AuditJob(

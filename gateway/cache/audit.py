@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 import structlog
 
 from gateway.accounting.metrics import Metrics
+from gateway.background import BackgroundTasks
 from gateway.config.schema import SemanticAuditPolicy
+from gateway.judge import yes_no_request
 
 __all__ = [
     "CEILING",
@@ -36,7 +38,6 @@ __all__ = [
     "SemanticAudit",
     "compare_answers",
     "judge_request",
-    "parse_judgement",
 ]
 
 _log = structlog.get_logger("gateway.cache")
@@ -82,24 +83,9 @@ _JUDGE_INSTRUCTIONS = (
 
 def judge_request(model: str, prompt: str, cached: str, fresh: str) -> dict[str, object]:
     """The chat request that asks ``model`` whether two answers to ``prompt`` agree."""
-    return {
-        "model": model,
-        "temperature": 0,
-        "max_tokens": 3,
-        "messages": [
-            {"role": "system", "content": _JUDGE_INSTRUCTIONS},
-            {"role": "user", "content": f"Request:\n{prompt}\n\nAnswer 1:\n{cached}\n\nAnswer 2:\n{fresh}"},
-        ],
-    }
-
-
-def parse_judgement(reply: str) -> bool | None:
-    word = reply.strip().lower().lstrip("'\"*")
-    if word.startswith("yes"):
-        return True
-    if word.startswith("no"):
-        return False
-    return None
+    return yes_no_request(
+        model, _JUDGE_INSTRUCTIONS, f"Request:\n{prompt}\n\nAnswer 1:\n{cached}\n\nAnswer 2:\n{fresh}"
+    )
 
 
 def _choice(text: str) -> str | None:
@@ -153,7 +139,7 @@ class SemanticAudit:
         self._policy_id: int | None = None
         self._window_start = 0.0
         self._in_window = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks()
 
     def raised_by(self, policy: SemanticAuditPolicy, tenant: str, route: str) -> float | None:
         """How far the verifier's thresholds are raised for this tenant's route (up to
@@ -177,9 +163,7 @@ class SemanticAudit:
 
     def start(self, job: AuditJob) -> None:
         """Audit one served hit in the background."""
-        task = asyncio.get_running_loop().create_task(self._audit(job), name="semantic-audit")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background.spawn(self._audit(job), "semantic-audit")
 
     def record(
         self, policy: SemanticAuditPolicy, base_threshold: float, tenant: str, route: str, outcome: AuditOutcome
@@ -199,10 +183,7 @@ class SemanticAudit:
         return estimate
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._background.aclose()
 
     def _state(
         self, policy: SemanticAuditPolicy, tenant: str, route: str, *, create: bool = False

@@ -17,7 +17,6 @@ router they started with).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import msgspec
 import numpy as np
 import structlog
 
+from gateway.background import BackgroundTasks
 from gateway.learning.examples import LabelledExample
 from gateway.store import keyspace
 from gateway.store.base import KeyValue, StoreUnavailable
@@ -267,15 +267,13 @@ class LearnedRouters:
         self._refresh_s = refresh_s
         self._entries: dict[str, _Entry] = {}
         self._loading: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks()
 
     def current(self, tenant: str) -> LearnedRouter | None:
         entry = self._entries.get(tenant)
         if (entry is None or time.monotonic() - entry.fetched >= self._refresh_s) and tenant not in self._loading:
             self._loading.add(tenant)
-            task = asyncio.get_running_loop().create_task(self._load(tenant))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._background.spawn(self._load(tenant), "learned-router-refresh")
         return None if entry is None else entry.router
 
     async def refresh(self, tenant: str) -> LearnedRouter | None:
@@ -312,7 +310,4 @@ class LearnedRouters:
         return None
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._background.aclose()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import structlog
 
 from gateway.accounting.metrics import Metrics
+from gateway.background import BackgroundTasks
 from gateway.config.schema import LearningPolicy
 from gateway.learning.examples import LearningStore, RoutingTrace, Side
 from gateway.learning.learned import LearnedRouters
@@ -25,7 +24,7 @@ class LearningLoop:
         self.shadow = ShadowJudge(self.store, metrics)
         self.routers = LearnedRouters(kv)
         self.metrics = metrics
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks()
 
     def after_answer(
         self,
@@ -46,9 +45,7 @@ class LearningLoop:
         """Keep what the router saw (for feedback), and maybe judge the answer in the shadow;
         all of it in the background."""
         trace = RoutingTrace.of(key_id, route, side, p_base, embedding, features)
-        task = asyncio.get_running_loop().create_task(self._keep(tenant, request_id, trace, policy.keep_hours))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background.spawn(self._keep(tenant, request_id, trace, policy.keep_hours), "routing-trace")
         if self.shadow.sample(policy):
             self.shadow.start(ShadowJob(policy, tenant, request_id, trace, answered, ask_other, judge))
 
@@ -61,7 +58,4 @@ class LearningLoop:
     async def aclose(self) -> None:
         await self.shadow.aclose()
         await self.routers.aclose()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._background.aclose()

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import structlog
 
 from gateway.accounting.metrics import Metrics
+from gateway.background import BackgroundTasks
 from gateway.config.schema import LearningPolicy
+from gateway.judge import parse_yes_no, yes_no_request
 from gateway.learning.examples import LabelledExample, LearningStore, RoutingTrace
 from gateway.store.base import StoreUnavailable
 
@@ -40,29 +42,16 @@ _MAX_CHARS = 12_000
 
 def judge_request(model: str, request: str, small_answer: str, large_answer: str) -> dict[str, object]:
     """The chat request that asks ``model`` whether the small model's answer was good enough."""
-    return {
-        "model": model,
-        "temperature": 0,
-        "max_tokens": 3,
-        "messages": [
-            {"role": "system", "content": JUDGE_INSTRUCTIONS},
-            {
-                "role": "user",
-                "content": f"Request:\n{request[:_MAX_CHARS]}\n\nAnswer A:\n{small_answer[:_MAX_CHARS]}"
-                f"\n\nAnswer B:\n{large_answer[:_MAX_CHARS]}",
-            },
-        ],
-    }
+    question = (
+        f"Request:\n{request[:_MAX_CHARS]}\n\nAnswer A:\n{small_answer[:_MAX_CHARS]}"
+        f"\n\nAnswer B:\n{large_answer[:_MAX_CHARS]}"
+    )
+    return yes_no_request(model, JUDGE_INSTRUCTIONS, question)
 
 
 def parse_verdict(reply: str) -> bool | None:
     """True: the small model's answer was good enough."""
-    word = reply.strip().lower().lstrip("'\"*")
-    if word.startswith("yes"):
-        return True
-    if word.startswith("no"):
-        return False
-    return None
+    return parse_yes_no(reply)
 
 
 Ask = Callable[[], Awaitable[tuple[str, float]]]
@@ -88,15 +77,13 @@ class ShadowJudge:
         self._store = store
         self._metrics = metrics
         self._rng = rng or random.Random()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks()
 
     def sample(self, policy: LearningPolicy) -> bool:
         return policy.shadow_share > 0 and self._rng.random() < policy.shadow_share
 
     def start(self, job: ShadowJob) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(job), name="shadow-judge")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background.spawn(self._run(job), "shadow-judge")
 
     async def _run(self, job: ShadowJob) -> None:
         route, tenant = job.trace.route, job.tenant
@@ -140,7 +127,4 @@ class ShadowJudge:
         )
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._background.aclose()

@@ -8,8 +8,9 @@ import random
 import pytest
 
 from gateway.accounting.metrics import Metrics
-from gateway.cache.audit import CEILING, AuditJob, AuditOutcome, SemanticAudit, compare_answers, parse_judgement
+from gateway.cache.audit import CEILING, AuditJob, AuditOutcome, SemanticAudit, compare_answers
 from gateway.config.schema import SemanticAuditPolicy
+from gateway.judge import parse_yes_no as parse_judgement
 
 
 @pytest.mark.parametrize(
