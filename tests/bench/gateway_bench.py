@@ -74,6 +74,7 @@ if str(_ROOT) not in sys.path:  # run as a script: make `gateway` and `tests` im
     sys.path.insert(0, str(_ROOT))
 
 from gateway.simulated import SimulatedUpstream, start_simulated_upstream  # noqa: E402
+from tests.bench.litellm_side import measure_litellm, side_by_side  # noqa: E402
 from tests.bench.loadgen import (  # noqa: E402
     HttpTarget,
     RunResult,
@@ -155,6 +156,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--results-dir", type=Path, default=_ROOT / "bench-results", help="JSON destination (default bench-results/)")
     add("--keep-logs", action="store_true", help="copy the gateway's request log and stderr into the results folder")
     add("--strict", action="store_true", help="exit 1 when a target fails or any response is not a 200")
+    add("--litellm", default=os.environ.get("LITELLM_BIN"), help="a litellm executable: measure its proxy side by side")
     return parser.parse_args(argv)
 
 
@@ -1006,6 +1008,23 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run)
             print_run(run)
         report["runs"] = runs
+        if args.litellm:
+            _say(f"LiteLLM side by side ({args.litellm})")
+            direct_target = make_target(upstream.port, UPSTREAM_MODEL, gateway=False)
+            litellm = measure_litellm(
+                bench,
+                args.litellm,
+                chat_body(ROUTE),
+                ROUTE,
+                UPSTREAM_MODEL,
+                direct_target,
+                free_port(),
+                workdir,
+                cleanup,
+            )
+            report["litellm"] = litellm
+            report["side_by_side"] = side_by_side(runs[0], litellm)
+            print("side by side with LiteLLM:", msgspec.json.encode(report["side_by_side"]).decode())
         report["machine"]["loadavg_at_end"] = os.getloadavg()
         report["wall_s"] = round(time.monotonic() - started, 1)
         print_comparison(runs)
