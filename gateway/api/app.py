@@ -100,6 +100,8 @@ async def _start(settings: Settings) -> GatewayState:
     ops_log = RequestLogWriter(stdout=False, stderr=True)
     configure_logging(request_log, ops_log)
     metrics = Metrics(settings.metrics_dir)
+    loop = asyncio.get_running_loop()
+    _log.info("event_loop", implementation=f"{type(loop).__module__}.{type(loop).__qualname__}")
     holder = RuntimeHolder(settings.policies_path, metrics, transport=settings.upstream_transport)  # type: ignore[arg-type]
     holder.start()
     client = connect(settings.redis_url) if settings.redis_url else None

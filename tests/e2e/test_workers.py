@@ -99,3 +99,14 @@ def test_a_policy_edit_is_picked_up_by_two_gateway_processes(
     finally:
         first.stop()
         second.stop()
+
+
+def test_workers_run_on_uvloop_and_say_so(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    gateway = start_gateway(tmp_path, policy_text(small_upstream, large_upstream), env={"REDIS_URL": redis_server.url})
+    try:
+        (started,) = gateway.ops_records("event_loop")
+        assert started["implementation"] == "uvloop.Loop"  # a hard dependency, not an accident of extras
+    finally:
+        gateway.stop()
