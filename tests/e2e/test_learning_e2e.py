@@ -262,3 +262,17 @@ def test_a_promoted_router_swaps_in_under_load_and_rolls_back_and_stays_with_its
         raise AssertionError("the rollback did not reach the gateway")
     record = gateway.wait_for_record(_ask(gateway, "alice", "taught", "Hi again").headers["x-request-id"])
     assert record["router_version"] is None and record["p_large"] is not None
+
+
+def test_labels_of_a_tenant_scoped_route_are_never_pooled(gateway: GatewayProcess, redis_server: EmbeddedRedis) -> None:
+    for prompt in PROMPTS[100:145]:  # tenant b, on a route whose learning scope is the tenant (the default)
+        _ask(gateway, "bob", "smart", prompt)
+    deadline = time.monotonic() + 20
+    while len(_labels(redis_server, "b")) < 45 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(_labels(redis_server, "b")) >= 45
+    pooled = _learn(redis_server, "learn", "--global", "--tenant", "b")
+    assert pooled.returncode == 1 and "0 labelled requests" in pooled.stderr
+    own = _learn(redis_server, "learn", "--tenant", "b")  # the tenant's own router may use them
+    assert own.returncode == 0, own.stderr
+    assert json.loads(own.stdout)["labels"] >= 45
