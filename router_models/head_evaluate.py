@@ -107,6 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", default=None)
     ap.add_argument("--final", action="store_true", required=True)
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--general-file",
+        default=GENERAL_TEST_FILE,
+        help="the held-out general-traffic file under data/routing (general_test_b.jsonl: written after the head was frozen)",
+    )
     args = ap.parse_args(argv)
 
     router = load_classifier(args.artifacts, prefer_gpu=False)
@@ -129,11 +134,14 @@ def main(argv: list[str] | None = None) -> None:
     shipped = router.config["thresholds"]["by_large_share"]
     thresholds = {s: float(shipped[f"{s:.1f}"]) for s in SHARES}
 
-    report: dict[str, Any] = {"shipped_thresholds": {str(s): round(t, 4) for s, t in thresholds.items()}}
+    report: dict[str, Any] = {
+        "general_file": args.general_file,
+        "shipped_thresholds": {str(s): round(t, 4) for s, t in thresholds.items()},
+    }
     unseen_p: list[np.ndarray] = []
 
     # general traffic
-    test = load_general((GENERAL_TEST_FILE,))[GENERAL_TEST_FILE]
+    test = load_general((args.general_file,))[args.general_file]
     texts = [r["prompt"] for r in test]
     y = np.array([r["label"] == "hard" for r in test], float)
     cats = np.array([r["category"] for r in test])
