@@ -7,7 +7,7 @@ an L2 pull toward "no change" (a = 1, w = 0, b = 0). With few labels it barely m
 shipped router; with many, it learns what this deployment's small model gets wrong.
 
 ``fit_candidate`` holds out the newest quarter of the labels, fits on the rest, and
-compares candidate and current router there (APGR, CPT(50 %), a paired bootstrap interval
+compares candidate and current router there (APGR, CPT(50 %); a paired bootstrap interval
 of the difference); ``promote`` refuses a candidate unless it is better beyond that
 interval. Versions live in the store (``keyspace.learned_router``), so every gateway
 process serves the same one: :class:`LearnedRouters` re-reads the version in force every
@@ -32,7 +32,7 @@ from gateway.learning.examples import LabelledExample
 from gateway.store import keyspace
 from gateway.store.base import KeyValue, StoreUnavailable
 
-__all__ = ["Evaluation", "LearnedRouter", "LearnedRouters", "fit_candidate", "promote", "rollback"]
+__all__ = ["Evaluation", "LearnedRouter", "LearnedRouters", "apgr", "cpt", "fit_candidate", "promote", "rollback"]
 
 _log = structlog.get_logger("gateway.learning")
 
@@ -117,17 +117,30 @@ def _fit(x: np.ndarray, base: np.ndarray, y: np.ndarray, steps: int = 600) -> tu
     return float(theta[0]), float(theta[1]), theta[2:].astype(np.float32)
 
 
+def _recovered(score: np.ndarray, needed_large: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(share of large calls, share of needed-large prompts sent to large), best score first."""
+    y = np.asarray(needed_large, dtype=float)
+    if y.sum() == 0:
+        return None
+    order = np.argsort(-np.asarray(score, dtype=float), kind="stable")
+    return np.arange(len(y) + 1) / len(y), np.concatenate([[0.0], np.cumsum(y[order])]) / y.sum()
+
+
 def apgr(score: np.ndarray, needed_large: np.ndarray) -> float:
     """RouteLLM's APGR with the large model taken as right and the small one right unless the
     label says the large one was needed: the share of needed-large prompts recovered, averaged
     over every share of large calls."""
-    y = np.asarray(needed_large, dtype=float)
-    if y.sum() == 0:
-        return 0.5
-    order = np.argsort(-np.asarray(score, dtype=float), kind="stable")
-    recovered = np.concatenate([[0.0], np.cumsum(y[order])]) / y.sum()
-    share = np.arange(len(y) + 1) / len(y)
-    return float(np.trapezoid(recovered, share))
+    curve = _recovered(score, needed_large)
+    return 0.5 if curve is None else float(np.trapezoid(curve[1], curve[0]))
+
+
+def cpt(score: np.ndarray, needed_large: np.ndarray, target: float = 0.5) -> float:
+    """The smallest share of large calls that recovers ``target`` of the needed-large prompts."""
+    curve = _recovered(score, needed_large)
+    if curve is None:
+        return 0.0
+    share, recovered = curve
+    return float(share[int(np.argmax(recovered >= target - 1e-12))])
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +151,8 @@ class Evaluation:
     candidate_apgr: float
     difference_ci95: tuple[float, float]
     better: bool
+    current_cpt50: float
+    candidate_cpt50: float
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -147,6 +162,8 @@ class Evaluation:
             "candidate_apgr": round(self.candidate_apgr, 4),
             "difference_ci95": [round(v, 4) for v in self.difference_ci95],
             "better_beyond_interval": self.better,
+            "current_cpt50": round(self.current_cpt50, 4),
+            "candidate_cpt50": round(self.candidate_cpt50, 4),
         }
 
 
@@ -193,7 +210,14 @@ def fit_candidate(
         diffs.append(apgr(candidate_p[i], t_y[i]) - apgr(current_p[i], t_y[i]))
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     evaluation = Evaluation(
-        len(test), len(train), apgr(current_p, t_y), apgr(candidate_p, t_y), (float(lo), float(hi)), bool(lo > 0)
+        len(test),
+        len(train),
+        apgr(current_p, t_y),
+        apgr(candidate_p, t_y),
+        (float(lo), float(hi)),
+        bool(lo > 0),
+        cpt(current_p, t_y),
+        cpt(candidate_p, t_y),
     )
     digest = hashlib.sha256(w.tobytes() + np.array([a, b]).tobytes()).hexdigest()[:8]
     version = f"{datetime.now(UTC).strftime('%Y%m%d%H%M%S')}-{digest}"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gateway.learning.examples import LabelledExample, LearningStore, RoutingTrace
-from gateway.learning.learned import LearnedRouters, active_version, apgr, fit_candidate, promote, rollback
+from gateway.learning.learned import LearnedRouters, active_version, apgr, cpt, fit_candidate, promote, rollback
 from gateway.learning.shadow import judge_request, parse_verdict
 from gateway.simulated.quality import FAILURE, judge_verdict
 from gateway.store.memory import MemoryKeyValue
@@ -88,10 +88,12 @@ async def test_labels_are_kept_per_tenant_and_bounded() -> None:
     assert await store.trace("b", "req-1") is None
 
 
-def test_apgr_of_labels() -> None:
+def test_apgr_and_cpt_of_labels() -> None:
     y = np.array([1, 0, 0, 1, 0, 0, 0, 0])
     assert apgr(y.astype(float), y) > 0.85  # the labels themselves rank perfectly
     assert apgr(-y.astype(float), y) < 0.2
+    assert cpt(y.astype(float), y) == 0.125  # one large call of eight recovers half the needed ones
+    assert cpt(-y.astype(float), y) == 0.875
 
 
 def test_the_judge_prompt_and_the_simulated_judge_agree_on_the_protocol() -> None:
