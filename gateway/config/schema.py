@@ -78,6 +78,12 @@ class SpeculationPolicy(_Struct, frozen=True, kw_only=True):
     """``k_min <= k_initial <= k_max``, all from 1 to 64."""
     sampling: Literal["speculative", "plain"] = "speculative"
     """With temperature > 0: speculative sampling from returned logprobs, or plain decoding on the large model."""
+    draft_timeout_ms: Annotated[int, Meta(ge=10, le=60_000)] = 1000
+    """Each draft call's own deadline: a slow or hung draft server costs a request this much
+    (the answer then finishes on the large model), not the draft model's first-byte timeout."""
+    draft_cooldown_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
+    """After a draft call fails or times out, requests skip speculation (plain decoding on the
+    large model, no draft call) for this long; then speculation is tried again."""
 
 
 class ModelConfig(_Struct, frozen=True, kw_only=True):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from gateway.errors import UpstreamError, UpstreamTimeoutError
 from gateway.speculative.eos import EosTable
 from gateway.speculative.token_api import Distribution, TokenAPI
 
@@ -34,24 +36,44 @@ class DraftSource(ABC):
 
 
 class ModelDraft(DraftSource):
-    """The small model drafts ``k`` tokens by ordinary decoding (greedy at temperature 0, sampled otherwise)."""
+    """The small model drafts ``k`` tokens by ordinary decoding (greedy at temperature 0, sampled otherwise).
+
+    Each call has its own deadline (``timeout_s``); a call that fails or runs past it is
+    reported to ``on_failure`` (the provider then skips speculation for a while) and raises
+    UpstreamError, so the answer finishes on the large model."""
 
     name = "model"
     costly = True
 
-    def __init__(self, api: TokenAPI, eos: EosTable) -> None:
+    def __init__(
+        self, api: TokenAPI, eos: EosTable, timeout_s: float = 1.0, on_failure: Callable[[], None] | None = None
+    ) -> None:
         self.api = api
         self._eos = eos
+        self._timeout_s = timeout_s
+        self._on_failure = on_failure
 
     async def propose(
         self, context: Sequence[int], k: int, *, temperature: float, top_n: int, seed: int | None
     ) -> Draft:
         sampled = temperature > 0
-        generation = await self.api.generate(
-            context, k, temperature=temperature, logprobs=top_n if sampled else 1, seed=seed
-        )
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                generation = await self.api.generate(
+                    context, k, temperature=temperature, logprobs=top_n if sampled else 1, seed=seed
+                )
+        except TimeoutError:
+            self._failed()
+            raise UpstreamTimeoutError(self.api.name, f"draft call over {self._timeout_s * 1000:g} ms") from None
+        except UpstreamError:
+            self._failed()
+            raise
         self._eos.learn(generation.tokens, generation.finish_reason)
         return Draft(generation.tokens[:k], generation.top[:k] if sampled and generation.top else None)
+
+    def _failed(self) -> None:
+        if self._on_failure is not None:
+            self._on_failure()
 
 
 class PromptLookupDraft(DraftSource):

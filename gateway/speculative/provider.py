@@ -44,6 +44,25 @@ PROBE_TEXT = (
 )
 """Text both servers must tokenize identically: prose, code, numbers, several scripts, emoji, special-looking strings."""
 
+_VLLM_DEFAULTS: dict[str, object] = {
+    "min_tokens": 0,
+    "ignore_eos": False,
+    "stop_token_ids": None,
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+    "bad_words": None,
+    "allowed_token_ids": None,
+    "logits_processors": None,
+    "prompt_logprobs": None,
+    "truncate_prompt_tokens": None,
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "min_p": 0.0,
+}
+"""vLLM's extra sampling fields at their defaults: any other value changes what the large model
+would answer in ways the draft/verify loop does not reproduce, so such a request goes plain."""
+
 _UNSUPPORTED = (
     "tools",
     "tool_choice",
@@ -93,6 +112,7 @@ class SpeculativeProvider(Provider):
         self._pair_problem: str | None = None
         self._check_lock: asyncio.Lock | None = None
         self._alpha = 0.7  # running acceptance across requests: the prior of each request's k controller
+        self._draft_down_until = 0.0  # monotonic time until which requests skip speculation (draft_cooldown_s)
 
     # -- the pair check ------------------------------------------------------------
 
@@ -198,8 +218,14 @@ class SpeculativeProvider(Provider):
     async def _plain_reason(self, body: dict[str, Any]) -> str | None:
         if self.policy.mode != "gateway":
             return f"mode_{self.policy.mode}"
+        if self.policy.draft_source == "model" and time.monotonic() < self._draft_down_until:
+            return "draft_unhealthy"
         for name in _UNSUPPORTED:
             if body.get(name) is not None:
+                return f"unsupported_{name}"
+        for name, default in _VLLM_DEFAULTS.items():
+            value = body.get(name)
+            if value is not None and value != default and value != []:
                 return f"unsupported_{name}"
         if (body.get("n") or 1) != 1:
             return "unsupported_n"
@@ -231,7 +257,15 @@ class SpeculativeProvider(Provider):
     def _draft_source(self) -> DraftSource | None:
         if self.policy.draft_source == "prompt_lookup":
             return PromptLookupDraft()
-        return ModelDraft(self._draft_api, self._eos) if self._draft_api is not None else None
+        if self._draft_api is None:
+            return None
+        return ModelDraft(self._draft_api, self._eos, self.policy.draft_timeout_ms / 1000, self._draft_failed)
+
+    def _draft_failed(self) -> None:
+        """A draft call failed or ran past its deadline: no speculation for ``draft_cooldown_s``."""
+        if time.monotonic() >= self._draft_down_until:
+            _log.warning("draft_unhealthy", model=self.name, cooldown_s=self.policy.draft_cooldown_s)
+        self._draft_down_until = time.monotonic() + self.policy.draft_cooldown_s
 
     async def _start(self, body: dict[str, Any], *, streaming: bool) -> _Run:
         extra: dict[str, Any] = {

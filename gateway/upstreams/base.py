@@ -186,7 +186,7 @@ class Provider(ABC):
         cause = type(root).__name__
         if isinstance(exc, httpx.ConnectError) or cause in {"ClientConnectorError", "ConnectionRefusedError"}:
             return UpstreamConnectError(self.name, f"cannot connect ({cause})")
-        if cause in {"ServerDisconnectedError", "ClientPayloadError", "RemoteProtocolError", "ReadError"}:
+        if cause in _DISCONNECTS:
             return UpstreamProtocolError(self.name, f"connection closed before the answer was complete ({cause})")
         if isinstance(exc, httpx.TimeoutException) or "Timeout" in cause:
             return UpstreamTimeoutError(self.name, f"timed out ({cause})")
@@ -200,6 +200,22 @@ class Provider(ABC):
             retry_after_s=_retry_after(response.headers.get("retry-after")),
             body=response.content,
         )
+
+
+_DISCONNECTS = frozenset(
+    {
+        "ServerDisconnectedError",
+        "ClientPayloadError",
+        "RemoteProtocolError",
+        "ReadError",
+        # a server killed mid-answer: aiohttp raises ClientOSError (connection reset), which
+        # httpx-aiohttp hands on as a read timeout; it is a 502, not a 504
+        "ClientOSError",
+        "ConnectionResetError",
+        "BrokenPipeError",
+    }
+)
+"""Root causes that mean the upstream closed the connection before the answer was complete."""
 
 
 class UpstreamEvents:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 from collections import Counter
@@ -10,6 +11,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import structlog
 
 from gateway.config.schema import ModelConfig, Price, SpeculationPolicy, Timeouts
 from gateway.speculative import PairMismatchError, SpeculativeProvider
@@ -188,7 +190,7 @@ async def test_stop_strings_are_honoured_exactly(pair: tuple[Provider, Provider]
 async def test_draft_failure_mid_answer_finishes_on_the_large_model(
     pair: tuple[Provider, Provider], small: ToyServer, kind: str
 ) -> None:
-    spec = _spec(pair)
+    spec = _spec(pair, draft_cooldown_s=0)  # each request tries the draft again (the pause has its own test)
     await spec.check_pair()
     body, want = await _long_answer(pair[0], max_tokens=70)
     for streaming in (False, True):
@@ -310,3 +312,46 @@ async def test_sampled_requests_use_speculative_sampling(pair: tuple[Provider, P
         assert stats.sampling == "speculative" and not stats.fallback_to_plain
         assert count <= 30 and finish in ("stop", "length")
         assert stats.rounds >= 1 and stats.accepted <= stats.drafted
+
+
+async def test_a_hung_draft_costs_one_draft_deadline_then_speculation_pauses(
+    pair: tuple[Provider, Provider], small: ToyServer
+) -> None:
+    spec = _spec(pair, draft_timeout_ms=300, draft_cooldown_s=0.5)
+    await spec.check_pair()
+    body, want = await _long_answer(pair[0], max_tokens=40)
+    small.reset()
+    small.fail_after(0, "hang")  # the draft server accepts the call and never answers
+    with structlog.testing.capture_logs() as logs:
+        first = await spec.complete(body)
+    assert _answer(first) == want and first.speculation.draft_failed  # type: ignore[attr-defined]
+    (failed,) = [e for e in logs if e["event"] == "draft_failed"]
+    assert "draft call over 300 ms" in failed["detail"]  # the draft's own deadline, not its 10 s first byte
+    assert any(e["event"] == "draft_unhealthy" for e in logs)
+    calls = small.stats()["completions"]
+    second = await spec.complete(body)  # within the cool-down: straight to the large model
+    assert _answer(second) == want and second.speculation.fallback_reason == "draft_unhealthy"  # type: ignore[attr-defined]
+    assert small.stats()["completions"] == calls
+    small.reset()  # healthy again
+    await asyncio.sleep(0.6)
+    third = await spec.complete(body)
+    assert _answer(third) == want
+    assert not third.speculation.fallback_to_plain and third.speculation.draft_calls > 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"min_tokens": 100}, {"ignore_eos": True}, {"stop_token_ids": [7]}, {"include_stop_str_in_output": True},
+     {"skip_special_tokens": False}, {"repetition_penalty": 1.05}],
+)  # fmt: skip
+async def test_vllm_sampling_fields_the_loop_does_not_reproduce_go_plain(
+    pair: tuple[Provider, Provider], extra: dict[str, Any]
+) -> None:
+    spec = _spec(pair)
+    completion = await spec.complete(_body(_PROMPTS[0], max_tokens=8, **extra))
+    assert completion.speculation.fallback_to_plain  # type: ignore[attr-defined]
+    name = next(iter(extra))
+    assert completion.speculation.fallback_reason in (f"unsupported_{name}", "unsupported_penalties")  # type: ignore[attr-defined]
+    # at their defaults they do not stop speculation
+    defaults = await spec.complete(_body(_PROMPTS[0], max_tokens=8, min_tokens=0, ignore_eos=False))
+    assert not defaults.speculation.fallback_to_plain  # type: ignore[attr-defined]

@@ -37,7 +37,7 @@ class ToyServer:
         httpx.post(f"{self.root_url}/_control/reset").raise_for_status()
 
     def fail_after(self, calls: int, kind: str = "500") -> None:
-        """After ``calls`` more completion calls, every completion call fails (500 or dropped connection)."""
+        """After ``calls`` more completion calls, every completion call fails (500, dropped connection, or "hang")."""
         httpx.post(f"{self.root_url}/_control/fail", json={"after_calls": calls, "kind": kind}).raise_for_status()
 
     def stop(self) -> None:

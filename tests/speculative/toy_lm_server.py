@@ -153,7 +153,7 @@ class Stats:
 @dataclass(slots=True)
 class Failure:
     after_calls: int = 0
-    kind: str = "500"  # "500" | "drop"
+    kind: str = "500"  # "500" | "drop" | "hang" (never answers, as a wedged server)
     armed: bool = False
 
 
@@ -470,6 +470,8 @@ def build_app(settings: Settings) -> web.Application:
         if failure.after_calls > 0:
             failure.after_calls -= 1
             return
+        if failure.kind == "hang":
+            await asyncio.sleep(3600)
         if failure.kind == "drop":
             assert request.transport is not None
             request.transport.close()

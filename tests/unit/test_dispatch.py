@@ -93,3 +93,23 @@ async def test_a_bad_request_is_raised_without_trying_the_fallback(upstream: Fak
     with pytest.raises(UpstreamStatusError) as raised:
         await _send(route, DispatchInfo())
     assert raised.value.upstream_status == 422 and upstream.calls_to("b") == 0
+
+
+def test_a_server_killed_mid_answer_is_a_502_not_a_timeout() -> None:
+    import aiohttp
+    import httpx
+
+    from gateway.config.schema import ModelConfig, Price
+    from gateway.errors import UpstreamProtocolError
+    from gateway.upstreams.registry import build_provider
+
+    provider = build_provider(
+        "large",
+        ModelConfig(base_url="http://127.0.0.1:9/v1", price=Price(input_per_mtok=1, output_per_mtok=1), tier="large"),
+    )
+    # httpx-aiohttp hands aiohttp's connection reset on as a read timeout
+    relabelled = httpx.ReadTimeout("read timed out")
+    relabelled.__cause__ = aiohttp.ClientOSError(104, "Connection reset by peer")
+    error = provider.transport_error(relabelled)
+    assert isinstance(error, UpstreamProtocolError) and error.status_code == 502
+    assert "ClientOSError" in error.message
