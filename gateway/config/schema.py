@@ -81,6 +81,10 @@ class SpeculationPolicy(_Struct, frozen=True, kw_only=True):
     draft_timeout_ms: Annotated[int, Meta(ge=10, le=60_000)] = 1000
     """Each draft call's own deadline: a slow or hung draft server costs a request this much
     (the answer then finishes on the large model), not the draft model's first-byte timeout."""
+    max_inflight: Annotated[int, Meta(ge=1)] | None = None
+    """Speculate only while at most this many requests to this model are in flight through
+    this gateway process, this one included (speculation pays when the large model's batch
+    has room; under load its extra verify tokens cost more than they save). None: always."""
     draft_cooldown_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
     """After a draft call fails or times out, requests skip speculation (plain decoding on the
     large model, no draft call) for this long; then speculation is tried again."""

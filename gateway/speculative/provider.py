@@ -13,7 +13,7 @@ import asyncio
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -113,6 +113,7 @@ class SpeculativeProvider(Provider):
         self._check_lock: asyncio.Lock | None = None
         self._alpha = 0.7  # running acceptance across requests: the prior of each request's k controller
         self._draft_down_until = 0.0  # monotonic time until which requests skip speculation (draft_cooldown_s)
+        self._inflight = 0  # requests to this model through this provider, plain ones included (max_inflight)
 
     # -- the pair check ------------------------------------------------------------
 
@@ -164,6 +165,13 @@ class SpeculativeProvider(Provider):
     # -- Provider ------------------------------------------------------------------
 
     async def complete(self, body: dict[str, Any]) -> Completion:
+        self._inflight += 1
+        try:
+            return await self._complete(body)
+        finally:
+            self._inflight -= 1
+
+    async def _complete(self, body: dict[str, Any]) -> Completion:
         reason = await self._plain_reason(body)
         if reason is not None:
             completion = await self.target.complete(body)
@@ -203,11 +211,23 @@ class SpeculativeProvider(Provider):
         return SpeculativeCompletion(_encode(data), usage, content, speculation=run.stats)
 
     async def open_stream(self, body: dict[str, Any]) -> ChatStream:
-        reason = await self._plain_reason(body)
-        if reason is not None:
-            return _PlainStream(await self.target.open_stream(body), self._plain_stats(reason))
-        run = await self._start(body, streaming=True)
-        return _SpeculativeStream(run, body.get("model", self.upstream_model), self.config.timeouts.total)
+        self._inflight += 1
+        try:
+            reason = await self._plain_reason(body)
+            stream: _PlainStream | _SpeculativeStream
+            if reason is not None:
+                stream = _PlainStream(await self.target.open_stream(body), self._plain_stats(reason))
+            else:
+                run = await self._start(body, streaming=True)
+                stream = _SpeculativeStream(run, body.get("model", self.upstream_model), self.config.timeouts.total)
+        except BaseException:
+            self._inflight -= 1
+            raise
+        stream.on_close = self._stream_closed
+        return stream
+
+    def _stream_closed(self) -> None:
+        self._inflight -= 1
 
     async def aclose(self) -> None:
         """Closes the target's client (shared); the draft is its own provider and is closed by its owner."""
@@ -218,6 +238,8 @@ class SpeculativeProvider(Provider):
     async def _plain_reason(self, body: dict[str, Any]) -> str | None:
         if self.policy.mode != "gateway":
             return f"mode_{self.policy.mode}"
+        if self.policy.max_inflight is not None and self._inflight > self.policy.max_inflight:
+            return "busy"
         if self.policy.draft_source == "model" and time.monotonic() < self._draft_down_until:
             return "draft_unhealthy"
         for name in _UNSUPPORTED:
@@ -351,6 +373,8 @@ async def _nothing() -> AsyncIterator[Step]:
 
 
 class _SpeculativeStream(ChatStream):
+    on_close: Callable[[], None] | None = None
+
     def __init__(self, run: _Run, model: str, total_s: float) -> None:
         super().__init__()
         self._run = run
@@ -402,11 +426,23 @@ class _SpeculativeStream(ChatStream):
         )
 
     async def aclose(self) -> None:
-        await self._run.aclose()
+        try:
+            await self._run.aclose()
+        finally:
+            _closed(self)
+
+
+def _closed(stream: _PlainStream | _SpeculativeStream) -> None:
+    """Tell the provider once that this stream no longer holds a slot (``max_inflight``)."""
+    on_close, stream.on_close = stream.on_close, None
+    if on_close is not None:
+        on_close()
 
 
 class _PlainStream(ChatStream):
     """The large model's own stream, passed through, with the stats saying why."""
+
+    on_close: Callable[[], None] | None = None
 
     def __init__(self, inner: ChatStream, stats: SpeculationStats) -> None:
         super().__init__()
@@ -418,4 +454,7 @@ class _PlainStream(ChatStream):
         return await self._inner.__anext__()
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        try:
+            await self._inner.aclose()
+        finally:
+            _closed(self)

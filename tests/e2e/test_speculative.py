@@ -355,3 +355,21 @@ async def test_vllm_sampling_fields_the_loop_does_not_reproduce_go_plain(
     # at their defaults they do not stop speculation
     defaults = await spec.complete(_body(_PROMPTS[0], max_tokens=8, min_tokens=0, ignore_eos=False))
     assert not defaults.speculation.fallback_to_plain  # type: ignore[attr-defined]
+
+
+async def test_max_inflight_speculates_only_while_the_large_model_has_room(pair: tuple[Provider, Provider]) -> None:
+    spec = _spec(pair, max_inflight=1)
+    await spec.check_pair()
+    body = _body(_PROMPTS[0], max_tokens=24)
+    first, second = await asyncio.gather(spec.complete(body), spec.complete(body))
+    reasons = sorted(str(c.speculation.fallback_reason) for c in (first, second))  # type: ignore[attr-defined]
+    assert reasons == ["None", "busy"]
+    assert _answer(first) == _answer(second)  # the busy one is the large model's own answer
+    _, stream = await _stream(spec, body)  # alone again: speculates, and its slot is given back on close
+    assert not stream.speculation.fallback_to_plain
+    assert spec._inflight == 0
+    plain_stream = await spec.open_stream({**body, "stream": True, "min_tokens": 5})
+    assert spec._inflight == 1
+    await plain_stream.aclose()
+    await plain_stream.aclose()  # closing twice gives the slot back once
+    assert spec._inflight == 0
