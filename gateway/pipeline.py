@@ -403,15 +403,16 @@ class ChatPipeline:
         judge_model = plan.learning.judge or large
         if other not in x.runtime.providers or judge_model not in x.runtime.providers:
             return
-        ask, body = self._asker(x), _unstreamed(x.body)
-        request_text = "\n\n".join(
-            f"{m.get('role', 'user')}: {message_text(m)}" for m in x.body.get("messages", ()) if isinstance(m, dict)
-        )
+        ask, body = self._asker(x), x.body
 
         async def ask_other() -> tuple[str, float]:
-            return await ask((other,), {**body, "model": other})
+            return await ask((other,), {**_unstreamed(body), "model": other})
 
         async def judge(small_answer: str, large_answer: str) -> tuple[str, float]:
+            # built only for the sampled few: most routed requests are never judged
+            request_text = "\n\n".join(
+                f"{m.get('role', 'user')}: {message_text(m)}" for m in body.get("messages", ()) if isinstance(m, dict)
+            )
             return await ask(
                 (judge_model,), shadow_judge_request(judge_model, request_text, small_answer, large_answer)
             )
