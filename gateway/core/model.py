@@ -36,8 +36,9 @@ FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "stop_s
 
 class TextPart(msgspec.Struct, frozen=True, tag="text"):
     text: str
-    cache_hint: bool = False
-    """The client marked this part as a prompt-cache breakpoint (Anthropic's ``cache_control``)."""
+    cache_control: dict[str, Any] | None = None
+    """The client marked this part as a prompt-cache breakpoint (Anthropic's ``cache_control``,
+    e.g. ``{"type": "ephemeral"}``): kept for Anthropic upstreams, not sent to others."""
 
 
 class ImagePart(msgspec.Struct, frozen=True, tag="image"):
@@ -74,6 +75,8 @@ class Tool(msgspec.Struct, frozen=True):
     parameters: dict[str, Any]
     """A JSON schema of the arguments."""
     description: str | None = None
+    cache_control: dict[str, Any] | None = None
+    """A prompt-cache breakpoint after the tool definitions (Anthropic)."""
 
 
 class ToolChoice(msgspec.Struct, frozen=True):

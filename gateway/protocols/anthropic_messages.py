@@ -73,6 +73,7 @@ class _Tool(_Wire):
     input_schema: dict[str, Any] | None = None
     description: str | None = None
     type: str | None = None
+    cache_control: dict[str, Any] | None = None
 
 
 class _ToolChoice(_Wire):
@@ -140,7 +141,7 @@ def _parts(content: str | list[_Block], where: str) -> tuple[Part, ...]:
         if block.type == "text":
             if block.text is None:
                 raise InvalidRequestError(f"{where}.{index}.text: Field required")
-            parts.append(TextPart(block.text, cache_hint=block.cache_control is not None))
+            parts.append(TextPart(block.text, cache_control=block.cache_control))
         elif block.type == "image":
             parts.append(ImagePart(_image_url(block, f"{where}.{index}")))
         elif block.type in ("thinking", "redacted_thinking"):
@@ -197,7 +198,7 @@ def _tool(tool: _Tool, where: str) -> Tool:
         raise InvalidRequestError(
             f"{where}: server tools ({tool.type or 'no input_schema'}) are not supported; give an input_schema"
         )
-    return Tool(tool.name, tool.input_schema, tool.description)
+    return Tool(tool.name, tool.input_schema, tool.description, tool.cache_control)
 
 
 def _choice(choice: _ToolChoice | None) -> ToolChoice | None:

@@ -22,6 +22,7 @@ from gateway.core.model import (
     Request,
     TextDelta,
     TextPart,
+    Tool,
     ToolArgumentsDelta,
     ToolCall,
     ToolCallStart,
@@ -53,13 +54,7 @@ def to_chat_body(request: Request) -> dict[str, Any]:
     if request.user is not None:
         body["user"] = request.user
     if request.tools:
-        body["tools"] = [
-            {
-                "type": "function",
-                "function": _drop_none({"name": t.name, "description": t.description, "parameters": t.parameters}),
-            }
-            for t in request.tools
-        ]
+        body["tools"] = [_tool(t) for t in request.tools]
         choice = request.tool_choice
         if choice is not None:
             if choice.mode == "tool":
@@ -79,17 +74,30 @@ def to_chat_body(request: Request) -> dict[str, Any]:
     return body
 
 
+def _tool(tool: Tool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "type": "function",
+        "function": _drop_none({"name": tool.name, "description": tool.description, "parameters": tool.parameters}),
+    }
+    if tool.cache_control is not None:
+        out["cache_control"] = tool.cache_control  # read by the Anthropic provider, removed for others
+    return out
+
+
+def _part(part: TextPart | ImagePart) -> dict[str, Any]:
+    if isinstance(part, ImagePart):
+        return {"type": "image_url", "image_url": {"url": part.url}}
+    if part.cache_control is not None:
+        return {"type": "text", "text": part.text, "cache_control": part.cache_control}
+    return {"type": "text", "text": part.text}
+
+
 def _message(message: Message) -> dict[str, Any]:
     if message.role == "tool":
         return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.text}
     out: dict[str, Any] = {"role": message.role}
-    if any(isinstance(part, ImagePart) for part in message.parts):
-        out["content"] = [
-            {"type": "text", "text": part.text}
-            if isinstance(part, TextPart)
-            else {"type": "image_url", "image_url": {"url": part.url}}
-            for part in message.parts
-        ]
+    if any(isinstance(part, ImagePart) or part.cache_control is not None for part in message.parts):
+        out["content"] = [_part(part) for part in message.parts]
     else:
         out["content"] = message.text if message.parts or not message.tool_calls else None
     if message.tool_calls:

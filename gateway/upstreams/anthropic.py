@@ -3,7 +3,8 @@
 Request (OpenAI → Anthropic, ``POST {base_url}/v1/messages``):
 
 - ``system`` and ``developer`` messages, wherever they are, become the top-level
-  ``system`` string (joined with a blank line).
+  ``system`` string (joined with a blank line), or its text blocks when a part carries
+  ``cache_control``; ``cache_control`` on content parts and on tools is passed on.
 - ``user`` / ``assistant`` messages become ``messages``; content is a string or a list
   of parts: ``text`` → text block, ``image_url`` → image block (``data:`` URLs as a
   base64 source, http(s) URLs as a url source). Consecutive messages of one role are
@@ -140,18 +141,22 @@ def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _translate_messages(messages: list[Any]) -> tuple[str, list[dict[str, Any]]]:
-    """Lift system text out; turn the rest into alternating user/assistant block lists."""
+def _translate_messages(messages: list[Any]) -> tuple[str | list[Block], list[dict[str, Any]]]:
+    """Lift system text out (as text blocks when the client marked cache breakpoints in it);
+    turn the rest into alternating user/assistant block lists."""
     system_parts: list[str] = []
+    system_blocks: list[Block] = []
     turns: list[tuple[str, list[Block]]] = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise InvalidRequestError(f"messages[{i}] must be an object", param="messages")
         role = message.get("role")
         if role in ("system", "developer"):
-            text = _plain_text(message.get("content"), i)
+            content = message.get("content")
+            text = _plain_text(content, i)
             if text:
                 system_parts.append(text)
+            system_blocks += _system_blocks(content, text)
             continue
         if role == "user":
             role, blocks = "user", _content_blocks(message.get("content"), i)
@@ -167,7 +172,24 @@ def _translate_messages(messages: list[Any]) -> tuple[str, list[dict[str, Any]]]
             turns[-1][1].extend(blocks)
         else:
             turns.append((role, blocks))
-    return "\n\n".join(system_parts), [{"role": role, "content": _compact(blocks)} for role, blocks in turns]
+    system: str | list[Block] = "\n\n".join(system_parts)
+    if any("cache_control" in block for block in system_blocks):
+        system = system_blocks
+    return system, [{"role": role, "content": _compact(blocks)} for role, blocks in turns]
+
+
+def _system_blocks(content: Any, text: str) -> list[Block]:
+    """A system message as text blocks, keeping each part's ``cache_control``."""
+    if not isinstance(content, list):
+        return [{"type": "text", "text": text}] if text else []
+    blocks: list[Block] = []
+    for part in content:
+        if part.get("text"):
+            block: Block = {"type": "text", "text": part["text"]}
+            if isinstance(part.get("cache_control"), dict):
+                block["cache_control"] = part["cache_control"]
+            blocks.append(block)
+    return blocks
 
 
 def _compact(blocks: list[Block]) -> str | list[Block]:
@@ -304,6 +326,8 @@ def _translate_tools(body: dict[str, Any]) -> dict[str, Any]:
             entry["description"] = function["description"]
         parameters = function.get("parameters")
         entry["input_schema"] = parameters if isinstance(parameters, dict) else {"type": "object", "properties": {}}
+        if isinstance(tool.get("cache_control"), dict):
+            entry["cache_control"] = tool["cache_control"]
         translated.append(entry)
     result: dict[str, Any] = {"tools": translated}
     tool_choice = _tool_choice(choice)

@@ -19,7 +19,7 @@ from gateway.upstreams.base import (
     usage_from,
 )
 
-__all__ = ["OpenAIProvider"]
+__all__ = ["OpenAIProvider", "without_cache_control"]
 
 
 class OpenAIProvider(Provider):
@@ -32,7 +32,7 @@ class OpenAIProvider(Provider):
         return headers
 
     async def complete(self, body: dict[str, Any]) -> Completion:
-        response = await self._post("chat/completions", body, self._headers(), stream=False)
+        response = await self._post("chat/completions", without_cache_control(body), self._headers(), stream=False)
         content = response.content
         data = decode_json_object(self.name, content)
         return Completion(body=content, usage=usage_from(data.get("usage")), text=_message_text(self.name, data))
@@ -62,7 +62,7 @@ class OpenAIProvider(Provider):
         if not (isinstance(options, dict) and options.get("include_usage")):
             # Ask for usage even when the client did not: it is the authoritative count.
             body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
-        response = await self._post("chat/completions", body, self._headers(), stream=True)
+        response = await self._post("chat/completions", without_cache_control(body), self._headers(), stream=True)
         return _OpenAIChatStream(self, response)
 
 
@@ -106,6 +106,40 @@ class _OpenAIChatStream(ChatStream):
 
     async def aclose(self) -> None:
         await self._response.aclose()
+
+
+def without_cache_control(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` without Anthropic's ``cache_control`` on content parts and tools (OpenAI-compatible
+    servers do not define it; some refuse it). The same object when there is none, which is
+    the common case: plain string contents are not looked into."""
+    messages = body.get("messages")
+    tools = body.get("tools")
+    marked_tools = isinstance(tools, list) and any(isinstance(t, dict) and "cache_control" in t for t in tools)
+    marked_messages = isinstance(messages, list) and any(
+        isinstance(m, dict)
+        and isinstance(content := m.get("content"), list)
+        and any(isinstance(p, dict) and "cache_control" in p for p in content)
+        for m in messages
+    )
+    if not (marked_tools or marked_messages):
+        return body
+    out = dict(body)
+    if marked_tools:
+        out["tools"] = [_unmarked(t) for t in tools]  # type: ignore[union-attr]
+    if marked_messages:
+        out["messages"] = [
+            {**m, "content": [_unmarked(p) for p in m["content"]]}
+            if isinstance(m, dict) and isinstance(m.get("content"), list)
+            else m
+            for m in messages  # type: ignore[union-attr]
+        ]
+    return out
+
+
+def _unmarked(item: Any) -> Any:
+    if isinstance(item, dict) and "cache_control" in item:
+        return {k: v for k, v in item.items() if k != "cache_control"}
+    return item
 
 
 def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import anthropic
@@ -9,6 +10,8 @@ import httpx
 import pytest
 from anthropic.types import MessageParam, TextBlockParam, ToolUnionParam
 
+from gateway.simulated import SimulatedUpstream
+from tests.conftest import upstream_stats
 from tests.gateway_process import GatewayProcess
 
 
@@ -146,3 +149,63 @@ def test_count_tokens(claude: anthropic.Anthropic) -> None:
         model="fast", system="You are terse.", messages=[{"role": "user", "content": "hi " * 50}]
     )
     assert 0 < short.input_tokens < longer.input_tokens
+
+
+def _claude_code_body(model: str) -> dict[str, object]:
+    return {
+        "model": model,
+        "max_tokens": 64,
+        "system": [
+            {"type": "text", "text": "You are Claude Code."},
+            {"type": "text", "text": "Project rules: be brief.", "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+        ],
+        "tools": [
+            {
+                "name": "read_file",
+                "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}},
+                "cache_control": {"type": "ephemeral"},
+            }
+        ],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Here is the repo layout."},
+                    {"type": "text", "text": "What does main.py do?", "cache_control": {"type": "ephemeral"}},
+                ],
+            }
+        ],
+    }
+
+
+def test_cache_control_reaches_an_anthropic_upstream_as_the_client_wrote_it(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    response = httpx.post(f"{gateway.base_url}/messages", json=_claude_code_body("claude"),
+                          headers={"x-api-key": "sk-unused", "anthropic-version": "2023-06-01"}, timeout=15)  # fmt: skip
+    assert response.status_code == 200, response.text
+    sent = upstream_stats(large_upstream)["last_request"]
+    assert sent["path"] == "/v1/messages"
+    body = sent["body"]
+    assert body["system"] == [
+        {"type": "text", "text": "You are Claude Code."},
+        {"type": "text", "text": "Project rules: be brief.", "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+    ]
+    assert body["tools"][0]["cache_control"] == {"type": "ephemeral"}
+    assert body["messages"][0]["content"][1] == {
+        "type": "text", "text": "What does main.py do?", "cache_control": {"type": "ephemeral"},
+    }  # fmt: skip
+
+
+def test_cache_control_is_not_sent_to_an_openai_compatible_upstream(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    response = httpx.post(f"{gateway.base_url}/messages", json=_claude_code_body("fast"),
+                          headers={"x-api-key": "sk-unused"}, timeout=15)  # fmt: skip
+    assert response.status_code == 200, response.text
+    sent = upstream_stats(small_upstream)["last_request"]
+    assert sent["path"] == "/v1/chat/completions"
+    assert "cache_control" not in json.dumps(sent["body"])
+    assert [p["text"] for p in sent["body"]["messages"][1]["content"]] == [
+        "Here is the repo layout.", "What does main.py do?",
+    ]  # fmt: skip

@@ -31,7 +31,7 @@ def test_tool_results_come_first_as_tool_messages_then_the_rest_of_the_turn() ->
     )  # fmt: skip
     roles = [m.role for m in request.messages]
     assert roles == ["system", "user", "assistant", "tool", "user"]
-    assert request.messages[0].parts == (TextPart("be brief", cache_hint=True),)
+    assert request.messages[0].parts == (TextPart("be brief", cache_control={"type": "ephemeral"}),)
     assert request.messages[2].tool_calls == (ToolCall("t1", "w", '{"city": "Oslo"}'),)
     assert request.messages[3].tool_call_id == "t1" and request.messages[3].text == "-3C"
     body = openai_chat.to_chat_body(request)
