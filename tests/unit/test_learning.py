@@ -112,3 +112,17 @@ def test_building_the_cli_does_not_import_prometheus_before_serve_sets_its_multi
 
     code = "import sys, gateway.cli; sys.exit('prometheus_client' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_router_command_says_what_is_missing(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.cli import main
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert main(["router", "status", "--tenant", "a"]) == 1
+    assert "REDIS_URL" in capsys.readouterr().err
+    assert main(["router", "learn", "--redis", "redis://127.0.0.1:9"]) == 1
+    assert main(["router", "learn", "--global", "--redis", "redis://127.0.0.1:9"]) == 1
+    assert main(["router", "learn", "--tenant", "a", "--tenant", "b", "--redis", "redis://127.0.0.1:9"]) == 1
+    assert "exactly one --tenant" in capsys.readouterr().err
