@@ -81,6 +81,18 @@ class SpeculationPolicy(_Struct, frozen=True, kw_only=True):
     draft_timeout_ms: Annotated[int, Meta(ge=10, le=60_000)] = 1000
     """Each draft call's own deadline: a slow or hung draft server costs a request this much
     (the answer then finishes on the large model), not the draft model's first-byte timeout."""
+    server_defaults: dict[
+        Literal[
+            "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"
+        ],
+        float,
+    ] = {}
+    """The large server's own defaults for sampling fields a request leaves unset (vLLM's
+    ``--generation-config auto`` takes them from the model's generation_config.json, e.g.
+    Qwen2.5: temperature 0.7, top_p 0.8, repetition_penalty 1.05). The loop decides with
+    them as the server would decode: a request that then needs a penalty or top-p goes
+    plain, and an unset temperature is the server's, not 1.0. Declare them, or start vLLM
+    with ``--generation-config vllm`` and leave this empty."""
     max_inflight: Annotated[int, Meta(ge=1)] | None = None
     """Speculate only while at most this many requests to this model are in flight through
     this gateway process, this one included (speculation pays when the large model's batch

@@ -172,12 +172,12 @@ class SpeculativeProvider(Provider):
             self._inflight -= 1
 
     async def _complete(self, body: dict[str, Any]) -> Completion:
-        reason = await self._plain_reason(body)
+        reason = await self._plain_reason(self._as_served(body))
         if reason is not None:
             completion = await self.target.complete(body)
             stats = self._plain_stats(reason)
             return SpeculativeCompletion(completion.body, completion.usage, completion.text, speculation=stats)
-        run = await self._start(body, streaming=False)
+        run = await self._start(self._as_served(body), streaming=False)
         try:
             async with asyncio.timeout(self.config.timeouts.total):
                 text = [piece async for piece in run.pieces()]
@@ -213,18 +213,27 @@ class SpeculativeProvider(Provider):
     async def open_stream(self, body: dict[str, Any]) -> ChatStream:
         self._inflight += 1
         try:
-            reason = await self._plain_reason(body)
+            reason = await self._plain_reason(self._as_served(body))
             stream: _PlainStream | _SpeculativeStream
             if reason is not None:
                 stream = _PlainStream(await self.target.open_stream(body), self._plain_stats(reason))
             else:
-                run = await self._start(body, streaming=True)
+                run = await self._start(self._as_served(body), streaming=True)
                 stream = _SpeculativeStream(run, body.get("model", self.upstream_model), self.config.timeouts.total)
         except BaseException:
             self._inflight -= 1
             raise
         stream.on_close = self._stream_closed
         return stream
+
+    def _as_served(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` with the sampling fields it leaves unset as the large server fills them in
+        (``server_defaults``): what the loop must reproduce. Plain requests still go out as sent."""
+        defaults = self.policy.server_defaults
+        if not defaults:
+            return body
+        unset: dict[str, float] = {name: value for name, value in defaults.items() if body.get(name) is None}
+        return {**body, **unset} if unset else body
 
     def _stream_closed(self) -> None:
         self._inflight -= 1

@@ -83,6 +83,16 @@ def server_root(client: httpx.AsyncClient) -> str:
     return base + "/"
 
 
+_NEUTRAL_SAMPLING: dict[str, float] = {
+    "top_p": 1.0,
+    "top_k": -1,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
+
+
 class TokenAPI:
     """The token-level calls of one server, through its provider's pooled client and error mapping."""
 
@@ -185,6 +195,9 @@ class TokenAPI:
             "temperature": temperature,
             "return_tokens_as_token_ids": True,
             "skip_special_tokens": False,
+            # every sampling field explicit: a server's generation-config defaults must not
+            # reach the loop's own calls (its tokens would not be the distribution it checks)
+            **_NEUTRAL_SAMPLING,
         }
         if logprobs is not None:
             payload["logprobs"] = logprobs

@@ -373,3 +373,71 @@ async def test_max_inflight_speculates_only_while_the_large_model_has_room(pair:
     await plain_stream.aclose()
     await plain_stream.aclose()  # closing twice gives the slot back once
     assert spec._inflight == 0
+
+
+@pytest.fixture(scope="module")
+def greedy_by_default() -> Iterator[ToyServer]:
+    """A large server whose generation config makes unset temperature greedy (vLLM --generation-config auto)."""
+    server = start_toy_server(role="large", eos_rate=0.03, default_temperature=0.0)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def penalised_by_default() -> Iterator[ToyServer]:
+    """A large server whose generation config sets repetition_penalty (Qwen2.5-style)."""
+    server = start_toy_server(role="large", eos_rate=0.03, default_repetition_penalty=1.3)
+    yield server
+    server.stop()
+
+
+async def _with_large(
+    server: ToyServer, small: ToyServer, **policy: Any
+) -> tuple[SpeculativeProvider, Provider, Provider]:
+    target, draft = _provider("large", server), _provider("small", small, "small")
+    spec = SpeculativeProvider(target, draft, SpeculationPolicy(mode="gateway", draft="small", **policy))
+    await spec.check_pair()
+    return spec, target, draft
+
+
+async def test_an_unset_temperature_is_the_servers_default_not_one(
+    greedy_by_default: ToyServer, small: ToyServer
+) -> None:
+    spec, target, draft = await _with_large(greedy_by_default, small, server_defaults={"temperature": 0.0})
+    try:
+        for prompt in _PROMPTS[:6]:
+            body = {
+                "model": "large",
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 40,
+            }  # no temperature
+            own = _answer(await target.complete(body))  # what the server itself answers: greedy
+            got = await spec.complete(body)
+            assert _answer(got) == own
+            assert got.speculation.sampling == "greedy" and not got.speculation.fallback_to_plain  # type: ignore[attr-defined]
+    finally:
+        await target.aclose()
+        await draft.aclose()
+
+
+async def test_a_server_default_penalty_sends_the_request_down_the_plain_path(
+    penalised_by_default: ToyServer, small: ToyServer
+) -> None:
+    spec, target, draft = await _with_large(penalised_by_default, small, server_defaults={"repetition_penalty": 1.3})
+    try:
+        body = _body(_PROMPTS[3], max_tokens=60)
+        own = _answer(await target.complete(body))  # the server applies its penalty
+        got = await spec.complete(body)
+        assert _answer(got) == own
+        assert got.speculation.fallback_reason == "unsupported_penalties"  # type: ignore[attr-defined]
+        # the loop's own calls carry every sampling field, so a server default never reaches them
+        undeclared, target2, draft2 = await _with_large(penalised_by_default, small)
+        try:
+            penalty_free = await undeclared.complete(body)
+            assert not penalty_free.speculation.fallback_to_plain  # type: ignore[attr-defined]
+        finally:
+            await target2.aclose()
+            await draft2.aclose()
+    finally:
+        await target.aclose()
+        await draft.aclose()

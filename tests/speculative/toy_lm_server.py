@@ -138,6 +138,10 @@ class Settings:
     max_model_len: int = 4096
     max_logprobs: int = 20
     model_name: str = "toy"
+    default_temperature: float = 1.0
+    """What a request that leaves ``temperature`` unset gets (vLLM: the model's generation_config)."""
+    default_repetition_penalty: float = 1.0
+    """Likewise for ``repetition_penalty`` (Qwen2.5 ships 1.05)."""
 
 
 @dataclass(slots=True)
@@ -248,6 +252,18 @@ def _perturb(settings: Settings, key: tuple[int, int, int], target: np.ndarray) 
     return logits
 
 
+def _penalized(logits: np.ndarray, seen: list[int], penalty: float) -> np.ndarray:
+    """vLLM's repetition penalty: logits of tokens already in the sequence divided by it when
+    positive, multiplied when negative (applied when sampling, not to prompt logprobs)."""
+    if penalty == 1.0 or not seen:
+        return logits
+    out = logits.copy()
+    ids = np.unique(np.asarray(seen))
+    values = out[ids]
+    out[ids] = np.where(values > 0, values / penalty, values * penalty)
+    return out
+
+
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max()
     log_probs: np.ndarray = shifted - math.log(float(np.exp(shifted).sum()))
@@ -331,6 +347,7 @@ class _Request:
     as_ids: bool
     bias: dict[int, float]
     rng: random.Random
+    repetition_penalty: float = 1.0
 
 
 def _parse_completion(state: State, tokenizer: Tokenizer, body: dict[str, Any]) -> _Request:
@@ -352,12 +369,13 @@ def _parse_completion(state: State, tokenizer: Tokenizer, body: dict[str, Any]) 
     return _Request(
         prompt=prompt,
         max_tokens=min(max_tokens, room),
-        temperature=float(body.get("temperature", 1.0)),
+        temperature=float(body.get("temperature", state.settings.default_temperature)),
         logprobs=body.get("logprobs"),
         prompt_logprobs=body.get("prompt_logprobs"),
         as_ids=bool(body.get("return_tokens_as_token_ids")),
         bias={int(k): float(v) for k, v in (body.get("logit_bias") or {}).items()},
         rng=random.Random(seed) if seed is not None else random.Random(),
+        repetition_penalty=float(body.get("repetition_penalty", state.settings.default_repetition_penalty)),
     )
 
 
@@ -411,7 +429,7 @@ async def _generate(state: State, req: _Request, on_token: Any = None) -> tuple[
     for step in range(req.max_tokens):
         if step:
             await clock.forward(0)
-        logits = _target_logits(state, seq)
+        logits = _penalized(_target_logits(state, seq), seq, req.repetition_penalty)
         token = _choose(logits, req.temperature, req.rng, req.bias)
         tokens.append(token)
         logprobs.append(_log_softmax(logits))
@@ -527,8 +545,9 @@ def build_app(settings: Settings) -> web.Application:
         stops = [stops] if isinstance(stops, str) else list(stops)
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or settings.max_model_len
         req = _Request(prompt, min(int(max_tokens), settings.max_model_len - len(prompt)),
-                       float(body.get("temperature", 1.0)), None, None, False, {},
-                       random.Random(body.get("seed")))  # fmt: skip
+                       float(body.get("temperature", settings.default_temperature)), None, None, False, {},
+                       random.Random(body.get("seed")),
+                       float(body.get("repetition_penalty", settings.default_repetition_penalty)))  # fmt: skip
         tokens, text, finish = await _chat_generate(state, tokenizer, req, stops)
         usage = {"prompt_tokens": len(prompt), "completion_tokens": len(tokens),
                  "total_tokens": len(prompt) + len(tokens)}  # fmt: skip
@@ -587,7 +606,9 @@ async def _chat_generate(
     for step in range(req.max_tokens):
         if step:
             await clock.forward(0)
-        token = _choose(_target_logits(state, seq), req.temperature, req.rng, {})
+        token = _choose(
+            _penalized(_target_logits(state, seq), seq, req.repetition_penalty), req.temperature, req.rng, {}
+        )
         tokens.append(token)
         seq.append(token)
         if token == EOS:
@@ -619,12 +640,15 @@ def _parse_args(argv: list[str]) -> tuple[Settings, int]:
     parser.add_argument("--tokenizer-variant", type=int, default=0)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--max-logprobs", type=int, default=20)
+    parser.add_argument("--default-temperature", type=float, default=1.0)
+    parser.add_argument("--default-repetition-penalty", type=float, default=1.0)
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
     settings = Settings(
         role=args.role, agreement=args.agreement, seed=args.seed, eos_rate=args.eos_rate, pass_ms=args.pass_ms,
         prefill_ms_per_token=args.prefill_ms_per_token, tokenizer_variant=args.tokenizer_variant,
         max_model_len=args.max_model_len, max_logprobs=args.max_logprobs, model_name=f"toy-{args.role}",
+        default_temperature=args.default_temperature, default_repetition_penalty=args.default_repetition_penalty,
     )  # fmt: skip
     return settings, args.port
 
