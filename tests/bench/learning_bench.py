@@ -4,8 +4,8 @@ Run: ``python -m tests.bench.learning_bench [--out FILE]`` (a few minutes on 2 c
 
 Set-up: a real Redis 8, a gateway process, two simulated upstreams. The small one has a
 hidden weakness (``--weak-on``, gateway/simulated/quality.py): it answers badly whenever
-the prompt mentions one of :data:`WEAK_ON` (workplace mail and money matters, ~21 % of
-the prompts below, mostly ones the shipped router calls easy). The router is not told.
+the prompt mentions one of :data:`WEAK_ON` (workplace mail and money matters, 19 % of the fresh
+prompts below, mostly ones the shipped router calls easy). The router is not told.
 Route ``smart`` learns by shadow judging every answer (``shadow_share: 1``; the simulated
 judge sees the weakness in the small model's answer), route ``probe`` only reads scores.
 
