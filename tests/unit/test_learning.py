@@ -126,3 +126,14 @@ def test_the_router_command_says_what_is_missing(
     assert main(["router", "learn", "--global", "--redis", "redis://127.0.0.1:9"]) == 1
     assert main(["router", "learn", "--tenant", "a", "--tenant", "b", "--redis", "redis://127.0.0.1:9"]) == 1
     assert "exactly one --tenant" in capsys.readouterr().err
+
+
+def test_a_request_labelled_twice_counts_once_by_its_last_label() -> None:
+    import msgspec
+
+    examples = _examples(200, rule=True)
+    flipped = [msgspec.structs.replace(e, needed_large=not e.needed_large, at=e.at + 1000) for e in examples]
+    _, once = fit_candidate(examples, None)
+    _, relabelled = fit_candidate(examples + flipped, None)  # every request relabelled the other way, later
+    assert relabelled.held_out == once.held_out and relabelled.trained_on == once.trained_on
+    assert relabelled.current_apgr != once.current_apgr  # judged on the flipped labels only
