@@ -78,6 +78,13 @@ class SpeculationPolicy(_Struct, frozen=True, kw_only=True):
     """``k_min <= k_initial <= k_max``, all from 1 to 64."""
     sampling: Literal["speculative", "plain"] = "speculative"
     """With temperature > 0: speculative sampling from returned logprobs, or plain decoding on the large model."""
+    top_logprobs: Annotated[int, Meta(ge=1, le=1000)] = 20
+    """Logprobs asked per position for speculative sampling: as many as the server allows
+    (vLLM's ``--max-logprobs``, 20 by default)."""
+    max_uncovered_mass: Probability = 0.02
+    """Speculative sampling sees only the top ``top_logprobs`` of each distribution: when the
+    large model's leave more probability than this uncovered at a drafted position, the rest
+    of the answer is decoded plainly (its distribution would not be the large model's)."""
     draft_timeout_ms: Annotated[int, Meta(ge=10, le=60_000)] = 1000
     """Each draft call's own deadline: a slow or hung draft server costs a request this much
     (the answer then finishes on the large model), not the draft model's first-byte timeout."""

@@ -14,6 +14,7 @@ on the large model from exactly the accepted tokens: nothing repeated, nothing l
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -27,11 +28,10 @@ from gateway.speculative.drafts import Draft, DraftSource
 from gateway.speculative.eos import EosTable
 from gateway.speculative.sampling import verify_greedy, verify_sampled
 from gateway.speculative.stats import SpeculationStats
-from gateway.speculative.token_api import TokenAPI
+from gateway.speculative.token_api import Distribution, TokenAPI
 
-__all__ = ["TOP_N", "Decoder", "Step"]
+__all__ = ["Decoder", "Step"]
 
-TOP_N = 20
 """Logprobs asked for in speculative sampling: vLLM's default ``--max-logprobs``."""
 
 _log = structlog.get_logger("gateway.speculative")
@@ -58,6 +58,8 @@ class Decoder:
         *,
         temperature: float,
         seed: int | None = None,
+        top_n: int = 20,
+        max_uncovered_mass: float = 0.02,
     ) -> None:
         self._target = target
         self._draft = draft
@@ -67,6 +69,8 @@ class Decoder:
         self._temperature = temperature
         self._rng = random.Random(seed)
         self._seeded = seed is not None
+        self._top_n = top_n
+        self._max_uncovered = max_uncovered_mass
 
     async def run(self, prompt: Sequence[int], max_new: int) -> AsyncIterator[Step]:
         out: list[int] = []
@@ -87,7 +91,14 @@ class Decoder:
                         yield step
                     return
                 pending = None
-                step, verify_s = await self._verify(context, draft, remaining)
+                verified = await self._verify(context, draft, remaining)
+                if verified is None:
+                    _log.info("speculation_heavy_tail", at_token=len(out), top_n=self._top_n)
+                    self.stats.heavy_tail = True
+                    async for step in self._plain(context, remaining):
+                        yield step
+                    return
+                step, verify_s = verified
                 cpu = time.thread_time()
                 self.stats.output_tokens += len(step.tokens)
                 out.extend(step.tokens)
@@ -120,7 +131,7 @@ class Decoder:
         assert self._draft is not None
         started = time.perf_counter()
         draft = await self._draft.propose(
-            context, k, temperature=self._temperature, top_n=TOP_N, seed=self._next_seed()
+            context, k, temperature=self._temperature, top_n=self._top_n, seed=self._next_seed()
         )
         elapsed = time.perf_counter() - started
         if self._draft.costly:
@@ -128,7 +139,9 @@ class Decoder:
             self.stats.draft_ms += elapsed * 1000
         return draft, elapsed
 
-    async def _verify(self, context: list[int], draft: Draft, remaining: int) -> tuple[Step, float]:
+    async def _verify(self, context: list[int], draft: Draft, remaining: int) -> tuple[Step, float] | None:
+        """One round; None when the large model's distributions are not covered well enough
+        by the returned logprobs to sample from exactly (the caller decodes the rest plainly)."""
         sampled = self._temperature > 0
         # No draft (prompt lookup found nothing): plain decoding, k tokens in one call rather than one.
         burst = 1 if draft.tokens or self._draft is None or self._draft.costly else max(1, min(self._k.k, remaining))
@@ -138,7 +151,7 @@ class Decoder:
             burst,
             temperature=self._temperature,
             logprobs=1,
-            prompt_logprobs=(TOP_N if sampled else 1) if draft.tokens else None,
+            prompt_logprobs=(self._top_n if sampled else 1) if draft.tokens else None,
             prompt_tail=len(draft.tokens),
             seed=self._next_seed(),
         )
@@ -153,6 +166,8 @@ class Decoder:
             accepted, correction = 0, None
         elif sampled:
             assert generation.prompt_top is not None
+            if _uncovered(generation.prompt_top) > self._max_uncovered:
+                return None
             accepted, correction = verify_sampled(
                 draft.tokens, draft.dists, generation.prompt_top, self._temperature, self._rng
             )
@@ -200,6 +215,12 @@ class Decoder:
         return self._rng.getrandbits(31) if self._seeded else None
 
     _last_accepted: int = 0
+
+
+def _uncovered(dists: Sequence[Distribution | None]) -> float:
+    """The largest probability (at temperature 1: the logprobs are raw) that a position's
+    returned top logprobs leave out."""
+    return max((1.0 - sum(math.exp(lp) for lp in d.values()) for d in dists if d), default=0.0)
 
 
 def _retrieve(task: asyncio.Task[tuple[Draft, float]]) -> None:

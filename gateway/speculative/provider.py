@@ -274,6 +274,8 @@ class SpeculativeProvider(Provider):
                 return "sampling_plain"
             if body.get("top_p") not in (None, 1, 1.0) or body.get("top_k") not in (None, -1, 0) or body.get("min_p"):
                 return "unsupported_top_p"
+            if temperature > 1.0:  # the tail beyond the returned logprobs grows, and its size is unknown
+                return "unsupported_temperature_above_1"
         return await self._pair_ready()
 
     def _plain_stats(self, reason: str) -> SpeculationStats:
@@ -314,7 +316,15 @@ class SpeculativeProvider(Provider):
         )
         k = AdaptiveK(self.policy.k_initial, self.policy.k_min, self.policy.k_max, prior_alpha=self._alpha)
         decoder = Decoder(
-            self._target_api, self._draft_source(), self._eos, k, stats, temperature=temperature, seed=body.get("seed")
+            self._target_api,
+            self._draft_source(),
+            self._eos,
+            k,
+            stats,
+            temperature=temperature,
+            seed=body.get("seed"),
+            top_n=self.policy.top_logprobs,
+            max_uncovered_mass=self.policy.max_uncovered_mass,
         )
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else list(stop or [])

@@ -29,6 +29,8 @@ class SpeculationStats:
     fallback_reason: str | None = None
     draft_failed: bool = False
     """The draft server failed mid-answer; the rest came from the large model alone."""
+    heavy_tail: bool = False
+    """The large model's returned logprobs left too much mass uncovered; the rest was decoded plainly."""
     eos_probes: int = 0
     draft_ms: float = 0.0
     """Wall time of the draft calls (the part on the critical path: prefetched drafts overlap the gateway's work)."""

@@ -145,14 +145,19 @@ def _row_line(row: dict[str, Any], book: float | None, book_speedup: float | Non
     )
 
 
-def _policy(k: int | None) -> SpeculationPolicy:
+def _policy(k: int | None, top_logprobs: int = 20) -> SpeculationPolicy:
     if k is None:
-        return SpeculationPolicy(mode="gateway", draft="small", k_initial=4, k_min=1, k_max=8)
-    return SpeculationPolicy(mode="gateway", draft="small", k_initial=k, k_min=k, k_max=k)
+        return SpeculationPolicy(
+            mode="gateway", draft="small", k_initial=4, k_min=1, k_max=8, top_logprobs=top_logprobs
+        )
+    return SpeculationPolicy(mode="gateway", draft="small", k_initial=k, k_min=k, k_max=k, top_logprobs=top_logprobs)
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    large_server = start_toy_server(role="large", pass_ms=args.large_ms, prefill_ms_per_token=args.large_prefill_ms)
+    # 100 logprobs per position (vLLM --max-logprobs 100) cover the toy's 72 tokens: exact speculative sampling
+    large_server = start_toy_server(
+        role="large", pass_ms=args.large_ms, prefill_ms_per_token=args.large_prefill_ms, max_logprobs=100
+    )
     servers = [large_server]
     target = _provider("large", large_server, "large")
     c = args.small_ms / args.large_ms
@@ -166,7 +171,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
               f"{'accept':>6} {'a_hat':>6} {'tok/rnd':>7} {'book':>5} {'gap':>6} {'cpu/rnd':>8} {'loop':>6} {'draft':>6} {'verify':>6} {'round':>6} {'sim':>5}")  # fmt: skip
         for alpha in args.alphas:
             small_server = start_toy_server(role="small", agreement=alpha, pass_ms=args.small_ms,
-                                            prefill_ms_per_token=args.small_prefill_ms)  # fmt: skip
+                                            prefill_ms_per_token=args.small_prefill_ms, max_logprobs=100)  # fmt: skip
             servers.append(small_server)
             draft = _provider("small", small_server, "small")
             try:
@@ -184,7 +189,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                     print(_row_line(row, book, book_speedup))
                 if alpha == args.sampling_alpha:
                     plain_t = await _plain(target, prompts, args.max_tokens, temperature=1.0)
-                    spec_t = await _speculative(target, draft, _policy(None), prompts, args.max_tokens, temperature=1.0)
+                    spec_t = await _speculative(
+                        target, draft, _policy(None, top_logprobs=80), prompts, args.max_tokens, temperature=1.0
+                    )
                     spec_t.update(speedup=spec_t["tokens_per_s"] / plain_t["tokens_per_s"], plain=plain_t, alpha=alpha)
                     results["sampling"] = spec_t
                     print(f"temperature 1, alpha {alpha}: speculative sampling {spec_t['tokens_per_s']:.1f} tok/s vs "

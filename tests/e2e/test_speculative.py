@@ -302,16 +302,43 @@ def test_speculative_sampling_preserves_the_target_distribution() -> None:
         assert counts[token] / trials == pytest.approx(prob, abs=0.01)
 
 
-async def test_sampled_requests_use_speculative_sampling(pair: tuple[Provider, Provider]) -> None:
-    spec = _spec(pair)
-    for seed in range(6):
-        body = {**_body(_PROMPTS[seed], max_tokens=30), "temperature": 1.0, "seed": seed}
-        completion = await spec.complete(body)
-        _text, finish, count = _answer(completion)
-        stats = completion.speculation  # type: ignore[attr-defined]
-        assert stats.sampling == "speculative" and not stats.fallback_to_plain
-        assert count <= 30 and finish in ("stop", "length")
-        assert stats.rounds >= 1 and stats.accepted <= stats.drafted
+@pytest.fixture(scope="module")
+def wide_pair() -> Iterator[tuple[ToyServer, ToyServer]]:
+    """Servers that return up to 100 logprobs (vLLM --max-logprobs 100): enough for the toy's 72 tokens."""
+    large = start_toy_server(role="large", eos_rate=0.03, max_logprobs=100)
+    small = start_toy_server(role="small", agreement=0.8, max_logprobs=100)
+    yield large, small
+    large.stop()
+    small.stop()
+
+
+async def test_sampled_requests_use_speculative_sampling(wide_pair: tuple[ToyServer, ToyServer]) -> None:
+    target, draft = _provider("large", wide_pair[0]), _provider("small", wide_pair[1], "small")
+    try:
+        spec = _spec((target, draft), top_logprobs=80)  # the whole vocabulary: exact speculative sampling
+        for seed in range(6):
+            body = {**_body(_PROMPTS[seed], max_tokens=30), "temperature": 1.0, "seed": seed}
+            completion = await spec.complete(body)
+            _text, finish, count = _answer(completion)
+            stats = completion.speculation  # type: ignore[attr-defined]
+            assert stats.sampling == "speculative" and not stats.fallback_to_plain and not stats.heavy_tail
+            assert count <= 30 and finish in ("stop", "length")
+            assert stats.rounds >= 1 and stats.accepted <= stats.drafted
+    finally:
+        await target.aclose()
+        await draft.aclose()
+
+
+async def test_a_heavy_tail_beyond_the_returned_logprobs_ends_speculation(pair: tuple[Provider, Provider]) -> None:
+    """The toy's 20 most likely of 72 tokens leave ~15 % of the mass out: sampling from them would
+    not be the large model's distribution, so after the first round the answer is decoded plainly."""
+    spec = _spec(pair)  # top_logprobs 20, max_uncovered_mass 0.02
+    body = {**_body(_PROMPTS[0], max_tokens=30), "temperature": 1.0, "seed": 1}
+    completion = await spec.complete(body)
+    stats = completion.speculation  # type: ignore[attr-defined]
+    assert stats.heavy_tail and stats.rounds == 1 and _answer(completion)[2] > 0
+    too_hot = await spec.complete({**body, "temperature": 1.3})
+    assert too_hot.speculation.fallback_reason == "unsupported_temperature_above_1"  # type: ignore[attr-defined]
 
 
 async def test_a_hung_draft_costs_one_draft_deadline_then_speculation_pauses(

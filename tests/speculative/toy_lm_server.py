@@ -142,6 +142,9 @@ class Settings:
     """What a request that leaves ``temperature`` unset gets (vLLM: the model's generation_config)."""
     default_repetition_penalty: float = 1.0
     """Likewise for ``repetition_penalty`` (Qwen2.5 ships 1.05)."""
+    flatness: float = 1.0
+    """Below 1, the target's word scores are scaled down: a heavy-tailed distribution that the
+    top 20 logprobs no longer cover."""
 
 
 @dataclass(slots=True)
@@ -221,7 +224,7 @@ def _target_logits(state: State, context: list[int]) -> np.ndarray:
     if cached is not None:
         return cached
     rng = np.random.default_rng([state.settings.seed, key[0] + 2, key[1] + 2, key[2]])
-    logits = rng.standard_normal(VOCAB) * 2.0
+    logits = rng.standard_normal(VOCAB) * 2.0 * state.settings.flatness
     logits[1:4] = -30.0
     if rng.random() < state.settings.eos_rate:
         logits[EOS] = logits.max() + 2.0
@@ -642,6 +645,7 @@ def _parse_args(argv: list[str]) -> tuple[Settings, int]:
     parser.add_argument("--max-logprobs", type=int, default=20)
     parser.add_argument("--default-temperature", type=float, default=1.0)
     parser.add_argument("--default-repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--flatness", type=float, default=1.0)
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
     settings = Settings(
@@ -649,6 +653,7 @@ def _parse_args(argv: list[str]) -> tuple[Settings, int]:
         prefill_ms_per_token=args.prefill_ms_per_token, tokenizer_variant=args.tokenizer_variant,
         max_model_len=args.max_model_len, max_logprobs=args.max_logprobs, model_name=f"toy-{args.role}",
         default_temperature=args.default_temperature, default_repetition_penalty=args.default_repetition_penalty,
+        flatness=args.flatness,
     )  # fmt: skip
     return settings, args.port
 
