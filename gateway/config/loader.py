@@ -94,6 +94,7 @@ def load_policy_text(
     policy, dropped = convert_policy(data, problems)
     digest = hashlib.sha256(text.encode())
     if policy is not None:
+        policy = _with_tokenizer_paths(policy, base_dir or Path("."), problems)
         key_path = key_file_path(policy, base_dir or Path("."))
         key_file = _read_key_file(key_path, environ, problems, notes) if key_path is not None else None
         if key_file is not None:
@@ -106,6 +107,21 @@ def load_policy_text(
         raise ConfigError(source, problems.messages)
     warnings = [*(notes or []), *_warnings(policy, environ)]
     return LoadedPolicy(policy, digest.hexdigest()[:12], source, warnings, frozenset(data))
+
+
+def _with_tokenizer_paths(policy: Policy, base_dir: Path, problems: Problems) -> Policy:
+    """``speculative.tokenizer`` paths made absolute (relative to the policy file), each checked to exist."""
+    models = dict(policy.models)
+    for name, model in policy.models.items():
+        given = model.speculative.tokenizer
+        if given is None:
+            continue
+        path = Path(given) if Path(given).is_absolute() else base_dir / given
+        if not path.is_file():
+            problems.add(("models", name, "speculative", "tokenizer"), f"no such file: {path}")
+        speculative = msgspec.structs.replace(model.speculative, tokenizer=str(path))
+        models[name] = msgspec.structs.replace(model, speculative=speculative)
+    return msgspec.structs.replace(policy, models=models) if models != policy.models else policy
 
 
 def load_keys(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> KeyRing:

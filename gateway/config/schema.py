@@ -107,6 +107,13 @@ class SpeculationPolicy(_Struct, frozen=True, kw_only=True):
     draft_cooldown_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
     """After a draft call fails or times out, requests skip speculation (plain decoding on the
     large model, no draft call) for this long; then speculation is tried again."""
+    tokenizer: str | None = None
+    """The pair's ``tokenizer.json`` (from the large model's Hugging Face files; relative paths
+    are read from the policy file's folder). With it, answers are detokenized as vLLM's chat
+    endpoint does (incrementally, special tokens skipped). Without it the text comes from
+    the large server's ``/detokenize``, and the pair speculates only if that endpoint leaves
+    text as the tokens spell it (tokenizers with ``clean_up_tokenization_spaces``, such as
+    Llama-3.1's, need this file)."""
 
 
 class ModelConfig(_Struct, frozen=True, kw_only=True):

@@ -60,6 +60,7 @@ class Decoder:
         seed: int | None = None,
         top_n: int = 20,
         max_uncovered_mass: float = 0.02,
+        scaled_by_server: tuple[bool, bool] = (False, False),
     ) -> None:
         self._target = target
         self._draft = draft
@@ -71,6 +72,8 @@ class Decoder:
         self._seeded = seed is not None
         self._top_n = top_n
         self._max_uncovered = max_uncovered_mass
+        self._scaled_by_server = scaled_by_server
+        """(target, draft): the server's logprobs come at the request's temperature, not raw."""
 
     async def run(self, prompt: Sequence[int], max_new: int) -> AsyncIterator[Step]:
         out: list[int] = []
@@ -169,7 +172,12 @@ class Decoder:
             if _uncovered(generation.prompt_top) > self._max_uncovered:
                 return None
             accepted, correction = verify_sampled(
-                draft.tokens, draft.dists, generation.prompt_top, self._temperature, self._rng
+                draft.tokens,
+                draft.dists,
+                generation.prompt_top,
+                self._temperature,
+                self._rng,
+                scaled_by_server=self._scaled_by_server,
             )
         else:
             assert generation.prompt_best is not None
@@ -218,8 +226,8 @@ class Decoder:
 
 
 def _uncovered(dists: Sequence[Distribution | None]) -> float:
-    """The largest probability (at temperature 1: the logprobs are raw) that a position's
-    returned top logprobs leave out."""
+    """The largest probability that a position's returned top logprobs leave out (at
+    temperature 1 when the logprobs are raw, at the request's when the server scaled them)."""
     return max((1.0 - sum(math.exp(lp) for lp in d.values()) for d in dists if d), default=0.0)
 
 

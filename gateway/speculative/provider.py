@@ -2,7 +2,7 @@
 
 It speaks the same OpenAI chat interface as any provider; inside, a request is
 tokenized with the large model's chat template, decoded by :class:`Decoder`, turned
-back into text by :class:`TextAssembler`, and shaped as ``chat.completion`` (or its
+back into text as vLLM would write it (:mod:`gateway.speculative.text`), and shaped as ``chat.completion`` (or its
 chunks). Requests the loop cannot reproduce exactly go to the large model as they are
 (``fallback_to_plain`` with a reason in the stats).
 """
@@ -15,10 +15,11 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import msgspec
 import structlog
+from tokenizers import Tokenizer
 
 from gateway.config.schema import SpeculationPolicy
 from gateway.errors import UpstreamError, UpstreamTimeoutError
@@ -28,7 +29,14 @@ from gateway.speculative.eos import EosTable
 from gateway.speculative.errors import PairMismatchError
 from gateway.speculative.loop import Decoder, Step
 from gateway.speculative.stats import SpeculationStats
-from gateway.speculative.text import TextAssembler
+from gateway.speculative.text import (
+    LocalTextAssembler,
+    ServerTextAssembler,
+    TextAssembler,
+    detokenize_is_faithful,
+    load_tokenizer,
+    tokenizer_matches_server,
+)
 from gateway.speculative.token_api import TokenAPI
 from gateway.upstreams.base import ChatStream, Completion, Provider, Usage
 
@@ -108,8 +116,13 @@ class SpeculativeProvider(Provider):
         self._target_api = TokenAPI(target)
         self._draft_api = TokenAPI(draft) if draft is not None else None
         self._eos = EosTable(eos_token_ids)
-        self._pair: bool | None = None if policy.draft_source == "model" else True
+        self._pair: bool | None = None
         self._pair_problem: str | None = None
+        self._refusal = "pair_refused"
+        self._tokenizer: Tokenizer | None = None
+        """The pair's own tokenizer (``speculative.tokenizer``); None: text from ``/detokenize``."""
+        self._scaled_by_server = (False, False)
+        """(target, draft) return logprobs at the request's temperature (vLLM V0) rather than raw."""
         self._check_lock: asyncio.Lock | None = None
         self._alpha = 0.7  # running acceptance across requests: the prior of each request's k controller
         self._draft_down_until = 0.0  # monotonic time until which requests skip speculation (draft_cooldown_s)
@@ -118,13 +131,21 @@ class SpeculativeProvider(Provider):
     # -- the pair check ------------------------------------------------------------
 
     async def check_pair(self) -> None:
-        """Compare both servers' tokenization of :data:`PROBE_TEXT`; raise :class:`PairMismatchError` if they differ.
+        """Find out whether and how this pair can speculate; raise :class:`PairMismatchError` if it cannot.
 
-        Transport and HTTP failures raise ``UpstreamError`` (the pair is then still unchecked).
+        Both servers must tokenize :data:`PROBE_TEXT` alike; the answer's text must be
+        reproducible as the large server's chat endpoint writes it; and each server's
+        logprobs are found to be raw or temperature-scaled. Transport and HTTP failures
+        raise ``UpstreamError`` (the pair is then still unchecked).
         """
-        if self.policy.draft_source != "model":
-            self._pair = True
-            return
+        if self.policy.draft_source == "model":
+            await self._check_vocabulary()
+        await self._check_text()
+        if self.policy.sampling == "speculative":
+            await self._check_logprobs()
+        self._pair, self._pair_problem = True, None
+
+    async def _check_vocabulary(self) -> None:
         if self._draft_api is None:
             self._refuse("draft_source 'model' needs a draft model, and none was given")
         assert self._draft_api is not None
@@ -140,10 +161,42 @@ class SpeculativeProvider(Provider):
                 f"({len(ours)} vs {len(theirs)} tokens, first difference at token {first}); "
                 "mode 'gateway' needs both servers to share one tokenizer (same model family and vocabulary)"
             )
-        self._pair, self._pair_problem = True, None
 
-    def _refuse(self, problem: str) -> None:
-        self._pair, self._pair_problem = False, problem
+    async def _check_text(self) -> None:
+        path = self.policy.tokenizer
+        if path is None:
+            if not await detokenize_is_faithful(self._target_api):
+                self._refuse(
+                    f"'{self.name}' answers /detokenize with text that is not the tokens' own (its tokenizer "
+                    "cleans up spaces), so answers could not be written as its chat endpoint writes them; "
+                    "set speculative.tokenizer to the model's tokenizer.json",
+                    reason="text_unfaithful",
+                )
+            return
+        try:
+            tokenizer = await asyncio.to_thread(load_tokenizer, path)
+        except Exception as exc:  # tokenizers raises bare Exceptions for unreadable files
+            self._refuse(f"speculative.tokenizer {path} could not be read: {exc}", reason="tokenizer_unreadable")
+        if not await tokenizer_matches_server(tokenizer, self._target_api, PROBE_TEXT):
+            self._refuse(
+                f"speculative.tokenizer {path} does not decode '{self.name}' token ids to that server's text "
+                "(another model's tokenizer?)",
+                reason="tokenizer_mismatch",
+            )
+        self._tokenizer = tokenizer
+
+    async def _check_logprobs(self) -> None:
+        prompt = (await self._target_api.tokenize_text(PROBE_TEXT))[:12]
+        apis = [self._target_api] + (
+            [self._draft_api] if self._draft_api and self.policy.draft_source == "model" else []
+        )
+        found = await asyncio.gather(*(api.logprobs_scaled(prompt) for api in apis))
+        self._scaled_by_server = (found[0], found[-1] if len(found) > 1 else False)
+        if any(found):
+            _log.info("speculation_logprobs_scaled", model=self.name, target=found[0], draft=self._scaled_by_server[1])
+
+    def _refuse(self, problem: str, *, reason: str = "pair_refused") -> NoReturn:
+        self._pair, self._pair_problem, self._refusal = False, problem, reason
         raise PairMismatchError(f"models.{self.name}.speculative", [problem])
 
     async def _pair_ready(self) -> str | None:
@@ -160,7 +213,7 @@ class SpeculativeProvider(Provider):
                     except UpstreamError as exc:
                         _log.warning("speculation_pair_unchecked", model=self.name, detail=exc.message)
                         return "pair_unchecked"
-        return None if self._pair else "pair_refused"
+        return None if self._pair else self._refusal
 
     # -- Provider ------------------------------------------------------------------
 
@@ -325,10 +378,15 @@ class SpeculativeProvider(Provider):
             seed=body.get("seed"),
             top_n=self.policy.top_logprobs,
             max_uncovered_mass=self.policy.max_uncovered_mass,
+            scaled_by_server=self._scaled_by_server,
         )
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        assembler = TextAssembler(self._target_api, stops, incremental=streaming)
+        assembler: TextAssembler = (
+            LocalTextAssembler(self._tokenizer, prompt, stops)
+            if self._tokenizer is not None
+            else ServerTextAssembler(self._target_api, stops, incremental=streaming)
+        )
         return _Run(self, prompt, max(0, max_new), decoder, assembler, stats, k)
 
     def _learn_alpha(self, k: AdaptiveK) -> None:

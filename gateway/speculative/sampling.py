@@ -9,6 +9,8 @@ servers only return the top-n logprobs per position (vLLM caps n at ``--max-logp
    the raw log-softmax and always include x). At another temperature T the scaled
    probabilities need the normaliser over the whole vocabulary; only the top-n are
    known, so they are renormalised over the returned tokens (the tail is dropped).
+   A server that returns logprobs already scaled (vLLM's V0 engine, or V1 with
+   ``--logprobs-mode processed_logprobs``) gives them exactly: ``scaled_by_server``.
 2. The residual is built from the target's top-n only: tokens outside it are never
    resampled (their residual mass is lost), and a target top-n token absent from the
    draft's top-n is taken as q = 0 (its residual slightly overstated).
@@ -51,14 +53,21 @@ def verify_sampled(
     target_dists: Sequence[Distribution | None],
     temperature: float,
     rng: random.Random,
+    *,
+    scaled_by_server: tuple[bool, bool] = (False, False),
 ) -> tuple[int, int | None]:
-    """Accepted count and, on a rejection, the token resampled from the residual."""
+    """Accepted count and, on a rejection, the token resampled from the residual.
+
+    ``scaled_by_server``: (target, draft) return logprobs at the request's temperature already.
+    """
+    target_t = 1.0 if scaled_by_server[0] else temperature
+    draft_t = 1.0 if scaled_by_server[1] else temperature
     for i, token in enumerate(draft):
         target = target_dists[i]
         if target is None:
             return i, None
-        p = scaled(target, temperature)
-        q = scaled(draft_dists[i], temperature) if draft_dists is not None else {token: 1.0}
+        p = scaled(target, target_t)
+        q = scaled(draft_dists[i], draft_t) if draft_dists is not None else {token: 1.0}
         p_x, q_x = p.get(token, 0.0), q.get(token, 0.0)
         if q_x > 0.0 and rng.random() < min(1.0, p_x / q_x):
             continue

@@ -7,6 +7,7 @@ prompt given as token ids. Token ids come back as ``"token_id:123"`` strings whe
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -157,6 +158,22 @@ class TokenAPI:
             generation.prompt_top, generation.prompt_best = _prompt_tables(tail, prompt_logprobs > 1)
         return generation
 
+    async def logprobs_scaled(self, prompt: Sequence[int]) -> bool:
+        """Whether this server returns logprobs after temperature scaling (vLLM's V0 engine, or V1
+        started with ``--logprobs-mode processed_logprobs``) rather than raw (V1's default).
+
+        The same prompt at two temperatures: raw logprobs do not change, scaled ones do.
+        """
+        cold, warm = await asyncio.gather(
+            *(
+                self.generate(prompt, 1, temperature=t, logprobs=5, prompt_logprobs=5, prompt_tail=1, seed=0)
+                for t in (0.5, 1.0)
+            )
+        )
+        pairs = list(zip((cold.prompt_top or [None])[-1:], (warm.prompt_top or [None])[-1:], strict=True))
+        pairs += list(zip(cold.top or [], warm.top or [], strict=False))[:1]
+        return any(_moved(a, b) for a, b in pairs if a and b)
+
     async def stream_generate(
         self, prompt: Sequence[int], max_tokens: int, *, temperature: float, seed: int | None = None
     ) -> AsyncIterator[Generation]:
@@ -239,6 +256,10 @@ def _token_id(upstream: str, token: str) -> int:
     raise UpstreamProtocolError(
         upstream, f"token {token!r} is not 'token_id:N' (is return_tokens_as_token_ids supported?)"
     )
+
+
+def _moved(a: Distribution, b: Distribution) -> bool:
+    return any(abs(a[token] - b[token]) > 1e-3 for token in a.keys() & b.keys())
 
 
 def _prompt_tables(

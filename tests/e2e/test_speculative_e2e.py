@@ -14,6 +14,7 @@ from gateway.services.redis_server import EmbeddedRedis
 from tests.conftest import closed_after_test
 from tests.gateway_process import GatewayProcess, start_gateway
 from tests.speculative.servers import ToyServer, start_toy_server
+from tests.speculative.toy_lm_server import write_tokenizer_json
 
 PROMPTS = ["tell me about the way it was", "write some long word and then see", "it is what it is"]
 
@@ -30,7 +31,7 @@ models:
     base_url: {large.base_url}
     price: {{input: 2, output: 6}}
     tier: large
-    speculative: {{mode: gateway, draft: small, k_initial: 4, k_min: 1, k_max: 8}}
+    speculative: {{mode: gateway, draft: small, k_initial: 4, k_min: 1, k_max: 8, tokenizer: tokenizer.json}}
   large-plain:
     base_url: {large.base_url}
     upstream_model: large
@@ -45,7 +46,8 @@ cache: {{enabled: false}}
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[tuple[ToyServer, ToyServer]]:
-    large, small = start_toy_server(role="large", eos_rate=0.03), start_toy_server(role="small", agreement=0.8)
+    large = start_toy_server(role="large", eos_rate=0.03, special_rate=0.03, cleanup=1)
+    small = start_toy_server(role="small", agreement=0.8)
     yield large, small
     large.stop()
     small.stop()
@@ -55,9 +57,9 @@ def servers() -> Iterator[tuple[ToyServer, ToyServer]]:
 def gateway(
     tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis, servers: tuple[ToyServer, ToyServer]
 ) -> Iterator[GatewayProcess]:
-    process = start_gateway(
-        Path(tmp_path_factory.mktemp("spec")), _policy(*servers), env={"REDIS_URL": redis_server.url}
-    )
+    folder = Path(tmp_path_factory.mktemp("spec"))
+    write_tokenizer_json(str(folder / "tokenizer.json"))  # named relative to the policy file
+    process = start_gateway(folder, _policy(*servers), env={"REDIS_URL": redis_server.url})
     yield process
     process.stop()
 

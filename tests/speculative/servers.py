@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,7 @@ import httpx
 
 _SCRIPT = Path(__file__).with_name("toy_lm_server.py")
 
-__all__ = ["ToyServer", "start_toy_server"]
+__all__ = ["ToyServer", "start_toy_server", "toy_tokenizer_file"]
 
 
 @dataclass
@@ -64,3 +66,13 @@ def start_toy_server(**options: Any) -> ToyServer:
         process.kill()
         raise RuntimeError(f"toy server did not start: {line!r}")
     return ToyServer(process, int(line.split()[1]))
+
+
+@functools.cache
+def toy_tokenizer_file(variant: int = 0) -> str:
+    """The toy servers' vocabulary as a ``tokenizer.json`` (for ``speculative.tokenizer``), written once per process."""
+    from tests.speculative.toy_lm_server import write_tokenizer_json
+
+    path = Path(tempfile.mkdtemp(prefix="toy-tokenizer-")) / "tokenizer.json"
+    write_tokenizer_json(str(path), variant)
+    return str(path)

@@ -7,9 +7,20 @@ Run: ``python tests/speculative/toy_lm_server.py --role large --port 0`` (prints
 The model
 ---------
 * Vocabulary: 4 special tokens (``<eos>``, ``<|system|>``, ``<|user|>``,
-  ``<|assistant|>``) and 60 words; a word token decodes to ``" " + word``. Words
-  outside the vocabulary hash onto it (lossy, deterministic). ``--tokenizer-variant``
-  permutes the word ids, which makes a pair whose tokenizers differ.
+  ``<|assistant|>``), 64 words and 6 punctuation pieces; a token decodes to
+  ``" " + word`` (``" ."``, ``" n't"``, ...). Words outside the vocabulary hash onto
+  it (lossy, deterministic). ``--tokenizer-variant`` permutes the word ids, which
+  makes a pair whose tokenizers differ. :func:`write_tokenizer_json` writes the same
+  vocabulary as a Hugging Face ``tokenizer.json`` (byte-level pieces, specials marked).
+* Text, as vLLM makes it: generated text (``/v1/completions``, ``/v1/chat/completions``)
+  is the pieces of the non-special tokens joined (incremental detokenization,
+  ``skip_special_tokens``); ``/detokenize`` is ``tokenizer.decode``: special tokens kept
+  and, with ``--cleanup 1`` (the default, as Llama-3.1's tokenizer), Hugging Face's
+  ``clean_up_tokenization_spaces`` applied (``" the ."`` → ``" the."``).
+  ``--special-rate`` makes ``<|system|>`` the argmax at that share of positions (a
+  model emitting a special token that is not EOS).
+* ``--logprobs-mode processed`` returns logprobs after temperature and the repetition
+  penalty (vLLM's V0 engine; V1's default ``raw_logprobs`` returns them raw).
 * Next-token logits are a pure function of (last two tokens, position): seeded
   Gaussian scores (scale 2). With probability ``--eos-rate`` per position ``<eos>``
   is the argmax. The *small* model reuses the large model's logits plus noise and,
@@ -120,7 +131,9 @@ WORDS = [
     "see",
     "him",
 ]
-VOCAB = len(_SPECIALS) + len(WORDS)
+PUNCTUATION = [".", ",", "!", "?", "'s", "n't"]
+VOCAB = len(_SPECIALS) + len(WORDS) + len(PUNCTUATION)
+_FIRST_PUNCTUATION = len(_SPECIALS) + len(WORDS)
 _BLOCK = 16
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
@@ -145,6 +158,10 @@ class Settings:
     flatness: float = 1.0
     """Below 1, the target's word scores are scaled down: a heavy-tailed distribution that the
     top 20 logprobs no longer cover."""
+    cleanup: bool = True
+    special_rate: float = 0.0
+    logprobs_mode: str = "raw"
+    """``raw``: log-softmax of the logits (vLLM V1); ``processed``: after temperature and penalty (V0)."""
 
 
 @dataclass(slots=True)
@@ -184,16 +201,30 @@ def _word_ids(variant: int) -> dict[str, int]:
     return {word: len(_SPECIALS) + order[i] for i, word in enumerate(WORDS)}
 
 
+def _pieces(variant: int) -> list[str]:
+    pieces = list(_SPECIALS) + [""] * len(WORDS) + [" " + p for p in PUNCTUATION]
+    for word, token in _word_ids(variant).items():
+        pieces[token] = " " + word
+    return pieces
+
+
+def clean_up_tokenization(text: str) -> str:
+    """Hugging Face's ``clean_up_tokenization`` (what ``decode`` applies when ``clean_up_tokenization_spaces``)."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):  # fmt: skip
+        text = text.replace(before, after)
+    return text
+
+
 class Tokenizer:
     def __init__(self, variant: int) -> None:
         self._ids = _word_ids(variant)
-        self._pieces = list(_SPECIALS) + [""] * len(WORDS)
-        for word, token in self._ids.items():
-            self._pieces[token] = " " + word
+        self._ids.update({p: _FIRST_PUNCTUATION + i for i, p in enumerate(PUNCTUATION)})
+        self._pieces = _pieces(variant)
 
     def encode(self, text: str) -> list[int]:
         out = []
-        for word in re.findall(r"[a-z]+", text.lower()):
+        for word in re.findall(r"n't|'s|[a-z]+|[.,!?]", text.lower()):
             token = self._ids.get(word)
             out.append(token if token is not None else len(_SPECIALS) + zlib.crc32(word.encode()) % len(WORDS))
         return out
@@ -215,6 +246,19 @@ class Tokenizer:
         return out
 
 
+def write_tokenizer_json(path: str, variant: int = 0) -> None:
+    """The toy vocabulary as a Hugging Face ``tokenizer.json`` (what ops point ``speculative.tokenizer`` at)."""
+    from tokenizers import AddedToken, decoders, models
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab = {piece.replace(" ", "\u0120"): i for i, piece in enumerate(_pieces(variant))}
+    vocab["<unk>"] = VOCAB
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(special, special=True) for special in _SPECIALS])
+    hf.save(path)
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -230,6 +274,8 @@ def _target_logits(state: State, context: list[int]) -> np.ndarray:
         logits[EOS] = logits.max() + 2.0
     else:
         logits[EOS] = min(logits[EOS], logits[4:].max() - 3.0)
+        if rng.random() < state.settings.special_rate:
+            logits[SYSTEM] = logits.max() + 2.0
     if state.settings.role == "small":
         logits = _perturb(state.settings, key, logits)
     state.logits_cache[key] = logits
@@ -387,10 +433,11 @@ def _prompt_logprobs(state: State, tokenizer: Tokenizer, req: _Request) -> list[
     n = req.prompt_logprobs or 0
     out: list[Any] = [None]
     for pos in range(1, len(req.prompt)):
-        key = (_key(req.prompt, pos), req.prompt[pos], n, req.as_ids)
+        scale = _logprob_scale(state.settings, req.temperature)
+        key = (_key(req.prompt, pos), req.prompt[pos], n, req.as_ids, scale)
         entry = state.entry_cache.get(key)
         if entry is None:
-            entry = _prompt_entry(state, tokenizer, req.prompt[:pos], req.prompt[pos], n, req.as_ids)
+            entry = _prompt_entry(state, tokenizer, req.prompt[:pos], req.prompt[pos], n, req.as_ids, scale)
             state.entry_cache[key] = entry
             if len(state.entry_cache) > 200_000:
                 state.entry_cache.popitem(last=False)
@@ -402,8 +449,15 @@ def _key(seq: list[int], pos: int) -> tuple[int, int, int]:
     return (seq[pos - 2] if pos > 1 else -1, seq[pos - 1] if pos > 0 else -1, pos)
 
 
-def _prompt_entry(state: State, tokenizer: Tokenizer, context: list[int], actual: int, n: int, as_ids: bool) -> Any:
-    lp = _log_softmax(_target_logits(state, context))
+def _logprob_scale(settings: Settings, temperature: float) -> float:
+    """What the returned logprobs' logits are divided by: 1 when raw (V1), the temperature when processed (V0)."""
+    return temperature if settings.logprobs_mode == "processed" and temperature > 0 else 1.0
+
+
+def _prompt_entry(
+    state: State, tokenizer: Tokenizer, context: list[int], actual: int, n: int, as_ids: bool, scale: float
+) -> Any:
+    lp = _log_softmax(_target_logits(state, context) / scale)
     order = np.argsort(-lp, kind="stable")
     rank_of = {int(t): r + 1 for r, t in enumerate(order[: max(n, 1)])}
     entry: dict[str, Any] = {
@@ -435,7 +489,7 @@ async def _generate(state: State, req: _Request, on_token: Any = None) -> tuple[
         logits = _penalized(_target_logits(state, seq), seq, req.repetition_penalty)
         token = _choose(logits, req.temperature, req.rng, req.bias)
         tokens.append(token)
-        logprobs.append(_log_softmax(logits))
+        logprobs.append(_log_softmax(logits / _logprob_scale(state.settings, req.temperature)))
         seq.append(token)
         if on_token is not None:
             await on_token(token, logprobs[-1])
@@ -482,7 +536,8 @@ def build_app(settings: Settings) -> web.Application:
     async def detokenize(request: web.Request) -> web.Response:
         body = await request.json()
         state.stats.detokenize += 1
-        return _json({"prompt": tokenizer.decode([int(t) for t in body["tokens"]])})
+        text = tokenizer.decode([int(t) for t in body["tokens"]])  # special tokens kept, as tokenizer.decode
+        return _json({"prompt": clean_up_tokenization(text) if settings.cleanup else text})
 
     async def _maybe_fail(request: web.Request) -> None:
         failure = state.failure
@@ -646,6 +701,9 @@ def _parse_args(argv: list[str]) -> tuple[Settings, int]:
     parser.add_argument("--default-temperature", type=float, default=1.0)
     parser.add_argument("--default-repetition-penalty", type=float, default=1.0)
     parser.add_argument("--flatness", type=float, default=1.0)
+    parser.add_argument("--cleanup", type=int, choices=[0, 1], default=1)
+    parser.add_argument("--special-rate", type=float, default=0.0)
+    parser.add_argument("--logprobs-mode", choices=["raw", "processed"], default="raw")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
     settings = Settings(
@@ -653,7 +711,8 @@ def _parse_args(argv: list[str]) -> tuple[Settings, int]:
         prefill_ms_per_token=args.prefill_ms_per_token, tokenizer_variant=args.tokenizer_variant,
         max_model_len=args.max_model_len, max_logprobs=args.max_logprobs, model_name=f"toy-{args.role}",
         default_temperature=args.default_temperature, default_repetition_penalty=args.default_repetition_penalty,
-        flatness=args.flatness,
+        flatness=args.flatness, cleanup=bool(args.cleanup), special_rate=args.special_rate,
+        logprobs_mode=args.logprobs_mode,
     )  # fmt: skip
     return settings, args.port
 

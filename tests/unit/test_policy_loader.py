@@ -260,3 +260,15 @@ def test_a_learning_block_on_the_classifier_route_loads(tmp_path: Path) -> None:
     environ = {"SMALL_MODEL_URL": "http://127.0.0.1:1/v1", "LARGE_MODEL_URL": "http://127.0.0.1:2/v1"}
     route = load_policy(path, environ=environ).policy.routes["auto"]
     assert route.learning is not None and route.learning.shadow_share == 0.02 and route.learning.scope == "tenant"
+
+
+def test_a_speculative_tokenizer_is_read_from_the_policy_files_folder(tmp_path: Path) -> None:
+    spec = "    tier: large\n    speculative: {mode: gateway, draft: s, tokenizer: tok/tokenizer.json}\n"
+    path = tmp_path / "p.yaml"
+    path.write_text(VALID.replace("    tier: large\n", spec))
+    with pytest.raises(ConfigError, match=r"models\.l\.speculative\.tokenizer.*no such file"):
+        load_policy(path)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    loaded = load_policy(path)
+    assert loaded.policy.models["l"].speculative.tokenizer == str(tmp_path / "tok" / "tokenizer.json")
