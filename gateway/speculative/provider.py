@@ -22,7 +22,7 @@ import structlog
 from tokenizers import Tokenizer
 
 from gateway.config.schema import SpeculationPolicy
-from gateway.errors import UpstreamError, UpstreamTimeoutError
+from gateway.errors import UpstreamError, UpstreamStatusError, UpstreamTimeoutError
 from gateway.speculative.adaptive import AdaptiveK
 from gateway.speculative.drafts import DraftSource, ModelDraft, PromptLookupDraft
 from gateway.speculative.eos import EosTable
@@ -123,6 +123,8 @@ class SpeculativeProvider(Provider):
         """The pair's own tokenizer (``speculative.tokenizer``); None: text from ``/detokenize``."""
         self._scaled_by_server = (False, False)
         """(target, draft) return logprobs at the request's temperature (vLLM V0) rather than raw."""
+        self._sampling_problem: str | None = None
+        """Why requests with temperature > 0 go plain (a server refuses ``top_logprobs`` logprobs)."""
         self._check_lock: asyncio.Lock | None = None
         self._alpha = 0.7  # running acceptance across requests: the prior of each request's k controller
         self._draft_down_until = 0.0  # monotonic time until which requests skip speculation (draft_cooldown_s)
@@ -190,6 +192,20 @@ class SpeculativeProvider(Provider):
         apis = [self._target_api] + (
             [self._draft_api] if self._draft_api and self.policy.draft_source == "model" else []
         )
+        n = self.policy.top_logprobs
+        try:
+            await asyncio.gather(
+                *(api.generate(prompt, 1, temperature=1.0, logprobs=n, prompt_logprobs=n, seed=0) for api in apis)
+            )
+            self._sampling_problem = None
+        except UpstreamStatusError as exc:
+            if exc.upstream_status != 400:
+                raise
+            self._sampling_problem = "top_logprobs_refused"
+            _log.error(
+                "speculative_sampling_refused", model=self.name, upstream=exc.upstream, top_logprobs=n,
+                detail=f"{exc.message}; lower speculative.top_logprobs or raise the server's --max-logprobs",
+            )  # fmt: skip
         found = await asyncio.gather(*(api.logprobs_scaled(prompt) for api in apis))
         self._scaled_by_server = (found[0], found[-1] if len(found) > 1 else False)
         if any(found):
@@ -329,7 +345,10 @@ class SpeculativeProvider(Provider):
                 return "unsupported_top_p"
             if temperature > 1.0:  # the tail beyond the returned logprobs grows, and its size is unknown
                 return "unsupported_temperature_above_1"
-        return await self._pair_ready()
+        reason = await self._pair_ready()
+        if reason is None and temperature > 0 and self._sampling_problem is not None:
+            return self._sampling_problem
+        return reason
 
     def _plain_stats(self, reason: str) -> SpeculationStats:
         return SpeculationStats(

@@ -50,7 +50,7 @@ from gateway.speculative import SpeculativeProvider
 from gateway.speculative.adaptive import expected_tokens
 from gateway.upstreams.base import Provider
 from gateway.upstreams.registry import build_provider
-from tests.speculative.servers import ToyServer, start_toy_server
+from tests.speculative.servers import ToyServer, start_toy_server, toy_tokenizer_file
 
 _PROMPTS = [
     "write about the time when we said that she would see him",
@@ -148,13 +148,15 @@ def _row_line(row: dict[str, Any], book: float | None, book_speedup: float | Non
 def _policy(k: int | None, top_logprobs: int = 20) -> SpeculationPolicy:
     if k is None:
         return SpeculationPolicy(
-            mode="gateway", draft="small", k_initial=4, k_min=1, k_max=8, top_logprobs=top_logprobs
-        )
-    return SpeculationPolicy(mode="gateway", draft="small", k_initial=k, k_min=k, k_max=k, top_logprobs=top_logprobs)
+            mode="gateway", draft="small", k_initial=4, k_min=1, k_max=8, top_logprobs=top_logprobs,
+            tokenizer=toy_tokenizer_file(),
+        )  # fmt: skip
+    return SpeculationPolicy(mode="gateway", draft="small", k_initial=k, k_min=k, k_max=k, top_logprobs=top_logprobs,
+                             tokenizer=toy_tokenizer_file())  # fmt: skip
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    # 100 logprobs per position (vLLM --max-logprobs 100) cover the toy's 72 tokens: exact speculative sampling
+    # 100 logprobs per position (vLLM --max-logprobs 100) cover the toy's 74 tokens: exact speculative sampling
     large_server = start_toy_server(
         role="large", pass_ms=args.large_ms, prefill_ms_per_token=args.large_prefill_ms, max_logprobs=100
     )
@@ -200,7 +202,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 await draft.aclose()
         repetitive = [_REPETITIVE + p for p in prompts]
-        lookup_policy = SpeculationPolicy(mode="gateway", draft_source="prompt_lookup", k_initial=4, k_min=1, k_max=8)
+        lookup_policy = SpeculationPolicy(mode="gateway", draft_source="prompt_lookup", k_initial=4, k_min=1, k_max=8,
+                                          tokenizer=toy_tokenizer_file())  # fmt: skip
         plain_r = await _plain(target, repetitive, args.max_tokens)
         look = await _speculative(target, None, lookup_policy, repetitive, args.max_tokens)
         look.update(speedup=look["tokens_per_s"] / plain_r["tokens_per_s"], plain=plain_r)

@@ -591,3 +591,14 @@ async def test_a_server_default_penalty_sends_the_request_down_the_plain_path(
     finally:
         await target.aclose()
         await draft.aclose()
+
+
+async def test_more_logprobs_than_the_server_gives_sends_sampled_requests_plain(
+    pair: tuple[Provider, Provider],
+) -> None:
+    spec = _spec(pair, top_logprobs=50)  # the toy servers allow 20 (vLLM's default --max-logprobs)
+    await spec.check_pair()
+    sampled = await spec.complete({**_body(_PROMPTS[0], max_tokens=10), "temperature": 0.8, "seed": 1})
+    assert sampled.speculation.fallback_reason == "top_logprobs_refused"  # type: ignore[attr-defined]
+    greedy = await spec.complete(_body(_PROMPTS[0], max_tokens=10))
+    assert not greedy.speculation.fallback_to_plain  # type: ignore[attr-defined]

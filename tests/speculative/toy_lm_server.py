@@ -32,7 +32,10 @@ The model
 Simulated cost (asyncio.sleep, so the process stays idle like a GPU-bound server):
 each forward pass costs ``--pass-ms`` plus ``--prefill-ms-per-token`` per prompt
 token not already in the prefix cache (16-token blocks, like vLLM's automatic
-prefix caching).
+prefix caching). With ``--batch-knee N`` the server batches instead, as vLLM's
+continuous batching does: forward passes wanted while a step runs join the next step,
+each sequence adding its uncached tokens (1 when decoding); a step costs ``--pass-ms``
+up to N tokens (memory-bound) and grows in proportion beyond (compute-bound).
 
 Endpoints: ``/tokenize``, ``/detokenize`` (root, as vLLM), ``/v1/completions``
 (token-id prompts, ``logprobs``, ``prompt_logprobs``, ``return_tokens_as_token_ids``,
@@ -162,6 +165,8 @@ class Settings:
     special_rate: float = 0.0
     logprobs_mode: str = "raw"
     """``raw``: log-softmax of the logits (vLLM V1); ``processed``: after temperature and penalty (V0)."""
+    batch_knee: int = 0
+    """Tokens a batched step takes at the cost of one pass; 0: no batching model (each request alone)."""
 
 
 @dataclass(slots=True)
@@ -181,6 +186,43 @@ class Failure:
     armed: bool = False
 
 
+class _Engine:
+    """Continuous batching: the passes that arrive while a step runs make the next step."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._waiting: list[tuple[int, asyncio.Future[None]]] = []
+        self._running = False
+        self.steps = 0
+        self.step_tokens = 0
+
+    async def forward(self, tokens: int) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((tokens, done))
+        if not self._running:
+            self._running = True
+            asyncio.get_running_loop().create_task(self._run())
+        await done
+
+    async def _run(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                tokens = sum(n for n, _ in batch)
+                self.steps += 1
+                self.step_tokens += tokens
+                await asyncio.sleep(self._settings.pass_ms / 1000 * max(1.0, tokens / self._settings.batch_knee))
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+                # the sequences just stepped are still running: let them queue their next pass
+                # before the next step starts (vLLM's scheduler keeps running sequences in the batch)
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+        finally:
+            self._running = False
+
+
 @dataclass
 class State:
     settings: Settings
@@ -189,6 +231,7 @@ class State:
     block_cache: set[int] = field(default_factory=set)
     logits_cache: OrderedDict[tuple[int, int, int], np.ndarray] = field(default_factory=OrderedDict)
     entry_cache: OrderedDict[tuple[Any, ...], Any] = field(default_factory=OrderedDict)
+    engine: _Engine | None = None
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -373,6 +416,9 @@ class _Clock:
         s = self._state.settings
         self._state.stats.forward_passes += 1
         self._state.stats.prefill_tokens += prefill_tokens
+        if self._state.engine is not None:
+            await self._state.engine.forward(max(1, prefill_tokens))
+            return
         self._owed_ms += s.pass_ms + s.prefill_ms_per_token * prefill_tokens
         if self._streamed:
             await self.settle()
@@ -520,7 +566,7 @@ def _logprobs_block(tokenizer: Tokenizer, req: _Request, tokens: list[int], lps:
 
 
 def build_app(settings: Settings) -> web.Application:
-    state = State(settings)
+    state = State(settings, engine=_Engine(settings) if settings.batch_knee > 0 else None)
     tokenizer = Tokenizer(settings.tokenizer_variant)
     app = web.Application(handler_args={"tcp_keepalive": True})
 
@@ -628,10 +674,13 @@ def build_app(settings: Settings) -> web.Application:
                       "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage})  # fmt: skip
 
     async def stats(request: web.Request) -> web.Response:
-        return _json({**{f: getattr(state.stats, f) for f in state.stats.__slots__}, "role": settings.role})
+        engine = {"steps": state.engine.steps, "step_tokens": state.engine.step_tokens} if state.engine else {}
+        return _json({**{f: getattr(state.stats, f) for f in state.stats.__slots__}, "role": settings.role, **engine})
 
     async def reset(request: web.Request) -> web.Response:
         state.stats = Stats()
+        if state.engine is not None:
+            state.engine.steps = state.engine.step_tokens = 0
         state.failure = Failure()
         state.block_cache.clear()
         return _json({"ok": True})
@@ -704,6 +753,7 @@ def _parse_args(argv: list[str]) -> tuple[Settings, int]:
     parser.add_argument("--cleanup", type=int, choices=[0, 1], default=1)
     parser.add_argument("--special-rate", type=float, default=0.0)
     parser.add_argument("--logprobs-mode", choices=["raw", "processed"], default="raw")
+    parser.add_argument("--batch-knee", type=int, default=0)
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
     settings = Settings(
@@ -712,7 +762,7 @@ def _parse_args(argv: list[str]) -> tuple[Settings, int]:
         max_model_len=args.max_model_len, max_logprobs=args.max_logprobs, model_name=f"toy-{args.role}",
         default_temperature=args.default_temperature, default_repetition_penalty=args.default_repetition_penalty,
         flatness=args.flatness, cleanup=bool(args.cleanup), special_rate=args.special_rate,
-        logprobs_mode=args.logprobs_mode,
+        logprobs_mode=args.logprobs_mode, batch_knee=args.batch_knee,
     )  # fmt: skip
     return settings, args.port
 
