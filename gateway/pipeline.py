@@ -544,7 +544,7 @@ class ChatPipeline:
             if include_usage:
                 yield b"data: " + _usage_chunk(tally.id, tally.created, tally.model, record) + b"\n\n"
             yield b"data: [DONE]\n\n"
-            if not tally.has_tool_calls:
+            if not (tally.has_tool_calls or tally.has_reasoning):
                 body = completion_from_stream(
                     tally.id,
                     tally.created,

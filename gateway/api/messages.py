@@ -38,6 +38,8 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
 
     async def translate(raw: bytes) -> bytes:
         decoded = anthropic.decode_request(raw)
+        if decoded.thinking is not None and not _only_anthropic_upstreams(request, decoded.model):
+            decoded.dropped.append("thinking")  # sent on to Anthropic models of the route, to no others
         asked.append(decoded)
         return msgspec.json.encode(openai_chat.to_chat_body(decoded))
 
@@ -79,6 +81,16 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
     except GatewayError as exc:
         return _error(exc.status_code, exc.message, exc.headers)
     return Response(content=msgspec.json.encode({"input_tokens": tokens}), media_type="application/json")
+
+
+def _only_anthropic_upstreams(request: Request[Any, Any, Any], model: str) -> bool:
+    runtime = request.app.state.gateway.holder.current
+    try:
+        plan = runtime.router.plan(model)
+    except GatewayError:
+        return True  # the pipeline answers the unknown model
+    names = {*plan.candidates, *(runtime.router.pair if plan.threshold is not None else ())}  # a classifier route
+    return all(runtime.policy.models[name].provider == "anthropic" for name in names)
 
 
 def _authorization(request: Request[Any, Any, Any]) -> str | None:

@@ -102,6 +102,26 @@ def replay_json(answer: CachedAnswer, answer_id: str, created: int) -> bytes:
     return msgspec.json.encode(completion)
 
 
+def _reasoning_deltas(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """A message's reasoning as the deltas that stream it: its text in pieces, then each signature."""
+    blocks = message.get("thinking_blocks")
+    reasoning = message.get("reasoning_content")
+    if not isinstance(blocks, list):
+        blocks = [{"type": "thinking", "thinking": reasoning, "signature": ""}] if isinstance(reasoning, str) else []
+    deltas: list[dict[str, Any]] = []
+    for block in blocks:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "redacted_thinking":
+            deltas.append({"thinking_blocks": [block]})
+            continue
+        text = str(block.get("thinking") or "")
+        deltas += [{"reasoning_content": text[i : i + _PIECE_CHARS]} for i in range(0, len(text), _PIECE_CHARS)]
+        if block.get("signature"):
+            deltas.append({"thinking_blocks": [{"type": "thinking", "thinking": "", "signature": block["signature"]}]})
+    return deltas
+
+
 def replay_sse(answer: CachedAnswer, include_usage: bool, answer_id: str, created: int) -> list[bytes]:
     """The SSE events of a cached answer: role, content pieces, finish, usage if asked, ``[DONE]``."""
     completion: dict[str, Any] = msgspec.json.decode(answer.body)
@@ -115,6 +135,8 @@ def replay_sse(answer: CachedAnswer, include_usage: bool, answer_id: str, create
         index = choice.get("index", 0)
         message = choice.get("message") or {}
         emit([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        for delta in _reasoning_deltas(message):
+            emit([{"index": index, "delta": delta, "finish_reason": None}])
         content = message.get("content") or ""
         for start in range(0, len(content), _PIECE_CHARS):
             emit([{"index": index, "delta": {"content": content[start : start + _PIECE_CHARS]}, "finish_reason": None}])

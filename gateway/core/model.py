@@ -18,9 +18,14 @@ __all__ = [
     "ImagePart",
     "Message",
     "Part",
+    "RedactedThinking",
+    "RedactedThinkingPart",
     "Request",
     "TextDelta",
     "TextPart",
+    "ThinkingDelta",
+    "ThinkingPart",
+    "ThinkingSignature",
     "Tool",
     "ToolArgumentsDelta",
     "ToolCall",
@@ -46,7 +51,23 @@ class ImagePart(msgspec.Struct, frozen=True, tag="image"):
     """An ``https://`` URL or a ``data:<media type>;base64,...`` URL."""
 
 
-Part = TextPart | ImagePart
+class ThinkingPart(msgspec.Struct, frozen=True, tag="thinking"):
+    """The model's reasoning in an earlier assistant turn (Anthropic's ``thinking`` block).
+
+    Anthropic requires it back, signature intact, when a tool result follows it; other
+    upstreams never see it. An empty signature marks reasoning that no Anthropic model
+    signed (an OpenAI-compatible server's ``reasoning_content``)."""
+
+    text: str
+    signature: str = ""
+
+
+class RedactedThinkingPart(msgspec.Struct, frozen=True, tag="redacted_thinking"):
+    data: str
+    """Encrypted reasoning, returned to Anthropic as it came."""
+
+
+Part = TextPart | ImagePart | ThinkingPart | RedactedThinkingPart
 
 
 class ToolCall(msgspec.Struct, frozen=True):
@@ -99,6 +120,9 @@ class Request(msgspec.Struct, kw_only=True):
     user: str | None = None
     json_schema: dict[str, Any] | None = None
     """Structured output: the answer must validate against this schema."""
+    thinking: dict[str, Any] | None = None
+    """Anthropic's extended-thinking setting (``{"type": "enabled", "budget_tokens": N}``), passed to
+    Anthropic upstreams only."""
     dropped: list[str] = msgspec.field(default_factory=list)
     """Fields of the incoming protocol that no upstream of this request can honour (said in a header)."""
 
@@ -118,6 +142,8 @@ class Usage(msgspec.Struct, kw_only=True):
 class Answer(msgspec.Struct, kw_only=True):
     id: str
     model: str
+    thinking: list[ThinkingPart | RedactedThinkingPart] = msgspec.field(default_factory=list)
+    """The reasoning the model showed before its answer, in order."""
     text: str | None = None
     tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -127,6 +153,20 @@ class Answer(msgspec.Struct, kw_only=True):
 
 class TextDelta(msgspec.Struct, frozen=True):
     text: str
+
+
+class ThinkingDelta(msgspec.Struct, frozen=True):
+    text: str
+
+
+class ThinkingSignature(msgspec.Struct, frozen=True):
+    """Ends the thinking the deltas before it spelled out."""
+
+    signature: str
+
+
+class RedactedThinking(msgspec.Struct, frozen=True):
+    data: str
 
 
 class ToolCallStart(msgspec.Struct, frozen=True):
@@ -148,4 +188,13 @@ class UsageReport(msgspec.Struct, frozen=True):
     usage: Usage
 
 
-Delta = TextDelta | ToolCallStart | ToolArgumentsDelta | Finish | UsageReport
+Delta = (
+    TextDelta
+    | ThinkingDelta
+    | ThinkingSignature
+    | RedactedThinking
+    | ToolCallStart
+    | ToolArgumentsDelta
+    | Finish
+    | UsageReport
+)

@@ -22,9 +22,14 @@ from gateway.core.model import (
     ImagePart,
     Message,
     Part,
+    RedactedThinking,
+    RedactedThinkingPart,
     Request,
     TextDelta,
     TextPart,
+    ThinkingDelta,
+    ThinkingPart,
+    ThinkingSignature,
     Tool,
     ToolArgumentsDelta,
     ToolCall,
@@ -61,6 +66,9 @@ class _Block(_Wire):
     content: str | list[_Block] | None = None
     is_error: bool = False
     cache_control: dict[str, Any] | None = None
+    thinking: str | None = None
+    signature: str | None = None
+    data: str | None = None
 
 
 class _Turn(_Wire):
@@ -127,7 +135,7 @@ def decode_request(raw: bytes, *, counting: bool = False) -> Request:
         user=wire.metadata.user_id if wire.metadata else None,
     )
     if wire.thinking is not None and wire.thinking.get("type") != "disabled":
-        request.dropped.append("thinking")
+        request.thinking = wire.thinking  # the route decides whether an upstream can honour it
     if wire.top_k is not None:
         request.dropped.append("top_k")
     return request
@@ -144,8 +152,10 @@ def _parts(content: str | list[_Block], where: str) -> tuple[Part, ...]:
             parts.append(TextPart(block.text, cache_control=block.cache_control))
         elif block.type == "image":
             parts.append(ImagePart(_image_url(block, f"{where}.{index}")))
-        elif block.type in ("thinking", "redacted_thinking"):
-            continue  # the model's own reasoning from an earlier turn: not sent to other upstreams
+        elif block.type == "thinking":
+            parts.append(ThinkingPart(block.thinking or "", block.signature or ""))
+        elif block.type == "redacted_thinking":
+            parts.append(RedactedThinkingPart(block.data or ""))
         else:
             raise InvalidRequestError(f"{where}.{index}.type: '{block.type}' is not supported here")
     return tuple(parts)
@@ -232,7 +242,7 @@ def usage_body(usage: Usage) -> dict[str, int]:
 
 
 def encode_answer(answer: Answer, message_id: str, model: str) -> bytes:
-    content: list[dict[str, Any]] = []
+    content: list[dict[str, Any]] = [_thinking_block(part) for part in answer.thinking]
     if answer.text:
         content.append({"type": "text", "text": answer.text})
     for call in answer.tool_calls:
@@ -248,6 +258,12 @@ def encode_answer(answer: Answer, message_id: str, model: str) -> bytes:
         "usage": usage_body(answer.usage),
     }
     return msgspec.json.encode(body)
+
+
+def _thinking_block(part: ThinkingPart | RedactedThinkingPart) -> dict[str, Any]:
+    if isinstance(part, RedactedThinkingPart):
+        return {"type": "redacted_thinking", "data": part.data}
+    return {"type": "thinking", "thinking": part.text, "signature": part.signature}
 
 
 def _arguments(text: str) -> Any:
@@ -287,8 +303,8 @@ def encode_error(status: int, message: str) -> bytes:
 class StreamEncoder:
     """Deltas to Anthropic's event sequence: message_start, ping, content blocks, message_delta, message_stop.
 
-    Content blocks are sequential: a text block or a tool's block closes when the next
-    one starts. Tool arguments for a block that has closed (OpenAI upstreams stream
+    Content blocks are sequential: a thinking, text or tool block closes when the next
+    one starts (a thinking block also when its signature arrives). Tool arguments for a block that has closed (OpenAI upstreams stream
     parallel calls one after another, so this does not happen in practice) are dropped.
     """
 
@@ -326,7 +342,22 @@ class StreamEncoder:
     def feed(self, deltas: list[Delta]) -> bytes:
         out = b""
         for delta in deltas:
-            if isinstance(delta, TextDelta):
+            if isinstance(delta, ThinkingDelta):
+                if self._open_kind != "thinking":
+                    out += self._close() + self._begin(
+                        "thinking", {"type": "thinking", "thinking": "", "signature": ""}
+                    )
+                out += self._delta({"type": "thinking_delta", "thinking": delta.text})
+            elif isinstance(delta, ThinkingSignature):
+                if self._open_kind != "thinking":
+                    out += self._close() + self._begin(
+                        "thinking", {"type": "thinking", "thinking": "", "signature": ""}
+                    )
+                out += self._delta({"type": "signature_delta", "signature": delta.signature}) + self._close()
+            elif isinstance(delta, RedactedThinking):
+                redacted = {"type": "redacted_thinking", "data": delta.data}
+                out += self._close() + self._begin("redacted", redacted) + self._close()
+            elif isinstance(delta, TextDelta):
                 if self._open_kind != "text":
                     out += self._close() + self._begin("text", {"type": "text", "text": ""})
                 out += self._delta({"type": "text_delta", "text": delta.text})

@@ -2,7 +2,14 @@
 
 The OpenAI-compatible path through the pipeline carries the client's own bytes; this
 codec is for requests that arrive in another protocol and are answered by the chat
-pipeline (Anthropic Messages today).
+pipeline (Anthropic Messages, Responses, completions).
+
+What OpenAI's format has no field for travels in the chat body under the names that
+providers read and OpenAI-compatible upstreams never see (``for_openai_upstream``):
+``cache_control`` on parts and tools, a top-level ``thinking``, and assistant content
+parts ``{"type": "thinking", "thinking", "signature"}`` / ``{"type":
+"redacted_thinking", "data"}``. Answers carry reasoning as ``message.reasoning_content``
+(the field vLLM and DeepSeek use) and, with Anthropic's signatures, ``thinking_blocks``.
 """
 
 from __future__ import annotations
@@ -19,9 +26,15 @@ from gateway.core.model import (
     FinishReason,
     ImagePart,
     Message,
+    Part,
+    RedactedThinking,
+    RedactedThinkingPart,
     Request,
     TextDelta,
     TextPart,
+    ThinkingDelta,
+    ThinkingPart,
+    ThinkingSignature,
     Tool,
     ToolArgumentsDelta,
     ToolCall,
@@ -68,6 +81,8 @@ def to_chat_body(request: Request) -> dict[str, Any]:
             "type": "json_schema",
             "json_schema": {"name": "answer", "schema": request.json_schema},
         }
+    if request.thinking is not None:
+        body["thinking"] = request.thinking
     if request.stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -84,19 +99,27 @@ def _tool(tool: Tool) -> dict[str, Any]:
     return out
 
 
-def _part(part: TextPart | ImagePart) -> dict[str, Any]:
+def _part(part: Part) -> dict[str, Any]:
     if isinstance(part, ImagePart):
         return {"type": "image_url", "image_url": {"url": part.url}}
+    if isinstance(part, ThinkingPart):
+        return {"type": "thinking", "thinking": part.text, "signature": part.signature}
+    if isinstance(part, RedactedThinkingPart):
+        return {"type": "redacted_thinking", "data": part.data}
     if part.cache_control is not None:
         return {"type": "text", "text": part.text, "cache_control": part.cache_control}
     return {"type": "text", "text": part.text}
+
+
+def _plain(part: Part) -> bool:
+    return isinstance(part, TextPart) and part.cache_control is None
 
 
 def _message(message: Message) -> dict[str, Any]:
     if message.role == "tool":
         return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.text}
     out: dict[str, Any] = {"role": message.role}
-    if any(isinstance(part, ImagePart) or part.cache_control is not None for part in message.parts):
+    if not all(_plain(part) for part in message.parts):
         out["content"] = [_part(part) for part in message.parts]
     else:
         out["content"] = message.text if message.parts or not message.tool_calls else None
@@ -140,11 +163,28 @@ def answer_from_completion(body: dict[str, Any]) -> Answer:
     return Answer(
         id=str(body.get("id") or ""),
         model=str(body.get("model") or ""),
+        thinking=_thinking(message),
         text=content if isinstance(content, str) else None,
         tool_calls=calls,
         finish_reason=_FINISH.get(str(choice.get("finish_reason"))),
         usage=usage_from(body.get("usage")),
     )
+
+
+def _thinking(message: dict[str, Any]) -> list[ThinkingPart | RedactedThinkingPart]:
+    """Anthropic's blocks when the answer kept them, else an unsigned part for ``reasoning_content``."""
+    parts: list[ThinkingPart | RedactedThinkingPart] = []
+    for block in message.get("thinking_blocks") or []:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "thinking":
+            parts.append(ThinkingPart(str(block.get("thinking") or ""), str(block.get("signature") or "")))
+        elif block.get("type") == "redacted_thinking":
+            parts.append(RedactedThinkingPart(str(block.get("data") or "")))
+    reasoning = message.get("reasoning_content")
+    if not parts and isinstance(reasoning, str) and reasoning:
+        parts.append(ThinkingPart(reasoning))
+    return parts
 
 
 class ChunkReader:
@@ -161,6 +201,14 @@ class ChunkReader:
             if choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") or {}
+            reasoning = delta.get("reasoning_content")
+            if isinstance(reasoning, str) and reasoning:
+                deltas.append(ThinkingDelta(reasoning))
+            for block in delta.get("thinking_blocks") or []:
+                if isinstance(block, dict) and block.get("type") == "redacted_thinking":
+                    deltas.append(RedactedThinking(str(block.get("data") or "")))
+                elif isinstance(block, dict) and block.get("signature"):
+                    deltas.append(ThinkingSignature(str(block["signature"])))
             content = delta.get("content")
             if isinstance(content, str) and content:
                 deltas.append(TextDelta(content))

@@ -89,6 +89,26 @@ def _validate_messages(messages: list[Any]) -> None:
                 raise _fail(f"messages.{i}.content.{j}: tool_use blocks need an 'id' and a 'name'")
             if kind == "tool_result" and not isinstance(block.get("tool_use_id"), str):
                 raise _fail(f"messages.{i}.content.{j}.tool_use_id: Field required")
+            if kind == "thinking" and block.get("signature") != _signature(str(block.get("thinking") or "")):
+                raise _fail(f"messages.{i}.content.{j}: Invalid `signature` in `thinking` block")
+
+
+def _validate_thinking_history(messages: list[Any]) -> None:
+    """With thinking on, the assistant turn whose tool calls the last user turn answers must
+    start with its thinking block, as the model wrote it (the real API's rule)."""
+    if len(messages) < 2 or not _tool_results(messages):
+        return
+    index = len(messages) - 2
+    turn = messages[index]
+    content = turn.get("content") if isinstance(turn, dict) else None
+    first = content[0] if isinstance(content, list) and content else None
+    kind = first.get("type") if isinstance(first, dict) else "text"
+    if turn.get("role") == "assistant" and kind not in ("thinking", "redacted_thinking"):
+        raise _fail(
+            f"messages.{index}.content.0.type: Expected `thinking` or `redacted_thinking`, but found `{kind}`. "
+            "When `thinking` is enabled, a final `assistant` message must start with a thinking block "
+            "(preceeding the lastmost set of `tool_use` and `tool_result` blocks)."
+        )
 
 
 def _tools(body: dict[str, Any]) -> list[Tool]:
@@ -172,6 +192,8 @@ def validate(body: dict[str, Any]) -> None:
     mode, _, _ = _tool_choice(body, tools)
     if _thinking(body) and mode == "required":
         raise _fail("Thinking may not be enabled when tool_choice forces tool use.")
+    if _thinking(body):
+        _validate_thinking_history(body["messages"])
     temperature = body.get("temperature")
     if temperature is not None and (
         not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 1

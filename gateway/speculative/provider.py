@@ -39,6 +39,7 @@ from gateway.speculative.text import (
 )
 from gateway.speculative.token_api import TokenAPI
 from gateway.upstreams.base import ChatStream, Completion, Provider, Usage
+from gateway.upstreams.openai import for_openai_upstream
 
 __all__ = ["PROBE_TEXT", "SpeculativeCompletion", "SpeculativeProvider"]
 
@@ -376,7 +377,8 @@ class SpeculativeProvider(Provider):
         extra: dict[str, Any] = {
             key: body[key] for key in ("chat_template_kwargs", "continue_final_message") if key in body
         }
-        prompt, max_model_len = await self._target_api.tokenize_chat(body["messages"], extra or None)
+        messages = for_openai_upstream(body)["messages"]  # its chat template knows no Anthropic-only parts
+        prompt, max_model_len = await self._target_api.tokenize_chat(messages, extra or None)
         room = (max_model_len or self.config.context_window) - len(prompt)
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         max_new = min(int(limit), room) if limit else room

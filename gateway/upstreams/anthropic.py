@@ -18,6 +18,10 @@ Request (OpenAI → Anthropic, ``POST {base_url}/v1/messages``):
   (``parameters`` → ``input_schema``); ``tool_choice`` ``auto`` / ``required`` /
   named function → ``auto`` / ``any`` / ``tool``, ``none`` omits the tools;
   ``parallel_tool_calls: false`` → ``disable_parallel_tool_use``.
+- ``thinking`` (the gateway's carrier for Anthropic's setting) is passed on, and so are
+  assistant ``thinking`` / ``redacted_thinking`` parts (signed reasoning from earlier
+  turns, which Anthropic needs back before a tool result); unsigned reasoning (another
+  upstream's) is left out, since Anthropic would refuse it.
 - Dropped, having no Anthropic equivalent: ``n`` (``n > 1`` is refused with a 400),
   ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``seed``,
   ``response_format``, ``logprobs``, ``top_logprobs``, ``stream_options``, the
@@ -26,7 +30,8 @@ Request (OpenAI → Anthropic, ``POST {base_url}/v1/messages``):
 
 Response (Anthropic → OpenAI): text blocks are joined into ``message.content``
 (``null`` when there are none), ``tool_use`` blocks become ``message.tool_calls``,
-``thinking`` blocks are dropped; ``stop_reason`` maps to ``finish_reason``
+``thinking`` blocks become ``message.reasoning_content`` (their text) and
+``message.thinking_blocks`` (with signatures; redacted ones too); ``stop_reason`` maps to ``finish_reason``
 (end_turn/stop_sequence → stop, max_tokens → length, tool_use → tool_calls,
 refusal → content_filter); ``prompt_tokens`` counts cached input tokens too.
 Streams are re-encoded event by event as ``chat.completion.chunk`` payloads; usage
@@ -121,6 +126,9 @@ def _translate_request(upstream: str, model: str, body: dict[str, Any], *, strea
     user = body.get("user")
     if isinstance(user, str) and user:
         payload["metadata"] = {"user_id": user}
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict):
+        payload["thinking"] = thinking
     payload.update(_translate_tools(body))
     if stream:
         payload["stream"] = True
@@ -233,6 +241,13 @@ def _content_blocks(content: Any, i: int) -> list[Block]:
 def _part_block(part: Any, i: int) -> Block | None:
     kind = part.get("type") if isinstance(part, dict) else None
     block: Block
+    if kind == "thinking":
+        signature = part.get("signature")
+        if not (isinstance(signature, str) and signature):
+            return None  # reasoning no Anthropic model signed
+        return {"type": "thinking", "thinking": str(part.get("thinking") or ""), "signature": signature}
+    if kind == "redacted_thinking":
+        return {"type": "redacted_thinking", "data": str(part.get("data") or "")}
     if kind in ("text", "refusal"):
         text = part.get(kind)
         if not isinstance(text, str):
@@ -393,10 +408,16 @@ def _translate_response(upstream: str, data: dict[str, Any]) -> Completion:
         raise UpstreamProtocolError(upstream, "answer is not an Anthropic message")
     texts: list[str] = []
     tool_calls: list[dict[str, Any]] = []
+    thinking: list[Block] = []
     for block in content:
         if not isinstance(block, dict):
             continue
-        if block.get("type") == "text" and isinstance(block.get("text"), str):
+        if block.get("type") == "thinking":
+            thinking.append({"type": "thinking", "thinking": str(block.get("thinking") or ""),
+                             "signature": str(block.get("signature") or "")})  # fmt: skip
+        elif block.get("type") == "redacted_thinking":
+            thinking.append({"type": "redacted_thinking", "data": str(block.get("data") or "")})
+        elif block.get("type") == "text" and isinstance(block.get("text"), str):
             texts.append(block["text"])
         elif block.get("type") == "tool_use":
             arguments = msgspec.json.encode(block.get("input") or {}).decode()
@@ -404,6 +425,9 @@ def _translate_response(upstream: str, data: dict[str, Any]) -> Completion:
             tool_calls.append({"id": block.get("id"), "type": "function", "function": function})
     text = "".join(texts)
     message: dict[str, Any] = {"role": "assistant", "content": text if texts else None}
+    if thinking:
+        message["reasoning_content"] = "".join(b.get("thinking", "") for b in thinking)
+        message["thinking_blocks"] = thinking
     if tool_calls:
         message["tool_calls"] = tool_calls
     usage = _usage(data.get("usage"))
@@ -516,8 +540,12 @@ class _AnthropicChatStream(ChatStream):
             return None
         if block.get("type") == "text":
             return self._text_chunk(block.get("text"))
+        if block.get("type") == "redacted_thinking":
+            self.tally.has_reasoning = True
+            redacted = {"type": "redacted_thinking", "data": str(block.get("data") or "")}
+            return self._chunk({"thinking_blocks": [redacted]})
         if block.get("type") != "tool_use":
-            return None
+            return None  # a thinking block: its text and signature come as deltas
         tool_index = len(self._tool_indexes)
         self._tool_indexes[_int(event.get("index"))] = tool_index
         self.tally.has_tool_calls = True
@@ -541,7 +569,17 @@ class _AnthropicChatStream(ChatStream):
             if tool_index is None or not isinstance(partial, str) or not partial:
                 return None
             return self._chunk({"tool_calls": [{"index": tool_index, "function": {"arguments": partial}}]})
-        return None  # thinking_delta, signature_delta, citations_delta
+        if delta.get("type") in ("thinking_delta", "signature_delta"):
+            self.tally.has_reasoning = True
+        if delta.get("type") == "thinking_delta":
+            thinking = delta.get("thinking")
+            return self._chunk({"reasoning_content": thinking}) if isinstance(thinking, str) and thinking else None
+        if delta.get("type") == "signature_delta":
+            signature = delta.get("signature")
+            if not isinstance(signature, str) or not signature:
+                return None
+            return self._chunk({"thinking_blocks": [{"type": "thinking", "thinking": "", "signature": signature}]})
+        return None  # citations_delta, and delta types added later
 
     def _on_message_delta(self, event: dict[str, Any]) -> bytes:
         tally = self.tally

@@ -67,6 +67,9 @@ class StreamTally:
     finish_reason: str | None = None
     chunks: int = 0
     has_tool_calls: bool = False
+    has_reasoning: bool = False
+    """The stream showed the model's reasoning (``reasoning_content``, ``thinking_blocks``): such
+    a stream is not stored in the cache, which keeps only what its text and finish amount to."""
 
     @property
     def text(self) -> str:

@@ -19,7 +19,7 @@ from gateway.upstreams.base import (
     usage_from,
 )
 
-__all__ = ["OpenAIProvider", "without_cache_control"]
+__all__ = ["OpenAIProvider", "for_openai_upstream"]
 
 
 class OpenAIProvider(Provider):
@@ -32,7 +32,7 @@ class OpenAIProvider(Provider):
         return headers
 
     async def complete(self, body: dict[str, Any]) -> Completion:
-        response = await self._post("chat/completions", without_cache_control(body), self._headers(), stream=False)
+        response = await self._post("chat/completions", for_openai_upstream(body), self._headers(), stream=False)
         content = response.content
         data = decode_json_object(self.name, content)
         return Completion(body=content, usage=usage_from(data.get("usage")), text=_message_text(self.name, data))
@@ -62,7 +62,7 @@ class OpenAIProvider(Provider):
         if not (isinstance(options, dict) and options.get("include_usage")):
             # Ask for usage even when the client did not: it is the authoritative count.
             body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
-        response = await self._post("chat/completions", without_cache_control(body), self._headers(), stream=True)
+        response = await self._post("chat/completions", for_openai_upstream(body), self._headers(), stream=True)
         return _OpenAIChatStream(self, response)
 
 
@@ -108,32 +108,44 @@ class _OpenAIChatStream(ChatStream):
         await self._response.aclose()
 
 
-def without_cache_control(body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` without Anthropic's ``cache_control`` on content parts and tools (OpenAI-compatible
-    servers do not define it; some refuse it). The same object when there is none, which is
-    the common case: plain string contents are not looked into."""
+def for_openai_upstream(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` without what only Anthropic upstreams read (OpenAI-compatible servers do not
+    define it; some refuse it): ``cache_control`` on content parts and tools, a top-level
+    ``thinking`` setting, and assistant ``thinking`` / ``redacted_thinking`` parts. The same
+    object when there is none, the common case: plain string contents are not looked into."""
     messages = body.get("messages")
     tools = body.get("tools")
+    thinking = isinstance(body.get("thinking"), dict)
     marked_tools = isinstance(tools, list) and any(isinstance(t, dict) and "cache_control" in t for t in tools)
     marked_messages = isinstance(messages, list) and any(
-        isinstance(m, dict)
-        and isinstance(content := m.get("content"), list)
-        and any(isinstance(p, dict) and "cache_control" in p for p in content)
+        isinstance(m, dict) and isinstance(content := m.get("content"), list) and any(_marked(p) for p in content)
         for m in messages
     )
-    if not (marked_tools or marked_messages):
+    if not (marked_tools or marked_messages or thinking):
         return body
-    out = dict(body)
+    out = {k: v for k, v in body.items() if k != "thinking"} if thinking else dict(body)
     if marked_tools:
         out["tools"] = [_unmarked(t) for t in tools]  # type: ignore[union-attr]
     if marked_messages:
         out["messages"] = [
-            {**m, "content": [_unmarked(p) for p in m["content"]]}
+            {**m, "content": _openai_content(m["content"])}
             if isinstance(m, dict) and isinstance(m.get("content"), list)
             else m
             for m in messages  # type: ignore[union-attr]
         ]
     return out
+
+
+_ANTHROPIC_ONLY_PARTS = ("thinking", "redacted_thinking")
+
+
+def _marked(part: Any) -> bool:
+    return isinstance(part, dict) and ("cache_control" in part or part.get("type") in _ANTHROPIC_ONLY_PARTS)
+
+
+def _openai_content(parts: list[Any]) -> list[Any] | str | None:
+    kept = [_unmarked(p) for p in parts if not (isinstance(p, dict) and p.get("type") in _ANTHROPIC_ONLY_PARTS)]
+    return kept if kept else None
 
 
 def _unmarked(item: Any) -> Any:
@@ -162,6 +174,8 @@ def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:
                     tally.text_parts.append(content)
                 if delta.get("tool_calls") or delta.get("function_call"):
                     tally.has_tool_calls = True
+                if delta.get("reasoning_content") or delta.get("reasoning"):
+                    tally.has_reasoning = True
             if choice.get("finish_reason"):
                 tally.finish_reason = choice["finish_reason"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import anthropic
 import httpx
@@ -114,15 +115,79 @@ def test_a_claude_code_shaped_request_round_trips(gateway: GatewayProcess) -> No
     assert final.stop_reason in ("end_turn", "tool_use") and final.content
 
 
-def test_thinking_is_dropped_with_a_note_for_a_chat_upstream(gateway: GatewayProcess) -> None:
+def test_thinking_is_dropped_with_a_note_for_a_chat_upstream(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    signed = {"type": "thinking", "thinking": "Earlier reasoning.", "signature": "c2lnbmVk"}
     body = {
         "model": "fast",
         "max_tokens": 2048,
         "thinking": {"type": "enabled", "budget_tokens": 1024},
-        "messages": [{"role": "user", "content": "2+2?"}],
+        "messages": [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": [signed, {"type": "text", "text": "4"}]},
+            {"role": "user", "content": "And 3+3?"},
+        ],
     }
     response = httpx.post(f"{gateway.url}/v1/messages", json=body, timeout=15)
     assert response.status_code == 200 and response.headers["x-gateway-dropped"] == "thinking"
+    sent = upstream_stats(small_upstream)["last_request"]["body"]
+    assert "thinking" not in sent and "Earlier reasoning" not in json.dumps(sent)
+    assert sent["messages"][1] == {"role": "assistant", "content": [{"type": "text", "text": "4"}]}
+
+
+_THINKING: Any = {"type": "enabled", "budget_tokens": 1024}
+_WEATHER: list[ToolUnionParam] = [
+    {
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }
+]
+_ASK_WEATHER: list[MessageParam] = [{"role": "user", "content": "What is the weather in Paris? Use get_weather."}]
+
+
+def test_thinking_reaches_an_anthropic_upstream_and_its_signed_blocks_come_back_through_a_tool_turn(
+    claude: anthropic.Anthropic, large_upstream: SimulatedUpstream
+) -> None:
+    raw = claude.messages.with_raw_response.create(
+        model="claude", max_tokens=2048, thinking=_THINKING, tools=_WEATHER, messages=_ASK_WEATHER
+    )
+    assert "x-gateway-dropped" not in raw.headers
+    first = raw.parse()
+    assert upstream_stats(large_upstream)["last_request"]["body"]["thinking"] == _THINKING
+    assert first.content[0].type == "thinking" and first.content[0].thinking and first.content[0].signature
+    call = next(block for block in first.content if block.type == "tool_use")
+    assert first.stop_reason == "tool_use"
+    # Claude Code's next turn: the assistant's blocks as they came (thinking first, signature
+    # intact; the upstream refuses the turn otherwise), then the tool's result.
+    history: list[MessageParam] = [
+        *_ASK_WEATHER,
+        {"role": "assistant", "content": first.content},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "18 C, clear"}]},
+    ]
+    follow = claude.messages.create(
+        model="claude", max_tokens=2048, thinking=_THINKING, tools=_WEATHER, messages=history
+    )
+    assert follow.stop_reason == "end_turn" and any(block.type == "text" for block in follow.content)
+    sent = upstream_stats(large_upstream)["last_request"]["body"]["messages"][1]["content"][0]
+    assert sent == {"type": "thinking", "thinking": first.content[0].thinking, "signature": first.content[0].signature}
+    forged: list[MessageParam] = [*history[:1], {"role": "assistant", "content": first.content[1:]}, history[2]]
+    with pytest.raises(anthropic.BadRequestError, match="must start with a thinking block"):
+        claude.messages.create(model="claude", max_tokens=2048, thinking=_THINKING, tools=_WEATHER, messages=forged)
+
+
+def test_streamed_thinking_arrives_as_anthropics_thinking_block_events(claude: anthropic.Anthropic) -> None:
+    whole = claude.messages.create(model="claude", max_tokens=2048, thinking=_THINKING, messages=_ASK_WEATHER)
+    with claude.messages.stream(model="claude", max_tokens=2048, thinking=_THINKING, messages=_ASK_WEATHER) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert "thinking" in kinds and "signature" in kinds  # the helper's own events for the two deltas
+    assert [block.type for block in final.content] == [block.type for block in whole.content]
+    assert final.content[0].type == "thinking" and whole.content[0].type == "thinking"
+    assert (final.content[0].thinking, final.content[0].signature) == (
+        whole.content[0].thinking, whole.content[0].signature,
+    )  # fmt: skip
 
 
 def test_errors_come_in_anthropics_shape_and_the_sdk_raises_its_own_types(

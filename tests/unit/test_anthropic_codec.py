@@ -7,10 +7,23 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.core.model import Answer, ImagePart, TextPart, ToolCall, Usage
+from gateway.cache.entries import CachedAnswer, replay_sse
+from gateway.core.model import (
+    Answer,
+    ImagePart,
+    RedactedThinkingPart,
+    TextDelta,
+    TextPart,
+    ThinkingDelta,
+    ThinkingPart,
+    ThinkingSignature,
+    ToolCall,
+    Usage,
+)
 from gateway.errors import InvalidRequestError
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
+from gateway.upstreams.openai import for_openai_upstream
 
 
 def _decode(**body: Any) -> Any:
@@ -142,3 +155,75 @@ def test_a_streamed_text_then_tool_call_becomes_two_content_blocks() -> None:
     assert "".join(json_parts) == '{"city": "Oslo"}'
     assert events[10][1]["delta"]["stop_reason"] == "tool_use"
     assert events[10][1]["usage"]["output_tokens"] == 9 and events[10][1]["usage"]["input_tokens"] == 12
+
+
+def test_signed_thinking_travels_in_the_chat_body_and_never_to_an_openai_upstream() -> None:
+    request = _decode(
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        messages=[
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "Use the tool.", "signature": "sig=="},
+                {"type": "redacted_thinking", "data": "ZW5j"},
+                {"type": "tool_use", "id": "t1", "name": "w", "input": {}},
+            ]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "-3C"}]},
+        ],
+    )  # fmt: skip
+    assert request.thinking == {"type": "enabled", "budget_tokens": 1024} and request.dropped == []
+    assert request.messages[1].parts == (ThinkingPart("Use the tool.", "sig=="), RedactedThinkingPart("ZW5j"))
+    body = openai_chat.to_chat_body(request)
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert body["messages"][1]["content"] == [
+        {"type": "thinking", "thinking": "Use the tool.", "signature": "sig=="},
+        {"type": "redacted_thinking", "data": "ZW5j"},
+    ]
+    plain = for_openai_upstream(body)
+    assert "thinking" not in plain and plain["messages"][1]["content"] is None
+    assert plain["messages"][1]["tool_calls"] == body["messages"][1]["tool_calls"]
+    simple = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert for_openai_upstream(simple) is simple  # nothing to take out: not copied
+
+
+def test_streamed_thinking_becomes_a_thinking_block_closed_by_its_signature() -> None:
+    reader, encoder = openai_chat.ChunkReader(), anthropic.StreamEncoder("msg_1", "m", 0)
+    chunks: list[dict[str, Any]] = [
+        {"choices": [{"index": 0, "delta": {"reasoning_content": "Think"}}]},
+        {"choices": [{"index": 0, "delta": {"reasoning_content": "ing."}}]},
+        {"choices": [{"index": 0, "delta": {"thinking_blocks": [{"type": "thinking", "thinking": "", "signature": "s1"}]}}]},
+        {"choices": [{"index": 0, "delta": {"thinking_blocks": [{"type": "redacted_thinking", "data": "ZW5j"}]}}]},
+        {"choices": [{"index": 0, "delta": {"content": "Done."}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+    ]  # fmt: skip
+    stream = encoder.start() + b"".join(encoder.feed(reader.read(chunk)) for chunk in chunks) + encoder.finish()
+    events = _events(stream)
+    assert [name for name, _ in events][2:-2] == [
+        "content_block_start", "content_block_delta", "content_block_delta", "content_block_delta", "content_block_stop",
+        "content_block_start", "content_block_stop",
+        "content_block_start", "content_block_delta", "content_block_stop",
+    ]  # fmt: skip
+    assert events[2][1]["content_block"] == {"type": "thinking", "thinking": "", "signature": ""}
+    assert [e[1]["delta"] for e in events[3:6]] == [
+        {"type": "thinking_delta", "thinking": "Think"},
+        {"type": "thinking_delta", "thinking": "ing."},
+        {"type": "signature_delta", "signature": "s1"},
+    ]
+    assert events[7][1]["content_block"] == {"type": "redacted_thinking", "data": "ZW5j"}
+    assert [e[1]["index"] for e in events[2:12] if e[0] == "content_block_start"] == [0, 1, 2]
+
+
+def test_a_cached_answer_replays_its_thinking_in_order() -> None:
+    message = {"role": "assistant", "content": "Done.", "reasoning_content": "Thinking.",
+               "thinking_blocks": [{"type": "thinking", "thinking": "Thinking.", "signature": "s1"}]}  # fmt: skip
+    body = msgspec.json.encode({"model": "m", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+    cached = CachedAnswer(body=body, model="m", provider="p", prompt_tokens=1, completion_tokens=2, cost_usd=0.0,
+                          created_at=0.0)  # fmt: skip
+    reader = openai_chat.ChunkReader()
+    deltas = [
+        delta
+        for event in replay_sse(cached, False, "chatcmpl-1", 1)
+        if event != b"data: [DONE]\n\n"
+        for delta in reader.read(msgspec.json.decode(event[6:]))
+    ]
+    assert deltas[:3] == [ThinkingDelta("Thinking."), ThinkingSignature("s1"), TextDelta("Done.")]
+    assert openai_chat.answer_from_completion(msgspec.json.decode(body)).thinking == [ThinkingPart("Thinking.", "s1")]
