@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.cache.keys import exact_key, namespace_hash
+from gateway.cache.keys import canonical_params, exact_key, namespace_hash
 from gateway.config.schema import CachePolicy
 from gateway.protocol import ChatRequest, ContentPart
 from gateway.store import keyspace
@@ -52,7 +52,7 @@ def plan_cache(
         and (semantic.multi_turn or len(turns) == 1)
     ):
         system = "\n".join(_text(m.content) for m in request.messages if m.role in ("system", "developer"))
-        params = {k: v for k, v in body.items() if k not in _ANSWER_INDEPENDENT}
+        params = {k: v for k, v in canonical_params(body).items() if k not in _ANSWER_INDEPENDENT}
         earlier = [(m.role, _text(m.content)) for m in turns[:-1]]
         semantic_set = keyspace.semantic_index(
             tenant, namespace_hash(route, system, {"params": params, "earlier": earlier})

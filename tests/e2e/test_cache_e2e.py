@@ -289,3 +289,43 @@ def test_gateway_serves_without_redis_and_uses_it_again_when_back(
         gateway.stop()
         if redis is not None:
             redis.stop()
+
+
+def test_one_question_through_four_apis_shares_one_entry_per_tenant(
+    cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """The entry holds the answer, not a wire format: Anthropic Messages, Responses and legacy
+    completions asking what a chat request asked are served from its entry, in their own shapes."""
+    question = f"Which planet is largest? {time.monotonic_ns()}"
+    headers = {"authorization": "Bearer key-a1"}
+    chat = _client(cached_gateway).chat.completions.with_raw_response.create(
+        model="fast", messages=[{"role": "user", "content": question}], max_tokens=64, temperature=0
+    )
+    assert chat.headers["x-gateway-cache"] == "miss"
+    answer = chat.parse().choices[0].message.content
+    calls = upstream_stats(small_upstream)["requests"]
+    message = httpx.post(
+        f"{cached_gateway.url}/v1/messages", headers={"x-api-key": "key-a1"}, timeout=15,
+        json={"model": "fast", "max_tokens": 64, "temperature": 0, "messages": [{"role": "user", "content": question}]},
+    )  # fmt: skip
+    assert message.status_code == 200 and message.headers["x-gateway-cache"] == "exact", message.text
+    assert message.json()["content"] == [{"type": "text", "text": answer}]
+    response = httpx.post(
+        f"{cached_gateway.base_url}/responses", headers=headers, timeout=15,
+        json={"model": "fast", "input": question, "max_output_tokens": 64, "temperature": 0, "store": False},
+    )  # fmt: skip
+    assert response.status_code == 200 and response.headers["x-gateway-cache"] == "exact", response.text
+    texts = [part["text"] for item in response.json()["output"] for part in item.get("content", [])]
+    assert texts == [answer]
+    legacy = httpx.post(
+        f"{cached_gateway.base_url}/completions", headers=headers, timeout=15,
+        json={"model": "fast", "prompt": question, "max_tokens": 64, "temperature": 0},
+    )  # fmt: skip
+    assert legacy.status_code == 200 and legacy.headers["x-gateway-cache"] == "exact", legacy.text
+    assert legacy.json()["choices"][0]["text"] == answer
+    assert upstream_stats(small_upstream)["requests"] == calls  # none of the three reached the upstream
+    other = httpx.post(
+        f"{cached_gateway.url}/v1/messages", headers={"x-api-key": "key-b1"}, timeout=15,
+        json={"model": "fast", "max_tokens": 64, "temperature": 0, "messages": [{"role": "user", "content": question}]},
+    )  # fmt: skip
+    assert other.headers["x-gateway-cache"] == "miss"  # another tenant: never another tenant's entry

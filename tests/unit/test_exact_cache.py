@@ -6,6 +6,7 @@ import asyncio
 
 from gateway.cache.entries import CachedAnswer
 from gateway.cache.exact import ExactCache
+from gateway.cache.keys import exact_key
 from gateway.store.memory import MemoryKeyValue
 
 T = 1.0
@@ -62,3 +63,16 @@ async def test_without_a_store_the_request_answers_alone() -> None:
     assert answer is None and lease is not None and not lease.held_in_store
     await cache.put("k", _answer("x"), 60, T)  # no error: a cache that cannot store is a later miss
     await cache.release(lease, None, T)
+
+
+def test_one_request_written_two_ways_has_one_key() -> None:
+    text = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 8}
+    parts = {
+        "model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "temperature": 0.0, "max_completion_tokens": 8, "stream": True,
+    }  # fmt: skip
+    assert exact_key("t", "r", text) == exact_key("t", "r", parts)
+    assert exact_key("t", "r", text) != exact_key("t", "r", {**text, "temperature": 0.5})
+    cached = {**parts, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]}]}
+    assert exact_key("t", "r", text) != exact_key("t", "r", cached)  # a part with more than text is kept as written
+    assert exact_key("t", "r", text) != exact_key("u", "r", text)
