@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -45,12 +43,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gateway.config.schema import ModelConfig, Price, SpeculationPolicy, Timeouts
+from gateway.config.schema import SpeculationPolicy
 from gateway.speculative import SpeculativeProvider
 from gateway.speculative.adaptive import expected_tokens
 from gateway.upstreams.base import Provider
-from gateway.upstreams.registry import build_provider
-from tests.speculative.servers import ToyServer, start_toy_server, toy_tokenizer_file
+from tests.speculative.servers import start_toy_server, toy_provider, toy_tokenizer_file, write_bench_results
 
 _PROMPTS = [
     "write about the time when we said that she would see him",
@@ -59,14 +56,6 @@ _PROMPTS = [
     "some of them were there at the way up",
 ]
 _REPETITIVE = "the way it was is the way it is and the way it was is what it is " * 3
-
-
-def _provider(name: str, server: ToyServer, tier: str) -> Provider:
-    config = ModelConfig(
-        base_url=server.base_url, price=Price(input_per_mtok=1, output_per_mtok=1), tier=tier,  # type: ignore[arg-type]
-        timeouts=Timeouts(connect=5, first_byte=60, total=600),
-    )  # fmt: skip
-    return build_provider(name, config)
 
 
 def _body(prompt: str, max_tokens: int, temperature: float = 0.0) -> dict[str, Any]:
@@ -161,7 +150,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         role="large", pass_ms=args.large_ms, prefill_ms_per_token=args.large_prefill_ms, max_logprobs=100
     )
     servers = [large_server]
-    target = _provider("large", large_server, "large")
+    target = toy_provider("large", large_server, "large")
     c = args.small_ms / args.large_ms
     results: dict[str, Any] = {"plain": None, "sweep": [], "prompt_lookup": None, "sampling": None}
     prompts = _PROMPTS[: args.prompts]
@@ -175,7 +164,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             small_server = start_toy_server(role="small", agreement=alpha, pass_ms=args.small_ms,
                                             prefill_ms_per_token=args.small_prefill_ms, max_logprobs=100)  # fmt: skip
             servers.append(small_server)
-            draft = _provider("small", small_server, "small")
+            draft = toy_provider("small", small_server, "small")
             try:
                 for k in [*args.ks, None]:
                     row = await _speculative(target, draft, _policy(k), prompts, args.max_tokens)
@@ -232,13 +221,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     results = asyncio.run(_run(args))
-    out = Path("bench-results")
-    out.mkdir(exist_ok=True)
-    path = out / f"speculative-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    meta = {"args": vars(args), "python": sys.version.split()[0], "machine": platform.machine(),
-            "wall_s": time.time() - started}  # fmt: skip
-    path.write_text(json.dumps({"meta": meta, **results}, indent=2, default=str))
-    print(f"wrote {path} ({meta['wall_s']:.0f} s)")
+    write_bench_results("speculative", args, results, started)
 
 
 if __name__ == "__main__":

@@ -24,18 +24,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from gateway.config.schema import ModelConfig, Price, SpeculationPolicy, Timeouts
+from gateway.config.schema import SpeculationPolicy
 from gateway.speculative import PairMismatchError, SpeculativeProvider
 from gateway.upstreams.base import Provider
-from gateway.upstreams.registry import build_provider
-from tests.speculative.servers import ToyServer, start_toy_server, toy_tokenizer_file
+from tests.speculative.servers import start_toy_server, toy_provider, toy_tokenizer_file, write_bench_results
 
 _PROMPTS = [
     f"tell me {i} things about the way it was when {w}"
@@ -55,14 +52,6 @@ _SETUPS: dict[str, dict[str, Any]] = {
         "body": {},
     },
 }
-
-
-def _provider(name: str, server: ToyServer, tier: str) -> Provider:
-    config = ModelConfig(
-        base_url=server.base_url, price=Price(input_per_mtok=1, output_per_mtok=1), tier=tier,  # type: ignore[arg-type]
-        timeouts=Timeouts(connect=5, first_byte=60, total=600),
-    )  # fmt: skip
-    return build_provider(name, config)
 
 
 async def _answer(provider: Provider, body: dict[str, Any]) -> tuple[tuple[str, str, int], bool]:
@@ -95,10 +84,10 @@ async def _setup(name: str, setup: dict[str, Any], args: argparse.Namespace) -> 
     equal = total = speculated = 0
     failures: list[str] = []
     try:
-        target = _provider("large", large, "large")
+        target = toy_provider("large", large, "large")
         for agreement in args.agreements:
             small = start_toy_server(role="small", agreement=agreement)
-            draft = _provider("small", small, "small")
+            draft = toy_provider("small", small, "small")
             options = {**setup["policy"]}
             if options.pop("tokenizer", False):
                 options["tokenizer"] = toy_tokenizer_file()
@@ -152,11 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     rows = asyncio.run(_run(args))
-    out = Path("bench-results")
-    out.mkdir(exist_ok=True)
-    path = out / f"speculative-exactness-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"args": vars(args), "wall_s": time.time() - started, "rows": rows}, indent=2))
-    print(f"wrote {path} ({time.time() - started:.0f} s)")
+    write_bench_results("speculative-exactness", args, {"rows": rows}, started)
 
 
 if __name__ == "__main__":

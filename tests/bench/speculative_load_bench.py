@@ -26,29 +26,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from gateway.config.schema import ModelConfig, Price, SpeculationPolicy, Timeouts
+from gateway.config.schema import SpeculationPolicy
 from gateway.speculative import SpeculativeProvider
 from gateway.upstreams.base import Provider
-from gateway.upstreams.registry import build_provider
-from tests.speculative.servers import ToyServer, start_toy_server, toy_tokenizer_file
+from tests.speculative.servers import ToyServer, start_toy_server, toy_provider, toy_tokenizer_file, write_bench_results
 
 _WORDS = ["the", "way", "it", "was", "when", "we", "said", "that", "she", "would", "see", "him", "at", "some", "time"]
-
-
-def _provider(name: str, server: ToyServer, tier: str) -> Provider:
-    config = ModelConfig(
-        base_url=server.base_url, price=Price(input_per_mtok=1, output_per_mtok=1), tier=tier,  # type: ignore[arg-type]
-        timeouts=Timeouts(connect=5, first_byte=120, total=600), max_connections=512,
-    )  # fmt: skip
-    return build_provider(name, config)
 
 
 def _body(client: int, request: int, max_tokens: int) -> dict[str, Any]:
@@ -89,7 +76,7 @@ def _step_tokens(server: ToyServer) -> float:
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     large = start_toy_server(role="large", pass_ms=args.large_ms, batch_knee=args.knee)
     small = start_toy_server(role="small", agreement=args.alpha, pass_ms=args.small_ms, batch_knee=args.knee)
-    target, draft = _provider("large", large, "large"), _provider("small", small, "small")
+    target, draft = toy_provider("large", large, "large"), toy_provider("small", small, "small")
     policy = SpeculationPolicy(mode="gateway", draft="small", tokenizer=toy_tokenizer_file())
     rows: list[dict[str, Any]] = []
     try:
@@ -149,13 +136,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     results = asyncio.run(_run(args))
-    out = Path("bench-results")
-    out.mkdir(exist_ok=True)
-    path = out / f"speculative-load-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    meta = {"args": vars(args), "python": sys.version.split()[0], "machine": platform.machine(),
-            "wall_s": time.time() - started}  # fmt: skip
-    path.write_text(json.dumps({"meta": meta, **results}, indent=2, default=str))
-    print(f"wrote {path} ({meta['wall_s']:.0f} s)")
+    write_bench_results("speculative-load", args, results, started)
 
 
 if __name__ == "__main__":

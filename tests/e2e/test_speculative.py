@@ -359,16 +359,25 @@ def test_speculative_sampling_preserves_the_target_distribution() -> None:
     rng = random.Random(5)
     p = {0: 0.5, 1: 0.3, 2: 0.15, 3: 0.05}
     q = {0: 0.2, 1: 0.6, 2: 0.1, 3: 0.1}
+    for token, share in _sampled_shares(p, q, 1.0, rng).items():
+        assert share == pytest.approx(p[token], abs=0.01)
+
+
+def _sampled_shares(
+    p: dict[int, float], q: dict[int, float], temperature: float, rng: random.Random, *, scaled: bool = False
+) -> dict[int, float]:
+    """How often each token comes out of one draft-and-verify step, over 40,000 trials."""
     p_log = {t: math.log(v) for t, v in p.items()}
     q_log = {t: math.log(v) for t, v in q.items()}
     counts: Counter[int] = Counter()
     trials = 40_000
     for _ in range(trials):
         x = rng.choices(list(q), weights=list(q.values()))[0]
-        accepted, correction = verify_sampled([x], [q_log], [p_log], 1.0, rng)
+        accepted, correction = verify_sampled(
+            [x], [q_log], [p_log], temperature, rng, scaled_by_server=(scaled, scaled)
+        )
         counts[x if accepted else correction] += 1  # type: ignore[index]
-    for token, prob in p.items():
-        assert counts[token] / trials == pytest.approx(prob, abs=0.01)
+    return {token: counts[token] / trials for token in p}
 
 
 @pytest.fixture(scope="module")
@@ -410,16 +419,8 @@ def test_logprobs_the_server_scaled_are_not_scaled_again() -> None:
         return {t: w / sum(weights.values()) for t, w in weights.items()}
 
     p, q = at(raw_p), at(raw_q)
-    p_log = {t: math.log(v) for t, v in p.items()}
-    q_log = {t: math.log(v) for t, v in q.items()}
-    counts: Counter[int] = Counter()
-    trials = 40_000
-    for _ in range(trials):
-        x = rng.choices(list(q), weights=list(q.values()))[0]
-        accepted, correction = verify_sampled([x], [q_log], [p_log], temperature, rng, scaled_by_server=(True, True))
-        counts[x if accepted else correction] += 1  # type: ignore[index]
-    for token, prob in p.items():
-        assert counts[token] / trials == pytest.approx(prob, abs=0.01)
+    for token, share in _sampled_shares(p, q, temperature, rng, scaled=True).items():
+        assert share == pytest.approx(p[token], abs=0.01)
 
 
 @pytest.fixture(scope="module")

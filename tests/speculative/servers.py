@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
+import platform
 import subprocess
 import sys
 import tempfile
@@ -13,9 +16,13 @@ from typing import Any
 
 import httpx
 
+from gateway.config.schema import ModelConfig, Price, Timeouts
+from gateway.upstreams.base import Provider
+from gateway.upstreams.registry import build_provider
+
 _SCRIPT = Path(__file__).with_name("toy_lm_server.py")
 
-__all__ = ["ToyServer", "start_toy_server", "toy_tokenizer_file"]
+__all__ = ["ToyServer", "start_toy_server", "toy_provider", "toy_tokenizer_file", "write_bench_results"]
 
 
 @dataclass
@@ -76,3 +83,23 @@ def toy_tokenizer_file(variant: int = 0) -> str:
     path = Path(tempfile.mkdtemp(prefix="toy-tokenizer-")) / "tokenizer.json"
     write_tokenizer_json(str(path), variant)
     return str(path)
+
+
+def toy_provider(name: str, server: ToyServer, tier: str, *, first_byte: float = 60, total: float = 600) -> Provider:
+    """The gateway's provider for a toy server (``tier`` ``small`` or ``large``)."""
+    config = ModelConfig(
+        base_url=server.base_url, price=Price(input_per_mtok=1, output_per_mtok=1), tier=tier,  # type: ignore[arg-type]
+        timeouts=Timeouts(connect=5, first_byte=first_byte, total=total), max_connections=512,
+    )  # fmt: skip
+    return build_provider(name, config)
+
+
+def write_bench_results(stem: str, args: argparse.Namespace, results: dict[str, Any], started: float) -> None:
+    """``bench-results/<stem>-<timestamp>.json`` with the run's arguments and machine."""
+    out = Path("bench-results")
+    out.mkdir(exist_ok=True)
+    path = out / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    meta = {"args": vars(args), "python": sys.version.split()[0], "machine": platform.machine(),
+            "wall_s": time.time() - started}  # fmt: skip
+    path.write_text(json.dumps({"meta": meta, **results}, indent=2, default=str))
+    print(f"wrote {path} ({meta['wall_s']:.0f} s)")
