@@ -7,8 +7,8 @@ tokens kept and, for tokenizers configured so (Llama-3.1's is),
 ``"from. import x"``. Two assemblers, chosen per pair when it is checked:
 
 * :class:`LocalTextAssembler` decodes with the pair's own ``tokenizer.json``
-  (``speculative.tokenizer``) as vLLM V1 does: a ``tokenizers`` ``DecodeStream`` primed
-  with the prompt, special tokens skipped. Exact.
+  (``speculative.tokenizer``) as vLLM does: a ``tokenizers`` ``DecodeStream`` primed with
+  the prompt's last tokens, special tokens skipped. Exact.
 * :class:`ServerTextAssembler` asks the large server's ``/detokenize`` over a window of
   recent tokens. Used only when :func:`detokenize_is_faithful` says that endpoint returns
   the tokens' text unaltered; special tokens other than EOS would then appear in the text.
@@ -115,7 +115,7 @@ class LocalTextAssembler(TextAssembler):
     def __init__(self, tokenizer: Tokenizer, prompt: Sequence[int], stops: Sequence[str]) -> None:
         super().__init__(stops)
         self._tokenizer = tokenizer
-        self._stream = DecodeStream(ids=list(prompt), skip_special_tokens=True)
+        self._stream = DecodeStream(ids=_prompt_tail(tokenizer, prompt), skip_special_tokens=True)
 
     async def push(self, step: Step) -> str:
         visible = step.tokens[:-1] if step.eos else step.tokens
@@ -155,6 +155,19 @@ class LocalTextAssembler(TextAssembler):
             if index >= 0:
                 return index
         return None
+
+
+def _prompt_tail(tokenizer: Tokenizer, prompt: Sequence[int]) -> list[int]:
+    """The last 4 to 23 prompt tokens, the fewest that decode to whole characters: what the
+    answer's first tokens are decoded after (vLLM primed its detokenizer so). Priming with
+    the whole prompt costs a decode of all of it on the event loop (20 ms for 100k tokens)."""
+    if len(prompt) <= 4:
+        return list(prompt)
+    for n in range(4, min(len(prompt), 23) + 1):
+        tail = list(prompt[-n:])
+        if "\ufffd" not in tokenizer.decode(tail, skip_special_tokens=False):
+            return tail
+    return list(prompt[-23:])
 
 
 class ServerTextAssembler(TextAssembler):
