@@ -2,9 +2,9 @@
 
 It speaks the same OpenAI chat interface as any provider; inside, a request is
 tokenized with the large model's chat template, decoded by :class:`Decoder`, turned
-back into text as vLLM would write it (:mod:`gateway.speculative.text`), and shaped as ``chat.completion`` (or its
-chunks). Requests the loop cannot reproduce exactly go to the large model as they are
-(``fallback_to_plain`` with a reason in the stats).
+back into text as vLLM would write it (:mod:`gateway.speculative.text`), and shaped
+as ``chat.completion`` (or its chunks). Requests the loop cannot reproduce exactly go
+to the large model as they are (``fallback_to_plain`` with a reason in the stats).
 """
 
 from __future__ import annotations
