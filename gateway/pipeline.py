@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
-import msgspec
 import numpy as np
 import structlog
 
@@ -49,6 +48,7 @@ from gateway.learning.shadow import judge_request as shadow_judge_request
 from gateway.limits import Limiter, Reservation
 from gateway.pricing import cost_usd
 from gateway.protocol import ChatRequest, parse_chat_request
+from gateway.protocols.openai_chat import chunk_body, usage_body
 from gateway.routing import RoutePlan
 from gateway.runtime import Runtime, RuntimeHolder
 from gateway.store.base import StoreUnavailable
@@ -710,19 +710,9 @@ def _cost(price: Price, record: RequestRecord) -> float:
 
 
 def _usage_chunk(chunk_id: str | None, created: int | None, model: str | None, record: RequestRecord) -> bytes:
-    return msgspec.json.encode(
-        {
-            "id": chunk_id or f"chatcmpl-{record.request_id}",
-            "object": "chat.completion.chunk",
-            "created": created or int(time.time()),
-            "model": model or record.model,
-            "choices": [],
-            "usage": {
-                "prompt_tokens": record.prompt_tokens,
-                "completion_tokens": record.completion_tokens,
-                "total_tokens": record.prompt_tokens + record.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": record.cached_prompt_tokens},
-                "completion_tokens_details": {"reasoning_tokens": record.reasoning_tokens},
-            },
-        }
-    )
+    usage = usage_body(
+        record.prompt_tokens, record.completion_tokens,
+        cached_tokens=record.cached_prompt_tokens, reasoning_tokens=record.reasoning_tokens,
+    )  # fmt: skip
+    chunk_id = chunk_id or f"chatcmpl-{record.request_id}"
+    return chunk_body(chunk_id, created or int(time.time()), model or record.model, None, usage=usage)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import msgspec
+
+from gateway.protocols.openai_chat import chunk_body, completion_body, usage_body
 
 __all__ = ["CachedAnswer", "answer_text", "completion_from_stream", "replay_json", "replay_sse", "without_identity"]
 
@@ -47,27 +48,9 @@ def completion_from_stream(
     completion_tokens: int,
 ) -> bytes:
     """The ``chat.completion`` a finished text stream amounts to (so a stream can fill the cache)."""
-    return msgspec.json.encode(
-        {
-            "id": chunk_id or "chatcmpl-gateway",
-            "object": "chat.completion",
-            "created": created or int(time.time()),
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": finish_reason,
-                }
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }
-    )
+    message = {"role": "assistant", "content": text}
+    usage = usage_body(prompt_tokens, completion_tokens)
+    return completion_body(chunk_id or "chatcmpl-gateway", created, model, message, finish_reason, usage)
 
 
 _PIECE_CHARS = 24
@@ -125,31 +108,24 @@ def _reasoning_deltas(message: dict[str, Any]) -> list[dict[str, Any]]:
 def replay_sse(answer: CachedAnswer, include_usage: bool, answer_id: str, created: int) -> list[bytes]:
     """The SSE events of a cached answer: role, content pieces, finish, usage if asked, ``[DONE]``."""
     completion: dict[str, Any] = msgspec.json.decode(answer.body)
-    base = {"id": answer_id, "object": "chat.completion.chunk", "created": created, "model": completion.get("model")}
+    model = completion.get("model")
     events: list[bytes] = []
 
-    def emit(choices: list[dict[str, Any]], **extra: Any) -> None:
-        events.append(b"data: " + msgspec.json.encode({**base, "choices": choices, **extra}) + b"\n\n")
+    def emit(delta: dict[str, Any] | None, finish_reason: str | None = None, **extra: Any) -> None:
+        events.append(b"data: " + chunk_body(answer_id, created, model, delta, finish_reason, **extra) + b"\n\n")
 
-    for choice in completion.get("choices", []):
-        index = choice.get("index", 0)
+    for choice in completion.get("choices", [])[:1]:  # answers are stored only when n is 1
         message = choice.get("message") or {}
-        emit([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        emit({"role": "assistant", "content": ""})
         for delta in _reasoning_deltas(message):
-            emit([{"index": index, "delta": delta, "finish_reason": None}])
+            emit(delta)
         content = message.get("content") or ""
         for start in range(0, len(content), _PIECE_CHARS):
-            emit([{"index": index, "delta": {"content": content[start : start + _PIECE_CHARS]}, "finish_reason": None}])
+            emit({"content": content[start : start + _PIECE_CHARS]})
         if message.get("tool_calls"):
-            calls = [{**call, "index": i} for i, call in enumerate(message["tool_calls"])]
-            emit([{"index": index, "delta": {"tool_calls": calls}, "finish_reason": None}])
-        emit([{"index": index, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}])
+            emit({"tool_calls": [{**call, "index": i} for i, call in enumerate(message["tool_calls"])]})
+        emit({}, choice.get("finish_reason") or "stop")
     if include_usage:
-        usage = {
-            "prompt_tokens": answer.prompt_tokens,
-            "completion_tokens": answer.completion_tokens,
-            "total_tokens": answer.prompt_tokens + answer.completion_tokens,
-        }
-        emit([], usage=usage)
+        emit(None, usage=usage_body(answer.prompt_tokens, answer.completion_tokens))
     events.append(b"data: [DONE]\n\n")
     return events

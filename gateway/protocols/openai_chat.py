@@ -14,6 +14,7 @@ parts ``{"type": "thinking", "thinking", "signature"}`` / ``{"type":
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -43,7 +44,18 @@ from gateway.core.model import (
     UsageReport,
 )
 
-__all__ = ["ChunkReader", "answer_from_completion", "chat_stream_chunks", "to_chat_body", "usage_from"]
+__all__ = [
+    "ChunkReader",
+    "answer_from_completion",
+    "chat_stream_chunks",
+    "chunk_body",
+    "completion_body",
+    "to_chat_body",
+    "usage_body",
+    "usage_from",
+]
+
+_encode = msgspec.json.Encoder().encode
 
 _FINISH: dict[str, FinishReason] = {
     "stop": "stop",
@@ -129,6 +141,61 @@ def _message(message: Message) -> dict[str, Any]:
             for call in message.tool_calls
         ]
     return out
+
+
+def usage_body(
+    prompt_tokens: int, completion_tokens: int, *, cached_tokens: int | None = None, reasoning_tokens: int | None = None
+) -> dict[str, Any]:
+    """OpenAI's usage object; the details only when given."""
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    if cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    if reasoning_tokens is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return usage
+
+
+def completion_body(
+    answer_id: str | None,
+    created: int | None,
+    model: str | None,
+    message: dict[str, Any],
+    finish_reason: str | None,
+    usage: dict[str, Any] | None,
+) -> bytes:
+    """A one-choice ``chat.completion``; ``created`` defaults to now."""
+    body: dict[str, Any] = {
+        "id": answer_id,
+        "object": "chat.completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return _encode(body)
+
+
+def chunk_body(
+    chunk_id: str | None,
+    created: int | None,
+    model: str | None,
+    delta: dict[str, Any] | None,
+    finish_reason: str | None = None,
+    *,
+    usage: dict[str, Any] | None = None,
+) -> bytes:
+    """A ``chat.completion.chunk`` of the first choice; ``delta`` None: the usage chunk, with no choices."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    body: dict[str, Any] = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    body["choices"] = choices
+    if usage is not None:
+        body["usage"] = usage
+    return _encode(body)
 
 
 def usage_from(raw: Any) -> Usage:

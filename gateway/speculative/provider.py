@@ -17,12 +17,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
-import msgspec
 import structlog
 from tokenizers import Tokenizer
 
 from gateway.config.schema import SpeculationPolicy
 from gateway.errors import UpstreamError, UpstreamStatusError, UpstreamTimeoutError
+from gateway.protocols.openai_chat import chunk_body, completion_body, usage_body
 from gateway.speculative.adaptive import AdaptiveK
 from gateway.speculative.drafts import DraftSource, ModelDraft, PromptLookupDraft
 from gateway.speculative.eos import EosTable
@@ -44,7 +44,6 @@ from gateway.upstreams.openai import for_openai_upstream
 __all__ = ["PROBE_TEXT", "SpeculativeCompletion", "SpeculativeProvider"]
 
 _log = structlog.get_logger("gateway.speculative")
-_encode = msgspec.json.Encoder().encode
 
 PROBE_TEXT = (
     "The quick brown fox jumps over the lazy dog. It was the best of times; it was the worst of times.\n"
@@ -259,26 +258,11 @@ class SpeculativeProvider(Provider):
             await run.aclose()
         usage = Usage(len(run.prompt), run.assembler.completion_tokens)
         content = "".join(text)
-        data = {
-            "id": run.id,
-            "object": "chat.completion",
-            "created": run.created,
-            "model": body.get("model", self.upstream_model),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "logprobs": None,
-                    "finish_reason": run.assembler.finish_reason,
-                }
-            ],
-            "usage": {
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            },
-        }
-        return SpeculativeCompletion(_encode(data), usage, content, speculation=run.stats)
+        answer = completion_body(
+            run.id, run.created, body.get("model", self.upstream_model), {"role": "assistant", "content": content},
+            run.assembler.finish_reason, usage_body(usage.prompt_tokens, usage.completion_tokens),
+        )  # fmt: skip
+        return SpeculativeCompletion(answer, usage, content, speculation=run.stats)
 
     async def open_stream(self, body: dict[str, Any]) -> ChatStream:
         self._inflight += 1
@@ -513,15 +497,7 @@ class _SpeculativeStream(ChatStream):
         return self._queue.popleft()
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return _encode(
-            {
-                "id": self._run.id,
-                "object": "chat.completion.chunk",
-                "created": self._run.created,
-                "model": self._model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-            }
-        )
+        return chunk_body(self._run.id, self._run.created, self._model, delta, finish)
 
     async def aclose(self) -> None:
         try:

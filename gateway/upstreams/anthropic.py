@@ -50,6 +50,7 @@ import httpx
 import msgspec
 
 from gateway.errors import InvalidRequestError, UpstreamProtocolError, UpstreamStatusError
+from gateway.protocols.openai_chat import chunk_body, completion_body, usage_body
 from gateway.upstreams.base import ChatStream, Completion, Provider, UpstreamEvents, Usage, decode_json_object
 
 __all__ = ["AnthropicProvider"]
@@ -431,23 +432,17 @@ def _translate_response(upstream: str, data: dict[str, Any]) -> Completion:
     if tool_calls:
         message["tool_calls"] = tool_calls
     usage = _usage(data.get("usage"))
-    answer: dict[str, Any] = {
-        "id": data.get("id"),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": data.get("model"),
-        "choices": [
-            {"index": 0, "message": message, "finish_reason": _finish_reason(data.get("stop_reason")), "logprobs": None}
-        ],
-    }
-    if usage is not None:
-        answer["usage"] = {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
-        }
-    return Completion(body=msgspec.json.encode(answer), usage=usage, text=text)
+    wire_usage = (
+        None
+        if usage is None
+        else usage_body(usage.prompt_tokens, usage.completion_tokens, cached_tokens=usage.cached_prompt_tokens)
+    )
+    answer_id, model = data.get("id"), data.get("model")
+    body = completion_body(
+        answer_id if isinstance(answer_id, str) else None, None, model if isinstance(model, str) else None,
+        message, _finish_reason(data.get("stop_reason")), wire_usage,
+    )  # fmt: skip
+    return Completion(body=body, usage=usage, text=text)
 
 
 class _AnthropicChatStream(ChatStream):
@@ -603,12 +598,4 @@ class _AnthropicChatStream(ChatStream):
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         tally = self.tally
-        return msgspec.json.encode(
-            {
-                "id": tally.id,
-                "object": "chat.completion.chunk",
-                "created": tally.created,
-                "model": tally.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
-            }
-        )
+        return chunk_body(tally.id, tally.created, tally.model, delta, finish_reason)
