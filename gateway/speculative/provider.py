@@ -207,9 +207,11 @@ class SpeculativeProvider(Provider):
                 detail=f"{exc.message}; lower speculative.top_logprobs or raise the server's --max-logprobs",
             )  # fmt: skip
         found = await asyncio.gather(*(api.logprobs_scaled(prompt) for api in apis))
-        self._scaled_by_server = (found[0], found[-1] if len(found) > 1 else False)
-        if any(found):
-            _log.info("speculation_logprobs_scaled", model=self.name, target=found[0], draft=self._scaled_by_server[1])
+        # the target verifies with its prompt logprobs; the draft proposes with its sampled ones
+        self._scaled_by_server = (found[0][0], found[1][1] if len(found) > 1 else False)
+        if any(self._scaled_by_server):
+            target, draft = self._scaled_by_server
+            _log.info("speculation_logprobs_scaled", model=self.name, target=target, draft=draft)
 
     def _refuse(self, problem: str, *, reason: str = "pair_refused") -> NoReturn:
         self._pair, self._pair_problem, self._refusal = False, problem, reason

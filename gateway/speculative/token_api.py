@@ -158,9 +158,10 @@ class TokenAPI:
             generation.prompt_top, generation.prompt_best = _prompt_tables(tail, prompt_logprobs > 1)
         return generation
 
-    async def logprobs_scaled(self, prompt: Sequence[int]) -> bool:
-        """Whether this server returns logprobs after temperature scaling (vLLM's V0 engine, or V1
-        started with ``--logprobs-mode processed_logprobs``) rather than raw (V1's default).
+    async def logprobs_scaled(self, prompt: Sequence[int]) -> tuple[bool, bool]:
+        """Whether this server's (prompt, sampled) logprobs come after temperature scaling (vLLM's
+        V0 engine; V1 started with ``--logprobs-mode processed_logprobs`` scales the sampled ones)
+        rather than raw (V1's default). The verifier reads the first, the drafter the second.
 
         The same prompt at two temperatures: raw logprobs do not change, scaled ones do.
         """
@@ -170,9 +171,10 @@ class TokenAPI:
                 for t in (0.5, 1.0)
             )
         )
-        pairs = list(zip((cold.prompt_top or [None])[-1:], (warm.prompt_top or [None])[-1:], strict=True))
-        pairs += list(zip(cold.top or [], warm.top or [], strict=False))[:1]
-        return any(_moved(a, b) for a, b in pairs if a and b)
+        prompt_moved = _moved(cold.prompt_top[-1] if cold.prompt_top else None,
+                              warm.prompt_top[-1] if warm.prompt_top else None)  # fmt: skip
+        sampled_moved = _moved(cold.top[0] if cold.top else None, warm.top[0] if warm.top else None)
+        return prompt_moved, sampled_moved
 
     async def stream_generate(
         self, prompt: Sequence[int], max_tokens: int, *, temperature: float, seed: int | None = None
@@ -258,7 +260,9 @@ def _token_id(upstream: str, token: str) -> int:
     )
 
 
-def _moved(a: Distribution, b: Distribution) -> bool:
+def _moved(a: Distribution | None, b: Distribution | None) -> bool:
+    if not a or not b:
+        return False
     return any(abs(a[token] - b[token]) > 1e-3 for token in a.keys() & b.keys())
 
 

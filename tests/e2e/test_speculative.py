@@ -433,16 +433,30 @@ def v0_pair() -> Iterator[tuple[ToyServer, ToyServer]]:
     small.stop()
 
 
-@pytest.mark.parametrize("engine", ["v1", "v0"])
+@pytest.fixture(scope="module")
+def v1_processed_pair() -> Iterator[tuple[ToyServer, ToyServer]]:
+    """vLLM V1 started with --logprobs-mode processed_logprobs: sampled logprobs scaled, prompt ones raw."""
+    large = start_toy_server(role="large", eos_rate=0.03, max_logprobs=100, logprobs_mode="processed_logprobs")
+    small = start_toy_server(role="small", agreement=0.8, max_logprobs=100, logprobs_mode="processed_logprobs")
+    yield large, small
+    large.stop()
+    small.stop()
+
+
+@pytest.mark.parametrize(
+    ("engine", "scaled"), [("v1", (False, False)), ("v0", (True, True)), ("v1-processed", (False, True))]
+)
 async def test_the_logprobs_mode_of_each_server_is_found(
-    engine: str, wide_pair: tuple[ToyServer, ToyServer], v0_pair: tuple[ToyServer, ToyServer]
+    engine: str, scaled: tuple[bool, bool], request: pytest.FixtureRequest
 ) -> None:
-    servers = wide_pair if engine == "v1" else v0_pair
+    fixture = {"v1": "wide_pair", "v0": "v0_pair", "v1-processed": "v1_processed_pair"}[engine]
+    servers: tuple[ToyServer, ToyServer] = request.getfixturevalue(fixture)
     target, draft = _provider("large", servers[0]), _provider("small", servers[1], "small")
     try:
         spec = _spec((target, draft), top_logprobs=80)
         await spec.check_pair()
-        assert spec._scaled_by_server == ((True, True) if engine == "v0" else (False, False))
+        # the target verifies with prompt logprobs, the draft proposes with sampled ones
+        assert spec._scaled_by_server == scaled
         body = {**_body(_PROMPTS[3], max_tokens=30), "temperature": 0.7, "seed": 3}
         stats = (await spec.complete(body)).speculation  # type: ignore[attr-defined]
         assert stats.sampling == "speculative" and not stats.fallback_to_plain and stats.rounds >= 1

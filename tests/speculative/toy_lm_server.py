@@ -20,7 +20,9 @@ The model
   ``--special-rate`` makes ``<|system|>`` the argmax at that share of positions (a
   model emitting a special token that is not EOS).
 * ``--logprobs-mode processed`` returns logprobs after temperature and the repetition
-  penalty (vLLM's V0 engine; V1's default ``raw_logprobs`` returns them raw).
+  penalty (vLLM's V0 engine; V1's default ``raw_logprobs`` returns them raw);
+  ``processed_logprobs`` scales the sampled tokens' logprobs only (V1's option of that
+  name: prompt logprobs stay raw).
 * Next-token logits are a pure function of (last two tokens, position): seeded
   Gaussian scores (scale 2). With probability ``--eos-rate`` per position ``<eos>``
   is the argmax. The *small* model reuses the large model's logits plus noise and,
@@ -164,7 +166,8 @@ class Settings:
     cleanup: bool = True
     special_rate: float = 0.0
     logprobs_mode: str = "raw"
-    """``raw``: log-softmax of the logits (vLLM V1); ``processed``: after temperature and penalty (V0)."""
+    """``raw``: log-softmax of the logits (vLLM V1); ``processed``: after temperature and penalty (V0);
+    ``processed_logprobs``: sampled ones processed, prompt ones raw (V1's option)."""
     batch_knee: int = 0
     """Tokens a batched step takes at the cost of one pass; 0: no batching model (each request alone)."""
 
@@ -479,7 +482,7 @@ def _prompt_logprobs(state: State, tokenizer: Tokenizer, req: _Request) -> list[
     n = req.prompt_logprobs or 0
     out: list[Any] = [None]
     for pos in range(1, len(req.prompt)):
-        scale = _logprob_scale(state.settings, req.temperature)
+        scale = _logprob_scale(state.settings, req.temperature, prompt=True)
         key = (_key(req.prompt, pos), req.prompt[pos], n, req.as_ids, scale)
         entry = state.entry_cache.get(key)
         if entry is None:
@@ -495,9 +498,10 @@ def _key(seq: list[int], pos: int) -> tuple[int, int, int]:
     return (seq[pos - 2] if pos > 1 else -1, seq[pos - 1] if pos > 0 else -1, pos)
 
 
-def _logprob_scale(settings: Settings, temperature: float) -> float:
-    """What the returned logprobs' logits are divided by: 1 when raw (V1), the temperature when processed (V0)."""
-    return temperature if settings.logprobs_mode == "processed" and temperature > 0 else 1.0
+def _logprob_scale(settings: Settings, temperature: float, *, prompt: bool = False) -> float:
+    """What the returned logprobs' logits are divided by: 1 when raw, the temperature when processed."""
+    processed = settings.logprobs_mode == "processed" or (settings.logprobs_mode == "processed_logprobs" and not prompt)
+    return temperature if processed and temperature > 0 else 1.0
 
 
 def _prompt_entry(
@@ -752,7 +756,7 @@ def _parse_args(argv: list[str]) -> tuple[Settings, int]:
     parser.add_argument("--flatness", type=float, default=1.0)
     parser.add_argument("--cleanup", type=int, choices=[0, 1], default=1)
     parser.add_argument("--special-rate", type=float, default=0.0)
-    parser.add_argument("--logprobs-mode", choices=["raw", "processed"], default="raw")
+    parser.add_argument("--logprobs-mode", choices=["raw", "processed", "processed_logprobs"], default="raw")
     parser.add_argument("--batch-knee", type=int, default=0)
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
