@@ -544,16 +544,8 @@ class ChatPipeline:
             if include_usage:
                 yield b"data: " + _usage_chunk(tally.id, tally.created, tally.model, record) + b"\n\n"
             yield b"data: [DONE]\n\n"
-            if not (tally.has_tool_calls or tally.has_reasoning):
-                body = completion_from_stream(
-                    tally.id,
-                    tally.created,
-                    tally.model,
-                    tally.text,
-                    tally.finish_reason,
-                    record.prompt_tokens,
-                    record.completion_tokens,
-                )
+            if tally.replayable:
+                body = completion_from_stream(tally, record.prompt_tokens, record.completion_tokens)
                 with anyio.CancelScope(shield=True):
                     await self._fill_cache(x, body)
         except UpstreamError as exc:

@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 from gateway.protocols.openai_chat import chunk_body, completion_body, usage_body
+from gateway.upstreams.base import StreamTally
 
 __all__ = ["CachedAnswer", "answer_text", "completion_from_stream", "replay_json", "replay_sse", "without_identity"]
 
@@ -38,19 +39,11 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(CachedAnswer)
 
 
-def completion_from_stream(
-    chunk_id: str | None,
-    created: int | None,
-    model: str | None,
-    text: str,
-    finish_reason: str | None,
-    prompt_tokens: int,
-    completion_tokens: int,
-) -> bytes:
-    """The ``chat.completion`` a finished text stream amounts to (so a stream can fill the cache)."""
-    message = {"role": "assistant", "content": text}
+def completion_from_stream(tally: StreamTally, prompt_tokens: int, completion_tokens: int) -> bytes:
+    """The ``chat.completion`` a finished stream amounts to (so a stream can fill the cache)."""
     usage = usage_body(prompt_tokens, completion_tokens)
-    return completion_body(chunk_id or "chatcmpl-gateway", created, model, message, finish_reason, usage)
+    chunk_id = tally.id or "chatcmpl-gateway"
+    return completion_body(chunk_id, tally.created, tally.model, tally.message(), tally.finish_reason, usage)
 
 
 _PIECE_CHARS = 24

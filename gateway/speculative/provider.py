@@ -487,8 +487,7 @@ class _SpeculativeStream(ChatStream):
                     self._chunk({"role": "assistant", "content": text} if not self._started else {"content": text})
                 )
                 self._started = True
-                if text:
-                    self.tally.text_parts.append(text)
+                self.tally.take_delta({"content": text})
             if self._run.done:
                 finish = self._run.assembler.finish_reason
                 self._queue.append(self._chunk({}, finish))

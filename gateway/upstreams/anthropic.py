@@ -536,14 +536,12 @@ class _AnthropicChatStream(ChatStream):
         if block.get("type") == "text":
             return self._text_chunk(block.get("text"))
         if block.get("type") == "redacted_thinking":
-            self.tally.has_reasoning = True
             redacted = {"type": "redacted_thinking", "data": str(block.get("data") or "")}
             return self._chunk({"thinking_blocks": [redacted]})
         if block.get("type") != "tool_use":
             return None  # a thinking block: its text and signature come as deltas
         tool_index = len(self._tool_indexes)
         self._tool_indexes[_int(event.get("index"))] = tool_index
-        self.tally.has_tool_calls = True
         call = {
             "index": tool_index,
             "id": block.get("id"),
@@ -564,8 +562,6 @@ class _AnthropicChatStream(ChatStream):
             if tool_index is None or not isinstance(partial, str) or not partial:
                 return None
             return self._chunk({"tool_calls": [{"index": tool_index, "function": {"arguments": partial}}]})
-        if delta.get("type") in ("thinking_delta", "signature_delta"):
-            self.tally.has_reasoning = True
         if delta.get("type") == "thinking_delta":
             thinking = delta.get("thinking")
             return self._chunk({"reasoning_content": thinking}) if isinstance(thinking, str) and thinking else None
@@ -593,9 +589,9 @@ class _AnthropicChatStream(ChatStream):
     def _text_chunk(self, text: Any) -> bytes | None:
         if not isinstance(text, str) or not text:
             return None
-        self.tally.text_parts.append(text)
         return self._chunk({"content": text})
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         tally = self.tally
+        tally.take_delta(delta)
         return chunk_body(tally.id, tally.created, tally.model, delta, finish_reason)

@@ -57,7 +57,8 @@ class Completion:
 
 @dataclass(slots=True)
 class StreamTally:
-    """What a stream said besides its chunks: identity, usage, text (for counting), finish."""
+    """What a stream said besides its chunks: identity, usage, finish, and the message its deltas
+    amount to (text for counting; tool calls and reasoning too, so a stream can fill the cache)."""
 
     id: str | None = None
     created: int | None = None
@@ -67,13 +68,78 @@ class StreamTally:
     finish_reason: str | None = None
     chunks: int = 0
     has_tool_calls: bool = False
-    has_reasoning: bool = False
-    """The stream showed the model's reasoning (``reasoning_content``, ``thinking_blocks``): such
-    a stream is not stored in the cache, which keeps only what its text and finish amount to."""
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    reasoning_parts: list[str] = field(default_factory=list)
+    thinking_blocks: list[dict[str, Any]] = field(default_factory=list)
+    _thought: int = 0
+    """How much of ``reasoning_parts`` the thinking blocks so far cover."""
+    replayable: bool = True
+    """False when a delta was of a kind the tally does not rebuild (a legacy ``function_call``):
+    the stream is then not stored in the cache."""
 
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
+
+    def take_delta(self, delta: dict[str, Any]) -> None:
+        """Add one chunk's delta (first choice) to the message."""
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            self.text_parts.append(content)
+        reasoning = delta.get("reasoning_content")
+        if isinstance(reasoning, str) and reasoning:
+            self.reasoning_parts.append(reasoning)
+        for block in delta.get("thinking_blocks") or ():
+            self._take_thinking(block)
+        for call in delta.get("tool_calls") or ():
+            self._take_call(call)
+        if delta.get("function_call") is not None or delta.get("reasoning"):
+            self.has_tool_calls = self.has_tool_calls or delta.get("function_call") is not None
+            self.replayable = False
+
+    def message(self) -> dict[str, Any]:
+        """The assistant message of a finished stream, as a ``chat.completion`` carries it."""
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": self.text if self.text_parts or not self.tool_calls else None,
+        }
+        if self.reasoning_parts or self.thinking_blocks:
+            message["reasoning_content"] = "".join(self.reasoning_parts)
+            if self.thinking_blocks:
+                message["thinking_blocks"] = self.thinking_blocks
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[index] for index in sorted(self.tool_calls)]
+        return message
+
+    def _take_thinking(self, block: Any) -> None:
+        if not isinstance(block, dict):
+            return
+        if block.get("type") == "redacted_thinking":
+            self.thinking_blocks.append(block)
+        elif block.get("signature"):  # closes the thinking streamed since the last block
+            text = "".join(self.reasoning_parts)
+            self.thinking_blocks.append(
+                {"type": "thinking", "thinking": text[self._thought :], "signature": block["signature"]}
+            )
+            self._thought = len(text)
+
+    def _take_call(self, call: Any) -> None:
+        if not isinstance(call, dict):
+            return
+        self.has_tool_calls = True
+        index = call.get("index", 0)
+        function = call.get("function")
+        if not isinstance(function, dict):
+            function = {}
+        known = self.tool_calls.get(index)
+        if known is None:
+            known = self.tool_calls[index] = {"id": call.get("id"), "type": "function",
+                                              "function": {"name": function.get("name") or "", "arguments": ""}}  # fmt: skip
+        elif call.get("id") and not known["id"]:
+            known["id"] = call["id"]
+        fragment = function.get("arguments")
+        if isinstance(fragment, str):
+            known["function"]["arguments"] += fragment
 
 
 class ChatStream(ABC):

@@ -169,13 +169,7 @@ def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:
         if isinstance(choice, dict):
             delta = choice.get("delta")
             if isinstance(delta, dict):
-                content = delta.get("content")
-                if isinstance(content, str) and content:
-                    tally.text_parts.append(content)
-                if delta.get("tool_calls") or delta.get("function_call"):
-                    tally.has_tool_calls = True
-                if delta.get("reasoning_content") or delta.get("reasoning"):
-                    tally.has_reasoning = True
+                tally.take_delta(delta)
             if choice.get("finish_reason"):
                 tally.finish_reason = choice["finish_reason"]
 

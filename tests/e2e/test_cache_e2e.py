@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageFunctionToolCall, ChatCompletionMessageParam
 
 from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
@@ -329,3 +329,81 @@ def test_one_question_through_four_apis_shares_one_entry_per_tenant(
         json={"model": "fast", "max_tokens": 64, "temperature": 0, "messages": [{"role": "user", "content": question}]},
     )  # fmt: skip
     assert other.headers["x-gateway-cache"] == "miss"  # another tenant: never another tenant's entry
+
+
+_WEATHER_TOOL: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_a_streamed_tool_call_fills_the_cache_and_replays_whole(
+    cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    client = _client(cached_gateway)
+    messages: Any = [{"role": "user", "content": f"What's the weather in Oslo? {time.monotonic_ns()}"}]
+    first = client.chat.completions.create(
+        model="fast", messages=messages, tools=[_WEATHER_TOOL], temperature=0, stream=True
+    )
+    streamed = _stream_calls(first)
+    assert streamed and streamed[0]["name"] == "get_weather"
+    calls = upstream_stats(small_upstream)["requests"]
+    again = client.chat.completions.with_raw_response.create(
+        model="fast", messages=messages, tools=[_WEATHER_TOOL], temperature=0, stream=True
+    )
+    assert again.headers["x-gateway-cache"] == "exact"
+    assert _stream_calls(again.parse()) == streamed
+    whole = client.chat.completions.create(model="fast", messages=messages, tools=[_WEATHER_TOOL], temperature=0)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls is not None
+    replayed = [c for c in choice.message.tool_calls if isinstance(c, ChatCompletionMessageFunctionToolCall)]
+    assert [(c.id, c.function.name, c.function.arguments) for c in replayed] == [
+        (c["id"], c["name"], c["arguments"]) for c in streamed
+    ]
+    assert upstream_stats(small_upstream)["requests"] == calls
+
+
+def _stream_calls(stream: Any) -> list[dict[str, str]]:
+    """The tool calls a chat stream spelled out, joined by index."""
+    calls: dict[int, dict[str, str]] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                known = calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+                known["id"] = call.id or known["id"]
+                if call.function is not None:
+                    known["name"] = call.function.name or known["name"]
+                    known["arguments"] += call.function.arguments or ""
+    return [calls[i] for i in sorted(calls)]
+
+
+def test_a_streamed_answer_with_signed_thinking_replays_its_blocks(
+    cached_gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    import anthropic
+
+    claude = closed_after_test(anthropic.Anthropic(base_url=cached_gateway.url, api_key="key-a1", max_retries=0))
+    ask: Any = {
+        "model": "claude", "max_tokens": 2048, "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "messages": [{"role": "user", "content": f"Why is the sky blue? {time.monotonic_ns()}"}],
+    }  # fmt: skip
+    with claude.messages.stream(**ask) as stream:
+        first = stream.get_final_message()
+    assert first.content[0].type == "thinking" and first.content[0].signature
+    calls = upstream_stats(large_upstream)["requests"]
+    raw = claude.messages.with_raw_response.create(**ask)
+    assert raw.headers["x-gateway-cache"] == "exact"
+    assert _blocks(raw.parse().content) == _blocks(first.content)  # thinking, signature and text, as streamed
+    with claude.messages.stream(**ask) as stream:
+        assert _blocks(stream.get_final_message().content) == _blocks(first.content)
+    assert upstream_stats(large_upstream)["requests"] == calls
+
+
+def _blocks(content: Any) -> list[tuple[str, str | None, str | None, str | None]]:
+    return [
+        (b.type, getattr(b, "thinking", None), getattr(b, "signature", None), getattr(b, "text", None)) for b in content
+    ]

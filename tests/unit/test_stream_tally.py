@@ -1,0 +1,55 @@
+"""What a finished stream amounts to: the message the cache stores for it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.upstreams.base import StreamTally
+
+
+def test_tool_calls_reasoning_and_text_are_rebuilt_from_their_deltas() -> None:
+    tally = StreamTally()
+    deltas: list[dict[str, Any]] = [
+        {"role": "assistant", "content": ""},
+        {"reasoning_content": "First I"},
+        {"reasoning_content": " look."},
+        {"thinking_blocks": [{"type": "thinking", "thinking": "", "signature": "s1"}]},
+        {"thinking_blocks": [{"type": "redacted_thinking", "data": "ZW5j"}]},
+        {"reasoning_content": "Then two calls."},
+        {"thinking_blocks": [{"type": "thinking", "thinking": "", "signature": "s2"}]},
+        {"content": "Checking."},
+        {"tool_calls": [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "w", "arguments": ""}}]},
+        {
+            "tool_calls": [
+                {"index": 1, "id": "call_b", "type": "function", "function": {"name": "v", "arguments": "{}"}}
+            ]
+        },
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": ' "Oslo"}'}}]},
+    ]
+    for delta in deltas:
+        tally.take_delta(delta)
+    assert tally.replayable and tally.has_tool_calls
+    assert tally.message() == {
+        "role": "assistant",
+        "content": "Checking.",
+        "reasoning_content": "First I look.Then two calls.",
+        "thinking_blocks": [
+            {"type": "thinking", "thinking": "First I look.", "signature": "s1"},
+            {"type": "redacted_thinking", "data": "ZW5j"},
+            {"type": "thinking", "thinking": "Then two calls.", "signature": "s2"},
+        ],
+        "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "w", "arguments": '{"city": "Oslo"}'}},
+            {"id": "call_b", "type": "function", "function": {"name": "v", "arguments": "{}"}},
+        ],
+    }
+
+
+def test_a_legacy_function_call_stream_is_not_stored() -> None:
+    tally = StreamTally()
+    tally.take_delta({"function_call": {"name": "w", "arguments": "{}"}})
+    assert not tally.replayable and tally.has_tool_calls
+    text_only = StreamTally()
+    text_only.take_delta({"content": "hi"})
+    assert text_only.message() == {"role": "assistant", "content": "hi"}
