@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 from collections import Counter
@@ -380,14 +381,22 @@ def _sampled_shares(
     return {token: counts[token] / trials for token in p}
 
 
+@contextlib.contextmanager
+def _wide(**options: Any) -> Iterator[tuple[ToyServer, ToyServer]]:
+    """Servers that return up to 100 logprobs (vLLM --max-logprobs 100): enough for the toy's 74 tokens."""
+    large = start_toy_server(role="large", eos_rate=0.03, max_logprobs=100, **options)
+    small = start_toy_server(role="small", agreement=0.8, max_logprobs=100, **options)
+    try:
+        yield large, small
+    finally:
+        large.stop()
+        small.stop()
+
+
 @pytest.fixture(scope="module")
 def wide_pair() -> Iterator[tuple[ToyServer, ToyServer]]:
-    """Servers that return up to 100 logprobs (vLLM --max-logprobs 100): enough for the toy's 74 tokens."""
-    large = start_toy_server(role="large", eos_rate=0.03, max_logprobs=100)
-    small = start_toy_server(role="small", agreement=0.8, max_logprobs=100)
-    yield large, small
-    large.stop()
-    small.stop()
+    with _wide() as servers:
+        yield servers
 
 
 async def test_sampled_requests_use_speculative_sampling(wide_pair: tuple[ToyServer, ToyServer]) -> None:
@@ -423,46 +432,28 @@ def test_logprobs_the_server_scaled_are_not_scaled_again() -> None:
         assert share == pytest.approx(p[token], abs=0.01)
 
 
-@pytest.fixture(scope="module")
-def v0_pair() -> Iterator[tuple[ToyServer, ToyServer]]:
-    """Servers that return logprobs after temperature scaling, as vLLM's V0 engine."""
-    large = start_toy_server(role="large", eos_rate=0.03, max_logprobs=100, logprobs_mode="processed")
-    small = start_toy_server(role="small", agreement=0.8, max_logprobs=100, logprobs_mode="processed")
-    yield large, small
-    large.stop()
-    small.stop()
-
-
-@pytest.fixture(scope="module")
-def v1_processed_pair() -> Iterator[tuple[ToyServer, ToyServer]]:
-    """vLLM V1 started with --logprobs-mode processed_logprobs: sampled logprobs scaled, prompt ones raw."""
-    large = start_toy_server(role="large", eos_rate=0.03, max_logprobs=100, logprobs_mode="processed_logprobs")
-    small = start_toy_server(role="small", agreement=0.8, max_logprobs=100, logprobs_mode="processed_logprobs")
-    yield large, small
-    large.stop()
-    small.stop()
-
-
 @pytest.mark.parametrize(
-    ("engine", "scaled"), [("v1", (False, False)), ("v0", (True, True)), ("v1-processed", (False, True))]
+    ("mode", "scaled"),
+    [
+        ("raw", (False, False)),  # vLLM V1's default
+        ("processed", (True, True)),  # V0: prompt and sampled logprobs after temperature
+        ("processed_logprobs", (False, True)),  # V1's option: sampled ones only
+    ],
 )
-async def test_the_logprobs_mode_of_each_server_is_found(
-    engine: str, scaled: tuple[bool, bool], request: pytest.FixtureRequest
-) -> None:
-    fixture = {"v1": "wide_pair", "v0": "v0_pair", "v1-processed": "v1_processed_pair"}[engine]
-    servers: tuple[ToyServer, ToyServer] = request.getfixturevalue(fixture)
-    target, draft = _provider("large", servers[0]), _provider("small", servers[1], "small")
-    try:
-        spec = _spec((target, draft), top_logprobs=80)
-        await spec.check_pair()
-        # the target verifies with prompt logprobs, the draft proposes with sampled ones
-        assert spec._scaled_by_server == scaled
-        body = {**_body(_PROMPTS[3], max_tokens=30), "temperature": 0.7, "seed": 3}
-        stats = (await spec.complete(body)).speculation  # type: ignore[attr-defined]
-        assert stats.sampling == "speculative" and not stats.fallback_to_plain and stats.rounds >= 1
-    finally:
-        await target.aclose()
-        await draft.aclose()
+async def test_the_logprobs_mode_of_each_server_is_found(mode: str, scaled: tuple[bool, bool]) -> None:
+    with _wide(logprobs_mode=mode) as servers:
+        target, draft = _provider("large", servers[0]), _provider("small", servers[1], "small")
+        try:
+            spec = _spec((target, draft), top_logprobs=80)
+            await spec.check_pair()
+            # the target verifies with prompt logprobs, the draft proposes with sampled ones
+            assert spec._scaled_by_server == scaled
+            body = {**_body(_PROMPTS[3], max_tokens=30), "temperature": 0.7, "seed": 3}
+            stats = (await spec.complete(body)).speculation  # type: ignore[attr-defined]
+            assert stats.sampling == "speculative" and not stats.fallback_to_plain and stats.rounds >= 1
+        finally:
+            await target.aclose()
+            await draft.aclose()
 
 
 async def test_a_heavy_tail_beyond_the_returned_logprobs_ends_speculation(pair: tuple[Provider, Provider]) -> None:
