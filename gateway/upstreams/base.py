@@ -128,6 +128,9 @@ class StreamTally:
             return
         self.has_tool_calls = True
         index = call.get("index", 0)
+        if not isinstance(index, int):  # not OpenAI's shape: pass it on, but do not store the stream
+            self.replayable = False
+            return
         function = call.get("function")
         if not isinstance(function, dict):
             function = {}

@@ -46,10 +46,13 @@ def test_tool_calls_reasoning_and_text_are_rebuilt_from_their_deltas() -> None:
     }
 
 
-def test_a_legacy_function_call_stream_is_not_stored() -> None:
+def test_a_stream_the_tally_cannot_rebuild_is_not_stored() -> None:
     tally = StreamTally()
     tally.take_delta({"function_call": {"name": "w", "arguments": "{}"}})
     assert not tally.replayable and tally.has_tool_calls
+    odd = StreamTally()
+    odd.take_delta({"tool_calls": [{"index": "0", "id": "c", "function": {"name": "w", "arguments": "{}"}}]})
+    assert not odd.replayable and odd.message()["content"] == ""
     text_only = StreamTally()
     text_only.take_delta({"content": "hi"})
     assert text_only.message() == {"role": "assistant", "content": "hi"}
