@@ -206,6 +206,7 @@ class SpeculativeProvider(Provider):
                 "speculative_sampling_refused", model=self.name, upstream=exc.upstream, top_logprobs=n,
                 detail=f"{exc.message}; lower speculative.top_logprobs or raise the server's --max-logprobs",
             )  # fmt: skip
+            return  # sampled requests go plain: how the logprobs are scaled does not matter
         found = await asyncio.gather(*(api.logprobs_scaled(prompt) for api in apis))
         # the target verifies with its prompt logprobs; the draft proposes with its sampled ones
         self._scaled_by_server = (found[0][0], found[1][1] if len(found) > 1 else False)
