@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,13 +14,13 @@ from litestar.exceptions import HTTPException
 
 from gateway.accounting.ledger import UsageLedger
 from gateway.accounting.metrics import Metrics
-from gateway.accounting.request_log import RequestLogWriter, configure_logging, exception_frames
-from gateway.api.chat import chat_completions
+from gateway.accounting.request_log import RequestLogWriter, configure_logging
+from gateway.api.chat import ChatRoute
 from gateway.api.completions import create_completion
 from gateway.api.embeddings import create_embeddings
 from gateway.api.feedback import feedback
 from gateway.api.messages import count_message_tokens, create_message
-from gateway.api.probes import error_response, healthz, list_models, metrics, readyz, retrieve_model
+from gateway.api.probes import error_response, healthz, internal_error, list_models, metrics, readyz, retrieve_model
 from gateway.api.responses import create_response, delete_response, retrieve_response
 from gateway.api.state import GatewayState
 from gateway.api.usage import usage
@@ -47,7 +46,8 @@ __all__ = ["create_app"]
 _log = structlog.get_logger("gateway.app")
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
+def create_app(settings: Settings | None = None) -> ChatRoute:
+    """The gateway's ASGI application: the chat route in front, Litestar for the rest."""
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
@@ -64,29 +64,30 @@ def create_app(settings: Settings | None = None) -> Litestar:
         finally:
             await state.aclose()
 
-    return Litestar(
-        route_handlers=[
-            chat_completions,
-            create_completion,
-            create_embeddings,
-            create_message,
-            count_message_tokens,
-            create_response,
-            retrieve_response,
-            delete_response,
-            list_models,
-            retrieve_model,
-            usage,
-            feedback,
-            healthz,
-            readyz,
-            metrics,
-        ],
-        lifespan=[lifespan],
-        exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _internal_error},
-        openapi_config=None,
-        logging_config=None,
-        request_max_body_size=None,
+    return ChatRoute(
+        Litestar(
+            route_handlers=[
+                create_completion,
+                create_embeddings,
+                create_message,
+                count_message_tokens,
+                create_response,
+                retrieve_response,
+                delete_response,
+                list_models,
+                retrieve_model,
+                usage,
+                feedback,
+                healthz,
+                readyz,
+                metrics,
+            ],
+            lifespan=[lifespan],
+            exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _internal_error},
+            openapi_config=None,
+            logging_config=None,
+            request_max_body_size=None,
+        )
     )
 
 
@@ -168,14 +169,4 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes
 
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    request_id = uuid.uuid4().hex
-    _log.error(
-        "internal_error",
-        request_id=request_id,
-        path=request.url.path,
-        error=type(exc).__name__,
-        where=exception_frames(exc),
-    )
-    error = GatewayError("internal error in the gateway; the request id is in x-request-id", code="internal_error")
-    error.headers["x-request-id"] = request_id
-    return error_response(error)
+    return error_response(internal_error(request.url.path, exc))

@@ -1,31 +1,138 @@
-"""``POST /v1/chat/completions``: moves bytes between the client and :class:`ChatPipeline`."""
+"""``POST /v1/chat/completions``: moves bytes between the client and :class:`ChatPipeline`.
+
+The busiest route is served in front of the framework: :class:`ChatRoute` takes it as
+a bare ASGI handler and hands every other path and method to the Litestar app. Measured
+on 2 cores, granian with a one-route Litestar app answers in 0.42-0.46 ms p50 where a
+bare ASGI app answers in 0.28 ms; through the gateway (``make bench``, three interleaved
+runs) the added latency p50 went from 1.01 to 0.91 ms and throughput at 8 connections from
+1,599 to 1,756 requests/s. The gateway keeps Litestar for its other routes. The
+request still goes through :func:`~gateway.api.handoff.hand_to_pipeline` (body limits,
+request id, the client leaving) and every error is rendered as on the other routes.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
-from litestar import Request, Response, post
-from litestar.response import Stream
+import anyio
+from litestar import Litestar
+from litestar.exceptions import InternalServerException
 
-from gateway.api.handoff import hand_to_pipeline
+from gateway.api.handoff import Incoming, hand_to_pipeline
+from gateway.api.probes import internal_error
+from gateway.errors import GatewayError, InvalidRequestError
 from gateway.pipeline import Answer
 
-__all__ = ["chat_completions"]
+__all__ = ["CHAT_PATH", "ChatRoute"]
 
-_CLIENT_GONE = Response(content=b"", status_code=499)
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+CHAT_PATH = "/v1/chat/completions"
+_JSON = (b"content-type", b"application/json")
+_SSE = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 
 
-@post("/v1/chat/completions", request_max_body_size=None, status_code=200)
-async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
-    _, answer = await hand_to_pipeline(request)
-    if answer is None:
-        return _CLIENT_GONE
+class ChatRoute:
+    """The ASGI application: ``POST /v1/chat/completions`` here, everything else to ``app``."""
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: Litestar) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == CHAT_PATH:
+            if scope["method"] == "POST":
+                await _chat_completions(_BareRequest(self.app, scope, receive), receive, send)
+            else:
+                not_allowed = InvalidRequestError("Method Not Allowed")
+                not_allowed.status_code, not_allowed.headers["allow"] = 405, "POST"
+                await _send_error(send, not_allowed)
+        else:
+            await self.app(scope, receive, send)  # type: ignore[arg-type]
+
+
+class _BareRequest:
+    """What the hand-off reads of a request, straight from the ASGI scope (see :class:`Incoming`)."""
+
+    __slots__ = ("app", "headers", "receive")
+
+    def __init__(self, app: Litestar, scope: Scope, receive: Receive) -> None:
+        self.app = app
+        # ASGI gives header names in lower case; a repeated header keeps its first value, as Litestar's get
+        headers: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+        self.headers = headers
+        self.receive = receive
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise InternalServerException("client disconnected prematurely")
+            body = message.get("body", b"")
+            if body:
+                yield body
+            if not message.get("more_body", False):
+                return
+
+
+async def _chat_completions(request: Incoming, receive: Receive, send: Send) -> None:
+    try:
+        _, answer = await hand_to_pipeline(request)
+    except Exception as exc:  # a bug of ours: answered as the framework's handler would
+        await _send_error(send, exc)
+        return
+    if answer is None:  # the client left: there is no one to answer
+        return
     if isinstance(answer, Answer):
-        return Response(
-            content=answer.body, status_code=answer.status, headers=answer.headers, media_type="application/json"
-        )
-    return Stream(
-        answer.events,
-        media_type="text/event-stream",
-        headers={**answer.headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
-    )
+        headers = [_JSON, (b"content-length", str(len(answer.body)).encode()), *_encoded(answer.headers)]
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+        await send({"type": "http.response.body", "body": answer.body, "more_body": False})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [*_SSE, *_encoded(answer.headers)]})
+    await _stream(answer.events, receive, send)
+
+
+async def _stream(events: AsyncIterator[bytes], receive: Receive, send: Send) -> None:
+    """Send the events; a client that hangs up cancels the rest (and with it the upstream call)."""
+
+    async def listen(scope: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()
+
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(listen, group.cancel_scope)
+            async for event in events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            group.cancel_scope.cancel()
+    finally:
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            with anyio.CancelScope(shield=True):
+                await close()
+
+
+async def _send_error(send: Send, exc: Exception) -> None:
+    error = exc if isinstance(exc, GatewayError) else internal_error(CHAT_PATH, exc)
+    body = error.to_body()
+    headers = [_JSON, (b"content-length", str(len(body)).encode()), *_encoded(error.headers)]
+    with contextlib.suppress(OSError):
+        await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _encoded(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]

@@ -6,23 +6,34 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
-from litestar import Request
 from litestar.exceptions import InternalServerException
 
 from gateway.api.state import GatewayState
 from gateway.errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError
 from gateway.pipeline import Answer, StreamingAnswer
 
-__all__ = ["DisconnectWatch", "hand_to_pipeline"]
+__all__ = ["DisconnectWatch", "Incoming", "hand_to_pipeline"]
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
+class Incoming(Protocol):
+    """What the hand-off reads of a request: Litestar's ``Request``, or the chat route's bare one."""
+
+    @property
+    def app(self) -> Any: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    def stream(self) -> AsyncIterator[bytes]: ...
+    @property
+    def receive(self) -> Callable[..., Awaitable[Any]]: ...
+
+
 async def hand_to_pipeline(
-    request: Request[Any, Any, Any],
+    request: Incoming,
     *,
     protocol: str = "openai.chat",
     authorization: str | None = None,
@@ -81,7 +92,7 @@ class DisconnectWatch:
 
     __slots__ = ("_request", "_task", "_watcher", "client_left")
 
-    def __init__(self, request: Request[Any, Any, Any], task: asyncio.Task[object]) -> None:
+    def __init__(self, request: Incoming, task: asyncio.Task[object]) -> None:
         self._request = request
         self._task = task
         self._watcher: asyncio.Task[None] | None = None

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import msgspec
+import structlog
 from litestar import Request, Response, get
 
+from gateway.accounting.request_log import exception_frames
 from gateway.api.state import GatewayState
 from gateway.errors import GatewayError, ModelNotFoundError
 from gateway.learning.learned import active_version
 from gateway.store.base import StoreUnavailable
 
-__all__ = ["healthz", "list_models", "metrics", "readyz", "retrieve_model"]
+__all__ = ["error_response", "healthz", "internal_error", "list_models", "metrics", "readyz", "retrieve_model"]
+
+_log = structlog.get_logger("gateway.app")
 
 
 @get("/v1/models")
@@ -89,6 +94,17 @@ async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 def error_response(exc: GatewayError) -> Response[bytes]:
     return Response(exc.to_body(), status_code=exc.status_code, headers=exc.headers, media_type="application/json")
+
+
+def internal_error(path: str, exc: Exception) -> GatewayError:
+    """What a client is told of a bug of ours (logged here with where it happened, under a request id)."""
+    request_id = uuid.uuid4().hex
+    _log.error(
+        "internal_error", request_id=request_id, path=path, error=type(exc).__name__, where=exception_frames(exc)
+    )
+    error = GatewayError("internal error in the gateway; the request id is in x-request-id", code="internal_error")
+    error.headers["x-request-id"] = request_id
+    return error
 
 
 async def _learned_router(state: GatewayState) -> str | None:
