@@ -67,7 +67,6 @@ class StreamTally:
     text_parts: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     chunks: int = 0
-    has_tool_calls: bool = False
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     reasoning_parts: list[str] = field(default_factory=list)
     thinking_blocks: list[dict[str, Any]] = field(default_factory=list)
@@ -94,7 +93,6 @@ class StreamTally:
         for call in delta.get("tool_calls") or ():
             self._take_call(call)
         if delta.get("function_call") is not None or delta.get("reasoning"):
-            self.has_tool_calls = self.has_tool_calls or delta.get("function_call") is not None
             self.replayable = False
 
     def message(self) -> dict[str, Any]:
@@ -126,7 +124,6 @@ class StreamTally:
     def _take_call(self, call: Any) -> None:
         if not isinstance(call, dict):
             return
-        self.has_tool_calls = True
         index = call.get("index", 0)
         if not isinstance(index, int):  # not OpenAI's shape: pass it on, but do not store the stream
             self.replayable = False
