@@ -55,7 +55,7 @@ from gateway.store.base import StoreUnavailable
 from gateway.tokens import count_chat_prompt, count_text, prompt_chars
 from gateway.upstreams.base import ChatStream, Completion, Provider, Usage
 
-__all__ = ["Answer", "ChatPipeline", "Scorer", "StreamingAnswer"]
+__all__ = ["Answer", "ChatPipeline", "PassThrough", "Scorer", "StreamingAnswer"]
 
 _request_log = structlog.get_logger(REQUEST_LOGGER)
 _log = structlog.get_logger("gateway.pipeline")
@@ -96,6 +96,22 @@ class StreamingAnswer:
 
 
 @dataclass(slots=True)
+class PassThrough:
+    """A request sent upstream as the client wrote it, when both sides speak its protocol.
+
+    The pipeline still reads the chat view of it (auth, limits, counting, routing, the log);
+    only the call upstream differs, and the answer (a body or a framed stream) comes back
+    untouched. Such answers name upstream state (a stored response's id), so they are
+    neither served from nor stored in the cache.
+    """
+
+    complete: Callable[[Provider, dict[str, Any]], Awaitable[Completion]]
+    open_stream: Callable[[Provider, dict[str, Any]], Awaitable[ChatStream]]
+    body: dict[str, Any] | None = None
+    """The request as the client sent it; None: the route cannot pass it through (translated)."""
+
+
+@dataclass(slots=True)
 class _Exchange:
     """One request's state on its way through the pipeline."""
 
@@ -118,6 +134,7 @@ class _Exchange:
     """The tenant's budget is nearly spent: a classifier route goes to the small model."""
     answered: str = ""
     """The answer's text, once settled (what shadow judging compares)."""
+    passthrough: PassThrough | None = None
 
 
 class ChatPipeline:
@@ -153,8 +170,10 @@ class ChatPipeline:
         request_id: str,
         started: float,
         protocol: str = "openai.chat",
+        passthrough: PassThrough | None = None,
     ) -> Answer | StreamingAnswer:
-        """``protocol``: the API the client called, for the log; the body is a chat request whatever it was."""
+        """``protocol``: the API the client called, for the log; the body is a chat request whatever it was
+        (its chat view, for a request ``passthrough`` sends upstream as it came)."""
         runtime = self._holder.current  # one policy version for the whole request
         record = RequestRecord(request_id=request_id, key_id="-", tenant="-", policy_version=runtime.version)
         if protocol != "openai.chat":
@@ -167,6 +186,9 @@ class ChatPipeline:
             x.body, x.request = parse_chat_request(
                 await read_body(runtime.policy.limits.max_body_bytes, runtime.policy.limits.body_read_timeout_s)
             )
+            if passthrough is not None and passthrough.body is not None:
+                x.passthrough = passthrough
+                record.passthrough = True
             x.plan = runtime.router.plan(x.request.model)
             if runtime.policy.models[x.plan.candidates[0]].kind != "chat":
                 raise InvalidRequestError(
@@ -187,13 +209,14 @@ class ChatPipeline:
                 answer = await self._start_stream(x)
                 streaming_started = True
                 return answer
+            relay = x.passthrough
             completion = await dispatch(
                 x.plan.candidates,
                 runtime.providers,
                 self._holder.breakers,
                 x.plan.retry or runtime.policy.retry,
-                x.body,
-                _complete,
+                x.body if relay is None else relay.body,  # type: ignore[arg-type]
+                _complete if relay is None else relay.complete,
                 x.info,
             )
             provider = x.info.provider
@@ -290,6 +313,8 @@ class ChatPipeline:
     async def _from_cache(self, x: _Exchange, cache_control: str | None) -> Answer | StreamingAnswer | None:
         """Exact hit, then semantic hit, then a coalesced answer; None means: ask upstream."""
         assert x.plan is not None and x.request is not None
+        if x.passthrough is not None:
+            return None
         policy = x.runtime.policy.cache
         x.cache = plan = plan_cache(policy, x.record.tenant, x.plan.route, x.body, x.request, cache_control)
         if plan is None:
@@ -498,14 +523,14 @@ class ChatPipeline:
 
     async def _start_stream(self, x: _Exchange) -> StreamingAnswer:
         assert x.plan is not None and x.request is not None
-        runtime = x.runtime
+        runtime, relay = x.runtime, x.passthrough
         stream, first = await dispatch(
             x.plan.candidates,
             runtime.providers,
             self._holder.breakers,
             x.plan.retry or runtime.policy.retry,
-            x.body,
-            _open_stream,
+            x.body if relay is None else relay.body,  # type: ignore[arg-type]
+            _open_stream if relay is None else _first_event(relay.open_stream),
             x.info,
         )
         x.record.ttft_ms = (time.perf_counter() - x.started) * 1000
@@ -526,9 +551,11 @@ class ChatPipeline:
         upstream_wait = x.info.upstream_seconds
         drain = self._drain
         task = drain.track()
+        framed = stream.framed
+        prefix, suffix = (b"", b"") if framed else (b"data: ", b"\n\n")
         try:
             if first is not None:
-                yield b"data: " + first + b"\n\n"
+                yield prefix + first + suffix
                 while True:
                     waited_from = time.perf_counter()
                     try:
@@ -537,10 +564,12 @@ class ChatPipeline:
                         break
                     finally:
                         upstream_wait += time.perf_counter() - waited_from
-                    yield b"data: " + payload + b"\n\n"
+                    yield prefix + payload + suffix
             tally = stream.tally
             self._settle(x, provider, tally.usage, tally.text)
             record.finish_reason = tally.finish_reason
+            if framed:
+                return  # the upstream's own events said all there is to say
             if include_usage:
                 yield b"data: " + _usage_chunk(tally.id, tally.created, tally.model, record) + b"\n\n"
             yield b"data: [DONE]\n\n"
@@ -553,10 +582,10 @@ class ChatPipeline:
             self._metrics.upstream_error(exc.upstream, exc.code)
             record.error_type = exc.code
             self._settle(x, provider, None, stream.tally.text)
-            yield b"data: " + exc.to_body() + b"\n\n"
+            yield stream.error_event(exc.to_body())
         except Exception as exc:
             record.status = 500
-            yield b"data: " + _internal_error(x, exc).to_body() + b"\n\n"
+            yield stream.error_event(_internal_error(x, exc).to_body())
         except asyncio.CancelledError:
             self._settle(x, provider, stream.tally.usage, stream.tally.text)
             if not drain.ended_by_deadline(task):
@@ -564,7 +593,7 @@ class ChatPipeline:
                 raise
             error = ShuttingDownError("the gateway is shutting down; the answer was cut at its drain deadline")
             record.error_type = error.code
-            yield b"data: " + error.to_body() + b"\n\n"
+            yield stream.error_event(error.to_body())
         except GeneratorExit:
             record.error_type, record.status = "client_disconnected", 499
             self._settle(x, provider, stream.tally.usage, stream.tally.text)
@@ -674,8 +703,11 @@ async def _complete(provider: Provider, body: dict[str, Any]) -> Completion:
 
 
 async def _open_stream(provider: Provider, body: dict[str, Any]) -> tuple[ChatStream, bytes | None]:
-    """Open the stream and wait for its first chunk, so failures before it can still be retried."""
-    stream = await provider.open_stream(body)
+    return await _opened(await provider.open_stream(body))
+
+
+async def _opened(stream: ChatStream) -> tuple[ChatStream, bytes | None]:
+    """Wait for the stream's first chunk, so failures before it can still be retried."""
     try:
         return stream, await stream.__anext__()
     except StopAsyncIteration:
@@ -683,6 +715,15 @@ async def _open_stream(provider: Provider, body: dict[str, Any]) -> tuple[ChatSt
     except BaseException:
         await stream.aclose()
         raise
+
+
+def _first_event(
+    open_stream: Callable[[Provider, dict[str, Any]], Awaitable[ChatStream]],
+) -> Callable[[Provider, dict[str, Any]], Awaitable[tuple[ChatStream, bytes | None]]]:
+    async def call(provider: Provider, body: dict[str, Any]) -> tuple[ChatStream, bytes | None]:
+        return await _opened(await open_stream(provider, body))
+
+    return call
 
 
 async def _iterate(events: list[bytes]) -> AsyncIterator[bytes]:

@@ -6,6 +6,8 @@ input items, the assistant's answer; never the ``instructions``, which OpenAI do
 carry into the next turn). A later turn naming it loads one record, however long the
 chain: there is nothing to follow recursively.
 
+A passed-through response lives at its upstream; its record holds only ``held_by``.
+
 Keys are :func:`gateway.store.keyspace.response` (``gw:{<tenant hash>}:resp:<id>``): a
 tenant's lookup can only ever reach its own turns. Records expire after
 :data:`RESPONSE_TTL_S` (30 days, OpenAI's retention for stored responses).
@@ -30,10 +32,14 @@ STORE_TIMEOUT_S = 1.0
 
 
 class StoredResponse(msgspec.Struct, kw_only=True):
-    response: dict[str, Any]
+    response: dict[str, Any] = msgspec.field(default_factory=dict)
     """The response object, as ``GET /v1/responses/{id}`` returns it."""
-    messages: list[Message]
+    messages: list[Message] = msgspec.field(default_factory=list)
     """The conversation so far, this turn's answer last."""
+    held_by: str | None = None
+    """A passed-through response lives at its upstream: the model (policy name) that keeps it.
+    The gateway then keeps only this, so that only the tenant that made it can read, continue
+    or delete it (the upstream's key is shared by every tenant: it cannot tell them apart)."""
 
 
 _encoder = msgspec.json.Encoder()

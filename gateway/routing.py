@@ -69,6 +69,13 @@ class Router:
             )
         return plan
 
+    def reachable(self, requested: str) -> tuple[str, ...]:
+        """Every model a request for ``requested`` may end at: the route's candidates and, on a
+        classifier route, the pair too (what a protocol edge checks before promising a feature)."""
+        plan = self.plan(requested)
+        names = (*plan.candidates, *self.pair) if plan.threshold is not None else plan.candidates
+        return tuple(dict.fromkeys(names))
+
     def downgrade(self, plan: RoutePlan) -> RoutePlan:
         """The same route on the small model alone: a nearly spent budget must not reach the large one."""
         return RoutePlan(plan.route, (self._small,), plan.baseline, "budget_downgrade", retry=plan.retry)

@@ -77,6 +77,8 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     protocol: str = "openai.chat"
     """The API the client called: ``openai.chat``, ``openai.completions``, ``openai.responses``,
     ``openai.embeddings`` or ``anthropic.messages``."""
+    passthrough: bool | None = None
+    """True when the request went upstream as the client sent it (a Responses upstream)."""
 
 
 @dataclass(slots=True)

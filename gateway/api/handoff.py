@@ -13,7 +13,7 @@ from litestar.exceptions import InternalServerException
 
 from gateway.api.state import GatewayState
 from gateway.errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError
-from gateway.pipeline import Answer, StreamingAnswer
+from gateway.pipeline import Answer, PassThrough, StreamingAnswer
 
 __all__ = ["DisconnectWatch", "Incoming", "hand_to_pipeline"]
 
@@ -39,13 +39,16 @@ async def hand_to_pipeline(
     authorization: str | None = None,
     translate: Callable[[bytes], Awaitable[bytes]] | None = None,
     embeddings: bool = False,
+    passthrough: PassThrough | None = None,
 ) -> tuple[str, Answer | StreamingAnswer | None]:
     """The request id and the pipeline's answer; None when the client left before it.
 
     ``translate`` turns another protocol's body into a chat request, and may wait (the
     Responses API loads earlier turns from the store); a GatewayError it raises for a
     bad body is answered by the pipeline like any other;
-    ``embeddings``: the embeddings pipeline answers instead of the chat pipeline.
+    ``embeddings``: the embeddings pipeline answers instead of the chat pipeline;
+    ``passthrough``: how to send the request upstream as it came, should ``translate`` find
+    that the route allows it (see :class:`~gateway.pipeline.PassThrough`).
     """
     started = time.perf_counter()
     state: GatewayState = request.app.state.gateway
@@ -63,15 +66,17 @@ async def hand_to_pipeline(
             return await convert(await watch.read_body(limit, timeout_s))
 
     try:
-        handle = state.embeddings.handle if embeddings else state.pipeline.handle
-        answer = await handle(
-            read_body,
-            authorization if authorization is not None else headers.get("authorization"),
-            headers.get("cache-control"),
-            request_id,
-            started,
-            protocol,
-        )
+        authorization = authorization if authorization is not None else headers.get("authorization")
+        cache_control = headers.get("cache-control")
+        answer: Answer | StreamingAnswer
+        if embeddings:
+            answer = await state.embeddings.handle(
+                read_body, authorization, cache_control, request_id, started, protocol
+            )
+        else:
+            answer = await state.pipeline.handle(
+                read_body, authorization, cache_control, request_id, started, protocol, passthrough
+            )
     except asyncio.CancelledError:
         if not watch.client_left:
             raise

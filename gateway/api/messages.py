@@ -86,10 +86,9 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
 def _only_anthropic_upstreams(request: Request[Any, Any, Any], model: str) -> bool:
     runtime = request.app.state.gateway.holder.current
     try:
-        plan = runtime.router.plan(model)
+        names = runtime.router.reachable(model)
     except GatewayError:
         return True  # the pipeline answers the unknown model
-    names = {*plan.candidates, *(runtime.router.pair if plan.threshold is not None else ())}  # a classifier route
     return all(runtime.policy.models[name].provider == "anthropic" for name in names)
 
 

@@ -11,6 +11,14 @@ before the client gets the answer, so a next request can name it at once as
 ``previous_response_id``: its conversation is put before the new input. A turn that
 cannot be stored (the store is down) is still answered, and a warning logged.
 Reading a stored turn needs the store: ``previous_response_id`` is then a 503.
+
+When every model the request can reach serves the Responses API itself
+(``responses_api: true``), the request is passed through instead (:class:`PassThrough`):
+the pipeline reads its chat view, the upstream gets the body as it came and the client
+the upstream's answer. The upstream then keeps the response; the store keeps only which
+tenant owns its id (and which model holds it), so reading, deleting and continuing it
+stay within the tenant. A turn the gateway keeps cannot be continued upstream, nor one
+an upstream keeps on a translated route (a 400 that says so).
 """
 
 from __future__ import annotations
@@ -28,14 +36,15 @@ from litestar.response import Stream
 from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.core.model import Answer as CoreAnswer
-from gateway.core.model import Message
-from gateway.errors import GatewayError, ServiceUnavailableError
-from gateway.pipeline import Answer, StreamingAnswer
+from gateway.core.model import Message, TextPart
+from gateway.errors import GatewayError, InvalidRequestError, ServiceUnavailableError, UpstreamStatusError
+from gateway.pipeline import Answer, PassThrough, StreamingAnswer
 from gateway.protocols import openai_chat
 from gateway.protocols import openai_responses as codec
 from gateway.responses_store import ResponseStore, StoredResponse
 from gateway.runtime import Runtime
 from gateway.store.base import StoreUnavailable
+from gateway.upstreams.base import ChatStream, Completion, Provider
 
 __all__ = [
     "ResponseNotFoundError",
@@ -75,27 +84,45 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
     store = _store(state)
     turn = _Turn()
     created_at = int(time.time())
+    passthrough = PassThrough(_respond, _open_response_stream)
 
     async def translate(raw: bytes) -> bytes:
         runtime = state.holder.current
         # The pipeline has authenticated the caller already; this is only to learn the tenant.
         turn.tenant = runtime.auth.authenticate(request.headers.get("authorization")).tenant
+        decoded = codec.decode_request(raw, passed_through=True)
+        previous = None
+        if decoded.previous_response_id is not None:
+            previous = await _load(store, turn.tenant, decoded.previous_response_id, "previous_response_id")
+        if _served_by_responses_upstreams(runtime, decoded.request.model) and (
+            previous is None or previous.held_by is not None
+        ):
+            turn.decoded = decoded
+            passthrough.body = msgspec.json.decode(raw)
+            return msgspec.json.encode(_chat_view(decoded))
+        if previous is not None and previous.held_by is not None:
+            raise InvalidRequestError(
+                f"previous_response_id: response '{decoded.previous_response_id}' is kept by the upstream of model "
+                f"'{previous.held_by}'; continue it with a model whose upstream serves the Responses API",
+                param="previous_response_id",
+            )
         decoded = codec.decode_request(raw, json_object_ok=lambda model: _json_object_ok(runtime, model))
         turn.decoded = decoded
-        if decoded.previous_response_id is not None:
-            turn.history = await _history(store, turn.tenant, decoded.previous_response_id)
+        turn.history = previous.messages if previous is not None else []
         return msgspec.json.encode(codec.to_chat_body(decoded, turn.history))
 
-    _, answer = await hand_to_pipeline(request, protocol=_PROTOCOL, translate=translate)
+    _, answer = await hand_to_pipeline(request, protocol=_PROTOCOL, translate=translate, passthrough=passthrough)
     if answer is None:
         return _CLIENT_GONE
     headers = dict(answer.headers)
     decoded = turn.decoded
-    if decoded is not None and decoded.request.dropped:
+    if decoded is not None and decoded.request.dropped and passthrough.body is None:
         headers["x-gateway-dropped"] = ",".join(decoded.request.dropped)
     if decoded is None or (isinstance(answer, Answer) and answer.status != 200):
         assert isinstance(answer, Answer)  # nothing decoded: the pipeline answered with an error
         return Response(content=answer.body, status_code=answer.status, headers=headers, media_type="application/json")
+    if passthrough.body is not None:
+        return await _passed_through(answer, headers, store, turn)
     response_id = codec.new_id("resp")
     if isinstance(answer, Answer):
         completion = openai_chat.answer_from_completion(msgspec.json.decode(answer.body))
@@ -121,17 +148,29 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
 
 @get("/v1/responses/{response_id:str}")
 async def retrieve_response(request: Request[Any, Any, Any], response_id: str) -> Response[bytes]:
-    """A stored response of the caller's tenant, as it was answered."""
+    """A stored response of the caller's tenant, as it was answered (asked of its upstream if it keeps it)."""
+    state: GatewayState = request.app.state.gateway
     record = await _on_stored(request, lambda store, tenant: store.load(tenant, response_id))
     if record is None:
         raise _not_found(response_id)
+    if record.held_by is not None:
+        return await _ask_upstream(state, record.held_by, "GET", response_id)
     return Response(content=msgspec.json.encode(record.response), media_type="application/json")
 
 
 @delete("/v1/responses/{response_id:str}", status_code=200)
 async def delete_response(request: Request[Any, Any, Any], response_id: str) -> Response[bytes]:
+    state: GatewayState = request.app.state.gateway
+    record = await _on_stored(request, lambda store, tenant: store.load(tenant, response_id))
+    if record is None:
+        raise _not_found(response_id)
+    answer = None
+    if record.held_by is not None:
+        answer = await _ask_upstream(state, record.held_by, "DELETE", response_id)
     if not await _on_stored(request, lambda store, tenant: store.delete(tenant, response_id)):
         raise _not_found(response_id)
+    if answer is not None:
+        return answer
     body = {"id": response_id, "object": "response", "deleted": True}
     return Response(content=msgspec.json.encode(body), media_type="application/json")
 
@@ -163,23 +202,115 @@ def _unavailable(param: str | None) -> ResponseStoreUnavailableError:
     )
 
 
-async def _history(store: ResponseStore, tenant: str, response_id: str) -> list[Message]:
+async def _load(store: ResponseStore, tenant: str, response_id: str, param: str) -> StoredResponse:
     try:
         record = await store.load(tenant, response_id)
     except StoreUnavailable:
-        raise _unavailable("previous_response_id") from None
+        raise _unavailable(param) from None
     if record is None:
-        raise _not_found(response_id, "previous_response_id", "previous_response_not_found")
-    return record.messages
+        raise _not_found(response_id, param, "previous_response_not_found")
+    return record
 
 
 def _json_object_ok(runtime: Runtime, model: str) -> bool:
     """JSON mode reaches the answer only if every model the request may go to honours it."""
     try:
-        plan = runtime.router.plan(model)
+        names = runtime.router.reachable(model)
     except GatewayError:
         return True  # the pipeline answers the unknown model with its own error
-    return all(runtime.policy.models[name].provider != "anthropic" for name in plan.candidates)
+    return all(runtime.policy.models[name].provider != "anthropic" for name in names)
+
+
+# -- passed through -------------------------------------------------------------------
+
+
+def _served_by_responses_upstreams(runtime: Runtime, model: str) -> bool:
+    try:
+        names = runtime.router.reachable(model)
+    except GatewayError:
+        return False  # the translated path answers the unknown model with the pipeline's error
+    return all(runtime.policy.models[name].responses_api for name in names)
+
+
+def _chat_view(decoded: codec.ResponsesRequest) -> dict[str, Any]:
+    """What the pipeline reads of a passed-through request (its text, for counting and routing).
+
+    Input that only the upstream can read (a custom tool's output, an item reference) may
+    leave no message at all: the view then has one empty user turn."""
+    if decoded.request.messages or decoded.instructions:
+        return codec.to_chat_body(decoded)
+    empty = msgspec.structs.replace(decoded.request, messages=[Message("user", (TextPart(""),))])
+    return codec.to_chat_body(msgspec.structs.replace(decoded, request=empty))
+
+
+async def _respond(provider: Provider, body: dict[str, Any]) -> Completion:
+    return await provider.respond(body)
+
+
+async def _open_response_stream(provider: Provider, body: dict[str, Any]) -> ChatStream:
+    return await provider.open_response_stream(body)
+
+
+async def _passed_through(
+    answer: Answer | StreamingAnswer, headers: dict[str, str], store: ResponseStore, turn: _Turn
+) -> Response[bytes] | Stream:
+    """The upstream's answer as it came; a response it keeps is claimed for the caller's tenant."""
+    held_by = headers.get("x-gateway-model", "")
+    keep = turn.decoded is not None and turn.decoded.store
+    if isinstance(answer, Answer):
+        if keep:
+            response = msgspec.json.decode(answer.body)
+            if isinstance(response, dict) and isinstance(response.get("id"), str):
+                await _claim(store, turn.tenant, response["id"], held_by)
+        return Response(content=answer.body, status_code=200, headers=headers, media_type="application/json")
+    return Stream(
+        _claimed_events(answer.events, store, turn.tenant, held_by) if keep else answer.events,
+        media_type="text/event-stream",
+        headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
+async def _claimed_events(
+    events: AsyncIterator[bytes], store: ResponseStore, tenant: str, held_by: str
+) -> AsyncIterator[bytes]:
+    """The events, the response's id claimed as soon as ``response.created`` names it."""
+    claimed = False
+    try:
+        async for event in events:
+            if not claimed and event.startswith(b"event: response.created\n"):
+                claimed = True
+                data = msgspec.json.decode(event[event.index(b"data: ") + 6 :])
+                response = data.get("response") if isinstance(data, dict) else None
+                if isinstance(response, dict) and isinstance(response.get("id"), str):
+                    await _claim(store, tenant, response["id"], held_by)
+            yield event
+    finally:
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def _claim(store: ResponseStore, tenant: str, response_id: str, held_by: str) -> None:
+    try:
+        await store.save(tenant, response_id, StoredResponse(held_by=held_by))
+    except StoreUnavailable:
+        _log.warning("response_not_stored", response_id=response_id, reason="store unavailable")
+
+
+async def _ask_upstream(state: GatewayState, model: str, method: str, response_id: str) -> Response[bytes]:
+    """Read or delete a response at the upstream that keeps it; its own answer, errors included."""
+    provider = state.holder.current.providers.get(model)
+    if provider is None:
+        raise _not_found(response_id)  # its model is gone from the policy: nothing can reach it
+    try:
+        answer = await provider.forward(method, f"responses/{response_id}")
+    except UpstreamStatusError as exc:
+        if exc.upstream_status >= 500:
+            raise
+        return Response(
+            content=exc.upstream_body or b"", status_code=exc.upstream_status, media_type="application/json"
+        )
+    return Response(content=answer.content, status_code=answer.status_code, media_type="application/json")
 
 
 async def _keep(store: ResponseStore, turn: _Turn, response: dict[str, Any], answer: CoreAnswer) -> None:

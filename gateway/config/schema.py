@@ -137,6 +137,10 @@ class ModelConfig(_Struct, frozen=True, kw_only=True):
     simulated: bool = False
     headers: dict[str, str] = {}
     """Extra headers sent upstream (for example an API version)."""
+    responses_api: bool = False
+    """The upstream serves OpenAI's Responses API too (``POST {base_url}/responses``): a Responses
+    request whose every possible model says so goes to it as the client sent it (OpenAI does;
+    vLLM and most local servers do not)."""
     speculative: SpeculationPolicy = SpeculationPolicy()
     max_stream_line_bytes: Annotated[int, Meta(ge=1024)] = 1 << 20
     """A streamed line (or one event's data) longer than this ends the stream with an in-band error."""

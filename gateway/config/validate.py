@@ -300,6 +300,8 @@ def check_policy(
             problems.add(("models", name), "missing required field 'tier' (small or large) for a chat model")
         if model.kind == "embedding" and model.provider != "openai":
             problems.add(("models", name, "kind"), f"provider {model.provider!r} serves no embeddings; use 'openai'")
+        if model.responses_api and (model.provider != "openai" or model.kind != "chat"):
+            problems.add(("models", name, "responses_api"), "only an openai chat model can serve the Responses API")
     for route_name, route in policy.routes.items():
         names = [route.model, *route.fallbacks]
         kinds = {policy.models[n].kind for n in names if n in policy.models}

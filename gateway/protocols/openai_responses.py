@@ -54,11 +54,14 @@ __all__ = [
     "StreamEncoder",
     "assistant_message",
     "decode_request",
+    "finish_reason_of",
     "new_id",
     "output_items",
     "response_object",
+    "response_text",
     "to_chat_body",
     "usage_body",
+    "usage_from_wire",
 ]
 
 IdMaker = Callable[[str], str]
@@ -115,14 +118,22 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     """Function tools' ``strict`` flags as the client set them, by tool name."""
 
 
-def decode_request(raw: bytes, *, json_object_ok: Callable[[str], bool] | None = None) -> ResponsesRequest:
+def decode_request(
+    raw: bytes, *, json_object_ok: Callable[[str], bool] | None = None, passed_through: bool = False
+) -> ResponsesRequest:
     """``json_object_ok(model)``: whether the model can be asked for a JSON object (else
-    ``text.format`` is named in ``dropped``); asked only when a request wants one."""
+    ``text.format`` is named in ``dropped``); asked only when a request wants one.
+
+    ``passed_through``: the request goes to a Responses upstream as it is, and this decoding
+    only gives the gateway its view (text for counting, routing and the log): hosted and
+    custom tools, input items and content parts a chat upstream could not take are left out
+    of the view instead of refused, since the upstream will read them itself.
+    """
     wire = decode_body(raw, _ResponsesRequest)
     for name in ("background", "conversation", "prompt"):
-        if getattr(wire, name) not in (None, False):
+        if not passed_through and getattr(wire, name) not in (None, False):
             raise InvalidRequestError(f"'{name}' is not supported by this gateway", param=name)
-    tools, echo_tools, strict = _tools(wire.tools or [])
+    tools, echo_tools, strict = _tools(wire.tools or [], passed_through)
     choice, echo_choice = _tool_choice(wire.tool_choice, wire.parallel_tool_calls)
     text = wire.text or {}
     text_format, json_schema, response_format, dropped = _text_format(
@@ -130,7 +141,7 @@ def decode_request(raw: bytes, *, json_object_ok: Callable[[str], bool] | None =
     )
     request = Request(
         model=wire.model,
-        messages=_input(wire.input),
+        messages=_input(wire.input, passed_through),
         max_tokens=wire.max_output_tokens,
         temperature=wire.temperature,
         top_p=wire.top_p,
@@ -177,7 +188,7 @@ def decode_request(raw: bytes, *, json_object_ok: Callable[[str], bool] | None =
 # -- input items ------------------------------------------------------------------
 
 
-def _input(raw: str | list[Any] | None) -> list[Message]:
+def _input(raw: str | list[Any] | None, lenient: bool = False) -> list[Message]:
     if raw is None:
         return []
     if isinstance(raw, str):
@@ -199,7 +210,7 @@ def _input(raw: str | list[Any] | None) -> list[Message]:
         kind = item.get("type")
         if kind is None or kind == "message":
             role = item.get("role")
-            parts = _content(item.get("content"), f"{where}.content")
+            parts = _content(item.get("content"), f"{where}.content", lenient)
             if role == "assistant":
                 flush()
                 pending = (parts, [])
@@ -224,8 +235,8 @@ def _input(raw: str | list[Any] | None) -> list[Message]:
             output = item.get("output")
             text = output if isinstance(output, str) else _output_text(output, f"{where}.output")
             messages.append(Message("tool", (TextPart(text),), tool_call_id=call_id))
-        elif kind == "reasoning":
-            continue  # the model's own reasoning from an earlier turn: not sent to chat upstreams
+        elif kind == "reasoning" or lenient:
+            continue  # the model's own reasoning (or, passed through, an item only the upstream reads)
         else:
             raise InvalidRequestError(f"{where}.type: input items of type {kind!r} are not supported", param=where)
     flush()
@@ -239,7 +250,7 @@ def _string(item: dict[str, Any], name: str, where: str) -> str:
     return value
 
 
-def _content(content: Any, where: str) -> tuple[Part, ...]:
+def _content(content: Any, where: str, lenient: bool = False) -> tuple[Part, ...]:
     if isinstance(content, str):
         return (TextPart(content),)
     if not isinstance(content, list):
@@ -260,7 +271,7 @@ def _content(content: Any, where: str) -> tuple[Part, ...]:
                     param=at,
                 )
             parts.append(ImagePart(url))
-        else:
+        elif not lenient:
             raise InvalidRequestError(f"{at}.type: content parts of type {kind!r} are not supported", param=at)
     return tuple(parts)
 
@@ -282,7 +293,9 @@ def _output_text(output: Any, where: str) -> str:
 _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 
-def _tools(raw: list[Any]) -> tuple[list[Tool], list[dict[str, Any]], dict[str, bool]]:
+def _tools(raw: list[Any], lenient: bool = False) -> tuple[list[Tool], list[dict[str, Any]], dict[str, bool]]:
+    if lenient:
+        raw = [tool for tool in raw if isinstance(tool, dict) and tool.get("type") == "function"]
     unsupported = [
         str(tool.get("type")) if isinstance(tool, dict) else repr(tool)
         for tool in raw
@@ -403,6 +416,52 @@ def usage_body(usage: Usage) -> dict[str, Any]:
         "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
         "total_tokens": usage.input_tokens + usage.output_tokens,
     }
+
+
+def usage_from_wire(raw: Any) -> Usage | None:
+    """A Responses ``usage`` object as read from an upstream; None when it is not one."""
+    if not isinstance(raw, dict):
+        return None
+    input_tokens, output_tokens = raw.get("input_tokens"), raw.get("output_tokens")
+    if not (isinstance(input_tokens, int) and isinstance(output_tokens, int)):
+        return None
+    input_details, output_details = raw.get("input_tokens_details"), raw.get("output_tokens_details")
+    cached = input_details.get("cached_tokens") if isinstance(input_details, dict) else None
+    reasoning = output_details.get("reasoning_tokens") if isinstance(output_details, dict) else None
+    return Usage(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached_input_tokens=min(input_tokens, cached) if isinstance(cached, int) and cached > 0 else 0,
+        reasoning_tokens=min(output_tokens, reasoning) if isinstance(reasoning, int) and reasoning > 0 else 0,
+    )
+
+
+def response_text(response: Any) -> str:
+    """The text of a response object's message items (what the gateway counts when usage is missing)."""
+    texts: list[str] = []
+    output = response.get("output") if isinstance(response, dict) else None
+    for item in output if isinstance(output, list) else ():
+        content = item.get("content") if isinstance(item, dict) and item.get("type") == "message" else None
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and part.get("type") == "output_text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+    return "".join(texts)
+
+
+def finish_reason_of(response: dict[str, Any]) -> FinishReason | None:
+    """A finished response object's outcome in chat terms (what the request log records)."""
+    status = response.get("status")
+    if status == "incomplete":
+        details = response.get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, dict) else None
+        return "content_filter" if reason == "content_filter" else "length"
+    if status != "completed":
+        return None
+    output = response.get("output")
+    calls = isinstance(output, list) and any(
+        isinstance(item, dict) and str(item.get("type")).endswith("_call") for item in output
+    )
+    return "tool_calls" if calls else "stop"
 
 
 _INCOMPLETE: dict[FinishReason, str] = {"length": "max_output_tokens", "content_filter": "content_filter"}

@@ -8,6 +8,8 @@ Endpoints:
   ``logprobs`` are honoured as OpenAI does (:mod:`.openai_extras`); requests without
   them take the plain, fast path.
 * ``POST /v1/embeddings``: deterministic hashed-feature vectors (:mod:`.embeddings`).
+* ``POST /v1/responses``, ``GET`` / ``DELETE /v1/responses/{id}``: OpenAI's Responses API,
+  stored turns and ``previous_response_id`` included (:mod:`.responses`).
 * ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``: the Anthropic Messages
   API, with tools, thinking and structured output (:mod:`.anthropic_extras`).
 * ``GET /v1/models``, ``GET /healthz``.
@@ -42,6 +44,10 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from gateway.core.model import UsageReport
+from gateway.protocols.openai_chat import answer_from_completion
+from gateway.protocols.openai_responses import StreamEncoder as ResponsesStreamEncoder
+from gateway.protocols.openai_responses import assistant_message, output_items, response_object
 from gateway.simulated.answers import (
     Answer,
     content_parts,
@@ -69,6 +75,7 @@ from gateway.simulated.openai_extras import (
     stream_rounds,
 )
 from gateway.simulated.quality import FAILURE, judge_verdict, weak_on
+from gateway.simulated.responses import ResponsesRequestError, TurnStore, plan_turn, stream_deltas, with_cache
 from gateway.simulated.tokenizer import count, encoding
 
 __all__ = ["build_app", "main"]
@@ -86,6 +93,7 @@ _KINDS: dict[str, tuple[str, bool]] = {
     "embeddings": ("embeddings_requests", False),
     "messages": ("messages_requests", True),
     "count_tokens": ("count_tokens_requests", True),
+    "responses": ("responses_requests", False),
 }
 
 
@@ -120,6 +128,7 @@ class _Stats:
     messages_requests: int = 0
     embeddings_requests: int = 0
     count_tokens_requests: int = 0
+    responses_requests: int = 0
     models_requests: int = 0
     cancelled: int = 0
     in_flight: int = 0
@@ -150,6 +159,7 @@ class _Stats:
             "messages_requests": self.messages_requests,
             "embeddings_requests": self.embeddings_requests,
             "count_tokens_requests": self.count_tokens_requests,
+            "responses_requests": self.responses_requests,
             "models_requests": self.models_requests,
             "cancelled": self.cancelled,
             "in_flight": self.in_flight,
@@ -168,6 +178,8 @@ class _State:
     """Topics this model answers badly (gateway/simulated/quality.py)."""
     stats: _Stats = field(default_factory=_Stats)  # never replaced, see _Stats.reset
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    turns: TurnStore = field(default_factory=TurnStore)
+    """Stored Responses API turns (kept across ``/_control/reset``, as a server keeps them)."""
 
     def next_id(self) -> int:
         return next(self.ids)
@@ -439,6 +451,20 @@ async def _chat(request: web.Request, state: _State, body: Any, fault: _Fault) -
     prompt_tokens, answer = _openai_answer(state, body, fault)
     if body.get("stream") is True:
         return await _chat_stream(request, state, body, fault, prompt_tokens, answer)
+    return _json_response(_encode_json(_plain_completion(state, body, fault, prompt_tokens, answer)))
+
+
+def _completion(state: _State, body: dict[str, Any], fault: _Fault) -> dict[str, Any]:
+    """A valid chat request's ``chat.completion`` (:class:`ChatRequestError` for bad extras)."""
+    if needs_extras(body):
+        return _extras_completion(state, body, fault, _extras_plan(state, body, fault))
+    prompt_tokens, answer = _openai_answer(state, body, fault)
+    return _plain_completion(state, body, fault, prompt_tokens, answer)
+
+
+def _plain_completion(
+    state: _State, body: dict[str, Any], fault: _Fault, prompt_tokens: int, answer: Answer
+) -> dict[str, Any]:
     completion: dict[str, Any] = {
         "id": f"chatcmpl-sim-{state.next_id()}",
         "object": "chat.completion",
@@ -456,7 +482,7 @@ async def _chat(request: web.Request, state: _State, body: Any, fault: _Fault) -
     }
     if not fault.omit_usage:
         completion["usage"] = _usage(prompt_tokens, answer.n_tokens)
-    return _json_response(_encode_json(completion))
+    return completion
 
 
 async def _chat_stream(
@@ -492,21 +518,29 @@ async def _chat_stream(
 
 async def _chat_extras(request: web.Request, state: _State, body: dict[str, Any], fault: _Fault) -> web.StreamResponse:
     """Tools, response_format, n and logprobs (see :mod:`.openai_extras`)."""
-    prompt_tokens, words = _analyze_openai(_encode_json(body["messages"]))
     try:
-        plan = plan_chat(
-            body,
-            name=state.name,
-            prompt_tokens=prompt_tokens,
-            echo=words,
-            fault_text=fault.text,
-            max_tokens=_max_tokens(body),
-            stops=stop_tuple(body.get("stop")) or (),
-        )
+        plan = _extras_plan(state, body, fault)
     except ChatRequestError as exc:
         return _json_response(_openai_error(400, str(exc), exc.param), 400)
     if body.get("stream") is True:
         return await _chat_extras_stream(request, state, body, fault, plan)
+    return _json_response(_encode_json(_extras_completion(state, body, fault, plan)))
+
+
+def _extras_plan(state: _State, body: dict[str, Any], fault: _Fault) -> ChatPlan:
+    prompt_tokens, words = _analyze_openai(_encode_json(body["messages"]))
+    return plan_chat(
+        body,
+        name=state.name,
+        prompt_tokens=prompt_tokens,
+        echo=words,
+        fault_text=fault.text,
+        max_tokens=_max_tokens(body),
+        stops=stop_tuple(body.get("stop")) or (),
+    )
+
+
+def _extras_completion(state: _State, body: dict[str, Any], fault: _Fault, plan: ChatPlan) -> dict[str, Any]:
     completion: dict[str, Any] = {
         "id": f"chatcmpl-sim-{state.next_id()}",
         "object": "chat.completion",
@@ -517,7 +551,7 @@ async def _chat_extras(request: web.Request, state: _State, body: dict[str, Any]
     }
     if not fault.omit_usage:
         completion["usage"] = _usage(plan.prompt_tokens, plan.completion_tokens)
-    return _json_response(_encode_json(completion))
+    return completion
 
 
 async def _chat_extras_stream(
@@ -562,6 +596,75 @@ async def _embeddings_handler(request: web.Request) -> web.StreamResponse:
 
 
 # ------------------------------------------------------------------------ Anthropic
+
+
+# ------------------------------------------------------------------- OpenAI Responses
+
+
+def _responses_error(exc: ResponsesRequestError) -> web.Response:
+    error = {"message": str(exc), "type": "invalid_request_error", "param": exc.param, "code": exc.code}
+    return _json_response(_encode_json({"error": error}), exc.status)
+
+
+async def _responses(request: web.Request, state: _State, body: Any, fault: _Fault) -> web.StreamResponse:
+    if not isinstance(body, dict):
+        return _json_response(_openai_error(400, "request body must be a JSON object"), 400)
+    key = _api_key(request) or ""
+    try:
+        turn = plan_turn(_encode_json(body), state.turns, key)
+        completion = _completion(state, turn.chat, fault)
+    except ResponsesRequestError as exc:
+        return _responses_error(exc)
+    except ChatRequestError as exc:
+        return _json_response(_openai_error(400, str(exc), exc.param), 400)
+    answer = answer_from_completion(completion)
+    history_tokens, _ = _analyze_openai(_encode_json(turn.history_chat)) if turn.history_chat else (0, "")
+    usage = None if fault.omit_usage else with_cache(answer.usage, history_tokens)
+    response_id = state.turns.new_id()
+    created_at = int(time.time())
+    messages = [*turn.history, *turn.decoded.request.messages, assistant_message(answer)]
+    if body.get("stream") is not True:
+        response = response_object(
+            turn.decoded,
+            response_id,
+            created_at,
+            output=output_items(answer),
+            usage=usage,
+            finish_reason=answer.finish_reason,
+        )
+        if turn.decoded.store:
+            state.turns.keep(key, response, messages)
+        return _json_response(_encode_json(response))
+    encoder = ResponsesStreamEncoder(turn.decoded, response_id, created_at)
+    sink = await _start_sse(request, fault, state)
+    await sink.send(encoder.start())
+    for deltas in stream_deltas(answer):
+        await sink.pause()
+        await sink.send(encoder.feed(deltas))
+    if usage is not None:
+        encoder.feed([UsageReport(usage)])
+    last = encoder.finish()
+    if turn.decoded.store and encoder.response is not None:
+        state.turns.keep(key, encoder.response, messages)
+    await sink.send(last)
+    return await sink.finish()
+
+
+async def _responses_handler(request: web.Request) -> web.StreamResponse:
+    return await _run_api_request(request, _responses, "responses")
+
+
+async def _stored_response_handler(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    key, response_id = _api_key(request) or "", request.match_info["response_id"]
+    stored = state.turns.get(key, response_id)
+    if stored is None:
+        message = f"Response with id '{response_id}' not found."
+        return _responses_error(ResponsesRequestError(404, message))
+    if request.method == "DELETE":
+        state.turns.delete(key, response_id)
+        return _json_response(_encode_json({"id": response_id, "object": "response", "deleted": True}))
+    return _json_response(_encode_json(stored[0]))
 
 
 def _anthropic_bad(message: str) -> web.Response:
@@ -736,6 +839,9 @@ def build_app(
     app.router.add_post("/v1/chat/completions", _chat_handler)
     app.router.add_post("/v1/embeddings", _embeddings_handler)
     app.router.add_post("/v1/messages", _messages_handler)
+    app.router.add_post("/v1/responses", _responses_handler)
+    app.router.add_get("/v1/responses/{response_id}", _stored_response_handler)
+    app.router.add_delete("/v1/responses/{response_id}", _stored_response_handler)
     app.router.add_post("/v1/messages/count_tokens", _count_tokens_handler)
     app.router.add_get("/v1/models", _models_handler)
     app.router.add_get("/healthz", _healthz_handler)

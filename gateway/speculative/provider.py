@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
+import httpx
 import structlog
 from tokenizers import Tokenizer
 
@@ -235,6 +236,16 @@ class SpeculativeProvider(Provider):
         return None if self._pair else self._refusal
 
     # -- Provider ------------------------------------------------------------------
+
+    async def respond(self, body: dict[str, Any]) -> Completion:
+        """Passed-through Responses requests go to the target as they are: no token-level API there."""
+        return await self.target.respond(body)
+
+    async def open_response_stream(self, body: dict[str, Any]) -> ChatStream:
+        return await self.target.open_response_stream(body)
+
+    async def forward(self, method: str, path: str) -> httpx.Response:
+        return await self.target.forward(method, path)
 
     async def complete(self, body: dict[str, Any]) -> Completion:
         self._inflight += 1

@@ -147,10 +147,18 @@ class ChatStream(ABC):
 
     Usage-only chunks are not yielded; they land in :attr:`tally`, and the API layer
     emits one if the client asked for it. ``[DONE]`` is the API layer's job too.
+    A :attr:`framed` stream (a passed-through one) yields whole SSE events of its own
+    protocol instead, which go to the client as they are, with nothing added.
     """
+
+    framed: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.tally = StreamTally()
+
+    def error_event(self, error: bytes) -> bytes:
+        """The event that tells the client the stream failed; ``error`` is an OpenAI error body."""
+        return b"data: " + error + b"\n\n"
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
@@ -195,21 +203,34 @@ class Provider(ABC):
         """Embed ``inputs`` (texts or token ids), one vector each, in order."""
         raise UpstreamProtocolError(self.name, f"provider {self.kind!r} serves no embeddings")
 
+    async def respond(self, body: dict[str, Any]) -> Completion:
+        """Pass a Responses API request through as it is (``config.responses_api`` models only)."""
+        raise UpstreamProtocolError(self.name, f"provider {self.kind!r} does not speak the Responses API")
+
+    async def open_response_stream(self, body: dict[str, Any]) -> ChatStream:
+        """The same, streamed: a :attr:`ChatStream.framed` stream of the upstream's own events."""
+        raise UpstreamProtocolError(self.name, f"provider {self.kind!r} does not speak the Responses API")
+
+    async def forward(self, method: str, path: str) -> httpx.Response:
+        """A bodiless request to the upstream (reading or deleting what it keeps), its answer read."""
+        raise UpstreamProtocolError(self.name, f"provider {self.kind!r} keeps nothing to {method} at {path}")
+
     async def aclose(self) -> None:
         await self.client.aclose()
 
     # -- shared HTTP plumbing -------------------------------------------------
 
     async def _post(
-        self, path: str, payload: dict[str, Any], headers: dict[str, str], *, stream: bool
+        self, path: str, payload: dict[str, Any] | None, headers: dict[str, str], *, stream: bool, method: str = "POST"
     ) -> httpx.Response:
-        """POST JSON; map transport failures and HTTP errors to :class:`UpstreamError`.
+        """POST JSON (``method`` another verb, without a body when ``payload`` is None); map
+        transport failures and HTTP errors to :class:`UpstreamError`.
 
         With ``stream=True`` the caller owns the open response and must close it.
         """
-        request = httpx.Request(
-            "POST", self._url(path), content=msgspec.json.encode(payload), headers=headers, extensions=self._extensions
-        )
+        content = None if payload is None else msgspec.json.encode(payload)
+        url = self._url(path, keep=method == "POST")
+        request = httpx.Request(method, url, content=content, headers=headers, extensions=self._extensions)
         try:
             async with asyncio.timeout(self.config.timeouts.total):
                 # Straight to the client's pooled transport: the client's auth, redirect and
@@ -237,8 +258,9 @@ class Provider(ABC):
             raise self.transport_error(exc) from None
         return response
 
-    def _url(self, path: str) -> httpx.URL:
-        """The absolute URL for ``path``, parsed once (httpx would parse a relative path on every request)."""
+    def _url(self, path: str, *, keep: bool = True) -> httpx.URL:
+        """The absolute URL for ``path``, parsed once (httpx would parse a relative path on every
+        request); ``keep=False`` for paths that name one object (an id), which are not kept."""
         url = self._urls.get(path)
         if url is None:
             if "://" in path:  # already absolute (e.g. a server-root endpoint)
@@ -246,7 +268,8 @@ class Provider(ABC):
             else:
                 base = self.client.base_url
                 url = base.copy_with(raw_path=base.raw_path + path.lstrip("/").encode())
-            self._urls[path] = url
+            if keep:
+                self._urls[path] = url
         return url
 
     def transport_error(self, exc: Exception) -> UpstreamError:

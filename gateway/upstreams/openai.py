@@ -7,7 +7,9 @@ from typing import Any
 import httpx
 import msgspec
 
+from gateway.core.model import Usage as CoreUsage
 from gateway.errors import UpstreamProtocolError, UpstreamStatusError
+from gateway.protocols import openai_responses as responses
 from gateway.upstreams.base import (
     ChatStream,
     Completion,
@@ -15,6 +17,7 @@ from gateway.upstreams.base import (
     Provider,
     StreamTally,
     UpstreamEvents,
+    Usage,
     decode_json_object,
     usage_from,
 )
@@ -56,6 +59,19 @@ class OpenAIProvider(Provider):
         usage = data.get("usage")
         prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
         return Embeddings(vectors, prompt if isinstance(prompt, int) else None)
+
+    async def respond(self, body: dict[str, Any]) -> Completion:
+        response = await self._post("responses", body, self._headers(), stream=False)
+        data = decode_json_object(self.name, response.content)
+        usage = responses.usage_from_wire(data.get("usage"))
+        return Completion(body=response.content, usage=_upstream_usage(usage), text=responses.response_text(data))
+
+    async def open_response_stream(self, body: dict[str, Any]) -> ChatStream:
+        response = await self._post("responses", body, self._headers(), stream=True)
+        return _ResponsesEventStream(self, response)
+
+    async def forward(self, method: str, path: str) -> httpx.Response:
+        return await self._post(path, None, self._headers(), stream=False, method=method)
 
     async def open_stream(self, body: dict[str, Any]) -> ChatStream:
         options = body.get("stream_options")
@@ -106,6 +122,90 @@ class _OpenAIChatStream(ChatStream):
 
     async def aclose(self) -> None:
         await self._response.aclose()
+
+
+_TERMINAL_EVENTS = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
+
+
+class _ResponsesEventStream(ChatStream):
+    """A Responses API stream passed through: the upstream's events, re-framed, nothing else
+    changed. The tally reads the response id, the text deltas and the final usage; an ``error``
+    event (or the stream ending before a terminal event) raises, and the gateway answers it."""
+
+    framed = True
+
+    def __init__(self, provider: OpenAIProvider, response: httpx.Response) -> None:
+        super().__init__()
+        self.tally.replayable = False  # a response names upstream state (its id): never replayed
+        self._provider = provider
+        self._response = response
+        self._events = UpstreamEvents(provider, response)
+        self._ended = False
+        self._sequence = -1
+
+    async def __anext__(self) -> bytes:
+        name = self._provider.name
+        while True:
+            event = await self._events.next()
+            if event is None:
+                await self.aclose()
+                if self._ended:
+                    raise StopAsyncIteration
+                raise UpstreamProtocolError(name, "stream ended before the response was complete")
+            if self._ended:
+                continue  # nothing is due after the terminal event
+            try:
+                data = msgspec.json.decode(event.data)
+            except msgspec.DecodeError:
+                raise UpstreamProtocolError(name, "sent a stream event that is not JSON") from None
+            if not isinstance(data, dict):
+                raise UpstreamProtocolError(name, "sent a stream event that is not an object")
+            kind = data.get("type")
+            if not isinstance(kind, str):
+                raise UpstreamProtocolError(name, "sent a stream event without a type")
+            if kind == "error":
+                raise UpstreamStatusError(name, 500, _in_stream_error(data))
+            sequence = data.get("sequence_number")
+            if isinstance(sequence, int):
+                self._sequence = sequence
+            self._tally(kind, data)
+            encoded = kind.encode()
+            self._ended = encoded in _TERMINAL_EVENTS
+            return b"event: " + encoded + b"\ndata: " + event.data + b"\n\n"
+
+    def _tally(self, kind: str, data: dict[str, Any]) -> None:
+        tally = self.tally
+        tally.chunks += 1
+        if kind == "response.output_text.delta" and isinstance(data.get("delta"), str):
+            tally.text_parts.append(data["delta"])
+        elif kind.startswith("response.") and isinstance(response := data.get("response"), dict):
+            if tally.id is None and isinstance(response.get("id"), str):
+                tally.id, tally.model = response["id"], response.get("model")
+            usage = _upstream_usage(responses.usage_from_wire(response.get("usage")))
+            if usage is not None:
+                tally.usage = usage
+            if kind in ("response.completed", "response.incomplete"):
+                tally.finish_reason = responses.finish_reason_of(response)
+
+    def error_event(self, error: bytes) -> bytes:
+        detail = msgspec.json.decode(error).get("error") or {}
+        self._sequence += 1
+        data = {"type": "error", **detail, "sequence_number": self._sequence}
+        return b"event: error\ndata: " + msgspec.json.encode(data) + b"\n\n"
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+def _upstream_usage(usage: CoreUsage | None) -> Usage | None:
+    if usage is None:
+        return None
+    return Usage(
+        usage.input_tokens,
+        usage.output_tokens,
+        cached_prompt_tokens=usage.cached_input_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+    )
 
 
 def for_openai_upstream(body: dict[str, Any]) -> dict[str, Any]:

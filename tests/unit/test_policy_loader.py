@@ -272,3 +272,14 @@ def test_a_speculative_tokenizer_is_read_from_the_policy_files_folder(tmp_path: 
     (tmp_path / "tok" / "tokenizer.json").write_text("{}")
     loaded = load_policy(path)
     assert loaded.policy.models["l"].speculative.tokenizer == str(tmp_path / "tok" / "tokenizer.json")
+
+
+def test_only_openai_chat_models_can_serve_the_responses_api() -> None:
+    anthropic = VALID.replace(
+        "    tier: large\n", "    tier: large\n    provider: anthropic\n    responses_api: true\n"
+    )
+    [message] = problems(anthropic)
+    assert message.startswith("models.l.responses_api") and "openai chat model" in message
+    assert load_policy_text(
+        VALID.replace("    tier: small\n", "    tier: small\n    responses_api: true\n"), environ={}
+    )

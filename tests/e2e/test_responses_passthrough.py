@@ -1,0 +1,218 @@
+"""Responses requests passed through to upstreams that speak the Responses API (``responses_api: true``).
+
+What Codex sends (custom and hosted tools, reasoning items, ``include``, ``store: false``)
+cannot be translated to chat without loss; to such an upstream it goes as it came, and
+the answer comes back as the upstream wrote it, while auth, limits, routing, fallbacks,
+pricing and the log still apply. The upstream keeps the responses, under one key shared
+by every tenant: the gateway must keep tenants from reaching each other's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from gateway.auth import hash_key
+from gateway.services.redis_server import EmbeddedRedis
+from gateway.simulated import SimulatedUpstream
+from tests.conftest import closed_after_test, inject, upstream_stats
+from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+
+MODELS = """
+  gpt-a:
+    base_url: {small}
+    upstream_model: gpt-upstream-a
+    responses_api: true
+    price: {{input: 2, cached_input: 0.5, output: 8}}
+    tier: small
+    timeouts: {{connect: 1, first_byte: 1, total: 5}}
+  gpt-b:
+    base_url: {large}
+    responses_api: true
+    price: {{input: 4, output: 16}}
+    tier: large
+    timeouts: {{connect: 1, first_byte: 1, total: 5}}
+"""
+ROUTES = "  codex: {model: gpt-a, fallbacks: [gpt-b]}"
+KEYS = """
+auth:
+  mode: keys
+  keys:
+    - {id: a1, tenant: acme, hash: "%(a1)s"}
+    - {id: b1, tenant: globex, hash: "%(b1)s"}
+""" % {name: hash_key(f"key-{name}") for name in ("a1", "b1")}
+
+CODEX_TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "name": "shell",
+        "description": "Run a command",
+        "parameters": {"type": "object", "properties": {"command": {"type": "array", "items": {"type": "string"}}}},
+        "strict": False,
+    },
+    {"type": "custom", "name": "apply_patch", "description": "Apply a patch", "format": {"type": "text"}},
+    {"type": "web_search"},
+]
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:
+    policy = policy_text(
+        small_upstream,
+        large_upstream,
+        auth=KEYS,
+        extra_models=MODELS.format(small=small_upstream.url, large=large_upstream.url),
+        routes=ROUTES,
+        cache="{enabled: true}",
+    )
+    process = start_gateway(Path(tmp_path_factory.mktemp("passthrough")), policy, env={"REDIS_URL": redis_server.url})
+    yield process
+    process.stop()
+
+
+def _client(gateway: GatewayProcess, key: str = "a1") -> openai.OpenAI:
+    return closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key=f"key-{key}", max_retries=0, timeout=10))
+
+
+def _last_request(upstream: SimulatedUpstream) -> dict[str, Any]:
+    last: dict[str, Any] = upstream_stats(upstream)["last_request"]
+    return last
+
+
+def test_a_codex_shaped_request_reaches_the_upstream_as_it_was_sent(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    ask: dict[str, Any] = {
+        "model": "codex",
+        "instructions": "You are a coding agent.",
+        "input": [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "List the files."}]},
+            {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "opaque-blob"},
+        ],
+        "tools": CODEX_TOOLS,
+        "tool_choice": "auto",
+        "parallel_tool_calls": False,
+        "reasoning": {"effort": "medium", "summary": "auto"},
+        "store": False,
+        "include": ["reasoning.encrypted_content"],
+        "prompt_cache_key": "session-1",
+    }
+    raw = _client(gateway).responses.with_raw_response.create(**ask)
+    response = raw.parse()
+    assert response.id.startswith("resp_sim") and response.output_text  # the upstream's own answer
+    assert "x-gateway-dropped" not in raw.headers  # nothing was dropped: the upstream read it all
+    sent = _last_request(small_upstream)
+    assert sent["path"] == "/v1/responses"
+    assert sent["body"] == {**ask, "model": "gpt-upstream-a"}  # byte for byte but the model name
+    record = gateway.wait_for_record(raw.headers["x-request-id"])
+    assert record["protocol"] == "openai.responses" and record["passthrough"] is True
+    assert record["model"] == "gpt-a" and record["tokens_source"] == "upstream" and record["cache"] == "bypass"
+    assert record["prompt_tokens"] == response.usage.input_tokens
+    assert record["cost_usd"] == pytest.approx(
+        (response.usage.input_tokens * 2 + response.usage.output_tokens * 8) / 1e6
+    )
+
+
+def test_the_stream_is_the_upstreams_and_the_sdk_accumulates_it(gateway: GatewayProcess) -> None:
+    with _client(gateway).responses.stream(model="codex", input="Describe the sea in a few words.") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert final.id.startswith("resp_sim") and final.output_text
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == final.output_text
+    records = [r for r in gateway.log_records() if r.get("passthrough") and r["stream"]]
+    assert records and records[-1]["completion_tokens"] == final.usage.output_tokens  # type: ignore[union-attr]
+    assert records[-1]["finish_reason"] == "stop"
+
+
+def test_a_continued_conversation_bills_the_upstreams_cached_tokens_at_their_price(
+    gateway: GatewayProcess,
+) -> None:
+    client = _client(gateway)
+    context = " ".join(f"line {n}: the build step {n} copies artefacts to the staging bucket." for n in range(120))
+    first = client.responses.create(model="codex", input=f"Here is our build log:\n{context}\nSummarise it.")
+    raw = client.responses.with_raw_response.create(
+        model="codex", previous_response_id=first.id, input="Which step copies to staging?"
+    )
+    second = raw.parse()
+    usage = second.usage
+    assert usage is not None and usage.input_tokens_details.cached_tokens >= 1024
+    record = gateway.wait_for_record(raw.headers["x-request-id"])
+    cached = usage.input_tokens_details.cached_tokens
+    assert record["cached_prompt_tokens"] == cached
+    expected = ((usage.input_tokens - cached) * 2 + cached * 0.5 + usage.output_tokens * 8) / 1e6
+    assert record["cost_usd"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_a_tenant_cannot_read_continue_or_delete_another_tenants_upstream_response(
+    gateway: GatewayProcess,
+) -> None:
+    alice, bob = _client(gateway, "a1"), _client(gateway, "b1")
+    mine = alice.responses.create(model="codex", input="The launch code is tulip.")
+    with pytest.raises(openai.NotFoundError):
+        bob.responses.retrieve(mine.id)  # the upstream would have answered: its key is shared
+    with pytest.raises(openai.NotFoundError) as continued:
+        bob.responses.create(model="codex", previous_response_id=mine.id, input="What was the code?")
+    assert continued.value.code == "previous_response_not_found"
+    with pytest.raises(openai.NotFoundError):
+        bob.responses.delete(mine.id)
+    assert alice.responses.retrieve(mine.id).output_text == mine.output_text  # asked of the upstream
+    alice.responses.delete(mine.id)
+    with pytest.raises(openai.NotFoundError):
+        alice.responses.retrieve(mine.id)
+
+
+def test_store_false_leaves_nothing_to_continue(gateway: GatewayProcess) -> None:
+    client = _client(gateway)
+    unstored = client.responses.create(model="codex", input="hello", store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_a_failing_upstream_falls_back_to_the_next_responses_model(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    inject(small_upstream, {"status": 500}, {"status": 500})
+    raw = _client(gateway).responses.with_raw_response.create(model="codex", input="Still there?")
+    assert raw.parse().output_text and raw.headers["x-gateway-model"] == "gpt-b"
+    assert _last_request(large_upstream)["body"]["model"] == "gpt-b"
+    record = gateway.wait_for_record(raw.headers["x-request-id"])
+    assert record["fallback_used"] is True and record["retries"] == 2
+
+
+def test_an_upstream_that_breaks_mid_stream_ends_it_with_an_error_event(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    inject(small_upstream, {"cut_after_chunks": 4})
+    body = {"model": "codex", "input": "Tell me a long story about the sea and the wind.", "stream": True}
+    headers = {"authorization": "Bearer key-a1"}
+    with httpx.stream("POST", f"{gateway.base_url}/responses", json=body, headers=headers, timeout=10) as answer:
+        text = answer.read().decode()
+    frames = [frame for frame in text.split("\n\n") if frame.strip()]
+    assert frames[0].startswith("event: response.created")
+    assert frames[-1].startswith("event: error\ndata: ") and '"code":"upstream_bad_response"' in frames[-1]
+
+
+def test_an_upstream_rejection_is_the_callers_error(gateway: GatewayProcess) -> None:
+    with pytest.raises(openai.BadRequestError) as rejected:
+        _client(gateway).responses.create(model="codex", input=[{"type": "function_call_output", "output": "x"}])  # type: ignore[list-item]
+    assert "call_id" in rejected.value.message
+
+
+def test_an_upstream_held_response_cannot_be_continued_on_a_translated_route(gateway: GatewayProcess) -> None:
+    client = _client(gateway)
+    held = client.responses.create(model="codex", input="Remember the number 7.")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="fast", previous_response_id=held.id, input="Which number?")
+    assert "gpt-a" in refused.value.message and refused.value.param == "previous_response_id"
