@@ -100,15 +100,15 @@ class PassThrough:
     """A request sent upstream as the client wrote it, when both sides speak its protocol.
 
     The pipeline still reads the chat view of it (auth, limits, counting, routing, the log);
-    only the call upstream differs, and the answer (a body or a framed stream) comes back
-    untouched. Such answers name upstream state (a stored response's id), so they are
-    neither served from nor stored in the cache.
+    only the call upstream differs (:meth:`Provider.relay`), and the answer (a body or a
+    framed stream) comes back untouched. It is neither served from nor stored in the cache:
+    the cache holds chat answers, and some of these name upstream state (a response's id).
     """
 
-    complete: Callable[[Provider, dict[str, Any]], Awaitable[Completion]]
-    open_stream: Callable[[Provider, dict[str, Any]], Awaitable[ChatStream]]
     body: dict[str, Any] | None = None
     """The request as the client sent it; None: the route cannot pass it through (translated)."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """The client's headers that shape the request upstream (``anthropic-beta``)."""
 
 
 @dataclass(slots=True)
@@ -216,7 +216,7 @@ class ChatPipeline:
                 self._holder.breakers,
                 x.plan.retry or runtime.policy.retry,
                 x.body if relay is None else relay.body,  # type: ignore[arg-type]
-                _complete if relay is None else relay.complete,
+                _complete if relay is None else _relayed(relay),
                 x.info,
             )
             provider = x.info.provider
@@ -530,7 +530,7 @@ class ChatPipeline:
             self._holder.breakers,
             x.plan.retry or runtime.policy.retry,
             x.body if relay is None else relay.body,  # type: ignore[arg-type]
-            _open_stream if relay is None else _first_event(relay.open_stream),
+            _open_stream if relay is None else _open_relayed(relay),
             x.info,
         )
         x.record.ttft_ms = (time.perf_counter() - x.started) * 1000
@@ -582,10 +582,10 @@ class ChatPipeline:
             self._metrics.upstream_error(exc.upstream, exc.code)
             record.error_type = exc.code
             self._settle(x, provider, None, stream.tally.text)
-            yield stream.error_event(exc.to_body())
+            yield stream.error_event(exc)
         except Exception as exc:
             record.status = 500
-            yield stream.error_event(_internal_error(x, exc).to_body())
+            yield stream.error_event(_internal_error(x, exc))
         except asyncio.CancelledError:
             self._settle(x, provider, stream.tally.usage, stream.tally.text)
             if not drain.ended_by_deadline(task):
@@ -593,7 +593,7 @@ class ChatPipeline:
                 raise
             error = ShuttingDownError("the gateway is shutting down; the answer was cut at its drain deadline")
             record.error_type = error.code
-            yield stream.error_event(error.to_body())
+            yield stream.error_event(error)
         except GeneratorExit:
             record.error_type, record.status = "client_disconnected", 499
             self._settle(x, provider, stream.tally.usage, stream.tally.text)
@@ -717,11 +717,18 @@ async def _opened(stream: ChatStream) -> tuple[ChatStream, bytes | None]:
         raise
 
 
-def _first_event(
-    open_stream: Callable[[Provider, dict[str, Any]], Awaitable[ChatStream]],
+def _relayed(relay: PassThrough) -> Callable[[Provider, dict[str, Any]], Awaitable[Completion]]:
+    async def call(provider: Provider, body: dict[str, Any]) -> Completion:
+        return await provider.relay(body, relay.headers)
+
+    return call
+
+
+def _open_relayed(
+    relay: PassThrough,
 ) -> Callable[[Provider, dict[str, Any]], Awaitable[tuple[ChatStream, bytes | None]]]:
     async def call(provider: Provider, body: dict[str, Any]) -> tuple[ChatStream, bytes | None]:
-        return await _opened(await open_stream(provider, body))
+        return await _opened(await provider.open_relay(body, relay.headers))
 
     return call
 

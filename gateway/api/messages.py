@@ -5,6 +5,11 @@ request, so auth, limits, the cache, routing, fallbacks and the log apply unchan
 the pipeline's answer (a completion, a stream of chunks, or an error) is encoded back
 in Anthropic's shapes. ``x-api-key`` is accepted as well as ``Authorization: Bearer``;
 ``anthropic-version`` and ``anthropic-beta`` are accepted and need nothing from us.
+
+When every model the request can reach is Anthropic's, the request is passed through
+(:class:`~gateway.pipeline.PassThrough`): the pipeline reads the internal model's view of
+it, the upstream gets the body as it came (with the client's ``anthropic-beta``), and the
+client the upstream's message or events.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.core.model import Request as CoreRequest
 from gateway.errors import GatewayError
-from gateway.pipeline import Answer, StreamingAnswer
+from gateway.pipeline import Answer, PassThrough, StreamingAnswer
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
 from gateway.tokens import count_chat_prompt
@@ -35,16 +40,28 @@ _MAX_COUNT_BODY_BYTES = 32 * 1024 * 1024
 @post("/v1/messages", request_max_body_size=None, status_code=200)
 async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     asked: list[CoreRequest] = []
+    passthrough = PassThrough()
 
     async def translate(raw: bytes) -> bytes:
-        decoded = anthropic.decode_request(raw)
-        if decoded.thinking is not None and not _only_anthropic_upstreams(request, decoded.model):
-            decoded.dropped.append("thinking")  # sent on to Anthropic models of the route, to no others
+        if _only_anthropic_upstreams(request, _model_of(raw)):
+            decoded = anthropic.decode_request(raw, passed_through=True)
+            passthrough.body = msgspec.json.decode(raw)
+            beta = request.headers.get("anthropic-beta")
+            if beta:
+                passthrough.headers["anthropic-beta"] = beta
+        else:
+            decoded = anthropic.decode_request(raw)
+            if decoded.thinking is not None:
+                decoded.dropped.append("thinking")  # no upstream of the route but Anthropic's can honour it
         asked.append(decoded)
         return msgspec.json.encode(openai_chat.to_chat_body(decoded))
 
     request_id, answer = await hand_to_pipeline(
-        request, protocol=_PROTOCOL, authorization=_authorization(request), translate=translate
+        request,
+        protocol=_PROTOCOL,
+        authorization=_authorization(request),
+        translate=translate,
+        passthrough=passthrough,
     )
     if answer is None:
         return _CLIENT_GONE
@@ -55,11 +72,13 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
     if isinstance(answer, Answer):
         if answer.status != 200:
             return _error(answer.status, _message_of(answer.body), headers)
+        if passthrough.body is not None:  # the upstream's own message
+            return Response(content=answer.body, status_code=200, headers=headers, media_type="application/json")
         completion = openai_chat.answer_from_completion(msgspec.json.decode(answer.body))
         body = anthropic.encode_answer(completion, f"msg_{request_id}", model)
         return Response(content=body, status_code=200, headers=headers, media_type="application/json")
     return Stream(
-        _events(answer, f"msg_{request_id}", model),
+        answer.events if passthrough.body is not None else _events(answer, f"msg_{request_id}", model),
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
     )
@@ -72,7 +91,9 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
     runtime = state.holder.current
     try:
         principal = runtime.auth.authenticate(_authorization(request))
-        decoded = anthropic.decode_request(await request.body(), counting=True)
+        raw = await request.body()
+        lenient = _only_anthropic_upstreams(request, _model_of(raw))  # blocks only Anthropic reads are not refused
+        decoded = anthropic.decode_request(raw, counting=True, passed_through=lenient)
         plan = runtime.router.plan(decoded.model)
         principal.check_model(plan.route)
         body = openai_chat.to_chat_body(decoded)
@@ -83,13 +104,25 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
     return Response(content=msgspec.json.encode({"input_tokens": tokens}), media_type="application/json")
 
 
-def _only_anthropic_upstreams(request: Request[Any, Any, Any], model: str) -> bool:
+def _only_anthropic_upstreams(request: Request[Any, Any, Any], model: str | None) -> bool:
     runtime = request.app.state.gateway.holder.current
     try:
-        names = runtime.router.reachable(model)
+        names = runtime.router.reachable(model or "")
     except GatewayError:
-        return True  # the pipeline answers the unknown model
+        return False  # the translating decoder and the pipeline answer a missing or unknown model
     return all(runtime.policy.models[name].provider == "anthropic" for name in names)
+
+
+class _Model(msgspec.Struct):
+    model: str | None = None
+
+
+def _model_of(raw: bytes) -> str | None:
+    """The model a body asks for, read before it is decoded (what decides how it is decoded)."""
+    try:
+        return msgspec.json.decode(raw, type=_Model).model
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None  # the decoder says what is wrong with it
 
 
 def _authorization(request: Request[Any, Any, Any]) -> str | None:

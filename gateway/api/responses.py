@@ -44,7 +44,6 @@ from gateway.protocols import openai_responses as codec
 from gateway.responses_store import ResponseStore, StoredResponse
 from gateway.runtime import Runtime
 from gateway.store.base import StoreUnavailable
-from gateway.upstreams.base import ChatStream, Completion, Provider
 
 __all__ = [
     "ResponseNotFoundError",
@@ -84,7 +83,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
     store = _store(state)
     turn = _Turn()
     created_at = int(time.time())
-    passthrough = PassThrough(_respond, _open_response_stream)
+    passthrough = PassThrough()
 
     async def translate(raw: bytes) -> bytes:
         runtime = state.holder.current
@@ -241,14 +240,6 @@ def _chat_view(decoded: codec.ResponsesRequest) -> dict[str, Any]:
         return codec.to_chat_body(decoded)
     empty = msgspec.structs.replace(decoded.request, messages=[Message("user", (TextPart(""),))])
     return codec.to_chat_body(msgspec.structs.replace(decoded, request=empty))
-
-
-async def _respond(provider: Provider, body: dict[str, Any]) -> Completion:
-    return await provider.respond(body)
-
-
-async def _open_response_stream(provider: Provider, body: dict[str, Any]) -> ChatStream:
-    return await provider.open_response_stream(body)
 
 
 async def _passed_through(

@@ -110,8 +110,14 @@ class _MessagesRequest(_Wire):
     thinking: dict[str, Any] | None = None
 
 
-def decode_request(raw: bytes, *, counting: bool = False) -> Request:
-    """A Messages request; ``counting``: for ``count_tokens``, where ``max_tokens`` is not required."""
+def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool = False) -> Request:
+    """A Messages request; ``counting``: for ``count_tokens``, where ``max_tokens`` is not required.
+
+    ``passed_through``: the request goes to an Anthropic upstream as it is, and this decoding
+    only gives the gateway its view (text for counting, routing and the log): blocks and
+    server tools the internal model has no place for (documents, search results, web search,
+    ...) are left out of the view instead of refused, since the upstream reads them itself.
+    """
     wire = decode_body(raw, _MessagesRequest)
     if wire.max_tokens is None and not counting:
         raise InvalidRequestError("max_tokens: Field required", param="max_tokens")
@@ -119,9 +125,9 @@ def decode_request(raw: bytes, *, counting: bool = False) -> Request:
         raise InvalidRequestError("messages: at least one message is required", param="messages")
     messages: list[Message] = []
     if wire.system:
-        messages.append(Message("system", _parts(wire.system, "system")))
+        messages.append(Message("system", _parts(wire.system, "system", passed_through)))
     for index, turn in enumerate(wire.messages):
-        messages += _turn(turn, f"messages.{index}")
+        messages += _turn(turn, f"messages.{index}", passed_through)
     request = Request(
         model=wire.model,
         messages=messages,
@@ -130,7 +136,11 @@ def decode_request(raw: bytes, *, counting: bool = False) -> Request:
         top_p=wire.top_p,
         stop=list(wire.stop_sequences or []),
         stream=wire.stream,
-        tools=[_tool(tool, f"tools.{i}") for i, tool in enumerate(wire.tools or [])],
+        tools=[
+            _tool(tool, f"tools.{i}")
+            for i, tool in enumerate(wire.tools or [])
+            if tool.input_schema is not None or not passed_through
+        ],
         tool_choice=_choice(wire.tool_choice),
         user=wire.metadata.user_id if wire.metadata else None,
     )
@@ -141,7 +151,7 @@ def decode_request(raw: bytes, *, counting: bool = False) -> Request:
     return request
 
 
-def _parts(content: str | list[_Block], where: str) -> tuple[Part, ...]:
+def _parts(content: str | list[_Block], where: str, lenient: bool = False) -> tuple[Part, ...]:
     if isinstance(content, str):
         return (TextPart(content),)
     parts: list[Part] = []
@@ -150,13 +160,13 @@ def _parts(content: str | list[_Block], where: str) -> tuple[Part, ...]:
             if block.text is None:
                 raise InvalidRequestError(f"{where}.{index}.text: Field required")
             parts.append(TextPart(block.text, cache_control=block.cache_control))
-        elif block.type == "image":
+        elif block.type == "image" and not (lenient and block.source is not None and block.source.type == "file"):
             parts.append(ImagePart(_image_url(block, f"{where}.{index}")))
         elif block.type == "thinking":
             parts.append(ThinkingPart(block.thinking or "", block.signature or ""))
         elif block.type == "redacted_thinking":
             parts.append(RedactedThinkingPart(block.data or ""))
-        else:
+        elif not lenient:
             raise InvalidRequestError(f"{where}.{index}.type: '{block.type}' is not supported here")
     return tuple(parts)
 
@@ -172,7 +182,7 @@ def _image_url(block: _Block, where: str) -> str:
     raise InvalidRequestError(f"{where}.source: an image needs base64 data with a media_type, or a url")
 
 
-def _turn(turn: _Turn, where: str) -> list[Message]:
+def _turn(turn: _Turn, where: str, lenient: bool = False) -> list[Message]:
     if isinstance(turn.content, str):
         return [Message(turn.role, (TextPart(turn.content),))]
     if turn.role == "assistant":
@@ -186,12 +196,12 @@ def _turn(turn: _Turn, where: str) -> list[Message]:
             if block.type == "tool_use"
         )
         text = [block for block in turn.content if block.type != "tool_use"]
-        return [Message("assistant", _parts(text, where), calls)]
+        return [Message("assistant", _parts(text, where, lenient), calls)]
     results = [block for block in turn.content if block.type == "tool_result"]
     messages = [
         Message(
             "tool",
-            _parts(block.content if block.content is not None else "", f"{where}.content"),
+            _parts(block.content if block.content is not None else "", f"{where}.content", lenient),
             tool_call_id=block.tool_use_id,
             is_error=block.is_error,
         )
@@ -199,7 +209,7 @@ def _turn(turn: _Turn, where: str) -> list[Message]:
     ]
     rest = [block for block in turn.content if block.type != "tool_result"]
     if rest or not results:
-        messages.append(Message("user", _parts(rest, f"{where}.content")))
+        messages.append(Message("user", _parts(rest, f"{where}.content", lenient)))
     return messages
 
 

@@ -13,7 +13,7 @@ import asyncio
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
@@ -237,12 +237,12 @@ class SpeculativeProvider(Provider):
 
     # -- Provider ------------------------------------------------------------------
 
-    async def respond(self, body: dict[str, Any]) -> Completion:
-        """Passed-through Responses requests go to the target as they are: no token-level API there."""
-        return await self.target.respond(body)
+    async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
+        """Passed-through requests go to the target as they are: no token-level API there."""
+        return await self.target.relay(body, headers)
 
-    async def open_response_stream(self, body: dict[str, Any]) -> ChatStream:
-        return await self.target.open_response_stream(body)
+    async def open_relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> ChatStream:
+        return await self.target.open_relay(body, headers)
 
     async def forward(self, method: str, path: str) -> httpx.Response:
         return await self.target.forward(method, path)

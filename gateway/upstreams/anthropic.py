@@ -44,12 +44,14 @@ Error bodies (``{"type": "error", "error": {"type", "message"}}``) are read by
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any, TypeGuard
 
 import httpx
 import msgspec
 
-from gateway.errors import InvalidRequestError, UpstreamProtocolError, UpstreamStatusError
+from gateway.errors import GatewayError, InvalidRequestError, UpstreamProtocolError, UpstreamStatusError
+from gateway.protocols.anthropic_messages import encode_error
 from gateway.protocols.openai_chat import chunk_body, completion_body, usage_body
 from gateway.upstreams.base import ChatStream, Completion, Provider, UpstreamEvents, Usage, decode_json_object
 
@@ -94,6 +96,21 @@ class AnthropicProvider(Provider):
         payload = _translate_request(self.name, self._model(body), body, stream=True)
         response = await self._post(_MESSAGES_PATH, payload, self._headers(), stream=True)
         return _AnthropicChatStream(self, response)
+
+    async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
+        response = await self._post(_MESSAGES_PATH, body, {**self._headers(), **headers}, stream=False)
+        data = decode_json_object(self.name, response.content)
+        content = data.get("content")
+        text = "".join(
+            block["text"]
+            for block in (content if isinstance(content, list) else ())
+            if isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str)
+        )
+        return Completion(body=response.content, usage=_usage(data.get("usage")), text=text)
+
+    async def open_relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> ChatStream:
+        response = await self._post(_MESSAGES_PATH, body, {**self._headers(), **headers}, stream=True)
+        return _RelayedMessageStream(self, response)
 
 
 # -- request translation ------------------------------------------------------
@@ -595,3 +612,78 @@ class _AnthropicChatStream(ChatStream):
         tally = self.tally
         tally.take_delta(delta)
         return chunk_body(tally.id, tally.created, tally.model, delta, finish_reason)
+
+
+class _RelayedMessageStream(ChatStream):
+    """A Messages stream passed through: the upstream's events, re-framed, nothing else changed.
+
+    The tally reads the message id, text deltas, usage (``message_start``, then each
+    ``message_delta``) and the stop reason; an ``error`` event, or the stream ending before
+    ``message_stop``, raises and the gateway answers it in Anthropic's shape."""
+
+    framed = True
+
+    def __init__(self, provider: AnthropicProvider, response: httpx.Response) -> None:
+        super().__init__()
+        self.tally.replayable = False
+        self._provider = provider
+        self._response = response
+        self._events = UpstreamEvents(provider, response)
+        self._stopped = False
+        self._prompt_tokens = 0
+        self._cache_usage: dict[str, Any] = {}
+
+    async def __anext__(self) -> bytes:
+        name = self._provider.name
+        while True:
+            event = await self._events.next()
+            if event is None:
+                await self.aclose()
+                if self._stopped:
+                    raise StopAsyncIteration
+                raise UpstreamProtocolError(name, "stream ended before message_stop")
+            if self._stopped:
+                continue
+            try:
+                data = msgspec.json.decode(event.data)
+            except msgspec.DecodeError:
+                raise UpstreamProtocolError(name, "sent a stream event that is not JSON") from None
+            kind = data.get("type") if isinstance(data, dict) else None
+            if not isinstance(kind, str):
+                raise UpstreamProtocolError(name, "sent a stream event without a type")
+            if kind == "error":
+                error = data.get("error") if isinstance(data.get("error"), dict) else {}
+                status = 529 if error.get("type") == "overloaded_error" else 500
+                raise UpstreamStatusError(name, status, str(error.get("message", "error in stream"))[:500])
+            self._tally(kind, data)
+            self._stopped = kind == "message_stop"
+            return b"event: " + kind.encode() + b"\ndata: " + event.data + b"\n\n"
+
+    def _tally(self, kind: str, data: dict[str, Any]) -> None:
+        tally = self.tally
+        tally.chunks += 1
+        if kind == "content_block_delta":
+            delta = data.get("delta")
+            if isinstance(delta, dict) and delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
+                tally.text_parts.append(delta["text"])
+            return
+        usage = None
+        if kind == "message_start" and isinstance(message := data.get("message"), dict):
+            tally.id, tally.model = message.get("id"), message.get("model")
+            usage = message.get("usage")
+        elif kind == "message_delta":
+            usage = data.get("usage")
+            delta = data.get("delta")
+            if isinstance(delta, dict) and delta.get("stop_reason") is not None:
+                tally.finish_reason = _finish_reason(delta["stop_reason"])
+        if isinstance(usage, dict):
+            if isinstance(usage.get("input_tokens"), int):
+                self._prompt_tokens = _prompt_tokens(usage)
+                self._cache_usage = usage
+            tally.usage = _usage_of(self._cache_usage, self._prompt_tokens, _int(usage.get("output_tokens")))
+
+    def error_event(self, error: GatewayError) -> bytes:
+        return b"event: error\ndata: " + encode_error(error.status_code, error.message) + b"\n\n"
+
+    async def aclose(self) -> None:
+        await self._response.aclose()

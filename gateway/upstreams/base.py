@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -14,6 +14,7 @@ import msgspec
 
 from gateway.config.schema import ModelConfig
 from gateway.errors import (
+    GatewayError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -156,9 +157,9 @@ class ChatStream(ABC):
     def __init__(self) -> None:
         self.tally = StreamTally()
 
-    def error_event(self, error: bytes) -> bytes:
-        """The event that tells the client the stream failed; ``error`` is an OpenAI error body."""
-        return b"data: " + error + b"\n\n"
+    def error_event(self, error: GatewayError) -> bytes:
+        """The event that tells the client the stream failed, in the stream's protocol."""
+        return b"data: " + error.to_body() + b"\n\n"
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
@@ -203,13 +204,14 @@ class Provider(ABC):
         """Embed ``inputs`` (texts or token ids), one vector each, in order."""
         raise UpstreamProtocolError(self.name, f"provider {self.kind!r} serves no embeddings")
 
-    async def respond(self, body: dict[str, Any]) -> Completion:
-        """Pass a Responses API request through as it is (``config.responses_api`` models only)."""
-        raise UpstreamProtocolError(self.name, f"provider {self.kind!r} does not speak the Responses API")
+    async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
+        """Pass a request of the upstream's own protocol through as it is, with
+        the client's ``headers`` that shape it (an ``anthropic-beta``); the body is the answer."""
+        raise UpstreamProtocolError(self.name, f"provider {self.kind!r} passes nothing through")
 
-    async def open_response_stream(self, body: dict[str, Any]) -> ChatStream:
+    async def open_relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> ChatStream:
         """The same, streamed: a :attr:`ChatStream.framed` stream of the upstream's own events."""
-        raise UpstreamProtocolError(self.name, f"provider {self.kind!r} does not speak the Responses API")
+        raise UpstreamProtocolError(self.name, f"provider {self.kind!r} passes nothing through")
 
     async def forward(self, method: str, path: str) -> httpx.Response:
         """A bodiless request to the upstream (reading or deleting what it keeps), its answer read."""

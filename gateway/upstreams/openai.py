@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
 import msgspec
 
 from gateway.core.model import Usage as CoreUsage
-from gateway.errors import UpstreamProtocolError, UpstreamStatusError
+from gateway.errors import GatewayError, UpstreamProtocolError, UpstreamStatusError
 from gateway.protocols import openai_responses as responses
 from gateway.upstreams.base import (
     ChatStream,
@@ -60,14 +61,14 @@ class OpenAIProvider(Provider):
         prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
         return Embeddings(vectors, prompt if isinstance(prompt, int) else None)
 
-    async def respond(self, body: dict[str, Any]) -> Completion:
-        response = await self._post("responses", body, self._headers(), stream=False)
+    async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
+        response = await self._post("responses", body, {**self._headers(), **headers}, stream=False)
         data = decode_json_object(self.name, response.content)
         usage = responses.usage_from_wire(data.get("usage"))
         return Completion(body=response.content, usage=_upstream_usage(usage), text=responses.response_text(data))
 
-    async def open_response_stream(self, body: dict[str, Any]) -> ChatStream:
-        response = await self._post("responses", body, self._headers(), stream=True)
+    async def open_relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> ChatStream:
+        response = await self._post("responses", body, {**self._headers(), **headers}, stream=True)
         return _ResponsesEventStream(self, response)
 
     async def forward(self, method: str, path: str) -> httpx.Response:
@@ -187,10 +188,10 @@ class _ResponsesEventStream(ChatStream):
             if kind in ("response.completed", "response.incomplete"):
                 tally.finish_reason = responses.finish_reason_of(response)
 
-    def error_event(self, error: bytes) -> bytes:
-        detail = msgspec.json.decode(error).get("error") or {}
+    def error_event(self, error: GatewayError) -> bytes:
         self._sequence += 1
-        data = {"type": "error", **detail, "sequence_number": self._sequence}
+        data = {"type": "error", "code": error.code or error.error_type, "message": error.message,
+                "param": error.param, "sequence_number": self._sequence}  # fmt: skip
         return b"event: error\ndata: " + msgspec.json.encode(data) + b"\n\n"
 
     async def aclose(self) -> None:

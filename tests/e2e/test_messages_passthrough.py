@@ -1,0 +1,136 @@
+"""Messages requests passed through to Anthropic upstreams, with the anthropic SDK.
+
+A request whose every reachable model is Anthropic's goes upstream as the client sent it
+(documents, server tools, betas and all) and comes back as Anthropic wrote it; the
+gateway still authenticates, limits, routes, prices from the upstream's usage and logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import httpx
+import pytest
+
+from gateway.simulated import SimulatedUpstream
+from tests.conftest import inject, upstream_stats
+from tests.gateway_process import GatewayProcess
+
+CLAUDE_CODE_BETA = "claude-code-20250219,context-management-2025-06-27"
+
+
+@pytest.fixture
+def claude(gateway: GatewayProcess) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(
+        base_url=gateway.url,
+        api_key="sk-unused",
+        max_retries=0,
+        timeout=15,
+        default_headers={"anthropic-beta": CLAUDE_CODE_BETA},
+    ) as client:
+        yield client
+
+
+def _last_request(upstream: SimulatedUpstream) -> dict[str, Any]:
+    last: dict[str, Any] = upstream_stats(upstream)["last_request"]
+    return last
+
+
+def test_what_only_anthropic_reads_reaches_it_as_it_was_sent(
+    claude: anthropic.Anthropic, gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    ask: dict[str, Any] = {
+        "model": "claude",
+        "max_tokens": 256,
+        "system": [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "document",
+                        "source": {"type": "text", "media_type": "text/plain", "data": "Build step 3 copies files."},
+                        "title": "build.log",
+                        "citations": {"enabled": True},
+                    },
+                    {"type": "text", "text": "Which step copies files?", "cache_control": {"type": "ephemeral"}},
+                ],
+            }
+        ],
+        "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 2}],
+        "metadata": {"user_id": "user-1"},
+    }
+    raw = claude.messages.with_raw_response.create(**ask)
+    message = raw.parse()
+    assert message.type == "message" and message.content and message.content[0].type == "text"
+    sent = _last_request(large_upstream)
+    assert sent["path"] == "/v1/messages"
+    assert sent["body"] == {**ask, "model": "claude-sim"}  # only the model name changed
+    assert sent["headers"]["anthropic-beta"] == CLAUDE_CODE_BETA
+    assert sent["headers"]["x-api-key"] == "sk-ant-456"  # the gateway's key, not the client's
+    assert "x-gateway-dropped" not in raw.headers
+    record = gateway.wait_for_record(raw.http_response.headers["x-request-id"])
+    assert record["passthrough"] is True and record["protocol"] == "anthropic.messages"
+    assert record["tokens_source"] == "upstream" and record["model"] == "claude"
+    assert record["prompt_tokens"] == message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0) + (
+        message.usage.cache_creation_input_tokens or 0
+    )
+    assert record["completion_tokens"] == message.usage.output_tokens
+
+
+def test_the_stream_is_anthropics_own_and_the_sdk_accumulates_it(
+    claude: anthropic.Anthropic, gateway: GatewayProcess
+) -> None:
+    with claude.messages.stream(
+        model="claude", max_tokens=128, messages=[{"role": "user", "content": "Describe the sea briefly."}]
+    ) as stream:
+        events = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert events[0] == "message_start" and events[-1] == "message_stop"
+    assert final.content and final.content[0].type == "text" and final.stop_reason == "end_turn"
+    records = [r for r in gateway.log_records() if r.get("passthrough") and r["protocol"] == "anthropic.messages"]
+    assert records[-1]["stream"] is True and records[-1]["completion_tokens"] == final.usage.output_tokens
+    assert records[-1]["finish_reason"] == "stop"
+
+
+def test_an_overloaded_upstream_mid_stream_ends_with_anthropics_error_event(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    inject(large_upstream, {"cut_after_chunks": 3})
+    body = {"model": "claude", "max_tokens": 64, "stream": True, "messages": [{"role": "user", "content": "Go on."}]}
+    with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": "k"}, timeout=10) as r:
+        frames = [frame for frame in r.read().decode().split("\n\n") if frame.strip()]
+    assert frames[0].startswith("event: message_start")
+    assert frames[-1].startswith("event: error\ndata: ") and '"type":"error"' in frames[-1]
+
+
+def test_count_tokens_accepts_what_only_anthropic_reads(gateway: GatewayProcess) -> None:
+    body = {
+        "model": "claude",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}},
+                    {"type": "text", "text": "Summarise the document."},
+                ],
+            }
+        ],
+        "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+    }
+    answer = httpx.post(f"{gateway.url}/v1/messages/count_tokens", json=body, headers={"x-api-key": "k"})
+    assert answer.status_code == 200 and answer.json()["input_tokens"] > 0
+
+
+def test_a_route_that_may_reach_another_upstream_still_refuses_what_it_cannot_carry(gateway: GatewayProcess) -> None:
+    body = {
+        "model": "fast",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+    }
+    answer = httpx.post(f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": "k"})
+    assert answer.status_code == 400 and answer.json()["type"] == "error"
+    assert "server tools" in answer.json()["error"]["message"]
