@@ -347,7 +347,7 @@ class ChatPipeline:
         assert x.plan is not None
         semantic = x.runtime.policy.cache.semantic
         tenant, route = x.record.tenant, x.plan.route
-        raised = self._audit.raised_by(semantic.audit, tenant, route)
+        raised = self._audit.raised_by(semantic.audit, semantic.verify_threshold, tenant, route)
         if raised is None:  # the audits found too many wrong hits here: stopped
             return None
         found = await self._semantic.lookup(

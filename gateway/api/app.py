@@ -119,7 +119,7 @@ async def _start(settings: Settings) -> GatewayState:
     verifier = await asyncio.to_thread(load_verifier)
     if verifier is None:
         _log.warning("cache_verifier_not_loaded", effect="the semantic cache serves no hits")
-    audit = SemanticAudit(metrics)
+    audit = SemanticAudit(metrics, kv=store.kv)
     large_share = LargeShareTracker(store.kv)
     learning = LearningLoop(store.kv, metrics)
     drain = Drain(settings.drain_s)

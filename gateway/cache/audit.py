@@ -9,27 +9,37 @@ every audit. Once ``min_audits`` audits are decided and the estimate is above
 ``max_false_hit_rate``, the cache tightens itself for that tenant and route: the
 verifier's threshold goes up by ``tighten_step``, and when it cannot go higher the route
 stops serving semantic hits; each step is logged (``semantic_cache_tightened``), and
-measuring starts over at the new setting. A policy reload starts every route afresh.
+measuring starts over at the new setting. A policy reload that changes the audit setting
+or the verifier's threshold starts every route afresh.
 
-State is per process: with several workers each measures and tightens on its own share.
+With a shared store (Redis) the state is shared by every process: outcomes go to one
+list per tenant, route and setting, so several workers measure one estimate together,
+and a tightening (taken under a lease, so that two processes that cross the budget at
+once tighten one step, not two) is seen by every process within ``refresh_s``. Without
+a store, or while it is unavailable, each process measures on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import re
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import msgspec
 import structlog
 
 from gateway.accounting.metrics import Metrics
 from gateway.background import BackgroundTasks
 from gateway.config.schema import SemanticAuditPolicy
 from gateway.judge import yes_no_request
+from gateway.store import keyspace
+from gateway.store.base import KeyValue, StoreUnavailable
 
 __all__ = [
     "CEILING",
@@ -48,6 +58,11 @@ _CHOICE = re.compile(
     r"(?:^|\b(?i:answer)(?: is)?[:\s]*|\b(?i:option)\s+|\b(?i:correct (?:answer|option|choice) is)[:\s]*)"
     r"\(?([A-J])\)?(?:[.):\s]|$)"
 )
+_WINDOW = 500
+"""Audits an estimate is made of: the newest ones of the current setting."""
+_TTL_S = 7 * 86400
+_TIMEOUT_S = 0.1
+_LEASE_MS = 5000
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 _WORD = re.compile(r"\w+")
 
@@ -124,30 +139,60 @@ class AuditJob:
     """Whether two free-text answers agree (a judge model); None: they stay undecided."""
 
 
-@dataclass(slots=True)
-class _RouteState:
-    outcomes: deque[bool] = field(default_factory=lambda: deque(maxlen=500))
+class _Setting(msgspec.Struct):
+    """What tightening has done to a route, as the store keeps it."""
+
+    generation: int = 0
+    """Raised at each tightening: the outcomes of the setting before it no longer count."""
     raised_by: float = 0.0
     stopped: bool = False
 
 
+_setting_codec = msgspec.json.Decoder(_Setting)
+
+
+@dataclass(slots=True)
+class _RouteState:
+    key: str
+    """The store key of this tenant's route under this audit setting."""
+    setting: _Setting = field(default_factory=_Setting)
+    outcomes: deque[bool] = field(default_factory=lambda: deque(maxlen=_WINDOW))
+    """This process's own outcomes: used when there is no store, or it is unavailable."""
+    fetched_at: float = float("-inf")
+    refreshing: bool = False
+
+
 class SemanticAudit:
-    def __init__(self, metrics: Metrics, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        kv: KeyValue | None = None,
+        rng: random.Random | None = None,
+        refresh_s: float = 2.0,
+    ) -> None:
         self._metrics = metrics
+        self._kv = kv
         self._rng = rng or random.Random()
+        self._refresh_s = refresh_s
         self._routes: dict[tuple[str, str], _RouteState] = {}
-        self._policy_id: int | None = None
+        self._setting_of: tuple[int, float] | None = None
+        self._setting_id = ""
         self._window_start = 0.0
         self._in_window = 0
         self._background = BackgroundTasks()
 
-    def raised_by(self, policy: SemanticAuditPolicy, tenant: str, route: str) -> float | None:
+    def raised_by(self, policy: SemanticAuditPolicy, base_threshold: float, tenant: str, route: str) -> float | None:
         """How far the verifier's thresholds are raised for this tenant's route (up to
-        :data:`CEILING`); None when the route no longer serves semantic hits."""
-        state = self._state(policy, tenant, route)
+        :data:`CEILING`); None when the route no longer serves semantic hits. With a store,
+        the shared setting is read again in the background every ``refresh_s``."""
+        state = self._state(policy, base_threshold, tenant, route, create=self._kv is not None)
         if state is None:
             return 0.0
-        return None if state.stopped else state.raised_by
+        if self._kv is not None and not state.refreshing and time.monotonic() - state.fetched_at >= self._refresh_s:
+            state.refreshing = True
+            self._background.spawn(self._refresh(state, tenant, route, base_threshold), "semantic-audit-refresh")
+        return None if state.setting.stopped else state.setting.raised_by
 
     def sample(self, policy: SemanticAuditPolicy) -> bool:
         """Whether to audit this hit: the sample rate, within the per-minute budget."""
@@ -165,38 +210,82 @@ class SemanticAudit:
         """Audit one served hit in the background."""
         self._background.spawn(self._audit(job), "semantic-audit")
 
-    def record(
+    async def record(
         self, policy: SemanticAuditPolicy, base_threshold: float, tenant: str, route: str, outcome: AuditOutcome
     ) -> float | None:
         """Count one audit; the estimate afterwards (None until one is decided)."""
-        state = self._state(policy, tenant, route, create=True)
+        state = self._state(policy, base_threshold, tenant, route, create=True)
         assert state is not None
         self._metrics.semantic_audit(route, "undecided" if outcome.agree is None else str(outcome.agree).lower())
-        if outcome.agree is not None:
-            state.outcomes.append(not outcome.agree)
-        if not state.outcomes:
+        if outcome.agree is None:
+            outcomes = list(state.outcomes)
+        else:
+            outcomes = await self._outcomes_with(state, not outcome.agree)
+        if not outcomes:
             return None
-        estimate = sum(state.outcomes) / len(state.outcomes)
+        estimate = sum(outcomes) / len(outcomes)
         self._metrics.semantic_false_hits(tenant, route, estimate)
-        if len(state.outcomes) >= policy.min_audits and estimate > policy.max_false_hit_rate and not state.stopped:
-            self._tighten(state, policy, base_threshold, tenant, route, estimate)
+        if len(outcomes) >= policy.min_audits and estimate > policy.max_false_hit_rate and not state.setting.stopped:
+            await self._tighten(state, policy, base_threshold, tenant, route, estimate, len(outcomes))
         return estimate
 
     async def aclose(self) -> None:
         await self._background.aclose()
 
     def _state(
-        self, policy: SemanticAuditPolicy, tenant: str, route: str, *, create: bool = False
+        self, policy: SemanticAuditPolicy, base: float, tenant: str, route: str, *, create: bool = False
     ) -> _RouteState | None:
-        if self._policy_id != id(policy):  # a reloaded policy: every route starts afresh
-            self._policy_id, self._routes = id(policy), {}
+        if self._setting_of != (id(policy), base):  # a reloaded policy: every route starts afresh if it changed
+            self._setting_of, self._routes = (id(policy), base), {}
+            fingerprint = msgspec.json.encode([policy, base])
+            self._setting_id = hashlib.sha256(fingerprint).hexdigest()[:12]
         key = (tenant, route)
         state = self._routes.get(key)
         if state is None and create:
-            state = self._routes[key] = _RouteState()
+            state = self._routes[key] = _RouteState(keyspace.semantic_audit(tenant, route, self._setting_id))
         return state
 
-    def _tighten(
+    async def _outcomes_with(self, state: _RouteState, wrong: bool) -> list[bool]:
+        """The route's outcomes (the newest :data:`_WINDOW`) once this one is added: the shared
+        ones when there is a store, this process's own when it is unavailable."""
+        state.outcomes.append(wrong)
+        if self._kv is not None:
+            outcomes_key = f"{state.key}:o:{state.setting.generation}"
+            try:
+                await self._kv.append(outcomes_key, b"1" if wrong else b"0", _WINDOW, _TTL_S, _TIMEOUT_S)
+                return [item == b"1" for item in await self._kv.read_list(outcomes_key, _TIMEOUT_S)]
+            except StoreUnavailable:
+                pass
+        return list(state.outcomes)
+
+    async def _refresh(self, state: _RouteState, tenant: str, route: str, base: float) -> None:
+        try:
+            if self._kv is not None:
+                shared = await self._read_setting(state)
+                if shared is not None and shared.generation > state.setting.generation:
+                    self._adopt(state, shared, tenant, route, base)
+        finally:
+            state.fetched_at, state.refreshing = time.monotonic(), False
+
+    async def _read_setting(self, state: _RouteState) -> _Setting | None:
+        assert self._kv is not None
+        try:
+            raw = await self._kv.get(state.key, _TIMEOUT_S)
+        except StoreUnavailable:
+            return None
+        try:
+            return _setting_codec.decode(raw) if raw else _Setting()
+        except msgspec.DecodeError:
+            return None
+
+    def _adopt(self, state: _RouteState, setting: _Setting, tenant: str, route: str, base: float) -> None:
+        state.setting = setting
+        state.outcomes.clear()
+        self._metrics.semantic_threshold(
+            tenant, route, None if setting.stopped else min(CEILING, base + setting.raised_by)
+        )
+
+    async def _tighten(
         self,
         state: _RouteState,
         policy: SemanticAuditPolicy,
@@ -204,17 +293,38 @@ class SemanticAudit:
         tenant: str,
         route: str,
         estimate: float,
+        decided: int,
     ) -> None:
-        before = min(CEILING, base + state.raised_by)
+        token = uuid.uuid4().hex
+        lease = keyspace.lease(state.key)
+        shared = self._kv is not None
+        if shared:
+            assert self._kv is not None
+            try:
+                if not await self._kv.acquire(lease, token, _LEASE_MS, _TIMEOUT_S):
+                    return  # another process is tightening this route now
+                current = await self._read_setting(state)
+            except StoreUnavailable:
+                shared, current = False, None
+            if current is not None and current.generation > state.setting.generation:
+                self._adopt(state, current, tenant, route, base)  # it was tightened already
+                await self._release(lease, token)
+                return
+        before = min(CEILING, base + state.setting.raised_by)
         if before >= CEILING or policy.tighten_step <= 0:
-            state.stopped = True
             after: float | None = None
+            setting = _Setting(state.setting.generation + 1, state.setting.raised_by, stopped=True)
         else:
-            state.raised_by += policy.tighten_step
-            after = min(CEILING, base + state.raised_by)
-        decided = len(state.outcomes)
-        state.outcomes.clear()
-        self._metrics.semantic_threshold(tenant, route, after)
+            setting = _Setting(state.setting.generation + 1, state.setting.raised_by + policy.tighten_step)
+            after = min(CEILING, base + setting.raised_by)
+        if shared:
+            assert self._kv is not None
+            try:
+                await self._kv.put(state.key, msgspec.json.encode(setting), _TTL_S, _TIMEOUT_S)
+            except StoreUnavailable:
+                pass  # tightened here; the others tighten on their own estimate
+            await self._release(lease, token)
+        self._adopt(state, setting, tenant, route, base)
         _log.warning(
             "semantic_cache_tightened",
             tenant=tenant,
@@ -226,6 +336,13 @@ class SemanticAudit:
             verify_threshold_after=None if after is None else round(after, 4),
             action="stopped serving semantic hits" if after is None else "raised the verifier's threshold",
         )
+
+    async def _release(self, lease: str, token: str) -> None:
+        assert self._kv is not None
+        try:
+            await self._kv.release(lease, token, _TIMEOUT_S)
+        except StoreUnavailable:
+            pass  # the lease expires by itself
 
     async def _audit(self, job: AuditJob) -> None:
         try:
@@ -239,7 +356,7 @@ class SemanticAudit:
         except Exception as exc:  # an audit that fails tells nothing: not counted
             _log.info("semantic_audit_failed", tenant=job.tenant, route=job.route, error=type(exc).__name__)
             return
-        estimate = self.record(job.policy, job.base_threshold, job.tenant, job.route, outcome)
+        estimate = await self.record(job.policy, job.base_threshold, job.tenant, job.route, outcome)
         self._metrics.semantic_audit_cost(job.route, cost)
         _log.info(
             "semantic_audit",

@@ -18,6 +18,7 @@ hashed, so any string is a safe key part.
     gw:{t}:use:t:<yyyymmdd>           the tenant's
     gw:{t}:resp:<response id>         a stored Responses API turn (TTL: 30 days)
     gw:{t}:share:<route>              a route's threshold kept on target_large_share (TTL: 7 days)
+    gw:{t}:audit:<route>:<setting>    a route's semantic-cache audit state, and its outcomes (:o:<gen>) (TTL: 7 days)
     gw:{t}:learn:tr:<request id>      what the router saw of a routed request (TTL: learning.keep_hours)
     gw:{t}:learn:labels               labelled routing examples, newest kept (TTL: refreshed on append)
     gw:{t}:learn:shadow:<route>:<day> a route's shadow-judging spend that UTC day (TTL: 2 days)
@@ -42,6 +43,7 @@ __all__ = [
     "routing_labels",
     "routing_trace",
     "semantic_ages",
+    "semantic_audit",
     "semantic_entry",
     "semantic_entry_prefix",
     "semantic_index",
@@ -62,6 +64,11 @@ def exact(tenant: str, digest: str) -> str:
 
 def large_share_threshold(tenant: str, route: str) -> str:
     return f"{tenant_prefix(tenant)}:share:{hashlib.sha256(route.encode()).hexdigest()[:16]}"
+
+
+def semantic_audit(tenant: str, route: str, setting: str) -> str:
+    """A route's semantic-cache audit state under one audit setting (its outcomes: ``+ ":o:<generation>"``)."""
+    return f"{tenant_prefix(tenant)}:audit:{hashlib.sha256(route.encode()).hexdigest()[:16]}:{setting}"
 
 
 def lease(key: str) -> str:

@@ -11,6 +11,7 @@ from gateway.accounting.metrics import Metrics
 from gateway.cache.audit import CEILING, AuditJob, AuditOutcome, SemanticAudit, compare_answers
 from gateway.config.schema import SemanticAuditPolicy
 from gateway.judge import parse_yes_no as parse_judgement
+from gateway.store.memory import MemoryKeyValue
 
 
 @pytest.mark.parametrize(
@@ -36,27 +37,27 @@ def test_a_judges_reply_is_read_as_yes_no_or_nothing() -> None:
 
 
 def _threshold(audit: SemanticAudit, policy: SemanticAuditPolicy, tenant: str, base: float) -> float | None:
-    raised = audit.raised_by(policy, tenant, "fast")
+    raised = audit.raised_by(policy, base, tenant, "fast")
     return None if raised is None else min(CEILING, base + raised)
 
 
-def test_the_estimate_tightens_the_route_then_stops_it() -> None:
+async def test_the_estimate_tightens_the_route_then_stops_it() -> None:
     policy = SemanticAuditPolicy(min_audits=4, max_false_hit_rate=0.2, tighten_step=0.1)
     audit = SemanticAudit(Metrics())
     assert _threshold(audit, policy, "t", 0.8) == 0.8
     for agree in (True, True, False):
-        audit.record(policy, 0.8, "t", "fast", AuditOutcome(agree, "number"))
+        await audit.record(policy, 0.8, "t", "fast", AuditOutcome(agree, "number"))
     assert _threshold(audit, policy, "t", 0.8) == 0.8  # 3 decided: fewer than min_audits
-    audit.record(policy, 0.8, "t", "fast", AuditOutcome(None, "undecided"))  # not counted
+    await audit.record(policy, 0.8, "t", "fast", AuditOutcome(None, "undecided"))  # not counted
     assert _threshold(audit, policy, "t", 0.8) == 0.8
-    audit.record(policy, 0.8, "t", "fast", AuditOutcome(True, "exact"))  # 1 wrong in 4: 0.25 > 0.2
+    await audit.record(policy, 0.8, "t", "fast", AuditOutcome(True, "exact"))  # 1 wrong in 4: 0.25 > 0.2
     assert _threshold(audit, policy, "t", 0.8) == pytest.approx(0.9)
     assert _threshold(audit, policy, "other-tenant", 0.8) == 0.8  # per tenant and route
     for _ in range(4):  # measured afresh at 0.9; still wrong: up to the ceiling, then stopped
-        audit.record(policy, 0.8, "t", "fast", AuditOutcome(False, "choice"))
+        await audit.record(policy, 0.8, "t", "fast", AuditOutcome(False, "choice"))
     assert _threshold(audit, policy, "t", 0.8) == pytest.approx(0.995)
     for _ in range(4):
-        audit.record(policy, 0.8, "t", "fast", AuditOutcome(False, "choice"))
+        await audit.record(policy, 0.8, "t", "fast", AuditOutcome(False, "choice"))
     assert _threshold(audit, policy, "t", 0.8) is None
     reloaded = SemanticAuditPolicy(min_audits=4, max_false_hit_rate=0.2, tighten_step=0.1)
     assert _threshold(audit, reloaded, "t", 0.8) == 0.8  # a new policy starts afresh
@@ -104,4 +105,43 @@ async def test_free_text_goes_to_the_judge_when_there_is_one() -> None:
     await asyncio.sleep(0.01)
     assert asked == [("Lisbon is flat.", "Lisbon is hilly.")]
     assert _threshold(audit, policy, "t", 0.8) == pytest.approx(0.85)
+    await audit.aclose()
+
+
+async def test_processes_sharing_a_store_measure_one_estimate_and_tighten_once() -> None:
+    """Two workers, each seeing half the audits: neither alone reaches min_audits, together they do."""
+    kv = MemoryKeyValue()
+    policy = SemanticAuditPolicy(min_audits=4, max_false_hit_rate=0.2, tighten_step=0.1)
+    first, second = (SemanticAudit(Metrics(), kv=kv, refresh_s=0.0) for _ in range(2))
+    await first.record(policy, 0.8, "t", "fast", AuditOutcome(False, "number"))
+    await second.record(policy, 0.8, "t", "fast", AuditOutcome(True, "number"))
+    await first.record(policy, 0.8, "t", "fast", AuditOutcome(True, "exact"))
+    assert _threshold(first, policy, "t", 0.8) == 0.8 and _threshold(second, policy, "t", 0.8) == 0.8
+    estimate = await second.record(policy, 0.8, "t", "fast", AuditOutcome(True, "exact"))
+    assert estimate == 0.25  # 1 wrong of 4, counted across both
+    assert _threshold(second, policy, "t", 0.8) == pytest.approx(0.9)
+    _threshold(first, policy, "t", 0.8)  # starts a refresh from the store
+    await asyncio.sleep(0.01)
+    assert _threshold(first, policy, "t", 0.8) == pytest.approx(0.9)  # the other process's tightening
+    assert _threshold(first, policy, "other-tenant", 0.8) == 0.8
+    # Measured afresh at 0.9 by both: the next breach is one more step, not one per process.
+    for audit in (first, second, first, second):
+        await audit.record(policy, 0.8, "t", "fast", AuditOutcome(False, "choice"))
+    _threshold(first, policy, "t", 0.8)
+    await asyncio.sleep(0.01)
+    assert _threshold(first, policy, "t", 0.8) == _threshold(second, policy, "t", 0.8) == pytest.approx(0.995)
+    changed = SemanticAuditPolicy(min_audits=4, max_false_hit_rate=0.1, tighten_step=0.1)
+    assert _threshold(first, changed, "t", 0.8) == 0.8  # another setting starts afresh
+    await first.aclose()
+    await second.aclose()
+
+
+async def test_an_unavailable_store_leaves_each_process_measuring_on_its_own() -> None:
+    kv = MemoryKeyValue()
+    kv.down = True
+    policy = SemanticAuditPolicy(min_audits=2, max_false_hit_rate=0.2, tighten_step=0.1)
+    audit = SemanticAudit(Metrics(), kv=kv, refresh_s=0.0)
+    await audit.record(policy, 0.8, "t", "fast", AuditOutcome(False, "number"))
+    assert await audit.record(policy, 0.8, "t", "fast", AuditOutcome(False, "number")) == 1.0
+    assert _threshold(audit, policy, "t", 0.8) == pytest.approx(0.9)
     await audit.aclose()
