@@ -53,6 +53,12 @@ models:
     simulated: true
     api_key_env: TEST_LARGE_KEY
     timeouts: {{connect: 1, first_byte: 1, total: 5}}
+  gpt:
+    base_url: {small.url}
+    responses_api: true
+    price: {{input: 1.25, cached_input: 0.125, output: 10}}
+    tier: small
+    timeouts: {{connect: 1, first_byte: 1, total: 5}}
   claude:
     provider: anthropic
     base_url: {large.root_url}

@@ -1,7 +1,9 @@
 """Every inbound API × every upstream kind × streamed or not × plain or with tools, each with its official SDK.
 
-Upstreams: ``small`` speaks OpenAI's chat API (the simulated vLLM-like server), ``claude``
-speaks Anthropic's Messages API (the simulator's Anthropic endpoint). Tool cells force a
+Upstreams: ``small`` speaks OpenAI's chat API (the simulated vLLM-like server), ``gpt``
+the same server declared ``responses_api`` (Responses requests are passed through to its
+``/v1/responses``; other APIs reach its chat API), ``claude`` speaks Anthropic's Messages
+API (the simulator's Anthropic endpoint; Messages requests are passed through). Tool cells force a
 call to ``get_weather`` and check the arguments arrive as JSON with the required field.
 """
 
@@ -19,7 +21,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from tests.gateway_process import GatewayProcess
 
 INBOUND = ["chat", "messages", "responses", "completions", "embeddings"]
-UPSTREAMS = {"openai": "small", "anthropic": "claude"}
+UPSTREAMS = {"openai": "small", "openai-responses": "gpt", "anthropic": "claude"}
 _PROMPT = "What is the weather in Paris? Use the get_weather tool."
 _SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 
@@ -29,8 +31,8 @@ def _cells() -> Iterator[Any]:
         for upstream in UPSTREAMS:
             for stream in (False, True):
                 for tools in (False, True):
-                    if inbound == "embeddings" and (upstream == "anthropic" or stream or tools):
-                        continue  # Anthropic serves no embeddings; embeddings are neither streamed nor tools
+                    if inbound == "embeddings" and (upstream != "openai" or stream or tools):
+                        continue  # embeddings go to embedding models only, neither streamed nor with tools
                     if inbound == "completions" and tools:
                         continue  # the legacy API has no tools
                     name = f"{inbound}-{upstream}-{'stream' if stream else 'whole'}-{'tools' if tools else 'plain'}"
