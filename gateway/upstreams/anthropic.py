@@ -53,7 +53,16 @@ import msgspec
 from gateway.errors import GatewayError, InvalidRequestError, UpstreamProtocolError, UpstreamStatusError
 from gateway.protocols.anthropic_messages import encode_error
 from gateway.protocols.openai_chat import chunk_body, completion_body, usage_body
-from gateway.upstreams.base import ChatStream, Completion, Provider, UpstreamEvents, Usage, decode_json_object
+from gateway.upstreams.base import (
+    ChatStream,
+    Completion,
+    Provider,
+    RelayedStream,
+    UpstreamEvents,
+    Usage,
+    decode_event,
+    decode_json_object,
+)
 
 __all__ = ["AnthropicProvider"]
 
@@ -499,13 +508,7 @@ class _AnthropicChatStream(ChatStream):
         event = await self._events.next()
         if event is None:
             raise UpstreamProtocolError(name, "stream ended before message_stop")
-        try:
-            data = msgspec.json.decode(event.data)
-        except msgspec.DecodeError:
-            raise UpstreamProtocolError(name, "sent a stream event that is not JSON") from None
-        if not isinstance(data, dict):
-            raise UpstreamProtocolError(name, "sent a stream event that is not an object")
-        return data
+        return decode_event(name, event.data)
 
     def _handle(self, event: dict[str, Any]) -> bytes | None:
         """Update the tally from one event; return the chunk it becomes, if any."""
@@ -513,10 +516,7 @@ class _AnthropicChatStream(ChatStream):
         if kind == "message_start":
             return self._on_message_start(event)
         if kind == "error":
-            error = event.get("error")
-            error = error if isinstance(error, dict) else {}
-            status = 529 if error.get("type") == "overloaded_error" else 500
-            raise UpstreamStatusError(self._provider.name, status, str(error.get("message", "error in stream"))[:500])
+            raise _stream_error(self._provider.name, event)
         if not self._started:
             if kind == "ping":
                 return None
@@ -614,54 +614,22 @@ class _AnthropicChatStream(ChatStream):
         return chunk_body(tally.id, tally.created, tally.model, delta, finish_reason)
 
 
-class _RelayedMessageStream(ChatStream):
-    """A Messages stream passed through: the upstream's events, re-framed, nothing else changed.
+class _RelayedMessageStream(RelayedStream):
+    """A Messages stream passed through. The tally reads the message id, text deltas, usage
+    (``message_start``, then each ``message_delta``) and the stop reason; an ``error`` event
+    raises and the gateway answers it in Anthropic's shape."""
 
-    The tally reads the message id, text deltas, usage (``message_start``, then each
-    ``message_delta``) and the stop reason; an ``error`` event, or the stream ending before
-    ``message_stop``, raises and the gateway answers it in Anthropic's shape."""
-
-    framed = True
+    end_events = frozenset({"message_stop"})
 
     def __init__(self, provider: AnthropicProvider, response: httpx.Response) -> None:
-        super().__init__()
-        self.tally.replayable = False
-        self._provider = provider
-        self._response = response
-        self._events = UpstreamEvents(provider, response)
-        self._stopped = False
+        super().__init__(provider, response)
         self._prompt_tokens = 0
         self._cache_usage: dict[str, Any] = {}
 
-    async def __anext__(self) -> bytes:
-        name = self._provider.name
-        while True:
-            event = await self._events.next()
-            if event is None:
-                await self.aclose()
-                if self._stopped:
-                    raise StopAsyncIteration
-                raise UpstreamProtocolError(name, "stream ended before message_stop")
-            if self._stopped:
-                continue
-            try:
-                data = msgspec.json.decode(event.data)
-            except msgspec.DecodeError:
-                raise UpstreamProtocolError(name, "sent a stream event that is not JSON") from None
-            kind = data.get("type") if isinstance(data, dict) else None
-            if not isinstance(kind, str):
-                raise UpstreamProtocolError(name, "sent a stream event without a type")
-            if kind == "error":
-                error = data.get("error") if isinstance(data.get("error"), dict) else {}
-                status = 529 if error.get("type") == "overloaded_error" else 500
-                raise UpstreamStatusError(name, status, str(error.get("message", "error in stream"))[:500])
-            self._tally(kind, data)
-            self._stopped = kind == "message_stop"
-            return b"event: " + kind.encode() + b"\ndata: " + event.data + b"\n\n"
-
-    def _tally(self, kind: str, data: dict[str, Any]) -> None:
+    def _take(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "error":
+            raise _stream_error(self._provider.name, data)
         tally = self.tally
-        tally.chunks += 1
         if kind == "content_block_delta":
             delta = data.get("delta")
             if isinstance(delta, dict) and delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
@@ -685,5 +653,10 @@ class _RelayedMessageStream(ChatStream):
     def error_event(self, error: GatewayError) -> bytes:
         return b"event: error\ndata: " + encode_error(error.status_code, error.message) + b"\n\n"
 
-    async def aclose(self) -> None:
-        await self._response.aclose()
+
+def _stream_error(upstream: str, event: dict[str, Any]) -> UpstreamStatusError:
+    """An in-band ``error`` event: an overloaded upstream as the 529 Anthropic would have sent."""
+    error = event.get("error")
+    error = error if isinstance(error, dict) else {}
+    status = 529 if error.get("type") == "overloaded_error" else 500
+    return UpstreamStatusError(upstream, status, str(error.get("message", "error in stream"))[:500])

@@ -23,7 +23,7 @@ from gateway.errors import (
 )
 from gateway.upstreams.sse import SSEEvent, SSELineTooLong, iter_sse
 
-__all__ = ["ChatStream", "Completion", "Provider", "StreamTally", "UpstreamEvents", "Usage"]
+__all__ = ["ChatStream", "Completion", "Provider", "RelayedStream", "StreamTally", "UpstreamEvents", "Usage"]
 
 
 @dataclass(slots=True)
@@ -169,6 +169,51 @@ class ChatStream(ABC):
 
     @abstractmethod
     async def aclose(self) -> None: ...
+
+
+class RelayedStream(ChatStream):
+    """A stream passed through (:meth:`Provider.relay`): the upstream's own events, each
+    re-framed as ``event: <type>`` and its data, nothing else changed. A subclass reads
+    each event for the tally (and raises for an in-band error event); the stream ends
+    after one of :attr:`end_events`, and ending before one is an upstream failure."""
+
+    framed = True
+    end_events: ClassVar[frozenset[str]]
+
+    def __init__(self, provider: Provider, response: httpx.Response) -> None:
+        super().__init__()
+        self.tally.replayable = False
+        self._provider = provider
+        self._response = response
+        self._events = UpstreamEvents(provider, response)
+        self._ended = False
+
+    async def __anext__(self) -> bytes:
+        name = self._provider.name
+        while True:
+            event = await self._events.next()
+            if event is None:
+                await self.aclose()
+                if self._ended:
+                    raise StopAsyncIteration
+                raise UpstreamProtocolError(name, f"stream ended before {' or '.join(sorted(self.end_events))}")
+            if self._ended:
+                continue  # nothing is due after the last event
+            data = decode_event(name, event.data)
+            kind = data.get("type")
+            if not isinstance(kind, str):
+                raise UpstreamProtocolError(name, "sent a stream event without a type")
+            self.tally.chunks += 1
+            self._take(kind, data)
+            self._ended = kind in self.end_events
+            return b"event: " + kind.encode() + b"\ndata: " + event.data + b"\n\n"
+
+    @abstractmethod
+    def _take(self, kind: str, data: dict[str, Any]) -> None:
+        """Read one event into the tally; raise :class:`UpstreamError` for an error event."""
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
 
 
 class Provider(ABC):
@@ -379,6 +424,17 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
+
+
+def decode_event(upstream: str, data: bytes) -> dict[str, Any]:
+    """One stream event's data, a JSON object; :class:`UpstreamProtocolError` when it is not one."""
+    try:
+        event = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        raise UpstreamProtocolError(upstream, "sent a stream event that is not JSON") from None
+    if not isinstance(event, dict):
+        raise UpstreamProtocolError(upstream, "sent a stream event that is not an object")
+    return event
 
 
 def decode_json_object(upstream: str, content: bytes) -> dict[str, Any]:

@@ -16,9 +16,11 @@ from gateway.upstreams.base import (
     Completion,
     Embeddings,
     Provider,
+    RelayedStream,
     StreamTally,
     UpstreamEvents,
     Usage,
+    decode_event,
     decode_json_object,
     usage_from,
 )
@@ -102,12 +104,7 @@ class _OpenAIChatStream(ChatStream):
             if event.data == b"[DONE]":
                 self._done = True
                 break
-            try:
-                chunk = msgspec.json.decode(event.data)
-            except msgspec.DecodeError:
-                raise UpstreamProtocolError(name, "sent a stream event that is not JSON") from None
-            if not isinstance(chunk, dict):
-                raise UpstreamProtocolError(name, "sent a stream event that is not an object")
+            chunk = decode_event(name, event.data)
             if "error" in chunk:
                 raise UpstreamStatusError(name, 500, _in_stream_error(chunk["error"]))
             _tally_chunk(tally, chunk)
@@ -125,58 +122,23 @@ class _OpenAIChatStream(ChatStream):
         await self._response.aclose()
 
 
-_TERMINAL_EVENTS = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
+class _ResponsesEventStream(RelayedStream):
+    """A Responses API stream passed through. The tally reads the response id, the text
+    deltas and the final usage; an ``error`` event raises, and the gateway answers it."""
 
-
-class _ResponsesEventStream(ChatStream):
-    """A Responses API stream passed through: the upstream's events, re-framed, nothing else
-    changed. The tally reads the response id, the text deltas and the final usage; an ``error``
-    event (or the stream ending before a terminal event) raises, and the gateway answers it."""
-
-    framed = True
+    end_events = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
     def __init__(self, provider: OpenAIProvider, response: httpx.Response) -> None:
-        super().__init__()
-        self.tally.replayable = False  # a response names upstream state (its id): never replayed
-        self._provider = provider
-        self._response = response
-        self._events = UpstreamEvents(provider, response)
-        self._ended = False
+        super().__init__(provider, response)
         self._sequence = -1
 
-    async def __anext__(self) -> bytes:
-        name = self._provider.name
-        while True:
-            event = await self._events.next()
-            if event is None:
-                await self.aclose()
-                if self._ended:
-                    raise StopAsyncIteration
-                raise UpstreamProtocolError(name, "stream ended before the response was complete")
-            if self._ended:
-                continue  # nothing is due after the terminal event
-            try:
-                data = msgspec.json.decode(event.data)
-            except msgspec.DecodeError:
-                raise UpstreamProtocolError(name, "sent a stream event that is not JSON") from None
-            if not isinstance(data, dict):
-                raise UpstreamProtocolError(name, "sent a stream event that is not an object")
-            kind = data.get("type")
-            if not isinstance(kind, str):
-                raise UpstreamProtocolError(name, "sent a stream event without a type")
-            if kind == "error":
-                raise UpstreamStatusError(name, 500, _in_stream_error(data))
-            sequence = data.get("sequence_number")
-            if isinstance(sequence, int):
-                self._sequence = sequence
-            self._tally(kind, data)
-            encoded = kind.encode()
-            self._ended = encoded in _TERMINAL_EVENTS
-            return b"event: " + encoded + b"\ndata: " + event.data + b"\n\n"
-
-    def _tally(self, kind: str, data: dict[str, Any]) -> None:
+    def _take(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "error":
+            raise UpstreamStatusError(self._provider.name, 500, _in_stream_error(data))
+        sequence = data.get("sequence_number")
+        if isinstance(sequence, int):
+            self._sequence = sequence
         tally = self.tally
-        tally.chunks += 1
         if kind == "response.output_text.delta" and isinstance(data.get("delta"), str):
             tally.text_parts.append(data["delta"])
         elif kind.startswith("response.") and isinstance(response := data.get("response"), dict):
@@ -193,9 +155,6 @@ class _ResponsesEventStream(ChatStream):
         data = {"type": "error", "code": error.code or error.error_type, "message": error.message,
                 "param": error.param, "sequence_number": self._sequence}  # fmt: skip
         return b"event: error\ndata: " + msgspec.json.encode(data) + b"\n\n"
-
-    async def aclose(self) -> None:
-        await self._response.aclose()
 
 
 def _upstream_usage(usage: CoreUsage | None) -> Usage | None:
