@@ -428,22 +428,16 @@ def _retry_after(value: str | None) -> float | None:
 
 def decode_event(upstream: str, data: bytes) -> dict[str, Any]:
     """One stream event's data, a JSON object; :class:`UpstreamProtocolError` when it is not one."""
-    try:
-        event = msgspec.json.decode(data)
-    except msgspec.DecodeError:
-        raise UpstreamProtocolError(upstream, "sent a stream event that is not JSON") from None
-    if not isinstance(event, dict):
-        raise UpstreamProtocolError(upstream, "sent a stream event that is not an object")
-    return event
+    return decode_json_object(upstream, data, "sent a stream event that is")
 
 
-def decode_json_object(upstream: str, content: bytes) -> dict[str, Any]:
+def decode_json_object(upstream: str, content: bytes, said: str = "answered with JSON that is") -> dict[str, Any]:
     try:
         data = msgspec.json.decode(content)
     except msgspec.DecodeError:
-        raise UpstreamProtocolError(upstream, "answered with invalid JSON") from None
+        raise UpstreamProtocolError(upstream, f"{said} not JSON") from None
     if not isinstance(data, dict):
-        raise UpstreamProtocolError(upstream, "answered with JSON that is not an object")
+        raise UpstreamProtocolError(upstream, f"{said} not an object")
     return data
 
 
