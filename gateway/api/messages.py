@@ -6,10 +6,12 @@ the pipeline's answer (a completion, a stream of chunks, or an error) is encoded
 in Anthropic's shapes. ``x-api-key`` is accepted as well as ``Authorization: Bearer``;
 ``anthropic-version`` and ``anthropic-beta`` are accepted and need nothing from us.
 
-When every model the request can reach is Anthropic's, the request is passed through
-(:class:`~gateway.pipeline.PassThrough`): the pipeline reads the internal model's view of
-it, the upstream gets the body as it came (with the client's ``anthropic-beta``), and the
-client the upstream's message or events.
+When every model the request can reach is Anthropic's and the internal model cannot hold
+all of the request (documents, server tools, ``top_k``, ``container``, ...), it is passed
+through (:class:`~gateway.pipeline.PassThrough`): the pipeline reads the internal model's
+view of it, the upstream gets the body as it came (with the client's ``anthropic-beta``),
+and the client the upstream's message or events. What the internal model holds is
+translated as before, and so can be served from the cache.
 """
 
 from __future__ import annotations
@@ -44,11 +46,13 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
 
     async def translate(raw: bytes) -> bytes:
         if _only_anthropic_upstreams(request, _model_of(raw)):
-            decoded = anthropic.decode_request(raw, passed_through=True)
-            passthrough.body = msgspec.json.decode(raw)
-            beta = request.headers.get("anthropic-beta")
-            if beta:
-                passthrough.headers["anthropic-beta"] = beta
+            decoded = _translatable(raw)
+            if decoded is None:  # the translation would lose something: the body goes as it came
+                decoded = anthropic.decode_request(raw, passed_through=True)
+                passthrough.body = msgspec.json.decode(raw)
+                beta = request.headers.get("anthropic-beta")
+                if beta:
+                    passthrough.headers["anthropic-beta"] = beta
         else:
             decoded = anthropic.decode_request(raw)
             if decoded.thinking is not None:
@@ -111,6 +115,19 @@ def _only_anthropic_upstreams(request: Request[Any, Any, Any], model: str | None
     except GatewayError:
         return False  # the translating decoder and the pipeline answer a missing or unknown model
     return all(runtime.policy.models[name].provider == "anthropic" for name in names)
+
+
+def _translatable(raw: bytes) -> CoreRequest | None:
+    """The request, when the internal model holds all of it (then it is translated, and can be
+    served from the cache); None when it has blocks, tools or fields only Anthropic reads."""
+    try:
+        decoded = anthropic.decode_request(raw)
+        body = msgspec.json.decode(raw)
+    except (GatewayError, msgspec.DecodeError):
+        return None  # the lenient decoding says what is wrong, if anything
+    if decoded.dropped or (isinstance(body, dict) and anthropic.fields_not_read(body)):
+        return None
+    return decoded
 
 
 class _Model(msgspec.Struct):

@@ -41,7 +41,15 @@ from gateway.core.model import (
 from gateway.errors import InvalidRequestError
 from gateway.protocols.body import decode_body
 
-__all__ = ["StreamEncoder", "decode_request", "encode_answer", "encode_error", "error_type_for", "usage_body"]
+__all__ = [
+    "StreamEncoder",
+    "decode_request",
+    "encode_answer",
+    "encode_error",
+    "error_type_for",
+    "fields_not_read",
+    "usage_body",
+]
 
 
 class _Wire(msgspec.Struct, forbid_unknown_fields=False):
@@ -108,6 +116,15 @@ class _MessagesRequest(_Wire):
     tool_choice: _ToolChoice | None = None
     metadata: _Metadata | None = None
     thinking: dict[str, Any] | None = None
+
+
+_READ_FIELDS = frozenset(field.encode_name for field in msgspec.structs.fields(_MessagesRequest))
+
+
+def fields_not_read(body: dict[str, Any]) -> list[str]:
+    """Top-level fields of a request body that :func:`decode_request` does not read (a
+    translation would lose them: ``container``, ``mcp_servers``, ``context_management``, ...)."""
+    return [name for name in body if name not in _READ_FIELDS]
 
 
 def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool = False) -> Request:

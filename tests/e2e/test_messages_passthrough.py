@@ -1,8 +1,10 @@
 """Messages requests passed through to Anthropic upstreams, with the anthropic SDK.
 
-A request whose every reachable model is Anthropic's goes upstream as the client sent it
-(documents, server tools, betas and all) and comes back as Anthropic wrote it; the
-gateway still authenticates, limits, routes, prices from the upstream's usage and logs.
+A request whose every reachable model is Anthropic's, and that the internal model cannot
+hold whole (documents, server tools, ``top_k``, fields it does not read), goes upstream as
+the client sent it, betas and all, and comes back as Anthropic wrote it; the gateway still
+authenticates, limits, routes, prices from the upstream's usage and logs. One it can hold
+is translated, and so can be served from the cache.
 """
 
 from __future__ import annotations
@@ -84,7 +86,10 @@ def test_the_stream_is_anthropics_own_and_the_sdk_accumulates_it(
     claude: anthropic.Anthropic, gateway: GatewayProcess
 ) -> None:
     with claude.messages.stream(
-        model="claude", max_tokens=128, messages=[{"role": "user", "content": "Describe the sea briefly."}]
+        model="claude",
+        max_tokens=128,
+        extra_body={"top_k": 40},  # not in the internal model: passed through
+        messages=[{"role": "user", "content": "Describe the sea briefly."}],
     ) as stream:
         events = [event.type for event in stream]
         final = stream.get_final_message()
@@ -99,7 +104,8 @@ def test_an_overloaded_upstream_mid_stream_ends_with_anthropics_error_event(
     gateway: GatewayProcess, large_upstream: SimulatedUpstream
 ) -> None:
     inject(large_upstream, {"cut_after_chunks": 3})
-    body = {"model": "claude", "max_tokens": 64, "stream": True, "messages": [{"role": "user", "content": "Go on."}]}
+    body = {"model": "claude", "max_tokens": 64, "stream": True, "container": "container_1",
+            "messages": [{"role": "user", "content": "Go on."}]}  # fmt: skip
     with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": "k"}, timeout=10) as r:
         frames = [frame for frame in r.read().decode().split("\n\n") if frame.strip()]
     assert frames[0].startswith("event: message_start")
@@ -134,3 +140,16 @@ def test_a_route_that_may_reach_another_upstream_still_refuses_what_it_cannot_ca
     answer = httpx.post(f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": "k"})
     assert answer.status_code == 400 and answer.json()["type"] == "error"
     assert "server tools" in answer.json()["error"]["message"]
+
+
+def test_a_request_the_internal_model_holds_is_translated(claude: anthropic.Anthropic, gateway: GatewayProcess) -> None:
+    """Translated requests are the ones the cache can serve (tests/e2e/test_cache_e2e.py replays them)."""
+    raw = claude.messages.with_raw_response.create(
+        model="claude",
+        max_tokens=64,
+        messages=[{"role": "user", "content": "Name a colour of the sea."}],
+        extra_headers={"x-request-id": "translated-1"},
+    )
+    assert raw.parse().content
+    record = gateway.wait_for_record("translated-1")
+    assert record["passthrough"] is None and record["protocol"] == "anthropic.messages" and record["status"] == 200
