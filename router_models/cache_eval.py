@@ -14,8 +14,9 @@ and the shipped verifier (ONNX, CPU provider):
   offset below it, and with both equal), and the embedding alone over its threshold (the
   baseline: the nearest stored prompt at cosine ≥ t, no rules, no verifier), drawn as ``--figure``.
 
-    python -m router_models.cache_eval --second-half ../shared/data/semantic-cache/dev_pairs.jsonl
-    python -m router_models.cache_eval --final    # the held-out test files, once
+    python -m router_models.cache_eval --pairs router_models/data/semantic_cache/test_fresh.jsonl \
+        --second-half ../shared/data/semantic-cache/dev_pairs.jsonl      # development
+    python -m router_models.cache_eval --final    # the held-out test file, once
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 from gateway.cache.structure import conflicts, matched_structure, plain_text
@@ -37,7 +39,8 @@ from gateway.config.schema import SemanticCachePolicy
 from router_models.cache_pairs import Pair, load_pairs, second_half, source_key
 
 DATA = Path(__file__).parent / "data" / "semantic_cache"
-TEST_FILES = [DATA / "test_exam_math.jsonl", DATA / "test_app_chat.jsonl"]
+TEST_FILES = [DATA / "test_dec1.jsonl"]
+"""The held-out test (2026-12-01). The earlier test files were read once each and train the verifier since."""
 ROUTER_ARTIFACTS = Path(__file__).parents[1] / "gateway" / "classifier" / "artifacts"
 CANDIDATES = 4
 VERIFIED = 2  # as gateway/cache/semantic.py: the nearest 2 candidates the rules allow
@@ -55,9 +58,9 @@ class Looked:
     numbers or options matched) per candidate, best cosine first."""
 
 
-def look_up_all(pairs: list[Pair], threshold: float) -> list[Looked]:
+def look_up_all(pairs: list[Pair], threshold: float, verifier_dir: Path = DEFAULT_ARTIFACTS) -> list[Looked]:
     classifier = load_classifier(ROUTER_ARTIFACTS, prefer_gpu=False)
-    verifier = load_verifier(DEFAULT_ARTIFACTS, prefer_gpu=False)
+    verifier = load_verifier(verifier_dir, prefer_gpu=False)
     assert classifier is not None and verifier is not None
     sources = sorted({p.source for p in pairs})
     stored = np.stack([classifier.score_batch_sync([s])[0].embedding for s in sources])
@@ -230,13 +233,26 @@ def main(argv: list[str] | None = None) -> None:
         help="JSONL pairs of which only the sources the verifier did not train on count (see verifier_train --half-of)",
     )
     parser.add_argument("--final", action="store_true", help="the held-out test files (report once)")
+    parser.add_argument(
+        "--verifier", type=Path, default=DEFAULT_ARTIFACTS, help="verifier artifacts (default: the shipped ones)"
+    )
+    parser.add_argument("--threshold", type=float, help="the cosine floor, instead of the policy's default")
+    parser.add_argument("--verify-threshold", type=float, help="instead of the policy's default")
+    parser.add_argument("--verify-threshold-matched", type=float, help="instead of the policy's default")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("--figure", type=Path, help="draw the sweep as PNG")
     args = parser.parse_args(argv)
     policy = SemanticCachePolicy()
+    if args.threshold is not None:
+        policy = msgspec.structs.replace(policy, threshold=args.threshold)
+    if args.verify_threshold is not None:
+        policy = msgspec.structs.replace(policy, verify_threshold=args.verify_threshold)
+    if args.verify_threshold_matched is not None:
+        policy = msgspec.structs.replace(policy, verify_threshold_matched=args.verify_threshold_matched)
     files = [Path(p) for p in args.pairs] + (TEST_FILES if args.final else [])
     thresholds = (policy.verify_threshold, policy.verify_threshold_matched)
     results: dict[str, object] = {
+        "verifier": str(args.verifier),
         "threshold": policy.threshold,
         "verify_threshold": policy.verify_threshold,
         "verify_threshold_matched": policy.verify_threshold_matched,
@@ -247,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.final:
         sets = {k: v for k, v in sets.items() if Path(k) not in TEST_FILES} | {"test": load_pairs(TEST_FILES)}
     for name, pairs in sets.items():
-        items = look_up_all(pairs, policy.threshold)
+        items = look_up_all(pairs, policy.threshold, args.verifier)
         offset = policy.verify_threshold - policy.verify_threshold_matched
         results[name] = {"at_policy": report(items, thresholds), "sweep": sweep(items, offset)}
         curves[Path(name).name.replace(".jsonl", "")] = results[name]["sweep"]  # type: ignore[index]

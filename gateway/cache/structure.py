@@ -21,6 +21,10 @@ enough to decide alone (measured in ``docs/semantic-cache.md``):
 * ``direction``: "x to y" (or than, into, before, after, over, vs) in one prompt and
   "y to x" in the other: "string to integer" / "integer to string", "least to greatest"
   / "greatest to least".
+* ``question``: both open with a different question word among who, whom, whose, when,
+  where and why: "Who wrote X?" / "When was X published?" ask different things about the
+  same X (the verifier, reading mostly the shared X, took them for one). Other openings
+  ("what", "how", "which") are reworded into each other by paraphrases, and are left to it.
 * ``added_words``: one prompt is the other with words added and nothing else changed,
   and an added word is not filler ("please", "hey", "quick question", ...): "random" /
   "non-random", "hello llamaindex chat" / "hello llamaindex complete chat", a constraint
@@ -98,6 +102,8 @@ def conflicts(a: str, b: str) -> list[str]:
         found.append("language")
     if _reversed(x.relations, y.relations):
         found.append("direction")
+    if (ask := _question_word(x.words)) and (other_ask := _question_word(y.words)) and ask != other_ask:
+        found.append("question")
     if _only_added(x.words, y.words):
         found.append("added_words")
     if x.script != y.script:
@@ -337,6 +343,13 @@ _LANGUAGES = frozenset(
 )
 _LANGUAGE_ALIASES = {"golang": "go", "cpp": "c++", "csharp": "c#", "postgres": "postgresql", "nodejs": "node",
                      "t-sql": "tsql", "mandarin": "chinese"}  # fmt: skip
+
+
+_QUESTION_WORDS = frozenset({"who", "whom", "whose", "when", "where", "why"})
+
+
+def _question_word(words: tuple[str, ...]) -> str | None:
+    return words[0] if words and words[0] in _QUESTION_WORDS else None
 
 
 def _languages(words: tuple[str, ...]) -> frozenset[str]:

@@ -303,7 +303,7 @@ class SemanticAuditPolicy(_Struct, frozen=True, kw_only=True):
 class SemanticCachePolicy(_Struct, frozen=True, kw_only=True):
     enabled: bool = True
     ttl_s: int = 3600
-    threshold: float = 0.75
+    threshold: float = 0.65
     """Cosine similarity (router embedding) from which a stored prompt is a candidate: a
     floor for the search; whether it is served is the verifier's call."""
     verify_threshold: float = 0.9

@@ -75,6 +75,8 @@ def test_a_number_only_one_prompt_has_is_not_a_number_conflict() -> None:
         ("Count the orders", "Count the orders excluding cancelled ones", "added_words"),
         ("Write this in Python: read a CSV", "Write this in Rust: read a CSV", "language"),
         ("Translate 'thank you' into French", "Translate 'thank you' into German", "language"),
+        ("Who wrote 'Dune'?", "When was 'Dune' written?", "question"),
+        ("Where did the Wright brothers first fly?", "Why did the Wright brothers first fly?", "question"),
     ],
 )
 def test_reversed_added_and_swapped_language_words_are_refused(stored: str, new: str, rule: str) -> None:
@@ -87,6 +89,8 @@ def test_reversed_added_and_swapped_language_words_are_refused(stored: str, new:
     [
         ("Explain photosynthesis in one sentence.", "hey, quick question: explain photosynthesis in one sentence pls"),
         ("Translate this German text to English: Guten Morgen", "to English please: Guten Morgen"),
+        ("Who wrote 'Dune'?", "'Dune' was written by whom?"),
+        ("When did the Berlin Wall fall?", "What year did the Berlin Wall fall?"),
         (
             "What's heavier, a kilo of feathers or a kilo of iron?",
             "Which is heavier: a kilo of iron or a kilo of feathers?",
