@@ -97,7 +97,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
             previous is None or previous.held_by is not None
         ):
             turn.decoded = decoded
-            passthrough.body = msgspec.json.decode(raw)
+            passthrough.body = _without_shared_state(msgspec.json.decode(raw))
             return msgspec.json.encode(_chat_view(decoded))
         if previous is not None and previous.held_by is not None:
             raise InvalidRequestError(
@@ -229,6 +229,30 @@ def _served_by_responses_upstreams(runtime: Runtime, model: str) -> bool:
     except GatewayError:
         return False  # the translated path answers the unknown model with the pipeline's error
     return all(runtime.policy.models[name].responses_api for name in names)
+
+
+def _without_shared_state(body: dict[str, Any]) -> dict[str, Any]:
+    """The body, refused if it names upstream state by an id the gateway does not own-check.
+
+    The upstream keeps conversations and items for every tenant under one key: a
+    ``conversation`` id or an ``item_reference`` would reach whatever another tenant made.
+    (``previous_response_id`` is checked against the tenant's own responses before this.)
+    """
+    if body.get("conversation") is not None:
+        raise InvalidRequestError(
+            "'conversation' is not supported by this gateway (an upstream conversation is shared by every "
+            "tenant); continue with previous_response_id",
+            param="conversation",
+        )
+    items = body.get("input")
+    for index, item in enumerate(items if isinstance(items, list) else ()):
+        if isinstance(item, dict) and item.get("type") == "item_reference":
+            raise InvalidRequestError(
+                f"input[{index}]: item references are not supported by this gateway (upstream items are shared "
+                "by every tenant); send the item itself",
+                param=f"input[{index}]",
+            )
+    return body
 
 
 def _chat_view(decoded: codec.ResponsesRequest) -> dict[str, Any]:

@@ -216,3 +216,20 @@ def test_an_upstream_held_response_cannot_be_continued_on_a_translated_route(gat
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(model="fast", previous_response_id=held.id, input="Which number?")
     assert "gpt-a" in refused.value.message and refused.value.param == "previous_response_id"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"conversation": "conv_of_another_tenant"},
+        {"input": [{"type": "item_reference", "id": "msg_of_another_tenant"}]},
+    ],
+)
+def test_upstream_state_named_by_an_unchecked_id_is_refused(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream, extra: dict[str, Any]
+) -> None:
+    body = {"model": "codex", "input": "Go on.", **extra}
+    with pytest.raises(openai.BadRequestError) as refused:
+        _client(gateway, "b1").responses.create(**body)
+    assert "shared by every tenant" in refused.value.message
+    assert upstream_stats(small_upstream)["responses_requests"] == 0  # nothing reached the upstream
