@@ -30,6 +30,7 @@ def _completion_records(gateway: GatewayProcess, at_least: int) -> list[dict[str
 def test_openailike_with_its_defaults_completes_streams_and_chats(
     gateway: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:
+    before = len(_completion_records(gateway, at_least=0))  # the shared gateway's earlier lines
     llm = _llm(gateway)  # is_chat_model=False: every call is a text completion
     done = llm.complete("Say hello in one word.")
     assert done.text.strip()
@@ -38,8 +39,8 @@ def test_openailike_with_its_defaults_completes_streams_and_chats(
     assert len(pieces) > 1 and "".join(pieces).strip()
     said = llm.chat([ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi there")])
     assert said.message.role == "assistant" and str(said.message.content).strip()
-    records = _completion_records(gateway, at_least=3)
-    assert all(r["status"] == 200 for r in records[-3:])
+    records = _completion_records(gateway, at_least=before + 3)[before:]
+    assert len(records) == 3 and all(r["status"] == 200 for r in records)
 
 
 def test_openailike_as_a_chat_model(gateway: GatewayProcess) -> None:
