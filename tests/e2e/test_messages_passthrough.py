@@ -89,15 +89,16 @@ def test_the_stream_is_anthropics_own_and_the_sdk_accumulates_it(
         model="claude",
         max_tokens=128,
         extra_body={"top_k": 40},  # not in the internal model: passed through
+        extra_headers={"x-request-id": "relayed-message-stream-1"},
         messages=[{"role": "user", "content": "Describe the sea briefly."}],
     ) as stream:
         events = [event.type for event in stream]
         final = stream.get_final_message()
     assert events[0] == "message_start" and events[-1] == "message_stop"
     assert final.content and final.content[0].type == "text" and final.stop_reason == "end_turn"
-    records = [r for r in gateway.log_records() if r.get("passthrough") and r["protocol"] == "anthropic.messages"]
-    assert records[-1]["stream"] is True and records[-1]["completion_tokens"] == final.usage.output_tokens
-    assert records[-1]["finish_reason"] == "stop"
+    record = gateway.wait_for_record("relayed-message-stream-1")  # written once the stream has ended
+    assert record["passthrough"] is True and record["protocol"] == "anthropic.messages" and record["stream"] is True
+    assert record["completion_tokens"] == final.usage.output_tokens and record["finish_reason"] == "stop"
 
 
 def test_an_overloaded_upstream_mid_stream_ends_with_anthropics_error_event(

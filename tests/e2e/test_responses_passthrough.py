@@ -124,16 +124,19 @@ def test_a_codex_shaped_request_reaches_the_upstream_as_it_was_sent(
 
 
 def test_the_stream_is_the_upstreams_and_the_sdk_accumulates_it(gateway: GatewayProcess) -> None:
-    with _client(gateway).responses.stream(model="codex", input="Describe the sea in a few words.") as stream:
+    with _client(gateway).responses.stream(
+        model="codex", input="Describe the sea in a few words.", extra_headers={"x-request-id": "relayed-stream-1"}
+    ) as stream:
         events = list(stream)
         final = stream.get_final_response()
     assert events[0].type == "response.created" and events[-1].type == "response.completed"
     assert [event.sequence_number for event in events] == list(range(len(events)))
     assert final.id.startswith("resp_sim") and final.output_text
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == final.output_text
-    records = [r for r in gateway.log_records() if r.get("passthrough") and r["stream"]]
-    assert records and records[-1]["completion_tokens"] == final.usage.output_tokens  # type: ignore[union-attr]
-    assert records[-1]["finish_reason"] == "stop"
+    record = gateway.wait_for_record("relayed-stream-1")  # written once the stream has ended
+    assert record["passthrough"] is True and record["stream"] is True
+    assert record["completion_tokens"] == final.usage.output_tokens  # type: ignore[union-attr]
+    assert record["finish_reason"] == "stop"
 
 
 def test_a_continued_conversation_bills_the_upstreams_cached_tokens_at_their_price(
