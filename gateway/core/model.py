@@ -49,6 +49,8 @@ class TextPart(msgspec.Struct, frozen=True, tag="text"):
 class ImagePart(msgspec.Struct, frozen=True, tag="image"):
     url: str
     """An ``https://`` URL or a ``data:<media type>;base64,...`` URL."""
+    cache_control: dict[str, Any] | None = None
+    """A prompt-cache breakpoint (Anthropic), as on :class:`TextPart`."""
 
 
 class ThinkingPart(msgspec.Struct, frozen=True, tag="thinking"):

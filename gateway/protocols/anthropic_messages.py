@@ -42,10 +42,12 @@ from gateway.errors import InvalidRequestError
 from gateway.protocols.body import decode_body
 
 __all__ = [
+    "DEFAULT_MAX_TOKENS",
     "StreamEncoder",
     "decode_request",
     "encode_answer",
     "encode_error",
+    "encode_request",
     "error_type_for",
     "fields_not_read",
     "usage_body",
@@ -178,7 +180,7 @@ def _parts(content: str | list[_Block], where: str, lenient: bool = False) -> tu
                 raise InvalidRequestError(f"{where}.{index}.text: Field required")
             parts.append(TextPart(block.text, cache_control=block.cache_control))
         elif block.type == "image" and not (lenient and block.source is not None and block.source.type == "file"):
-            parts.append(ImagePart(_image_url(block, f"{where}.{index}")))
+            parts.append(ImagePart(_image_url(block, f"{where}.{index}"), cache_control=block.cache_control))
         elif block.type == "thinking":
             parts.append(ThinkingPart(block.thinking or "", block.signature or ""))
         elif block.type == "redacted_thinking":
@@ -247,6 +249,157 @@ def _choice(choice: _ToolChoice | None) -> ToolChoice | None:
             raise InvalidRequestError("tool_choice.name: Field required when type is 'tool'")
         return ToolChoice("tool", choice.name, parallel)
     return ToolChoice({"auto": "auto", "any": "required", "none": "none"}[choice.type], None, parallel)  # type: ignore[arg-type]
+
+
+# -- requests to an Anthropic upstream ---------------------------------------------
+
+DEFAULT_MAX_TOKENS = 4096
+"""Anthropic requires ``max_tokens``; a request that set none gets this."""
+
+Block = dict[str, Any]
+
+
+def encode_request(request: Request, model: str, *, stream: bool) -> dict[str, Any]:
+    """The internal request as Anthropic's Messages API takes it.
+
+    System messages, wherever they are, become the top-level ``system`` string (joined with
+    a blank line), or its text blocks when a part carries ``cache_control``; the other
+    messages alternate user/assistant as Anthropic requires (consecutive ones of a role
+    merged, tool results opening a user turn); assistant reasoning Anthropic did not sign
+    is left out, since it would refuse it. Temperature is clamped to Anthropic's [0, 1];
+    ``tool_choice`` ``none`` sends no tools. Structured output (``json_schema``) has no
+    Anthropic field and is not sent.
+    """
+    system, turns = _turns(request.messages)
+    payload: dict[str, Any] = {
+        "model": model,
+        "messages": turns,
+        "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS,
+    }
+    if system:
+        payload["system"] = system
+    if request.temperature is not None:
+        payload["temperature"] = min(1.0, max(0.0, request.temperature))
+    if request.top_p is not None:
+        payload["top_p"] = request.top_p
+    if request.stop:
+        payload["stop_sequences"] = request.stop
+    if request.user:
+        payload["metadata"] = {"user_id": request.user}
+    if request.thinking is not None:
+        payload["thinking"] = request.thinking
+    choice = request.tool_choice
+    if request.tools and not (choice is not None and choice.mode == "none"):
+        payload["tools"] = [_tool_entry(tool) for tool in request.tools]
+        if choice is not None:
+            wire: dict[str, Any] = {"auto": {"type": "auto"}, "required": {"type": "any"}}.get(choice.mode) or {
+                "type": "tool",
+                "name": choice.name,
+            }
+            if not choice.parallel:
+                wire = {**wire, "disable_parallel_tool_use": True}
+            payload["tool_choice"] = wire
+    if stream:
+        payload["stream"] = True
+    return payload
+
+
+def _turns(messages: list[Message]) -> tuple[str | list[Block], list[dict[str, Any]]]:
+    system_texts: list[str] = []
+    system_blocks: list[Block] = []
+    turns: list[tuple[str, list[Block]]] = []
+    for i, message in enumerate(messages):
+        if message.role == "system":
+            for part in message.parts:
+                if isinstance(part, TextPart) and part.text:
+                    system_texts.append(part.text)
+                    system_blocks.append(_marked({"type": "text", "text": part.text}, part.cache_control))
+            continue
+        if message.role == "tool":
+            role, blocks = "user", [_tool_result(message)]
+        else:
+            role, blocks = message.role, [b for part in message.parts if (b := _block(part, i)) is not None]
+            blocks += [_tool_use(call, i) for call in message.tool_calls]
+        if not blocks:
+            continue
+        if turns and turns[-1][0] == role:
+            turns[-1][1].extend(blocks)
+        else:
+            turns.append((role, blocks))
+    system: str | list[Block] = "\n\n".join(system_texts)
+    if any("cache_control" in block for block in system_blocks):
+        system = system_blocks
+    return system, [{"role": role, "content": _compact(blocks)} for role, blocks in turns]
+
+
+def _block(part: Part, i: int) -> Block | None:
+    if isinstance(part, TextPart):
+        return _marked({"type": "text", "text": part.text}, part.cache_control) if part.text else None
+    if isinstance(part, ImagePart):
+        return _marked({"type": "image", "source": _image_source(part.url, i)}, part.cache_control)
+    if isinstance(part, ThinkingPart):
+        if not part.signature:
+            return None  # reasoning no Anthropic model signed
+        return {"type": "thinking", "thinking": part.text, "signature": part.signature}
+    return {"type": "redacted_thinking", "data": part.data}
+
+
+def _marked(block: Block, cache_control: dict[str, Any] | None) -> Block:
+    if cache_control is not None:
+        block["cache_control"] = cache_control
+    return block
+
+
+def _compact(blocks: list[Block]) -> str | list[Block]:
+    """A lone plain text block is sent as a string, as a client would write it."""
+    if len(blocks) == 1 and blocks[0].keys() == {"type", "text"}:
+        text: str = blocks[0]["text"]
+        return text
+    return blocks
+
+
+def _image_source(url: str, i: int) -> dict[str, str]:
+    if url.startswith("data:"):
+        header, comma, data = url[5:].partition(",")
+        media_type, _, encoding = header.partition(";")
+        if not comma or encoding != "base64" or not media_type:
+            raise InvalidRequestError(
+                f"messages[{i}]: image data URLs must be data:<media type>;base64,<data>", param="messages"
+            )
+        return {"type": "base64", "media_type": media_type, "data": data}
+    if url.startswith(("http://", "https://")):
+        return {"type": "url", "url": url}
+    raise InvalidRequestError(f"messages[{i}]: image URLs must be data: or http(s) URLs", param="messages")
+
+
+def _tool_use(call: ToolCall, i: int) -> Block:
+    try:
+        tool_input = msgspec.json.decode(call.arguments or "{}")
+    except msgspec.DecodeError:
+        raise InvalidRequestError(f"messages[{i}]: tool call arguments are not valid JSON", param="messages") from None
+    if not isinstance(tool_input, dict):
+        raise InvalidRequestError(f"messages[{i}]: tool call arguments must be a JSON object", param="messages")
+    return {"type": "tool_use", "id": call.id, "name": call.name, "input": tool_input}
+
+
+def _tool_result(message: Message) -> Block:
+    block: Block = {"type": "tool_result", "tool_use_id": message.tool_call_id}
+    parts = message.parts
+    if len(parts) == 1 and isinstance(parts[0], TextPart) and parts[0].cache_control is None:
+        block["content"] = parts[0].text
+    elif parts:
+        block["content"] = [b for part in parts if (b := _block(part, 0)) is not None]
+    if message.is_error:
+        block["is_error"] = True
+    return block
+
+
+def _tool_entry(tool: Tool) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": tool.name}
+    if tool.description is not None:
+        entry["description"] = tool.description
+    entry["input_schema"] = tool.parameters
+    return _marked(entry, tool.cache_control)
 
 
 _STOP_REASON: dict[FinishReason, str] = {

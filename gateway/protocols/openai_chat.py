@@ -1,8 +1,10 @@
-"""OpenAI Chat Completions: the internal model to a chat body, and completions and chunks back.
+"""OpenAI Chat Completions: the internal model to a chat body and back, and completions and chunks.
 
 The OpenAI-compatible path through the pipeline carries the client's own bytes; this
 codec is for requests that arrive in another protocol and are answered by the chat
-pipeline (Anthropic Messages, Responses, completions).
+pipeline (Anthropic Messages, Responses, completions: :func:`to_chat_body`), and for
+chat requests that go to an upstream speaking another API (:func:`request_from_chat_body`,
+which the Anthropic provider encodes from).
 
 What OpenAI's format has no field for travels in the chat body under the names that
 providers read and OpenAI-compatible upstreams never see (``for_openai_upstream``):
@@ -40,9 +42,11 @@ from gateway.core.model import (
     ToolArgumentsDelta,
     ToolCall,
     ToolCallStart,
+    ToolChoice,
     Usage,
     UsageReport,
 )
+from gateway.errors import InvalidRequestError
 
 __all__ = [
     "ChunkReader",
@@ -50,6 +54,7 @@ __all__ = [
     "chat_stream_chunks",
     "chunk_body",
     "completion_body",
+    "request_from_chat_body",
     "to_chat_body",
     "usage_body",
     "usage_from",
@@ -101,6 +106,164 @@ def to_chat_body(request: Request) -> dict[str, Any]:
     return body
 
 
+def request_from_chat_body(body: dict[str, Any]) -> Request:
+    """A chat request as the internal model. Fields it has no place for (``n``, penalties,
+    ``seed``, ``logprobs``, a ``json_object`` response format, ...) are left out: the
+    upstream that reads the internal model cannot honour them either. Invalid messages,
+    parts, tool calls and tools are an :class:`InvalidRequestError` naming where."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise InvalidRequestError("messages must be a list", param="messages")
+    request = Request(
+        model=str(body.get("model") or ""),
+        messages=[_internal_message(message, i) for i, message in enumerate(messages)],
+        max_tokens=_max_tokens(body),
+        temperature=_number(body.get("temperature")),
+        top_p=_number(body.get("top_p")),
+        stop=_stop(body.get("stop")),
+        stream=body.get("stream") is True,
+        user=body["user"] if isinstance(body.get("user"), str) and body["user"] else None,
+    )
+    request.tools, request.tool_choice = _internal_tools(body)
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        request.json_schema = schema if isinstance(schema, dict) else None
+    if isinstance(body.get("thinking"), dict):
+        request.thinking = body["thinking"]
+    return request
+
+
+def _internal_message(message: Any, i: int) -> Message:
+    if not isinstance(message, dict):
+        raise InvalidRequestError(f"messages[{i}] must be an object", param="messages")
+    role, content = message.get("role"), message.get("content")
+    if role in ("system", "developer"):
+        parts = _internal_parts(content, i)
+        if not all(isinstance(part, TextPart) for part in parts):
+            raise InvalidRequestError(f"messages[{i}]: only text parts are allowed here", param="messages")
+        return Message("system", parts)
+    if role == "user":
+        return Message("user", _internal_parts(content, i))
+    if role == "assistant":
+        return Message("assistant", _internal_parts(content, i), _internal_calls(message.get("tool_calls"), i))
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str):
+            raise InvalidRequestError(f"messages[{i}]: a tool message needs a tool_call_id", param="messages")
+        return Message("tool", _internal_parts(content, i), tool_call_id=call_id)
+    raise InvalidRequestError(f"messages[{i}]: role {role!r} is not supported", param="messages")
+
+
+def _internal_parts(content: Any, i: int) -> tuple[Part, ...]:
+    """Empty text is left out (Anthropic refuses empty text blocks, and it says nothing)."""
+    if content is None:
+        return ()
+    if isinstance(content, str):
+        return (TextPart(content),) if content else ()
+    if not isinstance(content, list):
+        raise InvalidRequestError(f"messages[{i}]: content must be a string or a list of parts", param="messages")
+    parts: list[Part] = []
+    for raw in content:
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        assert kind is None or isinstance(raw, dict)
+        marked = (
+            raw.get("cache_control") if isinstance(raw, dict) and isinstance(raw.get("cache_control"), dict) else None
+        )
+        if kind == "thinking":
+            parts.append(ThinkingPart(str(raw.get("thinking") or ""), str(raw.get("signature") or "")))
+        elif kind == "redacted_thinking":
+            parts.append(RedactedThinkingPart(str(raw.get("data") or "")))
+        elif kind in ("text", "refusal"):
+            text = raw.get(kind)
+            if not isinstance(text, str):
+                raise InvalidRequestError(f"messages[{i}]: a {kind} part needs a string {kind!r}", param="messages")
+            if text:
+                parts.append(TextPart(text, cache_control=marked))
+        elif kind == "image_url":
+            image = raw.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise InvalidRequestError(f"messages[{i}]: an image_url part needs a url", param="messages")
+            parts.append(ImagePart(url, cache_control=marked))
+        else:
+            raise InvalidRequestError(
+                f"messages[{i}]: content part type {kind!r} cannot be sent to this upstream", param="messages"
+            )
+    return tuple(parts)
+
+
+def _internal_calls(tool_calls: Any, i: int) -> tuple[ToolCall, ...]:
+    if not tool_calls:
+        return ()
+    if not isinstance(tool_calls, list):
+        raise InvalidRequestError(f"messages[{i}]: tool_calls must be a list", param="messages")
+    calls = []
+    for call in tool_calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (
+            isinstance(function, dict) and isinstance(function.get("name"), str) and isinstance(call.get("id"), str)
+        ):
+            raise InvalidRequestError(
+                f"messages[{i}]: each tool call needs an id and a function name", param="messages"
+            )
+        arguments = function.get("arguments") or "{}"
+        text = arguments if isinstance(arguments, str) else _encode(arguments).decode()
+        calls.append(ToolCall(call["id"], function["name"], text))
+    return tuple(calls)
+
+
+def _internal_tools(body: dict[str, Any]) -> tuple[list[Tool], ToolChoice | None]:
+    raw, choice = body.get("tools"), body.get("tool_choice")
+    tools: list[Tool] = []
+    if raw:
+        if not isinstance(raw, list):
+            raise InvalidRequestError("tools must be a list", param="tools")
+        for tool in raw:
+            function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+            if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
+                raise InvalidRequestError("only function tools with a name are supported", param="tools")
+            parameters = function.get("parameters")
+            description = function.get("description")
+            tools.append(
+                Tool(
+                    function["name"],
+                    parameters if isinstance(parameters, dict) else {"type": "object", "properties": {}},
+                    description if isinstance(description, str) else None,
+                    tool["cache_control"] if isinstance(tool.get("cache_control"), dict) else None,
+                )
+            )
+    parallel = body.get("parallel_tool_calls") is not False
+    if choice in ("auto", "required", "none"):
+        return tools, ToolChoice(choice, None, parallel)
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            return tools, ToolChoice("tool", function["name"], parallel)
+    return tools, None if parallel else ToolChoice("auto", None, False)
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise InvalidRequestError(f"{key} must be >= 1", param=key)
+            return value
+    return None
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _stop(stop: Any) -> list[str]:
+    if isinstance(stop, str):
+        return [stop] if stop else []
+    return [s for s in stop if isinstance(s, str) and s] if isinstance(stop, list) else []
+
+
 def _tool(tool: Tool) -> dict[str, Any]:
     out: dict[str, Any] = {
         "type": "function",
@@ -113,7 +276,10 @@ def _tool(tool: Tool) -> dict[str, Any]:
 
 def _part(part: Part) -> dict[str, Any]:
     if isinstance(part, ImagePart):
-        return {"type": "image_url", "image_url": {"url": part.url}}
+        image: dict[str, Any] = {"type": "image_url", "image_url": {"url": part.url}}
+        if part.cache_control is not None:
+            image["cache_control"] = part.cache_control
+        return image
     if isinstance(part, ThinkingPart):
         return {"type": "thinking", "thinking": part.text, "signature": part.signature}
     if isinstance(part, RedactedThinkingPart):

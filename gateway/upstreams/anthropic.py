@@ -1,6 +1,8 @@
 """Anthropic's Messages API behind the OpenAI chat-completions interface.
 
-Request (OpenAI → Anthropic, ``POST {base_url}/v1/messages``):
+Request (OpenAI → Anthropic, ``POST {base_url}/v1/messages``), through the internal model:
+:func:`gateway.protocols.openai_chat.request_from_chat_body` reads the chat body and
+:func:`gateway.protocols.anthropic_messages.encode_request` writes Anthropic's, so:
 
 - ``system`` and ``developer`` messages, wherever they are, become the top-level
   ``system`` string (joined with a blank line), or its text blocks when a part carries
@@ -45,14 +47,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any, TypeGuard
+from typing import Any
 
 import httpx
 import msgspec
 
 from gateway.errors import GatewayError, InvalidRequestError, UpstreamProtocolError, UpstreamStatusError
-from gateway.protocols.anthropic_messages import encode_error
-from gateway.protocols.openai_chat import chunk_body, completion_body, usage_body
+from gateway.protocols.anthropic_messages import encode_error, encode_request
+from gateway.protocols.openai_chat import chunk_body, completion_body, request_from_chat_body, usage_body
 from gateway.upstreams.base import (
     ChatStream,
     Completion,
@@ -67,7 +69,6 @@ from gateway.upstreams.base import (
 __all__ = ["AnthropicProvider"]
 
 ANTHROPIC_VERSION = "2023-06-01"
-DEFAULT_MAX_TOKENS = 4096
 _MESSAGES_PATH = "v1/messages"
 
 _FINISH_REASONS: dict[str, str] = {
@@ -126,275 +127,11 @@ class AnthropicProvider(Provider):
 
 
 def _translate_request(upstream: str, model: str, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
+    """Through the internal model: the chat codec reads the body, the Messages codec writes it."""
     n = body.get("n")
     if isinstance(n, int) and n > 1:
         raise InvalidRequestError(f"n > 1 is not supported by anthropic upstream '{upstream}'", param="n")
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise InvalidRequestError("messages must be a list", param="messages")
-
-    system, turns = _translate_messages(messages)
-    payload: dict[str, Any] = {"model": model, "messages": turns, "max_tokens": _max_tokens(body)}
-    if system:
-        payload["system"] = system
-    temperature = body.get("temperature")
-    if _is_number(temperature):
-        payload["temperature"] = min(1.0, max(0.0, float(temperature)))
-    top_p = body.get("top_p")
-    if _is_number(top_p):
-        payload["top_p"] = top_p
-    stop = body.get("stop")
-    if isinstance(stop, str) and stop:
-        payload["stop_sequences"] = [stop]
-    elif isinstance(stop, list):
-        sequences = [s for s in stop if isinstance(s, str) and s]
-        if sequences:
-            payload["stop_sequences"] = sequences
-    user = body.get("user")
-    if isinstance(user, str) and user:
-        payload["metadata"] = {"user_id": user}
-    thinking = body.get("thinking")
-    if isinstance(thinking, dict):
-        payload["thinking"] = thinking
-    payload.update(_translate_tools(body))
-    if stream:
-        payload["stream"] = True
-    return payload
-
-
-def _max_tokens(body: dict[str, Any]) -> int:
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            if value < 1:
-                raise InvalidRequestError(f"{key} must be >= 1", param=key)
-            return value
-    return DEFAULT_MAX_TOKENS
-
-
-def _is_number(value: Any) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _translate_messages(messages: list[Any]) -> tuple[str | list[Block], list[dict[str, Any]]]:
-    """Lift system text out (as text blocks when the client marked cache breakpoints in it);
-    turn the rest into alternating user/assistant block lists."""
-    system_parts: list[str] = []
-    system_blocks: list[Block] = []
-    turns: list[tuple[str, list[Block]]] = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise InvalidRequestError(f"messages[{i}] must be an object", param="messages")
-        role = message.get("role")
-        if role in ("system", "developer"):
-            content = message.get("content")
-            text = _plain_text(content, i)
-            if text:
-                system_parts.append(text)
-            system_blocks += _system_blocks(content, text)
-            continue
-        if role == "user":
-            role, blocks = "user", _content_blocks(message.get("content"), i)
-        elif role == "assistant":
-            blocks = _content_blocks(message.get("content"), i) + _tool_use_blocks(message.get("tool_calls"), i)
-        elif role == "tool":
-            role, blocks = "user", [_tool_result_block(message, i)]
-        else:
-            raise InvalidRequestError(f"messages[{i}]: role {role!r} is not supported", param="messages")
-        if not blocks:
-            continue
-        if turns and turns[-1][0] == role:
-            turns[-1][1].extend(blocks)
-        else:
-            turns.append((role, blocks))
-    system: str | list[Block] = "\n\n".join(system_parts)
-    if any("cache_control" in block for block in system_blocks):
-        system = system_blocks
-    return system, [{"role": role, "content": _compact(blocks)} for role, blocks in turns]
-
-
-def _system_blocks(content: Any, text: str) -> list[Block]:
-    """A system message as text blocks, keeping each part's ``cache_control``."""
-    if not isinstance(content, list):
-        return [{"type": "text", "text": text}] if text else []
-    blocks: list[Block] = []
-    for part in content:
-        if part.get("text"):
-            block: Block = {"type": "text", "text": part["text"]}
-            if isinstance(part.get("cache_control"), dict):
-                block["cache_control"] = part["cache_control"]
-            blocks.append(block)
-    return blocks
-
-
-def _compact(blocks: list[Block]) -> str | list[Block]:
-    """A lone plain text block is sent as a string, as a client would write it."""
-    if len(blocks) == 1 and blocks[0].keys() == {"type", "text"}:
-        text: str = blocks[0]["text"]
-        return text
-    return blocks
-
-
-def _plain_text(content: Any, i: int) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise InvalidRequestError(f"messages[{i}]: only text parts are allowed here", param="messages")
-            texts.append(part["text"])
-        return "\n\n".join(t for t in texts if t)
-    raise InvalidRequestError(f"messages[{i}]: content must be a string or a list of parts", param="messages")
-
-
-def _content_blocks(content: Any, i: int) -> list[Block]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    if not isinstance(content, list):
-        raise InvalidRequestError(f"messages[{i}]: content must be a string or a list of parts", param="messages")
-    blocks: list[Block] = []
-    for part in content:
-        block = _part_block(part, i)
-        if block is not None:
-            blocks.append(block)
-    return blocks
-
-
-def _part_block(part: Any, i: int) -> Block | None:
-    kind = part.get("type") if isinstance(part, dict) else None
-    block: Block
-    if kind == "thinking":
-        signature = part.get("signature")
-        if not (isinstance(signature, str) and signature):
-            return None  # reasoning no Anthropic model signed
-        return {"type": "thinking", "thinking": str(part.get("thinking") or ""), "signature": signature}
-    if kind == "redacted_thinking":
-        return {"type": "redacted_thinking", "data": str(part.get("data") or "")}
-    if kind in ("text", "refusal"):
-        text = part.get(kind)
-        if not isinstance(text, str):
-            raise InvalidRequestError(f"messages[{i}]: a {kind} part needs a string {kind!r}", param="messages")
-        if not text:
-            return None
-        block = {"type": "text", "text": text}
-    elif kind == "image_url":
-        image = part.get("image_url")
-        url = image.get("url") if isinstance(image, dict) else image
-        if not isinstance(url, str):
-            raise InvalidRequestError(f"messages[{i}]: an image_url part needs a url", param="messages")
-        block = {"type": "image", "source": _image_source(url, i)}
-    else:
-        raise InvalidRequestError(
-            f"messages[{i}]: content part type {kind!r} is not supported by anthropic upstreams", param="messages"
-        )
-    if isinstance(part.get("cache_control"), dict):
-        block["cache_control"] = part["cache_control"]
-    return block
-
-
-def _image_source(url: str, i: int) -> dict[str, str]:
-    if url.startswith("data:"):
-        header, comma, data = url[5:].partition(",")
-        media_type, _, encoding = header.partition(";")
-        if not comma or encoding != "base64" or not media_type:
-            raise InvalidRequestError(
-                f"messages[{i}]: image data URLs must be data:<media type>;base64,<data>", param="messages"
-            )
-        return {"type": "base64", "media_type": media_type, "data": data}
-    if url.startswith(("http://", "https://")):
-        return {"type": "url", "url": url}
-    raise InvalidRequestError(f"messages[{i}]: image URLs must be data: or http(s) URLs", param="messages")
-
-
-def _tool_use_blocks(tool_calls: Any, i: int) -> list[Block]:
-    if not tool_calls:
-        return []
-    if not isinstance(tool_calls, list):
-        raise InvalidRequestError(f"messages[{i}]: tool_calls must be a list", param="messages")
-    blocks: list[Block] = []
-    for call in tool_calls:
-        function = call.get("function") if isinstance(call, dict) else None
-        named = isinstance(function, dict) and isinstance(function.get("name"), str)
-        if not (named and isinstance(call.get("id"), str)):
-            raise InvalidRequestError(
-                f"messages[{i}]: each tool call needs an id and a function name", param="messages"
-            )
-        assert isinstance(function, dict)
-        arguments = function.get("arguments") or "{}"
-        try:
-            tool_input = msgspec.json.decode(arguments) if isinstance(arguments, str | bytes) else arguments
-        except msgspec.DecodeError:
-            raise InvalidRequestError(
-                f"messages[{i}]: tool call arguments are not valid JSON", param="messages"
-            ) from None
-        if not isinstance(tool_input, dict):
-            raise InvalidRequestError(f"messages[{i}]: tool call arguments must be a JSON object", param="messages")
-        blocks.append({"type": "tool_use", "id": call["id"], "name": function["name"], "input": tool_input})
-    return blocks
-
-
-def _tool_result_block(message: dict[str, Any], i: int) -> Block:
-    tool_call_id = message.get("tool_call_id")
-    if not isinstance(tool_call_id, str):
-        raise InvalidRequestError(f"messages[{i}]: a tool message needs a tool_call_id", param="messages")
-    block: Block = {"type": "tool_result", "tool_use_id": tool_call_id}
-    content = message.get("content")
-    if isinstance(content, list):
-        block["content"] = _content_blocks(content, i)
-    elif content:
-        block["content"] = _plain_text(content, i)
-    return block
-
-
-def _translate_tools(body: dict[str, Any]) -> dict[str, Any]:
-    tools = body.get("tools")
-    choice = body.get("tool_choice")
-    if not tools or choice == "none":
-        return {}
-    if not isinstance(tools, list):
-        raise InvalidRequestError("tools must be a list", param="tools")
-    translated: list[dict[str, Any]] = []
-    for tool in tools:
-        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
-        if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
-            raise InvalidRequestError("only function tools with a name are supported", param="tools")
-        entry: dict[str, Any] = {"name": function["name"]}
-        if isinstance(function.get("description"), str):
-            entry["description"] = function["description"]
-        parameters = function.get("parameters")
-        entry["input_schema"] = parameters if isinstance(parameters, dict) else {"type": "object", "properties": {}}
-        if isinstance(tool.get("cache_control"), dict):
-            entry["cache_control"] = tool["cache_control"]
-        translated.append(entry)
-    result: dict[str, Any] = {"tools": translated}
-    tool_choice = _tool_choice(choice)
-    if body.get("parallel_tool_calls") is False:
-        tool_choice = {**(tool_choice or {"type": "auto"}), "disable_parallel_tool_use": True}
-    if tool_choice is not None:
-        result["tool_choice"] = tool_choice
-    return result
-
-
-def _tool_choice(choice: Any) -> dict[str, Any] | None:
-    if choice is None:
-        return None
-    if choice == "auto":
-        return {"type": "auto"}
-    if choice == "required":
-        return {"type": "any"}
-    if isinstance(choice, dict):
-        function = choice.get("function")
-        if isinstance(function, dict) and isinstance(function.get("name"), str):
-            return {"type": "tool", "name": function["name"]}
-    raise InvalidRequestError(f"tool_choice {choice!r} is not supported", param="tool_choice")
-
-
-# -- response translation -----------------------------------------------------
+    return encode_request(request_from_chat_body(body), model, stream=stream)
 
 
 def _finish_reason(stop_reason: Any) -> str:

@@ -227,3 +227,90 @@ def test_a_cached_answer_replays_its_thinking_in_order() -> None:
     ]
     assert deltas[:3] == [ThinkingDelta("Thinking."), ThinkingSignature("s1"), TextDelta("Done.")]
     assert openai_chat.answer_from_completion(msgspec.json.decode(body)).thinking == [ThinkingPart("Thinking.", "s1")]
+
+
+CLAUDE_CODE_SHAPED: dict[str, Any] = {
+    "model": "claude-sim",
+    "max_tokens": 1024,
+    "system": [
+        {"type": "text", "text": "You are Claude Code."},
+        {"type": "text", "text": "Project notes.", "cache_control": {"type": "ephemeral"}},
+    ],
+    "messages": [
+        {"role": "user", "content": "List the files."},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "I should look.", "signature": "sig-1"},
+                {"type": "text", "text": "Looking."},
+                {"type": "tool_use", "id": "toolu_1", "name": "ls", "input": {"path": "."}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.py b.py"},
+                {"type": "text", "text": "And now?", "cache_control": {"type": "ephemeral"}},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBOR"}},
+            ],
+        },
+    ],
+    "tools": [{"name": "ls", "description": "List", "input_schema": {"type": "object", "properties": {}}}],
+    "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
+    "temperature": 0.2,
+    "stop_sequences": ["END"],
+    "metadata": {"user_id": "u-1"},
+    "thinking": {"type": "enabled", "budget_tokens": 512},
+    "stream": True,
+}
+
+
+def test_a_request_anthropic_sent_comes_back_the_same_through_the_internal_model_and_a_chat_body() -> None:
+    """Anthropic → internal → chat body (the pipeline) → internal → Anthropic: nothing lost or moved."""
+    decoded = anthropic.decode_request(msgspec.json.encode(CLAUDE_CODE_SHAPED))
+    chat = openai_chat.to_chat_body(decoded)
+    again = openai_chat.request_from_chat_body(msgspec.json.decode(msgspec.json.encode(chat)))
+    assert anthropic.encode_request(again, "claude-sim", stream=True) == CLAUDE_CODE_SHAPED
+
+
+def test_a_chat_request_keeps_what_the_internal_model_holds() -> None:
+    chat: dict[str, Any] = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": "https://x/a.png"}}]},
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "done"},
+        ],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        "tool_choice": "required",
+        "max_completion_tokens": 50,
+        "stop": "END",
+        "seed": 7,
+    }  # fmt: skip
+    request = openai_chat.request_from_chat_body(chat)
+    assert request.max_tokens == 50 and request.stop == ["END"] and request.tool_choice is not None
+    assert request.tool_choice.mode == "required" and request.tools[0].name == "f"
+    assert [m.role for m in request.messages] == ["system", "user", "assistant", "tool"]
+    assert request.messages[2].tool_calls == (ToolCall("c1", "f", '{"a": 1}'),)
+    assert request.messages[1].parts == (TextPart("Hi"), ImagePart("https://x/a.png"))
+    back = openai_chat.to_chat_body(request)
+    assert back["messages"][3] == {"role": "tool", "tool_call_id": "c1", "content": "done"}
+    assert back["tool_choice"] == "required" and back["max_tokens"] == 50
+
+
+@pytest.mark.parametrize(
+    ("messages", "said"),
+    [
+        ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}], "cannot be sent"),
+        ([{"role": "assistant", "tool_calls": [{"id": "c"}]}], "needs an id and a function name"),
+        ([{"role": "tool", "content": "x"}], "needs a tool_call_id"),
+        ([{"role": "narrator", "content": "x"}], "is not supported"),
+        ([{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "https://x"}}]}], "only text"),
+    ],
+)
+def test_a_chat_request_the_internal_model_cannot_hold_is_refused_naming_where(messages: list[Any], said: str) -> None:
+    with pytest.raises(InvalidRequestError, match=said) as refused:
+        openai_chat.request_from_chat_body({"model": "m", "messages": messages})
+    assert refused.value.message.startswith("messages[0]")
