@@ -43,7 +43,9 @@ from gateway.protocols.body import decode_body
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "StreamDecoder",
     "StreamEncoder",
+    "decode_answer",
     "decode_request",
     "encode_answer",
     "encode_error",
@@ -51,6 +53,7 @@ __all__ = [
     "error_type_for",
     "fields_not_read",
     "usage_body",
+    "usage_from_wire",
 ]
 
 
@@ -400,6 +403,159 @@ def _tool_entry(tool: Tool) -> dict[str, Any]:
         entry["description"] = tool.description
     entry["input_schema"] = tool.parameters
     return _marked(entry, tool.cache_control)
+
+
+# -- answers from an Anthropic upstream ---------------------------------------------
+
+_FINISH_OF: dict[str, FinishReason] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop_sequence",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+    "pause_turn": "stop",
+}
+
+
+def _finish_of(stop_reason: Any) -> FinishReason | None:
+    """A stop reason added after this was written reads as a plain stop."""
+    return _FINISH_OF.get(stop_reason, "stop") if isinstance(stop_reason, str) else None
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def usage_from_wire(raw: Any) -> Usage | None:
+    """Anthropic's usage as the internal model counts it (``input_tokens`` with the cache's reads
+    and writes in it, as every other API counts a prompt); None when it reports none."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("input_tokens"), int):
+        return None
+    read, write = _count(raw.get("cache_read_input_tokens")), _count(raw.get("cache_creation_input_tokens"))
+    return Usage(
+        input_tokens=_count(raw["input_tokens"]) + read + write,
+        output_tokens=_count(raw.get("output_tokens")),
+        cached_input_tokens=read,
+        cache_write_tokens=write,
+    )
+
+
+def decode_answer(data: dict[str, Any]) -> Answer | None:
+    """An upstream's message as an answer; None when it is not a message."""
+    content = data.get("content")
+    if data.get("type") != "message" or not isinstance(content, list):
+        return None
+    thinking: list[ThinkingPart | RedactedThinkingPart] = []
+    texts: list[str] = []
+    calls: list[ToolCall] = []
+    for block in content:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "thinking":
+            thinking.append(ThinkingPart(str(block.get("thinking") or ""), str(block.get("signature") or "")))
+        elif kind == "redacted_thinking":
+            thinking.append(RedactedThinkingPart(str(block.get("data") or "")))
+        elif kind == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif kind == "tool_use":
+            arguments = msgspec.json.encode(block.get("input") or {}).decode()
+            calls.append(ToolCall(str(block.get("id") or ""), str(block.get("name") or ""), arguments))
+    stop_sequence = data.get("stop_sequence")
+    return Answer(
+        id=str(data.get("id") or ""),
+        model=str(data.get("model") or ""),
+        thinking=thinking,
+        text="".join(texts) if texts else None,
+        tool_calls=calls,
+        finish_reason=_finish_of(data.get("stop_reason")),
+        stop_sequence=stop_sequence if isinstance(stop_sequence, str) else None,
+        usage=usage_from_wire(data.get("usage")) or Usage(),
+    )
+
+
+class StreamDecoder:
+    """An upstream's stream events as deltas (the reverse of :class:`StreamEncoder`).
+
+    ``tool_use`` blocks are numbered as tool calls in order of appearance; usage comes as
+    :class:`UsageReport` from ``message_start`` and again from each ``message_delta`` (whose
+    usage may carry only the output count: the prompt's stays as ``message_start`` said).
+    Event and delta types added after this was written say nothing here.
+    """
+
+    __slots__ = ("_tools", "id", "model", "usage")
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.model: str | None = None
+        self.usage: Usage | None = None
+        self._tools: dict[int, int] = {}
+        """Content block index → tool call index."""
+
+    def feed(self, event: dict[str, Any]) -> list[Delta]:
+        kind = event.get("type")
+        if kind == "message_start":
+            message = event["message"] if isinstance(event.get("message"), dict) else {}
+            self.id = message["id"] if isinstance(message.get("id"), str) else None
+            self.model = message["model"] if isinstance(message.get("model"), str) else None
+            return self._usage(message.get("usage"))
+        if kind == "content_block_start":
+            return self._block_start(event)
+        if kind == "content_block_delta":
+            return self._block_delta(event)
+        if kind == "message_delta":
+            delta = event["delta"] if isinstance(event.get("delta"), dict) else {}
+            reason = _finish_of(delta.get("stop_reason"))
+            return [*self._usage(event.get("usage")), Finish(reason or "stop")]
+        return []
+
+    def _usage(self, raw: Any) -> list[Delta]:
+        if not isinstance(raw, dict):
+            return []
+        full = usage_from_wire(raw)
+        if full is None:  # only the output count: the prompt's is the one already known
+            full = msgspec.structs.replace(self.usage or Usage(), output_tokens=_count(raw.get("output_tokens")))
+        self.usage = full
+        return [UsageReport(full)]
+
+    def _block_start(self, event: dict[str, Any]) -> list[Delta]:
+        block = event.get("content_block")
+        if not isinstance(block, dict):
+            return []
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str) and block["text"]:
+            return [TextDelta(block["text"])]
+        if kind == "redacted_thinking":
+            return [RedactedThinking(str(block.get("data") or ""))]
+        if kind == "tool_use":
+            index = self._tools[_count(event.get("index"))] = len(self._tools)
+            return [ToolCallStart(index, str(block.get("id") or ""), str(block.get("name") or ""))]
+        return []  # a thinking block: its text and signature come as deltas
+
+    def _block_delta(self, event: dict[str, Any]) -> list[Delta]:
+        delta = event.get("delta")
+        if not isinstance(delta, dict):
+            return []
+        kind = delta.get("type")
+        field = _DELTA_FIELDS.get(kind) if isinstance(kind, str) else None
+        value = delta.get(field) if field is not None else None
+        if not isinstance(value, str) or not value:
+            return []  # empty, or a delta type this does not read (citations_delta, ...)
+        if kind == "text_delta":
+            return [TextDelta(value)]
+        if kind == "thinking_delta":
+            return [ThinkingDelta(value)]
+        if kind == "signature_delta":
+            return [ThinkingSignature(value)]
+        tool = self._tools.get(_count(event.get("index")))
+        return [ToolArgumentsDelta(tool, value)] if tool is not None else []
+
+
+_DELTA_FIELDS = {
+    "text_delta": "text",
+    "input_json_delta": "partial_json",
+    "thinking_delta": "thinking",
+    "signature_delta": "signature",
+}
+"""Where each kind of content block delta carries its text."""
 
 
 _STOP_REASON: dict[FinishReason, str] = {

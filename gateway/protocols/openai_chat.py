@@ -51,9 +51,12 @@ from gateway.errors import InvalidRequestError
 __all__ = [
     "ChunkReader",
     "answer_from_completion",
+    "chat_finish_reason",
     "chat_stream_chunks",
     "chunk_body",
+    "chunk_delta",
     "completion_body",
+    "completion_from_answer",
     "request_from_chat_body",
     "to_chat_body",
     "usage_body",
@@ -378,6 +381,57 @@ def usage_from(raw: Any) -> Usage:
             completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else 0
         ),
     )
+
+
+_CHAT_FINISH: dict[FinishReason, str] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "content_filter": "content_filter",
+    "stop_sequence": "stop",
+}
+
+
+def chat_finish_reason(reason: FinishReason | None) -> str | None:
+    return None if reason is None else _CHAT_FINISH[reason]
+
+
+def completion_from_answer(answer: Answer, usage: Usage | None) -> bytes:
+    """The answer as a ``chat.completion`` (the reverse of :func:`answer_from_completion`);
+    ``usage`` None: the upstream reported none, and the completion carries none."""
+    message: dict[str, Any] = {"role": "assistant", "content": answer.text}
+    if answer.thinking:
+        message["reasoning_content"] = "".join(p.text for p in answer.thinking if isinstance(p, ThinkingPart))
+        message["thinking_blocks"] = [_part(p) for p in answer.thinking]
+    if answer.tool_calls:
+        message["tool_calls"] = [
+            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            for call in answer.tool_calls
+        ]
+    wire = None if usage is None else usage_body(usage.input_tokens, usage.output_tokens,
+                                                 cached_tokens=usage.cached_input_tokens)  # fmt: skip
+    return completion_body(
+        answer.id or None, None, answer.model or None, message, chat_finish_reason(answer.finish_reason), wire
+    )
+
+
+def chunk_delta(delta: Delta) -> dict[str, Any] | None:
+    """A delta as a chunk's ``delta`` (the reverse of :class:`ChunkReader`); None for those a
+    chunk does not carry (:class:`Finish` and :class:`UsageReport` go elsewhere in a chunk)."""
+    if isinstance(delta, TextDelta):
+        return {"content": delta.text}
+    if isinstance(delta, ThinkingDelta):
+        return {"reasoning_content": delta.text}
+    if isinstance(delta, ThinkingSignature):
+        return {"thinking_blocks": [{"type": "thinking", "thinking": "", "signature": delta.signature}]}
+    if isinstance(delta, RedactedThinking):
+        return {"thinking_blocks": [{"type": "redacted_thinking", "data": delta.data}]}
+    if isinstance(delta, ToolCallStart):
+        function = {"name": delta.name, "arguments": ""}
+        return {"tool_calls": [{"index": delta.index, "id": delta.id, "type": "function", "function": function}]}
+    if isinstance(delta, ToolArgumentsDelta):
+        return {"tool_calls": [{"index": delta.index, "function": {"arguments": delta.fragment}}]}
+    return None
 
 
 def answer_from_completion(body: dict[str, Any]) -> Answer:

@@ -13,6 +13,7 @@ import httpx
 import msgspec
 
 from gateway.config.schema import ModelConfig
+from gateway.core import model as core
 from gateway.errors import (
     GatewayError,
     UpstreamConnectError,
@@ -23,7 +24,16 @@ from gateway.errors import (
 )
 from gateway.upstreams.sse import SSEEvent, SSELineTooLong, iter_sse
 
-__all__ = ["ChatStream", "Completion", "Provider", "RelayedStream", "StreamTally", "UpstreamEvents", "Usage"]
+__all__ = [
+    "ChatStream",
+    "Completion",
+    "Provider",
+    "RelayedStream",
+    "StreamTally",
+    "UpstreamEvents",
+    "Usage",
+    "usage_of",
+]
 
 
 @dataclass(slots=True)
@@ -35,6 +45,19 @@ class Usage:
     cached_prompt_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+
+
+def usage_of(usage: core.Usage | None) -> Usage | None:
+    """The internal model's usage (a codec's reading of an upstream's) as a provider reports it."""
+    if usage is None:
+        return None
+    return Usage(
+        usage.input_tokens,
+        usage.output_tokens,
+        cached_prompt_tokens=usage.cached_input_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+    )
 
 
 @dataclass(slots=True)

@@ -8,7 +8,6 @@ from typing import Any
 import httpx
 import msgspec
 
-from gateway.core.model import Usage as CoreUsage
 from gateway.errors import GatewayError, UpstreamProtocolError, UpstreamStatusError
 from gateway.protocols import openai_responses as responses
 from gateway.upstreams.base import (
@@ -19,10 +18,10 @@ from gateway.upstreams.base import (
     RelayedStream,
     StreamTally,
     UpstreamEvents,
-    Usage,
     decode_event,
     decode_json_object,
     usage_from,
+    usage_of,
 )
 
 __all__ = ["OpenAIProvider", "for_openai_upstream"]
@@ -67,7 +66,7 @@ class OpenAIProvider(Provider):
         response = await self._post("responses", body, {**self._headers(), **headers}, stream=False)
         data = decode_json_object(self.name, response.content)
         usage = responses.usage_from_wire(data.get("usage"))
-        return Completion(body=response.content, usage=_upstream_usage(usage), text=responses.response_text(data))
+        return Completion(body=response.content, usage=usage_of(usage), text=responses.response_text(data))
 
     async def open_relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> ChatStream:
         response = await self._post("responses", body, {**self._headers(), **headers}, stream=True)
@@ -144,7 +143,7 @@ class _ResponsesEventStream(RelayedStream):
         elif kind.startswith("response.") and isinstance(response := data.get("response"), dict):
             if tally.id is None and isinstance(response.get("id"), str):
                 tally.id, tally.model = response["id"], response.get("model")
-            usage = _upstream_usage(responses.usage_from_wire(response.get("usage")))
+            usage = usage_of(responses.usage_from_wire(response.get("usage")))
             if usage is not None:
                 tally.usage = usage
             if kind in ("response.completed", "response.incomplete"):
@@ -155,17 +154,6 @@ class _ResponsesEventStream(RelayedStream):
         data = {"type": "error", "code": error.code or error.error_type, "message": error.message,
                 "param": error.param, "sequence_number": self._sequence}  # fmt: skip
         return b"event: error\ndata: " + msgspec.json.encode(data) + b"\n\n"
-
-
-def _upstream_usage(usage: CoreUsage | None) -> Usage | None:
-    if usage is None:
-        return None
-    return Usage(
-        usage.input_tokens,
-        usage.output_tokens,
-        cached_prompt_tokens=usage.cached_input_tokens,
-        reasoning_tokens=usage.reasoning_tokens,
-    )
 
 
 def for_openai_upstream(body: dict[str, Any]) -> dict[str, Any]:

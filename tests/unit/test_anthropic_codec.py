@@ -10,6 +10,7 @@ import pytest
 from gateway.cache.entries import CachedAnswer, replay_sse
 from gateway.core.model import (
     Answer,
+    Finish,
     ImagePart,
     RedactedThinkingPart,
     TextDelta,
@@ -17,8 +18,11 @@ from gateway.core.model import (
     ThinkingDelta,
     ThinkingPart,
     ThinkingSignature,
+    ToolArgumentsDelta,
     ToolCall,
+    ToolCallStart,
     Usage,
+    UsageReport,
 )
 from gateway.errors import InvalidRequestError
 from gateway.protocols import anthropic_messages as anthropic
@@ -314,3 +318,49 @@ def test_a_chat_request_the_internal_model_cannot_hold_is_refused_naming_where(m
     with pytest.raises(InvalidRequestError, match=said) as refused:
         openai_chat.request_from_chat_body({"model": "m", "messages": messages})
     assert refused.value.message.startswith("messages[0]")
+
+
+def test_deltas_survive_anthropics_event_stream_and_back() -> None:
+    """StreamEncoder (what the gateway sends Anthropic clients) and StreamDecoder (what it reads
+    from Anthropic upstreams) are each other's reverse."""
+    sent: list[Any] = [
+        ThinkingDelta("Let me think."),
+        ThinkingSignature("sig-9"),
+        TextDelta("Checking"),
+        TextDelta(" the weather."),
+        ToolCallStart(0, "toolu_1", "get_weather"),
+        ToolArgumentsDelta(0, '{"city": '),
+        ToolArgumentsDelta(0, '"Paris"}'),
+        Finish("tool_calls"),
+        UsageReport(Usage(input_tokens=12, output_tokens=30)),
+    ]
+    encoder = anthropic.StreamEncoder("msg_1", "claude-sim", 12)
+    frames = encoder.start() + encoder.feed(sent) + encoder.finish()
+    decoder = anthropic.StreamDecoder()
+    got: list[Any] = []
+    for frame in frames.decode().split("\n\n"):
+        if frame.strip():
+            got += decoder.feed(msgspec.json.decode(frame.split("data: ", 1)[1]))
+    assert decoder.id == "msg_1" and decoder.model == "claude-sim"
+    assert [d for d in got if not isinstance(d, UsageReport)] == sent[:-1]
+    assert decoder.usage is not None and (decoder.usage.input_tokens, decoder.usage.output_tokens) == (12, 30)
+
+
+def test_an_upstream_message_reads_as_the_answer_a_client_message_was_written_from() -> None:
+    answer = Answer(
+        id="msg_2",
+        model="claude-sim",
+        thinking=[ThinkingPart("Hmm.", "sig-1"), RedactedThinkingPart("opaque")],
+        text="It is sunny.",
+        tool_calls=[ToolCall("toolu_2", "get_weather", '{"city":"Paris"}')],
+        finish_reason="tool_calls",
+        usage=Usage(input_tokens=20, output_tokens=9, cached_input_tokens=5, cache_write_tokens=3),
+    )
+    again = anthropic.decode_answer(msgspec.json.decode(anthropic.encode_answer(answer, "msg_2", "claude-sim")))
+    assert again == answer
+    completion = msgspec.json.decode(openai_chat.completion_from_answer(again, again.usage))
+    assert openai_chat.answer_from_completion(completion).tool_calls == answer.tool_calls
+    assert completion["choices"][0]["message"]["reasoning_content"] == "Hmm."
+    assert completion["usage"]["prompt_tokens"] == 20 and completion["usage"]["prompt_tokens_details"] == {
+        "cached_tokens": 5
+    }
