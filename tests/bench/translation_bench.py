@@ -1,0 +1,102 @@
+"""What translating a large Anthropic Messages request costs, step by step, on the CPU.
+
+A request shaped like Claude Code's (a long system prompt with a cache breakpoint, 20 tools,
+40 tool-using turns: about 160 KiB of JSON) is taken the way a Messages request to an
+Anthropic route goes when it is translated (``gateway/api/messages.py``):
+
+* edge: the Messages codec decodes it, and the body is read once more for fields the codec
+  does not read (what decides between translating and passing through);
+* chat hop: the internal model written as a chat body and parsed again by the pipeline (the
+  step a pipeline working on the internal model would not need);
+* provider: the chat body read into the internal model and written as Anthropic's request.
+
+Beside them, one plain JSON decode of the body (about what a passed-through request costs).
+Medians of 30 runs after 5 warm-ups, in one process; compare only within one run.
+
+    python -m tests.bench.translation_bench
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from gateway.protocol import parse_chat_request
+from gateway.protocols import anthropic_messages as anthropic
+from gateway.protocols import openai_chat
+
+RUNS = 30
+
+
+def claude_code_shaped() -> bytes:
+    system = "You are Claude Code. " + "Follow the project's conventions carefully. " * 800
+    properties = {f"p{j}": {"type": "string", "description": "a parameter"} for j in range(8)}
+    tools = [
+        {"name": f"tool_{i}", "description": "Does a thing. " * 30,
+         "input_schema": {"type": "object", "properties": properties}}
+        for i in range(20)
+    ]  # fmt: skip
+    messages: list[dict[str, Any]] = []
+    for turn in range(40):
+        ask = f"Please look at file number {turn} and fix the bug in it. " * 20
+        messages += [
+            {"role": "user", "content": [{"type": "text", "text": ask}]},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": "Looking at it now. " * 30},
+                {"type": "tool_use", "id": f"toolu_{turn}", "name": "tool_1", "input": {"p0": "x" * 200}},
+            ]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": f"toolu_{turn}", "content": "result line\n" * 60}
+            ]},
+        ]  # fmt: skip
+    messages.append({"role": "user", "content": "Now summarise."})
+    body = {
+        "model": "claude",
+        "max_tokens": 4096,
+        "system": [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
+        "messages": messages,
+        "tools": tools,
+        "stream": True,
+    }
+    return msgspec.json.encode(body)
+
+
+def _median_ms(step: Callable[[], object]) -> float:
+    for _ in range(5):
+        step()
+    times = []
+    for _ in range(RUNS):
+        started = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    raw = claude_code_shaped()
+    decoded = anthropic.decode_request(raw)
+    chat = msgspec.json.encode(openai_chat.to_chat_body(decoded))
+    chat_body, _ = parse_chat_request(chat)
+
+    def edge() -> object:
+        return anthropic.decode_request(raw), anthropic.fields_not_read(msgspec.json.decode(raw))
+
+    def chat_hop() -> object:
+        return parse_chat_request(msgspec.json.encode(openai_chat.to_chat_body(decoded)))
+
+    def provider() -> object:
+        request = openai_chat.request_from_chat_body(chat_body)
+        return msgspec.json.encode(anthropic.encode_request(request, "claude-sim", stream=True))
+
+    print(f"request: {len(raw) / 1024:.0f} KiB")
+    for name, step in (("edge", edge), ("chat hop", chat_hop), ("provider", provider),
+                       ("one plain JSON decode", lambda: msgspec.json.decode(raw))):  # fmt: skip
+        print(f"{name:24s} {_median_ms(step):6.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
