@@ -45,11 +45,12 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
     passthrough = PassThrough()
 
     async def translate(raw: bytes) -> bytes:
-        if _only_anthropic_upstreams(request, _model_of(raw)):
-            decoded = _translatable(raw)
+        body = _json_object(raw)
+        if _only_anthropic_upstreams(request, body):
+            decoded = _translatable(raw, body)
             if decoded is None:  # the translation would lose something: the body goes as it came
                 decoded = anthropic.decode_request(raw, passed_through=True)
-                passthrough.body = msgspec.json.decode(raw)
+                passthrough.body = body
                 beta = request.headers.get("anthropic-beta")
                 if beta:
                     passthrough.headers["anthropic-beta"] = beta
@@ -96,7 +97,7 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
     try:
         principal = runtime.auth.authenticate(_authorization(request))
         raw = await request.body()
-        lenient = _only_anthropic_upstreams(request, _model_of(raw))  # blocks only Anthropic reads are not refused
+        lenient = _only_anthropic_upstreams(request, _json_object(raw))  # blocks only Anthropic reads are not refused
         decoded = anthropic.decode_request(raw, counting=True, passed_through=lenient)
         plan = runtime.router.plan(decoded.model)
         principal.check_model(plan.route)
@@ -108,38 +109,36 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
     return Response(content=msgspec.json.encode({"input_tokens": tokens}), media_type="application/json")
 
 
-def _only_anthropic_upstreams(request: Request[Any, Any, Any], model: str | None) -> bool:
+def _only_anthropic_upstreams(request: Request[Any, Any, Any], body: dict[str, Any] | None) -> bool:
+    """Whether every model the body's ``model`` can reach is Anthropic's (what decides how it is decoded)."""
+    model = body.get("model") if body is not None else None
     runtime = request.app.state.gateway.holder.current
     try:
-        names = runtime.router.reachable(model or "")
+        names = runtime.router.reachable(model if isinstance(model, str) else "")
     except GatewayError:
         return False  # the translating decoder and the pipeline answer a missing or unknown model
     return all(runtime.policy.models[name].provider == "anthropic" for name in names)
 
 
-def _translatable(raw: bytes) -> CoreRequest | None:
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    """The body, read once; None when it is not a JSON object (the decoder then says what is wrong)."""
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _translatable(raw: bytes, body: dict[str, Any] | None) -> CoreRequest | None:
     """The request, when the internal model holds all of it (then it is translated, and can be
     served from the cache); None when it has blocks, tools or fields only Anthropic reads."""
+    if body is None:
+        return None  # the lenient decoding says what is wrong
     try:
         decoded = anthropic.decode_request(raw)
-        body = msgspec.json.decode(raw)
-    except (GatewayError, msgspec.DecodeError):
-        return None  # the lenient decoding says what is wrong, if anything
-    if decoded.dropped or (isinstance(body, dict) and anthropic.fields_not_read(body)):
+    except GatewayError:
         return None
-    return decoded
-
-
-class _Model(msgspec.Struct):
-    model: str | None = None
-
-
-def _model_of(raw: bytes) -> str | None:
-    """The model a body asks for, read before it is decoded (what decides how it is decoded)."""
-    try:
-        return msgspec.json.decode(raw, type=_Model).model
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None  # the decoder says what is wrong with it
+    return None if decoded.dropped or anthropic.fields_not_read(body) else decoded
 
 
 def _authorization(request: Request[Any, Any, Any]) -> str | None:

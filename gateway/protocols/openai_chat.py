@@ -17,7 +17,7 @@ parts ``{"type": "thinking", "thinking", "signature"}`` / ``{"type":
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import msgspec
@@ -305,11 +305,15 @@ def _message(message: Message) -> dict[str, Any]:
     else:
         out["content"] = message.text if message.parts or not message.tool_calls else None
     if message.tool_calls:
-        out["tool_calls"] = [
-            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-            for call in message.tool_calls
-        ]
+        out["tool_calls"] = _tool_calls(message.tool_calls)
     return out
+
+
+def _tool_calls(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+    return [
+        {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+        for call in calls
+    ]
 
 
 def usage_body(
@@ -404,10 +408,7 @@ def completion_from_answer(answer: Answer, usage: Usage | None) -> bytes:
         message["reasoning_content"] = "".join(p.text for p in answer.thinking if isinstance(p, ThinkingPart))
         message["thinking_blocks"] = [_part(p) for p in answer.thinking]
     if answer.tool_calls:
-        message["tool_calls"] = [
-            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-            for call in answer.tool_calls
-        ]
+        message["tool_calls"] = _tool_calls(answer.tool_calls)
     wire = None if usage is None else usage_body(usage.input_tokens, usage.output_tokens,
                                                  cached_tokens=usage.cached_input_tokens)  # fmt: skip
     return completion_body(
