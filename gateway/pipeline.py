@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
+import msgspec
 import numpy as np
 import structlog
 
@@ -23,20 +24,14 @@ from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal
 from gateway.cache.audit import CEILING as _CEILING
 from gateway.cache.audit import AuditJob, SemanticAudit, judge_request
-from gateway.cache.entries import (
-    CachedAnswer,
-    answer_text,
-    completion_from_stream,
-    replay_json,
-    replay_sse,
-    without_identity,
-)
+from gateway.cache.entries import CachedAnswer
 from gateway.cache.exact import ExactCache, Lease
 from gateway.cache.plan import CachePlan, plan_cache
 from gateway.cache.semantic import SemanticCache
 from gateway.classifier import ClassifierError
 from gateway.classifier.text import message_text
 from gateway.config.schema import Price
+from gateway.core import model as core
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.drain import DEFAULT_DRAIN_S, Drain
 from gateway.errors import GatewayError, InvalidRequestError, ShuttingDownError, UpstreamError
@@ -48,7 +43,14 @@ from gateway.learning.shadow import judge_request as shadow_judge_request
 from gateway.limits import Limiter, Reservation
 from gateway.pricing import cost_usd
 from gateway.protocol import ChatRequest, parse_chat_request
-from gateway.protocols.openai_chat import chunk_body, usage_body
+from gateway.protocols.openai_chat import (
+    answer_from_message,
+    chunk_body,
+    completion_from_answer,
+    storable_answer,
+    stream_from_answer,
+    usage_body,
+)
 from gateway.routing import RoutePlan
 from gateway.runtime import Runtime, RuntimeHolder
 from gateway.store.base import StoreUnavailable
@@ -86,6 +88,9 @@ class Answer:
     status: int
     body: bytes
     headers: dict[str, str]
+    typed: core.Answer | None = None
+    """A cache hit for a request that came in another protocol than chat: the answer for that
+    protocol's codec to render, as a body or as a stream (``body`` is then empty)."""
 
 
 @dataclass(slots=True)
@@ -224,7 +229,8 @@ class ChatPipeline:
             self._settle(x, provider, completion.usage, completion.text)
             record.upstream_status = 200
             _record_speculation(record, completion)
-            await self._fill_cache(x, completion.body)
+            if self._storing(x):
+                await self._fill_cache(x, completion.answer or storable_answer(msgspec.json.decode(completion.body)))
             return Answer(200, completion.body, self._headers(x))
         except GatewayError as exc:
             return self._error_answer(x, exc)
@@ -389,7 +395,7 @@ class ChatPipeline:
                 semantic.verify_threshold,
                 x.record.tenant,
                 plan.route,
-                answer_text(hit),
+                hit.answer.text or "",
                 lambda: ask(plan.candidates, body),
                 judge if judge_model is not None and judge_model in runtime.providers else None,
             )
@@ -475,23 +481,30 @@ class ChatPipeline:
             record.decision = "cache"  # not the classifier's "default": nothing was routed
         headers = self._headers(x)
         assert x.request is not None
-        answer_id, created = f"chatcmpl-{record.request_id}", int(time.time())
+        answer = hit.served_as(f"chatcmpl-{record.request_id}")
+        if record.protocol != "openai.chat":
+            return Answer(200, b"", headers, typed=answer)  # the asking protocol renders it
         if not x.request.stream:
-            return Answer(200, replay_json(hit, answer_id, created), headers)
+            return Answer(200, completion_from_answer(answer, answer.usage), headers)
         include_usage = bool(x.request.stream_options and x.request.stream_options.include_usage)
-        return StreamingAnswer(headers, _iterate(replay_sse(hit, include_usage, answer_id, created)))
+        return StreamingAnswer(headers, _iterate(stream_from_answer(answer, int(time.time()), include_usage)))
 
-    async def _fill_cache(self, x: _Exchange, completion_body: bytes) -> CachedAnswer | None:
-        """Store a complete, successful answer (exact, and semantic where it applies)."""
+    @staticmethod
+    def _storing(x: _Exchange) -> bool:
         plan = x.cache
-        if plan is None or not plan.write or x.record.status != 200 or x.info.provider is None:
-            return None
+        return plan is not None and plan.write and x.record.status == 200 and x.info.provider is not None
+
+    async def _fill_cache(self, x: _Exchange, answer: core.Answer | None) -> CachedAnswer | None:
+        """Store a complete, successful answer (exact, and semantic where it applies); None: the
+        internal answer cannot hold all of it (logprobs, a refusal, ...), and it is not stored."""
+        plan = x.cache
+        if plan is None or answer is None or not self._storing(x):
+            return None  # a lease held is released when the request ends
         policy = x.runtime.policy.cache
         timeout_s = policy.redis_timeout_ms / 1000
         record = x.record
         entry = CachedAnswer(
-            body=without_identity(completion_body),
-            identity_free=True,
+            answer=msgspec.structs.replace(answer, id="", usage=core.Usage()),
             model=record.model or "",
             provider=record.provider or "",
             prompt_tokens=record.prompt_tokens,
@@ -573,10 +586,10 @@ class ChatPipeline:
             if include_usage:
                 yield b"data: " + _usage_chunk(tally.id, tally.created, tally.model, record) + b"\n\n"
             yield b"data: [DONE]\n\n"
-            if tally.replayable:
-                body = completion_from_stream(tally, record.prompt_tokens, record.completion_tokens)
+            if tally.replayable and self._storing(x):
+                answer = answer_from_message(tally.message(), tally.finish_reason, model=tally.model or "")
                 with anyio.CancelScope(shield=True):
-                    await self._fill_cache(x, body)
+                    await self._fill_cache(x, answer)
         except UpstreamError as exc:
             # Headers are gone: tell the client in-band, as OpenAI does; never retry mid-stream.
             self._metrics.upstream_error(exc.upstream, exc.code)

@@ -186,10 +186,14 @@ def report(items: list[Looked], t: Thresholds) -> dict[str, object]:
     return table
 
 
+_HIGH = (0.975, 0.98, 0.985, 0.99, 0.993, 0.995, 0.997, 0.998, 0.999)
+"""Past 0.975 the verifier's scores crowd together: the sweep reads them finer there."""
+
+
 def sweep(items: list[Looked], offset: float) -> dict[str, list[list[float]]]:
     """Each row: threshold, paraphrases served, near misses served. ``verifier``: the
     matched threshold ``offset`` below the other, as the policy has it; ``verifier_one_threshold``: both equal."""
-    grid = np.round(np.arange(0.3, 1.0, 0.025), 3).tolist()
+    grid = np.round(np.arange(0.3, 0.975, 0.025), 3).tolist() + list(_HIGH)
     return {
         "verifier": [[t, *rates(items, (t, max(0.0, t - offset)))[:2]] for t in grid],
         "verifier_one_threshold": [[t, *rates(items, (t, t))[:2]] for t in grid],

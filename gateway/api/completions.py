@@ -16,9 +16,9 @@ import msgspec
 from litestar import Request, Response, post
 from litestar.response import Stream
 
+from gateway.api.answers import StreamBroke, answer_of, delta_batches, streams
 from gateway.api.handoff import hand_to_pipeline
 from gateway.pipeline import Answer, StreamingAnswer
-from gateway.protocols import openai_chat
 from gateway.protocols import openai_completions as completions
 
 __all__ = ["create_completion"]
@@ -47,12 +47,9 @@ async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] 
         return Response(content=answer.body, status_code=answer.status, headers=headers, media_type="application/json")
     decoded = asked[0]
     model, completion_id = decoded.request.model, f"cmpl-{request_id}"
-    if isinstance(answer, Answer):
-        chat = msgspec.json.decode(answer.body)
-        created = chat.get("created") if isinstance(chat.get("created"), int) else int(time.time())
-        body = completions.encode_answer(
-            openai_chat.answer_from_completion(chat), completion_id, model, created, decoded.echo
-        )
+    if not streams(answer, decoded.request.stream):
+        assert isinstance(answer, Answer)
+        body = completions.encode_answer(answer_of(answer), completion_id, model, int(time.time()), decoded.echo)
         return Response(content=body, status_code=200, headers=headers, media_type="application/json")
     encoder = completions.StreamEncoder(completion_id, model, echo=decoded.echo, include_usage=decoded.include_usage)
     return Stream(
@@ -62,22 +59,18 @@ async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] 
     )
 
 
-async def _frames(answer: StreamingAnswer, encoder: completions.StreamEncoder) -> AsyncIterator[bytes]:
-    """The pipeline's chat chunks (``data: {...}`` frames, ``data: [DONE]`` last) as completion frames.
-
-    An error frame (the stream broke after it began) is passed on as it is, as OpenAI sends it.
-    The pipeline's stream is read to its end: after ``[DONE]`` it still fills the cache and logs.
-    """
-    reader = openai_chat.ChunkReader()
+async def _frames(answer: Answer | StreamingAnswer, encoder: completions.StreamEncoder) -> AsyncIterator[bytes]:
+    """The pipeline's answer as completion frames; an error frame (the stream broke after it
+    began) is passed on as it is, as OpenAI sends it."""
     start = encoder.start()
     if start:
         yield start
-    async for chunk in openai_chat.chat_stream_chunks(answer.events):
-        if chunk is None:
+    async for batch in delta_batches(answer):
+        if batch is None:
             yield encoder.finish()
-        elif "error" in chunk:
-            yield b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+        elif isinstance(batch, StreamBroke):
+            yield b"data: " + msgspec.json.encode(batch.chunk) + b"\n\n"
         else:
-            out = encoder.feed(reader.read(chunk))
+            out = encoder.feed(batch)
             if out:
                 yield out

@@ -23,6 +23,7 @@ import msgspec
 from litestar import Request, Response, post
 from litestar.response import Stream
 
+from gateway.api.answers import StreamBroke, answer_of, delta_batches, streams
 from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.core.model import Request as CoreRequest
@@ -74,16 +75,18 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
     headers = {**answer.headers, "request-id": f"req_{request_id}"}
     if asked and asked[0].dropped:
         headers["x-gateway-dropped"] = ",".join(asked[0].dropped)
-    if isinstance(answer, Answer):
-        if answer.status != 200:
-            return _error(answer.status, _message_of(answer.body), headers)
+    if isinstance(answer, Answer) and answer.status != 200:
+        return _error(answer.status, _message_of(answer.body), headers)
+    if not streams(answer, bool(asked and asked[0].stream)):
+        assert isinstance(answer, Answer)
         if passthrough.body is not None:  # the upstream's own message
             return Response(content=answer.body, status_code=200, headers=headers, media_type="application/json")
-        completion = openai_chat.answer_from_completion(msgspec.json.decode(answer.body))
-        body = anthropic.encode_answer(completion, f"msg_{request_id}", model)
+        body = anthropic.encode_answer(answer_of(answer), f"msg_{request_id}", model)
         return Response(content=body, status_code=200, headers=headers, media_type="application/json")
     return Stream(
-        answer.events if passthrough.body is not None else _events(answer, f"msg_{request_id}", model),
+        answer.events
+        if isinstance(answer, StreamingAnswer) and passthrough.body is not None
+        else _events(answer, f"msg_{request_id}", model),
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
     )
@@ -163,19 +166,18 @@ def _error(status: int, message: str, headers: dict[str, str]) -> Response[bytes
     )
 
 
-async def _events(answer: StreamingAnswer, message_id: str, model: str) -> AsyncIterator[bytes]:
-    """The pipeline's chat chunks (``data: {...}`` frames, ``data: [DONE]`` last) as Anthropic events."""
-    reader = openai_chat.ChunkReader()
+async def _events(answer: Answer | StreamingAnswer, message_id: str, model: str) -> AsyncIterator[bytes]:
+    """The pipeline's answer as Anthropic events."""
     encoder = anthropic.StreamEncoder(message_id, model, 0)  # the full usage comes in message_delta
     yield encoder.start()
-    async for chunk in openai_chat.chat_stream_chunks(answer.events):
-        if chunk is None:
+    async for batch in delta_batches(answer):
+        if batch is None:
             yield encoder.finish()
-        elif "error" in chunk:
-            error = chunk["error"] or {}
+        elif isinstance(batch, StreamBroke):
+            error = batch.error
             yield encoder.error(_status_of(error), str(error.get("message") or "upstream error"))
         else:
-            out = encoder.feed(reader.read(chunk))
+            out = encoder.feed(batch)
             if out:
                 yield out
 

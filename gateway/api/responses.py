@@ -33,13 +33,13 @@ import structlog
 from litestar import Request, Response, delete, get, post
 from litestar.response import Stream
 
+from gateway.api.answers import StreamBroke, answer_of, delta_batches, streams
 from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.core.model import Answer as CoreAnswer
 from gateway.core.model import Message, TextPart
 from gateway.errors import GatewayError, InvalidRequestError, ServiceUnavailableError, UpstreamStatusError
 from gateway.pipeline import Answer, PassThrough, StreamingAnswer
-from gateway.protocols import openai_chat
 from gateway.protocols import openai_responses as codec
 from gateway.responses_store import ResponseStore, StoredResponse
 from gateway.runtime import Runtime
@@ -123,8 +123,9 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
     if passthrough.body is not None:
         return await _passed_through(answer, headers, store, turn)
     response_id = codec.new_id("resp")
-    if isinstance(answer, Answer):
-        completion = openai_chat.answer_from_completion(msgspec.json.decode(answer.body))
+    if not streams(answer, decoded.request.stream):
+        assert isinstance(answer, Answer)
+        completion = answer_of(answer)
         response = codec.response_object(
             decoded,
             response_id,
@@ -340,35 +341,30 @@ async def _keep(store: ResponseStore, turn: _Turn, response: dict[str, Any], ans
 
 
 async def _events(
-    answer: StreamingAnswer, encoder: codec.StreamEncoder, store: ResponseStore, turn: _Turn
+    answer: Answer | StreamingAnswer, encoder: codec.StreamEncoder, store: ResponseStore, turn: _Turn
 ) -> AsyncIterator[bytes]:
-    """The pipeline's chat chunks (``data: {...}`` frames, ``data: [DONE]`` last) as Responses events.
-
-    The turn is stored before its last event, so the client can continue from it at once.
-    The pipeline's stream is read to its end: after ``[DONE]`` it still fills the cache and logs.
-    """
-    reader = openai_chat.ChunkReader()
+    """The pipeline's answer as Responses events; the turn is stored before its last event,
+    so the client can continue from it at once."""
     yield encoder.start()
     ended = False
     try:
-        async for chunk in openai_chat.chat_stream_chunks(answer.events):
-            if chunk is None:
+        async for batch in delta_batches(answer):
+            if batch is None:
                 ended = True
                 last = encoder.finish()
                 assert encoder.response is not None
                 await _keep(store, turn, encoder.response, encoder.answer())
                 yield last
-            elif "error" in chunk:
+            elif isinstance(batch, StreamBroke):
                 ended = True
-                error = chunk["error"] or {}
-                yield encoder.fail(str(error.get("message") or "upstream error"))
+                yield encoder.fail(str(batch.error.get("message") or "upstream error"))
             else:
-                out = encoder.feed(reader.read(chunk))
+                out = encoder.feed(batch)
                 if out:
                     yield out
         if not ended:
             yield encoder.fail("the answer ended before it was complete")
     finally:
-        close = getattr(answer.events, "aclose", None)
+        close = getattr(answer.events, "aclose", None) if isinstance(answer, StreamingAnswer) else None
         if close is not None:
             await close()

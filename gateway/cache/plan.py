@@ -36,7 +36,7 @@ def plan_cache(
         return None
     directives = _directives(cache_control, body.pop("gateway_cache", None))
     read, write = "no-cache" not in directives, "no-store" not in directives
-    if request.n not in (None, 1) or not (read or write):
+    if request.n not in (None, 1) or not (read or write) or _beyond_the_answer(body):
         return None
     temperature = request.temperature if request.temperature is not None else 1.0
     exact_limit = policy.exact.max_temperature
@@ -59,6 +59,12 @@ def plan_cache(
         )
     prompt = "\n".join(_text(m.content) for m in turns[-1:]) if turns else ""
     return CachePlan(read, write, exact_key(tenant, route, body), semantic_set, prompt)
+
+
+def _beyond_the_answer(body: dict[str, Any]) -> bool:
+    """The client asked for what a cached answer does not hold (token logprobs, audio)."""
+    modalities = body.get("modalities")
+    return bool(body.get("logprobs")) or (isinstance(modalities, list) and "audio" in modalities)
 
 
 def _directives(header: str | None, field: Any) -> set[str]:

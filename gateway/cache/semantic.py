@@ -152,7 +152,7 @@ class SemanticCache:
                 result.expired_removed += 1
                 continue
             answer = CachedAnswer.decode(raw)
-            if answer.prompt is None or (guard and conflicts(answer.prompt, prompt)):
+            if answer is None or answer.prompt is None or (guard and conflicts(answer.prompt, prompt)):
                 result.refused += 1
                 continue
             found.append((answer, match.similarity))

@@ -46,11 +46,13 @@ from gateway.core.model import (
     Usage,
     UsageReport,
 )
+from gateway.core.replay import deltas_of
 from gateway.errors import InvalidRequestError
 
 __all__ = [
     "ChunkReader",
     "answer_from_completion",
+    "answer_from_message",
     "chat_finish_reason",
     "chat_stream_chunks",
     "chunk_body",
@@ -58,6 +60,8 @@ __all__ = [
     "completion_body",
     "completion_from_answer",
     "request_from_chat_body",
+    "storable_answer",
+    "stream_from_answer",
     "to_chat_body",
     "usage_body",
     "usage_from",
@@ -406,7 +410,8 @@ def completion_from_answer(answer: Answer, usage: Usage | None) -> bytes:
     message: dict[str, Any] = {"role": "assistant", "content": answer.text}
     if answer.thinking:
         message["reasoning_content"] = "".join(p.text for p in answer.thinking if isinstance(p, ThinkingPart))
-        message["thinking_blocks"] = [_part(p) for p in answer.thinking]
+        if any(not isinstance(p, ThinkingPart) or p.signature for p in answer.thinking):  # Anthropic's
+            message["thinking_blocks"] = [_part(p) for p in answer.thinking]
     if answer.tool_calls:
         message["tool_calls"] = _tool_calls(answer.tool_calls)
     wire = None if usage is None else usage_body(usage.input_tokens, usage.output_tokens,
@@ -438,7 +443,19 @@ def chunk_delta(delta: Delta) -> dict[str, Any] | None:
 def answer_from_completion(body: dict[str, Any]) -> Answer:
     """The first choice of a chat completion."""
     choice = (body.get("choices") or [{}])[0]
-    message = choice.get("message") or {}
+    return answer_from_message(
+        choice.get("message") or {},
+        choice.get("finish_reason"),
+        answer_id=str(body.get("id") or ""),
+        model=str(body.get("model") or ""),
+        usage=usage_from(body.get("usage")),
+    )
+
+
+def answer_from_message(
+    message: dict[str, Any], finish_reason: Any, *, answer_id: str = "", model: str = "", usage: Usage | None = None
+) -> Answer:
+    """A chat ``message`` (a completion's, or the one a finished stream's deltas add up to)."""
     calls = [
         ToolCall(
             id=str(call.get("id") or f"call_{index}"),
@@ -449,14 +466,55 @@ def answer_from_completion(body: dict[str, Any]) -> Answer:
     ]
     content = message.get("content")
     return Answer(
-        id=str(body.get("id") or ""),
-        model=str(body.get("model") or ""),
+        id=answer_id,
+        model=model,
         thinking=_thinking(message),
         text=content if isinstance(content, str) else None,
         tool_calls=calls,
-        finish_reason=_FINISH.get(str(choice.get("finish_reason"))),
-        usage=usage_from(body.get("usage")),
+        finish_reason=_FINISH.get(str(finish_reason)),
+        usage=usage or Usage(),
     )
+
+
+_BEYOND_THE_ANSWER = ("refusal", "audio", "function_call")
+"""Message fields the internal answer has no place for: a completion with one is not stored."""
+
+
+def storable_answer(body: dict[str, Any]) -> Answer | None:
+    """The completion as the internal answer, when that holds all of it (one choice, no
+    logprobs, refusal, audio, annotations or legacy ``function_call``); None otherwise."""
+    choices = body.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        return None
+    choice = choices[0]
+    message = choice.get("message")
+    if not isinstance(message, dict) or choice.get("logprobs") is not None or message.get("annotations"):
+        return None
+    if any(message.get(name) is not None for name in _BEYOND_THE_ANSWER):
+        return None
+    return answer_from_completion(body)
+
+
+def stream_from_answer(answer: Answer, created: int, include_usage: bool) -> list[bytes]:
+    """A finished answer as the SSE events of a chat stream: the role, its deltas, the finish,
+    the usage chunk when the client asked for it (``stream_options.include_usage``), ``[DONE]``."""
+    chunk_id, model = answer.id, answer.model
+
+    def event(delta: dict[str, Any] | None, finish_reason: str | None = None, **extra: Any) -> bytes:
+        return b"data: " + chunk_body(chunk_id, created, model, delta, finish_reason, **extra) + b"\n\n"
+
+    events = [event({"role": "assistant", "content": ""})]
+    for delta in deltas_of(answer):
+        if isinstance(delta, Finish):
+            events.append(event({}, chat_finish_reason(delta.reason)))
+        elif isinstance(delta, UsageReport):
+            if include_usage:
+                usage = delta.usage
+                events.append(event(None, usage=usage_body(usage.input_tokens, usage.output_tokens)))
+        else:
+            events.append(event(chunk_delta(delta)))
+    events.append(b"data: [DONE]\n\n")
+    return events
 
 
 def _thinking(message: dict[str, Any]) -> list[ThinkingPart | RedactedThinkingPart]:

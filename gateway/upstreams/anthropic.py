@@ -100,6 +100,7 @@ class AnthropicProvider(Provider):
             body=openai_chat.completion_from_answer(answer, None if usage is None else answer.usage),
             usage=usage,
             text=answer.text or "",
+            answer=answer,
         )
 
     async def open_stream(self, body: dict[str, Any]) -> ChatStream:

@@ -77,6 +77,8 @@ class Completion:
     usage: Usage | None
     text: str
     """The assistant's text, counted by the gateway when ``usage`` is absent."""
+    answer: core.Answer | None = None
+    """The answer in the internal model, when the provider read it so (not from ``body``)."""
 
 
 @dataclass(slots=True)

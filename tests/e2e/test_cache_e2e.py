@@ -331,6 +331,31 @@ def test_one_question_through_four_apis_shares_one_entry_per_tenant(
     assert other.headers["x-gateway-cache"] == "miss"  # another tenant: never another tenant's entry
 
 
+def test_a_cache_hit_streams_in_the_asking_protocol(
+    cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """An entry a chat request filled, asked for as a stream through Responses and legacy completions:
+    each client's own stream events, rendered from the stored answer, upstream untouched."""
+    question = f"Name the largest ocean. {time.monotonic_ns()}"
+    client = _client(cached_gateway)
+    chat = client.chat.completions.create(
+        model="fast", messages=[{"role": "user", "content": question}], max_tokens=64, temperature=0
+    )
+    answer = chat.choices[0].message.content
+    calls = upstream_stats(small_upstream)["requests"]
+    stream = client.responses.create(
+        model="fast", input=question, max_output_tokens=64, temperature=0, store=False, stream=True
+    )
+    events = list(stream)
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    completed = [e for e in events if e.type == "response.completed"]
+    assert deltas == answer and len(completed) == 1
+    assert completed[0].response.output_text == answer and completed[0].response.usage is not None
+    legacy = client.completions.create(model="fast", prompt=question, max_tokens=64, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in legacy if c.choices) == answer
+    assert upstream_stats(small_upstream)["requests"] == calls
+
+
 _WEATHER_TOOL: Any = {
     "type": "function",
     "function": {

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.cache.entries import CachedAnswer, replay_sse
+from gateway.cache.entries import CachedAnswer
 from gateway.core.model import (
     Answer,
     Finish,
@@ -219,18 +219,21 @@ def test_streamed_thinking_becomes_a_thinking_block_closed_by_its_signature() ->
 def test_a_cached_answer_replays_its_thinking_in_order() -> None:
     message = {"role": "assistant", "content": "Done.", "reasoning_content": "Thinking.",
                "thinking_blocks": [{"type": "thinking", "thinking": "Thinking.", "signature": "s1"}]}  # fmt: skip
-    body = msgspec.json.encode({"model": "m", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
-    cached = CachedAnswer(body=body, model="m", provider="p", prompt_tokens=1, completion_tokens=2, cost_usd=0.0,
+    body = {"model": "m", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+    stored = openai_chat.storable_answer(body)
+    assert stored is not None and stored.thinking == [ThinkingPart("Thinking.", "s1")]
+    cached = CachedAnswer(answer=stored, model="m", provider="p", prompt_tokens=1, completion_tokens=2, cost_usd=0.0,
                           created_at=0.0)  # fmt: skip
+    entry = CachedAnswer.decode(cached.encode())
+    assert entry is not None
     reader = openai_chat.ChunkReader()
     deltas = [
         delta
-        for event in replay_sse(cached, False, "chatcmpl-1", 1)
+        for event in openai_chat.stream_from_answer(entry.served_as("chatcmpl-1"), 1, include_usage=False)
         if event != b"data: [DONE]\n\n"
         for delta in reader.read(msgspec.json.decode(event[6:]))
     ]
     assert deltas[:3] == [ThinkingDelta("Thinking."), ThinkingSignature("s1"), TextDelta("Done.")]
-    assert openai_chat.answer_from_completion(msgspec.json.decode(body)).thinking == [ThinkingPart("Thinking.", "s1")]
 
 
 CLAUDE_CODE_SHAPED: dict[str, Any] = {

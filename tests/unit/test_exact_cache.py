@@ -7,13 +7,14 @@ import asyncio
 from gateway.cache.entries import CachedAnswer
 from gateway.cache.exact import ExactCache
 from gateway.cache.keys import exact_key
+from gateway.core.model import Answer
 from gateway.store.memory import MemoryKeyValue
 
 T = 1.0
 
 
 def _answer(text: str) -> CachedAnswer:
-    return CachedAnswer(body=text.encode(), model="m", provider="p", prompt_tokens=1, completion_tokens=1,
+    return CachedAnswer(answer=Answer(id="", model="m", text=text), model="m", provider="p", prompt_tokens=1, completion_tokens=1,
                         cost_usd=0.0, created_at=0.0)  # fmt: skip
 
 
@@ -28,7 +29,7 @@ async def test_waiters_in_another_process_get_the_leaders_answer() -> None:
     await here.put("k", _answer("the answer"), 60, T)
     await here.release(lease, _answer("the answer"), T)
     got, no_lease = await waiter
-    assert got is not None and got.body == b"the answer" and no_lease is None
+    assert got is not None and got.answer.text == "the answer" and no_lease is None
 
 
 async def test_a_leader_that_fails_lets_the_waiters_go_at_once() -> None:
@@ -52,7 +53,7 @@ async def test_waiters_in_the_same_process_share_one_future() -> None:
     await cache.release(lease, _answer("shared"), T)
     for waiter in waiters:
         got, _ = await waiter
-        assert got is not None and got.body == b"shared"
+        assert got is not None and got.answer.text == "shared"
 
 
 async def test_without_a_store_the_request_answers_alone() -> None:

@@ -11,6 +11,7 @@ import pytest
 from gateway.cache.entries import CachedAnswer
 from gateway.cache.semantic import SemanticCache
 from gateway.cache.verifier import PairVerifier, load_verifier
+from gateway.core.model import Answer
 from gateway.store.memory import MemoryVectorIndex
 
 INDEX = "gw:{t}:v:test"
@@ -26,7 +27,7 @@ async def verifier() -> AsyncIterator[PairVerifier]:
 
 def _entry(prompt: str) -> CachedAnswer:
     return CachedAnswer(
-        body=b"{}", model="m", provider="p", prompt_tokens=1, completion_tokens=1, cost_usd=0.0,
+        answer=Answer(id="", model="m", text="{}"), model="m", provider="p", prompt_tokens=1, completion_tokens=1, cost_usd=0.0,
         created_at=time.time(), prompt=prompt,
     )  # fmt: skip
 

@@ -224,20 +224,31 @@ async def test_sse_lines_split_anywhere_parse_the_same_and_an_endless_line_is_ca
         [e async for e in iter_sse(many_data_lines(), max_line_bytes=64 * 1024)]
 
 
-def test_a_replayed_answer_has_its_own_identity_whichever_way_it_was_stored() -> None:
+def test_a_cached_answer_is_the_internal_answer_and_each_serve_has_its_own_identity() -> None:
     import msgspec
 
-    from gateway.cache.entries import CachedAnswer, replay_json, without_identity
+    from gateway.cache.entries import CachedAnswer
+    from gateway.protocols import openai_chat
 
-    original = b'{"id":"chatcmpl-1","object":"chat.completion","created":5,"model":"m","choices":[]}'
-    for body, identity_free in ((without_identity(original), True), (original, False)):
-        entry = CachedAnswer(body=body, identity_free=identity_free, model="m", provider="p", prompt_tokens=1,
-                             completion_tokens=1, cost_usd=0.0, created_at=0.0)  # fmt: skip
-        replayed = msgspec.json.decode(replay_json(entry, "chatcmpl-new", 42))
-        assert replayed == {
-            "id": "chatcmpl-new",
-            "object": "chat.completion",
-            "created": 42,
-            "model": "m",
-            "choices": [],
-        }
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    completion = {"id": "chatcmpl-1", "object": "chat.completion", "created": 5, "model": "m",
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                               "logprobs": None, "finish_reason": "tool_calls"}]}  # fmt: skip
+    stored = openai_chat.storable_answer(completion)
+    assert stored is not None
+    entry = CachedAnswer(answer=msgspec.structs.replace(stored, id=""), model="m", provider="p", prompt_tokens=3,
+                         completion_tokens=4, cost_usd=0.0, created_at=0.0)  # fmt: skip
+    decoded = CachedAnswer.decode(entry.encode())
+    assert decoded is not None
+    served = decoded.served_as("chatcmpl-new")
+    replayed = msgspec.json.decode(openai_chat.completion_from_answer(served, served.usage))
+    assert replayed["id"] == "chatcmpl-new" and replayed["model"] == "m"
+    assert replayed["choices"][0]["message"]["tool_calls"] == [call]
+    assert replayed["choices"][0]["finish_reason"] == "tool_calls"
+    assert replayed["usage"]["prompt_tokens"] == 3 and replayed["usage"]["completion_tokens"] == 4
+    # what the internal answer cannot hold is never stored; an entry this version cannot read is a miss
+    with_logprobs = {**completion, "choices": [{**completion["choices"][0], "logprobs": {"content": []}}]}
+    assert openai_chat.storable_answer(with_logprobs) is None
+    refusal = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+    assert openai_chat.storable_answer({**completion, "choices": [{"index": 0, "message": refusal}]}) is None
+    assert CachedAnswer.decode(msgspec.msgpack.encode({"body": b"{}", "model": "m"})) is None

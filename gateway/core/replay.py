@@ -1,0 +1,47 @@
+"""A finished answer told again as a stream, for a client that asked for one (a cache hit)."""
+
+from __future__ import annotations
+
+from gateway.core.model import (
+    Answer,
+    Delta,
+    Finish,
+    RedactedThinking,
+    RedactedThinkingPart,
+    TextDelta,
+    ThinkingDelta,
+    ThinkingSignature,
+    ToolArgumentsDelta,
+    ToolCallStart,
+    UsageReport,
+)
+
+__all__ = ["deltas_of"]
+
+PIECE_CHARS = 24
+"""Text is replayed in pieces of about a token's worth of words, as a live stream sends it."""
+
+
+def deltas_of(answer: Answer) -> list[Delta]:
+    """Reasoning (each part's text in pieces, then its signature), text in pieces, each tool
+    call, the finish and the usage: what a live stream of the same answer would have said."""
+    deltas: list[Delta] = []
+    for part in answer.thinking:
+        if isinstance(part, RedactedThinkingPart):
+            deltas.append(RedactedThinking(part.data))
+            continue
+        deltas += [ThinkingDelta(piece) for piece in _pieces(part.text)]
+        if part.signature:
+            deltas.append(ThinkingSignature(part.signature))
+    deltas += [TextDelta(piece) for piece in _pieces(answer.text or "")]
+    for index, call in enumerate(answer.tool_calls):
+        deltas.append(ToolCallStart(index, call.id, call.name))
+        if call.arguments:
+            deltas.append(ToolArgumentsDelta(index, call.arguments))
+    deltas.append(Finish(answer.finish_reason or "stop"))
+    deltas.append(UsageReport(answer.usage))
+    return deltas
+
+
+def _pieces(text: str) -> list[str]:
+    return [text[start : start + PIECE_CHARS] for start in range(0, len(text), PIECE_CHARS)]
