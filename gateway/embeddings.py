@@ -12,7 +12,7 @@ import asyncio
 import base64
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -25,7 +25,7 @@ from gateway.accounting.usage import UsageFigures
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.errors import GatewayError, InvalidRequestError
 from gateway.limits import Limiter, Reservation
-from gateway.pipeline import Answer, BodyReader
+from gateway.pipeline import Answer
 from gateway.pricing import cost_usd
 from gateway.protocols.body import decode_body
 from gateway.routing import RoutePlan
@@ -60,7 +60,7 @@ class EmbeddingsPipeline:
 
     async def handle(
         self,
-        read_body: BodyReader,
+        read_body: Callable[[int, float], Awaitable[bytes]],
         authorization: str | None,
         cache_control: str | None,
         request_id: str,

@@ -42,7 +42,7 @@ from gateway.learning.loop import LearningLoop
 from gateway.learning.shadow import judge_request as shadow_judge_request
 from gateway.limits import Limiter, Reservation
 from gateway.pricing import cost_usd
-from gateway.protocol import ChatRequest, parse_chat_request
+from gateway.protocol import ChatRequest, chat_view, parse_chat_request
 from gateway.protocols.openai_chat import (
     answer_from_message,
     chunk_body,
@@ -62,8 +62,9 @@ __all__ = ["Answer", "ChatPipeline", "PassThrough", "Scorer", "StreamingAnswer"]
 _request_log = structlog.get_logger(REQUEST_LOGGER)
 _log = structlog.get_logger("gateway.pipeline")
 
-BodyReader = Callable[[int, float], Awaitable[bytes]]
-"""Reads the request body: PayloadTooLargeError past the byte limit, RequestTimeoutError past the seconds."""
+BodyReader = Callable[[int, float], Awaitable[bytes | dict[str, Any]]]
+"""Reads the request body: PayloadTooLargeError past the byte limit, RequestTimeoutError past the seconds.
+Bytes: the client's chat request; a dict: the chat request another protocol's codec decoded into."""
 
 
 class PromptScore(Protocol):
@@ -188,9 +189,8 @@ class ChatPipeline:
         try:
             principal = runtime.auth.authenticate(authorization)
             record.key_id, record.tenant = principal.key_id, principal.tenant
-            x.body, x.request = parse_chat_request(
-                await read_body(runtime.policy.limits.max_body_bytes, runtime.policy.limits.body_read_timeout_s)
-            )
+            body = await read_body(runtime.policy.limits.max_body_bytes, runtime.policy.limits.body_read_timeout_s)
+            x.body, x.request = parse_chat_request(body) if isinstance(body, bytes) else (body, chat_view(body))
             if passthrough is not None and passthrough.body is not None:
                 x.passthrough = passthrough
                 record.passthrough = True

@@ -14,7 +14,7 @@ import msgspec
 
 from gateway.errors import InvalidRequestError
 
-__all__ = ["ChatRequest", "ContentPart", "parse_chat_request"]
+__all__ = ["ChatRequest", "ContentPart", "chat_view", "parse_chat_request"]
 
 _Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -78,8 +78,13 @@ def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], ChatRequest]:
         raise InvalidRequestError("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
+    return body, chat_view(body)
+
+
+def chat_view(body: dict[str, Any]) -> ChatRequest:
+    """Check a decoded chat body (the client's, or one another protocol's codec wrote)."""
     try:
-        view = msgspec.convert(body, ChatRequest, strict=True)
+        return msgspec.convert(body, ChatRequest, strict=True)
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = _AT.search(message)
@@ -88,4 +93,3 @@ def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], ChatRequest]:
         raise InvalidRequestError(
             f"invalid parameter '{param}': {reason}" if param else f"invalid request: {reason}", param=param
         ) from None
-    return body, view

@@ -31,10 +31,10 @@ _PROTOCOL = "openai.completions"
 async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     asked: list[completions.Completion] = []
 
-    async def translate(raw: bytes) -> bytes:
+    async def translate(raw: bytes) -> dict[str, Any]:
         decoded = completions.decode_request(raw)
         asked.append(decoded)
-        return msgspec.json.encode(completions.to_chat_body(decoded))
+        return completions.to_chat_body(decoded)
 
     request_id, answer = await hand_to_pipeline(request, protocol=_PROTOCOL, translate=translate)
     if answer is None:

@@ -37,13 +37,13 @@ async def hand_to_pipeline(
     *,
     protocol: str = "openai.chat",
     authorization: str | None = None,
-    translate: Callable[[bytes], Awaitable[bytes]] | None = None,
+    translate: Callable[[bytes], Awaitable[dict[str, Any]]] | None = None,
     embeddings: bool = False,
     passthrough: PassThrough | None = None,
 ) -> tuple[str, Answer | StreamingAnswer | None]:
     """The request id and the pipeline's answer; None when the client left before it.
 
-    ``translate`` turns another protocol's body into a chat request, and may wait (the
+    ``translate`` decodes another protocol's body into a chat request, and may wait (the
     Responses API loads earlier turns from the store); a GatewayError it raises for a
     bad body is answered by the pipeline like any other;
     ``embeddings``: the embeddings pipeline answers instead of the chat pipeline;
@@ -58,11 +58,11 @@ async def hand_to_pipeline(
     task = asyncio.current_task()
     assert task is not None
     watch = DisconnectWatch(request, task)
-    read_body: Callable[[int, float], Awaitable[bytes]] = watch.read_body
+    read_body: Callable[[int, float], Awaitable[bytes | dict[str, Any]]] = watch.read_body
     if translate is not None:
         convert = translate
 
-        async def read_body(limit: int, timeout_s: float) -> bytes:
+        async def read_body(limit: int, timeout_s: float) -> bytes | dict[str, Any]:
             return await convert(await watch.read_body(limit, timeout_s))
 
     try:
@@ -71,7 +71,7 @@ async def hand_to_pipeline(
         answer: Answer | StreamingAnswer
         if embeddings:
             answer = await state.embeddings.handle(
-                read_body, authorization, cache_control, request_id, started, protocol
+                watch.read_body, authorization, cache_control, request_id, started, protocol
             )
         else:
             answer = await state.pipeline.handle(

@@ -45,7 +45,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
     asked: list[CoreRequest] = []
     passthrough = PassThrough()
 
-    async def translate(raw: bytes) -> bytes:
+    async def translate(raw: bytes) -> dict[str, Any]:
         body = _json_object(raw)
         if _only_anthropic_upstreams(request, body):
             decoded = _translatable(raw, body)
@@ -60,7 +60,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
             if decoded.thinking is not None:
                 decoded.dropped.append("thinking")  # no upstream of the route but Anthropic's can honour it
         asked.append(decoded)
-        return msgspec.json.encode(openai_chat.to_chat_body(decoded))
+        return openai_chat.to_chat_body(decoded)
 
     request_id, answer = await hand_to_pipeline(
         request,

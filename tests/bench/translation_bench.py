@@ -6,8 +6,9 @@ Anthropic route goes when it is translated (``gateway/api/messages.py``):
 
 * edge: the Messages codec decodes it, and the body is read once more for fields the codec
   does not read (what decides between translating and passing through);
-* chat hop: the internal model written as a chat body and parsed again by the pipeline (the
-  step a pipeline working on the internal model would not need);
+* chat hop: the internal model written as the chat body the pipeline reads, and checked
+  (``chat_view``); beside it, what the hop cost while the body went to the pipeline as JSON
+  bytes that it parsed again (up to 2026-12-01);
 * provider: the chat body read into the internal model and written as Anthropic's request.
 
 Beside them, one plain JSON decode of the body (about what a passed-through request costs).
@@ -25,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.protocol import parse_chat_request
+from gateway.protocol import chat_view, parse_chat_request
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
 
@@ -86,6 +87,10 @@ def main() -> None:
         return anthropic.decode_request(raw), anthropic.fields_not_read(msgspec.json.decode(raw))
 
     def chat_hop() -> object:
+        body = openai_chat.to_chat_body(decoded)
+        return body, chat_view(body)
+
+    def chat_hop_as_bytes() -> object:
         return parse_chat_request(msgspec.json.encode(openai_chat.to_chat_body(decoded)))
 
     def provider() -> object:
@@ -93,7 +98,8 @@ def main() -> None:
         return msgspec.json.encode(anthropic.encode_request(request, "claude-sim", stream=True))
 
     print(f"request: {len(raw) / 1024:.0f} KiB")
-    for name, step in (("edge", edge), ("chat hop", chat_hop), ("provider", provider),
+    for name, step in (("edge", edge), ("chat hop", chat_hop), ("chat hop as JSON bytes", chat_hop_as_bytes),
+                       ("provider", provider),
                        ("one plain JSON decode", lambda: msgspec.json.decode(raw))):  # fmt: skip
         print(f"{name:24s} {_median_ms(step):6.2f} ms")
 
