@@ -62,9 +62,20 @@ __all__ = ["Answer", "ChatPipeline", "PassThrough", "Scorer", "StreamingAnswer"]
 _request_log = structlog.get_logger(REQUEST_LOGGER)
 _log = structlog.get_logger("gateway.pipeline")
 
-BodyReader = Callable[[int, float], Awaitable[bytes | dict[str, Any]]]
+
+@dataclass(slots=True, frozen=True)
+class Translated:
+    """A request that came in another protocol than chat, decoded by its codec."""
+
+    request: core.Request
+    """What providers that translate encode from (Anthropic's)."""
+    chat: dict[str, Any]
+    """Its chat view: what the pipeline's steps read and OpenAI-compatible upstreams are sent."""
+
+
+BodyReader = Callable[[int, float], Awaitable[bytes | Translated]]
 """Reads the request body: PayloadTooLargeError past the byte limit, RequestTimeoutError past the seconds.
-Bytes: the client's chat request; a dict: the chat request another protocol's codec decoded into."""
+Bytes: the client's chat request."""
 
 
 class PromptScore(Protocol):
@@ -127,6 +138,8 @@ class _Exchange:
     info: DispatchInfo = field(default_factory=DispatchInfo)
     body: dict[str, Any] = field(default_factory=dict)
     request: ChatRequest | None = None
+    internal: core.Request | None = None
+    """The request in the internal model, when it came in another protocol than chat."""
     plan: RoutePlan | None = None
     prompt_tokens: int = 0
     counted: bool = False
@@ -190,7 +203,10 @@ class ChatPipeline:
             principal = runtime.auth.authenticate(authorization)
             record.key_id, record.tenant = principal.key_id, principal.tenant
             body = await read_body(runtime.policy.limits.max_body_bytes, runtime.policy.limits.body_read_timeout_s)
-            x.body, x.request = parse_chat_request(body) if isinstance(body, bytes) else (body, chat_view(body))
+            if isinstance(body, bytes):
+                x.body, x.request = parse_chat_request(body)
+            else:
+                x.body, x.request, x.internal = body.chat, chat_view(body.chat), body.request
             if passthrough is not None and passthrough.body is not None:
                 x.passthrough = passthrough
                 record.passthrough = True
@@ -221,7 +237,7 @@ class ChatPipeline:
                 self._holder.breakers,
                 x.plan.retry or runtime.policy.retry,
                 x.body if relay is None else relay.body,  # type: ignore[arg-type]
-                _complete if relay is None else _relayed(relay),
+                _completer(x.internal) if relay is None else _relayed(relay),
                 x.info,
             )
             provider = x.info.provider
@@ -410,7 +426,7 @@ class ChatPipeline:
 
         async def ask(candidates: tuple[str, ...], request: dict[str, Any]) -> tuple[str, float]:
             info = DispatchInfo()
-            completion = await dispatch(candidates, runtime.providers, breakers, retry, request, _complete, info)
+            completion = await dispatch(candidates, runtime.providers, breakers, retry, request, _completer(None), info)
             usage, provider = completion.usage, info.provider
             cost = 0.0
             if usage is not None and provider is not None:
@@ -543,7 +559,7 @@ class ChatPipeline:
             self._holder.breakers,
             x.plan.retry or runtime.policy.retry,
             x.body if relay is None else relay.body,  # type: ignore[arg-type]
-            _open_stream if relay is None else _open_relayed(relay),
+            _stream_opener(x.internal) if relay is None else _open_relayed(relay),
             x.info,
         )
         x.record.ttft_ms = (time.perf_counter() - x.started) * 1000
@@ -711,12 +727,20 @@ def _record_speculation(record: RequestRecord, result: object) -> None:
         record.speculation = stats.to_log()
 
 
-async def _complete(provider: Provider, body: dict[str, Any]) -> Completion:
-    return await provider.complete(body)
+def _completer(internal: core.Request | None) -> Callable[[Provider, dict[str, Any]], Awaitable[Completion]]:
+    async def call(provider: Provider, body: dict[str, Any]) -> Completion:
+        return await provider.complete(body, internal)
+
+    return call
 
 
-async def _open_stream(provider: Provider, body: dict[str, Any]) -> tuple[ChatStream, bytes | None]:
-    return await _opened(await provider.open_stream(body))
+def _stream_opener(
+    internal: core.Request | None,
+) -> Callable[[Provider, dict[str, Any]], Awaitable[tuple[ChatStream, bytes | None]]]:
+    async def call(provider: Provider, body: dict[str, Any]) -> tuple[ChatStream, bytes | None]:
+        return await _opened(await provider.open_stream(body, internal))
+
+    return call
 
 
 async def _opened(stream: ChatStream) -> tuple[ChatStream, bytes | None]:

@@ -18,7 +18,7 @@ from litestar.response import Stream
 
 from gateway.api.answers import StreamBroke, answer_of, delta_batches, streams
 from gateway.api.handoff import hand_to_pipeline
-from gateway.pipeline import Answer, StreamingAnswer
+from gateway.pipeline import Answer, StreamingAnswer, Translated
 from gateway.protocols import openai_completions as completions
 
 __all__ = ["create_completion"]
@@ -31,10 +31,10 @@ _PROTOCOL = "openai.completions"
 async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     asked: list[completions.Completion] = []
 
-    async def translate(raw: bytes) -> dict[str, Any]:
+    async def translate(raw: bytes) -> Translated:
         decoded = completions.decode_request(raw)
         asked.append(decoded)
-        return completions.to_chat_body(decoded)
+        return Translated(decoded.request, completions.to_chat_body(decoded))
 
     request_id, answer = await hand_to_pipeline(request, protocol=_PROTOCOL, translate=translate)
     if answer is None:

@@ -13,7 +13,7 @@ from litestar.exceptions import InternalServerException
 
 from gateway.api.state import GatewayState
 from gateway.errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError
-from gateway.pipeline import Answer, PassThrough, StreamingAnswer
+from gateway.pipeline import Answer, BodyReader, PassThrough, StreamingAnswer, Translated
 
 __all__ = ["DisconnectWatch", "Incoming", "hand_to_pipeline"]
 
@@ -37,7 +37,7 @@ async def hand_to_pipeline(
     *,
     protocol: str = "openai.chat",
     authorization: str | None = None,
-    translate: Callable[[bytes], Awaitable[dict[str, Any]]] | None = None,
+    translate: Callable[[bytes], Awaitable[Translated]] | None = None,
     embeddings: bool = False,
     passthrough: PassThrough | None = None,
 ) -> tuple[str, Answer | StreamingAnswer | None]:
@@ -58,11 +58,11 @@ async def hand_to_pipeline(
     task = asyncio.current_task()
     assert task is not None
     watch = DisconnectWatch(request, task)
-    read_body: Callable[[int, float], Awaitable[bytes | dict[str, Any]]] = watch.read_body
+    read_body: BodyReader = watch.read_body
     if translate is not None:
         convert = translate
 
-        async def read_body(limit: int, timeout_s: float) -> bytes | dict[str, Any]:
+        async def read_body(limit: int, timeout_s: float) -> bytes | Translated:
             return await convert(await watch.read_body(limit, timeout_s))
 
     try:

@@ -28,7 +28,7 @@ from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.core.model import Request as CoreRequest
 from gateway.errors import GatewayError
-from gateway.pipeline import Answer, PassThrough, StreamingAnswer
+from gateway.pipeline import Answer, PassThrough, StreamingAnswer, Translated
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
 from gateway.tokens import count_chat_prompt
@@ -45,7 +45,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
     asked: list[CoreRequest] = []
     passthrough = PassThrough()
 
-    async def translate(raw: bytes) -> dict[str, Any]:
+    async def translate(raw: bytes) -> Translated:
         body = _json_object(raw)
         if _only_anthropic_upstreams(request, body):
             decoded = _translatable(raw, body)
@@ -60,7 +60,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
             if decoded.thinking is not None:
                 decoded.dropped.append("thinking")  # no upstream of the route but Anthropic's can honour it
         asked.append(decoded)
-        return openai_chat.to_chat_body(decoded)
+        return Translated(decoded, openai_chat.to_chat_body(decoded))
 
     request_id, answer = await hand_to_pipeline(
         request,

@@ -39,7 +39,7 @@ from gateway.api.state import GatewayState
 from gateway.core.model import Answer as CoreAnswer
 from gateway.core.model import Message, TextPart
 from gateway.errors import GatewayError, InvalidRequestError, ServiceUnavailableError, UpstreamStatusError
-from gateway.pipeline import Answer, PassThrough, StreamingAnswer
+from gateway.pipeline import Answer, PassThrough, StreamingAnswer, Translated
 from gateway.protocols import openai_responses as codec
 from gateway.responses_store import ResponseStore, StoredResponse
 from gateway.runtime import Runtime
@@ -85,7 +85,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
     created_at = int(time.time())
     passthrough = PassThrough()
 
-    async def translate(raw: bytes) -> dict[str, Any]:
+    async def translate(raw: bytes) -> Translated:
         runtime = state.holder.current
         # The pipeline has authenticated the caller already; this is only to learn the tenant.
         turn.tenant = runtime.auth.authenticate(request.headers.get("authorization")).tenant
@@ -98,7 +98,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         ):
             turn.decoded = decoded
             passthrough.body = _without_shared_state(msgspec.json.decode(raw))
-            return _chat_view(decoded)
+            return Translated(decoded.request, _chat_view(decoded))
         if previous is not None and previous.held_by is not None:
             raise InvalidRequestError(
                 f"previous_response_id: response '{decoded.previous_response_id}' is kept by the upstream of model "
@@ -108,7 +108,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         decoded = codec.decode_request(raw, json_object_ok=lambda model: _json_object_ok(runtime, model))
         turn.decoded = decoded
         turn.history = previous.messages if previous is not None else []
-        return codec.to_chat_body(decoded, turn.history)
+        return Translated(codec.to_request(decoded, turn.history), codec.to_chat_body(decoded, turn.history))
 
     _, answer = await hand_to_pipeline(request, protocol=_PROTOCOL, translate=translate, passthrough=passthrough)
     if answer is None:

@@ -60,6 +60,7 @@ __all__ = [
     "response_object",
     "response_text",
     "to_chat_body",
+    "to_request",
     "usage_body",
     "usage_from_wire",
 ]
@@ -384,15 +385,20 @@ def _text_format(
     return echo, schema, {"type": "json_schema", "json_schema": spec}, []
 
 
-def to_chat_body(decoded: ResponsesRequest, history: Sequence[Message] = ()) -> dict[str, Any]:
-    """The chat request: the instructions, then the earlier turns' messages, then this input."""
+def to_request(decoded: ResponsesRequest, history: Sequence[Message] = ()) -> Request:
+    """The whole request: the instructions, then the earlier turns' messages, then this input."""
     messages = list(history) + decoded.request.messages
     if not messages:
         raise InvalidRequestError("input: at least one input item is required", param="input")
     if decoded.instructions:
         messages.insert(0, Message("system", (TextPart(decoded.instructions),)))
-    request = msgspec.structs.replace(decoded.request, messages=messages)
-    body = openai_chat.to_chat_body(request)
+    return msgspec.structs.replace(decoded.request, messages=messages)
+
+
+def to_chat_body(decoded: ResponsesRequest, history: Sequence[Message] = ()) -> dict[str, Any]:
+    """The chat request: :func:`to_request`, with what only chat has a field for (``response_format``,
+    ``strict`` on a tool)."""
+    body = openai_chat.to_chat_body(to_request(decoded, history))
     if decoded.response_format is not None:
         body["response_format"] = decoded.response_format
     for tool in body.get("tools", ()):

@@ -22,6 +22,7 @@ import structlog
 from tokenizers import Tokenizer
 
 from gateway.config.schema import SpeculationPolicy
+from gateway.core import model as core
 from gateway.errors import UpstreamError, UpstreamStatusError, UpstreamTimeoutError
 from gateway.protocols.openai_chat import chunk_body, completion_body, usage_body
 from gateway.speculative.adaptive import AdaptiveK
@@ -247,7 +248,7 @@ class SpeculativeProvider(Provider):
     async def forward(self, method: str, path: str) -> httpx.Response:
         return await self.target.forward(method, path)
 
-    async def complete(self, body: dict[str, Any]) -> Completion:
+    async def complete(self, body: dict[str, Any], internal: core.Request | None = None) -> Completion:
         self._inflight += 1
         try:
             return await self._complete(body)
@@ -278,7 +279,7 @@ class SpeculativeProvider(Provider):
         )  # fmt: skip
         return SpeculativeCompletion(answer, usage, content, speculation=run.stats)
 
-    async def open_stream(self, body: dict[str, Any]) -> ChatStream:
+    async def open_stream(self, body: dict[str, Any], internal: core.Request | None = None) -> ChatStream:
         self._inflight += 1
         try:
             reason = await self._plain_reason(self._as_served(body))

@@ -55,6 +55,7 @@ from typing import Any
 
 import httpx
 
+from gateway.core import model as core
 from gateway.core.model import Answer, Finish, TextDelta, UsageReport
 from gateway.errors import GatewayError, InvalidRequestError, UpstreamProtocolError, UpstreamStatusError
 from gateway.protocols import anthropic_messages as anthropic
@@ -92,8 +93,8 @@ class AnthropicProvider(Provider):
         model = body.get("model")
         return model if isinstance(model, str) and model else self.upstream_model
 
-    async def complete(self, body: dict[str, Any]) -> Completion:
-        payload = _translate_request(self.name, self._model(body), body, stream=False)
+    async def complete(self, body: dict[str, Any], internal: core.Request | None = None) -> Completion:
+        payload = _translate_request(self.name, self._model(body), body, internal, stream=False)
         response = await self._post(_MESSAGES_PATH, payload, self._headers(), stream=False)
         answer, usage = self._read(response.content)
         return Completion(
@@ -103,8 +104,8 @@ class AnthropicProvider(Provider):
             answer=answer,
         )
 
-    async def open_stream(self, body: dict[str, Any]) -> ChatStream:
-        payload = _translate_request(self.name, self._model(body), body, stream=True)
+    async def open_stream(self, body: dict[str, Any], internal: core.Request | None = None) -> ChatStream:
+        payload = _translate_request(self.name, self._model(body), body, internal, stream=True)
         response = await self._post(_MESSAGES_PATH, payload, self._headers(), stream=True)
         return _AnthropicChatStream(self, response)
 
@@ -129,12 +130,15 @@ class AnthropicProvider(Provider):
 # -- request translation ------------------------------------------------------
 
 
-def _translate_request(upstream: str, model: str, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
-    """Through the internal model: the chat codec reads the body, the Messages codec writes it."""
+def _translate_request(
+    upstream: str, model: str, body: dict[str, Any], internal: core.Request | None, *, stream: bool
+) -> dict[str, Any]:
+    """Through the internal model (the chat codec reads the body when the request came as chat),
+    written by the Messages codec."""
     n = body.get("n")
     if isinstance(n, int) and n > 1:
         raise InvalidRequestError(f"n > 1 is not supported by anthropic upstream '{upstream}'", param="n")
-    return encode_request(request_from_chat_body(body), model, stream=stream)
+    return encode_request(internal or request_from_chat_body(body), model, stream=stream)
 
 
 class _AnthropicChatStream(ChatStream):

@@ -263,11 +263,13 @@ class Provider(ABC):
         self._extensions = {"timeout": self._timeout.as_dict()}
 
     @abstractmethod
-    async def complete(self, body: dict[str, Any]) -> Completion:
-        """Answer a non-streamed chat request. ``body`` is the client's, model name already replaced."""
+    async def complete(self, body: dict[str, Any], internal: core.Request | None = None) -> Completion:
+        """Answer a non-streamed chat request. ``body`` is the client's, model name already replaced;
+        ``internal``: the same request in the internal model, when it came in another protocol
+        (a provider that translates encodes from it rather than reading the body again)."""
 
     @abstractmethod
-    async def open_stream(self, body: dict[str, Any]) -> ChatStream:
+    async def open_stream(self, body: dict[str, Any], internal: core.Request | None = None) -> ChatStream:
         """Start a streamed answer; returns once the upstream accepted it (HTTP errors raise here)."""
 
     async def embed(self, inputs: list[str] | list[list[int]], dimensions: int | None) -> Embeddings:

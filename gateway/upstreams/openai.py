@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from gateway.core import model as core
 from gateway.errors import GatewayError, UpstreamProtocolError, UpstreamStatusError
 from gateway.protocols import openai_responses as responses
 from gateway.upstreams.base import (
@@ -36,7 +37,7 @@ class OpenAIProvider(Provider):
             headers["authorization"] = f"Bearer {self.api_key}"
         return headers
 
-    async def complete(self, body: dict[str, Any]) -> Completion:
+    async def complete(self, body: dict[str, Any], internal: core.Request | None = None) -> Completion:
         response = await self._post("chat/completions", for_openai_upstream(body), self._headers(), stream=False)
         content = response.content
         data = decode_json_object(self.name, content)
@@ -75,7 +76,7 @@ class OpenAIProvider(Provider):
     async def forward(self, method: str, path: str) -> httpx.Response:
         return await self._post(path, None, self._headers(), stream=False, method=method)
 
-    async def open_stream(self, body: dict[str, Any]) -> ChatStream:
+    async def open_stream(self, body: dict[str, Any], internal: core.Request | None = None) -> ChatStream:
         options = body.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage")):
             # Ask for usage even when the client did not: it is the authoritative count.
