@@ -32,6 +32,7 @@ from gateway.cache.semantic import SemanticCache
 from gateway.cache.verifier import load_verifier
 from gateway.classifier import load_classifier
 from gateway.config.schema import SemanticCachePolicy
+from gateway.core.model import Answer
 from gateway.services.redis_server import start_embedded_redis
 from gateway.store import keyspace
 from gateway.store.redis import RedisVectorIndex, SharedRedis, connect
@@ -60,11 +61,11 @@ async def _run(pairs_path: Path, redis_url: str) -> dict[str, Any]:
     cache = SemanticCache(RedisVectorIndex(SharedRedis(connect(redis_url, timeout_s=1.0), Metrics())), verifier)
     index = keyspace.semantic_index("bench", "latency")
     pairs = load_pairs([pairs_path])
-    body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "x" * 400}}]}).encode()
+    answer = Answer(id="", model="m", text="x" * 400, finish_reason="stop")
     for source in sorted({p.source for p in pairs}):
         score = await classifier.score([{"role": "user", "content": source}])
         entry = CachedAnswer(
-            body=body, model="m", provider="p", prompt_tokens=1, completion_tokens=1, cost_usd=0.0,
+            answer=answer, model="m", provider="p", prompt_tokens=1, completion_tokens=1, cost_usd=0.0,
             created_at=time.time(), prompt=source,
         )  # fmt: skip
         await cache.store(index, score.embedding, entry, 3600, 100_000, 1.0)

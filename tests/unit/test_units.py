@@ -231,7 +231,7 @@ def test_a_cached_answer_is_the_internal_answer_and_each_serve_has_its_own_ident
     from gateway.protocols import openai_chat
 
     call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
-    completion = {"id": "chatcmpl-1", "object": "chat.completion", "created": 5, "model": "m",
+    completion: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion", "created": 5, "model": "m",
                   "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
                                "logprobs": None, "finish_reason": "tool_calls"}]}  # fmt: skip
     stored = openai_chat.storable_answer(completion)
