@@ -356,6 +356,30 @@ def test_a_cache_hit_streams_in_the_asking_protocol(
     assert upstream_stats(small_upstream)["requests"] == calls
 
 
+def test_what_an_entry_cannot_hold_is_neither_served_nor_stored(
+    cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """An entry holds the internal answer, which has no token logprobs: a request for them
+    always reaches the upstream and gets them, streamed or not, and leaves nothing behind."""
+    client = _client(cached_gateway)
+    messages: Any = [{"role": "user", "content": f"Say hello. {time.monotonic_ns()}"}]
+    calls = upstream_stats(small_upstream)["requests"]
+    for _ in range(2):
+        raw = client.chat.completions.with_raw_response.create(
+            model="fast", messages=messages, temperature=0, logprobs=True, top_logprobs=2
+        )
+        assert raw.headers["x-gateway-cache"] == "bypass"
+        logprobs = raw.parse().choices[0].logprobs
+        assert logprobs is not None and logprobs.content
+        chunks = list(
+            client.chat.completions.create(model="fast", messages=messages, temperature=0, logprobs=True, stream=True)
+        )
+        assert any(c.choices and c.choices[0].logprobs for c in chunks)
+    assert upstream_stats(small_upstream)["requests"] == calls + 4
+    plain = client.chat.completions.with_raw_response.create(model="fast", messages=messages, temperature=0)
+    assert plain.headers["x-gateway-cache"] == "miss"  # nothing was stored by the requests above
+
+
 _WEATHER_TOOL: Any = {
     "type": "function",
     "function": {
