@@ -59,6 +59,7 @@ __all__ = [
     "chunk_delta",
     "completion_body",
     "completion_from_answer",
+    "read_usage",
     "request_from_chat_body",
     "storable_answer",
     "stream_from_answer",
@@ -376,18 +377,25 @@ def chunk_body(
 
 
 def usage_from(raw: Any) -> Usage:
-    """OpenAI's usage object, cached-prompt and reasoning details included."""
+    """OpenAI's usage object, cached-prompt and reasoning details included (zeros where it has none)."""
+    return read_usage(raw) or Usage()
+
+
+def read_usage(raw: Any) -> Usage | None:
+    """OpenAI's usage object; None unless it says both token counts (then the gateway counts)."""
     if not isinstance(raw, dict):
-        return Usage()
-    prompt_details = raw.get("prompt_tokens_details") or {}
-    completion_details = raw.get("completion_tokens_details") or {}
+        return None
+    prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
+    if not (isinstance(prompt, int) and isinstance(completion, int)):
+        return None
+    prompt_details, completion_details = raw.get("prompt_tokens_details"), raw.get("completion_tokens_details")
+    cached = prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None
+    reasoning = completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else None
     return Usage(
-        input_tokens=_int(raw.get("prompt_tokens")),
-        output_tokens=_int(raw.get("completion_tokens")),
-        cached_input_tokens=_int(prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else 0),
-        reasoning_tokens=_int(
-            completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else 0
-        ),
+        input_tokens=prompt,
+        output_tokens=completion,
+        cached_input_tokens=min(prompt, cached) if isinstance(cached, int) and cached > 0 else 0,
+        reasoning_tokens=min(completion, reasoning) if isinstance(reasoning, int) and reasoning > 0 else 0,
     )
 
 
@@ -574,10 +582,6 @@ class ChunkReader:
         if chunk.get("usage"):
             deltas.append(UsageReport(usage_from(chunk["usage"])))
         return deltas
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and value > 0 else 0
 
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:

@@ -466,20 +466,3 @@ def decode_json_object(upstream: str, content: bytes, said: str = "answered with
     if not isinstance(data, dict):
         raise UpstreamProtocolError(upstream, f"{said} not an object")
     return data
-
-
-def usage_from(data: Any, prompt_key: str = "prompt_tokens", completion_key: str = "completion_tokens") -> Usage | None:
-    if not isinstance(data, dict):
-        return None
-    prompt, completion = data.get(prompt_key), data.get(completion_key)
-    if not (isinstance(prompt, int) and isinstance(completion, int)):
-        return None
-    prompt_details, completion_details = data.get("prompt_tokens_details"), data.get("completion_tokens_details")
-    cached = prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None
-    reasoning = completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else None
-    return Usage(
-        prompt,
-        completion,
-        cached_prompt_tokens=min(prompt, cached) if isinstance(cached, int) and cached > 0 else 0,
-        reasoning_tokens=min(completion, reasoning) if isinstance(reasoning, int) and reasoning > 0 else 0,
-    )

@@ -10,6 +10,7 @@ import msgspec
 
 from gateway.core import model as core
 from gateway.errors import GatewayError, UpstreamProtocolError, UpstreamStatusError
+from gateway.protocols import openai_chat
 from gateway.protocols import openai_responses as responses
 from gateway.upstreams.base import (
     ChatStream,
@@ -21,7 +22,6 @@ from gateway.upstreams.base import (
     UpstreamEvents,
     decode_event,
     decode_json_object,
-    usage_from,
     usage_of,
 )
 
@@ -41,7 +41,8 @@ class OpenAIProvider(Provider):
         response = await self._post("chat/completions", for_openai_upstream(body), self._headers(), stream=False)
         content = response.content
         data = decode_json_object(self.name, content)
-        return Completion(body=content, usage=usage_from(data.get("usage")), text=_message_text(self.name, data))
+        usage = usage_of(openai_chat.read_usage(data.get("usage")))
+        return Completion(body=content, usage=usage, text=_message_text(self.name, data))
 
     async def embed(self, inputs: list[str] | list[list[int]], dimensions: int | None) -> Embeddings:
         payload: dict[str, Any] = {"model": self.upstream_model, "input": inputs, "encoding_format": "float"}
@@ -209,7 +210,7 @@ def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:
         tally.id = chunk.get("id")
         tally.created = chunk.get("created")
         tally.model = chunk.get("model")
-    usage = usage_from(chunk.get("usage"))
+    usage = usage_of(openai_chat.read_usage(chunk.get("usage")))
     if usage is not None:
         tally.usage = usage
     choices = chunk.get("choices")
