@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import anyio
 import msgspec
@@ -57,7 +57,17 @@ from gateway.store.base import StoreUnavailable
 from gateway.tokens import count_chat_prompt, count_text, prompt_chars
 from gateway.upstreams.base import ChatStream, Completion, Provider, Usage
 
-__all__ = ["Answer", "ChatPipeline", "PassThrough", "Scorer", "StreamingAnswer"]
+__all__ = [
+    "Answer",
+    "ChatPipeline",
+    "DeltaBatch",
+    "PassThrough",
+    "Scorer",
+    "StreamBroke",
+    "StreamingAnswer",
+    "StreamingDeltas",
+    "Translated",
+]
 
 _request_log = structlog.get_logger(REQUEST_LOGGER)
 _log = structlog.get_logger("gateway.pipeline")
@@ -110,6 +120,32 @@ class StreamingAnswer:
     headers: dict[str, str]
     events: AsyncIterator[bytes]
     """SSE bytes, ``data: [DONE]`` included; the request is logged when it ends."""
+
+
+@dataclass(slots=True, frozen=True)
+class StreamBroke:
+    """The stream failed after it began: the error as chat's error chunk (``{"error": {...}}``)."""
+
+    chunk: dict[str, Any]
+
+    @property
+    def error(self) -> dict[str, Any]:
+        error = self.chunk.get("error")
+        return error if isinstance(error, dict) else {}
+
+
+DeltaBatch = list[core.Delta] | StreamBroke | None
+"""One step of a :class:`StreamingDeltas`: the next deltas, the failure, or (None) the clean end."""
+
+
+@dataclass(slots=True)
+class StreamingDeltas:
+    """A streamed answer in the internal model, for a client of another protocol than chat:
+    batches of deltas, the usage last, then None; or a :class:`StreamBroke`, and nothing after.
+    The iterator goes on after either (the cache is filled and the request logged when it ends)."""
+
+    headers: dict[str, str]
+    deltas: AsyncIterator[DeltaBatch]
 
 
 @dataclass(slots=True)
@@ -190,9 +226,10 @@ class ChatPipeline:
         started: float,
         protocol: str = "openai.chat",
         passthrough: PassThrough | None = None,
-    ) -> Answer | StreamingAnswer:
+    ) -> Answer | StreamingAnswer | StreamingDeltas:
         """``protocol``: the API the client called, for the log; the body is a chat request whatever it was
-        (its chat view, for a request ``passthrough`` sends upstream as it came)."""
+        (its chat view, for a request ``passthrough`` sends upstream as it came). A client of another
+        protocol than chat gets a stream in the internal model (:class:`StreamingDeltas`)."""
         runtime = self._holder.current  # one policy version for the whole request
         record = RequestRecord(request_id=request_id, key_id="-", tenant="-", policy_version=runtime.version)
         if protocol != "openai.chat":
@@ -550,16 +587,17 @@ class ChatPipeline:
             with anyio.CancelScope(shield=True):
                 await self._exact.release(lease, None, x.runtime.policy.cache.redis_timeout_ms / 1000)
 
-    async def _start_stream(self, x: _Exchange) -> StreamingAnswer:
+    async def _start_stream(self, x: _Exchange) -> StreamingAnswer | StreamingDeltas:
         assert x.plan is not None and x.request is not None
         runtime, relay = x.runtime, x.passthrough
+        typed = relay is None and x.record.protocol != "openai.chat"
         stream, first = await dispatch(
             x.plan.candidates,
             runtime.providers,
             self._holder.breakers,
             x.plan.retry or runtime.policy.retry,
             x.body if relay is None else relay.body,  # type: ignore[arg-type]
-            _stream_opener(x.internal) if relay is None else _open_relayed(relay),
+            _stream_opener(x.internal, typed) if relay is None else _open_relayed(relay),
             x.info,
         )
         x.record.ttft_ms = (time.perf_counter() - x.started) * 1000
@@ -569,11 +607,15 @@ class ChatPipeline:
         x.record.model, x.record.provider = provider.name, provider.kind
         headers = self._headers(x, cost=cost_usd(provider.config.price, x.prompt_tokens, 0))
         include_usage = bool(x.request.stream_options and x.request.stream_options.include_usage)
-        return StreamingAnswer(headers, self._relay(x, stream, first, include_usage))
+        items = self._relay(x, stream, first, include_usage, typed)
+        if typed:
+            return StreamingDeltas(headers, cast(AsyncIterator[DeltaBatch], items))
+        return StreamingAnswer(headers, cast(AsyncIterator[bytes], items))
 
     async def _relay(
-        self, x: _Exchange, stream: ChatStream, first: bytes | None, include_usage: bool
-    ) -> AsyncIterator[bytes]:
+        self, x: _Exchange, stream: ChatStream, first: _Piece | None, include_usage: bool, typed: bool
+    ) -> AsyncIterator[bytes | DeltaBatch]:
+        """The stream to the client: SSE bytes, or with ``typed`` the deltas (:class:`StreamingDeltas`)."""
         provider = x.info.provider
         assert provider is not None
         record = x.record
@@ -582,26 +624,35 @@ class ChatPipeline:
         task = drain.track()
         framed = stream.framed
         prefix, suffix = (b"", b"") if framed else (b"data: ", b"\n\n")
+        read: Callable[[], Awaitable[_Piece]] = stream.next_deltas if typed else stream.__anext__
+
+        def frame(piece: _Piece) -> bytes | DeltaBatch:
+            return prefix + piece + suffix if isinstance(piece, bytes) else piece
+
         try:
             if first is not None:
-                yield prefix + first + suffix
+                yield frame(first)
                 while True:
                     waited_from = time.perf_counter()
                     try:
-                        payload = await stream.__anext__()
+                        piece = await read()
                     except StopAsyncIteration:
                         break
                     finally:
                         upstream_wait += time.perf_counter() - waited_from
-                    yield prefix + payload + suffix
+                    yield frame(piece)
             tally = stream.tally
             self._settle(x, provider, tally.usage, tally.text)
             record.finish_reason = tally.finish_reason
             if framed:
                 return  # the upstream's own events said all there is to say
-            if include_usage:
-                yield b"data: " + _usage_chunk(tally.id, tally.created, tally.model, record) + b"\n\n"
-            yield b"data: [DONE]\n\n"
+            if typed:
+                yield [core.UsageReport(_usage_of(record))]
+                yield None
+            else:
+                if include_usage:
+                    yield b"data: " + _usage_chunk(tally.id, tally.created, tally.model, record) + b"\n\n"
+                yield b"data: [DONE]\n\n"
             if tally.replayable and self._storing(x):
                 answer = answer_from_message(tally.message(), tally.finish_reason, model=tally.model or "")
                 with anyio.CancelScope(shield=True):
@@ -611,10 +662,10 @@ class ChatPipeline:
             self._metrics.upstream_error(exc.upstream, exc.code)
             record.error_type = exc.code
             self._settle(x, provider, None, stream.tally.text)
-            yield stream.error_event(exc)
+            yield _failure(stream, exc, typed)
         except Exception as exc:
             record.status = 500
-            yield stream.error_event(_internal_error(x, exc))
+            yield _failure(stream, _internal_error(x, exc), typed)
         except asyncio.CancelledError:
             self._settle(x, provider, stream.tally.usage, stream.tally.text)
             if not drain.ended_by_deadline(task):
@@ -622,7 +673,7 @@ class ChatPipeline:
                 raise
             error = ShuttingDownError("the gateway is shutting down; the answer was cut at its drain deadline")
             record.error_type = error.code
-            yield stream.error_event(error)
+            yield _failure(stream, error, typed)
         except GeneratorExit:
             record.error_type, record.status = "client_disconnected", 499
             self._settle(x, provider, stream.tally.usage, stream.tally.text)
@@ -734,19 +785,23 @@ def _completer(internal: core.Request | None) -> Callable[[Provider, dict[str, A
     return call
 
 
+_Piece = bytes | list[core.Delta]
+"""What a provider's stream gives: a chat chunk (or a passed-through event), or deltas."""
+
+
 def _stream_opener(
-    internal: core.Request | None,
-) -> Callable[[Provider, dict[str, Any]], Awaitable[tuple[ChatStream, bytes | None]]]:
-    async def call(provider: Provider, body: dict[str, Any]) -> tuple[ChatStream, bytes | None]:
-        return await _opened(await provider.open_stream(body, internal))
+    internal: core.Request | None, typed: bool
+) -> Callable[[Provider, dict[str, Any]], Awaitable[tuple[ChatStream, _Piece | None]]]:
+    async def call(provider: Provider, body: dict[str, Any]) -> tuple[ChatStream, _Piece | None]:
+        return await _opened(await provider.open_stream(body, internal), typed)
 
     return call
 
 
-async def _opened(stream: ChatStream) -> tuple[ChatStream, bytes | None]:
-    """Wait for the stream's first chunk, so failures before it can still be retried."""
+async def _opened(stream: ChatStream, typed: bool = False) -> tuple[ChatStream, _Piece | None]:
+    """Wait for the stream's first chunk (or deltas), so failures before it can still be retried."""
     try:
-        return stream, await stream.__anext__()
+        return stream, await (stream.next_deltas() if typed else stream.__anext__())
     except StopAsyncIteration:
         return stream, None
     except BaseException:
@@ -763,11 +818,26 @@ def _relayed(relay: PassThrough) -> Callable[[Provider, dict[str, Any]], Awaitab
 
 def _open_relayed(
     relay: PassThrough,
-) -> Callable[[Provider, dict[str, Any]], Awaitable[tuple[ChatStream, bytes | None]]]:
-    async def call(provider: Provider, body: dict[str, Any]) -> tuple[ChatStream, bytes | None]:
+) -> Callable[[Provider, dict[str, Any]], Awaitable[tuple[ChatStream, _Piece | None]]]:
+    async def call(provider: Provider, body: dict[str, Any]) -> tuple[ChatStream, _Piece | None]:
         return await _opened(await provider.open_relay(body, relay.headers))
 
     return call
+
+
+def _failure(stream: ChatStream, error: GatewayError, typed: bool) -> bytes | StreamBroke:
+    """How the client learns that the stream failed after it began."""
+    return StreamBroke(msgspec.json.decode(error.to_body())) if typed else stream.error_event(error)
+
+
+def _usage_of(record: RequestRecord) -> core.Usage:
+    return core.Usage(
+        input_tokens=record.prompt_tokens,
+        output_tokens=record.completion_tokens,
+        cached_input_tokens=record.cached_prompt_tokens,
+        cache_write_tokens=record.cache_write_tokens,
+        reasoning_tokens=record.reasoning_tokens,
+    )
 
 
 async def _iterate(events: list[bytes]) -> AsyncIterator[bytes]:

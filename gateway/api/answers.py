@@ -1,37 +1,25 @@
 """The chat pipeline's answer in the internal model, for the edges of the other protocols.
 
-The pipeline answers in chat's shape (a completion, or a stream of chunks) what an
-upstream answered, and in the internal model what the cache held (:attr:`Answer.typed`);
-either way an edge reads it here and encodes it in its own protocol.
+A stream comes as deltas (:class:`StreamingDeltas`) and a cache hit as the internal answer
+(:attr:`Answer.typed`); a whole answer from an upstream comes in chat's shape and is read
+here. Either way an edge encodes what it gets here in its own protocol.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
 
 import msgspec
 
 from gateway.core.model import Answer as CoreAnswer
-from gateway.core.model import Delta
 from gateway.core.replay import deltas_of
-from gateway.pipeline import Answer, StreamingAnswer
+from gateway.pipeline import Answer, DeltaBatch, StreamBroke, StreamingAnswer, StreamingDeltas
 from gateway.protocols import openai_chat
 
-__all__ = ["StreamBroke", "answer_of", "delta_batches", "streams"]
+__all__ = ["PipelineAnswer", "StreamBroke", "answer_of", "delta_batches", "streams"]
 
-
-@dataclass(slots=True, frozen=True)
-class StreamBroke:
-    """The stream failed after it began: the pipeline's in-band error chunk (nothing follows it)."""
-
-    chunk: dict[str, Any]
-
-    @property
-    def error(self) -> dict[str, Any]:
-        error = self.chunk.get("error")
-        return error if isinstance(error, dict) else {}
+PipelineAnswer = Answer | StreamingAnswer | StreamingDeltas
+"""What the chat pipeline answers."""
 
 
 def answer_of(answer: Answer) -> CoreAnswer:
@@ -41,23 +29,27 @@ def answer_of(answer: Answer) -> CoreAnswer:
     return openai_chat.answer_from_completion(msgspec.json.decode(answer.body))
 
 
-def streams(answer: Answer | StreamingAnswer, asked_to_stream: bool) -> bool:
+def streams(answer: PipelineAnswer, asked_to_stream: bool) -> bool:
     """Whether the client gets a stream: it asked for one (a cache hit comes whole, and is told
     as a stream by :func:`delta_batches`)."""
-    return isinstance(answer, StreamingAnswer) or (asked_to_stream and answer.typed is not None)
+    return not isinstance(answer, Answer) or (asked_to_stream and answer.typed is not None)
 
 
-async def delta_batches(answer: Answer | StreamingAnswer) -> AsyncIterator[list[Delta] | StreamBroke | None]:
-    """The answer's deltas, chunk by chunk; None at its clean end, or a :class:`StreamBroke`.
+async def delta_batches(answer: PipelineAnswer) -> AsyncIterator[DeltaBatch]:
+    """The answer's deltas, batch by batch; None at its clean end, or a :class:`StreamBroke`.
 
     A stream is read to its end even after either: the pipeline logs, settles and fills
     the cache when its stream ends, and a stream closed early is a client that left.
     """
+    if isinstance(answer, StreamingDeltas):
+        async for batch in answer.deltas:
+            yield batch
+        return
     if isinstance(answer, Answer):
         yield deltas_of(answer_of(answer))
         yield None
         return
-    reader = openai_chat.ChunkReader()
+    reader = openai_chat.ChunkReader()  # a passed-through stream never gets here: its edge relays it
     async for chunk in openai_chat.chat_stream_chunks(answer.events):
         if chunk is None:
             yield None

@@ -23,7 +23,7 @@ from litestar.exceptions import InternalServerException
 from gateway.api.handoff import Incoming, hand_to_pipeline
 from gateway.api.probes import internal_error
 from gateway.errors import GatewayError, InvalidRequestError
-from gateway.pipeline import Answer
+from gateway.pipeline import Answer, StreamingAnswer
 
 __all__ = ["CHAT_PATH", "ChatRoute"]
 
@@ -99,6 +99,7 @@ async def _chat_completions(request: Incoming, receive: Receive, send: Send) -> 
         await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         await send({"type": "http.response.body", "body": answer.body, "more_body": False})
         return
+    assert isinstance(answer, StreamingAnswer)  # a chat client's stream is chat's own SSE
     await send({"type": "http.response.start", "status": 200, "headers": [*_SSE, *_encoded(answer.headers)]})
     await _stream(answer.events, receive, send)
 

@@ -16,9 +16,9 @@ import msgspec
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from gateway.api.answers import StreamBroke, answer_of, delta_batches, streams
+from gateway.api.answers import PipelineAnswer, StreamBroke, answer_of, delta_batches, streams
 from gateway.api.handoff import hand_to_pipeline
-from gateway.pipeline import Answer, StreamingAnswer, Translated
+from gateway.pipeline import Answer, Translated
 from gateway.protocols import openai_completions as completions
 
 __all__ = ["create_completion"]
@@ -59,7 +59,7 @@ async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] 
     )
 
 
-async def _frames(answer: Answer | StreamingAnswer, encoder: completions.StreamEncoder) -> AsyncIterator[bytes]:
+async def _frames(answer: PipelineAnswer, encoder: completions.StreamEncoder) -> AsyncIterator[bytes]:
     """The pipeline's answer as completion frames; an error frame (the stream broke after it
     began) is passed on as it is, as OpenAI sends it."""
     start = encoder.start()

@@ -13,7 +13,7 @@ from litestar.exceptions import InternalServerException
 
 from gateway.api.state import GatewayState
 from gateway.errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError
-from gateway.pipeline import Answer, BodyReader, PassThrough, StreamingAnswer, Translated
+from gateway.pipeline import Answer, BodyReader, PassThrough, StreamingAnswer, StreamingDeltas, Translated
 
 __all__ = ["DisconnectWatch", "Incoming", "hand_to_pipeline"]
 
@@ -40,7 +40,7 @@ async def hand_to_pipeline(
     translate: Callable[[bytes], Awaitable[Translated]] | None = None,
     embeddings: bool = False,
     passthrough: PassThrough | None = None,
-) -> tuple[str, Answer | StreamingAnswer | None]:
+) -> tuple[str, Answer | StreamingAnswer | StreamingDeltas | None]:
     """The request id and the pipeline's answer; None when the client left before it.
 
     ``translate`` decodes another protocol's body into a chat request, and may wait (the
@@ -68,7 +68,7 @@ async def hand_to_pipeline(
     try:
         authorization = authorization if authorization is not None else headers.get("authorization")
         cache_control = headers.get("cache-control")
-        answer: Answer | StreamingAnswer
+        answer: Answer | StreamingAnswer | StreamingDeltas
         if embeddings:
             answer = await state.embeddings.handle(
                 watch.read_body, authorization, cache_control, request_id, started, protocol

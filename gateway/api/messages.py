@@ -23,7 +23,7 @@ import msgspec
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from gateway.api.answers import StreamBroke, answer_of, delta_batches, streams
+from gateway.api.answers import PipelineAnswer, StreamBroke, answer_of, delta_batches, streams
 from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.core.model import Request as CoreRequest
@@ -166,7 +166,7 @@ def _error(status: int, message: str, headers: dict[str, str]) -> Response[bytes
     )
 
 
-async def _events(answer: Answer | StreamingAnswer, message_id: str, model: str) -> AsyncIterator[bytes]:
+async def _events(answer: PipelineAnswer, message_id: str, model: str) -> AsyncIterator[bytes]:
     """The pipeline's answer as Anthropic events."""
     encoder = anthropic.StreamEncoder(message_id, model, 0)  # the full usage comes in message_delta
     yield encoder.start()

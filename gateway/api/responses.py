@@ -33,13 +33,13 @@ import structlog
 from litestar import Request, Response, delete, get, post
 from litestar.response import Stream
 
-from gateway.api.answers import StreamBroke, answer_of, delta_batches, streams
+from gateway.api.answers import PipelineAnswer, StreamBroke, answer_of, delta_batches, streams
 from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.core.model import Answer as CoreAnswer
 from gateway.core.model import Message, TextPart
 from gateway.errors import GatewayError, InvalidRequestError, ServiceUnavailableError, UpstreamStatusError
-from gateway.pipeline import Answer, PassThrough, StreamingAnswer, Translated
+from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas, Translated
 from gateway.protocols import openai_responses as codec
 from gateway.responses_store import ResponseStore, StoredResponse
 from gateway.runtime import Runtime
@@ -121,6 +121,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         assert isinstance(answer, Answer)  # nothing decoded: the pipeline answered with an error
         return Response(content=answer.body, status_code=answer.status, headers=headers, media_type="application/json")
     if passthrough.body is not None:
+        assert not isinstance(answer, StreamingDeltas)  # the upstream's own body or events
         return await _passed_through(answer, headers, store, turn)
     response_id = codec.new_id("resp")
     if not streams(answer, decoded.request.stream):
@@ -341,7 +342,7 @@ async def _keep(store: ResponseStore, turn: _Turn, response: dict[str, Any], ans
 
 
 async def _events(
-    answer: Answer | StreamingAnswer, encoder: codec.StreamEncoder, store: ResponseStore, turn: _Turn
+    answer: PipelineAnswer, encoder: codec.StreamEncoder, store: ResponseStore, turn: _Turn
 ) -> AsyncIterator[bytes]:
     """The pipeline's answer as Responses events; the turn is stored before its last event,
     so the client can continue from it at once."""
@@ -365,6 +366,7 @@ async def _events(
         if not ended:
             yield encoder.fail("the answer ended before it was complete")
     finally:
-        close = getattr(answer.events, "aclose", None) if isinstance(answer, StreamingAnswer) else None
+        events = answer.events if isinstance(answer, StreamingAnswer) else getattr(answer, "deltas", None)
+        close = getattr(events, "aclose", None)
         if close is not None:
             await close()

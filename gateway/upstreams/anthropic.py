@@ -56,7 +56,7 @@ from typing import Any
 import httpx
 
 from gateway.core import model as core
-from gateway.core.model import Answer, Finish, TextDelta, UsageReport
+from gateway.core.model import Answer, Delta, Finish, TextDelta, UsageReport
 from gateway.errors import GatewayError, InvalidRequestError, UpstreamProtocolError, UpstreamStatusError
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
@@ -143,7 +143,8 @@ def _translate_request(
 
 class _AnthropicChatStream(ChatStream):
     """Anthropic's stream events read as deltas (the Messages codec's :class:`StreamDecoder`),
-    written as OpenAI chunks (:func:`openai_chat.chunk_delta`); usage goes to the tally."""
+    written as OpenAI chunks (:func:`openai_chat.chunk_delta`) for a chat client, or given as
+    they are (:meth:`next_deltas`) to a client of another protocol; usage goes to the tally."""
 
     def __init__(self, provider: AnthropicProvider, response: httpx.Response) -> None:
         super().__init__()
@@ -158,13 +159,26 @@ class _AnthropicChatStream(ChatStream):
     async def __anext__(self) -> bytes:
         try:
             while not self._pending and not self._done:
-                self._handle(await self._next_event())
+                self._handle(await self._next_event(), chunks=True)
         except Exception:
             await self.aclose()
             raise
         if self._pending:
             self.tally.chunks += 1
             return self._pending.popleft()
+        await self.aclose()
+        raise StopAsyncIteration
+
+    async def next_deltas(self) -> list[Delta]:
+        try:
+            while not self._done:
+                deltas = self._handle(await self._next_event(), chunks=False)
+                if deltas:
+                    self.tally.chunks += 1
+                    return deltas
+        except Exception:
+            await self.aclose()
+            raise
         await self.aclose()
         raise StopAsyncIteration
 
@@ -178,8 +192,9 @@ class _AnthropicChatStream(ChatStream):
             raise UpstreamProtocolError(name, "stream ended before message_stop")
         return decode_event(name, event.data)
 
-    def _handle(self, event: dict[str, Any]) -> None:
-        """Queue the chunks one event becomes, and update the tally."""
+    def _handle(self, event: dict[str, Any], *, chunks: bool) -> list[Delta]:
+        """The deltas one event becomes, with the tally updated (and with ``chunks``, the chat
+        chunks they make queued)."""
         kind = event.get("type")
         if kind == "error":
             raise _stream_error(self._provider.name, event)
@@ -193,19 +208,23 @@ class _AnthropicChatStream(ChatStream):
             self._started = True
             tally.id, tally.created = self._decoder.id, int(time.time())
             tally.model = self._decoder.model or self._provider.upstream_model
-            self._chunk({"role": "assistant", "content": ""})
+            if chunks:
+                self._chunk({"role": "assistant", "content": ""})
         for delta in deltas:
             if isinstance(delta, UsageReport):
                 tally.usage = usage_of(delta.usage)
             elif isinstance(delta, Finish):
                 tally.finish_reason = openai_chat.chat_finish_reason(delta.reason)
-                self._chunk({}, tally.finish_reason)
+                if chunks:
+                    self._chunk({}, tally.finish_reason)
             elif (chunk := openai_chat.chunk_delta(delta)) is not None:
-                self._chunk(chunk)
+                tally.take_delta(chunk)
+                if chunks:
+                    self._chunk(chunk)
+        return deltas
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> None:
         tally = self.tally
-        tally.take_delta(delta)
         self._pending.append(chunk_body(tally.id, tally.created, tally.model, delta, finish_reason))
 
 

@@ -22,6 +22,7 @@ from gateway.errors import (
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
+from gateway.protocols import openai_chat
 from gateway.upstreams.sse import SSEEvent, SSELineTooLong, iter_sse
 
 __all__ = [
@@ -181,6 +182,16 @@ class ChatStream(ABC):
 
     def __init__(self) -> None:
         self.tally = StreamTally()
+        self._reader: openai_chat.ChunkReader | None = None
+
+    async def next_deltas(self) -> list[core.Delta]:
+        """The next chunk in the internal model, for a client of another protocol than chat
+        (StopAsyncIteration at the end). A chat upstream's chunk is read into deltas; a stream
+        that reads another protocol gives its deltas without writing a chunk first."""
+        payload = await self.__anext__()
+        if self._reader is None:
+            self._reader = openai_chat.ChunkReader()
+        return self._reader.read(msgspec.json.decode(payload))
 
     def error_event(self, error: GatewayError) -> bytes:
         """The event that tells the client the stream failed, in the stream's protocol."""

@@ -113,6 +113,23 @@ def test_an_overloaded_upstream_mid_stream_ends_with_anthropics_error_event(
     assert frames[-1].startswith("event: error\ndata: ") and '"type":"error"' in frames[-1]
 
 
+def test_a_translated_stream_cut_midway_ends_with_anthropics_error_event(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    """Translated (the internal model holds the request): Anthropic's events reach the client as the
+    pipeline's deltas, and a cut upstream as Anthropic's error event after the text so far."""
+    inject(large_upstream, {"cut_after_chunks": 4})
+    body = {"model": "claude", "max_tokens": 64, "stream": True, "messages": [{"role": "user", "content": "Go on."}]}
+    headers = {"x-api-key": "k", "x-request-id": "translated-cut-1"}
+    with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, headers=headers, timeout=10) as r:
+        frames = [frame for frame in r.read().decode().split("\n\n") if frame.strip()]
+    assert frames[0].startswith("event: message_start")
+    assert any(frame.startswith("event: content_block_delta") for frame in frames)
+    assert frames[-1].startswith("event: error\ndata: ") and '"type":"error"' in frames[-1]
+    record = gateway.wait_for_record("translated-cut-1")
+    assert record["passthrough"] is None and record["error_type"] == "upstream_bad_response"
+
+
 def test_count_tokens_accepts_what_only_anthropic_reads(gateway: GatewayProcess) -> None:
     body = {
         "model": "claude",

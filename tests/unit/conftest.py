@@ -16,7 +16,7 @@ from gateway.auth import hash_key
 from gateway.cache.exact import ExactCache
 from gateway.cache.semantic import SemanticCache
 from gateway.limits import Limiter
-from gateway.pipeline import Answer, ChatPipeline, StreamingAnswer
+from gateway.pipeline import Answer, ChatPipeline, StreamingAnswer, StreamingDeltas
 from gateway.runtime import RuntimeHolder
 from gateway.store.base import Store
 from gateway.store.memory import memory_store
@@ -56,7 +56,7 @@ class Harness:
 
     async def ask(
         self, content: str, *, key: str = "alice", model: str = "fast", cache_control: str | None = None, **extra: Any
-    ) -> Answer | StreamingAnswer:
+    ) -> Answer | StreamingAnswer | StreamingDeltas:
         body = msgspec.json.encode({"model": model, "messages": [{"role": "user", "content": content}], **extra})
 
         async def read_body(limit: int, timeout_s: float) -> bytes:
@@ -65,7 +65,7 @@ class Harness:
         return await self.pipeline.handle(read_body, f"Bearer sk-{key}", cache_control, "req-1", 0.0)
 
 
-def answer_of(result: Answer | StreamingAnswer) -> tuple[int, dict[str, Any], dict[str, str]]:
+def answer_of(result: Answer | StreamingAnswer | StreamingDeltas) -> tuple[int, dict[str, Any], dict[str, str]]:
     assert isinstance(result, Answer), result
     return result.status, msgspec.json.decode(result.body), result.headers
 
