@@ -14,7 +14,12 @@ Anthropic route goes when it is translated (``gateway/api/messages.py``):
   the provider does for a client that spoke chat, and did for every request before 2026-12-01).
 
 Beside them, one plain JSON decode of the body (about what a passed-through request costs).
-Medians of 30 runs after 5 warm-ups, in one process; compare only within one run.
+
+Then a streamed answer of 400 text events from Anthropic to a Messages client, per event:
+as the pipeline passes it now (the upstream's deltas straight to the client's encoder) and
+as it did through chat chunks (each delta written as a chunk, framed, parsed again and read
+back into deltas) until 2026-12-01. Medians of 30 runs after 5 warm-ups, in one process;
+compare only within one run.
 
     python -m tests.bench.translation_bench
 """
@@ -68,6 +73,21 @@ def claude_code_shaped() -> bytes:
     return msgspec.json.encode(body)
 
 
+def _anthropic_text_events(count: int) -> list[dict[str, Any]]:
+    start = {"type": "message_start", "message": {"id": "msg_1", "model": "claude", "usage": {"input_tokens": 10}}}
+    block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    texts = [
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f"word{i} "}}
+        for i in range(count)
+    ]
+    end: list[dict[str, Any]] = [
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": count}},
+        {"type": "message_stop"},
+    ]
+    return [start, block, *texts, *end]
+
+
 def _median_ms(step: Callable[[], object]) -> float:
     for _ in range(5):
         step()
@@ -102,11 +122,30 @@ def main() -> None:
         request = openai_chat.request_from_chat_body(chat_body)
         return msgspec.json.encode(anthropic.encode_request(request, "claude-sim", stream=True))
 
+    events = _anthropic_text_events(400)
+
+    def stream_as_deltas() -> object:
+        decoder, encoder = anthropic.StreamDecoder(), anthropic.StreamEncoder("msg_1", "claude", 0)
+        return [encoder.feed(decoder.feed(event)) for event in events]
+
+    def stream_through_chunks() -> object:
+        decoder, encoder = anthropic.StreamDecoder(), anthropic.StreamEncoder("msg_1", "claude", 0)
+        reader, out = openai_chat.ChunkReader(), []
+        for event in events:
+            for delta in decoder.feed(event):
+                chunk = openai_chat.chunk_delta(delta)
+                if chunk is not None:
+                    frame = b"data: " + openai_chat.chunk_body("c", 1, "claude", chunk) + b"\n\n"
+                    out.append(encoder.feed(reader.read(msgspec.json.decode(frame[6:-2]))))
+        return out
+
     print(f"request: {len(raw) / 1024:.0f} KiB")
     for name, step in (("edge", edge), ("chat hop", chat_hop), ("chat hop as JSON bytes", chat_hop_as_bytes),
                        ("provider", provider), ("provider from a chat body", provider_from_chat),
                        ("one plain JSON decode", lambda: msgspec.json.decode(raw))):  # fmt: skip
         print(f"{name:28s} {_median_ms(step):6.2f} ms")
+    for name, step in (("stream, as deltas", stream_as_deltas), ("stream, through chat chunks", stream_through_chunks)):
+        print(f"{name:28s} {_median_ms(step) * 1000 / len(events):6.2f} us per event")
 
 
 if __name__ == "__main__":
