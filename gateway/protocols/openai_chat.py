@@ -381,14 +381,15 @@ def usage_from(raw: Any) -> Usage:
     return read_usage(raw) or Usage()
 
 
-def read_usage(raw: Any) -> Usage | None:
-    """OpenAI's usage object; None unless it says both token counts (then the gateway counts)."""
+def read_usage(raw: Any, inputs: str = "prompt", outputs: str = "completion") -> Usage | None:
+    """OpenAI's usage object; None unless it says both token counts (then the gateway counts).
+    The Responses API names its counts ``input`` and ``output``: ``read_usage(raw, "input", "output")``."""
     if not isinstance(raw, dict):
         return None
-    prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
+    prompt, completion = raw.get(f"{inputs}_tokens"), raw.get(f"{outputs}_tokens")
     if not (isinstance(prompt, int) and isinstance(completion, int)):
         return None
-    prompt_details, completion_details = raw.get("prompt_tokens_details"), raw.get("completion_tokens_details")
+    prompt_details, completion_details = raw.get(f"{inputs}_tokens_details"), raw.get(f"{outputs}_tokens_details")
     cached = prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None
     reasoning = completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else None
     return Usage(

@@ -426,20 +426,7 @@ def usage_body(usage: Usage) -> dict[str, Any]:
 
 def usage_from_wire(raw: Any) -> Usage | None:
     """A Responses ``usage`` object as read from an upstream; None when it is not one."""
-    if not isinstance(raw, dict):
-        return None
-    input_tokens, output_tokens = raw.get("input_tokens"), raw.get("output_tokens")
-    if not (isinstance(input_tokens, int) and isinstance(output_tokens, int)):
-        return None
-    input_details, output_details = raw.get("input_tokens_details"), raw.get("output_tokens_details")
-    cached = input_details.get("cached_tokens") if isinstance(input_details, dict) else None
-    reasoning = output_details.get("reasoning_tokens") if isinstance(output_details, dict) else None
-    return Usage(
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        cached_input_tokens=min(input_tokens, cached) if isinstance(cached, int) and cached > 0 else 0,
-        reasoning_tokens=min(output_tokens, reasoning) if isinstance(reasoning, int) and reasoning > 0 else 0,
-    )
+    return openai_chat.read_usage(raw, "input", "output")
 
 
 def response_text(response: Any) -> str:
