@@ -16,9 +16,9 @@ import msgspec
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from gateway.api.answers import PipelineAnswer, StreamBroke, answer_of, delta_batches, streams
+from gateway.api.answers import StreamBroke, answer_of, delta_batches, streams
 from gateway.api.handoff import hand_to_pipeline
-from gateway.pipeline import Answer, Translated
+from gateway.pipeline import Answer, StreamingAnswer, StreamingDeltas, Translated
 from gateway.protocols import openai_completions as completions
 
 __all__ = ["create_completion"]
@@ -51,6 +51,7 @@ async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] 
         assert isinstance(answer, Answer)
         body = completions.encode_answer(answer_of(answer), completion_id, model, int(time.time()), decoded.echo)
         return Response(content=body, status_code=200, headers=headers, media_type="application/json")
+    assert not isinstance(answer, StreamingAnswer)  # nothing is passed through here
     encoder = completions.StreamEncoder(completion_id, model, echo=decoded.echo, include_usage=decoded.include_usage)
     return Stream(
         _frames(answer, encoder),
@@ -59,7 +60,7 @@ async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] 
     )
 
 
-async def _frames(answer: PipelineAnswer, encoder: completions.StreamEncoder) -> AsyncIterator[bytes]:
+async def _frames(answer: Answer | StreamingDeltas, encoder: completions.StreamEncoder) -> AsyncIterator[bytes]:
     """The pipeline's answer as completion frames; an error frame (the stream broke after it
     began) is passed on as it is, as OpenAI sends it."""
     start = encoder.start()

@@ -23,12 +23,12 @@ import msgspec
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from gateway.api.answers import PipelineAnswer, StreamBroke, answer_of, delta_batches, streams
+from gateway.api.answers import StreamBroke, answer_of, delta_batches, streams
 from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.core.model import Request as CoreRequest
 from gateway.errors import GatewayError
-from gateway.pipeline import Answer, PassThrough, StreamingAnswer, Translated
+from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas, Translated
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
 from gateway.tokens import count_chat_prompt
@@ -84,8 +84,8 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
         body = anthropic.encode_answer(answer_of(answer), f"msg_{request_id}", model)
         return Response(content=body, status_code=200, headers=headers, media_type="application/json")
     return Stream(
-        answer.events
-        if isinstance(answer, StreamingAnswer) and passthrough.body is not None
+        answer.events  # passed through: the upstream's own events
+        if isinstance(answer, StreamingAnswer)
         else _events(answer, f"msg_{request_id}", model),
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
@@ -166,7 +166,7 @@ def _error(status: int, message: str, headers: dict[str, str]) -> Response[bytes
     )
 
 
-async def _events(answer: PipelineAnswer, message_id: str, model: str) -> AsyncIterator[bytes]:
+async def _events(answer: Answer | StreamingDeltas, message_id: str, model: str) -> AsyncIterator[bytes]:
     """The pipeline's answer as Anthropic events."""
     encoder = anthropic.StreamEncoder(message_id, model, 0)  # the full usage comes in message_delta
     yield encoder.start()

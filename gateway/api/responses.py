@@ -33,7 +33,7 @@ import structlog
 from litestar import Request, Response, delete, get, post
 from litestar.response import Stream
 
-from gateway.api.answers import PipelineAnswer, StreamBroke, answer_of, delta_batches, streams
+from gateway.api.answers import StreamBroke, answer_of, delta_batches, streams
 from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.core.model import Answer as CoreAnswer
@@ -139,6 +139,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         return Response(
             content=msgspec.json.encode(response), status_code=200, headers=headers, media_type="application/json"
         )
+    assert not isinstance(answer, StreamingAnswer)  # only a passed-through stream is the upstream's own
     encoder = codec.StreamEncoder(decoded, response_id, created_at)
     return Stream(
         _events(answer, encoder, store, turn),
@@ -342,7 +343,7 @@ async def _keep(store: ResponseStore, turn: _Turn, response: dict[str, Any], ans
 
 
 async def _events(
-    answer: PipelineAnswer, encoder: codec.StreamEncoder, store: ResponseStore, turn: _Turn
+    answer: Answer | StreamingDeltas, encoder: codec.StreamEncoder, store: ResponseStore, turn: _Turn
 ) -> AsyncIterator[bytes]:
     """The pipeline's answer as Responses events; the turn is stored before its last event,
     so the client can continue from it at once."""
@@ -366,7 +367,6 @@ async def _events(
         if not ended:
             yield encoder.fail("the answer ended before it was complete")
     finally:
-        events = answer.events if isinstance(answer, StreamingAnswer) else getattr(answer, "deltas", None)
-        close = getattr(events, "aclose", None)
+        close = getattr(answer.deltas, "aclose", None) if isinstance(answer, StreamingDeltas) else None
         if close is not None:
             await close()
