@@ -17,7 +17,7 @@ parts ``{"type": "thinking", "thinking", "signature"}`` / ``{"type":
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -54,7 +54,6 @@ __all__ = [
     "answer_from_completion",
     "answer_from_message",
     "chat_finish_reason",
-    "chat_stream_chunks",
     "chunk_body",
     "chunk_delta",
     "completion_body",
@@ -587,28 +586,3 @@ class ChunkReader:
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
-
-
-async def chat_stream_chunks(events: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any] | None]:
-    """The chat pipeline's SSE frames as chunks, ending with None for ``data: [DONE]`` or with an
-    in-band error (a chunk with an ``error`` key); nothing is yielded after either.
-
-    The stream is still read to its end: the pipeline logs, settles and fills the cache
-    when its stream ends, and a stream closed early is a client that left.
-    """
-    pending = b""
-    ended = False
-    async for piece in events:
-        if ended:
-            continue
-        pending += piece
-        *frames, pending = pending.split(b"\n\n")
-        for frame in frames:
-            if not frame.startswith(b"data: "):
-                continue
-            data = frame[6:]
-            chunk = None if data == b"[DONE]" else msgspec.json.decode(data)
-            yield chunk
-            if chunk is None or "error" in chunk:
-                ended = True
-                break
