@@ -123,3 +123,27 @@ def test_gateway_serves_normally_after_disconnects(gateway: GatewayProcess, smal
         assert (record["status"], record["error_type"]) == (200, None)
 
     assert httpx.get(f"{gateway.url}/readyz", timeout=5).json()["upstreams"]["small"] == "closed"
+
+
+def test_a_messages_client_leaving_mid_stream_cancels_the_upstream_stream(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """The same for a stream that leaves the pipeline as deltas (an Anthropic client's)."""
+    inject(small_upstream, {"chunk_delay_ms": 200})
+    words = " ".join(f"word{i}" for i in range(12))
+    body = {"model": "fast", "max_tokens": 64, "stream": True, "messages": [{"role": "user", "content": words}]}
+    frames: list[str] = []
+    with httpx.Client(timeout=5) as client:
+        with client.stream("POST", f"{gateway.url}/v1/messages", json=body) as response:
+            assert response.status_code == 200
+            request_id = response.headers["x-request-id"]
+            for line in response.iter_lines():
+                if line.startswith("event: content_block_delta"):
+                    frames.append(line)
+                if len(frames) == 2:
+                    break
+    stats = _poll(lambda: upstream_stats(small_upstream), lambda s: s["cancelled"] >= 1, timeout_s=3.0)
+    assert stats["cancelled"] >= 1, f"the upstream stream was not cancelled: {stats}"
+    record = gateway.wait_for_record(request_id)
+    assert record["status"] == 499 and record["error_type"] == "client_disconnected"
+    assert record["protocol"] == "anthropic.messages" and record["latency_ms"] < 2000
