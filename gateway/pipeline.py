@@ -463,7 +463,7 @@ class ChatPipeline:
 
         async def ask(candidates: tuple[str, ...], request: dict[str, Any]) -> tuple[str, float]:
             info = DispatchInfo()
-            completion = await dispatch(candidates, runtime.providers, breakers, retry, request, _completer(None), info)
+            completion = await dispatch(candidates, runtime.providers, breakers, retry, request, _complete, info)
             usage, provider = completion.usage, info.provider
             cost = 0.0
             if usage is not None and provider is not None:
@@ -548,11 +548,12 @@ class ChatPipeline:
         return plan is not None and plan.write and x.record.status == 200 and x.info.provider is not None
 
     async def _fill_cache(self, x: _Exchange, answer: core.Answer | None) -> CachedAnswer | None:
-        """Store a complete, successful answer (exact, and semantic where it applies); None: the
-        internal answer cannot hold all of it (logprobs, a refusal, ...), and it is not stored."""
+        """Store a complete, successful answer (exact, and semantic where it applies), when
+        :meth:`_storing`; ``answer`` None: the internal answer cannot hold all of it (a refusal,
+        annotations, ...), and nothing is stored (a lease held is released when the request ends)."""
         plan = x.cache
-        if plan is None or answer is None or not self._storing(x):
-            return None  # a lease held is released when the request ends
+        if plan is None or answer is None:
+            return None
         policy = x.runtime.policy.cache
         timeout_s = policy.redis_timeout_ms / 1000
         record = x.record
@@ -787,6 +788,10 @@ def _completer(internal: core.Request | None) -> Callable[[Provider, dict[str, A
 
 _Piece = bytes | list[core.Delta]
 """What a provider's stream gives: a chat chunk (or a passed-through event), or deltas."""
+
+
+_complete = _completer(None)
+"""A chat request the gateway makes itself (audits, shadow judging): no internal request beside it."""
 
 
 def _stream_opener(
