@@ -33,6 +33,21 @@ def _record_with_id(gateway: GatewayProcess, request_id: str, timeout_s: float =
     return found[0] if found else None
 
 
+def _read_then_leave(url: str, body: dict[str, object], marker: str, lines: int = 2) -> tuple[str, list[str]]:
+    """Start a stream, read its first ``lines`` lines that start with ``marker``, and hang up:
+    the request's id and those lines."""
+    read: list[str] = []
+    with httpx.Client(timeout=5) as client, client.stream("POST", url, json=body) as response:
+        assert response.status_code == 200
+        request_id = response.headers["x-request-id"]
+        for line in response.iter_lines():
+            if line.startswith(marker):
+                read.append(line)
+            if len(read) == lines:
+                break
+    return request_id, read
+
+
 def _body(content: str, **extra: object) -> dict[str, object]:
     return {"model": "fast", "messages": [{"role": "user", "content": content}], **extra}
 
@@ -72,16 +87,7 @@ def test_streamed_disconnect_cancels_the_upstream_stream(
 ) -> None:
     inject(small_upstream, {"chunk_delay_ms": 200})
     words = " ".join(f"word{i}" for i in range(12))
-    events: list[str] = []
-    with httpx.Client(timeout=5) as client:
-        with client.stream("POST", f"{gateway.base_url}/chat/completions", json=_body(words, stream=True)) as response:
-            assert response.status_code == 200
-            request_id = response.headers["x-request-id"]
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line)
-                if len(events) == 2:
-                    break
+    request_id, events = _read_then_leave(f"{gateway.base_url}/chat/completions", _body(words, stream=True), "data: ")
     assert len(events) == 2 and "[DONE]" not in events[-1]
 
     stats = _poll(lambda: upstream_stats(small_upstream), lambda s: s["cancelled"] >= 1, timeout_s=3.0)
@@ -132,16 +138,8 @@ def test_a_messages_client_leaving_mid_stream_cancels_the_upstream_stream(
     inject(small_upstream, {"chunk_delay_ms": 200})
     words = " ".join(f"word{i}" for i in range(12))
     body = {"model": "fast", "max_tokens": 64, "stream": True, "messages": [{"role": "user", "content": words}]}
-    frames: list[str] = []
-    with httpx.Client(timeout=5) as client:
-        with client.stream("POST", f"{gateway.url}/v1/messages", json=body) as response:
-            assert response.status_code == 200
-            request_id = response.headers["x-request-id"]
-            for line in response.iter_lines():
-                if line.startswith("event: content_block_delta"):
-                    frames.append(line)
-                if len(frames) == 2:
-                    break
+    request_id, frames = _read_then_leave(f"{gateway.url}/v1/messages", body, "event: content_block_delta")
+    assert len(frames) == 2
     stats = _poll(lambda: upstream_stats(small_upstream), lambda s: s["cancelled"] >= 1, timeout_s=3.0)
     assert stats["cancelled"] >= 1, f"the upstream stream was not cancelled: {stats}"
     record = gateway.wait_for_record(request_id)
