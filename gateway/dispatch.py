@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from gateway.config.schema import RetryPolicy
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamStatusError, UpstreamUnavailableError
@@ -44,8 +44,7 @@ async def dispatch(
     providers: Mapping[str, Provider],
     breakers: Mapping[str, CircuitBreaker],
     retry: RetryPolicy,
-    body: dict[str, Any],
-    call: Callable[[Provider, dict[str, Any]], Awaitable[T]],
+    call: Callable[[Provider], Awaitable[T]],
     info: DispatchInfo,
 ) -> T:
     """Run ``call`` on the first candidate that answers; raise the last error if none does.
@@ -68,7 +67,7 @@ async def dispatch(
                 info.fallback_used = position > 0
                 started = time.perf_counter()
                 try:
-                    result = await call(provider, {**body, "model": provider.upstream_model})
+                    result = await call(provider)
                     verdicts.answered(breaker)
                     info.provider = provider
                     return result

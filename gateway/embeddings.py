@@ -148,7 +148,7 @@ class EmbeddingsPipeline:
             return [vector for vector in found if vector is not None]
         asked = [inputs[i] for i in missing]
 
-        async def embed(provider: Provider, _: dict[str, Any]) -> Embeddings:
+        async def embed(provider: Provider) -> Embeddings:
             # A fallback's vectors live in another space than the primary's cached ones: it embeds the whole batch.
             batch = asked if provider.name == primary else inputs
             return await provider.embed(batch, request.dimensions)  # type: ignore[arg-type]
@@ -158,7 +158,6 @@ class EmbeddingsPipeline:
             runtime.providers,
             self._holder.breakers,
             plan.retry or runtime.policy.retry,
-            {},
             embed,
             info,
         )

@@ -3,17 +3,15 @@
 
 from __future__ import annotations
 
+from gateway.core.model import Message, Request, TextPart
+
 __all__ = ["parse_yes_no", "yes_no_request"]
 
 
-def yes_no_request(model: str, instructions: str, question: str) -> dict[str, object]:
-    """A deterministic chat request that leaves the model room for one word."""
-    return {
-        "model": model,
-        "temperature": 0,
-        "max_tokens": 3,
-        "messages": [{"role": "system", "content": instructions}, {"role": "user", "content": question}],
-    }
+def yes_no_request(model: str, instructions: str, question: str) -> Request:
+    """A deterministic request that leaves the model room for one word."""
+    messages = [Message("system", (TextPart(instructions),)), Message("user", (TextPart(question),))]
+    return Request(model=model, messages=messages, temperature=0.0, max_tokens=3)
 
 
 def parse_yes_no(reply: str) -> bool | None:

@@ -29,7 +29,7 @@ from gateway.cache.exact import ExactCache, Lease
 from gateway.cache.plan import CachePlan, plan_cache
 from gateway.cache.semantic import SemanticCache
 from gateway.classifier import ClassifierError
-from gateway.classifier.text import message_text
+from gateway.classifier.text import request_text
 from gateway.config.schema import Price
 from gateway.core import model as core
 from gateway.dispatch import DispatchInfo, dispatch
@@ -42,11 +42,12 @@ from gateway.learning.loop import LearningLoop
 from gateway.learning.shadow import judge_request as shadow_judge_request
 from gateway.limits import Limiter, Reservation
 from gateway.pricing import cost_usd
-from gateway.protocol import ChatRequest, chat_view, parse_chat_request
+from gateway.protocols.chat_request import parse_chat_request
 from gateway.protocols.openai_chat import (
     answer_from_message,
     chunk_body,
     completion_from_answer,
+    read_chat_request,
     storable_answer,
     stream_from_answer,
     usage_body,
@@ -54,7 +55,7 @@ from gateway.protocols.openai_chat import (
 from gateway.routing import RoutePlan
 from gateway.runtime import Runtime, RuntimeHolder
 from gateway.store.base import StoreUnavailable
-from gateway.tokens import count_chat_prompt, count_text, prompt_chars
+from gateway.tokens import count_prompt, count_text, prompt_chars
 from gateway.upstreams.base import ChatStream, Completion, Provider, Usage
 
 __all__ = [
@@ -66,26 +67,15 @@ __all__ = [
     "StreamBroke",
     "StreamingAnswer",
     "StreamingDeltas",
-    "Translated",
 ]
 
 _request_log = structlog.get_logger(REQUEST_LOGGER)
 _log = structlog.get_logger("gateway.pipeline")
 
 
-@dataclass(slots=True, frozen=True)
-class Translated:
-    """A request that came in another protocol than chat, decoded by its codec."""
-
-    request: core.Request
-    """What providers that translate encode from (Anthropic's)."""
-    chat: dict[str, Any]
-    """Its chat view: what the pipeline's steps read and OpenAI-compatible upstreams are sent."""
-
-
-BodyReader = Callable[[int, float], Awaitable[bytes | Translated]]
+BodyReader = Callable[[int, float], Awaitable[bytes | core.Request]]
 """Reads the request body: PayloadTooLargeError past the byte limit, RequestTimeoutError past the seconds.
-Bytes: the client's chat request."""
+Bytes: a chat client's request; a request in the internal model: another protocol's, decoded by its codec."""
 
 
 class PromptScore(Protocol):
@@ -102,7 +92,7 @@ class PromptScore(Protocol):
 class Scorer(Protocol):
     """The router's classifier: one forward pass gives the routing score and the cache embedding."""
 
-    async def score(self, messages: list[dict[str, Any]]) -> PromptScore: ...
+    async def score(self, text: str) -> PromptScore: ...
 
 
 @dataclass(slots=True)
@@ -152,7 +142,7 @@ class StreamingDeltas:
 class PassThrough:
     """A request sent upstream as the client wrote it, when both sides speak its protocol.
 
-    The pipeline still reads the chat view of it (auth, limits, counting, routing, the log);
+    The pipeline still reads it in the internal model (auth, limits, counting, routing, the log);
     only the call upstream differs (:meth:`Provider.relay`), and the answer (a body or a
     framed stream) comes back untouched. It is neither served from nor stored in the cache:
     the cache holds chat answers, and some of these name upstream state (a response's id).
@@ -164,6 +154,10 @@ class PassThrough:
     """The client's headers that shape the request upstream (``anthropic-beta``)."""
 
 
+_NO_REQUEST = core.Request(model="", messages=[])
+"""Until the body is read (an exchange that ends before, in a 401, has no request)."""
+
+
 @dataclass(slots=True)
 class _Exchange:
     """One request's state on its way through the pipeline."""
@@ -172,10 +166,13 @@ class _Exchange:
     record: RequestRecord
     started: float
     info: DispatchInfo = field(default_factory=DispatchInfo)
-    body: dict[str, Any] = field(default_factory=dict)
-    request: ChatRequest | None = None
-    internal: core.Request | None = None
-    """The request in the internal model, when it came in another protocol than chat."""
+    request: core.Request = _NO_REQUEST
+    """The request in the internal model: what every step reads."""
+    body: dict[str, Any] | None = None
+    """A chat client's own body, sent as it came (the model replaced) to OpenAI-compatible
+    upstreams; None for other protocols, which each provider encodes from :attr:`request`."""
+    directives: Any = None
+    """The chat body's ``gateway_cache`` field, taken out before the body goes upstream."""
     plan: RoutePlan | None = None
     prompt_tokens: int = 0
     counted: bool = False
@@ -227,9 +224,8 @@ class ChatPipeline:
         protocol: str = "openai.chat",
         passthrough: PassThrough | None = None,
     ) -> Answer | StreamingAnswer | StreamingDeltas:
-        """``protocol``: the API the client called, for the log; the body is a chat request whatever it was
-        (its chat view, for a request ``passthrough`` sends upstream as it came). A client of another
-        protocol than chat gets a stream in the internal model (:class:`StreamingDeltas`)."""
+        """``protocol``: the API the client called, for the log. A client of another protocol than
+        chat gets a stream in the internal model (:class:`StreamingDeltas`)."""
         runtime = self._holder.current  # one policy version for the whole request
         record = RequestRecord(request_id=request_id, key_id="-", tenant="-", policy_version=runtime.version)
         if protocol != "openai.chat":
@@ -241,9 +237,11 @@ class ChatPipeline:
             record.key_id, record.tenant = principal.key_id, principal.tenant
             body = await read_body(runtime.policy.limits.max_body_bytes, runtime.policy.limits.body_read_timeout_s)
             if isinstance(body, bytes):
-                x.body, x.request = parse_chat_request(body)
+                x.body = parse_chat_request(body)
+                x.directives = x.body.pop("gateway_cache", None)
+                x.request = read_chat_request(x.body)
             else:
-                x.body, x.request, x.internal = body.chat, chat_view(body.chat), body.request
+                x.request = body
             if passthrough is not None and passthrough.body is not None:
                 x.passthrough = passthrough
                 record.passthrough = True
@@ -273,8 +271,7 @@ class ChatPipeline:
                 runtime.providers,
                 self._holder.breakers,
                 x.plan.retry or runtime.policy.retry,
-                x.body if relay is None else relay.body,  # type: ignore[arg-type]
-                _completer(x.internal) if relay is None else _relayed(relay),
+                _completer(x.request, x.body) if relay is None else _relayed(relay),
                 x.info,
             )
             provider = x.info.provider
@@ -305,19 +302,17 @@ class ChatPipeline:
             return
         assert x.plan is not None
         encoding = x.runtime.policy.models[x.plan.candidates[0]].encoding
-        messages, tools = x.body["messages"], x.body.get("tools")
-        if prompt_chars(messages) > x.runtime.policy.limits.long_prompt_chars:
-            x.prompt_tokens = await asyncio.to_thread(count_chat_prompt, messages, encoding, tools)
+        if prompt_chars(x.request) > x.runtime.policy.limits.long_prompt_chars:
+            x.prompt_tokens = await asyncio.to_thread(count_prompt, x.request, encoding)
         else:
-            x.prompt_tokens = count_chat_prompt(messages, encoding, tools)
+            x.prompt_tokens = count_prompt(x.request, encoding)
         x.counted = True
 
     async def _reserve(self, x: _Exchange, principal: Principal) -> None:
         """Check the key's and tenant's limits against this request's estimate, and reserve it."""
-        assert x.plan is not None and x.request is not None
+        assert x.plan is not None
         policy = x.runtime.policy
-        request = x.request
-        completion = request.max_completion_tokens or request.max_tokens or policy.limits.default_completion_tokens
+        completion = x.request.max_tokens or policy.limits.default_completion_tokens
         # A classifier route may still pick the large model: estimate at the baseline's (large) price.
         priced = x.plan.baseline if x.plan.threshold is not None else x.plan.candidates[0]
         price = policy.models[priced].price
@@ -336,7 +331,7 @@ class ChatPipeline:
             x.scored = True
             if self._scorer is not None:
                 try:
-                    x.score = await self._scorer.score(x.body["messages"])
+                    x.score = await self._scorer.score(request_text(x.request.messages))
                 except ClassifierError as exc:
                     _log.warning("classifier_failed", request_id=x.record.request_id, error=str(exc)[:200])
         return x.score
@@ -371,11 +366,11 @@ class ChatPipeline:
 
     async def _from_cache(self, x: _Exchange, cache_control: str | None) -> Answer | StreamingAnswer | None:
         """Exact hit, then semantic hit, then a coalesced answer; None means: ask upstream."""
-        assert x.plan is not None and x.request is not None
+        assert x.plan is not None
         if x.passthrough is not None:
             return None
         policy = x.runtime.policy.cache
-        x.cache = plan = plan_cache(policy, x.record.tenant, x.plan.route, x.body, x.request, cache_control)
+        x.cache = plan = plan_cache(policy, x.record.tenant, x.plan.route, x.request, cache_control, x.directives)
         if plan is None:
             return None
         x.record.cache = "miss"
@@ -433,7 +428,7 @@ class ChatPipeline:
         """Ask upstream what the cached answer stood in for, after it was served (gateway/cache/audit.py)."""
         assert x.plan is not None
         runtime, plan, semantic = x.runtime, x.plan, x.runtime.policy.cache.semantic
-        body = _unstreamed(x.body)
+        request, body = _unstreamed(x.request, x.body)
         ask = self._asker(x)
         judge_model = semantic.audit.judge_model
 
@@ -449,21 +444,23 @@ class ChatPipeline:
                 x.record.tenant,
                 plan.route,
                 hit.answer.text or "",
-                lambda: ask(plan.candidates, body),
+                lambda: ask(plan.candidates, request, body),
                 judge if judge_model is not None and judge_model in runtime.providers else None,
             )
         )
 
-    def _asker(self, x: _Exchange) -> Callable[[tuple[str, ...], dict[str, Any]], Awaitable[tuple[str, float]]]:
+    def _asker(self, x: _Exchange) -> _Ask:
         """Ask models off the request path (audits, shadow judging): the answer's text and its cost."""
         assert x.plan is not None
         runtime = x.runtime
         retry = x.plan.retry or runtime.policy.retry
         breakers = self._holder.breakers
 
-        async def ask(candidates: tuple[str, ...], request: dict[str, Any]) -> tuple[str, float]:
+        async def ask(
+            candidates: tuple[str, ...], request: core.Request, body: dict[str, Any] | None = None
+        ) -> tuple[str, float]:
             info = DispatchInfo()
-            completion = await dispatch(candidates, runtime.providers, breakers, retry, request, _complete, info)
+            completion = await dispatch(candidates, runtime.providers, breakers, retry, _completer(request, body), info)
             usage, provider = completion.usage, info.provider
             cost = 0.0
             if usage is not None and provider is not None:
@@ -487,18 +484,16 @@ class ChatPipeline:
         judge_model = plan.learning.judge or large
         if other not in x.runtime.providers or judge_model not in x.runtime.providers:
             return
-        ask, body = self._asker(x), x.body
+        ask, request, body = self._asker(x), x.request, x.body
 
         async def ask_other() -> tuple[str, float]:
-            return await ask((other,), {**_unstreamed(body), "model": other})
+            return await ask((other,), *_unstreamed(request, body))
 
         async def judge(small_answer: str, large_answer: str) -> tuple[str, float]:
             # built only for the sampled few: most routed requests are never judged
-            request_text = "\n\n".join(
-                f"{m.get('role', 'user')}: {message_text(m)}" for m in body.get("messages", ()) if isinstance(m, dict)
-            )
+            conversation = "\n\n".join(f"{m.role}: {m.text}" for m in request.messages)
             return await ask(
-                (judge_model,), shadow_judge_request(judge_model, request_text, small_answer, large_answer)
+                (judge_model,), shadow_judge_request(judge_model, conversation, small_answer, large_answer)
             )
 
         learning.after_answer(
@@ -533,13 +528,12 @@ class ChatPipeline:
         if record.decision is not None:
             record.decision = "cache"  # not the classifier's "default": nothing was routed
         headers = self._headers(x)
-        assert x.request is not None
         answer = hit.served_as(f"chatcmpl-{record.request_id}")
         if record.protocol != "openai.chat":
             return Answer(200, b"", headers, typed=answer)  # the asking protocol renders it
         if not x.request.stream:
             return Answer(200, completion_from_answer(answer, answer.usage), headers)
-        include_usage = bool(x.request.stream_options and x.request.stream_options.include_usage)
+        include_usage = _includes_usage(x.body)
         return StreamingAnswer(headers, _iterate(stream_from_answer(answer, int(time.time()), include_usage)))
 
     @staticmethod
@@ -589,7 +583,7 @@ class ChatPipeline:
                 await self._exact.release(lease, None, x.runtime.policy.cache.redis_timeout_ms / 1000)
 
     async def _start_stream(self, x: _Exchange) -> StreamingAnswer | StreamingDeltas:
-        assert x.plan is not None and x.request is not None
+        assert x.plan is not None
         runtime, relay = x.runtime, x.passthrough
         typed = relay is None and x.record.protocol != "openai.chat"
         stream, first = await dispatch(
@@ -597,8 +591,7 @@ class ChatPipeline:
             runtime.providers,
             self._holder.breakers,
             x.plan.retry or runtime.policy.retry,
-            x.body if relay is None else relay.body,  # type: ignore[arg-type]
-            _stream_opener(x.internal, typed) if relay is None else _open_relayed(relay),
+            _stream_opener(x.request, x.body, typed) if relay is None else _open_relayed(relay),
             x.info,
         )
         x.record.ttft_ms = (time.perf_counter() - x.started) * 1000
@@ -607,7 +600,7 @@ class ChatPipeline:
         assert provider is not None
         x.record.model, x.record.provider = provider.name, provider.kind
         headers = self._headers(x, cost=cost_usd(provider.config.price, x.prompt_tokens, 0))
-        include_usage = bool(x.request.stream_options and x.request.stream_options.include_usage)
+        include_usage = _includes_usage(x.body)
         items = self._relay(x, stream, first, include_usage, typed)
         if typed:
             return StreamingDeltas(headers, cast(AsyncIterator[DeltaBatch], items))
@@ -762,8 +755,17 @@ class ChatPipeline:
             self._limiter.settle_later(x.runtime.policy, x.reservation, UsageFigures.of_request(record))
 
 
-def _unstreamed(body: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+def _unstreamed(request: core.Request, body: dict[str, Any] | None) -> tuple[core.Request, dict[str, Any] | None]:
+    """The request asked again off the request path, whole."""
+    if body is not None:
+        body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    return msgspec.structs.replace(request, stream=False), body
+
+
+def _includes_usage(body: dict[str, Any] | None) -> bool:
+    """A chat client asked for the usage chunk at the end of its stream."""
+    options = body.get("stream_options") if body is not None else None
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def _internal_error(x: _Exchange, exc: Exception) -> GatewayError:
@@ -779,9 +781,9 @@ def _record_speculation(record: RequestRecord, result: object) -> None:
         record.speculation = stats.to_log()
 
 
-def _completer(internal: core.Request | None) -> Callable[[Provider, dict[str, Any]], Awaitable[Completion]]:
-    async def call(provider: Provider, body: dict[str, Any]) -> Completion:
-        return await provider.complete(body, internal)
+def _completer(request: core.Request, body: dict[str, Any] | None) -> Callable[[Provider], Awaitable[Completion]]:
+    async def call(provider: Provider) -> Completion:
+        return await provider.complete(request, _for(provider, body))
 
     return call
 
@@ -790,17 +792,26 @@ _Piece = bytes | list[core.Delta]
 """What a provider's stream gives: a chat chunk (or a passed-through event), or deltas."""
 
 
-_complete = _completer(None)
-"""A chat request the gateway makes itself (audits, shadow judging): no internal request beside it."""
+class _Ask(Protocol):
+    """Asks models off the request path: the answer's text and what it cost."""
+
+    async def __call__(
+        self, candidates: tuple[str, ...], request: core.Request, body: dict[str, Any] | None = None
+    ) -> tuple[str, float]: ...
 
 
 def _stream_opener(
-    internal: core.Request | None, typed: bool
-) -> Callable[[Provider, dict[str, Any]], Awaitable[tuple[ChatStream, _Piece | None]]]:
-    async def call(provider: Provider, body: dict[str, Any]) -> tuple[ChatStream, _Piece | None]:
-        return await _opened(await provider.open_stream(body, internal), typed)
+    request: core.Request, body: dict[str, Any] | None, typed: bool
+) -> Callable[[Provider], Awaitable[tuple[ChatStream, _Piece | None]]]:
+    async def call(provider: Provider) -> tuple[ChatStream, _Piece | None]:
+        return await _opened(await provider.open_stream(request, _for(provider, body)), typed)
 
     return call
+
+
+def _for(provider: Provider, body: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A chat client's body as this provider's upstream is sent it: its own model name."""
+    return None if body is None else {**body, "model": provider.upstream_model}
 
 
 async def _opened(stream: ChatStream, typed: bool = False) -> tuple[ChatStream, _Piece | None]:
@@ -814,18 +825,16 @@ async def _opened(stream: ChatStream, typed: bool = False) -> tuple[ChatStream, 
         raise
 
 
-def _relayed(relay: PassThrough) -> Callable[[Provider, dict[str, Any]], Awaitable[Completion]]:
-    async def call(provider: Provider, body: dict[str, Any]) -> Completion:
-        return await provider.relay(body, relay.headers)
+def _relayed(relay: PassThrough) -> Callable[[Provider], Awaitable[Completion]]:
+    async def call(provider: Provider) -> Completion:
+        return await provider.relay(_for(provider, relay.body) or {}, relay.headers)
 
     return call
 
 
-def _open_relayed(
-    relay: PassThrough,
-) -> Callable[[Provider, dict[str, Any]], Awaitable[tuple[ChatStream, _Piece | None]]]:
-    async def call(provider: Provider, body: dict[str, Any]) -> tuple[ChatStream, _Piece | None]:
-        return await _opened(await provider.open_relay(body, relay.headers))
+def _open_relayed(relay: PassThrough) -> Callable[[Provider], Awaitable[tuple[ChatStream, _Piece | None]]]:
+    async def call(provider: Provider) -> tuple[ChatStream, _Piece | None]:
+        return await _opened(await provider.open_relay(_for(provider, relay.body) or {}, relay.headers))
 
     return call
 

@@ -9,13 +9,15 @@ counts are then approximate (upstream ``usage`` stays authoritative).
 from __future__ import annotations
 
 import functools
-from typing import Any
 
+import msgspec
 import structlog
 import tiktoken
 import tiktoken.registry
 
-__all__ = ["count_chat_prompt", "count_text", "encoding_for"]
+from gateway.core.model import ImagePart, Request, TextPart
+
+__all__ = ["count_prompt", "count_text", "encoding_for", "prompt_chars"]
 
 _log = structlog.get_logger("gateway.tokens")
 
@@ -56,22 +58,25 @@ def count_text(text: str, encoding: str) -> int:
     return len(encoding_for(encoding).encode_ordinary(text))
 
 
-def count_chat_prompt(messages: list[dict[str, Any]], encoding: str, tools: Any = None) -> int:
+def count_prompt(request: Request, encoding: str) -> int:
     """Prompt tokens as the upstream will bill them (before its own usage arrives)."""
     enc = encoding_for(encoding)
     texts: list[str] = []
     total = _REPLY_PRIMING
-    for message in messages:
+    for message in request.messages:
         total += _TOKENS_PER_MESSAGE
-        if message.get("name"):
+        if message.name:
             total += _TOKENS_PER_NAME
-            texts.append(str(message["name"]))
-        total += _collect_texts(message.get("content"), texts)
-        tool_calls = message.get("tool_calls")
-        if tool_calls:
-            texts.append(_as_text(tool_calls))
-    if tools:
-        texts.append(_as_text(tools))
+            texts.append(message.name)
+        for part in message.parts:
+            if isinstance(part, TextPart):
+                texts.append(part.text)
+            elif isinstance(part, ImagePart):
+                total += _IMAGE_TOKENS
+        if message.tool_calls:
+            texts.append(_as_text(message.tool_calls))
+    if request.tools:
+        texts.append(_as_text(request.tools))
     # One encode per text: tiktoken's *_batch variants start a thread pool on every call,
     # which cost more than the encoding itself on the hot path (seen in a profile).
     encode = enc.encode_ordinary
@@ -80,36 +85,10 @@ def count_chat_prompt(messages: list[dict[str, Any]], encoding: str, tools: Any 
     return total
 
 
-def _collect_texts(content: Any, texts: list[str]) -> int:
-    """Append the text parts of a message's content; return the tokens of its non-text parts."""
-    if isinstance(content, str):
-        texts.append(content)
-        return 0
-    extra = 0
-    if isinstance(content, list):
-        for part in content:
-            if not isinstance(part, dict):
-                continue
-            if part.get("type") == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif part.get("type") in ("image_url", "input_image", "image"):
-                extra += _IMAGE_TOKENS
-    return extra
-
-
-def _as_text(value: Any) -> str:
-    import msgspec
-
-    return msgspec.json.encode(value).decode()
-
-
-def prompt_chars(messages: list[dict[str, Any]]) -> int:
+def prompt_chars(request: Request) -> int:
     """A cheap size estimate: decides whether tokenizing goes off the event loop."""
-    total = 0
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            total += len(content)
-        elif isinstance(content, list):
-            total += sum(len(text) for p in content if isinstance(p, dict) and isinstance(text := p.get("text"), str))
-    return total
+    return sum(len(part.text) for m in request.messages for part in m.parts if isinstance(part, TextPart))
+
+
+def _as_text(value: object) -> str:
+    return msgspec.json.encode(value).decode()

@@ -18,7 +18,8 @@ from litestar.response import Stream
 
 from gateway.api.answers import StreamBroke, answer_of, delta_batches, streams
 from gateway.api.handoff import hand_to_pipeline
-from gateway.pipeline import Answer, StreamingAnswer, StreamingDeltas, Translated
+from gateway.core import model as core
+from gateway.pipeline import Answer, StreamingAnswer, StreamingDeltas
 from gateway.protocols import openai_completions as completions
 
 __all__ = ["create_completion"]
@@ -31,10 +32,10 @@ _PROTOCOL = "openai.completions"
 async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     asked: list[completions.Completion] = []
 
-    async def translate(raw: bytes) -> Translated:
+    async def translate(raw: bytes) -> core.Request:
         decoded = completions.decode_request(raw)
         asked.append(decoded)
-        return Translated(decoded.request, completions.to_chat_body(decoded))
+        return decoded.request
 
     request_id, answer = await hand_to_pipeline(request, protocol=_PROTOCOL, translate=translate)
     if answer is None:

@@ -12,8 +12,9 @@ from typing import Any, Protocol
 from litestar.exceptions import InternalServerException
 
 from gateway.api.state import GatewayState
+from gateway.core.model import Request
 from gateway.errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError
-from gateway.pipeline import Answer, BodyReader, PassThrough, StreamingAnswer, StreamingDeltas, Translated
+from gateway.pipeline import Answer, BodyReader, PassThrough, StreamingAnswer, StreamingDeltas
 
 __all__ = ["DisconnectWatch", "Incoming", "hand_to_pipeline"]
 
@@ -37,13 +38,13 @@ async def hand_to_pipeline(
     *,
     protocol: str = "openai.chat",
     authorization: str | None = None,
-    translate: Callable[[bytes], Awaitable[Translated]] | None = None,
+    translate: Callable[[bytes], Awaitable[Request]] | None = None,
     embeddings: bool = False,
     passthrough: PassThrough | None = None,
 ) -> tuple[str, Answer | StreamingAnswer | StreamingDeltas | None]:
     """The request id and the pipeline's answer; None when the client left before it.
 
-    ``translate`` decodes another protocol's body into a chat request, and may wait (the
+    ``translate`` decodes another protocol's body into the internal model, and may wait (the
     Responses API loads earlier turns from the store); a GatewayError it raises for a
     bad body is answered by the pipeline like any other;
     ``embeddings``: the embeddings pipeline answers instead of the chat pipeline;
@@ -62,7 +63,7 @@ async def hand_to_pipeline(
     if translate is not None:
         convert = translate
 
-        async def read_body(limit: int, timeout_s: float) -> bytes | Translated:
+        async def read_body(limit: int, timeout_s: float) -> bytes | Request:
             return await convert(await watch.read_body(limit, timeout_s))
 
     try:

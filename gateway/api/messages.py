@@ -28,10 +28,9 @@ from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.core.model import Request as CoreRequest
 from gateway.errors import GatewayError
-from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas, Translated
+from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas
 from gateway.protocols import anthropic_messages as anthropic
-from gateway.protocols import openai_chat
-from gateway.tokens import count_chat_prompt
+from gateway.tokens import count_prompt
 
 __all__ = ["count_message_tokens", "create_message"]
 
@@ -45,7 +44,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
     asked: list[CoreRequest] = []
     passthrough = PassThrough()
 
-    async def translate(raw: bytes) -> Translated:
+    async def translate(raw: bytes) -> CoreRequest:
         body = _json_object(raw)
         if _only_anthropic_upstreams(request, body):
             decoded = _translatable(raw, body)
@@ -60,7 +59,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
             if decoded.thinking is not None:
                 decoded.dropped.append("thinking")  # no upstream of the route but Anthropic's can honour it
         asked.append(decoded)
-        return Translated(decoded, openai_chat.to_chat_body(decoded))
+        return decoded
 
     request_id, answer = await hand_to_pipeline(
         request,
@@ -104,9 +103,7 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
         decoded = anthropic.decode_request(raw, counting=True, passed_through=lenient)
         plan = runtime.router.plan(decoded.model)
         principal.check_model(plan.route)
-        body = openai_chat.to_chat_body(decoded)
-        encoding = runtime.policy.models[plan.candidates[0]].encoding
-        tokens = count_chat_prompt(body["messages"], encoding, body.get("tools"))
+        tokens = count_prompt(decoded, runtime.policy.models[plan.candidates[0]].encoding)
     except GatewayError as exc:
         return _error(exc.status_code, exc.message, exc.headers)
     return Response(content=msgspec.json.encode({"input_tokens": tokens}), media_type="application/json")

@@ -14,7 +14,7 @@ Reading a stored turn needs the store: ``previous_response_id`` is then a 503.
 
 When every model the request can reach serves the Responses API itself
 (``responses_api: true``), the request is passed through instead (:class:`PassThrough`):
-the pipeline reads its chat view, the upstream gets the body as it came and the client
+the pipeline reads it in the internal model, the upstream gets the body as it came and the client
 the upstream's answer. The upstream then keeps the response; the store keeps only which
 tenant owns its id (and which model holds it), so reading, deleting and continuing it
 stay within the tenant. A turn the gateway keeps cannot be continued upstream, nor one
@@ -38,8 +38,9 @@ from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.core.model import Answer as CoreAnswer
 from gateway.core.model import Message, TextPart
+from gateway.core.model import Request as CoreRequest
 from gateway.errors import GatewayError, InvalidRequestError, ServiceUnavailableError, UpstreamStatusError
-from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas, Translated
+from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas
 from gateway.protocols import openai_responses as codec
 from gateway.responses_store import ResponseStore, StoredResponse
 from gateway.runtime import Runtime
@@ -85,7 +86,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
     created_at = int(time.time())
     passthrough = PassThrough()
 
-    async def translate(raw: bytes) -> Translated:
+    async def translate(raw: bytes) -> CoreRequest:
         runtime = state.holder.current
         # The pipeline has authenticated the caller already; this is only to learn the tenant.
         turn.tenant = runtime.auth.authenticate(request.headers.get("authorization")).tenant
@@ -98,7 +99,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         ):
             turn.decoded = decoded
             passthrough.body = _without_shared_state(msgspec.json.decode(raw))
-            return Translated(decoded.request, _chat_view(decoded))
+            return _readable(decoded)
         if previous is not None and previous.held_by is not None:
             raise InvalidRequestError(
                 f"previous_response_id: response '{decoded.previous_response_id}' is kept by the upstream of model "
@@ -108,7 +109,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         decoded = codec.decode_request(raw, json_object_ok=lambda model: _json_object_ok(runtime, model))
         turn.decoded = decoded
         turn.history = previous.messages if previous is not None else []
-        return Translated(codec.to_request(decoded, turn.history), codec.to_chat_body(decoded, turn.history))
+        return codec.to_request(decoded, turn.history)
 
     _, answer = await hand_to_pipeline(request, protocol=_PROTOCOL, translate=translate, passthrough=passthrough)
     if answer is None:
@@ -258,15 +259,14 @@ def _without_shared_state(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def _chat_view(decoded: codec.ResponsesRequest) -> dict[str, Any]:
+def _readable(decoded: codec.ResponsesRequest) -> CoreRequest:
     """What the pipeline reads of a passed-through request (its text, for counting and routing).
 
     Input that only the upstream can read (a custom tool's output, an item reference) may
-    leave no message at all: the view then has one empty user turn."""
+    leave no message at all: the pipeline then reads one empty user turn."""
     if decoded.request.messages or decoded.instructions:
-        return codec.to_chat_body(decoded)
-    empty = msgspec.structs.replace(decoded.request, messages=[Message("user", (TextPart(""),))])
-    return codec.to_chat_body(msgspec.structs.replace(decoded, request=empty))
+        return codec.to_request(decoded)
+    return msgspec.structs.replace(decoded.request, messages=[Message("user", (TextPart(""),))])
 
 
 async def _passed_through(

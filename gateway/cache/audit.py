@@ -37,6 +37,7 @@ import structlog
 from gateway.accounting.metrics import Metrics
 from gateway.background import BackgroundTasks
 from gateway.config.schema import SemanticAuditPolicy
+from gateway.core.model import Request
 from gateway.judge import yes_no_request
 from gateway.store import keyspace
 from gateway.store.base import KeyValue, StoreUnavailable
@@ -96,7 +97,7 @@ _JUDGE_INSTRUCTIONS = (
 )
 
 
-def judge_request(model: str, prompt: str, cached: str, fresh: str) -> dict[str, object]:
+def judge_request(model: str, prompt: str, cached: str, fresh: str) -> Request:
     """The chat request that asks ``model`` whether two answers to ``prompt`` agree."""
     return yes_no_request(
         model, _JUDGE_INSTRUCTIONS, f"Request:\n{prompt}\n\nAnswer 1:\n{cached}\n\nAnswer 2:\n{fresh}"

@@ -1,4 +1,4 @@
-"""Canonical request keys: the same question gives the same key whatever the JSON's layout."""
+"""Canonical request keys: the same question gives the same key whatever protocol or JSON layout carried it."""
 
 from __future__ import annotations
 
@@ -7,54 +7,48 @@ from typing import Any
 
 import msgspec
 
+from gateway.core.model import Request
 from gateway.store import keyspace
 
-__all__ = ["canonical_params", "exact_key", "namespace_hash"]
+__all__ = ["answer_params", "exact_key", "namespace_hash"]
 
-_NOT_IN_KEY = frozenset(
-    {"model", "stream", "stream_options", "user", "metadata", "store", "service_tier", "gateway_cache"}
-)
-"""Fields that do not change the answer. Everything else, unknown fields included, is part of the key."""
+_NOT_IN_KEY = frozenset({"stream_options", "metadata", "store", "service_tier", "gateway_cache"})
+"""Unmodeled fields (:attr:`Request.extra`) that do not change the answer. Every other one,
+unknown fields included, is part of the key."""
 
 _encoder = msgspec.json.Encoder(order="sorted")
 
 
-def exact_key(tenant: str, route: str, body: dict[str, Any]) -> str:
+def exact_key(tenant: str, route: str, request: Request) -> str:
     """The tenant's exact-cache key (see :mod:`gateway.store.keyspace`): no lookup can cross tenants.
 
-    The hash covers the route asked for and every field that can change the answer, in
-    :func:`canonical_params` form and encoded with sorted keys (field order and whitespace
-    in the client's JSON don't matter).
+    The hash covers the route asked for and everything in the internal request that can change
+    the answer: its messages and :func:`answer_params`. Decoding already wrote each question one
+    way (a string content and a list of one text part are one :class:`TextPart`; ``max_tokens``
+    and ``max_completion_tokens`` are one field), so one question asked through two APIs has
+    one key.
     """
-    digest = hashlib.sha256(_encoder.encode([route, canonical_params(body)])).hexdigest()
+    digest = hashlib.sha256(_encoder.encode([route, request.messages, answer_params(request)])).hexdigest()
     return keyspace.exact(tenant, digest)
 
 
-def canonical_params(body: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a chat body that can change the answer, written one way: numbers as floats
-    (``0`` and ``0.0``), ``max_completion_tokens`` as ``max_tokens``, a content list of one plain
-    text part as its string. So one question asked through two APIs (whose codecs write the
-    same request differently) has one key."""
-    out: dict[str, Any] = {}
-    for key, value in body.items():
-        if key in _NOT_IN_KEY:
-            continue
-        if key == "max_completion_tokens":
-            key = "max_tokens"
-        out[key] = float(value) if isinstance(value, int) and not isinstance(value, bool) else value
-    messages = out.get("messages")
-    if isinstance(messages, list) and any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages):
-        out["messages"] = [_one_way(m) for m in messages]
-    return out
-
-
-def _one_way(message: Any) -> Any:
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, list) and len(content) == 1:
-        part = content[0]
-        if isinstance(part, dict) and part.keys() == {"type", "text"} and part["type"] == "text":
-            return {**message, "content": part["text"]}
-    return message
+def answer_params(request: Request) -> dict[str, Any]:
+    """The request's settings that can change the answer (not its messages), numbers written
+    one way (``0`` and ``0.0``)."""
+    params: dict[str, Any] = {
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "stop": request.stop,
+        "tools": request.tools,
+        "tool_choice": request.tool_choice,
+        "json_schema": request.json_schema,
+        "thinking": request.thinking,
+    }
+    for key, value in request.extra.items():
+        if key not in _NOT_IN_KEY:
+            params[key] = float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    return params
 
 
 def namespace_hash(route: str, system_prompt: str, params: dict[str, Any]) -> str:

@@ -5,16 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.cache.keys import canonical_params, exact_key, namespace_hash
+from gateway.cache.keys import answer_params, exact_key, namespace_hash
 from gateway.config.schema import CachePolicy
-from gateway.protocol import ChatRequest, ContentPart
+from gateway.core.model import Message, Request, TextPart
 from gateway.store import keyspace
 
 __all__ = ["CachePlan", "plan_cache"]
-
-_ANSWER_INDEPENDENT = frozenset(
-    {"messages", "model", "stream", "stream_options", "user", "metadata", "store", "gateway_cache"}
-)
 
 
 @dataclass(slots=True)
@@ -29,14 +25,16 @@ class CachePlan:
 
 
 def plan_cache(
-    policy: CachePolicy, tenant: str, route: str, body: dict[str, Any], request: ChatRequest, cache_control: str | None
+    policy: CachePolicy, tenant: str, route: str, request: Request, cache_control: str | None, field: Any = None
 ) -> CachePlan | None:
-    """None when the cache is off for this request altogether."""
+    """None when the cache is off for this request altogether. ``field``: the chat body's
+    ``gateway_cache`` directives, which the edge took out of the body."""
     if not policy.enabled:
         return None
-    directives = _directives(cache_control, body.pop("gateway_cache", None))
+    directives = _directives(cache_control, field)
     read, write = "no-cache" not in directives, "no-store" not in directives
-    if request.n not in (None, 1) or not (read or write) or _beyond_the_answer(body):
+    extra = request.extra
+    if extra.get("n") not in (None, 1) or not (read or write) or _beyond_the_answer(request):
         return None
     temperature = request.temperature if request.temperature is not None else 1.0
     exact_limit = policy.exact.max_temperature
@@ -44,27 +42,31 @@ def plan_cache(
         return None
     semantic_set = None
     semantic = policy.semantic
-    turns = [m for m in request.messages if m.role not in ("system", "developer")]
+    turns = [m for m in request.messages if m.role != "system"]
     if (
         semantic.enabled
         and temperature <= semantic.max_temperature
-        and (semantic.tools or not (request.tools or body.get("functions")))
+        and (semantic.tools or not (request.tools or extra.get("functions")))
         and (semantic.multi_turn or len(turns) == 1)
     ):
-        system = "\n".join(_text(m.content) for m in request.messages if m.role in ("system", "developer"))
-        params = {k: v for k, v in canonical_params(body).items() if k not in _ANSWER_INDEPENDENT}
-        earlier = [(m.role, _text(m.content)) for m in turns[:-1]]
+        system = "\n".join(_text(m) for m in request.messages if m.role == "system")
+        earlier = [(m.role, _text(m)) for m in turns[:-1]]
         semantic_set = keyspace.semantic_index(
-            tenant, namespace_hash(route, system, {"params": params, "earlier": earlier})
+            tenant, namespace_hash(route, system, {"params": answer_params(request), "earlier": earlier})
         )
-    prompt = "\n".join(_text(m.content) for m in turns[-1:]) if turns else ""
-    return CachePlan(read, write, exact_key(tenant, route, body), semantic_set, prompt)
+    prompt = _text(turns[-1]) if turns else ""
+    return CachePlan(read, write, exact_key(tenant, route, request), semantic_set, prompt)
 
 
-def _beyond_the_answer(body: dict[str, Any]) -> bool:
-    """The client asked for what a cached answer does not hold (token logprobs, audio)."""
-    modalities = body.get("modalities")
-    return bool(body.get("logprobs")) or (isinstance(modalities, list) and "audio" in modalities)
+def _beyond_the_answer(request: Request) -> bool:
+    """What a cached answer does not hold: token logprobs, audio, or anything of the request
+    the internal model could not read (:attr:`Request.unreadable`)."""
+    modalities = request.extra.get("modalities")
+    return (
+        request.unreadable is not None
+        or bool(request.extra.get("logprobs"))
+        or (isinstance(modalities, list) and "audio" in modalities)
+    )
 
 
 def _directives(header: str | None, field: Any) -> set[str]:
@@ -84,9 +86,5 @@ def _directives(header: str | None, field: Any) -> set[str]:
     return found
 
 
-def _text(content: str | list[ContentPart] | None) -> str:
-    if isinstance(content, str):
-        return content
-    if content:
-        return "\n".join(part.text for part in content if part.type == "text" and part.text is not None)
-    return ""
+def _text(message: Message) -> str:
+    return "\n".join(part.text for part in message.parts if isinstance(part, TextPart))

@@ -34,7 +34,6 @@ import structlog
 
 from gateway.classifier.features import surface_features
 from gateway.classifier.head import HeadError, RoutingHead, load_head
-from gateway.classifier.text import select_text
 from gateway.inference import ArtifactError, load_onnx_model, sha256_file
 
 _log = structlog.get_logger("gateway.classifier")
@@ -159,9 +158,6 @@ class Classifier:
             out.extend(self._infer(list(texts[start : start + self.max_batch])))
         return out
 
-    def score_messages_sync(self, messages: list[dict[str, Any]]) -> RouterScore:
-        return self.score_batch_sync([select_text(messages)])[0]
-
     # --------------------------------------------------------------- async path
     def _ensure_batcher(self) -> asyncio.Queue[tuple[str, asyncio.Future[RouterScore]]]:
         loop = asyncio.get_running_loop()
@@ -171,11 +167,9 @@ class Classifier:
             self._batcher = loop.create_task(self._batch_loop(self._queue), name="router-batcher")
         return self._queue
 
-    async def score(self, messages: list[dict[str, Any]]) -> RouterScore:
-        """``p_large`` and the embedding for a conversation (micro-batched, off the loop)."""
-        return await self.score_text(select_text(messages))
-
-    async def score_text(self, text: str) -> RouterScore:
+    async def score(self, text: str) -> RouterScore:
+        """``p_large`` and the embedding for the text the router reads of a request
+        (:mod:`gateway.classifier.text`), micro-batched, off the loop."""
         if self._closed:
             raise ClassifierError("classifier is closed")
         queue = self._ensure_batcher()

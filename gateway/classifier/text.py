@@ -11,8 +11,10 @@ they push the question out of the window).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from gateway.core.model import Message, TextPart
 
 SHORT_TURN_CHARS = 24
 
@@ -38,12 +40,21 @@ def message_text(message: Mapping[str, Any]) -> str:
 
 
 def select_text(messages: list[dict[str, Any]]) -> str:
-    """The text the classifier scores for ``messages`` (see module docstring)."""
-    user_turns = [t for t in (message_text(m) for m in messages if m.get("role") == "user") if t.strip()]
+    """The text the classifier scores for chat-shaped ``messages`` (see module docstring)."""
+    return select_from_turns([(m.get("role"), message_text(m)) for m in messages])
+
+
+def request_text(messages: Sequence[Message]) -> str:
+    """The text the classifier scores for a request in the internal model."""
+    return select_from_turns([(m.role, _joined(m)) for m in messages])
+
+
+def select_from_turns(turns: Sequence[tuple[object, str]]) -> str:
+    """The rule of the module docstring, on (role, text) pairs."""
+    user_turns = [t for role, t in turns if role == "user" and t.strip()]
     if not user_turns:
         # no user turn: the last message with any text (e.g. a bare system prompt)
-        for m in reversed(messages):
-            t = message_text(m)
+        for _, t in reversed(turns):
             if t.strip():
                 return t.strip()
         return ""
@@ -51,3 +62,8 @@ def select_text(messages: list[dict[str, Any]]) -> str:
     if len(last) < SHORT_TURN_CHARS and len(user_turns) > 1:
         return user_turns[-2].strip() + "\n" + last
     return last
+
+
+def _joined(message: Message) -> str:
+    """Text parts joined as :func:`message_text` joins a chat message's."""
+    return "\n".join(part.text for part in message.parts if isinstance(part, TextPart))

@@ -87,6 +87,8 @@ class Message(msgspec.Struct, frozen=True):
     """For ``tool`` messages: the call this is the result of."""
     is_error: bool = False
     """For ``tool`` messages: the tool failed."""
+    name: str | None = None
+    """The participant's name (OpenAI's ``name``), for upstreams that take one."""
 
     @property
     def text(self) -> str:
@@ -100,6 +102,8 @@ class Tool(msgspec.Struct, frozen=True):
     description: str | None = None
     cache_control: dict[str, Any] | None = None
     """A prompt-cache breakpoint after the tool definitions (Anthropic)."""
+    strict: bool | None = None
+    """OpenAI's strict schema adherence for the arguments, when the client set it."""
 
 
 class ToolChoice(msgspec.Struct, frozen=True):
@@ -127,6 +131,14 @@ class Request(msgspec.Struct, kw_only=True):
     Anthropic upstreams only."""
     dropped: list[str] = msgspec.field(default_factory=list)
     """Fields of the incoming protocol that no upstream of this request can honour (said in a header)."""
+    extra: dict[str, Any] = msgspec.field(default_factory=dict)
+    """OpenAI chat parameters this model has no field for (``seed``, ``n``, penalties, ``logprobs``,
+    a ``json_object`` response format, ...), as the client wrote them: sent on to OpenAI-compatible
+    upstreams, left out for others, and part of the cache key."""
+    unreadable: str | None = None
+    """Why part of the client's request has no place in this model (a content part, role or tool
+    it has no type for). The request still goes, as it came, to an upstream of the client's own
+    protocol; an upstream of another protocol refuses it with this reason, and it is not cached."""
 
 
 class Usage(msgspec.Struct, kw_only=True):

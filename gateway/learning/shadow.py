@@ -22,6 +22,7 @@ import structlog
 from gateway.accounting.metrics import Metrics
 from gateway.background import BackgroundTasks
 from gateway.config.schema import LearningPolicy
+from gateway.core.model import Request
 from gateway.judge import parse_yes_no, yes_no_request
 from gateway.learning.examples import LabelledExample, LearningStore, RoutingTrace
 from gateway.store.base import StoreUnavailable
@@ -40,7 +41,7 @@ JUDGE_INSTRUCTIONS = (
 _MAX_CHARS = 12_000
 
 
-def judge_request(model: str, request: str, small_answer: str, large_answer: str) -> dict[str, object]:
+def judge_request(model: str, request: str, small_answer: str, large_answer: str) -> Request:
     """The chat request that asks ``model`` whether the small model's answer was good enough."""
     question = (
         f"Request:\n{request[:_MAX_CHARS]}\n\nAnswer A:\n{small_answer[:_MAX_CHARS]}"

@@ -1,13 +1,12 @@
-"""OpenAI Chat Completions: the internal model to a chat body and back, and completions and chunks.
+"""OpenAI Chat Completions: a chat body to the internal model and back, and completions and chunks.
 
-The OpenAI-compatible path through the pipeline carries the client's own bytes; this
-codec is for requests that arrive in another protocol and are answered by the chat
-pipeline (Anthropic Messages, Responses, completions: :func:`to_chat_body`), and for
-chat requests that go to an upstream speaking another API (:func:`request_from_chat_body`,
-which the Anthropic provider encodes from).
+A chat client's body is read into the internal model once (:func:`read_chat_request`), and the
+pipeline's steps read that; the body itself goes on to OpenAI-compatible upstreams as it came.
+A request that arrived in another protocol reaches an OpenAI-compatible upstream written by
+:func:`to_chat_body`.
 
-What OpenAI's format has no field for travels in the chat body under the names that
-providers read and OpenAI-compatible upstreams never see (``for_openai_upstream``):
+What OpenAI's format has no field for can travel in a chat body under names that the
+Anthropic provider reads and OpenAI-compatible upstreams never see (``for_openai_upstream``):
 ``cache_control`` on parts and tools, a top-level ``thinking``, and assistant content
 parts ``{"type": "thinking", "thinking", "signature"}`` / ``{"type":
 "redacted_thinking", "data"}``. Answers carry reasoning as ``message.reasoning_content``
@@ -58,6 +57,7 @@ __all__ = [
     "chunk_delta",
     "completion_body",
     "completion_from_answer",
+    "read_chat_request",
     "read_usage",
     "request_from_chat_body",
     "storable_answer",
@@ -110,7 +110,83 @@ def to_chat_body(request: Request) -> dict[str, Any]:
     if request.stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+    if request.extra:
+        body.update(request.extra)
     return body
+
+
+_MODELED = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "stream",
+        "stream_options",
+        "user",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "thinking",
+    }
+)
+"""The chat fields :func:`request_from_chat_body` reads into the model; every other field goes to
+:attr:`Request.extra` (``response_format`` too, whose name and ``strict`` the model does not hold)."""
+
+
+def read_chat_request(body: dict[str, Any]) -> Request:
+    """A chat client's request as the internal model, never refused: what the model has no
+    place for is named in :attr:`Request.unreadable` (the request still goes as it came to
+    an OpenAI-compatible upstream), and unmodeled fields go to :attr:`Request.extra`."""
+    try:
+        request = request_from_chat_body(body)
+    except InvalidRequestError as exc:
+        request = _readable_part(body)
+        request.unreadable = exc.message
+    request.extra = {key: value for key, value in body.items() if key not in _MODELED}
+    return request
+
+
+def _readable_part(body: dict[str, Any]) -> Request:
+    """What the model can hold of a request :func:`request_from_chat_body` refused: messages,
+    parts and tools it cannot read are left out (or kept as their text)."""
+    messages: list[Message] = []
+    for i, message in enumerate(body.get("messages") or ()):
+        try:
+            messages.append(_internal_message(message, i))
+        except InvalidRequestError:
+            if isinstance(message, dict):
+                role = message.get("role")
+                text = _loose_text(message.get("content"))
+                messages.append(Message(role if role in ("system", "user", "assistant") else "user", text))
+    try:
+        tools, choice = _internal_tools(body)
+    except InvalidRequestError:
+        tools, choice = [], None
+    return Request(
+        model=str(body.get("model") or ""),
+        messages=messages,
+        max_tokens=_max_tokens(body),
+        temperature=_number(body.get("temperature")),
+        top_p=_number(body.get("top_p")),
+        stop=_stop(body.get("stop")),
+        stream=body.get("stream") is True,
+        tools=tools,
+        tool_choice=choice,
+    )
+
+
+def _loose_text(content: Any) -> tuple[Part, ...]:
+    if isinstance(content, str):
+        return (TextPart(content),) if content else ()
+    if not isinstance(content, list):
+        return ()
+    return tuple(
+        TextPart(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str) and p["text"]
+    )
 
 
 def request_from_chat_body(body: dict[str, Any]) -> Request:
@@ -151,10 +227,13 @@ def _internal_message(message: Any, i: int) -> Message:
         if not all(isinstance(part, TextPart) for part in parts):
             raise InvalidRequestError(f"messages[{i}]: only text parts are allowed here", param="messages")
         return Message("system", parts)
+    name = message.get("name") if isinstance(message.get("name"), str) and message.get("name") else None
     if role == "user":
-        return Message("user", _internal_parts(content, i))
+        return Message("user", _internal_parts(content, i), name=name)
     if role == "assistant":
-        return Message("assistant", _internal_parts(content, i), _internal_calls(message.get("tool_calls"), i))
+        return Message(
+            "assistant", _internal_parts(content, i), _internal_calls(message.get("tool_calls"), i), name=name
+        )
     if role == "tool":
         call_id = message.get("tool_call_id")
         if not isinstance(call_id, str):
@@ -239,6 +318,7 @@ def _internal_tools(body: dict[str, Any]) -> tuple[list[Tool], ToolChoice | None
                     parameters if isinstance(parameters, dict) else {"type": "object", "properties": {}},
                     description if isinstance(description, str) else None,
                     tool["cache_control"] if isinstance(tool.get("cache_control"), dict) else None,
+                    function["strict"] if isinstance(function.get("strict"), bool) else None,
                 )
             )
     parallel = body.get("parallel_tool_calls") is not False
@@ -274,7 +354,9 @@ def _stop(stop: Any) -> list[str]:
 def _tool(tool: Tool) -> dict[str, Any]:
     out: dict[str, Any] = {
         "type": "function",
-        "function": _drop_none({"name": tool.name, "description": tool.description, "parameters": tool.parameters}),
+        "function": _drop_none(
+            {"name": tool.name, "description": tool.description, "parameters": tool.parameters, "strict": tool.strict}
+        ),
     }
     if tool.cache_control is not None:
         out["cache_control"] = tool.cache_control  # read by the Anthropic provider, removed for others
@@ -310,6 +392,8 @@ def _message(message: Message) -> dict[str, Any]:
         out["content"] = message.text if message.parts or not message.tool_calls else None
     if message.tool_calls:
         out["tool_calls"] = _tool_calls(message.tool_calls)
+    if message.name is not None:
+        out["name"] = message.name
     return out
 
 

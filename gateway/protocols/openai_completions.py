@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
@@ -31,10 +31,9 @@ from gateway.core.model import (
     UsageReport,
 )
 from gateway.errors import InvalidRequestError
-from gateway.protocols import openai_chat
 from gateway.protocols.body import decode_body
 
-__all__ = ["DEFAULT_MAX_TOKENS", "Completion", "StreamEncoder", "decode_request", "encode_answer", "to_chat_body"]
+__all__ = ["DEFAULT_MAX_TOKENS", "Completion", "StreamEncoder", "decode_request", "encode_answer"]
 
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's default for the legacy API when ``max_tokens`` is absent."""
@@ -73,7 +72,7 @@ class _CompletionsRequest(_View):
 
 _KNOWN = frozenset(_CompletionsRequest.__struct_fields__)
 _CARRIED = ("seed", "presence_penalty", "frequency_penalty", "logit_bias")
-"""Fields a chat request has with the same meaning: put in the chat body as they came."""
+"""Fields a chat request has with the same meaning: carried in the request's ``extra`` as they came."""
 
 _AT = re.compile(r" - at `\$\.?([^`]*)`$")
 _MISSING = re.compile(r"^Object missing required field `([^`]*)`$")
@@ -88,8 +87,6 @@ class Completion:
     """With ``echo``: the prompt, to put before the answer's text."""
     include_usage: bool = False
     """``stream_options.include_usage``: a usage frame before ``[DONE]``."""
-    carried: dict[str, Any] = field(default_factory=dict)
-    """Chat fields the internal request does not hold, for the chat body (see ``_CARRIED``)."""
 
 
 def decode_request(raw: bytes) -> Completion:
@@ -120,13 +117,12 @@ def decode_request(raw: bytes) -> Completion:
         stream=bool(wire.stream),
         user=wire.user,
         dropped=sorted(name for name in body if name not in _KNOWN),
+        extra={name: getattr(wire, name) for name in _CARRIED if getattr(wire, name) is not None},
     )
-    carried = {name: getattr(wire, name) for name in _CARRIED if getattr(wire, name) is not None}
     return Completion(
         request=request,
         echo=prompt if wire.echo else None,
         include_usage=bool(wire.stream and wire.stream_options and wire.stream_options.include_usage),
-        carried=carried,
     )
 
 
@@ -157,11 +153,6 @@ def _refuse_what_a_chat_upstream_cannot_do(wire: _CompletionsRequest) -> None:
         raise InvalidRequestError("invalid parameter 'suffix': suffix (insertion) is not supported", param="suffix")
     if wire.logprobs is not None:
         raise InvalidRequestError("invalid parameter 'logprobs': logprobs are not supported", param="logprobs")
-
-
-def to_chat_body(completion: Completion) -> dict[str, Any]:
-    """The chat request the pipeline answers: one user message, and the carried fields."""
-    return {**openai_chat.to_chat_body(completion.request), **completion.carried}
 
 
 _FINISH: dict[FinishReason, str] = {

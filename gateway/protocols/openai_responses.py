@@ -59,7 +59,6 @@ __all__ = [
     "output_items",
     "response_object",
     "response_text",
-    "to_chat_body",
     "to_request",
     "usage_body",
     "usage_from_wire",
@@ -115,8 +114,6 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     """The request's fields as the response object repeats them (tools, tool_choice, text, ...)."""
     response_format: dict[str, Any] | None = None
     """The chat ``response_format`` for ``text.format`` (json_schema with its name, or json_object)."""
-    strict: dict[str, bool] = msgspec.field(default_factory=dict)
-    """Function tools' ``strict`` flags as the client set them, by tool name."""
 
 
 def decode_request(
@@ -134,7 +131,7 @@ def decode_request(
     for name in ("background", "conversation", "prompt"):
         if not passed_through and getattr(wire, name) not in (None, False):
             raise InvalidRequestError(f"'{name}' is not supported by this gateway", param=name)
-    tools, echo_tools, strict = _tools(wire.tools or [], passed_through)
+    tools, echo_tools = _tools(wire.tools or [], passed_through)
     choice, echo_choice = _tool_choice(wire.tool_choice, wire.parallel_tool_calls)
     text = wire.text or {}
     text_format, json_schema, response_format, dropped = _text_format(
@@ -182,7 +179,6 @@ def decode_request(
         store=echo["store"],
         echo=echo,
         response_format=response_format,
-        strict=strict,
     )
 
 
@@ -294,7 +290,7 @@ def _output_text(output: Any, where: str) -> str:
 _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 
-def _tools(raw: list[Any], lenient: bool = False) -> tuple[list[Tool], list[dict[str, Any]], dict[str, bool]]:
+def _tools(raw: list[Any], lenient: bool = False) -> tuple[list[Tool], list[dict[str, Any]]]:
     if lenient:
         raw = [tool for tool in raw if isinstance(tool, dict) and tool.get("type") == "function"]
     unsupported = [
@@ -318,9 +314,16 @@ def _tools(raw: list[Any], lenient: bool = False) -> tuple[list[Tool], list[dict
         if parameters is not None and not isinstance(parameters, dict):
             raise InvalidRequestError(f"tools[{index}].parameters: a JSON schema object is required")
         description = tool.get("description")
-        tools.append(Tool(name, parameters or _EMPTY_PARAMETERS, description if isinstance(description, str) else None))
         if isinstance(tool.get("strict"), bool):
             strict[name] = tool["strict"]
+        tools.append(
+            Tool(
+                name,
+                parameters or _EMPTY_PARAMETERS,
+                description if isinstance(description, str) else None,
+                strict=strict.get(name),
+            )
+        )
         echo.append(
             {
                 "type": "function",
@@ -330,7 +333,7 @@ def _tools(raw: list[Any], lenient: bool = False) -> tuple[list[Tool], list[dict
                 "strict": strict.get(name, True),
             }
         )
-    return tools, echo, strict
+    return tools, echo
 
 
 def _tool_choice(
@@ -386,26 +389,17 @@ def _text_format(
 
 
 def to_request(decoded: ResponsesRequest, history: Sequence[Message] = ()) -> Request:
-    """The whole request: the instructions, then the earlier turns' messages, then this input."""
+    """The whole request: the instructions, then the earlier turns' messages, then this input;
+    the chat ``response_format`` (a JSON schema's name and ``strict``, or JSON mode) in ``extra``."""
     messages = list(history) + decoded.request.messages
     if not messages:
         raise InvalidRequestError("input: at least one input item is required", param="input")
     if decoded.instructions:
         messages.insert(0, Message("system", (TextPart(decoded.instructions),)))
-    return msgspec.structs.replace(decoded.request, messages=messages)
-
-
-def to_chat_body(decoded: ResponsesRequest, history: Sequence[Message] = ()) -> dict[str, Any]:
-    """The chat request: :func:`to_request`, with what only chat has a field for (``response_format``,
-    ``strict`` on a tool)."""
-    body = openai_chat.to_chat_body(to_request(decoded, history))
+    extra = decoded.request.extra
     if decoded.response_format is not None:
-        body["response_format"] = decoded.response_format
-    for tool in body.get("tools", ()):
-        function = tool["function"]
-        if function["name"] in decoded.strict:
-            function["strict"] = decoded.strict[function["name"]]
-    return body
+        extra = {**extra, "response_format": decoded.response_format}
+    return msgspec.structs.replace(decoded.request, messages=messages, extra=extra)
 
 
 # -- the answer -------------------------------------------------------------------

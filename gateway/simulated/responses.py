@@ -85,7 +85,7 @@ def plan_turn(raw: bytes, store: TurnStore, key: str) -> SimulatedTurn:
             )
         history = stored[1]
     try:
-        chat = codec.to_chat_body(decoded, history)
+        chat = openai_chat.to_chat_body(codec.to_request(decoded, history))
     except InvalidRequestError as exc:
         raise ResponsesRequestError(400, exc.message, exc.param) from None
     chat.pop("stream", None)

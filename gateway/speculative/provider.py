@@ -41,7 +41,7 @@ from gateway.speculative.text import (
 )
 from gateway.speculative.token_api import TokenAPI
 from gateway.upstreams.base import ChatStream, Completion, Provider, Usage
-from gateway.upstreams.openai import for_openai_upstream
+from gateway.upstreams.openai import chat_payload
 
 __all__ = ["PROBE_TEXT", "SpeculativeCompletion", "SpeculativeProvider"]
 
@@ -248,17 +248,17 @@ class SpeculativeProvider(Provider):
     async def forward(self, method: str, path: str) -> httpx.Response:
         return await self.target.forward(method, path)
 
-    async def complete(self, body: dict[str, Any], internal: core.Request | None = None) -> Completion:
+    async def complete(self, request: core.Request, body: dict[str, Any] | None = None) -> Completion:
         self._inflight += 1
         try:
-            return await self._complete(body)
+            return await self._complete(request, chat_payload(request, body, self.upstream_model))
         finally:
             self._inflight -= 1
 
-    async def _complete(self, body: dict[str, Any]) -> Completion:
+    async def _complete(self, request: core.Request, body: dict[str, Any]) -> Completion:
         reason = await self._plain_reason(self._as_served(body))
         if reason is not None:
-            completion = await self.target.complete(body)
+            completion = await self.target.complete(request, body)
             stats = self._plain_stats(reason)
             return SpeculativeCompletion(completion.body, completion.usage, completion.text, speculation=stats)
         run = await self._start(self._as_served(body), streaming=False)
@@ -279,13 +279,14 @@ class SpeculativeProvider(Provider):
         )  # fmt: skip
         return SpeculativeCompletion(answer, usage, content, speculation=run.stats)
 
-    async def open_stream(self, body: dict[str, Any], internal: core.Request | None = None) -> ChatStream:
+    async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
         self._inflight += 1
         try:
+            body = chat_payload(request, body, self.upstream_model)
             reason = await self._plain_reason(self._as_served(body))
             stream: _PlainStream | _SpeculativeStream
             if reason is not None:
-                stream = _PlainStream(await self.target.open_stream(body), self._plain_stats(reason))
+                stream = _PlainStream(await self.target.open_stream(request, body), self._plain_stats(reason))
             else:
                 run = await self._start(self._as_served(body), streaming=True)
                 stream = _SpeculativeStream(run, body.get("model", self.upstream_model), self.config.timeouts.total)
@@ -376,7 +377,7 @@ class SpeculativeProvider(Provider):
         extra: dict[str, Any] = {
             key: body[key] for key in ("chat_template_kwargs", "continue_final_message") if key in body
         }
-        messages = for_openai_upstream(body)["messages"]  # its chat template knows no Anthropic-only parts
+        messages = body["messages"]  # chat_payload left out the Anthropic-only parts its chat template knows not
         prompt, max_model_len = await self._target_api.tokenize_chat(messages, extra or None)
         room = (max_model_len or self.config.context_window) - len(prompt)
         limit = body.get("max_completion_tokens") or body.get("max_tokens")

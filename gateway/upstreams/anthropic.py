@@ -1,8 +1,8 @@
-"""Anthropic's Messages API behind the OpenAI chat-completions interface.
+"""Anthropic's Messages API as an upstream, for clients of every protocol.
 
-Request (OpenAI → Anthropic, ``POST {base_url}/v1/messages``), through the internal model:
-:func:`gateway.protocols.openai_chat.request_from_chat_body` reads the chat body and
-:func:`gateway.protocols.anthropic_messages.encode_request` writes Anthropic's, so:
+Request (``POST {base_url}/v1/messages``), from the internal model, which the client's codec
+decoded (for a chat client, :func:`gateway.protocols.openai_chat.read_chat_request`), written
+by :func:`gateway.protocols.anthropic_messages.encode_request`. For a chat client that means:
 
 - ``system`` and ``developer`` messages, wherever they are, become the top-level
   ``system`` string (joined with a blank line), or its text blocks when a part carries
@@ -61,7 +61,7 @@ from gateway.errors import GatewayError, InvalidRequestError, UpstreamProtocolEr
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
 from gateway.protocols.anthropic_messages import encode_error, encode_request
-from gateway.protocols.openai_chat import chunk_body, request_from_chat_body
+from gateway.protocols.openai_chat import chunk_body
 from gateway.upstreams.base import (
     ChatStream,
     Completion,
@@ -89,12 +89,8 @@ class AnthropicProvider(Provider):
             headers["x-api-key"] = self.api_key
         return headers
 
-    def _model(self, body: dict[str, Any]) -> str:
-        model = body.get("model")
-        return model if isinstance(model, str) and model else self.upstream_model
-
-    async def complete(self, body: dict[str, Any], internal: core.Request | None = None) -> Completion:
-        payload = _translate_request(self.name, self._model(body), body, internal, stream=False)
+    async def complete(self, request: core.Request, body: dict[str, Any] | None = None) -> Completion:
+        payload = _translate_request(self.name, self.upstream_model, request, stream=False)
         response = await self._post(_MESSAGES_PATH, payload, self._headers(), stream=False)
         answer, usage = self._read(response.content)
         return Completion(
@@ -104,8 +100,8 @@ class AnthropicProvider(Provider):
             answer=answer,
         )
 
-    async def open_stream(self, body: dict[str, Any], internal: core.Request | None = None) -> ChatStream:
-        payload = _translate_request(self.name, self._model(body), body, internal, stream=True)
+    async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
+        payload = _translate_request(self.name, self.upstream_model, request, stream=True)
         response = await self._post(_MESSAGES_PATH, payload, self._headers(), stream=True)
         return _AnthropicChatStream(self, response)
 
@@ -130,15 +126,15 @@ class AnthropicProvider(Provider):
 # -- request translation ------------------------------------------------------
 
 
-def _translate_request(
-    upstream: str, model: str, body: dict[str, Any], internal: core.Request | None, *, stream: bool
-) -> dict[str, Any]:
-    """Through the internal model (the chat codec reads the body when the request came as chat),
-    written by the Messages codec."""
-    n = body.get("n")
+def _translate_request(upstream: str, model: str, request: core.Request, *, stream: bool) -> dict[str, Any]:
+    """The internal request written by the Messages codec; refused when the client's request
+    held what the internal model could not (:attr:`core.Request.unreadable`)."""
+    if request.unreadable is not None:
+        raise InvalidRequestError(request.unreadable, param="messages")
+    n = request.extra.get("n")
     if isinstance(n, int) and n > 1:
         raise InvalidRequestError(f"n > 1 is not supported by anthropic upstream '{upstream}'", param="n")
-    return encode_request(internal or request_from_chat_body(body), model, stream=stream)
+    return encode_request(request, model, stream=stream)
 
 
 class _AnthropicChatStream(ChatStream):

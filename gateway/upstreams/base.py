@@ -253,7 +253,7 @@ class RelayedStream(ChatStream):
 
 
 class Provider(ABC):
-    """One upstream model. Subclasses translate the OpenAI chat API to what the server speaks."""
+    """One upstream model. Subclasses translate the internal model to what the server speaks, and its answers back."""
 
     kind: ClassVar[str]
 
@@ -274,13 +274,13 @@ class Provider(ABC):
         self._extensions = {"timeout": self._timeout.as_dict()}
 
     @abstractmethod
-    async def complete(self, body: dict[str, Any], internal: core.Request | None = None) -> Completion:
-        """Answer a non-streamed chat request. ``body`` is the client's, model name already replaced;
-        ``internal``: the same request in the internal model, when it came in another protocol
-        (a provider that translates encodes from it rather than reading the body again)."""
+    async def complete(self, request: core.Request, body: dict[str, Any] | None = None) -> Completion:
+        """Answer a non-streamed request, encoded for the upstream from ``request``. ``body``: a chat
+        client's own body, the model name already replaced, which an OpenAI-compatible upstream is
+        sent as it is (the raw pass-through); other providers encode ``request`` all the same."""
 
     @abstractmethod
-    async def open_stream(self, body: dict[str, Any], internal: core.Request | None = None) -> ChatStream:
+    async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
         """Start a streamed answer; returns once the upstream accepted it (HTTP errors raise here)."""
 
     async def embed(self, inputs: list[str] | list[list[int]], dimensions: int | None) -> Embeddings:

@@ -25,7 +25,7 @@ from gateway.upstreams.base import (
     usage_of,
 )
 
-__all__ = ["OpenAIProvider", "for_openai_upstream"]
+__all__ = ["OpenAIProvider", "chat_payload", "for_openai_upstream"]
 
 
 class OpenAIProvider(Provider):
@@ -37,8 +37,9 @@ class OpenAIProvider(Provider):
             headers["authorization"] = f"Bearer {self.api_key}"
         return headers
 
-    async def complete(self, body: dict[str, Any], internal: core.Request | None = None) -> Completion:
-        response = await self._post("chat/completions", for_openai_upstream(body), self._headers(), stream=False)
+    async def complete(self, request: core.Request, body: dict[str, Any] | None = None) -> Completion:
+        payload = chat_payload(request, body, self.upstream_model)
+        response = await self._post("chat/completions", payload, self._headers(), stream=False)
         content = response.content
         data = decode_json_object(self.name, content)
         usage = usage_of(openai_chat.read_usage(data.get("usage")))
@@ -77,12 +78,13 @@ class OpenAIProvider(Provider):
     async def forward(self, method: str, path: str) -> httpx.Response:
         return await self._post(path, None, self._headers(), stream=False, method=method)
 
-    async def open_stream(self, body: dict[str, Any], internal: core.Request | None = None) -> ChatStream:
+    async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
+        body = chat_payload(request, body, self.upstream_model)
         options = body.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage")):
             # Ask for usage even when the client did not: it is the authoritative count.
             body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
-        response = await self._post("chat/completions", for_openai_upstream(body), self._headers(), stream=True)
+        response = await self._post("chat/completions", body, self._headers(), stream=True)
         return _OpenAIChatStream(self, response)
 
 
@@ -156,6 +158,12 @@ class _ResponsesEventStream(RelayedStream):
         data = {"type": "error", "code": error.code or error.error_type, "message": error.message,
                 "param": error.param, "sequence_number": self._sequence}  # fmt: skip
         return b"event: error\ndata: " + msgspec.json.encode(data) + b"\n\n"
+
+
+def chat_payload(request: core.Request, body: dict[str, Any] | None, model: str) -> dict[str, Any]:
+    """What an OpenAI-compatible upstream is sent: a chat client's own body (``body``, as it
+    came), or the request written by the chat codec."""
+    return for_openai_upstream(body if body is not None else {**openai_chat.to_chat_body(request), "model": model})
 
 
 def for_openai_upstream(body: dict[str, Any]) -> dict[str, Any]:

@@ -92,10 +92,10 @@ async def load_phase(clf: Classifier, texts: str | list[str], concurrency: int, 
         nonlocal done
         i = offset
         while time.perf_counter() < stop:
-            msgs = [{"role": "user", "content": texts[i % len(texts)]}]
+            text = texts[i % len(texts)]
             i += concurrency
             t = time.perf_counter()
-            await clf.score(msgs)
+            await clf.score(text)
             lat.append(time.perf_counter() - t)
             done += 1
 
@@ -113,11 +113,10 @@ async def load_phase(clf: Classifier, texts: str | list[str], concurrency: int, 
 
 
 async def seq_async(clf: Classifier, text: str, n: int) -> list[float]:
-    msgs = [{"role": "user", "content": text}]
     out: list[float] = []
     for _ in range(n):
         t = time.perf_counter()
-        await clf.score(msgs)
+        await clf.score(text)
         out.append(time.perf_counter() - t)
     return out
 

@@ -63,18 +63,18 @@ async def _run(pairs_path: Path, redis_url: str) -> dict[str, Any]:
     pairs = load_pairs([pairs_path])
     answer = Answer(id="", model="m", text="x" * 400, finish_reason="stop")
     for source in sorted({p.source for p in pairs}):
-        score = await classifier.score([{"role": "user", "content": source}])
+        score = await classifier.score(source)
         entry = CachedAnswer(
             answer=answer, model="m", provider="p", prompt_tokens=1, completion_tokens=1, cost_usd=0.0,
             created_at=time.time(), prompt=source,
         )  # fmt: skip
         await cache.store(index, score.embedding, entry, 3600, 100_000, 1.0)
     for p in pairs[:20]:  # warm-up
-        await classifier.score([{"role": "user", "content": p.variant}])
+        await classifier.score(p.variant)
     rows = []
     for p in pairs:
         t0 = time.perf_counter()
-        score = await classifier.score([{"role": "user", "content": p.variant}])
+        score = await classifier.score(p.variant)
         t1 = time.perf_counter()
         found = await cache.lookup(
             index,

@@ -47,6 +47,7 @@ from gateway.config.schema import SpeculationPolicy
 from gateway.speculative import SpeculativeProvider
 from gateway.speculative.adaptive import expected_tokens
 from gateway.upstreams.base import Provider
+from tests.chat_requests import as_sent
 from tests.speculative.servers import start_toy_server, toy_provider, toy_tokenizer_file, write_bench_results
 
 _PROMPTS = [
@@ -64,10 +65,10 @@ def _body(prompt: str, max_tokens: int, temperature: float = 0.0) -> dict[str, A
 
 
 async def _plain(target: Provider, prompts: list[str], max_tokens: int, temperature: float = 0.0) -> dict[str, Any]:
-    await target.complete(_body(prompts[0], 2, temperature))  # warm the connection
+    await target.complete(*as_sent(_body(prompts[0], 2, temperature)))  # warm the connection
     tokens, started = 0, time.perf_counter()
     for prompt in prompts:
-        completion = await target.complete(_body(prompt, max_tokens, temperature))
+        completion = await target.complete(*as_sent(_body(prompt, max_tokens, temperature)))
         assert completion.usage is not None
         tokens += completion.usage.completion_tokens
     elapsed = time.perf_counter() - started
@@ -81,13 +82,13 @@ async def _speculative(
 ) -> dict[str, Any]:  # fmt: skip
     spec = SpeculativeProvider(target, draft, policy)
     await spec.check_pair()
-    await spec.complete(_body(prompts[0], 4, temperature))  # warm: connections, end-of-sequence table
+    await spec.complete(*as_sent(_body(prompts[0], 4, temperature)))  # warm: connections, end-of-sequence table
     totals = dict(tokens=0, rounds=0, drafted=0, accepted=0, rejections=0, large_calls=0, draft_calls=0,
                   loop_cpu_ms=0.0, draft_ms=0.0, verify_ms=0.0)  # fmt: skip
     k_seen: list[int] = []
     cpu, started = time.process_time(), time.perf_counter()
     for prompt in prompts:
-        completion = await spec.complete(_body(prompt, max_tokens, temperature))
+        completion = await spec.complete(*as_sent(_body(prompt, max_tokens, temperature)))
         stats = completion.speculation  # type: ignore[attr-defined]
         assert stats is not None and not stats.fallback_to_plain, stats
         totals["tokens"] += stats.output_tokens

@@ -32,6 +32,7 @@ import msgspec
 from gateway.config.schema import SpeculationPolicy
 from gateway.speculative import PairMismatchError, SpeculativeProvider
 from gateway.upstreams.base import Provider
+from tests.chat_requests import as_sent
 from tests.speculative.servers import start_toy_server, toy_provider, toy_tokenizer_file, write_bench_results
 
 _PROMPTS = [
@@ -56,13 +57,13 @@ _SETUPS: dict[str, dict[str, Any]] = {
 
 async def _answer(provider: Provider, body: dict[str, Any]) -> tuple[tuple[str, str, int], bool]:
     if not body.get("stream"):
-        completion = await provider.complete(body)
+        completion = await provider.complete(*as_sent(body))
         choice = msgspec.json.decode(completion.body)["choices"][0]
         stats = getattr(completion, "speculation", None)
         assert completion.usage is not None
         answer = (choice["message"]["content"], choice["finish_reason"], completion.usage.completion_tokens)
         return answer, stats is not None and not stats.fallback_to_plain
-    stream = await provider.open_stream({**body, "stream_options": {"include_usage": True}})
+    stream = await provider.open_stream(*as_sent({**body, "stream_options": {"include_usage": True}}))
     text, finish = [], None
     try:
         async for raw in stream:

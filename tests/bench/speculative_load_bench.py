@@ -33,6 +33,7 @@ from typing import Any
 from gateway.config.schema import SpeculationPolicy
 from gateway.speculative import SpeculativeProvider
 from gateway.upstreams.base import Provider
+from tests.chat_requests import as_sent
 from tests.speculative.servers import ToyServer, start_toy_server, toy_provider, toy_tokenizer_file, write_bench_results
 
 _WORDS = ["the", "way", "it", "was", "when", "we", "said", "that", "she", "would", "see", "him", "at", "some", "time"]
@@ -54,7 +55,7 @@ async def _load(provider: Provider, clients: int, requests: int, max_tokens: int
         nonlocal tokens, spoke
         for request in range(requests):
             started = time.perf_counter()
-            completion = await provider.complete(_body(index, request, max_tokens))
+            completion = await provider.complete(*as_sent(_body(index, request, max_tokens)))
             latencies.append(time.perf_counter() - started)
             assert completion.usage is not None
             tokens += completion.usage.completion_tokens

@@ -6,12 +6,13 @@ Anthropic route goes when it is translated (``gateway/api/messages.py``):
 
 * edge: the Messages codec decodes it, and the body is read once more for fields the codec
   does not read (what decides between translating and passing through);
-* chat hop: the internal model written as the chat body the pipeline reads, and checked
-  (``chat_view``); beside it, what the hop cost while the body went to the pipeline as JSON
-  bytes that it parsed again (up to 2026-12-01);
-* provider: the internal model written as Anthropic's request (the edge hands it over with the
-  chat view); beside it, the same from a chat body read into the internal model first (what
-  the provider does for a client that spoke chat, and did for every request before 2026-12-01).
+* the pipeline's own steps on the internal request the edge hands over: counting the prompt's
+  tokens and the exact-cache key. Beside them, what the hop to the pipeline cost while its
+  steps read a chat body: the internal model written as chat (and then checked, not timed here;
+  until this change), or that body sent as JSON bytes and parsed again (until the morning of
+  2026-12-01);
+* provider: the internal model written as Anthropic's request; beside it, a chat client's body
+  checked and read into the internal model first (what every chat request now pays once).
 
 Beside them, one plain JSON decode of the body (about what a passed-through request costs).
 
@@ -33,9 +34,11 @@ from typing import Any
 
 import msgspec
 
-from gateway.protocol import chat_view, parse_chat_request
+from gateway.cache.keys import exact_key
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
+from gateway.protocols.chat_request import parse_chat_request
+from gateway.tokens import count_prompt
 
 RUNS = 30
 
@@ -103,14 +106,9 @@ def main() -> None:
     raw = claude_code_shaped()
     decoded = anthropic.decode_request(raw)
     chat = msgspec.json.encode(openai_chat.to_chat_body(decoded))
-    chat_body, _ = parse_chat_request(chat)
 
     def edge() -> object:
         return anthropic.decode_request(raw), anthropic.fields_not_read(msgspec.json.decode(raw))
-
-    def chat_hop() -> object:
-        body = openai_chat.to_chat_body(decoded)
-        return body, chat_view(body)
 
     def chat_hop_as_bytes() -> object:
         return parse_chat_request(msgspec.json.encode(openai_chat.to_chat_body(decoded)))
@@ -119,7 +117,7 @@ def main() -> None:
         return msgspec.json.encode(anthropic.encode_request(decoded, "claude-sim", stream=True))
 
     def provider_from_chat() -> object:
-        request = openai_chat.request_from_chat_body(chat_body)
+        request = openai_chat.read_chat_request(parse_chat_request(chat))
         return msgspec.json.encode(anthropic.encode_request(request, "claude-sim", stream=True))
 
     events = _anthropic_text_events(400)
@@ -140,7 +138,9 @@ def main() -> None:
         return out
 
     print(f"request: {len(raw) / 1024:.0f} KiB")
-    for name, step in (("edge", edge), ("chat hop", chat_hop), ("chat hop as JSON bytes", chat_hop_as_bytes),
+    for name, step in (("edge", edge), ("count prompt tokens", lambda: count_prompt(decoded, "cl100k_base")),
+                       ("exact-cache key", lambda: exact_key("t", "r", decoded)),
+                       ("old hop: chat body written", lambda: openai_chat.to_chat_body(decoded)), ("old hop: as JSON bytes", chat_hop_as_bytes),
                        ("provider", provider), ("provider from a chat body", provider_from_chat),
                        ("one plain JSON decode", lambda: msgspec.json.decode(raw))):  # fmt: skip
         print(f"{name:28s} {_median_ms(step):6.2f} ms")

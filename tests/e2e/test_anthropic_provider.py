@@ -15,6 +15,7 @@ from gateway.errors import InvalidRequestError, UpstreamProtocolError, UpstreamS
 from gateway.upstreams.anthropic import AnthropicProvider
 from gateway.upstreams.base import Provider
 from gateway.upstreams.registry import build_provider
+from tests.chat_requests import as_sent
 
 API_KEY = "sk-ant-test"
 
@@ -233,7 +234,7 @@ async def test_request_translation(upstream: tuple[FakeAnthropic, Provider]) -> 
         "response_format": {"type": "json_object"},
         "n": 1,
     }
-    await provider.complete(body)
+    await provider.complete(*as_sent(body))
     path, headers, sent = server.requests[-1]
     assert path == "/v1/messages"
     assert headers["x-api-key"] == API_KEY
@@ -283,7 +284,9 @@ async def test_request_options(upstream: tuple[FakeAnthropic, Provider]) -> None
     server, provider = upstream
     tools = [{"type": "function", "function": {"name": "f"}}]
 
-    await provider.complete(_body(max_tokens=100, stop=["a", "b"], temperature=-1, tools=tools, tool_choice="required"))
+    await provider.complete(
+        *as_sent(_body(max_tokens=100, stop=["a", "b"], temperature=-1, tools=tools, tool_choice="required"))
+    )
     sent = server.last_body
     assert sent["max_tokens"] == 100
     assert sent["stop_sequences"] == ["a", "b"]
@@ -293,31 +296,31 @@ async def test_request_options(upstream: tuple[FakeAnthropic, Provider]) -> None
     assert sent["tool_choice"] == {"type": "any"}
     assert "stream" not in sent
 
-    await provider.complete(_body(max_completion_tokens=50, max_tokens=9, tools=tools, tool_choice="auto"))
+    await provider.complete(*as_sent(_body(max_completion_tokens=50, max_tokens=9, tools=tools, tool_choice="auto")))
     assert server.last_body["max_tokens"] == 50
     assert server.last_body["tool_choice"] == {"type": "auto"}
 
-    await provider.complete(_body(tools=tools, tool_choice="none"))
+    await provider.complete(*as_sent(_body(tools=tools, tool_choice="none")))
     assert "tools" not in server.last_body and "tool_choice" not in server.last_body
 
-    await provider.complete(_body(tools=tools, parallel_tool_calls=False))
+    await provider.complete(*as_sent(_body(tools=tools, parallel_tool_calls=False)))
     assert server.last_body["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
 
 
 async def test_n_above_one_is_refused(upstream: tuple[FakeAnthropic, Provider]) -> None:
     server, provider = upstream
     with pytest.raises(InvalidRequestError) as caught:
-        await provider.complete(_body(n=2))
+        await provider.complete(*as_sent(_body(n=2)))
     assert caught.value.param == "n"
     assert caught.value.message == "n > 1 is not supported by anthropic upstream 'claude'"
     with pytest.raises(InvalidRequestError):
-        await provider.open_stream(_body(n=3, stream=True))
+        await provider.open_stream(*as_sent(_body(n=3, stream=True)))
     assert server.requests == []
 
 
 async def test_complete_text(upstream: tuple[FakeAnthropic, Provider]) -> None:
     _, provider = upstream
-    completion = await provider.complete(_body())
+    completion = await provider.complete(*as_sent(_body()))
     assert completion.text == "Hello there"
     assert completion.usage is not None
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (15, 5)
@@ -343,7 +346,7 @@ async def test_complete_text(upstream: tuple[FakeAnthropic, Provider]) -> None:
 async def test_complete_tool_calls(upstream: tuple[FakeAnthropic, Provider]) -> None:
     server, provider = upstream
     server.mode = "tool"
-    completion = await provider.complete(_body())
+    completion = await provider.complete(*as_sent(_body()))
     assert completion.text == ""
     answer = msgspec.json.decode(completion.body)
     choice = answer["choices"][0]
@@ -361,7 +364,7 @@ async def test_complete_tool_calls(upstream: tuple[FakeAnthropic, Provider]) -> 
 
 async def test_stream_text_and_tool_use(upstream: tuple[FakeAnthropic, Provider]) -> None:
     server, provider = upstream
-    stream = await provider.open_stream(_body(stream=True, stream_options={"include_usage": True}))
+    stream = await provider.open_stream(*as_sent(_body(stream=True, stream_options={"include_usage": True})))
     chunks = [msgspec.json.decode(payload) async for payload in stream]
     assert server.last_body["stream"] is True
     assert "stream_options" not in server.last_body
@@ -402,7 +405,7 @@ async def test_stream_text_and_tool_use(upstream: tuple[FakeAnthropic, Provider]
 async def test_rate_limited(upstream: tuple[FakeAnthropic, Provider]) -> None:
     server, provider = upstream
     server.mode = "rate_limited"
-    for call in (provider.complete(_body()), provider.open_stream(_body(stream=True))):
+    for call in (provider.complete(*as_sent(_body())), provider.open_stream(*as_sent(_body(stream=True)))):
         with pytest.raises(UpstreamStatusError) as caught:
             await call
         error = caught.value
@@ -416,7 +419,7 @@ async def test_rejected_request_passes_message_through(upstream: tuple[FakeAnthr
     _server, base = upstream
     provider = AnthropicProvider("claude", base.config, base.client, api_key="wrong")
     with pytest.raises(UpstreamStatusError) as caught:
-        await provider.complete(_body())
+        await provider.complete(*as_sent(_body()))
     assert caught.value.upstream_status == 401
     assert caught.value.message == "upstream 'claude': HTTP 401: invalid x-api-key"
     assert not caught.value.retryable
@@ -426,7 +429,7 @@ async def test_rejected_request_passes_message_through(upstream: tuple[FakeAnthr
 async def test_stream_cut_before_message_stop(upstream: tuple[FakeAnthropic, Provider], mode: str) -> None:
     server, provider = upstream
     server.mode = mode
-    stream = await provider.open_stream(_body(stream=True))
+    stream = await provider.open_stream(*as_sent(_body(stream=True)))
     received: list[bytes] = []
     with pytest.raises(UpstreamProtocolError) as caught:
         async with asyncio.timeout(3):
@@ -441,7 +444,7 @@ async def test_stream_cut_before_message_stop(upstream: tuple[FakeAnthropic, Pro
 async def test_stream_error_event(upstream: tuple[FakeAnthropic, Provider]) -> None:
     server, provider = upstream
     server.mode = "overloaded"
-    stream = await provider.open_stream(_body(stream=True))
+    stream = await provider.open_stream(*as_sent(_body(stream=True)))
     with pytest.raises(UpstreamStatusError) as caught:
         async for _ in stream:
             pass
@@ -454,7 +457,7 @@ async def test_invalid_content_is_refused(upstream: tuple[FakeAnthropic, Provide
     _, provider = upstream
     bad_parts = [{"type": "input_audio", "input_audio": {"data": "..", "format": "wav"}}]
     with pytest.raises(InvalidRequestError):
-        await provider.complete({"model": "x", "messages": [{"role": "user", "content": bad_parts}]})
+        await provider.complete(*as_sent({"model": "x", "messages": [{"role": "user", "content": bad_parts}]}))
     bad_args = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]
     with pytest.raises(InvalidRequestError):
-        await provider.complete({"model": "x", "messages": [{"role": "assistant", "tool_calls": bad_args}]})
+        await provider.complete(*as_sent({"model": "x", "messages": [{"role": "assistant", "tool_calls": bad_args}]}))

@@ -21,6 +21,7 @@ from gateway.speculative.drafts import lookup
 from gateway.speculative.sampling import verify_sampled
 from gateway.upstreams.base import Provider
 from gateway.upstreams.registry import build_provider
+from tests.chat_requests import as_sent
 from tests.speculative.servers import ToyServer, start_toy_server, toy_tokenizer_file
 
 pytestmark = pytest.mark.timeout(60)
@@ -114,7 +115,7 @@ def _answer(completion: Any) -> tuple[str, str, int]:
 
 
 async def _stream(provider: Provider, body: dict[str, Any]) -> tuple[list[dict[str, Any]], Any]:
-    stream = await provider.open_stream({**body, "stream": True})
+    stream = await provider.open_stream(*as_sent({**body, "stream": True}))
     try:
         chunks = [msgspec.json.decode(chunk) async for chunk in stream]
     finally:
@@ -137,8 +138,8 @@ async def test_greedy_output_is_the_large_models_own(pair: tuple[Provider, Provi
     finishes: Counter[str] = Counter()
     for prompt in _PROMPTS:
         body = _body(prompt, max_tokens=80)
-        got = await spec.complete(body)
-        want = await pair[0].complete(body)
+        got = await spec.complete(*as_sent(body))
+        want = await pair[0].complete(*as_sent(body))
         assert _answer(got) == _answer(want), prompt
         spaced += any(mark in _answer(want)[0] for mark in (" .", " ,", " n't", " 's"))
         stats = got.speculation  # type: ignore[attr-defined]
@@ -167,9 +168,9 @@ async def test_a_cleaning_detokenize_without_the_tokenizer_file_goes_plain(pair:
     with pytest.raises(PairMismatchError, match="cleans up spaces"):
         await spec.check_pair()
     body = _body(_PROMPTS[1], max_tokens=40)
-    got = await spec.complete(body)
+    got = await spec.complete(*as_sent(body))
     assert got.speculation.fallback_reason == "text_unfaithful"  # type: ignore[attr-defined]
-    assert _answer(got) == _answer(await pair[0].complete(body))
+    assert _answer(got) == _answer(await pair[0].complete(*as_sent(body)))
 
 
 async def test_a_faithful_detokenize_needs_no_tokenizer_file(faithful_large: ToyServer, small: ToyServer) -> None:
@@ -181,9 +182,9 @@ async def test_a_faithful_detokenize_needs_no_tokenizer_file(faithful_large: Toy
         for prompt in _PROMPTS[:8]:
             for stop in ([], [" the"]):
                 body = _body(prompt, max_tokens=60, stop=stop)
-                got = await spec.complete(body)
+                got = await spec.complete(*as_sent(body))
                 assert not got.speculation.fallback_to_plain  # type: ignore[attr-defined]
-                assert _answer(got) == _answer(await target.complete(body)), (prompt, stop)
+                assert _answer(got) == _answer(await target.complete(*as_sent(body))), (prompt, stop)
     finally:
         await target.aclose()
         await draft.aclose()
@@ -193,7 +194,7 @@ async def test_another_models_tokenizer_file_is_refused(pair: tuple[Provider, Pr
     spec = _spec(pair, tokenizer=toy_tokenizer_file(variant=7))
     with pytest.raises(PairMismatchError, match="does not decode"):
         await spec.check_pair()
-    got = await spec.complete(_body(_PROMPTS[2], max_tokens=10))
+    got = await spec.complete(*as_sent(_body(_PROMPTS[2], max_tokens=10)))
     assert got.speculation.fallback_reason == "tokenizer_mismatch"  # type: ignore[attr-defined]
 
 
@@ -204,12 +205,12 @@ async def test_stop_strings_are_found_in_the_text_vllm_writes(pair: tuple[Provid
     for prompt in _PROMPTS:
         for stream in (False, True):
             body = _body(prompt, max_tokens=80, stop=[" .", "n't"])
-            want = _answer(await pair[0].complete(body))
+            want = _answer(await pair[0].complete(*as_sent(body)))
             if stream:
                 chunks, opened = await _stream(spec, body)
                 got = _streamed_answer(chunks, opened)
             else:
-                got = _answer(await spec.complete(body))
+                got = _answer(await spec.complete(*as_sent(body)))
             assert got == want, (prompt, stream)
             hits += want[1] == "stop" and want[2] < 80
     assert hits >= 4
@@ -224,8 +225,8 @@ async def test_streaming_sends_verified_tokens_in_chunks(pair: tuple[Provider, P
         # about a chunk per round, not one at the end (a round may only end the answer or
         # bring only a special token, which has no text)
         assert len(chunks) >= 0.7 * stream.speculation.rounds
-        assert _streamed_answer(chunks, stream) == _answer(await pair[0].complete(body))
-        assert stream.tally.text == _answer(await pair[0].complete(body))[0]
+        assert _streamed_answer(chunks, stream) == _answer(await pair[0].complete(*as_sent(body)))
+        assert stream.tally.text == _answer(await pair[0].complete(*as_sent(body)))[0]
         assert stream.speculation.rounds >= 1
 
 
@@ -233,22 +234,22 @@ async def test_streaming_sends_verified_tokens_in_chunks(pair: tuple[Provider, P
 async def test_max_tokens_is_honoured_exactly(pair: tuple[Provider, Provider], max_tokens: int) -> None:
     spec = _spec(pair, k_initial=4, k_min=4, k_max=4)
     body = _body(_PROMPTS[1], max_tokens=max_tokens)
-    got = _answer(await spec.complete(body))
-    assert got == _answer(await pair[0].complete(body))
+    got = _answer(await spec.complete(*as_sent(body)))
+    assert got == _answer(await pair[0].complete(*as_sent(body)))
     assert got[2] <= max_tokens
 
 
 async def test_stop_strings_are_honoured_exactly(pair: tuple[Provider, Provider]) -> None:
     spec = _spec(pair)
     for prompt in _PROMPTS[:8]:
-        full, _, _ = _answer(await pair[0].complete(_body(prompt, max_tokens=40)))
+        full, _, _ = _answer(await pair[0].complete(*as_sent(_body(prompt, max_tokens=40))))
         words = full.split()
         if len(words) < 8:
             continue
         for stops in ([" " + words[5]], [words[6][:2], "zz"], ["zz", " " + words[3] + " " + words[4]]):
             body = _body(prompt, max_tokens=40, stop=stops)
-            want = _answer(await pair[0].complete(body))
-            assert _answer(await spec.complete(body)) == want, (prompt, stops)
+            want = _answer(await pair[0].complete(*as_sent(body)))
+            assert _answer(await spec.complete(*as_sent(body))) == want, (prompt, stops)
             chunks, stream = await _stream(spec, body)
             assert _streamed_answer(chunks, stream) == want, (prompt, stops)
 
@@ -270,7 +271,7 @@ async def test_draft_failure_mid_answer_finishes_on_the_large_model(
             chunks, stream = await _stream(spec, body)
             got, stats = _streamed_answer(chunks, stream), stream.speculation
         else:
-            completion = await spec.complete(body)
+            completion = await spec.complete(*as_sent(body))
             got, stats = _answer(completion), completion.speculation  # type: ignore[attr-defined]
         assert got == want  # nothing repeated, nothing lost
         assert stats.draft_failed and stats.rounds >= 3
@@ -280,7 +281,7 @@ async def _long_answer(target: Provider, max_tokens: int) -> tuple[dict[str, Any
     """A prompt whose answer runs to ``max_tokens`` (no early end of sequence)."""
     for prompt in _PROMPTS:
         body = _body(prompt, max_tokens=max_tokens)
-        answer = _answer(await target.complete(body))
+        answer = _answer(await target.complete(*as_sent(body)))
         if answer[1] == "length":
             return body, answer
     raise AssertionError("no prompt gives a long answer")
@@ -292,7 +293,7 @@ async def test_tokenizer_mismatch_is_refused(large: ToyServer, foreign: ToyServe
         spec = SpeculativeProvider(target, draft, SpeculationPolicy(mode="gateway", draft="small"))
         with pytest.raises(PairMismatchError, match="tokenize the probe text differently"):
             await spec.check_pair()
-        completion = await spec.complete(_body(_PROMPTS[0], max_tokens=10))
+        completion = await spec.complete(*as_sent(_body(_PROMPTS[0], max_tokens=10)))
         assert completion.speculation.fallback_reason == "pair_refused"  # type: ignore[attr-defined]
         assert foreign.stats()["completions"] == 0
     finally:
@@ -308,7 +309,7 @@ async def test_requests_the_loop_cannot_reproduce_go_plain(pair: tuple[Provider,
         (_body("hi", max_tokens=5, n=2), "unsupported_n"),
         ({**_body("hi", max_tokens=5), "temperature": 0.7}, "sampling_plain"),
     ):
-        completion = await spec.complete(body)
+        completion = await spec.complete(*as_sent(body))
         assert completion.speculation.fallback_reason == reason  # type: ignore[attr-defined]
     chunks, stream = await _stream(spec, {**_body("hi", max_tokens=5), "temperature": 0.7})
     assert stream.speculation.fallback_to_plain and chunks
@@ -322,8 +323,8 @@ async def test_prompt_lookup_draft_is_exact_and_cheap(pair: tuple[Provider, Prov
     await spec.check_pair()
     for prompt in _PROMPTS[-4:]:
         body = _body(prompt, max_tokens=60)
-        completion = await spec.complete(body)
-        assert _answer(completion) == _answer(await pair[0].complete(body))
+        completion = await spec.complete(*as_sent(body))
+        assert _answer(completion) == _answer(await pair[0].complete(*as_sent(body)))
         assert completion.speculation.draft_source == "prompt_lookup"  # type: ignore[attr-defined]
     assert small.stats()["completions"] == 0
 
@@ -337,7 +338,7 @@ def test_prompt_lookup_copies_what_followed_the_last_match() -> None:
 async def test_adaptive_k_stays_within_bounds(pair: tuple[Provider, Provider]) -> None:
     spec = _spec(pair, k_initial=3, k_min=2, k_max=5)
     for prompt in _PROMPTS[:4]:
-        completion = await spec.complete(_body(prompt, max_tokens=60))
+        completion = await spec.complete(*as_sent(_body(prompt, max_tokens=60)))
         history = completion.speculation.k_history  # type: ignore[attr-defined]
         assert history and max(history) <= 5
         assert min(history[:-1] or [2]) >= 2  # only the last round may be cut by max_tokens
@@ -405,7 +406,7 @@ async def test_sampled_requests_use_speculative_sampling(wide_pair: tuple[ToySer
         spec = _spec((target, draft), top_logprobs=80)  # the whole vocabulary: exact speculative sampling
         for seed in range(6):
             body = {**_body(_PROMPTS[seed], max_tokens=30), "temperature": 1.0, "seed": seed}
-            completion = await spec.complete(body)
+            completion = await spec.complete(*as_sent(body))
             _text, finish, count = _answer(completion)
             stats = completion.speculation  # type: ignore[attr-defined]
             assert stats.sampling == "speculative" and not stats.fallback_to_plain and not stats.heavy_tail
@@ -449,7 +450,7 @@ async def test_the_logprobs_mode_of_each_server_is_found(mode: str, scaled: tupl
             # the target verifies with prompt logprobs, the draft proposes with sampled ones
             assert spec._scaled_by_server == scaled
             body = {**_body(_PROMPTS[3], max_tokens=30), "temperature": 0.7, "seed": 3}
-            stats = (await spec.complete(body)).speculation  # type: ignore[attr-defined]
+            stats = (await spec.complete(*as_sent(body))).speculation  # type: ignore[attr-defined]
             assert stats.sampling == "speculative" and not stats.fallback_to_plain and stats.rounds >= 1
         finally:
             await target.aclose()
@@ -461,10 +462,10 @@ async def test_a_heavy_tail_beyond_the_returned_logprobs_ends_speculation(pair: 
     not be the large model's distribution, so after the first round the answer is decoded plainly."""
     spec = _spec(pair)  # top_logprobs 20, max_uncovered_mass 0.02
     body = {**_body(_PROMPTS[0], max_tokens=30), "temperature": 1.0, "seed": 1}
-    completion = await spec.complete(body)
+    completion = await spec.complete(*as_sent(body))
     stats = completion.speculation  # type: ignore[attr-defined]
     assert stats.heavy_tail and stats.rounds == 1 and _answer(completion)[2] > 0
-    too_hot = await spec.complete({**body, "temperature": 1.3})
+    too_hot = await spec.complete(*as_sent({**body, "temperature": 1.3}))
     assert too_hot.speculation.fallback_reason == "unsupported_temperature_above_1"  # type: ignore[attr-defined]
 
 
@@ -477,18 +478,18 @@ async def test_a_hung_draft_costs_one_draft_deadline_then_speculation_pauses(
     small.reset()
     small.fail_after(0, "hang")  # the draft server accepts the call and never answers
     with structlog.testing.capture_logs() as logs:
-        first = await spec.complete(body)
+        first = await spec.complete(*as_sent(body))
     assert _answer(first) == want and first.speculation.draft_failed  # type: ignore[attr-defined]
     (failed,) = [e for e in logs if e["event"] == "draft_failed"]
     assert "draft call over 300 ms" in failed["detail"]  # the draft's own deadline, not its 10 s first byte
     assert any(e["event"] == "draft_unhealthy" for e in logs)
     calls = small.stats()["completions"]
-    second = await spec.complete(body)  # within the cool-down: straight to the large model
+    second = await spec.complete(*as_sent(body))  # within the cool-down: straight to the large model
     assert _answer(second) == want and second.speculation.fallback_reason == "draft_unhealthy"  # type: ignore[attr-defined]
     assert small.stats()["completions"] == calls
     small.reset()  # healthy again
     await asyncio.sleep(0.6)
-    third = await spec.complete(body)
+    third = await spec.complete(*as_sent(body))
     assert _answer(third) == want
     assert not third.speculation.fallback_to_plain and third.speculation.draft_calls > 0  # type: ignore[attr-defined]
 
@@ -502,12 +503,12 @@ async def test_vllm_sampling_fields_the_loop_does_not_reproduce_go_plain(
     pair: tuple[Provider, Provider], extra: dict[str, Any]
 ) -> None:
     spec = _spec(pair)
-    completion = await spec.complete(_body(_PROMPTS[0], max_tokens=8, **extra))
+    completion = await spec.complete(*as_sent(_body(_PROMPTS[0], max_tokens=8, **extra)))
     assert completion.speculation.fallback_to_plain  # type: ignore[attr-defined]
     name = next(iter(extra))
     assert completion.speculation.fallback_reason in (f"unsupported_{name}", "unsupported_penalties")  # type: ignore[attr-defined]
     # at their defaults they do not stop speculation
-    defaults = await spec.complete(_body(_PROMPTS[0], max_tokens=8, min_tokens=0, ignore_eos=False))
+    defaults = await spec.complete(*as_sent(_body(_PROMPTS[0], max_tokens=8, min_tokens=0, ignore_eos=False)))
     assert not defaults.speculation.fallback_to_plain  # type: ignore[attr-defined]
 
 
@@ -515,14 +516,14 @@ async def test_max_inflight_speculates_only_while_the_large_model_has_room(pair:
     spec = _spec(pair, max_inflight=1)
     await spec.check_pair()
     body = _body(_PROMPTS[0], max_tokens=24)
-    first, second = await asyncio.gather(spec.complete(body), spec.complete(body))
+    first, second = await asyncio.gather(spec.complete(*as_sent(body)), spec.complete(*as_sent(body)))
     reasons = sorted(str(c.speculation.fallback_reason) for c in (first, second))  # type: ignore[attr-defined]
     assert reasons == ["None", "busy"]
     assert _answer(first) == _answer(second)  # the busy one is the large model's own answer
     _, stream = await _stream(spec, body)  # alone again: speculates, and its slot is given back on close
     assert not stream.speculation.fallback_to_plain
     assert spec._inflight == 0
-    plain_stream = await spec.open_stream({**body, "stream": True, "min_tokens": 5})
+    plain_stream = await spec.open_stream(*as_sent({**body, "stream": True, "min_tokens": 5}))
     assert spec._inflight == 1
     await plain_stream.aclose()
     await plain_stream.aclose()  # closing twice gives the slot back once
@@ -567,8 +568,8 @@ async def test_an_unset_temperature_is_the_servers_default_not_one(
                 "messages": [{"role": "user", "content": prompt}],
                 "max_tokens": 40,
             }  # no temperature
-            own = _answer(await target.complete(body))  # what the server itself answers: greedy
-            got = await spec.complete(body)
+            own = _answer(await target.complete(*as_sent(body)))  # what the server itself answers: greedy
+            got = await spec.complete(*as_sent(body))
             assert _answer(got) == own
             assert got.speculation.sampling == "greedy" and not got.speculation.fallback_to_plain  # type: ignore[attr-defined]
     finally:
@@ -582,14 +583,14 @@ async def test_a_server_default_penalty_sends_the_request_down_the_plain_path(
     spec, target, draft = await _with_large(penalised_by_default, small, server_defaults={"repetition_penalty": 1.3})
     try:
         body = _body(_PROMPTS[3], max_tokens=60)
-        own = _answer(await target.complete(body))  # the server applies its penalty
-        got = await spec.complete(body)
+        own = _answer(await target.complete(*as_sent(body)))  # the server applies its penalty
+        got = await spec.complete(*as_sent(body))
         assert _answer(got) == own
         assert got.speculation.fallback_reason == "unsupported_penalties"  # type: ignore[attr-defined]
         # the loop's own calls carry every sampling field, so a server default never reaches them
         undeclared, target2, draft2 = await _with_large(penalised_by_default, small)
         try:
-            penalty_free = await undeclared.complete(body)
+            penalty_free = await undeclared.complete(*as_sent(body))
             assert not penalty_free.speculation.fallback_to_plain  # type: ignore[attr-defined]
         finally:
             await target2.aclose()
@@ -604,7 +605,7 @@ async def test_more_logprobs_than_the_server_gives_sends_sampled_requests_plain(
 ) -> None:
     spec = _spec(pair, top_logprobs=50)  # the toy servers allow 20 (vLLM's default --max-logprobs)
     await spec.check_pair()
-    sampled = await spec.complete({**_body(_PROMPTS[0], max_tokens=10), "temperature": 0.8, "seed": 1})
+    sampled = await spec.complete(*as_sent({**_body(_PROMPTS[0], max_tokens=10), "temperature": 0.8, "seed": 1}))
     assert sampled.speculation.fallback_reason == "top_logprobs_refused"  # type: ignore[attr-defined]
-    greedy = await spec.complete(_body(_PROMPTS[0], max_tokens=10))
+    greedy = await spec.complete(*as_sent(_body(_PROMPTS[0], max_tokens=10)))
     assert not greedy.speculation.fallback_to_plain  # type: ignore[attr-defined]

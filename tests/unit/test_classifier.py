@@ -102,7 +102,7 @@ async def test_microbatching_matches_one_by_one(clf: Classifier) -> None:
     texts = [f"Question {i}: what is {i} times {i + 3}? Explain." for i in range(48)] + [EASY, HARD]
     expected = clf.score_batch_sync([t for t in texts])
     batches_before = clf.batches_run
-    got = await asyncio.gather(*(clf.score([{"role": "user", "content": t}]) for t in texts))
+    got = await asyncio.gather(*(clf.score(t) for t in texts))
     batches = clf.batches_run - batches_before
     assert batches < len(texts), "concurrent callers were not batched"
     assert clf.max_batch_seen > 1
@@ -110,7 +110,7 @@ async def test_microbatching_matches_one_by_one(clf: Classifier) -> None:
         assert g.p_large == pytest.approx(e.p_large, abs=1e-5)
         np.testing.assert_array_equal(g.embedding, e.embedding)
     # sequential callers still work (batch of one after the bounded wait)
-    one = await clf.score([{"role": "user", "content": EASY}])
+    one = await clf.score(EASY)
     assert one.p_large == pytest.approx(expected[-2].p_large, abs=1e-5)
     alone = clf.score_batch_sync([EASY])[0]
     assert abs(one.p_large - alone.p_large) < 1e-6
@@ -130,10 +130,10 @@ async def test_a_lone_request_does_not_wait_for_peers() -> None:
     assert lazy is not None
     try:
         for text in (EASY, HARD, EASY):
-            await asyncio.wait_for(lazy.score_text(text), timeout=20)
+            await asyncio.wait_for(lazy.score(text), timeout=20)
         assert lazy.batches_run == 3
         # a burst is still batched, and the request after it may wait: it is not alone
-        await asyncio.gather(*(lazy.score_text(f"question {i}") for i in range(8)))
+        await asyncio.gather(*(lazy.score(f"question {i}") for i in range(8)))
         assert lazy.max_batch_seen > 1
     finally:
         await lazy.aclose()

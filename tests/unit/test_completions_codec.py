@@ -23,7 +23,7 @@ def test_a_prompt_becomes_one_user_message_with_openais_default_max_tokens() -> 
     assert request.model == "m" and request.messages == [Message("user", (TextPart("Say hi"),))]
     assert request.max_tokens == completions.DEFAULT_MAX_TOKENS == 16
     assert request.stream is False and request.dropped == [] and decoded.echo is None
-    assert completions.to_chat_body(decoded) == {
+    assert openai_chat.to_chat_body(decoded.request) == {
         "model": "m",
         "messages": [{"role": "user", "content": "Say hi"}],
         "max_tokens": 16,
@@ -40,7 +40,7 @@ def test_sampling_fields_are_carried_into_the_chat_body() -> None:
         frequency_penalty=-0.5, logit_bias={"50256": -100}, n=1, best_of=1, suffix=None, logprobs=None, echo=False,
     )  # fmt: skip
     assert decoded.request.stop == ["\n"] and decoded.request.dropped == []
-    body = completions.to_chat_body(decoded)
+    body = openai_chat.to_chat_body(decoded.request)
     assert body == {
         "model": "m", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 40, "temperature": 0.2,
         "top_p": 0.9, "stop": ["\n"], "user": "u-1", "seed": 7, "presence_penalty": 0.5, "frequency_penalty": -0.5,
@@ -50,7 +50,7 @@ def test_sampling_fields_are_carried_into_the_chat_body() -> None:
 
 def test_a_stream_asks_the_pipeline_for_usage_and_remembers_whether_the_client_did() -> None:
     plain = _decode(stream=True)
-    assert completions.to_chat_body(plain)["stream_options"] == {"include_usage": True}
+    assert openai_chat.to_chat_body(plain.request)["stream_options"] == {"include_usage": True}
     assert plain.include_usage is False
     assert _decode(stream=True, stream_options={"include_usage": True}).include_usage is True
     assert _decode(stream=False, stream_options={"include_usage": True}).include_usage is False
@@ -59,7 +59,7 @@ def test_a_stream_asks_the_pipeline_for_usage_and_remembers_whether_the_client_d
 def test_fields_outside_the_api_are_named_as_dropped() -> None:
     decoded = _decode(top_k=5, repetition_penalty=1.1)
     assert decoded.request.dropped == ["repetition_penalty", "top_k"]
-    assert "top_k" not in completions.to_chat_body(decoded)
+    assert "top_k" not in openai_chat.to_chat_body(decoded.request)
 
 
 def test_echo_keeps_the_prompt_for_the_answer() -> None:

@@ -13,6 +13,7 @@ from gateway.errors import UpstreamStatusError
 from gateway.upstreams.base import Completion, Provider
 from gateway.upstreams.breaker import CircuitBreaker
 from gateway.upstreams.registry import build_provider
+from tests.chat_requests import as_sent
 from tests.unit.fake_upstream import FakeUpstream
 
 _POLICY = """
@@ -41,13 +42,13 @@ def route(upstream: FakeUpstream) -> tuple[dict[str, Provider], dict[str, Circui
     return providers, breakers
 
 
-async def _complete(provider: Provider, body: dict[str, Any]) -> Completion:
-    return await provider.complete(body)
+async def _complete(provider: Provider) -> Completion:
+    return await provider.complete(*as_sent({**_BODY, "model": provider.upstream_model}))
 
 
 async def _send(route: tuple[dict[str, Provider], dict[str, CircuitBreaker]], info: DispatchInfo) -> Completion:
     providers, breakers = route
-    return await dispatch(("a", "b"), providers, breakers, _FAST_RETRY, dict(_BODY), _complete, info)
+    return await dispatch(("a", "b"), providers, breakers, _FAST_RETRY, _complete, info)
 
 
 async def test_a_5xx_is_retried_on_the_same_model_first(upstream: FakeUpstream, route: Any) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import numpy as np
@@ -97,8 +96,8 @@ class _Score:
 class _Scorer:
     """p_large = the number the prompt ends with, so a test chooses each request's score."""
 
-    async def score(self, messages: list[dict[str, Any]]) -> _Score:
-        return _Score(float(str(messages[-1]["content"]).rsplit(" ", 1)[1]))
+    async def score(self, text: str) -> _Score:
+        return _Score(float(text.rsplit(" ", 1)[1]))
 
 
 async def test_a_route_with_a_target_share_sends_that_share_to_large_through_the_pipeline(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import pytest
 from gateway.learning.examples import LabelledExample, LearningStore, RoutingTrace
 from gateway.learning.learned import LearnedRouters, active_version, apgr, cpt, fit_candidate, promote, rollback
 from gateway.learning.shadow import judge_request, parse_verdict
+from gateway.protocols.openai_chat import to_chat_body
 from gateway.simulated.quality import FAILURE, judge_verdict
 from gateway.store.memory import MemoryKeyValue
 
@@ -98,11 +99,9 @@ def test_apgr_and_cpt_of_labels() -> None:
 
 def test_the_judge_prompt_and_the_simulated_judge_agree_on_the_protocol() -> None:
     request = judge_request("large", "user: draft an email", f"[simulated small] {FAILURE} x", "fine answer")
-    messages = request["messages"]
-    assert isinstance(messages, list)
-    assert judge_verdict(messages) == "no"
+    assert judge_verdict(to_chat_body(request)["messages"]) == "no"  # as an OpenAI-compatible judge reads it
     request = judge_request("large", "user: draft an email", "a good answer", "fine answer")
-    assert judge_verdict(request["messages"]) == "yes"  # type: ignore[arg-type]
+    assert judge_verdict(to_chat_body(request)["messages"]) == "yes"
     assert parse_verdict("Yes.") is True and parse_verdict("no") is False and parse_verdict("maybe") is None
 
 

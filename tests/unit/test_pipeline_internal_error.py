@@ -32,7 +32,7 @@ cache: {enabled: false}
 
 
 class _BrokenScorer:
-    async def score(self, messages: list[dict[str, Any]]) -> Any:
+    async def score(self, text: str) -> Any:
         raise KeyError("the secret prompt text")
 
 

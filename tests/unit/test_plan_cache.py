@@ -8,7 +8,9 @@ import msgspec
 
 from gateway.cache.plan import CachePlan, plan_cache
 from gateway.config.schema import CachePolicy, ExactCachePolicy, SemanticCachePolicy
-from gateway.protocol import parse_chat_request
+from gateway.protocols import anthropic_messages
+from gateway.protocols.chat_request import parse_chat_request
+from gateway.protocols.openai_chat import read_chat_request
 
 _POLICY = CachePolicy(exact=ExactCachePolicy(max_temperature=1.0), semantic=SemanticCachePolicy(max_temperature=0.5))
 
@@ -16,8 +18,9 @@ _POLICY = CachePolicy(exact=ExactCachePolicy(max_temperature=1.0), semantic=Sema
 def _plan(
     body: dict[str, Any], *, tenant: str = "t", header: str | None = None, policy: CachePolicy = _POLICY
 ) -> CachePlan | None:
-    parsed, request = parse_chat_request(msgspec.json.encode(body))
-    return plan_cache(policy, tenant, "fast", parsed, request, header)
+    parsed = parse_chat_request(msgspec.json.encode(body))
+    field = parsed.pop("gateway_cache", None)  # as the pipeline takes it out of the body
+    return plan_cache(policy, tenant, "fast", read_chat_request(parsed), header, field)
 
 
 def _ask(text: str, **extra: Any) -> dict[str, Any]:
@@ -77,3 +80,18 @@ def test_tool_requests_skip_the_semantic_cache_unless_allowed() -> None:
     allowed = CachePolicy(semantic=SemanticCachePolicy(tools=True))
     plan = _plan(_ask("hi", temperature=0, tools=tools), policy=allowed)
     assert plan is not None and plan.semantic_set is not None
+
+
+def test_what_the_internal_model_cannot_hold_is_not_cached() -> None:
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    heard = {"model": "fast", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, audio]}]}
+    assert _plan(heard) is None  # the key would not see the audio: two recordings would share one answer
+    assert _plan(_ask("hi", logprobs=True)) is None
+
+
+def test_one_question_through_the_codecs_of_two_apis_has_one_key() -> None:
+    asked = {"model": "fast", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}
+    messages = anthropic_messages.decode_request(msgspec.json.encode(asked))
+    chat = _plan(_ask("hi", temperature=0, max_completion_tokens=8))
+    translated = plan_cache(_POLICY, "t", "fast", messages, None)
+    assert chat is not None and translated is not None and chat.exact_key == translated.exact_key

@@ -7,6 +7,7 @@ and streams are replayed through the SDK's stream accumulator, so a client parse
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -31,6 +32,7 @@ from gateway.core.model import (
     UsageReport,
 )
 from gateway.errors import InvalidRequestError
+from gateway.protocols import openai_chat
 from gateway.protocols import openai_responses as codec
 from gateway.responses_store import RESPONSE_TTL_S, ResponseStore, StoredResponse
 from gateway.store import keyspace
@@ -51,7 +53,7 @@ def _ids() -> codec.IdMaker:
 def test_a_string_input_is_one_user_message_and_instructions_come_first() -> None:
     decoded = _decode(input="hello", instructions="be brief", max_output_tokens=50, temperature=0.2)
     assert decoded.request.messages == [Message("user", (TextPart("hello"),))]
-    body = codec.to_chat_body(decoded)
+    body = _chat(decoded)
     assert body["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     assert body["max_tokens"] == 50 and body["temperature"] == 0.2 and "stream" not in body
     assert decoded.store is True and decoded.request.dropped == []
@@ -82,7 +84,7 @@ def test_items_become_chat_messages_with_calls_on_the_assistant_turn() -> None:
         ToolCall("call_b", "time", "{}"),
     )
     assert messages[4].tool_call_id == "call_b" and messages[4].text == "noon"
-    body = codec.to_chat_body(decoded)
+    body = _chat(decoded)
     assert body["messages"][2]["tool_calls"][0] == {
         "id": "call_a", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Oslo"}'},
     }  # fmt: skip
@@ -98,7 +100,7 @@ def test_a_function_call_without_an_assistant_message_makes_one() -> None:
         ]
     )
     assert decoded.request.messages[1] == Message("assistant", (), (ToolCall("c1", "f", "{}"),))
-    assert codec.to_chat_body(decoded)["messages"][1]["content"] is None
+    assert _chat(decoded)["messages"][1]["content"] is None
 
 
 def test_function_tools_choice_and_strict_are_carried() -> None:
@@ -113,7 +115,7 @@ def test_function_tools_choice_and_strict_are_carried() -> None:
         parallel_tool_calls=False,
     )
     assert decoded.request.tool_choice == ToolChoice("tool", "search", parallel=False)
-    body = codec.to_chat_body(decoded)
+    body = _chat(decoded)
     assert body["tools"][0]["function"] == {
         "name": "search", "description": "find", "parameters": parameters, "strict": True,
     }  # fmt: skip
@@ -123,8 +125,7 @@ def test_function_tools_choice_and_strict_are_carried() -> None:
     assert decoded.echo["tool_choice"] == {"type": "function", "name": "search"}
     assert decoded.echo["parallel_tool_calls"] is False
     assert (
-        codec.to_chat_body(_decode(input="x", tools=[decoded.echo["tools"][1]], tool_choice="required"))["tool_choice"]
-        == "required"
+        _chat(_decode(input="x", tools=[decoded.echo["tools"][1]], tool_choice="required"))["tool_choice"] == "required"
     )
 
 
@@ -165,9 +166,9 @@ def test_bad_requests_are_400s_that_say_where(body: dict[str, Any], message: str
 
 def test_no_input_at_all_is_a_400_but_a_continuation_may_add_none() -> None:
     with pytest.raises(InvalidRequestError, match="input"):
-        codec.to_chat_body(_decode(instructions="only this"))
+        _chat(_decode(instructions="only this"))
     history = [Message("user", (TextPart("q"),)), Message("assistant", (TextPart("a"),))]
-    body = codec.to_chat_body(_decode(previous_response_id="resp_1"), history)
+    body = _chat(_decode(previous_response_id="resp_1"), history)
     assert [m["role"] for m in body["messages"]] == ["user", "assistant"]
 
 
@@ -175,7 +176,7 @@ def test_a_continuation_puts_the_earlier_turns_after_the_instructions() -> None:
     history = [Message("system", (TextPart("old rule"),)), Message("user", (TextPart("q1"),))]
     history.append(Message("assistant", (TextPart("a1"),)))
     decoded = _decode(input="q2", instructions="new rule", previous_response_id="resp_1")
-    body = codec.to_chat_body(decoded, history)
+    body = _chat(decoded, history)
     assert [(m["role"], m["content"]) for m in body["messages"]] == [
         ("system", "new rule"), ("system", "old rule"), ("user", "q1"), ("assistant", "a1"), ("user", "q2"),
     ]  # fmt: skip
@@ -187,14 +188,14 @@ def test_structured_output_formats() -> None:
     fmt = {"type": "json_schema", "name": "Count", "schema": schema, "strict": True}
     decoded = _decode(input="x", text={"format": fmt})
     assert decoded.request.json_schema == schema
-    assert codec.to_chat_body(decoded)["response_format"] == {
+    assert _chat(decoded)["response_format"] == {
         "type": "json_schema", "json_schema": {"name": "Count", "schema": schema, "strict": True},
     }  # fmt: skip
     assert decoded.echo["text"] == {"format": fmt}
     plain = _decode(input="x", text={"format": {"type": "text"}})
-    assert "response_format" not in codec.to_chat_body(plain)
+    assert "response_format" not in _chat(plain)
     json_mode = _decode(input="x", text={"format": {"type": "json_object"}})
-    assert codec.to_chat_body(json_mode)["response_format"] == {"type": "json_object"}
+    assert _chat(json_mode)["response_format"] == {"type": "json_object"}
     asked: list[str] = []
 
     def never(model: str) -> bool:
@@ -206,7 +207,7 @@ def test_structured_output_formats() -> None:
         json_object_ok=never,
     )
     assert asked == ["m"] and dropped.request.dropped == ["text.format"]
-    assert "response_format" not in codec.to_chat_body(dropped)
+    assert "response_format" not in _chat(dropped)
 
 
 def test_reasoning_and_verbosity_are_dropped_and_the_rest_accepted() -> None:
@@ -358,3 +359,8 @@ async def test_the_store_keeps_turns_per_tenant_and_deletes_them() -> None:
     assert await store.delete("acme", "resp_1")
     assert await store.load("acme", "resp_1") is None
     assert not await store.delete("acme", "resp_1")
+
+
+def _chat(decoded: codec.ResponsesRequest, history: Sequence[Message] = ()) -> dict[str, Any]:
+    """The chat body an OpenAI-compatible upstream is sent for ``decoded``."""
+    return openai_chat.to_chat_body(codec.to_request(decoded, history))

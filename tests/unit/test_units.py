@@ -20,7 +20,8 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.pricing import cost_usd
-from gateway.tokens import count_chat_prompt, count_text, encoding_for
+from gateway.protocols.openai_chat import read_chat_request
+from gateway.tokens import count_prompt, count_text, encoding_for
 from gateway.upstreams.breaker import CircuitBreaker
 from gateway.upstreams.sse import iter_sse
 
@@ -28,14 +29,24 @@ from gateway.upstreams.sse import iter_sse
 def test_prompt_tokens_follow_openai_chat_overhead() -> None:
     messages = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hello world"}]
     # 3 per message + 3 priming + "You are helpful." (4) + "Hello world" (2)
-    assert count_chat_prompt(messages, "cl100k_base") == 3 * 2 + 3 + 4 + 2
+    assert _count(messages) == 3 * 2 + 3 + 4 + 2
 
 
 def test_content_parts_names_and_images_are_counted() -> None:
     parts = [{"type": "text", "text": "Hello world"}, {"type": "image_url", "image_url": {"url": "x"}}]
-    assert (
-        count_chat_prompt([{"role": "user", "content": parts, "name": "bob"}], "cl100k_base") == 3 + 1 + 1 + 3 + 2 + 85
-    )
+    assert _count([{"role": "user", "content": parts, "name": "bob"}]) == 3 + 1 + 1 + 3 + 2 + 85
+
+
+def test_what_the_model_cannot_hold_still_counts_its_text() -> None:
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hello world"}, audio]}]
+    request = read_chat_request({"model": "m", "messages": messages})
+    assert request.unreadable is not None and "input_audio" in request.unreadable
+    assert count_prompt(request, "cl100k_base") == 3 + 3 + 2
+
+
+def _count(messages: list[dict[str, Any]]) -> int:
+    return count_prompt(read_chat_request({"model": "m", "messages": messages}), "cl100k_base")
 
 
 def test_unavailable_encoding_falls_back_offline() -> None:
@@ -156,7 +167,7 @@ async def _dispatch_many(failures: dict[str, Exception | None], candidates: tupl
     breakers = {name: CircuitBreaker(policy) for name in candidates}
     providers = {name: SimpleNamespace(name=name, upstream_model=name) for name in candidates}
 
-    async def call(provider: Any, body: dict[str, Any]) -> str:
+    async def call(provider: Any) -> str:
         failure = failures.get(provider.name)
         if failure is not None:
             raise failure
@@ -165,7 +176,7 @@ async def _dispatch_many(failures: dict[str, Exception | None], candidates: tupl
     retry = RetryPolicy(max_attempts=2, backoff_initial_ms=0.01, backoff_max_ms=0.01)
     for _ in range(requests):
         with contextlib.suppress(UpstreamError):
-            await dispatch(candidates, providers, breakers, retry, {}, call, DispatchInfo())  # type: ignore[arg-type]
+            await dispatch(candidates, providers, breakers, retry, call, DispatchInfo())  # type: ignore[arg-type]
     return breakers
 
 

@@ -1,8 +1,10 @@
-"""The OpenAI chat request as the gateway reads it.
+"""A chat client's request body, checked at the edge.
 
-The body is decoded once into plain values (forwarded upstream, unknown fields
-included) and checked against :class:`ChatRequest`, a typed view of the fields
-the gateway relies on; a mismatch becomes a 400 that names the parameter.
+The body is decoded once into plain values (sent on to OpenAI-compatible upstreams as
+it came, unknown fields included) and checked against :class:`_ChatRequest`, the fields
+whose type or range OpenAI's API defines; a mismatch becomes a 400 that names the
+parameter, in OpenAI's words. :func:`gateway.protocols.openai_chat.read_chat_request`
+then reads the checked body into the internal model.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import msgspec
 
 from gateway.errors import InvalidRequestError
 
-__all__ = ["ChatRequest", "ContentPart", "chat_view", "parse_chat_request"]
+__all__ = ["parse_chat_request"]
 
 _Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -23,7 +25,7 @@ class _View(msgspec.Struct, forbid_unknown_fields=False):
     pass
 
 
-class ContentPart(_View):
+class _ContentPart(_View):
     """Any part type is accepted and forwarded; a ``text`` part must carry a string."""
 
     type: str
@@ -36,7 +38,7 @@ class ContentPart(_View):
 
 class _Message(_View):
     role: _Role
-    content: str | list[ContentPart] | None = None
+    content: str | list[_ContentPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
@@ -46,7 +48,7 @@ class _StreamOptions(_View):
     include_usage: bool = False
 
 
-class ChatRequest(_View):
+class _ChatRequest(_View):
     model: Annotated[str, msgspec.Meta(min_length=1)]
     messages: Annotated[list[_Message], msgspec.Meta(min_length=1)]
     stream: bool = False
@@ -66,8 +68,8 @@ class ChatRequest(_View):
 _AT = re.compile(r" - at `\$\.?([^`]*)`$")
 
 
-def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], ChatRequest]:
-    """Decode and check a request body; returns the plain body (for forwarding) and its typed view."""
+def parse_chat_request(raw: bytes) -> dict[str, Any]:
+    """Decode and check a request body; returns it as plain values."""
     if not raw:
         raise InvalidRequestError("the request body is empty; expected a JSON object")
     try:
@@ -78,13 +80,13 @@ def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], ChatRequest]:
         raise InvalidRequestError("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
-    return body, chat_view(body)
+    _check(body)
+    return body
 
 
-def chat_view(body: dict[str, Any]) -> ChatRequest:
-    """Check a decoded chat body (the client's, or one another protocol's codec wrote)."""
+def _check(body: dict[str, Any]) -> None:
     try:
-        return msgspec.convert(body, ChatRequest, strict=True)
+        msgspec.convert(body, _ChatRequest, strict=True)
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = _AT.search(message)
