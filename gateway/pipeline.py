@@ -44,6 +44,7 @@ from gateway.limits import Limiter, Reservation
 from gateway.pricing import cost_usd
 from gateway.protocols.chat_request import parse_chat_request
 from gateway.protocols.openai_chat import (
+    answer_from_completion,
     answer_from_message,
     chunk_body,
     completion_from_answer,
@@ -101,8 +102,9 @@ class Answer:
     body: bytes
     headers: dict[str, str]
     typed: core.Answer | None = None
-    """A cache hit for a request that came in another protocol than chat: the answer for that
-    protocol's codec to render, as a body or as a stream (``body`` is then empty)."""
+    """A successful answer for a request that came in another protocol than chat (from the
+    upstream, or a cache hit): for that protocol's codec to render, as a body or, a cache hit
+    to a client that asked to stream, as a stream (``body`` is then empty)."""
 
 
 @dataclass(slots=True)
@@ -279,8 +281,15 @@ class ChatPipeline:
             self._settle(x, provider, completion.usage, completion.text)
             record.upstream_status = 200
             _record_speculation(record, completion)
-            if self._storing(x):
-                await self._fill_cache(x, completion.answer or storable_answer(msgspec.json.decode(completion.body)))
+            typed, storing = relay is None and record.protocol != "openai.chat", self._storing(x)
+            whole = storable = completion.answer
+            if whole is None and (typed or storing):  # a chat upstream's completion, read once
+                data = msgspec.json.decode(completion.body)
+                whole, storable = answer_from_completion(data), storable_answer(data)
+            if storing:
+                await self._fill_cache(x, storable)
+            if typed:
+                return Answer(200, b"", self._headers(x), typed=whole)
             return Answer(200, completion.body, self._headers(x))
         except GatewayError as exc:
             return self._error_answer(x, exc)

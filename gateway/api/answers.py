@@ -1,30 +1,27 @@
 """The chat pipeline's answer in the internal model, for the edges of the other protocols.
 
-A stream comes as deltas (:class:`StreamingDeltas`) and a cache hit as the internal answer
-(:attr:`Answer.typed`); a whole answer from an upstream comes in chat's shape and is read
-here. Either way an edge encodes what it gets here in its own protocol. (A passed-through
-answer, :class:`StreamingAnswer` among them, is the upstream's own: its edge relays it.)
+A stream comes as deltas (:class:`StreamingDeltas`), a whole answer (the upstream's or the
+cache's) as the internal answer (:attr:`Answer.typed`); an edge encodes either in its own
+protocol. (A passed-through answer, :class:`StreamingAnswer` among them, is the upstream's
+own: its edge relays it.)
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import msgspec
-
 from gateway.core.model import Answer as CoreAnswer
 from gateway.core.replay import deltas_of
 from gateway.pipeline import Answer, DeltaBatch, StreamBroke, StreamingAnswer, StreamingDeltas
-from gateway.protocols import openai_chat
 
 __all__ = ["StreamBroke", "answer_of", "delta_batches", "streams"]
 
 
 def answer_of(answer: Answer) -> CoreAnswer:
-    """A successful answer as a whole: the cache's own, or the upstream's completion read."""
-    if answer.typed is not None:
-        return answer.typed
-    return openai_chat.answer_from_completion(msgspec.json.decode(answer.body))
+    """A successful, translated answer as a whole."""
+    if answer.typed is None:
+        raise AssertionError("the pipeline answers a translated request in the internal model")
+    return answer.typed
 
 
 def streams(answer: Answer | StreamingAnswer | StreamingDeltas, asked_to_stream: bool) -> bool:
