@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+import re
+from typing import Any, TypeVar
 
 import msgspec
 
 from gateway.errors import InvalidRequestError
 
-__all__ = ["decode_body"]
+__all__ = ["check_fields", "decode_body"]
 
 T = TypeVar("T")
+
+_AT = re.compile(r" - at `\$\.?([^`]*)`$")
+_MISSING = re.compile(r"^Object missing required field `([^`]*)`$")
 
 
 def decode_body(raw: bytes, into: type[T]) -> T:
@@ -27,3 +31,20 @@ def decode_body(raw: bytes, into: type[T]) -> T:
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidRequestError("the request body is nested too deeply") from None
+
+
+def check_fields(body: dict[str, Any], view: type[T]) -> T:
+    """A decoded body read as ``view``, strictly; a 400 that names the parameter that is wrong."""
+    try:
+        return msgspec.convert(body, view, strict=True)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        missing = _MISSING.match(message)
+        if missing:
+            raise InvalidRequestError(f"{missing.group(1)}: Field required", param=missing.group(1)) from None
+        match = _AT.search(message)
+        param = match.group(1) if match else None
+        reason = message[: match.start()] if match else message
+        raise InvalidRequestError(
+            f"invalid parameter '{param}': {reason}" if param else f"invalid request: {reason}", param=param
+        ) from None

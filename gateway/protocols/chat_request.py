@@ -9,12 +9,12 @@ then reads the checked body into the internal model.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 import msgspec
 
-from gateway.errors import InvalidRequestError
+from gateway.protocols.body import check_fields, decode_body
+from gateway.protocols.openai_fields import ChoiceCount, MaxTokens, Penalty, Stop, Temperature, TopP
 
 __all__ = ["parse_chat_request"]
 
@@ -53,45 +53,20 @@ class _ChatRequest(_View):
     messages: Annotated[list[_Message], msgspec.Meta(min_length=1)]
     stream: bool = False
     stream_options: _StreamOptions | None = None
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
-    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
-    n: Annotated[int, msgspec.Meta(ge=1, le=128)] | None = None
-    stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: ChoiceCount | None = None
+    stop: Stop | None = None
     seed: int | None = None
     tools: list[dict[str, Any]] | None = None
-    presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
-    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
-
-
-_AT = re.compile(r" - at `\$\.?([^`]*)`$")
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
 
 
 def parse_chat_request(raw: bytes) -> dict[str, Any]:
     """Decode and check a request body; returns it as plain values."""
-    if not raw:
-        raise InvalidRequestError("the request body is empty; expected a JSON object")
-    try:
-        body = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidRequestError("the request body is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    _check(body)
+    body = decode_body(raw, dict[str, Any])
+    check_fields(body, _ChatRequest)
     return body
-
-
-def _check(body: dict[str, Any]) -> None:
-    try:
-        msgspec.convert(body, _ChatRequest, strict=True)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        match = _AT.search(message)
-        param = match.group(1) if match else None
-        reason = message[: match.start()] if match else message
-        raise InvalidRequestError(
-            f"invalid parameter '{param}': {reason}" if param else f"invalid request: {reason}", param=param
-        ) from None

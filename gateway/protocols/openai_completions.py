@@ -11,7 +11,6 @@ other fields the API does not define are named in ``Request.dropped``.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -31,7 +30,8 @@ from gateway.core.model import (
     UsageReport,
 )
 from gateway.errors import InvalidRequestError
-from gateway.protocols.body import decode_body
+from gateway.protocols.body import check_fields, decode_body
+from gateway.protocols.openai_fields import ChoiceCount, MaxTokens, Penalty, Stop, Temperature, TopP
 
 __all__ = ["DEFAULT_MAX_TOKENS", "Completion", "StreamEncoder", "decode_request", "encode_answer"]
 
@@ -52,11 +52,11 @@ class _StreamOptions(_View):
 class _CompletionsRequest(_View):
     model: Annotated[str, msgspec.Meta(min_length=1)]
     prompt: str | list[Any]
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
-    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
-    n: Annotated[int, msgspec.Meta(ge=1, le=128)] | None = None
-    stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | None = None
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: ChoiceCount | None = None
+    stop: Stop | None = None
     stream: bool | None = None
     stream_options: _StreamOptions | None = None
     echo: bool | None = None
@@ -65,17 +65,14 @@ class _CompletionsRequest(_View):
     logprobs: int | None = None
     user: str | None = None
     seed: int | None = None
-    presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
-    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     logit_bias: dict[str, float] | None = None
 
 
 _KNOWN = frozenset(_CompletionsRequest.__struct_fields__)
 _CARRIED = ("seed", "presence_penalty", "frequency_penalty", "logit_bias")
 """Fields a chat request has with the same meaning: carried in the request's ``extra`` as they came."""
-
-_AT = re.compile(r" - at `\$\.?([^`]*)`$")
-_MISSING = re.compile(r"^Object missing required field `([^`]*)`$")
 
 
 @dataclass(slots=True)
@@ -91,19 +88,7 @@ class Completion:
 
 def decode_request(raw: bytes) -> Completion:
     body = decode_body(raw, dict[str, Any])
-    try:
-        wire = msgspec.convert(body, _CompletionsRequest, strict=True)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        missing = _MISSING.match(message)
-        if missing:
-            raise InvalidRequestError(f"{missing.group(1)}: Field required", param=missing.group(1)) from None
-        match = _AT.search(message)
-        param = match.group(1) if match else None
-        reason = message[: match.start()] if match else message
-        raise InvalidRequestError(
-            f"invalid parameter '{param}': {reason}" if param else f"invalid request: {reason}", param=param
-        ) from None
+    wire = check_fields(body, _CompletionsRequest)
     prompt = _prompt(wire.prompt)
     _refuse_what_a_chat_upstream_cannot_do(wire)
     stop = [wire.stop] if isinstance(wire.stop, str) else list(wire.stop or [])
