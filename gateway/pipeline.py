@@ -1,5 +1,6 @@
-"""The request path for ``/v1/chat/completions``:
-auth → policy → cache (exact, semantic, then coalescing) → router → upstreams → accounting.
+"""The request path for every generating API (chat, Messages, Responses, completions):
+auth → policy → cache (exact, semantic, then coalescing) → router → upstreams → accounting,
+on the request in the internal model (:class:`gateway.core.model.Request`).
 
 The HTTP layer (``gateway.api``) only moves bytes; everything a request goes through
 is here, in the order it happens, and every outcome ends in one log line.
