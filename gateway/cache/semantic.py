@@ -141,12 +141,12 @@ class SemanticCache:
         deadline: float,
     ) -> list[tuple[CachedAnswer, float]]:
         found: list[tuple[CachedAnswer, float]] = []
-        for match in await self._index.nearest(index, embedding, _CANDIDATES, _left(deadline)):
-            if result.best_similarity is None:
-                result.best_similarity = match.similarity
-            if match.similarity < threshold:
-                break
-            raw = await self._index.entry(index, match.element, _left(deadline))
+        matches = await self._index.nearest(index, embedding, _CANDIDATES, _left(deadline))
+        if matches:
+            result.best_similarity = matches[0].similarity
+        matches = [match for match in matches if match.similarity >= threshold]
+        entries = await self._index.entries(index, [match.element for match in matches], _left(deadline))
+        for match, raw in zip(matches, entries, strict=True):
             if raw is None:  # its answer expired: never serve it, drop it from the index
                 await self._index.remove(index, match.element, _left(deadline))
                 result.expired_removed += 1

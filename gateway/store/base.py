@@ -90,8 +90,8 @@ class VectorIndex(Protocol):
         """Up to ``count`` elements, most similar first."""
         ...
 
-    async def entry(self, index: str, element: str, timeout_s: float) -> bytes | None:
-        """The element's entry; None once it has expired."""
+    async def entries(self, index: str, elements: list[str], timeout_s: float) -> list[bytes | None]:
+        """The elements' entries, in order, in one round trip; None for one that has expired."""
         ...
 
     async def add(

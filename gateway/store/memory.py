@@ -137,13 +137,12 @@ class MemoryVectorIndex(_Outage):
         scored.sort(key=lambda match: match.similarity, reverse=True)
         return scored[:count]
 
-    async def entry(self, index: str, element: str, timeout_s: float) -> bytes | None:
+    async def entries(self, index: str, elements: list[str], timeout_s: float) -> list[bytes | None]:
         self._check()
         found = self._indexes.get(index)
-        item = found.elements.get(element) if found is not None else None
-        if item is None or item.expires <= self._clock():
-            return None
-        return item.entry
+        now = self._clock()
+        items = [found.elements.get(element) if found is not None else None for element in elements]
+        return [item.entry if item is not None and item.expires > now else None for item in items]
 
     async def add(
         self, index: str, element: str, vector: np.ndarray, entry: bytes, ttl_s: int, max_entries: int, timeout_s: float

@@ -71,9 +71,9 @@ async def test_the_nearest_vectors_come_first_with_cosine_similarity(store: Stor
     assert [match.element for match in found] == ["east", "north-east"]
     assert found[0].similarity == pytest.approx(0.995, abs=0.01)
     assert found[1].similarity == pytest.approx(0.777, abs=0.01)
-    assert await store.vectors.entry(index, "north", T) == b"north"
+    assert await store.vectors.entries(index, ["north", "east", "west"], T) == [b"north", b"east", None]
     await store.vectors.remove(index, "north", T)
-    assert await store.vectors.entry(index, "north", T) is None
+    assert await store.vectors.entries(index, ["north"], T) == [None]
     assert "north" not in [m.element for m in await store.vectors.nearest(index, np.array([0, 1, 0, 0]), 4, T)]
 
 
@@ -86,14 +86,14 @@ async def test_past_the_cap_the_oldest_elements_go(store: Store) -> None:
         await asyncio.sleep(0.002)  # distinct insertion times
     names = {m.element for m in await store.vectors.nearest(index, np.ones(8, dtype=np.float32), 10, T)}
     assert names == {"e2", "e3", "e4"}
-    assert await store.vectors.entry(index, "e0", T) is None
+    assert await store.vectors.entries(index, ["e0", "e4"], T) == [None, b"x"]
 
 
 async def test_entries_expire_even_while_their_vector_stays(store: Store) -> None:
     index = keyspace.semantic_index(_tenant(), "ttl")
     await store.vectors.add(index, "gone", np.ones(4, dtype=np.float32), b"x", 1, 10, T)
     await asyncio.sleep(1.1)
-    assert await store.vectors.entry(index, "gone", T) is None
+    assert await store.vectors.entries(index, ["gone"], T) == [None]
 
 
 def _scopes(tenant: str, key: Caps, team: Caps) -> tuple[CounterScope, CounterScope]:

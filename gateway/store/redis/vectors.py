@@ -51,10 +51,12 @@ class RedisVectorIndex:
         # VSIM scores are (1 + cosine) / 2.
         return [VectorMatch(element, 2.0 * score - 1.0) for element, score in _pairs(found)]
 
-    async def entry(self, index: str, element: str, timeout_s: float) -> bytes | None:
-        key = keyspace.semantic_entry(index, element)
-        raw = await self._redis.call(lambda r: r.get(key), timeout_s)
-        return raw.encode() if isinstance(raw, str) else raw
+    async def entries(self, index: str, elements: list[str], timeout_s: float) -> list[bytes | None]:
+        if not elements:
+            return []
+        keys = [keyspace.semantic_entry(index, element) for element in elements]  # one tenant: one slot
+        found = await self._redis.call(lambda r: r.mget(keys), timeout_s)
+        return [raw.encode() if isinstance(raw, str) else raw for raw in found]
 
     async def add(
         self, index: str, element: str, vector: np.ndarray, entry: bytes, ttl_s: int, max_entries: int, timeout_s: float
