@@ -148,7 +148,8 @@ class PassThrough:
     The pipeline still reads it in the internal model (auth, limits, counting, routing, the log);
     only the call upstream differs (:meth:`Provider.relay`), and the answer (a body or a
     framed stream) comes back untouched. It is neither served from nor stored in the cache:
-    the cache holds chat answers, and some of these name upstream state (a response's id).
+    the cache holds internal answers, which a relayed body is not read into, and some of these
+    name upstream state (a response's id).
     """
 
     body: dict[str, Any] | None = None
