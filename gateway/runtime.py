@@ -50,7 +50,7 @@ class Runtime:
 class RuntimeHolder:
     """Loads the policy, rebuilds the runtime on change, keeps the old one on a bad edit."""
 
-    def __init__(self, path: str | os.PathLike[str], metrics: Metrics, transport: Transport = "aiohttp") -> None:
+    def __init__(self, path: str | os.PathLike[str], metrics: Metrics, transport: Transport = "http11") -> None:
         self.path = Path(path)
         self.metrics = metrics
         self.transport = transport

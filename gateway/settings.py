@@ -25,7 +25,7 @@ class Settings:
     policies_path: str = "policies.yaml"
     redis_url: str | None = None
     watch_policies: bool = True
-    upstream_transport: str = "aiohttp"
+    upstream_transport: str = "http11"
     router_artifacts: str = DEFAULT_ROUTER_ARTIFACTS
     """The classifier's ONNX graph, tokenizer and config (missing: ``auto`` uses its default model)."""
     metrics_dir: str | None = None
@@ -41,7 +41,7 @@ class Settings:
             policies_path=os.environ.get("GATEWAY_POLICIES", "policies.yaml"),
             redis_url=os.environ.get("REDIS_URL") or None,
             watch_policies=os.environ.get("GATEWAY_WATCH_POLICIES", "1") != "0",
-            upstream_transport=os.environ.get("GATEWAY_UPSTREAM_TRANSPORT", "aiohttp"),
+            upstream_transport=os.environ.get("GATEWAY_UPSTREAM_TRANSPORT", "http11"),
             metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
             router_artifacts=os.environ.get("GATEWAY_ROUTER_ARTIFACTS") or DEFAULT_ROUTER_ARTIFACTS,
             drain_s=float(os.environ.get("GATEWAY_DRAIN_S") or DEFAULT_DRAIN_S),

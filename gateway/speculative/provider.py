@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
-import httpx
 import structlog
 from tokenizers import Tokenizer
 
@@ -40,7 +39,7 @@ from gateway.speculative.text import (
     tokenizer_matches_server,
 )
 from gateway.speculative.token_api import TokenAPI
-from gateway.upstreams.base import ChatStream, Completion, Provider, Usage
+from gateway.upstreams.base import ChatStream, Completion, Provider, UpstreamResponse, Usage
 from gateway.upstreams.openai import chat_payload
 
 __all__ = ["PROBE_TEXT", "SpeculativeCompletion", "SpeculativeProvider"]
@@ -245,7 +244,7 @@ class SpeculativeProvider(Provider):
     async def open_relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> ChatStream:
         return await self.target.open_relay(body, headers)
 
-    async def forward(self, method: str, path: str) -> httpx.Response:
+    async def forward(self, method: str, path: str) -> UpstreamResponse:
         return await self.target.forward(method, path)
 
     async def complete(self, request: core.Request, body: dict[str, Any] | None = None) -> Completion:

@@ -53,8 +53,6 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
-
 from gateway.core import model as core
 from gateway.core.model import Answer, Delta, Finish, TextDelta, UsageReport
 from gateway.errors import GatewayError, InvalidRequestError, UpstreamProtocolError, UpstreamStatusError
@@ -68,6 +66,7 @@ from gateway.upstreams.base import (
     Provider,
     RelayedStream,
     UpstreamEvents,
+    UpstreamResponse,
     Usage,
     decode_event,
     decode_json_object,
@@ -142,7 +141,7 @@ class _AnthropicChatStream(ChatStream):
     written as OpenAI chunks (:func:`openai_chat.chunk_delta`) for a chat client, or given as
     they are (:meth:`next_deltas`) to a client of another protocol; usage goes to the tally."""
 
-    def __init__(self, provider: AnthropicProvider, response: httpx.Response) -> None:
+    def __init__(self, provider: AnthropicProvider, response: UpstreamResponse) -> None:
         super().__init__()
         self._provider = provider
         self._response = response
@@ -231,7 +230,7 @@ class _RelayedMessageStream(RelayedStream):
 
     end_events = frozenset({"message_stop"})
 
-    def __init__(self, provider: AnthropicProvider, response: httpx.Response) -> None:
+    def __init__(self, provider: AnthropicProvider, response: UpstreamResponse) -> None:
         super().__init__(provider, response)
         self._decoder = anthropic.StreamDecoder()
 

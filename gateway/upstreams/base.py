@@ -7,7 +7,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import httpx
 import msgspec
@@ -23,6 +23,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.protocols import openai_chat
+from gateway.upstreams.http11 import Http11Transport
 from gateway.upstreams.sse import SSEEvent, SSELineTooLong, iter_sse
 
 __all__ = [
@@ -32,9 +33,25 @@ __all__ = [
     "RelayedStream",
     "StreamTally",
     "UpstreamEvents",
+    "UpstreamResponse",
     "Usage",
     "usage_of",
 ]
+
+
+class UpstreamResponse(Protocol):
+    """An upstream's HTTP answer: :class:`~gateway.upstreams.http11.Http11Response`, or an
+    ``httpx.Response`` when the policy's upstream goes through httpx (a proxy, the tests' mocks)."""
+
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def content(self) -> bytes: ...
+    async def aread(self) -> bytes: ...
+    def aiter_bytes(self) -> AsyncIterator[bytes]: ...
+    async def aclose(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -216,7 +233,7 @@ class RelayedStream(ChatStream):
     framed = True
     end_events: ClassVar[frozenset[str]]
 
-    def __init__(self, provider: Provider, response: httpx.Response) -> None:
+    def __init__(self, provider: Provider, response: UpstreamResponse) -> None:
         super().__init__()
         self.tally.replayable = False
         self._provider = provider
@@ -265,6 +282,7 @@ class Provider(ABC):
         self.upstream_model = config.upstream_model or name
         self._urls: dict[str, httpx.URL] = {}
         self._transport: httpx.AsyncBaseTransport = client._transport
+        self._http11 = self._transport if isinstance(self._transport, Http11Transport) else None
         self._timeout = httpx.Timeout(
             connect=config.timeouts.connect,
             read=config.timeouts.first_byte,
@@ -296,7 +314,7 @@ class Provider(ABC):
         """The same, streamed: a :attr:`ChatStream.framed` stream of the upstream's own events."""
         raise UpstreamProtocolError(self.name, f"provider {self.kind!r} passes nothing through")
 
-    async def forward(self, method: str, path: str) -> httpx.Response:
+    async def forward(self, method: str, path: str) -> UpstreamResponse:
         """A bodiless request to the upstream (reading or deleting what it keeps), its answer read."""
         raise UpstreamProtocolError(self.name, f"provider {self.kind!r} keeps nothing to {method} at {path}")
 
@@ -307,7 +325,7 @@ class Provider(ABC):
 
     async def _post(
         self, path: str, payload: dict[str, Any] | None, headers: dict[str, str], *, stream: bool, method: str = "POST"
-    ) -> httpx.Response:
+    ) -> UpstreamResponse:
         """POST JSON (``method`` another verb, without a body when ``payload`` is None); map
         transport failures and HTTP errors to :class:`UpstreamError`.
 
@@ -315,30 +333,41 @@ class Provider(ABC):
         """
         content = None if payload is None else msgspec.json.encode(payload)
         url = self._url(path, keep=method == "POST")
-        request = httpx.Request(method, url, content=content, headers=headers, extensions=self._extensions)
+        timeouts = self.config.timeouts
+        response: UpstreamResponse
         try:
-            async with asyncio.timeout(self.config.timeouts.total):
-                # Straight to the client's pooled transport: the client's auth, redirect and
-                # cookie layers cost ~0.3 ms a request, and a cookie jar shared by every
-                # tenant's requests is something a gateway must not keep anyway.
-                response = await self._transport.handle_async_request(request)
+            async with asyncio.timeout(timeouts.total):
+                if self._http11 is not None:
+                    response = await self._http11.send(
+                        method.encode(),
+                        url,
+                        headers.items(),
+                        content,
+                        connect_timeout_s=timeouts.connect,
+                        first_byte_timeout_s=timeouts.first_byte,
+                        stream=stream,
+                    )
+                else:
+                    # Straight to the client's pooled transport: the client's auth, redirect and
+                    # cookie layers cost ~0.3 ms a request, and a cookie jar shared by every
+                    # tenant's requests is something a gateway must not keep anyway.
+                    request = httpx.Request(method, url, content=content, headers=headers, extensions=self._extensions)
+                    response = await self._transport.handle_async_request(request)
+                    if not stream and response.status_code < 400:
+                        try:
+                            await response.aread()
+                        finally:
+                            await response.aclose()
                 if response.status_code >= 400:
                     try:
                         await response.aread()
                     finally:
                         await response.aclose()
                     raise self._status_error(response)
-                if not stream:
-                    try:
-                        await response.aread()
-                    finally:
-                        await response.aclose()
         except UpstreamError:
             raise
         except TimeoutError:
-            raise UpstreamTimeoutError(
-                self.name, f"no complete answer within {self.config.timeouts.total:g}s"
-            ) from None
+            raise UpstreamTimeoutError(self.name, f"no complete answer within {timeouts.total:g}s") from None
         except httpx.HTTPError as exc:
             raise self.transport_error(exc) from None
         return response
@@ -369,7 +398,7 @@ class Provider(ABC):
             return UpstreamTimeoutError(self.name, f"timed out ({cause})")
         return UpstreamConnectError(self.name, f"transport error ({cause})")
 
-    def _status_error(self, response: httpx.Response) -> UpstreamStatusError:
+    def _status_error(self, response: UpstreamResponse) -> UpstreamStatusError:
         return UpstreamStatusError(
             self.name,
             response.status_code,
@@ -406,7 +435,7 @@ class UpstreamEvents:
 
     __slots__ = ("_deadline", "_events", "_idle_s", "_provider")
 
-    def __init__(self, provider: Provider, response: httpx.Response) -> None:
+    def __init__(self, provider: Provider, response: UpstreamResponse) -> None:
         config = provider.config
         self._provider = provider
         self._deadline = asyncio.get_running_loop().time() + config.timeouts.total

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
 import msgspec
 
 from gateway.core import model as core
@@ -20,6 +19,7 @@ from gateway.upstreams.base import (
     RelayedStream,
     StreamTally,
     UpstreamEvents,
+    UpstreamResponse,
     decode_event,
     decode_json_object,
     usage_of,
@@ -75,7 +75,7 @@ class OpenAIProvider(Provider):
         response = await self._post("responses", body, {**self._headers(), **headers}, stream=True)
         return _ResponsesEventStream(self, response)
 
-    async def forward(self, method: str, path: str) -> httpx.Response:
+    async def forward(self, method: str, path: str) -> UpstreamResponse:
         return await self._post(path, None, self._headers(), stream=False, method=method)
 
     async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
@@ -89,7 +89,7 @@ class OpenAIProvider(Provider):
 
 
 class _OpenAIChatStream(ChatStream):
-    def __init__(self, provider: OpenAIProvider, response: httpx.Response) -> None:
+    def __init__(self, provider: OpenAIProvider, response: UpstreamResponse) -> None:
         super().__init__()
         self._provider = provider
         self._response = response
@@ -131,7 +131,7 @@ class _ResponsesEventStream(RelayedStream):
 
     end_events = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
-    def __init__(self, provider: OpenAIProvider, response: httpx.Response) -> None:
+    def __init__(self, provider: OpenAIProvider, response: UpstreamResponse) -> None:
         super().__init__(provider, response)
         self._sequence = -1
 

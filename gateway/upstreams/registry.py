@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import urllib.request
 from collections.abc import Mapping
 from typing import Literal
 
 import httpx
+import structlog
 
 from gateway.config.schema import ModelConfig
 from gateway.upstreams.anthropic import AnthropicProvider
 from gateway.upstreams.base import Provider
+from gateway.upstreams.http11 import Http11Transport
 from gateway.upstreams.openai import OpenAIProvider
 
 __all__ = ["PROVIDER_KINDS", "build_provider", "make_client"]
@@ -20,30 +23,49 @@ PROVIDER_KINDS: dict[str, type[Provider]] = {
     AnthropicProvider.kind: AnthropicProvider,
 }
 
-Transport = Literal["aiohttp", "httpx"] | httpx.AsyncBaseTransport
+_log = structlog.get_logger("gateway.upstreams")
+
+Transport = Literal["http11", "aiohttp", "httpx"] | httpx.AsyncBaseTransport
 """A transport by name, or one to use as it is (unit tests pass an ``httpx.MockTransport``)."""
 
 
-def make_client(config: ModelConfig, transport: Transport = "aiohttp") -> httpx.AsyncClient:
+def make_client(config: ModelConfig, transport: Transport = "http11") -> httpx.AsyncClient:
     """One pooled keep-alive client per upstream, created once, never per request.
 
-    ``aiohttp`` puts aiohttp's connection pool under the httpx API; ``make bench``
-    compares it with httpx's own transport (see README for the figures).
+    ``http11`` is the gateway's own client (:mod:`gateway.upstreams.http11`); ``aiohttp``
+    puts aiohttp's connection pool under the httpx API, ``httpx`` is httpx's own; ``make
+    bench --compare-transports`` measures them side by side. An upstream the environment
+    sends through a proxy (``HTTPS_PROXY``, ``NO_PROXY``, ...) goes through httpx, which speaks to proxies.
     """
     limits = httpx.Limits(max_connections=config.max_connections, keepalive_expiry=60.0)
     base_url = config.base_url.rstrip("/") + "/"
     if isinstance(transport, httpx.AsyncBaseTransport):
         return httpx.AsyncClient(base_url=base_url, transport=transport, timeout=None)
+    if transport == "http11" and _proxied(base_url):
+        _log.info("upstream_via_proxy", url=config.base_url, transport="httpx")
+        transport = "httpx"
     if transport == "httpx":
         return httpx.AsyncClient(base_url=base_url, limits=limits, timeout=None)
+    if transport == "http11":
+        own = Http11Transport(max_connections=config.max_connections, keepalive_expiry=60.0)
+        return httpx.AsyncClient(base_url=base_url, transport=own, timeout=None)
     from httpx_aiohttp import AiohttpTransport
 
     return httpx.AsyncClient(base_url=base_url, transport=AiohttpTransport(limits=limits), timeout=None)
 
 
 def build_provider(
-    name: str, config: ModelConfig, environ: Mapping[str, str] | None = None, transport: Transport = "aiohttp"
+    name: str, config: ModelConfig, environ: Mapping[str, str] | None = None, transport: Transport = "http11"
 ) -> Provider:
     environ = os.environ if environ is None else environ
     api_key = environ.get(config.api_key_env) if config.api_key_env else None
     return PROVIDER_KINDS[config.provider](name, config, make_client(config, transport), api_key)
+
+
+def _proxied(url: str) -> bool:
+    """Whether the environment names a proxy for ``url`` (the variables httpx and curl read)."""
+    parsed = httpx.URL(url)
+    proxies = urllib.request.getproxies()
+    if not (proxies.get(parsed.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(parsed.host)

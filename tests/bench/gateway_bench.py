@@ -2,8 +2,8 @@
 
 Run: ``python tests/bench/gateway_bench.py`` (``--help`` for the options; the default
 run takes about 3 minutes on 2 cores). ``--compare-servers`` adds uvicorn next to
-granian, ``--compare-transports`` adds httpx's transport next to aiohttp's (both
-flags: all four pairs), ``--compare-cache`` adds the main pair with the Redis cache on.
+granian, ``--compare-transports`` adds aiohttp's and httpx's transports next to the
+gateway's own (both flags: every pair), ``--compare-cache`` adds the main pair with the Redis cache on.
 
 Method
 ------
@@ -137,6 +137,9 @@ class Config:
         return ("cache_miss", "cache_hit") if self.cache else ("proxy",)
 
 
+_TRANSPORTS = ("http11", "aiohttp", "httpx")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
@@ -149,9 +152,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--memory-every", type=int, default=10_000, help="RSS sample interval in requests (default 10000)")
     add("--workers", type=int, default=1, help="gateway workers (default 1)")
     add("--server", choices=("granian", "uvicorn"), default="granian", help="main configuration's ASGI server")
-    add("--transport", choices=("aiohttp", "httpx"), default="aiohttp", help="main configuration's upstream transport")
+    add("--transport", choices=_TRANSPORTS, default="http11", help="main configuration's upstream transport")
     add("--compare-servers", action="store_true", help="also run the other ASGI server (latency and throughput)")
-    add("--compare-transports", action="store_true", help="also run the other upstream transport")
+    add("--compare-transports", action="store_true", help="also run the other upstream transports")
     add("--compare-cache", action="store_true", help="also run the main pair with the cache on (misses and hits)")
     add("--results-dir", type=Path, default=_ROOT / "bench-results", help="JSON destination (default bench-results/)")
     add("--keep-logs", action="store_true", help="copy the gateway's request log and stderr into the results folder")
@@ -163,7 +166,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def configs_from(args: argparse.Namespace) -> list[Config]:
     """The main configuration first (it alone gets the memory run), then the comparisons."""
     servers = [args.server] + ([_other(args.server, ("granian", "uvicorn"))] if args.compare_servers else [])
-    transports = [args.transport] + ([_other(args.transport, ("aiohttp", "httpx"))] if args.compare_transports else [])
+    transports = [args.transport] + ([t for t in _TRANSPORTS if t != args.transport] if args.compare_transports else [])
     configs = [Config(server, transport) for server in servers for transport in transports]
     configs[0] = Config(args.server, args.transport, measure_memory=args.memory_requests > 0)
     if args.compare_cache:
