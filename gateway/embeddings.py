@@ -20,7 +20,7 @@ import numpy as np
 import structlog
 
 from gateway.accounting.metrics import Metrics
-from gateway.accounting.request_log import REQUEST_LOGGER, RequestRecord, exception_frames, request_event
+from gateway.accounting.request_log import RequestRecord, exception_frames, log_request
 from gateway.accounting.usage import UsageFigures
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.errors import GatewayError, InvalidRequestError
@@ -37,7 +37,6 @@ from gateway.upstreams.base import Embeddings, Provider
 
 __all__ = ["EmbeddingsPipeline"]
 
-_request_log = structlog.get_logger(REQUEST_LOGGER)
 _log = structlog.get_logger("gateway.embeddings")
 _MAX_INPUTS = 2048
 
@@ -203,7 +202,7 @@ class EmbeddingsPipeline:
         for failure in info.failures:
             self._metrics.upstream_error(failure.upstream, failure.code)
         self._metrics.observe(record)
-        _request_log.info("request", **request_event(record))
+        log_request(record)
         if reservation is not None:
             self._limiter.settle_later(runtime.policy, reservation, UsageFigures.of_request(record))
 

@@ -20,7 +20,7 @@ import numpy as np
 import structlog
 
 from gateway.accounting.metrics import Metrics
-from gateway.accounting.request_log import REQUEST_LOGGER, RequestRecord, exception_frames, request_event
+from gateway.accounting.request_log import RequestRecord, exception_frames, log_request
 from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal
 from gateway.cache.audit import CEILING as _CEILING
@@ -71,7 +71,6 @@ __all__ = [
     "StreamingDeltas",
 ]
 
-_request_log = structlog.get_logger(REQUEST_LOGGER)
 _log = structlog.get_logger("gateway.pipeline")
 
 
@@ -263,9 +262,9 @@ class ChatPipeline:
             cached = await self._from_cache(x, cache_control)
             if cached is not None:
                 return cached  # a hit carries its own token counts: no tokenizing
-            await self._count_prompt(x)
             await self._route(x)
             if x.request.stream:
+                await self._count_prompt(x)  # the stream's cost header, and its usage should the upstream send none
                 answer = await self._start_stream(x)
                 streaming_started = True
                 return answer
@@ -280,6 +279,8 @@ class ChatPipeline:
             )
             provider = x.info.provider
             assert provider is not None
+            if completion.usage is None:
+                await self._count_prompt(x)  # tokenized only when the upstream does not say
             self._settle(x, provider, completion.usage, completion.text)
             record.upstream_status = 200
             _record_speculation(record, completion)
@@ -760,7 +761,7 @@ class ChatPipeline:
         for failure in x.info.failures:
             self._metrics.upstream_error(failure.upstream, failure.code)
         self._metrics.observe(record)
-        _request_log.info("request", **request_event(record))
+        log_request(record)
         self._teach(x)
         if x.reservation is not None:
             self._limiter.settle_later(x.runtime.policy, x.reservation, UsageFigures.of_request(record))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,15 @@ from typing import IO, Any
 import msgspec
 import structlog
 
-__all__ = ["SCHEMA_VERSION", "RequestLogWriter", "RequestRecord", "configure_logging", "exception_frames"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "RequestLogWriter",
+    "RequestRecord",
+    "configure_logging",
+    "exception_frames",
+    "log_request",
+    "request_line",
+]
 
 SCHEMA_VERSION = 2
 
@@ -173,9 +182,13 @@ def _encode(event: dict[str, Any], **_: Any) -> str:
 
 REQUEST_LOGGER = "gateway.request"
 
+_request_writer: RequestLogWriter | None = None
+
 
 def configure_logging(request_writer: RequestLogWriter, ops_writer: RequestLogWriter) -> None:
     """JSON lines for every structlog logger: request lines to ``request_writer``, the rest to ``ops_writer``."""
+    global _request_writer
+    _request_writer = request_writer
 
     def factory(name: str | None = None, *_: Any) -> _QueuedLogger:
         return _QueuedLogger(request_writer if name == REQUEST_LOGGER else ops_writer)
@@ -190,6 +203,33 @@ def configure_logging(request_writer: RequestLogWriter, ops_writer: RequestLogWr
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+
+
+def log_request(record: RequestRecord) -> None:
+    """Write the request's line. Once :func:`configure_logging` ran, straight to the request
+    log's writer, encoded from the record in one call (structlog's processor chain cost ~8 %
+    of the proxy path's CPU in a profile); before, through structlog, where tests capture it."""
+    writer = _request_writer
+    if writer is None:
+        structlog.get_logger(REQUEST_LOGGER).info("request", **request_event(record))
+    else:
+        writer.write(request_line(record))
+
+
+_RECORD_ENCODER = msgspec.json.Encoder()
+_LINE_END = b',"schema_version":%d,"event":"request","level":"info","ts":"%s.%06dZ"}'
+_second: list[Any] = [-1, b""]
+"""The last second formatted for ``ts``, and its text: strftime once a second, not per line."""
+
+
+def request_line(record: RequestRecord) -> str:
+    """The JSON line structlog would write for ``log.info("request", **request_event(record))``."""
+    now = time.time()
+    second = int(now)
+    if second != _second[0]:
+        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()]
+    head = _RECORD_ENCODER.encode(record)
+    return (head[:-1] + _LINE_END % (SCHEMA_VERSION, _second[1], int((now - second) * 1e6))).decode()
 
 
 def request_event(record: RequestRecord) -> dict[str, Any]:

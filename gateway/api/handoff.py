@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -19,6 +20,25 @@ from gateway.pipeline import Answer, BodyReader, PassThrough, StreamingAnswer, S
 __all__ = ["DisconnectWatch", "Incoming", "hand_to_pipeline"]
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+class _RequestIds:
+    """32 hex digits: this process's random half, then a counter. Unique, as a uuid4 would
+    be, without a getrandom call per request; a forked worker draws its own half."""
+
+    def __init__(self) -> None:
+        self._fresh()
+        os.register_at_fork(after_in_child=self._fresh)
+
+    def _fresh(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count(int.from_bytes(os.urandom(4)))
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+_request_ids = _RequestIds()
 
 
 class Incoming(Protocol):
@@ -55,7 +75,7 @@ async def hand_to_pipeline(
     state: GatewayState = request.app.state.gateway
     headers = request.headers
     incoming_id = headers.get("x-request-id")
-    request_id = incoming_id if incoming_id and _REQUEST_ID.fullmatch(incoming_id) else uuid.uuid4().hex
+    request_id = incoming_id if incoming_id and _REQUEST_ID.fullmatch(incoming_id) else _request_ids.next()
     task = asyncio.current_task()
     assert task is not None
     watch = DisconnectWatch(request, task)
@@ -92,15 +112,20 @@ class DisconnectWatch:
     """Reads the body, then cancels the request's task if the client hangs up before the answer.
 
     So a client that leaves while the upstream is still thinking cancels the upstream call.
-    Streams are watched by Litestar's ``Stream`` itself once they start. The watcher is a
-    task only from the end of the body on (receive() would otherwise steal body messages).
+    Streams are watched by the route itself once they start. The watcher is a task only
+    from the end of the body on (receive() would otherwise steal body messages), and only
+    for a request still unanswered ``WATCH_AFTER_S`` later: a task per request cost ~5 % of
+    the proxy path's CPU in a profile, and a disconnect is still seen, that much later.
     """
 
-    __slots__ = ("_request", "_task", "_watcher", "client_left")
+    WATCH_AFTER_S = 0.01
+
+    __slots__ = ("_request", "_task", "_timer", "_watcher", "client_left")
 
     def __init__(self, request: Incoming, task: asyncio.Task[object]) -> None:
         self._request = request
         self._task = task
+        self._timer: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.client_left = False
 
@@ -128,8 +153,12 @@ class DisconnectWatch:
         except InternalServerException:
             self.client_left = True  # the client left while sending
             raise asyncio.CancelledError from None
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        self._timer = asyncio.get_running_loop().call_later(self.WATCH_AFTER_S, self._start_watching)
         return b"".join(chunks)
+
+    def _start_watching(self) -> None:
+        self._timer = None
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
         while True:
@@ -140,5 +169,7 @@ class DisconnectWatch:
                 return
 
     def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         if self._watcher is not None:
             self._watcher.cancel()

@@ -1,0 +1,86 @@
+"""The request log's line, written straight from the record, is the line structlog's chain writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import structlog
+
+from gateway.accounting import request_log as request_log_module
+from gateway.accounting.request_log import (
+    RequestLogWriter,
+    RequestRecord,
+    configure_logging,
+    log_request,
+    request_event,
+    request_line,
+)
+
+
+def _structlog_line(record: RequestRecord) -> dict[str, object]:
+    lines: list[str] = []
+
+    class Sink:
+        def msg(self, message: str) -> None:
+            lines.append(message)
+
+        info = msg
+
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            structlog.processors.JSONRenderer(serializer=lambda event, **_: msgspec.json.encode(event).decode()),
+        ],
+        logger_factory=lambda *_: Sink(),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        structlog.get_logger("gateway.request").info("request", **request_event(record))
+    finally:
+        structlog.reset_defaults()
+    (line,) = lines
+    decoded: dict[str, object] = msgspec.json.decode(line)
+    return decoded
+
+
+def test_the_direct_line_has_the_same_fields_in_the_same_order() -> None:
+    record = RequestRecord(
+        request_id="r1",
+        key_id="k",
+        tenant="acme",
+        route="auto",
+        p_large=0.25,
+        cost_usd=1.5e-05,
+        latency_ms=0.812,
+        speculation={"mode": "draft", "rounds": 3},
+        passthrough=True,
+    )
+    direct: dict[str, object] = msgspec.json.decode(request_line(record))
+    expected = _structlog_line(record)
+    assert list(direct) == list(expected)
+    stamp, expected_stamp = direct.pop("ts"), expected.pop("ts")
+    assert direct == expected
+    assert isinstance(stamp, str) and isinstance(expected_stamp, str)
+    assert (
+        stamp[:16] == expected_stamp[:16] and stamp.endswith("Z") and len(stamp) == len("2026-12-01T09:52:00.021879Z")
+    )
+
+
+def test_a_configured_gateway_writes_request_lines_to_the_request_log_only(tmp_path: Path) -> None:
+    request_log, ops_log = tmp_path / "requests.jsonl", tmp_path / "ops.jsonl"
+    requests = RequestLogWriter(stdout=False, path=str(request_log))
+    ops = RequestLogWriter(stdout=False, path=str(ops_log))
+    configure_logging(requests, ops)
+    try:
+        log_request(RequestRecord(request_id="r2", key_id="k", tenant="t"))
+        structlog.get_logger("gateway.app").info("something_else")
+    finally:
+        requests.close()
+        ops.close()
+        structlog.reset_defaults()
+        request_log_module._request_writer = None
+    (line,) = request_log.read_text().splitlines()
+    assert msgspec.json.decode(line)["request_id"] == "r2"
+    assert "r2" not in ops_log.read_text() and "something_else" in ops_log.read_text()
