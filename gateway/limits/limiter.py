@@ -117,6 +117,9 @@ class Limiter:
 
     def settle_later(self, policy: Policy, reservation: Reservation, used: UsageFigures) -> None:
         """:meth:`settle` off the request's path: the answer does not wait for the store."""
+        if not reservation.scopes:  # nothing reserved: the usage goes to the ledger's batch, no task needed
+            self.ledger.record(reservation.usage, used, policy.limits.redis_timeout_ms / 1000)
+            return
         task = asyncio.get_running_loop().create_task(self.settle(policy, reservation, used))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)

@@ -336,40 +336,47 @@ class Provider(ABC):
         timeouts = self.config.timeouts
         response: UpstreamResponse
         try:
-            async with asyncio.timeout(timeouts.total):
-                if self._http11 is not None:
-                    response = await self._http11.send(
-                        method.encode(),
-                        url,
-                        headers.items(),
-                        content,
-                        connect_timeout_s=timeouts.connect,
-                        first_byte_timeout_s=timeouts.first_byte,
-                        stream=stream,
-                    )
-                else:
-                    # Straight to the client's pooled transport: the client's auth, redirect and
-                    # cookie layers cost ~0.3 ms a request, and a cookie jar shared by every
-                    # tenant's requests is something a gateway must not keep anyway.
-                    request = httpx.Request(method, url, content=content, headers=headers, extensions=self._extensions)
-                    response = await self._transport.handle_async_request(request)
-                    if not stream and response.status_code < 400:
-                        try:
-                            await response.aread()
-                        finally:
-                            await response.aclose()
-                if response.status_code >= 400:
-                    try:
-                        await response.aread()
-                    finally:
-                        await response.aclose()
-                    raise self._status_error(response)
+            if self._http11 is not None:
+                response = await self._http11.send(
+                    method.encode(),
+                    url,
+                    headers.items(),
+                    content,
+                    connect_timeout_s=timeouts.connect,
+                    first_byte_timeout_s=timeouts.first_byte,
+                    stream=stream,
+                    total_timeout_s=timeouts.total,
+                )
+            else:
+                async with asyncio.timeout(timeouts.total):
+                    response = await self._via_httpx(method, url, content, headers, stream=stream)
+            if response.status_code >= 400:
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+                raise self._status_error(response)
         except UpstreamError:
             raise
         except TimeoutError:
             raise UpstreamTimeoutError(self.name, f"no complete answer within {timeouts.total:g}s") from None
         except httpx.HTTPError as exc:
             raise self.transport_error(exc) from None
+        return response
+
+    async def _via_httpx(
+        self, method: str, url: httpx.URL, content: bytes | None, headers: dict[str, str], *, stream: bool
+    ) -> httpx.Response:
+        # Straight to the client's pooled transport: the client's auth, redirect and
+        # cookie layers cost ~0.3 ms a request, and a cookie jar shared by every
+        # tenant's requests is something a gateway must not keep anyway.
+        request = httpx.Request(method, url, content=content, headers=headers, extensions=self._extensions)
+        response = await self._transport.handle_async_request(request)
+        if not stream and response.status_code < 400:
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
         return response
 
     def _url(self, path: str, *, keep: bool = True) -> httpx.URL:

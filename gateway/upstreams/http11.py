@@ -404,15 +404,26 @@ class Http11Transport(httpx.AsyncBaseTransport):
         connect_timeout_s: float,
         first_byte_timeout_s: float,
         stream: bool,
+        total_timeout_s: float | None = None,
     ) -> Http11Response:
-        """Send one request; return at the answer's headers (``stream``) or once its body is read."""
+        """Send one request; return at the answer's headers (``stream``) or once its body is read.
+
+        ``total_timeout_s`` bounds all of that (TimeoutError), with one timer: a caller's own
+        ``asyncio.timeout`` around the call cost more than the rest of the call's bookkeeping.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if total_timeout_s is None else loop.time() + total_timeout_s
         pool = self._pool(url)
         head = _head(method, url, headers, content)
         data = (head,) if not content else (head, content)
         for attempt in (1, 2):
-            connection, kept_alive = await pool.acquire(connect_timeout_s)
+            left = _left(deadline, loop)
+            connection, kept_alive = await pool.acquire(
+                connect_timeout_s if left is None else min(connect_timeout_s, left)
+            )
+            left = _left(deadline, loop)
             try:
-                response = await _answer(connection, data, first_byte_timeout_s)
+                response = await _answer(connection, data, first_byte_timeout_s, left)
             except _StaleConnection:
                 if kept_alive and attempt == 1:
                     continue  # the server closed it as it sat idle: nothing of this request was answered
@@ -420,9 +431,13 @@ class Http11Transport(httpx.AsyncBaseTransport):
             except BaseException:
                 connection.close()
                 raise
-            if not stream:
+            if not stream and response._content is None:
                 try:
-                    await response.aread()
+                    if response._done or deadline is None:
+                        await response.aread()
+                    else:
+                        async with asyncio.timeout_at(deadline):
+                            await response.aread()
                 except BaseException:
                     await response.aclose()
                     raise
@@ -469,19 +484,36 @@ class Http11Transport(httpx.AsyncBaseTransport):
         return pool
 
 
-async def _answer(connection: _Connection, data: tuple[bytes, ...], timeout_s: float) -> Http11Response:
+async def _answer(
+    connection: _Connection, data: tuple[bytes, ...], first_byte_s: float, total_left_s: float | None
+) -> Http11Response:
     waiter = connection.send(data)
-    timer = asyncio.get_running_loop().call_later(timeout_s, _time_out, connection, waiter, timeout_s)
+    error: BaseException
+    if total_left_s is not None and total_left_s < first_byte_s:
+        wait_s, error = total_left_s, TimeoutError()
+    else:
+        wait_s, error = first_byte_s, httpx.ReadTimeout(f"no answer within {first_byte_s:g}s")
+    timer = asyncio.get_running_loop().call_later(wait_s, _time_out, connection, waiter, error)
     try:
         return await waiter
     finally:
         timer.cancel()
 
 
-def _time_out(connection: _Connection, waiter: asyncio.Future[Http11Response], timeout_s: float) -> None:
+def _time_out(connection: _Connection, waiter: asyncio.Future[Http11Response], error: BaseException) -> None:
     if not waiter.done():
-        waiter.set_exception(httpx.ReadTimeout(f"no answer within {timeout_s:g}s"))
+        waiter.set_exception(error)
         connection.close()
+
+
+def _left(deadline: float | None, loop: asyncio.AbstractEventLoop) -> float | None:
+    """Seconds to ``deadline``; TimeoutError when it has passed."""
+    if deadline is None:
+        return None
+    left = deadline - loop.time()
+    if left <= 0:
+        raise TimeoutError
+    return left
 
 
 _OWN = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})

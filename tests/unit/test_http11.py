@@ -306,3 +306,25 @@ async def test_httpx_callers_get_an_httpx_response(serve: Serve, transport: Http
     async with httpx.AsyncClient(transport=transport) as client:
         response = await client.post(str(server.url), json={"model": "m"})
     assert response.status_code == 200 and response.json() == {"ok": True}
+
+
+async def test_the_total_deadline_bounds_a_body_that_stops_coming(serve: Serve, transport: Http11Transport) -> None:
+    stalled = answer(b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"partial')
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> None:
+        await stalled(reader, writer, request)
+        await asyncio.sleep(30)
+
+    server = await serve(stall, stay_silent)
+    for _ in range(2):  # a stalled body, then no answer at all: the total is the shorter bound both times
+        with pytest.raises(TimeoutError):
+            await transport.send(
+                b"POST",
+                server.url,
+                [],
+                b"{}",
+                connect_timeout_s=5,
+                first_byte_timeout_s=5,
+                stream=False,
+                total_timeout_s=0.3,
+            )
