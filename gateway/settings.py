@@ -32,11 +32,15 @@ class Settings:
     """Set (by ``serve --workers N``, N > 1) for prometheus_client's multiprocess mode."""
     request_log_fd: int | None = None
     """The request log's own descriptor (``serve`` keeps stdout for it alone); None: ``sys.stdout``."""
+    split_stdout: bool = False
+    """A spawned worker (uvicorn, several workers) takes stdout for the request log itself:
+    ``serve`` could not hand it a descriptor of its own."""
     drain_s: float = DEFAULT_DRAIN_S
     """After SIGTERM, streams still open this long are ended in-band (the server kills workers 5 s later)."""
 
     @classmethod
     def from_env(cls) -> Settings:
+        log_fd = os.environ.get("GATEWAY_REQUEST_LOG_FD")
         return cls(
             policies_path=os.environ.get("GATEWAY_POLICIES", "policies.yaml"),
             redis_url=os.environ.get("REDIS_URL") or None,
@@ -45,7 +49,6 @@ class Settings:
             metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
             router_artifacts=os.environ.get("GATEWAY_ROUTER_ARTIFACTS") or DEFAULT_ROUTER_ARTIFACTS,
             drain_s=float(os.environ.get("GATEWAY_DRAIN_S") or DEFAULT_DRAIN_S),
-            request_log_fd=int(os.environ["GATEWAY_REQUEST_LOG_FD"])
-            if os.environ.get("GATEWAY_REQUEST_LOG_FD")
-            else None,
+            request_log_fd=int(log_fd) if log_fd and log_fd != "split" else None,
+            split_stdout=log_fd == "split",
         )

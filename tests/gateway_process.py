@@ -158,11 +158,22 @@ def _records(lines: bytes, event: str) -> list[dict[str, Any]]:
 
 
 def _worker_pids(pid: int) -> list[int]:
-    """The server's worker processes (granian forks them), or the process itself."""
+    """The server's worker processes (granian forks them, uvicorn spawns them when there are
+    several), or the process itself; not the other children (multiprocessing's resource
+    tracker, an embedded Redis)."""
     children: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*/children"):
         children += [int(p) for p in task.read_text().split()]
-    return children or [pid]
+    workers = [child for child in children if not _is_helper(child)]
+    return workers or [pid]
+
+
+def _is_helper(pid: int) -> bool:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"resource_tracker" in command or b"redis-server" in command
 
 
 def start_gateway(
@@ -176,9 +187,11 @@ def start_gateway(
     policy_path: Path | None = None,
     command: list[str] | None = None,
     cwd: Path | None = None,
+    server: str | None = None,
 ) -> GatewayProcess:
     """``policy_path``: serve an existing policy file (shared with another gateway) instead of writing ``policy``.
-    ``command``: what runs the gateway (default: this interpreter's ``python -m gateway``), in ``cwd``."""
+    ``command``: what runs the gateway (default: this interpreter's ``python -m gateway``), in ``cwd``;
+    ``server``: ``serve --server`` (default: serve's own default)."""
     workdir.mkdir(parents=True, exist_ok=True)
     if policy_path is None:
         policy_path = workdir / "policies.yaml"
@@ -189,7 +202,8 @@ def start_gateway(
     with log_path.open("wb") as stdout, err_path.open("wb") as stderr:  # the child keeps its own copies
         process = subprocess.Popen(
             [*(command or [sys.executable, "-m", "gateway"]), "serve", "--policies", str(policy_path), "--port",
-             str(port), "--data-dir", str(workdir / "data"), "--workers", str(workers)],
+             str(port), "--data-dir", str(workdir / "data"), "--workers", str(workers),
+             *(["--server", server] if server else [])],
             stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=child_env, cwd=cwd,
         )  # fmt: skip
     gateway = GatewayProcess(process, port, policy_path, log_path, err_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -93,10 +94,15 @@ def create_app(settings: Settings | None = None) -> ChatRoute:
 
 async def _start(settings: Settings) -> GatewayState:
     log_policy = load_policy(settings.policies_path).policy.request_log
+    stdout_fd = settings.request_log_fd
+    if settings.split_stdout:  # the request log keeps stdout; anything else printed goes to stderr
+        sys.stdout.flush()
+        stdout_fd = os.dup(1)
+        os.dup2(2, 1)
     request_log = RequestLogWriter(
         stdout=log_policy.enabled and log_policy.stdout,
         path=log_policy.path if log_policy.enabled else None,
-        stdout_fd=settings.request_log_fd,
+        stdout_fd=stdout_fd,
     )
     ops_log = RequestLogWriter(stdout=False, stderr=True)
     configure_logging(request_log, ops_log)

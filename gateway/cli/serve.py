@@ -24,7 +24,12 @@ def register(commands: Subcommands) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1)
-    serve.add_argument("--server", choices=("granian", "uvicorn"), default="granian", help="ASGI server")
+    serve.add_argument(
+        "--server",
+        choices=("uvicorn", "granian"),
+        default="uvicorn",
+        help="ASGI server (default uvicorn: on uvloop and httptools, the lower overhead; see README)",
+    )
     serve.add_argument(
         "--simulate-missing",
         action="store_true",
@@ -110,8 +115,10 @@ def run(args: argparse.Namespace) -> int:
         if args.workers > 1:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir(args.data_dir)
         os.environ["GATEWAY_DRAIN_S"] = str(args.drain_s)
-        if args.server == "granian" or args.workers == 1:  # uvicorn spawns its workers: no inherited fds
+        if args.server == "granian" or args.workers == 1:
             _keep_stdout_for_the_request_log()
+        else:  # uvicorn spawns its workers, which inherit no other descriptor: each one splits its own
+            os.environ["GATEWAY_REQUEST_LOG_FD"] = "split"
         _run_server(args.server, args.host, args.port, args.workers, kill_after_s=args.drain_s + 5)
         _say(
             f"stopped: requests finished, or were ended in-band at the {args.drain_s:g}s drain deadline "
@@ -122,23 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_server(server: str, host: str, port: int, workers: int, *, kill_after_s: float) -> None:
     if server == "uvicorn":
-        import uvicorn
-
-        # uvicorn re-raises SIGTERM after its graceful shutdown; with the default action the
-        # process would die there and never stop what serve started (the embedded Redis).
-        signal.signal(signal.SIGTERM, _exit_after_shutdown)
-
-        uvicorn.run(
-            "gateway.api.app:create_app",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            access_log=False,
-            log_level="warning",
-            lifespan="on",
-            timeout_graceful_shutdown=int(kill_after_s),
-        )
+        _run_uvicorn(host, port, workers, kill_after_s=kill_after_s)
         return
     from granian.constants import Interfaces
 
@@ -154,6 +145,54 @@ def _run_server(server: str, host: str, port: int, workers: int, *, kill_after_s
         respawn_failed_workers=True,
         workers_kill_timeout=int(kill_after_s),
     ).serve()
+
+
+def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float) -> None:
+    import uvicorn
+
+    # uvicorn re-raises SIGTERM after its graceful shutdown; with the default action the
+    # process would die there and never stop what serve started (the embedded Redis).
+    signal.signal(signal.SIGTERM, _exit_after_shutdown)
+    config = uvicorn.Config(
+        "gateway.api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop" if sys.platform != "win32" else "auto",
+        http="httptools",
+        server_header=False,  # no "server: uvicorn" advertised on every answer
+        access_log=False,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=int(kill_after_s),
+    )
+    server = uvicorn.Server(config)
+    try:
+        if workers > 1:
+            _uvicorn_supervisor()(config, sockets=[config.bind_socket()]).run()
+        else:
+            server.run()
+    except (KeyboardInterrupt, SystemExit):  # uvicorn raises the signal that stopped it again, once stopped
+        pass
+    if workers == 1 and not server.started:
+        raise SystemExit(3)  # as uvicorn.run: the server did not start (it said why)
+
+
+def _uvicorn_supervisor() -> type:
+    from uvicorn.supervisors import Multiprocess
+
+    class GatewaySupervisor(Multiprocess):
+        """SIGHUP to the main process reloads the policy in every worker, in place (as under
+        granian, below), rather than uvicorn's rolling restart of the workers."""
+
+        def handle_hup(self) -> None:
+            for process in self.processes:
+                if process.pid:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(process.pid, signal.SIGHUP)
+
+    return GatewaySupervisor
 
 
 def _keep_stdout_for_the_request_log() -> None:

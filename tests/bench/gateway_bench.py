@@ -1,8 +1,8 @@
 """Gateway benchmark: latency overhead, throughput and memory against a fast local upstream.
 
 Run: ``python tests/bench/gateway_bench.py`` (``--help`` for the options; the default
-run takes about 3 minutes on 2 cores). ``--compare-servers`` adds uvicorn next to
-granian, ``--compare-transports`` adds aiohttp's and httpx's transports next to the
+run takes about 3 minutes on 2 cores). ``--compare-servers`` adds granian next to
+uvicorn (the default), ``--compare-transports`` adds aiohttp's and httpx's transports next to the
 gateway's own (both flags: every pair), ``--compare-cache`` adds the main pair with the Redis cache on.
 
 Method
@@ -151,7 +151,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--memory-requests", type=int, default=100_000, help="requests of the memory run; 0 skips it (default 100000)")
     add("--memory-every", type=int, default=10_000, help="RSS sample interval in requests (default 10000)")
     add("--workers", type=int, default=1, help="gateway workers (default 1)")
-    add("--server", choices=("granian", "uvicorn"), default="granian", help="main configuration's ASGI server")
+    add("--server", choices=("uvicorn", "granian"), default="uvicorn", help="main configuration's ASGI server")
     add("--transport", choices=_TRANSPORTS, default="http11", help="main configuration's upstream transport")
     add("--compare-servers", action="store_true", help="also run the other ASGI server (latency and throughput)")
     add("--compare-transports", action="store_true", help="also run the other upstream transports")
@@ -165,7 +165,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def configs_from(args: argparse.Namespace) -> list[Config]:
     """The main configuration first (it alone gets the memory run), then the comparisons."""
-    servers = [args.server] + ([_other(args.server, ("granian", "uvicorn"))] if args.compare_servers else [])
+    servers = [args.server] + ([_other(args.server, ("uvicorn", "granian"))] if args.compare_servers else [])
     transports = [args.transport] + ([t for t in _TRANSPORTS if t != args.transport] if args.compare_transports else [])
     configs = [Config(server, transport) for server in servers for transport in transports]
     configs[0] = Config(args.server, args.transport, measure_memory=args.memory_requests > 0)

@@ -122,9 +122,17 @@ def _resolve_port(container: dict[str, Any], port: int | str) -> int:
 
 
 def _drain_seconds() -> int:
-    """granian's drain after SIGTERM, as gateway/cli/serve.py configures it (its default: 30 s)."""
-    match = re.search(r"workers_kill_timeout\s*=\s*(\d+)", (ROOT / "gateway" / "cli" / "serve.py").read_text())
-    return int(match.group(1)) if match else 30
+    """The server's drain after SIGTERM: ``serve --drain-s`` (ends streams in-band) plus the 5 s
+    before the server kills what is left (uvicorn's timeout_graceful_shutdown, granian's
+    workers_kill_timeout), as gateway/cli/serve.py configures them."""
+    from gateway.drain import DEFAULT_DRAIN_S
+
+    source = (ROOT / "gateway" / "cli" / "serve.py").read_text()
+    assert "kill_after_s=args.drain_s + 5" in source
+    assert (
+        "timeout_graceful_shutdown=int(kill_after_s)" in source and "workers_kill_timeout=int(kill_after_s)" in source
+    )
+    return int(DEFAULT_DRAIN_S + 5)
 
 
 def _secret_values(name: str) -> dict[str, str]:
@@ -603,7 +611,7 @@ def test_compose_and_k8s_arguments_parse_as_the_image_cmd_does(monkeypatch: pyte
         namespace = parsed.pop()
         assert namespace.policies == _flag(args, "--policies")
         assert namespace.host == "0.0.0.0" and namespace.port == 8000
-        assert namespace.server == "granian", "graceful drain relies on granian's workers_kill_timeout"
+        assert namespace.server in ("uvicorn", "granian")  # both drain for --drain-s + 5 s (_drain_seconds)
         if "--workers" in args:
             assert namespace.workers == 2
 
