@@ -13,6 +13,7 @@ request id, the client leaving) and every error is rendered as on the other rout
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -22,6 +23,7 @@ from litestar.exceptions import InternalServerException
 
 from gateway.api.handoff import Incoming, hand_to_pipeline
 from gateway.api.probes import internal_error
+from gateway.api.state import GatewayState
 from gateway.errors import GatewayError, InvalidRequestError
 from gateway.pipeline import Answer, StreamingAnswer
 
@@ -43,15 +45,19 @@ _SSE = [
 class ChatRoute:
     """The ASGI application: ``POST /v1/chat/completions`` here, everything else to ``app``."""
 
-    __slots__ = ("app",)
+    __slots__ = ("_state", "app")
 
     def __init__(self, app: Litestar) -> None:
         self.app = app
+        self._state: GatewayState | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == CHAT_PATH:
             if scope["method"] == "POST":
-                await _chat_completions(_BareRequest(self.app, scope, receive), receive, send)
+                state = self._state
+                if state is None:  # set by the lifespan, once per worker
+                    state = self._state = self.app.state.gateway
+                await _chat_completions(_BareRequest(self.app, scope, receive), receive, send, state)
             else:
                 not_allowed = InvalidRequestError("Method Not Allowed")
                 not_allowed.status_code, not_allowed.headers["allow"] = 405, "POST"
@@ -86,9 +92,9 @@ class _BareRequest:
                 return
 
 
-async def _chat_completions(request: Incoming, receive: Receive, send: Send) -> None:
+async def _chat_completions(request: Incoming, receive: Receive, send: Send, state: GatewayState) -> None:
     try:
-        _, answer = await hand_to_pipeline(request)
+        _, answer = await hand_to_pipeline(request, state=state)
     except Exception as exc:  # a bug of ours: answered as the framework's handler would
         await _send_error(send, exc)
         return
@@ -136,4 +142,10 @@ async def _send_error(send: Send, exc: Exception) -> None:
 
 
 def _encoded(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
-    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+    return [(_name(name), value.encode("latin-1")) for name, value in headers.items()]
+
+
+@functools.lru_cache(maxsize=64)
+def _name(name: str) -> bytes:
+    """A header name as ASGI has it (the gateway sends a handful of names, over and over)."""
+    return name.lower().encode("latin-1")

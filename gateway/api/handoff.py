@@ -61,6 +61,7 @@ async def hand_to_pipeline(
     translate: Callable[[bytes], Awaitable[Request]] | None = None,
     embeddings: bool = False,
     passthrough: PassThrough | None = None,
+    state: GatewayState | None = None,
 ) -> tuple[str, Answer | StreamingAnswer | StreamingDeltas | None]:
     """The request id and the pipeline's answer; None when the client left before it.
 
@@ -69,10 +70,12 @@ async def hand_to_pipeline(
     bad body is answered by the pipeline like any other;
     ``embeddings``: the embeddings pipeline answers instead of the chat pipeline;
     ``passthrough``: how to send the request upstream as it came, should ``translate`` find
-    that the route allows it (see :class:`~gateway.pipeline.PassThrough`).
+    that the route allows it (see :class:`~gateway.pipeline.PassThrough`); ``state``: the
+    worker's, when the caller holds it (else read from the app, a lookup that shows in profiles).
     """
     started = time.perf_counter()
-    state: GatewayState = request.app.state.gateway
+    if state is None:
+        state = request.app.state.gateway
     headers = request.headers
     incoming_id = headers.get("x-request-id")
     request_id = incoming_id if incoming_id and _REQUEST_ID.fullmatch(incoming_id) else _request_ids.next()
