@@ -26,6 +26,7 @@ class ScriptedServer:
         self.requests: list[bytes] = []
         self.connections = 0
         self.server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> httpx.URL:
@@ -38,6 +39,9 @@ class ScriptedServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
         try:
             while True:
                 try:
@@ -55,11 +59,15 @@ class ScriptedServer:
                 if writer.is_closing():
                     return
         finally:
+            self._handlers.discard(task)
             writer.close()
 
     async def stop(self) -> None:
         assert self.server is not None
         self.server.close()
+        for handler in list(self._handlers):  # a silent action still sleeping
+            handler.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
         await self.server.wait_closed()
 
 
