@@ -573,7 +573,8 @@ class ChatPipeline:
             created_at=time.time(),
             prompt=plan.prompt if plan.semantic_set is not None else None,
         )
-        await self._exact.put(plan.exact_key, entry, policy.exact.ttl_s, timeout_s)
+        await self._exact.put(plan.exact_key, entry, policy.exact.ttl_s, timeout_s, x.lease)
+        x.lease = None  # released with the answer (a cancelled put leaves it to _release_lease)
         if plan.semantic_set is not None and x.score is not None:  # the same forward pass the lookup used
             await self._semantic.store(
                 plan.semantic_set,
@@ -583,9 +584,6 @@ class ChatPipeline:
                 policy.semantic.max_entries,
                 timeout_s,
             )
-        if x.lease is not None:
-            await self._exact.release(x.lease, entry, timeout_s)
-            x.lease = None
         return entry
 
     async def _release_lease(self, x: _Exchange) -> None:

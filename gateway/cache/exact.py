@@ -32,11 +32,18 @@ class ExactCache:
         raw = await self._store.get(key, timeout_s)
         return CachedAnswer.decode(raw) if raw else None
 
-    async def put(self, key: str, answer: CachedAnswer, ttl_s: int, timeout_s: float) -> None:
+    async def put(
+        self, key: str, answer: CachedAnswer, ttl_s: int, timeout_s: float, lease: Lease | None = None
+    ) -> None:
+        """Store ``answer``; with the request's ``lease``, drop it in the same round trip and
+        hand the answer to the requests waiting on it."""
+        release = lease.token if lease is not None and lease.held_in_store else None
         try:
-            await self._store.put(key, answer.encode(), ttl_s, timeout_s)
+            await self._store.put(key, answer.encode(), ttl_s, timeout_s, release)
         except StoreUnavailable:
-            pass  # an answer not stored is a later miss, nothing worse
+            pass  # an answer not stored is a later miss, nothing worse; a lease held expires on its own
+        if lease is not None:
+            self._settle(lease.key, lease.future, answer)
 
     async def join_or_lead(self, key: str, wait_s: float, timeout_s: float) -> tuple[CachedAnswer | None, Lease | None]:
         """Coalesce identical in-flight requests, within this process and across processes.

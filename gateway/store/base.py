@@ -46,7 +46,10 @@ class StoreUnavailable(Exception):
 class KeyValue(Protocol):
     async def get(self, key: str, timeout_s: float) -> bytes | None: ...
 
-    async def put(self, key: str, value: bytes, ttl_s: int, timeout_s: float) -> None: ...
+    async def put(self, key: str, value: bytes, ttl_s: int, timeout_s: float, release: str | None = None) -> None:
+        """Store ``value`` for ``ttl_s``; with ``release``, also drop the lease on ``key`` if that
+        token still holds it, in the same round trip (a coalescing leader's answer)."""
+        ...
 
     async def delete(self, key: str, timeout_s: float) -> bool:
         """Remove ``key``; whether it was there."""

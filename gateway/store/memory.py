@@ -49,9 +49,13 @@ class MemoryKeyValue(_Outage):
         self._check()
         return self._live(key)
 
-    async def put(self, key: str, value: bytes, ttl_s: int, timeout_s: float) -> None:
+    async def put(self, key: str, value: bytes, ttl_s: int, timeout_s: float, release: str | None = None) -> None:
         self._check()
         self._values[key] = (value, self._clock() + ttl_s)
+        if release is not None:
+            lease = keyspace.lease(key)
+            if self._live(lease) == release.encode():
+                del self._values[lease]
 
     async def delete(self, key: str, timeout_s: float) -> bool:
         self._check()

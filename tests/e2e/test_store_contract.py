@@ -61,6 +61,16 @@ async def test_values_expire_and_leases_have_one_holder(store: Store) -> None:
     assert await store.kv.acquire(key, "three", 5_000, T)  # the abandoned lease ran out
 
 
+async def test_a_leaders_answer_is_stored_and_its_lease_dropped_in_one_call(store: Store) -> None:
+    key = keyspace.exact(_tenant(), "led")
+    assert await store.kv.acquire(key, "leader", 5_000, T)
+    await store.kv.put(key, b"first", 60, T, release="someone-else")  # not its lease: it stays
+    assert await store.kv.peek(key, T) == (b"first", True)
+    await store.kv.put(key, b"answer", 60, T, release="leader")
+    assert await store.kv.peek(key, T) == (b"answer", False)
+    assert await store.kv.acquire(key, "next", 5_000, T)
+
+
 async def test_the_nearest_vectors_come_first_with_cosine_similarity(store: Store) -> None:
     index = keyspace.semantic_index(_tenant(), "ns")
     assert await store.vectors.nearest(index, np.ones(4, dtype=np.float32), 4, T) == []

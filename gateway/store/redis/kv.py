@@ -15,18 +15,32 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+_PUT_AND_RELEASE = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
 
 class RedisKeyValue:
     def __init__(self, redis: SharedRedis) -> None:
         self._redis = redis
-        self._release = redis.client.register_script(_RELEASE) if redis.client is not None else None
+        client = redis.client
+        self._release = client.register_script(_RELEASE) if client is not None else None
+        self._put_and_release = client.register_script(_PUT_AND_RELEASE) if client is not None else None
 
     async def get(self, key: str, timeout_s: float) -> bytes | None:
         raw = await self._redis.call(lambda r: r.get(key), timeout_s)
         return raw.encode() if isinstance(raw, str) else raw
 
-    async def put(self, key: str, value: bytes, ttl_s: int, timeout_s: float) -> None:
-        await self._redis.call(lambda r: r.set(key, value, ex=ttl_s), timeout_s)
+    async def put(self, key: str, value: bytes, ttl_s: int, timeout_s: float, release: str | None = None) -> None:
+        script = self._put_and_release
+        if release is None or script is None:
+            await self._redis.call(lambda r: r.set(key, value, ex=ttl_s), timeout_s)
+        else:  # the key and its lease share the tenant's hash tag: one slot in a cluster
+            keys = [key, keyspace.lease(key)]
+            args: list[bytes | int | str] = [value, ttl_s, release]
+            await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s)
 
     async def delete(self, key: str, timeout_s: float) -> bool:
         return bool(await self._redis.call(lambda r: r.delete(key), timeout_s))
