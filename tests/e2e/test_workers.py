@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -108,5 +112,45 @@ def test_workers_run_on_uvloop_and_say_so(
     try:
         (started,) = gateway.ops_records("event_loop")
         assert started["implementation"] == "uvloop.Loop"  # a hard dependency, not an accident of extras
+    finally:
+        gateway.stop()
+
+
+def test_each_worker_listens_on_its_own_socket_and_a_dead_one_is_replaced_on_it(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """uvicorn's workers each listen on their own SO_REUSEPORT socket (with one shared socket,
+    the benchmark's 8 keep-alive connections all went to one worker: make bench --workers 2
+    shows the spread). Both take connections, and the kernel keeps hashing new connections to
+    a killed worker's socket, so its replacement must listen there: every request is answered."""
+    gateway = start_gateway(
+        tmp_path, policy_text(small_upstream, large_upstream), env={"REDIS_URL": redis_server.url}, workers=2
+    )
+    body = {"model": "fast", "messages": [{"role": "user", "content": "spread"}]}
+
+    def one_connection_each(count: int) -> None:
+        clients = [httpx.Client(base_url=gateway.base_url, timeout=10) for _ in range(count)]
+        try:
+            with ThreadPoolExecutor(count) as pool:  # all connected at once
+                for answer in pool.map(lambda c: c.post("/chat/completions", json=body), clients):
+                    answer.raise_for_status()
+        finally:
+            for client in clients:
+                client.close()
+
+    try:
+        one_connection_each(16)
+        assert len(list((tmp_path / "data" / "metrics").glob("counter_*.db"))) == 2  # both workers answered
+        first, _ = sorted(_worker_pids(gateway.process.pid))
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            workers = _worker_pids(gateway.process.pid)
+            if len(workers) == 2 and first not in workers:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the killed worker was not replaced")
+        one_connection_each(16)  # those hashed to the dead worker's socket wait for its replacement
     finally:
         gateway.stop()
