@@ -334,6 +334,7 @@ class Provider(ABC):
         content = None if payload is None else msgspec.json.encode(payload)
         url = self._url(path, keep=method == "POST")
         timeouts = self.config.timeouts
+        deadline = asyncio.get_running_loop().time() + timeouts.total
         response: UpstreamResponse
         try:
             if self._http11 is not None:
@@ -348,11 +349,12 @@ class Provider(ABC):
                     total_timeout_s=timeouts.total,
                 )
             else:
-                async with asyncio.timeout(timeouts.total):
+                async with asyncio.timeout_at(deadline):
                     response = await self._via_httpx(method, url, content, headers, stream=stream)
             if response.status_code >= 400:
                 try:
-                    await response.aread()
+                    async with asyncio.timeout_at(deadline):  # an error's body, streamed or not, is bounded too
+                        await response.aread()
                 finally:
                     await response.aclose()
                 raise self._status_error(response)

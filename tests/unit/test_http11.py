@@ -11,7 +11,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 import pytest
 
+from gateway.config.loader import load_policy_text
+from gateway.errors import UpstreamTimeoutError
 from gateway.upstreams.http11 import Http11Response, Http11Transport
+from gateway.upstreams.registry import build_provider
 
 Action = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes], Awaitable[None]]
 
@@ -336,3 +339,30 @@ async def test_the_total_deadline_bounds_a_body_that_stops_coming(serve: Serve, 
                 stream=False,
                 total_timeout_s=0.3,
             )
+
+
+async def test_an_error_answer_whose_body_stops_coming_is_a_timeout_not_a_hang(serve: Serve) -> None:
+    stalled = answer(b'HTTP/1.1 500 Internal Server Error\r\ncontent-length: 100\r\n\r\n{"error"')
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> None:
+        await stalled(reader, writer, request)
+        await asyncio.sleep(30)
+
+    server = await serve(stall)
+    base = server.url.copy_with(path="/v1", query=None)
+    policy = f"""
+pair: {{small: m, large: big}}
+models:
+  m: {{base_url: "{base}", price: {{input: 1, output: 1}}, tier: small, timeouts: {{total: 0.3}}}}
+  big: {{base_url: "{base}", price: {{input: 1, output: 1}}, tier: large}}
+routes: {{r: {{model: m}}}}
+auth: {{mode: none}}
+"""
+    config = load_policy_text(policy, environ={}).policy.models["m"]
+    provider = build_provider("m", config, {})
+    try:
+        for stream in (True, False):
+            with pytest.raises(UpstreamTimeoutError):
+                await provider._post("chat/completions", {"model": "m"}, {}, stream=stream)
+    finally:
+        await provider.aclose()
