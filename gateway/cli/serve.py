@@ -170,9 +170,13 @@ def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float) -> 
         timeout_graceful_shutdown=int(kill_after_s),
     )
     server = uvicorn.Server(config)
+    sockets: list[socket.socket] = []
+    if workers > 1:  # bound here, so that a port in use exits non-zero (below, SystemExit means stopped)
+        reuse_port = hasattr(socket, "SO_REUSEPORT")
+        sockets = _listening_sockets(host, port, workers) if reuse_port else [config.bind_socket()]
     try:
-        if workers > 1:
-            _uvicorn_supervisor()(config, sockets=_listening_sockets(host, port, workers)).run()
+        if sockets:
+            _uvicorn_supervisor()(config, sockets=sockets).run()
         else:
             server.run()
     except (KeyboardInterrupt, SystemExit):  # uvicorn raises the signal that stopped it again, once stopped
@@ -183,7 +187,7 @@ def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float) -> 
 
 def _listening_sockets(host: str, port: int, workers: int) -> list[socket.socket]:
     """One listening socket per worker, all on ``host:port`` with SO_REUSEPORT, so the kernel
-    spreads connections over the workers. With one shared socket the first worker to wake
+    spreads connections over the workers (where there is no SO_REUSEPORT, one shared socket). With one shared socket the first worker to wake
     accepted them all: 8 keep-alive connections opened at once all went to one of two
     workers (measured), the other idle."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -214,8 +218,8 @@ def _uvicorn_supervisor() -> type:
         below), rather than uvicorn's rolling restart of the workers."""
 
         def init_processes(self) -> None:
-            for sock in self.sockets:
-                process = Process(self.config, [sock])
+            for index in range(self.processes_num):
+                process = Process(self.config, [self.sockets[index % len(self.sockets)]])
                 process.start()
                 self.processes.append(process)
 

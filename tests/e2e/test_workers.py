@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -154,3 +157,21 @@ def test_each_worker_listens_on_its_own_socket_and_a_dead_one_is_replaced_on_it(
         one_connection_each(16)  # those hashed to the dead worker's socket wait for its replacement
     finally:
         gateway.stop()
+
+
+def test_a_port_in_use_is_a_failed_start_with_several_workers_too(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    policy = tmp_path / "policies.yaml"
+    policy.write_text(policy_text(small_upstream, large_upstream))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--policies", str(policy), "--port", str(port), "--workers", "2",
+             "--data-dir", str(tmp_path / "data")],
+            env={**os.environ, "REDIS_URL": redis_server.url}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
