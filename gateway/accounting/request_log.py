@@ -8,6 +8,7 @@ never blocks the event loop; the thread writes in batches.
 from __future__ import annotations
 
 import atexit
+import os
 import sys
 import threading
 import time
@@ -27,6 +28,7 @@ __all__ = [
     "exception_frames",
     "log_request",
     "request_line",
+    "take_stdout",
 ]
 
 SCHEMA_VERSION = 2
@@ -162,6 +164,16 @@ class RequestLogWriter:
             if sink.owned:
                 sink.stream.close()
         self._sinks = []
+
+
+def take_stdout() -> int:
+    """Keep stdout for the request log, which dashboards parse line by line: a descriptor of its
+    own is returned, and this process's stdout now goes to stderr, so that a server's warnings
+    or anything a library prints never land between request lines."""
+    sys.stdout.flush()
+    request_log = os.dup(1)
+    os.dup2(2, 1)
+    return request_log
 
 
 class _QueuedLogger:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +14,7 @@ from litestar.exceptions import HTTPException
 
 from gateway.accounting.ledger import UsageLedger
 from gateway.accounting.metrics import Metrics
-from gateway.accounting.request_log import RequestLogWriter, configure_logging
+from gateway.accounting.request_log import RequestLogWriter, configure_logging, take_stdout
 from gateway.api.chat import ChatRoute
 from gateway.api.completions import create_completion
 from gateway.api.embeddings import create_embeddings
@@ -95,10 +94,8 @@ def create_app(settings: Settings | None = None) -> ChatRoute:
 async def _start(settings: Settings) -> GatewayState:
     log_policy = load_policy(settings.policies_path).policy.request_log
     stdout_fd = settings.request_log_fd
-    if settings.split_stdout:  # the request log keeps stdout; anything else printed goes to stderr
-        sys.stdout.flush()
-        stdout_fd = os.dup(1)
-        os.dup2(2, 1)
+    if settings.split_stdout:  # a spawned worker: serve could not hand it the request log's descriptor
+        stdout_fd = take_stdout()
     request_log = RequestLogWriter(
         stdout=log_policy.enabled and log_policy.stdout,
         path=log_policy.path if log_policy.enabled else None,

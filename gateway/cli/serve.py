@@ -251,12 +251,11 @@ def _uvicorn_supervisor() -> type:
 
 
 def _keep_stdout_for_the_request_log() -> None:
-    """Stdout is the request log, which dashboards parse line by line: the server's own warnings
-    and anything a library prints go to stderr; the workers write the log to the original stdout."""
-    sys.stdout.flush()
-    request_log = os.dup(1)
+    """The workers (forked, or this process itself) write the request log to the original stdout."""
+    from gateway.accounting.request_log import take_stdout
+
+    request_log = take_stdout()
     os.set_inheritable(request_log, True)
-    os.dup2(2, 1)
     os.environ["GATEWAY_REQUEST_LOG_FD"] = str(request_log)
 
 
