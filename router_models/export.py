@@ -66,6 +66,48 @@ def optimize(src: Path, dst: Path, hidden: int, heads: int) -> None:
         str(src), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=1, use_gpu=False
     )
     opt.save_model_to_file(str(dst))
+    split_skip_layer_norm(dst, dst)
+
+
+def split_skip_layer_norm(src: Path, dst: Path) -> int:
+    """Rewrite each fused ``SkipLayerNormalization`` as ``Add`` (+ ``Add`` of its bias) and
+    ``LayerNormalization``; the number rewritten.
+
+    onnxruntime's CPU kernel for the fused op (1.31, 1.32) took 167 µs on an (85, 384)
+    input where ``LayerNormalization`` takes 21 µs: split, the verifier's forward pass went
+    from 9.4 to 7.8 ms and the router's (96 tokens) from 5.5 to 4.4 ms on one core, with
+    the same outputs up to rounding. onnxruntime does not fuse them again at load.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(src))
+    nodes: list[onnx.NodeProto] = []
+    split = 0
+    for node in model.graph.node:
+        if node.op_type != "SkipLayerNormalization":
+            nodes.append(node)
+            continue
+        if len([name for name in node.output if name]) != 1:
+            raise ValueError(f"{node.name}: only the normalized output can be split out")
+        x, skip, gamma, beta = node.input[:4]
+        bias = node.input[4] if len(node.input) > 4 and node.input[4] else None
+        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-12)
+        total = f"{node.name}/sum"
+        nodes.append(helper.make_node("Add", [x, skip], [total], name=f"{node.name}/add"))
+        if bias is not None:
+            nodes.append(helper.make_node("Add", [total, bias], [f"{total}_bias"], name=f"{node.name}/add_bias"))
+            total = f"{total}_bias"
+        nodes.append(
+            helper.make_node(
+                "LayerNormalization", [total, gamma, beta], [node.output[0]], name=node.name, axis=-1, epsilon=epsilon
+            )
+        )
+        split += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(dst))
+    return split
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
