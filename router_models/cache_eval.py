@@ -32,6 +32,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
+from gateway.cache.semantic import NEAREST_CANDIDATES, VERIFIED_CANDIDATES
 from gateway.cache.structure import conflicts, matched_structure, plain_text
 from gateway.cache.verifier import DEFAULT_ARTIFACTS, load_verifier
 from gateway.classifier import load_classifier
@@ -42,8 +43,6 @@ DATA = Path(__file__).parent / "data" / "semantic_cache"
 TEST_FILES = [DATA / "test_dec2.jsonl"]
 """The held-out test (2026-12-01, second). The earlier test files were read once each and train or guide the verifier since."""
 ROUTER_ARTIFACTS = Path(__file__).parents[1] / "gateway" / "classifier" / "artifacts"
-CANDIDATES = 4
-VERIFIED = 2  # as gateway/cache/semantic.py: the nearest 2 candidates the rules allow
 
 
 @dataclass(slots=True)
@@ -54,7 +53,7 @@ class Looked:
     own_rank_ok: bool
     """Its own source is among the candidates (top 4 at cosine ≥ the floor)."""
     candidates: list[tuple[str, float, bool, float, bool]]
-    """(source, cosine, judged (the rules allow it and it is among the 2 nearest they allow), p_same,
+    """(source, cosine, judged (the rules allow it and it is the nearest they allow), p_same,
     numbers or options matched) per candidate, best cosine first."""
 
 
@@ -68,10 +67,10 @@ def look_up_all(pairs: list[Pair], threshold: float, verifier_dir: Path = DEFAUL
     for p in pairs:
         e = classifier.score_batch_sync([p.variant])[0].embedding
         cos = stored @ e
-        order = [int(i) for i in np.argsort(-cos)[:CANDIDATES] if cos[i] >= threshold]
+        order = [int(i) for i in np.argsort(-cos)[:NEAREST_CANDIDATES] if cos[i] >= threshold]
         allowed = [not conflicts(sources[i], p.variant) for i in order]
         same_text = {i for i in order if plain_text(sources[i]) == plain_text(p.variant)}  # no verdict needed
-        checked = [i for i, ok in zip(order, allowed, strict=True) if ok][:VERIFIED]
+        checked = [i for i, ok in zip(order, allowed, strict=True) if ok][:VERIFIED_CANDIDATES]
         judged = [i for i in checked if i not in same_text]
         verdicts = dict(zip(judged, verifier.judge_sync([(sources[i], p.variant) for i in judged]), strict=True))
         p_same = {i: 0.0 if v.unsure else v.p_same for i, v in verdicts.items()} | dict.fromkeys(same_text, 1.0)
@@ -176,7 +175,7 @@ def report(items: list[Looked], t: Thresholds) -> dict[str, object]:
     para = [i for i in items if i.pair.paraphrase]
     table["paraphrase_losses"] = {
         "below_similarity_floor_or_not_top4": sum(not i.own_rank_ok for i in para),
-        "refused_by_rules_or_past_the_2_verified": sum(
+        "refused_by_rules_or_not_the_nearest_allowed": sum(
             any(c[0] == i.pair.source and not c[2] for c in i.candidates) for i in para
         ),
         "refused_by_verifier": sum(
