@@ -77,6 +77,11 @@ def test_a_number_only_one_prompt_has_is_not_a_number_conflict() -> None:
         ("Translate 'thank you' into French", "Translate 'thank you' into German", "language"),
         ("Who wrote 'Dune'?", "When was 'Dune' written?", "question"),
         ("Where did the Wright brothers first fly?", "Why did the Wright brothers first fly?", "question"),
+        ("When should I plant tulip bulbs?", "How deep should I plant tulip bulbs?", "question"),
+        ("Wanneer moet ik tulpenbollen planten?", "Hoe diep moet ik tulpenbollen planten?", "question"),
+        ("Wann wurde der Kölner Dom gebaut?", "Warum wurde der Kölner Dom gebaut?", "question"),
+        ("Где купить билеты в Эрмитаж?", "Когда купить билеты в Эрмитаж?", "question"),
+        ("Dlaczego niebo jest niebieskie?", "Jak niebo jest niebieskie?", "question"),
     ],
 )
 def test_reversed_added_and_swapped_language_words_are_refused(stored: str, new: str, rule: str) -> None:
@@ -90,6 +95,9 @@ def test_reversed_added_and_swapped_language_words_are_refused(stored: str, new:
         ("Explain photosynthesis in one sentence.", "hey, quick question: explain photosynthesis in one sentence pls"),
         ("Translate this German text to English: Guten Morgen", "to English please: Guten Morgen"),
         ("Who wrote 'Dune'?", "'Dune' was written by whom?"),
+        ("Why is the sky blue?", "how come the sky is blue and not some other color"),
+        ("Who painted the Sistine Chapel ceiling?", "Which artist painted the Sistine Chapel ceiling?"),
+        ("¿Cuándo florecen los cerezos en Japón?", "¿Qué mes florecen los cerezos en Japón?"),
         ("When did the Berlin Wall fall?", "What year did the Berlin Wall fall?"),
         (
             "What's heavier, a kilo of feathers or a kilo of iron?",
