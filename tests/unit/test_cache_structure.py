@@ -114,3 +114,36 @@ def test_plain_text_makes_only_harmless_differences_uniform() -> None:
     assert plain_text("  Où est  la GARE ?") == plain_text("ou est la gare")
     assert plain_text("What is 6 times 7?") != plain_text("What is 6 times 8?")
     assert plain_text("Is it safe?") != plain_text("It is safe.")
+
+
+@pytest.mark.parametrize(
+    ("stored", "new"),
+    [
+        ("Напиши короткое поздравление для коллеги с выходом на пенсию.", "Как правильно варить гречку на плите?"),
+        (
+            "임산부는 커피를 하루에 몇 잔까지 마셔도 괜찮나요?",
+            "Pythonでリストの要素を逆順に並べ替える方法を教えてください。",
+        ),
+        ("क्या डायबिटीज़ के मरीज़ आम खा सकते हैं?", "ताजमहल किसने बनवाया था?"),
+        ("How do I reverse a list in Python?", "What is the capital of Australia?"),
+    ],
+)
+def test_prompts_that_share_almost_no_text_are_unrelated(stored: str, new: str) -> None:
+    assert "unrelated" in conflicts(stored, new)
+    assert "unrelated" in conflicts(new, stored)
+
+
+@pytest.mark.parametrize(
+    ("stored", "new"),
+    [
+        ("JavaScriptで配列の重複を削除する方法を教えてください。", "js 配列 重複削除 やり方"),
+        ("東京で桜が一番きれいな時期はいつですか？", "東京の桜の見頃っていつ？"),
+        ("Как правильно варить гречку на плите?", "как сварить гречку в кастрюле на плите"),
+        (
+            "How do I list all running Docker containers?",
+            "Which Docker command displays every container that is up right now?",
+        ),
+    ],
+)
+def test_rewordings_share_enough_text(stored: str, new: str) -> None:
+    assert "unrelated" not in conflicts(stored, new)
