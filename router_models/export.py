@@ -61,9 +61,19 @@ def export_onnx(model: RouterNet, path: Path) -> None:
 
 def optimize(src: Path, dst: Path, hidden: int, heads: int) -> None:
     from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
 
+    options = FusionOptions("bert")
+    # fused, the word embeddings stay float32 (47 MB): unfused, quantize_int8 makes them int8
+    options.enable_embed_layer_norm = False
     opt = optimizer.optimize_model(
-        str(src), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=1, use_gpu=False
+        str(src),
+        model_type="bert",
+        num_heads=heads,
+        hidden_size=hidden,
+        optimization_options=options,
+        opt_level=1,
+        use_gpu=False,
     )
     opt.save_model_to_file(str(dst))
     split_skip_layer_norm(dst, dst)

@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     model = CrossEncoder(layers=meta["layers"])
     model.load_state_dict(torch.load(args.ckpt / "verifier.pt", map_location="cpu"))
     model.eval()
+    # Exported from eager attention, onnxruntime's optimizer fuses each layer's attention
+    # (QAttention once quantized); from torch's SDPA it cannot, and the graph keeps
+    # MatMul / Softmax / Where / IsNaN: 8.2 vs 10.5 ms for a 143-token pair on 2 cores.
+    model.encoder.set_attn_implementation("eager")
     args.artifacts.mkdir(parents=True, exist_ok=True)
     args.build_dir.mkdir(parents=True, exist_ok=True)
     raw, fp32 = args.build_dir / "verifier.raw.onnx", args.build_dir / "verifier.fp32.onnx"
