@@ -10,6 +10,9 @@ and the shipped verifier (ONNX, CPU provider):
   miss served anything is a *false hit* (so is a paraphrase served another source's answer);
 * per origin, language (English or not) and kind of edit, with 95 % bootstrap intervals
   (resampling sources, 2,000 draws);
+* **unrelated sources**: random pairs of two different sources of the file (English and
+  other languages apart) judged by the rules and the verifier with no similarity floor;
+  any served is a wrong answer a sparse cache could give;
 * a sweep over ``verify_threshold`` (with ``verify_threshold_matched`` at the policy's
   offset below it, and with both equal), and the embedding alone over its threshold (the
   baseline: the nearest stored prompt at cosine ≥ t, no rules, no verifier), drawn as ``--figure``.
@@ -144,6 +147,33 @@ def embedding_only(items: Sequence[Looked], t: float) -> tuple[float, float]:
     )
 
 
+def unrelated_served(
+    pairs: list[Pair], t: Thresholds, verifier_dir: Path = DEFAULT_ARTIFACTS, most: int = 600, seed: int = 0
+) -> dict[str, object]:
+    """How often the rules and the verifier would serve one source's answer for another,
+    unrelated source in the same script (English and other languages apart), with no
+    similarity floor: what guards a lookup whose nearest stored prompt is merely the least
+    far. Up to ``most`` random pairs per group."""
+    verifier = load_verifier(verifier_dir, prefer_gpu=False)
+    assert verifier is not None
+    by_group: dict[str, list[str]] = defaultdict(list)
+    for source in sorted({(p.source, p.lang) for p in pairs}):
+        by_group["en" if source[1] == "en" else "other"].append(source[0])
+    rng = random.Random(seed)
+    out: dict[str, object] = {}
+    for group, sources in sorted(by_group.items()):
+        candidates = [(a, b) for a in sources for b in sources if a != b]
+        sample = rng.sample(candidates, min(most, len(candidates)))
+        allowed = [(a, b) for a, b in sample if not conflicts(a, b)]
+        verdicts = verifier.judge_sync(allowed) if allowed else []
+        served = sum(
+            not v.unsure and v.p_same >= (t[1] if matched_structure(a, b) else t[0])
+            for (a, b), v in zip(allowed, verdicts, strict=True)
+        )
+        out[f"lang={group}"] = {"pairs": len(sample), "allowed_by_rules": len(allowed), "served": served}
+    return out
+
+
 def groups(items: list[Looked]) -> dict[str, list[Looked]]:
     out: dict[str, list[Looked]] = defaultdict(list)
     for i in items:
@@ -268,9 +298,13 @@ def main(argv: list[str] | None = None) -> None:
     for name, pairs in sets.items():
         items = look_up_all(pairs, policy.threshold, args.verifier)
         offset = policy.verify_threshold - policy.verify_threshold_matched
-        results[name] = {"at_policy": report(items, thresholds), "sweep": sweep(items, offset)}
+        results[name] = {
+            "at_policy": report(items, thresholds),
+            "unrelated_sources": unrelated_served(pairs, thresholds, args.verifier),
+            "sweep": sweep(items, offset),
+        }
         curves[Path(name).name.replace(".jsonl", "")] = results[name]["sweep"]  # type: ignore[index]
-        print(json.dumps({name: results[name]["at_policy"]}, indent=1))  # type: ignore[index]
+        print(json.dumps({name: {k: results[name][k] for k in ("at_policy", "unrelated_sources")}}, indent=1))  # type: ignore[index]
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     if args.figure:
