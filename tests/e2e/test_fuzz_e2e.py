@@ -121,7 +121,7 @@ def fuzz_gateway(
   mode: keys
   keys: [{{id: fuzz, tenant: fuzz, hash: "sha256:{_digest()}", limits: {{rpm: 1000000, usd_per_day: 1000000}}}}]"""
     policy = policy_text(small_upstream, large_upstream, auth=auth,
-                         cache="{enabled: true, redis_timeout_ms: 2000, semantic: {max_temperature: 2}}")  # fmt: skip
+                         cache="{enabled: true, redis_timeout_ms: 2000, semantic: {enabled: true, max_temperature: 2}}")  # fmt: skip
     process = start_gateway(Path(tmp_path_factory.mktemp("fuzz")), policy,
                             env={"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k", "TEST_ANTHROPIC_KEY": "k"})  # fmt: skip
     yield process

@@ -19,7 +19,7 @@ from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 # every hit audited; two decided audits are enough; no step left to raise: a breach stops the route
 CACHE = (
-    "{enabled: true, coalesce: {enabled: false}, redis_timeout_ms: 1000, semantic: {audit: "
+    "{enabled: true, coalesce: {enabled: false}, redis_timeout_ms: 1000, semantic: {enabled: true, audit: "
     "{sample_rate: 1.0, max_per_minute: 100, min_audits: 2, max_false_hit_rate: 0.01, tighten_step: 0}}}"
 )
 MCQ = "Which gas do plants absorb for photosynthesis?\nA. Oxygen\nB. Carbon dioxide\nC. Nitrogen\nD. Helium"

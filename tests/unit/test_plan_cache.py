@@ -12,7 +12,9 @@ from gateway.protocols import anthropic_messages
 from gateway.protocols.chat_request import parse_chat_request
 from gateway.protocols.openai_chat import read_chat_request
 
-_POLICY = CachePolicy(exact=ExactCachePolicy(max_temperature=1.0), semantic=SemanticCachePolicy(max_temperature=0.5))
+_POLICY = CachePolicy(
+    exact=ExactCachePolicy(max_temperature=1.0), semantic=SemanticCachePolicy(enabled=True, max_temperature=0.5)
+)
 
 
 def _plan(
@@ -77,7 +79,7 @@ def test_tool_requests_skip_the_semantic_cache_unless_allowed() -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     plan = _plan(_ask("hi", temperature=0, tools=tools))
     assert plan is not None and plan.semantic_set is None
-    allowed = CachePolicy(semantic=SemanticCachePolicy(tools=True))
+    allowed = CachePolicy(semantic=SemanticCachePolicy(enabled=True, tools=True))
     plan = _plan(_ask("hi", temperature=0, tools=tools), policy=allowed)
     assert plan is not None and plan.semantic_set is not None
 
