@@ -433,10 +433,10 @@ class ChatPipeline:
         x.record.cache_p_same = round(found.hit.p_same, 4)
         answer = self._cached_answer(x, found.hit.answer, "semantic")
         if self._audit.sample(semantic.audit):
-            self._start_audit(x, found.hit.answer, prompt)
+            self._start_audit(x, found.hit.answer, prompt, semantic_set, timeout_s)
         return answer
 
-    def _start_audit(self, x: _Exchange, hit: CachedAnswer, prompt: str) -> None:
+    def _start_audit(self, x: _Exchange, hit: CachedAnswer, prompt: str, semantic_set: str, timeout_s: float) -> None:
         """Ask upstream what the cached answer stood in for, after it was served (gateway/cache/audit.py)."""
         assert x.plan is not None
         runtime, plan, semantic = x.runtime, x.plan, x.runtime.policy.cache.semantic
@@ -458,6 +458,7 @@ class ChatPipeline:
                 hit.answer.text or "",
                 lambda: ask(plan.candidates, request, body),
                 judge if judge_model is not None and judge_model in runtime.providers else None,
+                lambda: self._semantic.retire(semantic_set, hit.prompt or "", timeout_s),
             )
         )
 

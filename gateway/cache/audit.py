@@ -10,7 +10,10 @@ every audit. Once ``min_audits`` audits are decided and the estimate is above
 verifier's threshold goes up by ``tighten_step``, and when it cannot go higher the route
 stops serving semantic hits; each step is logged (``semantic_cache_tightened``), and
 measuring starts over at the new setting. A policy reload that changes the audit setting
-or the verifier's threshold starts every route afresh.
+or the verifier's threshold starts every route afresh. Per entry, one audit is enough: the
+stored prompt whose hit was found wrong leaves the vector index at once
+(``semantic_cache_entry_retired``), since the prompts near it are likely to be the same
+kind of near miss.
 
 With a shared store (Redis) the state is shared by every process: outcomes go to one
 list per tenant, route and setting, so several workers measure one estimate together,
@@ -138,6 +141,8 @@ class AuditJob:
     """The fresh answer's text and what it cost."""
     judge: Callable[[str, str], Awaitable[bool | None]] | None = None
     """Whether two free-text answers agree (a judge model); None: they stay undecided."""
+    retire_entry: Callable[[], Awaitable[None]] | None = None
+    """Stop the stored entry that served the hit from serving more, once an audit finds it wrong."""
 
 
 class _Setting(msgspec.Struct):
@@ -359,6 +364,9 @@ class SemanticAudit:
             return
         estimate = await self.record(job.policy, job.base_threshold, job.tenant, job.route, outcome)
         self._metrics.semantic_audit_cost(job.route, cost)
+        if outcome.agree is False and job.retire_entry is not None:
+            await job.retire_entry()
+            _log.info("semantic_cache_entry_retired", tenant=job.tenant, route=job.route, method=outcome.method)
         _log.info(
             "semantic_audit",
             tenant=job.tenant,

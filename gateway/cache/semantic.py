@@ -166,11 +166,26 @@ class SemanticCache:
     ) -> None:
         if answer.prompt is None:
             return
-        element = hashlib.sha256(answer.prompt.encode()).hexdigest()[:20]
         try:
-            await self._index.add(index, element, embedding, answer.encode(), ttl_s, max_entries, timeout_s)
+            await self._index.add(
+                index, _element(answer.prompt), embedding, answer.encode(), ttl_s, max_entries, timeout_s
+            )
         except StoreUnavailable:
             pass  # not stored: a later miss
+
+    async def retire(self, index: str, prompt: str, timeout_s: float) -> None:
+        """Serve no more semantic hits from the entry stored for ``prompt``: an audit found
+        one of its hits wrong, and the next prompt near it may be the same kind of near miss.
+        Its exact-cache answer is another key and stays; a later miss may store it again."""
+        try:
+            await self._index.remove(index, _element(prompt), timeout_s)
+        except StoreUnavailable:
+            pass
+
+
+def _element(prompt: str) -> str:
+    """One element per stored prompt."""
+    return hashlib.sha256(prompt.encode()).hexdigest()[:20]
 
 
 def _left(deadline: float) -> float:

@@ -1,6 +1,6 @@
 """The semantic cache measures its own error in production, end to end: sampled hits are
-asked upstream again, the answers compared, the estimate exported, and past the error
-budget the route stops serving semantic hits."""
+asked upstream again, the answers compared, the estimate exported, an entry whose hit was
+wrong retired at once, and past the error budget the route stops serving semantic hits."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import redis
 
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
+from gateway.store.keyspace import tenant_prefix
 from tests.conftest import closed_after_test, inject
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
@@ -62,11 +64,23 @@ def _metric(gateway: GatewayProcess, name: str, **labels: str) -> float | None:
     return None
 
 
+def _stored_prompts(client: redis.Redis) -> int:
+    """Elements in the vector sets of the tenant this gateway serves (auth off: "default")."""
+    sets = [k for k in client.scan_iter(f"{tenant_prefix('default')}:v:*") if client.type(k) == b"vectorset"]
+    total = 0
+    for key in sets:  # redis-py leaves execute_command unannotated (the gateway's vectors.py says the same)
+        total += int(client.execute_command("VCARD", key))  # type: ignore[no-untyped-call]
+    return total
+
+
 def test_wrong_semantic_hits_are_found_counted_and_stop_the_route(
-    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream, redis_server: EmbeddedRedis
 ) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    before = _stored_prompts(client)  # other modules' gateways may share the tenant
     inject(small_upstream, {"text": "6 x 7 = 42. The answer is 42."})
     assert _ask(gateway, "What is six times seven?") == ("miss", "6 x 7 = 42. The answer is 42.")
+    assert _stored_prompts(client) == before + 1
     inject(small_upstream, {"text": "The answer is 41."})  # what the audit will hear: a disagreement
     cache, text = _ask(gateway, "Compute six times seven.")
     assert (cache, text) == ("semantic", "6 x 7 = 42. The answer is 42.")  # served before the audit answered
@@ -82,6 +96,12 @@ def test_wrong_semantic_hits_are_found_counted_and_stop_the_route(
         "route",
         "method",
     }
+
+    # the entry that served the wrong hit serves no more (the route still does: 1 audit < min_audits)
+    (retired,) = _wait_for(gateway, "semantic_cache_entry_retired", 1)
+    assert retired["route"] == "fast" and retired["method"] == "number"
+    assert _stored_prompts(client) == before
+    assert _ask(gateway, "What is six times seven?")[0] == "exact"  # its exact answer stays
 
     inject(small_upstream, {"text": "The answer is B."})
     assert _ask(gateway, MCQ)[0] == "miss"
