@@ -151,7 +151,7 @@ def unrelated_served(
     pairs: list[Pair], t: Thresholds, verifier_dir: Path = DEFAULT_ARTIFACTS, most: int = 600, seed: int = 0
 ) -> dict[str, object]:
     """How often the rules and the verifier would serve one source's answer for another,
-    unrelated source in the same script (English and other languages apart), with no
+    unrelated source (English sources paired with English ones, the others with each other), with no
     similarity floor: what guards a lookup whose nearest stored prompt is merely the least
     far. Up to ``most`` random pairs per group."""
     verifier = load_verifier(verifier_dir, prefer_gpu=False)
