@@ -369,7 +369,7 @@ _QUESTION_CLASSES = {
     "when": "when cuando quand wann quando wanneer kiedy kdy nar kapan когда коли",
     "where": "where donde wo dove onde waar gdzie kde nerede где",
     "why": "why pourquoi warum perche waarom dlaczego proc varfor mengapa kenapa почему чому",
-    "how": "how como hoe jak bagaimana hur как як",
+    "how": "how como comment hoe jak bagaimana hur как як",
 }
 _QUESTION_WORDS = {plain_text(word): kind for kind, words in _QUESTION_CLASSES.items() for word in words.split()}
 # openings whose first word belongs to another question: "how come" asks why, "how soon" when

@@ -82,6 +82,7 @@ def test_a_number_only_one_prompt_has_is_not_a_number_conflict() -> None:
         ("Wann wurde der Kölner Dom gebaut?", "Warum wurde der Kölner Dom gebaut?", "question"),
         ("Где купить билеты в Эрмитаж?", "Когда купить билеты в Эрмитаж?", "question"),
         ("Dlaczego niebo jest niebieskie?", "Jak niebo jest niebieskie?", "question"),
+        ("Quand faut-il tailler les rosiers ?", "Comment faut-il tailler les rosiers ?", "question"),
     ],
 )
 def test_reversed_added_and_swapped_language_words_are_refused(stored: str, new: str, rule: str) -> None:
