@@ -37,8 +37,8 @@ import numpy as np
 
 from gateway.cache.semantic import NEAREST_CANDIDATES, VERIFIED_CANDIDATES
 from gateway.cache.structure import conflicts, matched_structure, plain_text
-from gateway.cache.verifier import DEFAULT_ARTIFACTS, load_verifier
-from gateway.classifier import load_classifier
+from gateway.cache.verifier import DEFAULT_ARTIFACTS, PairVerifier, load_verifier
+from gateway.classifier import Classifier, load_classifier
 from gateway.config.schema import SemanticCachePolicy
 from router_models.cache_pairs import Pair, load_pairs, second_half, source_key
 
@@ -60,10 +60,15 @@ class Looked:
     numbers or options matched) per candidate, best cosine first."""
 
 
-def look_up_all(pairs: list[Pair], threshold: float, verifier_dir: Path = DEFAULT_ARTIFACTS) -> list[Looked]:
+def load_models(verifier_dir: Path = DEFAULT_ARTIFACTS) -> tuple[Classifier, PairVerifier]:
+    """The shipped router (for its embedding) and a verifier, on the CPU provider."""
     classifier = load_classifier(ROUTER_ARTIFACTS, prefer_gpu=False)
     verifier = load_verifier(verifier_dir, prefer_gpu=False)
     assert classifier is not None and verifier is not None
+    return classifier, verifier
+
+
+def look_up_all(pairs: list[Pair], threshold: float, classifier: Classifier, verifier: PairVerifier) -> list[Looked]:
     sources = sorted({p.source for p in pairs})
     stored = np.stack([classifier.score_batch_sync([s])[0].embedding for s in sources])
     looked = []
@@ -148,14 +153,12 @@ def embedding_only(items: Sequence[Looked], t: float) -> tuple[float, float]:
 
 
 def unrelated_served(
-    pairs: list[Pair], t: Thresholds, verifier_dir: Path = DEFAULT_ARTIFACTS, most: int = 600, seed: int = 0
+    pairs: list[Pair], t: Thresholds, verifier: PairVerifier, most: int = 600, seed: int = 0
 ) -> dict[str, object]:
     """How often the rules and the verifier would serve one source's answer for another,
     unrelated source (English sources paired with English ones, the others with each other), with no
     similarity floor: what guards a lookup whose nearest stored prompt is merely the least
     far. Up to ``most`` random pairs per group."""
-    verifier = load_verifier(verifier_dir, prefer_gpu=False)
-    assert verifier is not None
     by_group: dict[str, list[str]] = defaultdict(list)
     for source in sorted({(p.source, p.lang) for p in pairs}):
         by_group["en" if source[1] == "en" else "other"].append(source[0])
@@ -295,12 +298,13 @@ def main(argv: list[str] | None = None) -> None:
     sets |= {f"{f} (second half)": second_half(load_pairs([f])) for f in args.second_half}
     if args.final:
         sets = {k: v for k, v in sets.items() if Path(k) not in TEST_FILES} | {"test": load_pairs(TEST_FILES)}
+    classifier, verifier = load_models(args.verifier)
     for name, pairs in sets.items():
-        items = look_up_all(pairs, policy.threshold, args.verifier)
+        items = look_up_all(pairs, policy.threshold, classifier, verifier)
         offset = policy.verify_threshold - policy.verify_threshold_matched
         results[name] = {
             "at_policy": report(items, thresholds),
-            "unrelated_sources": unrelated_served(pairs, thresholds, args.verifier),
+            "unrelated_sources": unrelated_served(pairs, thresholds, verifier),
             "sweep": sweep(items, offset),
         }
         curves[Path(name).name.replace(".jsonl", "")] = results[name]["sweep"]  # type: ignore[index]
