@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.cache.structure import conflicts, plain_text, structure_of
+from gateway.cache.structure import conflicts, differing_parts, plain_text, structure_of
 
 MCQ = "Which planet is largest?\nA. Mars\nB. Jupiter\nC. Venus\nD. Earth\nAnswer:"
 
@@ -126,6 +126,10 @@ def test_plain_text_makes_only_harmless_differences_uniform() -> None:
             "Pythonでリストの要素を逆順に並べ替える方法を教えてください。",
         ),
         ("क्या डायबिटीज़ के मरीज़ आम खा सकते हैं?", "ताजमहल किसने बनवाया था?"),
+        (  # they share only the hiragana of a polite ending ("でしょうか")
+            "次の文を英語に翻訳してください：「来週の会議の資料を金曜日までにお送りいただけますでしょうか。」",
+            "昨日から風邪気味なんですが、今夜お風呂に入っても大丈夫でしょうか？",
+        ),
         ("How do I reverse a list in Python?", "What is the capital of Australia?"),
     ],
 )
@@ -148,3 +152,43 @@ def test_prompts_that_share_almost_no_text_are_unrelated(stored: str, new: str) 
 )
 def test_rewordings_share_enough_text(stored: str, new: str) -> None:
     assert "unrelated" not in conflicts(stored, new)
+
+
+STORY = "Jenna earns $22 per hour. Overtime is paid at 1.5 times that rate. Last week she worked 46 hours."
+
+
+@pytest.mark.parametrize(
+    ("stored", "new", "parts"),
+    [
+        (  # the same word problem, another question: only the questions are read
+            STORY + " How much did she earn last week?",
+            STORY + " How much of her pay came from overtime?",
+            ("How much did she earn last week?", "How much of her pay came from overtime?"),
+        ),
+        (  # the same options, another stem: only the stems are read
+            "Which planet is largest?\nA. Mars\nB. Jupiter\nC. Venus\nD. Earth",
+            "which planet is the biggest one?\nA. Mars\nB. Jupiter\nC. Venus\nD. Earth",
+            ("Which planet is largest?", "which planet is the biggest one?"),
+        ),
+        (  # a shared opening and closing line around a changed middle
+            "Summarize this.\nThe meeting moved to Friday.\nThanks!",
+            "Summarize this.\nThe meeting moved to Monday.\nThanks!",
+            ("The meeting moved to Friday.", "The meeting moved to Monday."),
+        ),
+        # one sentence each, or nothing shared: read whole
+        ("What is 3.5 times 2?", "what is 3.5 times two?", ("What is 3.5 times 2?", "what is 3.5 times two?")),
+        ("Who wrote Dune? Thanks", "When was Dune published? Thanks!", ("Who wrote Dune?", "When was Dune published?")),
+        (
+            "東京は寒いですか。雪は降りますか？",
+            "東京は寒いですか。今日は晴れますか？",
+            ("雪は降りますか？", "今日は晴れますか？"),
+        ),
+    ],
+)
+def test_the_verifier_reads_only_what_the_prompts_do_not_share(stored: str, new: str, parts: tuple[str, str]) -> None:
+    assert differing_parts(stored, new) == parts
+
+
+def test_each_side_keeps_a_sentence_when_one_prompt_extends_the_other() -> None:
+    assert differing_parts("One. Two.", "One. Two. Three?") == ("Two.", "Two. Three?")
+    assert differing_parts("Same words here.", "Same words here.") == ("Same words here.", "Same words here.")

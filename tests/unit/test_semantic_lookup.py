@@ -66,13 +66,16 @@ async def test_without_a_verifier_nothing_is_served() -> None:
 
 
 async def test_a_pair_too_long_to_judge_is_a_miss_unless_equal_but_for_spacing(verifier: PairVerifier) -> None:
-    story = "The committee met on a rainy Tuesday to weigh the budget for the new library wing. " * 12
+    story = "The committee met on a rainy Tuesday to weigh the budget for the new library wing " * 12
     cache, vector = await _cache_with(story + "How many members voted?", verifier)
     longer = await cache.lookup(
         INDEX, vector, story + "How many members voted, and who abstained?", 0.75, 0.5, 0.5, True, 1.0
     )
     assert longer.hit is None
     assert verifier.judge_sync([(story, story + "?")])[0].unsure
+    # what both share is not read: the same long story, then two short questions, is judged
+    told = story.replace(" wing ", " wing. ")
+    assert not verifier.judge_sync([(told + "How many voted?", told + "How many members voted?")])[0].unsure
     same = await cache.lookup(
         INDEX, vector, "  " + story.upper() + "How many members voted?\n", 0.75, 0.8, 0.8, True, 1.0
     )
