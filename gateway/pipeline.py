@@ -23,8 +23,7 @@ from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestRecord, exception_frames, log_request
 from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal
-from gateway.cache.audit import CEILING as _CEILING
-from gateway.cache.audit import AuditJob, SemanticAudit, judge_request
+from gateway.cache.audit import AuditJob, SemanticAudit, effective_threshold, judge_request
 from gateway.cache.entries import CachedAnswer
 from gateway.cache.exact import ExactCache, Lease
 from gateway.cache.plan import CachePlan, plan_cache
@@ -421,8 +420,8 @@ class ChatPipeline:
             score.embedding,
             prompt,
             semantic.threshold,
-            min(_CEILING, semantic.verify_threshold + raised),
-            min(_CEILING, semantic.verify_threshold_matched + raised),
+            effective_threshold(semantic.verify_threshold, raised),
+            effective_threshold(semantic.verify_threshold_matched, raised),
             semantic.guard,
             timeout_s,
         )

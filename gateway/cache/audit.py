@@ -51,13 +51,23 @@ __all__ = [
     "AuditOutcome",
     "SemanticAudit",
     "compare_answers",
+    "effective_threshold",
     "judge_request",
 ]
 
 _log = structlog.get_logger("gateway.cache")
 
-CEILING = 0.995
-"""No tightening raises the verifier's threshold past this; the next one stops semantic hits."""
+CEILING = 0.998
+"""No tightening raises the verifier's threshold past this; the next one stops semantic hits.
+The shipped verifier serves nothing at 0.999: its scores stop short of it."""
+
+
+def effective_threshold(base: float, raised: float) -> float:
+    """The verifier's threshold for a route: the policy's, raised by the audits up to
+    :data:`CEILING`, and never below the policy's own (which may sit above the ceiling)."""
+    return max(base, min(CEILING, base + raised))
+
+
 _CHOICE = re.compile(
     r"(?:^|\b(?i:answer)(?: is)?[:\s]*|\b(?i:option)\s+|\b(?i:correct (?:answer|option|choice) is)[:\s]*)"
     r"\(?([A-J])\)?(?:[.):\s]|$)"
@@ -288,7 +298,7 @@ class SemanticAudit:
         state.setting = setting
         state.outcomes.clear()
         self._metrics.semantic_threshold(
-            tenant, route, None if setting.stopped else min(CEILING, base + setting.raised_by)
+            tenant, route, None if setting.stopped else effective_threshold(base, setting.raised_by)
         )
 
     async def _tighten(
@@ -316,13 +326,13 @@ class SemanticAudit:
                 self._adopt(state, current, tenant, route, base)  # it was tightened already
                 await self._release(lease, token)
                 return
-        before = min(CEILING, base + state.setting.raised_by)
+        before = effective_threshold(base, state.setting.raised_by)
         if before >= CEILING or policy.tighten_step <= 0:
             after: float | None = None
             setting = _Setting(state.setting.generation + 1, state.setting.raised_by, stopped=True)
         else:
             setting = _Setting(state.setting.generation + 1, state.setting.raised_by + policy.tighten_step)
-            after = min(CEILING, base + setting.raised_by)
+            after = effective_threshold(base, setting.raised_by)
         if shared:
             assert self._kv is not None
             try:

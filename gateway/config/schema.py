@@ -294,7 +294,7 @@ class SemanticAuditPolicy(_Struct, frozen=True, kw_only=True):
     min_audits: int = 30
     """Decided audits needed before the estimate can tighten anything."""
     tighten_step: float = 0.05
-    """How far each tightening raises ``verify_threshold``; past 0.995 semantic hits stop."""
+    """How far each tightening raises ``verify_threshold``; past 0.998 (``audit.CEILING``) semantic hits stop."""
     judge_model: str | None = None
     """A model of this policy that judges free-text answers (yes/no); without one only exact
     text, option letters and final numbers are compared and other audits stay undecided."""

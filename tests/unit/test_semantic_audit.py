@@ -8,7 +8,7 @@ import random
 import pytest
 
 from gateway.accounting.metrics import Metrics
-from gateway.cache.audit import CEILING, AuditJob, AuditOutcome, SemanticAudit, compare_answers
+from gateway.cache.audit import CEILING, AuditJob, AuditOutcome, SemanticAudit, compare_answers, effective_threshold
 from gateway.config.schema import SemanticAuditPolicy
 from gateway.judge import parse_yes_no as parse_judgement
 from gateway.store.memory import MemoryKeyValue
@@ -38,7 +38,7 @@ def test_a_judges_reply_is_read_as_yes_no_or_nothing() -> None:
 
 def _threshold(audit: SemanticAudit, policy: SemanticAuditPolicy, tenant: str, base: float) -> float | None:
     raised = audit.raised_by(policy, base, tenant, "fast")
-    return None if raised is None else min(CEILING, base + raised)
+    return None if raised is None else effective_threshold(base, raised)
 
 
 async def test_the_estimate_tightens_the_route_then_stops_it() -> None:
@@ -55,12 +55,27 @@ async def test_the_estimate_tightens_the_route_then_stops_it() -> None:
     assert _threshold(audit, policy, "other-tenant", 0.8) == 0.8  # per tenant and route
     for _ in range(4):  # measured afresh at 0.9; still wrong: up to the ceiling, then stopped
         await audit.record(policy, 0.8, "t", "fast", AuditOutcome(False, "choice"))
-    assert _threshold(audit, policy, "t", 0.8) == pytest.approx(0.995)
+    assert _threshold(audit, policy, "t", 0.8) == pytest.approx(CEILING)
     for _ in range(4):
         await audit.record(policy, 0.8, "t", "fast", AuditOutcome(False, "choice"))
     assert _threshold(audit, policy, "t", 0.8) is None
     reloaded = SemanticAuditPolicy(min_audits=4, max_false_hit_rate=0.2, tighten_step=0.1)
     assert _threshold(audit, reloaded, "t", 0.8) == 0.8  # a new policy starts afresh
+
+
+def test_a_policy_threshold_above_the_ceiling_is_never_lowered() -> None:
+    assert effective_threshold(0.999, 0.0) == 0.999
+    assert effective_threshold(0.999, 0.05) == 0.999
+    assert effective_threshold(0.99, 0.05) == CEILING
+    assert effective_threshold(0.9, 0.05) == pytest.approx(0.95)
+
+
+async def test_a_route_at_the_ceiling_stops_at_its_first_tightening() -> None:
+    policy = SemanticAuditPolicy(min_audits=2, max_false_hit_rate=0.2, tighten_step=0.05)
+    audit = SemanticAudit(Metrics())
+    for _ in range(2):
+        await audit.record(policy, CEILING, "t", "fast", AuditOutcome(False, "choice"))
+    assert _threshold(audit, policy, "t", CEILING) is None
 
 
 def test_sampling_keeps_to_the_rate_and_the_per_minute_budget() -> None:
@@ -129,7 +144,7 @@ async def test_processes_sharing_a_store_measure_one_estimate_and_tighten_once()
         await audit.record(policy, 0.8, "t", "fast", AuditOutcome(False, "choice"))
     _threshold(first, policy, "t", 0.8)
     await asyncio.sleep(0.01)
-    assert _threshold(first, policy, "t", 0.8) == _threshold(second, policy, "t", 0.8) == pytest.approx(0.995)
+    assert _threshold(first, policy, "t", 0.8) == _threshold(second, policy, "t", 0.8) == pytest.approx(CEILING)
     changed = SemanticAuditPolicy(min_audits=4, max_false_hit_rate=0.1, tighten_step=0.1)
     assert _threshold(first, changed, "t", 0.8) == 0.8  # another setting starts afresh
     await first.aclose()
