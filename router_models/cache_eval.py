@@ -43,8 +43,10 @@ from gateway.config.schema import SemanticCachePolicy
 from router_models.cache_pairs import Pair, load_pairs, second_half, source_key
 
 DATA = Path(__file__).parent / "data" / "semantic_cache"
-TEST_FILES = [DATA / "test_dec5.jsonl"]
-"""The held-out test (2026-12-01, fourth: test_dec5a + test_dec5b of two writers). The earlier test files were read once each and train or guide the verifier since."""
+TEST_FILES = [DATA / "test_dec6.jsonl"]
+"""The held-out test (2026-12-01, fifth: test_dec6a + test_dec6b of two writers, less the 17
+sources that repeat a text of a training or development file). The earlier test files were
+read once each and train or guide the verifier since."""
 ROUTER_ARTIFACTS = Path(__file__).parents[1] / "gateway" / "classifier" / "artifacts"
 
 
