@@ -302,7 +302,7 @@ class SemanticAuditPolicy(_Struct, frozen=True, kw_only=True):
 
 class SemanticCachePolicy(_Struct, frozen=True, kw_only=True):
     enabled: bool = False
-    """Off until it meets its error budget on held-out pairs: on the last test it served 2.1 %
+    """Off until it meets its error budget on held-out pairs: on the last test it served 1.5 %
     of one-edit near misses, against 1 % (docs/semantic-cache.md)."""
     ttl_s: int = 3600
     threshold: float = 0.65
