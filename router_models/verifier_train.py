@@ -128,10 +128,14 @@ def train(
     cross_pairs: bool = False,
     light: bool = True,
     log: bool = True,
+    init: Path | None = None,
 ) -> CrossEncoder:
+    """``init``: a trained verifier's ``verifier.pt`` to continue from (else MiniLM's weights and a new head)."""
     torch.manual_seed(seed)
     rows = training_rows(pairs, seed, cross_pairs=cross_pairs, light=light)
     model = CrossEncoder(layers)
+    if init is not None:
+        model.load_state_dict(torch.load(init, map_location="cpu"))
     tok = tokenizer()
     steps = int(np.ceil(len(rows) / batch) * epochs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -196,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=4e-5)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, help="continue from this verifier.pt (a shorter, gentler run)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -209,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         cross_pairs=args.cross_pairs,
         light=not args.no_light,
+        init=args.init,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.out / "verifier.pt")
