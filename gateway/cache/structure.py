@@ -431,26 +431,11 @@ _MIN_SHARED = 0.15
 _UNSPACED_LETTERS = "\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\u0e00-\u0e7f"
 _UNSPACED = re.compile(f"[{_UNSPACED_LETTERS}]")
 _RUNS = re.compile(f"[{_UNSPACED_LETTERS}]+|[^{_UNSPACED_LETTERS}]+")
-# the bigrams of the polite endings nearly every Japanese request has ("ですか", "でしょうか", "てください", "ますか")
+# the bigrams of the polite endings nearly every Japanese request has
 _JAPANESE_ENDINGS = frozenset(
-    {
-        "です",
-        "すか",
-        "ます",
-        "でし",
-        "しょ",
-        "ょう",
-        "うか",
-        "くだ",
-        "ださ",
-        "さい",
-        "てく",
-        "てい",
-        "いま",
-        "ませ",
-        "せん",
-    }
-    | {"んか", "んで"}
+    ending[i : i + 2]
+    for ending in ("でしょうか", "ですか", "ますか", "ませんか", "てください", "んです", "ています")
+    for i in range(len(ending) - 1)
 )
 
 
