@@ -200,7 +200,9 @@ def _sentences(text: str) -> list[tuple[int, int]]:
 
 
 def _same_sentence(a: str, x: tuple[int, int], b: str, y: tuple[int, int]) -> bool:
-    return plain_text(a[x[0] : x[1]]) == plain_text(b[y[0] : y[1]])
+    """Equal as typed (most shared context is), else equal but for what :func:`plain_text` makes uniform."""
+    first, second = a[x[0] : x[1]], b[y[0] : y[1]]
+    return first == second or plain_text(first) == plain_text(second)
 
 
 def _fold(text: str) -> str:
