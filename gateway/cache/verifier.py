@@ -63,8 +63,9 @@ class PairVerifier:
         """Verdicts for (stored prompt, new prompt) pairs, on the calling thread."""
         if not pairs:
             return []
+        read = [differing_parts(stored, new)[::-1] for stored, new in pairs]
         with self._lock:
-            encodings = self._tokenizer.encode_batch([differing_parts(stored, new)[::-1] for stored, new in pairs])
+            encodings = self._tokenizer.encode_batch(read)
         fits = [len(e.ids) <= self.max_tokens for e in encodings]
         judged = [e for e, ok in zip(encodings, fits, strict=True) if ok]
         if not judged:
