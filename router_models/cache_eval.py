@@ -43,11 +43,10 @@ from gateway.config.schema import SemanticCachePolicy
 from router_models.cache_pairs import Pair, load_pairs, second_half, source_key
 
 DATA = Path(__file__).parent / "data" / "semantic_cache"
-TEST_FILES = [DATA / "test_dec7.jsonl"]
-"""The held-out test (2026-12-01, sixth: test_dec7a + test_dec7b of two writers, less the 2
-sources that repeat a text of a training or development file). The earlier test files were
-read once each and train or guide the verifier since (test_dec6: read once with the same
-verifier and thresholds, so the two can be pooled)."""
+TEST_FILES = [DATA / "test_dec8.jsonl"]
+"""The held-out test (2026-12-01, seventh: test_dec8a/b/c of three writers, less the 20 sources
+that repeat a text of a training or development file). The earlier test files were read
+once each and train or guide the verifier since."""
 ROUTER_ARTIFACTS = Path(__file__).parents[1] / "gateway" / "classifier" / "artifacts"
 
 
