@@ -27,7 +27,7 @@ from gateway.cache.audit import AuditJob, SemanticAudit, effective_threshold, ju
 from gateway.cache.entries import CachedAnswer
 from gateway.cache.exact import ExactCache, Lease
 from gateway.cache.plan import CachePlan, plan_cache
-from gateway.cache.semantic import SemanticCache
+from gateway.cache.semantic import SemanticCache, ServeBar
 from gateway.classifier import ClassifierError
 from gateway.classifier.text import request_text
 from gateway.config.schema import Price
@@ -415,13 +415,13 @@ class ChatPipeline:
         raised = self._audit.raised_by(semantic.audit, semantic.verify_threshold, tenant, route)
         if raised is None:  # the audits found too many wrong hits here: stopped
             return None
+        tightened_by = raised
         found = await self._semantic.lookup(
             semantic_set,
             score.embedding,
             prompt,
             semantic.threshold,
-            effective_threshold(semantic.verify_threshold, raised),
-            effective_threshold(semantic.verify_threshold_matched, raised),
+            ServeBar.of(semantic, lambda t: effective_threshold(t, tightened_by)),
             semantic.guard,
             timeout_s,
         )

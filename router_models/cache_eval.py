@@ -5,16 +5,16 @@ and the shipped verifier (ONNX, CPU provider):
 
 * **cache simulation** (the headline): every source of the file stored in one index; each
   variant looked up as ``SemanticCache.lookup`` does: the 4 nearest stored prompts at
-  cosine ≥ ``threshold``, the rules (``gateway.cache.structure``), the verifier at
-  ``verify_threshold``. A paraphrase is *served* when its own source is served; a near
+  cosine ≥ ``threshold``, the rules (``gateway.cache.structure``), the verifier at the
+  policy's bar (``gateway.cache.semantic.ServeBar``). A paraphrase is *served* when its own source is served; a near
   miss served anything is a *false hit* (so is a paraphrase served another source's answer);
 * per origin, language (English or not) and kind of edit, with 95 % bootstrap intervals
   (resampling sources, 2,000 draws);
 * **unrelated sources**: random pairs of two different sources of the file (English and
   other languages apart) judged by the rules and the verifier with no similarity floor;
   any served is a wrong answer a sparse cache could give;
-* a sweep over ``verify_threshold`` (with ``verify_threshold_matched`` at the policy's
-  offset below it, and with both equal), and the embedding alone over its threshold (the
+* a sweep over ``verify_threshold`` (with the policy's matched and close thresholds
+  following it, and with one threshold for every candidate), and the embedding alone over its threshold (the
   baseline: the nearest stored prompt at cosine ≥ t, no rules, no verifier), drawn as ``--figure``.
 
     python -m router_models.cache_eval --pairs router_models/data/semantic_cache/test_fresh.jsonl \
@@ -35,7 +35,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from gateway.cache.semantic import NEAREST_CANDIDATES, VERIFIED_CANDIDATES
+from gateway.cache.semantic import NEAREST_CANDIDATES, VERIFIED_CANDIDATES, ServeBar
 from gateway.cache.structure import conflicts, matched_structure, plain_text
 from gateway.cache.verifier import DEFAULT_ARTIFACTS, PairVerifier, load_verifier
 from gateway.classifier import Classifier, load_classifier
@@ -94,13 +94,12 @@ def look_up_all(pairs: list[Pair], threshold: float, classifier: Classifier, ver
     return looked
 
 
-Thresholds = tuple[float, float]
-"""(verify_threshold, verify_threshold_matched)"""
+Thresholds = ServeBar
 
 
 def served(item: Looked, t: Thresholds) -> str | None:
     """The source whose answer is served, or None."""
-    passing = [c for c in item.candidates if c[2] and c[3] >= (t[1] if c[4] else t[0])]
+    passing = [c for c in item.candidates if c[2] and c[3] >= t.at(c[1], c[4])]
     return max(passing, key=lambda c: c[3])[0] if passing else None
 
 
@@ -172,7 +171,7 @@ def unrelated_served(
         allowed = [(a, b) for a, b in sample if not conflicts(a, b)]
         verdicts = verifier.judge_sync(allowed) if allowed else []
         served = sum(
-            not v.unsure and v.p_same >= (t[1] if matched_structure(a, b) else t[0])
+            not v.unsure and v.p_same >= t.at(0.0, matched_structure(a, b))  # far apart: not a close pair
             for (a, b), v in zip(allowed, verdicts, strict=True)
         )
         out[f"lang={group}"] = {"pairs": len(sample), "allowed_by_rules": len(allowed), "served": served}
@@ -214,7 +213,7 @@ def report(items: list[Looked], t: Thresholds) -> dict[str, object]:
             any(c[0] == i.pair.source and not c[2] for c in i.candidates) for i in para
         ),
         "refused_by_verifier": sum(
-            any(c[0] == i.pair.source and c[2] and c[3] < (t[1] if c[4] else t[0]) for c in i.candidates) for i in para
+            any(c[0] == i.pair.source and c[2] and c[3] < t.at(c[1], c[4]) for c in i.candidates) for i in para
         ),
     }
     return table
@@ -224,13 +223,19 @@ _HIGH = (0.975, 0.98, 0.985, 0.99, 0.993, 0.995, 0.997, 0.998, 0.999)
 """Past 0.975 the verifier's scores crowd together: the sweep reads them finer there."""
 
 
-def sweep(items: list[Looked], offset: float) -> dict[str, list[list[float]]]:
-    """Each row: threshold, paraphrases served, near misses served. ``verifier``: the
-    matched threshold ``offset`` below the other, as the policy has it; ``verifier_one_threshold``: both equal."""
+def sweep(items: list[Looked], policy: Thresholds) -> dict[str, list[list[float]]]:
+    """Each row: threshold t, paraphrases served, near misses served. ``verifier``: the
+    policy's bar with its base at t (the matched one as far below as the policy has it, the
+    close one at least t); ``verifier_one_threshold``: t for every candidate."""
     grid = np.round(np.arange(0.3, 0.975, 0.025), 3).tolist() + list(_HIGH)
+    offset = policy.base - policy.matched
+
+    def policy_at(t: float) -> ServeBar:
+        return ServeBar(t, max(0.0, t - offset), max(t, policy.close), policy.close_similarity)
+
     return {
-        "verifier": [[t, *rates(items, (t, max(0.0, t - offset)))[:2]] for t in grid],
-        "verifier_one_threshold": [[t, *rates(items, (t, t))[:2]] for t in grid],
+        "verifier": [[t, *rates(items, policy_at(t))[:2]] for t in grid],
+        "verifier_one_threshold": [[t, *rates(items, ServeBar(t, t))[:2]] for t in grid],
         "embedding_only": [[t, *embedding_only(items, t)] for t in np.round(np.arange(0.80, 1.0, 0.01), 2).tolist()],
     }
 
@@ -277,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threshold", type=float, help="the cosine floor, instead of the policy's default")
     parser.add_argument("--verify-threshold", type=float, help="instead of the policy's default")
     parser.add_argument("--verify-threshold-matched", type=float, help="instead of the policy's default")
+    parser.add_argument("--verify-threshold-close", type=float, help="instead of the policy's default")
+    parser.add_argument("--close-similarity", type=float, help="instead of the policy's default")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("--figure", type=Path, help="draw the sweep as PNG")
     args = parser.parse_args(argv)
@@ -287,13 +294,19 @@ def main(argv: list[str] | None = None) -> None:
         policy = msgspec.structs.replace(policy, verify_threshold=args.verify_threshold)
     if args.verify_threshold_matched is not None:
         policy = msgspec.structs.replace(policy, verify_threshold_matched=args.verify_threshold_matched)
+    if args.verify_threshold_close is not None:
+        policy = msgspec.structs.replace(policy, verify_threshold_close=args.verify_threshold_close)
+    if args.close_similarity is not None:
+        policy = msgspec.structs.replace(policy, close_similarity=args.close_similarity)
     files = [Path(p) for p in args.pairs] + (TEST_FILES if args.final else [])
-    thresholds = (policy.verify_threshold, policy.verify_threshold_matched)
+    thresholds = ServeBar.of(policy)
     results: dict[str, object] = {
         "verifier": str(args.verifier),
         "threshold": policy.threshold,
         "verify_threshold": policy.verify_threshold,
         "verify_threshold_matched": policy.verify_threshold_matched,
+        "verify_threshold_close": policy.verify_threshold_close,
+        "close_similarity": policy.close_similarity,
     }
     curves = {}
     sets = {str(f): load_pairs([f]) for f in files}
@@ -303,11 +316,10 @@ def main(argv: list[str] | None = None) -> None:
     classifier, verifier = load_models(args.verifier)
     for name, pairs in sets.items():
         items = look_up_all(pairs, policy.threshold, classifier, verifier)
-        offset = policy.verify_threshold - policy.verify_threshold_matched
         results[name] = {
             "at_policy": report(items, thresholds),
             "unrelated_sources": unrelated_served(pairs, thresholds, verifier),
-            "sweep": sweep(items, offset),
+            "sweep": sweep(items, thresholds),
         }
         curves[Path(name).name.replace(".jsonl", "")] = results[name]["sweep"]  # type: ignore[index]
         print(json.dumps({name: {k: results[name][k] for k in ("at_policy", "unrelated_sources")}}, indent=1))  # type: ignore[index]

@@ -11,9 +11,8 @@ change the answer (see :func:`gateway.cache.plan.plan_cache`). A lookup:
    numbers, options, code or script differ;
 4. the verifier (:mod:`gateway.cache.verifier`) judges the nearest one left (a prompt
    equal to the new one but for case, spacing, accents, closing punctuation and number
-   spelling needs no judging); the most likely
-   candidate at ``p_same`` ≥ ``verify_threshold`` (``verify_threshold_matched`` where the
-   rules matched numbers or options in both prompts) is served.
+   spelling needs no judging); the most likely candidate whose ``p_same`` clears its
+   :class:`ServeBar` is served.
 
 Without a verifier nothing is served semantically: an unverified hit is the failure the
 cache exists to avoid.
@@ -23,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,9 +31,10 @@ import structlog
 from gateway.cache.entries import CachedAnswer
 from gateway.cache.structure import conflicts, matched_structure, plain_text
 from gateway.cache.verifier import PairVerifier, Verdict
+from gateway.config.schema import SemanticCachePolicy
 from gateway.store.base import StoreUnavailable, VectorIndex
 
-__all__ = ["SemanticCache", "SemanticHit", "SemanticLookup"]
+__all__ = ["SemanticCache", "SemanticHit", "SemanticLookup", "ServeBar"]
 
 NEAREST_CANDIDATES = 4
 VERIFIED_CANDIDATES = 1
@@ -42,6 +43,37 @@ pairs (2026-12-01) judging the two nearest served the same paraphrases and near 
 as judging one, and each candidate costs a forward pass (5-9 ms for a typical pair on 2 cores)."""
 
 _log = structlog.get_logger("gateway.cache")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeBar:
+    """The verifier's ``p_same`` a candidate must reach to be served.
+
+    ``matched`` applies where the rules matched numbers or answer options in both prompts,
+    ``base`` elsewhere. A candidate at cosine ≥ ``close_similarity`` must also reach
+    ``close``: the one-edit near misses that get past the rules embed *closer* to their
+    stored prompt than real rewordings do (on the development pairs of 2026-12-01, the
+    near misses the verifier passed at 0.98 sat at median cosine 0.95, the paraphrases
+    at 0.88), so a small edit needs more certainty than a rewording."""
+
+    base: float
+    matched: float
+    close: float = 0.0
+    close_similarity: float = 1.0
+
+    @classmethod
+    def of(cls, policy: SemanticCachePolicy, adjust: Callable[[float], float] = float) -> ServeBar:
+        """The policy's bar, each threshold passed through ``adjust`` (the audits' tightening)."""
+        return cls(
+            adjust(policy.verify_threshold),
+            adjust(policy.verify_threshold_matched),
+            adjust(policy.verify_threshold_close),
+            policy.close_similarity,
+        )
+
+    def at(self, similarity: float, matched: bool) -> float:
+        bar = self.matched if matched else self.base
+        return max(bar, self.close) if similarity >= self.close_similarity else bar
 
 
 @dataclass(slots=True)
@@ -71,16 +103,11 @@ class SemanticCache:
         embedding: np.ndarray,
         prompt: str,
         threshold: float,
-        verify_threshold: float,
-        verify_threshold_matched: float,
+        bar: ServeBar,
         guard: bool,
         timeout_s: float,
     ) -> SemanticLookup:
-        """The stored answer for ``prompt`` the checks allow, all within ``timeout_s`` (else a miss).
-
-        ``verify_threshold_matched`` applies instead of ``verify_threshold`` where the rules
-        matched numbers or answer options in both prompts (:func:`matched_structure`).
-        """
+        """The stored answer for ``prompt`` the checks allow, all within ``timeout_s`` (else a miss)."""
         result = SemanticLookup(hit=None, best_similarity=None)
         if self._verifier is None:
             return result
@@ -91,14 +118,10 @@ class SemanticCache:
                 verdicts = await self._judge(candidates, prompt, deadline)
                 passing = [
                     i
-                    for i, (answer, _) in enumerate(candidates)
+                    for i, (answer, similarity) in enumerate(candidates)
                     if not verdicts[i].unsure
                     and verdicts[i].p_same
-                    >= (
-                        verify_threshold_matched
-                        if guard and matched_structure(answer.prompt or "", prompt)
-                        else verify_threshold
-                    )
+                    >= bar.at(similarity, guard and matched_structure(answer.prompt or "", prompt))
                 ]
                 if passing:
                     best = max(passing, key=lambda i: verdicts[i].p_same)

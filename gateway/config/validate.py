@@ -344,7 +344,13 @@ def check_policy(
 def _check_semantic_cache(policy: Policy, problems: Problems, check_model: Callable[[Path, str | None], None]) -> None:
     semantic = policy.cache.semantic
     base: Path = ("cache", "semantic")
-    for name in ("threshold", "verify_threshold", "verify_threshold_matched"):
+    for name in (
+        "threshold",
+        "verify_threshold",
+        "verify_threshold_matched",
+        "verify_threshold_close",
+        "close_similarity",
+    ):
         value = getattr(semantic, name)
         if not 0.0 <= value <= 1.0:
             problems.add((*base, name), f"must be between 0 and 1, got {value}")

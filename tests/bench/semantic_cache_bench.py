@@ -28,7 +28,7 @@ import numpy as np
 
 from gateway.accounting.metrics import Metrics
 from gateway.cache.entries import CachedAnswer
-from gateway.cache.semantic import SemanticCache
+from gateway.cache.semantic import SemanticCache, ServeBar
 from gateway.cache.verifier import load_verifier
 from gateway.classifier import load_classifier
 from gateway.config.schema import SemanticCachePolicy
@@ -81,8 +81,7 @@ async def _run(pairs_path: Path, redis_url: str) -> dict[str, Any]:
             score.embedding,
             p.variant,
             policy.threshold,
-            policy.verify_threshold,
-            policy.verify_threshold_matched,
+            ServeBar.of(policy),
             policy.guard,
             1.0,
         )

@@ -19,9 +19,11 @@ from gateway.store.keyspace import tenant_prefix
 from tests.conftest import closed_after_test, inject
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
-# every hit audited; two decided audits are enough; no step left to raise: a breach stops the route
+# every hit audited; two decided audits are enough; no step left to raise: a breach stops the route;
+# the audits are under test, not the bar: a close rewording is served at the base threshold
 CACHE = (
-    "{enabled: true, coalesce: {enabled: false}, redis_timeout_ms: 1000, semantic: {enabled: true, audit: "
+    "{enabled: true, coalesce: {enabled: false}, redis_timeout_ms: 1000, semantic: {enabled: true, "
+    "verify_threshold_close: 0.98, audit: "
     "{sample_rate: 1.0, max_per_minute: 100, min_audits: 2, max_false_hit_rate: 0.01, tighten_step: 0}}}"
 )
 MCQ = "Which gas do plants absorb for photosynthesis?\nA. Oxygen\nB. Carbon dioxide\nC. Nitrogen\nD. Helium"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gateway.cache.entries import CachedAnswer
-from gateway.cache.semantic import SemanticCache
+from gateway.cache.semantic import SemanticCache, ServeBar
 from gateway.cache.verifier import PairVerifier, load_verifier
 from gateway.core.model import Answer
 from gateway.store.memory import MemoryVectorIndex
@@ -47,21 +47,25 @@ async def _cache_with(prompt: str, verifier: PairVerifier | None) -> tuple[Seman
 async def test_a_reworded_question_is_served_and_an_edited_one_is_not(verifier: PairVerifier) -> None:
     cache, vector = await _cache_with("How do I reverse a list in Python?", verifier)
     # the same vector for all: the embedding proposes, only the checks decide
-    served = await cache.lookup(INDEX, vector, "python: what's the way to reverse a list?", 0.75, 0.8, 0.8, True, 1.0)
+    served = await cache.lookup(
+        INDEX, vector, "python: what's the way to reverse a list?", 0.75, ServeBar(0.8, 0.8), True, 1.0
+    )
     assert served.hit is not None and served.hit.p_same >= 0.8
-    refused = await cache.lookup(INDEX, vector, "How do I reverse a list in JavaScript?", 0.75, 0.8, 0.8, True, 1.0)
+    refused = await cache.lookup(
+        INDEX, vector, "How do I reverse a list in JavaScript?", 0.75, ServeBar(0.8, 0.8), True, 1.0
+    )
     assert refused.hit is None and refused.refused == 1
 
 
 async def test_the_rules_refuse_before_the_verifier_is_asked(verifier: PairVerifier) -> None:
     cache, vector = await _cache_with("What is 17 times 23?", verifier)
-    found = await cache.lookup(INDEX, vector, "What is 17 times 24?", 0.75, 0.0, 0.0, True, 1.0)
+    found = await cache.lookup(INDEX, vector, "What is 17 times 24?", 0.75, ServeBar(0.0, 0.0), True, 1.0)
     assert found.hit is None and found.refused == 1  # refused even at verify_threshold 0
 
 
 async def test_without_a_verifier_nothing_is_served() -> None:
     cache, vector = await _cache_with("How do I reverse a list in Python?", None)
-    found = await cache.lookup(INDEX, vector, "How do I reverse a list in Python?", 0.75, 0.8, 0.8, True, 1.0)
+    found = await cache.lookup(INDEX, vector, "How do I reverse a list in Python?", 0.75, ServeBar(0.8, 0.8), True, 1.0)
     assert found.hit is None
 
 
@@ -69,7 +73,7 @@ async def test_a_pair_too_long_to_judge_is_a_miss_unless_equal_but_for_spacing(v
     story = "The committee met on a rainy Tuesday to weigh the budget for the new library wing " * 12
     cache, vector = await _cache_with(story + "How many members voted?", verifier)
     longer = await cache.lookup(
-        INDEX, vector, story + "How many members voted, and who abstained?", 0.75, 0.5, 0.5, True, 1.0
+        INDEX, vector, story + "How many members voted, and who abstained?", 0.75, ServeBar(0.5, 0.5), True, 1.0
     )
     assert longer.hit is None
     assert verifier.judge_sync([(story, story + "?")])[0].unsure
@@ -77,14 +81,16 @@ async def test_a_pair_too_long_to_judge_is_a_miss_unless_equal_but_for_spacing(v
     told = story.replace(" wing ", " wing. ")
     assert not verifier.judge_sync([(told + "How many voted?", told + "How many members voted?")])[0].unsure
     same = await cache.lookup(
-        INDEX, vector, "  " + story.upper() + "How many members voted?\n", 0.75, 0.8, 0.8, True, 1.0
+        INDEX, vector, "  " + story.upper() + "How many members voted?\n", 0.75, ServeBar(0.8, 0.8), True, 1.0
     )
     assert same.hit is not None and same.hit.p_same == 1.0
 
 
 async def test_below_the_similarity_floor_nothing_is_judged(verifier: PairVerifier) -> None:
     cache, _ = await _cache_with("How do I reverse a list in Python?", verifier)
-    found = await cache.lookup(INDEX, _unit(1), "How do I reverse a list in Python?", 0.75, 0.8, 0.8, True, 1.0)
+    found = await cache.lookup(
+        INDEX, _unit(1), "How do I reverse a list in Python?", 0.75, ServeBar(0.8, 0.8), True, 1.0
+    )
     assert found.hit is None and found.refused == 0 and found.best_similarity is not None
 
 
@@ -108,5 +114,27 @@ async def test_a_failing_verifier_is_a_miss_not_an_error(
         raise RuntimeError("onnxruntime failed")
 
     monkeypatch.setattr(verifier, "judge_sync", broken)
-    found = await cache.lookup(INDEX, vector, "python: what's the way to reverse a list?", 0.75, 0.8, 0.8, True, 1.0)
+    found = await cache.lookup(
+        INDEX, vector, "python: what's the way to reverse a list?", 0.75, ServeBar(0.8, 0.8), True, 1.0
+    )
     assert found.hit is None and found.refused == 1
+
+
+async def test_a_close_candidate_must_clear_the_higher_bar(verifier: PairVerifier) -> None:
+    cache, vector = await _cache_with("How do I reverse a list in Python?", verifier)
+    reworded = "python: what's the way to reverse a list?"
+    p_same = verifier.judge_sync([("How do I reverse a list in Python?", reworded)])[0].p_same
+    below, above = p_same - 0.01, min(1.0, p_same + 0.005)
+    # every candidate here sits at cosine 1.0: the close bar applies from close_similarity on
+    far = await cache.lookup(INDEX, vector, reworded, 0.75, ServeBar(below, below, above, 1.01), True, 1.0)
+    assert far.hit is not None
+    close = await cache.lookup(INDEX, vector, reworded, 0.75, ServeBar(below, below, above, 0.95), True, 1.0)
+    assert close.hit is None and close.refused == 1
+
+
+def test_the_bar_takes_the_higher_of_the_two_for_a_close_candidate() -> None:
+    bar = ServeBar(base=0.98, matched=0.97, close=0.997, close_similarity=0.92)
+    assert bar.at(0.91, matched=False) == 0.98
+    assert bar.at(0.91, matched=True) == 0.97
+    assert bar.at(0.92, matched=True) == 0.997
+    assert ServeBar(0.999, 0.999, 0.997, 0.92).at(0.99, matched=False) == 0.999  # never lowered
