@@ -412,7 +412,8 @@ class ChatPipeline:
         assert x.plan is not None
         semantic = x.runtime.policy.cache.semantic
         tenant, route = x.record.tenant, x.plan.route
-        raised = self._audit.raised_by(semantic.audit, semantic.verify_threshold, tenant, route)
+        bar = ServeBar.of(semantic)
+        raised = self._audit.raised_by(semantic.audit, bar, tenant, route)
         if raised is None:  # the audits found too many wrong hits here: stopped
             return None
         tightened_by = raised
@@ -432,10 +433,12 @@ class ChatPipeline:
         x.record.cache_p_same = round(found.hit.p_same, 4)
         answer = self._cached_answer(x, found.hit.answer, "semantic")
         if self._audit.sample(semantic.audit):
-            self._start_audit(x, found.hit.answer, prompt, semantic_set, timeout_s)
+            self._start_audit(x, found.hit.answer, prompt, semantic_set, bar, timeout_s)
         return answer
 
-    def _start_audit(self, x: _Exchange, hit: CachedAnswer, prompt: str, semantic_set: str, timeout_s: float) -> None:
+    def _start_audit(
+        self, x: _Exchange, hit: CachedAnswer, prompt: str, semantic_set: str, bar: ServeBar, timeout_s: float
+    ) -> None:
         """Ask upstream what the cached answer stood in for, after it was served (gateway/cache/audit.py)."""
         assert x.plan is not None
         runtime, plan, semantic = x.runtime, x.plan, x.runtime.policy.cache.semantic
@@ -451,7 +454,7 @@ class ChatPipeline:
         self._audit.start(
             AuditJob(
                 semantic.audit,
-                semantic.verify_threshold,
+                bar,
                 x.record.tenant,
                 plan.route,
                 hit.answer.text or "",

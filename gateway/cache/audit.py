@@ -10,7 +10,7 @@ every audit. Once ``min_audits`` audits are decided and the estimate is above
 verifier's threshold goes up by ``tighten_step``, and when it cannot go higher the route
 stops serving semantic hits; each step is logged (``semantic_cache_tightened``), and
 measuring starts over at the new setting. A policy reload that changes the audit setting
-or the verifier's threshold starts every route afresh. Per entry, one audit is enough: the
+or any of the verifier's thresholds starts every route afresh. Per entry, one audit is enough: the
 stored prompt whose hit was found wrong leaves the vector index at once
 (``semantic_cache_entry_retired``), since the prompts near it are likely to be the same
 kind of near miss.
@@ -39,6 +39,7 @@ import structlog
 
 from gateway.accounting.metrics import Metrics
 from gateway.background import BackgroundTasks
+from gateway.cache.semantic import ServeBar
 from gateway.config.schema import SemanticAuditPolicy
 from gateway.core.model import Request
 from gateway.judge import yes_no_request
@@ -142,8 +143,8 @@ class AuditJob:
     """One served semantic hit to check."""
 
     policy: SemanticAuditPolicy
-    base_threshold: float
-    """The policy's ``verify_threshold``: what tightening raises from."""
+    bar: ServeBar
+    """The policy's verifier thresholds: what tightening raises from (a change of any starts afresh)."""
     tenant: str
     route: str
     cached_text: str
@@ -192,22 +193,22 @@ class SemanticAudit:
         self._rng = rng or random.Random()
         self._refresh_s = refresh_s
         self._routes: dict[tuple[str, str], _RouteState] = {}
-        self._setting_of: tuple[int, float] | None = None
+        self._setting_of: tuple[int, ServeBar] | None = None
         self._setting_id = ""
         self._window_start = 0.0
         self._in_window = 0
         self._background = BackgroundTasks()
 
-    def raised_by(self, policy: SemanticAuditPolicy, base_threshold: float, tenant: str, route: str) -> float | None:
+    def raised_by(self, policy: SemanticAuditPolicy, bar: ServeBar, tenant: str, route: str) -> float | None:
         """How far the verifier's thresholds are raised for this tenant's route (up to
         :data:`CEILING`); None when the route no longer serves semantic hits. With a store,
         the shared setting is read again in the background every ``refresh_s``."""
-        state = self._state(policy, base_threshold, tenant, route, create=self._kv is not None)
+        state = self._state(policy, bar, tenant, route, create=self._kv is not None)
         if state is None:
             return 0.0
         if self._kv is not None and not state.refreshing and time.monotonic() - state.fetched_at >= self._refresh_s:
             state.refreshing = True
-            self._background.spawn(self._refresh(state, tenant, route, base_threshold), "semantic-audit-refresh")
+            self._background.spawn(self._refresh(state, tenant, route, bar.base), "semantic-audit-refresh")
         return None if state.setting.stopped else state.setting.raised_by
 
     def sample(self, policy: SemanticAuditPolicy) -> bool:
@@ -227,10 +228,10 @@ class SemanticAudit:
         self._background.spawn(self._audit(job), "semantic-audit")
 
     async def record(
-        self, policy: SemanticAuditPolicy, base_threshold: float, tenant: str, route: str, outcome: AuditOutcome
+        self, policy: SemanticAuditPolicy, bar: ServeBar, tenant: str, route: str, outcome: AuditOutcome
     ) -> float | None:
         """Count one audit; the estimate afterwards (None until one is decided)."""
-        state = self._state(policy, base_threshold, tenant, route, create=True)
+        state = self._state(policy, bar, tenant, route, create=True)
         assert state is not None
         self._metrics.semantic_audit(route, "undecided" if outcome.agree is None else str(outcome.agree).lower())
         if outcome.agree is None:
@@ -242,18 +243,18 @@ class SemanticAudit:
         estimate = sum(outcomes) / len(outcomes)
         self._metrics.semantic_false_hits(tenant, route, estimate)
         if len(outcomes) >= policy.min_audits and estimate > policy.max_false_hit_rate and not state.setting.stopped:
-            await self._tighten(state, policy, base_threshold, tenant, route, estimate, len(outcomes))
+            await self._tighten(state, policy, bar.base, tenant, route, estimate, len(outcomes))
         return estimate
 
     async def aclose(self) -> None:
         await self._background.aclose()
 
     def _state(
-        self, policy: SemanticAuditPolicy, base: float, tenant: str, route: str, *, create: bool = False
+        self, policy: SemanticAuditPolicy, bar: ServeBar, tenant: str, route: str, *, create: bool = False
     ) -> _RouteState | None:
-        if self._setting_of != (id(policy), base):  # a reloaded policy: every route starts afresh if it changed
-            self._setting_of, self._routes = (id(policy), base), {}
-            fingerprint = msgspec.json.encode([policy, base])
+        if self._setting_of != (id(policy), bar):  # a reloaded policy: every route starts afresh if it changed
+            self._setting_of, self._routes = (id(policy), bar), {}
+            fingerprint = msgspec.json.encode([policy, bar])
             self._setting_id = hashlib.sha256(fingerprint).hexdigest()[:12]
         key = (tenant, route)
         state = self._routes.get(key)
@@ -372,7 +373,7 @@ class SemanticAudit:
         except Exception as exc:  # an audit that fails tells nothing: not counted
             _log.info("semantic_audit_failed", tenant=job.tenant, route=job.route, error=type(exc).__name__)
             return
-        estimate = await self.record(job.policy, job.base_threshold, job.tenant, job.route, outcome)
+        estimate = await self.record(job.policy, job.bar, job.tenant, job.route, outcome)
         self._metrics.semantic_audit_cost(job.route, cost)
         if outcome.agree is False and job.retire_entry is not None:
             await job.retire_entry()
