@@ -126,6 +126,11 @@ def test_range_checks_name_the_field_and_value() -> None:
     assert message == "routes.fast.threshold (line 13): must be a number from 0 to 1, got 1.5"
     [message] = problems(VALID + "tenants:\n  t: {limits: {rpm: -1}}\n")
     assert message == "tenants.t.limits.rpm (line 16): must be >= 0, got -1"
+    semantic = "cache: {semantic: {verify_threshold_close: 1.2, close_similarity: -0.1}}\n"
+    assert sorted(p.split(" ")[0] for p in problems(VALID + semantic)) == [
+        "cache.semantic.close_similarity",
+        "cache.semantic.verify_threshold_close",
+    ]
 
 
 def test_problems_across_sections_and_rules_come_together() -> None:
