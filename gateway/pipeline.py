@@ -422,7 +422,7 @@ class ChatPipeline:
             score.embedding,
             prompt,
             semantic.threshold,
-            ServeBar.of(semantic, lambda t: effective_threshold(t, tightened_by)),
+            bar.raised(lambda t: effective_threshold(t, tightened_by)),
             semantic.guard,
             timeout_s,
         )

@@ -95,16 +95,13 @@ def look_up_all(pairs: list[Pair], threshold: float, classifier: Classifier, ver
     return looked
 
 
-Thresholds = ServeBar
-
-
-def served(item: Looked, t: Thresholds) -> str | None:
+def served(item: Looked, t: ServeBar) -> str | None:
     """The source whose answer is served, or None."""
     passing = [c for c in item.candidates if c[2] and c[3] >= t.at(c[1], c[4])]
     return max(passing, key=lambda c: c[3])[0] if passing else None
 
 
-def outcome(item: Looked, t: Thresholds) -> tuple[bool, bool]:
+def outcome(item: Looked, t: ServeBar) -> tuple[bool, bool]:
     """(right hit, wrong hit) for one variant."""
     source = served(item, t)
     if source is None:
@@ -114,7 +111,7 @@ def outcome(item: Looked, t: Thresholds) -> tuple[bool, bool]:
     return False, True
 
 
-def rates(items: Sequence[Looked], t: Thresholds) -> tuple[float, float, int, int]:
+def rates(items: Sequence[Looked], t: ServeBar) -> tuple[float, float, int, int]:
     para = [i for i in items if i.pair.paraphrase]
     near = [i for i in items if not i.pair.paraphrase]
     hit = sum(outcome(i, t)[0] for i in para) / max(1, len(para))
@@ -122,7 +119,7 @@ def rates(items: Sequence[Looked], t: Thresholds) -> tuple[float, float, int, in
     return hit, false, len(para), len(near)
 
 
-def bootstrap(items: Sequence[Looked], t: Thresholds, draws: int = 2000, seed: int = 0) -> dict[str, list[float]]:
+def bootstrap(items: Sequence[Looked], t: ServeBar, draws: int = 2000, seed: int = 0) -> dict[str, list[float]]:
     by_source: dict[str, list[Looked]] = defaultdict(list)
     for i in items:
         by_source[source_key(i.pair)].append(i)
@@ -155,7 +152,7 @@ def embedding_only(items: Sequence[Looked], t: float) -> tuple[float, float]:
 
 
 def unrelated_served(
-    pairs: list[Pair], t: Thresholds, verifier: PairVerifier, most: int = 600, seed: int = 0
+    pairs: list[Pair], t: ServeBar, verifier: PairVerifier, most: int = 600, seed: int = 0
 ) -> dict[str, object]:
     """How often the rules and the verifier would serve one source's answer for another,
     unrelated source (English sources paired with English ones, the others with each other), with no
@@ -188,7 +185,7 @@ def groups(items: list[Looked]) -> dict[str, list[Looked]]:
     return out
 
 
-def report(items: list[Looked], t: Thresholds) -> dict[str, object]:
+def report(items: list[Looked], t: ServeBar) -> dict[str, object]:
     table: dict[str, object] = {}
     for name, members in sorted(groups(items).items()):
         hit, false, n_para, n_near = rates(members, t)
@@ -224,7 +221,7 @@ _HIGH = (0.975, 0.98, 0.985, 0.99, 0.993, 0.995, 0.997, 0.998, 0.999)
 """Past 0.975 the verifier's scores crowd together: the sweep reads them finer there."""
 
 
-def sweep(items: list[Looked], policy: Thresholds) -> dict[str, list[list[float]]]:
+def sweep(items: list[Looked], policy: ServeBar) -> dict[str, list[list[float]]]:
     """Each row: threshold t, paraphrases served, near misses served. ``verifier``: the
     policy's bar with its base at t (the matched one as far below as the policy has it, the
     close one at least t); ``verifier_one_threshold``: t for every candidate."""

@@ -62,14 +62,17 @@ class ServeBar:
     close_similarity: float = 1.0
 
     @classmethod
-    def of(cls, policy: SemanticCachePolicy, adjust: Callable[[float], float] = float) -> ServeBar:
-        """The policy's bar, each threshold passed through ``adjust`` (the audits' tightening)."""
+    def of(cls, policy: SemanticCachePolicy) -> ServeBar:
         return cls(
-            adjust(policy.verify_threshold),
-            adjust(policy.verify_threshold_matched),
-            adjust(policy.verify_threshold_close),
+            policy.verify_threshold,
+            policy.verify_threshold_matched,
+            policy.verify_threshold_close,
             policy.close_similarity,
         )
+
+    def raised(self, adjust: Callable[[float], float]) -> ServeBar:
+        """Each threshold passed through ``adjust`` (the audits' tightening); the cosine stays."""
+        return ServeBar(adjust(self.base), adjust(self.matched), adjust(self.close), self.close_similarity)
 
     def at(self, similarity: float, matched: bool) -> float:
         bar = self.matched if matched else self.base
