@@ -20,7 +20,7 @@ from gateway.store.keyspace import tenant_prefix
 from tests.conftest import closed_after_test, upstream_stats
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
-SEMANTIC = "{enabled: true, semantic: {enabled: true, ttl_s: 2, max_entries: 4}, coalesce: {enabled: false}, redis_timeout_ms: 1000}"
+SEMANTIC = "{enabled: true, semantic: {enabled: true, ttl_s: 2, max_entries: 4, audit: {sample_rate: 0}}, coalesce: {enabled: false}, redis_timeout_ms: 1000}"
 KEYS = """auth:
   mode: keys
   keys:
