@@ -229,7 +229,14 @@ def sweep(items: list[Looked], policy: ServeBar) -> dict[str, list[list[float]]]
     offset = policy.base - policy.matched
 
     def policy_at(t: float) -> ServeBar:
-        return ServeBar(t, max(0.0, t - offset), max(t, policy.close), policy.close_similarity)
+        return ServeBar(
+            t,
+            max(0.0, t - offset),
+            max(t, policy.close),
+            policy.close_similarity,
+            max(t, policy.far),
+            policy.far_similarity,
+        )
 
     return {
         "verifier": [[t, *rates(items, policy_at(t))[:2]] for t in grid],
@@ -282,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verify-threshold-matched", type=float, help="instead of the policy's default")
     parser.add_argument("--verify-threshold-close", type=float, help="instead of the policy's default")
     parser.add_argument("--close-similarity", type=float, help="instead of the policy's default")
+    parser.add_argument("--verify-threshold-far", type=float, help="instead of the policy's default")
+    parser.add_argument("--far-similarity", type=float, help="instead of the policy's default")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("--figure", type=Path, help="draw the sweep as PNG")
     args = parser.parse_args(argv)
@@ -296,6 +305,10 @@ def main(argv: list[str] | None = None) -> None:
         policy = msgspec.structs.replace(policy, verify_threshold_close=args.verify_threshold_close)
     if args.close_similarity is not None:
         policy = msgspec.structs.replace(policy, close_similarity=args.close_similarity)
+    if args.verify_threshold_far is not None:
+        policy = msgspec.structs.replace(policy, verify_threshold_far=args.verify_threshold_far)
+    if args.far_similarity is not None:
+        policy = msgspec.structs.replace(policy, far_similarity=args.far_similarity)
     files = [Path(p) for p in args.pairs] + (TEST_FILES if args.final else [])
     thresholds = ServeBar.of(policy)
     results: dict[str, object] = {
@@ -305,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
         "verify_threshold_matched": policy.verify_threshold_matched,
         "verify_threshold_close": policy.verify_threshold_close,
         "close_similarity": policy.close_similarity,
+        "verify_threshold_far": policy.verify_threshold_far,
+        "far_similarity": policy.far_similarity,
     }
     curves = {}
     sets = {str(f): load_pairs([f]) for f in files}

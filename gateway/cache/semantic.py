@@ -54,12 +54,17 @@ class ServeBar:
     ``close``: the one-edit near misses that get past the rules embed *closer* to their
     stored prompt than real rewordings do (on the development pairs of 2026-12-01, the
     near misses the verifier passed at 0.98 sat at median cosine 0.95, the paraphrases
-    at 0.88), so a small edit needs more certainty than a rewording."""
+    at 0.88), so a small edit needs more certainty than a rewording. A candidate below
+    ``far_similarity`` must reach ``far``: there the embedding barely vouches for the pair, and
+    the near misses the verifier passed asked another question about the same thing ("is it
+    better to stretch before or after running?" / "what stretches should I do before running?")."""
 
     base: float
     matched: float
     close: float = 0.0
     close_similarity: float = 1.0
+    far: float = 0.0
+    far_similarity: float = 0.0
 
     @classmethod
     def of(cls, policy: SemanticCachePolicy) -> ServeBar:
@@ -68,15 +73,28 @@ class ServeBar:
             policy.verify_threshold_matched,
             policy.verify_threshold_close,
             policy.close_similarity,
+            policy.verify_threshold_far,
+            policy.far_similarity,
         )
 
     def raised(self, adjust: Callable[[float], float]) -> ServeBar:
-        """Each threshold passed through ``adjust`` (the audits' tightening); the cosine stays."""
-        return ServeBar(adjust(self.base), adjust(self.matched), adjust(self.close), self.close_similarity)
+        """Each threshold passed through ``adjust`` (the audits' tightening); the cosines stay."""
+        return ServeBar(
+            adjust(self.base),
+            adjust(self.matched),
+            adjust(self.close),
+            self.close_similarity,
+            adjust(self.far),
+            self.far_similarity,
+        )
 
     def at(self, similarity: float, matched: bool) -> float:
         bar = self.matched if matched else self.base
-        return max(bar, self.close) if similarity >= self.close_similarity else bar
+        if similarity >= self.close_similarity:
+            return max(bar, self.close)
+        if similarity < self.far_similarity:
+            return max(bar, self.far)
+        return bar
 
 
 @dataclass(slots=True)

@@ -319,6 +319,12 @@ class SemanticCachePolicy(_Struct, frozen=True, kw_only=True):
     small edit of the stored prompt is a near miss more often than a rewording is."""
     close_similarity: float = 0.92
     """Cosine (router embedding) from which a candidate counts as close."""
+    verify_threshold_far: float = 0.998
+    """What a candidate at cosine < ``far_similarity`` must reach instead, if higher: the
+    embedding barely vouches for it, and there a near miss asks another question about the
+    same thing more often than a rewording moves that far."""
+    far_similarity: float = 0.75
+    """Cosine (router embedding) below which a candidate counts as far."""
     guard: bool = True
     """Refuse a candidate whose numbers, answer options, code or script differ, before the verifier."""
     max_entries: int = 10_000

@@ -350,6 +350,8 @@ def _check_semantic_cache(policy: Policy, problems: Problems, check_model: Calla
         "verify_threshold_matched",
         "verify_threshold_close",
         "close_similarity",
+        "verify_threshold_far",
+        "far_similarity",
     ):
         value = getattr(semantic, name)
         if not 0.0 <= value <= 1.0:

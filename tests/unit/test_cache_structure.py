@@ -21,6 +21,10 @@ MCQ = "Which planet is largest?\nA. Mars\nB. Jupiter\nC. Venus\nD. Earth\nAnswer
         (MCQ, MCQ.replace("A. Mars\nB. Jupiter", "A. Jupiter\nB. Mars"), "options"),
         (MCQ, "Which planet is largest? A. Mars B. Saturn C. Venus D. Earth", "options"),
         ("Fix this: `x = y + 1`", "Fix this: `x = y - 1`", "code"),
+        ("Why does this print nothing?\n\nfor i in range(10, 0):\n    print(i)",
+         "Why does this print nothing?\n\nfor i in range(10, 0, -1):\n    print(i)", "code"),
+        ("Why does this fail in PostgreSQL?\nSELECT d, COUNT(*) FROM e WHERE COUNT(*) > 5 GROUP BY d;",
+         "Why does this fail in PostgreSQL?\nSELECT d, COUNT(*) AS n FROM e GROUP BY d HAVING n > 5;", "code"),
         ("Translate 'good morning' to French", "Traduis « good morning » en français", None),
         ("东京的人口是多少？", "What is the population of Tokyo?", "script"),
     ],
@@ -46,6 +50,11 @@ def test_answer_changing_edits_are_refused_by_their_rule(stored: str, new: str, 
         ("Summarize this in one sentence: the meeting moved to Friday.", "one-sentence summary pls: the meeting moved to Friday."),
         ("Give me a list:\n- 3 eggs\n- 2 cups of flour\nWhat can I bake?", "With 3 eggs and 2 cups of flour, what can I bake?"),
         ("Rewrite `print(x)` in Rust", "how would `print(x)` look in Rust?"),
+        ("Why does this print nothing?\n\nfor i in range(10, 0):\n    print(i)",
+         "this loop prints nothing, why??\nfor i in range(10,0):\n  print(i)"),
+        ("Given this table:\nCREATE TABLE t (\n  id INT,\n  amount INT\n);\nTotal amount per id?",
+         "CREATE TABLE t (\n  id INT,\n  amount INT\n);\nsql for the total amount per id"),
+        ("Explain this line:\nSELECT 1;", "what does SELECT 1; do in SQL?"),  # code pasted on one side only
     ],
 )  # fmt: skip
 def test_rewording_keeps_every_structure(stored: str, new: str) -> None:

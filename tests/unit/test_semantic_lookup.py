@@ -138,3 +138,11 @@ def test_the_bar_takes_the_higher_of_the_two_for_a_close_candidate() -> None:
     assert bar.at(0.91, matched=True) == 0.97
     assert bar.at(0.92, matched=True) == 0.997
     assert ServeBar(0.999, 0.999, 0.997, 0.92).at(0.99, matched=False) == 0.999  # never lowered
+
+
+def test_a_far_candidate_must_clear_the_far_bar() -> None:
+    bar = ServeBar(base=0.98, matched=0.97, close=0.997, close_similarity=0.92, far=0.998, far_similarity=0.75)
+    assert bar.at(0.74, matched=False) == 0.998
+    assert bar.at(0.74, matched=True) == 0.998
+    assert bar.at(0.75, matched=False) == 0.98
+    assert bar.raised(lambda t: min(0.999, t + 0.01)).at(0.5, matched=False) == 0.999
