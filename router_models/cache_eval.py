@@ -43,11 +43,11 @@ from gateway.config.schema import SemanticCachePolicy
 from router_models.cache_pairs import Pair, load_pairs, second_half, source_key
 
 DATA = Path(__file__).parent / "data" / "semantic_cache"
-TEST_FILES = [DATA / "test_dec9.jsonl"]
-"""The held-out test (2026-12-01, eighth: test_dec9a/b/c of three writers, less the 2 sources
+TEST_FILES = [DATA / "test_dec10.jsonl"]
+"""The held-out test (2026-12-01, ninth: test_dec10a-e of five writers, less the 5 sources
 that repeat a text of a training or development file). The earlier test files were read
-once each and train or guide the verifier since (test_dec8: read once with the same
-setting, so the two can be pooled)."""
+once each and guide the rules and the bar since (test_dec8 and test_dec9 joined the
+development pool of the seventh rule)."""
 ROUTER_ARTIFACTS = Path(__file__).parents[1] / "gateway" / "classifier" / "artifacts"
 
 
