@@ -14,7 +14,7 @@ import structlog
 
 from gateway.accounting.metrics import Metrics
 from gateway.auth import Authenticator
-from gateway.config.loader import LoadedPolicy, key_file_path, load_policy
+from gateway.config.loader import LoadedPolicy, key_file_path, load_policy, load_policy_text
 from gateway.config.schema import Policy
 from gateway.errors import ConfigError, UpstreamError
 from gateway.routing import Router
@@ -24,7 +24,7 @@ from gateway.upstreams.base import Provider
 from gateway.upstreams.breaker import CircuitBreaker
 from gateway.upstreams.registry import Transport, build_provider
 
-__all__ = ["Runtime", "RuntimeHolder"]
+__all__ = ["Runtime", "RuntimeHolder", "keep_last_good", "load_at_start"]
 
 _log = structlog.get_logger("gateway.policy")
 
@@ -47,11 +47,50 @@ class Runtime:
         return self.loaded.version
 
 
+def load_at_start(path: Path, last_good: Path | None) -> tuple[LoadedPolicy, list[str]]:
+    """The policy file; or, when it is broken, the last policy a worker of this gateway accepted,
+    with the file's problems.
+
+    ``serve`` checks the file before it starts any worker and writes ``last_good``, so only a
+    worker started later can fall back: one that replaces a worker that died while ops had
+    a broken edit on disk. Its siblings keep the policy in force; without the fallback it
+    could not start at all, and the server would stop the whole gateway.
+    """
+    try:
+        return load_policy(path), []
+    except ConfigError as exc:
+        if last_good is None:
+            raise
+        try:
+            text = last_good.read_text(encoding="utf-8")
+        except OSError:
+            raise exc from None
+        loaded = load_policy_text(text, source=f"{path} (last accepted)", base_dir=path.parent)
+        return loaded, exc.problems
+
+
+def keep_last_good(loaded: LoadedPolicy, last_good: Path) -> None:
+    """Write the policy now in force where a later worker can fall back to it (atomically)."""
+    temporary = last_good.with_name(f"{last_good.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(loaded.text, encoding="utf-8")
+        os.replace(temporary, last_good)
+    except OSError as exc:
+        _log.warning("policy_not_kept", path=str(last_good), error=str(exc))
+
+
 class RuntimeHolder:
     """Loads the policy, rebuilds the runtime on change, keeps the old one on a bad edit."""
 
-    def __init__(self, path: str | os.PathLike[str], metrics: Metrics, transport: Transport = "http11") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        metrics: Metrics,
+        transport: Transport = "http11",
+        last_good: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.path = Path(path)
+        self.last_good = Path(last_good) if last_good else None
         self.metrics = metrics
         self.transport = transport
         self.breakers: dict[str, CircuitBreaker] = {}
@@ -65,11 +104,18 @@ class RuntimeHolder:
         assert self._runtime is not None, "RuntimeHolder.start() was not called"
         return self._runtime
 
-    def start(self) -> Runtime:
-        """Load at start-up: an invalid policy here is fatal (raises ConfigError)."""
-        runtime = self._build(load_policy(self.path))
+    def start(self, first: tuple[LoadedPolicy, list[str]] | None = None) -> Runtime:
+        """Install what :func:`load_at_start` loaded (loaded here when not given): an invalid
+        policy with nothing to fall back to is fatal (raises ConfigError)."""
+        loaded, rejected = first or load_at_start(self.path, self.last_good)
+        runtime = self._build(loaded)
         self._install(runtime)
-        _log.info("policy_loaded", version=runtime.version, source=str(self.path), models=sorted(runtime.providers))
+        _log.info("policy_loaded", version=runtime.version, source=loaded.source, models=sorted(runtime.providers))
+        if rejected:
+            self.last_reload_error = "; ".join(rejected)
+            _log.error("policy_rejected", reason="start-up", problems=rejected, kept=runtime.version)
+        elif self.last_good is not None:
+            keep_last_good(loaded, self.last_good)
         for warning in runtime.loaded.warnings:
             _log.warning("policy_warning", detail=warning)
         return runtime
@@ -97,6 +143,8 @@ class RuntimeHolder:
             new = self._build(loaded, previous=old)
             self._install(new)
             self.last_reload_error = None
+            if self.last_good is not None:
+                await asyncio.to_thread(keep_last_good, loaded, self.last_good)
             self._retire(list(old.providers.values()))
             _log.info("policy_reloaded", reason=reason, version=new.version, previous=old.version)
             for warning in loaded.warnings:
@@ -106,13 +154,15 @@ class RuntimeHolder:
     def reload_on_sighup(self) -> None:
         """``kill -HUP`` reloads the policy, whether or not the file is watched.
 
-        A SIGHUP that arrives while a worker is still starting (between its load of the
-        file and this handler) would be lost, leaving that worker on the old policy while
-        its siblings move on; so, once the handler is in place, the file is checked once more.
+        ``serve`` starts each worker with SIGHUP blocked (SIGHUP's default action would end a
+        worker that has no handler yet); it is unblocked here, once the handler is in place,
+        and one that came in meanwhile is delivered then. The file is also checked once more:
+        one that changed during start-up without a SIGHUP (no ``serve``) is not missed.
         """
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload("SIGHUP")))
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         self._spawn(self.reload("changed during start-up", settle=False))  # as fresh as the load it follows
 
     async def watch(self) -> None:

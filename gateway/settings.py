@@ -37,6 +37,9 @@ class Settings:
     ``serve`` could not hand it a descriptor of its own."""
     drain_s: float = DEFAULT_DRAIN_S
     """After SIGTERM, streams still open this long are ended in-band (the server kills workers 5 s later)."""
+    policy_last_good: str | None = None
+    """Where the workers keep the policy in force (set by ``serve``): a worker started while the
+    file is broken starts on it (``gateway.runtime.load_at_start``)."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -51,4 +54,5 @@ class Settings:
             drain_s=float(os.environ.get("GATEWAY_DRAIN_S") or DEFAULT_DRAIN_S),
             request_log_fd=int(log_fd) if log_fd and log_fd != "split" else None,
             split_stdout=log_fd == "split",
+            policy_last_good=os.environ.get("GATEWAY_POLICY_LAST_GOOD") or None,
         )

@@ -6,6 +6,7 @@ import asyncio
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -29,7 +30,6 @@ from gateway.cache.exact import ExactCache
 from gateway.cache.semantic import SemanticCache
 from gateway.cache.verifier import load_verifier
 from gateway.classifier import load_classifier
-from gateway.config.loader import load_policy
 from gateway.drain import Drain
 from gateway.embeddings import EmbeddingsPipeline
 from gateway.errors import GatewayError, InvalidRequestError, ModelNotFoundError
@@ -37,7 +37,7 @@ from gateway.large_share import LargeShareTracker
 from gateway.learning.loop import LearningLoop
 from gateway.limits import Limiter
 from gateway.pipeline import ChatPipeline
-from gateway.runtime import RuntimeHolder
+from gateway.runtime import RuntimeHolder, load_at_start
 from gateway.settings import Settings
 from gateway.store.redis import SharedRedis, connect, redis_store
 
@@ -92,7 +92,9 @@ def create_app(settings: Settings | None = None) -> ChatRoute:
 
 
 async def _start(settings: Settings) -> GatewayState:
-    log_policy = load_policy(settings.policies_path).policy.request_log
+    last_good = Path(settings.policy_last_good) if settings.policy_last_good else None
+    first = load_at_start(Path(settings.policies_path), last_good)
+    log_policy = first[0].policy.request_log
     stdout_fd = settings.request_log_fd
     if settings.split_stdout:  # a spawned worker: serve could not hand it the request log's descriptor
         stdout_fd = take_stdout()
@@ -106,8 +108,13 @@ async def _start(settings: Settings) -> GatewayState:
     metrics = Metrics(settings.metrics_dir)
     loop = asyncio.get_running_loop()
     _log.info("event_loop", implementation=f"{type(loop).__module__}.{type(loop).__qualname__}")
-    holder = RuntimeHolder(settings.policies_path, metrics, transport=settings.upstream_transport)  # type: ignore[arg-type]
-    holder.start()
+    holder = RuntimeHolder(
+        settings.policies_path,
+        metrics,
+        transport=settings.upstream_transport,  # type: ignore[arg-type]
+        last_good=last_good,
+    )
+    holder.start(first)
     client = connect(settings.redis_url) if settings.redis_url else None
     redis = SharedRedis(client, metrics)
     store = redis_store(redis)

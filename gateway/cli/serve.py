@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from contextlib import ExitStack
 
 from gateway.cli._parsers import Subcommands
@@ -113,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
             f"with {args.workers} worker(s) on {args.server}"
         )
         os.environ["GATEWAY_POLICIES"] = os.path.abspath(args.policies)
+        os.environ["GATEWAY_POLICY_LAST_GOOD"] = _keep_policy_in_force(loaded.text, args.data_dir)
         if args.workers > 1:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir(args.data_dir)
         os.environ["GATEWAY_DRAIN_S"] = str(args.drain_s)
@@ -126,6 +128,24 @@ def run(args: argparse.Namespace) -> int:
             "(the log says which); stopping what the gateway started"
         )
     return 0
+
+
+@contextlib.contextmanager
+def _sighup_held() -> Iterator[None]:
+    """Workers started in here start with SIGHUP blocked (a process inherits the signal mask).
+
+    SIGHUP's default action ends a process: a worker still loading its models when ops
+    reload (or a replacement, when a reload comes right after a worker died) would die of
+    it, and its replacement would start on whatever the file then holds. The worker
+    unblocks SIGHUP once its reload handler is in place (``RuntimeHolder.reload_on_sighup``);
+    one sent meanwhile waits until then. In the main process, one waits until the start
+    returns.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _run_server(server: str, host: str, port: int, workers: int, *, kill_after_s: float) -> None:
@@ -178,6 +198,9 @@ def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float) -> 
         if sockets:
             _uvicorn_supervisor()(config, sockets=sockets).run()
         else:
+            # One process, which may already run other threads (the embedded Redis's watcher):
+            # ignored until the runtime's handler replaces this, rather than blocked in one thread.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             server.run()
     except (KeyboardInterrupt, SystemExit):  # uvicorn raises the signal that stopped it again, once stopped
         pass
@@ -220,7 +243,8 @@ def _uvicorn_supervisor() -> type:
         def init_processes(self) -> None:
             for index in range(self.processes_num):
                 process = Process(self.config, [self.sockets[index % len(self.sockets)]])
-                process.start()
+                with _sighup_held():
+                    process.start()
                 self.processes.append(process)
 
         def keep_subprocess_alive(self) -> None:
@@ -238,7 +262,8 @@ def _uvicorn_supervisor() -> type:
                     return
                 _say(f"worker {process.pid} died; starting another")
                 replacement = Process(self.config, [self.sockets[index % len(self.sockets)]])
-                replacement.start()
+                with _sighup_held():
+                    replacement.start()
                 self.processes[index] = replacement
 
         def handle_hup(self) -> None:
@@ -274,6 +299,14 @@ def _granian_server() -> type:
         already reloads on SIGHUP and keeps the policy in force when the new one is bad.
         """
 
+        def _spawn_workers(self, *args: object, **kwargs: object) -> None:
+            with _sighup_held():
+                super()._spawn_workers(*args, **kwargs)
+
+        def _respawn_workers(self, *args: object, **kwargs: object) -> None:
+            with _sighup_held():
+                super()._respawn_workers(*args, **kwargs)
+
         def signal_handler_reload(self, *args: object, **kwargs: object) -> None:
             for worker in self.wrks:
                 pid = worker._id()
@@ -299,6 +332,25 @@ def _fresh_metrics_dir(data_dir: str) -> str:
         os.makedirs(path)
     except OSError:
         path = tempfile.mkdtemp(prefix="gateway-metrics-")
+    return path
+
+
+def _keep_policy_in_force(text: str, data_dir: str) -> str:
+    """Write the checked policy where a worker started later falls back to it when the file is
+    broken by then (``gateway.runtime.load_at_start``); the workers rewrite it on every reload.
+
+    Under the data folder when it is writable, else a private temporary folder."""
+    import tempfile
+
+    path = os.path.abspath(os.path.join(data_dir, "policy.last-accepted.yaml"))
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(text)
+    except OSError:
+        path = os.path.join(tempfile.mkdtemp(prefix="gateway-policy-"), "policy.last-accepted.yaml")
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(text)
     return path
 
 

@@ -39,6 +39,8 @@ class LoadedPolicy:
     warnings: list[str] = field(default_factory=list)
     sections: frozenset[str] = frozenset()
     """The top-level keys the file spelled out (the others took their defaults)."""
+    text: str = ""
+    """The file as it was read: a worker started later falls back to it (``gateway.runtime.load_at_start``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +108,7 @@ def load_policy_text(
     if problems or policy is None:
         raise ConfigError(source, problems.messages)
     warnings = [*(notes or []), *_warnings(policy, environ)]
-    return LoadedPolicy(policy, digest.hexdigest()[:12], source, warnings, frozenset(data))
+    return LoadedPolicy(policy, digest.hexdigest()[:12], source, warnings, frozenset(data), text)
 
 
 def _with_tokenizer_paths(policy: Policy, base_dir: Path, problems: Problems) -> Policy:

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
@@ -179,3 +180,54 @@ def test_a_port_in_use_is_a_failed_start_with_several_workers_too(
         )  # fmt: skip
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
+def test_a_worker_replaced_while_the_file_is_broken_starts_on_the_policy_in_force(
+    tmp_path: Path,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+    server: str,
+) -> None:
+    """A worker dies while ops have a broken edit on disk, and reloads are asked while its
+    replacement loads its models. The replacement must neither die of a SIGHUP that comes
+    before its handler is in place nor fail to start on the broken file (the server would
+    then stop the whole gateway): it starts on the policy its siblings keep in force."""
+    policy = policy_text(small_upstream, large_upstream)
+    env = {"REDIS_URL": redis_server.url, "GATEWAY_WATCH_POLICIES": "0"}
+    gateway = start_gateway(tmp_path, policy, env=env, workers=2, server=server)
+    body = {"model": "fast", "messages": [{"role": "user", "content": "which model?"}]}
+    try:
+        first, second = sorted(_worker_pids(gateway.process.pid))
+        gateway.policy_path.write_text("pair: [")
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        workers: list[int] = []
+        while time.monotonic() < deadline and b'"reason":"start-up"' not in gateway.err_path.read_bytes():
+            os.kill(gateway.process.pid, signal.SIGHUP)  # to every worker, the one starting too
+            time.sleep(0.1)
+        time.sleep(1.0)  # the last SIGHUPs reach the replacement once its handler is in place
+        workers = _worker_pids(gateway.process.pid)
+        assert gateway.process.poll() is None, gateway.err_path.read_text()[-3000:]
+        assert len(workers) == 2 and second in workers and first not in workers, gateway.err_path.read_text()[-3000:]
+        assert gateway.err_path.read_text().count("died") <= 1  # the killed one; its replacement lives
+        # every worker answers with the policy in force, and says that the file was rejected
+        for _ in range(16):  # a new connection each time: both workers answer
+            answer = httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=10)
+            assert answer.status_code == 200 and answer.headers["x-gateway-model"] == "small"
+            assert httpx.get(f"{gateway.url}/readyz").json()["policy"]["last_reload_error"]
+        # the file fixed (with an edit): both move to it on the next reload
+        gateway.policy_path.write_text(
+            policy.replace("fast: {model: small, fallbacks: [large]}", "fast: {model: large}")
+        )
+        os.kill(gateway.process.pid, signal.SIGHUP)
+        seen: set[str] = set()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and seen != {"large"}:
+            seen = {httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=10).headers["x-gateway-model"]
+                    for _ in range(8)}  # fmt: skip
+            time.sleep(0.2)
+        assert seen == {"large"}
+    finally:
+        gateway.stop()

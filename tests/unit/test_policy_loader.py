@@ -9,6 +9,7 @@ import pytest
 from gateway.config.envsubst import MissingVariable, substitute
 from gateway.config.loader import load_keys, load_policy, load_policy_text
 from gateway.errors import ConfigError
+from gateway.runtime import keep_last_good, load_at_start
 
 VALID = """\
 pair: {small: s, large: l}
@@ -288,3 +289,24 @@ def test_only_openai_chat_models_can_serve_the_responses_api() -> None:
     assert load_policy_text(
         VALID.replace("    tier: small\n", "    tier: small\n    responses_api: true\n"), environ={}
     )
+
+
+def test_a_broken_file_falls_back_to_the_policy_last_accepted_with_its_problems(tmp_path: Path) -> None:
+    path, last_good = tmp_path / "policies.yaml", tmp_path / "last.yaml"
+    path.write_text(VALID)
+    accepted, rejected = load_at_start(path, last_good)
+    assert rejected == []
+    keep_last_good(accepted, last_good)
+    path.write_text("pair: [")
+    loaded, rejected = load_at_start(path, last_good)
+    assert loaded.version == accepted.version and "(last accepted)" in loaded.source
+    assert rejected and "not valid YAML" in rejected[0]
+
+
+def test_a_broken_file_with_nothing_to_fall_back_to_is_fatal(tmp_path: Path) -> None:
+    path = tmp_path / "policies.yaml"
+    path.write_text("pair: [")
+    with pytest.raises(ConfigError):
+        load_at_start(path, None)
+    with pytest.raises(ConfigError):
+        load_at_start(path, tmp_path / "never-written.yaml")
