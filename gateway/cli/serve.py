@@ -56,6 +56,10 @@ def register(commands: Subcommands) -> None:
 def run(args: argparse.Namespace) -> int:
     from gateway.services.redis_server import start_embedded_redis
 
+    # SIGHUP's default action ends a process: until the server (several workers) or the
+    # runtime (one process) puts its reload handler in place, a reload asked during start-up
+    # is ignored rather than fatal. The runtime checks the file once more when its handler is in.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with ExitStack() as cleanup:
         if args.simulate_missing:
             for role in ("small", "large"):
@@ -198,9 +202,6 @@ def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float) -> 
         if sockets:
             _uvicorn_supervisor()(config, sockets=sockets).run()
         else:
-            # One process, which may already run other threads (the embedded Redis's watcher):
-            # ignored until the runtime's handler replaces this, rather than blocked in one thread.
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             server.run()
     except (KeyboardInterrupt, SystemExit):  # uvicorn raises the signal that stopped it again, once stopped
         pass

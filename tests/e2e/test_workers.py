@@ -17,7 +17,7 @@ import pytest
 
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
-from tests.gateway_process import _worker_pids, policy_text, start_gateway
+from tests.gateway_process import _worker_pids, free_port, policy_text, start_gateway
 
 
 def _requests_total(text: str) -> float:
@@ -231,3 +231,71 @@ def test_a_worker_replaced_while_the_file_is_broken_starts_on_the_policy_in_forc
         assert seen == {"large"}
     finally:
         gateway.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_during_start_up_is_never_fatal(
+    tmp_path: Path,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+    workers: int,
+) -> None:
+    """A reload asked while the gateway starts (a config tool that edits and signals at once)
+    reaches processes that have no handler yet; SIGHUP's default action would end them. The
+    edit made meanwhile is in force once the gateway is up."""
+    policy = policy_text(small_upstream, large_upstream)
+    path = tmp_path / "policies.yaml"
+    path.write_text(policy)
+    port = free_port()
+    with (tmp_path / "gateway.err").open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--policies", str(path), "--port", str(port),
+             "--data-dir", str(tmp_path / "data"), "--workers", str(workers)],
+            stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL,
+            env={**os.environ, "REDIS_URL": redis_server.url, "GATEWAY_WATCH_POLICIES": "0"},
+        )  # fmt: skip
+    try:
+        # from the moment serve runs (after Python's start and the CLI's imports, ~0.4 s)
+        deadline = time.monotonic() + 30
+        while not _ignores_sighup(process.pid):
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "gateway.err").read_text()[
+                -3000:
+            ]
+            time.sleep(0.01)
+        edited = False
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            os.kill(process.pid, signal.SIGHUP)
+            assert process.poll() is None, (tmp_path / "gateway.err").read_text()[-3000:]
+            if not edited and time.monotonic() > deadline - 59:  # an edit while it starts
+                path.write_text(policy.replace("fast: {model: small, fallbacks: [large]}", "fast: {model: large}"))
+                edited = True
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGHUP)
+        time.sleep(1.0)
+        assert process.poll() is None, (tmp_path / "gateway.err").read_text()[-3000:]
+        assert b"died" not in (tmp_path / "gateway.err").read_bytes()
+        body = {"model": "fast", "messages": [{"role": "user", "content": "after start-up"}]}
+        models = {httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=10).headers[
+            "x-gateway-model"] for _ in range(8)}  # fmt: skip
+        assert models == {"large"}
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _ignores_sighup(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    return False
