@@ -43,11 +43,10 @@ from gateway.config.schema import SemanticCachePolicy
 from router_models.cache_pairs import Pair, load_pairs, second_half, source_key
 
 DATA = Path(__file__).parent / "data" / "semantic_cache"
-TEST_FILES = [DATA / "test_dec10.jsonl"]
-"""The held-out test (2026-12-01, ninth: test_dec10a-e of five writers, less the 5 sources
+TEST_FILES = [DATA / "test_dec11.jsonl"]
+"""The held-out test (2026-12-01, tenth: test_dec11a-e of five writers, less the 12 sources
 that repeat a text of a training or development file). The earlier test files were read
-once each and guide the rules and the bar since (test_dec8 and test_dec9 joined the
-development pool of the seventh rule)."""
+once each; test_dec8, test_dec9 and test_dec10 train the eighth round's candidate verifier."""
 ROUTER_ARTIFACTS = Path(__file__).parents[1] / "gateway" / "classifier" / "artifacts"
 
 
