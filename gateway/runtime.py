@@ -97,6 +97,7 @@ class RuntimeHolder:
         self._runtime: Runtime | None = None
         self._retired: set[asyncio.Task[object]] = set()
         self._reload_lock = asyncio.Lock()
+        self._reload_waiting = False
         self.last_reload_error: str | None = None
 
     @property
@@ -127,6 +128,7 @@ class RuntimeHolder:
         is still writing would otherwise hand over a prefix that may well be valid YAML.
         """
         async with self._reload_lock:
+            self._reload_waiting = False  # a request from now on reads the file after this one
             try:
                 if settle:
                     await _wait_until_stable(self.path)
@@ -161,9 +163,19 @@ class RuntimeHolder:
         """
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload("SIGHUP")))
+            loop.add_signal_handler(signal.SIGHUP, lambda: self.request_reload("SIGHUP"))
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         self._spawn(self.reload("changed during start-up", settle=False))  # as fresh as the load it follows
+
+    def request_reload(self, reason: str) -> bool:
+        """Reload soon, unless a reload is already waiting to start: a burst of SIGHUPs (a config
+        tool that signals in a loop) reads the file once more, rather than queueing one reload,
+        and its settling wait, per signal. False when it joined the one waiting."""
+        if self._reload_waiting:
+            return False
+        self._reload_waiting = True
+        self._spawn(self.reload(reason))
+        return True
 
     async def watch(self) -> None:
         """Reload when the file changes (inotify, via watchfiles). Runs until cancelled.
