@@ -270,6 +270,18 @@ def draw(curves: dict[str, dict[str, list[list[float]]]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+_POLICY_SETTINGS = (
+    "threshold",
+    "verify_threshold",
+    "verify_threshold_matched",
+    "verify_threshold_close",
+    "close_similarity",
+    "verify_threshold_far",
+    "far_similarity",
+)
+"""The policy's semantic-cache settings a run may override (``--verify-threshold 0.99``, ...)."""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", action="append", default=[], help="JSONL pairs, one evaluation each (repeatable)")
@@ -283,42 +295,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--verifier", type=Path, default=DEFAULT_ARTIFACTS, help="verifier artifacts (default: the shipped ones)"
     )
-    parser.add_argument("--threshold", type=float, help="the cosine floor, instead of the policy's default")
-    parser.add_argument("--verify-threshold", type=float, help="instead of the policy's default")
-    parser.add_argument("--verify-threshold-matched", type=float, help="instead of the policy's default")
-    parser.add_argument("--verify-threshold-close", type=float, help="instead of the policy's default")
-    parser.add_argument("--close-similarity", type=float, help="instead of the policy's default")
-    parser.add_argument("--verify-threshold-far", type=float, help="instead of the policy's default")
-    parser.add_argument("--far-similarity", type=float, help="instead of the policy's default")
+    for name in _POLICY_SETTINGS:
+        what = "the cosine floor, " if name == "threshold" else ""
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, help=f"{what}instead of the policy's default")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("--figure", type=Path, help="draw the sweep as PNG")
     args = parser.parse_args(argv)
-    policy = SemanticCachePolicy()
-    if args.threshold is not None:
-        policy = msgspec.structs.replace(policy, threshold=args.threshold)
-    if args.verify_threshold is not None:
-        policy = msgspec.structs.replace(policy, verify_threshold=args.verify_threshold)
-    if args.verify_threshold_matched is not None:
-        policy = msgspec.structs.replace(policy, verify_threshold_matched=args.verify_threshold_matched)
-    if args.verify_threshold_close is not None:
-        policy = msgspec.structs.replace(policy, verify_threshold_close=args.verify_threshold_close)
-    if args.close_similarity is not None:
-        policy = msgspec.structs.replace(policy, close_similarity=args.close_similarity)
-    if args.verify_threshold_far is not None:
-        policy = msgspec.structs.replace(policy, verify_threshold_far=args.verify_threshold_far)
-    if args.far_similarity is not None:
-        policy = msgspec.structs.replace(policy, far_similarity=args.far_similarity)
+    given = {name: getattr(args, name) for name in _POLICY_SETTINGS if getattr(args, name) is not None}
+    policy = msgspec.structs.replace(SemanticCachePolicy(), **given)
     files = [Path(p) for p in args.pairs] + (TEST_FILES if args.final else [])
     thresholds = ServeBar.of(policy)
     results: dict[str, object] = {
         "verifier": str(args.verifier),
-        "threshold": policy.threshold,
-        "verify_threshold": policy.verify_threshold,
-        "verify_threshold_matched": policy.verify_threshold_matched,
-        "verify_threshold_close": policy.verify_threshold_close,
-        "close_similarity": policy.close_similarity,
-        "verify_threshold_far": policy.verify_threshold_far,
-        "far_similarity": policy.far_similarity,
+        **{name: getattr(policy, name) for name in _POLICY_SETTINGS},
     }
     curves = {}
     sets = {str(f): load_pairs([f]) for f in files}
