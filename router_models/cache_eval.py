@@ -39,7 +39,7 @@ from gateway.cache.semantic import NEAREST_CANDIDATES, VERIFIED_CANDIDATES, Serv
 from gateway.cache.structure import conflicts, matched_structure, plain_text
 from gateway.cache.verifier import DEFAULT_ARTIFACTS, PairVerifier, load_verifier
 from gateway.classifier import Classifier, load_classifier
-from gateway.config.schema import SemanticCachePolicy
+from gateway.config.schema import SEMANTIC_CUTOFFS, SemanticCachePolicy
 from router_models.cache_pairs import Pair, load_pairs, second_half, source_key
 
 DATA = Path(__file__).parent / "data" / "semantic_cache"
@@ -270,18 +270,6 @@ def draw(curves: dict[str, dict[str, list[list[float]]]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-_POLICY_SETTINGS = (
-    "threshold",
-    "verify_threshold",
-    "verify_threshold_matched",
-    "verify_threshold_close",
-    "close_similarity",
-    "verify_threshold_far",
-    "far_similarity",
-)
-"""The policy's semantic-cache settings a run may override (``--verify-threshold 0.99``, ...)."""
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", action="append", default=[], help="JSONL pairs, one evaluation each (repeatable)")
@@ -295,19 +283,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--verifier", type=Path, default=DEFAULT_ARTIFACTS, help="verifier artifacts (default: the shipped ones)"
     )
-    for name in _POLICY_SETTINGS:
+    for name in SEMANTIC_CUTOFFS:
         what = "the cosine floor, " if name == "threshold" else ""
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, help=f"{what}instead of the policy's default")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("--figure", type=Path, help="draw the sweep as PNG")
     args = parser.parse_args(argv)
-    given = {name: getattr(args, name) for name in _POLICY_SETTINGS if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in SEMANTIC_CUTOFFS if getattr(args, name) is not None}
     policy = msgspec.structs.replace(SemanticCachePolicy(), **given)
     files = [Path(p) for p in args.pairs] + (TEST_FILES if args.final else [])
     thresholds = ServeBar.of(policy)
     results: dict[str, object] = {
         "verifier": str(args.verifier),
-        **{name: getattr(policy, name) for name in _POLICY_SETTINGS},
+        **{name: getattr(policy, name) for name in SEMANTIC_CUTOFFS},
     }
     curves = {}
     sets = {str(f): load_pairs([f]) for f in files}

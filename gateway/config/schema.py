@@ -336,6 +336,18 @@ class SemanticCachePolicy(_Struct, frozen=True, kw_only=True):
     audit: SemanticAuditPolicy = SemanticAuditPolicy()
 
 
+SEMANTIC_CUTOFFS = (
+    "threshold",
+    "verify_threshold",
+    "verify_threshold_matched",
+    "verify_threshold_close",
+    "close_similarity",
+    "verify_threshold_far",
+    "far_similarity",
+)
+"""The settings of :class:`SemanticCachePolicy` that are cosines or probabilities (each in [0, 1])."""
+
+
 class CoalescePolicy(_Struct, frozen=True, kw_only=True):
     enabled: bool = True
     wait_s: float = 30.0

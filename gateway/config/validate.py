@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from gateway.config.schema import AuthKey, AuthPolicy, Policy
+from gateway.config.schema import SEMANTIC_CUTOFFS, AuthKey, AuthPolicy, Policy
 
 __all__ = ["Path", "Problems", "check_auth", "check_policy", "convert", "convert_policy", "dotted"]
 
@@ -344,15 +344,7 @@ def check_policy(
 def _check_semantic_cache(policy: Policy, problems: Problems, check_model: Callable[[Path, str | None], None]) -> None:
     semantic = policy.cache.semantic
     base: Path = ("cache", "semantic")
-    for name in (
-        "threshold",
-        "verify_threshold",
-        "verify_threshold_matched",
-        "verify_threshold_close",
-        "close_similarity",
-        "verify_threshold_far",
-        "far_similarity",
-    ):
+    for name in SEMANTIC_CUTOFFS:
         value = getattr(semantic, name)
         if not 0.0 <= value <= 1.0:
             problems.add((*base, name), f"must be between 0 and 1, got {value}")
