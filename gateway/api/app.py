@@ -93,8 +93,8 @@ def create_app(settings: Settings | None = None) -> ChatRoute:
 
 async def _start(settings: Settings) -> GatewayState:
     last_good = Path(settings.policy_last_good) if settings.policy_last_good else None
-    first = load_at_start(Path(settings.policies_path), last_good)
-    log_policy = first[0].policy.request_log
+    loaded, rejected = load_at_start(Path(settings.policies_path), last_good)
+    log_policy = loaded.policy.request_log
     stdout_fd = settings.request_log_fd
     if settings.split_stdout:  # a spawned worker: serve could not hand it the request log's descriptor
         stdout_fd = take_stdout()
@@ -114,7 +114,7 @@ async def _start(settings: Settings) -> GatewayState:
         transport=settings.upstream_transport,  # type: ignore[arg-type]
         last_good=last_good,
     )
-    holder.start(first)
+    holder.start((loaded, rejected))
     client = connect(settings.redis_url) if settings.redis_url else None
     redis = SharedRedis(client, metrics)
     store = redis_store(redis)

@@ -343,15 +343,14 @@ def _keep_policy_in_force(text: str, data_dir: str) -> str:
     Under the data folder when it is writable, else a private temporary folder."""
     import tempfile
 
-    path = os.path.abspath(os.path.join(data_dir, "policy.last-accepted.yaml"))
     try:
         os.makedirs(data_dir, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as file:
-            file.write(text)
+        folder = data_dir if os.access(data_dir, os.W_OK) else tempfile.mkdtemp(prefix="gateway-policy-")
     except OSError:
-        path = os.path.join(tempfile.mkdtemp(prefix="gateway-policy-"), "policy.last-accepted.yaml")
-        with open(path, "w", encoding="utf-8") as file:
-            file.write(text)
+        folder = tempfile.mkdtemp(prefix="gateway-policy-")
+    path = os.path.abspath(os.path.join(folder, "policy.last-accepted.yaml"))
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text)
     return path
 
 
