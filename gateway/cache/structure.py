@@ -164,6 +164,12 @@ _STATEMENT = re.compile(
     r"|kubectl|npm|pip|curl)\b"
 )
 _OPTION_START = re.compile(r"^\(?[A-Ja-j][.)]\s")
+_CODE_PUNCTUATION = re.compile(r"[(){}\[\];=*<>|]|:$")
+_SENTENCE_CLOSE = re.compile(r"[.?!]$")
+_BLOCK_LINE = re.compile(r"[;{}]$")
+_INDENTED = re.compile(r"(?: {4}|\t)\S")
+_CALL = re.compile(r"\w\(.*\)\s*:?$")
+_FOUR_WORDS = re.compile(r"\s\w+\s\w+\s\w+\s\w+\s")
 
 
 def _pasted_code(prose: str) -> tuple[str, ...]:
@@ -178,12 +184,12 @@ def _reads_as_code(line: str) -> bool:
     text = line.strip()
     if not text or _OPTION_START.match(text):
         return False
-    if _STATEMENT.match(line) and re.search(r"[(){}\[\];=*<>|]|:$", text) and not re.search(r"[.?!]$", text):
+    if _STATEMENT.match(line) and _CODE_PUNCTUATION.search(text) and not _SENTENCE_CLOSE.search(text):
         return True
-    if re.search(r"[;{}]$", text) or re.match(r"(?: {4}|\t)\S", line):
+    if _BLOCK_LINE.search(text) or _INDENTED.match(line):
         return True
     # a call ("print(i)", "result.append(x)"), not a sentence with a parenthesis in it
-    return bool(re.search(r"\w\(.*\)\s*:?$", text)) and not re.search(r"\s\w+\s\w+\s\w+\s\w+\s", text)
+    return bool(_CALL.search(text)) and not _FOUR_WORDS.search(text)
 
 
 _CONTRACTED = re.compile(r"\b(what|who|where|how|it|that|there|here)'s\b")
