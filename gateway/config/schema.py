@@ -309,9 +309,9 @@ class SemanticCachePolicy(_Struct, frozen=True, kw_only=True):
     threshold: float = 0.65
     """Cosine similarity (router embedding) from which a stored prompt is a candidate: a
     floor for the search; whether it is served is the verifier's call."""
-    verify_threshold: float = 0.99
+    verify_threshold: float = 0.993
     """The verifier's P(same answer) from which a candidate is served (docs/semantic-cache.md)."""
-    verify_threshold_matched: float = 0.99
+    verify_threshold_matched: float = 0.993
     """The same where the rules matched numbers or answer options in both prompts (``guard`` on).
     A lower one served more paraphrases on development pairs, and near misses that ask another
     question of the same numbers ("how many pizzas" / "how many slices left over") with them."""
