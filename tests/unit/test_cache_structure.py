@@ -25,6 +25,9 @@ MCQ = "Which planet is largest?\nA. Mars\nB. Jupiter\nC. Venus\nD. Earth\nAnswer
          "Why does this print nothing?\n\nfor i in range(10, 0, -1):\n    print(i)", "code"),
         ("Why does this fail in PostgreSQL?\nSELECT d, COUNT(*) FROM e WHERE COUNT(*) > 5 GROUP BY d;",
          "Why does this fail in PostgreSQL?\nSELECT d, COUNT(*) AS n FROM e GROUP BY d HAVING n > 5;", "code"),
+        ("Table orders(id, customer_id, created_at, total): each customer's latest order, in SQL",
+         "Tables customers(id, name), orders(id, customer_id, amount, created_at): each customer's latest order, in SQL",
+         "schema"),
         ("Translate 'good morning' to French", "Traduis « good morning » en français", None),
         ("东京的人口是多少？", "What is the population of Tokyo?", "script"),
     ],
@@ -55,6 +58,10 @@ def test_answer_changing_edits_are_refused_by_their_rule(stored: str, new: str, 
         ("Given this table:\nCREATE TABLE t (\n  id INT,\n  amount INT\n);\nTotal amount per id?",
          "CREATE TABLE t (\n  id INT,\n  amount INT\n);\nsql for the total amount per id"),
         ("Explain this line:\nSELECT 1;", "what does SELECT 1; do in SQL?"),  # code pasted on one side only
+        ("I have orders(id, customer_id, total numeric(10, 2)). SQL for the biggest order per customer?",
+         "sql: biggest order for each customer, table Orders(id,customer_id,total numeric(10, 2))"),
+        ("orders(id, customer_id, total): the biggest order per customer in SQL?",
+         "table orders with columns id, customer_id and total: SQL for each customer's biggest order"),  # one side only
     ],
 )  # fmt: skip
 def test_rewording_keeps_every_structure(stored: str, new: str) -> None:
