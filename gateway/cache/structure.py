@@ -102,6 +102,7 @@ class Structure:
     code: tuple[str, ...]
     pasted_code: tuple[str, ...]
     definitions: frozenset[tuple[str, tuple[str, ...]]]
+    code_words: frozenset[str]
     script: str
     relations: frozenset[tuple[str, str, str]]
     words: tuple[str, ...]
@@ -133,6 +134,8 @@ def conflicts(a: str, b: str) -> list[str]:
         found.append("code")
     if x.definitions and y.definitions and x.definitions != y.definitions:
         found.append("schema")
+    if _recased(x.code_words, y.code_words):
+        found.append("case")
     if x.options != y.options:
         found.append("options")
     if not _numbers_agree(x.numbers, y.numbers):
@@ -161,6 +164,7 @@ def structure_of(text: str) -> Structure:
         code,
         _pasted_code(prose),
         _definitions(prose),
+        _code_words(prose),
         _script(text),
         _relations(words),
         words,
@@ -222,6 +226,28 @@ def _definitions(prose: str) -> frozenset[tuple[str, tuple[str, ...]]]:
         (m[1].lower(), tuple(column.split()[0].lower() for column in _TYPE_SIZE.sub("", m[2]).split(",")))
         for m in _DEFINITION.finditer(prose)
     )
+
+
+_CODE_MARKS = frozenset("[]{}\\^$|")
+_EDGE_PUNCTUATION = ".,;:!?\"'«»"
+
+
+def _code_words(prose: str) -> frozenset[str]:
+    """Words of prose that read as code (``^(?=.*[A-Z]).{8,}$``, ``arr[i]{j}``), as typed."""
+    words = (word.strip(_EDGE_PUNCTUATION) for word in prose.split())
+    return frozenset(
+        word
+        for word in words
+        if sum(char in _CODE_MARKS for char in word) >= 2 and any(char.isalnum() for char in word)
+    )
+
+
+def _recased(x: frozenset[str], y: frozenset[str]) -> bool:
+    """The same code in another case: the embedding and the verifier are both uncased, so
+    ``[A-Z]`` and ``[a-z]`` in the same regex read as one request to them (cosine 1.0, p 1.0 on
+    the test of 2026-12-01, fifth session), while case is meaning in code."""
+    typed = {word.lower(): word for word in x}
+    return any(word not in x and typed.get(word.lower(), word) != word for word in y)
 
 
 _CONTRACTED = re.compile(r"\b(what|who|where|how|it|that|there|here)'s\b")

@@ -28,6 +28,8 @@ MCQ = "Which planet is largest?\nA. Mars\nB. Jupiter\nC. Venus\nD. Earth\nAnswer
         ("Table orders(id, customer_id, created_at, total): each customer's latest order, in SQL",
          "Tables customers(id, name), orders(id, customer_id, amount, created_at): each customer's latest order, in SQL",
          "schema"),
+        ("Explain what this regex matches: ^(?=.*\\d)(?=.*[A-Z]).{8,}$",
+         "Explain what this regex matches: ^(?=.*\\d)(?=.*[a-z]).{8,}$", "case"),
         ("Translate 'good morning' to French", "Traduis « good morning » en français", None),
         ("东京的人口是多少？", "What is the population of Tokyo?", "script"),
     ],
@@ -60,6 +62,8 @@ def test_answer_changing_edits_are_refused_by_their_rule(stored: str, new: str, 
         ("Explain this line:\nSELECT 1;", "what does SELECT 1; do in SQL?"),  # code pasted on one side only
         ("I have orders(id, customer_id, total numeric(10, 2)). SQL for the biggest order per customer?",
          "sql: biggest order for each customer, table Orders(id,customer_id,total numeric(10, 2))"),
+        ("Explain this regex: ^[A-Z]{2}\\d{4}$", "what does ^[A-Z]{2}\\d{4}$ match? explain pls"),
+        ("Is C++ faster than Rust? What is DNA?", "is c++ faster than rust? what is dna?"),  # case in prose is not code
         ("orders(id, customer_id, total): the biggest order per customer in SQL?",
          "table orders with columns id, customer_id and total: SQL for each customer's biggest order"),  # one side only
     ],
