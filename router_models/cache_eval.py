@@ -43,11 +43,11 @@ from gateway.config.schema import SEMANTIC_CUTOFFS, SemanticCachePolicy
 from router_models.cache_pairs import Pair, load_pairs, second_half, source_key
 
 DATA = Path(__file__).parent / "data" / "semantic_cache"
-TEST_FILES = [DATA / "test_dec13.jsonl"]
-"""The held-out test (2026-12-01, twelfth: test_dec13a-e of five writers, less the 12 sources
-that repeat a text of another file). The earlier test files were read once each; test_dec8,
-test_dec9 and test_dec10 train the shipped verifier, test_dec11 and test_dec12 guided the
-ninth and tenth rules."""
+TEST_FILES = [DATA / "test_dec14.jsonl"]
+"""The held-out test (2026-12-01, thirteenth: test_dec14a-e of five writers, less the 10
+sources that repeat a text of another file). The earlier test files were read once each;
+test_dec8, test_dec9 and test_dec10 train the shipped verifier, test_dec11, test_dec12 and
+test_dec13 guided the ninth to eleventh rules."""
 ROUTER_ARTIFACTS = Path(__file__).parents[1] / "gateway" / "classifier" / "artifacts"
 
 
