@@ -118,6 +118,8 @@ class BenchSettings:
     workers: int
     results_dir: Path
     keep_logs: bool
+    temperature: float | None = None
+    """Sent with every request when set: at ≤ 0.5 the cache-on runs take the semantic path."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--compare-servers", action="store_true", help="also run the other ASGI server (latency and throughput)")
     add("--compare-transports", action="store_true", help="also run the other upstream transports")
     add("--compare-cache", action="store_true", help="also run the main pair with the cache on (misses and hits)")
+    add("--temperature", type=float, help="send this temperature (<= 0.5: the cache-on runs look up semantically)")
     add("--results-dir", type=Path, default=_ROOT / "bench-results", help="JSON destination (default bench-results/)")
     add("--keep-logs", action="store_true", help="copy the gateway's request log and stderr into the results folder")
     add("--strict", action="store_true", help="exit 1 when a target fails or any response is not a 200")
@@ -484,19 +487,23 @@ def terminate_on_sigterm() -> Iterator[None]:
 # ------------------------------------------------------------------------- requests
 
 
-def chat_body(model: str, prompt: str = PROMPT) -> bytes:
-    return msgspec.json.encode(
-        {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 16, "stream": False}
-    )
+def chat_body(model: str, prompt: str = PROMPT, temperature: float | None = None) -> bytes:
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 16}
+    body["stream"] = False
+    if temperature is not None:
+        body["temperature"] = temperature
+    return msgspec.json.encode(body)
 
 
-def make_target(port: int, model: str, *, gateway: bool, unique: int = 0) -> HttpTarget:
+def make_target(
+    port: int, model: str, *, gateway: bool, unique: int = 0, temperature: float | None = None
+) -> HttpTarget:
     """The request, pre-encoded; ``unique`` > 0: that many requests with distinct prompts."""
     if unique:
         salt = secrets.token_hex(4)
-        bodies = tuple(chat_body(model, f"{PROMPT} [{salt}-{i}]") for i in range(unique))
+        bodies = tuple(chat_body(model, f"{PROMPT} [{salt}-{i}]", temperature) for i in range(unique))
     else:
-        bodies = (chat_body(model),)
+        bodies = (chat_body(model, temperature=temperature),)
     payloads = tuple(build_post(HOST, port, CHAT_PATH, body) for body in bodies)
     if not gateway:
         return HttpTarget(HOST, port, payloads)
@@ -590,7 +597,7 @@ class Bench:
         def sample(done: int) -> None:
             samples.append({"requests": done, "rss_mib": _total_rss(workers)})
 
-        target = make_target(gateway.port, ROUTE, gateway=True)
+        target = make_target(gateway.port, ROUTE, gateway=True, temperature=s.temperature)
         run = self._phase(
             lambda: run_closed_loop(
                 target, s.connections, total=s.memory_requests, progress_every=s.memory_every, on_progress=sample
@@ -718,7 +725,7 @@ def run_config(bench: Bench, config: Config, workdir: Path, cleanup: ExitStack) 
     loadgen, upstream_pid = os.getpid(), upstream.process.pid
     _say(f"[{config.label}] direct baseline")
     direct_pids = {"loadgen": loadgen, "upstream": upstream_pid}
-    direct_target = make_target(upstream.port, UPSTREAM_MODEL, gateway=False)
+    direct_target = make_target(upstream.port, UPSTREAM_MODEL, gateway=False, temperature=settings.temperature)
     direct = bench.latency_and_throughput(lambda n: direct_target, direct_pids)
     policy = workdir / f"policy-{config.label}.yaml"
     write_policy(policy, upstream, config.cache)
@@ -761,9 +768,11 @@ def run_config(bench: Bench, config: Config, workdir: Path, cleanup: ExitStack) 
 
 
 def _gateway_variant(bench: Bench, gateway: GatewayProcess, variant: str, pids: dict[str, int]) -> dict[str, Any]:
-    unique = variant == "cache_miss"
+    unique, temperature = variant == "cache_miss", bench.settings.temperature
     return bench.latency_and_throughput(
-        lambda n: make_target(gateway.port, ROUTE, gateway=True, unique=n if unique else 0), pids, gateway.stdout_path
+        lambda n: make_target(gateway.port, ROUTE, gateway=True, unique=n if unique else 0, temperature=temperature),
+        pids,
+        gateway.stdout_path,
     )
 
 
@@ -983,7 +992,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = BenchSettings(
         args.sequential_requests, args.sequential_warmup, args.connections, args.duration, args.warmup_seconds,
-        args.memory_requests, args.memory_every, args.workers, args.results_dir, args.keep_logs,
+        args.memory_requests, args.memory_every, args.workers, args.results_dir, args.keep_logs, args.temperature,
     )  # fmt: skip
     stamp = time.strftime("%Y%m%d-%H%M%S")
     report: dict[str, Any] = {
@@ -1047,6 +1056,7 @@ def _settings_json(settings: BenchSettings) -> dict[str, Any]:
         "memory_requests": settings.memory_requests,
         "memory_every": settings.memory_every,
         "workers": settings.workers,
+        "temperature": settings.temperature,
     }
 
 
