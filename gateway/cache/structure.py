@@ -217,11 +217,11 @@ _DEFINITION = re.compile(rf"\b({_IDENTIFIER}(?:\.{_IDENTIFIER})?)\(\s*({_COLUMN}
 def _definitions(prose: str) -> frozenset[tuple[str, tuple[str, ...]]]:
     """Tables or functions written inline, ``orders(id, customer_id, total)``: name and columns.
 
-    Two requests over different schemas need different queries however alike they read: on
-    the held-out test of 2026-12-01 (fifth session) both near misses served were other
-    writers' SQL requests ("top 5 customers by amount in 2023" over ``customers(id, name),
-    orders(id, customer_id, amount, created_at)``) served the stored "each customer's most
-    recent order" over ``orders(id, customer_id, created_at, total)`` (p 0.998, 0.999)."""
+    Two requests over different schemas need different queries however alike they read. On
+    the held-out test of 2026-12-01 (fifth session) the verifier served SQL requests over
+    ``customers(id, name), orders(id, customer_id, amount, created_at)`` ("top 5 customers by
+    amount in 2023") the stored "each customer's most recent order" over ``orders(id,
+    customer_id, created_at, total)`` (p 0.998, 0.999): both near misses that test served."""
     return frozenset(
         (m[1].lower(), tuple(column.split()[0].lower() for column in _TYPE_SIZE.sub("", m[2]).split(",")))
         for m in _DEFINITION.finditer(prose)

@@ -488,8 +488,12 @@ def terminate_on_sigterm() -> Iterator[None]:
 
 
 def chat_body(model: str, prompt: str = PROMPT, temperature: float | None = None) -> bytes:
-    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 16}
-    body["stream"] = False
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 16,
+        "stream": False,
+    }
     if temperature is not None:
         body["temperature"] = temperature
     return msgspec.json.encode(body)
