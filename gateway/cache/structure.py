@@ -19,6 +19,10 @@ enough to decide alone (measured in ``docs/semantic-cache.md``):
   "WHERE COUNT(*) > 5" / "HAVING cnt > 5"), and the verifier, reading mostly the shared
   prose, took such pairs for one. On the training and development pairs: 18 near misses
   refused by it, no paraphrase.
+* ``schema``: tables or functions written inline, ``orders(id, customer_id, total)``, when
+  both prompts carry some: the same names with the same columns.
+* ``case``: words that read as code (``[A-Z]``, ``arr[i]{j}``) that the prompts carry in another
+  case: the embedding and the verifier are uncased, and case is meaning in code.
 * ``script``: the writing system of the letters (Latin, Cyrillic, CJK, ...): a prompt and
   its translation are two requests.
 * ``language``: a programming or natural language named in one prompt replaced by another
