@@ -124,7 +124,7 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     """The body, read once; None when it is not a JSON object (the decoder then says what is wrong)."""
     try:
         body = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     return body if isinstance(body, dict) else None
 

@@ -139,6 +139,40 @@ def test_defect4_a_deeply_nested_body_is_a_400_not_a_500(gw: GatewayProcess) -> 
     assert response.status_code == 400 and "nested too deeply" in response.json()["error"]["message"]
 
 
+_DEEP = b'{"a": ' * 5000 + b"1" + b"}" * 5000
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/chat/completions", b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "metadata": %s}'),
+        (
+            "/messages",
+            b'{"model": "fast", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "metadata": %s}',
+        ),
+        (
+            "/messages",
+            b'{"model": "fast", "max_tokens": 5, "messages": [], "tools": [{"name": "f", "input_schema": %s}]}',
+        ),
+        (
+            "/messages/count_tokens",
+            b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "metadata": %s}',
+        ),
+        (
+            "/responses",
+            b'{"model": "fast", "input": "x", "tools": [{"type": "function", "name": "f", "parameters": %s}]}',
+        ),
+        ("/completions", b'{"model": "fast", "prompt": "x", "metadata": %s}'),
+        ("/embeddings", b'{"model": "fast", "input": "x", "metadata": %s}'),
+    ],
+)
+def test_defect4_a_deeply_nested_field_is_a_400_on_every_endpoint(gw: GatewayProcess, path: str, body: bytes) -> None:
+    response = httpx.post(f"{gw.base_url}{path}", content=body % _DEEP, timeout=10,
+                          headers={"content-type": "application/json", "anthropic-version": "2023-06-01"})  # fmt: skip
+    assert response.status_code == 400, response.text
+    assert "nested too deeply" in response.text
+
+
 @pytest.mark.parametrize("text", [1, None, ["a"], {"a": 1}, True])
 def test_defect4_a_text_part_that_is_not_a_string_is_a_400_naming_it(gw: GatewayProcess, text: object) -> None:
     body = {"model": "fast", "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}
