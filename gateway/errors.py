@@ -26,6 +26,7 @@ __all__ = [
     "RequestTimeoutError",
     "ServiceUnavailableError",
     "ShuttingDownError",
+    "UnsupportedMediaTypeError",
     "UpstreamConnectError",
     "UpstreamError",
     "UpstreamProtocolError",
@@ -114,6 +115,14 @@ class PayloadTooLargeError(GatewayError):
     status_code = 413
     error_type = "invalid_request_error"
     code = "request_too_large"
+
+
+class UnsupportedMediaTypeError(GatewayError):
+    """A body in an encoding the gateway does not read (``Content-Encoding``)."""
+
+    status_code = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_content_encoding"
 
 
 class RequestTimeoutError(GatewayError):

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import msgspec
 from litestar import Request, Response, post
 
+from gateway.api.content_encoding import decoded_body
 from gateway.api.state import GatewayState
 from gateway.errors import ConflictError, FeedbackUnavailableError, InvalidRequestError, NotFoundError
 from gateway.learning.examples import LabelledExample
@@ -42,6 +43,7 @@ async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
     body = await request.body()
     if len(body) > _MAX_BODY:
         raise InvalidRequestError(f"a feedback body is at most {_MAX_BODY} bytes")
+    body = await decoded_body(body, request.headers.get("content-encoding"), _MAX_BODY)
     try:
         given = msgspec.json.decode(body, type=_Feedback)
     except msgspec.ValidationError as exc:

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from litestar.exceptions import InternalServerException
 
+from gateway.api.content_encoding import decoded_body
 from gateway.api.state import GatewayState
 from gateway.core.model import Request
 from gateway.errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError
@@ -157,7 +158,9 @@ class DisconnectWatch:
             self.client_left = True  # the client left while sending
             raise asyncio.CancelledError from None
         self._timer = asyncio.get_running_loop().call_later(self.WATCH_AFTER_S, self._start_watching)
-        return b"".join(chunks)
+        body = b"".join(chunks)
+        encoding = request.headers.get("content-encoding")
+        return body if encoding is None else await decoded_body(body, encoding, limit)
 
     def _start_watching(self) -> None:
         self._timer = None

@@ -24,6 +24,7 @@ from litestar import Request, Response, post
 from litestar.response import Stream
 
 from gateway.api.answers import StreamBroke, answer_of, delta_batches, streams
+from gateway.api.content_encoding import decoded_body
 from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.core.model import Request as CoreRequest
@@ -98,7 +99,7 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
     runtime = state.holder.current
     try:
         principal = runtime.auth.authenticate(_authorization(request))
-        raw = await request.body()
+        raw = await decoded_body(await request.body(), request.headers.get("content-encoding"), _MAX_COUNT_BODY_BYTES)
         lenient = _only_anthropic_upstreams(request, _json_object(raw))  # blocks only Anthropic reads are not refused
         decoded = anthropic.decode_request(raw, counting=True, passed_through=lenient)
         plan = runtime.router.plan(decoded.model)

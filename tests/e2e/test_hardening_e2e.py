@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -313,3 +315,60 @@ def test_a_model_can_be_retrieved_by_id_as_openai_serves_it(gw: GatewayProcess) 
 def test_the_simulator_answers_400_to_a_faults_body_without_faults(small_upstream: SimulatedUpstream) -> None:
     response = httpx.post(f"{small_upstream.root_url}/_control/faults", json={"fault": []}, timeout=5)
     assert response.status_code == 400
+
+
+def _compressed(encoding: str, data: bytes) -> bytes:
+    if encoding == "gzip":
+        return gzip.compress(data)
+    if encoding == "deflate":
+        return zlib.compress(data)
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)  # "deflate" without the zlib header, as some clients send
+    return compressor.compress(data) + compressor.flush()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "raw-deflate"])
+def test_a_compressed_body_is_read_on_every_protocol(gw: GatewayProcess, encoding: str) -> None:
+    header = {
+        "content-type": "application/json",
+        "content-encoding": "deflate" if encoding == "raw-deflate" else encoding,
+    }
+    chat = {"model": "fast", "messages": [{"role": "user", "content": f"compressed {encoding}"}]}
+    response = httpx.post(f"{gw.base_url}/chat/completions", content=_compressed(encoding, msgspec.json.encode(chat)),
+                          headers=header, timeout=10)  # fmt: skip
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"]
+    messages = {"model": "fast", "max_tokens": 20, "messages": [{"role": "user", "content": f"compressed {encoding}"}]}
+    response = httpx.post(f"{gw.base_url}/messages", content=_compressed(encoding, msgspec.json.encode(messages)),
+                          headers={**header, "anthropic-version": "2023-06-01"}, timeout=10)  # fmt: skip
+    assert response.status_code == 200 and response.json()["type"] == "message", response.text
+    response = httpx.post(f"{gw.base_url}/messages/count_tokens", content=_compressed(encoding, msgspec.json.encode(messages)),
+                          headers=header, timeout=10)  # fmt: skip
+    assert response.status_code == 200 and response.json()["input_tokens"] > 0, response.text
+
+
+def test_a_compressed_body_that_inflates_past_the_limit_is_a_413(gw: GatewayProcess) -> None:
+    body = b'{"model": "fast", "messages": [{"role": "user", "content": "' + b" " * 50_000_000 + b'"}]}'
+    bomb = gzip.compress(body, compresslevel=9)
+    assert len(bomb) < 65536  # under max_body_bytes as sent; 50 MB once inflated
+    for path in ("/chat/completions", "/messages", "/responses"):
+        response = httpx.post(f"{gw.base_url}{path}", content=bomb, timeout=10,
+                              headers={"content-type": "application/json", "content-encoding": "gzip"})  # fmt: skip
+        assert response.status_code == 413, (path, response.text)
+
+
+def test_an_unknown_or_broken_content_encoding_is_refused_in_the_callers_protocol(gw: GatewayProcess) -> None:
+    chat = msgspec.json.encode({"model": "fast", "messages": [{"role": "user", "content": "hi"}]})
+    response = httpx.post(f"{gw.base_url}/chat/completions", content=chat, timeout=10,
+                          headers={"content-type": "application/json", "content-encoding": "br"})  # fmt: skip
+    assert response.status_code == 415
+    assert response.json()["error"]["code"] == "unsupported_content_encoding"
+    response = httpx.post(f"{gw.base_url}/messages", content=chat, timeout=10,
+                          headers={"content-type": "application/json", "content-encoding": "zstd"})  # fmt: skip
+    assert response.status_code == 415 and response.json()["type"] == "error"
+    truncated = gzip.compress(chat)[:-12]
+    response = httpx.post(f"{gw.base_url}/chat/completions", content=truncated, timeout=10,
+                          headers={"content-type": "application/json", "content-encoding": "gzip"})  # fmt: skip
+    assert response.status_code == 400 and "truncated" in response.json()["error"]["message"]
+    response = httpx.post(f"{gw.base_url}/chat/completions", content=chat, timeout=10,
+                          headers={"content-type": "application/json", "content-encoding": "gzip"})  # fmt: skip
+    assert response.status_code == 400 and "not valid gzip" in response.json()["error"]["message"]
