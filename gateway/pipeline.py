@@ -291,6 +291,8 @@ class ChatPipeline:
             if storing:
                 await self._fill_cache(x, storable)
             if typed:
+                if completion.usage is None:  # the upstream said none: the counts the log and budgets use
+                    whole = msgspec.structs.replace(whole, usage=_usage_of(record))
                 return Answer(200, b"", self._headers(x), typed=whole)
             return Answer(200, completion.body, self._headers(x))
         except GatewayError as exc:

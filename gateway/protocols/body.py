@@ -24,9 +24,10 @@ def decode_body(raw: bytes, into: type[T]) -> T:
     try:
         return msgspec.json.decode(raw, type=into)
     except msgspec.ValidationError as exc:
-        if " - at `$" not in str(exc):  # the body itself, not one of its fields: every view is an object
-            raise InvalidRequestError(f"the request body must be a JSON object ({exc})") from None
-        raise InvalidRequestError(f"invalid request: {exc}") from None
+        message = str(exc)
+        if " - at `$" not in message and not _MISSING.match(message):  # the body itself: every view is an object
+            raise InvalidRequestError(f"the request body must be a JSON object ({message})") from None
+        raise _field_error(message) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -38,13 +39,17 @@ def check_fields(body: dict[str, Any], view: type[T]) -> T:
     try:
         return msgspec.convert(body, view, strict=True)
     except msgspec.ValidationError as exc:
-        message = str(exc)
-        missing = _MISSING.match(message)
-        if missing:
-            raise InvalidRequestError(f"{missing.group(1)}: Field required", param=missing.group(1)) from None
-        match = _AT.search(message)
-        param = match.group(1) if match else None
-        reason = message[: match.start()] if match else message
-        raise InvalidRequestError(
-            f"invalid parameter '{param}': {reason}" if param else f"invalid request: {reason}", param=param
-        ) from None
+        raise _field_error(str(exc)) from None
+
+
+def _field_error(message: str) -> InvalidRequestError:
+    """msgspec's validation message as a 400 that names the parameter, as OpenAI's do."""
+    missing = _MISSING.match(message)
+    if missing:
+        return InvalidRequestError(f"{missing.group(1)}: Field required", param=missing.group(1))
+    match = _AT.search(message)
+    param = match.group(1).replace("[...]", "") if match else None  # a map's value: the map is the parameter
+    reason = message[: match.start()] if match else message
+    return InvalidRequestError(
+        f"invalid parameter '{param}': {reason}" if param else f"invalid request: {reason}", param=param
+    )

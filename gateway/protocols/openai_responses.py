@@ -97,6 +97,7 @@ class _ResponsesRequest(_Wire):
     truncation: Literal["auto", "disabled"] | None = None
     include: list[str] | None = None
     top_logprobs: int | None = None
+    max_tool_calls: int | None = None
     background: bool | None = None
     conversation: Any = None
     prompt: Any = None
@@ -156,6 +157,10 @@ def decode_request(
         request.dropped.append("text.verbosity")
     if wire.top_logprobs:
         request.dropped.append("top_logprobs")
+    if wire.include:
+        request.dropped.append("include")  # extra output items only OpenAI's own upstream makes
+    if wire.max_tool_calls is not None:
+        request.dropped.append("max_tool_calls")
     echo: dict[str, Any] = {
         "instructions": wire.instructions,
         "max_output_tokens": wire.max_output_tokens,
@@ -165,7 +170,7 @@ def decode_request(
         "reasoning": wire.reasoning,
         "store": True if wire.store is None else wire.store,
         "temperature": wire.temperature,
-        "text": {"format": text_format},
+        "text": {"format": text_format, **({"verbosity": text["verbosity"]} if "verbosity" in text else {})},
         "tool_choice": echo_choice,
         "tools": echo_tools,
         "top_p": wire.top_p,
@@ -330,7 +335,7 @@ def _tools(raw: list[Any], lenient: bool = False) -> tuple[list[Tool], list[dict
                 "name": name,
                 "description": description,
                 "parameters": parameters,
-                "strict": strict.get(name, True),
+                "strict": strict.get(name, False),  # what the chat upstream applies: strict only when asked
             }
         )
     return tools, echo

@@ -266,9 +266,39 @@ def test_errors_come_in_openais_shape(client: openai.OpenAI, gateway: GatewayPro
     with pytest.raises(openai.NotFoundError) as unknown:
         client.responses.create(model="no-such-model", input="x")
     assert unknown.value.code == "model_not_found"
+    for body, param in [
+        ({"input": "x"}, "model"),
+        ({"model": "fast", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"model": "fast", "input": "x", "temperature": 3}, "temperature"),
+        ({"model": "fast", "input": "x", "metadata": {"k": {"nested": 1}}}, "metadata"),
+    ]:
+        invalid = httpx.post(f"{gateway.base_url}/responses", json=body, timeout=10)
+        assert invalid.status_code == 400 and invalid.json()["error"]["param"] == param, invalid.text
     with pytest.raises(openai.BadRequestError):
         # a role no message type has, on purpose: the SDK's types cannot express it, the gateway's 400 is the point
         client.responses.create(model="fast", input=[{"role": "robot", "content": "x"}])  # type: ignore[misc, list-item]
+
+
+def test_usage_is_the_gateways_count_when_the_upstream_sends_none(
+    client: openai.OpenAI, gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    inject(small_upstream, {"omit_usage": True})
+    raw = client.responses.with_raw_response.create(model="fast", input="Count these words for me.")
+    usage = raw.parse().usage
+    record = gateway.wait_for_record(raw.headers["x-request-id"])
+    assert record["tokens_source"] == "gateway" and record["prompt_tokens"] > 0
+    assert usage is not None
+    assert (usage.input_tokens, usage.output_tokens) == (record["prompt_tokens"], record["completion_tokens"])
+
+
+def test_fields_a_chat_upstream_cannot_honour_are_named_as_dropped(client: openai.OpenAI) -> None:
+    raw = client.responses.with_raw_response.create(
+        model="fast", input="Hi.", max_tool_calls=2, text={"verbosity": "low"}, tools=[{**WEATHER_TOOL, "strict": None}]
+    )
+    assert raw.headers["x-gateway-dropped"] == "text.verbosity,max_tool_calls"
+    response = raw.parse()
+    assert response.text is not None and response.text.verbosity == "low"  # repeated as asked, though not applied
+    assert response.tools[0].strict is False  # not strict: a chat upstream applies strict only when asked
 
 
 def test_reasoning_is_dropped_with_a_note_for_a_chat_upstream(gateway: GatewayProcess) -> None:
@@ -279,7 +309,7 @@ def test_reasoning_is_dropped_with_a_note_for_a_chat_upstream(gateway: GatewayPr
         "include": ["reasoning.encrypted_content"],
     }
     response = httpx.post(f"{gateway.base_url}/responses", json=body, timeout=15)
-    assert response.status_code == 200 and response.headers["x-gateway-dropped"] == "reasoning"
+    assert response.status_code == 200 and response.headers["x-gateway-dropped"] == "reasoning,include"
     assert response.json()["reasoning"] == {"effort": "high"}
 
 

@@ -222,7 +222,7 @@ def test_reasoning_and_verbosity_are_dropped_and_the_rest_accepted() -> None:
         service_tier="auto",
         metadata={"k": "v"},
     )
-    assert decoded.request.dropped == ["reasoning", "text.verbosity"]
+    assert decoded.request.dropped == ["reasoning", "text.verbosity", "include"]
     assert decoded.store is False and decoded.echo["metadata"] == {"k": "v"}
     assert decoded.echo["truncation"] == "auto"
     assert _decode(input="x", reasoning={"effort": None}).request.dropped == []
