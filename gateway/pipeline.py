@@ -291,7 +291,7 @@ class ChatPipeline:
             if storing:
                 await self._fill_cache(x, storable)
             if typed:
-                if completion.usage is None:  # the upstream said none: the counts the log and budgets use
+                if completion.usage is None and whole is not None:  # none from upstream: the counts logged
                     whole = msgspec.structs.replace(whole, usage=_usage_of(record))
                 return Answer(200, b"", self._headers(x), typed=whole)
             return Answer(200, completion.body, self._headers(x))

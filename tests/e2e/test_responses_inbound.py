@@ -292,8 +292,9 @@ def test_usage_is_the_gateways_count_when_the_upstream_sends_none(
 
 
 def test_fields_a_chat_upstream_cannot_honour_are_named_as_dropped(client: openai.OpenAI) -> None:
+    loose_tool: Any = {**WEATHER_TOOL, "strict": None}
     raw = client.responses.with_raw_response.create(
-        model="fast", input="Hi.", max_tool_calls=2, text={"verbosity": "low"}, tools=[{**WEATHER_TOOL, "strict": None}]
+        model="fast", input="Hi.", max_tool_calls=2, text={"verbosity": "low"}, tools=[loose_tool]
     )
     assert raw.headers["x-gateway-dropped"] == "text.verbosity,max_tool_calls"
     response = raw.parse()
