@@ -89,9 +89,9 @@ class EmbeddingsPipeline:
             first = models[0]
             counts = await _count(inputs, first.encoding, limits.long_prompt_chars)
             total_tokens = sum(counts)
-            if self._limiter.enforces(runtime.policy, principal):
-                estimate = cost_usd(first.price, total_tokens, 0)
-                reservation = await self._limiter.reserve(runtime.policy, principal, total_tokens, estimate)
+            # Every key gets a reservation, one without limits too: settling it records the usage.
+            estimate = cost_usd(first.price, total_tokens, 0)
+            reservation = await self._limiter.reserve(runtime.policy, principal, total_tokens, estimate)
             vectors = await self._answer(runtime, plan, request, inputs, counts, record, info, cache_control)
             record.prompt_tokens = total_tokens
             body = _response(request, vectors, total_tokens)

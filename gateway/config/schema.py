@@ -22,6 +22,7 @@ Tier = Literal["small", "large"]
 AtLeastZero = Annotated[float, Meta(ge=0)]
 AboveZero = Annotated[float, Meta(gt=0)]
 AtLeastOne = Annotated[int, Meta(ge=1)]
+AtLeastZeroInt = Annotated[int, Meta(ge=0)]
 Share = Annotated[float, Meta(gt=0, le=1, description="a share in (0, 1]")]
 Probability = Annotated[float, Meta(ge=0, le=1, description="a number from 0 to 1")]
 HttpUrl = Annotated[str, Meta(pattern=r"^https?://", description="a URL starting with http:// or https://")]
@@ -29,6 +30,16 @@ KeyHash = Annotated[
     str, Meta(pattern=r"^sha256:[0-9a-f]{64}$", description="'sha256:' followed by 64 lowercase hex digits")
 ]
 SpeculationK = Annotated[int, Meta(ge=1, le=64)]
+KeyId = Annotated[
+    str, Meta(pattern=r"^[^\s\x00-\x1f\x7f]{1,128}$", description="1-128 characters, no spaces or control characters")
+]
+TenantName = Annotated[
+    str,
+    Meta(
+        pattern=r"^[^\s\x00-\x1f\x7f]([^\x00-\x1f\x7f]{0,126}[^\s\x00-\x1f\x7f])?$",
+        description="1-128 characters, no control characters, no space at either end",
+    ),
+]
 
 
 class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -149,9 +160,9 @@ class ModelConfig(_Struct, frozen=True, kw_only=True):
 class RetryPolicy(_Struct, frozen=True, kw_only=True):
     max_attempts: AtLeastOne = 2
     """Attempts per model, the first included, before moving to the next fallback."""
-    backoff_initial_ms: float = 100.0
-    backoff_max_ms: float = 2000.0
-    max_retry_after_s: float = 10.0
+    backoff_initial_ms: AtLeastZero = 100.0
+    backoff_max_ms: AtLeastZero = 2000.0
+    max_retry_after_s: AtLeastZero = 10.0
     """A Retry-After longer than this is not waited for: the next fallback is tried instead."""
 
 
@@ -230,10 +241,10 @@ class Limits(_Struct, frozen=True, kw_only=True):
 
 
 class AuthKey(_Struct, frozen=True, kw_only=True):
-    id: str
+    id: KeyId
     hash: KeyHash
     """``sha256:<hex>`` of the secret."""
-    tenant: str = "default"
+    tenant: TenantName = "default"
     models: list[str] = msgspec.field(default_factory=lambda: ["*"])
     limits: Limits = Limits()
     admin: bool = False
@@ -264,36 +275,36 @@ class RequestLogPolicy(_Struct, frozen=True, kw_only=True):
 
 class LimitsPolicy(_Struct, frozen=True, kw_only=True):
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
-    body_read_timeout_s: float = 30.0
+    body_read_timeout_s: AboveZero = 30.0
     """A request body not received in full within this is answered 408 and its connection closed."""
-    long_prompt_chars: int = 32_000
+    long_prompt_chars: AtLeastOne = 32_000
     """Prompts longer than this are tokenized off the event loop."""
     on_redis_error: Literal["open", "closed"] = "open"
     """Rate limits and budgets when Redis cannot answer: serve anyway (open) or refuse with 503 (closed)."""
-    default_completion_tokens: int = 512
+    default_completion_tokens: AtLeastOne = 512
     """The completion estimate for budgets when a request sets no max_tokens."""
-    redis_timeout_ms: float = 100.0
+    redis_timeout_ms: AboveZero = 100.0
 
 
 class ExactCachePolicy(_Struct, frozen=True, kw_only=True):
     enabled: bool = True
-    ttl_s: int = 3600
-    max_temperature: float | None = None
+    ttl_s: AtLeastOne = 3600
+    max_temperature: AtLeastZero | None = None
     """Skip the exact cache above this temperature (None: cache at any temperature)."""
 
 
 class SemanticAuditPolicy(_Struct, frozen=True, kw_only=True):
     """The semantic cache's own error measurement (gateway/cache/audit.py)."""
 
-    sample_rate: float = 0.02
+    sample_rate: Probability = 0.02
     """Share of semantic hits also asked upstream, after the hit was served."""
-    max_per_minute: int = 10
+    max_per_minute: AtLeastZeroInt = 10
     """At most this many audits a minute per gateway process: they cost upstream calls."""
-    max_false_hit_rate: float = 0.01
+    max_false_hit_rate: Probability = 0.01
     """The error budget: above it (estimated), the cache tightens itself for that tenant's route."""
-    min_audits: int = 30
+    min_audits: AtLeastOne = 30
     """Decided audits needed before the estimate can tighten anything."""
-    tighten_step: float = 0.05
+    tighten_step: Probability = 0.05
     """How far each tightening raises ``verify_threshold``; past 0.998 (``audit.CEILING``) semantic hits stop."""
     judge_model: str | None = None
     """A model of this policy that judges free-text answers (yes/no); without one only exact
@@ -305,7 +316,7 @@ class SemanticCachePolicy(_Struct, frozen=True, kw_only=True):
     """On since it met its error budget on held-out hand-written pairs, every origin (≤ 1 % of
     one-edit near misses served, ≥ 40 % of paraphrases; docs/semantic-cache.md). Only requests
     at ``temperature`` ≤ ``max_temperature`` use it, and a request without one counts as 1.0."""
-    ttl_s: int = 3600
+    ttl_s: AtLeastOne = 3600
     threshold: float = 0.65
     """Cosine similarity (router embedding) from which a stored prompt is a candidate: a
     floor for the search; whether it is served is the verifier's call."""
@@ -328,9 +339,9 @@ class SemanticCachePolicy(_Struct, frozen=True, kw_only=True):
     """Cosine (router embedding) below which a candidate counts as far."""
     guard: bool = True
     """Refuse a candidate whose numbers, answer options, code or script differ, before the verifier."""
-    max_entries: int = 10_000
+    max_entries: AtLeastOne = 10_000
     """Per vector set (tenant, route, system prompt, parameters); the oldest entries go first."""
-    max_temperature: float = 0.5
+    max_temperature: AtLeastZero = 0.5
     multi_turn: bool = False
     tools: bool = False
     audit: SemanticAuditPolicy = SemanticAuditPolicy()
@@ -350,7 +361,7 @@ SEMANTIC_CUTOFFS = (
 
 class CoalescePolicy(_Struct, frozen=True, kw_only=True):
     enabled: bool = True
-    wait_s: float = 30.0
+    wait_s: AtLeastZero = 30.0
     """How long identical requests wait for the first one's answer before calling upstream themselves."""
 
 
@@ -359,12 +370,12 @@ class CachePolicy(_Struct, frozen=True, kw_only=True):
     exact: ExactCachePolicy = ExactCachePolicy()
     semantic: SemanticCachePolicy = SemanticCachePolicy()
     coalesce: CoalescePolicy = CoalescePolicy()
-    redis_timeout_ms: float = 50.0
+    redis_timeout_ms: AboveZero = 50.0
     """A cache operation slower than this is abandoned: the request goes on without the cache."""
 
 
 class Policy(_Struct, frozen=True, kw_only=True):
-    version: int = 1
+    version: Literal[1] = 1
     pair: Pair
     models: dict[str, ModelConfig]
     routes: dict[str, RouteConfig]
@@ -375,7 +386,7 @@ class Policy(_Struct, frozen=True, kw_only=True):
     request_log: RequestLogPolicy = RequestLogPolicy()
     limits: LimitsPolicy = LimitsPolicy()
     cache: CachePolicy = CachePolicy()
-    tenants: dict[str, TenantPolicy] = {}
+    tenants: dict[TenantName, TenantPolicy] = {}
 
 
 class KeyFile(_Struct, frozen=True, kw_only=True):

@@ -362,7 +362,7 @@ def _check_semantic_cache(policy: Policy, problems: Problems, check_model: Calla
 
 
 def check_auth(auth: AuthPolicy, problems: Problems, *, key_file: tuple[list[AuthKey], Problems] | None = None) -> None:
-    """Key ids are unique across the policy and its key file; ``mode: keys`` has a way to get keys."""
+    """Key ids and secrets are unique across the policy and its key file; ``mode: keys`` has a way to get keys."""
     located: list[tuple[AuthKey, Problems, Path]] = [
         (key, problems, ("auth", "keys", i)) for i, key in enumerate(auth.keys)
     ]
@@ -370,9 +370,13 @@ def check_auth(auth: AuthPolicy, problems: Problems, *, key_file: tuple[list[Aut
         keys, where = key_file
         located += [(key, where, ("keys", i)) for i, key in enumerate(keys)]
     seen: set[str] = set()
+    hashes: dict[str, str] = {}
     for key, where, path in located:
         if key.id in seen:
             where.add((*path, "id"), f"duplicate key id {key.id!r}")
         seen.add(key.id)
+        if key.hash in hashes:  # one secret, two keys: it would act as whichever was read last
+            where.add((*path, "hash"), f"key {key.id!r} has the same secret as key {hashes[key.hash]!r}")
+        hashes.setdefault(key.hash, key.id)
     if auth.mode == "keys" and not auth.keys and not auth.key_file:
         problems.add(("auth", "keys"), "auth mode 'keys' needs at least one key (or a key_file)")

@@ -19,11 +19,16 @@ def budget_error(
     (``tenant.usd_per_day``); ``retry-after`` is the start of the next period."""
     period = "daily" if cap == "usd_per_day" else "monthly"
     error = BudgetExceededError(
-        f"{period} budget exhausted: {owner} may spend ${limit:.2f}, ${spent_usd:.4f} is spent "
+        f"{period} budget exhausted: {owner} may spend ${_usd(limit)}, ${spent_usd:.4f} is spent "
         f"and this request may cost up to ${cost_usd:.4f} ({name})",
     )
     error.headers["retry-after"] = str(_seconds_to_next_period(now, cap))
     return error
+
+
+def _usd(amount: float) -> str:
+    """Cents when that is exact, else every digit the limit has ($0.0005 is not $0.00)."""
+    return f"{amount:.2f}" if round(amount, 2) == amount else f"{amount:.6g}"
 
 
 def _seconds_to_next_period(now: float, cap: str) -> int:

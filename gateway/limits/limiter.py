@@ -22,7 +22,7 @@ from gateway.auth import Principal
 from gateway.config.schema import Limits, Policy
 from gateway.errors import LimiterUnavailableError
 from gateway.limits.budget import budget_error
-from gateway.limits.rate import RATE_CAPS, rate_limit_error
+from gateway.limits.rate import RATE_CAPS, rate_limit_error, too_large_error
 from gateway.store import keyspace
 from gateway.store.base import Caps, CounterScope, LimitCounters, ReserveRequest, SettleRequest, StoreUnavailable
 
@@ -70,6 +70,10 @@ class Limiter:
             CounterScope(window, spend, _caps(limits[0])),
             CounterScope(tenant_window, tenant_spend, _caps(limits[1])),
         )
+        for scope_index, scope_limits in enumerate(limits):
+            if scope_limits.tpm is not None and tokens > scope_limits.tpm:
+                owner = f"key '{principal.key_id}'" if scope_index == 0 else f"tenant '{principal.tenant}'"
+                raise too_large_error(owner, scope_limits.tpm, tokens, name=f"{_SCOPE_NAMES[scope_index]}.tpm")
         minute, day, month = periods
         request = ReserveRequest(scopes, tokens, cost_usd, minute, day, month, now / 60 - minute)
         try:
@@ -87,7 +91,8 @@ class Limiter:
             owner = f"key '{principal.key_id}'" if scope == 0 else f"tenant '{principal.tenant}'"
             limit = getattr(limits[scope], cap)
             if cap in RATE_CAPS:
-                raise rate_limit_error(cap, owner, limit, now, name=name)
+                need = 1 if cap == "rpm" else tokens
+                raise rate_limit_error(cap, owner, limit, now, name=name, need=need, counted=outcome.window)
             raise budget_error(cap, owner, limit, outcome.spent_usd, cost_usd, now, name=name)
         return Reservation(scopes, periods, usage, tokens, cost_usd, outcome.budget_share)
 

@@ -147,6 +147,9 @@ class ReserveOutcome:
     """When refused by a budget: what its period had spent already."""
     budget_share: float
     """When reserved: the largest share of a budget spent before this request."""
+    window: tuple[float, float] = (0.0, 0.0)
+    """When refused by a rate: the refused measure (requests or tokens) counted this minute and
+    the minute before, so the caller can say when a retry would pass."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -215,9 +215,9 @@ class MemoryLimitCounters(_Outage):
             seen.append((r, rp, t, tp, day, month))
             caps: Caps = scope.caps
             if caps.rpm is not None and r + rp * rest + 1 > caps.rpm:
-                return ReserveOutcome(f"{index}.rpm", 0.0, 0.0)
+                return ReserveOutcome(f"{index}.rpm", 0.0, 0.0, (r, rp))
             if caps.tpm is not None and t + tp * rest + request.tokens > caps.tpm:
-                return ReserveOutcome(f"{index}.tpm", 0.0, 0.0)
+                return ReserveOutcome(f"{index}.tpm", 0.0, 0.0, (t, tp))
             for cap, spent, name in (
                 (caps.usd_per_day, day, "usd_per_day"),
                 (caps.usd_per_month, month, "usd_per_month"),

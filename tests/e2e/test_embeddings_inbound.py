@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -106,6 +107,22 @@ def test_tokens_per_minute_apply_to_embeddings(gateway_with_cache: GatewayProces
         with pytest.raises(openai.RateLimitError) as refused:
             client.embeddings.create(model="embed", input="word " * 60)
     assert "key.tpm" in refused.value.message
+
+
+def test_embeddings_of_a_key_without_limits_count_in_its_usage(gateway_with_cache: GatewayProcess) -> None:
+    def used() -> dict[str, int]:
+        body = httpx.get(f"{gateway_with_cache.base_url}/usage", headers={"authorization": "Bearer key-b"}, timeout=10)
+        total: dict[str, int] = body.json()["total"]
+        return total
+
+    before = used()
+    with _client(gateway_with_cache, "key-b") as client:
+        answer = client.embeddings.create(
+            model="embed", input="counted text", extra_headers={"cache-control": "no-cache"}
+        )
+    after = used()
+    assert after["requests"] == before["requests"] + 1
+    assert after["prompt_tokens"] == before["prompt_tokens"] + answer.usage.prompt_tokens
 
 
 def test_a_fallback_embeds_the_whole_batch_and_is_not_cached_as_the_primary(

@@ -121,7 +121,8 @@ async def test_a_request_is_counted_only_if_every_scope_allows_it(store: Store) 
     scopes = _scopes(_tenant(), Caps(rpm=3), Caps(rpm=2))
     assert (await store.counters.reserve(_ask(scopes), T)).refused_by is None
     assert (await store.counters.reserve(_ask(scopes), T)).refused_by is None
-    assert (await store.counters.reserve(_ask(scopes), T)).refused_by == "1.rpm"  # the tenant's cap
+    by_tenant = await store.counters.reserve(_ask(scopes), T)
+    assert by_tenant.refused_by == "1.rpm" and by_tenant.window == (2, 0)  # the tenant's cap, and its count
     # refused requests are not counted: the key has used 2 of its 3
     key_only = (CounterScope(scopes[0].window, scopes[0].spend, Caps(rpm=3)),)
     assert (await store.counters.reserve(_ask(key_only), T)).refused_by is None
@@ -132,7 +133,8 @@ async def test_the_previous_minute_counts_for_what_is_left_of_it(store: Store) -
     scopes = _scopes(_tenant(), Caps(tpm=100), Caps())
     assert (await store.counters.reserve(_ask(scopes, tokens=80, minute=1000), T)).refused_by is None
     # a quarter into the next minute, 3/4 of the previous 80 tokens still count: 60 + 50 > 100
-    assert (await store.counters.reserve(_ask(scopes, tokens=50, minute=1001, fraction=0.25), T)).refused_by == "0.tpm"
+    refused = await store.counters.reserve(_ask(scopes, tokens=50, minute=1001, fraction=0.25), T)
+    assert refused.refused_by == "0.tpm" and refused.window == (0, 80)  # what retry-after is computed from
     assert (await store.counters.reserve(_ask(scopes, tokens=30, minute=1001, fraction=0.25), T)).refused_by is None
     # two minutes on, nothing counts
     assert (await store.counters.reserve(_ask(scopes, tokens=100, minute=1003), T)).refused_by is None
@@ -189,3 +191,15 @@ async def test_a_store_that_cannot_answer_says_so() -> None:
     fake.kv.down = True  # type: ignore[attr-defined]
     with pytest.raises(StoreUnavailable):
         await fake.kv.get("k", T)
+
+
+async def test_a_command_redis_refuses_fails_alone(redis_server: EmbeddedRedis) -> None:
+    # A refused command (here an invalid expiry) is not an outage: marking Redis down would
+    # switch limits and budgets open and drop usage for every request of the next second.
+    shared = SharedRedis(connect(redis_server.url, timeout_s=2), Metrics())
+    key = keyspace.exact(_tenant(), "refused")
+    with pytest.raises(StoreUnavailable):
+        await shared.call(lambda client: client.set(key, b"v", ex=-5), T)
+    assert shared.up
+    assert await shared.call(lambda client: client.set(key, b"v", ex=5), T)
+    await shared.aclose()

@@ -12,6 +12,7 @@ from gateway.config.edit import append_key
 from gateway.config.loader import load_keys
 
 HASH = "sha256:" + "c" * 64
+OTHER_HASH = "sha256:" + "d" * 64
 
 POLICY = f"""\
 pair: {{small: s, large: l}}
@@ -43,11 +44,11 @@ def test_new_key_without_upstream_urls_set_keeps_the_key_file_layout(
     policy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     key_file = policy.parent / "keys.yaml"
-    key_file.write_text(f"# by hand\nkeys:\n- {{id: old, hash: '{HASH}'}}  # the first\n\n# end\n")
+    key_file.write_text(f"# by hand\nkeys:\n- {{id: old, hash: '{OTHER_HASH}'}}  # the first\n\n# end\n")
     assert _new(policy, "--id", "fresh", "--models", "fast", "--rpm", "5") == 0
     assert "secret:" in capsys.readouterr().out
     text = key_file.read_text()
-    assert text.startswith(f"# by hand\nkeys:\n- {{id: old, hash: '{HASH}'}}  # the first\n- ")
+    assert text.startswith(f"# by hand\nkeys:\n- {{id: old, hash: '{OTHER_HASH}'}}  # the first\n- ")
     assert text.endswith("\n\n# end\n")
     [new] = [key for key in load_keys(policy).keys if key.id == "fresh"]
     assert (new.tenant, new.models, new.limits.rpm) == ("team", ["fast"], 5)

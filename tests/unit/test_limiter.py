@@ -43,7 +43,7 @@ async def test_the_rate_limit_names_the_limit_and_when_to_retry() -> None:
     with pytest.raises(RateLimitError) as refused:
         await limiter.reserve(policy, principal, 10, 0.0)
     assert "key 'app' allows 1 requests per minute (key.rpm)" in refused.value.message
-    assert 1 <= float(refused.value.headers["retry-after"]) <= 60
+    assert 1 <= float(refused.value.headers["retry-after"]) <= 120  # until the one request slides out of the window
 
 
 async def test_the_tenants_budget_binds_every_key_of_the_tenant() -> None:
@@ -102,3 +102,36 @@ async def test_usage_without_limits_is_batched_and_read_back_per_key() -> None:
     assert (totals["a"].requests, totals["b"].requests) == (2, 1)
     assert totals["a"].cost_usd == pytest.approx(1.0)
     await limiter.aclose()
+
+
+@pytest.mark.parametrize(
+    ("start_s", "rpm", "then_s"), [(31.0, 3, 0.0), (5.0, 3, 0.0), (50.0, 10, 0.0), (2.0, 1, 0.0), (50.0, 3, 15.0)]
+)
+async def test_a_retry_at_retry_after_passes_and_one_before_it_does_not(
+    monkeypatch: pytest.MonkeyPatch, start_s: float, rpm: int, then_s: float
+) -> None:
+    # The window slides: the previous minute still counts for a while after it turns, so
+    # "when the minute turns" would send clients back into another 429.
+    policy, limiter, _ = _setup()
+    principal = _principal(rpm=rpm)
+    clock = [60 * 29_000_000 + start_s]
+    monkeypatch.setattr("gateway.limits.limiter.time.time", lambda: clock[0])
+    for _ in range(rpm):
+        await limiter.reserve(policy, principal, 10, 0.0)
+    clock[0] += then_s  # 15 s: refused early in the next minute, while the last one's weight fades
+    with pytest.raises(RateLimitError) as refused:
+        await limiter.reserve(policy, principal, 10, 0.0)
+    wait = int(refused.value.headers["retry-after"])
+    clock[0] += wait - 2
+    with pytest.raises(RateLimitError):
+        await limiter.reserve(policy, principal, 10, 0.0)
+    clock[0] += 2
+    await limiter.reserve(policy, principal, 10, 0.0)
+
+
+async def test_a_request_larger_than_the_minutes_tokens_is_refused_without_inviting_a_retry() -> None:
+    policy, limiter, _ = _setup()
+    with pytest.raises(RateLimitError) as refused:
+        await limiter.reserve(policy, _principal(tpm=2000), 3000, 0.0)
+    assert refused.value.headers == {"x-should-retry": "false"}
+    assert "request too large: it counts 3000 tokens" in refused.value.message and "(key.tpm)" in refused.value.message

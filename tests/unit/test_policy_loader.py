@@ -187,10 +187,56 @@ def test_key_file_problems_name_that_file_and_its_line(tmp_path: Path) -> None:
     assert caught.value.problems == [
         f"{key_file}: keys[2].hash (line 4): must be 'sha256:' followed by 64 lowercase hex digits, got 'md5'"
     ]  # the file is judged as a whole: the duplicate waits for the next check
-    (tmp_path / "keys.yaml").write_text(f"keys:\n  - {{id: b, hash: '{hashed}'}}\n  - {{id: a, hash: '{hashed}'}}\n")
+    other, third = "sha256:" + "b" * 64, "sha256:" + "c" * 64
+    (tmp_path / "keys.yaml").write_text(f"keys:\n  - {{id: b, hash: '{other}'}}\n  - {{id: a, hash: '{third}'}}\n")
     with pytest.raises(ConfigError) as caught:
         load_policy(path, environ={})
     assert caught.value.problems == [f"{key_file}: keys[1].id (line 3): duplicate key id 'a'"]
+
+
+def test_two_keys_with_one_secret_are_refused(tmp_path: Path) -> None:
+    # Else the secret would act as whichever key was read last: another tenant's cache, limits and usage.
+    hashed = "sha256:" + "a" * 64
+    policy = VALID.replace(
+        "auth: {mode: none}", f"auth:\n  mode: keys\n  key_file: keys.yaml\n  keys: [{{id: a, hash: '{hashed}'}}]"
+    )
+    path = _with_key_file(tmp_path, policy, f"keys:\n  - {{id: z, tenant: other, hash: '{hashed}'}}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_policy(path, environ={})
+    assert caught.value.problems == [
+        f"{tmp_path / 'keys.yaml'}: keys[0].hash (line 2): key 'z' has the same secret as key 'a'"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entry", "field"),
+    [("{id: '', hash: H}", "id"), ('{id: "a\\tb", hash: H}', "id"), ("{id: a, tenant: ' A ', hash: H}", "tenant"),
+     ('{id: a, tenant: "x\\x7fy", hash: H}', "tenant"), ("{id: a, tenant: '', hash: H}", "tenant")],
+)  # fmt: skip
+def test_key_ids_and_tenants_are_printable_and_unpadded(entry: str, field: str) -> None:
+    auth = "auth:\n  mode: keys\n  keys: [" + entry.replace("H", "'sha256:" + "a" * 64 + "'") + "]"
+    [message] = problems(VALID.replace("auth: {mode: none}", auth))
+    assert message.startswith(f"auth.keys[0].{field} (line "), message
+
+
+def test_numbers_that_would_disable_a_safeguard_are_refused() -> None:
+    found = problems(
+        VALID
+        + "limits: {default_completion_tokens: -100000, body_read_timeout_s: -1}\n"
+        + "cache: {exact: {ttl_s: -5}, semantic: {ttl_s: 0, max_entries: -1}, coalesce: {wait_s: -30}}\n"
+        + "retry: {backoff_initial_ms: -100}\n"
+        + "version: 7\n"
+    )
+    assert sorted(p.split(" ")[0] for p in found) == [
+        "cache.coalesce.wait_s",
+        "cache.exact.ttl_s",
+        "cache.semantic.max_entries",
+        "cache.semantic.ttl_s",
+        "limits.body_read_timeout_s",
+        "limits.default_completion_tokens",
+        "retry.backoff_initial_ms",
+        "version",
+    ]
 
 
 def test_load_keys_reads_only_auth_and_the_key_file(tmp_path: Path) -> None:
@@ -199,7 +245,8 @@ def test_load_keys_reads_only_auth_and_the_key_file(tmp_path: Path) -> None:
         "auth: {mode: none}",
         f"auth:\n  mode: keys\n  key_file: ${{KEY_FILE:-keys.yaml}}\n  keys: [{{id: a, hash: '{hashed}'}}]",
     )
-    path = _with_key_file(tmp_path, policy, f"# made by hand\nkeys:\n  - {{id: b, hash: '{hashed}'}}\n")
+    other = "sha256:" + "c" * 64
+    path = _with_key_file(tmp_path, policy, f"# made by hand\nkeys:\n  - {{id: b, hash: '{other}'}}\n")
     ring = load_keys(path, environ={})
     assert ring.key_file == tmp_path / "keys.yaml"
     assert [key.id for key in ring.keys] == ["a", "b"]

@@ -7,7 +7,8 @@ merely slow returns its fallback at its deadline, but slow answers under load do
 mark Redis down (measured: at 8 connections on 2 cores, three timeouts in a row came
 often enough to switch the cache off for 1 s at a time). Timeouts with no answer in
 between for ``_DEGRADED_AFTER_S`` do: a hung or stopped server accepts connections and
-never answers. Then calls are skipped and probed as for a server that is down.
+never answers. Then calls are skipped and probed as for a server that is down. A command
+Redis answers with an error (a bad argument, out of memory) fails that call alone.
 
 :meth:`SharedRedis.call` raises :class:`~gateway.store.base.StoreUnavailable` instead of
 returning a fallback; the store implementations beside this module are built on it.
@@ -22,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import redis.asyncio as aioredis
+import redis.exceptions
 import structlog
 
 from gateway.accounting.metrics import Metrics
@@ -34,6 +36,9 @@ _log = structlog.get_logger("gateway.redis")
 _RETRY_AFTER_S = 1.0
 _SLOW_LOG_EVERY_S = 10.0
 _DEGRADED_AFTER_S = 1.0
+_SERVER_STATE_ERRORS = (redis.exceptions.ReadOnlyError, redis.exceptions.ClusterDownError)
+"""Command errors that say the server cannot serve now (a replica after failover, a cluster
+without quorum): Redis is treated as down. Any other command error fails only that command."""
 
 
 def connect(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
@@ -61,6 +66,7 @@ class SharedRedis:
         self._down_since: float | None = None
         self._last_attempt = 0.0
         self._slow_logged_at = -_SLOW_LOG_EVERY_S
+        self._refused_logged_at = -_SLOW_LOG_EVERY_S
         self._timeouts_since: float | None = None
         """When the current run of timeouts (with no answer in between) began."""
         metrics.redis_up.set(1 if self.up else 0)
@@ -93,6 +99,12 @@ class SharedRedis:
             else:
                 self._log_slow(timeout_s)
             raise StoreUnavailable from None
+        except aioredis.ResponseError as exc:
+            if isinstance(exc, _SERVER_STATE_ERRORS):
+                self._mark_down(exc, "redis_unavailable")
+            else:  # Redis answered and refused this one command: the others still work
+                self._log_refused(exc)
+            raise StoreUnavailable from None
         except (OSError, aioredis.RedisError) as exc:
             self._mark_down(exc, "redis_unavailable")
             raise StoreUnavailable from None
@@ -117,6 +129,12 @@ class SharedRedis:
                 timeout_ms=round(timeout_s * 1000, 1),
                 effect="call skipped; see gateway_redis_timeouts_total",
             )
+
+    def _log_refused(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._refused_logged_at >= _SLOW_LOG_EVERY_S:
+            self._refused_logged_at = now
+            _log.error("redis_refused", error=type(exc).__name__, detail=_without_secrets(str(exc))[:200])
 
     def _mark_down(self, exc: BaseException, event: str) -> None:
         if self.up or self._down_since is None:

@@ -20,7 +20,8 @@ from gateway.store.redis.client import SharedRedis
 __all__ = ["RedisLimitCounters"]
 
 # KEYS: window, spend of each scope. ARGV: fraction, tokens, cost, minute, day, month, then
-# rpm, tpm, usd_per_day, usd_per_month of each scope (-1: no limit).
+# rpm, tpm, usd_per_day, usd_per_month of each scope (-1: no limit). A rate refusal also
+# returns the refused measure's counts, this minute's and the previous one's.
 _RESERVE = """
 local frac, tokens, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local minute, day, month = tonumber(ARGV[4]), ARGV[5], ARGV[6]
@@ -43,8 +44,8 @@ for s = 0, #KEYS / 2 - 1 do
   local w = window(KEYS[s*2+1])
   local spent_day, spent_month = spent(KEYS[s*2+2])
   seen[s] = {w, spent_day, spent_month}
-  if rpm >= 0 and w[1] + w[2] * (1 - frac) + 1 > rpm then return {1, s .. '.rpm', '0'} end
-  if tpm >= 0 and w[3] + w[4] * (1 - frac) + tokens > tpm then return {1, s .. '.tpm', '0'} end
+  if rpm >= 0 and w[1] + w[2] * (1 - frac) + 1 > rpm then return {1, s .. '.rpm', '0', w[1], w[2]} end
+  if tpm >= 0 and w[3] + w[4] * (1 - frac) + tokens > tpm then return {1, s .. '.tpm', '0', w[3], w[4]} end
   if per_day >= 0 then
     if spent_day + cost > per_day then return {1, s .. '.usd_per_day', tostring(spent_day)} end
     if per_day > 0 then share = math.max(share, spent_day / per_day) end
@@ -111,10 +112,11 @@ class RedisLimitCounters:
         ]
         for scope in request.scopes:
             args += _cap_args(scope.caps)
-        status, which, detail = await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s)
+        status, which, detail, *window = await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s)
         if int(status) == 0:
             return ReserveOutcome(None, 0.0, float(_text(detail)))
-        return ReserveOutcome(_text(which), float(_text(detail)), 0.0)
+        counted = (float(window[0]), float(window[1])) if window else (0.0, 0.0)
+        return ReserveOutcome(_text(which), float(_text(detail)), 0.0, counted)
 
     async def settle(self, request: SettleRequest, timeout_s: float) -> None:
         script = self._settle
