@@ -137,6 +137,8 @@ class StreamingDeltas:
 
     headers: dict[str, str]
     deltas: AsyncIterator[DeltaBatch]
+    prompt_tokens: int = 0
+    """The gateway's count of the prompt, for protocols that tell it when the stream starts."""
 
 
 @dataclass(slots=True)
@@ -618,7 +620,7 @@ class ChatPipeline:
         include_usage = _includes_usage(x.body)
         items = self._relay(x, stream, first, include_usage, typed)
         if typed:
-            return StreamingDeltas(headers, cast(AsyncIterator[DeltaBatch], items))
+            return StreamingDeltas(headers, cast(AsyncIterator[DeltaBatch], items), x.prompt_tokens)
         return StreamingAnswer(headers, cast(AsyncIterator[bytes], items))
 
     async def _relay(

@@ -166,7 +166,11 @@ def _error(status: int, message: str, headers: dict[str, str]) -> Response[bytes
 
 async def _events(answer: Answer | StreamingDeltas, message_id: str, model: str) -> AsyncIterator[bytes]:
     """The pipeline's answer as Anthropic events."""
-    encoder = anthropic.StreamEncoder(message_id, model, 0)  # the full usage comes in message_delta
+    # Anthropic's message_start says the prompt's tokens; the output's come in message_delta
+    prompt_tokens = (
+        answer.prompt_tokens if isinstance(answer, StreamingDeltas) else answer_of(answer).usage.input_tokens
+    )
+    encoder = anthropic.StreamEncoder(message_id, model, prompt_tokens)
     yield encoder.start()
     async for batch in delta_batches(answer):
         if batch is None:

@@ -92,7 +92,8 @@ class Message(msgspec.Struct, frozen=True):
 
     @property
     def text(self) -> str:
-        return "".join(part.text for part in self.parts if isinstance(part, TextPart))
+        """The text parts, a line apart (as vLLM joins them): two blocks never fuse into one word."""
+        return "\n".join(part.text for part in self.parts if isinstance(part, TextPart))
 
 
 class Tool(msgspec.Struct, frozen=True):

@@ -639,12 +639,25 @@ def encode_error(status: int, message: str) -> bytes:
 class StreamEncoder:
     """Deltas to Anthropic's event sequence: message_start, ping, content blocks, message_delta, message_stop.
 
-    Content blocks are sequential: a thinking, text or tool block closes when the next
-    one starts (a thinking block also when its signature arrives). Tool arguments for a block that has closed (OpenAI upstreams stream
-    parallel calls one after another, so this does not happen in practice) are dropped.
+    Thinking and text stream as they come, a block closing when the next one starts (a
+    thinking block also when its signature arrives). Tool calls are held to the end and sent
+    whole, each as one ``tool_use`` block whose input is the object the non-streamed answer
+    has: an OpenAI upstream may interleave parallel calls' arguments, and a small model's
+    arguments may not be JSON, and Anthropic's blocks can neither be reopened nor carry
+    input that is not an object (the SDKs raise on it).
     """
 
-    __slots__ = ("_blocks", "_finish", "_input_tokens", "_message_id", "_model", "_open", "_open_kind", "_usage")
+    __slots__ = (
+        "_blocks",
+        "_calls",
+        "_finish",
+        "_input_tokens",
+        "_message_id",
+        "_model",
+        "_open",
+        "_open_kind",
+        "_usage",
+    )
 
     def __init__(self, message_id: str, model: str, input_tokens: int) -> None:
         self._message_id = message_id
@@ -652,10 +665,12 @@ class StreamEncoder:
         self._input_tokens = input_tokens
         self._blocks = 0
         self._open: int | None = None
-        self._open_kind: int | str | None = None
-        """``"text"``, or the upstream index of the tool call the open block belongs to."""
+        self._open_kind: str | None = None
+        """The open block's type: ``"text"``, ``"thinking"``, ``"redacted"`` or ``"tool"``."""
         self._finish: FinishReason | None = None
         self._usage: Usage | None = None
+        self._calls: dict[int, tuple[str, str, list[str]]] = {}
+        """Upstream index -> (id, name, argument fragments), in the order the calls began."""
 
     def start(self) -> bytes:
         message: dict[str, Any] = {
@@ -698,11 +713,10 @@ class StreamEncoder:
                     out += self._close() + self._begin("text", {"type": "text", "text": ""})
                 out += self._delta({"type": "text_delta", "text": delta.text})
             elif isinstance(delta, ToolCallStart):
-                block = {"type": "tool_use", "id": delta.id, "name": delta.name, "input": {}}
-                out += self._close() + self._begin(delta.index, block)
+                out += self._close()
+                self._calls.setdefault(delta.index, (delta.id, delta.name, []))
             elif isinstance(delta, ToolArgumentsDelta):
-                if self._open_kind == delta.index:
-                    out += self._delta({"type": "input_json_delta", "partial_json": delta.fragment})
+                self._calls.setdefault(delta.index, ("", "", []))[2].append(delta.fragment)
             elif isinstance(delta, Finish):
                 self._finish = delta.reason
             elif isinstance(delta, UsageReport):
@@ -714,6 +728,7 @@ class StreamEncoder:
         delta = {"stop_reason": _STOP_REASON.get(self._finish or "stop", "end_turn"), "stop_sequence": None}
         return (
             self._close()
+            + self._tool_blocks()
             + _event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})
             + _event("message_stop", {"type": "message_stop"})
         )
@@ -722,12 +737,27 @@ class StreamEncoder:
         """An error after the stream began: Anthropic's ``error`` event."""
         return _event("error", {"type": "error", "error": {"type": error_type_for(status), "message": message}})
 
-    def _begin(self, kind: int | str, block: dict[str, Any]) -> bytes:
+    def _begin(self, kind: str, block: dict[str, Any]) -> bytes:
         self._open, self._open_kind = self._blocks, kind
         self._blocks += 1
         return _event(
             "content_block_start", {"type": "content_block_start", "index": self._open, "content_block": block}
         )
+
+    def _tool_blocks(self) -> bytes:
+        out = b""
+        for number, (call_id, name, fragments) in enumerate(self._calls.values()):
+            block = {
+                "type": "tool_use",
+                "id": call_id or f"toolu_{self._message_id}_{number}",
+                "name": name,
+                "input": {},
+            }
+            whole = msgspec.json.encode(_arguments("".join(fragments))).decode()
+            out += self._begin("tool", block) + self._delta({"type": "input_json_delta", "partial_json": whole})
+            out += self._close()
+        self._calls.clear()
+        return out
 
     def _delta(self, delta: dict[str, Any]) -> bytes:
         return _event("content_block_delta", {"type": "content_block_delta", "index": self._open, "delta": delta})

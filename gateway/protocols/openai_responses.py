@@ -608,8 +608,10 @@ class StreamEncoder:
                 )
             elif isinstance(delta, ToolArgumentsDelta):
                 call = self._calls.get(delta.index)
-                if call is not None and call is self._open:
-                    call.arguments += delta.fragment
+                if call is None:
+                    continue
+                call.arguments += delta.fragment  # a closed call's too (interleaved): response.completed has them all
+                if call is self._open:
                     out += self._event(
                         "response.function_call_arguments.delta", {**self._where(call), "delta": delta.fragment}
                     )

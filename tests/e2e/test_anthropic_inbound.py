@@ -44,8 +44,13 @@ def test_the_stream_helper_accumulates_the_same_answer(claude: anthropic.Anthrop
     }
     whole = claude.messages.create(**ask, extra_headers={"cache-control": "no-cache"})  # type: ignore[call-overload]
     with claude.messages.stream(**ask, extra_headers={"cache-control": "no-cache"}) as stream:  # type: ignore[arg-type]
-        events = [event.type for event in stream]
+        seen = list(stream)
+        events = [event.type for event in seen]
         final = stream.get_final_message()
+    start = seen[0]
+    assert (
+        start.type == "message_start" and start.message.usage.input_tokens > 0
+    )  # said at the start, as Anthropic does
     assert final.content[0].type == "text" and whole.content[0].type == "text"
     assert final.content[0].text == whole.content[0].text
     assert final.stop_reason == "end_turn" and final.usage.output_tokens > 0

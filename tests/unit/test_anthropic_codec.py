@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import msgspec
@@ -151,14 +152,48 @@ def test_a_streamed_text_then_tool_call_becomes_two_content_blocks() -> None:
     assert [name for name, _ in events] == [
         "message_start", "ping",
         "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
-        "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
+        "content_block_start", "content_block_delta", "content_block_stop",
         "message_delta", "message_stop",
     ]  # fmt: skip
     assert events[6][1]["content_block"] == {"type": "tool_use", "id": "call_9", "name": "w", "input": {}}
-    json_parts = [e[1]["delta"]["partial_json"] for e in events[7:9]]
-    assert "".join(json_parts) == '{"city": "Oslo"}'
-    assert events[10][1]["delta"]["stop_reason"] == "tool_use"
-    assert events[10][1]["usage"]["output_tokens"] == 9 and events[10][1]["usage"]["input_tokens"] == 12
+    assert events[7][1]["delta"]["partial_json"] == '{"city":"Oslo"}'  # the call's input, whole
+    assert events[9][1]["delta"]["stop_reason"] == "tool_use"
+    assert events[9][1]["usage"]["output_tokens"] == 9 and events[9][1]["usage"]["input_tokens"] == 12
+
+
+def _tool_inputs(chunks: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    reader, encoder = openai_chat.ChunkReader(), anthropic.StreamEncoder("msg_1", "m", 0)
+    stream = encoder.start() + b"".join(encoder.feed(reader.read(chunk)) for chunk in chunks) + encoder.finish()
+    events = _events(stream)
+    starts = [data["content_block"] for name, data in events if name == "content_block_start"]
+    parts = [data["delta"]["partial_json"] for name, data in events if name == "content_block_delta"]
+    return [(block["name"], json.loads(part)) for block, part in zip(starts, parts, strict=True)]
+
+
+def _call(index: int, **function: str) -> dict[str, Any]:
+    call: dict[str, Any] = {"index": index, "function": function}
+    if "name" in function:
+        call.update(id=f"call_{index}", type="function")
+    return {"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]}
+
+
+def test_parallel_calls_whose_arguments_interleave_keep_every_argument() -> None:
+    # Legal OpenAI chunking: both calls announced, then their arguments. Anthropic blocks
+    # cannot be reopened, so the calls are sent whole at the end.
+    chunks = [
+        _call(0, name="a", arguments=""), _call(1, name="b", arguments=""),
+        _call(0, arguments='{"x": 1}'), _call(1, arguments='{"y": 2}'),
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+    ]  # fmt: skip
+    assert _tool_inputs(chunks) == [("a", {"x": 1}), ("b", {"y": 2})]
+
+
+def test_streamed_arguments_that_are_not_an_object_arrive_as_the_non_streamed_answer_has_them() -> None:
+    chunks = [
+        _call(0, name="a", arguments="{not json"), _call(1, name="b", arguments="[1, 2]"),
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+    ]  # fmt: skip
+    assert _tool_inputs(chunks) == [("a", {"_raw_arguments": "{not json"}), ("b", {"value": [1, 2]})]
 
 
 def test_signed_thinking_travels_in_the_chat_body_and_never_to_an_openai_upstream() -> None:
@@ -345,7 +380,8 @@ def test_deltas_survive_anthropics_event_stream_and_back() -> None:
         if frame.strip():
             got += decoder.feed(msgspec.json.decode(frame.split("data: ", 1)[1]))
     assert decoder.id == "msg_1" and decoder.model == "claude-sim"
-    assert [d for d in got if not isinstance(d, UsageReport)] == sent[:-1]
+    whole = [*sent[:5], ToolArgumentsDelta(0, '{"city":"Paris"}'), sent[7]]  # a tool call's input comes whole
+    assert [d for d in got if not isinstance(d, UsageReport)] == whole
     assert decoder.usage is not None and (decoder.usage.input_tokens, decoder.usage.output_tokens) == (12, 30)
 
 

@@ -61,7 +61,7 @@ async def test_a_rate_limit_refuses_with_429_and_retry_after(harness: Harness) -
         assert answer_of(await harness.ask(f"question {i}", key="capped"))[0] == 200
     status, body, headers = answer_of(await harness.ask("one too many", key="capped"))
     assert status == 429 and "key.rpm" in body["error"]["message"]
-    assert 1 <= int(headers["retry-after"]) <= 60
+    assert 1 <= int(headers["retry-after"]) <= 120  # until the sliding window has room again
 
 
 async def test_a_budget_refuses_before_the_upstream_is_called(harness: Harness) -> None:

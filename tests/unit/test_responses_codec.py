@@ -321,6 +321,22 @@ def test_a_stream_of_text_and_a_call_follows_openais_event_order() -> None:
     )
 
 
+def test_interleaved_parallel_calls_keep_every_argument_in_the_completed_response() -> None:
+    encoder = codec.StreamEncoder(_decode(input="x", stream=True), "resp_1", 1, _ids())
+    out = encoder.start()
+    out += encoder.feed([ToolCallStart(0, "call_a", "a"), ToolCallStart(1, "call_b", "b")])
+    out += encoder.feed([ToolArgumentsDelta(0, '{"x": 1}'), ToolArgumentsDelta(1, '{"y": 2}'), Finish("tool_calls")])
+    out += encoder.finish()
+    _, _, state = _replay(out)
+    final = state._completed_response
+    assert final is not None
+    assert [(item.name, item.arguments) for item in final.output if item.type == "function_call"] == [
+        ("a", '{"x": 1}'),
+        ("b", '{"y": 2}'),
+    ]
+    assert [call.arguments for call in encoder.answer().tool_calls] == ['{"x": 1}', '{"y": 2}']  # what is stored
+
+
 def test_a_stream_with_no_output_still_has_a_message_and_a_cut_one_is_incomplete() -> None:
     encoder = codec.StreamEncoder(_decode(input="x"), "resp_1", 1, _ids())
     names, _, state = _replay(encoder.start() + encoder.finish())
