@@ -31,6 +31,7 @@ from gateway.core.model import Request as CoreRequest
 from gateway.errors import GatewayError
 from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas
 from gateway.protocols import anthropic_messages as anthropic
+from gateway.protocols import openai_chat
 from gateway.tokens import count_prompt
 
 __all__ = ["count_message_tokens", "create_message"]
@@ -57,8 +58,10 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
                     passthrough.headers["anthropic-beta"] = beta
         else:
             decoded = anthropic.decode_request(raw)
-            if decoded.thinking is not None:
-                decoded.dropped.append("thinking")  # no upstream of the route but Anthropic's can honour it
+            # no upstream of the route but Anthropic's can honour these
+            lost = ["thinking"] if decoded.thinking is not None else []
+            lost += openai_chat.lost_on_chat_upstreams(decoded)
+            decoded.dropped.extend(name for name in dict.fromkeys(lost) if name not in decoded.dropped)
         asked.append(decoded)
         return decoded
 

@@ -57,6 +57,7 @@ __all__ = [
     "chunk_delta",
     "completion_body",
     "completion_from_answer",
+    "lost_on_chat_upstreams",
     "read_chat_request",
     "read_usage",
     "request_from_chat_body",
@@ -76,6 +77,21 @@ _FINISH: dict[str, FinishReason] = {
     "function_call": "tool_calls",
     "content_filter": "content_filter",
 }
+
+
+def lost_on_chat_upstreams(request: Request) -> list[str]:
+    """What of ``request``'s turns a chat completions upstream cannot be sent (for ``x-gateway-dropped``):
+    signed thinking, and a tool result's images or error flag (its content is text there)."""
+    lost: dict[str, None] = {}
+    for message in request.messages:
+        if any(isinstance(part, ThinkingPart | RedactedThinkingPart) for part in message.parts):
+            lost["thinking"] = None
+        if message.role == "tool":
+            if any(not isinstance(part, TextPart) for part in message.parts):
+                lost["tool_result.image"] = None
+            if message.is_error:
+                lost["tool_result.is_error"] = None
+    return list(lost)
 
 
 def to_chat_body(request: Request) -> dict[str, Any]:

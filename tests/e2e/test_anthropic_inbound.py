@@ -141,6 +141,29 @@ def test_thinking_is_dropped_with_a_note_for_a_chat_upstream(
     assert sent["messages"][1] == {"role": "assistant", "content": [{"type": "text", "text": "4"}]}
 
 
+def test_what_a_chat_upstream_cannot_take_of_the_turns_is_named_not_lost_silently(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    image = {"type": "image", "source": {"type": "url", "url": "https://example.com/chart.png"}}
+    signed = {"type": "thinking", "thinking": "Earlier reasoning.", "signature": "c2lnbmVk"}
+    body = {
+        "model": "fast",
+        "max_tokens": 64,
+        "tools": [{"name": "plot", "input_schema": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": "Plot it."},
+            {"role": "assistant", "content": [signed, {"type": "tool_use", "id": "toolu_1", "name": "plot", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+                                          "content": [{"type": "text", "text": "see"}, image]}]},
+        ],
+    }  # fmt: skip
+    response = httpx.post(f"{gateway.url}/v1/messages", json=body, timeout=15)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-gateway-dropped"] == "thinking,tool_result.image,tool_result.is_error"
+    sent = upstream_stats(small_upstream)["last_request"]["body"]
+    assert sent["messages"][-1] == {"role": "tool", "tool_call_id": "toolu_1", "content": "see"}
+
+
 _THINKING: Any = {"type": "enabled", "budget_tokens": 1024}
 _WEATHER: list[ToolUnionParam] = [
     {
