@@ -43,7 +43,9 @@ class Authenticator:
         if not self.enabled:
             return ANONYMOUS
         if not authorization:
-            raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
+            raise AuthenticationError(
+                "missing API key: send 'Authorization: Bearer <key>' (Anthropic clients: 'x-api-key: <key>')"
+            )
         scheme, _, secret = authorization.partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
             raise AuthenticationError("malformed Authorization header: expected 'Bearer <key>'")

@@ -205,6 +205,10 @@ class EmbeddingsPipeline:
         log_request(record)
         if reservation is not None:
             self._limiter.settle_later(runtime.policy, reservation, UsageFigures.of_request(record))
+        elif record.key_id != "-":  # authenticated, then refused
+            self._limiter.record_unreserved(
+                runtime.policy, record.tenant, record.key_id, UsageFigures.of_request(record)
+            )
 
 
 def _parse(raw: bytes) -> tuple[_EmbeddingsRequest, list[str] | list[list[int]]]:

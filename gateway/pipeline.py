@@ -777,6 +777,10 @@ class ChatPipeline:
         self._teach(x)
         if x.reservation is not None:
             self._limiter.settle_later(x.runtime.policy, x.reservation, UsageFigures.of_request(record))
+        elif record.key_id != "-":  # authenticated, then refused
+            self._limiter.record_unreserved(
+                x.runtime.policy, record.tenant, record.key_id, UsageFigures.of_request(record)
+            )
 
 
 def _unstreamed(request: core.Request, body: dict[str, Any] | None) -> tuple[core.Request, dict[str, Any] | None]:

@@ -129,6 +129,11 @@ class Limiter:
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
+    def record_unreserved(self, policy: Policy, tenant: str, key_id: str, used: UsageFigures) -> None:
+        """A request of a known key refused before it reserved (a bad body, a model it may not
+        use, a limit): counted in the key's usage like any other, as the request log counts it."""
+        self.ledger.record(usage_keys(tenant, key_id, time.time()), used, policy.limits.redis_timeout_ms / 1000)
+
     async def drain(self) -> None:
         """Wait for the settlements still running (before a usage read, and at shutdown)."""
         if self._settling:

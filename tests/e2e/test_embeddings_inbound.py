@@ -125,6 +125,22 @@ def test_embeddings_of_a_key_without_limits_count_in_its_usage(gateway_with_cach
     assert after["prompt_tokens"] == before["prompt_tokens"] + answer.usage.prompt_tokens
 
 
+def test_refused_requests_count_in_usage_as_the_request_log_counts_them(gateway_with_cache: GatewayProcess) -> None:
+    def used() -> dict[str, int]:
+        body = httpx.get(f"{gateway_with_cache.base_url}/usage", headers={"authorization": "Bearer key-b"}, timeout=10)
+        total: dict[str, int] = body.json()["total"]
+        return total
+
+    before = used()
+    with _client(gateway_with_cache, "key-b") as client:
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(openai.BadRequestError):
+            client.embeddings.create(model="fast", input="a chat model")
+    after = used()
+    assert (after["requests"], after["errors"]) == (before["requests"] + 2, before["errors"] + 2)
+
+
 def test_a_fallback_embeds_the_whole_batch_and_is_not_cached_as_the_primary(
     gateway_with_cache: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
 ) -> None:
