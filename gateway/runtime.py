@@ -149,6 +149,8 @@ class RuntimeHolder:
                 await asyncio.to_thread(keep_last_good, loaded, self.last_good)
             self._retire(list(old.providers.values()))
             _log.info("policy_reloaded", reason=reason, version=new.version, previous=old.version)
+            if new.policy.request_log != old.policy.request_log:  # its writer and file are opened at start-up
+                _log.warning("policy_needs_restart", section="request_log", detail="applies when the gateway restarts")
             for warning in loaded.warnings:
                 _log.warning("policy_warning", detail=warning)
             return True

@@ -164,6 +164,14 @@ def test_file_edit_is_picked_up_without_restart(gw: GatewayProcess) -> None:
     assert reloaded[0]["level"] == "info"
 
 
+def test_a_request_log_change_is_applied_and_said_to_need_a_restart(gw: GatewayProcess) -> None:
+    edited = gw.policy_path.read_text() + "\nrequest_log: {path: never-opened.jsonl}\n"
+    version = _settle(gw, edited)
+    said = _wait_for_ops_event(gw, "policy_needs_restart", lambda r: r.get("section") == "request_log")
+    assert said and said[0]["level"] == "warning", gw.stderr_text()
+    assert _chat(gw).headers["x-gateway-policy-version"] == version  # the rest of the edit is in force
+
+
 def test_invalid_edits_are_rejected_and_a_fix_is_picked_up(gw: GatewayProcess) -> None:
     good = gw.policy_path.read_text()
     version = _version_of(good)
