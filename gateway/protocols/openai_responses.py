@@ -134,6 +134,8 @@ def decode_request(
             raise InvalidRequestError(f"'{name}' is not supported by this gateway", param=name)
     tools, echo_tools = _tools(wire.tools or [], passed_through)
     choice, echo_choice = _tool_choice(wire.tool_choice, wire.parallel_tool_calls)
+    if not passed_through:
+        _check_choice(choice, tools)
     text = wire.text or {}
     text_format, json_schema, response_format, dropped = _text_format(
         text.get("format"), lambda: json_object_ok is None or json_object_ok(wire.model)
@@ -359,6 +361,18 @@ def _tool_choice(
             param="tool_choice",
         )
     return ToolChoice("tool", raw["name"], allow_parallel), {"type": "function", "name": raw["name"]}
+
+
+def _check_choice(choice: ToolChoice | None, tools: list[Tool]) -> None:
+    """What OpenAI refuses: a call required of no tools, or of a function the request does not define."""
+    if choice is None:
+        return
+    if choice.mode == "required" and not tools:
+        raise InvalidRequestError("tool_choice: 'required' needs at least one tool in 'tools'", param="tool_choice")
+    if choice.mode == "tool" and choice.name not in {tool.name for tool in tools}:
+        raise InvalidRequestError(
+            f"tool_choice: function '{choice.name}' is not one of the request's tools", param="tool_choice"
+        )
 
 
 def _text_format(

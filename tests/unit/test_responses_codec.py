@@ -380,3 +380,16 @@ async def test_the_store_keeps_turns_per_tenant_and_deletes_them() -> None:
 def _chat(decoded: codec.ResponsesRequest, history: Sequence[Message] = ()) -> dict[str, Any]:
     """The chat body an OpenAI-compatible upstream is sent for ``decoded``."""
     return openai_chat.to_chat_body(codec.to_request(decoded, history))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"tool_choice": "required"},
+        {"tool_choice": {"type": "function", "name": "missing"}, "tools": [{"type": "function", "name": "present"}]},
+    ],
+)
+def test_a_tool_choice_no_tool_can_satisfy_is_a_400_naming_it(fields: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        _decode(input="x", **fields)
+    assert refused.value.param == "tool_choice"
