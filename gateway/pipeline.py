@@ -565,7 +565,7 @@ class ChatPipeline:
         :meth:`_storing`; ``answer`` None: the internal answer cannot hold all of it (a refusal,
         annotations, ...), and nothing is stored (a lease held is released when the request ends)."""
         plan = x.cache
-        if plan is None or answer is None:
+        if plan is None or answer is None or not _complete(answer):
             return None
         policy = x.runtime.policy.cache
         timeout_s = policy.redis_timeout_ms / 1000
@@ -781,6 +781,13 @@ class ChatPipeline:
             self._limiter.record_unreserved(
                 x.runtime.policy, record.tenant, record.key_id, UsageFigures.of_request(record)
             )
+
+
+def _complete(answer: core.Answer) -> bool:
+    """Worth replaying: the model finished (or hit max_tokens, which the key holds) and said
+    something. An empty answer, a content filter's stop or a stream that never said why it
+    ended is what that one call got, not the answer to the prompt."""
+    return answer.finish_reason in ("stop", "length", "tool_calls") and bool(answer.text or answer.tool_calls)
 
 
 def _unstreamed(request: core.Request, body: dict[str, Any] | None) -> tuple[core.Request, dict[str, Any] | None]:

@@ -16,6 +16,9 @@ _NOT_IN_KEY = frozenset({"stream_options", "metadata", "store", "service_tier", 
 """Unmodeled fields (:attr:`Request.extra`) that do not change the answer. Every other one,
 unknown fields included, is part of the key."""
 
+_DEFAULTS: dict[str, object] = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False}
+"""Unmodeled fields whose value here is the API's default: sent or left out, one key."""
+
 _encoder = msgspec.json.Encoder(order="sorted")
 
 
@@ -46,9 +49,15 @@ def answer_params(request: Request) -> dict[str, Any]:
         "thinking": request.thinking,
     }
     for key, value in request.extra.items():
-        if key not in _NOT_IN_KEY:
-            params[key] = float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        if key in _NOT_IN_KEY or _is_default(key, value):
+            continue
+        params[key] = float(value) if isinstance(value, int) and not isinstance(value, bool) else value
     return params
+
+
+def _is_default(key: str, value: object) -> bool:
+    default = _DEFAULTS.get(key, _DEFAULTS)  # the dict itself: no field's value
+    return value is default if isinstance(default, bool) else type(value) in (int, float) and value == default
 
 
 def namespace_hash(route: str, system_prompt: str, params: dict[str, Any]) -> str:

@@ -24,6 +24,9 @@ class FakeUpstream:
         self.transport = httpx.MockTransport(self._handle)
         self.usage: dict[str, Any] | None = None
         """When set, the usage every answer reports (as a provider with prompt caching would)."""
+        self.ending: tuple[str, str | None] | None = None
+        """When set, every answer's text and finish_reason (a content filter's empty stop, a
+        stream that never says why it ended)."""
 
     def fail(self, model: str, status: int, times: int = 1, headers: dict[str, str] | None = None) -> None:
         self._failures[model].extend([(status, headers or {})] * times)
@@ -39,20 +42,20 @@ class FakeUpstream:
             status, headers = self._failures[model].popleft()
             error = {"error": {"message": f"{model} is failing", "type": "server_error", "code": None}}
             return httpx.Response(status, json=error, headers=headers)
-        text = f"{model} says: {_last_user_text(body)[::-1]}"
+        text, finish = self.ending or (f"{model} says: {_last_user_text(body)[::-1]}", "stop")
         prompt_tokens, completion_tokens = len(json.dumps(body["messages"]).split()), len(text.split())
         usage = self.usage or {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            events = _events(model, text, usage if include_usage else None)
+            events = _events(model, text, finish, usage if include_usage else None)
             return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=events)
         completion = {
             "id": "chatcmpl-fake",
             "object": "chat.completion",
             "created": 1,
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
             "usage": usage,
         }
         return httpx.Response(200, json=completion)
@@ -66,16 +69,16 @@ def _last_user_text(body: dict[str, Any]) -> str:
     return ""
 
 
-async def _events(model: str, text: str, usage: dict[str, int] | None) -> AsyncIterator[bytes]:
+async def _events(model: str, text: str, finish: str | None, usage: dict[str, int] | None) -> AsyncIterator[bytes]:
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         payload = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
         return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
-    for word in text.split(" "):
+    for word in text.split(" ") if text else ():
         yield chunk({"content": word + " "})
-    yield chunk({}, "stop")
+    yield chunk({}, finish)
     if usage is not None:
         tail = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
                 "choices": [], "usage": usage}  # fmt: skip

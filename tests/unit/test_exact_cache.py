@@ -79,6 +79,10 @@ def test_one_request_written_two_ways_has_one_key() -> None:
     assert _key("t", text) != _key("t", cached)  # a part with more than text is kept as written
     assert _key("t", text) != _key("u", text)
     assert _key("t", text) != _key("t", {**text, "logit_bias": {"1": 5}})  # a field the model has no name for
+    defaults = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0, "logprobs": False}
+    assert _key("t", text) == _key("t", {**text, **defaults})  # the API's defaults, sent or not
+    assert _key("t", text) != _key("t", {**text, "presence_penalty": 0.5})
+    assert _key("t", text) != _key("t", {**text, "logprobs": True})
 
 
 def _key(tenant: str, body: dict[str, object]) -> str:

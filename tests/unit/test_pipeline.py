@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import pytest
 
 from gateway.pipeline import StreamingAnswer
 from tests.unit.conftest import Harness, answer_of
@@ -19,6 +20,26 @@ async def test_a_repeated_question_is_answered_from_the_exact_cache(harness: Har
     assert second["choices"][0]["message"] == first["choices"][0]["message"]
     assert second["id"] != first["id"]  # a hit is its own response
     assert harness.upstream.calls_to("small") == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "finish", "stream"),
+    [("", "content_filter", False), ("", "stop", False), ("half an answer", None, True), ("", "content_filter", True)],
+)
+async def test_an_answer_that_is_not_one_is_never_cached(
+    harness: Harness, text: str, finish: str | None, stream: bool
+) -> None:
+    # What one call got (a filter's empty stop, a stream that never said why it ended), not the answer to the prompt.
+    harness.upstream.ending = (text, finish)
+    for _ in range(2):
+        answer = await harness.ask("filtered or cut", stream=stream)
+        if isinstance(answer, StreamingAnswer):
+            assert answer.headers["x-gateway-cache"] == "miss"
+            async for _ in answer.events:
+                pass
+        else:
+            assert answer_of(answer)[2]["x-gateway-cache"] == "miss"
+    assert harness.upstream.calls_to("small") == 2
 
 
 async def test_no_cache_reads_fresh_and_no_store_leaves_nothing(harness: Harness) -> None:
