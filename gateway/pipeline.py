@@ -672,6 +672,9 @@ class ChatPipeline:
             # Headers are gone: tell the client in-band, as OpenAI does; never retry mid-stream.
             self._metrics.upstream_error(exc.upstream, exc.code)
             record.error_type = exc.code
+            breaker = self._holder.breakers.get(provider.name)
+            if breaker is not None:
+                breaker.record_broken()
             self._settle(x, provider, None, stream.tally.text)
             yield _failure(stream, exc, typed)
         except Exception as exc:

@@ -65,6 +65,15 @@ class CircuitBreaker:
         if requests >= policy.min_requests and failures >= policy.failure_rate * requests:
             self._opened_at = self._clock()
 
+    def record_broken(self) -> None:
+        """An answer that began well, then broke (a stream cut, stalled or errored mid-way): the
+        success its start counted becomes a failure, so the request still has one verdict."""
+        for bucket in reversed(self._buckets):
+            if bucket[1] > 0:
+                bucket[1] -= 1
+                break
+        self.record_failure()
+
     def update_policy(self, policy: CircuitBreakerPolicy) -> None:
         self._policy = policy
 

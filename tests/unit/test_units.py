@@ -95,6 +95,22 @@ def test_circuit_breaker_opens_half_opens_and_closes() -> None:
     assert breaker.state == "closed" and breaker.allow()
 
 
+def test_streams_that_break_after_they_began_open_the_circuit() -> None:
+    # dispatch counts a stream's first chunk as the upstream answering; a stream cut, stalled
+    # or errored after it must turn that into a failure, or such an upstream is never avoided.
+    now = [0.0]
+    policy = CircuitBreakerPolicy(failure_rate=0.5, min_requests=4, window_s=10, reset_after_s=10)
+    breaker = CircuitBreaker(policy, clock=lambda: now[0])
+    for _ in range(3):
+        breaker.record_success()  # the stream began
+        now[0] += 1.5
+        breaker.record_broken()  # and broke, a second later
+    assert breaker.allow()  # 3 requests: too few to judge
+    breaker.record_success()
+    breaker.record_broken()
+    assert breaker.state == "open"  # 4 of 4 failed: one verdict each, not 4 successes and 4 failures
+
+
 def test_abandoned_probe_lets_the_next_request_probe() -> None:
     now = [0.0]
     breaker = CircuitBreaker(CircuitBreakerPolicy(min_requests=1, reset_after_s=1), clock=lambda: now[0])
