@@ -19,7 +19,7 @@ from typing import IO, Any
 import numpy as np
 
 from gateway.classifier.runtime import Classifier
-from gateway.classifier.text import select_text
+from gateway.classifier.text import select_from_turns, select_text
 
 BATCH = 32
 
@@ -53,12 +53,28 @@ def _texts(lines: IO[str]) -> Iterator[tuple[dict[str, Any] | None, str | None, 
         if not isinstance(rec, dict):
             yield None, None, "line is not a JSON object"
             continue
-        if isinstance(rec.get("messages"), list):
-            yield rec, select_text(rec["messages"]), None
+        messages = rec.get("messages")
+        if isinstance(messages, list):
+            problem = _messages_problem(messages)
+            if problem is not None:
+                yield rec, None, problem
+            else:
+                yield rec, select_text(messages), None
         elif isinstance(rec.get("prompt"), str):
-            yield rec, rec["prompt"], None
+            yield rec, select_from_turns([("user", rec["prompt"])]), None  # as the gateway reads one user turn
         else:
             yield rec, None, "needs a 'prompt' string or a 'messages' list"
+
+
+def _messages_problem(messages: list[Any]) -> str | None:
+    """What the gateway would refuse in chat ``messages`` (so they are not scored as something else)."""
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"messages[{index}] is not an object"
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            return f"messages[{index}].content must be a string or a list of parts"
+    return None
 
 
 def _scores(

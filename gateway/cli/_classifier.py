@@ -15,7 +15,7 @@ from gateway.settings import DEFAULT_ROUTER_ARTIFACTS
 if TYPE_CHECKING:
     from gateway.classifier.runtime import Classifier
 
-__all__ = ["add_classifier_arguments", "load_classifier_or_exit", "load_route_or_exit"]
+__all__ = ["add_classifier_arguments", "load_classifier_or_exit", "load_route_or_exit", "unreadable_input"]
 
 
 def add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,4 +52,19 @@ def load_route_or_exit(policy_path: Path, route: str) -> tuple[str, str, float]:
     if route not in policy.routes:
         print(f"{policy_path}: no route {route!r}; routes are: {', '.join(policy.routes)}", file=sys.stderr)
         raise SystemExit(1)
+    if policy.routes[route].strategy != "classifier":
+        classifier_routes = [name for name, config in policy.routes.items() if config.strategy == "classifier"]
+        print(
+            f"{policy_path}: route {route!r} does not use the classifier (it always goes to its model); "
+            f"classifier routes: {', '.join(classifier_routes) or 'none'}",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
     return policy.pair.small, policy.pair.large, policy.routes[route].threshold
+
+
+def unreadable_input(path: str, exc: OSError | UnicodeDecodeError) -> int:
+    """A prompt file that cannot be read at all: said in one line, exit status 1."""
+    reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else (exc.strerror or str(exc))
+    print(f"cannot read {path}: {reason}", file=sys.stderr)
+    return 1

@@ -6,7 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from gateway.cli._classifier import add_classifier_arguments, load_classifier_or_exit, load_route_or_exit
+from gateway.cli._classifier import (
+    add_classifier_arguments,
+    load_classifier_or_exit,
+    load_route_or_exit,
+    unreadable_input,
+)
 from gateway.cli._parsers import Subcommands
 from gateway.config.edit import set_route_threshold
 
@@ -32,10 +37,15 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.target_large_share <= 1:
         print("--target-large-share must be between 0 and 1", file=sys.stderr)
         return 2
-    if args.write:  # the file and the route are checked before the work, not after
-        load_route_or_exit(Path(args.policies), args.route)
+    load_route_or_exit(Path(args.policies), args.route)  # the file and the route are checked before the work
     classifier = load_classifier_or_exit(args.artifacts)
-    threshold, unreadable = calibrate(classifier, args.jsonl, args.target_large_share)
+    try:
+        threshold, unreadable = calibrate(classifier, args.jsonl, args.target_large_share)
+    except (OSError, UnicodeDecodeError) as exc:
+        return unreadable_input(args.jsonl, exc)
+    except ValueError as exc:  # no prompt at all
+        print(f"{args.jsonl}: {exc}", file=sys.stderr)
+        return 1
     print(f"{threshold:.6f}")
     if unreadable:  # as route does: a sample with holes is not a calibration to write silently
         print(f"{unreadable} line(s) could not be read; nothing written", file=sys.stderr)

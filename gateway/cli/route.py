@@ -6,7 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from gateway.cli._classifier import add_classifier_arguments, load_classifier_or_exit, load_route_or_exit
+from gateway.cli._classifier import (
+    add_classifier_arguments,
+    load_classifier_or_exit,
+    load_route_or_exit,
+    unreadable_input,
+)
 from gateway.cli._parsers import Subcommands
 
 __all__ = ["register", "run"]
@@ -28,14 +33,17 @@ def run(args: argparse.Namespace) -> int:
 
     small, large, threshold = load_route_or_exit(Path(args.policies), args.route)
     classifier = load_classifier_or_exit(args.artifacts)
-    counts = route_jsonl(
-        classifier,
-        args.jsonl,
-        None if args.output == "-" else args.output,
-        args.threshold if args.threshold is not None else threshold,
-        small,
-        large,
-    )
+    try:
+        counts = route_jsonl(
+            classifier,
+            args.jsonl,
+            None if args.output == "-" else args.output,
+            args.threshold if args.threshold is not None else threshold,
+            small,
+            large,
+        )
+    except (OSError, UnicodeDecodeError) as exc:
+        return unreadable_input(args.jsonl, exc)
     print(
         f"{counts['lines']} prompts: {counts['large']} large, {counts['small']} small, {counts['errors']} unreadable",
         file=sys.stderr,

@@ -68,7 +68,12 @@ async def _run(args: argparse.Namespace) -> int:
     from gateway.learning.learned import active_version, rollback
     from gateway.store.redis import SharedRedis, connect, redis_store
 
-    redis = SharedRedis(connect(args.redis, timeout_s=5.0), Metrics())
+    try:
+        client = connect(args.redis, timeout_s=5.0)
+    except ValueError as exc:  # a URL redis-py cannot read (no I/O has happened yet)
+        print(f"invalid --redis / REDIS_URL: {exc}", file=sys.stderr)
+        return 2
+    redis = SharedRedis(client, Metrics())
     kv = redis_store(redis).kv
     scope = None if args.pooled else args.tenant[0]
     try:

@@ -212,6 +212,21 @@ def test_route_jsonl_and_calibrate(clf: Classifier, tmp_path: Path) -> None:
     assert all(json.loads(x).get("model", "l") == "l" for x in dst.read_text().splitlines())
 
 
+def test_messages_the_gateway_would_refuse_are_reported_not_scored(clf: Classifier) -> None:
+    lines = [
+        {"messages": ["hi"]},
+        {"messages": [None]},
+        {"messages": [{"role": "user", "content": {"text": "hi"}}]},
+        {"prompt": "   what is 2+2   \n\n"},
+        {"messages": [{"role": "user", "content": "what is 2+2"}]},
+    ]
+    out = io.StringIO()
+    counts = route_jsonl(clf, io.StringIO("".join(json.dumps(x) + "\n" for x in lines)), out, 0.5, "s", "l")
+    rows = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert counts["errors"] == 3 and [r.get("error", "")[:11] for r in rows[:3]] == ["messages[0]"] * 3
+    assert rows[3]["p_large"] == rows[4]["p_large"]  # a prompt is read as the gateway reads a user turn
+
+
 def test_threshold_for_share_edges() -> None:
     p = np.array([0.1, 0.2, 0.2, 0.2, 0.9])
     assert threshold_for_share(p, 0.2) == 0.9

@@ -83,6 +83,23 @@ def test_route_names_an_unknown_route_before_loading_the_classifier(
     assert "no route 'auto'; routes are: fast" in capsys.readouterr().err
 
 
+def test_route_and_calibrate_refuse_a_route_that_does_not_use_the_classifier(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for command in (["route"], ["calibrate", "--target-large-share", "0.3"]):
+        with pytest.raises(SystemExit) as exited:
+            main(
+                [*command, "--jsonl", "-", "--policies", str(policy), "--route", "fast", "--artifacts", "/nonexistent"]
+            )
+        assert exited.value.code == 1
+        assert "route 'fast' does not use the classifier" in capsys.readouterr().err
+
+
+def test_the_router_command_says_a_redis_url_is_malformed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["router", "status", "--tenant", "acme", "--redis", "foo://x"]) == 2
+    assert "invalid --redis / REDIS_URL" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "before",
     [
