@@ -5,7 +5,8 @@ after the client has its answer, the gateway asks the *other* model of the pair 
 request and has a judge model compare the two answers (:func:`judge_request`, the prompt
 below). "The small model's answer is as good" labels the prompt *small was enough*;
 otherwise *needed large*. Shadow calls cost money: each tenant's route stops for the day
-once its shadow spend reaches ``learning.usd_per_day``; the spend is logged
+once its shadow spend reaches ``learning.usd_per_day`` (its jobs run one at a time per
+process, so the cap is overrun by at most one job per worker); the spend is logged
 (``shadow_judgement``) and exported, never charged to the tenant. A shadow call that fails
 is logged and dropped: it never touches what the client received.
 """
@@ -79,6 +80,8 @@ class ShadowJudge:
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._background = BackgroundTasks()
+        self._one_at_a_time: dict[tuple[str, str], asyncio.Lock] = {}
+        """Per tenant and route: a job checks the day's spend after the one before it added its cost."""
 
     def sample(self, policy: LearningPolicy) -> bool:
         return policy.shadow_share > 0 and self._rng.random() < policy.shadow_share
@@ -87,6 +90,14 @@ class ShadowJudge:
         self._background.spawn(self._run(job), "shadow-judge")
 
     async def _run(self, job: ShadowJob) -> None:
+        # Checked before the calls and added after them: jobs run side by side would all pass
+        # the check and overrun the cap together, so one tenant's route judges one at a time
+        # in a process (shadow judging is background work; its latency is nobody's).
+        lock = self._one_at_a_time.setdefault((job.tenant, job.trace.route), asyncio.Lock())
+        async with lock:
+            await self._judge(job)
+
+    async def _judge(self, job: ShadowJob) -> None:
         route, tenant = job.trace.route, job.tenant
         cost = 0.0
         try:

@@ -136,3 +136,30 @@ def test_a_request_labelled_twice_counts_once_by_its_last_label() -> None:
     _, relabelled = fit_candidate(examples + flipped, None)  # every request relabelled the other way, later
     assert relabelled.held_out == once.held_out and relabelled.trained_on == once.trained_on
     assert relabelled.current_apgr != once.current_apgr  # judged on the flipped labels only
+
+
+async def test_concurrent_shadow_jobs_stay_within_the_days_cap() -> None:
+    # Each job checks the spend, then calls two models: side by side, 20 jobs all passed the
+    # check of an empty day and spent 2.7x the cap (found by an outside tester).
+    import asyncio
+
+    from gateway.accounting.metrics import Metrics
+    from gateway.config.schema import LearningPolicy
+    from gateway.learning.shadow import ShadowJob, ShadowJudge
+
+    store = LearningStore(MemoryKeyValue())
+    judge = ShadowJudge(store, Metrics())
+    policy = LearningPolicy(shadow_share=1.0, usd_per_day=0.002)
+    trace = RoutingTrace.of("k", "auto", "small", 0.2, np.zeros(384), np.zeros(12))
+
+    async def ask() -> tuple[str, float]:
+        await asyncio.sleep(0.01)
+        return "other answer", 0.0008
+
+    async def grade(small: str, large: str) -> tuple[str, float]:
+        await asyncio.sleep(0.01)
+        return "yes", 0.0002
+
+    await asyncio.gather(*(judge._run(ShadowJob(policy, "t", f"r{i}", trace, "answer", ask, grade)) for i in range(20)))
+    spent = await store.add_shadow_spend("t", "auto", 0.0)
+    assert spent == pytest.approx(0.002)  # two jobs of $0.001, then the day is spent
