@@ -223,8 +223,18 @@ class UpstreamStatusError(UpstreamError):
             self.status_code = status
             self.error_type = "invalid_request_error"
             self.code = "upstream_rejected_request"
+            self.param = _param_of(body)  # the client's parameter the upstream named
         else:
             self.status_code = 502
+
+
+def _param_of(body: bytes | None) -> str | None:
+    try:
+        error = msgspec.json.decode(body).get("error") if body else None
+    except (msgspec.DecodeError, AttributeError):
+        return None
+    param = error.get("param") if isinstance(error, dict) else None
+    return param if isinstance(param, str) else None
 
 
 class UpstreamConnectError(UpstreamError):

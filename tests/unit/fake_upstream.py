@@ -40,7 +40,8 @@ class FakeUpstream:
         model = body["model"]
         if self._failures[model]:
             status, headers = self._failures[model].popleft()
-            error = {"error": {"message": f"{model} is failing", "type": "server_error", "code": None}}
+            param = "messages" if status == 400 else None  # as OpenAI names what it refused
+            error = {"error": {"message": f"{model} is failing", "type": "server_error", "param": param, "code": None}}
             return httpx.Response(status, json=error, headers=headers)
         text, finish = self.ending or (f"{model} says: {_last_user_text(body)[::-1]}", "stop")
         prompt_tokens, completion_tokens = len(json.dumps(body["messages"]).split()), len(text.split())

@@ -74,6 +74,7 @@ async def test_a_client_error_is_not_retried_on_another_model(harness: Harness) 
     harness.upstream.fail("small", 400)
     status, body, _ = answer_of(await harness.ask("malformed for the upstream"))
     assert status == 400 and "failing" in body["error"]["message"]
+    assert body["error"]["param"] == "messages"  # the upstream's, passed on
     assert harness.upstream.calls_to("large") == 0
 
 
