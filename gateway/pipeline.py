@@ -675,7 +675,7 @@ class ChatPipeline:
             breaker = self._holder.breakers.get(provider.name)
             if breaker is not None:
                 breaker.record_broken()
-            self._settle(x, provider, None, stream.tally.text)
+            self._settle(x, provider, stream.tally.usage, stream.tally.text)  # the upstream's, if it came
             yield _failure(stream, exc, typed)
         except Exception as exc:
             record.status = 500

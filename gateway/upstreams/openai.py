@@ -103,7 +103,9 @@ class _OpenAIChatStream(ChatStream):
         while not self._done:
             event = await self._events.next()
             if event is None:
-                raise UpstreamProtocolError(name, "stream ended before [DONE]")
+                if tally.finish_reason is None:
+                    raise UpstreamProtocolError(name, "stream ended before [DONE]")
+                break  # the model had finished; only the [DONE] line was left out (some servers do)
             if event.data == b"[DONE]":
                 self._done = True
                 break

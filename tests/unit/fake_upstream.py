@@ -27,6 +27,8 @@ class FakeUpstream:
         self.ending: tuple[str, str | None] | None = None
         """When set, every answer's text and finish_reason (a content filter's empty stop, a
         stream that never says why it ended)."""
+        self.omit_done = False
+        """Streams end without ``data: [DONE]`` (some OpenAI-compatible servers close after the finish)."""
 
     def fail(self, model: str, status: int, times: int = 1, headers: dict[str, str] | None = None) -> None:
         self._failures[model].extend([(status, headers or {})] * times)
@@ -49,7 +51,7 @@ class FakeUpstream:
                                "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            events = _events(model, text, finish, usage if include_usage else None)
+            events = _events(model, text, finish, usage if include_usage else None, done=not self.omit_done)
             return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=events)
         completion = {
             "id": "chatcmpl-fake",
@@ -70,7 +72,9 @@ def _last_user_text(body: dict[str, Any]) -> str:
     return ""
 
 
-async def _events(model: str, text: str, finish: str | None, usage: dict[str, int] | None) -> AsyncIterator[bytes]:
+async def _events(
+    model: str, text: str, finish: str | None, usage: dict[str, int] | None, *, done: bool = True
+) -> AsyncIterator[bytes]:
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         payload = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
@@ -84,4 +88,5 @@ async def _events(model: str, text: str, finish: str | None, usage: dict[str, in
         tail = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
                 "choices": [], "usage": usage}  # fmt: skip
         yield b"data: " + json.dumps(tail).encode() + b"\n\n"
-    yield b"data: [DONE]\n\n"
+    if done:
+        yield b"data: [DONE]\n\n"

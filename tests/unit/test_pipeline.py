@@ -42,6 +42,22 @@ async def test_an_answer_that_is_not_one_is_never_cached(
     assert harness.upstream.calls_to("small") == 2
 
 
+@pytest.mark.parametrize(("finish", "whole"), [("stop", True), (None, False)])
+async def test_a_stream_closed_without_done_is_whole_if_the_model_had_finished(
+    harness: Harness, finish: str | None, whole: bool
+) -> None:
+    harness.upstream.omit_done = True
+    harness.upstream.ending = ("all of it", finish)
+    answer = await harness.ask("no done line", stream=True, stream_options={"include_usage": True})
+    assert isinstance(answer, StreamingAnswer)
+    events = [event async for event in answer.events]
+    assert (events[-1] == b"data: [DONE]\n\n") is whole
+    assert any(b'"error"' in event for event in events) is not whole
+    if whole:
+        usage = msgspec.json.decode(events[-2][6:])["usage"]
+        assert usage["completion_tokens"] == 3  # the upstream's usage ("all of it": 3 words), not a recount
+
+
 async def test_no_cache_reads_fresh_and_no_store_leaves_nothing(harness: Harness) -> None:
     answer_of(await harness.ask("hello", cache_control="no-store"))
     assert answer_of(await harness.ask("hello"))[2]["x-gateway-cache"] == "miss"
