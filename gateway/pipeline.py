@@ -366,7 +366,7 @@ class ChatPipeline:
             plan, tenant, tracker, target = x.plan, x.record.tenant, self._large_share, x.plan.target_large_share
             p_large = score.p_large
             if plan.learning is not None and self._learning is not None:
-                learned = self._learning.routers.current(tenant)
+                learned = await self._learning.routers.in_force(tenant)
                 if learned is not None:
                     p_large = learned.apply(p_large, score.embedding, score.features)
                     x.record.router_version = learned.version

@@ -302,6 +302,14 @@ class LearnedRouters:
             self._background.spawn(self._load(tenant), "learned-router-refresh")
         return None if entry is None else entry.router
 
+    async def in_force(self, tenant: str) -> LearnedRouter | None:
+        """:meth:`current`, but a tenant quiet for two refresh periods waits for one read (a
+        promotion or rollback made meanwhile applies to its very next request, not the one after)."""
+        entry = self._entries.get(tenant)
+        if entry is not None and time.monotonic() - entry.fetched >= 2 * self._refresh_s:
+            return await self.refresh(tenant)
+        return self.current(tenant)
+
     async def refresh(self, tenant: str) -> LearnedRouter | None:
         """Read the version in force now (tests, and the first request after a promotion)."""
         await self._load(tenant)

@@ -163,3 +163,21 @@ async def test_concurrent_shadow_jobs_stay_within_the_days_cap() -> None:
     await asyncio.gather(*(judge._run(ShadowJob(policy, "t", f"r{i}", trace, "answer", ask, grade)) for i in range(20)))
     spent = await store.add_shadow_spend("t", "auto", 0.0)
     assert spent == pytest.approx(0.002)  # two jobs of $0.001, then the day is spent
+
+
+async def test_a_quiet_tenants_next_request_sees_a_rollback_made_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
+    kv = MemoryKeyValue()
+    first, _ = fit_candidate(_examples(200, rule=True), None)
+    second, _ = fit_candidate(_examples(200, rule=True, seed=2), first)
+    await promote(kv, "a", first)
+    await promote(kv, "a", second)
+    now = [0.0]
+    monkeypatch.setattr("gateway.learning.learned.time.monotonic", lambda: now[0])
+    routers = LearnedRouters(kv, refresh_s=5.0)
+    assert await routers.refresh("a") == second
+    await rollback(kv, "a")
+    now[0] = 12.0  # no request for 12 s: the next one must not be answered by the rolled-back router
+    assert await routers.in_force("a") == first
+    now[0] = 13.0  # busy: within the refresh period the cached router answers, refreshed behind
+    assert await routers.in_force("a") == first
+    await routers.aclose()
