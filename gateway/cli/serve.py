@@ -236,10 +236,11 @@ def _uvicorn_supervisor() -> type:
     from uvicorn.supervisors.multiprocess import Process
 
     class GatewaySupervisor(Multiprocess):
-        """uvicorn's supervisor, with two changes. Worker *i* serves socket *i* only (see
+        """uvicorn's supervisor, with three changes. Worker *i* serves socket *i* only (see
         :func:`_listening_sockets`), also when it is replaced after dying. SIGHUP to the
         main process reloads the policy in every worker, in place (as under granian,
-        below), rather than uvicorn's rolling restart of the workers."""
+        below), rather than uvicorn's rolling restart of the workers. SIGTERM and SIGINT
+        close this process's copies of the listening sockets first."""
 
         def init_processes(self) -> None:
             for index in range(self.processes_num):
@@ -266,6 +267,23 @@ def _uvicorn_supervisor() -> type:
                 with _sighup_held():
                     replacement.start()
                 self.processes[index] = replacement
+
+        def handle_term(self) -> None:
+            self._stop_listening()
+            super().handle_term()
+
+        def handle_int(self) -> None:
+            self._stop_listening()
+            super().handle_int()
+
+        def _stop_listening(self) -> None:
+            """The workers close their listeners as they start draining, but this process holds the
+            same sockets (to hand a replacement worker its own): while it does, the kernel still
+            queues new connections that no one will accept, and each hangs until the end, then
+            is reset. Closed here, a new connection is refused at once, as with one worker."""
+            for sock in self.sockets:
+                with contextlib.suppress(OSError):
+                    sock.close()
 
         def handle_hup(self) -> None:
             for process in self.processes:

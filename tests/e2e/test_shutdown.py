@@ -97,3 +97,36 @@ def test_sigterm_under_uvicorn_also_stops_the_embedded_redis(tmp_path: Path, lar
         while Path(f"/proc/{redis_pid}").exists() and not _is_zombie(redis_pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not Path(f"/proc/{redis_pid}").exists() or _is_zombie(redis_pid)
+
+
+def test_with_several_workers_a_new_connection_during_the_drain_is_refused_at_once(
+    tmp_path: Path, large_upstream: SimulatedUpstream
+) -> None:
+    # The supervisor held copies of the workers' listening sockets: during the drain the
+    # kernel queued new connections no one accepted, and each hung, then was reset.
+    with start_simulated_upstream("small", chunk_delay_ms=150) as slow_small:
+        gateway = start_gateway(tmp_path, policy_text(slow_small, large_upstream), workers=2, server="uvicorn")
+        finished: list[str] = []
+
+        def stream() -> None:
+            body = {"model": "fast", "stream": True, "messages": [{"role": "user", "content": " ".join(["word"] * 20)}]}
+            with httpx.stream("POST", f"{gateway.base_url}/chat/completions", json=body, timeout=30) as response:
+                finished.extend(line for line in response.iter_lines() if line)
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        time.sleep(0.5)  # the stream is under way
+        gateway.process.send_signal(signal.SIGTERM)
+        time.sleep(1.5)  # the supervisor handles its signals every 0.5 s
+        late = {"model": "fast", "messages": [{"role": "user", "content": "too late"}]}
+        try:
+            httpx.post(f"{gateway.base_url}/chat/completions", json=late, timeout=5)
+            outcome = "answered"
+        except httpx.ConnectError:
+            outcome = "refused"
+        except httpx.HTTPError as exc:
+            outcome = type(exc).__name__  # ReadError/ReadTimeout: accepted by no one
+        reader.join(30)
+        assert outcome == "refused"
+        assert finished[-1] == "data: [DONE]"  # the stream in flight still finished
+        assert gateway.process.wait(30) == 0
