@@ -38,6 +38,7 @@ from gateway.learning.loop import LearningLoop
 from gateway.limits import Limiter
 from gateway.pipeline import ChatPipeline
 from gateway.runtime import RuntimeHolder, load_at_start
+from gateway.services.parent_death import end_with_supervisor
 from gateway.settings import Settings
 from gateway.store.redis import SharedRedis, connect, redis_store
 
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> ChatRoute:
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        end_with_supervisor()  # a worker does not outlive a serve killed outright
         try:
             state = await _start(settings)
         except Exception as exc:

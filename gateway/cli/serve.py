@@ -54,6 +54,7 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gateway.services.parent_death import SUPERVISOR_PID
     from gateway.services.redis_server import start_embedded_redis
 
     # SIGHUP's default action ends a process: until the server (several workers) or the
@@ -122,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         if args.workers > 1:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir(args.data_dir)
         os.environ["GATEWAY_DRAIN_S"] = str(args.drain_s)
+        if args.server == "granian" or args.workers > 1:  # the workers are this process's children
+            os.environ[SUPERVISOR_PID] = str(os.getpid())
         if args.server == "granian" or args.workers == 1:
             _keep_stdout_for_the_request_log()
         else:  # uvicorn spawns its workers, which inherit no other descriptor: each one splits its own

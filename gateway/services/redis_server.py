@@ -29,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
+from gateway.services.parent_death import end_with_parent
+
 __all__ = ["DEFAULT_MAXMEMORY", "EmbeddedRedis", "RedisServerNotFound", "find_redis_server", "start_embedded_redis"]
 
 DEFAULT_MAXMEMORY = "256mb"
@@ -142,6 +144,7 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             umask=0o077,
+            preexec_fn=end_with_parent(),  # a gateway killed outright leaves no Redis behind
         )
         deadline = time.monotonic() + self._timeout_s
         while time.monotonic() < deadline:

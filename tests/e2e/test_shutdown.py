@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from gateway.simulated import SimulatedUpstream, start_simulated_upstream
 from tests.gateway_process import policy_text, start_gateway
@@ -130,3 +131,28 @@ def test_with_several_workers_a_new_connection_during_the_drain_is_refused_at_on
         assert outcome == "refused"
         assert finished[-1] == "data: [DONE]"  # the stream in flight still finished
         assert gateway.process.wait(30) == 0
+
+
+def test_a_serve_killed_outright_leaves_no_worker_or_redis_behind(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    # SIGKILL runs no clean-up: the workers kept serving on the port and the private Redis
+    # kept running, beside the next gateway's on the same folder.
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    gateway = start_gateway(tmp_path, policy_text(small_upstream, large_upstream), env=env, workers=2, server="uvicorn")
+    redis_pid = _embedded_redis_pid(tmp_path)
+    assert redis_pid is not None
+    workers = [
+        int(p) for p in Path(f"/proc/{gateway.process.pid}/task/{gateway.process.pid}/children").read_text().split()
+    ]
+    assert len(workers) >= 3  # two workers (and uvicorn's resource tracker) beside Redis
+    gateway.process.kill()
+    gateway.process.wait(10)
+    deadline = time.monotonic() + 10
+    alive = [pid for pid in (*workers, redis_pid) if Path(f"/proc/{pid}").exists() and not _is_zombie(pid)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in alive if Path(f"/proc/{pid}").exists() and not _is_zombie(pid)]
+    assert not alive
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{gateway.url}/healthz", timeout=2)
