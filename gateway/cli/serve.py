@@ -25,7 +25,7 @@ def register(commands: Subcommands) -> None:
     serve.add_argument("--policies", default="policies.yaml", help="policy file (default: ./policies.yaml)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--workers", type=_at_least_one, default=1)
     serve.add_argument(
         "--server",
         choices=("uvicorn", "granian"),
@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
                     "no Redis available: REDIS_URL is unset and the embedded Redis is not installed "
                     "(pip install 'llm-gateway[embedded-redis]', or set REDIS_URL); serving without the cache and limits"
                 )
+            except RuntimeError as exc:  # it would not start (an invalid --redis-maxmemory, a folder it cannot use)
+                _say(f"the private Redis did not start: {exc}")
+                return 2
             else:
                 cleanup.callback(redis.stop)
                 redis.supervise(_say)
@@ -373,6 +376,13 @@ def _keep_policy_in_force(text: str, data_dir: str) -> str:
     with open(path, "w", encoding="utf-8") as file:
         file.write(text)
     return path
+
+
+def _at_least_one(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
 
 
 def _say(message: str) -> None:
