@@ -221,6 +221,15 @@ def _listening_sockets(host: str, port: int, workers: int) -> list[socket.socket
     accepted them all: 8 keep-alive connections opened at once all went to one of two
     workers (measured), the other idle."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # SO_REUSEPORT would also join the group of another gateway (or orphaned workers) already
+    # on the port, and split the traffic with it silently: a plain bind first says the port is taken.
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            _say(f"cannot listen on {host}:{port}: {exc}")
+            raise SystemExit(3) from None
     sockets = []
     for _ in range(workers):
         sock = socket.socket(family, socket.SOCK_STREAM)

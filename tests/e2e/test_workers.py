@@ -169,17 +169,20 @@ def test_a_port_in_use_is_a_failed_start_with_several_workers_too(
 ) -> None:
     policy = tmp_path / "policies.yaml"
     policy.write_text(policy_text(small_upstream, large_upstream))
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        done = subprocess.run(
-            [sys.executable, "-m", "gateway", "serve", "--policies", str(policy), "--port", str(port), "--workers", "2",
-             "--data-dir", str(tmp_path / "data")],
-            env={**os.environ, "REDIS_URL": redis_server.url}, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-    assert done.returncode != 0
-    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    for reuse_port in (False, True):  # True: as another gateway's workers hold it (SO_REUSEPORT)
+        with socket.socket() as taken:
+            if reuse_port:
+                taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            done = subprocess.run(
+                [sys.executable, "-m", "gateway", "serve", "--policies", str(policy), "--port", str(port),
+                 "--workers", "2", "--data-dir", str(tmp_path / "data")],
+                env={**os.environ, "REDIS_URL": redis_server.url}, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+        assert done.returncode != 0, done.stderr[-2000:]
+        assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
 
 
 @pytest.mark.parametrize("server", ["uvicorn", "granian"])
