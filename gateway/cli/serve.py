@@ -223,26 +223,27 @@ def _listening_sockets(host: str, port: int, workers: int) -> list[socket.socket
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # SO_REUSEPORT would also join the group of another gateway (or orphaned workers) already
     # on the port, and split the traffic with it silently: a plain bind first says the port is taken.
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            _say(f"cannot listen on {host}:{port}: {exc}")
-            raise SystemExit(3) from None
-    sockets = []
-    for _ in range(workers):
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            _say(f"cannot listen on {host}:{port}: {exc}")
-            raise SystemExit(3) from None
+    with _bound(family, host, port, reuse_port=False):
+        pass
+    sockets = [_bound(family, host, port, reuse_port=True) for _ in range(workers)]
+    for sock in sockets:
         sock.set_inheritable(True)
-        sockets.append(sock)
     return sockets
+
+
+def _bound(family: socket.AddressFamily, host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A socket bound to ``host:port``; a port that is taken exits 3, saying so."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        _say(f"cannot listen on {host}:{port}: {exc}")
+        raise SystemExit(3) from None
+    return sock
 
 
 def _uvicorn_supervisor() -> type:

@@ -44,6 +44,12 @@ def _client(gateway: GatewayProcess, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=10)
 
 
+def _usage_of_key_b(gateway: GatewayProcess) -> dict[str, int]:
+    body = httpx.get(f"{gateway.base_url}/usage", headers={"authorization": "Bearer key-b"}, timeout=10)
+    total: dict[str, int] = body.json()["total"]
+    return total
+
+
 def test_vectors_come_back_in_order_in_both_encodings(gateway: GatewayProcess) -> None:
     texts = ["The cat sat on the mat.", "A cat was sitting on a mat.", "Quarterly revenue rose by 4%."]
     with _client(gateway, "x") as client:
@@ -110,34 +116,24 @@ def test_tokens_per_minute_apply_to_embeddings(gateway_with_cache: GatewayProces
 
 
 def test_embeddings_of_a_key_without_limits_count_in_its_usage(gateway_with_cache: GatewayProcess) -> None:
-    def used() -> dict[str, int]:
-        body = httpx.get(f"{gateway_with_cache.base_url}/usage", headers={"authorization": "Bearer key-b"}, timeout=10)
-        total: dict[str, int] = body.json()["total"]
-        return total
-
-    before = used()
+    before = _usage_of_key_b(gateway_with_cache)
     with _client(gateway_with_cache, "key-b") as client:
         answer = client.embeddings.create(
             model="embed", input="counted text", extra_headers={"cache-control": "no-cache"}
         )
-    after = used()
+    after = _usage_of_key_b(gateway_with_cache)
     assert after["requests"] == before["requests"] + 1
     assert after["prompt_tokens"] == before["prompt_tokens"] + answer.usage.prompt_tokens
 
 
 def test_refused_requests_count_in_usage_as_the_request_log_counts_them(gateway_with_cache: GatewayProcess) -> None:
-    def used() -> dict[str, int]:
-        body = httpx.get(f"{gateway_with_cache.base_url}/usage", headers={"authorization": "Bearer key-b"}, timeout=10)
-        total: dict[str, int] = body.json()["total"]
-        return total
-
-    before = used()
+    before = _usage_of_key_b(gateway_with_cache)
     with _client(gateway_with_cache, "key-b") as client:
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
         with pytest.raises(openai.BadRequestError):
             client.embeddings.create(model="fast", input="a chat model")
-    after = used()
+    after = _usage_of_key_b(gateway_with_cache)
     assert (after["requests"], after["errors"]) == (before["requests"] + 2, before["errors"] + 2)
 
 

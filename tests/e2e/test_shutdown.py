@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from gateway.simulated import SimulatedUpstream, start_simulated_upstream
-from tests.gateway_process import policy_text, start_gateway
+from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 
 def test_sigterm_lets_a_stream_finish_then_exits_cleanly(tmp_path: Path, large_upstream: SimulatedUpstream) -> None:
@@ -22,15 +22,7 @@ def test_sigterm_lets_a_stream_finish_then_exits_cleanly(tmp_path: Path, large_u
         gateway = start_gateway(tmp_path, policy_text(slow_small, large_upstream), env=env)
         redis_pid = _embedded_redis_pid(tmp_path)
         assert redis_pid is not None
-        lines: list[str] = []
-
-        def stream() -> None:
-            body = {"model": "fast", "stream": True, "messages": [{"role": "user", "content": " ".join(["word"] * 12)}]}
-            with httpx.stream("POST", f"{gateway.base_url}/chat/completions", json=body, timeout=30) as response:
-                lines.extend(line for line in response.iter_lines() if line)
-
-        reader = threading.Thread(target=stream)
-        reader.start()
+        reader, lines = _stream_in_background(gateway, words=12)
         time.sleep(0.5)  # the stream is under way
         gateway.process.send_signal(signal.SIGTERM)
         reader.join(30)
@@ -43,6 +35,20 @@ def test_sigterm_lets_a_stream_finish_then_exits_cleanly(tmp_path: Path, large_u
             time.sleep(0.1)
         assert not Path(f"/proc/{redis_pid}").exists() or _is_zombie(redis_pid)
         assert "stopped" in gateway.stderr_text()
+
+
+def _stream_in_background(gateway: GatewayProcess, words: int) -> tuple[threading.Thread, list[str]]:
+    """A streamed chat request read on a thread (started); its non-empty lines land in the list."""
+    lines: list[str] = []
+
+    def stream() -> None:
+        body = {"model": "fast", "stream": True, "messages": [{"role": "user", "content": " ".join(["word"] * words)}]}
+        with httpx.stream("POST", f"{gateway.base_url}/chat/completions", json=body, timeout=30) as response:
+            lines.extend(line for line in response.iter_lines() if line)
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    return reader, lines
 
 
 def _embedded_redis_pid(workdir: Path) -> int | None:
@@ -107,15 +113,7 @@ def test_with_several_workers_a_new_connection_during_the_drain_is_refused_at_on
     # kernel queued new connections no one accepted, and each hung, then was reset.
     with start_simulated_upstream("small", chunk_delay_ms=150) as slow_small:
         gateway = start_gateway(tmp_path, policy_text(slow_small, large_upstream), workers=2, server="uvicorn")
-        finished: list[str] = []
-
-        def stream() -> None:
-            body = {"model": "fast", "stream": True, "messages": [{"role": "user", "content": " ".join(["word"] * 20)}]}
-            with httpx.stream("POST", f"{gateway.base_url}/chat/completions", json=body, timeout=30) as response:
-                finished.extend(line for line in response.iter_lines() if line)
-
-        reader = threading.Thread(target=stream)
-        reader.start()
+        reader, finished = _stream_in_background(gateway, words=20)
         time.sleep(0.5)  # the stream is under way
         gateway.process.send_signal(signal.SIGTERM)
         time.sleep(1.5)  # the supervisor handles its signals every 0.5 s
