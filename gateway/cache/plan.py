@@ -10,7 +10,11 @@ from gateway.config.schema import CachePolicy
 from gateway.core.model import Message, Request, TextPart
 from gateway.store import keyspace
 
-__all__ = ["CachePlan", "plan_cache"]
+__all__ = ["SEMANTIC_MAX_CHARS", "CachePlan", "plan_cache"]
+
+SEMANTIC_MAX_CHARS = 8_000
+"""Longer prompts use the exact cache alone: the embedding reads their start, the verifier at
+most 256 tokens of what differs, and the guard's rules run on the event loop over the whole text."""
 
 
 @dataclass(slots=True)
@@ -43,19 +47,27 @@ def plan_cache(
     semantic_set = None
     semantic = policy.semantic
     turns = [m for m in request.messages if m.role != "system"]
+    prompt = _text(turns[-1]) if turns else ""
     if (
         semantic.enabled
         and temperature <= semantic.max_temperature
         and (semantic.tools or not (request.tools or extra.get("functions")))
         and (semantic.multi_turn or len(turns) == 1)
+        and len(prompt) <= SEMANTIC_MAX_CHARS
+        and _text_only(request.messages)
     ):
         system = "\n".join(_text(m) for m in request.messages if m.role == "system")
         earlier = [(m.role, _text(m)) for m in turns[:-1]]
         semantic_set = keyspace.semantic_index(
             tenant, namespace_hash(route, system, {"params": answer_params(request), "earlier": earlier})
         )
-    prompt = _text(turns[-1]) if turns else ""
     return CachePlan(read, write, exact_key(tenant, route, request), semantic_set, prompt)
+
+
+def _text_only(messages: list[Message]) -> bool:
+    """The embedding and the verifier read text alone: another image under the same words asks
+    another question, and neither would see it (the exact key holds the image; it still applies)."""
+    return all(isinstance(part, TextPart) for message in messages for part in message.parts)
 
 
 def _beyond_the_answer(request: Request) -> bool:

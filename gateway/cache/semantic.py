@@ -197,7 +197,7 @@ class SemanticCache:
                 result.expired_removed += 1
                 continue
             answer = CachedAnswer.decode(raw)
-            if answer is None or answer.prompt is None or (guard and conflicts(answer.prompt, prompt)):
+            if answer is None or answer.prompt is None or (guard and await _conflicting(answer.prompt, prompt)):
                 result.refused += 1
                 continue
             found.append((answer, match.similarity))
@@ -238,3 +238,14 @@ def _left(deadline: float) -> float:
     if left <= 0:
         raise StoreUnavailable
     return left
+
+
+_ON_LOOP_CHARS = 2_000
+"""The guard's rules are linear in the text (a few microseconds a character); past this they run
+in a worker thread, so one long prompt does not hold every other request."""
+
+
+async def _conflicting(stored: str, prompt: str) -> bool:
+    if len(stored) + len(prompt) <= _ON_LOOP_CHARS:
+        return bool(conflicts(stored, prompt))
+    return bool(await asyncio.to_thread(conflicts, stored, prompt))

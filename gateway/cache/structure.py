@@ -64,7 +64,10 @@ from functools import lru_cache
 __all__ = ["Structure", "conflicts", "differing_parts", "matched_structure", "plain_text", "structure_of"]
 
 _CODE = re.compile(r"```.*?```|`[^`\n]+`", re.S)
-_OPTION_LINE = re.compile(r"(?m)^[ \t]*(?:\(([A-Ja-j])\)|([A-Ja-j])[.)])[ \t]+(\S.*?)[ \t]*$")
+# The option's text runs to the end of its line, greedily (trailing blanks are stripped where it
+# is read): a lazy match followed by "[ \t]*$" backtracked quadratically on a long run of blanks
+# inside a line, and a crafted 60 KB prompt held the event loop for 13 s.
+_OPTION_LINE = re.compile(r"(?m)^[ \t]*(?:\(([A-Ja-j])\)|([A-Ja-j])[.)])[ \t]+(\S[^\n]*)$")
 _OPTION_INLINE = re.compile(
     r"(?:(?<=\s)|^)(?:\(([A-J])\)|([A-J])[.)])[ \t]+(.+?)(?=\s+(?:\([A-J]\)|[A-J][.)])\s|\s*$)", re.S
 )
@@ -267,7 +270,9 @@ def plain_text(text: str) -> str:
 
 
 # where one sentence or line ends: ". " "? " "! " (not "3.5" or "e.g.x"), "。" "？" "！", a line break
-_SENTENCE_END = re.compile(r"(?<=[.?!])\s+|(?<=[。？！])\s*|\s*\n\s*")
+# (matched from the start of its run of blanks only: tried inside a long run, "\s*\n" rescanned
+# the rest of the run at every position, and 100 KB of blanks took 40 s)
+_SENTENCE_END = re.compile(r"(?<=[.?!])\s+|(?<=[。？！])\s*|(?<!\s)\s*\n\s*")
 
 
 def differing_parts(stored: str, new: str) -> tuple[str, str]:
@@ -319,7 +324,7 @@ def _fold(text: str) -> str:
 
 
 def _options(prose: str) -> tuple[tuple[str, str], ...]:
-    found = {(a or b).upper(): t for a, b, t in _OPTION_LINE.findall(prose)}
+    found = {(a or b).upper(): t.rstrip() for a, b, t in _OPTION_LINE.findall(prose)}
     if len(found) < 2:
         found = {(a or b): t for a, b, t in _OPTION_INLINE.findall(" ".join(prose.split()))}
     if len(found) < 2 or "A" not in found:

@@ -212,3 +212,19 @@ def test_the_verifier_reads_only_what_the_prompts_do_not_share(stored: str, new:
 def test_each_side_keeps_a_sentence_when_one_prompt_extends_the_other() -> None:
     assert differing_parts("One. Two.", "One. Two. Three?") == ("Two.", "Two. Three?")
     assert differing_parts("Same words here.", "Same words here.") == ("Same words here.", "Same words here.")
+
+
+@pytest.mark.parametrize(
+    ("unit", "size"),
+    [(" ", 200_000), ("\t", 200_000), ("A. yes" + " " * 30_000 + "no\nB. ", 4)],
+)
+def test_the_rules_are_linear_on_long_runs_of_blanks(unit: str, size: int) -> None:
+    # Two regexes backtracked quadratically on blanks: 60 KB held the event loop 13 s, 100 KB
+    # 40 s. Linear, this takes well under a second; the bound is only there to catch a relapse.
+    import time
+
+    text = "Which one? " + unit * size
+    started = time.perf_counter()
+    conflicts(text + " A", text + " B")
+    differing_parts(text + " A", text + " B")
+    assert time.perf_counter() - started < 10

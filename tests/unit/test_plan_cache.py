@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.cache.plan import CachePlan, plan_cache
+from gateway.cache.plan import SEMANTIC_MAX_CHARS, CachePlan, plan_cache
 from gateway.config.schema import CachePolicy, ExactCachePolicy, SemanticCachePolicy
 from gateway.protocols import anthropic_messages
 from gateway.protocols.chat_request import parse_chat_request
@@ -82,6 +82,20 @@ def test_tool_requests_skip_the_semantic_cache_unless_allowed() -> None:
     allowed = CachePolicy(semantic=SemanticCachePolicy(enabled=True, tools=True))
     plan = _plan(_ask("hi", temperature=0, tools=tools), policy=allowed)
     assert plan is not None and plan.semantic_set is not None
+
+
+def test_images_and_very_long_prompts_use_the_exact_cache_alone() -> None:
+    # The embedding and the verifier read text only: another image under the same words got
+    # the first image's answer (p 1.0, found by an outside tester).
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    seen = {"model": "fast", "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "What color is this?"}, image]}]}  # fmt: skip
+    plan = _plan(seen)
+    assert plan is not None and plan.semantic_set is None
+    assert plan.exact_key != _plan(_ask("What color is this?", temperature=0)).exact_key  # type: ignore[union-attr]
+    long = _plan(_ask("word " * (SEMANTIC_MAX_CHARS // 5 + 1), temperature=0))
+    assert long is not None and long.semantic_set is None
+    assert _plan(_ask("word " * 100, temperature=0)).semantic_set is not None  # type: ignore[union-attr]
 
 
 def test_what_the_internal_model_cannot_hold_is_not_cached() -> None:
