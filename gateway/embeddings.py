@@ -131,7 +131,7 @@ class EmbeddingsPipeline:
         record.cache = "bypass"
         if read:
             try:
-                raws = await asyncio.gather(*(self._store.get(key, timeout_s) for key in keys))
+                raws = await self._store.get_many(keys, timeout_s)  # one round trip for up to 2,048 inputs
                 found = [np.frombuffer(raw, dtype="<f4") if raw else None for raw in raws]
                 record.cache = "miss"
             except StoreUnavailable:
@@ -177,12 +177,8 @@ class EmbeddingsPipeline:
         if write:
             ttl_s = policy.exact.ttl_s
             try:
-                await asyncio.gather(
-                    *(
-                        self._store.put(keys[i], vector.tobytes(), ttl_s, timeout_s)
-                        for i, vector in zip(missing, new, strict=True)
-                    )
-                )
+                items = [(keys[i], vector.tobytes()) for i, vector in zip(missing, new, strict=True)]
+                await self._store.put_many(items, ttl_s, timeout_s)
             except StoreUnavailable:
                 pass  # a later miss, nothing worse
         return [vector for vector in found if vector is not None]

@@ -51,6 +51,14 @@ class KeyValue(Protocol):
         token still holds it, in the same round trip (a coalescing leader's answer)."""
         ...
 
+    async def get_many(self, keys: list[str], timeout_s: float) -> list[bytes | None]:
+        """:meth:`get` of each key, in one round trip (the keys share one tenant's hash tag)."""
+        ...
+
+    async def put_many(self, items: list[tuple[str, bytes]], ttl_s: int, timeout_s: float) -> None:
+        """:meth:`put` of each (key, value), in one round trip."""
+        ...
+
     async def delete(self, key: str, timeout_s: float) -> bool:
         """Remove ``key``; whether it was there."""
         ...

@@ -57,6 +57,15 @@ class MemoryKeyValue(_Outage):
             if self._live(lease) == release.encode():
                 del self._values[lease]
 
+    async def get_many(self, keys: list[str], timeout_s: float) -> list[bytes | None]:
+        self._check()
+        return [self._live(key) for key in keys]
+
+    async def put_many(self, items: list[tuple[str, bytes]], ttl_s: int, timeout_s: float) -> None:
+        self._check()
+        for key, value in items:
+            self._values[key] = (value, self._clock() + ttl_s)
+
     async def delete(self, key: str, timeout_s: float) -> bool:
         self._check()
         return self._live(key) is not None and self._values.pop(key, None) is not None

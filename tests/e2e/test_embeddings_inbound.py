@@ -107,6 +107,18 @@ def test_each_input_is_cached_apart_per_tenant(
     assert record["cache_saved_usd"] > 0 and record["cost_usd"] > 0
 
 
+def test_a_large_batch_is_cached_like_a_small_one(gateway_with_cache: GatewayProcess) -> None:
+    # One GET per input at once ran out of pooled connections past ~100 inputs: never cached,
+    # and each batch marked Redis down for every request (an outside tester).
+    batch = [f"large batch item {i}" for i in range(300)]
+    with _client(gateway_with_cache, "key-a") as client:
+        first = client.embeddings.with_raw_response.create(model="embed", input=batch)
+        again = client.embeddings.with_raw_response.create(model="embed", input=batch)
+    assert (first.headers["x-gateway-cache"], again.headers["x-gateway-cache"]) == ("miss", "exact")
+    assert [d.embedding for d in again.parse().data] == [d.embedding for d in first.parse().data]
+    assert '"redis_unavailable"' not in gateway_with_cache.stderr_text()
+
+
 def test_tokens_per_minute_apply_to_embeddings(gateway_with_cache: GatewayProcess, tmp_path: Path) -> None:
     with _client(gateway_with_cache, "key-tiny") as client:
         client.embeddings.create(model="embed", input="a short one", extra_headers={"cache-control": "no-cache"})

@@ -203,3 +203,12 @@ async def test_a_command_redis_refuses_fails_alone(redis_server: EmbeddedRedis) 
     assert shared.up
     assert await shared.call(lambda client: client.set(key, b"v", ex=5), T)
     await shared.aclose()
+
+
+async def test_many_values_are_read_and_written_in_one_call(store: Store) -> None:
+    tenant = _tenant()
+    keys = [keyspace.exact(tenant, f"many-{i}") for i in range(300)]  # more than a pool has connections
+    assert await store.kv.get_many(keys, T) == [None] * 300
+    await store.kv.put_many([(key, key.encode()) for key in keys[::2]], 60, T)
+    assert await store.kv.get_many(keys, T) == [key.encode() if i % 2 == 0 else None for i, key in enumerate(keys)]
+    assert await store.kv.get_many([], T) == []

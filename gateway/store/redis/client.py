@@ -99,6 +99,9 @@ class SharedRedis:
             else:
                 self._log_slow(timeout_s)
             raise StoreUnavailable from None
+        except redis.exceptions.MaxConnectionsError as exc:  # our pool is busy, Redis is not down
+            self._log_refused(exc)
+            raise StoreUnavailable from None
         except aioredis.ResponseError as exc:
             if isinstance(exc, _SERVER_STATE_ERRORS):
                 self._mark_down(exc, "redis_unavailable")

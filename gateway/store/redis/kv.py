@@ -42,6 +42,24 @@ class RedisKeyValue:
             args: list[bytes | int | str] = [value, ttl_s, release]
             await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s)
 
+    async def get_many(self, keys: list[str], timeout_s: float) -> list[bytes | None]:
+        if not keys:
+            return []
+        raws = await self._redis.call(lambda r: r.mget(keys), timeout_s)
+        return [raw.encode() if isinstance(raw, str) else raw for raw in raws]
+
+    async def put_many(self, items: list[tuple[str, bytes]], ttl_s: int, timeout_s: float) -> None:
+        if not items:
+            return
+
+        async def write(r: aioredis.Redis) -> None:
+            pipe = r.pipeline(transaction=False)
+            for key, value in items:
+                pipe.set(key, value, ex=ttl_s)
+            await pipe.execute()
+
+        await self._redis.call(write, timeout_s)
+
     async def delete(self, key: str, timeout_s: float) -> bool:
         return bool(await self._redis.call(lambda r: r.delete(key), timeout_s))
 
