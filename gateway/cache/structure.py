@@ -114,6 +114,10 @@ class Structure:
     relations: frozenset[tuple[str, str, str]]
     words: tuple[str, ...]
     grams: frozenset[str]
+    typed_words: frozenset[str]
+    """Words as typed (NFC): case and accents kept, which the embedding and the verifier drop."""
+    quoted: tuple[str, ...]
+    """Quoted strings as typed, blanks included: a literal, whose every character may matter."""
 
 
 def conflicts(a: str, b: str) -> list[str]:
@@ -141,8 +145,10 @@ def conflicts(a: str, b: str) -> list[str]:
         found.append("code")
     if x.definitions and y.definitions and x.definitions != y.definitions:
         found.append("schema")
-    if _recased(x.code_words, y.code_words):
+    if _recased(x.code_words, y.code_words) or _recased_words(x.typed_words, y.typed_words):
         found.append("case")
+    if _retyped_quotes(x.quoted, y.quoted):
+        found.append("quoted")
     if x.options != y.options:
         found.append("options")
     if not _numbers_agree(x.numbers, y.numbers):
@@ -160,7 +166,7 @@ def matched_structure(a: str, b: str) -> bool:
 @lru_cache(maxsize=4096)
 def structure_of(text: str) -> Structure:
     folded = _fold(text)
-    code = tuple(" ".join(block.strip("`").split()) for block in _CODE.findall(folded))
+    code = tuple(_code_lines(block.strip("`")) for block in _CODE.findall(folded))
     prose = _CODE.sub(" ", folded)
     options = _options(prose)
     plain = plain_text(text)
@@ -176,6 +182,8 @@ def structure_of(text: str) -> Structure:
         _relations(words),
         words,
         _grams(plain),
+        frozenset(_TYPED_WORD.findall(unicodedata.normalize("NFC", text))),
+        tuple(m.group(1) or m.group(2) or m.group(3) for m in _QUOTED.finditer(unicodedata.normalize("NFC", text))),
     )
 
 
@@ -195,11 +203,26 @@ _FOUR_WORDS = re.compile(r"\s\w+\s\w+\s\w+\s\w+\s")
 
 
 def _pasted_code(prose: str) -> tuple[str, ...]:
-    """The lines of a multi-line prompt that read as code, whitespace removed."""
+    """The lines of a multi-line prompt that read as code, blanks removed but each line's
+    indentation level kept (in Python or YAML it is syntax: it decides what a loop holds)."""
     lines = prose.split("\n")
     if len(lines) < 2:
         return ()
-    return tuple("".join(line.split()) for line in lines if _reads_as_code(line))
+    code = [line for line in lines if _reads_as_code(line)]
+    return tuple(">" * level + "".join(line.split()) for line, level in zip(code, _levels(code), strict=True))
+
+
+def _code_lines(block: str) -> str:
+    """A code block with each line's indentation level kept and other runs of blanks made one."""
+    lines = [line for line in block.splitlines() if line.strip()]
+    return "\n".join(">" * level + " ".join(line.split()) for line, level in zip(lines, _levels(lines), strict=True))
+
+
+def _levels(lines: list[str]) -> list[int]:
+    """Each line's indentation as a level (0, 1, 2, ...): 2 or 4 spaces a level, one code."""
+    widths = [len(line[: len(line) - len(line.lstrip(" \t"))].expandtabs(4)) for line in lines]
+    rank = {width: level for level, width in enumerate(sorted(set(widths)))}
+    return [rank[width] for width in widths]
 
 
 def _reads_as_code(line: str) -> bool:
@@ -255,6 +278,39 @@ def _recased(x: frozenset[str], y: frozenset[str]) -> bool:
     the test of 2026-12-01, fifth session), while case is meaning in code."""
     typed = {word.lower(): word for word in x}
     return any(word not in x and typed.get(word.lower(), word) != word for word in y)
+
+
+_TYPED_WORD = re.compile(r"[^\W_]+")
+# a quoted literal: '...' "..." “...” ‘...’ «...» (a quote inside a word, as in "it's", opens none)
+_QUOTED = re.compile(r"(?<!\w)['‘]([^'‘’\n]{1,200})['’](?!\w)|[\"“]([^\"“”\n]{1,200})[\"”]|«([^»\n]{1,200})»")
+
+
+def _recased_words(x: frozenset[str], y: frozenset[str]) -> bool:
+    """A word capitalized another way where both prompts use capitals ("MB" / "Mb", "CO" / "Co",
+    "mW" / "MW"): units, symbols and names, where case is meaning, and which the uncased models
+    read as one word. A word typed all in lower case ("sqlite", "tv") is how people type in a
+    hurry, and is left to the verifier."""
+    typed: dict[str, set[str]] = {}
+    for word in x - y:
+        if not word.islower():
+            typed.setdefault(word.casefold(), set()).add(word)
+    return any(not word.islower() and len(word) > 1 and word.casefold() in typed for word in y - x)
+
+
+def _retyped_quotes(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
+    """A quoted literal the other prompt quotes too, but typed otherwise: in case, accents or
+    blanks ('ABC' / 'abc', 'año' / 'ano', 'a  b' / 'a b'), where a literal's every character may
+    be the question. Quoting other things, or nothing, is left to the other rules."""
+    loose = {_loosely(quote): quote for quote in x}
+    return any((other := loose.get(_loosely(quote))) is not None and other != quote for quote in y)
+
+
+def _loosely(text: str) -> str:
+    return " ".join(_without_marks(text.casefold()).split())
+
+
+def _without_marks(word: str) -> str:
+    return "".join(c for c in unicodedata.normalize("NFKD", word) if not unicodedata.combining(c))
 
 
 _CONTRACTED = re.compile(r"\b(what|who|where|how|it|that|there|here)'s\b")
@@ -316,9 +372,13 @@ def _same_sentence(a: str, x: tuple[int, int], b: str, y: tuple[int, int]) -> bo
     return first == second or plain_text(first) == plain_text(second)
 
 
+# NFKC makes "2³" "23": an exponent is kept as one ("2^3")
+_SUPERSCRIPTS = str.maketrans({c: "^" + d for c, d in zip("⁰¹²³⁴⁵⁶⁷⁸⁹⁻", "0123456789-", strict=True)})
+
+
 def _fold(text: str) -> str:
     """NFKC, accents dropped (a typed paraphrase often drops them), typographic quotes and dashes made plain."""
-    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text))
+    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text.translate(_SUPERSCRIPTS)))
     text = "".join(c for c in text if not unicodedata.combining(c))
     return text.replace("’", "'").replace("−", "-").replace("–", "-")
 
@@ -353,6 +413,7 @@ def _numbers(prose: str) -> tuple[str, ...]:
     prose = _OPTION_LINE.sub(lambda m: m.group(3), prose)
     out = []
     for m in _NUMBER.finditer(prose):
+        factorial = "!" if prose[m.end() : m.end() + 1] == "!" and prose[m.end() + 1 : m.end() + 2] != "=" else ""
         raw = m.group().replace(" ", "").replace("–", "-")
         sign = "-" if raw.startswith("-") else ""
         digits = raw.lstrip("-")
@@ -363,9 +424,9 @@ def _numbers(prose: str) -> tuple[str, ...]:
         try:
             value = float(digits)
         except ValueError:
-            out.append(sign + digits)
+            out.append(sign + digits + factorial)
             continue
-        out.append(sign + f"{value:g}")
+        out.append(sign + f"{value:g}" + factorial)
     return tuple(out)
 
 

@@ -228,3 +228,45 @@ def test_the_rules_are_linear_on_long_runs_of_blanks(unit: str, size: int) -> No
     conflicts(text + " A", text + " B")
     differing_parts(text + " A", text + " B")
     assert time.perf_counter() - started < 10
+
+
+@pytest.mark.parametrize(
+    ("stored", "new", "rule"),
+    [
+        ("What does this print?\n```\nfor i in range(3):\n    total += i\n    print(total)\n```",
+         "What does this print?\n```\nfor i in range(3):\n    total += i\nprint(total)\n```", "code"),
+        ("What does this print?\nfor i in range(3):\n    total += i\n    print(total)",
+         "What does this print?\nfor i in range(3):\n    total += i\nprint(total)", "code"),
+        ("How many characters long is the string 'a  b'?", "How many characters long is the string 'a b'?", "quoted"),
+        ("In Python, what does 'ABC'.isupper() return?", "In Python, what does 'abc'.isupper() return?", "quoted"),
+        ("How many Mb are in 1 GB?", "How many MB are in 1 GB?", "case"),
+        ("What is Co in chemistry?", "What is CO in chemistry?", "case"),
+        ("Is NO a toxic gas?", "Is No a toxic gas?", "case"),
+        ("What does the Spanish word 'año' mean?", "What does the Spanish word 'ano' mean?", "quoted"),
+        ("Was bedeutet „schön“? Erkläre 'schön'.", "Was bedeutet „schon“? Erkläre 'schon'.", "quoted"),
+        ("What is 2³ + 1?", "What is 23 + 1?", "numbers"),
+        ("What is 5! + 3!", "What is 5! + 3?", "numbers"),
+    ],
+)  # fmt: skip
+def test_what_the_models_cannot_see_is_refused_by_a_rule(stored: str, new: str, rule: str) -> None:
+    # Case, accents, blanks and superscripts are lost on the way to the (uncased) embedding
+    # and verifier; these pairs were all served with p 1.0 (an outside tester). A word typed
+    # all in lower case ("hunter2" for "Hunter2") or an accent dropped outside quotes is
+    # still left to the verifier: on development pairs that is how paraphrases are typed.
+    assert rule in conflicts(stored, new)
+
+
+@pytest.mark.parametrize(
+    ("stored", "new"),
+    [
+        ("What is the capital of France?", "what is the capital of france"),
+        ("Is SQL hard to learn?", "is sql hard to learn"),
+        ("¿Cuántos minutos hay que hervir un huevo?", "cuantos minutos hay que hervir un huevo"),
+        ("Setting SameSite=Strict on a cookie defends against what?", "samesite=strict on a cookie defends against?"),
+        ("Why does this loop print nothing?\nfor i in range(10, 0):\n    print(i)",
+         "this loop prints nothing, why?\nfor i in range(10,0):\n  print(i)"),
+        ("Say 'hello' in French.", "How do I say 'hello' in French?"),
+    ],
+)  # fmt: skip
+def test_a_sentences_capital_a_lowercased_acronym_and_reindented_code_are_no_conflict(stored: str, new: str) -> None:
+    assert not {"case", "quoted", "code"} & set(conflicts(stored, new))

@@ -81,7 +81,13 @@ async def test_a_pair_too_long_to_judge_is_a_miss_unless_equal_but_for_spacing(v
     told = story.replace(" wing ", " wing. ")
     assert not verifier.judge_sync([(told + "How many voted?", told + "How many members voted?")])[0].unsure
     same = await cache.lookup(
-        INDEX, vector, "  " + story.upper() + "How many members voted?\n", 0.75, ServeBar(0.8, 0.8), True, 1.0
+        INDEX,
+        vector,
+        "  " + story.replace(" ", "  ") + "How many members voted?\n",
+        0.75,
+        ServeBar(0.8, 0.8),
+        True,
+        1.0,
     )
     assert same.hit is not None and same.hit.p_same == 1.0
 
