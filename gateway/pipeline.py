@@ -327,9 +327,12 @@ class ChatPipeline:
         """Check the key's and tenant's limits against this request's estimate, and reserve it."""
         assert x.plan is not None
         policy = x.runtime.policy
-        completion = x.request.max_tokens or policy.limits.default_completion_tokens
         # A classifier route may still pick the large model: estimate at the baseline's (large) price.
         priced = x.plan.baseline if x.plan.threshold is not None else x.plan.candidates[0]
+        # No model writes past its context window: a max_tokens of 10**9 is not a $10,000 estimate
+        # that refuses the request as over budget (the upstream answers for the value itself).
+        window = max(policy.models[name].context_window for name in (*x.plan.candidates, priced))
+        completion = min(x.request.max_tokens or policy.limits.default_completion_tokens, window)
         price = policy.models[priced].price
         estimate = cost_usd(price, x.prompt_tokens, completion)
         x.reservation = await self._limiter.reserve(policy, principal, x.prompt_tokens + completion, estimate)

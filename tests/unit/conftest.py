@@ -37,13 +37,15 @@ auth:
     - {id: bob, tenant: team-b, hash: "%(bob)s"}
     - {id: capped, tenant: team-c, hash: "%(capped)s", limits: {rpm: 2}}
     - {id: frugal, tenant: team-d, hash: "%(frugal)s", limits: {usd_per_day: 0.00001}}
+    - {id: roomy, tenant: team-e, hash: "%(roomy)s", limits: {usd_per_day: 1.0}}
 tenants:
   team-a: {}
   team-b: {}
   team-c: {}
   team-d: {}
+  team-e: {}
 cache: {enabled: true, coalesce: {enabled: true, wait_s: 2}}
-""" % {name: hash_key(f"sk-{name}") for name in ("alice", "bob", "capped", "frugal")}
+""" % {name: hash_key(f"sk-{name}") for name in ("alice", "bob", "capped", "frugal", "roomy")}
 
 
 @dataclass

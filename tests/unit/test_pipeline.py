@@ -102,6 +102,15 @@ async def test_a_rate_limit_refuses_with_429_and_retry_after(harness: Harness) -
     assert 1 <= int(headers["retry-after"]) <= 120  # until the sliding window has room again
 
 
+async def test_a_huge_max_tokens_is_estimated_at_the_context_window_not_refused_as_over_budget(
+    harness: Harness,
+) -> None:
+    # 10**9 tokens at $15 per million "may cost up to $15,000" and was refused as an exhausted
+    # budget (a 429 no retry could pass); no model writes past its window (8,192 here: $0.12).
+    status, _, _ = answer_of(await harness.ask("a short question", key="roomy", max_tokens=10**9))
+    assert status == 200
+
+
 async def test_a_budget_refuses_before_the_upstream_is_called(harness: Harness) -> None:
     status, body, headers = answer_of(await harness.ask("word " * 200, key="frugal", max_tokens=500))
     assert status == 429 and "key.usd_per_day" in body["error"]["message"]
