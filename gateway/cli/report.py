@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import zlib
 from typing import Any
 
 from gateway.cli._parsers import Subcommands
@@ -58,8 +59,11 @@ def run(args: argparse.Namespace) -> int:
             with open_log(path) as stream:
                 aggregator.feed(stream)
         except EOFError:  # a gzipped log cut short, e.g. copied while being written
-            print(f"report: {path} ends early; the lines before that are counted", file=sys.stderr)
-        except OSError as exc:  # includes gzip.BadGzipFile
+            print(
+                f"report: {path} ends early; lines before the cut are counted, up to the last 64 KiB of them",
+                file=sys.stderr,
+            )
+        except (OSError, zlib.error) as exc:  # includes gzip.BadGzipFile; zlib.error: corrupt compressed data
             print(f"report: cannot read {path}: {exc}", file=sys.stderr)
             return 1
     try:
@@ -77,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
         except ChartUnavailable as exc:
             print(f"report: {exc}", file=sys.stderr)
             return 1
+        except OSError as exc:
+            print(f"report: cannot write {args.png}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         print(f"report: chart written to {args.png}", file=sys.stderr)
     return 0
 
@@ -93,3 +100,5 @@ def _when(text: str) -> Any:
         return parse_when(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    except OverflowError:  # "99999999d", "9999-12-31T23:59:59-05:00": before year 1 or after 9999
+        raise argparse.ArgumentTypeError(f"out of the range of dates: {text!r}") from None

@@ -426,3 +426,21 @@ def test_chart_amounts_keep_significant_figures_below_a_dollar() -> None:
     assert usd(0.000123456) == "0.000123 USD"
     assert usd(0) == "0 USD"
     assert usd(1234.567) == "1,234.57 USD"
+
+
+def test_a_corrupt_log_an_unwritable_chart_and_a_date_out_of_range_are_one_line_each(
+    log_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import gzip
+
+    packed = bytearray(gzip.compress(log_file.read_bytes()))
+    packed[-200:-150] = bytes(b ^ 0xFF for b in packed[-200:-150])  # corrupt data: zlib.error, not an OSError
+    corrupt = tmp_path / "corrupt.jsonl.gz"
+    corrupt.write_bytes(bytes(packed))
+    assert cli_main(["report", str(corrupt)]) == 1
+    assert f"report: cannot read {corrupt}" in capsys.readouterr().err
+    assert cli_main(["report", str(log_file), "--png", str(tmp_path / "no" / "such" / "dir.png")]) == 1
+    assert "report: cannot write" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["report", str(log_file), "--since", "99999999d"])
+    assert exited.value.code == 2 and "out of the range of dates" in capsys.readouterr().err
