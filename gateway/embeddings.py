@@ -94,6 +94,10 @@ class EmbeddingsPipeline:
             reservation = await self._limiter.reserve(runtime.policy, principal, total_tokens, estimate)
             vectors = await self._answer(runtime, plan, request, inputs, counts, record, info, cache_control)
             record.prompt_tokens = total_tokens
+            # The baseline is every input embedded by the route's model: what the cache saves shows
+            # as savings, as for chat (without one, each request counted its cost as negative savings).
+            record.baseline_model = plan.candidates[0]
+            record.baseline_cost_usd = estimate
             body = _response(request, vectors, total_tokens)
             return Answer(200, body, _headers(record))
         except GatewayError as exc:

@@ -136,6 +136,11 @@ def test_embeddings_of_a_key_without_limits_count_in_its_usage(gateway_with_cach
     after = _usage_of_key_b(gateway_with_cache)
     assert after["requests"] == before["requests"] + 1
     assert after["prompt_tokens"] == before["prompt_tokens"] + answer.usage.prompt_tokens
+    assert after["savings_usd"] == pytest.approx(before["savings_usd"])  # a miss saves nothing, loses nothing
+    with _client(gateway_with_cache, "key-b") as client:
+        client.embeddings.create(model="embed", input="counted text")  # now an exact hit
+    hit = _usage_of_key_b(gateway_with_cache)
+    assert hit["savings_usd"] > after["savings_usd"]  # what the cache saved is savings
 
 
 def test_refused_requests_count_in_usage_as_the_request_log_counts_them(gateway_with_cache: GatewayProcess) -> None:
