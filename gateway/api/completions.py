@@ -45,7 +45,8 @@ async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] 
         headers["x-gateway-dropped"] = ",".join(asked[0].request.dropped)
     if not asked or (isinstance(answer, Answer) and answer.status != 200):
         assert isinstance(answer, Answer)  # nothing decoded: the pipeline answered with an error
-        return Response(content=answer.body, status_code=answer.status, headers=headers, media_type="application/json")
+        body = _in_completions_terms(answer.body)
+        return Response(content=body, status_code=answer.status, headers=headers, media_type="application/json")
     decoded = asked[0]
     model, completion_id = decoded.request.model, f"cmpl-{request_id}"
     if not streams(answer, decoded.request.stream):
@@ -76,3 +77,12 @@ async def _frames(answer: Answer | StreamingDeltas, encoder: completions.StreamE
             out = encoder.feed(batch)
             if out:
                 yield out
+
+
+def _in_completions_terms(body: bytes) -> bytes:
+    """An upstream that refused the chat request it was sent names ``messages``: the client sent ``prompt``."""
+    if b'"param":"messages' not in body:
+        return body
+    error = msgspec.json.decode(body)
+    error["error"]["param"] = "prompt"
+    return msgspec.json.encode(error)

@@ -32,7 +32,12 @@ async def usage(request: Request[Any, Any, Any]) -> Response[bytes]:
     start = _date(request.query_params.get("start"), "start") or today.replace(day=1)
     end = _date(request.query_params.get("end"), "end") or today
     if end < start or (end - start).days >= _MAX_DAYS:
-        raise InvalidRequestError(f"the period must run forwards and span at most {_MAX_DAYS} days", param="start")
+        given = "start" if request.query_params.get("start") else "end"  # name one the client sent
+        raise InvalidRequestError(
+            f"the period must run forwards and span at most {_MAX_DAYS} days "
+            f"(start {start:%Y-%m-%d}, end {end:%Y-%m-%d}; start defaults to the 1st of this month, end to today)",
+            param=given,
+        )
     if principal.admin:
         keys = [(key.id, key.tenant) for key in runtime.policy.auth.keys]
     else:

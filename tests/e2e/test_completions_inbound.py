@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from gateway.simulated import SimulatedUpstream
-from tests.conftest import upstream_stats
+from tests.conftest import inject, upstream_stats
 from tests.gateway_process import GatewayProcess
 
 PROMPT = "alpha beta gamma"
@@ -122,6 +122,16 @@ def test_errors_are_openais_and_the_sdk_raises_its_own_types(client: openai.Open
     assert response.json()["error"]["param"] == "suffix"
     record = gateway.wait_for_record(response.headers["x-request-id"])
     assert record["protocol"] == "openai.completions" and record["status"] == 400
+
+
+def test_an_upstream_refusing_the_messages_names_the_prompt(
+    client: openai.OpenAI, small_upstream: SimulatedUpstream
+) -> None:
+    refusal = '{"error": {"message": "context too long", "type": "invalid_request_error", "param": "messages"}}'
+    inject(small_upstream, {"status": 400, "body": refusal})
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="fast", prompt="too long for the upstream")
+    assert isinstance(refused.value.body, dict) and refused.value.body["param"] == "prompt"  # what the client sent
 
 
 def test_unknown_fields_are_named_in_a_header(gateway: GatewayProcess) -> None:
