@@ -236,6 +236,7 @@ class ChatPipeline:
             record.protocol = protocol
         x = _Exchange(runtime, record, started)
         streaming_started = False
+        task = self._drain.track()  # ended with a 503 at the drain deadline, not cut by the server's kill
         try:
             principal = runtime.auth.authenticate(authorization)
             record.key_id, record.tenant = principal.key_id, principal.tenant
@@ -302,9 +303,17 @@ class ChatPipeline:
         except Exception as exc:  # a bug of ours: answered and logged as what it is, never a lost request
             return self._error_answer(x, _internal_error(x, exc))
         except asyncio.CancelledError:
+            if self._drain.ended_by_deadline(task):
+                return self._error_answer(
+                    x,
+                    ShuttingDownError(
+                        "the gateway is shutting down; the answer did not come before its drain deadline"
+                    ),
+                )
             record.status, record.error_type = 499, "client_disconnected"
             raise
         finally:
+            self._drain.untrack(task)
             if not streaming_started:
                 await self._release_lease(x)
                 self._finish(x, x.info.upstream_seconds)

@@ -188,10 +188,11 @@ def start_gateway(
     command: list[str] | None = None,
     cwd: Path | None = None,
     server: str | None = None,
+    serve_args: tuple[str, ...] = (),
 ) -> GatewayProcess:
     """``policy_path``: serve an existing policy file (shared with another gateway) instead of writing ``policy``.
     ``command``: what runs the gateway (default: this interpreter's ``python -m gateway``), in ``cwd``;
-    ``server``: ``serve --server`` (default: serve's own default)."""
+    ``server``: ``serve --server`` (default: serve's own default); ``serve_args``: more of serve's options."""
     workdir.mkdir(parents=True, exist_ok=True)
     if policy_path is None:
         policy_path = workdir / "policies.yaml"
@@ -203,7 +204,7 @@ def start_gateway(
         process = subprocess.Popen(
             [*(command or [sys.executable, "-m", "gateway"]), "serve", "--policies", str(policy_path), "--port",
              str(port), "--data-dir", str(workdir / "data"), "--workers", str(workers),
-             *(["--server", server] if server else [])],
+             *(["--server", server] if server else []), *serve_args],
             stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=child_env, cwd=cwd,
         )  # fmt: skip
     gateway = GatewayProcess(process, port, policy_path, log_path, err_path)

@@ -237,6 +237,34 @@ def test_defect10_the_drain_deadline_ends_silent_streams_in_band_and_logs_them(
     assert "in-flight requests finished" not in gateway.stderr_text()
 
 
+def test_a_request_still_waiting_at_the_drain_deadline_gets_a_503_not_a_cut(
+    tmp_path: Path, redis_server: object, large_upstream: SimulatedUpstream
+) -> None:
+    # Only streams were tracked: a non-streamed request still waiting on its upstream was cut
+    # by the server's kill timeout with a bare 500 and logged as a client that left (499).
+    from gateway.simulated import start_simulated_upstream
+
+    with start_simulated_upstream("small", latency_ms=20_000) as slow:
+        env = {"REDIS_URL": redis_server.url}  # type: ignore[attr-defined]
+        gateway = start_gateway(tmp_path, policy_text(slow, large_upstream), env=env, serve_args=("--drain-s", "1"))
+        answers: list[httpx.Response] = []
+
+        def ask() -> None:
+            body = {"model": "fast", "messages": [{"role": "user", "content": "slow"}]}
+            answers.append(httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=30))
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        time.sleep(1.0)  # the request waits on the upstream
+        gateway.process.send_signal(signal.SIGTERM)
+        asker.join(30)
+        assert gateway.process.wait(30) == 0
+    [answer] = answers
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "shutting_down"
+    [record] = gateway.log_records()
+    assert record["status"] == 503 and record["error_type"] == "shutting_down"
+
+
 def test_no_internal_error_leaves_the_request_without_an_id_or_a_log_line(gw: GatewayProcess) -> None:
     """Whatever the status, the answer carries x-request-id and the log line its real status."""
     response = httpx.post(f"{gw.base_url}/chat/completions", content=b"[1, 2]", timeout=10)
