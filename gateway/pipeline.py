@@ -190,6 +190,8 @@ class _Exchange:
     """The tenant's budget is nearly spent: a classifier route goes to the small model."""
     answered: str = ""
     """The answer's text, once settled (what shadow judging compares)."""
+    failure: UpstreamError | None = None
+    """Why the upstream gave no answer: what the requests coalesced on this one are told."""
     passthrough: PassThrough | None = None
 
 
@@ -299,6 +301,8 @@ class ChatPipeline:
                 return Answer(200, b"", self._headers(x), typed=whole)
             return Answer(200, completion.body, self._headers(x))
         except GatewayError as exc:
+            if isinstance(exc, UpstreamError):
+                x.failure = exc
             return self._error_answer(x, exc)
         except Exception as exc:  # a bug of ours: answered and logged as what it is, never a lost request
             return self._error_answer(x, _internal_error(x, exc))
@@ -417,6 +421,9 @@ class ChatPipeline:
                 return served
         if plan.write and plan.read and policy.coalesce.enabled:
             answer, x.lease = await self._exact.join_or_lead(plan.exact_key, policy.coalesce.wait_s, timeout_s)
+            if isinstance(answer, UpstreamError):
+                x.record.coalesced = True
+                raise answer  # the identical request this one waited on failed upstream: so would this one
             if answer is not None:
                 x.record.coalesced = True
                 return self._cached_answer(x, answer, "exact")
@@ -609,7 +616,7 @@ class ChatPipeline:
         if x.lease is not None:
             lease, x.lease = x.lease, None
             with anyio.CancelScope(shield=True):
-                await self._exact.release(lease, None, x.runtime.policy.cache.redis_timeout_ms / 1000)
+                await self._exact.release(lease, x.failure, x.runtime.policy.cache.redis_timeout_ms / 1000)
 
     async def _start_stream(self, x: _Exchange) -> StreamingAnswer | StreamingDeltas:
         assert x.plan is not None

@@ -7,6 +7,7 @@ import secrets
 from dataclasses import dataclass
 
 from gateway.cache.entries import CachedAnswer
+from gateway.errors import UpstreamError
 from gateway.store.base import KeyValue, StoreUnavailable
 
 __all__ = ["ExactCache", "Lease"]
@@ -18,14 +19,14 @@ class Lease:
 
     key: str
     token: str
-    future: asyncio.Future[CachedAnswer | None]
+    future: asyncio.Future[CachedAnswer | UpstreamError | None]
     held_in_store: bool
 
 
 class ExactCache:
     def __init__(self, store: KeyValue) -> None:
         self._store = store
-        self._flights: dict[str, asyncio.Future[CachedAnswer | None]] = {}
+        self._flights: dict[str, asyncio.Future[CachedAnswer | UpstreamError | None]] = {}
 
     async def get(self, key: str, timeout_s: float) -> CachedAnswer | None:
         """The stored answer, or None; raises StoreUnavailable when the cache could not be asked."""
@@ -45,10 +46,14 @@ class ExactCache:
         if lease is not None:
             self._settle(lease.key, lease.future, answer)
 
-    async def join_or_lead(self, key: str, wait_s: float, timeout_s: float) -> tuple[CachedAnswer | None, Lease | None]:
+    async def join_or_lead(
+        self, key: str, wait_s: float, timeout_s: float
+    ) -> tuple[CachedAnswer | UpstreamError | None, Lease | None]:
         """Coalesce identical in-flight requests, within this process and across processes.
 
         Returns ``(answer, None)`` when another request's answer arrived in time,
+        ``(error, None)`` when the request this one waited on in this process failed upstream
+        (the same request would fail the same way: its waiters are not sent after it),
         ``(None, lease)`` when this request must call upstream and release the lease
         after, and ``(None, None)`` when waiting gave nothing (call upstream, no lease).
         """
@@ -58,7 +63,7 @@ class ExactCache:
                 return await asyncio.wait_for(asyncio.shield(local), wait_s), None
             except TimeoutError:
                 return None, None
-        future: asyncio.Future[CachedAnswer | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[CachedAnswer | UpstreamError | None] = asyncio.get_running_loop().create_future()
         self._flights[key] = future
         token = secrets.token_hex(8)
         lock_ms = int(wait_s * 1000) + 1000
@@ -73,8 +78,9 @@ class ExactCache:
         self._settle(key, future, answer)
         return answer, None
 
-    async def release(self, lease: Lease, answer: CachedAnswer | None, timeout_s: float) -> None:
-        """Hand the answer (or None: failed, or not cacheable) to the waiters and drop the lease."""
+    async def release(self, lease: Lease, answer: CachedAnswer | UpstreamError | None, timeout_s: float) -> None:
+        """Hand the answer, the upstream's error, or None (not cacheable, or the request ended
+        without either) to the waiters and drop the lease."""
         self._settle(lease.key, lease.future, answer)
         if lease.held_in_store:
             try:
@@ -82,7 +88,12 @@ class ExactCache:
             except StoreUnavailable:
                 pass  # the lease expires on its own
 
-    def _settle(self, key: str, future: asyncio.Future[CachedAnswer | None], answer: CachedAnswer | None) -> None:
+    def _settle(
+        self,
+        key: str,
+        future: asyncio.Future[CachedAnswer | UpstreamError | None],
+        answer: CachedAnswer | UpstreamError | None,
+    ) -> None:
         if not future.done():
             future.set_result(answer)
         if self._flights.get(key) is future:

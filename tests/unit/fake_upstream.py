@@ -7,6 +7,7 @@ optional usage chunk and ``data: [DONE]``), records every call, and fails on req
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator
@@ -27,6 +28,8 @@ class FakeUpstream:
         self.ending: tuple[str, str | None] | None = None
         """When set, every answer's text and finish_reason (a content filter's empty stop, a
         stream that never says why it ended)."""
+        self.delay_s = 0.0
+        """How long each call waits before it answers (so identical requests overlap)."""
         self.omit_done = False
         """Streams end without ``data: [DONE]`` (some OpenAI-compatible servers close after the finish)."""
 
@@ -39,6 +42,8 @@ class FakeUpstream:
     async def _handle(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(await request.aread())
         self.calls.append(body)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         model = body["model"]
         if self._failures[model]:
             status, headers = self._failures[model].popleft()

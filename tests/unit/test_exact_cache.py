@@ -8,6 +8,7 @@ from gateway.cache.entries import CachedAnswer
 from gateway.cache.exact import ExactCache
 from gateway.cache.keys import exact_key
 from gateway.core.model import Answer
+from gateway.errors import UpstreamStatusError
 from gateway.protocols.openai_chat import read_chat_request
 from gateway.store.memory import MemoryKeyValue
 
@@ -30,7 +31,7 @@ async def test_waiters_in_another_process_get_the_leaders_answer() -> None:
     await here.put("k", _answer("the answer"), 60, T)
     await here.release(lease, _answer("the answer"), T)
     got, no_lease = await waiter
-    assert got is not None and got.answer.text == "the answer" and no_lease is None
+    assert isinstance(got, CachedAnswer) and got.answer.text == "the answer" and no_lease is None
 
 
 async def test_a_leader_that_fails_lets_the_waiters_go_at_once() -> None:
@@ -54,7 +55,20 @@ async def test_waiters_in_the_same_process_share_one_future() -> None:
     await cache.release(lease, _answer("shared"), T)
     for waiter in waiters:
         got, _ = await waiter
-        assert got is not None and got.answer.text == "shared"
+        assert isinstance(got, CachedAnswer) and got.answer.text == "shared"
+
+
+async def test_waiters_in_the_same_process_are_told_the_leaders_upstream_error() -> None:
+    # Else each waiter calls the failing upstream itself, all at once: 32 calls for 16
+    # identical requests, each waiting twice as long (an outside tester).
+    cache = ExactCache(MemoryKeyValue())
+    _, lease = await cache.join_or_lead("k", 2.0, T)
+    assert lease is not None
+    waiters = [asyncio.create_task(cache.join_or_lead("k", 2.0, T)) for _ in range(3)]
+    await asyncio.sleep(0)
+    failure = UpstreamStatusError("small", 503, "overloaded")
+    await cache.release(lease, failure, T)
+    assert [(await waiter)[0] for waiter in waiters] == [failure] * 3
 
 
 async def test_without_a_store_the_request_answers_alone() -> None:

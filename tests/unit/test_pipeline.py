@@ -79,6 +79,14 @@ async def test_identical_requests_in_flight_call_the_upstream_once(harness: Harn
     assert caches.count("miss") == 1
 
 
+async def test_identical_requests_waiting_on_one_that_fails_upstream_are_told_its_error(harness: Harness) -> None:
+    harness.upstream.fail("small", 400, times=10)  # a request the upstream refuses: so it would again
+    harness.upstream.delay_s = 0.05  # the others arrive while the first is still asking
+    results = await asyncio.gather(*(harness.ask("refused for everyone") for _ in range(5)))
+    assert [answer_of(result)[0] for result in results] == [400] * 5
+    assert harness.upstream.calls_to("small") == 1  # not once per waiter
+
+
 async def test_a_failing_model_falls_back_to_the_next(harness: Harness) -> None:
     harness.upstream.fail("small", 503, times=10)
     status, body, headers = answer_of(await harness.ask("anyone there?"))
