@@ -46,29 +46,27 @@ async def test_a_leader_that_fails_lets_the_waiters_go_at_once() -> None:
     assert got is None
 
 
-async def test_waiters_in_the_same_process_share_one_future() -> None:
+async def _three_waiters_told(outcome: CachedAnswer | UpstreamStatusError) -> list[object]:
+    """What three requests waiting in this process on one leader get, when it ends with ``outcome``."""
     cache = ExactCache(MemoryKeyValue())
     _, lease = await cache.join_or_lead("k", 2.0, T)
     assert lease is not None
     waiters = [asyncio.create_task(cache.join_or_lead("k", 2.0, T)) for _ in range(3)]
     await asyncio.sleep(0)
-    await cache.release(lease, _answer("shared"), T)
-    for waiter in waiters:
-        got, _ = await waiter
-        assert isinstance(got, CachedAnswer) and got.answer.text == "shared"
+    await cache.release(lease, outcome, T)
+    return [(await waiter)[0] for waiter in waiters]
+
+
+async def test_waiters_in_the_same_process_share_one_future() -> None:
+    shared = _answer("shared")
+    assert await _three_waiters_told(shared) == [shared] * 3
 
 
 async def test_waiters_in_the_same_process_are_told_the_leaders_upstream_error() -> None:
     # Else each waiter calls the failing upstream itself, all at once: 32 calls for 16
     # identical requests, each waiting twice as long (an outside tester).
-    cache = ExactCache(MemoryKeyValue())
-    _, lease = await cache.join_or_lead("k", 2.0, T)
-    assert lease is not None
-    waiters = [asyncio.create_task(cache.join_or_lead("k", 2.0, T)) for _ in range(3)]
-    await asyncio.sleep(0)
     failure = UpstreamStatusError("small", 503, "overloaded")
-    await cache.release(lease, failure, T)
-    assert [(await waiter)[0] for waiter in waiters] == [failure] * 3
+    assert await _three_waiters_told(failure) == [failure] * 3
 
 
 async def test_without_a_store_the_request_answers_alone() -> None:
