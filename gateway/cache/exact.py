@@ -10,7 +10,10 @@ from gateway.cache.entries import CachedAnswer
 from gateway.errors import UpstreamError
 from gateway.store.base import KeyValue, StoreUnavailable
 
-__all__ = ["ExactCache", "Lease"]
+__all__ = ["ExactCache", "Lease", "Outcome"]
+
+Outcome = CachedAnswer | UpstreamError | None
+"""What a request waiting on an identical one is handed: its answer, its upstream error, or nothing."""
 
 
 @dataclass(slots=True)
@@ -19,14 +22,14 @@ class Lease:
 
     key: str
     token: str
-    future: asyncio.Future[CachedAnswer | UpstreamError | None]
+    future: asyncio.Future[Outcome]
     held_in_store: bool
 
 
 class ExactCache:
     def __init__(self, store: KeyValue) -> None:
         self._store = store
-        self._flights: dict[str, asyncio.Future[CachedAnswer | UpstreamError | None]] = {}
+        self._flights: dict[str, asyncio.Future[Outcome]] = {}
 
     async def get(self, key: str, timeout_s: float) -> CachedAnswer | None:
         """The stored answer, or None; raises StoreUnavailable when the cache could not be asked."""
@@ -46,9 +49,7 @@ class ExactCache:
         if lease is not None:
             self._settle(lease.key, lease.future, answer)
 
-    async def join_or_lead(
-        self, key: str, wait_s: float, timeout_s: float
-    ) -> tuple[CachedAnswer | UpstreamError | None, Lease | None]:
+    async def join_or_lead(self, key: str, wait_s: float, timeout_s: float) -> tuple[Outcome, Lease | None]:
         """Coalesce identical in-flight requests, within this process and across processes.
 
         Returns ``(answer, None)`` when another request's answer arrived in time,
@@ -63,7 +64,7 @@ class ExactCache:
                 return await asyncio.wait_for(asyncio.shield(local), wait_s), None
             except TimeoutError:
                 return None, None
-        future: asyncio.Future[CachedAnswer | UpstreamError | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._flights[key] = future
         token = secrets.token_hex(8)
         lock_ms = int(wait_s * 1000) + 1000
@@ -78,7 +79,7 @@ class ExactCache:
         self._settle(key, future, answer)
         return answer, None
 
-    async def release(self, lease: Lease, answer: CachedAnswer | UpstreamError | None, timeout_s: float) -> None:
+    async def release(self, lease: Lease, answer: Outcome, timeout_s: float) -> None:
         """Hand the answer, the upstream's error, or None (not cacheable, or the request ended
         without either) to the waiters and drop the lease."""
         self._settle(lease.key, lease.future, answer)
@@ -91,8 +92,8 @@ class ExactCache:
     def _settle(
         self,
         key: str,
-        future: asyncio.Future[CachedAnswer | UpstreamError | None],
-        answer: CachedAnswer | UpstreamError | None,
+        future: asyncio.Future[Outcome],
+        answer: Outcome,
     ) -> None:
         if not future.done():
             future.set_result(answer)

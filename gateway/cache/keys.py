@@ -56,8 +56,12 @@ def answer_params(request: Request) -> dict[str, Any]:
 
 
 def _is_default(key: str, value: object) -> bool:
-    default = _DEFAULTS.get(key, _DEFAULTS)  # the dict itself: no field's value
-    return value is default if isinstance(default, bool) else type(value) in (int, float) and value == default
+    if key not in _DEFAULTS:
+        return False
+    default = _DEFAULTS[key]
+    if isinstance(default, bool):
+        return value is default
+    return type(value) in (int, float) and value == default
 
 
 def namespace_hash(route: str, system_prompt: str, params: dict[str, Any]) -> str:

@@ -171,6 +171,7 @@ def structure_of(text: str) -> Structure:
     options = _options(prose)
     plain = plain_text(text)
     words = tuple(_WORD.findall(plain))
+    typed = unicodedata.normalize("NFC", text)
     return Structure(
         _numbers(prose),
         options,
@@ -182,8 +183,8 @@ def structure_of(text: str) -> Structure:
         _relations(words),
         words,
         _grams(plain),
-        frozenset(_TYPED_WORD.findall(unicodedata.normalize("NFC", text))),
-        tuple(m.group(1) or m.group(2) or m.group(3) for m in _QUOTED.finditer(unicodedata.normalize("NFC", text))),
+        frozenset(_TYPED_WORD.findall(typed)),
+        tuple(m.group(1) or m.group(2) or m.group(3) for m in _QUOTED.finditer(typed)),
     )
 
 
@@ -378,8 +379,7 @@ _SUPERSCRIPTS = str.maketrans({c: "^" + d for c, d in zip("⁰¹²³⁴⁵⁶⁷
 
 def _fold(text: str) -> str:
     """NFKC, accents dropped (a typed paraphrase often drops them), typographic quotes and dashes made plain."""
-    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text.translate(_SUPERSCRIPTS)))
-    text = "".join(c for c in text if not unicodedata.combining(c))
+    text = _without_marks(unicodedata.normalize("NFKC", text.translate(_SUPERSCRIPTS)))
     return text.replace("’", "'").replace("−", "-").replace("–", "-")
 
 
