@@ -684,7 +684,9 @@ class ChatPipeline:
                     yield b"data: " + _usage_chunk(tally.id, tally.created, tally.model, record) + b"\n\n"
                 yield b"data: [DONE]\n\n"
             if tally.replayable and self._storing(x):
-                answer = answer_from_message(tally.message(), tally.finish_reason, model=tally.model or "")
+                answer = answer_from_message(
+                    tally.message(), tally.finish_reason, model=tally.model or "", stop_sequence=tally.stop_sequence
+                )
                 with anyio.CancelScope(shield=True):
                     await self._fill_cache(x, answer)
         except UpstreamError as exc:
@@ -809,7 +811,9 @@ def _complete(answer: core.Answer) -> bool:
     """Worth replaying: the model finished (or hit max_tokens, which the key holds) and said
     something. An empty answer, a content filter's stop or a stream that never said why it
     ended is what that one call got, not the answer to the prompt."""
-    return answer.finish_reason in ("stop", "length", "tool_calls") and bool(answer.text or answer.tool_calls)
+    return answer.finish_reason in ("stop", "stop_sequence", "length", "tool_calls") and bool(
+        answer.text or answer.tool_calls
+    )
 
 
 def _unstreamed(request: core.Request, body: dict[str, Any] | None) -> tuple[core.Request, dict[str, Any] | None]:

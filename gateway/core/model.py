@@ -197,6 +197,8 @@ class ToolArgumentsDelta(msgspec.Struct, frozen=True):
 
 class Finish(msgspec.Struct, frozen=True):
     reason: FinishReason
+    stop_sequence: str | None = None
+    """The stop string that ended the answer, where the upstream said which (reason ``stop_sequence``)."""
 
 
 class UsageReport(msgspec.Struct, frozen=True):

@@ -38,7 +38,7 @@ def deltas_of(answer: Answer) -> list[Delta]:
         deltas.append(ToolCallStart(index, call.id, call.name))
         if call.arguments:
             deltas.append(ToolArgumentsDelta(index, call.arguments))
-    deltas.append(Finish(answer.finish_reason or "stop"))
+    deltas.append(Finish(answer.finish_reason or "stop", answer.stop_sequence))
     deltas.append(UsageReport(answer.usage))
     return deltas
 

@@ -504,7 +504,9 @@ class StreamDecoder:
         if kind == "message_delta":
             delta = event["delta"] if isinstance(event.get("delta"), dict) else {}
             reason = _finish_of(delta.get("stop_reason"))
-            return [*self._usage(event.get("usage")), Finish(reason or "stop")]
+            matched = delta.get("stop_sequence")
+            finish = Finish(reason or "stop", matched if isinstance(matched, str) else None)
+            return [*self._usage(event.get("usage")), finish]
         return []
 
     def _usage(self, raw: Any) -> list[Delta]:
@@ -656,6 +658,7 @@ class StreamEncoder:
         "_model",
         "_open",
         "_open_kind",
+        "_stop_sequence",
         "_usage",
     )
 
@@ -668,6 +671,7 @@ class StreamEncoder:
         self._open_kind: str | None = None
         """The open block's type: ``"text"``, ``"thinking"``, ``"redacted"`` or ``"tool"``."""
         self._finish: FinishReason | None = None
+        self._stop_sequence: str | None = None
         self._usage: Usage | None = None
         self._calls: dict[int, tuple[str, str, list[str]]] = {}
         """Upstream index -> (id, name, argument fragments), in the order the calls began."""
@@ -718,14 +722,17 @@ class StreamEncoder:
             elif isinstance(delta, ToolArgumentsDelta):
                 self._calls.setdefault(delta.index, ("", "", []))[2].append(delta.fragment)
             elif isinstance(delta, Finish):
-                self._finish = delta.reason
+                self._finish, self._stop_sequence = delta.reason, delta.stop_sequence
             elif isinstance(delta, UsageReport):
                 self._usage = delta.usage
         return out
 
     def finish(self) -> bytes:
         usage = usage_body(self._usage) if self._usage is not None else {"output_tokens": 0}
-        delta = {"stop_reason": _STOP_REASON.get(self._finish or "stop", "end_turn"), "stop_sequence": None}
+        delta = {
+            "stop_reason": _STOP_REASON.get(self._finish or "stop", "end_turn"),
+            "stop_sequence": self._stop_sequence,
+        }
         return (
             self._close()
             + self._tool_blocks()

@@ -79,6 +79,17 @@ _FINISH: dict[str, FinishReason] = {
 }
 
 
+def _finish_of(choice: dict[str, Any]) -> tuple[FinishReason | None, str | None]:
+    """A choice's finish and the stop string that caused it: vLLM names the string it matched
+    in ``stop_reason`` (a token id there is an end-of-sequence token, not a stop sequence);
+    OpenAI does not say, and its stops read as a plain ``stop``."""
+    reason = _FINISH.get(str(choice.get("finish_reason")))
+    matched = choice.get("stop_reason")
+    if reason == "stop" and isinstance(matched, str) and matched:
+        return "stop_sequence", matched
+    return reason, None
+
+
 def lost_on_chat_upstreams(request: Request) -> list[str]:
     """What of ``request``'s turns a chat completions upstream cannot be sent (for ``x-gateway-dropped``):
     signed thinking, and a tool result's images or error flag (its content is text there)."""
@@ -551,19 +562,29 @@ def chunk_delta(delta: Delta) -> dict[str, Any] | None:
 def answer_from_completion(body: dict[str, Any]) -> Answer:
     """The first choice of a chat completion."""
     choice = (body.get("choices") or [{}])[0]
+    reason, stop_sequence = _finish_of(choice)
     return answer_from_message(
         choice.get("message") or {},
-        choice.get("finish_reason"),
+        reason,
         answer_id=str(body.get("id") or ""),
         model=str(body.get("model") or ""),
         usage=usage_from(body.get("usage")),
+        stop_sequence=stop_sequence,
     )
 
 
 def answer_from_message(
-    message: dict[str, Any], finish_reason: Any, *, answer_id: str = "", model: str = "", usage: Usage | None = None
+    message: dict[str, Any],
+    finish_reason: Any,
+    *,
+    answer_id: str = "",
+    model: str = "",
+    usage: Usage | None = None,
+    stop_sequence: str | None = None,
 ) -> Answer:
-    """A chat ``message`` (a completion's, or the one a finished stream's deltas add up to)."""
+    """A chat ``message`` (a completion's, or the one a finished stream's deltas add up to);
+    ``finish_reason`` is the chat API's, or ``"stop_sequence"`` with the ``stop_sequence`` that
+    ended it."""
     calls = [
         ToolCall(
             id=str(call.get("id") or f"call_{index}"),
@@ -579,7 +600,8 @@ def answer_from_message(
         thinking=_thinking(message),
         text=content if isinstance(content, str) else None,
         tool_calls=calls,
-        finish_reason=_FINISH.get(str(finish_reason)),
+        finish_reason="stop_sequence" if stop_sequence else _FINISH.get(str(finish_reason)),
+        stop_sequence=stop_sequence or None,
         usage=usage or Usage(),
     )
 
@@ -676,9 +698,9 @@ class ChunkReader:
                 fragment = function.get("arguments")
                 if isinstance(fragment, str) and fragment:
                     deltas.append(ToolArgumentsDelta(index, fragment))
-            reason = _FINISH.get(str(choice.get("finish_reason")))
+            reason, stop_sequence = _finish_of(choice)
             if reason is not None:
-                deltas.append(Finish(reason))
+                deltas.append(Finish(reason, stop_sequence))
         if chunk.get("usage"):
             deltas.append(UsageReport(usage_from(chunk["usage"])))
         return deltas

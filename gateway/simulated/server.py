@@ -6,7 +6,8 @@ Endpoints:
   followed by the first 12 words of the last user message in reverse order, streamed
   one token per chunk. ``tools`` / ``tool_choice``, ``response_format``, ``n`` and
   ``logprobs`` are honoured as OpenAI does (:mod:`.openai_extras`); requests without
-  them take the plain, fast path.
+  them take the plain, fast path, whose choices name the stop string that ended them in
+  ``stop_reason``, as vLLM's do.
 * ``POST /v1/embeddings``: deterministic hashed-feature vectors (:mod:`.embeddings`).
 * ``POST /v1/responses``, ``GET`` / ``DELETE /v1/responses/{id}``: OpenAI's Responses API,
   stored turns and ``previous_response_id`` included (:mod:`.responses`).
@@ -477,6 +478,7 @@ def _plain_completion(
                 "message": {"role": "assistant", "content": answer.text},
                 "logprobs": None,
                 "finish_reason": FINISH[answer.finish],
+                "stop_reason": answer.stop_sequence,
             }
         ],
     }
@@ -498,6 +500,8 @@ async def _chat_stream(
 
     def chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        if finish is not None:
+            choice["stop_reason"] = answer.stop_sequence  # vLLM's: the stop string matched
         data = {**base, "choices": [choice]}
         if include_usage:
             data["usage"] = None

@@ -210,6 +210,7 @@ class _AnthropicChatStream(ChatStream):
                 tally.usage = usage_of(delta.usage)
             elif isinstance(delta, Finish):
                 tally.finish_reason = openai_chat.chat_finish_reason(delta.reason)
+                tally.stop_sequence = delta.stop_sequence
                 if chunks:
                     self._chunk({}, tally.finish_reason)
             elif (chunk := openai_chat.chunk_delta(delta)) is not None:
@@ -245,6 +246,7 @@ class _RelayedMessageStream(RelayedStream):
                 tally.usage = usage_of(delta.usage)
             elif isinstance(delta, Finish):
                 tally.finish_reason = openai_chat.chat_finish_reason(delta.reason)
+                tally.stop_sequence = delta.stop_sequence
         if kind == "message_start":
             tally.id, tally.model = self._decoder.id, self._decoder.model
 

@@ -110,6 +110,8 @@ class StreamTally:
     usage: Usage | None = None
     text_parts: list[str] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_sequence: str | None = None
+    """The stop string that ended the answer, where the upstream said which."""
     chunks: int = 0
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     reasoning_parts: list[str] = field(default_factory=list)

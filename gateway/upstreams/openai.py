@@ -232,6 +232,8 @@ def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:
                 tally.take_delta(delta)
             if choice.get("finish_reason"):
                 tally.finish_reason = choice["finish_reason"]
+                matched = choice.get("stop_reason")  # vLLM's: the stop string it matched
+                tally.stop_sequence = matched if isinstance(matched, str) and matched else None
 
 
 def _message_text(upstream: str, data: dict[str, Any]) -> str:

@@ -58,6 +58,25 @@ def test_the_stream_helper_accumulates_the_same_answer(claude: anthropic.Anthrop
     assert "content_block_start" in events and "content_block_stop" in events and "message_delta" in events
 
 
+def test_a_stop_sequence_the_upstream_matched_is_reported_as_anthropic_does(claude: anthropic.Anthropic) -> None:
+    """vLLM names the stop string it matched (``stop_reason``); the SDK's ``stop_reason`` and
+    ``stop_sequence`` say it, streamed and not (replayed from the cache: ``test_cache_e2e``)."""
+    ask: dict[str, Any] = {
+        "model": "fast",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "alpha beta gamma delta epsilon"}],
+        "stop_sequences": ["never", "beta"],
+    }
+    first = claude.messages.create(**ask)
+    assert first.stop_reason == "stop_sequence" and first.stop_sequence == "beta"
+    assert first.content[0].type == "text" and "beta" not in first.content[0].text
+    with claude.messages.stream(**ask) as stream:
+        streamed = stream.get_final_message()
+    assert streamed.stop_reason == "stop_sequence" and streamed.stop_sequence == "beta"
+    plain = claude.messages.create(**{**ask, "stop_sequences": ["never"]})
+    assert plain.stop_reason == "end_turn" and plain.stop_sequence is None
+
+
 def test_raw_stream_events_follow_anthropics_sequence(gateway: GatewayProcess) -> None:
     body = {"model": "fast", "max_tokens": 32, "stream": True, "messages": [{"role": "user", "content": "hi there"}]}
     names: list[str] = []

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -135,6 +136,39 @@ def test_streamed_and_plain_requests_share_entries(cached_gateway: GatewayProces
         finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
         assert finishes == ["stop"]
     assert (c1, c2) == ("miss", "exact") and t1 == t2 and t1.startswith("[simulated small]")
+
+
+@pytest.mark.parametrize("stream_first", [False, True])
+def test_a_stop_sequence_answer_is_stored_and_replayed_with_its_stop(
+    cached_gateway: GatewayProcess, stream_first: bool
+) -> None:
+    """An answer a stop string ended is complete: stored, and replayed saying which string
+    ended it (Anthropic's ``stop_sequence``); a chat client reads a plain ``stop``."""
+    claude = closed_after_test(anthropic.Anthropic(base_url=cached_gateway.url, api_key="key-a1", max_retries=0))
+    ask: dict[str, Any] = {
+        "model": "fast",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": f"alpha beta gamma {time.monotonic_ns()}"}],
+        "stop_sequences": ["beta"],
+        "extra_body": {"temperature": 0},  # the SDK has no such parameter any more; the API takes it
+    }
+
+    def streamed() -> tuple[str, anthropic.types.Message]:
+        with claude.messages.stream(**ask) as stream:
+            return stream.response.headers["x-gateway-cache"], stream.get_final_message()
+
+    def plain() -> tuple[str, anthropic.types.Message]:
+        raw = claude.messages.with_raw_response.create(**ask)
+        return raw.headers["x-gateway-cache"], raw.parse()
+
+    (c1, m1), (c2, m2) = (streamed(), plain()) if stream_first else (plain(), streamed())
+    assert (c1, c2) == ("miss", "exact")
+    for message in (m1, m2):
+        assert message.stop_reason == "stop_sequence" and message.stop_sequence == "beta"
+    chat = _client(cached_gateway).chat.completions.create(
+        model="fast", messages=ask["messages"], stop=["beta"], temperature=0, max_tokens=64
+    )
+    assert chat.choices[0].finish_reason == "stop"
 
 
 def test_errors_are_never_cached(cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:

@@ -161,6 +161,34 @@ def test_a_streamed_text_then_tool_call_becomes_two_content_blocks() -> None:
     assert events[9][1]["usage"]["output_tokens"] == 9 and events[9][1]["usage"]["input_tokens"] == 12
 
 
+@pytest.mark.parametrize(
+    ("stop_reason", "expected"),
+    [
+        ("END", ("stop_sequence", "END")),
+        (128009, ("end_turn", None)),
+        (None, ("end_turn", None)),
+        ("", ("end_turn", None)),
+    ],
+)
+def test_vllms_stop_reason_says_which_stop_sequence_ended_the_stream(
+    stop_reason: Any, expected: tuple[str, Any]
+) -> None:
+    """vLLM's ``stop_reason`` is the stop string it matched, or the id of a stop token (an end
+    of sequence, not a stop sequence), or null."""
+    reader, encoder = openai_chat.ChunkReader(), anthropic.StreamEncoder("msg_1", "m", 0)
+    chunks: list[dict[str, Any]] = [
+        {"choices": [{"index": 0, "delta": {"content": "Hi"}, "stop_reason": None}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": stop_reason}]},
+    ]
+    stream = encoder.start() + b"".join(encoder.feed(reader.read(chunk)) for chunk in chunks) + encoder.finish()
+    delta = next(data["delta"] for name, data in _events(stream) if name == "message_delta")
+    assert (delta["stop_reason"], delta["stop_sequence"]) == expected
+    answer = openai_chat.answer_from_completion(
+        {"choices": [{"message": {"content": "Hi"}, "finish_reason": "stop", "stop_reason": stop_reason}]}
+    )
+    assert (answer.finish_reason, answer.stop_sequence) == (("stop_sequence", "END") if expected[1] else ("stop", None))
+
+
 def _tool_inputs(chunks: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     reader, encoder = openai_chat.ChunkReader(), anthropic.StreamEncoder("msg_1", "m", 0)
     stream = encoder.start() + b"".join(encoder.feed(reader.read(chunk)) for chunk in chunks) + encoder.finish()
