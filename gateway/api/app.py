@@ -22,7 +22,13 @@ from gateway.api.embeddings import create_embeddings
 from gateway.api.feedback import feedback
 from gateway.api.messages import count_message_tokens, create_message
 from gateway.api.probes import error_response, healthz, internal_error, list_models, metrics, readyz, retrieve_model
-from gateway.api.responses import create_response, delete_response, retrieve_response
+from gateway.api.responses import (
+    cancel_response,
+    create_response,
+    delete_response,
+    list_input_items,
+    retrieve_response,
+)
 from gateway.api.state import GatewayState
 from gateway.api.usage import usage
 from gateway.cache.audit import SemanticAudit
@@ -75,6 +81,8 @@ def create_app(settings: Settings | None = None) -> ChatRoute:
                 count_message_tokens,
                 create_response,
                 retrieve_response,
+                list_input_items,
+                cancel_response,
                 delete_response,
                 list_models,
                 retrieve_model,

@@ -1,4 +1,5 @@
-"""``POST /v1/responses``, ``GET`` and ``DELETE /v1/responses/{id}``: OpenAI's Responses API on the chat pipeline.
+"""``POST /v1/responses``, ``GET`` and ``DELETE /v1/responses/{id}``, ``GET /v1/responses/{id}/input_items``:
+OpenAI's Responses API on the chat pipeline.
 
 The request is decoded into the internal model and handed to the pipeline as a chat
 request, so auth, limits, the cache, routing, fallbacks and the log apply unchanged;
@@ -49,8 +50,10 @@ from gateway.store.base import StoreUnavailable
 __all__ = [
     "ResponseNotFoundError",
     "ResponseStoreUnavailableError",
+    "cancel_response",
     "create_response",
     "delete_response",
+    "list_input_items",
     "retrieve_response",
 ]
 
@@ -159,6 +162,67 @@ async def retrieve_response(request: Request[Any, Any, Any], response_id: str) -
     if record.held_by is not None:
         return await _ask_upstream(state, record.held_by, "GET", response_id)
     return Response(content=msgspec.json.encode(record.response), media_type="application/json")
+
+
+@get("/v1/responses/{response_id:str}/input_items")
+async def list_input_items(request: Request[Any, Any, Any], response_id: str) -> Response[bytes]:
+    """The items a stored response of the caller's tenant answered, a page at a time
+    (``limit`` 1-100, default 20; ``order`` ``desc``, the default, or ``asc``; ``after`` an item id)."""
+    state: GatewayState = request.app.state.gateway
+    record = await _on_stored(request, lambda store, tenant: store.load(tenant, response_id))
+    if record is None:
+        raise _not_found(response_id)
+    limit, order, after = _page_query(request)
+    if record.held_by is not None:
+        query = request.url.query
+        return await _ask_upstream(
+            state, record.held_by, "GET", response_id, "/input_items" + (f"?{query}" if query else "")
+        )
+    items = codec.input_items(record.messages[:-1], response_id)  # the last message is the response's own answer
+    if order == "desc":
+        items.reverse()
+    if after is not None:
+        place = next((index for index, item in enumerate(items) if item["id"] == after), None)
+        if place is None:
+            raise InvalidRequestError(f"no input item with id {after!r} in this response", param="after")
+        items = items[place + 1 :]
+    page = items[:limit]
+    body = {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(items) > limit,
+    }
+    return Response(content=msgspec.json.encode(body), media_type="application/json")
+
+
+@post("/v1/responses/{response_id:str}/cancel", status_code=200)
+async def cancel_response(request: Request[Any, Any, Any], response_id: str) -> Response[bytes]:
+    """Only a background response can be cancelled: one the upstream keeps is asked to; the
+    gateway's own are never background (it refuses ``background``), so that is a 400, as OpenAI's."""
+    state: GatewayState = request.app.state.gateway
+    record = await _on_stored(request, lambda store, tenant: store.load(tenant, response_id))
+    if record is None:
+        raise _not_found(response_id)
+    if record.held_by is not None:
+        return await _ask_upstream(state, record.held_by, "POST", response_id, "/cancel")
+    raise InvalidRequestError("Only responses created with background=true can be cancelled.", param="response_id")
+
+
+def _page_query(request: Request[Any, Any, Any]) -> tuple[int, str, str | None]:
+    query = request.query_params
+    raw_limit = query.get("limit", "20")
+    try:
+        limit = int(raw_limit)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 100:
+        raise InvalidRequestError(f"limit: an integer from 1 to 100 is required, got {raw_limit!r}", param="limit")
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise InvalidRequestError(f"order: expected 'asc' or 'desc', got {order!r}", param="order")
+    return limit, order, query.get("after") or None
 
 
 @delete("/v1/responses/{response_id:str}", status_code=200)
@@ -315,13 +379,16 @@ async def _claim(store: ResponseStore, tenant: str, response_id: str, held_by: s
         _log.warning("response_not_stored", response_id=response_id, reason="store unavailable")
 
 
-async def _ask_upstream(state: GatewayState, model: str, method: str, response_id: str) -> Response[bytes]:
-    """Read or delete a response at the upstream that keeps it; its own answer, errors included."""
+async def _ask_upstream(
+    state: GatewayState, model: str, method: str, response_id: str, rest: str = ""
+) -> Response[bytes]:
+    """Read or delete a response (``rest``: a part of it, with its query) at the upstream that
+    keeps it; its own answer, errors included."""
     provider = state.holder.current.providers.get(model)
     if provider is None:
         raise _not_found(response_id)  # its model is gone from the policy: nothing can reach it
     try:
-        answer = await provider.forward(method, f"responses/{response_id}")
+        answer = await provider.forward(method, f"responses/{response_id}{rest}")
     except UpstreamStatusError as exc:
         if exc.upstream_status >= 500:
             raise

@@ -19,6 +19,7 @@ OpenAI sends (``response.created`` ... ``response.completed``), each with its
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -55,6 +56,7 @@ __all__ = [
     "assistant_message",
     "decode_request",
     "finish_reason_of",
+    "input_items",
     "new_id",
     "output_items",
     "response_object",
@@ -496,6 +498,40 @@ def output_items(answer: Answer, make_id: IdMaker = new_id) -> list[dict[str, An
     if answer.text or not answer.tool_calls:
         items.append(_message_item(make_id("msg"), answer.text or "", status))
     items += [_call_item(make_id("fc"), call, "completed") for call in answer.tool_calls]
+    return items
+
+
+def input_items(messages: Sequence[Message], response_id: str) -> list[dict[str, Any]]:
+    """What ``GET /v1/responses/{id}/input_items`` lists: the conversation a response answered
+    (earlier turns' inputs and answers, then its own input), oldest first, as Responses items.
+    Their ids are derived from the response's id and the item's place, so that they stay the
+    same from one read to the next (``after`` pages by them); the system role stands for
+    ``developer`` too, which the internal model does not tell apart."""
+    items: list[dict[str, Any]] = []
+
+    def item_id(prefix: str) -> str:
+        digest = hashlib.blake2b(f"{response_id}:{len(items)}".encode(), digest_size=16).hexdigest()
+        return f"{prefix}_{digest}"
+
+    for message in messages:
+        if message.role == "tool":
+            output = message.text
+            items.append({"type": "function_call_output", "id": item_id("fco"), "call_id": message.tool_call_id or "",
+                          "output": output, "status": "completed"})  # fmt: skip
+            continue
+        if message.role == "assistant":
+            if message.parts or not message.tool_calls:
+                items.append(_message_item(item_id("msg"), message.text, "completed"))
+            items += [_call_item(item_id("fc"), call, "completed") for call in message.tool_calls]
+            continue
+        content: list[dict[str, Any]] = []
+        for part in message.parts:
+            if isinstance(part, TextPart):
+                content.append({"type": "input_text", "text": part.text})
+            elif isinstance(part, ImagePart):
+                content.append({"type": "input_image", "image_url": part.url, "detail": "auto"})
+        items.append({"type": "message", "id": item_id("msg"), "role": message.role, "content": content,
+                      "status": "completed"})  # fmt: skip
     return items
 
 

@@ -9,7 +9,9 @@ Endpoints:
   them take the plain, fast path, whose choices name the stop string that ended them in
   ``stop_reason``, as vLLM's do.
 * ``POST /v1/embeddings``: deterministic hashed-feature vectors (:mod:`.embeddings`).
-* ``POST /v1/responses``, ``GET`` / ``DELETE /v1/responses/{id}``: OpenAI's Responses API,
+* ``POST /v1/responses``, ``GET`` / ``DELETE /v1/responses/{id}``, ``GET /v1/responses/{id}/input_items``
+  (``limit``, ``order``), ``POST /v1/responses/{id}/cancel`` (a 400: nothing runs in the background):
+  OpenAI's Responses API,
   stored turns and ``previous_response_id`` included (:mod:`.responses`).
 * ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``: the Anthropic Messages
   API, with tools, thinking and structured output (:mod:`.anthropic_extras`).
@@ -48,7 +50,7 @@ from aiohttp import web
 from gateway.core.model import UsageReport
 from gateway.protocols.openai_chat import answer_from_completion
 from gateway.protocols.openai_responses import StreamEncoder as ResponsesStreamEncoder
-from gateway.protocols.openai_responses import assistant_message, output_items, response_object
+from gateway.protocols.openai_responses import assistant_message, input_items, output_items, response_object
 from gateway.simulated.answers import (
     Answer,
     content_parts,
@@ -668,6 +670,17 @@ async def _stored_response_handler(request: web.Request) -> web.Response:
     if request.method == "DELETE":
         state.turns.delete(key, response_id)
         return _json_response(_encode_json({"id": response_id, "object": "response", "deleted": True}))
+    if request.path.endswith("/cancel"):  # nothing the simulator keeps ran in the background
+        message = "Only responses created with background=true can be cancelled."
+        return _responses_error(ResponsesRequestError(400, message))
+    if request.path.endswith("/input_items"):
+        items = input_items(stored[1][:-1], response_id)
+        if request.query.get("order", "desc") == "desc":
+            items.reverse()
+        limit = int(request.query.get("limit", "20"))
+        page = {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
+        page.update(first_id=items[0]["id"] if items else None, last_id=items[:limit][-1]["id"] if items else None)
+        return _json_response(_encode_json(page))
     return _json_response(_encode_json(stored[0]))
 
 
@@ -845,6 +858,8 @@ def build_app(
     app.router.add_post("/v1/messages", _messages_handler)
     app.router.add_post("/v1/responses", _responses_handler)
     app.router.add_get("/v1/responses/{response_id}", _stored_response_handler)
+    app.router.add_get("/v1/responses/{response_id}/input_items", _stored_response_handler)
+    app.router.add_post("/v1/responses/{response_id}/cancel", _stored_response_handler)
     app.router.add_delete("/v1/responses/{response_id}", _stored_response_handler)
     app.router.add_post("/v1/messages/count_tokens", _count_tokens_handler)
     app.router.add_get("/v1/models", _models_handler)

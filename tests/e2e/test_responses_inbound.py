@@ -221,6 +221,38 @@ def test_previous_response_id_continues_the_conversation(
     assert third.previous_response_id == second.id and third.instructions is None
 
 
+def test_input_items_list_the_conversation_a_response_answered(client: openai.OpenAI) -> None:
+    first = client.responses.create(
+        model="fast", input="What is the weather in Oslo?", tools=[WEATHER_TOOL], tool_choice="required"
+    )
+    call = next(item for item in first.output if item.type == "function_call")
+    second = client.responses.create(
+        model="fast",
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "-3C"}],
+        tools=[WEATHER_TOOL],
+    )
+    newest_first = client.responses.input_items.list(second.id)
+    assert [item.type for item in newest_first.data] == ["function_call_output", "function_call", "message"]
+    output, asked_call, asked = newest_first.data
+    assert output.type == "function_call_output" and output.call_id == call.call_id and output.output == "-3C"
+    assert asked_call.type == "function_call" and (asked_call.name, asked_call.arguments) == (call.name, call.arguments)
+    assert asked.type == "message" and asked.role == "user"
+    assert asked.content[0].type == "input_text" and asked.content[0].text == "What is the weather in Oslo?"
+    # Pages by ``after``, in either order, with the same ids every time.
+    paged = [item.id for item in client.responses.input_items.list(second.id, order="asc", limit=1)]
+    assert paged == [item.id for item in reversed(newest_first.data)]
+    (only,) = client.responses.input_items.list(first.id).data
+    assert only.type == "message" and only.content[0].type == "input_text" and "Oslo" in only.content[0].text
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.responses.input_items.list(second.id, limit=101)
+    assert bad.value.param == "limit"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_nothing_here")
+    with pytest.raises(openai.BadRequestError, match="background"):
+        client.responses.cancel(second.id)
+
+
 def test_a_stored_response_can_be_retrieved_and_deleted(client: openai.OpenAI) -> None:
     created = client.responses.create(model="fast", input="Keep this.", metadata={"k": "v"})
     retrieved = client.responses.retrieve(created.id)
@@ -349,6 +381,8 @@ def test_a_tenant_cannot_read_continue_or_delete_another_tenants_response(keyed_
             mine = alice.responses.create(model="fast", input="A secret of acme.")
             with pytest.raises(openai.NotFoundError):
                 bob.responses.retrieve(mine.id)
+            with pytest.raises(openai.NotFoundError):
+                bob.responses.input_items.list(mine.id)
             with pytest.raises(openai.NotFoundError) as continued:
                 bob.responses.create(model="fast", previous_response_id=mine.id, input="What was the secret?")
             assert continued.value.code == "previous_response_not_found"

@@ -170,7 +170,14 @@ def test_a_tenant_cannot_read_continue_or_delete_another_tenants_upstream_respon
     assert continued.value.code == "previous_response_not_found"
     with pytest.raises(openai.NotFoundError):
         bob.responses.delete(mine.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.responses.input_items.list(mine.id)
     assert alice.responses.retrieve(mine.id).output_text == mine.output_text  # asked of the upstream
+    (asked,) = alice.responses.input_items.list(mine.id, limit=5).data  # asked of it too, with the query
+    assert asked.type == "message" and asked.content[0].type == "input_text"
+    assert asked.content[0].text == "The launch code is tulip."
+    with pytest.raises(openai.BadRequestError, match="background"):
+        alice.responses.cancel(mine.id)
     alice.responses.delete(mine.id)
     with pytest.raises(openai.NotFoundError):
         alice.responses.retrieve(mine.id)
