@@ -77,7 +77,7 @@ class EmbeddingsPipeline:
             record.key_id, record.tenant = principal.key_id, principal.tenant
             limits = runtime.policy.limits
             request, inputs = _parse(await read_body(limits.max_body_bytes, limits.body_read_timeout_s))
-            plan = runtime.router.plan(request.model)
+            plan = runtime.router.plan(request.model, principal.allowed)
             principal.check_model(plan.route)
             record.route, record.decision = plan.route, plan.decision
             models = [runtime.policy.models[name] for name in plan.candidates]

@@ -252,7 +252,7 @@ class ChatPipeline:
             if passthrough is not None and passthrough.body is not None:
                 x.passthrough = passthrough
                 record.passthrough = True
-            x.plan = runtime.router.plan(x.request.model)
+            x.plan = runtime.router.plan(x.request.model, principal.allowed)
             if runtime.policy.models[x.plan.candidates[0]].kind != "chat":
                 raise InvalidRequestError(
                     f"model '{x.request.model}' is an embedding model; use POST /v1/embeddings", param="model"

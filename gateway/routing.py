@@ -61,11 +61,14 @@ class Router:
         self.route_names = tuple(policy.routes)
         self.model_names = tuple(name for name, model in policy.models.items() if model.public)
 
-    def plan(self, requested: str) -> RoutePlan:
+    def plan(self, requested: str, allowed: frozenset[str] = frozenset({"*"})) -> RoutePlan:
+        """``allowed``: the caller's route and model names (``*``: all); an unknown name's error
+        lists only those, so a key learns nothing of the names it may not call."""
         plan = self._plans.get(requested)
         if plan is None:
+            names = sorted(name for name in self._plans if "*" in allowed or name in allowed)
             raise ModelNotFoundError(
-                f"model '{requested}' does not exist; available: {', '.join(sorted(self._plans))}", param="model"
+                f"model '{requested}' does not exist; available: {', '.join(names) or 'none'}", param="model"
             )
         return plan
 

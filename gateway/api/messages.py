@@ -105,7 +105,7 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
         raw = await decoded_body(await request.body(), request.headers.get("content-encoding"), _MAX_COUNT_BODY_BYTES)
         lenient = _only_anthropic_upstreams(request, _json_object(raw))  # blocks only Anthropic reads are not refused
         decoded = anthropic.decode_request(raw, counting=True, passed_through=lenient)
-        plan = runtime.router.plan(decoded.model)
+        plan = runtime.router.plan(decoded.model, principal.allowed)
         principal.check_model(plan.route)
         tokens = count_prompt(decoded, runtime.policy.models[plan.candidates[0]].encoding)
     except GatewayError as exc:

@@ -13,6 +13,7 @@ from gateway.accounting.request_log import exception_frames
 from gateway.api.state import GatewayState
 from gateway.errors import GatewayError, ModelNotFoundError
 from gateway.learning.learned import active_version
+from gateway.runtime import Runtime
 from gateway.store.base import StoreUnavailable
 
 __all__ = ["error_response", "healthz", "internal_error", "list_models", "metrics", "readyz", "retrieve_model"]
@@ -70,19 +71,35 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
     state: GatewayState = request.app.state.gateway
     runtime = state.holder.current
     redis_ok = await state.redis.check()
+    rejected, detailed = state.holder.last_reload_error, _may_see_details(runtime, request)
+    if rejected is not None and not detailed:
+        rejected = "a policy reload was rejected (details: the gateway's log, or /readyz with an admin key)"
     body: dict[str, object] = {
         "ready": redis_ok,
         "redis": "ok" if redis_ok else "unavailable",
         "policy": {
             "version": runtime.version,
-            "source": runtime.loaded.source,
-            "last_reload_error": state.holder.last_reload_error,
+            "source": runtime.loaded.source if detailed else None,
+            "last_reload_error": rejected,
         },
         "classifier": state.classifier_info or {"loaded": False},
         "learned_router": await _learned_router(state),
         "upstreams": {name: state.holder.breakers[name].state for name in runtime.providers},
     }
     return Response(msgspec.json.encode(body), status_code=200 if redis_ok else 503, media_type="application/json")
+
+
+def _may_see_details(runtime: Runtime, request: Request[Any, Any, Any]) -> bool:
+    """The policy's path and a rejected edit's text (key ids, tenants, values from the
+    environment) are for ops: an admin key, or anyone while auth is off. The probe itself
+    needs no key, and a wrong one is no error here."""
+    if not runtime.auth.enabled:
+        return True
+    key = request.headers.get("x-api-key")
+    try:
+        return runtime.auth.authenticate(f"Bearer {key}" if key else request.headers.get("authorization")).admin
+    except GatewayError:
+        return False
 
 
 @get("/metrics")

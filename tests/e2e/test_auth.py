@@ -151,6 +151,14 @@ def test_key_on_a_model_it_may_not_use_gets_403(gw: GatewayProcess, large_upstre
         assert (record["status"], record["key_id"], record["tenant"]) == (403, "app-1", "team-a")
         assert record["error_type"] == "model_not_allowed"
     assert upstream_stats(large_upstream)["chat_requests"] == 0
+    # A name that does not exist: the error lists what this key may call, not every name there is.
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="FAST", messages=_messages("typo"))
+    assert 'available: fast"' in unknown.value.message
+    admin = _sdk(gw, ADMIN_SECRET)
+    with pytest.raises(openai.NotFoundError) as listed:
+        admin.chat.completions.create(model="FAST", messages=_messages("typo"))
+    assert "best" in listed.value.message and "large" in listed.value.message
 
     response = httpx.post(f"{gw.base_url}/chat/completions", headers={"authorization": f"Bearer {APP_SECRET}"},
                           json={"model": "best", "messages": _messages()}, timeout=10)  # fmt: skip

@@ -17,6 +17,7 @@ import httpx
 import msgspec
 import pytest
 
+from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import inject, upstream_stats
@@ -170,6 +171,34 @@ def test_a_request_log_change_is_applied_and_said_to_need_a_restart(gw: GatewayP
     said = _wait_for_ops_event(gw, "policy_needs_restart", lambda r: r.get("section") == "request_log")
     assert said and said[0]["level"] == "warning", gw.stderr_text()
     assert _chat(gw).headers["x-gateway-policy-version"] == version  # the rest of the edit is in force
+
+
+def test_a_rejected_edits_text_is_shown_only_to_an_admin_key(gw: GatewayProcess) -> None:
+    """/readyz needs no key; what a rejected edit says (key ids, tenants, values from the
+    environment) and the policy's path are for an admin key only once auth is on."""
+    keys = (
+        "auth:\n  mode: keys\n  keys:\n"
+        f'    - {{id: ops, tenant: ops, hash: "{hash_key("sk-ops")}", admin: true}}\n'
+        f'    - {{id: app, tenant: team-a, hash: "{hash_key("sk-app")}"}}'
+    )
+    keyed = gw.policy_path.read_text().replace("auth: {mode: none}", keys)
+    _write_atomically(gw.policy_path, keyed)
+    admin = {"authorization": "Bearer sk-ops"}
+
+    def as_admin() -> dict[str, Any]:
+        body: dict[str, Any] = httpx.get(f"{gw.url}/readyz", headers=admin, timeout=5).json()
+        return body
+
+    assert _poll(as_admin, lambda r: r["policy"]["version"] == _version_of(keyed))["policy"]["source"]
+    _write_atomically(gw.policy_path, keyed.replace(FAST_ROUTE, "fast: {model: no-such-model}"))
+    detailed = _poll(as_admin, lambda r: r["policy"]["last_reload_error"] is not None)["policy"]
+    assert "no-such-model" in detailed["last_reload_error"] and detailed["source"] == str(gw.policy_path)
+    for headers in ({}, {"authorization": "Bearer sk-app"}, {"authorization": "Bearer wrong"}):
+        response = httpx.get(f"{gw.url}/readyz", headers=headers, timeout=5)
+        assert response.status_code == 200
+        policy = response.json()["policy"]
+        assert policy["last_reload_error"].startswith("a policy reload was rejected")
+        assert "no-such-model" not in response.text and "ops" not in response.text and policy["source"] is None
 
 
 def test_invalid_edits_are_rejected_and_a_fix_is_picked_up(gw: GatewayProcess) -> None:
