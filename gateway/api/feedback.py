@@ -6,7 +6,8 @@ calling key (an admin key may label any request of its tenant); anything else is
 404, the same as a request that never existed, so no key learns about another's requests.
 A score or thumbs on the small model's answer becomes a label (good: the small model was
 enough; bad: the large one was needed); on the large model's answer it says nothing about
-whether the small one would have done, so it is acknowledged and not learnt from.
+whether the small one would have done, so it is acknowledged and not learnt from. A request
+takes at most :data:`MAX_LABELS_PER_REQUEST` labels (the last one counts); later ones are a 409.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from gateway.errors import ConflictError, FeedbackUnavailableError, InvalidReque
 from gateway.learning.examples import LabelledExample
 from gateway.store.base import StoreUnavailable
 
-__all__ = ["feedback"]
+__all__ = ["MAX_LABELS_PER_REQUEST", "feedback"]
 
 _MAX_BODY = 4096
+MAX_LABELS_PER_REQUEST = 3
+"""A changed mind is a label or two more; beyond that a request's labels would only push the
+tenant's other labels out of its bounded list."""
 
 
 class _Feedback(msgspec.Struct, forbid_unknown_fields=True):
@@ -72,6 +76,11 @@ async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
     if needed_large is not None:
         example = LabelledExample.of(given.request_id, trace, needed_large, "feedback", policy.scope == "global")
         try:
+            times = await learning.store.count_label(principal.tenant, given.request_id, policy.keep_hours)
+            if times > MAX_LABELS_PER_REQUEST:
+                raise ConflictError(
+                    f"this request has had {MAX_LABELS_PER_REQUEST} labels; no more are taken", param="request_id"
+                )
             await learning.store.add_label(principal.tenant, example, policy.max_labels)
         except StoreUnavailable:
             raise FeedbackUnavailableError("feedback cannot be recorded right now (Redis unavailable)") from None

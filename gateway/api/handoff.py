@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import os
 import re
@@ -24,19 +25,22 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 class _RequestIds:
-    """32 hex digits: this process's random half, then a counter. Unique, as a uuid4 would
-    be, without a getrandom call per request; a forked worker draws its own half."""
+    """32 hex digits: a counter hashed with this process's random key. Unique and unguessable,
+    as a uuid4 would be, without a getrandom call per request (an id that could be predicted
+    could be claimed first by another key of the tenant, for its feedback); a forked worker
+    draws its own key."""
 
     def __init__(self) -> None:
         self._fresh()
         os.register_at_fork(after_in_child=self._fresh)
 
     def _fresh(self) -> None:
-        self._prefix = os.urandom(8).hex()
-        self._counter = itertools.count(int.from_bytes(os.urandom(4)))
+        self._key = os.urandom(16)
+        self._counter = itertools.count()
 
     def next(self) -> str:
-        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+        count = next(self._counter).to_bytes(8, "little")
+        return hashlib.blake2b(count, key=self._key, digest_size=16).hexdigest()
 
 
 _request_ids = _RequestIds()

@@ -64,6 +64,8 @@ class LabelledExample(msgspec.Struct, frozen=True):
     at: float
     poolable: bool = False
     """The route's ``learning.scope`` was ``global`` when it was labelled."""
+    tenant: str = ""
+    """Whose label it is: set when labels are read (request ids are unique only within a tenant)."""
 
     @classmethod
     def of(
@@ -105,8 +107,10 @@ class LearningStore:
         self._kv = kv
 
     async def keep_trace(self, tenant: str, request_id: str, trace: RoutingTrace, keep_hours: int) -> None:
+        """The first request under an id keeps it: a client may choose its ``x-request-id``, and
+        another key of the tenant reusing one must not take over the first one's feedback."""
         key = keyspace.routing_trace(tenant, request_id)
-        await self._kv.put(key, _trace_encoder.encode(trace), keep_hours * 3600, _TIMEOUT_S)
+        await self._kv.put_new(key, _trace_encoder.encode(trace), keep_hours * 3600, _TIMEOUT_S)
 
     async def trace(self, tenant: str, request_id: str) -> RoutingTrace | None:
         raw = await self._kv.get(keyspace.routing_trace(tenant, request_id), _TIMEOUT_S)
@@ -118,7 +122,12 @@ class LearningStore:
 
     async def labels(self, tenant: str, timeout_s: float = 5.0) -> list[LabelledExample]:
         raw = await self._kv.read_list(keyspace.routing_labels(tenant), timeout_s)
-        return [_example_decoder.decode(item) for item in raw]
+        return [msgspec.structs.replace(_example_decoder.decode(item), tenant=tenant) for item in raw]
+
+    async def count_label(self, tenant: str, request_id: str, keep_hours: int) -> int:
+        """How many labels the request has had, this one included (a bound on relabelling)."""
+        key = keyspace.routing_label_count(tenant, request_id)
+        return int(await self._kv.add_float(key, 1.0, keep_hours * 3600, _TIMEOUT_S))
 
     async def add_shadow_spend(self, tenant: str, route: str, usd: float) -> float:
         """Today's shadow spend on this tenant's route after adding ``usd``."""

@@ -185,8 +185,9 @@ def fit_candidate(
 ) -> tuple[LearnedRouter, Evaluation]:
     """A candidate fitted on the older labels, and how it and ``current`` (None: the shipped
     router alone) do on the newest ``held_out_share`` of them. A request labelled more than
-    once (feedback after a shadow judgement, a changed mind) counts once, by its last label."""
-    latest = {e.request_id: e for e in sorted(examples, key=lambda e: e.at)}  # a request relabelled: its last label
+    once (feedback after a shadow judgement, a changed mind) counts once, by its last label;
+    request ids are the clients' to choose, so one names a request only within its tenant."""
+    latest = {(e.tenant, e.request_id): e for e in sorted(examples, key=lambda e: e.at)}
     examples = sorted(latest.values(), key=lambda e: e.at)
     held = max(MIN_HELD_OUT, int(len(examples) * held_out_share))
     if len(examples) < held + MIN_HELD_OUT:

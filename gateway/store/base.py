@@ -51,6 +51,10 @@ class KeyValue(Protocol):
         token still holds it, in the same round trip (a coalescing leader's answer)."""
         ...
 
+    async def put_new(self, key: str, value: bytes, ttl_s: int, timeout_s: float) -> bool:
+        """Store ``value`` for ``ttl_s`` unless ``key`` holds one already; whether it was stored."""
+        ...
+
     async def get_many(self, keys: list[str], timeout_s: float) -> list[bytes | None]:
         """:meth:`get` of each key, in one round trip (the keys share one tenant's hash tag)."""
         ...

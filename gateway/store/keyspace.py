@@ -40,6 +40,7 @@ __all__ = [
     "lease",
     "limit_counters",
     "response",
+    "routing_label_count",
     "routing_labels",
     "routing_trace",
     "semantic_ages",
@@ -116,6 +117,10 @@ GLOBAL_SCOPE = "gw:{global}"
 
 def routing_trace(tenant: str, request_id: str) -> str:
     return f"{tenant_prefix(tenant)}:learn:tr:{hashlib.sha256(request_id.encode()).hexdigest()[:32]}"
+
+
+def routing_label_count(tenant: str, request_id: str) -> str:
+    return f"{tenant_prefix(tenant)}:learn:n:{hashlib.sha256(request_id.encode()).hexdigest()[:32]}"
 
 
 def routing_labels(tenant: str) -> str:

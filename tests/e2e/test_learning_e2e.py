@@ -117,6 +117,31 @@ def test_feedback_is_taken_only_from_the_key_that_made_the_request(gateway: Gate
     assert _feedback(gateway, "alice", {"request_id": fixed, "score": 1.0}).status_code == 404
 
 
+def test_a_reused_request_id_stays_with_the_key_that_used_it_first(gateway: GatewayProcess) -> None:
+    """Clients may choose ``x-request-id``: another key of the tenant reusing one does not take
+    over the first request's feedback; and one request takes a bounded number of labels."""
+    chosen = f"client-chosen-{time.monotonic_ns()}"
+    for key in ("alice", "alice2"):
+        response = httpx.post(
+            f"{gateway.base_url}/chat/completions",
+            json={"model": "taught", "messages": [{"role": "user", "content": "Say hello to my cat for me."}]},
+            headers={"authorization": f"Bearer {KEYS[key]}", "x-request-id": chosen},
+            timeout=15,
+        )
+        assert response.status_code == 200 and response.headers["x-request-id"] == chosen
+    assert _feedback(gateway, "alice2", {"request_id": chosen, "thumbs": "up"}).status_code == 404
+    for thumbs in ("up", "down", "up"):
+        assert _feedback(gateway, "alice", {"request_id": chosen, "thumbs": thumbs}).status_code == 200
+    flooded = _feedback(gateway, "alice", {"request_id": chosen, "thumbs": "down"})
+    assert flooded.status_code == 409 and flooded.json()["error"]["param"] == "request_id"
+
+
+def test_generated_request_ids_do_not_give_the_next_one_away(gateway: GatewayProcess) -> None:
+    ids = [_ask(gateway, "alice", "fast", "Say hi.").headers["x-request-id"] for _ in range(3)]
+    assert len(set(ids)) == 3 and all(len(i) == 32 for i in ids)
+    assert len({i[:16] for i in ids}) == 3  # no shared prefix and counter to count on
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -212,3 +212,10 @@ async def test_many_values_are_read_and_written_in_one_call(store: Store) -> Non
     await store.kv.put_many([(key, key.encode()) for key in keys[::2]], 60, T)
     assert await store.kv.get_many(keys, T) == [key.encode() if i % 2 == 0 else None for i, key in enumerate(keys)]
     assert await store.kv.get_many([], T) == []
+
+
+async def test_a_new_value_does_not_replace_one_that_is_there(store: Store) -> None:
+    key = keyspace.exact(_tenant(), "first-wins")
+    assert await store.kv.put_new(key, b"first", 60, T) is True
+    assert await store.kv.put_new(key, b"second", 60, T) is False
+    assert await store.kv.get(key, T) == b"first"

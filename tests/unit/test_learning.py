@@ -181,3 +181,14 @@ async def test_a_quiet_tenants_next_request_sees_a_rollback_made_meanwhile(monke
     now[0] = 13.0  # busy: within the refresh period the cached router answers, refreshed behind
     assert await routers.in_force("a") == first
     await routers.aclose()
+
+
+def test_pooled_tenants_may_reuse_each_others_request_ids() -> None:
+    """Request ids are the clients' to choose: the same id in two tenants is two requests."""
+    import msgspec
+
+    ours = [msgspec.structs.replace(e, tenant="a") for e in _examples(200, rule=True)]
+    theirs = [msgspec.structs.replace(e, tenant="b", needed_large=not e.needed_large, at=e.at + 1000) for e in ours]
+    _, alone = fit_candidate(ours, None)
+    _, pooled = fit_candidate(ours + theirs, None)
+    assert pooled.trained_on + pooled.held_out == 2 * (alone.trained_on + alone.held_out)
