@@ -94,10 +94,12 @@ class _Verdicts:
 
     Only failures that can be the upstream's count (connection errors, timeouts, 5xx,
     broken answers; never 429 or the request's own 4xx). And a request that failed on
-    every upstream it reached may be the one at fault (a prompt that breaks every
+    every one of several upstreams may be the one at fault (a prompt that breaks every
     server): then only connection failures, which no request can cause, count. So a
     share of poisonous requests never opens a circuit for the traffic that is healthy,
-    while an upstream that fails requests another upstream answers is judged by them.
+    while an upstream that fails requests another upstream answers is judged by them, as
+    is one a request could reach alone (its only evidence). The breakers are the tenant's
+    own, so whatever a tenant's requests do opens no other tenant's circuit.
     """
 
     __slots__ = ("_answered", "_order", "_succeeded", "_worst")

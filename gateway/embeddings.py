@@ -159,7 +159,7 @@ class EmbeddingsPipeline:
         answered = await dispatch(
             plan.candidates,
             runtime.providers,
-            self._holder.breakers,
+            self._holder.breakers.for_tenant(record.tenant),
             plan.retry or runtime.policy.retry,
             embed,
             info,

@@ -276,7 +276,7 @@ class ChatPipeline:
             completion = await dispatch(
                 x.plan.candidates,
                 runtime.providers,
-                self._holder.breakers,
+                self._holder.breakers.for_tenant(x.record.tenant),
                 x.plan.retry or runtime.policy.retry,
                 _completer(x.request, x.body) if relay is None else _relayed(relay),
                 x.info,
@@ -492,7 +492,7 @@ class ChatPipeline:
         assert x.plan is not None
         runtime = x.runtime
         retry = x.plan.retry or runtime.policy.retry
-        breakers = self._holder.breakers
+        breakers = self._holder.breakers.for_tenant(x.record.tenant)
 
         async def ask(
             candidates: tuple[str, ...], request: core.Request, body: dict[str, Any] | None = None
@@ -625,7 +625,7 @@ class ChatPipeline:
         stream, first = await dispatch(
             x.plan.candidates,
             runtime.providers,
-            self._holder.breakers,
+            self._holder.breakers.for_tenant(x.record.tenant),
             x.plan.retry or runtime.policy.retry,
             _stream_opener(x.request, x.body, typed) if relay is None else _open_relayed(relay),
             x.info,
@@ -693,7 +693,7 @@ class ChatPipeline:
             # Headers are gone: tell the client in-band, as OpenAI does; never retry mid-stream.
             self._metrics.upstream_error(exc.upstream, exc.code)
             record.error_type = exc.code
-            breaker = self._holder.breakers.get(provider.name)
+            breaker = self._holder.breakers.for_tenant(record.tenant).get(provider.name)
             if breaker is not None:
                 breaker.record_broken()
             self._settle(x, provider, stream.tally.usage, stream.tally.text)  # the upstream's, if it came

@@ -21,7 +21,7 @@ from gateway.routing import Router
 from gateway.speculative import SpeculativeProvider
 from gateway.tokens import encoding_for
 from gateway.upstreams.base import Provider
-from gateway.upstreams.breaker import CircuitBreaker
+from gateway.upstreams.breaker import Breakers
 from gateway.upstreams.registry import Transport, build_provider
 
 __all__ = ["Runtime", "RuntimeHolder", "keep_last_good", "load_at_start"]
@@ -93,7 +93,7 @@ class RuntimeHolder:
         self.last_good = Path(last_good) if last_good else None
         self.metrics = metrics
         self.transport = transport
-        self.breakers: dict[str, CircuitBreaker] = {}
+        self.breakers = Breakers()
         self._runtime: Runtime | None = None
         self._retired: set[asyncio.Task[object]] = set()
         self._reload_lock = asyncio.Lock()
@@ -218,11 +218,7 @@ class RuntimeHolder:
                 providers[name] = old  # unchanged: keep its warm connection pool
             else:
                 providers[name] = build_provider(name, config, transport=self.transport)
-            breaker = self.breakers.get(name)
-            if breaker is None:
-                self.breakers[name] = CircuitBreaker(policy.circuit_breaker)
-            else:
-                breaker.update_policy(policy.circuit_breaker)
+        self.breakers.configure(policy.models, policy.circuit_breaker)
         for name, config in policy.models.items():
             spec = config.speculative
             if spec.mode == "gateway":  # the draft/verify loop runs here, over both servers' token APIs

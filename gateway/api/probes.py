@@ -84,7 +84,7 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
         },
         "classifier": state.classifier_info or {"loaded": False},
         "learned_router": await _learned_router(state),
-        "upstreams": {name: state.holder.breakers[name].state for name in runtime.providers},
+        "upstreams": {name: state.holder.breakers.state(name) for name in runtime.providers},
     }
     return Response(msgspec.json.encode(body), status_code=200 if redis_ok else 503, media_type="application/json")
 

@@ -9,17 +9,24 @@ prompt that fails on every model therefore cannot open anyone's circuit by itsel
 
 After ``reset_after_s`` one probe goes through (half-open): success closes the
 circuit and forgets the window, failure opens it again.
+
+Circuits are per tenant (:class:`Breakers`): what a tenant's requests do to an upstream
+(prompts that break a model server, generations that run past the timeout) opens that
+tenant's circuit only, never another's; an upstream that is down opens each active
+tenant's circuit after that tenant's own ``min_requests``.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 from gateway.config.schema import CircuitBreakerPolicy
 
-__all__ = ["CircuitBreaker"]
+__all__ = ["Breakers", "CircuitBreaker"]
+
+_SEVERITY = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class CircuitBreaker:
@@ -99,3 +106,35 @@ class CircuitBreaker:
                 successes += ok
                 failures += failed
         return successes + failures, failures
+
+
+class Breakers:
+    """Every tenant's circuit breaker for every model of the policy, made on a tenant's first request."""
+
+    __slots__ = ("_by_tenant", "_names", "_policy")
+
+    def __init__(self) -> None:
+        self._policy = CircuitBreakerPolicy()
+        self._names: tuple[str, ...] = ()
+        self._by_tenant: dict[str, dict[str, CircuitBreaker]] = {}
+
+    def configure(self, names: Iterable[str], policy: CircuitBreakerPolicy) -> None:
+        """The policy's models and breaker settings, at start and on each reload (circuits keep their state)."""
+        self._names, self._policy = tuple(names), policy
+        for breakers in self._by_tenant.values():
+            for breaker in breakers.values():
+                breaker.update_policy(policy)
+            for name in self._names:
+                if name not in breakers:
+                    breakers[name] = CircuitBreaker(policy)
+
+    def for_tenant(self, tenant: str) -> Mapping[str, CircuitBreaker]:
+        breakers = self._by_tenant.get(tenant)
+        if breakers is None:
+            breakers = self._by_tenant[tenant] = {name: CircuitBreaker(self._policy) for name in self._names}
+        return breakers
+
+    def state(self, name: str) -> str:
+        """The model's worst circuit over the tenants (what ``/readyz`` shows): open somewhere is worth knowing."""
+        states = [breakers[name].state for breakers in self._by_tenant.values() if name in breakers]
+        return max(states, key=_SEVERITY.__getitem__, default="closed")

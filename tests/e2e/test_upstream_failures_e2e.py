@@ -12,6 +12,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import inject, upstream_stats
@@ -218,6 +219,37 @@ def test_circuit_breaker_skips_dead_upstream_then_probes_again(
     third = _chat(breaker_gateway, model="fast")  # one probe goes through, succeeds, closes the circuit
     assert third.headers["x-gateway-model"] == "small"
     assert httpx.get(f"{breaker_gateway.url}/readyz").json()["upstreams"]["small"] == "closed"
+
+
+def test_one_tenants_failures_open_its_own_circuit_only(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """Prompts that break a model server, sent by one tenant, must not switch another tenant
+    to the fallback (or off a model without one): circuits are per tenant."""
+    auth = (
+        "auth:\n  mode: keys\n  keys:\n"
+        f'    - {{id: a, tenant: tenant-a, hash: "{hash_key("sk-a")}"}}\n'
+        f'    - {{id: b, tenant: tenant-b, hash: "{hash_key("sk-b")}"}}'
+    )
+    policy = policy_text(small_upstream, large_upstream, breaker="{min_requests: 1, reset_after_s: 30}", auth=auth)
+    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url})
+    try:
+
+        def ask(key: str) -> httpx.Response:
+            return httpx.post(
+                f"{gateway.base_url}/chat/completions",
+                json={"model": "fast", "messages": MESSAGES},
+                headers={"authorization": f"Bearer {key}"},
+                timeout=15,
+            )
+
+        inject(small_upstream, *[{"status": 500}] * 2)
+        assert ask("sk-b").headers["x-gateway-model"] == "large"  # b's request broke small: b's circuit opens
+        assert ask("sk-b").headers["x-gateway-model"] == "large"  # ... and b skips small now
+        assert ask("sk-a").headers["x-gateway-model"] == "small"  # a was never affected
+        assert httpx.get(f"{gateway.url}/readyz").json()["upstreams"]["small"] == "open"  # open for someone
+    finally:
+        gateway.stop()
 
 
 def test_a_route_retry_policy_overrides_the_policy_wide_one(
