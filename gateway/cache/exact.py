@@ -60,8 +60,9 @@ class ExactCache:
         """
         local = self._flights.get(key)
         if local is not None:
-            try:
-                return await asyncio.wait_for(asyncio.shield(local), wait_s), None
+            try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a client's cancel
+                async with asyncio.timeout(wait_s):
+                    return await asyncio.shield(local), None
             except TimeoutError:
                 return None, None
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()

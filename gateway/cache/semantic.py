@@ -165,7 +165,8 @@ class SemanticCache:
         if asked:
             pairs = [(candidates[i][0].prompt or "", prompt) for i in asked]
             try:
-                judged = await asyncio.wait_for(self._verifier.judge(pairs), _left(deadline))
+                async with asyncio.timeout(_left(deadline)):  # not wait_for: see exact.py
+                    judged = await self._verifier.judge(pairs)
             except (TimeoutError, StoreUnavailable):
                 raise
             except Exception as exc:  # a failing model is a miss, never a failed request

@@ -219,3 +219,35 @@ async def test_a_new_value_does_not_replace_one_that_is_there(store: Store) -> N
     assert await store.kv.put_new(key, b"first", 60, T) is True
     assert await store.kv.put_new(key, b"second", 60, T) is False
     assert await store.kv.get(key, T) == b"first"
+
+
+async def test_a_cancel_that_lands_during_a_redis_call_is_never_lost(redis_server: EmbeddedRedis) -> None:
+    """A client that leaves cancels its request's task once; that cancel may land while the
+    task is in a Redis call (redis-py, re-opening a connection, and Python 3.11's
+    ``asyncio.wait_for`` can swallow one), and must still end the task there."""
+    shared = SharedRedis(connect(redis_server.url, timeout_s=2), Metrics())
+    key = keyspace.exact(_tenant(), "cancel")
+    cancelled = went_on = 0
+    asked_to_stop = asyncio.Event()
+
+    async def request() -> None:
+        nonlocal went_on
+        for _ in range(200):
+            await shared.call(lambda client: client.get(key), T)
+            if asked_to_stop.is_set():  # a call returned after the cancel: the request would go on upstream
+                went_on += 1
+                return
+
+    for delay in range(300):
+        asked_to_stop.clear()
+        task = asyncio.create_task(request())
+        for _ in range(delay % 60):
+            await asyncio.sleep(0)
+        asked_to_stop.set()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            cancelled += 1
+    await shared.aclose()
+    assert (cancelled, went_on) == (300, 0)

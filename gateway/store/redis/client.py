@@ -47,15 +47,18 @@ def connect(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
 
     Every key the gateway writes carries its tenant's hash tag, so the multi-key scripts
     (limits, semantic cache) always run on one slot.
+
+    No ``socket_timeout``: :meth:`SharedRedis.call` bounds every command with ``asyncio.timeout``,
+    and with one set redis-py wraps each send in ``asyncio.wait_for``, which on Python 3.11 can
+    swallow a cancellation that lands in the same step (CPython gh-86296). (It is not the only
+    place that can: :meth:`SharedRedis.call` re-raises a cancel its call swallowed.)
     """
     if "+cluster://" in url:
         from redis.asyncio.cluster import RedisCluster
 
-        cluster = RedisCluster.from_url(
-            url.replace("+cluster://", "://", 1), socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
+        cluster = RedisCluster.from_url(url.replace("+cluster://", "://", 1), socket_connect_timeout=timeout_s)
         return cluster  # type: ignore[return-value]  # the commands the gateway uses are the same
-    return aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    return aioredis.Redis.from_url(url, socket_connect_timeout=timeout_s)
 
 
 class SharedRedis:
@@ -86,6 +89,8 @@ class SharedRedis:
         if not self.up and time.monotonic() - self._last_attempt < _RETRY_AFTER_S:
             raise StoreUnavailable
         self._last_attempt = time.monotonic()
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         try:
             async with asyncio.timeout(timeout_s):
                 result = await operation(client)
@@ -114,6 +119,10 @@ class SharedRedis:
         self._timeouts_since = None
         if not self.up:
             self._mark_up()
+        if task is not None and task.cancelling() > cancels:
+            # Cancelled during the call, yet it returned: redis-py (dropping and re-opening a
+            # connection) can swallow a cancel. A client that left must not have its request go on.
+            raise asyncio.CancelledError
         return result
 
     async def check(self, timeout_s: float = 0.5) -> bool:
