@@ -51,6 +51,8 @@ class ImagePart(msgspec.Struct, frozen=True, tag="image"):
     """An ``https://`` URL or a ``data:<media type>;base64,...`` URL."""
     cache_control: dict[str, Any] | None = None
     """A prompt-cache breakpoint (Anthropic), as on :class:`TextPart`."""
+    detail: str | None = None
+    """OpenAI's ``low`` or ``high`` resolution (another detail can be another answer); None: ``auto``."""
 
 
 class ThinkingPart(msgspec.Struct, frozen=True, tag="thinking"):

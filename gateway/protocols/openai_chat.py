@@ -245,9 +245,19 @@ def request_from_chat_body(body: dict[str, Any]) -> Request:
     return request
 
 
+_MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
+_ECHOED_FIELDS = frozenset({"annotations", "reasoning_content", "reasoning", "thinking_blocks"})
+"""Fields of an answer's message that a client sends back with it, which change no next answer
+(citations; the reasoning, which chat servers do not show the model again)."""
+
+
 def _internal_message(message: Any, i: int) -> Message:
     if not isinstance(message, dict):
         raise InvalidRequestError(f"messages[{i}] must be an object", param="messages")
+    for field, value in message.items():
+        if field not in _MESSAGE_FIELDS and field not in _ECHOED_FIELDS and value not in (None, False, "", [], {}):
+            # prefix (a continuation), audio, a refusal, ...: the model has no place for them
+            raise InvalidRequestError(f"messages[{i}].{field} cannot be sent to this upstream", param="messages")
     role, content = message.get("role"), message.get("content")
     if role in ("system", "developer"):
         parts = _internal_parts(content, i)
@@ -299,7 +309,9 @@ def _internal_parts(content: Any, i: int) -> tuple[Part, ...]:
             url = image.get("url") if isinstance(image, dict) else image
             if not isinstance(url, str):
                 raise InvalidRequestError(f"messages[{i}]: an image_url part needs a url", param="messages")
-            parts.append(ImagePart(url, cache_control=marked))
+            detail = image.get("detail") if isinstance(image, dict) else None
+            detail = detail if isinstance(detail, str) and detail != "auto" else None  # auto: the default, said or not
+            parts.append(ImagePart(url, cache_control=marked, detail=detail))
         else:
             raise InvalidRequestError(
                 f"messages[{i}]: content part type {kind!r} cannot be sent to this upstream", param="messages"
@@ -355,6 +367,9 @@ def _internal_tools(body: dict[str, Any]) -> tuple[list[Tool], ToolChoice | None
         function = choice.get("function")
         if isinstance(function, dict) and isinstance(function.get("name"), str):
             return tools, ToolChoice("tool", function["name"], parallel)
+    if choice is not None:  # allowed_tools, a custom tool, ...: another answer than no choice at all
+        kind = choice.get("type") if isinstance(choice, dict) else choice
+        raise InvalidRequestError(f"tool_choice {kind!r} cannot be sent to this upstream", param="tool_choice")
     return tools, None if parallel else ToolChoice("auto", None, False)
 
 
@@ -393,6 +408,8 @@ def _tool(tool: Tool) -> dict[str, Any]:
 def _part(part: Part) -> dict[str, Any]:
     if isinstance(part, ImagePart):
         image: dict[str, Any] = {"type": "image_url", "image_url": {"url": part.url}}
+        if part.detail is not None:
+            image["image_url"]["detail"] = part.detail
         if part.cache_control is not None:
             image["cache_control"] = part.cache_control
         return image

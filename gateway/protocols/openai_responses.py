@@ -276,7 +276,8 @@ def _content(content: Any, where: str, lenient: bool = False) -> tuple[Part, ...
                     f"{at}: an image needs an 'image_url' (an https or data: URL); file ids are not supported",
                     param=at,
                 )
-            parts.append(ImagePart(url))
+            detail = part.get("detail")
+            parts.append(ImagePart(url, detail=detail if isinstance(detail, str) and detail != "auto" else None))
         elif not lenient:
             raise InvalidRequestError(f"{at}.type: content parts of type {kind!r} are not supported", param=at)
     return tuple(parts)
@@ -529,7 +530,7 @@ def input_items(messages: Sequence[Message], response_id: str) -> list[dict[str,
             if isinstance(part, TextPart):
                 content.append({"type": "input_text", "text": part.text})
             elif isinstance(part, ImagePart):
-                content.append({"type": "input_image", "image_url": part.url, "detail": "auto"})
+                content.append({"type": "input_image", "image_url": part.url, "detail": part.detail or "auto"})
         items.append({"type": "message", "id": item_id("msg"), "role": message.role, "content": content,
                       "status": "completed"})  # fmt: skip
     return items

@@ -10,6 +10,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import msgspec
 import openai
 import pytest
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageFunctionToolCall, ChatCompletionMessageParam
@@ -169,6 +170,48 @@ def test_a_stop_sequence_answer_is_stored_and_replayed_with_its_stop(
         model="fast", messages=ask["messages"], stop=["beta"], temperature=0, max_tokens=64
     )
     assert chat.choices[0].finish_reason == "stop"
+
+
+def test_what_the_key_cannot_hold_is_never_served_from_another_requests_answer(cached_gateway: GatewayProcess) -> None:
+    """A tool_choice shape, an image's detail and a message field the gateway does not read
+    each make another question: none may be answered with the plain request's cached answer."""
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+    image = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+
+    def ask(**body: Any) -> str:
+        response = _post(cached_gateway, msgspec.json.encode({"model": "fast", "temperature": 0, **body}))
+        assert response.status_code == 200, response.text
+        return response.headers["x-gateway-cache"]
+
+    question = [{"role": "user", "content": f"What time is it? {time.monotonic_ns()}"}]
+    assert ask(messages=question, tools=[tool]) == "miss"
+    allowed = {
+        "type": "allowed_tools",
+        "allowed_tools": {"mode": "required", "tools": [{"type": "function", "function": {"name": "get_time"}}]},
+    }
+    assert ask(messages=question, tools=[tool], tool_choice=allowed) != "exact"
+
+    def looking(detail: str) -> list[dict[str, Any]]:
+        part = {"type": "image_url", "image_url": {"url": image, "detail": detail}}
+        return [
+            {"role": "user", "content": [{"type": "text", "text": f"What is this? {question[0]['content']}"}, part]}
+        ]
+
+    assert ask(messages=looking("low")) == "miss"
+    assert ask(messages=looking("high")) == "miss"
+    assert ask(messages=looking("auto")) == "miss" and ask(messages=looking("auto")) == "exact"
+
+    turns = [*question, {"role": "assistant", "content": "It is"}]
+    assert ask(messages=turns) == "miss"
+    assert ask(messages=[*question, {"role": "assistant", "content": "It is", "prefix": True}]) != "exact"
+    echoed: dict[str, Any] = {
+        "role": "assistant",
+        "content": "It is",
+        "refusal": None,
+        "annotations": [],
+        "audio": None,
+    }
+    assert ask(messages=[*question, echoed]) == "exact"  # what the SDK echoes back of an answer changes nothing
 
 
 def test_errors_are_never_cached(cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
