@@ -75,6 +75,8 @@ async def dispatch(
                     last_error = exc
                     info.failures.append(exc)
                     verdicts.failed(breaker, exc)
+                    if exc.try_next:
+                        break
                     if not exc.retryable:
                         raise
                     delay = _backoff_s(retry, attempt, exc)
@@ -135,9 +137,10 @@ class _Verdicts:
 
 
 def _says_upstream_is_unhealthy(exc: UpstreamError) -> bool:
-    """Connection errors, timeouts, 5xx and broken answers; not 429 or the request's own 4xx."""
+    """Connection errors, timeouts, 5xx, broken answers and refusing the gateway's own
+    credentials; not 429 or the request's own 4xx."""
     if isinstance(exc, UpstreamStatusError):
-        return exc.upstream_status >= 500
+        return exc.upstream_status >= 500 or exc.try_next
     return not isinstance(exc, UpstreamUnavailableError)
 
 

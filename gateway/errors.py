@@ -180,12 +180,14 @@ class ShuttingDownError(ServiceUnavailableError):
 
 
 class UpstreamError(GatewayError):
-    """An upstream could not give an answer. ``retryable`` drives retries and fallbacks."""
+    """An upstream could not give an answer. ``retryable`` drives retries and fallbacks;
+    ``try_next``: not worth retrying there, but the route's next model may answer."""
 
     status_code = 502
     error_type = "upstream_error"
     code = "upstream_error"
     retryable = True
+    try_next = False
 
     def __init__(self, upstream: str, message: str, **kwargs: Any) -> None:
         super().__init__(f"upstream '{upstream}': {message}", **kwargs)
@@ -195,8 +197,11 @@ class UpstreamError(GatewayError):
 class UpstreamStatusError(UpstreamError):
     """The upstream answered with an HTTP error status.
 
-    429 and 5xx are retryable; other 4xx are the client's fault, so they are passed
-    through with the upstream's own status and message and never retried.
+    429 and 5xx are retryable. A 401 or 403, or a 404 for the model, is the gateway's own
+    configuration (the client's key never goes upstream): a 502 that names no detail of the
+    upstream's (its text can quote the operator's key), and the next model is tried. Other
+    4xx are the client's fault, so they are passed through with the upstream's own status and
+    message and never retried.
     """
 
     def __init__(
@@ -219,6 +224,14 @@ class UpstreamStatusError(UpstreamError):
             self.code = "upstream_rate_limited"
             if retry_after_s is not None:
                 self.headers["retry-after"] = str(max(1, round(retry_after_s)))
+        elif status in (401, 403) or (status == 404 and _names_the_model(body)):
+            self.status_code = 502
+            self.code = "upstream_misconfigured"
+            self.retryable, self.try_next = False, True
+            self.message = (
+                f"upstream '{upstream}': HTTP {status}: the upstream refused the gateway's own request "
+                "(its API key or model name in the gateway's policy); the gateway's operator can fix this"
+            )
         elif 400 <= status < 500 and status != 408:
             self.status_code = status
             self.error_type = "invalid_request_error"
@@ -226,6 +239,23 @@ class UpstreamStatusError(UpstreamError):
             self.param = _param_of(body)  # the client's parameter the upstream named
         else:
             self.status_code = 502
+
+
+def _names_the_model(body: bytes | None) -> bool:
+    """A 404 that says the model does not exist (OpenAI's ``model_not_found``, vLLM's "The model
+    `x` does not exist"), not one for a resource the client named."""
+    try:
+        error = msgspec.json.decode(body).get("error") if body else None
+    except (msgspec.DecodeError, AttributeError):
+        return False
+    if not isinstance(error, dict):
+        return False
+    message = error.get("message")
+    return (
+        error.get("code") == "model_not_found"
+        or error.get("param") == "model"
+        or (isinstance(message, str) and message.lower().startswith("the model"))
+    )
 
 
 def _param_of(body: bytes | None) -> str | None:

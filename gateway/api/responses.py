@@ -390,7 +390,7 @@ async def _ask_upstream(
     try:
         answer = await provider.forward(method, f"responses/{response_id}{rest}")
     except UpstreamStatusError as exc:
-        if exc.upstream_status >= 500:
+        if exc.upstream_status >= 500 or exc.try_next:  # its failure, or the gateway's own configuration
             raise
         return Response(
             content=exc.upstream_body or b"", status_code=exc.upstream_status, media_type="application/json"

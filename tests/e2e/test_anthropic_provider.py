@@ -415,14 +415,16 @@ async def test_rate_limited(upstream: tuple[FakeAnthropic, Provider]) -> None:
         assert "slow down" in error.message
 
 
-async def test_rejected_request_passes_message_through(upstream: tuple[FakeAnthropic, Provider]) -> None:
+async def test_an_upstream_refusing_the_gateways_key_is_the_gateways_fault(
+    upstream: tuple[FakeAnthropic, Provider],
+) -> None:
     _server, base = upstream
     provider = AnthropicProvider("claude", base.config, base.client, api_key="wrong")
     with pytest.raises(UpstreamStatusError) as caught:
         await provider.complete(*as_sent(_body()))
-    assert caught.value.upstream_status == 401
-    assert caught.value.message == "upstream 'claude': HTTP 401: invalid x-api-key"
-    assert not caught.value.retryable
+    assert caught.value.upstream_status == 401 and caught.value.status_code == 502
+    assert "invalid x-api-key" not in caught.value.message  # the client's key is not the one refused
+    assert not caught.value.retryable and caught.value.try_next  # the route's next model may answer
 
 
 @pytest.mark.parametrize("mode", ["cut", "abort"])

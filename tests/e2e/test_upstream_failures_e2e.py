@@ -221,6 +221,37 @@ def test_circuit_breaker_skips_dead_upstream_then_probes_again(
     assert httpx.get(f"{breaker_gateway.url}/readyz").json()["upstreams"]["small"] == "closed"
 
 
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {
+            "status": 401,
+            "body": '{"error": {"message": "Incorrect API key provided: sk-proj-****Xy9Q", "code": "invalid_api_key"}}',
+        },
+        {"status": 403, "body": '{"error": {"message": "Project does not have access", "code": null}}'},
+        {
+            "status": 404,
+            "body": '{"error": {"message": "The model `gpt-x` does not exist", "code": "model_not_found"}}',
+        },
+    ],
+)
+def test_an_upstream_refusing_the_gateways_own_request_is_a_502_and_the_fallback_answers(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream, fault: dict[str, Any]
+) -> None:
+    """The client's key never goes upstream: an upstream's 401/403 (or 404 for the model) is the
+    gateway's configuration, not the client's key or request; its text may quote the operator's key."""
+    inject(small_upstream, fault)
+    answered = _chat(gateway, model="fast")  # small, then its fallback large
+    assert answered.status_code == 200 and answered.headers["x-gateway-model"] == "large"
+    assert upstream_stats(small_upstream)["chat_requests"] == 1  # not retried where it cannot help
+    inject(small_upstream, fault)
+    refused = _chat(gateway, model="small")  # no fallback
+    assert refused.status_code == 502
+    error = refused.json()["error"]
+    assert error["code"] == "upstream_misconfigured" and "operator" in error["message"]
+    assert "Xy9Q" not in refused.text and "access" not in refused.text and "gpt-x" not in refused.text
+
+
 def test_one_tenants_failures_open_its_own_circuit_only(
     tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
 ) -> None:
