@@ -146,11 +146,17 @@ class RateLimitError(GatewayError):
 
 
 class BudgetExceededError(GatewayError):
-    """429 as OpenAI answers an exhausted quota (``insufficient_quota``), which SDKs already handle."""
+    """429 as OpenAI answers an exhausted quota (type and code ``insufficient_quota``), which
+    SDKs already handle; ``x-should-retry: false``, for the SDKs would otherwise wait out its
+    ``retry-after`` (the next day or month: the Anthropic SDK blocks for hours)."""
 
     status_code = 429
     error_type = "insufficient_quota"
-    code = "budget_exceeded"
+    code = "insufficient_quota"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers["x-should-retry"] = "false"
 
 
 class ServiceUnavailableError(GatewayError):
@@ -232,6 +238,9 @@ class UpstreamStatusError(UpstreamError):
                 f"upstream '{upstream}': HTTP {status}: the upstream refused the gateway's own request "
                 "(its API key or model name in the gateway's policy); the gateway's operator can fix this"
             )
+        elif status == 529:  # Anthropic's "overloaded": its clients have an error class for it
+            self.code = "upstream_overloaded"
+            self.status_code = 529
         elif 400 <= status < 500 and status != 408:
             self.status_code = status
             self.error_type = "invalid_request_error"

@@ -303,6 +303,8 @@ class ChatPipeline:
         except GatewayError as exc:
             if isinstance(exc, UpstreamError):
                 x.failure = exc
+                if x.info.attempts > 1:  # the route's retries and fallbacks are spent: the SDK's would multiply them
+                    exc.headers["x-should-retry"] = "false"
             return self._error_answer(x, exc)
         except Exception as exc:  # a bug of ours: answered and logged as what it is, never a lost request
             return self._error_answer(x, _internal_error(x, exc))

@@ -18,6 +18,7 @@ import msgspec
 from litestar import Request, Response, post
 
 from gateway.api.content_encoding import decoded_body
+from gateway.api.credentials import authorization_of
 from gateway.api.state import GatewayState
 from gateway.errors import ConflictError, FeedbackUnavailableError, InvalidRequestError, NotFoundError
 from gateway.learning.examples import LabelledExample
@@ -42,8 +43,7 @@ class _Feedback(msgspec.Struct, forbid_unknown_fields=True):
 async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
     state: GatewayState = request.app.state.gateway
     runtime = state.holder.current
-    key = request.headers.get("x-api-key")
-    principal = runtime.auth.authenticate(f"Bearer {key}" if key else request.headers.get("authorization"))
+    principal = runtime.auth.authenticate(authorization_of(request.headers))
     body = await request.body()
     if len(body) > _MAX_BODY:
         raise InvalidRequestError(f"a feedback body is at most {_MAX_BODY} bytes")

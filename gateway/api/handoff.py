@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from litestar.exceptions import InternalServerException
 
 from gateway.api.content_encoding import decoded_body
+from gateway.api.credentials import authorization_of
 from gateway.api.state import GatewayState
 from gateway.core.model import Request
 from gateway.errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError
@@ -95,7 +96,7 @@ async def hand_to_pipeline(
             return await convert(await watch.read_body(limit, timeout_s))
 
     try:
-        authorization = authorization if authorization is not None else headers.get("authorization")
+        authorization = authorization if authorization is not None else authorization_of(headers)
         cache_control = headers.get("cache-control")
         answer: Answer | StreamingAnswer | StreamingDeltas
         if embeddings:

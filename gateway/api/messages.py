@@ -25,6 +25,7 @@ from litestar.response import Stream
 
 from gateway.api.answers import StreamBroke, answer_of, delta_batches, streams
 from gateway.api.content_encoding import decoded_body
+from gateway.api.credentials import authorization_of
 from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.core.model import Request as CoreRequest
@@ -68,7 +69,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
     request_id, answer = await hand_to_pipeline(
         request,
         protocol=_PROTOCOL,
-        authorization=_authorization(request),
+        authorization=authorization_of(request.headers),
         translate=translate,
         passthrough=passthrough,
     )
@@ -101,7 +102,7 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
     state: GatewayState = request.app.state.gateway
     runtime = state.holder.current
     try:
-        principal = runtime.auth.authenticate(_authorization(request))
+        principal = runtime.auth.authenticate(authorization_of(request.headers))
         raw = await decoded_body(await request.body(), request.headers.get("content-encoding"), _MAX_COUNT_BODY_BYTES)
         lenient = _only_anthropic_upstreams(request, _json_object(raw))  # blocks only Anthropic reads are not refused
         decoded = anthropic.decode_request(raw, counting=True, passed_through=lenient)
@@ -143,11 +144,6 @@ def _translatable(raw: bytes, body: dict[str, Any] | None) -> CoreRequest | None
     except GatewayError:
         return None
     return None if decoded.dropped or anthropic.fields_not_read(body) else decoded
-
-
-def _authorization(request: Request[Any, Any, Any]) -> str | None:
-    key = request.headers.get("x-api-key")
-    return f"Bearer {key}" if key else request.headers.get("authorization")
 
 
 def _message_of(body: bytes) -> str:

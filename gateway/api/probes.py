@@ -10,6 +10,7 @@ import structlog
 from litestar import Request, Response, get
 
 from gateway.accounting.request_log import exception_frames
+from gateway.api.credentials import authorization_of
 from gateway.api.state import GatewayState
 from gateway.errors import GatewayError, ModelNotFoundError
 from gateway.learning.learned import active_version
@@ -41,7 +42,7 @@ def _visible_models(request: Request[Any, Any, Any]) -> list[dict[str, object]]:
     """Routes and public models this caller's key may use."""
     state: GatewayState = request.app.state.gateway
     runtime = state.holder.current
-    principal = runtime.auth.authenticate(request.headers.get("authorization"))
+    principal = runtime.auth.authenticate(authorization_of(request.headers))
     policy = runtime.policy
     data = []
     for name in runtime.router.route_names:
@@ -95,9 +96,8 @@ def _may_see_details(runtime: Runtime, request: Request[Any, Any, Any]) -> bool:
     needs no key, and a wrong one is no error here."""
     if not runtime.auth.enabled:
         return True
-    key = request.headers.get("x-api-key")
     try:
-        return runtime.auth.authenticate(f"Bearer {key}" if key else request.headers.get("authorization")).admin
+        return runtime.auth.authenticate(authorization_of(request.headers)).admin
     except GatewayError:
         return False
 

@@ -35,6 +35,7 @@ from litestar import Request, Response, delete, get, post
 from litestar.response import Stream
 
 from gateway.api.answers import StreamBroke, answer_of, delta_batches, streams
+from gateway.api.credentials import authorization_of
 from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.core.model import Answer as CoreAnswer
@@ -92,7 +93,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
     async def translate(raw: bytes) -> CoreRequest:
         runtime = state.holder.current
         # The pipeline has authenticated the caller already; this is only to learn the tenant.
-        turn.tenant = runtime.auth.authenticate(request.headers.get("authorization")).tenant
+        turn.tenant = runtime.auth.authenticate(authorization_of(request.headers)).tenant
         decoded = codec.decode_request(raw, passed_through=True)
         previous = None
         if decoded.previous_response_id is not None:
@@ -245,7 +246,7 @@ async def delete_response(request: Request[Any, Any, Any], response_id: str) -> 
 async def _on_stored(request: Request[Any, Any, Any], operation: Callable[[ResponseStore, str], Awaitable[T]]) -> T:
     """``operation`` on the caller's tenant's stored responses; a 503 when the store cannot answer."""
     state: GatewayState = request.app.state.gateway
-    tenant = state.holder.current.auth.authenticate(request.headers.get("authorization")).tenant
+    tenant = state.holder.current.auth.authenticate(authorization_of(request.headers)).tenant
     try:
         return await operation(_store(state), tenant)
     except StoreUnavailable:

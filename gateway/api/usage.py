@@ -10,6 +10,7 @@ from litestar import Request, Response, get
 
 from gateway.accounting.ledger import USAGE_FLUSH_S
 from gateway.accounting.usage import UsageFigures
+from gateway.api.credentials import authorization_of
 from gateway.api.state import GatewayState
 from gateway.errors import InvalidRequestError, UsageUnavailableError
 
@@ -27,7 +28,7 @@ async def usage(request: Request[Any, Any, Any]) -> Response[bytes]:
     """
     state: GatewayState = request.app.state.gateway
     runtime = state.holder.current
-    principal = runtime.auth.authenticate(request.headers.get("authorization"))
+    principal = runtime.auth.authenticate(authorization_of(request.headers))
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     start = _date(request.query_params.get("start"), "start") or today.replace(day=1)
     end = _date(request.query_params.get("end"), "end") or today

@@ -9,6 +9,7 @@ mixed sequence indentation or an empty ``{}`` turned block, and writes floats su
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 
 import msgspec
@@ -44,6 +45,17 @@ def set_route_threshold(path: str | Path, route: str, threshold: float) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def _plain_numbers(value: object) -> object:
+    """Floats written without an exponent: YAML 1.1 (PyYAML) reads JSON's ``1e-06`` as a string."""
+    if isinstance(value, float):
+        return msgspec.Raw(format(Decimal(repr(value)), "f").encode())
+    if isinstance(value, dict):
+        return {key: _plain_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain_numbers(item) for item in value]
+    return value
+
+
 def append_key(path: str | Path, entry: dict[str, object]) -> None:
     """Add ``entry`` to the key file's ``keys`` list, one line of flow style (JSON is valid YAML).
 
@@ -51,7 +63,7 @@ def append_key(path: str | Path, entry: dict[str, object]) -> None:
     item, at that item's indentation (or inside ``[...]``), whatever the file's layout.
     """
     path = Path(path)
-    item = msgspec.json.encode(entry).decode()
+    item = msgspec.json.encode(_plain_numbers(entry)).decode()
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     root = yaml.compose(text, Loader=yaml.SafeLoader)
     if root is None:

@@ -569,6 +569,14 @@ _STOP_REASON: dict[FinishReason, str] = {
 }
 
 
+def _stop_reason(finish: FinishReason | None, called: bool) -> str:
+    """vLLM ends a forced tool call (``tool_choice`` required or named) with ``stop``; a message
+    that ends in tool calls is ``tool_use`` to Anthropic's clients, whose agent loops look for it."""
+    if called and finish in (None, "stop"):
+        return "tool_use"
+    return _STOP_REASON.get(finish or "stop", "end_turn")
+
+
 def usage_body(usage: Usage) -> dict[str, int]:
     """Anthropic's usage: ``input_tokens`` without the cache's reads and writes."""
     return {
@@ -591,7 +599,7 @@ def encode_answer(answer: Answer, message_id: str, model: str) -> bytes:
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": _STOP_REASON.get(answer.finish_reason or "stop", "end_turn"),
+        "stop_reason": _stop_reason(answer.finish_reason, bool(answer.tool_calls)),
         "stop_sequence": answer.stop_sequence,
         "usage": usage_body(answer.usage),
     }
@@ -730,7 +738,7 @@ class StreamEncoder:
     def finish(self) -> bytes:
         usage = usage_body(self._usage) if self._usage is not None else {"output_tokens": 0}
         delta = {
-            "stop_reason": _STOP_REASON.get(self._finish or "stop", "end_turn"),
+            "stop_reason": _stop_reason(self._finish, bool(self._calls)),
             "stop_sequence": self._stop_sequence,
         }
         return (

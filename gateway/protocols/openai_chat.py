@@ -114,7 +114,7 @@ def to_chat_body(request: Request) -> dict[str, Any]:
     if request.top_p is not None:
         body["top_p"] = request.top_p
     if request.stop:
-        body["stop"] = request.stop[:4]
+        body["stop"] = request.stop  # all of them: vLLM takes more than OpenAI's 4 (which refuses the rest itself)
     if request.user is not None:
         body["user"] = request.user
     if request.tools:

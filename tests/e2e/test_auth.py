@@ -167,6 +167,8 @@ def test_key_on_a_model_it_may_not_use_gets_403(gw: GatewayProcess, large_upstre
 
 def test_models_list_shows_only_allowed_names(gw: GatewayProcess) -> None:
     assert [m.id for m in _sdk(gw, APP_SECRET).models.list()] == ["fast"]
+    by_anthropic_header = httpx.get(f"{gw.base_url}/models", headers={"x-api-key": APP_SECRET}, timeout=10)
+    assert [m["id"] for m in by_anthropic_header.json()["data"]] == ["fast"]  # the key as Anthropic's SDK sends it
     every = {m.id for m in _sdk(gw, ADMIN_SECRET).models.list()}
     assert {"fast", "best", "auto"} <= every
 

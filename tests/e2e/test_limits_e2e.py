@@ -108,7 +108,11 @@ def test_tokens_per_minute_reserve_the_estimate_while_in_flight(
 def test_daily_budget_is_never_overspent_under_concurrent_load(pair: tuple[GatewayProcess, GatewayProcess]) -> None:
     responses = _burst(pair, "budget", 40, max_tokens=20)
     refused = [r for r in responses if r.status_code == 429]
-    assert refused and all(r.json()["error"]["type"] == "insufficient_quota" for r in refused)
+    assert refused and all(
+        r.json()["error"]["type"] == r.json()["error"]["code"] == "insufficient_quota" for r in refused
+    )
+    # its retry-after is the next day: SDKs that would wait it out are told not to retry
+    assert all(r.headers["x-should-retry"] == "false" and int(r.headers["retry-after"]) > 0 for r in refused)
     assert "key.usd_per_day" in refused[0].json()["error"]["message"]
     time.sleep(0.5)  # settlement runs after each answer
     usage = httpx.get(f"{pair[0].base_url}/usage", headers={"authorization": "Bearer key-budget"}).json()

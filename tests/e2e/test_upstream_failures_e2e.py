@@ -32,6 +32,21 @@ def _chat(gateway: GatewayProcess, **body: object) -> httpx.Response:
     return httpx.post(f"{gateway.base_url}/chat/completions", json={"messages": MESSAGES, **body}, timeout=15)
 
 
+def test_spent_retries_tell_the_sdk_not_to_retry_again(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """The SDKs retry a 5xx themselves: after the gateway's own retries that multiplies the calls."""
+    inject(small_upstream, *[{"status": 503}] * 5)
+    response = _chat(gateway, model="small")
+    assert response.status_code == 502 and response.headers["x-should-retry"] == "false"
+    httpx.post(f"{small_upstream.root_url}/_control/reset").raise_for_status()  # the 503s left over
+    inject(small_upstream, *[{"status": 529}] * 5)
+    overloaded = _chat(gateway, model="small")  # Anthropic's clients have an error class for it
+    assert overloaded.status_code == 529 and overloaded.json()["error"]["code"] == "upstream_overloaded", (
+        overloaded.text
+    )
+
+
 def test_5xx_is_retried_then_answered(gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
     inject(small_upstream, {"status": 503})
     response = _chat(gateway, model="small")

@@ -431,3 +431,27 @@ def test_an_upstream_message_reads_as_the_answer_a_client_message_was_written_fr
     assert completion["usage"]["prompt_tokens"] == 20 and completion["usage"]["prompt_tokens_details"] == {
         "cached_tokens": 5
     }
+
+
+def test_a_forced_tool_call_that_vllm_ends_with_stop_is_tool_use() -> None:
+    """vLLM ends a required or named tool call with ``finish_reason: stop``; Anthropic's agent
+    loops look for ``tool_use``."""
+    reader, encoder = openai_chat.ChunkReader(), anthropic.StreamEncoder("msg_1", "m", 0)
+    chunks: list[dict[str, Any]] = [_call(0, name="get_time", arguments="{}"),
+                                    {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]  # fmt: skip
+    stream = encoder.start() + b"".join(encoder.feed(reader.read(chunk)) for chunk in chunks) + encoder.finish()
+    delta = next(data["delta"] for name, data in _events(stream) if name == "message_delta")
+    assert delta["stop_reason"] == "tool_use"
+    completion = {"choices": [{"message": {"content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        "finish_reason": "stop"}]}  # fmt: skip
+    body = json.loads(anthropic.encode_answer(openai_chat.answer_from_completion(completion), "msg_1", "m"))
+    assert body["stop_reason"] == "tool_use" and body["content"][0]["type"] == "tool_use"
+
+
+def test_every_stop_sequence_reaches_a_chat_upstream() -> None:
+    """OpenAI takes 4 (and refuses more itself, in the client's protocol); vLLM takes any number:
+    none is dropped on the way."""
+    stops = ["a", "b", "c", "d", "e", "f"]
+    body = openai_chat.to_chat_body(_decode(messages=[{"role": "user", "content": "hi"}], stop_sequences=stops))
+    assert body["stop"] == stops

@@ -124,3 +124,10 @@ def test_append_key_fits_any_layout(tmp_path: Path, before: str) -> None:
     assert [key["id"] for key in yaml.safe_load(after)["keys"]] == [*(key["id"] for key in listed), "new"]
     kept = [line for line in before.splitlines() if line.strip() and not line.startswith("keys:") and "}]" not in line]
     assert all(line in after.splitlines() for line in kept), after  # every other line as it was
+
+
+def test_a_tiny_budget_is_written_as_a_number_the_loader_reads(tmp_path: Path) -> None:
+    """JSON writes 1e-06, which YAML 1.1 (PyYAML) reads as a string."""
+    path = tmp_path / "keys.yaml"
+    append_key(path, {"id": "new", "hash": HASH, "limits": {"usd_per_day": 1e-06, "usd_per_month": 2.5e-10}})
+    assert yaml.safe_load(path.read_text())["keys"][0]["limits"] == {"usd_per_day": 1e-06, "usd_per_month": 2.5e-10}
