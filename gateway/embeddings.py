@@ -93,12 +93,12 @@ class EmbeddingsPipeline:
             estimate = cost_usd(first.price, total_tokens, 0)
             reservation = await self._limiter.reserve(runtime.policy, principal, total_tokens, estimate)
             vectors = await self._answer(runtime, plan, request, inputs, counts, record, info, cache_control)
-            record.prompt_tokens = total_tokens
             # The baseline is every input embedded by the route's model: what the cache saves shows
             # as savings, as for chat (without one, each request counted its cost as negative savings).
+            # Its tokens are the ones billed (the upstream's count where it gave one), so a miss saves nothing.
             record.baseline_model = plan.candidates[0]
-            record.baseline_cost_usd = estimate
-            body = _response(request, vectors, total_tokens)
+            record.baseline_cost_usd = cost_usd(first.price, record.prompt_tokens, 0)
+            body = _response(request, vectors, record.prompt_tokens)
             return Answer(200, body, _headers(record))
         except GatewayError as exc:
             return _error_answer(record, exc)
@@ -146,6 +146,7 @@ class EmbeddingsPipeline:
         if not missing:
             record.cache = "exact"
             record.model = plan.candidates[0]
+            record.prompt_tokens = hit_tokens
             record.cost_usd = 0.0
             record.cache_saved_usd = cost_usd(price, hit_tokens, 0)
             return [vector for vector in found if vector is not None]
@@ -173,6 +174,7 @@ class EmbeddingsPipeline:
         billed = answered.prompt_tokens if answered.prompt_tokens is not None else sum(counts[i] for i in missing)
         record.tokens_source = "upstream" if answered.prompt_tokens is not None else "gateway"
         record.cost_usd = cost_usd(provider.config.price, billed, 0)
+        record.prompt_tokens = billed + hit_tokens  # the cached inputs as the gateway counted them
         if hit_tokens:
             record.cache_saved_usd = cost_usd(price, hit_tokens, 0)
         new = [np.asarray(vector, dtype="<f4") for vector in answered.vectors]

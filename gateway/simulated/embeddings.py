@@ -177,6 +177,7 @@ def embeddings_response(body: Any) -> dict[str, Any]:
     if "input" not in body:
         raise EmbeddingInputError("'input' is required", "input")
     texts, tokens = _texts(body["input"])
+    tokens += 2 * len(texts)  # as a BERT-style embedding model counts: [CLS] and [SEP] around each input
     data: list[dict[str, Any]] = []
     for index, text in enumerate(texts):
         vector = embed(text, dimensions)
