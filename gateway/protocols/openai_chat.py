@@ -623,8 +623,10 @@ def answer_from_message(
     )
 
 
-_BEYOND_THE_ANSWER = ("refusal", "audio", "function_call")
-"""Message fields the internal answer has no place for: a completion with one is not stored."""
+_BEYOND_THE_ANSWER = ("refusal", "audio", "function_call", "reasoning")
+"""Message fields the internal answer has no place for: a completion with one is not stored
+(``reasoning``: newer vLLM's name for ``reasoning_content``, which a replay would not carry;
+a stream with it is not stored either)."""
 
 
 def storable_answer(body: dict[str, Any]) -> Answer | None:

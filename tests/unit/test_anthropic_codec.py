@@ -455,3 +455,12 @@ def test_every_stop_sequence_reaches_a_chat_upstream() -> None:
     stops = ["a", "b", "c", "d", "e", "f"]
     body = openai_chat.to_chat_body(_decode(messages=[{"role": "user", "content": "hi"}], stop_sequences=stops))
     assert body["stop"] == stops
+
+
+def test_an_answer_whose_reasoning_a_replay_would_lose_is_not_stored() -> None:
+    """Newer vLLM names it ``reasoning``; the internal answer replays ``reasoning_content`` only."""
+    message = {"role": "assistant", "content": "4", "reasoning": "2 and 2 make 4."}
+    assert openai_chat.storable_answer({"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}) is None
+    older = {"role": "assistant", "content": "4", "reasoning_content": "2 and 2 make 4."}
+    stored = openai_chat.storable_answer({"choices": [{"index": 0, "message": older, "finish_reason": "stop"}]})
+    assert stored is not None and stored.thinking
