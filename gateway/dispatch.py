@@ -28,6 +28,8 @@ class DispatchInfo:
     """How the answer was obtained, for headers, the log and metrics."""
 
     provider: Provider | None = None
+    asked: Provider | None = None
+    """The upstream last asked (the one answering, or the one working when the client left)."""
     attempts: int = 0
     fallback_used: bool = False
     upstream_seconds: float = 0.0
@@ -66,6 +68,7 @@ async def dispatch(
                 info.attempts += 1
                 info.fallback_used = position > 0
                 started = time.perf_counter()
+                info.asked = provider
                 try:
                     result = await call(provider)
                     verdicts.answered(breaker)

@@ -25,7 +25,7 @@ from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal
 from gateway.cache.audit import AuditJob, SemanticAudit, effective_threshold, judge_request
 from gateway.cache.entries import CachedAnswer
-from gateway.cache.exact import ExactCache, Lease
+from gateway.cache.exact import LEADER_LEFT, ExactCache, Lease
 from gateway.cache.plan import CachePlan, plan_cache
 from gateway.cache.semantic import SemanticCache, ServeBar
 from gateway.classifier import ClassifierError
@@ -317,6 +317,10 @@ class ChatPipeline:
                     ),
                 )
             record.status, record.error_type = 499, "client_disconnected"
+            if x.info.asked is not None:  # the upstream was at work: its prompt is billed, as a cut stream's is
+                with anyio.CancelScope(shield=True):
+                    await self._count_prompt(x)
+                self._settle(x, x.info.asked, None, "")
             raise
         finally:
             self._drain.untrack(task)
@@ -617,8 +621,9 @@ class ChatPipeline:
     async def _release_lease(self, x: _Exchange) -> None:
         if x.lease is not None:
             lease, x.lease = x.lease, None
+            outcome = LEADER_LEFT if x.failure is None and x.record.status == 499 else x.failure
             with anyio.CancelScope(shield=True):
-                await self._exact.release(lease, x.failure, x.runtime.policy.cache.redis_timeout_ms / 1000)
+                await self._exact.release(lease, outcome, x.runtime.policy.cache.redis_timeout_ms / 1000)
 
     async def _start_stream(self, x: _Exchange) -> StreamingAnswer | StreamingDeltas:
         assert x.plan is not None

@@ -10,10 +10,18 @@ from gateway.cache.entries import CachedAnswer
 from gateway.errors import UpstreamError
 from gateway.store.base import KeyValue, StoreUnavailable
 
-__all__ = ["ExactCache", "Lease", "Outcome"]
+__all__ = ["LEADER_LEFT", "ExactCache", "Lease", "Outcome"]
 
-Outcome = CachedAnswer | UpstreamError | None
-"""What a request waiting on an identical one is handed: its answer, its upstream error, or nothing."""
+
+class _LeaderLeft:
+    """The request others waited on ended without an answer or an error: its client left."""
+
+
+LEADER_LEFT = _LeaderLeft()
+
+Outcome = CachedAnswer | UpstreamError | _LeaderLeft | None
+"""What a request waiting on an identical one is handed: its answer, its upstream error,
+:data:`LEADER_LEFT` (one of the waiters leads now), or nothing."""
 
 
 @dataclass(slots=True)
@@ -49,7 +57,9 @@ class ExactCache:
         if lease is not None:
             self._settle(lease.key, lease.future, answer)
 
-    async def join_or_lead(self, key: str, wait_s: float, timeout_s: float) -> tuple[Outcome, Lease | None]:
+    async def join_or_lead(
+        self, key: str, wait_s: float, timeout_s: float
+    ) -> tuple[CachedAnswer | UpstreamError | None, Lease | None]:
         """Coalesce identical in-flight requests, within this process and across processes.
 
         Returns ``(answer, None)`` when another request's answer arrived in time,
@@ -57,15 +67,20 @@ class ExactCache:
         (the same request would fail the same way: its waiters are not sent after it),
         ``(None, lease)`` when this request must call upstream and release the lease
         after, and ``(None, None)`` when waiting gave nothing (call upstream, no lease).
+        When the request waited on in this process was abandoned by its client, one of its
+        waiters takes the lead and the others wait on it (not each its own upstream call).
         """
-        local = self._flights.get(key)
-        if local is not None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while (local := self._flights.get(key)) is not None:
             try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a client's cancel
-                async with asyncio.timeout(wait_s):
-                    return await asyncio.shield(local), None
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    outcome = await asyncio.shield(local)
             except TimeoutError:
                 return None, None
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+            if not isinstance(outcome, _LeaderLeft):
+                return outcome, None
+        future: asyncio.Future[Outcome] = loop.create_future()
         self._flights[key] = future
         token = secrets.token_hex(8)
         lock_ms = int(wait_s * 1000) + 1000
@@ -76,19 +91,20 @@ class ExactCache:
         if acquired:
             return None, Lease(key, token, future, held_in_store=True)
         # Another process is answering: wait for its answer to appear in the cache.
-        answer = await self._await_other_process(key, wait_s, timeout_s)
+        answer = await self._await_other_process(key, max(0.0, deadline - loop.time()), timeout_s)
         self._settle(key, future, answer)
         return answer, None
 
     async def release(self, lease: Lease, answer: Outcome, timeout_s: float) -> None:
-        """Hand the answer, the upstream's error, or None (not cacheable, or the request ended
-        without either) to the waiters and drop the lease."""
-        self._settle(lease.key, lease.future, answer)
+        """Drop the lease and hand the answer, the upstream's error, :data:`LEADER_LEFT` or None
+        (not cacheable, or the request ended without either) to the waiters: the lease first,
+        so that a waiter taking the lead finds it free."""
         if lease.held_in_store:
             try:
                 await self._store.release(lease.key, lease.token, timeout_s)
             except StoreUnavailable:
                 pass  # the lease expires on its own
+        self._settle(lease.key, lease.future, answer)
 
     def _settle(
         self,

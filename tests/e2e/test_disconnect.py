@@ -75,6 +75,8 @@ def test_non_streamed_disconnect_cancels_the_upstream_call(
     assert record["route"] == "fast"
     assert record["stream"] is False
     assert record["latency_ms"] < 2500  # the gateway did not keep waiting for the 3 s upstream
+    # The upstream was at work on it: the model is named and its prompt billed, as for a cut stream.
+    assert record["model"] == "small" and record["prompt_tokens"] > 0 and record["cost_usd"] > 0
 
     # No retry and no fallback were attempted on behalf of a client that had gone.
     time.sleep(0.3)

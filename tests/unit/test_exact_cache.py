@@ -99,3 +99,25 @@ def test_one_request_written_two_ways_has_one_key() -> None:
 
 def _key(tenant: str, body: dict[str, object]) -> str:
     return exact_key(tenant, "r", read_chat_request(body))
+
+
+async def test_when_the_leaders_client_leaves_one_waiter_leads_and_the_others_wait_on_it() -> None:
+    """Not every waiter calling upstream at once (a herd of identical calls)."""
+    from gateway.cache.exact import LEADER_LEFT
+
+    cache = ExactCache(MemoryKeyValue())
+    _, lease = await cache.join_or_lead("k", 2.0, T)
+    assert lease is not None
+    waiters = [asyncio.create_task(cache.join_or_lead("k", 2.0, T)) for _ in range(5)]
+    await asyncio.sleep(0)
+    await cache.release(lease, LEADER_LEFT, T)
+    await asyncio.sleep(0.05)
+    leaders = [waiter for waiter in waiters if waiter.done()]
+    assert len(leaders) == 1
+    answer, new_lease = leaders[0].result()
+    assert answer is None and new_lease is not None and new_lease.held_in_store
+    await cache.release(new_lease, _answer("the answer"), T)
+    rest = [await waiter for waiter in waiters if waiter is not leaders[0]]
+    assert [(a.answer.text if isinstance(a, CachedAnswer) else a, lease) for a, lease in rest] == [
+        ("the answer", None)
+    ] * 4
