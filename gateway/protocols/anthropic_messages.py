@@ -71,12 +71,14 @@ class _Source(_Wire):
 class _Block(_Wire):
     type: str
     text: str | None = None
-    source: _Source | None = None
+    source: _Source | str | None = None
+    """An image's or document's source; a ``search_result``'s is its URL, a string."""
     id: str | None = None
     name: str | None = None
     input: Any = None
     tool_use_id: str | None = None
-    content: str | list[_Block] | None = None
+    content: str | list[_Block] | dict[str, Any] | None = None
+    """A tool result's; a server tool's result (code execution, web fetch, a failed web search) is an object."""
     is_error: bool = False
     cache_control: dict[str, Any] | None = None
     thinking: str | None = None
@@ -173,16 +175,22 @@ def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool =
     return request
 
 
-def _parts(content: str | list[_Block], where: str, lenient: bool = False) -> tuple[Part, ...]:
+def _parts(content: str | list[_Block] | dict[str, Any], where: str, lenient: bool = False) -> tuple[Part, ...]:
     if isinstance(content, str):
         return (TextPart(content),)
+    if isinstance(content, dict):  # a server tool's result: only Anthropic reads it
+        if not lenient:
+            raise InvalidRequestError(f"{where}: a server tool's result can only go to an Anthropic model")
+        return ()
     parts: list[Part] = []
     for index, block in enumerate(content):
         if block.type == "text":
             if block.text is None:
                 raise InvalidRequestError(f"{where}.{index}.text: Field required")
             parts.append(TextPart(block.text, cache_control=block.cache_control))
-        elif block.type == "image" and not (lenient and block.source is not None and block.source.type == "file"):
+        elif block.type == "image" and not (
+            lenient and isinstance(block.source, _Source) and block.source.type == "file"
+        ):
             parts.append(ImagePart(_image_url(block, f"{where}.{index}"), cache_control=block.cache_control))
         elif block.type == "thinking":
             parts.append(ThinkingPart(block.thinking or "", block.signature or ""))
@@ -195,8 +203,8 @@ def _parts(content: str | list[_Block], where: str, lenient: bool = False) -> tu
 
 def _image_url(block: _Block, where: str) -> str:
     source = block.source
-    if source is None:
-        raise InvalidRequestError(f"{where}.source: Field required")
+    if not isinstance(source, _Source):
+        raise InvalidRequestError(f"{where}.source: an object is required")
     if source.type == "base64" and source.data and source.media_type:
         return f"data:{source.media_type};base64,{source.data}"
     if source.type == "url" and source.url:

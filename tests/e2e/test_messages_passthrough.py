@@ -82,6 +82,39 @@ def test_what_only_anthropic_reads_reaches_it_as_it_was_sent(
     assert record["completion_tokens"] == message.usage.output_tokens
 
 
+def test_server_tool_results_and_search_results_in_history_pass_through(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    """The shapes Anthropic returns for code execution, web fetch and a failed web search (an
+    object as ``content``) and a ``search_result`` (a string ``source``) must go back in the next turn."""
+    history = [
+        {"role": "user", "content": [
+            {"type": "search_result", "source": "https://docs.example.com/build", "title": "Build",
+             "content": [{"type": "text", "text": "Step 3 copies files."}], "citations": {"enabled": True}},
+            {"type": "text", "text": "Fetch the page and run the script."}]},
+        {"role": "assistant", "content": [
+            {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_fetch", "input": {"url": "https://x.example"}},
+            {"type": "web_fetch_tool_result", "tool_use_id": "srvtoolu_1",
+             "content": {"type": "web_fetch_result", "url": "https://x.example",
+                         "content": {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "hi"}}}},
+            {"type": "server_tool_use", "id": "srvtoolu_2", "name": "code_execution", "input": {"code": "print(1)"}},
+            {"type": "code_execution_tool_result", "tool_use_id": "srvtoolu_2",
+             "content": {"type": "code_execution_result", "stdout": "1\n", "stderr": "", "return_code": 0, "content": []}},
+            {"type": "server_tool_use", "id": "srvtoolu_3", "name": "web_search", "input": {"query": "q"}},
+            {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_3",
+             "content": {"type": "web_search_tool_result_error", "error_code": "max_uses_exceeded"}},
+            {"type": "text", "text": "It printed 1."}]},
+        {"role": "user", "content": "Thanks. And step 4?"},
+    ]  # fmt: skip
+    body = {"model": "claude", "max_tokens": 64, "messages": history}
+    headers = {"anthropic-version": "2023-06-01", "x-api-key": "sk-unused"}
+    answered = httpx.post(f"{gateway.url}/v1/messages", json=body, headers=headers, timeout=15)
+    assert answered.status_code == 200, answered.text
+    assert _last_request(large_upstream)["body"] == {**body, "model": "claude-sim"}
+    counted = httpx.post(f"{gateway.url}/v1/messages/count_tokens", json=body, headers=headers, timeout=15)
+    assert counted.status_code == 200, counted.text
+
+
 def test_the_stream_is_anthropics_own_and_the_sdk_accumulates_it(
     claude: anthropic.Anthropic, gateway: GatewayProcess
 ) -> None:
