@@ -63,6 +63,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
             lost = ["thinking"] if decoded.thinking is not None else []
             lost += openai_chat.lost_on_chat_upstreams(decoded)
             decoded.dropped.extend(name for name in dict.fromkeys(lost) if name not in decoded.dropped)
+        decoded.betas = request.headers.get("anthropic-beta") or None  # a translated request's too
         asked.append(decoded)
         return decoded
 

@@ -132,6 +132,9 @@ class Request(msgspec.Struct, kw_only=True):
     thinking: dict[str, Any] | None = None
     """Anthropic's extended-thinking setting (``{"type": "enabled", "budget_tokens": N}``), passed to
     Anthropic upstreams only."""
+    betas: str | None = None
+    """An Anthropic client's ``anthropic-beta`` header (``context-1m-...``, ``interleaved-thinking-...``),
+    sent on to Anthropic upstreams only."""
     dropped: list[str] = msgspec.field(default_factory=list)
     """Fields of the incoming protocol that no upstream of this request can honour (said in a header)."""
     extra: dict[str, Any] = msgspec.field(default_factory=dict)

@@ -123,6 +123,7 @@ class _MessagesRequest(_Wire):
     tool_choice: _ToolChoice | None = None
     metadata: _Metadata | None = None
     thinking: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
 
 
 _READ_FIELDS = frozenset(field.encode_name for field in msgspec.structs.fields(_MessagesRequest))
@@ -167,12 +168,34 @@ def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool =
         ],
         tool_choice=_choice(wire.tool_choice),
         user=wire.metadata.user_id if wire.metadata else None,
+        json_schema=_output_schema(wire.output_config, passed_through),
     )
     if wire.thinking is not None and wire.thinking.get("type") != "disabled":
         request.thinking = wire.thinking  # the route decides whether an upstream can honour it
     if wire.top_k is not None:
         request.dropped.append("top_k")
     return request
+
+
+def _output_schema(config: dict[str, Any] | None, lenient: bool) -> dict[str, Any] | None:
+    """Structured output (``output_config.format``, what the SDK's ``messages.parse()`` sends) as
+    the internal model's JSON schema; any other output setting only Anthropic reads."""
+    if not config:
+        return None
+    others = sorted(set(config) - {"format"})
+    if others and not lenient:
+        raise InvalidRequestError(
+            f"output_config.{others[0]} can only go to an Anthropic model", param=f"output_config.{others[0]}"
+        )
+    fmt = config.get("format")
+    if fmt is None:
+        return None
+    if not (isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict)):
+        raise InvalidRequestError(
+            "output_config.format: expected {'type': 'json_schema', 'schema': {...}}", param="output_config.format"
+        )
+    schema: dict[str, Any] = fmt["schema"]
+    return schema
 
 
 def _parts(content: str | list[_Block] | dict[str, Any], where: str, lenient: bool = False) -> tuple[Part, ...]:
@@ -278,8 +301,8 @@ def encode_request(request: Request, model: str, *, stream: bool) -> dict[str, A
     messages alternate user/assistant as Anthropic requires (consecutive ones of a role
     merged, tool results opening a user turn); assistant reasoning Anthropic did not sign
     is left out, since it would refuse it. Temperature is clamped to Anthropic's [0, 1];
-    ``tool_choice`` ``none`` sends no tools. Structured output (``json_schema``) has no
-    Anthropic field and is not sent.
+    ``tool_choice`` ``none`` sends no tools. Structured output (``json_schema``) is
+    ``output_config.format``.
     """
     system, turns = _turns(request.messages)
     payload: dict[str, Any] = {
@@ -299,6 +322,8 @@ def encode_request(request: Request, model: str, *, stream: bool) -> dict[str, A
         payload["metadata"] = {"user_id": request.user}
     if request.thinking is not None:
         payload["thinking"] = request.thinking
+    if request.json_schema is not None:
+        payload["output_config"] = {"format": {"type": "json_schema", "schema": request.json_schema}}
     choice = request.tool_choice
     if request.tools and not (choice is not None and choice.mode == "none"):
         payload["tools"] = [_tool_entry(tool) for tool in request.tools]

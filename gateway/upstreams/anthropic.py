@@ -82,15 +82,17 @@ _MESSAGES_PATH = "v1/messages"
 class AnthropicProvider(Provider):
     kind = "anthropic"
 
-    def _headers(self) -> dict[str, str]:
+    def _headers(self, betas: str | None = None) -> dict[str, str]:
         headers = {"content-type": "application/json", "anthropic-version": ANTHROPIC_VERSION, **self.config.headers}
         if self.api_key:
             headers["x-api-key"] = self.api_key
+        if betas:
+            headers["anthropic-beta"] = betas
         return headers
 
     async def complete(self, request: core.Request, body: dict[str, Any] | None = None) -> Completion:
         payload = _translate_request(self.name, self.upstream_model, request, stream=False)
-        response = await self._post(_MESSAGES_PATH, payload, self._headers(), stream=False)
+        response = await self._post(_MESSAGES_PATH, payload, self._headers(request.betas), stream=False)
         answer, usage = self._read(response.content)
         return Completion(
             body=openai_chat.completion_from_answer(answer, None if usage is None else answer.usage),
@@ -101,7 +103,7 @@ class AnthropicProvider(Provider):
 
     async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
         payload = _translate_request(self.name, self.upstream_model, request, stream=True)
-        response = await self._post(_MESSAGES_PATH, payload, self._headers(), stream=True)
+        response = await self._post(_MESSAGES_PATH, payload, self._headers(request.betas), stream=True)
         return _AnthropicChatStream(self, response)
 
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:

@@ -321,3 +321,24 @@ def test_cache_control_is_not_sent_to_an_openai_compatible_upstream(
     assert [p["text"] for p in sent["body"]["messages"][1]["content"]] == [
         "Here is the repo layout.", "What does main.py do?",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("model", ["fast", "claude"])  # an OpenAI-compatible upstream, then Anthropic's
+def test_structured_output_parses_into_the_model_on_either_kind_of_upstream(
+    claude: anthropic.Anthropic, model: str
+) -> None:
+    """``messages.parse()`` sends ``output_config.format``: a chat upstream gets it as its
+    ``response_format``, an Anthropic one as it was written."""
+    import pydantic
+
+    class Capital(pydantic.BaseModel):
+        country: str
+        city: str
+
+    parsed = claude.messages.parse(
+        model=model,
+        max_tokens=256,
+        messages=[{"role": "user", "content": "The capital of Norway, as JSON."}],
+        output_format=Capital,
+    )
+    assert isinstance(parsed.parsed_output, Capital)

@@ -193,8 +193,11 @@ def test_a_route_that_may_reach_another_upstream_still_refuses_what_it_cannot_ca
     assert "server tools" in answer.json()["error"]["message"]
 
 
-def test_a_request_the_internal_model_holds_is_translated(claude: anthropic.Anthropic, gateway: GatewayProcess) -> None:
-    """Translated requests are the ones the cache can serve (tests/e2e/test_cache_e2e.py replays them)."""
+def test_a_request_the_internal_model_holds_is_translated(
+    claude: anthropic.Anthropic, gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    """Translated requests are the ones the cache can serve (tests/e2e/test_cache_e2e.py replays them);
+    the client's betas still reach Anthropic (some, such as context-1m, live only in the header)."""
     raw = claude.messages.with_raw_response.create(
         model="claude",
         max_tokens=64,
@@ -204,3 +207,4 @@ def test_a_request_the_internal_model_holds_is_translated(claude: anthropic.Anth
     assert raw.parse().content
     record = gateway.wait_for_record("translated-1")
     assert record["passthrough"] is None and record["protocol"] == "anthropic.messages" and record["status"] == 200
+    assert _last_request(large_upstream)["headers"]["anthropic-beta"] == CLAUDE_CODE_BETA
