@@ -19,6 +19,9 @@ from gateway.store.base import LimitCounters, StoreUnavailable
 
 __all__ = ["USAGE_FLUSH_S", "USAGE_RETENTION_DAYS", "UsageKeys", "UsageLedger", "usage_keys"]
 
+_SEPARATOR = "\x1f"
+"""Between a tenant and a key id in the usage index (neither may hold a control character)."""
+
 USAGE_FLUSH_S = 1.0
 USAGE_RETENTION_DAYS = 92
 
@@ -44,8 +47,38 @@ class UsageLedger:
         self._counters = counters
         self._pending: dict[str, UsageFigures] = {}
         self._expired: set[str] = set()
+        self._noted: dict[int, set[tuple[str, str]]] = {}
+        """Per UTC day number, the (tenant, key id) pairs this process has put in the usage index."""
+        self._to_index: dict[str, set[str]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._timeout_s = 1.0
+
+    def note(self, tenant: str, key_id: str, now: float) -> None:
+        """The key has usage today: it goes in the day's usage index (once a day per process), so
+        an admin's usage lists it after the policy no longer does."""
+        day = int(now // 86400)
+        noted = self._noted.get(day)
+        if noted is None:
+            noted = self._noted[day] = set()
+            for old in [d for d in self._noted if d < day - 1]:
+                del self._noted[old]
+        if (tenant, key_id) in noted:
+            return
+        noted.add((tenant, key_id))
+        name = datetime.fromtimestamp(day * 86400, UTC).strftime("%Y%m%d")
+        self._to_index.setdefault(name, set()).add(f"{tenant}{_SEPARATOR}{key_id}")
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_every(USAGE_FLUSH_S))
+
+    async def indexed_keys(self, start: datetime, end: datetime) -> list[tuple[str, str]] | None:
+        """The (key id, tenant) pairs that had usage in [start, end]; None when unreadable."""
+        days = [(start + timedelta(days=i)).strftime("%Y%m%d") for i in range((end - start).days + 1)]
+        try:
+            members = await self._counters.indexed_usage(days, 2.0)
+        except StoreUnavailable:
+            return None
+        pairs = (member.split(_SEPARATOR, 1) for member in members)
+        return sorted((key_id, tenant) for tenant, key_id in (pair for pair in pairs if len(pair) == 2))
 
     def record(self, keys: UsageKeys, used: UsageFigures, timeout_s: float) -> None:
         """Add ``used`` to today's sums at the next flush."""
@@ -61,6 +94,15 @@ class UsageLedger:
 
     async def flush(self, timeout_s: float | None = None) -> None:
         """Write what is buffered in one batch (before a read, and at shutdown)."""
+        if self._to_index:
+            index, self._to_index = self._to_index, {}
+            try:
+                await self._counters.index_usage(
+                    index, (USAGE_RETENTION_DAYS + 1) * 86400, timeout_s or self._timeout_s
+                )
+            except StoreUnavailable:
+                for members in self._noted.values():  # noted again on the key's next request
+                    members.clear()
         if not self._pending:
             return
         pending, self._pending = self._pending, {}

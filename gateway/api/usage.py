@@ -39,13 +39,14 @@ async def usage(request: Request[Any, Any, Any]) -> Response[bytes]:
             f"(start {start:%Y-%m-%d}, end {end:%Y-%m-%d}; start defaults to the 1st of this month, end to today)",
             param=given,
         )
-    if principal.admin:
-        keys = [(key.id, key.tenant) for key in runtime.policy.auth.keys]
-    else:
-        keys = [(principal.key_id, principal.tenant)]
     # This worker's own figures are made current; other workers write theirs every USAGE_FLUSH_S.
     await state.limiter.drain()
     await state.limiter.ledger.flush()
+    if principal.admin:  # the policy's keys, and those that had usage then and are gone from it since
+        used = await state.limiter.ledger.indexed_keys(start, end)
+        keys = list(dict.fromkeys([*((key.id, key.tenant) for key in runtime.policy.auth.keys), *(used or [])]))
+    else:
+        keys = [(principal.key_id, principal.tenant)]
     totals = await state.limiter.ledger.read(keys, start, end)
     if totals is None:
         raise UsageUnavailableError("usage cannot be read right now (Redis unavailable)")

@@ -62,6 +62,7 @@ class Limiter:
         now = time.time()
         periods = _periods_of_minute(int(now // 60))
         usage = usage_keys(principal.tenant, principal.key_id, now)
+        self.ledger.note(principal.tenant, principal.key_id, now)
         if not self.enforces(policy, principal):
             return Reservation((), periods, usage, 0, 0.0, 0.0)  # nothing to enforce: usage is recorded in batches
         limits = _limits(policy, principal)
@@ -132,7 +133,9 @@ class Limiter:
     def record_unreserved(self, policy: Policy, tenant: str, key_id: str, used: UsageFigures) -> None:
         """A request of a known key refused before it reserved (a bad body, a model it may not
         use, a limit): counted in the key's usage like any other, as the request log counts it."""
-        self.ledger.record(usage_keys(tenant, key_id, time.time()), used, policy.limits.redis_timeout_ms / 1000)
+        now = time.time()
+        self.ledger.note(tenant, key_id, now)
+        self.ledger.record(usage_keys(tenant, key_id, now), used, policy.limits.redis_timeout_ms / 1000)
 
     async def drain(self) -> None:
         """Wait for the settlements still running (before a usage read, and at shutdown)."""

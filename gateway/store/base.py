@@ -195,6 +195,14 @@ class LimitCounters(Protocol):
 
     async def read_usage(self, keys: Sequence[str], timeout_s: float) -> list[UsageFigures]: ...
 
+    async def index_usage(self, members: Mapping[str, Iterable[str]], ttl_s: int, timeout_s: float) -> None:
+        """Add members to the usage index of each day (``keyspace.usage_index``), kept ``ttl_s``."""
+        ...
+
+    async def indexed_usage(self, days: Sequence[str], timeout_s: float) -> set[str]:
+        """Every member of those days' usage indexes."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Store:

@@ -51,6 +51,7 @@ __all__ = [
     "shadow_spend",
     "tenant_prefix",
     "usage",
+    "usage_index",
 ]
 
 
@@ -104,6 +105,12 @@ def usage(tenant: str, key_id: str, day: str) -> tuple[str, str]:
     """The key's and its tenant's usage sums of one UTC day (``yyyymmdd``)."""
     prefix = tenant_prefix(tenant)
     return f"{prefix}:use:k:{key_id}:{day}", f"{prefix}:use:t:{day}"
+
+
+def usage_index(day: str) -> str:
+    """The ``tenant\x1fkey id`` pairs that had usage on one UTC day (``yyyymmdd``), whatever the
+    policy says now: a key removed today still spent this month."""
+    return f"gw:{{usage}}:keys:{day}"
 
 
 def response(tenant: str, response_id: str) -> str:

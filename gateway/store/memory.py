@@ -217,6 +217,7 @@ class MemoryLimitCounters(_Outage):
         self.windows: dict[str, _Window] = {}
         self.spends: dict[str, _Spend] = {}
         self.usage: dict[str, UsageFigures] = {}
+        self.indexed: dict[str, set[str]] = {}
 
     async def reserve(self, request: ReserveRequest, timeout_s: float) -> ReserveOutcome:
         self._check()
@@ -273,6 +274,15 @@ class MemoryLimitCounters(_Outage):
             self.usage.setdefault(key, UsageFigures()).add(used)
         for key in expired:
             self.usage.pop(key, None)
+
+    async def index_usage(self, members: Mapping[str, Iterable[str]], ttl_s: int, timeout_s: float) -> None:
+        self._check()
+        for day, names in members.items():
+            self.indexed.setdefault(day, set()).update(names)
+
+    async def indexed_usage(self, days: Sequence[str], timeout_s: float) -> set[str]:
+        self._check()
+        return {member for day in days for member in self.indexed.get(day, ())}
 
     async def read_usage(self, keys: Sequence[str], timeout_s: float) -> list[UsageFigures]:
         self._check()

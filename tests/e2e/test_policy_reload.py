@@ -201,6 +201,32 @@ def test_a_rejected_edits_text_is_shown_only_to_an_admin_key(gw: GatewayProcess)
         assert "no-such-model" not in response.text and "ops" not in response.text and policy["source"] is None
 
 
+def test_a_removed_keys_usage_stays_in_an_admins_usage(gw: GatewayProcess) -> None:
+    """A key revoked today spent this month: /v1/usage lists it after the policy no longer does."""
+    admin = f'    - {{id: ops, tenant: ops, hash: "{hash_key("sk-ops")}", admin: true}}'
+    app = f'    - {{id: leaving-app, tenant: team-a, hash: "{hash_key("sk-leaving")}"}}'
+    base = gw.policy_path.read_text()
+    with_app = base.replace("auth: {mode: none}", f"auth:\n  mode: keys\n  keys:\n{admin}\n{app}")
+    _write_atomically(gw.policy_path, with_app)
+    ops = {"authorization": "Bearer sk-ops"}
+    _poll(lambda: httpx.get(f"{gw.url}/readyz", headers=ops, timeout=5).json()["policy"]["version"],
+          lambda v: v == _version_of(with_app))  # fmt: skip
+    answered = httpx.post(
+        f"{gw.base_url}/chat/completions",
+        json={"model": "fast", "messages": [{"role": "user", "content": "count me"}]},
+        headers={"authorization": "Bearer sk-leaving"},
+        timeout=10,
+    )
+    assert answered.status_code == 200
+    without_app = with_app.replace(app + "\n", "")
+    _write_atomically(gw.policy_path, without_app)
+    _poll(lambda: httpx.get(f"{gw.url}/readyz", headers=ops, timeout=5).json()["policy"]["version"],
+          lambda v: v == _version_of(without_app))  # fmt: skip
+    rows = httpx.get(f"{gw.base_url}/usage", headers=ops, timeout=10).json()["data"]
+    leaving = [row for row in rows if row["key_id"] == "leaving-app"]
+    assert leaving and leaving[0]["tenant"] == "team-a" and leaving[0]["requests"] >= 1
+
+
 def test_invalid_edits_are_rejected_and_a_fix_is_picked_up(gw: GatewayProcess) -> None:
     good = gw.policy_path.read_text()
     version = _version_of(good)

@@ -55,6 +55,8 @@ async def test_usage_figures_round_trip_exactly(redis_server: EmbeddedRedis, lim
     assert got.cost_usd == pytest.approx(0.00123)
     assert got.baseline_cost_usd == pytest.approx(0.0139)
     assert got.cache_saved_usd == pytest.approx(0.004)
+    # The key is in the day's usage index: an admin's /v1/usage lists it once the policy no longer does.
+    assert (principal.key_id, "acct") in (await limiter.ledger.indexed_keys(today, today) or [])
     await limiter.aclose()
     await shared.aclose()
 

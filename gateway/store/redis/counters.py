@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import redis.asyncio as aioredis
 
 from gateway.accounting.usage import UsageFigures
+from gateway.store import keyspace
 from gateway.store.base import Caps, ReserveOutcome, ReserveRequest, SettleRequest, StoreUnavailable
 from gateway.store.redis.client import SharedRedis
 
@@ -151,6 +152,27 @@ class RedisLimitCounters:
                 await pipe.execute()
 
         await self._redis.call(write, timeout_s)
+
+    async def index_usage(self, members: Mapping[str, Iterable[str]], ttl_s: int, timeout_s: float) -> None:
+        async def write(client: aioredis.Redis) -> None:
+            async with client.pipeline(transaction=False) as pipe:
+                for day, names in members.items():
+                    key = keyspace.usage_index(day)
+                    pipe.sadd(key, *names)
+                    pipe.expire(key, ttl_s)
+                await pipe.execute()
+
+        await self._redis.call(write, timeout_s)
+
+    async def indexed_usage(self, days: Sequence[str], timeout_s: float) -> set[str]:
+        async def read(client: aioredis.Redis) -> set[str]:
+            async with client.pipeline(transaction=False) as pipe:
+                for day in days:
+                    pipe.smembers(keyspace.usage_index(day))
+                found = await pipe.execute()
+            return {_text(member) for members in found for member in members}
+
+        return await self._redis.call(read, timeout_s)
 
     async def read_usage(self, keys: Sequence[str], timeout_s: float) -> list[UsageFigures]:
         async def read(client: aioredis.Redis) -> list[UsageFigures]:
