@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+import structlog
 from litestar import Request, Response, post
 from litestar.response import Stream
 
@@ -29,16 +30,18 @@ from gateway.api.credentials import authorization_of
 from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.core.model import Request as CoreRequest
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, UpstreamError
 from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
 from gateway.tokens import count_prompt
+from gateway.upstreams.anthropic import AnthropicProvider
 
 __all__ = ["count_message_tokens", "create_message"]
 
 _CLIENT_GONE = Response(content=b"", status_code=499)
 _PROTOCOL = "anthropic.messages"
+_log = structlog.get_logger("gateway.messages")
 _MAX_COUNT_BODY_BYTES = 32 * 1024 * 1024
 
 
@@ -99,17 +102,28 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
 
 @post("/v1/messages/count_tokens", request_max_body_size=_MAX_COUNT_BODY_BYTES, status_code=200)
 async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[bytes]:
-    """Prompt tokens as the gateway counts them for the route's first model (tiktoken)."""
+    """Prompt tokens for the route's first model: counted by it when it is Anthropic's (its
+    ``count_tokens`` sees documents, PDFs and images), else by the gateway (tiktoken), which is
+    also the answer when the upstream cannot count."""
     state: GatewayState = request.app.state.gateway
     runtime = state.holder.current
     try:
         principal = runtime.auth.authenticate(authorization_of(request.headers))
         raw = await decoded_body(await request.body(), request.headers.get("content-encoding"), _MAX_COUNT_BODY_BYTES)
-        lenient = _only_anthropic_upstreams(request, _json_object(raw))  # blocks only Anthropic reads are not refused
+        body = _json_object(raw)
+        lenient = _only_anthropic_upstreams(request, body)  # blocks only Anthropic reads are not refused
         decoded = anthropic.decode_request(raw, counting=True, passed_through=lenient)
         plan = runtime.router.plan(decoded.model, principal.allowed)
         principal.check_model(plan.route)
-        tokens = count_prompt(decoded, runtime.policy.models[plan.candidates[0]].encoding)
+        first = runtime.providers[plan.candidates[0]]
+        tokens = None
+        if isinstance(first, AnthropicProvider) and body is not None:
+            try:
+                tokens = await first.count_tokens(body, request.headers.get("anthropic-beta"))
+            except UpstreamError as exc:
+                _log.warning("count_tokens_upstream_failed", upstream=first.name, error=exc.code)
+        if tokens is None:
+            tokens = count_prompt(decoded, runtime.policy.models[plan.candidates[0]].encoding)
     except GatewayError as exc:
         return _error(exc.status_code, exc.message, exc.headers)
     return Response(content=msgspec.json.encode({"input_tokens": tokens}), media_type="application/json")

@@ -222,7 +222,23 @@ def _block_tokens(block: Any) -> int:
         return count(content) if isinstance(content, str) else 0
     if kind == "thinking" and isinstance(block.get("thinking"), str):
         return count(block["thinking"])
+    if kind == "document":  # what Anthropic counts and the gateway's own count cannot see
+        raw = block.get("source")
+        source: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        if source.get("type") == "text" and isinstance(source.get("data"), str):
+            return count(source["data"])
+        if source.get("type") == "content" and isinstance(source.get("content"), list):
+            return sum(_block_tokens(part) for part in source["content"])
+        return _IMAGE_TOKENS  # a PDF or a file: a page's worth
+    if kind == "search_result" and isinstance(block.get("content"), list):
+        return sum(_block_tokens(part) for part in block["content"])
+    if kind == "image":
+        return _IMAGE_TOKENS
     return 0
+
+
+_IMAGE_TOKENS = 1_600
+"""About what Anthropic counts for a 1,092 x 1,092 image (width x height / 750)."""
 
 
 @functools.lru_cache(maxsize=256)

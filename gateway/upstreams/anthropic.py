@@ -106,6 +106,16 @@ class AnthropicProvider(Provider):
         response = await self._post(_MESSAGES_PATH, payload, self._headers(request.betas), stream=True)
         return _AnthropicChatStream(self, response)
 
+    async def count_tokens(self, body: dict[str, Any], betas: str | None) -> int:
+        """The prompt's tokens as the model counts them (``count_tokens``): documents, PDFs and
+        images included, which the gateway's own count cannot see."""
+        payload = {**body, "model": self.upstream_model}
+        response = await self._post(f"{_MESSAGES_PATH}/count_tokens", payload, self._headers(betas), stream=False)
+        counted = decode_json_object(self.name, response.content).get("input_tokens")
+        if not isinstance(counted, int) or isinstance(counted, bool):
+            raise UpstreamProtocolError(self.name, "count_tokens answered no input_tokens")
+        return counted
+
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
         response = await self._post(_MESSAGES_PATH, body, {**self._headers(), **headers}, stream=False)
         answer, usage = self._read(response.content)

@@ -163,14 +163,19 @@ def test_a_translated_stream_cut_midway_ends_with_anthropics_error_event(
     assert record["passthrough"] is None and record["error_type"] == "upstream_bad_response"
 
 
-def test_count_tokens_accepts_what_only_anthropic_reads(gateway: GatewayProcess) -> None:
+def test_count_tokens_is_the_anthropic_models_own_count(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    """What only Anthropic reads is accepted, and counted by the model: the gateway's own count
+    cannot see a document's text (a 20k-token document counted as 9 tokens)."""
+    document = " ".join(f"line {i} of the build log" for i in range(400))
     body = {
         "model": "claude",
         "messages": [
             {
                 "role": "user",
                 "content": [
-                    {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}},
+                    {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": document}},
                     {"type": "text", "text": "Summarise the document."},
                 ],
             }
@@ -178,7 +183,11 @@ def test_count_tokens_accepts_what_only_anthropic_reads(gateway: GatewayProcess)
         "tools": [{"type": "web_search_20250305", "name": "web_search"}],
     }
     answer = httpx.post(f"{gateway.url}/v1/messages/count_tokens", json=body, headers={"x-api-key": "k"})
-    assert answer.status_code == 200 and answer.json()["input_tokens"] > 0
+    assert answer.status_code == 200 and answer.json()["input_tokens"] > 2000
+    assert upstream_stats(large_upstream)["count_tokens_requests"] == 1
+    inject(large_upstream, {"status": 500})  # the model cannot count: the gateway's own count answers
+    fallback = httpx.post(f"{gateway.url}/v1/messages/count_tokens", json=body, headers={"x-api-key": "k"})
+    assert fallback.status_code == 200 and 0 < fallback.json()["input_tokens"] < 2000
 
 
 def test_a_route_that_may_reach_another_upstream_still_refuses_what_it_cannot_carry(gateway: GatewayProcess) -> None:
