@@ -27,7 +27,7 @@ from gateway.errors import GatewayError, InvalidRequestError
 from gateway.limits import Limiter, Reservation
 from gateway.pipeline import Answer
 from gateway.pricing import cost_usd
-from gateway.protocols.body import decode_body
+from gateway.protocols.body import check_fields, decode_body
 from gateway.routing import RoutePlan
 from gateway.runtime import Runtime, RuntimeHolder
 from gateway.store import keyspace
@@ -76,7 +76,7 @@ class EmbeddingsPipeline:
             principal = runtime.auth.authenticate(authorization)
             record.key_id, record.tenant = principal.key_id, principal.tenant
             limits = runtime.policy.limits
-            request, inputs = _parse(await read_body(limits.max_body_bytes, limits.body_read_timeout_s))
+            request, inputs, extra = _parse(await read_body(limits.max_body_bytes, limits.body_read_timeout_s))
             plan = runtime.router.plan(request.model, principal.allowed)
             principal.check_model(plan.route)
             record.route, record.decision = plan.route, plan.decision
@@ -92,7 +92,7 @@ class EmbeddingsPipeline:
             # Every key gets a reservation, one without limits too: settling it records the usage.
             estimate = cost_usd(first.price, total_tokens, 0)
             reservation = await self._limiter.reserve(runtime.policy, principal, total_tokens, estimate)
-            vectors = await self._answer(runtime, plan, request, inputs, counts, record, info, cache_control)
+            vectors = await self._answer(runtime, plan, request, inputs, extra, counts, record, info, cache_control)
             # The baseline is every input embedded by the route's model: what the cache saves shows
             # as savings, as for chat (without one, each request counted its cost as negative savings).
             # Its tokens are the ones billed (the upstream's count where it gave one), so a miss saves nothing.
@@ -118,6 +118,7 @@ class EmbeddingsPipeline:
         plan: RoutePlan,
         request: _EmbeddingsRequest,
         inputs: list[str] | list[list[int]],
+        extra: dict[str, Any],
         counts: list[int],
         record: RequestRecord,
         info: DispatchInfo,
@@ -129,7 +130,8 @@ class EmbeddingsPipeline:
         read, write = use_cache and "no-cache" not in directives, use_cache and "no-store" not in directives
         timeout_s = policy.redis_timeout_ms / 1000
         primary = plan.candidates[0]
-        space = (primary, runtime.policy.models[primary].upstream_model or primary, request.dimensions)
+        shaping = {name: value for name, value in extra.items() if name != "user"}  # truncation changes a vector
+        space = (primary, runtime.policy.models[primary].upstream_model or primary, request.dimensions, shaping)
         keys = [_key(record.tenant, space, item) for item in inputs]
         found: list[np.ndarray | None] = [None] * len(inputs)
         record.cache = "bypass"
@@ -155,7 +157,7 @@ class EmbeddingsPipeline:
         async def embed(provider: Provider) -> Embeddings:
             # A fallback's vectors live in another space than the primary's cached ones: it embeds the whole batch.
             batch = asked if provider.name == primary else inputs
-            return await provider.embed(batch, request.dimensions)  # type: ignore[arg-type]
+            return await provider.embed(batch, request.dimensions, extra)  # type: ignore[arg-type]
 
         answered = await dispatch(
             plan.candidates,
@@ -213,8 +215,14 @@ class EmbeddingsPipeline:
             )
 
 
-def _parse(raw: bytes) -> tuple[_EmbeddingsRequest, list[str] | list[list[int]]]:
-    request = decode_body(raw, _EmbeddingsRequest)
+_READ = frozenset({"model", "input", "encoding_format", "dimensions"})
+
+
+def _parse(raw: bytes) -> tuple[_EmbeddingsRequest, list[str] | list[list[int]], dict[str, Any]]:
+    """The request, its inputs, and the fields the gateway does not read (sent on upstream)."""
+    body = decode_body(raw, dict[str, Any])
+    request = check_fields(body, _EmbeddingsRequest)
+    extra = {name: value for name, value in body.items() if name not in _READ}
     value: Any = request.input
     inputs: list[str] | list[list[int]]
     if isinstance(value, str):
@@ -234,7 +242,7 @@ def _parse(raw: bytes) -> tuple[_EmbeddingsRequest, list[str] | list[list[int]]]
         raise InvalidRequestError(f"input must hold 1 to {_MAX_INPUTS} items", param="input")
     if any(not item for item in inputs):
         raise InvalidRequestError("input must not contain an empty string or an empty token list", param="input")
-    return request, inputs
+    return request, inputs, extra
 
 
 def _is_token(item: object) -> bool:
@@ -250,9 +258,10 @@ async def _count(inputs: list[str] | list[list[int]], encoding: str, long_chars:
     return [count_text(text, encoding) for text in texts]
 
 
-def _key(tenant: str, space: tuple[str, str, int | None], item: str | list[int]) -> str:
-    """Per tenant and per vector space: the model (policy name and upstream model) and the dimensions."""
-    digest = hashlib.sha256(msgspec.json.encode(["embedding", *space, item])).hexdigest()
+def _key(tenant: str, space: tuple[str, str, int | None, dict[str, Any]], item: str | list[int]) -> str:
+    """Per tenant and per vector space: the model (policy name and upstream model), the dimensions
+    and the other fields that shape a vector (``truncate_prompt_tokens``, ...)."""
+    digest = hashlib.sha256(msgspec.json.encode(["embedding", *space, item], order="sorted")).hexdigest()
     return keyspace.exact(tenant, digest)
 
 

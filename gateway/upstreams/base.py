@@ -303,8 +303,11 @@ class Provider(ABC):
     async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
         """Start a streamed answer; returns once the upstream accepted it (HTTP errors raise here)."""
 
-    async def embed(self, inputs: list[str] | list[list[int]], dimensions: int | None) -> Embeddings:
-        """Embed ``inputs`` (texts or token ids), one vector each, in order."""
+    async def embed(
+        self, inputs: list[str] | list[list[int]], dimensions: int | None, extra: Mapping[str, Any] | None = None
+    ) -> Embeddings:
+        """Embed ``inputs`` (texts or token ids), one vector each, in order; ``extra``: the client's
+        other fields (``user``, vLLM's ``truncate_prompt_tokens``, ...), sent on as they are."""
         raise UpstreamProtocolError(self.name, f"provider {self.kind!r} serves no embeddings")
 
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:

@@ -45,8 +45,11 @@ class OpenAIProvider(Provider):
         usage = usage_of(openai_chat.read_usage(data.get("usage")))
         return Completion(body=content, usage=usage, text=_message_text(self.name, data))
 
-    async def embed(self, inputs: list[str] | list[list[int]], dimensions: int | None) -> Embeddings:
-        payload: dict[str, Any] = {"model": self.upstream_model, "input": inputs, "encoding_format": "float"}
+    async def embed(
+        self, inputs: list[str] | list[list[int]], dimensions: int | None, extra: Mapping[str, Any] | None = None
+    ) -> Embeddings:
+        payload: dict[str, Any] = {**(extra or {}), "model": self.upstream_model, "input": inputs}
+        payload["encoding_format"] = "float"
         if dimensions is not None:
             payload["dimensions"] = dimensions
         response = await self._post("embeddings", payload, self._headers(), stream=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,6 +106,26 @@ def test_each_input_is_cached_apart_per_tenant(
     assert other_tenant.headers["x-gateway-cache"] == "miss"  # another tenant's cache is never read
     record = gateway_with_cache.wait_for_record(mixed.headers["x-request-id"])
     assert record["cache_saved_usd"] > 0 and record["cost_usd"] > 0
+
+
+def test_fields_the_gateway_does_not_read_reach_the_upstream_and_shape_the_key(
+    gateway_with_cache: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """``user`` and vLLM's ``truncate_prompt_tokens`` go on as the client wrote them; a truncation
+    is another vector, so not served from the untruncated one's cache."""
+    text = f"a text to truncate {time.monotonic_ns()}"
+    with _client(gateway_with_cache, "key-a") as a:
+        plain = a.embeddings.with_raw_response.create(model="embed", input=text, user="end-user-7")
+        sent = upstream_stats(small_upstream)["last_request"]["body"]
+        truncated = a.embeddings.with_raw_response.create(
+            model="embed", input=text, user="end-user-8", extra_body={"truncate_prompt_tokens": 3}
+        )
+        sent_truncated = upstream_stats(small_upstream)["last_request"]["body"]
+        again = a.embeddings.with_raw_response.create(model="embed", input=text, user="end-user-9")
+    assert sent["user"] == "end-user-7" and "truncate_prompt_tokens" not in sent
+    assert sent_truncated["truncate_prompt_tokens"] == 3
+    assert (plain.headers["x-gateway-cache"], truncated.headers["x-gateway-cache"]) == ("miss", "miss")
+    assert again.headers["x-gateway-cache"] == "exact"  # the end user does not change a vector
 
 
 def test_a_large_batch_is_cached_like_a_small_one(gateway_with_cache: GatewayProcess) -> None:
