@@ -81,8 +81,9 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
         return _CLIENT_GONE
     model = asked[0].model if asked else ""
     headers = {**answer.headers, "request-id": f"req_{request_id}"}
-    if asked and asked[0].dropped:
-        headers["x-gateway-dropped"] = ",".join(asked[0].dropped)
+    dropped = _dropped(request, asked[0], headers.get("x-gateway-model")) if asked else []
+    if dropped:
+        headers["x-gateway-dropped"] = ",".join(dropped)
     if isinstance(answer, Answer) and answer.status != 200:
         return _error(answer.status, _message_of(answer.body), headers)
     if not streams(answer, bool(asked and asked[0].stream)):
@@ -127,6 +128,16 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
     except GatewayError as exc:
         return _error(exc.status_code, exc.message, exc.headers)
     return Response(content=msgspec.json.encode({"input_tokens": tokens}), media_type="application/json")
+
+
+def _dropped(request: Request[Any, Any, Any], asked: CoreRequest, answered_by: str | None) -> list[str]:
+    """What did not reach the model that answered: what a chat upstream cannot take is named only
+    when one answered (an Anthropic model takes ``thinking`` and a tool result's images)."""
+    models = request.app.state.gateway.holder.current.policy.models
+    answerer = models.get(answered_by or "")
+    if answerer is not None and answerer.provider == "anthropic":
+        return [name for name in asked.dropped if name == "top_k"]  # the one field no translation carries
+    return asked.dropped
 
 
 def _only_anthropic_upstreams(request: Request[Any, Any, Any], body: dict[str, Any] | None) -> bool:

@@ -172,7 +172,7 @@ def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool =
     )
     if wire.thinking is not None and wire.thinking.get("type") != "disabled":
         request.thinking = wire.thinking  # the route decides whether an upstream can honour it
-    if wire.top_k is not None:
+    if wire.top_k is not None and not passed_through:  # passed through, it reaches Anthropic
         request.dropped.append("top_k")
     return request
 

@@ -115,6 +115,15 @@ def test_server_tool_results_and_search_results_in_history_pass_through(
     assert counted.status_code == 200, counted.text
 
 
+def test_top_k_passed_through_is_not_named_as_dropped(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    body = {"model": "claude", "max_tokens": 32, "top_k": 5, "messages": [{"role": "user", "content": "Hi"}]}
+    answered = httpx.post(f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": "k"}, timeout=15)
+    assert answered.status_code == 200 and "x-gateway-dropped" not in answered.headers
+    assert _last_request(large_upstream)["body"]["top_k"] == 5
+
+
 def test_the_stream_is_anthropics_own_and_the_sdk_accumulates_it(
     claude: anthropic.Anthropic, gateway: GatewayProcess
 ) -> None:
