@@ -461,7 +461,7 @@ class ChatPipeline:
         x.similarity = found.hit.similarity
         x.record.cache_p_same = round(found.hit.p_same, 4)
         answer = self._cached_answer(x, found.hit.answer, "semantic")
-        if self._audit.sample(semantic.audit):
+        if self._audit.sample(semantic.audit, x.record.tenant):
             self._start_audit(x, found.hit.answer, prompt, semantic_set, bar, timeout_s)
         return answer
 

@@ -1,7 +1,7 @@
 """The semantic cache measures its own error in production.
 
 A sampled share of semantic hits (``cache.semantic.audit.sample_rate``, at most
-``max_per_minute`` per process) is also asked upstream, off the request path, after the
+``max_per_minute`` per tenant and process) is also asked upstream, off the request path, after the
 cached answer was served. The two answers are compared (:func:`compare_answers`); the
 share of decided audits whose answers disagree is the estimated false-hit rate of that
 tenant's route, exported as ``gateway_semantic_cache_false_hits_ratio`` and logged with
@@ -195,8 +195,8 @@ class SemanticAudit:
         self._routes: dict[tuple[str, str], _RouteState] = {}
         self._setting_of: tuple[int, ServeBar] | None = None
         self._setting_id = ""
-        self._window_start = 0.0
-        self._in_window = 0
+        self._windows: dict[str, tuple[float, int]] = {}
+        """Per tenant: when its minute began, and how many of its hits were audited in it."""
         self._background = BackgroundTasks()
 
     def raised_by(self, policy: SemanticAuditPolicy, bar: ServeBar, tenant: str, route: str) -> float | None:
@@ -211,16 +211,18 @@ class SemanticAudit:
             self._background.spawn(self._refresh(state, tenant, route, bar.base), "semantic-audit-refresh")
         return None if state.setting.stopped else state.setting.raised_by
 
-    def sample(self, policy: SemanticAuditPolicy) -> bool:
-        """Whether to audit this hit: the sample rate, within the per-minute budget."""
+    def sample(self, policy: SemanticAuditPolicy, tenant: str) -> bool:
+        """Whether to audit this hit: the sample rate, within the tenant's per-minute budget (one
+        tenant's flood of hits must not spend every audit, leaving others' estimates unchecked)."""
         if policy.sample_rate <= 0 or self._rng.random() >= policy.sample_rate:
             return False
         now = time.monotonic()
-        if now - self._window_start >= 60:
-            self._window_start, self._in_window = now, 0
-        if self._in_window >= policy.max_per_minute:
+        started, audited = self._windows.get(tenant, (0.0, 0))
+        if now - started >= 60:
+            started, audited = now, 0
+        if audited >= policy.max_per_minute:
             return False
-        self._in_window += 1
+        self._windows[tenant] = (started, audited + 1)
         return True
 
     def start(self, job: AuditJob) -> None:

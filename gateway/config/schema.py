@@ -299,7 +299,8 @@ class SemanticAuditPolicy(_Struct, frozen=True, kw_only=True):
     sample_rate: Probability = 0.02
     """Share of semantic hits also asked upstream, after the hit was served."""
     max_per_minute: AtLeastZeroInt = 10
-    """At most this many audits a minute per gateway process: they cost upstream calls."""
+    """At most this many audits a minute per tenant and gateway process: they cost upstream calls,
+    and one tenant's flood of hits must not spend the audits of the others."""
     max_false_hit_rate: Probability = 0.01
     """The error budget: above it (estimated), the cache tightens itself for that tenant's route."""
     min_audits: AtLeastOne = 30

@@ -94,11 +94,12 @@ async def test_a_route_at_the_ceiling_stops_at_its_first_tightening() -> None:
     assert _threshold(audit, policy, "t", CEILING) is None
 
 
-def test_sampling_keeps_to_the_rate_and_the_per_minute_budget() -> None:
+def test_sampling_keeps_to_the_rate_and_each_tenants_per_minute_budget() -> None:
     audit = SemanticAudit(Metrics(), rng=random.Random(0))
-    assert not any(audit.sample(SemanticAuditPolicy(sample_rate=0.0)) for _ in range(100))
-    sampled = sum(audit.sample(SemanticAuditPolicy(sample_rate=1.0, max_per_minute=7)) for _ in range(100))
-    assert sampled == 7
+    assert not any(audit.sample(SemanticAuditPolicy(sample_rate=0.0), "a") for _ in range(100))
+    budget = SemanticAuditPolicy(sample_rate=1.0, max_per_minute=7)
+    assert sum(audit.sample(budget, "flooding") for _ in range(100)) == 7
+    assert sum(audit.sample(budget, "quiet") for _ in range(3)) == 3  # not spent by the flooding tenant
 
 
 async def test_an_audit_runs_in_the_background_and_a_failed_one_counts_nothing() -> None:
