@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 
 from gateway.cache.entries import CachedAnswer
-from gateway.cache.exact import ExactCache
+from gateway.cache.exact import LEADER_LEFT, ExactCache, Lease
 from gateway.cache.keys import exact_key
 from gateway.core.model import Answer
-from gateway.errors import UpstreamStatusError
+from gateway.errors import UpstreamError, UpstreamStatusError
 from gateway.protocols.openai_chat import read_chat_request
 from gateway.store.memory import MemoryKeyValue
 
 T = 1.0
+Joined = tuple[CachedAnswer | UpstreamError | None, Lease | None]
 
 
 def _answer(text: str) -> CachedAnswer:
@@ -46,13 +47,19 @@ async def test_a_leader_that_fails_lets_the_waiters_go_at_once() -> None:
     assert got is None
 
 
+async def _leader_and_waiters(cache: ExactCache, count: int) -> tuple[Lease, list[asyncio.Task[Joined]]]:
+    """One request leading on key ``k``, and ``count`` identical ones waiting on it in this process."""
+    _, lease = await cache.join_or_lead("k", 2.0, T)
+    assert lease is not None
+    waiters = [asyncio.create_task(cache.join_or_lead("k", 2.0, T)) for _ in range(count)]
+    await asyncio.sleep(0)
+    return lease, waiters
+
+
 async def _three_waiters_told(outcome: CachedAnswer | UpstreamStatusError) -> list[object]:
     """What three requests waiting in this process on one leader get, when it ends with ``outcome``."""
     cache = ExactCache(MemoryKeyValue())
-    _, lease = await cache.join_or_lead("k", 2.0, T)
-    assert lease is not None
-    waiters = [asyncio.create_task(cache.join_or_lead("k", 2.0, T)) for _ in range(3)]
-    await asyncio.sleep(0)
+    lease, waiters = await _leader_and_waiters(cache, 3)
     await cache.release(lease, outcome, T)
     return [(await waiter)[0] for waiter in waiters]
 
@@ -103,13 +110,8 @@ def _key(tenant: str, body: dict[str, object]) -> str:
 
 async def test_when_the_leaders_client_leaves_one_waiter_leads_and_the_others_wait_on_it() -> None:
     """Not every waiter calling upstream at once (a herd of identical calls)."""
-    from gateway.cache.exact import LEADER_LEFT
-
     cache = ExactCache(MemoryKeyValue())
-    _, lease = await cache.join_or_lead("k", 2.0, T)
-    assert lease is not None
-    waiters = [asyncio.create_task(cache.join_or_lead("k", 2.0, T)) for _ in range(5)]
-    await asyncio.sleep(0)
+    lease, waiters = await _leader_and_waiters(cache, 5)
     await cache.release(lease, LEADER_LEFT, T)
     await asyncio.sleep(0.05)
     leaders = [waiter for waiter in waiters if waiter.done()]
