@@ -119,6 +119,9 @@ class _Fault(msgspec.Struct, forbid_unknown_fields=True):
     close: bool = False
     text: str | None = None
     chunk_delay_ms: float | None = None
+    overloaded_after_events: int | None = None
+    """Messages streams: Anthropic's in-band ``overloaded_error`` after this many events (how it
+    says 529 once a stream began), then the end of the stream."""
 
 
 _NO_FAULT = _Fault()
@@ -353,17 +356,22 @@ def _api_key(request: web.Request) -> str | None:
 class _EventSink:
     """Writes SSE events, honouring the chunk delay and ``cut_after_chunks``."""
 
-    __slots__ = ("_cut", "_delay_s", "_resp", "_sent")
+    __slots__ = ("_cut", "_delay_s", "_overloaded", "_resp", "_sent")
 
     def __init__(self, resp: web.StreamResponse, fault: _Fault, default_delay_s: float) -> None:
         self._resp = resp
         self._cut = fault.cut_after_chunks
+        self._overloaded = fault.overloaded_after_events
         self._sent = 0
         delay_ms = fault.chunk_delay_ms
         self._delay_s = default_delay_s if delay_ms is None else delay_ms / 1000.0
 
     async def send(self, event: bytes) -> None:
         if self._cut is not None and self._sent >= self._cut:
+            raise _DropConnection
+        if self._overloaded is not None and self._sent >= self._overloaded:
+            error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+            await self._resp.write(_event("error", error))
             raise _DropConnection
         await self._resp.write(event)
         self._sent += 1

@@ -151,7 +151,11 @@ def _translate_request(upstream: str, model: str, request: core.Request, *, stre
 class _AnthropicChatStream(ChatStream):
     """Anthropic's stream events read as deltas (the Messages codec's :class:`StreamDecoder`),
     written as OpenAI chunks (:func:`openai_chat.chunk_delta`) for a chat client, or given as
-    they are (:meth:`next_deltas`) to a client of another protocol; usage goes to the tally."""
+    they are (:meth:`next_deltas`) to a client of another protocol; usage goes to the tally.
+
+    Nothing is given before the first content or finish: Anthropic says "overloaded" as an
+    ``error`` event right after ``message_start``, and until then the stream has not begun for
+    the client, so that error is retried and falls back like a 529."""
 
     def __init__(self, provider: AnthropicProvider, response: UpstreamResponse) -> None:
         super().__init__()
@@ -161,11 +165,13 @@ class _AnthropicChatStream(ChatStream):
         self._decoder = anthropic.StreamDecoder()
         self._pending: deque[bytes] = deque()
         self._started = False
+        self._said = False
+        """Whether content (or the finish) came: until then what came is held back."""
         self._done = False
 
     async def __anext__(self) -> bytes:
         try:
-            while not self._pending and not self._done:
+            while (not self._pending or not self._said) and not self._done:
                 self._handle(await self._next_event(), chunks=True)
         except Exception:
             await self.aclose()
@@ -177,15 +183,18 @@ class _AnthropicChatStream(ChatStream):
         raise StopAsyncIteration
 
     async def next_deltas(self) -> list[Delta]:
+        held: list[Delta] = []
         try:
             while not self._done:
-                deltas = self._handle(await self._next_event(), chunks=False)
-                if deltas:
+                held += self._handle(await self._next_event(), chunks=False)
+                if held and self._said:
                     self.tally.chunks += 1
-                    return deltas
+                    return held
         except Exception:
             await self.aclose()
             raise
+        if held:  # a stream that ended with nothing said
+            return held
         await self.aclose()
         raise StopAsyncIteration
 
@@ -218,6 +227,8 @@ class _AnthropicChatStream(ChatStream):
             if chunks:
                 self._chunk({"role": "assistant", "content": ""})
         for delta in deltas:
+            if not isinstance(delta, UsageReport):
+                self._said = True
             if isinstance(delta, UsageReport):
                 tally.usage = usage_of(delta.usage)
             elif isinstance(delta, Finish):

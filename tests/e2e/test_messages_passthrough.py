@@ -155,6 +155,27 @@ def test_an_overloaded_upstream_mid_stream_ends_with_anthropics_error_event(
     assert frames[-1].startswith("event: error\ndata: ") and '"type":"error"' in frames[-1]
 
 
+@pytest.mark.parametrize("client", ["anthropic", "openai"])
+def test_anthropics_in_band_overload_before_any_content_is_retried(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream, client: str
+) -> None:
+    """Anthropic says "overloaded" as an error event right after message_start: nothing has reached
+    the client yet, so the gateway retries it as it would a 529."""
+    inject(large_upstream, {"overloaded_after_events": 1})
+    ask = [{"role": "user", "content": "Still there?"}]
+    if client == "anthropic":
+        body = {"model": "claude", "max_tokens": 64, "stream": True, "messages": ask}
+        with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": "k"}, timeout=15) as r:
+            text = r.read().decode()
+        assert "event: error" not in text and "event: message_stop" in text
+    else:
+        body = {"model": "claude", "stream": True, "messages": ask}
+        with httpx.stream("POST", f"{gateway.base_url}/chat/completions", json=body, timeout=15) as r:
+            text = r.read().decode()
+        assert '"error"' not in text and text.rstrip().endswith("data: [DONE]")
+    assert upstream_stats(large_upstream)["messages_requests"] == 2  # the overloaded one, then the answer
+
+
 def test_a_translated_stream_cut_midway_ends_with_anthropics_error_event(
     gateway: GatewayProcess, large_upstream: SimulatedUpstream
 ) -> None:
