@@ -30,6 +30,7 @@ from gateway.api.credentials import authorization_of
 from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.core.model import Request as CoreRequest
+from gateway.core.model import UsageReport
 from gateway.errors import GatewayError, UpstreamError
 from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas
 from gateway.protocols import anthropic_messages as anthropic
@@ -196,8 +197,12 @@ async def _events(answer: Answer | StreamingDeltas, message_id: str, model: str)
         answer.prompt_tokens if isinstance(answer, StreamingDeltas) else answer_of(answer).usage.input_tokens
     )
     encoder = anthropic.StreamEncoder(message_id, model, prompt_tokens)
-    yield encoder.start()
+    starting = True
     async for batch in delta_batches(answer):
+        if starting:  # the first batch is at hand already: an Anthropic upstream's usage leads it
+            starting = False
+            first = batch if isinstance(batch, list) else []
+            yield encoder.start(first[0].usage if first and isinstance(first[0], UsageReport) else None)
         if batch is None:
             yield encoder.finish()
         elif isinstance(batch, StreamBroke):

@@ -717,7 +717,9 @@ class StreamEncoder:
         self._calls: dict[int, tuple[str, str, list[str]]] = {}
         """Upstream index -> (id, name, argument fragments), in the order the calls began."""
 
-    def start(self) -> bytes:
+    def start(self, usage: Usage | None = None) -> bytes:
+        """``message_start``, with the upstream's own usage when it came first (an Anthropic
+        upstream's: its cache reads and writes), else the gateway's count of the prompt."""
         message: dict[str, Any] = {
             "id": self._message_id,
             "type": "message",
@@ -726,7 +728,9 @@ class StreamEncoder:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {
+            "usage": usage_body(usage)
+            if usage is not None
+            else {
                 "input_tokens": self._input_tokens,
                 "output_tokens": 0,
                 "cache_creation_input_tokens": 0,

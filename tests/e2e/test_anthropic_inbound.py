@@ -342,3 +342,18 @@ def test_structured_output_parses_into_the_model_on_either_kind_of_upstream(
         output_format=Capital,
     )
     assert isinstance(parsed.parsed_output, Capital)
+
+
+def test_message_start_says_the_anthropic_upstreams_own_usage(claude: anthropic.Anthropic) -> None:
+    """Consumers read input and cache tokens from message_start: there, an Anthropic upstream's own
+    figures, not the gateway's estimate."""
+    ask: dict[str, Any] = {
+        "model": "claude",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "Count these words for me, please, one by one."}],
+    }
+    whole = claude.messages.create(**ask, extra_headers={"cache-control": "no-cache"})
+    with claude.messages.stream(**ask, extra_headers={"cache-control": "no-cache"}) as stream:
+        start = next(event for event in stream if event.type == "message_start")
+        stream.until_done()
+    assert start.message.usage.input_tokens == whole.usage.input_tokens
