@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import atexit
 import os
+import select
+import stat
 import sys
 import threading
 import time
@@ -94,8 +96,55 @@ class RequestRecord(msgspec.Struct, kw_only=True):
 
 @dataclass(slots=True)
 class _Sink:
-    stream: IO[str]
+    """Where lines go: a descriptor written with ``os.write``, whole lines per call (a stream
+    only when there is no descriptor, as under a test's captured stdout)."""
+
+    fd: int | None
+    stream: IO[str] | None
     owned: bool
+    limit: int
+    """The most bytes one write may carry: ``PIPE_BUF`` for a pipe or terminal, where only
+    writes that small are atomic (two workers share one stdout pipe); unbounded for a file
+    opened to append, where each write lands whole."""
+
+    @classmethod
+    def of_stream(cls, stream: IO[str]) -> _Sink:
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            return cls(None, stream, owned=False, limit=0)
+        return cls.of_fd(fd, owned=False)
+
+    @classmethod
+    def of_fd(cls, fd: int, *, owned: bool) -> _Sink:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        return cls(fd, None, owned=owned, limit=(1 << 62) if regular else select.PIPE_BUF)
+
+    def write(self, lines: list[str]) -> None:
+        if self.fd is None:
+            assert self.stream is not None
+            self.stream.write("".join(line + "\n" for line in lines))
+            self.stream.flush()
+            return
+        chunk = bytearray()
+        for line in lines:
+            encoded = line.encode() + b"\n"
+            if chunk and len(chunk) + len(encoded) > self.limit:
+                _write_all(self.fd, chunk)
+                chunk = bytearray()
+            chunk += encoded  # a line longer than the limit goes alone: no write can do better
+        if chunk:
+            _write_all(self.fd, chunk)
+
+    def close(self) -> None:
+        if self.owned and self.fd is not None:
+            os.close(self.fd)
+
+
+def _write_all(fd: int, data: bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class RequestLogWriter:
@@ -116,14 +165,13 @@ class RequestLogWriter:
         stderr so that nothing else (the ASGI server's warnings, a library's print) lands in the log."""
         self._sinks: list[_Sink] = []
         if stdout:
-            if stdout_fd is None:
-                self._sinks.append(_Sink(sys.stdout, owned=False))
-            else:
-                self._sinks.append(_Sink(open(stdout_fd, "w", encoding="utf-8", closefd=False), owned=True))  # noqa: SIM115 - closed in close()
+            self._sinks.append(
+                _Sink.of_stream(sys.stdout) if stdout_fd is None else _Sink.of_fd(stdout_fd, owned=False)
+            )
         if stderr:
-            self._sinks.append(_Sink(sys.stderr, owned=False))
+            self._sinks.append(_Sink.of_stream(sys.stderr))
         if path:
-            self._sinks.append(_Sink(open(path, "a", encoding="utf-8", buffering=1 << 16), owned=True))  # noqa: SIM115 - closed in close()
+            self._sinks.append(_Sink.of_fd(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644), owned=True))
         self._pending: list[str] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -144,11 +192,9 @@ class RequestLogWriter:
             with self._lock:
                 batch, self._pending = self._pending, []
             if batch:
-                text = "\n".join(batch) + "\n"
                 for sink in self._sinks:
                     try:
-                        sink.stream.write(text)
-                        sink.stream.flush()
+                        sink.write(batch)
                     except (OSError, ValueError):
                         pass  # a closed or broken sink must not take the thread down
             if closing:
@@ -161,8 +207,7 @@ class RequestLogWriter:
             self._wake.set()
             self._thread.join(timeout=5)
         for sink in self._sinks:
-            if sink.owned:
-                sink.stream.close()
+            sink.close()
         self._sinks = []
 
 

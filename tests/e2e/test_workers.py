@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 
 from gateway.services.redis_server import EmbeddedRedis
@@ -301,3 +302,26 @@ def _ignores_sighup(pid: int) -> bool:
         if line.startswith("SigIgn:"):
             return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
     return False
+
+
+def test_two_workers_sharing_one_stdout_pipe_never_splice_lines() -> None:
+    """Only pipe writes of PIPE_BUF bytes or less are atomic: two workers writing batches to
+    one stdout that is read slowly (a log shipper behind) must still leave whole lines."""
+    read_end, write_end = os.pipe()
+    writer = (
+        "import sys; from gateway.accounting.request_log import RequestLogWriter;"
+        "w = RequestLogWriter(stdout=True, flush_every_s=0.001);"
+        '[w.write(\'{"worker": %s, "n": %d, "pad": "%s"}\' % (sys.argv[1], n, \'x\' * 900)) for n in range(600)];'
+        "w.close()"
+    )
+    workers = [
+        subprocess.Popen([sys.executable, "-c", writer, str(i)], stdout=write_end, cwd=Path(__file__).parents[2])
+        for i in range(2)
+    ]
+    os.close(write_end)
+    time.sleep(0.5)  # the reader is behind: the pipe fills, and writes block part-way
+    with os.fdopen(read_end, "rb") as pipe:
+        lines = pipe.read().splitlines()
+    assert all(worker.wait(timeout=30) == 0 for worker in workers)
+    decoded = [msgspec.json.decode(line) for line in lines]
+    assert sorted((d["worker"], d["n"]) for d in decoded) == [(w, n) for w in range(2) for n in range(600)]
