@@ -57,7 +57,7 @@ from gateway.routing import RoutePlan
 from gateway.runtime import Runtime, RuntimeHolder
 from gateway.store.base import StoreUnavailable
 from gateway.tokens import count_prompt, count_text, prompt_chars
-from gateway.upstreams.base import ChatStream, Completion, Provider, Usage
+from gateway.upstreams.base import ChatStream, Completion, Provider, StreamTally, Usage
 
 __all__ = [
     "Answer",
@@ -285,7 +285,7 @@ class ChatPipeline:
             assert provider is not None
             if completion.usage is None:
                 await self._count_prompt(x)  # tokenized only when the upstream does not say
-            self._settle(x, provider, completion.usage, completion.text)
+            self._settle(x, provider, completion.usage, completion.text, completion.said)
             record.upstream_status = 200
             _record_speculation(record, completion)
             typed, storing = relay is None and record.protocol != "openai.chat", self._storing(x)
@@ -679,7 +679,7 @@ class ChatPipeline:
                         upstream_wait += time.perf_counter() - waited_from
                     yield frame(piece)
             tally = stream.tally
-            self._settle(x, provider, tally.usage, tally.text)
+            self._settle(x, provider, tally.usage, tally.text, tally.said)
             record.finish_reason = tally.finish_reason
             if framed:
                 return  # the upstream's own events said all there is to say
@@ -703,13 +703,13 @@ class ChatPipeline:
             breaker = self._holder.breakers.for_tenant(record.tenant).get(provider.name)
             if breaker is not None:
                 breaker.record_broken()
-            self._settle(x, provider, stream.tally.usage, stream.tally.text)  # the upstream's, if it came
+            self._settle_cut(x, provider, stream.tally)
             yield _failure(stream, exc, typed)
         except Exception as exc:
             record.status = 500
             yield _failure(stream, _internal_error(x, exc), typed)
         except asyncio.CancelledError:
-            self._settle(x, provider, stream.tally.usage, stream.tally.text)
+            self._settle_cut(x, provider, stream.tally)
             if not drain.ended_by_deadline(task):
                 record.error_type, record.status = "client_disconnected", 499
                 raise
@@ -718,7 +718,7 @@ class ChatPipeline:
             yield _failure(stream, error, typed)
         except GeneratorExit:
             record.error_type, record.status = "client_disconnected", 499
-            self._settle(x, provider, stream.tally.usage, stream.tally.text)
+            self._settle_cut(x, provider, stream.tally)
             raise
         finally:
             drain.untrack(task)
@@ -730,8 +730,27 @@ class ChatPipeline:
 
     # -- accounting ----------------------------------------------------------------
 
-    def _settle(self, x: _Exchange, provider: Provider, usage: Usage | None, text: str) -> None:
-        """Tokens (the upstream's usage when it sent one) and costs, actual and baseline."""
+    def _settle_cut(self, x: _Exchange, provider: Provider, tally: StreamTally) -> None:
+        """A stream that ended early (broken, or its client gone): the tally's usage and text."""
+        self._settle(x, provider, tally.usage, tally.text, tally.said, cut=tally.finish_reason is None)
+
+    def _settle(
+        self,
+        x: _Exchange,
+        provider: Provider,
+        usage: Usage | None,
+        text: str,
+        said: str | None = None,
+        *,
+        cut: bool = False,
+    ) -> None:
+        """Tokens (the upstream's usage when it sent one) and costs, actual and baseline.
+
+        ``said``: all the model wrote (reasoning and tool calls too), counted when the upstream
+        reported no usage; ``cut``: the answer ended early, so a usage it reported may be its
+        opening placeholder (Anthropic's ``message_start`` says 1 output token): the output is
+        then at least what was counted of it.
+        """
         record = x.record
         record.model, record.provider = provider.name, provider.kind
         x.answered = text
@@ -743,9 +762,12 @@ class ChatPipeline:
             )
             record.reasoning_tokens = usage.reasoning_tokens
             record.tokens_source = "upstream"
+            if cut:
+                counted = count_text(said if said is not None else text, provider.config.encoding)
+                record.completion_tokens = max(record.completion_tokens, counted)
         else:
             record.prompt_tokens = x.prompt_tokens
-            record.completion_tokens = count_text(text, provider.config.encoding)
+            record.completion_tokens = count_text(said if said is not None else text, provider.config.encoding)
             record.tokens_source = "gateway"
         record.cost_usd = _cost(provider.config.price, record)
         baseline = x.runtime.policy.models.get(record.baseline_model or "")

@@ -94,9 +94,12 @@ class Completion:
     """The JSON returned to the client as is."""
     usage: Usage | None
     text: str
-    """The assistant's text, counted by the gateway when ``usage`` is absent."""
+    """The assistant's text."""
     answer: core.Answer | None = None
     """The answer in the internal model, when the provider read it so (not from ``body``)."""
+    said: str | None = None
+    """Everything the model wrote (the text, its reasoning, its tool calls' names and arguments):
+    what the gateway counts when ``usage`` is absent; None: the text alone."""
 
 
 @dataclass(slots=True)
@@ -125,6 +128,13 @@ class StreamTally:
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
+
+    @property
+    def said(self) -> str:
+        """Everything the stream wrote so far: what the gateway counts when the upstream's usage
+        did not come (or came only at the start, as Anthropic's ``message_start`` placeholder)."""
+        calls = (f"{call['function']['name']}{call['function']['arguments']}" for call in self.tool_calls.values())
+        return "".join((*self.reasoning_parts, self.text, *calls))
 
     def take_delta(self, delta: dict[str, Any]) -> None:
         """Add one chunk's delta (first choice) to the message."""

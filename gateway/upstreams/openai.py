@@ -43,7 +43,8 @@ class OpenAIProvider(Provider):
         content = response.content
         data = decode_json_object(self.name, content)
         usage = usage_of(openai_chat.read_usage(data.get("usage")))
-        return Completion(body=content, usage=usage, text=_message_text(self.name, data))
+        text = _message_text(self.name, data)
+        return Completion(body=content, usage=usage, text=text, said=_said(data, text))
 
     async def embed(
         self, inputs: list[str] | list[list[int]], dimensions: int | None, extra: Mapping[str, Any] | None = None
@@ -249,6 +250,19 @@ def _message_text(upstream: str, data: dict[str, Any]) -> str:
         if isinstance(message, dict) and isinstance(message.get("content"), str):
             parts.append(message["content"])
     return "".join(parts)
+
+
+def _said(data: dict[str, Any], text: str) -> str:
+    """The text, with the first choice's reasoning and tool calls (which cost output tokens too)."""
+    message = (data.get("choices") or [{}])[0].get("message") if isinstance(data.get("choices"), list) else None
+    if not isinstance(message, dict):
+        return text
+    pieces = [value for name in ("reasoning_content", "reasoning") if isinstance(value := message.get(name), str)]
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            pieces += [str(function.get("name") or ""), str(function.get("arguments") or "")]
+    return "".join([*pieces, text])
 
 
 def _in_stream_error(error: Any) -> str:

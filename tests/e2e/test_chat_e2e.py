@@ -108,6 +108,22 @@ def test_gateway_counts_tokens_when_upstream_reports_no_usage(
     assert record["completion_tokens"] > 0 and record["cost_usd"] > 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_without_usage_the_gateway_counts_tool_calls_too(
+    client: openai.OpenAI, gateway: GatewayProcess, small_upstream: SimulatedUpstream, stream: bool
+) -> None:
+    """An answer that is all tool call costs output tokens: counted, not logged as 0."""
+    inject(small_upstream, {"omit_usage": True})
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}  # fmt: skip
+    ask = {"model": "fast", "messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": [tool],
+           "tool_choice": "required", "stream": stream}  # fmt: skip
+    response = httpx.post(f"{gateway.base_url}/chat/completions", json=ask, timeout=15)
+    assert response.status_code == 200 and "get_weather" in response.text
+    record = gateway.wait_for_record(response.headers["x-request-id"])
+    assert record["tokens_source"] == "gateway" and record["completion_tokens"] >= 3
+
+
 def test_upstream_api_key_comes_from_the_environment(client: openai.OpenAI, large_upstream: SimulatedUpstream) -> None:
     client.chat.completions.create(model="best", messages=MESSAGES)
     assert upstream_stats(large_upstream)["last_request"]["headers"]["authorization"] == "Bearer sk-large-secret-123"

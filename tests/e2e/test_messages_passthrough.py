@@ -9,6 +9,7 @@ is translated, and so can be served from the cache.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -181,8 +182,9 @@ def test_a_translated_stream_cut_midway_ends_with_anthropics_error_event(
 ) -> None:
     """Translated (the internal model holds the request): Anthropic's events reach the client as the
     pipeline's deltas, and a cut upstream as Anthropic's error event after the text so far."""
-    inject(large_upstream, {"cut_after_chunks": 4})
-    body = {"model": "claude", "max_tokens": 64, "stream": True, "messages": [{"role": "user", "content": "Go on."}]}
+    inject(large_upstream, {"cut_after_chunks": 10})
+    ask = [{"role": "user", "content": "one two three four five six seven eight nine ten eleven twelve"}]
+    body = {"model": "claude", "max_tokens": 64, "stream": True, "messages": ask}
     headers = {"x-api-key": "k", "x-request-id": "translated-cut-1"}
     with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, headers=headers, timeout=10) as r:
         frames = [frame for frame in r.read().decode().split("\n\n") if frame.strip()]
@@ -191,6 +193,13 @@ def test_a_translated_stream_cut_midway_ends_with_anthropics_error_event(
     assert frames[-1].startswith("event: error\ndata: ") and '"type":"error"' in frames[-1]
     record = gateway.wait_for_record("translated-cut-1")
     assert record["passthrough"] is None and record["error_type"] == "upstream_bad_response"
+    said = "".join(
+        json.loads(frame.split("data: ", 1)[1])["delta"].get("text", "")
+        for frame in frames
+        if frame.startswith("event: content_block_delta")
+    )
+    # Billed what was said, not message_start's placeholder of 1 output token.
+    assert record["completion_tokens"] >= len(said.split()) > 1
 
 
 def test_count_tokens_is_the_anthropic_models_own_count(
