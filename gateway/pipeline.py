@@ -822,18 +822,24 @@ class ChatPipeline:
         asyncio.get_running_loop().call_soon(self._account, x)
 
     def _account(self, x: _Exchange) -> None:
+        """The log line and the usage first: they are the bill, and a fault in the metrics or in
+        learning must not cost them."""
         record = x.record
-        for failure in x.info.failures:
-            self._metrics.upstream_error(failure.upstream, failure.code)
-        self._metrics.observe(record)
         log_request(record)
-        self._teach(x)
         if x.reservation is not None:
             self._limiter.settle_later(x.runtime.policy, x.reservation, UsageFigures.of_request(record))
         elif record.key_id != "-":  # authenticated, then refused
             self._limiter.record_unreserved(
                 x.runtime.policy, record.tenant, record.key_id, UsageFigures.of_request(record)
             )
+        try:
+            for failure in x.info.failures:
+                self._metrics.upstream_error(failure.upstream, failure.code)
+            self._metrics.observe(record)
+            self._teach(x)
+        except Exception as exc:  # a bug of ours: the request is billed and logged all the same
+            _log.error("accounting_failed", request_id=record.request_id, error=type(exc).__name__,
+                       where=exception_frames(exc))  # fmt: skip
 
 
 def _complete(answer: core.Answer) -> bool:

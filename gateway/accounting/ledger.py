@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 from gateway.accounting.usage import UsageFigures
 from gateway.store import keyspace
-from gateway.store.base import LimitCounters, StoreUnavailable
+from gateway.store.base import LimitCounters, StoreTimedOut, StoreUnavailable
 
 __all__ = ["USAGE_FLUSH_S", "USAGE_RETENTION_DAYS", "UsageKeys", "UsageLedger", "usage_keys"]
 
@@ -109,8 +109,12 @@ class UsageLedger:
         expired, self._expired = self._expired, set()
         try:
             await self._counters.add_usage(pending, expired, timeout_s or self._timeout_s)
-        except StoreUnavailable:
-            pass  # lost with the store, as the store's own sums would be
+        except StoreTimedOut:
+            pass  # asked, and perhaps applied: sent again it could count twice
+        except StoreUnavailable:  # not asked (the store is down): kept for the next flush, not lost
+            for key, figures in pending.items():
+                self._pending.setdefault(key, UsageFigures()).add(figures)
+            self._expired |= expired
 
     async def read(
         self, keys: Sequence[tuple[str, str]], start: datetime, end: datetime

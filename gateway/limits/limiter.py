@@ -24,7 +24,15 @@ from gateway.errors import LimiterUnavailableError
 from gateway.limits.budget import budget_error
 from gateway.limits.rate import RATE_CAPS, rate_limit_error, too_large_error
 from gateway.store import keyspace
-from gateway.store.base import Caps, CounterScope, LimitCounters, ReserveRequest, SettleRequest, StoreUnavailable
+from gateway.store.base import (
+    Caps,
+    CounterScope,
+    LimitCounters,
+    ReserveRequest,
+    SettleRequest,
+    StoreTimedOut,
+    StoreUnavailable,
+)
 
 __all__ = ["Limiter", "Reservation"]
 
@@ -118,8 +126,12 @@ class Limiter:
         )
         try:
             await self._counters.settle(request, timeout_s)
+        except StoreTimedOut:
+            pass  # asked, and perhaps applied: the reservation stands in for the spend
         except StoreUnavailable:
-            pass  # the reservation stands in for the actual figures
+            # Not asked (the store is down): the reservation stands in for the actual spend in the
+            # limits (an upper bound); the usage goes to the ledger's batch, written when it is back.
+            self.ledger.record(reservation.usage, used, timeout_s)
 
     def settle_later(self, policy: Policy, reservation: Reservation, used: UsageFigures) -> None:
         """:meth:`settle` off the request's path: the answer does not wait for the store."""

@@ -456,7 +456,8 @@ def _finish_of(stop_reason: Any) -> FinishReason | None:
 
 
 def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    """A token count as reported; anything else (a negative, a boolean) as none."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def usage_from_wire(raw: Any) -> Usage | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgspec
 
@@ -509,12 +509,13 @@ def usage_from(raw: Any) -> Usage:
 
 
 def read_usage(raw: Any, inputs: str = "prompt", outputs: str = "completion") -> Usage | None:
-    """OpenAI's usage object; None unless it says both token counts (then the gateway counts).
+    """OpenAI's usage object; None unless it says both token counts, as counts (then the gateway
+    counts: a negative or boolean count is no count, and must not reach a bill or a metric).
     The Responses API names its counts ``input`` and ``output``: ``read_usage(raw, "input", "output")``."""
     if not isinstance(raw, dict):
         return None
     prompt, completion = raw.get(f"{inputs}_tokens"), raw.get(f"{outputs}_tokens")
-    if not (isinstance(prompt, int) and isinstance(completion, int)):
+    if not (_is_count(prompt) and _is_count(completion)):
         return None
     prompt_details, completion_details = raw.get(f"{inputs}_tokens_details"), raw.get(f"{outputs}_tokens_details")
     cached = prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None
@@ -525,6 +526,10 @@ def read_usage(raw: Any, inputs: str = "prompt", outputs: str = "completion") ->
         cached_input_tokens=min(prompt, cached) if isinstance(cached, int) and cached > 0 else 0,
         reasoning_tokens=min(completion, reasoning) if isinstance(reasoning, int) and reasoning > 0 else 0,
     )
+
+
+def _is_count(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 _CHAT_FINISH: dict[FinishReason, str] = {

@@ -33,6 +33,7 @@ __all__ = [
     "ReserveRequest",
     "SettleRequest",
     "Store",
+    "StoreTimedOut",
     "StoreUnavailable",
     "VectorIndex",
     "VectorMatch",
@@ -41,6 +42,11 @@ __all__ = [
 
 class StoreUnavailable(Exception):
     """The store was not asked (marked down) or did not answer in time."""
+
+
+class StoreTimedOut(StoreUnavailable):
+    """The store was asked and did not answer in time: a write may have been applied all the
+    same (so it is not sent again, which could count it twice)."""
 
 
 class KeyValue(Protocol):

@@ -464,3 +464,12 @@ def test_an_answer_whose_reasoning_a_replay_would_lose_is_not_stored() -> None:
     older = {"role": "assistant", "content": "4", "reasoning_content": "2 and 2 make 4."}
     stored = openai_chat.storable_answer({"choices": [{"index": 0, "message": older, "finish_reason": "stop"}]})
     assert stored is not None and stored.thinking
+
+
+def test_an_impossible_token_count_is_no_count() -> None:
+    """A negative count must never reach a bill or a metric (a counter refuses to go down,
+    and the request's log line was lost with it): the gateway counts instead."""
+    assert openai_chat.read_usage({"prompt_tokens": -5, "completion_tokens": 3}) is None
+    assert openai_chat.read_usage({"prompt_tokens": True, "completion_tokens": 3}) is None
+    usage = anthropic.usage_from_wire({"input_tokens": 4, "output_tokens": -9, "cache_read_input_tokens": -1})
+    assert usage is not None and (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens) == (4, 0, 0)

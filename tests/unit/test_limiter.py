@@ -135,3 +135,22 @@ async def test_a_request_larger_than_the_minutes_tokens_is_refused_without_invit
         await limiter.reserve(policy, _principal(tpm=2000), 3000, 0.0)
     assert refused.value.headers == {"x-should-retry": "false"}
     assert "request too large: it counts 3000 tokens" in refused.value.message and "(key.tpm)" in refused.value.message
+
+
+async def test_usage_made_while_the_store_is_down_is_written_when_it_is_back() -> None:
+    """Both paths: a key with limits (its settlement) and one without (the ledger's batch)."""
+    from datetime import UTC, datetime
+
+    policy, limiter, counters = _setup()
+    limited, free = _principal(usd_per_day=10.0), Principal("free", "team", frozenset({"*"}))
+    reservations = [await limiter.reserve(policy, principal, 10, 0.01) for principal in (limited, free)]
+    counters.down = True
+    for reservation in reservations:
+        await limiter.settle(policy, reservation, UsageFigures(requests=1, prompt_tokens=10, cost_usd=0.002))
+    await limiter.ledger.flush()  # fails: kept
+    counters.down = False
+    await limiter.ledger.flush()
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    totals = await limiter.ledger.read([("app", "team"), ("free", "team")], today, today)
+    assert totals is not None
+    assert [(totals[key].requests, totals[key].prompt_tokens) for key in ("app", "free")] == [(1, 10), (1, 10)]

@@ -27,7 +27,7 @@ import redis.exceptions
 import structlog
 
 from gateway.accounting.metrics import Metrics
-from gateway.store.base import StoreUnavailable
+from gateway.store.base import StoreTimedOut, StoreUnavailable
 
 __all__ = ["SharedRedis", "connect"]
 
@@ -103,7 +103,7 @@ class SharedRedis:
                 self._mark_down(exc, "redis_degraded")
             else:
                 self._log_slow(timeout_s)
-            raise StoreUnavailable from None
+            raise StoreTimedOut from None
         except redis.exceptions.MaxConnectionsError as exc:  # our pool is busy, Redis is not down
             self._log_refused(exc)
             raise StoreUnavailable from None
