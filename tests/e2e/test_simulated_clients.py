@@ -399,7 +399,8 @@ def test_embeddings_base64_by_default(oai: openai.OpenAI, raw: httpx.Client) -> 
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     similar, unrelated = vectors[0] @ vectors[1], vectors[0] @ vectors[2]
     assert similar > 0.5 and similar > unrelated + 0.4
-    assert result.usage.prompt_tokens == sum(len(_ENC.encode(t)) for t in texts) == result.usage.total_tokens
+    counted = sum(len(_ENC.encode(t)) + 2 for t in texts)  # [CLS] and [SEP], as a BERT-style model counts
+    assert result.usage.prompt_tokens == counted == result.usage.total_tokens
 
     floats = raw.post("/v1/embeddings", json={"model": "emb", "input": texts[0], "encoding_format": "float"}).json()
     assert np.allclose(floats["data"][0]["embedding"], vectors[0], atol=1e-6)
@@ -409,7 +410,7 @@ def test_embeddings_base64_by_default(oai: openai.OpenAI, raw: httpx.Client) -> 
     assert len(small.data[0].embedding) == 64
     tokens = oai.embeddings.create(model="emb", input=[_ENC.encode(texts[0]), _ENC.encode(texts[2])])
     assert np.allclose(tokens.data[0].embedding, vectors[0], atol=1e-6)
-    assert tokens.usage.prompt_tokens == len(_ENC.encode(texts[0])) + len(_ENC.encode(texts[2]))
+    assert tokens.usage.prompt_tokens == len(_ENC.encode(texts[0])) + len(_ENC.encode(texts[2])) + 2 * 2
 
 
 @pytest.mark.parametrize(
