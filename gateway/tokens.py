@@ -9,6 +9,7 @@ counts are then approximate (upstream ``usage`` stays authoritative).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import msgspec
 import structlog
@@ -55,7 +56,22 @@ def _needs_download(name: str) -> bool:
 def count_text(text: str, encoding: str) -> int:
     if not text:
         return 0
-    return len(encoding_for(encoding).encode_ordinary(text))
+    return _length(encoding_for(encoding).encode_ordinary, text)
+
+
+_PIECE_CHARS = 100_000
+
+
+def _length(encode: Callable[[str], list[int]], text: str) -> int:
+    """Tokens of ``text``. tiktoken's pre-tokenizer overflows its stack on a run of some
+    hundreds of thousands of blanks and panics (a ``BaseException`` that no ``except Exception``
+    stops: the request was lost); such a text is counted in pieces, a token or so off per piece."""
+    try:
+        return len(encode(text))
+    except BaseException as exc:
+        if type(exc).__module__ != "pyo3_runtime":  # a Rust panic, not KeyboardInterrupt or a cancel
+            raise
+    return sum(len(encode(text[i : i + _PIECE_CHARS])) for i in range(0, len(text), _PIECE_CHARS))
 
 
 def count_prompt(request: Request, encoding: str) -> int:
@@ -81,13 +97,18 @@ def count_prompt(request: Request, encoding: str) -> int:
     # which cost more than the encoding itself on the hot path (seen in a profile).
     encode = enc.encode_ordinary
     for text in texts:
-        total += len(encode(text))
+        total += _length(encode, text)
     return total
 
 
 def prompt_chars(request: Request) -> int:
-    """A cheap size estimate: decides whether tokenizing goes off the event loop."""
-    return sum(len(part.text) for m in request.messages for part in m.parts if isinstance(part, TextPart))
+    """A cheap size estimate: decides whether tokenizing goes off the event loop. Tools and tool
+    calls count too (a 4 MB tool description held the loop for seconds)."""
+    chars = sum(len(part.text) for m in request.messages for part in m.parts if isinstance(part, TextPart))
+    if request.tools:
+        chars += len(_as_text(request.tools))
+    chars += sum(len(call.arguments) + len(call.name) for m in request.messages for call in m.tool_calls)
+    return chars
 
 
 def _as_text(value: object) -> str:

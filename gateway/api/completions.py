@@ -16,7 +16,7 @@ import msgspec
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from gateway.api.answers import StreamBroke, answer_of, delta_batches, streams
+from gateway.api.answers import StreamBroke, answer_of, delta_batches, dropped_header, streams
 from gateway.api.handoff import hand_to_pipeline
 from gateway.core import model as core
 from gateway.pipeline import Answer, StreamingAnswer, StreamingDeltas
@@ -41,8 +41,8 @@ async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] 
     if answer is None:
         return _CLIENT_GONE
     headers = dict(answer.headers)
-    if asked and asked[0].request.dropped:
-        headers["x-gateway-dropped"] = ",".join(asked[0].request.dropped)
+    if asked and (dropped := dropped_header(asked[0].request.dropped)):
+        headers["x-gateway-dropped"] = dropped
     if not asked or (isinstance(answer, Answer) and answer.status != 200):
         assert isinstance(answer, Answer)  # nothing decoded: the pipeline answered with an error
         body = _in_completions_terms(answer.body)

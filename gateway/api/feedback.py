@@ -17,7 +17,7 @@ from typing import Any, Literal
 import msgspec
 from litestar import Request, Response, post
 
-from gateway.api.content_encoding import decoded_body
+from gateway.api.bodies import read_body
 from gateway.api.credentials import authorization_of
 from gateway.api.state import GatewayState
 from gateway.errors import ConflictError, FeedbackUnavailableError, InvalidRequestError, NotFoundError
@@ -44,10 +44,7 @@ async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
     state: GatewayState = request.app.state.gateway
     runtime = state.holder.current
     principal = runtime.auth.authenticate(authorization_of(request.headers))
-    body = await request.body()
-    if len(body) > _MAX_BODY:
-        raise InvalidRequestError(f"a feedback body is at most {_MAX_BODY} bytes")
-    body = await decoded_body(body, request.headers.get("content-encoding"), _MAX_BODY)
+    body = await read_body(request, _MAX_BODY, runtime.policy.limits.body_read_timeout_s)
     try:
         given = msgspec.json.decode(body, type=_Feedback)
     except msgspec.ValidationError as exc:

@@ -13,11 +13,10 @@ from typing import Any, Protocol
 
 from litestar.exceptions import InternalServerException
 
-from gateway.api.content_encoding import decoded_body
+from gateway.api.bodies import read_body
 from gateway.api.credentials import authorization_of
 from gateway.api.state import GatewayState
 from gateway.core.model import Request
-from gateway.errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError
 from gateway.pipeline import Answer, BodyReader, PassThrough, StreamingAnswer, StreamingDeltas
 
 __all__ = ["DisconnectWatch", "Incoming", "hand_to_pipeline"]
@@ -139,33 +138,13 @@ class DisconnectWatch:
         self.client_left = False
 
     async def read_body(self, limit: int, timeout_s: float) -> bytes:
-        request = self._request
-        announced = request.headers.get("content-length")
-        if announced is not None:
-            if not announced.isdigit():
-                raise InvalidRequestError("invalid Content-Length header")
-            if int(announced) > limit:
-                raise PayloadTooLargeError(f"request body of {announced} bytes exceeds the limit of {limit} bytes")
-        chunks: list[bytes] = []
-        size = 0
         try:
-            async with asyncio.timeout(timeout_s):
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise RequestTimeoutError(
-                f"the request body was not received within {timeout_s:g}s", headers={"connection": "close"}
-            ) from None
+            body = await read_body(self._request, limit, timeout_s)
         except InternalServerException:
             self.client_left = True  # the client left while sending
             raise asyncio.CancelledError from None
         self._timer = asyncio.get_running_loop().call_later(self.WATCH_AFTER_S, self._start_watching)
-        body = b"".join(chunks)
-        encoding = request.headers.get("content-encoding")
-        return body if encoding is None else await decoded_body(body, encoding, limit)
+        return body
 
     def _start_watching(self) -> None:
         self._timer = None

@@ -16,6 +16,7 @@ translated as before, and so can be served from the cache.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,8 +25,8 @@ import structlog
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from gateway.api.answers import StreamBroke, answer_of, delta_batches, streams
-from gateway.api.content_encoding import decoded_body
+from gateway.api.answers import StreamBroke, answer_of, delta_batches, dropped_header, streams
+from gateway.api.bodies import read_body
 from gateway.api.credentials import authorization_of
 from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
@@ -35,7 +36,7 @@ from gateway.errors import GatewayError, UpstreamError
 from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
-from gateway.tokens import count_prompt
+from gateway.tokens import count_prompt, prompt_chars
 from gateway.upstreams.anthropic import AnthropicProvider
 
 __all__ = ["count_message_tokens", "create_message"]
@@ -43,7 +44,6 @@ __all__ = ["count_message_tokens", "create_message"]
 _CLIENT_GONE = Response(content=b"", status_code=499)
 _PROTOCOL = "anthropic.messages"
 _log = structlog.get_logger("gateway.messages")
-_MAX_COUNT_BODY_BYTES = 32 * 1024 * 1024
 
 
 @post("/v1/messages", request_max_body_size=None, status_code=200)
@@ -82,9 +82,9 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
         return _CLIENT_GONE
     model = asked[0].model if asked else ""
     headers = {**answer.headers, "request-id": f"req_{request_id}"}
-    dropped = _dropped(request, asked[0], headers.get("x-gateway-model")) if asked else []
+    dropped = dropped_header(_dropped(request, asked[0], headers.get("x-gateway-model")) if asked else [])
     if dropped:
-        headers["x-gateway-dropped"] = ",".join(dropped)
+        headers["x-gateway-dropped"] = dropped
     if isinstance(answer, Answer) and answer.status != 200:
         return _error(answer.status, _message_of(answer.body), headers)
     if not streams(answer, bool(asked and asked[0].stream)):
@@ -102,7 +102,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
     )
 
 
-@post("/v1/messages/count_tokens", request_max_body_size=_MAX_COUNT_BODY_BYTES, status_code=200)
+@post("/v1/messages/count_tokens", request_max_body_size=None, status_code=200)
 async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Prompt tokens for the route's first model: counted by it when it is Anthropic's (its
     ``count_tokens`` sees documents, PDFs and images), else by the gateway (tiktoken), which is
@@ -111,7 +111,8 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
     runtime = state.holder.current
     try:
         principal = runtime.auth.authenticate(authorization_of(request.headers))
-        raw = await decoded_body(await request.body(), request.headers.get("content-encoding"), _MAX_COUNT_BODY_BYTES)
+        limits = runtime.policy.limits  # the same as for the message it counts
+        raw = await read_body(request, limits.max_body_bytes, limits.body_read_timeout_s)
         body = _json_object(raw)
         lenient = _only_anthropic_upstreams(request, body)  # blocks only Anthropic reads are not refused
         decoded = anthropic.decode_request(raw, counting=True, passed_through=lenient)
@@ -125,7 +126,11 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
             except UpstreamError as exc:
                 _log.warning("count_tokens_upstream_failed", upstream=first.name, error=exc.code)
         if tokens is None:
-            tokens = count_prompt(decoded, runtime.policy.models[plan.candidates[0]].encoding)
+            encoding = runtime.policy.models[plan.candidates[0]].encoding
+            if prompt_chars(decoded) > limits.long_prompt_chars:  # seconds of CPU: not on the event loop
+                tokens = await asyncio.to_thread(count_prompt, decoded, encoding)
+            else:
+                tokens = count_prompt(decoded, encoding)
     except GatewayError as exc:
         return _error(exc.status_code, exc.message, exc.headers)
     return Response(content=msgspec.json.encode({"input_tokens": tokens}), media_type="application/json")

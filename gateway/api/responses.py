@@ -34,7 +34,7 @@ import structlog
 from litestar import Request, Response, delete, get, post
 from litestar.response import Stream
 
-from gateway.api.answers import StreamBroke, answer_of, delta_batches, streams
+from gateway.api.answers import StreamBroke, answer_of, delta_batches, dropped_header, streams
 from gateway.api.credentials import authorization_of
 from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
@@ -120,8 +120,8 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         return _CLIENT_GONE
     headers = dict(answer.headers)
     decoded = turn.decoded
-    if decoded is not None and decoded.request.dropped and passthrough.body is None:
-        headers["x-gateway-dropped"] = ",".join(decoded.request.dropped)
+    if decoded is not None and passthrough.body is None and (dropped := dropped_header(decoded.request.dropped)):
+        headers["x-gateway-dropped"] = dropped
     if decoded is None or (isinstance(answer, Answer) and answer.status != 200):
         assert isinstance(answer, Answer)  # nothing decoded: the pipeline answered with an error
         return Response(content=answer.body, status_code=answer.status, headers=headers, media_type="application/json")

@@ -181,6 +181,8 @@ def _run_server(server: str, host: str, port: int, workers: int, *, kill_after_s
 def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float) -> None:
     import uvicorn
 
+    from gateway.services.http_head import BoundedHeadProtocol
+
     # uvicorn re-raises SIGTERM after its graceful shutdown; with the default action the
     # process would die there and never stop what serve started (the embedded Redis).
     signal.signal(signal.SIGTERM, _exit_after_shutdown)
@@ -191,7 +193,7 @@ def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float) -> 
         port=port,
         workers=workers,
         loop="uvloop" if sys.platform != "win32" else "auto",
-        http="httptools",
+        http=BoundedHeadProtocol,  # httptools, with a bound on a request head's size and time
         server_header=False,  # no "server: uvicorn" advertised on every answer
         proxy_headers=False,  # nothing reads the client's address: no X-Forwarded-For rewriting per request
         access_log=False,

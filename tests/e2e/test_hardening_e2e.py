@@ -52,7 +52,8 @@ def gw(
         limits="max_body_bytes: 65536, redis_timeout_ms: 2000, body_read_timeout_s: 1",
         cache="{enabled: true, redis_timeout_ms: 2000}",
     )  # fmt: skip
-    env = {"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k", "TEST_ANTHROPIC_KEY": "k"}  # type: ignore[attr-defined]
+    env = {"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k", "TEST_ANTHROPIC_KEY": "k",  # type: ignore[attr-defined]
+           "GATEWAY_HEAD_TIMEOUT_S": "1"}  # fmt: skip
     process = start_gateway(tmp_path_factory.mktemp("hardening"), policy, env=env)
     yield process
     process.stop()
@@ -401,3 +402,54 @@ def test_an_unknown_or_broken_content_encoding_is_refused_in_the_callers_protoco
     response = httpx.post(f"{gw.base_url}/chat/completions", content=chat, timeout=10,
                           headers={"content-type": "application/json", "content-encoding": "gzip"})  # fmt: skip
     assert response.status_code == 400 and "not valid gzip" in response.json()["error"]["message"]
+
+
+def _raw(gw: GatewayProcess, data: bytes, *, slowly: bool = False) -> bytes:
+    """What the gateway answers on a raw connection to ``data`` (sent a byte every 0.2 s when ``slowly``)."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        if slowly:
+            for byte in data:
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    break  # closed on us: what the test wants to see
+                time.sleep(0.2)
+        else:
+            sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_request_head_is_bounded_in_size_and_time_and_a_body_is_not_counted_in_it(gw: GatewayProcess) -> None:
+    huge = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n"
+    assert _raw(gw, huge).startswith(b"HTTP/1.1 431 ")
+    started = time.monotonic()
+    slow = _raw(gw, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100, slowly=True)
+    assert slow.startswith(b"HTTP/1.1 408 ") and time.monotonic() - started < 5
+    assert httpx.get(f"{gw.url}/healthz", timeout=5).status_code == 200
+    # A body past the head's bound is a body: the route's own limit applies to it, not the head's.
+    text = "x" * 64_000
+    body = msgspec.json.encode({"model": "fast", "messages": [{"role": "user", "content": text}]})
+    assert len(body) > 64 * 1024 - 2000
+    answered = httpx.post(f"{gw.base_url}/chat/completions", content=body,
+                          headers={"content-type": "application/json"}, timeout=15)  # fmt: skip
+    assert answered.status_code == 200, answered.text
+
+
+def test_small_bodies_are_read_within_their_limit_and_an_unknown_fields_name_cannot_break_a_header(
+    gw: GatewayProcess,
+) -> None:
+    """Feedback and count_tokens read their bodies under a limit (a 300 MB feedback body was read
+    whole before its 400), and a field name the client invents never reaches a header raw."""
+    big = b'{"request_id": "' + b"x" * 300_000 + b'"}'
+    assert httpx.post(f"{gw.base_url}/feedback", content=big, timeout=10).status_code == 413
+    counted = httpx.post(f"{gw.url}/v1/messages/count_tokens", content=b"{" + b" " * 70_000 + b"}", timeout=10)
+    assert counted.status_code == 413  # the policy's max_body_bytes, as for the message it counts
+    body = b'{"model": "fast", "prompt": "hi", "bad\\r\\nx-injected: 1": 1, "\\u00e9t\\u00e9": 2, "fine_field": 3}'
+    answered = httpx.post(f"{gw.base_url}/completions", content=body, headers={"content-type": "application/json"},
+                          timeout=15)  # fmt: skip
+    assert answered.status_code == 200 and "x-injected" not in answered.headers
+    assert answered.headers["x-gateway-dropped"].split(",") == ["?", "fine_field"]

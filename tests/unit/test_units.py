@@ -279,3 +279,10 @@ def test_a_cached_answer_is_the_internal_answer_and_each_serve_has_its_own_ident
     refusal = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
     assert openai_chat.storable_answer({**completion, "choices": [{"index": 0, "message": refusal}]}) is None
     assert CachedAnswer.decode(msgspec.msgpack.encode({"body": b"{}", "model": "m"})) is None
+
+
+def test_a_run_of_a_million_blanks_is_counted_not_a_crash() -> None:
+    """tiktoken's pre-tokenizer overflows its stack on it and panics (a BaseException)."""
+    from gateway.tokens import count_text
+
+    assert count_text(" " * 1_000_000 + "a", "cl100k_base") > 1000

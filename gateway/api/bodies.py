@@ -1,0 +1,51 @@
+"""Reading a request's body: within a size limit and a deadline, whatever the client sends.
+
+The limit holds for what the client announces (``Content-Length``), for what it streams, and
+for the body once inflated (``Content-Encoding``); a client that sends too slowly gets a 408.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
+
+from gateway.api.content_encoding import decoded_body
+from gateway.errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError
+
+__all__ = ["BodySource", "read_body"]
+
+
+class BodySource(Protocol):
+    """A request, as far as reading its body goes (Litestar's, or the chat route's bare one)."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    def stream(self) -> AsyncIterator[bytes]: ...
+
+
+async def read_body(request: BodySource, limit: int, timeout_s: float) -> bytes:
+    """The body, inflated; raises a 413, 408 or 400 in the caller's error hierarchy (and
+    litestar's ``InternalServerException`` when the client left while sending)."""
+    announced = request.headers.get("content-length")
+    if announced is not None:
+        if not announced.isdigit():
+            raise InvalidRequestError("invalid Content-Length header")
+        if int(announced) > limit:
+            raise PayloadTooLargeError(f"request body of {announced} bytes exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"the request body was not received within {timeout_s:g}s", headers={"connection": "close"}
+        ) from None
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding")
+    return body if encoding is None else await decoded_body(body, encoding, limit)

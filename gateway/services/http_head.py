@@ -1,0 +1,94 @@
+"""uvicorn's httptools protocol with the bounds it lacks on a request's head.
+
+uvicorn puts no limit on the size of a request line and headers, nor on how long they take
+to arrive: one 128 MiB header cost 20 s of the worker's event loop (the parser copies a header
+as it grows), an unfinished one grew the worker by 500 MiB, and a client sending a byte a
+second held its connection for ever. Here a head may take :data:`MAX_HEAD_BYTES` and
+:data:`HEAD_TIMEOUT_S`; past either, the connection is answered 431 or 408 and closed. The
+body is not counted: once the headers are complete, the rest goes to the parser as it comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import msgspec
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+__all__ = ["HEAD_TIMEOUT_S", "MAX_HEAD_BYTES", "BoundedHeadProtocol"]
+
+MAX_HEAD_BYTES = 64 * 1024
+"""The request line and headers together (nginx's default allows 32 KiB)."""
+HEAD_TIMEOUT_S = float(os.environ.get("GATEWAY_HEAD_TIMEOUT_S", "15"))
+"""From a head's first byte to its last (``GATEWAY_HEAD_TIMEOUT_S``)."""
+_LINGER_S = 0.5
+_PIECE_BYTES = 16 * 1024
+"""While in a head, data goes to the parser this much at a time, so the bound is checked between pieces."""
+
+
+class BoundedHeadProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_deadline: asyncio.TimerHandle | None = None
+        self._refused = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # what the client still sends after our answer: read and dropped (see _refuse)
+        if not self._in_head:
+            super().data_received(data)
+            return
+        if self._head_deadline is None:
+            self._head_deadline = self.loop.call_later(HEAD_TIMEOUT_S, self._head_too_slow)
+        while data and self._in_head:
+            piece, data = data[:_PIECE_BYTES], data[_PIECE_BYTES:]
+            self._head_bytes += len(piece)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(431, "Request Header Fields Too Large", f"request headers exceed {MAX_HEAD_BYTES} bytes")
+                return
+            super().data_received(piece)
+            if self.transport.is_closing() or self._refused:
+                return
+        if data:  # the body, or a pipelined request that follows it
+            super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True  # a keep-alive connection's next request begins with its head
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+        super().connection_lost(exc)
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        if self._in_head and not self._refused and not self.transport.is_closing():
+            self._refuse(408, "Request Timeout", f"request headers not received within {HEAD_TIMEOUT_S:g}s")
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        body = msgspec.json.encode(
+            {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+        )
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        )
+        self.transport.write(head.encode("ascii") + body)
+        # Closed a moment later, reading (and dropping) what still comes meanwhile: closed at once
+        # with the client's data unread, the kernel resets the connection, and the answer is lost.
+        self._refused = True
+        self.loop.call_later(_LINGER_S, self.transport.close)
