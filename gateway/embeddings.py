@@ -148,7 +148,7 @@ class EmbeddingsPipeline:
         if not missing:
             record.cache = "exact"
             record.model = plan.candidates[0]
-            record.prompt_tokens = hit_tokens
+            record.prompt_tokens, record.tokens_source = hit_tokens, "cache"  # as a chat hit says
             record.cost_usd = 0.0
             record.cache_saved_usd = cost_usd(price, hit_tokens, 0)
             return [vector for vector in found if vector is not None]

@@ -563,12 +563,14 @@ class ChatPipeline:
             hit.completion_tokens,
             "cache",
         )
+        record.cached_prompt_tokens, record.cache_write_tokens = hit.cached_prompt_tokens, hit.cache_write_tokens
+        record.reasoning_tokens = hit.reasoning_tokens
         record.cost_usd = 0.0
         record.cache_saved_usd = hit.cost_usd
         record.cache_similarity = None if x.similarity is None else round(x.similarity, 4)
         baseline = x.runtime.policy.models.get(record.baseline_model or "")
-        if baseline is not None:
-            record.baseline_cost_usd = cost_usd(baseline.price, hit.prompt_tokens, hit.completion_tokens)
+        if baseline is not None:  # on the miss's split of the tokens: a hit saves what the miss cost, no more
+            record.baseline_cost_usd = _cost(baseline.price, record)
         if record.decision is not None:
             record.decision = "cache"  # not the classifier's "default": nothing was routed
         headers = self._headers(x)
@@ -604,6 +606,9 @@ class ChatPipeline:
             cost_usd=record.cost_usd,
             created_at=time.time(),
             prompt=plan.prompt if plan.semantic_set is not None else None,
+            cached_prompt_tokens=record.cached_prompt_tokens,
+            cache_write_tokens=record.cache_write_tokens,
+            reasoning_tokens=record.reasoning_tokens,
         )
         await self._exact.put(plan.exact_key, entry, policy.exact.ttl_s, timeout_s, x.lease)
         x.lease = None  # released with the answer (a cancelled put leaves it to _release_lease)

@@ -20,6 +20,11 @@ class CachedAnswer(msgspec.Struct, kw_only=True):
     created_at: float
     prompt: str | None = None
     """Semantic entries: the prompt text a new prompt is checked against."""
+    cached_prompt_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    """How the first answer's tokens split (the upstream's prompt cache, its reasoning): a hit's
+    baseline is priced on the same split as the miss's was."""
 
     def encode(self) -> bytes:
         return _encoder.encode(self)
@@ -35,7 +40,13 @@ class CachedAnswer(msgspec.Struct, kw_only=True):
 
     def served_as(self, answer_id: str) -> Answer:
         """The answer under a new id, with the usage it had when it was first answered."""
-        usage = Usage(input_tokens=self.prompt_tokens, output_tokens=self.completion_tokens)
+        usage = Usage(
+            input_tokens=self.prompt_tokens,
+            output_tokens=self.completion_tokens,
+            cached_input_tokens=self.cached_prompt_tokens,
+            cache_write_tokens=self.cache_write_tokens,
+            reasoning_tokens=self.reasoning_tokens,
+        )
         return msgspec.structs.replace(self.answer, id=answer_id, usage=usage)
 
 

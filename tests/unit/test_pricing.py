@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from gateway.config.schema import Price
@@ -48,3 +50,39 @@ async def test_the_pipeline_charges_what_the_upstream_says_was_cached(make_harne
     expected = 0.06 + 0.024 + 0.0075 + 0.09
     assert float(headers["x-gateway-cost-usd"]) == pytest.approx(expected)
     assert round(float(headers["x-gateway-cost-usd"]), 2) == 0.18
+
+
+async def test_a_cache_hit_is_priced_on_the_tokens_split_of_the_answer_it_replays(make_harness: MakeHarness) -> None:
+    """The hit's baseline is the miss's (cached prompt and reasoning tokens priced as they were):
+    a hit saves what the answer cost, not more (savings ran 39 % over the cost)."""
+    from datetime import UTC, datetime
+
+    policy = POLICY.replace(
+        "small: {base_url: \"http://small.test/v1\", price: {input: 0.5, output: 1.5}, tier: small}",
+        "small: {base_url: \"http://small.test/v1\", price: {input: 3, output: 15, cached_input: 0.3, reasoning: 60}, tier: small}",
+    ).replace("fast: {model: small", "fast: {baseline: small, model: small")  # fmt: skip
+    harness = await make_harness(policy)
+    harness.upstream.usage = {
+        "prompt_tokens": 1_000, "completion_tokens": 200, "total_tokens": 1_200,
+        "prompt_tokens_details": {"cached_tokens": 800}, "completion_tokens_details": {"reasoning_tokens": 150},
+    }  # fmt: skip
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+    async def usage() -> tuple[float, float, float]:
+        await harness.limiter.drain()
+        await harness.limiter.ledger.flush()
+        totals = await harness.limiter.ledger.read([("alice", "team-a")], today, today)
+        assert totals is not None
+        figures = totals["alice"]
+        return figures.cost_usd, figures.baseline_cost_usd, figures.cache_saved_usd
+
+    missed = answer_of(await harness.ask("the long document again", temperature=0))
+    await asyncio.sleep(0.05)
+    cost, baseline_after_miss, _ = await usage()
+    hit = answer_of(await harness.ask("the long document again", temperature=0))
+    assert (missed[2]["x-gateway-cache"], hit[2]["x-gateway-cache"]) == ("miss", "exact")
+    await asyncio.sleep(0.05)
+    _, baseline_after_hit, saved = await usage()
+    assert baseline_after_hit - baseline_after_miss == pytest.approx(baseline_after_miss)  # the same baseline
+    assert saved == pytest.approx(cost)
+    assert hit[1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 800
