@@ -19,6 +19,8 @@ class _LeaderLeft:
 
 LEADER_LEFT = _LeaderLeft()
 
+_RELEASE_RETRY_S = 0.5
+
 Outcome = CachedAnswer | UpstreamError | _LeaderLeft | None
 """What a request waiting on an identical one is handed: its answer, its upstream error,
 :data:`LEADER_LEFT` (one of the waiters leads now), or nothing."""
@@ -32,12 +34,15 @@ class Lease:
     token: str
     future: asyncio.Future[Outcome]
     held_in_store: bool
+    expires_at: float = 0.0
+    """When the store drops the lease by itself (the event loop's clock)."""
 
 
 class ExactCache:
     def __init__(self, store: KeyValue) -> None:
         self._store = store
         self._flights: dict[str, asyncio.Future[Outcome]] = {}
+        self._releasing: set[asyncio.Task[None]] = set()
 
     async def get(self, key: str, timeout_s: float) -> CachedAnswer | None:
         """The stored answer, or None; raises StoreUnavailable when the cache could not be asked."""
@@ -52,8 +57,9 @@ class ExactCache:
         release = lease.token if lease is not None and lease.held_in_store else None
         try:
             await self._store.put(key, answer.encode(), ttl_s, timeout_s, release)
-        except StoreUnavailable:
-            pass  # an answer not stored is a later miss, nothing worse; a lease held expires on its own
+        except StoreUnavailable:  # an answer not stored is a later miss, nothing worse
+            if lease is not None and lease.held_in_store:
+                self._release_later(lease, timeout_s)
         if lease is not None:
             self._settle(lease.key, lease.future, answer)
 
@@ -89,7 +95,7 @@ class ExactCache:
         except StoreUnavailable:  # no lease to be had: this process answers alone
             return None, Lease(key, token, future, held_in_store=False)
         if acquired:
-            return None, Lease(key, token, future, held_in_store=True)
+            return None, Lease(key, token, future, held_in_store=True, expires_at=loop.time() + lock_ms / 1000)
         # Another process is answering: wait for its answer to appear in the cache.
         answer = await self._await_other_process(key, max(0.0, deadline - loop.time()), timeout_s)
         self._settle(key, future, answer)
@@ -103,8 +109,25 @@ class ExactCache:
             try:
                 await self._store.release(lease.key, lease.token, timeout_s)
             except StoreUnavailable:
-                pass  # the lease expires on its own
+                self._release_later(lease, timeout_s)
         self._settle(lease.key, lease.future, answer)
+
+    def _release_later(self, lease: Lease, timeout_s: float) -> None:
+        """Drop a lease the store could not be told about, once it answers again: left to expire,
+        every identical request in every process would wait its whole time (~30 s) after an outage."""
+        task = asyncio.get_running_loop().create_task(self._retry_release(lease, timeout_s))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _retry_release(self, lease: Lease, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        while loop.time() < lease.expires_at:
+            await asyncio.sleep(_RELEASE_RETRY_S)
+            try:
+                await self._store.release(lease.key, lease.token, timeout_s)
+            except StoreUnavailable:
+                continue
+            return
 
     def _settle(
         self,

@@ -123,3 +123,17 @@ async def test_when_the_leaders_client_leaves_one_waiter_leads_and_the_others_wa
     assert [(a.answer.text if isinstance(a, CachedAnswer) else a, lease) for a, lease in rest] == [
         ("the answer", None)
     ] * 4
+
+
+async def test_a_lease_the_store_could_not_be_told_to_drop_is_dropped_once_it_answers() -> None:
+    """Left to expire, every identical request in every process would wait out its ~30 s."""
+    shared = MemoryKeyValue()
+    cache = ExactCache(shared)
+    _, lease = await cache.join_or_lead("k", 30.0, T)
+    assert lease is not None
+    shared.down = True
+    await cache.put("k", _answer("an answer"), 60, T, lease)
+    shared.down = False
+    assert (await shared.peek("k", T))[1]  # still held in the store
+    await asyncio.sleep(0.7)
+    assert not (await shared.peek("k", T))[1]
