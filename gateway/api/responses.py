@@ -46,6 +46,7 @@ from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDelt
 from gateway.protocols import openai_responses as codec
 from gateway.responses_store import ResponseStore, StoredResponse
 from gateway.runtime import Runtime
+from gateway.sparse_log import SparseLog
 from gateway.store.base import StoreUnavailable
 
 __all__ = [
@@ -62,6 +63,7 @@ _CLIENT_GONE = Response(content=b"", status_code=499)
 _PROTOCOL = "openai.responses"
 T = TypeVar("T")
 _log = structlog.get_logger("gateway.responses")
+_not_stored = SparseLog(_log, "response_not_stored")
 
 
 class ResponseNotFoundError(GatewayError):
@@ -377,7 +379,7 @@ async def _claim(store: ResponseStore, tenant: str, response_id: str, held_by: s
     try:
         await store.save(tenant, response_id, StoredResponse(held_by=held_by))
     except StoreUnavailable:
-        _log.warning("response_not_stored", response_id=response_id, reason="store unavailable")
+        _not_stored(reason="store unavailable")
 
 
 async def _ask_upstream(
@@ -400,6 +402,8 @@ async def _ask_upstream(
 
 
 async def _keep(store: ResponseStore, turn: _Turn, response: dict[str, Any], answer: CoreAnswer) -> None:
+    """Store the turn; when the store cannot take it, the response says ``store: false`` (a
+    client told true would later be told 404 for a response it was promised)."""
     decoded = turn.decoded
     if decoded is None or not decoded.store:
         return
@@ -407,7 +411,8 @@ async def _keep(store: ResponseStore, turn: _Turn, response: dict[str, Any], ans
     try:
         await store.save(turn.tenant, response["id"], StoredResponse(response=response, messages=messages))
     except StoreUnavailable:
-        _log.warning("response_not_stored", response_id=response["id"], reason="store unavailable")
+        response["store"] = False
+        _not_stored(reason="store unavailable")
 
 
 async def _events(
@@ -421,10 +426,10 @@ async def _events(
         async for batch in delta_batches(answer):
             if batch is None:
                 ended = True
-                last = encoder.finish()
+                closing = encoder.close_items()
                 assert encoder.response is not None
                 await _keep(store, turn, encoder.response, encoder.answer())
-                yield last
+                yield closing + encoder.completed()
             elif isinstance(batch, StreamBroke):
                 ended = True
                 yield encoder.fail(str(batch.error.get("message") or "upstream error"))

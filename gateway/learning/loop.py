@@ -11,11 +11,13 @@ from gateway.config.schema import LearningPolicy
 from gateway.learning.examples import LearningStore, RoutingTrace, Side
 from gateway.learning.learned import LearnedRouters
 from gateway.learning.shadow import Ask, Judge, ShadowJob, ShadowJudge
+from gateway.sparse_log import SparseLog
 from gateway.store.base import KeyValue, StoreUnavailable
 
 __all__ = ["LearningLoop"]
 
 _log = structlog.get_logger("gateway.learning")
+_trace_dropped = SparseLog(_log, "routing_trace_dropped", level="info")
 
 
 class LearningLoop:
@@ -53,7 +55,7 @@ class LearningLoop:
         try:
             await self.store.keep_trace(tenant, request_id, trace, keep_hours)
         except StoreUnavailable:
-            _log.info("routing_trace_dropped", reason="store unavailable")
+            _trace_dropped(reason="store unavailable")
 
     async def aclose(self) -> None:
         await self.shadow.aclose()

@@ -674,14 +674,22 @@ class StreamEncoder:
 
     def finish(self) -> bytes:
         """The open item's closing events, then ``response.completed`` (``response.incomplete`` if cut)."""
+        return self.close_items() + self.completed()
+
+    def close_items(self) -> bytes:
+        """The open item's closing events; :attr:`response` is the finished response after it."""
         out = b""
         if not self._items:
             out += self._begin_message()
         out += self._close()
-        response = self._response(None, [item.body(self._status_of(item)) for item in self._items], self._usage)
-        self.response = response
-        name = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
-        return out + self._event(name, {"response": response})
+        self.response = self._response(None, [item.body(self._status_of(item)) for item in self._items], self._usage)
+        return out
+
+    def completed(self) -> bytes:
+        """``response.completed`` (``response.incomplete`` if cut), of :attr:`response` as it is now."""
+        assert self.response is not None
+        name = "response.incomplete" if self.response["status"] == "incomplete" else "response.completed"
+        return self._event(name, {"response": self.response})
 
     def fail(self, message: str, code: str = "server_error") -> bytes:
         """The stream broke after it began: ``response.failed`` with what was output so far."""

@@ -405,8 +405,12 @@ def test_without_the_store_answers_go_on_but_continuations_are_503(
         with openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=10) as client:
             answered = client.responses.create(model="fast", input="hello")
             assert answered.output_text and answered.status == "completed"
+            assert (
+                getattr(answered, "store", None) is False
+            )  # not kept: the client is not promised a response it cannot get
             with client.responses.stream(model="fast", input="hello again") as stream:
-                assert stream.get_final_response().output_text
+                final = stream.get_final_response()
+                assert final.output_text and getattr(final, "store", None) is False
             with pytest.raises(openai.InternalServerError) as unavailable:
                 client.responses.create(model="fast", previous_response_id=answered.id, input="more")
             assert unavailable.value.status_code == 503

@@ -27,6 +27,7 @@ import redis.exceptions
 import structlog
 
 from gateway.accounting.metrics import Metrics
+from gateway.sparse_log import SparseLog
 from gateway.store.base import StoreTimedOut, StoreUnavailable
 
 __all__ = ["SharedRedis", "connect"]
@@ -68,8 +69,8 @@ class SharedRedis:
         self.up = client is not None
         self._down_since: float | None = None
         self._last_attempt = 0.0
-        self._slow_logged_at = -_SLOW_LOG_EVERY_S
-        self._refused_logged_at = -_SLOW_LOG_EVERY_S
+        self._slow = SparseLog(_log, "redis_slow", every_s=_SLOW_LOG_EVERY_S)
+        self._refused = SparseLog(_log, "redis_refused", level="error", every_s=_SLOW_LOG_EVERY_S)
         self._timeouts_since: float | None = None
         """When the current run of timeouts (with no answer in between) began."""
         metrics.redis_up.set(1 if self.up else 0)
@@ -133,20 +134,10 @@ class SharedRedis:
         return await self.run(_ping, False, timeout_s)
 
     def _log_slow(self, timeout_s: float) -> None:
-        now = time.monotonic()
-        if now - self._slow_logged_at >= _SLOW_LOG_EVERY_S:
-            self._slow_logged_at = now
-            _log.warning(
-                "redis_slow",
-                timeout_ms=round(timeout_s * 1000, 1),
-                effect="call skipped; see gateway_redis_timeouts_total",
-            )
+        self._slow(timeout_ms=round(timeout_s * 1000, 1), effect="call skipped; see gateway_redis_timeouts_total")
 
     def _log_refused(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        if now - self._refused_logged_at >= _SLOW_LOG_EVERY_S:
-            self._refused_logged_at = now
-            _log.error("redis_refused", error=type(exc).__name__, detail=_without_secrets(str(exc))[:200])
+        self._refused(error=type(exc).__name__, detail=_without_secrets(str(exc))[:200])
 
     def _mark_down(self, exc: BaseException, event: str) -> None:
         if self.up or self._down_since is None:
