@@ -84,10 +84,22 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
             "last_reload_error": rejected,
         },
         "classifier": state.classifier_info or {"loaded": False},
+        **await _semantic_cache(state, runtime),
         "learned_router": await _learned_router(state),
         "upstreams": {name: state.holder.breakers.state(name) for name in runtime.providers},
     }
     return Response(msgspec.json.encode(body), status_code=200 if redis_ok else 503, media_type="application/json")
+
+
+async def _semantic_cache(state: GatewayState, runtime: Runtime) -> dict[str, str]:
+    """Whether the semantic cache can run, when the policy turns it on: a Redis without vector
+    sets (Redis 7) answers everything else, and the cache would quietly never hit."""
+    if not (runtime.policy.cache.enabled and runtime.policy.cache.semantic.enabled):
+        return {}
+    found = await state.redis.has_vector_sets()
+    if found is None:
+        return {"semantic_cache": "unknown (Redis unavailable)"}
+    return {"semantic_cache": "ok" if found else "off: this Redis has no vector sets (Redis 8 is needed)"}
 
 
 def _may_see_details(runtime: Runtime, request: Request[Any, Any, Any]) -> bool:

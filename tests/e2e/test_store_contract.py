@@ -251,3 +251,20 @@ async def test_a_cancel_that_lands_during_a_redis_call_is_never_lost(redis_serve
             cancelled += 1
     await shared.aclose()
     assert (cancelled, went_on) == (300, 0)
+
+
+async def test_a_redis_without_vector_sets_is_told_apart(redis_server: EmbeddedRedis) -> None:
+    """The semantic cache needs Redis 8's vector sets; a Redis 7 (here: a user denied them)
+    answers everything else, and the cache would quietly never hit."""
+    admin = SharedRedis(connect(redis_server.url, timeout_s=2), Metrics())
+    assert await admin.has_vector_sets() is True
+    user = f"novec{uuid.uuid4().hex[:6]}"
+    await admin.call(lambda r: r.acl_setuser(user, enabled=True, passwords=["+pw"], keys=["*"],
+                                              commands=["+@all", "-vcard"]), T)  # fmt: skip
+    limited = SharedRedis(connect(f"unix://{user}:pw@{redis_server.socket_path}?db=0", timeout_s=2), Metrics())
+    try:
+        assert await limited.has_vector_sets() is False
+    finally:
+        await limited.aclose()
+        await admin.call(lambda r: r.acl_deluser(user), T)
+        await admin.aclose()

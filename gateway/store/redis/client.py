@@ -69,6 +69,7 @@ class SharedRedis:
         self.up = client is not None
         self._down_since: float | None = None
         self._last_attempt = 0.0
+        self._vector_sets: bool | None = None
         self._slow = SparseLog(_log, "redis_slow", every_s=_SLOW_LOG_EVERY_S)
         self._refused = SparseLog(_log, "redis_refused", level="error", every_s=_SLOW_LOG_EVERY_S)
         self._timeouts_since: float | None = None
@@ -133,6 +134,16 @@ class SharedRedis:
         self._last_attempt = 0.0
         return await self.run(_ping, False, timeout_s)
 
+    async def has_vector_sets(self, timeout_s: float = 0.5) -> bool | None:
+        """Whether this Redis has vector sets (Redis 8), which the semantic cache needs; None
+        when it cannot be asked. Known once, it is not asked again."""
+        if self._vector_sets is None:
+            found = await self.run(_vector_sets, None, timeout_s)
+            if found is False:
+                _log.error("redis_lacks_vector_sets", effect="the semantic cache is off: it needs Redis 8")
+            self._vector_sets = found
+        return self._vector_sets
+
     def _log_slow(self, timeout_s: float) -> None:
         self._slow(timeout_ms=round(timeout_s * 1000, 1), effect="call skipped; see gateway_redis_timeouts_total")
 
@@ -161,6 +172,14 @@ class SharedRedis:
 def _without_secrets(text: str) -> str:
     """redis-py quotes the URL in some errors; a password in it must not reach the log."""
     return re.sub(r"(password=|://[^:/@]*:)[^@&\s]+", r"\1***", text)
+
+
+async def _vector_sets(client: aioredis.Redis) -> bool:
+    try:  # Redis 7 has no VCARD; an ACL may deny it: either way, no vector sets to use
+        await client.execute_command("VCARD", "gw:{probe}:vector-sets")  # type: ignore[no-untyped-call]
+    except aioredis.ResponseError:
+        return False
+    return True
 
 
 async def _ping(client: aioredis.Redis) -> bool:
