@@ -87,12 +87,20 @@ class Limiter:
         request = ReserveRequest(scopes, tokens, cost_usd, minute, day, month, now / 60 - minute)
         try:
             outcome = await self._counters.reserve(request, policy.limits.redis_timeout_ms / 1000)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            # Asked and not answered in time, a stalled Redis applies the reservation when it wakes:
+            # it is taken as made, so that the settlement corrects it to what was spent (or, refused
+            # here, cancels it). Never made (Redis not asked), there is nothing to correct.
+            made = (
+                Reservation(scopes, periods, usage, tokens, cost_usd, 0.0) if isinstance(exc, StoreTimedOut) else None
+            )
             if policy.limits.on_redis_error == "closed":
+                if made is not None:
+                    self.settle_later(policy, made, UsageFigures())
                 raise LimiterUnavailableError(
                     "rate limits cannot be checked (Redis unavailable); refusing by policy"
                 ) from None
-            return Reservation((), periods, usage, 0, 0.0, 0.0)
+            return made or Reservation((), periods, usage, 0, 0.0, 0.0)
         if outcome.refused_by is not None:
             index, cap = outcome.refused_by.split(".")
             scope = int(index)

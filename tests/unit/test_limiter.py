@@ -154,3 +154,23 @@ async def test_usage_made_while_the_store_is_down_is_written_when_it_is_back() -
     totals = await limiter.ledger.read([("app", "team"), ("free", "team")], today, today)
     assert totals is not None
     assert [(totals[key].requests, totals[key].prompt_tokens) for key in ("app", "free")] == [(1, 10), (1, 10)]
+
+
+async def test_a_reservation_a_stalled_store_applied_late_is_corrected_to_what_was_spent() -> None:
+    """Redis that stalls past the deadline still applies the reservation when it wakes: taken as
+    made, it is settled (a key was charged 55 times what it spent, then refused for the day)."""
+    from gateway.store.base import ReserveOutcome, ReserveRequest, StoreTimedOut
+
+    class Stalled(MemoryLimitCounters):
+        async def reserve(self, request: ReserveRequest, timeout_s: float) -> ReserveOutcome:
+            await super().reserve(request, timeout_s)  # applied ...
+            raise StoreTimedOut  # ... but the answer came too late
+
+    policy = load_policy_text(_POLICY % "open", environ={}).policy
+    counters = Stalled()
+    limiter = Limiter(counters, UsageLedger(counters))
+    principal = _principal(usd_per_day=1.0)
+    reservation = await limiter.reserve(policy, principal, 1_000, 0.5)  # served: limits fail open
+    await limiter.settle(policy, reservation, UsageFigures(requests=1, prompt_tokens=10, cost_usd=0.001))
+    spent = [spend.spent_day for spend in counters.spends.values()]
+    assert spent and all(abs(value - 0.001) < 1e-9 for value in spent)
