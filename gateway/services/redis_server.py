@@ -8,9 +8,10 @@ Without it, a ``redis-server`` on PATH is used; with neither, :class:`RedisServe
 Private means private from the machine's other users too: by default it listens on a
 unix socket only, inside a 0700 folder; it asks for a generated password (kept in a
 0600 config file, never on a command line that ``ps`` shows); everything it writes is
-0600. Its memory is bounded with ``volatile-lru``: only keys with a TTL are evicted,
-and every cache entry has one while limit counters never do (see ``gateway.limits``),
-so a full Redis drops cache entries and never a budget.
+0600. Its memory is bounded with ``volatile-ttl``: only keys with a TTL are evicted,
+and limit counters never have one (see ``gateway.limits``), so a full Redis never drops a
+budget; of the rest, those nearest their expiry go first: cache entries before stored
+Responses, labels and learned routers.
 
 :meth:`EmbeddedRedis.supervise` restarts it with backoff when it dies.
 """
@@ -216,7 +217,7 @@ def start_embedded_redis(
         f"pidfile {data / 'redis.pid'}",
         f"logfile {data / 'redis.log'}",
         f"maxmemory {maxmemory}",
-        "maxmemory-policy volatile-lru",
+        "maxmemory-policy volatile-ttl",
     ]
     config_path = data / "redis.conf"
     descriptor = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -47,7 +47,7 @@ def test_defect6_the_embedded_redis_admits_nobody_without_its_password(private_r
     for name in ("dump.rdb", "redis.conf", "redis.log"):
         assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
     assert private_redis.password not in " ".join(Path(f"/proc/{private_redis.pid}/cmdline").read_text().split("\0"))
-    assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "volatile-lru"
+    assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "volatile-ttl"
 
 
 async def test_defect6_a_full_redis_evicts_cache_entries_and_never_a_budget(private_redis: EmbeddedRedis) -> None:
@@ -62,7 +62,7 @@ async def test_defect6_a_full_redis_evicts_cache_entries_and_never_a_budget(priv
     counter_keys = [key for scope in reservation.scopes for key in (scope.window, scope.spend)]
     client = redis.Redis.from_url(private_redis.url)
     for key in counter_keys:
-        assert client.ttl(key) == -1  # no TTL: volatile-lru can never pick it
+        assert client.ttl(key) == -1  # no TTL: volatile-ttl can never pick it
     blob = b"x" * 20_000
     for i in range(2_000):  # 40 MB of cache-like entries into a 4 MB Redis
         client.set(f"gw:{{t}}:x:{i}", blob, ex=3600)

@@ -3,7 +3,7 @@
 Each scope has two fixed-size hashes and no TTL: ``win`` holds this minute's and the
 previous minute's requests and tokens (m, r, rp, t, tp), ``spend`` today's and this
 month's USD (day, d, month, mo). A period that has passed is rolled over here rather
-than expired, so Redis's volatile-lru eviction, which only takes keys with a TTL
+than expired, so Redis's volatile-ttl eviction, which only takes keys with a TTL
 (cache entries), can never reset a limit.
 """
 
