@@ -48,7 +48,7 @@ def _field_error(message: str) -> InvalidRequestError:
     if missing:
         return InvalidRequestError(f"{missing.group(1)}: Field required", param=missing.group(1))
     match = _AT.search(message)
-    param = match.group(1).replace("[...]", "") if match else None  # a map's value: the map is the parameter
+    param = (match.group(1).replace("[...]", "") if match else "") or None  # a map's value: the map is the parameter
     reason = message[: match.start()] if match else message
     return InvalidRequestError(
         f"invalid parameter '{param}': {reason}" if param else f"invalid request: {reason}", param=param

@@ -13,6 +13,7 @@ from gateway.config.schema import AuthKey, AuthPolicy, CircuitBreakerPolicy, Pri
 from gateway.dispatch import _backoff_s
 from gateway.errors import (
     AuthenticationError,
+    InvalidRequestError,
     PermissionDeniedError,
     UpstreamConnectError,
     UpstreamError,
@@ -286,3 +287,12 @@ def test_a_run_of_a_million_blanks_is_counted_not_a_crash() -> None:
     from gateway.tokens import count_text
 
     assert count_text(" " * 1_000_000 + "a", "cl100k_base") > 1000
+
+
+def test_a_number_out_of_range_names_no_parameter_rather_than_an_empty_one() -> None:
+    """msgspec says where only as "a value of the body" (``$[...]``): no parameter, not ``""``."""
+    from gateway.protocols.body import decode_body
+
+    with pytest.raises(InvalidRequestError) as caught:
+        decode_body(b'{"max_tokens": ' + b"9" * 5000 + b"}", dict[str, Any])
+    assert caught.value.param is None and "out of range" in caught.value.message
