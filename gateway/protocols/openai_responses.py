@@ -38,6 +38,8 @@ from gateway.core.model import (
     Request,
     TextDelta,
     TextPart,
+    ThinkingDelta,
+    ThinkingPart,
     Tool,
     ToolArgumentsDelta,
     ToolCall,
@@ -481,6 +483,12 @@ def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
+def _reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    """The model's reasoning as vLLM's Responses API gives it: the text itself (no summary)."""
+    content = [{"type": "reasoning_text", "text": text}]
+    return {"type": "reasoning", "id": item_id, "summary": [], "content": content, "status": status}
+
+
 def _call_item(item_id: str, call: ToolCall, status: str) -> dict[str, Any]:
     return {
         "type": "function_call",
@@ -493,9 +501,13 @@ def _call_item(item_id: str, call: ToolCall, status: str) -> dict[str, Any]:
 
 
 def output_items(answer: Answer, make_id: IdMaker = new_id) -> list[dict[str, Any]]:
-    """A message item (when there is text, or nothing else), then a function_call item per call."""
+    """A reasoning item (when the model showed its reasoning), a message item (when there is
+    text, or nothing else), then a function_call item per call."""
     status = "incomplete" if answer.finish_reason in _INCOMPLETE else "completed"
     items: list[dict[str, Any]] = []
+    reasoning = "".join(part.text for part in answer.thinking if isinstance(part, ThinkingPart))
+    if reasoning:
+        items.append(_reasoning_item(make_id("rs"), reasoning, "completed"))
     if answer.text or not answer.tool_calls:
         items.append(_message_item(make_id("msg"), answer.text or "", status))
     items += [_call_item(make_id("fc"), call, "completed") for call in answer.tool_calls]
@@ -589,14 +601,17 @@ class _Item:
     def body(self, status: str) -> dict[str, Any]:
         if self.kind == "message":
             return _message_item(self.id, self.text, status)
+        if self.kind == "reasoning":
+            return _reasoning_item(self.id, self.text, status)
         return _call_item(self.id, ToolCall(self.call_id, self.name, self.arguments), status)
 
 
 class StreamEncoder:
     """Deltas to OpenAI's Responses events, ``response.created`` first and ``response.completed`` last.
 
-    Output items are sequential: a message item (text) or a function call's item closes
-    when the next one starts. Tool arguments for an item that has closed (OpenAI upstreams
+    Output items are sequential: a reasoning item (the model's reasoning, as vLLM's
+    Responses API shows it), a message item (text) or a function call's item closes when
+    the next one starts. Tool arguments for an item that has closed (OpenAI upstreams
     stream parallel calls one after another, so this does not happen in practice) are
     dropped. An answer with no output at all still ends with an (empty) message item.
     """
@@ -639,7 +654,16 @@ class StreamEncoder:
     def feed(self, deltas: list[Delta]) -> bytes:
         out = b""
         for delta in deltas:
-            if isinstance(delta, TextDelta):
+            if isinstance(delta, ThinkingDelta):
+                if self._open is None or self._open.kind != "reasoning":
+                    out += self._close() + self._begin_reasoning()
+                assert self._open is not None
+                self._open.text += delta.text
+                out += self._event(
+                    "response.reasoning_text.delta",
+                    {**self._where(self._open), "content_index": 0, "delta": delta.text},
+                )
+            elif isinstance(delta, TextDelta):
                 if self._open is None or self._open.kind != "message":
                     out += self._close() + self._begin_message()
                 assert self._open is not None
@@ -679,8 +703,8 @@ class StreamEncoder:
     def close_items(self) -> bytes:
         """The open item's closing events; :attr:`response` is the finished response after it."""
         out = b""
-        if not self._items:
-            out += self._begin_message()
+        if all(item.kind == "reasoning" for item in self._items):  # as a whole answer: a message, if empty
+            out += self._close() + self._begin_message()
         out += self._close()
         self.response = self._response(None, [item.body(self._status_of(item)) for item in self._items], self._usage)
         return out
@@ -700,7 +724,9 @@ class StreamEncoder:
     def answer(self) -> Answer:
         """What was streamed, as an answer (the text, the calls, the finish reason and usage)."""
         texts = [item.text for item in self._items if item.kind == "message"]
-        calls = [ToolCall(item.call_id, item.name, item.arguments) for item in self._items if item.kind != "message"]
+        calls = [
+            ToolCall(item.call_id, item.name, item.arguments) for item in self._items if item.kind == "function_call"
+        ]
         return Answer(
             id=self._response_id,
             model=self._decoded.request.model,
@@ -741,12 +767,20 @@ class StreamEncoder:
             {"output_index": item.index, "item": {**item.body("in_progress"), "content": []}},
         ) + self._event("response.content_part.added", {**self._where(item), "content_index": 0, "part": part})
 
+    def _begin_reasoning(self) -> bytes:
+        item = _Item("reasoning", self._make_id("rs"), len(self._items))
+        self._items.append(item)
+        self._open = item
+        return self._event("response.output_item.added", {"output_index": item.index, "item": item.body("in_progress")})
+
     def _close(self) -> bytes:
         item, self._open = self._open, None
         if item is None:
             return b""
         where = self._where(item)
-        if item.kind == "message":
+        if item.kind == "reasoning":
+            out = self._event("response.reasoning_text.done", {**where, "content_index": 0, "text": item.text})
+        elif item.kind == "message":
             part = {"type": "output_text", "text": item.text, "annotations": []}
             out = self._event(
                 "response.output_text.done", {**where, "content_index": 0, "text": item.text, "logprobs": []}

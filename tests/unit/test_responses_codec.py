@@ -24,6 +24,8 @@ from gateway.core.model import (
     Message,
     TextDelta,
     TextPart,
+    ThinkingDelta,
+    ThinkingPart,
     ToolArgumentsDelta,
     ToolCall,
     ToolCallStart,
@@ -319,6 +321,32 @@ def test_a_stream_of_text_and_a_call_follows_openais_event_order() -> None:
     assert codec.assistant_message(streamed) == Message(
         "assistant", (TextPart("Hello"),), (ToolCall("call_9", "f", '{"a":1}'),)
     )
+
+
+def test_a_reasoning_models_reasoning_comes_as_a_reasoning_item_streamed_or_not() -> None:
+    """What a chat upstream says as reasoning_content reaches a Responses client as vLLM's
+    Responses API shows it: a reasoning item with the text, before the message."""
+    encoder = codec.StreamEncoder(_decode(input="x", stream=True), "resp_1", 1, _ids())
+    out = encoder.start() + encoder.feed([ThinkingDelta("2 and 2 "), ThinkingDelta("make 4."), TextDelta("4")])
+    out += encoder.feed([Finish("stop")]) + encoder.finish()
+    names, _, state = _replay(out)
+    assert names[2:5] == [
+        "response.output_item.added",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.delta",
+    ]
+    assert "response.reasoning_text.done" in names
+    final = state._completed_response
+    assert final is not None and final.output_text == "4"
+    reasoning = final.output[0]
+    assert reasoning.type == "reasoning" and reasoning.content is not None
+    assert reasoning.content[0].text == "2 and 2 make 4."
+    whole = _answer("4", [], "stop", Usage(input_tokens=3, output_tokens=9))
+    whole = msgspec.structs.replace(whole, thinking=[ThinkingPart("2 and 2 make 4.")])
+    body = codec.response_object(_decode(input="x"), "resp_2", 1, output=codec.output_items(whole, _ids()),
+                                 usage=whole.usage, finish_reason="stop")  # fmt: skip
+    response = Response.model_validate(body)
+    assert [item.type for item in response.output] == ["reasoning", "message"] and response.output_text == "4"
 
 
 def test_interleaved_parallel_calls_keep_every_argument_in_the_completed_response() -> None:
