@@ -24,8 +24,23 @@ _log = structlog.get_logger("gateway.app")
 
 @get("/v1/models")
 async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """OpenAI's list, which Anthropic's clients read too: its paging fields (``limit``,
+    ``after_id``; ``has_more``, ``first_id``, ``last_id``) are there for them."""
     data = _visible_models(request)
-    return Response(msgspec.json.encode({"object": "list", "data": data}), media_type="application/json")
+    after = request.query_params.get("after_id")
+    if after is not None:
+        ids = [entry["id"] for entry in data]
+        data = data[ids.index(after) + 1 :] if after in ids else []
+    limit = request.query_params.get("limit")
+    shown = data[: int(limit)] if limit is not None and limit.isdigit() and int(limit) > 0 else data
+    body = {
+        "object": "list",
+        "data": shown,
+        "has_more": len(shown) < len(data),
+        "first_id": shown[0]["id"] if shown else None,
+        "last_id": shown[-1]["id"] if shown else None,
+    }
+    return Response(msgspec.json.encode(body), media_type="application/json")
 
 
 @get("/v1/models/{model_id:path}")
@@ -59,7 +74,9 @@ def _visible_models(request: Request[Any, Any, Any]) -> list[dict[str, object]]:
 
 
 def _model_entry(name: str, owned_by: str, **extra: object) -> dict[str, object]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": owned_by, **extra}
+    """OpenAI's model object, with Anthropic's fields beside it (its SDK requires them)."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": owned_by,
+            "type": "model", "display_name": name, "created_at": "1970-01-01T00:00:00Z", **extra}  # fmt: skip
 
 
 @get("/healthz")

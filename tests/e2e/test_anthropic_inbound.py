@@ -357,3 +357,12 @@ def test_message_start_says_the_anthropic_upstreams_own_usage(claude: anthropic.
         start = next(event for event in stream if event.type == "message_start")
         stream.until_done()
     assert start.message.usage.input_tokens == whole.usage.input_tokens
+
+
+def test_the_anthropic_sdk_lists_and_pages_the_models(claude: anthropic.Anthropic) -> None:
+    everything = [model.id for model in claude.models.list(limit=100)]
+    assert {"fast", "best", "auto"} <= set(everything)
+    first = claude.models.list(limit=2)
+    assert [model.id for model in first.data] == everything[:2] and first.has_more
+    assert all(model.type == "model" and model.display_name and model.created_at for model in first.data)
+    assert [model.id for model in claude.models.list(limit=2)] == everything  # auto-paging by last_id
