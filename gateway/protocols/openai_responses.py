@@ -655,22 +655,10 @@ class StreamEncoder:
         out = b""
         for delta in deltas:
             if isinstance(delta, ThinkingDelta):
-                if self._open is None or self._open.kind != "reasoning":
-                    out += self._close() + self._begin_reasoning()
-                assert self._open is not None
-                self._open.text += delta.text
-                out += self._event(
-                    "response.reasoning_text.delta",
-                    {**self._where(self._open), "content_index": 0, "delta": delta.text},
-                )
+                out += self._text_into("reasoning", self._begin_reasoning, "response.reasoning_text.delta", delta.text)
             elif isinstance(delta, TextDelta):
-                if self._open is None or self._open.kind != "message":
-                    out += self._close() + self._begin_message()
-                assert self._open is not None
-                self._open.text += delta.text
-                out += self._event(
-                    "response.output_text.delta",
-                    {**self._where(self._open), "content_index": 0, "delta": delta.text, "logprobs": []},
+                out += self._text_into(
+                    "message", self._begin_message, "response.output_text.delta", delta.text, logprobs=[]
                 )
             elif isinstance(delta, ToolCallStart):
                 out += self._close()
@@ -766,6 +754,13 @@ class StreamEncoder:
             "response.output_item.added",
             {"output_index": item.index, "item": {**item.body("in_progress"), "content": []}},
         ) + self._event("response.content_part.added", {**self._where(item), "content_index": 0, "part": part})
+
+    def _text_into(self, kind: str, begin: Callable[[], bytes], event: str, text: str, **extra: Any) -> bytes:
+        """``text`` added to the open item of ``kind`` (begun first, when another one is open)."""
+        out = b"" if self._open is not None and self._open.kind == kind else self._close() + begin()
+        assert self._open is not None
+        self._open.text += text
+        return out + self._event(event, {**self._where(self._open), "content_index": 0, "delta": text, **extra})
 
     def _begin_reasoning(self) -> bytes:
         item = _Item("reasoning", self._make_id("rs"), len(self._items))
