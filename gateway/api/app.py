@@ -43,6 +43,7 @@ from gateway.large_share import LargeShareTracker
 from gateway.learning.loop import LearningLoop
 from gateway.limits import Limiter
 from gateway.pipeline import ChatPipeline
+from gateway.protocols import anthropic_messages
 from gateway.runtime import RuntimeHolder, load_at_start
 from gateway.services.parent_death import end_with_supervisor
 from gateway.settings import Settings
@@ -51,6 +52,7 @@ from gateway.store.redis import SharedRedis, connect, redis_store
 __all__ = ["create_app"]
 
 _log = structlog.get_logger("gateway.app")
+_ANTHROPIC_PATH = "/v1/messages"
 
 
 def create_app(settings: Settings | None = None) -> ChatRoute:
@@ -176,17 +178,29 @@ async def _start(settings: Settings) -> GatewayState:
     return state
 
 
-def _gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
-    return error_response(exc)
+def _gateway_error(request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
+    return _in_callers_shape(request, exc)
 
 
-def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     if exc.status_code == 404:
-        return error_response(ModelNotFoundError("no such endpoint", code="not_found"))
-    error = InvalidRequestError(str(exc.detail))
+        return _in_callers_shape(request, ModelNotFoundError("no such endpoint", code="not_found"))
+    error = InvalidRequestError(str(exc.detail), headers=dict(exc.headers or {}))  # a 405's Allow among them
     error.status_code = exc.status_code
-    return error_response(error)
+    allowed = error.headers.get("allow", "")
+    if "GET" in allowed.split(", "):  # served for HEAD too (ChatRoute)
+        error.headers["allow"] = allowed.replace("GET", "GET, HEAD", 1)
+    return _in_callers_shape(request, error)
 
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    return error_response(internal_error(request.url.path, exc))
+    return _in_callers_shape(request, internal_error(request.url.path, exc))
+
+
+def _in_callers_shape(request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
+    """Anthropic's SDK sends ``anthropic-version`` on every call, ``/v1/models`` included, and
+    reads only Anthropic's error shape; everyone else gets OpenAI's."""
+    if "anthropic-version" in request.headers or request.url.path.startswith(_ANTHROPIC_PATH):
+        body = anthropic_messages.encode_error(exc.status_code, exc.message)
+        return Response(body, status_code=exc.status_code, headers=exc.headers, media_type="application/json")
+    return error_response(exc)

@@ -34,6 +34,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 CHAT_PATH = "/v1/chat/completions"
+_ALLOWED = b"POST, OPTIONS"
 _JSON = (b"content-type", b"application/json")
 _SSE = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -53,17 +54,37 @@ class ChatRoute:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == CHAT_PATH:
-            if scope["method"] == "POST":
+            method = scope["method"]
+            if method == "POST":
                 state = self._state
                 if state is None:  # set by the lifespan, once per worker
                     state = self._state = self.app.state.gateway
                 await _chat_completions(_BareRequest(self.app, scope, receive), receive, send, state)
+            elif method == "OPTIONS":  # as Litestar answers it on the other routes
+                with contextlib.suppress(OSError):
+                    await send({"type": "http.response.start", "status": 204, "headers": [(b"allow", _ALLOWED)]})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
             else:
                 not_allowed = InvalidRequestError("Method Not Allowed")
-                not_allowed.status_code, not_allowed.headers["allow"] = 405, "POST"
+                not_allowed.status_code, not_allowed.headers["allow"] = 405, _ALLOWED.decode()
                 await _send_error(send, not_allowed)
+        elif scope["type"] == "http" and scope["method"] == "HEAD":
+            # RFC 9110: what serves GET serves HEAD (load balancers and uptime checks probe with it)
+            await self.app({**scope, "method": "GET"}, receive, _headers_only(send))  # type: ignore[arg-type]
         else:
             await self.app(scope, receive, send)  # type: ignore[arg-type]
+
+
+def _headers_only(send: Send) -> Send:
+    """``send`` for a HEAD request: the GET response's status and headers, no body."""
+
+    async def send_head(message: dict[str, Any]) -> None:
+        if message["type"] != "http.response.body":
+            await send(message)
+        elif not message.get("more_body", False):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return send_head
 
 
 class _BareRequest:

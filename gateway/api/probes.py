@@ -46,7 +46,7 @@ async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
 @get("/v1/models/{model_id:path}")
 async def retrieve_model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
     """One model or route, as OpenAI's ``GET /v1/models/{id}`` (ids may hold slashes)."""
-    wanted = model_id.lstrip("/")
+    wanted = model_id.removeprefix("/")  # the path parameter keeps its leading slash
     for entry in _visible_models(request):
         if entry["id"] == wanted:
             return Response(msgspec.json.encode(entry), media_type="application/json")

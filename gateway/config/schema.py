@@ -42,6 +42,17 @@ TenantName = Annotated[
 ]
 
 
+ModelName = Annotated[
+    str,
+    Meta(
+        pattern=r"^[^\s/\x00-\x1f\x7f]([^\s\x00-\x1f\x7f]{0,254}[^\s/\x00-\x1f\x7f])?$",
+        description="1-256 characters, no spaces or control characters, no '/' at either end",
+    ),
+]
+"""A model's or route's name, which clients send and ``GET /v1/models/{id}`` must give back
+as it is (a path drops a trailing slash)."""
+
+
 class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Frozen, strict: an unknown key in policies.yaml is an error, not silently ignored."""
 
@@ -378,8 +389,8 @@ class CachePolicy(_Struct, frozen=True, kw_only=True):
 class Policy(_Struct, frozen=True, kw_only=True):
     version: Literal[1] = 1
     pair: Pair
-    models: dict[str, ModelConfig]
-    routes: dict[str, RouteConfig]
+    models: dict[ModelName, ModelConfig]
+    routes: dict[ModelName, RouteConfig]
     retry: RetryPolicy = RetryPolicy()
     circuit_breaker: CircuitBreakerPolicy = CircuitBreakerPolicy()
     auth: AuthPolicy

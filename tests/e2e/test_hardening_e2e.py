@@ -342,6 +342,42 @@ def test_a_model_can_be_retrieved_by_id_as_openai_serves_it(gw: GatewayProcess) 
         client.models.retrieve("no/such-model")
 
 
+def test_an_anthropic_client_gets_anthropics_error_shape_outside_messages_too(gw: GatewayProcess) -> None:
+    import anthropic
+
+    client = closed_after_test(anthropic.Anthropic(base_url=gw.url, api_key="x", max_retries=0))
+    assert client.models.retrieve("auto").id == "auto"
+    with pytest.raises(anthropic.NotFoundError) as raised:
+        client.models.retrieve("no-such-model")
+    assert raised.value.body == {
+        "type": "error",
+        "error": {
+            "type": "not_found_error",
+            "message": "the model 'no-such-model' does not exist or you do not have access to it",
+        },
+    }
+    wrong_method = httpx.get(f"{gw.url}/v1/messages", headers={"anthropic-version": "2023-06-01"})
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["type"] == "invalid_request_error"
+    assert wrong_method.json()["type"] == "error"
+
+
+def test_head_options_and_405_answer_as_http_says(gw: GatewayProcess) -> None:
+    for path in ("/healthz", "/v1/models", "/v1/models/auto"):
+        got, head = httpx.get(f"{gw.url}{path}"), httpx.head(f"{gw.url}{path}")
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers["content-type"] == got.headers["content-type"]
+    assert httpx.head(f"{gw.url}/v1/models/no-such-model").status_code == 404
+    not_allowed = httpx.put(f"{gw.url}/v1/models")
+    assert not_allowed.status_code == 405
+    assert not_allowed.headers["allow"] == "GET, HEAD, OPTIONS"
+    assert not_allowed.json()["error"]["type"] == "invalid_request_error"
+    options = httpx.options(f"{gw.base_url}/chat/completions")
+    assert (options.status_code, options.headers["allow"]) == (204, "POST, OPTIONS")
+    on_chat = httpx.get(f"{gw.base_url}/chat/completions")
+    assert (on_chat.status_code, on_chat.headers["allow"]) == (405, "POST, OPTIONS")
+
+
 def test_the_simulator_answers_400_to_a_faults_body_without_faults(small_upstream: SimulatedUpstream) -> None:
     response = httpx.post(f"{small_upstream.root_url}/_control/faults", json={"fault": []}, timeout=5)
     assert response.status_code == 400

@@ -88,6 +88,16 @@ def test_unknown_model_reference_names_route_and_line() -> None:
     assert message.startswith("routes.fast.fallbacks[0] (line 13)") and "'nope'" in message
 
 
+@pytest.mark.parametrize("name", ["fast/", "/fast", "fast lane"])
+def test_a_name_that_cannot_round_trip_through_a_path_is_refused(name: str) -> None:
+    [message] = problems(VALID.replace("  fast: {model: s", f"  {name!r}: {{model: s"))
+    assert message.startswith(f"routes.{name} (line 13)") and "no '/' at either end" in message
+
+
+def test_a_name_may_hold_inner_slashes() -> None:
+    assert "org/fast" in load_policy_text(VALID.replace("  fast: {model: s", "  org/fast: {model: s")).policy.routes
+
+
 def test_tier_mismatch_in_pair() -> None:
     assert any("tier" in p for p in problems(VALID.replace("pair: {small: s, large: l}", "pair: {small: l, large: s}")))
 
