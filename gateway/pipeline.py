@@ -32,6 +32,7 @@ from gateway.classifier import ClassifierError
 from gateway.classifier.text import request_text
 from gateway.config.schema import Price
 from gateway.core import model as core
+from gateway.core.headers import dropped_header
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.drain import DEFAULT_DRAIN_S, Drain
 from gateway.errors import GatewayError, InvalidRequestError, ShuttingDownError, UpstreamError
@@ -800,6 +801,13 @@ class ChatPipeline:
         if record.p_large is not None:
             headers["x-gateway-p-large"] = f"{record.p_large:.4f}"
             headers["x-gateway-router-version"] = record.router_version or "shipped"
+        if (
+            x.body is not None and record.model
+        ):  # a chat client's request, which a translating upstream may not carry whole
+            provider = x.runtime.providers.get(record.model)
+            dropped = dropped_header(provider.not_carried(x.request)) if provider is not None else None
+            if dropped:
+                headers["x-gateway-dropped"] = dropped
         return headers
 
     def _error_answer(self, x: _Exchange, exc: GatewayError) -> Answer:

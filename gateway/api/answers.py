@@ -8,16 +8,14 @@ own: its edge relays it.)
 
 from __future__ import annotations
 
-import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 
+from gateway.core.headers import dropped_header
 from gateway.core.model import Answer as CoreAnswer
 from gateway.core.replay import deltas_of
 from gateway.pipeline import Answer, DeltaBatch, StreamBroke, StreamingAnswer, StreamingDeltas
 
 __all__ = ["StreamBroke", "answer_of", "delta_batches", "dropped_header", "streams"]
-
-_HEADER_SAFE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 def answer_of(answer: Answer) -> CoreAnswer:
@@ -45,11 +43,3 @@ async def delta_batches(answer: Answer | StreamingDeltas) -> AsyncIterator[Delta
         return
     yield deltas_of(answer_of(answer))
     yield None
-
-
-def dropped_header(names: Iterable[str]) -> str | None:
-    """The ``x-gateway-dropped`` value, or None when nothing was dropped. Names come from the
-    client (unknown fields): one a header cannot carry (a newline, a NUL, non-Latin text) or a
-    very long one is written as ``?`` rather than breaking the response."""
-    shown = [name if _HEADER_SAFE_NAME.fullmatch(name) else "?" for name in names]
-    return ",".join(dict.fromkeys(shown)) or None

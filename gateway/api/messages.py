@@ -32,7 +32,7 @@ from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.core.model import Request as CoreRequest
 from gateway.core.model import UsageReport
-from gateway.errors import GatewayError, UpstreamError
+from gateway.errors import GatewayError, InvalidRequestError, UpstreamError
 from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
@@ -43,6 +43,7 @@ __all__ = ["count_message_tokens", "create_message"]
 
 _CLIENT_GONE = Response(content=b"", status_code=499)
 _PROTOCOL = "anthropic.messages"
+_ONLY_CHAT_UPSTREAMS_LOSE = frozenset({"thinking", "tool_result.image", "tool_result.is_error"})
 _log = structlog.get_logger("gateway.messages")
 
 
@@ -62,10 +63,18 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
                 if beta:
                     passthrough.headers["anthropic-beta"] = beta
         else:
+            unread = anthropic.fields_not_read(body) if body is not None else []
+            if unread:  # Anthropic's own fields (``thread``, ``context_management``, ...): no translation holds them
+                raise InvalidRequestError(
+                    f"{', '.join(unread)}: not supported on a route that may reach a model other than "
+                    "Anthropic's (use a route whose models are all Anthropic's)",
+                    param=unread[0],
+                )
             decoded = anthropic.decode_request(raw)
             # no upstream of the route but Anthropic's can honour these
             lost = ["thinking"] if decoded.thinking is not None else []
             lost += openai_chat.lost_on_chat_upstreams(decoded)
+            lost += anthropic.nested_fields_not_carried(body) if body is not None else []
             decoded.dropped.extend(name for name in dict.fromkeys(lost) if name not in decoded.dropped)
         decoded.betas = request.headers.get("anthropic-beta") or None  # a translated request's too
         asked.append(decoded)
@@ -141,8 +150,8 @@ def _dropped(request: Request[Any, Any, Any], asked: CoreRequest, answered_by: s
     when one answered (an Anthropic model takes ``thinking`` and a tool result's images)."""
     models = request.app.state.gateway.holder.current.policy.models
     answerer = models.get(answered_by or "")
-    if answerer is not None and answerer.provider == "anthropic":
-        return [name for name in asked.dropped if name == "top_k"]  # the one field no translation carries
+    if answerer is not None and answerer.provider == "anthropic":  # what no translation carries
+        return [name for name in asked.dropped if name not in _ONLY_CHAT_UPSTREAMS_LOSE]
     return asked.dropped
 
 
@@ -175,7 +184,9 @@ def _translatable(raw: bytes, body: dict[str, Any] | None) -> CoreRequest | None
         decoded = anthropic.decode_request(raw)
     except GatewayError:
         return None
-    return None if decoded.dropped or anthropic.fields_not_read(body) else decoded
+    if decoded.dropped or anthropic.fields_not_read(body) or anthropic.nested_fields_not_carried(body):
+        return None
+    return decoded
 
 
 def _message_of(body: bytes) -> str:

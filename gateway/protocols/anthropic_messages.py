@@ -52,6 +52,7 @@ __all__ = [
     "encode_request",
     "error_type_for",
     "fields_not_read",
+    "nested_fields_not_carried",
     "usage_body",
     "usage_from_wire",
 ]
@@ -97,6 +98,7 @@ class _Tool(_Wire):
     description: str | None = None
     type: str | None = None
     cache_control: dict[str, Any] | None = None
+    strict: bool | None = None
 
 
 class _ToolChoice(_Wire):
@@ -133,6 +135,46 @@ def fields_not_read(body: dict[str, Any]) -> list[str]:
     """Top-level fields of a request body that :func:`decode_request` does not read (a
     translation would lose them: ``container``, ``mcp_servers``, ``context_management``, ...)."""
     return [name for name in body if name not in _READ_FIELDS]
+
+
+_CARRIED: dict[str, frozenset[str]] = {
+    "text": frozenset({"type", "text", "cache_control"}),
+    "image": frozenset({"type", "source", "cache_control"}),
+    "tool_use": frozenset({"type", "id", "name", "input"}),
+    "tool_result": frozenset({"type", "tool_use_id", "content", "is_error"}),
+    "thinking": frozenset({"type", "thinking", "signature"}),
+    "redacted_thinking": frozenset({"type", "data"}),
+}
+"""What the internal model keeps of each block a translation carries (a ``tool_result``'s
+``cache_control``, a text block's ``citations``, ... it has no place for)."""
+_TOOL_CARRIED = frozenset({"name", "input_schema", "description", "type", "cache_control", "strict"})
+
+
+def nested_fields_not_carried(body: dict[str, Any]) -> list[str]:
+    """Fields of blocks and tools a translation would lose, as ``<block type>.<field>``
+    (``tool_result.cache_control``: Claude Code's usual prompt-cache breakpoint)."""
+    lost: dict[str, None] = {}
+    system = body.get("system")
+    blocks: list[Any] = list(system) if isinstance(system, list) else []
+    for turn in body.get("messages") or ():
+        content = turn.get("content") if isinstance(turn, dict) else None
+        if isinstance(content, list):
+            blocks.extend(content)
+    while blocks:
+        block = blocks.pop()
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        carried = _CARRIED.get(kind) if isinstance(kind, str) else None
+        if carried is None:
+            continue  # a block the decoder refuses or names itself
+        lost.update((f"{kind}.{name}", None) for name in block if name not in carried)
+        if kind == "tool_result" and isinstance(block.get("content"), list):
+            blocks.extend(block["content"])
+    for tool in body.get("tools") or ():
+        if isinstance(tool, dict):
+            lost.update((f"tools.{name}", None) for name in tool if name not in _TOOL_CARRIED)
+    return sorted(lost)
 
 
 def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool = False) -> Request:
@@ -271,7 +313,7 @@ def _tool(tool: _Tool, where: str) -> Tool:
         raise InvalidRequestError(
             f"{where}: server tools ({tool.type or 'no input_schema'}) are not supported; give an input_schema"
         )
-    return Tool(tool.name, tool.input_schema, tool.description, tool.cache_control)
+    return Tool(tool.name, tool.input_schema, tool.description, tool.cache_control, tool.strict)
 
 
 def _choice(choice: _ToolChoice | None) -> ToolChoice | None:
@@ -301,7 +343,8 @@ def encode_request(request: Request, model: str, *, stream: bool) -> dict[str, A
     messages alternate user/assistant as Anthropic requires (consecutive ones of a role
     merged, tool results opening a user turn); assistant reasoning Anthropic did not sign
     is left out, since it would refuse it. Temperature is clamped to Anthropic's [0, 1];
-    ``tool_choice`` ``none`` sends no tools. Structured output (``json_schema``) is
+    ``tool_choice`` ``none`` is Anthropic's own ``none`` (the tools stay: a conversation that
+    holds tool calls needs them, and they open the prompt cache's prefix). Structured output (``json_schema``) is
     ``output_config.format``.
     """
     system, turns = _turns(request.messages)
@@ -325,14 +368,13 @@ def encode_request(request: Request, model: str, *, stream: bool) -> dict[str, A
     if request.json_schema is not None:
         payload["output_config"] = {"format": {"type": "json_schema", "schema": request.json_schema}}
     choice = request.tool_choice
-    if request.tools and not (choice is not None and choice.mode == "none"):
+    if request.tools:
         payload["tools"] = [_tool_entry(tool) for tool in request.tools]
         if choice is not None:
-            wire: dict[str, Any] = {"auto": {"type": "auto"}, "required": {"type": "any"}}.get(choice.mode) or {
-                "type": "tool",
-                "name": choice.name,
-            }
-            if not choice.parallel:
+            wire: dict[str, Any] = {"type": "tool", "name": choice.name}
+            if choice.mode != "tool":
+                wire = {"type": {"auto": "auto", "required": "any", "none": "none"}[choice.mode]}
+            if not choice.parallel and choice.mode != "none":  # Anthropic's none takes no other field
                 wire = {**wire, "disable_parallel_tool_use": True}
             payload["tool_choice"] = wire
     if stream:
@@ -435,6 +477,8 @@ def _tool_entry(tool: Tool) -> dict[str, Any]:
     if tool.description is not None:
         entry["description"] = tool.description
     entry["input_schema"] = tool.parameters
+    if tool.strict is not None:
+        entry["strict"] = tool.strict
     return _marked(entry, tool.cache_control)
 
 
@@ -444,6 +488,7 @@ _FINISH_OF: dict[str, FinishReason] = {
     "end_turn": "stop",
     "stop_sequence": "stop_sequence",
     "max_tokens": "length",
+    "model_context_window_exceeded": "length",  # cut short, as by max_tokens
     "tool_use": "tool_calls",
     "refusal": "content_filter",
     "pause_turn": "stop",

@@ -248,7 +248,8 @@ def request_from_chat_body(body: dict[str, Any]) -> Request:
 _MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 _ECHOED_FIELDS = frozenset({"annotations", "reasoning_content", "reasoning", "thinking_blocks"})
 """Fields of an answer's message that a client sends back with it, which change no next answer
-(citations; the reasoning, which chat servers do not show the model again)."""
+(citations; the reasoning, which chat servers do not show the model again), except Anthropic's
+signed ``thinking_blocks``, which go back to it (:func:`_echoed_thinking`)."""
 
 
 def _internal_message(message: Any, i: int) -> Message:
@@ -268,15 +269,30 @@ def _internal_message(message: Any, i: int) -> Message:
     if role == "user":
         return Message("user", _internal_parts(content, i), name=name)
     if role == "assistant":
-        return Message(
-            "assistant", _internal_parts(content, i), _internal_calls(message.get("tool_calls"), i), name=name
-        )
+        parts = _internal_parts(content, i)
+        if message.get("thinking_blocks") and not any(
+            isinstance(p, ThinkingPart | RedactedThinkingPart) for p in parts
+        ):
+            parts = (*_echoed_thinking(message), *parts)
+        return Message("assistant", parts, _internal_calls(message.get("tool_calls"), i), name=name)
     if role == "tool":
         call_id = message.get("tool_call_id")
         if not isinstance(call_id, str):
             raise InvalidRequestError(f"messages[{i}]: a tool message needs a tool_call_id", param="messages")
         return Message("tool", _internal_parts(content, i), tool_call_id=call_id)
     raise InvalidRequestError(f"messages[{i}]: role {role!r} is not supported", param="messages")
+
+
+def _echoed_thinking(message: dict[str, Any]) -> list[ThinkingPart | RedactedThinkingPart]:
+    """The signed reasoning of an answer (its ``thinking_blocks``) sent back with it: Anthropic
+    requires it before the tool calls it led to. A streamed answer's block has its text in the
+    ``reasoning_content`` deltas and only the signature in ``thinking_blocks``."""
+    parts = [part for part in _thinking(message) if not isinstance(part, ThinkingPart) or part.signature]
+    reasoning = message.get("reasoning_content")
+    signed = [part for part in parts if isinstance(part, ThinkingPart)]
+    if len(signed) == 1 and not signed[0].text and isinstance(reasoning, str) and reasoning:
+        parts[parts.index(signed[0])] = ThinkingPart(reasoning, signed[0].signature)
+    return parts
 
 
 def _internal_parts(content: Any, i: int) -> tuple[Part, ...]:

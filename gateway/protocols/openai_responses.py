@@ -609,11 +609,11 @@ class _Item:
 class StreamEncoder:
     """Deltas to OpenAI's Responses events, ``response.created`` first and ``response.completed`` last.
 
-    Output items are sequential: a reasoning item (the model's reasoning, as vLLM's
-    Responses API shows it), a message item (text) or a function call's item closes when
-    the next one starts. Tool arguments for an item that has closed (OpenAI upstreams
-    stream parallel calls one after another, so this does not happen in practice) are
-    dropped. An answer with no output at all still ends with an (empty) message item.
+    A reasoning item (the model's reasoning, as vLLM's Responses API shows it) or a message
+    item (text) closes when the next item starts. Function call items stay open together
+    until the answer ends (or text follows them): vLLM announces parallel calls first and
+    then interleaves their arguments, and each delta names its item. An answer with no
+    output at all still ends with an (empty) message item.
     """
 
     __slots__ = (
@@ -624,6 +624,7 @@ class StreamEncoder:
         "_items",
         "_make_id",
         "_open",
+        "_open_calls",
         "_response_id",
         "_sequence",
         "_usage",
@@ -638,6 +639,8 @@ class StreamEncoder:
         self._sequence = 0
         self._items: list[_Item] = []
         self._open: _Item | None = None
+        """The open reasoning or message item."""
+        self._open_calls: list[_Item] = []
         self._calls: dict[int, _Item] = {}
         """Function call items by the upstream's tool call index."""
         self._finish: FinishReason | None = None
@@ -665,7 +668,7 @@ class StreamEncoder:
                 item = _Item("function_call", self._make_id("fc"), len(self._items), delta.id, delta.name)
                 self._items.append(item)
                 self._calls[delta.index] = item
-                self._open = item
+                self._open_calls.append(item)
                 out += self._event(
                     "response.output_item.added", {"output_index": item.index, "item": item.body("in_progress")}
                 )
@@ -673,8 +676,8 @@ class StreamEncoder:
                 call = self._calls.get(delta.index)
                 if call is None:
                     continue
-                call.arguments += delta.fragment  # a closed call's too (interleaved): response.completed has them all
-                if call is self._open:
+                call.arguments += delta.fragment  # a closed call's too: response.completed has them all
+                if call in self._open_calls:
                     out += self._event(
                         "response.function_call_arguments.delta", {**self._where(call), "delta": delta.fragment}
                     )
@@ -693,7 +696,7 @@ class StreamEncoder:
         out = b""
         if all(item.kind == "reasoning" for item in self._items):  # as a whole answer: a message, if empty
             out += self._close() + self._begin_message()
-        out += self._close()
+        out += self._close() + self._close_calls()
         self.response = self._response(None, [item.body(self._status_of(item)) for item in self._items], self._usage)
         return out
 
@@ -705,7 +708,8 @@ class StreamEncoder:
 
     def fail(self, message: str, code: str = "server_error") -> bytes:
         """The stream broke after it began: ``response.failed`` with what was output so far."""
-        output = [item.body("completed" if item is not self._open else "incomplete") for item in self._items]
+        cut = [self._open, *self._open_calls]
+        output = [item.body("incomplete" if item in cut else "completed") for item in self._items]
         response = self._response("failed", output, self._usage, error={"code": code, "message": message})
         return self._event("response.failed", {"response": response})
 
@@ -757,7 +761,9 @@ class StreamEncoder:
 
     def _text_into(self, kind: str, begin: Callable[[], bytes], event: str, text: str, **extra: Any) -> bytes:
         """``text`` added to the open item of ``kind`` (begun first, when another one is open)."""
-        out = b"" if self._open is not None and self._open.kind == kind else self._close() + begin()
+        out = (
+            b"" if self._open is not None and self._open.kind == kind else self._close_calls() + self._close() + begin()
+        )
         assert self._open is not None
         self._open.text += text
         return out + self._event(event, {**self._where(self._open), "content_index": 0, "delta": text, **extra})
@@ -768,10 +774,16 @@ class StreamEncoder:
         self._open = item
         return self._event("response.output_item.added", {"output_index": item.index, "item": item.body("in_progress")})
 
+    def _close_calls(self) -> bytes:
+        calls, self._open_calls = self._open_calls, []
+        return b"".join(self._closed(call) for call in calls)
+
     def _close(self) -> bytes:
         item, self._open = self._open, None
-        if item is None:
-            return b""
+        return b"" if item is None else self._closed(item)
+
+    def _closed(self, item: _Item) -> bytes:
+        """An item's closing events."""
         where = self._where(item)
         if item.kind == "reasoning":
             out = self._event("response.reasoning_text.done", {**where, "content_index": 0, "text": item.text})

@@ -18,7 +18,7 @@ by :func:`gateway.protocols.anthropic_messages.encode_request`. For a chat clien
   Anthropic requires it); ``temperature`` (clamped to [0, 1]); ``top_p``; ``stop`` →
   ``stop_sequences``; ``user`` → ``metadata.user_id``; ``tools`` → ``tools``
   (``parameters`` → ``input_schema``); ``tool_choice`` ``auto`` / ``required`` /
-  named function → ``auto`` / ``any`` / ``tool``, ``none`` omits the tools;
+  named function / ``none`` → ``auto`` / ``any`` / ``tool`` / ``none``; a tool's ``strict``;
   ``parallel_tool_calls: false`` → ``disable_parallel_tool_use``.
 - ``thinking`` (the gateway's carrier for Anthropic's setting) is passed on, and so are
   assistant ``thinking`` / ``redacted_thinking`` parts (signed reasoning from earlier
@@ -26,9 +26,10 @@ by :func:`gateway.protocols.anthropic_messages.encode_request`. For a chat clien
   upstream's) is left out, since Anthropic would refuse it.
 - Dropped, having no Anthropic equivalent: ``n`` (``n > 1`` is refused with a 400),
   ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``seed``,
-  ``response_format``, ``logprobs``, ``top_logprobs``, ``stream_options``, the
-  deprecated ``functions`` / ``function_call``, tools' ``strict`` and any other
-  unknown field.
+  ``response_format`` (a JSON schema aside), ``logprobs``, ``top_logprobs``, the
+  deprecated ``functions`` / ``function_call`` and any other unknown field: each is named
+  in ``x-gateway-dropped`` (:meth:`AnthropicProvider.not_carried`), as are an image's
+  ``detail`` and a temperature above 1.
 
 Response (Anthropic → OpenAI), through the internal model too: the Messages codec reads the
 message (``decode_answer``) or the stream (``StreamDecoder``), the chat codec writes the
@@ -90,6 +91,9 @@ class AnthropicProvider(Provider):
             headers["anthropic-beta"] = betas
         return headers
 
+    def not_carried(self, request: core.Request) -> list[str]:
+        return _not_carried(request)
+
     async def complete(self, request: core.Request, body: dict[str, Any] | None = None) -> Completion:
         payload = _translate_request(self.name, self.upstream_model, request, stream=False)
         response = await self._post(_MESSAGES_PATH, payload, self._headers(request.betas), stream=False)
@@ -135,6 +139,20 @@ class AnthropicProvider(Provider):
 
 
 # -- request translation ------------------------------------------------------
+
+_HONOURED_EXTRA = frozenset({"n", "stream_options", "gateway_cache"})
+"""Chat fields Anthropic is not sent that the gateway honours itself (``n > 1`` is refused)."""
+
+
+def _not_carried(request: core.Request) -> list[str]:
+    lost = [name for name, value in request.extra.items() if value is not None and name not in _HONOURED_EXTRA]
+    if request.json_schema is not None and "response_format" in lost:
+        lost.remove("response_format")  # a JSON schema is output_config.format there
+    if request.temperature is not None and request.temperature > 1:
+        lost.append("temperature")  # clamped to Anthropic's 1
+    if any(isinstance(part, core.ImagePart) and part.detail for m in request.messages for part in m.parts):
+        lost.append("image_url.detail")
+    return lost
 
 
 def _translate_request(upstream: str, model: str, request: core.Request, *, stream: bool) -> dict[str, Any]:

@@ -313,6 +313,11 @@ class Provider(ABC):
     async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
         """Start a streamed answer; returns once the upstream accepted it (HTTP errors raise here)."""
 
+    def not_carried(self, request: core.Request) -> list[str]:
+        """What of a chat client's request this upstream is not sent (for ``x-gateway-dropped``);
+        an OpenAI-compatible upstream gets the client's body as it came."""
+        return []
+
     async def embed(
         self, inputs: list[str] | list[list[int]], dimensions: int | None, extra: Mapping[str, Any] | None = None
     ) -> Embeddings:

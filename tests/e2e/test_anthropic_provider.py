@@ -274,6 +274,7 @@ async def test_request_translation(upstream: tuple[FakeAnthropic, Provider]) -> 
                 "name": "get_weather",
                 "description": "Weather for a city",
                 "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+                "strict": True,
             }
         ],
         "tool_choice": {"type": "tool", "name": "get_weather"},
@@ -300,11 +301,31 @@ async def test_request_options(upstream: tuple[FakeAnthropic, Provider]) -> None
     assert server.last_body["max_tokens"] == 50
     assert server.last_body["tool_choice"] == {"type": "auto"}
 
-    await provider.complete(*as_sent(_body(tools=tools, tool_choice="none")))
-    assert "tools" not in server.last_body and "tool_choice" not in server.last_body
+    # Anthropic's own none: the tools stay (a conversation holding tool calls needs them)
+    await provider.complete(*as_sent(_body(tools=tools, tool_choice="none", parallel_tool_calls=False)))
+    assert server.last_body["tool_choice"] == {"type": "none"} and len(server.last_body["tools"]) == 1
+
+    strict = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}, "strict": True}}]
+    await provider.complete(*as_sent(_body(tools=strict)))
+    assert server.last_body["tools"] == [{"name": "f", "input_schema": {"type": "object"}, "strict": True}]
 
     await provider.complete(*as_sent(_body(tools=tools, parallel_tool_calls=False)))
     assert server.last_body["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
+
+
+def test_what_a_chat_request_cannot_carry_to_anthropic_is_named(upstream: tuple[FakeAnthropic, Provider]) -> None:
+    _, provider = upstream
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "high"}}
+    body = _body(
+        messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}],
+        seed=1, logprobs=True, response_format={"type": "json_object"}, temperature=1.5, n=1,
+        stream_options={"include_usage": True}, reasoning_effort="high",
+    )  # fmt: skip
+    assert provider.not_carried(as_sent(body)[0]) == [
+        "seed", "logprobs", "response_format", "reasoning_effort", "temperature", "image_url.detail",
+    ]  # fmt: skip
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    assert provider.not_carried(as_sent(_body(response_format=schema))[0]) == []  # output_config.format
 
 
 async def test_n_above_one_is_refused(upstream: tuple[FakeAnthropic, Provider]) -> None:

@@ -241,6 +241,38 @@ def test_a_route_that_may_reach_another_upstream_still_refuses_what_it_cannot_ca
     assert "server tools" in answer.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("field", ["thread", "context_management", "container", "service_tier"])
+def test_a_route_that_may_reach_another_upstream_refuses_anthropics_own_fields_naming_them(
+    gateway: GatewayProcess, field: str
+) -> None:
+    """The SDK's tool runner sends only the new turns with ``thread``: answered without it, the
+    model would see a lone tool result (and the SDK falls back to whole turns on a 400)."""
+    body = {"model": "fast", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}], field: {"type": "x"}}
+    answer = httpx.post(f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": "k"})
+    assert answer.status_code == 400 and answer.json()["error"]["type"] == "invalid_request_error"
+    assert answer.json()["error"]["message"].startswith(f"{field}: not supported on a route that may reach")
+
+
+def test_a_block_field_a_translation_would_lose_sends_the_request_through_as_it_came(
+    claude: anthropic.Anthropic, large_upstream: SimulatedUpstream
+) -> None:
+    """Claude Code's prompt-cache breakpoint sits on the last tool result."""
+    turns: list[Any] = [
+        {"role": "user", "content": "weather in Lima?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny",
+             "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+        ]},
+    ]  # fmt: skip
+    tools: Any = [{"name": "weather", "input_schema": {"type": "object"}, "strict": True}]
+    raw = claude.messages.with_raw_response.create(model="claude", max_tokens=64, messages=turns, tools=tools)
+    assert raw.parse().content and "x-gateway-dropped" not in raw.headers
+    sent = _last_request(large_upstream)["body"]
+    assert sent["messages"][2]["content"][0]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
+    assert sent["tools"][0]["strict"] is True
+
+
 def test_a_request_the_internal_model_holds_is_translated(
     claude: anthropic.Anthropic, gateway: GatewayProcess, large_upstream: SimulatedUpstream
 ) -> None:

@@ -267,7 +267,10 @@ def test_sighup_during_start_up_is_never_fatal(
                 -3000:
             ]
             time.sleep(0.01)
-        path.write_text(policy.replace("fast: {model: small, fallbacks: [large]}", "fast: {model: large}"))
+        # written whole, as config tools do (a start that reads a file mid-write fails, as it should)
+        edited = tmp_path / "policies.yaml.new"
+        edited.write_text(policy.replace("fast: {model: small, fallbacks: [large]}", "fast: {model: large}"))
+        os.replace(edited, path)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # an edit, and reloads asked while it starts
             os.kill(process.pid, signal.SIGHUP)

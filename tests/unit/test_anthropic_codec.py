@@ -252,6 +252,38 @@ def test_signed_thinking_travels_in_the_chat_body_and_never_to_an_openai_upstrea
     assert for_openai_upstream(simple) is simple  # nothing to take out: not copied
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_answers_signed_thinking_sent_back_by_a_chat_client_reaches_anthropic(streamed: bool) -> None:
+    """``messages.append(completion.choices[0].message)``: Anthropic refuses a tool-result turn
+    whose assistant turn lost its thinking. A streamed answer's block has its text in the
+    ``reasoning_content`` deltas and only the signature in ``thinking_blocks``."""
+    block = {"type": "thinking", "thinking": "" if streamed else "Let me think.", "signature": "sig_1"}
+    echoed = {
+        "role": "assistant", "content": "Checking.", "reasoning_content": "Let me think.",
+        "thinking_blocks": [block, {"type": "redacted_thinking", "data": "blob"}],
+        "tool_calls": [{"id": "toolu_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    }  # fmt: skip
+    body = {"model": "m", "messages": [
+        {"role": "user", "content": "go"}, echoed, {"role": "tool", "tool_call_id": "toolu_1", "content": "ok"},
+    ]}  # fmt: skip
+    sent = anthropic.encode_request(openai_chat.read_chat_request(body), "claude", stream=False)
+    assert sent["messages"][1]["content"][:2] == [
+        {"type": "thinking", "thinking": "Let me think.", "signature": "sig_1"},
+        {"type": "redacted_thinking", "data": "blob"},
+    ]
+    unsigned = {**echoed, "thinking_blocks": None}  # vLLM's reasoning is never sent back
+    plain = anthropic.encode_request(openai_chat.read_chat_request({**body, "messages": [
+        body["messages"][0], unsigned, body["messages"][2]]}), "claude", stream=False)  # fmt: skip
+    assert [block["type"] for block in plain["messages"][1]["content"]] == ["text", "tool_use"]
+
+
+def test_a_context_window_stop_reads_as_a_cut_answer() -> None:
+    message = {"id": "m", "type": "message", "role": "assistant", "model": "c", "content": [{"type": "text", "text": "a"}],
+               "stop_reason": "model_context_window_exceeded", "usage": {"input_tokens": 1, "output_tokens": 1}}  # fmt: skip
+    answer = anthropic.decode_answer(message)
+    assert answer is not None and answer.finish_reason == "length"
+
+
 def test_streamed_thinking_becomes_a_thinking_block_closed_by_its_signature() -> None:
     reader, encoder = openai_chat.ChunkReader(), anthropic.StreamEncoder("msg_1", "m", 0)
     chunks: list[dict[str, Any]] = [

@@ -323,6 +323,23 @@ def test_a_stream_of_text_and_a_call_follows_openais_event_order() -> None:
     )
 
 
+def test_parallel_calls_whose_arguments_interleave_close_with_all_their_arguments() -> None:
+    """vLLM announces both calls, then interleaves their arguments: clients act on each call's
+    ``output_item.done`` (Codex, the Agents SDK), so each must carry its whole arguments."""
+    encoder = codec.StreamEncoder(_decode(input="x", stream=True), "resp_1", 1, _ids())
+    out = encoder.start() + encoder.feed([ToolCallStart(0, "call_a", "f"), ToolCallStart(1, "call_b", "g")])
+    out += encoder.feed([ToolArgumentsDelta(0, '{"a"'), ToolArgumentsDelta(1, '{"b":2}'), ToolArgumentsDelta(0, ":1}")])
+    out += encoder.feed([Finish("tool_calls")]) + encoder.finish()
+    names, events, state = _replay(out)
+    done = {event.item.call_id: event.item.arguments for event in events if event.type == "response.output_item.done"}
+    assert done == {"call_a": '{"a":1}', "call_b": '{"b":2}'}
+    deltas = [(event.output_index, event.delta) for event in events if event.type.endswith("arguments.delta")]
+    assert deltas == [(0, '{"a"'), (1, '{"b":2}'), (0, ":1}")]
+    final = state._completed_response
+    assert final is not None and [getattr(item, "arguments", None) for item in final.output] == ['{"a":1}', '{"b":2}']
+    assert names[-1] == "response.completed"
+
+
 def test_a_reasoning_models_reasoning_comes_as_a_reasoning_item_streamed_or_not() -> None:
     """What a chat upstream says as reasoning_content reaches a Responses client as vLLM's
     Responses API shows it: a reasoning item with the text, before the message."""
