@@ -25,7 +25,8 @@ class CachePlan:
     semantic_set: str | None
     """The vector set to search and fill, or None when the semantic cache does not apply."""
     prompt: str
-    """The text the semantic guard compares: the conversation's user and assistant turns."""
+    """The text the semantic guard compares: the last user turn (everything before it is in the
+    namespace, which must match exactly)."""
 
 
 def plan_cache(
@@ -53,15 +54,23 @@ def plan_cache(
         and temperature <= semantic.max_temperature
         and (semantic.tools or not (request.tools or extra.get("functions")))
         and (semantic.multi_turn or len(turns) == 1)
+        and turns[-1].role == "user"  # a tool result's meaning is the state of a loop, not a question
         and len(prompt) <= SEMANTIC_MAX_CHARS
         and _text_only(request.messages)
     ):
         system = "\n".join(_text(m) for m in request.messages if m.role == "system")
-        earlier = [(m.role, _text(m)) for m in turns[:-1]]
+        earlier = [_exactly(m) for m in turns[:-1]]
         semantic_set = keyspace.semantic_index(
             tenant, namespace_hash(route, system, {"params": answer_params(request), "earlier": earlier})
         )
     return CachePlan(read, write, exact_key(tenant, route, request), semantic_set, prompt)
+
+
+def _exactly(message: Message) -> list[Any]:
+    """An earlier turn as the namespace holds it: everything that can change the next answer (the
+    tool calls asked and their results' errors too), the ids that only link a call to its result aside."""
+    calls = [(call.name, call.arguments) for call in message.tool_calls]
+    return [message.role, _text(message), calls, message.is_error, message.name]
 
 
 def _text_only(messages: list[Message]) -> bool:

@@ -212,7 +212,10 @@ def start_embedded_redis(
         f"dir {data}",
         "dbfilename dump.rdb",
         "save 300 100",
-        "appendonly no",
+        # usage, spent budgets and rate windows live here: a restart must not forget them
+        # (the log has every request; /v1/usage and the limits read Redis)
+        "appendonly yes",
+        "appendfsync everysec",
         "daemonize no",
         f"pidfile {data / 'redis.pid'}",
         f"logfile {data / 'redis.log'}",

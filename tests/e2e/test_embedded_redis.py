@@ -50,6 +50,23 @@ def test_defect6_the_embedded_redis_admits_nobody_without_its_password(private_r
     assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "volatile-ttl"
 
 
+def test_a_crashed_embedded_redis_comes_back_with_usage_and_budgets(tmp_path: Path) -> None:
+    """Append-only: a crash loses at most the last second (the snapshot alone lost up to 5 minutes)."""
+    server = start_embedded_redis(tmp_path / "redis")
+    try:
+        redis.Redis.from_url(server.url).set("usage:spent", "20")
+        time.sleep(1.5)  # appendfsync everysec
+        os.kill(server.pid, signal.SIGKILL)
+        server.process.wait(10)
+    finally:
+        server.stop()
+    again = start_embedded_redis(tmp_path / "redis")
+    try:
+        assert redis.Redis.from_url(again.url).get("usage:spent") == b"20"
+    finally:
+        again.stop()
+
+
 async def test_defect6_a_full_redis_evicts_cache_entries_and_never_a_budget(private_redis: EmbeddedRedis) -> None:
     policy = load_policy_text(_LIMITED_POLICY, environ={}).policy
     shared = SharedRedis(connect(private_redis.url, timeout_s=2), Metrics())

@@ -84,6 +84,30 @@ def test_tool_requests_skip_the_semantic_cache_unless_allowed() -> None:
     assert plan is not None and plan.semantic_set is not None
 
 
+def test_tool_loops_share_a_semantic_namespace_only_when_their_calls_match() -> None:
+    """An agent that asked the weather in London must not get the answer the Paris loop got."""
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    allowed = CachePolicy(semantic=SemanticCachePolicy(enabled=True, tools=True, multi_turn=True))
+
+    def loop(city: str, call_id: str, *then: dict[str, Any]) -> CachePlan | None:
+        call = {"id": call_id, "type": "function", "function": {"name": "weather", "arguments": f'{{"city":"{city}"}}'}}
+        messages = [
+            {"role": "user", "content": "What is the weather like?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call_id, "content": "18 degrees and sunny"},
+            *then,
+        ]
+        return _plan({"model": "fast", "temperature": 0, "tools": tools, "messages": messages}, policy=allowed)
+
+    assert all(plan is not None and plan.semantic_set is None for plan in (loop("Paris", "c1"), loop("London", "c2")))
+    umbrella = {"role": "user", "content": "Should I pack an umbrella?"}
+    paris, london = loop("Paris", "c1", umbrella), loop("London", "c2", umbrella)
+    again = loop("Paris", "call_other_id", umbrella)
+    assert paris is not None and london is not None and again is not None
+    assert paris.semantic_set is not None and paris.semantic_set != london.semantic_set
+    assert again.semantic_set == paris.semantic_set  # the ids only link a call to its result
+
+
 def test_images_and_very_long_prompts_use_the_exact_cache_alone() -> None:
     # The embedding and the verifier read text only: another image under the same words got
     # the first image's answer (p 1.0, found by an outside tester).
