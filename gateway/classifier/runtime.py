@@ -57,6 +57,26 @@ class RouterScore:
     """The text's surface features (gateway/classifier/features.py), where the routing head read them."""
 
 
+class _Encoded:
+    """Token ids put together from two encodings (what :meth:`Classifier._run` reads of one)."""
+
+    __slots__ = ("ids",)
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+
+def _tail_tokenizer(tokenizer: Any, tokens: int) -> Any:
+    """A copy of ``tokenizer`` that keeps a text's last ``tokens`` tokens, without special tokens."""
+    to_str, from_str = getattr(tokenizer, "to_str", None), getattr(type(tokenizer), "from_str", None)
+    if to_str is None or from_str is None:
+        return None
+    tail = from_str(to_str())
+    tail.enable_truncation(max_length=tokens, direction="left")
+    tail.no_padding()
+    return tail
+
+
 class Classifier:
     """Loaded router. Build it with :func:`load_classifier`."""
 
@@ -89,6 +109,9 @@ class Classifier:
         # characters cut before tokenizing (cheap bound on tokenizer work for huge prompts)
         self._max_chars = self.max_tokens * 12
         self._truncate_left = config.get("truncation", "right") == "left"
+        self._tail_tokenizer = _tail_tokenizer(tokenizer, self.max_tokens - 2 - (self.max_tokens - 2) // 2)
+        self.read_ends = True
+        """Read a text longer than the window at both ends (:meth:`_read_ends`); off: its start only."""
         self._input_names = {i.name for i in session.get_inputs()}
         self._out_names = [o.name for o in session.get_outputs()]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-onnx")
@@ -110,6 +133,9 @@ class Classifier:
     def _infer(self, texts: list[str]) -> list[RouterScore]:
         with self._lock:
             encs = self._tokenizer.encode_batch([self._clip(t) for t in texts])
+            long = self.max_tokens if self.read_ends else None
+            read = [self._read_ends(t, e) if len(e.ids) == long else (e, t) for t, e in zip(texts, encs, strict=True)]
+        encs, texts = [e for e, _ in read], [t for _, t in read]
         if self.row_by_row:
             runs = [self._run([e]) for e in encs]
             emb = np.concatenate([r[0] for r in runs])
@@ -133,6 +159,23 @@ class Classifier:
             )
             for i, e in enumerate(encs)
         ]
+
+    def _read_ends(self, text: str, encoding: Any) -> tuple[Any, str]:
+        """A text longer than the window, read at both ends: its first and last half-windows of
+        tokens (a pasted document's request is usually after it, an instruction before it), and
+        the surface features of that text only. The window's start alone scored long prompts
+        at chance (router_models/README.md, "Long prompts")."""
+        if self._truncate_left or self._tail_tokenizer is None:
+            return encoding, text
+        content = self.max_tokens - 2  # [CLS] ... [SEP]
+        head = content // 2
+        tail_chars = text[-(content - head) * 12 :]
+        tail = self._tail_tokenizer.encode(tail_chars, add_special_tokens=False)
+        if not tail.ids:
+            return encoding, text
+        ids = [*encoding.ids[: 1 + head], *tail.ids, encoding.ids[-1]]
+        read = text[: encoding.offsets[head][1]] + "\n" + tail_chars[tail.offsets[0][0] :]
+        return _Encoded(ids), read
 
     def _run(self, encs: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         """One forward pass over tokenized texts, padded to the longest."""

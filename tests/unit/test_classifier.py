@@ -123,6 +123,28 @@ def test_scores_say_when_the_text_ran_past_the_window(clf: Classifier) -> None:
     assert clf.score_batch_sync([" " * 100_000])[0].truncated  # cut by characters before tokenizing
 
 
+def test_a_long_prompt_is_read_at_both_ends(clf: Classifier) -> None:
+    """A pasted document's request usually comes after it: the window's start alone could not
+    tell 'what day is rent due?' from a legal analysis under the same lease."""
+    lease = "The Tenant shall pay rent monthly in advance on the first day of each month. " * 12
+    easy, hard = (
+        lease + "\nWhat day is rent due?",
+        lease + "\nIf the landlord accepted late rent three times, has he waived the right to evict for late "
+        "payment, and how does the non-waiver clause interact with that under common law?",
+    )
+    [read_easy, read_hard] = clf.score_batch_sync([easy, hard])
+    assert read_easy.truncated and read_hard.truncated
+    assert not np.array_equal(read_easy.embedding, read_hard.embedding)
+    clf.read_ends = False
+    try:
+        [start_easy, start_hard] = clf.score_batch_sync([easy, hard])
+        [short] = clf.score_batch_sync(["What day is rent due?"])
+    finally:
+        clf.read_ends = True
+    assert np.array_equal(start_easy.embedding, start_hard.embedding)  # the same first 94 tokens
+    assert clf.score_batch_sync(["What day is rent due?"])[0].p_large == short.p_large  # short text: as before
+
+
 async def test_a_lone_request_does_not_wait_for_peers() -> None:
     """The batching wait applies under load only: with a (deliberately absurd) 60 s wait,
     sequential requests must still be answered, each in its own batch."""
