@@ -157,6 +157,8 @@ class PassThrough:
     """The request as the client sent it; None: the route cannot pass it through (translated)."""
     headers: dict[str, str] = field(default_factory=dict)
     """The client's headers that shape the request upstream (``anthropic-beta``)."""
+    held_by: str | None = None
+    """The model whose upstream keeps the state the request continues (a previous response)."""
 
 
 _NO_REQUEST = core.Request(model="", messages=[])
@@ -375,10 +377,19 @@ class ChatPipeline:
         return x.score
 
     async def _route(self, x: _Exchange) -> None:
-        """Classifier routes: small or large by ``p_large``; the route's default when there is no score."""
+        """Classifier routes pick small or large; a request that continues a response an upstream
+        keeps goes where that response is (a classifier's pick that cannot see it would 404)."""
         assert x.plan is not None
-        if x.plan.threshold is None:
-            return
+        if x.plan.threshold is not None:
+            await self._classify(x)
+        relay = x.passthrough
+        if relay is not None and relay.held_by is not None:
+            x.plan = x.runtime.router.continuing(x.plan, relay.held_by)
+            x.record.decision = x.plan.decision
+
+    async def _classify(self, x: _Exchange) -> None:
+        """Small or large by ``p_large``; the route's default when there is no score."""
+        assert x.plan is not None
         router = x.runtime.router
         if x.downgrade:
             x.plan = router.downgrade(x.plan)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.config.schema import LearningPolicy, Policy, RetryPolicy
 from gateway.errors import ModelNotFoundError
@@ -20,7 +20,8 @@ class RoutePlan:
     """The model whose price gives ``baseline_cost_usd``: what the request would have cost without routing."""
     decision: str
     """Why the first candidate: ``fixed``, ``direct``, ``small``/``large`` (classifier), ``default``
-    (classifier route, classifier unavailable), ``budget_downgrade``."""
+    (classifier route, classifier unavailable), ``budget_downgrade``, ``previous_response`` (the
+    model whose upstream keeps the response a request continues)."""
     threshold: float | None = None
     """Classifier routes: send to the large model when ``p_large`` is at or above this."""
     retry: RetryPolicy | None = None
@@ -58,6 +59,7 @@ class Router:
         self._small, self._large = policy.pair.small, policy.pair.large
         self.pair = (policy.pair.small, policy.pair.large)
         self._fallbacks = {name: tuple(route.fallbacks) for name, route in policy.routes.items()}
+        self._stores = {name: (model.base_url, model.api_key_env) for name, model in policy.models.items()}
         self.route_names = tuple(policy.routes)
         self.model_names = tuple(name for name, model in policy.models.items() if model.public)
 
@@ -79,17 +81,30 @@ class Router:
         names = (*plan.candidates, *self.pair) if plan.threshold is not None else plan.candidates
         return tuple(dict.fromkeys(names))
 
+    def continuing(self, plan: RoutePlan, holder: str) -> RoutePlan:
+        """The plan for a request that continues what ``holder``'s upstream keeps (a passed-through
+        previous response): the candidates whose upstream shares that store (one server and key,
+        such as OpenAI's API for all its models), else the holder itself. Any other upstream
+        answers 404: it has never seen the response."""
+        store = self._stores.get(holder)
+        sharing = tuple(name for name in plan.candidates if self._stores.get(name) == store)
+        if sharing:
+            moved = sharing[0] != plan.candidates[0]
+            return replace(plan, candidates=sharing, decision="previous_response" if moved else plan.decision)
+        return RoutePlan(plan.route, (holder,), plan.baseline, "previous_response", retry=plan.retry)
+
     def downgrade(self, plan: RoutePlan) -> RoutePlan:
         """The same route on the small model alone: a nearly spent budget must not reach the large one."""
         return RoutePlan(plan.route, (self._small,), plan.baseline, "budget_downgrade", retry=plan.retry)
 
     def classify(self, plan: RoutePlan, p_large: float, threshold: float | None = None) -> RoutePlan:
         """The pair's large model when ``p_large`` reaches the threshold (``threshold``, else the
-        route's), else the small; the route's other fallbacks follow."""
+        route's), else the small; the route's fallbacks follow, then its own model (a large pick
+        with the large upstream down is answered by the small one, not refused)."""
         threshold = plan.threshold if threshold is None else threshold
         assert threshold is not None
         chosen, decision = (self._large, "large") if p_large >= threshold else (self._small, "small")
-        candidates = tuple(dict.fromkeys([chosen, *self._fallbacks.get(plan.route, ())]))
+        candidates = tuple(dict.fromkeys([chosen, *self._fallbacks.get(plan.route, ()), *plan.candidates]))
         return RoutePlan(
             plan.route,
             candidates,

@@ -105,6 +105,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         ):
             turn.decoded = decoded
             passthrough.body = _without_shared_state(msgspec.json.decode(raw))
+            passthrough.held_by = previous.held_by if previous is not None else None
             return _readable(decoded)
         if previous is not None and previous.held_by is not None:
             raise InvalidRequestError(

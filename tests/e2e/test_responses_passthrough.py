@@ -201,6 +201,15 @@ def test_a_failing_upstream_falls_back_to_the_next_responses_model(
     assert record["fallback_used"] is True and record["retries"] == 2
 
 
+def test_a_follow_up_goes_to_the_upstream_that_keeps_the_previous_response(gateway: GatewayProcess) -> None:
+    """The route would pick gpt-a, whose server has never seen a response gpt-b's server keeps (404)."""
+    client = _client(gateway)
+    first = client.responses.create(model="gpt-b", input="Remember the number 7.")
+    raw = client.responses.with_raw_response.create(model="codex", input="Which number?", previous_response_id=first.id)
+    assert raw.parse().output_text and raw.headers["x-gateway-model"] == "gpt-b"
+    assert raw.headers["x-gateway-decision"] == "previous_response"
+
+
 def test_an_upstream_that_breaks_mid_stream_ends_it_with_an_error_event(
     gateway: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:

@@ -1,0 +1,39 @@
+"""Router: which models a request tries, in order."""
+
+from __future__ import annotations
+
+from gateway.config.loader import load_policy_text
+from gateway.routing import Router
+
+POLICY = """\
+pair: {small: s, large: l}
+models:
+  s: {base_url: "http://127.0.0.1:1", price: {input: 0.1, output: 0.2}, tier: small}
+  l: {base_url: "http://127.0.0.1:2", price: {input: 1, output: 2}, tier: large}
+  l2: {base_url: "http://127.0.0.1:2", price: {input: 1, output: 2}, tier: large}
+routes:
+  auto: {strategy: classifier, model: s, fallbacks: [l], threshold: 0.5}
+  both: {model: s, fallbacks: [l2]}
+auth: {mode: none}
+"""
+
+
+def _router() -> Router:
+    return Router(load_policy_text(POLICY, environ={}).policy)
+
+
+def test_a_large_pick_falls_back_to_the_routes_own_model() -> None:
+    router = _router()
+    auto = router.plan("auto")
+    assert router.classify(auto, 0.9).candidates == ("l", "s")
+    assert router.classify(auto, 0.1).candidates == ("s", "l")
+
+
+def test_a_continued_response_goes_where_its_upstream_keeps_it() -> None:
+    router = _router()
+    both = router.plan("both")
+    shared = router.continuing(both, "l")  # l2 is the same server and key as l
+    assert shared.candidates == ("l2",) and shared.decision == "previous_response"
+    assert router.continuing(both, "s").candidates == ("s",) and router.continuing(both, "s").decision == "fixed"
+    elsewhere = router.continuing(router.plan("s"), "l")
+    assert elsewhere.candidates == ("l",) and elsewhere.decision == "previous_response"
