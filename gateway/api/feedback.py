@@ -12,6 +12,7 @@ takes at most :data:`MAX_LABELS_PER_REQUEST` labels (the last one counts); later
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Literal
 
 import msgspec
@@ -21,12 +22,14 @@ from gateway.api.bodies import read_body
 from gateway.api.credentials import authorization_of
 from gateway.api.state import GatewayState
 from gateway.errors import ConflictError, FeedbackUnavailableError, InvalidRequestError, NotFoundError
-from gateway.learning.examples import LabelledExample
+from gateway.learning.examples import LabelledExample, LearningStore, RoutingTrace
+from gateway.protocols.body import decode_body
 from gateway.store.base import StoreUnavailable
 
 __all__ = ["MAX_LABELS_PER_REQUEST", "feedback"]
 
 _MAX_BODY = 4096
+_TRACE_WAITS_S = (0.05, 0.1, 0.2, 0.4, 0.8)
 MAX_LABELS_PER_REQUEST = 3
 """A changed mind is a label or two more; beyond that a request's labels would only push the
 tenant's other labels out of its bounded list."""
@@ -45,19 +48,14 @@ async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
     runtime = state.holder.current
     principal = runtime.auth.authenticate(authorization_of(request.headers))
     body = await read_body(request, _MAX_BODY, runtime.policy.limits.body_read_timeout_s)
-    try:
-        given = msgspec.json.decode(body, type=_Feedback)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequestError(f"invalid feedback: {exc}") from None
-    except msgspec.DecodeError:
-        raise InvalidRequestError("the body must be a JSON object") from None
+    given = decode_body(body, _Feedback)  # a 400 naming the field that is wrong
     if sum(v is not None for v in (given.label, given.score, given.thumbs)) != 1:
         raise InvalidRequestError("give exactly one of 'label', 'score' or 'thumbs'", param="label")
     if given.score is not None and not 0.0 <= given.score <= 1.0:
         raise InvalidRequestError("'score' must be between 0 and 1", param="score")
     learning = state.learning
     try:
-        trace = await learning.store.trace(principal.tenant, given.request_id)
+        trace = await _written_trace(learning.store, principal.tenant, given.request_id)
     except StoreUnavailable:
         raise FeedbackUnavailableError("feedback cannot be recorded right now (Redis unavailable)") from None
     if trace is None or (trace.key_id != principal.key_id and not principal.admin):
@@ -102,3 +100,16 @@ def _label(given: _Feedback, side: str) -> bool | None:
     if side == "small":
         return not good
     return None
+
+
+async def _written_trace(store: LearningStore, tenant: str, request_id: str) -> RoutingTrace | None:
+    """The request's routing trace, waited for a moment: it is written just after the answer goes
+    out (the client does not wait for the bookkeeping), so feedback sent on a stream's last
+    event can arrive first, and on another worker."""
+    trace = await store.trace(tenant, request_id)
+    for wait_s in _TRACE_WAITS_S:
+        if trace is not None:
+            break
+        await asyncio.sleep(wait_s)
+        trace = await store.trace(tenant, request_id)
+    return trace

@@ -159,6 +159,26 @@ def test_bad_feedback_gets_a_400_in_openais_shape(gateway: GatewayProcess, body:
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_a_bad_feedback_value_names_its_parameter(gateway: GatewayProcess) -> None:
+    error = _feedback(gateway, "alice", {"request_id": "x", "label": "great"}).json()["error"]
+    assert error["param"] == "label"
+
+
+def test_feedback_sent_as_the_stream_ends_finds_its_request(gateway: GatewayProcess) -> None:
+    """The routing trace is written just after the answer goes out; thumbs on a streamed chat
+    are sent the moment the last event arrives."""
+    for n in range(5):
+        body = {"model": "taught", "stream": True, "messages": [{"role": "user", "content": f"Say hi #{n}."}]}
+        headers = {"authorization": f"Bearer {KEYS['alice']}"}
+        with httpx.stream("POST", f"{gateway.base_url}/chat/completions", json=body, headers=headers, timeout=15) as r:
+            request_id = r.headers["x-request-id"]
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    break
+        answered = _feedback(gateway, "alice", {"request_id": request_id, "thumbs": "up"})
+        assert answered.status_code == 200, answered.text
+
+
 def test_feedback_without_a_valid_key_is_401(gateway: GatewayProcess) -> None:
     response = httpx.post(f"{gateway.base_url}/feedback", json={"request_id": "x", "score": 1}, timeout=10)
     assert response.status_code == 401
