@@ -99,16 +99,16 @@ class EmbeddingsPipeline:
             record.baseline_model = plan.candidates[0]
             record.baseline_cost_usd = cost_usd(first.price, record.prompt_tokens, 0)
             body = _response(request, vectors, record.prompt_tokens)
-            return Answer(200, body, _headers(record))
+            return Answer(200, body, _headers(record, started, info))
         except GatewayError as exc:
-            return _error_answer(record, exc)
+            return _error_answer(record, exc, started, info)
         except Exception as exc:  # a bug of ours: answered and logged as what it is, never a lost request
             record.error_type = "internal_error"
             _log.error("internal_error", request_id=request_id, error=type(exc).__name__, where=exception_frames(exc))
             error = GatewayError(
                 "internal error in the gateway; the request id is in x-request-id", code="internal_error"
             )
-            return _error_answer(record, error)
+            return _error_answer(record, error, started, info)
         finally:
             self._finish(runtime, record, info, started, reservation)
 
@@ -276,18 +276,20 @@ def _response(request: _EmbeddingsRequest, vectors: list[np.ndarray], tokens: in
     return msgspec.json.encode({"object": "list", "data": data, "model": request.model, "usage": usage})
 
 
-def _error_answer(record: RequestRecord, exc: GatewayError) -> Answer:
+def _error_answer(record: RequestRecord, exc: GatewayError, started: float, info: DispatchInfo) -> Answer:
     record.status = exc.status_code
     record.error_type = exc.code or exc.error_type
-    return Answer(exc.status_code, exc.to_body(), {**_headers(record), **exc.headers})
+    return Answer(exc.status_code, exc.to_body(), {**_headers(record, started, info), **exc.headers})
 
 
-def _headers(record: RequestRecord) -> dict[str, str]:
+def _headers(record: RequestRecord, started: float, info: DispatchInfo) -> dict[str, str]:
+    overhead_ms = (time.perf_counter() - started - info.upstream_seconds) * 1000
     return {
         "x-request-id": record.request_id,
         "x-gateway-model": record.model or "",
         "x-gateway-route": record.route or "",
         "x-gateway-cache": record.cache,
         "x-gateway-cost-usd": f"{record.cost_usd:.8f}",
+        "x-gateway-overhead-ms": f"{max(0.0, overhead_ms):.3f}",
         "x-gateway-policy-version": record.policy_version or "",
     }

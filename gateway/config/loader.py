@@ -107,7 +107,7 @@ def load_policy_text(
             policy = msgspec.structs.replace(policy, auth=auth)
     if problems or policy is None:
         raise ConfigError(source, problems.messages)
-    warnings = [*(notes or []), *_warnings(policy, environ)]
+    warnings = [*(notes or []), *_warnings(policy, environ, key_file_path(policy, base_dir or Path(".")))]
     return LoadedPolicy(policy, digest.hexdigest()[:12], source, warnings, frozenset(data), text)
 
 
@@ -274,9 +274,24 @@ def _with_placeholders(value: str, environ: Mapping[str, str]) -> tuple[str, lis
             filled[exc.name] = f"http://unset-{exc.name.lower().replace('_', '-')}.invalid"
 
 
-def _warnings(policy: Policy, environ: Mapping[str, str]) -> list[str]:
+def _warnings(policy: Policy, environ: Mapping[str, str], key_file: Path | None = None) -> list[str]:
+    """What is valid but likely not meant: each turns into a 401, a 403 or a limit that never applies."""
     out = []
     for name, model in policy.models.items():
         if model.api_key_env and not environ.get(model.api_key_env):
             out.append(f"models.{name}: {model.api_key_env} is not set; requests to it carry no API key")
+    callable_names = {*policy.routes, *(name for name, model in policy.models.items() if model.public)}
+    for key in policy.auth.keys:
+        unknown = [name for name in key.models if name != "*" and name not in callable_names]
+        if unknown:
+            out.append(f"key {key.id}: models {', '.join(unknown)} are neither routes nor models; it cannot call them")
+        if policy.tenants and key.tenant not in policy.tenants:
+            out.append(f"key {key.id}: tenant {key.tenant!r} is not under tenants:, so no tenant limits apply to it")
+    if policy.auth.mode == "keys" and not policy.auth.keys:
+        where = (
+            f" ({key_file} does not exist yet: `gateway keys new` writes it)"
+            if key_file and not key_file.exists()
+            else ""
+        )
+        out.append(f"auth: mode keys with no key{where}; every request is refused (401)")
     return out

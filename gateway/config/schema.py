@@ -53,6 +53,17 @@ ModelName = Annotated[
 as it is (a path drops a trailing slash)."""
 
 
+EnvVarName = Annotated[
+    str,
+    Meta(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="the name of an environment variable (letters, digits and '_'), not the key itself",
+        extra={"secret": True},
+    ),
+]
+"""Where a key is read from; a value that is not a name may be the key pasted in, and is never shown."""
+
+
 class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Frozen, strict: an unknown key in policies.yaml is an error, not silently ignored."""
 
@@ -145,7 +156,7 @@ class ModelConfig(_Struct, frozen=True, kw_only=True):
     base_url: HttpUrl
     upstream_model: str | None = None
     """The model name sent upstream; defaults to the key under ``models``."""
-    api_key_env: str | None = None
+    api_key_env: EnvVarName | None = None
     """Name of the environment variable holding the key. Keys never live in the file."""
     price: Price
     encoding: str = "cl100k_base"

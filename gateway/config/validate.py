@@ -21,8 +21,12 @@ from collections.abc import Callable, Mapping, Set
 from typing import Any, TypeVar
 
 import msgspec
+import tiktoken
 
 from gateway.config.schema import SEMANTIC_CUTOFFS, AuthKey, AuthPolicy, Policy
+
+_ENCODINGS = tuple(sorted(name for name in tiktoken.registry.list_encoding_names() if not name.endswith("_offline")))
+"""tiktoken's encodings (the gateway's offline copies carry a suffix of their own)."""
 
 __all__ = ["Path", "Problems", "check_auth", "check_policy", "convert", "convert_policy", "dotted"]
 
@@ -192,7 +196,8 @@ def _reason(data: Any, tp: Any, message: str) -> str:
         allowed = [repr(value) for literal in literals for value in typing.get_args(literal)]
         return f"must be one of {', '.join(allowed)}, got {_shown(data)}"
     if metas and _fits(data, bare):  # the type is right, a constraint is not met
-        return f"must be {' and '.join(_described(meta) for meta in metas)}, got {_shown(data)}"
+        shown = "a value not shown here" if any((m.extra or {}).get("secret") for m in metas) else _shown(data)
+        return f"must be {' and '.join(_described(meta) for meta in metas)}, got {shown}"
     return f"{message}: {_shown(data)}" if isinstance(data, str | int | float | bool) else message
 
 
@@ -296,6 +301,11 @@ def check_policy(
         if route_name in policy.models and policy.models[route_name].public:
             problems.add(base, f"route {route_name!r} has the name of a public model; rename one of them")
     for name, model in policy.models.items():
+        if model.encoding not in _ENCODINGS:
+            problems.add(
+                ("models", name, "encoding"),
+                f"unknown encoding {model.encoding!r}; encodings are: {', '.join(_ENCODINGS)}",
+            )
         if model.kind == "chat" and model.tier is None:
             problems.add(("models", name), "missing required field 'tier' (small or large) for a chat model")
         if model.kind == "embedding" and model.provider != "openai":

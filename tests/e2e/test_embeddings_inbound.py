@@ -70,6 +70,7 @@ def test_a_failing_embedding_model_falls_back(gateway: GatewayProcess, small_ups
     with _client(gateway, "x") as client:
         raw = client.embeddings.with_raw_response.create(model="vectors", input=["hello"])
     assert raw.headers["x-gateway-model"] == "embed-large"
+    assert float(raw.headers["x-gateway-overhead-ms"]) >= 0  # as on every other endpoint
     record = gateway.wait_for_record(raw.headers["x-request-id"])
     assert record["protocol"] == "openai.embeddings" and record["fallback_used"] is True
 

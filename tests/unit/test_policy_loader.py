@@ -98,6 +98,35 @@ def test_a_name_may_hold_inner_slashes() -> None:
     assert "org/fast" in load_policy_text(VALID.replace("  fast: {model: s", "  org/fast: {model: s")).policy.routes
 
 
+def test_a_key_pasted_into_api_key_env_is_refused_and_never_shown() -> None:
+    [message] = problems(VALID.replace("    tier: large", "    tier: large\n    api_key_env: sk-live-SECRET123"))
+    assert message.startswith("models.l.api_key_env (line 12)") and "SECRET" not in message
+
+
+def test_a_misspelt_encoding_is_refused() -> None:
+    [message] = problems(VALID.replace("    tier: large", "    tier: large\n    encoding: cl100k_bse"))
+    assert message.startswith("models.l.encoding") and "'cl100k_bse'" in message and "cl100k_base" in message
+
+
+def test_likely_mistakes_in_keys_are_noted() -> None:
+    keys = """auth:
+  mode: keys
+  keys:
+    - {id: k1, hash: "sha256:%s", tenant: team_a, models: [autoo, fast]}
+tenants:
+  team-a: {limits: {usd_per_day: 5}}
+""" % ("0" * 64)
+    notes = load_policy_text(VALID.replace("auth: {mode: none}\n", keys), environ={}).warnings
+    assert "key k1: models autoo are neither routes nor models; it cannot call them" in notes
+    assert "key k1: tenant 'team_a' is not under tenants:, so no tenant limits apply to it" in notes
+    no_file = "auth: {mode: keys, key_file: no-such-keys.yaml}"
+    empty = load_policy_text(VALID.replace("auth: {mode: none}", no_file), environ={}).warnings
+    assert any(
+        note.startswith("auth: mode keys with no key (") and "no-such-keys.yaml does not exist" in note
+        for note in empty
+    )
+
+
 def test_tier_mismatch_in_pair() -> None:
     assert any("tier" in p for p in problems(VALID.replace("pair: {small: s, large: l}", "pair: {small: l, large: s}")))
 
