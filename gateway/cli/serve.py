@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import os
 import signal
 import socket
@@ -44,7 +45,17 @@ def register(commands: Subcommands) -> None:
         default=DEFAULT_DRAIN_S,
         help=f"after SIGTERM, end streams still open after this many seconds with an in-band error (default {DEFAULT_DRAIN_S:g})",
     )
-    serve.add_argument("--data-dir", default=".gateway", help="where the embedded Redis keeps its data")
+    serve.add_argument(
+        "--allow-no-auth",
+        action="store_true",
+        help="serve a policy with auth off on an address other than loopback (default: refused; "
+        "also GATEWAY_ALLOW_NO_AUTH=1)",
+    )
+    serve.add_argument(
+        "--data-dir",
+        default=".gateway",
+        help="the gateway's own state: the embedded Redis's data, per-worker metrics, the last accepted policy",
+    )
     serve.add_argument(
         "--redis-maxmemory",
         default=DEFAULT_MAXMEMORY,
@@ -87,6 +98,13 @@ def run(args: argparse.Namespace) -> int:
             _say(f"{exc.source} is invalid:")
             for problem in exc.problems:
                 _say(f"  - {problem}")
+            return 2
+        if loaded.policy.auth.mode == "none" and not _loopback(args.host) and not _open_allowed(args):
+            _say(
+                f"auth is off and --host {args.host} would let anyone who reaches this machine spend the "
+                "upstreams' keys: turn auth on (auth: {mode: keys}; `gateway keys new`), listen on 127.0.0.1, "
+                "or pass --allow-no-auth (GATEWAY_ALLOW_NO_AUTH=1) when a proxy in front authenticates"
+            )
             return 2
         if not os.environ.get("REDIS_URL"):
             try:
@@ -399,3 +417,14 @@ def _at_least_one(value: str) -> int:
 
 def _say(message: str) -> None:
     print(f"[gateway] {message}", file=sys.stderr, flush=True)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _open_allowed(args: argparse.Namespace) -> bool:
+    return bool(args.allow_no_auth) or os.environ.get("GATEWAY_ALLOW_NO_AUTH", "") in ("1", "true", "yes")

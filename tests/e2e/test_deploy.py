@@ -592,6 +592,23 @@ def test_image_entrypoint_and_cmd_work_when_run_directly(tmp_path: Path) -> None
         assert flag in help_run.stdout
 
 
+def test_the_image_cmd_refuses_the_open_default_policy_on_every_interface() -> None:
+    """The image's own policy (the repository's) has auth off; on 0.0.0.0 anyone reaching the port
+    would spend the upstreams' keys. Compose publishes on loopback and allows it explicitly."""
+    cmd = _Dockerfile(DEPLOY / "Dockerfile").exec_form("CMD")
+    swapped = [str(ROOT / "policies.yaml") if a == _flag(cmd, "--policies") else a for a in cmd]
+    env = {
+        "GATEWAY_ALLOW_NO_AUTH": "",
+        "SMALL_MODEL_URL": "http://127.0.0.1:9/v1",
+        "LARGE_MODEL_URL": "http://127.0.0.1:9/v1",
+    }
+    (refused,) = _run_all([_gateway_command(swapped, env)])
+    assert refused.returncode == 2 and "auth is off and --host 0.0.0.0" in refused.stderr
+    gateway = _compose()["services"]["gateway"]
+    assert all(str(port).startswith("127.0.0.1:") for port in gateway["ports"])
+    assert str(gateway["environment"]["GATEWAY_ALLOW_NO_AUTH"]) == "1"
+
+
 def test_compose_and_k8s_arguments_parse_as_the_image_cmd_does(monkeypatch: pytest.MonkeyPatch) -> None:
     """compose's `command:` and the Deployment's `args:` replace the image's CMD: the
     gateway's own parser must accept them (parsed in-process; the server is not started)."""
