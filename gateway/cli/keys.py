@@ -89,4 +89,10 @@ def run(args: argparse.Namespace) -> int:
         f"The secret is shown only now; {ring.key_file} holds its sha256. A running gateway picks it up by itself.",
         file=sys.stderr,
     )
+    if not ring.enabled:
+        print(
+            f"warning: {args.policies} has auth mode none: no key is asked for, so this one (and its limits) has "
+            "no effect until auth: {mode: keys}",
+            file=sys.stderr,
+        )
     return 0

@@ -37,7 +37,12 @@ def register(commands: Subcommands) -> None:
         ("status", "the learnt router versions in force"),
     ):
         action = actions.add_parser(name, help=text)
-        action.add_argument("--redis", default=os.environ.get("REDIS_URL"), help="Redis URL (default: $REDIS_URL)")
+        action.add_argument(
+            "--redis",
+            default=os.environ.get("REDIS_URL"),
+            help="Redis URL (default: $REDIS_URL, else the private Redis a serve keeps in --data-dir)",
+        )
+        action.add_argument("--data-dir", default=".gateway", help="serve's --data-dir (default .gateway)")
         action.add_argument("--tenant", action="append", default=[], help="tenant (repeat with --global)")
         action.add_argument("--global", dest="pooled", action="store_true", help="the router pooled across tenants")
         if name == "learn":
@@ -47,7 +52,11 @@ def register(commands: Subcommands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not args.redis:
-        print("give --redis or set REDIS_URL", file=sys.stderr)
+        from gateway.services.redis_server import running_embedded_url
+
+        args.redis = running_embedded_url(os.path.join(args.data_dir, "redis"))
+    if not args.redis:
+        print(f"give --redis or set REDIS_URL (no private Redis of a serve in {args.data_dir})", file=sys.stderr)
         return 1
     if (not args.pooled and len(args.tenant) != 1) or (
         args.pooled and args.router_command == "learn" and not args.tenant

@@ -51,6 +51,8 @@ class KeyRing:
     """Where ``auth.key_file`` points (None: the policy names none)."""
     keys: list[AuthKey]
     """Inline keys, then the key file's."""
+    enabled: bool = True
+    """``auth.mode`` is ``keys``: with ``none`` no key is asked for, so none has any effect."""
 
 
 def load_policy(
@@ -149,7 +151,7 @@ def load_keys(path: str | os.PathLike[str], environ: Mapping[str, str] | None = 
     check_auth(auth, problems, key_file=key_file and (key_file.keys, key_file.problems))
     if problems:
         raise ConfigError(source, problems.messages)
-    return KeyRing(key_path, [*auth.keys, *(key_file.keys if key_file else [])])
+    return KeyRing(key_path, [*auth.keys, *(key_file.keys if key_file else [])], auth.mode == "keys")
 
 
 def _read(path: Path) -> str:

@@ -231,3 +231,20 @@ def start_embedded_redis(
         if existing.is_file():
             existing.chmod(0o600)
     return EmbeddedRedis(config_path, data, password, port, timeout_s)
+
+
+def running_embedded_url(data_dir: str | Path) -> str | None:
+    """The URL of the private Redis a ``serve`` keeps in ``data_dir`` (its config names the socket
+    and the password), for commands run beside it (``gateway router``); None when there is none."""
+    config_path = Path(data_dir) / "redis.conf"
+    try:
+        lines = config_path.read_text().splitlines()
+    except OSError:
+        return None
+    settings = dict(line.split(" ", 1) for line in lines if " " in line)
+    password = quote(settings.get("requirepass", ""), safe="")
+    if "unixsocket" in settings and Path(settings["unixsocket"]).exists():
+        return f"unix://{settings['unixsocket']}?db=0&password={password}"
+    if settings.get("port", "0") != "0":
+        return f"redis://:{password}@127.0.0.1:{settings['port']}/0"
+    return None

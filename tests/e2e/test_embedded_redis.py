@@ -67,6 +67,21 @@ def test_a_crashed_embedded_redis_comes_back_with_usage_and_budgets(tmp_path: Pa
         again.stop()
 
 
+def test_the_router_command_finds_the_private_redis_of_a_serve_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli import main
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert main(["router", "status", "--tenant", "t", "--data-dir", str(tmp_path)]) == 1
+    assert "no private Redis of a serve in" in capsys.readouterr().err
+    server = start_embedded_redis(tmp_path / "redis")  # where serve --data-dir keeps it
+    try:
+        assert main(["router", "status", "--tenant", "t", "--data-dir", str(tmp_path)]) == 0
+    finally:
+        server.stop()
+
+
 async def test_defect6_a_full_redis_evicts_cache_entries_and_never_a_budget(private_redis: EmbeddedRedis) -> None:
     policy = load_policy_text(_LIMITED_POLICY, environ={}).policy
     shared = SharedRedis(connect(private_redis.url, timeout_s=2), Metrics())

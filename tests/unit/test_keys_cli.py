@@ -54,6 +54,14 @@ def test_new_key_without_upstream_urls_set_keeps_the_key_file_layout(
     assert (new.tenant, new.models, new.limits.rpm) == ("team", ["fast"], 5)
 
 
+def test_a_key_made_while_auth_is_off_says_it_has_no_effect(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _new(policy) == 0
+    assert "warning" not in capsys.readouterr().err
+    policy.write_text(POLICY.replace("mode: keys", "mode: none"))
+    assert _new(policy) == 0
+    assert "auth mode none: no key is asked for" in capsys.readouterr().err
+
+
 def test_existing_ids_are_those_the_loader_reads(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _new(policy, "--id", "inline") == 1
     assert "exists already" in capsys.readouterr().err
