@@ -43,7 +43,6 @@ __all__ = ["count_message_tokens", "create_message"]
 
 _CLIENT_GONE = Response(content=b"", status_code=499)
 _PROTOCOL = "anthropic.messages"
-_ONLY_CHAT_UPSTREAMS_LOSE = frozenset({"thinking", "tool_result.image", "tool_result.is_error"})
 _log = structlog.get_logger("gateway.messages")
 
 
@@ -151,7 +150,7 @@ def _dropped(request: Request[Any, Any, Any], asked: CoreRequest, answered_by: s
     models = request.app.state.gateway.holder.current.policy.models
     answerer = models.get(answered_by or "")
     if answerer is not None and answerer.provider == "anthropic":  # what no translation carries
-        return [name for name in asked.dropped if name not in _ONLY_CHAT_UPSTREAMS_LOSE]
+        return [name for name in asked.dropped if name not in openai_chat.CHAT_UPSTREAM_LOSSES]
     return asked.dropped
 
 

@@ -109,7 +109,9 @@ class Classifier:
         # characters cut before tokenizing (cheap bound on tokenizer work for huge prompts)
         self._max_chars = self.max_tokens * 12
         self._truncate_left = config.get("truncation", "right") == "left"
-        self._tail_tokenizer = _tail_tokenizer(tokenizer, self.max_tokens - 2 - (self.max_tokens - 2) // 2)
+        content = self.max_tokens - 2  # [CLS] ... [SEP]
+        self._head_tokens = content // 2
+        self._tail_tokenizer = _tail_tokenizer(tokenizer, content - self._head_tokens)
         self.read_ends = True
         """Read a text longer than the window at both ends (:meth:`_read_ends`); off: its start only."""
         self._input_names = {i.name for i in session.get_inputs()}
@@ -167,9 +169,8 @@ class Classifier:
         at chance (router_models/README.md, "Long prompts")."""
         if self._truncate_left or self._tail_tokenizer is None:
             return encoding, text
-        content = self.max_tokens - 2  # [CLS] ... [SEP]
-        head = content // 2
-        tail_chars = text[-(content - head) * 12 :]
+        head = self._head_tokens
+        tail_chars = text[-(self.max_tokens - 2 - head) * 12 :]
         tail = self._tail_tokenizer.encode(tail_chars, add_special_tokens=False)
         if not tail.ids:
             return encoding, text

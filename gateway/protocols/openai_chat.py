@@ -49,6 +49,7 @@ from gateway.core.replay import deltas_of
 from gateway.errors import InvalidRequestError
 
 __all__ = [
+    "CHAT_UPSTREAM_LOSSES",
     "ChunkReader",
     "answer_from_completion",
     "answer_from_message",
@@ -88,6 +89,10 @@ def _finish_of(choice: dict[str, Any]) -> tuple[FinishReason | None, str | None]
     if reason == "stop" and isinstance(matched, str) and matched:
         return "stop_sequence", matched
     return reason, None
+
+
+CHAT_UPSTREAM_LOSSES = frozenset({"thinking", "tool_result.image", "tool_result.is_error"})
+"""Every name :func:`lost_on_chat_upstreams` gives: what an Anthropic upstream does take."""
 
 
 def lost_on_chat_upstreams(request: Request) -> list[str]:
