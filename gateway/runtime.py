@@ -47,7 +47,7 @@ class Runtime:
         return self.loaded.version
 
 
-def load_at_start(path: Path, last_good: Path | None) -> tuple[LoadedPolicy, list[str]]:
+def load_at_start(path: Path, last_good: Path | None, *, auth_required: bool = False) -> tuple[LoadedPolicy, list[str]]:
     """The policy file; or, when it is broken, the last policy a worker of this gateway accepted,
     with the file's problems.
 
@@ -57,7 +57,9 @@ def load_at_start(path: Path, last_good: Path | None) -> tuple[LoadedPolicy, lis
     could not start at all, and the server would stop the whole gateway.
     """
     try:
-        return load_policy(path), []
+        loaded = load_policy(path)
+        _refuse_auth_off(loaded, auth_required)
+        return loaded, []
     except ConfigError as exc:
         if last_good is None:
             raise
@@ -88,8 +90,10 @@ class RuntimeHolder:
         metrics: Metrics,
         transport: Transport = "http11",
         last_good: str | os.PathLike[str] | None = None,
+        auth_required: bool = False,
     ) -> None:
         self.path = Path(path)
+        self.auth_required = auth_required
         self.last_good = Path(last_good) if last_good else None
         self.metrics = metrics
         self.transport = transport
@@ -134,6 +138,7 @@ class RuntimeHolder:
                     await _wait_until_stable(self.path)
                 loaded = await asyncio.to_thread(load_policy, self.path)
                 _refuse_weakening_by_omission(self.current.loaded, loaded)
+                _refuse_auth_off(loaded, self.auth_required)
             except ConfigError as exc:
                 self.last_reload_error = "; ".join(exc.problems)
                 _log.error("policy_rejected", reason=reason, problems=exc.problems, kept=self.current.version)
@@ -283,6 +288,19 @@ def _refuse_weakening_by_omission(current: LoadedPolicy, new: LoadedPolicy) -> N
         raise ConfigError(
             new.source,
             ["'tenants' is missing while the policy in force has tenants (write 'tenants: {}' to remove them all)"],
+        )
+
+
+def _refuse_auth_off(loaded: LoadedPolicy, auth_required: bool) -> None:
+    """``serve`` on a public address refuses auth off at start-up; an edit must not turn it off later."""
+    if auth_required and loaded.policy.auth.mode == "none":
+        raise ConfigError(
+            loaded.source,
+            [
+                "auth.mode 'none' is refused: the gateway listens on a public address, where anyone who "
+                "reaches it could spend the upstreams' keys (restart it with --allow-no-auth, or "
+                "GATEWAY_ALLOW_NO_AUTH=1, when a proxy in front authenticates)"
+            ],
         )
 
 

@@ -40,6 +40,9 @@ class Settings:
     policy_last_good: str | None = None
     """Where the workers keep the policy in force (set by ``serve``): a worker started while the
     file is broken starts on it (``gateway.runtime.load_at_start``)."""
+    auth_required: bool = False
+    """Set by ``serve`` on a public address: a policy with auth off is refused, at start-up and
+    on every reload, since anyone who reaches the address could then spend the upstreams' keys."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -55,4 +58,5 @@ class Settings:
             request_log_fd=int(log_fd) if log_fd and log_fd != "split" else None,
             split_stdout=log_fd == "split",
             policy_last_good=os.environ.get("GATEWAY_POLICY_LAST_GOOD") or None,
+            auth_required=os.environ.get("GATEWAY_AUTH_REQUIRED", "") == "1",
         )

@@ -105,7 +105,7 @@ def create_app(settings: Settings | None = None) -> ChatRoute:
 
 async def _start(settings: Settings) -> GatewayState:
     last_good = Path(settings.policy_last_good) if settings.policy_last_good else None
-    loaded, rejected = load_at_start(Path(settings.policies_path), last_good)
+    loaded, rejected = load_at_start(Path(settings.policies_path), last_good, auth_required=settings.auth_required)
     log_policy = loaded.policy.request_log
     stdout_fd = settings.request_log_fd
     if settings.split_stdout:  # a spawned worker: serve could not hand it the request log's descriptor
@@ -125,6 +125,7 @@ async def _start(settings: Settings) -> GatewayState:
         metrics,
         transport=settings.upstream_transport,  # type: ignore[arg-type]
         last_good=last_good,
+        auth_required=settings.auth_required,
     )
     holder.start((loaded, rejected))
     client = connect(settings.redis_url) if settings.redis_url else None

@@ -144,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         if args.workers > 1:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir(args.data_dir)
         os.environ["GATEWAY_DRAIN_S"] = str(args.drain_s)
+        if not _loopback(args.host) and not _open_allowed(args):  # a reload to auth off is refused too
+            os.environ["GATEWAY_AUTH_REQUIRED"] = "1"
         if args.server == "granian" or args.workers > 1:  # the workers are this process's children
             os.environ[SUPERVISOR_PID] = str(os.getpid())
         if args.server == "granian" or args.workers == 1:

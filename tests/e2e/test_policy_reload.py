@@ -574,3 +574,69 @@ def test_defect3_a_file_still_being_written_is_not_loaded(
     state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == _version_of(full), timeout_s=10.0)
     assert state["version"] == _version_of(full)
     assert len(gw.ops_records("policy_rejected")) == rejected_before
+
+
+async def test_auth_cannot_be_turned_off_by_an_edit_where_serve_required_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``serve`` on a public address refuses auth off at start-up; neither a reload nor a worker
+    started later (which falls back to the policy last accepted) may turn it off afterwards."""
+    from gateway import runtime
+    from gateway.accounting.metrics import Metrics
+    from gateway.runtime import RuntimeHolder, keep_last_good, load_at_start
+
+    monkeypatch.setattr(runtime, "_SETTLE_S", 0.001)
+    monkeypatch.setenv("SMALL_MODEL_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("LARGE_MODEL_URL", "http://127.0.0.1:9/v1")
+    keyed = _shipped_with_keys()
+    opened = (Path(__file__).parents[2] / "policies.yaml").read_text()
+    assert "mode: none" in opened
+    path, last_good = tmp_path / "policies.yaml", tmp_path / "last-good.yaml"
+    path.write_text(keyed)
+    holder = RuntimeHolder(path, Metrics(), last_good=last_good, auth_required=True)
+    keep_last_good(holder.start().loaded, last_good)
+    try:
+        path.write_text(opened)
+        assert not await holder.reload("test")
+        assert holder.current.policy.auth.mode == "keys"
+        assert holder.last_reload_error is not None and "auth.mode 'none' is refused" in holder.last_reload_error
+        loaded, problems = load_at_start(path, last_good, auth_required=True)  # a worker replaced now
+        assert loaded.policy.auth.mode == "keys" and "refused" in problems[0]
+        assert load_at_start(path, last_good)[0].policy.auth.mode == "none"  # loopback: allowed
+        open_holder = RuntimeHolder(path, Metrics())
+        open_holder.start()
+        await open_holder.aclose()
+    finally:
+        await holder.aclose()
+
+
+def test_serve_on_a_public_address_refuses_a_reload_to_auth_off(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    secret = "gw-public-bind-secret-1"
+    keyed = _base_policy(small_upstream, large_upstream).replace(
+        "auth: {mode: none}",
+        f'auth:\n  mode: keys\n  keys:\n    - {{id: ops, tenant: team-a, admin: true, hash: "{hash_key(secret)}"}}',
+    )
+    assert "mode: keys" in keyed
+    gw = start_gateway(
+        tmp_path, keyed, env={**_env(redis_server), "GATEWAY_ALLOW_NO_AUTH": ""}, serve_args=("--host", "0.0.0.0")
+    )
+    try:
+        _write_atomically(gw.policy_path, keyed.replace("mode: keys", "mode: none"))
+        admin = {"authorization": f"Bearer {secret}"}
+        state = _poll(
+            lambda: httpx.get(f"{gw.url}/readyz", headers=admin, timeout=5).json()["policy"],
+            lambda p: bool(p.get("last_reload_error")),
+        )
+        assert "auth.mode 'none' is refused" in state["last_reload_error"], state
+        assert _chat(gw).status_code == 401
+        ok = httpx.post(
+            f"{gw.base_url}/chat/completions",
+            json={"model": "fast", "messages": [{"role": "user", "content": "hi"}]},
+            headers=admin,
+            timeout=10,
+        )
+        assert ok.status_code == 200, ok.text
+    finally:
+        gw.stop()
