@@ -194,6 +194,8 @@ class UpstreamError(GatewayError):
     code = "upstream_error"
     retryable = True
     try_next = False
+    speculation: dict[str, Any] | None = None
+    """The speculative loop's work before the failure (its log fields): rounds ran and were paid for."""
 
     def __init__(self, upstream: str, message: str, **kwargs: Any) -> None:
         super().__init__(f"upstream '{upstream}': {message}", **kwargs)

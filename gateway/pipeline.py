@@ -306,6 +306,7 @@ class ChatPipeline:
         except GatewayError as exc:
             if isinstance(exc, UpstreamError):
                 x.failure = exc
+                record.speculation = record.speculation or _failed_speculation(x.info.failures)
                 if x.info.attempts > 1:  # the route's retries and fallbacks are spent: the SDK's would multiply them
                     exc.headers["x-should-retry"] = "false"
             return self._error_answer(x, exc)
@@ -899,6 +900,15 @@ def _record_speculation(record: RequestRecord, result: object) -> None:
     stats = getattr(result, "speculation", None)
     if stats is not None:
         record.speculation = stats.to_log()
+
+
+def _failed_speculation(failures: list[UpstreamError]) -> dict[str, Any] | None:
+    """The speculative loop's work for the log of a request that failed: the last attempt that
+    ran rounds (a retry that failed at once did none), else the last one that tried."""
+    tried = [f.speculation for f in failures if f.speculation is not None]
+    worked = [s for s in tried if s.get("rounds")]
+    chosen = worked or tried
+    return chosen[-1] if chosen else None
 
 
 def _completer(request: core.Request, body: dict[str, Any] | None) -> Callable[[Provider], Awaitable[Completion]]:

@@ -265,9 +265,12 @@ class SpeculativeProvider(Provider):
             async with asyncio.timeout(self.config.timeouts.total):
                 text = [piece async for piece in run.pieces()]
         except TimeoutError:
-            raise UpstreamTimeoutError(
-                self.name, f"no complete answer within {self.config.timeouts.total:g}s"
-            ) from None
+            failure = UpstreamTimeoutError(self.name, f"no complete answer within {self.config.timeouts.total:g}s")
+            failure.speculation = run.stats.to_log()
+            raise failure from None
+        except UpstreamError as exc:
+            exc.speculation = run.stats.to_log()
+            raise
         finally:
             await run.aclose()
         usage = Usage(len(run.prompt), run.assembler.completion_tokens)

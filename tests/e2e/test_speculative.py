@@ -15,6 +15,7 @@ import pytest
 import structlog
 
 from gateway.config.schema import ModelConfig, Price, SpeculationPolicy, Timeouts
+from gateway.errors import UpstreamError
 from gateway.speculative import PairMismatchError, SpeculativeProvider
 from gateway.speculative.adaptive import AdaptiveK, expected_tokens
 from gateway.speculative.drafts import lookup
@@ -275,6 +276,22 @@ async def test_draft_failure_mid_answer_finishes_on_the_large_model(
             got, stats = _answer(completion), completion.speculation  # type: ignore[attr-defined]
         assert got == want  # nothing repeated, nothing lost
         assert stats.draft_failed and stats.rounds >= 3
+
+
+@pytest.mark.parametrize("kind", ["500", "drop"])
+async def test_a_large_failure_mid_answer_keeps_the_loops_work_for_the_log(
+    pair: tuple[Provider, Provider], large: ToyServer, kind: str
+) -> None:
+    """The rounds before the failure ran and were paid for: the error carries their stats, as a
+    cut stream does, so the request log does not say that no speculation happened."""
+    spec = _spec(pair)
+    await spec.check_pair()
+    body, _ = await _long_answer(pair[0], max_tokens=70)
+    large.reset()
+    large.fail_after(3, kind)
+    with pytest.raises(UpstreamError) as failed:
+        await spec.complete(*as_sent(body))
+    assert failed.value.speculation is not None and failed.value.speculation["rounds"] >= 1
 
 
 async def _long_answer(target: Provider, max_tokens: int) -> tuple[dict[str, Any], tuple[str, str, int]]:

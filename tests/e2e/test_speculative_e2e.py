@@ -94,3 +94,23 @@ def test_non_speculative_models_log_no_speculation(gateway: GatewayProcess) -> N
     response = httpx.post(f"{gateway.base_url}/chat/completions",
                           json={"model": "small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})  # fmt: skip
     assert gateway.wait_for_record(response.headers["x-request-id"]).get("speculation") is None
+
+
+def test_a_speculative_answer_that_fails_midway_logs_the_loops_work(
+    gateway: GatewayProcess, servers: tuple[ToyServer, ToyServer]
+) -> None:
+    large, _ = servers
+    large.reset()
+    large.fail_after(3, "500")
+    try:
+        response = httpx.post(
+            f"{gateway.base_url}/chat/completions",
+            json={"model": "best", "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 60,
+                  "temperature": 0},
+            timeout=30,
+        )  # fmt: skip
+    finally:
+        large.reset()
+    assert response.status_code == 502, response.text
+    record = gateway.wait_for_record(response.headers["x-request-id"])
+    assert record["status"] == 502 and record["speculation"]["rounds"] >= 1, record
