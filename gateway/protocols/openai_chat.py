@@ -514,12 +514,14 @@ def chunk_body(
     finish_reason: str | None = None,
     *,
     usage: dict[str, Any] | None = None,
+    null_usage: bool = False,
 ) -> bytes:
-    """A ``chat.completion.chunk`` of the first choice; ``delta`` None: the usage chunk, with no choices."""
+    """A ``chat.completion.chunk`` of the first choice; ``delta`` None: the usage chunk, with no choices.
+    ``null_usage``: say ``"usage": null``, as OpenAI does on every other chunk of a stream that asked for usage."""
     choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
     body: dict[str, Any] = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model}
     body["choices"] = choices
-    if usage is not None:
+    if usage is not None or null_usage:
         body["usage"] = usage
     return _encode(body)
 
@@ -676,7 +678,12 @@ def stream_from_answer(answer: Answer, created: int, include_usage: bool) -> lis
     chunk_id, model = answer.id, answer.model
 
     def event(delta: dict[str, Any] | None, finish_reason: str | None = None, **extra: Any) -> bytes:
-        return b"data: " + chunk_body(chunk_id, created, model, delta, finish_reason, **extra) + b"\n\n"
+        null_usage = include_usage and "usage" not in extra  # OpenAI's chunks say usage: null until the last
+        return (
+            b"data: "
+            + chunk_body(chunk_id, created, model, delta, finish_reason, null_usage=null_usage, **extra)
+            + b"\n\n"
+        )
 
     events = [event({"role": "assistant", "content": ""})]
     for delta in deltas_of(answer):
@@ -685,7 +692,8 @@ def stream_from_answer(answer: Answer, created: int, include_usage: bool) -> lis
         elif isinstance(delta, UsageReport):
             if include_usage:
                 usage = delta.usage
-                events.append(event(None, usage=usage_body(usage.input_tokens, usage.output_tokens)))
+                wire = usage_body(usage.input_tokens, usage.output_tokens, cached_tokens=usage.cached_input_tokens)
+                events.append(event(None, usage=wire))  # as a non-streamed replay's (completion_from_answer)
         else:
             events.append(event(chunk_delta(delta)))
     events.append(b"data: [DONE]\n\n")

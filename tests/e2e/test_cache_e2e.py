@@ -134,6 +134,10 @@ def test_streamed_and_plain_requests_share_entries(cached_gateway: GatewayProces
     else:
         (c1, t1), (c2, t2, chunks) = plain(), streamed()
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+        assert all("usage" in c.model_fields_set for c in chunks), "a live stream says usage: null on each chunk"
+        replayed_plain = client.chat.completions.create(model="fast", messages=messages, temperature=0)
+        assert replayed_plain.usage is not None
+        assert chunks[-1].usage.prompt_tokens_details == replayed_plain.usage.prompt_tokens_details
         finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
         assert finishes == ["stop"]
     assert (c1, c2) == ("miss", "exact") and t1 == t2 and t1.startswith("[simulated small]")
