@@ -527,14 +527,20 @@ def decode_answer(data: dict[str, Any]) -> Answer | None:
     thinking: list[ThinkingPart | RedactedThinkingPart] = []
     texts: list[str] = []
     calls: list[ToolCall] = []
+    apart = False  # a block other than text came since the last text
     for block in content:
         kind = block.get("type") if isinstance(block, dict) else None
+        if kind != "text" and texts:
+            apart = True
         if kind == "thinking":
             thinking.append(ThinkingPart(str(block.get("thinking") or ""), str(block.get("signature") or "")))
         elif kind == "redacted_thinking":
             thinking.append(RedactedThinkingPart(str(block.get("data") or "")))
         elif kind == "text" and isinstance(block.get("text"), str):
-            texts.append(block["text"])
+            # Blocks in a row are one text (citations split it mid-sentence); text resumed after a
+            # tool call starts a line of its own, as ``core.Message.text`` joins parts.
+            texts.append(("\n" if apart else "") + block["text"])
+            apart = False
         elif kind == "tool_use":
             arguments = msgspec.json.encode(block.get("input") or {}).decode()
             calls.append(ToolCall(str(block.get("id") or ""), str(block.get("name") or ""), arguments))
@@ -560,7 +566,7 @@ class StreamDecoder:
     Event and delta types added after this was written say nothing here.
     """
 
-    __slots__ = ("_tools", "id", "model", "usage")
+    __slots__ = ("_apart", "_texted", "_tools", "id", "model", "usage")
 
     def __init__(self) -> None:
         self.id: str | None = None
@@ -568,6 +574,9 @@ class StreamDecoder:
         self.usage: Usage | None = None
         self._tools: dict[int, int] = {}
         """Content block index → tool call index."""
+        self._texted = False
+        self._apart = False
+        """A tool call came after text: the next text block starts a line (as :func:`decode_answer` joins)."""
 
     def feed(self, event: dict[str, Any]) -> list[Delta]:
         kind = event.get("type")
@@ -602,14 +611,22 @@ class StreamDecoder:
         if not isinstance(block, dict):
             return []
         kind = block.get("type")
-        if kind == "text" and isinstance(block.get("text"), str) and block["text"]:
-            return [TextDelta(block["text"])]
+        if kind == "text":
+            opening = "\n" if self._apart else ""
+            self._apart = False
+            text = opening + (block["text"] if isinstance(block.get("text"), str) else "")
+            return [self._text(text)] if text else []
         if kind == "redacted_thinking":
             return [RedactedThinking(str(block.get("data") or ""))]
         if kind == "tool_use":
+            self._apart = self._texted
             index = self._tools[_count(event.get("index"))] = len(self._tools)
             return [ToolCallStart(index, str(block.get("id") or ""), str(block.get("name") or ""))]
         return []  # a thinking block: its text and signature come as deltas
+
+    def _text(self, text: str) -> TextDelta:
+        self._texted = True
+        return TextDelta(text)
 
     def _block_delta(self, event: dict[str, Any]) -> list[Delta]:
         delta = event.get("delta")
@@ -621,7 +638,7 @@ class StreamDecoder:
         if not isinstance(value, str) or not value:
             return []  # empty, or a delta type this does not read (citations_delta, ...)
         if kind == "text_delta":
-            return [TextDelta(value)]
+            return [self._text(value)]
         if kind == "thinking_delta":
             return [ThinkingDelta(value)]
         if kind == "signature_delta":

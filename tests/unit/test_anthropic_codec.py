@@ -284,6 +284,31 @@ def test_a_context_window_stop_reads_as_a_cut_answer() -> None:
     assert answer is not None and answer.finish_reason == "length"
 
 
+def test_text_on_both_sides_of_a_tool_call_does_not_fuse_but_cited_pieces_do() -> None:
+    def message(*content: dict[str, Any]) -> dict[str, Any]:
+        return {"id": "m", "type": "message", "role": "assistant", "model": "c", "content": list(content),
+                "stop_reason": "tool_use", "usage": {"input_tokens": 1, "output_tokens": 1}}  # fmt: skip
+
+    call = {"type": "tool_use", "id": "t1", "name": "get", "input": {}}
+    around = anthropic.decode_answer(
+        message({"type": "text", "text": "First."}, call, {"type": "text", "text": "Second."})
+    )
+    assert around is not None and around.text == "First.\nSecond." and len(around.tool_calls) == 1
+    cited = anthropic.decode_answer(message({"type": "text", "text": "It is "}, {"type": "text", "text": "42", "citations": []},
+                                            {"type": "text", "text": "."}))  # fmt: skip
+    assert cited is not None and cited.text == "It is 42."
+    decoder = anthropic.StreamDecoder()
+    events: list[dict[str, Any]] = [
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "First."}},
+        {"type": "content_block_start", "index": 1, "content_block": {**call, "input": {}}},
+        {"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 2, "delta": {"type": "text_delta", "text": "Second."}},
+    ]
+    streamed = [d.text for event in events for d in decoder.feed(event) if isinstance(d, TextDelta)]
+    assert "".join(streamed) == around.text
+
+
 def test_streamed_thinking_becomes_a_thinking_block_closed_by_its_signature() -> None:
     reader, encoder = openai_chat.ChunkReader(), anthropic.StreamEncoder("msg_1", "m", 0)
     chunks: list[dict[str, Any]] = [
