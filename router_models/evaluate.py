@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
-from gateway.classifier import Classifier, load_classifier, select_text
+from gateway.classifier import Classifier, RouterScore, load_classifier, select_text
 from gateway.classifier.batch import threshold_for_share
 from router_models.data import HELDOUT_SUBJECTS, Split, load_splits
 from router_models.metrics import apgr_interval, oracle_summary, pgr_curve, summary
@@ -35,16 +35,23 @@ CurveLines = dict[str, tuple[np.ndarray, np.ndarray, float]]  # name -> (share o
 Curve = tuple[CurveLines, float, float]  # (lines, accuracy of the small model, of the large model)
 
 
-def score_texts(clf: Classifier, texts: list[str], batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def score_all(clf: Classifier, texts: list[str], batch: int = 32) -> list[RouterScore]:
     # sort by length so batches pad little; restore order after
     order = np.argsort([len(t) for t in texts])
-    p = np.zeros(len(texts), dtype=np.float64)
-    emb = np.zeros((len(texts), int(clf.config.get("embedding_dim", 384))), dtype=np.float32)
+    out: list[RouterScore | None] = [None] * len(texts)
     for i in range(0, len(order), batch):
         idx = order[i : i + batch]
-        res = clf.score_batch_sync([texts[j] for j in idx])
-        p[idx] = [r.p_large for r in res]
-        emb[idx] = np.stack([r.embedding for r in res])
+        for j, score in zip(idx, clf.score_batch_sync([texts[j] for j in idx]), strict=True):
+            out[j] = score
+    return [score for score in out if score is not None]
+
+
+def score_texts(clf: Classifier, texts: list[str], batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    scores = score_all(clf, texts, batch)
+    if not scores:
+        return np.zeros(0), np.zeros((0, int(clf.config.get("embedding_dim", 384))), dtype=np.float32)
+    p = np.array([s.p_large for s in scores], dtype=np.float64)
+    emb = np.stack([s.embedding for s in scores]).astype(np.float32)
     return p, emb
 
 

@@ -28,11 +28,11 @@ import numpy as np
 
 from gateway.classifier import load_classifier
 from gateway.classifier.batch import threshold_for_share
-from gateway.classifier.features import NAMES, surface_features
+from gateway.classifier.features import NAMES
 from gateway.classifier.head import RoutingHead
 from gateway.inference import sha256_file
 from router_models.data import GENERAL_TRAIN_FILES, is_head_test, load_all, load_general
-from router_models.evaluate import score_texts
+from router_models.evaluate import score_all
 
 HEAD_FILE = "routing_head.npz"
 FEATURE_SCALE = 0.2  # surface features (standardized) count for less than the embedding's 384 coordinates
@@ -61,6 +61,7 @@ def collect(artifacts: str, data_dir: str | None) -> Rows:
     clf = load_classifier(artifacts, prefer_gpu=False, use_head=False)
     if clf is None:
         raise SystemExit(f"no classifier in {artifacts}")
+    clf.with_features = True  # of the text the window reads, as served (a long prompt's two ends)
     texts: list[str] = []
     kind: list[int] = []
     hard: list[float] = []
@@ -83,12 +84,12 @@ def collect(artifacts: str, data_dir: str | None) -> Rows:
         hard.append(float(bench.small[i] == 0 and bench.large[i] == 1))
         group.append(source)
         category.append("gsm8k" if source == "gsm8k" else "mmlu")
-    p_graph, embedding = score_texts(clf, texts)
+    scores = score_all(clf, texts)
     return Rows(
         texts=texts,
-        embedding=embedding,
-        p_graph=p_graph.astype(np.float32),
-        features=np.stack([surface_features(t) for t in texts]),
+        embedding=np.stack([s.embedding for s in scores]).astype(np.float32),
+        p_graph=np.array([s.p_large for s in scores], dtype=np.float32),
+        features=np.stack([s.features for s in scores if s.features is not None]),
         kind=np.array(kind),
         hard=np.array(hard),
         group=np.array(group),

@@ -114,6 +114,8 @@ class Classifier:
         self._tail_tokenizer = _tail_tokenizer(tokenizer, content - self._head_tokens)
         self.read_ends = True
         """Read a text longer than the window at both ends (:meth:`_read_ends`); off: its start only."""
+        self.with_features = head is not None
+        """Give each score the surface features of the text read (fitting a head needs them as served)."""
         self._input_names = {i.name for i in session.get_inputs()}
         self._out_names = [o.name for o in session.get_outputs()]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-onnx")
@@ -147,8 +149,9 @@ class Classifier:
         emb = np.asarray(emb, dtype=np.float32)
         p = np.clip(np.asarray(p, dtype=np.float32).reshape(-1), 0.0, 1.0)
         feats: np.ndarray | None = None
-        if self._head is not None:
+        if self.with_features:
             feats = np.stack([surface_features(t[:_FEATURE_CHARS]) for t in texts])
+        if self._head is not None and feats is not None:
             p = self._head.p_large(emb, p, feats)
         full = self.max_tokens
         cut = self._max_chars
