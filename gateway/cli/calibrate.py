@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -46,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # no prompt at all
         print(f"{args.jsonl}: {exc}", file=sys.stderr)
         return 1
+    # Written with 6 decimals: rounded down, or the prompt scored exactly at it (the last one the
+    # share takes) would fall below the threshold written and go small.
+    threshold = math.floor(threshold * 1e6) / 1e6
     print(f"{threshold:.6f}")
     if unreadable:  # as route does: a sample with holes is not a calibration to write silently
         print(f"{unreadable} line(s) could not be read; nothing written", file=sys.stderr)
