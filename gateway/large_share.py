@@ -10,8 +10,13 @@ would send to large comes closer to s by at most ``max_share_step`` (a bound in 
 not in score: the routing head's scores are not on one scale across kinds of traffic, so
 a bound in score units took 1,600 prompts to follow a shift from chat to quiz traffic),
 and writes it back. Processes thus share one threshold, and no burst of odd prompts can
-move the share far. Until a route has seen ``update_every`` scores, or
-while the store is unavailable, the last known threshold (at first the configured one) holds.
+move the share far. A process reads the shared threshold when it first sees a tenant's
+route (a new or restarted process routes as the others do); while the store is unavailable
+the last known threshold (at first the configured one) holds.
+
+When the scorer changes (a learnt router is promoted or rolled back), the scores seen before
+are on another scale: they are dropped, and the first update on the new scorer's scores goes
+straight to their quantile for the target, with no step bound.
 """
 
 from __future__ import annotations
@@ -44,43 +49,95 @@ class LargeShareTracker:
         self._scores: dict[tuple[str, str], deque[float]] = {}
         self._seen: dict[tuple[str, str], int] = {}
         self._thresholds: dict[tuple[str, str], float] = {}
+        self._scorers: dict[tuple[str, str], str] = {}
+        self._rescale: set[tuple[str, str]] = set()
+        self._read: set[tuple[str, str]] = set()
         self._background = BackgroundTasks()
 
     def threshold(self, tenant: str, route: str, configured: float) -> float:
-        """The threshold in force for this tenant's route."""
-        return self._thresholds.get((tenant, route), configured)
+        """The threshold in force for this tenant's route (the shared one, once read)."""
+        key = (tenant, route)
+        if key not in self._read:
+            self._read.add(key)
+            self._background.spawn(self._read_shared(key), "large-share-read")
+        return self._thresholds.get(key, configured)
 
-    def observe(self, tenant: str, route: str, p_large: float, target: float, configured: float) -> None:
-        """Count one score; every ``update_every`` scores, update the shared threshold in the background."""
+    def observe(
+        self, tenant: str, route: str, p_large: float, target: float, configured: float, scorer: str = ""
+    ) -> None:
+        """Count one score (``scorer``: the router version that gave it); every ``update_every``
+        scores, update the shared threshold in the background."""
         key = (tenant, route)
         scores = self._scores.get(key)
         if scores is None:
             scores = self._scores[key] = deque(maxlen=self._window)
+        if self._scorers.setdefault(key, scorer) != scorer:  # another scale: what came before says nothing
+            self._scorers[key] = scorer
+            scores.clear()
+            self._seen[key] = 0
+            self._rescale.add(key)
         scores.append(p_large)
         self._seen[key] = seen = self._seen.get(key, 0) + 1
         if seen % self._update_every == 0:
             recent = np.fromiter(scores, dtype=np.float64)
-            self._background.spawn(self.update(tenant, route, recent, target, configured), "large-share-update")
+            rescale = key in self._rescale
+            self._rescale.discard(key)
+            self._background.spawn(
+                self.update(tenant, route, recent, target, configured, rescale=rescale), "large-share-update"
+            )
 
-    async def update(self, tenant: str, route: str, recent: np.ndarray, target: float, configured: float) -> float:
+    async def update(
+        self,
+        tenant: str,
+        route: str,
+        recent: np.ndarray,
+        target: float,
+        configured: float,
+        *,
+        rescale: bool = False,
+    ) -> float:
         """Move the shared threshold so that ``recent`` scores' share at or above it nears
-        ``target`` by at most ``max_share_step``; the new threshold."""
+        ``target`` by at most ``max_share_step`` (``rescale``: all the way); the new threshold."""
         key = (tenant, route)
         store_key = keyspace.large_share_threshold(tenant, route)
         current = self._thresholds.get(key, configured)
         try:
-            raw = await self._kv.get(store_key, _TIMEOUT_S)
-            shared = float(raw) if raw is not None else current
-            share_now = float((recent >= shared).mean())
-            share_next = share_now + max(-self._max_share_step, min(self._max_share_step, target - share_now))
-            new = float(np.quantile(recent, min(max(1.0 - share_next, 0.0), 1.0)))
+            shared = _readable(await self._kv.get(store_key, _TIMEOUT_S))
+        except StoreUnavailable:
+            return current
+        share_now = float((recent >= (current if shared is None else shared)).mean())
+        step = 1.0 if rescale else self._max_share_step
+        share_next = share_now + max(-step, min(step, target - share_now))
+        new = float(np.quantile(recent, min(max(1.0 - share_next, 0.0), 1.0)))
+        try:
             await self._kv.put(store_key, f"{new:.6f}".encode(), _TTL_S, _TIMEOUT_S)
-        except (StoreUnavailable, ValueError):
+        except StoreUnavailable:
             return current
         self._thresholds[key] = new
         if abs(new - current) >= 0.05:
             _log.info("route_threshold_moved", tenant=tenant, route=route, threshold=round(new, 4))
         return new
 
+    async def _read_shared(self, key: tuple[str, str]) -> None:
+        try:
+            shared = _readable(await self._kv.get(keyspace.large_share_threshold(*key), _TIMEOUT_S))
+        except StoreUnavailable:
+            self._read.discard(key)  # read again on a later request
+            return
+        if shared is not None and key not in self._thresholds:
+            self._thresholds[key] = shared
+
     async def aclose(self) -> None:
         await self._background.aclose()
+
+
+def _readable(raw: bytes | None) -> float | None:
+    """A stored threshold; None when there is none, or it is not a probability (then it is
+    overwritten by the next update rather than freezing the route on it)."""
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:  # not a number, or bytes that are not text
+        return None
+    return value if 0.0 <= value <= 1.0 else None  # NaN fails both comparisons

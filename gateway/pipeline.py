@@ -401,7 +401,7 @@ class ChatPipeline:
             plan, tenant, tracker, target = x.plan, x.record.tenant, self._large_share, x.plan.target_large_share
             p_large = score.p_large
             if plan.learning is not None and self._learning is not None:
-                learned = await self._learning.routers.in_force(tenant)
+                learned = await self._learning.routers.in_force(tenant, pooled=plan.learning.scope == "global")
                 if learned is not None:
                     p_large = learned.apply(p_large, score.embedding, score.features)
                     x.record.router_version = learned.version
@@ -410,7 +410,7 @@ class ChatPipeline:
             else:
                 threshold = tracker.threshold(tenant, plan.route, plan.threshold)
                 x.plan = router.classify(plan, p_large, threshold)
-                tracker.observe(tenant, plan.route, p_large, target, plan.threshold)
+                tracker.observe(tenant, plan.route, p_large, target, plan.threshold, x.record.router_version or "")
             x.record.p_large = round(p_large, 4)
         x.record.decision = x.plan.decision
 

@@ -40,6 +40,7 @@ from gateway.drain import Drain
 from gateway.embeddings import EmbeddingsPipeline
 from gateway.errors import GatewayError, InvalidRequestError, ModelNotFoundError
 from gateway.large_share import LargeShareTracker
+from gateway.learning.learned import ClassifierInputs
 from gateway.learning.loop import LearningLoop
 from gateway.limits import Limiter
 from gateway.pipeline import ChatPipeline
@@ -144,7 +145,7 @@ async def _start(settings: Settings) -> GatewayState:
         _log.warning("cache_verifier_not_loaded", effect="the semantic cache serves no hits")
     audit = SemanticAudit(metrics, kv=store.kv)
     large_share = LargeShareTracker(store.kv)
-    learning = LearningLoop(store.kv, metrics)
+    learning = LearningLoop(store.kv, metrics, None if classifier is None else ClassifierInputs.of(classifier))
     drain = Drain(settings.drain_s)
     drain.install_signal_handler(asyncio.get_running_loop())
     pipeline = ChatPipeline(

@@ -265,6 +265,16 @@ class Classifier:
                     f.set_exception(ClassifierError("classifier closed"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    @property
+    def signature(self) -> str:
+        """Which scores and vectors this classifier gives: its graph and routing head. What was
+        learnt from one (a deployment's router, its labels) means nothing to another."""
+        return f"{self.version}/{self.head_version or 'graph'}"
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.config.get("embedding_dim", 384))
+
     def describe(self) -> dict[str, Any]:
         """For /readyz and the start-up log."""
         return {

@@ -15,7 +15,7 @@ import asyncio
 import json
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.cli._parsers import Subcommands
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace) -> int:
     from gateway.accounting.metrics import Metrics
-    from gateway.learning.learned import active_version, rollback
+    from gateway.learning.learned import UnreadableRouter, active_version, rollback
     from gateway.store.redis import SharedRedis, connect, redis_store
 
     try:
@@ -87,20 +87,32 @@ async def _run(args: argparse.Namespace) -> int:
     scope = None if args.pooled else args.tenant[0]
     try:
         if args.router_command == "status":
-            print(json.dumps({"scope": scope or "global", "active": await active_version(kv, scope)}))
+            print(json.dumps(await _status(kv, scope, await active_version(kv, scope))))
             return 0
         if args.router_command == "rollback":
-            now = await rollback(kv, scope)
-            print(json.dumps({"scope": scope or "global", "active": now}))
+            print(json.dumps(await _status(kv, scope, await rollback(kv, scope))))
             return 0
         return await _learn(kv, scope, args.tenant, args.promote)
+    except UnreadableRouter as exc:  # gateways ignore it and serve the shipped router; a promotion replaces it
+        print(f"{exc} (gateways serve the shipped router meanwhile)", file=sys.stderr)
+        return 1
     finally:
         await redis.aclose()
 
 
+async def _status(kv: KeyValue, scope: str | None, active: str | None) -> dict[str, Any]:
+    """What is in force: a tenant's own router (None: the shipped one) and, where a route pools
+    labels (``learning.scope: global``), the pooled router that stands in when it has none."""
+    from gateway.learning.learned import active_version
+
+    if scope is None:
+        return {"scope": "global", "active": active}
+    return {"scope": scope, "active": active, "pooled_routes": active or await active_version(kv, None)}
+
+
 async def _learn(kv: KeyValue, scope: str | None, tenants: list[str], promote_it: bool) -> int:
     from gateway.learning.examples import LabelledExample, LearningStore
-    from gateway.learning.learned import active, fit_candidate, promote
+    from gateway.learning.learned import active, fit_candidate, promote, same_classifier
 
     store = LearningStore(kv)
     examples: list[LabelledExample] = []
@@ -113,9 +125,11 @@ async def _learn(kv: KeyValue, scope: str | None, tenants: list[str], promote_it
     except ValueError as exc:
         print(str(exc), file=sys.stderr)
         return 1
+    usable = same_classifier(sorted(examples, key=lambda e: e.at))
     report = {
         "scope": scope or "global",
         "labels": len(examples),
+        "labels_of_another_classifier": len(examples) - len(usable),
         "current": None if current is None else current.version,
         "candidate": candidate.version,
         **evaluation.to_dict(),

@@ -16,11 +16,14 @@ from typing import Literal
 
 import msgspec
 import numpy as np
+import structlog
 
 from gateway.store import keyspace
 from gateway.store.base import KeyValue
 
 __all__ = ["LabelledExample", "LearningStore", "RoutingTrace", "Side"]
+
+_log = structlog.get_logger("gateway.learning")
 
 Side = Literal["small", "large"]
 _TIMEOUT_S = 0.2
@@ -36,10 +39,20 @@ class RoutingTrace(msgspec.Struct, frozen=True):
     embedding: bytes  # float16
     features: bytes  # float32
     at: float
+    inputs: str = ""
+    """The classifier that scored it (:attr:`Classifier.signature`): labels from another one live on
+    another scale and in another embedding space. Empty in traces kept before it was recorded."""
 
     @classmethod
     def of(
-        cls, key_id: str, route: str, side: Side, p_large: float, embedding: np.ndarray, features: np.ndarray
+        cls,
+        key_id: str,
+        route: str,
+        side: Side,
+        p_large: float,
+        embedding: np.ndarray,
+        features: np.ndarray,
+        inputs: str = "",
     ) -> RoutingTrace:
         return cls(
             key_id,
@@ -49,6 +62,7 @@ class RoutingTrace(msgspec.Struct, frozen=True):
             np.asarray(embedding, dtype=np.float16).tobytes(),
             np.asarray(features, dtype=np.float32).tobytes(),
             time.time(),
+            inputs,
         )
 
 
@@ -66,6 +80,8 @@ class LabelledExample(msgspec.Struct, frozen=True):
     """The route's ``learning.scope`` was ``global`` when it was labelled."""
     tenant: str = ""
     """Whose label it is: set when labels are read (request ids are unique only within a tenant)."""
+    inputs: str = ""
+    """The classifier that scored the request (its trace's ``inputs``)."""
 
     @classmethod
     def of(
@@ -87,6 +103,7 @@ class LabelledExample(msgspec.Struct, frozen=True):
             trace.features,
             time.time(),
             poolable,
+            inputs=trace.inputs,
         )
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
@@ -113,16 +130,30 @@ class LearningStore:
         await self._kv.put_new(key, _trace_encoder.encode(trace), keep_hours * 3600, _TIMEOUT_S)
 
     async def trace(self, tenant: str, request_id: str) -> RoutingTrace | None:
+        """None also for a value this gateway cannot read (written by another version, or by hand)."""
         raw = await self._kv.get(keyspace.routing_trace(tenant, request_id), _TIMEOUT_S)
-        return None if raw is None else _trace_decoder.decode(raw)
+        if raw is None:
+            return None
+        try:
+            return _trace_decoder.decode(raw)
+        except msgspec.DecodeError:  # ValidationError included
+            _unreadable(kind="routing_trace")
+            return None
 
     async def add_label(self, tenant: str, example: LabelledExample, max_labels: int, keep_days: int = 180) -> None:
         key = keyspace.routing_labels(tenant)
         await self._kv.append(key, _trace_encoder.encode(example), max_labels, keep_days * 86400, _TIMEOUT_S)
 
     async def labels(self, tenant: str, timeout_s: float = 5.0) -> list[LabelledExample]:
+        """The tenant's labels; one this gateway cannot read is left out (and logged)."""
         raw = await self._kv.read_list(keyspace.routing_labels(tenant), timeout_s)
-        return [msgspec.structs.replace(_example_decoder.decode(item), tenant=tenant) for item in raw]
+        examples: list[LabelledExample] = []
+        for item in raw:
+            try:
+                examples.append(msgspec.structs.replace(_example_decoder.decode(item), tenant=tenant))
+            except msgspec.DecodeError:
+                _unreadable(kind="routing_label")
+        return examples
 
     async def count_label(self, tenant: str, request_id: str, keep_hours: int) -> int:
         """How many labels the request has had, this one included (a bound on relabelling)."""
@@ -132,6 +163,10 @@ class LearningStore:
     async def add_shadow_spend(self, tenant: str, route: str, usd: float) -> float:
         """Today's shadow spend on this tenant's route after adding ``usd``."""
         return await self._kv.add_float(keyspace.shadow_spend(tenant, route, _today()), usd, _SHADOW_TTL_S, _TIMEOUT_S)
+
+
+def _unreadable(kind: str) -> None:
+    _log.warning("learning_value_unreadable", kind=kind)
 
 
 def _today() -> str:

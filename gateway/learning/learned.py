@@ -18,21 +18,38 @@ router they started with).
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
 import structlog
 
 from gateway.background import BackgroundTasks
+from gateway.classifier.features import NAMES as FEATURE_NAMES
 from gateway.learning.examples import LabelledExample
 from gateway.store import keyspace
 from gateway.store.base import KeyValue, StoreUnavailable
 
-__all__ = ["Evaluation", "LearnedRouter", "LearnedRouters", "apgr", "cpt", "fit_candidate", "promote", "rollback"]
+__all__ = [
+    "ClassifierInputs",
+    "Evaluation",
+    "LearnedRouter",
+    "LearnedRouters",
+    "UnreadableRouter",
+    "apgr",
+    "cpt",
+    "fit_candidate",
+    "promote",
+    "rollback",
+    "same_classifier",
+]
+
+if TYPE_CHECKING:
+    from gateway.classifier import Classifier
 
 _log = structlog.get_logger("gateway.learning")
 
@@ -52,6 +69,28 @@ class LearnedRouter(msgspec.Struct, frozen=True):
     feature_std: bytes  # float32
     labels: int
     evaluation: dict[str, Any] = {}
+    inputs: str = ""
+    """The classifier whose scores and vectors it was fitted on (:attr:`Classifier.signature`);
+    empty for routers fitted before it was recorded (then only the width is checked)."""
+
+    def fits(self, inputs: ClassifierInputs) -> bool:
+        """Whether it can correct this classifier's scores: fitted on the same one, with weights
+        of the width its embedding and features make, and nothing unreadable in them."""
+        if self.inputs and self.inputs != inputs.signature:
+            return False
+        try:
+            params = self._params()
+        except ValueError:  # a buffer that is not float32
+            return False
+        n_features = inputs.width - inputs.embedding_dim
+        return (
+            len(params.w) == inputs.width
+            and len(params.mean) == len(params.std) == n_features
+            and bool(np.isfinite(params.w).all() and np.isfinite(params.mean).all())
+            and bool((params.std > 0).all())
+            and math.isfinite(self.base_weight)
+            and math.isfinite(self.bias)
+        )
 
     def apply(self, p_base: float, embedding: np.ndarray, features: np.ndarray | None) -> float:
         if features is None:
@@ -67,6 +106,20 @@ class LearnedRouter(msgspec.Struct, frozen=True):
             np.frombuffer(self.feature_mean, dtype=np.float32),
             np.frombuffer(self.feature_std, dtype=np.float32),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifierInputs:
+    """What a learnt router reads of the running classifier: which one it is, and the width of
+    the vector it hands a router (embedding, then surface features)."""
+
+    signature: str
+    embedding_dim: int
+    width: int
+
+    @classmethod
+    def of(cls, classifier: Classifier) -> ClassifierInputs:
+        return cls(classifier.signature, classifier.embedding_dim, classifier.embedding_dim + len(FEATURE_NAMES))
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +241,10 @@ def fit_candidate(
     once (feedback after a shadow judgement, a changed mind) counts once, by its last label;
     request ids are the clients' to choose, so one names a request only within its tenant."""
     latest = {(e.tenant, e.request_id): e for e in sorted(examples, key=lambda e: e.at)}
-    examples = sorted(latest.values(), key=lambda e: e.at)
+    examples = same_classifier(sorted(latest.values(), key=lambda e: e.at))
+    inputs = examples[-1].inputs if examples else ""
+    if current is not None and current.inputs != inputs:
+        current = None  # fitted on another classifier's scores: not what serves these prompts now
     held = max(MIN_HELD_OUT, int(len(examples) * held_out_share))
     if len(examples) < held + MIN_HELD_OUT:
         raise ValueError(f"{len(examples)} labelled requests; at least {2 * MIN_HELD_OUT} are needed")
@@ -234,8 +290,19 @@ def fit_candidate(
         params.std.tobytes(),
         len(train),
         evaluation.to_dict(),
+        inputs,
     )
     return router, evaluation
+
+
+def same_classifier(examples: list[LabelledExample]) -> list[LabelledExample]:
+    """The examples (oldest first) that the newest one's classifier scored, with vectors of its
+    width: labels kept from before an upgrade of the classifier describe another scale."""
+    if not examples:
+        return []
+    newest = examples[-1]
+    widths = (len(newest.embedding), len(newest.features))
+    return [e for e in examples if e.inputs == newest.inputs and (len(e.embedding), len(e.features)) == widths]
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -243,13 +310,28 @@ _decoder = msgspec.msgpack.Decoder(LearnedRouter)
 
 
 async def load_version(kv: KeyValue, tenant: str | None, version: str) -> LearnedRouter | None:
+    """The stored version; raises :class:`UnreadableRouter` for a value this gateway cannot read."""
     raw = await kv.get(keyspace.learned_router(tenant, f"v:{version}"), _TIMEOUT_S)
-    return None if raw is None else _decoder.decode(raw)
+    if raw is None:
+        return None
+    try:
+        return _decoder.decode(raw)
+    except msgspec.DecodeError:  # ValidationError included
+        raise UnreadableRouter(f"learnt router version {version!r} cannot be read") from None
 
 
 async def active_version(kv: KeyValue, tenant: str | None) -> str | None:
     raw = await kv.get(keyspace.learned_router(tenant, "active"), _TIMEOUT_S)
-    return None if raw is None else raw.decode()
+    if raw is None:
+        return None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise UnreadableRouter("the learnt router in force is named by bytes that are not text") from None
+
+
+class UnreadableRouter(ValueError):
+    """What the store holds under a learnt router's keys is not one this gateway can read."""
 
 
 async def active(kv: KeyValue, tenant: str | None) -> LearnedRouter | None:
@@ -262,7 +344,10 @@ async def promote(kv: KeyValue, tenant: str | None, router: LearnedRouter) -> No
     await kv.put(
         keyspace.learned_router(tenant, f"v:{router.version}"), _encoder.encode(router), _VERSION_TTL_S, _TIMEOUT_S
     )
-    before = await active_version(kv, tenant)
+    try:
+        before = await active_version(kv, tenant)
+    except UnreadableRouter:
+        before = None  # nothing to roll back to
     if before is not None:
         await kv.put(keyspace.learned_router(tenant, "previous"), before.encode(), _VERSION_TTL_S, _TIMEOUT_S)
     await kv.put(keyspace.learned_router(tenant, "active"), router.version.encode(), _VERSION_TTL_S, _TIMEOUT_S)
@@ -276,7 +361,7 @@ async def rollback(kv: KeyValue, tenant: str | None) -> str | None:
         await kv.delete(keyspace.learned_router(tenant, "active"), _TIMEOUT_S)
         return None
     await kv.put(keyspace.learned_router(tenant, "active"), previous, _VERSION_TTL_S, _TIMEOUT_S)
-    return previous.decode()
+    return previous.decode(errors="replace")
 
 
 @dataclass(slots=True)
@@ -285,63 +370,89 @@ class _Entry:
     fetched: float
 
 
-class LearnedRouters:
-    """The learnt router in force per tenant (its own, else the pooled one), re-read from
-    the store at most every ``refresh_s`` in the background: the request path never waits."""
+_Scope = tuple[str, bool]
+"""A tenant, and whether the route pools labels (``learning.scope: global``): only then does
+the pooled router stand in for a tenant without its own."""
 
-    def __init__(self, kv: KeyValue, refresh_s: float = 5.0) -> None:
+
+class LearnedRouters:
+    """The learnt router in force per tenant (its own; on a pooled route, else the pooled
+    one), re-read from the store at most every ``refresh_s`` in the background. A process's
+    first request of a tenant, and one after a quiet spell, waits for one read.
+
+    A router this classifier cannot use (fitted on another one, of another width, or not
+    readable at all) is not applied: the shipped router serves, and the log says why once.
+    """
+
+    def __init__(self, kv: KeyValue, inputs: ClassifierInputs | None = None, refresh_s: float = 5.0) -> None:
         self._kv = kv
+        self._inputs = inputs
         self._refresh_s = refresh_s
-        self._entries: dict[str, _Entry] = {}
-        self._loading: set[str] = set()
+        self._entries: dict[_Scope, _Entry] = {}
+        self._loading: set[_Scope] = set()
+        self._refused: set[tuple[str, str, str]] = set()
         self._background = BackgroundTasks()
 
-    def current(self, tenant: str) -> LearnedRouter | None:
-        entry = self._entries.get(tenant)
-        if (entry is None or time.monotonic() - entry.fetched >= self._refresh_s) and tenant not in self._loading:
-            self._loading.add(tenant)
-            self._background.spawn(self._load(tenant), "learned-router-refresh")
+    def current(self, tenant: str, pooled: bool = False) -> LearnedRouter | None:
+        scope = (tenant, pooled)
+        entry = self._entries.get(scope)
+        if (entry is None or time.monotonic() - entry.fetched >= self._refresh_s) and scope not in self._loading:
+            self._loading.add(scope)
+            self._background.spawn(self._load(scope), "learned-router-refresh")
         return None if entry is None else entry.router
 
-    async def in_force(self, tenant: str) -> LearnedRouter | None:
-        """:meth:`current`, but a tenant quiet for two refresh periods waits for one read (a
-        promotion or rollback made meanwhile applies to its very next request, not the one after)."""
-        entry = self._entries.get(tenant)
-        if entry is not None and time.monotonic() - entry.fetched >= 2 * self._refresh_s:
-            return await self.refresh(tenant)
-        return self.current(tenant)
+    async def in_force(self, tenant: str, pooled: bool = False) -> LearnedRouter | None:
+        """:meth:`current`, but a tenant this process has not read yet, or one quiet for two
+        refresh periods, waits for one read (a promotion or rollback made meanwhile applies to
+        its very next request, in every process, a new one included)."""
+        entry = self._entries.get((tenant, pooled))
+        if entry is None or time.monotonic() - entry.fetched >= 2 * self._refresh_s:
+            return await self.refresh(tenant, pooled)
+        return self.current(tenant, pooled)
 
-    async def refresh(self, tenant: str) -> LearnedRouter | None:
+    async def refresh(self, tenant: str, pooled: bool = False) -> LearnedRouter | None:
         """Read the version in force now (tests, and the first request after a promotion)."""
-        await self._load(tenant)
-        entry = self._entries.get(tenant)
+        await self._load((tenant, pooled))
+        entry = self._entries.get((tenant, pooled))
         return None if entry is None else entry.router
 
-    async def _load(self, tenant: str) -> None:
+    async def _load(self, scope: _Scope) -> None:
+        tenant = scope[0]
         try:
-            known = self._entries.get(tenant)
-            router = await self._fetch(tenant, None if known is None else known.router)
-            if (known is None or known.router is None) != (router is None) or (
-                known is not None
-                and known.router is not None
-                and router is not None
-                and known.router.version != router.version
-            ):
-                _log.info("learned_router_in_force", tenant=tenant, version=None if router is None else router.version)
-            self._entries[tenant] = _Entry(router, time.monotonic())
+            known = self._entries.get(scope)
+            router = await self._fetch(scope, None if known is None else known.router)
         except StoreUnavailable:
-            pass  # keep what is in force
+            return  # keep what is in force
+        except UnreadableRouter as exc:
+            self._refuse(tenant, "unreadable", str(exc))
+            router = None
         finally:
-            self._loading.discard(tenant)
+            self._loading.discard(scope)
+        if router is not None and self._inputs is not None and not router.fits(self._inputs):
+            self._refuse(tenant, "another_classifier", router.version)
+            router = None
+        before = self._entries.get(scope)
+        if (None if before is None or before.router is None else before.router.version) != (
+            None if router is None else router.version
+        ):
+            _log.info("learned_router_in_force", tenant=tenant, version=None if router is None else router.version)
+        self._entries[scope] = _Entry(router, time.monotonic())
 
-    async def _fetch(self, tenant: str, known: LearnedRouter | None) -> LearnedRouter | None:
-        for scope in (tenant, None):
-            version = await active_version(self._kv, scope)
+    def _refuse(self, tenant: str, reason: str, detail: str) -> None:
+        if (tenant, reason, detail) in self._refused:
+            return
+        self._refused.add((tenant, reason, detail))
+        _log.warning("learned_router_refused", tenant=tenant, reason=reason, detail=detail, effect="shipped router")
+
+    async def _fetch(self, scope: _Scope, known: LearnedRouter | None) -> LearnedRouter | None:
+        tenant, pooled = scope
+        for owner in (tenant, None) if pooled else (tenant,):
+            version = await active_version(self._kv, owner)
             if version is None:
                 continue
             if known is not None and known.version == version:
                 return known
-            return await load_version(self._kv, scope, version)
+            return await load_version(self._kv, owner, version)
         return None
 
     async def aclose(self) -> None:

@@ -9,7 +9,7 @@ from gateway.accounting.metrics import Metrics
 from gateway.background import BackgroundTasks
 from gateway.config.schema import LearningPolicy
 from gateway.learning.examples import LearningStore, RoutingTrace, Side
-from gateway.learning.learned import LearnedRouters
+from gateway.learning.learned import ClassifierInputs, LearnedRouters
 from gateway.learning.shadow import Ask, Judge, ShadowJob, ShadowJudge
 from gateway.sparse_log import SparseLog
 from gateway.store.base import KeyValue, StoreUnavailable
@@ -21,10 +21,12 @@ _trace_dropped = SparseLog(_log, "routing_trace_dropped", level="info")
 
 
 class LearningLoop:
-    def __init__(self, kv: KeyValue, metrics: Metrics) -> None:
+    def __init__(self, kv: KeyValue, metrics: Metrics, inputs: ClassifierInputs | None = None) -> None:
         self.store = LearningStore(kv)
         self.shadow = ShadowJudge(self.store, metrics)
-        self.routers = LearnedRouters(kv)
+        self.inputs = inputs
+        """The classifier in this process (stamped on traces; learnt routers must fit it)."""
+        self.routers = LearnedRouters(kv, inputs)
         self.metrics = metrics
         self._background = BackgroundTasks()
 
@@ -46,7 +48,8 @@ class LearningLoop:
     ) -> None:
         """Keep what the router saw (for feedback), and maybe judge the answer in the shadow;
         all of it in the background."""
-        trace = RoutingTrace.of(key_id, route, side, p_base, embedding, features)
+        signature = "" if self.inputs is None else self.inputs.signature
+        trace = RoutingTrace.of(key_id, route, side, p_base, embedding, features, signature)
         self._background.spawn(self._keep(tenant, request_id, trace, policy.keep_hours), "routing-trace")
         if self.shadow.sample(policy):
             self.shadow.start(ShadowJob(policy, tenant, request_id, trace, answered, ask_other, judge))

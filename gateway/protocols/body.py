@@ -15,6 +15,7 @@ T = TypeVar("T")
 
 _AT = re.compile(r" - at `\$\.?([^`]*)`$")
 _MISSING = re.compile(r"^Object missing required field `([^`]*)`$")
+_UNKNOWN = re.compile(r"^Object contains unknown field `([^`]*)`$")
 
 
 def decode_body(raw: bytes, into: type[T]) -> T:
@@ -25,6 +26,9 @@ def decode_body(raw: bytes, into: type[T]) -> T:
         return msgspec.json.decode(raw, type=into)
     except msgspec.ValidationError as exc:
         message = str(exc)
+        unknown = _UNKNOWN.match(message)
+        if unknown:
+            raise InvalidRequestError(f"unknown parameter '{unknown[1]}'", param=unknown[1]) from None
         if " - at `$" not in message and not _MISSING.match(message):  # the body itself: every view is an object
             raise InvalidRequestError(f"the request body must be a JSON object ({message})") from None
         raise _field_error(message) from None

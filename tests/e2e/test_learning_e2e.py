@@ -162,6 +162,8 @@ def test_bad_feedback_gets_a_400_in_openais_shape(gateway: GatewayProcess, body:
 def test_a_bad_feedback_value_names_its_parameter(gateway: GatewayProcess) -> None:
     error = _feedback(gateway, "alice", {"request_id": "x", "label": "great"}).json()["error"]
     assert error["param"] == "label"
+    unknown = _feedback(gateway, "alice", {"request_id": "x", "thumbs": "up", "comment": "nice"}).json()["error"]
+    assert unknown["param"] == "comment" and "unknown parameter 'comment'" in unknown["message"]
 
 
 def test_feedback_sent_as_the_stream_ends_finds_its_request(gateway: GatewayProcess) -> None:

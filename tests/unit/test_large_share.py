@@ -19,6 +19,7 @@ from gateway.large_share import LargeShareTracker
 from gateway.limits import Limiter
 from gateway.pipeline import Answer, ChatPipeline
 from gateway.runtime import RuntimeHolder
+from gateway.store import keyspace
 from gateway.store.memory import MemoryKeyValue, memory_store
 from tests.unit.conftest import POLICY
 from tests.unit.fake_upstream import FakeUpstream
@@ -83,6 +84,51 @@ async def test_an_unavailable_store_keeps_the_last_threshold() -> None:
     assert await tracker.update("t", "auto", recent, target=0.9, configured=0.5) == pytest.approx(0.4, abs=0.011)
     store.down = True
     assert await tracker.update("t", "auto", recent, target=0.9, configured=0.5) == pytest.approx(0.4, abs=0.011)
+
+
+async def test_a_new_scorer_drops_the_old_scores_and_goes_straight_to_the_target() -> None:
+    """A promoted learnt router scores on another scale: the share must not sit off target
+    while the window still holds the old router's scores."""
+    tracker = LargeShareTracker(MemoryKeyValue(), window=1000, update_every=50, max_share_step=0.05)
+    rng = random.Random(5)
+    for score in [rng.random() for _ in range(1000)]:
+        tracker.observe("t", "auto", score, 0.3, configured=0.5, scorer="shipped")
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
+    assert _share([rng.random() for _ in range(2000)], tracker.threshold("t", "auto", 0.5)) == pytest.approx(
+        0.3, abs=0.05
+    )
+    lower = [rng.random() * 0.5 for _ in range(50)]  # the new router's scale
+    for score in lower:
+        tracker.observe("t", "auto", score, 0.3, configured=0.5, scorer="learnt-1")
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
+    assert _share(lower, tracker.threshold("t", "auto", 0.5)) == pytest.approx(0.3, abs=0.03)
+
+
+async def test_a_new_process_starts_from_the_shared_threshold() -> None:
+    store = MemoryKeyValue()
+    first = LargeShareTracker(store, update_every=10)
+    await _feed(first, "t", [random.Random(2).random() * 0.4 for _ in range(300)], target=0.5)
+    shared = first.threshold("t", "auto", 0.5)
+    assert shared < 0.4
+    second = LargeShareTracker(store, update_every=10)
+    assert second.threshold("t", "auto", 0.5) == 0.5  # its first request: the read has only begun
+    await asyncio.sleep(0.01)
+    assert second.threshold("t", "auto", 0.5) == pytest.approx(shared, abs=1e-6)
+
+
+@pytest.mark.parametrize("stored", [b"abc", b"\xff\xfe", b"nan", b"inf", b"-0.5", b"7"])
+async def test_a_stored_threshold_that_is_not_a_probability_is_replaced_not_followed(stored: bytes) -> None:
+    store = MemoryKeyValue()
+    tracker = LargeShareTracker(store, update_every=1, max_share_step=0.05)
+    recent = np.linspace(0.0, 1.0, 101)
+    await store.put(keyspace.large_share_threshold("t", "auto"), stored, 60, 1.0)
+    new = await tracker.update("t", "auto", recent, target=0.5, configured=0.5)
+    assert new == pytest.approx(0.5, abs=0.011)  # one bounded step from the configured threshold (on target)
+    assert float(await store.get(keyspace.large_share_threshold("t", "auto"), 1.0) or b"x") == pytest.approx(
+        new, abs=1e-6
+    )
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import pytest
 
 from gateway.learning.examples import LabelledExample, LearningStore, RoutingTrace
-from gateway.learning.learned import LearnedRouters, active_version, apgr, cpt, fit_candidate, promote, rollback
+from gateway.learning.learned import (
+    ClassifierInputs,
+    LearnedRouters,
+    active_version,
+    apgr,
+    cpt,
+    fit_candidate,
+    promote,
+    rollback,
+    same_classifier,
+)
 from gateway.learning.shadow import judge_request, parse_verdict
 from gateway.protocols.openai_chat import to_chat_body
 from gateway.simulated.quality import FAILURE, judge_verdict
+from gateway.store import keyspace
 from gateway.store.memory import MemoryKeyValue
 
 
@@ -68,13 +80,68 @@ async def test_promotion_rollback_and_tenant_scopes() -> None:
     routers = LearnedRouters(kv, refresh_s=0.0)
     assert (await routers.refresh("a")) == second
     assert await routers.refresh("b") is None  # tenant a's router is not tenant b's
-    await promote(kv, None, first)  # the pooled router: for tenants without their own
-    assert (await routers.refresh("b")) == first
+    await promote(kv, None, first)  # the pooled router: for tenants without their own, on pooling routes
+    assert (await routers.refresh("b", pooled=True)) == first
+    assert await routers.refresh("b") is None  # a route with scope: tenant never takes others' labels
     assert await rollback(kv, "a") == first.version
     assert await active_version(kv, "a") == first.version
     assert await rollback(kv, "a") is None  # nothing before: back to the pooled / shipped router
-    assert (await routers.refresh("a")) == first  # the pooled one
+    assert (await routers.refresh("a", pooled=True)) == first  # the pooled one
+    assert await routers.refresh("a") is None  # the shipped one
     await routers.aclose()
+
+
+async def test_a_router_this_classifier_cannot_use_is_not_applied() -> None:
+    """A learnt router fitted on another classifier (an upgrade: another scale, another width),
+    or any value under its keys this gateway cannot read, leaves the shipped router in force."""
+    kv = MemoryKeyValue()
+    inputs = ClassifierInputs("graph-1/head-1", 384, 396)
+    ours = msgspec.structs.replace(fit_candidate(_examples(200, rule=True), None)[0], inputs="graph-1/head-1")
+    theirs = msgspec.structs.replace(ours, version="theirs", inputs="graph-0/head-0")
+    narrow = msgspec.structs.replace(ours, version="narrow", inputs="", weight=ours.weight[:-8])
+    routers = LearnedRouters(kv, inputs, refresh_s=0.0)
+    await promote(kv, "a", ours)
+    assert await routers.refresh("a") == ours
+    for refused in (theirs, narrow):
+        await promote(kv, "a", refused)
+        assert await routers.refresh("a") is None
+    await kv.put(keyspace.learned_router("a", "v:broken"), b"\x00 not msgpack", 60, 1.0)
+    await kv.put(keyspace.learned_router("a", "active"), b"broken", 60, 1.0)
+    assert await routers.in_force("a") is None
+    await kv.put(keyspace.learned_router("a", "active"), b"\xff\xfe", 60, 1.0)
+    assert await routers.in_force("a") is None
+    await promote(kv, "a", ours)  # fixed: applies again
+    assert await routers.refresh("a") == ours
+    await routers.aclose()
+
+
+async def test_a_new_process_routes_its_first_request_with_the_router_in_force() -> None:
+    kv = MemoryKeyValue()
+    first, _ = fit_candidate(_examples(200, rule=True), None)
+    await promote(kv, "a", first)
+    routers = LearnedRouters(kv)  # nothing read yet
+    assert await routers.in_force("a") == first
+    await routers.aclose()
+
+
+def test_labels_of_another_classifier_are_left_out_of_a_fit() -> None:
+    old = [msgspec.structs.replace(e, inputs="old") for e in _examples(200, rule=False, seed=4)]
+    wide = [msgspec.structs.replace(e, inputs="new", features=e.features + b"\0\0\0\0", at=e.at + 300) for e in old[:5]]
+    new = [msgspec.structs.replace(e, inputs="new", at=e.at + 1000) for e in _examples(200, rule=True)]
+    assert same_classifier(old + wide + new) == new
+    candidate, evaluation = fit_candidate(old + wide + new, None)
+    assert candidate.inputs == "new" and evaluation.trained_on + evaluation.held_out == 200
+
+
+async def test_values_a_gateway_cannot_read_are_skipped_not_raised() -> None:
+    kv = MemoryKeyValue()
+    store = LearningStore(kv)
+    for example in _examples(3, rule=True):
+        await store.add_label("a", example, max_labels=25)
+    await kv.append(keyspace.routing_labels("a"), b"\xc1 garbage", 25, 60, 1.0)
+    assert [e.request_id for e in await store.labels("a")] == ["r0", "r1", "r2"]
+    await kv.put(keyspace.routing_trace("a", "req-9"), b"\x93garbage", 60, 1.0)
+    assert await store.trace("a", "req-9") is None
 
 
 async def test_labels_are_kept_per_tenant_and_bounded() -> None:
