@@ -247,6 +247,9 @@ class _Connection(asyncio.Protocol):
         self.response, self._began = None, False
         response._finish()
         if self._parser.should_keep_alive() and not self._until_close and not self.closed:
+            # The answer is whole (what its reader has not taken stays with it): a connection
+            # paused for it would go back to the pool deaf, and the next request would hang.
+            self.resume()
             self.pool.release(self)
         else:
             self.close()

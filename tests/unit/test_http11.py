@@ -306,6 +306,23 @@ async def test_an_unread_stream_stops_reading_the_socket_and_loses_nothing(
     assert server.connections == 1
 
 
+@pytest.mark.parametrize("size", [1_100_000, 1_200_000, 1_300_000, 2_000_000])
+async def test_an_answer_that_completes_while_reading_is_paused_leaves_a_live_connection(
+    serve: Serve, transport: Http11Transport, size: int
+) -> None:
+    """The read that crosses the pause mark may also end the message: the connection goes back
+    to the pool then, and must not stay deaf for the next request (which would hang)."""
+    raw = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + b"x" * size
+    server = await serve(answer(raw), answer(_OK))
+    response = await _post(transport, server.url, stream=True)
+    await asyncio.sleep(0.3)  # a reader busy elsewhere (a slow client downstream)
+    assert len(await response.aread()) == size
+    await response.aclose()
+    follow_up = await _post(transport, server.url, first_byte_s=1.0)
+    assert follow_up.content == b'{"ok":true}'
+    assert server.connections == 1
+
+
 async def test_an_interim_answer_is_skipped(serve: Serve, transport: Http11Transport) -> None:
     server = await serve(answer(b"HTTP/1.1 100 Continue\r\n\r\n" + _OK))
     response = await _post(transport, server.url)
