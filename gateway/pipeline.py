@@ -717,7 +717,9 @@ class ChatPipeline:
         except UpstreamError as exc:
             # Headers are gone: tell the client in-band, as OpenAI does; never retry mid-stream.
             self._metrics.upstream_error(exc.upstream, exc.code)
-            record.error_type = exc.code
+            # 200 went out with the headers; the outcome is the error's, for usage, reports and
+            # metrics to count it as the failure it is (as an internal error here counts 500).
+            record.error_type, record.status = exc.code, exc.status_code
             breaker = self._holder.breakers.for_tenant(record.tenant).get(provider.name)
             if breaker is not None:
                 breaker.record_broken()
@@ -732,7 +734,7 @@ class ChatPipeline:
                 record.error_type, record.status = "client_disconnected", 499
                 raise
             error = ShuttingDownError("the gateway is shutting down; the answer was cut at its drain deadline")
-            record.error_type = error.code
+            record.error_type, record.status = error.code, error.status_code
             yield _failure(stream, error, typed)
         except GeneratorExit:
             record.error_type, record.status = "client_disconnected", 499

@@ -143,6 +143,10 @@ def test_stream_cut_midway_is_reported_in_band_and_not_retried(
     assert upstream_stats(small_upstream)["chat_requests"] == 1
     record = gateway.wait_for_record(request_id)
     assert record["error_type"] == "upstream_bad_response" and record["stream"] is True
+    # 200 went out with the headers, but the request failed: counted as the 502 it ended with
+    assert record["status"] == 502 and record["upstream_status"] == 200
+    metrics = httpx.get(f"{gateway.url}/metrics", timeout=5).text.splitlines()
+    assert any(line.startswith("gateway_requests_total{") and 'status="502"' in line for line in metrics)
 
 
 @pytest.mark.parametrize(
