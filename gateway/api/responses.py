@@ -359,17 +359,22 @@ async def _passed_through(
 async def _claimed_events(
     events: AsyncIterator[bytes], store: ResponseStore, tenant: str, held_by: str
 ) -> AsyncIterator[bytes]:
-    """The events, the response's id claimed as soon as ``response.created`` names it."""
+    """The events, the response's id claimed as soon as ``response.created`` names it (a piece
+    may hold several events: the relay holds the created event back until model work shows)."""
     claimed = False
+    marker = b"event: response.created\ndata: "
     try:
-        async for event in events:
-            if not claimed and event.startswith(b"event: response.created\n"):
+        async for piece in events:
+            at = -1 if claimed else piece.find(marker)
+            if at >= 0:
                 claimed = True
-                data = msgspec.json.decode(event[event.index(b"data: ") + 6 :])
+                start = at + len(marker)
+                end = piece.find(b"\n\n", start)
+                data = msgspec.json.decode(piece[start : end if end >= 0 else len(piece)])
                 response = data.get("response") if isinstance(data, dict) else None
                 if isinstance(response, dict) and isinstance(response.get("id"), str):
                     await _claim(store, tenant, response["id"], held_by)
-            yield event
+            yield piece
     finally:
         close = getattr(events, "aclose", None)
         if close is not None:

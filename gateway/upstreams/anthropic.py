@@ -271,6 +271,7 @@ class _RelayedMessageStream(RelayedStream):
     raises and the gateway answers it in Anthropic's shape."""
 
     end_events = frozenset({"message_stop"})
+    preamble_events = frozenset({"message_start", "ping"})
 
     def __init__(self, provider: AnthropicProvider, response: UpstreamResponse) -> None:
         super().__init__(provider, response)

@@ -244,6 +244,11 @@ class RelayedStream(ChatStream):
 
     framed = True
     end_events: ClassVar[frozenset[str]]
+    preamble_events: ClassVar[frozenset[str]] = frozenset()
+    """Events an upstream sends before any model work (Anthropic's ``message_start``, a
+    Responses ``response.created``): the first piece holds them together with the first event
+    after them, so an error or a cut before any content is still retried and falls back, as
+    a translated stream's is, and no client sees a start that came to nothing."""
 
     def __init__(self, provider: Provider, response: UpstreamResponse) -> None:
         super().__init__()
@@ -252,8 +257,19 @@ class RelayedStream(ChatStream):
         self._response = response
         self._events = UpstreamEvents(provider, response)
         self._ended = False
+        self._started = False
+        self._kind_of_last = ""
 
     async def __anext__(self) -> bytes:
+        if self._started:
+            return await self._next_event()
+        self._started = True
+        held = [await self._next_event()]
+        while self._kind_of_last in self.preamble_events and not self._ended:
+            held.append(await self._next_event())
+        return b"".join(held)
+
+    async def _next_event(self) -> bytes:
         name = self._provider.name
         while True:
             event = await self._events.next()
@@ -271,6 +287,7 @@ class RelayedStream(ChatStream):
             self.tally.chunks += 1
             self._take(kind, data)
             self._ended = kind in self.end_events
+            self._kind_of_last = kind
             return b"event: " + kind.encode() + b"\ndata: " + event.data + b"\n\n"
 
     @abstractmethod

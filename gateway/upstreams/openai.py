@@ -136,6 +136,7 @@ class _ResponsesEventStream(RelayedStream):
     deltas and the final usage; an ``error`` event raises, and the gateway answers it."""
 
     end_events = frozenset({"response.completed", "response.incomplete", "response.failed"})
+    preamble_events = frozenset({"response.created", "response.in_progress"})
 
     def __init__(self, provider: OpenAIProvider, response: UpstreamResponse) -> None:
         super().__init__(provider, response)

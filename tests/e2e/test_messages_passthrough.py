@@ -156,19 +156,27 @@ def test_an_overloaded_upstream_mid_stream_ends_with_anthropics_error_event(
     assert frames[-1].startswith("event: error\ndata: ") and '"type":"error"' in frames[-1]
 
 
-@pytest.mark.parametrize("client", ["anthropic", "openai"])
+@pytest.mark.parametrize("client", ["anthropic", "anthropic_passed_through", "openai"])
 def test_anthropics_in_band_overload_before_any_content_is_retried(
     gateway: GatewayProcess, large_upstream: SimulatedUpstream, client: str
 ) -> None:
     """Anthropic says "overloaded" as an error event right after message_start: nothing has reached
-    the client yet, so the gateway retries it as it would a 529."""
+    the client yet, so the gateway retries it as it would a 529, translated or passed through
+    (Claude Code's requests usually are)."""
     inject(large_upstream, {"overloaded_after_events": 1})
     ask = [{"role": "user", "content": "Still there?"}]
-    if client == "anthropic":
+    if client.startswith("anthropic"):
         body = {"model": "claude", "max_tokens": 64, "stream": True, "messages": ask}
-        with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": "k"}, timeout=15) as r:
+        if client == "anthropic_passed_through":
+            body["container"] = "container_1"  # a field only Anthropic reads: the request goes as sent
+        headers = {"x-api-key": "k", "x-request-id": f"overloaded-{client}"}
+        with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, headers=headers, timeout=15) as r:
             text = r.read().decode()
         assert "event: error" not in text and "event: message_stop" in text
+        assert text.count("event: message_start") == 1
+        record = gateway.wait_for_record(f"overloaded-{client}")
+        assert record["retries"] == 1 and record["error_type"] is None
+        assert record["passthrough"] is (True if client == "anthropic_passed_through" else None)
     else:
         body = {"model": "claude", "stream": True, "messages": ask}
         with httpx.stream("POST", f"{gateway.base_url}/chat/completions", json=body, timeout=15) as r:

@@ -223,6 +223,23 @@ def test_an_upstream_that_breaks_mid_stream_ends_it_with_an_error_event(
     assert frames[-1].startswith("event: error\ndata: ") and '"code":"upstream_bad_response"' in frames[-1]
 
 
+def test_an_error_before_any_output_is_retried_and_the_response_claimed_once(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """``response.created`` comes before any model work: an error right after it reaches the
+    client as nothing at all, and the route's retry answers (as a 500 before the stream would)."""
+    inject(small_upstream, {"overloaded_after_events": 1})
+    with _client(gateway).responses.stream(
+        model="codex", input="Still there?", extra_headers={"x-request-id": "relayed-retried-1"}
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert [e.type for e in events].count("response.created") == 1 and events[-1].type == "response.completed"
+    record = gateway.wait_for_record("relayed-retried-1")
+    assert record["retries"] == 1 and record["error_type"] is None and record["status"] == 200
+    assert _client(gateway).responses.retrieve(final.id).id == final.id  # claimed for the caller
+
+
 def test_an_upstream_rejection_is_the_callers_error(gateway: GatewayProcess) -> None:
     with pytest.raises(openai.BadRequestError) as rejected:
         _client(gateway).responses.create(model="codex", input=[{"type": "function_call_output", "output": "x"}])  # type: ignore[list-item]
