@@ -697,7 +697,9 @@ class ChatPipeline:
                         upstream_wait += time.perf_counter() - waited_from
                     yield frame(piece)
             tally = stream.tally
-            self._settle(x, provider, tally.usage, tally.text, tally.said)
+            # No finish reason (an Anthropic stream without message_delta): the usage may be
+            # message_start's placeholder, as for a cut stream
+            self._settle(x, provider, tally.usage, tally.text, tally.said, cut=tally.finish_reason is None)
             record.finish_reason = tally.finish_reason
             if framed:
                 return  # the upstream's own events said all there is to say

@@ -122,6 +122,9 @@ class _Fault(msgspec.Struct, forbid_unknown_fields=True):
     overloaded_after_events: int | None = None
     """Messages streams: Anthropic's in-band ``overloaded_error`` after this many events (how it
     says 529 once a stream began), then the end of the stream."""
+    omit_message_delta: bool = False
+    """Messages streams: no ``message_delta`` (no stop reason, no final usage: ``message_start``'s
+    placeholder of 1 output token is all the usage said), then ``message_stop``."""
 
 
 _NO_FAULT = _Fault()
@@ -790,7 +793,8 @@ async def _messages_stream(
                 _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": part})
             )
         await sink.send(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
-    await sink.send(_event("message_delta", delta))
+    if not fault.omit_message_delta:
+        await sink.send(_event("message_delta", delta))
     await sink.send(_event("message_stop", {"type": "message_stop"}))
     return await sink.finish()
 

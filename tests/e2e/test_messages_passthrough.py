@@ -185,6 +185,24 @@ def test_anthropics_in_band_overload_before_any_content_is_retried(
     assert upstream_stats(large_upstream)["messages_requests"] == 2  # the overloaded one, then the answer
 
 
+@pytest.mark.parametrize("passed_through", [False, True])
+def test_a_stream_without_message_delta_bills_what_was_written_not_the_placeholder(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream, passed_through: bool
+) -> None:
+    """message_start says 1 output token; only message_delta says the real count. When it never
+    comes, the answer is counted, as a cut stream's is."""
+    inject(large_upstream, {"omit_message_delta": True})
+    ask = [{"role": "user", "content": "one two three four five six seven eight nine ten"}]
+    body: dict[str, Any] = {"model": "claude", "max_tokens": 64, "stream": True, "messages": ask}
+    if passed_through:
+        body["container"] = "container_1"
+    headers = {"x-api-key": "k", "x-request-id": f"no-delta-{passed_through}"}
+    with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, headers=headers, timeout=10) as r:
+        assert "event: message_stop" in r.read().decode()
+    record = gateway.wait_for_record(f"no-delta-{passed_through}")
+    assert record["completion_tokens"] > 5 and record["tokens_source"] == "upstream"
+
+
 def test_a_translated_stream_cut_midway_ends_with_anthropics_error_event(
     gateway: GatewayProcess, large_upstream: SimulatedUpstream
 ) -> None:
