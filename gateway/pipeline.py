@@ -35,7 +35,13 @@ from gateway.core import model as core
 from gateway.core.headers import dropped_header
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.drain import DEFAULT_DRAIN_S, Drain
-from gateway.errors import GatewayError, InvalidRequestError, ShuttingDownError, UpstreamError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    ShuttingDownError,
+    UpstreamError,
+    UpstreamProtocolError,
+)
 from gateway.judge import parse_yes_no
 from gateway.large_share import LargeShareTracker
 from gateway.learning.examples import Side
@@ -703,6 +709,13 @@ class ChatPipeline:
             record.finish_reason = tally.finish_reason
             if framed:
                 return  # the upstream's own events said all there is to say
+            if typed and tally.finish_reason is None:
+                # The upstream never said it finished: a chat client sees that as it is, while a
+                # Messages or Responses client would be told end_turn / completed.
+                unfinished = UpstreamProtocolError(provider.name, "the answer ended without a finish reason")
+                record.error_type, record.status = unfinished.code, unfinished.status_code
+                yield _failure(stream, unfinished, typed)
+                return
             if typed:
                 yield [core.UsageReport(_usage_of(record))]
                 yield None

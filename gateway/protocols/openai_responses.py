@@ -711,6 +711,7 @@ class StreamEncoder:
         cut = [self._open, *self._open_calls]
         output = [item.body("incomplete" if item in cut else "completed") for item in self._items]
         response = self._response("failed", output, self._usage, error={"code": code, "message": message})
+        response["store"] = False  # the gateway keeps completed turns only: a lookup would be a 404
         return self._event("response.failed", {"response": response})
 
     def answer(self) -> Answer:

@@ -198,9 +198,14 @@ def test_a_stream_without_message_delta_bills_what_was_written_not_the_placehold
         body["container"] = "container_1"
     headers = {"x-api-key": "k", "x-request-id": f"no-delta-{passed_through}"}
     with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, headers=headers, timeout=10) as r:
-        assert "event: message_stop" in r.read().decode()
+        text = r.read().decode()
     record = gateway.wait_for_record(f"no-delta-{passed_through}")
     assert record["completion_tokens"] > 5 and record["tokens_source"] == "upstream"
+    if passed_through:  # the upstream's own events, as they came
+        assert "event: message_stop" in text
+    else:  # no stop reason came: not presented as an end_turn
+        assert '"stop_reason":"end_turn"' not in text and text.rstrip().split("\n\n")[-1].startswith("event: error")
+        assert record["error_type"] == "upstream_bad_response"
 
 
 def test_a_translated_stream_cut_midway_ends_with_anthropics_error_event(

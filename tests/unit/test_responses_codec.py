@@ -402,6 +402,7 @@ def test_a_broken_stream_ends_with_response_failed() -> None:
     failed = events[-1].response
     assert failed.status == "failed" and failed.error.code == "server_error" and "timed out" in failed.error.message
     assert failed.output[0].content[0].text == "part" and failed.output[0].status == "incomplete"
+    assert failed.store is False  # only completed turns are kept: none to look up or continue from
 
 
 async def test_the_store_keeps_turns_per_tenant_and_deletes_them() -> None:
