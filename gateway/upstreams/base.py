@@ -272,7 +272,7 @@ class RelayedStream(ChatStream):
     async def _next_event(self) -> bytes:
         name = self._provider.name
         while True:
-            event = await self._events.next()
+            event = await (self._events.after_end() if self._ended else self._events.next())
             if event is None:
                 await self.aclose()
                 if self._ended:
@@ -470,6 +470,10 @@ _DISCONNECTS = frozenset(
 """Root causes that mean the upstream closed the connection before the answer was complete."""
 
 
+_AFTER_END_S = 2.0
+"""How long a finished answer's trailers may take before the stream is ended without them."""
+
+
 class UpstreamEvents:
     """The SSE events of an open streamed response, each wait bounded twice over.
 
@@ -506,6 +510,16 @@ class UpstreamEvents:
             raise UpstreamProtocolError(name, f"stream {exc}") from None
         except httpx.HTTPError as exc:
             raise self._provider.transport_error(exc) from None
+
+    async def after_end(self) -> SSEEvent | None:
+        """The next event once the answer is whole (only trailers are due: usage, ``[DONE]``);
+        None at the end, and for a dropped connection or silence past a short wait: the client
+        has the whole answer, and it stands."""
+        try:
+            async with asyncio.timeout(_AFTER_END_S):
+                return await self._events.__anext__()
+        except (StopAsyncIteration, TimeoutError, SSELineTooLong, httpx.HTTPError):
+            return None
 
 
 def _error_detail(content: bytes) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 
 from gateway.core import model as core
-from gateway.errors import GatewayError, UpstreamProtocolError, UpstreamStatusError
+from gateway.errors import GatewayError, UpstreamError, UpstreamProtocolError, UpstreamStatusError
 from gateway.protocols import openai_chat
 from gateway.protocols import openai_responses as responses
 from gateway.upstreams.base import (
@@ -105,7 +105,12 @@ class _OpenAIChatStream(ChatStream):
         tally = self.tally
         name = self._provider.name
         while not self._done:
-            event = await self._events.next()
+            try:
+                event = await self._events.next()
+            except UpstreamError:
+                if tally.finish_reason is None:
+                    raise
+                event = None  # the model had finished: a connection lost before [DONE] takes nothing away
             if event is None:
                 if tally.finish_reason is None:
                     raise UpstreamProtocolError(name, "stream ended before [DONE]")

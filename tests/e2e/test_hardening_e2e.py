@@ -21,7 +21,7 @@ from tests.conftest import closed_after_test
 from tests.faulty_upstream import FaultyUpstream, start_faulty_upstream
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
-_FAULTY_MODELS = ("comments", "trickle", "endless-line", "no-choices")
+_FAULTY_MODELS = ("comments", "trickle", "endless-line", "no-choices", "drop-after-finish")
 
 
 def _faulty_models(url: str) -> str:
@@ -111,6 +111,19 @@ def test_defect1_an_endless_line_is_cut_at_the_line_cap_and_the_gateway_stays_re
     assert response.status_code == 502, response.text
     assert "exceeds 1048576 bytes" in response.json()["error"]["message"]
     assert probes and max(probes) < 5  # quadratic parsing took seconds per probe
+
+
+def test_a_connection_lost_after_the_answer_finished_leaves_the_answer_whole(gw: GatewayProcess) -> None:
+    """The finish and usage came, then the upstream dropped before [DONE]: the client has the whole
+    answer, so it is not told of an error, nor is the upstream's circuit charged with one."""
+    body = {"model": "r-drop-after-finish", "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": f"hi {time.time_ns()}"}]}  # fmt: skip
+    with httpx.stream("POST", f"{gw.base_url}/chat/completions", json=body, timeout=30) as response:
+        lines = [line for line in response.iter_lines() if line]
+        request_id = response.headers["x-request-id"]
+    assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
+    record = gw.wait_for_record(request_id)
+    assert record["error_type"] is None and record["finish_reason"] == "stop" and record["completion_tokens"] == 3
 
 
 def test_defect2_an_answer_without_a_choice_is_a_bad_upstream_response_never_cached(
