@@ -114,7 +114,11 @@ def load_splits(data_dir: str | Path | None = None) -> tuple[Split, Split]:
 # the head was looked at; the other halves are development data.
 HEAD_TEST_SUBJECTS: tuple[str, ...] = HELDOUT_SUBJECTS[1::2]
 PROJECT_DATA = REPO_ROOT / "router_models" / "data" / "routing"
-GENERAL_TRAIN_FILES: tuple[str, ...] = tuple(f"general_train_{c}.jsonl" for c in "abcdefg")
+GENERAL_LONG_TRAIN_FILES: tuple[str, ...] = (
+    "general_long_dev.jsonl",  # it chose how a long prompt is read; training data since
+    *(f"general_long_train_{c}.jsonl" for c in "abc"),
+)
+GENERAL_TRAIN_FILES: tuple[str, ...] = (*(f"general_train_{c}.jsonl" for c in "abcdefg"), *GENERAL_LONG_TRAIN_FILES)
 GENERAL_TEST_FILE = "general_test.jsonl"
 
 

@@ -4,7 +4,7 @@
 
 ``PATH``: hand-written long prompts labelled easy/hard as the general files are (fields
 ``prompt``, ``label``, ``layout``, ``pair``; see router_models/README.md, "Long prompts"). Beside
-the router: the previous version (the window's start only), prompt length, kNN-20 over the
+the router: the previous version (``--previous-artifacts``; without it, the window's start only), prompt length, kNN-20 over the
 head's training prompts and random, with 95 % bootstrap intervals; per layout; and, over pairs
 that share their material, how often the hard request scores above the easy one.
 """
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", default=None)
     ap.add_argument("--file", required=True)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--previous-artifacts", default=None, help="the router this one replaces (scored beside it)")
     args = ap.parse_args(argv)
     router = load_classifier(args.artifacts, prefer_gpu=False)
     if router is None:
@@ -53,8 +54,10 @@ def main(argv: list[str] | None = None) -> None:
 
     p, _ = score_texts(router, texts)
     router.read_ends = False
-    p_prev, _ = score_texts(router, texts)
+    p_start, _ = score_texts(router, texts)
     router.read_ends = True
+    previous = load_classifier(args.previous_artifacts, prefer_gpu=False) if args.previous_artifacts else None
+    p_prev = score_texts(previous, texts)[0] if previous is not None else p_start
     train = [r for part in load_general(("general_dev.jsonl", *GENERAL_TRAIN_FILES), args.data).values() for r in part]
     _, train_emb = score_texts(router, [r["prompt"] for r in train])
     _, emb = score_texts(router, texts)
@@ -63,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     random = np.random.default_rng(0).random(len(rows))
     threshold = float(router.config["thresholds"]["by_large_share"][SHIPPED_SHARE])
     scorers = {"router": p, "previous_version": p_prev, "prompt_length": length, "knn20": knn, "random": random}
+    if previous is not None:
+        scorers["start_only"] = p_start
     report: dict[str, Any] = {
         "file": args.file,
         "n": len(rows),
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                 "hard_to_large": round(float((s[y == 1] >= threshold).mean()), 3),
                 "easy_to_large": round(float((s[y == 0] >= threshold).mean()), 3),
             }
-            for name, s in (("router", p), ("previous_version", p_prev))
+            for name, s in (("router", p), ("previous_version", p_prev), ("start_only", p_start))
         },
     }
     text = json.dumps(report, indent=2)

@@ -151,18 +151,13 @@ class Classifier:
         feats: np.ndarray | None = None
         if self.with_features:
             feats = np.stack([surface_features(t[:_FEATURE_CHARS]) for t in texts])
+        full, cut = self.max_tokens, self._max_chars
+        filled = np.array([len(e.ids) >= full or len(t) > cut for e, t in zip(encs, texts, strict=True)])
         if self._head is not None and feats is not None:
-            p = self._head.p_large(emb, p, feats)
-        full = self.max_tokens
-        cut = self._max_chars
+            p = self._head.p_large(emb, p, feats, long=filled)
         return [
-            RouterScore(
-                float(p[i]),
-                emb[i],
-                len(e.ids) >= full or len(texts[i]) > cut,
-                None if feats is None else feats[i],
-            )
-            for i, e in enumerate(encs)
+            RouterScore(float(p[i]), emb[i], bool(filled[i]), None if feats is None else feats[i])
+            for i in range(len(encs))
         ]
 
     def _read_ends(self, text: str, encoding: Any) -> tuple[Any, str]:

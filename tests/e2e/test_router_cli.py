@@ -55,7 +55,9 @@ def test_calibrate_hits_the_share_and_writes_the_threshold_keeping_comments(tmp_
     assert everything.returncode == 0, everything.stderr
     routed_all = _run("route", "--jsonl", "-", "--policies", str(policy), stdin=sample)
     assert [json.loads(line)["decision"] for line in routed_all.stdout.splitlines()] == ["large"] * 40
-    _run("calibrate", "--target-large-share", "0.25", "--jsonl", "-", "--policies", str(policy), "--write", stdin=sample)
+    _run(
+        "calibrate", "--target-large-share", "0.25", "--jsonl", "-", "--policies", str(policy), "--write", stdin=sample
+    )
     text = policy.read_text()
     assert f"threshold: {threshold:.6f}".rstrip("0").rstrip(".") in text
     assert "# policies.yaml: what ops edit." in text  # comments survive

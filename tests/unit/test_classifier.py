@@ -333,6 +333,35 @@ def test_a_prompt_unlike_any_training_data_leans_large(clf: Classifier) -> None:
     assert shipped["unfamiliar"][0] == 0.0 and clf._head.novelty_low < clf._head.novelty_high
 
 
+def test_a_prompt_longer_than_the_window_is_scored_by_the_long_head(clf: Classifier, tmp_path: Path) -> None:
+    """Pasted material and a request: read at both ends and scored by the head fitted for such
+    prompts; a head file from before there was one still loads and scores every prompt alike."""
+    from dataclasses import replace
+
+    from gateway.classifier.head import load_head
+
+    assert clf._head is not None and clf._head.long_weight is not None
+    material = "Row {i}: order {i} shipped on day {i} to warehouse {i}.\n"
+    long_text = "".join(material.format(i=i) for i in range(60)) + "Which warehouse got order 7?"
+    short_text = "Which warehouse got order 7?"
+    long_score, short_score = clf.score_batch_sync([long_text, short_text])
+    assert long_score.truncated and not short_score.truncated and long_score.features is not None
+    parts = clf._head.parts(
+        long_score.embedding[None, :], np.full(1, 0.1, dtype=np.float32), long_score.features[None, :], np.array([True])
+    )
+    general_only = clf._head.parts(
+        long_score.embedding[None, :], np.full(1, 0.1, dtype=np.float32), long_score.features[None, :]
+    )
+    assert parts["p_general"][0] != general_only["p_general"][0]
+    older = replace(clf._head, long_weight=None)
+    older.save(tmp_path / "older.npz")
+    loaded = load_head(tmp_path / "older.npz", clf.embedding_dim)
+    assert loaded.long_weight is None
+    assert loaded.parts(
+        long_score.embedding[None, :], np.full(1, 0.1, dtype=np.float32), long_score.features[None, :], np.array([True])
+    )["p_general"][0] == pytest.approx(general_only["p_general"][0])
+
+
 def test_a_tampered_or_foreign_head_is_refused(tmp_path: Path) -> None:
     d = tmp_path / "art"
     shutil.copytree(ARTIFACTS, d)
