@@ -421,8 +421,9 @@ class LearnedRouters:
         try:
             known = self._entries.get(scope)
             router = await self._fetch(scope, None if known is None else known.router)
-        except StoreUnavailable:
-            return  # keep what is in force
+        except StoreUnavailable:  # keep what is in force; none yet: the shipped router, read again later
+            self._entries.setdefault(scope, _Entry(None, time.monotonic()))
+            return
         except UnreadableRouter as exc:
             self._refuse(tenant, "unreadable", str(exc))
             router = None

@@ -124,6 +124,25 @@ async def test_a_new_process_routes_its_first_request_with_the_router_in_force()
     await routers.aclose()
 
 
+async def test_a_store_that_is_down_costs_the_first_request_one_read_not_every_request() -> None:
+    kv = MemoryKeyValue()
+    kv.down = True
+    routers = LearnedRouters(kv, refresh_s=5.0)
+    reads = 0
+    real = kv.get
+
+    async def counted(key: str, timeout_s: float) -> bytes | None:
+        nonlocal reads
+        reads += 1
+        return await real(key, timeout_s)
+
+    kv.get = counted  # type: ignore[method-assign]
+    for _ in range(20):
+        assert await routers.in_force("a") is None
+    assert reads == 1
+    await routers.aclose()
+
+
 def test_labels_of_another_classifier_are_left_out_of_a_fit() -> None:
     old = [msgspec.structs.replace(e, inputs="old") for e in _examples(200, rule=False, seed=4)]
     wide = [msgspec.structs.replace(e, inputs="new", features=e.features + b"\0\0\0\0", at=e.at + 300) for e in old[:5]]
