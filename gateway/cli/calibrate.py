@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -47,14 +46,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # no prompt at all
         print(f"{args.jsonl}: {exc}", file=sys.stderr)
         return 1
-    # Written with 6 decimals: rounded down, or the prompt scored exactly at it (the last one the
-    # share takes) would fall below the threshold written and go small.
-    threshold = math.floor(threshold * 1e6) / 1e6
-    print(f"{threshold:.6f}")
+    # Exact (the shortest text that reads back as the same float): the threshold may sit just
+    # above a score it must exclude, or at one it must include, and any rounding can cross it.
+    print(repr(threshold))
     if unreadable:  # as route does: a sample with holes is not a calibration to write silently
         print(f"{unreadable} line(s) could not be read; nothing written", file=sys.stderr)
         return 1
     if args.write:
         set_route_threshold(args.policies, args.route, threshold)
-        print(f"wrote routes.{args.route}.threshold = {threshold:.6f} to {args.policies}", file=sys.stderr)
+        print(f"wrote routes.{args.route}.threshold = {threshold!r} to {args.policies}", file=sys.stderr)
     return 0

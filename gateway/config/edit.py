@@ -29,7 +29,7 @@ def set_route_threshold(path: str | Path, route: str, threshold: float) -> None:
     node = _child(routes, route) if routes is not None else None
     if not isinstance(node, yaml.MappingNode):
         raise ValueError(f"{path}: no route {route!r} (a mapping under routes:)")
-    value = f"{threshold:.6f}".rstrip("0").rstrip(".")
+    value = repr(float(threshold))  # exact: a rounded threshold can fall on the wrong side of a score
     current = _child(node, "threshold")
     if current is not None:
         text = text[: current.start_mark.index] + value + text[current.end_mark.index :]

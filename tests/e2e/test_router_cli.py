@@ -48,18 +48,27 @@ def test_calibrate_hits_the_share_and_writes_the_threshold_keeping_comments(tmp_
     threshold = float(result.stdout.strip())
     routed = _run("route", "--jsonl", "-", "--policies", str(policy), stdin=sample)
     decisions = [json.loads(line)["decision"] for line in routed.stdout.splitlines()]
-    assert decisions.count("large") == 10  # 25 % of 40: the threshold written is rounded down, not away
+    assert decisions.count("large") == 10  # 25 % of 40: the threshold is written exactly, not rounded
     everything = _run(
         "calibrate", "--target-large-share", "1", "--jsonl", "-", "--policies", str(policy), "--write", stdin=sample
     )
     assert everything.returncode == 0, everything.stderr
     routed_all = _run("route", "--jsonl", "-", "--policies", str(policy), stdin=sample)
     assert [json.loads(line)["decision"] for line in routed_all.stdout.splitlines()] == ["large"] * 40
+    # a threshold just above a score (share 0; a prompt repeated at the cut) stays above it once written
+    repeated = sample + "".join(json.dumps({"prompt": "question number 7 about law"}) + "\n" for _ in range(9))
+    for share, most in ((0.0, 0), (0.3, 14)):
+        assert _run(
+            "calibrate", "--target-large-share", str(share), "--jsonl", "-", "--policies", str(policy), "--write",
+            stdin=repeated,
+        ).returncode == 0  # fmt: skip
+        routed_now = _run("route", "--jsonl", "-", "--policies", str(policy), stdin=repeated)
+        assert [json.loads(line)["decision"] for line in routed_now.stdout.splitlines()].count("large") <= most
     _run(
         "calibrate", "--target-large-share", "0.25", "--jsonl", "-", "--policies", str(policy), "--write", stdin=sample
     )
     text = policy.read_text()
-    assert f"threshold: {threshold:.6f}".rstrip("0").rstrip(".") in text
+    assert f"threshold: {threshold!r}" in text
     assert "# policies.yaml: what ops edit." in text  # comments survive
 
 
