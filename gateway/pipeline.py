@@ -707,8 +707,10 @@ class ChatPipeline:
             # message_start's placeholder, as for a cut stream
             self._settle(x, provider, tally.usage, tally.text, tally.said, cut=tally.finish_reason is None)
             record.finish_reason = tally.finish_reason
-            if framed:
-                return  # the upstream's own events said all there is to say
+            if framed:  # the upstream's own events said all there is to say
+                if tally.failure is not None:  # ... and that the answer failed
+                    record.error_type, record.status = "upstream_error", 502
+                return
             if typed and tally.finish_reason is None:
                 # The upstream never said it finished: a chat client sees that as it is, while a
                 # Messages or Responses client would be told end_turn / completed.

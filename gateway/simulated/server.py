@@ -122,6 +122,9 @@ class _Fault(msgspec.Struct, forbid_unknown_fields=True):
     overloaded_after_events: int | None = None
     """Messages streams: Anthropic's in-band ``overloaded_error`` after this many events (how it
     says 529 once a stream began), then the end of the stream."""
+    failed_after_events: int | None = None
+    """Responses streams: the server's own ``response.failed`` after this many writes (the first
+    holds ``response.created``), then the end of the stream."""
     omit_message_delta: bool = False
     """Messages streams: no ``message_delta`` (no stop reason, no final usage: ``message_start``'s
     placeholder of 1 output token is all the usage said), then ``message_stop``."""
@@ -655,7 +658,10 @@ async def _responses(request: web.Request, state: _State, body: Any, fault: _Fau
     encoder = ResponsesStreamEncoder(turn.decoded, response_id, created_at)
     sink = await _start_sse(request, fault, state)
     await sink.send(encoder.start())
-    for deltas in stream_deltas(answer):
+    for written, deltas in enumerate(stream_deltas(answer), start=1):
+        if fault.failed_after_events is not None and written >= fault.failed_after_events:
+            await sink.send(encoder.fail("The model failed to generate a response.", "server_error"))
+            return await sink.finish()
         await sink.pause()
         await sink.send(encoder.feed(deltas))
     if usage is not None:

@@ -124,6 +124,9 @@ class StreamTally:
     replayable: bool = True
     """False when a delta was of a kind the tally does not rebuild (a legacy ``function_call``):
     the stream is then not stored in the cache."""
+    failure: str | None = None
+    """The upstream's own last event said the answer failed (a Responses ``response.failed``):
+    the client has that event as it came; the gateway counts the request as failed."""
 
     @property
     def text(self) -> str:
@@ -259,6 +262,9 @@ class RelayedStream(ChatStream):
         self._ended = False
         self._started = False
         self._kind_of_last = ""
+        self.content_began = False
+        """An event past the preamble was read (and so reaches the client): a failure from now
+        on can no longer be retried."""
 
     async def __anext__(self) -> bytes:
         if self._started:
@@ -288,6 +294,7 @@ class RelayedStream(ChatStream):
             self._take(kind, data)
             self._ended = kind in self.end_events
             self._kind_of_last = kind
+            self.content_began = self.content_began or kind not in self.preamble_events
             return b"event: " + kind.encode() + b"\ndata: " + event.data + b"\n\n"
 
     @abstractmethod

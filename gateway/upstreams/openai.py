@@ -138,7 +138,8 @@ class _OpenAIChatStream(ChatStream):
 
 class _ResponsesEventStream(RelayedStream):
     """A Responses API stream passed through. The tally reads the response id, the text
-    deltas and the final usage; an ``error`` event raises, and the gateway answers it."""
+    deltas and the final usage; an ``error`` event raises, and the gateway answers it, as
+    does a ``response.failed`` before any content (then it is retried and falls back)."""
 
     end_events = frozenset({"response.completed", "response.incomplete", "response.failed"})
     preamble_events = frozenset({"response.created", "response.in_progress"})
@@ -150,6 +151,13 @@ class _ResponsesEventStream(RelayedStream):
     def _take(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "error":
             raise UpstreamStatusError(self._provider.name, 500, _in_stream_error(data))
+        if kind == "response.failed":
+            response = data.get("response")
+            error = response.get("error") if isinstance(response, dict) else None
+            failure = _in_stream_error(error) if error else "the upstream's response failed"
+            if not self.content_began:  # nothing has reached the client: as an error event, retried
+                raise UpstreamStatusError(self._provider.name, 500, failure)
+            self.tally.failure = failure
         sequence = data.get("sequence_number")
         if isinstance(sequence, int):
             self._sequence = sequence

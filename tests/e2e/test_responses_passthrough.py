@@ -240,6 +240,31 @@ def test_an_error_before_any_output_is_retried_and_the_response_claimed_once(
     assert _client(gateway).responses.retrieve(final.id).id == final.id  # claimed for the caller
 
 
+def test_a_response_failed_before_any_output_is_retried_and_after_it_counts_as_a_failure(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """``response.failed`` is the Responses API's own way to say the answer failed: before any
+    output nothing has reached the client, so it is retried; after output it goes to the client
+    as it came, and the request counts as failed in the log, usage and metrics."""
+    inject(small_upstream, {"failed_after_events": 1})
+    with _client(gateway).responses.stream(
+        model="codex", input="Still there?", extra_headers={"x-request-id": "relayed-failed-early"}
+    ) as stream:
+        events = list(stream)
+    assert events[-1].type == "response.completed"
+    early = gateway.wait_for_record("relayed-failed-early")
+    assert early["retries"] == 1 and early["status"] == 200 and early["error_type"] is None
+    inject(small_upstream, {"failed_after_events": 3})
+    body = {"model": "codex", "input": "Tell me a long story about the sea and the wind.", "stream": True}
+    headers = {"authorization": "Bearer key-a1", "x-request-id": "relayed-failed-late"}
+    with httpx.stream("POST", f"{gateway.base_url}/responses", json=body, headers=headers, timeout=10) as answer:
+        frames = [frame for frame in answer.read().decode().split("\n\n") if frame.strip()]
+    assert any(f.startswith("event: response.output_text.delta") for f in frames)
+    assert frames[-1].startswith("event: response.failed")
+    late = gateway.wait_for_record("relayed-failed-late")
+    assert late["status"] == 502 and late["error_type"] == "upstream_error" and late["retries"] == 0
+
+
 def test_an_upstream_rejection_is_the_callers_error(gateway: GatewayProcess) -> None:
     with pytest.raises(openai.BadRequestError) as rejected:
         _client(gateway).responses.create(model="codex", input=[{"type": "function_call_output", "output": "x"}])  # type: ignore[list-item]
