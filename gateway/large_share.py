@@ -54,13 +54,18 @@ class LargeShareTracker:
         self._read: set[tuple[str, str]] = set()
         self._background = BackgroundTasks()
 
-    def threshold(self, tenant: str, route: str, configured: float) -> float:
-        """The threshold in force for this tenant's route (the shared one, once read)."""
+    async def prepare(self, tenant: str, route: str) -> None:
+        """Read the shared threshold the first time this process routes the tenant's route, so a
+        new or restarted process routes its first request as the others do (one read; a store
+        that does not answer leaves the configured threshold until the first update)."""
         key = (tenant, route)
         if key not in self._read:
             self._read.add(key)
-            self._background.spawn(self._read_shared(key), "large-share-read")
-        return self._thresholds.get(key, configured)
+            await self._read_shared(key)
+
+    def threshold(self, tenant: str, route: str, configured: float) -> float:
+        """The threshold in force for this tenant's route (the shared one, once read)."""
+        return self._thresholds.get((tenant, route), configured)
 
     def observe(
         self, tenant: str, route: str, p_large: float, target: float, configured: float, scorer: str = ""
@@ -122,7 +127,6 @@ class LargeShareTracker:
         try:
             shared = _readable(await self._kv.get(keyspace.large_share_threshold(*key), _TIMEOUT_S))
         except StoreUnavailable:
-            self._read.discard(key)  # read again on a later request
             return
         if shared is not None and key not in self._thresholds:
             self._thresholds[key] = shared

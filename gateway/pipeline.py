@@ -414,6 +414,7 @@ class ChatPipeline:
             if tracker is None or target is None or plan.threshold is None:
                 x.plan = router.classify(plan, p_large)
             else:
+                await tracker.prepare(tenant, plan.route)
                 threshold = tracker.threshold(tenant, plan.route, plan.threshold)
                 x.plan = router.classify(plan, p_large, threshold)
                 tracker.observe(tenant, plan.route, p_large, target, plan.threshold, x.record.router_version or "")

@@ -8,7 +8,7 @@ policy), so one server serves every fault:
 - ``endless-line``: ``data: `` and then bytes without a newline, up to 40 MB;
 - ``no-choices``: ``{"choices": []}``, or a stream of ``data: [DONE]`` alone;
 - ``drop-after-finish``: a whole streamed answer (its finish and usage chunks), then the
-  connection drops before ``[DONE]``;
+  connection drops before ``[DONE]``; ``stall-after-finish``: the same, then comments for ever;
 - ``marked``: a normal answer unless the prompt carries one of :data:`FAULTS`, which
   picks the failure (a 500, a body that is not JSON, no choices, an answer cut half-way,
   a hang, a stream of comments only);
@@ -88,12 +88,15 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
         while True:
             await response.write(b": keep-alive\n\n")
             await asyncio.sleep(0.05)
-    elif model == "drop-after-finish":
+    elif model in ("drop-after-finish", "stall-after-finish"):
         await response.write(_chunk(model, {"role": "assistant", "content": "a fine"}))
         await response.write(_chunk(model, {"content": " answer"}, "stop"))
         usage = {"id": "chatcmpl-faulty", "object": "chat.completion.chunk", "created": 0, "model": model,
                  "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}  # fmt: skip
         await response.write(b"data: " + msgspec.json.encode(usage) + b"\n\n")
+        while model == "stall-after-finish":
+            await response.write(b": keep-alive\n\n")
+            await asyncio.sleep(0.05)
         assert request.transport is not None
         request.transport.close()  # no [DONE], and the chunked body never ends
         return response

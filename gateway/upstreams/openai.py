@@ -106,7 +106,10 @@ class _OpenAIChatStream(ChatStream):
         name = self._provider.name
         while not self._done:
             try:
-                event = await self._events.next()
+                if tally.usage is not None and tally.finish_reason is not None:  # only [DONE] is due
+                    event = await self._events.after_end()
+                else:
+                    event = await self._events.next()
             except UpstreamError:
                 if tally.finish_reason is None:
                     raise

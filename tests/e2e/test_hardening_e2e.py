@@ -21,13 +21,13 @@ from tests.conftest import closed_after_test
 from tests.faulty_upstream import FaultyUpstream, start_faulty_upstream
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
-_FAULTY_MODELS = ("comments", "trickle", "endless-line", "no-choices", "drop-after-finish")
+_FAULTY_MODELS = ("comments", "trickle", "endless-line", "no-choices", "drop-after-finish", "stall-after-finish")
 
 
 def _faulty_models(url: str) -> str:
     lines = []
     for name in _FAULTY_MODELS:
-        total, idle = (2, 30) if name == "comments" else (30, 1)
+        total, idle = (2, 30) if name == "comments" else (30, 30) if name == "stall-after-finish" else (30, 1)
         lines.append(
             f"  {name}:\n    base_url: {url}\n    price: {{input: 1, output: 1}}\n    tier: small\n"
             f"    timeouts: {{connect: 1, first_byte: 2, total: {total}, idle: {idle}}}\n"
@@ -113,12 +113,14 @@ def test_defect1_an_endless_line_is_cut_at_the_line_cap_and_the_gateway_stays_re
     assert probes and max(probes) < 5  # quadratic parsing took seconds per probe
 
 
-def test_a_connection_lost_after_the_answer_finished_leaves_the_answer_whole(gw: GatewayProcess) -> None:
-    """The finish and usage came, then the upstream dropped before [DONE]: the client has the whole
-    answer, so it is not told of an error, nor is the upstream's circuit charged with one."""
-    body = {"model": "r-drop-after-finish", "stream": True, "stream_options": {"include_usage": True},
+@pytest.mark.parametrize("model", ["drop-after-finish", "stall-after-finish"])
+def test_a_connection_lost_after_the_answer_finished_leaves_the_answer_whole(gw: GatewayProcess, model: str) -> None:
+    """The finish and usage came, then the upstream dropped, or went silent (its idle timeout
+    is 30 s), before [DONE]: the client has the whole answer, so it is neither told of an error
+    nor held, and the upstream's circuit is not charged with one."""
+    body = {"model": f"r-{model}", "stream": True, "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": f"hi {time.time_ns()}"}]}  # fmt: skip
-    with httpx.stream("POST", f"{gw.base_url}/chat/completions", json=body, timeout=30) as response:
+    with httpx.stream("POST", f"{gw.base_url}/chat/completions", json=body, timeout=15) as response:
         lines = [line for line in response.iter_lines() if line]
         request_id = response.headers["x-request-id"]
     assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
