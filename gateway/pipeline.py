@@ -362,6 +362,7 @@ class ChatPipeline:
         # that refuses the request as over budget (the upstream answers for the value itself).
         window = max(policy.models[name].context_window for name in (*x.plan.candidates, priced))
         completion = min(x.request.max_tokens or policy.limits.default_completion_tokens, window)
+        completion *= _answers_asked(x.request)
         price = policy.models[priced].price
         estimate = cost_usd(price, x.prompt_tokens, completion)
         x.reservation = await self._limiter.reserve(policy, principal, x.prompt_tokens + completion, estimate)
@@ -920,6 +921,12 @@ def _record_speculation(record: RequestRecord, result: object) -> None:
     stats = getattr(result, "speculation", None)
     if stats is not None:
         record.speculation = stats.to_log()
+
+
+def _answers_asked(request: core.Request) -> int:
+    """``n``: each answer writes (and is billed) its own completion, so the estimate holds n."""
+    n = request.extra.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
 
 
 def _failed_speculation(failures: list[UpstreamError]) -> dict[str, Any] | None:

@@ -105,6 +105,15 @@ def test_tokens_per_minute_reserve_the_estimate_while_in_flight(
     assert _chat(pair[0], "tpm", content="t4", max_tokens=90).status_code == 200
 
 
+def test_asking_for_n_answers_reserves_n_completions(pair: tuple[GatewayProcess, GatewayProcess]) -> None:
+    """n answers write n completions: one request of n=4 x 90 tokens is over a tpm of 300 (an
+    outside tester spent 50x a daily budget in one request with n=128)."""
+    refused = _chat(pair[0], "tpm", content=f"n {time.monotonic_ns()}", max_tokens=90, n=4)
+    assert refused.status_code == 429 and "key.tpm" in refused.json()["error"]["message"]
+    time.sleep(0.2)
+    assert _chat(pair[0], "tpm", content=f"n {time.monotonic_ns()}", max_tokens=90, n=2).status_code == 200
+
+
 def test_daily_budget_is_never_overspent_under_concurrent_load(pair: tuple[GatewayProcess, GatewayProcess]) -> None:
     responses = _burst(pair, "budget", 40, max_tokens=20)
     refused = [r for r in responses if r.status_code == 429]
