@@ -30,6 +30,7 @@ from gateway.cache.plan import CachePlan, plan_cache
 from gateway.cache.semantic import SemanticCache, ServeBar
 from gateway.classifier import ClassifierError
 from gateway.classifier.text import request_text
+from gateway.client_pace import ClientPace, ClientStalled
 from gateway.config.schema import Price
 from gateway.core import model as core
 from gateway.core.headers import dropped_header
@@ -692,9 +693,11 @@ class ChatPipeline:
         def frame(piece: _Piece) -> bytes | DeltaBatch:
             return prefix + piece + suffix if isinstance(piece, bytes) else piece
 
+        pace = ClientPace(stream, provider.config.timeouts, x.started)
         try:
             if first is not None:
-                yield frame(first)
+                with pace.handing_over():
+                    yield frame(first)
                 while True:
                     waited_from = time.perf_counter()
                     try:
@@ -703,7 +706,8 @@ class ChatPipeline:
                         break
                     finally:
                         upstream_wait += time.perf_counter() - waited_from
-                    yield frame(piece)
+                    with pace.handing_over():
+                        yield frame(piece)
             tally = stream.tally
             # No finish reason (an Anthropic stream without message_delta): the usage may be
             # message_start's placeholder, as for a cut stream
@@ -733,6 +737,10 @@ class ChatPipeline:
                 )
                 with anyio.CancelScope(shield=True):
                     await self._fill_cache(x, answer)
+        except ClientStalled as exc:  # the client's doing: the upstream's circuit is not charged
+            record.error_type, record.status = exc.code, exc.status_code
+            self._settle_cut(x, provider, stream.tally)
+            yield _failure(stream, exc, typed)
         except UpstreamError as exc:
             # Headers are gone: tell the client in-band, as OpenAI does; never retry mid-stream.
             self._metrics.upstream_error(exc.upstream, exc.code)
@@ -762,6 +770,7 @@ class ChatPipeline:
         finally:
             drain.untrack(task)
             with anyio.CancelScope(shield=True):  # the client may be gone: still close upstream and log
+                await pace.aclose()
                 await stream.aclose()
                 await self._release_lease(x)
             _record_speculation(record, stream)

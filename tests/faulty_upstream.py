@@ -7,6 +7,8 @@ policy), so one server serves every fault:
 - ``trickle``: one content chunk, then comments for ever (an upstream that stalls mid-answer);
 - ``endless-line``: ``data: `` and then bytes without a newline, up to 40 MB;
 - ``no-choices``: ``{"choices": []}``, or a stream of ``data: [DONE]`` alone;
+- ``firehose``: content chunks as fast as the gateway takes them, for ever (the connection's
+  closing is counted in ``released``);
 - ``drop-after-finish``: a whole streamed answer (its finish and usage chunks), then the
   connection drops before ``[DONE]``; ``stall-after-finish``: the same, then comments for ever;
 - ``marked``: a normal answer unless the prompt carries one of :data:`FAULTS`, which
@@ -39,6 +41,8 @@ FAULTS = ("FAULT-500", "FAULT-GARBAGE", "FAULT-EMPTY", "FAULT-CUT", "FAULT-HANG"
 class FaultyUpstream:
     url: str
     calls: dict[str, int] = field(default_factory=dict)
+    released: dict[str, int] = field(default_factory=dict)
+    """Per model: streams the gateway closed while they were still being written."""
 
 
 def _completion(model: str, text: str) -> dict[str, Any]:
@@ -60,7 +64,7 @@ def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> byte
 async def _handle(request: web.Request, upstream: FaultyUpstream) -> web.StreamResponse:
     try:
         return await _answer(request, upstream)
-    except (ConnectionResetError, ClientConnectionResetError):  # the gateway gave up on an endless answer
+    except (ConnectionError, ClientConnectionResetError):  # the gateway gave up on an endless answer
         return web.Response(status=499)
 
 
@@ -88,6 +92,15 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
         while True:
             await response.write(b": keep-alive\n\n")
             await asyncio.sleep(0.05)
+    elif model == "firehose":
+        await response.write(_chunk(model, {"role": "assistant", "content": ""}))
+        piece = _chunk(model, {"content": "flood " * 200})
+        try:
+            while True:
+                await response.write(piece)
+        except (ConnectionError, ClientConnectionResetError):
+            upstream.released[model] = upstream.released.get(model, 0) + 1
+            raise
     elif model in ("drop-after-finish", "stall-after-finish"):
         await response.write(_chunk(model, {"role": "assistant", "content": "a fine"}))
         await response.write(_chunk(model, {"content": " answer"}, "stop"))

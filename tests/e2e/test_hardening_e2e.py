@@ -21,7 +21,9 @@ from tests.conftest import closed_after_test
 from tests.faulty_upstream import FaultyUpstream, start_faulty_upstream
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
-_FAULTY_MODELS = ("comments", "trickle", "endless-line", "no-choices", "drop-after-finish", "stall-after-finish")
+_FAULTY_MODELS = (
+    "comments", "trickle", "endless-line", "no-choices", "drop-after-finish", "stall-after-finish", "firehose",
+)  # fmt: skip
 
 
 def _faulty_models(url: str) -> str:
@@ -111,6 +113,28 @@ def test_defect1_an_endless_line_is_cut_at_the_line_cap_and_the_gateway_stays_re
     assert response.status_code == 502, response.text
     assert "exceeds 1048576 bytes" in response.json()["error"]["message"]
     assert probes and max(probes) < 5  # quadratic parsing took seconds per probe
+
+
+def test_a_client_that_stops_reading_does_not_hold_the_upstream(gw: GatewayProcess, faulty: FaultyUpstream) -> None:
+    """A client that takes no bytes used to keep its upstream connection (and the model's slot)
+    until it hung up: one tenant could hold a model's pool. Past the model's idle timeout (1 s
+    here) the upstream is let go, while the client is still connected."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    body = b'{"model": "r-firehose", "stream": true, "messages": [{"role": "user", "content": "go"}]}'
+    with socket.create_connection((host, int(port))) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + b"x-request-id: stalled-client-1\r\n"
+            + b"content-length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        deadline = time.monotonic() + 20
+        while faulty.released.get("firehose", 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert faulty.released.get("firehose", 0) == 1  # let go while the client still holds on
+    record = gw.wait_for_record("stalled-client-1", timeout_s=10)  # written once the client has gone
+    assert record["error_type"] == "client_stalled" and record["status"] == 408
 
 
 @pytest.mark.parametrize("model", ["drop-after-finish", "stall-after-finish"])
@@ -205,6 +229,7 @@ def test_defect9_a_body_that_never_finishes_is_answered_408(gw: GatewayProcess) 
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as connection:
         connection.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + b"x-request-id: stalled-client-1\r\n"
             b'content-length: 1000\r\n\r\n{"model": '
         )
         received = b""
