@@ -116,7 +116,7 @@ HEAD_TEST_SUBJECTS: tuple[str, ...] = HELDOUT_SUBJECTS[1::2]
 PROJECT_DATA = REPO_ROOT / "router_models" / "data" / "routing"
 GENERAL_LONG_TRAIN_FILES: tuple[str, ...] = (
     "general_long_dev.jsonl",  # it chose how a long prompt is read; training data since
-    *(f"general_long_train_{c}.jsonl" for c in "abc"),
+    *(f"general_long_train_{c}.jsonl" for c in "abcde"),
 )
 GENERAL_TRAIN_FILES: tuple[str, ...] = (*(f"general_train_{c}.jsonl" for c in "abcdefg"), *GENERAL_LONG_TRAIN_FILES)
 GENERAL_TEST_FILE = "general_test.jsonl"
