@@ -6,14 +6,14 @@ upstream connection, and the model's slot, stayed taken until the client hung up
 could hold a model's whole connection pool that way. :class:`ClientPace` gives each event
 handed to the client the model's ``idle`` timeout (at most what is left of ``total``); past
 it, the upstream stream is closed, and the stream ends as :class:`ClientStalled`.
+The pipeline calls :meth:`ClientPace.offer` before each ``yield`` and :meth:`ClientPace.taken`
+after it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from gateway.config.schema import Timeouts
 from gateway.errors import GatewayError
@@ -31,30 +31,45 @@ class ClientStalled(GatewayError):
 
 
 class ClientPace:
+    """One timer per stream, re-armed only when it fires (a timer per event cost 5 us)."""
+
     def __init__(self, stream: ChatStream, timeouts: Timeouts, started: float) -> None:
         self._stream = stream
         self._idle_s = timeouts.idle
-        self._ends = started + timeouts.total  # time.perf_counter() clock, as ``started``
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._ends = loop.time() + timeouts.total - (time.perf_counter() - started)
+        self._since: float | None = None
+        """When the event the client has not taken yet was handed over (None: none is out)."""
+        self._timer: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[None] | None = None
 
-    @contextmanager
-    def handing_over(self) -> Iterator[None]:
-        """Around a ``yield`` to the client: raises :class:`ClientStalled` when it came back too late."""
-        wait_s = max(0.0, min(self._idle_s, self._ends - time.perf_counter()))
-        timer = asyncio.get_running_loop().call_later(wait_s, self._let_go)
-        try:
-            yield
-        except BaseException:  # the client left (the generator is being closed): nothing to add
-            timer.cancel()
-            raise
-        timer.cancel()
+    def offer(self) -> None:
+        """Just before an event is handed to the client (a ``yield``)."""
+        self._since = since = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(min(since + self._idle_s, self._ends), self._check)
+
+    def taken(self) -> None:
+        """The client asked for the next event; raises :class:`ClientStalled` when it came too late."""
+        self._since = None
         if self._closing is not None:
-            raise ClientStalled(f"the client took no event for {wait_s:g}s; the upstream was released")
+            raise ClientStalled(f"the client took no event for {self._idle_s:g}s; the upstream was released")
 
     async def aclose(self) -> None:
-        """Wait for the upstream's closing, when this let it go."""
+        """Stop watching; wait for the upstream's closing, when this let it go."""
+        if self._timer is not None:
+            self._timer.cancel()
         if self._closing is not None:
             await asyncio.gather(self._closing, return_exceptions=True)
 
-    def _let_go(self) -> None:
-        self._closing = asyncio.get_running_loop().create_task(self._stream.aclose())
+    def _check(self) -> None:
+        self._timer = None
+        since = self._since
+        if since is None:
+            return  # the client is keeping up: the next handing over arms the timer again
+        due = min(since + self._idle_s, self._ends)
+        if self._loop.time() >= due:
+            self._closing = self._loop.create_task(self._stream.aclose())
+        else:
+            self._timer = self._loop.call_at(due, self._check)

@@ -696,8 +696,9 @@ class ChatPipeline:
         pace = ClientPace(stream, provider.config.timeouts, x.started)
         try:
             if first is not None:
-                with pace.handing_over():
-                    yield frame(first)
+                pace.offer()
+                yield frame(first)
+                pace.taken()
                 while True:
                     waited_from = time.perf_counter()
                     try:
@@ -706,8 +707,9 @@ class ChatPipeline:
                         break
                     finally:
                         upstream_wait += time.perf_counter() - waited_from
-                    with pace.handing_over():
-                        yield frame(piece)
+                    pace.offer()
+                    yield frame(piece)
+                    pace.taken()
             tally = stream.tally
             # No finish reason (an Anthropic stream without message_delta): the usage may be
             # message_start's placeholder, as for a cut stream
