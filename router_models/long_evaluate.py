@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [json.loads(line) for line in Path(args.file).read_text().splitlines() if line.strip()]
     texts = [row["prompt"] for row in rows]
     y = np.array([row["label"] == "hard" for row in rows], float)
-    layouts = np.array([row.get("layout") or "" for row in rows])
+    layouts = np.array([row.get("layout") or row.get("kind") or "" for row in rows])  # test_c names kinds
 
     p, _ = score_texts(router, texts)
     router.read_ends = False
