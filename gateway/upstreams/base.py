@@ -260,20 +260,15 @@ class RelayedStream(ChatStream):
         self._response = response
         self._events = UpstreamEvents(provider, response)
         self._ended = False
-        self._started = False
-        self._kind_of_last = ""
         self.content_began = False
         """An event past the preamble was read (and so reaches the client): a failure from now
         on can no longer be retried."""
 
     async def __anext__(self) -> bytes:
-        if self._started:
-            return await self._next_event()
-        self._started = True
         held = [await self._next_event()]
-        while self._kind_of_last in self.preamble_events and not self._ended:
+        while not self.content_began and not self._ended:  # the preamble: held with what follows it
             held.append(await self._next_event())
-        return b"".join(held)
+        return held[0] if len(held) == 1 else b"".join(held)
 
     async def _next_event(self) -> bytes:
         name = self._provider.name
@@ -293,7 +288,6 @@ class RelayedStream(ChatStream):
             self.tally.chunks += 1
             self._take(kind, data)
             self._ended = kind in self.end_events
-            self._kind_of_last = kind
             self.content_began = self.content_began or kind not in self.preamble_events
             return b"event: " + kind.encode() + b"\ndata: " + event.data + b"\n\n"
 
