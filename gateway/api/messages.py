@@ -114,11 +114,13 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
 async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Prompt tokens for the route's first model: counted by it when it is Anthropic's (its
     ``count_tokens`` sees documents, PDFs and images), else by the gateway (tiktoken), which is
-    also the answer when the upstream cannot count."""
+    also the answer when the upstream cannot count. Counting is free: only the key's and the
+    tenant's ``rpm`` apply, in a window of its own (:meth:`~gateway.limits.Limiter.admit_count`)."""
     state: GatewayState = request.app.state.gateway
     runtime = state.holder.current
     try:
         principal = runtime.auth.authenticate(authorization_of(request.headers))
+        await state.limiter.admit_count(runtime.policy, principal)  # before the body is read
         limits = runtime.policy.limits  # the same as for the message it counts
         raw = await read_body(request, limits.max_body_bytes, limits.body_read_timeout_s)
         body = _json_object(raw)

@@ -20,7 +20,7 @@ from gateway.accounting.ledger import UsageKeys, UsageLedger, usage_keys
 from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal
 from gateway.config.schema import Limits, Policy
-from gateway.errors import LimiterUnavailableError
+from gateway.errors import GatewayError, LimiterUnavailableError
 from gateway.limits.budget import budget_error
 from gateway.limits.rate import RATE_CAPS, rate_limit_error, too_large_error
 from gateway.store import keyspace
@@ -28,6 +28,7 @@ from gateway.store.base import (
     Caps,
     CounterScope,
     LimitCounters,
+    ReserveOutcome,
     ReserveRequest,
     SettleRequest,
     StoreTimedOut,
@@ -102,16 +103,37 @@ class Limiter:
                 ) from None
             return made or Reservation((), periods, usage, 0, 0.0, 0.0)
         if outcome.refused_by is not None:
-            index, cap = outcome.refused_by.split(".")
-            scope = int(index)
-            name = f"{_SCOPE_NAMES[scope]}.{cap}"
-            owner = f"key '{principal.key_id}'" if scope == 0 else f"tenant '{principal.tenant}'"
-            limit = getattr(limits[scope], cap)
-            if cap in RATE_CAPS:
-                need = 1 if cap == "rpm" else tokens
-                raise rate_limit_error(cap, owner, limit, now, name=name, need=need, counted=outcome.window)
-            raise budget_error(cap, owner, limit, outcome.spent_usd, cost_usd, now, name=name)
+            raise _refusal(outcome, limits, principal, now, tokens, cost_usd)
         return Reservation(scopes, periods, usage, tokens, cost_usd, outcome.budget_share)
+
+    async def admit_count(self, policy: Policy, principal: Principal) -> None:
+        """Check and count a token count (``count_tokens``) against the key's and tenant's ``rpm``.
+
+        Counting spends no tokens and no money, so no ``tpm`` or budget applies; it is still
+        work (and, on an Anthropic route, a call to the operator's ``count_tokens``), so it has
+        a request window of its own, as Anthropic's counting has a rate limit apart from messages.
+        """
+        limits = _limits(policy, principal)
+        if limits[0].rpm is None and limits[1].rpm is None:
+            return
+        now = time.time()
+        minute, day, month = _periods_of_minute(int(now // 60))
+        window, spend, tenant_window, tenant_spend = keyspace.count_counters(principal.tenant, principal.key_id)
+        scopes = (
+            CounterScope(window, spend, Caps(rpm=limits[0].rpm)),
+            CounterScope(tenant_window, tenant_spend, Caps(rpm=limits[1].rpm)),
+        )
+        request = ReserveRequest(scopes, 0, 0.0, minute, day, month, now / 60 - minute)
+        try:
+            outcome = await self._counters.reserve(request, policy.limits.redis_timeout_ms / 1000)
+        except StoreUnavailable:
+            if policy.limits.on_redis_error == "closed":
+                raise LimiterUnavailableError(
+                    "rate limits cannot be checked (Redis unavailable); refusing by policy"
+                ) from None
+            return
+        if outcome.refused_by is not None:
+            raise _refusal(outcome, limits, principal, now, 0, 0.0)
 
     async def settle(self, policy: Policy, reservation: Reservation, used: UsageFigures) -> None:
         """Replace the reservation by what ``used`` (one request's figures) says, and record the usage."""
@@ -165,6 +187,21 @@ class Limiter:
     async def aclose(self) -> None:
         await self.drain()
         await self.ledger.aclose()
+
+
+def _refusal(
+    outcome: ReserveOutcome, limits: tuple[Limits, Limits], principal: Principal, now: float, tokens: int, cost: float
+) -> GatewayError:
+    """The error naming the limit that refused (``outcome.refused_by``: ``"<scope index>.<cap>"``)."""
+    index, cap = (outcome.refused_by or "").split(".")
+    scope = int(index)
+    name = f"{_SCOPE_NAMES[scope]}.{cap}"
+    owner = f"key '{principal.key_id}'" if scope == 0 else f"tenant '{principal.tenant}'"
+    limit = getattr(limits[scope], cap)
+    if cap in RATE_CAPS:
+        need = 1 if cap == "rpm" else tokens
+        return rate_limit_error(cap, owner, limit, now, name=name, need=need, counted=outcome.window)
+    return budget_error(cap, owner, limit, outcome.spent_usd, cost, now, name=name)
 
 
 def _limits(policy: Policy, principal: Principal) -> tuple[Limits, Limits]:

@@ -14,6 +14,8 @@ hashed, so any string is a safe key part.
     gw:{t}:v:<ns>:z                   elements by insertion time  (TTL)
     gw:{t}:rl:k:<key id>:win|spend    a key's rate and spend counters (no TTL: never evicted)
     gw:{t}:rl:t:win|spend             the tenant's
+    gw:{t}:rlc:k:<key id>:win|spend   the same for token counts (count_tokens: rpm only)
+    gw:{t}:rlc:t:win|spend            the tenant's
     gw:{t}:use:k:<key id>:<yyyymmdd>  a key's usage that day      (deleted after the retention period)
     gw:{t}:use:t:<yyyymmdd>           the tenant's
     gw:{t}:resp:<response id>         a stored Responses API turn (TTL: 30 days)
@@ -34,6 +36,7 @@ import hashlib
 
 __all__ = [
     "GLOBAL_SCOPE",
+    "count_counters",
     "exact",
     "large_share_threshold",
     "learned_router",
@@ -98,6 +101,13 @@ def limit_counters(tenant: str, key_id: str) -> tuple[str, str, str, str]:
     """The key's window and spend counters, then its tenant's."""
     prefix = tenant_prefix(tenant)
     key, scope = f"{prefix}:rl:k:{key_id}", f"{prefix}:rl:t"
+    return f"{key}:win", f"{key}:spend", f"{scope}:win", f"{scope}:spend"
+
+
+def count_counters(tenant: str, key_id: str) -> tuple[str, str, str, str]:
+    """Like :func:`limit_counters`, for token counts (``count_tokens``): their own ``rpm`` window."""
+    prefix = tenant_prefix(tenant)
+    key, scope = f"{prefix}:rlc:k:{key_id}", f"{prefix}:rlc:t"
     return f"{key}:win", f"{key}:spend", f"{scope}:win", f"{scope}:spend"
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import pytest
 
@@ -31,10 +32,11 @@ KEYS = """auth:
     - {id: shared-2, tenant: shared, hash: "%(s2)s"}
     - {id: saver, tenant: saver, hash: "%(saver)s", limits: {usd_per_day: 0.001}}
     - {id: admin, tenant: ops, hash: "%(admin)s", admin: true}
+    - {id: counter, tenant: solo-count, hash: "%(counter)s", limits: {rpm: 3, usd_per_day: 0.0}}
 tenants:
   shared: {limits: {rpm: 6}}
   saver: {downgrade_auto_at: 0.3}
-""" % {name: hash_key(f"key-{name}") for name in ("rpm", "tpm", "budget", "s1", "s2", "saver", "admin")}
+""" % {name: hash_key(f"key-{name}") for name in ("rpm", "tpm", "budget", "s1", "s2", "saver", "admin", "counter")}
 ROUTES = "  costly: {strategy: classifier, model: large, fallbacks: [small], threshold: 0.0}"  # always large
 
 
@@ -87,6 +89,26 @@ def test_requests_per_minute_hold_across_processes(pair: tuple[GatewayProcess, G
         and "key.rpm" in error["message"]
         and "10 requests per minute" in error["message"]
     )
+
+
+def test_token_counts_are_free_but_bounded_by_their_own_requests_per_minute(
+    pair: tuple[GatewayProcess, GatewayProcess],
+) -> None:
+    """An outside tester kept counting 4 MB prompts with a key over every limit. Counting costs
+    nothing (a zero budget does not stop it) but is work, so the key's rpm bounds it, in a
+    window apart from messages as Anthropic's own count_tokens has."""
+    clients = [anthropic.Anthropic(base_url=gateway.url, api_key="key-counter", max_retries=0) for gateway in pair]
+    ask: dict[str, Any] = {"model": "fast", "messages": [{"role": "user", "content": "count me"}]}
+    for index in range(3):
+        assert clients[index % 2].messages.count_tokens(**ask).input_tokens > 0
+    with pytest.raises(anthropic.RateLimitError) as refused:
+        clients[1].messages.count_tokens(**ask)
+    assert refused.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+    assert "key.rpm" in refused.value.message and int(refused.value.response.headers["retry-after"]) >= 1
+    chat = _chat(pair[0], "counter")  # messages have their own window; this one meets the zero budget
+    assert chat.status_code == 429 and "usd_per_day" in chat.json()["error"]["message"]
+    other = anthropic.Anthropic(base_url=pair[0].url, api_key="key-rpm", max_retries=0)  # another key's own window
+    assert other.messages.count_tokens(**ask).input_tokens > 0
 
 
 def test_tokens_per_minute_reserve_the_estimate_while_in_flight(

@@ -174,3 +174,25 @@ async def test_a_reservation_a_stalled_store_applied_late_is_corrected_to_what_w
     await limiter.settle(policy, reservation, UsageFigures(requests=1, prompt_tokens=10, cost_usd=0.001))
     spent = [spend.spent_day for spend in counters.spends.values()]
     assert spent and all(abs(value - 0.001) < 1e-9 for value in spent)
+
+
+async def test_token_counts_use_a_request_window_of_their_own_and_no_budget() -> None:
+    policy, limiter, _ = _setup()
+    principal = _principal(rpm=2, usd_per_day=0.0)
+    await limiter.admit_count(policy, principal)
+    await limiter.admit_count(policy, principal)
+    with pytest.raises(RateLimitError) as refused:
+        await limiter.admit_count(policy, principal)
+    assert "(key.rpm)" in refused.value.message
+    await limiter.reserve(policy, _principal(rpm=2), 10, 0.0)  # messages keep their own window
+    await limiter.admit_count(policy, _principal(usd_per_day=0.0))  # no rpm: nothing to count against
+
+
+async def test_token_counts_fail_open_or_closed_by_policy() -> None:
+    policy, limiter, counters = _setup("open")
+    counters.down = True
+    await limiter.admit_count(policy, _principal(rpm=1))
+    policy, limiter, counters = _setup("closed")
+    counters.down = True
+    with pytest.raises(LimiterUnavailableError):
+        await limiter.admit_count(policy, _principal(rpm=1))
