@@ -148,11 +148,14 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
 
 def _dropped(request: Request[Any, Any, Any], asked: CoreRequest, answered_by: str | None) -> list[str]:
     """What did not reach the model that answered: what a chat upstream cannot take is named only
-    when one answered (an Anthropic model takes ``thinking`` and a tool result's images)."""
+    when one answered (an Anthropic model takes ``thinking`` and a tool result's images), and so
+    is a prefill one did not continue."""
     models = request.app.state.gateway.holder.current.policy.models
     answerer = models.get(answered_by or "")
     if answerer is not None and answerer.provider == "anthropic":  # what no translation carries
         return [name for name in asked.dropped if name not in openai_chat.CHAT_UPSTREAM_LOSSES]
+    if asked.continues_last_turn and answerer is not None and not answerer.continue_final_message:
+        return [*asked.dropped, "prefill"]  # answered as a new turn, not continued
     return asked.dropped
 
 

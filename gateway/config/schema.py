@@ -174,6 +174,11 @@ class ModelConfig(_Struct, frozen=True, kw_only=True):
     """The upstream serves OpenAI's Responses API too (``POST {base_url}/responses``): a Responses
     request whose every possible model says so goes to it as the client sent it (OpenAI does;
     vLLM and most local servers do not)."""
+    continue_final_message: bool = False
+    """The upstream continues a final assistant message when asked to (vLLM's
+    ``continue_final_message``): an Anthropic client's prefill is then continued, as Anthropic's
+    API does. Other OpenAI-compatible servers (OpenAI's own) answer it with a new turn, which the
+    gateway names ``prefill`` in ``x-gateway-dropped``."""
     speculative: SpeculationPolicy = SpeculationPolicy()
     max_stream_line_bytes: Annotated[int, Meta(ge=1024)] = 1 << 20
     """A streamed line (or one event's data) longer than this ends the stream with an in-band error."""

@@ -135,6 +135,9 @@ class Request(msgspec.Struct, kw_only=True):
     betas: str | None = None
     """An Anthropic client's ``anthropic-beta`` header (``context-1m-...``, ``interleaved-thinking-...``),
     sent on to Anthropic upstreams only."""
+    continues_last_turn: bool = False
+    """The last message is the start of the answer, which the model continues (Anthropic's
+    prefill: a request that ends on an assistant turn), rather than context before a new turn."""
     dropped: list[str] = msgspec.field(default_factory=list)
     """Fields of the incoming protocol that no upstream of this request can honour (said in a header)."""
     extra: dict[str, Any] = msgspec.field(default_factory=dict)

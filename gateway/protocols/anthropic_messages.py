@@ -212,6 +212,7 @@ def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool =
         user=wire.metadata.user_id if wire.metadata else None,
         json_schema=_output_schema(wire.output_config, passed_through),
     )
+    request.continues_last_turn = bool(wire.messages) and wire.messages[-1].role == "assistant"
     if wire.thinking is not None and wire.thinking.get("type") != "disabled":
         request.thinking = wire.thinking  # the route decides whether an upstream can honour it
     if wire.top_k is not None and not passed_through:  # passed through, it reaches Anthropic

@@ -413,6 +413,13 @@ def _openai_request_error(body: Any) -> web.Response | None:
     for key in ("max_completion_tokens", "max_tokens"):
         if body.get(key) is not None and not is_positive_int(body[key]):
             return _json_response(_openai_error(400, f"'{key}' must be a positive integer", key), 400)
+    if body.get("continue_final_message") is True:  # vLLM's checks
+        if body.get("add_generation_prompt", True) is True:
+            message = "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+            return _json_response(_openai_error(400, message), 400)
+        if not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+            message = "continue_final_message is set but the final message is not from the assistant"
+            return _json_response(_openai_error(400, message), 400)
     if stop_tuple(body.get("stop")) is None:
         return _json_response(_openai_error(400, "'stop' must be a string or an array of strings", "stop"), 400)
     return None
@@ -426,7 +433,9 @@ def _max_tokens(body: dict[str, Any]) -> int | None:
 def _openai_answer(state: _State, body: dict[str, Any], fault: _Fault) -> tuple[int, Answer]:
     prompt_tokens, words = _analyze_openai(_encode_json(body["messages"]))
     full = fault.text if fault.text is not None else f"[simulated {state.name}] {words}"
-    if fault.text is None:
+    if body.get("continue_final_message") is True:  # the final (assistant) message goes on
+        full = fault.text if fault.text is not None else f" ...continued by {state.name}: {words}"
+    elif fault.text is None:
         verdict = judge_verdict(body["messages"])
         if verdict is not None:
             full = verdict

@@ -250,7 +250,9 @@ class SpeculativeProvider(Provider):
     async def complete(self, request: core.Request, body: dict[str, Any] | None = None) -> Completion:
         self._inflight += 1
         try:
-            return await self._complete(request, chat_payload(request, body, self.upstream_model))
+            return await self._complete(
+                request, chat_payload(request, body, self.upstream_model, continues=self.config.continue_final_message)
+            )
         finally:
             self._inflight -= 1
 
@@ -284,7 +286,7 @@ class SpeculativeProvider(Provider):
     async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
         self._inflight += 1
         try:
-            body = chat_payload(request, body, self.upstream_model)
+            body = chat_payload(request, body, self.upstream_model, continues=self.config.continue_final_message)
             reason = await self._plain_reason(self._as_served(body))
             stream: _PlainStream | _SpeculativeStream
             if reason is not None:
@@ -377,7 +379,9 @@ class SpeculativeProvider(Provider):
 
     async def _start(self, body: dict[str, Any], *, streaming: bool) -> _Run:
         extra: dict[str, Any] = {
-            key: body[key] for key in ("chat_template_kwargs", "continue_final_message") if key in body
+            key: body[key]
+            for key in ("chat_template_kwargs", "continue_final_message", "add_generation_prompt")
+            if key in body
         }
         messages = body["messages"]  # chat_payload left out the Anthropic-only parts its chat template knows not
         prompt, max_model_len = await self._target_api.tokenize_chat(messages, extra or None)

@@ -38,7 +38,7 @@ class OpenAIProvider(Provider):
         return headers
 
     async def complete(self, request: core.Request, body: dict[str, Any] | None = None) -> Completion:
-        payload = chat_payload(request, body, self.upstream_model)
+        payload = chat_payload(request, body, self.upstream_model, continues=self.config.continue_final_message)
         response = await self._post("chat/completions", payload, self._headers(), stream=False)
         content = response.content
         data = decode_json_object(self.name, content)
@@ -83,7 +83,7 @@ class OpenAIProvider(Provider):
         return await self._post(path, None, self._headers(), stream=False, method=method)
 
     async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
-        body = chat_payload(request, body, self.upstream_model)
+        body = chat_payload(request, body, self.upstream_model, continues=self.config.continue_final_message)
         options = body.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage")):
             # Ask for usage even when the client did not: it is the authoritative count.
@@ -183,10 +183,21 @@ class _ResponsesEventStream(RelayedStream):
         return b"event: error\ndata: " + msgspec.json.encode(data) + b"\n\n"
 
 
-def chat_payload(request: core.Request, body: dict[str, Any] | None, model: str) -> dict[str, Any]:
+def chat_payload(
+    request: core.Request, body: dict[str, Any] | None, model: str, *, continues: bool = False
+) -> dict[str, Any]:
     """What an OpenAI-compatible upstream is sent: a chat client's own body (``body``, as it
-    came), or the request written by the chat codec."""
-    return for_openai_upstream(body if body is not None else {**openai_chat.to_chat_body(request), "model": model})
+    came), or the request written by the chat codec; ``continues``: the upstream continues a
+    final assistant message when asked (vLLM), so a prefill is sent as one."""
+    if body is not None:
+        return for_openai_upstream(body)
+    payload = {**openai_chat.to_chat_body(request), "model": model}
+    if continues and request.continues_last_turn:
+        payload |= _CONTINUE_FINAL_MESSAGE
+    return for_openai_upstream(payload)
+
+
+_CONTINUE_FINAL_MESSAGE = {"continue_final_message": True, "add_generation_prompt": False}
 
 
 def for_openai_upstream(body: dict[str, Any]) -> dict[str, Any]:
