@@ -21,6 +21,7 @@ import anyio
 from litestar import Litestar
 from litestar.exceptions import InternalServerException
 
+from gateway.api import cors as cors_headers
 from gateway.api.handoff import Incoming, hand_to_pipeline
 from gateway.api.probes import internal_error
 from gateway.api.state import GatewayState
@@ -53,12 +54,21 @@ class ChatRoute:
         self._state: GatewayState | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == CHAT_PATH:
+        if scope["type"] != "http":  # the lifespan
+            await self.app(scope, receive, send)  # type: ignore[arg-type]
+            return
+        state = self._state or self._started()
+        if state is not None and (cors := state.holder.current.policy.cors).allow_origins:
+            origin = cors_headers.allowed_origin(scope, cors)
+            if origin is not None:
+                if cors_headers.is_preflight(scope):
+                    with contextlib.suppress(OSError):
+                        await cors_headers.answer_preflight(scope, send, origin, cors)
+                    return
+                send = cors_headers.with_cors_headers(send, origin)
+        if scope["path"] == CHAT_PATH:
             method = scope["method"]
-            if method == "POST":
-                state = self._state
-                if state is None:  # set by the lifespan, once per worker
-                    state = self._state = self.app.state.gateway
+            if method == "POST" and state is not None:  # requests come after the lifespan's start
                 await _chat_completions(_BareRequest(self.app, scope, receive), receive, send, state)
             elif method == "OPTIONS":  # as Litestar answers it on the other routes
                 with contextlib.suppress(OSError):
@@ -68,11 +78,16 @@ class ChatRoute:
                 not_allowed = InvalidRequestError("Method Not Allowed")
                 not_allowed.status_code, not_allowed.headers["allow"] = 405, _ALLOWED.decode()
                 await _send_error(send, not_allowed)
-        elif scope["type"] == "http" and scope["method"] == "HEAD":
+        elif scope["method"] == "HEAD":
             # RFC 9110: what serves GET serves HEAD (load balancers and uptime checks probe with it)
             await self.app({**scope, "method": "GET"}, receive, _headers_only(send))  # type: ignore[arg-type]
         else:
             await self.app(scope, receive, send)  # type: ignore[arg-type]
+
+    def _started(self) -> GatewayState | None:
+        """The state the lifespan set (once per worker), None before it has."""
+        self._state = getattr(self.app.state, "gateway", None)
+        return self._state
 
 
 def _headers_only(send: Send) -> Send:

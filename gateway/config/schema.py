@@ -402,6 +402,15 @@ class CachePolicy(_Struct, frozen=True, kw_only=True):
     """A cache operation slower than this is abandoned: the request goes on without the cache."""
 
 
+class CorsPolicy(_Struct, frozen=True, kw_only=True):
+    """Browsers may call the gateway from these origins (their apps still need a key)."""
+
+    allow_origins: list[Annotated[str, Meta(min_length=1)]] = []
+    """Exact origins (``https://app.example.com``), or ``"*"`` for any; empty: no cross-origin calls."""
+    max_age_s: AtLeastZero = 600
+    """How long a browser may keep a preflight's answer."""
+
+
 class Policy(_Struct, frozen=True, kw_only=True):
     version: Literal[1] = 1
     pair: Pair
@@ -415,6 +424,7 @@ class Policy(_Struct, frozen=True, kw_only=True):
     limits: LimitsPolicy = LimitsPolicy()
     cache: CachePolicy = CachePolicy()
     tenants: dict[TenantName, TenantPolicy] = {}
+    cors: CorsPolicy = CorsPolicy()
 
 
 class KeyFile(_Struct, frozen=True, kw_only=True):

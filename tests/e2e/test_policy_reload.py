@@ -640,3 +640,38 @@ def test_serve_on_a_public_address_refuses_a_reload_to_auth_off(
         assert ok.status_code == 200, ok.text
     finally:
         gw.stop()
+
+
+def test_browser_origins_are_allowed_as_the_policy_says_and_reloaded(
+    gw: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """A browser app calls with its own key: an allowed origin's preflight is answered before
+    auth, its answers (errors and streams too) carry the origin; other origins get nothing."""
+    app, other = "https://app.example", "https://evil.example"
+    preflight = {
+        "origin": app,
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type, x-stainless-os",
+    }
+    closed = httpx.options(f"{gw.base_url}/chat/completions", headers=preflight, timeout=5)
+    assert "access-control-allow-origin" not in closed.headers  # no cors section: none allowed
+    _settle(gw, _base_policy(small_upstream, large_upstream) + f'cors: {{allow_origins: ["{app}"]}}\n')
+    for path in ("/chat/completions", "/messages", "/responses", "/models"):
+        answered = httpx.options(f"{gw.base_url}{path}", headers=preflight, timeout=5)
+        assert answered.status_code == 204 and answered.headers["access-control-allow-origin"] == app
+        assert answered.headers["access-control-allow-headers"] == preflight["access-control-request-headers"]
+        assert "POST" in answered.headers["access-control-allow-methods"]
+    chat = {"model": "fast", "messages": [{"role": "user", "content": "from a browser"}]}
+    plain = httpx.post(f"{gw.base_url}/chat/completions", json=chat, headers={"origin": app}, timeout=10)
+    assert plain.status_code == 200 and plain.headers["access-control-allow-origin"] == app
+    assert plain.headers["access-control-expose-headers"] == "*"  # x-request-id, x-gateway-*, retry-after
+    with httpx.stream(
+        "POST", f"{gw.base_url}/chat/completions", json={**chat, "stream": True}, headers={"origin": app}, timeout=10
+    ) as streamed:
+        assert streamed.headers["access-control-allow-origin"] == app and "[DONE]" in streamed.read().decode()
+    refused = httpx.post(f"{gw.base_url}/chat/completions", json={**chat, "model": "nope"}, headers={"origin": app})
+    assert refused.status_code == 404 and refused.headers["access-control-allow-origin"] == app  # readable error
+    foreign = httpx.post(f"{gw.base_url}/chat/completions", json=chat, headers={"origin": other}, timeout=10)
+    assert foreign.status_code == 200 and "access-control-allow-origin" not in foreign.headers
+    foreign_preflight = httpx.options(f"{gw.base_url}/messages", headers={**preflight, "origin": other}, timeout=5)
+    assert "access-control-allow-origin" not in foreign_preflight.headers
