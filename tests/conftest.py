@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -89,6 +90,13 @@ def gateway(
 @pytest.fixture
 def client(gateway: GatewayProcess) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def claude(gateway: GatewayProcess) -> Iterator[anthropic.Anthropic]:
+    """The anthropic SDK on the module's ``gateway`` (the shared one unless a module starts its own)."""
+    with anthropic.Anthropic(base_url=gateway.url, api_key="sk-unused", max_retries=0, timeout=15) as client:
         yield client
 
 

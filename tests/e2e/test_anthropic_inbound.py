@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import anthropic
@@ -14,12 +13,6 @@ from anthropic.types import MessageParam, TextBlockParam, ToolUnionParam
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import upstream_stats
 from tests.gateway_process import GatewayProcess
-
-
-@pytest.fixture
-def claude(gateway: GatewayProcess) -> Iterator[anthropic.Anthropic]:
-    with anthropic.Anthropic(base_url=gateway.url, api_key="sk-unused", max_retries=0, timeout=15) as client:
-        yield client
 
 
 def test_a_message_is_answered_in_anthropics_shape(claude: anthropic.Anthropic, gateway: GatewayProcess) -> None:

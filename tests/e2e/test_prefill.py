@@ -47,12 +47,6 @@ def gateway(
     process.stop()
 
 
-@pytest.fixture
-def claude(gateway: GatewayProcess) -> Iterator[anthropic.Anthropic]:
-    with anthropic.Anthropic(base_url=gateway.url, api_key="unused", max_retries=0, timeout=15) as client:
-        yield client
-
-
 def _sent(upstream: SimulatedUpstream) -> dict[str, Any]:
     body: dict[str, Any] = upstream_stats(upstream)["last_request"]["body"]
     return body
