@@ -52,7 +52,9 @@ async def dispatch(
     """Run ``call`` on the first candidate that answers; raise the last error if none does.
 
     An error that is not retryable (a 4xx other than 408/429: the request itself is
-    wrong) is raised at once: another model would reject it the same way.
+    wrong) is raised at once: another model would reject it the same way. Those that say
+    ``try_next`` (the gateway's own credentials, a prompt too long for this model's window)
+    move on to the next model.
     """
     verdicts = _Verdicts()
     last_error: UpstreamError | None = None
@@ -143,7 +145,7 @@ def _says_upstream_is_unhealthy(exc: UpstreamError) -> bool:
     """Connection errors, timeouts, 5xx, broken answers and refusing the gateway's own
     credentials; not 429 or the request's own 4xx."""
     if isinstance(exc, UpstreamStatusError):
-        return exc.upstream_status >= 500 or exc.try_next
+        return exc.upstream_status >= 500 or exc.code == "upstream_misconfigured"
     return not isinstance(exc, UpstreamUnavailableError)
 
 

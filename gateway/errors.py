@@ -34,6 +34,7 @@ __all__ = [
     "UpstreamTimeoutError",
     "UpstreamUnavailableError",
     "UsageUnavailableError",
+    "upstream_error_fields",
 ]
 
 
@@ -207,9 +208,10 @@ class UpstreamStatusError(UpstreamError):
 
     429 and 5xx are retryable. A 401 or 403, or a 404 for the model, is the gateway's own
     configuration (the client's key never goes upstream): a 502 that names no detail of the
-    upstream's (its text can quote the operator's key), and the next model is tried. Other
-    4xx are the client's fault, so they are passed through with the upstream's own status and
-    message and never retried.
+    upstream's (its text can quote the operator's key), and the next model is tried. A prompt
+    too long for the model's context window is a 400 ``context_length_exceeded``, and the next
+    model (perhaps with a longer window) is tried. Other 4xx are the client's fault, so they are
+    passed through with the upstream's own status and message and never retried.
     """
 
     def __init__(
@@ -226,13 +228,14 @@ class UpstreamStatusError(UpstreamError):
         self.retry_after_s = retry_after_s
         self.upstream_body = body
         self.retryable = status == 429 or status >= 500 or status == 408
+        error = upstream_error_fields(body) if 400 <= status < 500 else {}
         if status == 429:
             self.status_code = 429
             self.error_type = "rate_limit_error"
             self.code = "upstream_rate_limited"
             if retry_after_s is not None:
                 self.headers["retry-after"] = str(max(1, round(retry_after_s)))
-        elif status in (401, 403) or (status == 404 and _names_the_model(body)):
+        elif status in (401, 403) or (status == 404 and _names_the_model(error)):
             self.status_code = 502
             self.code = "upstream_misconfigured"
             self.retryable, self.try_next = False, True
@@ -243,24 +246,42 @@ class UpstreamStatusError(UpstreamError):
         elif status == 529:  # Anthropic's "overloaded": its clients have an error class for it
             self.code = "upstream_overloaded"
             self.status_code = 529
+        elif status in (400, 413) and _exceeds_context(error):
+            # Too long for this model; a later model of the route may have a longer window.
+            self.status_code = 400
+            self.error_type = "invalid_request_error"
+            self.code = "context_length_exceeded"  # OpenAI's code, which client libraries look for
+            self.param = "messages"
+            self.retryable, self.try_next = False, True
         elif 400 <= status < 500 and status != 408:
             self.status_code = status
             self.error_type = "invalid_request_error"
             self.code = "upstream_rejected_request"
-            self.param = _param_of(body)  # the client's parameter the upstream named
+            param = error.get("param")
+            self.param = param if isinstance(param, str) else None  # the client's parameter the upstream named
         else:
             self.status_code = 502
 
 
-def _names_the_model(body: bytes | None) -> bool:
+def upstream_error_fields(body: bytes | None) -> dict[str, Any]:
+    """The error object of an upstream's error body: ``{"error": {...}}`` as OpenAI, Anthropic and
+    vLLM from 0.10.2 write it, or vLLM's earlier flat ``{"object": "error", "message": ...}``; {}
+    when the body has neither."""
+    try:
+        data = msgspec.json.decode(body) if body else None
+    except msgspec.DecodeError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    error = data.get("error")
+    if isinstance(error, dict):
+        return error
+    return data if data.get("object") == "error" else {}
+
+
+def _names_the_model(error: dict[str, Any]) -> bool:
     """A 404 that says the model does not exist (OpenAI's ``model_not_found``, vLLM's "The model
     `x` does not exist"), not one for a resource the client named."""
-    try:
-        error = msgspec.json.decode(body).get("error") if body else None
-    except (msgspec.DecodeError, AttributeError):
-        return False
-    if not isinstance(error, dict):
-        return False
     message = error.get("message")
     return (
         error.get("code") == "model_not_found"
@@ -269,13 +290,20 @@ def _names_the_model(body: bytes | None) -> bool:
     )
 
 
-def _param_of(body: bytes | None) -> str | None:
-    try:
-        error = msgspec.json.decode(body).get("error") if body else None
-    except (msgspec.DecodeError, AttributeError):
-        return None
-    param = error.get("param") if isinstance(error, dict) else None
-    return param if isinstance(param, str) else None
+_CONTEXT_PHRASES = (
+    "maximum context length",  # vLLM, OpenAI
+    "prompt is too long",  # Anthropic
+    "exceed context limit",  # Anthropic: input and max_tokens together
+    "context size",  # llama.cpp
+)
+
+
+def _exceeds_context(error: dict[str, Any]) -> bool:
+    """The prompt (with the completion asked for) does not fit this model's context window."""
+    message = error.get("message")
+    return error.get("code") == "context_length_exceeded" or (
+        isinstance(message, str) and any(phrase in message.lower() for phrase in _CONTEXT_PHRASES)
+    )
 
 
 class UpstreamConnectError(UpstreamError):

@@ -101,6 +101,7 @@ def start_simulated_upstream(
     python: str = sys.executable,
     timeout_s: float = 15.0,
     weak_on: tuple[str, ...] = (),
+    max_model_len: int | None = None,
 ) -> SimulatedUpstream:
     """Spawn a simulated upstream and wait until it answers ``/healthz``.
 
@@ -128,6 +129,7 @@ def start_simulated_upstream(
         str(os.getpid()),
         "--weak-on",
         ",".join(weak_on),
+        *(["--max-model-len", str(max_model_len)] if max_model_len is not None else []),
     ]
     process = subprocess.Popen(
         command,

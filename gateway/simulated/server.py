@@ -188,6 +188,8 @@ class _State:
     faults: deque[_Fault] = field(default_factory=deque)
     weak_on: tuple[str, ...] = ()
     """Topics this model answers badly (gateway/simulated/quality.py)."""
+    max_model_len: int | None = None
+    """vLLM's ``--max-model-len``: a chat prompt and the completion it asks for must fit in it."""
     stats: _Stats = field(default_factory=_Stats)  # never replaced, see _Stats.reset
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     turns: TurnStore = field(default_factory=TurnStore)
@@ -425,6 +427,21 @@ def _openai_request_error(body: Any) -> web.Response | None:
     return None
 
 
+def _context_error(body: dict[str, Any], max_model_len: int) -> web.Response | None:
+    """vLLM's 400 for a prompt that, with the completion asked for, does not fit its window."""
+    prompt_tokens, _ = _analyze_openai(_encode_json(body["messages"]))
+    completion = _max_tokens(body) or 0
+    if prompt_tokens + completion <= max_model_len and prompt_tokens < max_model_len:
+        return None
+    message = (
+        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+        f"{prompt_tokens + completion} tokens ({prompt_tokens} in the messages, {completion} in the completion). "
+        "Please reduce the length of the messages or completion."
+    )
+    error = {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": 400}
+    return _json_response(msgspec.json.encode(error), 400)
+
+
 def _max_tokens(body: dict[str, Any]) -> int | None:
     max_tokens = body.get("max_completion_tokens")
     return body.get("max_tokens") if max_tokens is None else max_tokens
@@ -470,6 +487,8 @@ def _include_usage(body: dict[str, Any]) -> bool:
 
 async def _chat(request: web.Request, state: _State, body: Any, fault: _Fault) -> web.StreamResponse:
     error = _openai_request_error(body)
+    if error is None and state.max_model_len is not None:
+        error = _context_error(body, state.max_model_len)
     if error is not None:
         return error
     if needs_extras(body):
@@ -874,11 +893,22 @@ async def _warm_tokenizer(app: web.Application) -> None:
 
 
 def build_app(
-    name: str, *, latency_ms: float = 0.0, chunk_delay_ms: float = 0.0, weak: tuple[str, ...] = ()
+    name: str,
+    *,
+    latency_ms: float = 0.0,
+    chunk_delay_ms: float = 0.0,
+    weak: tuple[str, ...] = (),
+    max_model_len: int | None = None,
 ) -> web.Application:
     """The aiohttp application; run it with ``handler_cancellation=True`` (see module docs)."""
     app = web.Application()
-    app[_STATE] = _State(name=name, latency_s=latency_ms / 1000.0, chunk_delay_s=chunk_delay_ms / 1000.0, weak_on=weak)
+    app[_STATE] = _State(
+        name=name,
+        latency_s=latency_ms / 1000.0,
+        chunk_delay_s=chunk_delay_ms / 1000.0,
+        weak_on=weak,
+        max_model_len=max_model_len,
+    )
     app.on_startup.append(_warm_tokenizer)
     app.router.add_post("/v1/chat/completions", _chat_handler)
     app.router.add_post("/v1/embeddings", _embeddings_handler)
@@ -917,6 +947,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated words: answer badly when the prompt mentions one, and judge shadow "
         "requests by it (gateway/simulated/quality.py)",
     )
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="refuse chat prompts that do not fit, with vLLM's 400 (its flat error body of before 0.10.2)",
+    )
     return parser.parse_args(argv)
 
 
@@ -937,7 +973,13 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
 
 async def _serve(args: argparse.Namespace) -> None:
     weak = tuple(w.strip().lower() for w in args.weak_on.split(",") if w.strip())
-    app = build_app(args.name, latency_ms=args.latency_ms, chunk_delay_ms=args.chunk_delay_ms, weak=weak)
+    app = build_app(
+        args.name,
+        latency_ms=args.latency_ms,
+        chunk_delay_ms=args.chunk_delay_ms,
+        weak=weak,
+        max_model_len=args.max_model_len,
+    )
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     stop = asyncio.Event()

@@ -21,6 +21,7 @@ from gateway.errors import (
     UpstreamProtocolError,
     UpstreamStatusError,
     UpstreamTimeoutError,
+    upstream_error_fields,
 )
 from gateway.protocols import openai_chat
 from gateway.upstreams.http11 import Http11Transport
@@ -524,18 +525,16 @@ class UpstreamEvents:
 
 
 def _error_detail(content: bytes) -> str:
+    message = upstream_error_fields(content).get("message")
+    if isinstance(message, str):
+        return message[:500]
     try:
-        data = msgspec.json.decode(content)
-    except msgspec.DecodeError:
-        return content[:200].decode("utf-8", "replace") or "no detail"
-    if isinstance(data, dict):
-        error = data.get("error")
-        message = error.get("message") if isinstance(error, dict) else None
-        if isinstance(message, str):
-            return message[:500]
-        if isinstance(error, str):
-            return error[:500]
-    return content[:200].decode("utf-8", "replace")
+        error = msgspec.json.decode(content).get("error")
+    except (msgspec.DecodeError, AttributeError):
+        error = None
+    if isinstance(error, str):
+        return error[:500]
+    return content[:200].decode("utf-8", "replace") or "no detail"
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -129,6 +129,37 @@ def test_upstream_status_errors_map_to_client_statuses() -> None:
     assert bad.status_code == 400 and not bad.retryable
 
 
+_VLLM_CONTEXT = (
+    b'{"object": "error", "message": "This model\'s maximum context length is 2048 tokens. However, you '
+    b'requested 2507 tokens (2443 in the messages, 64 in the completion).", "type": "BadRequestError", '
+    b'"param": null, "code": 400}'
+)
+
+
+def test_upstream_error_bodies_are_read_in_every_shape_vllm_and_anthropic_write() -> None:
+    flat_404 = (
+        b'{"object": "error", "message": "The model `typo` does not exist.", "type": "NotFoundError", "code": 404}'
+    )
+    assert UpstreamStatusError("u", 404, "x", body=flat_404).code == "upstream_misconfigured"  # vLLM before 0.10.2
+    for body in (
+        _VLLM_CONTEXT,
+        b'{"error": {"message": "too long", "code": "context_length_exceeded", "param": "messages"}}',
+        b'{"type": "error", "error": {"type": "invalid_request_error", "message": "prompt is too long: '
+        b'210000 tokens > 200000 maximum"}}',
+    ):
+        too_long = UpstreamStatusError("u", 400, "x", body=body)
+        assert (too_long.status_code, too_long.code, too_long.param) == (400, "context_length_exceeded", "messages")
+        assert too_long.try_next and not too_long.retryable  # a later model may have a longer window
+    flat_400 = b'{"object": "error", "message": "bad temperature", "param": "temperature", "code": 400}'
+    assert UpstreamStatusError("u", 400, "x", body=flat_400).param == "temperature"
+
+
+async def test_a_prompt_too_long_for_one_model_moves_on_and_opens_no_circuit() -> None:
+    too_long = UpstreamStatusError("small", 400, "x", body=_VLLM_CONTEXT)
+    breakers = await _dispatch_many({"small": too_long}, ("small", "large"), 10)
+    assert breakers["small"].state == "closed"  # the request's size, not the upstream's health
+
+
 def test_keys_are_checked_by_hash_and_models_by_allow_list() -> None:
     auth = Authenticator(
         AuthPolicy(mode="keys", keys=[AuthKey(id="k1", hash=hash_key("s3cret"), tenant="t", models=["fast"])])
