@@ -65,8 +65,9 @@ class ModelDraft(DraftSource):
         except TimeoutError:
             self._failed()
             raise UpstreamTimeoutError(self.api.name, f"draft call over {self._timeout_s * 1000:g} ms") from None
-        except UpstreamError:
-            self._failed()
+        except UpstreamError as exc:
+            if _says_server_is_unhealthy(exc):  # not a context too long for the draft's window
+                self._failed()
             raise
         self._eos.learn(generation.tokens, generation.finish_reason)
         return Draft(generation.tokens[:k], generation.top[:k] if sampled and generation.top else None)
@@ -74,6 +75,12 @@ class ModelDraft(DraftSource):
     def _failed(self) -> None:
         if self._on_failure is not None:
             self._on_failure()
+
+
+def _says_server_is_unhealthy(exc: UpstreamError) -> bool:
+    """A 4xx is this request's (a context longer than the draft server's window): no cooldown for everyone."""
+    status = getattr(exc, "upstream_status", None)
+    return status is None or status >= 500 or status in (408, 429)
 
 
 class PromptLookupDraft(DraftSource):

@@ -68,6 +68,8 @@ _VLLM_DEFAULTS: dict[str, object] = {
     "use_beam_search": False,
     "length_penalty": 1.0,
     "min_p": 0.0,
+    "echo": False,
+    "add_special_tokens": False,
 }
 """vLLM's extra sampling fields at their defaults: any other value changes what the large model
 would answer in ways the draft/verify loop does not reproduce, so such a request goes plain."""
@@ -82,8 +84,14 @@ _UNSUPPORTED = (
     "guided_json",
     "guided_regex",
     "guided_choice",
+    "guided_grammar",
     "structured_outputs",
+    "chat_template",  # the loop's /tokenize would apply the server's own
+    "documents",
 )
+
+_DOES_NOT_FIT = "context_length"
+"""Why a request went plain when it does not fit the large server's window."""
 
 
 @dataclass(slots=True)
@@ -257,12 +265,13 @@ class SpeculativeProvider(Provider):
             self._inflight -= 1
 
     async def _complete(self, request: core.Request, body: dict[str, Any]) -> Completion:
-        reason = await self._plain_reason(self._as_served(body))
-        if reason is not None:
+        served = self._as_served(body)
+        reason = await self._plain_reason(served)
+        run = await self._start(served, streaming=False) if reason is None else None
+        if run is None:
             completion = await self.target.complete(request, body)
-            stats = self._plain_stats(reason)
+            stats = self._plain_stats(reason or _DOES_NOT_FIT)
             return SpeculativeCompletion(completion.body, completion.usage, completion.text, speculation=stats)
-        run = await self._start(self._as_served(body), streaming=False)
         try:
             async with asyncio.timeout(self.config.timeouts.total):
                 text = [piece async for piece in run.pieces()]
@@ -287,12 +296,14 @@ class SpeculativeProvider(Provider):
         self._inflight += 1
         try:
             body = chat_payload(request, body, self.upstream_model, continues=self.config.continue_final_message)
-            reason = await self._plain_reason(self._as_served(body))
+            served = self._as_served(body)
+            reason = await self._plain_reason(served)
+            run = await self._start(served, streaming=True) if reason is None else None
             stream: _PlainStream | _SpeculativeStream
-            if reason is not None:
-                stream = _PlainStream(await self.target.open_stream(request, body), self._plain_stats(reason))
+            if run is None:
+                plain = await self.target.open_stream(request, body)
+                stream = _PlainStream(plain, self._plain_stats(reason or _DOES_NOT_FIT))
             else:
-                run = await self._start(self._as_served(body), streaming=True)
                 stream = _SpeculativeStream(run, body.get("model", self.upstream_model), self.config.timeouts.total)
         except BaseException:
             self._inflight -= 1
@@ -377,7 +388,10 @@ class SpeculativeProvider(Provider):
             _log.warning("draft_unhealthy", model=self.name, cooldown_s=self.policy.draft_cooldown_s)
         self._draft_down_until = time.monotonic() + self.policy.draft_cooldown_s
 
-    async def _start(self, body: dict[str, Any], *, streaming: bool) -> _Run:
+    async def _start(self, body: dict[str, Any], *, streaming: bool) -> _Run | None:
+        """The loop for one request; None when the prompt, with the completion it asks for,
+        does not fit the large server's window: sent plain, the server refuses it itself
+        (vLLM's 400, which the route reads as ``context_length_exceeded``)."""
         extra: dict[str, Any] = {
             key: body[key]
             for key in ("chat_template_kwargs", "continue_final_message", "add_generation_prompt")
@@ -387,7 +401,9 @@ class SpeculativeProvider(Provider):
         prompt, max_model_len = await self._target_api.tokenize_chat(messages, extra or None)
         room = (max_model_len or self.config.context_window) - len(prompt)
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        max_new = min(int(limit), room) if limit else room
+        if room <= 0 or (limit and int(limit) > room):
+            return None
+        max_new = int(limit) if limit else room
         temperature = _temperature(body)
         stats = SpeculationStats(
             mode="gateway",
@@ -414,7 +430,7 @@ class SpeculativeProvider(Provider):
             if self._tokenizer is not None
             else ServerTextAssembler(self._target_api, stops, incremental=streaming)
         )
-        return _Run(self, prompt, max(0, max_new), decoder, assembler, stats, k)
+        return _Run(self, prompt, max_new, decoder, assembler, stats, k)
 
     def _learn_alpha(self, k: AdaptiveK) -> None:
         self._alpha = 0.8 * self._alpha + 0.2 * k.alpha

@@ -511,6 +511,27 @@ async def test_a_hung_draft_costs_one_draft_deadline_then_speculation_pauses(
     assert not third.speculation.fallback_to_plain and third.speculation.draft_calls > 0  # type: ignore[attr-defined]
 
 
+async def test_a_context_longer_than_the_drafts_window_pauses_no_one_else(large: ToyServer) -> None:
+    """The draft is often a smaller deployment with a shorter --max-model-len: its 400 for one
+    long prompt ends drafting for that request only, and is no sign of an unhealthy server."""
+    short = start_toy_server(role="small", agreement=0.8, max_model_len=40)
+    target, draft = _provider("large", large), _provider("small", short, "small")
+    try:
+        spec = _spec((target, draft), draft_cooldown_s=60)
+        await spec.check_pair()
+        long_body, long_want = await _long_answer(target, max_tokens=40)
+        with structlog.testing.capture_logs() as logs:
+            first = await spec.complete(*as_sent(long_body))
+        assert _answer(first) == long_want and first.speculation.draft_failed  # type: ignore[attr-defined]
+        assert not any(e["event"] == "draft_unhealthy" for e in logs)
+        second = await spec.complete(*as_sent(_body("hi", max_tokens=8)))
+        assert second.speculation.fallback_reason is None and second.speculation.draft_calls > 0  # type: ignore[attr-defined]
+    finally:
+        await target.aclose()
+        await draft.aclose()
+        short.stop()
+
+
 @pytest.mark.parametrize(
     "extra",
     [{"min_tokens": 100}, {"ignore_eos": True}, {"stop_token_ids": [7]}, {"include_stop_str_in_output": True},

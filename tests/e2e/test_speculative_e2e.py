@@ -114,3 +114,24 @@ def test_a_speculative_answer_that_fails_midway_logs_the_loops_work(
     assert response.status_code == 502, response.text
     record = gateway.wait_for_record(response.headers["x-request-id"])
     assert record["status"] == 502 and record["speculation"]["rounds"] >= 1, record
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_the_large_window_cannot_hold_is_refused_as_the_server_refuses_it(
+    gateway: GatewayProcess, stream: bool
+) -> None:
+    """The loop used to cut max_tokens to the room left (or to nothing) and answer 200 with
+    finish_reason "length", billed; now such a request goes plain and the server's 400 reaches
+    the client, as from the large model alone (the toy servers' window is 4,096 tokens)."""
+    body = {
+        "model": "best",
+        "messages": [{"role": "user", "content": PROMPTS[0]}],
+        "max_tokens": 5000,
+        "stream": stream,
+    }
+    response = httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and "maximum context length is 4096" in error["message"]
+    record = gateway.wait_for_record(response.headers["x-request-id"])
+    assert record["status"] == 400 and record["cost_usd"] == 0

@@ -456,7 +456,7 @@ def _parse_completion(state: State, tokenizer: Tokenizer, body: dict[str, Any]) 
         raise web.HTTPBadRequest(text='{"error": {"message": "prompt must be token ids in the vocabulary"}}')
     room = state.settings.max_model_len - len(prompt)
     if room <= 0:
-        raise web.HTTPBadRequest(text='{"error": {"message": "prompt longer than max_model_len"}}')
+        raise _context_error(state.settings.max_model_len, len(prompt), 0)
     max_tokens = body.get("max_tokens")
     max_tokens = 16 if max_tokens is None else int(max_tokens)
     for name in ("logprobs", "prompt_logprobs"):
@@ -651,8 +651,12 @@ def build_app(settings: Settings) -> web.Application:
         prompt = tokenizer.chat(body["messages"])
         stops = body.get("stop") or []
         stops = [stops] if isinstance(stops, str) else list(stops)
-        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or settings.max_model_len
-        req = _Request(prompt, min(int(max_tokens), settings.max_model_len - len(prompt)),
+        asked = body.get("max_tokens") or body.get("max_completion_tokens")
+        room = settings.max_model_len - len(prompt)
+        if room <= 0 or (asked and int(asked) > room):  # vLLM refuses what does not fit
+            raise _context_error(settings.max_model_len, len(prompt), int(asked or 0))
+        max_tokens = asked or room
+        req = _Request(prompt, int(max_tokens),
                        float(body.get("temperature", settings.default_temperature)), None, None, False, {},
                        random.Random(body.get("seed")),
                        float(body.get("repetition_penalty", settings.default_repetition_penalty)))  # fmt: skip
@@ -734,6 +738,17 @@ async def _chat_generate(
     _uncached_tokens(state, seq)
     await clock.settle()
     return tokens, tokenizer.decode(tokens, skip_special=True), "length"
+
+
+def _context_error(max_model_len: int, prompt: int, completion: int) -> web.HTTPBadRequest:
+    """vLLM's 400 (its flat error body of before 0.10.2) for a request that does not fit its window."""
+    message = (
+        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+        f"{prompt + completion} tokens ({prompt} in the messages, {completion} in the completion). "
+        "Please reduce the length of the messages or completion."
+    )
+    error = {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": 400}
+    return web.HTTPBadRequest(text=msgspec.json.encode(error).decode(), content_type="application/json")
 
 
 def _json(data: Any) -> web.Response:
