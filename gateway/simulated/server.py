@@ -122,6 +122,11 @@ class _Fault(msgspec.Struct, forbid_unknown_fields=True):
     overloaded_after_events: int | None = None
     """Messages streams: Anthropic's in-band ``overloaded_error`` after this many events (how it
     says 529 once a stream began), then the end of the stream."""
+    multiline_data: bool = False
+    """Streams: each event's JSON over two ``data:`` lines (valid SSE, which joins them)."""
+    error_after_chunks: int | None = None
+    """Chat streams: vLLM's in-band ``{"error": ...}`` (what it sends when generation fails) after
+    this many chunks, then ``[DONE]``."""
     failed_after_events: int | None = None
     """Responses streams: the server's own ``response.failed`` after this many writes (the first
     holds ``response.created``), then the end of the stream."""
@@ -335,7 +340,7 @@ async def _run_api_request(request: web.Request, handler: _Handler, kind: str) -
             await asyncio.sleep(state.latency_s)
         return await handler(request, state, body, fault)
     except _DropConnection:
-        _drop(request, flush=fault.cut_after_chunks is not None)
+        _drop(request, flush=fault.cut_after_chunks is not None or fault.error_after_chunks is not None)
         # Ending the handler as cancelled makes aiohttp give up on the connection
         # quietly, without logging or trying to send a 500.
         raise asyncio.CancelledError from None
@@ -364,12 +369,14 @@ def _api_key(request: web.Request) -> str | None:
 class _EventSink:
     """Writes SSE events, honouring the chunk delay and ``cut_after_chunks``."""
 
-    __slots__ = ("_cut", "_delay_s", "_overloaded", "_resp", "_sent")
+    __slots__ = ("_cut", "_delay_s", "_errored", "_multiline", "_overloaded", "_resp", "_sent")
 
     def __init__(self, resp: web.StreamResponse, fault: _Fault, default_delay_s: float) -> None:
         self._resp = resp
         self._cut = fault.cut_after_chunks
         self._overloaded = fault.overloaded_after_events
+        self._errored = fault.error_after_chunks
+        self._multiline = fault.multiline_data
         self._sent = 0
         delay_ms = fault.chunk_delay_ms
         self._delay_s = default_delay_s if delay_ms is None else delay_ms / 1000.0
@@ -381,6 +388,13 @@ class _EventSink:
             error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
             await self._resp.write(_event("error", error))
             raise _DropConnection
+        if self._errored is not None and self._sent >= self._errored:
+            error = {"error": {"object": "error", "message": "CUDA error: an illegal memory access was encountered",
+                               "type": "InternalServerError", "param": None, "code": 500}}  # fmt: skip
+            await self._resp.write(b"data: " + _encode_json(error) + b"\n\ndata: [DONE]\n\n")
+            raise _DropConnection
+        if self._multiline:
+            event = event.replace(b'data: {"', b'data: {\ndata: "')
         await self._resp.write(event)
         self._sent += 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -93,6 +94,12 @@ class OpenAIProvider(Provider):
 
 
 class _OpenAIChatStream(ChatStream):
+    """A chat upstream's chunks. Those that say nothing yet (vLLM and OpenAI open with a
+    role-only chunk) are held until the first that does, so that an error right after them
+    (vLLM's in-band ``{"error"}`` when generation fails) reaches the pipeline before anything
+    has reached the client: it is retried and falls back, as Anthropic's failures after
+    ``message_start`` are."""
+
     def __init__(self, provider: OpenAIProvider, response: UpstreamResponse) -> None:
         super().__init__()
         self._provider = provider
@@ -100,8 +107,13 @@ class _OpenAIChatStream(ChatStream):
         self._events = UpstreamEvents(provider, response)
         self._done = False
         self._choices_seen = False
+        self._said_something = False
+        self._due: deque[bytes] = deque()
+        """Held chunks, and the one that ended the hold: given out before any other."""
 
     async def __anext__(self) -> bytes:
+        if self._due:
+            return self._due.popleft()
         tally = self.tally
         name = self._provider.name
         while not self._done:
@@ -129,7 +141,15 @@ class _OpenAIChatStream(ChatStream):
             if not choices:
                 continue  # the usage chunk: kept in the tally, re-emitted by the gateway if asked for
             self._choices_seen = True
+            if not self._said_something:
+                self._due.append(event.data)
+                if _says_nothing_yet(choices):
+                    continue
+                self._said_something = True
+                return self._due.popleft()
             return event.data
+        if self._due:  # a stream of role chunks only, then its end
+            return self._due.popleft()
         await self.aclose()
         if not self._choices_seen:
             raise UpstreamProtocolError(name, "stream ended without a choice")
@@ -244,6 +264,23 @@ def _unmarked(item: Any) -> Any:
     if isinstance(item, dict) and "cache_control" in item:
         return {k: v for k, v in item.items() if k != "cache_control"}
     return item
+
+
+_OPENING_FIELDS = frozenset({"role", "content", "refusal"})
+
+
+def _says_nothing_yet(choices: Any) -> bool:
+    """Whether a chunk's choices only open the answer (a role, empty content): no text,
+    reasoning, tool call or finish that a client would miss if it came later."""
+    for choice in choices:
+        if not isinstance(choice, dict) or choice.get("finish_reason") is not None or choice.get("logprobs"):
+            return False
+        delta = choice.get("delta")
+        if not isinstance(delta, dict) or not _OPENING_FIELDS.issuperset(delta):
+            return False
+        if delta.get("content") or delta.get("refusal"):
+            return False
+    return True
 
 
 def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:

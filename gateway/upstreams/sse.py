@@ -3,6 +3,11 @@
 Linear in the bytes received: each byte is searched for a newline once, however the
 upstream splits its lines, and a line (or an event's data) past ``max_line_bytes``
 ends the stream instead of growing a buffer without bound.
+
+An event whose data spans several ``data:`` lines has them joined with a space, not the
+newline the SSE standard joins them with: every payload read here is JSON (or ``[DONE]``),
+where the two are the same whitespace, and a passed-through event's data is sent on behind
+a single ``data:`` field, where a newline would cut it.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ async def iter_sse(
             start = newline + 1
             if not line:
                 if data:
-                    yield SSEEvent(event, b"\n".join(data))
+                    yield SSEEvent(event, b" ".join(data))
                 event, data, data_size = None, [], 0
                 continue
             if line.startswith(b":"):
@@ -66,4 +71,4 @@ async def iter_sse(
         if len(buffer) > max_line_bytes:
             raise SSELineTooLong(f"a line exceeds {max_line_bytes} bytes")
     if data:
-        yield SSEEvent(event, b"\n".join(data))
+        yield SSEEvent(event, b" ".join(data))

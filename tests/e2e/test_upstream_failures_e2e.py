@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -125,6 +126,44 @@ def test_stream_failing_before_first_chunk_is_retried(client: openai.OpenAI, sma
     inject(small_upstream, {"status": 503})
     chunks = list(client.chat.completions.create(model="small", messages=MESSAGES, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "[simulated small] hello"
+
+
+def test_an_in_band_error_after_the_role_chunk_is_retried_and_falls_back(
+    client: openai.OpenAI, claude: anthropic.Anthropic, gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """vLLM opens every stream with a role-only chunk and writes ``{"error"}`` in band when
+    generation then fails: nothing has reached the client, so the route's fallback answers."""
+    inject(small_upstream, *[{"error_after_chunks": 1}] * 2)
+    with client.chat.completions.with_streaming_response.create(model="fast", messages=MESSAGES, stream=True) as resp:
+        text = "".join(c.choices[0].delta.content or "" for c in resp.parse() if c.choices)
+        request_id = resp.headers["x-request-id"]
+    assert text == "[simulated large] hello"
+    record = gateway.wait_for_record(request_id)
+    assert record["status"] == 200 and record["fallback_used"] is True and record["model"] == "large"
+    inject(small_upstream, *[{"error_after_chunks": 1}] * 2)
+    with claude.messages.stream(model="fast", max_tokens=64, messages=[{"role": "user", "content": "hello"}]) as stream:
+        answer = stream.get_final_message().content[0]
+    assert answer.type == "text" and answer.text == "[simulated large] hello"
+
+
+def test_events_whose_data_spans_several_lines_reach_the_sdks_whole(
+    client: openai.OpenAI,
+    claude: anthropic.Anthropic,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> None:
+    """SSE lets one event's data run over several ``data:`` lines; passed through, such an event
+    was sent on with its later lines bare, and both SDKs failed to decode it."""
+    inject(small_upstream, {"multiline_data": True})
+    chat = client.chat.completions.create(model="small", messages=MESSAGES, stream=True)  # the raw pass-through
+    assert "".join(c.choices[0].delta.content or "" for c in chat if c.choices) == "[simulated small] hello"
+    inject(small_upstream, {"multiline_data": True})
+    with client.responses.stream(model="gpt", input="hello") as responses:  # a Responses upstream's own events
+        assert responses.get_final_response().output_text
+    inject(large_upstream, {"multiline_data": True})
+    ask: Any = {"model": "claude", "max_tokens": 64, "messages": [{"role": "user", "content": "hello"}]}
+    with claude.messages.stream(**ask, extra_body={"top_k": 5}) as messages:  # top_k: passed through as it came
+        assert messages.get_final_message().content
 
 
 def test_stream_cut_midway_is_reported_in_band_and_not_retried(

@@ -63,7 +63,7 @@ async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
 async def test_sse_parser_handles_split_lines_crlf_comments_and_multiline_data() -> None:
     stream = _chunks(b'data: {"a"', b":1}\r\n\r\n: comment\n\nevent: ping\ndata: x\ndata: y\n\n", b"data: [DONE]\n\n")
     events = [(e.event, e.data) async for e in iter_sse(stream)]
-    assert events == [(None, b'{"a":1}'), ("ping", b"x\ny"), (None, b"[DONE]")]
+    assert events == [(None, b'{"a":1}'), ("ping", b"x y"), (None, b"[DONE]")]  # JSON: one line, same meaning
 
 
 def test_backoff_is_jittered_bounded_and_honours_retry_after() -> None:
