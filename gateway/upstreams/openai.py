@@ -73,6 +73,12 @@ class OpenAIProvider(Provider):
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
         response = await self._post("responses", body, {**self._headers(), **headers}, stream=False)
         data = decode_json_object(self.name, response.content)
+        if data.get("object") != "response" or not isinstance(data.get("output"), list):
+            # Some servers and routers answer a failure with 200 and an error body: it is theirs, retried.
+            error = data.get("error")
+            if isinstance(error, dict) and error:
+                raise UpstreamStatusError(self.name, 500, _in_stream_error(error))
+            raise UpstreamProtocolError(self.name, "answer is not a Responses API response")
         usage = responses.usage_from_wire(data.get("usage"))
         return Completion(body=response.content, usage=usage_of(usage), text=responses.response_text(data))
 

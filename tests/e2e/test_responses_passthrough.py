@@ -210,6 +210,23 @@ def test_a_follow_up_goes_to_the_upstream_that_keeps_the_previous_response(gatew
     assert raw.headers["x-gateway-decision"] == "previous_response"
 
 
+def test_a_200_that_is_no_response_is_the_upstreams_failure_and_retried(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """Some servers and routers answer an overload with 200 and an error body: it went to the
+    client as a successful response (the SDK then failed on it) and was billed."""
+    overloaded = '{"error": {"message": "Model is overloaded, try again", "type": "server_error", "code": 503}}'
+    inject(small_upstream, {"status": 200, "body": overloaded})
+    raw = _client(gateway).responses.with_raw_response.create(model="codex", input="Are you there?")
+    assert raw.parse().output_text and upstream_stats(small_upstream)["responses_requests"] >= 2
+    record = gateway.wait_for_record(raw.headers["x-request-id"])
+    assert record["status"] == 200 and record["retries"] == 1
+    inject(small_upstream, *[{"status": 200, "body": '{"id": "chatcmpl-1", "choices": []}'}] * 2)
+    with pytest.raises(openai.APIStatusError) as refused:
+        _client(gateway).responses.create(model="gpt-a", input="Are you there?")
+    assert refused.value.status_code == 502 and "not a Responses API response" in refused.value.message
+
+
 def test_an_upstream_that_breaks_mid_stream_ends_it_with_an_error_event(
     gateway: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:
