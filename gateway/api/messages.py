@@ -235,9 +235,14 @@ async def _events(answer: Answer | StreamingDeltas, message_id: str, model: str)
 
 
 def _status_of(error: dict[str, Any]) -> int:
+    """The status whose Anthropic error type names an in-stream failure (``overloaded_error``
+    for an Anthropic upstream's own, which its clients handle apart)."""
     code = str(error.get("code") or error.get("type") or "")
     if "timeout" in code:
         return 504
     if code in ("shutting_down", "upstream_unavailable"):
         return 503
-    return 500 if code == "internal_error" else 502
+    return _STATUS_OF_CODE.get(code, 502)
+
+
+_STATUS_OF_CODE = {"internal_error": 500, "upstream_overloaded": 529, "upstream_rate_limited": 429}

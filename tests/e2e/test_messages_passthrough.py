@@ -186,6 +186,21 @@ def test_anthropics_in_band_overload_before_any_content_is_retried(
 
 
 @pytest.mark.parametrize("passed_through", [False, True])
+def test_anthropics_overload_after_content_reaches_the_client_as_overloaded(
+    claude: anthropic.Anthropic, large_upstream: SimulatedUpstream, passed_through: bool
+) -> None:
+    """Once content went out nothing can be retried; the client is told what Anthropic said
+    (its SDK raises the overloaded error apart), translated or passed through alike."""
+    inject(large_upstream, {"overloaded_after_events": 4})
+    extra = {"container": "container_1"} if passed_through else {}
+    ask: Any = {"model": "claude", "max_tokens": 64, "messages": [{"role": "user", "content": "one two three four"}]}
+    with pytest.raises(anthropic.APIStatusError) as broke:
+        with claude.messages.stream(**ask, extra_body=extra) as stream:
+            list(stream)
+    assert broke.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("passed_through", [False, True])
 def test_a_stream_without_message_delta_bills_what_was_written_not_the_placeholder(
     gateway: GatewayProcess, large_upstream: SimulatedUpstream, passed_through: bool
 ) -> None:
