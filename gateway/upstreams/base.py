@@ -444,6 +444,8 @@ class Provider(ABC):
             return UpstreamProtocolError(self.name, f"connection closed before the answer was complete ({cause})")
         if isinstance(exc, httpx.TimeoutException) or "Timeout" in cause:
             return UpstreamTimeoutError(self.name, f"timed out ({cause})")
+        if isinstance(exc, httpx.DecodingError):  # it answered, in a coding the gateway cannot read
+            return UpstreamProtocolError(self.name, str(exc) or "cannot decode the answer")
         return UpstreamConnectError(self.name, f"transport error ({cause})")
 
     def _status_error(self, response: UpstreamResponse) -> UpstreamStatusError:

@@ -71,12 +71,12 @@ class Http11Response:
         self._content: bytes | None = None
         self._decoder: Any = None
         encoding = headers.get("content-encoding")
-        if encoding == "gzip":
-            self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 16)
-        elif encoding == "deflate":
-            self._decoder = zlib.decompressobj()
-        elif encoding and encoding != "identity":  # never asked for: no accept-encoding is sent
-            self._error = httpx.DecodingError(f"the answer is encoded as {encoding!r}, which the gateway does not read")
+        if encoding and (coding := encoding.strip().lower()) != "identity":
+            self._decoder = _decoder_for(coding)
+            if self._decoder is None:  # asked for identity; a proxy may still encode
+                self._error = httpx.DecodingError(
+                    f"the answer is encoded as {encoding!r}, which the gateway does not read"
+                )
 
     @property
     def content(self) -> bytes:
@@ -382,6 +382,8 @@ class _Pool:
                 return
 
     def close(self) -> None:
+        """Close the idle connections: at shutdown, and when one turned out closed by the server
+        (it was the newest; those idle longer are likely closed too, as servers time them out alike)."""
         for connection in self._idle:
             connection.close()
         self._idle.clear()
@@ -428,8 +430,9 @@ class Http11Transport(httpx.AsyncBaseTransport):
             try:
                 response = await _answer(connection, data, first_byte_timeout_s, left)
             except _StaleConnection:
-                if kept_alive and attempt == 1:
-                    continue  # the server closed it as it sat idle: nothing of this request was answered
+                if kept_alive and attempt == 1:  # the server closed it as it sat idle: nothing was answered
+                    pool.close()  # so the request goes again on a new connection, not another stale one
+                    continue
                 raise httpx.RemoteProtocolError("server disconnected without sending an answer") from None
             except BaseException:
                 connection.close()
@@ -523,8 +526,39 @@ _OWN = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection
 """Headers the client writes itself."""
 
 
+def _decoder_for(encoding: str) -> Any:
+    """A decompressor for a content coding (lower case); None for one the gateway does not read."""
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(zlib.MAX_WBITS | 16)
+    return _Deflate() if encoding == "deflate" else None
+
+
+class _Deflate:
+    """deflate: zlib-wrapped as the standard says, or raw as some servers send; the first two bytes tell."""
+
+    __slots__ = ("_head", "_inner")
+
+    def __init__(self) -> None:
+        self._head = b""
+        self._inner: Any = None
+
+    def decompress(self, data: bytes) -> bytes:
+        if self._inner is None:
+            self._head += data
+            if len(self._head) < 2:
+                return b""
+            data, self._head = self._head, b""
+            wrapped = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+            self._inner = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+        return bytes(self._inner.decompress(data))
+
+    def flush(self) -> bytes:
+        return bytes(self._inner.flush()) if self._inner is not None else b""
+
+
 def _head(method: bytes, url: httpx.URL, headers: Iterable[tuple[str, str]], content: bytes | None) -> bytes:
-    lines = [method, b" ", url.raw_path, b" HTTP/1.1\r\nhost: ", url.netloc, b"\r\n"]
+    # identity: with no accept-encoding any coding is acceptable (RFC 9110 12.5.3), a proxy's br included
+    lines = [method, b" ", url.raw_path, b" HTTP/1.1\r\nhost: ", url.netloc, b"\r\naccept-encoding: identity\r\n"]
     for name, value in headers:
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
             raise httpx.LocalProtocolError(f"header {name!r} holds a character HTTP forbids there")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
@@ -175,6 +176,31 @@ async def test_a_gzip_answer_is_decoded(serve: Serve, transport: Http11Transport
     raw = b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
     server = await serve(answer(raw))
     assert (await _post(transport, server.url)).content == b'{"text":"' + b"x" * 5000 + b'"}'
+
+
+@pytest.mark.parametrize("coding", ["GZIP", "x-gzip", "deflate", "raw deflate"])
+async def test_every_spelling_of_gzip_and_deflate_is_decoded(
+    serve: Serve, transport: Http11Transport, coding: str
+) -> None:
+    """Codings are case-insensitive, x-gzip is gzip (RFC 9110), and some servers send deflate raw."""
+    text = b'{"text":"' + b"y" * 3000 + b'"}'
+    if coding == "raw deflate":
+        squeezer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        body = squeezer.compress(text) + squeezer.flush()
+    else:
+        body = zlib.compress(text) if coding == "deflate" else gzip.compress(text)
+    header = b"deflate" if coding == "raw deflate" else coding.encode()
+    raw = b"HTTP/1.1 200 OK\r\ncontent-encoding: %s\r\ncontent-length: %d\r\n\r\n%s" % (header, len(body), body)
+    server = await serve(answer(raw))
+    assert (await _post(transport, server.url)).content == text
+    assert b"\r\naccept-encoding: identity\r\n" in server.requests[0]  # what a proxy may encode in
+
+
+async def test_a_coding_the_gateway_cannot_read_is_a_decoding_error(serve: Serve, transport: Http11Transport) -> None:
+    raw = b"HTTP/1.1 200 OK\r\ncontent-encoding: br\r\ncontent-length: 4\r\n\r\n\x0b\x01\x80\x03"
+    server = await serve(answer(raw))
+    with pytest.raises(httpx.DecodingError):
+        await _post(transport, server.url)
 
 
 async def test_a_kept_alive_connection_the_server_dropped_is_retried_once_on_a_new_one(
