@@ -61,6 +61,7 @@ __all__ = [
     "lost_on_chat_upstreams",
     "read_chat_request",
     "read_usage",
+    "reasoning_of",
     "request_from_chat_body",
     "storable_answer",
     "stream_from_answer",
@@ -293,9 +294,9 @@ def _echoed_thinking(message: dict[str, Any]) -> list[ThinkingPart | RedactedThi
     requires it before the tool calls it led to. A streamed answer's block has its text in the
     ``reasoning_content`` deltas and only the signature in ``thinking_blocks``."""
     parts = [part for part in _thinking(message) if not isinstance(part, ThinkingPart) or part.signature]
-    reasoning = message.get("reasoning_content")
+    reasoning = reasoning_of(message)
     signed = [part for part in parts if isinstance(part, ThinkingPart)]
-    if len(signed) == 1 and not signed[0].text and isinstance(reasoning, str) and reasoning:
+    if len(signed) == 1 and not signed[0].text and reasoning:
         parts[parts.index(signed[0])] = ThinkingPart(reasoning, signed[0].signature)
     return parts
 
@@ -710,10 +711,17 @@ def _thinking(message: dict[str, Any]) -> list[ThinkingPart | RedactedThinkingPa
             parts.append(ThinkingPart(str(block.get("thinking") or ""), str(block.get("signature") or "")))
         elif block.get("type") == "redacted_thinking":
             parts.append(RedactedThinkingPart(str(block.get("data") or "")))
-    reasoning = message.get("reasoning_content")
-    if not parts and isinstance(reasoning, str) and reasoning:
+    reasoning = reasoning_of(message)
+    if not parts and reasoning:
         parts.append(ThinkingPart(reasoning))
     return parts
+
+
+def reasoning_of(message: dict[str, Any]) -> str | None:
+    """A message's or delta's reasoning text: ``reasoning_content`` (vLLM until 0.10, DeepSeek,
+    LiteLLM), else ``reasoning``, newer vLLM's name for it (some versions send both)."""
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    return reasoning if isinstance(reasoning, str) and reasoning else None
 
 
 class ChunkReader:
@@ -730,8 +738,8 @@ class ChunkReader:
             if choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") or {}
-            reasoning = delta.get("reasoning_content")
-            if isinstance(reasoning, str) and reasoning:
+            reasoning = reasoning_of(delta)
+            if reasoning:
                 deltas.append(ThinkingDelta(reasoning))
             for block in delta.get("thinking_blocks") or []:
                 if isinstance(block, dict) and block.get("type") == "redacted_thinking":

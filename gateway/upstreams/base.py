@@ -145,8 +145,8 @@ class StreamTally:
         content = delta.get("content")
         if isinstance(content, str) and content:
             self.text_parts.append(content)
-        reasoning = delta.get("reasoning_content")
-        if isinstance(reasoning, str) and reasoning:
+        reasoning = openai_chat.reasoning_of(delta)
+        if reasoning:
             self.reasoning_parts.append(reasoning)
         for block in delta.get("thinking_blocks") or ():
             self._take_thinking(block)

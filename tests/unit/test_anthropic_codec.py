@@ -523,6 +523,18 @@ def test_an_answer_whose_reasoning_a_replay_would_lose_is_not_stored() -> None:
     assert stored is not None and stored.thinking
 
 
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_newer_vllms_reasoning_field_reaches_anthropic_clients_too(field: str) -> None:
+    """vLLM renamed ``reasoning_content`` to ``reasoning``: a thinking block either way, streamed or not."""
+    message = {"role": "assistant", "content": "4", field: "2 and 2 make 4."}
+    answer = openai_chat.answer_from_completion(
+        {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+    )
+    assert answer.thinking == [ThinkingPart("2 and 2 make 4.")]
+    deltas = openai_chat.ChunkReader().read({"choices": [{"index": 0, "delta": {field: "2 and 2"}}]})
+    assert deltas == [ThinkingDelta("2 and 2")]
+
+
 def test_an_impossible_token_count_is_no_count() -> None:
     """A negative count must never reach a bill or a metric (a counter refuses to go down,
     and the request's log line was lost with it): the gateway counts instead."""
