@@ -493,14 +493,20 @@ def completion_body(
     message: dict[str, Any],
     finish_reason: str | None,
     usage: dict[str, Any] | None,
+    *,
+    stop_reason: str | None = None,
 ) -> bytes:
-    """A one-choice ``chat.completion``; ``created`` defaults to now."""
+    """A one-choice ``chat.completion``; ``created`` defaults to now; ``stop_reason``: the stop
+    string that ended it, named as vLLM names it."""
+    choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    if stop_reason is not None:
+        choice["stop_reason"] = stop_reason
     body: dict[str, Any] = {
         "id": answer_id,
         "object": "chat.completion",
         "created": created or int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [choice],
     }
     if usage is not None:
         body["usage"] = usage
@@ -516,10 +522,16 @@ def chunk_body(
     *,
     usage: dict[str, Any] | None = None,
     null_usage: bool = False,
+    stop_reason: str | None = None,
 ) -> bytes:
     """A ``chat.completion.chunk`` of the first choice; ``delta`` None: the usage chunk, with no choices.
-    ``null_usage``: say ``"usage": null``, as OpenAI does on every other chunk of a stream that asked for usage."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    ``null_usage``: say ``"usage": null``, as OpenAI does on every other chunk of a stream that asked for usage;
+    ``stop_reason``: as in :func:`completion_body`."""
+    choices: list[dict[str, Any]] = []
+    if delta is not None:
+        choices.append({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason})
+        if stop_reason is not None:
+            choices[0]["stop_reason"] = stop_reason
     body: dict[str, Any] = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model}
     body["choices"] = choices
     if usage is not None or null_usage:

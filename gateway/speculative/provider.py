@@ -289,6 +289,7 @@ class SpeculativeProvider(Provider):
         answer = completion_body(
             run.id, run.created, body.get("model", self.upstream_model), {"role": "assistant", "content": content},
             run.assembler.finish_reason, usage_body(usage.prompt_tokens, usage.completion_tokens),
+            stop_reason=run.assembler.stop_reason,
         )  # fmt: skip
         return SpeculativeCompletion(answer, usage, content, speculation=run.stats)
 
@@ -525,9 +526,13 @@ class _SpeculativeStream(ChatStream):
                 self._started = True
                 self.tally.take_delta({"content": text})
             if self._run.done:
-                finish = self._run.assembler.finish_reason
-                self._queue.append(self._chunk({}, finish))
-                self.tally.finish_reason = finish
+                assembler = self._run.assembler
+                finish = assembler.finish_reason
+                stop = assembler.stop_reason
+                self._queue.append(
+                    chunk_body(self._run.id, self._run.created, self._model, {}, finish, stop_reason=stop)
+                )
+                self.tally.finish_reason, self.tally.stop_sequence = finish, stop
                 self.tally.usage = Usage(len(self._run.prompt), self._run.assembler.completion_tokens)
                 self._finished = True
         self.tally.chunks += 1

@@ -97,6 +97,8 @@ class TextAssembler(ABC):
         self._sent = 0
         self.completion_tokens = 0
         self.finish_reason: str | None = None
+        self.stop_reason: str | None = None
+        """The stop string that ended the answer (vLLM's ``stop_reason``)."""
 
     @abstractmethod
     async def push(self, step: Step) -> str:
@@ -124,8 +126,9 @@ class LocalTextAssembler(TextAssembler):
             if not piece:
                 continue
             self.text += piece
-            cut = self._stop_index(len(piece))
-            if cut is not None:
+            hit = self._stop_hit(len(piece))
+            if hit is not None:
+                cut, self.stop_reason = hit
                 self.text = self.text[:cut]
                 self.completion_tokens += count
                 self.finish_reason = "stop"
@@ -148,12 +151,13 @@ class LocalTextAssembler(TextAssembler):
             piece = self._stream.step(self._tokenizer, token)
         return piece
 
-    def _stop_index(self, new_chars: int) -> int | None:
-        """vLLM's ``check_stop_strings``: stop strings in list order, searched where the new text could complete one."""
+    def _stop_hit(self, new_chars: int) -> tuple[int, str] | None:
+        """vLLM's ``check_stop_strings``: stop strings in list order, searched where the new text
+        could complete one; where the text is cut, and the stop string found."""
         for stop in self._stops:
             index = self.text.find(stop, 1 - new_chars - len(stop))
             if index >= 0:
-                return index
+                return index, stop
         return None
 
 
@@ -204,6 +208,7 @@ class ServerTextAssembler(TextAssembler):
             if hit is not None:
                 cut, end = hit
                 self.completion_tokens = counted_before + await self._tokens_until(end, first_new)
+                self.stop_reason = self.text[cut:end]
                 self.text = self.text[:cut]
                 self.finish_reason = "stop"
                 return self._release(everything=True)

@@ -124,6 +124,12 @@ async def _stream(provider: Provider, body: dict[str, Any]) -> tuple[list[dict[s
     return chunks, stream
 
 
+def _stop_reason(completion: Any) -> str | None:
+    """vLLM's ``stop_reason``: the stop string that ended the answer."""
+    stop: str | None = msgspec.json.decode(completion.body)["choices"][0].get("stop_reason")
+    return stop
+
+
 def _streamed_answer(chunks: list[dict[str, Any]], stream: Any) -> tuple[str, str, int]:
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
     return text, chunks[-1]["choices"][0]["finish_reason"], stream.tally.usage.completion_tokens
@@ -242,6 +248,7 @@ async def test_max_tokens_is_honoured_exactly(pair: tuple[Provider, Provider], m
 
 async def test_stop_strings_are_honoured_exactly(pair: tuple[Provider, Provider]) -> None:
     spec = _spec(pair)
+    matched = 0
     for prompt in _PROMPTS[:8]:
         full, _, _ = _answer(await pair[0].complete(*as_sent(_body(prompt, max_tokens=40))))
         words = full.split()
@@ -249,10 +256,16 @@ async def test_stop_strings_are_honoured_exactly(pair: tuple[Provider, Provider]
             continue
         for stops in ([" " + words[5]], [words[6][:2], "zz"], ["zz", " " + words[3] + " " + words[4]]):
             body = _body(prompt, max_tokens=40, stop=stops)
-            want = _answer(await pair[0].complete(*as_sent(body)))
-            assert _answer(await spec.complete(*as_sent(body))) == want, (prompt, stops)
+            plain = await pair[0].complete(*as_sent(body))
+            want = _answer(plain)
+            speculated = await spec.complete(*as_sent(body))
+            assert _answer(speculated) == want, (prompt, stops)
+            assert _stop_reason(speculated) == _stop_reason(plain)  # which stop string (Anthropic's stop_sequence)
             chunks, stream = await _stream(spec, body)
             assert _streamed_answer(chunks, stream) == want, (prompt, stops)
+            assert chunks[-1]["choices"][0].get("stop_reason") == _stop_reason(plain)
+            matched += _stop_reason(plain) is not None
+    assert matched >= 3
 
 
 # --------------------------------------------------------------------------- failures

@@ -660,7 +660,7 @@ def build_app(settings: Settings) -> web.Application:
                        float(body.get("temperature", settings.default_temperature)), None, None, False, {},
                        random.Random(body.get("seed")),
                        float(body.get("repetition_penalty", settings.default_repetition_penalty)))  # fmt: skip
-        tokens, text, finish = await _chat_generate(state, tokenizer, req, stops)
+        tokens, text, finish, stop_reason = await _chat_generate(state, tokenizer, req, stops)
         usage = {"prompt_tokens": len(prompt), "completion_tokens": len(tokens),
                  "total_tokens": len(prompt) + len(tokens)}  # fmt: skip
         base = {"id": "chatcmpl-toy", "created": int(time.time()), "model": settings.model_name}
@@ -669,8 +669,10 @@ def build_app(settings: Settings) -> web.Application:
             await resp.prepare(request)
             chunks = [{"role": "assistant", "content": text}, {}]
             for i, delta in enumerate(chunks):
-                chunk = {**base, "object": "chat.completion.chunk",
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish if i else None}]}  # fmt: skip
+                choice = {"index": 0, "delta": delta, "finish_reason": finish if i else None}
+                if i:
+                    choice["stop_reason"] = stop_reason  # vLLM's: the stop string matched, else null
+                chunk = {**base, "object": "chat.completion.chunk", "choices": [choice]}
                 await resp.write(b"data: " + _encode(chunk) + b"\n\n")
             usage_chunk = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
             await resp.write(b"data: " + _encode(usage_chunk) + b"\n\n")
@@ -679,7 +681,8 @@ def build_app(settings: Settings) -> web.Application:
             return resp
         message = {"role": "assistant", "content": text}
         return _json({**base, "object": "chat.completion",
-                      "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage})  # fmt: skip
+                      "choices": [{"index": 0, "message": message, "finish_reason": finish, "stop_reason": stop_reason}],
+                      "usage": usage})  # fmt: skip
 
     async def stats(request: web.Request) -> web.Response:
         engine = {"steps": state.engine.steps, "step_tokens": state.engine.step_tokens} if state.engine else {}
@@ -712,8 +715,9 @@ def build_app(settings: Settings) -> web.Application:
 
 async def _chat_generate(
     state: State, tokenizer: Tokenizer, req: _Request, stops: list[str]
-) -> tuple[list[int], str, str]:
-    """Token by token, checking stop strings after each one as vLLM does (text truncated before the stop)."""
+) -> tuple[list[int], str, str, str | None]:
+    """Token by token, checking stop strings after each one as vLLM does (text truncated before
+    the stop); the tokens, the text, the finish reason and the stop string matched."""
     seq = list(req.prompt)
     tokens: list[int] = []
     clock = _Clock(state, streamed=False)
@@ -728,16 +732,16 @@ async def _chat_generate(
         seq.append(token)
         if token == EOS:
             await clock.settle()
-            return tokens, tokenizer.decode(tokens, skip_special=True), "stop"
+            return tokens, tokenizer.decode(tokens, skip_special=True), "stop", None
         text = tokenizer.decode(tokens, skip_special=True)
         for stop in stops:
             index = text.find(stop)
             if index >= 0:
                 await clock.settle()
-                return tokens, text[:index], "stop"
+                return tokens, text[:index], "stop", stop
     _uncached_tokens(state, seq)
     await clock.settle()
-    return tokens, tokenizer.decode(tokens, skip_special=True), "length"
+    return tokens, tokenizer.decode(tokens, skip_special=True), "length", None
 
 
 def _context_error(max_model_len: int, prompt: int, completion: int) -> web.HTTPBadRequest:
