@@ -140,6 +140,11 @@ class SpeculationPolicy(_Struct, frozen=True, kw_only=True):
     draft_cooldown_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
     """After a draft call fails or times out, requests skip speculation (plain decoding on the
     large model, no draft call) for this long; then speculation is tried again."""
+    reasoning_parser: bool = False
+    """The large server splits the model's reasoning from its answer (vLLM's ``--reasoning-parser``,
+    as for Qwen3 or DeepSeek-R1): the loop writes the tokens as text and cannot, so requests go
+    plain, except those that turn thinking off (``chat_template_kwargs`` ``enable_thinking`` or
+    ``thinking`` false)."""
     tokenizer: str | None = None
     """The pair's ``tokenizer.json`` (from the large model's Hugging Face files; relative paths
     are read from the policy file's folder). With it, answers are detokenized as vLLM's chat

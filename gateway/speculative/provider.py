@@ -340,6 +340,8 @@ class SpeculativeProvider(Provider):
         for name in _UNSUPPORTED:
             if body.get(name) is not None:
                 return f"unsupported_{name}"
+        if self.policy.reasoning_parser and _thinks(body):
+            return "reasoning_parser"
         for name, default in _VLLM_DEFAULTS.items():
             value = body.get(name)
             if value is not None and value != default and value != []:
@@ -435,6 +437,14 @@ class SpeculativeProvider(Provider):
 
     def _learn_alpha(self, k: AdaptiveK) -> None:
         self._alpha = 0.8 * self._alpha + 0.2 * k.alpha
+
+
+def _thinks(body: dict[str, Any]) -> bool:
+    """Whether the model reasons before it answers (its chat template's switch, on by default)."""
+    switches = body.get("chat_template_kwargs")
+    if not isinstance(switches, dict):
+        return True
+    return switches.get("enable_thinking", True) is not False and switches.get("thinking", True) is not False
 
 
 def _temperature(body: dict[str, Any]) -> float:

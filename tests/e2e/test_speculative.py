@@ -563,6 +563,18 @@ async def test_vllm_sampling_fields_the_loop_does_not_reproduce_go_plain(
     assert not defaults.speculation.fallback_to_plain  # type: ignore[attr-defined]
 
 
+async def test_a_server_that_splits_reasoning_off_is_asked_plainly_unless_thinking_is_off(
+    pair: tuple[Provider, Provider],
+) -> None:
+    """With vLLM's --reasoning-parser the chat endpoint moves <think>...</think> into
+    reasoning_content; the loop would write it into the answer's text instead."""
+    spec = _spec(pair, reasoning_parser=True)
+    thinking = await spec.complete(*as_sent(_body(_PROMPTS[0], max_tokens=8)))
+    assert thinking.speculation.fallback_reason == "reasoning_parser"  # type: ignore[attr-defined]
+    quiet = _body(_PROMPTS[0], max_tokens=8, chat_template_kwargs={"enable_thinking": False})
+    assert not (await spec.complete(*as_sent(quiet))).speculation.fallback_to_plain  # type: ignore[attr-defined]
+
+
 async def test_max_inflight_speculates_only_while_the_large_model_has_room(pair: tuple[Provider, Provider]) -> None:
     spec = _spec(pair, max_inflight=1)
     await spec.check_pair()
