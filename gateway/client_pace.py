@@ -1,41 +1,70 @@
-"""A client that stops reading a stream must not hold its upstream.
+"""A slow client must not hold its upstream, and a stalled one must not hold it at all.
 
 Upstream reads are bounded by the model's ``timeouts`` (``UpstreamEvents``), but while the
 gateway waits for a client that takes no bytes (a full TCP window) no read happens, and the
-upstream connection, and the model's slot, stayed taken until the client hung up: a tenant
-could hold a model's whole connection pool that way. :class:`ClientPace` gives each event
-handed to the client the model's ``idle`` timeout (at most what is left of ``total``); past
-it, the upstream stream is closed, and the stream ends as :class:`ClientStalled`.
-The pipeline calls :meth:`ClientPace.offer` before each ``yield`` and :meth:`ClientPace.taken`
-after it.
+upstream connection, and the model's slot, stay taken: a tenant could hold a model's whole
+connection pool that way. The time one event takes to go out says little about the client,
+though: the kernel's send buffer (megabytes) lets the writer go only once much of it drained,
+so a client reading steadily over a slow link can leave one event waiting for a minute.
+
+So :class:`ClientPace` reads ahead of a client that is slow to take an event: the upstream
+goes on into memory (up to :data:`READ_AHEAD_BYTES`) and is released when the answer ends,
+however slowly the client reads it. Only a client this far behind that takes nothing for the
+model's ``idle`` timeout holds the upstream; then the upstream is let go (as it is past
+``total``), the request is settled and logged at once (``on_stall``), and the stream ends as
+:class:`ClientStalled`. A client that takes nothing for ``total`` after the answer ended is
+settled the same way: it holds only memory by then.
+
+The pipeline reads the upstream through :meth:`ClientPace.next` and calls
+:meth:`ClientPace.offer` before each ``yield`` and :meth:`ClientPace.taken` after it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
 
 from gateway.config.schema import Timeouts
 from gateway.errors import GatewayError
 from gateway.upstreams.base import ChatStream
 
-__all__ = ["ClientPace", "ClientStalled"]
+__all__ = ["READ_AHEAD_BYTES", "ClientPace", "ClientStalled"]
+
+READ_AHEAD_BYTES = 8 << 20
+"""What one stream may read ahead of its client, at most."""
+
+Piece = TypeVar("Piece")
 
 
 class ClientStalled(GatewayError):
-    """The client took no event for the model's idle timeout: the upstream was let go."""
+    """The client took nothing for too long while it held the upstream: the upstream was let go."""
 
     status_code = 408
     error_type = "timeout_error"
     code = "client_stalled"
 
 
-class ClientPace:
+class ClientPace(Generic[Piece]):
     """One timer per stream, re-armed only when it fires (a timer per event cost 5 us)."""
 
-    def __init__(self, stream: ChatStream, timeouts: Timeouts, started: float) -> None:
+    def __init__(
+        self,
+        stream: ChatStream,
+        read: Callable[[], Awaitable[Piece]],
+        size: Callable[[Piece], int],
+        timeouts: Timeouts,
+        started: float,
+        on_stall: Callable[[], None],
+    ) -> None:
         self._stream = stream
+        self._read = read
+        self._size = size
+        self._on_stall = on_stall
         self._idle_s = timeouts.idle
+        self._total_s = timeouts.total
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._ends = loop.time() + timeouts.total - (time.perf_counter() - started)
@@ -43,6 +72,26 @@ class ClientPace:
         """When the event the client has not taken yet was handed over (None: none is out)."""
         self._timer: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[None] | None = None
+        self._ahead: deque[Piece] = deque()
+        self._ahead_bytes = 0
+        self._reader: asyncio.Task[None] | None = None
+        self._arrived = asyncio.Event()
+        self._ended: BaseException | None = None
+        """How the upstream ended once read ahead to its end: StopAsyncIteration, or its error."""
+
+    async def next(self) -> Piece:
+        """The upstream's next piece: read ahead already, or read now (StopAsyncIteration at the end)."""
+        while True:
+            if self._ahead:
+                piece = self._ahead.popleft()
+                self._ahead_bytes -= self._size(piece)
+                return piece
+            if self._ended is not None:
+                raise self._ended
+            if self._reader is None:
+                return await self._read()
+            self._arrived.clear()
+            await self._arrived.wait()
 
     def offer(self) -> None:
         """Just before an event is handed to the client (a ``yield``)."""
@@ -54,22 +103,50 @@ class ClientPace:
         """The client asked for the next event; raises :class:`ClientStalled` when it came too late."""
         self._since = None
         if self._closing is not None:
-            raise ClientStalled(f"the client took no event for {self._idle_s:g}s; the upstream was released")
+            raise ClientStalled(f"the client took nothing for {self._idle_s:g}s; the upstream was released")
 
     async def aclose(self) -> None:
-        """Stop watching; wait for the upstream's closing, when this let it go."""
+        """Stop watching and reading ahead; wait for the upstream's closing, when this let it go."""
         if self._timer is not None:
             self._timer.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
         if self._closing is not None:
             await asyncio.gather(self._closing, return_exceptions=True)
 
     def _check(self) -> None:
         self._timer = None
         since = self._since
-        if since is None:
+        if since is None or self._closing is not None:
             return  # the client is keeping up: the next handing over arms the timer again
-        due = min(since + self._idle_s, self._ends)
-        if self._loop.time() >= due:
-            self._closing = self._loop.create_task(self._stream.aclose())
+        now = self._loop.time()
+        if self._ended is not None:  # the whole answer is read: the client holds memory, not the upstream
+            due = since + self._total_s
+        elif self._ahead_bytes < READ_AHEAD_BYTES and now < self._ends:
+            if self._reader is None:  # slow: the upstream goes on into memory
+                self._reader = self._loop.create_task(self._read_ahead())
+            self._timer = self._loop.call_at(min(now + self._idle_s, self._ends), self._check)
+            return
         else:
+            due = min(since + self._idle_s, self._ends)
+        if now < due:
             self._timer = self._loop.call_at(due, self._check)
+            return
+        self._closing = self._loop.create_task(self._stream.aclose())
+        self._on_stall()
+
+    async def _read_ahead(self) -> None:
+        try:
+            while self._ahead_bytes < READ_AHEAD_BYTES:
+                piece = await self._read()
+                self._ahead.append(piece)
+                self._ahead_bytes += self._size(piece)
+                self._arrived.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the end, or the upstream's error: each comes after what was read
+            self._ended = exc
+        finally:
+            self._reader = None
+            self._arrived.set()

@@ -693,7 +693,23 @@ class ChatPipeline:
         def frame(piece: _Piece) -> bytes | DeltaBatch:
             return prefix + piece + suffix if isinstance(piece, bytes) else piece
 
-        pace = ClientPace(stream, provider.config.timeouts, x.started)
+        logged = False
+
+        def finish() -> None:
+            nonlocal logged
+            if not logged:
+                logged = True
+                _record_speculation(record, stream)
+                self._finish(x, upstream_wait)
+
+        def stalled() -> None:
+            """The client stopped taking what it holds the upstream for: settled and logged now, not
+            whenever it hangs up (its in-band error waits behind the same full buffers)."""
+            record.error_type, record.status = ClientStalled.code, ClientStalled.status_code
+            self._settle_cut(x, provider, stream.tally)
+            finish()
+
+        pace = ClientPace(stream, read, _piece_size, provider.config.timeouts, x.started, stalled)
         try:
             if first is not None:
                 pace.offer()
@@ -702,7 +718,7 @@ class ChatPipeline:
                 while True:
                     waited_from = time.perf_counter()
                     try:
-                        piece = await read()
+                        piece = await pace.next()
                     except StopAsyncIteration:
                         break
                     finally:
@@ -717,7 +733,9 @@ class ChatPipeline:
             record.finish_reason = tally.finish_reason
             if framed:  # the upstream's own events said all there is to say
                 if tally.failure is not None:  # ... and that the answer failed
-                    record.error_type, record.status = "upstream_error", 502
+                    rejected = tally.failure_status == 400  # the request's own fault
+                    record.error_type = "upstream_rejected_request" if rejected else "upstream_error"
+                    record.status = tally.failure_status
                 return
             if typed and tally.finish_reason is None:
                 # The upstream never said it finished: a chat client sees that as it is, while a
@@ -739,9 +757,7 @@ class ChatPipeline:
                 )
                 with anyio.CancelScope(shield=True):
                     await self._fill_cache(x, answer)
-        except ClientStalled as exc:  # the client's doing: the upstream's circuit is not charged
-            record.error_type, record.status = exc.code, exc.status_code
-            self._settle_cut(x, provider, stream.tally)
+        except ClientStalled as exc:  # the client's doing (settled when it stalled): no circuit is charged
             yield _failure(stream, exc, typed)
         except UpstreamError as exc:
             # Headers are gone: tell the client in-band, as OpenAI does; never retry mid-stream.
@@ -758,6 +774,8 @@ class ChatPipeline:
             record.status = 500
             yield _failure(stream, _internal_error(x, exc), typed)
         except asyncio.CancelledError:
+            if logged:  # it stalled, and then went
+                raise
             self._settle_cut(x, provider, stream.tally)
             if not drain.ended_by_deadline(task):
                 record.error_type, record.status = "client_disconnected", 499
@@ -766,8 +784,9 @@ class ChatPipeline:
             record.error_type, record.status = error.code, error.status_code
             yield _failure(stream, error, typed)
         except GeneratorExit:
-            record.error_type, record.status = "client_disconnected", 499
-            self._settle_cut(x, provider, stream.tally)
+            if not logged:
+                record.error_type, record.status = "client_disconnected", 499
+                self._settle_cut(x, provider, stream.tally)
             raise
         finally:
             drain.untrack(task)
@@ -775,8 +794,7 @@ class ChatPipeline:
                 await pace.aclose()
                 await stream.aclose()
                 await self._release_lease(x)
-            _record_speculation(record, stream)
-            self._finish(x, upstream_wait)
+            finish()
 
     # -- accounting ----------------------------------------------------------------
 
@@ -980,6 +998,13 @@ def _stream_opener(
 def _for(provider: Provider, body: dict[str, Any] | None) -> dict[str, Any] | None:
     """A chat client's body as this provider's upstream is sent it: its own model name."""
     return None if body is None else {**body, "model": provider.upstream_model}
+
+
+def _piece_size(piece: _Piece) -> int:
+    """About what a piece read ahead of a slow client keeps in memory."""
+    if isinstance(piece, bytes):
+        return len(piece)
+    return sum(64 + len(getattr(delta, "text", "") or "") for delta in piece)
 
 
 async def _opened(stream: ChatStream, typed: bool = False) -> tuple[ChatStream, _Piece | None]:

@@ -9,6 +9,9 @@ policy), so one server serves every fault:
 - ``no-choices``: ``{"choices": []}``, or a stream of ``data: [DONE]`` alone;
 - ``firehose``: content chunks as fast as the gateway takes them, for ever (the connection's
   closing is counted in ``released``);
+- ``long-answer``: 200 KB of content chunks as fast as the gateway takes them, then the finish;
+- ``two-choices``: ``n`` = 2 with usage in every chunk (vLLM's ``continuous_usage_stats``);
+  the first choice finishes, then 2.5 s of silence before the second goes on;
 - ``drop-after-finish``: a whole streamed answer (its finish and usage chunks), then the
   connection drops before ``[DONE]``; ``stall-after-finish``: the same, then comments for ever;
 - ``marked``: a normal answer unless the prompt carries one of :data:`FAULTS`, which
@@ -53,11 +56,13 @@ def _completion(model: str, text: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
+def _chunk(model: str, delta: dict[str, Any], finish: str | None = None, *, index: int = 0, usage: Any = None) -> bytes:
     payload = {
         "id": "chatcmpl-faulty", "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
     }  # fmt: skip
+    if usage is not None:
+        payload["usage"] = usage
     return b"data: " + msgspec.json.encode(payload) + b"\n\n"
 
 
@@ -101,6 +106,31 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
         except (ConnectionError, ClientConnectionResetError):
             upstream.released[model] = upstream.released.get(model, 0) + 1
             raise
+    elif model == "long-answer":
+        await response.write(_chunk(model, {"role": "assistant", "content": ""}))
+        piece = _chunk(model, {"content": "flood " * 200})
+        for _ in range(200_000 // len(piece)):
+            await response.write(piece)
+        await response.write(_chunk(model, {}, "stop"))
+        await response.write(b"data: [DONE]\n\n")
+    elif model == "two-choices":
+        written = 0
+
+        async def say(index: int, delta: dict[str, Any], finish: str | None = None) -> None:
+            nonlocal written
+            written += 1 if delta.get("content") else 0
+            usage = {"prompt_tokens": 5, "completion_tokens": written, "total_tokens": 5 + written}
+            await response.write(_chunk(model, delta, finish, index=index, usage=usage))
+
+        for index in (0, 1):
+            await say(index, {"role": "assistant", "content": ""})
+        await say(0, {"content": "short"})
+        await say(0, {}, "stop")
+        await asyncio.sleep(2.5)  # the other choice is still being written (a busy server)
+        for word in ("a", " longer", " answer"):
+            await say(1, {"content": word})
+        await say(1, {}, "stop")
+        await response.write(b"data: [DONE]\n\n")
     elif model in ("drop-after-finish", "stall-after-finish"):
         await response.write(_chunk(model, {"role": "assistant", "content": "a fine"}))
         await response.write(_chunk(model, {"content": " answer"}, "stop"))

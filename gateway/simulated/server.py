@@ -127,6 +127,8 @@ class _Fault(msgspec.Struct, forbid_unknown_fields=True):
     error_after_chunks: int | None = None
     """Chat streams: vLLM's in-band ``{"error": ...}`` (what it sends when generation fails) after
     this many chunks, then ``[DONE]``."""
+    failed_code: str = "server_error"
+    """The ``error.code`` of that ``response.failed`` (``invalid_image_url``: the request's fault)."""
     failed_after_events: int | None = None
     """Responses streams: the server's own ``response.failed`` after this many writes (the first
     holds ``response.created``), then the end of the stream."""
@@ -702,7 +704,7 @@ async def _responses(request: web.Request, state: _State, body: Any, fault: _Fau
     await sink.send(encoder.start())
     for written, deltas in enumerate(stream_deltas(answer), start=1):
         if fault.failed_after_events is not None and written >= fault.failed_after_events:
-            await sink.send(encoder.fail("The model failed to generate a response.", "server_error"))
+            await sink.send(encoder.fail("The model failed to generate a response.", fault.failed_code))
             return await sink.finish()
         await sink.pause()
         await sink.send(encoder.feed(deltas))

@@ -128,6 +128,9 @@ class StreamTally:
     failure: str | None = None
     """The upstream's own last event said the answer failed (a Responses ``response.failed``):
     the client has that event as it came; the gateway counts the request as failed."""
+    failure_status: int = 502
+    """The status the failure counts as: 400 when the request was at fault (an image the
+    upstream could not read), else the upstream's 502."""
 
     @property
     def text(self) -> str:

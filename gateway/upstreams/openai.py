@@ -114,6 +114,8 @@ class _OpenAIChatStream(ChatStream):
         self._done = False
         self._choices_seen = False
         self._said_something = False
+        self._unfinished: set[Any] = set()
+        """Choices begun and not finished (``n`` > 1: the first to finish is not the end)."""
         self._due: deque[bytes] = deque()
         """Held chunks, and the one that ended the hold: given out before any other."""
 
@@ -124,16 +126,17 @@ class _OpenAIChatStream(ChatStream):
         name = self._provider.name
         while not self._done:
             try:
-                if tally.usage is not None and tally.finish_reason is not None:  # only [DONE] is due
+                if tally.usage is not None and tally.finish_reason is not None and not self._unfinished:
+                    # only [DONE] is due (vLLM's continuous_usage_stats puts usage in every chunk)
                     event = await self._events.after_end()
                 else:
                     event = await self._events.next()
             except UpstreamError:
-                if tally.finish_reason is None:
+                if tally.finish_reason is None or self._unfinished:
                     raise
                 event = None  # the model had finished: a connection lost before [DONE] takes nothing away
             if event is None:
-                if tally.finish_reason is None:
+                if tally.finish_reason is None or self._unfinished:
                     raise UpstreamProtocolError(name, "stream ended before [DONE]")
                 break  # the model had finished; only the [DONE] line was left out (some servers do)
             if event.data == b"[DONE]":
@@ -147,6 +150,12 @@ class _OpenAIChatStream(ChatStream):
             if not choices:
                 continue  # the usage chunk: kept in the tally, re-emitted by the gateway if asked for
             self._choices_seen = True
+            for choice in choices:
+                if isinstance(choice, dict):
+                    if choice.get("finish_reason") is None:
+                        self._unfinished.add(choice.get("index", 0))
+                    else:
+                        self._unfinished.discard(choice.get("index", 0))
             if not self._said_something:
                 self._due.append(event.data)
                 if _says_nothing_yet(choices):
@@ -184,9 +193,12 @@ class _ResponsesEventStream(RelayedStream):
             response = data.get("response")
             error = response.get("error") if isinstance(response, dict) else None
             failure = _in_stream_error(error) if error else "the upstream's response failed"
-            if not self.content_began:  # nothing has reached the client: as an error event, retried
-                raise UpstreamStatusError(self._provider.name, 500, failure)
-            self.tally.failure = failure
+            status = _FAILED_STATUS.get(error.get("code") if isinstance(error, dict) else None, 400)
+            if not self.content_began and status != 400:  # the upstream's failure, before any output: retried
+                raise UpstreamStatusError(self._provider.name, status, failure)
+            # the request's own fault (an image it could not read, ...), or past the start: the
+            # client reads the event as the upstream wrote it
+            self.tally.failure, self.tally.failure_status = failure, 400 if status == 400 else 502
         sequence = data.get("sequence_number")
         if isinstance(sequence, int):
             self._sequence = sequence
@@ -271,6 +283,16 @@ def _unmarked(item: Any) -> Any:
         return {k: v for k, v in item.items() if k != "cache_control"}
     return item
 
+
+_FAILED_STATUS: dict[Any, int] = {
+    None: 500,  # no code said: the upstream's
+    "server_error": 500,
+    "vector_store_timeout": 500,
+    "rate_limit_exceeded": 429,
+}
+"""A failed response's ``error.code`` (OpenAI's ``ResponseError``) as the status of the failure it
+is; every other code (``invalid_prompt``, ``invalid_image_url``, ``image_too_large``, ...) is the
+request's own, 400: not retried, and no sign of an unhealthy upstream."""
 
 _OPENING_FIELDS = frozenset({"role", "content", "refusal"})
 

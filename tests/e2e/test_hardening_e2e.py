@@ -11,9 +11,11 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import msgspec
+import openai
 import pytest
 
 from gateway.simulated import SimulatedUpstream
@@ -23,13 +25,16 @@ from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 _FAULTY_MODELS = (
     "comments", "trickle", "endless-line", "no-choices", "drop-after-finish", "stall-after-finish", "firehose",
+    "long-answer", "two-choices",
 )  # fmt: skip
 
 
 def _faulty_models(url: str) -> str:
     lines = []
     for name in _FAULTY_MODELS:
-        total, idle = (2, 30) if name == "comments" else (30, 30) if name == "stall-after-finish" else (30, 1)
+        total, idle = (
+            (2, 30) if name == "comments" else (30, 30) if name in ("stall-after-finish", "two-choices") else (30, 1)
+        )
         lines.append(
             f"  {name}:\n    base_url: {url}\n    price: {{input: 1, output: 1}}\n    tier: small\n"
             f"    timeouts: {{connect: 1, first_byte: 2, total: {total}, idle: {idle}}}\n"
@@ -133,8 +138,51 @@ def test_a_client_that_stops_reading_does_not_hold_the_upstream(gw: GatewayProce
         while faulty.released.get("firehose", 0) == 0 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert faulty.released.get("firehose", 0) == 1  # let go while the client still holds on
-    record = gw.wait_for_record("stalled-client-1", timeout_s=10)  # written once the client has gone
-    assert record["error_type"] == "client_stalled" and record["status"] == 408
+        # ... and settled and logged then, not whenever the client hangs up
+        record = gw.wait_for_record("stalled-client-1", timeout_s=10)
+        assert record["error_type"] == "client_stalled" and record["status"] == 408
+        assert record["completion_tokens"] > 0
+
+
+def test_a_client_that_reads_slowly_but_steadily_gets_the_whole_answer(gw: GatewayProcess) -> None:
+    """An outside tester's client reading 16 KB/s was cut as stalled: the kernel's send buffer
+    let each event out only once megabytes had drained, past the idle timeout (1 s here). The
+    upstream is now read ahead of a slow client, which gets everything in its own time."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    body = b'{"model": "r-long-answer", "stream": true, "messages": [{"role": "user", "content": "go"}]}'
+    received = bytearray()
+    with socket.create_connection((host, int(port))) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow link's small window
+        client.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + b"x-request-id: slow-reader-1\r\nconnection: close\r\n"
+            + b"content-length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        client.settimeout(10)
+        started = time.monotonic()
+        while chunk := client.recv(4096):  # a few KB every 50 ms: 200 KB take several idle timeouts
+            received += chunk
+            time.sleep(0.05)
+        print("DBG", len(received), time.monotonic() - started)
+    assert b"data: [DONE]" in received[-64:] and b'"error"' not in received
+    record = gw.wait_for_record("slow-reader-1", timeout_s=10)
+    assert record["status"] == 200 and record["finish_reason"] == "stop"
+
+
+def test_every_choice_of_n_is_whole_when_usage_comes_in_every_chunk(gw: GatewayProcess) -> None:
+    """vLLM's continuous_usage_stats puts usage in every chunk: with the first of n choices
+    finished the stream looked over, and the others were cut after a short silence."""
+    with openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0, timeout=15) as client:
+        chunks = list(client.chat.completions.create(
+            model="r-two-choices", n=2, stream=True, messages=[{"role": "user", "content": "two"}],
+            stream_options=cast(Any, {"include_usage": True, "continuous_usage_stats": True}),
+        ))  # fmt: skip
+    texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+             for i in (0, 1)]  # fmt: skip
+    assert texts == ["short", "a longer answer"]
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop", "stop"]
 
 
 @pytest.mark.parametrize("model", ["drop-after-finish", "stall-after-finish"])

@@ -210,6 +210,29 @@ def test_a_follow_up_goes_to_the_upstream_that_keeps_the_previous_response(gatew
     assert raw.headers["x-gateway-decision"] == "previous_response"
 
 
+def test_a_response_failed_for_the_requests_own_fault_reaches_the_client_as_it_came(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """OpenAI fails a response whose image it cannot download with ``invalid_image_url``: that is
+    the request's fault, so it is neither retried nor held against the upstream (ten of them
+    opened the tenant's circuit), and the client reads OpenAI's own event."""
+    for attempt in range(12):  # past the breaker's min_requests
+        inject(small_upstream, {"failed_after_events": 1, "failed_code": "invalid_image_url"})
+        calls = upstream_stats(small_upstream)["responses_requests"]
+        with _client(gateway).responses.stream(
+            model="gpt-a", input="What is in https://example.invalid/cat.png?",
+            extra_headers={"x-request-id": f"bad-image-{attempt}"},
+        ) as stream:  # fmt: skip
+            events = list(stream)
+        assert events[-1].type == "response.failed" and events[-1].response.error is not None
+        assert events[-1].response.error.code == "invalid_image_url"
+        assert upstream_stats(small_upstream)["responses_requests"] == calls + 1  # not retried
+    record = gateway.wait_for_record("bad-image-11")
+    assert record["status"] == 400 and record["error_type"] == "upstream_rejected_request"
+    answered = _client(gateway).responses.create(model="gpt-a", input="And now a fine question.")
+    assert answered.output_text  # no circuit was opened by the client's own faults
+
+
 def test_a_200_that_is_no_response_is_the_upstreams_failure_and_retried(
     gateway: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:
