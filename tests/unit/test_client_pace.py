@@ -1,0 +1,107 @@
+"""ClientPace: a slow client is read ahead of; only one far behind that takes nothing is cut."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+import pytest
+
+from gateway import client_pace
+from gateway.client_pace import ClientPace, ClientStalled
+from gateway.config.schema import Timeouts
+from gateway.upstreams.base import ChatStream
+
+
+class _Upstream(ChatStream):
+    """``count`` pieces of 100 bytes (None: for ever), each after a pause."""
+
+    def __init__(self, count: int | None) -> None:
+        super().__init__()
+        self.left = count
+        self.read = 0
+        self.closed = False
+
+    async def __anext__(self) -> bytes:
+        await asyncio.sleep(0.001)
+        if self.closed or self.left == 0:
+            raise StopAsyncIteration
+        if self.left is not None:
+            self.left -= 1
+        self.read += 1
+        return b"%099d" % self.read
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def _pace(upstream: _Upstream, stalls: deque[float], *, idle: float = 0.05, total: float = 30) -> ClientPace[bytes]:
+    timeouts = Timeouts(idle=idle, total=total)
+    return ClientPace(upstream, upstream.__anext__, len, timeouts, time.perf_counter(), lambda: stalls.append(1))
+
+
+async def _rest(pace: ClientPace[bytes]) -> list[bytes]:
+    pieces = []
+    while True:
+        try:
+            pieces.append(await pace.next())
+        except StopAsyncIteration:
+            return pieces
+
+
+async def test_a_slow_client_is_read_ahead_of_and_gets_every_piece_in_order() -> None:
+    upstream, stalls = _Upstream(50), deque[float]()
+    pace = _pace(upstream, stalls)
+    first = await pace.next()
+    pace.offer()
+    await asyncio.sleep(0.5)  # the client takes nothing for ten idle timeouts: a slow link
+    assert upstream.left == 0 and not upstream.closed  # the upstream was read to its end meanwhile
+    pace.taken()
+    assert [first, *await _rest(pace)] == [b"%099d" % n for n in range(1, 51)]
+    assert not stalls
+    await pace.aclose()
+
+
+async def test_a_client_far_behind_that_takes_nothing_lets_the_upstream_go_and_is_settled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(client_pace, "READ_AHEAD_BYTES", 1000)  # ten pieces
+    upstream, stalls = _Upstream(None), deque[float]()
+    pace = _pace(upstream, stalls)
+    await pace.next()
+    pace.offer()
+    await asyncio.sleep(0.5)
+    assert upstream.closed and 10 <= upstream.read <= 12  # read ahead to the cap, then let go
+    assert list(stalls) == [1]  # settled and logged without waiting for the client
+    with pytest.raises(ClientStalled):
+        pace.taken()
+    await pace.aclose()
+
+
+async def test_a_client_that_takes_nothing_after_the_end_is_settled_at_the_total_timeout() -> None:
+    upstream, stalls = _Upstream(5), deque[float]()
+    pace = _pace(upstream, stalls, total=0.3)
+    await pace.next()
+    pace.offer()
+    await asyncio.sleep(0.15)
+    assert upstream.left == 0 and not stalls  # all read; the client holds memory only, for now
+    await asyncio.sleep(0.4)
+    assert list(stalls) == [1]
+    await pace.aclose()
+
+
+async def test_a_client_that_keeps_up_reads_the_upstream_itself() -> None:
+    upstream, stalls = _Upstream(20), deque[float]()
+    pace = _pace(upstream, stalls)
+    pieces = []
+    while True:
+        try:
+            piece = await pace.next()
+        except StopAsyncIteration:
+            break
+        pace.offer()
+        pieces.append(piece)
+        pace.taken()
+    assert len(pieces) == 20 and not stalls and pace._reader is None  # no task was needed
+    await pace.aclose()
