@@ -243,6 +243,14 @@ class UpstreamStatusError(UpstreamError):
                 f"upstream '{upstream}': HTTP {status}: the upstream refused the gateway's own request "
                 "(its API key or model name in the gateway's policy); the gateway's operator can fix this"
             )
+        elif 300 <= status < 400:  # a base_url that moved (http to https, a path without /v1)
+            self.status_code = 502
+            self.code = "upstream_misconfigured"
+            self.retryable, self.try_next = False, True
+            self.message = (
+                f"upstream '{upstream}': HTTP {status}: {detail}; the gateway does not follow redirects "
+                "(a request's body and key would follow): the gateway's operator can fix its base_url"
+            )
         elif status == 529:  # Anthropic's "overloaded": its clients have an error class for it
             self.code = "upstream_overloaded"
             self.status_code = 529

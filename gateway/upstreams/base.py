@@ -393,7 +393,7 @@ class Provider(ABC):
             else:
                 async with asyncio.timeout_at(deadline):
                     response = await self._via_httpx(method, url, content, headers, stream=stream)
-            if response.status_code >= 400:
+            if response.status_code >= 300:
                 try:
                     async with asyncio.timeout_at(deadline):  # an error's body, streamed or not, is bounded too
                         await response.aread()
@@ -452,10 +452,11 @@ class Provider(ABC):
         return UpstreamConnectError(self.name, f"transport error ({cause})")
 
     def _status_error(self, response: UpstreamResponse) -> UpstreamStatusError:
+        location = response.headers.get("location") if response.status_code < 400 else None
         return UpstreamStatusError(
             self.name,
             response.status_code,
-            _error_detail(response.content),
+            f"redirected to {location[:200]}" if location else _error_detail(response.content),
             retry_after_s=_retry_after(response.headers.get("retry-after")),
             body=response.content,
         )

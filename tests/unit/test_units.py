@@ -154,6 +154,12 @@ def test_upstream_error_bodies_are_read_in_every_shape_vllm_and_anthropic_write(
     assert UpstreamStatusError("u", 400, "x", body=flat_400).param == "temperature"
 
 
+def test_a_redirect_is_the_operators_base_url_to_fix_and_the_next_model_answers() -> None:
+    moved = UpstreamStatusError("u", 301, "redirected to https://models.example/v1/chat/completions")
+    assert (moved.status_code, moved.code, moved.try_next) == (502, "upstream_misconfigured", True)
+    assert "redirected to https://models.example" in moved.message and "base_url" in moved.message
+
+
 async def test_a_prompt_too_long_for_one_model_moves_on_and_opens_no_circuit() -> None:
     too_long = UpstreamStatusError("small", 400, "x", body=_VLLM_CONTEXT)
     breakers = await _dispatch_many({"small": too_long}, ("small", "large"), 10)
@@ -265,7 +271,7 @@ async def test_sse_lines_split_anywhere_parse_the_same_and_an_endless_line_is_ca
             yield raw[i : i + 1]
 
     events = [(e.event, e.data) async for e in iter_sse(bytewise())]
-    assert events == [(None, b'{"a": 1}'), ("x", b"two\nlines")]
+    assert events == [(None, b'{"a": 1}'), ("x", b"two lines")]  # data lines joined by a space (JSON)
 
     async def endless() -> AsyncIterator[bytes]:
         yield b"data: "
