@@ -21,6 +21,7 @@ straight to their quantile for the target, with no step bound.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 
 import numpy as np
@@ -51,7 +52,7 @@ class LargeShareTracker:
         self._thresholds: dict[tuple[str, str], float] = {}
         self._scorers: dict[tuple[str, str], str] = {}
         self._rescale: set[tuple[str, str]] = set()
-        self._read: set[tuple[str, str]] = set()
+        self._reads: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._background = BackgroundTasks()
 
     async def prepare(self, tenant: str, route: str) -> None:
@@ -59,9 +60,11 @@ class LargeShareTracker:
         new or restarted process routes its first request as the others do (one read; a store
         that does not answer leaves the configured threshold until the first update)."""
         key = (tenant, route)
-        if key not in self._read:
-            self._read.add(key)
-            await self._read_shared(key)
+        read = self._reads.get(key)
+        if read is None:  # the first request: the others arriving meanwhile wait for the same read
+            read = self._reads[key] = asyncio.get_running_loop().create_task(self._read_shared(key))
+        if not read.done():
+            await asyncio.shield(read)  # a request that leaves does not cancel the others' read
 
     def threshold(self, tenant: str, route: str, configured: float) -> float:
         """The threshold in force for this tenant's route (the shared one, once read)."""

@@ -122,6 +122,28 @@ async def test_a_new_process_starts_from_the_shared_threshold() -> None:
     assert third.threshold("t", "auto", 0.5) == 0.5
 
 
+class _SlowStore(MemoryKeyValue):
+    async def get(self, key: str, timeout_s: float) -> bytes | None:
+        await asyncio.sleep(0.05)
+        return await super().get(key, timeout_s)
+
+
+async def test_first_requests_that_arrive_together_all_wait_for_the_shared_threshold() -> None:
+    """The first request marked the read done before it ended: a burst's others routed on the
+    configured threshold meanwhile (an outside tester saw the window in the code)."""
+    store = _SlowStore()
+    await store.put(keyspace.large_share_threshold("t", "auto"), b"0.125000", 60, 1.0)
+    tracker = LargeShareTracker(store)
+    seen: list[float] = []
+
+    async def first_request() -> None:
+        await tracker.prepare("t", "auto")
+        seen.append(tracker.threshold("t", "auto", 0.5))
+
+    await asyncio.gather(*(first_request() for _ in range(5)))
+    assert seen == [0.125] * 5
+
+
 @pytest.mark.parametrize("stored", [b"abc", b"\xff\xfe", b"nan", b"inf", b"-0.5", b"7"])
 async def test_a_stored_threshold_that_is_not_a_probability_is_replaced_not_followed(stored: bytes) -> None:
     store = MemoryKeyValue()
