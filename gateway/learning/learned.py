@@ -421,8 +421,10 @@ class LearnedRouters:
         try:
             known = self._entries.get(scope)
             router = await self._fetch(scope, None if known is None else known.router)
-        except StoreUnavailable:  # keep what is in force; none yet: the shipped router, read again later
-            self._entries.setdefault(scope, _Entry(None, time.monotonic()))
+        except StoreUnavailable:  # keep what is in force (none yet: the shipped router), read again later
+            known = self._entries.get(scope)
+            # dated now, so that requests of a quiet tenant do not each wait for a store that is down
+            self._entries[scope] = _Entry(None if known is None else known.router, time.monotonic())
             return
         except UnreadableRouter as exc:
             self._refuse(tenant, "unreadable", str(exc))

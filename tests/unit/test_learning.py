@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import numpy as np
 import pytest
@@ -139,6 +141,31 @@ async def test_a_store_that_is_down_costs_the_first_request_one_read_not_every_r
     kv.get = counted  # type: ignore[method-assign]
     for _ in range(20):
         assert await routers.in_force("a") is None
+    assert reads == 1
+    await routers.aclose()
+
+
+async def test_a_store_that_goes_down_after_a_quiet_spell_costs_one_read_too() -> None:
+    """A tenant read once, then quiet for two refresh periods, waited for the store on every
+    request while it was down (the failed read kept the old date)."""
+    kv = MemoryKeyValue()
+    first, _ = fit_candidate(_examples(200, rule=True), None)
+    await promote(kv, "a", first)
+    routers = LearnedRouters(kv, refresh_s=0.05)
+    assert await routers.in_force("a") == first
+    await asyncio.sleep(0.12)  # quiet for two refresh periods
+    kv.down = True
+    reads = 0
+    real = kv.get
+
+    async def counted(key: str, timeout_s: float) -> bytes | None:
+        nonlocal reads
+        reads += 1
+        return await real(key, timeout_s)
+
+    kv.get = counted  # type: ignore[method-assign]
+    for _ in range(20):
+        assert await routers.in_force("a") == first  # what was in force stays in force
     assert reads == 1
     await routers.aclose()
 
