@@ -9,6 +9,7 @@ keep the response from the page. Nothing is done with cookies: keys travel in he
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -28,9 +29,16 @@ def allowed_origin(scope: Scope, cors: CorsPolicy) -> bytes | None:
     origin: bytes | None = next((value for name, value in scope["headers"] if name == b"origin"), None)
     if origin is None:
         return None
-    if "*" in cors.allow_origins or origin.decode("latin-1") in cors.allow_origins:
+    allowed = _allowed(tuple(cors.allow_origins))
+    if "*" in allowed or origin.decode("latin-1").lower() in allowed:
         return origin
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _allowed(origins: tuple[str, ...]) -> frozenset[str]:
+    """The policy's origins as browsers send them: scheme and host in lower case, no trailing slash."""
+    return frozenset(origin.strip().rstrip("/").lower() for origin in origins)
 
 
 def is_preflight(scope: Scope) -> bool:

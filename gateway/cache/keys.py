@@ -48,6 +48,8 @@ def answer_params(request: Request) -> dict[str, Any]:
         "json_schema": request.json_schema,
         "thinking": request.thinking,
     }
+    if request.continues_last_turn:  # Anthropic's prefill: continued, where a chat client's gets a new turn
+        params["continues_last_turn"] = True
     for key, value in request.extra.items():
         if key in _NOT_IN_KEY or _is_default(key, value):
             continue

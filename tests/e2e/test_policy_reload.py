@@ -655,7 +655,8 @@ def test_browser_origins_are_allowed_as_the_policy_says_and_reloaded(
     }
     closed = httpx.options(f"{gw.base_url}/chat/completions", headers=preflight, timeout=5)
     assert "access-control-allow-origin" not in closed.headers  # no cors section: none allowed
-    _settle(gw, _base_policy(small_upstream, large_upstream) + f'cors: {{allow_origins: ["{app}"]}}\n')
+    listed = "HTTPS://App.Example/"  # as an operator may write it; browsers send scheme and host in lower case
+    _settle(gw, _base_policy(small_upstream, large_upstream) + f'cors: {{allow_origins: ["{listed}"]}}\n')
     for path in ("/chat/completions", "/messages", "/responses", "/models"):
         answered = httpx.options(f"{gw.base_url}{path}", headers=preflight, timeout=5)
         assert answered.status_code == 204 and answered.headers["access-control-allow-origin"] == app

@@ -41,7 +41,9 @@ def gateway(
     small_upstream: SimulatedUpstream,
     large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:
-    policy = policy_text(small_upstream, large_upstream, extra_models=_VLLM.format(url=small_upstream.url))
+    policy = policy_text(
+        small_upstream, large_upstream, extra_models=_VLLM.format(url=small_upstream.url), cache="{enabled: true}"
+    )
     process = start_gateway(Path(tmp_path_factory.mktemp("prefill")), policy, env={"REDIS_URL": redis_server.url})
     yield process
     process.stop()
@@ -85,9 +87,13 @@ def test_an_upstream_that_cannot_continue_answers_a_new_turn_and_says_so(
 
 
 def test_a_chat_clients_last_assistant_message_keeps_openais_meaning(
-    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+    claude: anthropic.Anthropic, gateway: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:
-    """OpenAI's Chat Completions has no prefill: a chat client's body goes to vLLM as it came."""
+    """OpenAI's Chat Completions has no prefill: a chat client's body goes to vLLM as it came,
+    and the cache keeps the two apart (the continued answer is no answer to the chat request)."""
+    continued = claude.messages.create(model="vllm", max_tokens=64, messages=_PREFILLED)
+    assert continued.content[0].type == "text" and continued.content[0].text.startswith(" ...continued by")
     with openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0) as client:
-        client.chat.completions.create(model="vllm", messages=_PREFILLED)
-    assert "continue_final_message" not in _sent(small_upstream)
+        raw = client.chat.completions.with_raw_response.create(model="vllm", messages=_PREFILLED, max_tokens=64)
+    assert raw.headers["x-gateway-cache"] == "miss" and "continue_final_message" not in _sent(small_upstream)
+    assert (raw.parse().choices[0].message.content or "").startswith("[simulated")
