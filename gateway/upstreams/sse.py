@@ -34,12 +34,20 @@ class SSEEvent:
 async def iter_sse(
     chunks: AsyncIterator[bytes], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
 ) -> AsyncIterator[SSEEvent]:
-    """Yield events as soon as their blank-line terminator arrives; tolerates CRLF and split lines."""
+    """Yield events as soon as their blank-line terminator arrives; lines end in LF, CRLF or CR,
+    and may be split anywhere."""
     buffer = bytearray()
     event: str | None = None
     data: list[bytes] = []
     data_size = 0
+    carried_cr = False
     async for chunk in chunks:
+        if carried_cr:
+            chunk, carried_cr = b"\r" + chunk, False
+        if b"\r" in chunk:  # a lone CR ends a line as CRLF and LF do (the SSE standard): all become LF
+            if chunk.endswith(b"\r"):  # its LF may be the next chunk's first byte
+                chunk, carried_cr = chunk[:-1], True
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         scan_from = len(buffer)  # what is already buffered holds no newline
         buffer += chunk
         start = 0

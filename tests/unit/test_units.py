@@ -261,6 +261,16 @@ async def test_rate_limits_and_rejected_requests_never_count() -> None:
     assert rejected["small"].state == "closed"
 
 
+@pytest.mark.parametrize("end", [b"\n", b"\r\n", b"\r"])
+async def test_sse_lines_may_end_in_lf_crlf_or_a_lone_cr_split_anywhere(end: bytes) -> None:
+    raw = b"event: x" + end + b"data: one" + end + b"data: two" + end + end + b'data: {"b": 2}' + end + end
+    for size in (1, 2, 3, len(raw)):
+        events = [
+            (e.event, e.data) async for e in iter_sse(_chunks(*(raw[i : i + size] for i in range(0, len(raw), size))))
+        ]
+        assert events == [("x", b"one two"), (None, b'{"b": 2}')], (end, size)
+
+
 async def test_sse_lines_split_anywhere_parse_the_same_and_an_endless_line_is_capped() -> None:
     from gateway.upstreams.sse import SSELineTooLong
 
