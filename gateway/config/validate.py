@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Set
@@ -265,6 +266,10 @@ def _required(field: msgspec.structs.FieldInfo) -> bool:
 # ----------------------------------------------------------------------- rules
 
 
+_ORIGIN = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#\s]+")
+"""What a browser sends in ``Origin``: a scheme and a host (with its port), nothing more."""
+
+
 def check_policy(
     policy: Policy,
     problems: Problems,
@@ -332,6 +337,12 @@ def check_policy(
             check_model(("routes", route_name, "learning", "judge"), judge)
             if judge is not None and judge in policy.models and policy.models[judge].kind != "chat":
                 problems.add(("routes", route_name, "learning", "judge"), f"model {judge!r} is not a chat model")
+    for i, origin in enumerate(policy.cors.allow_origins):
+        if origin != "*" and not _ORIGIN.fullmatch(origin.strip().rstrip("/")):
+            problems.add(
+                ("cors", "allow_origins", i),
+                f"{origin!r} is not an origin a browser sends: scheme://host[:port], no path (or '*')",
+            )
     for role in ("small", "large"):
         name = getattr(policy.pair, role)
         if name in policy.models and policy.models[name].kind != "chat":

@@ -127,6 +127,13 @@ tenants:
     )
 
 
+def test_a_cors_origin_a_browser_never_sends_is_refused() -> None:
+    allowed = 'cors: {allow_origins: ["https://App.Example/", "http://localhost:3000", "*"]}\n'
+    assert load_policy_text(VALID + allowed, environ={}).policy.cors.allow_origins[1] == "http://localhost:3000"
+    [message] = problems(VALID + 'cors: {allow_origins: ["https://app.example/chat"]}\n')
+    assert message.startswith("cors.allow_origins[0]") and "no path" in message
+
+
 def test_tier_mismatch_in_pair() -> None:
     assert any("tier" in p for p in problems(VALID.replace("pair: {small: s, large: l}", "pair: {small: l, large: s}")))
 
