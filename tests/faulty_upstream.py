@@ -10,6 +10,7 @@ policy), so one server serves every fault:
 - ``firehose``: content chunks as fast as the gateway takes them, for ever (the connection's
   closing is counted in ``released``);
 - ``long-answer``: 200 KB of content chunks as fast as the gateway takes them, then the finish;
+  ``big-answer``: the same with 4 MB;
 - ``two-choices``: ``n`` = 2 with usage in every chunk (vLLM's ``continuous_usage_stats``);
   the first choice finishes, then 2.5 s of silence before the second goes on;
 - ``drop-after-finish``: a whole streamed answer (its finish and usage chunks), then the
@@ -106,10 +107,10 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
         except (ConnectionError, ClientConnectionResetError):
             upstream.released[model] = upstream.released.get(model, 0) + 1
             raise
-    elif model == "long-answer":
+    elif model in ("long-answer", "big-answer"):
         await response.write(_chunk(model, {"role": "assistant", "content": ""}))
         piece = _chunk(model, {"content": "flood " * 200})
-        for _ in range(200_000 // len(piece)):
+        for _ in range((200_000 if model == "long-answer" else 4_000_000) // len(piece)):
             await response.write(piece)
         await response.write(_chunk(model, {}, "stop"))
         await response.write(b"data: [DONE]\n\n")

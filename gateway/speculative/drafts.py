@@ -78,9 +78,11 @@ class ModelDraft(DraftSource):
 
 
 def _says_server_is_unhealthy(exc: UpstreamError) -> bool:
-    """A 4xx is this request's (a context longer than the draft server's window): no cooldown for everyone."""
+    """A 400 is this request's (a context longer than the draft server's window): no cooldown for
+    everyone. A 401, 403 or 404 is the draft's configuration (its key, its model name), which
+    every request would meet."""
     status = getattr(exc, "upstream_status", None)
-    return status is None or status >= 500 or status in (408, 429)
+    return status is None or status >= 500 or status in (401, 403, 404, 408, 429)
 
 
 class PromptLookupDraft(DraftSource):

@@ -76,8 +76,9 @@ class OpenAIProvider(Provider):
         if data.get("object") != "response" or not isinstance(data.get("output"), list):
             # Some servers and routers answer a failure with 200 and an error body: it is theirs, retried.
             error = data.get("error")
-            if isinstance(error, dict) and error:
-                raise UpstreamStatusError(self.name, 500, _in_stream_error(error))
+            if isinstance(error, dict) and error:  # as a streamed response.failed with that code reads
+                status = _failure_status(error)
+                raise UpstreamStatusError(self.name, status, _in_stream_error(error), body=response.content)
             raise UpstreamProtocolError(self.name, "answer is not a Responses API response")
         usage = responses.usage_from_wire(data.get("usage"))
         return Completion(body=response.content, usage=usage_of(usage), text=responses.response_text(data))
@@ -193,7 +194,7 @@ class _ResponsesEventStream(RelayedStream):
             response = data.get("response")
             error = response.get("error") if isinstance(response, dict) else None
             failure = _in_stream_error(error) if error else "the upstream's response failed"
-            status = _FAILED_STATUS.get(error.get("code") if isinstance(error, dict) else None, 400)
+            status = _failure_status(error if isinstance(error, dict) else {})
             if not self.content_began and status != 400:  # the upstream's failure, before any output: retried
                 raise UpstreamStatusError(self._provider.name, status, failure)
             # the request's own fault (an image it could not read, ...), or past the start: the
@@ -293,6 +294,18 @@ _FAILED_STATUS: dict[Any, int] = {
 """A failed response's ``error.code`` (OpenAI's ``ResponseError``) as the status of the failure it
 is; every other code (``invalid_prompt``, ``invalid_image_url``, ``image_too_large``, ...) is the
 request's own, 400: not retried, and no sign of an unhealthy upstream."""
+
+
+def _failure_status(error: dict[str, Any]) -> int:
+    """The status a Responses error object stands for: an HTTP status where a router wrote one as
+    its code, the server's own type, else :data:`_FAILED_STATUS`."""
+    code = error.get("code")
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
+        return code
+    if error.get("type") == "server_error" and code not in _FAILED_STATUS:
+        return 500
+    return _FAILED_STATUS.get(code, 400)
+
 
 _OPENING_FIELDS = frozenset({"role", "content", "refusal"})
 

@@ -25,7 +25,7 @@ from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 _FAULTY_MODELS = (
     "comments", "trickle", "endless-line", "no-choices", "drop-after-finish", "stall-after-finish", "firehose",
-    "long-answer", "two-choices",
+    "long-answer", "big-answer", "two-choices",
 )  # fmt: skip
 
 
@@ -168,6 +168,24 @@ def test_a_client_that_reads_slowly_but_steadily_gets_the_whole_answer(gw: Gatew
     assert b"data: [DONE]" in received[-64:] and b'"error"' not in received
     record = gw.wait_for_record("slow-reader-1", timeout_s=10)
     assert record["status"] == 200 and record["finish_reason"] == "stop"
+
+
+def test_a_client_that_leaves_while_the_rest_is_read_ahead_is_logged_as_gone(gw: GatewayProcess) -> None:
+    """With the rest of the answer in memory and a send() that returns at once after the client
+    left, the relay never paused for the client's leaving to land: it was logged 200."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    body = b'{"model": "r-big-answer", "stream": true, "messages": [{"role": "user", "content": "go"}]}'
+    with socket.create_connection((host, int(port))) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + b"x-request-id: left-during-read-ahead\r\ncontent-length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        client.recv(8192)
+        time.sleep(2.5)  # past the idle timeout (1 s): the rest of the answer is read ahead meanwhile
+    record = gw.wait_for_record("left-during-read-ahead", timeout_s=10)
+    assert record["status"] == 499 and record["error_type"] == "client_disconnected"
 
 
 def test_every_choice_of_n_is_whole_when_usage_comes_in_every_chunk(gw: GatewayProcess) -> None:

@@ -244,6 +244,10 @@ def test_a_200_that_is_no_response_is_the_upstreams_failure_and_retried(
     assert raw.parse().output_text and upstream_stats(small_upstream)["responses_requests"] >= 2
     record = gateway.wait_for_record(raw.headers["x-request-id"])
     assert record["status"] == 200 and record["retries"] == 1
+    limited = '{"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}'
+    inject(small_upstream, *[{"status": 200, "body": limited}] * 2)
+    with pytest.raises(openai.RateLimitError):  # what the same code in a streamed response.failed means
+        _client(gateway).responses.create(model="gpt-a", input="Are you there?")
     inject(small_upstream, *[{"status": 200, "body": '{"id": "chatcmpl-1", "choices": []}'}] * 2)
     with pytest.raises(openai.APIStatusError) as refused:
         _client(gateway).responses.create(model="gpt-a", input="Are you there?")

@@ -154,6 +154,14 @@ def test_upstream_error_bodies_are_read_in_every_shape_vllm_and_anthropic_write(
     assert UpstreamStatusError("u", 400, "x", body=flat_400).param == "temperature"
 
 
+def test_a_draft_servers_400_is_the_requests_and_its_404_the_servers_configuration() -> None:
+    from gateway.speculative.drafts import _says_server_is_unhealthy
+
+    assert not _says_server_is_unhealthy(UpstreamStatusError("draft", 400, "x", body=_VLLM_CONTEXT))
+    assert _says_server_is_unhealthy(UpstreamStatusError("draft", 404, "The model `typo` does not exist."))
+    assert _says_server_is_unhealthy(UpstreamStatusError("draft", 503, "busy"))
+
+
 def test_a_redirect_is_the_operators_base_url_to_fix_and_the_next_model_answers() -> None:
     moved = UpstreamStatusError("u", 301, "redirected to https://models.example/v1/chat/completions")
     assert (moved.status_code, moved.code, moved.try_next) == (502, "upstream_misconfigured", True)
