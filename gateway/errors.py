@@ -236,20 +236,14 @@ class UpstreamStatusError(UpstreamError):
             if retry_after_s is not None:
                 self.headers["retry-after"] = str(max(1, round(retry_after_s)))
         elif status in (401, 403) or (status == 404 and _names_the_model(error)):
-            self.status_code = 502
-            self.code = "upstream_misconfigured"
-            self.retryable, self.try_next = False, True
-            self.message = (
-                f"upstream '{upstream}': HTTP {status}: the upstream refused the gateway's own request "
-                "(its API key or model name in the gateway's policy); the gateway's operator can fix this"
+            self._misconfigured(
+                "the upstream refused the gateway's own request (its API key or model name in the "
+                "gateway's policy); the gateway's operator can fix this"
             )
         elif 300 <= status < 400:  # a base_url that moved (http to https, a path without /v1)
-            self.status_code = 502
-            self.code = "upstream_misconfigured"
-            self.retryable, self.try_next = False, True
-            self.message = (
-                f"upstream '{upstream}': HTTP {status}: {detail}; the gateway does not follow redirects "
-                "(a request's body and key would follow): the gateway's operator can fix its base_url"
+            self._misconfigured(
+                f"{detail}; the gateway does not follow redirects (a request's body and key would "
+                "follow): the gateway's operator can fix its base_url"
             )
         elif status == 529:  # Anthropic's "overloaded": its clients have an error class for it
             self.code = "upstream_overloaded"
@@ -269,6 +263,14 @@ class UpstreamStatusError(UpstreamError):
             self.param = param if isinstance(param, str) else None  # the client's parameter the upstream named
         else:
             self.status_code = 502
+
+    def _misconfigured(self, why: str) -> None:
+        """The gateway's own configuration (a 502 that names no upstream text: it can quote the
+        operator's key); the route's next model is tried."""
+        self.status_code = 502
+        self.code = "upstream_misconfigured"
+        self.retryable, self.try_next = False, True
+        self.message = f"upstream '{self.upstream}': HTTP {self.upstream_status}: {why}"
 
 
 def upstream_error_fields(body: bytes | None) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import signal
@@ -120,20 +121,27 @@ def test_defect1_an_endless_line_is_cut_at_the_line_cap_and_the_gateway_stays_re
     assert probes and max(probes) < 5  # quadratic parsing took seconds per probe
 
 
+@contextlib.contextmanager
+def _small_window_stream(gw: GatewayProcess, model: str, request_id: str) -> Iterator[socket.socket]:
+    """A raw client of a streamed chat answer with a 4 KB receive window (the connection closes
+    after the answer), for tests of clients that read slowly or not at all."""
+    body = b'{"model": "%s", "stream": true, "messages": [{"role": "user", "content": "go"}]}' % model.encode()
+    with socket.create_connection(("127.0.0.1", gw.port)) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + b"x-request-id: %s\r\nconnection: close\r\n" % request_id.encode()
+            + b"content-length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        yield client
+
+
 def test_a_client_that_stops_reading_does_not_hold_the_upstream(gw: GatewayProcess, faulty: FaultyUpstream) -> None:
     """A client that takes no bytes used to keep its upstream connection (and the model's slot)
     until it hung up: one tenant could hold a model's pool. Past the model's idle timeout (1 s
     here) the upstream is let go, while the client is still connected."""
-    host, port = gw.url.removeprefix("http://").split(":")
-    body = b'{"model": "r-firehose", "stream": true, "messages": [{"role": "user", "content": "go"}]}'
-    with socket.create_connection((host, int(port))) as client:
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            + b"x-request-id: stalled-client-1\r\n"
-            + b"content-length: %d\r\n\r\n" % len(body)
-            + body
-        )
+    with _small_window_stream(gw, "r-firehose", "stalled-client-1"):
         deadline = time.monotonic() + 20
         while faulty.released.get("firehose", 0) == 0 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -148,17 +156,8 @@ def test_a_client_that_reads_slowly_but_steadily_gets_the_whole_answer(gw: Gatew
     """An outside tester's client reading 16 KB/s was cut as stalled: the kernel's send buffer
     let each event out only once megabytes had drained, past the idle timeout (1 s here). The
     upstream is now read ahead of a slow client, which gets everything in its own time."""
-    host, port = gw.url.removeprefix("http://").split(":")
-    body = b'{"model": "r-long-answer", "stream": true, "messages": [{"role": "user", "content": "go"}]}'
     received = bytearray()
-    with socket.create_connection((host, int(port))) as client:
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow link's small window
-        client.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            + b"x-request-id: slow-reader-1\r\nconnection: close\r\n"
-            + b"content-length: %d\r\n\r\n" % len(body)
-            + body
-        )
+    with _small_window_stream(gw, "r-long-answer", "slow-reader-1") as client:  # a slow link's small window
         client.settimeout(10)
         started = time.monotonic()
         while chunk := client.recv(4096):  # a few KB every 50 ms: 200 KB take several idle timeouts
@@ -173,15 +172,7 @@ def test_a_client_that_reads_slowly_but_steadily_gets_the_whole_answer(gw: Gatew
 def test_a_client_that_leaves_while_the_rest_is_read_ahead_is_logged_as_gone(gw: GatewayProcess) -> None:
     """With the rest of the answer in memory and a send() that returns at once after the client
     left, the relay never paused for the client's leaving to land: it was logged 200."""
-    host, port = gw.url.removeprefix("http://").split(":")
-    body = b'{"model": "r-big-answer", "stream": true, "messages": [{"role": "user", "content": "go"}]}'
-    with socket.create_connection((host, int(port))) as client:
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            + b"x-request-id: left-during-read-ahead\r\ncontent-length: %d\r\n\r\n" % len(body)
-            + body
-        )
+    with _small_window_stream(gw, "r-big-answer", "left-during-read-ahead") as client:
         client.recv(8192)
         time.sleep(2.5)  # past the idle timeout (1 s): the rest of the answer is read ahead meanwhile
     record = gw.wait_for_record("left-during-read-ahead", timeout_s=10)

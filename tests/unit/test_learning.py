@@ -126,22 +126,27 @@ async def test_a_new_process_routes_its_first_request_with_the_router_in_force()
     await routers.aclose()
 
 
+def _count_reads(kv: MemoryKeyValue) -> list[int]:
+    """From now on, ``kv``'s reads counted in the list's one item."""
+    reads = [0]
+    real = kv.get
+
+    async def counted(key: str, timeout_s: float) -> bytes | None:
+        reads[0] += 1
+        return await real(key, timeout_s)
+
+    kv.get = counted  # type: ignore[method-assign]
+    return reads
+
+
 async def test_a_store_that_is_down_costs_the_first_request_one_read_not_every_request() -> None:
     kv = MemoryKeyValue()
     kv.down = True
     routers = LearnedRouters(kv, refresh_s=5.0)
-    reads = 0
-    real = kv.get
-
-    async def counted(key: str, timeout_s: float) -> bytes | None:
-        nonlocal reads
-        reads += 1
-        return await real(key, timeout_s)
-
-    kv.get = counted  # type: ignore[method-assign]
+    reads = _count_reads(kv)
     for _ in range(20):
         assert await routers.in_force("a") is None
-    assert reads == 1
+    assert reads == [1]
     await routers.aclose()
 
 
@@ -155,18 +160,10 @@ async def test_a_store_that_goes_down_after_a_quiet_spell_costs_one_read_too() -
     assert await routers.in_force("a") == first
     await asyncio.sleep(0.12)  # quiet for two refresh periods
     kv.down = True
-    reads = 0
-    real = kv.get
-
-    async def counted(key: str, timeout_s: float) -> bytes | None:
-        nonlocal reads
-        reads += 1
-        return await real(key, timeout_s)
-
-    kv.get = counted  # type: ignore[method-assign]
+    reads = _count_reads(kv)
     for _ in range(20):
         assert await routers.in_force("a") == first  # what was in force stays in force
-    assert reads == 1
+    assert reads == [1]
     await routers.aclose()
 
 
