@@ -13,9 +13,9 @@ import asyncio
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 import structlog
 from tokenizers import Tokenizer
@@ -43,6 +43,8 @@ from gateway.upstreams.base import ChatStream, Completion, Provider, UpstreamRes
 from gateway.upstreams.openai import chat_payload
 
 __all__ = ["PROBE_TEXT", "SpeculativeCompletion", "SpeculativeProvider"]
+
+_T = TypeVar("_T")
 
 _log = structlog.get_logger("gateway.speculative")
 
@@ -269,8 +271,8 @@ class SpeculativeProvider(Provider):
         reason = await self._plain_reason(served)
         run = await self._start(served, streaming=False) if reason is None else None
         if run is None:
-            completion = await self.target.complete(request, body)
             stats = self._plain_stats(reason or _DOES_NOT_FIT)
+            completion = await _said_plain(self.target.complete(request, body), stats)
             return SpeculativeCompletion(completion.body, completion.usage, completion.text, speculation=stats)
         try:
             async with asyncio.timeout(self.config.timeouts.total):
@@ -302,8 +304,8 @@ class SpeculativeProvider(Provider):
             run = await self._start(served, streaming=True) if reason is None else None
             stream: _PlainStream | _SpeculativeStream
             if run is None:
-                plain = await self.target.open_stream(request, body)
-                stream = _PlainStream(plain, self._plain_stats(reason or _DOES_NOT_FIT))
+                stats = self._plain_stats(reason or _DOES_NOT_FIT)
+                stream = _PlainStream(await _said_plain(self.target.open_stream(request, body), stats), stats)
             else:
                 stream = _SpeculativeStream(run, body.get("model", self.upstream_model), self.config.timeouts.total)
         except BaseException:
@@ -437,6 +439,15 @@ class SpeculativeProvider(Provider):
 
     def _learn_alpha(self, k: AdaptiveK) -> None:
         self._alpha = 0.8 * self._alpha + 0.2 * k.alpha
+
+
+async def _said_plain(call: Awaitable[_T], stats: SpeculationStats) -> _T:
+    """The plain call's result; its failure carries why it went plain, for the request's log line."""
+    try:
+        return await call
+    except UpstreamError as exc:
+        exc.speculation = stats.to_log()
+        raise
 
 
 def _thinks(body: dict[str, Any]) -> bool:

@@ -195,11 +195,11 @@ class _ResponsesEventStream(RelayedStream):
             error = response.get("error") if isinstance(response, dict) else None
             failure = _in_stream_error(error) if error else "the upstream's response failed"
             status = _failure_status(error if isinstance(error, dict) else {})
-            if not self.content_began and status != 400:  # the upstream's failure, before any output: retried
+            upstreams = status >= 500 or status == 429  # else the request's own (an image it could not read)
+            if not self.content_began and upstreams:  # nothing has reached the client: retried
                 raise UpstreamStatusError(self._provider.name, status, failure)
-            # the request's own fault (an image it could not read, ...), or past the start: the
-            # client reads the event as the upstream wrote it
-            self.tally.failure, self.tally.failure_status = failure, 400 if status == 400 else 502
+            # the request's own fault, or past the start: the client reads the event as it came
+            self.tally.failure, self.tally.failure_status = failure, 502 if upstreams else 400
         sequence = data.get("sequence_number")
         if isinstance(sequence, int):
             self._sequence = sequence

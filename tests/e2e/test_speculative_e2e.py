@@ -135,3 +135,4 @@ def test_a_request_the_large_window_cannot_hold_is_refused_as_the_server_refuses
     assert error["code"] == "context_length_exceeded" and "maximum context length is 4096" in error["message"]
     record = gateway.wait_for_record(response.headers["x-request-id"])
     assert record["status"] == 400 and record["cost_usd"] == 0
+    assert record["speculation"]["mode"] == "plain" and record["speculation"]["fallback_reason"] == "context_length"
