@@ -580,13 +580,16 @@ class ChatPipeline:
     def _cached_answer(self, x: _Exchange, hit: CachedAnswer, kind: str) -> Answer | StreamingAnswer:
         record = x.record
         record.cache, record.model, record.provider = kind, hit.model, hit.provider
+        # a semantic hit answers another prompt: its own is the one counted here
+        answer = hit.served_as(f"chatcmpl-{record.request_id}", x.prompt_tokens if kind == "semantic" else None)
+        usage = answer.usage
         record.prompt_tokens, record.completion_tokens, record.tokens_source = (
-            hit.prompt_tokens,
-            hit.completion_tokens,
+            usage.input_tokens,
+            usage.output_tokens,
             "cache",
         )
-        record.cached_prompt_tokens, record.cache_write_tokens = hit.cached_prompt_tokens, hit.cache_write_tokens
-        record.reasoning_tokens = hit.reasoning_tokens
+        record.cached_prompt_tokens, record.cache_write_tokens = usage.cached_input_tokens, usage.cache_write_tokens
+        record.reasoning_tokens = usage.reasoning_tokens
         record.cost_usd = 0.0
         record.cache_saved_usd = hit.cost_usd
         record.cache_similarity = None if x.similarity is None else round(x.similarity, 4)
@@ -596,7 +599,6 @@ class ChatPipeline:
         if record.decision is not None:
             record.decision = "cache"  # not the classifier's "default": nothing was routed
         headers = self._headers(x)
-        answer = hit.served_as(f"chatcmpl-{record.request_id}")
         if record.protocol != "openai.chat":
             return Answer(200, b"", headers, typed=answer)  # the asking protocol renders it
         if not x.request.stream:

@@ -38,13 +38,14 @@ class CachedAnswer(msgspec.Struct, kw_only=True):
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
 
-    def served_as(self, answer_id: str) -> Answer:
-        """The answer under a new id, with the usage it had when it was first answered."""
+    def served_as(self, answer_id: str, prompt_tokens: int | None = None) -> Answer:
+        """The answer under a new id, with the usage it had when it was first answered; with
+        ``prompt_tokens``, for another prompt (a semantic hit), whose count that is."""
         usage = Usage(
-            input_tokens=self.prompt_tokens,
+            input_tokens=self.prompt_tokens if prompt_tokens is None else prompt_tokens,
             output_tokens=self.completion_tokens,
-            cached_input_tokens=self.cached_prompt_tokens,
-            cache_write_tokens=self.cache_write_tokens,
+            cached_input_tokens=self.cached_prompt_tokens if prompt_tokens is None else 0,
+            cache_write_tokens=self.cache_write_tokens if prompt_tokens is None else 0,
             reasoning_tokens=self.reasoning_tokens,
         )
         return msgspec.structs.replace(self.answer, id=answer_id, usage=usage)

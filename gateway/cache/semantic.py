@@ -29,7 +29,7 @@ import numpy as np
 import structlog
 
 from gateway.cache.entries import CachedAnswer
-from gateway.cache.structure import conflicts, matched_structure, plain_text
+from gateway.cache.structure import conflicts, matched_structure, same_question
 from gateway.cache.verifier import PairVerifier, Verdict
 from gateway.config.schema import SemanticCachePolicy
 from gateway.store.base import StoreUnavailable, VectorIndex
@@ -154,12 +154,11 @@ class SemanticCache:
         return result
 
     async def _judge(self, candidates: list[tuple[CachedAnswer, float]], prompt: str, deadline: float) -> list[Verdict]:
-        """The verifier's verdicts; a prompt equal to the stored one but for what
-        :func:`plain_text` makes uniform needs none (and may be too long for the verifier to read)."""
+        """The verifier's verdicts; a prompt that is :func:`same_question` as the stored one needs
+        none (and may be too long for the verifier to read)."""
         assert self._verifier is not None
-        mine = plain_text(prompt)
         verdicts: list[Verdict | None] = [
-            Verdict(1.0) if plain_text(answer.prompt or "") == mine else None for answer, _ in candidates
+            Verdict(1.0) if same_question(answer.prompt or "", prompt) else None for answer, _ in candidates
         ]
         asked = [i for i, v in enumerate(verdicts) if v is None]
         if asked:

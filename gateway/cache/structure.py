@@ -61,7 +61,16 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
-__all__ = ["Structure", "conflicts", "differing_parts", "matched_structure", "plain_text", "structure_of"]
+__all__ = [
+    "Structure",
+    "conflicts",
+    "differing_parts",
+    "matched_structure",
+    "plain_text",
+    "same_question",
+    "structure_of",
+    "typed_text",
+]
 
 _CODE = re.compile(r"```.*?```|`[^`\n]+`", re.S)
 # The option's text runs to the end of its line, greedily (trailing blanks are stripped where it
@@ -118,6 +127,8 @@ class Structure:
     """Words as typed (NFC): case and accents kept, which the embedding and the verifier drop."""
     quoted: tuple[str, ...]
     """Quoted strings as typed, blanks included: a literal, whose every character may matter."""
+    flags: frozenset[str]
+    """One-letter options and escapes as typed (``-d``, ``%M``, ``\\D``), where case is the meaning."""
 
 
 def conflicts(a: str, b: str) -> list[str]:
@@ -145,8 +156,14 @@ def conflicts(a: str, b: str) -> list[str]:
         found.append("code")
     if x.definitions and y.definitions and x.definitions != y.definitions:
         found.append("schema")
-    if _recased(x.code_words, y.code_words) or _recased_words(x.typed_words, y.typed_words):
+    if (
+        _recased(x.code_words, y.code_words)
+        or _recased_words(x.typed_words, y.typed_words)
+        or _recased(x.flags, y.flags)
+    ):
         found.append("case")
+    if _remarked_words(x.typed_words, y.typed_words):
+        found.append("marks")
     if _retyped_quotes(x.quoted, y.quoted):
         found.append("quoted")
     if x.options != y.options:
@@ -185,6 +202,7 @@ def structure_of(text: str) -> Structure:
         _grams(plain),
         frozenset(_TYPED_WORD.findall(typed)),
         tuple(m.group(1) or m.group(2) or m.group(3) for m in _QUOTED.finditer(typed)),
+        frozenset(_FLAG.findall(typed)),
     )
 
 
@@ -281,7 +299,10 @@ def _recased(x: frozenset[str], y: frozenset[str]) -> bool:
     return any(word not in x and typed.get(word.lower(), word) != word for word in y)
 
 
-_TYPED_WORD = re.compile(r"[^\W_]+")
+# a word with its marks: Thai tone marks and Devanagari vowel signs are not \w, and would split it
+_MARKS = "".join(re.escape(chr(c)) for c in range(0x300, 0x10000) if unicodedata.category(chr(c)).startswith("M"))
+_TYPED_WORD = re.compile(f"(?:[^\\W_]|[{_MARKS}])+")
+_FLAG = re.compile(r"(?<![\w\\%-])(?:--?|%|\\)[A-Za-z](?![\w])")
 # a quoted literal: '...' "..." “...” ‘...’ «...» (a quote inside a word, as in "it's", opens none)
 _QUOTED = re.compile(r"(?<!\w)['‘]([^'‘’\n]{1,200})['’](?!\w)|[\"“]([^\"“”\n]{1,200})[\"”]|«([^»\n]{1,200})»")
 
@@ -296,6 +317,32 @@ def _recased_words(x: frozenset[str], y: frozenset[str]) -> bool:
         if not word.islower():
             typed.setdefault(word.casefold(), set()).add(word)
     return any(not word.islower() and len(word) > 1 and word.casefold() in typed for word in y - x)
+
+
+def _remarked_words(x: frozenset[str], y: frozenset[str]) -> bool:
+    """A word with other marks, each having one the other lacks (avó / avô, cá / cà, バス / パス),
+    or differing in marks that are never left out (kana voicing: てんき / でんき; Thai tone
+    marks). A mark one prompt simply drops ("ingles" for "inglés", Arabic hamza, a nukta) is
+    how people type, and is left to the verifier."""
+    bare: dict[str, str] = {}
+    for word in x - y:
+        bare.setdefault(_without_marks(word), word)
+    for word in y - x:
+        other = bare.get(_without_marks(word))
+        if other is None:
+            continue
+        mine, theirs = _marks(word), _marks(other)
+        if (mine - theirs and theirs - mine) or _kept_marks(mine) != _kept_marks(theirs):
+            return True
+    return False
+
+
+def _marks(word: str) -> Counter[str]:
+    return Counter(c for c in unicodedata.normalize("NFKD", word) if unicodedata.combining(c))
+
+
+def _kept_marks(marks: Counter[str]) -> Counter[str]:
+    return Counter({mark: n for mark, n in marks.items() if mark in "\u3099\u309a" or "\u0e31" <= mark <= "\u0e4e"})
 
 
 def _retyped_quotes(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
@@ -315,6 +362,7 @@ def _without_marks(word: str) -> str:
 
 
 _CONTRACTED = re.compile(r"\b(what|who|where|how|it|that|there|here)'s\b")
+_CONTRACTED_TYPED = re.compile(r"\b(what|who|where|how|it|that|there|here)['’]s\b", re.I)
 
 
 @lru_cache(maxsize=4096)
@@ -324,6 +372,25 @@ def plain_text(text: str) -> str:
     text = _fold(text).casefold().strip().rstrip("?.! ")
     text = _NUMBER_WORDS.sub(lambda m: str(_word_value(m)), _CONTRACTED.sub(r"\1 is", text))
     return " ".join(text.split())
+
+
+@lru_cache(maxsize=4096)
+def typed_text(text: str) -> str:
+    """The text with spacing, closing punctuation, number spelling and "what's" / "what is"
+    made uniform, and nothing else: two prompts equal here are one question, served without
+    asking the verifier. Case and marks stay as typed, unlike :func:`plain_text`: ``-d`` /
+    ``-D``, ``%m`` / ``%M``, バス / パス, schon / schön ask different things."""
+    text = unicodedata.normalize("NFC", text).strip().rstrip("?.! ")
+    text = _NUMBER_WORDS.sub(lambda m: str(_word_value(m)), _CONTRACTED_TYPED.sub(r"\1 is", text))
+    return " ".join(text.split())
+
+
+def same_question(stored: str, new: str) -> bool:
+    """Equal but for what never changes an answer, so no verdict is needed: :func:`typed_text`'s
+    differences, and case where no rule says it is meaning (a one-letter option, a word
+    capitalized another way, code, a quoted literal). Marks stay as typed."""
+    a, b = typed_text(stored), typed_text(new)
+    return a == b or (a.casefold() == b.casefold() and not {"case", "quoted"} & set(conflicts(stored, new)))
 
 
 # where one sentence or line ends: ". " "? " "! " (not "3.5" or "e.g.x"), "。" "？" "！", a line break
@@ -368,9 +435,9 @@ def _sentences(text: str) -> list[tuple[int, int]]:
 
 
 def _same_sentence(a: str, x: tuple[int, int], b: str, y: tuple[int, int]) -> bool:
-    """Equal as typed (most shared context is), else equal but for what :func:`plain_text` makes uniform."""
+    """Equal as typed (most shared context is), else equal but for what :func:`typed_text` makes uniform."""
     first, second = a[x[0] : x[1]], b[y[0] : y[1]]
-    return first == second or plain_text(first) == plain_text(second)
+    return first == second or typed_text(first) == typed_text(second)
 
 
 # NFKC makes "2³" "23": an exponent is kept as one ("2^3")

@@ -72,7 +72,13 @@ def test_a_reworded_question_is_served_with_the_verifiers_verdict(gateway: Gatew
     assert (first.headers["x-gateway-cache"], reworded.headers["x-gateway-cache"]) == ("miss", "semantic")
     p_same = float(reworded.headers["x-gateway-cache-p-same"])
     assert 0.9 <= p_same <= 1.0
-    assert gateway.wait_for_record(reworded.headers["x-request-id"])["cache_p_same"] == pytest.approx(p_same, abs=1e-4)
+    record = gateway.wait_for_record(reworded.headers["x-request-id"])
+    assert record["cache_p_same"] == pytest.approx(p_same, abs=1e-4)
+    # the usage is the new prompt's (counted here), not the stored prompt's
+    usage, stored_usage = reworded.parse().usage, first.parse().usage
+    assert usage is not None and stored_usage is not None
+    assert usage.prompt_tokens == record["prompt_tokens"] != stored_usage.prompt_tokens
+    assert usage.completion_tokens == stored_usage.completion_tokens
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.cache.structure import conflicts, differing_parts, plain_text, structure_of
+from gateway.cache.structure import (
+    conflicts,
+    differing_parts,
+    plain_text,
+    same_question,
+    structure_of,
+    typed_text,
+)
 
 MCQ = "Which planet is largest?\nA. Mars\nB. Jupiter\nC. Venus\nD. Earth\nAnswer:"
 
@@ -130,6 +137,22 @@ def test_filler_words_dropped_languages_and_reordered_alternatives_pass(stored: 
     assert conflicts(stored, new) == []
 
 
+def test_typed_text_keeps_case_and_marks_which_may_be_the_question() -> None:
+    assert typed_text("  What's  six times seven?") == typed_text("What is 6 times 7")
+    assert typed_text("What does git branch -d do?") != typed_text("What does git branch -D do?")
+    assert typed_text("バスの乗り方") != typed_text("パスの乗り方")
+    assert typed_text("schon") != typed_text("schön")
+    assert typed_text("caf\u00e9") == typed_text("cafe\u0301")  # one letter, two encodings
+
+
+def test_same_question_allows_case_only_where_no_rule_says_it_is_meaning() -> None:
+    assert same_question("How do vaccines work?", "how do vaccines work")
+    assert not same_question("What does git branch -d do?", "What does git branch -D do?")
+    assert not same_question("How many Mb are in 1 GB?", "How many MB are in 1 GB?")
+    assert not same_question("Is 'ABC'.isupper() true?", "Is 'abc'.isupper() true?")
+    assert not same_question("What does avó mean?", "What does avo mean?")
+
+
 def test_plain_text_makes_only_harmless_differences_uniform() -> None:
     assert plain_text("What is six times seven?") == plain_text("what's 6 times 7")
     assert plain_text("  Où est  la GARE ?") == plain_text("ou est la gare")
@@ -246,6 +269,14 @@ def test_the_rules_are_linear_on_long_runs_of_blanks(unit: str, size: int) -> No
         ("Was bedeutet „schön“? Erkläre 'schön'.", "Was bedeutet „schon“? Erkläre 'schon'.", "quoted"),
         ("What is 2³ + 1?", "What is 23 + 1?", "numbers"),
         ("What is 5! + 3!", "What is 5! + 3?", "numbers"),
+        ("What does git branch -d do?", "What does git branch -D do?", "case"),
+        ("In Python strftime what does %m mean?", "In Python strftime what does %M mean?", "case"),
+        ("What does \\d match in a regex?", "What does \\D match in a regex?", "case"),
+        ("ベッドの選び方を教えてください", "ペットの選び方を教えてください", "marks"),
+        ("てんきについて教えて", "でんきについて教えて", "marks"),
+        ("ข่าววันนี้มีอะไรบ้าง", "ข้าววันนี้มีอะไรบ้าง", "marks"),
+        ("Cách nấu canh cá ngon", "Cách nấu canh cà ngon", "marks"),
+        ("O que significa avó?", "O que significa avô?", "marks"),
     ],
 )  # fmt: skip
 def test_what_the_models_cannot_see_is_refused_by_a_rule(stored: str, new: str, rule: str) -> None:
@@ -266,7 +297,12 @@ def test_what_the_models_cannot_see_is_refused_by_a_rule(stored: str, new: str, 
         ("Why does this loop print nothing?\nfor i in range(10, 0):\n    print(i)",
          "this loop prints nothing, why?\nfor i in range(10,0):\n  print(i)"),
         ("Say 'hello' in French.", "How do I say 'hello' in French?"),
+        ("How do I list files with ls -l?", "how do i list files with ls -l"),
+        ("¿Cómo se dice 'thank you' en inglés?", "¿Cómo se dice 'thank you' en ingles?"),
+        ("هل أستطيع السفر إلى الأردن بدون تأشيرة؟", "هل استطيع السفر الى الاردن بدون تأشيرة؟"),
+        ("Quanto custa a autorização?", "Quanto custa a autorizaçao?"),
     ],
 )  # fmt: skip
 def test_a_sentences_capital_a_lowercased_acronym_and_reindented_code_are_no_conflict(stored: str, new: str) -> None:
-    assert not {"case", "quoted", "code"} & set(conflicts(stored, new))
+    # nor an accent, hamza or tilde one prompt drops: people type that way
+    assert not {"case", "quoted", "code", "marks"} & set(conflicts(stored, new))

@@ -92,6 +92,24 @@ async def test_a_pair_too_long_to_judge_is_a_miss_unless_equal_but_for_spacing(v
     assert same.hit is not None and same.hit.p_same == 1.0
 
 
+async def test_a_prompt_equal_but_for_meaningful_case_or_marks_is_judged_not_served_outright(
+    verifier: PairVerifier,
+) -> None:
+    # equal to the embedding and to plain_text, and so served at p 1.0 to an outside tester:
+    # now the verifier is asked (and its close bar refuses them; the rules would, too)
+    for stored, new in [
+        ("What does git branch -d do?", "What does git branch -D do?"),
+        ("ベッドの選び方を教えてください", "ペットの選び方を教えてください"),
+    ]:
+        cache, vector = await _cache_with(stored, verifier)
+        found = await cache.lookup(INDEX, vector, new, 0.75, ServeBar(0.998, 0.998), False, 1.0)
+        assert found.hit is None
+    cache, vector = await _cache_with("What is the capital of France?", verifier)
+    for same_question in ("  What is the capital of  France", "what is the capital of france"):
+        same = await cache.lookup(INDEX, vector, same_question, 0.75, ServeBar(0.998, 0.998), False, 1.0)
+        assert same.hit is not None and same.hit.p_same == 1.0
+
+
 async def test_below_the_similarity_floor_nothing_is_judged(verifier: PairVerifier) -> None:
     cache, _ = await _cache_with("How do I reverse a list in Python?", verifier)
     found = await cache.lookup(
