@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ class RuntimeHolder:
         _log.info("policy_loaded", version=runtime.version, source=loaded.source, models=sorted(runtime.providers))
         if rejected:
             self.last_reload_error = "; ".join(rejected)
-            _log.error("policy_rejected", reason="start-up", problems=rejected, kept=runtime.version)
+            _log.error("policy_rejected", reason="start-up", problems=_loggable(rejected), kept=runtime.version)
         elif self.last_good is not None:
             keep_last_good(loaded, self.last_good)
         for warning in runtime.loaded.warnings:
@@ -141,7 +142,9 @@ class RuntimeHolder:
                 _refuse_auth_off(loaded, self.auth_required)
             except ConfigError as exc:
                 self.last_reload_error = "; ".join(exc.problems)
-                _log.error("policy_rejected", reason=reason, problems=exc.problems, kept=self.current.version)
+                _log.error(
+                    "policy_rejected", reason=reason, problems=_loggable(exc.problems), kept=self.current.version
+                )
                 return False
             if loaded.version == self.current.version:
                 self.last_reload_error = None  # e.g. a rejected edit was reverted
@@ -282,12 +285,30 @@ def _signature(path: Path) -> tuple[int, int] | None:
     return stat.st_size, stat.st_mtime_ns
 
 
+_VALUE_GIVEN = re.compile(r"(\bgot\b[^'\n]*?)'.*", re.S)
+
+
+def _loggable(problems: list[str]) -> list[str]:
+    """The problems without the values they quote: a value may be a key's secret pasted where its
+    hash goes, or an upstream's key from ``${VAR}`` in the wrong field. The operational log is
+    shipped elsewhere; ``/readyz`` shows the whole text to an admin key, ``gateway check`` to ops."""
+    return [_VALUE_GIVEN.sub(r"\1(the value is not logged)", problem) for problem in problems]
+
+
 def _refuse_weakening_by_omission(current: LoadedPolicy, new: LoadedPolicy) -> None:
     """A section that sets limits may be emptied on purpose, never dropped by a file cut short."""
     if current.policy.tenants and "tenants" not in new.sections:
         raise ConfigError(
             new.source,
             ["'tenants' is missing while the policy in force has tenants (write 'tenants: {}' to remove them all)"],
+        )
+    if current.key_file_keys and new.key_file_keys is None and new.policy.auth.key_file == current.policy.auth.key_file:
+        raise ConfigError(
+            new.source,
+            [
+                f"auth.key_file {new.policy.auth.key_file!r} is missing, empty or has no 'keys' list while the "
+                f"policy in force has {current.key_file_keys} keys from it (write 'keys: []' there to remove them all)"
+            ],
         )
 
 

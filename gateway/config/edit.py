@@ -9,6 +9,12 @@ mixed sequence indentation or an empty ``{}`` turned block, and writes floats su
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -22,7 +28,11 @@ _KEY_FILE_HEADER = "# API keys: sha256 hashes only. Add with `python -m gateway 
 
 def set_route_threshold(path: str | Path, route: str, threshold: float) -> None:
     """Set ``routes.<route>.threshold``: replace the value where it is written, or add the key."""
-    path = Path(path)
+    with _editing(Path(path)) as target:
+        _write(target, _with_threshold(target, route, threshold))
+
+
+def _with_threshold(path: Path, route: str, threshold: float) -> str:
     text = path.read_text(encoding="utf-8")
     root = yaml.compose(text, Loader=yaml.SafeLoader)
     routes = _child(root, "routes")
@@ -42,7 +52,7 @@ def set_route_threshold(path: str | Path, route: str, threshold: float) -> None:
         indent = " " * first_key.start_mark.column
         line_start = text.rfind("\n", 0, first_key.start_mark.index) + 1
         text = text[:line_start] + f"{indent}threshold: {value}\n" + text[line_start:]
-    path.write_text(text, encoding="utf-8")
+    return text
 
 
 def _plain_numbers(value: object) -> object:
@@ -62,14 +72,17 @@ def append_key(path: str | Path, entry: dict[str, object]) -> None:
     A missing or empty file is created with a header. The entry goes after the list's last
     item, at that item's indentation (or inside ``[...]``), whatever the file's layout.
     """
-    path = Path(path)
     item = msgspec.json.encode(_plain_numbers(entry)).decode()
+    with _editing(Path(path)) as target:
+        _write(target, _with_key(target, item))
+
+
+def _with_key(path: Path, item: str) -> str:
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     root = yaml.compose(text, Loader=yaml.SafeLoader)
     if root is None:
         text = (text if text.strip() else _KEY_FILE_HEADER) + ("" if text.endswith("\n") or not text else "\n")
-        path.write_text(f"{text}keys:\n  - {item}\n", encoding="utf-8")
-        return
+        return f"{text}keys:\n  - {item}\n"
     keys = _child(root, "keys")
     if not isinstance(root, yaml.MappingNode) or not isinstance(keys, yaml.SequenceNode | yaml.ScalarNode | None):
         raise ValueError(f"{path}: expected a mapping with a 'keys' list")
@@ -89,7 +102,42 @@ def append_key(path: str | Path, entry: dict[str, object]) -> None:
         line_end = text.find("\n", _end(keys.value[-1]))
         at = len(text) if line_end < 0 else line_end + 1
         text = text[:at] + ("" if text[:at].endswith("\n") else "\n") + f"{dash}- {item}\n" + text[at:]
-    path.write_text(text, encoding="utf-8")
+    return text
+
+
+@contextlib.contextmanager
+def _editing(path: Path) -> Iterator[Path]:
+    """One edit of ``path`` at a time, across processes (two ``keys new`` at once each read the
+    file and wrote it back, and lost each other's keys): a lock on a file beside it, held while
+    the file is read, changed and replaced. The file itself cannot hold the lock, being replaced.
+    A symlink (a mounted config) is followed, so the link stays."""
+    path = path.resolve() if path.is_symlink() else path
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield path
+
+
+def _write(path: Path, text: str) -> None:
+    """Replace ``path`` whole (a reader, such as a reloading gateway, never sees it half written),
+    keeping its permissions."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
 
 
 def _end(node: yaml.Node) -> int:

@@ -41,6 +41,9 @@ class LoadedPolicy:
     """The top-level keys the file spelled out (the others took their defaults)."""
     text: str = ""
     """The file as it was read: a worker started later falls back to it (``gateway.runtime.load_at_start``)."""
+    key_file_keys: int | None = None
+    """How many keys ``auth.key_file`` lists; None when the file is missing, empty or has no
+    ``keys`` entry (``keys: []`` is 0)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +113,16 @@ def load_policy_text(
     if problems or policy is None:
         raise ConfigError(source, problems.messages)
     warnings = [*(notes or []), *_warnings(policy, environ, key_file_path(policy, base_dir or Path(".")))]
-    return LoadedPolicy(policy, digest.hexdigest()[:12], source, warnings, frozenset(data), text)
+    listed = key_file is not None and key_file.listed
+    return LoadedPolicy(
+        policy,
+        digest.hexdigest()[:12],
+        source,
+        warnings,
+        frozenset(data),
+        text,
+        len(key_file.keys) if key_file is not None and listed else None,
+    )
 
 
 def _with_tokenizer_paths(policy: Policy, base_dir: Path, problems: Problems) -> Policy:
@@ -166,6 +178,8 @@ class _KeyFileRead(NamedTuple):
     problems: Problems
     """Where problems about these keys go: the policy's list, naming the key file and its lines."""
     text: str
+    listed: bool = False
+    """The file has a ``keys`` entry (an empty list included)."""
 
 
 def _read_key_file(
@@ -186,8 +200,10 @@ def _read_key_file(
     except ConfigError as exc:
         problems.messages.extend(f"{source}: {problem}" for problem in exc.problems)
         return _KeyFileRead([], where, text)
-    key_file = convert(_NodeReader(environ, where, notes).read(root, ()), KeyFile, (), where) if root else KeyFile()
-    return _KeyFileRead(key_file.keys if key_file is not None else [], where, text)
+    data = _NodeReader(environ, where, notes).read(root, ()) if root else {}
+    key_file = convert(data, KeyFile, (), where)
+    listed = isinstance(data, dict) and "keys" in data
+    return _KeyFileRead(key_file.keys if key_file is not None else [], where, text, listed)
 
 
 def _compose(text: str, source: str) -> yaml.Node | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,21 @@ def test_a_tiny_budget_is_written_as_a_number_the_loader_reads(tmp_path: Path) -
     path = tmp_path / "keys.yaml"
     append_key(path, {"id": "new", "hash": HASH, "limits": {"usd_per_day": 1e-06, "usd_per_month": 2.5e-10}})
     assert yaml.safe_load(path.read_text())["keys"][0]["limits"] == {"usd_per_day": 1e-06, "usd_per_month": 2.5e-10}
+
+
+def _append_many(path: str, writer: int) -> None:
+    for n in range(15):
+        append_key(
+            path, {"id": f"w{writer}-{n}", "tenant": "t", "hash": hashlib.sha256(f"{writer}-{n}".encode()).hexdigest()}
+        )
+
+
+def test_keys_added_at_once_by_several_processes_are_all_kept(tmp_path: Path) -> None:
+    # each `keys new` reads, edits and writes the file: unlocked, eight at once left 2 of 20 keys
+    path = tmp_path / "keys.yaml"
+    append_key(path, {"id": "first", "tenant": "t", "hash": "0" * 64})
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        pool.starmap(_append_many, [(str(path), writer) for writer in range(4)])
+    ids = [entry["id"] for entry in yaml.safe_load(path.read_text())["keys"]]
+    assert sorted(ids) == sorted(["first", *(f"w{w}-{n}" for w in range(4) for n in range(15))])
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("keys.yaml", ".keys.yaml.lock")]  # no temporary left

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from gateway.auth import hash_key
 from tests.unit.conftest import POLICY, MakeHarness
 
 
@@ -18,3 +21,40 @@ async def test_a_burst_of_reload_requests_reads_the_file_once_more(make_harness:
             break
     assert holder.current.policy.routes["fast"].model == "large"
     assert holder.request_reload("SIGHUP")  # nothing waits now: a new request reads the file again
+
+
+async def test_a_key_file_emptied_or_lost_is_refused_unless_it_says_keys_empty(make_harness: MakeHarness) -> None:
+    # a key file cut short (or a `keys new` that lost a race) must not switch every key off
+    policy = POLICY.replace("auth:\n  mode: keys\n", "auth:\n  mode: keys\n  key_file: keys.yaml\n")
+    harness = await make_harness(policy)
+    holder = harness.holder
+    keys = holder.path.with_name("keys.yaml")
+    keys.write_text('keys:\n  - {id: carol, tenant: team-a, hash: "sha256:' + "c" * 64 + '"}\n')
+    assert await holder.reload("test", settle=False)
+    assert "carol" in {key.id for key in holder.current.policy.auth.keys}
+    for emptied in ("", "# nothing here\n"):
+        keys.write_text(emptied)
+        assert not await holder.reload("test", settle=False)
+        assert "key_file 'keys.yaml' is missing, empty or has no 'keys' list" in (holder.last_reload_error or "")
+        assert "carol" in {key.id for key in holder.current.policy.auth.keys}
+    keys.unlink()
+    assert not await holder.reload("test", settle=False)
+    keys.write_text("keys: []\n")
+    assert await holder.reload("test", settle=False)
+    assert "carol" not in {key.id for key in holder.current.policy.auth.keys}
+
+
+async def test_a_rejected_reload_logs_no_value_it_quotes(
+    make_harness: MakeHarness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a key's secret pasted where its hash goes: /readyz (admin only) may show it, the shipped log not
+    harness = await make_harness()
+    holder = harness.holder
+    capsys.readouterr()
+    holder.path.write_text(POLICY.replace(hash_key("sk-alice"), "gw-live-PASTED-SECRET-123"))
+    assert not await holder.reload("test", settle=False)
+    assert "gw-live-PASTED-SECRET-123" in (holder.last_reload_error or "")
+    logged = capsys.readouterr()
+    assert "policy_rejected" in logged.out + logged.err
+    assert "auth.keys[0].hash" in logged.out + logged.err
+    assert "PASTED-SECRET" not in logged.out + logged.err
