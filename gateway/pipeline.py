@@ -357,15 +357,16 @@ class ChatPipeline:
         """Check the key's and tenant's limits against this request's estimate, and reserve it."""
         assert x.plan is not None
         policy = x.runtime.policy
-        # A classifier route may still pick the large model: estimate at the baseline's (large) price.
-        priced = x.plan.baseline if x.plan.threshold is not None else x.plan.candidates[0]
+        # Any model the request may end at prices it: a classifier route may pick the large model,
+        # and a fallback may be dearer than the first model (when the cheap one is down, a budget
+        # priced at its rate was overspent 4 times over).
+        reachable = (*x.plan.candidates, x.plan.baseline) if x.plan.threshold is not None else x.plan.candidates
         # No model writes past its context window: a max_tokens of 10**9 is not a $10,000 estimate
         # that refuses the request as over budget (the upstream answers for the value itself).
-        window = max(policy.models[name].context_window for name in (*x.plan.candidates, priced))
+        window = max(policy.models[name].context_window for name in reachable)
         completion = min(x.request.max_tokens or policy.limits.default_completion_tokens, window)
         completion *= _answers_asked(x.request)
-        price = policy.models[priced].price
-        estimate = cost_usd(price, x.prompt_tokens, completion)
+        estimate = max(cost_usd(policy.models[name].price, x.prompt_tokens, completion) for name in reachable)
         x.reservation = await self._limiter.reserve(policy, principal, x.prompt_tokens + completion, estimate)
         tenant = policy.tenants.get(principal.tenant)
         x.downgrade = (

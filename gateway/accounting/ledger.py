@@ -46,6 +46,8 @@ class UsageLedger:
     def __init__(self, counters: LimitCounters) -> None:
         self._counters = counters
         self._pending: dict[str, UsageFigures] = {}
+        self._spent: dict[tuple[str, str, str], float] = {}
+        """USD by (spend counter, day, month) of requests that reserved nothing."""
         self._expired: set[str] = set()
         self._noted: dict[int, set[tuple[str, str]]] = {}
         """Per UTC day number, the (tenant, key id) pairs this process has put in the usage index."""
@@ -80,8 +82,19 @@ class UsageLedger:
         pairs = (member.split(_SEPARATOR, 1) for member in members)
         return sorted((key_id, tenant) for tenant, key_id in (pair for pair in pairs if len(pair) == 2))
 
-    def record(self, keys: UsageKeys, used: UsageFigures, timeout_s: float) -> None:
-        """Add ``used`` to today's sums at the next flush."""
+    def record(
+        self,
+        keys: UsageKeys,
+        used: UsageFigures,
+        timeout_s: float,
+        spend: tuple[tuple[str, ...], str, str] | None = None,
+    ) -> None:
+        """Add ``used`` to today's sums at the next flush; with ``spend`` (counters, day, month),
+        its cost to those spend counters too (a request that reserved nothing: no limit applied)."""
+        if spend is not None and used.cost_usd:
+            counters, day, month = spend
+            for counter in counters:
+                self._spent[counter, day, month] = self._spent.get((counter, day, month), 0.0) + used.cost_usd
         self._expired.update(keys[1])
         for key in keys[0]:
             pending = self._pending.get(key)
@@ -107,14 +120,17 @@ class UsageLedger:
             return
         pending, self._pending = self._pending, {}
         expired, self._expired = self._expired, set()
+        spent, self._spent = self._spent, {}
         try:
-            await self._counters.add_usage(pending, expired, timeout_s or self._timeout_s)
+            await self._counters.add_usage(pending, expired, spent, timeout_s or self._timeout_s)
         except StoreTimedOut:
             pass  # asked, and perhaps applied: sent again it could count twice
         except StoreUnavailable:  # not asked (the store is down): kept for the next flush, not lost
             for key, figures in pending.items():
                 self._pending.setdefault(key, UsageFigures()).add(figures)
             self._expired |= expired
+            for counter, cost in spent.items():
+                self._spent[counter] = self._spent.get(counter, 0.0) + cost
 
     async def read(
         self, keys: Sequence[tuple[str, str]], start: datetime, end: datetime

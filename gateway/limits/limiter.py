@@ -52,6 +52,9 @@ class Reservation:
     cost_usd: float
     budget_share: float
     """The largest share of a daily or monthly budget spent before this request."""
+    spend: tuple[str, ...] = ()
+    """When nothing was reserved: the key's and tenant's spend counters, which its cost is added
+    to with the usage, so that a budget set later starts from what was spent that day and month."""
 
 
 class Limiter:
@@ -72,10 +75,10 @@ class Limiter:
         periods = _periods_of_minute(int(now // 60))
         usage = usage_keys(principal.tenant, principal.key_id, now)
         self.ledger.note(principal.tenant, principal.key_id, now)
-        if not self.enforces(policy, principal):
-            return Reservation((), periods, usage, 0, 0.0, 0.0)  # nothing to enforce: usage is recorded in batches
-        limits = _limits(policy, principal)
         window, spend, tenant_window, tenant_spend = keyspace.limit_counters(principal.tenant, principal.key_id)
+        if not self.enforces(policy, principal):  # nothing to enforce: usage (and spend) is recorded in batches
+            return Reservation((), periods, usage, 0, 0.0, 0.0, (spend, tenant_spend))
+        limits = _limits(policy, principal)
         scopes = (
             CounterScope(window, spend, _caps(limits[0])),
             CounterScope(tenant_window, tenant_spend, _caps(limits[1])),
@@ -101,7 +104,7 @@ class Limiter:
                 raise LimiterUnavailableError(
                     "rate limits cannot be checked (Redis unavailable); refusing by policy"
                 ) from None
-            return made or Reservation((), periods, usage, 0, 0.0, 0.0)
+            return made or Reservation((), periods, usage, 0, 0.0, 0.0, (spend, tenant_spend))
         if outcome.refused_by is not None:
             raise _refusal(outcome, limits, principal, now, tokens, cost_usd)
         return Reservation(scopes, periods, usage, tokens, cost_usd, outcome.budget_share)
@@ -139,7 +142,7 @@ class Limiter:
         """Replace the reservation by what ``used`` (one request's figures) says, and record the usage."""
         timeout_s = policy.limits.redis_timeout_ms / 1000
         if not reservation.scopes:
-            self.ledger.record(reservation.usage, used, timeout_s)
+            self.ledger.record(reservation.usage, used, timeout_s, _spend_of(reservation))
             return
         tokens = used.prompt_tokens + used.completion_tokens
         minute, day, month = reservation.periods
@@ -166,7 +169,7 @@ class Limiter:
     def settle_later(self, policy: Policy, reservation: Reservation, used: UsageFigures) -> None:
         """:meth:`settle` off the request's path: the answer does not wait for the store."""
         if not reservation.scopes:  # nothing reserved: the usage goes to the ledger's batch, no task needed
-            self.ledger.record(reservation.usage, used, policy.limits.redis_timeout_ms / 1000)
+            self.ledger.record(reservation.usage, used, policy.limits.redis_timeout_ms / 1000, _spend_of(reservation))
             return
         task = asyncio.get_running_loop().create_task(self.settle(policy, reservation, used))
         self._settling.add(task)
@@ -187,6 +190,11 @@ class Limiter:
     async def aclose(self) -> None:
         await self.drain()
         await self.ledger.aclose()
+
+
+def _spend_of(reservation: Reservation) -> tuple[tuple[str, ...], str, str]:
+    _, day, month = reservation.periods
+    return reservation.spend, day, month
 
 
 def _refusal(

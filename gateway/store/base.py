@@ -195,8 +195,16 @@ class LimitCounters(Protocol):
         """Correct a reservation to what was used (in the periods it was made in) and add the usage."""
         ...
 
-    async def add_usage(self, sums: Mapping[str, UsageFigures], expired: Iterable[str], timeout_s: float) -> None:
-        """Add batched usage (requests that reserved nothing) and drop expired sums."""
+    async def add_usage(
+        self,
+        sums: Mapping[str, UsageFigures],
+        expired: Iterable[str],
+        spent: Mapping[tuple[str, str, str], float],
+        timeout_s: float,
+    ) -> None:
+        """Add batched usage (requests that reserved nothing) and drop expired sums; add ``spent``,
+        USD by (spend counter, day, month), to those counters' day and month as a reservation
+        would, so that a budget set later starts from what was spent."""
         ...
 
     async def read_usage(self, keys: Sequence[str], timeout_s: float) -> list[UsageFigures]: ...

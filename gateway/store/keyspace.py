@@ -97,6 +97,7 @@ def semantic_ages(index: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=4096)
 def limit_counters(tenant: str, key_id: str) -> tuple[str, str, str, str]:
     """The key's window and spend counters, then its tenant's."""
     prefix = tenant_prefix(tenant)

@@ -266,14 +266,30 @@ class MemoryLimitCounters(_Outage):
                     spend.spent_day += request.cost_delta
                 if spend.month == request.month:
                     spend.spent_month += request.cost_delta
-        await self.add_usage(dict.fromkeys(request.usage_keys, request.used), request.expired_keys, timeout_s)
+        await self.add_usage(dict.fromkeys(request.usage_keys, request.used), request.expired_keys, {}, timeout_s)
 
-    async def add_usage(self, sums: Mapping[str, UsageFigures], expired: Iterable[str], timeout_s: float) -> None:
+    async def add_usage(
+        self,
+        sums: Mapping[str, UsageFigures],
+        expired: Iterable[str],
+        spent: Mapping[tuple[str, str, str], float],
+        timeout_s: float,
+    ) -> None:
         self._check()
         for key, used in sums.items():
             self.usage.setdefault(key, UsageFigures()).add(used)
         for key in expired:
             self.usage.pop(key, None)
+        for (key, day, month), cost in spent.items():
+            spend = self.spends.setdefault(key, _Spend())
+            if spend.day == day:
+                spend.spent_day += cost
+            elif spend.day < day:
+                spend.day, spend.spent_day = day, cost
+            if spend.month == month:
+                spend.spent_month += cost
+            elif spend.month < month:
+                spend.month, spend.spent_month = month, cost
 
     async def index_usage(self, members: Mapping[str, Iterable[str]], ttl_s: int, timeout_s: float) -> None:
         self._check()

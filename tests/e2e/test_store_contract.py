@@ -159,7 +159,7 @@ async def test_settling_corrects_the_estimate_and_adds_the_usage(store: Store) -
     scopes = _scopes(tenant, Caps(usd_per_day=1.0), Caps())
     assert (await store.counters.reserve(_ask(scopes, cost=0.9), T)).refused_by is None
     today, gone = keyspace.usage(tenant, "k", "20261130"), keyspace.usage(tenant, "k", "20260830")
-    await store.counters.add_usage({gone[0]: UsageFigures(requests=7)}, [], T)
+    await store.counters.add_usage({gone[0]: UsageFigures(requests=7)}, [], {}, T)
     used = UsageFigures(requests=1, prompt_tokens=5, completion_tokens=2, cost_usd=0.1, cache_hits=1)
     settle = SettleRequest(scopes, -3, -0.8, 1000, "20261130", "202611", today, used, gone)
     await store.counters.settle(settle, T)
@@ -173,10 +173,26 @@ async def test_settling_corrects_the_estimate_and_adds_the_usage(store: Store) -
 
 async def test_batched_usage_adds_up(store: Store) -> None:
     key = keyspace.usage(_tenant(), "k", "20261130")[0]
-    await store.counters.add_usage({key: UsageFigures(requests=2, cost_usd=0.5)}, [], T)
-    await store.counters.add_usage({key: UsageFigures(requests=1, errors=1, cost_usd=0.25)}, [], T)
+    await store.counters.add_usage({key: UsageFigures(requests=2, cost_usd=0.5)}, [], {}, T)
+    await store.counters.add_usage({key: UsageFigures(requests=1, errors=1, cost_usd=0.25)}, [], {}, T)
     (figures,) = await store.counters.read_usage([key], T)
     assert (figures.requests, figures.errors) == (3, 1) and figures.cost_usd == pytest.approx(0.75)
+
+
+async def test_spend_of_unlimited_requests_counts_for_a_budget_set_later(store: Store) -> None:
+    tenant = _tenant()
+    spend = keyspace.limit_counters(tenant, "k")[1]
+    key = keyspace.usage(tenant, "k", "20261130")[0]
+    await store.counters.add_usage({key: UsageFigures(requests=1)}, [], {(spend, "20261129", "202611"): 0.3}, T)
+    await store.counters.add_usage({key: UsageFigures(requests=1)}, [], {(spend, "20261130", "202611"): 0.5}, T)
+    # a batch that arrives late for a day already gone counts for nothing that day, but for its month
+    await store.counters.add_usage({key: UsageFigures(requests=1)}, [], {(spend, "20261129", "202611"): 0.1}, T)
+    scopes = _scopes(tenant, Caps(usd_per_day=0.6, usd_per_month=1.0), Caps())
+    refused = await store.counters.reserve(_ask(scopes, cost=0.2), T)
+    assert refused.refused_by == "0.usd_per_day" and refused.spent_usd == pytest.approx(0.5)
+    refused = await store.counters.reserve(_ask(_scopes(tenant, Caps(usd_per_month=1.0), Caps()), cost=0.2), T)
+    assert refused.refused_by == "0.usd_per_month" and refused.spent_usd == pytest.approx(0.9)
+    assert (await store.counters.reserve(_ask(scopes, cost=0.05), T)).refused_by is None
 
 
 async def test_a_store_that_cannot_answer_says_so() -> None:

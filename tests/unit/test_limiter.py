@@ -104,6 +104,26 @@ async def test_usage_without_limits_is_batched_and_read_back_per_key() -> None:
     await limiter.aclose()
 
 
+async def test_a_budget_set_later_starts_from_what_was_spent_without_one() -> None:
+    # finance sees a key spend too much and gives it a budget: what it spent today counts
+    policy = load_policy_text(
+        (_POLICY % "open").replace("team: {limits: {usd_per_month: 1.0}}", "team: {}"), environ={}
+    ).policy
+    counters = MemoryLimitCounters()
+    limiter = Limiter(counters, UsageLedger(counters))
+    unlimited = Principal("app", "team", frozenset({"*"}), Limits())
+    for _ in range(3):
+        reservation = await limiter.reserve(policy, unlimited, 10, 0.0)
+        assert reservation.scopes == ()
+        limiter.settle_later(policy, reservation, UsageFigures(requests=1, cost_usd=0.25))
+    await limiter.ledger.flush()
+    with pytest.raises(BudgetExceededError) as refused:
+        await limiter.reserve(policy, _principal(usd_per_day=1.0), 10, 0.3)
+    assert "$0.7500 is spent" in refused.value.message
+    await limiter.reserve(policy, _principal(usd_per_day=1.0), 10, 0.2)
+    await limiter.aclose()
+
+
 @pytest.mark.parametrize(
     ("start_s", "rpm", "then_s"), [(31.0, 3, 0.0), (5.0, 3, 0.0), (50.0, 10, 0.0), (2.0, 1, 0.0), (50.0, 3, 15.0)]
 )

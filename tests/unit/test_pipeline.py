@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from gateway.pipeline import StreamingAnswer
-from tests.unit.conftest import Harness, answer_of
+from tests.unit.conftest import POLICY, Harness, MakeHarness, answer_of
 
 
 async def test_a_repeated_question_is_answered_from_the_exact_cache(harness: Harness) -> None:
@@ -124,6 +124,17 @@ async def test_a_budget_refuses_before_the_upstream_is_called(harness: Harness) 
     assert status == 429 and "key.usd_per_day" in body["error"]["message"]
     assert int(headers["retry-after"]) >= 1
     assert harness.upstream.calls == []
+
+
+async def test_a_budget_prices_a_request_at_the_dearest_model_it_may_end_at(make_harness: MakeHarness) -> None:
+    # fast is small (0.5/1.5 per million) with large (5/15) behind it: with small down, a budget
+    # priced at small's rate was overspent 4 times over by large's answers
+    harness = await make_harness(POLICY.replace("usd_per_day: 0.00001", "usd_per_day: 0.001"))
+    status, body, _ = answer_of(await harness.ask("hi", key="frugal", model="fast", max_tokens=100))
+    assert status == 429 and "key.usd_per_day" in body["error"]["message"]  # 100 tokens of large: $0.0015
+    assert harness.upstream.calls == []
+    status, _, _ = answer_of(await harness.ask("hi", key="frugal", model="fast", max_tokens=10))
+    assert status == 200
 
 
 async def test_a_store_outage_bypasses_the_cache_and_still_answers(harness: Harness) -> None:

@@ -91,12 +91,27 @@ return 1
 """
 
 
+# KEYS: one spend counter. ARGV: day, month, USD. A request that reserved nothing (no limit
+# applied to it) spent this: counted as a reservation would count it, a period that has passed
+# rolled over, and one older than the counter's left alone.
+_ADD_SPEND = """
+local day, month, cost = ARGV[1], ARGV[2], ARGV[3]
+local v = redis.call('HMGET', KEYS[1], 'day', 'month')
+if v[1] == day then redis.call('HINCRBYFLOAT', KEYS[1], 'd', cost)
+elseif not v[1] or v[1] < day then redis.call('HSET', KEYS[1], 'day', day, 'd', cost) end
+if v[2] == month then redis.call('HINCRBYFLOAT', KEYS[1], 'mo', cost)
+elseif not v[2] or v[2] < month then redis.call('HSET', KEYS[1], 'month', month, 'mo', cost) end
+return 1
+"""
+
+
 class RedisLimitCounters:
     def __init__(self, redis: SharedRedis) -> None:
         self._redis = redis
         client = redis.client
         self._reserve = client.register_script(_RESERVE) if client is not None else None
         self._settle = client.register_script(_SETTLE) if client is not None else None
+        self._add_spend = client.register_script(_ADD_SPEND) if client is not None else None
 
     async def reserve(self, request: ReserveRequest, timeout_s: float) -> ReserveOutcome:
         script = self._reserve
@@ -138,7 +153,15 @@ class RedisLimitCounters:
             args += [name, repr(value) if isinstance(value, float) else value]
         await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s)
 
-    async def add_usage(self, sums: Mapping[str, UsageFigures], expired: Iterable[str], timeout_s: float) -> None:
+    async def add_usage(
+        self,
+        sums: Mapping[str, UsageFigures],
+        expired: Iterable[str],
+        spent: Mapping[tuple[str, str, str], float],
+        timeout_s: float,
+    ) -> None:
+        add_spend = self._add_spend
+
         async def write(client: aioredis.Redis) -> None:
             async with client.pipeline(transaction=False) as pipe:
                 for key, used in sums.items():
@@ -150,6 +173,10 @@ class RedisLimitCounters:
                 for key in expired:
                     pipe.delete(key)
                 await pipe.execute()
+            # one script call per counter, not in the pipeline: a cluster's pipeline does not load scripts
+            for (key, day, month), cost in spent.items():
+                if add_spend is not None and cost:
+                    await add_spend(keys=[key], args=[day, month, repr(cost)])
 
         await self._redis.call(write, timeout_s)
 
