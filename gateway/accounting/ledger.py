@@ -134,17 +134,18 @@ class UsageLedger:
 
     async def read(
         self, keys: Sequence[tuple[str, str]], start: datetime, end: datetime
-    ) -> dict[str, UsageFigures] | None:
-        """The daily sums of ``(key_id, tenant)`` pairs over [start, end] (UTC days), per key; None when unreadable."""
+    ) -> dict[tuple[str, str], UsageFigures] | None:
+        """The daily sums of ``(key_id, tenant)`` pairs over [start, end] (UTC days), per pair (a key
+        moved to another tenant has a sum in each); None when unreadable."""
         days = [(start + timedelta(days=i)).strftime("%Y%m%d") for i in range((end - start).days + 1)]
         names = [keyspace.usage(tenant, key_id, day)[0] for key_id, tenant in keys for day in days]
         try:
             rows = await self._counters.read_usage(names, 2.0)
         except StoreUnavailable:
             return None
-        totals = {key_id: UsageFigures() for key_id, _ in keys}
+        totals = {pair: UsageFigures() for pair in keys}
         for index, row in enumerate(rows):
-            totals[keys[index // len(days)][0]].add(row)
+            totals[keys[index // len(days)]].add(row)
         return totals
 
     async def aclose(self) -> None:

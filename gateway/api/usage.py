@@ -50,8 +50,9 @@ async def usage(request: Request[Any, Any, Any]) -> Response[bytes]:
     totals = await state.limiter.ledger.read(keys, start, end)
     if totals is None:
         raise UsageUnavailableError("usage cannot be read right now (Redis unavailable)")
-    tenants = dict(keys)
-    data = [_row(figures, key_id=key_id, tenant=tenants[key_id]) for key_id, figures in totals.items()]
+    # one row per (key, tenant): a key moved to another tenant has a row in each, so rows summed
+    # by tenant are each tenant's own spend
+    data = [_row(figures, key_id=key_id, tenant=tenant) for (key_id, tenant), figures in totals.items()]
     everyone = UsageFigures()
     for figures in totals.values():
         everyone.add(figures)

@@ -225,6 +225,21 @@ def test_a_removed_keys_usage_stays_in_an_admins_usage(gw: GatewayProcess) -> No
     rows = httpx.get(f"{gw.base_url}/usage", headers=ops, timeout=10).json()["data"]
     leaving = [row for row in rows if row["key_id"] == "leaving-app"]
     assert leaving and leaving[0]["tenant"] == "team-a" and leaving[0]["requests"] >= 1
+    # the same key back under another tenant: each tenant's row has its own requests, none merged
+    moved = with_app.replace("leaving-app, tenant: team-a", "leaving-app, tenant: team-b")
+    _write_atomically(gw.policy_path, moved)
+    _poll(lambda: httpx.get(f"{gw.url}/readyz", headers=ops, timeout=5).json()["policy"]["version"],
+          lambda v: v == _version_of(moved))  # fmt: skip
+    again = httpx.post(
+        f"{gw.base_url}/chat/completions",
+        json={"model": "fast", "messages": [{"role": "user", "content": "count me elsewhere"}]},
+        headers={"authorization": "Bearer sk-leaving"},
+        timeout=10,
+    )
+    assert again.status_code == 200
+    rows = httpx.get(f"{gw.base_url}/usage", headers=ops, timeout=10).json()["data"]
+    by_tenant = {row["tenant"]: row["requests"] for row in rows if row["key_id"] == "leaving-app"}
+    assert by_tenant == {"team-a": leaving[0]["requests"], "team-b": 1}
 
 
 def test_invalid_edits_are_rejected_and_a_fix_is_picked_up(gw: GatewayProcess) -> None:

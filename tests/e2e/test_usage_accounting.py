@@ -50,7 +50,7 @@ async def test_usage_figures_round_trip_exactly(redis_server: EmbeddedRedis, lim
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     totals = await limiter.ledger.read([(principal.key_id, principal.tenant)], today, today)
     assert totals is not None
-    got = totals[principal.key_id]
+    got = totals[principal.key_id, principal.tenant]
     assert (got.requests, got.prompt_tokens, got.completion_tokens, got.cache_hits, got.errors) == (3, 200, 30, 1, 1)
     assert got.cost_usd == pytest.approx(0.00123)
     assert got.baseline_cost_usd == pytest.approx(0.0139)

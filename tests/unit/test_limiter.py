@@ -99,8 +99,8 @@ async def test_usage_without_limits_is_batched_and_read_back_per_key() -> None:
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     totals = await limiter.ledger.read([("a", "team"), ("b", "team")], today, today)
     assert totals is not None
-    assert (totals["a"].requests, totals["b"].requests) == (2, 1)
-    assert totals["a"].cost_usd == pytest.approx(1.0)
+    assert (totals["a", "team"].requests, totals["b", "team"].requests) == (2, 1)
+    assert totals["a", "team"].cost_usd == pytest.approx(1.0)
     await limiter.aclose()
 
 
@@ -173,7 +173,10 @@ async def test_usage_made_while_the_store_is_down_is_written_when_it_is_back() -
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     totals = await limiter.ledger.read([("app", "team"), ("free", "team")], today, today)
     assert totals is not None
-    assert [(totals[key].requests, totals[key].prompt_tokens) for key in ("app", "free")] == [(1, 10), (1, 10)]
+    assert [(totals[key, "team"].requests, totals[key, "team"].prompt_tokens) for key in ("app", "free")] == [
+        (1, 10),
+        (1, 10),
+    ]
 
 
 async def test_a_reservation_a_stalled_store_applied_late_is_corrected_to_what_was_spent() -> None:

@@ -73,7 +73,7 @@ async def test_a_cache_hit_is_priced_on_the_tokens_split_of_the_answer_it_replay
         await harness.limiter.ledger.flush()
         totals = await harness.limiter.ledger.read([("alice", "team-a")], today, today)
         assert totals is not None
-        figures = totals["alice"]
+        figures = totals["alice", "team-a"]
         return figures.cost_usd, figures.baseline_cost_usd, figures.cache_saved_usd
 
     missed = answer_of(await harness.ask("the long document again", temperature=0))
