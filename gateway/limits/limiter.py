@@ -140,7 +140,7 @@ class Limiter:
 
     async def settle(self, policy: Policy, reservation: Reservation, used: UsageFigures) -> None:
         """Replace the reservation by what ``used`` (one request's figures) says, and record the usage."""
-        timeout_s = policy.limits.redis_timeout_ms / 1000
+        timeout_s = _accounting_timeout_s(policy)
         if not reservation.scopes:
             self.ledger.record(reservation.usage, used, timeout_s, _spend_of(reservation))
             return
@@ -169,7 +169,7 @@ class Limiter:
     def settle_later(self, policy: Policy, reservation: Reservation, used: UsageFigures) -> None:
         """:meth:`settle` off the request's path: the answer does not wait for the store."""
         if not reservation.scopes:  # nothing reserved: the usage goes to the ledger's batch, no task needed
-            self.ledger.record(reservation.usage, used, policy.limits.redis_timeout_ms / 1000, _spend_of(reservation))
+            self.ledger.record(reservation.usage, used, _accounting_timeout_s(policy), _spend_of(reservation))
             return
         task = asyncio.get_running_loop().create_task(self.settle(policy, reservation, used))
         self._settling.add(task)
@@ -180,7 +180,7 @@ class Limiter:
         use, a limit): counted in the key's usage like any other, as the request log counts it."""
         now = time.time()
         self.ledger.note(tenant, key_id, now)
-        self.ledger.record(usage_keys(tenant, key_id, now), used, policy.limits.redis_timeout_ms / 1000)
+        self.ledger.record(usage_keys(tenant, key_id, now), used, _accounting_timeout_s(policy))
 
     async def drain(self) -> None:
         """Wait for the settlements still running (before a usage read, and at shutdown)."""
@@ -190,6 +190,16 @@ class Limiter:
     async def aclose(self) -> None:
         await self.drain()
         await self.ledger.aclose()
+
+
+_ACCOUNTING_TIMEOUT_S = 2.0
+"""The least time a settlement or a usage batch is given: they run off the request's path, and one
+that times out is not sent again (it may have been applied, and would count twice), so a Redis
+pausing for a few hundred milliseconds (a fork for a snapshot) must not cost the usage it was sent."""
+
+
+def _accounting_timeout_s(policy: Policy) -> float:
+    return max(policy.limits.redis_timeout_ms / 1000, _ACCOUNTING_TIMEOUT_S)
 
 
 def _spend_of(reservation: Reservation) -> tuple[tuple[str, ...], str, str]:

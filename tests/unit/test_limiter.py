@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import pytest
 
 from gateway.accounting.ledger import UsageLedger
@@ -11,6 +13,7 @@ from gateway.config.loader import load_policy_text
 from gateway.config.schema import Limits, Policy
 from gateway.errors import BudgetExceededError, LimiterUnavailableError, RateLimitError
 from gateway.limits import Limiter
+from gateway.store.base import SettleRequest, StoreTimedOut
 from gateway.store.memory import MemoryLimitCounters
 
 _POLICY = """
@@ -122,6 +125,40 @@ async def test_a_budget_set_later_starts_from_what_was_spent_without_one() -> No
     assert "$0.7500 is spent" in refused.value.message
     await limiter.reserve(policy, _principal(usd_per_day=1.0), 10, 0.2)
     await limiter.aclose()
+
+
+class _PausingCounters(MemoryLimitCounters):
+    """A store that pauses 0.5 s (a fork for a snapshot): a call given less times out, as SharedRedis's would."""
+
+    async def settle(self, request: SettleRequest, timeout_s: float) -> None:
+        if timeout_s < 0.5:
+            raise StoreTimedOut
+        await super().settle(request, timeout_s)
+
+    async def add_usage(
+        self,
+        sums: Mapping[str, UsageFigures],
+        expired: Iterable[str],
+        spent: Mapping[tuple[str, str, str], float],
+        timeout_s: float,
+    ) -> None:
+        if timeout_s < 0.5:
+            raise StoreTimedOut
+        await super().add_usage(sums, expired, spent, timeout_s)
+
+
+async def test_usage_outlasts_a_store_pause_longer_than_a_limit_checks_deadline() -> None:
+    # redis_timeout_ms (100 by default) bounds limit checks on the request's path; the usage
+    # written after it is not sent again once timed out, so it is given longer
+    policy = load_policy_text(_POLICY % "open", environ={}).policy
+    assert policy.limits.redis_timeout_ms < 500
+    counters = _PausingCounters()
+    limiter = Limiter(counters, UsageLedger(counters))
+    for principal in (_principal(usd_per_day=1.0), Principal("free", "other", frozenset({"*"}), Limits())):
+        reservation = await limiter.reserve(policy, principal, 10, 0.1)
+        limiter.settle_later(policy, reservation, UsageFigures(requests=1, cost_usd=0.05))
+    await limiter.aclose()
+    assert sorted(figures.requests for figures in counters.usage.values()) == [1, 1, 1, 1]
 
 
 @pytest.mark.parametrize(
