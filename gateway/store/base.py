@@ -32,12 +32,17 @@ __all__ = [
     "ReserveOutcome",
     "ReserveRequest",
     "SettleRequest",
+    "Spent",
     "Store",
     "StoreTimedOut",
     "StoreUnavailable",
     "VectorIndex",
     "VectorMatch",
 ]
+
+
+Spent = Mapping[tuple[str, str, str], float]
+"""USD by (spend counter, UTC day ``yyyymmdd``, month ``yyyymm``)."""
 
 
 class StoreUnavailable(Exception):
@@ -196,11 +201,7 @@ class LimitCounters(Protocol):
         ...
 
     async def add_usage(
-        self,
-        sums: Mapping[str, UsageFigures],
-        expired: Iterable[str],
-        spent: Mapping[tuple[str, str, str], float],
-        timeout_s: float,
+        self, sums: Mapping[str, UsageFigures], expired: Iterable[str], spent: Spent, timeout_s: float
     ) -> None:
         """Add batched usage (requests that reserved nothing) and drop expired sums; add ``spent``,
         USD by (spend counter, day, month), to those counters' day and month as a reservation

@@ -19,6 +19,7 @@ from gateway.store.base import (
     ReserveOutcome,
     ReserveRequest,
     SettleRequest,
+    Spent,
     Store,
     StoreUnavailable,
     VectorMatch,
@@ -269,11 +270,7 @@ class MemoryLimitCounters(_Outage):
         await self.add_usage(dict.fromkeys(request.usage_keys, request.used), request.expired_keys, {}, timeout_s)
 
     async def add_usage(
-        self,
-        sums: Mapping[str, UsageFigures],
-        expired: Iterable[str],
-        spent: Mapping[tuple[str, str, str], float],
-        timeout_s: float,
+        self, sums: Mapping[str, UsageFigures], expired: Iterable[str], spent: Spent, timeout_s: float
     ) -> None:
         self._check()
         for key, used in sums.items():

@@ -53,11 +53,16 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def _chat(
-    gw: GatewayProcess, model: str = "fast", content: str = "hello reload world", timeout: float = 10
+    gw: GatewayProcess,
+    model: str = "fast",
+    content: str = "hello reload world",
+    timeout: float = 10,
+    key: str | None = None,
 ) -> httpx.Response:
     return httpx.post(
         f"{gw.base_url}/chat/completions",
         json={"model": model, "messages": [{"role": "user", "content": content}]},
+        headers={"authorization": f"Bearer {key}"} if key else None,
         timeout=timeout,
     )
 
@@ -206,39 +211,27 @@ def test_a_removed_keys_usage_stays_in_an_admins_usage(gw: GatewayProcess) -> No
     admin = f'    - {{id: ops, tenant: ops, hash: "{hash_key("sk-ops")}", admin: true}}'
     app = f'    - {{id: leaving-app, tenant: team-a, hash: "{hash_key("sk-leaving")}"}}'
     base = gw.policy_path.read_text()
-    with_app = base.replace("auth: {mode: none}", f"auth:\n  mode: keys\n  keys:\n{admin}\n{app}")
-    _write_atomically(gw.policy_path, with_app)
     ops = {"authorization": "Bearer sk-ops"}
-    _poll(lambda: httpx.get(f"{gw.url}/readyz", headers=ops, timeout=5).json()["policy"]["version"],
-          lambda v: v == _version_of(with_app))  # fmt: skip
-    answered = httpx.post(
-        f"{gw.base_url}/chat/completions",
-        json={"model": "fast", "messages": [{"role": "user", "content": "count me"}]},
-        headers={"authorization": "Bearer sk-leaving"},
-        timeout=10,
-    )
-    assert answered.status_code == 200
-    without_app = with_app.replace(app + "\n", "")
-    _write_atomically(gw.policy_path, without_app)
-    _poll(lambda: httpx.get(f"{gw.url}/readyz", headers=ops, timeout=5).json()["policy"]["version"],
-          lambda v: v == _version_of(without_app))  # fmt: skip
-    rows = httpx.get(f"{gw.base_url}/usage", headers=ops, timeout=10).json()["data"]
-    leaving = [row for row in rows if row["key_id"] == "leaving-app"]
+
+    def install(text: str) -> None:
+        _write_atomically(gw.policy_path, text)
+        _poll(lambda: httpx.get(f"{gw.url}/readyz", headers=ops, timeout=5).json()["policy"]["version"],
+              lambda v: v == _version_of(text))  # fmt: skip
+
+    def leaving_app_rows() -> list[dict[str, Any]]:
+        rows = httpx.get(f"{gw.base_url}/usage", headers=ops, timeout=10).json()["data"]
+        return [row for row in rows if row["key_id"] == "leaving-app"]
+
+    with_app = base.replace("auth: {mode: none}", f"auth:\n  mode: keys\n  keys:\n{admin}\n{app}")
+    install(with_app)
+    assert _chat(gw, content="count me", key="sk-leaving").status_code == 200
+    install(with_app.replace(app + "\n", ""))
+    leaving = leaving_app_rows()
     assert leaving and leaving[0]["tenant"] == "team-a" and leaving[0]["requests"] >= 1
     # the same key back under another tenant: each tenant's row has its own requests, none merged
-    moved = with_app.replace("leaving-app, tenant: team-a", "leaving-app, tenant: team-b")
-    _write_atomically(gw.policy_path, moved)
-    _poll(lambda: httpx.get(f"{gw.url}/readyz", headers=ops, timeout=5).json()["policy"]["version"],
-          lambda v: v == _version_of(moved))  # fmt: skip
-    again = httpx.post(
-        f"{gw.base_url}/chat/completions",
-        json={"model": "fast", "messages": [{"role": "user", "content": "count me elsewhere"}]},
-        headers={"authorization": "Bearer sk-leaving"},
-        timeout=10,
-    )
-    assert again.status_code == 200
-    rows = httpx.get(f"{gw.base_url}/usage", headers=ops, timeout=10).json()["data"]
-    by_tenant = {row["tenant"]: row["requests"] for row in rows if row["key_id"] == "leaving-app"}
+    install(with_app.replace("leaving-app, tenant: team-a", "leaving-app, tenant: team-b"))
+    assert _chat(gw, content="count me elsewhere", key="sk-leaving").status_code == 200
+    by_tenant = {row["tenant"]: row["requests"] for row in leaving_app_rows()}
     assert by_tenant == {"team-a": leaving[0]["requests"], "team-b": 1}
 
 

@@ -13,7 +13,7 @@ from gateway.config.loader import load_policy_text
 from gateway.config.schema import Limits, Policy
 from gateway.errors import BudgetExceededError, LimiterUnavailableError, RateLimitError
 from gateway.limits import Limiter
-from gateway.store.base import SettleRequest, StoreTimedOut
+from gateway.store.base import SettleRequest, Spent, StoreTimedOut
 from gateway.store.memory import MemoryLimitCounters
 
 _POLICY = """
@@ -136,11 +136,7 @@ class _PausingCounters(MemoryLimitCounters):
         await super().settle(request, timeout_s)
 
     async def add_usage(
-        self,
-        sums: Mapping[str, UsageFigures],
-        expired: Iterable[str],
-        spent: Mapping[tuple[str, str, str], float],
-        timeout_s: float,
+        self, sums: Mapping[str, UsageFigures], expired: Iterable[str], spent: Spent, timeout_s: float
     ) -> None:
         if timeout_s < 0.5:
             raise StoreTimedOut

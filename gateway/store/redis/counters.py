@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from gateway.accounting.usage import UsageFigures
 from gateway.store import keyspace
-from gateway.store.base import Caps, ReserveOutcome, ReserveRequest, SettleRequest, StoreUnavailable
+from gateway.store.base import Caps, ReserveOutcome, ReserveRequest, SettleRequest, Spent, StoreUnavailable
 from gateway.store.redis.client import SharedRedis
 
 __all__ = ["RedisLimitCounters"]
@@ -154,11 +154,7 @@ class RedisLimitCounters:
         await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s)
 
     async def add_usage(
-        self,
-        sums: Mapping[str, UsageFigures],
-        expired: Iterable[str],
-        spent: Mapping[tuple[str, str, str], float],
-        timeout_s: float,
+        self, sums: Mapping[str, UsageFigures], expired: Iterable[str], spent: Spent, timeout_s: float
     ) -> None:
         add_spend = self._add_spend
 
