@@ -128,7 +128,10 @@ class Structure:
     quoted: tuple[str, ...]
     """Quoted strings as typed, blanks included: a literal, whose every character may matter."""
     flags: frozenset[str]
-    """One-letter options and escapes as typed (``-d``, ``%M``, ``\\D``), where case is the meaning."""
+    """Options, format codes and escapes as typed (``-avP``, ``%M``, ``\\D``), where case is the meaning."""
+    cased_words: frozenset[str] | None
+    """Units after a number and one-letter words as typed (``5 Ms``, ``G``); None when the prompt
+    has no capital at all: a writer who types everything in lower case says nothing by it."""
 
 
 def conflicts(a: str, b: str) -> list[str]:
@@ -160,6 +163,7 @@ def conflicts(a: str, b: str) -> list[str]:
         _recased(x.code_words, y.code_words)
         or _recased_words(x.typed_words, y.typed_words)
         or _recased(x.flags, y.flags)
+        or (x.cased_words is not None and y.cased_words is not None and _recased(x.cased_words, y.cased_words))
     ):
         found.append("case")
     if _remarked_words(x.typed_words, y.typed_words):
@@ -203,6 +207,7 @@ def structure_of(text: str) -> Structure:
         frozenset(_TYPED_WORD.findall(typed)),
         tuple(m.group(1) or m.group(2) or m.group(3) for m in _QUOTED.finditer(typed)),
         frozenset(_FLAG.findall(typed)),
+        _cased_words(typed) if any(c.isupper() for c in typed) else None,
     )
 
 
@@ -302,7 +307,30 @@ def _recased(x: frozenset[str], y: frozenset[str]) -> bool:
 # a word with its marks: Thai tone marks and Devanagari vowel signs are not \w, and would split it
 _MARKS = "".join(re.escape(chr(c)) for c in range(0x300, 0x10000) if unicodedata.category(chr(c)).startswith("M"))
 _TYPED_WORD = re.compile(f"(?:[^\\W_]|[{_MARKS}])+")
-_FLAG = re.compile(r"(?<![\w\\%-])(?:--?|%|\\)[A-Za-z](?![\w])")
+# where case is the meaning, though typed in prose: options (`-d`, `-avP`), format codes and
+# escapes (`%M`, `\D`)
+_FLAG = re.compile(r"(?<![\w\\%-])(?:--?[A-Za-z]|-[A-Za-z]{2,6}|%[A-Za-z]|\\[A-Za-z])(?![\w])")
+# where case is meaning to a writer who uses case: units after a number (`5 Ms`, `3 mg`; not
+# am/pm, ordinals or "4x") and one-letter words (vim's `G`, the prefix `M`; not "a" or "I", an
+# option's label "b)" or an initial "E.", nor a letter opening a sentence, which a writer
+# recases: Portuguese "o", Polish "w")
+_CASED_WORD = re.compile(
+    r"(?<=\d)[ \t]?(?!(?i:am|pm|st|nd|rd|th|x)\b)[A-Za-z\u00b5\u03bc\u2126]{1,3}\b(?![).])"
+    r"|(?<![\w'\u2019.-])[B-HJ-Zb-hj-z](?![\w'\u2019).:-])"
+)
+_SENTENCE_OPENS = re.compile(r"(?:^|[.?!:;\n]|[.?!]['\"\u201d)])\s*$")
+
+
+def _cased_words(typed: str) -> frozenset[str]:
+    found = set()
+    for match in _CASED_WORD.finditer(typed):
+        word = match.group().strip()
+        if len(word) == 1 and _SENTENCE_OPENS.search(typed, max(0, match.start() - 4), match.start()):
+            continue
+        found.add(word)
+    return frozenset(found)
+
+
 # a quoted literal: '...' "..." “...” ‘...’ «...» (a quote inside a word, as in "it's", opens none)
 _QUOTED = re.compile(r"(?<!\w)['‘]([^'‘’\n]{1,200})['’](?!\w)|[\"“]([^\"“”\n]{1,200})[\"”]|«([^»\n]{1,200})»")
 

@@ -272,6 +272,9 @@ def test_the_rules_are_linear_on_long_runs_of_blanks(unit: str, size: int) -> No
         ("What does git branch -d do?", "What does git branch -D do?", "case"),
         ("In Python strftime what does %m mean?", "In Python strftime what does %M mean?", "case"),
         ("What does \\d match in a regex?", "What does \\D match in a regex?", "case"),
+        ("What does rsync -avP do?", "What does rsync -avp do?", "case"),
+        ("How many seconds are in 5 Ms?", "How many seconds are in 5 ms?", "case"),
+        ("In vim, what does the command G do?", "In vim, what does the command g do?", "case"),
         ("ベッドの選び方を教えてください", "ペットの選び方を教えてください", "marks"),
         ("てんきについて教えて", "でんきについて教えて", "marks"),
         ("ข่าววันนี้มีอะไรบ้าง", "ข้าววันนี้มีอะไรบ้าง", "marks"),
@@ -301,6 +304,11 @@ def test_what_the_models_cannot_see_is_refused_by_a_rule(stored: str, new: str, 
         ("¿Cómo se dice 'thank you' en inglés?", "¿Cómo se dice 'thank you' en ingles?"),
         ("هل أستطيع السفر إلى الأردن بدون تأشيرة؟", "هل استطيع السفر الى الاردن بدون تأشيرة؟"),
         ("Quanto custa a autorização?", "Quanto custa a autorizaçao?"),
+        # a writer who types all in lower case says nothing by it; option labels and initials
+        ("How do I find all files larger than 100MB on Linux?", "linux: find files bigger than 100mb"),
+        ("In which year did the Berlin Wall fall? A) 1987 B) 1989", "Berlin Wall came down in: a) 1987 b) 1989"),
+        ("In the lac operon of E. coli, what happens without lactose?", "lac operon e coli, no lactose: what happens?"),
+        ("Meu Wi-Fi cai quando ligo o micro-ondas.", "Meu Wi-Fi cai quando ligo o micro-ondas. O que faço?"),
     ],
 )  # fmt: skip
 def test_a_sentences_capital_a_lowercased_acronym_and_reindented_code_are_no_conflict(stored: str, new: str) -> None:
