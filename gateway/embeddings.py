@@ -90,7 +90,8 @@ class EmbeddingsPipeline:
             counts = await _count(inputs, first.encoding, limits.long_prompt_chars)
             total_tokens = sum(counts)
             # Every key gets a reservation, one without limits too: settling it records the usage.
-            estimate = cost_usd(first.price, total_tokens, 0)
+            # Priced at the dearest model the request may end at (a fallback may cost more).
+            estimate = max(cost_usd(model.price, total_tokens, 0) for model in models)
             reservation = await self._limiter.reserve(runtime.policy, principal, total_tokens, estimate)
             vectors = await self._answer(runtime, plan, request, inputs, extra, counts, record, info, cache_control)
             # The baseline is every input embedded by the route's model: what the cache saves shows

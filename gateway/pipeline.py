@@ -357,10 +357,10 @@ class ChatPipeline:
         """Check the key's and tenant's limits against this request's estimate, and reserve it."""
         assert x.plan is not None
         policy = x.runtime.policy
-        # Any model the request may end at prices it: a classifier route may pick the large model,
-        # and a fallback may be dearer than the first model (when the cheap one is down, a budget
-        # priced at its rate was overspent 4 times over).
-        reachable = (*x.plan.candidates, x.plan.baseline) if x.plan.threshold is not None else x.plan.candidates
+        # Any model the request may end at prices it: a classifier route may pick the pair's large
+        # model, and a fallback may be dearer than the first model (when the cheap one is down, a
+        # budget priced at its rate was overspent 4 times over).
+        reachable = x.runtime.router.ends(x.plan)
         # No model writes past its context window: a max_tokens of 10**9 is not a $10,000 estimate
         # that refuses the request as over budget (the upstream answers for the value itself).
         window = max(policy.models[name].context_window for name in reachable)

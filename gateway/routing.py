@@ -77,7 +77,10 @@ class Router:
     def reachable(self, requested: str) -> tuple[str, ...]:
         """Every model a request for ``requested`` may end at: the route's candidates and, on a
         classifier route, the pair too (what a protocol edge checks before promising a feature)."""
-        plan = self.plan(requested)
+        return self.ends(self.plan(requested))
+
+    def ends(self, plan: RoutePlan) -> tuple[str, ...]:
+        """Every model a request planned so may end at (what its budget estimate is priced at)."""
         names = (*plan.candidates, *self.pair) if plan.threshold is not None else plan.candidates
         return tuple(dict.fromkeys(names))
 

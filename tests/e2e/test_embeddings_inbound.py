@@ -23,6 +23,7 @@ _AUTH = f"""auth:
     - {{id: a, tenant: team-a, hash: "{hash_key("key-a")}"}}
     - {{id: b, tenant: team-b, hash: "{hash_key("key-b")}"}}
     - {{id: tiny, tenant: team-t, hash: "{hash_key("key-tiny")}", limits: {{tpm: 40}}}}
+    - {{id: thrifty, tenant: team-th, hash: "{hash_key("key-thrifty")}", limits: {{usd_per_day: 0.000005}}}}
 """
 
 
@@ -147,6 +148,15 @@ def test_tokens_per_minute_apply_to_embeddings(gateway_with_cache: GatewayProces
         with pytest.raises(openai.RateLimitError) as refused:
             client.embeddings.create(model="embed", input="word " * 60)
     assert "key.tpm" in refused.value.message
+
+
+def test_a_budget_prices_embeddings_at_the_dearest_fallback(gateway_with_cache: GatewayProcess) -> None:
+    # 101 tokens: $0.000002 on embed, $0.000013 on embed-large, vectors' fallback
+    with _client(gateway_with_cache, "key-thrifty") as client:
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.embeddings.create(model="vectors", input="word " * 100)
+        assert "key.usd_per_day" in refused.value.message
+        assert len(client.embeddings.create(model="embed", input="word " * 100).data) == 1
 
 
 def test_embeddings_of_a_key_without_limits_count_in_its_usage(gateway_with_cache: GatewayProcess) -> None:

@@ -37,3 +37,12 @@ def test_a_continued_response_goes_where_its_upstream_keeps_it() -> None:
     assert router.continuing(both, "s").candidates == ("s",) and router.continuing(both, "s").decision == "fixed"
     elsewhere = router.continuing(router.plan("s"), "l")
     assert elsewhere.candidates == ("l",) and elsewhere.decision == "previous_response"
+
+
+def test_a_request_may_end_at_its_fallbacks_and_a_classifier_routes_large_pick() -> None:
+    # what a budget estimate is priced at: a route whose baseline is small still picks large
+    policy = POLICY.replace("auth:", "  cheap: {strategy: classifier, model: s, baseline: s, threshold: 0.5}\nauth:")
+    router = Router(load_policy_text(policy, environ={}).policy)
+    assert set(router.ends(router.plan("cheap"))) == {"s", "l"}
+    assert router.ends(router.plan("both")) == ("s", "l2")
+    assert router.ends(router.plan("s")) == ("s",)
