@@ -285,14 +285,14 @@ def _signature(path: Path) -> tuple[int, int] | None:
     return stat.st_size, stat.st_mtime_ns
 
 
-_VALUE_GIVEN = re.compile(r"(\bgot\b[^'\n]*?)'.*", re.S)
+_QUOTED_VALUE = re.compile(r"'(?:[^'\\\n]|\\.)*'(?:\.\.\.)?|\"(?:[^\"\\\n]|\\.)*\"(?:\.\.\.)?")
 
 
 def _loggable(problems: list[str]) -> list[str]:
     """The problems without the values they quote: a value may be a key's secret pasted where its
     hash goes, or an upstream's key from ``${VAR}`` in the wrong field. The operational log is
     shipped elsewhere; ``/readyz`` shows the whole text to an admin key, ``gateway check`` to ops."""
-    return [_VALUE_GIVEN.sub(r"\1(the value is not logged)", problem) for problem in problems]
+    return [_QUOTED_VALUE.sub("'…'", problem) for problem in problems]
 
 
 def _refuse_weakening_by_omission(current: LoadedPolicy, new: LoadedPolicy) -> None:
@@ -302,12 +302,13 @@ def _refuse_weakening_by_omission(current: LoadedPolicy, new: LoadedPolicy) -> N
             new.source,
             ["'tenants' is missing while the policy in force has tenants (write 'tenants: {}' to remove them all)"],
         )
-    if current.key_file_keys and new.key_file_keys is None and new.policy.auth.key_file == current.policy.auth.key_file:
+    if current.key_file_keys and new.policy.auth.key_file and new.key_file_keys is None:
         raise ConfigError(
             new.source,
             [
                 f"auth.key_file {new.policy.auth.key_file!r} is missing, empty or has no 'keys' list while the "
-                f"policy in force has {current.key_file_keys} keys from it (write 'keys: []' there to remove them all)"
+                f"policy in force has {current.key_file_keys} keys from {current.policy.auth.key_file!r} "
+                "(write 'keys: []' there to remove them all)"
             ],
         )
 

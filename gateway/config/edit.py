@@ -112,27 +112,48 @@ def _editing(path: Path) -> Iterator[Path]:
     the file is read, changed and replaced. The file itself cannot hold the lock, being replaced.
     A symlink (a mounted config) is followed, so the link stays."""
     path = path.resolve() if path.is_symlink() else path
-    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+    try:
+        lock = open(path.with_name(f".{path.name}.lock"), "a")  # noqa: SIM115 (closed below)
+    except PermissionError:  # a folder we may not write in: the file is then written in place, and holds it
+        lock = open(path, "a")  # noqa: SIM115
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield path
 
 
 def _write(path: Path, text: str) -> None:
     """Replace ``path`` whole (a reader, such as a reloading gateway, never sees it half written),
-    keeping its permissions."""
+    keeping its mode and owner: a 0600 key file of the service's user that became root's after a
+    ``sudo gateway keys new`` would lock the gateway out of it. Where we may not (the folder is not
+    ours to write, or the owner is another user), the file is written in place, still one edit at a time."""
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
+        before: os.stat_result | None = path.stat()
     except FileNotFoundError:
+        before = None
+    if before is not None:
+        mode = stat.S_IMODE(before.st_mode)
+    else:
         umask = os.umask(0)
         os.umask(umask)
         mode = 0o666 & ~umask
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except PermissionError:
+        path.write_text(text, encoding="utf-8")
+        return
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
             out.flush()
             os.fsync(out.fileno())
         os.chmod(temporary, mode)
+        if before is not None and (before.st_uid, before.st_gid) != (os.geteuid(), os.getegid()):
+            try:
+                os.chown(temporary, before.st_uid, before.st_gid)
+            except PermissionError:
+                os.unlink(temporary)
+                path.write_text(text, encoding="utf-8")
+                return
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,12 +293,18 @@ def _with_placeholders(value: str, environ: Mapping[str, str]) -> tuple[str, lis
             filled[exc.name] = f"http://unset-{exc.name.lower().replace('_', '-')}.invalid"
 
 
+_CONVENTIONAL_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+
+
 def _warnings(policy: Policy, environ: Mapping[str, str], key_file: Path | None = None) -> list[str]:
     """What is valid but likely not meant: each turns into a 401, a 403 or a limit that never applies."""
     out = []
     for name, model in policy.models.items():
         if model.api_key_env and not environ.get(model.api_key_env):
-            out.append(f"models.{name}: {model.api_key_env} is not set; requests to it carry no API key")
+            variable = model.api_key_env
+            if not _CONVENTIONAL_NAME.fullmatch(variable):  # perhaps a key pasted for its variable's name
+                variable = "the variable it names (not shown: it is not an upper-case name; is it a key itself?)"
+            out.append(f"models.{name}.api_key_env: {variable} is not set; requests to it carry no API key")
     callable_names = {*policy.routes, *(name for name, model in policy.models.items() if model.public)}
     for key in policy.auth.keys:
         unknown = [name for name in key.models if name != "*" and name not in callable_names]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -159,3 +161,16 @@ def test_keys_added_at_once_by_several_processes_are_all_kept(tmp_path: Path) ->
     ids = [entry["id"] for entry in yaml.safe_load(path.read_text())["keys"]]
     assert sorted(ids) == sorted(["first", *(f"w{w}-{n}" for w in range(4) for n in range(15))])
     assert not [p for p in tmp_path.iterdir() if p.name not in ("keys.yaml", ".keys.yaml.lock")]  # no temporary left
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may give a file to another user")
+def test_a_key_added_by_root_leaves_the_key_file_to_its_owner(tmp_path: Path) -> None:
+    # `sudo gateway keys new` on the service user's 0600 file: the gateway must still read it
+    path = tmp_path / "keys.yaml"
+    append_key(path, {"id": "first", "tenant": "t", "hash": "0" * 64})
+    os.chown(path, 1234, 1234)
+    os.chmod(path, 0o600)
+    append_key(path, {"id": "second", "tenant": "t", "hash": "1" * 64})
+    after = path.stat()
+    assert (after.st_uid, after.st_gid, stat.S_IMODE(after.st_mode)) == (1234, 1234, 0o600)
+    assert [entry["id"] for entry in yaml.safe_load(path.read_text())["keys"]] == ["first", "second"]

@@ -103,6 +103,17 @@ def test_a_key_pasted_into_api_key_env_is_refused_and_never_shown() -> None:
     assert message.startswith("models.l.api_key_env (line 12)") and "SECRET" not in message
 
 
+def test_a_key_shaped_like_a_variable_name_is_not_shown_in_the_warning() -> None:
+    # "gsk_..." passes the name pattern; the warning that it is unset must not print it
+    pasted = VALID.replace("    tier: large", "    tier: large\n    api_key_env: gsk_live4SECRET123")
+    notes = load_policy_text(pasted, environ={}).warnings
+    assert any(note.startswith("models.l.api_key_env: the variable it names") for note in notes)
+    assert not any("SECRET" in note for note in notes)
+    named = VALID.replace("    tier: large", "    tier: large\n    api_key_env: LARGE_MODEL_API_KEY")
+    notes = load_policy_text(named, environ={}).warnings
+    assert "models.l.api_key_env: LARGE_MODEL_API_KEY is not set; requests to it carry no API key" in notes
+
+
 def test_a_misspelt_encoding_is_refused() -> None:
     [message] = problems(VALID.replace("    tier: large", "    tier: large\n    encoding: cl100k_bse"))
     assert message.startswith("models.l.encoding") and "'cl100k_bse'" in message and "cl100k_base" in message

@@ -39,6 +39,12 @@ async def test_a_key_file_emptied_or_lost_is_refused_unless_it_says_keys_empty(m
         assert "carol" in {key.id for key in holder.current.policy.auth.keys}
     keys.unlink()
     assert not await holder.reload("test", settle=False)
+    # nor a policy that points at another file that is not there (a typo: keys.yml)
+    keys.write_text('keys:\n  - {id: carol, tenant: team-a, hash: "sha256:' + "c" * 64 + '"}\n')
+    holder.path.write_text(policy.replace("key_file: keys.yaml", "key_file: keys.yml"))
+    assert not await holder.reload("test", settle=False)
+    assert "carol" in {key.id for key in holder.current.policy.auth.keys}
+    holder.path.write_text(policy)
     keys.write_text("keys: []\n")
     assert await holder.reload("test", settle=False)
     assert "carol" not in {key.id for key in holder.current.policy.auth.keys}
