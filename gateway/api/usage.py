@@ -17,6 +17,8 @@ from gateway.errors import InvalidRequestError, UsageUnavailableError
 __all__ = ["usage"]
 
 _MAX_DAYS = 366
+_DRAIN_S = 3.0
+"""How long a usage read waits for this worker's settlements (one may wait for Redis to come back)."""
 
 
 @get("/v1/usage")
@@ -40,7 +42,7 @@ async def usage(request: Request[Any, Any, Any]) -> Response[bytes]:
             param=given,
         )
     # This worker's own figures are made current; other workers write theirs every USAGE_FLUSH_S.
-    await state.limiter.drain()
+    await state.limiter.drain(timeout_s=_DRAIN_S)
     await state.limiter.ledger.flush()
     if principal.admin:  # the policy's keys, and those that had usage then and are gone from it since
         used = await state.limiter.ledger.indexed_keys(start, end)

@@ -2,19 +2,29 @@
 
 Before the upstream call, :meth:`Limiter.reserve` checks every rate limit and budget
 of the key and of its tenant against the request's *estimate* (prompt tokens + the
-completion it may ask for, priced at the first model) and reserves it, atomically, in
-one store call: two processes behind a load balancer enforce one limit. After the call,
-:meth:`Limiter.settle` replaces the estimate with the actual tokens and cost and adds
-the request to the usage ``/v1/usage`` reads.
+completion it may ask for, priced at the dearest model it may end at) and reserves it,
+atomically, in one store call: two processes behind a load balancer enforce one limit. After
+the call, :meth:`Limiter.settle` replaces the estimate with the actual tokens and cost and
+adds the request to the usage ``/v1/usage`` reads.
+
+A reservation leaves a mark in the store. A call that timed out may or may not have reached
+the store (a paused Redis applies what it was sent when it wakes; a call still opening its
+connection never arrives), so the settlement reads the mark: a reservation made is corrected,
+one never made has the whole cost counted, and a settlement sent again after a timeout is
+applied once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
+import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+
+import structlog
 
 from gateway.accounting.ledger import UsageKeys, UsageLedger, usage_keys
 from gateway.accounting.usage import UsageFigures
@@ -39,6 +49,11 @@ __all__ = ["Limiter", "Reservation"]
 
 _NO_LIMIT = Limits()
 _SCOPE_NAMES = ("key", "tenant")
+_log = structlog.get_logger("gateway.limits")
+_RESERVATION_IDS = (f"{os.urandom(6).hex()}{n:x}" for n in itertools.count())
+"""Unique across processes (a random prefix per process), cheap per request."""
+_SETTLE_RETRIES_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+"""Pauses before a settlement is sent again (within the 30 s a settled mark is kept)."""
 
 
 @dataclass(slots=True)
@@ -53,8 +68,10 @@ class Reservation:
     budget_share: float
     """The largest share of a daily or monthly budget spent before this request."""
     spend: tuple[str, ...] = ()
-    """When nothing was reserved: the key's and tenant's spend counters, which its cost is added
-    to with the usage, so that a budget set later starts from what was spent that day and month."""
+    """The key's and tenant's spend counters, which the cost of a request that reserved nothing
+    is added to with the usage, so that a budget set later starts from what was spent."""
+    mark: str | None = None
+    """Where the store says whether this reservation was made, and settled (``keyspace.reservation``)."""
 
 
 class Limiter:
@@ -88,7 +105,9 @@ class Limiter:
                 owner = f"key '{principal.key_id}'" if scope_index == 0 else f"tenant '{principal.tenant}'"
                 raise too_large_error(owner, scope_limits.tpm, tokens, name=f"{_SCOPE_NAMES[scope_index]}.tpm")
         minute, day, month = periods
-        request = ReserveRequest(scopes, tokens, cost_usd, minute, day, month, now / 60 - minute)
+        mark = keyspace.reservation(principal.tenant, next(_RESERVATION_IDS))
+        request = ReserveRequest(scopes, tokens, cost_usd, minute, day, month, now / 60 - minute, mark)
+        spends = (spend, tenant_spend)
         try:
             outcome = await self._counters.reserve(request, policy.limits.redis_timeout_ms / 1000)
         except StoreUnavailable as exc:
@@ -96,7 +115,9 @@ class Limiter:
             # it is taken as made, so that the settlement corrects it to what was spent (or, refused
             # here, cancels it). Never made (Redis not asked), there is nothing to correct.
             made = (
-                Reservation(scopes, periods, usage, tokens, cost_usd, 0.0) if isinstance(exc, StoreTimedOut) else None
+                Reservation(scopes, periods, usage, tokens, cost_usd, 0.0, spends, mark)
+                if isinstance(exc, StoreTimedOut)
+                else None
             )
             if policy.limits.on_redis_error == "closed":
                 if made is not None:
@@ -104,10 +125,10 @@ class Limiter:
                 raise LimiterUnavailableError(
                     "rate limits cannot be checked (Redis unavailable); refusing by policy"
                 ) from None
-            return made or Reservation((), periods, usage, 0, 0.0, 0.0, (spend, tenant_spend))
+            return made or Reservation((), periods, usage, 0, 0.0, 0.0, spends)
         if outcome.refused_by is not None:
             raise _refusal(outcome, limits, principal, now, tokens, cost_usd)
-        return Reservation(scopes, periods, usage, tokens, cost_usd, outcome.budget_share)
+        return Reservation(scopes, periods, usage, tokens, cost_usd, outcome.budget_share, spends, mark)
 
     async def admit_count(self, policy: Policy, principal: Principal) -> None:
         """Check and count a token count (``count_tokens``) against the key's and tenant's ``rpm``.
@@ -156,15 +177,29 @@ class Limiter:
             usage_keys=reservation.usage[0],
             used=used,
             expired_keys=reservation.usage[1],
+            tokens=tokens,
+            cost_usd=used.cost_usd,
+            mark=reservation.mark,
         )
-        try:
-            await self._counters.settle(request, timeout_s)
-        except StoreTimedOut:
-            pass  # asked, and perhaps applied: the reservation stands in for the spend
-        except StoreUnavailable:
-            # Not asked (the store is down): the reservation stands in for the actual spend in the
-            # limits (an upper bound); the usage goes to the ledger's batch, written when it is back.
-            self.ledger.record(reservation.usage, used, timeout_s)
+        timed_out = False
+        for pause_s in (*(_SETTLE_RETRIES_S if reservation.mark is not None else ()), None):
+            try:
+                await self._counters.settle(request, timeout_s)
+                return
+            except StoreTimedOut:
+                timed_out = True  # asked, and perhaps applied: the mark makes sending it again safe
+            except StoreUnavailable:
+                if not timed_out:
+                    break  # never asked: nothing of it was applied
+            if pause_s is not None:
+                await asyncio.sleep(pause_s)
+        if timed_out:  # perhaps applied; sent again once its mark is gone, it could count twice
+            _log.warning("usage_unrecorded", usage=reservation.usage[0][0], cost_usd=used.cost_usd, tokens=tokens)
+            return
+        # Never reached the store (it is down): the usage goes to the ledger's batch, written when it
+        # is back, and its whole cost to the spend counters too (over the reservation, if one was
+        # made: an upper bound, never below what was spent).
+        self.ledger.record(reservation.usage, used, timeout_s, _spend_of(reservation))
 
     def settle_later(self, policy: Policy, reservation: Reservation, used: UsageFigures) -> None:
         """:meth:`settle` off the request's path: the answer does not wait for the store."""
@@ -182,10 +217,11 @@ class Limiter:
         self.ledger.note(tenant, key_id, now)
         self.ledger.record(usage_keys(tenant, key_id, now), used, _accounting_timeout_s(policy))
 
-    async def drain(self) -> None:
-        """Wait for the settlements still running (before a usage read, and at shutdown)."""
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Wait for the settlements still running (before a usage read, and at shutdown), at most
+        ``timeout_s``: one waiting for the store to come back may take a while."""
         if self._settling:
-            await asyncio.gather(*self._settling, return_exceptions=True)
+            await asyncio.wait(set(self._settling), timeout=timeout_s)
 
     async def aclose(self) -> None:
         await self.drain()

@@ -160,6 +160,9 @@ class ReserveRequest:
     month: str
     minute_fraction: float
     """How far into ``minute`` the request is (0..1): the previous minute counts for the rest."""
+    mark: str | None = None
+    """Where a reservation made says so (``keyspace.reservation``), for its settlement to read:
+    a reservation whose call timed out may or may not have reached the store."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +192,13 @@ class SettleRequest:
     used: UsageFigures
     expired_keys: Sequence[str]
     """Usage sums that have left the retention period."""
+    tokens: int = 0
+    cost_usd: float = 0.0
+    """What was used: counted whole in the limits when the reservation never reached the store."""
+    mark: str | None = None
+    """The reservation's mark: it says whether the reservation was made (then the deltas apply)
+    and whether this settlement was already applied (a settlement sent again after a timeout
+    counts once). None: taken as made, and applied every time it is sent."""
 
 
 class LimitCounters(Protocol):
@@ -197,7 +207,9 @@ class LimitCounters(Protocol):
         ...
 
     async def settle(self, request: SettleRequest, timeout_s: float) -> None:
-        """Correct a reservation to what was used (in the periods it was made in) and add the usage."""
+        """Correct a reservation to what was used (in the periods it was made in) and add the usage;
+        a reservation that was never made has the whole of what was used counted instead, and a
+        settlement already applied is not applied again (both read from ``request.mark``)."""
         ...
 
     async def add_usage(

@@ -14,6 +14,7 @@ hashed, so any string is a safe key part.
     gw:{t}:v:<ns>:z                   elements by insertion time  (TTL)
     gw:{t}:rl:k:<key id>:win|spend    a key's rate and spend counters (no TTL: never evicted)
     gw:{t}:rl:t:win|spend             the tenant's
+    gw:{t}:rl:r:<reservation id>      a reservation made ("r"), then settled ("s") (TTL: 2 h, then 30 s)
     gw:{t}:rlc:k:<key id>:win|spend   the same for token counts (count_tokens: rpm only)
     gw:{t}:rlc:t:win|spend            the tenant's
     gw:{t}:use:k:<key id>:<yyyymmdd>  a key's usage that day      (deleted after the retention period)
@@ -42,6 +43,7 @@ __all__ = [
     "learned_router",
     "lease",
     "limit_counters",
+    "reservation",
     "response",
     "routing_label_count",
     "routing_labels",
@@ -103,6 +105,11 @@ def limit_counters(tenant: str, key_id: str) -> tuple[str, str, str, str]:
     prefix = tenant_prefix(tenant)
     key, scope = f"{prefix}:rl:k:{key_id}", f"{prefix}:rl:t"
     return f"{key}:win", f"{key}:spend", f"{scope}:win", f"{scope}:spend"
+
+
+def reservation(tenant: str, reservation_id: str) -> str:
+    """A reservation's mark, on its tenant's slot (the reserve and settle scripts touch it)."""
+    return f"{tenant_prefix(tenant)}:rl:r:{reservation_id}"
 
 
 def count_counters(tenant: str, key_id: str) -> tuple[str, str, str, str]:

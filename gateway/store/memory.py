@@ -219,6 +219,8 @@ class MemoryLimitCounters(_Outage):
         self.spends: dict[str, _Spend] = {}
         self.usage: dict[str, UsageFigures] = {}
         self.indexed: dict[str, set[str]] = {}
+        self.marks: dict[str, str] = {}
+        """Reservations made ("r") and settled ("s"), as the Redis scripts keep them (no expiry here)."""
 
     async def reserve(self, request: ReserveRequest, timeout_s: float) -> ReserveOutcome:
         self._check()
@@ -250,23 +252,37 @@ class MemoryLimitCounters(_Outage):
             self.windows[scope.window] = _Window(request.minute, r + 1, rp, t + request.tokens, tp)
             cost = request.cost_usd
             self.spends[scope.spend] = _Spend(request.day, day + cost, request.month, month + cost)
+        if request.mark is not None:
+            self.marks[request.mark] = "r"
         return ReserveOutcome(None, 0.0, share)
 
     async def settle(self, request: SettleRequest, timeout_s: float) -> None:
         self._check()
+        made = True
+        if request.mark is not None:
+            state = self.marks.get(request.mark)
+            if state == "s":
+                return
+            made = state == "r"
+            self.marks[request.mark] = "s"
+        tokens, cost = (request.token_delta, request.cost_delta) if made else (request.tokens, request.cost_usd)
         for scope in request.scopes:
             window = self.windows.get(scope.window)
-            if window is not None and request.token_delta:
+            if window is not None and tokens:
                 if window.minute == request.minute:
-                    window.tokens += request.token_delta
+                    window.tokens += tokens
                 elif window.minute == request.minute + 1:
-                    window.previous_tokens += request.token_delta
-            spend = self.spends.get(scope.spend)
-            if spend is not None and request.cost_delta:
-                if spend.day == request.day:
-                    spend.spent_day += request.cost_delta
-                if spend.month == request.month:
-                    spend.spent_month += request.cost_delta
+                    window.previous_tokens += tokens
+            if not cost:
+                continue
+            if made:
+                spend = self.spends.get(scope.spend)
+                if spend is not None and spend.day == request.day:
+                    spend.spent_day += cost
+                if spend is not None and spend.month == request.month:
+                    spend.spent_month += cost
+            else:  # never reserved: counted as spend without a reservation is
+                await self.add_usage({}, (), {(scope.spend, request.day, request.month): cost}, timeout_s)
         await self.add_usage(dict.fromkeys(request.usage_keys, request.used), request.expired_keys, {}, timeout_s)
 
     async def add_usage(

@@ -179,6 +179,28 @@ async def test_batched_usage_adds_up(store: Store) -> None:
     assert (figures.requests, figures.errors) == (3, 1) and figures.cost_usd == pytest.approx(0.75)
 
 
+async def test_a_settlement_reads_whether_its_reservation_was_made_and_applies_once(store: Store) -> None:
+    tenant = _tenant()
+    scopes = _scopes(tenant, Caps(usd_per_day=1.0), Caps())
+    today, gone = keyspace.usage(tenant, "k", "20261130"), keyspace.usage(tenant, "k", "20260830")
+    used = UsageFigures(requests=1, cost_usd=0.1)
+
+    def settlement(mark: str) -> SettleRequest:
+        return SettleRequest(scopes, -3, -0.4, 1000, "20261130", "202611", today, used, gone, 7, 0.1, mark)
+
+    made = keyspace.reservation(tenant, "made")
+    reserve = ReserveRequest(scopes, 10, 0.5, 1000, "20261130", "202611", 0.5, made)
+    assert (await store.counters.reserve(reserve, T)).refused_by is None
+    await store.counters.settle(settlement(made), T)
+    await store.counters.settle(settlement(made), T)  # sent again after a timeout: applied once
+    # a reservation whose call never reached the store: what was used counts whole, not the delta
+    await store.counters.settle(settlement(keyspace.reservation(tenant, "never-made")), T)
+    refused = await store.counters.reserve(_ask(scopes, cost=0.9), T)
+    assert refused.refused_by == "0.usd_per_day" and refused.spent_usd == pytest.approx(0.2)
+    (figures,) = await store.counters.read_usage([today[0]], T)
+    assert figures.requests == 2 and figures.cost_usd == pytest.approx(0.2)
+
+
 async def test_spend_of_unlimited_requests_counts_for_a_budget_set_later(store: Store) -> None:
     tenant = _tenant()
     spend = keyspace.limit_counters(tenant, "k")[1]
@@ -219,6 +241,25 @@ async def test_a_command_redis_refuses_fails_alone(redis_server: EmbeddedRedis) 
     assert shared.up
     assert await shared.call(lambda client: client.set(key, b"v", ex=5), T)
     await shared.aclose()
+
+
+async def test_a_redis_whose_memory_is_full_is_down_for_the_gateway(redis_server: EmbeddedRedis) -> None:
+    # reads still work, writes are refused: no limit can be counted, so /readyz and on_redis_error
+    # must hear of it (an outside tester was served 5 times a budget while /readyz said ok)
+    shared = SharedRedis(connect(redis_server.url, timeout_s=2), Metrics())
+    admin = shared.client
+    assert admin is not None
+    before = {name: str(value) for name, value in (await admin.config_get("maxmemory*")).items()}
+    try:
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", 1)
+        with pytest.raises(StoreUnavailable):
+            await shared.call(lambda client: client.set(keyspace.exact(_tenant(), "full"), b"v", ex=5), T)
+        assert not shared.up
+    finally:
+        await admin.config_set("maxmemory", before["maxmemory"])
+        await admin.config_set("maxmemory-policy", before["maxmemory-policy"])
+        await shared.aclose()
 
 
 async def test_many_values_are_read_and_written_in_one_call(store: Store) -> None:

@@ -13,7 +13,7 @@ from gateway.config.loader import load_policy_text
 from gateway.config.schema import Limits, Policy
 from gateway.errors import BudgetExceededError, LimiterUnavailableError, RateLimitError
 from gateway.limits import Limiter
-from gateway.store.base import SettleRequest, Spent, StoreTimedOut
+from gateway.store.base import ReserveOutcome, ReserveRequest, SettleRequest, Spent, StoreTimedOut
 from gateway.store.memory import MemoryLimitCounters
 
 _POLICY = """
@@ -157,6 +157,50 @@ async def test_usage_outlasts_a_store_pause_longer_than_a_limit_checks_deadline(
     assert sorted(figures.requests for figures in counters.usage.values()) == [1, 1, 1, 1]
 
 
+class _NeverArrives(MemoryLimitCounters):
+    """Reservations time out before they reach the store (a connection still opening)."""
+
+    async def reserve(self, request: ReserveRequest, timeout_s: float) -> ReserveOutcome:
+        raise StoreTimedOut
+
+
+class _AnswerLost(MemoryLimitCounters):
+    """The first settlement is applied, but its answer does not come in time."""
+
+    settled = 0
+
+    async def settle(self, request: SettleRequest, timeout_s: float) -> None:
+        await super().settle(request, timeout_s)
+        self.settled += 1
+        if self.settled == 1:
+            raise StoreTimedOut
+
+
+async def test_a_reservation_that_never_arrived_is_settled_at_the_whole_cost() -> None:
+    # Settled as a correction (actual - estimate), it drove the spend counter below zero under
+    # short Redis pauses, and an outside tester's key overspent its daily budget by 30-40 %
+    policy = load_policy_text(_POLICY % "open", environ={}).policy
+    counters = _NeverArrives()
+    limiter = Limiter(counters, UsageLedger(counters))
+    reservation = await limiter.reserve(policy, _principal(usd_per_day=1.0), 600, 0.6)
+    assert reservation.scopes  # taken as made: it may have been
+    limiter.settle_later(policy, reservation, UsageFigures(requests=1, prompt_tokens=10, cost_usd=0.05))
+    await limiter.aclose()
+    assert [spend.spent_day for spend in counters.spends.values()] == pytest.approx([0.05, 0.05])
+
+
+async def test_a_settlement_sent_again_after_a_lost_answer_counts_once() -> None:
+    policy = load_policy_text(_POLICY % "open", environ={}).policy
+    counters = _AnswerLost()
+    limiter = Limiter(counters, UsageLedger(counters))
+    reservation = await limiter.reserve(policy, _principal(usd_per_day=1.0), 600, 0.6)
+    limiter.settle_later(policy, reservation, UsageFigures(requests=1, prompt_tokens=10, cost_usd=0.05))
+    await limiter.aclose()
+    assert counters.settled == 2
+    assert sorted(figures.requests for figures in counters.usage.values()) == [1, 1]
+    assert [spend.spent_day for spend in counters.spends.values()] == pytest.approx([0.05, 0.05])
+
+
 @pytest.mark.parametrize(
     ("start_s", "rpm", "then_s"), [(31.0, 3, 0.0), (5.0, 3, 0.0), (50.0, 10, 0.0), (2.0, 1, 0.0), (50.0, 3, 15.0)]
 )
@@ -215,7 +259,7 @@ async def test_usage_made_while_the_store_is_down_is_written_when_it_is_back() -
 async def test_a_reservation_a_stalled_store_applied_late_is_corrected_to_what_was_spent() -> None:
     """Redis that stalls past the deadline still applies the reservation when it wakes: taken as
     made, it is settled (a key was charged 55 times what it spent, then refused for the day)."""
-    from gateway.store.base import ReserveOutcome, ReserveRequest, StoreTimedOut
+    from gateway.store.base import StoreTimedOut
 
     class Stalled(MemoryLimitCounters):
         async def reserve(self, request: ReserveRequest, timeout_s: float) -> ReserveOutcome:

@@ -37,9 +37,15 @@ _log = structlog.get_logger("gateway.redis")
 _RETRY_AFTER_S = 1.0
 _SLOW_LOG_EVERY_S = 10.0
 _DEGRADED_AFTER_S = 1.0
-_SERVER_STATE_ERRORS = (redis.exceptions.ReadOnlyError, redis.exceptions.ClusterDownError)
+_SERVER_STATE_ERRORS = (
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.OutOfMemoryError,
+)
 """Command errors that say the server cannot serve now (a replica after failover, a cluster
-without quorum): Redis is treated as down. Any other command error fails only that command."""
+without quorum, a full memory that takes no write: no limit can be counted, though reads still
+work): Redis is treated as down, so /readyz, the metric and ``on_redis_error`` say so. Any other
+command error fails only that command."""
 
 
 def connect(url: str, timeout_s: float = 0.5) -> aioredis.Redis:

@@ -20,10 +20,12 @@ from gateway.store.redis.client import SharedRedis
 
 __all__ = ["RedisLimitCounters"]
 
-# KEYS: window, spend of each scope. ARGV: fraction, tokens, cost, minute, day, month, then
-# rpm, tpm, usd_per_day, usd_per_month of each scope (-1: no limit). A rate refusal also
-# returns the refused measure's counts, this minute's and the previous one's.
+# KEYS: window, spend of each scope, then (optionally) the reservation's mark. ARGV: fraction,
+# tokens, cost, minute, day, month, then rpm, tpm, usd_per_day, usd_per_month of each scope
+# (-1: no limit). A rate refusal also returns the refused measure's counts, this minute's and
+# the previous one's.
 _RESERVE = """
+local scopes = math.floor(#KEYS / 2)
 local frac, tokens, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local minute, day, month = tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local function window(key)
@@ -39,7 +41,7 @@ local function spent(key)
   return (v[1] == day) and tonumber(v[2]) or 0, (v[3] == month) and tonumber(v[4]) or 0
 end
 local share, seen = 0, {}
-for s = 0, #KEYS / 2 - 1 do
+for s = 0, scopes - 1 do
   local a = 6 + s * 4
   local rpm, tpm, per_day, per_month = tonumber(ARGV[a+1]), tonumber(ARGV[a+2]), tonumber(ARGV[a+3]), tonumber(ARGV[a+4])
   local w = window(KEYS[s*2+1])
@@ -56,21 +58,34 @@ for s = 0, #KEYS / 2 - 1 do
     if per_month > 0 then share = math.max(share, spent_month / per_month) end
   end
 end
-for s = 0, #KEYS / 2 - 1 do
+for s = 0, scopes - 1 do
   local w, spent_day, spent_month = seen[s][1], seen[s][2], seen[s][3]
   redis.call('HSET', KEYS[s*2+1], 'm', minute, 'r', w[1] + 1, 'rp', w[2], 't', w[3] + tokens, 'tp', w[4])
   redis.call('HSET', KEYS[s*2+2], 'day', day, 'd', spent_day + cost, 'month', month, 'mo', spent_month + cost)
 end
+if #KEYS > scopes * 2 then redis.call('SET', KEYS[#KEYS], 'r', 'EX', 7200) end
 return {0, '', tostring(share)}
 """
 
-# KEYS: window, spend of each scope, then the usage sums, then the expired sums.
-# ARGV: token delta, cost delta, minute, day, month, number of scopes, number of usage
-# sums, then field/value pairs to add to the usage sums.
+# KEYS: window, spend of each scope, then the usage sums, the expired sums and (optionally) the
+# reservation's mark. ARGV: token delta, cost delta, minute, day, month, number of scopes, number
+# of usage sums, tokens and cost used, 1 when the last key is the mark (else 0), then field/value
+# pairs to add to the usage sums.
+# The mark says "r" when the reservation was made: the deltas correct it. Without one, a
+# reservation whose call timed out never reached Redis: what was used counts whole. "s": this
+# settlement was applied already (sent again after a timeout), and is not applied twice.
 _SETTLE = """
-local token_delta, cost_delta = tonumber(ARGV[1]), tonumber(ARGV[2])
-local minute, day, month = tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local scopes, sums = tonumber(ARGV[6]), tonumber(ARGV[7])
+local marked = ARGV[10] == '1'
+local made = true
+if marked then
+  local state = redis.call('GET', KEYS[#KEYS])
+  if state == 's' then return 0 end
+  made = state == 'r'
+end
+local token_delta, cost_delta = tonumber(ARGV[1]), tonumber(ARGV[2])
+if not made then token_delta, cost_delta = tonumber(ARGV[8]), tonumber(ARGV[9]) end
+local minute, day, month = tonumber(ARGV[3]), ARGV[4], ARGV[5]
 for s = 0, scopes - 1 do
   local win, spend = KEYS[s*2+1], KEYS[s*2+2]
   if token_delta ~= 0 then
@@ -79,14 +94,18 @@ for s = 0, scopes - 1 do
     elseif m == minute + 1 then redis.call('HINCRBY', win, 'tp', token_delta) end
   end
   if cost_delta ~= 0 then
-    if redis.call('HGET', spend, 'day') == day then redis.call('HINCRBYFLOAT', spend, 'd', cost_delta) end
-    if redis.call('HGET', spend, 'month') == month then redis.call('HINCRBYFLOAT', spend, 'mo', cost_delta) end
+    local v = redis.call('HMGET', spend, 'day', 'month')
+    if v[1] == day then redis.call('HINCRBYFLOAT', spend, 'd', cost_delta)
+    elseif not made and (not v[1] or v[1] < day) then redis.call('HSET', spend, 'day', day, 'd', cost_delta) end
+    if v[2] == month then redis.call('HINCRBYFLOAT', spend, 'mo', cost_delta)
+    elseif not made and (not v[2] or v[2] < month) then redis.call('HSET', spend, 'month', month, 'mo', cost_delta) end
   end
 end
 for i = scopes * 2 + 1, scopes * 2 + sums do
-  for j = 8, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[i], ARGV[j], ARGV[j + 1]) end
+  for j = 11, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[i], ARGV[j], ARGV[j + 1]) end
 end
-for i = scopes * 2 + sums + 1, #KEYS do redis.call('DEL', KEYS[i]) end
+for i = scopes * 2 + sums + 1, marked and #KEYS - 1 or #KEYS do redis.call('DEL', KEYS[i]) end
+if marked then redis.call('SET', KEYS[#KEYS], 's', 'EX', 30) end
 return 1
 """
 
@@ -118,6 +137,8 @@ class RedisLimitCounters:
         if script is None:
             raise StoreUnavailable
         keys = [key for scope in request.scopes for key in (scope.window, scope.spend)]
+        if request.mark is not None:
+            keys.append(request.mark)
         args: list[str | int | float] = [
             request.minute_fraction,
             request.tokens,
@@ -140,6 +161,8 @@ class RedisLimitCounters:
             raise StoreUnavailable
         keys = [key for scope in request.scopes for key in (scope.window, scope.spend)]
         keys += [*request.usage_keys, *request.expired_keys]
+        if request.mark is not None:
+            keys.append(request.mark)
         args: list[str | int | float] = [
             request.token_delta,
             repr(request.cost_delta),
@@ -148,6 +171,9 @@ class RedisLimitCounters:
             request.month,
             len(request.scopes),
             len(request.usage_keys),
+            request.tokens,
+            repr(request.cost_usd),
+            1 if request.mark is not None else 0,
         ]
         for name, value in request.used.increments():
             args += [name, repr(value) if isinstance(value, float) else value]
