@@ -72,6 +72,8 @@ class Reservation:
     is added to with the usage, so that a budget set later starts from what was spent."""
     mark: str | None = None
     """Where the store says whether this reservation was made, and settled (``keyspace.reservation``)."""
+    answered: bool = True
+    """The reservation call answered, so it was made; False: it timed out, and only its mark can tell."""
 
 
 class Limiter:
@@ -115,7 +117,7 @@ class Limiter:
             # it is taken as made, so that the settlement corrects it to what was spent (or, refused
             # here, cancels it). Never made (Redis not asked), there is nothing to correct.
             made = (
-                Reservation(scopes, periods, usage, tokens, cost_usd, 0.0, spends, mark)
+                Reservation(scopes, periods, usage, tokens, cost_usd, 0.0, spends, mark, answered=False)
                 if isinstance(exc, StoreTimedOut)
                 else None
             )
@@ -180,6 +182,7 @@ class Limiter:
             tokens=tokens,
             cost_usd=used.cost_usd,
             mark=reservation.mark,
+            made=reservation.answered,
         )
         timed_out = False
         for pause_s in (*(_SETTLE_RETRIES_S if reservation.mark is not None else ()), None):
@@ -188,18 +191,18 @@ class Limiter:
                 return
             except StoreTimedOut:
                 timed_out = True  # asked, and perhaps applied: the mark makes sending it again safe
-            except StoreUnavailable:
-                if not timed_out:
-                    break  # never asked: nothing of it was applied
+            except StoreUnavailable:  # not asked (the store is marked down)
+                if not timed_out and reservation.answered:
+                    break  # nothing of it was applied, and the reservation stands in for the spend
             if pause_s is not None:
                 await asyncio.sleep(pause_s)
         if timed_out:  # perhaps applied; sent again once its mark is gone, it could count twice
             _log.warning("usage_unrecorded", usage=reservation.usage[0][0], cost_usd=used.cost_usd, tokens=tokens)
             return
-        # Never reached the store (it is down): the usage goes to the ledger's batch, written when it
-        # is back, and its whole cost to the spend counters too (over the reservation, if one was
-        # made: an upper bound, never below what was spent).
-        self.ledger.record(reservation.usage, used, timeout_s, _spend_of(reservation))
+        # Never reached the store: the usage goes to the ledger's batch, written when it is back. The
+        # reservation made stands in for the spend (an upper bound); one that may never have been
+        # made has the whole cost added instead (perhaps over it: never below what was spent).
+        self.ledger.record(reservation.usage, used, timeout_s, None if reservation.answered else _spend_of(reservation))
 
     def settle_later(self, policy: Policy, reservation: Reservation, used: UsageFigures) -> None:
         """:meth:`settle` off the request's path: the answer does not wait for the store."""

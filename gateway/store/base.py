@@ -196,9 +196,12 @@ class SettleRequest:
     cost_usd: float = 0.0
     """What was used: counted whole in the limits when the reservation never reached the store."""
     mark: str | None = None
-    """The reservation's mark: it says whether the reservation was made (then the deltas apply)
-    and whether this settlement was already applied (a settlement sent again after a timeout
-    counts once). None: taken as made, and applied every time it is sent."""
+    """The reservation's mark: it says whether this settlement was already applied (a settlement
+    sent again after a timeout counts once) and, unless ``made``, whether the reservation was made
+    (then the deltas apply; else what was used counts whole). None: applied every time it is sent."""
+    made: bool = True
+    """The reservation call answered: it was made, whatever became of its mark (Redis may evict
+    it under memory pressure). False: it timed out, and only the mark can tell."""
 
 
 class LimitCounters(Protocol):

@@ -263,7 +263,7 @@ class MemoryLimitCounters(_Outage):
             state = self.marks.get(request.mark)
             if state == "s":
                 return
-            made = state == "r"
+            made = request.made or state == "r"
             self.marks[request.mark] = "s"
         tokens, cost = (request.token_delta, request.cost_delta) if made else (request.tokens, request.cost_usd)
         for scope in request.scopes:

@@ -185,20 +185,21 @@ async def test_a_settlement_reads_whether_its_reservation_was_made_and_applies_o
     today, gone = keyspace.usage(tenant, "k", "20261130"), keyspace.usage(tenant, "k", "20260830")
     used = UsageFigures(requests=1, cost_usd=0.1)
 
-    def settlement(mark: str) -> SettleRequest:
-        return SettleRequest(scopes, -3, -0.4, 1000, "20261130", "202611", today, used, gone, 7, 0.1, mark)
+    def settlement(mark: str, answered: bool) -> SettleRequest:
+        return SettleRequest(scopes, -3, -0.4, 1000, "20261130", "202611", today, used, gone, 7, 0.1, mark, answered)
 
-    made = keyspace.reservation(tenant, "made")
-    reserve = ReserveRequest(scopes, 10, 0.5, 1000, "20261130", "202611", 0.5, made)
-    assert (await store.counters.reserve(reserve, T)).refused_by is None
-    await store.counters.settle(settlement(made), T)
-    await store.counters.settle(settlement(made), T)  # sent again after a timeout: applied once
-    # a reservation whose call never reached the store: what was used counts whole, not the delta
-    await store.counters.settle(settlement(keyspace.reservation(tenant, "never-made")), T)
-    refused = await store.counters.reserve(_ask(scopes, cost=0.9), T)
-    assert refused.refused_by == "0.usd_per_day" and refused.spent_usd == pytest.approx(0.2)
+    for name, marked in (("made", True), ("mark-evicted", False)):
+        mark = keyspace.reservation(tenant, name)
+        reserve = ReserveRequest(scopes, 10, 0.5, 1000, "20261130", "202611", 0.5, mark if marked else None)
+        assert (await store.counters.reserve(reserve, T)).refused_by is None
+        await store.counters.settle(settlement(mark, True), T)  # answered: made, mark or no mark
+        await store.counters.settle(settlement(mark, True), T)  # sent again after a timeout: applied once
+    # a reservation whose call timed out and never reached the store: what was used counts whole
+    await store.counters.settle(settlement(keyspace.reservation(tenant, "never-made"), False), T)
+    refused = await store.counters.reserve(_ask(scopes, cost=0.8), T)
+    assert refused.refused_by == "0.usd_per_day" and refused.spent_usd == pytest.approx(0.3)
     (figures,) = await store.counters.read_usage([today[0]], T)
-    assert figures.requests == 2 and figures.cost_usd == pytest.approx(0.2)
+    assert figures.requests == 3 and figures.cost_usd == pytest.approx(0.3)
 
 
 async def test_spend_of_unlimited_requests_counts_for_a_budget_set_later(store: Store) -> None:
@@ -256,6 +257,7 @@ async def test_a_redis_whose_memory_is_full_is_down_for_the_gateway(redis_server
         with pytest.raises(StoreUnavailable):
             await shared.call(lambda client: client.set(keyspace.exact(_tenant(), "full"), b"v", ex=5), T)
         assert not shared.up
+        assert not await shared.check()  # the readiness probe writes: PING alone still answered
     finally:
         await admin.config_set("maxmemory", before["maxmemory"])
         await admin.config_set("maxmemory-policy", before["maxmemory-policy"])

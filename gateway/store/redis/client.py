@@ -134,7 +134,7 @@ class SharedRedis:
         return result
 
     async def check(self, timeout_s: float = 0.5) -> bool:
-        """Ping now (readiness probes), updating the state like any other call."""
+        """Probe now with a small write (readiness probes), updating the state like any other call."""
         if self.client is None:
             return False
         self._last_attempt = 0.0
@@ -189,4 +189,5 @@ async def _vector_sets(client: aioredis.Redis) -> bool:
 
 
 async def _ping(client: aioredis.Redis) -> bool:
-    return bool(await client.ping())
+    """A write, not a PING: a Redis whose memory is full answers PING but refuses every write."""
+    return bool(await client.set("gw:{probe}:ready", b"1", ex=60))

@@ -69,11 +69,11 @@ return {0, '', tostring(share)}
 
 # KEYS: window, spend of each scope, then the usage sums, the expired sums and (optionally) the
 # reservation's mark. ARGV: token delta, cost delta, minute, day, month, number of scopes, number
-# of usage sums, tokens and cost used, 1 when the last key is the mark (else 0), then field/value
-# pairs to add to the usage sums.
-# The mark says "r" when the reservation was made: the deltas correct it. Without one, a
-# reservation whose call timed out never reached Redis: what was used counts whole. "s": this
-# settlement was applied already (sent again after a timeout), and is not applied twice.
+# of usage sums, tokens and cost used, 1 when the last key is the mark (else 0), 1 when the
+# reservation is known to be made (its call answered), then field/value pairs to add to the
+# usage sums. A mark "s": this settlement was applied already (sent again after a timeout), and
+# is not applied twice. Else, for a reservation whose call timed out, "r" says it was made: the
+# deltas correct it; no mark, it never reached Redis: what was used counts whole.
 _SETTLE = """
 local scopes, sums = tonumber(ARGV[6]), tonumber(ARGV[7])
 local marked = ARGV[10] == '1'
@@ -81,7 +81,7 @@ local made = true
 if marked then
   local state = redis.call('GET', KEYS[#KEYS])
   if state == 's' then return 0 end
-  made = state == 'r'
+  made = ARGV[11] == '1' or state == 'r'
 end
 local token_delta, cost_delta = tonumber(ARGV[1]), tonumber(ARGV[2])
 if not made then token_delta, cost_delta = tonumber(ARGV[8]), tonumber(ARGV[9]) end
@@ -102,7 +102,7 @@ for s = 0, scopes - 1 do
   end
 end
 for i = scopes * 2 + 1, scopes * 2 + sums do
-  for j = 11, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[i], ARGV[j], ARGV[j + 1]) end
+  for j = 12, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[i], ARGV[j], ARGV[j + 1]) end
 end
 for i = scopes * 2 + sums + 1, marked and #KEYS - 1 or #KEYS do redis.call('DEL', KEYS[i]) end
 if marked then redis.call('SET', KEYS[#KEYS], 's', 'EX', 30) end
@@ -174,6 +174,7 @@ class RedisLimitCounters:
             request.tokens,
             repr(request.cost_usd),
             1 if request.mark is not None else 0,
+            1 if request.made else 0,
         ]
         for name, value in request.used.increments():
             args += [name, repr(value) if isinstance(value, float) else value]
