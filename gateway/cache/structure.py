@@ -415,10 +415,39 @@ def typed_text(text: str) -> str:
 
 def same_question(stored: str, new: str) -> bool:
     """Equal but for what never changes an answer, so no verdict is needed: :func:`typed_text`'s
-    differences, and case where no rule says it is meaning (a one-letter option, a word
-    capitalized another way, code, a quoted literal). Marks stay as typed."""
+    differences, and case where it is not meaning. Each word typed in another case is looked at
+    where it stands (the rules compare sets of words, and miss "500 MB" for "500 Mb" beside
+    another "Mb"): an option, escape or format code, a word with capitals either way ("MB" /
+    "Mb"), and, where both writers use capitals, a unit after a number or a one-letter word are
+    meaning. Marks stay as typed."""
     a, b = typed_text(stored), typed_text(new)
-    return a == b or (a.casefold() == b.casefold() and not {"case", "quoted"} & set(conflicts(stored, new)))
+    if a == b:
+        return True
+    if a.casefold() != b.casefold() or {"case", "quoted"} & set(conflicts(stored, new)):
+        return False
+    words_a, words_b = a.split(" "), b.split(" ")
+    if len(words_a) != len(words_b):
+        return False
+    both_cased = any(c.isupper() for c in a) and any(c.isupper() for c in b)
+    return not any(
+        _recasing_is_meaning(words_a[i - 1] if i else "", x, y, both_cased)
+        for i, (x, y) in enumerate(zip(words_a, words_b, strict=True))
+        if x != y
+    )
+
+
+def _recasing_is_meaning(before: str, x: str, y: str, both_cased: bool) -> bool:
+    x, y = x.strip(_AROUND_WORDS), y.strip(_AROUND_WORDS)
+    if x[:1] in ("-", "%", "\\") or (any(map(str.isupper, x)) and any(map(str.isupper, y))):
+        return True
+    if not both_cased:
+        return False  # someone typing all in lower case says nothing by it
+    letters = x.lstrip("0123456789.,")
+    unit = letters != x or before[-1:].isdigit()
+    return unit or (len(x) == 1 and x.lower() not in ("a", "i"))
+
+
+_AROUND_WORDS = ".,;:!?()[]{}\"'\u201c\u201d\u2018\u2019"
 
 
 # where one sentence or line ends: ". " "? " "! " (not "3.5" or "e.g.x"), "。" "？" "！", a line break

@@ -52,8 +52,9 @@ _SCOPE_NAMES = ("key", "tenant")
 _log = structlog.get_logger("gateway.limits")
 _RESERVATION_IDS = (f"{os.urandom(6).hex()}{n:x}" for n in itertools.count())
 """Unique across processes (a random prefix per process), cheap per request."""
-_SETTLE_RETRIES_S = (0.5, 1.0, 2.0, 4.0, 8.0)
-"""Pauses before a settlement is sent again (within the 30 s a settled mark is kept)."""
+_SETTLE_RETRIES_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+"""Pauses before a settlement is sent again: about a minute in all, within the 120 s a settled
+mark is kept (a 20 s pause outlasted 15 s of retries, and left estimates in the spend)."""
 
 
 @dataclass(slots=True)

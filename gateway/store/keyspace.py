@@ -14,7 +14,7 @@ hashed, so any string is a safe key part.
     gw:{t}:v:<ns>:z                   elements by insertion time  (TTL)
     gw:{t}:rl:k:<key id>:win|spend    a key's rate and spend counters (no TTL: never evicted)
     gw:{t}:rl:t:win|spend             the tenant's
-    gw:{t}:rl:r:<reservation id>      a reservation made ("r"), then settled ("s") (TTL: 2 h, then 30 s)
+    gw:{t}:rl:r:<reservation id>      a reservation made ("r"), then settled ("s") (TTL: 2 h, then 120 s)
     gw:{t}:rlc:k:<key id>:win|spend   the same for token counts (count_tokens: rpm only)
     gw:{t}:rlc:t:win|spend            the tenant's
     gw:{t}:use:k:<key id>:<yyyymmdd>  a key's usage that day      (deleted after the retention period)

@@ -151,6 +151,13 @@ def test_same_question_allows_case_only_where_no_rule_says_it_is_meaning() -> No
     assert not same_question("How many Mb are in 1 GB?", "How many MB are in 1 GB?")
     assert not same_question("Is 'ABC'.isupper() true?", "Is 'abc'.isupper() true?")
     assert not same_question("What does avó mean?", "What does avo mean?")
+    # looked at where each recased word stands: the other spelling elsewhere in the prompt
+    # hid these from the rules (an outside tester was served 4 of 5 at p 1.0)
+    assert not same_question("Is 500 MB enough at 100 Mb/s?", "Is 500 Mb enough at 100 Mb/s?")
+    assert not same_question("How is grep -I unlike grep -i?", "How is grep -i unlike grep -i?")
+    assert not same_question("Is a 5 mW laser as bright as 5 MW?", "Is a 5 MW laser as bright as 5 MW?")
+    assert not same_question("Convert 3 Mg to grams, not 3 mg.", "Convert 3 mg to grams, not 3 mg.")
+    assert same_question("Give me a short history of China.", "give me a short history of china")
 
 
 def test_plain_text_makes_only_harmless_differences_uniform() -> None:

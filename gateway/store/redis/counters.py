@@ -105,7 +105,7 @@ for i = scopes * 2 + 1, scopes * 2 + sums do
   for j = 12, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[i], ARGV[j], ARGV[j + 1]) end
 end
 for i = scopes * 2 + sums + 1, marked and #KEYS - 1 or #KEYS do redis.call('DEL', KEYS[i]) end
-if marked then redis.call('SET', KEYS[#KEYS], 's', 'EX', 30) end
+if marked then redis.call('SET', KEYS[#KEYS], 's', 'EX', 120) end
 return 1
 """
 
