@@ -87,14 +87,16 @@ class UsageLedger:
         keys: UsageKeys,
         used: UsageFigures,
         timeout_s: float,
-        spend: tuple[tuple[str, ...], str, str] | None = None,
+        spend: tuple[tuple[str, ...], str, str, float] | None = None,
     ) -> None:
-        """Add ``used`` to today's sums at the next flush; with ``spend`` (counters, day, month),
-        its cost to those spend counters too (a request that reserved nothing: no limit applied)."""
-        if spend is not None and used.cost_usd:
-            counters, day, month = spend
+        """Add ``used`` to today's sums at the next flush; with ``spend`` (counters, day, month,
+        USD), that to those spend counters too: the cost of a request that reserved nothing, or
+        the correction of a reservation whose settlement could not reach the store (negative
+        where the estimate was more; it applies only to the day and month it was made in)."""
+        if spend is not None and spend[3]:
+            counters, day, month, usd = spend
             for counter in counters:
-                self._spent[counter, day, month] = self._spent.get((counter, day, month), 0.0) + used.cost_usd
+                self._spent[counter, day, month] = self._spent.get((counter, day, month), 0.0) + usd
         self._expired.update(keys[1])
         for key in keys[0]:
             pending = self._pending.get(key)

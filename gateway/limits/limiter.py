@@ -166,7 +166,7 @@ class Limiter:
         """Replace the reservation by what ``used`` (one request's figures) says, and record the usage."""
         timeout_s = _accounting_timeout_s(policy)
         if not reservation.scopes:
-            self.ledger.record(reservation.usage, used, timeout_s, _spend_of(reservation))
+            self.ledger.record(reservation.usage, used, timeout_s, _spend_of(reservation, used.cost_usd))
             return
         tokens = used.prompt_tokens + used.completion_tokens
         minute, day, month = reservation.periods
@@ -200,15 +200,18 @@ class Limiter:
         if timed_out:  # perhaps applied; sent again once its mark is gone, it could count twice
             _log.warning("usage_unrecorded", usage=reservation.usage[0][0], cost_usd=used.cost_usd, tokens=tokens)
             return
-        # Never reached the store: the usage goes to the ledger's batch, written when it is back. The
-        # reservation made stands in for the spend (an upper bound); one that may never have been
-        # made has the whole cost added instead (perhaps over it: never below what was spent).
-        self.ledger.record(reservation.usage, used, timeout_s, None if reservation.answered else _spend_of(reservation))
+        # Never reached the store: the usage goes to the ledger's batch, written when it is back, with
+        # the correction of the reservation made (what was used less the estimate), or the whole
+        # cost for one that may never have been made (perhaps over it: never below what was spent).
+        usd = used.cost_usd - reservation.cost_usd if reservation.answered else used.cost_usd
+        self.ledger.record(reservation.usage, used, timeout_s, _spend_of(reservation, usd))
 
     def settle_later(self, policy: Policy, reservation: Reservation, used: UsageFigures) -> None:
         """:meth:`settle` off the request's path: the answer does not wait for the store."""
         if not reservation.scopes:  # nothing reserved: the usage goes to the ledger's batch, no task needed
-            self.ledger.record(reservation.usage, used, _accounting_timeout_s(policy), _spend_of(reservation))
+            self.ledger.record(
+                reservation.usage, used, _accounting_timeout_s(policy), _spend_of(reservation, used.cost_usd)
+            )
             return
         task = asyncio.get_running_loop().create_task(self.settle(policy, reservation, used))
         self._settling.add(task)
@@ -242,9 +245,9 @@ def _accounting_timeout_s(policy: Policy) -> float:
     return max(policy.limits.redis_timeout_ms / 1000, _ACCOUNTING_TIMEOUT_S)
 
 
-def _spend_of(reservation: Reservation) -> tuple[tuple[str, ...], str, str]:
+def _spend_of(reservation: Reservation, usd: float) -> tuple[tuple[str, ...], str, str, float]:
     _, day, month = reservation.periods
-    return reservation.spend, day, month
+    return reservation.spend, day, month, usd
 
 
 def _refusal(

@@ -297,11 +297,11 @@ class MemoryLimitCounters(_Outage):
             spend = self.spends.setdefault(key, _Spend())
             if spend.day == day:
                 spend.spent_day += cost
-            elif spend.day < day:
+            elif cost > 0 and spend.day < day:
                 spend.day, spend.spent_day = day, cost
             if spend.month == month:
                 spend.spent_month += cost
-            elif spend.month < month:
+            elif cost > 0 and spend.month < month:
                 spend.month, spend.spent_month = month, cost
 
     async def index_usage(self, members: Mapping[str, Iterable[str]], ttl_s: int, timeout_s: float) -> None:

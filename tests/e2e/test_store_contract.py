@@ -210,6 +210,10 @@ async def test_spend_of_unlimited_requests_counts_for_a_budget_set_later(store: 
     await store.counters.add_usage({key: UsageFigures(requests=1)}, [], {(spend, "20261130", "202611"): 0.5}, T)
     # a batch that arrives late for a day already gone counts for nothing that day, but for its month
     await store.counters.add_usage({key: UsageFigures(requests=1)}, [], {(spend, "20261129", "202611"): 0.1}, T)
+    # a correction (negative) applies to its own period only, never opening one below zero
+    await store.counters.add_usage({}, [], {(spend, "20261130", "202611"): -0.05}, T)
+    await store.counters.add_usage({}, [], {(spend, "20261128", "202610"): -0.5}, T)
+    await store.counters.add_usage({}, [], {(spend, "20261130", "202611"): 0.05}, T)
     scopes = _scopes(tenant, Caps(usd_per_day=0.6, usd_per_month=1.0), Caps())
     refused = await store.counters.reserve(_ask(scopes, cost=0.2), T)
     assert refused.refused_by == "0.usd_per_day" and refused.spent_usd == pytest.approx(0.5)

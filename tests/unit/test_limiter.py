@@ -255,9 +255,9 @@ async def test_usage_made_while_the_store_is_down_is_written_when_it_is_back() -
         (1, 10),
         (1, 10),
     ]
-    # the limited key's reservation stands in for its spend: not the estimate and the cost both
+    # the limited key's estimate is corrected to its cost with the batch: not both, nor the estimate
     key_spend = keyspace.limit_counters("team", "app")[1]
-    assert counters.spends[key_spend].spent_day == pytest.approx(0.01)
+    assert counters.spends[key_spend].spent_day == pytest.approx(0.002)
 
 
 async def test_a_reservation_a_stalled_store_applied_late_is_corrected_to_what_was_spent() -> None:

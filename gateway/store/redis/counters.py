@@ -112,14 +112,16 @@ return 1
 
 # KEYS: one spend counter. ARGV: day, month, USD. A request that reserved nothing (no limit
 # applied to it) spent this: counted as a reservation would count it, a period that has passed
-# rolled over, and one older than the counter's left alone.
+# rolled over, and one older than the counter's left alone. A negative amount (the correction of
+# a reservation's estimate) applies only to the period the reservation was counted in.
 _ADD_SPEND = """
 local day, month, cost = ARGV[1], ARGV[2], ARGV[3]
+local fresh = tonumber(cost) > 0
 local v = redis.call('HMGET', KEYS[1], 'day', 'month')
 if v[1] == day then redis.call('HINCRBYFLOAT', KEYS[1], 'd', cost)
-elseif not v[1] or v[1] < day then redis.call('HSET', KEYS[1], 'day', day, 'd', cost) end
+elseif fresh and (not v[1] or v[1] < day) then redis.call('HSET', KEYS[1], 'day', day, 'd', cost) end
 if v[2] == month then redis.call('HINCRBYFLOAT', KEYS[1], 'mo', cost)
-elseif not v[2] or v[2] < month then redis.call('HSET', KEYS[1], 'month', month, 'mo', cost) end
+elseif fresh and (not v[2] or v[2] < month) then redis.call('HSET', KEYS[1], 'month', month, 'mo', cost) end
 return 1
 """
 
