@@ -231,14 +231,19 @@ class Limiter:
             await asyncio.wait(set(self._settling), timeout=timeout_s)
 
     async def aclose(self) -> None:
-        await self.drain()
+        await self.drain(timeout_s=_CLOSING_DRAIN_S)
+        for task in self._settling:  # still waiting for a Redis that is gone: at most once, as documented
+            task.cancel()
+        await asyncio.gather(*self._settling, return_exceptions=True)
         await self.ledger.aclose()
 
 
 _ACCOUNTING_TIMEOUT_S = 2.0
-"""The least time a settlement or a usage batch is given: they run off the request's path, and one
-that times out is not sent again (it may have been applied, and would count twice), so a Redis
-pausing for a few hundred milliseconds (a fork for a snapshot) must not cost the usage it was sent."""
+"""The least time a settlement or a usage batch is given: they run off the request's path, and a
+usage batch that times out is not sent again (it may have been applied, and would count twice),
+so a Redis pausing for a few hundred milliseconds (a fork for a snapshot) must not cost it."""
+_CLOSING_DRAIN_S = 10.0
+"""At shutdown, how long settlements still retrying are waited for."""
 
 
 def _accounting_timeout_s(policy: Policy) -> float:
