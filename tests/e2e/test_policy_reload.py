@@ -33,9 +33,9 @@ FAST_ON_LARGE = "fast: {model: large}"
 
 
 def _base_policy(small: SimulatedUpstream, large: SimulatedUpstream) -> str:
-    # A first-byte timeout well above the 800 ms delay of the in-flight test, so a slow
+    # A first-byte timeout well above the 2.5 s delay of the in-flight test, so a slow
     # 2-core machine never turns that request into a timeout-and-fallback.
-    text = policy_text(small, large).replace("first_byte: 1,", "first_byte: 3,")
+    text = policy_text(small, large).replace("first_byte: 1,", "first_byte: 4,")
     assert FAST_ROUTE in text
     return text
 
@@ -325,8 +325,9 @@ def test_in_flight_requests_survive_a_reload(
     gw: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
 ) -> None:
     old_version = _readyz(gw)["policy"]["version"]
-    # The non-streamed request waits 800 ms on its first byte; the stream sends a token every 150 ms.
-    inject(small_upstream, {"delay_ms": 800}, {"chunk_delay_ms": 150})
+    # The non-streamed request waits 2.5 s on its first byte; the stream sends a token every 300 ms.
+    # (With 800 / 150 ms, a slow host's reload came after the slow request had ended.)
+    inject(small_upstream, {"delay_ms": 2500}, {"chunk_delay_ms": 300})
 
     def slow_stream() -> tuple[int, dict[str, str], list[str]]:
         with httpx.stream(
