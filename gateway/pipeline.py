@@ -276,7 +276,7 @@ class ChatPipeline:
             cached = await self._from_cache(x, cache_control)
             if cached is not None:
                 return cached  # a hit carries its own token counts: no tokenizing
-            await self._route(x)
+            await self._route(x, principal)
             if x.request.stream:
                 await self._count_prompt(x)  # the stream's cost header, and its usage should the upstream send none
                 answer = await self._start_stream(x)
@@ -361,6 +361,9 @@ class ChatPipeline:
         # model, and a fallback may be dearer than the first model (when the cheap one is down, a
         # budget priced at its rate was overspent 4 times over).
         reachable = x.runtime.router.ends(x.plan)
+        relay = x.passthrough
+        if relay is not None and relay.held_by in policy.models:  # continuing it may end there
+            reachable = (*reachable, relay.held_by)
         # No model writes past its context window: a max_tokens of 10**9 is not a $10,000 estimate
         # that refuses the request as over budget (the upstream answers for the value itself).
         window = max(policy.models[name].context_window for name in reachable)
@@ -386,7 +389,7 @@ class ChatPipeline:
                     _log.warning("classifier_failed", request_id=x.record.request_id, error=str(exc)[:200])
         return x.score
 
-    async def _route(self, x: _Exchange) -> None:
+    async def _route(self, x: _Exchange, principal: Principal) -> None:
         """Classifier routes pick small or large; a request that continues a response an upstream
         keeps goes where that response is (a classifier's pick that cannot see it would 404)."""
         assert x.plan is not None
@@ -394,7 +397,7 @@ class ChatPipeline:
             await self._classify(x)
         relay = x.passthrough
         if relay is not None and relay.held_by is not None:
-            x.plan = x.runtime.router.continuing(x.plan, relay.held_by)
+            x.plan = x.runtime.router.continuing(x.plan, relay.held_by, principal.allowed)
             x.record.decision = x.plan.decision
 
     async def _classify(self, x: _Exchange) -> None:
@@ -1004,10 +1007,16 @@ def _for(provider: Provider, body: dict[str, Any] | None) -> dict[str, Any] | No
 
 
 def _piece_size(piece: _Piece) -> int:
-    """About what a piece read ahead of a slow client keeps in memory."""
+    """About what a piece read ahead of a slow client keeps in memory, Python's headers included.
+
+    Counting the text alone let a stream of short deltas hold ~2.5 times its read-ahead bound.
+    """
     if isinstance(piece, bytes):
-        return len(piece)
-    return sum(64 + len(getattr(delta, "text", "") or "") for delta in piece)
+        return 33 + len(piece)
+    size = 56 + 8 * len(piece)
+    for delta in piece:
+        size += 48 + sum(49 + len(v) for v in msgspec.structs.astuple(delta) if isinstance(v, str))
+    return size
 
 
 async def _opened(stream: ChatStream, typed: bool = False) -> tuple[ChatStream, _Piece | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 from collections import deque
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 from gateway import client_pace
 from gateway.client_pace import ClientPace, ClientStalled
 from gateway.config.schema import Timeouts
+from gateway.core import model as core
+from gateway.pipeline import _piece_size
 from gateway.upstreams.base import ChatStream
 
 
@@ -105,3 +108,25 @@ async def test_a_client_that_keeps_up_reads_the_upstream_itself() -> None:
         pace.taken()
     assert len(pieces) == 20 and not stalls and pace._reader is None  # no task was needed
     await pace.aclose()
+
+
+@pytest.mark.parametrize("kind", ["text", "tool", "bytes"])
+def test_read_ahead_bound_counts_what_pieces_really_hold(kind: str) -> None:
+    """The bound is in bytes of memory: short deltas (a token each) hold far more than their text."""
+
+    def piece(i: int) -> bytes | list[core.Delta]:
+        if kind == "bytes":
+            return b"data: " + b"%d" % i * 20 + b"\n\n"
+        if kind == "tool":
+            return [core.ToolArgumentsDelta(index=0, fragment=f'"k{i}"')]
+        return [core.TextDelta(f" w{i % 997}")]
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        held = deque(piece(i) for i in range(20_000))
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    counted = sum(_piece_size(p) for p in held)
+    assert 0.8 < counted / used < 1.25, (counted, used)
