@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from gateway.config.schema import LearningPolicy, Policy, RetryPolicy
-from gateway.errors import ModelNotFoundError
+from gateway.errors import InvalidRequestError, ModelNotFoundError, PermissionDeniedError
 
 __all__ = ["RoutePlan", "Router"]
 
@@ -84,16 +84,27 @@ class Router:
         names = (*plan.candidates, *self.pair) if plan.threshold is not None else plan.candidates
         return tuple(dict.fromkeys(names))
 
-    def continuing(self, plan: RoutePlan, holder: str) -> RoutePlan:
+    def continuing(self, plan: RoutePlan, holder: str, allowed: frozenset[str] = frozenset({"*"})) -> RoutePlan:
         """The plan for a request that continues what ``holder``'s upstream keeps (a passed-through
         previous response): the candidates whose upstream shares that store (one server and key,
-        such as OpenAI's API for all its models), else the holder itself. Any other upstream
-        answers 404: it has never seen the response."""
+        such as OpenAI's API for all its models), else the holder itself, when the route reaches it
+        or the caller may name it (``allowed``): any other upstream would 404, it has never seen
+        the response, and a key must not reach a model through a response id that it may not call."""
         store = self._stores.get(holder)
         sharing = tuple(name for name in plan.candidates if self._stores.get(name) == store)
         if sharing:
             moved = sharing[0] != plan.candidates[0]
             return replace(plan, candidates=sharing, decision="previous_response" if moved else plan.decision)
+        if store is None:
+            raise InvalidRequestError(
+                f"the previous response was made by model '{holder}', which this gateway no longer serves",
+                param="previous_response_id",
+            )
+        if holder not in self.ends(plan) and "*" not in allowed and holder not in allowed:
+            raise PermissionDeniedError(
+                f"the previous response is kept by model '{holder}', which this key may not use",
+                param="previous_response_id",
+            )
         return RoutePlan(plan.route, (holder,), plan.baseline, "previous_response", retry=plan.retry)
 
     def downgrade(self, plan: RoutePlan) -> RoutePlan:

@@ -130,7 +130,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         return Response(content=answer.body, status_code=answer.status, headers=headers, media_type="application/json")
     if passthrough.body is not None:
         assert not isinstance(answer, StreamingDeltas)  # the upstream's own body or events
-        return await _passed_through(answer, headers, store, turn)
+        return await _passed_through(answer, headers, state, turn)
     response_id = codec.new_id("resp")
     if not streams(answer, decoded.request.stream):
         assert isinstance(answer, Answer)
@@ -263,8 +263,8 @@ def _store(state: GatewayState) -> ResponseStore:
     return ResponseStore(state.kv)
 
 
-def _not_found(response_id: str, param: str | None = None, code: str | None = None) -> ResponseNotFoundError:
-    return ResponseNotFoundError(f"Response with id '{response_id}' not found.", param=param, code=code)
+def _not_found(response_id: str) -> ResponseNotFoundError:
+    return ResponseNotFoundError(f"Response with id '{response_id}' not found.")
 
 
 def _unavailable(param: str | None) -> ResponseStoreUnavailableError:
@@ -278,8 +278,10 @@ async def _load(store: ResponseStore, tenant: str, response_id: str, param: str)
         record = await store.load(tenant, response_id)
     except StoreUnavailable:
         raise _unavailable(param) from None
-    if record is None:
-        raise _not_found(response_id, param, "previous_response_not_found")
+    if record is None:  # OpenAI's answer, which clients such as Codex act on (a 400, not a 404)
+        raise InvalidRequestError(
+            f"Previous response with id '{response_id}' not found.", param=param, code="previous_response_not_found"
+        )
     return record
 
 
@@ -338,30 +340,38 @@ def _readable(decoded: codec.ResponsesRequest) -> CoreRequest:
 
 
 async def _passed_through(
-    answer: Answer | StreamingAnswer, headers: dict[str, str], store: ResponseStore, turn: _Turn
+    answer: Answer | StreamingAnswer, headers: dict[str, str], state: GatewayState, turn: _Turn
 ) -> Response[bytes] | Stream:
-    """The upstream's answer as it came; a response it keeps is claimed for the caller's tenant."""
+    """The upstream's answer as it came; a response it keeps is claimed for the caller's tenant.
+
+    One that cannot be claimed (Redis down) would be kept upstream where no tenant can reach it:
+    the client is told ``store: false`` and the upstream is asked to delete it."""
     held_by = headers.get("x-gateway-model", "")
     keep = turn.decoded is not None and turn.decoded.store
     if isinstance(answer, Answer):
+        body = answer.body
         if keep:
-            response = msgspec.json.decode(answer.body)
-            if isinstance(response, dict) and isinstance(response.get("id"), str):
-                await _claim(store, turn.tenant, response["id"], held_by)
-        return Response(content=answer.body, status_code=200, headers=headers, media_type="application/json")
+            response = msgspec.json.decode(body)
+            response_id = response.get("id") if isinstance(response, dict) else None
+            if isinstance(response_id, str) and not await _claim(_store(state), turn.tenant, response_id, held_by):
+                response["store"] = False
+                body = msgspec.json.encode(response)
+                await _forget(state, held_by, response_id)
+        return Response(content=body, status_code=200, headers=headers, media_type="application/json")
     return Stream(
-        _claimed_events(answer.events, store, turn.tenant, held_by) if keep else answer.events,
+        _claimed_events(answer.events, state, turn.tenant, held_by) if keep else answer.events,
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
     )
 
 
 async def _claimed_events(
-    events: AsyncIterator[bytes], store: ResponseStore, tenant: str, held_by: str
+    events: AsyncIterator[bytes], state: GatewayState, tenant: str, held_by: str
 ) -> AsyncIterator[bytes]:
     """The events, the response's id claimed as soon as ``response.created`` names it (a piece
     may hold several events: the relay holds the created event back until model work shows)."""
     claimed = False
+    unclaimed: str | None = None
     marker = b"event: response.created\ndata: "
     try:
         async for piece in events:
@@ -372,20 +382,48 @@ async def _claimed_events(
                 end = piece.find(b"\n\n", start)
                 data = msgspec.json.decode(piece[start : end if end >= 0 else len(piece)])
                 response = data.get("response") if isinstance(data, dict) else None
-                if isinstance(response, dict) and isinstance(response.get("id"), str):
-                    await _claim(store, tenant, response["id"], held_by)
-            yield piece
+                response_id = response.get("id") if isinstance(response, dict) else None
+                if isinstance(response_id, str) and not await _claim(_store(state), tenant, response_id, held_by):
+                    unclaimed = response_id
+            yield piece if unclaimed is None else _not_stored_events(piece)
+        if unclaimed is not None:
+            await _forget(state, held_by, unclaimed)
     finally:
         close = getattr(events, "aclose", None)
         if close is not None:
             await close()
 
 
-async def _claim(store: ResponseStore, tenant: str, response_id: str, held_by: str) -> None:
+def _not_stored_events(piece: bytes) -> bytes:
+    """The piece's events with every response object in them saying ``store: false``."""
+    events = piece.split(b"\n\n")
+    for index, event in enumerate(events):
+        at = event.find(b"data: ")
+        if at < 0 or b'"store"' not in event:
+            continue
+        data = msgspec.json.decode(event[at + 6 :])
+        response = data.get("response") if isinstance(data, dict) else None
+        if isinstance(response, dict) and "store" in response:
+            response["store"] = False
+            events[index] = event[: at + 6] + msgspec.json.encode(data)
+    return b"\n\n".join(events)
+
+
+async def _claim(store: ResponseStore, tenant: str, response_id: str, held_by: str) -> bool:
     try:
         await store.save(tenant, response_id, StoredResponse(held_by=held_by))
     except StoreUnavailable:
         _not_stored(reason="store unavailable")
+        return False
+    return True
+
+
+async def _forget(state: GatewayState, held_by: str, response_id: str) -> None:
+    """Ask the upstream to delete a response no tenant can reach (best effort: logged when it fails)."""
+    try:
+        await _ask_upstream(state, held_by, "DELETE", response_id)
+    except GatewayError as exc:
+        _log.warning("unclaimed_response_kept_upstream", model=held_by, error=str(exc)[:200])
 
 
 async def _ask_upstream(

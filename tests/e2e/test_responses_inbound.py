@@ -261,7 +261,7 @@ def test_a_stored_response_can_be_retrieved_and_deleted(client: openai.OpenAI) -
     client.responses.delete(created.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(created.id)
-    with pytest.raises(openai.NotFoundError) as gone:
+    with pytest.raises(openai.BadRequestError) as gone:  # a 400, as OpenAI answers
         client.responses.create(model="fast", previous_response_id=created.id, input="more")
     assert gone.value.code == "previous_response_not_found"
     with pytest.raises(openai.NotFoundError):
@@ -285,16 +285,16 @@ def test_errors_come_in_openais_shape(client: openai.OpenAI, gateway: GatewayPro
         json={"model": "fast", "input": "x", "previous_response_id": "resp_nope"},
         timeout=10,
     )
-    assert response.status_code == 404
+    assert response.status_code == 400  # OpenAI's status for this code, which Codex acts on
     assert response.json() == {
         "error": {
-            "message": "Response with id 'resp_nope' not found.",
+            "message": "Previous response with id 'resp_nope' not found.",
             "type": "invalid_request_error",
             "param": "previous_response_id",
             "code": "previous_response_not_found",
         }
     }
-    assert gateway.wait_for_record(response.headers["x-request-id"])["status"] == 404
+    assert gateway.wait_for_record(response.headers["x-request-id"])["status"] == 400
     with pytest.raises(openai.NotFoundError) as unknown:
         client.responses.create(model="no-such-model", input="x")
     assert unknown.value.code == "model_not_found"
@@ -383,7 +383,7 @@ def test_a_tenant_cannot_read_continue_or_delete_another_tenants_response(keyed_
                 bob.responses.retrieve(mine.id)
             with pytest.raises(openai.NotFoundError):
                 bob.responses.input_items.list(mine.id)
-            with pytest.raises(openai.NotFoundError) as continued:
+            with pytest.raises(openai.BadRequestError) as continued:
                 bob.responses.create(model="fast", previous_response_id=mine.id, input="What was the secret?")
             assert continued.value.code == "previous_response_not_found"
             with pytest.raises(openai.NotFoundError):

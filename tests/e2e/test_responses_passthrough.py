@@ -21,7 +21,7 @@ from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test, inject, upstream_stats
-from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
 MODELS = """
   gpt-a:
@@ -45,7 +45,8 @@ auth:
   keys:
     - {id: a1, tenant: acme, hash: "%(a1)s"}
     - {id: b1, tenant: globex, hash: "%(b1)s"}
-""" % {name: hash_key(f"key-{name}") for name in ("a1", "b1")}
+    - {id: a3, tenant: acme, hash: "%(a3)s", models: [gpt-a]}
+""" % {name: hash_key(f"key-{name}") for name in ("a1", "b1", "a3")}
 
 CODEX_TOOLS: list[dict[str, Any]] = [
     {
@@ -165,7 +166,7 @@ def test_a_tenant_cannot_read_continue_or_delete_another_tenants_upstream_respon
     mine = alice.responses.create(model="codex", input="The launch code is tulip.")
     with pytest.raises(openai.NotFoundError):
         bob.responses.retrieve(mine.id)  # the upstream would have answered: its key is shared
-    with pytest.raises(openai.NotFoundError) as continued:
+    with pytest.raises(openai.BadRequestError) as continued:  # a 400, as OpenAI answers
         bob.responses.create(model="codex", previous_response_id=mine.id, input="What was the code?")
     assert continued.value.code == "previous_response_not_found"
     with pytest.raises(openai.NotFoundError):
@@ -208,6 +209,43 @@ def test_a_follow_up_goes_to_the_upstream_that_keeps_the_previous_response(gatew
     raw = client.responses.with_raw_response.create(model="codex", input="Which number?", previous_response_id=first.id)
     assert raw.parse().output_text and raw.headers["x-gateway-model"] == "gpt-b"
     assert raw.headers["x-gateway-decision"] == "previous_response"
+
+
+def test_a_response_id_does_not_reach_a_model_the_key_may_not_use(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    """a3 may use gpt-a only: continuing a response gpt-b keeps must not be answered (and billed) by gpt-b."""
+    kept = _client(gateway).responses.create(model="gpt-b", input="Remember the number 7.")
+    before = upstream_stats(large_upstream)["requests"]
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        _client(gateway, "a3").responses.create(model="gpt-a", input="Which number?", previous_response_id=kept.id)
+    assert refused.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    assert upstream_stats(large_upstream)["requests"] == before
+
+
+def test_a_response_the_gateway_cannot_claim_says_so_and_is_not_left_upstream(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """Without Redis no tenant could reach the upstream's copy: the client is told store: false and
+    the upstream is asked to delete it, streamed or not."""
+    policy = policy_text(
+        small_upstream,
+        large_upstream,
+        extra_models=MODELS.format(small=small_upstream.url, large=large_upstream.url),
+        routes=ROUTES,
+    )
+    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},
+                            expect_ready=False)  # fmt: skip
+    try:
+        with openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=10) as client:
+            made = client.responses.create(model="gpt-a", input="Remember the number 7.")
+            with client.responses.stream(model="gpt-a", input="Remember the number 8.") as stream:
+                streamed = stream.get_final_response()
+    finally:
+        gateway.stop()
+    assert made.output_text and getattr(made, "store", None) is False and getattr(streamed, "store", None) is False
+    for response_id in (made.id, streamed.id):
+        assert httpx.get(f"{small_upstream.url}/responses/{response_id}", timeout=5).status_code == 404
 
 
 def test_a_response_failed_for_the_requests_own_fault_reaches_the_client_as_it_came(

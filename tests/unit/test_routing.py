@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from gateway.config.loader import load_policy_text
+from gateway.errors import InvalidRequestError, PermissionDeniedError
 from gateway.routing import Router
 
 POLICY = """\
@@ -37,6 +40,18 @@ def test_a_continued_response_goes_where_its_upstream_keeps_it() -> None:
     assert router.continuing(both, "s").candidates == ("s",) and router.continuing(both, "s").decision == "fixed"
     elsewhere = router.continuing(router.plan("s"), "l")
     assert elsewhere.candidates == ("l",) and elsewhere.decision == "previous_response"
+
+
+def test_a_response_id_reaches_no_model_the_key_may_not_use() -> None:
+    router = _router()
+    only_s = frozenset({"s"})
+    with pytest.raises(PermissionDeniedError) as refused:
+        router.continuing(router.plan("s"), "l", only_s)
+    assert refused.value.param == "previous_response_id"
+    # a route the key may call reaches the holder anyway: a classifier route may end at the large model
+    assert router.continuing(router.plan("auto"), "l", frozenset({"auto"})).candidates[0] == "l"
+    with pytest.raises(InvalidRequestError):  # the holder left the policy in a reload
+        router.continuing(router.plan("s"), "gone")
 
 
 def test_a_request_may_end_at_its_fallbacks_and_a_classifier_routes_large_pick() -> None:
