@@ -737,12 +737,18 @@ def reasoning_of(message: dict[str, Any]) -> str | None:
 
 
 class ChunkReader:
-    """Chat completion chunks (first choice) to deltas; tool calls keep their upstream index."""
+    """Chat completion chunks (first choice) to deltas; tool calls keep their upstream index.
 
-    __slots__ = ("_started",)
+    A tool call starts once its name is known: some OpenAI-compatible servers send a call's id
+    or arguments in a chunk before its name, and a call started nameless stays nameless (the
+    next turn would send it upstream so). Until then its id and arguments wait here.
+    """
+
+    __slots__ = ("_started", "_waiting")
 
     def __init__(self) -> None:
         self._started: set[int] = set()
+        self._waiting: dict[int, tuple[str, list[str]]] = {}
 
     def read(self, chunk: dict[str, Any]) -> list[Delta]:
         deltas: list[Delta] = []
@@ -762,21 +768,46 @@ class ChunkReader:
             if isinstance(content, str) and content:
                 deltas.append(TextDelta(content))
             for call in delta.get("tool_calls") or []:
-                index = int(call.get("index", 0))
-                function = call.get("function") or {}
-                if index not in self._started:
-                    self._started.add(index)
-                    name = str(function.get("name") or "")
-                    deltas.append(ToolCallStart(index, str(call.get("id") or f"call_{index}"), name))
-                fragment = function.get("arguments")
-                if isinstance(fragment, str) and fragment:
-                    deltas.append(ToolArgumentsDelta(index, fragment))
+                self._read_call(call, deltas)
             reason, stop_sequence = _finish_of(choice)
             if reason is not None:
+                deltas.extend(self.flush())
                 deltas.append(Finish(reason, stop_sequence))
         if chunk.get("usage"):
             deltas.append(UsageReport(usage_from(chunk["usage"])))
         return deltas
+
+    def flush(self) -> list[Delta]:
+        """The calls whose name never came, started as they are (at the answer's end)."""
+        deltas: list[Delta] = []
+        for index in list(self._waiting):
+            self._start(index, "", deltas)
+        return deltas
+
+    def _read_call(self, call: dict[str, Any], deltas: list[Delta]) -> None:
+        index = int(call.get("index", 0))
+        function = call.get("function") or {}
+        fragment = function.get("arguments")
+        fragment = fragment if isinstance(fragment, str) and fragment else None
+        if index in self._started:
+            if fragment is not None:
+                deltas.append(ToolArgumentsDelta(index, fragment))
+            return
+        call_id, arguments = self._waiting.get(index, ("", []))
+        call_id = call_id or str(call.get("id") or "")
+        if fragment is not None:
+            arguments.append(fragment)
+        self._waiting[index] = (call_id, arguments)
+        name = function.get("name")
+        if name:
+            self._start(index, str(name), deltas)
+
+    def _start(self, index: int, name: str, deltas: list[Delta]) -> None:
+        call_id, arguments = self._waiting.pop(index)
+        self._started.add(index)
+        deltas.append(ToolCallStart(index, call_id or f"call_{index}", name))
+        if arguments:
+            deltas.append(ToolArgumentsDelta(index, "".join(arguments)))
 
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:

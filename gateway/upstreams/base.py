@@ -224,9 +224,15 @@ class ChatStream(ABC):
         """The next chunk in the internal model, for a client of another protocol than chat
         (StopAsyncIteration at the end). A chat upstream's chunk is read into deltas; a stream
         that reads another protocol gives its deltas without writing a chunk first."""
-        payload = await self.__anext__()
         if self._reader is None:
             self._reader = openai_chat.ChunkReader()
+        try:
+            payload = await self.__anext__()
+        except StopAsyncIteration:
+            waiting = self._reader.flush()  # a stream that ended without a finish_reason
+            if waiting:
+                return waiting
+            raise
         return self._reader.read(msgspec.json.decode(payload))
 
     def error_event(self, error: GatewayError) -> bytes:

@@ -439,3 +439,28 @@ def test_a_tool_choice_no_tool_can_satisfy_is_a_400_naming_it(fields: dict[str, 
     with pytest.raises(InvalidRequestError) as refused:
         _decode(input="x", **fields)
     assert refused.value.param == "tool_choice"
+
+
+def _chunk(call: dict[str, Any] | None = None, finish: str | None = None) -> dict[str, Any]:
+    delta = {"tool_calls": [call]} if call is not None else {}
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def test_a_tool_call_whose_name_comes_late_keeps_its_name_and_id() -> None:
+    """Some OpenAI-compatible servers send a call's id or first arguments before its name."""
+    reader = openai_chat.ChunkReader()
+    chunks = [
+        _chunk({"index": 0, "function": {"arguments": ""}}),
+        _chunk({"index": 0, "id": "call_late", "function": {"arguments": '{"ci'}}),
+        _chunk({"index": 0, "function": {"name": "get_weather", "arguments": 'ty": "Oslo"}'}}),
+        _chunk({"index": 1, "id": "call_2", "function": {"arguments": "{}"}}),  # never named
+        _chunk(finish="tool_calls"),
+    ]
+    deltas = [delta for chunk in chunks for delta in reader.read(chunk)]
+    assert deltas == [
+        ToolCallStart(0, "call_late", "get_weather"),
+        ToolArgumentsDelta(0, '{"city": "Oslo"}'),
+        ToolCallStart(1, "call_2", ""),
+        ToolArgumentsDelta(1, "{}"),
+        Finish("tool_calls"),
+    ]
