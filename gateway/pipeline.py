@@ -484,8 +484,13 @@ class ChatPipeline:
         x.record.semantic_guard_refusals = found.refused or None
         if found.hit is None:
             return None
+        if found.hit.answer.prompt == prompt:
+            # The same prompt, stored since this request's exact lookup (it raced its twin, which
+            # a coalescing wait would have caught a moment later): an exact hit, and no audit.
+            return self._cached_answer(x, found.hit.answer, "exact")
         x.similarity = found.hit.similarity
         x.record.cache_p_same = round(found.hit.p_same, 4)
+        await self._count_prompt(x)  # a semantic hit reports this request's prompt, not the stored one's
         answer = self._cached_answer(x, found.hit.answer, "semantic")
         if self._audit.sample(semantic.audit, x.record.tenant):
             self._start_audit(x, found.hit.answer, prompt, semantic_set, bar, timeout_s)
