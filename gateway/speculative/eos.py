@@ -1,11 +1,13 @@
 """Which token ids end a sequence, learned from the servers themselves.
 
-vLLM's API does not name the end-of-sequence ids, but every completion tells:
-a generated token followed by more tokens, or ending a ``length`` finish, is not
-one; the last token of a ``stop`` finish (no stop strings are ever sent) is one.
-A token seen for the first time as the large model's correction, before either is
-known, is probed once: one ``max_tokens: 1`` call that forces it with ``logit_bias``
-and reads the finish reason. Shared by all requests of a pair.
+vLLM's API does not name the end-of-sequence ids, but every completion tells: a
+generated token followed by more tokens is not one; the last token of a ``stop``
+finish (no stop strings are ever sent) is one. The last token of a ``length`` finish
+says nothing: vLLM V1 checks the length cap before EOS, so an EOS that is the last
+token allowed ends a ``length`` finish. A token seen for the first time as the large
+model's correction, before either is known, is probed once: one ``max_tokens: 2``
+call that forces it with ``logit_bias`` (an EOS stops after it; any other token is
+forced again). Shared by all requests of a pair.
 """
 
 from __future__ import annotations
@@ -29,16 +31,14 @@ class EosTable:
         if finish_reason == "stop":
             self.eos.add(tokens[-1])
             self.not_eos.discard(tokens[-1])
-        elif finish_reason == "length":
-            self.not_eos.add(tokens[-1])
 
     def known(self, token: int) -> bool:
         return token in self.eos or token in self.not_eos
 
     async def probe(self, api: TokenAPI, token: int, context_token: int) -> bool:
-        """Ask the server whether ``token`` ends a sequence (one tiny, forced, one-token call)."""
-        generation = await api.generate([context_token], 1, temperature=0.0, logprobs=1, logit_bias={token: 100.0})
-        if generation.tokens == [token]:
+        """Ask the server whether ``token`` ends a sequence (one tiny, forced, two-token call)."""
+        generation = await api.generate([context_token], 2, temperature=0.0, logprobs=1, logit_bias={token: 100.0})
+        if generation.tokens[:1] == [token] and (len(generation.tokens) > 1 or generation.finish_reason == "stop"):
             self.learn(generation.tokens, generation.finish_reason)
         else:  # the bias did not force it: assume it ends nothing, as the large model's text will show
             self.not_eos.add(token)

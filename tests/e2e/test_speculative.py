@@ -138,6 +138,29 @@ def _streamed_answer(chunks: list[dict[str, Any]], stream: Any) -> tuple[str, st
 # --------------------------------------------------------------------------- exactness (temperature 0)
 
 
+async def test_greedy_output_is_exact_whichever_stop_check_the_server_runs() -> None:
+    """vLLM V1 checks the length cap before EOS (an EOS as the last token allowed ends a 'length'
+    finish), V0 checked EOS first: taking such a finish as 'not EOS' decoded past the large model's
+    own end on V1 servers. The module's servers run V1's order; these run V0's."""
+    large = start_toy_server(role="large", eos_rate=0.05, stop_check="v0")
+    small = start_toy_server(role="small", agreement=0.8, stop_check="v0")
+    target, draft = _provider("large", large), _provider("small", small, "small")
+    try:
+        spec = _spec((target, draft))
+        finishes: Counter[str] = Counter()
+        for prompt in _PROMPTS[:8]:
+            body = _body(prompt, max_tokens=60)
+            got, want = await spec.complete(*as_sent(body)), await target.complete(*as_sent(body))
+            assert _answer(got) == _answer(want), prompt
+            finishes[_answer(want)[1]] += 1
+        assert finishes["stop"] > 0  # some answers end at the large model's EOS
+    finally:
+        await target.aclose()
+        await draft.aclose()
+        large.stop()
+        small.stop()
+
+
 async def test_greedy_output_is_the_large_models_own(pair: tuple[Provider, Provider]) -> None:
     spec = _spec(pair)
     await spec.check_pair()

@@ -166,6 +166,8 @@ class Settings:
     cleanup: bool = True
     special_rate: float = 0.0
     logprobs_mode: str = "raw"
+    stop_check: str = "v1"
+    """``v1``: the length cap is checked before EOS, as vLLM V1 does; ``v0``: EOS first."""
     """``raw``: log-softmax of the logits (vLLM V1); ``processed``: after temperature and penalty (V0);
     ``processed_logprobs``: sampled ones processed, prompt ones raw (V1's option)."""
     batch_knee: int = 0
@@ -544,7 +546,7 @@ async def _generate(state: State, req: _Request, on_token: Any = None) -> tuple[
         if on_token is not None:
             await on_token(token, logprobs[-1])
         if token == EOS:
-            finish = "stop"
+            finish = _eos_finish(state.settings, step, req.max_tokens)
             break
     _uncached_tokens(state, seq)
     await clock.settle()
@@ -713,6 +715,12 @@ def build_app(settings: Settings) -> web.Application:
     return app
 
 
+def _eos_finish(settings: Settings, step: int, max_tokens: int) -> str:
+    """vLLM V1 checks the length cap before EOS (``check_stop``): an EOS that is the last token
+    allowed ends a ``length`` finish; V0 said ``stop``."""
+    return "length" if settings.stop_check == "v1" and step + 1 >= max_tokens else "stop"
+
+
 async def _chat_generate(
     state: State, tokenizer: Tokenizer, req: _Request, stops: list[str]
 ) -> tuple[list[int], str, str, str | None]:
@@ -732,7 +740,12 @@ async def _chat_generate(
         seq.append(token)
         if token == EOS:
             await clock.settle()
-            return tokens, tokenizer.decode(tokens, skip_special=True), "stop", None
+            return (
+                tokens,
+                tokenizer.decode(tokens, skip_special=True),
+                _eos_finish(state.settings, step, req.max_tokens),
+                None,
+            )
         text = tokenizer.decode(tokens, skip_special=True)
         for stop in stops:
             index = text.find(stop)
@@ -777,6 +790,7 @@ def _parse_args(argv: list[str]) -> tuple[Settings, int]:
     parser.add_argument("--special-rate", type=float, default=0.0)
     parser.add_argument("--logprobs-mode", choices=["raw", "processed", "processed_logprobs"], default="raw")
     parser.add_argument("--batch-knee", type=int, default=0)
+    parser.add_argument("--stop-check", choices=["v1", "v0"], default="v1")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
     settings = Settings(
@@ -785,7 +799,7 @@ def _parse_args(argv: list[str]) -> tuple[Settings, int]:
         max_model_len=args.max_model_len, max_logprobs=args.max_logprobs, model_name=f"toy-{args.role}",
         default_temperature=args.default_temperature, default_repetition_penalty=args.default_repetition_penalty,
         flatness=args.flatness, cleanup=bool(args.cleanup), special_rate=args.special_rate,
-        logprobs_mode=args.logprobs_mode, batch_knee=args.batch_knee,
+        logprobs_mode=args.logprobs_mode, batch_knee=args.batch_knee, stop_check=args.stop_check,
     )  # fmt: skip
     return settings, args.port
 
