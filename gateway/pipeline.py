@@ -296,7 +296,7 @@ class ChatPipeline:
             if completion.usage is None:
                 await self._count_prompt(x)  # tokenized only when the upstream does not say
             self._settle(x, provider, completion.usage, completion.text, completion.said)
-            record.upstream_status = 200
+            record.upstream_status, record.finish_reason = 200, completion.finish_reason
             _record_speculation(record, completion)
             typed, storing = relay is None and record.protocol != "openai.chat", self._storing(x)
             whole = storable = completion.answer

@@ -273,7 +273,14 @@ class SpeculativeProvider(Provider):
         if run is None:
             stats = self._plain_stats(reason or _DOES_NOT_FIT)
             completion = await _said_plain(self.target.complete(request, body), stats)
-            return SpeculativeCompletion(completion.body, completion.usage, completion.text, speculation=stats)
+            return SpeculativeCompletion(
+                completion.body,
+                completion.usage,
+                completion.text,
+                said=completion.said,
+                finish_reason=completion.finish_reason,
+                speculation=stats,
+            )
         try:
             async with asyncio.timeout(self.config.timeouts.total):
                 text = [piece async for piece in run.pieces()]
@@ -293,7 +300,9 @@ class SpeculativeProvider(Provider):
             run.assembler.finish_reason, usage_body(usage.prompt_tokens, usage.completion_tokens),
             stop_reason=run.assembler.stop_reason,
         )  # fmt: skip
-        return SpeculativeCompletion(answer, usage, content, speculation=run.stats)
+        return SpeculativeCompletion(
+            answer, usage, content, finish_reason=run.assembler.finish_reason, speculation=run.stats
+        )
 
     async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
         self._inflight += 1

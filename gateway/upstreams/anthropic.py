@@ -103,6 +103,7 @@ class AnthropicProvider(Provider):
             usage=usage,
             text=answer.text or "",
             answer=answer,
+            finish_reason="stop" if answer.finish_reason == "stop_sequence" else answer.finish_reason,
         )
 
     async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:

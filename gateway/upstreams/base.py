@@ -101,6 +101,8 @@ class Completion:
     said: str | None = None
     """Everything the model wrote (the text, its reasoning, its tool calls' names and arguments):
     what the gateway counts when ``usage`` is absent; None: the text alone."""
+    finish_reason: str | None = None
+    """Why the answer ended, in OpenAI's words, for the log (None: a passed-through answer)."""
 
 
 @dataclass(slots=True)

@@ -45,7 +45,7 @@ class OpenAIProvider(Provider):
         data = decode_json_object(self.name, content)
         usage = usage_of(openai_chat.read_usage(data.get("usage")))
         text = _message_text(self.name, data)
-        return Completion(body=content, usage=usage, text=text, said=_said(data, text))
+        return Completion(body=content, usage=usage, text=text, said=_said(data, text), finish_reason=_finish(data))
 
     async def embed(
         self, inputs: list[str] | list[list[int]], dimensions: int | None, extra: Mapping[str, Any] | None = None
@@ -379,3 +379,10 @@ def _in_stream_error(error: Any) -> str:
 
 def _count(rows: object) -> int:
     return len(rows) if isinstance(rows, list) else 0
+
+
+def _finish(data: dict[str, Any]) -> str | None:
+    choices = data.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    reason = choice.get("finish_reason")
+    return reason if isinstance(reason, str) else None

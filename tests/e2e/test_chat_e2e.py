@@ -31,6 +31,7 @@ def test_non_streamed_answer_with_gateway_headers(client: openai.OpenAI, gateway
     expected_cost = (completion.usage.prompt_tokens * 0.5 + completion.usage.completion_tokens * 1.5) / 1e6
     assert float(headers["x-gateway-cost-usd"]) == pytest.approx(expected_cost, abs=1e-8)
     assert record["cost_usd"] == pytest.approx(expected_cost)
+    assert record["finish_reason"] == "stop"  # a non-streamed answer's too (dashboards count length cuts)
     # baseline: the same tokens at the pair's large model prices
     expected_baseline = (completion.usage.prompt_tokens * 5 + completion.usage.completion_tokens * 15) / 1e6
     assert record["baseline_cost_usd"] == pytest.approx(expected_baseline)
