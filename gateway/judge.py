@@ -15,10 +15,7 @@ def yes_no_request(model: str, instructions: str, question: str) -> Request:
 
 
 def parse_yes_no(reply: str) -> bool | None:
-    """The judge's word; None when it said something else."""
-    word = reply.strip().lower().lstrip("'\"*")
-    if word.startswith("yes"):
-        return True
-    if word.startswith("no"):
-        return False
-    return None
+    """The judge's word; None when it said something else ("nope", "note", "yes-and-no")."""
+    words = reply.split(maxsplit=1)
+    word = words[0].strip("'\"*.,!:;").lower() if words else ""
+    return True if word == "yes" else False if word == "no" else None

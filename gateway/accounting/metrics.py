@@ -78,7 +78,7 @@ class Metrics:
         self.shadow_judgements = Counter(
             "gateway_router_shadow_judgements",
             "Answers also asked of the other model and judged; outcome: small_enough, needed_large, "
-            "undecided, failed, over_budget",
+            "undecided, failed, over_budget, skipped (backlog)",
             ["route", "outcome"],
             registry=r,
         )

@@ -238,9 +238,11 @@ def fit_candidate(
 ) -> tuple[LearnedRouter, Evaluation]:
     """A candidate fitted on the older labels, and how it and ``current`` (None: the shipped
     router alone) do on the newest ``held_out_share`` of them. A request labelled more than
-    once (feedback after a shadow judgement, a changed mind) counts once, by its last label;
-    request ids are the clients' to choose, so one names a request only within its tenant."""
-    latest = {(e.tenant, e.request_id): e for e in sorted(examples, key=lambda e: e.at)}
+    once counts once: by a person's last label (feedback) where it has one, whenever the shadow
+    judge's verdict landed, else by the judge's last; request ids are the clients' to choose,
+    so one names a request only within its tenant."""
+    ranked = sorted(examples, key=lambda e: (e.source == "feedback", e.at))
+    latest = {(e.tenant, e.request_id): e for e in ranked}
     examples = same_classifier(sorted(latest.values(), key=lambda e: e.at))
     inputs = examples[-1].inputs if examples else ""
     if current is not None and current.inputs != inputs:

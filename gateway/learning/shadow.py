@@ -7,8 +7,11 @@ below). "The small model's answer is as good" labels the prompt *small was enoug
 otherwise *needed large*. Shadow calls cost money: each tenant's route stops for the day
 once its shadow spend reaches ``learning.usd_per_day`` (its jobs run one at a time per
 process, so the cap is overrun by at most one job per worker); the spend is logged
-(``shadow_judgement``) and exported, never charged to the tenant. A shadow call that fails
-is logged and dropped: it never touches what the client received.
+(``shadow_judgement``) and exported, never charged to the tenant. Each call's cost counts
+as soon as it is paid, so a judge that keeps failing cannot spend past the cap. A shadow
+call that fails is logged and dropped: it never touches what the client received. At most
+:data:`MAX_WAITING` jobs wait per tenant and route in a process; more are skipped (a slow
+judge must not pile requests up in memory).
 """
 
 from __future__ import annotations
@@ -40,15 +43,25 @@ JUDGE_INSTRUCTIONS = (
     "incomplete or clearly worse in anything the request asked for."
 )
 _MAX_CHARS = 12_000
+MAX_WAITING = 16
+"""Shadow jobs that may wait per tenant and route in a process."""
 
 
 def judge_request(model: str, request: str, small_answer: str, large_answer: str) -> Request:
     """The chat request that asks ``model`` whether the small model's answer was good enough."""
     question = (
-        f"Request:\n{request[:_MAX_CHARS]}\n\nAnswer A:\n{small_answer[:_MAX_CHARS]}"
-        f"\n\nAnswer B:\n{large_answer[:_MAX_CHARS]}"
+        f"Request:\n{_clipped(request)}\n\nAnswer A:\n{_clipped(small_answer)}\n\nAnswer B:\n{_clipped(large_answer)}"
     )
     return yes_no_request(model, JUDGE_INSTRUCTIONS, question)
+
+
+def _clipped(text: str) -> str:
+    """A long text's start and its end: a conversation asks its question last, after a long
+    system prompt or document."""
+    if len(text) <= _MAX_CHARS:
+        return text
+    head = _MAX_CHARS // 4
+    return f"{text[:head]}\n[... {len(text) - _MAX_CHARS} characters left out ...]\n{text[-(_MAX_CHARS - head) :]}"
 
 
 def parse_verdict(reply: str) -> bool | None:
@@ -82,20 +95,32 @@ class ShadowJudge:
         self._background = BackgroundTasks()
         self._one_at_a_time: dict[tuple[str, str], asyncio.Lock] = {}
         """Per tenant and route: a job checks the day's spend after the one before it added its cost."""
+        self._waiting: dict[tuple[str, str], int] = {}
 
     def sample(self, policy: LearningPolicy) -> bool:
         return policy.shadow_share > 0 and self._rng.random() < policy.shadow_share
 
     def start(self, job: ShadowJob) -> None:
+        key = (job.tenant, job.trace.route)
+        if self._waiting.get(key, 0) >= MAX_WAITING:
+            self._metrics.shadow_judgement(job.trace.route, "skipped", 0.0)
+            _log.info("shadow_skipped", tenant=job.tenant, route=job.trace.route, reason="backlog")
+            return
+        self._waiting[key] = self._waiting.get(key, 0) + 1
         self._background.spawn(self._run(job), "shadow-judge")
 
     async def _run(self, job: ShadowJob) -> None:
         # Checked before the calls and added after them: jobs run side by side would all pass
         # the check and overrun the cap together, so one tenant's route judges one at a time
         # in a process (shadow judging is background work; its latency is nobody's).
-        lock = self._one_at_a_time.setdefault((job.tenant, job.trace.route), asyncio.Lock())
-        async with lock:
-            await self._judge(job)
+        key = (job.tenant, job.trace.route)
+        try:
+            async with self._one_at_a_time.setdefault(key, asyncio.Lock()):
+                await self._judge(job)
+        finally:
+            left = self._waiting.pop(key, 1) - 1
+            if left:
+                self._waiting[key] = left
 
     async def _judge(self, job: ShadowJob) -> None:
         route, tenant = job.trace.route, job.tenant
@@ -109,11 +134,12 @@ class ShadowJudge:
                 )
                 return
             other, cost = await job.ask_other()
+            spent = await self._store.add_shadow_spend(tenant, route, cost)  # paid, whatever the judge does
             small, large = (job.answered, other) if job.trace.side == "small" else (other, job.answered)
             reply, judge_cost = await job.judge(small, large)
             cost += judge_cost
             verdict = parse_verdict(reply)
-            spent = await self._store.add_shadow_spend(tenant, route, cost)
+            spent = await self._store.add_shadow_spend(tenant, route, judge_cost)
             if verdict is not None:
                 example = LabelledExample.of(
                     job.request_id, job.trace, not verdict, "shadow", job.policy.scope == "global"

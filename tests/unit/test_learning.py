@@ -213,6 +213,10 @@ def test_the_judge_prompt_and_the_simulated_judge_agree_on_the_protocol() -> Non
     request = judge_request("large", "user: draft an email", "a good answer", "fine answer")
     assert judge_verdict(to_chat_body(request)["messages"]) == "yes"
     assert parse_verdict("Yes.") is True and parse_verdict("no") is False and parse_verdict("maybe") is None
+    # a long system prompt or document comes first; the judge must still see the question, last
+    long = "system: " + "policy text. " * 3000 + "\nuser: what is the refund window?"
+    question = to_chat_body(judge_request("large", long, "a", "b"))["messages"][-1]["content"]
+    assert "what is the refund window?" in question and len(question) < 13_000
 
 
 def test_building_the_cli_does_not_import_prometheus_before_serve_sets_its_multiprocess_dir() -> None:
@@ -273,6 +277,72 @@ async def test_concurrent_shadow_jobs_stay_within_the_days_cap() -> None:
     await asyncio.gather(*(judge._run(ShadowJob(policy, "t", f"r{i}", trace, "answer", ask, grade)) for i in range(20)))
     spent = await store.add_shadow_spend("t", "auto", 0.0)
     assert spent == pytest.approx(0.002)  # two jobs of $0.001, then the day is spent
+
+
+async def test_a_failing_judge_cannot_spend_past_the_days_cap() -> None:
+    # The other model's answer was added to the day's spend only once the judge answered: a
+    # judge answering 500 let one tenant spend $379 against a $5 cap (an outside tester).
+    from gateway.accounting.metrics import Metrics
+    from gateway.config.schema import LearningPolicy
+    from gateway.learning.shadow import ShadowJob, ShadowJudge
+
+    store = LearningStore(MemoryKeyValue())
+    judge = ShadowJudge(store, Metrics())
+    policy = LearningPolicy(shadow_share=1.0, usd_per_day=0.002)
+    trace = RoutingTrace.of("k", "auto", "small", 0.2, np.zeros(384), np.zeros(12))
+
+    async def ask() -> tuple[str, float]:
+        return "other answer", 0.0008
+
+    async def broken(small: str, large: str) -> tuple[str, float]:
+        raise RuntimeError("judge answered 500")
+
+    for i in range(20):
+        await judge._run(ShadowJob(policy, "t", f"r{i}", trace, "answer", ask, broken))
+    assert await store.add_shadow_spend("t", "auto", 0.0) == pytest.approx(0.0024)  # 3 calls, then spent
+
+
+async def test_shadow_jobs_waiting_on_a_slow_judge_are_bounded() -> None:
+    import asyncio
+
+    from gateway.accounting.metrics import Metrics
+    from gateway.config.schema import LearningPolicy
+    from gateway.learning.shadow import MAX_WAITING, ShadowJob, ShadowJudge
+
+    store = LearningStore(MemoryKeyValue())
+    judge = ShadowJudge(store, Metrics())
+    policy = LearningPolicy(shadow_share=1.0, usd_per_day=5.0)
+    trace = RoutingTrace.of("k", "auto", "small", 0.2, np.zeros(384), np.zeros(12))
+    asked = 0
+
+    async def ask() -> tuple[str, float]:
+        nonlocal asked
+        asked += 1
+        return "other answer", 0.0
+
+    async def slow(small: str, large: str) -> tuple[str, float]:
+        await asyncio.sleep(0.05)
+        return "yes", 0.0
+
+    for i in range(3 * MAX_WAITING):
+        judge.start(ShadowJob(policy, "t", f"r{i}", trace, "answer", ask, slow))
+    for _ in range(400):
+        await asyncio.sleep(0.01)
+        if not judge._waiting:
+            break
+    assert asked == MAX_WAITING and not judge._waiting
+    await judge.aclose()
+
+
+def test_a_persons_label_outranks_a_later_shadow_verdict() -> None:
+    import msgspec
+
+    people = [msgspec.structs.replace(e, source="feedback") for e in _examples(200, rule=True)]
+    judged = [msgspec.structs.replace(e, source="shadow", needed_large=not e.needed_large, at=e.at + 1e6)
+              for e in people]  # fmt: skip
+    _, by_people = fit_candidate(people, None)
+    _, both = fit_candidate(people + judged, None)
+    assert both.current_apgr == by_people.current_apgr and both.trained_on == by_people.trained_on
 
 
 async def test_a_quiet_tenants_next_request_sees_a_rollback_made_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,6 +35,9 @@ def test_a_judges_reply_is_read_as_yes_no_or_nothing() -> None:
     assert parse_judgement(" Yes.") is True
     assert parse_judgement("'no'") is False
     assert parse_judgement("maybe") is None
+    # the whole first word: a prefix is not a verdict
+    assert parse_judgement("nope") is None and parse_judgement("Note: both") is None
+    assert parse_judgement("yes-and-no") is None and parse_judgement("No, A is wrong") is False
 
 
 def _bar(base: float) -> ServeBar:
