@@ -50,6 +50,8 @@ def answer_params(request: Request) -> dict[str, Any]:
     }
     if request.continues_last_turn:  # Anthropic's prefill: continued, where a chat client's gets a new turn
         params["continues_last_turn"] = True
+    if request.betas:  # Anthropic's beta features change what the model may do (context, tools, thinking)
+        params["betas"] = sorted({beta.strip() for beta in request.betas.split(",") if beta.strip()})
     for key, value in request.extra.items():
         if key in _NOT_IN_KEY or _is_default(key, value):
             continue

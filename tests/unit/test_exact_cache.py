@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
+
 from gateway.cache.entries import CachedAnswer
 from gateway.cache.exact import LEADER_LEFT, ExactCache, Lease
 from gateway.cache.keys import exact_key
@@ -102,6 +104,16 @@ def test_one_request_written_two_ways_has_one_key() -> None:
     assert _key("t", text) == _key("t", {**text, **defaults})  # the API's defaults, sent or not
     assert _key("t", text) != _key("t", {**text, "presence_penalty": 0.5})
     assert _key("t", text) != _key("t", {**text, "logprobs": True})
+
+
+def test_anthropic_betas_are_part_of_the_key() -> None:
+    """A beta changes what the model may do: a request sent with one is not the one sent without."""
+    request = read_chat_request({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    with_beta = msgspec.structs.replace(request, betas="context-1m-2025-08-07")
+    two = msgspec.structs.replace(request, betas="interleaved-thinking-2025-05-14, context-1m-2025-08-07")
+    same_two = msgspec.structs.replace(request, betas="context-1m-2025-08-07,interleaved-thinking-2025-05-14")
+    keys = {exact_key("t", "r", r) for r in (request, with_beta, two)}
+    assert len(keys) == 3 and exact_key("t", "r", two) == exact_key("t", "r", same_two)
 
 
 def _key(tenant: str, body: dict[str, object]) -> str:
