@@ -645,7 +645,7 @@ def answer_from_message(
     ended it."""
     calls = [
         ToolCall(
-            id=str(call.get("id") or f"call_{index}"),
+            id=str(call.get("id") or _call_id(answer_id, index)),
             name=str((call.get("function") or {}).get("name") or ""),
             arguments=str((call.get("function") or {}).get("arguments") or ""),
         )
@@ -744,14 +744,17 @@ class ChunkReader:
     next turn would send it upstream so). Until then its id and arguments wait here.
     """
 
-    __slots__ = ("_started", "_waiting")
+    __slots__ = ("_answer_id", "_started", "_waiting")
 
     def __init__(self) -> None:
         self._started: set[int] = set()
         self._waiting: dict[int, tuple[str, list[str]]] = {}
+        self._answer_id = ""
 
     def read(self, chunk: dict[str, Any]) -> list[Delta]:
         deltas: list[Delta] = []
+        if not self._answer_id and isinstance(chunk.get("id"), str):
+            self._answer_id = chunk["id"]
         for choice in chunk.get("choices") or []:
             if choice.get("index", 0) != 0:
                 continue
@@ -805,9 +808,16 @@ class ChunkReader:
     def _start(self, index: int, name: str, deltas: list[Delta]) -> None:
         call_id, arguments = self._waiting.pop(index)
         self._started.add(index)
-        deltas.append(ToolCallStart(index, call_id or f"call_{index}", name))
+        deltas.append(ToolCallStart(index, call_id or _call_id(self._answer_id, index), name))
         if arguments:
             deltas.append(ToolArgumentsDelta(index, "".join(arguments)))
+
+
+def _call_id(answer_id: str, index: int) -> str:
+    """An id for a tool call the upstream named none (some OpenAI-compatible servers): unique
+    across a conversation's answers where the answer has an id (Anthropic's API refuses a
+    conversation whose tool_use ids repeat)."""
+    return f"call_{answer_id}_{index}" if answer_id else f"call_{index}"
 
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:

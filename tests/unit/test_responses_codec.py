@@ -464,3 +464,18 @@ def test_a_tool_call_whose_name_comes_late_keeps_its_name_and_id() -> None:
         ToolArgumentsDelta(1, "{}"),
         Finish("tool_calls"),
     ]
+
+
+def test_tool_calls_without_ids_get_ids_unique_to_their_answer() -> None:
+    """call_0 in every answer repeats across a conversation, which Anthropic's API refuses."""
+
+    def first_id(answer_id: str) -> str:
+        chunk = {**_chunk({"index": 0, "function": {"name": "f", "arguments": "{}"}}), "id": answer_id}
+        start = openai_chat.ChunkReader().read(chunk)[0]
+        assert isinstance(start, ToolCallStart)
+        return start.id
+
+    assert first_id("chatcmpl-1") != first_id("chatcmpl-2")
+    completion = {"id": "chatcmpl-3", "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}}]}  # fmt: skip
+    assert openai_chat.answer_from_completion(completion).tool_calls[0].id == "call_chatcmpl-3_0"
