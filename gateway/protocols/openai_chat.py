@@ -15,6 +15,7 @@ parts ``{"type": "thinking", "thinking", "signature"}`` / ``{"type":
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from typing import Any, TypeGuard
@@ -112,7 +113,7 @@ def lost_on_chat_upstreams(request: Request) -> list[str]:
 
 
 def to_chat_body(request: Request) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": request.model, "messages": [_message(m) for m in request.messages]}
+    body: dict[str, Any] = {"model": request.model, "messages": [_message(m) for m in _alternating(request.messages)]}
     if request.max_tokens is not None:
         body["max_tokens"] = request.max_tokens
     if request.temperature is not None:
@@ -446,6 +447,21 @@ def _part(part: Part) -> dict[str, Any]:
 
 def _plain(part: Part) -> bool:
     return isinstance(part, TextPart) and part.cache_control is None
+
+
+def _alternating(messages: Sequence[Message]) -> Sequence[Message]:
+    """User turns in a row as one, as Anthropic's API reads them: several chat templates (Gemma,
+    Mistral) refuse roles that do not alternate, so a request Anthropic takes would be a 400."""
+    if not any(a.role == b.role == "user" for a, b in itertools.pairwise(messages)):
+        return messages
+    merged: list[Message] = []
+    for message in messages:
+        last = merged[-1] if merged else None
+        if last is not None and last.role == message.role == "user" and last.name == message.name:
+            merged[-1] = msgspec.structs.replace(last, parts=(*last.parts, *message.parts))
+        else:
+            merged.append(message)
+    return merged
 
 
 def _message(message: Message) -> dict[str, Any]:

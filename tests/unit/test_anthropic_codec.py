@@ -542,3 +542,18 @@ def test_an_impossible_token_count_is_no_count() -> None:
     assert openai_chat.read_usage({"prompt_tokens": True, "completion_tokens": 3}) is None
     usage = anthropic.usage_from_wire({"input_tokens": 4, "output_tokens": -9, "cache_read_input_tokens": -1})
     assert usage is not None and (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens) == (4, 0, 0)
+
+
+def test_user_turns_in_a_row_reach_a_chat_upstream_as_one() -> None:
+    """Anthropic's API combines them; Gemma's or Mistral's chat template refuses roles that do not alternate."""
+    request = _decode(
+        messages=[
+            {"role": "user", "content": "First question."},
+            {"role": "user", "content": [{"type": "text", "text": "And a second."}]},
+            {"role": "assistant", "content": "Answer."},
+            {"role": "user", "content": "Thanks."},
+        ]
+    )
+    messages = openai_chat.to_chat_body(request)["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert messages[0]["content"] == "First question.\nAnd a second."
