@@ -46,6 +46,12 @@ class _RequestIds:
 _request_ids = _RequestIds()
 
 
+def request_id_of(headers: Mapping[str, str]) -> str:
+    """The client's ``x-request-id`` when it is a usable one, else a fresh id."""
+    incoming_id = headers.get("x-request-id")
+    return incoming_id if incoming_id and _REQUEST_ID.fullmatch(incoming_id) else _request_ids.next()
+
+
 class Incoming(Protocol):
     """What the hand-off reads of a request: Litestar's ``Request``, or the chat route's bare one."""
 
@@ -82,8 +88,7 @@ async def hand_to_pipeline(
     if state is None:
         state = request.app.state.gateway
     headers = request.headers
-    incoming_id = headers.get("x-request-id")
-    request_id = incoming_id if incoming_id and _REQUEST_ID.fullmatch(incoming_id) else _request_ids.next()
+    request_id = request_id_of(headers)
     task = asyncio.current_task()
     assert task is not None
     watch = DisconnectWatch(request, task)

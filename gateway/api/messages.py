@@ -28,7 +28,7 @@ from litestar.response import Stream
 from gateway.api.answers import StreamBroke, answer_of, delta_batches, dropped_header, streams
 from gateway.api.bodies import read_body
 from gateway.api.credentials import authorization_of
-from gateway.api.handoff import hand_to_pipeline
+from gateway.api.handoff import hand_to_pipeline, request_id_of
 from gateway.api.state import GatewayState
 from gateway.core.model import Request as CoreRequest
 from gateway.core.model import UsageReport
@@ -118,6 +118,8 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
     tenant's ``rpm`` apply, in a window of its own (:meth:`~gateway.limits.Limiter.admit_count`)."""
     state: GatewayState = request.app.state.gateway
     runtime = state.holder.current
+    request_id = request_id_of(request.headers)
+    ids = {"x-request-id": request_id, "request-id": f"req_{request_id}"}
     try:
         principal = runtime.auth.authenticate(authorization_of(request.headers))
         await state.limiter.admit_count(runtime.policy, principal)  # before the body is read
@@ -142,8 +144,8 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
             else:
                 tokens = count_prompt(decoded, encoding)
     except GatewayError as exc:
-        return _error(exc.status_code, exc.message, exc.headers)
-    return Response(content=msgspec.json.encode({"input_tokens": tokens}), media_type="application/json")
+        return _error(exc.status_code, exc.message, {**exc.headers, **ids})
+    return Response(content=msgspec.json.encode({"input_tokens": tokens}), headers=ids, media_type="application/json")
 
 
 def _dropped(request: Request[Any, Any, Any], asked: CoreRequest, answered_by: str | None) -> list[str]:

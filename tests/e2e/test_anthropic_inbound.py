@@ -254,6 +254,11 @@ def test_count_tokens(claude: anthropic.Anthropic) -> None:
         model="fast", system="You are terse.", messages=[{"role": "user", "content": "hi " * 50}]
     )
     assert 0 < short.input_tokens < longer.input_tokens
+    raw = claude.messages.with_raw_response.count_tokens(model="fast", messages=[{"role": "user", "content": "hi"}])
+    assert raw.headers["request-id"] == "req_" + raw.headers["x-request-id"]  # as every model endpoint's answer
+    with pytest.raises(anthropic.NotFoundError) as unknown:
+        claude.messages.count_tokens(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    assert unknown.value.request_id == unknown.value.response.headers["request-id"]
 
 
 def _claude_code_body(model: str) -> dict[str, object]:
