@@ -215,6 +215,8 @@ def _error(status: int, message: str, headers: dict[str, str]) -> Response[bytes
 async def _events(answer: Answer | StreamingDeltas, message_id: str, model: str) -> AsyncIterator[bytes]:
     """The pipeline's answer as Anthropic events."""
     # Anthropic's message_start says the prompt's tokens; the output's come in message_delta
+    # (a whole answer replayed, a cache hit's, knows its usage: cache reads apart, as Anthropic counts)
+    known = None if isinstance(answer, StreamingDeltas) else answer_of(answer).usage
     prompt_tokens = (
         answer.prompt_tokens if isinstance(answer, StreamingDeltas) else answer_of(answer).usage.input_tokens
     )
@@ -224,7 +226,10 @@ async def _events(answer: Answer | StreamingDeltas, message_id: str, model: str)
         if starting:  # the first batch is at hand already: an Anthropic upstream's usage leads it
             starting = False
             first = batch if isinstance(batch, list) else []
-            yield encoder.start(first[0].usage if first and isinstance(first[0], UsageReport) else None)
+            if first and isinstance(first[0], UsageReport):
+                yield encoder.start(first[0].usage)
+            else:
+                yield encoder.start(None if known is None else msgspec.structs.replace(known, output_tokens=0))
         if batch is None:
             yield encoder.finish()
         elif isinstance(batch, StreamBroke):

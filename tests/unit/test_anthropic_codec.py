@@ -557,3 +557,16 @@ def test_user_turns_in_a_row_reach_a_chat_upstream_as_one() -> None:
     messages = openai_chat.to_chat_body(request)["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     assert messages[0]["content"] == "First question.\nAnd a second."
+
+
+async def test_a_replayed_hits_message_start_counts_cache_reads_apart() -> None:
+    """message_start of a cache hit told as a stream carries the whole usage, as message_delta does:
+    input_tokens without the upstream's cache reads (LangChain reads it from message_start)."""
+    from gateway.api.messages import _events
+    from gateway.pipeline import Answer as PipelineAnswer
+
+    usage = Usage(input_tokens=100, output_tokens=7, cached_input_tokens=60)
+    hit = PipelineAnswer(200, b"", {}, typed=Answer(id="", model="m", text="Hello.", finish_reason="stop", usage=usage))
+    events = [event async for event in _events(hit, "msg_1", "m")]
+    start = json.loads(events[0].split(b"data: ", 1)[1].split(b"\n", 1)[0])["message"]["usage"]
+    assert (start["input_tokens"], start["cache_read_input_tokens"], start["output_tokens"]) == (40, 60, 0)
