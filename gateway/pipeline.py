@@ -532,15 +532,16 @@ class ChatPipeline:
         breakers = self._holder.breakers.for_tenant(x.record.tenant)
 
         async def ask(
-            candidates: tuple[str, ...], request: core.Request, body: dict[str, Any] | None = None
+            candidates: tuple[str, ...], request: core.Request, body: dict[str, Any] | None = None, whole: bool = False
         ) -> tuple[str, float]:
+            """The answer's text (``whole``: what it said, tool calls included, when it has no text) and its cost."""
             info = DispatchInfo()
             completion = await dispatch(candidates, runtime.providers, breakers, retry, _completer(request, body), info)
             usage, provider = completion.usage, info.provider
             cost = 0.0
             if usage is not None and provider is not None:
                 cost = cost_usd(provider.config.price, usage.prompt_tokens, usage.completion_tokens)
-            return completion.text, cost
+            return (completion.text or completion.said or "") if whole else completion.text, cost
 
         return ask
 
@@ -562,7 +563,7 @@ class ChatPipeline:
         ask, request, body = self._asker(x), x.request, x.body
 
         async def ask_other() -> tuple[str, float]:
-            return await ask((other,), *_unstreamed(request, body))
+            return await ask((other,), *_unstreamed(request, body), whole=True)
 
         async def judge(small_answer: str, large_answer: str) -> tuple[str, float]:
             # built only for the sampled few: most routed requests are never judged
@@ -832,7 +833,7 @@ class ChatPipeline:
         """
         record = x.record
         record.model, record.provider = provider.name, provider.kind
-        x.answered = text
+        x.answered = text or said or ""  # an agent's turn is often a tool call alone: it can be labelled too
         if usage is not None:
             record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
             record.cached_prompt_tokens, record.cache_write_tokens = (
@@ -993,7 +994,11 @@ class _Ask(Protocol):
     """Asks models off the request path: the answer's text and what it cost."""
 
     async def __call__(
-        self, candidates: tuple[str, ...], request: core.Request, body: dict[str, Any] | None = None
+        self,
+        candidates: tuple[str, ...],
+        request: core.Request,
+        body: dict[str, Any] | None = None,
+        whole: bool = False,
     ) -> tuple[str, float]: ...
 
 

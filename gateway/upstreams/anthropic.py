@@ -55,7 +55,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway.core import model as core
-from gateway.core.model import Answer, Delta, Finish, TextDelta, UsageReport
+from gateway.core.model import Answer, Delta, Finish, TextDelta, ThinkingPart, UsageReport
 from gateway.errors import GatewayError, InvalidRequestError, UpstreamProtocolError, UpstreamStatusError
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
@@ -103,6 +103,13 @@ class AnthropicProvider(Provider):
             usage=usage,
             text=answer.text or "",
             answer=answer,
+            said="".join(
+                [
+                    *(part.text for part in answer.thinking if isinstance(part, ThinkingPart)),
+                    *(c.name + c.arguments for c in answer.tool_calls),
+                    answer.text or "",
+                ]
+            ),
             finish_reason="stop" if answer.finish_reason == "stop_sequence" else answer.finish_reason,
         )
 

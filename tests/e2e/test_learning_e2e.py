@@ -124,6 +124,23 @@ def test_feedback_is_taken_only_from_the_key_that_made_the_request(gateway: Gate
     assert _feedback(gateway, "alice", {"request_id": fixed, "score": 1.0}).status_code == 404
 
 
+def test_an_answer_that_is_a_tool_call_can_be_labelled(gateway: GatewayProcess) -> None:
+    """An agent's turn is often a tool call and no text: it was never kept (feedback said 404)."""
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}  # fmt: skip
+    response = httpx.post(
+        f"{gateway.base_url}/chat/completions",
+        json={"model": "taught", "messages": [{"role": "user", "content": "What is the weather in Oslo?"}],
+              "tools": [tool], "tool_choice": "required"},
+        headers={"authorization": f"Bearer {KEYS['alice']}"},
+        timeout=15,
+    )  # fmt: skip
+    message = response.json()["choices"][0]["message"]
+    assert message["tool_calls"] and not message.get("content")
+    labelled = _feedback(gateway, "alice", {"request_id": response.headers["x-request-id"], "thumbs": "up"})
+    assert labelled.status_code == 200, labelled.text
+
+
 def test_a_reused_request_id_stays_with_the_key_that_used_it_first(gateway: GatewayProcess) -> None:
     """Clients may choose ``x-request-id``: another key of the tenant reusing one does not take
     over the first request's feedback; and one request takes a bounded number of labels."""
