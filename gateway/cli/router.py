@@ -112,14 +112,18 @@ async def _status(kv: KeyValue, scope: str | None, active: str | None) -> dict[s
 
 async def _learn(kv: KeyValue, scope: str | None, tenants: list[str], promote_it: bool) -> int:
     from gateway.learning.examples import LabelledExample, LearningStore
-    from gateway.learning.learned import active, fit_candidate, promote, same_classifier
+    from gateway.learning.learned import UnreadableRouter, active, fit_candidate, promote, same_classifier
 
     store = LearningStore(kv)
     examples: list[LabelledExample] = []
     for tenant in tenants:
         found = await store.labels(tenant)
         examples.extend(e for e in found if scope is not None or e.poolable)
-    current = await active(kv, scope)
+    try:
+        current = await active(kv, scope)
+    except UnreadableRouter as exc:  # gateways serve the shipped router meanwhile: compare with that
+        print(f"{exc}; comparing with the shipped router, which gateways serve meanwhile", file=sys.stderr)
+        current = None
     try:
         candidate, evaluation = fit_candidate(examples, current)
     except ValueError as exc:

@@ -341,8 +341,12 @@ async def active(kv: KeyValue, tenant: str | None) -> LearnedRouter | None:
     return None if version is None else await load_version(kv, tenant, version)
 
 
+_HISTORY = 10
+"""Promotions a tenant can roll back, one at a time."""
+
+
 async def promote(kv: KeyValue, tenant: str | None, router: LearnedRouter) -> None:
-    """Make ``router`` the one in force (the one before stays as ``previous`` for rollback)."""
+    """Make ``router`` the one in force; the ones before stay, newest last, for rollback."""
     await kv.put(
         keyspace.learned_router(tenant, f"v:{router.version}"), _encoder.encode(router), _VERSION_TTL_S, _TIMEOUT_S
     )
@@ -351,19 +355,40 @@ async def promote(kv: KeyValue, tenant: str | None, router: LearnedRouter) -> No
     except UnreadableRouter:
         before = None  # nothing to roll back to
     if before is not None:
-        await kv.put(keyspace.learned_router(tenant, "previous"), before.encode(), _VERSION_TTL_S, _TIMEOUT_S)
+        history = [*await _history(kv, tenant), before][-_HISTORY:]
+        await kv.put(
+            keyspace.learned_router(tenant, "previous"), "\n".join(history).encode(), _VERSION_TTL_S, _TIMEOUT_S
+        )
     await kv.put(keyspace.learned_router(tenant, "active"), router.version.encode(), _VERSION_TTL_S, _TIMEOUT_S)
 
 
 async def rollback(kv: KeyValue, tenant: str | None) -> str | None:
-    """Put the previous version back in force (none before it: the shipped router); what is in force now."""
-    previous = await kv.get(keyspace.learned_router(tenant, "previous"), _TIMEOUT_S)
+    """Put the version promoted before the one in force back (none left: the shipped router); what
+    is in force now. A version whose stored router has expired is passed over; the one put back
+    is kept for as long again as a fresh promotion."""
+    history = await _history(kv, tenant)
+    while history:
+        version = history.pop()
+        raw = await kv.get(keyspace.learned_router(tenant, f"v:{version}"), _TIMEOUT_S)
+        if raw is None:
+            continue
+        await kv.put(keyspace.learned_router(tenant, f"v:{version}"), raw, _VERSION_TTL_S, _TIMEOUT_S)
+        await kv.put(keyspace.learned_router(tenant, "active"), version.encode(), _VERSION_TTL_S, _TIMEOUT_S)
+        if history:
+            await kv.put(
+                keyspace.learned_router(tenant, "previous"), "\n".join(history).encode(), _VERSION_TTL_S, _TIMEOUT_S
+            )
+        else:
+            await kv.delete(keyspace.learned_router(tenant, "previous"), _TIMEOUT_S)
+        return version
     await kv.delete(keyspace.learned_router(tenant, "previous"), _TIMEOUT_S)
-    if previous is None:
-        await kv.delete(keyspace.learned_router(tenant, "active"), _TIMEOUT_S)
-        return None
-    await kv.put(keyspace.learned_router(tenant, "active"), previous, _VERSION_TTL_S, _TIMEOUT_S)
-    return previous.decode(errors="replace")
+    await kv.delete(keyspace.learned_router(tenant, "active"), _TIMEOUT_S)
+    return None
+
+
+async def _history(kv: KeyValue, tenant: str | None) -> list[str]:
+    raw = await kv.get(keyspace.learned_router(tenant, "previous"), _TIMEOUT_S)
+    return [] if raw is None else [v for v in raw.decode(errors="replace").split("\n") if v]
 
 
 @dataclass(slots=True)

@@ -23,6 +23,7 @@ from gateway.learning.examples import LearningStore
 from gateway.learning.learned import fit_candidate, promote
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream, start_simulated_upstream
+from gateway.store import keyspace
 from gateway.store.redis import RedisKeyValue, SharedRedis, connect
 from tests.conftest import inject
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
@@ -252,6 +253,24 @@ def _learn(redis_server: EmbeddedRedis, *args: str) -> subprocess.CompletedProce
         [sys.executable, "-m", "gateway", "router", *args, "--redis", redis_server.url],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
+
+
+def test_learning_over_an_unreadable_router_in_force_compares_with_the_shipped_one(
+    gateway: GatewayProcess, redis_server: EmbeddedRedis
+) -> None:
+    """Gateways serve the shipped router when the one in force cannot be read; learn used to stop there."""
+
+    async def spoil() -> None:
+        redis = SharedRedis(connect(redis_server.url, timeout_s=2.0), Metrics())
+        try:
+            await RedisKeyValue(redis).put(keyspace.learned_router("spoilt", "active"), b"\xff\xfe", 60, 2.0)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(spoil())
+    learned = _learn(redis_server, "learn", "--tenant", "spoilt")
+    assert "comparing with the shipped router" in learned.stderr
+    assert "labelled requests" in learned.stderr  # it went on to the labels (none here)
 
 
 def test_learning_refuses_a_candidate_that_is_not_better(gateway: GatewayProcess, redis_server: EmbeddedRedis) -> None:

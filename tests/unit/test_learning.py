@@ -345,6 +345,24 @@ def test_a_persons_label_outranks_a_later_shadow_verdict() -> None:
     assert both.current_apgr == by_people.current_apgr and both.trained_on == by_people.trained_on
 
 
+async def test_rollbacks_go_back_one_promotion_at_a_time() -> None:
+    """Two rollbacks after three promotions put the first back, not the shipped router (an outside
+    tester); a version whose stored router expired is passed over."""
+    kv = MemoryKeyValue()
+    first, _ = fit_candidate(_examples(200, rule=True), None)
+    second, _ = fit_candidate(_examples(200, rule=True, seed=2), first)
+    third, _ = fit_candidate(_examples(200, rule=True, seed=3), second)
+    for router in (first, second, third):
+        await promote(kv, "a", router)
+    assert await rollback(kv, "a") == second.version
+    assert await rollback(kv, "a") == first.version == await active_version(kv, "a")
+    assert await rollback(kv, "a") is None and await active_version(kv, "a") is None
+    for router in (first, second, third):
+        await promote(kv, "a", router)
+    await kv.delete(keyspace.learned_router("a", f"v:{second.version}"), 1.0)  # expired
+    assert await rollback(kv, "a") == first.version
+
+
 async def test_a_quiet_tenants_next_request_sees_a_rollback_made_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
     kv = MemoryKeyValue()
     first, _ = fit_candidate(_examples(200, rule=True), None)
