@@ -21,6 +21,8 @@ _PROMETHEUS_METRICS = {
     "gateway_baseline_cost_usd_total",
     "gateway_upstream_errors_total",
     "gateway_redis_up",
+    "gateway_router_shadow_cost_usd_total",
+    "gateway_semantic_cache_audit_cost_usd_total",
 }
 _DATASOURCES = {"loki": "${loki}", "prometheus": "${prometheus}"}
 
@@ -116,5 +118,7 @@ def test_the_gateway_exports_those_metrics() -> None:
                                   prompt_tokens=1, completion_tokens=1, cost_usd=1.0, baseline_cost_usd=2.0))  # fmt: skip
     metrics.upstream_error("small", "timeout")
     metrics.redis_up.set(1)
+    metrics.shadow_judgement("auto", "small_enough", 0.001)
+    metrics.semantic_audit_cost("auto", 0.001)
     exported = set(re.findall(r"^(gateway_[a-z0-9_]+)", metrics.render().decode(), flags=re.MULTILINE))
     assert exported >= _PROMETHEUS_METRICS
