@@ -324,7 +324,9 @@ def _tools(raw: list[Any], lenient: bool = False) -> tuple[list[Tool], list[dict
         name = _string(tool, "name", f"tools[{index}]")
         parameters = tool.get("parameters")
         if parameters is not None and not isinstance(parameters, dict):
-            raise InvalidRequestError(f"tools[{index}].parameters: a JSON schema object is required")
+            raise InvalidRequestError(
+                f"tools[{index}].parameters: a JSON schema object is required", param=f"tools[{index}].parameters"
+            )
         description = tool.get("description")
         if isinstance(tool.get("strict"), bool):
             strict[name] = tool["strict"]
@@ -509,8 +511,9 @@ def output_items(answer: Answer, make_id: IdMaker = new_id) -> list[dict[str, An
     if reasoning:
         items.append(_reasoning_item(make_id("rs"), reasoning, "completed"))
     if answer.text or not answer.tool_calls:
-        items.append(_message_item(make_id("msg"), answer.text or "", status))
+        items.append(_message_item(make_id("msg"), answer.text or "", "completed"))
     items += [_call_item(make_id("fc"), call, "completed") for call in answer.tool_calls]
+    items[-1]["status"] = status  # a cut answer's last item is what the cut broke: its text, or a call's arguments
     return items
 
 
@@ -730,7 +733,10 @@ class StreamEncoder:
         )
 
     def _status_of(self, item: _Item) -> str:
-        return "incomplete" if item.kind == "message" and self._finish in _INCOMPLETE else "completed"
+        """A cut answer's last item is the one the cut broke (a call's arguments too, which an
+        agent must not run as if whole)."""
+        cut = self._finish in _INCOMPLETE and item is self._items[-1] and item.kind != "reasoning"
+        return "incomplete" if cut else "completed"
 
     def _response(
         self,

@@ -394,6 +394,26 @@ def test_a_stream_with_no_output_still_has_a_message_and_a_cut_one_is_incomplete
     assert events[-1].response.incomplete_details.reason == "max_output_tokens"
 
 
+def test_a_call_the_length_limit_cut_is_incomplete_streamed_or_not() -> None:
+    """Its arguments are broken JSON: an agent must not run it as a completed call."""
+    decoded = _decode(input="x", max_output_tokens=5)
+    call = ToolCall("call_1", "get_weather", '{"ci')
+    answer = _answer("Checking.", [call], "length", Usage(input_tokens=3, output_tokens=5))
+    statuses = [item["status"] for item in codec.output_items(answer)]
+    assert statuses == ["completed", "incomplete"]
+    encoder = codec.StreamEncoder(decoded, "resp_1", 1, _ids())
+    frames = encoder.start() + encoder.feed(
+        [
+            TextDelta("Checking."),
+            ToolCallStart(0, "call_1", "get_weather"),
+            ToolArgumentsDelta(0, '{"ci'),
+            Finish("length"),
+        ]
+    )
+    _, events, _ = _replay(frames + encoder.finish())
+    assert [item.status for item in events[-1].response.output] == ["completed", "incomplete"]
+
+
 def test_a_broken_stream_ends_with_response_failed() -> None:
     encoder = codec.StreamEncoder(_decode(input="x"), "resp_1", 1, _ids())
     frames = encoder.start() + encoder.feed([TextDelta("part")]) + encoder.fail("upstream 'small': timed out")
