@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import msgspec
 import numpy as np
 import pytest
 
+from gateway.accounting.metrics import Metrics
+from gateway.config.schema import LearningPolicy
 from gateway.learning.examples import LabelledExample, LearningStore, RoutingTrace
 from gateway.learning.learned import (
     ClassifierInputs,
@@ -20,7 +23,7 @@ from gateway.learning.learned import (
     rollback,
     same_classifier,
 )
-from gateway.learning.shadow import judge_request, parse_verdict
+from gateway.learning.shadow import MAX_WAITING, Ask, Judge, ShadowJob, ShadowJudge, judge_request, parse_verdict
 from gateway.protocols.openai_chat import to_chat_body
 from gateway.simulated.quality import FAILURE, judge_verdict
 from gateway.store import keyspace
@@ -252,19 +255,22 @@ def test_a_request_labelled_twice_counts_once_by_its_last_label() -> None:
     assert relabelled.current_apgr != once.current_apgr  # judged on the flipped labels only
 
 
+def _shadow_jobs(usd_per_day: float) -> tuple[LearningStore, ShadowJudge, Callable[..., ShadowJob]]:
+    """A store, a judge over it, and a maker of jobs of tenant t's route auto under that cap."""
+    store = LearningStore(MemoryKeyValue())
+    policy = LearningPolicy(shadow_share=1.0, usd_per_day=usd_per_day)
+    trace = RoutingTrace.of("k", "auto", "small", 0.2, np.zeros(384), np.zeros(12))
+
+    def job(i: int, ask: Ask, grade: Judge) -> ShadowJob:
+        return ShadowJob(policy, "t", f"r{i}", trace, "answer", ask, grade)
+
+    return store, ShadowJudge(store, Metrics()), job
+
+
 async def test_concurrent_shadow_jobs_stay_within_the_days_cap() -> None:
     # Each job checks the spend, then calls two models: side by side, 20 jobs all passed the
     # check of an empty day and spent 2.7x the cap (found by an outside tester).
-    import asyncio
-
-    from gateway.accounting.metrics import Metrics
-    from gateway.config.schema import LearningPolicy
-    from gateway.learning.shadow import ShadowJob, ShadowJudge
-
-    store = LearningStore(MemoryKeyValue())
-    judge = ShadowJudge(store, Metrics())
-    policy = LearningPolicy(shadow_share=1.0, usd_per_day=0.002)
-    trace = RoutingTrace.of("k", "auto", "small", 0.2, np.zeros(384), np.zeros(12))
+    store, judge, job = _shadow_jobs(0.002)
 
     async def ask() -> tuple[str, float]:
         await asyncio.sleep(0.01)
@@ -274,7 +280,7 @@ async def test_concurrent_shadow_jobs_stay_within_the_days_cap() -> None:
         await asyncio.sleep(0.01)
         return "yes", 0.0002
 
-    await asyncio.gather(*(judge._run(ShadowJob(policy, "t", f"r{i}", trace, "answer", ask, grade)) for i in range(20)))
+    await asyncio.gather(*(judge._run(job(i, ask, grade)) for i in range(20)))
     spent = await store.add_shadow_spend("t", "auto", 0.0)
     assert spent == pytest.approx(0.002)  # two jobs of $0.001, then the day is spent
 
@@ -282,14 +288,7 @@ async def test_concurrent_shadow_jobs_stay_within_the_days_cap() -> None:
 async def test_a_failing_judge_cannot_spend_past_the_days_cap() -> None:
     # The other model's answer was added to the day's spend only once the judge answered: a
     # judge answering 500 let one tenant spend $379 against a $5 cap (an outside tester).
-    from gateway.accounting.metrics import Metrics
-    from gateway.config.schema import LearningPolicy
-    from gateway.learning.shadow import ShadowJob, ShadowJudge
-
-    store = LearningStore(MemoryKeyValue())
-    judge = ShadowJudge(store, Metrics())
-    policy = LearningPolicy(shadow_share=1.0, usd_per_day=0.002)
-    trace = RoutingTrace.of("k", "auto", "small", 0.2, np.zeros(384), np.zeros(12))
+    store, judge, job = _shadow_jobs(0.002)
 
     async def ask() -> tuple[str, float]:
         return "other answer", 0.0008
@@ -298,21 +297,12 @@ async def test_a_failing_judge_cannot_spend_past_the_days_cap() -> None:
         raise RuntimeError("judge answered 500")
 
     for i in range(20):
-        await judge._run(ShadowJob(policy, "t", f"r{i}", trace, "answer", ask, broken))
+        await judge._run(job(i, ask, broken))
     assert await store.add_shadow_spend("t", "auto", 0.0) == pytest.approx(0.0024)  # 3 calls, then spent
 
 
 async def test_shadow_jobs_waiting_on_a_slow_judge_are_bounded() -> None:
-    import asyncio
-
-    from gateway.accounting.metrics import Metrics
-    from gateway.config.schema import LearningPolicy
-    from gateway.learning.shadow import MAX_WAITING, ShadowJob, ShadowJudge
-
-    store = LearningStore(MemoryKeyValue())
-    judge = ShadowJudge(store, Metrics())
-    policy = LearningPolicy(shadow_share=1.0, usd_per_day=5.0)
-    trace = RoutingTrace.of("k", "auto", "small", 0.2, np.zeros(384), np.zeros(12))
+    _, judge, job = _shadow_jobs(5.0)
     asked = 0
 
     async def ask() -> tuple[str, float]:
@@ -325,7 +315,7 @@ async def test_shadow_jobs_waiting_on_a_slow_judge_are_bounded() -> None:
         return "yes", 0.0
 
     for i in range(3 * MAX_WAITING):
-        judge.start(ShadowJob(policy, "t", f"r{i}", trace, "answer", ask, slow))
+        judge.start(job(i, ask, slow))
     for _ in range(400):
         await asyncio.sleep(0.01)
         if not judge._waiting:
