@@ -59,6 +59,7 @@ __all__ = [
     "chunk_delta",
     "completion_body",
     "completion_from_answer",
+    "grown_name",
     "lost_on_chat_upstreams",
     "read_chat_request",
     "read_usage",
@@ -755,16 +756,17 @@ def reasoning_of(message: dict[str, Any]) -> str | None:
 class ChunkReader:
     """Chat completion chunks (first choice) to deltas; tool calls keep their upstream index.
 
-    A tool call starts once its name is known: some OpenAI-compatible servers send a call's id
-    or arguments in a chunk before its name, and a call started nameless stays nameless (the
-    next turn would send it upstream so). Until then its id and arguments wait here.
+    A tool call starts once its name is whole, when its arguments begin (or the answer ends):
+    some OpenAI-compatible servers send a call's id or arguments before its name, or its name
+    in pieces, and a call started nameless stays nameless (the next turn would send it upstream
+    so). Until then its id, name and arguments wait here.
     """
 
     __slots__ = ("_answer_id", "_started", "_waiting")
 
     def __init__(self) -> None:
         self._started: set[int] = set()
-        self._waiting: dict[int, tuple[str, list[str]]] = {}
+        self._waiting: dict[int, tuple[str, str, list[str]]] = {}
         self._answer_id = ""
 
     def read(self, chunk: dict[str, Any]) -> list[Delta]:
@@ -800,7 +802,7 @@ class ChunkReader:
         """The calls whose name never came, started as they are (at the answer's end)."""
         deltas: list[Delta] = []
         for index in list(self._waiting):
-            self._start(index, "", deltas)
+            self._start(index, deltas)
         return deltas
 
     def _read_call(self, call: dict[str, Any], deltas: list[Delta]) -> None:
@@ -812,21 +814,29 @@ class ChunkReader:
             if fragment is not None:
                 deltas.append(ToolArgumentsDelta(index, fragment))
             return
-        call_id, arguments = self._waiting.get(index, ("", []))
+        call_id, name, arguments = self._waiting.get(index, ("", "", []))
         call_id = call_id or str(call.get("id") or "")
+        name = grown_name(name, function.get("name"))
         if fragment is not None:
             arguments.append(fragment)
-        self._waiting[index] = (call_id, arguments)
-        name = function.get("name")
-        if name:
-            self._start(index, str(name), deltas)
+        self._waiting[index] = (call_id, name, arguments)
+        if name and arguments:  # the name is whole once the arguments begin
+            self._start(index, deltas)
 
-    def _start(self, index: int, name: str, deltas: list[Delta]) -> None:
-        call_id, arguments = self._waiting.pop(index)
+    def _start(self, index: int, deltas: list[Delta]) -> None:
+        call_id, name, arguments = self._waiting.pop(index)
         self._started.add(index)
         deltas.append(ToolCallStart(index, call_id or _call_id(self._answer_id, index), name))
         if arguments:
             deltas.append(ToolArgumentsDelta(index, "".join(arguments)))
+
+
+def grown_name(name: str, piece: object) -> str:
+    """A streamed tool call's name with one more chunk's ``name``: a piece of it (a server that
+    streams the name too), or the whole name again (one that repeats it in every chunk)."""
+    if not isinstance(piece, str) or not piece or piece == name:
+        return name
+    return name + piece
 
 
 def _call_id(answer_id: str, index: int) -> str:

@@ -199,9 +199,10 @@ class StreamTally:
         known = self.tool_calls.get(index)
         if known is None:
             known = self.tool_calls[index] = {"id": call.get("id"), "type": "function",
-                                              "function": {"name": function.get("name") or "", "arguments": ""}}  # fmt: skip
+                                              "function": {"name": "", "arguments": ""}}  # fmt: skip
         elif call.get("id") and not known["id"]:
             known["id"] = call["id"]
+        known["function"]["name"] = openai_chat.grown_name(known["function"]["name"], function.get("name"))
         fragment = function.get("arguments")
         if isinstance(fragment, str):
             known["function"]["arguments"] += fragment

@@ -39,6 +39,7 @@ from gateway.protocols import openai_responses as codec
 from gateway.responses_store import RESPONSE_TTL_S, ResponseStore, StoredResponse
 from gateway.store import keyspace
 from gateway.store.memory import MemoryKeyValue
+from gateway.upstreams.base import StreamTally
 
 _EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 
@@ -499,3 +500,18 @@ def test_tool_calls_without_ids_get_ids_unique_to_their_answer() -> None:
     completion = {"id": "chatcmpl-3", "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
         "role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}}]}  # fmt: skip
     assert openai_chat.answer_from_completion(completion).tool_calls[0].id == "call_chatcmpl-3_0"
+
+
+@pytest.mark.parametrize("pieces", [["get_", "weather"], ["get_weather", "get_weather"]])
+def test_a_name_streamed_in_pieces_or_repeated_is_read_whole_by_the_stream_and_the_cache(pieces: list[str]) -> None:
+    """Some servers stream a call's name in pieces, others repeat it in every chunk."""
+    chunks = [_chunk({"index": 0, "id": "call_1", "function": {"name": pieces[0]}})]
+    chunks += [_chunk({"index": 0, "function": {"name": piece, "arguments": '{"city"'}}) for piece in pieces[1:]]
+    chunks += [_chunk({"index": 0, "function": {"arguments": ': "Oslo"}'}}), _chunk(finish="tool_calls")]
+    reader, tally = openai_chat.ChunkReader(), StreamTally()
+    deltas = [delta for chunk in chunks for delta in reader.read(chunk)]
+    for chunk in chunks:
+        tally.take_delta(chunk["choices"][0]["delta"])
+    assert deltas[0] == ToolCallStart(0, "call_1", "get_weather")
+    assert "".join(d.fragment for d in deltas if isinstance(d, ToolArgumentsDelta)) == '{"city": "Oslo"}'
+    assert tally.message()["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
