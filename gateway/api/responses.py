@@ -345,7 +345,7 @@ async def _passed_through(
     """The upstream's answer as it came; a response it keeps is claimed for the caller's tenant.
 
     One that cannot be claimed (Redis down) would be kept upstream where no tenant can reach it:
-    the client is told ``store: false`` and the upstream is asked to delete it."""
+    the client is told ``store: false`` and the upstream is asked to delete it, in the background."""
     held_by = headers.get("x-gateway-model", "")
     keep = turn.decoded is not None and turn.decoded.store
     if isinstance(answer, Answer):
@@ -356,7 +356,7 @@ async def _passed_through(
             if isinstance(response_id, str) and not await _claim(_store(state), turn.tenant, response_id, held_by):
                 response["store"] = False
                 body = msgspec.json.encode(response)
-                await _forget(state, held_by, response_id)
+                state.background.spawn(_forget(state, held_by, response_id), "forget-unclaimed-response")
         return Response(content=body, status_code=200, headers=headers, media_type="application/json")
     return Stream(
         _claimed_events(answer.events, state, turn.tenant, held_by) if keep else answer.events,
@@ -386,8 +386,8 @@ async def _claimed_events(
                 if isinstance(response_id, str) and not await _claim(_store(state), tenant, response_id, held_by):
                     unclaimed = response_id
             yield piece if unclaimed is None else _not_stored_events(piece)
-        if unclaimed is not None:
-            await _forget(state, held_by, unclaimed)
+        if unclaimed is not None:  # after the answer: an upstream slow to delete holds no client
+            state.background.spawn(_forget(state, held_by, unclaimed), "forget-unclaimed-response")
     finally:
         close = getattr(events, "aclose", None)
         if close is not None:

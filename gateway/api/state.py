@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestLogWriter
+from gateway.background import BackgroundTasks
 from gateway.embeddings import EmbeddingsPipeline
 from gateway.learning.loop import LearningLoop
 from gateway.limits import Limiter
@@ -37,6 +38,8 @@ class GatewayState:
     classifier_info: dict[str, object] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    background: BackgroundTasks = field(default_factory=BackgroundTasks)
+    """Work a handler starts after its answer (deleting a response no tenant can reach)."""
 
     async def aclose(self) -> None:
         for task in self.tasks:
@@ -44,6 +47,7 @@ class GatewayState:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.background.aclose()
         await self.limiter.aclose()
         for close in self.closers:
             await close()

@@ -9,6 +9,7 @@ by every tenant: the gateway must keep tenants from reaching each other's.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -241,11 +242,14 @@ def test_a_response_the_gateway_cannot_claim_says_so_and_is_not_left_upstream(
             made = client.responses.create(model="gpt-a", input="Remember the number 7.")
             with client.responses.stream(model="gpt-a", input="Remember the number 8.") as stream:
                 streamed = stream.get_final_response()
+        assert made.output_text and getattr(made, "store", None) is False and getattr(streamed, "store", None) is False
+        for response_id in (made.id, streamed.id):  # deleted in the background, after the answer
+            deadline = time.monotonic() + 10
+            while httpx.get(f"{small_upstream.url}/responses/{response_id}", timeout=5).status_code != 404:
+                assert time.monotonic() < deadline, f"{response_id} is still kept upstream"
+                time.sleep(0.05)
     finally:
         gateway.stop()
-    assert made.output_text and getattr(made, "store", None) is False and getattr(streamed, "store", None) is False
-    for response_id in (made.id, streamed.id):
-        assert httpx.get(f"{small_upstream.url}/responses/{response_id}", timeout=5).status_code == 404
 
 
 def test_a_response_failed_for_the_requests_own_fault_reaches_the_client_as_it_came(
