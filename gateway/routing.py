@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from gateway.config.schema import LearningPolicy, Policy, RetryPolicy
-from gateway.errors import InvalidRequestError, ModelNotFoundError, PermissionDeniedError
+from gateway.errors import BudgetExceededError, InvalidRequestError, ModelNotFoundError, PermissionDeniedError
 
 __all__ = ["RoutePlan", "Router"]
 
@@ -98,6 +98,12 @@ class Router:
         if store is None:
             raise InvalidRequestError(
                 f"the previous response was made by model '{holder}', which this gateway no longer serves",
+                param="previous_response_id",
+            )
+        if plan.decision == "budget_downgrade":  # the holder alone would skip the downgrade
+            raise BudgetExceededError(
+                f"the budget is nearly spent, so route '{plan.route}' answers with its small model only, which "
+                f"cannot continue a response kept by model '{holder}'; start a new conversation",
                 param="previous_response_id",
             )
         if holder not in self.ends(plan) and "*" not in allowed and holder not in allowed:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.config.loader import load_policy_text
-from gateway.errors import InvalidRequestError, PermissionDeniedError
+from gateway.errors import BudgetExceededError, InvalidRequestError, PermissionDeniedError
 from gateway.routing import Router
 
 POLICY = """\
@@ -52,6 +52,9 @@ def test_a_response_id_reaches_no_model_the_key_may_not_use() -> None:
     assert router.continuing(router.plan("auto"), "l", frozenset({"auto"})).candidates[0] == "l"
     with pytest.raises(InvalidRequestError):  # the holder left the policy in a reload
         router.continuing(router.plan("s"), "gone")
+    # a nearly spent budget keeps auto on the small model: the holder alone would skip that
+    with pytest.raises(BudgetExceededError):
+        router.continuing(router.downgrade(router.plan("auto")), "l")
 
 
 def test_a_request_may_end_at_its_fallbacks_and_a_classifier_routes_large_pick() -> None:
