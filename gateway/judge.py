@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 from gateway.core.model import Message, Request, TextPart
 
 __all__ = ["parse_yes_no", "yes_no_request"]
@@ -14,8 +16,11 @@ def yes_no_request(model: str, instructions: str, question: str) -> Request:
     return Request(model=model, messages=messages, temperature=0.0, max_tokens=3)
 
 
+_VERDICT = re.compile(r"""[\s'"*_`]*(yes|no)(?![\w-])""", re.IGNORECASE)
+
+
 def parse_yes_no(reply: str) -> bool | None:
-    """The judge's word; None when it said something else ("nope", "note", "yes-and-no")."""
-    words = reply.split(maxsplit=1)
-    word = words[0].strip("'\"*.,!:;").lower() if words else ""
-    return True if word == "yes" else False if word == "no" else None
+    """The judge's first word, whole ("Yes.", "No, because", "yes<|eot_id|>"); None when it said
+    something else ("nope", "Note", "yes-and-no")."""
+    found = _VERDICT.match(reply)
+    return None if found is None else found.group(1).lower() == "yes"

@@ -48,6 +48,7 @@ from gateway.large_share import LargeShareTracker
 from gateway.learning.examples import Side
 from gateway.learning.loop import LearningLoop
 from gateway.learning.shadow import judge_request as shadow_judge_request
+from gateway.learning.shadow import judged_conversation
 from gateway.limits import Limiter, Reservation
 from gateway.pricing import cost_usd
 from gateway.protocols.chat_request import parse_chat_request
@@ -567,7 +568,7 @@ class ChatPipeline:
 
         async def judge(small_answer: str, large_answer: str) -> tuple[str, float]:
             # built only for the sampled few: most routed requests are never judged
-            conversation = "\n\n".join(f"{m.role}: {m.text}" for m in request.messages)
+            conversation = judged_conversation(request.messages)
             return await ask(
                 (judge_model,), shadow_judge_request(judge_model, conversation, small_answer, large_answer)
             )

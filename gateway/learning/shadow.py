@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -26,12 +26,12 @@ import structlog
 from gateway.accounting.metrics import Metrics
 from gateway.background import BackgroundTasks
 from gateway.config.schema import LearningPolicy
-from gateway.core.model import Request
+from gateway.core.model import Message, Request
 from gateway.judge import parse_yes_no, yes_no_request
 from gateway.learning.examples import LabelledExample, LearningStore, RoutingTrace
 from gateway.store.base import StoreUnavailable
 
-__all__ = ["JUDGE_INSTRUCTIONS", "ShadowJob", "ShadowJudge", "judge_request", "parse_verdict"]
+__all__ = ["JUDGE_INSTRUCTIONS", "ShadowJob", "ShadowJudge", "judge_request", "judged_conversation", "parse_verdict"]
 
 _log = structlog.get_logger("gateway.learning")
 
@@ -55,13 +55,22 @@ def judge_request(model: str, request: str, small_answer: str, large_answer: str
     return yes_no_request(model, JUDGE_INSTRUCTIONS, question)
 
 
-def _clipped(text: str) -> str:
-    """A long text's start and its end: a conversation asks its question last, after a long
-    system prompt or document."""
-    if len(text) <= _MAX_CHARS:
+def judged_conversation(messages: Sequence[Message]) -> str:
+    """The request as the judge reads it: the last user turn first in line for room (its start
+    and its end: a question before a pasted document, or after it), then what came before it
+    (its start and, mostly, its end)."""
+    last = max((i for i, m in enumerate(messages) if m.role == "user"), default=len(messages))
+    turn = _clipped("\n\n".join(f"{m.role}: {m.text}" for m in messages[last:]), _MAX_CHARS * 2 // 3, 2)
+    before = "\n\n".join(f"{m.role}: {m.text}" for m in messages[:last])
+    return f"{_clipped(before, _MAX_CHARS - len(turn) - 2)}\n\n{turn}" if before else turn
+
+
+def _clipped(text: str, room: int = _MAX_CHARS, head_share: int = 4) -> str:
+    """A long text's start (1/``head_share`` of the room) and its end."""
+    if len(text) <= room:
         return text
-    head = _MAX_CHARS // 4
-    return f"{text[:head]}\n[... {len(text) - _MAX_CHARS} characters left out ...]\n{text[-(_MAX_CHARS - head) :]}"
+    head = room // head_share
+    return f"{text[:head]}\n[... {len(text) - room} characters left out ...]\n{text[-(room - head) :]}"
 
 
 def parse_verdict(reply: str) -> bool | None:

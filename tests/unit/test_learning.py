@@ -11,6 +11,7 @@ import pytest
 
 from gateway.accounting.metrics import Metrics
 from gateway.config.schema import LearningPolicy
+from gateway.core.model import Message, TextPart
 from gateway.learning.examples import LabelledExample, LearningStore, RoutingTrace
 from gateway.learning.learned import (
     ClassifierInputs,
@@ -23,7 +24,16 @@ from gateway.learning.learned import (
     rollback,
     same_classifier,
 )
-from gateway.learning.shadow import MAX_WAITING, Ask, Judge, ShadowJob, ShadowJudge, judge_request, parse_verdict
+from gateway.learning.shadow import (
+    MAX_WAITING,
+    Ask,
+    Judge,
+    ShadowJob,
+    ShadowJudge,
+    judge_request,
+    judged_conversation,
+    parse_verdict,
+)
 from gateway.protocols.openai_chat import to_chat_body
 from gateway.simulated.quality import FAILURE, judge_verdict
 from gateway.store import keyspace
@@ -220,6 +230,13 @@ def test_the_judge_prompt_and_the_simulated_judge_agree_on_the_protocol() -> Non
     long = "system: " + "policy text. " * 3000 + "\nuser: what is the refund window?"
     question = to_chat_body(judge_request("large", long, "a", "b"))["messages"][-1]["content"]
     assert "what is the refund window?" in question and len(question) < 13_000
+    # a long system prompt, then a question followed by a pasted document: the judge sees the question
+    messages = [
+        Message("system", (TextPart("house rules. " * 400),)),
+        Message("user", (TextPart("Which clause sets the notice period? Contract: " + "clause text. " * 2000),)),
+    ]
+    question = to_chat_body(judge_request("large", judged_conversation(messages), "a", "b"))["messages"][-1]["content"]
+    assert "Which clause sets the notice period?" in question and "house rules." in question
 
 
 def test_building_the_cli_does_not_import_prometheus_before_serve_sets_its_multiprocess_dir() -> None:

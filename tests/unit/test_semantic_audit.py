@@ -38,6 +38,8 @@ def test_a_judges_reply_is_read_as_yes_no_or_nothing() -> None:
     # the whole first word: a prefix is not a verdict
     assert parse_judgement("nope") is None and parse_judgement("Note: both") is None
     assert parse_judgement("yes-and-no") is None and parse_judgement("No, A is wrong") is False
+    assert parse_judgement("Yes\u2014same facts") is True and parse_judgement("yes<|eot_id|>") is True
+    assert parse_judgement("**No**") is False and parse_judgement("") is None
 
 
 def _bar(base: float) -> ServeBar:
