@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from gateway.config.schema import RetryPolicy
-from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamStatusError, UpstreamUnavailableError
+from gateway.errors import (
+    UpstreamBusyError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamUnavailableError,
+)
 from gateway.upstreams.base import Provider
 from gateway.upstreams.breaker import CircuitBreaker
 
@@ -146,7 +152,7 @@ def _says_upstream_is_unhealthy(exc: UpstreamError) -> bool:
     credentials; not 429 or the request's own 4xx."""
     if isinstance(exc, UpstreamStatusError):
         return exc.upstream_status >= 500 or exc.code == "upstream_misconfigured"
-    return not isinstance(exc, UpstreamUnavailableError)
+    return not isinstance(exc, UpstreamUnavailableError | UpstreamBusyError)
 
 
 def _backoff_s(retry: RetryPolicy, attempt: int, exc: UpstreamError) -> float | None:

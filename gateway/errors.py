@@ -27,6 +27,7 @@ __all__ = [
     "ServiceUnavailableError",
     "ShuttingDownError",
     "UnsupportedMediaTypeError",
+    "UpstreamBusyError",
     "UpstreamConnectError",
     "UpstreamError",
     "UpstreamProtocolError",
@@ -324,6 +325,14 @@ class UpstreamTimeoutError(UpstreamError):
     status_code = 504
     error_type = "timeout_error"
     code = "upstream_timeout"
+
+
+class UpstreamBusyError(UpstreamTimeoutError):
+    """No free connection to the upstream in this process within the connect timeout: the
+    gateway's own pool is full (all tenants' requests share it), which says nothing about
+    the upstream's health, so no tenant's circuit is charged for it."""
+
+    code = "upstream_busy"
 
 
 class UpstreamProtocolError(UpstreamError):

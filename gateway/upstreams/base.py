@@ -16,6 +16,7 @@ from gateway.config.schema import ModelConfig
 from gateway.core import model as core
 from gateway.errors import (
     GatewayError,
+    UpstreamBusyError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -454,6 +455,8 @@ class Provider(ABC):
             return UpstreamConnectError(self.name, f"cannot connect ({cause})")
         if cause in _DISCONNECTS:
             return UpstreamProtocolError(self.name, f"connection closed before the answer was complete ({cause})")
+        if isinstance(exc, httpx.PoolTimeout) or cause == "PoolTimeout":
+            return UpstreamBusyError(self.name, str(exc) or "no free connection")
         if isinstance(exc, httpx.TimeoutException) or "Timeout" in cause:
             return UpstreamTimeoutError(self.name, f"timed out ({cause})")
         if isinstance(exc, httpx.DecodingError):  # it answered, in a coding the gateway cannot read

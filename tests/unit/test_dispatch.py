@@ -114,3 +114,26 @@ def test_a_server_killed_mid_answer_is_a_502_not_a_timeout() -> None:
     error = provider.transport_error(relabelled)
     assert isinstance(error, UpstreamProtocolError) and error.status_code == 502
     assert "ClientOSError" in error.message
+
+
+async def test_a_full_connection_pool_moves_on_but_charges_no_circuit(route: Any) -> None:
+    """The pool is the process's, shared by every tenant: one tenant's slow requests filling it
+    must not open another tenant's circuit (found by an outside tester)."""
+    import httpx
+
+    from gateway.errors import UpstreamBusyError
+
+    providers, breakers = route
+    busy = providers["a"].transport_error(httpx.PoolTimeout("no free connection to a.test:80 within 1s"))
+    assert isinstance(busy, UpstreamBusyError) and busy.status_code == 504
+
+    async def call(provider: Provider) -> Completion:
+        if provider.name == "a":
+            raise busy
+        return await _complete(provider)
+
+    for _ in range(4):
+        info = DispatchInfo()
+        await dispatch(("a", "b"), providers, breakers, _FAST_RETRY, call, info)
+        assert info.fallback_used
+    assert breakers["a"].state == "closed"
