@@ -260,6 +260,7 @@ class ChatPipeline:
                 x.request = read_chat_request(x.body)
             else:
                 x.request = body
+            x.request.tenant = principal.tenant
             if passthrough is not None and passthrough.body is not None:
                 x.passthrough = passthrough
                 record.passthrough = True
@@ -530,12 +531,14 @@ class ChatPipeline:
         assert x.plan is not None
         runtime = x.runtime
         retry = x.plan.retry or runtime.policy.retry
-        breakers = self._holder.breakers.for_tenant(x.record.tenant)
+        tenant = x.record.tenant
+        breakers = self._holder.breakers.for_tenant(tenant)
 
         async def ask(
             candidates: tuple[str, ...], request: core.Request, body: dict[str, Any] | None = None, whole: bool = False
         ) -> tuple[str, float]:
             """The answer's text (``whole``: what it said, tool calls included, when it has no text) and its cost."""
+            request.tenant = tenant  # a judge's prompt holds the tenant's text: salted as the tenant's own
             info = DispatchInfo()
             completion = await dispatch(candidates, runtime.providers, breakers, retry, _completer(request, body), info)
             usage, provider = completion.usage, info.provider

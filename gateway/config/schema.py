@@ -184,6 +184,11 @@ class ModelConfig(_Struct, frozen=True, kw_only=True):
     ``continue_final_message``): an Anthropic client's prefill is then continued, as Anthropic's
     API does. Other OpenAI-compatible servers (OpenAI's own) answer it with a new turn, which the
     gateway names ``prefill`` in ``x-gateway-dropped``."""
+    tenant_cache_salt: bool = False
+    """vLLM (0.9.1+, V1 engine): send a ``cache_salt`` per tenant, so one tenant cannot find
+    another's prompt in the server's prefix cache (a cached prefix comes back faster and with
+    ``cached_tokens``: a guess confirmed, block by block). Servers that refuse unknown fields
+    (OpenAI's API) must leave it off; their caches are shared by every tenant of the key."""
     speculative: SpeculationPolicy = SpeculationPolicy()
     max_stream_line_bytes: Annotated[int, Meta(ge=1024)] = 1 << 20
     """A streamed line (or one event's data) longer than this ends the stream with an in-band error."""

@@ -317,6 +317,8 @@ def check_policy(
             problems.add(("models", name, "kind"), f"provider {model.provider!r} serves no embeddings; use 'openai'")
         if model.responses_api and (model.provider != "openai" or model.kind != "chat"):
             problems.add(("models", name, "responses_api"), "only an openai chat model can serve the Responses API")
+        if model.tenant_cache_salt and (model.provider != "openai" or model.kind != "chat"):
+            problems.add(("models", name, "tenant_cache_salt"), "only an openai chat model (vLLM) takes a cache_salt")
     for route_name, route in policy.routes.items():
         names = [route.model, *route.fallbacks]
         kinds = {policy.models[n].kind for n in names if n in policy.models}

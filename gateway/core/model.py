@@ -144,6 +144,8 @@ class Request(msgspec.Struct, kw_only=True):
     """OpenAI chat parameters this model has no field for (``seed``, ``n``, penalties, ``logprobs``,
     a ``json_object`` response format, ...), as the client wrote them: sent on to OpenAI-compatible
     upstreams, left out for others, and part of the cache key."""
+    tenant: str | None = None
+    """Whose request it is (set by the pipeline): what an upstream's prompt cache is salted with."""
     unreadable: str | None = None
     """Why part of the client's request has no place in this model (a content part, role or tool
     it has no type for). The request still goes, as it came, to an upstream of the client's own

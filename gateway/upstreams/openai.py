@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import functools
+import hashlib
+import hmac
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -39,13 +43,21 @@ class OpenAIProvider(Provider):
         return headers
 
     async def complete(self, request: core.Request, body: dict[str, Any] | None = None) -> Completion:
-        payload = chat_payload(request, body, self.upstream_model, continues=self.config.continue_final_message)
+        payload = self._payload(request, body)
         response = await self._post("chat/completions", payload, self._headers(), stream=False)
         content = response.content
         data = decode_json_object(self.name, content)
         usage = usage_of(openai_chat.read_usage(data.get("usage")))
         text = _message_text(self.name, data)
         return Completion(body=content, usage=usage, text=text, said=_said(data, text), finish_reason=_finish(data))
+
+    def _payload(self, request: core.Request, body: dict[str, Any] | None) -> dict[str, Any]:
+        payload = chat_payload(request, body, self.upstream_model, continues=self.config.continue_final_message)
+        if self.config.tenant_cache_salt and request.tenant is not None:
+            own = payload.get("cache_salt")
+            own = own if isinstance(own, str) else ""
+            payload = {**payload, "cache_salt": _salt(self.api_key or self.name, request.tenant, own)}
+        return payload
 
     async def embed(
         self, inputs: list[str] | list[list[int]], dimensions: int | None, extra: Mapping[str, Any] | None = None
@@ -91,7 +103,7 @@ class OpenAIProvider(Provider):
         return await self._post(path, None, self._headers(), stream=False, method=method)
 
     async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
-        body = chat_payload(request, body, self.upstream_model, continues=self.config.continue_final_message)
+        body = self._payload(request, body)
         options = body.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage")):
             # Ask for usage even when the client did not: it is the authoritative count.
@@ -386,3 +398,13 @@ def _finish(data: dict[str, Any]) -> str | None:
     choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
     reason = choice.get("finish_reason")
     return reason if isinstance(reason, str) else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _salt(secret: str, tenant: str, own: str) -> str:
+    """A tenant's prefix-cache salt (and, within it, the client's own ``cache_salt``): keyed with
+    the upstream's key, so that it is neither chosen by a client nor computed by someone who
+    can reach the server without that key. 256 bits, as vLLM asks."""
+    message = f"{tenant}\0{own}".encode()
+    digest = hmac.new(secret.encode(), message, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
