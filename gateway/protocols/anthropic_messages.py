@@ -10,6 +10,7 @@ writes, which are reported in their own fields.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -241,7 +242,14 @@ def _output_schema(config: dict[str, Any] | None, lenient: bool) -> dict[str, An
     return schema
 
 
-def _parts(content: str | list[_Block] | dict[str, Any], where: str, lenient: bool = False) -> tuple[Part, ...]:
+def _parts(
+    content: str | list[_Block] | dict[str, Any],
+    where: str,
+    lenient: bool = False,
+    positions: Sequence[int] | None = None,
+) -> tuple[Part, ...]:
+    """``positions``: each block's index in the list the client sent (others of it were taken
+    apart), for the field an error names."""
     if isinstance(content, str):
         return (TextPart(content),)
     if isinstance(content, dict):  # a server tool's result: only Anthropic reads it
@@ -249,7 +257,7 @@ def _parts(content: str | list[_Block] | dict[str, Any], where: str, lenient: bo
             raise InvalidRequestError(f"{where}: a server tool's result can only go to an Anthropic model")
         return ()
     parts: list[Part] = []
-    for index, block in enumerate(content):
+    for index, block in zip(positions if positions is not None else range(len(content)), content, strict=True):
         if block.type == "text":
             if block.text is None:
                 raise InvalidRequestError(f"{where}.{index}.text: Field required")
@@ -291,22 +299,26 @@ def _turn(turn: _Turn, where: str, lenient: bool = False) -> list[Message]:
             for index, block in enumerate(turn.content)
             if block.type == "tool_use"
         )
-        text = [block for block in turn.content if block.type != "tool_use"]
-        return [Message("assistant", _parts(text, where, lenient), calls)]
-    results = [block for block in turn.content if block.type == "tool_result"]
+        text = [(i, block) for i, block in enumerate(turn.content) if block.type != "tool_use"]
+        return [Message("assistant", _parts_at(text, f"{where}.content", lenient), calls)]
     messages = [
         Message(
             "tool",
-            _parts(block.content if block.content is not None else "", f"{where}.content", lenient),
+            _parts(block.content if block.content is not None else "", f"{where}.content.{i}.content", lenient),
             tool_call_id=block.tool_use_id,
             is_error=block.is_error,
         )
-        for block in results
+        for i, block in enumerate(turn.content)
+        if block.type == "tool_result"
     ]
-    rest = [block for block in turn.content if block.type != "tool_result"]
-    if rest or not results:
-        messages.append(Message("user", _parts(rest, f"{where}.content", lenient)))
+    rest = [(i, block) for i, block in enumerate(turn.content) if block.type != "tool_result"]
+    if rest or not messages:
+        messages.append(Message("user", _parts_at(rest, f"{where}.content", lenient)))
     return messages
+
+
+def _parts_at(blocks: list[tuple[int, _Block]], where: str, lenient: bool) -> tuple[Part, ...]:
+    return _parts([block for _, block in blocks], where, lenient, [i for i, _ in blocks])
 
 
 def _tool(tool: _Tool, where: str) -> Tool:

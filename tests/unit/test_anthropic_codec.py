@@ -87,6 +87,13 @@ def test_images_tools_and_choices_translate() -> None:
         ({"model": "m", "messages": [{"role": "user", "content": "x"}]}, "max_tokens: Field required"),
         ({"model": "m", "max_tokens": 0, "messages": []}, "max_tokens"),
         ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "video"}]}]}, "'video'"),
+        # the field is named as the client sent it, past the blocks taken apart
+        ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t", "name": "f", "input": {}}, {"type": "video"}]}]},
+         "messages.1.content.1.type"),
+        ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text"}]}]}]},
+         "messages.0.content.0.content.0.text"),
         ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
           "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tools"),
     ],
