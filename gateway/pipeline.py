@@ -290,7 +290,7 @@ class ChatPipeline:
                 runtime.providers,
                 self._holder.breakers.for_tenant(x.record.tenant),
                 x.plan.retry or runtime.policy.retry,
-                _completer(x.request, x.body) if relay is None else _relayed(relay),
+                _completer(x.request, x.body) if relay is None else _relayed(relay, x.request.tenant),
                 x.info,
             )
             provider = x.info.provider
@@ -677,7 +677,7 @@ class ChatPipeline:
             runtime.providers,
             self._holder.breakers.for_tenant(x.record.tenant),
             x.plan.retry or runtime.policy.retry,
-            _stream_opener(x.request, x.body, typed) if relay is None else _open_relayed(relay),
+            _stream_opener(x.request, x.body, typed) if relay is None else _open_relayed(relay, x.request.tenant),
             x.info,
         )
         x.record.ttft_ms = (time.perf_counter() - x.started) * 1000
@@ -1044,16 +1044,19 @@ async def _opened(stream: ChatStream, typed: bool = False) -> tuple[ChatStream, 
         raise
 
 
-def _relayed(relay: PassThrough) -> Callable[[Provider], Awaitable[Completion]]:
+def _relayed(relay: PassThrough, tenant: str | None) -> Callable[[Provider], Awaitable[Completion]]:
     async def call(provider: Provider) -> Completion:
-        return await provider.relay(_for(provider, relay.body) or {}, relay.headers)
+        return await provider.relay(provider.salted(_for(provider, relay.body) or {}, tenant), relay.headers)
 
     return call
 
 
-def _open_relayed(relay: PassThrough) -> Callable[[Provider], Awaitable[tuple[ChatStream, _Piece | None]]]:
+def _open_relayed(
+    relay: PassThrough, tenant: str | None
+) -> Callable[[Provider], Awaitable[tuple[ChatStream, _Piece | None]]]:
     async def call(provider: Provider) -> tuple[ChatStream, _Piece | None]:
-        return await _opened(await provider.open_relay(_for(provider, relay.body) or {}, relay.headers))
+        body = provider.salted(_for(provider, relay.body) or {}, tenant)
+        return await _opened(await provider.open_relay(body, relay.headers))
 
     return call
 

@@ -357,6 +357,11 @@ class Provider(ABC):
         other fields (``user``, vLLM's ``truncate_prompt_tokens``, ...), sent on as they are."""
         raise UpstreamProtocolError(self.name, f"provider {self.kind!r} serves no embeddings")
 
+    def salted(self, body: dict[str, Any], tenant: str | None) -> dict[str, Any]:
+        """``body`` as this upstream is sent it for ``tenant``: with its prompt-cache salt where the
+        model salts per tenant (``tenant_cache_salt``), else as it is."""
+        return body
+
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
         """Pass a request of the upstream's own protocol through as it is, with
         the client's ``headers`` that shape it (an ``anthropic-beta``); the body is the answer."""

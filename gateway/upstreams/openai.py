@@ -6,6 +6,7 @@ import base64
 import functools
 import hashlib
 import hmac
+import os
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -53,11 +54,14 @@ class OpenAIProvider(Provider):
 
     def _payload(self, request: core.Request, body: dict[str, Any] | None) -> dict[str, Any]:
         payload = chat_payload(request, body, self.upstream_model, continues=self.config.continue_final_message)
-        if self.config.tenant_cache_salt and request.tenant is not None:
-            own = payload.get("cache_salt")
-            own = own if isinstance(own, str) else ""
-            payload = {**payload, "cache_salt": _salt(self.api_key or self.name, request.tenant, own)}
-        return payload
+        return self.salted(payload, request.tenant)
+
+    def salted(self, body: dict[str, Any], tenant: str | None) -> dict[str, Any]:
+        if not self.config.tenant_cache_salt or tenant is None:
+            return body
+        own = body.get("cache_salt")
+        secret = self.api_key or os.environ.get("GATEWAY_CACHE_SALT_KEY") or self.name
+        return {**body, "cache_salt": _salt(secret, tenant, own if isinstance(own, str) else "")}
 
     async def embed(
         self, inputs: list[str] | list[list[int]], dimensions: int | None, extra: Mapping[str, Any] | None = None

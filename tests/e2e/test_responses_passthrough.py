@@ -37,6 +37,7 @@ MODELS = """
     responses_api: true
     price: {{input: 4, output: 16}}
     tier: large
+    tenant_cache_salt: true
     timeouts: {{connect: 1, first_byte: 1, total: 5}}
 """
 ROUTES = "  codex: {model: gpt-a, fallbacks: [gpt-b]}"
@@ -210,6 +211,22 @@ def test_a_follow_up_goes_to_the_upstream_that_keeps_the_previous_response(gatew
     raw = client.responses.with_raw_response.create(model="codex", input="Which number?", previous_response_id=first.id)
     assert raw.parse().output_text and raw.headers["x-gateway-model"] == "gpt-b"
     assert raw.headers["x-gateway-decision"] == "previous_response"
+
+
+def test_a_passed_through_request_carries_its_tenants_cache_salt(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    """Not only translated requests: a tenant must not find another's prompt in the prefix cache
+    of a Responses server it reaches as the client wrote it, nor send another tenant's salt."""
+    salts = []
+    for key in ("a1", "a1", "b1"):
+        _client(gateway, key).responses.create(model="gpt-b", input="Our confidential prompt.", store=False)
+        salts.append(_last_request(large_upstream)["body"]["cache_salt"])
+    assert salts[0] == salts[1] != salts[2]
+    _client(gateway, "a1").responses.create(
+        model="gpt-b", input="Our confidential prompt.", store=False, extra_body={"cache_salt": salts[2]}
+    )
+    assert _last_request(large_upstream)["body"]["cache_salt"] not in salts
 
 
 def test_a_response_id_does_not_reach_a_model_the_key_may_not_use(
