@@ -24,6 +24,7 @@ an upstream keeps on a translated route (a 400 that says so).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -418,12 +419,32 @@ async def _claim(store: ResponseStore, tenant: str, response_id: str, held_by: s
     return True
 
 
+_FORGETTING_AT_MOST = 2
+"""Deletes of unclaimed responses in flight per process: they share the model's connection pool
+with live traffic, which a Redis outage must not let them starve."""
+_FORGET_TIMEOUT_S = 5.0
+_forgetting = 0
+
+
 async def _forget(state: GatewayState, held_by: str, response_id: str) -> None:
-    """Ask the upstream to delete a response no tenant can reach (best effort: logged when it fails)."""
+    """Ask the upstream to delete a response no tenant can reach (best effort: one that is not
+    deleted is logged with its id, for ops to delete)."""
+    global _forgetting
+    if _forgetting >= _FORGETTING_AT_MOST:
+        _log.warning("unclaimed_response_kept_upstream", model=held_by, response_id=response_id, error="deletes busy")
+        return
+    _forgetting += 1
     try:
-        await _ask_upstream(state, held_by, "DELETE", response_id)
-    except GatewayError as exc:
-        _log.warning("unclaimed_response_kept_upstream", model=held_by, error=str(exc)[:200])
+        async with asyncio.timeout(_FORGET_TIMEOUT_S):
+            await _ask_upstream(state, held_by, "DELETE", response_id)
+    except (GatewayError, TimeoutError) as exc:
+        error = str(exc)[:200] or "no answer within 5 s"
+        _log.warning("unclaimed_response_kept_upstream", model=held_by, response_id=response_id, error=error)
+    except asyncio.CancelledError:  # shutting down
+        _log.warning("unclaimed_response_kept_upstream", model=held_by, response_id=response_id, error="shutdown")
+        raise
+    finally:
+        _forgetting -= 1
 
 
 async def _ask_upstream(
