@@ -16,7 +16,7 @@ def yes_no_request(model: str, instructions: str, question: str) -> Request:
     return Request(model=model, messages=messages, temperature=0.0, max_tokens=3)
 
 
-_VERDICT = re.compile(r"""[\s'"*_`]*(yes|no)(?![\w-])""", re.IGNORECASE)
+_VERDICT = re.compile(r"""[\s'"*_`\u2018\u2019\u201c\u201d(\[]*(yes|no)(?![\w/-])""", re.IGNORECASE)
 
 
 def parse_yes_no(reply: str) -> bool | None:

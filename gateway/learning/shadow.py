@@ -60,17 +60,22 @@ def judged_conversation(messages: Sequence[Message]) -> str:
     and its end: a question before a pasted document, or after it), then what came before it
     (its start and, mostly, its end)."""
     last = max((i for i, m in enumerate(messages) if m.role == "user"), default=len(messages))
-    turn = _clipped("\n\n".join(f"{m.role}: {m.text}" for m in messages[last:]), _MAX_CHARS * 2 // 3, 2)
+    turn = "\n\n".join(f"{m.role}: {m.text}" for m in messages[last:])
     before = "\n\n".join(f"{m.role}: {m.text}" for m in messages[:last])
-    return f"{_clipped(before, _MAX_CHARS - len(turn) - 2)}\n\n{turn}" if before else turn
+    if not before:
+        return _clipped(turn)
+    turn = _clipped(turn, max(_MAX_CHARS - len(before) - 2, _MAX_CHARS * 2 // 3), 2)
+    return f"{_clipped(before, _MAX_CHARS - len(turn) - 2)}\n\n{turn}"
 
 
 def _clipped(text: str, room: int = _MAX_CHARS, head_share: int = 4) -> str:
-    """A long text's start (1/``head_share`` of the room) and its end."""
+    """A long text in ``room`` characters: its start (1/``head_share`` of the room) and its end."""
     if len(text) <= room:
         return text
-    head = room // head_share
-    return f"{text[:head]}\n[... {len(text) - room} characters left out ...]\n{text[-(room - head) :]}"
+    marker = f"\n[... {len(text) - room} characters left out ...]\n"
+    keep = max(room - len(marker), 0)
+    head = keep // head_share
+    return f"{text[:head]}{marker}{text[len(text) - (keep - head) :]}"
 
 
 def parse_verdict(reply: str) -> bool | None:

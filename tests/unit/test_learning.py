@@ -237,6 +237,9 @@ def test_the_judge_prompt_and_the_simulated_judge_agree_on_the_protocol() -> Non
     ]
     question = to_chat_body(judge_request("large", judged_conversation(messages), "a", "b"))["messages"][-1]["content"]
     assert "Which clause sets the notice period?" in question and "house rules." in question
+    # one long turn keeps three quarters of the room for its end, as before
+    single = [Message("user", (TextPart("context. " * 3000 + "What changed in 2021? " + "note. " * 800),))]
+    assert "What changed in 2021?" in judged_conversation(single) and len(judged_conversation(single)) <= 12_000
 
 
 def test_building_the_cli_does_not_import_prometheus_before_serve_sets_its_multiprocess_dir() -> None:

@@ -40,6 +40,8 @@ def test_a_judges_reply_is_read_as_yes_no_or_nothing() -> None:
     assert parse_judgement("yes-and-no") is None and parse_judgement("No, A is wrong") is False
     assert parse_judgement("Yes\u2014same facts") is True and parse_judgement("yes<|eot_id|>") is True
     assert parse_judgement("**No**") is False and parse_judgement("") is None
+    assert parse_judgement("\u201cYes\u201d") is True and parse_judgement("(no)") is False
+    assert parse_judgement("Yes/No") is None
 
 
 def _bar(base: float) -> ServeBar:
