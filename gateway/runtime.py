@@ -146,6 +146,13 @@ class RuntimeHolder:
                     "policy_rejected", reason=reason, problems=_loggable(exc.problems), kept=self.current.version
                 )
                 return False
+            except Exception as exc:
+                # Named by its type only: its message may quote the file, which may hold secrets.
+                self.last_reload_error = f"the file could not be read ({type(exc).__name__})"
+                _log.error(
+                    "policy_rejected", reason=reason, problems=[self.last_reload_error], kept=self.current.version
+                )
+                return False
             if loaded.version == self.current.version:
                 self.last_reload_error = None  # e.g. a rejected edit was reverted
                 return True

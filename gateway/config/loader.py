@@ -94,7 +94,7 @@ def load_policy_text(
         raise ConfigError(source, ["the file is empty"])
     problems = Problems()
     notes: list[str] | None = [] if unset_ok else None
-    data = _NodeReader(environ, problems, notes).read(root, ())
+    data = _NodeReader(source, environ, problems, notes).read(root, ())
     if not isinstance(data, dict):
         raise ConfigError(
             source, [*problems.messages, "the file must be a mapping of sections (version, models, routes, ...)"]
@@ -156,7 +156,7 @@ def load_keys(path: str | os.PathLike[str], environ: Mapping[str, str] | None = 
     nodes = [value for key, value in root.value if isinstance(key, yaml.ScalarNode) and key.value == "auth"]
     if not nodes:
         raise ConfigError(source, ["auth: required section is missing"])
-    auth = convert(_NodeReader(environ, problems).read(nodes[-1], ("auth",)), AuthPolicy, ("auth",), problems)
+    auth = convert(_NodeReader(source, environ, problems).read(nodes[-1], ("auth",)), AuthPolicy, ("auth",), problems)
     if auth is None:
         raise ConfigError(source, problems.messages)
     key_path = _key_file_path(auth, Path(path).parent)
@@ -172,6 +172,12 @@ def _read(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read the file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:  # its text is never quoted: a policy may hold secrets
+        raise ConfigError(str(path), [_not_utf8(exc)]) from None
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text: byte {exc.start} (0x{exc.object[exc.start]:02x}) cannot be read"
 
 
 class _KeyFileRead(NamedTuple):
@@ -196,12 +202,15 @@ def _read_key_file(
     except OSError as exc:
         problems.messages.append(f"{source}: cannot read the key file: {exc.strerror or exc}")
         return _KeyFileRead([], where, "")
+    except UnicodeDecodeError as exc:
+        problems.messages.append(f"{source}: {_not_utf8(exc)}")
+        return _KeyFileRead([], where, "")
     try:
         root = _compose(text, source)
     except ConfigError as exc:
         problems.messages.extend(f"{source}: {problem}" for problem in exc.problems)
         return _KeyFileRead([], where, text)
-    data = _NodeReader(environ, where, notes).read(root, ()) if root else {}
+    data = _NodeReader(source, environ, where, notes).read(root, ()) if root else {}
     key_file = convert(data, KeyFile, (), where)
     listed = isinstance(data, dict) and "keys" in data
     return _KeyFileRead(key_file.keys if key_file is not None else [], where, text, listed)
@@ -211,24 +220,42 @@ def _compose(text: str, source: str) -> yaml.Node | None:
     """The YAML node tree (it keeps line numbers), or a ConfigError naming the line."""
     try:
         return yaml.compose(text, Loader=_Loader)
+    except RecursionError:
+        raise ConfigError(source, ["nested too deep to read"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
         raise ConfigError(source, [f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
 
 
+_MAX_VALUES = 200_000
+"""Values a policy may hold, its keys file's keys included (a large key file: ~10 values a key)."""
+_MAX_DEPTH = 64
+
+
 class _NodeReader:
     """Turns a composed YAML tree into plain values, recording each path's line in ``problems.lines``."""
 
-    def __init__(self, environ: Mapping[str, str], problems: Problems, notes: list[str] | None = None) -> None:
+    def __init__(
+        self, source: str, environ: Mapping[str, str], problems: Problems, notes: list[str] | None = None
+    ) -> None:
+        self._source = source
         self._environ = environ
         self._problems = problems
         self._lines = problems.lines
         self._notes = notes
         """When a list: unset variables are noted here and a placeholder stands in for them."""
         self._loader = yaml.SafeLoader("")
+        self._values = 0
 
     def read(self, node: yaml.Node, path: _Path) -> Any:
+        """The node's value; a ConfigError past :data:`_MAX_VALUES` (aliases repeat a node wherever
+        they stand: eight levels of them in 8 KB would expand to gigabytes) or nesting too deep."""
+        self._values += 1
+        if self._values > _MAX_VALUES or len(path) > _MAX_DEPTH:
+            too_deep = len(path) > _MAX_DEPTH
+            problem = f"nested deeper than {_MAX_DEPTH}" if too_deep else f"more than {_MAX_VALUES:,} values"
+            raise ConfigError(self._source, [f"{problem} (YAML aliases included): not a policy"])
         self._lines[path] = node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
             out: dict[Any, Any] = {}

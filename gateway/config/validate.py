@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import re
 import types
 import typing
@@ -319,6 +320,10 @@ def check_policy(
             problems.add(("models", name, "responses_api"), "only an openai chat model can serve the Responses API")
         if model.tenant_cache_salt and (model.provider != "openai" or model.kind != "chat"):
             problems.add(("models", name, "tenant_cache_salt"), "only an openai chat model (vLLM) takes a cache_salt")
+        for field in msgspec.structs.fields(model.price):
+            value = getattr(model.price, field.name)
+            if value is not None and not math.isfinite(value):  # billed as inf: metrics +Inf, report skips the line
+                problems.add(("models", name, "price", field.encode_name), f"must be a finite number, got {value}")
     for route_name, route in policy.routes.items():
         names = [route.model, *route.fallbacks]
         kinds = {policy.models[n].kind for n in names if n in policy.models}

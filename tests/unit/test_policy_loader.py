@@ -326,7 +326,7 @@ def test_libyaml_and_pure_python_composers_agree_on_lines() -> None:
         problems = loader.Problems()  # type: ignore[attr-defined]  # a private piece, compared on purpose
         root = yaml.compose(text, Loader=composer)
         assert root is not None
-        data = loader._NodeReader({}, problems, notes=[]).read(root, ())
+        data = loader._NodeReader("<policy>", {}, problems, notes=[]).read(root, ())
         results.append((data, problems.lines))
     assert results[0] == results[1]
 
@@ -414,3 +414,23 @@ def test_a_broken_file_with_nothing_to_fall_back_to_is_fatal(tmp_path: Path) -> 
         load_at_start(path, None)
     with pytest.raises(ConfigError):
         load_at_start(path, tmp_path / "never-written.yaml")
+
+
+def test_a_file_that_is_not_a_policy_is_refused_without_quoting_it(tmp_path: Path) -> None:
+    """An outside tester's files: each froze reloads (or printed the file in a traceback), or took
+    gigabytes; each is now a problem line, and none quotes the file, which may hold secrets."""
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(VALID.encode() + b"# caf\xe9 sk-secret\n")
+    with pytest.raises(ConfigError) as caught:
+        load_policy(latin1)
+    at = len(VALID.encode()) + len("# caf")
+    assert caught.value.problems == [f"not UTF-8 text: byte {at} (0xe9) cannot be read"]
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"l{i}: &l{i} [{', '.join([f'*{prev}'] * 10)}]\n"
+        for i, prev in enumerate(["a", *(f"l{j}" for j in range(1, 8))], 1)
+    )
+    assert problems(bomb) == ["more than 200,000 values (YAML aliases included): not a policy"]
+    assert "not valid YAML" in problems("a: " + "[" * 1000 + "]" * 1000)[0]
+    assert problems(VALID.replace("input: 0.1", "input: .inf")) == [
+        "models.s.price.input (line 5): must be a finite number, got inf"
+    ]
