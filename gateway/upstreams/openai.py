@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from gateway.core import model as core
 from gateway.errors import GatewayError, UpstreamError, UpstreamProtocolError, UpstreamStatusError
@@ -81,10 +82,16 @@ class OpenAIProvider(Provider):
             vector = row.get("embedding") if isinstance(row, dict) else None
             if not isinstance(index, int) or not 0 <= index < len(inputs) or not isinstance(vector, list) or not vector:
                 raise UpstreamProtocolError(self.name, "answered an embedding that is not a list of numbers")
+            if vectors[index]:
+                raise UpstreamProtocolError(self.name, f"answered two embeddings for input {index}")
             vectors[index] = vector
+        _check_vectors(self.name, vectors)  # a wrong vector would be served and cached as a 200
         usage = data.get("usage")
         prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-        return Embeddings(vectors, prompt if isinstance(prompt, int) else None)
+        # A count no input could hold (negative, a bool, more tokens than bytes) is not billed: counted here.
+        most = sum(len(item.encode()) if isinstance(item, str) else len(item) for item in inputs) + len(inputs)
+        plausible = isinstance(prompt, int) and not isinstance(prompt, bool) and 0 <= prompt <= most
+        return Embeddings(vectors, prompt if plausible else None)
 
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
         response = await self._post("responses", body, {**self._headers(), **headers}, stream=False)
@@ -412,3 +419,15 @@ def _salt(secret: str, tenant: str, own: str) -> str:
     message = f"{tenant}\0{own}".encode()
     digest = hmac.new(secret.encode(), message, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def _check_vectors(upstream: str, vectors: list[list[float]]) -> None:
+    """Every vector finite numbers, all of one length (the upstream's embeddings of one model)."""
+    try:
+        matrix = np.asarray(vectors)  # numbers only: a None, a string or a bool gives another dtype
+    except ValueError:  # rows of different lengths
+        matrix = None
+    if matrix is None or matrix.ndim != 2 or matrix.dtype.kind not in "fi" or not np.isfinite(matrix).all():
+        raise UpstreamProtocolError(
+            upstream, "answered embeddings that are not vectors of finite numbers of one length"
+        )
