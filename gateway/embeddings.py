@@ -23,7 +23,8 @@ from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestRecord, exception_frames, log_request
 from gateway.accounting.usage import UsageFigures
 from gateway.dispatch import DispatchInfo, dispatch
-from gateway.errors import GatewayError, InvalidRequestError
+from gateway.drain import DEFAULT_DRAIN_S, Drain
+from gateway.errors import GatewayError, InvalidRequestError, ShuttingDownError
 from gateway.limits import Limiter, Reservation
 from gateway.pipeline import Answer
 from gateway.pricing import cost_usd
@@ -51,11 +52,14 @@ class _EmbeddingsRequest(msgspec.Struct, forbid_unknown_fields=False):
 
 
 class EmbeddingsPipeline:
-    def __init__(self, holder: RuntimeHolder, metrics: Metrics, store: KeyValue, limiter: Limiter) -> None:
+    def __init__(
+        self, holder: RuntimeHolder, metrics: Metrics, store: KeyValue, limiter: Limiter, drain: Drain | None = None
+    ) -> None:
         self._holder = holder
         self._metrics = metrics
         self._store = store
         self._limiter = limiter
+        self._drain = drain or Drain(DEFAULT_DRAIN_S)
 
     async def handle(
         self,
@@ -72,6 +76,7 @@ class EmbeddingsPipeline:
         )
         info = DispatchInfo()
         reservation: Reservation | None = None
+        task = self._drain.track()  # ended with a 503 at the drain deadline, not cut by the server's kill
         try:
             principal = runtime.auth.authenticate(authorization)
             record.key_id, record.tenant = principal.key_id, principal.tenant
@@ -110,7 +115,16 @@ class EmbeddingsPipeline:
                 "internal error in the gateway; the request id is in x-request-id", code="internal_error"
             )
             return _error_answer(record, error, started, info)
+        except asyncio.CancelledError:
+            if self._drain.ended_by_deadline(task):
+                error = ShuttingDownError(
+                    "the gateway is shutting down; the answer did not come before its drain deadline"
+                )
+                return _error_answer(record, error, started, info)
+            record.status, record.error_type = 499, "client_disconnected"  # logged as what it was, not a 200
+            raise
         finally:
+            self._drain.untrack(task)
             self._finish(runtime, record, info, started, reservation)
 
     async def _answer(

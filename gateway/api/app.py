@@ -160,7 +160,7 @@ async def _start(settings: Settings) -> GatewayState:
         large_share=large_share,
         learning=learning,
     )
-    embeddings = EmbeddingsPipeline(holder, metrics, store.kv, limiter)
+    embeddings = EmbeddingsPipeline(holder, metrics, store.kv, limiter, drain)
     state = GatewayState(
         holder, pipeline, metrics, redis, limiter, request_log, ops_log, embeddings, store.kv, learning, classifier_info
     )

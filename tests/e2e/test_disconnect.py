@@ -147,3 +147,16 @@ def test_a_messages_client_leaving_mid_stream_cancels_the_upstream_stream(
     record = gateway.wait_for_record(request_id)
     assert record["status"] == 499 and record["error_type"] == "client_disconnected"
     assert record["protocol"] == "anthropic.messages" and record["latency_ms"] < 2000
+
+
+def test_an_embeddings_client_leaving_is_logged_as_499(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """It was logged and counted as a 200 (an outside tester)."""
+    inject(small_upstream, {"delay_ms": 3000})
+    request_id = f"disconnect-{uuid.uuid4().hex}"
+    with httpx.Client(timeout=0.5) as client, pytest.raises(httpx.ReadTimeout):
+        client.post(f"{gateway.base_url}/embeddings", json={"model": "embed", "input": ["please wait"]},
+                    headers={"x-request-id": request_id})  # fmt: skip
+    record = _record_with_id(gateway, request_id)
+    assert record is not None and (record["status"], record["error_type"]) == (499, "client_disconnected")
