@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from gateway.accounting.request_log import RequestRecord
@@ -50,16 +53,16 @@ class Metrics:
         )
         self.policy_info = Gauge(
             "gateway_policy_info",
-            "Policy version in force (1 while any worker uses it)",
+            "Policy version in force (1 while any live worker uses it)",
             ["version"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.redis_up = Gauge(
             "gateway_redis_up",
-            "1 when Redis answered the last call (every worker)",
+            "1 when Redis answered the last call (every live worker)",
             registry=r,
-            multiprocess_mode="min",
+            multiprocess_mode="livemin",
         )
         self.redis_timeouts = Counter(
             "gateway_redis_timeouts",
@@ -171,6 +174,26 @@ class Metrics:
     def render(self) -> bytes:
         if self._multiprocess_dir is None:
             return generate_latest(self.registry)
+        _forget_dead_workers(self._multiprocess_dir)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
+
+
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
+
+
+def _forget_dead_workers(directory: str) -> None:
+    """Drop the live-gauge files of workers that are gone (the server replaced them): their last
+    ``redis_up`` or policy version is not the gateway's. Counters keep every worker's counts."""
+    for name in os.listdir(directory):
+        found = _LIVE_GAUGE_FILE.fullmatch(name)
+        if found is None:
+            continue
+        pid = int(found.group(1))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+        except PermissionError:  # alive, another user's
+            pass
