@@ -103,11 +103,16 @@ async def _run(args: argparse.Namespace) -> int:
 async def _status(kv: KeyValue, scope: str | None, active: str | None) -> dict[str, Any]:
     """What is in force: a tenant's own router (None: the shipped one) and, where a route pools
     labels (``learning.scope: global``), the pooled router that stands in when it has none."""
-    from gateway.learning.learned import active_version
+    from gateway.learning.learned import active_version, load_version
 
+    if active is not None and await load_version(kv, scope, active) is None:
+        active = None  # its stored router expired or was evicted: gateways serve the shipped one
     if scope is None:
         return {"scope": "global", "active": active}
-    return {"scope": scope, "active": active, "pooled_routes": active or await active_version(kv, None)}
+    pooled = active or await active_version(kv, None)
+    if pooled is not None and not active and await load_version(kv, None, pooled) is None:
+        pooled = None
+    return {"scope": scope, "active": active, "pooled_routes": pooled}
 
 
 async def _learn(kv: KeyValue, scope: str | None, tenants: list[str], promote_it: bool) -> int:

@@ -400,3 +400,15 @@ def test_pooled_tenants_may_reuse_each_others_request_ids() -> None:
     _, alone = fit_candidate(ours, None)
     _, pooled = fit_candidate(ours + theirs, None)
     assert pooled.trained_on + pooled.held_out == 2 * (alone.trained_on + alone.held_out)
+
+
+async def test_status_does_not_name_a_version_whose_router_is_gone() -> None:
+    """Gateways serve the shipped router then; status said the expired version was in force."""
+    from gateway.cli.router import _status
+
+    kv = MemoryKeyValue()
+    first, _ = fit_candidate(_examples(200, rule=True), None)
+    await promote(kv, "a", first)
+    assert (await _status(kv, "a", await active_version(kv, "a")))["active"] == first.version
+    await kv.delete(keyspace.learned_router("a", f"v:{first.version}"), 1.0)  # expired or evicted
+    assert (await _status(kv, "a", await active_version(kv, "a")))["active"] is None
