@@ -25,6 +25,7 @@ import numpy as np
 from gateway.accounting.usage import UsageFigures
 
 __all__ = [
+    "PENDING_S",
     "Caps",
     "CounterScope",
     "KeyValue",
@@ -39,6 +40,11 @@ __all__ = [
     "VectorIndex",
     "VectorMatch",
 ]
+
+PENDING_S = 3600
+"""How long a reservation may stay unsettled before the tenant's next one undoes it (its process
+died mid-request, and nothing else ever would). Longer than a request lasts (a model's ``total``);
+one that outlasts it is settled as never reserved: its whole cost counts then."""
 
 
 Spent = Mapping[tuple[str, str, str], float]

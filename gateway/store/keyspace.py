@@ -112,6 +112,11 @@ def reservation(tenant: str, reservation_id: str) -> str:
     return f"{tenant_prefix(tenant)}:rl:r:{reservation_id}"
 
 
+def pending_reservations(mark: str) -> str:
+    """The tenant's reservations not settled yet (by when they are given up), beside ``mark``'s."""
+    return mark.rsplit(":r:", 1)[0] + ":pending"
+
+
 def count_counters(tenant: str, key_id: str) -> tuple[str, str, str, str]:
     """Like :func:`limit_counters`, for token counts (``count_tokens``): their own ``rpm`` window."""
     prefix = tenant_prefix(tenant)

@@ -15,6 +15,7 @@ import numpy as np
 from gateway.accounting.usage import UsageFigures
 from gateway.store import keyspace
 from gateway.store.base import (
+    PENDING_S,
     Caps,
     ReserveOutcome,
     ReserveRequest,
@@ -24,6 +25,7 @@ from gateway.store.base import (
     StoreUnavailable,
     VectorMatch,
 )
+from gateway.store.keyspace import pending_reservations
 
 __all__ = ["MemoryKeyValue", "MemoryLimitCounters", "MemoryVectorIndex", "memory_store"]
 
@@ -220,10 +222,32 @@ class MemoryLimitCounters(_Outage):
         self.usage: dict[str, UsageFigures] = {}
         self.indexed: dict[str, set[str]] = {}
         self.marks: dict[str, str] = {}
-        """Reservations made ("r") and settled ("s"), as the Redis scripts keep them (no expiry here)."""
+        """Reservations made ("r"), settled ("s") and undone unsettled ("x"), as the Redis scripts
+        keep them (no expiry here)."""
+        self._pending: dict[str, dict[str, float]] = {}
+        """Per tenant: unsettled reservations' marks, by when they are given up."""
+        self._undo: dict[str, tuple[float, str, str, tuple[str, ...]]] = {}
+
+    def _give_up_unsettled(self, pending: dict[str, float], now: float) -> None:
+        for mark, due in list(pending.items()):
+            if due > now:
+                continue
+            del pending[mark]
+            if self.marks.get(mark) == "r":
+                cost, day, month, spends = self._undo.pop(mark)
+                for key in spends:
+                    spend = self.spends.get(key)
+                    if spend is not None and spend.day == day:
+                        spend.spent_day -= cost
+                    if spend is not None and spend.month == month:
+                        spend.spent_month -= cost
+                self.marks[mark] = "x"
 
     async def reserve(self, request: ReserveRequest, timeout_s: float) -> ReserveOutcome:
         self._check()
+        now = (request.minute + request.minute_fraction) * 60
+        if request.mark is not None:
+            self._give_up_unsettled(self._pending.setdefault(pending_reservations(request.mark), {}), now)
         share = 0.0
         seen = []
         rest = 1 - request.minute_fraction
@@ -254,6 +278,9 @@ class MemoryLimitCounters(_Outage):
             self.spends[scope.spend] = _Spend(request.day, day + cost, request.month, month + cost)
         if request.mark is not None:
             self.marks[request.mark] = "r"
+            spends = tuple(scope.spend for scope in request.scopes)
+            self._undo[request.mark] = (request.cost_usd, request.day, request.month, spends)
+            self._pending[pending_reservations(request.mark)][request.mark] = now + PENDING_S
         return ReserveOutcome(None, 0.0, share)
 
     async def settle(self, request: SettleRequest, timeout_s: float) -> None:
@@ -263,8 +290,10 @@ class MemoryLimitCounters(_Outage):
             state = self.marks.get(request.mark)
             if state == "s":
                 return
-            made = request.made or state == "r"
+            made = state != "x" and (request.made or state == "r")
             self.marks[request.mark] = "s"
+            self._undo.pop(request.mark, None)
+            self._pending.get(pending_reservations(request.mark), {}).pop(request.mark, None)
         tokens, cost = (request.token_delta, request.cost_delta) if made else (request.tokens, request.cost_usd)
         for scope in request.scopes:
             window = self.windows.get(scope.window)

@@ -15,19 +15,50 @@ import redis.asyncio as aioredis
 
 from gateway.accounting.usage import UsageFigures
 from gateway.store import keyspace
-from gateway.store.base import Caps, ReserveOutcome, ReserveRequest, SettleRequest, Spent, StoreUnavailable
+from gateway.store.base import (
+    PENDING_S,
+    Caps,
+    ReserveOutcome,
+    ReserveRequest,
+    SettleRequest,
+    Spent,
+    StoreUnavailable,
+)
 from gateway.store.redis.client import SharedRedis
 
 __all__ = ["RedisLimitCounters"]
 
-# KEYS: window, spend of each scope, then (optionally) the reservation's mark. ARGV: fraction,
-# tokens, cost, minute, day, month, then rpm, tpm, usd_per_day, usd_per_month of each scope
-# (-1: no limit). A rate refusal also returns the refused measure's counts, this minute's and
-# the previous one's.
+# KEYS: window, spend of each scope, then (optionally) the tenant's pending reservations and the
+# reservation's mark. ARGV: fraction, tokens, cost, minute, day, month, then rpm, tpm,
+# usd_per_day, usd_per_month of each scope (-1: no limit). A rate refusal also returns the
+# refused measure's counts, this minute's and the previous one's. A marked reservation is also
+# pending, with what undoes it in its mark, until settled: one its process never settled (killed
+# mid-request) is undone by the tenant's next reservation once PENDING_S have passed, its mark
+# then 'x' (a settlement that still comes counts whole, as one never reserved).
 _RESERVE = """
-local scopes = math.floor(#KEYS / 2)
+local scopes = (#ARGV - 6) / 4
+local marked = #KEYS > scopes * 2
 local frac, tokens, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local minute, day, month = tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local now = (minute + frac) * 60
+if marked then
+  local pending = KEYS[#KEYS - 1]
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', pending, '-inf', now, 'LIMIT', 0, 20)) do
+    local v = redis.call('GET', m)
+    if v and string.sub(v, 1, 2) == 'r|' then
+      local f = {}
+      for part in string.gmatch(v, '[^|]+') do f[#f + 1] = part end
+      local c = tonumber(f[2])
+      for i = 5, #f do
+        local d = redis.call('HMGET', f[i], 'day', 'month')
+        if d[1] == f[3] then redis.call('HINCRBYFLOAT', f[i], 'd', -c) end
+        if d[2] == f[4] then redis.call('HINCRBYFLOAT', f[i], 'mo', -c) end
+      end
+      redis.call('SET', m, 'x', 'EX', 7200)
+    end
+    redis.call('ZREM', pending, m)
+  end
+end
 local function window(key)
   local v = redis.call('HMGET', key, 'm', 'r', 'rp', 't', 'tp')
   local m = tonumber(v[1] or '-2')
@@ -63,12 +94,18 @@ for s = 0, scopes - 1 do
   redis.call('HSET', KEYS[s*2+1], 'm', minute, 'r', w[1] + 1, 'rp', w[2], 't', w[3] + tokens, 'tp', w[4])
   redis.call('HSET', KEYS[s*2+2], 'day', day, 'd', spent_day + cost, 'month', month, 'mo', spent_month + cost)
 end
-if #KEYS > scopes * 2 then redis.call('SET', KEYS[#KEYS], 'r', 'EX', 7200) end
+if marked then
+  local undo = {'r', ARGV[3], day, month}
+  for s = 0, scopes - 1 do undo[#undo + 1] = KEYS[s*2+2] end
+  redis.call('SET', KEYS[#KEYS], table.concat(undo, '|'), 'EX', 7200)
+  redis.call('ZADD', KEYS[#KEYS - 1], now + PENDING_S, KEYS[#KEYS])
+  redis.call('EXPIRE', KEYS[#KEYS - 1], 7200)
+end
 return {0, '', tostring(share)}
-"""
+""".replace("PENDING_S", str(PENDING_S))
 
 # KEYS: window, spend of each scope, then the usage sums, the expired sums and (optionally) the
-# reservation's mark. ARGV: token delta, cost delta, minute, day, month, number of scopes, number
+# tenant's pending reservations and the reservation's mark. ARGV: token delta, cost delta, minute, day, month, number of scopes, number
 # of usage sums, tokens and cost used, 1 when the last key is the mark (else 0), 1 when the
 # reservation is known to be made (its call answered), then field/value pairs to add to the
 # usage sums. A mark "s": this settlement was applied already (sent again after a timeout), and
@@ -81,7 +118,9 @@ local made = true
 if marked then
   local state = redis.call('GET', KEYS[#KEYS])
   if state == 's' then return 0 end
-  made = ARGV[11] == '1' or state == 'r'
+  if state == 'x' then made = false  -- undone as never settled: what was used counts whole
+  else made = ARGV[11] == '1' or (state and string.sub(state, 1, 1) == 'r') end
+  redis.call('ZREM', KEYS[#KEYS - 1], KEYS[#KEYS])
 end
 local token_delta, cost_delta = tonumber(ARGV[1]), tonumber(ARGV[2])
 if not made then token_delta, cost_delta = tonumber(ARGV[8]), tonumber(ARGV[9]) end
@@ -104,7 +143,7 @@ end
 for i = scopes * 2 + 1, scopes * 2 + sums do
   for j = 12, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[i], ARGV[j], ARGV[j + 1]) end
 end
-for i = scopes * 2 + sums + 1, marked and #KEYS - 1 or #KEYS do redis.call('DEL', KEYS[i]) end
+for i = scopes * 2 + sums + 1, marked and #KEYS - 2 or #KEYS do redis.call('DEL', KEYS[i]) end
 if marked then redis.call('SET', KEYS[#KEYS], 's', 'EX', 120) end
 return 1
 """
@@ -140,7 +179,7 @@ class RedisLimitCounters:
             raise StoreUnavailable
         keys = [key for scope in request.scopes for key in (scope.window, scope.spend)]
         if request.mark is not None:
-            keys.append(request.mark)
+            keys += [keyspace.pending_reservations(request.mark), request.mark]
         args: list[str | int | float] = [
             request.minute_fraction,
             request.tokens,
@@ -164,7 +203,7 @@ class RedisLimitCounters:
         keys = [key for scope in request.scopes for key in (scope.window, scope.spend)]
         keys += [*request.usage_keys, *request.expired_keys]
         if request.mark is not None:
-            keys.append(request.mark)
+            keys += [keyspace.pending_reservations(request.mark), request.mark]
         args: list[str | int | float] = [
             request.token_delta,
             repr(request.cost_delta),
