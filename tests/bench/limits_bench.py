@@ -56,7 +56,8 @@ async def in_process(redis_url: str, count: int) -> dict[str, object]:
     policy = load_policy_text(
         "pair: {small: s, large: l}\nmodels:\n  s: {base_url: 'http://x', price: {input: 1, output: 1}, tier: small}\n"
         "  l: {base_url: 'http://x', price: {input: 1, output: 1}, tier: large}\nroutes:\n  fast: {model: s}\n"
-        "tenants:\n  t: {limits: {rpm: 100000000, usd_per_day: 1000000}}\nlimits: {redis_timeout_ms: 1000}\n",
+        "tenants:\n  t: {limits: {rpm: 100000000, usd_per_day: 1000000}}\nlimits: {redis_timeout_ms: 1000}\n"
+        "auth: {mode: none}\n",
         environ={},
     ).policy
     counters = RedisLimitCounters(SharedRedis(connect(redis_url), Metrics()))
