@@ -58,7 +58,12 @@ def load_at_start(path: Path, last_good: Path | None, *, auth_required: bool = F
     could not start at all, and the server would stop the whole gateway.
     """
     try:
-        loaded = load_policy(path)
+        try:
+            loaded = load_policy(path)
+        except ConfigError:
+            raise
+        except Exception as unforeseen:
+            raise ConfigError(str(path), [f"the file could not be read ({type(unforeseen).__name__})"]) from None
         _refuse_auth_off(loaded, auth_required)
         return loaded, []
     except ConfigError as exc:
@@ -292,7 +297,10 @@ def _signature(path: Path) -> tuple[int, int] | None:
     return stat.st_size, stat.st_mtime_ns
 
 
-_QUOTED_VALUE = re.compile(r"'(?:[^'\\\n]|\\.)*'(?:\.\.\.)?|\"(?:[^\"\\\n]|\\.)*\"(?:\.\.\.)?")
+_QUOTED_VALUE = re.compile(
+    r"'(?:[^'\\\n]|\\.)*'(?:\.\.\.)?|\"(?:[^\"\\\n]|\\.)*\"(?:\.\.\.)?"
+    r"|'[^'\n]*\.\.\.|\"[^\"\n]*\.\.\."  # a long value, cut short: no closing quote
+)
 
 
 def _loggable(problems: list[str]) -> list[str]:

@@ -210,7 +210,7 @@ def _read_key_file(
     except ConfigError as exc:
         problems.messages.extend(f"{source}: {problem}" for problem in exc.problems)
         return _KeyFileRead([], where, text)
-    data = _NodeReader(source, environ, where, notes).read(root, ()) if root else {}
+    data = _NodeReader(source, environ, where, notes, _MAX_KEY_FILE_VALUES).read(root, ()) if root else {}
     key_file = convert(data, KeyFile, (), where)
     listed = isinstance(data, dict) and "keys" in data
     return _KeyFileRead(key_file.keys if key_file is not None else [], where, text, listed)
@@ -229,7 +229,9 @@ def _compose(text: str, source: str) -> yaml.Node | None:
 
 
 _MAX_VALUES = 200_000
-"""Values a policy may hold, its keys file's keys included (a large key file: ~10 values a key)."""
+"""Values a policy file may hold (aliases expanded); its key file has a room of its own."""
+_MAX_KEY_FILE_VALUES = 5_000_000
+"""A key file's: ~12 values a key with limits and models, so about 400,000 keys."""
 _MAX_DEPTH = 64
 
 
@@ -237,9 +239,15 @@ class _NodeReader:
     """Turns a composed YAML tree into plain values, recording each path's line in ``problems.lines``."""
 
     def __init__(
-        self, source: str, environ: Mapping[str, str], problems: Problems, notes: list[str] | None = None
+        self,
+        source: str,
+        environ: Mapping[str, str],
+        problems: Problems,
+        notes: list[str] | None = None,
+        max_values: int = _MAX_VALUES,
     ) -> None:
         self._source = source
+        self._max_values = max_values
         self._environ = environ
         self._problems = problems
         self._lines = problems.lines
@@ -252,9 +260,9 @@ class _NodeReader:
         """The node's value; a ConfigError past :data:`_MAX_VALUES` (aliases repeat a node wherever
         they stand: eight levels of them in 8 KB would expand to gigabytes) or nesting too deep."""
         self._values += 1
-        if self._values > _MAX_VALUES or len(path) > _MAX_DEPTH:
+        if self._values > self._max_values or len(path) > _MAX_DEPTH:
             too_deep = len(path) > _MAX_DEPTH
-            problem = f"nested deeper than {_MAX_DEPTH}" if too_deep else f"more than {_MAX_VALUES:,} values"
+            problem = f"nested deeper than {_MAX_DEPTH}" if too_deep else f"more than {self._max_values:,} values"
             raise ConfigError(self._source, [f"{problem} (YAML aliases included): not a policy"])
         self._lines[path] = node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
@@ -307,6 +315,12 @@ class _NodeReader:
         except yaml.constructor.ConstructorError as exc:  # an unknown tag (!foo), a bad !!binary...
             self._problems.add(path, f"not valid YAML: {exc.problem}", line=node.start_mark.line + 1)
             return node.value if isinstance(node, yaml.ScalarNode) else None  # reported once: checks go on
+        except (ValueError, TypeError, OverflowError, ArithmeticError) as exc:  # 2026-02-30, !!float 0,20
+            # Named by its type and tag only: the value may be a secret written in the wrong place.
+            self._problems.add(
+                path, f"not a value YAML can build as {node.tag} ({type(exc).__name__})", line=node.start_mark.line + 1
+            )
+            return None
 
 
 def _with_placeholders(value: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:

@@ -431,6 +431,10 @@ def test_a_file_that_is_not_a_policy_is_refused_without_quoting_it(tmp_path: Pat
     )
     assert problems(bomb) == ["more than 200,000 values (YAML aliases included): not a policy"]
     assert "not valid YAML" in problems("a: " + "[" * 1000 + "]" * 1000)[0]
+    # a value YAML cannot build is a problem line with its field and line, its text never shown
+    built = problems(VALID + "version: 2026-02-30\n")
+    assert any(p.startswith("version (line 15): not a value YAML can build") for p in built), built
+    assert all("sk-secret" not in p for p in problems(VALID.replace("0.1", "!!int sk-secret-1")))
     assert problems(VALID.replace("input: 0.1", "input: .inf")) == [
         "models.s.price.input (line 5): must be a finite number, got inf"
     ]

@@ -64,3 +64,12 @@ async def test_a_rejected_reload_logs_no_value_it_quotes(
     assert "policy_rejected" in logged.out + logged.err
     assert "auth.keys[0].hash" in logged.out + logged.err
     assert "PASTED-SECRET" not in logged.out + logged.err
+
+
+def test_a_rejected_values_text_is_left_out_of_the_log_even_cut_short() -> None:
+    """Long values are shown cut, with no closing quote: the redaction missed them (a tester saw
+    56 characters of an sk-proj key in policy_rejected)."""
+    from gateway.runtime import _loggable
+
+    cut = "models.s.base_url (line 4): expected a URL, got 'sk-proj-0123456789abcdef0123456789abcdef0123456789..."
+    assert _loggable([cut]) == ["models.s.base_url (line 4): expected a URL, got '…'"]
