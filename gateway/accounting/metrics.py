@@ -102,14 +102,14 @@ class Metrics:
             "Estimated share of semantic hits whose answer was wrong (decided audits since the last tightening)",
             ["tenant", "route"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.semantic_verify_threshold = Gauge(
             "gateway_semantic_cache_verify_threshold",
             "The verifier threshold after self-tightening (0: semantic hits stopped)",
             ["tenant", "route"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self._policy_version: str | None = None
         self._children: dict[tuple[str, str, int, str], tuple] = {}  # type: ignore[type-arg]

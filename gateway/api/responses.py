@@ -387,9 +387,9 @@ async def _claimed_events(
                 if isinstance(response_id, str) and not await _claim(_store(state), tenant, response_id, held_by):
                     unclaimed = response_id
             yield piece if unclaimed is None else _not_stored_events(piece)
-        if unclaimed is not None:  # after the answer: an upstream slow to delete holds no client
-            state.background.spawn(_forget(state, held_by, unclaimed), "forget-unclaimed-response")
     finally:
+        if unclaimed is not None:  # after the answer (or the client's leaving): a slow DELETE holds no client
+            state.background.spawn(_forget(state, held_by, unclaimed), "forget-unclaimed-response")
         close = getattr(events, "aclose", None)
         if close is not None:
             await close()
@@ -436,7 +436,15 @@ async def _forget(state: GatewayState, held_by: str, response_id: str) -> None:
     _forgetting += 1
     try:
         async with asyncio.timeout(_FORGET_TIMEOUT_S):
-            await _ask_upstream(state, held_by, "DELETE", response_id)
+            answer = await _ask_upstream(state, held_by, "DELETE", response_id)
+        status = answer.status_code or 200
+        if status >= 400 and status != 404:  # 404: gone already
+            _log.warning(
+                "unclaimed_response_kept_upstream",
+                model=held_by,
+                response_id=response_id,
+                error=f"the upstream answered the DELETE with {status}",
+            )
     except (GatewayError, TimeoutError) as exc:
         error = str(exc)[:200] or "no answer within 5 s"
         _log.warning("unclaimed_response_kept_upstream", model=held_by, response_id=response_id, error=error)

@@ -56,15 +56,15 @@ def judge_request(model: str, request: str, small_answer: str, large_answer: str
 
 
 def judged_conversation(messages: Sequence[Message]) -> str:
-    """The request as the judge reads it: the last user turn first in line for room (its start
-    and its end: a question before a pasted document, or after it), then what came before it
-    (its start and, mostly, its end)."""
+    """The request as the judge reads it: the last user turn first in line for room (a quarter
+    of it from its start, a question before a pasted document; the rest from its end), then
+    what came before it (its start and, mostly, its end)."""
     last = max((i for i, m in enumerate(messages) if m.role == "user"), default=len(messages))
     turn = "\n\n".join(f"{m.role}: {m.text}" for m in messages[last:])
     before = "\n\n".join(f"{m.role}: {m.text}" for m in messages[:last])
     if not before:
         return _clipped(turn)
-    turn = _clipped(turn, max(_MAX_CHARS - len(before) - 2, _MAX_CHARS * 2 // 3), 2)
+    turn = _clipped(turn, max(_MAX_CHARS - len(before) - 2, _MAX_CHARS * 2 // 3))
     return f"{_clipped(before, _MAX_CHARS - len(turn) - 2)}\n\n{turn}"
 
 

@@ -88,9 +88,9 @@ class OpenAIProvider(Provider):
         _check_vectors(self.name, vectors)  # a wrong vector would be served and cached as a 200
         usage = data.get("usage")
         prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-        # A count no input could hold (negative, a bool, more tokens than bytes) is not billed: counted here.
+        # A count no input could hold (none, negative, a bool, more tokens than bytes) is not billed: counted here.
         most = sum(len(item.encode()) if isinstance(item, str) else len(item) for item in inputs) + len(inputs)
-        plausible = isinstance(prompt, int) and not isinstance(prompt, bool) and 0 <= prompt <= most
+        plausible = isinstance(prompt, int) and not isinstance(prompt, bool) and 0 < prompt <= most
         return Embeddings(vectors, prompt if plausible else None)
 
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
@@ -421,13 +421,22 @@ def _salt(secret: str, tenant: str, own: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _check_vectors(upstream: str, vectors: list[list[float]]) -> None:
     """Every vector finite numbers, all of one length (the upstream's embeddings of one model)."""
     try:
         matrix = np.asarray(vectors)  # numbers only: a None, a string or a bool gives another dtype
     except ValueError:  # rows of different lengths
         matrix = None
-    if matrix is None or matrix.ndim != 2 or matrix.dtype.kind not in "fi" or not np.isfinite(matrix).all():
+    if (
+        matrix is None
+        or matrix.ndim != 2
+        or matrix.dtype.kind not in "fi"
+        or not np.isfinite(matrix).all()
+        or (matrix.size and np.abs(matrix).max() > _FLOAT32_MAX)  # served as float32: 1e39 would be inf
+    ):
         raise UpstreamProtocolError(
             upstream, "answered embeddings that are not vectors of finite numbers of one length"
         )

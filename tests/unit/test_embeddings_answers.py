@@ -45,6 +45,7 @@ def _rows(*vectors: Any, indexes: list[int] | None = None) -> list[dict[str, Any
         _rows([0.1, None], [0.3, 0.4]),
         _rows([0.1, 0.2], [0.3]),  # vectors of different lengths
         _rows([0.1, "0.2"], [0.3, 0.4]),
+        _rows([0.1, 1e39], [0.3, 0.4]),  # finite, but served as float32: inf
     ],
 )
 async def test_a_broken_answer_is_the_upstreams_failure(rows: list[dict[str, Any]]) -> None:
@@ -52,7 +53,7 @@ async def test_a_broken_answer_is_the_upstreams_failure(rows: list[dict[str, Any
         await _embed({"data": rows, "usage": {"prompt_tokens": 2}}, ["a", "b"])
 
 
-@pytest.mark.parametrize("count", [-5, 10**12, True])
+@pytest.mark.parametrize("count", [-5, 0, 10**12, True])
 async def test_a_count_no_input_could_hold_is_counted_by_the_gateway(count: object) -> None:
     vectors, prompt_tokens = await _embed({"data": _rows([0.1, 0.2]), "usage": {"prompt_tokens": count}}, ["hello"])
     assert vectors == [[0.1, 0.2]] and prompt_tokens is None

@@ -240,6 +240,9 @@ def test_the_judge_prompt_and_the_simulated_judge_agree_on_the_protocol() -> Non
     # one long turn keeps three quarters of the room for its end, as before
     single = [Message("user", (TextPart("context. " * 3000 + "What changed in 2021? " + "note. " * 800),))]
     assert "What changed in 2021?" in judged_conversation(single) and len(judged_conversation(single)) <= 12_000
+    # ... and so does one behind a short system prompt, the usual case
+    briefed = [Message("system", (TextPart("Be brief."),)), *single]
+    assert "What changed in 2021?" in judged_conversation(briefed) and len(judged_conversation(briefed)) <= 12_000
 
 
 def test_building_the_cli_does_not_import_prometheus_before_serve_sets_its_multiprocess_dir() -> None:
