@@ -28,6 +28,11 @@ from gateway.store.redis.client import SharedRedis
 
 __all__ = ["RedisLimitCounters"]
 
+_KEPT_S = 35 * 24 * 3600
+"""How long an unsettled reservation's mark and its tenant's pending set are kept: a month's
+budget counts it until the month ends, however long the tenant then stays away. A settled
+mark is rewritten 's' for 120 s, so only reservations whose process died stay this long."""
+
 # KEYS: window, spend of each scope, then (optionally) the tenant's pending reservations and the
 # reservation's mark. ARGV: fraction, tokens, cost, minute, day, month, then rpm, tpm,
 # usd_per_day, usd_per_month of each scope (-1: no limit). A rate refusal also returns the
@@ -97,12 +102,12 @@ end
 if marked then
   local undo = {'r', ARGV[3], day, month}
   for s = 0, scopes - 1 do undo[#undo + 1] = KEYS[s*2+2] end
-  redis.call('SET', KEYS[#KEYS], table.concat(undo, '|'), 'EX', 7200)
+  redis.call('SET', KEYS[#KEYS], table.concat(undo, '|'), 'EX', KEPT_S)
   redis.call('ZADD', KEYS[#KEYS - 1], now + PENDING_S, KEYS[#KEYS])
-  redis.call('EXPIRE', KEYS[#KEYS - 1], 7200)
+  redis.call('EXPIRE', KEYS[#KEYS - 1], KEPT_S)
 end
 return {0, '', tostring(share)}
-""".replace("PENDING_S", str(PENDING_S))
+""".replace("PENDING_S", str(PENDING_S)).replace("KEPT_S", str(_KEPT_S))
 
 # KEYS: window, spend of each scope, then the usage sums, the expired sums and (optionally) the
 # tenant's pending reservations and the reservation's mark. ARGV: token delta, cost delta, minute, day, month, number of scopes, number
