@@ -201,10 +201,10 @@ class Limiter:
             _log.warning("usage_unrecorded", usage=reservation.usage[0][0], cost_usd=used.cost_usd, tokens=tokens)
             return
         # Never reached the store: the usage goes to the ledger's batch, written when it is back, with
-        # the correction of the reservation made (what was used less the estimate), or the whole
-        # cost for one that may never have been made (perhaps over it: never below what was spent).
-        usd = used.cost_usd - reservation.cost_usd if reservation.answered else used.cost_usd
-        self.ledger.record(reservation.usage, used, timeout_s, _spend_of(reservation, usd))
+        # the whole cost. The reservation, made or not, stays pending: its estimate is given back by
+        # the tenant's next reservation once PENDING_S have passed (correcting it here as well would
+        # take it off twice).
+        self.ledger.record(reservation.usage, used, timeout_s, _spend_of(reservation, used.cost_usd))
 
     def settle_later(self, policy: Policy, reservation: Reservation, used: UsageFigures) -> None:
         """:meth:`settle` off the request's path: the answer does not wait for the store."""

@@ -50,16 +50,14 @@ if marked then
   local pending = KEYS[#KEYS - 1]
   for _, m in ipairs(redis.call('ZRANGEBYSCORE', pending, '-inf', now, 'LIMIT', 0, 20)) do
     local v = redis.call('GET', m)
-    if v and string.sub(v, 1, 2) == 'r|' then
-      local f = {}
-      for part in string.gmatch(v, '[^|]+') do f[#f + 1] = part end
-      local c = tonumber(f[2])
-      for i = 5, #f do
-        local d = redis.call('HMGET', f[i], 'day', 'month')
-        if d[1] == f[3] then redis.call('HINCRBYFLOAT', f[i], 'd', -c) end
-        if d[2] == f[4] then redis.call('HINCRBYFLOAT', f[i], 'mo', -c) end
+    if v and string.sub(v, 1, 2) == 'r{' then
+      local u = cjson.decode(string.sub(v, 2))
+      for _, key in ipairs(u.spends) do
+        local d = redis.call('HMGET', key, 'day', 'month')
+        if d[1] == u.day then redis.call('HINCRBYFLOAT', key, 'd', -u.cost) end
+        if d[2] == u.month then redis.call('HINCRBYFLOAT', key, 'mo', -u.cost) end
       end
-      redis.call('SET', m, 'x', 'EX', 7200)
+      redis.call('SET', m, 'x', 'EX', KEPT_S)
     end
     redis.call('ZREM', pending, m)
   end
@@ -100,9 +98,10 @@ for s = 0, scopes - 1 do
   redis.call('HSET', KEYS[s*2+2], 'day', day, 'd', spent_day + cost, 'month', month, 'mo', spent_month + cost)
 end
 if marked then
-  local undo = {'r', ARGV[3], day, month}
-  for s = 0, scopes - 1 do undo[#undo + 1] = KEYS[s*2+2] end
-  redis.call('SET', KEYS[#KEYS], table.concat(undo, '|'), 'EX', KEPT_S)
+  local spends = {}
+  for s = 0, scopes - 1 do spends[#spends + 1] = KEYS[s*2+2] end
+  local undo = cjson.encode({cost = tonumber(ARGV[3]), day = day, month = month, spends = spends})
+  redis.call('SET', KEYS[#KEYS], 'r' .. undo, 'EX', KEPT_S)
   redis.call('ZADD', KEYS[#KEYS - 1], now + PENDING_S, KEYS[#KEYS])
   redis.call('EXPIRE', KEYS[#KEYS - 1], KEPT_S)
 end
