@@ -39,9 +39,9 @@ def test_defect6_the_embedded_redis_admits_nobody_without_its_password(private_r
     data = private_redis.data_dir
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     assert private_redis.port is None  # no TCP port at all: a unix socket inside the 0700 folder
-    with pytest.raises(redis.AuthenticationError):
-        redis.Redis(unix_socket_path=str(private_redis.socket_path)).ping()
-    client = redis.Redis.from_url(private_redis.url)
+    with pytest.raises(redis.AuthenticationError), redis.Redis(unix_socket_path=str(private_redis.socket_path)) as bare:
+        bare.ping()
+    client = closing_client(private_redis.url)
     client.set("k", "v")
     client.save()
     for name in ("dump.rdb", "redis.conf", "redis.log"):
@@ -54,7 +54,8 @@ def test_a_crashed_embedded_redis_comes_back_with_usage_and_budgets(tmp_path: Pa
     """Append-only: a crash loses at most the last second (the snapshot alone lost up to 5 minutes)."""
     server = start_embedded_redis(tmp_path / "redis")
     try:
-        redis.Redis.from_url(server.url).set("usage:spent", "20")
+        with redis.Redis.from_url(server.url) as client:
+            client.set("usage:spent", "20")
         time.sleep(1.5)  # appendfsync everysec
         os.kill(server.pid, signal.SIGKILL)
         server.process.wait(10)
@@ -62,7 +63,8 @@ def test_a_crashed_embedded_redis_comes_back_with_usage_and_budgets(tmp_path: Pa
         server.stop()
     again = start_embedded_redis(tmp_path / "redis")
     try:
-        assert redis.Redis.from_url(again.url).get("usage:spent") == b"20"
+        with redis.Redis.from_url(again.url) as client:
+            assert client.get("usage:spent") == b"20"
     finally:
         again.stop()
 
@@ -92,7 +94,7 @@ async def test_defect6_a_full_redis_evicts_cache_entries_and_never_a_budget(priv
     await shared.aclose()
     assert reservation.scopes
     counter_keys = [key for scope in reservation.scopes for key in (scope.window, scope.spend)]
-    client = redis.Redis.from_url(private_redis.url)
+    client = closing_client(private_redis.url)
     for key in counter_keys:
         assert client.ttl(key) == -1  # no TTL: volatile-ttl can never pick it
     blob = b"x" * 20_000
@@ -103,6 +105,23 @@ async def test_defect6_a_full_redis_evicts_cache_entries_and_never_a_budget(priv
         assert client.exists(key), key
     spend = client.hgetall(reservation.scopes[0].spend)
     assert float(spend[b"d"]) == pytest.approx(0.25)
+
+
+def closing_client(url: str) -> redis.Redis:
+    """A client closed when the test ends (a socket left to the collector fails a later test)."""
+    client = redis.Redis.from_url(url)
+    _clients.append(client)
+    return client
+
+
+_clients: list[redis.Redis] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()
 
 
 _LIMITED_POLICY = f"""

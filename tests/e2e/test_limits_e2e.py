@@ -50,7 +50,8 @@ def pair(
     redis_server_url = redis_server.url
     import redis as redis_sync
 
-    redis_sync.Redis.from_url(redis_server_url).flushdb()  # fresh counters for this module
+    with redis_sync.Redis.from_url(redis_server_url) as client:  # closed: not left to the collector
+        client.flushdb()  # fresh counters for this module
     root = Path(tmp_path_factory.mktemp("limits"))
     first = start_gateway(root / "a", policy, env={"REDIS_URL": redis_server_url})
     second = start_gateway(root / "b", policy, env={"REDIS_URL": redis_server_url})

@@ -174,7 +174,9 @@ async def test_greedy_output_is_the_large_models_own(pair: tuple[Provider, Provi
         spaced += any(mark in _answer(want)[0] for mark in (" .", " ,", " n't", " 's"))
         stats = got.speculation  # type: ignore[attr-defined]
         assert stats.mode == "gateway" and not stats.fallback_to_plain
-        assert stats.large_calls < stats.output_tokens or stats.output_tokens <= 2
+        # Fewer large calls than tokens, the EOS probes aside: a cold pair probes each token first seen
+        # as a correction once (on vLLM V1 a verify's 'length' finish says nothing of its last token).
+        assert stats.large_calls - stats.eos_probes < stats.output_tokens or stats.output_tokens <= 2
         drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
         finishes[_answer(got)[1]] += 1
     assert finishes["stop"] and finishes["length"], finishes  # EOS and max_tokens both exercised
