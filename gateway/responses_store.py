@@ -10,14 +10,18 @@ A passed-through response lives at its upstream; its record holds only ``held_by
 
 Keys are :func:`gateway.store.keyspace.response` (``gw:{<tenant hash>}:resp:<id>``): a
 tenant's lookup can only ever reach its own turns. Records expire after
-:data:`RESPONSE_TTL_S` (30 days, OpenAI's retention for stored responses).
+:data:`RESPONSE_TTL_S` (30 days, OpenAI's retention for stored responses), or sooner when
+the tenant's kept turns outgrow its cap in bytes (its oldest go first): one tenant's turns
+never push out another's, which a full Redis evicting by TTL would otherwise do.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
+import structlog
 
 from gateway.core.model import Message
 from gateway.store import keyspace
@@ -44,15 +48,20 @@ class StoredResponse(msgspec.Struct, kw_only=True):
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(StoredResponse)
+_log = structlog.get_logger("gateway.responses")
 
 
 class ResponseStore:
-    """Every method raises :class:`~gateway.store.base.StoreUnavailable` when the store cannot answer."""
+    """Every method raises :class:`~gateway.store.base.StoreUnavailable` when the store cannot answer.
 
-    __slots__ = ("_kv", "_timeout_s")
+    ``cap`` gives a tenant's bound on its kept turns, in bytes.
+    """
 
-    def __init__(self, kv: KeyValue, timeout_s: float = STORE_TIMEOUT_S) -> None:
+    __slots__ = ("_cap", "_kv", "_timeout_s")
+
+    def __init__(self, kv: KeyValue, cap: Callable[[str], int], timeout_s: float = STORE_TIMEOUT_S) -> None:
         self._kv = kv
+        self._cap = cap
         self._timeout_s = timeout_s
 
     async def load(self, tenant: str, response_id: str) -> StoredResponse | None:
@@ -64,11 +73,22 @@ class ResponseStore:
         except msgspec.DecodeError:
             return None  # written by an incompatible version: as good as gone
 
-    async def save(self, tenant: str, response_id: str, record: StoredResponse) -> None:
-        await self._kv.put(
-            keyspace.response(tenant, response_id), _encoder.encode(record), RESPONSE_TTL_S, self._timeout_s
+    async def save(self, tenant: str, response_id: str, record: StoredResponse) -> bool:
+        """Whether it was kept: not when the record alone is larger than the tenant's cap."""
+        deleted = await self._kv.put_bounded(
+            keyspace.response(tenant, response_id),
+            _encoder.encode(record),
+            RESPONSE_TTL_S,
+            keyspace.stored_responses(tenant),
+            self._cap(tenant),
+            self._timeout_s,
         )
+        if deleted:
+            _log.info("stored_responses_evicted", tenant=tenant, count=deleted, reason="over the tenant's cap")
+        return deleted is not None
 
     async def delete(self, tenant: str, response_id: str) -> bool:
         """Whether there was a response to delete."""
-        return await self._kv.delete(keyspace.response(tenant, response_id), self._timeout_s)
+        return await self._kv.delete_bounded(
+            keyspace.response(tenant, response_id), keyspace.stored_responses(tenant), self._timeout_s
+        )

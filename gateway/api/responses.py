@@ -39,6 +39,7 @@ from gateway.api.answers import StreamBroke, answer_of, delta_batches, dropped_h
 from gateway.api.credentials import authorization_of
 from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
+from gateway.config.schema import Policy
 from gateway.core.model import Answer as CoreAnswer
 from gateway.core.model import Message, TextPart
 from gateway.core.model import Request as CoreRequest
@@ -261,7 +262,13 @@ async def _on_stored(request: Request[Any, Any, Any], operation: Callable[[Respo
 
 
 def _store(state: GatewayState) -> ResponseStore:
-    return ResponseStore(state.kv)
+    return ResponseStore(state.kv, lambda tenant: _stored_bytes_cap(state.holder.current.policy, tenant))
+
+
+def _stored_bytes_cap(policy: Policy, tenant: str) -> int:
+    own = policy.tenants.get(tenant)
+    mib = own.stored_responses_mib if own is not None else None
+    return int((mib if mib is not None else policy.limits.stored_responses_mib_per_tenant) * 1024 * 1024)
 
 
 def _not_found(response_id: str) -> ResponseNotFoundError:
@@ -412,11 +419,12 @@ def _not_stored_events(piece: bytes) -> bytes:
 
 async def _claim(store: ResponseStore, tenant: str, response_id: str, held_by: str) -> bool:
     try:
-        await store.save(tenant, response_id, StoredResponse(held_by=held_by))
+        if await store.save(tenant, response_id, StoredResponse(held_by=held_by)):
+            return True
+        _not_stored(reason="larger than the tenant's cap on stored responses")
     except StoreUnavailable:
         _not_stored(reason="store unavailable")
-        return False
-    return True
+    return False
 
 
 _FORGETTING_AT_MOST = 2
@@ -482,10 +490,12 @@ async def _keep(store: ResponseStore, turn: _Turn, response: dict[str, Any], ans
         return
     messages = [*turn.history, *decoded.request.messages, codec.assistant_message(answer)]
     try:
-        await store.save(turn.tenant, response["id"], StoredResponse(response=response, messages=messages))
+        if await store.save(turn.tenant, response["id"], StoredResponse(response=response, messages=messages)):
+            return
+        _not_stored(reason="larger than the tenant's cap on stored responses")
     except StoreUnavailable:
-        response["store"] = False
         _not_stored(reason="store unavailable")
+    response["store"] = False
 
 
 async def _events(

@@ -301,6 +301,8 @@ class TenantPolicy(_Struct, frozen=True, kw_only=True):
     limits: Limits = Limits()
     downgrade_auto_at: Share | None = None
     """When spend reaches this share of a daily or monthly budget, ``auto`` goes to the small model."""
+    stored_responses_mib: AboveZero | None = None
+    """The tenant's own cap on kept Responses turns (else ``limits.stored_responses_mib_per_tenant``)."""
 
 
 class RequestLogPolicy(_Struct, frozen=True, kw_only=True):
@@ -321,6 +323,9 @@ class LimitsPolicy(_Struct, frozen=True, kw_only=True):
     default_completion_tokens: AtLeastOne = 512
     """The completion estimate for budgets when a request sets no max_tokens."""
     redis_timeout_ms: AboveZero = 100.0
+    stored_responses_mib_per_tenant: AboveZero = 64.0
+    """Responses turns a tenant keeps (``store``), in MiB of the shared store: past it the tenant's
+    oldest go first, so no tenant can push another's out of a full Redis."""
 
 
 class ExactCachePolicy(_Struct, frozen=True, kw_only=True):

@@ -80,6 +80,19 @@ class KeyValue(Protocol):
         """:meth:`put` of each (key, value), in one round trip."""
         ...
 
+    async def put_bounded(
+        self, key: str, value: bytes, ttl_s: int, ledger: str, max_bytes: int, timeout_s: float
+    ) -> int | None:
+        """Store ``value`` for ``ttl_s`` and count its bytes in ``ledger`` (a tenant's collection:
+        the keys share its hash tag, and every key in it has the same ``ttl_s``); the ledger's
+        oldest keys are deleted until its total fits ``max_bytes``. How many were deleted, or
+        None (nothing stored) when ``value`` alone is larger than ``max_bytes``."""
+        ...
+
+    async def delete_bounded(self, key: str, ledger: str, timeout_s: float) -> bool:
+        """:meth:`delete` of a key :meth:`put_bounded` stored, taken out of its ledger."""
+        ...
+
     async def delete(self, key: str, timeout_s: float) -> bool:
         """Remove ``key``; whether it was there."""
         ...

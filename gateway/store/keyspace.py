@@ -20,6 +20,7 @@ hashed, so any string is a safe key part.
     gw:{t}:use:k:<key id>:<yyyymmdd>  a key's usage that day      (deleted after the retention period)
     gw:{t}:use:t:<yyyymmdd>           the tenant's
     gw:{t}:resp:<response id>         a stored Responses API turn (TTL: 30 days)
+    gw:{t}:respq, gw:{t}:respq:bytes  the tenant's stored turns by age, and their sizes (TTL: 30 days, refreshed)
     gw:{t}:share:<route>              a route's threshold kept on target_large_share (TTL: 7 days)
     gw:{t}:audit:<route>:<setting>    a route's semantic-cache audit state, and its outcomes (:o:<gen>) (TTL: 7 days)
     gw:{t}:learn:tr:<request id>      what the router saw of a routed request (TTL: learning.keep_hours)
@@ -54,6 +55,7 @@ __all__ = [
     "semantic_entry_prefix",
     "semantic_index",
     "shadow_spend",
+    "stored_responses",
     "tenant_prefix",
     "usage",
     "usage_index",
@@ -139,6 +141,11 @@ def usage_index(day: str) -> str:
 def response(tenant: str, response_id: str) -> str:
     """A response kept for ``GET /v1/responses/{id}`` and ``previous_response_id``."""
     return f"{tenant_prefix(tenant)}:resp:{response_id}"
+
+
+def stored_responses(tenant: str) -> str:
+    """The ledger of a tenant's kept responses (their bytes, oldest first), which bounds them."""
+    return f"{tenant_prefix(tenant)}:respq"
 
 
 GLOBAL_SCOPE = "gw:{global}"

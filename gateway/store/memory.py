@@ -47,6 +47,8 @@ class MemoryKeyValue(_Outage):
         self._clock = clock
         self._values: dict[str, tuple[bytes, float]] = {}
         self._lists: dict[str, tuple[list[bytes], float]] = {}
+        self._ledgers: dict[str, dict[str, tuple[int, float]]] = {}
+        """Ledger -> its keys, oldest first -> (bytes, time stored)."""
 
     async def get(self, key: str, timeout_s: float) -> bytes | None:
         self._check()
@@ -75,6 +77,32 @@ class MemoryKeyValue(_Outage):
         self._check()
         for key, value in items:
             self._values[key] = (value, self._clock() + ttl_s)
+
+    async def put_bounded(
+        self, key: str, value: bytes, ttl_s: int, ledger: str, max_bytes: int, timeout_s: float
+    ) -> int | None:
+        self._check()
+        if len(value) > max_bytes:
+            return None
+        now = self._clock()
+        held = self._ledgers.setdefault(ledger, {})
+        for old in [k for k, (_, stored) in held.items() if stored <= now - ttl_s]:
+            del held[old]
+        held.pop(key, None)
+        deleted = 0
+        while held and sum(size for size, _ in held.values()) + len(value) > max_bytes:
+            oldest = next(iter(held))
+            del held[oldest]
+            self._values.pop(oldest, None)
+            deleted += 1
+        held[key] = (len(value), now)
+        self._values[key] = (value, now + ttl_s)
+        return deleted
+
+    async def delete_bounded(self, key: str, ledger: str, timeout_s: float) -> bool:
+        self._check()
+        self._ledgers.get(ledger, {}).pop(key, None)
+        return await self.delete(key, timeout_s)
 
     async def delete(self, key: str, timeout_s: float) -> bool:
         self._check()

@@ -8,8 +8,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.accounting.metrics import Metrics
 from gateway.auth import hash_key
 from gateway.simulated import SimulatedUpstream
+from gateway.store import keyspace
+from gateway.store.redis import SharedRedis, connect, redis_store
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 from tests.redis_cluster import LocalCluster, start_local_cluster
 
@@ -66,3 +69,19 @@ def test_cache_and_limits_work_for_tenants_on_every_slot(
     usage = httpx.get(f"{gateway.base_url}/usage", headers={"authorization": "Bearer key-0"}).json()
     total = usage["total"]
     assert (total["requests"], total["errors"], total["cache_hits"]) == (4, 1, 1)  # the refused one counts, as logged
+
+
+async def test_a_tenants_bounded_collection_evicts_on_its_own_slot(cluster: LocalCluster) -> None:
+    shared = SharedRedis(connect(cluster.url, timeout_s=2), Metrics())
+    kv = redis_store(shared).kv
+    try:
+        for n in range(6):  # tenants on slots of every master
+            tenant = f"bounded-{n}"
+            ledger = keyspace.stored_responses(tenant)
+            keys = [keyspace.response(tenant, f"r{i}") for i in range(3)]
+            for key in keys:
+                await kv.put_bounded(key, b"x" * 100, 60, ledger, 250, 2.0)
+            assert await kv.get_many(keys, 2.0) == [None, b"x" * 100, b"x" * 100]
+            assert await kv.delete_bounded(keys[2], ledger, 2.0) is True
+    finally:
+        await shared.aclose()

@@ -365,7 +365,8 @@ def keyed_gateway(
     small_upstream: SimulatedUpstream,
     large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:
-    policy = policy_text(small_upstream, large_upstream, auth=KEYS)
+    tenants = "\ntenants:\n  acme: {stored_responses_mib: 0.01}\n  globex: {}\n"  # acme keeps ~10 KB of turns
+    policy = policy_text(small_upstream, large_upstream, auth=KEYS + tenants)
     process = start_gateway(Path(tmp_path_factory.mktemp("responses")), policy, env={"REDIS_URL": redis_server.url})
     yield process
     process.stop()
@@ -393,6 +394,30 @@ def test_a_tenant_cannot_read_continue_or_delete_another_tenants_response(keyed_
             assert colleague.responses.retrieve(mine.id).id == mine.id
             with _client(keyed_gateway, "wrong") as stranger, pytest.raises(openai.AuthenticationError):
                 stranger.responses.retrieve(mine.id)
+
+
+def test_a_tenant_past_its_cap_loses_its_own_oldest_turns_and_no_one_elses(keyed_gateway: GatewayProcess) -> None:
+    with _client(keyed_gateway, "a1") as alice, _client(keyed_gateway, "b1") as bob:
+        theirs = bob.responses.create(model="fast", input="Globex keeps this.")
+        filler = "Please summarise the following notes. " * 80  # ~3 KB kept per turn
+        turns = [alice.responses.create(model="fast", input=f"{n}: {filler}") for n in range(5)]
+        assert all(_stored(turn) is True for turn in turns)
+        with pytest.raises(openai.NotFoundError):
+            alice.responses.retrieve(turns[0].id)  # the oldest went to make room
+        with pytest.raises(openai.BadRequestError) as continued:
+            alice.responses.create(model="fast", previous_response_id=turns[0].id, input="go on")
+        assert continued.value.code == "previous_response_not_found"
+        assert alice.responses.retrieve(turns[-1].id).id == turns[-1].id
+        assert alice.responses.create(model="fast", previous_response_id=turns[-1].id, input="go on").output_text
+        # A turn larger than the whole cap is answered and not kept: the client is told so.
+        whole = alice.responses.create(model="fast", input=filler * 4)
+        assert whole.output_text and _stored(whole) is False
+        with pytest.raises(openai.NotFoundError):
+            alice.responses.retrieve(whole.id)
+        deleted = alice.responses.create(model="fast", input="short")
+        alice.responses.delete(deleted.id)
+        assert bob.responses.retrieve(theirs.id).output_text == theirs.output_text
+    assert "stored_responses_evicted" in keyed_gateway.stderr_text()
 
 
 def test_without_the_store_answers_go_on_but_continuations_are_503(

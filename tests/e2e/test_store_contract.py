@@ -277,6 +277,42 @@ async def test_many_values_are_read_and_written_in_one_call(store: Store) -> Non
     assert await store.kv.get_many([], T) == []
 
 
+async def test_a_bounded_collection_drops_its_oldest_keys_past_its_bytes(store: Store) -> None:
+    tenant, other = _tenant(), _tenant()
+    ledger, others = keyspace.stored_responses(tenant), keyspace.stored_responses(other)
+    keys = [keyspace.response(tenant, f"r{i}") for i in range(4)]
+    theirs = keyspace.response(other, "r0")
+    assert await store.kv.put_bounded(theirs, b"t" * 250, 60, others, 300, T) == 0
+    for key in keys[:3]:
+        assert await store.kv.put_bounded(key, b"x" * 100, 60, ledger, 300, T) == 0
+        await asyncio.sleep(0.002)  # distinct times stored
+    assert await store.kv.put_bounded(keys[1], b"y" * 100, 60, ledger, 300, T) == 0  # replaced: counted once
+    assert await store.kv.put_bounded(keys[3], b"z" * 150, 60, ledger, 300, T) == 2  # the two oldest go
+    assert await store.kv.get_many(keys, T) == [None, b"y" * 100, None, b"z" * 150]
+    assert await store.kv.get(theirs, T) == b"t" * 250  # another ledger: untouched
+    assert await store.kv.put_bounded(keys[0], b"w" * 301, 60, ledger, 300, T) is None  # alone over the cap
+    assert await store.kv.get(keys[0], T) is None
+    assert await store.kv.delete_bounded(keys[3], ledger, T) is True  # its bytes are free again
+    assert await store.kv.delete_bounded(keys[3], ledger, T) is False
+    assert await store.kv.put_bounded(keys[2], b"v" * 200, 60, ledger, 300, T) == 0
+    assert await store.kv.get_many(keys[1:3], T) == [b"y" * 100, b"v" * 200]
+    assert await store.kv.put_bounded(keys[0], b"u" * 100, 60, ledger, 150, T) == 2  # a lower cap: both older go
+    assert await store.kv.get_many(keys, T) == [b"u" * 100, None, None, None]
+
+
+async def test_a_bounded_collections_expired_keys_free_their_bytes(store: Store) -> None:
+    tenant = _tenant()
+    ledger, first, second = (
+        keyspace.stored_responses(tenant),
+        keyspace.response(tenant, "a"),
+        keyspace.response(tenant, "b"),
+    )
+    assert await store.kv.put_bounded(first, b"x" * 200, 1, ledger, 300, T) == 0
+    await asyncio.sleep(1.1)
+    assert await store.kv.put_bounded(second, b"y" * 200, 1, ledger, 300, T) == 0  # nothing left to delete
+    assert await store.kv.get(second, T) == b"y" * 200
+
+
 async def test_a_new_value_does_not_replace_one_that_is_there(store: Store) -> None:
     key = keyspace.exact(_tenant(), "first-wins")
     assert await store.kv.put_new(key, b"first", 60, T) is True

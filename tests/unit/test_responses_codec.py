@@ -428,7 +428,7 @@ def test_a_broken_stream_ends_with_response_failed() -> None:
 
 async def test_the_store_keeps_turns_per_tenant_and_deletes_them() -> None:
     kv = MemoryKeyValue()
-    store = ResponseStore(kv)
+    store = ResponseStore(kv, lambda tenant: 1 << 20)
     record = StoredResponse(
         response={"id": "resp_1", "object": "response"},
         messages=[Message("user", (TextPart("q"), ImagePart("https://x/y.png"))), Message("assistant", (), (ToolCall("c", "f", "{}"),))],

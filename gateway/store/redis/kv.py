@@ -1,11 +1,13 @@
 """:class:`~gateway.store.base.KeyValue` on Redis: ``GET``/``SET EX`` (``NX`` for :meth:`put_new`), leases as ``SET NX PX``,
-bounded lists as ``RPUSH``/``LTRIM``, float totals as ``INCRBYFLOAT``."""
+bounded lists as ``RPUSH``/``LTRIM``, float totals as ``INCRBYFLOAT``, collections bounded in bytes
+as Lua scripts."""
 
 from __future__ import annotations
 
 import redis.asyncio as aioredis
 
 from gateway.store import keyspace
+from gateway.store.base import StoreUnavailable
 from gateway.store.redis.client import SharedRedis
 
 __all__ = ["RedisKeyValue"]
@@ -21,6 +23,57 @@ if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
 return 1
 """
 
+_PUT_BOUNDED = """
+local size = string.len(ARGV[1])
+local ttl_ms = tonumber(ARGV[2]) * 1000
+local max = tonumber(ARGV[3])
+if size > max then return -1 end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local total = tonumber(redis.call('HGET', KEYS[3], '#') or '0')
+local function forget(key)
+  local had = redis.call('HGET', KEYS[3], key)
+  if had then
+    total = total - tonumber(had)
+    redis.call('HDEL', KEYS[3], key)
+  end
+  redis.call('ZREM', KEYS[2], key)
+end
+for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - ttl_ms)) do forget(key) end
+forget(KEYS[1])
+local deleted = 0
+while total + size > max do
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)
+  if #oldest == 0 then
+    total = 0
+    break
+  end
+  forget(oldest[1])
+  redis.call('DEL', oldest[1])
+  deleted = deleted + 1
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl_ms)
+redis.call('ZADD', KEYS[2], now, KEYS[1])
+redis.call('HSET', KEYS[3], KEYS[1], size, '#', total + size)
+redis.call('PEXPIRE', KEYS[2], ttl_ms)
+redis.call('PEXPIRE', KEYS[3], ttl_ms)
+return deleted
+"""
+"""The ledger is a sorted set of its keys by the time they were stored (Redis's clock: every
+host agrees) and a hash of their sizes with the total under ``#``. A key already gone (expired
+or evicted) is forgotten when it is the oldest or its time is up: until then its bytes still
+count, which errs on the side of the cap."""
+
+_DELETE_BOUNDED = """
+local had = redis.call('HGET', KEYS[3], KEYS[1])
+if had then
+  redis.call('HDEL', KEYS[3], KEYS[1])
+  redis.call('HINCRBY', KEYS[3], '#', -tonumber(had))
+end
+redis.call('ZREM', KEYS[2], KEYS[1])
+return redis.call('DEL', KEYS[1])
+"""
+
 
 class RedisKeyValue:
     def __init__(self, redis: SharedRedis) -> None:
@@ -28,6 +81,8 @@ class RedisKeyValue:
         client = redis.client
         self._release = client.register_script(_RELEASE) if client is not None else None
         self._put_and_release = client.register_script(_PUT_AND_RELEASE) if client is not None else None
+        self._put_bounded = client.register_script(_PUT_BOUNDED) if client is not None else None
+        self._delete_bounded = client.register_script(_DELETE_BOUNDED) if client is not None else None
 
     async def get(self, key: str, timeout_s: float) -> bytes | None:
         raw = await self._redis.call(lambda r: r.get(key), timeout_s)
@@ -62,6 +117,24 @@ class RedisKeyValue:
             await pipe.execute()
 
         await self._redis.call(write, timeout_s)
+
+    async def put_bounded(
+        self, key: str, value: bytes, ttl_s: int, ledger: str, max_bytes: int, timeout_s: float
+    ) -> int | None:
+        script = self._put_bounded
+        if script is None:
+            raise StoreUnavailable
+        keys = [key, ledger, f"{ledger}:bytes"]
+        args: list[bytes | int | str] = [value, ttl_s, max_bytes]
+        deleted = await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s)
+        return None if deleted < 0 else int(deleted)
+
+    async def delete_bounded(self, key: str, ledger: str, timeout_s: float) -> bool:
+        script = self._delete_bounded
+        if script is None:
+            raise StoreUnavailable
+        keys = [key, ledger, f"{ledger}:bytes"]
+        return bool(await self._redis.call(lambda r: script(keys=keys), timeout_s))
 
     async def delete(self, key: str, timeout_s: float) -> bool:
         return bool(await self._redis.call(lambda r: r.delete(key), timeout_s))
