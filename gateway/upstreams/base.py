@@ -106,6 +106,11 @@ class Completion:
     """Why the answer ended, in OpenAI's words, for the log (None: a passed-through answer)."""
 
 
+_NOT_REBUILT = ("reasoning", "refusal", "annotations", "audio")
+"""Delta fields the tally does not rebuild into the message: a stream with one is not stored
+(a replay would drop it), as a whole completion with one is not."""
+
+
 @dataclass(slots=True)
 class StreamTally:
     """What a stream said besides its chunks: identity, usage, finish, and the message its deltas
@@ -158,7 +163,7 @@ class StreamTally:
             self._take_thinking(block)
         for call in delta.get("tool_calls") or ():
             self._take_call(call)
-        if delta.get("function_call") is not None or delta.get("reasoning"):
+        if any(delta.get(name) for name in _NOT_REBUILT) or delta.get("function_call") is not None:
             self.replayable = False
 
     def message(self) -> dict[str, Any]:

@@ -363,6 +363,8 @@ def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:
             delta = choice.get("delta")
             if isinstance(delta, dict):
                 tally.take_delta(delta)
+            if choice.get("logprobs") is not None:  # a replay would have none
+                tally.replayable = False
             if choice.get("finish_reason"):
                 tally.finish_reason = choice["finish_reason"]
                 matched = choice.get("stop_reason")  # vLLM's: the stop string it matched

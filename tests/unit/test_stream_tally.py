@@ -53,6 +53,14 @@ def test_a_stream_the_tally_cannot_rebuild_is_not_stored() -> None:
     odd = StreamTally()
     odd.take_delta({"tool_calls": [{"index": "0", "id": "c", "function": {"name": "w", "arguments": "{}"}}]})
     assert not odd.replayable and odd.message()["content"] == ""
+    for field, value in (("refusal", "I can't help with that."), ("annotations", [{"type": "url_citation"}]),
+                         ("audio", {"id": "a", "transcript": "hi"})):  # fmt: skip
+        beyond = StreamTally()
+        beyond.take_delta({"content": "Partly: ", field: value})  # found by an outside tester: replayed without it
+        assert not beyond.replayable, field
+    opening = StreamTally()
+    opening.take_delta({"role": "assistant", "content": "", "refusal": None})  # OpenAI's first chunk
+    assert opening.replayable
     text_only = StreamTally()
     text_only.take_delta({"content": "hi"})
     assert text_only.message() == {"role": "assistant", "content": "hi"}
