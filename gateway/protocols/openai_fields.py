@@ -12,5 +12,6 @@ MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
 Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
 TopP = Annotated[float, msgspec.Meta(ge=0, le=1)]
 ChoiceCount = Annotated[int, msgspec.Meta(ge=1, le=128)]
-Stop = str | Annotated[list[str], msgspec.Meta(max_length=4)]
+Stop = str | list[str]
+"""Any number of strings: OpenAI's API takes 4 and says so itself; vLLM and Anthropic take more."""
 Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
