@@ -8,6 +8,7 @@ error JSON by hand.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -254,7 +255,7 @@ class UpstreamStatusError(UpstreamError):
             self.status_code = 400
             self.error_type = "invalid_request_error"
             self.code = "context_length_exceeded"  # OpenAI's code, which client libraries look for
-            self.param = "messages"
+            self.param = _context_param(error)
             self.retryable, self.try_next = False, True
         elif 400 <= status < 500 and status != 408:
             self.status_code = status
@@ -315,6 +316,26 @@ def _exceeds_context(error: dict[str, Any]) -> bool:
     return error.get("code") == "context_length_exceeded" or (
         isinstance(message, str) and any(phrase in message.lower() for phrase in _CONTEXT_PHRASES)
     )
+
+
+_PROMPT_AND_WINDOW = (
+    (re.compile(r"maximum context length is (\d+) tokens.*?\((\d+) in the messages"), 1, 2),  # OpenAI, vLLM
+    (re.compile(r"context limit: (\d+) \+ \d+ > (\d+)"), 2, 1),  # Anthropic
+    (re.compile(r"maximum context length is (\d+) tokens and your request has (\d+) input tokens"), 1, 2),  # vLLM
+)
+
+
+def _context_param(error: dict[str, Any]) -> str:
+    """``max_tokens`` when the prompt alone fits the window and the completion asked for does not
+    (the server's words say both sizes), else ``messages``."""
+    message = error.get("message")
+    if not isinstance(message, str):
+        return "messages"
+    for pattern, window_at, prompt_at in _PROMPT_AND_WINDOW:
+        found = pattern.search(message)
+        if found is not None:
+            return "max_tokens" if int(found[prompt_at]) < int(found[window_at]) else "messages"
+    return "messages"
 
 
 class UpstreamConnectError(UpstreamError):

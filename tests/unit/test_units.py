@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 
 from gateway.auth import Authenticator, hash_key
@@ -150,6 +151,21 @@ def test_upstream_error_bodies_are_read_in_every_shape_vllm_and_anthropic_write(
         too_long = UpstreamStatusError("u", 400, "x", body=body)
         assert (too_long.status_code, too_long.code, too_long.param) == (400, "context_length_exceeded", "messages")
         assert too_long.try_next and not too_long.retryable  # a later model may have a longer window
+    for words, param in (  # the completion asked for is what does not fit (found by an outside tester)
+        ("'max_tokens' or 'max_completion_tokens' is too large: 8000. This model's maximum context length is "
+         "4096 tokens and your request has 2778 input tokens (8000 > 4096 - 2778).", "max_tokens"),
+        ("This model's maximum context length is 4096 tokens. However, you requested 10778 tokens (2778 in the "
+         "messages, 8000 in the completion). Please reduce the length of the messages or completion.", "max_tokens"),
+        ("This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (4500 in the "
+         "messages, 500 in the completion).", "messages"),
+        ("input length and `max_tokens` exceed context limit: 188240 + 21333 > 200000, decrease input length "
+         "or `max_tokens` and try again", "max_tokens"),
+        ("This model's maximum context length is 1536 tokens. However, your request has 4176 input tokens.",
+         "messages"),
+    ):  # fmt: skip
+        body = msgspec.json.encode({"error": {"message": words, "type": "BadRequestError", "code": 400}})
+        asked_too_much = UpstreamStatusError("u", 400, "x", body=body)
+        assert (asked_too_much.code, asked_too_much.param) == ("context_length_exceeded", param), words
     flat_400 = b'{"object": "error", "message": "bad temperature", "param": "temperature", "code": 400}'
     assert UpstreamStatusError("u", 400, "x", body=flat_400).param == "temperature"
 
