@@ -31,7 +31,7 @@ from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal
 from gateway.config.schema import Limits, Policy
 from gateway.errors import GatewayError, LimiterUnavailableError
-from gateway.limits.budget import budget_error
+from gateway.limits.budget import BUDGET_CAPS, budget_error
 from gateway.limits.rate import RATE_CAPS, rate_limit_error, too_large_error
 from gateway.store import keyspace
 from gateway.store.base import (
@@ -77,11 +77,26 @@ class Reservation:
     """The reservation call answered, so it was made; False: it timed out, and only its mark can tell."""
 
 
+@dataclass(slots=True)
+class _LastWord:
+    """What the store last said of a key's budgets, and what this process let through since
+    without its word: the view that answers for budgets while the store does not (a Redis
+    stalled past ``redis_timeout_ms`` on a busy host would otherwise switch them off)."""
+
+    day: str
+    month: str
+    share: float
+    """The largest share of a budget spent, with the estimate of the request it answered."""
+    unanswered_usd: float = 0.0
+    """Estimates let through since, with no word from the store."""
+
+
 class Limiter:
     def __init__(self, counters: LimitCounters, ledger: UsageLedger) -> None:
         self._counters = counters
         self.ledger = ledger
         self._settling: set[asyncio.Task[None]] = set()
+        self._last_word: dict[tuple[str, str], _LastWord] = {}
 
     @staticmethod
     def enforces(policy: Policy, principal: Principal) -> bool:
@@ -122,16 +137,55 @@ class Limiter:
                 if isinstance(exc, StoreTimedOut)
                 else None
             )
+            refusal: GatewayError | None
             if policy.limits.on_redis_error == "closed":
+                share = 0.0
+                refusal = LimiterUnavailableError(
+                    "rate limits cannot be checked (Redis unavailable); refusing by policy"
+                )
+            else:
+                share, refusal = self._without_word(principal, limits, periods, cost_usd, now)
+            if refusal is not None:
                 if made is not None:
                     self.settle_later(policy, made, UsageFigures())
-                raise LimiterUnavailableError(
-                    "rate limits cannot be checked (Redis unavailable); refusing by policy"
-                ) from None
-            return made or Reservation((), periods, usage, 0, 0.0, 0.0, spends)
+                raise refusal from None
+            if made is not None:
+                made.budget_share = share
+                return made
+            return Reservation((), periods, usage, 0, 0.0, share, spends)
+        budgets = _smallest_budget(limits)
+        if budgets is not None:
+            refused = outcome.refused_by in _BUDGET_REFUSALS
+            word_share = 1.0 if refused else outcome.budget_share + _share_of(cost_usd, budgets[0])
+            self._last_word[(principal.tenant, principal.key_id)] = _LastWord(day, month, word_share)
         if outcome.refused_by is not None:
             raise _refusal(outcome, limits, principal, now, tokens, cost_usd)
         return Reservation(scopes, periods, usage, tokens, cost_usd, outcome.budget_share, spends, mark)
+
+    def _without_word(
+        self,
+        principal: Principal,
+        limits: tuple[Limits, Limits],
+        periods: tuple[int, str, str],
+        cost: float,
+        now: float,
+    ) -> tuple[float, GatewayError | None]:
+        """The budget share, and a refusal, from the store's last word on the key this period and
+        what was let through since (budgets read against the smallest of them: an upper bound);
+        with no word yet, none (the policy's ``open``)."""
+        budgets = _smallest_budget(limits)
+        word = self._last_word.get((principal.tenant, principal.key_id))
+        _, day, month = periods
+        if budgets is None or word is None or (word.day, word.month) != (day, month):
+            return 0.0, None
+        smallest, name = budgets
+        share = word.share + _share_of(word.unanswered_usd, smallest)
+        if share + _share_of(cost, smallest) > 1.0:
+            scope, cap = name.split(".")
+            owner = f"key '{principal.key_id}'" if scope == "key" else f"tenant '{principal.tenant}'"
+            return share, budget_error(cap, owner, smallest, min(share, 1.0) * smallest, cost, now, name=name)
+        word.unanswered_usd += cost
+        return share, None
 
     async def admit_count(self, policy: Policy, principal: Principal) -> None:
         """Check and count a token count (``count_tokens``) against the key's and tenant's ``rpm``.
@@ -268,6 +322,26 @@ def _refusal(
         need = 1 if cap == "rpm" else tokens
         return rate_limit_error(cap, owner, limit, now, name=name, need=need, counted=outcome.window)
     return budget_error(cap, owner, limit, outcome.spent_usd, cost, now, name=name)
+
+
+_BUDGET_REFUSALS = frozenset(f"{scope}.{cap}" for scope in (0, 1) for cap in BUDGET_CAPS)
+
+
+def _share_of(usd: float, budget: float) -> float:
+    if budget > 0:
+        return usd / budget
+    return 2.0 if usd > 0 else 0.0  # a budget of $0: anything that costs is over it
+
+
+def _smallest_budget(limits: tuple[Limits, Limits]) -> tuple[float, str] | None:
+    """The smallest USD budget of the key and its tenant, and its name (``tenant.usd_per_day``)."""
+    found = [
+        (amount, f"{_SCOPE_NAMES[index]}.{cap}")
+        for index, scope in enumerate(limits)
+        for cap, amount in (("usd_per_day", scope.usd_per_day), ("usd_per_month", scope.usd_per_month))
+        if amount is not None
+    ]
+    return min(found) if found else None
 
 
 def _limits(policy: Policy, principal: Principal) -> tuple[Limits, Limits]:

@@ -85,6 +85,51 @@ async def test_an_unreachable_store_fails_open_or_closed_by_policy() -> None:
         await limiter.reserve(policy, _principal(rpm=1), 10, 0.0)
 
 
+class _Stalling(MemoryLimitCounters):
+    """Answers until ``stalled``; then every check times out, as a Redis slower than ``redis_timeout_ms``."""
+
+    stalled = False
+
+    async def reserve(self, request: ReserveRequest, timeout_s: float) -> ReserveOutcome:
+        if self.stalled:
+            raise StoreTimedOut
+        return await super().reserve(request, timeout_s)
+
+
+async def test_a_stalled_store_leaves_budgets_to_its_last_word_and_what_was_let_through_since() -> None:
+    """Found by an outside tester: on a busy host every check of a wave ran past the 100 ms
+    deadline, and a spent budget let them all through (27 % over) with no downgrade."""
+    policy = load_policy_text(_POLICY % "open", environ={}).policy
+    counters = _Stalling()
+    limiter = Limiter(counters, UsageLedger(counters))
+    fresh = await limiter.reserve(policy, _principal(), 10, 0.5)  # the store's word: 0.5 of $1.00 spent
+    limiter.settle_later(policy, fresh, UsageFigures(requests=1, cost_usd=0.5))
+    await limiter.drain()
+    counters.stalled = True
+    let_through = await limiter.reserve(policy, _principal(), 10, 0.3)
+    assert let_through.budget_share == pytest.approx(0.5)  # a downgrade still sees the spend
+    with pytest.raises(BudgetExceededError) as refused:
+        await limiter.reserve(policy, _principal(), 10, 0.3)  # 0.5 + 0.3 let through + 0.3 > 1.00
+    assert "(tenant.usd_per_month)" in refused.value.message
+    assert (await limiter.reserve(policy, _principal(), 10, 0.15)).budget_share == pytest.approx(0.8)
+    counters.stalled = False
+    with pytest.raises(BudgetExceededError):
+        await limiter.reserve(policy, _principal(), 10, 0.6)  # the store refuses: its word is "spent"
+    counters.stalled = True
+    with pytest.raises(BudgetExceededError):
+        await limiter.reserve(policy, _principal(), 10, 0.01)
+    await limiter.aclose()
+
+
+async def test_with_no_word_from_the_store_yet_a_stall_is_open_as_the_policy_says() -> None:
+    policy = load_policy_text(_POLICY % "open", environ={}).policy
+    counters = _Stalling()
+    counters.stalled = True
+    limiter = Limiter(counters, UsageLedger(counters))
+    assert (await limiter.reserve(policy, _principal(), 10, 5.0)).budget_share == 0.0
+    await limiter.aclose()
+
+
 async def test_usage_without_limits_is_batched_and_read_back_per_key() -> None:
     from datetime import UTC, datetime
 
