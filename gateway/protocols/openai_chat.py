@@ -455,14 +455,17 @@ def _alternating(messages: Sequence[Message]) -> Sequence[Message]:
     Mistral) refuse roles that do not alternate, so a request Anthropic takes would be a 400."""
     if not any(a.role == b.role == "user" for a, b in itertools.pairwise(messages)):
         return messages
-    merged: list[Message] = []
+    runs: list[tuple[Message, list[Part]]] = []  # parts gathered per run: linear in the turns
     for message in messages:
-        last = merged[-1] if merged else None
+        last = runs[-1][0] if runs else None
         if last is not None and last.role == message.role == "user" and last.name == message.name:
-            merged[-1] = msgspec.structs.replace(last, parts=(*last.parts, *message.parts))
+            runs[-1][1].extend(message.parts)
         else:
-            merged.append(message)
-    return merged
+            runs.append((message, list(message.parts)))
+    return [
+        first if len(parts) == len(first.parts) else msgspec.structs.replace(first, parts=tuple(parts))
+        for first, parts in runs
+    ]
 
 
 def _message(message: Message) -> dict[str, Any]:
