@@ -231,6 +231,10 @@ class UpstreamStatusError(UpstreamError):
         self.upstream_body = body
         self.retryable = status == 429 or status >= 500 or status == 408
         error = upstream_error_fields(body) if 400 <= status < 500 else {}
+        if status == 429 or status >= 500:
+            # The upstream's own words are its operator's (an organisation id and its limits, a
+            # proxy's page naming hosts and versions, a traceback): the client is told the status.
+            self.message = f"upstream '{upstream}': HTTP {status}: " + _STATUS_WORDS.get(status, "the upstream failed")
         if status == 429:
             self.status_code = 429
             self.error_type = "rate_limit_error"
@@ -273,6 +277,14 @@ class UpstreamStatusError(UpstreamError):
         self.code = "upstream_misconfigured"
         self.retryable, self.try_next = False, True
         self.message = f"upstream '{self.upstream}': HTTP {self.upstream_status}: {why}"
+
+
+_STATUS_WORDS = {
+    429: "the upstream is limiting the gateway's requests",
+    503: "the upstream is unavailable",
+    504: "the upstream timed out",
+    529: "the upstream is overloaded",
+}
 
 
 def upstream_error_fields(body: bytes | None) -> dict[str, Any]:

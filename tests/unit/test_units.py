@@ -123,6 +123,17 @@ def test_abandoned_probe_lets_the_next_request_probe() -> None:
     assert breaker.allow()
 
 
+def test_an_upstreams_own_words_on_its_failures_and_limits_stay_with_the_operator() -> None:
+    """Found by an outside tester: a 500's text (a proxy page, a traceback, a key it echoed) and
+    a 429's (OpenAI's names the organisation and its limits) reached the tenant word for word."""
+    for status, words in ((500, "Traceback ... api_key=sk-op-123 at 10.0.3.7"), (429, "Rate limit for org-op42")):
+        body = msgspec.json.encode({"error": {"message": words, "type": "server_error"}})
+        error = UpstreamStatusError("small", status, words, body=body)
+        assert error.message.startswith(f"upstream 'small': HTTP {status}") and words not in error.to_body().decode()
+    client_fault = UpstreamStatusError("small", 400, "Invalid 'temperature': 7", body=b'{"error": {"message": "x"}}')
+    assert "Invalid 'temperature': 7" in client_fault.message  # the client's own mistake: told as the upstream says
+
+
 def test_upstream_status_errors_map_to_client_statuses() -> None:
     assert UpstreamStatusError("u", 503, "x").status_code == 502
     assert UpstreamStatusError("u", 429, "x", retry_after_s=3).headers["retry-after"] == "3"
