@@ -156,6 +156,11 @@ def _convert(data: Any, tp: Any, path: Path, problems: Problems) -> Any:
     return _leaf(data, tp, path, problems)
 
 
+_FIELD_LIKE = re.compile(r"[a-z][a-z0-9_]{0,39}")
+"""What a mistyped field name looks like; any other key is not shown (a secret pasted as a key
+would reach the log): its line says where it is."""
+
+
 def _struct(data: Any, cls: type[msgspec.Struct], path: Path, problems: Problems) -> Any:
     fields = _fields(cls)
     if not isinstance(data, dict):
@@ -168,7 +173,8 @@ def _struct(data: Any, cls: type[msgspec.Struct], path: Path, problems: Problems
         if field is None:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"fields are: {', '.join(fields)}"
-            problems.add((*path, str(key)), f"unknown field; {hint}")
+            shown = str(key) if _FIELD_LIKE.fullmatch(str(key)) else "(a key that is no field name)"
+            problems.add((*path, shown), f"unknown field; {hint}", line=problems.line_of((*path, key)))
             valid = False
             continue
         converted = _convert(value, field.type, (*path, key), problems)

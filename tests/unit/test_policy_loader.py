@@ -209,6 +209,13 @@ def test_unknown_field_suggests_the_close_one() -> None:
     assert message == "models.l.context_windw (line 12): unknown field; did you mean 'context_window'?"
 
 
+def test_a_key_that_is_no_field_name_is_not_quoted() -> None:
+    """A secret pasted as a key reached the policy_rejected log (found by an outside tester)."""
+    [message] = problems(VALID.replace("tier: large", "tier: large\n    sk-PASTEDSECRET-4444: 9"))
+    assert message.startswith("models.l.(a key that is no field name) (line 12): unknown field")
+    assert "PASTED" not in message
+
+
 def test_merge_keys_and_unknown_tags_are_problems_not_crashes() -> None:
     assert problems(VALID + "cache: {<<: {enabled: true}}\n") == [
         "cache (line 15): YAML merge keys (<<) are not supported"
