@@ -31,15 +31,26 @@ async def decoded_body(raw: bytes, content_encoding: str | None, limit: int) -> 
 
 
 def _inflate(raw: bytes, wbits: int, encoding: str, limit: int) -> bytes:
-    inflater = zlib.decompressobj(wbits)
-    try:
-        body = inflater.decompress(raw, limit + 1)
-    except zlib.error:
-        if encoding != "deflate":
+    """Every member of a gzip body (members in a row are one gzip stream, as ``gzip -c a b``
+    writes them); bytes after the last one, or after a deflate stream, are refused, not dropped."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            part = inflater.decompress(raw, limit + 1 - size)
+        except zlib.error:
+            if encoding == "deflate" and not parts:  # some clients send deflate without its header
+                return _inflate(raw, -zlib.MAX_WBITS, "raw deflate", limit)
             raise InvalidRequestError(f"the request body is not valid {encoding} data") from None
-        return _inflate(raw, -zlib.MAX_WBITS, "raw deflate", limit)  # some clients send deflate without its header
-    if len(body) > limit:
-        raise PayloadTooLargeError(f"the request body inflates to more than the limit of {limit} bytes")
-    if not inflater.eof:
-        raise InvalidRequestError(f"the request body's {encoding} data is truncated")
-    return body
+        size += len(part)
+        parts.append(part)
+        if size > limit:
+            raise PayloadTooLargeError(f"the request body inflates to more than the limit of {limit} bytes")
+        if not inflater.eof:
+            raise InvalidRequestError(f"the request body's {encoding} data is truncated")
+        raw = inflater.unused_data
+        if not raw:
+            return b"".join(parts)
+        if wbits != _ZLIB_WBITS["gzip"]:
+            raise InvalidRequestError(f"the request body has bytes after its {encoding} data")
