@@ -60,8 +60,10 @@ def plan_cache(
     ):
         system = "\n".join(_text(m) for m in request.messages if m.role == "system")
         earlier = [_exactly(m) for m in turns[:-1]]
+        asker = turns[-1].name  # "greet the user by name": another name asks for another answer
         semantic_set = keyspace.semantic_index(
-            tenant, namespace_hash(route, system, {"params": answer_params(request), "earlier": earlier})
+            tenant,
+            namespace_hash(route, system, {"params": answer_params(request), "earlier": earlier, "name": asker}),
         )
     return CachePlan(read, write, exact_key(tenant, route, request), semantic_set, prompt)
 

@@ -75,6 +75,21 @@ def test_the_semantic_namespace_is_specific_to_the_system_prompt_and_earlier_tur
     assert pirate.prompt == "hi"
 
 
+def test_the_name_of_who_asks_is_part_of_the_semantic_namespace() -> None:
+    """An answer written for name 'mallory' under "greet the user by name" was served to 'alice'
+    (found by an outside tester), and labelled an exact hit."""
+
+    def named(name: str | None) -> CachePlan | None:
+        turn: dict[str, Any] = {"role": "user", "content": "Hello!", **({"name": name} if name else {})}
+        system = {"role": "system", "content": "Greet the user by name."}
+        return _plan({"model": "fast", "temperature": 0, "messages": [system, turn]})
+
+    alice, mallory, nobody = named("alice"), named("mallory"), named(None)
+    assert alice is not None and mallory is not None and nobody is not None
+    assert len({alice.semantic_set, mallory.semantic_set, nobody.semantic_set}) == 3
+    assert alice.exact_key != mallory.exact_key
+
+
 def test_tool_requests_skip_the_semantic_cache_unless_allowed() -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     plan = _plan(_ask("hi", temperature=0, tools=tools))
