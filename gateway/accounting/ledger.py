@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
+import os
+import time
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+
+import structlog
 
 from gateway.accounting.usage import UsageFigures
 from gateway.store import keyspace
-from gateway.store.base import LimitCounters, StoreTimedOut, StoreUnavailable
+from gateway.store.base import LimitCounters, StoreUnavailable
 
 __all__ = ["USAGE_FLUSH_S", "USAGE_RETENTION_DAYS", "UsageKeys", "UsageLedger", "usage_keys"]
+
+_log = structlog.get_logger("gateway.usage")
 
 _SEPARATOR = "\x1f"
 """Between a tenant and a key id in the usage index (neither may hold a control character)."""
@@ -42,6 +51,32 @@ def _usage_keys_of_day(tenant: str, key_id: str, day: int) -> UsageKeys:
     return keyspace.usage(tenant, key_id, today), keyspace.usage(tenant, key_id, gone)
 
 
+_BATCH_IDS = (f"{os.urandom(6).hex()}{n:x}" for n in itertools.count())
+_RESEND_FOR_S = 1800.0
+"""How long a batch is sent again for: well within the hour its marks are kept in the store."""
+_UNSENT_AT_MOST = 3600
+"""Batches kept unsent at most (a flush a second: an hour of a store that does not answer)."""
+
+
+@dataclass(slots=True)
+class _Batch:
+    id: str
+    since: float
+    sums: dict[str, UsageFigures]
+    expired: set[str]
+    spent: dict[tuple[str, str, str], float]
+
+
+def _unrecorded(batch: _Batch, reason: str) -> None:
+    """Said with what it held (each request is in its key's sums and its tenant's: counted once)."""
+    _log.warning(
+        "usage_unrecorded",
+        requests=sum(figures.requests for figures in batch.sums.values()) // 2,
+        cost_usd=round(sum(figures.cost_usd for figures in batch.sums.values()) / 2, 6),
+        reason=reason,
+    )
+
+
 class UsageLedger:
     def __init__(self, counters: LimitCounters) -> None:
         self._counters = counters
@@ -54,6 +89,8 @@ class UsageLedger:
         self._to_index: dict[str, set[str]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._timeout_s = 1.0
+        self._unsent: deque[_Batch] = deque()
+        """Batches the store has not confirmed, oldest first: each is sent again as it was."""
 
     def note(self, tenant: str, key_id: str, now: float) -> None:
         """The key has usage today: it goes in the day's usage index (once a day per process), so
@@ -118,21 +155,27 @@ class UsageLedger:
             except StoreUnavailable:
                 for members in self._noted.values():  # noted again on the key's next request
                     members.clear()
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, {}
-        expired, self._expired = self._expired, set()
-        spent, self._spent = self._spent, {}
-        try:
-            await self._counters.add_usage(pending, expired, spent, timeout_s or self._timeout_s)
-        except StoreTimedOut:
-            pass  # asked, and perhaps applied: sent again it could count twice
-        except StoreUnavailable:  # not asked (the store is down): kept for the next flush, not lost
-            for key, figures in pending.items():
-                self._pending.setdefault(key, UsageFigures()).add(figures)
-            self._expired |= expired
-            for counter, cost in spent.items():
-                self._spent[counter] = self._spent.get(counter, 0.0) + cost
+        if self._pending:
+            batch = _Batch(next(_BATCH_IDS), time.monotonic(), self._pending, self._expired, self._spent)
+            self._pending, self._expired, self._spent = {}, set(), {}
+            self._unsent.append(batch)
+        while self._unsent:
+            batch = self._unsent[0]
+            try:
+                await self._counters.add_usage(
+                    batch.sums, batch.expired, batch.spent, timeout_s or self._timeout_s, batch=batch.id
+                )
+            except StoreUnavailable:  # perhaps partly applied: sent again whole, its marks apply each part once
+                self._give_up_on_old_batches()
+                return
+            self._unsent.popleft()
+
+    def _give_up_on_old_batches(self) -> None:
+        """A batch unsent for longer than its marks are kept could count twice if sent again: it is
+        dropped, and said (the request log has every request it held)."""
+        now = time.monotonic()
+        while self._unsent and (now - self._unsent[0].since > _RESEND_FOR_S or len(self._unsent) > _UNSENT_AT_MOST):
+            _unrecorded(self._unsent.popleft(), "the store did not take it for too long")
 
     async def read(
         self, keys: Sequence[tuple[str, str]], start: datetime, end: datetime
@@ -154,6 +197,8 @@ class UsageLedger:
         if self._flusher is not None:
             self._flusher.cancel()
         await self.flush()
+        while self._unsent:
+            _unrecorded(self._unsent.popleft(), "shutting down while the store did not take it")
 
     async def _flush_every(self, interval_s: float) -> None:
         while True:

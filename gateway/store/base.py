@@ -235,11 +235,18 @@ class LimitCounters(Protocol):
         ...
 
     async def add_usage(
-        self, sums: Mapping[str, UsageFigures], expired: Iterable[str], spent: Spent, timeout_s: float
+        self,
+        sums: Mapping[str, UsageFigures],
+        expired: Iterable[str],
+        spent: Spent,
+        timeout_s: float,
+        batch: str | None = None,
     ) -> None:
         """Add batched usage (requests that reserved nothing) and drop expired sums; add ``spent``,
         USD by (spend counter, day, month), to those counters' day and month as a reservation
-        would, so that a budget set later starts from what was spent."""
+        would, so that a budget set later starts from what was spent. With ``batch`` (an id
+        unique to this content), each tenant's part is applied once however often it is sent:
+        a batch whose call failed is sent again whole, never counted twice."""
         ...
 
     async def read_usage(self, keys: Sequence[str], timeout_s: float) -> list[UsageFigures]: ...

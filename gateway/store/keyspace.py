@@ -40,6 +40,7 @@ __all__ = [
     "GLOBAL_SCOPE",
     "count_counters",
     "exact",
+    "hash_tag",
     "large_share_threshold",
     "learned_router",
     "lease",
@@ -65,6 +66,12 @@ __all__ = [
 @functools.lru_cache(maxsize=4096)
 def tenant_prefix(tenant: str) -> str:
     return f"gw:{{{hashlib.sha256(tenant.encode()).hexdigest()[:16]}}}"
+
+
+def hash_tag(key: str) -> str:
+    """The part of ``key`` up to its hash tag (``gw:{<tenant hash>}``): keys that share it share a
+    Redis Cluster slot, so one script may touch them all."""
+    return key[: key.find("}") + 1] or key
 
 
 def exact(tenant: str, digest: str) -> str:

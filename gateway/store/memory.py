@@ -252,6 +252,8 @@ class MemoryLimitCounters(_Outage):
         self.marks: dict[str, str] = {}
         """Reservations made ("r"), settled ("s") and undone unsettled ("x"), as the Redis scripts
         keep them (no expiry here)."""
+        self.batches: set[tuple[str, str]] = set()
+        """(tenant hash tag, batch id) of the usage batches' parts applied."""
         self._pending: dict[str, dict[str, float]] = {}
         """Per tenant: unsettled reservations' marks, by when they are given up."""
         self._undo: dict[str, tuple[float, str, str, tuple[str, ...]]] = {}
@@ -343,9 +345,21 @@ class MemoryLimitCounters(_Outage):
         await self.add_usage(dict.fromkeys(request.usage_keys, request.used), request.expired_keys, {}, timeout_s)
 
     async def add_usage(
-        self, sums: Mapping[str, UsageFigures], expired: Iterable[str], spent: Spent, timeout_s: float
+        self,
+        sums: Mapping[str, UsageFigures],
+        expired: Iterable[str],
+        spent: Spent,
+        timeout_s: float,
+        batch: str | None = None,
     ) -> None:
         self._check()
+        if batch is not None:  # each tenant's part once, as the Redis script marks it
+            keys = [*sums, *expired, *(key for key, _, _ in spent)]
+            done = {keyspace.hash_tag(key) for key in keys if (keyspace.hash_tag(key), batch) in self.batches}
+            self.batches.update((keyspace.hash_tag(key), batch) for key in keys)
+            sums = {key: used for key, used in sums.items() if keyspace.hash_tag(key) not in done}
+            expired = [key for key in expired if keyspace.hash_tag(key) not in done]
+            spent = {counter: cost for counter, cost in spent.items() if keyspace.hash_tag(counter[0]) not in done}
         for key, used in sums.items():
             self.usage.setdefault(key, UsageFigures()).add(used)
         for key in expired:

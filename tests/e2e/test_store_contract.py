@@ -179,6 +179,25 @@ async def test_batched_usage_adds_up(store: Store) -> None:
     assert (figures.requests, figures.errors) == (3, 1) and figures.cost_usd == pytest.approx(0.75)
 
 
+async def test_a_usage_batch_sent_again_counts_each_tenants_part_once(store: Store) -> None:
+    first, second = _tenant(), _tenant()
+    mine, theirs = keyspace.usage(first, "k", "20261130")[0], keyspace.usage(second, "k", "20261130")[0]
+    spend = keyspace.limit_counters(second, "k")[1]
+    # the first tenant's part arrived, the call's answer was lost, and the whole batch is sent again
+    await store.counters.add_usage({mine: UsageFigures(requests=2, cost_usd=0.5)}, [], {}, T, batch="b1")
+    whole = {mine: UsageFigures(requests=2, cost_usd=0.5), theirs: UsageFigures(requests=1, cost_usd=0.25)}
+    for _ in range(2):
+        await store.counters.add_usage(whole, [], {(spend, "20261130", "202611"): 0.25}, T, batch="b1")
+    mine_figures, theirs_figures = await store.counters.read_usage([mine, theirs], T)
+    assert (mine_figures.requests, theirs_figures.requests) == (2, 1)
+    assert theirs_figures.cost_usd == pytest.approx(0.25)
+    await store.counters.add_usage(whole, [], {}, T, batch="b2")  # another batch counts
+    assert [f.requests for f in await store.counters.read_usage([mine, theirs], T)] == [4, 2]
+    reserve = ReserveRequest([CounterScope(keyspace.limit_counters(second, "k")[0], spend, Caps(usd_per_day=0.3))],
+                             0, 0.1, 1, "20261130", "202611", 0.0)  # fmt: skip
+    assert (await store.counters.reserve(reserve, T)).refused_by == "0.usd_per_day"  # 0.25 spent once, not twice
+
+
 async def test_a_settlement_reads_whether_its_reservation_was_made_and_applies_once(store: Store) -> None:
     tenant = _tenant()
     scopes = _scopes(tenant, Caps(usd_per_day=1.0), Caps())

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 
 import pytest
 
-from gateway.accounting.ledger import UsageLedger
+from gateway.accounting.ledger import UsageLedger, usage_keys
 from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal
 from gateway.config.loader import load_policy_text
@@ -182,11 +183,16 @@ class _PausingCounters(MemoryLimitCounters):
         await super().settle(request, timeout_s)
 
     async def add_usage(
-        self, sums: Mapping[str, UsageFigures], expired: Iterable[str], spent: Spent, timeout_s: float
+        self,
+        sums: Mapping[str, UsageFigures],
+        expired: Iterable[str],
+        spent: Spent,
+        timeout_s: float,
+        batch: str | None = None,
     ) -> None:
         if timeout_s < 0.5:
             raise StoreTimedOut
-        await super().add_usage(sums, expired, spent, timeout_s)
+        await super().add_usage(sums, expired, spent, timeout_s, batch)
 
 
 async def test_usage_outlasts_a_store_pause_longer_than_a_limit_checks_deadline() -> None:
@@ -278,6 +284,49 @@ async def test_a_request_larger_than_the_minutes_tokens_is_refused_without_invit
         await limiter.reserve(policy, _principal(tpm=2000), 3000, 0.0)
     assert refused.value.headers == {"x-should-retry": "false"}
     assert "request too large: it counts 3000 tokens" in refused.value.message and "(key.tpm)" in refused.value.message
+
+
+class _TimesOutOnce(MemoryLimitCounters):
+    """The first usage batch times out, applied (its answer lost) or not (the stall came first)."""
+
+    def __init__(self, applied: bool) -> None:
+        super().__init__()
+        self.applied, self.timed_out = applied, False
+
+    async def add_usage(
+        self,
+        sums: Mapping[str, UsageFigures],
+        expired: Iterable[str],
+        spent: Spent,
+        timeout_s: float,
+        batch: str | None = None,
+    ) -> None:
+        if not self.timed_out:
+            self.timed_out = True
+            if self.applied:
+                await super().add_usage(sums, expired, spent, timeout_s, batch)
+            raise StoreTimedOut
+        await super().add_usage(sums, expired, spent, timeout_s, batch)
+
+
+@pytest.mark.parametrize("applied", [True, False])
+async def test_a_usage_batch_that_timed_out_is_sent_again_and_counted_once(applied: bool) -> None:
+    """An outside tester's repeated 2 s Redis stalls lost 94 of 250 requests' usage without a
+    word: a batch that timed out was dropped (sent again, it could have counted twice)."""
+    from datetime import UTC, datetime
+
+    counters = _TimesOutOnce(applied)
+    ledger = UsageLedger(counters)
+    keys = [("a", "t1"), ("b", "t2")]
+    for key_id, tenant in keys:
+        ledger.record(usage_keys(tenant, key_id, time.time()), UsageFigures(requests=1, cost_usd=0.5), 1.0)
+    await ledger.flush()  # timed out: kept
+    ledger.record(usage_keys("t1", "a", time.time()), UsageFigures(requests=1, cost_usd=0.5), 1.0)
+    await ledger.flush()  # the lost batch again (its marks skip it), then the new one
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    totals = await ledger.read(keys, today, today)
+    assert totals is not None and [totals[k].requests for k in keys] == [2, 1]
+    await ledger.aclose()
 
 
 async def test_usage_made_while_the_store_is_down_is_written_when_it_is_back(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,9 @@ than expired, so Redis's volatile-ttl eviction, which only takes keys with a TTL
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 
 from gateway.accounting.usage import UsageFigures
@@ -169,6 +171,31 @@ return 1
 """
 
 
+_ADD_USAGE = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+local ops = cjson.decode(ARGV[2])
+for _, op in ipairs(ops.u) do
+  if op[4] then redis.call('HINCRBYFLOAT', KEYS[op[1]], op[2], op[3])
+  else redis.call('HINCRBY', KEYS[op[1]], op[2], op[3]) end
+end
+for _, at in ipairs(ops.x) do redis.call('DEL', KEYS[at]) end
+for _, op in ipairs(ops.s) do
+  local key, day, month, cost = KEYS[op[1]], op[2], op[3], op[4]
+  local fresh = tonumber(cost) > 0
+  local v = redis.call('HMGET', key, 'day', 'month')
+  if v[1] == day then redis.call('HINCRBYFLOAT', key, 'd', cost)
+  elseif fresh and (not v[1] or v[1] < day) then redis.call('HSET', key, 'day', day, 'd', cost) end
+  if v[2] == month then redis.call('HINCRBYFLOAT', key, 'mo', cost)
+  elseif fresh and (not v[2] or v[2] < month) then redis.call('HSET', key, 'month', month, 'mo', cost) end
+end
+return 1
+"""
+"""One tenant's part of a usage batch, applied once: its mark (``KEYS[1]``) is set with it. The
+spend arithmetic is :data:`_ADD_SPEND`'s."""
+_BATCH_MARK_TTL_S = 3600
+"""How long an applied batch is remembered: longer than a batch is sent again for."""
+
+
 class RedisLimitCounters:
     def __init__(self, redis: SharedRedis) -> None:
         self._redis = redis
@@ -176,6 +203,7 @@ class RedisLimitCounters:
         self._reserve = client.register_script(_RESERVE) if client is not None else None
         self._settle = client.register_script(_SETTLE) if client is not None else None
         self._add_spend = client.register_script(_ADD_SPEND) if client is not None else None
+        self._add_usage = client.register_script(_ADD_USAGE) if client is not None else None
 
     async def reserve(self, request: ReserveRequest, timeout_s: float) -> ReserveOutcome:
         script = self._reserve
@@ -226,8 +254,16 @@ class RedisLimitCounters:
         await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s)
 
     async def add_usage(
-        self, sums: Mapping[str, UsageFigures], expired: Iterable[str], spent: Spent, timeout_s: float
+        self,
+        sums: Mapping[str, UsageFigures],
+        expired: Iterable[str],
+        spent: Spent,
+        timeout_s: float,
+        batch: str | None = None,
     ) -> None:
+        if batch is not None:
+            await self._add_usage_once(sums, expired, spent, timeout_s, batch)
+            return
         add_spend = self._add_spend
 
         async def write(client: aioredis.Redis) -> None:
@@ -245,6 +281,40 @@ class RedisLimitCounters:
             for (key, day, month), cost in spent.items():
                 if add_spend is not None and cost:
                     await add_spend(keys=[key], args=[day, month, repr(cost)])
+
+        await self._redis.call(write, timeout_s)
+
+    async def _add_usage_once(
+        self, sums: Mapping[str, UsageFigures], expired: Iterable[str], spent: Spent, timeout_s: float, batch: str
+    ) -> None:
+        script = self._add_usage
+        if script is None:
+            raise StoreUnavailable
+        parts: dict[str, _BatchPart] = {}
+
+        def part_of(key: str) -> _BatchPart:
+            tag = keyspace.hash_tag(key)  # one slot per script call
+            found = parts.get(tag)
+            if found is None:
+                found = parts[tag] = _BatchPart([f"{tag}:ub:{batch}"])
+            return found
+
+        for key, used in sums.items():
+            part = part_of(key)
+            at = part.key(key)
+            part.ops["u"].extend([at, name, repr(value), isinstance(value, float)] for name, value in used.increments())
+        for key in expired:
+            part = part_of(key)
+            part.ops["x"].append(part.key(key))
+        for (key, day, month), cost in spent.items():
+            if cost:
+                part = part_of(key)
+                part.ops["s"].append([part.key(key), day, month, repr(cost)])
+
+        async def write(client: aioredis.Redis) -> None:
+            for part in parts.values():
+                args: list[bytes | int] = [_BATCH_MARK_TTL_S, msgspec.json.encode(part.ops)]
+                await script(keys=part.keys, args=args)
 
         await self._redis.call(write, timeout_s)
 
@@ -278,6 +348,21 @@ class RedisLimitCounters:
             return [UsageFigures.from_hash(row) for row in rows]
 
         return await self._redis.call(read, timeout_s)
+
+
+class _BatchPart:
+    """One tenant's keys of a usage batch (its mark first) and what to do to them, by key position."""
+
+    __slots__ = ("keys", "ops")
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+        self.ops: dict[str, list[Any]] = {"u": [], "x": [], "s": []}
+
+    def key(self, name: str) -> int:
+        """``name``'s position in the script's KEYS (1-based), added if new."""
+        self.keys.append(name)
+        return len(self.keys)
 
 
 def _cap_args(caps: Caps) -> list[str]:
