@@ -586,11 +586,19 @@ def decode_event(upstream: str, data: bytes) -> dict[str, Any]:
     return decode_json_object(upstream, data, "sent a stream event that is")
 
 
-def decode_json_object(upstream: str, content: bytes, said: str = "answered with JSON that is") -> dict[str, Any]:
+def decode_json_object(upstream: str, content: bytes, said: str = "answered with a body that is") -> dict[str, Any]:
     try:
         data = msgspec.json.decode(content)
     except msgspec.DecodeError:
-        raise UpstreamProtocolError(upstream, f"{said} not JSON") from None
+        raise UpstreamProtocolError(upstream, f"{said} not JSON ({_opening(content)})") from None
     if not isinstance(data, dict):
-        raise UpstreamProtocolError(upstream, f"{said} not an object")
+        raise UpstreamProtocolError(upstream, f"{said} not a JSON object")
     return data
+
+
+def _opening(content: bytes) -> str:
+    """What a body that is not JSON looks like, for whoever debugs the upstream: its size and
+    kind, never its text (an error page can name hosts; an echo, the prompt)."""
+    head = content[:64].lstrip().lower()
+    kind = "HTML" if head.startswith((b"<!doctype html", b"<html")) else "empty" if not content else "text"
+    return f"{kind}, {len(content)} bytes"

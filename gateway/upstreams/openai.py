@@ -160,6 +160,9 @@ class _OpenAIChatStream(ChatStream):
                     raise
                 event = None  # the model had finished: a connection lost before [DONE] takes nothing away
             if event is None:
+                if tally.chunks == 0 and not self._said_something:
+                    kind = self._response.headers.get("content-type", "no content-type")
+                    raise UpstreamProtocolError(name, f"answered a stream request with no events ({kind[:60]})")
                 if tally.finish_reason is None or self._unfinished:
                     raise UpstreamProtocolError(name, "stream ended before [DONE]")
                 break  # the model had finished; only the [DONE] line was left out (some servers do)

@@ -92,6 +92,20 @@ def test_upstream_timeout_gives_504(gateway: GatewayProcess, small_upstream: Sim
     assert error["code"] == "upstream_timeout" and "small" in str(error["message"])
 
 
+def test_a_200_that_is_no_answer_says_what_came_and_not_what_it_held(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """An HTML page with 200 read as 'stream ended before [DONE]' / 'JSON that is not JSON' (t13)."""
+    page = "<html><body>proxy at internal-host-7 says hello</body></html>"
+    inject(small_upstream, *[{"status": 200, "body": page}] * 4)
+    streamed = _chat(gateway, model="small", stream=True)
+    assert streamed.status_code == 502 and "answered a stream request with no events" in streamed.text
+    whole = _chat(gateway, model="small")
+    message = str(_error(whole)["message"])
+    assert whole.status_code == 502 and "not JSON (HTML, 61 bytes)" in message
+    assert "internal-host-7" not in streamed.text + message
+
+
 def test_upstream_429_passes_through_with_retry_after(
     gateway: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:
