@@ -146,7 +146,9 @@ class EmbeddingsPipeline:
         timeout_s = policy.redis_timeout_ms / 1000
         primary = plan.candidates[0]
         shaping = {name: value for name, value in extra.items() if name != "user"}  # truncation changes a vector
-        space = (primary, runtime.policy.models[primary].upstream_model or primary, request.dimensions, shaping)
+        model = runtime.policy.models[primary]
+        # the server too: a policy that points the model elsewhere must not mix two spaces in one answer
+        space = (primary, model.base_url, model.upstream_model or primary, request.dimensions, shaping)
         keys = [_key(record.tenant, space, item) for item in inputs]
         found: list[np.ndarray | None] = [None] * len(inputs)
         record.cache = "bypass"
@@ -195,6 +197,15 @@ class EmbeddingsPipeline:
         if hit_tokens:
             record.cache_saved_usd = cost_usd(price, hit_tokens, 0)
         new = [np.asarray(vector, dtype="<f4") for vector in answered.vectors]
+        if new and any(vector is not None and len(vector) != len(new[0]) for vector in found):
+            # the cached vectors are of another size than the server's now (it serves another model
+            # under the same name): the whole batch is embedded again, none of it from the cache
+            answered = await provider.embed(inputs, request.dimensions, extra)
+            missing, hit_tokens, found = list(range(len(inputs))), 0, [None] * len(inputs)
+            billed += answered.prompt_tokens if answered.prompt_tokens is not None else sum(counts)
+            record.cost_usd = cost_usd(provider.config.price, billed, 0)
+            record.prompt_tokens, record.cache_saved_usd = billed, None
+            new = [np.asarray(vector, dtype="<f4") for vector in answered.vectors]
         for index, vector in zip(missing, new, strict=True):
             found[index] = vector
         if write:
@@ -273,9 +284,9 @@ async def _count(inputs: list[str] | list[list[int]], encoding: str, long_chars:
     return [count_text(text, encoding) for text in texts]
 
 
-def _key(tenant: str, space: tuple[str, str, int | None, dict[str, Any]], item: str | list[int]) -> str:
-    """Per tenant and per vector space: the model (policy name and upstream model), the dimensions
-    and the other fields that shape a vector (``truncate_prompt_tokens``, ...)."""
+def _key(tenant: str, space: tuple[str, str, str, int | None, dict[str, Any]], item: str | list[int]) -> str:
+    """Per tenant and per vector space: the model (policy name, server and upstream model), the
+    dimensions and the other fields that shape a vector (``truncate_prompt_tokens``, ...)."""
     digest = hashlib.sha256(msgspec.json.encode(["embedding", *space, item], order="sorted")).hexdigest()
     return keyspace.exact(tenant, digest)
 

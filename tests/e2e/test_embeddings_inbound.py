@@ -202,3 +202,20 @@ def test_a_fallback_embeds_the_whole_batch_and_is_not_cached_as_the_primary(
         assert not record["cache_saved_usd"]
         again = client.embeddings.with_raw_response.create(model="vectors", input=[new])
     assert again.headers["x-gateway-cache"] == "miss"  # the fallback's vector was not stored as the primary's
+
+
+def test_cached_vectors_of_another_size_than_the_servers_are_never_mixed_in(
+    gateway_with_cache: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """A server that now serves another model under the same name: a partly cached batch came back
+    with vectors of two sizes (found by an outside tester)."""
+    import json
+
+    known, new = "zeta vector space text", "eta vector space text"
+    other_model = {"object": "list", "model": "embed", "usage": {"prompt_tokens": 4, "total_tokens": 4},
+                   "data": [{"object": "embedding", "index": 0, "embedding": [0.5] * 8}]}  # fmt: skip
+    with _client(gateway_with_cache, "key-a") as client:
+        client.embeddings.create(model="embed", input=[known])  # cached: 384 dimensions
+        inject(small_upstream, {"status": 200, "body": json.dumps(other_model)})
+        mixed = client.embeddings.create(model="embed", input=[known, new], encoding_format="float")
+    assert len({len(item.embedding) for item in mixed.data}) == 1  # one space: the batch embedded again whole
