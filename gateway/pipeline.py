@@ -38,7 +38,6 @@ from gateway.dispatch import DispatchInfo, dispatch
 from gateway.drain import DEFAULT_DRAIN_S, Drain
 from gateway.errors import (
     GatewayError,
-    InvalidRequestError,
     ShuttingDownError,
     UpstreamError,
     UpstreamProtocolError,
@@ -264,11 +263,7 @@ class ChatPipeline:
             if passthrough is not None and passthrough.body is not None:
                 x.passthrough = passthrough
                 record.passthrough = True
-            x.plan = runtime.router.plan(x.request.model, principal.allowed)
-            if runtime.policy.models[x.plan.candidates[0]].kind != "chat":
-                raise InvalidRequestError(
-                    f"model '{x.request.model}' is an embedding model; use POST /v1/embeddings", param="model"
-                )
+            x.plan = runtime.router.chat_plan(x.request.model, principal.allowed)
             principal.check_model(x.plan.route)
             record.route, record.decision, record.stream = x.plan.route, x.plan.decision, x.request.stream
             record.baseline_model = x.plan.baseline

@@ -62,15 +62,26 @@ class Router:
         self._stores = {name: (model.base_url, model.api_key_env) for name, model in policy.models.items()}
         self.route_names = tuple(policy.routes)
         self.model_names = tuple(name for name, model in policy.models.items() if model.public)
+        self._embedding_models = frozenset(name for name, model in policy.models.items() if model.kind != "chat")
 
     def plan(self, requested: str, allowed: frozenset[str] = frozenset({"*"})) -> RoutePlan:
         """``allowed``: the caller's route and model names (``*``: all); an unknown name's error
-        lists only those, so a key learns nothing of the names it may not call."""
+        lists only those. (A name the key may not call is refused with a 403 by the caller, which
+        does tell the key that the name exists.)"""
         plan = self._plans.get(requested)
         if plan is None:
             names = sorted(name for name in self._plans if "*" in allowed or name in allowed)
             raise ModelNotFoundError(
                 f"model '{requested}' does not exist; available: {', '.join(names) or 'none'}", param="model"
+            )
+        return plan
+
+    def chat_plan(self, requested: str, allowed: frozenset[str] = frozenset({"*"})) -> RoutePlan:
+        """:meth:`plan` for a request that asks a chat model (messages, completions, a token count)."""
+        plan = self.plan(requested, allowed)
+        if plan.candidates[0] in self._embedding_models:
+            raise InvalidRequestError(
+                f"model '{requested}' is an embedding model; use POST /v1/embeddings", param="model"
             )
         return plan
 

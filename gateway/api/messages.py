@@ -128,7 +128,7 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
         body = _json_object(raw)
         lenient = _only_anthropic_upstreams(request, body)  # blocks only Anthropic reads are not refused
         decoded = anthropic.decode_request(raw, counting=True, passed_through=lenient)
-        plan = runtime.router.plan(decoded.model, principal.allowed)
+        plan = runtime.router.chat_plan(decoded.model, principal.allowed)  # what /v1/messages refuses, too
         principal.check_model(plan.route)
         first = runtime.providers[plan.candidates[0]]
         tokens = None
@@ -136,6 +136,8 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
             try:
                 tokens = await first.count_tokens(body, request.headers.get("anthropic-beta"))
             except UpstreamError as exc:
+                if exc.error_type == "invalid_request_error":  # the request's own fault: told as the upstream says
+                    raise
                 _log.warning("count_tokens_upstream_failed", upstream=first.name, error=exc.code)
         if tokens is None:
             encoding = runtime.policy.models[plan.candidates[0]].encoding

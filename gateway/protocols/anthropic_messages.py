@@ -189,7 +189,7 @@ def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool =
     wire = decode_body(raw, _MessagesRequest)
     if wire.max_tokens is None and not counting:
         raise InvalidRequestError("max_tokens: Field required", param="max_tokens")
-    if not wire.messages and not counting:
+    if not wire.messages:  # counting too: a count for a request /v1/messages refuses tells nothing
         raise InvalidRequestError("messages: at least one message is required", param="messages")
     messages: list[Message] = []
     if wire.system:

@@ -54,6 +54,8 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
+
 from gateway.core import model as core
 from gateway.core.model import Answer, Delta, Finish, TextDelta, ThinkingPart, UsageReport
 from gateway.errors import GatewayError, InvalidRequestError, UpstreamProtocolError, UpstreamStatusError
@@ -126,6 +128,8 @@ class AnthropicProvider(Provider):
         counted = decode_json_object(self.name, response.content).get("input_tokens")
         if not isinstance(counted, int) or isinstance(counted, bool):
             raise UpstreamProtocolError(self.name, "count_tokens answered no input_tokens")
+        if not 0 <= counted <= len(msgspec.json.encode(payload)):  # a token is at least a byte of the request
+            raise UpstreamProtocolError(self.name, f"count_tokens answered an implausible count ({counted})")
         return counted
 
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:

@@ -259,6 +259,10 @@ def test_count_tokens(claude: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.NotFoundError) as unknown:
         claude.messages.count_tokens(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
     assert unknown.value.request_id == unknown.value.response.headers["request-id"]
+    # what /v1/messages refuses is not counted either (found by an outside tester)
+    for model, messages in (("embed", [{"role": "user", "content": "hi"}]), ("fast", [])):
+        with pytest.raises(anthropic.BadRequestError):
+            claude.messages.count_tokens(model=model, messages=messages)  # type: ignore[arg-type]
 
 
 def _claude_code_body(model: str) -> dict[str, object]:

@@ -273,6 +273,17 @@ def test_count_tokens_is_the_anthropic_models_own_count(
     inject(large_upstream, {"status": 500})  # the model cannot count: the gateway's own count answers
     fallback = httpx.post(f"{gateway.url}/v1/messages/count_tokens", json=body, headers={"x-api-key": "k"})
     assert fallback.status_code == 200 and 0 < fallback.json()["input_tokens"] < 2000
+    # found by an outside tester: the request's own fault was answered 200 with the gateway's count,
+    # and a count no request can have was passed on
+    too_long = '{"type": "error", "error": {"type": "invalid_request_error", "message": "prompt is too long"}}'
+    inject(large_upstream, {"status": 400, "body": too_long})
+    refused = httpx.post(f"{gateway.url}/v1/messages/count_tokens", json=body, headers={"x-api-key": "k"})
+    assert refused.status_code == 400 and refused.json()["type"] == "error"
+    assert "prompt is too long" in refused.json()["error"]["message"]
+    for count in (-5, 10**12):
+        inject(large_upstream, {"status": 200, "body": f'{{"input_tokens": {count}}}'})
+        implausible = httpx.post(f"{gateway.url}/v1/messages/count_tokens", json=body, headers={"x-api-key": "k"})
+        assert implausible.status_code == 200 and 0 < implausible.json()["input_tokens"] < 2000  # the gateway's own
 
 
 def test_a_route_that_may_reach_another_upstream_still_refuses_what_it_cannot_carry(gateway: GatewayProcess) -> None:

@@ -107,6 +107,8 @@ def test_bad_requests_are_named(body: dict[str, Any], says: str) -> None:
 def test_count_tokens_needs_no_max_tokens() -> None:
     request = anthropic.decode_request(b'{"model": "m", "messages": [{"role": "user", "content": "x"}]}', counting=True)
     assert request.max_tokens is None
+    with pytest.raises(InvalidRequestError, match="at least one message"):  # as /v1/messages refuses it
+        anthropic.decode_request(b'{"model": "m", "messages": []}', counting=True)
 
 
 def test_usage_reports_cache_reads_and_writes_apart_from_input_tokens() -> None:
