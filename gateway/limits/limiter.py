@@ -31,7 +31,7 @@ from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal
 from gateway.config.schema import Limits, Policy
 from gateway.errors import GatewayError, LimiterUnavailableError
-from gateway.limits.budget import BUDGET_CAPS, budget_error
+from gateway.limits.budget import budget_error
 from gateway.limits.rate import RATE_CAPS, rate_limit_error, too_large_error
 from gateway.store import keyspace
 from gateway.store.base import (
@@ -78,17 +78,17 @@ class Reservation:
 
 
 @dataclass(slots=True)
-class _LastWord:
-    """What the store last said of a key's budgets, and what this process let through since
-    without its word: the view that answers for budgets while the store does not (a Redis
-    stalled past ``redis_timeout_ms`` on a busy host would otherwise switch them off)."""
+class _Word:
+    """What the store last said one spend counter (a key's, or its tenant's shared by all its keys)
+    had spent, and what this process let through since without its word: the view budgets are
+    kept by while the store does not answer (a Redis stalled past ``redis_timeout_ms`` on a busy
+    host would otherwise switch them off)."""
 
     day: str
     month: str
-    share: float
-    """The largest share of a budget spent, with the estimate of the request it answered."""
+    spent_day: float
+    spent_month: float
     unanswered_usd: float = 0.0
-    """Estimates let through since, with no word from the store."""
 
 
 class Limiter:
@@ -96,7 +96,8 @@ class Limiter:
         self._counters = counters
         self.ledger = ledger
         self._settling: set[asyncio.Task[None]] = set()
-        self._last_word: dict[tuple[str, str], _LastWord] = {}
+        self._words: dict[str, _Word] = {}
+        """By spend counter (``CounterScope.spend``)."""
 
     @staticmethod
     def enforces(policy: Policy, principal: Principal) -> bool:
@@ -144,7 +145,7 @@ class Limiter:
                     "rate limits cannot be checked (Redis unavailable); refusing by policy"
                 )
             else:
-                share, refusal = self._without_word(principal, limits, periods, cost_usd, now)
+                share, refusal = self._without_word(principal, scopes, limits, periods, cost_usd, now)
             if refusal is not None:
                 if made is not None:
                     self.settle_later(policy, made, UsageFigures())
@@ -153,11 +154,9 @@ class Limiter:
                 made.budget_share = share
                 return made
             return Reservation((), periods, usage, 0, 0.0, share, spends)
-        budgets = _smallest_budget(limits)
-        if budgets is not None:
-            refused = outcome.refused_by in _BUDGET_REFUSALS
-            word_share = 1.0 if refused else outcome.budget_share + _share_of(cost_usd, budgets[0])
-            self._last_word[(principal.tenant, principal.key_id)] = _LastWord(day, month, word_share)
+        added = cost_usd if outcome.refused_by is None else 0.0
+        for scope, (spent_day, spent_month) in zip(scopes, outcome.spent, strict=False):
+            self._words[scope.spend] = _Word(day, month, spent_day + added, spent_month + added)
         if outcome.refused_by is not None:
             raise _refusal(outcome, limits, principal, now, tokens, cost_usd)
         return Reservation(scopes, periods, usage, tokens, cost_usd, outcome.budget_share, spends, mark)
@@ -165,26 +164,42 @@ class Limiter:
     def _without_word(
         self,
         principal: Principal,
+        scopes: tuple[CounterScope, ...],
         limits: tuple[Limits, Limits],
         periods: tuple[int, str, str],
         cost: float,
         now: float,
     ) -> tuple[float, GatewayError | None]:
-        """The budget share, and a refusal, from the store's last word on the key this period and
-        what was let through since (budgets read against the smallest of them: an upper bound);
-        with no word yet, none (the policy's ``open``)."""
-        budgets = _smallest_budget(limits)
-        word = self._last_word.get((principal.tenant, principal.key_id))
+        """The budget share, and a refusal, by the store's last word on each spend counter this
+        period plus what this process let through since. A budget this process has no word on
+        lets a tenth of itself through (:func:`_unknown_spend`); rates are open."""
         _, day, month = periods
-        if budgets is None or word is None or (word.day, word.month) != (day, month):
-            return 0.0, None
-        smallest, name = budgets
-        share = word.share + _share_of(word.unanswered_usd, smallest)
-        if share + _share_of(cost, smallest) > 1.0:
-            scope, cap = name.split(".")
-            owner = f"key '{principal.key_id}'" if scope == "key" else f"tenant '{principal.tenant}'"
-            return share, budget_error(cap, owner, smallest, min(share, 1.0) * smallest, cost, now, name=name)
-        word.unanswered_usd += cost
+        words = []
+        share = 0.0
+        for index, (scope, scope_limits) in enumerate(zip(scopes, limits, strict=True)):
+            word = self._words.get(scope.spend)
+            if word is None or word.month != month:
+                if scope_limits.usd_per_day is None and scope_limits.usd_per_month is None:
+                    continue
+                word = self._words[scope.spend] = _unknown_spend(scope_limits, day, month)
+            words.append(word)
+            budgets: list[tuple[str, float | None, float]] = [
+                ("usd_per_month", scope_limits.usd_per_month, word.spent_month)
+            ]
+            if word.day == day:
+                budgets.append(("usd_per_day", scope_limits.usd_per_day, word.spent_day))
+            for cap, limit, spent in budgets:
+                if limit is None:
+                    continue
+                projected = spent + word.unanswered_usd
+                if projected + cost > limit:
+                    name = f"{_SCOPE_NAMES[index]}.{cap}"
+                    owner = f"key '{principal.key_id}'" if index == 0 else f"tenant '{principal.tenant}'"
+                    return share, budget_error(cap, owner, limit, projected, cost, now, name=name)
+                if limit > 0:
+                    share = max(share, projected / limit)
+        for word in words:
+            word.unanswered_usd += cost
         return share, None
 
     async def admit_count(self, policy: Policy, principal: Principal) -> None:
@@ -324,24 +339,16 @@ def _refusal(
     return budget_error(cap, owner, limit, outcome.spent_usd, cost, now, name=name)
 
 
-_BUDGET_REFUSALS = frozenset(f"{scope}.{cap}" for scope in (0, 1) for cap in BUDGET_CAPS)
+_UNKNOWN_ROOM = 0.1
+"""The share of a budget a process lets through, while Redis does not answer, for a key or tenant
+it has no word on yet (another worker served it): each process so, not the whole budget each."""
 
 
-def _share_of(usd: float, budget: float) -> float:
-    if budget > 0:
-        return usd / budget
-    return 2.0 if usd > 0 else 0.0  # a budget of $0: anything that costs is over it
-
-
-def _smallest_budget(limits: tuple[Limits, Limits]) -> tuple[float, str] | None:
-    """The smallest USD budget of the key and its tenant, and its name (``tenant.usd_per_day``)."""
-    found = [
-        (amount, f"{_SCOPE_NAMES[index]}.{cap}")
-        for index, scope in enumerate(limits)
-        for cap, amount in (("usd_per_day", scope.usd_per_day), ("usd_per_month", scope.usd_per_month))
-        if amount is not None
-    ]
-    return min(found) if found else None
+def _unknown_spend(limits: Limits, day: str, month: str) -> _Word:
+    """A word for a spend counter the store has said nothing of to this process: all but
+    :data:`_UNKNOWN_ROOM` of each budget taken as spent."""
+    taken = 1 - _UNKNOWN_ROOM
+    return _Word(day, month, (limits.usd_per_day or 0.0) * taken, (limits.usd_per_month or 0.0) * taken)
 
 
 def _limits(policy: Policy, principal: Principal) -> tuple[Limits, Limits]:

@@ -195,6 +195,9 @@ class ReserveOutcome:
     window: tuple[float, float] = (0.0, 0.0)
     """When refused by a rate: the refused measure (requests or tokens) counted this minute and
     the minute before, so the caller can say when a retry would pass."""
+    spent: tuple[tuple[float, float], ...] = ()
+    """USD spent this day and this month in each scope before this request, as the store counts
+    them (reserved or refused alike): what the caller goes by while the store cannot answer."""
 
 
 @dataclass(frozen=True, slots=True)

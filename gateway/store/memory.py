@@ -281,17 +281,22 @@ class MemoryLimitCounters(_Outage):
         share = 0.0
         seen = []
         rest = 1 - request.minute_fraction
-        for index, scope in enumerate(request.scopes):
-            r, rp, t, tp = self.windows.get(scope.window, _Window()).seen_at(request.minute)
+        spents = []
+        for scope in request.scopes:
             spend = self.spends.get(scope.spend, _Spend())
             day = spend.spent_day if spend.day == request.day else 0.0
             month = spend.spent_month if spend.month == request.month else 0.0
+            spents.append((day, month))
+        told = tuple(spents)
+        for index, scope in enumerate(request.scopes):
+            r, rp, t, tp = self.windows.get(scope.window, _Window()).seen_at(request.minute)
+            day, month = spents[index]
             seen.append((r, rp, t, tp, day, month))
             caps: Caps = scope.caps
             if caps.rpm is not None and r + rp * rest + 1 > caps.rpm:
-                return ReserveOutcome(f"{index}.rpm", 0.0, 0.0, (r, rp))
+                return ReserveOutcome(f"{index}.rpm", 0.0, 0.0, (r, rp), told)
             if caps.tpm is not None and t + tp * rest + request.tokens > caps.tpm:
-                return ReserveOutcome(f"{index}.tpm", 0.0, 0.0, (t, tp))
+                return ReserveOutcome(f"{index}.tpm", 0.0, 0.0, (t, tp), told)
             for cap, spent, name in (
                 (caps.usd_per_day, day, "usd_per_day"),
                 (caps.usd_per_month, month, "usd_per_month"),
@@ -299,7 +304,7 @@ class MemoryLimitCounters(_Outage):
                 if cap is None:
                     continue
                 if spent + request.cost_usd > cap:
-                    return ReserveOutcome(f"{index}.{name}", spent, 0.0)
+                    return ReserveOutcome(f"{index}.{name}", spent, 0.0, spent=told)
                 if cap > 0:
                     share = max(share, spent / cap)
         for scope, (r, rp, t, tp, day, month) in zip(request.scopes, seen, strict=True):
@@ -311,7 +316,7 @@ class MemoryLimitCounters(_Outage):
             spends = tuple(scope.spend for scope in request.scopes)
             self._undo[request.mark] = (request.cost_usd, request.day, request.month, spends)
             self._pending[pending_reservations(request.mark)][request.mark] = now + PENDING_S
-        return ReserveOutcome(None, 0.0, share)
+        return ReserveOutcome(None, 0.0, share, spent=told)
 
     async def settle(self, request: SettleRequest, timeout_s: float) -> None:
         self._check()

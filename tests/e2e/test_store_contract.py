@@ -146,12 +146,19 @@ async def test_budgets_report_what_was_spent_and_the_share_used(store: Store) ->
     assert first.refused_by is None and first.budget_share == 0
     second = await store.counters.reserve(_ask(scopes, cost=0.3), T)
     assert second.refused_by is None and second.budget_share == pytest.approx(0.6)
+    assert _flat(second.spent) == pytest.approx([0.6] * 4)  # each scope's day and month, before it
     refused = await store.counters.reserve(_ask(scopes, cost=0.2), T)
     assert refused.refused_by == "0.usd_per_day" and refused.spent_usd == pytest.approx(0.9)
+    assert _flat(refused.spent) == pytest.approx([0.9] * 4)  # what the limiter goes by in a stall
     # a new day starts from nothing; the month goes on
     tomorrow = ReserveRequest(scopes, 10, 0.2, 3000, "20261201", "202611", 0.5)
     outcome = await store.counters.reserve(tomorrow, T)
     assert outcome.refused_by is None and outcome.budget_share == pytest.approx(0.09)
+    assert _flat(outcome.spent) == pytest.approx([0.0, 0.9, 0.0, 0.9])
+
+
+def _flat(spent: tuple[tuple[float, float], ...]) -> list[float]:
+    return [amount for pair in spent for amount in pair]
 
 
 async def test_settling_corrects_the_estimate_and_adds_the_usage(store: Store) -> None:

@@ -115,19 +115,30 @@ async def test_a_stalled_store_leaves_budgets_to_its_last_word_and_what_was_let_
     assert (await limiter.reserve(policy, _principal(), 10, 0.15)).budget_share == pytest.approx(0.8)
     counters.stalled = False
     with pytest.raises(BudgetExceededError):
-        await limiter.reserve(policy, _principal(), 10, 0.6)  # the store refuses: its word is "spent"
+        await limiter.reserve(policy, _principal(), 10, 0.6)  # the store refuses, and says $0.50 is spent
     counters.stalled = True
-    with pytest.raises(BudgetExceededError):
-        await limiter.reserve(policy, _principal(), 10, 0.01)
+    # a refusal of a large request leaves room for small ones (a tester saw them all refused)
+    assert (await limiter.reserve(policy, _principal(), 10, 0.01)).budget_share == pytest.approx(0.5)
+    # the tenant's word is every key's: another key of the tenant, never seen, is held to it
+    other_key = Principal("other", "team", frozenset({"*"}), Limits())
+    with pytest.raises(BudgetExceededError) as tenant_refused:
+        await limiter.reserve(policy, other_key, 10, 0.6)
+    assert "(tenant.usd_per_month)" in tenant_refused.value.message
     await limiter.aclose()
 
 
-async def test_with_no_word_from_the_store_yet_a_stall_is_open_as_the_policy_says() -> None:
+async def test_with_no_word_from_the_store_yet_a_stall_lets_a_tenth_of_a_budget_through() -> None:
+    """Another worker served the tenant, this one never heard of it: its whole budget was open to
+    each worker (a tester's two workers spent $3.30 of $1.00)."""
     policy = load_policy_text(_POLICY % "open", environ={}).policy
     counters = _Stalling()
     counters.stalled = True
     limiter = Limiter(counters, UsageLedger(counters))
-    assert (await limiter.reserve(policy, _principal(), 10, 5.0)).budget_share == 0.0
+    assert (await limiter.reserve(policy, _principal(), 10, 0.06)).budget_share == pytest.approx(0.9)
+    with pytest.raises(BudgetExceededError):
+        await limiter.reserve(policy, _principal(), 10, 0.06)  # 0.9 taken as spent + 0.06 + 0.06 > 1.00
+    unlimited = Principal("free", "other", frozenset({"*"}), Limits())
+    assert (await limiter.reserve(policy, unlimited, 10, 50.0)).budget_share == 0.0  # no budget: open
     await limiter.aclose()
 
 
@@ -234,7 +245,8 @@ async def test_a_reservation_that_never_arrived_is_settled_at_the_whole_cost() -
     policy = load_policy_text(_POLICY % "open", environ={}).policy
     counters = _NeverArrives()
     limiter = Limiter(counters, UsageLedger(counters))
-    reservation = await limiter.reserve(policy, _principal(usd_per_day=1.0), 600, 0.6)
+    principal = Principal("app", "other", frozenset({"*"}), Limits(usd_per_day=10.0))  # a tenth: room for it
+    reservation = await limiter.reserve(policy, principal, 600, 0.6)
     assert reservation.scopes  # taken as made: it may have been
     limiter.settle_later(policy, reservation, UsageFigures(requests=1, prompt_tokens=10, cost_usd=0.05))
     await limiter.aclose()
@@ -376,8 +388,8 @@ async def test_a_reservation_a_stalled_store_applied_late_is_corrected_to_what_w
     policy = load_policy_text(_POLICY % "open", environ={}).policy
     counters = Stalled()
     limiter = Limiter(counters, UsageLedger(counters))
-    principal = _principal(usd_per_day=1.0)
-    reservation = await limiter.reserve(policy, principal, 1_000, 0.5)  # served: limits fail open
+    principal = Principal("app", "other", frozenset({"*"}), Limits(usd_per_day=10.0))
+    reservation = await limiter.reserve(policy, principal, 1_000, 0.5)  # served: within a tenth of the budget
     await limiter.settle(policy, reservation, UsageFigures(requests=1, prompt_tokens=10, cost_usd=0.001))
     spent = [spend.spent_day for spend in counters.spends.values()]
     assert spent and all(abs(value - 0.001) < 1e-9 for value in spent)

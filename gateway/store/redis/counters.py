@@ -76,21 +76,26 @@ local function spent(key)
   local v = redis.call('HMGET', key, 'day', 'd', 'month', 'mo')
   return (v[1] == day) and tonumber(v[2]) or 0, (v[3] == month) and tonumber(v[4]) or 0
 end
-local share, seen = 0, {}
+local share, seen, told = 0, {}, {}
+for s = 0, scopes - 1 do
+  local spent_day, spent_month = spent(KEYS[s*2+2])
+  told[#told + 1] = string.format('%.17g,%.17g', spent_day, spent_month)
+end
+told = table.concat(told, ';')
 for s = 0, scopes - 1 do
   local a = 6 + s * 4
   local rpm, tpm, per_day, per_month = tonumber(ARGV[a+1]), tonumber(ARGV[a+2]), tonumber(ARGV[a+3]), tonumber(ARGV[a+4])
   local w = window(KEYS[s*2+1])
   local spent_day, spent_month = spent(KEYS[s*2+2])
   seen[s] = {w, spent_day, spent_month}
-  if rpm >= 0 and w[1] + w[2] * (1 - frac) + 1 > rpm then return {1, s .. '.rpm', '0', w[1], w[2]} end
-  if tpm >= 0 and w[3] + w[4] * (1 - frac) + tokens > tpm then return {1, s .. '.tpm', '0', w[3], w[4]} end
+  if rpm >= 0 and w[1] + w[2] * (1 - frac) + 1 > rpm then return {1, s .. '.rpm', '0', told, w[1], w[2]} end
+  if tpm >= 0 and w[3] + w[4] * (1 - frac) + tokens > tpm then return {1, s .. '.tpm', '0', told, w[3], w[4]} end
   if per_day >= 0 then
-    if spent_day + cost > per_day then return {1, s .. '.usd_per_day', tostring(spent_day)} end
+    if spent_day + cost > per_day then return {1, s .. '.usd_per_day', tostring(spent_day), told} end
     if per_day > 0 then share = math.max(share, spent_day / per_day) end
   end
   if per_month >= 0 then
-    if spent_month + cost > per_month then return {1, s .. '.usd_per_month', tostring(spent_month)} end
+    if spent_month + cost > per_month then return {1, s .. '.usd_per_month', tostring(spent_month), told} end
     if per_month > 0 then share = math.max(share, spent_month / per_month) end
   end
 end
@@ -107,7 +112,7 @@ if marked then
   redis.call('ZADD', KEYS[#KEYS - 1], now + PENDING_S, KEYS[#KEYS])
   redis.call('EXPIRE', KEYS[#KEYS - 1], KEPT_S)
 end
-return {0, '', tostring(share)}
+return {0, '', tostring(share), told}
 """.replace("PENDING_S", str(PENDING_S)).replace("KEPT_S", str(_KEPT_S))
 
 # KEYS: window, spend of each scope, then the usage sums, the expired sums and (optionally) the
@@ -222,11 +227,12 @@ class RedisLimitCounters:
         ]
         for scope in request.scopes:
             args += _cap_args(scope.caps)
-        status, which, detail, *window = await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s)
+        status, which, detail, told, *window = await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s)
+        spent = tuple(_spent_pair(pair) for pair in _text(told).split(";"))
         if int(status) == 0:
-            return ReserveOutcome(None, 0.0, float(_text(detail)))
+            return ReserveOutcome(None, 0.0, float(_text(detail)), spent=spent)
         counted = (float(window[0]), float(window[1])) if window else (0.0, 0.0)
-        return ReserveOutcome(_text(which), float(_text(detail)), 0.0, counted)
+        return ReserveOutcome(_text(which), float(_text(detail)), 0.0, counted, spent)
 
     async def settle(self, request: SettleRequest, timeout_s: float) -> None:
         script = self._settle
@@ -363,6 +369,11 @@ class _BatchPart:
         """``name``'s position in the script's KEYS (1-based), added if new."""
         self.keys.append(name)
         return len(self.keys)
+
+
+def _spent_pair(pair: str) -> tuple[float, float]:
+    day, month = pair.split(",")
+    return float(day), float(month)
 
 
 def _cap_args(caps: Caps) -> list[str]:
