@@ -231,10 +231,10 @@ class UpstreamStatusError(UpstreamError):
         self.upstream_body = body
         self.retryable = status == 429 or status >= 500 or status == 408
         error = upstream_error_fields(body) if 400 <= status < 500 else {}
-        if status == 429 or status >= 500:
-            # The upstream's own words are its operator's (an organisation id and its limits, a
-            # proxy's page naming hosts and versions, a traceback): the client is told the status.
-            self.message = f"upstream '{upstream}': HTTP {status}: " + _STATUS_WORDS.get(status, "the upstream failed")
+        # The upstream's own words are its operator's (an organisation id and its limits, a proxy's
+        # page naming hosts and versions, a traceback): the client is told the status, and the
+        # upstream's message only where it blames the request the client sent.
+        self.message = f"upstream '{upstream}': HTTP {status}: " + _STATUS_WORDS.get(status, "the upstream failed")
         if status == 429:
             self.status_code = 429
             self.error_type = "rate_limit_error"
@@ -261,12 +261,16 @@ class UpstreamStatusError(UpstreamError):
             self.code = "context_length_exceeded"  # OpenAI's code, which client libraries look for
             self.param = _context_param(error)
             self.retryable, self.try_next = False, True
-        elif 400 <= status < 500 and status != 408:
+            self.message = f"upstream '{upstream}': HTTP {status}: {_its_words(error)}"
+        elif status in _THE_REQUESTS_FAULT:
             self.status_code = status
             self.error_type = "invalid_request_error"
             self.code = "upstream_rejected_request"
             param = error.get("param")
             self.param = param if isinstance(param, str) else None  # the client's parameter the upstream named
+            self.message = f"upstream '{upstream}': HTTP {status}: {_its_words(error)}"
+        elif 400 <= status < 500 and status != 408:  # 402, 405, 409, ...: the operator's account or setup
+            self._misconfigured("the upstream refused the gateway's request; the gateway's operator can look into it")
         else:
             self.status_code = 502
 
@@ -279,7 +283,16 @@ class UpstreamStatusError(UpstreamError):
         self.message = f"upstream '{self.upstream}': HTTP {self.upstream_status}: {why}"
 
 
+def _its_words(error: dict[str, Any]) -> str:
+    """The message of an API's error object (a proxy's page is not the client's to read)."""
+    said = error.get("message")
+    return said[:500] if isinstance(said, str) else "the upstream refused the request"
+
+
+_THE_REQUESTS_FAULT = frozenset({400, 413, 422})
+"""Upstream statuses that blame the request the client sent: told with the upstream's own words."""
 _STATUS_WORDS = {
+    408: "the upstream timed out reading the request",
     429: "the upstream is limiting the gateway's requests",
     503: "the upstream is unavailable",
     504: "the upstream timed out",

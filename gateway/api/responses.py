@@ -239,7 +239,11 @@ async def delete_response(request: Request[Any, Any, Any], response_id: str) -> 
         raise _not_found(response_id)
     answer = None
     if record.held_by is not None:
-        answer = await _ask_upstream(state, record.held_by, "DELETE", response_id)
+        try:  # an upstream that did not delete it keeps the record: the tenant can try again
+            answer = await _ask_upstream(state, record.held_by, "DELETE", response_id)
+        except ResponseNotFoundError:
+            await _on_stored(request, lambda store, tenant: store.delete(tenant, response_id))
+            raise  # gone upstream already: forgotten here too
     if not await _on_stored(request, lambda store, tenant: store.delete(tenant, response_id)):
         raise _not_found(response_id)
     if answer is not None:
@@ -444,15 +448,9 @@ async def _forget(state: GatewayState, held_by: str, response_id: str) -> None:
     _forgetting += 1
     try:
         async with asyncio.timeout(_FORGET_TIMEOUT_S):
-            answer = await _ask_upstream(state, held_by, "DELETE", response_id)
-        status = answer.status_code or 200
-        if status >= 400 and status != 404:  # 404: gone already
-            _log.warning(
-                "unclaimed_response_kept_upstream",
-                model=held_by,
-                response_id=response_id,
-                error=f"the upstream answered the DELETE with {status}",
-            )
+            await _ask_upstream(state, held_by, "DELETE", response_id)
+    except ResponseNotFoundError:
+        pass  # gone already
     except (GatewayError, TimeoutError) as exc:
         error = str(exc)[:200] or "no answer within 5 s"
         _log.warning("unclaimed_response_kept_upstream", model=held_by, response_id=response_id, error=error)
@@ -474,11 +472,9 @@ async def _ask_upstream(
     try:
         answer = await provider.forward(method, f"responses/{response_id}{rest}")
     except UpstreamStatusError as exc:
-        if exc.upstream_status >= 500 or exc.try_next:  # its failure, or the gateway's own configuration
-            raise
-        return Response(
-            content=exc.upstream_body or b"", status_code=exc.upstream_status, media_type="application/json"
-        )
+        if exc.upstream_status == 404:  # gone upstream (expired, or deleted there)
+            raise _not_found(response_id) from None
+        raise  # in the gateway's words: the upstream's body can name its organisation (a 429's)
     return Response(content=answer.content, status_code=answer.status_code, media_type="application/json")
 
 

@@ -723,6 +723,9 @@ async def _responses_handler(request: web.Request) -> web.StreamResponse:
 
 async def _stored_response_handler(request: web.Request) -> web.Response:
     state = request.app[_STATE]
+    fault = state.faults.popleft() if state.faults else _NO_FAULT  # OpenAI limits and fails these calls too
+    if fault.status is not None:
+        return _fault_response(fault, fault.status, anthropic=False)
     key, response_id = _api_key(request) or "", request.match_info["response_id"]
     stored = state.turns.get(key, response_id)
     if stored is None:

@@ -186,6 +186,25 @@ def test_a_tenant_cannot_read_continue_or_delete_another_tenants_upstream_respon
         alice.responses.retrieve(mine.id)
 
 
+def test_an_upstreams_refusal_to_read_or_delete_is_told_in_the_gateways_words_and_keeps_the_record(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t17: a 429 body naming the operator's organisation reached the tenant raw, and a DELETE the
+    upstream refused dropped the gateway's record, leaving the response upstream for good."""
+    alice = _client(gateway, "a1")
+    mine = alice.responses.create(model="codex", input="Keep this one.")
+    limited = '{"error": {"message": "Rate limit reached for org-op42 on requests per min", "type": "requests"}}'
+    inject(small_upstream, {"status": 429, "body": limited})
+    with pytest.raises(openai.RateLimitError) as read:
+        alice.responses.retrieve(mine.id)
+    assert "org-op42" not in str(read.value.body)
+    inject(small_upstream, {"status": 429, "body": limited})
+    with pytest.raises(openai.RateLimitError):
+        alice.responses.delete(mine.id)
+    assert alice.responses.retrieve(mine.id).id == mine.id  # still the tenant's to read and delete
+    alice.responses.delete(mine.id)
+
+
 def test_store_false_leaves_nothing_to_continue(gateway: GatewayProcess) -> None:
     client = _client(gateway)
     unstored = client.responses.create(model="codex", input="hello", store=False)

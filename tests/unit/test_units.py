@@ -126,12 +126,18 @@ def test_abandoned_probe_lets_the_next_request_probe() -> None:
 def test_an_upstreams_own_words_on_its_failures_and_limits_stay_with_the_operator() -> None:
     """Found by an outside tester: a 500's text (a proxy page, a traceback, a key it echoed) and
     a 429's (OpenAI's names the organisation and its limits) reached the tenant word for word."""
-    for status, words in ((500, "Traceback ... api_key=sk-op-123 at 10.0.3.7"), (429, "Rate limit for org-op42")):
+    words = "Traceback ... api_key=sk-op-123 at 10.0.3.7, org-op42"
+    for status in (500, 429, 408, 402, 405, 409, 404):  # t17 found 408 and the 4xx of the operator's setup too
         body = msgspec.json.encode({"error": {"message": words, "type": "server_error"}})
         error = UpstreamStatusError("small", status, words, body=body)
         assert error.message.startswith(f"upstream 'small': HTTP {status}") and words not in error.to_body().decode()
-    client_fault = UpstreamStatusError("small", 400, "Invalid 'temperature': 7", body=b'{"error": {"message": "x"}}')
+    page = b"<html><body>nginx at internal-host-7</body></html>"
+    proxied = UpstreamStatusError("small", 400, page.decode(), body=page)  # a proxy's page, not an API's error
+    assert "internal-host-7" not in proxied.to_body().decode() and proxied.status_code == 400
+    said = b'{"error": {"message": "Invalid \'temperature\': 7", "param": "temperature"}}'
+    client_fault = UpstreamStatusError("small", 400, "x", body=said)
     assert "Invalid 'temperature': 7" in client_fault.message  # the client's own mistake: told as the upstream says
+    assert client_fault.param == "temperature"
 
 
 def test_upstream_status_errors_map_to_client_statuses() -> None:
