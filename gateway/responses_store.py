@@ -74,7 +74,15 @@ class ResponseStore:
             return None  # written by an incompatible version: as good as gone
 
     async def save(self, tenant: str, response_id: str, record: StoredResponse) -> bool:
-        """Whether it was kept: not when the record alone is larger than the tenant's cap."""
+        """Whether it was kept: not when the record alone is larger than the tenant's cap.
+
+        A passed-through response's record (``held_by``) is outside the cap: evicting it would
+        leave the response at its upstream, where no tenant could reach or delete it. It is a
+        few hundred bytes for a paid upstream call."""
+        if record.held_by is not None:
+            key = keyspace.response(tenant, response_id)
+            await self._kv.put(key, _encoder.encode(record), RESPONSE_TTL_S, self._timeout_s)
+            return True
         deleted = await self._kv.put_bounded(
             keyspace.response(tenant, response_id),
             _encoder.encode(record),

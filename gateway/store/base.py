@@ -25,6 +25,8 @@ import numpy as np
 from gateway.accounting.usage import UsageFigures
 
 __all__ = [
+    "BOUNDED_ENTRY_BYTES",
+    "BOUNDED_EVICTIONS_AT_MOST",
     "PENDING_S",
     "Caps",
     "CounterScope",
@@ -40,6 +42,12 @@ __all__ = [
     "VectorIndex",
     "VectorMatch",
 ]
+
+BOUNDED_ENTRY_BYTES = 320
+"""What a key of a bounded collection costs Redis beyond its value (the key, its ledger entries,
+the objects' headers): a 46-byte record took ~390 bytes (an outside tester's measure)."""
+BOUNDED_EVICTIONS_AT_MOST = 1000
+"""Keys one store call deletes at most to make room: 200,000 held Redis (every tenant's) for a second."""
 
 PENDING_S = 3600
 """How long a reservation may stay unsettled before the tenant's next one undoes it (its process
@@ -83,10 +91,11 @@ class KeyValue(Protocol):
     async def put_bounded(
         self, key: str, value: bytes, ttl_s: int, ledger: str, max_bytes: int, timeout_s: float
     ) -> int | None:
-        """Store ``value`` for ``ttl_s`` and count its bytes in ``ledger`` (a tenant's collection:
-        the keys share its hash tag, and every key in it has the same ``ttl_s``); the ledger's
-        oldest keys are deleted until its total fits ``max_bytes``. How many were deleted, or
-        None (nothing stored) when ``value`` alone is larger than ``max_bytes``."""
+        """Store ``value`` for ``ttl_s`` and count it in ``ledger`` (a tenant's collection: the
+        keys share its hash tag, and every key in it has the same ``ttl_s``) as its bytes plus
+        :data:`BOUNDED_ENTRY_BYTES`; the ledger's oldest keys are deleted until its total fits
+        ``max_bytes``, at most :data:`BOUNDED_EVICTIONS_AT_MOST` of them. How many were deleted,
+        or None (nothing stored) when it does not fit even so."""
         ...
 
     async def delete_bounded(self, key: str, ledger: str, timeout_s: float) -> bool:

@@ -15,6 +15,8 @@ import numpy as np
 from gateway.accounting.usage import UsageFigures
 from gateway.store import keyspace
 from gateway.store.base import (
+    BOUNDED_ENTRY_BYTES,
+    BOUNDED_EVICTIONS_AT_MOST,
     PENDING_S,
     Caps,
     ReserveOutcome,
@@ -82,7 +84,8 @@ class MemoryKeyValue(_Outage):
         self, key: str, value: bytes, ttl_s: int, ledger: str, max_bytes: int, timeout_s: float
     ) -> int | None:
         self._check()
-        if len(value) > max_bytes:
+        size = len(value) + BOUNDED_ENTRY_BYTES
+        if size > max_bytes:
             return None
         now = self._clock()
         held = self._ledgers.setdefault(ledger, {})
@@ -90,12 +93,15 @@ class MemoryKeyValue(_Outage):
             del held[old]
         held.pop(key, None)
         deleted = 0
-        while held and sum(size for size, _ in held.values()) + len(value) > max_bytes:
+        while held and sum(weight for weight, _ in held.values()) + size > max_bytes:
+            if deleted == BOUNDED_EVICTIONS_AT_MOST:
+                self._values.pop(key, None)
+                return None
             oldest = next(iter(held))
             del held[oldest]
             self._values.pop(oldest, None)
             deleted += 1
-        held[key] = (len(value), now)
+        held[key] = (size, now)
         self._values[key] = (value, now + ttl_s)
         return deleted
 

@@ -12,6 +12,7 @@ from gateway.accounting.metrics import Metrics
 from gateway.auth import hash_key
 from gateway.simulated import SimulatedUpstream
 from gateway.store import keyspace
+from gateway.store.base import BOUNDED_ENTRY_BYTES
 from gateway.store.redis import SharedRedis, connect, redis_store
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 from tests.redis_cluster import LocalCluster, start_local_cluster
@@ -80,7 +81,7 @@ async def test_a_tenants_bounded_collection_evicts_on_its_own_slot(cluster: Loca
             ledger = keyspace.stored_responses(tenant)
             keys = [keyspace.response(tenant, f"r{i}") for i in range(3)]
             for key in keys:
-                await kv.put_bounded(key, b"x" * 100, 60, ledger, 250, 2.0)
+                await kv.put_bounded(key, b"x" * 100, 60, ledger, 2 * (100 + BOUNDED_ENTRY_BYTES), 2.0)
             assert await kv.get_many(keys, 2.0) == [None, b"x" * 100, b"x" * 100]
             assert await kv.delete_bounded(keys[2], ledger, 2.0) is True
     finally:

@@ -17,7 +17,16 @@ from gateway.accounting.metrics import Metrics
 from gateway.accounting.usage import UsageFigures
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.store import keyspace
-from gateway.store.base import Caps, CounterScope, ReserveRequest, SettleRequest, Store, StoreUnavailable
+from gateway.store.base import (
+    BOUNDED_ENTRY_BYTES,
+    BOUNDED_EVICTIONS_AT_MOST,
+    Caps,
+    CounterScope,
+    ReserveRequest,
+    SettleRequest,
+    Store,
+    StoreUnavailable,
+)
 from gateway.store.memory import memory_store
 from gateway.store.redis import SharedRedis, connect, redis_store
 
@@ -308,22 +317,37 @@ async def test_a_bounded_collection_drops_its_oldest_keys_past_its_bytes(store: 
     ledger, others = keyspace.stored_responses(tenant), keyspace.stored_responses(other)
     keys = [keyspace.response(tenant, f"r{i}") for i in range(4)]
     theirs = keyspace.response(other, "r0")
-    assert await store.kv.put_bounded(theirs, b"t" * 250, 60, others, 300, T) == 0
+    w, cap = BOUNDED_ENTRY_BYTES, 300 + 3 * BOUNDED_ENTRY_BYTES  # each key costs its bytes and w
+    assert await store.kv.put_bounded(theirs, b"t" * 250, 60, others, cap, T) == 0
     for key in keys[:3]:
-        assert await store.kv.put_bounded(key, b"x" * 100, 60, ledger, 300, T) == 0
+        assert await store.kv.put_bounded(key, b"x" * 100, 60, ledger, cap, T) == 0
         await asyncio.sleep(0.002)  # distinct times stored
-    assert await store.kv.put_bounded(keys[1], b"y" * 100, 60, ledger, 300, T) == 0  # replaced: counted once
-    assert await store.kv.put_bounded(keys[3], b"z" * 150, 60, ledger, 300, T) == 2  # the two oldest go
+    assert await store.kv.put_bounded(keys[1], b"y" * 100, 60, ledger, cap, T) == 0  # replaced: counted once
+    assert await store.kv.put_bounded(keys[3], b"z" * 150, 60, ledger, cap, T) == 2  # the two oldest go
     assert await store.kv.get_many(keys, T) == [None, b"y" * 100, None, b"z" * 150]
     assert await store.kv.get(theirs, T) == b"t" * 250  # another ledger: untouched
-    assert await store.kv.put_bounded(keys[0], b"w" * 301, 60, ledger, 300, T) is None  # alone over the cap
+    assert await store.kv.put_bounded(keys[0], b"w" * (cap - w + 1), 60, ledger, cap, T) is None  # alone over it
     assert await store.kv.get(keys[0], T) is None
     assert await store.kv.delete_bounded(keys[3], ledger, T) is True  # its bytes are free again
     assert await store.kv.delete_bounded(keys[3], ledger, T) is False
-    assert await store.kv.put_bounded(keys[2], b"v" * 200, 60, ledger, 300, T) == 0
+    assert await store.kv.put_bounded(keys[2], b"v" * 200, 60, ledger, cap, T) == 0
     assert await store.kv.get_many(keys[1:3], T) == [b"y" * 100, b"v" * 200]
-    assert await store.kv.put_bounded(keys[0], b"u" * 100, 60, ledger, 150, T) == 2  # a lower cap: both older go
+    assert await store.kv.put_bounded(keys[0], b"u" * 100, 60, ledger, 150 + w, T) == 2  # a lower cap: both go
     assert await store.kv.get_many(keys, T) == [b"u" * 100, None, None, None]
+
+
+async def test_one_call_deletes_a_bounded_number_of_keys(store: Store) -> None:
+    """200,000 small keys deleted in one call held Redis, every tenant's, for a second (t17)."""
+    tenant = _tenant()
+    ledger, w = keyspace.stored_responses(tenant), BOUNDED_ENTRY_BYTES
+    many = BOUNDED_EVICTIONS_AT_MOST + 1
+    for i in range(many):
+        assert await store.kv.put_bounded(keyspace.response(tenant, f"s{i}"), b"", 60, ledger, many * w, T) == 0
+    big = keyspace.response(tenant, "big")
+    assert await store.kv.put_bounded(big, b"b" * (many * w - w), 60, ledger, many * w, T) is None
+    assert await store.kv.get(big, T) is None
+    assert await store.kv.put_bounded(big, b"b" * (many * w - w), 60, ledger, many * w, T) == 1  # the rest
+    assert await store.kv.get(keyspace.response(tenant, f"s{many - 1}"), T) is None
 
 
 async def test_a_bounded_collections_expired_keys_free_their_bytes(store: Store) -> None:
@@ -333,9 +357,10 @@ async def test_a_bounded_collections_expired_keys_free_their_bytes(store: Store)
         keyspace.response(tenant, "a"),
         keyspace.response(tenant, "b"),
     )
-    assert await store.kv.put_bounded(first, b"x" * 200, 1, ledger, 300, T) == 0
+    cap = 300 + BOUNDED_ENTRY_BYTES
+    assert await store.kv.put_bounded(first, b"x" * 200, 1, ledger, cap, T) == 0
     await asyncio.sleep(1.1)
-    assert await store.kv.put_bounded(second, b"y" * 200, 1, ledger, 300, T) == 0  # nothing left to delete
+    assert await store.kv.put_bounded(second, b"y" * 200, 1, ledger, cap, T) == 0  # nothing left to delete
     assert await store.kv.get(second, T) == b"y" * 200
 
 

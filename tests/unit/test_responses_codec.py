@@ -426,6 +426,17 @@ def test_a_broken_stream_ends_with_response_failed() -> None:
     assert failed.store is False  # only completed turns are kept: none to look up or continue from
 
 
+async def test_a_passed_through_responses_record_is_outside_the_cap() -> None:
+    """Evicting it would leave the response upstream where no tenant could reach or delete it (t17:
+    0 upstream DELETEs for 173 records the cap pushed out)."""
+    kv = MemoryKeyValue()
+    store = ResponseStore(kv, lambda tenant: 1)  # a cap nothing fits in
+    for n in range(3):
+        assert await store.save("acme", f"resp_{n}", StoredResponse(held_by="gpt"))
+    assert [(await store.load("acme", f"resp_{n}")) for n in range(3)] == [StoredResponse(held_by="gpt")] * 3
+    assert not await store.save("acme", "resp_own", StoredResponse(response={"id": "resp_own"}))
+
+
 async def test_the_store_keeps_turns_per_tenant_and_deletes_them() -> None:
     kv = MemoryKeyValue()
     store = ResponseStore(kv, lambda tenant: 1 << 20)

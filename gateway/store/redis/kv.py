@@ -7,7 +7,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from gateway.store import keyspace
-from gateway.store.base import StoreUnavailable
+from gateway.store.base import BOUNDED_ENTRY_BYTES, BOUNDED_EVICTIONS_AT_MOST, StoreUnavailable
 from gateway.store.redis.client import SharedRedis
 
 __all__ = ["RedisKeyValue"]
@@ -24,7 +24,7 @@ return 1
 """
 
 _PUT_BOUNDED = """
-local size = string.len(ARGV[1])
+local size = string.len(ARGV[1]) + tonumber(ARGV[4])
 local ttl_ms = tonumber(ARGV[2]) * 1000
 local max = tonumber(ARGV[3])
 if size > max then return -1 end
@@ -43,6 +43,11 @@ for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - ttl_ms))
 forget(KEYS[1])
 local deleted = 0
 while total + size > max do
+  if deleted == tonumber(ARGV[5]) then
+    redis.call('HSET', KEYS[3], '#', total)
+    redis.call('DEL', KEYS[1])
+    return -1
+  end
   local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)
   if #oldest == 0 then
     total = 0
@@ -125,7 +130,7 @@ class RedisKeyValue:
         if script is None:
             raise StoreUnavailable
         keys = [key, ledger, f"{ledger}:bytes"]
-        args: list[bytes | int | str] = [value, ttl_s, max_bytes]
+        args: list[bytes | int | str] = [value, ttl_s, max_bytes, BOUNDED_ENTRY_BYTES, BOUNDED_EVICTIONS_AT_MOST]
         deleted = await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s)
         return None if deleted < 0 else int(deleted)
 
