@@ -684,23 +684,37 @@ def answer_from_message(
     )
 
 
-_BEYOND_THE_ANSWER = ("refusal", "audio", "function_call", "reasoning")
-"""Message fields the internal answer has no place for: a completion with one is not stored
-(``reasoning``: newer vLLM's name for ``reasoning_content``, which a replay would not carry;
-a stream with it is not stored either)."""
+_REBUILT = {
+    "completion": frozenset({"id", "object", "created", "model", "choices", "usage", "system_fingerprint",
+                             "service_tier", "provider", "obfuscation"}),
+    "choice": frozenset({"index", "message", "delta", "finish_reason", "stop_reason", "matched_stop"}),
+    "message": frozenset({"role", "content", "tool_calls", "reasoning_content", "thinking_blocks"}),
+}  # fmt: skip
+"""The fields of a completion, a choice and a message (or a stream's chunk, choice and delta) that
+a replay from the cache rebuilds or that change nothing a client reads (``provider``: OpenRouter's
+name of the server; ``obfuscation``: OpenAI's stream padding). Any other with a value (a refusal,
+logprobs, audio, annotations, Perplexity's ``citations``, OpenRouter's ``reasoning_details``, a
+field no one has named yet) keeps the answer out of the cache: a replay would drop it."""
+
+
+def beyond_the_answer(part: dict[str, Any], kind: str) -> bool:
+    """Whether ``part`` (a ``completion``, ``choice`` or ``message``) holds something a replay from
+    the cache would not give back."""
+    known = _REBUILT[kind]
+    return any(name not in known and value not in (None, "", [], {}, False) for name, value in part.items())
 
 
 def storable_answer(body: dict[str, Any]) -> Answer | None:
-    """The completion as the internal answer, when that holds all of it (one choice, no
-    logprobs, refusal, audio, annotations or legacy ``function_call``); None otherwise."""
+    """The completion as the internal answer, when that holds all of it (one choice, nothing a
+    replay would drop: see :data:`_REBUILT`); None otherwise."""
     choices = body.get("choices")
     if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
         return None
     choice = choices[0]
     message = choice.get("message")
-    if not isinstance(message, dict) or choice.get("logprobs") is not None or message.get("annotations"):
+    if not isinstance(message, dict) or beyond_the_answer(body, "completion"):
         return None
-    if any(message.get(name) is not None for name in _BEYOND_THE_ANSWER):
+    if beyond_the_answer(choice, "choice") or beyond_the_answer(message, "message"):
         return None
     return answer_from_completion(body)
 

@@ -106,11 +106,6 @@ class Completion:
     """Why the answer ended, in OpenAI's words, for the log (None: a passed-through answer)."""
 
 
-_NOT_REBUILT = ("reasoning", "refusal", "annotations", "audio")
-"""Delta fields the tally does not rebuild into the message: a stream with one is not stored
-(a replay would drop it), as a whole completion with one is not."""
-
-
 @dataclass(slots=True)
 class StreamTally:
     """What a stream said besides its chunks: identity, usage, finish, and the message its deltas
@@ -163,7 +158,7 @@ class StreamTally:
             self._take_thinking(block)
         for call in delta.get("tool_calls") or ():
             self._take_call(call)
-        if any(delta.get(name) for name in _NOT_REBUILT) or delta.get("function_call") is not None:
+        if openai_chat.beyond_the_answer(delta, "message"):  # a refusal, audio, a legacy function_call, ...
             self.replayable = False
 
     def message(self) -> dict[str, Any]:

@@ -359,6 +359,8 @@ def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:
     usage = usage_of(openai_chat.read_usage(chunk.get("usage")))
     if usage is not None:
         tally.usage = usage
+    if openai_chat.beyond_the_answer(chunk, "completion"):  # Perplexity's citations, ...: a replay would drop them
+        tally.replayable = False
     choices = chunk.get("choices")
     if choices and isinstance(choices, list):
         choice = choices[0]
@@ -366,7 +368,7 @@ def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:
             delta = choice.get("delta")
             if isinstance(delta, dict):
                 tally.take_delta(delta)
-            if choice.get("logprobs") is not None:  # a replay would have none
+            if openai_chat.beyond_the_answer(choice, "choice"):  # logprobs, ...
                 tally.replayable = False
             if choice.get("finish_reason"):
                 tally.finish_reason = choice["finish_reason"]

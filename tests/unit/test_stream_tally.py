@@ -64,3 +64,22 @@ def test_a_stream_the_tally_cannot_rebuild_is_not_stored() -> None:
     text_only = StreamTally()
     text_only.take_delta({"content": "hi"})
     assert text_only.message() == {"role": "assistant", "content": "hi"}
+
+
+def test_only_what_a_replay_rebuilds_is_stored_whole_or_streamed() -> None:
+    """A list of fields known to be lost missed Perplexity's citations and OpenRouter's
+    reasoning_details (t17): what the replay rebuilds is listed instead, anything else keeps
+    the answer out of the cache."""
+    from gateway.protocols.openai_chat import storable_answer
+
+    message: dict[str, Any] = {"role": "assistant", "content": "Paris.", "refusal": None, "annotations": []}
+    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+    plain: dict[str, Any] = {"id": "c", "object": "chat.completion", "model": "m", "provider": "OpenAI",
+             "choices": [choice]}  # fmt: skip
+    assert storable_answer(plain) is not None  # empty and null fields, and a server's name, lose nothing
+    assert storable_answer({**plain, "citations": ["https://example.org"]}) is None
+    odd_message = {**message, "reasoning_details": [{"type": "reasoning.text", "text": "..."}]}
+    assert storable_answer({**plain, "choices": [{**choice, "message": odd_message}]}) is None
+    streamed = StreamTally()
+    streamed.take_delta({"content": "Paris", "reasoning_details": [{"type": "reasoning.text"}]})
+    assert not streamed.replayable
