@@ -107,7 +107,10 @@ def convert_policy(data: Mapping[str, Any], problems: Problems) -> tuple[Policy 
     for name, value in data.items():
         field = fields.get(name)
         if field is None:
-            problems.add((name,), f"unknown section; sections are: {', '.join(fields)}")
+            shown = _shown_key(name)
+            problems.add(
+                (shown,), f"unknown section; sections are: {', '.join(fields)}", line=problems.line_of((name,))
+            )
             continue
         converted = _convert(value, field.type, (name,), problems)
         if converted is _INVALID:
@@ -156,9 +159,17 @@ def _convert(data: Any, tp: Any, path: Path, problems: Problems) -> Any:
     return _leaf(data, tp, path, problems)
 
 
-_FIELD_LIKE = re.compile(r"[a-z][a-z0-9_]{0,39}")
-"""What a mistyped field name looks like; any other key is not shown (a secret pasted as a key
-would reach the log): its line says where it is."""
+_FIELD_LIKE = re.compile(r"[a-z]+(?:_[a-z0-9]+)*")
+"""What a mistyped field name looks like: lowercase words joined by ``_``. Any other key is not
+shown (a secret pasted as a key would reach the log): its line says where it is."""
+
+
+def _shown_key(key: Any) -> str:
+    text = str(key)
+    digits = sum(char.isdigit() for char in text)
+    if len(text) <= 40 and digits <= 3 and _FIELD_LIKE.fullmatch(text):
+        return text
+    return "(a key that is no field name)"
 
 
 def _struct(data: Any, cls: type[msgspec.Struct], path: Path, problems: Problems) -> Any:
@@ -173,8 +184,7 @@ def _struct(data: Any, cls: type[msgspec.Struct], path: Path, problems: Problems
         if field is None:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"fields are: {', '.join(fields)}"
-            shown = str(key) if _FIELD_LIKE.fullmatch(str(key)) else "(a key that is no field name)"
-            problems.add((*path, shown), f"unknown field; {hint}", line=problems.line_of((*path, key)))
+            problems.add((*path, _shown_key(key)), f"unknown field; {hint}", line=problems.line_of((*path, key)))
             valid = False
             continue
         converted = _convert(value, field.type, (*path, key), problems)

@@ -214,6 +214,10 @@ def test_a_key_that_is_no_field_name_is_not_quoted() -> None:
     [message] = problems(VALID.replace("tier: large", "tier: large\n    sk-PASTEDSECRET-4444: 9"))
     assert message.startswith("models.l.(a key that is no field name) (line 12): unknown field")
     assert "PASTED" not in message
+    # at the top level too, and a lowercase hex token (t17 found both shown)
+    found = problems(VALID + "sk-TOPLEVELSECRET-1: 1\n" + "d41d8cd98f00b204e9800998ecf8427e: 1\n")
+    assert len(found) == 2 and not any("TOPLEVEL" in p or "d41d8cd9" in p for p in found), found
+    assert all("(a key that is no field name)" in p and "(line " in p for p in found)
 
 
 def test_merge_keys_and_unknown_tags_are_problems_not_crashes() -> None:
