@@ -601,6 +601,17 @@ def chat_finish_reason(reason: FinishReason | None) -> str | None:
     return None if reason is None else _CHAT_FINISH[reason]
 
 
+def _usage_of(usage: Usage) -> dict[str, Any]:
+    """The internal usage on the wire, reasoning tokens included when there were some (a cache
+    hit dropped them: t12)."""
+    return usage_body(
+        usage.input_tokens,
+        usage.output_tokens,
+        cached_tokens=usage.cached_input_tokens,
+        reasoning_tokens=usage.reasoning_tokens or None,
+    )
+
+
 def completion_from_answer(answer: Answer, usage: Usage | None) -> bytes:
     """The answer as a ``chat.completion`` (the reverse of :func:`answer_from_completion`);
     ``usage`` None: the upstream reported none, and the completion carries none."""
@@ -611,8 +622,7 @@ def completion_from_answer(answer: Answer, usage: Usage | None) -> bytes:
             message["thinking_blocks"] = [_part(p) for p in answer.thinking]
     if answer.tool_calls:
         message["tool_calls"] = _tool_calls(answer.tool_calls)
-    wire = None if usage is None else usage_body(usage.input_tokens, usage.output_tokens,
-                                                 cached_tokens=usage.cached_input_tokens)  # fmt: skip
+    wire = None if usage is None else _usage_of(usage)
     return completion_body(
         answer.id or None, None, answer.model or None, message, chat_finish_reason(answer.finish_reason), wire
     )
@@ -739,7 +749,7 @@ def stream_from_answer(answer: Answer, created: int, include_usage: bool) -> lis
         elif isinstance(delta, UsageReport):
             if include_usage:
                 usage = delta.usage
-                wire = usage_body(usage.input_tokens, usage.output_tokens, cached_tokens=usage.cached_input_tokens)
+                wire = _usage_of(usage)
                 events.append(event(None, usage=wire))  # as a non-streamed replay's (completion_from_answer)
         else:
             events.append(event(chunk_delta(delta)))

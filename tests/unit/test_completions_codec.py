@@ -190,3 +190,14 @@ def test_a_stream_without_include_usage_has_no_usage_frame_and_echo_comes_first(
     assert [frame["choices"][0]["text"] for frame in frames[:-1]] == ["Say: ", "Hel", "lo", ""]
     assert frames[-2]["choices"][0]["finish_reason"] == "stop"
     assert isinstance(frames[0]["created"], int)
+
+
+def test_a_replayed_answer_reports_its_reasoning_tokens() -> None:
+    """A cache hit's usage dropped completion_tokens_details.reasoning_tokens (t12: 90 became None)."""
+    answer = Answer(id="c", model="m", text="42", finish_reason="stop",
+                    usage=Usage(input_tokens=10, output_tokens=100, reasoning_tokens=90))  # fmt: skip
+    whole = msgspec.json.decode(openai_chat.completion_from_answer(answer, answer.usage))
+    assert whole["usage"]["completion_tokens_details"] == {"reasoning_tokens": 90}
+    events = openai_chat.stream_from_answer(answer, 0, include_usage=True)
+    last = msgspec.json.decode(events[-2].removeprefix(b"data: "))
+    assert last["usage"]["completion_tokens_details"] == {"reasoning_tokens": 90}
