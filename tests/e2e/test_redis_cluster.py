@@ -86,3 +86,17 @@ async def test_a_tenants_bounded_collection_evicts_on_its_own_slot(cluster: Loca
             assert await kv.delete_bounded(keys[2], ledger, 2.0) is True
     finally:
         await shared.aclose()
+
+
+async def test_a_usage_batch_over_tenants_on_every_slot_counts_once(cluster: LocalCluster) -> None:
+    from gateway.accounting.usage import UsageFigures
+
+    shared = SharedRedis(connect(cluster.url, timeout_s=2), Metrics())
+    counters = redis_store(shared).counters
+    try:
+        sums = {keyspace.usage(f"batch-{n}", "k", "20261202")[0]: UsageFigures(requests=1) for n in range(6)}
+        for _ in range(2):  # sent again after a lost answer: each tenant's part once
+            await counters.add_usage(sums, [], {}, 2.0, batch="cluster-b1")
+        assert [figures.requests for figures in await counters.read_usage(list(sums), 2.0)] == [1] * 6
+    finally:
+        await shared.aclose()
