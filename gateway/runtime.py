@@ -304,9 +304,11 @@ _QUOTED_VALUE = re.compile(
 
 
 def _loggable(problems: list[str]) -> list[str]:
-    """The problems without the values they quote: a value may be a key's secret pasted where its
-    hash goes, or an upstream's key from ``${VAR}`` in the wrong field. The operational log is
-    shipped elsewhere; ``/readyz`` shows the whole text to an admin key, ``gateway check`` to ops."""
+    """The problems without the values they quote ('...' or "..."): a value may be a key's secret
+    pasted where its hash goes, or an upstream's key from ``${VAR}`` in the wrong field. Names the
+    gateway itself writes (fields, sections, what to write instead) are in backticks and stay.
+    The operational log is shipped elsewhere; ``/readyz`` shows the whole text to an admin key,
+    ``gateway check`` to ops."""
     return [_QUOTED_VALUE.sub("'…'", problem) for problem in problems]
 
 
@@ -315,15 +317,15 @@ def _refuse_weakening_by_omission(current: LoadedPolicy, new: LoadedPolicy) -> N
     if current.policy.tenants and "tenants" not in new.sections:
         raise ConfigError(
             new.source,
-            ["'tenants' is missing while the policy in force has tenants (write 'tenants: {}' to remove them all)"],
+            ["`tenants` is missing while the policy in force has tenants (write `tenants: {}` to remove them all)"],
         )
     if current.key_file_keys and new.policy.auth.key_file and new.key_file_keys is None:
         raise ConfigError(
             new.source,
             [
-                f"auth.key_file {new.policy.auth.key_file!r} is missing, empty or has no 'keys' list while the "
-                f"policy in force has {current.key_file_keys} keys from {current.policy.auth.key_file!r} "
-                "(write 'keys: []' there to remove them all)"
+                f"auth.key_file `{new.policy.auth.key_file}` is missing, empty or has no `keys` list while the "
+                f"policy in force has {current.key_file_keys} keys from `{current.policy.auth.key_file}` "
+                "(write `keys: []` there to remove them all)"
             ],
         )
 

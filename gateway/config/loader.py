@@ -290,6 +290,7 @@ class _NodeReader:
             value, unset = _with_placeholders(node.value, self._environ)
             if unset:  # a placeholder stands in, so the rest of the file is still checked
                 if self._notes is not None:
+                    self._problems.standing_in.add(path)
                     where = f"{dotted(path)} (line {node.start_mark.line + 1})"
                     self._notes += [
                         f"{name} is not set: {where} needs it to serve (or give a default)" for name in unset

@@ -46,6 +46,9 @@ class Problems:
         """The line of each path read from the file (filled in as it is read)."""
         self.messages = [] if messages is None else messages
         self._prefix = f"{file}: " if file else ""
+        self.standing_in: set[Path] = set()
+        """Paths whose value is a placeholder for an unset ``${VAR}`` (``gateway check``): what is
+        wrong with it is the placeholder's, not the file's, and is not said."""
 
     def sibling(self, file: str) -> Problems:
         """Problems of another file (the key file), added to the same list and naming that file."""
@@ -53,6 +56,8 @@ class Problems:
 
     def add(self, path: Path, reason: str, *, line: int | None = None, in_file: bool = True) -> None:
         """``line``: where it is, when not where ``path`` starts; ``in_file``: False when ``path`` is not written at all."""
+        if path in self.standing_in:
+            return
         line = (line or self.line_of(path)) if in_file else None
         self.messages.append(
             f"{self._prefix}{dotted(path) or '(top level)'}{f' (line {line})' if line else ''}: {reason}"
@@ -183,7 +188,7 @@ def _struct(data: Any, cls: type[msgspec.Struct], path: Path, problems: Problems
         field = fields.get(key)
         if field is None:
             close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"fields are: {', '.join(fields)}"
+            hint = f"did you mean `{close[0]}`?" if close else f"fields are: {', '.join(fields)}"
             problems.add((*path, _shown_key(key)), f"unknown field; {hint}", line=problems.line_of((*path, key)))
             valid = False
             continue
@@ -194,7 +199,7 @@ def _struct(data: Any, cls: type[msgspec.Struct], path: Path, problems: Problems
             values[field.name] = converted
     missing = [name for name, field in fields.items() if _required(field) and name not in data]
     for name in missing:
-        problems.add(path, f"missing required field {name!r}")
+        problems.add(path, f"missing required field `{name}`")
     return cls(**values) if valid and not missing else _INVALID
 
 
@@ -211,7 +216,7 @@ def _reason(data: Any, tp: Any, message: str) -> str:
     bare, metas = _without_constraints(tp)
     literals = [arg for arg in _union_args(bare) if typing.get_origin(arg) is typing.Literal]
     if literals:
-        allowed = [repr(value) for literal in literals for value in typing.get_args(literal)]
+        allowed = [f"`{value}`" for literal in literals for value in typing.get_args(literal)]
         return f"must be one of {', '.join(allowed)}, got {_shown(data)}"
     if metas and _fits(data, bare):  # the type is right, a constraint is not met
         shown = "a value not shown here" if any((m.extra or {}).get("secret") for m in metas) else _shown(data)

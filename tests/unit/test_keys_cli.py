@@ -76,7 +76,7 @@ def test_an_invalid_auth_section_is_reported_by_field_and_line(
 ) -> None:
     policy.write_text(POLICY.replace("mode: keys", "mode: key"))
     assert _new(policy) == 1
-    assert "auth.mode (line 8): must be one of 'none', 'keys', got 'key'" in capsys.readouterr().err
+    assert "auth.mode (line 8): must be one of `none`, `keys`, got 'key'" in capsys.readouterr().err
     assert not (policy.parent / "keys.yaml").exists()
 
 

@@ -206,7 +206,7 @@ def test_problems_across_sections_and_rules_come_together() -> None:
 
 def test_unknown_field_suggests_the_close_one() -> None:
     [message] = problems(VALID.replace("tier: large", "tier: large\n    context_windw: 9"))
-    assert message == "models.l.context_windw (line 12): unknown field; did you mean 'context_window'?"
+    assert message == "models.l.context_windw (line 12): unknown field; did you mean `context_window`?"
 
 
 def test_a_key_that_is_no_field_name_is_not_quoted() -> None:
@@ -321,7 +321,7 @@ def test_load_keys_reads_only_auth_and_the_key_file(tmp_path: Path) -> None:
     path.write_text(policy.replace("mode: keys", "mode: some"))
     with pytest.raises(ConfigError) as caught:
         load_keys(path, environ={})
-    assert caught.value.problems == ["auth.mode (line 15): must be one of 'none', 'keys', got 'some'"]
+    assert caught.value.problems == ["auth.mode (line 15): must be one of `none`, `keys`, got 'some'"]
 
 
 def test_libyaml_and_pure_python_composers_agree_on_lines() -> None:
@@ -449,3 +449,12 @@ def test_a_file_that_is_not_a_policy_is_refused_without_quoting_it(tmp_path: Pat
     assert problems(VALID.replace("input: 0.1", "input: .inf")) == [
         "models.s.price.input (line 5): must be a finite number, got inf"
     ]
+
+
+def test_check_notes_an_unset_variable_in_a_number_field_and_finds_nothing_wrong() -> None:
+    """t22: `gateway check` failed on `${VAR}` in a number or true/false field: the placeholder
+    that stands in for it is a URL, and that was judged instead of the file."""
+    text = VALID.replace("${S_CTX:-4096}", "${MY_CONTEXT_WINDOW}")
+    loaded = load_policy_text(text, environ={}, unset_ok=True)
+    assert any("MY_CONTEXT_WINDOW is not set" in note for note in loaded.warnings)
+    assert "MY_CONTEXT_WINDOW" in problems(text)[0]  # serving still needs it

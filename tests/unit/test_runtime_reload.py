@@ -35,7 +35,7 @@ async def test_a_key_file_emptied_or_lost_is_refused_unless_it_says_keys_empty(m
     for emptied in ("", "# nothing here\n"):
         keys.write_text(emptied)
         assert not await holder.reload("test", settle=False)
-        assert "key_file 'keys.yaml' is missing, empty or has no 'keys' list" in (holder.last_reload_error or "")
+        assert "key_file `keys.yaml` is missing, empty or has no `keys` list" in (holder.last_reload_error or "")
         assert "carol" in {key.id for key in holder.current.policy.auth.keys}
     keys.unlink()
     assert not await holder.reload("test", settle=False)
@@ -73,3 +73,14 @@ def test_a_rejected_values_text_is_left_out_of_the_log_even_cut_short() -> None:
 
     cut = "models.s.base_url (line 4): expected a URL, got 'sk-proj-0123456789abcdef0123456789abcdef0123456789..."
     assert _loggable([cut]) == ["models.s.base_url (line 4): expected a URL, got '…'"]
+
+
+def test_the_log_keeps_the_names_the_gateway_writes_and_drops_the_values_it_quotes() -> None:
+    """t22: the redaction blanked the gateway's own words too ("'…' is missing ... (write '…')")."""
+    from gateway.runtime import _loggable
+
+    said = [
+        "`tenants` is missing while the policy in force has tenants (write `tenants: {}` to remove them all)",
+        "limits.on_redis_error (line 3): must be one of `open`, `closed`, got 'sk-proj-secret'",
+    ]
+    assert _loggable(said) == [said[0], "limits.on_redis_error (line 3): must be one of `open`, `closed`, got '…'"]
