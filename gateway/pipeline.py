@@ -433,7 +433,7 @@ class ChatPipeline:
         x.cache = plan = plan_cache(policy, x.record.tenant, x.plan.route, x.request, cache_control, x.directives)
         if plan is None:
             return None
-        x.record.cache = "miss"
+        x.record.cache = "miss" if plan.read else "bypass"  # no-cache: not looked up (the answer is stored)
         timeout_s = policy.redis_timeout_ms / 1000
         if plan.read:
             try:
