@@ -376,7 +376,7 @@ def encode_request(request: Request, model: str, *, stream: bool) -> dict[str, A
         payload["stop_sequences"] = request.stop
     if request.user:
         payload["metadata"] = {"user_id": request.user}
-    if request.thinking is not None:
+    if request.thinking is not None and _thinking_can_go_on(turns):
         payload["thinking"] = request.thinking
     if request.json_schema is not None:
         payload["output_config"] = {"format": {"type": "json_schema", "schema": request.json_schema}}
@@ -393,6 +393,22 @@ def encode_request(request: Request, model: str, *, stream: bool) -> dict[str, A
     if stream:
         payload["stream"] = True
     return payload
+
+
+def _thinking_can_go_on(turns: list[dict[str, Any]]) -> bool:
+    """Whether Anthropic takes ``thinking`` for these turns: with it on, the last assistant turn
+    that called tools must open with its (signed) thinking. One answered by another model of the
+    route (a fallback to a chat server, whose reasoning Anthropic did not sign) has none, and
+    every later turn of that tool loop would be refused with a 400, no fallback tried (t21).
+    Anthropic's own advice for that case: the request goes without ``thinking``."""
+    for turn in reversed(turns):
+        if turn["role"] != "assistant":
+            continue
+        blocks = turn["content"]
+        if isinstance(blocks, str) or not any(block.get("type") == "tool_use" for block in blocks):
+            return True
+        return blocks[0].get("type") in ("thinking", "redacted_thinking")
+    return True
 
 
 def _turns(messages: list[Message]) -> tuple[str | list[Block], list[dict[str, Any]]]:

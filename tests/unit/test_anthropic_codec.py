@@ -579,3 +579,23 @@ async def test_a_replayed_hits_message_start_counts_cache_reads_apart() -> None:
     events = [event async for event in _events(hit, "msg_1", "m")]
     start = json.loads(events[0].split(b"data: ", 1)[1].split(b"\n", 1)[0])["message"]["usage"]
     assert (start["input_tokens"], start["cache_read_input_tokens"], start["output_tokens"]) == (40, 60, 0)
+
+
+def test_thinking_goes_without_the_signed_thinking_of_a_turn_another_model_answered() -> None:
+    """A fallback to a chat server answered one turn of a thinking tool loop: its reasoning is not
+    Anthropic's, so that turn opens with the tool call, and Anthropic refused every later turn
+    (400, no fallback tried: t21). The request then goes without ``thinking``, as Anthropic advises."""
+    call = {"type": "tool_use", "id": "toolu_1", "name": "ls", "input": {}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.py"}
+    thinking = {"type": "enabled", "budget_tokens": 2048}
+
+    def sent(assistant: list[dict[str, Any]]) -> dict[str, Any]:
+        messages = [{"role": "user", "content": "list files"}, {"role": "assistant", "content": assistant},
+                    {"role": "user", "content": [result]}]  # fmt: skip
+        return anthropic.encode_request(_decode(messages=messages, thinking=thinking), "claude", stream=False)
+
+    signed = {"type": "thinking", "thinking": "ls it", "signature": "sig"}
+    assert sent([signed, call])["thinking"] == thinking
+    assert "thinking" not in sent([{"type": "text", "text": "Listing."}, call])  # answered by a chat server
+    plain = [{"role": "user", "content": "hi"}]
+    assert anthropic.encode_request(_decode(messages=plain, thinking=thinking), "claude", stream=False)["thinking"]
