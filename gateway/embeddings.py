@@ -188,7 +188,7 @@ class EmbeddingsPipeline:
         assert provider is not None
         if provider.name != primary:  # its vectors answer the whole batch and are not cached under the primary's keys
             write = False
-            missing, hit_tokens = list(range(len(inputs))), 0
+            missing, hit_tokens, found = list(range(len(inputs))), 0, [None] * len(inputs)
         record.model, record.provider, record.upstream_status = provider.name, provider.kind, 200
         billed = answered.prompt_tokens if answered.prompt_tokens is not None else sum(counts[i] for i in missing)
         record.tokens_source = "upstream" if answered.prompt_tokens is not None else "gateway"

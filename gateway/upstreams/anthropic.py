@@ -54,8 +54,6 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-import msgspec
-
 from gateway.core import model as core
 from gateway.core.model import Answer, Delta, Finish, TextDelta, ThinkingPart, UsageReport
 from gateway.errors import GatewayError, InvalidRequestError, UpstreamProtocolError, UpstreamStatusError
@@ -80,6 +78,10 @@ __all__ = ["AnthropicProvider"]
 
 ANTHROPIC_VERSION = "2023-06-01"
 _MESSAGES_PATH = "v1/messages"
+
+
+_MOST_TOKENS = 100_000_000
+"""More input tokens than any model reads: a count beyond it is the upstream's fault."""
 
 
 class AnthropicProvider(Provider):
@@ -128,7 +130,9 @@ class AnthropicProvider(Provider):
         counted = decode_json_object(self.name, response.content).get("input_tokens")
         if not isinstance(counted, int) or isinstance(counted, bool):
             raise UpstreamProtocolError(self.name, "count_tokens answered no input_tokens")
-        if not 0 <= counted <= len(msgspec.json.encode(payload)):  # a token is at least a byte of the request
+        if (
+            not 0 <= counted <= _MOST_TOKENS
+        ):  # a PDF by file_id or an image by URL counts far beyond the request's bytes
             raise UpstreamProtocolError(self.name, f"count_tokens answered an implausible count ({counted})")
         return counted
 

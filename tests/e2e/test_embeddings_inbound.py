@@ -219,3 +219,24 @@ def test_cached_vectors_of_another_size_than_the_servers_are_never_mixed_in(
         inject(small_upstream, {"status": 200, "body": json.dumps(other_model)})
         mixed = client.embeddings.create(model="embed", input=[known, new], encoding_format="float")
     assert len({len(item.embedding) for item in mixed.data}) == 1  # one space: the batch embedded again whole
+
+
+def test_a_fallback_of_another_size_is_asked_once(
+    gateway_with_cache: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """The size check compared a fallback's vectors with the primary's cached ones and embedded
+    the batch again: called and billed twice (t19)."""
+    import json
+
+    known, new = "theta vector space text", "iota vector space text"
+    two = {"object": "list", "model": "embed-large", "usage": {"prompt_tokens": 9, "total_tokens": 9},
+           "data": [{"object": "embedding", "index": i, "embedding": [0.5] * 8} for i in range(2)]}  # fmt: skip
+    with _client(gateway_with_cache, "key-a") as client:
+        client.embeddings.create(model="vectors", input=[known])  # cached for the primary
+        inject(small_upstream, {"status": 503}, {"status": 503})
+        inject(large_upstream, {"status": 200, "body": json.dumps(two)})
+        before = upstream_stats(large_upstream)["embeddings_requests"]
+        raw = client.embeddings.with_raw_response.create(model="vectors", input=[known, new], encoding_format="float")
+    assert upstream_stats(large_upstream)["embeddings_requests"] == before + 1
+    assert [len(item.embedding) for item in raw.parse().data] == [8, 8]
+    assert gateway_with_cache.wait_for_record(raw.headers["x-request-id"])["prompt_tokens"] == 9

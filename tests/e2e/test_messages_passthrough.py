@@ -284,6 +284,10 @@ def test_count_tokens_is_the_anthropic_models_own_count(
         inject(large_upstream, {"status": 200, "body": f'{{"input_tokens": {count}}}'})
         implausible = httpx.post(f"{gateway.url}/v1/messages/count_tokens", json=body, headers={"x-api-key": "k"})
         assert implausible.status_code == 200 and 0 < implausible.json()["input_tokens"] < 2000  # the gateway's own
+    inject(large_upstream, {"status": 200, "body": '{"input_tokens": 60000}'})  # a PDF by file_id: beyond the bytes
+    assert httpx.post(f"{gateway.url}/v1/messages/count_tokens", json=body, headers={"x-api-key": "k"}).json() == {
+        "input_tokens": 60000
+    }
 
 
 def test_a_route_that_may_reach_another_upstream_still_refuses_what_it_cannot_carry(gateway: GatewayProcess) -> None:
