@@ -696,15 +696,18 @@ def answer_from_message(
 
 _REBUILT = {
     "completion": frozenset({"id", "object", "created", "model", "choices", "usage", "system_fingerprint",
-                             "service_tier", "provider", "obfuscation"}),
-    "choice": frozenset({"index", "message", "delta", "finish_reason", "stop_reason", "matched_stop"}),
+                             "service_tier", "provider", "obfuscation", "prompt_filter_results", "x_groq"}),
+    "choice": frozenset({"index", "message", "delta", "finish_reason", "stop_reason", "matched_stop",
+                         "native_finish_reason", "content_filter_results"}),
     "message": frozenset({"role", "content", "tool_calls", "reasoning_content", "thinking_blocks"}),
 }  # fmt: skip
 """The fields of a completion, a choice and a message (or a stream's chunk, choice and delta) that
-a replay from the cache rebuilds or that change nothing a client reads (``provider``: OpenRouter's
-name of the server; ``obfuscation``: OpenAI's stream padding). Any other with a value (a refusal,
-logprobs, audio, annotations, Perplexity's ``citations``, OpenRouter's ``reasoning_details``, a
-field no one has named yet) keeps the answer out of the cache: a replay would drop it."""
+a replay from the cache rebuilds or that tell about the serving, not the answer: ``provider`` and
+``native_finish_reason`` (OpenRouter), ``obfuscation`` (OpenAI's stream padding), the content
+filters' results (Azure OpenAI), ``x_groq`` (Groq's ids and timings). Any other with a value (a
+refusal, logprobs, audio, annotations, Perplexity's ``citations``, OpenRouter's
+``reasoning_details``, a field no one has named yet) keeps the answer out of the cache: a replay
+would drop it."""
 
 
 def beyond_the_answer(part: dict[str, Any], kind: str) -> bool:

@@ -77,6 +77,9 @@ def test_only_what_a_replay_rebuilds_is_stored_whole_or_streamed() -> None:
     plain: dict[str, Any] = {"id": "c", "object": "chat.completion", "model": "m", "provider": "OpenAI",
              "choices": [choice]}  # fmt: skip
     assert storable_answer(plain) is not None  # empty and null fields, and a server's name, lose nothing
+    served = {**plain, "x_groq": {"id": "req_1"}, "prompt_filter_results": [{"prompt_index": 0}],
+              "choices": [{**choice, "native_finish_reason": "stop", "content_filter_results": {}}]}  # fmt: skip
+    assert storable_answer(served) is not None  # t19: Groq, Azure and OpenRouter answers were never cached
     assert storable_answer({**plain, "citations": ["https://example.org"]}) is None
     odd_message = {**message, "reasoning_details": [{"type": "reasoning.text", "text": "..."}]}
     assert storable_answer({**plain, "choices": [{**choice, "message": odd_message}]}) is None
