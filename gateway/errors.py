@@ -262,6 +262,8 @@ class UpstreamStatusError(UpstreamError):
             self.param = _context_param(error)
             self.retryable, self.try_next = False, True
             self.message = f"upstream '{upstream}': HTTP {status}: {_its_words(error)}"
+        elif status in _THE_REQUESTS_FAULT and _about_the_account(error):
+            self._misconfigured("the upstream refused the gateway's account (its billing or verification)")
         elif status in _THE_REQUESTS_FAULT:
             self.status_code = status
             self.error_type = "invalid_request_error"
@@ -281,6 +283,16 @@ class UpstreamStatusError(UpstreamError):
         self.code = "upstream_misconfigured"
         self.retryable, self.try_next = False, True
         self.message = f"upstream '{self.upstream}': HTTP {self.upstream_status}: {why}"
+
+
+_ACCOUNT_PHRASES = ("credit balance", "billing", "must be verified", "payment", "account is not active")
+"""A 400 that blames the operator's account, not the request (Anthropic's "Your credit balance is too
+low", OpenAI's "Your organization must be verified"): the route's next model may answer."""
+
+
+def _about_the_account(error: dict[str, Any]) -> bool:
+    message = error.get("message")
+    return isinstance(message, str) and any(phrase in message.lower() for phrase in _ACCOUNT_PHRASES)
 
 
 def _its_words(error: dict[str, Any]) -> str:

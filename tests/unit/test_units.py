@@ -138,6 +138,12 @@ def test_an_upstreams_own_words_on_its_failures_and_limits_stay_with_the_operato
     client_fault = UpstreamStatusError("small", 400, "x", body=said)
     assert "Invalid 'temperature': 7" in client_fault.message  # the client's own mistake: told as the upstream says
     assert client_fault.param == "temperature"
+    for words in ("Your credit balance is too low to access the Anthropic API.",
+                  "Your organization must be verified to stream this model."):  # fmt: skip
+        body = msgspec.json.encode({"error": {"message": words, "type": "invalid_request_error"}})
+        account = UpstreamStatusError("small", 400, "x", body=body)  # t19: the operator's, and the next model is tried
+        assert (account.status_code, account.code, account.try_next) == (502, "upstream_misconfigured", True)
+        assert words not in account.message
 
 
 def test_upstream_status_errors_map_to_client_statuses() -> None:
