@@ -68,11 +68,14 @@ class _Batch:
 
 
 def _unrecorded(batch: _Batch, reason: str) -> None:
-    """Said with what it held (each request is in its key's sums and its tenant's: counted once)."""
+    """Said with what it held and whose it was (each request is in its key's sums and its tenant's:
+    counted once; key ids are unique in a policy, tenants are hashed in the key names)."""
+    keys = sorted({name.split(":use:k:", 1)[1].rsplit(":", 1)[0] for name in batch.sums if ":use:k:" in name})
     _log.warning(
         "usage_unrecorded",
         requests=sum(figures.requests for figures in batch.sums.values()) // 2,
         cost_usd=round(sum(figures.cost_usd for figures in batch.sums.values()) / 2, 6),
+        key_ids=keys,
         reason=reason,
     )
 

@@ -75,6 +75,8 @@ class Reservation:
     """Where the store says whether this reservation was made, and settled (``keyspace.reservation``)."""
     answered: bool = True
     """The reservation call answered, so it was made; False: it timed out, and only its mark can tell."""
+    owner: tuple[str, str] = ("", "")
+    """The tenant and key id, for a log line that says whose usage was lost."""
 
 
 @dataclass(slots=True)
@@ -88,7 +90,23 @@ class _Word:
     month: str
     spent_day: float
     spent_month: float
-    unanswered_usd: float = 0.0
+    since_day: float = 0.0
+    """USD let through since the word (estimates, corrected to costs when their settlements do not
+    land), this day; ``since_month``, this month."""
+    since_month: float = 0.0
+
+    def at(self, day: str, month: str, limits: Limits) -> None:
+        """Carried into a later day or month, on which the store's word says nothing."""
+        if month != self.month:
+            self.month, self.since_month = month, 0.0
+            self.spent_month = _unknown_share(limits.usd_per_month)
+        if day != self.day:
+            self.day, self.since_day = day, 0.0
+            self.spent_day = _unknown_share(limits.usd_per_day)
+
+    def add(self, usd: float) -> None:
+        self.since_day += usd
+        self.since_month += usd
 
 
 class Limiter:
@@ -124,6 +142,7 @@ class Limiter:
                 owner = f"key '{principal.key_id}'" if scope_index == 0 else f"tenant '{principal.tenant}'"
                 raise too_large_error(owner, scope_limits.tpm, tokens, name=f"{_SCOPE_NAMES[scope_index]}.tpm")
         minute, day, month = periods
+        whose = (principal.tenant, principal.key_id)
         mark = keyspace.reservation(principal.tenant, next(_RESERVATION_IDS))
         request = ReserveRequest(scopes, tokens, cost_usd, minute, day, month, now / 60 - minute, mark)
         spends = (spend, tenant_spend)
@@ -134,7 +153,7 @@ class Limiter:
             # it is taken as made, so that the settlement corrects it to what was spent (or, refused
             # here, cancels it). Never made (Redis not asked), there is nothing to correct.
             made = (
-                Reservation(scopes, periods, usage, tokens, cost_usd, 0.0, spends, mark, answered=False)
+                Reservation(scopes, periods, usage, tokens, cost_usd, 0.0, spends, mark, False, whose)
                 if isinstance(exc, StoreTimedOut)
                 else None
             )
@@ -159,7 +178,7 @@ class Limiter:
             self._words[scope.spend] = _Word(day, month, spent_day + added, spent_month + added)
         if outcome.refused_by is not None:
             raise _refusal(outcome, limits, principal, now, tokens, cost_usd)
-        return Reservation(scopes, periods, usage, tokens, cost_usd, outcome.budget_share, spends, mark)
+        return Reservation(scopes, periods, usage, tokens, cost_usd, outcome.budget_share, spends, mark, True, whose)
 
     def _without_word(
         self,
@@ -172,26 +191,25 @@ class Limiter:
     ) -> tuple[float, GatewayError | None]:
         """The budget share, and a refusal, by the store's last word on each spend counter this
         period plus what this process let through since. A budget this process has no word on
-        lets a tenth of itself through (:func:`_unknown_spend`); rates are open."""
+        lets a tenth of itself through (:func:`_unknown_share`); rates are open."""
         _, day, month = periods
         words = []
         share = 0.0
         for index, (scope, scope_limits) in enumerate(zip(scopes, limits, strict=True)):
+            if scope_limits.usd_per_day is None and scope_limits.usd_per_month is None:
+                continue
             word = self._words.get(scope.spend)
-            if word is None or word.month != month:
-                if scope_limits.usd_per_day is None and scope_limits.usd_per_month is None:
-                    continue
-                word = self._words[scope.spend] = _unknown_spend(scope_limits, day, month)
+            if word is None:
+                word = self._words[scope.spend] = _Word("", "", 0.0, 0.0)
+            word.at(day, month, scope_limits)
             words.append(word)
-            budgets: list[tuple[str, float | None, float]] = [
-                ("usd_per_month", scope_limits.usd_per_month, word.spent_month)
-            ]
-            if word.day == day:
-                budgets.append(("usd_per_day", scope_limits.usd_per_day, word.spent_day))
-            for cap, limit, spent in budgets:
+            budgets = (
+                ("usd_per_day", scope_limits.usd_per_day, word.spent_day + word.since_day),
+                ("usd_per_month", scope_limits.usd_per_month, word.spent_month + word.since_month),
+            )
+            for cap, limit, projected in budgets:
                 if limit is None:
                     continue
-                projected = spent + word.unanswered_usd
                 if projected + cost > limit:
                     name = f"{_SCOPE_NAMES[index]}.{cap}"
                     owner = f"key '{principal.key_id}'" if index == 0 else f"tenant '{principal.tenant}'"
@@ -199,8 +217,17 @@ class Limiter:
                 if limit > 0:
                     share = max(share, projected / limit)
         for word in words:
-            word.unanswered_usd += cost
+            word.add(cost)
         return share, None
+
+    def _correct_words(self, reservation: Reservation, cost_usd: float) -> None:
+        """A settlement that did not land: what the request cost replaces its estimate in this
+        process's view (sequential requests that wrote more than estimated passed a budget 4x, t19)."""
+        _, day, month = reservation.periods
+        for scope in reservation.scopes:
+            word = self._words.get(scope.spend)
+            if word is not None and (word.day, word.month) == (day, month):
+                word.add(cost_usd - reservation.cost_usd)
 
     async def admit_count(self, policy: Policy, principal: Principal) -> None:
         """Check and count a token count (``count_tokens``) against the key's and tenant's ``rpm``.
@@ -254,26 +281,47 @@ class Limiter:
             mark=reservation.mark,
             made=reservation.answered,
         )
-        timed_out = False
-        for pause_s in (*(_SETTLE_RETRIES_S if reservation.mark is not None else ()), None):
-            try:
-                await self._counters.settle(request, timeout_s)
-                return
-            except StoreTimedOut:
-                timed_out = True  # asked, and perhaps applied: the mark makes sending it again safe
-            except StoreUnavailable:  # not asked (the store is marked down)
-                if not timed_out and reservation.answered:
-                    break  # nothing of it was applied, and the reservation stands in for the spend
-            if pause_s is not None:
-                await asyncio.sleep(pause_s)
+        try:
+            timed_out = await self._send_settlement(request, reservation, used.cost_usd, timeout_s)
+        except asyncio.CancelledError:  # shutting down with the store still away
+            _log.warning("usage_unrecorded", tenant=reservation.owner[0], key_id=reservation.owner[1],
+                         cost_usd=used.cost_usd, tokens=tokens, reason="shut down while the store was away")  # fmt: skip
+            raise
+        if timed_out is None:
+            return
         if timed_out:  # perhaps applied; sent again once its mark is gone, it could count twice
-            _log.warning("usage_unrecorded", usage=reservation.usage[0][0], cost_usd=used.cost_usd, tokens=tokens)
+            _log.warning("usage_unrecorded", tenant=reservation.owner[0], key_id=reservation.owner[1],
+                         cost_usd=used.cost_usd, tokens=tokens, reason="the store did not confirm it")  # fmt: skip
             return
         # Never reached the store: the usage goes to the ledger's batch, written when it is back, with
         # the whole cost. The reservation, made or not, stays pending: its estimate is given back by
         # the tenant's next reservation once PENDING_S have passed (correcting it here as well would
         # take it off twice).
         self.ledger.record(reservation.usage, used, timeout_s, _spend_of(reservation, used.cost_usd))
+
+    async def _send_settlement(
+        self, request: SettleRequest, reservation: Reservation, cost_usd: float, timeout_s: float
+    ) -> bool | None:
+        """Send it, again after a timeout (its mark makes that safe) for about a minute: None when
+        it landed, else whether a call timed out (perhaps applied). The first failure puts its
+        cost in this process's view of the budgets (:meth:`_correct_words`)."""
+        timed_out = corrected = False
+        for pause_s in (*(_SETTLE_RETRIES_S if reservation.mark is not None else ()), None):
+            try:
+                await self._counters.settle(request, timeout_s)
+                return None
+            except StoreTimedOut:
+                timed_out = True  # asked, and perhaps applied: the mark makes sending it again safe
+            except StoreUnavailable:  # not asked (the store is marked down)
+                if not timed_out and reservation.answered:
+                    self._correct_words(reservation, cost_usd)
+                    return False  # nothing of it was applied, and the reservation stands in for the spend
+            if not corrected:
+                self._correct_words(reservation, cost_usd)
+                corrected = True
+            if pause_s is not None:
+                await asyncio.sleep(pause_s)
+        return timed_out
 
     def settle_later(self, policy: Policy, reservation: Reservation, used: UsageFigures) -> None:
         """:meth:`settle` off the request's path: the answer does not wait for the store."""
@@ -341,14 +389,12 @@ def _refusal(
 
 _UNKNOWN_ROOM = 0.1
 """The share of a budget a process lets through, while Redis does not answer, for a key or tenant
-it has no word on yet (another worker served it): each process so, not the whole budget each."""
+(or a day or month) it has no word on yet: each process so, not the whole budget each."""
 
 
-def _unknown_spend(limits: Limits, day: str, month: str) -> _Word:
-    """A word for a spend counter the store has said nothing of to this process: all but
-    :data:`_UNKNOWN_ROOM` of each budget taken as spent."""
-    taken = 1 - _UNKNOWN_ROOM
-    return _Word(day, month, (limits.usd_per_day or 0.0) * taken, (limits.usd_per_month or 0.0) * taken)
+def _unknown_share(budget: float | None) -> float:
+    """What a budget the store has said nothing of is taken to have spent: all but :data:`_UNKNOWN_ROOM`."""
+    return (budget or 0.0) * (1 - _UNKNOWN_ROOM)
 
 
 def _limits(policy: Policy, principal: Principal) -> tuple[Limits, Limits]:

@@ -15,7 +15,7 @@ from gateway.config.schema import Limits, Policy
 from gateway.errors import BudgetExceededError, LimiterUnavailableError, RateLimitError
 from gateway.limits import Limiter
 from gateway.store import keyspace
-from gateway.store.base import ReserveOutcome, ReserveRequest, SettleRequest, Spent, StoreTimedOut
+from gateway.store.base import ReserveOutcome, ReserveRequest, SettleRequest, Spent, StoreTimedOut, StoreUnavailable
 from gateway.store.memory import MemoryLimitCounters
 
 _POLICY = """
@@ -87,14 +87,20 @@ async def test_an_unreachable_store_fails_open_or_closed_by_policy() -> None:
 
 
 class _Stalling(MemoryLimitCounters):
-    """Answers until ``stalled``; then every check times out, as a Redis slower than ``redis_timeout_ms``."""
+    """Answers until ``stalled``; then every call times out, as a Redis slower than ``redis_timeout_ms``."""
 
     stalled = False
+    settlements_too = False
 
     async def reserve(self, request: ReserveRequest, timeout_s: float) -> ReserveOutcome:
         if self.stalled:
             raise StoreTimedOut
         return await super().reserve(request, timeout_s)
+
+    async def settle(self, request: SettleRequest, timeout_s: float) -> None:
+        if self.stalled and self.settlements_too:
+            raise StoreUnavailable  # marked down: not asked
+        await super().settle(request, timeout_s)
 
 
 async def test_a_stalled_store_leaves_budgets_to_its_last_word_and_what_was_let_through_since() -> None:
@@ -124,6 +130,29 @@ async def test_a_stalled_store_leaves_budgets_to_its_last_word_and_what_was_let_
     with pytest.raises(BudgetExceededError) as tenant_refused:
         await limiter.reserve(policy, other_key, 10, 0.6)
     assert "(tenant.usd_per_month)" in tenant_refused.value.message
+    await limiter.aclose()
+
+
+async def test_in_a_stall_what_requests_cost_replaces_their_estimates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """t19: one request at a time, each writing more than estimated, took a $1.00 budget to $4.65:
+    only estimates counted while settlements could not land. And a new UTC day went unchecked."""
+    monkeypatch.setattr("gateway.limits.limiter._SETTLE_RETRIES_S", (0.0,))  # no minute of retries here
+    policy = load_policy_text(_POLICY % "open", environ={}).policy
+    counters = _Stalling()
+    limiter = Limiter(counters, UsageLedger(counters))
+    principal = Principal("app", "other", frozenset({"*"}), Limits(usd_per_day=1.0))
+    await limiter.reserve(policy, principal, 10, 0.01)  # the store's word: nothing spent
+    counters.stalled = counters.settlements_too = True
+    for _ in range(2):
+        reservation = await limiter.reserve(policy, principal, 10, 0.1)  # estimated at $0.10 ...
+        await limiter.settle(policy, reservation, UsageFigures(requests=1, cost_usd=0.45))  # ... cost $0.45
+    with pytest.raises(BudgetExceededError):
+        await limiter.reserve(policy, principal, 10, 0.1)  # 0.01 + 0.45 + 0.45 + 0.1 > 1.00
+    tomorrow = time.time() + 86400
+    monkeypatch.setattr("gateway.limits.limiter.time.time", lambda: tomorrow)
+    assert (await limiter.reserve(policy, principal, 10, 0.05)).budget_share == pytest.approx(0.9)
+    with pytest.raises(BudgetExceededError):  # a day the store said nothing of: a tenth of the budget
+        await limiter.reserve(policy, principal, 10, 0.06)
     await limiter.aclose()
 
 
