@@ -35,6 +35,8 @@ __all__ = ["SharedRedis", "connect"]
 T = TypeVar("T")
 _log = structlog.get_logger("gateway.redis")
 _RETRY_AFTER_S = 1.0
+_PROBE_S = 0.25
+"""How long a fresh connection's PING may take, after a pooled connection failed, to show Redis is up."""
 _SLOW_LOG_EVERY_S = 10.0
 _DEGRADED_AFTER_S = 1.0
 _SERVER_STATE_ERRORS = (
@@ -78,6 +80,7 @@ class SharedRedis:
         self._vector_sets: bool | None = None
         self._slow = SparseLog(_log, "redis_slow", every_s=_SLOW_LOG_EVERY_S)
         self._refused = SparseLog(_log, "redis_refused", level="error", every_s=_SLOW_LOG_EVERY_S)
+        self._replaced = SparseLog(_log, "redis_connections_replaced", every_s=_SLOW_LOG_EVERY_S)
         self._timeouts_since: float | None = None
         """When the current run of timeouts (with no answer in between) began."""
         metrics.redis_up.set(1 if self.up else 0)
@@ -122,8 +125,11 @@ class SharedRedis:
                 self._log_refused(exc)
             raise StoreUnavailable from None
         except (OSError, aioredis.RedisError) as exc:
+            if self.up and await self._answers_afresh(client):
+                # a connection a restarted Redis left dead: this call fails, Redis is not down
+                self._replaced(error=type(exc).__name__)
+                raise StoreUnavailable from None
             self._mark_down(exc, "redis_unavailable")
-            await self._drop_idle_connections()
             raise StoreUnavailable from None
         self._timeouts_since = None
         if not self.up:
@@ -163,6 +169,19 @@ class SharedRedis:
             _log.error(event, error=type(exc).__name__, detail=_without_secrets(str(exc))[:200])
         self.up = False
         self._metrics.redis_up.set(0)
+
+    async def _answers_afresh(self, client: aioredis.Redis) -> bool:
+        """Whether Redis answers on a new connection once the idle ones are closed: a Redis that
+        restarted left every pooled connection dead, each failing once when next used, and marking
+        it down for each one refused every request for a second under ``on_redis_error: closed``
+        (t13, t19: up to half a burst refused after /readyz said 200)."""
+        await self._drop_idle_connections()
+        try:
+            async with asyncio.timeout(_PROBE_S):
+                await client.ping()
+        except (OSError, TimeoutError, aioredis.RedisError):
+            return False
+        return True
 
     async def _drop_idle_connections(self) -> None:
         """A Redis that restarted left every pooled connection dead, each failing once when next
