@@ -10,6 +10,7 @@ writes, which are reported in their own fields.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
@@ -376,7 +377,7 @@ def encode_request(request: Request, model: str, *, stream: bool) -> dict[str, A
         payload["stop_sequences"] = request.stop
     if request.user:
         payload["metadata"] = {"user_id": request.user}
-    if request.thinking is not None and _thinking_can_go_on(turns):
+    if request.thinking is not None and _thinking_can_go_on(request.messages):
         payload["thinking"] = request.thinking
     if request.json_schema is not None:
         payload["output_config"] = {"format": {"type": "json_schema", "schema": request.json_schema}}
@@ -395,19 +396,18 @@ def encode_request(request: Request, model: str, *, stream: bool) -> dict[str, A
     return payload
 
 
-def _thinking_can_go_on(turns: list[dict[str, Any]]) -> bool:
-    """Whether Anthropic takes ``thinking`` for these turns: with it on, the last assistant turn
-    that called tools must open with its (signed) thinking. One answered by another model of the
-    route (a fallback to a chat server, whose reasoning Anthropic did not sign) has none, and
-    every later turn of that tool loop would be refused with a 400, no fallback tried (t21).
-    Anthropic's own advice for that case: the request goes without ``thinking``."""
-    for turn in reversed(turns):
-        if turn["role"] != "assistant":
+def _thinking_can_go_on(messages: list[Message]) -> bool:
+    """Whether Anthropic takes ``thinking`` for this conversation: with it on, the last assistant
+    turn that called tools must open with its signed thinking. A turn another model of the route
+    answered (a fallback to a chat server) carries reasoning Anthropic did not sign, which is left
+    out, and every later turn of that tool loop was refused with a 400, no fallback tried (t21).
+    For such a turn the request goes without ``thinking``, as Anthropic advises; a turn that
+    simply lacks its thinking is the client's to fix, and Anthropic says so."""
+    for message in reversed(messages):
+        if message.role != "assistant" or not message.tool_calls:
             continue
-        blocks = turn["content"]
-        if isinstance(blocks, str) or not any(block.get("type") == "tool_use" for block in blocks):
-            return True
-        return blocks[0].get("type") in ("thinking", "redacted_thinking")
+        thoughts = [part for part in message.parts if isinstance(part, ThinkingPart | RedactedThinkingPart)]
+        return not thoughts or any(isinstance(p, RedactedThinkingPart) or p.signature for p in thoughts)
     return True
 
 
@@ -771,6 +771,9 @@ def encode_error(status: int, message: str) -> bytes:
     return msgspec.json.encode({"type": "error", "error": {"type": error_type_for(status), "message": message}})
 
 
+_PING_EVERY_S = 5.0
+
+
 class StreamEncoder:
     """Deltas to Anthropic's event sequence: message_start, ping, content blocks, message_delta, message_stop.
 
@@ -791,6 +794,7 @@ class StreamEncoder:
         "_model",
         "_open",
         "_open_kind",
+        "_pinged",
         "_stop_sequence",
         "_usage",
     )
@@ -808,6 +812,7 @@ class StreamEncoder:
         self._usage: Usage | None = None
         self._calls: dict[int, tuple[str, str, list[str]]] = {}
         """Upstream index -> (id, name, argument fragments), in the order the calls began."""
+        self._pinged = time.monotonic()
 
     def start(self, usage: Usage | None = None) -> bytes:
         """``message_start``, with the upstream's own usage when it came first (an Anthropic
@@ -858,11 +863,21 @@ class StreamEncoder:
                 self._calls.setdefault(delta.index, (delta.id, delta.name, []))
             elif isinstance(delta, ToolArgumentsDelta):
                 self._calls.setdefault(delta.index, ("", "", []))[2].append(delta.fragment)
+                out += self._ping_while_held()
             elif isinstance(delta, Finish):
                 self._finish, self._stop_sequence = delta.reason, delta.stop_sequence
             elif isinstance(delta, UsageReport):
                 self._usage = delta.usage
         return out
+
+    def _ping_while_held(self) -> bytes:
+        """A ``ping`` every few seconds while a tool call's input is held for its whole block: a
+        model writing a long file sent nothing for 9 s, which a proxy's idle timeout cuts (t21)."""
+        now = time.monotonic()
+        if now - self._pinged < _PING_EVERY_S:
+            return b""
+        self._pinged = now
+        return _event("ping", {"type": "ping"})
 
     def finish(self) -> bytes:
         usage = usage_body(self._usage) if self._usage is not None else {"output_tokens": 0}

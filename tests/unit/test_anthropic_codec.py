@@ -596,6 +596,22 @@ def test_thinking_goes_without_the_signed_thinking_of_a_turn_another_model_answe
 
     signed = {"type": "thinking", "thinking": "ls it", "signature": "sig"}
     assert sent([signed, call])["thinking"] == thinking
-    assert "thinking" not in sent([{"type": "text", "text": "Listing."}, call])  # answered by a chat server
+    unsigned = {"type": "thinking", "thinking": "I'll list them.", "signature": ""}  # a chat server's reasoning
+    assert "thinking" not in sent([unsigned, {"type": "text", "text": "Listing."}, call])
+    assert sent([{"type": "text", "text": "Listing."}, call])["thinking"] == thinking  # the client's to fix
     plain = [{"role": "user", "content": "hi"}]
     assert anthropic.encode_request(_decode(messages=plain, thinking=thinking), "claude", stream=False)["thinking"]
+
+
+def test_a_held_tool_input_keeps_the_stream_alive_with_pings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tool calls go out whole at the end of the message: a model writing a long file sent the
+    client nothing for 9 s, which a proxy's idle timeout would cut (t21)."""
+    clock = [100.0]
+    monkeypatch.setattr("gateway.protocols.anthropic_messages.time.monotonic", lambda: clock[0])
+    encoder = anthropic.StreamEncoder("m1", "claude", 10)
+    encoder.start()
+    assert encoder.feed([ToolCallStart(0, "toolu_1", "write_file"), ToolArgumentsDelta(0, '{"text": "')]) == b""
+    clock[0] += 6
+    assert b"event: ping" in encoder.feed([ToolArgumentsDelta(0, "a long file")])
+    assert encoder.feed([ToolArgumentsDelta(0, '"}')]) == b""  # a few seconds apart, not every piece
+    assert b'"name":"write_file"' in encoder.finish()
