@@ -10,6 +10,7 @@ writes, which are reported in their own fields.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
@@ -486,11 +487,22 @@ def _tool_use(call: ToolCall, i: int) -> Block:
         raise InvalidRequestError(f"messages[{i}]: tool call arguments are not valid JSON", param="messages") from None
     if not isinstance(tool_input, dict):
         raise InvalidRequestError(f"messages[{i}]: tool call arguments must be a JSON object", param="messages")
-    return {"type": "tool_use", "id": call.id, "name": call.name, "input": tool_input}
+    return {"type": "tool_use", "id": _tool_id(call.id), "name": call.name, "input": tool_input}
+
+
+def _tool_id(call_id: str | None) -> str | None:
+    """An id as Anthropic takes it (``[a-zA-Z0-9_-]+``): one another model wrote (Kimi K2's
+    ``functions.get_weather:0``) was refused with a 400, no fallback tried (t21). The call and its
+    result are mapped alike, so they stay paired."""
+    return call_id if call_id is None or _ANTHROPIC_ID.fullmatch(call_id) else _NOT_IN_AN_ID.sub("_", call_id)
+
+
+_ANTHROPIC_ID = re.compile(r"[a-zA-Z0-9_-]+")
+_NOT_IN_AN_ID = re.compile(r"[^a-zA-Z0-9_-]")
 
 
 def _tool_result(message: Message) -> Block:
-    block: Block = {"type": "tool_result", "tool_use_id": message.tool_call_id}
+    block: Block = {"type": "tool_result", "tool_use_id": _tool_id(message.tool_call_id)}
     parts = message.parts
     if len(parts) == 1 and isinstance(parts[0], TextPart) and parts[0].cache_control is None:
         block["content"] = parts[0].text

@@ -615,3 +615,15 @@ def test_a_held_tool_input_keeps_the_stream_alive_with_pings(monkeypatch: pytest
     assert b"event: ping" in encoder.feed([ToolArgumentsDelta(0, "a long file")])
     assert encoder.feed([ToolArgumentsDelta(0, '"}')]) == b""  # a few seconds apart, not every piece
     assert b'"name":"write_file"' in encoder.finish()
+
+
+def test_tool_call_ids_another_model_wrote_reach_anthropic_in_its_form_and_stay_paired() -> None:
+    """Kimi K2's ``functions.get_weather:0`` reached Anthropic as is and was refused (t21)."""
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "functions.get_weather:0", "name": "w", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "functions.get_weather:0", "content": "sun"}]},
+    ]  # fmt: skip
+    body = anthropic.encode_request(_decode(messages=messages), "claude", stream=False)
+    call, result = body["messages"][1]["content"][0], body["messages"][2]["content"][0]
+    assert call["id"] == result["tool_use_id"] == "functions_get_weather_0"
