@@ -89,6 +89,9 @@ class Message(msgspec.Struct, frozen=True):
     """For ``tool`` messages: the call this is the result of."""
     is_error: bool = False
     """For ``tool`` messages: the tool failed."""
+    cache_control: dict[str, Any] | None = None
+    """For ``tool`` messages: the client's prompt-cache breakpoint on the result (Anthropic's
+    ``tool_result.cache_control``, Claude Code's usual one), for an Anthropic upstream."""
     name: str | None = None
     """The participant's name (OpenAI's ``name``), for upstreams that take one."""
 

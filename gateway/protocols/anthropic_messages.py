@@ -144,18 +144,18 @@ _CARRIED: dict[str, frozenset[str]] = {
     "text": frozenset({"type", "text", "cache_control"}),
     "image": frozenset({"type", "source", "cache_control"}),
     "tool_use": frozenset({"type", "id", "name", "input"}),
-    "tool_result": frozenset({"type", "tool_use_id", "content", "is_error"}),
+    "tool_result": frozenset({"type", "tool_use_id", "content", "is_error", "cache_control"}),
     "thinking": frozenset({"type", "thinking", "signature"}),
     "redacted_thinking": frozenset({"type", "data"}),
 }
-"""What the internal model keeps of each block a translation carries (a ``tool_result``'s
-``cache_control``, a text block's ``citations``, ... it has no place for)."""
+"""What the internal model keeps of each block a translation carries (a text block's
+``citations``, ... it has no place for)."""
 _TOOL_CARRIED = frozenset({"name", "input_schema", "description", "type", "cache_control", "strict"})
 
 
 def nested_fields_not_carried(body: dict[str, Any]) -> list[str]:
     """Fields of blocks and tools a translation would lose, as ``<block type>.<field>``
-    (``tool_result.cache_control``: Claude Code's usual prompt-cache breakpoint)."""
+    (``text.citations``, ...)."""
     lost: dict[str, None] = {}
     system = body.get("system")
     blocks: list[Any] = list(system) if isinstance(system, list) else []
@@ -309,6 +309,7 @@ def _turn(turn: _Turn, where: str, lenient: bool = False) -> list[Message]:
             _parts(block.content if block.content is not None else "", f"{where}.content.{i}.content", lenient),
             tool_call_id=block.tool_use_id,
             is_error=block.is_error,
+            cache_control=block.cache_control,
         )
         for i, block in enumerate(turn.content)
         if block.type == "tool_result"
@@ -510,7 +511,7 @@ def _tool_result(message: Message) -> Block:
         block["content"] = [b for part in parts if (b := _block(part, 0)) is not None]
     if message.is_error:
         block["is_error"] = True
-    return block
+    return _marked(block, message.cache_control)
 
 
 def _tool_entry(tool: Tool) -> dict[str, Any]:

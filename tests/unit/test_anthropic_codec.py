@@ -627,3 +627,18 @@ def test_tool_call_ids_another_model_wrote_reach_anthropic_in_its_form_and_stay_
     body = anthropic.encode_request(_decode(messages=messages), "claude", stream=False)
     call, result = body["messages"][1]["content"][0], body["messages"][2]["content"][0]
     assert call["id"] == result["tool_use_id"] == "functions_get_weather_0"
+
+
+def test_a_tool_results_cache_breakpoint_reaches_anthropic_through_a_translation() -> None:
+    """Claude Code marks the newest tool result: on a route with a chat fallback the marker was
+    dropped, and each round of an agent loop paid the whole prompt at the full price (t21)."""
+    marker = {"type": "ephemeral"}
+    messages = [
+        {"role": "user", "content": "ls"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "ls", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.py",
+                                      "cache_control": marker}]},
+    ]  # fmt: skip
+    assert anthropic.nested_fields_not_carried({"messages": messages}) == []
+    body = anthropic.encode_request(_decode(messages=messages), "claude", stream=False)
+    assert body["messages"][2]["content"][0]["cache_control"] == marker
