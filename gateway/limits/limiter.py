@@ -172,7 +172,9 @@ class Limiter:
             if made is not None:
                 made.budget_share = share
                 return made
-            return Reservation((), periods, usage, 0, 0.0, share, spends)
+            # not asked (Redis marked down): nothing reserved; the estimate, let through by this
+            # process's view, is kept so that the cost can replace it there (t23: $5.45 of $1.00)
+            return Reservation((), periods, usage, 0, cost_usd, share, spends, None, True, whose)
         added = cost_usd if outcome.refused_by is None else 0.0
         for scope, (spent_day, spent_month) in zip(scopes, outcome.spent, strict=False):
             self._words[scope.spend] = _Word(day, month, spent_day + added, spent_month + added)
@@ -220,12 +222,19 @@ class Limiter:
             word.add(cost)
         return share, None
 
+    def _record_unreserved(self, reservation: Reservation, used: UsageFigures, timeout_s: float) -> None:
+        """The usage of a request that reserved nothing goes with the ledger's batch, its cost with it;
+        one this process let through while Redis was away replaces its estimate in the view."""
+        self.ledger.record(reservation.usage, used, timeout_s, _spend_of(reservation, used.cost_usd))
+        if reservation.cost_usd:
+            self._correct_words(reservation, used.cost_usd)
+
     def _correct_words(self, reservation: Reservation, cost_usd: float) -> None:
         """A settlement that did not land: what the request cost replaces its estimate in this
         process's view (sequential requests that wrote more than estimated passed a budget 4x, t19)."""
         _, day, month = reservation.periods
-        for scope in reservation.scopes:
-            word = self._words.get(scope.spend)
+        for counter in reservation.spend:
+            word = self._words.get(counter)
             if word is not None and (word.day, word.month) == (day, month):
                 word.add(cost_usd - reservation.cost_usd)
 
@@ -262,7 +271,7 @@ class Limiter:
         """Replace the reservation by what ``used`` (one request's figures) says, and record the usage."""
         timeout_s = _accounting_timeout_s(policy)
         if not reservation.scopes:
-            self.ledger.record(reservation.usage, used, timeout_s, _spend_of(reservation, used.cost_usd))
+            self._record_unreserved(reservation, used, timeout_s)
             return
         tokens = used.prompt_tokens + used.completion_tokens
         minute, day, month = reservation.periods
@@ -326,9 +335,7 @@ class Limiter:
     def settle_later(self, policy: Policy, reservation: Reservation, used: UsageFigures) -> None:
         """:meth:`settle` off the request's path: the answer does not wait for the store."""
         if not reservation.scopes:  # nothing reserved: the usage goes to the ledger's batch, no task needed
-            self.ledger.record(
-                reservation.usage, used, _accounting_timeout_s(policy), _spend_of(reservation, used.cost_usd)
-            )
+            self._record_unreserved(reservation, used, _accounting_timeout_s(policy))
             return
         task = asyncio.get_running_loop().create_task(self.settle(policy, reservation, used))
         self._settling.add(task)

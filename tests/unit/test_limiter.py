@@ -156,6 +156,24 @@ async def test_in_a_stall_what_requests_cost_replaces_their_estimates(monkeypatc
     await limiter.aclose()
 
 
+async def test_with_redis_marked_down_what_requests_cost_replaces_their_estimates() -> None:
+    """t23: once Redis was marked down a reservation had no scopes, its settlement went straight
+    to the ledger, and only estimates counted in the view: $5.45 of a $1.00 budget."""
+    policy, limiter, counters = _setup("open")
+    principal = _principal()  # tenant team: usd_per_month 1.0
+    first = await limiter.reserve(policy, principal, 10, 0.05)
+    await limiter.settle(policy, first, UsageFigures(requests=1, cost_usd=0.05))
+    counters.down = True
+    let_through = 0
+    with pytest.raises(BudgetExceededError):
+        for _ in range(20):
+            reservation = await limiter.reserve(policy, principal, 10, 0.05)
+            limiter.settle_later(policy, reservation, UsageFigures(requests=1, cost_usd=0.3))
+            let_through += 1
+    assert let_through == 4  # 0.05 + 3 x 0.30 + 0.05 fits; then 1.25 is spent
+    await limiter.aclose()
+
+
 async def test_with_no_word_from_the_store_yet_a_stall_lets_a_tenth_of_a_budget_through() -> None:
     """Another worker served the tenant, this one never heard of it: its whole budget was open to
     each worker (a tester's two workers spent $3.30 of $1.00)."""
