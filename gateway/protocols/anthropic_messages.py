@@ -9,6 +9,7 @@ writes, which are reported in their own fields.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -379,7 +380,7 @@ def encode_request(request: Request, model: str, *, stream: bool) -> dict[str, A
         payload["stop_sequences"] = request.stop
     if request.user:
         payload["metadata"] = {"user_id": request.user}
-    if request.thinking is not None and _thinking_can_go_on(request.messages):
+    if request.thinking is not None and _thinking_can_go_on(turns):
         payload["thinking"] = request.thinking
     if request.json_schema is not None:
         payload["output_config"] = {"format": {"type": "json_schema", "schema": request.json_schema}}
@@ -398,19 +399,19 @@ def encode_request(request: Request, model: str, *, stream: bool) -> dict[str, A
     return payload
 
 
-def _thinking_can_go_on(messages: list[Message]) -> bool:
-    """Whether Anthropic takes ``thinking`` for this conversation: with it on, the last assistant
-    turn that called tools must open with its signed thinking. A turn another model of the route
-    answered (a fallback to a chat server) carries reasoning Anthropic did not sign, which is left
-    out, and every later turn of that tool loop was refused with a 400, no fallback tried (t21).
-    For such a turn the request goes without ``thinking``, as Anthropic advises; a turn that
-    simply lacks its thinking is the client's to fix, and Anthropic says so."""
-    for message in reversed(messages):
-        if message.role != "assistant" or not message.tool_calls:
-            continue
-        thoughts = [part for part in message.parts if isinstance(part, ThinkingPart | RedactedThinkingPart)]
-        return not thoughts or any(isinstance(p, RedactedThinkingPart) or p.signature for p in thoughts)
-    return True
+def _thinking_can_go_on(turns: list[dict[str, Any]]) -> bool:
+    """Whether Anthropic takes ``thinking`` for these turns. With it on, in a tool loop (the last
+    turn carries tool results) the assistant turn that called those tools must open with its
+    signed thinking. A turn another model of the route answered (a fallback to a chat server) has
+    none Anthropic signed, and every later turn of that loop was refused with a 400, no fallback
+    tried (t21). Such a request goes without ``thinking``, as Anthropic's error advises; once the
+    loop ends (a new question) thinking goes again."""
+    if len(turns) < 2 or turns[-1]["role"] != "user" or turns[-2]["role"] != "assistant":
+        return True
+    results, called = turns[-1]["content"], turns[-2]["content"]
+    if isinstance(results, str) or not any(block.get("type") == "tool_result" for block in results):
+        return True
+    return not isinstance(called, str) and called[0].get("type") in ("thinking", "redacted_thinking")
 
 
 def _turns(messages: list[Message]) -> tuple[str | list[Block], list[dict[str, Any]]]:
@@ -495,7 +496,10 @@ def _tool_id(call_id: str | None) -> str | None:
     """An id as Anthropic takes it (``[a-zA-Z0-9_-]+``): one another model wrote (Kimi K2's
     ``functions.get_weather:0``) was refused with a 400, no fallback tried (t21). The call and its
     result are mapped alike, so they stay paired."""
-    return call_id if call_id is None or _ANTHROPIC_ID.fullmatch(call_id) else _NOT_IN_AN_ID.sub("_", call_id)
+    if call_id is None or _ANTHROPIC_ID.fullmatch(call_id):
+        return call_id
+    digest = hashlib.sha256(call_id.encode()).hexdigest()[:8]  # two ids that map alike stay apart (t23)
+    return f"{_NOT_IN_AN_ID.sub('_', call_id)}_{digest}"
 
 
 _ANTHROPIC_ID = re.compile(r"[a-zA-Z0-9_-]+")
