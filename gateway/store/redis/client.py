@@ -125,12 +125,20 @@ class SharedRedis:
                 self._log_refused(exc)
             raise StoreUnavailable from None
         except (OSError, aioredis.RedisError) as exc:
-            if self.up and await self._answers_afresh(client):
-                # a connection a restarted Redis left dead: this call fails, Redis is not down
-                self._replaced(error=type(exc).__name__)
+            if not (self.up and await self._answers_afresh(client)):
+                self._mark_down(exc, "redis_unavailable")
                 raise StoreUnavailable from None
-            self._mark_down(exc, "redis_unavailable")
-            raise StoreUnavailable from None
+            # A connection a restarted Redis left dead: the call never reached the Redis that
+            # answers now, so it is sent once more, on a fresh connection (t23: else one request
+            # of a burst was refused under on_redis_error: closed).
+            self._replaced(error=type(exc).__name__)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    result = await operation(client)
+            except TimeoutError:
+                raise StoreTimedOut from None
+            except (OSError, aioredis.RedisError):
+                raise StoreUnavailable from None
         self._timeouts_since = None
         if not self.up:
             self._mark_up()
