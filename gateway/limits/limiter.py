@@ -293,14 +293,12 @@ class Limiter:
         try:
             timed_out = await self._send_settlement(request, reservation, used.cost_usd, timeout_s)
         except asyncio.CancelledError:  # shutting down with the store still away
-            _log.warning("usage_unrecorded", tenant=reservation.owner[0], key_id=reservation.owner[1],
-                         cost_usd=used.cost_usd, tokens=tokens, reason="shut down while the store was away")  # fmt: skip
+            _unrecorded(reservation, used.cost_usd, tokens, "shut down while the store was away")
             raise
         if timed_out is None:
             return
         if timed_out:  # perhaps applied; sent again once its mark is gone, it could count twice
-            _log.warning("usage_unrecorded", tenant=reservation.owner[0], key_id=reservation.owner[1],
-                         cost_usd=used.cost_usd, tokens=tokens, reason="the store did not confirm it")  # fmt: skip
+            _unrecorded(reservation, used.cost_usd, tokens, "the store did not confirm it")
             return
         # Never reached the store: the usage goes to the ledger's batch, written when it is back, with
         # the whole cost. The reservation, made or not, stays pending: its estimate is given back by
@@ -372,6 +370,11 @@ _CLOSING_DRAIN_S = 10.0
 
 def _accounting_timeout_s(policy: Policy) -> float:
     return max(policy.limits.redis_timeout_ms / 1000, _ACCOUNTING_TIMEOUT_S)
+
+
+def _unrecorded(reservation: Reservation, cost_usd: float, tokens: int, reason: str) -> None:
+    tenant, key_id = reservation.owner
+    _log.warning("usage_unrecorded", tenant=tenant, key_id=key_id, cost_usd=cost_usd, tokens=tokens, reason=reason)
 
 
 def _spend_of(reservation: Reservation, usd: float) -> tuple[tuple[str, ...], str, str, float]:
