@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass
 
 from gateway.config.schema import AuthPolicy, Limits
-from gateway.errors import AuthenticationError, PermissionDeniedError
+from gateway.errors import AuthenticationError
 
 __all__ = ["ANONYMOUS", "Authenticator", "Principal", "hash_key"]
 
@@ -19,10 +19,6 @@ class Principal:
     """Route and model names this key may call; ``*`` for all."""
     limits: Limits = Limits()  # noqa: RUF009 - a frozen struct: one shared default is safe
     admin: bool = False
-
-    def check_model(self, name: str) -> None:
-        if "*" not in self.allowed and name not in self.allowed:
-            raise PermissionDeniedError(f"API key '{self.key_id}' may not use model '{name}'", param="model")
 
 
 ANONYMOUS = Principal(key_id="anonymous", tenant="default", allowed=frozenset({"*"}))

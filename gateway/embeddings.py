@@ -83,7 +83,6 @@ class EmbeddingsPipeline:
             limits = runtime.policy.limits
             request, inputs, extra = _parse(await read_body(limits.max_body_bytes, limits.body_read_timeout_s))
             plan = runtime.router.plan(request.model, principal.allowed)
-            principal.check_model(plan.route)
             record.route, record.decision = plan.route, plan.decision
             models = [runtime.policy.models[name] for name in plan.candidates]
             if any(model.kind != "embedding" for model in models):

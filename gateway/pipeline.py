@@ -264,7 +264,6 @@ class ChatPipeline:
                 x.passthrough = passthrough
                 record.passthrough = True
             x.plan = runtime.router.chat_plan(x.request.model, principal.allowed)
-            principal.check_model(x.plan.route)
             record.route, record.decision, record.stream = x.plan.route, x.plan.decision, x.request.stream
             record.baseline_model = x.plan.baseline
             if self._limiter.enforces(runtime.policy, principal):

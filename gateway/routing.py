@@ -65,14 +65,15 @@ class Router:
         self._embedding_models = frozenset(name for name, model in policy.models.items() if model.kind != "chat")
 
     def plan(self, requested: str, allowed: frozenset[str] = frozenset({"*"})) -> RoutePlan:
-        """``allowed``: the caller's route and model names (``*``: all); an unknown name's error
-        lists only those. (A name the key may not call is refused with a 403 by the caller, which
-        does tell the key that the name exists.)"""
+        """``allowed``: the caller's route and model names (``*``: all). A name the key may not
+        call is refused as an unknown one is, and the error lists only the caller's names: a key
+        must not learn which other models and routes exist (OpenAI answers both with one 404)."""
         plan = self._plans.get(requested)
-        if plan is None:
+        if plan is None or ("*" not in allowed and requested not in allowed):
             names = sorted(name for name in self._plans if "*" in allowed or name in allowed)
             raise ModelNotFoundError(
-                f"model '{requested}' does not exist; available: {', '.join(names) or 'none'}", param="model"
+                f"model '{requested}' does not exist or this key may not use it; available: {', '.join(names) or 'none'}",
+                param="model",
             )
         return plan
 

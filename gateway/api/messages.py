@@ -129,7 +129,6 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
         lenient = _only_anthropic_upstreams(request, body)  # blocks only Anthropic reads are not refused
         decoded = anthropic.decode_request(raw, counting=True, passed_through=lenient)
         plan = runtime.router.chat_plan(decoded.model, principal.allowed)  # what /v1/messages refuses, too
-        principal.check_model(plan.route)
         first = runtime.providers[plan.candidates[0]]
         tokens = None
         if isinstance(first, AnthropicProvider) and body is not None:

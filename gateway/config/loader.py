@@ -339,7 +339,7 @@ _CONVENTIONAL_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 
 def _warnings(policy: Policy, environ: Mapping[str, str], key_file: Path | None = None) -> list[str]:
-    """What is valid but likely not meant: each turns into a 401, a 403 or a limit that never applies."""
+    """What is valid but likely not meant: each turns into a 401, a 404 or a limit that never applies."""
     out = []
     for name, model in policy.models.items():
         if model.api_key_env and not environ.get(model.api_key_env):

@@ -138,31 +138,37 @@ def test_allowed_key_on_allowed_route(gw: GatewayProcess, small_upstream: Simula
     assert APP_SECRET not in str(stats["last_request"])
 
 
-def test_key_on_a_model_it_may_not_use_gets_403(gw: GatewayProcess, large_upstream: SimulatedUpstream) -> None:
+def test_key_on_a_model_it_may_not_use_is_told_it_does_not_exist(
+    gw: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    """A forbidden name gets the 404 an unknown one gets: a key cannot list the others' models."""
     client = _sdk(gw, APP_SECRET)
-    for model in ("best", "large", "small"):  # a route and raw model names: none is on the key's list
-        with pytest.raises(openai.PermissionDeniedError) as caught:
+    said = set()
+    for model in ("best", "large", "small", "no-such-model"):  # a route, raw models, a name that is not there
+        with pytest.raises(openai.NotFoundError) as caught:
             client.chat.completions.create(model=model, messages=_messages("forbidden"))
-        assert caught.value.status_code == 403
-        assert caught.value.code == "model_not_allowed"
-        assert caught.value.type == "permission_error"
+        assert caught.value.status_code == 404
+        assert caught.value.code == "model_not_found"
+        said.add(str(caught.value.body["message"]).replace(f"'{model}'", "NAME"))  # type: ignore[index]
         request_id = caught.value.response.headers["x-request-id"]
         record = gw.wait_for_record(request_id)
-        assert (record["status"], record["key_id"], record["tenant"]) == (403, "app-1", "team-a")
-        assert record["error_type"] == "model_not_allowed"
+        assert (record["status"], record["key_id"], record["tenant"]) == (404, "app-1", "team-a")
+        assert record["error_type"] == "model_not_found"
+    assert len(said) == 1 and said.pop().endswith("available: fast")  # only what this key may call
     assert upstream_stats(large_upstream)["chat_requests"] == 0
-    # A name that does not exist: the error lists what this key may call, not every name there is.
-    with pytest.raises(openai.NotFoundError) as unknown:
-        client.chat.completions.create(model="FAST", messages=_messages("typo"))
-    assert 'available: fast"' in unknown.value.message
     admin = _sdk(gw, ADMIN_SECRET)
     with pytest.raises(openai.NotFoundError) as listed:
         admin.chat.completions.create(model="FAST", messages=_messages("typo"))
     assert "best" in listed.value.message and "large" in listed.value.message
-
-    response = httpx.post(f"{gw.base_url}/chat/completions", headers={"authorization": f"Bearer {APP_SECRET}"},
-                          json={"model": "best", "messages": _messages()}, timeout=10)  # fmt: skip
-    _assert_openai_error(response, 403, "permission_error", "model_not_allowed")
+    for path, body in (
+        ("/embeddings", {"model": "best", "input": "x"}),
+        ("/messages/count_tokens", {"model": "best", "messages": _messages()}),
+        ("/responses", {"model": "best", "input": "x"}),
+    ):
+        response = httpx.post(f"{gw.base_url}{path}", headers={"authorization": f"Bearer {APP_SECRET}"},
+                              json=body, timeout=10)  # fmt: skip
+        assert response.status_code == 404, (path, response.text)
+        assert "best" not in response.text.split("available:")[-1]
 
 
 def test_models_list_shows_only_allowed_names(gw: GatewayProcess) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.config.loader import load_policy_text
-from gateway.errors import BudgetExceededError, InvalidRequestError, PermissionDeniedError
+from gateway.errors import BudgetExceededError, InvalidRequestError, ModelNotFoundError, PermissionDeniedError
 from gateway.routing import Router
 
 POLICY = """\
@@ -30,6 +30,20 @@ def test_a_large_pick_falls_back_to_the_routes_own_model() -> None:
     auto = router.plan("auto")
     assert router.classify(auto, 0.9).candidates == ("l", "s")
     assert router.classify(auto, 0.1).candidates == ("s", "l")
+
+
+def test_a_name_the_key_may_not_call_is_refused_as_an_unknown_one_is() -> None:
+    """A key must not tell the models and routes it may not call from names that do not exist."""
+    router = _router()
+    only_s = frozenset({"s"})
+    assert router.plan("s", only_s).candidates == ("s",)
+    messages = []
+    for name in ("l", "auto", "no-such-model"):
+        with pytest.raises(ModelNotFoundError) as refused:
+            router.plan(name, only_s)
+        assert refused.value.status_code == 404 and refused.value.param == "model"
+        messages.append(refused.value.message.replace(f"'{name}'", "NAME"))
+    assert len(set(messages)) == 1 and messages[0].endswith("available: s")
 
 
 def test_a_continued_response_goes_where_its_upstream_keeps_it() -> None:
