@@ -20,6 +20,7 @@ __all__ = [
     "Part",
     "RedactedThinking",
     "RedactedThinkingPart",
+    "RefusalDelta",
     "Request",
     "TextDelta",
     "TextPart",
@@ -173,6 +174,9 @@ class Answer(msgspec.Struct, kw_only=True):
     thinking: list[ThinkingPart | RedactedThinkingPart] = msgspec.field(default_factory=list)
     """The reasoning the model showed before its answer, in order."""
     text: str | None = None
+    refusal: str | None = None
+    """The model declined, saying this (OpenAI's ``refusal``): a refusal where the client's
+    protocol has one (Responses), else text with Anthropic's ``refusal`` stop reason."""
     tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_sequence: str | None = None
@@ -180,6 +184,10 @@ class Answer(msgspec.Struct, kw_only=True):
 
 
 class TextDelta(msgspec.Struct, frozen=True):
+    text: str
+
+
+class RefusalDelta(msgspec.Struct, frozen=True):
     text: str
 
 
@@ -220,6 +228,7 @@ class UsageReport(msgspec.Struct, frozen=True):
 
 Delta = (
     TextDelta
+    | RefusalDelta
     | ThinkingDelta
     | ThinkingSignature
     | RedactedThinking

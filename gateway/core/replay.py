@@ -8,6 +8,7 @@ from gateway.core.model import (
     Finish,
     RedactedThinking,
     RedactedThinkingPart,
+    RefusalDelta,
     TextDelta,
     ThinkingDelta,
     ThinkingSignature,
@@ -23,7 +24,7 @@ PIECE_CHARS = 24
 
 
 def deltas_of(answer: Answer) -> list[Delta]:
-    """Reasoning (each part's text in pieces, then its signature), text in pieces, each tool
+    """Reasoning (each part's text in pieces, then its signature), text and a refusal in pieces, each tool
     call, the finish and the usage: what a live stream of the same answer would have said."""
     deltas: list[Delta] = []
     for part in answer.thinking:
@@ -34,6 +35,7 @@ def deltas_of(answer: Answer) -> list[Delta]:
         if part.signature:
             deltas.append(ThinkingSignature(part.signature))
     deltas += [TextDelta(piece) for piece in _pieces(answer.text or "")]
+    deltas += [RefusalDelta(piece) for piece in _pieces(answer.refusal or "")]
     for index, call in enumerate(answer.tool_calls):
         deltas.append(ToolCallStart(index, call.id, call.name))
         if call.arguments:

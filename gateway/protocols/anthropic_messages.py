@@ -28,6 +28,7 @@ from gateway.core.model import (
     Part,
     RedactedThinking,
     RedactedThinkingPart,
+    RefusalDelta,
     Request,
     TextDelta,
     TextPart,
@@ -711,11 +712,14 @@ _STOP_REASON: dict[FinishReason, str] = {
 }
 
 
-def _stop_reason(finish: FinishReason | None, called: bool) -> str:
+def _stop_reason(finish: FinishReason | None, called: bool, refused: bool = False) -> str:
     """vLLM ends a forced tool call (``tool_choice`` required or named) with ``stop``; a message
-    that ends in tool calls is ``tool_use`` to Anthropic's clients, whose agent loops look for it."""
+    that ends in tool calls is ``tool_use`` to Anthropic's clients, whose agent loops look for it.
+    An OpenAI model's refusal ends with ``stop`` too: Anthropic's clients look for ``refusal``."""
     if called and finish in (None, "stop"):
         return "tool_use"
+    if refused and finish in (None, "stop"):
+        return "refusal"
     return _STOP_REASON.get(finish or "stop", "end_turn")
 
 
@@ -731,8 +735,9 @@ def usage_body(usage: Usage) -> dict[str, int]:
 
 def encode_answer(answer: Answer, message_id: str, model: str) -> bytes:
     content: list[dict[str, Any]] = [_thinking_block(part) for part in answer.thinking]
-    if answer.text:
-        content.append({"type": "text", "text": answer.text})
+    text = "\n".join(said for said in (answer.text, answer.refusal) if said)
+    if text:
+        content.append({"type": "text", "text": text})
     for call in answer.tool_calls:
         content.append({"type": "tool_use", "id": call.id, "name": call.name, "input": _arguments(call.arguments)})
     body = {
@@ -741,7 +746,7 @@ def encode_answer(answer: Answer, message_id: str, model: str) -> bytes:
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": _stop_reason(answer.finish_reason, bool(answer.tool_calls)),
+        "stop_reason": _stop_reason(answer.finish_reason, bool(answer.tool_calls), bool(answer.refusal)),
         "stop_sequence": answer.stop_sequence,
         "usage": usage_body(answer.usage),
     }
@@ -812,6 +817,7 @@ class StreamEncoder:
         "_open",
         "_open_kind",
         "_pinged",
+        "_refused",
         "_stop_sequence",
         "_usage",
     )
@@ -830,6 +836,7 @@ class StreamEncoder:
         self._calls: dict[int, tuple[str, str, list[str]]] = {}
         """Upstream index -> (id, name, argument fragments), in the order the calls began."""
         self._pinged = time.monotonic()
+        self._refused = False
 
     def start(self, usage: Usage | None = None) -> bytes:
         """``message_start``, with the upstream's own usage when it came first (an Anthropic
@@ -871,10 +878,11 @@ class StreamEncoder:
             elif isinstance(delta, RedactedThinking):
                 redacted = {"type": "redacted_thinking", "data": delta.data}
                 out += self._close() + self._begin("redacted", redacted) + self._close()
-            elif isinstance(delta, TextDelta):
+            elif isinstance(delta, TextDelta | RefusalDelta):
                 if self._open_kind != "text":
                     out += self._close() + self._begin("text", {"type": "text", "text": ""})
                 out += self._delta({"type": "text_delta", "text": delta.text})
+                self._refused = self._refused or isinstance(delta, RefusalDelta)
             elif isinstance(delta, ToolCallStart):
                 out += self._close()
                 self._calls.setdefault(delta.index, (delta.id, delta.name, []))
@@ -899,7 +907,7 @@ class StreamEncoder:
     def finish(self) -> bytes:
         usage = usage_body(self._usage) if self._usage is not None else {"output_tokens": 0}
         delta = {
-            "stop_reason": _stop_reason(self._finish, bool(self._calls)),
+            "stop_reason": _stop_reason(self._finish, bool(self._calls), self._refused),
             "stop_sequence": self._stop_sequence,
         }
         return (

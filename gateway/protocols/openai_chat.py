@@ -32,6 +32,7 @@ from gateway.core.model import (
     Part,
     RedactedThinking,
     RedactedThinkingPart,
+    RefusalDelta,
     Request,
     TextDelta,
     TextPart,
@@ -616,6 +617,8 @@ def completion_from_answer(answer: Answer, usage: Usage | None) -> bytes:
     """The answer as a ``chat.completion`` (the reverse of :func:`answer_from_completion`);
     ``usage`` None: the upstream reported none, and the completion carries none."""
     message: dict[str, Any] = {"role": "assistant", "content": answer.text}
+    if answer.refusal:
+        message["refusal"] = answer.refusal
     if answer.thinking:
         message["reasoning_content"] = "".join(p.text for p in answer.thinking if isinstance(p, ThinkingPart))
         if any(not isinstance(p, ThinkingPart) or p.signature for p in answer.thinking):  # Anthropic's
@@ -633,6 +636,8 @@ def chunk_delta(delta: Delta) -> dict[str, Any] | None:
     chunk does not carry (:class:`Finish` and :class:`UsageReport` go elsewhere in a chunk)."""
     if isinstance(delta, TextDelta):
         return {"content": delta.text}
+    if isinstance(delta, RefusalDelta):
+        return {"refusal": delta.text}
     if isinstance(delta, ThinkingDelta):
         return {"reasoning_content": delta.text}
     if isinstance(delta, ThinkingSignature):
@@ -681,12 +686,13 @@ def answer_from_message(
         )
         for index, call in enumerate(message.get("tool_calls") or [])
     ]
-    content = message.get("content")
+    content, refusal = message.get("content"), message.get("refusal")
     return Answer(
         id=answer_id,
         model=model,
         thinking=_thinking(message),
         text=content if isinstance(content, str) else None,
+        refusal=refusal if isinstance(refusal, str) and refusal else None,
         tool_calls=calls,
         finish_reason="stop_sequence" if stop_sequence else _FINISH.get(str(finish_reason)),
         stop_sequence=stop_sequence or None,
@@ -818,6 +824,9 @@ class ChunkReader:
             content = delta.get("content")
             if isinstance(content, str) and content:
                 deltas.append(TextDelta(content))
+            refusal = delta.get("refusal")
+            if isinstance(refusal, str) and refusal:
+                deltas.append(RefusalDelta(refusal))
             for call in delta.get("tool_calls") or []:
                 self._read_call(call, deltas)
             reason, stop_sequence = _finish_of(choice)

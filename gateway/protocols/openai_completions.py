@@ -23,6 +23,7 @@ from gateway.core.model import (
     Finish,
     FinishReason,
     Message,
+    RefusalDelta,
     Request,
     TextDelta,
     TextPart,
@@ -163,7 +164,7 @@ def _usage(usage: Usage) -> dict[str, int]:
 
 def encode_answer(answer: Answer, completion_id: str, model: str, created: int, echo: str | None = None) -> bytes:
     """A ``text_completion`` object; ``model`` is the one the client asked for."""
-    text = (echo or "") + (answer.text or "")
+    text = (echo or "") + (answer.text or "") + (answer.refusal or "")
     choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": _finish(answer.finish_reason)}
     body = {
         "id": completion_id,
@@ -205,7 +206,7 @@ class StreamEncoder:
     def feed(self, deltas: list[Delta]) -> bytes:
         out = b""
         for delta in deltas:
-            if isinstance(delta, TextDelta):
+            if isinstance(delta, TextDelta | RefusalDelta):  # a completion has no refusal: what was said
                 out += self._frame(delta.text, None)
             elif isinstance(delta, Finish):
                 self._finish = delta.reason

@@ -35,6 +35,7 @@ from gateway.core.model import (
     ImagePart,
     Message,
     Part,
+    RefusalDelta,
     Request,
     TextDelta,
     TextPart,
@@ -485,6 +486,13 @@ def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
+def _refusal_item(item_id: str, refusal: str, status: str) -> dict[str, Any]:
+    """The model declined: OpenAI's message whose content is a refusal (``responses.parse``
+    tells it from text, which it would try to parse)."""
+    content = [{"type": "refusal", "refusal": refusal}]
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
 def _reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
     """The model's reasoning as vLLM's Responses API gives it: the text itself (no summary)."""
     content = [{"type": "reasoning_text", "text": text}]
@@ -504,14 +512,17 @@ def _call_item(item_id: str, call: ToolCall, status: str) -> dict[str, Any]:
 
 def output_items(answer: Answer, make_id: IdMaker = new_id) -> list[dict[str, Any]]:
     """A reasoning item (when the model showed its reasoning), a message item (when there is
-    text, or nothing else), then a function_call item per call."""
+    text, or nothing else), a message item with the refusal (when the model declined), then a
+    function_call item per call."""
     status = "incomplete" if answer.finish_reason in _INCOMPLETE else "completed"
     items: list[dict[str, Any]] = []
     reasoning = "".join(part.text for part in answer.thinking if isinstance(part, ThinkingPart))
     if reasoning:
         items.append(_reasoning_item(make_id("rs"), reasoning, "completed"))
-    if answer.text or not answer.tool_calls:
+    if answer.text or not (answer.tool_calls or answer.refusal):
         items.append(_message_item(make_id("msg"), answer.text or "", "completed"))
+    if answer.refusal:
+        items.append(_refusal_item(make_id("msg"), answer.refusal, "completed"))
     items += [_call_item(make_id("fc"), call, "completed") for call in answer.tool_calls]
     items[-1]["status"] = status  # a cut answer's last item is what the cut broke: its text, or a call's arguments
     return items
@@ -552,8 +563,10 @@ def input_items(messages: Sequence[Message], response_id: str) -> list[dict[str,
 
 
 def assistant_message(answer: Answer) -> Message:
-    """The answer as the assistant turn of the conversation (what a later turn continues)."""
-    return Message("assistant", (TextPart(answer.text),) if answer.text else (), tuple(answer.tool_calls))
+    """The answer as the assistant turn of the conversation (what a later turn continues; a
+    refusal is what the model said, as a refusal part of an input message reads)."""
+    parts = tuple(TextPart(text) for text in (answer.text, answer.refusal) if text)
+    return Message("assistant", parts, tuple(answer.tool_calls))
 
 
 def response_object(
@@ -604,6 +617,8 @@ class _Item:
     def body(self, status: str) -> dict[str, Any]:
         if self.kind == "message":
             return _message_item(self.id, self.text, status)
+        if self.kind == "refusal":
+            return _refusal_item(self.id, self.text, status)
         if self.kind == "reasoning":
             return _reasoning_item(self.id, self.text, status)
         return _call_item(self.id, ToolCall(self.call_id, self.name, self.arguments), status)
@@ -666,6 +681,8 @@ class StreamEncoder:
                 out += self._text_into(
                     "message", self._begin_message, "response.output_text.delta", delta.text, logprobs=[]
                 )
+            elif isinstance(delta, RefusalDelta):
+                out += self._text_into("refusal", self._begin_refusal, "response.refusal.delta", delta.text)
             elif isinstance(delta, ToolCallStart):
                 out += self._close()
                 item = _Item("function_call", self._make_id("fc"), len(self._items), delta.id, delta.name)
@@ -720,6 +737,7 @@ class StreamEncoder:
     def answer(self) -> Answer:
         """What was streamed, as an answer (the text, the calls, the finish reason and usage)."""
         texts = [item.text for item in self._items if item.kind == "message"]
+        refusals = [item.text for item in self._items if item.kind == "refusal"]
         calls = [
             ToolCall(item.call_id, item.name, item.arguments) for item in self._items if item.kind == "function_call"
         ]
@@ -727,6 +745,7 @@ class StreamEncoder:
             id=self._response_id,
             model=self._decoded.request.model,
             text="".join(texts) or None,
+            refusal="".join(refusals) or None,
             tool_calls=calls,
             finish_reason=self._finish,
             usage=self._usage or Usage(),
@@ -766,6 +785,18 @@ class StreamEncoder:
             {"output_index": item.index, "item": {**item.body("in_progress"), "content": []}},
         ) + self._event("response.content_part.added", {**self._where(item), "content_index": 0, "part": part})
 
+    def _begin_refusal(self) -> bytes:
+        item = _Item("refusal", self._make_id("msg"), len(self._items))
+        self._items.append(item)
+        self._open = item
+        return self._event(
+            "response.output_item.added",
+            {"output_index": item.index, "item": {**item.body("in_progress"), "content": []}},
+        ) + self._event(
+            "response.content_part.added",
+            {**self._where(item), "content_index": 0, "part": {"type": "refusal", "refusal": ""}},
+        )
+
     def _text_into(self, kind: str, begin: Callable[[], bytes], event: str, text: str, **extra: Any) -> bytes:
         """``text`` added to the open item of ``kind`` (begun first, when another one is open)."""
         out = (
@@ -798,6 +829,11 @@ class StreamEncoder:
             part = {"type": "output_text", "text": item.text, "annotations": []}
             out = self._event(
                 "response.output_text.done", {**where, "content_index": 0, "text": item.text, "logprobs": []}
+            ) + self._event("response.content_part.done", {**where, "content_index": 0, "part": part})
+        elif item.kind == "refusal":
+            part = {"type": "refusal", "refusal": item.text}
+            out = self._event(
+                "response.refusal.done", {**where, "content_index": 0, "refusal": item.text}
             ) + self._event("response.content_part.done", {**where, "content_index": 0, "part": part})
         else:
             out = self._event(

@@ -132,6 +132,9 @@ class _Fault(msgspec.Struct, forbid_unknown_fields=True):
     failed_after_events: int | None = None
     """Responses streams: the server's own ``response.failed`` after this many writes (the first
     holds ``response.created``), then the end of the stream."""
+    refusal: str | None = None
+    """Chat: the model declines, as OpenAI's models do: ``message.refusal`` with null content
+    and ``finish_reason`` stop (streamed as ``delta.refusal`` pieces)."""
     omit_message_delta: bool = False
     """Messages streams: no ``message_delta`` (no stop reason, no final usage: ``message_start``'s
     placeholder of 1 output token is all the usage said), then ``message_stop``."""
@@ -507,6 +510,8 @@ async def _chat(request: web.Request, state: _State, body: Any, fault: _Fault) -
         error = _context_error(body, state.max_model_len)
     if error is not None:
         return error
+    if fault.refusal is not None:
+        return await _chat_refusal(request, state, body, fault, fault.refusal)
     if needs_extras(body):
         return await _chat_extras(request, state, body, fault)
     prompt_tokens, answer = _openai_answer(state, body, fault)
@@ -576,6 +581,40 @@ async def _chat_stream(
     if include_usage and not fault.omit_usage:
         data = {**base, "choices": [], "usage": _usage(prompt_tokens, answer.n_tokens)}
         await sink.send(b"data: " + _encode_json(data) + b"\n\n")
+    await sink.send(b"data: [DONE]\n\n")
+    return await sink.finish()
+
+
+async def _chat_refusal(
+    request: web.Request, state: _State, body: dict[str, Any], fault: _Fault, refusal: str
+) -> web.StreamResponse:
+    prompt_tokens, _ = _analyze_openai(_encode_json(body["messages"]))
+    usage = _usage(prompt_tokens, count(refusal))
+    if body.get("stream") is not True:
+        message = {"role": "assistant", "content": None, "refusal": refusal}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+        completion = {
+            "id": f"chatcmpl-sim-{state.next_id()}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [choice],
+            "usage": usage,
+        }
+        return _json_response(_encode_json(completion))
+    base = _chunk_base(state, body)
+    sink = await _start_sse(request, fault, state)
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        data = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return b"data: " + _encode_json(data) + b"\n\n"
+
+    await sink.send(chunk({"role": "assistant", "content": None, "refusal": ""}))
+    for start in range(0, len(refusal), 7):
+        await sink.send(chunk({"refusal": refusal[start : start + 7]}))
+    await sink.send(chunk({}, "stop"))
+    if _include_usage(body):
+        await sink.send(b"data: " + _encode_json({**base, "choices": [], "usage": usage}) + b"\n\n")
     await sink.send(b"data: [DONE]\n\n")
     return await sink.finish()
 

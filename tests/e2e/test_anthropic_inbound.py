@@ -11,7 +11,7 @@ import pytest
 from anthropic.types import MessageParam, TextBlockParam, ToolUnionParam
 
 from gateway.simulated import SimulatedUpstream
-from tests.conftest import upstream_stats
+from tests.conftest import inject, upstream_stats
 from tests.gateway_process import GatewayProcess
 
 
@@ -49,6 +49,21 @@ def test_the_stream_helper_accumulates_the_same_answer(claude: anthropic.Anthrop
     assert final.stop_reason == "end_turn" and final.usage.output_tokens > 0
     assert events[0] == "message_start" and events[-1] == "message_stop"
     assert "content_block_start" in events and "content_block_stop" in events and "message_delta" in events
+
+
+def test_a_chat_models_refusal_ends_with_anthropics_refusal_stop(
+    claude: anthropic.Anthropic, small_upstream: SimulatedUpstream
+) -> None:
+    declined = "I can't help with that."
+    ask: dict[str, Any] = {"model": "fast", "max_tokens": 64, "messages": [{"role": "user", "content": "a secret?"}]}
+    inject(small_upstream, {"refusal": declined})
+    whole = claude.messages.create(**ask)
+    assert whole.stop_reason == "refusal"
+    assert [(block.type, getattr(block, "text", None)) for block in whole.content] == [("text", declined)]
+    inject(small_upstream, {"refusal": declined})
+    with claude.messages.stream(**ask) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "refusal" and final.content[0].type == "text" and final.content[0].text == declined
 
 
 def test_a_stop_sequence_the_upstream_matched_is_reported_as_anthropic_does(claude: anthropic.Anthropic) -> None:

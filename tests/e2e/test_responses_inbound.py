@@ -170,6 +170,38 @@ def test_structured_output_parses_into_the_model(client: openai.OpenAI, small_up
     assert response_format["json_schema"]["strict"] is True
 
 
+def test_a_refusal_is_told_as_one_streamed_or_not_and_a_follow_up_continues_it(
+    client: openai.OpenAI, small_upstream: SimulatedUpstream
+) -> None:
+    """A chat model's ``message.refusal`` is Responses' refusal part (t25: it was an empty text,
+    which ``responses.parse`` then failed to parse as the schema)."""
+    declined = "I can't help with that request."
+    inject(small_upstream, {"refusal": declined})
+    parsed = client.responses.parse(model="fast", input="Name three colours.", text_format=Colours)
+    assert parsed.status == "completed" and parsed.output_parsed is None
+    message = parsed.output[-1]
+    assert message.type == "message"
+    assert [(part.type, getattr(part, "refusal", None)) for part in message.content] == [("refusal", declined)]
+
+    inject(small_upstream, {"refusal": declined})
+    with client.responses.stream(model="fast", input="Tell me a secret.") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    deltas = [event.delta for event in events if event.type == "response.refusal.delta"]
+    assert "".join(deltas) == declined and len(deltas) > 1
+    done = [event for event in events if event.type == "response.refusal.done"]
+    assert len(done) == 1 and done[0].refusal == declined
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    streamed = final.output[-1]
+    assert streamed.type == "message" and [part.type for part in streamed.content] == ["refusal"]
+    assert final.output_text == ""
+
+    follow_up = client.responses.create(model="fast", previous_response_id=final.id, input="Why not?")
+    assert follow_up.output_text
+    messages = _last_upstream_body(small_upstream)["messages"]
+    assert messages[1] == {"role": "assistant", "content": declined}  # what the model said, carried on
+
+
 def test_function_calls_and_their_outputs_round_trip(client: openai.OpenAI, small_upstream: SimulatedUpstream) -> None:
     first = client.responses.create(
         model="fast", input="What is the weather in Oslo?", tools=[WEATHER_TOOL], tool_choice="required"
