@@ -552,6 +552,12 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
+def _given(raw: dict[str, Any], name: str, default: int) -> int:
+    """A count the event gives (null or absent: ``default``, the one known)."""
+    value = raw.get(name)
+    return _count(value) if isinstance(value, int) and not isinstance(value, bool) else default
+
+
 def usage_from_wire(raw: Any) -> Usage | None:
     """Anthropic's usage as the internal model counts it (``input_tokens`` with the cache's reads
     and writes in it, as every other API counts a prompt); None when it reports none."""
@@ -645,11 +651,27 @@ class StreamDecoder:
         return []
 
     def _usage(self, raw: Any) -> list[Delta]:
+        """The usage so far, each field the event gives (cumulative) replacing the one known: a
+        ``message_delta`` may give ``input_tokens`` with null cache counts, which keep what
+        ``message_start`` said (as the SDKs merge them), or only the output count."""
         if not isinstance(raw, dict):
             return []
-        full = usage_from_wire(raw)
-        if full is None:  # only the output count: the prompt's is the one already known
-            full = msgspec.structs.replace(self.usage or Usage(), output_tokens=_count(raw.get("output_tokens")))
+        known = self.usage
+        if known is None:
+            full = usage_from_wire(raw) or Usage(output_tokens=_count(raw.get("output_tokens")))
+        else:
+            fresh = _given(
+                raw, "input_tokens", known.input_tokens - known.cached_input_tokens - known.cache_write_tokens
+            )
+            read = _given(raw, "cache_read_input_tokens", known.cached_input_tokens)
+            write = _given(raw, "cache_creation_input_tokens", known.cache_write_tokens)
+            output = _given(raw, "output_tokens", known.output_tokens)
+            full = Usage(
+                input_tokens=fresh + read + write,
+                output_tokens=output,
+                cached_input_tokens=read,
+                cache_write_tokens=write,
+            )
         self.usage = full
         return [UsageReport(full)]
 

@@ -318,6 +318,26 @@ def test_text_on_both_sides_of_a_tool_call_does_not_fuse_but_cited_pieces_do() -
     assert "".join(streamed) == around.text
 
 
+def test_a_message_deltas_null_cache_counts_keep_what_message_start_said() -> None:
+    """Every count of a ``message_delta``'s usage but the output's may be null: a null keeps the
+    earlier figure, as the SDKs merge them (t27: the cache's 60 tokens fell out of the bill)."""
+    decoder = anthropic.StreamDecoder()
+    start = {"input_tokens": 43, "cache_read_input_tokens": 50, "cache_creation_input_tokens": 10, "output_tokens": 1}
+    decoder.feed({"type": "message_start", "message": {"id": "m", "model": "c", "usage": start}})
+    nulls = {"input_tokens": 43, "cache_read_input_tokens": None, "cache_creation_input_tokens": None,
+             "output_tokens": 6}  # fmt: skip
+    decoder.feed({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": nulls})
+    assert decoder.usage == Usage(input_tokens=103, output_tokens=6, cached_input_tokens=50, cache_write_tokens=10)
+    decoder.feed({"type": "message_delta", "delta": {}, "usage": {"output_tokens": 9}})  # only the output's
+    assert decoder.usage == Usage(input_tokens=103, output_tokens=9, cached_input_tokens=50, cache_write_tokens=10)
+    whole = {"input_tokens": 40, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 70, "output_tokens": 12}
+    decoder.feed({"type": "message_delta", "delta": {}, "usage": whole})  # cumulative figures replace the earlier
+    assert decoder.usage == Usage(input_tokens=110, output_tokens=12, cached_input_tokens=0, cache_write_tokens=70)
+    late = anthropic.StreamDecoder()  # no message_start usage: the delta's own counts
+    late.feed({"type": "message_delta", "delta": {}, "usage": {"output_tokens": 5}})
+    assert late.usage == Usage(output_tokens=5)
+
+
 def test_streamed_thinking_becomes_a_thinking_block_closed_by_its_signature() -> None:
     reader, encoder = openai_chat.ChunkReader(), anthropic.StreamEncoder("msg_1", "m", 0)
     chunks: list[dict[str, Any]] = [
