@@ -35,7 +35,8 @@ class DispatchInfo:
 
     provider: Provider | None = None
     asked: Provider | None = None
-    """The upstream last asked (the one answering, or the one working when the client left)."""
+    """The upstream at work (the one answering, or the one working when the client left); None
+    between attempts, once one failed: that one answered, with an error, and costs nothing."""
     attempts: int = 0
     fallback_used: bool = False
     upstream_seconds: float = 0.0
@@ -83,6 +84,7 @@ async def dispatch(
                     info.provider = provider
                     return result
                 except UpstreamError as exc:
+                    info.asked = None  # it answered, with an error: a client leaving now is charged nothing
                     last_error = exc
                     info.failures.append(exc)
                     verdicts.failed(breaker, exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -137,3 +138,20 @@ async def test_a_full_connection_pool_moves_on_but_charges_no_circuit(route: Any
         await dispatch(("a", "b"), providers, breakers, _FAST_RETRY, call, info)
         assert info.fallback_used
     assert breakers["a"].state == "closed"
+
+
+async def test_a_client_leaving_in_a_retry_wait_leaves_no_upstream_at_work(upstream: FakeUpstream, route: Any) -> None:
+    """Between attempts nothing is at work: a request cancelled there is charged nothing (t27:
+    it was billed the prompt at the price of the model whose 500 it was waiting to retry)."""
+    upstream.fail("a", 500, times=5)
+    slow = RetryPolicy(max_attempts=2, backoff_initial_ms=5000, backoff_max_ms=5000, max_retry_after_s=0.5)
+    providers, breakers = route
+    info = DispatchInfo()
+    task = asyncio.create_task(dispatch(("a", "b"), providers, breakers, slow, _complete, info))
+    while not info.failures:
+        await asyncio.sleep(0.01)
+    assert info.asked is None and upstream.calls_to("a") == 1  # waiting to retry
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert info.asked is None and info.provider is None
