@@ -132,6 +132,9 @@ class _Fault(msgspec.Struct, forbid_unknown_fields=True):
     failed_after_events: int | None = None
     """Responses streams: the server's own ``response.failed`` after this many writes (the first
     holds ``response.created``), then the end of the stream."""
+    usage_on_finish_chunk: bool = False
+    """Chat streams: the usage on the chunk that carries the finish reason and no usage chunk
+    after it, as TGI and llama.cpp's server send it (with ``include_usage``)."""
     refusal: str | None = None
     """Chat: the model declines, as OpenAI's models do: ``message.refusal`` with null content
     and ``finish_reason`` stop (streamed as ``delta.refusal`` pieces)."""
@@ -577,8 +580,13 @@ async def _chat_stream(
     for piece in answer.pieces:
         await sink.pause()
         await sink.send(chunk({"content": piece}))
-    await sink.send(chunk({}, FINISH[answer.finish]))
-    if include_usage and not fault.omit_usage:
+    if fault.usage_on_finish_chunk and include_usage:
+        finish = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": FINISH[answer.finish]}
+        data = {**base, "choices": [finish], "usage": _usage(prompt_tokens, answer.n_tokens)}
+        await sink.send(b"data: " + _encode_json(data) + b"\n\n")
+    else:
+        await sink.send(chunk({}, FINISH[answer.finish]))
+    if include_usage and not fault.omit_usage and not fault.usage_on_finish_chunk:
         data = {**base, "choices": [], "usage": _usage(prompt_tokens, answer.n_tokens)}
         await sink.send(b"data: " + _encode_json(data) + b"\n\n")
     await sink.send(b"data: [DONE]\n\n")

@@ -31,6 +31,7 @@ from gateway.upstreams.base import (
     decode_json_object,
     usage_of,
 )
+from gateway.upstreams.sse import SSEEvent
 
 __all__ = ["OpenAIProvider", "chat_payload", "for_openai_upstream"]
 
@@ -120,7 +121,8 @@ class OpenAIProvider(Provider):
             # Ask for usage even when the client did not: it is the authoritative count.
             body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
         response = await self._post("chat/completions", body, self._headers(), stream=True)
-        return _OpenAIChatStream(self, response)
+        continuous = isinstance(options, dict) and options.get("continuous_usage_stats") is True
+        return _OpenAIChatStream(self, response, continuous)
 
 
 class _OpenAIChatStream(ChatStream):
@@ -130,10 +132,12 @@ class _OpenAIChatStream(ChatStream):
     has reached the client: it is retried and falls back, as Anthropic's failures after
     ``message_start`` are."""
 
-    def __init__(self, provider: OpenAIProvider, response: UpstreamResponse) -> None:
+    def __init__(self, provider: OpenAIProvider, response: UpstreamResponse, continuous_usage: bool = False) -> None:
         super().__init__()
         self._provider = provider
         self._response = response
+        self._continuous_usage = continuous_usage
+        """The client asked for usage on every chunk (vLLM's ``continuous_usage_stats``)."""
         self._events = UpstreamEvents(provider, response)
         self._done = False
         self._choices_seen = False
@@ -177,6 +181,10 @@ class _OpenAIChatStream(ChatStream):
             if not choices:
                 continue  # the usage chunk: kept in the tally, re-emitted by the gateway if asked for
             self._choices_seen = True
+            if chunk.get("usage") and not self._continuous_usage:
+                # TGI and llama.cpp put it on the finish chunk: the gateway's usage chunk tells it,
+                # once (a client that adds up its chunks' usage counted the request twice: t27)
+                event = SSEEvent(event.event, msgspec.json.encode({**chunk, "usage": None}))
             for choice in choices:
                 if isinstance(choice, dict):
                     if choice.get("finish_reason") is None:

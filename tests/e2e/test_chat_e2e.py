@@ -81,6 +81,29 @@ def test_stream_without_include_usage_has_no_usage_chunk_but_is_priced(
     assert record["tokens_source"] == "upstream" and record["completion_tokens"] > 0 and record["cost_usd"] > 0
 
 
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_usage_on_the_upstreams_finish_chunk_reaches_the_client_once(
+    client: openai.OpenAI, gateway: GatewayProcess, small_upstream: SimulatedUpstream, include_usage: bool
+) -> None:
+    """TGI and llama.cpp put the usage on the finish chunk: the client gets it once, in the
+    gateway's usage chunk, and only when it asked (t27: twice, and unasked)."""
+    inject(small_upstream, {"usage_on_finish_chunk": True})
+    options = {"include_usage": True} if include_usage else None
+    with client.chat.completions.with_streaming_response.create(
+        model="fast", messages=MESSAGES, stream=True, stream_options=options or openai.NOT_GIVEN
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        chunks = list(response.parse())
+    said = [c.usage for c in chunks if c.usage is not None]
+    record = gateway.wait_for_record(request_id)
+    assert record["tokens_source"] == "upstream" and record["completion_tokens"] > 0
+    if include_usage:
+        assert len(said) == 1 and chunks[-1].choices == [] and chunks[-1].usage is not None
+        assert said[0].completion_tokens == record["completion_tokens"]
+    else:
+        assert said == []
+
+
 def test_raw_sse_ends_with_done(gateway: GatewayProcess) -> None:
     body = {"model": "fast", "messages": MESSAGES, "stream": True}
     with httpx.stream("POST", f"{gateway.base_url}/chat/completions", json=body) as response:
