@@ -88,9 +88,8 @@ def test_usage_on_the_upstreams_finish_chunk_reaches_the_client_once(
     """TGI and llama.cpp put the usage on the finish chunk: the client gets it once, in the
     gateway's usage chunk, and only when it asked (t27: twice, and unasked)."""
     inject(small_upstream, {"usage_on_finish_chunk": True})
-    options = {"include_usage": True} if include_usage else None
     with client.chat.completions.with_streaming_response.create(
-        model="fast", messages=MESSAGES, stream=True, stream_options=options or openai.NOT_GIVEN
+        model="fast", messages=MESSAGES, stream=True, stream_options={"include_usage": include_usage}
     ) as response:
         request_id = response.headers["x-request-id"]
         chunks = list(response.parse())
