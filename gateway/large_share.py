@@ -1,18 +1,24 @@
 """Keeps a classifier route's share of large-model answers on target as traffic shifts.
 
 A route with ``target_large_share: s`` does not use its fixed ``threshold``: its
-threshold follows the (1 − s) quantile of the ``p_large`` scores it has seen recently,
-so that about a share s of prompts goes to the large model whatever the scores' scale
-on today's traffic. Per tenant and route (traffic one tenant sends never moves another's
-routing): each process keeps the last ``window`` scores; every ``update_every`` scores it
-reads the shared threshold from the store, and moves it so that the share its window
-would send to large comes closer to s by at most ``max_share_step`` (a bound in share,
-not in score: the routing head's scores are not on one scale across kinds of traffic, so
-a bound in score units took 1,600 prompts to follow a shift from chat to quiz traffic),
-and writes it back. Processes thus share one threshold, and no burst of odd prompts can
-move the share far. A process reads the shared threshold when it first sees a tenant's
-route (a new or restarted process routes as the others do); while the store is unavailable
-the last known threshold (at first the configured one) holds.
+threshold follows the (1 − s) quantile of the ``p_large`` scores seen recently, so that
+about a share s of prompts goes to the large model whatever the scores' scale on today's
+traffic. Per tenant and route (traffic one tenant sends never moves another's routing).
+Every ``update_every`` scores a process adds them to the route's window in the store (the
+newest ``window`` scores of all processes), reads the window and the shared threshold, and
+moves the threshold so that the share the window would send to large comes closer to s by
+at most ``max_share_step`` (a bound in share, not in score: the routing head's scores are
+not on one scale across kinds of traffic, so a bound in score units took 1,600 prompts to
+follow a shift from chat to quiz traffic), and writes it back. Every process steps on the
+same window: two that see different traffic (a sticky load balancer) no longer undo each
+other's steps around their own shares (t28). A process reads the shared threshold when it
+first sees a tenant's route (a new or restarted process routes as the others do); while
+the store is unavailable its own recent scores stand in for the window, and the last known
+threshold (at first the configured one) holds.
+
+Scores are ranked with a tie-break far below the scores' precision (:func:`ranked`):
+prompts that score alike (one template, images the text model cannot see) would all fall
+on one side of a threshold at their score, and the share jumped from a quarter to all.
 
 When the scorer changes (a learnt router is promoted or rolled back), the scores seen before
 are on another scale: they are dropped, and the first update on the new scorer's scores goes
@@ -22,6 +28,7 @@ straight to their quantile for the target, with no step bound.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections import deque
 
 import numpy as np
@@ -31,12 +38,20 @@ from gateway.background import BackgroundTasks
 from gateway.store import keyspace
 from gateway.store.base import KeyValue, StoreUnavailable
 
-__all__ = ["LargeShareTracker"]
+__all__ = ["LargeShareTracker", "ranked"]
 
 _log = structlog.get_logger("gateway.routing")
 
 _TTL_S = 7 * 86400
 _TIMEOUT_S = 0.05
+_TIE_BREAK = 1e-6
+"""Below the 4 decimals a score is logged with, and the scorer's float32 precision near 1."""
+_SCORE = np.dtype("<f8")
+
+
+def ranked(p_large: float) -> float:
+    """``p_large`` with a random tie-break: what a target-share route compares and counts."""
+    return p_large + _TIE_BREAK * random.random()
 
 
 class LargeShareTracker:
@@ -48,6 +63,9 @@ class LargeShareTracker:
         self._update_every = update_every
         self._max_share_step = max_share_step
         self._scores: dict[tuple[str, str], deque[float]] = {}
+        """This process's recent scores: the window while the store is unavailable."""
+        self._unsent: dict[tuple[str, str], list[float]] = {}
+        """Scores since the last update, for the shared window."""
         self._seen: dict[tuple[str, str], int] = {}
         self._thresholds: dict[tuple[str, str], float] = {}
         self._scorers: dict[tuple[str, str], str] = {}
@@ -79,19 +97,25 @@ class LargeShareTracker:
         scores = self._scores.get(key)
         if scores is None:
             scores = self._scores[key] = deque(maxlen=self._window)
+        unsent = self._unsent.setdefault(key, [])
         if self._scorers.setdefault(key, scorer) != scorer:  # another scale: what came before says nothing
             self._scorers[key] = scorer
             scores.clear()
+            unsent.clear()
             self._seen[key] = 0
             self._rescale.add(key)
         scores.append(p_large)
+        unsent.append(p_large)
         self._seen[key] = seen = self._seen.get(key, 0) + 1
         if seen % self._update_every == 0:
             recent = np.fromiter(scores, dtype=np.float64)
+            batch = np.array(unsent, dtype=np.float64)
+            unsent.clear()
             rescale = key in self._rescale
             self._rescale.discard(key)
             self._background.spawn(
-                self.update(tenant, route, recent, target, configured, rescale=rescale), "large-share-update"
+                self.update(tenant, route, recent, target, configured, rescale=rescale, batch=batch, scorer=scorer),
+                "large-share-update",
             )
 
     async def update(
@@ -103,13 +127,22 @@ class LargeShareTracker:
         configured: float,
         *,
         rescale: bool = False,
+        batch: np.ndarray | None = None,
+        scorer: str = "",
     ) -> float:
-        """Move the shared threshold so that ``recent`` scores' share at or above it nears
-        ``target`` by at most ``max_share_step`` (``rescale``: all the way); the new threshold."""
+        """Add ``batch`` (the scores since the last update) to the shared window, and move the
+        shared threshold so that the window's share at or above it nears ``target`` by at most
+        ``max_share_step`` (``rescale``: all the way); the new threshold. ``recent``, this
+        process's own scores, stand in for a window the store does not give."""
         key = (tenant, route)
         store_key = keyspace.large_share_threshold(tenant, route)
         current = self._thresholds.get(key, configured)
         try:
+            if batch is not None and batch.size:
+                window = keyspace.large_share_window(tenant, route)
+                batches = -(-self._window // max(batch.size, 1))
+                await self._kv.append(window, _packed(scorer, batch), batches, _TTL_S, _TIMEOUT_S)
+                recent = _unpacked(await self._kv.read_list(window, _TIMEOUT_S), scorer, self._window, recent)
             shared = _readable(await self._kv.get(store_key, _TIMEOUT_S))
         except StoreUnavailable:
             return current
@@ -136,6 +169,28 @@ class LargeShareTracker:
 
     async def aclose(self) -> None:
         await self._background.aclose()
+
+
+def _packed(scorer: str, batch: np.ndarray) -> bytes:
+    """A batch of scores as the window keeps it: the scorer's name, a NUL, little-endian float64s (a
+    float32 would round the tie-break away)."""
+    return scorer.encode() + b"\0" + batch.astype(_SCORE).tobytes()
+
+
+def _unpacked(batches: list[bytes], scorer: str, window: int, fallback: np.ndarray) -> np.ndarray:
+    """The newest ``window`` scores of ``scorer`` in the stored batches (another scorer's are on
+    another scale); ``fallback`` when there are none, or the store holds something else."""
+    name = scorer.encode()
+    kept: list[np.ndarray] = []
+    for raw in batches:
+        head, _, body = raw.partition(b"\0")
+        if head == name and body and len(body) % _SCORE.itemsize == 0:
+            kept.append(np.frombuffer(body, dtype=_SCORE).astype(np.float64))
+    if not kept:
+        return fallback
+    scores = np.concatenate(kept)[-window:]
+    scores = scores[np.isfinite(scores)]
+    return scores if scores.size else fallback
 
 
 def _readable(raw: bytes | None) -> float | None:

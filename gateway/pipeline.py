@@ -43,7 +43,7 @@ from gateway.errors import (
     UpstreamProtocolError,
 )
 from gateway.judge import parse_yes_no
-from gateway.large_share import LargeShareTracker
+from gateway.large_share import LargeShareTracker, ranked
 from gateway.learning.examples import Side
 from gateway.learning.loop import LearningLoop
 from gateway.learning.shadow import judge_request as shadow_judge_request
@@ -196,6 +196,9 @@ class _Exchange:
     reservation: Reservation | None = None
     score: PromptScore | None = None
     scored: bool = False
+    unseen: bool = False
+    """The scorer cannot read what the request asks: it has no text, or its last user turn
+    holds an image (the router leans large on it)."""
     downgrade: bool = False
     """The tenant's budget is nearly spent: a classifier route goes to the small model."""
     answered: str = ""
@@ -379,8 +382,10 @@ class ChatPipeline:
         if not x.scored:
             x.scored = True
             if self._scorer is not None:
+                text = request_text(x.request.messages)
+                x.unseen = not text or _shows_an_image(x.request.messages)
                 try:
-                    x.score = await self._scorer.score(request_text(x.request.messages))
+                    x.score = await self._scorer.score(text)
                 except ClassifierError as exc:
                     _log.warning("classifier_failed", request_id=x.record.request_id, error=str(exc)[:200])
         return x.score
@@ -408,7 +413,9 @@ class ChatPipeline:
                 return
             plan, tenant, tracker, target = x.plan, x.record.tenant, self._large_share, x.plan.target_large_share
             p_large = score.p_large
-            if plan.learning is not None and self._learning is not None:
+            if x.unseen:  # what the router cannot read, it cannot place: it leans large (t28)
+                p_large = 1.0
+            elif plan.learning is not None and self._learning is not None:
                 learned = await self._learning.routers.in_force(tenant, pooled=plan.learning.scope == "global")
                 if learned is not None:
                     p_large = learned.apply(p_large, score.embedding, score.features)
@@ -418,9 +425,12 @@ class ChatPipeline:
             else:
                 await tracker.prepare(tenant, plan.route)
                 threshold = tracker.threshold(tenant, plan.route, plan.threshold)
-                x.plan = router.classify(plan, p_large, threshold)
-                tracker.observe(tenant, plan.route, p_large, target, plan.threshold, x.record.router_version or "")
+                score_ranked = ranked(p_large)
+                x.plan = router.classify(plan, score_ranked, threshold)
+                tracker.observe(tenant, plan.route, score_ranked, target, plan.threshold, x.record.router_version or "")
             x.record.p_large = round(p_large, 4)
+            if x.plan.threshold is not None:
+                x.record.threshold = round(x.plan.threshold, 4)
         x.record.decision = x.plan.decision
 
     async def _from_cache(self, x: _Exchange, cache_control: str | None) -> Answer | StreamingAnswer | None:
@@ -925,6 +935,14 @@ class ChatPipeline:
         except Exception as exc:  # a bug of ours: the request is billed and logged all the same
             _log.error("accounting_failed", request_id=record.request_id, error=type(exc).__name__,
                        where=exception_frames(exc))  # fmt: skip
+
+
+def _shows_an_image(messages: list[core.Message]) -> bool:
+    """The last user turn holds an image, which the text scorer does not see."""
+    for message in reversed(messages):
+        if message.role == "user":
+            return any(isinstance(part, core.ImagePart) for part in message.parts)
+    return False
 
 
 def _complete(answer: core.Answer) -> bool:

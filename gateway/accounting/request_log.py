@@ -46,6 +46,8 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     decision: str | None = None
     p_large: float | None = None
     """Classifier routes: the router's score (higher: the large model helps more)."""
+    threshold: float | None = None
+    """Classifier routes: the threshold ``p_large`` was held against (a target share moves it)."""
     router_version: str | None = None
     """Classifier routes: the learnt router that scored the request (gateway/learning/); None: the shipped one."""
     model: str | None = None

@@ -42,6 +42,7 @@ __all__ = [
     "exact",
     "hash_tag",
     "large_share_threshold",
+    "large_share_window",
     "learned_router",
     "lease",
     "limit_counters",
@@ -80,6 +81,11 @@ def exact(tenant: str, digest: str) -> str:
 
 def large_share_threshold(tenant: str, route: str) -> str:
     return f"{tenant_prefix(tenant)}:share:{hashlib.sha256(route.encode()).hexdigest()[:16]}"
+
+
+def large_share_window(tenant: str, route: str) -> str:
+    """The recent scores of a target-share route, all processes' (a list of batches)."""
+    return large_share_threshold(tenant, route) + ":w"
 
 
 def semantic_audit(tenant: str, route: str, setting: str) -> str:

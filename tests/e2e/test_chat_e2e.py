@@ -64,6 +64,7 @@ def test_streamed_answer_chunks_and_usage(client: openai.OpenAI, gateway: Gatewa
     assert record["decision"] == model and record["p_large"] == pytest.approx(
         float(response.headers["x-gateway-p-large"])
     )
+    assert (record["p_large"] >= record["threshold"]) == (model == "large")  # the threshold it was held against
 
 
 def test_stream_without_include_usage_has_no_usage_chunk_but_is_priced(
@@ -101,6 +102,24 @@ def test_usage_on_the_upstreams_finish_chunk_reaches_the_client_once(
         assert said[0].completion_tokens == record["completion_tokens"]
     else:
         assert said == []
+
+
+def test_a_prompt_the_router_cannot_read_leans_large(client: openai.OpenAI, gateway: GatewayProcess) -> None:
+    """An image (the text encoder does not see it) or no text at all: the router cannot place
+    it, and sends it to large rather than scoring an empty string low (t28)."""
+    image = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    asks: list[list[ChatCompletionMessageParam]] = [
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}],
+        [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                      {"type": "image_url", "image_url": {"url": image}}]}],
+        [{"role": "user", "content": " "}],
+    ]  # fmt: skip
+    for messages in asks:
+        raw = client.chat.completions.with_raw_response.create(model="auto", messages=messages)
+        assert raw.headers["x-gateway-decision"] == "large", messages
+        assert float(raw.headers["x-gateway-p-large"]) == 1.0
+    plain = client.chat.completions.with_raw_response.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+    assert float(plain.headers["x-gateway-p-large"]) < 1.0
 
 
 def test_raw_sse_ends_with_done(gateway: GatewayProcess) -> None:

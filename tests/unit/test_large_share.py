@@ -15,7 +15,7 @@ from gateway.accounting.ledger import UsageLedger
 from gateway.accounting.metrics import Metrics
 from gateway.cache.exact import ExactCache
 from gateway.cache.semantic import SemanticCache
-from gateway.large_share import LargeShareTracker
+from gateway.large_share import LargeShareTracker, ranked
 from gateway.limits import Limiter
 from gateway.pipeline import Answer, ChatPipeline
 from gateway.runtime import RuntimeHolder
@@ -75,6 +75,39 @@ async def test_processes_share_one_threshold_and_tenants_do_not() -> None:
     after = await second.update("t", "auto", recent, target=0.9, configured=0.5)
     assert float((recent >= after).mean()) == pytest.approx(before + 0.05, abs=0.01)
     assert first.threshold("other-tenant", "auto", 0.5) == 0.5
+
+
+async def test_prompts_that_score_alike_are_split_not_all_sent_to_large() -> None:
+    """t28: with most of a tenant's prompts on one score (a fixed template, image-only
+    prompts), the threshold landed on it and the share went from 0.26 to 1.00 in one update."""
+    tracker = LargeShareTracker(MemoryKeyValue(), window=400, update_every=20, max_share_step=0.05)
+    rng = random.Random(7)
+    scores = [0.137 if rng.random() < 0.7 else rng.random() for _ in range(3000)]
+    sent = []
+    for start in range(0, len(scores), 20):
+        batch = [ranked(score) for score in scores[start : start + 20]]
+        threshold = tracker.threshold("t", "auto", 0.5)
+        sent += [score >= threshold for score in batch]
+        await _feed(tracker, "t", batch, target=0.3)
+    blocks = [sum(sent[i : i + 200]) / 200 for i in range(0, len(sent), 200)]
+    assert max(blocks) < 0.42  # climbing in steps, never past the target by more than sampling
+    assert sum(sent[-2000:]) / 2000 == pytest.approx(0.3, abs=0.04)
+
+
+async def test_processes_that_see_different_traffic_keep_the_overall_share_on_target() -> None:
+    """t28: with easy prompts on one process and hard ones on the other (a sticky balancer),
+    each stepped the shared threshold towards its own share and the total stayed near 0.5."""
+    store = MemoryKeyValue()
+    easy, hard = (LargeShareTracker(store, window=400, update_every=20, max_share_step=0.05) for _ in range(2))
+    rng = random.Random(11)
+    sent = []
+    for _ in range(150):
+        for tracker, low in ((easy, 0.0), (hard, 0.5)):
+            batch = [low + 0.5 * rng.random() for _ in range(20)]
+            threshold = tracker.threshold("t", "auto", 0.5)
+            sent += [score >= threshold for score in batch]
+            await _feed(tracker, "t", batch, target=0.3)
+    assert sum(sent[-2000:]) / 2000 == pytest.approx(0.3, abs=0.05)
 
 
 async def test_an_unavailable_store_keeps_the_last_threshold() -> None:
