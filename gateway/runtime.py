@@ -23,7 +23,7 @@ from gateway.speculative import SpeculativeProvider
 from gateway.tokens import encoding_for
 from gateway.upstreams.base import Provider
 from gateway.upstreams.breaker import Breakers
-from gateway.upstreams.registry import Transport, build_provider
+from gateway.upstreams.registry import Transport, api_key, build_provider
 
 __all__ = ["Runtime", "RuntimeHolder", "keep_last_good", "load_at_start"]
 
@@ -234,7 +234,7 @@ class RuntimeHolder:
         for name, config in policy.models.items():
             encoding_for(config.encoding)  # load the tokenizer now, not on a request
             old = _plain(previous.providers[name]) if previous and name in previous.providers else None
-            if old is not None and old.config == config and old.api_key == _api_key(config.api_key_env):
+            if old is not None and old.config == config and old.api_key == api_key(config):
                 providers[name] = old  # unchanged: keep its warm connection pool
             else:
                 providers[name] = build_provider(name, config, transport=self.transport)
@@ -356,10 +356,6 @@ async def _check_pair(provider: SpeculativeProvider) -> None:
         _log.error("speculation_refused", model=provider.name, problems=exc.problems)
     except UpstreamError as exc:
         _log.warning("speculation_pair_unchecked", model=provider.name, detail=exc.message)
-
-
-def _api_key(env_name: str | None) -> str | None:
-    return os.environ.get(env_name) if env_name else None
 
 
 async def _close_later(provider: Provider, delay_s: float) -> None:

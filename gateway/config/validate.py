@@ -292,6 +292,10 @@ _ORIGIN = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#\s]+")
 """What a browser sends in ``Origin``: a scheme and a host (with its port), nothing more."""
 
 
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+"""RFC 9110's token: what a header's name may be."""
+
+
 def check_policy(
     policy: Policy,
     problems: Problems,
@@ -341,6 +345,15 @@ def check_policy(
             problems.add(("models", name, "responses_api"), "only an openai chat model can serve the Responses API")
         if model.tenant_cache_salt and (model.provider != "openai" or model.kind != "chat"):
             problems.add(("models", name, "tenant_cache_salt"), "only an openai chat model (vLLM) takes a cache_salt")
+        for header, value in model.headers.items():
+            if not _HEADER_NAME.fullmatch(header):
+                problems.add(
+                    ("models", name, "headers"), "a header name is not an HTTP token (letters, digits, -_.!#$%&'*+^`|~)"
+                )
+            elif any(c in value for c in "\r\n\0"):
+                problems.add(
+                    ("models", name, "headers", header), "holds a line break or NUL, which HTTP forbids in a header"
+                )
         for field in msgspec.structs.fields(model.price):
             value = getattr(model.price, field.name)
             if value is not None and not math.isfinite(value):  # billed as inf: metrics +Inf, report skips the line

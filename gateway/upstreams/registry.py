@@ -16,7 +16,7 @@ from gateway.upstreams.base import Provider
 from gateway.upstreams.http11 import Http11Transport
 from gateway.upstreams.openai import OpenAIProvider
 
-__all__ = ["PROVIDER_KINDS", "build_provider", "make_client"]
+__all__ = ["PROVIDER_KINDS", "api_key", "build_provider", "make_client"]
 
 PROVIDER_KINDS: dict[str, type[Provider]] = {
     OpenAIProvider.kind: OpenAIProvider,
@@ -57,9 +57,16 @@ def make_client(config: ModelConfig, transport: Transport = "http11") -> httpx.A
 def build_provider(
     name: str, config: ModelConfig, environ: Mapping[str, str] | None = None, transport: Transport = "http11"
 ) -> Provider:
+    return PROVIDER_KINDS[config.provider](name, config, make_client(config, transport), api_key(config, environ))
+
+
+def api_key(config: ModelConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    """The model's API key from the environment, without the whitespace around it: a Secret
+    made from a file written with ``echo`` ends in a newline, which no header may hold (every
+    request was refused before it left, and went to the fallback: t29)."""
     environ = os.environ if environ is None else environ
-    api_key = environ.get(config.api_key_env) if config.api_key_env else None
-    return PROVIDER_KINDS[config.provider](name, config, make_client(config, transport), api_key)
+    value = environ.get(config.api_key_env) if config.api_key_env else None
+    return value.strip() if value is not None else None
 
 
 def _proxied(url: str) -> bool:

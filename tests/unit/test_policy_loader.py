@@ -458,3 +458,26 @@ def test_check_notes_an_unset_variable_in_a_number_field_and_finds_nothing_wrong
     loaded = load_policy_text(text, environ={}, unset_ok=True)
     assert any("MY_CONTEXT_WINDOW is not set" in note for note in loaded.warnings)
     assert "MY_CONTEXT_WINDOW" in problems(text)[0]  # serving still needs it
+
+
+def test_a_header_http_forbids_is_refused_and_a_keys_surrounding_whitespace_dropped() -> None:
+    """t29: a Secret written with ``echo`` (a key ending in a newline), a CR/LF in a header value
+    or a space in its name made every request fail before it left, and go to the fallback."""
+    from gateway.upstreams.registry import api_key
+
+    with_headers = VALID.replace("    tier: large\n", "    tier: large\n    headers: {HEADERS}\n")
+    bad_value = with_headers.replace("{HEADERS}", '{x-api-version: "2026\\r\\nX-Evil: 1"}')
+    assert problems(bad_value) == [
+        "models.l.headers.x-api-version (line 12): holds a line break or NUL, which HTTP forbids in a header"
+    ]
+    bad_name = problems(with_headers.replace("{HEADERS}", '{"api version": "1"}'))
+    assert len(bad_name) == 1 and bad_name[0].startswith("models.l.headers") and "HTTP token" in bad_name[0]
+    assert "api version" not in bad_name[0]  # not quoted: a misplaced secret may be there
+    fine = load_policy_text(with_headers.replace("{HEADERS}", "{anthropic-version: '2023-06-01'}"), environ={})
+    model = fine.policy.models["l"]
+    assert model.headers == {"anthropic-version": "2023-06-01"}
+    keyed = load_policy_text(VALID.replace("    tier: large\n", "    tier: large\n    api_key_env: L_KEY\n"),
+                             environ={}).policy.models["l"]  # fmt: skip
+    assert api_key(keyed, {"L_KEY": "sk-live-123\n"}) == "sk-live-123"
+    assert api_key(keyed, {"L_KEY": "  sk-live-123 \r\n"}) == "sk-live-123"
+    assert api_key(keyed, {}) is None
