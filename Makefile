@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
+DATA_DIR ?= .gateway
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m gateway serve --policies policies.yaml --simulate-missing --host $(HOST) --port $(PORT)
+	$(PY) -m gateway serve --policies policies.yaml --simulate-missing --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
 
 test: lint
 	$(PY) -m pytest -q

@@ -73,6 +73,14 @@ def run(args: argparse.Namespace) -> int:
     # is ignored rather than fatal. The runtime checks the file once more when its handler is in.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with ExitStack() as cleanup:
+        holder = _claim_data_dir(args.data_dir, cleanup)
+        if holder is not None:
+            _say(
+                f"another `gateway serve` (pid {holder}) uses --data-dir {args.data_dir}: its private Redis, "
+                "metrics and kept policy are there, and a second one would break them; give this one its own "
+                "--data-dir (make run DATA_DIR=...)"
+            )
+            return 2
         if args.simulate_missing:
             for role in ("small", "large"):
                 variable = f"{role.upper()}_MODEL_URL"
@@ -372,6 +380,33 @@ def _granian_server() -> type:
                         os.kill(pid, signal.SIGHUP)
 
     return GatewayServer
+
+
+def _claim_data_dir(data_dir: str, cleanup: ExitStack) -> str | None:
+    """Hold the data folder for this run (an exclusive lock, released when the process ends);
+    the pid of the run that holds it already, if one does. Two runs on one folder started two
+    Redis servers on one socket and wiped each other's metrics (t29). A folder that cannot be
+    written is nobody's to share: nothing is claimed."""
+    import fcntl
+
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        lock = open(os.path.join(data_dir, "serve.lock"), "a+")  # noqa: SIM115 - held for the whole run
+    except OSError:
+        return None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip()[:20] or "unknown"
+        lock.close()
+        return holder
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    cleanup.callback(lock.close)
+    return None
 
 
 def _fresh_metrics_dir(data_dir: str) -> str:

@@ -6,6 +6,8 @@ import hashlib
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -689,3 +691,16 @@ def test_browser_origins_are_allowed_as_the_policy_says_and_reloaded(
     assert foreign.status_code == 200 and "access-control-allow-origin" not in foreign.headers
     foreign_preflight = httpx.options(f"{gw.base_url}/messages", headers={**preflight, "origin": other}, timeout=5)
     assert "access-control-allow-origin" not in foreign_preflight.headers
+
+
+def test_a_second_serve_on_the_same_data_dir_is_refused(gw: GatewayProcess) -> None:
+    """t29: a second run on one data folder started a second private Redis on the first's socket
+    and wiped its metrics; it now exits 2 naming the first run, which goes on serving."""
+    second = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--policies", str(gw.policy_path), "--port", "1",
+         "--data-dir", str(gw.policy_path.parent / "data")],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "REDIS_URL": ""},
+    )  # fmt: skip
+    assert second.returncode == 2, second.stderr
+    assert f"(pid {gw.process.pid})" in second.stderr and "--data-dir" in second.stderr
+    assert _chat(gw).status_code == 200
