@@ -108,6 +108,8 @@ class RuntimeHolder:
         self._retired: set[asyncio.Task[object]] = set()
         self._reload_lock = asyncio.Lock()
         self._reload_waiting = False
+        self._files_read: tuple[object, ...] | None = None
+        """The policy's and key file's identities when a reload last read them."""
         self.last_reload_error: str | None = None
 
     @property
@@ -142,6 +144,7 @@ class RuntimeHolder:
             try:
                 if settle:
                     await _wait_until_stable(self.path)
+                self._files_read = self._file_identities()
                 loaded = await asyncio.to_thread(load_policy, self.path)
                 _refuse_weakening_by_omission(self.current.loaded, loaded)
                 _refuse_auth_off(loaded, self.auth_required)
@@ -200,21 +203,50 @@ class RuntimeHolder:
         return True
 
     async def watch(self) -> None:
-        """Reload when the file changes (inotify, via watchfiles). Runs until cancelled.
+        """Reload when the policy or its key file changes. Runs until cancelled.
 
-        The folder is watched, not the file: editors and Kubernetes replace the file
-        rather than write it. It is the folder as named, not its resolved target: a
-        ConfigMap's file is a symlink through ``..data`` into a timestamped folder
-        that the kubelet deletes on every update.
+        The policy's folder is watched (inotify, via watchfiles), not the file: editors and
+        Kubernetes replace the file rather than write it. It is the folder as named, not its
+        resolved target: a ConfigMap's file is a symlink through ``..data`` into a timestamped
+        folder that the kubelet deletes on every update. What one folder's events cannot show
+        (a key file elsewhere, or another one named by a reload; a symlinked file or folder
+        swapped; the folder deleted and made again: t29) a look at both files every
+        ``_POLL_S`` finds.
         """
+        poll = asyncio.get_running_loop().create_task(self._poll_files())
+        try:
+            await self._watch_folder()
+            await poll  # the folder's watch ended (the folder went): the look goes on
+        finally:
+            poll.cancel()
+
+    async def _watch_folder(self) -> None:
         import watchfiles
 
         target = self.path.absolute()
-        key_file = key_file_path(self.current.policy, target.parent)
-        watched = {target.name, "..data"} | ({key_file.name} if key_file is not None else set())
-        async for changes in watchfiles.awatch(target.parent, debounce=200, step=50, recursive=False):
-            if any(Path(changed).name in watched for _, changed in changes):
+        try:
+            async for changes in watchfiles.awatch(target.parent, debounce=200, step=50, recursive=False):
+                key_file = key_file_path(self.current.policy, target.parent)
+                watched = {target.name, "..data"} | ({key_file.name} if key_file is not None else set())
+                if any(Path(changed).name in watched for _, changed in changes):
+                    await self.reload("file changed")
+        except (OSError, RuntimeError) as exc:  # the folder is gone, or cannot be watched
+            _log.warning("policy_watch_degraded", detail=type(exc).__name__, every_s=_POLL_S)
+
+    async def _poll_files(self) -> None:
+        if self._files_read is None:
+            self._files_read = self._file_identities()
+        while True:
+            await asyncio.sleep(_POLL_S)
+            if self._file_identities() != self._files_read:  # not read since it changed
                 await self.reload("file changed")
+
+    def _file_identities(self) -> tuple[object, ...]:
+        """What tells the policy and key file apart from their last versions: the file each path
+        resolves to, and its inode, size and modification time."""
+        target = self.path.absolute()
+        key_file = key_file_path(self.current.policy, target.parent)
+        return tuple(_identity(path) for path in (target, key_file) if path is not None)
 
     def _spawn(self, coro: Coroutine[None, None, object]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -273,6 +305,18 @@ class RuntimeHolder:
 
 
 _SETTLE_S = 0.25
+_POLL_S = 2.0
+"""How often the watcher looks at the files themselves, besides the folder's events."""
+
+
+def _identity(path: Path) -> tuple[str, int, int, int, int] | None:
+    try:
+        stat = path.stat()
+        return os.path.realpath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+    except OSError:
+        return None
+
+
 _STABLE_WAIT_MAX_S = 5.0
 
 

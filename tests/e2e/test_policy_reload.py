@@ -704,3 +704,37 @@ def test_a_second_serve_on_the_same_data_dir_is_refused(gw: GatewayProcess) -> N
     assert second.returncode == 2, second.stderr
     assert f"(pid {gw.process.pid})" in second.stderr and "--data-dir" in second.stderr
     assert _chat(gw).status_code == 200
+
+
+def test_a_symlinked_policy_and_a_key_file_elsewhere_are_watched(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t29: the folder's events missed a policy that is a symlink into another folder, and a key
+    file outside the policy's folder (a Secret mounted apart): edits there need no SIGHUP."""
+    real, secrets, served = tmp_path / "release", tmp_path / "secrets", tmp_path / "served"
+    for folder in (real, secrets, served):
+        folder.mkdir()
+    keys = "auth:\n  mode: keys\n  key_file: ../secrets/keys.yaml\n  keys:\n" + (
+        f'    - {{id: ops, tenant: ops, hash: "{hash_key("sk-ops")}", admin: true}}'
+    )
+    text = _base_policy(small_upstream, large_upstream).replace("auth: {mode: none}", keys)
+    (real / "policies.yaml").write_text(text)
+    (served / "policies.yaml").symlink_to(real / "policies.yaml")
+    gw = start_gateway(served, "", env=_env(redis_server), policy_path=served / "policies.yaml")
+    try:
+        made = subprocess.run(
+            [sys.executable, "-m", "gateway", "keys", "new", "--tenant", "team-z", "--policies",
+             str(real / "policies.yaml")],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        secret = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret:"))
+        assert (secrets / "keys.yaml").exists()
+        answered = _poll(lambda: _chat(gw, key=secret), lambda r: r.status_code == 200, timeout_s=15)
+        assert answered.status_code == 200, "the new key in a file outside the policy's folder was not picked up"
+        edited = text.replace(FAST_ROUTE, FAST_ON_LARGE)
+        _write_atomically(real / "policies.yaml", edited)  # the symlink's target, in another folder
+        after = _poll(lambda: _chat(gw, key="sk-ops"), lambda r: r.headers.get("x-gateway-model") == "large",
+                      timeout_s=15)  # fmt: skip
+        assert after.headers["x-gateway-model"] == "large", "an edit behind the symlink was not picked up"
+    finally:
+        gw.stop()
