@@ -147,6 +147,12 @@ class UsageLedger:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_every(USAGE_FLUSH_S))
 
+    def held_spend(self, counter: str, day: str, month: str) -> float:
+        """USD spent on ``day`` (of ``month``) that this process holds for ``counter`` and the store
+        has not taken yet (spent while it was away): what the store's word on the counter lacks."""
+        key = (counter, day, month)
+        return sum(batch.spent.get(key, 0.0) for batch in self._unsent) + self._spent.get(key, 0.0)
+
     async def flush(self, timeout_s: float | None = None) -> None:
         """Write what is buffered in one batch (before a read, and at shutdown)."""
         if self._to_index:

@@ -176,11 +176,44 @@ class Limiter:
             # process's view, is kept so that the cost can replace it there (t23: $5.45 of $1.00)
             return Reservation((), periods, usage, 0, cost_usd, share, spends, None, True, whose)
         added = cost_usd if outcome.refused_by is None else 0.0
+        held = False
         for scope, (spent_day, spent_month) in zip(scopes, outcome.spent, strict=False):
-            self._words[scope.spend] = _Word(day, month, spent_day + added, spent_month + added)
+            unsent = self.ledger.held_spend(scope.spend, day, month)
+            held = held or unsent > 0
+            self._words[scope.spend] = _Word(day, month, spent_day + added + unsent, spent_month + added + unsent)
         if outcome.refused_by is not None:
             raise _refusal(outcome, limits, principal, now, tokens, cost_usd)
-        return Reservation(scopes, periods, usage, tokens, cost_usd, outcome.budget_share, spends, mark, True, whose)
+        made = Reservation(scopes, periods, usage, tokens, cost_usd, outcome.budget_share, spends, mark, True, whose)
+        if held:  # the store's word lacks what this process spent while it was away (t24): counted here
+            refusal = self._over_budget(principal, scopes, limits, now, cost_usd)
+            if refusal is not None:
+                self.settle_later(policy, made, UsageFigures())
+                raise refusal
+        return made
+
+    def _over_budget(
+        self,
+        principal: Principal,
+        scopes: tuple[CounterScope, ...],
+        limits: tuple[Limits, Limits],
+        now: float,
+        cost: float,
+    ) -> GatewayError | None:
+        """A budget this process's view (the store's word, this request and the spend it holds)
+        says is spent, as a refusal."""
+        for index, (scope, scope_limits) in enumerate(zip(scopes, limits, strict=True)):
+            word = self._words.get(scope.spend)
+            if word is None:
+                continue
+            for cap, limit, spent in (
+                ("usd_per_day", scope_limits.usd_per_day, word.spent_day),
+                ("usd_per_month", scope_limits.usd_per_month, word.spent_month),
+            ):
+                if limit is not None and spent > limit:
+                    owner = f"key '{principal.key_id}'" if index == 0 else f"tenant '{principal.tenant}'"
+                    name = f"{_SCOPE_NAMES[index]}.{cap}"
+                    return budget_error(cap, owner, limit, spent - cost, cost, now, name=name)
+        return None
 
     def _without_word(
         self,
@@ -230,8 +263,8 @@ class Limiter:
             self._correct_words(reservation, used.cost_usd)
 
     def _correct_words(self, reservation: Reservation, cost_usd: float) -> None:
-        """A settlement that did not land: what the request cost replaces its estimate in this
-        process's view (sequential requests that wrote more than estimated passed a budget 4x, t19)."""
+        """What the request cost replaces its estimate in this process's view (sequential requests
+        that wrote more than estimated passed a budget 4x while the store did not answer, t19)."""
         _, day, month = reservation.periods
         for counter in reservation.spend:
             word = self._words.get(counter)
@@ -290,8 +323,12 @@ class Limiter:
             mark=reservation.mark,
             made=reservation.answered,
         )
+        # What it cost replaces its estimate in this process's view at once: a stalled store takes
+        # seconds to fail the call, and sequential requests passed a budget 3.4x meanwhile (t24).
+        # The store's next word replaces the view, this correction with it.
+        self._correct_words(reservation, used.cost_usd)
         try:
-            timed_out = await self._send_settlement(request, reservation, used.cost_usd, timeout_s)
+            timed_out = await self._send_settlement(request, reservation, timeout_s)
         except asyncio.CancelledError:  # shutting down with the store still away
             _unrecorded(reservation, used.cost_usd, tokens, "shut down while the store was away")
             raise
@@ -306,13 +343,10 @@ class Limiter:
         # take it off twice).
         self.ledger.record(reservation.usage, used, timeout_s, _spend_of(reservation, used.cost_usd))
 
-    async def _send_settlement(
-        self, request: SettleRequest, reservation: Reservation, cost_usd: float, timeout_s: float
-    ) -> bool | None:
+    async def _send_settlement(self, request: SettleRequest, reservation: Reservation, timeout_s: float) -> bool | None:
         """Send it, again after a timeout (its mark makes that safe) for about a minute: None when
-        it landed, else whether a call timed out (perhaps applied). The first failure puts its
-        cost in this process's view of the budgets (:meth:`_correct_words`)."""
-        timed_out = corrected = False
+        it landed, else whether a call timed out (perhaps applied)."""
+        timed_out = False
         for pause_s in (*(_SETTLE_RETRIES_S if reservation.mark is not None else ()), None):
             try:
                 await self._counters.settle(request, timeout_s)
@@ -321,11 +355,7 @@ class Limiter:
                 timed_out = True  # asked, and perhaps applied: the mark makes sending it again safe
             except StoreUnavailable:  # not asked (the store is marked down)
                 if not timed_out and reservation.answered:
-                    self._correct_words(reservation, cost_usd)
                     return False  # nothing of it was applied, and the reservation stands in for the spend
-            if not corrected:
-                self._correct_words(reservation, cost_usd)
-                corrected = True
             if pause_s is not None:
                 await asyncio.sleep(pause_s)
         return timed_out

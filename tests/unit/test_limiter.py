@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable, Mapping
 
@@ -171,6 +172,59 @@ async def test_with_redis_marked_down_what_requests_cost_replaces_their_estimate
             limiter.settle_later(policy, reservation, UsageFigures(requests=1, cost_usd=0.3))
             let_through += 1
     assert let_through == 4  # 0.05 + 3 x 0.30 + 0.05 fits; then 1.25 is spent
+    await limiter.aclose()
+
+
+class _Hanging(_Stalling):
+    """Stalled settlements hang (a paused Redis: the call waits out its deadline) rather than fail."""
+
+    async def settle(self, request: SettleRequest, timeout_s: float) -> None:
+        if self.stalled:
+            await asyncio.sleep(3600)
+        await super().settle(request, timeout_s)
+
+
+async def test_a_settlement_still_waiting_counts_what_the_request_cost() -> None:
+    """t24: against a paused Redis a settlement waits seconds before it fails, and until then only
+    estimates counted: sequential requests spent $3.41 of a $1.00 budget."""
+    policy = load_policy_text(_POLICY % "open", environ={}).policy
+    counters = _Hanging()
+    limiter = Limiter(counters, UsageLedger(counters))
+    principal = Principal("app", "other", frozenset({"*"}), Limits(usd_per_day=1.0))
+    await limiter.reserve(policy, principal, 10, 0.01)  # the store's word: nothing spent
+    counters.stalled = True
+    for _ in range(2):
+        reservation = await limiter.reserve(policy, principal, 10, 0.06)  # estimated at $0.06 ...
+        limiter.settle_later(policy, reservation, UsageFigures(requests=1, cost_usd=0.31))  # ... cost $0.31
+        await asyncio.sleep(0)  # the settlement starts, and hangs
+    assert (await limiter.reserve(policy, principal, 10, 0.06)).budget_share == pytest.approx(0.63)
+    with pytest.raises(BudgetExceededError):  # 0.01 + 2 x 0.31 + 0.06 + 0.4 > 1.00
+        await limiter.reserve(policy, principal, 10, 0.4)
+    for task in limiter._settling:
+        task.cancel()
+
+
+async def test_spend_held_while_the_store_was_away_counts_against_its_next_word() -> None:
+    """t24: the first reservation the store answered after an outage took its word, which lacked
+    what was spent meanwhile (still in the usage batch): one worker spent a $1.00 budget twice."""
+    policy, limiter, counters = _setup("open")
+    principal = _principal()  # tenant team: usd_per_month 1.0
+    first = await limiter.reserve(policy, principal, 10, 0.05)
+    await limiter.settle(policy, first, UsageFigures(requests=1, cost_usd=0.05))
+    counters.down = True
+    with pytest.raises(BudgetExceededError):
+        for _ in range(20):
+            reservation = await limiter.reserve(policy, principal, 10, 0.05)
+            limiter.settle_later(policy, reservation, UsageFigures(requests=1, cost_usd=0.3))
+    counters.down = False  # back, before the usage batch with the outage's 4 x $0.30 is written
+    with pytest.raises(BudgetExceededError) as refused:
+        await limiter.reserve(policy, principal, 10, 0.01)  # the store says $0.05; with what is held, $1.25
+    assert "$1.2500 is spent" in refused.value.message and "(tenant.usd_per_month)" in refused.value.message
+    await limiter.drain()
+    await limiter.ledger.flush()  # the batch lands: the store's word has it, and nothing is held
+    with pytest.raises(BudgetExceededError) as still:
+        await limiter.reserve(policy, principal, 10, 0.01)
+    assert "$1.2500 is spent" in still.value.message
     await limiter.aclose()
 
 
