@@ -17,12 +17,12 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
 
-from gateway.errors import UpstreamError
+from gateway.errors import UpstreamError, UpstreamStatusError
 from gateway.speculative.adaptive import AdaptiveK
 from gateway.speculative.drafts import Draft, DraftSource
 from gateway.speculative.eos import EosTable
@@ -61,8 +61,11 @@ class Decoder:
         top_n: int = 20,
         max_uncovered_mass: float = 0.02,
         scaled_by_server: tuple[bool, bool] = (False, False),
+        draft_rejected: Callable[[], None] | None = None,
     ) -> None:
         self._target = target
+        self._draft_rejected = draft_rejected
+        """Called when the large server refuses a drafted prompt (the pair is to be checked again)."""
         self._draft = draft
         self._eos = eos
         self._k = k
@@ -94,7 +97,21 @@ class Decoder:
                         yield step
                     return
                 pending = None
-                verified = await self._verify(context, draft, remaining)
+                try:
+                    verified = await self._verify(context, draft, remaining)
+                except UpstreamStatusError as exc:
+                    if not (draft.tokens and 400 <= exc.upstream_status < 500):
+                        raise
+                    # The large server refused a prompt that is the client's context plus the draft:
+                    # the draft is at fault (ids outside its vocabulary: a draft server redeployed
+                    # with another model), not the client (t28). The answer finishes plainly.
+                    _log.warning("draft_rejected", upstream=exc.upstream, detail=exc.message[:200], at_token=len(out))
+                    self.stats.draft_failed = True
+                    if self._draft_rejected is not None:
+                        self._draft_rejected()
+                    async for step in self._plain(context, remaining):
+                        yield step
+                    return
                 if verified is None:
                     _log.info("speculation_heavy_tail", at_token=len(out), top_n=self._top_n)
                     self.stats.heavy_tail = True

@@ -351,6 +351,8 @@ class SpeculativeProvider(Provider):
         for name in _UNSUPPORTED:
             if body.get(name) is not None:
                 return f"unsupported_{name}"
+        if _has_media(body.get("messages")):  # the loop sends token ids: an image would be left out
+            return "unsupported_media"
         if self.policy.reasoning_parser and _thinks(body):
             return "reasoning_parser"
         for name, default in _VLLM_DEFAULTS.items():
@@ -402,6 +404,12 @@ class SpeculativeProvider(Provider):
             _log.warning("draft_unhealthy", model=self.name, cooldown_s=self.policy.draft_cooldown_s)
         self._draft_down_until = time.monotonic() + self.policy.draft_cooldown_s
 
+    def _draft_rejected(self) -> None:
+        """The large server refused a drafted prompt: the draft server may have changed model
+        since the pair was checked. A cooldown, and the pair is checked again after it."""
+        self._draft_failed()
+        self._pair = None
+
     async def _start(self, body: dict[str, Any], *, streaming: bool) -> _Run | None:
         """The loop for one request; None when the prompt, with the completion it asks for,
         does not fit the large server's window: sent plain, the server refuses it itself
@@ -436,6 +444,7 @@ class SpeculativeProvider(Provider):
             top_n=self.policy.top_logprobs,
             max_uncovered_mass=self.policy.max_uncovered_mass,
             scaled_by_server=self._scaled_by_server,
+            draft_rejected=self._draft_rejected,
         )
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -604,3 +613,12 @@ class _PlainStream(ChatStream):
             await self._inner.aclose()
         finally:
             _closed(self)
+
+
+def _has_media(messages: Any) -> bool:
+    """A message part that is not text (an image, audio, a file), which token ids cannot carry."""
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") != "text" for p in content):
+            return True
+    return False

@@ -316,6 +316,37 @@ async def test_draft_failure_mid_answer_finishes_on_the_large_model(
         assert stats.draft_failed and stats.rounds >= 3
 
 
+async def test_a_drafted_prompt_the_large_server_refuses_finishes_plainly_and_rechecks_the_pair(
+    pair: tuple[Provider, Provider], small: ToyServer
+) -> None:
+    """t28: a draft server redeployed with another vocabulary proposed ids the large server
+    refuses (vLLM's 400): every request failed with a 400 blamed on the client."""
+    spec = _spec(pair, draft_cooldown_s=30)
+    await spec.check_pair()
+    body, want = await _long_answer(pair[0], max_tokens=40)
+    small.reset()
+    small.fail_after(2, "oov")
+    completion = await spec.complete(*as_sent(body))
+    assert _answer(completion) == want  # the large model's own answer, nothing lost
+    stats = completion.speculation  # type: ignore[attr-defined]
+    assert stats.draft_failed and stats.rounds >= 2
+    after = await spec.complete(*as_sent(body))  # the cooldown: plain, and the pair to be checked again
+    assert after.speculation.fallback_reason == "draft_unhealthy"  # type: ignore[attr-defined]
+    assert spec._pair is None
+
+
+async def test_a_request_with_an_image_goes_plain(pair: tuple[Provider, Provider]) -> None:
+    """Token ids cannot carry an image: a vision model would answer without seeing it (t28)."""
+    spec = _spec(pair)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    body = {
+        **_body("hi", max_tokens=5),
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}],
+    }
+    completion = await spec.complete(*as_sent(body))
+    assert completion.speculation.fallback_reason == "unsupported_media"  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("kind", ["500", "drop"])
 async def test_a_large_failure_mid_answer_keeps_the_loops_work_for_the_log(
     pair: tuple[Provider, Provider], large: ToyServer, kind: str

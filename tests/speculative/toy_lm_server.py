@@ -187,7 +187,9 @@ class Stats:
 @dataclass(slots=True)
 class Failure:
     after_calls: int = 0
-    kind: str = "500"  # "500" | "drop" | "hang" (never answers, as a wedged server)
+    kind: str = "500"  # "500" | "drop" | "hang" (never answers, as a wedged server) | "oov" (see below)
+    """``oov``: completions answer 200 with token ids beyond the vocabulary, as a server redeployed
+    with another model's (larger) vocabulary would; a server given such ids answers vLLM's 400."""
     armed: bool = False
 
 
@@ -591,13 +593,16 @@ def build_app(settings: Settings) -> web.Application:
         text = tokenizer.decode([int(t) for t in body["tokens"]])  # special tokens kept, as tokenizer.decode
         return _json({"prompt": clean_up_tokenization(text) if settings.cleanup else text})
 
-    async def _maybe_fail(request: web.Request) -> None:
+    async def _maybe_fail(request: web.Request) -> bool:
+        """Fails the call as armed; True when its answer is to hold ids beyond the vocabulary."""
         failure = state.failure
         if not failure.armed:
-            return
+            return False
         if failure.after_calls > 0:
             failure.after_calls -= 1
-            return
+            return False
+        if failure.kind == "oov":
+            return True
         if failure.kind == "hang":
             await asyncio.sleep(3600)
         if failure.kind == "drop":
@@ -609,7 +614,7 @@ def build_app(settings: Settings) -> web.Application:
     async def completions(request: web.Request) -> web.StreamResponse:
         body = _decode(await request.read())
         state.stats.completions += 1
-        await _maybe_fail(request)
+        foreign = await _maybe_fail(request)
         req = _parse_completion(state, tokenizer, body)
         created = int(time.time())
         if body.get("stream"):
@@ -634,10 +639,13 @@ def build_app(settings: Settings) -> web.Application:
             return resp
         prompt_lps = _prompt_logprobs(state, tokenizer, req) if req.prompt_logprobs is not None else None
         tokens, lps, finish = await _generate(state, req)
+        block = _logprobs_block(tokenizer, req, tokens, lps) if req.logprobs is not None else None
+        if foreign and block is not None and req.as_ids:
+            block["tokens"] = [f"token_id:{VOCAB + 7 + i}" for i in range(len(tokens))]
         choice = {
             "index": 0,
             "text": tokenizer.decode(tokens, skip_special=True),
-            "logprobs": _logprobs_block(tokenizer, req, tokens, lps) if req.logprobs is not None else None,
+            "logprobs": block,
             "finish_reason": finish,
             "prompt_logprobs": prompt_lps,
         }
