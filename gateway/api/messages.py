@@ -57,7 +57,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
             decoded = _translatable(raw, body)
             if decoded is None:  # the translation would lose something: the body goes as it came
                 decoded = anthropic.decode_request(raw, passed_through=True)
-                passthrough.body = body
+                passthrough.body = _without_shared_state(body) if body is not None else body
                 beta = request.headers.get("anthropic-beta")
                 if beta:
                     passthrough.headers["anthropic-beta"] = beta
@@ -108,6 +108,33 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
     )
+
+
+def _without_shared_state(body: dict[str, Any]) -> dict[str, Any]:
+    """The body, refused if it names upstream state by an id: the operator's key holds the
+    containers and files of every tenant, and a ``container`` id or a ``file_id`` would reach
+    another tenant's (t26; the Files API is not served here, so no tenant uploaded one)."""
+    container = body.get("container")
+    if isinstance(container, str) or (isinstance(container, dict) and container.get("id") is not None):
+        raise InvalidRequestError(
+            "container: upstream containers are shared by every tenant of this gateway; leave it out for a new one",
+            param="container",
+        )
+    messages = body.get("messages")
+    for index, message in enumerate(messages if isinstance(messages, list) else ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        for block_index, block in enumerate(content if isinstance(content, list) else ()):
+            nested = block.get("content") if isinstance(block, dict) else None  # a tool result's blocks
+            for candidate in (block, *(nested if isinstance(nested, list) else ())):
+                source = candidate.get("source") if isinstance(candidate, dict) else None
+                if isinstance(source, dict) and (source.get("type") == "file" or source.get("file_id") is not None):
+                    where = f"messages.{index}.content.{block_index}"
+                    raise InvalidRequestError(
+                        f"{where}.source: upstream files are shared by every tenant of this gateway; send the "
+                        "file itself (base64 or url)",
+                        param=f"{where}.source",
+                    )
+    return body
 
 
 @post("/v1/messages/count_tokens", request_max_body_size=None, status_code=200)

@@ -320,8 +320,11 @@ def _served_by_responses_upstreams(runtime: Runtime, model: str) -> bool:
 def _without_shared_state(body: dict[str, Any]) -> dict[str, Any]:
     """The body, refused if it names upstream state by an id the gateway does not own-check.
 
-    The upstream keeps conversations and items for every tenant under one key: a
-    ``conversation`` id or an ``item_reference`` would reach whatever another tenant made.
+    The upstream keeps conversations, items, files, vector stores and containers for every
+    tenant under one key: a ``conversation`` id, an ``item_reference``, a ``file_id``, a
+    file search's ``vector_store_ids`` or a code interpreter's ``container`` id would reach
+    whatever another tenant made (t26). A reasoning item is sent on by its id: agents replay
+    their own (the Agents SDK's default), and an id cannot be guessed.
     (``previous_response_id`` is checked against the tenant's own responses before this.)
     """
     if body.get("conversation") is not None:
@@ -337,6 +340,30 @@ def _without_shared_state(body: dict[str, Any]) -> dict[str, Any]:
                 f"input[{index}]: item references are not supported by this gateway (upstream items are shared "
                 "by every tenant); send the item itself",
                 param=f"input[{index}]",
+            )
+        content = item.get("content") if isinstance(item, dict) else None
+        for part_index, part in enumerate(content if isinstance(content, list) else ()):
+            if isinstance(part, dict) and part.get("file_id") is not None:
+                raise InvalidRequestError(
+                    f"input[{index}].content[{part_index}].file_id: upstream files are shared by every tenant of "
+                    "this gateway; send the file itself (file_data, image_url)",
+                    param=f"input[{index}].content[{part_index}].file_id",
+                )
+    tools = body.get("tools")
+    for index, tool in enumerate(tools if isinstance(tools, list) else ()):
+        if not isinstance(tool, dict):
+            continue
+        if tool.get("vector_store_ids"):
+            raise InvalidRequestError(
+                f"tools[{index}].vector_store_ids: upstream vector stores are shared by every tenant of this gateway",
+                param=f"tools[{index}].vector_store_ids",
+            )
+        container = tool.get("container")
+        if isinstance(container, str) or (isinstance(container, dict) and container.get("id") is not None):
+            raise InvalidRequestError(
+                f"tools[{index}].container: upstream containers are shared by every tenant of this gateway; "
+                'use {"type": "auto"}',
+                param=f"tools[{index}].container",
             )
     return body
 

@@ -148,7 +148,7 @@ def test_an_overloaded_upstream_mid_stream_ends_with_anthropics_error_event(
     gateway: GatewayProcess, large_upstream: SimulatedUpstream
 ) -> None:
     inject(large_upstream, {"cut_after_chunks": 3})
-    body = {"model": "claude", "max_tokens": 64, "stream": True, "container": "container_1",
+    body = {"model": "claude", "max_tokens": 64, "stream": True, "context_management": {"edits": []},
             "messages": [{"role": "user", "content": "Go on."}]}  # fmt: skip
     with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": "k"}, timeout=10) as r:
         frames = [frame for frame in r.read().decode().split("\n\n") if frame.strip()]
@@ -168,7 +168,7 @@ def test_anthropics_in_band_overload_before_any_content_is_retried(
     if client.startswith("anthropic"):
         body = {"model": "claude", "max_tokens": 64, "stream": True, "messages": ask}
         if client == "anthropic_passed_through":
-            body["container"] = "container_1"  # a field only Anthropic reads: the request goes as sent
+            body["context_management"] = {"edits": []}  # a field only Anthropic reads: the request goes as sent
         headers = {"x-api-key": "k", "x-request-id": f"overloaded-{client}"}
         with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, headers=headers, timeout=15) as r:
             text = r.read().decode()
@@ -192,7 +192,7 @@ def test_anthropics_overload_after_content_reaches_the_client_as_overloaded(
     """Once content went out nothing can be retried; the client is told what Anthropic said
     (its SDK raises the overloaded error apart), translated or passed through alike."""
     inject(large_upstream, {"overloaded_after_events": 4})
-    extra = {"container": "container_1"} if passed_through else {}
+    extra = {"context_management": {"edits": []}} if passed_through else {}
     ask: Any = {"model": "claude", "max_tokens": 64, "messages": [{"role": "user", "content": "one two three four"}]}
     with pytest.raises(anthropic.APIStatusError) as broke:
         with claude.messages.stream(**ask, extra_body=extra) as stream:
@@ -210,7 +210,7 @@ def test_a_stream_without_message_delta_bills_what_was_written_not_the_placehold
     ask = [{"role": "user", "content": "one two three four five six seven eight nine ten"}]
     body: dict[str, Any] = {"model": "claude", "max_tokens": 64, "stream": True, "messages": ask}
     if passed_through:
-        body["container"] = "container_1"
+        body["context_management"] = {"edits": []}
     headers = {"x-api-key": "k", "x-request-id": f"no-delta-{passed_through}"}
     with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, headers=headers, timeout=10) as r:
         text = r.read().decode()
@@ -300,6 +300,28 @@ def test_a_route_that_may_reach_another_upstream_still_refuses_what_it_cannot_ca
     answer = httpx.post(f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": "k"})
     assert answer.status_code == 400 and answer.json()["type"] == "error"
     assert "server tools" in answer.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"container": "container_9"}, "container"),
+        ({"container": {"id": "container_9", "skills": []}}, "container"),
+        ({"messages": [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "file", "file_id": "file_9"}},
+            {"type": "text", "text": "summarise"}]}]}, "messages.0.content.0.source"),
+    ],
+)  # fmt: skip
+def test_ids_of_upstream_state_every_tenant_shares_are_refused(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream, extra: dict[str, Any], param: str
+) -> None:
+    """t26: a container id or a file_id names what the operator's key holds for every tenant."""
+    before = upstream_stats(large_upstream)["messages_requests"]
+    body = {"model": "claude", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}], **extra}
+    answer = httpx.post(f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": "k"})
+    assert answer.status_code == 400 and answer.json()["error"]["type"] == "invalid_request_error", answer.text
+    assert answer.json()["error"]["message"].startswith(f"{param}: upstream")
+    assert upstream_stats(large_upstream)["messages_requests"] == before
 
 
 @pytest.mark.parametrize("field", ["thread", "context_management", "container", "service_tier"])

@@ -406,6 +406,9 @@ def test_an_upstream_held_response_cannot_be_continued_on_a_translated_route(gat
     [
         {"conversation": "conv_of_another_tenant"},
         {"input": [{"type": "item_reference", "id": "msg_of_another_tenant"}]},
+        {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file_of_another_tenant"}]}]},
+        {"tools": [{"type": "file_search", "vector_store_ids": ["vs_of_another_tenant"]}]},
+        {"tools": [{"type": "code_interpreter", "container": "cntr_of_another_tenant"}]},
     ],
 )
 def test_upstream_state_named_by_an_unchecked_id_is_refused(
