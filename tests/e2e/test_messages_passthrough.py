@@ -192,7 +192,7 @@ def test_anthropics_overload_after_content_reaches_the_client_as_overloaded(
     """Once content went out nothing can be retried; the client is told what Anthropic said
     (its SDK raises the overloaded error apart), translated or passed through alike."""
     inject(large_upstream, {"overloaded_after_events": 4})
-    extra = {"context_management": {"edits": []}} if passed_through else {}
+    extra: dict[str, Any] = {"context_management": {"edits": []}} if passed_through else {}
     ask: Any = {"model": "claude", "max_tokens": 64, "messages": [{"role": "user", "content": "one two three four"}]}
     with pytest.raises(anthropic.APIStatusError) as broke:
         with claude.messages.stream(**ask, extra_body=extra) as stream:
