@@ -8,8 +8,9 @@ never hold its instructions). Only ``function`` tools are accepted: a chat upstr
 cannot run OpenAI's hosted tools (web search, file search, ...), so those are a 400
 naming them. ``reasoning``, ``text.verbosity`` and ``top_logprobs`` have no chat
 equivalent the gateway can promise and are named in ``Request.dropped``; ``include``,
-``truncation``, ``service_tier``, ``prompt_cache_key`` and ``stream_options`` are
-accepted and need nothing from a chat upstream.
+``service_tier``, ``prompt_cache_key`` and ``stream_options`` are accepted and need nothing
+from a chat upstream; ``truncation: "auto"`` is accepted and named as dropped (a chat
+upstream refuses a conversation longer than its window rather than cut its oldest items).
 
 The answer is a ``response`` object with ``message`` and ``function_call`` output items
 (``output_text`` is not on the wire: SDKs compute it), or the stream of semantic events
@@ -168,6 +169,8 @@ def decode_request(
         request.dropped.append("include")  # extra output items only OpenAI's own upstream makes
     if wire.max_tool_calls is not None:
         request.dropped.append("max_tool_calls")
+    if wire.truncation == "auto":  # a chat upstream refuses an overlong conversation: nothing is cut (t25)
+        request.dropped.append("truncation")
     echo: dict[str, Any] = {
         "instructions": wire.instructions,
         "max_output_tokens": wire.max_output_tokens,
@@ -181,7 +184,7 @@ def decode_request(
         "tool_choice": echo_choice,
         "tools": echo_tools,
         "top_p": wire.top_p,
-        "truncation": wire.truncation or "disabled",
+        "truncation": "disabled",  # what was done
         "user": wire.user,
     }
     return ResponsesRequest(

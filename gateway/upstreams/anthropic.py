@@ -114,7 +114,7 @@ class AnthropicProvider(Provider):
                     answer.text or "",
                 ]
             ),
-            finish_reason="stop" if answer.finish_reason == "stop_sequence" else answer.finish_reason,
+            finish_reason=_logged_finish(answer),
         )
 
     async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
@@ -139,7 +139,9 @@ class AnthropicProvider(Provider):
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
         response = await self._post(_MESSAGES_PATH, body, {**self._headers(), **headers}, stream=False)
         answer, usage = self._read(response.content)
-        return Completion(body=response.content, usage=usage, text=answer.text or "")
+        return Completion(
+            body=response.content, usage=usage, text=answer.text or "", finish_reason=_logged_finish(answer)
+        )
 
     def _read(self, content: bytes) -> tuple[Answer, Usage | None]:
         """The message, and its usage as reported (None when the upstream reported none)."""
@@ -318,3 +320,8 @@ def _stream_error(upstream: str, event: dict[str, Any]) -> UpstreamStatusError:
     error = error if isinstance(error, dict) else {}
     status = 529 if error.get("type") == "overloaded_error" else 500
     return UpstreamStatusError(upstream, status, str(error.get("message", "error in stream"))[:500])
+
+
+def _logged_finish(answer: Answer) -> str | None:
+    """The chat finish reason the log records (a stop sequence is a stop, as a stream's is)."""
+    return "stop" if answer.finish_reason == "stop_sequence" else answer.finish_reason

@@ -105,7 +105,12 @@ class OpenAIProvider(Provider):
                 raise UpstreamStatusError(self.name, status, _in_stream_error(error), body=response.content)
             raise UpstreamProtocolError(self.name, "answer is not a Responses API response")
         usage = responses.usage_from_wire(data.get("usage"))
-        return Completion(body=response.content, usage=usage_of(usage), text=responses.response_text(data))
+        return Completion(
+            body=response.content,
+            usage=usage_of(usage),
+            text=responses.response_text(data),
+            finish_reason=responses.finish_reason_of(data),  # logged as a streamed one's is (t25)
+        )
 
     async def open_relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> ChatStream:
         response = await self._post("responses", body, {**self._headers(), **headers}, stream=True)

@@ -77,6 +77,7 @@ def test_what_only_anthropic_reads_reaches_it_as_it_was_sent(
     record = gateway.wait_for_record(raw.http_response.headers["x-request-id"])
     assert record["passthrough"] is True and record["protocol"] == "anthropic.messages"
     assert record["tokens_source"] == "upstream" and record["model"] == "claude"
+    assert record["finish_reason"] == "stop"  # as a streamed one's
     assert record["prompt_tokens"] == message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0) + (
         message.usage.cache_creation_input_tokens or 0
     )

@@ -120,6 +120,7 @@ def test_a_codex_shaped_request_reaches_the_upstream_as_it_was_sent(
     record = gateway.wait_for_record(raw.headers["x-request-id"])
     assert record["protocol"] == "openai.responses" and record["passthrough"] is True
     assert record["model"] == "gpt-a" and record["tokens_source"] == "upstream" and record["cache"] == "bypass"
+    assert record["finish_reason"] == "stop"  # as the streamed one's (t25: null)
     assert record["prompt_tokens"] == response.usage.input_tokens
     assert record["cost_usd"] == pytest.approx(
         (response.usage.input_tokens * 2 + response.usage.output_tokens * 8) / 1e6

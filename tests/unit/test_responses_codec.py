@@ -225,9 +225,9 @@ def test_reasoning_and_verbosity_are_dropped_and_the_rest_accepted() -> None:
         service_tier="auto",
         metadata={"k": "v"},
     )
-    assert decoded.request.dropped == ["reasoning", "text.verbosity", "include"]
+    assert decoded.request.dropped == ["reasoning", "text.verbosity", "include", "truncation"]
     assert decoded.store is False and decoded.echo["metadata"] == {"k": "v"}
-    assert decoded.echo["truncation"] == "auto"
+    assert decoded.echo["truncation"] == "disabled"  # what was done: nothing is cut (t25)
     assert _decode(input="x", reasoning={"effort": None}).request.dropped == []
 
 
