@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
@@ -49,6 +50,7 @@ from gateway.learning.loop import LearningLoop
 from gateway.learning.shadow import judge_request as shadow_judge_request
 from gateway.learning.shadow import judged_conversation
 from gateway.limits import Limiter, Reservation
+from gateway.limits.concurrency import InFlight, Slot
 from gateway.pricing import cost_usd
 from gateway.protocols.chat_request import parse_chat_request
 from gateway.protocols.openai_chat import (
@@ -194,6 +196,8 @@ class _Exchange:
     lease: Lease | None = None
     similarity: float | None = None
     reservation: Reservation | None = None
+    slot: Slot | None = None
+    """Its place among the key's and tenant's requests in flight (``max_concurrent``)."""
     score: PromptScore | None = None
     scored: bool = False
     unseen: bool = False
@@ -228,6 +232,7 @@ class ChatPipeline:
         self._exact = exact
         self._semantic = semantic
         self._limiter = limiter
+        self._in_flight = InFlight()
         self._scorer = scorer
         self._audit = audit or SemanticAudit(metrics)
         self._large_share = large_share
@@ -269,6 +274,13 @@ class ChatPipeline:
             x.plan = runtime.router.chat_plan(x.request.model, principal.allowed)
             record.route, record.decision, record.stream = x.plan.route, x.plan.decision, x.request.stream
             record.baseline_model = x.plan.baseline
+            tenant = runtime.policy.tenants.get(principal.tenant)
+            x.slot = self._in_flight.enter(
+                principal.key_id,
+                principal.tenant,
+                principal.limits.max_concurrent,
+                tenant.limits.max_concurrent if tenant is not None else None,
+            )
             if self._limiter.enforces(runtime.policy, principal):
                 await self._count_prompt(x)  # the limits need the estimate before anything is served
             await self._reserve(x, principal)
@@ -692,6 +704,8 @@ class ChatPipeline:
         headers = self._headers(x, cost=cost_usd(provider.config.price, x.prompt_tokens, 0))
         include_usage = _includes_usage(x.body)
         items = self._relay(x, stream, first, include_usage, typed)
+        if x.slot is not None:  # a stream never iterated (its client gone first) gives its place back too
+            weakref.finalize(items, x.slot.release)
         if typed:
             return StreamingDeltas(headers, cast(AsyncIterator[DeltaBatch], items), x.prompt_tokens)
         return StreamingAnswer(headers, cast(AsyncIterator[bytes], items))
@@ -906,6 +920,8 @@ class ChatPipeline:
         """Time the request now; account for it (metrics, log line, learning, limits) just after
         the answer went out: the client does not wait for its bookkeeping (~15 % of the proxy
         path's Python time)."""
+        if x.slot is not None:
+            x.slot.release()
         record = x.record
         elapsed = time.perf_counter() - x.started
         record.latency_ms = round(elapsed * 1000, 3)

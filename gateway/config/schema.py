@@ -271,9 +271,12 @@ class Limits(_Struct, frozen=True, kw_only=True):
     """Spend per UTC day."""
     usd_per_month: AtLeastZero | None = None
     """Spend per UTC calendar month."""
+    max_concurrent: Annotated[int, Meta(ge=1)] | None = None
+    """Requests in flight at once, in each gateway process (gateway/limits/concurrency.py)."""
 
     @property
     def any(self) -> bool:
+        """Whether a limit kept in the store applies (``max_concurrent`` is each process's own)."""
         return any(v is not None for v in (self.rpm, self.tpm, self.usd_per_day, self.usd_per_month))
 
 

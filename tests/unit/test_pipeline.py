@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import msgspec
 import pytest
@@ -166,3 +167,27 @@ async def test_a_stream_is_relayed_and_then_served_from_the_cache(harness: Harne
     again = await harness.ask("stream me", stream=True)
     assert isinstance(again, StreamingAnswer) and again.headers["x-gateway-cache"] == "exact"
     assert harness.upstream.calls_to("small") == 1
+
+
+async def test_a_tenants_requests_in_flight_are_held_to_its_max_concurrent(make_harness: MakeHarness) -> None:
+    """t26: one tenant's slow streams held every connection of the pool, and another's requests
+    waited, then went to the fallback at its price. A cap keeps each tenant's share."""
+    harness = await make_harness(POLICY.replace("  team-b: {}", "  team-b: {limits: {max_concurrent: 2}}"))
+    first = await harness.ask("first long story", key="bob", stream=True)
+    second = await harness.ask("second long story", key="bob", stream=True)
+    assert isinstance(first, StreamingAnswer) and isinstance(second, StreamingAnswer)
+    status, body, headers = answer_of(await harness.ask("a third at once", key="bob"))
+    assert status == 429 and body["error"]["code"] == "concurrency_limit_exceeded" and headers["retry-after"] == "1"
+    assert "tenant.max_concurrent" in body["error"]["message"]
+    assert answer_of(await harness.ask("another tenant", key="alice"))[0] == 200  # team-a has no cap
+    async for _ in first.events:  # the first answer is out: its place is free
+        pass
+    assert answer_of(await harness.ask("now there is room", key="bob"))[0] == 200
+    del second  # its client left before a byte was read: the place comes back all the same
+    gc.collect()
+    third = await harness.ask("third long story", key="bob", stream=True)
+    fourth = await harness.ask("fourth long story", key="bob", stream=True)
+    assert isinstance(third, StreamingAnswer) and isinstance(fourth, StreamingAnswer)
+    for stream in (third, fourth):
+        async for _ in stream.events:
+            pass
