@@ -183,7 +183,8 @@ def _dropped(request: Request[Any, Any, Any], asked: CoreRequest, answered_by: s
     models = request.app.state.gateway.holder.current.policy.models
     answerer = models.get(answered_by or "")
     if answerer is not None and answerer.provider == "anthropic":  # what no translation carries
-        return [name for name in asked.dropped if name not in openai_chat.CHAT_UPSTREAM_LOSSES]
+        kept = [name for name in asked.dropped if name not in openai_chat.CHAT_UPSTREAM_LOSSES]
+        return [*kept, "thinking"] if anthropic.thinking_left_out(asked) else kept
     if asked.continues_last_turn and answerer is not None and not answerer.continue_final_message:
         return [*asked.dropped, "prefill"]  # answered as a new turn, not continued
     return asked.dropped

@@ -58,6 +58,7 @@ __all__ = [
     "error_type_for",
     "fields_not_read",
     "nested_fields_not_carried",
+    "thinking_left_out",
     "usage_body",
     "usage_from_wire",
 ]
@@ -401,18 +402,42 @@ def encode_request(request: Request, model: str, *, stream: bool) -> dict[str, A
 
 
 def _thinking_can_go_on(turns: list[dict[str, Any]]) -> bool:
-    """Whether Anthropic takes ``thinking`` for these turns. With it on, in a tool loop (the last
-    turn carries tool results) the assistant turn that called those tools must open with its
-    signed thinking. A turn another model of the route answered (a fallback to a chat server) has
-    none Anthropic signed, and every later turn of that loop was refused with a 400, no fallback
-    tried (t21). Such a request goes without ``thinking``, as Anthropic's error advises; once the
-    loop ends (a new question) thinking goes again."""
-    if len(turns) < 2 or turns[-1]["role"] != "user" or turns[-2]["role"] != "assistant":
+    """Whether Anthropic takes ``thinking`` for these turns. With it on, a tool loop (assistant
+    turns and the user turns of their tool results, since the last question) is one assistant
+    turn to Anthropic, which must open with its signed thinking; Claude thinks again between the
+    loop's calls only with interleaved thinking (t24: a loop whose later calls came without
+    thinking lost it here mid-turn). A loop another model of the route opened (a fallback to a
+    chat server) has none Anthropic signed, and every later turn of it was refused with a 400,
+    no fallback tried (t21). Such a request goes without ``thinking``, as Anthropic's error
+    advises; once the loop ends (a new question) thinking goes again."""
+    if len(turns) < 2 or not _tool_results(turns[-1]):
         return True
-    results, called = turns[-1]["content"], turns[-2]["content"]
-    if isinstance(results, str) or not any(block.get("type") == "tool_result" for block in results):
+    opening = None
+    index = len(turns) - 1
+    while index >= 1 and _tool_results(turns[index]) and turns[index - 1]["role"] == "assistant":
+        opening = turns[index - 1]["content"]
+        index -= 2
+    if opening is None:
         return True
-    return not isinstance(called, str) and called[0].get("type") in ("thinking", "redacted_thinking")
+    return (
+        not isinstance(opening, str) and bool(opening) and opening[0].get("type") in ("thinking", "redacted_thinking")
+    )
+
+
+def thinking_left_out(request: Request) -> bool:
+    """Whether an Anthropic upstream is sent this request without its ``thinking`` (a tool loop
+    another model opened: :func:`_thinking_can_go_on`), for the edge to say so."""
+    return request.thinking is not None and not _thinking_can_go_on(_turns(request.messages)[1])
+
+
+def _tool_results(turn: dict[str, Any]) -> bool:
+    """A user turn that carries tool results (a step of a tool loop, not a new question)."""
+    content = turn["content"]
+    return (
+        turn["role"] == "user"
+        and not isinstance(content, str)
+        and any(block.get("type") == "tool_result" for block in content)
+    )
 
 
 def _turns(messages: list[Message]) -> tuple[str | list[Block], list[dict[str, Any]]]:

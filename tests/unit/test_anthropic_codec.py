@@ -626,6 +626,18 @@ def test_thinking_goes_without_the_signed_thinking_of_a_turn_another_model_answe
     assert anthropic.encode_request(_decode(messages=after, thinking=thinking), "claude", stream=False)["thinking"]
     plain = [{"role": "user", "content": "hi"}]
     assert anthropic.encode_request(_decode(messages=plain, thinking=thinking), "claude", stream=False)["thinking"]
+    # a loop is one assistant turn to Anthropic: without interleaved thinking Claude thinks once, at its
+    # start, and its later calls come bare; thinking stays on (t24 saw it dropped mid-turn)
+    second = {**call, "id": "toolu_2"}
+    loop = [{"role": "user", "content": "list files"}, {"role": "assistant", "content": [signed, call]},
+            {"role": "user", "content": [result]}, {"role": "assistant", "content": [second]},
+            {"role": "user", "content": [{**result, "tool_use_id": "toolu_2"}]}]  # fmt: skip
+    assert anthropic.encode_request(_decode(messages=loop, thinking=thinking), "claude", stream=False)["thinking"]
+    opened_elsewhere = [loop[0], {"role": "assistant", "content": [call]}, *loop[2:]]
+    assert anthropic.thinking_left_out(_decode(messages=opened_elsewhere, thinking=thinking))  # said in a header
+    assert not anthropic.thinking_left_out(_decode(messages=loop, thinking=thinking))
+    assert "thinking" not in anthropic.encode_request(_decode(messages=opened_elsewhere, thinking=thinking), "claude",
+                                                      stream=False)  # fmt: skip
 
 
 def test_a_held_tool_input_keeps_the_stream_alive_with_pings(monkeypatch: pytest.MonkeyPatch) -> None:
