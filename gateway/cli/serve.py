@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
+import math
 import os
 import signal
 import socket
@@ -41,7 +42,7 @@ def register(commands: Subcommands) -> None:
     )
     serve.add_argument(
         "--drain-s",
-        type=float,
+        type=_seconds,
         default=DEFAULT_DRAIN_S,
         help=f"after SIGTERM, end streams still open after this many seconds with an in-band error (default {DEFAULT_DRAIN_S:g})",
     )
@@ -449,6 +450,17 @@ def _at_least_one(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _seconds(value: str) -> float:
+    """A finite, non-negative number of seconds (``nan`` or ``inf`` crashed the drain, t29)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, 0 or more, got {value}")
     return number
 
 

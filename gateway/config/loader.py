@@ -335,6 +335,8 @@ def _with_placeholders(value: str, environ: Mapping[str, str]) -> tuple[str, lis
             filled[exc.name] = f"http://unset-{exc.name.lower().replace('_', '-')}.invalid"
 
 
+_LEAST_PRICE_PER_MTOK = 0.001
+"""Below the cheapest model's price per million tokens: such a price is likely per token."""
 _CONVENTIONAL_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 
@@ -347,6 +349,13 @@ def _warnings(policy: Policy, environ: Mapping[str, str], key_file: Path | None 
             if not _CONVENTIONAL_NAME.fullmatch(variable):  # perhaps a key pasted for its variable's name
                 variable = "the variable it names (not shown: it is not an upper-case name; is it a key itself?)"
             out.append(f"models.{name}.api_key_env: {variable} is not set; requests to it carry no API key")
+        for price in msgspec.structs.fields(model.price):
+            value = getattr(model.price, price.name)
+            if value is not None and 0 < value < _LEAST_PRICE_PER_MTOK:  # t29: a per-token price billed a millionth
+                out.append(
+                    f"models.{name}.price.{price.encode_name}: ${value:g} per million tokens; prices are per "
+                    f"million tokens (a per-token price would be ${value * 1e6:g} here)"
+                )
     callable_names = {*policy.routes, *(name for name, model in policy.models.items() if model.public)}
     for key in policy.auth.keys:
         unknown = [name for name in key.models if name != "*" and name not in callable_names]

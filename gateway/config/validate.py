@@ -261,7 +261,13 @@ def _fits(data: Any, tp: Any) -> bool:
     return True
 
 
+_PLACEHOLDER = re.compile(r"http://unset-[a-z0-9-]*\.invalid")
+"""What stands in for an unset ``${VAR}`` while a file is checked (``config/loader.py``)."""
+
+
 def _shown(data: Any) -> str:
+    if isinstance(data, str) and _PLACEHOLDER.fullmatch(data):
+        return "an unset variable"  # the placeholder is the gateway's, not the file's (t29)
     text = repr(data)
     return text if len(text) <= 60 else text[:57] + "..."
 

@@ -458,6 +458,7 @@ def test_check_notes_an_unset_variable_in_a_number_field_and_finds_nothing_wrong
     loaded = load_policy_text(text, environ={}, unset_ok=True)
     assert any("MY_CONTEXT_WINDOW is not set" in note for note in loaded.warnings)
     assert "MY_CONTEXT_WINDOW" in problems(text)[0]  # serving still needs it
+    assert not any("unset-" in problem for problem in problems(text))  # the gateway's placeholder is not shown (t29)
 
 
 def test_a_header_http_forbids_is_refused_and_a_keys_surrounding_whitespace_dropped() -> None:
@@ -481,3 +482,11 @@ def test_a_header_http_forbids_is_refused_and_a_keys_surrounding_whitespace_drop
     assert api_key(keyed, {"L_KEY": "sk-live-123\n"}) == "sk-live-123"
     assert api_key(keyed, {"L_KEY": "  sk-live-123 \r\n"}) == "sk-live-123"
     assert api_key(keyed, {}) is None
+
+
+def test_a_price_that_looks_per_token_is_warned_of() -> None:
+    loaded = load_policy_text(VALID.replace("input: 0.1", "input: 0.0000001"), environ={})
+    assert any(w.startswith("models.s.price.input: $1e-07 per million tokens") for w in loaded.warnings), (
+        loaded.warnings
+    )
+    assert not any("per million" in w for w in load_policy_text(VALID, environ={}).warnings)
