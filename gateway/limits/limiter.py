@@ -203,16 +203,11 @@ class Limiter:
         says is spent, as a refusal."""
         for index, (scope, scope_limits) in enumerate(zip(scopes, limits, strict=True)):
             word = self._words.get(scope.spend)
-            if word is None:
-                continue
-            for cap, limit, spent in (
-                ("usd_per_day", scope_limits.usd_per_day, word.spent_day),
-                ("usd_per_month", scope_limits.usd_per_month, word.spent_month),
-            ):
-                if limit is not None and spent > limit:
-                    owner = f"key '{principal.key_id}'" if index == 0 else f"tenant '{principal.tenant}'"
-                    name = f"{_SCOPE_NAMES[index]}.{cap}"
-                    return budget_error(cap, owner, limit, spent - cost, cost, now, name=name)
+            if word is not None:  # its figures hold this request's cost already
+                refusal = _past_budget(principal, index, scope_limits, word.spent_day - cost, word.spent_month - cost,
+                                       cost, now)  # fmt: skip
+                if refusal is not None:
+                    return refusal
         return None
 
     def _without_word(
@@ -238,19 +233,13 @@ class Limiter:
                 word = self._words[scope.spend] = _Word("", "", 0.0, 0.0)
             word.at(day, month, scope_limits)
             words.append(word)
-            budgets = (
-                ("usd_per_day", scope_limits.usd_per_day, word.spent_day + word.since_day),
-                ("usd_per_month", scope_limits.usd_per_month, word.spent_month + word.since_month),
-            )
-            for cap, limit, projected in budgets:
-                if limit is None:
-                    continue
-                if projected + cost > limit:
-                    name = f"{_SCOPE_NAMES[index]}.{cap}"
-                    owner = f"key '{principal.key_id}'" if index == 0 else f"tenant '{principal.tenant}'"
-                    return share, budget_error(cap, owner, limit, projected, cost, now, name=name)
-                if limit > 0:
-                    share = max(share, projected / limit)
+            day_spent, month_spent = word.spent_day + word.since_day, word.spent_month + word.since_month
+            refusal = _past_budget(principal, index, scope_limits, day_spent, month_spent, cost, now)
+            if refusal is not None:
+                return share, refusal
+            for limit, spent in ((scope_limits.usd_per_day, day_spent), (scope_limits.usd_per_month, month_spent)):
+                if limit:
+                    share = max(share, spent / limit)
         for word in words:
             word.add(cost)
         return share, None
@@ -396,6 +385,21 @@ usage batch that times out is not sent again (it may have been applied, and woul
 so a Redis pausing for a few hundred milliseconds (a fork for a snapshot) must not cost it."""
 _CLOSING_DRAIN_S = 10.0
 """At shutdown, how long settlements still retrying are waited for."""
+
+
+def _past_budget(
+    principal: Principal, index: int, limits: Limits, day_spent: float, month_spent: float, cost: float, now: float
+) -> GatewayError | None:
+    """The refusal when ``cost`` on top of what is spent passes the scope's (``index``: key 0,
+    tenant 1) daily or monthly budget."""
+    for cap, limit, spent in (
+        ("usd_per_day", limits.usd_per_day, day_spent),
+        ("usd_per_month", limits.usd_per_month, month_spent),
+    ):
+        if limit is not None and spent + cost > limit:
+            owner = f"key '{principal.key_id}'" if index == 0 else f"tenant '{principal.tenant}'"
+            return budget_error(cap, owner, limit, spent, cost, now, name=f"{_SCOPE_NAMES[index]}.{cap}")
+    return None
 
 
 def _accounting_timeout_s(policy: Policy) -> float:
