@@ -111,9 +111,11 @@ async def _start(settings: Settings) -> GatewayState:
     stdout_fd = settings.request_log_fd
     if settings.split_stdout:  # a spawned worker: serve could not hand it the request log's descriptor
         stdout_fd = take_stdout()
+    log_path = log_policy.path if log_policy.enabled and log_policy.path else None
     request_log = RequestLogWriter(
         stdout=log_policy.enabled and log_policy.stdout,
-        path=log_policy.path if log_policy.enabled else None,
+        # relative to policies.yaml, as auth.key_file is (not to wherever serve was started: t27)
+        path=str(Path(settings.policies_path).parent / log_path) if log_path else None,
         stdout_fd=stdout_fd,
     )
     ops_log = RequestLogWriter(stdout=False, stderr=True)

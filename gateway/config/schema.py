@@ -311,7 +311,7 @@ class TenantPolicy(_Struct, frozen=True, kw_only=True):
 class RequestLogPolicy(_Struct, frozen=True, kw_only=True):
     enabled: bool = True
     path: str | None = None
-    """Also append the JSON lines to this file (stdout always gets them)."""
+    """Also append the JSON lines to this file (relative to policies.yaml's folder)."""
     stdout: bool = True
 
 

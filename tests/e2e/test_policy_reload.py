@@ -738,3 +738,24 @@ def test_a_symlinked_policy_and_a_key_file_elsewhere_are_watched(
         assert after.headers["x-gateway-model"] == "large", "an edit behind the symlink was not picked up"
     finally:
         gw.stop()
+
+
+def test_a_relative_request_log_path_is_taken_from_the_policys_folder(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t27: it was taken from wherever serve ran, and a log went to the checkout it was started in."""
+    elsewhere = tmp_path / "started-here"
+    elsewhere.mkdir()
+    text = _base_policy(small_upstream, large_upstream) + "\nrequest_log: {path: requests.jsonl}\n"
+    gw = start_gateway(tmp_path / "policy", text, env=_env(redis_server), cwd=elsewhere)
+    try:
+        answered = _chat(gw, content="where does my line go?")
+        assert answered.status_code == 200
+        written = gw.policy_path.parent / "requests.jsonl"
+        line = _poll(
+            lambda: written.read_text() if written.exists() else "", lambda t: answered.headers["x-request-id"] in t
+        )
+        assert answered.headers["x-request-id"] in line
+        assert not (elsewhere / "requests.jsonl").exists()
+    finally:
+        gw.stop()
