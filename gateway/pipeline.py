@@ -83,9 +83,10 @@ __all__ = [
 _log = structlog.get_logger("gateway.pipeline")
 
 
-BodyReader = Callable[[int, float], Awaitable[bytes | core.Request]]
+BodyReader = Callable[[int, float, Principal], Awaitable[bytes | core.Request]]
 """Reads the request body: PayloadTooLargeError past the byte limit, RequestTimeoutError past the seconds.
-Bytes: a chat client's request; a request in the internal model: another protocol's, decoded by its codec."""
+Bytes: a chat client's request; a request in the internal model: another protocol's, decoded by its codec
+for the authenticated caller (its tenant, and the names it may call)."""
 
 
 class PromptScore(Protocol):
@@ -260,7 +261,8 @@ class ChatPipeline:
         try:
             principal = runtime.auth.authenticate(authorization)
             record.key_id, record.tenant = principal.key_id, principal.tenant
-            body = await read_body(runtime.policy.limits.max_body_bytes, runtime.policy.limits.body_read_timeout_s)
+            limits = runtime.policy.limits
+            body = await read_body(limits.max_body_bytes, limits.body_read_timeout_s, principal)
             if isinstance(body, bytes):
                 x.body = parse_chat_request(body)
                 x.directives = x.body.pop("gateway_cache", None)

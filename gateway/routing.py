@@ -86,10 +86,12 @@ class Router:
             )
         return plan
 
-    def reachable(self, requested: str) -> tuple[str, ...]:
+    def reachable(self, requested: str, allowed: frozenset[str] = frozenset({"*"})) -> tuple[str, ...]:
         """Every model a request for ``requested`` may end at: the route's candidates and, on a
-        classifier route, the pair too (what a protocol edge checks before promising a feature)."""
-        return self.ends(self.plan(requested))
+        classifier route, the pair too (what a protocol edge checks before promising a feature).
+        A name the key may not call is unknown here too: an edge that decoded its request another
+        way told a key which names exist (t30)."""
+        return self.ends(self.plan(requested, allowed))
 
     def ends(self, plan: RoutePlan) -> tuple[str, ...]:
         """Every model a request planned so may end at (what its budget estimate is priced at)."""

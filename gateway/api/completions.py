@@ -18,6 +18,7 @@ from litestar.response import Stream
 
 from gateway.api.answers import StreamBroke, answer_of, delta_batches, dropped_header, streams
 from gateway.api.handoff import hand_to_pipeline
+from gateway.auth import Principal
 from gateway.core import model as core
 from gateway.pipeline import Answer, StreamingAnswer, StreamingDeltas
 from gateway.protocols import openai_completions as completions
@@ -32,7 +33,7 @@ _PROTOCOL = "openai.completions"
 async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     asked: list[completions.Completion] = []
 
-    async def translate(raw: bytes) -> core.Request:
+    async def translate(raw: bytes, _: Principal) -> core.Request:
         decoded = completions.decode_request(raw)
         asked.append(decoded)
         return decoded.request

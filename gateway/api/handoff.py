@@ -16,6 +16,7 @@ from litestar.exceptions import InternalServerException
 from gateway.api.bodies import read_body
 from gateway.api.credentials import authorization_of
 from gateway.api.state import GatewayState
+from gateway.auth import Principal
 from gateway.core.model import Request
 from gateway.pipeline import Answer, BodyReader, PassThrough, StreamingAnswer, StreamingDeltas
 
@@ -69,14 +70,15 @@ async def hand_to_pipeline(
     *,
     protocol: str = "openai.chat",
     authorization: str | None = None,
-    translate: Callable[[bytes], Awaitable[Request]] | None = None,
+    translate: Callable[[bytes, Principal], Awaitable[Request]] | None = None,
     embeddings: bool = False,
     passthrough: PassThrough | None = None,
     state: GatewayState | None = None,
 ) -> tuple[str, Answer | StreamingAnswer | StreamingDeltas | None]:
     """The request id and the pipeline's answer; None when the client left before it.
 
-    ``translate`` decodes another protocol's body into the internal model, and may wait (the
+    ``translate`` decodes another protocol's body into the internal model for the authenticated
+    caller, and may wait (the
     Responses API loads earlier turns from the store); a GatewayError it raises for a
     bad body is answered by the pipeline like any other;
     ``embeddings``: the embeddings pipeline answers instead of the chat pipeline;
@@ -92,12 +94,12 @@ async def hand_to_pipeline(
     task = asyncio.current_task()
     assert task is not None
     watch = DisconnectWatch(request, task)
-    read_body: BodyReader = watch.read_body
+    read_body: BodyReader = watch.read_chat_body
     if translate is not None:
         convert = translate
 
-        async def read_body(limit: int, timeout_s: float) -> bytes | Request:
-            return await convert(await watch.read_body(limit, timeout_s))
+        async def read_body(limit: int, timeout_s: float, principal: Principal) -> bytes | Request:
+            return await convert(await watch.read_body(limit, timeout_s), principal)
 
     try:
         authorization = authorization if authorization is not None else authorization_of(headers)
@@ -141,6 +143,10 @@ class DisconnectWatch:
         self._timer: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.client_left = False
+
+    def read_chat_body(self, limit: int, timeout_s: float, principal: Principal) -> Awaitable[bytes]:
+        """:meth:`read_body` as the pipeline asks for a body (a chat body is read whoever calls)."""
+        return self.read_body(limit, timeout_s)
 
     async def read_body(self, limit: int, timeout_s: float) -> bytes:
         try:

@@ -30,6 +30,7 @@ from gateway.api.bodies import read_body
 from gateway.api.credentials import authorization_of
 from gateway.api.handoff import hand_to_pipeline, request_id_of
 from gateway.api.state import GatewayState
+from gateway.auth import Principal
 from gateway.core.model import Request as CoreRequest
 from gateway.core.model import UsageReport
 from gateway.errors import GatewayError, InvalidRequestError, UpstreamError
@@ -51,9 +52,9 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
     asked: list[CoreRequest] = []
     passthrough = PassThrough()
 
-    async def translate(raw: bytes) -> CoreRequest:
+    async def translate(raw: bytes, principal: Principal) -> CoreRequest:
         body = _json_object(raw)
-        if _only_anthropic_upstreams(request, body):
+        if _only_anthropic_upstreams(request, body, principal.allowed):
             decoded = _translatable(raw, body)
             if decoded is None:  # the translation would lose something: the body goes as it came
                 decoded = anthropic.decode_request(raw, passed_through=True)
@@ -153,7 +154,7 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
         limits = runtime.policy.limits  # the same as for the message it counts
         raw = await read_body(request, limits.max_body_bytes, limits.body_read_timeout_s)
         body = _json_object(raw)
-        lenient = _only_anthropic_upstreams(request, body)  # blocks only Anthropic reads are not refused
+        lenient = _only_anthropic_upstreams(request, body, principal.allowed)  # blocks only Anthropic reads
         decoded = anthropic.decode_request(raw, counting=True, passed_through=lenient)
         plan = runtime.router.chat_plan(decoded.model, principal.allowed)  # what /v1/messages refuses, too
         first = runtime.providers[plan.candidates[0]]
@@ -190,12 +191,15 @@ def _dropped(request: Request[Any, Any, Any], asked: CoreRequest, answered_by: s
     return asked.dropped
 
 
-def _only_anthropic_upstreams(request: Request[Any, Any, Any], body: dict[str, Any] | None) -> bool:
-    """Whether every model the body's ``model`` can reach is Anthropic's (what decides how it is decoded)."""
+def _only_anthropic_upstreams(
+    request: Request[Any, Any, Any], body: dict[str, Any] | None, allowed: frozenset[str]
+) -> bool:
+    """Whether every model the body's ``model`` can reach is Anthropic's (what decides how it is
+    decoded); a name the key may not call is as unknown as one that is not there."""
     model = body.get("model") if body is not None else None
     runtime = request.app.state.gateway.holder.current
     try:
-        names = runtime.router.reachable(model if isinstance(model, str) else "")
+        names = runtime.router.reachable(model if isinstance(model, str) else "", allowed)
     except GatewayError:
         return False  # the translating decoder and the pipeline answer a missing or unknown model
     return all(runtime.policy.models[name].provider == "anthropic" for name in names)

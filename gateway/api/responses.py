@@ -39,6 +39,7 @@ from gateway.api.answers import StreamBroke, answer_of, delta_batches, dropped_h
 from gateway.api.credentials import authorization_of
 from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
+from gateway.auth import Principal
 from gateway.config.schema import Policy
 from gateway.core.model import Answer as CoreAnswer
 from gateway.core.model import Message, TextPart
@@ -94,15 +95,14 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
     created_at = int(time.time())
     passthrough = PassThrough()
 
-    async def translate(raw: bytes) -> CoreRequest:
+    async def translate(raw: bytes, principal: Principal) -> CoreRequest:
         runtime = state.holder.current
-        # The pipeline has authenticated the caller already; this is only to learn the tenant.
-        turn.tenant = runtime.auth.authenticate(authorization_of(request.headers)).tenant
+        turn.tenant = principal.tenant
         decoded = codec.decode_request(raw, passed_through=True)
         previous = None
         if decoded.previous_response_id is not None:
             previous = await _load(store, turn.tenant, decoded.previous_response_id, "previous_response_id")
-        if _served_by_responses_upstreams(runtime, decoded.request.model) and (
+        if _served_by_responses_upstreams(runtime, decoded.request.model, principal.allowed) and (
             previous is None or previous.held_by is not None
         ):
             turn.decoded = decoded
@@ -115,7 +115,9 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
                 f"'{previous.held_by}'; continue it with a model whose upstream serves the Responses API",
                 param="previous_response_id",
             )
-        decoded = codec.decode_request(raw, json_object_ok=lambda model: _json_object_ok(runtime, model))
+        decoded = codec.decode_request(
+            raw, json_object_ok=lambda model: _json_object_ok(runtime, model, principal.allowed)
+        )
         turn.decoded = decoded
         turn.history = previous.messages if previous is not None else []
         return codec.to_request(decoded, turn.history)
@@ -297,10 +299,10 @@ async def _load(store: ResponseStore, tenant: str, response_id: str, param: str)
     return record
 
 
-def _json_object_ok(runtime: Runtime, model: str) -> bool:
+def _json_object_ok(runtime: Runtime, model: str, allowed: frozenset[str]) -> bool:
     """JSON mode reaches the answer only if every model the request may go to honours it."""
     try:
-        names = runtime.router.reachable(model)
+        names = runtime.router.reachable(model, allowed)
     except GatewayError:
         return True  # the pipeline answers the unknown model with its own error
     return all(runtime.policy.models[name].provider != "anthropic" for name in names)
@@ -309,9 +311,11 @@ def _json_object_ok(runtime: Runtime, model: str) -> bool:
 # -- passed through -------------------------------------------------------------------
 
 
-def _served_by_responses_upstreams(runtime: Runtime, model: str) -> bool:
+def _served_by_responses_upstreams(runtime: Runtime, model: str, allowed: frozenset[str]) -> bool:
+    """Whether every model the request may reach serves the Responses API (a name the key may
+    not call is unknown: the translated path answers it, as it answers one that is not there)."""
     try:
-        names = runtime.router.reachable(model)
+        names = runtime.router.reachable(model, allowed)
     except GatewayError:
         return False  # the translated path answers the unknown model with the pipeline's error
     return all(runtime.policy.models[name].responses_api for name in names)

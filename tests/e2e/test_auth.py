@@ -222,3 +222,33 @@ def test_no_secrets_or_prompts_in_the_logs(gw: GatewayProcess) -> None:
     # The log still says who called.
     records = gw.log_records()
     assert {("app-1", "team-a"), ("admin-1", "team-ops")} <= {(r["key_id"], r["tenant"]) for r in records}
+
+
+@pytest.mark.parametrize(
+    ("path", "forbidden", "body"),
+    [
+        ("/messages", "claude", {"max_tokens": 64, "thinking": {"type": "enabled", "budget_tokens": 1024},
+                                 "messages": [{"role": "user", "content": "hi"}]}),
+        ("/messages", "claude", {"max_tokens": 64, "messages": [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}]}]}),
+        ("/messages", "claude", {"max_tokens": 64, "container": "c1", "messages": [{"role": "user", "content": "hi"}]}),
+        ("/messages/count_tokens", "claude", {"messages": [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}]}]}),
+        ("/responses", "gpt", {"input": "hi", "tools": [{"type": "web_search"}]}),
+        ("/responses", "gpt", {"input": "hi", "conversation": "conv_1"}),
+        ("/responses", "gpt", {"input": "hi", "text": {"format": {"type": "json_object"}}}),
+    ],
+)  # fmt: skip
+def test_a_forbidden_name_and_an_unknown_one_get_the_same_answer_on_every_path(
+    gw: GatewayProcess, path: str, forbidden: str, body: dict[str, Any]
+) -> None:
+    """t30: requests an edge decoded by what the name reaches (Anthropic-only or Responses-API
+    routes) were answered otherwise for a forbidden name than for one that is not there."""
+    seen = []
+    for model in (forbidden, "no-such-model"):
+        response = httpx.post(f"{gw.base_url}{path}", json={**body, "model": model}, timeout=10,
+                              headers={"authorization": f"Bearer {APP_SECRET}"})  # fmt: skip
+        seen.append(
+            (response.status_code, response.text.replace(model, "NAME"), response.headers.get("x-gateway-dropped"))
+        )
+    assert seen[0] == seen[1]

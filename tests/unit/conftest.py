@@ -12,7 +12,7 @@ import pytest
 
 from gateway.accounting.ledger import UsageLedger
 from gateway.accounting.metrics import Metrics
-from gateway.auth import hash_key
+from gateway.auth import Principal, hash_key
 from gateway.cache.exact import ExactCache
 from gateway.cache.semantic import SemanticCache
 from gateway.limits import Limiter
@@ -61,7 +61,7 @@ class Harness:
     ) -> Answer | StreamingAnswer | StreamingDeltas:
         body = msgspec.json.encode({"model": model, "messages": [{"role": "user", "content": content}], **extra})
 
-        async def read_body(limit: int, timeout_s: float) -> bytes:
+        async def read_body(limit: int, timeout_s: float, principal: Principal) -> bytes:
             return body
 
         return await self.pipeline.handle(read_body, f"Bearer sk-{key}", cache_control, "req-1", 0.0)

@@ -13,6 +13,7 @@ import pytest
 
 from gateway.accounting.ledger import UsageLedger
 from gateway.accounting.metrics import Metrics
+from gateway.auth import Principal
 from gateway.cache.exact import ExactCache
 from gateway.cache.semantic import SemanticCache
 from gateway.large_share import LargeShareTracker, ranked
@@ -227,7 +228,7 @@ async def test_a_route_with_a_target_share_sends_that_share_to_large_through_the
             {"model": "auto", "messages": [{"role": "user", "content": f"q{i} {rng.random() * 0.3}"}]}
         )
 
-        async def read_body(limit: int, timeout_s: float, body: bytes = body) -> bytes:
+        async def read_body(limit: int, timeout_s: float, principal: Principal, body: bytes = body) -> bytes:
             return body
 
         result = await pipeline.handle(read_body, "Bearer sk-alice", None, f"r{i}", 0.0)

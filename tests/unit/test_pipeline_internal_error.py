@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 
 from gateway.accounting.ledger import UsageLedger
 from gateway.accounting.metrics import Metrics
+from gateway.auth import Principal
 from gateway.cache.exact import ExactCache
 from gateway.cache.semantic import SemanticCache
 from gateway.limits import Limiter
@@ -50,7 +51,7 @@ async def test_defect4_an_unexpected_exception_is_a_500_with_an_id_and_a_truthfu
     )
     body = msgspec.json.encode({"model": "auto", "messages": [{"role": "user", "content": "hello"}]})
 
-    async def read_body(limit: int, timeout_s: float) -> bytes:
+    async def read_body(limit: int, timeout_s: float, principal: Principal) -> bytes:
         return body
 
     try:
