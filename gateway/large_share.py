@@ -13,8 +13,7 @@ follow a shift from chat to quiz traffic), and writes it back. Every process ste
 same window: two that see different traffic (a sticky load balancer) no longer undo each
 other's steps around their own shares (t28). A process reads the shared threshold when it
 first sees a tenant's route (a new or restarted process routes as the others do); while
-the store is unavailable its own recent scores stand in for the window, and the last known
-threshold (at first the configured one) holds.
+the store is unavailable a process steps its own threshold on its own recent scores.
 
 Scores are ranked with a tie-break far below the scores' precision (:func:`ranked`):
 prompts that score alike (one template, images the text model cannot see) would all fall
@@ -28,6 +27,7 @@ straight to their quantile for the target, with no step bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import deque
 
@@ -50,8 +50,9 @@ _SCORE = np.dtype("<f8")
 
 
 def ranked(p_large: float) -> float:
-    """``p_large`` with a random tie-break: what a target-share route compares and counts."""
-    return p_large + _TIE_BREAK * random.random()
+    """``p_large`` with a random tie-break, kept within [0, 1]: what a target-share route
+    compares and counts (a stored threshold outside it would be read as no threshold)."""
+    return (1.0 - _TIE_BREAK) * p_large + _TIE_BREAK * random.random()
 
 
 class LargeShareTracker:
@@ -137,6 +138,8 @@ class LargeShareTracker:
         key = (tenant, route)
         store_key = keyspace.large_share_threshold(tenant, route)
         current = self._thresholds.get(key, configured)
+        shared: float | None = None
+        reached = True
         try:
             if batch is not None and batch.size:
                 window = keyspace.large_share_window(tenant, route)
@@ -144,16 +147,17 @@ class LargeShareTracker:
                 await self._kv.append(window, _packed(scorer, batch), batches, _TTL_S, _TIMEOUT_S)
                 recent = _unpacked(await self._kv.read_list(window, _TIMEOUT_S), scorer, self._window, recent)
             shared = _readable(await self._kv.get(store_key, _TIMEOUT_S))
-        except StoreUnavailable:
-            return current
+        except StoreUnavailable:  # this process steps on its own scores until the store is back
+            reached = False
         share_now = float((recent >= (current if shared is None else shared)).mean())
         step = 1.0 if rescale else self._max_share_step
         share_next = share_now + max(-step, min(step, target - share_now))
         new = float(np.quantile(recent, min(max(1.0 - share_next, 0.0), 1.0)))
-        try:
-            await self._kv.put(store_key, f"{new:.6f}".encode(), _TTL_S, _TIMEOUT_S)
-        except StoreUnavailable:
-            return current
+        if reached:
+            # whole: rounded, the threshold lands off the tie-broken scores it was taken from, and
+            # the share measured against it next time is not the one that was set (t30)
+            with contextlib.suppress(StoreUnavailable):
+                await self._kv.put(store_key, repr(new).encode(), _TTL_S, _TIMEOUT_S)
         self._thresholds[key] = new
         if abs(new - current) >= 0.05:
             _log.info("route_threshold_moved", tenant=tenant, route=route, threshold=round(new, 4))

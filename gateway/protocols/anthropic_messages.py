@@ -782,7 +782,7 @@ def usage_body(usage: Usage) -> dict[str, int]:
 
 def encode_answer(answer: Answer, message_id: str, model: str) -> bytes:
     content: list[dict[str, Any]] = [_thinking_block(part) for part in answer.thinking]
-    text = "\n".join(said for said in (answer.text, answer.refusal) if said)
+    text = (answer.text or "") + (answer.refusal or "")  # as the stream tells them: one text block
     if text:
         content.append({"type": "text", "text": text})
     for call in answer.tool_calls:

@@ -111,13 +111,26 @@ async def test_processes_that_see_different_traffic_keep_the_overall_share_on_ta
     assert sum(sent[-2000:]) / 2000 == pytest.approx(0.3, abs=0.05)
 
 
-async def test_an_unavailable_store_keeps_the_last_threshold() -> None:
+async def test_with_the_store_away_a_process_steps_on_its_own_scores() -> None:
+    """t30: the README said so, and every store error left the old threshold in force: a
+    traffic shift during an outage sent everything to large."""
     store = MemoryKeyValue()
     tracker = LargeShareTracker(store, update_every=1, max_share_step=0.1)
     recent = np.linspace(0.0, 1.0, 101)
     assert await tracker.update("t", "auto", recent, target=0.9, configured=0.5) == pytest.approx(0.4, abs=0.011)
     store.down = True
-    assert await tracker.update("t", "auto", recent, target=0.9, configured=0.5) == pytest.approx(0.4, abs=0.011)
+    assert await tracker.update("t", "auto", recent, target=0.9, configured=0.5) == pytest.approx(0.3, abs=0.011)
+    assert tracker.threshold("t", "auto", 0.5) == pytest.approx(0.3, abs=0.011)  # in force here, not written
+    store.down = False
+    assert float(await store.get(keyspace.large_share_threshold("t", "auto"), 1.0) or b"x") == pytest.approx(
+        0.4, abs=0.011
+    )
+
+
+def test_a_tie_broken_score_stays_a_probability() -> None:
+    assert all(0.0 <= ranked(p) <= 1.0 for p in (0.0, 1.0) for _ in range(1000))
+    assert ranked(0.5) != ranked(0.5)  # a tie is broken
+    assert ranked(0.3) < ranked(0.3001)  # scores apart beyond the tie-break keep their order
 
 
 async def test_a_new_scorer_drops_the_old_scores_and_goes_straight_to_the_target() -> None:
