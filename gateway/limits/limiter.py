@@ -77,6 +77,9 @@ class Reservation:
     """The reservation call answered, so it was made; False: it timed out, and only its mark can tell."""
     owner: tuple[str, str] = ("", "")
     """The tenant and key id, for a log line that says whose usage was lost."""
+    in_view: bool = True
+    """Its estimate counts in this process's view of the budgets (a reservation this process
+    refused while the store did not answer never did: settling it takes nothing off, t31)."""
 
 
 @dataclass(slots=True)
@@ -166,7 +169,8 @@ class Limiter:
             else:
                 share, refusal = self._without_word(principal, scopes, limits, periods, cost_usd, now)
             if refusal is not None:
-                if made is not None:
+                if made is not None:  # a stalled store may apply it later: cancelled, outside the view
+                    made.in_view = False
                     self.settle_later(policy, made, UsageFigures())
                 raise refusal from None
             if made is not None:
@@ -315,7 +319,8 @@ class Limiter:
         # What it cost replaces its estimate in this process's view at once: a stalled store takes
         # seconds to fail the call, and sequential requests passed a budget 3.4x meanwhile (t24).
         # The store's next word replaces the view, this correction with it.
-        self._correct_words(reservation, used.cost_usd)
+        if reservation.in_view:
+            self._correct_words(reservation, used.cost_usd)
         try:
             timed_out = await self._send_settlement(request, reservation, timeout_s)
         except asyncio.CancelledError:  # shutting down with the store still away
@@ -333,8 +338,10 @@ class Limiter:
         self.ledger.record(reservation.usage, used, timeout_s, _spend_of(reservation, used.cost_usd))
 
     async def _send_settlement(self, request: SettleRequest, reservation: Reservation, timeout_s: float) -> bool | None:
-        """Send it, again after a timeout (its mark makes that safe) for about a minute: None when
-        it landed, else whether a call timed out (perhaps applied)."""
+        """Send it, again after a timeout or while the store is down (its mark makes that safe) for
+        about a minute: None when it landed, else whether a call timed out (perhaps applied). Sent
+        to the usage batch at once instead, its reservation's estimate stayed pending for an hour
+        beside the whole cost, and refused requests within the budget (t31)."""
         timed_out = False
         for pause_s in (*(_SETTLE_RETRIES_S if reservation.mark is not None else ()), None):
             try:
@@ -342,9 +349,8 @@ class Limiter:
                 return None
             except StoreTimedOut:
                 timed_out = True  # asked, and perhaps applied: the mark makes sending it again safe
-            except StoreUnavailable:  # not asked (the store is marked down)
-                if not timed_out and reservation.answered:
-                    return False  # nothing of it was applied, and the reservation stands in for the spend
+            except StoreUnavailable:
+                pass  # not asked (the store is marked down); a restarted Redis is back in seconds (t31)
             if pause_s is not None:
                 await asyncio.sleep(pause_s)
         return timed_out

@@ -204,6 +204,30 @@ async def test_a_settlement_still_waiting_counts_what_the_request_cost() -> None
         task.cancel()
 
 
+async def test_a_refusal_in_a_stall_gives_nothing_back_to_the_view() -> None:
+    """t31: a request the view refused while the store did not answer was settled at $0, which took
+    an estimate the view never counted off it: every refusal let the next request through ($8.99 of $1.00)."""
+    policy = load_policy_text(_POLICY % "open", environ={}).policy
+    counters = _Stalling()
+    limiter = Limiter(counters, UsageLedger(counters))
+    principal = Principal("app", "other", frozenset({"*"}), Limits(usd_per_day=1.0))
+    await limiter.reserve(policy, principal, 10, 0.01)  # the store's word: nothing spent
+    counters.stalled = True
+    passed = refused = 0
+    for _ in range(12):  # a client that retries its 429s
+        try:
+            reservation = await limiter.reserve(policy, principal, 10, 0.3)
+        except BudgetExceededError:
+            refused += 1
+        else:
+            passed += 1
+            limiter.settle_later(policy, reservation, UsageFigures(requests=1, cost_usd=0.3))
+        await asyncio.sleep(0)
+    assert passed == 3 and refused == 9  # 0.01 + 3 x 0.30 fits; nothing after it
+    for task in limiter._settling:
+        task.cancel()
+
+
 async def test_spend_held_while_the_store_was_away_counts_against_its_next_word() -> None:
     """t24: the first reservation the store answered after an outage took its word, which lacked
     what was spent meanwhile (still in the usage batch): one worker spent a $1.00 budget twice."""
@@ -449,6 +473,7 @@ async def test_usage_made_while_the_store_is_down_is_written_when_it_is_back(mon
 
     from gateway.store.base import PENDING_S
 
+    monkeypatch.setattr("gateway.limits.limiter._SETTLE_RETRIES_S", ())  # down past the settlement's retries
     policy, limiter, counters = _setup()
     limited, free = _principal(usd_per_day=10.0), Principal("free", "team", frozenset({"*"}))
     reservations = [await limiter.reserve(policy, principal, 10, 0.01) for principal in (limited, free)]
@@ -474,6 +499,24 @@ async def test_usage_made_while_the_store_is_down_is_written_when_it_is_back(mon
     if datetime.fromtimestamp(later, UTC).date() == today.date():  # (not across midnight)
         await limiter.reserve(policy, limited, 10, 0.0)
         assert counters.spends[key_spend].spent_day == pytest.approx(0.002)
+
+
+async def test_a_settlement_waits_for_a_store_that_comes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """t31: sent to the usage batch at once, a settlement left its estimate pending for an hour
+    beside the whole cost ($0.86 counted of $0.03 spent), and requests within budget were refused."""
+    monkeypatch.setattr("gateway.limits.limiter._SETTLE_RETRIES_S", (0.01,) * 20)
+    policy, limiter, counters = _setup()
+    principal = _principal(usd_per_day=1.0)
+    reservation = await limiter.reserve(policy, principal, 10, 0.4)  # reserved: the store counts $0.40
+    counters.down = True  # Redis killed while the request runs
+    limiter.settle_later(policy, reservation, UsageFigures(requests=1, cost_usd=0.03))
+    await asyncio.sleep(0.05)
+    counters.down = False  # back a moment later
+    await limiter.drain()
+    key_spend = keyspace.limit_counters("team", "app")[1]
+    assert counters.spends[key_spend].spent_day == pytest.approx(0.03)  # the cost, not the estimate beside it
+    assert (await limiter.reserve(policy, principal, 10, 0.9)).budget_share == pytest.approx(0.03)
+    await limiter.aclose()
 
 
 async def test_a_reservation_a_stalled_store_applied_late_is_corrected_to_what_was_spent() -> None:
