@@ -110,6 +110,8 @@ class RuntimeHolder:
         self._reload_waiting = False
         self._files_read: tuple[object, ...] | None = None
         """The policy's and key file's identities when a reload last read them."""
+        self._rejected: tuple[tuple[object, ...], str] | None = None
+        """The files and problems of the last rejected reload."""
         self.last_reload_error: str | None = None
 
     @property
@@ -144,15 +146,20 @@ class RuntimeHolder:
             try:
                 if settle:
                     await _wait_until_stable(self.path)
-                self._files_read = self._file_identities()
+                files = self._files_read = self._file_identities()
                 loaded = await asyncio.to_thread(load_policy, self.path)
                 _refuse_weakening_by_omission(self.current.loaded, loaded)
                 _refuse_auth_off(loaded, self.auth_required)
             except ConfigError as exc:
-                self.last_reload_error = "; ".join(exc.problems)
-                _log.error(
-                    "policy_rejected", reason=reason, problems=_loggable(exc.problems), kept=self.current.version
-                )
+                said = (files, "; ".join(exc.problems))
+                if (
+                    reason != "file changed" or said != self._rejected
+                ):  # the folder's event and the look both saw it (t31)
+                    _log.error(
+                        "policy_rejected", reason=reason, problems=_loggable(exc.problems), kept=self.current.version
+                    )
+                self._rejected = said
+                self.last_reload_error = said[1]
                 return False
             except Exception as exc:
                 # Named by its type only: its message may quote the file, which may hold secrets.
@@ -161,6 +168,7 @@ class RuntimeHolder:
                     "policy_rejected", reason=reason, problems=[self.last_reload_error], kept=self.current.version
                 )
                 return False
+            self._rejected = None
             if loaded.version == self.current.version:
                 self.last_reload_error = None  # e.g. a rejected edit was reverted
                 return True

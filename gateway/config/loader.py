@@ -340,15 +340,27 @@ _LEAST_PRICE_PER_MTOK = 0.001
 _CONVENTIONAL_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 
+def _key_warnings(model: str, variable: str, secret: str | None) -> list[str]:
+    """What is wrong with a model's API key in the environment (an unset variable, a line break)."""
+    shown = variable
+    if not _CONVENTIONAL_NAME.fullmatch(variable):  # perhaps a key pasted for its variable's name
+        shown = "the variable it names (not shown: it is not an upper-case name; is it a key itself?)"
+    if not secret:
+        return [f"models.{model}.api_key_env: {shown} is not set; requests to it carry no API key"]
+    if any(c in secret.strip() for c in "\r\n\0"):  # t31: a two-line Secret; each request fell back
+        return [
+            f"models.{model}.api_key_env: {shown} holds a line break, which no header may; "
+            "requests to this model fail before they leave"
+        ]
+    return []
+
+
 def _warnings(policy: Policy, environ: Mapping[str, str], key_file: Path | None = None) -> list[str]:
     """What is valid but likely not meant: each turns into a 401, a 404 or a limit that never applies."""
     out = []
     for name, model in policy.models.items():
-        if model.api_key_env and not environ.get(model.api_key_env):
-            variable = model.api_key_env
-            if not _CONVENTIONAL_NAME.fullmatch(variable):  # perhaps a key pasted for its variable's name
-                variable = "the variable it names (not shown: it is not an upper-case name; is it a key itself?)"
-            out.append(f"models.{name}.api_key_env: {variable} is not set; requests to it carry no API key")
+        if model.api_key_env:
+            out += _key_warnings(name, model.api_key_env, environ.get(model.api_key_env))
         for price in msgspec.structs.fields(model.price):
             value = getattr(model.price, price.name)
             if value is not None and 0 < value < _LEAST_PRICE_PER_MTOK:  # t29: a per-token price billed a millionth

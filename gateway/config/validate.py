@@ -298,6 +298,11 @@ _ORIGIN = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#\s]+")
 """What a browser sends in ``Origin``: a scheme and a host (with its port), nothing more."""
 
 
+_GATEWAYS_OWN_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
+     "accept-encoding", "content-type"}
+)  # fmt: skip
+"""Headers each upstream request gets from the gateway: a second one made two, or a conflicting length (t31)."""
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 """RFC 9110's token: what a header's name may be."""
 
@@ -359,6 +364,12 @@ def check_policy(
             elif any(c in value for c in "\r\n\0"):
                 problems.add(
                     ("models", name, "headers", header), "holds a line break or NUL, which HTTP forbids in a header"
+                )
+            elif header.lower() in _GATEWAYS_OWN_HEADERS:
+                problems.add(("models", name, "headers", header), "is written by the gateway itself for each request")
+            elif header.lower() in ("authorization", "x-api-key") and model.api_key_env:
+                problems.add(
+                    ("models", name, "headers", header), "the key comes from `api_key_env`: give one or the other"
                 )
         for field in msgspec.structs.fields(model.price):
             value = getattr(model.price, field.name)

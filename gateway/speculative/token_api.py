@@ -100,7 +100,7 @@ class TokenAPI:
     def __init__(self, provider: Provider) -> None:
         self.provider = provider
         self._root = server_root(provider.client)
-        headers = {"content-type": "application/json", **provider.config.headers}
+        headers = {"content-type": "application/json", **provider.extra_headers}
         if provider.api_key:
             headers["authorization"] = f"Bearer {provider.api_key}"
         self._headers = headers

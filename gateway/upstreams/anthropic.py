@@ -88,7 +88,7 @@ class AnthropicProvider(Provider):
     kind = "anthropic"
 
     def _headers(self, betas: str | None = None) -> dict[str, str]:
-        headers = {"content-type": "application/json", "anthropic-version": ANTHROPIC_VERSION, **self.config.headers}
+        headers = {"content-type": "application/json", "anthropic-version": ANTHROPIC_VERSION, **self.extra_headers}
         if self.api_key:
             headers["x-api-key"] = self.api_key
         if betas:

@@ -323,6 +323,9 @@ class Provider(ABC):
         self.config = config
         self.client = client
         self.api_key = api_key
+        self.extra_headers = {header.lower(): value for header, value in config.headers.items()}
+        """The policy's ``headers``, named as the gateway names its own (``Anthropic-Version`` then
+        replaces the default rather than going out beside it)."""
         self.upstream_model = config.upstream_model or name
         self._urls: dict[str, httpx.URL] = {}
         self._transport: httpx.AsyncBaseTransport = client._transport

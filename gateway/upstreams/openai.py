@@ -40,7 +40,7 @@ class OpenAIProvider(Provider):
     kind = "openai"
 
     def _headers(self) -> dict[str, str]:
-        headers = {"content-type": "application/json", **self.config.headers}
+        headers = {"content-type": "application/json", **self.extra_headers}
         if self.api_key:
             headers["authorization"] = f"Bearer {self.api_key}"
         return headers

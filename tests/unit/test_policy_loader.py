@@ -490,3 +490,16 @@ def test_a_price_that_looks_per_token_is_warned_of() -> None:
         loaded.warnings
     )
     assert not any("per million" in w for w in load_policy_text(VALID, environ={}).warnings)
+
+
+def test_headers_the_gateway_writes_and_a_key_with_a_line_break_are_caught() -> None:
+    """t31: a policy Host or Content-Length went out beside the gateway's own; a two-line Secret
+    failed every request before it left, and check said nothing."""
+    with_headers = VALID.replace(
+        "    tier: large\n", "    tier: large\n    api_key_env: L_KEY\n    headers: {HEADERS}\n"
+    )
+    for header in ("Host", "content-length", "Transfer-Encoding", "Authorization"):
+        found = problems(with_headers.replace("{HEADERS}", f"{{{header}: x}}"), environ={"L_KEY": "k"})
+        assert len(found) == 1 and found[0].startswith(f"models.l.headers.{header} (line"), found
+    split = load_policy_text(with_headers.replace("{HEADERS}", "{}"), environ={"L_KEY": "sk-a\nsk-b\n"})
+    assert any("L_KEY holds a line break" in warning for warning in split.warnings), split.warnings
