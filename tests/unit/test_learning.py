@@ -74,6 +74,25 @@ def test_labels_that_say_nothing_give_a_candidate_that_is_not_promoted() -> None
     assert not evaluation.better
 
 
+def test_a_router_that_learnt_repeated_prompts_by_heart_is_not_promoted() -> None:
+    """t32: 20 prompts asked 8 times each, each with a fixed label that says nothing of how hard
+    it is: split by time, every held-out prompt had been trained on, and such a router was
+    promoted (APGR 0.39 to 0.78) that then scored 0.25 on fresh prompts."""
+    rng = np.random.default_rng(7)
+    prompts = []
+    for _ in range(20):
+        emb = rng.normal(size=384)
+        prompts.append((emb / np.linalg.norm(emb), bool(rng.random() < 0.4), rng.normal(size=12)))
+    examples = []
+    for i in range(160):
+        emb, needed, features = prompts[i % 20]
+        trace = RoutingTrace.of("k", "auto", "small", float(rng.uniform(0.1, 0.3)), emb, features)
+        examples.append(msgspec_replace_at(LabelledExample.of(f"r{i}", trace, needed, "shadow", False), float(i)))
+    _, evaluation = fit_candidate(examples, None)
+    assert not evaluation.better
+    assert evaluation.held_out >= 40 and evaluation.trained_on == 160 - evaluation.held_out
+
+
 def test_too_few_labels_are_refused() -> None:
     with pytest.raises(ValueError, match="at least 40"):
         fit_candidate(_examples(30, rule=True), None)
