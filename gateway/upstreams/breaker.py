@@ -111,17 +111,18 @@ class CircuitBreaker:
 class Breakers:
     """Every tenant's circuit breaker for every model of the policy, made on a tenant's first request."""
 
-    __slots__ = ("_by_tenant", "_names", "_policy")
+    __slots__ = ("_by_tenant", "_names", "_off_path", "_policy")
 
     def __init__(self) -> None:
         self._policy = CircuitBreakerPolicy()
         self._names: tuple[str, ...] = ()
         self._by_tenant: dict[str, dict[str, CircuitBreaker]] = {}
+        self._off_path: dict[str, dict[str, CircuitBreaker]] = {}
 
     def configure(self, names: Iterable[str], policy: CircuitBreakerPolicy) -> None:
         """The policy's models and breaker settings, at start and on each reload (circuits keep their state)."""
         self._names, self._policy = tuple(names), policy
-        for breakers in self._by_tenant.values():
+        for breakers in (*self._by_tenant.values(), *self._off_path.values()):
             for breaker in breakers.values():
                 breaker.update_policy(policy)
             for name in self._names:
@@ -129,9 +130,18 @@ class Breakers:
                     breakers[name] = CircuitBreaker(policy)
 
     def for_tenant(self, tenant: str) -> Mapping[str, CircuitBreaker]:
-        breakers = self._by_tenant.get(tenant)
+        return self._made(self._by_tenant, tenant)
+
+    def off_the_path(self, tenant: str) -> Mapping[str, CircuitBreaker]:
+        """The tenant's circuits for calls no client waits for (shadow judging, cache audits): their
+        failures (a long answer asked again unstreamed, past ``first_byte``) opened the circuits the
+        tenant's own requests go through, which then got 502s from a healthy model (t32)."""
+        return self._made(self._off_path, tenant)
+
+    def _made(self, by_tenant: dict[str, dict[str, CircuitBreaker]], tenant: str) -> dict[str, CircuitBreaker]:
+        breakers = by_tenant.get(tenant)
         if breakers is None:
-            breakers = self._by_tenant[tenant] = {name: CircuitBreaker(self._policy) for name in self._names}
+            breakers = by_tenant[tenant] = {name: CircuitBreaker(self._policy) for name in self._names}
         return breakers
 
     def state(self, name: str) -> str:

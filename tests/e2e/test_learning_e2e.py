@@ -228,13 +228,22 @@ def test_shadow_judging_labels_what_the_small_model_gets_wrong_and_logs_no_text(
     assert len(labels) >= 2 and _labels(redis_server, "nobody") == []
 
 
-def test_shadow_spend_stops_at_the_daily_budget(gateway: GatewayProcess) -> None:
+@pytest.mark.parametrize("usage", [True, False])
+def test_shadow_spend_stops_at_the_daily_budget(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream, usage: bool
+) -> None:
+    """Also when the upstream reports no usage: it was spent at $0, and the cap never bound (t32)."""
+    if not usage:
+        inject(large_upstream, *([{"omit_usage": True}] * 12))
     before_skipped = len(gateway.ops_records("shadow_skipped"))
+    before_judged = len(gateway.ops_records("shadow_judgement"))
     for prompt in ("What is 2+2?", "Name a primary colour.", "Spell 'cat' backwards."):
-        _ask(gateway, "alice", "stingy", prompt)
+        _ask(gateway, "alice" if usage else "bob", "stingy", prompt)  # each its own tenant's daily budget
         time.sleep(0.3)  # one at a time: the first one's cost is booked before the next starts
     skipped = _events(gateway, "shadow_skipped", before_skipped + 2)
     assert all(e["reason"] == "daily budget spent" for e in skipped)
+    judged = _events(gateway, "shadow_judgement", before_judged + 1)[before_judged:]
+    assert judged and all(float(e["cost_usd"]) > 0 for e in judged)  # type: ignore[arg-type]
 
 
 def test_a_failing_shadow_call_never_touches_the_clients_answer(

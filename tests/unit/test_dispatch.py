@@ -155,3 +155,18 @@ async def test_a_client_leaving_in_a_retry_wait_leaves_no_upstream_at_work(upstr
     with pytest.raises(asyncio.CancelledError):
         await task
     assert info.asked is None and info.provider is None
+
+
+def test_calls_no_client_waits_for_have_circuits_of_their_own() -> None:
+    """t32: shadow calls that timed out opened the circuits the tenant's requests go through."""
+    from gateway.config.schema import CircuitBreakerPolicy
+    from gateway.upstreams.breaker import Breakers
+
+    breakers = Breakers()
+    breakers.configure(("a", "b"), CircuitBreakerPolicy(failure_rate=0.5, min_requests=2, window_s=60))
+    shadow = breakers.off_the_path("t")["b"]
+    for _ in range(4):
+        shadow.record_broken()
+    assert shadow.state == "open"
+    assert breakers.for_tenant("t")["b"].state == "closed" and breakers.state("b") == "closed"
+    assert breakers.off_the_path("t")["b"] is shadow  # kept, as the tenant's own are
