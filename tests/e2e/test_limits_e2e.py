@@ -17,7 +17,7 @@ import pytest
 from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
-from tests.conftest import inject
+from tests.conftest import closed_after_test, inject
 from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
 # small costs $0.5/M input and $1.5/M output in the test policy.
@@ -98,7 +98,10 @@ def test_token_counts_are_free_but_bounded_by_their_own_requests_per_minute(
     """An outside tester kept counting 4 MB prompts with a key over every limit. Counting costs
     nothing (a zero budget does not stop it) but is work, so the key's rpm bounds it, in a
     window apart from messages as Anthropic's own count_tokens has."""
-    clients = [anthropic.Anthropic(base_url=gateway.url, api_key="key-counter", max_retries=0) for gateway in pair]
+    clients = [
+        closed_after_test(anthropic.Anthropic(base_url=gateway.url, api_key="key-counter", max_retries=0))
+        for gateway in pair
+    ]  # closed: a socket left to the collector fails a later test with a ResourceWarning
     ask: dict[str, Any] = {"model": "fast", "messages": [{"role": "user", "content": "count me"}]}
     for index in range(3):
         assert clients[index % 2].messages.count_tokens(**ask).input_tokens > 0
@@ -108,7 +111,7 @@ def test_token_counts_are_free_but_bounded_by_their_own_requests_per_minute(
     assert "key.rpm" in refused.value.message and int(refused.value.response.headers["retry-after"]) >= 1
     chat = _chat(pair[0], "counter")  # messages have their own window; this one meets the zero budget
     assert chat.status_code == 429 and "usd_per_day" in chat.json()["error"]["message"]
-    other = anthropic.Anthropic(base_url=pair[0].url, api_key="key-rpm", max_retries=0)  # another key's own window
+    other = closed_after_test(anthropic.Anthropic(base_url=pair[0].url, api_key="key-rpm", max_retries=0))
     assert other.messages.count_tokens(**ask).input_tokens > 0
 
 
