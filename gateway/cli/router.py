@@ -103,6 +103,7 @@ async def _run(args: argparse.Namespace) -> int:
 async def _status(kv: KeyValue, scope: str | None, active: str | None) -> dict[str, Any]:
     """What is in force: a tenant's own router (None: the shipped one) and, where a route pools
     labels (``learning.scope: global``), the pooled router that stands in when it has none."""
+    from gateway.learning.examples import LearningStore
     from gateway.learning.learned import active_version, load_version
 
     if active is not None and await load_version(kv, scope, active) is None:
@@ -112,7 +113,10 @@ async def _status(kv: KeyValue, scope: str | None, active: str | None) -> dict[s
     pooled = active or await active_version(kv, None)
     if pooled is not None and not active and await load_version(kv, None, pooled) is None:
         pooled = None
-    return {"scope": scope, "active": active, "pooled_routes": pooled}
+    labels = len(await LearningStore(kv).labels(scope))
+    if not labels and active is None:  # a misspelt tenant looked like one on the shipped router (t32)
+        print(f"no labels and no router kept for tenant {scope!r}: is the name right?", file=sys.stderr)
+    return {"scope": scope, "active": active, "pooled_routes": pooled, "labels": labels}
 
 
 async def _learn(kv: KeyValue, scope: str | None, tenants: list[str], promote_it: bool) -> int:

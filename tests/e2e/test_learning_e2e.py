@@ -292,7 +292,11 @@ def test_learning_refuses_a_candidate_that_is_not_better(gateway: GatewayProcess
     assert result.returncode == 2, result.stderr
     report = json.loads(result.stdout)
     assert report["promoted"] is False and report["held_out"] >= 20
-    assert json.loads(_learn(redis_server, "status", "--tenant", "a").stdout)["active"] is None
+    status = _learn(redis_server, "status", "--tenant", "a")
+    assert json.loads(status.stdout)["active"] is None and json.loads(status.stdout)["labels"] >= 40
+    assert "is the name right" not in status.stderr
+    typo = _learn(redis_server, "status", "--tenant", "A-typo")  # t32: it read as a tenant on the shipped router
+    assert json.loads(typo.stdout)["labels"] == 0 and "is the name right?" in typo.stderr
 
 
 def test_a_promoted_router_swaps_in_under_load_and_rolls_back_and_stays_with_its_tenant(
