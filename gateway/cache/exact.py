@@ -90,14 +90,23 @@ class ExactCache:
         self._flights[key] = future
         token = secrets.token_hex(8)
         lock_ms = int(wait_s * 1000) + 1000
+        lease = Lease(key, token, future, held_in_store=True, expires_at=loop.time() + lock_ms / 1000)
         try:
-            acquired = await self._store.acquire(key, token, lock_ms, timeout_s)
-        except StoreUnavailable:  # no lease to be had: this process answers alone
-            return None, Lease(key, token, future, held_in_store=False)
-        if acquired:
-            return None, Lease(key, token, future, held_in_store=True, expires_at=loop.time() + lock_ms / 1000)
-        # Another process is answering: wait for its answer to appear in the cache.
-        answer = await self._await_other_process(key, max(0.0, deadline - loop.time()), timeout_s)
+            try:
+                acquired = await self._store.acquire(key, token, lock_ms, timeout_s)
+            except StoreUnavailable:  # no lease to be had: this process answers alone
+                return None, Lease(key, token, future, held_in_store=False)
+            if acquired:
+                return None, lease
+            # Another process is answering: wait for its answer to appear in the cache.
+            answer = await self._await_other_process(key, max(0.0, deadline - loop.time()), timeout_s)
+        except asyncio.CancelledError:
+            # Its client left while it took the lead: the requests that came to wait on it take
+            # the lead in turn (left as it was, each later one waited its whole wait_s: t33), and
+            # a lease the store may have granted it is dropped.
+            self._settle(key, future, LEADER_LEFT)
+            self._release_later(lease, timeout_s)
+            raise
         self._settle(key, future, answer)
         return answer, None
 

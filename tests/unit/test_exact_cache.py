@@ -149,3 +149,28 @@ async def test_a_lease_the_store_could_not_be_told_to_drop_is_dropped_once_it_an
     assert (await shared.peek("k", T))[1]  # still held in the store
     await asyncio.sleep(0.7)
     assert not (await shared.peek("k", T))[1]
+
+
+class _SlowLocks(MemoryKeyValue):
+    async def acquire(self, key: str, token: str, ttl_ms: int, timeout_s: float) -> bool:
+        await asyncio.sleep(0.2)
+        return await super().acquire(key, token, ttl_ms, timeout_s)
+
+
+async def test_a_request_cancelled_while_it_takes_the_lead_leaves_no_flight_behind() -> None:
+    """t33: its client left while it asked the store for the lease; the flight stayed, and every
+    later identical request waited its whole wait_s (30 s) before it went upstream alone."""
+    shared = _SlowLocks()
+    cache, other_process = ExactCache(shared), ExactCache(shared)
+    leaving = asyncio.create_task(cache.join_or_lead("k", 30.0, T))
+    await asyncio.sleep(0.05)
+    waiting = asyncio.create_task(cache.join_or_lead("k", 30.0, T))  # came while the first took the lead
+    await asyncio.sleep(0.05)
+    leaving.cancel()
+    answer, lease = await asyncio.wait_for(waiting, 5)  # leads in turn, at once
+    assert answer is None and lease is not None
+    await cache.release(lease, None, T)
+    await asyncio.sleep(0.7)  # the lease the store may have granted the one that left is dropped too
+    answer, lease = await asyncio.wait_for(other_process.join_or_lead("k", 30.0, T), 5)
+    assert answer is None and lease is not None and lease.held_in_store
+    await other_process.release(lease, None, T)
