@@ -37,6 +37,7 @@ from gateway.errors import GatewayError, InvalidRequestError, UpstreamError
 from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
+from gateway.protocols.shared_state import refuse_upstream_ids
 from gateway.tokens import count_prompt, prompt_chars
 from gateway.upstreams.anthropic import AnthropicProvider
 
@@ -58,7 +59,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
             decoded = _translatable(raw, body)
             if decoded is None:  # the translation would lose something: the body goes as it came
                 decoded = anthropic.decode_request(raw, passed_through=True)
-                passthrough.body = _without_shared_state(body) if body is not None else body
+                passthrough.body = _without_shared_state(body, raw) if body is not None else body
                 beta = request.headers.get("anthropic-beta")
                 if beta:
                     passthrough.headers["anthropic-beta"] = beta
@@ -111,30 +112,10 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
     )
 
 
-def _without_shared_state(body: dict[str, Any]) -> dict[str, Any]:
-    """The body, refused if it names upstream state by an id: the operator's key holds the
-    containers and files of every tenant, and a ``container`` id or a ``file_id`` would reach
-    another tenant's (t26; the Files API is not served here, so no tenant uploaded one)."""
-    container = body.get("container")
-    if isinstance(container, str) or (isinstance(container, dict) and container.get("id") is not None):
-        raise InvalidRequestError(
-            "container: upstream containers are shared by every tenant of this gateway; leave it out for a new one",
-            param="container",
-        )
-    messages = body.get("messages")
-    for index, message in enumerate(messages if isinstance(messages, list) else ()):
-        content = message.get("content") if isinstance(message, dict) else None
-        for block_index, block in enumerate(content if isinstance(content, list) else ()):
-            nested = block.get("content") if isinstance(block, dict) else None  # a tool result's blocks
-            for candidate in (block, *(nested if isinstance(nested, list) else ())):
-                source = candidate.get("source") if isinstance(candidate, dict) else None
-                if isinstance(source, dict) and (source.get("type") == "file" or source.get("file_id") is not None):
-                    where = f"messages.{index}.content.{block_index}"
-                    raise InvalidRequestError(
-                        f"{where}.source: upstream files are shared by every tenant of this gateway; send the "
-                        "file itself (base64 or url)",
-                        param=f"{where}.source",
-                    )
+def _without_shared_state(body: dict[str, Any], raw: bytes) -> dict[str, Any]:
+    """The body, refused if it names upstream state by an id (a container, a file: the operator's
+    key holds every tenant's; :mod:`gateway.protocols.shared_state`)."""
+    refuse_upstream_ids(body, raw, dotted=True)
     return body
 
 
@@ -154,6 +135,8 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
         limits = runtime.policy.limits  # the same as for the message it counts
         raw = await read_body(request, limits.max_body_bytes, limits.body_read_timeout_s)
         body = _json_object(raw)
+        if body is not None:  # counted upstream, an id would tell whether a file exists, and its size (t33)
+            refuse_upstream_ids(body, raw, dotted=True)
         lenient = _only_anthropic_upstreams(request, body, principal.allowed)  # blocks only Anthropic reads
         decoded = anthropic.decode_request(raw, counting=True, passed_through=lenient)
         plan = runtime.router.chat_plan(decoded.model, principal.allowed)  # what /v1/messages refuses, too

@@ -47,6 +47,7 @@ from gateway.core.model import Request as CoreRequest
 from gateway.errors import GatewayError, InvalidRequestError, ServiceUnavailableError, UpstreamStatusError
 from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas
 from gateway.protocols import openai_responses as codec
+from gateway.protocols.shared_state import refuse_upstream_ids
 from gateway.responses_store import ResponseStore, StoredResponse
 from gateway.runtime import Runtime
 from gateway.sparse_log import SparseLog
@@ -106,7 +107,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
             previous is None or previous.held_by is not None
         ):
             turn.decoded = decoded
-            passthrough.body = _without_shared_state(msgspec.json.decode(raw))
+            passthrough.body = _without_shared_state(msgspec.json.decode(raw), raw)
             passthrough.held_by = previous.held_by if previous is not None else None
             return _readable(decoded)
         if previous is not None and previous.held_by is not None:
@@ -321,7 +322,7 @@ def _served_by_responses_upstreams(runtime: Runtime, model: str, allowed: frozen
     return all(runtime.policy.models[name].responses_api for name in names)
 
 
-def _without_shared_state(body: dict[str, Any]) -> dict[str, Any]:
+def _without_shared_state(body: dict[str, Any], raw: bytes) -> dict[str, Any]:
     """The body, refused if it names upstream state by an id the gateway does not own-check.
 
     The upstream keeps conversations, items, files, vector stores and containers for every
@@ -345,30 +346,7 @@ def _without_shared_state(body: dict[str, Any]) -> dict[str, Any]:
                 "by every tenant); send the item itself",
                 param=f"input[{index}]",
             )
-        content = item.get("content") if isinstance(item, dict) else None
-        for part_index, part in enumerate(content if isinstance(content, list) else ()):
-            if isinstance(part, dict) and part.get("file_id") is not None:
-                raise InvalidRequestError(
-                    f"input[{index}].content[{part_index}].file_id: upstream files are shared by every tenant of "
-                    "this gateway; send the file itself (file_data, image_url)",
-                    param=f"input[{index}].content[{part_index}].file_id",
-                )
-    tools = body.get("tools")
-    for index, tool in enumerate(tools if isinstance(tools, list) else ()):
-        if not isinstance(tool, dict):
-            continue
-        if tool.get("vector_store_ids"):
-            raise InvalidRequestError(
-                f"tools[{index}].vector_store_ids: upstream vector stores are shared by every tenant of this gateway",
-                param=f"tools[{index}].vector_store_ids",
-            )
-        container = tool.get("container")
-        if isinstance(container, str) or (isinstance(container, dict) and container.get("id") is not None):
-            raise InvalidRequestError(
-                f"tools[{index}].container: upstream containers are shared by every tenant of this gateway; "
-                'use {"type": "auto"}',
-                param=f"tools[{index}].container",
-            )
+    refuse_upstream_ids(body, raw)
     return body
 
 

@@ -15,6 +15,7 @@ import msgspec
 
 from gateway.protocols.body import check_fields, decode_body
 from gateway.protocols.openai_fields import ChoiceCount, MaxTokens, Penalty, Stop, Temperature, TopP
+from gateway.protocols.shared_state import refuse_upstream_ids
 
 __all__ = ["parse_chat_request"]
 
@@ -69,4 +70,5 @@ def parse_chat_request(raw: bytes) -> dict[str, Any]:
     """Decode and check a request body; returns it as plain values."""
     body = decode_body(raw, dict[str, Any])
     check_fields(body, _ChatRequest)
+    refuse_upstream_ids(body, raw)  # a ``file`` part's file_id names a file under the operator's key (t33)
     return body

@@ -1,0 +1,66 @@
+"""Ids of upstream state a request must not name, wherever in the body (t26, t33)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from gateway.errors import InvalidRequestError
+from gateway.protocols.shared_state import refuse_upstream_ids
+
+
+def _where(body: dict[str, Any], *, dotted: bool = False, raw: bytes | None = None) -> str | None:
+    try:
+        refuse_upstream_ids(body, json.dumps(body).encode() if raw is None else raw, dotted=dotted)
+    except InvalidRequestError as exc:
+        return exc.param
+    return None
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ({"tools": [{"type": "code_interpreter", "container": {"type": "auto", "file_ids": ["f1"]}}]},
+         "tools[0].container.file_ids"),
+        ({"input": [{"type": "computer_call_output", "call_id": "c",
+                     "output": {"type": "computer_screenshot", "file_id": "f2"}}]}, "input[0].output.file_id"),
+        ({"tools": [{"type": "image_generation", "input_image_mask": {"file_id": "f3"}}]},
+         "tools[0].input_image_mask.file_id"),
+        ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f4"}}]}]},
+         "messages[0].content[0].file.file_id"),
+        ({"tools": [{"type": "file_search", "vector_store_ids": ["vs"]}]}, "tools[0].vector_store_ids"),
+    ],
+)  # fmt: skip
+def test_openai_shapes_are_refused_where_the_id_sits(body: dict[str, Any], where: str) -> None:
+    assert _where(body) == where
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ({"messages": [{"role": "user", "content": [{"type": "container_upload", "file_id": "f5"}]}]},
+         "messages.0.content.0.file_id"),
+        ({"messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "content", "content": [
+            {"type": "document", "source": {"type": "file", "file_id": "f6"}}]}}]}]},
+         "messages.0.content.0.source.content.0.source"),
+        ({"container": "container_1", "messages": []}, "container"),
+    ],
+)  # fmt: skip
+def test_anthropic_shapes_are_refused_with_anthropics_paths(body: dict[str, Any], where: str) -> None:
+    assert _where(body, dotted=True) == where
+
+
+def test_what_names_no_state_passes() -> None:
+    assert _where({"tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}) is None
+    assert _where({"input": [{"role": "user", "content": [{"type": "input_file", "file_data": "data:..."}]}]}) is None
+    assert _where({"messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"}}]}]}) is None  # fmt: skip
+
+
+def test_an_escaped_key_is_still_found() -> None:
+    """The raw body is looked at first, to walk only a body that may name state: a key spelt with
+    a JSON escape must not slip past that look."""
+    raw = b'{"tools": [{"type": "file_search", "vector\\u005fstore_ids": ["vs"]}]}'
+    assert _where(json.loads(raw), raw=raw) == "tools[0].vector_store_ids"
