@@ -100,8 +100,8 @@ class Decoder:
                 try:
                     verified = await self._verify(context, draft, remaining)
                 except UpstreamStatusError as exc:
-                    if not (draft.tokens and 400 <= exc.upstream_status < 500):
-                        raise
+                    if not (draft.tokens and exc.upstream_status in (400, 422)):
+                        raise  # busy (429) or the gateway's credentials (401, 403): the server's, not the draft's (t33)
                     # The large server refused a prompt that is the client's context plus the draft:
                     # the draft is at fault (ids outside its vocabulary: a draft server redeployed
                     # with another model), not the client (t28). The answer finishes plainly.
