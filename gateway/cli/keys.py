@@ -34,6 +34,7 @@ def register(commands: Subcommands) -> None:
     new.add_argument("--tpm", type=int)
     new.add_argument("--usd-per-day", type=float)
     new.add_argument("--usd-per-month", type=float)
+    new.add_argument("--max-concurrent", type=int, help="requests in flight at once, in each gateway process")
     new.add_argument("--admin", action="store_true", help="may read every key's usage")
     new.add_argument("--policies", default="policies.yaml")
     new.set_defaults(run=run)
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
             ("tpm", args.tpm),
             ("usd_per_day", args.usd_per_day),
             ("usd_per_month", args.usd_per_month),
+            ("max_concurrent", args.max_concurrent),
         )
         if value is not None
     }
