@@ -19,6 +19,11 @@ __all__ = ["refuse_upstream_ids"]
 _ID_FIELDS = frozenset({"file_id", "file_ids", "vector_store_ids"})
 """Fields whose value names upstream state wherever they appear."""
 _DEPTH = 64
+_CLIENT_DATA = frozenset({"parameters", "input_schema", "schema", "json_schema", "properties", "metadata", "arguments"})
+"""Fields whose value is the client's own data, not a reference to upstream state: a tool's
+schema may well have a parameter called ``file_id``."""
+_TOOL_CALLS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
+"""Blocks whose ``input`` is what a model passed to a tool (the client's data too)."""
 
 
 _MARKERS = (b"file_id", b"vector_store_ids", b"container", b"source", b"\\u")
@@ -45,7 +50,10 @@ def _named_state(value: Any, path: str, depth: int, dotted: bool) -> str | None:
     if depth > _DEPTH:
         return None
     if isinstance(value, dict):
+        call = value.get("type") in _TOOL_CALLS
         for name, item in value.items():
+            if name in _CLIENT_DATA or (call and name == "input"):
+                continue
             at = f"{path}.{name}" if path else str(name)
             if name in _ID_FIELDS and item not in (None, "", []):
                 return at

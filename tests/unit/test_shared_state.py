@@ -59,6 +59,50 @@ def test_what_names_no_state_passes() -> None:
         {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"}}]}]}) is None  # fmt: skip
 
 
+def test_the_clients_own_data_may_use_the_names() -> None:
+    """A tool whose parameter is a file_id, a model's call of it in the history, a schema."""
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "read",
+            "parameters": {"type": "object", "properties": {"file_id": {"type": "string"}}, "required": ["file_id"]},
+        },
+    }
+    assert (
+        _where(
+            {
+                "tools": [tool],
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "c",
+                                "type": "function",
+                                "function": {"name": "read", "arguments": '{"file_id": "f"}'},
+                            }
+                        ],
+                    }
+                ],
+            }
+        )
+        is None
+    )
+    anthropic_tool = {
+        "name": "read",
+        "input_schema": {"type": "object", "properties": {"container": {"type": "string"}}},
+    }
+    history = [
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "t", "name": "read", "input": {"file_id": "f", "container": "c"}}],
+        }
+    ]
+    assert _where({"tools": [anthropic_tool], "messages": history}, dotted=True) is None
+    assert _where({"text": {"format": {"type": "json_schema", "schema": {"properties": {"file_ids": {}}}}}}) is None
+    assert _where({"metadata": {"file_id": "mine"}}) is None
+
+
 def test_an_escaped_key_is_still_found() -> None:
     """The raw body is looked at first, to walk only a body that may name state: a key spelt with
     a JSON escape must not slip past that look."""
