@@ -114,6 +114,11 @@ def load_policy_text(
     if problems or policy is None:
         raise ConfigError(source, problems.messages)
     warnings = [*(notes or []), *_warnings(policy, environ, key_file_path(policy, base_dir or Path(".")))]
+    log = policy.request_log
+    if base_dir is not None and log.enabled and log.path and not (base_dir / log.path).parent.is_dir():
+        warnings.append(  # t33: check said ok, and serve said it was serving, then exited 3
+            "request_log.path: its folder does not exist; the gateway cannot open the request log there"
+        )
     listed = key_file is not None and key_file.listed
     return LoadedPolicy(
         policy,

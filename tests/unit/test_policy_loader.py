@@ -503,3 +503,12 @@ def test_headers_the_gateway_writes_and_a_key_with_a_line_break_are_caught() -> 
         assert len(found) == 1 and found[0].startswith(f"models.l.headers.{header} (line"), found
     split = load_policy_text(with_headers.replace("{HEADERS}", "{}"), environ={"L_KEY": "sk-a\nsk-b\n"})
     assert any("L_KEY holds a line break" in warning for warning in split.warnings), split.warnings
+
+
+def test_a_request_log_in_a_folder_that_is_not_there_is_warned_of(tmp_path: Path) -> None:
+    """t33: check said ok, serve said it was serving, then exited 3."""
+    policy = tmp_path / "policies.yaml"
+    policy.write_text(VALID + "request_log: {path: missing-folder/requests.jsonl}\n")
+    assert any(w.startswith("request_log.path: its folder does not exist") for w in load_policy(policy).warnings)
+    policy.write_text(VALID + "request_log: {path: requests.jsonl}\n")  # the policy's own folder
+    assert not any(w.startswith("request_log.path") for w in load_policy(policy).warnings)
