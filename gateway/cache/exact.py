@@ -102,10 +102,12 @@ class ExactCache:
             answer = await self._await_other_process(key, max(0.0, deadline - loop.time()), timeout_s)
         except asyncio.CancelledError:
             # Its client left while it took the lead: the requests that came to wait on it take
-            # the lead in turn (left as it was, each later one waited its whole wait_s: t33), and
-            # a lease the store may have granted it is dropped.
-            self._settle(key, future, LEADER_LEFT)
-            self._release_later(lease, timeout_s)
+            # the lead in turn (left as it was, each later one waited its whole wait_s: t33), once
+            # a lease the store may have granted it is dropped (told first, the one taking over
+            # found the lease held and sent every waiter upstream on its own: t34).
+            task = loop.create_task(self._hand_over(lease, timeout_s))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
             raise
         self._settle(key, future, answer)
         return answer, None
@@ -120,6 +122,15 @@ class ExactCache:
             except StoreUnavailable:
                 self._release_later(lease, timeout_s)
         self._settle(lease.key, lease.future, answer)
+
+    async def _hand_over(self, lease: Lease, timeout_s: float) -> None:
+        """Drop the lease of a request that left while taking the lead, then tell its waiters."""
+        try:
+            await self._store.release(lease.key, lease.token, timeout_s)
+        except StoreUnavailable:
+            self._release_later(lease, timeout_s)
+        finally:
+            self._settle(lease.key, lease.future, LEADER_LEFT)
 
     def _release_later(self, lease: Lease, timeout_s: float) -> None:
         """Drop a lease the store could not be told about, once it answers again: left to expire,

@@ -174,3 +174,29 @@ async def test_a_request_cancelled_while_it_takes_the_lead_leaves_no_flight_behi
     answer, lease = await asyncio.wait_for(other_process.join_or_lead("k", 30.0, T), 5)
     assert answer is None and lease is not None and lease.held_in_store
     await other_process.release(lease, None, T)
+
+
+class _LateReplies(MemoryKeyValue):
+    """Grants a lease at once, and answers late: a client that leaves meanwhile holds a lease it never hears of."""
+
+    async def acquire(self, key: str, token: str, ttl_ms: int, timeout_s: float) -> bool:
+        granted = await super().acquire(key, token, ttl_ms, timeout_s)
+        await asyncio.sleep(0.2)
+        return granted
+
+
+async def test_a_leader_that_left_after_the_store_granted_its_lease_hands_over_to_one_waiter() -> None:
+    """t34: the waiter taking over found the lease still held, and told every other waiter to go
+    upstream on its own: 8 waiters made 8 upstream calls instead of 1."""
+    cache = ExactCache(_LateReplies())
+    leaving = asyncio.create_task(cache.join_or_lead("k", 5.0, T))
+    await asyncio.sleep(0.05)
+    waiters = [asyncio.create_task(cache.join_or_lead("k", 5.0, T)) for _ in range(8)]
+    await asyncio.sleep(0.05)
+    leaving.cancel()
+    done, pending = await asyncio.wait(waiters, timeout=0.6)  # the others wait on the one that leads now
+    leads = [task.result()[1] for task in done if task.result()[1] is not None]
+    assert len(leads) == 1 and len(pending) == 7
+    await cache.release(leads[0], _answer("the one answer"), T)
+    answers = [(await task)[0] for task in pending]
+    assert all(isinstance(a, CachedAnswer) and a.answer.text == "the one answer" for a in answers)
