@@ -35,6 +35,7 @@ from gateway.limits.budget import budget_error
 from gateway.limits.rate import RATE_CAPS, rate_limit_error, too_large_error
 from gateway.store import keyspace
 from gateway.store.base import (
+    PENDING_S,
     Caps,
     CounterScope,
     LimitCounters,
@@ -52,6 +53,10 @@ _SCOPE_NAMES = ("key", "tenant")
 _log = structlog.get_logger("gateway.limits")
 _RESERVATION_IDS = (f"{os.urandom(6).hex()}{n:x}" for n in itertools.count())
 """Unique across processes (a random prefix per process), cheap per request."""
+_DOWN_SETTLE_EVERY_S = 15.0
+_DOWN_SETTLE_FOR_S = PENDING_S - 600
+"""A settlement never sent (the store down) is tried this long after the first minute: while its
+reservation is pending, and well before the tenant's next reservation gives its estimate back."""
 _SETTLE_RETRIES_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 """Pauses before a settlement is sent again: about a minute in all, within the 120 s a settled
 mark is kept (a 20 s pause outlasted 15 s of retries, and left estimates in the spend)."""
@@ -353,7 +358,22 @@ class Limiter:
                 pass  # not asked (the store is marked down); a restarted Redis is back in seconds (t31)
             if pause_s is not None:
                 await asyncio.sleep(pause_s)
-        return timed_out
+        if timed_out or reservation.mark is None:
+            return timed_out
+        # Never sent, so never applied: it can wait for the store as long as its reservation is
+        # pending (down for 70 s, the whole cost went to the batch beside the estimate: t34).
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + _DOWN_SETTLE_FOR_S
+        while loop.time() < give_up:
+            await asyncio.sleep(_DOWN_SETTLE_EVERY_S)
+            try:
+                await self._counters.settle(request, timeout_s)
+                return None
+            except StoreTimedOut:
+                return True
+            except StoreUnavailable:
+                continue
+        return False
 
     def settle_later(self, policy: Policy, reservation: Reservation, used: UsageFigures) -> None:
         """:meth:`settle` off the request's path: the answer does not wait for the store."""

@@ -138,6 +138,7 @@ async def test_in_a_stall_what_requests_cost_replaces_their_estimates(monkeypatc
     """t19: one request at a time, each writing more than estimated, took a $1.00 budget to $4.65:
     only estimates counted while settlements could not land. And a new UTC day went unchecked."""
     monkeypatch.setattr("gateway.limits.limiter._SETTLE_RETRIES_S", (0.0,))  # no minute of retries here
+    monkeypatch.setattr("gateway.limits.limiter._DOWN_SETTLE_FOR_S", 0.0)  # nor the hour a down store gets
     policy = load_policy_text(_POLICY % "open", environ={}).policy
     counters = _Stalling()
     limiter = Limiter(counters, UsageLedger(counters))
@@ -474,6 +475,7 @@ async def test_usage_made_while_the_store_is_down_is_written_when_it_is_back(mon
     from gateway.store.base import PENDING_S
 
     monkeypatch.setattr("gateway.limits.limiter._SETTLE_RETRIES_S", ())  # down past the settlement's retries
+    monkeypatch.setattr("gateway.limits.limiter._DOWN_SETTLE_FOR_S", 0.0)
     policy, limiter, counters = _setup()
     limited, free = _principal(usd_per_day=10.0), Principal("free", "team", frozenset({"*"}))
     reservations = [await limiter.reserve(policy, principal, 10, 0.01) for principal in (limited, free)]
@@ -504,7 +506,8 @@ async def test_usage_made_while_the_store_is_down_is_written_when_it_is_back(mon
 async def test_a_settlement_waits_for_a_store_that_comes_back(monkeypatch: pytest.MonkeyPatch) -> None:
     """t31: sent to the usage batch at once, a settlement left its estimate pending for an hour
     beside the whole cost ($0.86 counted of $0.03 spent), and requests within budget were refused."""
-    monkeypatch.setattr("gateway.limits.limiter._SETTLE_RETRIES_S", (0.01,) * 20)
+    monkeypatch.setattr("gateway.limits.limiter._SETTLE_RETRIES_S", (0.01,) * 3)
+    monkeypatch.setattr("gateway.limits.limiter._DOWN_SETTLE_EVERY_S", 0.02)  # t34: down past the first minute
     policy, limiter, counters = _setup()
     principal = _principal(usd_per_day=1.0)
     reservation = await limiter.reserve(policy, principal, 10, 0.4)  # reserved: the store counts $0.40
