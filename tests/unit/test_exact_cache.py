@@ -195,7 +195,7 @@ async def test_a_leader_that_left_after_the_store_granted_its_lease_hands_over_t
     await asyncio.sleep(0.05)
     leaving.cancel()
     done, pending = await asyncio.wait(waiters, timeout=0.6)  # the others wait on the one that leads now
-    leads = [task.result()[1] for task in done if task.result()[1] is not None]
+    leads = [lease for task in done if (lease := task.result()[1]) is not None]
     assert len(leads) == 1 and len(pending) == 7
     await cache.release(leads[0], _answer("the one answer"), T)
     answers = [(await task)[0] for task in pending]
