@@ -5,7 +5,9 @@ a conversation or a stored item reaches whatever any tenant made there (the gate
 none of the APIs that make them, so no tenant made its own through it). Such a request is
 refused with a 400 that names where the id is, wherever in the body it sits (t26, t33: the
 places an API names them keep growing: a screenshot's ``file_id``, a mask's, a container
-upload's, files of a container, a document nested in a document).
+upload's, files of a container, a document nested in a document). What a model answered and
+the client tells back (assistant turns, Responses output items) is passed: the ids in it are the
+upstream's own answer to this conversation, and refusing them broke ordinary follow-up turns.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ __all__ = ["refuse_upstream_ids"]
 _ID_FIELDS = frozenset({"file_id", "file_ids", "vector_store_ids"})
 """Fields whose value names upstream state wherever they appear."""
 _DEPTH = 64
-_CLIENT_DATA = frozenset({"parameters", "input_schema", "schema", "json_schema", "properties", "metadata", "arguments"})
+_CLIENT_DATA = frozenset(
+    {"parameters", "input_schema", "schema", "json_schema", "properties", "$defs", "definitions", "metadata",
+     "arguments", "headers", "guided_json", "response_format", "annotations"}
+)  # fmt: skip
 """Fields whose value is the client's own data, not a reference to upstream state: a tool's
-schema may well have a parameter called ``file_id``."""
+schema may well have a parameter called ``file_id``, an MCP server a header called ``container``."""
 _TOOL_CALLS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
 """Blocks whose ``input`` is what a model passed to a tool (the client's data too)."""
 
@@ -38,6 +43,8 @@ def refuse_upstream_ids(body: dict[str, Any], raw: bytes, *, dotted: bool = Fals
     if not any(marker in raw for marker in _MARKERS):
         return
     where = _named_state(body, "", 0, dotted)
+    if where == _TOO_DEEP:
+        raise InvalidRequestError(f"the request body is nested deeper than {_DEPTH} levels, too deep to check")
     if where is not None:
         raise InvalidRequestError(
             f"{where}: upstream state named by an id is shared by every tenant of this gateway, which "
@@ -46,11 +53,17 @@ def refuse_upstream_ids(body: dict[str, Any], raw: bytes, *, dotted: bool = Fals
         )
 
 
+_TOO_DEEP = "\0"
+
+
 def _named_state(value: Any, path: str, depth: int, dotted: bool) -> str | None:
     if depth > _DEPTH:
-        return None
+        return _TOO_DEEP  # an id hidden below what is looked at would go upstream unseen (t34)
     if isinstance(value, dict):
-        call = value.get("type") in _TOOL_CALLS
+        kind = value.get("type")
+        if value.get("role") == "assistant" or (isinstance(kind, str) and kind.endswith("_call")):
+            return None  # what a model answered, told back to it: the ids in it are of its own making (t34)
+        call = kind in _TOOL_CALLS
         for name, item in value.items():
             if name in _CLIENT_DATA or (call and name == "input"):
                 continue

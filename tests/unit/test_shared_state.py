@@ -103,8 +103,32 @@ def test_the_clients_own_data_may_use_the_names() -> None:
     assert _where({"metadata": {"file_id": "mine"}}) is None
 
 
+def test_what_a_model_answered_and_is_told_back_passes() -> None:
+    """t34: follow-up turns after code execution or a code interpreter were refused."""
+    cited = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "see file",
+             "annotations": [{"type": "container_file_citation", "file_id": "cfile_1", "container_id": "c"}]}]}  # fmt: skip
+    call = {"type": "code_interpreter_call", "id": "ci_1", "container_id": "c", "outputs": [{"file_id": "f"}]}
+    assert _where({"input": [cited, call, {"role": "user", "content": "and now?"}], "store": False}) is None
+    anthropic_turn = {"role": "assistant", "content": [{"type": "code_execution_tool_result", "tool_use_id": "t",
+                      "content": {"type": "code_execution_result", "content": [{"file_id": "f"}]}}]}  # fmt: skip
+    assert _where({"messages": [anthropic_turn, {"role": "user", "content": "next"}]}, dotted=True) is None
+    mcp = {"type": "mcp", "server_label": "s", "server_url": "https://x", "headers": {"container": "blue"}}
+    assert _where({"tools": [mcp]}) is None
+    assert _where({"guided_json": {"$defs": {"file_id": {"type": "string"}}}}) is None
+    upload = {"role": "user", "content": [{"type": "container_upload", "file_id": "f"}]}
+    assert _where({"messages": [anthropic_turn, upload]}, dotted=True) == "messages.1.content.0.file_id"  # still
+
+
 def test_an_escaped_key_is_still_found() -> None:
     """The raw body is looked at first, to walk only a body that may name state: a key spelt with
     a JSON escape must not slip past that look."""
     raw = b'{"tools": [{"type": "file_search", "vector\\u005fstore_ids": ["vs"]}]}'
     assert _where(json.loads(raw), raw=raw) == "tools[0].vector_store_ids"
+
+
+def test_a_body_too_deep_to_look_through_is_refused() -> None:
+    deep: dict[str, Any] = {"file_id": "f"}
+    for _ in range(70):
+        deep = {"x": deep}
+    with pytest.raises(InvalidRequestError, match="too deep to check"):
+        refuse_upstream_ids({"input": [deep]}, json.dumps(deep).encode())
