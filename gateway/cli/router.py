@@ -113,7 +113,7 @@ async def _status(kv: KeyValue, scope: str | None, active: str | None) -> dict[s
     pooled = active or await active_version(kv, None)
     if pooled is not None and not active and await load_version(kv, None, pooled) is None:
         pooled = None
-    labels = len(await LearningStore(kv).labels(scope))
+    labels = len({example.request_id for example in await LearningStore(kv).labels(scope)})  # relabels count once
     if not labels and active is None:  # a misspelt tenant looked like one on the shipped router (t32)
         print(f"no labels and no router kept for tenant {scope!r}: is the name right?", file=sys.stderr)
     return {"scope": scope, "active": active, "pooled_routes": pooled, "labels": labels}

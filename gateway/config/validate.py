@@ -349,9 +349,9 @@ def check_policy(
                 f"unknown encoding {model.encoding!r}; encodings are: {', '.join(_ENCODINGS)}",
             )
         if model.kind == "chat" and model.tier is None:
-            problems.add(("models", name), "missing required field 'tier' (small or large) for a chat model")
+            problems.add(("models", name), "missing required field `tier` (`small` or `large`) for a chat model")
         if model.kind == "embedding" and model.provider != "openai":
-            problems.add(("models", name, "kind"), f"provider {model.provider!r} serves no embeddings; use 'openai'")
+            problems.add(("models", name, "kind"), f"provider {model.provider!r} serves no embeddings; use `openai`")
         if model.responses_api and (model.provider != "openai" or model.kind != "chat"):
             problems.add(("models", name, "responses_api"), "only an openai chat model can serve the Responses API")
         if model.tenant_cache_salt and (model.provider != "openai" or model.kind != "chat"):
@@ -412,7 +412,7 @@ def check_policy(
             problems.add(base, f"need k_min <= k_initial <= k_max, got {spec.k_min}, {spec.k_initial}, {spec.k_max}")
         if spec.mode == "gateway":
             if spec.draft is None and spec.draft_source == "model":
-                problems.add((*base, "draft"), "mode 'gateway' with draft_source 'model' needs a draft model")
+                problems.add((*base, "draft"), "mode `gateway` with draft_source `model` needs a draft model")
             check_model((*base, "draft"), spec.draft)
             if spec.draft == name:
                 problems.add((*base, "draft"), "a model cannot draft for itself")
@@ -458,4 +458,4 @@ def check_auth(auth: AuthPolicy, problems: Problems, *, key_file: tuple[list[Aut
             where.add((*path, "hash"), f"key {key.id!r} has the same secret as key {hashes[key.hash]!r}")
         hashes.setdefault(key.hash, key.id)
     if auth.mode == "keys" and not auth.keys and not auth.key_file:
-        problems.add(("auth", "keys"), "auth mode 'keys' needs at least one key (or a key_file)")
+        problems.add(("auth", "keys"), "auth mode `keys` needs at least one key (or a `key_file`)")

@@ -512,3 +512,10 @@ def test_a_request_log_in_a_folder_that_is_not_there_is_warned_of(tmp_path: Path
     assert any(w.startswith("request_log.path: its folder does not exist") for w in load_policy(policy).warnings)
     policy.write_text(VALID + "request_log: {path: requests.jsonl}\n")  # the policy's own folder
     assert not any(w.startswith("request_log.path") for w in load_policy(policy).warnings)
+
+
+def test_the_gateways_own_names_in_problems_are_in_backticks() -> None:
+    """The log hides quoted text (it may be a secret in the wrong place): a field the gateway
+    names is in backticks, so the log keeps it (t36: `missing required field '…'`)."""
+    found = problems(VALID.replace("    tier: large\n", ""))
+    assert any("missing required field `tier`" in p for p in found), found
