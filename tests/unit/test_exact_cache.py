@@ -200,3 +200,21 @@ async def test_a_leader_that_left_after_the_store_granted_its_lease_hands_over_t
     await cache.release(leads[0], _answer("the one answer"), T)
     answers = [(await task)[0] for task in pending]
     assert all(isinstance(a, CachedAnswer) and a.answer.text == "the one answer" for a in answers)
+
+
+async def test_when_another_process_leader_goes_without_an_answer_one_waiter_here_leads() -> None:
+    """t35: its lease freed with no answer in the cache, every waiter in the other process was
+    told to call upstream on its own: 12 calls for one burst instead of 2."""
+    shared = MemoryKeyValue()
+    here, there = ExactCache(shared), ExactCache(shared)
+    _, leaders_lease = await there.join_or_lead("k", 5.0, T)
+    assert leaders_lease is not None and leaders_lease.held_in_store
+    waiters = [asyncio.create_task(here.join_or_lead("k", 5.0, T)) for _ in range(8)]
+    await asyncio.sleep(0.05)
+    await there.release(leaders_lease, LEADER_LEFT, T)  # its client left: no answer
+    done, pending = await asyncio.wait(waiters, timeout=0.5)
+    leads = [lease for task in done if (lease := task.result()[1]) is not None]
+    assert len(leads) == 1 and len(pending) == 7
+    await here.release(leads[0], _answer("one call"), T)
+    answers = [(await task)[0] for task in pending]
+    assert all(isinstance(answer, CachedAnswer) for answer in answers)
