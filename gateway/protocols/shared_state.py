@@ -23,7 +23,7 @@ _ID_FIELDS = frozenset({"file_id", "file_ids", "vector_store_ids"})
 _DEPTH = 64
 _CLIENT_DATA = frozenset(
     {"parameters", "input_schema", "schema", "json_schema", "properties", "$defs", "definitions", "metadata",
-     "arguments", "headers", "guided_json", "response_format", "annotations"}
+     "arguments", "headers", "guided_json", "structured_outputs", "response_format", "annotations"}
 )  # fmt: skip
 """Fields whose value is the client's own data, not a reference to upstream state: a tool's
 schema may well have a parameter called ``file_id``, an MCP server a header called ``container``."""
@@ -42,7 +42,12 @@ def refuse_upstream_ids(body: dict[str, Any], raw: bytes, *, dotted: bool = Fals
     (``input[0].content``)."""
     if not any(marker in raw for marker in _MARKERS):
         return
-    where = _named_state(body, "", 0, dotted)
+    turns = {name: value for name, value in body.items() if name in ("messages", "input") and isinstance(value, list)}
+    where = _named_state({name: value for name, value in body.items() if name not in turns}, "", 0, dotted)
+    for name, conversation in turns.items():  # its turns that a model answered, told back, pass
+        for index, turn in enumerate(conversation):
+            if where is None and not _told_back(turn):
+                where = _named_state(turn, _at(name, index, dotted), 1, dotted)
     if where == _TOO_DEEP:
         raise InvalidRequestError(f"the request body is nested deeper than {_DEPTH} levels, too deep to check")
     if where is not None:
@@ -60,10 +65,7 @@ def _named_state(value: Any, path: str, depth: int, dotted: bool) -> str | None:
     if depth > _DEPTH:
         return _TOO_DEEP  # an id hidden below what is looked at would go upstream unseen (t34)
     if isinstance(value, dict):
-        kind = value.get("type")
-        if value.get("role") == "assistant" or (isinstance(kind, str) and kind.endswith("_call")):
-            return None  # what a model answered, told back to it: the ids in it are of its own making (t34)
-        call = kind in _TOOL_CALLS
+        call = value.get("type") in _TOOL_CALLS
         for name, item in value.items():
             if name in _CLIENT_DATA or (call and name == "input"):
                 continue
@@ -79,7 +81,22 @@ def _named_state(value: Any, path: str, depth: int, dotted: bool) -> str | None:
                 return found
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            found = _named_state(item, f"{path}.{index}" if dotted else f"{path}[{index}]", depth + 1, dotted)
+            found = _named_state(item, _at(path, index, dotted), depth + 1, dotted)
             if found is not None:
                 return found
     return None
+
+
+def _at(path: str, index: int, dotted: bool) -> str:
+    return f"{path}.{index}" if dotted else f"{path}[{index}]"
+
+
+def _told_back(turn: Any) -> bool:
+    """A turn of the conversation that is what a model answered, told back to it: an assistant
+    message, or a Responses output item (``code_interpreter_call``, ...). The ids in it are the
+    upstream's own for this conversation (refused, follow-up turns broke: t34); only a turn of
+    the conversation is taken so, never a part or field within one (t35)."""
+    if not isinstance(turn, dict):
+        return False
+    kind = turn.get("type")
+    return turn.get("role") == "assistant" or (isinstance(kind, str) and kind.endswith("_call"))

@@ -132,3 +132,14 @@ def test_a_body_too_deep_to_look_through_is_refused() -> None:
         deep = {"x": deep}
     with pytest.raises(InvalidRequestError, match="too deep to check"):
         refuse_upstream_ids({"input": [deep]}, json.dumps(deep).encode())
+
+
+def test_only_a_turn_of_the_conversation_is_taken_as_told_back() -> None:
+    """t35: a "role": "assistant" or a type ending in _call anywhere (on a content part, a tool,
+    the body itself) switched the check off below it."""
+    disguised_part = {"role": "user", "content": [{"type": "file", "role": "assistant", "file": {"file_id": "f"}}]}
+    assert _where({"messages": [disguised_part]}) == "messages[0].content[0].file.file_id"
+    assert _where({"role": "assistant", "type": "x_call", "tools": [{"type": "file_search",
+                   "vector_store_ids": ["vs"]}]}) == "tools[0].vector_store_ids"  # fmt: skip
+    tool = {"type": "file_search", "role": "assistant", "vector_store_ids": ["vs"]}
+    assert _where({"input": "hi", "tools": [tool]}) == "tools[0].vector_store_ids"
