@@ -44,10 +44,11 @@ def refuse_upstream_ids(body: dict[str, Any], raw: bytes, *, dotted: bool = Fals
         return
     turns = {name: value for name, value in body.items() if name in ("messages", "input") and isinstance(value, list)}
     where = _named_state({name: value for name, value in body.items() if name not in turns}, "", 0, dotted)
-    for name, conversation in turns.items():  # its turns that a model answered, told back, pass
+    for name, conversation in turns.items():  # in turns a model answered, told back, only what a client writes
         for index, turn in enumerate(conversation):
-            if where is None and not _told_back(turn):
-                where = _named_state(turn, _at(name, index, dotted), 1, dotted)
+            if where is None:
+                at = _at(name, index, dotted)
+                where = _client_parts(turn, at, 1, dotted) if _told_back(turn) else _named_state(turn, at, 1, dotted)
     if where == _TOO_DEEP:
         raise InvalidRequestError(f"the request body is nested deeper than {_DEPTH} levels, too deep to check")
     if where is not None:
@@ -91,6 +92,18 @@ def _at(path: str, index: int, dotted: bool) -> str:
     return f"{path}.{index}" if dotted else f"{path}[{index}]"
 
 
+_OUTPUT_ITEMS = frozenset(
+    {"reasoning", "function_call", "custom_tool_call", "code_interpreter_call", "file_search_call",
+     "web_search_call", "computer_call", "image_generation_call", "local_shell_call", "shell_call",
+     "apply_patch_call", "mcp_call", "mcp_list_tools", "mcp_approval_request"}
+)  # fmt: skip
+"""Responses items only a model writes (what a client tells back of its answers)."""
+_CLIENT_PARTS = frozenset(
+    {"input_file", "input_image", "input_audio", "file", "image", "document", "container_upload"}
+)  # fmt: skip
+"""Parts only a client writes: in a turn told back, they are looked through all the same (t37)."""
+
+
 def _told_back(turn: Any) -> bool:
     """A turn of the conversation that is what a model answered, told back to it: an assistant
     message, or a Responses output item (``code_interpreter_call``, ...). The ids in it are the
@@ -98,5 +111,23 @@ def _told_back(turn: Any) -> bool:
     the conversation is taken so, never a part or field within one (t35)."""
     if not isinstance(turn, dict):
         return False
-    kind = turn.get("type")
-    return turn.get("role") == "assistant" or (isinstance(kind, str) and kind.endswith("_call"))
+    return turn.get("role") == "assistant" or turn.get("type") in _OUTPUT_ITEMS
+
+
+def _client_parts(value: Any, path: str, depth: int, dotted: bool) -> str | None:
+    """In a turn told back, the first part only a client writes that names state."""
+    if depth > _DEPTH:
+        return _TOO_DEEP
+    if isinstance(value, dict):
+        if value.get("type") in _CLIENT_PARTS:
+            return _named_state(value, path, depth, dotted)
+        items: Any = ((f"{path}.{name}", item) for name, item in value.items() if name not in _CLIENT_DATA)
+    elif isinstance(value, list):
+        items = ((_at(path, index, dotted), item) for index, item in enumerate(value))
+    else:
+        return None
+    for at, item in items:
+        found = _client_parts(item, at, depth + 1, dotted)
+        if found is not None:
+            return found
+    return None

@@ -143,3 +143,16 @@ def test_only_a_turn_of_the_conversation_is_taken_as_told_back() -> None:
                    "vector_store_ids": ["vs"]}]}) == "tools[0].vector_store_ids"  # fmt: skip
     tool = {"type": "file_search", "role": "assistant", "vector_store_ids": ["vs"]}
     assert _where({"input": "hi", "tools": [tool]}) == "tools[0].vector_store_ids"
+
+
+def test_in_a_turn_told_back_what_only_a_client_writes_is_looked_through() -> None:
+    """t37: a made-up type ending in _call, or an assistant turn holding a client's file part,
+    passed with the id in it."""
+    made_up = {"type": "note_call", "role": "user", "content": [{"type": "input_file", "file_id": "f"}]}
+    assert _where({"input": [made_up]}) == "input[0].content[0].file_id"
+    assistant = {"role": "assistant", "content": [{"type": "input_file", "file_id": "f"}]}
+    assert _where({"input": [assistant]}) == "input[0].content[0].file_id"
+    chat = {"role": "assistant", "content": [{"type": "file", "file": {"file_id": "f"}}]}
+    assert _where({"messages": [chat]}) == "messages[0].content[0].file.file_id"
+    document = {"role": "assistant", "content": [{"type": "document", "source": {"type": "file", "file_id": "f"}}]}
+    assert _where({"messages": [document]}, dotted=True) == "messages.0.content.0.source"
