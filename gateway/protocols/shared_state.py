@@ -31,17 +31,12 @@ _TOOL_CALLS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
 """Blocks whose ``input`` is what a model passed to a tool (the client's data too)."""
 
 
-_MARKERS = (b"file_id", b"vector_store_ids", b"container", b"\\u")
-"""What the raw body holds wherever it names state (a file source has its ``file_id``): without
-one of them it is not walked (a long conversation's walk took 0.2 ms of a chat request's path)."""
-
-
 def refuse_upstream_ids(body: dict[str, Any], raw: bytes, *, dotted: bool = False) -> None:
     """Raise a 400 when ``body`` (decoded from ``raw``) names upstream state by id; ``dotted``: the
     error names the place as Anthropic's errors do (``messages.0.content``), else as OpenAI's
     (``input[0].content``)."""
-    if not any(marker in raw for marker in _MARKERS):
-        return
+    if not (b"file_id" in raw or b"vector_store_ids" in raw or b"container" in raw or b"\\u" in raw):
+        return  # none of what names state, nor a JSON escape that could spell it (a generator: 2x the time)
     turns = {name: value for name, value in body.items() if name in ("messages", "input") and isinstance(value, list)}
     where = _named_state({name: value for name, value in body.items() if name not in turns}, "", 0, dotted)
     for name, conversation in turns.items():  # in turns a model answered, told back, only what a client writes
