@@ -104,6 +104,15 @@ class _Stalling(MemoryLimitCounters):
         await super().settle(request, timeout_s)
 
 
+async def _a_dollar_a_day_with_nothing_spent(counters: _Stalling) -> tuple[Policy, Limiter, Principal]:
+    """A key with a $1.00 daily budget, and the store's word on it: nothing spent yet."""
+    policy = load_policy_text(_POLICY % "open", environ={}).policy
+    limiter = Limiter(counters, UsageLedger(counters))
+    principal = Principal("app", "other", frozenset({"*"}), Limits(usd_per_day=1.0))
+    await limiter.reserve(policy, principal, 10, 0.01)
+    return policy, limiter, principal
+
+
 async def test_a_stalled_store_leaves_budgets_to_its_last_word_and_what_was_let_through_since() -> None:
     """Found by an outside tester: on a busy host every check of a wave ran past the 100 ms
     deadline, and a spent budget let them all through (27 % over) with no downgrade."""
@@ -139,11 +148,8 @@ async def test_in_a_stall_what_requests_cost_replaces_their_estimates(monkeypatc
     only estimates counted while settlements could not land. And a new UTC day went unchecked."""
     monkeypatch.setattr("gateway.limits.limiter._SETTLE_RETRIES_S", (0.0,))  # no minute of retries here
     monkeypatch.setattr("gateway.limits.limiter._DOWN_SETTLE_FOR_S", 0.0)  # nor the hour a down store gets
-    policy = load_policy_text(_POLICY % "open", environ={}).policy
     counters = _Stalling()
-    limiter = Limiter(counters, UsageLedger(counters))
-    principal = Principal("app", "other", frozenset({"*"}), Limits(usd_per_day=1.0))
-    await limiter.reserve(policy, principal, 10, 0.01)  # the store's word: nothing spent
+    policy, limiter, principal = await _a_dollar_a_day_with_nothing_spent(counters)
     counters.stalled = counters.settlements_too = True
     for _ in range(2):
         reservation = await limiter.reserve(policy, principal, 10, 0.1)  # estimated at $0.10 ...
@@ -188,11 +194,8 @@ class _Hanging(_Stalling):
 async def test_a_settlement_still_waiting_counts_what_the_request_cost() -> None:
     """t24: against a paused Redis a settlement waits seconds before it fails, and until then only
     estimates counted: sequential requests spent $3.41 of a $1.00 budget."""
-    policy = load_policy_text(_POLICY % "open", environ={}).policy
     counters = _Hanging()
-    limiter = Limiter(counters, UsageLedger(counters))
-    principal = Principal("app", "other", frozenset({"*"}), Limits(usd_per_day=1.0))
-    await limiter.reserve(policy, principal, 10, 0.01)  # the store's word: nothing spent
+    policy, limiter, principal = await _a_dollar_a_day_with_nothing_spent(counters)
     counters.stalled = True
     for _ in range(2):
         reservation = await limiter.reserve(policy, principal, 10, 0.06)  # estimated at $0.06 ...
@@ -208,11 +211,8 @@ async def test_a_settlement_still_waiting_counts_what_the_request_cost() -> None
 async def test_a_refusal_in_a_stall_gives_nothing_back_to_the_view() -> None:
     """t31: a request the view refused while the store did not answer was settled at $0, which took
     an estimate the view never counted off it: every refusal let the next request through ($8.99 of $1.00)."""
-    policy = load_policy_text(_POLICY % "open", environ={}).policy
     counters = _Stalling()
-    limiter = Limiter(counters, UsageLedger(counters))
-    principal = Principal("app", "other", frozenset({"*"}), Limits(usd_per_day=1.0))
-    await limiter.reserve(policy, principal, 10, 0.01)  # the store's word: nothing spent
+    policy, limiter, principal = await _a_dollar_a_day_with_nothing_spent(counters)
     counters.stalled = True
     passed = refused = 0
     for _ in range(12):  # a client that retries its 429s
