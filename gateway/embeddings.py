@@ -29,6 +29,7 @@ from gateway.limits import Limiter, Reservation
 from gateway.pipeline import Answer
 from gateway.pricing import cost_usd
 from gateway.protocols.body import check_fields, decode_body
+from gateway.protocols.tenant_ids import scoped_body
 from gateway.routing import RoutePlan
 from gateway.runtime import Runtime, RuntimeHolder
 from gateway.store import keyspace
@@ -82,6 +83,7 @@ class EmbeddingsPipeline:
             record.key_id, record.tenant = principal.key_id, principal.tenant
             limits = runtime.policy.limits
             request, inputs, extra = _parse(await read_body(limits.max_body_bytes, limits.body_read_timeout_s))
+            extra = scoped_body(extra, principal.tenant)
             plan = runtime.router.plan(request.model, principal.allowed)
             record.route, record.decision = plan.route, plan.decision
             models = [runtime.policy.models[name] for name in plan.candidates]

@@ -63,6 +63,7 @@ from gateway.protocols.openai_chat import (
     stream_from_answer,
     usage_body,
 )
+from gateway.protocols.tenant_ids import scoped_body, scoped_request
 from gateway.routing import RoutePlan
 from gateway.runtime import Runtime, RuntimeHolder
 from gateway.store.base import StoreUnavailable
@@ -264,13 +265,16 @@ class ChatPipeline:
             limits = runtime.policy.limits
             body = await read_body(limits.max_body_bytes, limits.body_read_timeout_s, principal)
             if isinstance(body, bytes):
-                x.body = parse_chat_request(body)
+                x.body = scoped_body(parse_chat_request(body), principal.tenant)
                 x.directives = x.body.pop("gateway_cache", None)
                 x.request = read_chat_request(x.body)
             else:
                 x.request = body
+                scoped_request(x.request, principal.tenant)
             x.request.tenant = principal.tenant
             if passthrough is not None and passthrough.body is not None:
+                anthropic = protocol == "anthropic.messages"
+                passthrough.body = scoped_body(passthrough.body, principal.tenant, anthropic=anthropic)
                 x.passthrough = passthrough
                 record.passthrough = True
             x.plan = runtime.router.chat_plan(x.request.model, principal.allowed)

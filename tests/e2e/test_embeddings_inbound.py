@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from gateway.auth import hash_key
+from gateway.protocols.tenant_ids import scoped
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import inject, upstream_stats
@@ -113,8 +114,9 @@ def test_each_input_is_cached_apart_per_tenant(
 def test_fields_the_gateway_does_not_read_reach_the_upstream_and_shape_the_key(
     gateway_with_cache: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:
-    """``user`` and vLLM's ``truncate_prompt_tokens`` go on as the client wrote them; a truncation
-    is another vector, so not served from the untruncated one's cache."""
+    """vLLM's ``truncate_prompt_tokens`` goes on as the client wrote it, ``user`` as the tenant's own
+    (another tenant's "end-user-7" is another end user upstream); a truncation is another vector,
+    so not served from the untruncated one's cache."""
     text = f"a text to truncate {time.monotonic_ns()}"
     with _client(gateway_with_cache, "key-a") as a:
         plain = a.embeddings.with_raw_response.create(model="embed", input=text, user="end-user-7")
@@ -124,7 +126,11 @@ def test_fields_the_gateway_does_not_read_reach_the_upstream_and_shape_the_key(
         )
         sent_truncated = upstream_stats(small_upstream)["last_request"]["body"]
         again = a.embeddings.with_raw_response.create(model="embed", input=text, user="end-user-9")
-    assert sent["user"] == "end-user-7" and "truncate_prompt_tokens" not in sent
+    with _client(gateway_with_cache, "key-b") as b:
+        b.embeddings.create(model="embed", input=text, user="end-user-7")
+        sent_by_b = upstream_stats(small_upstream)["last_request"]["body"]
+    assert sent["user"] == scoped("team-a", "end-user-7") != sent_by_b["user"] == scoped("team-b", "end-user-7")
+    assert "truncate_prompt_tokens" not in sent
     assert sent_truncated["truncate_prompt_tokens"] == 3
     assert (plain.headers["x-gateway-cache"], truncated.headers["x-gateway-cache"]) == ("miss", "miss")
     assert again.headers["x-gateway-cache"] == "exact"  # the end user does not change a vector

@@ -17,6 +17,7 @@ import anthropic
 import httpx
 import pytest
 
+from gateway.protocols.tenant_ids import scoped
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import inject, upstream_stats
 from tests.gateway_process import GatewayProcess
@@ -70,7 +71,8 @@ def test_what_only_anthropic_reads_reaches_it_as_it_was_sent(
     assert message.type == "message" and message.content and message.content[0].type == "text"
     sent = _last_request(large_upstream)
     assert sent["path"] == "/v1/messages"
-    assert sent["body"] == {**ask, "model": "claude-sim"}  # only the model name changed
+    # only the model name changed, and the end user is the tenant's own (another's "user-1" is another)
+    assert sent["body"] == {**ask, "model": "claude-sim", "metadata": {"user_id": scoped("default", "user-1")}}
     assert sent["headers"]["anthropic-beta"] == CLAUDE_CODE_BETA
     assert sent["headers"]["x-api-key"] == "sk-ant-456"  # the gateway's key, not the client's
     assert "x-gateway-dropped" not in raw.headers

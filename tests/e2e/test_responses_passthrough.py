@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from gateway.auth import hash_key
+from gateway.protocols.tenant_ids import scoped
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test, inject, upstream_stats
@@ -116,7 +117,8 @@ def test_a_codex_shaped_request_reaches_the_upstream_as_it_was_sent(
     assert "x-gateway-dropped" not in raw.headers  # nothing was dropped: the upstream read it all
     sent = _last_request(small_upstream)
     assert sent["path"] == "/v1/responses"
-    assert sent["body"] == {**ask, "model": "gpt-upstream-a"}  # byte for byte but the model name
+    # byte for byte but the model name, and the prompt-cache group is the tenant's own
+    assert sent["body"] == {**ask, "model": "gpt-upstream-a", "prompt_cache_key": scoped("acme", "session-1")}
     record = gateway.wait_for_record(raw.headers["x-request-id"])
     assert record["protocol"] == "openai.responses" and record["passthrough"] is True
     assert record["model"] == "gpt-a" and record["tokens_source"] == "upstream" and record["cache"] == "bypass"

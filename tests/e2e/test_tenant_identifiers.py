@@ -1,0 +1,101 @@
+"""A client's end-user and prompt-cache identifiers reach an upstream as its tenant's own.
+
+Every tenant's requests go upstream under the operator's key: two tenants' ``"user-1"`` must be
+two end users there (OpenAI's abuse enforcement blocks by them), and two tenants'
+``prompt_cache_key`` two cache groups. Checked on what the simulated upstreams received, for each
+inbound API and both upstream protocols.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from gateway.auth import hash_key
+from gateway.protocols.tenant_ids import scoped
+from gateway.services.redis_server import EmbeddedRedis
+from gateway.simulated import SimulatedUpstream
+from tests.conftest import closed_after_test, upstream_stats
+from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+
+_AUTH = f"""auth:
+  mode: keys
+  keys:
+    - {{id: a, tenant: team-a, hash: "{hash_key("key-a")}"}}
+    - {{id: b, tenant: team-b, hash: "{hash_key("key-b")}"}}
+"""
+
+
+@pytest.fixture(scope="module")
+def two_tenants(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:
+    policy = policy_text(small_upstream, large_upstream, auth=_AUTH)
+    process = start_gateway(
+        tmp_path_factory.mktemp("tenant-ids"),
+        policy,
+        env={"REDIS_URL": redis_server.url, "TEST_ANTHROPIC_KEY": "sk-ant", "TEST_LARGE_KEY": "sk-large"},
+    )
+    yield process
+    process.stop()
+
+
+def _openai(gateway: GatewayProcess, key: str) -> openai.OpenAI:
+    return closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=10))
+
+
+def _anthropic(gateway: GatewayProcess, key: str) -> anthropic.Anthropic:
+    return closed_after_test(anthropic.Anthropic(base_url=gateway.url, api_key=key, max_retries=0, timeout=10))
+
+
+def _sent(upstream: SimulatedUpstream) -> dict[str, Any]:
+    body: dict[str, Any] = upstream_stats(upstream)["last_request"]["body"]
+    return body
+
+
+_HELLO: list[Any] = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.mark.parametrize("tenant", ["a", "b"])
+def test_a_chat_clients_identifiers_are_its_tenants_own(
+    two_tenants: GatewayProcess, small_upstream: SimulatedUpstream, tenant: str
+) -> None:
+    ids = {"user": "user-1", "safety_identifier": "user-1", "prompt_cache_key": "session-1"}
+    _openai(two_tenants, f"key-{tenant}").chat.completions.create(model="fast", messages=_HELLO, **ids)  # type: ignore[call-overload]
+    sent = _sent(small_upstream)
+    assert {name: sent[name] for name in ids} == {name: scoped(f"team-{tenant}", value) for name, value in ids.items()}
+    assert len(sent["safety_identifier"]) <= 64  # OpenAI's limit
+
+
+def test_two_tenants_same_end_user_are_two_end_users_upstream(
+    two_tenants: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    seen: dict[str, set[str]] = {"chat": set(), "responses": set(), "messages": set(), "to-anthropic": set()}
+    for key in ("key-a", "key-b"):
+        oai, claude = _openai(two_tenants, key), _anthropic(two_tenants, key)
+        oai.chat.completions.create(model="fast", messages=_HELLO, user="user-1")
+        seen["chat"].add(_sent(small_upstream)["user"])
+        oai.responses.create(model="fast", input="Say hello.", safety_identifier="user-1")
+        seen["responses"].add(_sent(small_upstream)["user"])  # translated to a chat upstream's field
+        claude.messages.create(model="fast", max_tokens=32, messages=_HELLO, metadata={"user_id": "user-1"})
+        seen["messages"].add(_sent(small_upstream)["user"])
+        oai.chat.completions.create(model="claude", messages=_HELLO, user="user-1")
+        seen["to-anthropic"].add(_sent(large_upstream)["metadata"]["user_id"])
+    expected = {scoped("team-a", "user-1"), scoped("team-b", "user-1")}
+    assert seen == {name: expected for name in seen}
+
+
+def test_an_anthropic_clients_end_user_passed_through_is_its_tenants_own(
+    two_tenants: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    _anthropic(two_tenants, "key-a").messages.create(
+        model="claude", max_tokens=32, messages=_HELLO, metadata={"user_id": "user-1"}
+    )
+    assert _sent(large_upstream)["metadata"] == {"user_id": scoped("team-a", "user-1")}
