@@ -68,6 +68,6 @@ def _is_default(key: str, value: object) -> bool:
     return type(value) in (int, float) and value == default
 
 
-def namespace_hash(route: str, system_prompt: str, params: dict[str, Any]) -> str:
+def namespace_hash(route: str, params: dict[str, Any]) -> str:
     """What a semantic vector set is specific to, besides its tenant."""
-    return hashlib.sha256(_encoder.encode([route, system_prompt, params])).hexdigest()[:32]
+    return hashlib.sha256(_encoder.encode([route, params])).hexdigest()[:32]

@@ -25,8 +25,8 @@ class CachePlan:
     semantic_set: str | None
     """The vector set to search and fill, or None when the semantic cache does not apply."""
     prompt: str
-    """The text the semantic guard compares: the last user turn (everything before it is in the
-    namespace, which must match exactly)."""
+    """The text the semantic guard compares: the last user turn (every other message, in its
+    place, is in the namespace, which must match exactly)."""
 
 
 def plan_cache(
@@ -58,12 +58,13 @@ def plan_cache(
         and len(prompt) <= SEMANTIC_MAX_CHARS
         and _text_only(request.messages)
     ):
-        system = "\n".join(_text(m) for m in request.messages if m.role == "system")
-        earlier = [_exactly(m) for m in turns[:-1]]
+        # Every message but the question, in its place: a system message after the question, or
+        # one split in two, is another conversation to a chat template (t42: served as one).
+        at = next(i for i in range(len(request.messages) - 1, -1, -1) if request.messages[i] is turns[-1])
+        context = [_exactly(m) for m in request.messages[:at]], [_exactly(m) for m in request.messages[at + 1 :]]
         asker = turns[-1].name  # "greet the user by name": another name asks for another answer
         semantic_set = keyspace.semantic_index(
-            tenant,
-            namespace_hash(route, system, {"params": answer_params(request), "earlier": earlier, "name": asker}),
+            tenant, namespace_hash(route, {"params": answer_params(request), "context": context, "name": asker})
         )
     return CachePlan(read, write, exact_key(tenant, route, request), semantic_set, prompt)
 

@@ -75,6 +75,24 @@ def test_the_semantic_namespace_is_specific_to_the_system_prompt_and_earlier_tur
     assert pirate.prompt == "hi"
 
 
+def test_where_system_messages_sit_and_how_they_are_split_is_part_of_the_semantic_namespace() -> None:
+    """t42: [user Q, system S] was served [system S, user Q]'s answer, and one system message
+    "A\nB" two messages' "A" and "B", labelled exact hits: another template input upstream."""
+    question = {"role": "user", "content": "What is the capital of France?"}
+
+    def laid_out(*systems: str, after: bool = False) -> str | None:
+        messages = [{"role": "system", "content": text} for text in systems]
+        plan = _plan({"model": "fast", "temperature": 0, "messages": [*messages, question] if not after
+                      else [question, *messages]})  # fmt: skip
+        assert plan is not None and plan.prompt == question["content"]
+        return plan.semantic_set
+
+    first, last = laid_out("Answer in French."), laid_out("Answer in French.", after=True)
+    joined, split = laid_out("Be brief.\nAnswer in French."), laid_out("Be brief.", "Answer in French.")
+    assert len({first, last, joined, split}) == 4 and None not in {first, last, joined, split}
+    assert laid_out("Answer in French.") == first  # the same layout, the same namespace
+
+
 def test_the_name_of_who_asks_is_part_of_the_semantic_namespace() -> None:
     """An answer written for name 'mallory' under "greet the user by name" was served to 'alice'
     (found by an outside tester), and labelled an exact hit."""
