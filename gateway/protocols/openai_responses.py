@@ -135,7 +135,15 @@ def decode_request(
     of the view instead of refused, since the upstream will read them itself.
     """
     wire = decode_body(raw, _ResponsesRequest)
-    for name in ("background", "conversation", "prompt"):
+    if wire.background:
+        # Passed through too: the upstream answers "queued" with no usage and the answer comes to
+        # a poll, which bills nothing, and past the tenant's budget (t38: $2.50 billed $0.00005).
+        raise InvalidRequestError(
+            "'background' is not supported by this gateway: a background response is paid for when it is "
+            "polled, which the gateway does not bill; ask in the foreground (streamed, for a long answer)",
+            param="background",
+        )
+    for name in ("conversation", "prompt"):
         if not passed_through and getattr(wire, name) not in (None, False):
             raise InvalidRequestError(f"'{name}' is not supported by this gateway", param=name)
     tools, echo_tools = _tools(wire.tools or [], passed_through)
@@ -244,9 +252,10 @@ def _input(raw: str | list[Any] | None, lenient: bool = False) -> list[Message]:
         elif kind == "function_call_output":
             flush()
             call_id = _string(item, "call_id", where)
-            output = item.get("output")
-            text = output if isinstance(output, str) else _output_text(output, f"{where}.output")
-            messages.append(Message("tool", (TextPart(text),), tool_call_id=call_id))
+            # a list: text and images as a tool's result holds them (t38: images and files were a 400
+            # also when passed through, which OpenAI's API takes)
+            output = _content(item.get("output"), f"{where}.output", lenient)
+            messages.append(Message("tool", _joined_text(output), tool_call_id=call_id))
         elif kind == "reasoning" or lenient:
             continue  # the model's own reasoning (or, passed through, an item only the upstream reads)
         else:
@@ -289,16 +298,10 @@ def _content(content: Any, where: str, lenient: bool = False) -> tuple[Part, ...
     return tuple(parts)
 
 
-def _output_text(output: Any, where: str) -> str:
-    """A function call's output given as content parts: their text (a chat tool message is text)."""
-    if not isinstance(output, list):
-        raise InvalidRequestError(f"{where}: a string or a list of content parts is required", param=where)
-    texts = []
-    for index, part in enumerate(output):
-        if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text"):
-            raise InvalidRequestError(f"{where}[{index}]: only text parts are supported here", param=where)
-        texts.append(_string(part, "text", f"{where}[{index}]"))
-    return "".join(texts)
+def _joined_text(parts: tuple[Part, ...]) -> tuple[Part, ...]:
+    """A tool result's parts with its texts as one (a chat upstream's tool message is one text)."""
+    texts = [part.text for part in parts if isinstance(part, TextPart)]
+    return (TextPart("".join(texts)), *(part for part in parts if not isinstance(part, TextPart)))
 
 
 # -- tools and formats ------------------------------------------------------------

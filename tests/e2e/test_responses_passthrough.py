@@ -208,6 +208,37 @@ def test_an_upstreams_refusal_to_read_or_delete_is_told_in_the_gateways_words_an
     alice.responses.delete(mine.id)
 
 
+def test_a_background_response_is_refused_as_on_a_translated_route(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t38: passed through, the upstream answered "queued" with no usage and the answer came to a
+    poll the gateway did not bill: $2.50 of essays billed $0.00005, past a $0.01 budget."""
+    before = upstream_stats(small_upstream)["responses_requests"]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="'background' is not supported") as refused:
+            _client(gateway).responses.create(model="codex", input="Write an essay.", background=True, stream=stream)
+        assert refused.value.body["param"] == "background"  # type: ignore[index]
+    assert upstream_stats(small_upstream)["responses_requests"] == before
+
+
+def test_a_tool_result_of_images_and_files_reaches_the_upstream_as_it_was_sent(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t38: a function_call_output of input_image / input_file parts was a 400 ("only text parts"),
+    which OpenAI's API takes."""
+    output = [{"type": "input_text", "text": "The chart:"},
+              {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="},
+              {"type": "input_file", "filename": "a.txt", "file_data": "data:text/plain;base64,aGk="}]  # fmt: skip
+    items: list[Any] = [
+        {"type": "message", "role": "user", "content": "Plot it."},
+        {"type": "function_call", "call_id": "c1", "name": "plot", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": output},
+    ]
+    response = _client(gateway).responses.create(model="codex", input=items)
+    assert response.output_text
+    assert _last_request(small_upstream)["body"]["input"][2]["output"] == output
+
+
 def test_store_false_leaves_nothing_to_continue(gateway: GatewayProcess) -> None:
     client = _client(gateway)
     unstored = client.responses.create(model="codex", input="hello", store=False)

@@ -106,6 +106,24 @@ def test_a_function_call_without_an_assistant_message_makes_one() -> None:
     assert _chat(decoded)["messages"][1]["content"] is None
 
 
+def test_a_tool_result_of_text_and_images_keeps_both() -> None:
+    """Its texts as one, as a chat tool message holds it, and its images after (an Anthropic
+    upstream takes them; a chat upstream's loss is named in x-gateway-dropped)."""
+    output = [{"type": "input_text", "text": "The chart "}, {"type": "input_image", "image_url": "https://x/c.png"},
+              {"type": "output_text", "text": "is above."}]  # fmt: skip
+    decoded = _decode(
+        input=[
+            {"type": "function_call", "call_id": "c1", "name": "plot", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": output},
+        ]
+    )
+    result = decoded.request.messages[1]
+    assert result.role == "tool" and result.tool_call_id == "c1"
+    assert result.parts == (TextPart("The chart is above."), ImagePart("https://x/c.png"))
+    with pytest.raises(InvalidRequestError, match="input_file"):  # a chat upstream has no place for it
+        _decode(input=[{"type": "function_call_output", "call_id": "c1", "output": [{"type": "input_file"}]}])
+
+
 def test_function_tools_choice_and_strict_are_carried() -> None:
     parameters = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
     decoded = _decode(
