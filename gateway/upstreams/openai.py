@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
+import structlog
 
 from gateway.core import model as core
 from gateway.errors import GatewayError, UpstreamError, UpstreamProtocolError, UpstreamStatusError
@@ -35,6 +36,8 @@ from gateway.upstreams.sse import SSEEvent
 
 __all__ = ["OpenAIProvider", "chat_payload", "for_openai_upstream"]
 
+_log = structlog.get_logger("gateway.upstreams")
+
 
 class OpenAIProvider(Provider):
     kind = "openai"
@@ -45,9 +48,13 @@ class OpenAIProvider(Provider):
             headers["authorization"] = f"Bearer {self.api_key}"
         return headers
 
+    takes_max_completion_tokens = False
+    """The upstream refused ``max_tokens`` for ``max_completion_tokens`` (OpenAI's reasoning models
+    do): learned from its 400, and the limit is sent under that name from then on."""
+
     async def complete(self, request: core.Request, body: dict[str, Any] | None = None) -> Completion:
         payload = self._payload(request, body)
-        response = await self._post("chat/completions", payload, self._headers(), stream=False)
+        response = await self._post_chat(payload, stream=False)
         content = response.content
         data = decode_json_object(self.name, content)
         usage = usage_of(openai_chat.read_usage(data.get("usage")))
@@ -57,6 +64,20 @@ class OpenAIProvider(Provider):
     def _payload(self, request: core.Request, body: dict[str, Any] | None) -> dict[str, Any]:
         payload = chat_payload(request, body, self.upstream_model, continues=self.config.continue_final_message)
         return self.salted(payload, request.tenant)
+
+    async def _post_chat(self, payload: dict[str, Any], *, stream: bool) -> UpstreamResponse:
+        """A chat request, its limit named as the upstream takes it. A client of another API never
+        wrote ``max_tokens`` (t38: every Messages request to an o-series model was a 400 naming it)."""
+        if self.takes_max_completion_tokens:
+            payload = _limit_renamed(payload)
+        try:
+            return await self._post("chat/completions", payload, self._headers(), stream=stream)
+        except UpstreamStatusError as exc:
+            if self.takes_max_completion_tokens or not _wants_max_completion_tokens(exc, payload):
+                raise
+            self.takes_max_completion_tokens = True
+            _log.info("upstream_takes_max_completion_tokens", model=self.name)
+            return await self._post("chat/completions", _limit_renamed(payload), self._headers(), stream=stream)
 
     def salted(self, body: dict[str, Any], tenant: str | None) -> dict[str, Any]:
         if not self.config.tenant_cache_salt or tenant is None:
@@ -125,7 +146,7 @@ class OpenAIProvider(Provider):
         if not (isinstance(options, dict) and options.get("include_usage")):
             # Ask for usage even when the client did not: it is the authoritative count.
             body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
-        response = await self._post("chat/completions", body, self._headers(), stream=True)
+        response = await self._post_chat(body, stream=True)
         continuous = isinstance(options, dict) and options.get("continuous_usage_stats") is True
         return _OpenAIChatStream(self, response, continuous)
 
@@ -460,3 +481,23 @@ def _check_vectors(upstream: str, vectors: list[list[float]]) -> None:
         raise UpstreamProtocolError(
             upstream, "answered embeddings that are not vectors of finite numbers of one length"
         )
+
+
+def _limit_renamed(payload: dict[str, Any]) -> dict[str, Any]:
+    if "max_tokens" not in payload:
+        return payload
+    renamed = {name: value for name, value in payload.items() if name != "max_tokens"}
+    renamed.setdefault("max_completion_tokens", payload["max_tokens"])
+    return renamed
+
+
+def _wants_max_completion_tokens(error: UpstreamStatusError, payload: dict[str, Any]) -> bool:
+    """OpenAI's 400 for a reasoning model: "Unsupported parameter: 'max_tokens' is not supported
+    with this model. Use 'max_completion_tokens' instead." (``param``: ``max_tokens``)."""
+    body = error.upstream_body or b""
+    return (
+        error.upstream_status == 400
+        and "max_tokens" in payload
+        and b"max_completion_tokens" in body
+        and b"max_tokens" in body.replace(b"max_completion_tokens", b"")
+    )
