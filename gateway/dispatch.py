@@ -42,6 +42,8 @@ class DispatchInfo:
     upstream_seconds: float = 0.0
     """Time spent waiting on upstreams (backoff included): excluded from the gateway's overhead."""
     failures: list[UpstreamError] = field(default_factory=list)
+    last_attempt: bool = False
+    """The client left: the attempt at work is the last (none is made for a client that is gone)."""
 
     @property
     def retries(self) -> int:
@@ -88,6 +90,8 @@ async def dispatch(
                     last_error = exc
                     info.failures.append(exc)
                     verdicts.failed(breaker, exc)
+                    if info.last_attempt:
+                        raise
                     if exc.try_next:
                         break
                     if not exc.retryable:

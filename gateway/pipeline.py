@@ -212,6 +212,10 @@ class _Exchange:
     failure: UpstreamError | None = None
     """Why the upstream gave no answer: what the requests coalesced on this one are told."""
     passthrough: PassThrough | None = None
+    settled: bool = False
+    """An answer's usage is on the record: a client leaving now is billed nothing more."""
+    client_left: bool = False
+    """The client hung up while the upstream wrote a whole answer, which is waited for."""
 
 
 class ChatPipeline:
@@ -235,10 +239,24 @@ class ChatPipeline:
         self._semantic = semantic
         self._limiter = limiter
         self._in_flight = InFlight()
+        self._whole_answers: dict[asyncio.Task[Any], _Exchange] = {}
+        """Requests whose upstream writes a whole (non-streamed) answer, by their task."""
         self._scorer = scorer
         self._audit = audit or SemanticAudit(metrics)
         self._large_share = large_share
         self._learning = learning
+
+    def client_left(self, task: asyncio.Task[Any]) -> bool:
+        """The edge saw ``task``'s client hang up: whether the request goes on (else the edge
+        cancels it). An upstream bills the whole answer it was asked for (OpenAI's and Anthropic's
+        go on after a hang-up), so one at work on it is waited for, with no retry or fallback for a
+        client that is gone, billed, cached (the client's retry is a hit), and logged as a 499
+        (t39: hanging up just before the answer cost the prompt alone, and never tripped a budget)."""
+        x = self._whole_answers.get(task)
+        if x is None or x.info.asked is None or self._drain.expired:
+            return False
+        x.client_left = x.info.last_attempt = True
+        return True
 
     async def handle(
         self,
@@ -300,6 +318,8 @@ class ChatPipeline:
                 streaming_started = True
                 return answer
             relay = x.passthrough
+            if task is not None:
+                self._whole_answers[task] = x
             completion = await dispatch(
                 x.plan.candidates,
                 runtime.providers,
@@ -345,15 +365,19 @@ class ChatPipeline:
                     ),
                 )
             record.status, record.error_type = 499, "client_disconnected"
-            if x.info.asked is not None:  # the upstream was at work: its prompt is billed, as a cut stream's is
-                with anyio.CancelScope(shield=True):
+            if x.info.asked is not None and not x.settled:  # the upstream was at work: its prompt is billed,
+                with anyio.CancelScope(shield=True):  # as a cut stream's is
                     await self._count_prompt(x)
                 self._settle(x, x.info.asked, None, "")
             raise
         finally:
             self._drain.untrack(task)
             if not streaming_started:
-                await self._release_lease(x)
+                if task is not None:
+                    self._whole_answers.pop(task, None)
+                await self._release_lease(x)  # an answer stored: the requests coalesced on it are given it
+                if x.client_left:
+                    record.status, record.error_type = 499, "client_disconnected"
                 self._finish(x, x.info.upstream_seconds)
 
     # -- steps -------------------------------------------------------------------
@@ -866,6 +890,7 @@ class ChatPipeline:
         then at least what was counted of it.
         """
         record = x.record
+        x.settled = True
         record.model, record.provider = provider.name, provider.kind
         x.answered = text or said or ""  # an agent's turn is often a tool call alone: it can be labelled too
         if usage is not None:

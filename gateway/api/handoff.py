@@ -93,7 +93,7 @@ async def hand_to_pipeline(
     request_id = request_id_of(headers)
     task = asyncio.current_task()
     assert task is not None
-    watch = DisconnectWatch(request, task)
+    watch = DisconnectWatch(request, task, None if embeddings else state.pipeline.client_left)
     read_body: BodyReader = watch.read_chat_body
     if translate is not None:
         convert = translate
@@ -120,13 +120,14 @@ async def hand_to_pipeline(
         return request_id, None
     finally:
         watch.stop()
-    return request_id, answer
+    return request_id, None if watch.client_left else answer
 
 
 class DisconnectWatch:
     """Reads the body, then cancels the request's task if the client hangs up before the answer.
 
-    So a client that leaves while the upstream is still thinking cancels the upstream call.
+    So a client that leaves while the upstream is still thinking is seen: the request is
+    cancelled, unless the pipeline waits for a whole answer the upstream writes on (and bills).
     Streams are watched by the route itself once they start. The watcher is a task only
     from the end of the body on (receive() would otherwise steal body messages), and only
     for a request still unanswered ``WATCH_AFTER_S`` later: a task per request cost ~5 % of
@@ -135,11 +136,16 @@ class DisconnectWatch:
 
     WATCH_AFTER_S = 0.01
 
-    __slots__ = ("_request", "_task", "_timer", "_watcher", "client_left")
+    __slots__ = ("_on_leave", "_request", "_task", "_timer", "_watcher", "client_left")
 
-    def __init__(self, request: Incoming, task: asyncio.Task[object]) -> None:
+    def __init__(
+        self, request: Incoming, task: asyncio.Task[object], on_leave: Callable[[asyncio.Task[Any]], bool] | None = None
+    ) -> None:
+        """``on_leave(task)``, asked when the client hangs up: True when the request goes on
+        (its upstream writes a whole answer, which is billed), else the task is cancelled."""
         self._request = request
         self._task = task
+        self._on_leave = on_leave
         self._timer: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.client_left = False
@@ -166,7 +172,8 @@ class DisconnectWatch:
             message = await self._request.receive()
             if message["type"] == "http.disconnect":
                 self.client_left = True
-                self._task.cancel()
+                if self._on_leave is None or not self._on_leave(self._task):
+                    self._task.cancel()
                 return
 
     def stop(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +75,22 @@ def test_repeat_is_an_exact_hit_with_cost_saved(
     assert (hit["prompt_tokens"], hit["completion_tokens"]) == (paid["prompt_tokens"], paid["completion_tokens"])
     assert hit["baseline_cost_usd"] == pytest.approx(paid["baseline_cost_usd"])
     assert float(second.headers["x-gateway-cost-usd"]) == 0
+
+
+def test_the_retry_of_a_client_that_timed_out_is_served_the_answer_it_left(
+    cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """A client whose timeout ended its wait: the upstream's answer is still billed and stored, so
+    its retry is a hit rather than a second bill."""
+    inject(small_upstream, {"delay_ms": 600})
+    content = json.dumps({"model": "fast", "messages": _unique("timed out"), "temperature": 0}).encode()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{cached_gateway.base_url}/chat/completions", content=content, timeout=0.2,
+                   headers={"authorization": "Bearer key-a1", "content-type": "application/json"})  # fmt: skip
+    time.sleep(0.8)  # the answer comes, and is stored
+    again = _post(cached_gateway, content)
+    assert again.status_code == 200 and again.headers["x-gateway-cache"] == "exact"
+    assert upstream_stats(small_upstream)["chat_requests"] == 1
 
 
 def test_key_ignores_field_order_and_whitespace(cached_gateway: GatewayProcess) -> None:
