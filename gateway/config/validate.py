@@ -204,11 +204,27 @@ def _struct(data: Any, cls: type[msgspec.Struct], path: Path, problems: Problems
 
 
 def _leaf(data: Any, tp: Any, path: Path, problems: Problems) -> Any:
+    if isinstance(data, str) and _EXPONENT.fullmatch(data.strip()) and _takes_a_number_not_text(tp):
+        data = float(data)  # YAML 1.1 (PyYAML) reads ``2e-6``, without a dot, as a string (t41)
     try:
-        return msgspec.convert(data, tp, strict=True)
+        value = msgspec.convert(data, tp, strict=True)
     except msgspec.ValidationError as exc:
         problems.add(path, _reason(data, tp, str(exc)))
         return _INVALID
+    if isinstance(value, float) and not math.isfinite(value):
+        # no limit, price or timeout is meant as .inf or .nan: a key written with `--usd-per-day inf`
+        # became a file no gateway could load (t41)
+        problems.add(path, f"must be a finite number, got {_shown(data)}")
+        return _INVALID
+    return value
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _takes_a_number_not_text(tp: Any) -> bool:
+    members = _union_args(_without_constraints(tp)[0])
+    return float in members and str not in members
 
 
 def _reason(data: Any, tp: Any, message: str) -> str:

@@ -83,6 +83,8 @@ def test_an_invalid_auth_section_is_reported_by_field_and_line(
 def test_a_key_the_gateway_would_refuse_is_not_written(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _new(policy, "--rpm", "-1") == 1
     assert "limits.rpm: must be >= 0, got -1" in capsys.readouterr().err
+    assert _new(policy, "--usd-per-day", "inf") == 1  # t41: written as Infinity, which no loader reads
+    assert "limits.usd_per_day: must be a finite number, got inf" in capsys.readouterr().err
     assert not (policy.parent / "keys.yaml").exists()
 
 

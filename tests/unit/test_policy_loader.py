@@ -307,6 +307,18 @@ def test_numbers_that_would_disable_a_safeguard_are_refused() -> None:
     ]
 
 
+def test_numbers_are_finite_and_may_be_written_with_an_exponent() -> None:
+    """t41: ``.inf`` passed as a budget (and ``keys new`` wrote a key file no gateway could load);
+    ``2e-6``, which YAML 1.1 reads as a string, was "got str"."""
+    found = problems(VALID + "limits: {body_read_timeout_s: .inf}\nretry: {backoff_max_ms: .nan}\n")
+    assert sorted(found) == [
+        "limits.body_read_timeout_s (line 15): must be a finite number, got inf",
+        "retry.backoff_max_ms (line 16): must be >= 0, got nan",
+    ]
+    loaded = load_policy_text(VALID.replace("input: 0.1", "input: 2e-1"), environ={})
+    assert loaded.policy.models["s"].price.input_per_mtok == 0.2
+
+
 def test_load_keys_reads_only_auth_and_the_key_file(tmp_path: Path) -> None:
     hashed = "sha256:" + "b" * 64
     policy = VALID.replace("http://127.0.0.1:2", "${UNSET_URL}").replace(
