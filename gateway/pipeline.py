@@ -899,6 +899,7 @@ class ChatPipeline:
                 usage.cached_prompt_tokens,
                 usage.cache_write_tokens,
             )
+            record.cache_write_1h_tokens = usage.cache_write_1h_tokens
             record.reasoning_tokens = usage.reasoning_tokens
             record.tokens_source = "upstream"
             if cut:
@@ -1137,6 +1138,7 @@ def _usage_of(record: RequestRecord) -> core.Usage:
         output_tokens=record.completion_tokens,
         cached_input_tokens=record.cached_prompt_tokens,
         cache_write_tokens=record.cache_write_tokens,
+        cache_write_1h_tokens=record.cache_write_1h_tokens,
         reasoning_tokens=record.reasoning_tokens,
     )
 
@@ -1153,6 +1155,7 @@ def _cost(price: Price, record: RequestRecord) -> float:
         record.completion_tokens,
         cached_prompt_tokens=record.cached_prompt_tokens,
         cache_write_tokens=record.cache_write_tokens,
+        cache_write_1h_tokens=record.cache_write_1h_tokens,
         reasoning_tokens=record.reasoning_tokens,
     )
 

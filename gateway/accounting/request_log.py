@@ -62,6 +62,8 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     """Of ``prompt_tokens``, those the upstream read from its prompt cache (schema 2)."""
     cache_write_tokens: int = 0
     """Of ``prompt_tokens``, those the upstream wrote to its prompt cache (schema 2)."""
+    cache_write_1h_tokens: int = 0
+    """Of ``cache_write_tokens``, those kept an hour (Anthropic's ``ttl: "1h"``), priced at ``cache_write_1h``."""
     reasoning_tokens: int = 0
     """Of ``completion_tokens``, those spent reasoning (schema 2)."""
     tokens_source: str | None = None

@@ -79,6 +79,9 @@ class Price(_Struct, frozen=True, kw_only=True):
     cache_write_per_mtok: AtLeastZero | None = msgspec.field(name="cache_write", default=None)
     """Prompt tokens written to the upstream's prompt cache (Anthropic ``cache_creation_input_tokens``);
     unset: the input price."""
+    cache_write_1h_per_mtok: AtLeastZero | None = msgspec.field(name="cache_write_1h", default=None)
+    """Of those, the ones kept an hour (Anthropic's ``ttl: "1h"``: 2x input where 5 minutes is 1.25x);
+    unset: the ``cache_write`` price."""
     reasoning_per_mtok: AtLeastZero | None = msgspec.field(name="reasoning", default=None)
     """Completion tokens spent reasoning (``reasoning_tokens``); unset: the output price."""
 

@@ -164,6 +164,8 @@ class Usage(msgspec.Struct, kw_only=True):
     """Of ``input_tokens``, those read from the upstream's prompt cache."""
     cache_write_tokens: int = 0
     """Of ``input_tokens``, those written to the upstream's prompt cache."""
+    cache_write_1h_tokens: int = 0
+    """Of ``cache_write_tokens``, those kept an hour (Anthropic's ``ttl: "1h"``, dearer)."""
     reasoning_tokens: int = 0
     """Of ``output_tokens``, those spent reasoning."""
 

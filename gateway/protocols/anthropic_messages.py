@@ -594,7 +594,14 @@ def usage_from_wire(raw: Any) -> Usage | None:
         output_tokens=_count(raw.get("output_tokens")),
         cached_input_tokens=read,
         cache_write_tokens=write,
+        cache_write_1h_tokens=min(write, _hour_long(raw, 0)),
     )
+
+
+def _hour_long(raw: dict[str, Any], default: int) -> int:
+    """Of the cache writes, those kept an hour (``cache_creation.ephemeral_1h_input_tokens``)."""
+    split = raw.get("cache_creation")
+    return _given(split, "ephemeral_1h_input_tokens", default) if isinstance(split, dict) else default
 
 
 def decode_answer(data: dict[str, Any]) -> Answer | None:
@@ -696,6 +703,7 @@ class StreamDecoder:
                 output_tokens=output,
                 cached_input_tokens=read,
                 cache_write_tokens=write,
+                cache_write_1h_tokens=min(write, _hour_long(raw, known.cache_write_1h_tokens)),
             )
         self.usage = full
         return [UsageReport(full)]
@@ -770,14 +778,22 @@ def _stop_reason(finish: FinishReason | None, called: bool, refused: bool = Fals
     return _STOP_REASON.get(finish or "stop", "end_turn")
 
 
-def usage_body(usage: Usage) -> dict[str, int]:
-    """Anthropic's usage: ``input_tokens`` without the cache's reads and writes."""
-    return {
+def usage_body(usage: Usage) -> dict[str, Any]:
+    """Anthropic's usage: ``input_tokens`` without the cache's reads and writes, and the writes
+    split by how long they are kept when there are some."""
+    body: dict[str, Any] = {
         "input_tokens": max(0, usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens),
         "output_tokens": usage.output_tokens,
         "cache_creation_input_tokens": usage.cache_write_tokens,
         "cache_read_input_tokens": usage.cached_input_tokens,
     }
+    if usage.cache_write_tokens:
+        hour = usage.cache_write_1h_tokens
+        body["cache_creation"] = {
+            "ephemeral_5m_input_tokens": usage.cache_write_tokens - hour,
+            "ephemeral_1h_input_tokens": hour,
+        }
+    return body
 
 
 def encode_answer(answer: Answer, message_id: str, model: str) -> bytes:

@@ -65,6 +65,7 @@ class Usage:
     cached_prompt_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
 
 def usage_of(usage: core.Usage | None) -> Usage | None:
@@ -77,6 +78,7 @@ def usage_of(usage: core.Usage | None) -> Usage | None:
         cached_prompt_tokens=usage.cached_input_tokens,
         cache_write_tokens=usage.cache_write_tokens,
         reasoning_tokens=usage.reasoning_tokens,
+        cache_write_1h_tokens=usage.cache_write_1h_tokens,
     )
 
 

@@ -338,6 +338,19 @@ def test_a_message_deltas_null_cache_counts_keep_what_message_start_said() -> No
     assert late.usage == Usage(output_tokens=5)
 
 
+def test_hour_long_cache_writes_are_read_whole_and_streamed_and_told_back() -> None:
+    raw = {"input_tokens": 5, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 0, "output_tokens": 3,
+           "cache_creation": {"ephemeral_5m_input_tokens": 30, "ephemeral_1h_input_tokens": 70}}  # fmt: skip
+    usage = anthropic.usage_from_wire(raw)
+    assert usage is not None and (usage.cache_write_tokens, usage.cache_write_1h_tokens) == (100, 70)
+    decoder = anthropic.StreamDecoder()
+    decoder.feed({"type": "message_start", "message": {"id": "m", "model": "c", "usage": raw}})
+    decoder.feed({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9}})
+    assert decoder.usage is not None and decoder.usage.cache_write_1h_tokens == 70
+    assert anthropic.usage_body(usage)["cache_creation"] == {"ephemeral_5m_input_tokens": 30,
+                                                             "ephemeral_1h_input_tokens": 70}  # fmt: skip
+
+
 def test_streamed_thinking_becomes_a_thinking_block_closed_by_its_signature() -> None:
     reader, encoder = openai_chat.ChunkReader(), anthropic.StreamEncoder("msg_1", "m", 0)
     chunks: list[dict[str, Any]] = [

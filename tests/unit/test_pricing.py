@@ -28,6 +28,16 @@ def test_cache_writes_and_reasoning_have_their_own_prices() -> None:
     assert round(cost, 2) == round(0.10 + 0.125 + 0.12 + 0.16, 2) == 0.51
 
 
+def test_hour_long_cache_writes_have_their_own_price() -> None:
+    """t40: 1M tokens written with ttl 1h were billed $3.75 (the 5-minute price), not $6.00."""
+    price = Price(input_per_mtok=3.0, output_per_mtok=15.0, cache_write_per_mtok=3.75, cache_write_1h_per_mtok=6.0)
+    assert cost_usd(price, 1_000_000, 0, cache_write_tokens=1_000_000, cache_write_1h_tokens=1_000_000) == 6.0
+    both = cost_usd(price, 1_000_000, 0, cache_write_tokens=1_000_000, cache_write_1h_tokens=400_000)
+    assert both == pytest.approx(0.6 * 3.75 + 0.4 * 6.0)
+    unset = Price(input_per_mtok=3.0, output_per_mtok=15.0, cache_write_per_mtok=3.75)  # the write price, as before
+    assert cost_usd(unset, 1_000_000, 0, cache_write_tokens=1_000_000, cache_write_1h_tokens=1_000_000) == 3.75
+
+
 def test_unset_prices_charge_as_before() -> None:
     plain = Price(input_per_mtok=2.0, output_per_mtok=6.0)
     assert cost_usd(plain, 1000, 100, cached_prompt_tokens=900, reasoning_tokens=50) == cost_usd(plain, 1000, 100)
