@@ -8,6 +8,8 @@ never blocks the event loop; the thread writes in batches.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
 import os
 import select
 import stat
@@ -110,6 +112,32 @@ class _Sink:
     """The most bytes one write may carry: ``PIPE_BUF`` for a pipe or terminal, where only
     writes that small are atomic (two workers share one stdout pipe); unbounded for a file
     opened to append, where each write lands whole."""
+    path: str | None = None
+    """The file the sink appends to, opened again when the path names another (t41: after a
+    logrotate-style rename the lines went on into the renamed file, and dashboards lost them)."""
+    looked_at: float = 0.0
+
+    @classmethod
+    def of_path(cls, path: str) -> _Sink:
+        sink = cls.of_fd(_open_to_append(path), owned=True)
+        sink.path = path
+        return sink
+
+    def follow_path(self, now: float) -> None:
+        """At most once a second: the path's file is not this one (renamed, deleted): open it."""
+        if self.path is None or self.fd is None or now - self.looked_at < _LOOK_EVERY_S:
+            return
+        self.looked_at = now
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            named = None
+        held = os.fstat(self.fd)
+        if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+            return
+        fd = _open_to_append(self.path)  # an OSError leaves the old one in place, tried again later
+        os.close(self.fd)
+        self.fd = fd
 
     @classmethod
     def of_stream(cls, stream: IO[str]) -> _Sink:
@@ -145,6 +173,13 @@ class _Sink:
             os.close(self.fd)
 
 
+_LOOK_EVERY_S = 1.0
+
+
+def _open_to_append(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+
 def _write_all(fd: int, data: bytearray) -> None:
     view = memoryview(data)
     while view:
@@ -175,7 +210,10 @@ class RequestLogWriter:
         if stderr:
             self._sinks.append(_Sink.of_stream(sys.stderr))
         if path:
-            self._sinks.append(_Sink.of_fd(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644), owned=True))
+            self._sinks.append(_Sink.of_path(path))
+        self.dropped_lines = 0
+        """Lines a sink could not take (a full disk, a closed pipe): said on stderr, at most once a minute."""
+        self._said_at = -_SAY_EVERY_S
         self._pending: list[str] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -196,13 +234,28 @@ class RequestLogWriter:
             with self._lock:
                 batch, self._pending = self._pending, []
             if batch:
+                now = time.monotonic()
                 for sink in self._sinks:
                     try:
+                        sink.follow_path(now)
                         sink.write(batch)
-                    except (OSError, ValueError):
-                        pass  # a closed or broken sink must not take the thread down
+                    except (OSError, ValueError) as exc:  # a broken sink must not take the thread down
+                        self._lost(len(batch), exc, now)
             if closing:
                 return
+
+    def _lost(self, lines: int, exc: Exception, now: float) -> None:
+        """Count lines that did not land, and say so on stderr (t41: a full disk lost every line
+        in silence): written here, not through a logger, which may be what failed."""
+        self.dropped_lines += lines
+        if now - self._said_at < _SAY_EVERY_S:
+            return
+        self._said_at = now
+        reason = errno.errorcode.get(exc.errno, "") if isinstance(exc, OSError) and exc.errno else type(exc).__name__
+        notice = {"event": "request_log_write_failed", "level": "error", "error": reason,
+                  "dropped_lines_total": self.dropped_lines}  # fmt: skip
+        with contextlib.suppress(OSError):
+            os.write(2, msgspec.json.encode(notice) + b"\n")
 
     def close(self) -> None:
         """Write what is pending and stop (at shutdown: nothing is lost)."""
@@ -213,6 +266,9 @@ class RequestLogWriter:
         for sink in self._sinks:
             sink.close()
         self._sinks = []
+
+
+_SAY_EVERY_S = 60.0
 
 
 def take_stdout() -> int:

@@ -12,9 +12,10 @@ import socket
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 from gateway.cli._parsers import Subcommands
-from gateway.config.loader import load_policy
+from gateway.config.loader import load_policy, request_log_problem
 from gateway.drain import DEFAULT_DRAIN_S
 from gateway.errors import ConfigError
 from gateway.services.redis_server import DEFAULT_MAXMEMORY, RedisServerNotFound
@@ -107,6 +108,12 @@ def run(args: argparse.Namespace) -> int:
             _say(f"{exc.source} is invalid:")
             for problem in exc.problems:
                 _say(f"  - {problem}")
+            return 2
+        log = loaded.policy.request_log
+        log_path = Path(args.policies).parent / log.path if log.enabled and log.path else None
+        unwritable = request_log_problem(log_path) if log_path is not None else None
+        if unwritable is not None:  # t41: said it was serving, then a 30-line traceback and exit 3
+            _say(f"request_log.path {log_path}: {unwritable}")
             return 2
         if loaded.policy.auth.mode == "none" and not _loopback(args.host) and not _open_allowed(args):
             _say(

@@ -24,7 +24,15 @@ from gateway.config.validate import Path as _Path
 from gateway.config.validate import Problems, check_auth, check_policy, convert, convert_policy, dotted
 from gateway.errors import ConfigError
 
-__all__ = ["KeyRing", "LoadedPolicy", "key_file_path", "load_keys", "load_policy", "load_policy_text"]
+__all__ = [
+    "KeyRing",
+    "LoadedPolicy",
+    "key_file_path",
+    "load_keys",
+    "load_policy",
+    "load_policy_text",
+    "request_log_problem",
+]
 
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 """Composes the node tree: libyaml's parser when PyYAML was built with it (the same nodes
@@ -115,10 +123,10 @@ def load_policy_text(
         raise ConfigError(source, problems.messages)
     warnings = [*(notes or []), *_warnings(policy, environ, key_file_path(policy, base_dir or Path(".")))]
     log = policy.request_log
-    if base_dir is not None and log.enabled and log.path and not (base_dir / log.path).parent.is_dir():
-        warnings.append(  # t33: check said ok, and serve said it was serving, then exited 3
-            "request_log.path: its folder does not exist; the gateway cannot open the request log there"
-        )
+    if base_dir is not None and log.enabled and log.path:
+        unwritable = request_log_problem(base_dir / log.path)
+        if unwritable is not None:  # t33, t41: check said ok, and serve said it was serving, then exited 3
+            warnings.append(f"request_log.path: {unwritable}")
     listed = key_file is not None and key_file.listed
     return LoadedPolicy(
         policy,
@@ -388,3 +396,14 @@ def _warnings(policy: Policy, environ: Mapping[str, str], key_file: Path | None 
         )
         out.append(f"auth: mode keys with no key{where}; every request is refused (401)")
     return out
+
+
+def request_log_problem(path: Path) -> str | None:
+    """Why the request log cannot be appended to at ``path`` (None: it can, as far as a look tells)."""
+    if path.is_dir():
+        return "it is a folder; the gateway cannot open the request log there"
+    if not path.parent.is_dir():
+        return "its folder does not exist; the gateway cannot open the request log there"
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        return "the gateway's user may not write there; it cannot open the request log"
+    return None

@@ -706,6 +706,25 @@ def test_a_second_serve_on_the_same_data_dir_is_refused(gw: GatewayProcess) -> N
     assert _chat(gw).status_code == 200
 
 
+def test_serve_refuses_a_request_log_it_cannot_write_before_it_says_it_serves(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t41: a log path that is a folder (or in a missing one) was said to be served, then a
+    30-line traceback and exit 3."""
+    (tmp_path / "logs").mkdir()
+    policy = tmp_path / "policies.yaml"
+    for path in ("logs", "missing/requests.jsonl"):
+        policy.write_text(f"{_base_policy(small_upstream, large_upstream)}\nrequest_log: {{path: {path}}}\n")
+        refused = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--policies", str(policy), "--port", "1",
+             "--data-dir", str(tmp_path / "data")],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "REDIS_URL": "redis://127.0.0.1:1"},
+        )  # fmt: skip
+        assert refused.returncode == 2, refused.stderr
+        assert "request_log.path" in refused.stderr and "serving" not in refused.stderr
+        assert "Traceback" not in refused.stderr
+
+
 def test_a_symlinked_policy_and_a_key_file_elsewhere_are_watched(
     tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
 ) -> None:

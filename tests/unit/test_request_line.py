@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
+import pytest
 import structlog
 
 from gateway.accounting import request_log as request_log_module
@@ -84,3 +87,40 @@ def test_a_configured_gateway_writes_request_lines_to_the_request_log_only(tmp_p
     (line,) = request_log.read_text().splitlines()
     assert msgspec.json.decode(line)["request_id"] == "r2"
     assert "r2" not in ops_log.read_text() and "something_else" in ops_log.read_text()
+
+
+def test_a_log_file_renamed_by_logrotate_is_opened_again_at_its_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """t41: after a rename (logrotate's default) lines went on into the renamed file, forever."""
+    monkeypatch.setattr(request_log_module, "_LOOK_EVERY_S", 0.0)
+    path = tmp_path / "requests.jsonl"
+    writer = RequestLogWriter(stdout=False, path=str(path), flush_every_s=0.005)
+    writer.write('{"n": 1}')
+    _wait_for(lambda: path.exists() and path.read_text() == '{"n": 1}\n')
+    path.rename(tmp_path / "requests.jsonl.1")
+    writer.write('{"n": 2}')
+    writer.close()
+    assert (tmp_path / "requests.jsonl.1").read_text() == '{"n": 1}\n'
+    assert path.read_text() == '{"n": 2}\n'
+
+
+def test_lines_a_full_disk_refuses_are_counted_and_said(capfd: pytest.CaptureFixture[str]) -> None:
+    """t41: with the log on a full disk every line was lost, with no word anywhere."""
+    writer = RequestLogWriter(stdout=False, path="/dev/full", flush_every_s=0.005)
+    writer.write('{"n": 1}')
+    writer.write('{"n": 2}')
+    _wait_for(lambda: writer.dropped_lines == 2)
+    writer.write('{"n": 3}')
+    writer.close()
+    assert writer.dropped_lines == 3
+    said = [msgspec.json.decode(line) for line in capfd.readouterr().err.splitlines() if "request_log" in line]
+    assert len(said) == 1 and said[0]["error"] == "ENOSPC"  # once a minute at most
+    assert said[0]["event"] == "request_log_write_failed" and said[0]["dropped_lines_total"] in (1, 2)
+
+
+def _wait_for(done: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
