@@ -65,6 +65,8 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
                     passthrough.headers["anthropic-beta"] = beta
         else:
             unread = anthropic.fields_not_read(body) if body is not None else []
+            hints = [name for name in unread if name in _HINTS]  # changes no answer: left out, and named (t40)
+            unread = [name for name in unread if name not in _HINTS]
             if unread:  # Anthropic's own fields (``thread``, ``context_management``, ...): no translation holds them
                 raise InvalidRequestError(
                     f"{', '.join(unread)}: not supported on a route that may reach a model other than "
@@ -76,6 +78,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
             lost = ["thinking"] if decoded.thinking is not None else []
             lost += openai_chat.lost_on_chat_upstreams(decoded)
             lost += anthropic.nested_fields_not_carried(body) if body is not None else []
+            lost += hints
             decoded.dropped.extend(name for name in dict.fromkeys(lost) if name not in decoded.dropped)
         decoded.betas = request.headers.get("anthropic-beta") or None  # a translated request's too
         asked.append(decoded)
@@ -197,9 +200,18 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
+_HINTS = frozenset({"cache_control"})
+"""Top-level fields that shape how an upstream serves, not what it answers: Anthropic's automatic
+prompt caching (the SDK's ``cache_control`` argument) is left out where a route may reach another
+upstream, as block-level breakpoints are."""
+
+
 def _translatable(raw: bytes, body: dict[str, Any] | None) -> CoreRequest | None:
     """The request, when the internal model holds all of it (then it is translated, and can be
-    served from the cache); None when it has blocks, tools or fields only Anthropic reads."""
+    served from the cache); None when it has blocks, tools or fields only Anthropic reads, or
+    when its answer may interleave thinking with tool calls: the internal answer holds thinking,
+    text and calls apart, and the agent sends the turn back, which Anthropic wants as it wrote it
+    (t40: reordered, and for Claude Code a rebuilt thinking turn)."""
     if body is None:
         return None  # the lenient decoding says what is wrong
     try:
@@ -207,6 +219,8 @@ def _translatable(raw: bytes, body: dict[str, Any] | None) -> CoreRequest | None
     except GatewayError:
         return None
     if decoded.dropped or anthropic.fields_not_read(body) or anthropic.nested_fields_not_carried(body):
+        return None
+    if decoded.thinking is not None and decoded.tools:
         return None
     return decoded
 

@@ -216,8 +216,10 @@ def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool =
         ],
         tool_choice=_choice(wire.tool_choice),
         user=wire.metadata.user_id if wire.metadata else None,
-        json_schema=_output_schema(wire.output_config, passed_through),
+        json_schema=_output_schema(wire.output_config),
     )
+    if wire.output_config and not passed_through:  # a hint, as ``thinking`` is: left out, and named (t40)
+        request.dropped += [f"output_config.{name}" for name in sorted(wire.output_config) if name != "format"]
     request.continues_last_turn = bool(wire.messages) and wire.messages[-1].role == "assistant"
     if wire.thinking is not None and wire.thinking.get("type") != "disabled":
         request.thinking = wire.thinking  # the route decides whether an upstream can honour it
@@ -226,16 +228,11 @@ def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool =
     return request
 
 
-def _output_schema(config: dict[str, Any] | None, lenient: bool) -> dict[str, Any] | None:
+def _output_schema(config: dict[str, Any] | None) -> dict[str, Any] | None:
     """Structured output (``output_config.format``, what the SDK's ``messages.parse()`` sends) as
-    the internal model's JSON schema; any other output setting only Anthropic reads."""
+    the internal model's JSON schema; any other output setting (``effort``) only Anthropic reads."""
     if not config:
         return None
-    others = sorted(set(config) - {"format"})
-    if others and not lenient:
-        raise InvalidRequestError(
-            f"output_config.{others[0]} can only go to an Anthropic model", param=f"output_config.{others[0]}"
-        )
     fmt = config.get("format")
     if fmt is None:
         return None

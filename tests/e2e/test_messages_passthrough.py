@@ -359,6 +359,39 @@ def test_a_block_field_a_translation_would_lose_sends_the_request_through_as_it_
     assert sent["tools"][0]["strict"] is True
 
 
+def test_thinking_with_tools_goes_as_it_came_so_interleaved_blocks_keep_their_order(
+    claude: anthropic.Anthropic, gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    """t40: translated, Claude's [thinking, text, tool_use, thinking, text, tool_use] came back
+    regrouped (all thinking first, the texts merged), and Claude Code sent that rebuilt turn back."""
+    tools: Any = [{"name": "weather", "input_schema": {"type": "object"}}]
+    ask: dict[str, Any] = {"model": "claude", "max_tokens": 2048, "tools": tools,
+                           "thinking": {"type": "enabled", "budget_tokens": 1024}}  # fmt: skip
+    turns: list[Any] = [{"role": "user", "content": "Weather in Lima? Use the weather tool."}]
+    first = claude.messages.with_raw_response.create(
+        **ask, messages=turns, extra_headers={"x-request-id": "interleaved-1"}
+    )
+    said = [block.model_dump(exclude_none=True) for block in first.parse().content]
+    assert gateway.wait_for_record("interleaved-1")["passthrough"] is True  # the answer comes back as written
+    turns += [{"role": "assistant", "content": said}, {"role": "user", "content": "And in Quito?"}]
+    assert claude.messages.create(**ask, messages=turns).content
+    assert _last_request(large_upstream)["body"]["messages"] == turns  # the turn told back, in its order
+
+
+def test_what_only_steers_anthropic_is_left_out_and_named_where_a_route_may_reach_another_upstream(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t40: the SDK's top-level cache_control (automatic caching) and output_config.effort were a
+    400 on any route that can reach vLLM, where thinking is left out and named."""
+    body = {"model": "fast", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}],
+            "cache_control": {"type": "ephemeral"}, "output_config": {"effort": "low"}}  # fmt: skip
+    answer = httpx.post(f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": "k"}, timeout=15)
+    assert answer.status_code == 200, answer.text
+    assert set(answer.headers["x-gateway-dropped"].split(",")) == {"cache_control", "output_config.effort"}
+    sent = _last_request(small_upstream)["body"]
+    assert "cache_control" not in sent and "output_config" not in sent and "effort" not in json.dumps(sent)
+
+
 def test_a_request_the_internal_model_holds_is_translated(
     claude: anthropic.Anthropic, gateway: GatewayProcess, large_upstream: SimulatedUpstream
 ) -> None:
