@@ -60,6 +60,9 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
             if decoded is None:  # the translation would lose something: the body goes as it came
                 decoded = anthropic.decode_request(raw, passed_through=True)
                 passthrough.body = _without_shared_state(body, raw) if body is not None else body
+                if passthrough.body is not None and anthropic.thinking_left_out(decoded):  # a loop another
+                    # model opened (t21), on a route of Anthropic's models now: it goes without thinking
+                    passthrough.body = {name: value for name, value in passthrough.body.items() if name != "thinking"}
                 beta = request.headers.get("anthropic-beta")
                 if beta:
                     passthrough.headers["anthropic-beta"] = beta
