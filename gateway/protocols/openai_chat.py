@@ -682,7 +682,7 @@ def answer_from_message(
         ToolCall(
             id=str(call.get("id") or _call_id(answer_id, index)),
             name=str((call.get("function") or {}).get("name") or ""),
-            arguments=str((call.get("function") or {}).get("arguments") or ""),
+            arguments=arguments_text((call.get("function") or {}).get("arguments")),
         )
         for index, call in enumerate(message.get("tool_calls") or [])
     ]
@@ -798,12 +798,17 @@ class ChunkReader:
     so). Until then its id, name and arguments wait here.
     """
 
-    __slots__ = ("_answer_id", "_started", "_waiting")
+    __slots__ = ("_answer_id", "_ids", "_moved", "_started", "_waiting")
 
     def __init__(self) -> None:
         self._started: set[int] = set()
         self._waiting: dict[int, tuple[str, str, list[str]]] = {}
         self._answer_id = ""
+        self._ids: dict[int, str] = {}
+        """The upstream's id of each call started."""
+        self._moved: dict[int, int] = {}
+        """An upstream index reused for another call (another id: some servers number every call
+        0, t40), and the index that call goes on under."""
 
     def read(self, chunk: dict[str, Any]) -> list[Delta]:
         deltas: list[Delta] = []
@@ -845,10 +850,13 @@ class ChunkReader:
         return deltas
 
     def _read_call(self, call: dict[str, Any], deltas: list[Delta]) -> None:
-        index = int(call.get("index", 0))
+        upstream_index = int(call.get("index", 0))
+        index = self._moved.get(upstream_index, upstream_index)
+        new_id = call.get("id")
+        if index in self._started and isinstance(new_id, str) and new_id and self._ids.get(index, new_id) != new_id:
+            index = self._moved[upstream_index] = max(self._started | self._waiting.keys()) + 1
         function = call.get("function") or {}
-        fragment = function.get("arguments")
-        fragment = fragment if isinstance(fragment, str) and fragment else None
+        fragment = arguments_text(function.get("arguments")) or None
         if index in self._started:
             if fragment is not None:
                 deltas.append(ToolArgumentsDelta(index, fragment))
@@ -865,9 +873,21 @@ class ChunkReader:
     def _start(self, index: int, deltas: list[Delta]) -> None:
         call_id, name, arguments = self._waiting.pop(index)
         self._started.add(index)
+        if call_id:
+            self._ids[index] = call_id
         deltas.append(ToolCallStart(index, call_id or _call_id(self._answer_id, index), name))
         if arguments:
             deltas.append(ToolArgumentsDelta(index, "".join(arguments)))
+
+
+def arguments_text(arguments: object) -> str:
+    """A tool call's arguments as the JSON text OpenAI's API sends; some compatible servers send
+    the object itself (t40: it became a Python repr, or was lost when streamed)."""
+    if isinstance(arguments, str):
+        return arguments
+    if isinstance(arguments, dict | list):
+        return _encode(arguments).decode()
+    return ""
 
 
 def grown_name(name: str, piece: object) -> str:

@@ -124,6 +124,7 @@ class StreamTally:
     chunks: int = 0
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     reasoning_parts: list[str] = field(default_factory=list)
+    refusal_parts: list[str] = field(default_factory=list)
     thinking_blocks: list[dict[str, Any]] = field(default_factory=list)
     _thought: int = 0
     """How much of ``reasoning_parts`` the thinking blocks so far cover."""
@@ -146,7 +147,7 @@ class StreamTally:
         """Everything the stream wrote so far: what the gateway counts when the upstream's usage
         did not come (or came only at the start, as Anthropic's ``message_start`` placeholder)."""
         calls = (f"{call['function']['name']}{call['function']['arguments']}" for call in self.tool_calls.values())
-        return "".join((*self.reasoning_parts, self.text, *calls))
+        return "".join((*self.reasoning_parts, self.text, *self.refusal_parts, *calls))
 
     def take_delta(self, delta: dict[str, Any]) -> None:
         """Add one chunk's delta (first choice) to the message."""
@@ -158,6 +159,9 @@ class StreamTally:
             self.reasoning_parts.append(reasoning)
         for block in delta.get("thinking_blocks") or ():
             self._take_thinking(block)
+        refusal = delta.get("refusal")
+        if isinstance(refusal, str) and refusal:  # counted when no usage comes (t40: billed 0 output tokens)
+            self.refusal_parts.append(refusal)
         for call in delta.get("tool_calls") or ():
             self._take_call(call)
         if openai_chat.beyond_the_answer(delta, "message"):  # a refusal, audio, a legacy function_call, ...
@@ -206,8 +210,8 @@ class StreamTally:
         elif call.get("id") and not known["id"]:
             known["id"] = call["id"]
         known["function"]["name"] = openai_chat.grown_name(known["function"]["name"], function.get("name"))
-        fragment = function.get("arguments")
-        if isinstance(fragment, str):
+        fragment = openai_chat.arguments_text(function.get("arguments"))
+        if fragment:
             known["function"]["arguments"] += fragment
 
 

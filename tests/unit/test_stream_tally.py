@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.core.model import ToolArgumentsDelta, ToolCallStart
+from gateway.protocols import openai_chat
 from gateway.upstreams.base import StreamTally
 
 
@@ -86,3 +88,33 @@ def test_only_what_a_replay_rebuilds_is_stored_whole_or_streamed() -> None:
     streamed = StreamTally()
     streamed.take_delta({"content": "Paris", "reasoning_details": [{"type": "reasoning.text"}]})
     assert not streamed.replayable
+
+
+def test_a_refusal_is_counted_and_object_arguments_are_json() -> None:
+    """t40: a streamed refusal without usage was billed 0 output tokens; arguments a server sent
+    as an object were lost."""
+    tally = StreamTally()
+    for delta in ({"refusal": "I can't help"}, {"refusal": " with that."},
+                  {"tool_calls": [{"index": 0, "id": "c", "function": {"name": "f", "arguments": {"a": 1}}}]}):  # fmt: skip
+        tally.take_delta(delta)
+    assert tally.said == 'I can\'t help with that.f{"a":1}'
+
+
+def test_the_chunk_reader_keeps_calls_apart_that_a_server_numbers_alike() -> None:
+    """t40: two calls sent at index 0 with their own ids became one call; arguments sent as an
+    object (not JSON text) were lost, or a Python repr when not streamed."""
+    reader = openai_chat.ChunkReader()
+    chunks: list[dict[str, Any]] = [
+        {"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "id": "call_a", "function": {"name": "weather", "arguments": {"city": "Lima"}}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "id": "call_b", "function": {"name": "time", "arguments": '{"tz": '}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '"UTC"}'}}]}}]},
+    ]  # fmt: skip
+    deltas = [delta for chunk in chunks for delta in reader.read(chunk)]
+    assert deltas == [
+        ToolCallStart(0, "call_a", "weather"), ToolArgumentsDelta(0, '{"city":"Lima"}'),
+        ToolCallStart(1, "call_b", "time"), ToolArgumentsDelta(1, '{"tz": '), ToolArgumentsDelta(1, '"UTC"}'),
+    ]  # fmt: skip
+    message = {"tool_calls": [{"id": "c", "function": {"name": "f", "arguments": {"a": [1]}}}]}
+    assert openai_chat.answer_from_message(message, "tool_calls").tool_calls[0].arguments == '{"a":[1]}'
