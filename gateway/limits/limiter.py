@@ -124,6 +124,12 @@ class Limiter:
         self._settling: set[asyncio.Task[None]] = set()
         self._words: dict[str, _Word] = {}
         """By spend counter (``CounterScope.spend``)."""
+        self._unconfirmed: dict[str, float] = {}
+        """By spend counter: the estimates (then costs) of reservations taken as made when their call
+        timed out, until their settlements land. A call that timed out before it was sent never
+        reached the store, whose first word after a stall lacks it, and 20 requests went past a
+        budget in the 250 ms after Redis came back (t39); one that did reach it counts twice here,
+        refusing early, until its settlement lands."""
 
     @staticmethod
     def enforces(policy: Policy, principal: Principal) -> bool:
@@ -180,6 +186,7 @@ class Limiter:
                 raise refusal from None
             if made is not None:
                 made.budget_share = share
+                self._hold(made.spend, cost_usd)
                 return made
             # not asked (Redis marked down): nothing reserved; the estimate, let through by this
             # process's view, is kept so that the cost can replace it there (t23: $5.45 of $1.00)
@@ -187,7 +194,7 @@ class Limiter:
         added = cost_usd if outcome.refused_by is None else 0.0
         held = False
         for scope, (spent_day, spent_month) in zip(scopes, outcome.spent, strict=False):
-            unsent = self.ledger.held_spend(scope.spend, day, month)
+            unsent = self.ledger.held_spend(scope.spend, day, month) + self._unconfirmed.get(scope.spend, 0.0)
             held = held or unsent > 0
             self._words[scope.spend] = _Word(day, month, spent_day + added + unsent, spent_month + added + unsent)
         if outcome.refused_by is not None:
@@ -199,6 +206,14 @@ class Limiter:
                 self.settle_later(policy, made, UsageFigures())
                 raise refusal
         return made
+
+    def _hold(self, spends: tuple[str, ...], amount: float) -> None:
+        for counter in spends:
+            left = self._unconfirmed.get(counter, 0.0) + amount
+            if left > 1e-12:
+                self._unconfirmed[counter] = left
+            else:
+                self._unconfirmed.pop(counter, None)
 
     def _over_budget(
         self,
@@ -326,11 +341,17 @@ class Limiter:
         # The store's next word replaces the view, this correction with it.
         if reservation.in_view:
             self._correct_words(reservation, used.cost_usd)
+        unconfirmed = not reservation.answered and reservation.in_view
+        if unconfirmed:  # its cost, not its estimate, is held until the settlement lands
+            self._hold(reservation.spend, used.cost_usd - reservation.cost_usd)
         try:
             timed_out = await self._send_settlement(request, reservation, timeout_s)
         except asyncio.CancelledError:  # shutting down with the store still away
             _unrecorded(reservation, used.cost_usd, tokens, "shut down while the store was away")
             raise
+        finally:
+            if unconfirmed:
+                self._hold(reservation.spend, -used.cost_usd)
         if timed_out is None:
             return
         if timed_out:  # perhaps applied; sent again once its mark is gone, it could count twice

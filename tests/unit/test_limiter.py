@@ -133,8 +133,9 @@ async def test_a_stalled_store_leaves_budgets_to_its_last_word_and_what_was_let_
     with pytest.raises(BudgetExceededError):
         await limiter.reserve(policy, _principal(), 10, 0.6)  # the store refuses, and says $0.50 is spent
     counters.stalled = True
-    # a refusal of a large request leaves room for small ones (a tester saw them all refused)
-    assert (await limiter.reserve(policy, _principal(), 10, 0.01)).budget_share == pytest.approx(0.5)
+    # a refusal of a large request leaves room for small ones (a tester saw them all refused); the
+    # $0.45 let through in the stall, not yet settled, still counts beside the store's word (t39)
+    assert (await limiter.reserve(policy, _principal(), 10, 0.01)).budget_share == pytest.approx(0.95)
     # the tenant's word is every key's: another key of the tenant, never seen, is held to it
     other_key = Principal("other", "team", frozenset({"*"}), Limits())
     with pytest.raises(BudgetExceededError) as tenant_refused:
@@ -251,6 +252,28 @@ async def test_spend_held_while_the_store_was_away_counts_against_its_next_word(
         await limiter.reserve(policy, principal, 10, 0.01)
     assert "$1.2500 is spent" in still.value.message
     await limiter.aclose()
+
+
+async def test_reservations_that_never_arrived_count_against_the_stores_first_word_after_a_stall() -> None:
+    """t39: reservations that timed out before they were sent were let through by the view, but
+    the store's first word after the stall lacked them, and replaced the view: 20 requests passed
+    the budget in the 250 ms before their settlements landed."""
+    counters = _Hanging()  # reservations time out unsent; settlements hang until the store is back
+    policy, limiter, principal = await _a_dollar_a_day_with_nothing_spent(counters)
+    counters.stalled = True
+    for _ in range(3):
+        reservation = await limiter.reserve(policy, principal, 10, 0.1)  # estimated at $0.10 ...
+        limiter.settle_later(policy, reservation, UsageFigures(requests=1, cost_usd=0.25))  # ... cost $0.25
+        await asyncio.sleep(0)  # the settlement starts, and hangs
+    counters.stalled = False  # back: its word is $0.01, the three costs not yet settled
+    with pytest.raises(BudgetExceededError) as refused:
+        await limiter.reserve(policy, principal, 10, 0.3)  # 0.01 + 3 x 0.25 + 0.3 > 1.00
+    assert "$0.7600 is spent" in refused.value.message
+    for _ in range(3):
+        await asyncio.sleep(0)  # the refused reservation's cancellation lands
+    await limiter.reserve(policy, principal, 10, 0.2)  # 0.01 + 0.75 + 0.2 fits
+    for task in limiter._settling:
+        task.cancel()
 
 
 async def test_with_no_word_from_the_store_yet_a_stall_lets_a_tenth_of_a_budget_through() -> None:
