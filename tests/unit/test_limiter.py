@@ -192,16 +192,25 @@ class _Hanging(_Stalling):
         await super().settle(request, timeout_s)
 
 
+async def _hanging_settlements(
+    requests: int, *, estimate: float, cost: float, counters: _Hanging | None = None
+) -> tuple[Policy, Limiter, Principal]:
+    """The $1.00-a-day key, then ``requests`` let through in a stall, each estimated at ``estimate``
+    and costing ``cost``, their settlements hanging."""
+    counters = counters or _Hanging()
+    policy, limiter, principal = await _a_dollar_a_day_with_nothing_spent(counters)
+    counters.stalled = True
+    for _ in range(requests):
+        reservation = await limiter.reserve(policy, principal, 10, estimate)
+        limiter.settle_later(policy, reservation, UsageFigures(requests=1, cost_usd=cost))
+        await asyncio.sleep(0)  # the settlement starts, and hangs
+    return policy, limiter, principal
+
+
 async def test_a_settlement_still_waiting_counts_what_the_request_cost() -> None:
     """t24: against a paused Redis a settlement waits seconds before it fails, and until then only
     estimates counted: sequential requests spent $3.41 of a $1.00 budget."""
-    counters = _Hanging()
-    policy, limiter, principal = await _a_dollar_a_day_with_nothing_spent(counters)
-    counters.stalled = True
-    for _ in range(2):
-        reservation = await limiter.reserve(policy, principal, 10, 0.06)  # estimated at $0.06 ...
-        limiter.settle_later(policy, reservation, UsageFigures(requests=1, cost_usd=0.31))  # ... cost $0.31
-        await asyncio.sleep(0)  # the settlement starts, and hangs
+    policy, limiter, principal = await _hanging_settlements(2, estimate=0.06, cost=0.31)
     assert (await limiter.reserve(policy, principal, 10, 0.06)).budget_share == pytest.approx(0.63)
     with pytest.raises(BudgetExceededError):  # 0.01 + 2 x 0.31 + 0.06 + 0.4 > 1.00
         await limiter.reserve(policy, principal, 10, 0.4)
@@ -259,12 +268,7 @@ async def test_reservations_that_never_arrived_count_against_the_stores_first_wo
     the store's first word after the stall lacked them, and replaced the view: 20 requests passed
     the budget in the 250 ms before their settlements landed."""
     counters = _Hanging()  # reservations time out unsent; settlements hang until the store is back
-    policy, limiter, principal = await _a_dollar_a_day_with_nothing_spent(counters)
-    counters.stalled = True
-    for _ in range(3):
-        reservation = await limiter.reserve(policy, principal, 10, 0.1)  # estimated at $0.10 ...
-        limiter.settle_later(policy, reservation, UsageFigures(requests=1, cost_usd=0.25))  # ... cost $0.25
-        await asyncio.sleep(0)  # the settlement starts, and hangs
+    policy, limiter, principal = await _hanging_settlements(3, estimate=0.1, cost=0.25, counters=counters)
     counters.stalled = False  # back: its word is $0.01, the three costs not yet settled
     with pytest.raises(BudgetExceededError) as refused:
         await limiter.reserve(policy, principal, 10, 0.3)  # 0.01 + 3 x 0.25 + 0.3 > 1.00
