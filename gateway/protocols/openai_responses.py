@@ -185,10 +185,11 @@ def decode_request(
         "metadata": wire.metadata or {},
         "parallel_tool_calls": True if wire.parallel_tool_calls is None else wire.parallel_tool_calls,
         "previous_response_id": wire.previous_response_id,
-        "reasoning": wire.reasoning,
+        # what was done, as for truncation: a dropped setting is not echoed as if honoured (t38)
+        "reasoning": {"effort": None, "summary": None} if "reasoning" in request.dropped else wire.reasoning,
         "store": True if wire.store is None else wire.store,
         "temperature": wire.temperature,
-        "text": {"format": text_format, **({"verbosity": text["verbosity"]} if "verbosity" in text else {})},
+        "text": {"format": text_format},
         "tool_choice": echo_choice,
         "tools": echo_tools,
         "top_p": wire.top_p,
