@@ -381,6 +381,12 @@ def _warnings(policy: Policy, environ: Mapping[str, str], key_file: Path | None 
                     f"models.{name}.price.{price.encode_name}: ${value:g} per million tokens; prices are per "
                     f"million tokens (a per-token price would be ${value * 1e6:g} here)"
                 )
+        timeouts = model.timeouts
+        if timeouts.total < timeouts.first_byte:  # t41: accepted in silence
+            out.append(
+                f"models.{name}.timeouts.total: {timeouts.total:g} s is shorter than first_byte "
+                f"({timeouts.first_byte:g} s), which then never applies: the whole answer must come within total"
+            )
     callable_names = {*policy.routes, *(name for name, model in policy.models.items() if model.public)}
     for key in policy.auth.keys:
         unknown = [name for name in key.models if name != "*" and name not in callable_names]

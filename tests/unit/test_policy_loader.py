@@ -496,6 +496,12 @@ def test_a_header_http_forbids_is_refused_and_a_keys_surrounding_whitespace_drop
     assert api_key(keyed, {}) is None
 
 
+def test_a_total_timeout_shorter_than_the_first_bytes_is_warned_of() -> None:
+    loaded = load_policy_text(VALID.replace("    tier: large\n", "    tier: large\n    timeouts: {first_byte: 30, total: 10}\n"),
+                              environ={})  # fmt: skip
+    assert any(w.startswith("models.l.timeouts.total: 10 s is shorter than first_byte") for w in loaded.warnings)
+
+
 def test_a_price_that_looks_per_token_is_warned_of() -> None:
     loaded = load_policy_text(VALID.replace("input: 0.1", "input: 0.0000001"), environ={})
     assert any(w.startswith("models.s.price.input: $1e-07 per million tokens") for w in loaded.warnings), (
