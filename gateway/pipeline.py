@@ -69,6 +69,7 @@ from gateway.runtime import Runtime, RuntimeHolder
 from gateway.store.base import StoreUnavailable
 from gateway.tokens import count_prompt, count_text, prompt_chars
 from gateway.upstreams.base import ChatStream, Completion, Provider, StreamTally, Usage
+from gateway.upstreams.sending import SendMark, watch_sending
 
 __all__ = [
     "Answer",
@@ -216,6 +217,8 @@ class _Exchange:
     """An answer's usage is on the record: a client leaving now is billed nothing more."""
     client_left: bool = False
     """The client hung up while the upstream wrote a whole answer, which is waited for."""
+    sending: SendMark | None = None
+    """Whether the upstream call at work was sent (a whole answer's: :meth:`ChatPipeline.client_left`)."""
 
 
 class ChatPipeline:
@@ -253,9 +256,11 @@ class ChatPipeline:
         client that is gone, billed, cached (the client's retry is a hit), and logged as a 499
         (t39: hanging up just before the answer cost the prompt alone, and never tripped a budget)."""
         x = self._whole_answers.get(task)
-        if x is None or x.info.asked is None or self._drain.expired:
-            return False
-        x.client_left = x.info.last_attempt = True
+        if x is None or x.info.asked is None or x.sending is None or not x.sending.sent or self._drain.expired:
+            return False  # nothing sent yet (a request queued for a connection, t43): nothing to bill
+        x.client_left = True
+        # Requests coalesced on it wait for its answer: it is retried and falls back for them (t43)
+        x.info.last_attempt = x.lease is None
         return True
 
     async def handle(
@@ -320,6 +325,7 @@ class ChatPipeline:
             relay = x.passthrough
             if task is not None:
                 self._whole_answers[task] = x
+                x.sending = watch_sending()
             completion = await dispatch(
                 x.plan.candidates,
                 runtime.providers,
@@ -357,7 +363,12 @@ class ChatPipeline:
         except Exception as exc:  # a bug of ours: answered and logged as what it is, never a lost request
             return self._error_answer(x, _internal_error(x, exc))
         except asyncio.CancelledError:
-            if self._drain.ended_by_deadline(task):
+            ended = self._drain.ended_by_deadline(task)
+            if x.info.asked is not None and not x.settled:  # the upstream was at work: its prompt is billed,
+                with anyio.CancelScope(shield=True):  # as a cut stream's is (t43: $0 at the drain deadline)
+                    await self._count_prompt(x)
+                self._settle(x, x.info.asked, None, "")
+            if ended:
                 return self._error_answer(
                     x,
                     ShuttingDownError(
@@ -365,10 +376,6 @@ class ChatPipeline:
                     ),
                 )
             record.status, record.error_type = 499, "client_disconnected"
-            if x.info.asked is not None and not x.settled:  # the upstream was at work: its prompt is billed,
-                with anyio.CancelScope(shield=True):  # as a cut stream's is
-                    await self._count_prompt(x)
-                self._settle(x, x.info.asked, None, "")
             raise
         finally:
             self._drain.untrack(task)

@@ -26,6 +26,7 @@ from gateway.errors import (
 )
 from gateway.protocols import openai_chat
 from gateway.upstreams.http11 import Http11Transport
+from gateway.upstreams.sending import note_sent
 from gateway.upstreams.sse import SSEEvent, SSELineTooLong, iter_sse
 
 __all__ = [
@@ -415,6 +416,7 @@ class Provider(ABC):
                     total_timeout_s=timeouts.total,
                 )
             else:
+                note_sent()  # httpx does not say when it has written: taken as sent
                 async with asyncio.timeout_at(deadline):
                     response = await self._via_httpx(method, url, content, headers, stream=stream)
             if response.status_code >= 300:

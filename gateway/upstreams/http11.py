@@ -28,6 +28,8 @@ from typing import Any, cast
 import httptools
 import httpx
 
+from gateway.upstreams.sending import note_sent, note_waiting
+
 __all__ = ["Http11Response", "Http11Transport"]
 
 _PAUSE_BYTES = 1 << 20
@@ -421,11 +423,13 @@ class Http11Transport(httpx.AsyncBaseTransport):
         pool = self._pool(url)
         head = _head(method, url, headers, content)
         data = (head,) if not content else (head, content)
+        note_waiting()
         for attempt in (1, 2):
             left = _left(deadline, loop)
             connection, kept_alive = await pool.acquire(
                 connect_timeout_s if left is None else min(connect_timeout_s, left)
             )
+            note_sent()  # written at once (_answer): what follows is the upstream's to bill
             left = _left(deadline, loop)
             try:
                 response = await _answer(connection, data, first_byte_timeout_s, left)

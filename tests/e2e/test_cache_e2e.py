@@ -93,6 +93,26 @@ def test_the_retry_of_a_client_that_timed_out_is_served_the_answer_it_left(
     assert upstream_stats(small_upstream)["chat_requests"] == 1
 
 
+def test_a_twin_of_a_request_whose_client_left_is_still_retried_for(
+    cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t43: the leader's client left, so its failed first try was not retried, and the twin still
+    waiting on it got the 502 one retry would have spared it."""
+    inject(small_upstream, {"delay_ms": 500, "status": 500})
+    content = json.dumps({"model": "fast", "messages": _unique("twin"), "temperature": 0}).encode()
+    headers = {"authorization": "Bearer key-a1", "content-type": "application/json"}
+    url = f"{cached_gateway.base_url}/chat/completions"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        leader = pool.submit(httpx.post, url, content=content, headers=headers, timeout=0.25)
+        time.sleep(0.1)
+        twin = pool.submit(httpx.post, url, content=content, headers=headers, timeout=15)
+        with pytest.raises(httpx.ReadTimeout):
+            leader.result()
+        answered = twin.result()
+    assert answered.status_code == 200, answered.text
+    assert upstream_stats(small_upstream)["chat_requests"] == 2  # the failed try, and its retry
+
+
 def test_key_ignores_field_order_and_whitespace(cached_gateway: GatewayProcess) -> None:
     marker = f"order {time.monotonic_ns()}"
     compact = b'{"model":"fast","temperature":0,"messages":[{"role":"user","content":"%s"}]}' % marker.encode()

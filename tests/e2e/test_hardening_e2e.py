@@ -359,6 +359,7 @@ def test_a_request_still_waiting_at_the_drain_deadline_gets_a_503_not_a_cut(
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "shutting_down"
     [record] = gateway.log_records()
     assert record["status"] == 503 and record["error_type"] == "shutting_down"
+    assert record["prompt_tokens"] > 0 and record["cost_usd"] > 0  # the upstream was at work (t43: $0)
 
 
 def test_no_internal_error_leaves_the_request_without_an_id_or_a_log_line(gw: GatewayProcess) -> None:

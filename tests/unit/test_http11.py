@@ -5,6 +5,7 @@ the server closed, answers cut short, garbage, silence, and a full pool."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +17,7 @@ from gateway.config.loader import load_policy_text
 from gateway.errors import UpstreamTimeoutError
 from gateway.upstreams.http11 import Http11Response, Http11Transport
 from gateway.upstreams.registry import build_provider
+from gateway.upstreams.sending import SendMark, watch_sending
 
 Action = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes], Awaitable[None]]
 
@@ -274,6 +276,38 @@ async def test_a_waiting_request_gets_the_connection_the_other_gives_back(serve:
         answers = await asyncio.gather(*(_post(transport, server.url) for _ in range(5)))
         assert [a.status_code for a in answers] == [200] * 5
         assert server.connections == 1
+    finally:
+        await transport.aclose()
+
+
+async def test_a_request_says_when_it_is_sent_not_while_it_waits_for_a_connection(serve: Serve) -> None:
+    """t43: a client that left while its request waited for a pooled connection was billed for an
+    answer the gateway then asked for anyway: what is not sent yet can still be called off."""
+    server = await serve(stay_silent)
+    transport = Http11Transport(max_connections=1)
+
+    async def post_watched(first_byte_s: float) -> SendMark:
+        mark = watch_sending()  # in this task, as the pipeline's request task sets it
+        with contextlib.suppress(httpx.TimeoutException):
+            await _post(transport, server.url, first_byte_s=first_byte_s)
+        return mark
+
+    try:
+        holding = asyncio.create_task(post_watched(0.5))
+        await asyncio.sleep(0.05)
+        waiting_mark: list[SendMark] = []
+
+        async def wait_for_the_pool() -> None:
+            waiting_mark.append(watch_sending())
+            await _post(transport, server.url, first_byte_s=0.1, connect_s=5.0)
+
+        waiting = asyncio.create_task(wait_for_the_pool())
+        await asyncio.sleep(0.05)
+        assert waiting_mark[0].sent is False  # queued behind the held connection
+        assert (await holding).sent is True
+        with pytest.raises(httpx.ReadTimeout):
+            await waiting
+        assert waiting_mark[0].sent is True
     finally:
         await transport.aclose()
 
