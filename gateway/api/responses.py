@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -46,8 +46,10 @@ from gateway.core.model import Message, TextPart
 from gateway.core.model import Request as CoreRequest
 from gateway.errors import GatewayError, InvalidRequestError, ServiceUnavailableError, UpstreamStatusError
 from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas
+from gateway.protocols import openai_chat
 from gateway.protocols import openai_responses as codec
 from gateway.protocols.shared_state import refuse_upstream_ids
+from gateway.protocols.tenant_ids import told_back
 from gateway.responses_store import ResponseStore, StoredResponse
 from gateway.runtime import Runtime
 from gateway.sparse_log import SparseLog
@@ -86,6 +88,8 @@ class _Turn:
     decoded: codec.ResponsesRequest | None = None
     tenant: str = ""
     history: list[Message] = field(default_factory=list)
+    own_ids: dict[bytes, bytes] = field(default_factory=dict)
+    """A passed-through request's identifiers as sent upstream, and as the client wrote them."""
 
 
 @post("/v1/responses", request_max_body_size=None, status_code=200)
@@ -108,6 +112,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         ):
             turn.decoded = decoded
             passthrough.body = _without_shared_state(msgspec.json.decode(raw), raw)
+            turn.own_ids = told_back(passthrough.body, turn.tenant)
             passthrough.held_by = previous.held_by if previous is not None else None
             return _readable(decoded)
         if previous is not None and previous.held_by is not None:
@@ -128,7 +133,11 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         return _CLIENT_GONE
     headers = dict(answer.headers)
     decoded = turn.decoded
-    if decoded is not None and passthrough.body is None and (dropped := dropped_header(decoded.request.dropped)):
+    if (
+        decoded is not None
+        and passthrough.body is None
+        and (dropped := dropped_header(_dropped(state, decoded, headers)))
+    ):
         headers["x-gateway-dropped"] = dropped
     if decoded is None or (isinstance(answer, Answer) and answer.status != 200):
         assert isinstance(answer, Answer)  # nothing decoded: the pipeline answered with an error
@@ -360,6 +369,16 @@ def _readable(decoded: codec.ResponsesRequest) -> CoreRequest:
     return msgspec.structs.replace(decoded.request, messages=[Message("user", (TextPart(""),))])
 
 
+def _dropped(state: GatewayState, decoded: codec.ResponsesRequest, headers: Mapping[str, str]) -> list[str]:
+    """What did not reach the model that answered: a tool result's images too where a chat
+    upstream answered (its tool message is text; t43: dropped without a word)."""
+    answerer = state.holder.current.policy.models.get(headers.get("x-gateway-model", ""))
+    if answerer is None or answerer.provider == "anthropic":
+        return decoded.request.dropped
+    lost = openai_chat.lost_on_chat_upstreams(decoded.request)
+    return [*decoded.request.dropped, *(name for name in lost if name not in decoded.request.dropped)]
+
+
 async def _passed_through(
     answer: Answer | StreamingAnswer, headers: dict[str, str], state: GatewayState, turn: _Turn
 ) -> Response[bytes] | Stream:
@@ -370,7 +389,7 @@ async def _passed_through(
     held_by = headers.get("x-gateway-model", "")
     keep = turn.decoded is not None and turn.decoded.store
     if isinstance(answer, Answer):
-        body = answer.body
+        body = _own_ids(answer.body, turn.own_ids)
         if keep:
             response = msgspec.json.decode(body)
             response_id = response.get("id") if isinstance(response, dict) else None
@@ -379,11 +398,29 @@ async def _passed_through(
                 body = msgspec.json.encode(response)
                 state.background.spawn(_forget(state, held_by, response_id), "forget-unclaimed-response")
         return Response(content=body, status_code=200, headers=headers, media_type="application/json")
+    events = _with_own_ids(answer.events, turn.own_ids) if turn.own_ids else answer.events
     return Stream(
-        _claimed_events(answer.events, state, turn.tenant, held_by) if keep else answer.events,
+        _claimed_events(events, state, turn.tenant, held_by) if keep else events,
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
     )
+
+
+def _own_ids(data: bytes, own_ids: dict[bytes, bytes]) -> bytes:
+    for sent, written in own_ids.items():
+        data = data.replace(sent, written)
+    return data
+
+
+async def _with_own_ids(events: AsyncIterator[bytes], own_ids: dict[bytes, bytes]) -> AsyncIterator[bytes]:
+    """The upstream's events with the client's own identifiers where they echo the request."""
+    try:
+        async for piece in events:
+            yield _own_ids(piece, own_ids)
+    finally:
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            await close()
 
 
 async def _claimed_events(

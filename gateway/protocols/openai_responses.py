@@ -95,6 +95,7 @@ class _ResponsesRequest(_Wire):
     top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     user: str | None = None
     safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
     metadata: dict[str, str] | None = None
     stream: bool | None = None
     store: bool | None = None
@@ -187,6 +188,8 @@ def decode_request(
         "previous_response_id": wire.previous_response_id,
         # what was done, as for truncation: a dropped setting is not echoed as if honoured (t38)
         "reasoning": {"effort": None, "summary": None} if "reasoning" in request.dropped else wire.reasoning,
+        "safety_identifier": wire.safety_identifier,
+        "prompt_cache_key": wire.prompt_cache_key,
         "store": True if wire.store is None else wire.store,
         "temperature": wire.temperature,
         "text": {"format": text_format},

@@ -15,9 +15,11 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import msgspec
+
 from gateway.core.model import Request
 
-__all__ = ["SCOPED_FIELDS", "scoped", "scoped_body", "scoped_request"]
+__all__ = ["SCOPED_FIELDS", "scoped", "scoped_body", "scoped_request", "told_back"]
 
 SCOPED_FIELDS = ("user", "safety_identifier", "prompt_cache_key")
 """The OpenAI fields (chat, Responses, embeddings) that name an end user or a prompt-cache group."""
@@ -51,3 +53,15 @@ def scoped_request(request: Request, tenant: str) -> None:
         request.user = scoped(tenant, request.user)
     if request.extra:
         request.extra = scoped_body(request.extra, tenant)
+
+
+def told_back(body: dict[str, Any], tenant: str) -> dict[bytes, bytes]:
+    """For an upstream's answer that echoes the request (a Responses object), each of ``body``'s
+    identifiers as JSON the upstream was sent, and as the client wrote it: the client reads its
+    own values back, not the gateway's digests (t43)."""
+    found = [name for name in SCOPED_FIELDS if isinstance(body.get(name), str) and body[name]]
+    return {_json_string(scoped(tenant, body[name])): _json_string(body[name]) for name in found}
+
+
+def _json_string(value: str) -> bytes:
+    return msgspec.json.encode(value)

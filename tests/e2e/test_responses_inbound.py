@@ -367,6 +367,18 @@ def test_fields_a_chat_upstream_cannot_honour_are_named_as_dropped(client: opena
     assert tool.type == "function" and tool.strict is False  # a chat upstream applies strict only when asked
 
 
+def test_a_tool_results_image_a_chat_upstream_cannot_read_is_named_as_dropped(client: openai.OpenAI) -> None:
+    """t43: it reached a chat upstream as a text-only tool message, with a 200 and no word."""
+    items: Any = [
+        {"type": "message", "role": "user", "content": "Plot it."},
+        {"type": "function_call", "call_id": "c1", "name": "plot", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": [
+            {"type": "input_text", "text": "The chart:"}, {"type": "input_image", "image_url": "https://x/c.png"}]},
+    ]  # fmt: skip
+    raw = client.responses.with_raw_response.create(model="fast", input=items)
+    assert raw.parse().output_text and raw.headers["x-gateway-dropped"] == "tool_result.image"
+
+
 def test_reasoning_is_dropped_with_a_note_for_a_chat_upstream(gateway: GatewayProcess) -> None:
     body = {
         "model": "fast",

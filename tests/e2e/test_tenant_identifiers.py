@@ -99,3 +99,21 @@ def test_an_anthropic_clients_end_user_passed_through_is_its_tenants_own(
         model="claude", max_tokens=32, messages=_HELLO, metadata={"user_id": "user-1"}
     )
     assert _sent(large_upstream)["metadata"] == {"user_id": scoped("team-a", "user-1")}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_passed_through_response_tells_the_client_its_own_identifiers_back(
+    two_tenants: GatewayProcess, small_upstream: SimulatedUpstream, stream: bool
+) -> None:
+    """t43: the upstream echoes the request in its response object, and the client read the
+    gateway's digests back instead of its own values."""
+    ids = {"user": "user-1", "safety_identifier": "user-1", "prompt_cache_key": "session-1"}
+    oai = _openai(two_tenants, "key-a")
+    if stream:
+        with oai.responses.stream(model="gpt", input="Say hello.", **ids) as events:  # type: ignore[call-overload]
+            response = events.get_final_response()
+    else:
+        response = oai.responses.create(model="gpt", input="Say hello.", **ids)  # type: ignore[call-overload]
+    assert (response.user, response.safety_identifier, response.prompt_cache_key) == ("user-1", "user-1", "session-1")
+    sent = _sent(small_upstream)
+    assert (sent["user"], sent["prompt_cache_key"]) == (scoped("team-a", "user-1"), scoped("team-a", "session-1"))
