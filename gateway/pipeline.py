@@ -662,6 +662,7 @@ class ChatPipeline:
             "cache",
         )
         record.cached_prompt_tokens, record.cache_write_tokens = usage.cached_input_tokens, usage.cache_write_tokens
+        record.cache_write_1h_tokens = usage.cache_write_1h_tokens
         record.reasoning_tokens = usage.reasoning_tokens
         record.cost_usd = 0.0
         record.cache_saved_usd = hit.cost_usd
@@ -706,6 +707,7 @@ class ChatPipeline:
             cached_prompt_tokens=record.cached_prompt_tokens,
             cache_write_tokens=record.cache_write_tokens,
             reasoning_tokens=record.reasoning_tokens,
+            cache_write_1h_tokens=record.cache_write_1h_tokens,
         )
         await self._exact.put(plan.exact_key, entry, policy.exact.ttl_s, timeout_s, x.lease)
         x.lease = None  # released with the answer (a cancelled put leaves it to _release_lease)

@@ -116,28 +116,42 @@ class _Sink:
     """The file the sink appends to, opened again when the path names another (t41: after a
     logrotate-style rename the lines went on into the renamed file, and dashboards lost them)."""
     looked_at: float = 0.0
+    torn: bool = False
+    """A write failed part way (a full disk): the next starts on a line of its own, so that the
+    fragment does not spoil a good line (t44)."""
 
     @classmethod
     def of_path(cls, path: str) -> _Sink:
-        sink = cls.of_fd(_open_to_append(path), owned=True)
+        """A file sink. One that cannot be opened now (its folder moved away) is opened once it can:
+        a worker restarted meanwhile failed to start, and took the gateway down with it (t44)."""
+        try:
+            sink = cls.of_fd(_open_to_append(path), owned=True)
+        except OSError:
+            sink = cls(None, None, owned=True, limit=1 << 62)
         sink.path = path
         return sink
 
     def follow_path(self, now: float) -> None:
-        """At most once a second: the path's file is not this one (renamed, deleted): open it."""
-        if self.path is None or self.fd is None or now - self.looked_at < _LOOK_EVERY_S:
+        """At most once a second: the path's file is not this one (renamed, deleted): open it. The
+        file held, if any, is written on until that succeeds (t44: batches were thrown away)."""
+        if self.path is None or now - self.looked_at < _LOOK_EVERY_S:
             return
         self.looked_at = now
         try:
-            named = os.stat(self.path)
-        except FileNotFoundError:
-            named = None
-        held = os.fstat(self.fd)
-        if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
-            return
-        fd = _open_to_append(self.path)  # an OSError leaves the old one in place, tried again later
-        os.close(self.fd)
-        self.fd = fd
+            if self.fd is not None:
+                try:
+                    named: os.stat_result | None = os.stat(self.path)
+                except FileNotFoundError:
+                    named = None
+                held = os.fstat(self.fd)
+                if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+                    return
+            fd = _open_to_append(self.path)
+        except OSError:
+            return  # tried again in a second
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd, self.torn = fd, False
 
     @classmethod
     def of_stream(cls, stream: IO[str]) -> _Sink:
@@ -154,19 +168,31 @@ class _Sink:
 
     def write(self, lines: list[str]) -> None:
         if self.fd is None:
-            assert self.stream is not None
+            if self.stream is None:
+                raise FileNotFoundError(errno.ENOENT, "the request log file could not be opened")
             self.stream.write("".join(line + "\n" for line in lines))
             self.stream.flush()
             return
-        chunk = bytearray()
+        chunk = bytearray(b"\n" if self.torn else b"")
         for line in lines:
             encoded = line.encode() + b"\n"
             if chunk and len(chunk) + len(encoded) > self.limit:
-                _write_all(self.fd, chunk)
+                self._write_all(chunk)
                 chunk = bytearray()
             chunk += encoded  # a line longer than the limit goes alone: no write can do better
         if chunk:
-            _write_all(self.fd, chunk)
+            self._write_all(chunk)
+
+    def _write_all(self, data: bytearray) -> None:
+        assert self.fd is not None
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+            except OSError:
+                self.torn = self.torn or len(view) < len(data)
+                raise
+        self.torn = False
 
     def close(self) -> None:
         if self.owned and self.fd is not None:
@@ -178,12 +204,6 @@ _LOOK_EVERY_S = 1.0
 
 def _open_to_append(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-
-def _write_all(fd: int, data: bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 class RequestLogWriter:
@@ -212,7 +232,9 @@ class RequestLogWriter:
         if path:
             self._sinks.append(_Sink.of_path(path))
         self.dropped_lines = 0
-        """Lines a sink could not take (a full disk, a closed pipe): said on stderr, at most once a minute."""
+        """Lines a sink could not take (a full disk, a closed pipe): said on stderr, at most once a
+        minute, and at the end."""
+        self._said_lines = 0
         self._said_at = -_SAY_EVERY_S
         self._pending: list[str] = []
         self._lock = threading.Lock()
@@ -233,27 +255,32 @@ class RequestLogWriter:
             closing = self._closing
             with self._lock:
                 batch, self._pending = self._pending, []
+            now = time.monotonic()
             if batch:
-                now = time.monotonic()
                 for sink in self._sinks:
+                    sink.follow_path(now)
                     try:
-                        sink.follow_path(now)
                         sink.write(batch)
                     except (OSError, ValueError) as exc:  # a broken sink must not take the thread down
-                        self._lost(len(batch), exc, now)
+                        self.dropped_lines += len(batch)
+                        self._last_error = exc
+            if self.dropped_lines > self._said_lines and (closing or now - self._said_at >= _SAY_EVERY_S):
+                self._say_lost(now)
             if closing:
                 return
 
-    def _lost(self, lines: int, exc: Exception, now: float) -> None:
-        """Count lines that did not land, and say so on stderr (t41: a full disk lost every line
-        in silence): written here, not through a logger, which may be what failed."""
-        self.dropped_lines += lines
-        if now - self._said_at < _SAY_EVERY_S:
-            return
-        self._said_at = now
+    _last_error: Exception | None = None
+
+    def _say_lost(self, now: float) -> None:
+        """Say on stderr how many lines did not land since it was last said (t41: a full disk lost
+        every line in silence; t44: only the first failure of a minute was counted): written here,
+        not through a logger, which may be what failed."""
+        exc = self._last_error
         reason = errno.errorcode.get(exc.errno, "") if isinstance(exc, OSError) and exc.errno else type(exc).__name__
         notice = {"event": "request_log_write_failed", "level": "error", "error": reason,
+                  "dropped_lines": self.dropped_lines - self._said_lines,
                   "dropped_lines_total": self.dropped_lines}  # fmt: skip
+        self._said_at, self._said_lines = now, self.dropped_lines
         with contextlib.suppress(OSError):
             os.write(2, msgspec.json.encode(notice) + b"\n")
 

@@ -23,6 +23,7 @@ class CachedAnswer(msgspec.Struct, kw_only=True):
     cached_prompt_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_1h_tokens: int = 0
     """How the first answer's tokens split (the upstream's prompt cache, its reasoning): a hit's
     baseline is priced on the same split as the miss's was."""
 
@@ -46,6 +47,7 @@ class CachedAnswer(msgspec.Struct, kw_only=True):
             output_tokens=self.completion_tokens,
             cached_input_tokens=self.cached_prompt_tokens if prompt_tokens is None else 0,
             cache_write_tokens=self.cache_write_tokens if prompt_tokens is None else 0,
+            cache_write_1h_tokens=self.cache_write_1h_tokens if prompt_tokens is None else 0,
             reasoning_tokens=self.reasoning_tokens,
         )
         return msgspec.structs.replace(self.answer, id=answer_id, usage=usage)

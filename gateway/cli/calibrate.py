@@ -12,7 +12,7 @@ from gateway.cli._classifier import (
     load_route_or_exit,
     unreadable_input,
 )
-from gateway.cli._parsers import Subcommands
+from gateway.cli._parsers import Subcommands, share
 from gateway.config.edit import set_route_threshold
 
 __all__ = ["register", "run"]
@@ -22,7 +22,7 @@ def register(commands: Subcommands) -> None:
     calibrate = commands.add_parser(
         "calibrate", help="the threshold that sends a target share of prompts to the large model"
     )
-    calibrate.add_argument("--target-large-share", type=float, required=True)
+    calibrate.add_argument("--target-large-share", type=share, required=True)
     calibrate.add_argument("--jsonl", required=True, help="a sample of prompts, or - for stdin")
     calibrate.add_argument(
         "--write", action="store_true", help="write it into the policy (a running gateway reloads it)"
@@ -34,9 +34,6 @@ def register(commands: Subcommands) -> None:
 def run(args: argparse.Namespace) -> int:
     from gateway.classifier.batch import calibrate
 
-    if not 0 <= args.target_large_share <= 1:
-        print("--target-large-share must be between 0 and 1", file=sys.stderr)
-        return 2
     load_route_or_exit(Path(args.policies), args.route)  # the file and the route are checked before the work
     classifier = load_classifier_or_exit(args.artifacts)
     try:

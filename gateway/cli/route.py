@@ -12,7 +12,7 @@ from gateway.cli._classifier import (
     load_route_or_exit,
     unreadable_input,
 )
-from gateway.cli._parsers import Subcommands
+from gateway.cli._parsers import Subcommands, share
 
 __all__ = ["register", "run"]
 
@@ -23,7 +23,7 @@ def register(commands: Subcommands) -> None:
     )
     route.add_argument("--jsonl", required=True, help="input file, or - for stdin")
     route.add_argument("--output", default="-", help="output file (default: stdout)")
-    route.add_argument("--threshold", type=float, help="default: the route's threshold in the policy")
+    route.add_argument("--threshold", type=share, help="default: the route's threshold in the policy")
     add_classifier_arguments(route)
     route.set_defaults(run=run)
 

@@ -242,15 +242,18 @@ def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float) -> 
     if workers > 1:  # bound here, so that a port in use exits non-zero (below, SystemExit means stopped)
         reuse_port = hasattr(socket, "SO_REUSEPORT")
         sockets = _listening_sockets(host, port, workers) if reuse_port else [config.bind_socket()]
+    supervisor = _uvicorn_supervisor()(config, sockets=sockets) if sockets else None
     try:
-        if sockets:
-            _uvicorn_supervisor()(config, sockets=sockets).run()
+        if supervisor is not None:
+            supervisor.run()
         else:
             server.run()
     except (KeyboardInterrupt, SystemExit):  # uvicorn raises the signal that stopped it again, once stopped
         pass
-    if workers == 1 and not server.started:
-        raise SystemExit(3)  # as uvicorn.run: the server did not start (it said why)
+    if (workers == 1 and not server.started) or (supervisor is not None and supervisor.startup_failed):
+        # as uvicorn.run: the server did not start (it said why); a supervisor that restarts on
+        # failure must see one (t44: a worker's replacement could not start, and serve exited 0)
+        raise SystemExit(3)
 
 
 def _listening_sockets(host: str, port: int, workers: int) -> list[socket.socket]:
@@ -296,6 +299,8 @@ def _uvicorn_supervisor() -> type:
         below), rather than uvicorn's rolling restart of the workers. SIGTERM and SIGINT
         close this process's copies of the listening sockets first."""
 
+        startup_failed = False
+
         def init_processes(self) -> None:
             for index in range(self.processes_num):
                 process = Process(self.config, [self.sockets[index % len(self.sockets)]])
@@ -314,6 +319,7 @@ def _uvicorn_supervisor() -> type:
                 process.join()
                 if process.exitcode == STARTUP_FAILURE:  # it would fail the same way again
                     _say(f"worker {process.pid} failed to start; stopping")
+                    self.startup_failed = True
                     self.should_exit.set()
                     return
                 _say(f"worker {process.pid} died; starting another")

@@ -406,6 +406,7 @@ def _warnings(policy: Policy, environ: Mapping[str, str], key_file: Path | None 
 
 def request_log_problem(path: Path) -> str | None:
     """Why the request log cannot be appended to at ``path`` (None: it can, as far as a look tells)."""
+    path = Path(os.path.realpath(path))  # a symlink's target (t44: one into a missing folder passed)
     if path.is_dir():
         return "it is a folder; the gateway cannot open the request log there"
     if not path.parent.is_dir():

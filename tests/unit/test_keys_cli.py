@@ -97,6 +97,16 @@ def test_route_names_an_unknown_route_before_loading_the_classifier(
     assert "no route 'auto'; routes are: fast" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("threshold", ["nan", "5", "-1", "x"])
+def test_route_refuses_a_threshold_that_is_no_probability(
+    policy: Path, threshold: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """t44: nan, 5 and -1 were taken, and nan written out as NaN, which is no JSON."""
+    with pytest.raises(SystemExit) as refused:
+        main(["route", "--policies", str(policy), "--threshold", threshold, "auto"])
+    assert refused.value.code == 2 and "--threshold" in capsys.readouterr().err
+
+
 def test_route_and_calibrate_refuse_a_route_that_does_not_use_the_classifier(
     policy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

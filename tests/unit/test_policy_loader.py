@@ -531,6 +531,9 @@ def test_a_request_log_in_a_folder_that_is_not_there_is_warned_of(tmp_path: Path
     (tmp_path / "a-folder").mkdir()
     policy.write_text(VALID + "request_log: {path: a-folder}\n")  # t41: not warned of
     assert any(w.startswith("request_log.path: it is a folder") for w in load_policy(policy).warnings)
+    (tmp_path / "dangling.jsonl").symlink_to(tmp_path / "gone" / "requests.jsonl")
+    policy.write_text(VALID + "request_log: {path: dangling.jsonl}\n")  # t44: a symlink into a missing folder
+    assert any(w.startswith("request_log.path: its folder does not exist") for w in load_policy(policy).warnings)
     policy.write_text(VALID + "request_log: {path: requests.jsonl}\n")  # the policy's own folder
     assert not any(w.startswith("request_log.path") for w in load_policy(policy).warnings)
 

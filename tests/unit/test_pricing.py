@@ -96,3 +96,17 @@ async def test_a_cache_hit_is_priced_on_the_tokens_split_of_the_answer_it_replay
     assert baseline_after_hit - baseline_after_miss == pytest.approx(baseline_after_miss)  # the same baseline
     assert saved == pytest.approx(cost)
     assert hit[1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 800
+
+
+def test_a_cache_hit_keeps_the_hour_long_writes_of_the_answer_it_replays() -> None:
+    """t44: a hit said all its writes were 5-minute ones, and its baseline fell below its savings."""
+    from gateway.cache.entries import CachedAnswer
+    from gateway.core.model import Answer
+
+    entry = CachedAnswer(answer=Answer(id="", model="m", text="hi"), model="m", provider="anthropic",
+                         prompt_tokens=1_000, completion_tokens=5, cost_usd=0.01, created_at=0.0,
+                         cache_write_tokens=1_000, cache_write_1h_tokens=600)  # fmt: skip
+    decoded = CachedAnswer.decode(entry.encode())
+    assert decoded is not None
+    usage = decoded.served_as("msg_1").usage
+    assert (usage.cache_write_tokens, usage.cache_write_1h_tokens) == (1_000, 600)
