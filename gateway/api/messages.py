@@ -203,10 +203,10 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-_HINTS = frozenset({"cache_control"})
+_HINTS = frozenset({"cache_control", "service_tier"})
 """Top-level fields that shape how an upstream serves, not what it answers: Anthropic's automatic
-prompt caching (the SDK's ``cache_control`` argument) is left out where a route may reach another
-upstream, as block-level breakpoints are."""
+prompt caching (the SDK's ``cache_control`` argument, left out where a route may reach another
+upstream, as block-level breakpoints are) and its ``service_tier`` (t47)."""
 
 
 def _translatable(raw: bytes, body: dict[str, Any] | None) -> CoreRequest | None:

@@ -687,7 +687,10 @@ class StreamDecoder:
             return []
         known = self.usage
         if known is None:
-            full = usage_from_wire(raw) or Usage(output_tokens=_count(raw.get("output_tokens")))
+            first = usage_from_wire(raw)
+            if first is None:  # no prompt count (an upstream that is not Anthropic's own): counted here (t47: $0)
+                return []
+            full = first
         else:
             fresh = _given(
                 raw, "input_tokens", known.input_tokens - known.cached_input_tokens - known.cache_write_tokens

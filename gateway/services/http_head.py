@@ -17,6 +17,8 @@ from typing import Any
 import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.protocols import anthropic_messages
+
 __all__ = ["HEAD_TIMEOUT_S", "MAX_HEAD_BYTES", "BoundedHeadProtocol"]
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -35,6 +37,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_deadline: asyncio.TimerHandle | None = None
         self._refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # A connection that sends nothing at all is bounded too (t45: silent ones were held for ever,
+        # each a file descriptor of the worker's 20,000): the first head's time runs from here.
+        self._head_deadline = self.loop.call_later(HEAD_TIMEOUT_S, self._head_too_slow)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -76,13 +84,20 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _head_too_slow(self) -> None:
         self._head_deadline = None
-        if self._in_head and not self._refused and not self.transport.is_closing():
-            self._refuse(408, "Request Timeout", f"request headers not received within {HEAD_TIMEOUT_S:g}s")
+        if not self._in_head or self._refused or self.transport.is_closing():
+            return
+        if self._head_bytes == 0:  # nothing asked: closed without an answer, as nginx does
+            self.transport.close()
+            return
+        self._refuse(408, "Request Timeout", f"request headers not received within {HEAD_TIMEOUT_S:g}s")
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
-        body = msgspec.json.encode(
-            {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
-        )
+        if getattr(self, "url", b"").startswith(b"/v1/messages"):  # in the caller's protocol (t45)
+            body = anthropic_messages.encode_error(status, message)
+        else:
+            body = msgspec.json.encode(
+                {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+            )
         head = (
             f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"

@@ -210,6 +210,10 @@ class StreamTally:
                                               "function": {"name": "", "arguments": ""}}  # fmt: skip
         elif call.get("id") and not known["id"]:
             known["id"] = call["id"]
+        elif call.get("id") and call["id"] != known["id"]:
+            # another call at a used index (some servers number every call 0): the chat client reads
+            # the chunks as they came, and one merged call must not be stored for the rest (t47)
+            self.replayable = False
         known["function"]["name"] = openai_chat.grown_name(known["function"]["name"], function.get("name"))
         fragment = openai_chat.arguments_text(function.get("arguments"))
         if fragment:

@@ -562,6 +562,13 @@ def test_a_request_head_is_bounded_in_size_and_time_and_a_body_is_not_counted_in
     slow = _raw(gw, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100, slowly=True)
     assert slow.startswith(b"HTTP/1.1 408 ") and time.monotonic() - started < 5
     assert httpx.get(f"{gw.url}/healthz", timeout=5).status_code == 200
+    # t45: a connection that sends nothing was held for ever; it is closed at the head's deadline
+    started = time.monotonic()
+    assert _raw(gw, b"") == b"" and time.monotonic() - started < 5
+    # t45: on the Messages API the refusals are Anthropic's shape, as every other error there
+    anthropic_huge = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n"
+    head, _, body = _raw(gw, anthropic_huge).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 ") and msgspec.json.decode(body)["type"] == "error"
     # A body past the head's bound is a body: the route's own limit applies to it, not the head's.
     text = "x" * 64_000
     body = msgspec.json.encode({"model": "fast", "messages": [{"role": "user", "content": text}]})

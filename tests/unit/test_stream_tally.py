@@ -118,3 +118,11 @@ def test_the_chunk_reader_keeps_calls_apart_that_a_server_numbers_alike() -> Non
     ]  # fmt: skip
     message = {"tool_calls": [{"id": "c", "function": {"name": "f", "arguments": {"a": [1]}}}]}
     assert openai_chat.answer_from_message(message, "tool_calls").tool_calls[0].arguments == '{"a":[1]}'
+
+
+def test_a_stream_whose_calls_share_an_index_is_not_stored() -> None:
+    """t47: two calls at index 0 with their own ids were stored as one merged call, and served so."""
+    tally = StreamTally()
+    for call_id, name in (("call_a", "get_weather"), ("call_b", "get_time")):
+        tally.take_delta({"tool_calls": [{"index": 0, "id": call_id, "function": {"name": name, "arguments": "{}"}}]})
+    assert tally.replayable is False
