@@ -127,7 +127,7 @@ class RuntimeHolder:
         self._install(runtime)
         _log.info("policy_loaded", version=runtime.version, source=loaded.source, models=sorted(runtime.providers))
         if rejected:
-            self.last_reload_error = "; ".join(rejected)
+            self.last_reload_error = "; ".join(_shown_to_admins(rejected))
             _log.error("policy_rejected", reason="start-up", problems=_loggable(rejected), kept=runtime.version)
         elif self.last_good is not None:
             keep_last_good(loaded, self.last_good)
@@ -159,7 +159,7 @@ class RuntimeHolder:
                         "policy_rejected", reason=reason, problems=_loggable(exc.problems), kept=self.current.version
                     )
                 self._rejected = said
-                self.last_reload_error = said[1]
+                self.last_reload_error = "; ".join(_shown_to_admins(exc.problems))
                 return False
             except Exception as exc:
                 # Named by its type only: its message may quote the file, which may hold secrets.
@@ -359,9 +359,20 @@ def _loggable(problems: list[str]) -> list[str]:
     """The problems without the values they quote ('...' or "..."): a value may be a key's secret
     pasted where its hash goes, or an upstream's key from ``${VAR}`` in the wrong field. Names the
     gateway itself writes (fields, sections, what to write instead) are in backticks and stay.
-    The operational log is shipped elsewhere; ``/readyz`` shows the whole text to an admin key,
-    ``gateway check`` to ops."""
+    The operational log is shipped elsewhere; ``/readyz`` shows an admin key
+    :func:`_shown_to_admins`, ``gateway check`` ops the whole text."""
     return [_QUOTED_VALUE.sub("'…'", problem) for problem in problems]
+
+
+def _shown_to_admins(problems: list[str]) -> list[str]:
+    """The problems with the values found where another belongs (``got '...'``) hidden: a secret
+    pasted into the wrong field, or an upstream's key from ``${VAR}`` there, reached an HTTP
+    answer (t46). The names a problem quotes (an unknown model, a mode) stay, for ops to read."""
+    return [_GOT_VALUE.sub(r"\1'…'", problem) for problem in problems]
+
+
+_GOT_VALUE = re.compile(r"(got |`: )(?:" + _QUOTED_VALUE.pattern + ")")
+"""A value where another belongs: "must be ..., got 'x'", or msgspec's "Expected `int`, got `str`: 'x'"."""
 
 
 def _refuse_weakening_by_omission(current: LoadedPolicy, new: LoadedPolicy) -> None:

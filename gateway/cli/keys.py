@@ -35,7 +35,11 @@ def register(commands: Subcommands) -> None:
     new.add_argument("--usd-per-day", type=float)
     new.add_argument("--usd-per-month", type=float)
     new.add_argument("--max-concurrent", type=int, help="requests in flight at once, in each gateway process")
-    new.add_argument("--admin", action="store_true", help="may read every key's usage")
+    new.add_argument(
+        "--admin",
+        action="store_true",
+        help="an operator's key: reads every tenant's usage (/v1/usage) and the policy's reload problems (/readyz)",
+    )
     new.add_argument("--policies", default="policies.yaml")
     new.set_defaults(run=run)
 
