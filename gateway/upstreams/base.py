@@ -485,12 +485,15 @@ class Provider(ABC):
 
     def _status_error(self, response: UpstreamResponse) -> UpstreamStatusError:
         location = response.headers.get("location") if response.status_code < 400 else None
+        content = response.content
+        if self.api_key and self.api_key.encode() in content:  # a 4xx's words reach the client (t46)
+            content = content.replace(self.api_key.encode(), b"[the gateway's upstream key]")
         return UpstreamStatusError(
             self.name,
             response.status_code,
-            f"redirected to {location[:200]}" if location else _error_detail(response.content),
+            f"redirected to {location[:200]}" if location else _error_detail(content),
             retry_after_s=_retry_after(response.headers.get("retry-after")),
-            body=response.content,
+            body=content,
         )
 
 

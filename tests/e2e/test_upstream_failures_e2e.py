@@ -371,3 +371,15 @@ def test_a_route_retry_policy_overrides_the_policy_wide_one(
         assert _chat(gateway, model="fast").headers["x-gateway-model"] == "small"  # the policy's retry: 2 attempts
     finally:
         gateway.stop()
+
+
+def test_an_upstream_400_that_quotes_the_gateways_key_reaches_the_client_without_it(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    """t46: a 4xx's words reach the client as the upstream wrote them, the operator's key too."""
+    said = '{"error": {"message": "Incorrect API key provided: sk-large-secret-123 for this model", "type": "x"}}'
+    inject(large_upstream, {"status": 400, "body": said})
+    answered = httpx.post(f"{gateway.base_url}/chat/completions", timeout=15,
+                          json={"model": "best", "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+    assert answered.status_code == 400 and "Incorrect API key provided" in answered.text
+    assert "sk-large-secret-123" not in answered.text
