@@ -103,7 +103,8 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
         "classifier": state.classifier_info or {"loaded": False},
         **await _semantic_cache(state, runtime),
         "learned_router": await _learned_router(state),
-        "upstreams": {name: state.holder.breakers.state(name) for name in runtime.providers},
+        # every model by name, those no key may list too (public: false): an admin key's once auth is on (t46)
+        "upstreams": {name: state.holder.breakers.state(name) for name in runtime.providers} if detailed else None,
     }
     return Response(msgspec.json.encode(body), status_code=200 if redis_ok else 503, media_type="application/json")
 

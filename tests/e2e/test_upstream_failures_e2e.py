@@ -332,7 +332,8 @@ def test_one_tenants_failures_open_its_own_circuit_only(
     auth = (
         "auth:\n  mode: keys\n  keys:\n"
         f'    - {{id: a, tenant: tenant-a, hash: "{hash_key("sk-a")}"}}\n'
-        f'    - {{id: b, tenant: tenant-b, hash: "{hash_key("sk-b")}"}}'
+        f'    - {{id: b, tenant: tenant-b, hash: "{hash_key("sk-b")}"}}\n'
+        f'    - {{id: ops, tenant: ops, hash: "{hash_key("sk-ops")}", admin: true}}'
     )
     policy = policy_text(small_upstream, large_upstream, breaker="{min_requests: 1, reset_after_s: 30}", auth=auth)
     gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url})
@@ -350,7 +351,9 @@ def test_one_tenants_failures_open_its_own_circuit_only(
         assert ask("sk-b").headers["x-gateway-model"] == "large"  # b's request broke small: b's circuit opens
         assert ask("sk-b").headers["x-gateway-model"] == "large"  # ... and b skips small now
         assert ask("sk-a").headers["x-gateway-model"] == "small"  # a was never affected
-        assert httpx.get(f"{gateway.url}/readyz").json()["upstreams"]["small"] == "open"  # open for someone
+        assert httpx.get(f"{gateway.url}/readyz").json()["upstreams"] is None  # t46: no model names without a key
+        readyz = httpx.get(f"{gateway.url}/readyz", headers={"authorization": "Bearer sk-ops"}).json()
+        assert readyz["upstreams"]["small"] == "open"  # open for someone
     finally:
         gateway.stop()
 
