@@ -13,6 +13,7 @@ takes at most :data:`MAX_LABELS_PER_REQUEST` labels (the last one counts); later
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Literal
 
 import msgspec
@@ -55,10 +56,15 @@ async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
         raise InvalidRequestError("'score' must be between 0 and 1", param="score")
     learning = state.learning
     try:
-        trace = await _written_trace(learning.store, principal.tenant, given.request_id)
+        trace = await _written_trace(
+            learning.store,
+            principal.tenant,
+            given.request_id,
+            lambda found: found.key_id == principal.key_id or principal.admin,
+        )
     except StoreUnavailable:
         raise FeedbackUnavailableError("feedback cannot be recorded right now (Redis unavailable)") from None
-    if trace is None or (trace.key_id != principal.key_id and not principal.admin):
+    if trace is None:
         raise NotFoundError(
             "no routed request with this id for this key (or it is older than the route's learning.keep_hours)",
             param="request_id",
@@ -102,14 +108,17 @@ def _label(given: _Feedback, side: str) -> bool | None:
     return None
 
 
-async def _written_trace(store: LearningStore, tenant: str, request_id: str) -> RoutingTrace | None:
+async def _written_trace(
+    store: LearningStore, tenant: str, request_id: str, visible: Callable[[RoutingTrace], bool]
+) -> RoutingTrace | None:
     """The request's routing trace, waited for a moment: it is written just after the answer goes
     out (the client does not wait for the bookkeeping), so feedback sent on a stream's last
-    event can arrive first, and on another worker."""
+    event can arrive first, and on another worker. One the caller may not see is waited for as
+    one not there: a 404 at once told that another key of the tenant had used the id (t46)."""
     trace = await store.trace(tenant, request_id)
     for wait_s in _TRACE_WAITS_S:
-        if trace is not None:
+        if trace is not None and visible(trace):
             break
         await asyncio.sleep(wait_s)
         trace = await store.trace(tenant, request_id)
-    return trace
+    return trace if trace is not None and visible(trace) else None

@@ -111,8 +111,11 @@ def _labels(redis_server: EmbeddedRedis, tenant: str) -> list[object]:
 def test_feedback_is_taken_only_from_the_key_that_made_the_request(gateway: GatewayProcess) -> None:
     request_id = _ask(gateway, "alice", "taught", "Say hello to my grandmother for me.").headers["x-request-id"]
     for other in ("bob", "alice2"):  # another tenant's key, and another key of the same tenant
+        started = time.monotonic()
         refused = _feedback(gateway, other, {"request_id": request_id, "label": "needed_large"})
         assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found"
+        # t46: waited for as an id no one used (a 404 at once told that another key had used it)
+        assert time.monotonic() - started >= 1.5  # the wait for a trace not written yet: 1.55 s in all
     accepted = _feedback(gateway, "alice", {"request_id": request_id, "thumbs": "down"})
     assert accepted.status_code == 200, accepted.text
     assert accepted.json() == {
