@@ -327,7 +327,9 @@ def test_ids_of_upstream_state_every_tenant_shares_are_refused(
     assert upstream_stats(large_upstream)["messages_requests"] == before
 
 
-@pytest.mark.parametrize("field", ["thread", "context_management", "container", "service_tier"])
+@pytest.mark.parametrize(
+    "field", ["thread", "context_management", "container"]
+)  # service_tier: left out and named (t47)
 def test_a_route_that_may_reach_another_upstream_refuses_anthropics_own_fields_naming_them(
     gateway: GatewayProcess, field: str
 ) -> None:
@@ -384,12 +386,17 @@ def test_what_only_steers_anthropic_is_left_out_and_named_where_a_route_may_reac
     """t40: the SDK's top-level cache_control (automatic caching) and output_config.effort were a
     400 on any route that can reach vLLM, where thinking is left out and named."""
     body = {"model": "fast", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}],
-            "cache_control": {"type": "ephemeral"}, "output_config": {"effort": "low"}}  # fmt: skip
+            "cache_control": {"type": "ephemeral"}, "output_config": {"effort": "low"}, "service_tier": "auto"}  # fmt: skip
     answer = httpx.post(f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": "k"}, timeout=15)
     assert answer.status_code == 200, answer.text
-    assert set(answer.headers["x-gateway-dropped"].split(",")) == {"cache_control", "output_config.effort"}
+    assert set(answer.headers["x-gateway-dropped"].split(",")) == {
+        "cache_control",
+        "output_config.effort",
+        "service_tier",
+    }
     sent = _last_request(small_upstream)["body"]
     assert "cache_control" not in sent and "output_config" not in sent and "effort" not in json.dumps(sent)
+    assert "service_tier" not in sent
 
 
 def test_a_request_the_internal_model_holds_is_translated(
