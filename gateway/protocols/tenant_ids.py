@@ -42,7 +42,7 @@ def scoped_body(body: dict[str, Any], tenant: str, *, anthropic: bool = False) -
         return {**body, "metadata": {**metadata, "user_id": scoped(tenant, user_id)}}
     if "user" not in body and "safety_identifier" not in body and "prompt_cache_key" not in body:
         return body  # the usual request: three lookups, not a comprehension's frame, on the hot path
-    found = [name for name in SCOPED_FIELDS if isinstance(body.get(name), str) and body[name]]
+    found = _named(body)
     return {**body, **{name: scoped(tenant, body[name]) for name in found}} if found else body
 
 
@@ -59,8 +59,12 @@ def told_back(body: dict[str, Any], tenant: str) -> dict[bytes, bytes]:
     """For an upstream's answer that echoes the request (a Responses object), each of ``body``'s
     identifiers as JSON the upstream was sent, and as the client wrote it: the client reads its
     own values back, not the gateway's digests (t43)."""
-    found = [name for name in SCOPED_FIELDS if isinstance(body.get(name), str) and body[name]]
-    return {_json_string(scoped(tenant, body[name])): _json_string(body[name]) for name in found}
+    return {_json_string(scoped(tenant, body[name])): _json_string(body[name]) for name in _named(body)}
+
+
+def _named(body: dict[str, Any]) -> list[str]:
+    """The identifier fields ``body`` gives a value."""
+    return [name for name in SCOPED_FIELDS if isinstance(body.get(name), str) and body[name]]
 
 
 def _json_string(value: str) -> bytes:
