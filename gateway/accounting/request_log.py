@@ -236,6 +236,7 @@ class RequestLogWriter:
         minute, and at the end."""
         self._said_lines = 0
         self._said_at = -_SAY_EVERY_S
+        self._last_error: Exception | None = None
         self._pending: list[str] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -268,8 +269,6 @@ class RequestLogWriter:
                 self._say_lost(now)
             if closing:
                 return
-
-    _last_error: Exception | None = None
 
     def _say_lost(self, now: float) -> None:
         """Say on stderr how many lines did not land since it was last said (t41: a full disk lost
