@@ -426,7 +426,12 @@ async def _start_sse(request: web.Request, fault: _Fault, state: _State) -> _Eve
 
 
 _REASONING_MODELS = ("o1", "o3", "o4", "gpt-5")
-"""OpenAI's reasoning models, which refuse ``max_tokens`` for ``max_completion_tokens``."""
+"""OpenAI's reasoning models, which refuse ``max_tokens`` for ``max_completion_tokens``, and ``stop``."""
+
+
+def _unsupported(param: str, message: str) -> web.Response:
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": "unsupported_parameter"}
+    return _json_response(_encode_json({"error": error}), 400)
 
 
 def _openai_request_error(body: Any) -> web.Response | None:
@@ -441,17 +446,15 @@ def _openai_request_error(body: Any) -> web.Response | None:
     for key in ("max_completion_tokens", "max_tokens"):
         if body.get(key) is not None and not is_positive_int(body[key]):
             return _json_response(_openai_error(400, f"'{key}' must be a positive integer", key), 400)
-    if "max_tokens" in body and body["model"].startswith(_REASONING_MODELS):  # as OpenAI's answer
-        message = (
-            "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead."
-        )
-        error = {
-            "message": message,
-            "type": "invalid_request_error",
-            "param": "max_tokens",
-            "code": "unsupported_parameter",
-        }
-        return _json_response(_encode_json({"error": error}), 400)
+    if body["model"].startswith(_REASONING_MODELS):  # as OpenAI answers
+        if "max_tokens" in body:
+            return _unsupported(
+                "max_tokens",
+                "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                "Use 'max_completion_tokens' instead.",
+            )
+        if body.get("stop") is not None:
+            return _unsupported("stop", "Unsupported parameter: 'stop' is not supported with this model.")
     if body.get("continue_final_message") is True:  # vLLM's checks
         if body.get("add_generation_prompt", True) is True:
             message = "Cannot set both `continue_final_message` and `add_generation_prompt` to True."

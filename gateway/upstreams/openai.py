@@ -33,6 +33,7 @@ from gateway.upstreams.base import (
     usage_of,
 )
 from gateway.upstreams.sse import SSEEvent
+from gateway.upstreams.stop_strings import StopWatch, cut_choices, stops_of
 
 __all__ = ["OpenAIProvider", "chat_payload", "for_openai_upstream"]
 
@@ -51,12 +52,17 @@ class OpenAIProvider(Provider):
     takes_max_completion_tokens = False
     """The upstream refused ``max_tokens`` for ``max_completion_tokens`` (OpenAI's reasoning models
     do): learned from its 400, and the limit is sent under that name from then on."""
+    refuses_stop = False
+    """The upstream refused ``stop`` (OpenAI's reasoning models do): learned from its 400; from then
+    on the gateway applies the stop strings itself (:mod:`gateway.upstreams.stop_strings`)."""
 
     async def complete(self, request: core.Request, body: dict[str, Any] | None = None) -> Completion:
         payload = self._payload(request, body)
-        response = await self._post_chat(payload, stream=False)
+        response, stops = await self._post_chat(payload, stream=False)
         content = response.content
         data = decode_json_object(self.name, content)
+        if stops and cut_choices(data, stops):
+            content = msgspec.json.encode(data)
         usage = usage_of(openai_chat.read_usage(data.get("usage")))
         text = _message_text(self.name, data)
         return Completion(body=content, usage=usage, text=text, said=_said(data, text), finish_reason=_finish(data))
@@ -65,19 +71,39 @@ class OpenAIProvider(Provider):
         payload = chat_payload(request, body, self.upstream_model, continues=self.config.continue_final_message)
         return self.salted(payload, request.tenant)
 
-    async def _post_chat(self, payload: dict[str, Any], *, stream: bool) -> UpstreamResponse:
-        """A chat request, its limit named as the upstream takes it. A client of another API never
-        wrote ``max_tokens`` (t38: every Messages request to an o-series model was a 400 naming it)."""
+    async def _post_chat(self, payload: dict[str, Any], *, stream: bool) -> tuple[UpstreamResponse, tuple[str, ...]]:
+        """A chat request as the upstream takes it, and the stop strings left for the gateway to
+        apply. A client of another API never wrote ``max_tokens`` (t38: every Messages request to
+        an o-series model was a 400 naming it), and the same request with ``stop`` worked or not
+        by the model it was routed to."""
+        while True:
+            sent = self._as_taken(payload)
+            try:
+                response = await self._post("chat/completions", sent, self._headers(), stream=stream)
+            except UpstreamStatusError as exc:
+                if not self._learned_from(exc, sent):
+                    raise
+                continue  # each lesson is learned once: at most two more tries
+            return response, (stops_of(payload.get("stop")) if "stop" not in sent else ())
+
+    def _as_taken(self, payload: dict[str, Any]) -> dict[str, Any]:
         if self.takes_max_completion_tokens:
             payload = _limit_renamed(payload)
-        try:
-            return await self._post("chat/completions", payload, self._headers(), stream=stream)
-        except UpstreamStatusError as exc:
-            if self.takes_max_completion_tokens or not _wants_max_completion_tokens(exc, payload):
-                raise
+        if self.refuses_stop and "stop" in payload:
+            payload = {name: value for name, value in payload.items() if name != "stop"}
+        return payload
+
+    def _learned_from(self, error: UpstreamStatusError, sent: dict[str, Any]) -> bool:
+        """Whether the 400 names a field the upstream refuses that it was not known to."""
+        if not self.takes_max_completion_tokens and _wants_max_completion_tokens(error, sent):
             self.takes_max_completion_tokens = True
             _log.info("upstream_takes_max_completion_tokens", model=self.name)
-            return await self._post("chat/completions", _limit_renamed(payload), self._headers(), stream=stream)
+            return True
+        if not self.refuses_stop and sent.get("stop") is not None and _refuses(error, "stop"):
+            self.refuses_stop = True
+            _log.info("upstream_refuses_stop", model=self.name)
+            return True
+        return False
 
     def salted(self, body: dict[str, Any], tenant: str | None) -> dict[str, Any]:
         if not self.config.tenant_cache_salt or tenant is None:
@@ -146,9 +172,9 @@ class OpenAIProvider(Provider):
         if not (isinstance(options, dict) and options.get("include_usage")):
             # Ask for usage even when the client did not: it is the authoritative count.
             body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
-        response = await self._post_chat(body, stream=True)
+        response, stops = await self._post_chat(body, stream=True)
         continuous = isinstance(options, dict) and options.get("continuous_usage_stats") is True
-        return _OpenAIChatStream(self, response, continuous)
+        return _OpenAIChatStream(self, response, continuous, stops)
 
 
 class _OpenAIChatStream(ChatStream):
@@ -158,8 +184,17 @@ class _OpenAIChatStream(ChatStream):
     has reached the client: it is retried and falls back, as Anthropic's failures after
     ``message_start`` are."""
 
-    def __init__(self, provider: OpenAIProvider, response: UpstreamResponse, continuous_usage: bool = False) -> None:
+    def __init__(
+        self,
+        provider: OpenAIProvider,
+        response: UpstreamResponse,
+        continuous_usage: bool = False,
+        stops: tuple[str, ...] = (),
+    ) -> None:
         super().__init__()
+        self._stops = stops
+        """Stop strings the gateway applies (the upstream refused them)."""
+        self._watches: dict[Any, StopWatch] = {}
         self._provider = provider
         self._response = response
         self._continuous_usage = continuous_usage
@@ -202,6 +237,11 @@ class _OpenAIChatStream(ChatStream):
             chunk = decode_event(name, event.data)
             if "error" in chunk:
                 raise UpstreamStatusError(name, 500, _in_stream_error(chunk["error"]))
+            if self._stops:
+                if not self._stopped_at_stops(chunk):  # past every choice's stop string: read on for the usage
+                    tally.usage = usage_of(openai_chat.read_usage(chunk.get("usage"))) or tally.usage
+                    continue
+                event = SSEEvent(event.event, msgspec.json.encode(chunk))
             _tally_chunk(tally, chunk)
             choices = chunk.get("choices")
             if not choices:
@@ -233,6 +273,35 @@ class _OpenAIChatStream(ChatStream):
 
     async def aclose(self) -> None:
         await self._response.aclose()
+
+    def _stopped_at_stops(self, chunk: dict[str, Any]) -> bool:
+        """The chunk with each choice's text given out only up to its first stop string, ended
+        there; whether anything is left of it to send (choices already stopped are dropped)."""
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return True  # the usage chunk
+        kept = []
+        for choice in choices:
+            if not isinstance(choice, dict):
+                kept.append(choice)
+                continue
+            watch = self._watches.get(index := choice.get("index", 0))
+            if watch is None:
+                watch = self._watches[index] = StopWatch(self._stops)
+            if watch.matched is not None:
+                continue
+            delta = choice.get("delta")
+            content = delta.get("content") if isinstance(delta, dict) else None
+            text = watch.take(content) if isinstance(content, str) else None
+            if watch.matched is not None:
+                choice = {**choice, "finish_reason": "stop", "stop_reason": watch.matched}
+            elif choice.get("finish_reason") is not None:
+                text = (text or "") + watch.flush()
+            if text is not None or content is not None:
+                choice = {**choice, "delta": {**(delta or {}), "content": text or ""}}
+            kept.append(choice)
+        chunk["choices"] = kept
+        return bool(kept)
 
 
 class _ResponsesEventStream(RelayedStream):
@@ -489,6 +558,13 @@ def _limit_renamed(payload: dict[str, Any]) -> dict[str, Any]:
     renamed = {name: value for name, value in payload.items() if name != "max_tokens"}
     renamed.setdefault("max_completion_tokens", payload["max_tokens"])
     return renamed
+
+
+def _refuses(error: UpstreamStatusError, param: str) -> bool:
+    """OpenAI's 400 for a field a model does not take: "Unsupported parameter: 'stop' is not
+    supported with this model." (``param``: ``stop``, ``code``: ``unsupported_parameter``)."""
+    body = error.upstream_body or b""
+    return error.upstream_status == 400 and b"nsupported parameter: '" + param.encode() + b"'" in body
 
 
 def _wants_max_completion_tokens(error: UpstreamStatusError, payload: dict[str, Any]) -> bool:

@@ -8,6 +8,7 @@ wrote (t38). The simulated upstream refuses it as OpenAI does for models named s
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import anthropic
 import openai
@@ -60,3 +61,55 @@ def test_each_api_reaches_a_model_that_refuses_max_tokens(
     assert chat.choices[0].message.content
     assert upstream_stats(small_upstream)["chat_requests"] == before + 5
     assert upstream_stats(small_upstream)["last_request"]["body"]["max_completion_tokens"] == 8
+
+
+_PROMPT: Any = [{"role": "user", "content": "List: apple banana cherry damson elder fig grape"}]
+"""The simulated upstream's answer to it: "[simulated small] grape fig elder damson cherry banana apple List:"."""
+
+
+def test_stop_strings_hold_on_a_model_that_refuses_them(
+    gateway_to_o4: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """OpenAI's reasoning models answer ``stop`` with a 400, and agents end their turns with stop
+    strings: the gateway sends the request without them and cuts the answer itself."""
+    oai = closed_after_test(openai.OpenAI(base_url=gateway_to_o4.base_url, api_key="x", max_retries=0))
+    claude = closed_after_test(anthropic.Anthropic(base_url=gateway_to_o4.url, api_key="x", max_retries=0))
+    chat = oai.chat.completions.create(model="reasoner", messages=_PROMPT, stop=["cherry", "fig"])
+    assert chat.choices[0].message.content == "[simulated small] grape "
+    assert chat.choices[0].finish_reason == "stop"
+    sent = upstream_stats(small_upstream)["last_request"]["body"]
+    assert "stop" not in sent
+    before = upstream_stats(small_upstream)["chat_requests"]
+    stream = oai.chat.completions.create(
+        model="reasoner", messages=_PROMPT, stop="damson", stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "[simulated small] grape fig elder "
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    whole = len(["[simulated", "small]", "grape", "fig", "elder", "damson", "cherry", "banana", "apple", "List:"])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= whole  # what the upstream wrote
+    assert upstream_stats(small_upstream)["chat_requests"] == before + 1  # learned: no 400 first
+    message = claude.messages.create(
+        model="reasoner",
+        max_tokens=64,
+        messages=_PROMPT,
+        stop_sequences=["banana"],
+    )
+    assert (
+        message.content[0].type == "text"
+        and message.content[0].text == "[simulated small] grape fig elder damson cherry "
+    )
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "banana")
+    with claude.messages.stream(
+        model="reasoner",
+        max_tokens=64,
+        messages=_PROMPT,
+        stop_sequences=["elder"],
+    ) as events:
+        final = events.get_final_message()
+    assert final.content[0].type == "text" and final.content[0].text == "[simulated small] grape fig "
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "elder")
+    untouched = oai.chat.completions.create(model="reasoner", messages=_PROMPT, stop=["absent"])
+    assert untouched.choices[0].message.content == "[simulated small] grape fig elder damson cherry banana apple List:"
+    assert untouched.choices[0].finish_reason == "stop"

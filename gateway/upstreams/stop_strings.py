@@ -1,0 +1,93 @@
+"""Stop strings the gateway applies itself, for an upstream that refuses ``stop``.
+
+OpenAI's reasoning models (o-series, gpt-5 and its minis) answer ``stop`` with a 400, while the
+same request to a small vLLM model honours it: on an ``auto`` route whether a request with
+stop strings worked came down to where it was routed, and agents (smolagents, CrewAI,
+LangChain's ReAct) rely on theirs to end a turn before the model writes the tool's answer itself.
+Such an upstream is sent the request without them; the answer is cut where the first stop
+string begins, and it says so as vLLM does (``finish_reason: "stop"``, the string matched in
+``stop_reason``). The upstream bills what it generated past the cut, so its usage stands.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["StopWatch", "cut_choices", "stops_of"]
+
+
+def stops_of(value: Any) -> tuple[str, ...]:
+    """A chat body's ``stop`` (a string or a list of them) as the non-empty strings it holds."""
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if isinstance(value, list):
+        return tuple(item for item in value if isinstance(item, str) and item)
+    return ()
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
+    """Where the earliest stop string begins in ``text``, and which (the shortest of those
+    beginning there: the one a stream, read piece by piece, sees complete first)."""
+    found: tuple[int, str] | None = None
+    for stop in stops:
+        at = text.find(stop)
+        if at >= 0 and (found is None or at < found[0] or (at == found[0] and len(stop) < len(found[1]))):
+            found = (at, stop)
+    return found
+
+
+def cut_choices(data: dict[str, Any], stops: tuple[str, ...]) -> bool:
+    """Each choice of a ``chat.completion`` cut at its first stop string; whether any was."""
+    cut = False
+    for choice in data.get("choices") or ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict) or not isinstance(content := message.get("content"), str):
+            continue
+        found = _first_stop(content, stops)
+        if found is None:
+            continue
+        message["content"] = content[: found[0]]
+        choice["finish_reason"] = "stop"
+        choice["stop_reason"] = found[1]
+        cut = True
+    return cut
+
+
+class StopWatch:
+    """One streamed choice's text, given out as it comes but for a tail that could still become
+    a stop string, and cut where one begins."""
+
+    __slots__ = ("_held", "_longest", "_stops", "matched")
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._longest = max(len(stop) for stop in stops)
+        self._held = ""
+        self.matched: str | None = None
+        """The stop string that ended the text; nothing is given out after it."""
+
+    def take(self, text: str) -> str:
+        """The part of the text so far that can go out now."""
+        if self.matched is not None:
+            return ""
+        pending = self._held + text
+        found = _first_stop(pending, self._stops)
+        if found is not None:
+            self.matched, self._held = found[1], ""
+            return pending[: found[0]]
+        keep = self._tail_that_may_stop(pending)
+        self._held = pending[len(pending) - keep :] if keep else ""
+        return pending[: len(pending) - keep]
+
+    def flush(self) -> str:
+        """What was held back, once the choice has ended without a stop string."""
+        held, self._held = self._held, ""
+        return held
+
+    def _tail_that_may_stop(self, text: str) -> int:
+        """The length of the longest end of ``text`` that begins some stop string."""
+        for size in range(min(len(text), self._longest - 1), 0, -1):
+            tail = text[-size:]
+            if any(stop.startswith(tail) for stop in self._stops):
+                return size
+        return 0
