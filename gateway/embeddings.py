@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
@@ -152,17 +153,20 @@ class EmbeddingsPipeline:
         space = (primary, model.base_url, model.upstream_model or primary, request.dimensions, shaping)
         keys = [_key(record.tenant, space, item) for item in inputs]
         found: list[np.ndarray | None] = [None] * len(inputs)
+        kept_tokens = list(counts)
         record.cache = "bypass"
         if read:
             try:
                 raws = await self._store.get_many(keys, timeout_s)  # one round trip for up to 2,048 inputs
-                found = [np.frombuffer(raw, dtype="<f4") if raw else None for raw in raws]
+                for index, raw in enumerate(raws):
+                    if raw:
+                        found[index], kept_tokens[index] = _cached(raw)
                 record.cache = "miss"
             except StoreUnavailable:
                 read = write = False
         missing = [i for i, vector in enumerate(found) if vector is None]
         price = runtime.policy.models[plan.candidates[0]].price
-        hit_tokens = sum(counts[i] for i, vector in enumerate(found) if vector is not None)
+        hit_tokens = sum(kept_tokens[i] for i, vector in enumerate(found) if vector is not None)
         if not missing:
             record.cache = "exact"
             record.model = plan.candidates[0]
@@ -194,7 +198,7 @@ class EmbeddingsPipeline:
         billed = answered.prompt_tokens if answered.prompt_tokens is not None else sum(counts[i] for i in missing)
         record.tokens_source = "upstream" if answered.prompt_tokens is not None else "gateway"
         record.cost_usd = cost_usd(provider.config.price, billed, 0)
-        record.prompt_tokens = billed + hit_tokens  # the cached inputs as the gateway counted them
+        record.prompt_tokens = billed + hit_tokens  # the cached inputs as they were billed when embedded
         if hit_tokens:
             record.cache_saved_usd = cost_usd(price, hit_tokens, 0)
         new = [np.asarray(vector, dtype="<f4") for vector in answered.vectors]
@@ -211,8 +215,11 @@ class EmbeddingsPipeline:
             found[index] = vector
         if write:
             ttl_s = policy.exact.ttl_s
+            tokens = _shared_out(answered.prompt_tokens, [counts[i] for i in missing])
             try:
-                items = [(keys[i], vector.tobytes()) for i, vector in zip(missing, new, strict=True)]
+                items = [
+                    (keys[i], _entry(vector, count)) for i, vector, count in zip(missing, new, tokens, strict=True)
+                ]
                 await self._store.put_many(items, ttl_s, timeout_s)
             except StoreUnavailable:
                 pass  # a later miss, nothing worse
@@ -288,8 +295,32 @@ async def _count(inputs: list[str] | list[list[int]], encoding: str, long_chars:
 def _key(tenant: str, space: tuple[str, str, str, int | None, dict[str, Any]], item: str | list[int]) -> str:
     """Per tenant and per vector space: the model (policy name, server and upstream model), the
     dimensions and the other fields that shape a vector (``truncate_prompt_tokens``, ...)."""
-    digest = hashlib.sha256(msgspec.json.encode(["embedding", *space, item], order="sorted")).hexdigest()
+    digest = hashlib.sha256(msgspec.json.encode([_ENTRY_KIND, *space, item], order="sorted")).hexdigest()
     return keyspace.exact(tenant, digest)
+
+
+_ENTRY_KIND = "embedding.2"
+"""Entries hold the input's billed tokens before its vector (entries of the bare vector were
+"embedding": a hit counted the input with tiktoken, and said 6 tokens where the upstream had billed 8)."""
+_TOKENS = struct.Struct("<I")
+
+
+def _entry(vector: np.ndarray, tokens: int) -> bytes:
+    return _TOKENS.pack(tokens) + vector.tobytes()
+
+
+def _cached(raw: bytes) -> tuple[np.ndarray, int]:
+    return np.frombuffer(raw, dtype="<f4", offset=_TOKENS.size), _TOKENS.unpack_from(raw)[0]
+
+
+def _shared_out(billed: int | None, counts: list[int]) -> list[int]:
+    """Each input's share of the tokens the upstream billed for them together (its tokenizer, its
+    start and end tokens): the gateway's own count of each, plus the difference spread evenly. A
+    hit of the input then says what embedding it cost (a lone input: exactly that)."""
+    if billed is None:
+        return counts
+    spread, left = divmod(billed - sum(counts), len(counts))
+    return [max(1, count + spread + (1 if i < left else 0)) for i, count in enumerate(counts)]
 
 
 def _response(request: _EmbeddingsRequest, vectors: list[np.ndarray], tokens: int) -> bytes:

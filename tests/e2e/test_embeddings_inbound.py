@@ -111,6 +111,23 @@ def test_each_input_is_cached_apart_per_tenant(
     assert record["cache_saved_usd"] > 0 and record["cost_usd"] > 0
 
 
+def test_a_hit_says_the_tokens_the_upstream_billed_for_its_input(gateway_with_cache: GatewayProcess) -> None:
+    """The simulated server counts as BERT-style models do (start and end tokens added): a hit
+    said the gateway's own tiktoken count (6 where the miss had said 8: t50), and its savings
+    were priced on it."""
+    texts = [f"{word} and a second sentence {time.monotonic_ns()}" for word in ("first", "second", "third")]
+    with _client(gateway_with_cache, "key-a") as a:
+        alone = [a.embeddings.create(model="embed", input=text).usage.prompt_tokens for text in texts[:2]]
+        together = a.embeddings.create(model="embed", input=texts).usage.prompt_tokens  # two hits, one miss
+        hits = [a.embeddings.with_raw_response.create(model="embed", input=text) for text in texts]
+    assert [hit.headers["x-gateway-cache"] for hit in hits] == ["exact"] * 3
+    counted = [hit.parse().usage.prompt_tokens for hit in hits]
+    assert counted[:2] == alone  # a lone input's hit: exactly what embedding it was billed
+    assert together == sum(counted)
+    record = gateway_with_cache.wait_for_record(hits[0].headers["x-request-id"])
+    assert record["prompt_tokens"] == alone[0] and record["tokens_source"] == "cache"
+
+
 def test_fields_the_gateway_does_not_read_reach_the_upstream_and_shape_the_key(
     gateway_with_cache: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:
