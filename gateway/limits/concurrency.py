@@ -47,7 +47,8 @@ class InFlight:
             scope = (kind, owner)
             if self._counts.get(scope, 0) >= cap:
                 raise RateLimitError(
-                    f"too many requests in flight: {kind} '{owner}' allows {cap} at once ({kind}.max_concurrent)",
+                    f"too many requests in flight: {kind} '{owner}' allows {cap} at once in each gateway process"
+                    f" ({kind}.max_concurrent)",
                     retry_after_s=1,
                     code="concurrency_limit_exceeded",
                 )
