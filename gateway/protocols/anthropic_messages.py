@@ -648,7 +648,7 @@ class StreamDecoder:
     Event and delta types added after this was written say nothing here.
     """
 
-    __slots__ = ("_apart", "_texted", "_tools", "id", "model", "usage")
+    __slots__ = ("_apart", "_silent", "_texted", "_tools", "id", "model", "usage")
 
     def __init__(self) -> None:
         self.id: str | None = None
@@ -656,6 +656,9 @@ class StreamDecoder:
         self.usage: Usage | None = None
         self._tools: dict[int, int] = {}
         """Content block index → tool call index."""
+        self._silent: set[int] = set()
+        """Tool calls no argument text has come for yet: a call without input streams one empty
+        ``input_json_delta``, and ends with ``{}`` as its arguments, as the whole message says."""
         self._texted = False
         self._apart = False
         """A tool call came after text: the next text block starts a line (as :func:`decode_answer` joins)."""
@@ -671,6 +674,12 @@ class StreamDecoder:
             return self._block_start(event)
         if kind == "content_block_delta":
             return self._block_delta(event)
+        if kind == "content_block_stop":
+            tool = self._tools.get(_count(event.get("index")))
+            if tool is not None and tool in self._silent:
+                self._silent.discard(tool)  # t52: '' reached chat clients as a call's arguments
+                return [ToolArgumentsDelta(tool, "{}")]
+            return []
         if kind == "message_delta":
             delta = event["delta"] if isinstance(event.get("delta"), dict) else {}
             reason = _finish_of(delta.get("stop_reason"))
@@ -723,6 +732,7 @@ class StreamDecoder:
         if kind == "tool_use":
             self._apart = self._texted
             index = self._tools[_count(event.get("index"))] = len(self._tools)
+            self._silent.add(index)
             return [ToolCallStart(index, str(block.get("id") or ""), str(block.get("name") or ""))]
         return []  # a thinking block: its text and signature come as deltas
 
@@ -746,7 +756,10 @@ class StreamDecoder:
         if kind == "signature_delta":
             return [ThinkingSignature(value)]
         tool = self._tools.get(_count(event.get("index")))
-        return [ToolArgumentsDelta(tool, value)] if tool is not None else []
+        if tool is None:
+            return []
+        self._silent.discard(tool)
+        return [ToolArgumentsDelta(tool, value)]
 
 
 _DELTA_FIELDS = {

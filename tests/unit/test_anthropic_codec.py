@@ -512,6 +512,30 @@ def test_deltas_survive_anthropics_event_stream_and_back() -> None:
     assert decoder.usage is not None and (decoder.usage.input_tokens, decoder.usage.output_tokens) == (12, 30)
 
 
+def test_a_streamed_call_without_input_has_arguments_a_client_can_parse() -> None:
+    """Claude streams a call without input as one empty ``input_json_delta``: chat and Responses
+    clients got ``arguments: ""`` (``json.loads`` fails) where the whole message gives ``{}`` (t52)."""
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": {"id": "msg_1", "model": "claude", "usage": {"input_tokens": 5}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "toolu_1",
+                                                                       "name": "get_time", "input": {}}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": ""}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_2",
+                                                                       "name": "get_weather", "input": {}}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '{"c'}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '": 1}'}},
+        {"type": "content_block_stop", "index": 1},
+    ]  # fmt: skip
+    decoder = anthropic.StreamDecoder()
+    got = [delta for event in events for delta in decoder.feed(event)]
+    assert [d for d in got if isinstance(d, ToolArgumentsDelta)] == [
+        ToolArgumentsDelta(0, "{}"),
+        ToolArgumentsDelta(1, '{"c'),
+        ToolArgumentsDelta(1, '": 1}'),
+    ]
+
+
 def test_an_upstream_message_reads_as_the_answer_a_client_message_was_written_from() -> None:
     answer = Answer(
         id="msg_2",
