@@ -471,6 +471,10 @@ class ChatPipeline:
                     x.record.router_version = learned.version
             if tracker is None or target is None or plan.threshold is None:
                 x.plan = router.classify(plan, p_large)
+            elif x.unseen:
+                # large, and outside the target share: counted in, such prompts (images, 40 % of a
+                # tenant's traffic) filled the share at 1.0 and every hard text prompt went small (t51)
+                x.plan = router.classify(plan, p_large, tracker.threshold(tenant, plan.route, plan.threshold))
             else:
                 await tracker.prepare(tenant, plan.route)
                 threshold = tracker.threshold(tenant, plan.route, plan.threshold)

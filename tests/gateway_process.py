@@ -81,6 +81,7 @@ routes:
   fast: {{model: small, fallbacks: [large]}}
   best: {{model: large}}
   auto: {{strategy: classifier, model: small, fallbacks: [large]}}
+  auto-share: {{strategy: classifier, model: small, fallbacks: [large], target_large_share: 0.3}}
   vectors: {{model: embed, fallbacks: [embed-large]}}
 {routes}
 retry: {{max_attempts: 2, backoff_initial_ms: 10, backoff_max_ms: 50, max_retry_after_s: 2}}

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
+import redis
 from openai.types.chat import ChatCompletionMessageParam
 
+from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
+from gateway.store import keyspace
 from tests.conftest import inject, upstream_stats
 from tests.gateway_process import GatewayProcess
 
@@ -104,10 +109,13 @@ def test_usage_on_the_upstreams_finish_chunk_reaches_the_client_once(
         assert said == []
 
 
+_IMAGE = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+
+
 def test_a_prompt_the_router_cannot_read_leans_large(client: openai.OpenAI, gateway: GatewayProcess) -> None:
     """An image (the text encoder does not see it) or no text at all: the router cannot place
     it, and sends it to large rather than scoring an empty string low (t28)."""
-    image = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    image = _IMAGE
     asks: list[list[ChatCompletionMessageParam]] = [
         [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}],
         [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
@@ -120,6 +128,32 @@ def test_a_prompt_the_router_cannot_read_leans_large(client: openai.OpenAI, gate
         assert float(raw.headers["x-gateway-p-large"]) == 1.0
     plain = client.chat.completions.with_raw_response.create(model="auto", messages=[{"role": "user", "content": "hi"}])
     assert float(plain.headers["x-gateway-p-large"]) < 1.0
+
+
+def test_prompts_the_router_cannot_read_stay_out_of_the_target_share(
+    client: openai.OpenAI, redis_server: EmbeddedRedis
+) -> None:
+    """They go large, outside the share: counted in at p_large 1, images at 40 % of a tenant's
+    traffic took a 30 % target whole, and every hard text prompt went small (t51)."""
+    window = keyspace.large_share_window("default", "auto-share")
+    store = redis.Redis.from_url(redis_server.url)
+    try:
+        store.delete(window)
+        shown: list[ChatCompletionMessageParam] = [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _IMAGE}}]}
+        ]
+        for _ in range(60):  # past the tracker's update, every 50 scores
+            raw = client.chat.completions.with_raw_response.create(model="auto-share", messages=shown)
+            assert raw.headers["x-gateway-decision"] == "large"
+        assert not store.exists(window)
+        for n in range(50):
+            client.chat.completions.create(model="auto-share", messages=[{"role": "user", "content": f"Hi {n}"}])
+        deadline = time.monotonic() + 5
+        while not store.exists(window) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.exists(window)  # text prompts are counted
+    finally:
+        store.close()
 
 
 def test_raw_sse_ends_with_done(gateway: GatewayProcess) -> None:
