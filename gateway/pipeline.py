@@ -317,6 +317,7 @@ class ChatPipeline:
             if cached is not None:
                 return cached  # a hit carries its own token counts: no tokenizing
             await self._route(x, principal)
+            x.sending = watch_sending()  # a client leaving before anything was sent is billed nothing (t48)
             if x.request.stream:
                 await self._count_prompt(x)  # the stream's cost header, and its usage should the upstream send none
                 answer = await self._start_stream(x)
@@ -325,7 +326,6 @@ class ChatPipeline:
             relay = x.passthrough
             if task is not None:
                 self._whole_answers[task] = x
-                x.sending = watch_sending()
             completion = await dispatch(
                 x.plan.candidates,
                 runtime.providers,
@@ -364,7 +364,8 @@ class ChatPipeline:
             return self._error_answer(x, _internal_error(x, exc))
         except asyncio.CancelledError:
             ended = self._drain.ended_by_deadline(task)
-            if x.info.asked is not None and not x.settled:  # the upstream was at work: its prompt is billed,
+            sent = x.sending is not None and x.sending.sent  # one still queued for a connection costs nothing (t48)
+            if x.info.asked is not None and sent and not x.settled:  # the upstream was at work: its prompt is billed,
                 with anyio.CancelScope(shield=True):  # as a cut stream's is (t43: $0 at the drain deadline)
                     await self._count_prompt(x)
                 self._settle(x, x.info.asked, None, "")

@@ -592,3 +592,44 @@ def test_small_bodies_are_read_within_their_limit_and_an_unknown_fields_name_can
                           timeout=15)  # fmt: skip
     assert answered.status_code == 200 and "x-injected" not in answered.headers
     assert answered.headers["x-gateway-dropped"].split(",") == ["?", "fine_field"]
+
+
+_ONE_CONNECTION = """  one-conn:
+    base_url: {url}
+    price: {{input: 5, output: 15}}
+    tier: small
+    max_connections: 1
+    timeouts: {{connect: 5, first_byte: 5, total: 10}}
+"""
+
+
+def test_a_client_that_leaves_while_queued_for_a_connection_is_billed_nothing(
+    tmp_path: Path, redis_server: object, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """Nothing was sent, so the upstream billed nothing: such hang-ups were logged with their whole
+    prompt's cost, streamed or not (t48)."""
+    policy = policy_text(small_upstream, large_upstream, extra_models=_ONE_CONNECTION.format(url=small_upstream.url))
+    env = {"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k", "TEST_ANTHROPIC_KEY": "k"}  # type: ignore[attr-defined]
+    gateway = start_gateway(tmp_path, policy, env=env)
+    try:
+        httpx.post(f"{small_upstream.root_url}/_control/faults", json={"faults": [{"delay_ms": 1500}]})
+        url = f"{gateway.base_url}/chat/completions"
+        prompt = [{"role": "user", "content": "a long prompt to pay for " * 50}]
+        holder = threading.Thread(
+            target=httpx.post, args=(url,), kwargs={"json": {"model": "one-conn", "messages": prompt}, "timeout": 10}
+        )
+        holder.start()
+        time.sleep(0.3)  # the holder has the one connection
+        for stream in (False, True):
+            with pytest.raises(httpx.ReadTimeout):
+                body = {"model": "one-conn", "messages": prompt, "stream": stream}
+                httpx.post(url, json=body, timeout=0.3)
+        holder.join()
+        deadline = time.monotonic() + 5
+        while len(records := gateway.log_records()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [record for record in records if record["status"] == 499]
+        assert len(left) == 2 and all(record["cost_usd"] == 0 for record in left), left
+        assert httpx.get(f"{small_upstream.root_url}/_control/stats").json()["chat_requests"] == 1
+    finally:
+        gateway.stop()
