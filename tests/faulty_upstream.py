@@ -15,6 +15,8 @@ policy), so one server serves every fault:
   the first choice finishes, then 2.5 s of silence before the second goes on;
 - ``drop-after-finish``: a whole streamed answer (its finish and usage chunks), then the
   connection drops before ``[DONE]``; ``stall-after-finish``: the same, then comments for ever;
+- ``calls-at-zero``: two tool calls, both at index 0 with their own ids (as some compatible
+  servers number every call), their arguments sent as JSON objects rather than text;
 - ``marked``: a normal answer unless the prompt carries one of :data:`FAULTS`, which
   picks the failure (a 500, a body that is not JSON, no choices, an answer cut half-way,
   a hang, a stream of comments only);
@@ -84,6 +86,8 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
         fault = next((name for name in FAULTS if name in prompt), None)
         if fault is not None:
             return await _marked_fault(request, fault, model, stream)
+    if model == "calls-at-zero":
+        return await _calls_at_zero(request, model, stream)
     if model == "no-choices" and not stream:
         return web.json_response({"id": "x", "object": "chat.completion", "created": 0, "model": model, "choices": []})
     if not stream:
@@ -154,6 +158,30 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
         await response.write(_chunk(model, {"role": "assistant", "content": "a fine"}))
         await response.write(_chunk(model, {"content": " answer"}, "stop"))
         await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+_CALLS = (("call_a", "get_weather", {"city": "Paris"}), ("call_b", "get_time", {"zone": "CET"}))
+
+
+async def _calls_at_zero(request: web.Request, model: str, stream: bool) -> web.StreamResponse:
+    if not stream:
+        completion = _completion(model, "")
+        calls = [{"id": i, "type": "function", "function": {"name": n, "arguments": a}} for i, n, a in _CALLS]
+        completion["choices"][0]["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+        completion["choices"][0]["finish_reason"] = "tool_calls"
+        return web.json_response(completion)
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(_chunk(model, {"role": "assistant", "content": None}))
+    for call_id, name, arguments in _CALLS:
+        start = {"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+        await response.write(_chunk(model, {"tool_calls": [start]}))
+        await response.write(_chunk(model, {"tool_calls": [{"index": 0, "function": {"arguments": arguments}}]}))
+    usage = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
+    await response.write(_chunk(model, {}, "tool_calls", usage=usage))
+    await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
 

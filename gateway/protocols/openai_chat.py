@@ -52,6 +52,7 @@ from gateway.errors import InvalidRequestError
 
 __all__ = [
     "CHAT_UPSTREAM_LOSSES",
+    "CallNumbering",
     "ChunkReader",
     "answer_from_completion",
     "answer_from_message",
@@ -798,17 +799,13 @@ class ChunkReader:
     so). Until then its id, name and arguments wait here.
     """
 
-    __slots__ = ("_answer_id", "_ids", "_moved", "_started", "_waiting")
+    __slots__ = ("_answer_id", "_numbering", "_started", "_waiting")
 
     def __init__(self) -> None:
         self._started: set[int] = set()
         self._waiting: dict[int, tuple[str, str, list[str]]] = {}
         self._answer_id = ""
-        self._ids: dict[int, str] = {}
-        """The upstream's id of each call started."""
-        self._moved: dict[int, int] = {}
-        """An upstream index reused for another call (another id: some servers number every call
-        0, t40), and the index that call goes on under."""
+        self._numbering = CallNumbering()
 
     def read(self, chunk: dict[str, Any]) -> list[Delta]:
         deltas: list[Delta] = []
@@ -850,11 +847,7 @@ class ChunkReader:
         return deltas
 
     def _read_call(self, call: dict[str, Any], deltas: list[Delta]) -> None:
-        upstream_index = int(call.get("index", 0))
-        index = self._moved.get(upstream_index, upstream_index)
-        new_id = call.get("id")
-        if index in self._started and isinstance(new_id, str) and new_id and self._ids.get(index, new_id) != new_id:
-            index = self._moved[upstream_index] = max(self._started | self._waiting.keys()) + 1
+        index = self._numbering.index_of(call)
         function = call.get("function") or {}
         fragment = arguments_text(function.get("arguments")) or None
         if index in self._started:
@@ -873,11 +866,37 @@ class ChunkReader:
     def _start(self, index: int, deltas: list[Delta]) -> None:
         call_id, name, arguments = self._waiting.pop(index)
         self._started.add(index)
-        if call_id:
-            self._ids[index] = call_id
         deltas.append(ToolCallStart(index, call_id or _call_id(self._answer_id, index), name))
         if arguments:
             deltas.append(ToolArgumentsDelta(index, "".join(arguments)))
+
+
+class CallNumbering:
+    """The index each streamed tool call goes on under: the upstream's, or a fresh one when the
+    upstream reuses an index for another call (another id: some servers number every call 0,
+    t40), which a client would otherwise merge with the call before it."""
+
+    __slots__ = ("_ids", "_moved", "_top")
+
+    def __init__(self) -> None:
+        self._ids: dict[int, str] = {}
+        """The upstream's id of the call at each index."""
+        self._moved: dict[int, int] = {}
+        """An upstream index reused for another call, and the index that call goes on under."""
+        self._top = -1
+
+    def index_of(self, call: dict[str, Any]) -> int:
+        given = call.get("index", 0)
+        upstream = given if isinstance(given, int) and not isinstance(given, bool) else 0
+        index = self._moved.get(upstream, upstream)
+        call_id = call.get("id")
+        if isinstance(call_id, str) and call_id:
+            known = self._ids.setdefault(index, call_id)
+            if known != call_id:
+                index = self._moved[upstream] = max(self._top, *self._ids) + 1
+                self._ids[index] = call_id
+        self._top = max(self._top, index)
+        return index
 
 
 def arguments_text(arguments: object) -> str:

@@ -61,7 +61,8 @@ class OpenAIProvider(Provider):
         response, stops = await self._post_chat(payload, stream=False)
         content = response.content
         data = decode_json_object(self.name, content)
-        if stops and cut_choices(data, stops):
+        cut = bool(stops) and cut_choices(data, stops)
+        if cut or (b'"tool_calls"' in content and _arguments_as_text(data)):
             content = msgspec.json.encode(data)
         usage = usage_of(openai_chat.read_usage(data.get("usage")))
         text = _message_text(self.name, data)
@@ -195,6 +196,7 @@ class _OpenAIChatStream(ChatStream):
         self._stops = stops
         """Stop strings the gateway applies (the upstream refused them)."""
         self._watches: dict[Any, StopWatch] = {}
+        self._numberings: dict[Any, openai_chat.CallNumbering] = {}
         self._provider = provider
         self._response = response
         self._continuous_usage = continuous_usage
@@ -237,10 +239,15 @@ class _OpenAIChatStream(ChatStream):
             chunk = decode_event(name, event.data)
             if "error" in chunk:
                 raise UpstreamStatusError(name, 500, _in_stream_error(chunk["error"]))
+            rewritten = False
             if self._stops:
                 if not self._stopped_at_stops(chunk):  # past every choice's stop string: read on for the usage
                     tally.usage = usage_of(openai_chat.read_usage(chunk.get("usage"))) or tally.usage
                     continue
+                rewritten = True
+            if b'"tool_calls"' in event.data and self._calls_renumbered(chunk):
+                rewritten = True
+            if rewritten:
                 event = SSEEvent(event.event, msgspec.json.encode(chunk))
             _tally_chunk(tally, chunk)
             choices = chunk.get("choices")
@@ -273,6 +280,31 @@ class _OpenAIChatStream(ChatStream):
 
     async def aclose(self) -> None:
         await self._response.aclose()
+
+    def _calls_renumbered(self, chunk: dict[str, Any]) -> bool:
+        """Tool calls as OpenAI's clients read them: arguments as JSON text (some compatible servers
+        send the object), and a call at an index another call had on a fresh index (t48: a chat
+        client got ``arguments`` as a dict, and two calls numbered 0 merged into one); whether
+        anything changed."""
+        changed = False
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+            if not isinstance(calls, list):
+                continue
+            numbering = self._numberings.get(position := choice.get("index", 0))
+            if numbering is None:
+                numbering = self._numberings[position] = openai_chat.CallNumbering()
+            for call in calls:
+                if not isinstance(call, dict):
+                    continue
+                index = numbering.index_of(call)
+                if call.get("index") != index:
+                    call["index"], changed = index, True
+                function = call.get("function")
+                if isinstance(function, dict) and isinstance(function.get("arguments"), dict | list):
+                    function["arguments"], changed = openai_chat.arguments_text(function["arguments"]), True
+        return changed
 
     def _stopped_at_stops(self, chunk: dict[str, Any]) -> bool:
         """The chunk with each choice's text given out only up to its first stop string, ended
@@ -477,6 +509,20 @@ def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:
                 tally.finish_reason = choice["finish_reason"]
                 matched = choice.get("stop_reason")  # vLLM's: the stop string it matched
                 tally.stop_sequence = matched if isinstance(matched, str) and matched else None
+
+
+def _arguments_as_text(data: dict[str, Any]) -> bool:
+    """Each tool call's arguments as the JSON text OpenAI sends, where a compatible server sent the
+    object (t48: a chat client's SDK could not parse them); whether any was."""
+    changed = False
+    for choice in data.get("choices") or ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        for call in calls if isinstance(calls, list) else ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), dict | list):
+                function["arguments"], changed = openai_chat.arguments_text(function["arguments"]), True
+    return changed
 
 
 def _message_text(upstream: str, data: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import os
 import signal
 import socket
@@ -26,7 +27,7 @@ from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 _FAULTY_MODELS = (
     "comments", "trickle", "endless-line", "no-choices", "drop-after-finish", "stall-after-finish", "firehose",
-    "long-answer", "big-answer", "two-choices",
+    "long-answer", "big-answer", "two-choices", "calls-at-zero",
 )  # fmt: skip
 
 
@@ -633,3 +634,26 @@ def test_a_client_that_leaves_while_queued_for_a_connection_is_billed_nothing(
         assert httpx.get(f"{small_upstream.root_url}/_control/stats").json()["chat_requests"] == 1
     finally:
         gateway.stop()
+
+
+def test_a_chat_client_gets_each_tool_call_apart_with_json_arguments(gw: GatewayProcess) -> None:
+    """A compatible server that numbers every call 0 and sends arguments as objects: the chat
+    client got one merged call (``get_weatherget_time``) and a dict for ``arguments``, which the
+    SDK's ``json.loads`` refuses (t48), streamed or not."""
+    client = closed_after_test(openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0))
+    ask: Any = [{"role": "user", "content": "weather and time?"}]
+    whole = client.chat.completions.create(model="r-calls-at-zero", messages=ask).choices[0].message.tool_calls
+    assert whole is not None
+    expected = [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole] == expected  # type: ignore[union-attr]
+    calls: dict[int, dict[str, str]] = {}
+    for chunk in client.chat.completions.create(model="r-calls-at-zero", messages=ask, stream=True):
+        for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            known = calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+            known["id"] = call.id or known["id"]
+            known["name"] += call.function.name or "" if call.function else ""
+            known["arguments"] += call.function.arguments or "" if call.function else ""
+    assert [(c["id"], c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
+        ("call_a", "get_weather", {"city": "Paris"}),
+        ("call_b", "get_time", {"zone": "CET"}),
+    ]
