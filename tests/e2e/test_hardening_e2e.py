@@ -193,6 +193,18 @@ def test_every_choice_of_n_is_whole_when_usage_comes_in_every_chunk(gw: GatewayP
     assert finishes == ["stop", "stop"]
 
 
+def test_usage_on_every_chunk_only_for_a_client_that_asked_for_usage(gw: GatewayProcess) -> None:
+    """vLLM sends ``continuous_usage_stats`` only with ``include_usage``; the gateway asks every
+    stream's usage of the upstream, and a client that set the first alone got usage in every
+    chunk (t49)."""
+    with openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0, timeout=15) as client:
+        chunks = list(client.chat.completions.create(
+            model="r-two-choices", n=2, stream=True, messages=[{"role": "user", "content": "two"}],
+            stream_options=cast(Any, {"continuous_usage_stats": True}),
+        ))  # fmt: skip
+    assert chunks and all(chunk.usage is None for chunk in chunks)
+
+
 @pytest.mark.parametrize("model", ["drop-after-finish", "stall-after-finish"])
 def test_a_connection_lost_after_the_answer_finished_leaves_the_answer_whole(gw: GatewayProcess, model: str) -> None:
     """The finish and usage came, then the upstream dropped, or went silent (its idle timeout
