@@ -375,8 +375,9 @@ def encode_request(request: Request, model: str, *, stream: bool) -> dict[str, A
         payload["temperature"] = min(1.0, max(0.0, request.temperature))
     if request.top_p is not None:
         payload["top_p"] = request.top_p
-    if request.stop:
-        payload["stop_sequences"] = request.stop
+    stops = [stop for stop in request.stop if _visible(stop)]  # the others: see stops_applied_here
+    if stops:
+        payload["stop_sequences"] = stops
     if request.user:
         payload["metadata"] = {"user_id": request.user}
     if request.thinking is not None and _thinking_can_go_on(turns):
@@ -396,6 +397,17 @@ def encode_request(request: Request, model: str, *, stream: bool) -> dict[str, A
     if stream:
         payload["stream"] = True
     return payload
+
+
+def stops_applied_here(request: Request) -> tuple[str, ...]:
+    """Stop strings of whitespace alone, which Anthropic refuses ("each stop sequence must contain
+    non-whitespace"): a chat client's ``stop: ["\\n"]`` was a 400 on a Claude route (t52). They are
+    left out of the request, and the gateway applies them itself."""
+    return tuple(stop for stop in request.stop if stop and not _visible(stop))
+
+
+def _visible(text: str) -> bool:
+    return bool(text) and not text.isspace()
 
 
 def _thinking_can_go_on(turns: list[dict[str, Any]]) -> bool:
@@ -444,7 +456,7 @@ def _turns(messages: list[Message]) -> tuple[str | list[Block], list[dict[str, A
     for i, message in enumerate(messages):
         if message.role == "system":
             for part in message.parts:
-                if isinstance(part, TextPart) and part.text:
+                if isinstance(part, TextPart) and _visible(part.text):
                     system_texts.append(part.text)
                     system_blocks.append(_marked({"type": "text", "text": part.text}, part.cache_control))
             continue
@@ -467,7 +479,8 @@ def _turns(messages: list[Message]) -> tuple[str | list[Block], list[dict[str, A
 
 def _block(part: Part, i: int) -> Block | None:
     if isinstance(part, TextPart):
-        return _marked({"type": "text", "text": part.text}, part.cache_control) if part.text else None
+        # Anthropic refuses text blocks of whitespace alone, as it does empty ones (t52)
+        return _marked({"type": "text", "text": part.text}, part.cache_control) if _visible(part.text) else None
     if isinstance(part, ImagePart):
         return _marked({"type": "image", "source": _image_source(part.url, i)}, part.cache_control)
     if isinstance(part, ThinkingPart):

@@ -34,6 +34,7 @@ import asyncio
 import functools
 import itertools
 import os
+import re
 import signal
 import sys
 import time
@@ -830,13 +831,36 @@ def _anthropic_request_error(request: web.Request, body: Any, *, count_only: boo
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return _anthropic_bad("messages: must be a non-empty list")
-    if stop_tuple(body.get("stop_sequences")) is None:
+    stops = stop_tuple(body.get("stop_sequences"))
+    if stops is None:
         return _anthropic_bad("stop_sequences: must be a list of strings")
+    if any(not stop.strip() for stop in stops):
+        return _anthropic_bad("stop_sequences: each stop sequence must contain non-whitespace")
+    if _blank_text(messages) or _blank_text([{"content": body.get("system")}]):
+        return _anthropic_bad("messages: text content blocks must contain non-whitespace text")
+    if "temperature" in body and "top_p" in body and _ONE_SAMPLER.search(body["model"]):
+        return _anthropic_bad("`temperature` and `top_p` cannot both be specified for this model. Please use only one.")
     try:
         validate(body)
     except MessagesRequestError as exc:
         return _anthropic_bad(str(exc))
     return None
+
+
+_ONE_SAMPLER = re.compile(r"claude-(opus|sonnet|haiku)-4-[1-9]")
+"""Claude's models since Opus 4.1 and Sonnet 4.5 take ``temperature`` or ``top_p``, not both."""
+
+
+def _blank_text(messages: list[Any]) -> bool:
+    """A text block, or a string content, of whitespace alone (Anthropic refuses them)."""
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        for block in blocks if isinstance(blocks, list) else ():
+            text = block.get("text") if isinstance(block, dict) and block.get("type") == "text" else None
+            if isinstance(text, str) and text.isspace():
+                return True
+    return False
 
 
 def _anthropic_usage(plan: MessagesPlan, output_tokens: int) -> dict[str, int]:

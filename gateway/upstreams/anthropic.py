@@ -54,6 +54,8 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+import structlog
+
 from gateway.core import model as core
 from gateway.core.model import Answer, Delta, Finish, TextDelta, ThinkingPart, UsageReport
 from gateway.errors import GatewayError, InvalidRequestError, UpstreamProtocolError, UpstreamStatusError
@@ -73,8 +75,11 @@ from gateway.upstreams.base import (
     decode_json_object,
     usage_of,
 )
+from gateway.upstreams.stop_strings import StopWatch, cut_answer, cut_deltas
 
 __all__ = ["AnthropicProvider"]
+
+_log = structlog.get_logger("gateway.upstreams")
 
 ANTHROPIC_VERSION = "2023-06-01"
 _MESSAGES_PATH = "v1/messages"
@@ -96,12 +101,17 @@ class AnthropicProvider(Provider):
         return headers
 
     def not_carried(self, request: core.Request) -> list[str]:
-        return _not_carried(request)
+        return _not_carried(request, self.takes_one_sampler)
+
+    takes_one_sampler = False
+    """The upstream refused ``temperature`` with ``top_p`` (Claude's models since Sonnet 4.5 do):
+    learned from its 400; from then on ``top_p`` is left out when both are set."""
 
     async def complete(self, request: core.Request, body: dict[str, Any] | None = None) -> Completion:
-        payload = _translate_request(self.name, self.upstream_model, request, stream=False)
-        response = await self._post(_MESSAGES_PATH, payload, self._headers(request.betas), stream=False)
+        response = await self._post_messages(request, stream=False)
         answer, usage = self._read(response.content)
+        if stops := anthropic.stops_applied_here(request):
+            answer = cut_answer(answer, stops)
         return Completion(
             body=openai_chat.completion_from_answer(answer, None if usage is None else answer.usage),
             usage=usage,
@@ -118,9 +128,25 @@ class AnthropicProvider(Provider):
         )
 
     async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
-        payload = _translate_request(self.name, self.upstream_model, request, stream=True)
-        response = await self._post(_MESSAGES_PATH, payload, self._headers(request.betas), stream=True)
-        return _AnthropicChatStream(self, response)
+        response = await self._post_messages(request, stream=True)
+        return _AnthropicChatStream(self, response, anthropic.stops_applied_here(request))
+
+    async def _post_messages(self, request: core.Request, *, stream: bool) -> UpstreamResponse:
+        """The request as the upstream takes it: a client of OpenAI's API may set both samplers,
+        which Claude's newer models refuse (t52), and its request failed or worked by the model
+        it was routed to."""
+        payload = _translate_request(self.name, self.upstream_model, request, stream=stream)
+        headers = self._headers(request.betas)
+        if self.takes_one_sampler:
+            payload = _one_sampler(payload)
+        try:
+            return await self._post(_MESSAGES_PATH, payload, headers, stream=stream)
+        except UpstreamStatusError as exc:
+            if self.takes_one_sampler or "top_p" not in payload or not _refuses_both_samplers(exc):
+                raise
+            self.takes_one_sampler = True
+            _log.info("upstream_takes_one_sampler", model=self.name)
+            return await self._post(_MESSAGES_PATH, _one_sampler(payload), headers, stream=stream)
 
     async def count_tokens(self, body: dict[str, Any], betas: str | None) -> int:
         """The prompt's tokens as the model counts them (``count_tokens``): documents, PDFs and
@@ -162,8 +188,23 @@ _HONOURED_EXTRA = frozenset({"n", "stream_options", "gateway_cache"})
 """Chat fields Anthropic is not sent that the gateway honours itself (``n > 1`` is refused)."""
 
 
-def _not_carried(request: core.Request) -> list[str]:
+def _one_sampler(payload: dict[str, Any]) -> dict[str, Any]:
+    if "temperature" not in payload or "top_p" not in payload:
+        return payload
+    return {name: value for name, value in payload.items() if name != "top_p"}
+
+
+def _refuses_both_samplers(error: UpstreamStatusError) -> bool:
+    """Anthropic's 400: "`temperature` and `top_p` cannot both be specified for this model.
+    Please use only one." """
+    body = (error.upstream_body or b"").replace(b"`", b"")
+    return error.upstream_status == 400 and b"temperature and top_p cannot both be specified" in body
+
+
+def _not_carried(request: core.Request, one_sampler: bool = False) -> list[str]:
     lost = [name for name, value in request.extra.items() if value is not None and name not in _HONOURED_EXTRA]
+    if one_sampler and request.temperature is not None and request.top_p is not None:
+        lost.append("top_p")  # the upstream takes one of the two
     if request.json_schema is not None and "response_format" in lost:
         lost.remove("response_format")  # a JSON schema is output_config.format there
     if request.temperature is not None and request.temperature > 1:
@@ -193,8 +234,10 @@ class _AnthropicChatStream(ChatStream):
     ``error`` event right after ``message_start``, and until then the stream has not begun for
     the client, so that error is retried and falls back like a 529."""
 
-    def __init__(self, provider: AnthropicProvider, response: UpstreamResponse) -> None:
+    def __init__(self, provider: AnthropicProvider, response: UpstreamResponse, stops: tuple[str, ...] = ()) -> None:
         super().__init__()
+        self._stops = StopWatch(stops) if stops else None
+        """Stop strings the gateway applies (Anthropic refuses them: whitespace alone)."""
         self._provider = provider
         self._response = response
         self._events = UpstreamEvents(provider, response)
@@ -255,6 +298,8 @@ class _AnthropicChatStream(ChatStream):
         if not self._started and kind not in ("message_start", "ping"):
             raise UpstreamProtocolError(self._provider.name, f"stream event {kind!r} came before message_start")
         deltas = self._decoder.feed(event)
+        if self._stops is not None:
+            deltas = cut_deltas(self._stops, deltas)
         tally = self.tally
         if kind == "message_start":
             self._started = True

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["StopWatch", "cut_choices", "stops_of"]
+import msgspec
+
+from gateway.core.model import Answer, Delta, Finish, TextDelta, UsageReport
+
+__all__ = ["StopWatch", "cut_answer", "cut_choices", "cut_deltas", "stops_of"]
 
 
 def stops_of(value: Any) -> tuple[str, ...]:
@@ -51,6 +55,41 @@ def cut_choices(data: dict[str, Any], stops: tuple[str, ...]) -> bool:
         choice["stop_reason"] = found[1]
         cut = True
     return cut
+
+
+def cut_answer(answer: Answer, stops: tuple[str, ...]) -> Answer:
+    """The answer ended where its text's first stop string begins (nothing the model wrote after it:
+    no tool call)."""
+    text = answer.text or ""
+    found = _first_stop(text, stops)
+    if found is None:
+        return answer
+    return msgspec.structs.replace(
+        answer, text=text[: found[0]], tool_calls=[], finish_reason="stop_sequence", stop_sequence=found[1]
+    )
+
+
+def cut_deltas(watch: StopWatch, deltas: list[Delta]) -> list[Delta]:
+    """A stream's deltas with its text given out only up to the first stop string, and ended there
+    (:class:`Finish` ``stop_sequence``); past it only the usage goes on. Text held back as a
+    possible stop goes out before anything else the model writes, or its own finish."""
+    out: list[Delta] = []
+    for delta in deltas:
+        if watch.matched is not None:
+            if isinstance(delta, UsageReport):
+                out.append(delta)
+            continue
+        if isinstance(delta, TextDelta):
+            text = watch.take(delta.text)
+            if text:
+                out.append(TextDelta(text))
+            if watch.matched is not None:
+                out.append(Finish("stop_sequence", watch.matched))
+            continue
+        if not isinstance(delta, UsageReport) and (held := watch.flush()):
+            out.append(TextDelta(held))
+        out.append(delta)
+    return out
 
 
 class StopWatch:

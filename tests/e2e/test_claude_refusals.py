@@ -1,0 +1,96 @@
+"""What Claude refuses that OpenAI's API takes, met for a client of another API.
+
+A chat client's ``stop: ["\\n"]`` (single-line answers), a text part of whitespace alone, and
+``temperature`` with ``top_p`` are fine to OpenAI; Claude answers each with a 400, so the same
+request failed or worked by where it was routed (t52). The simulated upstream refuses them as
+Anthropic does (both samplers: for the models named since Sonnet 4.5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from gateway.services.redis_server import EmbeddedRedis
+from gateway.simulated import SimulatedUpstream
+from tests.conftest import closed_after_test, inject, upstream_stats
+from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+
+_CLAUDE_45 = """  claude45:
+    provider: anthropic
+    base_url: {url}
+    upstream_model: claude-sonnet-4-5
+    api_key_env: TEST_ANTHROPIC_KEY
+    price: {{input: 3, output: 15}}
+    tier: large
+    timeouts: {{connect: 1, first_byte: 2, total: 5}}
+"""
+_ASK: Any = [{"role": "user", "content": "Two lines, please."}]
+_TWO_LINES = "first line\nsecond line"
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:
+    policy = policy_text(small_upstream, large_upstream, extra_models=_CLAUDE_45.format(url=large_upstream.root_url))
+    env = {"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k", "TEST_ANTHROPIC_KEY": "k"}
+    process = start_gateway(tmp_path_factory.mktemp("claude"), policy, env=env)
+    yield process
+    process.stop()
+
+
+def test_a_stop_string_of_whitespace_alone_is_applied_by_the_gateway(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    oai = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0))
+    inject(large_upstream, {"text": _TWO_LINES})
+    whole = oai.chat.completions.create(model="claude45", messages=_ASK, stop=["\n", "never"])
+    assert whole.choices[0].message.content == "first line"
+    assert whole.choices[0].finish_reason == "stop"
+    sent = upstream_stats(large_upstream)["last_request"]["body"]
+    assert sent["stop_sequences"] == ["never"]  # the other is the gateway's to apply
+    inject(large_upstream, {"text": _TWO_LINES})
+    chunks = list(oai.chat.completions.create(model="claude45", messages=_ASK, stop="\n", stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "first line"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    claude = closed_after_test(anthropic.Anthropic(base_url=gateway.url, api_key="x", max_retries=0))
+    inject(large_upstream, {"text": _TWO_LINES})
+    with claude.messages.stream(model="claude45", max_tokens=64, messages=_ASK, stop_sequences=["\n"]) as events:
+        final = events.get_final_message()
+    assert final.content[0].type == "text" and final.content[0].text == "first line"
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "\n")
+
+
+def test_a_text_part_of_whitespace_alone_is_left_out(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    oai = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0))
+    parts: Any = [{"type": "text", "text": "Hello?"}, {"type": "text", "text": " \n "}]
+    answer = oai.chat.completions.create(model="claude45", messages=[{"role": "user", "content": parts}])
+    assert answer.choices[0].message.content
+    assert upstream_stats(large_upstream)["last_request"]["body"]["messages"][0]["content"] == "Hello?"
+
+
+def test_a_model_that_takes_one_sampler_is_sent_temperature_alone(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    oai = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0))
+    before = upstream_stats(large_upstream)["messages_requests"]
+    first = oai.chat.completions.create(model="claude45", messages=_ASK, temperature=0.2, top_p=0.9)
+    assert first.choices[0].message.content
+    sent = upstream_stats(large_upstream)["last_request"]["body"]
+    assert sent["temperature"] == 0.2 and "top_p" not in sent
+    raw = oai.chat.completions.with_raw_response.create(model="claude45", messages=_ASK, temperature=0.2, top_p=0.9)
+    assert "top_p" in raw.headers["x-gateway-dropped"]  # learned: named, and no 400 first
+    assert upstream_stats(large_upstream)["messages_requests"] == before + 3
+    top_p_alone = oai.chat.completions.create(model="claude45", messages=_ASK, top_p=0.9)
+    assert top_p_alone.choices[0].message.content
+    assert upstream_stats(large_upstream)["last_request"]["body"]["top_p"] == 0.9
