@@ -113,6 +113,8 @@ class _Fault(msgspec.Struct, forbid_unknown_fields=True):
 
     status: int | None = None
     retry_after: float | None = None
+    headers: dict[str, str] | None = None
+    """More headers on a fault's error response (OpenAI's ``x-ratelimit-*`` on a 429)."""
     body: str | None = None
     delay_ms: float = 0.0
     cut_after_chunks: int | None = None
@@ -287,6 +289,8 @@ def _fault_response(fault: _Fault, status: int, anthropic: bool) -> web.Response
         value = fault.retry_after
         text = str(int(value)) if float(value).is_integer() else str(value)
         headers = {"Retry-After": text}
+    if fault.headers:
+        headers = {**(headers or {}), **fault.headers}
     return _json_response(body, status, headers)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
@@ -492,7 +493,9 @@ class Provider(ABC):
             self.name,
             response.status_code,
             f"redirected to {location[:200]}" if location else _error_detail(content),
-            retry_after_s=_retry_after(response.headers.get("retry-after")),
+            retry_after_s=_retry_after(response.headers.get("retry-after"))
+            if "retry-after" in response.headers or response.status_code != 429
+            else _rate_limit_reset(response.headers),
             body=content,
         )
 
@@ -592,6 +595,36 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _rate_limit_reset(headers: Mapping[str, str]) -> float | None:
+    """When an OpenAI 429 without ``Retry-After`` may be tried again: the reset (``x-ratelimit-reset-
+    requests: 1s``, ``-tokens: 6m0s``) of the limit it names as spent, else the sooner one (t52:
+    the client got a 429 with no Retry-After, which the README promises)."""
+    resets: list[float] = []
+    for kind in ("requests", "tokens"):
+        reset = _duration(headers.get(f"x-ratelimit-reset-{kind}"))
+        if reset is None:
+            continue
+        if headers.get(f"x-ratelimit-remaining-{kind}", "").strip() == "0":
+            return reset
+        resets.append(reset)
+    return min(resets) if resets else None
+
+
+def _duration(value: str | None) -> float | None:
+    """Seconds in a Go-style duration (``6m0s``, ``1.5s``, ``20ms``), as OpenAI writes its resets."""
+    if not value:
+        return None
+    text = value.strip()
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        return None
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
 
 
 def decode_event(upstream: str, data: bytes) -> dict[str, Any]:

@@ -118,6 +118,19 @@ def test_upstream_429_passes_through_with_retry_after(
     assert upstream_stats(small_upstream)["chat_requests"] == 1
 
 
+def test_an_openai_429_without_retry_after_is_told_when_its_limit_resets(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """OpenAI often sends only its ``x-ratelimit-reset-*`` headers: the client got a 429 with no
+    Retry-After (t52). The reset of the limit the upstream says is spent is the wait."""
+    spent_tokens = {"x-ratelimit-remaining-requests": "59", "x-ratelimit-reset-requests": "120ms",
+                    "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s"}  # fmt: skip
+    inject(small_upstream, {"status": 429, "headers": spent_tokens})
+    response = _chat(gateway, model="small")
+    assert response.status_code == 429 and response.headers["retry-after"] == "360"
+    assert upstream_stats(small_upstream)["chat_requests"] == 1  # beyond max_retry_after_s: not waited for
+
+
 def test_short_retry_after_is_honoured(gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
     inject(small_upstream, {"status": 429, "retry_after": 1})
     started = time.monotonic()
