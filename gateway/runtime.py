@@ -364,11 +364,19 @@ def _loggable(problems: list[str]) -> list[str]:
     return [_QUOTED_VALUE.sub("'…'", problem) for problem in problems]
 
 
-def _shown_to_admins(problems: list[str]) -> list[str]:
+def _shown_to_admins(problems: list[str], environ: Mapping[str, str] | None = None) -> list[str]:
     """The problems with the values found where another belongs (``got '...'``) hidden: a secret
     pasted into the wrong field, or an upstream's key from ``${VAR}`` there, reached an HTTP
-    answer (t46). The names a problem quotes (an unknown model, a mode) stay, for ops to read."""
-    return [_GOT_VALUE.sub(r"\1'…'", problem) for problem in problems]
+    answer (t46). The names a problem quotes (an unknown model, a mode) stay, for ops to read,
+    unless one is the value of an environment variable (t48: ``model: ${AN_KEY}`` showed the key
+    as an unknown model's name)."""
+    values = {value for value in (os.environ if environ is None else environ).values() if len(value) >= 8}
+
+    def hidden(match: re.Match[str]) -> str:
+        quoted = match.group(0)
+        return "'…'" if quoted.strip("'\"") in values else quoted
+
+    return [_QUOTED_VALUE.sub(hidden, _GOT_VALUE.sub(r"\1'…'", problem)) for problem in problems]
 
 
 _GOT_VALUE = re.compile(r"(got |`: )(?:" + _QUOTED_VALUE.pattern + ")")

@@ -85,3 +85,21 @@ def test_the_log_keeps_the_names_the_gateway_writes_and_drops_the_values_it_quot
         "limits.on_redis_error (line 3): must be one of `open`, `closed`, got 'sk-proj-secret'",
     ]
     assert _loggable(said) == [said[0], "limits.on_redis_error (line 3): must be one of `open`, `closed`, got '…'"]
+
+
+def test_a_name_that_is_an_environment_variables_value_is_hidden_from_admins_too() -> None:
+    """t48: ``model: ${AN_KEY}`` in a route: the unknown model's name, the upstream's key, reached
+    an admin's /readyz (names the gateway cannot place stay, for ops to read)."""
+    from gateway.runtime import _shown_to_admins
+
+    said = [
+        "routes.r.model (line 9): unknown model 'sk-ant-UPSTREAMSECRET-222'; models are: 'small', 'large'",
+        "routes.r.fallbacks[0] (line 10): unknown model \"sk-ant-UPSTREAMSECRET-222\"; models are: 'small'",
+        "routes.q.model (line 11): unknown model 'smal'; models are: 'small'",
+    ]
+    shown = _shown_to_admins(said, {"AN_KEY": "sk-ant-UPSTREAMSECRET-222", "SHORT": "small"})
+    assert shown == [
+        "routes.r.model (line 9): unknown model '…'; models are: 'small', 'large'",
+        "routes.r.fallbacks[0] (line 10): unknown model '…'; models are: 'small'",
+        said[2],
+    ]
