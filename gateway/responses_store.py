@@ -6,7 +6,8 @@ input items, the assistant's answer; never the ``instructions``, which OpenAI do
 carry into the next turn). A later turn naming it loads one record, however long the
 chain: there is nothing to follow recursively.
 
-A passed-through response lives at its upstream; its record holds only ``held_by``.
+A passed-through response lives at its upstream; its record holds only ``held_by``, and the
+client's own identifiers the upstream keeps as the tenant's digests (``own_ids``).
 
 Keys are :func:`gateway.store.keyspace.response` (``gw:{<tenant hash>}:resp:<id>``): a
 tenant's lookup can only ever reach its own turns. Records expire after
@@ -27,7 +28,7 @@ from gateway.core.model import Message
 from gateway.store import keyspace
 from gateway.store.base import KeyValue
 
-__all__ = ["RESPONSE_TTL_S", "STORE_TIMEOUT_S", "ResponseStore", "StoredResponse"]
+__all__ = ["KEPT_ID_CHARS", "RESPONSE_TTL_S", "STORE_TIMEOUT_S", "ResponseStore", "StoredResponse", "kept_ids"]
 
 RESPONSE_TTL_S = 30 * 24 * 3600
 """How long a stored response is kept: 30 days, as OpenAI keeps them."""
@@ -44,6 +45,21 @@ class StoredResponse(msgspec.Struct, kw_only=True):
     """A passed-through response lives at its upstream: the model (policy name) that keeps it.
     The gateway then keeps only this, so that only the tenant that made it can read, continue
     or delete it (the upstream's key is shared by every tenant: it cannot tell them apart)."""
+    own_ids: dict[str, str | None] = msgspec.field(default_factory=dict)
+    """A passed-through response's end-user and prompt-cache identifiers as its upstream keeps
+    them (the tenant's digests, :mod:`gateway.protocols.tenant_ids`), each with the client's own
+    value, which a digest cannot give back: reading the response tells the client its own (t48).
+    ``None`` for a value longer than :data:`KEPT_ID_CHARS`, which is then read back as ``null``."""
+
+
+KEPT_ID_CHARS = 256
+"""The longest identifier value a passed-through response's record keeps (OpenAI allows 64): the
+record is outside the tenant's cap, so what a client writes there is bounded."""
+
+
+def kept_ids(own_ids: dict[str, str]) -> dict[str, str | None]:
+    """``own_ids`` (digest: the client's value) as a record keeps them."""
+    return {digest: value if len(value) <= KEPT_ID_CHARS else None for digest, value in own_ids.items()}
 
 
 _encoder = msgspec.json.Encoder()
@@ -77,8 +93,8 @@ class ResponseStore:
         """Whether it was kept: not when the record alone is larger than the tenant's cap.
 
         A passed-through response's record (``held_by``) is outside the cap: evicting it would
-        leave the response at its upstream, where no tenant could reach or delete it. It is a
-        few hundred bytes for a paid upstream call."""
+        leave the response at its upstream, where no tenant could reach or delete it. It is at
+        most about a kilobyte (three identifiers of :data:`KEPT_ID_CHARS`) for a paid upstream call."""
         if record.held_by is not None:
             key = keyspace.response(tenant, response_id)
             await self._kv.put(key, _encoder.encode(record), RESPONSE_TTL_S, self._timeout_s)

@@ -50,7 +50,7 @@ from gateway.protocols import openai_chat
 from gateway.protocols import openai_responses as codec
 from gateway.protocols.shared_state import refuse_upstream_ids
 from gateway.protocols.tenant_ids import told_back
-from gateway.responses_store import ResponseStore, StoredResponse
+from gateway.responses_store import ResponseStore, StoredResponse, kept_ids
 from gateway.runtime import Runtime
 from gateway.sparse_log import SparseLog
 from gateway.store.base import StoreUnavailable
@@ -88,7 +88,7 @@ class _Turn:
     decoded: codec.ResponsesRequest | None = None
     tenant: str = ""
     history: list[Message] = field(default_factory=list)
-    own_ids: dict[bytes, bytes] = field(default_factory=dict)
+    own_ids: dict[str, str] = field(default_factory=dict)
     """A passed-through request's identifiers as sent upstream, and as the client wrote them."""
 
 
@@ -178,7 +178,7 @@ async def retrieve_response(request: Request[Any, Any, Any], response_id: str) -
     if record is None:
         raise _not_found(response_id)
     if record.held_by is not None:
-        return await _ask_upstream(state, record.held_by, "GET", response_id)
+        return await _ask_upstream(state, record.held_by, "GET", response_id, own_ids=record.own_ids)
     return Response(content=msgspec.json.encode(record.response), media_type="application/json")
 
 
@@ -193,9 +193,8 @@ async def list_input_items(request: Request[Any, Any, Any], response_id: str) ->
     limit, order, after = _page_query(request)
     if record.held_by is not None:
         query = request.url.query
-        return await _ask_upstream(
-            state, record.held_by, "GET", response_id, "/input_items" + (f"?{query}" if query else "")
-        )
+        rest = "/input_items" + (f"?{query}" if query else "")
+        return await _ask_upstream(state, record.held_by, "GET", response_id, rest, own_ids=record.own_ids)
     items = codec.input_items(record.messages[:-1], response_id)  # the last message is the response's own answer
     if order == "desc":
         items.reverse()
@@ -224,7 +223,7 @@ async def cancel_response(request: Request[Any, Any, Any], response_id: str) -> 
     if record is None:
         raise _not_found(response_id)
     if record.held_by is not None:
-        return await _ask_upstream(state, record.held_by, "POST", response_id, "/cancel")
+        return await _ask_upstream(state, record.held_by, "POST", response_id, "/cancel", own_ids=record.own_ids)
     raise InvalidRequestError("Only responses created with background=true can be cancelled.", param="response_id")
 
 
@@ -388,25 +387,33 @@ async def _passed_through(
     the client is told ``store: false`` and the upstream is asked to delete it, in the background."""
     held_by = headers.get("x-gateway-model", "")
     keep = turn.decoded is not None and turn.decoded.store
+    own_ids = _as_json(turn.own_ids)
+    record = StoredResponse(held_by=held_by, own_ids=kept_ids(turn.own_ids))
     if isinstance(answer, Answer):
-        body = _own_ids(answer.body, turn.own_ids)
+        body = _own_ids(answer.body, own_ids)
         if keep:
             response = msgspec.json.decode(body)
             response_id = response.get("id") if isinstance(response, dict) else None
-            if isinstance(response_id, str) and not await _claim(_store(state), turn.tenant, response_id, held_by):
+            if isinstance(response_id, str) and not await _claim(_store(state), turn.tenant, response_id, record):
                 response["store"] = False
                 body = msgspec.json.encode(response)
                 state.background.spawn(_forget(state, held_by, response_id), "forget-unclaimed-response")
         return Response(content=body, status_code=200, headers=headers, media_type="application/json")
-    events = _with_own_ids(answer.events, turn.own_ids) if turn.own_ids else answer.events
+    events = _with_own_ids(answer.events, own_ids) if own_ids else answer.events
     return Stream(
-        _claimed_events(events, state, turn.tenant, held_by) if keep else events,
+        _claimed_events(events, state, turn.tenant, record) if keep else events,
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
     )
 
 
+def _as_json(own_ids: Mapping[str, str | None]) -> dict[bytes, bytes]:
+    """Each digest as a JSON string, with the client's value as JSON (``null`` where it was not kept)."""
+    return {msgspec.json.encode(sent): msgspec.json.encode(written) for sent, written in own_ids.items()}
+
+
 def _own_ids(data: bytes, own_ids: dict[bytes, bytes]) -> bytes:
+    """``data`` with the client's own identifiers where it echoes the digests the upstream was sent."""
     for sent, written in own_ids.items():
         data = data.replace(sent, written)
     return data
@@ -424,7 +431,7 @@ async def _with_own_ids(events: AsyncIterator[bytes], own_ids: dict[bytes, bytes
 
 
 async def _claimed_events(
-    events: AsyncIterator[bytes], state: GatewayState, tenant: str, held_by: str
+    events: AsyncIterator[bytes], state: GatewayState, tenant: str, record: StoredResponse
 ) -> AsyncIterator[bytes]:
     """The events, the response's id claimed as soon as ``response.created`` names it (a piece
     may hold several events: the relay holds the created event back until model work shows)."""
@@ -441,11 +448,12 @@ async def _claimed_events(
                 data = msgspec.json.decode(piece[start : end if end >= 0 else len(piece)])
                 response = data.get("response") if isinstance(data, dict) else None
                 response_id = response.get("id") if isinstance(response, dict) else None
-                if isinstance(response_id, str) and not await _claim(_store(state), tenant, response_id, held_by):
+                if isinstance(response_id, str) and not await _claim(_store(state), tenant, response_id, record):
                     unclaimed = response_id
             yield piece if unclaimed is None else _not_stored_events(piece)
     finally:
         if unclaimed is not None:  # after the answer (or the client's leaving): a slow DELETE holds no client
+            held_by = record.held_by or ""
             state.background.spawn(_forget(state, held_by, unclaimed), "forget-unclaimed-response")
         close = getattr(events, "aclose", None)
         if close is not None:
@@ -467,9 +475,10 @@ def _not_stored_events(piece: bytes) -> bytes:
     return b"\n\n".join(events)
 
 
-async def _claim(store: ResponseStore, tenant: str, response_id: str, held_by: str) -> bool:
+async def _claim(store: ResponseStore, tenant: str, response_id: str, record: StoredResponse) -> bool:
+    """Keep ``record`` (a passed-through response's: its model, and the client's own identifiers)."""
     try:
-        if await store.save(tenant, response_id, StoredResponse(held_by=held_by)):
+        if await store.save(tenant, response_id, record):
             return True
         _not_stored(reason="larger than the tenant's cap on stored responses")
     except StoreUnavailable:
@@ -508,10 +517,17 @@ async def _forget(state: GatewayState, held_by: str, response_id: str) -> None:
 
 
 async def _ask_upstream(
-    state: GatewayState, model: str, method: str, response_id: str, rest: str = ""
+    state: GatewayState,
+    model: str,
+    method: str,
+    response_id: str,
+    rest: str = "",
+    *,
+    own_ids: Mapping[str, str | None] | None = None,
 ) -> Response[bytes]:
     """Read or delete a response (``rest``: a part of it, with its query) at the upstream that
-    keeps it; its own answer, errors included."""
+    keeps it; its own answer, errors included, with the client's own identifiers where it echoes
+    the digests it was sent (``own_ids``, from the response's record: t48)."""
     provider = state.holder.current.providers.get(model)
     if provider is None:
         raise _not_found(response_id)  # its model is gone from the policy: nothing can reach it
@@ -521,7 +537,8 @@ async def _ask_upstream(
         if exc.upstream_status == 404:  # gone upstream (expired, or deleted there)
             raise _not_found(response_id) from None
         raise  # in the gateway's words: the upstream's body can name its organisation (a 429's)
-    return Response(content=answer.content, status_code=answer.status_code, media_type="application/json")
+    content = _own_ids(answer.content, _as_json(own_ids)) if own_ids else answer.content
+    return Response(content=content, status_code=answer.status_code, media_type="application/json")
 
 
 async def _keep(store: ResponseStore, turn: _Turn, response: dict[str, Any], answer: CoreAnswer) -> None:

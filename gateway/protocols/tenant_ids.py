@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import msgspec
-
 from gateway.core.model import Request
 
 __all__ = ["SCOPED_FIELDS", "scoped", "scoped_body", "scoped_request", "told_back"]
@@ -55,17 +53,13 @@ def scoped_request(request: Request, tenant: str) -> None:
         request.extra = scoped_body(request.extra, tenant)
 
 
-def told_back(body: dict[str, Any], tenant: str) -> dict[bytes, bytes]:
+def told_back(body: dict[str, Any], tenant: str) -> dict[str, str]:
     """For an upstream's answer that echoes the request (a Responses object), each of ``body``'s
-    identifiers as JSON the upstream was sent, and as the client wrote it: the client reads its
+    identifiers as the upstream was sent it, with the client's own value: the client reads its
     own values back, not the gateway's digests (t43)."""
-    return {_json_string(scoped(tenant, body[name])): _json_string(body[name]) for name in _named(body)}
+    return {scoped(tenant, body[name]): body[name] for name in _named(body)}
 
 
 def _named(body: dict[str, Any]) -> list[str]:
     """The identifier fields ``body`` gives a value."""
     return [name for name in SCOPED_FIELDS if isinstance(body.get(name), str) and body[name]]
-
-
-def _json_string(value: str) -> bytes:
-    return msgspec.json.encode(value)

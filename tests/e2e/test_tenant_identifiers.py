@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -117,3 +118,51 @@ def test_a_passed_through_response_tells_the_client_its_own_identifiers_back(
     assert (response.user, response.safety_identifier, response.prompt_cache_key) == ("user-1", "user-1", "session-1")
     sent = _sent(small_upstream)
     assert (sent["user"], sent["prompt_cache_key"]) == (scoped("team-a", "user-1"), scoped("team-a", "session-1"))
+
+
+_IDS = {"user": "user-1", "safety_identifier": "safe-1", "prompt_cache_key": "session-1"}
+
+
+def _own(response: Any) -> tuple[str | None, str | None, str | None]:
+    return response.user, response.safety_identifier, response.prompt_cache_key
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_passed_through_response_read_back_tells_the_client_its_own_identifiers(
+    two_tenants: GatewayProcess, small_upstream: SimulatedUpstream, stream: bool
+) -> None:
+    """t48: the create told the client its own values, but GET gave the digests the upstream keeps."""
+    oai = _openai(two_tenants, "key-a")
+    if stream:
+        with oai.responses.stream(model="gpt", input="Say hello.", **_IDS) as events:  # type: ignore[call-overload]
+            created = events.get_final_response()
+    else:
+        created = oai.responses.create(model="gpt", input="Say hello.", **_IDS)  # type: ignore[call-overload]
+    upstreams = httpx.get(f"{small_upstream.url}/responses/{created.id}", timeout=10).json()
+    assert (upstreams["user"], upstreams["prompt_cache_key"]) == (
+        scoped("team-a", "user-1"),
+        scoped("team-a", "session-1"),
+    )
+    assert _own(oai.responses.retrieve(created.id)) == ("user-1", "safe-1", "session-1")
+
+
+def test_a_continued_passed_through_response_reads_back_each_turns_own_identifiers(
+    two_tenants: GatewayProcess,
+) -> None:
+    oai = _openai(two_tenants, "key-a")
+    first = oai.responses.create(model="gpt", input="Say hello.", **_IDS)  # type: ignore[call-overload]
+    second = oai.responses.create(
+        model="gpt", input="Again.", previous_response_id=first.id, user="user-2", prompt_cache_key="session-2"
+    )
+    assert _own(second) == ("user-2", None, "session-2")
+    assert _own(oai.responses.retrieve(second.id)) == ("user-2", None, "session-2")
+    assert _own(oai.responses.retrieve(first.id)) == ("user-1", "safe-1", "session-1")
+
+
+def test_an_identifier_too_long_to_keep_is_read_back_as_null_not_as_the_digest(two_tenants: GatewayProcess) -> None:
+    """The ownership record is outside the tenant's cap on stored turns: what it keeps is bounded."""
+    oai = _openai(two_tenants, "key-a")
+    long = "u" * 300
+    created = oai.responses.create(model="gpt", input="Say hello.", user=long, prompt_cache_key="session-1")
+    assert _own(created) == (long, None, "session-1")  # the create tells back what the client wrote
+    assert _own(oai.responses.retrieve(created.id)) == (None, None, "session-1")

@@ -36,7 +36,7 @@ from gateway.core.model import (
 from gateway.errors import InvalidRequestError
 from gateway.protocols import openai_chat
 from gateway.protocols import openai_responses as codec
-from gateway.responses_store import RESPONSE_TTL_S, ResponseStore, StoredResponse
+from gateway.responses_store import KEPT_ID_CHARS, RESPONSE_TTL_S, ResponseStore, StoredResponse, kept_ids
 from gateway.store import keyspace
 from gateway.store.memory import MemoryKeyValue
 from gateway.upstreams.base import StreamTally
@@ -453,6 +453,20 @@ async def test_a_passed_through_responses_record_is_outside_the_cap() -> None:
         assert await store.save("acme", f"resp_{n}", StoredResponse(held_by="gpt"))
     assert [(await store.load("acme", f"resp_{n}")) for n in range(3)] == [StoredResponse(held_by="gpt")] * 3
     assert not await store.save("acme", "resp_own", StoredResponse(response={"id": "resp_own"}))
+
+
+async def test_a_passed_through_responses_record_keeps_the_clients_own_ids_bounded() -> None:
+    """t48: read back, the response said the tenant's digests; the record keeps the client's own
+    values, none longer than KEPT_ID_CHARS (it is outside the cap), and one written before it did
+    reads as keeping none."""
+    store = ResponseStore(MemoryKeyValue(), lambda tenant: 1)
+    long = "u" * (KEPT_ID_CHARS + 1)
+    own = kept_ids({"d1": "user-1", "d2": "s" * KEPT_ID_CHARS, "d3": long})
+    assert own == {"d1": "user-1", "d2": "s" * KEPT_ID_CHARS, "d3": None}
+    assert await store.save("acme", "resp_1", StoredResponse(held_by="gpt", own_ids=own))
+    assert (await store.load("acme", "resp_1")) == StoredResponse(held_by="gpt", own_ids=own)
+    older = msgspec.json.decode(b'{"held_by": "gpt"}', type=StoredResponse)
+    assert older.own_ids == {}
 
 
 async def test_the_store_keeps_turns_per_tenant_and_deletes_them() -> None:
