@@ -369,13 +369,19 @@ def _readable(decoded: codec.ResponsesRequest) -> CoreRequest:
 
 
 def _dropped(state: GatewayState, decoded: codec.ResponsesRequest, headers: Mapping[str, str]) -> list[str]:
-    """What did not reach the model that answered: a tool result's images too where a chat
-    upstream answered (its tool message is text; t43: dropped without a word)."""
-    answerer = state.holder.current.policy.models.get(headers.get("x-gateway-model", ""))
-    if answerer is None or answerer.provider == "anthropic":
+    """What did not reach the model that answered: what its upstream is not sent, as for a chat
+    client (an Anthropic upstream's: ``prompt_cache_key``, ``safety_identifier`` beside ``user``;
+    t48: dropped without a word), and a tool result's images where a chat upstream answered
+    (its tool message is text; t43)."""
+    runtime = state.holder.current
+    model = headers.get("x-gateway-model", "")
+    answerer, provider = runtime.policy.models.get(model), runtime.providers.get(model)
+    if answerer is None:
         return decoded.request.dropped
-    lost = openai_chat.lost_on_chat_upstreams(decoded.request)
-    return [*decoded.request.dropped, *(name for name in lost if name not in decoded.request.dropped)]
+    lost = provider.not_carried(decoded.request) if provider is not None else []
+    if answerer.provider != "anthropic":
+        lost += openai_chat.lost_on_chat_upstreams(decoded.request)
+    return [*decoded.request.dropped, *(name for name in dict.fromkeys(lost) if name not in decoded.request.dropped)]
 
 
 async def _passed_through(

@@ -12,9 +12,12 @@ from gateway.store import keyspace
 
 __all__ = ["answer_params", "exact_key", "namespace_hash"]
 
-_NOT_IN_KEY = frozenset({"stream_options", "metadata", "store", "service_tier", "gateway_cache"})
+_NOT_IN_KEY = frozenset(
+    {"stream_options", "metadata", "store", "service_tier", "gateway_cache", "safety_identifier", "prompt_cache_key"}
+)
 """Unmodeled fields (:attr:`Request.extra`) that do not change the answer. Every other one,
-unknown fields included, is part of the key."""
+unknown fields included, is part of the key. An end user's or prompt-cache group's id is not,
+as ``user`` is not: one tenant's end users share its answers, through any API (t48)."""
 
 _DEFAULTS: dict[str, object] = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False}
 """Unmodeled fields whose value here is the API's default: sent or left out, one key."""

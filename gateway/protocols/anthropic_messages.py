@@ -55,6 +55,7 @@ __all__ = [
     "encode_answer",
     "encode_error",
     "encode_request",
+    "end_user",
     "error_type_for",
     "fields_not_read",
     "nested_fields_not_carried",
@@ -351,6 +352,15 @@ DEFAULT_MAX_TOKENS = 4096
 Block = dict[str, Any]
 
 
+def end_user(request: Request) -> str | None:
+    """Anthropic's ``metadata.user_id`` for ``request``: its end user, else an OpenAI client's
+    ``safety_identifier``, which names the same (an end user, for abuse detection)."""
+    if request.user:
+        return request.user
+    safety_identifier = request.extra.get("safety_identifier")
+    return safety_identifier if isinstance(safety_identifier, str) and safety_identifier else None
+
+
 def encode_request(request: Request, model: str, *, stream: bool) -> dict[str, Any]:
     """The internal request as Anthropic's Messages API takes it.
 
@@ -378,8 +388,9 @@ def encode_request(request: Request, model: str, *, stream: bool) -> dict[str, A
     stops = [stop for stop in request.stop if _visible(stop)]  # the others: see stops_applied_here
     if stops:
         payload["stop_sequences"] = stops
-    if request.user:
-        payload["metadata"] = {"user_id": request.user}
+    user_id = end_user(request)
+    if user_id:
+        payload["metadata"] = {"user_id": user_id}
     if request.thinking is not None and _thinking_can_go_on(turns):
         payload["thinking"] = request.thinking
     if request.json_schema is not None:

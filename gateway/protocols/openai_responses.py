@@ -7,10 +7,11 @@ this one as ``previous_response_id``: the caller prepends a stored turn's messag
 never hold its instructions). Only ``function`` tools are accepted: a chat upstream
 cannot run OpenAI's hosted tools (web search, file search, ...), so those are a 400
 naming them. ``reasoning``, ``text.verbosity`` and ``top_logprobs`` have no chat
-equivalent the gateway can promise and are named in ``Request.dropped``; ``include``,
-``service_tier``, ``prompt_cache_key`` and ``stream_options`` are accepted and need nothing
-from a chat upstream; ``truncation: "auto"`` is accepted and named as dropped (a chat
-upstream refuses a conversation longer than its window rather than cut its oldest items).
+equivalent the gateway can promise and are named in ``Request.dropped``; ``safety_identifier``
+and ``prompt_cache_key`` go on as a chat client's do (in ``Request.extra``); ``include``,
+``service_tier`` and ``stream_options`` are accepted and need nothing from a chat upstream;
+``truncation: "auto"`` is accepted and named as dropped (a chat upstream refuses a
+conversation longer than its window rather than cut its oldest items).
 
 The answer is a ``response`` object with ``message`` and ``function_call`` output items
 (``output_text`` is not on the wire: SDKs compute it), or the stream of semantic events
@@ -164,9 +165,10 @@ def decode_request(
         stream=bool(wire.stream),
         tools=tools,
         tool_choice=choice,
-        user=wire.user or wire.safety_identifier,
+        user=wire.user,
         json_schema=json_schema,
         dropped=dropped,
+        extra=_carried(wire),
     )
     if wire.reasoning is not None and any(value is not None for value in wire.reasoning.values()):
         request.dropped.append("reasoning")
@@ -207,6 +209,17 @@ def decode_request(
         echo=echo,
         response_format=response_format,
     )
+
+
+def _carried(wire: _ResponsesRequest) -> dict[str, Any]:
+    """The fields a chat request has with the same meaning, carried as a chat client's are (in
+    ``extra``): a chat upstream is sent them, and one that is not names them as dropped (t48: the
+    prompt-cache key went nowhere unnamed, and the safety identifier was lost beside ``user``)."""
+    return {
+        name: value
+        for name, value in (("safety_identifier", wire.safety_identifier), ("prompt_cache_key", wire.prompt_cache_key))
+        if value is not None
+    }
 
 
 # -- input items ------------------------------------------------------------------

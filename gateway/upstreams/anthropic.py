@@ -203,6 +203,8 @@ def _refuses_both_samplers(error: UpstreamStatusError) -> bool:
 
 def _not_carried(request: core.Request, one_sampler: bool = False) -> list[str]:
     lost = [name for name, value in request.extra.items() if value is not None and name not in _HONOURED_EXTRA]
+    if "safety_identifier" in lost and not request.user and anthropic.end_user(request):
+        lost.remove("safety_identifier")  # the end user there (metadata.user_id)
     if one_sampler and request.temperature is not None and request.top_p is not None:
         lost.append("top_p")  # the upstream takes one of the two
     if request.json_schema is not None and "response_format" in lost:

@@ -84,7 +84,7 @@ def test_two_tenants_same_end_user_are_two_end_users_upstream(
         oai.chat.completions.create(model="fast", messages=_HELLO, user="user-1")
         seen["chat"].add(_sent(small_upstream)["user"])
         oai.responses.create(model="fast", input="Say hello.", safety_identifier="user-1")
-        seen["responses"].add(_sent(small_upstream)["user"])  # translated to a chat upstream's field
+        seen["responses"].add(_sent(small_upstream)["safety_identifier"])  # a chat upstream's field too
         claude.messages.create(model="fast", max_tokens=32, messages=_HELLO, metadata={"user_id": "user-1"})
         seen["messages"].add(_sent(small_upstream)["user"])
         oai.chat.completions.create(model="claude", messages=_HELLO, user="user-1")
@@ -166,3 +166,30 @@ def test_an_identifier_too_long_to_keep_is_read_back_as_null_not_as_the_digest(t
     created = oai.responses.create(model="gpt", input="Say hello.", user=long, prompt_cache_key="session-1")
     assert _own(created) == (long, None, "session-1")  # the create tells back what the client wrote
     assert _own(oai.responses.retrieve(created.id)) == (None, None, "session-1")
+
+
+def test_a_translated_response_carries_every_identifier_to_a_chat_upstream(
+    two_tenants: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t48: ``prompt_cache_key`` went nowhere, unnamed, and ``safety_identifier`` was lost beside ``user``."""
+    raw = _openai(two_tenants, "key-a").responses.with_raw_response.create(model="fast", input="Say hello.", **_IDS)  # type: ignore[call-overload]
+    sent = _sent(small_upstream)
+    assert {name: sent[name] for name in _IDS} == {name: scoped("team-a", value) for name, value in _IDS.items()}
+    assert "x-gateway-dropped" not in raw.headers
+    assert _own(raw.parse()) == ("user-1", "safe-1", "session-1")
+
+
+def test_a_translated_response_names_the_identifiers_an_anthropic_upstream_is_not_sent(
+    two_tenants: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    """Anthropic has one end-user field (``metadata.user_id``) and no prompt-cache key: what does
+    not reach it is named, as for a chat client; a safety identifier alone is its end user."""
+    oai = _openai(two_tenants, "key-a")
+    raw = oai.responses.with_raw_response.create(model="claude", input="Say hello.", **_IDS)  # type: ignore[call-overload]
+    assert _sent(large_upstream)["metadata"] == {"user_id": scoped("team-a", "user-1")}
+    assert raw.headers["x-gateway-dropped"] == "safety_identifier,prompt_cache_key"
+    alone = oai.responses.with_raw_response.create(model="claude", input="Say hello.", safety_identifier="safe-1")
+    assert _sent(large_upstream)["metadata"] == {"user_id": scoped("team-a", "safe-1")}
+    assert "x-gateway-dropped" not in alone.headers
+    chat = oai.chat.completions.with_raw_response.create(model="claude", messages=_HELLO, **_IDS)  # type: ignore[call-overload]
+    assert set(chat.headers["x-gateway-dropped"].split(",")) == {"safety_identifier", "prompt_cache_key"}  # the same

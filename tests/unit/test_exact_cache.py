@@ -106,6 +106,14 @@ def test_one_request_written_two_ways_has_one_key() -> None:
     assert _key("t", text) != _key("t", {**text, "logprobs": True})
 
 
+def test_end_user_and_prompt_cache_ids_are_not_part_of_the_key() -> None:
+    """They change no answer, as ``user`` does not; a Responses client's are carried as a chat
+    client's now (t48), which must not split its cache by end user."""
+    text: dict[str, object] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    ids = {"user": "u-1", "safety_identifier": "u-1", "prompt_cache_key": "session-1"}
+    assert _key("t", text) == _key("t", {**text, **ids})
+
+
 def test_anthropic_betas_are_part_of_the_key() -> None:
     """A beta changes what the model may do: a request sent with one is not the one sent without."""
     request = read_chat_request({"model": "m", "messages": [{"role": "user", "content": "hi"}]})

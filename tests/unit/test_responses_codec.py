@@ -34,6 +34,7 @@ from gateway.core.model import (
     UsageReport,
 )
 from gateway.errors import InvalidRequestError
+from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
 from gateway.protocols import openai_responses as codec
 from gateway.responses_store import KEPT_ID_CHARS, RESPONSE_TTL_S, ResponseStore, StoredResponse, kept_ids
@@ -239,7 +240,6 @@ def test_reasoning_and_verbosity_are_dropped_and_the_rest_accepted() -> None:
         include=["reasoning.encrypted_content"],
         truncation="auto",
         store=False,
-        prompt_cache_key="abc",
         service_tier="auto",
         metadata={"k": "v"},
     )
@@ -247,6 +247,23 @@ def test_reasoning_and_verbosity_are_dropped_and_the_rest_accepted() -> None:
     assert decoded.store is False and decoded.echo["metadata"] == {"k": "v"}
     assert decoded.echo["truncation"] == "disabled"  # what was done: nothing is cut (t25)
     assert _decode(input="x", reasoning={"effort": None}).request.dropped == []
+
+
+def test_end_user_and_prompt_cache_ids_go_on_as_a_chat_clients_do() -> None:
+    """t48: ``safety_identifier`` was lost beside ``user``, and ``prompt_cache_key`` went nowhere."""
+    decoded = _decode(input="x", user="u-1", safety_identifier="s-1", prompt_cache_key="session-1")
+    assert decoded.request.user == "u-1" and decoded.request.dropped == []
+    sent = _chat(decoded)
+    assert (sent["user"], sent["safety_identifier"], sent["prompt_cache_key"]) == ("u-1", "s-1", "session-1")
+    alone = _decode(input="x", safety_identifier="s-1").request
+    assert alone.user is None and anthropic.encode_request(alone, "claude", stream=False)["metadata"] == {
+        "user_id": "s-1"  # Anthropic's end user, where no user is given
+    }
+    assert (decoded.echo["user"], decoded.echo["safety_identifier"], decoded.echo["prompt_cache_key"]) == (
+        "u-1",
+        "s-1",
+        "session-1",
+    )
 
 
 def _answer(text: str | None, calls: list[ToolCall], finish: Any, usage: Usage) -> Answer:
