@@ -52,6 +52,7 @@ from gateway.learning.shadow import judged_conversation
 from gateway.limits import Limiter, Reservation
 from gateway.limits.concurrency import InFlight, Slot
 from gateway.pricing import cost_usd
+from gateway.protocols.body import LARGE_BODY_BYTES, read_off_loop
 from gateway.protocols.chat_request import parse_chat_request
 from gateway.protocols.openai_chat import (
     answer_from_completion,
@@ -288,9 +289,11 @@ class ChatPipeline:
             limits = runtime.policy.limits
             body = await read_body(limits.max_body_bytes, limits.body_read_timeout_s, principal)
             if isinstance(body, bytes):
-                x.body = scoped_body(parse_chat_request(body), principal.tenant)
-                x.directives = x.body.pop("gateway_cache", None)
-                x.request = read_chat_request(x.body)
+                if len(body) < LARGE_BODY_BYTES:
+                    x.body, x.directives, x.request = _read_chat(body, principal.tenant)
+                else:  # off the event loop (t51: bodies of 100,000 messages held it for seconds)
+                    raw, owner = body, principal.tenant
+                    x.body, x.directives, x.request = await read_off_loop(raw, lambda: _read_chat(raw, owner))
             else:
                 x.request = body
                 scoped_request(x.request, principal.tenant)
@@ -1046,6 +1049,14 @@ def _record_speculation(record: RequestRecord, result: object) -> None:
     stats = getattr(result, "speculation", None)
     if stats is not None:
         record.speculation = stats.to_log()
+
+
+def _read_chat(raw: bytes, tenant: str) -> tuple[dict[str, Any], Any, core.Request]:
+    """A chat body: the body (its end-user ids the tenant's own), its ``gateway_cache`` directives,
+    and the request in the internal model."""
+    body = scoped_body(parse_chat_request(raw), tenant)
+    directives = body.pop("gateway_cache", None)
+    return body, directives, read_chat_request(body)
 
 
 def _answers_asked(request: core.Request) -> int:

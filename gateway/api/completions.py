@@ -22,6 +22,7 @@ from gateway.auth import Principal
 from gateway.core import model as core
 from gateway.pipeline import Answer, StreamingAnswer, StreamingDeltas
 from gateway.protocols import openai_completions as completions
+from gateway.protocols.body import read_off_loop
 
 __all__ = ["create_completion"]
 
@@ -34,7 +35,7 @@ async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] 
     asked: list[completions.Completion] = []
 
     async def translate(raw: bytes, _: Principal) -> core.Request:
-        decoded = completions.decode_request(raw)
+        decoded = await read_off_loop(raw, lambda: completions.decode_request(raw))
         asked.append(decoded)
         return decoded.request
 

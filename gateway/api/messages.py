@@ -37,6 +37,7 @@ from gateway.errors import GatewayError, InvalidRequestError, UpstreamError
 from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
+from gateway.protocols.body import read_off_loop
 from gateway.protocols.shared_state import refuse_upstream_ids
 from gateway.tokens import count_prompt, prompt_chars
 from gateway.upstreams.anthropic import AnthropicProvider
@@ -54,6 +55,9 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
     passthrough = PassThrough()
 
     async def translate(raw: bytes, principal: Principal) -> CoreRequest:
+        return await read_off_loop(raw, lambda: read(raw, principal))
+
+    def read(raw: bytes, principal: Principal) -> CoreRequest:
         body = _json_object(raw)
         if _only_anthropic_upstreams(request, body, principal.allowed):
             decoded = _translatable(raw, body)

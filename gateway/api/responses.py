@@ -48,6 +48,7 @@ from gateway.errors import GatewayError, InvalidRequestError, ServiceUnavailable
 from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas
 from gateway.protocols import openai_chat
 from gateway.protocols import openai_responses as codec
+from gateway.protocols.body import read_off_loop
 from gateway.protocols.shared_state import refuse_upstream_ids
 from gateway.protocols.tenant_ids import told_back
 from gateway.responses_store import ResponseStore, StoredResponse, kept_ids
@@ -103,7 +104,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
     async def translate(raw: bytes, principal: Principal) -> CoreRequest:
         runtime = state.holder.current
         turn.tenant = principal.tenant
-        decoded = codec.decode_request(raw, passed_through=True)
+        decoded = await read_off_loop(raw, lambda: codec.decode_request(raw, passed_through=True))
         previous = None
         if decoded.previous_response_id is not None:
             previous = await _load(store, turn.tenant, decoded.previous_response_id, "previous_response_id")
@@ -121,8 +122,11 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
                 f"'{previous.held_by}'; continue it with a model whose upstream serves the Responses API",
                 param="previous_response_id",
             )
-        decoded = codec.decode_request(
-            raw, json_object_ok=lambda model: _json_object_ok(runtime, model, principal.allowed)
+        decoded = await read_off_loop(
+            raw,
+            lambda: codec.decode_request(
+                raw, json_object_ok=lambda model: _json_object_ok(runtime, model, principal.allowed)
+            ),
         )
         turn.decoded = decoded
         turn.history = previous.messages if previous is not None else []
