@@ -141,8 +141,14 @@ class SpeculationPolicy(_Struct, frozen=True, kw_only=True):
     this gateway process, this one included (speculation pays when the large model's batch
     has room; under load its extra verify tokens cost more than they save). None: always."""
     draft_cooldown_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
-    """After a draft call fails or times out, requests skip speculation (plain decoding on the
-    large model, no draft call) for this long; then speculation is tried again."""
+    """After a draft call fails or times out, or drafting is measured too slow to pay (t49),
+    requests skip speculation (plain decoding on the large model, no draft call) for this long;
+    then speculation is tried again."""
+    min_speedup: Annotated[float, Meta(ge=0, le=1)] = 0.5
+    """Drafting is given up for the answer (and paused for ``draft_cooldown_s``) when, after a few
+    rounds, it is expected to give less than this share of the tokens per second of the large
+    model alone (t49: a draft server slow but inside its deadline). Below 1 because the estimate
+    is rough at break-even; 0: never."""
     reasoning_parser: bool = False
     """The large server splits the model's reasoning from its answer (vLLM's ``--reasoning-parser``,
     as for Qwen3 or DeepSeek-R1): the loop writes the tokens as text and cannot, so requests go

@@ -7,6 +7,11 @@ all of it put on b until k has varied); k is the one in [k_min, k_max] with the 
 expected tokens per second. α is the maximum-likelihood
 estimate for a truncated geometric (accepted / (accepted + rejections)), decayed so
 that it follows the text; costs are exponential moving averages of the measured calls.
+
+The same figures say when drafting does not pay at all (t49): the large model alone gives
+one token per verify-sized call, 1/verify_s tokens per second; when even the best k is
+expected to give fewer, the draft is too slow (an overloaded small-model server that still
+answers inside its deadline) and the answer is better finished plainly.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class AdaptiveK:
         self._rejected = 2.0 * (1.0 - prior_alpha)
         self._verify_s: float | None = None
         self._fit = [0.0, 0.0, 0.0, 0.0, 0.0]  # decayed sums: n, k, k², draft_s, k·draft_s
+        self.drafted_rounds = 0
 
     @property
     def alpha(self) -> float:
@@ -38,6 +44,7 @@ class AdaptiveK:
     def observe(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> int:
         """Record a round; returns the k for the next one."""
         if drafted:
+            self.drafted_rounds += 1
             self._accepted = self._decay * self._accepted + accepted
             self._rejected = self._decay * self._rejected + (1 if accepted < drafted else 0)
             self._fit = [
@@ -48,13 +55,21 @@ class AdaptiveK:
             ]
         self._verify_s = _ema(self._verify_s, verify_s)
         if self.k_min != self.k_max and self._verify_s is not None and self._fit[0] > 0:
-            fixed, per_token = self._draft_cost()
-            verify = self._verify_s + fixed
-            self.k = max(
-                range(self.k_min, self.k_max + 1),
-                key=lambda k: expected_tokens(self.alpha, k) / (verify + k * per_token),
-            )
+            self.k = max(range(self.k_min, self.k_max + 1), key=self._rate)
         return self.k
+
+    def speedup(self) -> float | None:
+        """Expected tokens per second drafting at the current k over plain decoding's (1/verify_s);
+        None before a drafted round has been measured. Below 1: drafting loses."""
+        if self._verify_s is None or self._fit[0] <= 0:
+            return None
+        return self._rate(self.k) * self._verify_s
+
+    def _rate(self, k: int) -> float:
+        """Expected tokens per second drafting ``k`` per round."""
+        assert self._verify_s is not None
+        fixed, per_token = self._draft_cost()
+        return expected_tokens(self.alpha, k) / (self._verify_s + fixed + k * per_token)
 
     def _draft_cost(self) -> tuple[float, float]:
         n, sk, skk, sd, skd = self._fit

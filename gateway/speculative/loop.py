@@ -8,7 +8,8 @@ round's draft is started before the round's tokens are handed on, so the small
 model's work overlaps the gateway's detokenization and streaming.
 
 If the draft server fails, the rest of the answer is one plain streamed completion
-on the large model from exactly the accepted tokens: nothing repeated, nothing lost.
+on the large model from exactly the accepted tokens: nothing repeated, nothing lost. So
+it is when the draft, though answering, is measured to lose to plain decoding (t49).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ __all__ = ["Decoder", "Step"]
 
 _log = structlog.get_logger("gateway.speculative")
 
+_ROUNDS_TO_JUDGE = 3
+"""Drafted rounds measured before the loop may judge the draft too slow (one slow call may be a hiccup)."""
+
 
 @dataclass(slots=True)
 class Step:
@@ -62,10 +66,20 @@ class Decoder:
         max_uncovered_mass: float = 0.02,
         scaled_by_server: tuple[bool, bool] = (False, False),
         draft_rejected: Callable[[], None] | None = None,
+        draft_too_slow: Callable[[], None] | None = None,
+        min_speedup: float = 0.5,
     ) -> None:
         self._target = target
         self._draft_rejected = draft_rejected
         """Called when the large server refuses a drafted prompt (the pair is to be checked again)."""
+        self._draft_too_slow = draft_too_slow
+        """Called when drafting is measured to lose to plain decoding (the provider pauses speculation)."""
+        self._min_speedup = min_speedup
+        """Drafting is given up below this share of plain decoding's expected tokens per second. Not
+        1: the estimate (α from a few rounds, draft time partly overlapped with the gateway's own
+        work, plain decoding taken as one verify-sized call per token) is too rough to split hairs
+        at break-even; a draft that costs a clear multiple of what it saves (t49: 0.3 s draft calls
+        against 10 ms verifies) is stopped within a few rounds."""
         self._draft = draft
         self._eos = eos
         self._k = k
@@ -126,11 +140,16 @@ class Decoder:
                     step.finish_reason = "length"
                 next_k = self._k.observe(len(draft.tokens), self._last_accepted, draft_s, verify_s)
                 self.stats.k_last = next_k
-                if step.finish_reason is None:
+                slow = step.finish_reason is None and self._draft_loses(len(out))
+                if step.finish_reason is None and not slow:
                     pending = self._start_draft([*prompt, *out], max_new - len(out))
                 self.stats.loop_cpu_ms += (time.thread_time() - cpu) * 1000
                 yield step
                 if step.finish_reason is not None:
+                    return
+                if slow:
+                    async for step in self._plain([*prompt, *out], max_new - len(out)):
+                        yield step
                     return
             yield Step([], "length")
         finally:
@@ -158,6 +177,23 @@ class Decoder:
             self.stats.draft_calls += 1
             self.stats.draft_ms += elapsed * 1000
         return draft, elapsed
+
+    def _draft_loses(self, at_token: int) -> bool:
+        """Whether drafting, as measured so far, gives fewer tokens per second than the large
+        model alone would (t49: a draft server slow but inside its deadline slowed every answer)."""
+        if self._draft is None or not self._draft.costly or self._k.drafted_rounds < _ROUNDS_TO_JUDGE:
+            return False
+        speedup = self._k.speedup()
+        if speedup is None or speedup >= self._min_speedup:
+            return False
+        _log.warning(
+            "draft_too_slow", speedup=round(speedup, 3), alpha=round(self._k.alpha, 3), rounds=self.stats.rounds,
+            draft_ms=round(self.stats.draft_ms, 1), verify_ms=round(self.stats.verify_ms, 1), at_token=at_token,
+        )  # fmt: skip
+        self.stats.fallback_reason = "draft_too_slow"
+        if self._draft_too_slow is not None:
+            self._draft_too_slow()
+        return True
 
     async def _verify(self, context: list[int], draft: Draft, remaining: int) -> tuple[Step, float] | None:
         """One round; None when the large model's distributions are not covered well enough

@@ -139,6 +139,7 @@ class SpeculativeProvider(Provider):
         self._check_lock: asyncio.Lock | None = None
         self._alpha = 0.7  # running acceptance across requests: the prior of each request's k controller
         self._draft_down_until = 0.0  # monotonic time until which requests skip speculation (draft_cooldown_s)
+        self._draft_down_reason = "draft_unhealthy"  # or draft_too_slow: the fallback_reason meanwhile
         self._inflight = 0  # requests to this model through this provider, plain ones included (max_inflight)
 
     # -- the pair check ------------------------------------------------------------
@@ -347,7 +348,7 @@ class SpeculativeProvider(Provider):
         if self.policy.max_inflight is not None and self._inflight > self.policy.max_inflight:
             return "busy"
         if self.policy.draft_source == "model" and time.monotonic() < self._draft_down_until:
-            return "draft_unhealthy"
+            return self._draft_down_reason
         for name in _UNSUPPORTED:
             if body.get(name) is not None:
                 return f"unsupported_{name}"
@@ -400,9 +401,17 @@ class SpeculativeProvider(Provider):
 
     def _draft_failed(self) -> None:
         """A draft call failed or ran past its deadline: no speculation for ``draft_cooldown_s``."""
+        self._pause_drafting("draft_unhealthy")
+
+    def _draft_too_slow(self) -> None:
+        """Drafting lost to plain decoding (t49): the draft server answers, but too slowly to pay."""
+        self._pause_drafting("draft_too_slow")
+
+    def _pause_drafting(self, reason: str) -> None:
         if time.monotonic() >= self._draft_down_until:
-            _log.warning("draft_unhealthy", model=self.name, cooldown_s=self.policy.draft_cooldown_s)
+            _log.warning("draft_unhealthy", model=self.name, reason=reason, cooldown_s=self.policy.draft_cooldown_s)
         self._draft_down_until = time.monotonic() + self.policy.draft_cooldown_s
+        self._draft_down_reason = reason
 
     def _draft_rejected(self) -> None:
         """The large server refused a drafted prompt: the draft server may have changed model
@@ -445,6 +454,8 @@ class SpeculativeProvider(Provider):
             max_uncovered_mass=self.policy.max_uncovered_mass,
             scaled_by_server=self._scaled_by_server,
             draft_rejected=self._draft_rejected,
+            draft_too_slow=self._draft_too_slow,
+            min_speedup=self.policy.min_speedup,
         )
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else list(stop or [])

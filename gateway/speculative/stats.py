@@ -27,6 +27,8 @@ class SpeculationStats:
     k_last: int = 0
     fallback_to_plain: bool = False
     fallback_reason: str | None = None
+    """Why the request went plain; with mode ``gateway``, ``draft_too_slow``: drafting was measured
+    to lose to plain decoding and the rest of the answer was decoded plainly (t49)."""
     draft_failed: bool = False
     """The draft server failed mid-answer; the rest came from the large model alone."""
     heavy_tail: bool = False

@@ -99,8 +99,12 @@ async def pair(large: ToyServer, small: ToyServer) -> AsyncIterator[tuple[Provid
 
 
 def _spec(pair: tuple[Provider, Provider], **policy: Any) -> SpeculativeProvider:
+    """``min_speedup`` 0 unless given: the toy servers' passes cost nothing, so a draft call costs as
+    much as a verify and drafting does not pay; the tests here are about what it answers (t49)."""
     target, draft = pair
-    options: dict[str, Any] = {"mode": "gateway", "draft": "small", "tokenizer": toy_tokenizer_file(), **policy}
+    options: dict[str, Any] = {
+        "mode": "gateway", "draft": "small", "tokenizer": toy_tokenizer_file(), "min_speedup": 0, **policy,
+    }  # fmt: skip
     return SpeculativeProvider(target, draft if options.get("draft_source") != "prompt_lookup" else None,
                                SpeculationPolicy(**options))  # fmt: skip
 
@@ -580,6 +584,36 @@ async def test_a_hung_draft_costs_one_draft_deadline_then_speculation_pauses(
     assert not third.speculation.fallback_to_plain and third.speculation.draft_calls > 0  # type: ignore[attr-defined]
 
 
+async def test_a_draft_slower_than_plain_decoding_is_given_up_and_paused(large: ToyServer) -> None:
+    """t49: a draft server that answers inside its deadline, but slowly (an overloaded small-model
+    server), made every answer many times slower, and adaptive k only drafted more per call. After
+    a few measured rounds the answer finishes plainly and speculation pauses for the cooldown."""
+    slow = start_toy_server(role="small", agreement=0.8, pass_ms=40)  # the large model's passes cost nothing
+    target, draft = _provider("large", large), _provider("small", slow, "small")
+    try:
+        spec = _spec((target, draft), draft_cooldown_s=60, min_speedup=0.5)  # 0.5: the default
+        await spec.check_pair()
+        body, want = await _long_answer(target, max_tokens=40)
+        with structlog.testing.capture_logs() as logs:
+            first = await spec.complete(*as_sent(body))
+        stats = first.speculation  # type: ignore[attr-defined]
+        assert _answer(first) == want  # the large model's own answer, nothing lost
+        assert stats.mode == "gateway" and stats.fallback_reason == "draft_too_slow" and not stats.draft_failed
+        assert stats.rounds == stats.draft_calls == 3  # judged after three drafted rounds, no draft call after
+        (judged,) = [e for e in logs if e["event"] == "draft_too_slow"]
+        assert judged["speedup"] < 0.5
+        assert [e["reason"] for e in logs if e["event"] == "draft_unhealthy"] == ["draft_too_slow"]
+        calls = slow.stats()["completions"]
+        chunks, stream = await _stream(spec, body)  # within the cool-down: straight to the large model
+        assert _streamed_answer(chunks, stream) == want
+        assert stream.speculation.mode == "plain" and stream.speculation.fallback_reason == "draft_too_slow"
+        assert slow.stats()["completions"] == calls
+    finally:
+        await target.aclose()
+        await draft.aclose()
+        slow.stop()
+
+
 async def test_a_context_longer_than_the_drafts_window_pauses_no_one_else(large: ToyServer) -> None:
     """The draft is often a smaller deployment with a shorter --max-model-len: its 400 for one
     long prompt ends drafting for that request only, and is no sign of an unhealthy server."""
@@ -670,7 +704,9 @@ async def _with_large(
 ) -> tuple[SpeculativeProvider, Provider, Provider]:
     target, draft = _provider("large", server), _provider("small", small, "small")
     spec = SpeculativeProvider(
-        target, draft, SpeculationPolicy(mode="gateway", draft="small", tokenizer=toy_tokenizer_file(), **policy)
+        target,
+        draft,
+        SpeculationPolicy(mode="gateway", draft="small", tokenizer=toy_tokenizer_file(), min_speedup=0, **policy),
     )
     await spec.check_pair()
     return spec, target, draft

@@ -31,7 +31,9 @@ models:
     base_url: {large.base_url}
     price: {{input: 2, output: 6}}
     tier: large
-    speculative: {{mode: gateway, draft: small, k_initial: 4, k_min: 1, k_max: 8, tokenizer: tokenizer.json}}
+    # min_speedup 0: the toy servers' passes cost nothing, so drafting does not pay (t49)
+    speculative: {{mode: gateway, draft: small, k_initial: 4, k_min: 1, k_max: 8, tokenizer: tokenizer.json,
+                   min_speedup: 0}}
   large-plain:
     base_url: {large.base_url}
     upstream_model: large
