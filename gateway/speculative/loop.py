@@ -169,13 +169,15 @@ class Decoder:
     async def _propose(self, context: list[int], k: int) -> tuple[Draft, float]:
         assert self._draft is not None
         started = time.perf_counter()
-        draft = await self._draft.propose(
-            context, k, temperature=self._temperature, top_n=self._top_n, seed=self._next_seed()
-        )
-        elapsed = time.perf_counter() - started
-        if self._draft.costly:
-            self.stats.draft_calls += 1
-            self.stats.draft_ms += elapsed * 1000
+        try:
+            draft = await self._draft.propose(
+                context, k, temperature=self._temperature, top_n=self._top_n, seed=self._next_seed()
+            )
+        finally:  # a call that failed was made too (t49: the log said draft_calls 0 beside draft_failed)
+            elapsed = time.perf_counter() - started
+            if self._draft.costly:
+                self.stats.draft_calls += 1
+                self.stats.draft_ms += elapsed * 1000
         return draft, elapsed
 
     def _draft_loses(self, at_token: int) -> bool:

@@ -568,7 +568,12 @@ class _SpeculativeStream(ChatStream):
                 async with asyncio.timeout(max(0.0, remaining)):
                     text = await self._run.next_piece()
             except TimeoutError:
-                raise UpstreamTimeoutError(self._run.provider.name, "stream exceeded its total timeout") from None
+                failure = UpstreamTimeoutError(self._run.provider.name, "stream exceeded its total timeout")
+                failure.speculation = self._run.stats.to_log()
+                raise failure from None
+            except UpstreamError as exc:  # before the first chunk the request log has only this (t49)
+                exc.speculation = self._run.stats.to_log()
+                raise
             if text or not self._started:
                 self._queue.append(
                     self._chunk({"role": "assistant", "content": text} if not self._started else {"content": text})
@@ -617,7 +622,11 @@ class _PlainStream(ChatStream):
         self.speculation = stats
 
     async def __anext__(self) -> bytes:
-        return await self._inner.__anext__()
+        try:
+            return await self._inner.__anext__()
+        except UpstreamError as exc:  # why it went plain, for the log of a stream that failed at once (t49)
+            exc.speculation = self.speculation.to_log()
+            raise
 
     async def aclose(self) -> None:
         try:

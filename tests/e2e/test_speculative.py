@@ -318,6 +318,7 @@ async def test_draft_failure_mid_answer_finishes_on_the_large_model(
             got, stats = _answer(completion), completion.speculation  # type: ignore[attr-defined]
         assert got == want  # nothing repeated, nothing lost
         assert stats.draft_failed and stats.rounds >= 3
+        assert stats.draft_calls == stats.rounds + 1  # one per round, and the failed call (t49)
 
 
 async def test_a_drafted_prompt_the_large_server_refuses_finishes_plainly_and_rechecks_the_pair(
@@ -365,6 +366,15 @@ async def test_a_large_failure_mid_answer_keeps_the_loops_work_for_the_log(
     with pytest.raises(UpstreamError) as failed:
         await spec.complete(*as_sent(body))
     assert failed.value.speculation is not None and failed.value.speculation["rounds"] >= 1
+    large.reset()
+    large.fail_after(0, kind)  # a stream that fails before its first chunk: the error is all the log gets (t49)
+    stream = await spec.open_stream(*as_sent({**body, "stream": True}))
+    try:
+        with pytest.raises(UpstreamError) as failed:
+            await stream.__anext__()
+    finally:
+        await stream.aclose()
+    assert failed.value.speculation is not None and failed.value.speculation["mode"] == "gateway"
 
 
 async def _long_answer(target: Provider, max_tokens: int) -> tuple[dict[str, Any], tuple[str, str, int]]:
