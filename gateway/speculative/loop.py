@@ -245,16 +245,16 @@ class Decoder:
         else:
             tokens = [*draft.tokens[:accepted], *([] if correction is None else [correction])]
         self.stats.loop_cpu_ms += (time.thread_time() - cpu) * 1000
-        return await self._cut_at_eos(tokens, context), verify_s
+        return await self._cut_at_eos(tokens, context, remaining), verify_s
 
-    async def _cut_at_eos(self, tokens: list[int], context: list[int]) -> Step:
+    async def _cut_at_eos(self, tokens: list[int], context: list[int], remaining: int) -> Step:
         for i, token in enumerate(tokens):
             if not self._eos.known(token):
-                self.stats.eos_probes += 1
-                self.stats.large_calls += 1
-                await self._eos.probe(self._target, token, context[-1])
+                await self._probe_eos(token, context[-1])
             if token in self._eos.eos:
-                return Step(tokens[: i + 1], "stop", eos=True)
+                # vLLM V1 checks the length cap before EOS: an EOS that is the last token allowed ends
+                # a 'length' finish, as the large model alone says (t49)
+                return Step(tokens[: i + 1], "length" if i + 1 >= remaining else "stop", eos=True)
         return Step(tokens)
 
     async def _plain(self, context: list[int], remaining: int) -> AsyncIterator[Step]:
@@ -269,10 +269,24 @@ class Decoder:
             finish = generation.finish_reason
             if finish is None and produced >= remaining:
                 finish = "length"
-            yield Step(generation.tokens, finish, eos=finish == "stop" and bool(generation.tokens))
+            if finish == "length" and generation.tokens and not self._eos.known(generation.tokens[-1]):
+                await self._probe_eos(generation.tokens[-1], context[-1])  # an EOS is kept out of the text
+            yield Step(generation.tokens, finish, eos=self._ends_at_eos(generation.tokens, finish))
             if finish is not None:
                 return
         yield Step([], "length")  # a stream that ended without a finish reason
+
+    async def _probe_eos(self, token: int, context_token: int) -> None:
+        self.stats.eos_probes += 1
+        self.stats.large_calls += 1
+        await self._eos.probe(self._target, token, context_token)
+
+    def _ends_at_eos(self, tokens: list[int], finish: str | None) -> bool:
+        """Whether the last token is an end of sequence (kept out of the text): always in a 'stop'
+        finish (no stop strings are sent), and in a 'length' one when the EOS was the last token allowed."""
+        if not tokens:
+            return False
+        return finish == "stop" or (finish == "length" and tokens[-1] in self._eos.eos)
 
     def _next_seed(self) -> int | None:
         return self._rng.getrandbits(31) if self._seeded else None

@@ -275,6 +275,49 @@ async def test_max_tokens_is_honoured_exactly(pair: tuple[Provider, Provider], m
     assert got[2] <= max_tokens
 
 
+async def test_an_eos_as_the_last_token_allowed_is_a_length_finish_as_vllm_v1_says(
+    pair: tuple[Provider, Provider], faithful_large: ToyServer, small: ToyServer
+) -> None:
+    """vLLM V1 checks the length cap before EOS: an answer whose EOS is its max_tokens-th token
+    ends 'length'. The loop said 'stop' (t49), and an answer finished plainly after a draft
+    failure wrote the EOS into the text from /detokenize."""
+    cases = 0
+    for prompt in _PROMPTS:
+        text, finish, count = _answer(await pair[0].complete(*as_sent(_body(prompt, max_tokens=80))))
+        if finish != "stop":
+            continue
+        body = _body(prompt, max_tokens=count)  # the EOS is the last token allowed
+        want = _answer(await pair[0].complete(*as_sent(body)))
+        assert want == (text, "length", count)  # the toy server checks as vLLM V1 does
+        spec = _spec(pair)
+        assert _answer(await spec.complete(*as_sent(body))) == want, prompt
+        assert _streamed_answer(*await _stream(spec, body)) == want, prompt
+        cases += 1
+    assert cases >= 2
+    # the rest of an answer decoded plainly after a draft failure, its text from /detokenize
+    target, draft = _provider("large", faithful_large), _provider("small", small, "small")
+    try:
+        spec = _spec((target, draft), tokenizer=None, draft_cooldown_s=0)
+        await spec.check_pair()
+        plain_cases = 0
+        for prompt in _PROMPTS:
+            text, finish, count = _answer(await target.complete(*as_sent(_body(prompt, max_tokens=80))))
+            if finish != "stop":
+                continue
+            body = _body(prompt, max_tokens=count)
+            small.reset()
+            small.fail_after(0, "500")
+            completion = await spec.complete(*as_sent(body))
+            assert completion.speculation.draft_failed  # type: ignore[attr-defined]
+            assert _answer(completion) == (text, "length", count), prompt
+            plain_cases += 1
+        assert plain_cases >= 2
+    finally:
+        small.reset()
+        await target.aclose()
+        await draft.aclose()
+
+
 async def test_stop_strings_are_honoured_exactly(pair: tuple[Provider, Provider]) -> None:
     spec = _spec(pair)
     matched = 0

@@ -621,9 +621,15 @@ def build_app(settings: Settings) -> web.Application:
             resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
             await resp.prepare(request)
 
+            sent = 0
+
             async def send(token: int, lp: np.ndarray) -> None:
+                nonlocal sent
                 block = _logprobs_block(tokenizer, req, [token], [lp]) if req.logprobs is not None else None
-                finish = "stop" if token == EOS else None
+                # an EOS as the last token allowed: V1's 'length' comes in the tail chunk below
+                finish = _eos_finish(settings, sent, req.max_tokens) if token == EOS else None
+                finish = None if finish == "length" else finish
+                sent += 1
                 chunk = {"id": "cmpl-toy", "object": "text_completion", "created": created, "model": settings.model_name,
                          "choices": [{"index": 0, "text": tokenizer.decode([token], skip_special=True),
                                       "logprobs": block, "finish_reason": finish}]}  # fmt: skip
