@@ -887,7 +887,8 @@ class ChatPipeline:
 
     def _settle_cut(self, x: _Exchange, provider: Provider, tally: StreamTally) -> None:
         """A stream that ended early (broken, or its client gone): the tally's usage and text."""
-        self._settle(x, provider, tally.usage, tally.text, tally.said, cut=tally.finish_reason is None)
+        cut = tally.finish_reason is None and not tally.usage_exact
+        self._settle(x, provider, tally.usage, tally.text, tally.said, cut=cut)
 
     def _settle(
         self,

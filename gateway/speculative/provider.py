@@ -558,6 +558,7 @@ class _SpeculativeStream(ChatStream):
         self._finished = False
         tally = self.tally
         tally.id, tally.created, tally.model = run.id, run.created, model
+        tally.usage, tally.usage_exact = self._usage(), True  # a cut stream is billed on it (t49)
 
     async def __anext__(self) -> bytes:
         while not self._queue:
@@ -574,6 +575,8 @@ class _SpeculativeStream(ChatStream):
             except UpstreamError as exc:  # before the first chunk the request log has only this (t49)
                 exc.speculation = self._run.stats.to_log()
                 raise
+            finally:
+                self.tally.usage = self._usage()
             if text or not self._started:
                 self._queue.append(
                     self._chunk({"role": "assistant", "content": text} if not self._started else {"content": text})
@@ -588,13 +591,16 @@ class _SpeculativeStream(ChatStream):
                     chunk_body(self._run.id, self._run.created, self._model, {}, finish, stop_reason=stop)
                 )
                 self.tally.finish_reason, self.tally.stop_sequence = finish, stop
-                self.tally.usage = Usage(len(self._run.prompt), self._run.assembler.completion_tokens)
                 self._finished = True
         self.tally.chunks += 1
         return self._queue.popleft()
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         return chunk_body(self._run.id, self._run.created, self._model, delta, finish)
+
+    def _usage(self) -> Usage:
+        """The exact counts so far: the prompt as tokenized, the tokens the large model has given."""
+        return Usage(len(self._run.prompt), self._run.assembler.completion_tokens)
 
     async def aclose(self) -> None:
         try:

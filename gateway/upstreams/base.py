@@ -119,6 +119,9 @@ class StreamTally:
     created: int | None = None
     model: str | None = None
     usage: Usage | None = None
+    usage_exact: bool = False
+    """``usage`` counts exactly what the stream has produced so far, at every step (the gateway's
+    own speculative loop): a stream cut early is billed on it as it is (t49)."""
     text_parts: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     stop_sequence: str | None = None

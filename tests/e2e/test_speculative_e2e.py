@@ -118,6 +118,32 @@ def test_a_speculative_answer_that_fails_midway_logs_the_loops_work(
     assert record["status"] == 502 and record["speculation"]["rounds"] >= 1, record
 
 
+def test_a_speculative_stream_cut_midway_is_billed_on_the_loops_exact_counts(
+    gateway: GatewayProcess, servers: tuple[ToyServer, ToyServer]
+) -> None:
+    """t49: a stream the large server dropped midway was billed on the gateway's estimate (13
+    prompt tokens for 9, 10 completion tokens for the 9 sent) though the loop knows both exactly."""
+    large, _ = servers
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    plain = httpx.post(f"{gateway.base_url}/chat/completions", timeout=30,
+                       json={"model": "large-plain", "messages": messages, "max_tokens": 5, "temperature": 0})  # fmt: skip
+    prompt_tokens = plain.json()["usage"]["prompt_tokens"]
+    large.reset()
+    large.fail_after(3, "drop")
+    try:
+        body = {"model": "best", "messages": messages, "max_tokens": 60, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{gateway.base_url}/chat/completions", json=body, timeout=30) as response:
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+            request_id = response.headers["x-request-id"]
+    finally:
+        large.reset()
+    assert '"error"' in events[-1]  # cut midway: some text, then the error event
+    record = gateway.wait_for_record(request_id)
+    assert record["status"] == 502 and record["speculation"]["output_tokens"] >= 1, record
+    assert record["prompt_tokens"] == prompt_tokens
+    assert record["completion_tokens"] == record["speculation"]["output_tokens"]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_request_the_large_window_cannot_hold_is_refused_as_the_server_refuses_it(
     gateway: GatewayProcess, stream: bool
