@@ -378,6 +378,10 @@ class SpeculativeProvider(Provider):
                 return "unsupported_top_p"
             if temperature > 1.0:  # the tail beyond the returned logprobs grows, and its size is unknown
                 return "unsupported_temperature_above_1"
+            if body.get("seed") is not None:
+                # The loop's draws depend on k, which follows measured timings: the same seeded request
+                # gave another answer each time (t49). Plain, it is the large model's own, every time.
+                return "seeded_sampling"
         reason = await self._pair_ready()
         if reason is None and temperature > 0 and self._sampling_problem is not None:
             return self._sampling_problem

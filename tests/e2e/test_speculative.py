@@ -548,13 +548,37 @@ async def test_sampled_requests_use_speculative_sampling(wide_pair: tuple[ToySer
     try:
         spec = _spec((target, draft), top_logprobs=80)  # the whole vocabulary: exact speculative sampling
         for seed in range(6):
-            body = {**_body(_PROMPTS[seed], max_tokens=30), "temperature": 1.0, "seed": seed}
+            body = {**_body(_PROMPTS[seed], max_tokens=30), "temperature": 1.0}
             completion = await spec.complete(*as_sent(body))
             _text, finish, count = _answer(completion)
             stats = completion.speculation  # type: ignore[attr-defined]
             assert stats.sampling == "speculative" and not stats.fallback_to_plain and not stats.heavy_tail
             assert count <= 30 and finish in ("stop", "length")
             assert stats.rounds >= 1 and stats.accepted <= stats.drafted
+    finally:
+        await target.aclose()
+        await draft.aclose()
+
+
+async def test_seeded_sampled_requests_give_the_same_answer_each_time(
+    wide_pair: tuple[ToyServer, ToyServer],
+) -> None:
+    """t49: the loop's draws depend on k, which follows measured timings, so the same seeded request
+    gave another answer each time. Such requests go plain: the large model's own seeded answer."""
+    target, draft = _provider("large", wide_pair[0]), _provider("small", wide_pair[1], "small")
+    try:
+        spec = _spec((target, draft), top_logprobs=80)  # the whole vocabulary: these would speculate unseeded
+        body = {**_body(_PROMPTS[2], max_tokens=40), "temperature": 0.8, "seed": 42}
+        answers = []
+        for _ in range(3):
+            completion = await spec.complete(*as_sent(body))
+            assert completion.speculation.fallback_reason == "seeded_sampling"  # type: ignore[attr-defined]
+            answers.append(_answer(completion))
+        chunks, stream = await _stream(spec, body)
+        answers.append(_streamed_answer(chunks, stream))
+        assert answers == [_answer(await target.complete(*as_sent(body)))] * 4
+        unseeded = await spec.complete(*as_sent({**body, "seed": None}))
+        assert unseeded.speculation.sampling == "speculative" and unseeded.speculation.rounds >= 1  # type: ignore[attr-defined]
     finally:
         await target.aclose()
         await draft.aclose()
@@ -592,7 +616,7 @@ async def test_the_logprobs_mode_of_each_server_is_found(mode: str, scaled: tupl
             await spec.check_pair()
             # the target verifies with prompt logprobs, the draft proposes with sampled ones
             assert spec._scaled_by_server == scaled
-            body = {**_body(_PROMPTS[3], max_tokens=30), "temperature": 0.7, "seed": 3}
+            body = {**_body(_PROMPTS[3], max_tokens=30), "temperature": 0.7}
             stats = (await spec.complete(*as_sent(body))).speculation  # type: ignore[attr-defined]
             assert stats.sampling == "speculative" and not stats.fallback_to_plain and stats.rounds >= 1
         finally:
@@ -604,7 +628,7 @@ async def test_a_heavy_tail_beyond_the_returned_logprobs_ends_speculation(pair: 
     """The toy's 20 most likely of 72 tokens leave ~15 % of the mass out: sampling from them would
     not be the large model's distribution, so after the first round the answer is decoded plainly."""
     spec = _spec(pair)  # top_logprobs 20, max_uncovered_mass 0.02
-    body = {**_body(_PROMPTS[0], max_tokens=30), "temperature": 1.0, "seed": 1}
+    body = {**_body(_PROMPTS[0], max_tokens=30), "temperature": 1.0}
     completion = await spec.complete(*as_sent(body))
     stats = completion.speculation  # type: ignore[attr-defined]
     assert stats.heavy_tail and stats.rounds == 1 and _answer(completion)[2] > 0
@@ -813,7 +837,7 @@ async def test_more_logprobs_than_the_server_gives_sends_sampled_requests_plain(
 ) -> None:
     spec = _spec(pair, top_logprobs=50)  # the toy servers allow 20 (vLLM's default --max-logprobs)
     await spec.check_pair()
-    sampled = await spec.complete(*as_sent({**_body(_PROMPTS[0], max_tokens=10), "temperature": 0.8, "seed": 1}))
+    sampled = await spec.complete(*as_sent({**_body(_PROMPTS[0], max_tokens=10), "temperature": 0.8}))
     assert sampled.speculation.fallback_reason == "top_logprobs_refused"  # type: ignore[attr-defined]
     greedy = await spec.complete(*as_sent(_body(_PROMPTS[0], max_tokens=10)))
     assert not greedy.speculation.fallback_to_plain  # type: ignore[attr-defined]
