@@ -106,7 +106,9 @@ class PromptScore(Protocol):
 class Scorer(Protocol):
     """The router's classifier: one forward pass gives the routing score and the cache embedding."""
 
-    async def score(self, text: str) -> PromptScore: ...
+    async def score(self, text: str, tenant: str) -> PromptScore:
+        """The tenant's prompts wait their turn with other tenants', not behind a burst of one's (t51)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -438,7 +440,7 @@ class ChatPipeline:
                 text = request_text(x.request.messages)
                 x.unseen = not text or _shows_an_image(x.request.messages)
                 try:
-                    x.score = await self._scorer.score(text)
+                    x.score = await self._scorer.score(text, x.record.tenant)
                 except ClassifierError as exc:
                     _log.warning("classifier_failed", request_id=x.record.request_id, error=str(exc)[:200])
         return x.score

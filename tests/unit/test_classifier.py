@@ -161,6 +161,51 @@ async def test_a_lone_request_does_not_wait_for_peers() -> None:
         await lazy.aclose()
 
 
+async def test_another_tenants_prompt_is_scored_before_the_rest_of_a_burst() -> None:
+    """The queue takes one prompt of each waiting tenant in turn: one tenant's burst of long
+    prompts queued in front of everyone added ~180 ms to each of another tenant's requests (t51)."""
+    one_at_a_time = load_classifier(ARTIFACTS, prefer_gpu=False, max_batch=1)
+    assert one_at_a_time is not None
+    scored: list[str] = []
+
+    async def ask(tenant: str, text: str) -> None:
+        await one_at_a_time.score(text, tenant)
+        scored.append(f"{tenant}:{text}")
+
+    try:
+        burst = [asyncio.create_task(ask("a", f"Review this code, part {i}: x = f(x) + {i}")) for i in range(6)]
+        late = asyncio.create_task(ask("b", EASY))
+        await asyncio.gather(*burst, late)
+    finally:
+        await one_at_a_time.aclose()
+    assert scored[1] == f"b:{EASY}"  # first in line after the prompt at work, not behind all six
+    assert [s for s in scored if s.startswith("a:")] == [
+        f"a:Review this code, part {i}: x = f(x) + {i}" for i in range(6)
+    ]
+
+
+async def test_a_run_at_work_on_a_burst_stops_for_another_tenants_prompt(clf: Classifier) -> None:
+    """On the CPU a run of one tenant's burst stops after its current prompt when another
+    tenant's arrives, which goes next: it waited for the whole run of up to 32 passes (t51)."""
+    scored: list[str] = []
+
+    async def ask(tenant: str, text: str) -> None:
+        await clf.score(text, tenant)
+        scored.append(f"{tenant}:{text}")
+
+    burst = [f"Review this code, part {i}: x = f(x) + {i}" for i in range(12)]
+    before = clf.batches_run
+    with clf._lock:  # the run taken stays at its start until the other tenant's prompt is queued
+        asks = [asyncio.create_task(ask("a", text)) for text in burst]
+        while clf.batches_run == before:  # the batcher took the burst and handed it to its thread
+            await asyncio.sleep(0)
+        asks.append(asyncio.create_task(ask("b", EASY)))
+        await asyncio.sleep(0)
+    await asyncio.gather(*asks)
+    assert scored[:3] == [f"a:{burst[0]}", f"b:{EASY}", f"a:{burst[1]}"]
+    assert [s for s in scored if s.startswith("a:")] == [f"a:{text}" for text in burst]
+
+
 def _capture() -> Any:
     return structlog.testing.capture_logs()
 

@@ -34,7 +34,7 @@ cache: {enabled: false}
 
 
 class _BrokenScorer:
-    async def score(self, text: str) -> Any:
+    async def score(self, text: str, tenant: str) -> Any:
         raise KeyError("the secret prompt text")
 
 
