@@ -30,7 +30,7 @@ from gateway.cache.exact import LEADER_LEFT, ExactCache, Lease
 from gateway.cache.plan import CachePlan, plan_cache
 from gateway.cache.semantic import SemanticCache, ServeBar
 from gateway.classifier import ClassifierError
-from gateway.classifier.text import request_text
+from gateway.classifier.text import request_text, request_unreadable
 from gateway.client_pace import ClientPace, ClientStalled
 from gateway.config.schema import Price
 from gateway.core import model as core
@@ -207,8 +207,8 @@ class _Exchange:
     score: PromptScore | None = None
     scored: bool = False
     unseen: bool = False
-    """The scorer cannot read what the request asks: it has no text, or its last user turn
-    holds an image (the router leans large on it)."""
+    """The scorer cannot read what the request asks: it has no text that shows, or its last user
+    turn holds an image (the router leans large on it; :func:`gateway.classifier.text.unreadable`)."""
     downgrade: bool = False
     """The tenant's budget is nearly spent: a classifier route goes to the small model."""
     answered: str = ""
@@ -438,7 +438,7 @@ class ChatPipeline:
             x.scored = True
             if self._scorer is not None:
                 text = request_text(x.request.messages)
-                x.unseen = not text or _shows_an_image(x.request.messages)
+                x.unseen = request_unreadable(x.request.messages, text)
                 try:
                     x.score = await self._scorer.score(text, x.record.tenant)
                 except ClassifierError as exc:
@@ -1009,14 +1009,6 @@ class ChatPipeline:
         except Exception as exc:  # a bug of ours: the request is billed and logged all the same
             _log.error("accounting_failed", request_id=record.request_id, error=type(exc).__name__,
                        where=exception_frames(exc))  # fmt: skip
-
-
-def _shows_an_image(messages: list[core.Message]) -> bool:
-    """The last user turn holds an image, which the text scorer does not see."""
-    for message in reversed(messages):
-        if message.role == "user":
-            return any(isinstance(part, core.ImagePart) for part in message.parts)
-    return False
 
 
 def _complete(answer: core.Answer) -> bool:

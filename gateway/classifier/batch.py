@@ -3,6 +3,8 @@
 route_jsonl: one JSON line in (``prompt`` string or ``messages`` list), one out:
 ``{"p_large", "decision": "large"|"small", "model", "text_chars"}`` plus the input's
 ``id`` when it has one. Lines that are not valid get ``{"error": ...}`` and the run goes on.
+A prompt the router cannot read (no text that shows, an image in the last user turn) gets
+``p_large`` 1, as in the gateway (:func:`gateway.classifier.text.unreadable`).
 
 calibrate: the threshold that sends ``target_large_share`` of the sample to the large
 model (the (1 - share) quantile of ``p_large``), optionally written into a policy file.
@@ -14,12 +16,12 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 
 from gateway.classifier.runtime import Classifier
-from gateway.classifier.text import select_from_turns, select_text
+from gateway.classifier.text import messages_unreadable, select_from_turns, select_text, unreadable
 
 BATCH = 32
 
@@ -40,30 +42,41 @@ def _open_out(dst: str | Path | IO[str] | None) -> tuple[IO[str], bool]:
     return dst, False
 
 
-def _texts(lines: IO[str]) -> Iterator[tuple[dict[str, Any] | None, str | None, str | None]]:
-    """(record, text, error) per non-empty line."""
+class _Prompt(NamedTuple):
+    """One line: the text the router reads of it and whether it can read it, or why not."""
+
+    record: dict[str, Any] | None
+    text: str = ""
+    unreadable: bool = False
+    error: str | None = None
+
+
+def _texts(lines: IO[str]) -> Iterator[_Prompt]:
+    """One per non-empty line."""
     for raw in lines:
         if not raw.strip():
             continue
         try:
             rec = json.loads(raw)
         except ValueError as exc:
-            yield None, None, f"invalid JSON: {exc}"
+            yield _Prompt(None, error=f"invalid JSON: {exc}")
             continue
         if not isinstance(rec, dict):
-            yield None, None, "line is not a JSON object"
+            yield _Prompt(None, error="line is not a JSON object")
             continue
         messages = rec.get("messages")
         if isinstance(messages, list):
             problem = _messages_problem(messages)
             if problem is not None:
-                yield rec, None, problem
+                yield _Prompt(rec, error=problem)
             else:
-                yield rec, select_text(messages), None
+                text = select_text(messages)
+                yield _Prompt(rec, text, messages_unreadable(messages, text))
         elif isinstance(rec.get("prompt"), str):
-            yield rec, select_from_turns([("user", rec["prompt"])]), None  # as the gateway reads one user turn
+            text = select_from_turns([("user", rec["prompt"])])  # as the gateway reads one user turn
+            yield _Prompt(rec, text, unreadable(text, image_last=False))
         else:
-            yield rec, None, "needs a 'prompt' string or a 'messages' list"
+            yield _Prompt(rec, error="needs a 'prompt' string or a 'messages' list")
 
 
 def _messages_problem(messages: list[Any]) -> str | None:
@@ -80,20 +93,20 @@ def _messages_problem(messages: list[Any]) -> str | None:
 def _scores(
     classifier: Classifier, src: IO[str]
 ) -> Iterator[tuple[dict[str, Any] | None, str | None, float | None, str | None]]:
-    pending: list[tuple[dict[str, Any] | None, str]] = []
+    pending: list[_Prompt] = []
 
     def flush() -> Iterator[tuple[dict[str, Any] | None, str | None, float | None, str | None]]:
-        scored = classifier.score_batch_sync([t for _, t in pending])
-        for (rec, t), s in zip(pending, scored, strict=False):
-            yield rec, t, s.p_large, None
+        scored = iter(classifier.score_batch_sync([p.text for p in pending if not p.unreadable]))
+        for p in pending:
+            yield p.record, p.text, 1.0 if p.unreadable else next(scored).p_large, None
         pending.clear()
 
-    for rec, text, err in _texts(src):
-        if err is not None:
+    for prompt in _texts(src):
+        if prompt.error is not None:
             yield from flush()
-            yield rec, None, None, err
+            yield prompt.record, None, None, prompt.error
             continue
-        pending.append((rec, text or ""))
+        pending.append(prompt)
         if len(pending) >= BATCH:
             yield from flush()
     yield from flush()

@@ -7,16 +7,29 @@ classifier sees what the follow-up refers to. The system prompt and assistant tu
 are not used: on conversations built from held-out prompts, adding them lowered APGR
 (they are mostly boilerplate shared by easy and hard requests, and at 64-128 tokens
 they push the question out of the window).
+
+A request whose text it cannot read (:func:`unreadable`) leans large, in the gateway and in the
+``route`` and ``calibrate`` commands alike.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from gateway.core.model import Message, TextPart
+from gateway.core.model import ImagePart, Message, TextPart
 
 SHORT_TURN_CHARS = 24
+_IMAGE_PARTS = frozenset({"image_url", "image", "input_image"})
+"""The types of an image part in chat, Messages and Responses content."""
+_VISIBLE = re.compile(
+    r"[^\s\x00-\x1f\x7f-\x9f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+    r"\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8\U0001bca0-\U0001bca3"
+    r"\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
+)
+"""A character that shows: not whitespace, a control character (NUL) or one of Unicode's default
+ignorable code points (zero-width spaces and joiners, direction marks, variation selectors)."""
 
 
 def message_text(message: Mapping[str, Any]) -> str:
@@ -47,6 +60,31 @@ def select_text(messages: list[dict[str, Any]]) -> str:
 def request_text(messages: Sequence[Message]) -> str:
     """The text the classifier scores for a request in the internal model."""
     return select_from_turns([(m.role, _joined(m)) for m in messages])
+
+
+def unreadable(text: str, image_last: bool) -> bool:
+    """The router cannot read what a request asks, so it leans large on it (``p_large`` 1, t28):
+    ``text`` (what it would score) shows nothing, or the last user turn holds an image
+    (``image_last``), which the text encoder does not see. Text of NULs or zero-width spaces
+    only counts as none, as whitespace does: the tokenizer drops them all (t51)."""
+    return image_last or _VISIBLE.search(text) is None
+
+
+def request_unreadable(messages: Sequence[Message], text: str) -> bool:
+    """:func:`unreadable` for a request in the internal model that the router reads as ``text``."""
+    last = next((m for m in reversed(messages) if m.role == "user"), None)
+    return unreadable(text, last is not None and any(isinstance(part, ImagePart) for part in last.parts))
+
+
+def messages_unreadable(messages: list[dict[str, Any]], text: str) -> bool:
+    """:func:`unreadable` for chat-shaped ``messages`` (OpenAI's, Anthropic's or Responses' image
+    parts) that the router reads as ``text``: the ``route`` command's rule is the gateway's (t51)."""
+    last = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+    content = None if last is None else last.get("content")
+    image = isinstance(content, list) and any(
+        isinstance(part, Mapping) and part.get("type") in _IMAGE_PARTS for part in content
+    )
+    return unreadable(text, image)
 
 
 def select_from_turns(turns: Sequence[tuple[object, str]]) -> str:

@@ -121,6 +121,8 @@ def test_a_prompt_the_router_cannot_read_leans_large(client: openai.OpenAI, gate
         [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
                                       {"type": "image_url", "image_url": {"url": image}}]}],
         [{"role": "user", "content": " "}],
+        [{"role": "user", "content": "\u0000" * 50}],  # no character that shows reads as no text (t51)
+        [{"role": "user", "content": "\u200b\u200b\u200b"}],
     ]  # fmt: skip
     for messages in asks:
         raw = client.chat.completions.with_raw_response.create(model="auto", messages=messages)

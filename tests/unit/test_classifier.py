@@ -19,6 +19,8 @@ import structlog
 
 from gateway.classifier import Classifier, RouterScore, load_classifier, select_text
 from gateway.classifier.batch import calibrate, route_jsonl, threshold_for_share
+from gateway.classifier.text import messages_unreadable, request_text, request_unreadable
+from gateway.protocols.openai_chat import read_chat_request
 from gateway.settings import DEFAULT_ROUTER_ARTIFACTS
 from tests.prompts import EASY, HARD
 
@@ -292,6 +294,44 @@ def test_messages_the_gateway_would_refuse_are_reported_not_scored(clf: Classifi
     rows = [json.loads(x) for x in out.getvalue().splitlines()]
     assert counts["errors"] == 3 and [r.get("error", "")[:11] for r in rows[:3]] == ["messages[0]"] * 3
     assert rows[3]["p_large"] == rows[4]["p_large"]  # a prompt is read as the gateway reads a user turn
+
+
+_IMAGE_URL = "data:image/png;base64,iVBORw0KGgo="
+UNREADABLE: list[dict[str, Any]] = [
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _IMAGE_URL}}]}]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "what is it?"},
+                                               {"type": "image_url", "image_url": {"url": _IMAGE_URL}}]}]},
+    {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "data": "xx"}}]}]},
+    {"messages": [{"role": "user", "content": [{"type": "input_image", "image_url": _IMAGE_URL}]}]},
+    {"messages": []},
+    {"messages": [{"role": "user", "content": ""}]},
+    {"messages": [{"role": "user", "content": "\u200b\u200b\u200b"}]},
+    {"prompt": ""},
+    {"prompt": "   \n\t"},
+    {"prompt": "\u0000" * 50},
+]  # fmt: skip
+
+
+def test_prompts_the_router_cannot_read_go_large_as_in_the_gateway(clf: Classifier) -> None:
+    """route printed p_large 0.001 and small for image-only, empty and blank prompts, which the
+    gateway sends large at p_large 1, and calibrate fitted on those scores (t51)."""
+    readable: list[dict[str, Any]] = [
+        {"prompt": "what is 2+2"},
+        {"messages": [{"role": "user", "content": "a\u0000b \u200bwhat is 2+2"}]},
+    ]
+    out = io.StringIO()
+    lines = "".join(json.dumps(x) + "\n" for x in UNREADABLE + readable)
+    counts = route_jsonl(clf, io.StringIO(lines), out, 0.99, "s", "l")
+    rows = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert counts == {"lines": len(rows), "large": len(UNREADABLE), "small": 2, "errors": 0}
+    assert [(r["p_large"], r["decision"]) for r in rows[: len(UNREADABLE)]] == [(1.0, "large")] * len(UNREADABLE)
+    assert all(r["p_large"] < 1.0 for r in rows[len(UNREADABLE) :])
+    # the rule is the gateway's: the same verdict on the request the gateway reads of those messages
+    for case in UNREADABLE[:2] + UNREADABLE[4:7] + readable[1:]:
+        messages = case["messages"]
+        request = read_chat_request({"model": "auto", "messages": messages})
+        text = request_text(request.messages)
+        assert messages_unreadable(messages, select_text(messages)) == request_unreadable(request.messages, text)
 
 
 def test_threshold_for_share_edges() -> None:
