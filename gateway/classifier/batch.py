@@ -64,6 +64,11 @@ def _texts(lines: IO[str]) -> Iterator[_Prompt]:
         if not isinstance(rec, dict):
             yield _Prompt(None, error="line is not a JSON object")
             continue
+        surrogate = _lone_surrogate(rec)
+        if surrogate is not None:  # the tokenizer raised on it, and took the whole batch down (t51)
+            named = "id" in rec and _lone_surrogate(rec["id"]) is None
+            yield _Prompt({"id": rec["id"]} if named else None, error=surrogate)
+            continue
         messages = rec.get("messages")
         if isinstance(messages, list):
             problem = _messages_problem(messages)
@@ -77,6 +82,17 @@ def _texts(lines: IO[str]) -> Iterator[_Prompt]:
             yield _Prompt(rec, text, unreadable(text, image_last=False))
         else:
             yield _Prompt(rec, error="needs a 'prompt' string or a 'messages' list")
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """Why a value that JSON decodes is not text (a ``\\ud83d`` escape alone, which Python's
+    ``json`` writes for half an emoji): the gateway refuses such a body too."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        half = exc.object[exc.start : exc.end].encode("unicode_escape").decode("ascii")
+        return f"not valid Unicode: a lone surrogate ({half}), half of a character"
+    return None
 
 
 def _messages_problem(messages: list[Any]) -> str | None:

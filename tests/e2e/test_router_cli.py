@@ -95,3 +95,18 @@ def test_calibrate_exits_1_when_lines_were_unreadable_as_route_does(tmp_path: Pa
     )
     assert result.returncode == 1 and "2 line(s) could not be read" in result.stderr
     assert policy.read_text() == Path("policies.yaml").read_text()  # nothing written
+
+
+def test_route_and_calibrate_go_on_past_a_lone_surrogate() -> None:
+    """A \\ud83d escape alone (Python's json writes half an emoji so) took the whole run down
+    with a traceback, the good lines before it never printed (t51)."""
+    sample = '{"id": 1, "prompt": "hello"}\n{"id": 2, "prompt": "x \\ud83d y"}\n{"id": 3, "prompt": "after"}\n'
+    routed = _run("route", "--jsonl", "-", "--policies", "policies.yaml", stdin=sample)
+    assert routed.returncode == 1 and "Traceback" not in routed.stderr
+    rows = [json.loads(line) for line in routed.stdout.splitlines()]
+    assert [row["id"] for row in rows] == [1, 2, 3]
+    assert "p_large" in rows[0] and "lone surrogate" in rows[1]["error"] and "p_large" in rows[2]
+    calibrated = _run("calibrate", "--target-large-share", "0.5", "--jsonl", "-", "--policies", "policies.yaml",
+                      stdin=sample)  # fmt: skip
+    assert calibrated.returncode == 1 and "Traceback" not in calibrated.stderr
+    assert "1 line(s) could not be read" in calibrated.stderr

@@ -334,6 +334,21 @@ def test_prompts_the_router_cannot_read_go_large_as_in_the_gateway(clf: Classifi
         assert messages_unreadable(messages, select_text(messages)) == request_unreadable(request.messages, text)
 
 
+def test_a_lone_surrogate_is_an_error_for_its_line_and_the_run_goes_on(clf: Classifier) -> None:
+    """Python's json writes half an emoji as a \\ud83d escape and reads it back: the tokenizer
+    raised on it, and route and calibrate died with a traceback, the batch's good lines unprinted (t51)."""
+    lines = '{"id": 1, "prompt": "hello"}\n{"id": 2, "prompt": "x \\ud83d y"}\n{"id": "\\udc00"}\n{"id": 3, "prompt": "after"}\n'
+    out = io.StringIO()
+    counts = route_jsonl(clf, io.StringIO(lines), out, 0.5, "s", "l")
+    rows = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert counts["lines"] == 4 and counts["errors"] == 2
+    assert [r.get("id") for r in rows] == [1, 2, None, 3]
+    assert "lone surrogate (\\ud83d)" in rows[1]["error"] and "lone surrogate (\\udc00)" in rows[2]["error"]
+    assert "p_large" in rows[0] and "p_large" in rows[3]
+    threshold, unreadable = calibrate(clf, io.StringIO(lines), 0.5)
+    assert unreadable == 2 and 0.0 <= threshold <= 1.0 + 1e-6
+
+
 def test_threshold_for_share_edges() -> None:
     p = np.array([0.1, 0.2, 0.2, 0.2, 0.9])
     assert threshold_for_share(p, 0.2) == 0.9
