@@ -15,7 +15,13 @@ from gateway.settings import DEFAULT_ROUTER_ARTIFACTS
 if TYPE_CHECKING:
     from gateway.classifier.runtime import Classifier
 
-__all__ = ["add_classifier_arguments", "load_classifier_or_exit", "load_route_or_exit", "unreadable_input"]
+__all__ = [
+    "add_classifier_arguments",
+    "load_classifier_or_exit",
+    "load_route_or_exit",
+    "unreadable_input",
+    "unwritable_output",
+]
 
 
 def add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,4 +73,10 @@ def unreadable_input(path: str, exc: OSError | UnicodeDecodeError) -> int:
     """A prompt file that cannot be read at all: said in one line, exit status 1."""
     reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else (exc.strerror or str(exc))
     print(f"cannot read {path}: {reason}", file=sys.stderr)
+    return 1
+
+
+def unwritable_output(path: str, exc: OSError) -> int:
+    """An output file that cannot be opened for writing: said in one line, exit status 1."""
+    print(f"cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
     return 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from gateway.cli._classifier import (
@@ -11,6 +12,7 @@ from gateway.cli._classifier import (
     load_classifier_or_exit,
     load_route_or_exit,
     unreadable_input,
+    unwritable_output,
 )
 from gateway.cli._parsers import Subcommands, share
 
@@ -32,18 +34,22 @@ def run(args: argparse.Namespace) -> int:
     from gateway.classifier.batch import route_jsonl
 
     small, large, threshold = load_route_or_exit(Path(args.policies), args.route)
-    classifier = load_classifier_or_exit(args.artifacts)
-    try:
-        counts = route_jsonl(
-            classifier,
-            args.jsonl,
-            None if args.output == "-" else args.output,
-            args.threshold if args.threshold is not None else threshold,
-            small,
-            large,
-        )
-    except (OSError, UnicodeDecodeError) as exc:
-        return unreadable_input(args.jsonl, exc)
+    with ExitStack() as files:
+        try:
+            src = sys.stdin if args.jsonl == "-" else files.enter_context(open(args.jsonl, encoding="utf-8"))
+        except OSError as exc:
+            return unreadable_input(args.jsonl, exc)
+        try:  # before the classifier loads, and not blamed on the input (t51)
+            dst = sys.stdout if args.output == "-" else files.enter_context(open(args.output, "w", encoding="utf-8"))
+        except OSError as exc:
+            return unwritable_output(args.output, exc)
+        classifier = load_classifier_or_exit(args.artifacts)
+        try:
+            counts = route_jsonl(
+                classifier, src, dst, args.threshold if args.threshold is not None else threshold, small, large
+            )
+        except (OSError, UnicodeDecodeError) as exc:
+            return unreadable_input(args.jsonl, exc)
     print(
         f"{counts['lines']} prompts: {counts['large']} large, {counts['small']} small, {counts['errors']} unreadable",
         file=sys.stderr,

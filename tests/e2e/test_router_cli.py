@@ -110,3 +110,13 @@ def test_route_and_calibrate_go_on_past_a_lone_surrogate() -> None:
                       stdin=sample)  # fmt: skip
     assert calibrated.returncode == 1 and "Traceback" not in calibrated.stderr
     assert "1 line(s) could not be read" in calibrated.stderr
+
+
+def test_route_names_the_output_it_cannot_write(tmp_path: Path) -> None:
+    """It said 'cannot read prompts.jsonl' of an input that was there (t51)."""
+    sample = tmp_path / "prompts.jsonl"
+    sample.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    out = tmp_path / "missing" / "out.jsonl"
+    result = _run("route", "--jsonl", str(sample), "--policies", "policies.yaml", "--output", str(out))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"cannot write {out}: No such file or directory"
