@@ -9,11 +9,12 @@ normalized embedding (for the semantic cache) and ``p_large`` (for ``auto`` rout
   dedicated single-thread executor. While one batch runs the next one fills up, so
   throughput grows with load.
 * The queue is fair across tenants (:class:`_FairQueue`): one FIFO per tenant, a batch takes
-  one prompt of each waiting tenant in turn. On the CPU (a pass per prompt) a batch of
-  several tenants' is one round of the turn, and a batch stops after its current prompt when
-  a tenant with none in it is waiting. A tenant's burst of long prompts queued in front of
-  everyone added ~180 ms to each of another tenant's requests (t51); now another tenant's
-  prompt waits for about one pass per waiting tenant. One tenant alone is batched as before.
+  one prompt of each waiting tenant in turn. On the CPU (a pass per prompt, the batch's
+  answers all at its end) a batch is one prompt while several tenants wait, and a batch stops
+  after its current prompt when a tenant with none in it is waiting. A tenant's burst of long
+  prompts queued in front of everyone added ~180 ms to each of another tenant's requests
+  (t51); now another tenant's prompt waits for about one pass per waiting tenant. One tenant
+  alone is batched as before.
 * On the CPU provider each prompt of a batch still gets its own forward pass: the int8
   graph quantizes activations with one scale per batch tensor, so in a shared pass a
   prompt's score would move with whatever other prompts (other tenants') rode along
@@ -105,10 +106,10 @@ class _FairQueue:
             self._ready.clear()
             await self._ready.wait()
 
-    def take(self, n: int, one_round: bool = False) -> list[_Job]:
+    def take(self, n: int, singly: bool = False) -> list[_Job]:
         """Up to ``n`` prompts, one of each tenant in turn; a tenant served goes to the back of the
-        turn. ``one_round``: when several tenants wait, one prompt of each at most (a run's answers
-        come all at its end: on the CPU each prompt of a run makes them all wait a pass)."""
+        turn. ``singly``: when several tenants wait, the next prompt only (a run's answers come all
+        at its end: on the CPU each prompt of a run makes all of them wait a pass)."""
         lanes, out = self._lanes, []
         if len(lanes) == 1:  # one tenant waiting (the common case): its FIFO, no turns to keep
             tenant, lane = next(iter(lanes.items()))
@@ -116,7 +117,7 @@ class _FairQueue:
             if not lane:
                 del lanes[tenant]
         else:
-            n = min(n, len(lanes)) if one_round else n
+            n = 1 if singly else n
             while lanes and len(out) < n:
                 tenant = next(iter(lanes))
                 lane = lanes.pop(tenant)
@@ -324,7 +325,7 @@ class Classifier:
             await queue.wait()
             if len(queue) == 1 and self.max_wait_s > 0 and self._last_batch_size > 1:
                 await asyncio.sleep(self.max_wait_s)  # under load: a bounded wait for peers to join
-            live = [job for job in queue.take(self.max_batch, one_round=self.row_by_row) if not job.future.done()]
+            live = [job for job in queue.take(self.max_batch, singly=self.row_by_row) if not job.future.done()]
             if not live:
                 continue
             self.batches_run += 1
