@@ -8,6 +8,7 @@ error JSON by hand.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -145,7 +146,7 @@ class RateLimitError(GatewayError):
         super().__init__(message, **kwargs)
         self.retry_after_s = retry_after_s
         if retry_after_s is not None:
-            self.headers.setdefault("retry-after", str(max(1, round(retry_after_s))))
+            self.headers.setdefault("retry-after", _whole_seconds(retry_after_s))
 
 
 class BudgetExceededError(GatewayError):
@@ -240,7 +241,7 @@ class UpstreamStatusError(UpstreamError):
             self.error_type = "rate_limit_error"
             self.code = "upstream_rate_limited"
             if retry_after_s is not None:
-                self.headers["retry-after"] = str(max(1, round(retry_after_s)))
+                self.headers["retry-after"] = _whole_seconds(retry_after_s)
         elif status in (401, 403) or (status == 404 and _names_the_model(error)):
             self._misconfigured(
                 "the upstream refused the gateway's own request (its API key or model name in the "
@@ -412,3 +413,9 @@ class ConfigError(Exception):
         self.source = source
         self.problems = problems
         super().__init__(f"{source}: " + "; ".join(problems))
+
+
+def _whole_seconds(seconds: float) -> str:
+    """A Retry-After in whole seconds, rounded up: a client that waits 2 s for a limit that resets in
+    2.5 s is limited again (t53). At least 1."""
+    return str(max(1, math.ceil(seconds - 1e-9)))

@@ -174,10 +174,13 @@ def _dropped(request: Request[Any, Any, Any], asked: CoreRequest, answered_by: s
     """What did not reach the model that answered: what a chat upstream cannot take is named only
     when one answered (an Anthropic model takes ``thinking`` and a tool result's images), and so
     is a prefill one did not continue."""
-    models = request.app.state.gateway.holder.current.policy.models
-    answerer = models.get(answered_by or "")
+    runtime = request.app.state.gateway.holder.current
+    answerer = runtime.policy.models.get(answered_by or "")
     if answerer is not None and answerer.provider == "anthropic":  # what no translation carries
         kept = [name for name in asked.dropped if name not in openai_chat.CHAT_UPSTREAM_LOSSES]
+        provider = runtime.providers.get(answered_by or "")
+        if provider is not None and "top_p" in provider.not_carried(asked):  # a model that takes one sampler (t53)
+            kept.append("top_p")
         return [*kept, "thinking"] if anthropic.thinking_left_out(asked) else kept
     if asked.continues_last_turn and answerer is not None and not answerer.continue_final_message:
         return [*asked.dropped, "prefill"]  # answered as a new turn, not continued

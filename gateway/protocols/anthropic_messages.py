@@ -464,6 +464,7 @@ def _turns(messages: list[Message]) -> tuple[str | list[Block], list[dict[str, A
     system_texts: list[str] = []
     system_blocks: list[Block] = []
     turns: list[tuple[str, list[Block]]] = []
+    last = max((i for i, m in enumerate(messages) if m.role != "system"), default=-1)
     for i, message in enumerate(messages):
         if message.role == "system":
             for part in message.parts:
@@ -477,6 +478,12 @@ def _turns(messages: list[Message]) -> tuple[str | list[Block], list[dict[str, A
             role, blocks = message.role, [b for part in message.parts if (b := _block(part, i)) is not None]
             blocks += [_tool_use(call, i) for call in message.tool_calls]
         if not blocks:
+            if i == last and role == "user":  # left out, the turn before it would be continued (t53)
+                raise InvalidRequestError(
+                    f"messages[{i}]: the last user message has no content but whitespace, which Anthropic's "
+                    "models refuse",
+                    param=f"messages[{i}]",
+                )
             continue
         if turns and turns[-1][0] == role:
             turns[-1][1].extend(blocks)

@@ -628,7 +628,13 @@ def completion_from_answer(answer: Answer, usage: Usage | None) -> bytes:
         message["tool_calls"] = _tool_calls(answer.tool_calls)
     wire = None if usage is None else _usage_of(usage)
     return completion_body(
-        answer.id or None, None, answer.model or None, message, chat_finish_reason(answer.finish_reason), wire
+        answer.id or None,
+        None,
+        answer.model or None,
+        message,
+        chat_finish_reason(answer.finish_reason),
+        wire,
+        stop_reason=answer.stop_sequence,  # t53: a cached repeat, a Claude route's, lost it
     )
 
 
@@ -755,7 +761,7 @@ def stream_from_answer(answer: Answer, created: int, include_usage: bool) -> lis
     events = [event({"role": "assistant", "content": ""})]
     for delta in deltas_of(answer):
         if isinstance(delta, Finish):
-            events.append(event({}, chat_finish_reason(delta.reason)))
+            events.append(event({}, chat_finish_reason(delta.reason), stop_reason=delta.stop_sequence))
         elif isinstance(delta, UsageReport):
             if include_usage:
                 usage = delta.usage

@@ -318,16 +318,16 @@ class _AnthropicChatStream(ChatStream):
                 tally.finish_reason = openai_chat.chat_finish_reason(delta.reason)
                 tally.stop_sequence = delta.stop_sequence
                 if chunks:
-                    self._chunk({}, tally.finish_reason)
+                    self._chunk({}, tally.finish_reason, tally.stop_sequence)
             elif (chunk := openai_chat.chunk_delta(delta)) is not None:
                 tally.take_delta(chunk)
                 if chunks:
                     self._chunk(chunk)
         return deltas
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> None:
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None, stop: str | None = None) -> None:
         tally = self.tally
-        self._pending.append(chunk_body(tally.id, tally.created, tally.model, delta, finish_reason))
+        self._pending.append(chunk_body(tally.id, tally.created, tally.model, delta, finish_reason, stop_reason=stop))
 
 
 class _RelayedMessageStream(RelayedStream):

@@ -30,14 +30,15 @@ def stops_of(value: Any) -> tuple[str, ...]:
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
-    """Where the earliest stop string begins in ``text``, and which (the shortest of those
-    beginning there: the one a stream, read piece by piece, sees complete first)."""
-    found: tuple[int, str] | None = None
+    """The stop string that completes first in ``text`` (as a server checks after each token, and
+    a stream read piece by piece sees it: t53, ``["up\\nAc", "p"]`` cut a whole answer at the first
+    and a streamed one at the second), and where it begins; the earlier beginning on a tie."""
+    found: tuple[int, int, str] | None = None
     for stop in stops:
         at = text.find(stop)
-        if at >= 0 and (found is None or at < found[0] or (at == found[0] and len(stop) < len(found[1]))):
-            found = (at, stop)
-    return found
+        if at >= 0 and (found is None or (at + len(stop), at) < found[:2]):
+            found = (at + len(stop), at, stop)
+    return None if found is None else (found[1], found[2])
 
 
 def cut_choices(data: dict[str, Any], stops: tuple[str, ...]) -> bool:
@@ -51,6 +52,7 @@ def cut_choices(data: dict[str, Any], stops: tuple[str, ...]) -> bool:
         if found is None:
             continue
         message["content"] = content[: found[0]]
+        message.pop("tool_calls", None)  # written after the text: past the stop (t53: kept, streamed not)
         choice["finish_reason"] = "stop"
         choice["stop_reason"] = found[1]
         cut = True

@@ -55,6 +55,7 @@ def test_a_stop_string_of_whitespace_alone_is_applied_by_the_gateway(
     whole = oai.chat.completions.create(model="claude45", messages=_ASK, stop=["\n", "never"])
     assert whole.choices[0].message.content == "first line"
     assert whole.choices[0].finish_reason == "stop"
+    assert (whole.choices[0].model_extra or {}).get("stop_reason") == "\n"  # as vLLM names it (t53)
     sent = upstream_stats(large_upstream)["last_request"]["body"]
     assert sent["stop_sequences"] == ["never"]  # the other is the gateway's to apply
     inject(large_upstream, {"text": _TWO_LINES})
@@ -91,6 +92,24 @@ def test_a_model_that_takes_one_sampler_is_sent_temperature_alone(
     raw = oai.chat.completions.with_raw_response.create(model="claude45", messages=_ASK, temperature=0.2, top_p=0.9)
     assert "top_p" in raw.headers["x-gateway-dropped"]  # learned: named, and no 400 first
     assert upstream_stats(large_upstream)["messages_requests"] == before + 3
+    claude = closed_after_test(anthropic.Anthropic(base_url=gateway.url, api_key="x", max_retries=0))
+    told = claude.messages.with_raw_response.create(
+        model="claude45", max_tokens=16, messages=_ASK, extra_body={"temperature": 0.2, "top_p": 0.9}
+    )  # the SDK of 2026 no longer names the samplers; older SDKs and raw clients still send them
+    assert "top_p" in told.headers["x-gateway-dropped"]  # a Messages client is told too (t53)
     top_p_alone = oai.chat.completions.create(model="claude45", messages=_ASK, top_p=0.9)
     assert top_p_alone.choices[0].message.content
     assert upstream_stats(large_upstream)["last_request"]["body"]["top_p"] == 0.9
+
+
+def test_a_last_user_message_of_whitespace_alone_is_refused_not_continued(gateway: GatewayProcess) -> None:
+    """Left out, it made the assistant turn before it a prefill, which the model continued (t53)."""
+    oai = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0))
+    turns: Any = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "  \n"},
+    ]
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(model="claude45", messages=turns)
+    assert "messages[2]" in refused.value.message

@@ -31,6 +31,7 @@ def _streamed(pieces: list[str], stops: tuple[str, ...], *, ended: bool = True) 
         (["x", "ab"], ("ab", "a"), "x"),  # the shorter stop at the same place: seen first
         (["one END two ###"], ("###", "END"), "one "),  # the earliest, whichever stop it is
         (["", "A", "", "B"], ("AB",), ""),
+        (["made up\nAc", "tion"], ("up\nAc", "p"), "made u"),  # the one that completes first (t53)
     ],
 )
 def test_a_stream_is_cut_where_its_first_stop_string_begins(
@@ -58,13 +59,14 @@ def test_nothing_that_may_still_become_a_stop_string_goes_out_early() -> None:
 def test_a_completion_says_which_stop_ended_each_choice() -> None:
     data: dict[str, Any] = {
         "choices": [
-            {"index": 0, "message": {"content": "1, 2, 3, 4"}, "finish_reason": "length"},
+            {"index": 0, "message": {"content": "1, 2, 3, 4", "tool_calls": [{"id": "c"}]}, "finish_reason": "length"},
             {"index": 1, "message": {"content": "no match"}, "finish_reason": "stop"},
             {"index": 2, "message": {"content": None, "tool_calls": []}, "finish_reason": "tool_calls"},
         ]
     }
     assert cut_choices(data, (", 3",))
     first, second, third = data["choices"]
+    # a call written after the text is past the stop, as a stream cut there never shows it (t53)
     assert first == {"index": 0, "message": {"content": "1, 2"}, "finish_reason": "stop", "stop_reason": ", 3"}
     assert second["message"]["content"] == "no match" and "stop_reason" not in second
     assert third["finish_reason"] == "tool_calls"
