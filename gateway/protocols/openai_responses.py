@@ -97,6 +97,7 @@ class _ResponsesRequest(_Wire):
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    service_tier: str | None = None
     metadata: dict[str, str] | None = None
     stream: bool | None = None
     store: bool | None = None
@@ -182,6 +183,8 @@ def decode_request(
         request.dropped.append("max_tool_calls")
     if wire.truncation == "auto":  # a chat upstream refuses an overlong conversation: nothing is cut (t25)
         request.dropped.append("truncation")
+    if not passed_through:  # a field this gateway does not read, or misspelt (t54: max_output_token, in silence)
+        request.dropped.extend(_unread_fields(raw))
     echo: dict[str, Any] = {
         "instructions": wire.instructions,
         "max_output_tokens": wire.max_output_tokens,
@@ -211,13 +214,26 @@ def decode_request(
     )
 
 
+_READ_FIELDS = frozenset(field.encode_name for field in msgspec.structs.fields(_ResponsesRequest))
+
+
+def _unread_fields(raw: bytes) -> list[str]:
+    """The body's top-level fields the decoding does not read (the body is a JSON object by now)."""
+    names = msgspec.json.decode(raw, type=dict[str, msgspec.Raw])
+    return sorted(name for name in names if name not in _READ_FIELDS)
+
+
 def _carried(wire: _ResponsesRequest) -> dict[str, Any]:
     """The fields a chat request has with the same meaning, carried as a chat client's are (in
     ``extra``): a chat upstream is sent them, and one that is not names them as dropped (t48: the
     prompt-cache key went nowhere unnamed, and the safety identifier was lost beside ``user``)."""
     return {
         name: value
-        for name, value in (("safety_identifier", wire.safety_identifier), ("prompt_cache_key", wire.prompt_cache_key))
+        for name, value in (
+            ("safety_identifier", wire.safety_identifier),
+            ("prompt_cache_key", wire.prompt_cache_key),
+            ("service_tier", wire.service_tier),  # OpenAI's flex or priority processing, priced as such
+        )
         if value is not None
     }
 

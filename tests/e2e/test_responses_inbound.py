@@ -367,6 +367,17 @@ def test_fields_a_chat_upstream_cannot_honour_are_named_as_dropped(client: opena
     assert tool.type == "function" and tool.strict is False  # a chat upstream applies strict only when asked
 
 
+def test_a_field_the_gateway_does_not_read_is_named_not_passed_over_in_silence(
+    client: openai.OpenAI, small_upstream: SimulatedUpstream
+) -> None:
+    """t54: a misspelt ``max_output_token`` got a 200 with no limit and no word of it."""
+    raw = client.responses.with_raw_response.create(
+        model="fast", input="Hi.", service_tier="flex", extra_body={"max_output_token": 5}
+    )
+    assert raw.headers["x-gateway-dropped"] == "max_output_token"
+    assert upstream_stats(small_upstream)["last_request"]["body"]["service_tier"] == "flex"  # as a chat client's
+
+
 def test_a_tool_results_image_a_chat_upstream_cannot_read_is_named_as_dropped(client: openai.OpenAI) -> None:
     """t43: it reached a chat upstream as a text-only tool message, with a 200 and no word."""
     items: Any = [
