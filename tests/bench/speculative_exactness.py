@@ -92,7 +92,9 @@ async def _setup(name: str, setup: dict[str, Any], args: argparse.Namespace) -> 
             options = {**setup["policy"]}
             if options.pop("tokenizer", False):
                 options["tokenizer"] = toy_tokenizer_file()
-            spec = SpeculativeProvider(target, draft, SpeculationPolicy(mode="gateway", draft="small", **options))
+            # min_speedup 0: every request speculates (the guard would send toy pairs near break-even plain)
+            policy = SpeculationPolicy(mode="gateway", draft="small", min_speedup=0, **options)
+            spec = SpeculativeProvider(target, draft, policy)
             try:
                 try:
                     await spec.check_pair()

@@ -78,7 +78,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     large = start_toy_server(role="large", pass_ms=args.large_ms, batch_knee=args.knee)
     small = start_toy_server(role="small", agreement=args.alpha, pass_ms=args.small_ms, batch_knee=args.knee)
     target, draft = toy_provider("large", large, "large"), toy_provider("small", small, "small")
-    policy = SpeculationPolicy(mode="gateway", draft="small", tokenizer=toy_tokenizer_file())
+    # min_speedup 0: the curve of speculation itself, where it stops paying included
+    policy = SpeculationPolicy(mode="gateway", draft="small", tokenizer=toy_tokenizer_file(), min_speedup=0)
     rows: list[dict[str, Any]] = []
     try:
         spec = SpeculativeProvider(target, draft, policy)
@@ -106,7 +107,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         if bound is not None:
             capped = SpeculativeProvider(
                 target, draft, SpeculationPolicy(mode="gateway", draft="small", tokenizer=toy_tokenizer_file(),
-                                                 max_inflight=bound),
+                                                 max_inflight=bound, min_speedup=0),
             )  # fmt: skip
             await capped.check_pair()
             print(f"max_inflight {bound}:")
