@@ -106,21 +106,24 @@ def _messages_problem(messages: list[Any]) -> str | None:
     return None
 
 
-def _scores(
-    classifier: Classifier, src: IO[str]
-) -> Iterator[tuple[dict[str, Any] | None, str | None, float | None, str | None]]:
+_Scored = tuple[dict[str, Any] | None, str | None, float | None, str | None, bool]
+"""A line's record, its text, ``p_large``, the error that kept it from being scored, and whether
+the router could not read it (then ``p_large`` is 1, as the gateway sends it)."""
+
+
+def _scores(classifier: Classifier, src: IO[str]) -> Iterator[_Scored]:
     pending: list[_Prompt] = []
 
-    def flush() -> Iterator[tuple[dict[str, Any] | None, str | None, float | None, str | None]]:
+    def flush() -> Iterator[_Scored]:
         scored = iter(classifier.score_batch_sync([p.text for p in pending if not p.unreadable]))
         for p in pending:
-            yield p.record, p.text, 1.0 if p.unreadable else next(scored).p_large, None
+            yield p.record, p.text, 1.0 if p.unreadable else next(scored).p_large, None, p.unreadable
         pending.clear()
 
     for prompt in _texts(src):
         if prompt.error is not None:
             yield from flush()
-            yield prompt.record, None, None, prompt.error
+            yield prompt.record, None, None, prompt.error, False
             continue
         pending.append(prompt)
         if len(pending) >= BATCH:
@@ -142,7 +145,7 @@ def route_jsonl(
     dst, close_dst = _open_out(output)
     counts = {"lines": 0, "large": 0, "small": 0, "errors": 0}
     try:
-        for rec, text, p, err in _scores(classifier, src):
+        for rec, text, p, err, _ in _scores(classifier, src):
             counts["lines"] += 1
             out: dict[str, Any] = {}
             if rec is not None and "id" in rec:
@@ -180,8 +183,8 @@ def threshold_for_share(p_large: np.ndarray | list[float], target_large_share: f
     if n == 0:
         raise ValueError("no prompts to calibrate on")
     k = int(np.floor(target_large_share * n + 1e-9))  # number of prompts sent to large
-    if k <= 0:
-        return float(np.nextafter(p[0], np.inf)) if p[0] < 1.0 else 1.0 + 1e-9
+    if k <= 0:  # above every score, within [0, 1]: a policy takes no other threshold (t55)
+        return float(np.nextafter(p[0], np.inf)) if p[0] < 1.0 else 1.0
     if k >= n:
         return float(p[-1])
     # p[k-1] is the k-th largest; if it ties with p[k], move up to the next distinct value
@@ -196,17 +199,23 @@ def calibrate(
     classifier: Classifier, jsonl_path: str | Path | IO[str] | None, target_large_share: float
 ) -> tuple[float, int]:
     """Threshold on ``p_large`` that sends ``target_large_share`` of the sample to the large model,
-    and how many lines could not be read (the caller decides whether that is fatal)."""
+    and how many lines could not be read (the caller decides whether that is fatal). Prompts the
+    router cannot read go large outside the share, as the gateway's target share counts them (t55:
+    counted in, they filled it and the threshold came out above 1)."""
     src, close = _open_in(jsonl_path)
-    unreadable = 0
+    unreadable = outside = 0
     ps: list[float] = []
     try:
-        for _, _, p, err in _scores(classifier, src):
-            if err is None and p is not None:
+        for _, _, p, err, unseen in _scores(classifier, src):
+            if err is not None or p is None:
+                unreadable += 1
+            elif not unseen:
                 ps.append(p)
             else:
-                unreadable += 1
+                outside += 1
     finally:
         if close:
             src.close()
+    if not ps and outside:
+        raise ValueError("every prompt is one the router cannot read (they go large outside the share)")
     return threshold_for_share(ps, target_large_share), unreadable

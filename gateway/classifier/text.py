@@ -58,8 +58,9 @@ def select_text(messages: list[dict[str, Any]]) -> str:
 
 
 def request_text(messages: Sequence[Message]) -> str:
-    """The text the classifier scores for a request in the internal model."""
-    return select_from_turns([(m.role, _joined(m)) for m in messages])
+    """The text the classifier scores for a request in the internal model (read from the end: a
+    body of 100,000 messages took 67 ms to join them all, t51)."""
+    return _newest_first((m.role, _joined(m)) for m in reversed(messages))
 
 
 def unreadable(text: str, image_last: bool) -> bool:
@@ -89,16 +90,28 @@ def messages_unreadable(messages: list[dict[str, Any]], text: str) -> bool:
 
 def select_from_turns(turns: Sequence[tuple[object, str]]) -> str:
     """The rule of the module docstring, on (role, text) pairs."""
-    user_turns = [t for role, t in turns if role == "user" and t.strip()]
-    if not user_turns:
-        # no user turn: the last message with any text (e.g. a bare system prompt)
-        for _, t in reversed(turns):
-            if t.strip():
-                return t.strip()
-        return ""
-    last = user_turns[-1].strip()
-    if len(last) < SHORT_TURN_CHARS and len(user_turns) > 1:
-        return user_turns[-2].strip() + "\n" + last
+    return _newest_first(reversed(turns))
+
+
+def _newest_first(turns: Iterable[tuple[object, str]]) -> str:
+    """The rule on (role, text) pairs given newest first, read only as far as it needs. A turn
+    with no visible text (whitespace, NULs, zero-width spaces alike: t55) is no turn."""
+    users: list[str] = []
+    fallback: str | None = None
+    for role, text in turns:
+        if _VISIBLE.search(text) is None:
+            continue
+        if role == "user":
+            users.append(text.strip())
+            if len(users) == 2 or len(users[0]) >= SHORT_TURN_CHARS:
+                break
+        elif fallback is None:
+            fallback = text.strip()  # no user turn: the last message with any text (a bare system prompt)
+    if not users:
+        return fallback or ""
+    last = users[0]
+    if len(last) < SHORT_TURN_CHARS and len(users) > 1:
+        return users[1] + "\n" + last
     return last
 
 

@@ -98,6 +98,9 @@ def test_select_text() -> None:
     assert select_text(short) == "Prove that there are infinitely many primes.\nwhy?"
     assert select_text([{"role": "system", "content": "only a system prompt"}]) == "only a system prompt"
     assert select_text([]) == ""
+    for blank in (" \n", "\u200b", "\u0000"):  # no visible text is no turn, whatever it is made of (t55)
+        assert select_text([*msgs[:2], {"role": "user", "content": blank}]) == msgs[1]["content"]
+        assert select_text([msgs[0], {"role": "user", "content": blank}]) == "You are helpful."
 
 
 async def test_microbatching_matches_one_by_one(clf: Classifier) -> None:
@@ -347,6 +350,19 @@ def test_a_lone_surrogate_is_an_error_for_its_line_and_the_run_goes_on(clf: Clas
     assert "p_large" in rows[0] and "p_large" in rows[3]
     threshold, unreadable = calibrate(clf, io.StringIO(lines), 0.5)
     assert unreadable == 2 and 0.0 <= threshold <= 1.0 + 1e-6
+
+
+def test_calibrate_leaves_prompts_it_cannot_read_out_of_the_share(clf: Classifier) -> None:
+    """They go large outside the gateway's target share; counted in, blank prompts filled a 30 %
+    share and calibrate wrote a threshold above 1, which the gateway refuses (t55)."""
+    readable = [f"Question number {n}: what is {n} times {n + 3}?" for n in range(7)]
+    lines = "".join(json.dumps({"prompt": text}) + "\n" for text in [*readable, " ", "\u200b", "\u0000"])
+    threshold, unreadable = calibrate(clf, io.StringIO(lines), 0.3)
+    assert unreadable == 0 and 0.0 <= threshold <= 1.0
+    scores = [score.p_large for score in clf.score_batch_sync(readable)]
+    assert sum(score >= threshold for score in scores) == 2  # 30 % of the seven it reads
+    with pytest.raises(ValueError, match="cannot read"):
+        calibrate(clf, io.StringIO(json.dumps({"prompt": " "}) + "\n"), 0.3)
 
 
 def test_threshold_for_share_edges() -> None:
