@@ -9,7 +9,7 @@ the log apply unchanged; the pipeline's answer is encoded back as a ``text_compl
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import msgspec
@@ -43,7 +43,7 @@ async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] 
     if answer is None:
         return _CLIENT_GONE
     headers = dict(answer.headers)
-    if asked and (dropped := dropped_header(asked[0].request.dropped)):
+    if asked and (dropped := dropped_header(_dropped(request, asked[0].request, headers))):
         headers["x-gateway-dropped"] = dropped
     if not asked or (isinstance(answer, Answer) and answer.status != 200):
         assert isinstance(answer, Answer)  # nothing decoded: the pipeline answered with an error
@@ -88,3 +88,11 @@ def _in_completions_terms(body: bytes) -> bytes:
     error = msgspec.json.decode(body)
     error["error"]["param"] = "prompt"
     return msgspec.json.encode(error)
+
+
+def _dropped(request: Request[Any, Any, Any], asked: core.Request, headers: Mapping[str, str]) -> list[str]:
+    """What did not reach the model that answered: the codec's, and what that model's upstream is
+    not sent (t55: a Claude route's ``top_p`` went unnamed to a completions client)."""
+    provider = request.app.state.gateway.holder.current.providers.get(headers.get("x-gateway-model", ""))
+    lost = provider.not_carried(asked) if provider is not None else []
+    return [*asked.dropped, *(name for name in dict.fromkeys(lost) if name not in asked.dropped)]

@@ -144,11 +144,15 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
         await state.limiter.admit_count(runtime.policy, principal)  # before the body is read
         limits = runtime.policy.limits  # the same as for the message it counts
         raw = await read_body(request, limits.max_body_bytes, limits.body_read_timeout_s)
-        body = _json_object(raw)
-        if body is not None:  # counted upstream, an id would tell whether a file exists, and its size (t33)
-            refuse_upstream_ids(body, raw, dotted=True)
-        lenient = _only_anthropic_upstreams(request, body, principal.allowed)  # blocks only Anthropic reads
-        decoded = anthropic.decode_request(raw, counting=True, passed_through=lenient)
+
+        def read() -> tuple[dict[str, Any] | None, CoreRequest]:
+            body = _json_object(raw)
+            if body is not None:  # counted upstream, an id would tell whether a file exists, and its size (t33)
+                refuse_upstream_ids(body, raw, dotted=True)
+            lenient = _only_anthropic_upstreams(request, body, principal.allowed)  # blocks only Anthropic reads
+            return body, anthropic.decode_request(raw, counting=True, passed_through=lenient)
+
+        body, decoded = await read_off_loop(raw, read)  # t55: a 3.5 MB count held /healthz for 0.4 s
         plan = runtime.router.chat_plan(decoded.model, principal.allowed)  # what /v1/messages refuses, too
         first = runtime.providers[plan.candidates[0]]
         tokens = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -39,11 +40,19 @@ def run(args: argparse.Namespace) -> int:
             src = sys.stdin if args.jsonl == "-" else files.enter_context(open(args.jsonl, encoding="utf-8"))
         except OSError as exc:
             return unreadable_input(args.jsonl, exc)
-        try:  # before the classifier loads, and not blamed on the input (t51)
-            dst = sys.stdout if args.output == "-" else files.enter_context(open(args.output, "w", encoding="utf-8"))
+        if args.output != "-" and args.jsonl != "-" and _same_file(args.jsonl, args.output):
+            print(f"--output {args.output} is the input: it would be emptied before it is read", file=sys.stderr)
+            return 1
+        try:  # before the classifier loads, and not blamed on the input (t51); not emptied yet (t55)
+            if args.output != "-":
+                open(args.output, "a", encoding="utf-8").close()
         except OSError as exc:
             return unwritable_output(args.output, exc)
         classifier = load_classifier_or_exit(args.artifacts)
+        try:
+            dst = sys.stdout if args.output == "-" else files.enter_context(open(args.output, "w", encoding="utf-8"))
+        except OSError as exc:
+            return unwritable_output(args.output, exc)
         try:
             counts = route_jsonl(
                 classifier, src, dst, args.threshold if args.threshold is not None else threshold, small, large
@@ -51,7 +60,15 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as exc:
             return unreadable_input(args.jsonl, exc)
     print(
-        f"{counts['lines']} prompts: {counts['large']} large, {counts['small']} small, {counts['errors']} unreadable",
+        f"{counts['lines']} prompts: {counts['large']} large, {counts['small']} small, "
+        f"{counts['errors']} line(s) could not be read",
         file=sys.stderr,
     )
     return 0 if counts["errors"] == 0 else 1
+
+
+def _same_file(first: str, second: str) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one does not exist (yet)
+        return Path(first).resolve() == Path(second).resolve()

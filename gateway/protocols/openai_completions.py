@@ -165,7 +165,14 @@ def _usage(usage: Usage) -> dict[str, int]:
 def encode_answer(answer: Answer, completion_id: str, model: str, created: int, echo: str | None = None) -> bytes:
     """A ``text_completion`` object; ``model`` is the one the client asked for."""
     text = (echo or "") + (answer.text or "") + (answer.refusal or "")
-    choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": _finish(answer.finish_reason)}
+    choice: dict[str, Any] = {
+        "text": text,
+        "index": 0,
+        "logprobs": None,
+        "finish_reason": _finish(answer.finish_reason),
+    }
+    if answer.stop_sequence:
+        choice["stop_reason"] = answer.stop_sequence  # the stop string, as vLLM names it (t55)
     body = {
         "id": completion_id,
         "object": "text_completion",
@@ -180,7 +187,7 @@ def encode_answer(answer: Answer, completion_id: str, model: str, created: int, 
 class StreamEncoder:
     """Deltas to legacy completion frames: text deltas, a frame with the finish reason, usage if asked, ``[DONE]``."""
 
-    __slots__ = ("_created", "_echo", "_finish", "_id", "_include_usage", "_model", "_usage")
+    __slots__ = ("_created", "_echo", "_finish", "_id", "_include_usage", "_model", "_stop", "_usage")
 
     def __init__(
         self,
@@ -197,6 +204,7 @@ class StreamEncoder:
         self._echo = echo
         self._include_usage = include_usage
         self._finish: FinishReason | None = None
+        self._stop: str | None = None
         self._usage = Usage()
 
     def start(self) -> bytes:
@@ -209,13 +217,13 @@ class StreamEncoder:
             if isinstance(delta, TextDelta | RefusalDelta):  # a completion has no refusal: what was said
                 out += self._frame(delta.text, None)
             elif isinstance(delta, Finish):
-                self._finish = delta.reason
+                self._finish, self._stop = delta.reason, delta.stop_sequence
             elif isinstance(delta, UsageReport):
                 self._usage = delta.usage
         return out
 
     def finish(self) -> bytes:
-        out = self._frame("", _finish(self._finish))
+        out = self._frame("", _finish(self._finish), self._stop)
         if self._include_usage:
             out += self._data({**self._head(), "choices": [], "usage": _usage(self._usage)})
         return out + b"data: [DONE]\n\n"
@@ -223,8 +231,10 @@ class StreamEncoder:
     def _head(self) -> dict[str, Any]:
         return {"id": self._id, "object": "text_completion", "created": self._created, "model": self._model}
 
-    def _frame(self, text: str, finish_reason: str | None) -> bytes:
-        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+    def _frame(self, text: str, finish_reason: str | None, stop: str | None = None) -> bytes:
+        choice: dict[str, Any] = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+        if stop:
+            choice["stop_reason"] = stop
         return self._data({**self._head(), "choices": [choice]})
 
     @staticmethod

@@ -7,9 +7,9 @@ this one as ``previous_response_id``: the caller prepends a stored turn's messag
 never hold its instructions). Only ``function`` tools are accepted: a chat upstream
 cannot run OpenAI's hosted tools (web search, file search, ...), so those are a 400
 naming them. ``reasoning``, ``text.verbosity`` and ``top_logprobs`` have no chat
-equivalent the gateway can promise and are named in ``Request.dropped``; ``safety_identifier``
-and ``prompt_cache_key`` go on as a chat client's do (in ``Request.extra``); ``include``,
-``service_tier`` and ``stream_options`` are accepted and need nothing from a chat upstream;
+equivalent the gateway can promise and are named in ``Request.dropped``, as are ``include``
+and any top-level field the decoding does not read; ``safety_identifier``, ``prompt_cache_key``
+and ``service_tier`` go on as a chat client's do (in ``Request.extra``);
 ``truncation: "auto"`` is accepted and named as dropped (a chat upstream refuses a
 conversation longer than its window rather than cut its oldest items).
 

@@ -113,3 +113,18 @@ def test_a_last_user_message_of_whitespace_alone_is_refused_not_continued(gatewa
     with pytest.raises(openai.BadRequestError) as refused:
         oai.chat.completions.create(model="claude45", messages=turns)
     assert "messages[2]" in refused.value.message
+
+
+def test_a_completions_client_is_told_what_a_claude_route_left_out_and_which_stop_ended_it(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    """t55: the legacy API got neither the dropped ``top_p`` nor ``stop_reason``."""
+    oai = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0))
+    oai.chat.completions.create(model="claude45", messages=_ASK, temperature=0.2, top_p=0.9)  # learned, if not yet
+    inject(large_upstream, {"text": _TWO_LINES})
+    raw = oai.completions.with_raw_response.create(
+        model="claude45", prompt="Two lines, please.", max_tokens=32, stop=["\n"], temperature=0.2, top_p=0.9
+    )
+    assert "top_p" in raw.headers["x-gateway-dropped"]
+    choice = raw.parse().choices[0]
+    assert choice.text == "first line" and (choice.model_extra or {}).get("stop_reason") == "\n"

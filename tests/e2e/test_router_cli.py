@@ -120,3 +120,18 @@ def test_route_names_the_output_it_cannot_write(tmp_path: Path) -> None:
     result = _run("route", "--jsonl", str(sample), "--policies", "policies.yaml", "--output", str(out))
     assert result.returncode == 1
     assert result.stderr.strip() == f"cannot write {out}: No such file or directory"
+
+
+def test_route_never_empties_its_input_or_an_output_it_then_fails_to_write(tmp_path: Path) -> None:
+    """--output set to the input emptied it and said '0 prompts'; an existing output was emptied
+    before the classifier loaded, and lost when that failed (t55)."""
+    sample = tmp_path / "prompts.jsonl"
+    sample.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    same = _run("route", "--jsonl", str(sample), "--policies", "policies.yaml", "--output", str(sample))
+    assert same.returncode == 1 and "is the input" in same.stderr
+    assert sample.read_text() == json.dumps({"prompt": "hi"}) + "\n"
+    kept = tmp_path / "earlier.jsonl"
+    kept.write_text("an earlier run's decisions\n")
+    failed = _run("route", "--jsonl", str(sample), "--policies", "policies.yaml", "--output", str(kept),
+                  "--artifacts", str(tmp_path / "no-artifacts"))  # fmt: skip
+    assert failed.returncode != 0 and kept.read_text() == "an earlier run's decisions\n"
