@@ -166,5 +166,5 @@ def _backoff_s(retry: RetryPolicy, attempt: int, exc: UpstreamError) -> float | 
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:
         return retry_after if retry_after <= retry.max_retry_after_s else None
-    ceiling = min(retry.backoff_max_ms, retry.backoff_initial_ms * (2**attempt)) / 1000
+    ceiling = min(retry.backoff_max_ms, retry.backoff_initial_ms * (2 ** min(attempt, 30))) / 1000
     return random.uniform(ceiling / 2, ceiling)  # "equal jitter": spread retries, keep a floor

@@ -81,7 +81,11 @@ def keep_last_good(loaded: LoadedPolicy, last_good: Path) -> None:
     """Write the policy now in force where a later worker can fall back to it (atomically)."""
     temporary = last_good.with_name(f"{last_good.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_text(loaded.text, encoding="utf-8")
+        # the owner's alone, as a policy may hold secrets in headers (t56: 0644 beside a 0600 file)
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(descriptor, "w", encoding="utf-8") as file:
+            file.write(loaded.text)
+        os.chmod(temporary, 0o600)  # an old temporary file keeps its mode through O_TRUNC
         os.replace(temporary, last_good)
     except OSError as exc:
         _log.warning("policy_not_kept", path=str(last_good), error=str(exc))

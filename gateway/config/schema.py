@@ -204,12 +204,15 @@ class ModelConfig(_Struct, frozen=True, kw_only=True):
 
 
 class RetryPolicy(_Struct, frozen=True, kw_only=True):
-    max_attempts: AtLeastOne = 2
-    """Attempts per model, the first included, before moving to the next fallback."""
-    backoff_initial_ms: AtLeastZero = 100.0
-    backoff_max_ms: AtLeastZero = 2000.0
-    max_retry_after_s: AtLeastZero = 10.0
-    """A Retry-After longer than this is not waited for: the next fallback is tried instead."""
+    max_attempts: Annotated[int, Meta(ge=1, le=10)] = 2
+    """Attempts per model, the first included, before moving to the next fallback (at most 10: a
+    circuit cannot stop retries under way, and 3,000 made one request call a failing upstream
+    1,025 times, t56)."""
+    backoff_initial_ms: Annotated[float, Meta(ge=0, le=60_000)] = 100.0
+    backoff_max_ms: Annotated[float, Meta(ge=0, le=60_000)] = 2000.0
+    max_retry_after_s: Annotated[float, Meta(ge=0, le=300)] = 10.0
+    """A Retry-After longer than this is not waited for: the next fallback is tried instead (a
+    client waits that long, so at most 5 minutes)."""
 
 
 class CircuitBreakerPolicy(_Struct, frozen=True, kw_only=True):

@@ -141,10 +141,27 @@ class Breakers:
     def _made(self, by_tenant: dict[str, dict[str, CircuitBreaker]], tenant: str) -> dict[str, CircuitBreaker]:
         breakers = by_tenant.get(tenant)
         if breakers is None:
-            breakers = by_tenant[tenant] = {name: CircuitBreaker(self._policy) for name in self._names}
+            breakers = by_tenant[tenant] = _Circuits(self)
+            breakers.update((name, CircuitBreaker(self._policy)) for name in self._names)
         return breakers
 
     def state(self, name: str) -> str:
         """The model's worst circuit over the tenants (what ``/readyz`` shows): open somewhere is worth knowing."""
         states = [breakers[name].state for breakers in self._by_tenant.values() if name in breakers]
         return max(states, key=_SEVERITY.__getitem__, default="closed")
+
+
+class _Circuits(dict[str, CircuitBreaker]):
+    """A tenant's circuits, with one made for a model the policy no longer names: a request that
+    began before a reload renamed its model dispatches on the policy it began with (t56: the
+    tenant's first such request was a KeyError, a 500)."""
+
+    __slots__ = ("_breakers",)
+
+    def __init__(self, breakers: Breakers) -> None:
+        super().__init__()
+        self._breakers = breakers
+
+    def __missing__(self, name: str) -> CircuitBreaker:
+        breaker = self[name] = CircuitBreaker(self._breakers._policy)
+        return breaker

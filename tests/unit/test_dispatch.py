@@ -170,3 +170,18 @@ def test_calls_no_client_waits_for_have_circuits_of_their_own() -> None:
     assert shadow.state == "open"
     assert breakers.for_tenant("t")["b"].state == "closed" and breakers.state("b") == "closed"
     assert breakers.off_the_path("t")["b"] is shadow  # kept, as the tenant's own are
+
+
+async def test_a_request_of_the_policy_before_a_reload_dispatches_on_its_models(upstream: FakeUpstream) -> None:
+    """A request keeps the policy it began on, the breakers are the live ones: after a reload that
+    renamed its model, a tenant's first such request was a KeyError, a 500 (t56)."""
+    from gateway.config.schema import CircuitBreakerPolicy
+    from gateway.upstreams.breaker import Breakers
+
+    policy = load_policy_text(_POLICY, environ={}).policy
+    providers = {name: build_provider(name, config, {}, upstream.transport) for name, config in policy.models.items()}
+    breakers = Breakers()
+    breakers.configure(("renamed-a", "b"), CircuitBreakerPolicy())  # the reloaded policy's names
+    info = DispatchInfo()
+    completion = await dispatch(("a", "b"), providers, breakers.for_tenant("new"), _FAST_RETRY, _complete, info)
+    assert completion.text and info.provider is not None and info.provider.name == "a"

@@ -313,7 +313,7 @@ def test_numbers_are_finite_and_may_be_written_with_an_exponent() -> None:
     found = problems(VALID + "limits: {body_read_timeout_s: .inf}\nretry: {backoff_max_ms: .nan}\n")
     assert sorted(found) == [
         "limits.body_read_timeout_s (line 15): must be a finite number, got inf",
-        "retry.backoff_max_ms (line 16): must be >= 0, got nan",
+        "retry.backoff_max_ms (line 16): must be >= 0 and <= 60000, got nan",
     ]
     loaded = load_policy_text(VALID.replace("input: 0.1", "input: 2e-1"), environ={})
     assert loaded.policy.models["s"].price.input_per_mtok == 0.2
@@ -428,6 +428,23 @@ def test_a_broken_file_falls_back_to_the_policy_last_accepted_with_its_problems(
     loaded, rejected = load_at_start(path, last_good)
     assert loaded.version == accepted.version and "(last accepted)" in loaded.source
     assert rejected and "not valid YAML" in rejected[0]
+
+
+def test_retries_are_bounded() -> None:
+    """t56: max_attempts 3000 made one request call a failing upstream 1,025 times, then a 500
+    (2**attempt overflowed); a Retry-After of a day was waited for."""
+    found = problems(VALID + "retry: {max_attempts: 3000, max_retry_after_s: 86400}\n")
+    assert [p.split(" ")[0] for p in found] == ["retry.max_attempts", "retry.max_retry_after_s"]
+
+
+def test_the_policy_last_accepted_is_the_owners_alone(tmp_path: Path) -> None:
+    """A policy may hold secrets (an upstream's header): its copy was 0644 beside a 0600 file (t56)."""
+    path, last_good = tmp_path / "policies.yaml", tmp_path / "last.yaml"
+    path.write_text(VALID)
+    last_good.write_text("old")
+    last_good.chmod(0o644)
+    keep_last_good(load_at_start(path, None)[0], last_good)
+    assert last_good.stat().st_mode & 0o777 == 0o600
 
 
 def test_a_broken_file_with_nothing_to_fall_back_to_is_fatal(tmp_path: Path) -> None:
