@@ -498,7 +498,8 @@ class ChatPipeline:
         if x.passthrough is not None:
             return None
         policy = x.runtime.policy.cache
-        x.cache = plan = plan_cache(policy, x.record.tenant, x.plan.route, x.request, cache_control, x.directives)
+        scope = x.runtime.router.cache_scope(x.plan.route)  # the route and the models behind it (t56)
+        x.cache = plan = plan_cache(policy, x.record.tenant, scope, x.request, cache_control, x.directives)
         if plan is None:
             return None
         x.record.cache = "miss" if plan.read else "bypass"  # no-cache: not looked up (the answer is stored)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
+
+import msgspec
 
 from gateway.config.schema import LearningPolicy, Policy, RetryPolicy
 from gateway.errors import BudgetExceededError, InvalidRequestError, ModelNotFoundError, PermissionDeniedError
@@ -56,6 +59,7 @@ class Router:
             else:
                 plans[name] = RoutePlan(name, candidates, route.baseline or large, "fixed", retry=route.retry)
         self._plans = plans
+        self._cache_scopes = {name: _cache_scope(policy, plan) for name, plan in plans.items()}
         self._small, self._large = policy.pair.small, policy.pair.large
         self.pair = (policy.pair.small, policy.pair.large)
         self._fallbacks = {name: tuple(route.fallbacks) for name, route in policy.routes.items()}
@@ -63,6 +67,13 @@ class Router:
         self.route_names = tuple(policy.routes)
         self.model_names = tuple(name for name, model in policy.models.items() if model.public)
         self._embedding_models = frozenset(name for name, model in policy.models.items() if model.kind != "chat")
+
+    def cache_scope(self, route: str) -> str:
+        """What a route's cached answers belong to: its name and the models that may answer on it,
+        as the policy defines them (``upstream_model``, server, provider). A reload that points
+        the route at another model starts its cache afresh (t56: the old model's answers were
+        served for the whole ``ttl_s``, named as the old model, at no cost)."""
+        return self._cache_scopes.get(route, route)
 
     def plan(self, requested: str, allowed: frozenset[str] = frozenset({"*"})) -> RoutePlan:
         """``allowed``: the caller's route and model names (``*``: all). A name the key may not
@@ -149,3 +160,11 @@ class Router:
             plan.target_large_share,
             plan.learning,
         )
+
+
+def _cache_scope(policy: Policy, plan: RoutePlan) -> str:
+    names = [*plan.candidates, *((policy.pair.small, policy.pair.large) if plan.decision == "default" else ())]
+    models = [policy.models[name] for name in dict.fromkeys(names) if name in policy.models]
+    who = [(m.provider, m.base_url, m.upstream_model) for m in models]
+    digest = hashlib.sha256(msgspec.json.encode([[*names], who])).hexdigest()[:16]
+    return f"{plan.route}@{digest}"

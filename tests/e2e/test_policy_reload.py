@@ -172,6 +172,24 @@ def test_file_edit_is_picked_up_without_restart(gw: GatewayProcess) -> None:
     assert reloaded[0]["level"] == "info"
 
 
+def test_a_route_pointed_at_another_model_does_not_serve_the_old_models_answers(
+    gw: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t56: after the reload the exact cache served the old model's answer for its whole ttl_s,
+    named as the old model, at no cost."""
+    cached = _base_policy(small_upstream, large_upstream).replace(
+        "cache: {enabled: false}", "cache: {enabled: true, semantic: {enabled: false}}"
+    )
+    assert cached != _base_policy(small_upstream, large_upstream)
+    _settle(gw, cached)
+    question = f"which model answers {uuid.uuid4().hex}?"
+    assert _chat(gw, content=question).headers["x-gateway-cache"] == "miss"
+    assert _chat(gw, content=question).headers["x-gateway-cache"] == "exact"
+    _settle(gw, cached.replace(FAST_ROUTE, FAST_ON_LARGE))
+    after = _chat(gw, content=question)
+    assert (after.headers["x-gateway-cache"], after.headers["x-gateway-model"]) == ("miss", "large")
+
+
 def test_a_request_log_change_is_applied_and_said_to_need_a_restart(gw: GatewayProcess) -> None:
     edited = gw.policy_path.read_text() + "\nrequest_log: {path: never-opened.jsonl}\n"
     version = _settle(gw, edited)
