@@ -394,6 +394,16 @@ def _refuse_weakening_by_omission(current: LoadedPolicy, new: LoadedPolicy) -> N
             new.source,
             ["`tenants` is missing while the policy in force has tenants (write `tenants: {}` to remove them all)"],
         )
+    # t56: a file cut before them turned the cache (semantic too) back on, and on_redis_error to open
+    dropped = [name for name in ("limits", "cache") if name in current.sections and name not in new.sections]
+    if dropped:
+        raise ConfigError(
+            new.source,
+            [
+                f"`{name}` is missing while the policy in force sets it (write `{name}: {{}}` for the defaults)"
+                for name in dropped
+            ],
+        )
     if current.key_file_keys and new.policy.auth.key_file and new.key_file_keys is None:
         raise ConfigError(
             new.source,

@@ -103,3 +103,19 @@ def test_a_name_that_is_an_environment_variables_value_is_hidden_from_admins_too
         "routes.r.fallbacks[0] (line 10): unknown model '…'; models are: 'small'",
         said[2],
     ]
+
+
+async def test_a_file_cut_before_its_cache_section_is_refused_not_read_as_the_defaults(
+    make_harness: MakeHarness,
+) -> None:
+    """t56: a file cut just before ``limits:`` or ``cache:`` reloaded with the defaults, the cache
+    back on and ``on_redis_error: open``. Writing the section empty takes the defaults on purpose."""
+    harness = await make_harness()
+    holder = harness.holder
+    section = "cache: {enabled: true, coalesce: {enabled: true, wait_s: 2}}\n"
+    assert section in POLICY
+    holder.path.write_text(POLICY.replace(section, ""))
+    assert not await holder.reload("test", settle=False)
+    assert "`cache` is missing while the policy in force sets it" in (holder.last_reload_error or "")
+    holder.path.write_text(POLICY.replace(section, "cache: {}\n"))
+    assert await holder.reload("test", settle=False)
