@@ -174,7 +174,12 @@ class OpenAIProvider(Provider):
             # Ask for usage even when the client did not: it is the authoritative count.
             body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
         response, stops = await self._post_chat(body, stream=True)
-        continuous = isinstance(options, dict) and options.get("continuous_usage_stats") is True
+        # vLLM's usage on every chunk is for a client that asked for usage at all (t49: it came without)
+        continuous = (
+            isinstance(options, dict)
+            and options.get("continuous_usage_stats") is True
+            and bool(options.get("include_usage"))
+        )
         return _OpenAIChatStream(self, response, continuous, stops)
 
 
