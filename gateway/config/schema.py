@@ -25,7 +25,13 @@ AtLeastOne = Annotated[int, Meta(ge=1)]
 AtLeastZeroInt = Annotated[int, Meta(ge=0)]
 Share = Annotated[float, Meta(gt=0, le=1, description="a share in (0, 1]")]
 Probability = Annotated[float, Meta(ge=0, le=1, description="a number from 0 to 1")]
-HttpUrl = Annotated[str, Meta(pattern=r"^https?://", description="a URL starting with http:// or https://")]
+HttpUrl = Annotated[
+    str,
+    Meta(
+        pattern=r"^https?://[^\s/?#]+(?:[/?#]\S*)?$", description="a URL starting with http:// or https://, no spaces"
+    ),
+]
+"""A space in the host passed as a URL and every request then failed over to the next model (t56)."""
 KeyHash = Annotated[
     str, Meta(pattern=r"^sha256:[0-9a-f]{64}$", description="'sha256:' followed by 64 lowercase hex digits")
 ]

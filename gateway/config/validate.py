@@ -356,6 +356,10 @@ def check_policy(
         for i, name in enumerate(route.fallbacks):
             check_model((*base, "fallbacks", i), name)
         check_model((*base, "baseline"), route.baseline)
+        if route.baseline in policy.models and policy.models[route.baseline].kind != "chat":  # t56: accepted
+            problems.add(
+                (*base, "baseline"), f"model {route.baseline!r} is an embedding model; a baseline answers chat"
+            )
         if route_name in policy.models and policy.models[route_name].public:
             problems.add(base, f"route {route_name!r} has the name of a public model; rename one of them")
     for name, model in policy.models.items():
@@ -432,6 +436,8 @@ def check_policy(
             check_model((*base, "draft"), spec.draft)
             if spec.draft == name:
                 problems.add((*base, "draft"), "a model cannot draft for itself")
+            elif spec.draft in policy.models and policy.models[spec.draft].kind != "chat":
+                problems.add((*base, "draft"), f"model {spec.draft!r} is an embedding model; a draft writes text")
     _check_semantic_cache(policy, problems, check_model)
     check_auth(policy.auth, problems, key_file=key_file)
 

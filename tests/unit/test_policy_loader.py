@@ -430,6 +430,18 @@ def test_a_broken_file_falls_back_to_the_policy_last_accepted_with_its_problems(
     assert rejected and "not valid YAML" in rejected[0]
 
 
+def test_what_cannot_work_is_refused_by_check() -> None:
+    """t56: a space in a server's host passed and every request fell over to the other model; an
+    embedding model passed as a route's baseline."""
+    found = problems(VALID.replace("http://127.0.0.1:2", "http://127.0.0.1 :2"))
+    assert [p.split(" ")[0] for p in found] == ["models.l.base_url"]
+    embedding = "  e: {kind: embedding, base_url: 'http://e.test/v1', price: {input: 0.02, output: 0}}\n"
+    with_embedding = VALID.replace("routes:\n", embedding + "routes:\n", 1)
+    assert "routes:\n" in VALID and load_policy_text(with_embedding, environ={})
+    [message] = problems(with_embedding.replace("fast: {model: s", "fast: {baseline: e, model: s", 1))
+    assert message.startswith("routes.fast.baseline") and "embedding model" in message
+
+
 def test_retries_are_bounded() -> None:
     """t56: max_attempts 3000 made one request call a failing upstream 1,025 times, then a 500
     (2**attempt overflowed); a Retry-After of a day was waited for."""
@@ -474,7 +486,7 @@ def test_a_file_that_is_not_a_policy_is_refused_without_quoting_it(tmp_path: Pat
     # a value YAML cannot build is a problem line with its field and line, its text never shown
     built = problems(VALID + "version: 2026-02-30\n")
     assert any(p.startswith("version (line 15): not a value YAML can build") for p in built), built
-    assert all("sk-secret" not in p for p in problems(VALID.replace("0.1", "!!int sk-secret-1")))
+    assert all("sk-secret" not in p for p in problems(VALID.replace("input: 0.1", "input: !!int sk-secret-1")))
     assert problems(VALID.replace("input: 0.1", "input: .inf")) == [
         "models.s.price.input (line 5): must be a finite number, got inf"
     ]
