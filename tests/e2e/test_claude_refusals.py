@@ -128,3 +128,13 @@ def test_a_completions_client_is_told_what_a_claude_route_left_out_and_which_sto
     assert "top_p" in raw.headers["x-gateway-dropped"]
     choice = raw.parse().choices[0]
     assert choice.text == "first line" and (choice.model_extra or {}).get("stop_reason") == "\n"
+
+
+def test_a_responses_client_is_not_told_a_top_p_was_used_that_was_left_out(gateway: GatewayProcess) -> None:
+    """t55: the response echoed top_p 0.9 while naming it as dropped."""
+    oai = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0))
+    oai.chat.completions.create(model="claude45", messages=_ASK, temperature=0.2, top_p=0.9)  # learned, if not yet
+    raw = oai.responses.with_raw_response.create(model="claude45", input="Hi.", temperature=0.2, top_p=0.9)
+    assert "top_p" in raw.headers["x-gateway-dropped"]
+    response = raw.parse()
+    assert response.top_p is None and response.temperature == 0.2
