@@ -163,7 +163,9 @@ class Router:
 
 
 def _cache_scope(policy: Policy, plan: RoutePlan) -> str:
-    names = [*plan.candidates, *((policy.pair.small, policy.pair.large) if plan.decision == "default" else ())]
+    """The route and the models that answer on it: its own, and for a classifier route the pair (a
+    fallback answers only when they fail: editing the fallbacks emptied the cache, t57)."""
+    names = [plan.candidates[0], *((policy.pair.small, policy.pair.large) if plan.decision == "default" else ())]
     models = [policy.models[name] for name in dict.fromkeys(names) if name in policy.models]
     who = [(m.provider, m.base_url, m.upstream_model) for m in models]
     digest = hashlib.sha256(msgspec.json.encode([[*names], who])).hexdigest()[:16]

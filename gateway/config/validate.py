@@ -21,6 +21,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Set
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 import tiktoken
@@ -363,6 +364,10 @@ def check_policy(
         if route_name in policy.models and policy.models[route_name].public:
             problems.add(base, f"route {route_name!r} has the name of a public model; rename one of them")
     for name, model in policy.models.items():
+        try:
+            urlsplit(model.base_url).port  # noqa: B018 - raises for a port past 65535 (t57: every call failed over)
+        except ValueError as exc:
+            problems.add(("models", name, "base_url"), f"not a usable URL: {exc}")
         if model.encoding not in _ENCODINGS:
             problems.add(
                 ("models", name, "encoding"),

@@ -185,6 +185,8 @@ def test_a_route_pointed_at_another_model_does_not_serve_the_old_models_answers(
     question = f"which model answers {uuid.uuid4().hex}?"
     assert _chat(gw, content=question).headers["x-gateway-cache"] == "miss"
     assert _chat(gw, content=question).headers["x-gateway-cache"] == "exact"
+    _settle(gw, cached.replace(FAST_ROUTE, "fast: {model: small}"))  # the fallbacks alone: kept (t57)
+    assert _chat(gw, content=question).headers["x-gateway-cache"] == "exact"
     _settle(gw, cached.replace(FAST_ROUTE, FAST_ON_LARGE))
     after = _chat(gw, content=question)
     assert (after.headers["x-gateway-cache"], after.headers["x-gateway-model"]) == ("miss", "large")

@@ -435,6 +435,8 @@ def test_what_cannot_work_is_refused_by_check() -> None:
     embedding model passed as a route's baseline."""
     found = problems(VALID.replace("http://127.0.0.1:2", "http://127.0.0.1 :2"))
     assert [p.split(" ")[0] for p in found] == ["models.l.base_url"]
+    [port] = problems(VALID.replace("http://127.0.0.1:2", "http://127.0.0.1:99999"))
+    assert port.startswith("models.l.base_url") and "not a usable URL" in port  # t57
     embedding = "  e: {kind: embedding, base_url: 'http://e.test/v1', price: {input: 0.02, output: 0}}\n"
     with_embedding = VALID.replace("routes:\n", embedding + "routes:\n", 1)
     assert "routes:\n" in VALID and load_policy_text(with_embedding, environ={})
