@@ -94,5 +94,4 @@ def _dropped(request: Request[Any, Any, Any], asked: core.Request, headers: Mapp
     """What did not reach the model that answered: the codec's, and what that model's upstream is
     not sent (t55: a Claude route's ``top_p`` went unnamed to a completions client)."""
     provider = request.app.state.gateway.holder.current.providers.get(headers.get("x-gateway-model", ""))
-    lost = provider.not_carried(asked) if provider is not None else []
-    return [*asked.dropped, *(name for name in dict.fromkeys(lost) if name not in asked.dropped)]
+    return [*asked.dropped, *(provider.not_carried(asked) if provider is not None else ())]  # the header dedupes

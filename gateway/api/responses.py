@@ -385,7 +385,7 @@ def _dropped(state: GatewayState, decoded: codec.ResponsesRequest, headers: Mapp
     lost = provider.not_carried(decoded.request) if provider is not None else []
     if answerer.provider != "anthropic":
         lost += openai_chat.lost_on_chat_upstreams(decoded.request)
-    return [*decoded.request.dropped, *(name for name in dict.fromkeys(lost) if name not in decoded.request.dropped)]
+    return [*decoded.request.dropped, *lost]  # dropped_header names each once
 
 
 async def _passed_through(
