@@ -15,7 +15,7 @@ import structlog
 
 from gateway.accounting.metrics import Metrics
 from gateway.auth import Authenticator
-from gateway.config.loader import LoadedPolicy, key_file_path, load_policy, load_policy_text
+from gateway.config.loader import GUARDED_SECTIONS, LoadedPolicy, key_file_path, load_policy, load_policy_text
 from gateway.config.schema import Policy
 from gateway.errors import ConfigError, UpstreamError
 from gateway.routing import Router
@@ -395,13 +395,23 @@ def _refuse_weakening_by_omission(current: LoadedPolicy, new: LoadedPolicy) -> N
             ["`tenants` is missing while the policy in force has tenants (write `tenants: {}` to remove them all)"],
         )
     # t56: a file cut before them turned the cache (semantic too) back on, and on_redis_error to open
-    dropped = [name for name in ("limits", "cache") if name in current.sections and name not in new.sections]
+    dropped = [name for name in GUARDED_SECTIONS if name in current.sections and name not in new.sections]
     if dropped:
         raise ConfigError(
             new.source,
             [
                 f"`{name}` is missing while the policy in force sets it (write `{name}: {{}}` for the defaults)"
                 for name in dropped
+            ],
+        )
+    unset = _settings_left_out(current, new)
+    if unset:
+        raise ConfigError(
+            new.source,
+            [
+                f"`{name}` is missing while the policy in force sets it, and its default differs "
+                "(write the setting to keep or change it)"
+                for name in unset
             ],
         )
     if current.key_file_keys and new.policy.auth.key_file and new.key_file_keys is None:
@@ -413,6 +423,35 @@ def _refuse_weakening_by_omission(current: LoadedPolicy, new: LoadedPolicy) -> N
                 "(write `keys: []` there to remove them all)"
             ],
         )
+
+
+def _settings_left_out(current: LoadedPolicy, new: LoadedPolicy) -> list[str]:
+    """Guarded settings the new file leaves out where the default differs from the value in force.
+
+    t57: a file cut inside ``cache:`` (just after ``exact:``) turned semantic hits back on. A
+    mapping written empty (``semantic: {}``) takes its defaults on purpose, nothing inside a
+    mapping switched off counts, and a mapping left out is named once, not with each setting in it.
+    """
+    written = new.guarded
+    emptied = {path for path in written if not any(len(p) > len(path) and p[: len(path)] == path for p in written)}
+    unset: list[tuple[str, ...]] = []
+    for path in sorted(current.guarded - written):  # a mapping sorts before the settings in it
+        if any(path[:depth] in emptied for depth in range(1, len(path))):
+            continue
+        if any(_setting(new.policy, (*path[:depth], "enabled")) is False for depth in range(1, len(path))):
+            continue  # `cache: {enabled: false}` leaves nothing in it to weaken
+        if any(path[: len(above)] == above for above in unset):
+            continue
+        if _setting(current.policy, path) != _setting(new.policy, path):
+            unset.append(path)
+    return [".".join(path) for path in unset]
+
+
+def _setting(policy: Policy, path: tuple[str, ...]) -> object:
+    value: object = policy
+    for name in path:
+        value = getattr(value, name, None)
+    return value
 
 
 def _refuse_auth_off(loaded: LoadedPolicy, auth_required: bool) -> None:

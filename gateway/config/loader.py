@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -48,6 +48,9 @@ class LoadedPolicy:
     warnings: list[str] = field(default_factory=list)
     sections: frozenset[str] = frozenset()
     """The top-level keys the file spelled out (the others took their defaults)."""
+    guarded: frozenset[tuple[str, ...]] = frozenset()
+    """The settings the file spells out inside ``limits`` and ``cache``, as key paths: a reload
+    that leaves one out (a file cut inside the section) must not fall back to its default unseen."""
     text: str = ""
     """The file as it was read: a worker started later falls back to it (``gateway.runtime.load_at_start``)."""
     key_file_keys: int | None = None
@@ -134,9 +137,22 @@ def load_policy_text(
         source,
         warnings,
         frozenset(data),
+        frozenset(_key_paths({name: data[name] for name in GUARDED_SECTIONS if name in data})),
         text,
         len(key_file.keys) if key_file is not None and listed else None,
     )
+
+
+GUARDED_SECTIONS = ("limits", "cache")
+"""Sections whose defaults are the permissive side (cache on, limits open when Redis fails)."""
+
+
+def _key_paths(mapping: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for key, value in mapping.items():
+        path = (*prefix, str(key))
+        yield path
+        if isinstance(value, dict):
+            yield from _key_paths(value, path)
 
 
 def _with_tokenizer_paths(policy: Policy, base_dir: Path, problems: Problems) -> Policy:

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from gateway.auth import hash_key
+from gateway.config.schema import LimitsPolicy
 from tests.unit.conftest import POLICY, MakeHarness
 
 
@@ -119,3 +120,50 @@ async def test_a_file_cut_before_its_cache_section_is_refused_not_read_as_the_de
     assert "`cache` is missing while the policy in force sets it" in (holder.last_reload_error or "")
     holder.path.write_text(POLICY.replace(section, "cache: {}\n"))
     assert await holder.reload("test", settle=False)
+
+
+async def test_a_file_cut_inside_its_cache_section_is_refused_where_a_default_would_change(
+    make_harness: MakeHarness,
+) -> None:
+    """t57: a file cut just after ``exact:`` reloaded with ``semantic.enabled`` at its default,
+    and semantic hits came back. A setting left out whose default is what the policy says is fine."""
+    harness = await make_harness()
+    holder = harness.holder
+    section = "cache: {enabled: true, coalesce: {enabled: true, wait_s: 2}}\n"
+    written = "cache:\n  enabled: true\n  exact: {ttl_s: 3600}\n  semantic: {enabled: false}\n  coalesce: {wait_s: 2}\n"
+    holder.path.write_text(POLICY.replace(section, written))
+    assert await holder.reload("test", settle=False)
+    assert not holder.current.policy.cache.semantic.enabled
+    cut = "cache:\n  enabled: true\n  exact: {ttl_s: 3600}\n"
+    holder.path.write_text(POLICY.replace(section, cut))
+    assert not await holder.reload("test", settle=False)
+    said = holder.last_reload_error or ""
+    assert "`cache.semantic` is missing while the policy in force sets it" in said
+    assert "`cache.coalesce`" in said and "cache.semantic.enabled" not in said  # the mapping, not each setting
+    assert not holder.current.policy.cache.semantic.enabled
+    # `enabled: true` and `ttl_s: 3600` are the defaults: leaving them out changes nothing
+    holder.path.write_text(POLICY.replace(section, "cache:\n  semantic: {enabled: false}\n  coalesce: {wait_s: 2}\n"))
+    assert await holder.reload("test", settle=False)
+    # turning it back on is written out
+    holder.path.write_text(POLICY.replace(section, "cache:\n  semantic: {enabled: true}\n  coalesce: {wait_s: 2}\n"))
+    assert await holder.reload("test", settle=False)
+    assert holder.current.policy.cache.semantic.enabled
+    holder.path.write_text(POLICY.replace(section, "cache: {enabled: false, semantic: {enabled: false}}\n"))
+    assert await holder.reload("test", settle=False)
+    holder.path.write_text(POLICY.replace(section, "cache: {enabled: false}\n"))
+    assert await holder.reload("test", settle=False)  # with the cache off, nothing in it is weakened
+
+
+async def test_limits_on_redis_error_left_out_is_refused_while_in_force_closed(make_harness: MakeHarness) -> None:
+    harness = await make_harness()
+    holder = harness.holder
+    section = "cache: {enabled: true, coalesce: {enabled: true, wait_s: 2}}\n"
+    holder.path.write_text(POLICY.replace(section, section + "limits: {on_redis_error: closed}\n"))
+    assert await holder.reload("test", settle=False)
+    holder.path.write_text(POLICY.replace(section, section + "limits: {max_body_bytes: 4194304}\n"))
+    assert not await holder.reload("test", settle=False)
+    assert "`limits.on_redis_error` is missing" in (holder.last_reload_error or "")
+    assert holder.current.policy.limits.on_redis_error == "closed"
+    holder.path.write_text(POLICY.replace(section, section + "limits: {}\n"))
+    assert await holder.reload("test", settle=False)  # the defaults, on purpose
+    assert holder.current.policy.limits == LimitsPolicy()
