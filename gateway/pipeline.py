@@ -694,6 +694,8 @@ class ChatPipeline:
     @staticmethod
     def _storing(x: _Exchange) -> bool:
         plan = x.cache
+        if x.downgrade and x.plan is not None and x.plan.decision == "budget_downgrade":
+            return False  # t61: the budget's pick, not the route's: cached, it outlived the budget's reset
         return plan is not None and plan.write and x.record.status == 200 and x.info.provider is not None
 
     async def _fill_cache(self, x: _Exchange, answer: core.Answer | None) -> CachedAnswer | None:
