@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -18,6 +18,7 @@ __all__ = [
     "AuthenticationError",
     "BudgetExceededError",
     "ConfigError",
+    "ContextOverflow",
     "GatewayError",
     "InvalidRequestError",
     "LimiterUnavailableError",
@@ -37,6 +38,7 @@ __all__ = [
     "UpstreamTimeoutError",
     "UpstreamUnavailableError",
     "UsageUnavailableError",
+    "context_overflow",
     "upstream_error_fields",
 ]
 
@@ -356,24 +358,62 @@ def _exceeds_context(error: dict[str, Any]) -> bool:
     )
 
 
-_PROMPT_AND_WINDOW = (
-    (re.compile(r"maximum context length is (\d+) tokens.*?\((\d+) in the messages"), 1, 2),  # OpenAI, vLLM
-    (re.compile(r"context limit: (\d+) \+ \d+ > (\d+)"), 2, 1),  # Anthropic
-    (re.compile(r"maximum context length is (\d+) tokens and your request has (\d+) input tokens"), 1, 2),  # vLLM
-)
+class ContextOverflow(NamedTuple):
+    """The sizes an upstream's context-overflow error says (t59): its window, the prompt's tokens,
+    and the completion's asked for where it says it; None where it does not."""
+
+    window: int | None
+    prompt: int | None
+    completion: int | None = None
+
+    @property
+    def prompt_fits(self) -> bool:
+        """The prompt alone fits the window: only the completion asked for does not."""
+        return self.window is not None and self.prompt is not None and self.prompt < self.window
+
+
+_OVERFLOW_WORDS: tuple[tuple[re.Pattern[str], tuple[str, str, str | None]], ...] = (
+    # OpenAI, vLLM before 0.10: "maximum context length is W tokens. However, you requested N tokens
+    # (P in the messages, C in the completion)"
+    (re.compile(r"maximum context length is (?P<w>\d+) tokens.*?\((?P<p>\d+) in the messages, (?P<c>\d+) in the completion"), ("w", "p", "c")),
+    # vLLM: "... maximum context length is W tokens and your request has P input tokens (C > W - P)"
+    (re.compile(r"maximum context length is (?P<w>\d+) tokens and your request has (?P<p>\d+) input tokens(?: \((?P<c>\d+) >)?"), ("w", "p", "c")),
+    # vLLM 0.11+: "... maximum context length of W tokens. You requested a total of N tokens: P tokens
+    # from the input messages and C tokens for the completion"
+    (re.compile(r"maximum context length of (?P<w>\d+) tokens.*?(?P<p>\d+) tokens from the input messages(?: and (?P<c>\d+) tokens for the completion)?"), ("w", "p", "c")),
+    # OpenAI, prompt alone: "maximum context length is W tokens. However, your messages resulted in P tokens"
+    (re.compile(r"maximum context length is (?P<w>\d+) tokens.*?resulted in (?P<p>\d+) tokens"), ("w", "p", None)),
+    # Anthropic: "prompt is too long: P tokens > W maximum"
+    (re.compile(r"prompt is too long: (?P<p>\d+) tokens > (?P<w>\d+) maximum"), ("w", "p", None)),
+    # Anthropic: "input length and `max_tokens` exceed context limit: P + C > W"
+    (re.compile(r"exceed context limit: (?P<p>\d+) \+ (?P<c>\d+) > (?P<w>\d+)"), ("w", "p", "c")),
+    # llama.cpp: "request (P tokens) exceeds the available context size (W tokens)"
+    (re.compile(r"request \((?P<p>\d+) tokens\) exceeds the available context size \((?P<w>\d+) tokens"), ("w", "p", None)),
+    # the window alone (OpenAI's shortest wording)
+    (re.compile(r"maximum context length is (?P<w>\d+) tokens"), ("w", "", None)),
+)  # fmt: skip
+
+
+def context_overflow(message: str) -> ContextOverflow:
+    """The sizes in an upstream's words for a prompt that does not fit its window (OpenAI's,
+    vLLM's, Anthropic's, llama.cpp's wordings); unknown ones None."""
+    for pattern, (window, prompt, completion) in _OVERFLOW_WORDS:
+        found = pattern.search(message)
+        if found is not None:
+            return ContextOverflow(
+                int(found[window]),
+                int(found[prompt]) if prompt else None,
+                int(found[completion]) if completion and found[completion] else None,
+            )
+    return ContextOverflow(None, None)
 
 
 def _context_param(error: dict[str, Any]) -> str:
     """``max_tokens`` when the prompt alone fits the window and the completion asked for does not
     (the server's words say both sizes), else ``messages``."""
     message = error.get("message")
-    if not isinstance(message, str):
-        return "messages"
-    for pattern, window_at, prompt_at in _PROMPT_AND_WINDOW:
-        found = pattern.search(message)
-        if found is not None:
-            return "max_tokens" if int(found[prompt_at]) < int(found[window_at]) else "messages"
-    return "messages"
+    fits = isinstance(message, str) and context_overflow(message).prompt_fits
+    return "max_tokens" if fits else "messages"
 
 
 class UpstreamConnectError(UpstreamError):

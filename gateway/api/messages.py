@@ -88,6 +88,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
             lost += hints
             decoded.dropped.extend(name for name in dict.fromkeys(lost) if name not in decoded.dropped)
         decoded.betas = request.headers.get("anthropic-beta") or None  # a translated request's too
+        decoded.fills_window = True  # as Anthropic's models do: max_tokens is a ceiling, not a demand (t59)
         asked.append(decoded)
         return decoded
 
@@ -106,7 +107,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
     if dropped:
         headers["x-gateway-dropped"] = dropped
     if isinstance(answer, Answer) and answer.status != 200:
-        return _error(answer.status, _message_of(answer.body), headers)
+        return _error(answer.status, _message_of(answer.body, asked[0].max_tokens if asked else None), headers)
     if not streams(answer, bool(asked and asked[0].stream)):
         assert isinstance(answer, Answer)
         if passthrough.body is not None:  # the upstream's own message
@@ -239,12 +240,16 @@ def _translatable(raw: bytes, body: dict[str, Any] | None) -> CoreRequest | None
     return decoded
 
 
-def _message_of(body: bytes) -> str:
+def _message_of(body: bytes, max_tokens: int | None) -> str:
+    """The error's message; a prompt too long for the window in Anthropic's words (t59)."""
     try:
         error = msgspec.json.decode(body).get("error") or {}
-        return str(error.get("message") or "error")
     except (msgspec.DecodeError, AttributeError):
         return "error"
+    message = str(error.get("message") or "error")
+    if error.get("code") == "context_length_exceeded":
+        return anthropic.context_overflow_message(message, max_tokens)
+    return message
 
 
 def _error(status: int, message: str, headers: dict[str, str]) -> Response[bytes]:

@@ -139,6 +139,10 @@ class Request(msgspec.Struct, kw_only=True):
     betas: str | None = None
     """An Anthropic client's ``anthropic-beta`` header (``context-1m-...``, ``interleaved-thinking-...``),
     sent on to Anthropic upstreams only."""
+    fills_window: bool = False
+    """``max_tokens`` is a ceiling the answer may stop short of where the model's context window
+    ends first (t59): an Anthropic client's, for Anthropic's models write up to the window and stop
+    there (``model_context_window_exceeded``) where a chat upstream refuses the request."""
     continues_last_turn: bool = False
     """The last message is the start of the answer, which the model continues (Anthropic's
     prefill: a request that ends on an assistant turn), rather than context before a new turn."""

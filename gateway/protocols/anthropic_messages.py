@@ -43,7 +43,7 @@ from gateway.core.model import (
     Usage,
     UsageReport,
 )
-from gateway.errors import InvalidRequestError
+from gateway.errors import InvalidRequestError, context_overflow
 from gateway.protocols.body import decode_body
 
 __all__ = [
@@ -898,6 +898,28 @@ def error_type_for(status: int) -> str:
 
 def encode_error(status: int, message: str) -> bytes:
     return msgspec.json.encode({"type": "error", "error": {"type": error_type_for(status), "message": message}})
+
+
+_UPSTREAM_PREFIX = re.compile(r"^upstream '[^']*': HTTP \d+: ")
+
+
+def context_overflow_message(message: str, max_tokens: int | None) -> str:
+    """A prompt too long for the model's window, worded as Anthropic words it, whichever upstream
+    said it (t59): Claude Code compacts on "prompt is too long: P tokens > W maximum" and retries
+    with a smaller ``max_tokens`` on "input length and `max_tokens` exceed context limit: P + C > W",
+    and reads neither in vLLM's words nor after the gateway's "upstream 'x': HTTP 400: "."""
+    words = _UPSTREAM_PREFIX.sub("", message)
+    said = context_overflow(words)
+    if said.window is not None and said.prompt is not None:
+        completion = said.completion if said.completion is not None else max_tokens
+        if said.prompt_fits and completion is not None:
+            return (
+                f"input length and `max_tokens` exceed context limit: {said.prompt} + {completion} > "
+                f"{said.window}, decrease input length or `max_tokens` and try again"
+            )
+        if not said.prompt_fits:
+            return f"prompt is too long: {said.prompt} tokens > {said.window} maximum"
+    return words if words.lower().startswith("prompt is too long") else f"prompt is too long: {words}"
 
 
 _PING_EVERY_S = 5.0

@@ -16,7 +16,13 @@ import numpy as np
 import structlog
 
 from gateway.core import model as core
-from gateway.errors import GatewayError, UpstreamError, UpstreamProtocolError, UpstreamStatusError
+from gateway.errors import (
+    GatewayError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    context_overflow,
+)
 from gateway.protocols import openai_chat
 from gateway.protocols import openai_responses as responses
 from gateway.upstreams.base import (
@@ -58,7 +64,7 @@ class OpenAIProvider(Provider):
 
     async def complete(self, request: core.Request, body: dict[str, Any] | None = None) -> Completion:
         payload = self._payload(request, body)
-        response, stops = await self._post_chat(payload, stream=False)
+        response, stops = await self._post_chat(payload, stream=False, fills_window=request.fills_window)
         content = response.content
         data = decode_json_object(self.name, content)
         cut = bool(stops) and cut_choices(data, stops)
@@ -72,16 +78,24 @@ class OpenAIProvider(Provider):
         payload = chat_payload(request, body, self.upstream_model, continues=self.config.continue_final_message)
         return self.salted(payload, request.tenant)
 
-    async def _post_chat(self, payload: dict[str, Any], *, stream: bool) -> tuple[UpstreamResponse, tuple[str, ...]]:
+    async def _post_chat(
+        self, payload: dict[str, Any], *, stream: bool, fills_window: bool = False
+    ) -> tuple[UpstreamResponse, tuple[str, ...]]:
         """A chat request as the upstream takes it, and the stop strings left for the gateway to
         apply. A client of another API never wrote ``max_tokens`` (t38: every Messages request to
         an o-series model was a 400 naming it), and the same request with ``stop`` worked or not
-        by the model it was routed to."""
+        by the model it was routed to. ``fills_window``: a ``max_tokens`` the prompt leaves no room
+        for is lowered to the room the upstream says is left, once (t59)."""
         while True:
             sent = self._as_taken(payload)
             try:
                 response = await self._post("chat/completions", sent, self._headers(), stream=stream)
             except UpstreamStatusError as exc:
+                room = _room_left(exc, payload) if fills_window else None
+                if room is not None:
+                    _log.info("max_tokens_lowered_to_window", model=self.name, max_tokens=room)
+                    payload, fills_window = {**payload, "max_tokens": room}, False
+                    continue
                 if not self._learned_from(exc, sent):
                     raise
                 continue  # each lesson is learned once: at most two more tries
@@ -173,7 +187,7 @@ class OpenAIProvider(Provider):
         if not (isinstance(options, dict) and options.get("include_usage")):
             # Ask for usage even when the client did not: it is the authoritative count.
             body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
-        response, stops = await self._post_chat(body, stream=True)
+        response, stops = await self._post_chat(body, stream=True, fills_window=request.fills_window)
         # vLLM's usage on every chunk is for a client that asked for usage at all (t49: it came without)
         continuous = (
             isinstance(options, dict)
@@ -601,6 +615,20 @@ def _check_vectors(upstream: str, vectors: list[list[float]]) -> None:
         raise UpstreamProtocolError(
             upstream, "answered embeddings that are not vectors of finite numbers of one length"
         )
+
+
+def _room_left(error: UpstreamStatusError, payload: dict[str, Any]) -> int | None:
+    """The completion tokens the model's window leaves after the prompt, where the upstream's
+    context-overflow error says both sizes and the ``max_tokens`` asked for is more; else None."""
+    if error.code != "context_length_exceeded":
+        return None
+    said = context_overflow(error.message)
+    asked = payload.get("max_tokens")
+    if not said.prompt_fits or not isinstance(asked, int):
+        return None
+    assert said.window is not None and said.prompt is not None
+    room = said.window - said.prompt
+    return room if room < asked else None
 
 
 def _limit_renamed(payload: dict[str, Any]) -> dict[str, Any]:

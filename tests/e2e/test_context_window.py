@@ -8,16 +8,18 @@ get the error, as OpenAI words it (``context_length_exceeded``, ``param: message
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
+import msgspec
 import openai
 import pytest
 
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream, start_simulated_upstream
-from tests.conftest import upstream_stats
+from tests.conftest import inject, upstream_stats
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 _LONG = "Summarise this report. " + "The quarterly figures rose again in every region we track. " * 40
@@ -73,11 +75,72 @@ def test_when_no_model_of_the_route_fits_the_client_gets_openais_error(client: o
     assert "maximum context length is 300 tokens" in error["message"] and '"object"' not in error["message"]
 
 
-def test_an_anthropic_client_is_told_in_its_own_shape(claude: anthropic.Anthropic) -> None:
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_anthropic_client_is_told_in_anthropics_words(claude: anthropic.Anthropic, stream: bool) -> None:
+    """(t59) Claude Code compacts its history on Anthropic's "prompt is too long: P tokens > W
+    maximum", with the counts the upstream (vLLM) gave, and without the gateway's "upstream 'x'"."""
     with pytest.raises(anthropic.BadRequestError) as refused:
-        claude.messages.create(model="small", max_tokens=64, messages=[{"role": "user", "content": _LONG}])
-    assert refused.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
-    assert "maximum context length" in refused.value.message
+        ask = claude.messages.stream if stream else claude.messages.create
+        with_context = ask(model="small", max_tokens=64, messages=[{"role": "user", "content": _LONG}])
+        if stream:
+            with with_context as events:  # type: ignore[union-attr]
+                events.get_final_message()
+    error = refused.value.body["error"]  # type: ignore[index]
+    assert error["type"] == "invalid_request_error"
+    assert re.fullmatch(r"prompt is too long: \d+ tokens > 300 maximum", error["message"]), error["message"]
+
+
+def test_an_anthropic_clients_max_tokens_is_lowered_to_what_the_window_leaves(
+    claude: anthropic.Anthropic, short_window: SimulatedUpstream
+) -> None:
+    """(t59) Claude Code asks for 32,000 output tokens of a model it does not know: Anthropic's
+    models write up to the window and stop there; a vLLM refuses, and is asked again for the room
+    its own count leaves."""
+    for stream in (False, True):
+        ask = {"model": "small", "max_tokens": 32000, "messages": [{"role": "user", "content": "Say hello."}]}
+        if stream:
+            with claude.messages.stream(**ask) as events:  # type: ignore[arg-type]
+                message = events.get_final_message()
+        else:
+            message = claude.messages.create(**ask)  # type: ignore[call-overload]
+        assert message.content and message.content[0].type == "text" and message.content[0].text
+        sent = upstream_stats(short_window)["last_request"]["body"]
+        assert 0 < sent["max_tokens"] < 300
+
+
+def test_an_openai_client_is_told_openais_code(client: openai.OpenAI) -> None:
+    """Chat and Responses clients get OpenAI's ``context_length_exceeded``; a chat client's
+    ``max_tokens`` is its own (OpenAI refuses one that does not fit): named, not lowered."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="small", max_tokens=1000, messages=[{"role": "user", "content": "hi"}])
+    assert refused.value.code == "context_length_exceeded" and refused.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="small", input=_LONG)
+    assert refused.value.code == "context_length_exceeded"
+
+
+@pytest.mark.parametrize(
+    ("said", "told"),
+    [
+        ("prompt is too long: 250123 tokens > 200000 maximum", "prompt is too long: 250123 tokens > 200000 maximum"),
+        (
+            "input length and `max_tokens` exceed context limit: 190000 + 32000 > 200000, decrease input length "
+            "or `max_tokens` and try again",
+            "input length and `max_tokens` exceed context limit: 190000 + 32000 > 200000, decrease input length "
+            "or `max_tokens` and try again",
+        ),
+    ],
+)
+def test_an_anthropic_upstreams_own_words_reach_the_client_as_they_were(
+    claude: anthropic.Anthropic, large_upstream: SimulatedUpstream, said: str, told: str
+) -> None:
+    """(t59) Claude Code matches the start of the message: the gateway's "upstream 'claude': HTTP
+    400: " hid it."""
+    body = msgspec.json.encode({"type": "error", "error": {"type": "invalid_request_error", "message": said}})
+    inject(large_upstream, {"status": 400, "body": body.decode()})
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude.messages.create(model="claude", max_tokens=32000, messages=[{"role": "user", "content": "hi"}])
+    assert refused.value.body["error"]["message"] == told  # type: ignore[index]
 
 
 def test_short_prompts_stay_on_the_small_model(client: openai.OpenAI) -> None:

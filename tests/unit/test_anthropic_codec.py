@@ -718,3 +718,46 @@ def test_a_tool_results_cache_breakpoint_reaches_anthropic_through_a_translation
     assert anthropic.nested_fields_not_carried({"messages": messages}) == []
     body = anthropic.encode_request(_decode(messages=messages), "claude", stream=False)
     assert body["messages"][2]["content"][0]["cache_control"] == marker
+
+
+@pytest.mark.parametrize(
+    ("said", "max_tokens", "told"),
+    [
+        (  # vLLM before 0.10, OpenAI: the prompt alone fits
+            "upstream 'vllm': HTTP 400: This model's maximum context length is 32768 tokens. However, you requested "
+            "40000 tokens (31000 in the messages, 9000 in the completion). Please reduce the length of the messages "
+            "or completion.",
+            9000,
+            "input length and `max_tokens` exceed context limit: 31000 + 9000 > 32768, decrease input length or "
+            "`max_tokens` and try again",
+        ),
+        (  # vLLM 0.11 (claude-code-router #1799)
+            "upstream 'vllm': HTTP 400: Requested token count exceeds the model's maximum context length of 262144 "
+            "tokens. You requested a total of 262462 tokens: 230462 tokens from the input messages and 32000 tokens "
+            "for the completion.",
+            32000,
+            "input length and `max_tokens` exceed context limit: 230462 + 32000 > 262144, decrease input length or "
+            "`max_tokens` and try again",
+        ),
+        (  # vLLM: the completion's size from the request
+            "upstream 'vllm': HTTP 400: This model's maximum context length is 4096 tokens and your request has 4000 "
+            "input tokens",
+            1000,
+            "input length and `max_tokens` exceed context limit: 4000 + 1000 > 4096, decrease input length or "
+            "`max_tokens` and try again",
+        ),
+        (  # llama.cpp
+            "upstream 'local': HTTP 400: request (24071 tokens) exceeds the available context size (8192 tokens)",
+            512,
+            "prompt is too long: 24071 tokens > 8192 maximum",
+        ),
+        (  # no sizes said: still the words Claude Code compacts on
+            "upstream 'x': HTTP 400: The input is too long for the model's context window.",
+            512,
+            "prompt is too long: The input is too long for the model's context window.",
+        ),
+    ],
+)
+def test_a_context_overflow_is_worded_as_anthropic_words_it(said: str, max_tokens: int, told: str) -> None:
+    """(t59) Claude Code reads Anthropic's two wordings, with their sizes, and no other."""
+    assert anthropic.context_overflow_message(said, max_tokens) == told
