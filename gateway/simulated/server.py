@@ -832,6 +832,9 @@ def _anthropic_request_error(request: web.Request, body: Any, *, count_only: boo
         return _anthropic_bad("model: Field required")
     if not count_only and not is_positive_int(body.get("max_tokens")):
         return _anthropic_bad("max_tokens: Field required (a positive integer)")
+    extra = sorted(set(body) - _COUNT_TOKENS_FIELDS) if count_only else []
+    if extra:  # Anthropic's count_tokens takes no max_tokens, stream, metadata, ...
+        return _anthropic_bad(f"{extra[0]}: Extra inputs are not permitted")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return _anthropic_bad("messages: must be a non-empty list")
@@ -850,6 +853,11 @@ def _anthropic_request_error(request: web.Request, body: Any, *, count_only: boo
         return _anthropic_bad(str(exc))
     return None
 
+
+_COUNT_TOKENS_FIELDS = frozenset(
+    {"model", "messages", "system", "tools", "tool_choice", "thinking", "mcp_servers", "context_management",
+     "output_config", "output_format"}
+)  # fmt: skip
 
 _ONE_SAMPLER = re.compile(r"claude-(opus|sonnet|haiku)-4-[1-9]")
 """Claude's models since Opus 4.1 and Sonnet 4.5 take ``temperature`` or ``top_p``, not both."""

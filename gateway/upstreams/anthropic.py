@@ -86,6 +86,13 @@ _MESSAGES_PATH = "v1/messages"
 
 
 _MOST_TOKENS = 100_000_000
+_COUNTED_FIELDS = frozenset(
+    {"messages", "system", "tools", "tool_choice", "thinking", "mcp_servers", "context_management",
+     "output_config", "output_format"}
+)  # fmt: skip
+"""The body fields Anthropic's ``count_tokens`` takes (besides ``model``); it refuses others."""
+_NO_COUNT_TOKENS_S = 3600.0
+"""How long an upstream that answered ``count_tokens`` with 404 is not asked again."""
 """More input tokens than any model reads: a count beyond it is the upstream's fault."""
 
 
@@ -148,11 +155,29 @@ class AnthropicProvider(Provider):
             _log.info("upstream_takes_one_sampler", model=self.name)
             return await self._post(_MESSAGES_PATH, _one_sampler(payload), headers, stream=stream)
 
-    async def count_tokens(self, body: dict[str, Any], betas: str | None) -> int:
+    lacks_count_tokens_until = 0.0
+    """Until when (monotonic seconds) the upstream is taken to have no ``count_tokens`` (it answered
+    404: Anthropic-compatible proxies and shims often lack it): the gateway counts without asking (t61)."""
+
+    async def count_tokens(self, body: dict[str, Any], betas: str | None) -> int | None:
         """The prompt's tokens as the model counts them (``count_tokens``): documents, PDFs and
-        images included, which the gateway's own count cannot see."""
-        payload = {**body, "model": self.upstream_model}
-        response = await self._post(f"{_MESSAGES_PATH}/count_tokens", payload, self._headers(betas), stream=False)
+        images included, which the gateway's own count cannot see; None when the upstream has no
+        such endpoint. It is sent only the fields ``count_tokens`` takes (t59: a client's
+        ``metadata.user_id`` went to it as the client wrote it, and Anthropic refuses
+        ``max_tokens``, ``stream`` and ``metadata`` there)."""
+        if time.monotonic() < self.lacks_count_tokens_until:
+            return None
+        payload = {name: value for name, value in body.items() if name in _COUNTED_FIELDS}
+        payload["model"] = self.upstream_model
+        try:
+            response = await self._post(f"{_MESSAGES_PATH}/count_tokens", payload, self._headers(betas), stream=False)
+        except UpstreamStatusError as exc:
+            if exc.upstream_status not in (404, 405):
+                raise
+            self.lacks_count_tokens_until = time.monotonic() + _NO_COUNT_TOKENS_S
+            _log.warning("count_tokens_unavailable", upstream=self.name, status=exc.upstream_status,
+                         counted_by_gateway_for_s=_NO_COUNT_TOKENS_S)  # fmt: skip
+            return None
         counted = decode_json_object(self.name, response.content).get("input_tokens")
         if not isinstance(counted, int) or isinstance(counted, bool):
             raise UpstreamProtocolError(self.name, "count_tokens answered no input_tokens")
