@@ -39,6 +39,7 @@ from gateway.dispatch import DispatchInfo, dispatch
 from gateway.drain import DEFAULT_DRAIN_S, Drain
 from gateway.errors import (
     GatewayError,
+    InvalidRequestError,
     ShuttingDownError,
     UpstreamError,
     UpstreamProtocolError,
@@ -51,7 +52,8 @@ from gateway.learning.shadow import judge_request as shadow_judge_request
 from gateway.learning.shadow import judged_conversation
 from gateway.limits import Limiter, Reservation
 from gateway.limits.concurrency import InFlight, Slot
-from gateway.pricing import cost_usd
+from gateway.pricing import PricedOptions, cost_usd, unpriced
+from gateway.protocols.anthropic_messages import priced_options
 from gateway.protocols.body import LARGE_BODY_BYTES, read_off_loop
 from gateway.protocols.chat_request import parse_chat_request
 from gateway.protocols.openai_chat import (
@@ -177,6 +179,7 @@ class PassThrough:
 
 
 _NO_REQUEST = core.Request(model="", messages=[])
+_NOTHING_PRICED = PricedOptions()
 """Until the body is read (an exchange that ends before, in a 401, has no request)."""
 
 
@@ -196,6 +199,8 @@ class _Exchange:
     directives: Any = None
     """The chat body's ``gateway_cache`` field, taken out before the body goes upstream."""
     plan: RoutePlan | None = None
+    asked: PricedOptions = _NOTHING_PRICED
+    """What the request asks for that is billed above the token prices (t59)."""
     prompt_tokens: int = 0
     counted: bool = False
     cache: CachePlan | None = None
@@ -305,6 +310,8 @@ class ChatPipeline:
                 passthrough.body = scoped_body(passthrough.body, principal.tenant, anthropic=anthropic)
                 x.passthrough = passthrough
                 record.passthrough = True
+                if anthropic:  # only passed through do these reach Anthropic (a translating route refuses them)
+                    x.asked = priced_options(passthrough.body)
             x.plan = runtime.router.chat_plan(x.request.model, principal.allowed)
             record.route, record.decision, record.stream = x.plan.route, x.plan.decision, x.request.stream
             record.baseline_model = x.plan.baseline
@@ -315,6 +322,7 @@ class ChatPipeline:
                 principal.limits.max_concurrent,
                 tenant.limits.max_concurrent if tenant is not None else None,
             )
+            self._refuse_unpriced(x)
             if self._limiter.enforces(runtime.policy, principal):
                 await self._count_prompt(x)  # the limits need the estimate before anything is served
             await self._reserve(x, principal)
@@ -407,23 +415,58 @@ class ChatPipeline:
             x.prompt_tokens = count_prompt(x.request, encoding)
         x.counted = True
 
+    def _reachable(self, x: _Exchange) -> tuple[str, ...]:
+        """Every model the request may end at. Any of them prices it: a classifier route may pick
+        the pair's large model, and a fallback may be dearer than the first model (when the cheap
+        one is down, a budget priced at its rate was overspent 4 times over)."""
+        assert x.plan is not None
+        reachable = tuple(x.runtime.router.ends(x.plan))
+        relay = x.passthrough
+        if relay is not None and relay.held_by in x.runtime.policy.models:  # continuing it may end there
+            reachable = (*reachable, relay.held_by)
+        return reachable
+
+    def _refuse_unpriced(self, x: _Exchange) -> None:
+        """A request asking for an option its upstream bills above the token prices (fast mode,
+        US-only inference, web search), where a model it may end at has no price for it, is
+        refused before it costs anything: it would be billed, and count against budgets, at the
+        base price (t59: 6x fast mode went through at 1x)."""
+        if x.asked == _NOTHING_PRICED:
+            return
+        models = x.runtime.policy.models
+        for name in self._reachable(x):
+            missing = unpriced(models[name].price, x.asked)
+            if missing:
+                first = missing[0]
+                raise InvalidRequestError(
+                    f"{first.asked} is billed above the base price, and the gateway's policy sets no price for it "
+                    f"on model '{name}' (models.{name}.price.{first.field} in policies.yaml); leave it out, or "
+                    "ask the gateway's operators to price it",
+                    param=first.param,
+                )
+
     async def _reserve(self, x: _Exchange, principal: Principal) -> None:
         """Check the key's and tenant's limits against this request's estimate, and reserve it."""
         assert x.plan is not None
         policy = x.runtime.policy
-        # Any model the request may end at prices it: a classifier route may pick the pair's large
-        # model, and a fallback may be dearer than the first model (when the cheap one is down, a
-        # budget priced at its rate was overspent 4 times over).
-        reachable = x.runtime.router.ends(x.plan)
-        relay = x.passthrough
-        if relay is not None and relay.held_by in policy.models:  # continuing it may end there
-            reachable = (*reachable, relay.held_by)
+        reachable = self._reachable(x)
         # No model writes past its context window: a max_tokens of 10**9 is not a $10,000 estimate
         # that refuses the request as over budget (the upstream answers for the value itself).
         window = max(policy.models[name].context_window for name in reachable)
         completion = min(x.request.max_tokens or policy.limits.default_completion_tokens, window)
         completion *= _answers_asked(x.request)
-        estimate = max(cost_usd(policy.models[name].price, x.prompt_tokens, completion) for name in reachable)
+        asked = x.asked  # fast mode multiplies the estimate too, and each web search allowed adds its fee (t59)
+        estimate = max(
+            cost_usd(
+                policy.models[name].price,
+                x.prompt_tokens,
+                completion,
+                speed=asked.speed,
+                inference_geo=asked.inference_geo,
+                server_tool_requests=asked.server_tools,
+            )
+            for name in reachable
+        )
         x.reservation = await self._limiter.reserve(policy, principal, x.prompt_tokens + completion, estimate)
         tenant = policy.tenants.get(principal.tenant)
         x.downgrade = (
@@ -759,7 +802,11 @@ class ChatPipeline:
         provider = x.info.provider
         assert provider is not None
         x.record.model, x.record.provider = provider.name, provider.kind
-        headers = self._headers(x, cost=cost_usd(provider.config.price, x.prompt_tokens, 0))
+        asked = x.asked
+        prompt_cost = cost_usd(
+            provider.config.price, x.prompt_tokens, 0, speed=asked.speed, inference_geo=asked.inference_geo
+        )
+        headers = self._headers(x, cost=prompt_cost)
         include_usage = _includes_usage(x.body)
         items = self._relay(x, stream, first, include_usage, typed)
         if x.slot is not None:  # a stream never iterated (its client gone first) gives its place back too
@@ -924,6 +971,8 @@ class ChatPipeline:
             )
             record.cache_write_1h_tokens = usage.cache_write_1h_tokens
             record.reasoning_tokens = usage.reasoning_tokens
+            record.speed, record.inference_geo = usage.speed, usage.inference_geo
+            record.server_tool_requests = dict(usage.server_tool_requests) or None
             record.tokens_source = "upstream"
             if cut:
                 counted = count_text(said if said is not None else text, provider.config.encoding)
@@ -931,7 +980,9 @@ class ChatPipeline:
         else:
             record.prompt_tokens = x.prompt_tokens
             record.completion_tokens = count_text(said if said is not None else text, provider.config.encoding)
+            record.speed, record.inference_geo = x.asked.speed, x.asked.inference_geo  # as asked, unsaid
             record.tokens_source = "gateway"
+        _warn_unpriced(provider, record)
         record.cost_usd = _cost(provider.config.price, record)
         baseline = x.runtime.policy.models.get(record.baseline_model or "")
         if baseline is not None:
@@ -1163,6 +1214,9 @@ def _usage_of(record: RequestRecord) -> core.Usage:
         cache_write_tokens=record.cache_write_tokens,
         cache_write_1h_tokens=record.cache_write_1h_tokens,
         reasoning_tokens=record.reasoning_tokens,
+        speed=record.speed,
+        inference_geo=record.inference_geo,
+        server_tool_requests=dict(record.server_tool_requests or {}),
     )
 
 
@@ -1180,7 +1234,20 @@ def _cost(price: Price, record: RequestRecord) -> float:
         cache_write_tokens=record.cache_write_tokens,
         cache_write_1h_tokens=record.cache_write_1h_tokens,
         reasoning_tokens=record.reasoning_tokens,
+        speed=record.speed,
+        inference_geo=record.inference_geo,
+        server_tool_requests=record.server_tool_requests,
     )
+
+
+def _warn_unpriced(provider: Provider, record: RequestRecord) -> None:
+    """An option the upstream says it used that the policy does not price (a workspace's default
+    ``inference_geo`` the request did not ask for): billed at the base price, and said to ops (t59)."""
+    asked = PricedOptions(record.speed, record.inference_geo, record.server_tool_requests or {})
+    missing = unpriced(provider.config.price, asked)
+    if missing:
+        fields = [f"models.{provider.name}.price.{one.field}" for one in missing]
+        _log.warning("unpriced_usage", request_id=record.request_id, model=provider.name, unpriced=fields)
 
 
 def _usage_chunk(chunk_id: str | None, created: int | None, model: str | None, record: RequestRecord) -> bytes:

@@ -2,9 +2,52 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
 from gateway.config.schema import Price
 
-__all__ = ["cost_usd"]
+__all__ = ["PricedOptions", "Unpriced", "cost_usd", "unpriced"]
+
+_BASE_SPEED = "standard"
+_BASE_GEO = "global"
+
+
+@dataclass(frozen=True, slots=True)
+class PricedOptions:
+    """What a request asks for that its upstream bills above the token prices (t59: Anthropic's
+    fast mode at 6x, US-only inference at 1.1x, web search at $10 per 1,000, all billed at the
+    base price)."""
+
+    speed: str | None = None
+    inference_geo: str | None = None
+    server_tools: Mapping[str, int] = field(default_factory=dict)
+    """Upstream-run tools offered, by the name usage counts them under, with the most uses the
+    request allows (its budget estimate)."""
+
+
+class Unpriced(NamedTuple):
+    param: str
+    """The request's field that asks for it."""
+    asked: str
+    """What it asks, as the request writes it."""
+    field: str
+    """The field under the model's ``price`` that would bill it."""
+
+
+def unpriced(price: Price, asked: PricedOptions) -> list[Unpriced]:
+    """Each option asked that ``price`` does not set: such a request would be billed at the base price."""
+    out = []
+    if asked.speed not in (None, _BASE_SPEED) and asked.speed not in price.speed_multipliers:
+        out.append(Unpriced("speed", f'speed: "{asked.speed}"', f"speed.{asked.speed}"))
+    geo = asked.inference_geo
+    if geo not in (None, _BASE_GEO) and geo not in price.inference_geo_multipliers:
+        out.append(Unpriced("inference_geo", f'inference_geo: "{geo}"', f"inference_geo.{geo}"))
+    for name in asked.server_tools:
+        if name not in price.server_tools_per_1k:
+            out.append(Unpriced("tools", f"the {name} server tool", f"server_tools.{name}"))
+    return out
 
 
 def cost_usd(
@@ -16,10 +59,18 @@ def cost_usd(
     cache_write_tokens: int = 0,
     cache_write_1h_tokens: int = 0,
     reasoning_tokens: int = 0,
+    speed: str | None = None,
+    inference_geo: str | None = None,
+    server_tool_requests: Mapping[str, int] | None = None,
 ) -> float:
     """``prompt_tokens`` and ``completion_tokens`` are totals: the cached, cache-write and
     reasoning tokens are parts of them (and the hour-long writes part of the writes), priced at
-    their own fields where the policy sets one."""
+    their own fields where the policy sets one.
+
+    ``speed`` and ``inference_geo`` (what the upstream says the answer ran with) multiply every
+    token price, one on top of the other as Anthropic stacks them; ``server_tool_requests`` add
+    their fee per use. One the policy does not price costs nothing more (a request that asks for
+    it is refused before it is sent: :func:`unpriced`)."""
     cost = prompt_tokens * price.input_per_mtok + completion_tokens * price.output_per_mtok
     if cached_prompt_tokens and price.cached_input_per_mtok is not None:
         cost += cached_prompt_tokens * (price.cached_input_per_mtok - price.input_per_mtok)
@@ -30,4 +81,9 @@ def cost_usd(
         cost += min(cache_write_1h_tokens, cache_write_tokens) * (price.cache_write_1h_per_mtok - write)
     if reasoning_tokens and price.reasoning_per_mtok is not None:
         cost += reasoning_tokens * (price.reasoning_per_mtok - price.output_per_mtok)
-    return cost / 1_000_000
+    if speed is not None:
+        cost *= price.speed_multipliers.get(speed, 1.0)
+    if inference_geo is not None:
+        cost *= price.inference_geo_multipliers.get(inference_geo, 1.0)
+    fees = sum(count * price.server_tools_per_1k.get(name, 0.0) for name, count in (server_tool_requests or {}).items())
+    return cost / 1_000_000 + fees / 1000

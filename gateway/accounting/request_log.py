@@ -68,6 +68,14 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     """Of ``cache_write_tokens``, those kept an hour (Anthropic's ``ttl: "1h"``), priced at ``cache_write_1h``."""
     reasoning_tokens: int = 0
     """Of ``completion_tokens``, those spent reasoning (schema 2)."""
+    speed: str | None = None
+    """What the upstream says the answer ran at (Anthropic's ``usage.speed``: ``fast`` is priced
+    at the model's ``price.speed.fast``); None: it said nothing."""
+    inference_geo: str | None = None
+    """Where the upstream says it ran (Anthropic's ``usage.inference_geo``), priced at ``price.inference_geo``."""
+    server_tool_requests: dict[str, int] | None = None
+    """Uses of upstream-run tools, by name (Anthropic's ``server_tool_use``: ``{"web_search": 3}``),
+    each billed ``price.server_tools``; None: none."""
     tokens_source: str | None = None
     """``upstream`` when the upstream reported usage, ``gateway`` when counted here."""
     cost_usd: float = 0.0

@@ -392,7 +392,9 @@ def _warnings(policy: Policy, environ: Mapping[str, str], key_file: Path | None 
             out += _key_warnings(name, model.api_key_env, environ.get(model.api_key_env))
         for price in msgspec.structs.fields(model.price):
             value = getattr(model.price, price.name)
-            if value is not None and 0 < value < _LEAST_PRICE_PER_MTOK:  # t29: a per-token price billed a millionth
+            if (
+                isinstance(value, float | int) and 0 < value < _LEAST_PRICE_PER_MTOK
+            ):  # t29: a per-token price billed a millionth
                 out.append(
                     f"models.{name}.price.{price.encode_name}: ${value:g} per million tokens; prices are per "
                     f"million tokens (a per-token price would be ${value * 1e6:g} here)"

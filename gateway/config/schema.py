@@ -70,6 +70,12 @@ EnvVarName = Annotated[
 """Where a key is read from; a value that is not a name may be the key pasted in, and is never shown."""
 
 
+OptionValue = Annotated[
+    str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="a lowercase name, as Anthropic writes it")
+]
+Multiplier = Annotated[float, Meta(gt=0, le=100, description="a multiplier in (0, 100]")]
+
+
 class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Frozen, strict: an unknown key in policies.yaml is an error, not silently ignored."""
 
@@ -90,6 +96,17 @@ class Price(_Struct, frozen=True, kw_only=True):
     unset: the ``cache_write`` price."""
     reasoning_per_mtok: AtLeastZero | None = msgspec.field(name="reasoning", default=None)
     """Completion tokens spent reasoning (``reasoning_tokens``); unset: the output price."""
+    speed_multipliers: dict[OptionValue, Multiplier] = msgspec.field(name="speed", default={})
+    """Anthropic's ``speed``: every token price times this for an answer whose usage says it ran at
+    that speed (``fast: 6`` for Opus 4.6's fast mode); ``standard`` is 1. A request asking for a
+    speed not set here is refused: it would be billed at the base price (t59)."""
+    inference_geo_multipliers: dict[OptionValue, Multiplier] = msgspec.field(name="inference_geo", default={})
+    """Anthropic's ``inference_geo``: every token price times this for an answer whose usage says it
+    ran there (``us: 1.1``); ``global`` is 1. Applied on top of the speed's, as Anthropic does (t59)."""
+    server_tools_per_1k: dict[OptionValue, AtLeastZero] = msgspec.field(name="server_tools", default={})
+    """USD per 1,000 uses of an upstream-run tool, by the name its usage counts them under
+    (``server_tool_use.web_search_requests``: ``web_search: 10``; ``web_fetch: 0`` says it is free).
+    A request offering a server tool not set here is refused (t59)."""
 
 
 class Timeouts(_Struct, frozen=True, kw_only=True):

@@ -172,6 +172,13 @@ class Usage(msgspec.Struct, kw_only=True):
     """Of ``cache_write_tokens``, those kept an hour (Anthropic's ``ttl: "1h"``, dearer)."""
     reasoning_tokens: int = 0
     """Of ``output_tokens``, those spent reasoning."""
+    speed: str | None = None
+    """How fast the upstream says it ran (Anthropic's ``usage.speed``: ``fast`` is dearer, t59)."""
+    inference_geo: str | None = None
+    """Where the upstream says it ran (Anthropic's ``usage.inference_geo``: ``us`` is dearer, t59)."""
+    server_tool_requests: dict[str, int] = msgspec.field(default_factory=dict)
+    """Uses of upstream-run tools, by name (Anthropic's ``server_tool_use.web_search_requests``
+    as ``web_search``), each billed a fee (t59)."""
 
 
 class Answer(msgspec.Struct, kw_only=True):

@@ -44,6 +44,7 @@ from gateway.core.model import (
     UsageReport,
 )
 from gateway.errors import InvalidRequestError, context_overflow
+from gateway.pricing import PricedOptions
 from gateway.protocols.body import decode_body
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "error_type_for",
     "fields_not_read",
     "nested_fields_not_carried",
+    "priced_options",
     "thinking_left_out",
     "usage_body",
     "usage_from_wire",
@@ -623,6 +625,48 @@ def usage_from_wire(raw: Any) -> Usage | None:
         cached_input_tokens=read,
         cache_write_tokens=write,
         cache_write_1h_tokens=min(write, _hour_long(raw, 0)),
+        **_priced_options(raw, None),
+    )
+
+
+def _priced_options(raw: dict[str, Any], known: Usage | None) -> dict[str, Any]:
+    """What the answer ran with that its price depends on (t59: billed at the base price):
+    ``speed``, ``inference_geo`` and ``server_tool_use``'s ``<tool>_requests`` counts, each one
+    the event does not give keeping what is ``known`` (a stream's ``message_start``)."""
+    speed, geo = raw.get("speed"), raw.get("inference_geo")
+    tools = dict(known.server_tool_requests) if known is not None else {}
+    used = raw.get("server_tool_use")
+    for name, count in used.items() if isinstance(used, dict) else ():
+        if isinstance(name, str) and name.endswith("_requests") and _count(count):
+            tools[name.removesuffix("_requests")] = _count(count)
+    return {
+        "speed": speed if isinstance(speed, str) else known.speed if known is not None else None,
+        "inference_geo": geo if isinstance(geo, str) else known.inference_geo if known is not None else None,
+        "server_tool_requests": tools,
+    }
+
+
+_PRICED_SERVER_TOOL = re.compile(r"(web_search|web_fetch)_\d{8}")
+"""Server tools Anthropic bills per use (web fetch at $0, which the policy says explicitly), by
+version-dated type; the name is the one ``server_tool_use`` counts them under."""
+
+
+def priced_options(body: dict[str, Any]) -> PricedOptions:
+    """What a request sent as it is asks for that Anthropic bills above the token prices (t59):
+    ``speed``, ``inference_geo``, and the per-use server tools with their ``max_uses`` (1 when
+    unset, for the budget estimate)."""
+    speed, geo, tools = body.get("speed"), body.get("inference_geo"), body.get("tools")
+    server_tools: dict[str, int] = {}
+    for tool in tools if isinstance(tools, list) else ():
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        matched = _PRICED_SERVER_TOOL.fullmatch(kind) if isinstance(kind, str) else None
+        if matched is not None:
+            uses = _count(tool.get("max_uses")) or 1
+            server_tools[matched[1]] = server_tools.get(matched[1], 0) + uses
+    return PricedOptions(
+        speed=speed if isinstance(speed, str) else None,
+        inference_geo=geo if isinstance(geo, str) else None,
+        server_tools=server_tools,
     )
 
 
@@ -744,6 +788,7 @@ class StreamDecoder:
                 cached_input_tokens=read,
                 cache_write_tokens=write,
                 cache_write_1h_tokens=min(write, _hour_long(raw, known.cache_write_1h_tokens)),
+                **_priced_options(raw, known),
             )
         self.usage = full
         return [UsageReport(full)]

@@ -68,6 +68,10 @@ class Usage:
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
     cache_write_1h_tokens: int = 0
+    speed: str | None = None
+    inference_geo: str | None = None
+    server_tool_requests: dict[str, int] = field(default_factory=dict)
+    """What the upstream says it ran with and at, that its price may depend on (t59)."""
 
 
 def usage_of(usage: core.Usage | None) -> Usage | None:
@@ -81,6 +85,9 @@ def usage_of(usage: core.Usage | None) -> Usage | None:
         cache_write_tokens=usage.cache_write_tokens,
         reasoning_tokens=usage.reasoning_tokens,
         cache_write_1h_tokens=usage.cache_write_1h_tokens,
+        speed=usage.speed,
+        inference_geo=usage.inference_geo,
+        server_tool_requests=usage.server_tool_requests,
     )
 
 

@@ -761,3 +761,32 @@ def test_a_tool_results_cache_breakpoint_reaches_anthropic_through_a_translation
 def test_a_context_overflow_is_worded_as_anthropic_words_it(said: str, max_tokens: int, told: str) -> None:
     """(t59) Claude Code reads Anthropic's two wordings, with their sizes, and no other."""
     assert anthropic.context_overflow_message(said, max_tokens) == told
+
+
+def test_what_an_answer_ran_with_is_read_whole_and_streamed() -> None:
+    """t59: ``speed``, ``inference_geo`` and ``server_tool_use`` were not read, and fast mode,
+    US-only inference and web searches were billed at the base price."""
+    raw = {"input_tokens": 10, "output_tokens": 5, "speed": "fast", "inference_geo": "us",
+           "server_tool_use": {"web_search_requests": 3, "web_fetch_requests": 0}}  # fmt: skip
+    usage = anthropic.usage_from_wire(raw)
+    assert usage is not None and (usage.speed, usage.inference_geo) == ("fast", "us")
+    assert usage.server_tool_requests == {"web_search": 3}  # none used: none billed
+    decoder = anthropic.StreamDecoder()
+    start = {"input_tokens": 10, "output_tokens": 1, "speed": "fast", "inference_geo": "us"}
+    decoder.feed({"type": "message_start", "message": {"id": "m", "model": "c", "usage": start}})
+    final = {"output_tokens": 7, "server_tool_use": {"web_search_requests": 2}}
+    decoder.feed({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": final})
+    assert decoder.usage is not None and (decoder.usage.speed, decoder.usage.inference_geo) == ("fast", "us")
+    assert decoder.usage.server_tool_requests == {"web_search": 2} and decoder.usage.output_tokens == 7
+
+
+def test_the_options_a_request_pays_more_for_are_read() -> None:
+    body = {"speed": "fast", "inference_geo": "us", "tools": [
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 4},
+        {"type": "web_fetch_20250910", "name": "web_fetch"},
+        {"type": "bash_20250124", "name": "bash"},  # run by the client: no fee
+        {"name": "get_weather", "input_schema": {"type": "object"}}]}  # fmt: skip
+    asked = anthropic.priced_options(body)
+    assert (asked.speed, asked.inference_geo) == ("fast", "us")
+    assert asked.server_tools == {"web_search": 4, "web_fetch": 1}
+    assert anthropic.priced_options({"messages": []}) == anthropic.priced_options({"speed": None, "tools": "x"})

@@ -574,3 +574,18 @@ def test_the_gateways_own_names_in_problems_are_in_backticks() -> None:
     names is in backticks, so the log keeps it (t36: `missing required field '…'`)."""
     found = problems(VALID.replace("    tier: large\n", ""))
     assert any("missing required field `tier`" in p for p in found), found
+
+
+def test_option_prices_are_read_and_checked() -> None:
+    """t59: fast mode, inference geos and server tools have prices of their own."""
+    priced = VALID.replace(
+        "price: {input: 1, output: 2}",
+        "price: {input: 1, output: 2, speed: {fast: 6}, inference_geo: {us: 1.1}, server_tools: {web_search: 10}}",
+    )
+    price = load_policy_text(priced, environ={}).policy.models["l"].price
+    assert price.speed_multipliers == {"fast": 6} and price.inference_geo_multipliers == {"us": 1.1}
+    assert price.server_tools_per_1k == {"web_search": 10}
+    assert problems(priced.replace("web_search: 10", "web_search: .inf")) == [
+        "models.l.price.server_tools.web_search (line 10): must be a finite number, got inf"
+    ]
+    assert problems(priced.replace("fast: 6", "fast: 0"))[0].startswith("models.l.price.speed")

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from gateway.config.schema import Price
-from gateway.pricing import cost_usd
+from gateway.pricing import PricedOptions, cost_usd, unpriced
 from tests.unit.conftest import POLICY, MakeHarness, answer_of
 
 # $ per million tokens, as policies.yaml writes them (names as in the file).
@@ -110,3 +110,35 @@ def test_a_cache_hit_keeps_the_hour_long_writes_of_the_answer_it_replays() -> No
     assert decoded is not None
     usage = decoded.served_as("msg_1").usage
     assert (usage.cache_write_tokens, usage.cache_write_1h_tokens) == (1_000, 600)
+
+
+_OPUS = Price(input_per_mtok=5.0, output_per_mtok=25.0, cache_write_per_mtok=6.25, speed_multipliers={"fast": 6.0},
+              inference_geo_multipliers={"us": 1.1}, server_tools_per_1k={"web_search": 10.0, "web_fetch": 0.0})  # fmt: skip
+
+
+def test_fast_mode_and_us_inference_multiply_every_token_price_one_on_the_other() -> None:
+    """t59: fast mode (6x) and US-only inference (1.1x) were billed at the base price; both
+    multiply cache writes too, as Anthropic stacks its modifiers."""
+    base = cost_usd(_OPUS, 1_000_000, 100_000, cache_write_tokens=200_000)
+    assert base == pytest.approx(0.8 * 5 + 0.2 * 6.25 + 0.1 * 25)
+    assert cost_usd(_OPUS, 1_000_000, 100_000, cache_write_tokens=200_000, speed="fast") == pytest.approx(base * 6)
+    both = cost_usd(_OPUS, 1_000_000, 100_000, cache_write_tokens=200_000, speed="fast", inference_geo="us")
+    assert both == pytest.approx(base * 6 * 1.1)
+    assert cost_usd(_OPUS, 1_000_000, 100_000, cache_write_tokens=200_000, speed="standard") == base
+
+
+def test_server_tools_add_their_fee_per_use_outside_the_multipliers() -> None:
+    uses = {"web_search": 3, "web_fetch": 2}
+    assert cost_usd(_OPUS, 0, 0, server_tool_requests=uses) == pytest.approx(0.03)  # $10 per 1,000; fetch free
+    fast = cost_usd(_OPUS, 1_000_000, 0, speed="fast", server_tool_requests=uses)
+    assert fast == pytest.approx(5 * 6 + 0.03)
+
+
+def test_options_a_price_does_not_set_are_named_with_their_field() -> None:
+    asked = PricedOptions(speed="fast", inference_geo="us", server_tools={"web_search": 5})
+    plain = Price(input_per_mtok=3.0, output_per_mtok=15.0)
+    assert [(one.param, one.field) for one in unpriced(plain, asked)] == [
+        ("speed", "speed.fast"), ("inference_geo", "inference_geo.us"), ("tools", "server_tools.web_search")
+    ]  # fmt: skip
+    assert unpriced(_OPUS, asked) == []
+    assert unpriced(plain, PricedOptions(speed="standard", inference_geo="global")) == []  # the base price's own
