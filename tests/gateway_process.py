@@ -64,7 +64,7 @@ models:
     base_url: {large.root_url}
     upstream_model: claude-sim
     api_key_env: TEST_ANTHROPIC_KEY
-    price: {{input: 3, output: 15}}
+    price: {{input: 3, output: 15, server_tools: {{web_search: 10}}}}
     tier: large
   embed:
     kind: embedding

@@ -14,7 +14,9 @@ Endpoints:
   OpenAI's Responses API,
   stored turns and ``previous_response_id`` included (:mod:`.responses`).
 * ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``: the Anthropic Messages
-  API, with tools, thinking and structured output (:mod:`.anthropic_extras`).
+  API, with tools, thinking and structured output (:mod:`.anthropic_extras`); its usage
+  says the ``speed`` and ``inference_geo`` asked, and counts each web search or fetch tool
+  offered as used ``max_uses`` times (``server_tool_use``), as Anthropic bills them.
 * ``GET /v1/models``, ``GET /healthz``.
 
 Token counts use tiktoken's offline ``cl100k_base`` encoding. ``/_control/*`` endpoints
@@ -875,13 +877,34 @@ def _blank_text(messages: list[Any]) -> bool:
     return False
 
 
-def _anthropic_usage(plan: MessagesPlan, output_tokens: int) -> dict[str, int]:
+def _anthropic_usage(plan: MessagesPlan, output_tokens: int) -> dict[str, Any]:
     return {
         "input_tokens": plan.input_tokens,
         "output_tokens": output_tokens,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
     }
+
+
+_SERVER_TOOL = re.compile(r"(web_search|web_fetch)_\d{8}")
+
+
+def _ran_with(body: dict[str, Any]) -> dict[str, Any]:
+    """What Anthropic's usage says the answer ran at, as asked: ``speed``, ``inference_geo``."""
+    return {name: body[name] for name in ("speed", "inference_geo") if isinstance(body.get(name), str)}
+
+
+def _server_tool_use(body: dict[str, Any]) -> dict[str, Any]:
+    """``server_tool_use`` as Anthropic counts it: each web search or fetch tool offered is used
+    its ``max_uses`` times (once when unset), as if Claude needed every one it may have."""
+    used: dict[str, int] = {}
+    for tool in body.get("tools") or ():
+        matched = _SERVER_TOOL.fullmatch(str(tool.get("type"))) if isinstance(tool, dict) else None
+        if matched is not None:
+            uses = tool.get("max_uses")
+            name = f"{matched[1]}_requests"
+            used[name] = used.get(name, 0) + (uses if isinstance(uses, int) and uses > 0 else 1)
+    return {"server_tool_use": used} if used else {}
 
 
 async def _messages(request: web.Request, state: _State, body: Any, fault: _Fault) -> web.StreamResponse:
@@ -902,7 +925,7 @@ async def _messages(request: web.Request, state: _State, body: Any, fault: _Faul
         "stop_sequence": plan.stop_sequence,
     }
     if not fault.omit_usage:
-        message["usage"] = _anthropic_usage(plan, plan.output_tokens)
+        message["usage"] = _anthropic_usage(plan, plan.output_tokens) | _ran_with(body) | _server_tool_use(body)
     return _json_response(_encode_json(message))
 
 
@@ -932,8 +955,8 @@ async def _messages_stream(
         "delta": {"stop_reason": plan.stop_reason, "stop_sequence": plan.stop_sequence},
     }
     if not fault.omit_usage:
-        start["usage"] = _anthropic_usage(plan, 1)
-        delta["usage"] = {"output_tokens": plan.output_tokens}
+        start["usage"] = _anthropic_usage(plan, 1) | _ran_with(body)
+        delta["usage"] = {"output_tokens": plan.output_tokens} | _server_tool_use(body)  # the final count
     sink = await _start_sse(request, fault, state)
     await sink.send(_event("message_start", {"type": "message_start", "message": start}))
     for index, block in enumerate(plan.blocks):
