@@ -53,7 +53,6 @@ from gateway.learning.shadow import judged_conversation
 from gateway.limits import Limiter, Reservation
 from gateway.limits.concurrency import InFlight, Slot
 from gateway.pricing import PricedOptions, cost_usd, unpriced
-from gateway.protocols.anthropic_messages import priced_options
 from gateway.protocols.body import LARGE_BODY_BYTES, read_off_loop
 from gateway.protocols.chat_request import parse_chat_request
 from gateway.protocols.openai_chat import (
@@ -176,11 +175,14 @@ class PassThrough:
     """The client's headers that shape the request upstream (``anthropic-beta``)."""
     held_by: str | None = None
     """The model whose upstream keeps the state the request continues (a previous response)."""
+    asked: PricedOptions = field(default_factory=PricedOptions)
+    """What the body asks for that its upstream bills above the token prices (t59: fast mode,
+    US-only inference, web search), read by the edge that knows the wire format."""
 
 
 _NO_REQUEST = core.Request(model="", messages=[])
-_NOTHING_PRICED = PricedOptions()
 """Until the body is read (an exchange that ends before, in a 401, has no request)."""
+_NOTHING_PRICED = PricedOptions()
 
 
 @dataclass(slots=True)
@@ -310,8 +312,7 @@ class ChatPipeline:
                 passthrough.body = scoped_body(passthrough.body, principal.tenant, anthropic=anthropic)
                 x.passthrough = passthrough
                 record.passthrough = True
-                if anthropic:  # only passed through do these reach Anthropic (a translating route refuses them)
-                    x.asked = priced_options(passthrough.body)
+                x.asked = passthrough.asked
             x.plan = runtime.router.chat_plan(x.request.model, principal.allowed)
             record.route, record.decision, record.stream = x.plan.route, x.plan.decision, x.request.stream
             record.baseline_model = x.plan.baseline

@@ -67,6 +67,8 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
                 if passthrough.body is not None and anthropic.thinking_left_out(decoded):  # a loop another
                     # model opened (t21), on a route of Anthropic's models now: it goes without thinking
                     passthrough.body = {name: value for name, value in passthrough.body.items() if name != "thinking"}
+                if passthrough.body is not None:  # only passed through do these reach Anthropic (t59)
+                    passthrough.asked = anthropic.priced_options(passthrough.body)
                 beta = request.headers.get("anthropic-beta")
                 if beta:
                     passthrough.headers["anthropic-beta"] = beta
