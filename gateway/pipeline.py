@@ -12,7 +12,7 @@ import asyncio
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 
 import anyio
@@ -313,6 +313,9 @@ class ChatPipeline:
                 x.passthrough = passthrough
                 record.passthrough = True
                 x.asked = passthrough.asked
+            tier = x.request.extra.get("service_tier")
+            if isinstance(tier, str):  # OpenAI's priority and flex tiers price the estimate too
+                x.asked = replace(x.asked, service_tier=tier)
             x.plan = runtime.router.chat_plan(x.request.model, principal.allowed)
             record.route, record.decision, record.stream = x.plan.route, x.plan.decision, x.request.stream
             record.baseline_model = x.plan.baseline
@@ -436,7 +439,8 @@ class ChatPipeline:
             return
         models = x.runtime.policy.models
         for name in self._reachable(x):
-            missing = unpriced(models[name].price, x.asked)
+            # a tier asked is not refused: upstreams without tiers (vLLM) serve it at their one price
+            missing = [one for one in unpriced(models[name].price, x.asked) if one.param != "service_tier"]
             if missing:
                 first = missing[0]
                 raise InvalidRequestError(
@@ -464,6 +468,7 @@ class ChatPipeline:
                 completion,
                 speed=asked.speed,
                 inference_geo=asked.inference_geo,
+                service_tier=asked.service_tier,
                 server_tool_requests=asked.server_tools,
             )
             for name in reachable
@@ -805,7 +810,12 @@ class ChatPipeline:
         x.record.model, x.record.provider = provider.name, provider.kind
         asked = x.asked
         prompt_cost = cost_usd(
-            provider.config.price, x.prompt_tokens, 0, speed=asked.speed, inference_geo=asked.inference_geo
+            provider.config.price,
+            x.prompt_tokens,
+            0,
+            speed=asked.speed,
+            inference_geo=asked.inference_geo,
+            service_tier=asked.service_tier,
         )
         headers = self._headers(x, cost=prompt_cost)
         include_usage = _includes_usage(x.body)
@@ -973,6 +983,7 @@ class ChatPipeline:
             record.cache_write_1h_tokens = usage.cache_write_1h_tokens
             record.reasoning_tokens = usage.reasoning_tokens
             record.speed, record.inference_geo = usage.speed, usage.inference_geo
+            record.service_tier = usage.service_tier
             record.server_tool_requests = dict(usage.server_tool_requests) or None
             record.tokens_source = "upstream"
             if cut:
@@ -982,6 +993,7 @@ class ChatPipeline:
             record.prompt_tokens = x.prompt_tokens
             record.completion_tokens = count_text(said if said is not None else text, provider.config.encoding)
             record.speed, record.inference_geo = x.asked.speed, x.asked.inference_geo  # as asked, unsaid
+            record.service_tier = x.asked.service_tier
             record.tokens_source = "gateway"
         _warn_unpriced(provider, record)
         record.cost_usd = _cost(provider.config.price, record)
@@ -1217,6 +1229,7 @@ def _usage_of(record: RequestRecord) -> core.Usage:
         reasoning_tokens=record.reasoning_tokens,
         speed=record.speed,
         inference_geo=record.inference_geo,
+        service_tier=record.service_tier,
         server_tool_requests=dict(record.server_tool_requests or {}),
     )
 
@@ -1237,14 +1250,16 @@ def _cost(price: Price, record: RequestRecord) -> float:
         reasoning_tokens=record.reasoning_tokens,
         speed=record.speed,
         inference_geo=record.inference_geo,
+        service_tier=record.service_tier,
         server_tool_requests=record.server_tool_requests,
     )
 
 
 def _warn_unpriced(provider: Provider, record: RequestRecord) -> None:
     """An option the upstream says it used that the policy does not price (a workspace's default
-    ``inference_geo`` the request did not ask for): billed at the base price, and said to ops (t59)."""
-    asked = PricedOptions(record.speed, record.inference_geo, record.server_tool_requests or {})
+    ``inference_geo`` the request did not ask for, a ``priority`` tier): billed at the base price,
+    and said to ops (t59)."""
+    asked = PricedOptions(record.speed, record.inference_geo, record.server_tool_requests or {}, record.service_tier)
     missing = unpriced(provider.config.price, asked)
     if missing:
         fields = [f"models.{provider.name}.price.{one.field}" for one in missing]

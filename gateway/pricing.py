@@ -12,6 +12,8 @@ __all__ = ["PricedOptions", "Unpriced", "cost_usd", "unpriced"]
 
 _BASE_SPEED = "standard"
 _BASE_GEO = "global"
+_BASE_TIERS = frozenset({"auto", "default", "standard", "standard_only"})
+"""OpenAI's and Anthropic's tiers at the list price."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +27,8 @@ class PricedOptions:
     server_tools: Mapping[str, int] = field(default_factory=dict)
     """Upstream-run tools offered, by the name usage counts them under, with the most uses the
     request allows (its budget estimate)."""
+    service_tier: str | None = None
+    """OpenAI's processing tier (``priority`` is dearer, ``flex`` cheaper)."""
 
 
 class Unpriced(NamedTuple):
@@ -47,6 +51,9 @@ def unpriced(price: Price, asked: PricedOptions) -> list[Unpriced]:
     for name in asked.server_tools:
         if name not in price.server_tools_per_1k:
             out.append(Unpriced("tools", f"the {name} server tool", f"server_tools.{name}"))
+    tier = asked.service_tier
+    if tier is not None and tier not in _BASE_TIERS and tier not in price.service_tier_multipliers:
+        out.append(Unpriced("service_tier", f'service_tier: "{tier}"', f"service_tier.{tier}"))
     return out
 
 
@@ -61,14 +68,15 @@ def cost_usd(
     reasoning_tokens: int = 0,
     speed: str | None = None,
     inference_geo: str | None = None,
+    service_tier: str | None = None,
     server_tool_requests: Mapping[str, int] | None = None,
 ) -> float:
     """``prompt_tokens`` and ``completion_tokens`` are totals: the cached, cache-write and
     reasoning tokens are parts of them (and the hour-long writes part of the writes), priced at
     their own fields where the policy sets one.
 
-    ``speed`` and ``inference_geo`` (what the upstream says the answer ran with) multiply every
-    token price, one on top of the other as Anthropic stacks them; ``server_tool_requests`` add
+    ``speed``, ``inference_geo`` and ``service_tier`` (what the upstream says the answer ran with)
+    multiply every token price, one on top of the other as Anthropic stacks them; ``server_tool_requests`` add
     their fee per use. One the policy does not price costs nothing more (a request that asks for
     it is refused before it is sent: :func:`unpriced`)."""
     cost = prompt_tokens * price.input_per_mtok + completion_tokens * price.output_per_mtok
@@ -85,5 +93,7 @@ def cost_usd(
         cost *= price.speed_multipliers.get(speed, 1.0)
     if inference_geo is not None:
         cost *= price.inference_geo_multipliers.get(inference_geo, 1.0)
+    if service_tier is not None:
+        cost *= price.service_tier_multipliers.get(service_tier, 1.0)
     fees = sum(count * price.server_tools_per_1k.get(name, 0.0) for name, count in (server_tool_requests or {}).items())
     return cost / 1_000_000 + fees / 1000

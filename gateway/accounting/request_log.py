@@ -73,6 +73,8 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     at the model's ``price.speed.fast``); None: it said nothing."""
     inference_geo: str | None = None
     """Where the upstream says it ran (Anthropic's ``usage.inference_geo``), priced at ``price.inference_geo``."""
+    service_tier: str | None = None
+    """The tier the upstream says processed it (OpenAI's ``service_tier``), priced at ``price.service_tier``."""
     server_tool_requests: dict[str, int] | None = None
     """Uses of upstream-run tools, by name (Anthropic's ``server_tool_use``: ``{"web_search": 3}``),
     each billed ``price.server_tools``; None: none."""

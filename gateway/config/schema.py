@@ -103,6 +103,11 @@ class Price(_Struct, frozen=True, kw_only=True):
     inference_geo_multipliers: dict[OptionValue, Multiplier] = msgspec.field(name="inference_geo", default={})
     """Anthropic's ``inference_geo``: every token price times this for an answer whose usage says it
     ran there (``us: 1.1``); ``global`` is 1. Applied on top of the speed's, as Anthropic does (t59)."""
+    service_tier_multipliers: dict[OptionValue, Multiplier] = msgspec.field(name="service_tier", default={})
+    """OpenAI's ``service_tier``: every token price times this for an answer the upstream says it
+    processed on that tier (``priority: 2``, ``flex: 0.5``; ``default``, ``auto`` and Anthropic's
+    ``standard``/``standard_only`` are 1). A tier it reports that is not set here is billed at the
+    base price and logged as ``unpriced_usage``."""
     server_tools_per_1k: dict[OptionValue, AtLeastZero] = msgspec.field(name="server_tools", default={})
     """USD per 1,000 uses of an upstream-run tool, by the name its usage counts them under
     (``server_tool_use.web_search_requests``: ``web_search: 10``; ``web_fetch: 0`` says it is free).

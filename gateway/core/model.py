@@ -176,6 +176,9 @@ class Usage(msgspec.Struct, kw_only=True):
     """How fast the upstream says it ran (Anthropic's ``usage.speed``: ``fast`` is dearer, t59)."""
     inference_geo: str | None = None
     """Where the upstream says it ran (Anthropic's ``usage.inference_geo``: ``us`` is dearer, t59)."""
+    service_tier: str | None = None
+    """The tier the upstream says processed it (OpenAI's ``service_tier``: ``priority`` is dearer,
+    ``flex`` cheaper)."""
     server_tool_requests: dict[str, int] = msgspec.field(default_factory=dict)
     """Uses of upstream-run tools, by name (Anthropic's ``server_tool_use.web_search_requests``
     as ``web_search``), each billed a fee (t59)."""

@@ -566,10 +566,13 @@ def usage_from(raw: Any) -> Usage:
     return read_usage(raw) or Usage()
 
 
-def read_usage(raw: Any, inputs: str = "prompt", outputs: str = "completion") -> Usage | None:
+def read_usage(
+    raw: Any, inputs: str = "prompt", outputs: str = "completion", *, service_tier: Any = None
+) -> Usage | None:
     """OpenAI's usage object; None unless it says both token counts, as counts (then the gateway
     counts: a negative or boolean count is no count, and must not reach a bill or a metric).
-    The Responses API names its counts ``input`` and ``output``: ``read_usage(raw, "input", "output")``."""
+    The Responses API names its counts ``input`` and ``output``: ``read_usage(raw, "input", "output")``.
+    ``service_tier``: the answer's own field beside its usage, the tier that processed it."""
     if not isinstance(raw, dict):
         return None
     prompt, completion = raw.get(f"{inputs}_tokens"), raw.get(f"{outputs}_tokens")
@@ -583,6 +586,7 @@ def read_usage(raw: Any, inputs: str = "prompt", outputs: str = "completion") ->
         output_tokens=completion,
         cached_input_tokens=min(prompt, cached) if isinstance(cached, int) and cached > 0 else 0,
         reasoning_tokens=min(completion, reasoning) if isinstance(reasoning, int) and reasoning > 0 else 0,
+        service_tier=service_tier if isinstance(service_tier, str) and service_tier else None,
     )
 
 

@@ -484,9 +484,10 @@ def usage_body(usage: Usage) -> dict[str, Any]:
     }
 
 
-def usage_from_wire(raw: Any) -> Usage | None:
-    """A Responses ``usage`` object as read from an upstream; None when it is not one."""
-    return openai_chat.read_usage(raw, "input", "output")
+def usage_from_wire(raw: Any, service_tier: Any = None) -> Usage | None:
+    """A Responses ``usage`` object as read from an upstream; None when it is not one.
+    ``service_tier``: the response's own field, the tier that processed it."""
+    return openai_chat.read_usage(raw, "input", "output", service_tier=service_tier)
 
 
 def response_text(response: Any) -> str:

@@ -518,13 +518,25 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def _chunk_base(state: _State, body: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": f"chatcmpl-sim-{state.next_id()}",
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": body["model"],
-        "system_fingerprint": "simulated",
-    }
+    return _with_tier(
+        {
+            "id": f"chatcmpl-sim-{state.next_id()}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body["model"],
+            "system_fingerprint": "simulated",
+        },
+        body,
+    )
+
+
+def _with_tier(answer: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI says which tier processed a request that named one (``auto`` is the project's:
+    ``default`` here); vLLM, which has none, says nothing."""
+    asked = body.get("service_tier")
+    if isinstance(asked, str):
+        answer["service_tier"] = "default" if asked == "auto" else asked
+    return answer
 
 
 def _include_usage(body: dict[str, Any]) -> bool:
@@ -577,7 +589,7 @@ def _plain_completion(
     }
     if not fault.omit_usage:
         completion["usage"] = _usage(prompt_tokens, answer.n_tokens)
-    return completion
+    return _with_tier(completion, body)
 
 
 async def _chat_stream(

@@ -70,6 +70,7 @@ class Usage:
     cache_write_1h_tokens: int = 0
     speed: str | None = None
     inference_geo: str | None = None
+    service_tier: str | None = None
     server_tool_requests: dict[str, int] = field(default_factory=dict)
     """What the upstream says it ran with and at, that its price may depend on (t59)."""
 
@@ -87,6 +88,7 @@ def usage_of(usage: core.Usage | None) -> Usage | None:
         cache_write_1h_tokens=usage.cache_write_1h_tokens,
         speed=usage.speed,
         inference_geo=usage.inference_geo,
+        service_tier=usage.service_tier,
         server_tool_requests=usage.server_tool_requests,
     )
 

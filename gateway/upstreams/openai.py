@@ -70,7 +70,7 @@ class OpenAIProvider(Provider):
         cut = bool(stops) and cut_choices(data, stops)
         if cut or (b'"tool_calls"' in content and _arguments_as_text(data)):
             content = msgspec.json.encode(data)
-        usage = usage_of(openai_chat.read_usage(data.get("usage")))
+        usage = usage_of(openai_chat.read_usage(data.get("usage"), service_tier=data.get("service_tier")))
         text = _message_text(self.name, data)
         return Completion(body=content, usage=usage, text=text, said=_said(data, text), finish_reason=_finish(data))
 
@@ -166,7 +166,7 @@ class OpenAIProvider(Provider):
                 status = _failure_status(error)
                 raise UpstreamStatusError(self.name, status, _in_stream_error(error), body=response.content)
             raise UpstreamProtocolError(self.name, "answer is not a Responses API response")
-        usage = responses.usage_from_wire(data.get("usage"))
+        usage = responses.usage_from_wire(data.get("usage"), data.get("service_tier"))
         return Completion(
             body=response.content,
             usage=usage_of(usage),
@@ -261,7 +261,8 @@ class _OpenAIChatStream(ChatStream):
             rewritten = False
             if self._stops:
                 if not self._stopped_at_stops(chunk):  # past every choice's stop string: read on for the usage
-                    tally.usage = usage_of(openai_chat.read_usage(chunk.get("usage"))) or tally.usage
+                    said = openai_chat.read_usage(chunk.get("usage"), service_tier=chunk.get("service_tier"))
+                    tally.usage = usage_of(said) or tally.usage
                     continue
                 rewritten = True
             if b'"tool_calls"' in event.data and self._calls_renumbered(chunk):
@@ -389,7 +390,7 @@ class _ResponsesEventStream(RelayedStream):
         elif kind.startswith("response.") and isinstance(response := data.get("response"), dict):
             if tally.id is None and isinstance(response.get("id"), str):
                 tally.id, tally.model = response["id"], response.get("model")
-            usage = usage_of(responses.usage_from_wire(response.get("usage")))
+            usage = usage_of(responses.usage_from_wire(response.get("usage"), response.get("service_tier")))
             if usage is not None:
                 tally.usage = usage
             if kind in ("response.completed", "response.incomplete"):
@@ -510,7 +511,7 @@ def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:
         tally.id = chunk.get("id")
         tally.created = chunk.get("created")
         tally.model = chunk.get("model")
-    usage = usage_of(openai_chat.read_usage(chunk.get("usage")))
+    usage = usage_of(openai_chat.read_usage(chunk.get("usage"), service_tier=chunk.get("service_tier")))
     if usage is not None:
         tally.usage = usage
     if openai_chat.beyond_the_answer(chunk, "completion"):  # Perplexity's citations, ...: a replay would drop them

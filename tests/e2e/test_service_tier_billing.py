@@ -1,0 +1,103 @@
+"""OpenAI's processing tiers billed at what the upstream says processed the request.
+
+``service_tier: "priority"`` costs about twice the list price on OpenAI's API and ``flex``
+half; the answer says which tier served it (``auto`` reads back as the project's, ``default``),
+and the model's ``price.service_tier`` multiplies every token price by it. A tier the policy
+does not price is served at the list price and said to ops, as vLLM, which has no tiers,
+serves any.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from gateway.services.redis_server import EmbeddedRedis
+from gateway.simulated import SimulatedUpstream
+from tests.conftest import closed_after_test
+from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+
+MODELS = """
+  tiered:
+    provider: openai
+    base_url: {root}
+    upstream_model: gpt-sim
+    price: {{input: 2, output: 8, service_tier: {{priority: 2, flex: 0.5}}}}
+    tier: large
+"""
+ROUTES = """
+  tiered-r: {model: tiered}
+  plain-r: {model: large}
+"""
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:
+    policy = policy_text(
+        small_upstream, large_upstream, extra_models=MODELS.format(root=large_upstream.url), routes=ROUTES
+    )
+    process = start_gateway(Path(tmp_path_factory.mktemp("tiers")), policy, env={"REDIS_URL": redis_server.url})
+    yield process
+    process.stop()
+
+
+def _client(gateway: GatewayProcess) -> openai.OpenAI:
+    return closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="none", max_retries=0, timeout=15))
+
+
+def _usd(prompt: int, completion: int, input_price: float, output_price: float) -> float:
+    return (prompt * input_price + completion * output_price) / 1_000_000
+
+
+@pytest.mark.parametrize(("tier", "multiplier"), [("priority", 2.0), ("flex", 0.5), ("auto", 1.0)])
+def test_a_tier_is_billed_at_its_multiplier(gateway: GatewayProcess, tier: str, multiplier: float) -> None:
+    request_id = f"tier-{tier}"
+    raw = _client(gateway).chat.completions.with_raw_response.create(
+        model="tiered-r",
+        messages=[{"role": "user", "content": f"which tier is {tier}?"}],
+        extra_body={"service_tier": tier},
+        extra_headers={"x-request-id": request_id},
+    )
+    completion = raw.parse()
+    assert completion.usage is not None
+    expected = _usd(completion.usage.prompt_tokens, completion.usage.completion_tokens, 2, 8) * multiplier
+    record = gateway.wait_for_record(request_id)
+    assert record["service_tier"] == ("default" if tier == "auto" else tier)
+    assert record["cost_usd"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_streamed_priority_answer_is_billed_at_its_multiplier(gateway: GatewayProcess) -> None:
+    stream = _client(gateway).chat.completions.create(
+        model="tiered-r",
+        messages=[{"role": "user", "content": "stream me on priority"}],
+        service_tier="priority",
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-request-id": "tier-stream"},
+    )
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None][-1]
+    record = gateway.wait_for_record("tier-stream")
+    assert record["service_tier"] == "priority"
+    assert record["cost_usd"] == pytest.approx(_usd(usage.prompt_tokens, usage.completion_tokens, 2, 8) * 2, rel=1e-6)
+
+
+def test_an_unpriced_tier_is_served_at_the_list_price_and_said_to_ops(gateway: GatewayProcess) -> None:
+    raw = _client(gateway).chat.completions.with_raw_response.create(
+        model="plain-r",
+        messages=[{"role": "user", "content": "priority on a model without tier prices"}],
+        service_tier="priority",
+        extra_headers={"x-request-id": "tier-unpriced"},
+    )
+    assert raw.http_response.status_code == 200
+    record = gateway.wait_for_record("tier-unpriced")
+    assert record["service_tier"] == "priority"
+    said = [r for r in gateway.ops_records("unpriced_usage") if r.get("request_id") == "tier-unpriced"]
+    assert said and said[0]["unpriced"] == ["models.large.price.service_tier.priority"]
