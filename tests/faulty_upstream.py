@@ -17,6 +17,9 @@ policy), so one server serves every fault:
   connection drops before ``[DONE]``; ``stall-after-finish``: the same, then comments for ever;
 - ``calls-at-zero``: two tool calls, both at index 0 with their own ids (as some compatible
   servers number every call), their arguments sent as JSON objects rather than text;
+- ``odd-calls``: tool calls streamed in the shape the last user message names (one of
+  :data:`CALL_SHAPES`): the id and name repeated whole in every chunk, indices 0 and 2, indices
+  from 1, or calls with empty or absent arguments; not streamed, the message they add up to;
 - ``marked``: a normal answer unless the prompt carries one of :data:`FAULTS`, which
   picks the failure (a 500, a body that is not JSON, no choices, an answer cut half-way,
   a hang, a stream of comments only);
@@ -38,7 +41,7 @@ from typing import Any
 import msgspec
 from aiohttp import ClientConnectionResetError, web
 
-__all__ = ["FAULTS", "FaultyUpstream", "start_faulty_upstream"]
+__all__ = ["CALL_SHAPES", "FAULTS", "FaultyUpstream", "start_faulty_upstream"]
 
 FAULTS = ("FAULT-500", "FAULT-GARBAGE", "FAULT-EMPTY", "FAULT-CUT", "FAULT-HANG", "FAULT-COMMENTS")
 
@@ -88,6 +91,8 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
             return await _marked_fault(request, fault, model, stream)
     if model == "calls-at-zero":
         return await _calls_at_zero(request, model, stream)
+    if model == "odd-calls":
+        return await _odd_calls(request, model, stream, str(body["messages"][-1]["content"]))
     if model == "no-choices" and not stream:
         return web.json_response({"id": "x", "object": "chat.completion", "created": 0, "model": model, "choices": []})
     if not stream:
@@ -179,6 +184,58 @@ async def _calls_at_zero(request: web.Request, model: str, stream: bool) -> web.
         start = {"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
         await response.write(_chunk(model, {"tool_calls": [start]}))
         await response.write(_chunk(model, {"tool_calls": [{"index": 0, "function": {"arguments": arguments}}]}))
+    usage = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
+    await response.write(_chunk(model, {}, "tool_calls", usage=usage))
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+def _call(index: int, call_id: str | None, name: str | None, arguments: str | None = None) -> dict[str, Any]:
+    function = {key: value for key, value in (("name", name), ("arguments", arguments)) if value is not None}
+    call: dict[str, Any] = {"index": index, "function": function}
+    if call_id is not None:
+        call |= {"id": call_id, "type": "function"}
+    return call
+
+
+CALL_SHAPES: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
+    "repeated": (  # the id and name again with every piece of the arguments
+        [_call(0, "call_a", "get_weather", '{"city":'), _call(0, "call_a", "get_weather", ' "Paris"}')],
+        [{"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
+    ),
+    "gap": (  # numbered 0, 2
+        [_call(0, "call_a", "get_weather", '{"city": "Paris"}'), _call(2, "call_b", "get_time", '{"zone": "CET"}')],
+        [{"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+         {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "CET"}'}}],
+    ),
+    "from-one": (  # numbered 1, 2
+        [_call(1, "call_a", "get_weather", '{"city":'), _call(2, "call_b", "get_time", '{"zone": "CET"}'),
+         _call(1, None, None, ' "Paris"}')],
+        [{"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+         {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "CET"}'}}],
+    ),
+    "no-arguments": (  # one with empty arguments, one with none at all
+        [_call(0, "call_a", "get_weather", ""), _call(1, "call_b", "get_time")],
+        [{"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}},
+         {"id": "call_b", "type": "function", "function": {"name": "get_time"}}],
+    ),
+}  # fmt: skip
+"""Per shape: the tool-call deltas streamed one a chunk, and the message's calls when not streamed."""
+
+
+async def _odd_calls(request: web.Request, model: str, stream: bool, shape: str) -> web.StreamResponse:
+    deltas, calls = CALL_SHAPES[shape]
+    if not stream:
+        completion = _completion(model, "")
+        completion["choices"][0]["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+        completion["choices"][0]["finish_reason"] = "tool_calls"
+        return web.json_response(completion)
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(_chunk(model, {"role": "assistant", "content": None}))
+    for call in deltas:
+        await response.write(_chunk(model, {"tool_calls": [call]}))
     usage = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
     await response.write(_chunk(model, {}, "tool_calls", usage=usage))
     await response.write(b"data: [DONE]\n\n")

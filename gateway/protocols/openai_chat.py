@@ -53,6 +53,7 @@ from gateway.errors import InvalidRequestError
 __all__ = [
     "CHAT_UPSTREAM_LOSSES",
     "CallNumbering",
+    "CallRelay",
     "ChunkReader",
     "answer_from_completion",
     "answer_from_message",
@@ -72,6 +73,7 @@ __all__ = [
     "to_chat_body",
     "usage_body",
     "usage_from",
+    "whole_arguments",
 ]
 
 _encode = msgspec.json.Encoder().encode
@@ -693,7 +695,7 @@ def answer_from_message(
         ToolCall(
             id=str(call.get("id") or _call_id(answer_id, index)),
             name=str((call.get("function") or {}).get("name") or ""),
-            arguments=arguments_text((call.get("function") or {}).get("arguments")),
+            arguments=whole_arguments((call.get("function") or {}).get("arguments")),
         )
         for index, call in enumerate(message.get("tool_calls") or [])
     ]
@@ -882,31 +884,84 @@ class ChunkReader:
 
 
 class CallNumbering:
-    """The index each streamed tool call goes on under: the upstream's, or a fresh one when the
-    upstream reuses an index for another call (another id: some servers number every call 0,
-    t40), which a client would otherwise merge with the call before it."""
+    """The index each streamed tool call goes on under: dense from 0 in the order the calls first
+    came (t58: a server numbering its calls 0, 2, or from 1, made the openai SDK's
+    ``chat.completions.stream()`` raise IndexError), and a fresh one when the upstream reuses an
+    index for another call (another id: some servers number every call 0, t40), which a client
+    would otherwise merge with the call before it."""
 
-    __slots__ = ("_ids", "_moved", "_top")
+    __slots__ = ("_at", "_count", "_ids")
 
     def __init__(self) -> None:
+        self._at: dict[int, int] = {}
+        """Each upstream index, and the index the call there now goes on under."""
         self._ids: dict[int, str] = {}
         """The upstream's id of the call at each index."""
-        self._moved: dict[int, int] = {}
-        """An upstream index reused for another call, and the index that call goes on under."""
-        self._top = -1
+        self._count = 0
 
     def index_of(self, call: dict[str, Any]) -> int:
         given = call.get("index", 0)
         upstream = given if isinstance(given, int) and not isinstance(given, bool) else 0
-        index = self._moved.get(upstream, upstream)
-        call_id = call.get("id")
-        if isinstance(call_id, str) and call_id:
-            known = self._ids.setdefault(index, call_id)
-            if known != call_id:
-                index = self._moved[upstream] = max(self._top, *self._ids) + 1
+        index = self._at.get(upstream)
+        given_id = call.get("id")
+        call_id = given_id if isinstance(given_id, str) else ""
+        if index is None or (call_id and self._ids.setdefault(index, call_id) != call_id):
+            index = self._at[upstream] = self._count
+            self._count += 1
+            if call_id:
                 self._ids[index] = call_id
-        self._top = max(self._top, index)
         return index
+
+
+class CallRelay:
+    """A chat upstream's streamed tool calls rewritten, in place, into what OpenAI sends a chat
+    client, which adds up each call's fields chunk by chunk: indices from :class:`CallNumbering`,
+    arguments as JSON text (some compatible servers send the object: t48), an id or a name a
+    server repeats whole in every chunk sent once (t58: the client read ``ff``; the other
+    protocols' readers already took it once, :func:`grown_name`), and ``"{}"`` for a call that
+    ended with no arguments (t58: the client read ``''``; OpenAI sends ``"{}"``, and a Claude
+    upstream's input-less ``tool_use`` reads so too, t52)."""
+
+    __slots__ = ("_argued", "_ids", "_names", "_numbering")
+
+    def __init__(self) -> None:
+        self._numbering = CallNumbering()
+        self._ids: dict[int, str] = {}
+        self._names: dict[int, str] = {}
+        self._argued: set[int] = set()
+
+    def rewrite(self, call: dict[str, Any]) -> bool:
+        """The call as the client should read it; whether anything changed."""
+        index = self._numbering.index_of(call)
+        changed = call.get("index") != index
+        call["index"] = index
+        call_id = call.get("id")
+        if call_id and self._ids.get(index) == call_id:  # the call's id again
+            del call["id"]
+            changed = True
+        elif call_id:
+            self._ids[index] = call_id
+        function = call.get("function")
+        if not isinstance(function, dict):
+            self._names.setdefault(index, "")
+            return changed
+        name = self._names.get(index, "")
+        self._names[index] = grown_name(name, function.get("name"))
+        if name and function.get("name") == name:  # the whole name again
+            del function["name"]
+            changed = True
+        arguments = function.get("arguments")
+        if isinstance(arguments, dict | list):
+            function["arguments"], changed = arguments_text(arguments), True
+        if function.get("arguments"):
+            self._argued.add(index)
+        return changed
+
+    def unargued(self) -> list[dict[str, Any]]:
+        """At the finish: ``"{}"`` for each call that had no arguments (once)."""
+        missing = [index for index in sorted(self._names) if index not in self._argued]
+        self._argued.update(missing)
+        return [{"index": index, "function": {"arguments": "{}"}} for index in missing]
 
 
 def arguments_text(arguments: object) -> str:
@@ -917,6 +972,12 @@ def arguments_text(arguments: object) -> str:
     if isinstance(arguments, dict | list):
         return _encode(arguments).decode()
     return ""
+
+
+def whole_arguments(arguments: object) -> str:
+    """A finished tool call's arguments as OpenAI gives them: ``"{}"`` where a compatible server
+    sent none, or empty ones (t58), as for a Claude upstream's input-less ``tool_use`` (t52)."""
+    return arguments_text(arguments) or "{}"
 
 
 def grown_name(name: str, piece: object) -> str:

@@ -215,7 +215,8 @@ class _OpenAIChatStream(ChatStream):
         self._stops = stops
         """Stop strings the gateway applies (the upstream refused them)."""
         self._watches: dict[Any, StopWatch] = {}
-        self._numberings: dict[Any, openai_chat.CallNumbering] = {}
+        self._calls: dict[Any, openai_chat.CallRelay] = {}
+        """Each choice's tool calls so far."""
         self._provider = provider
         self._response = response
         self._continuous_usage = continuous_usage
@@ -265,7 +266,7 @@ class _OpenAIChatStream(ChatStream):
                     tally.usage = usage_of(said) or tally.usage
                     continue
                 rewritten = True
-            if b'"tool_calls"' in event.data and self._calls_renumbered(chunk):
+            if (self._calls or b'"tool_calls"' in event.data) and self._calls_as_openai_sends(chunk):
                 rewritten = True
             if rewritten:
                 event = SSEEvent(event.event, msgspec.json.encode(chunk))
@@ -301,29 +302,25 @@ class _OpenAIChatStream(ChatStream):
     async def aclose(self) -> None:
         await self._response.aclose()
 
-    def _calls_renumbered(self, chunk: dict[str, Any]) -> bool:
-        """Tool calls as OpenAI's clients read them: arguments as JSON text (some compatible servers
-        send the object), and a call at an index another call had on a fresh index (t48: a chat
-        client got ``arguments`` as a dict, and two calls numbered 0 merged into one); whether
-        anything changed."""
+    def _calls_as_openai_sends(self, chunk: dict[str, Any]) -> bool:
+        """Tool calls as OpenAI's clients read them (:class:`openai_chat.CallRelay`: t48, t58); a
+        finish after calls that had no arguments gives them ``"{}"``; whether anything changed."""
         changed = False
         for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
-            if not isinstance(calls, list):
+            if not isinstance(choice, dict):
                 continue
-            numbering = self._numberings.get(position := choice.get("index", 0))
-            if numbering is None:
-                numbering = self._numberings[position] = openai_chat.CallNumbering()
-            for call in calls:
-                if not isinstance(call, dict):
-                    continue
-                index = numbering.index_of(call)
-                if call.get("index") != index:
-                    call["index"], changed = index, True
-                function = call.get("function")
-                if isinstance(function, dict) and isinstance(function.get("arguments"), dict | list):
-                    function["arguments"], changed = openai_chat.arguments_text(function["arguments"]), True
+            delta = choice.get("delta")
+            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+            relay = self._calls.get(position := choice.get("index", 0))
+            if isinstance(calls, list):
+                relay = relay or self._calls.setdefault(position, openai_chat.CallRelay())
+                for call in calls:
+                    if isinstance(call, dict) and relay.rewrite(call):
+                        changed = True
+            if relay is not None and choice.get("finish_reason") is not None and (missing := relay.unargued()):
+                delta = choice["delta"] = dict(delta) if isinstance(delta, dict) else {}
+                delta["tool_calls"] = [*(calls if isinstance(calls, list) else ()), *missing]
+                changed = True
         return changed
 
     def _stopped_at_stops(self, chunk: dict[str, Any]) -> bool:
@@ -533,15 +530,19 @@ def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:
 
 def _arguments_as_text(data: dict[str, Any]) -> bool:
     """Each tool call's arguments as the JSON text OpenAI sends, where a compatible server sent the
-    object (t48: a chat client's SDK could not parse them); whether any was."""
+    object (t48: a chat client's SDK could not parse them), or none (t58: ``"{}"``, as a stream's
+    are); whether any was."""
     changed = False
     for choice in data.get("choices") or ():
         message = choice.get("message") if isinstance(choice, dict) else None
         calls = message.get("tool_calls") if isinstance(message, dict) else None
         for call in calls if isinstance(calls, list) else ():
             function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict) and isinstance(function.get("arguments"), dict | list):
-                function["arguments"], changed = openai_chat.arguments_text(function["arguments"]), True
+            if not isinstance(function, dict):
+                continue
+            arguments = function.get("arguments")
+            if not (isinstance(arguments, str) and arguments):
+                function["arguments"], changed = openai_chat.whole_arguments(arguments), True
     return changed
 
 

@@ -22,12 +22,12 @@ import pytest
 
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test
-from tests.faulty_upstream import FaultyUpstream, start_faulty_upstream
+from tests.faulty_upstream import CALL_SHAPES, FaultyUpstream, start_faulty_upstream
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 _FAULTY_MODELS = (
     "comments", "trickle", "endless-line", "no-choices", "drop-after-finish", "stall-after-finish", "firehose",
-    "long-answer", "big-answer", "two-choices", "calls-at-zero",
+    "long-answer", "big-answer", "two-choices", "calls-at-zero", "odd-calls",
 )  # fmt: skip
 
 
@@ -669,3 +669,42 @@ def test_a_chat_client_gets_each_tool_call_apart_with_json_arguments(gw: Gateway
         ("call_a", "get_weather", {"city": "Paris"}),
         ("call_b", "get_time", {"zone": "CET"}),
     ]
+
+
+_WEATHER, _TIME = ("call_a", "get_weather", '{"city": "Paris"}'), ("call_b", "get_time", '{"zone": "CET"}')
+_ODD_CALLS = {
+    "repeated": [_WEATHER],
+    "gap": [_WEATHER, _TIME],
+    "from-one": [_WEATHER, _TIME],
+    "no-arguments": [("call_a", "get_weather", "{}"), ("call_b", "get_time", "{}")],
+}
+
+
+@pytest.mark.parametrize("shape", list(CALL_SHAPES))
+def test_odd_tool_calls_reach_a_chat_client_as_openai_sends_them(gw: GatewayProcess, shape: str) -> None:
+    """A compatible server that repeats a call's id and name in every chunk (the client read
+    ``aa`` and ``ff``), numbers its calls 0, 2 or from 1 (the SDK's ``stream()`` helper raised
+    IndexError), or gives a call no arguments (``''`` where OpenAI sends ``"{}"``): each call
+    reaches chat and Responses clients whole, streamed or not, numbered from 0 (t58)."""
+    client = closed_after_test(openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0))
+    ask: Any = [{"role": "user", "content": shape}]
+    fresh = {"cache-control": "no-store"}
+    added: dict[int, dict[str, str]] = {}  # every field added up, as the SDK's helper does
+    for chunk in client.chat.completions.create(model="r-odd-calls", messages=ask, stream=True, extra_headers=fresh):
+        for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            known = added.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+            known["id"] += call.id or ""
+            known["name"] += call.function.name or "" if call.function else ""
+            known["arguments"] += call.function.arguments or "" if call.function else ""
+    assert list(added) == list(range(len(added)))
+    assert [(c["id"], c["name"], c["arguments"]) for c in added.values()] == _ODD_CALLS[shape]
+    with client.chat.completions.stream(model="r-odd-calls", messages=ask, extra_headers=fresh) as stream:
+        helped = stream.get_final_completion().choices[0].message.tool_calls or []
+    whole = client.chat.completions.create(model="r-odd-calls", messages=ask, extra_headers=fresh)
+    for calls in (helped, whole.choices[0].message.tool_calls or []):
+        assert [(c.id, c.function.name, c.function.arguments) for c in calls] == _ODD_CALLS[shape]  # type: ignore[union-attr]
+    with client.responses.stream(model="r-odd-calls", input=shape, extra_headers=fresh) as responses:
+        items = responses.get_final_response().output
+    whole_items = client.responses.create(model="r-odd-calls", input=shape, extra_headers=fresh).output
+    for output in (items, whole_items):
+        assert [(i.call_id, i.name, i.arguments) for i in output if i.type == "function_call"] == _ODD_CALLS[shape]
