@@ -146,6 +146,9 @@ class _Fault(msgspec.Struct, forbid_unknown_fields=True):
     omit_message_delta: bool = False
     """Messages streams: no ``message_delta`` (no stop reason, no final usage: ``message_start``'s
     placeholder of 1 output token is all the usage said), then ``message_stop``."""
+    omit_message_stop: bool = False
+    """Messages streams: the end of the stream right after ``message_delta`` (its stop reason and
+    usage given), without ``message_stop``, as some Anthropic-compatible proxies end one."""
 
 
 _NO_FAULT = _Fault()
@@ -984,7 +987,8 @@ async def _messages_stream(
         await sink.send(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
     if not fault.omit_message_delta:
         await sink.send(_event("message_delta", delta))
-    await sink.send(_event("message_stop", {"type": "message_stop"}))
+    if not fault.omit_message_stop:
+        await sink.send(_event("message_stop", {"type": "message_stop"}))
     return await sink.finish()
 
 

@@ -273,6 +273,8 @@ class _AnthropicChatStream(ChatStream):
         self._started = False
         self._said = False
         """Whether content (or the finish) came: until then what came is held back."""
+        self._stopped = False
+        """``message_delta`` gave the stop reason: the model has finished, only ``message_stop`` is due."""
         self._done = False
 
     async def __anext__(self) -> bytes:
@@ -309,8 +311,10 @@ class _AnthropicChatStream(ChatStream):
 
     async def _next_event(self) -> dict[str, Any]:
         name = self._provider.name
-        event = await self._events.next()
+        event = await (self._events.after_end() if self._stopped else self._events.next())
         if event is None:
+            if self._stopped:  # the model had finished; only the message_stop event was left out (t58)
+                return _MESSAGE_STOP
             raise UpstreamProtocolError(name, "stream ended before message_stop")
         return decode_event(name, event.data)
 
@@ -322,6 +326,7 @@ class _AnthropicChatStream(ChatStream):
             raise _stream_error(self._provider.name, event)
         if kind == "message_stop":
             self._done = True
+        self._stopped = self._stopped or _gives_stop_reason(event)
         if not self._started and kind not in ("message_start", "ping"):
             raise UpstreamProtocolError(self._provider.name, f"stream event {kind!r} came before message_start")
         deltas = self._decoder.feed(event)
@@ -355,6 +360,18 @@ class _AnthropicChatStream(ChatStream):
         self._pending.append(chunk_body(tally.id, tally.created, tally.model, delta, finish_reason, stop_reason=stop))
 
 
+_MESSAGE_STOP: dict[str, Any] = {"type": "message_stop"}
+
+
+def _gives_stop_reason(event: dict[str, Any]) -> bool:
+    """Whether the event is the ``message_delta`` that says why the model stopped (with the usage):
+    the answer is whole, though ``message_stop`` has not come yet (t58)."""
+    delta = event.get("delta")
+    return (
+        event.get("type") == "message_delta" and isinstance(delta, dict) and isinstance(delta.get("stop_reason"), str)
+    )
+
+
 class _RelayedMessageStream(RelayedStream):
     """A Messages stream passed through. The tally reads (through the codec's
     :class:`StreamDecoder`) the message id, text, usage and stop reason; an ``error`` event
@@ -362,6 +379,7 @@ class _RelayedMessageStream(RelayedStream):
 
     end_events = frozenset({"message_stop"})
     preamble_events = frozenset({"message_start", "ping"})
+    closing_event = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
     def __init__(self, provider: AnthropicProvider, response: UpstreamResponse) -> None:
         super().__init__(provider, response)
@@ -370,6 +388,7 @@ class _RelayedMessageStream(RelayedStream):
     def _take(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "error":
             raise _stream_error(self._provider.name, data)
+        self.finished = self.finished or _gives_stop_reason(data)
         tally = self.tally
         for delta in self._decoder.feed(data):
             if isinstance(delta, TextDelta):

@@ -290,6 +290,10 @@ class RelayedStream(ChatStream):
     Responses ``response.created``): the first piece holds them together with the first event
     after them, so an error or a cut before any content is still retried and falls back, as
     a translated stream's is, and no client sees a start that came to nothing."""
+    closing_event: ClassVar[bytes | None] = None
+    """The last event, given to the client when the upstream left out only that one: once the
+    subclass has read the answer whole (:attr:`finished`), as a chat stream that lost only its
+    ``[DONE]`` is (t58)."""
 
     def __init__(self, provider: Provider, response: UpstreamResponse) -> None:
         super().__init__()
@@ -301,6 +305,8 @@ class RelayedStream(ChatStream):
         self.content_began = False
         """An event past the preamble was read (and so reaches the client): a failure from now
         on can no longer be retried."""
+        self.finished = False
+        """The subclass read the model's finish: only the last event is due."""
 
     async def __anext__(self) -> bytes:
         held = [await self._next_event()]
@@ -311,11 +317,15 @@ class RelayedStream(ChatStream):
     async def _next_event(self) -> bytes:
         name = self._provider.name
         while True:
-            event = await (self._events.after_end() if self._ended else self._events.next())
+            done = self._ended or (self.finished and self.closing_event is not None)
+            event = await (self._events.after_end() if done else self._events.next())
             if event is None:
                 await self.aclose()
                 if self._ended:
                     raise StopAsyncIteration
+                if self.closing_event is not None and self.finished:
+                    self._ended = True  # the model had finished; only the last event was left out
+                    return self.closing_event
                 raise UpstreamProtocolError(name, f"stream ended before {' or '.join(sorted(self.end_events))}")
             if self._ended:
                 continue  # nothing is due after the last event

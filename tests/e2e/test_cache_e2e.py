@@ -575,3 +575,26 @@ def _blocks(content: Any) -> list[tuple[str, str | None, str | None, str | None]
     return [
         (b.type, getattr(b, "thinking", None), getattr(b, "signature", None), getattr(b, "text", None)) for b in content
     ]
+
+
+def test_a_claude_stream_that_ends_after_message_delta_is_answered_and_cached(
+    cached_gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    """Only message_stop was left out (message_delta gave the stop reason and the usage): chat and
+    Responses clients get the whole answer with no error after it, and it is cached (t58: an
+    in-band error, a 502 in the log, nothing cached)."""
+    client = _client(cached_gateway)
+    ask = _unique("no message_stop")
+    inject(large_upstream, {"omit_message_stop": True})
+    with client.chat.completions.stream(model="claude", messages=ask, extra_headers={"x-request-id": "no-stop"}) as s:
+        streamed = s.get_final_completion().choices[0]
+    assert streamed.finish_reason == "stop" and streamed.message.content
+    record = cached_gateway.wait_for_record("no-stop")
+    assert (record["status"], record["finish_reason"], record["error_type"]) == (200, "stop", None)
+    again = client.chat.completions.with_raw_response.create(model="claude", messages=ask)
+    assert again.headers["x-gateway-cache"] == "exact"
+    assert again.parse().choices[0].message.content == streamed.message.content
+    inject(large_upstream, {"omit_message_stop": True})
+    with client.responses.stream(model="claude", input=f"no message_stop {time.monotonic_ns()}") as responses:
+        answer = responses.get_final_response()
+    assert answer.status == "completed" and answer.output_text

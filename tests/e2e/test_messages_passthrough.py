@@ -414,3 +414,27 @@ def test_a_request_the_internal_model_holds_is_translated(
     record = gateway.wait_for_record("translated-1")
     assert record["passthrough"] is None and record["protocol"] == "anthropic.messages" and record["status"] == 200
     assert _last_request(large_upstream)["headers"]["anthropic-beta"] == CLAUDE_CODE_BETA
+
+
+@pytest.mark.parametrize("passed_through", [False, True])
+def test_a_stream_that_ends_after_message_delta_is_whole(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream, claude: anthropic.Anthropic, passed_through: bool
+) -> None:
+    """message_delta gave the stop reason and the usage, and only message_stop did not come: the
+    model had finished, as an OpenAI stream that lost only its [DONE] had (t58: the client got
+    an in-band error after the whole answer, and the log a 502)."""
+    extra: dict[str, Any] = {"context_management": {"edits": []}} if passed_through else {}
+    ask: Any = {"model": "claude", "max_tokens": 64, "messages": [{"role": "user", "content": "one two three four"}]}
+    inject(large_upstream, {"omit_message_stop": True})
+    request_id = f"no-message-stop-{passed_through}"
+    with claude.messages.stream(**ask, extra_body=extra, extra_headers={"x-request-id": request_id}) as stream:
+        message = stream.get_final_message()
+    assert message.stop_reason == "end_turn" and message.content[0].type == "text" and message.content[0].text
+    record = gateway.wait_for_record(request_id)
+    assert (record["status"], record["finish_reason"], record["error_type"]) == (200, "stop", None)
+    assert record["completion_tokens"] > 1 and record["tokens_source"] == "upstream"
+    inject(large_upstream, {"omit_message_stop": True})
+    body = {**ask, **extra, "stream": True}
+    with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": "k"}, timeout=10) as r:
+        frames = [frame for frame in r.read().decode().split("\n\n") if frame.strip()]
+    assert frames[-2].startswith("event: message_delta") and frames[-1].startswith("event: message_stop")
