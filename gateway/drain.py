@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Coroutine
 from typing import Any
 
 import structlog
@@ -30,6 +31,7 @@ class Drain:
         """True once the deadline passed: a stream cancelled now was ended by the drain."""
         self.ended_streams = 0
         self._streams: set[asyncio.Task[Any]] = set()
+        self._work: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
 
     def track(self) -> asyncio.Task[Any] | None:
@@ -44,6 +46,26 @@ class Drain:
     def untrack(self, task: asyncio.Task[Any] | None) -> None:
         if task is not None:
             self._streams.discard(task)
+
+    def spawn(self, work: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run work the gateway owns past its client (t58: a stream's upstream read to its end for
+        the usage, once the client has the answer): ended at the deadline as a stream is, and
+        waited for at the worker's end (:meth:`finish_work`)."""
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        for tasks in (self._work, self._streams):
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if self.expired:
+            task.get_loop().call_soon(task.cancel)
+        return task
+
+    async def finish_work(self) -> None:
+        """At the worker's end, before the bill and the log are closed: wait for the work
+        :meth:`spawn` started, up to the deadline (which starts now if no SIGTERM started it)."""
+        if self._work:
+            self.begin()
+            await asyncio.gather(*self._work, return_exceptions=True)
+            await asyncio.sleep(0)  # their accounting is called soon after them
 
     def ended_by_deadline(self, task: asyncio.Task[Any] | None) -> bool:
         """Whether the cancellation ``task`` is handling came from the deadline; if so it is taken back

@@ -74,9 +74,11 @@ from gateway.upstreams.base import ChatStream, Completion, Provider, StreamTally
 from gateway.upstreams.sending import SendMark, watch_sending
 
 __all__ = [
+    "KEEP_ALIVE",
     "Answer",
     "ChatPipeline",
     "DeltaBatch",
+    "KeepAlive",
     "PassThrough",
     "Scorer",
     "StreamBroke",
@@ -85,6 +87,10 @@ __all__ = [
 ]
 
 _log = structlog.get_logger("gateway.pipeline")
+
+_KEEP_ALIVE_S = 1.0
+"""How often a client that has its whole answer and waits for the usage is told the stream is
+alive, while the upstream writes on past a stop string the gateway applied (t58)."""
 
 
 BodyReader = Callable[[int, float, Principal], Awaitable[bytes | core.Request]]
@@ -142,8 +148,17 @@ class StreamBroke:
         return error if isinstance(error, dict) else {}
 
 
-DeltaBatch = list[core.Delta] | StreamBroke | None
-"""One step of a :class:`StreamingDeltas`: the next deltas, the failure, or (None) the clean end."""
+@dataclass(slots=True, frozen=True)
+class KeepAlive:
+    """Nothing new: the client waits for the usage of an answer it has whole (t58); an edge sends
+    what its clients' SDKs skip (an SSE comment, Anthropic's ``ping``)."""
+
+
+KEEP_ALIVE = KeepAlive()
+
+DeltaBatch = list[core.Delta] | StreamBroke | KeepAlive | None
+"""One step of a :class:`StreamingDeltas`: the next deltas, the failure, a keep-alive, or (None)
+the clean end."""
 
 
 @dataclass(slots=True)
@@ -844,6 +859,9 @@ class ChatPipeline:
             return prefix + piece + suffix if isinstance(piece, bytes) else piece
 
         logged = False
+        rest: asyncio.Event | None = None
+        """Set once the upstream of a stream cut short was handed to a task that reads it to its
+        end, and that task has settled the request (it stores and logs it too)."""
 
         def finish() -> None:
             nonlocal logged
@@ -877,6 +895,18 @@ class ChatPipeline:
                     yield frame(piece)
                     pace.taken()
             tally = stream.tally
+            if stream.cut_short:  # (t58) the answer is whole; its upstream writes on past the stop
+                record.finish_reason = tally.finish_reason
+                rest = self._read_rest(x, provider, stream, finish)
+                if typed or include_usage:  # the usage comes at the upstream's end
+                    while not rest.is_set():
+                        try:
+                            await asyncio.wait_for(rest.wait(), _KEEP_ALIVE_S)
+                        except TimeoutError:
+                            yield KEEP_ALIVE if typed else b": keep-alive\n\n"
+                for ending in _ending(tally, record, typed, include_usage):
+                    yield ending
+                return
             # No finish reason (an Anthropic stream without message_delta): the usage may be
             # message_start's placeholder, as for a cut stream
             self._settle(x, provider, tally.usage, tally.text, tally.said, cut=tally.finish_reason is None)
@@ -894,13 +924,8 @@ class ChatPipeline:
                 record.error_type, record.status = unfinished.code, unfinished.status_code
                 yield _failure(stream, unfinished, typed)
                 return
-            if typed:
-                yield [core.UsageReport(_usage_of(record))]
-                yield None
-            else:
-                if include_usage:
-                    yield b"data: " + _usage_chunk(tally.id, tally.created, tally.model, record) + b"\n\n"
-                yield b"data: [DONE]\n\n"
+            for ending in _ending(tally, record, typed, include_usage):
+                yield ending
             if tally.replayable and self._storing(x):
                 answer = answer_from_message(
                     tally.message(), tally.finish_reason, model=tally.model or "", stop_sequence=tally.stop_sequence
@@ -926,7 +951,8 @@ class ChatPipeline:
         except asyncio.CancelledError:
             if logged:  # it stalled, and then went
                 raise
-            self._settle_cut(x, provider, stream.tally)
+            if not stream.cut_short:  # else settled on the upstream's usage once read to its end
+                self._settle_cut(x, provider, stream.tally)
             if not drain.ended_by_deadline(task):
                 record.error_type, record.status = "client_disconnected", 499
                 raise
@@ -936,15 +962,67 @@ class ChatPipeline:
         except GeneratorExit:
             if not logged:
                 record.error_type, record.status = "client_disconnected", 499
-                self._settle_cut(x, provider, stream.tally)
+                if not stream.cut_short:
+                    self._settle_cut(x, provider, stream.tally)
             raise
         finally:
             drain.untrack(task)
-            with anyio.CancelScope(shield=True):  # the client may be gone: still close upstream and log
+            with anyio.CancelScope(shield=True):
                 await pace.aclose()
+            if rest is None and stream.cut_short and not logged:  # the client left after the cut
+                record.finish_reason = stream.tally.finish_reason
+                rest = self._read_rest(x, provider, stream, finish)
+            if rest is None:
+                with anyio.CancelScope(shield=True):  # the client may be gone: still close upstream and log
+                    await stream.aclose()
+                    await self._release_lease(x)
+                finish()
+
+    def _read_rest(
+        self, x: _Exchange, provider: Provider, stream: ChatStream, finish: Callable[[], None]
+    ) -> asyncio.Event:
+        """Hand a stream cut short at a stop string the gateway applies to a task the gateway owns,
+        which reads the upstream to its end whether the client stays or goes, then settles the
+        request on the upstream's usage, stores and logs it (t58: a client that left at the cut was
+        logged 499 and billed the gateway's count of the cut text). The event is set once settled."""
+        settled = asyncio.Event()
+        self._drain.spawn(self._settle_rest(x, provider, stream, settled, finish), "stream-rest")
+        return settled
+
+    async def _settle_rest(
+        self, x: _Exchange, provider: Provider, stream: ChatStream, settled: asyncio.Event, finish: Callable[[], None]
+    ) -> None:
+        tally, whole = stream.tally, False
+        try:
+            await stream.read_rest()
+            whole = True
+        except UpstreamError as exc:  # the client's answer stands: settled on what came
+            self._metrics.upstream_error(exc.upstream, exc.code)
+        except asyncio.CancelledError:  # the drain deadline: the same
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        except Exception as exc:
+            _internal_error(x, exc)
+        try:
+            self._settle(x, provider, tally.usage, tally.text, tally.said, cut=not whole)
+            settled.set()
+            if whole and tally.replayable and self._storing(x):
+                answer = answer_from_message(
+                    tally.message(), tally.finish_reason, model=tally.model or "", stop_sequence=tally.stop_sequence
+                )
+                with anyio.CancelScope(shield=True):
+                    await self._fill_cache(x, answer)
+        finally:
+            settled.set()
+            with anyio.CancelScope(shield=True):
                 await stream.aclose()
                 await self._release_lease(x)
             finish()
+
+    async def aclose(self) -> None:
+        """At the worker's end: wait for the upstreams still read past their clients' answers (t58)."""
+        await self._drain.finish_work()
 
     # -- accounting ----------------------------------------------------------------
 
@@ -1264,6 +1342,15 @@ def _warn_unpriced(provider: Provider, record: RequestRecord) -> None:
     if missing:
         fields = [f"models.{provider.name}.price.{one.field}" for one in missing]
         _log.warning("unpriced_usage", request_id=record.request_id, model=provider.name, unpriced=fields)
+
+
+def _ending(tally: StreamTally, record: RequestRecord, typed: bool, include_usage: bool) -> list[bytes | DeltaBatch]:
+    """What ends a stream that went well: the usage (as the client asked for it) and the end."""
+    if typed:
+        return [[core.UsageReport(_usage_of(record))], None]
+    if include_usage:
+        return [b"data: " + _usage_chunk(tally.id, tally.created, tally.model, record) + b"\n\n", b"data: [DONE]\n\n"]
+    return [b"data: [DONE]\n\n"]
 
 
 def _usage_chunk(chunk_id: str | None, created: int | None, model: str | None, record: RequestRecord) -> bytes:

@@ -20,7 +20,7 @@ from gateway.api.answers import StreamBroke, answer_of, delta_batches, dropped_h
 from gateway.api.handoff import hand_to_pipeline
 from gateway.auth import Principal
 from gateway.core import model as core
-from gateway.pipeline import Answer, StreamingAnswer, StreamingDeltas
+from gateway.pipeline import Answer, KeepAlive, StreamingAnswer, StreamingDeltas
 from gateway.protocols import openai_completions as completions
 from gateway.protocols.body import read_off_loop
 
@@ -73,6 +73,8 @@ async def _frames(answer: Answer | StreamingDeltas, encoder: completions.StreamE
     async for batch in delta_batches(answer):
         if batch is None:
             yield encoder.finish()
+        elif isinstance(batch, KeepAlive):
+            yield b": keep-alive\n\n"  # an SSE comment: the SDKs skip it
         elif isinstance(batch, StreamBroke):
             yield b"data: " + msgspec.json.encode(batch.chunk) + b"\n\n"
         else:

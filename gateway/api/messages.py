@@ -34,7 +34,7 @@ from gateway.auth import Principal
 from gateway.core.model import Request as CoreRequest
 from gateway.core.model import UsageReport
 from gateway.errors import GatewayError, InvalidRequestError, UpstreamError
-from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas
+from gateway.pipeline import Answer, KeepAlive, PassThrough, StreamingAnswer, StreamingDeltas
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
 from gateway.protocols.body import read_off_loop
@@ -283,6 +283,8 @@ async def _events(answer: Answer | StreamingDeltas, message_id: str, model: str)
                 yield encoder.start(None if known is None else msgspec.structs.replace(known, output_tokens=0))
         if batch is None:
             yield encoder.finish()
+        elif isinstance(batch, KeepAlive):
+            yield _PING  # the SDKs skip it, as Anthropic's own
         elif isinstance(batch, StreamBroke):
             error = batch.error
             yield encoder.error(_status_of(error), str(error.get("message") or "upstream error"))
@@ -290,6 +292,10 @@ async def _events(answer: Answer | StreamingDeltas, message_id: str, model: str)
             out = encoder.feed(batch)
             if out:
                 yield out
+
+
+_PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+"""Anthropic's keep-alive event, which its SDKs read past."""
 
 
 def _status_of(error: dict[str, Any]) -> int:

@@ -45,7 +45,7 @@ from gateway.core.model import Answer as CoreAnswer
 from gateway.core.model import Message, TextPart
 from gateway.core.model import Request as CoreRequest
 from gateway.errors import GatewayError, InvalidRequestError, ServiceUnavailableError, UpstreamStatusError
-from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas
+from gateway.pipeline import Answer, KeepAlive, PassThrough, StreamingAnswer, StreamingDeltas
 from gateway.protocols import openai_chat
 from gateway.protocols import openai_responses as codec
 from gateway.protocols.body import read_off_loop
@@ -582,6 +582,8 @@ async def _events(
                 assert encoder.response is not None
                 await _keep(store, turn, encoder.response, encoder.answer())
                 yield closing + encoder.completed()
+            elif isinstance(batch, KeepAlive):
+                yield b": keep-alive\n\n"  # an SSE comment: the SDKs skip it
             elif isinstance(batch, StreamBroke):
                 ended = True
                 yield encoder.fail(str(batch.error.get("message") or "upstream error"))

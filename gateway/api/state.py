@@ -47,6 +47,7 @@ class GatewayState:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.pipeline.aclose()  # streams' upstreams read on past their clients: billed and logged
         await self.background.aclose()
         await self.limiter.aclose()
         for close in self.closers:

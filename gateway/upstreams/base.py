@@ -247,6 +247,15 @@ class ChatStream(ABC):
     def __init__(self) -> None:
         self.tally = StreamTally()
         self._reader: openai_chat.ChunkReader | None = None
+        self.cut_short = False
+        """The answer ended at a stop string the gateway applies while the upstream writes on: the
+        stream has ended for the client, and :meth:`read_rest` reads the upstream to its end for
+        its usage (t58: the client waited in silence for the rest of the generation)."""
+
+    async def read_rest(self) -> None:
+        """Read what the upstream writes past the cut into the tally (its usage), to the end of the
+        stream, then close it; bounded by the model's timeouts. Failures raise :class:`UpstreamError`."""
+        await self.aclose()
 
     async def next_deltas(self) -> list[core.Delta]:
         """The next chunk in the internal model, for a client of another protocol than chat

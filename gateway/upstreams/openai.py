@@ -194,7 +194,9 @@ class OpenAIProvider(Provider):
             and options.get("continuous_usage_stats") is True
             and bool(options.get("include_usage"))
         )
-        return _OpenAIChatStream(self, response, continuous, stops)
+        n = body.get("n")
+        answers = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+        return _OpenAIChatStream(self, response, continuous, stops, answers)
 
 
 class _OpenAIChatStream(ChatStream):
@@ -210,6 +212,7 @@ class _OpenAIChatStream(ChatStream):
         response: UpstreamResponse,
         continuous_usage: bool = False,
         stops: tuple[str, ...] = (),
+        answers: int = 1,
     ) -> None:
         super().__init__()
         self._stops = stops
@@ -217,6 +220,10 @@ class _OpenAIChatStream(ChatStream):
         self._watches: dict[Any, StopWatch] = {}
         self._calls: dict[Any, openai_chat.CallRelay] = {}
         """Each choice's tool calls so far."""
+        self._answers = answers
+        """The choices asked for (``n``): the stream ends at the cut once each has ended."""
+        self._ended: set[Any] = set()
+        """Choices that have ended (at a stop string or their own finish)."""
         self._provider = provider
         self._response = response
         self._continuous_usage = continuous_usage
@@ -233,6 +240,8 @@ class _OpenAIChatStream(ChatStream):
     async def __anext__(self) -> bytes:
         if self._due:
             return self._due.popleft()
+        if self.cut_short:  # the rest is read for its usage alone (read_rest)
+            raise StopAsyncIteration
         tally = self.tally
         name = self._provider.name
         while not self._done:
@@ -302,6 +311,15 @@ class _OpenAIChatStream(ChatStream):
     async def aclose(self) -> None:
         await self._response.aclose()
 
+    async def read_rest(self) -> None:
+        try:
+            while (event := await self._events.next()) is not None and event.data != b"[DONE]":
+                chunk = decode_event(self._provider.name, event.data)
+                said = openai_chat.read_usage(chunk.get("usage"), service_tier=chunk.get("service_tier"))
+                self.tally.usage = usage_of(said) or self.tally.usage
+        finally:
+            await self.aclose()
+
     def _calls_as_openai_sends(self, chunk: dict[str, Any]) -> bool:
         """Tool calls as OpenAI's clients read them (:class:`openai_chat.CallRelay`: t48, t58); a
         finish after calls that had no arguments gives them ``"{}"``; whether anything changed."""
@@ -348,8 +366,14 @@ class _OpenAIChatStream(ChatStream):
                 text = (text or "") + watch.flush()
             if text is not None or content is not None:
                 choice = {**choice, "delta": {**(delta or {}), "content": text or ""}}
+            if choice.get("finish_reason") is not None:
+                self._ended.add(index)
             kept.append(choice)
         chunk["choices"] = kept
+        # Every choice has ended, one at least at a stop string: the upstream writes on past it, and
+        # the client is not kept waiting for that (t58)
+        if len(self._ended) >= self._answers and any(w.matched is not None for w in self._watches.values()):
+            self.cut_short = True
         return bool(kept)
 
 
