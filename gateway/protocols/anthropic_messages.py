@@ -51,6 +51,7 @@ __all__ = [
     "DEFAULT_MAX_TOKENS",
     "StreamDecoder",
     "StreamEncoder",
+    "TextJoiner",
     "decode_answer",
     "decode_request",
     "encode_answer",
@@ -687,7 +688,7 @@ def decode_answer(data: dict[str, Any]) -> Answer | None:
     apart = False  # a block other than text came since the last text
     for block in content:
         kind = block.get("type") if isinstance(block, dict) else None
-        if kind != "text" and texts:
+        if kind != "text" and any(texts):
             apart = True
         if kind == "thinking":
             thinking.append(ThinkingPart(str(block.get("thinking") or ""), str(block.get("signature") or "")))
@@ -695,9 +696,11 @@ def decode_answer(data: dict[str, Any]) -> Answer | None:
             thinking.append(RedactedThinkingPart(str(block.get("data") or "")))
         elif kind == "text" and isinstance(block.get("text"), str):
             # Blocks in a row are one text (citations split it mid-sentence); text resumed after a
-            # tool call starts a line of its own, as ``core.Message.text`` joins parts.
-            texts.append(("\n" if apart else "") + block["text"])
-            apart = False
+            # tool call starts a line of its own, as ``core.Message.text`` joins parts (a stream's
+            # TextJoiner: before the first text that follows).
+            text = block["text"]
+            texts.append(("\n" if apart and text else "") + text)
+            apart = apart and not text
         elif kind == "tool_use":
             arguments = msgspec.json.encode(block.get("input") or {}).decode()
             calls.append(ToolCall(str(block.get("id") or ""), str(block.get("name") or ""), arguments))
@@ -723,9 +726,11 @@ class StreamDecoder:
     Event and delta types added after this was written say nothing here.
     """
 
-    __slots__ = ("_apart", "_silent", "_texted", "_tools", "id", "model", "usage")
+    __slots__ = ("_joiner", "_silent", "_tools", "id", "model", "usage")
 
-    def __init__(self) -> None:
+    def __init__(self, *, joined: bool = True) -> None:
+        """``joined=False``: text resumed after a tool call comes without the line that starts it,
+        for a :class:`TextJoiner` to add later (once the gateway's stop strings have seen the text)."""
         self.id: str | None = None
         self.model: str | None = None
         self.usage: Usage | None = None
@@ -734,11 +739,13 @@ class StreamDecoder:
         self._silent: set[int] = set()
         """Tool calls no argument text has come for yet: a call without input streams one empty
         ``input_json_delta``, and ends with ``{}`` as its arguments, as the whole message says."""
-        self._texted = False
-        self._apart = False
-        """A tool call came after text: the next text block starts a line (as :func:`decode_answer` joins)."""
+        self._joiner = TextJoiner() if joined else None
 
     def feed(self, event: dict[str, Any]) -> list[Delta]:
+        deltas = self._feed(event)
+        return deltas if self._joiner is None else self._joiner.join(deltas)
+
+    def _feed(self, event: dict[str, Any]) -> list[Delta]:
         kind = event.get("type")
         if kind == "message_start":
             message = event["message"] if isinstance(event.get("message"), dict) else {}
@@ -799,22 +806,15 @@ class StreamDecoder:
             return []
         kind = block.get("type")
         if kind == "text":
-            opening = "\n" if self._apart else ""
-            self._apart = False
-            text = opening + (block["text"] if isinstance(block.get("text"), str) else "")
-            return [self._text(text)] if text else []
+            text = block["text"] if isinstance(block.get("text"), str) else ""
+            return [TextDelta(text)] if text else []
         if kind == "redacted_thinking":
             return [RedactedThinking(str(block.get("data") or ""))]
         if kind == "tool_use":
-            self._apart = self._texted
             index = self._tools[_count(event.get("index"))] = len(self._tools)
             self._silent.add(index)
             return [ToolCallStart(index, str(block.get("id") or ""), str(block.get("name") or ""))]
         return []  # a thinking block: its text and signature come as deltas
-
-    def _text(self, text: str) -> TextDelta:
-        self._texted = True
-        return TextDelta(text)
 
     def _block_delta(self, event: dict[str, Any]) -> list[Delta]:
         delta = event.get("delta")
@@ -826,7 +826,7 @@ class StreamDecoder:
         if not isinstance(value, str) or not value:
             return []  # empty, or a delta type this does not read (citations_delta, ...)
         if kind == "text_delta":
-            return [self._text(value)]
+            return [TextDelta(value)]
         if kind == "thinking_delta":
             return [ThinkingDelta(value)]
         if kind == "signature_delta":
@@ -836,6 +836,32 @@ class StreamDecoder:
             return []
         self._silent.discard(tool)
         return [ToolArgumentsDelta(tool, value)]
+
+
+class TextJoiner:
+    """Text resumed after a tool call (made after text) starts a line of its own, as
+    :func:`decode_answer` joins a whole message's blocks: the ``"\n"`` goes before the first text
+    that follows. Apart from the decoder, so that the stop strings the gateway applies see only
+    what the model wrote (t58: a ``"\n"`` stop matched this line, and the call was lost)."""
+
+    __slots__ = ("_apart", "_texted")
+
+    def __init__(self) -> None:
+        self._texted = False
+        self._apart = False
+
+    def join(self, deltas: list[Delta]) -> list[Delta]:
+        joined = deltas
+        for position, delta in enumerate(deltas):
+            if isinstance(delta, TextDelta) and delta.text:
+                if self._apart:
+                    joined = list(deltas) if joined is deltas else joined
+                    joined[position] = TextDelta("\n" + delta.text)
+                    self._apart = False
+                self._texted = True
+            elif isinstance(delta, ToolCallStart):
+                self._apart = self._texted
+        return joined
 
 
 _DELTA_FIELDS = {

@@ -75,7 +75,7 @@ from gateway.upstreams.base import (
     decode_json_object,
     usage_of,
 )
-from gateway.upstreams.stop_strings import StopWatch, cut_answer, cut_deltas
+from gateway.upstreams.stop_strings import StopWatch, cut_blocks, cut_deltas
 
 __all__ = ["AnthropicProvider"]
 
@@ -116,9 +116,7 @@ class AnthropicProvider(Provider):
 
     async def complete(self, request: core.Request, body: dict[str, Any] | None = None) -> Completion:
         response = await self._post_messages(request, stream=False)
-        answer, usage = self._read(response.content)
-        if stops := anthropic.stops_applied_here(request):
-            answer = cut_answer(answer, stops)
+        answer, usage = self._read(response.content, anthropic.stops_applied_here(request))
         return Completion(
             body=openai_chat.completion_from_answer(answer, None if usage is None else answer.usage),
             usage=usage,
@@ -194,9 +192,14 @@ class AnthropicProvider(Provider):
             body=response.content, usage=usage, text=answer.text or "", finish_reason=_logged_finish(answer)
         )
 
-    def _read(self, content: bytes) -> tuple[Answer, Usage | None]:
-        """The message, and its usage as reported (None when the upstream reported none)."""
+    def _read(self, content: bytes, stops: tuple[str, ...] = ()) -> tuple[Answer, Usage | None]:
+        """The message, and its usage as reported (None when the upstream reported none); with
+        ``stops``, ended where the first of them begins in its text (as a stream: t58)."""
         data = decode_json_object(self.name, content)
+        if stops and isinstance(blocks := data.get("content"), list):
+            blocks, matched = cut_blocks(blocks, stops)
+            if matched is not None:
+                data = {**data, "content": blocks, "stop_reason": "stop_sequence", "stop_sequence": matched}
         answer = anthropic.decode_answer(data)
         if answer is None:
             raise UpstreamProtocolError(self.name, "answer is not an Anthropic message")
@@ -268,7 +271,9 @@ class _AnthropicChatStream(ChatStream):
         self._provider = provider
         self._response = response
         self._events = UpstreamEvents(provider, response)
-        self._decoder = anthropic.StreamDecoder()
+        # with stops, the line that starts text resumed after a call is added past the watch (t58)
+        self._decoder = anthropic.StreamDecoder(joined=not stops)
+        self._joiner = anthropic.TextJoiner()
         self._pending: deque[bytes] = deque()
         self._started = False
         self._said = False
@@ -279,7 +284,7 @@ class _AnthropicChatStream(ChatStream):
 
     async def __anext__(self) -> bytes:
         try:
-            while (not self._pending or not self._said) and not self._done:
+            while (not self._pending or not self._said) and not self._done and not self.cut_short:
                 self._handle(await self._next_event(), chunks=True)
         except Exception:
             await self.aclose()
@@ -287,13 +292,14 @@ class _AnthropicChatStream(ChatStream):
         if self._pending:
             self.tally.chunks += 1
             return self._pending.popleft()
-        await self.aclose()
+        if not self.cut_short:  # else the rest is read for its usage alone (read_rest)
+            await self.aclose()
         raise StopAsyncIteration
 
     async def next_deltas(self) -> list[Delta]:
         held: list[Delta] = []
         try:
-            while not self._done:
+            while not self._done and not self.cut_short:
                 held += self._handle(await self._next_event(), chunks=False)
                 if held and self._said:
                     self.tally.chunks += 1
@@ -303,11 +309,19 @@ class _AnthropicChatStream(ChatStream):
             raise
         if held:  # a stream that ended with nothing said
             return held
-        await self.aclose()
+        if not self.cut_short:
+            await self.aclose()
         raise StopAsyncIteration
 
     async def aclose(self) -> None:
         await self._response.aclose()
+
+    async def read_rest(self) -> None:
+        try:
+            while not self._done:
+                self._handle(await self._next_event(), chunks=False)  # past the cut: the usage alone
+        finally:
+            await self.aclose()
 
     async def _next_event(self) -> dict[str, Any]:
         name = self._provider.name
@@ -331,7 +345,8 @@ class _AnthropicChatStream(ChatStream):
             raise UpstreamProtocolError(self._provider.name, f"stream event {kind!r} came before message_start")
         deltas = self._decoder.feed(event)
         if self._stops is not None:
-            deltas = cut_deltas(self._stops, deltas)
+            deltas = self._joiner.join(cut_deltas(self._stops, deltas))
+            self.cut_short = self._stops.matched is not None  # the upstream writes on past it (t58)
         tally = self.tally
         if kind == "message_start":
             self._started = True

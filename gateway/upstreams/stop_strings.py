@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
+from gateway.core.model import Delta, Finish, TextDelta, UsageReport
 
-from gateway.core.model import Answer, Delta, Finish, TextDelta, UsageReport
-
-__all__ = ["StopWatch", "cut_answer", "cut_choices", "cut_deltas", "stops_of"]
+__all__ = ["StopWatch", "cut_blocks", "cut_choices", "cut_deltas", "stops_of"]
 
 
 def stops_of(value: Any) -> tuple[str, ...]:
@@ -52,23 +50,44 @@ def cut_choices(data: dict[str, Any], stops: tuple[str, ...]) -> bool:
         if found is None:
             continue
         message["content"] = content[: found[0]]
-        message.pop("tool_calls", None)  # written after the text: past the stop (t53: kept, streamed not)
+        # A message does not say whether its calls came before its text or after; OpenAI's models
+        # and compatible servers' parsers write the text first: the calls are past the stop, as a
+        # stream of that order drops them (t53: kept, streamed not). A stream that calls first keeps
+        # what it sent before the cut (t58); a whole message cannot tell that apart.
+        message.pop("tool_calls", None)
         choice["finish_reason"] = "stop"
         choice["stop_reason"] = found[1]
         cut = True
     return cut
 
 
-def cut_answer(answer: Answer, stops: tuple[str, ...]) -> Answer:
-    """The answer ended where its text's first stop string begins (nothing the model wrote after it:
-    no tool call)."""
-    text = answer.text or ""
-    found = _first_stop(text, stops)
-    if found is None:
-        return answer
-    return msgspec.structs.replace(
-        answer, text=text[: found[0]], tool_calls=[], finish_reason="stop_sequence", stop_sequence=found[1]
-    )
+def cut_blocks(content: list[Any], stops: tuple[str, ...]) -> tuple[list[Any], str | None]:
+    """An Anthropic message's content blocks ended where the first stop string in their text begins,
+    and the string matched (None: no stop, the blocks as they are). Text blocks in a row are one
+    text, as a stream's watch reads them; text does not run on across a tool call or thinking, and
+    the line the gateway starts text resumed after a call with is not the model's (t58: a ``"\n"``
+    stop cut there, and the call was lost). What came before the cut stays, tool calls included;
+    nothing after it does, as a stream that gave them out."""
+    run: list[tuple[int, str]] = []
+    """The text blocks of the current run: their places in ``content``, and their text."""
+    for position, block in enumerate(content):
+        text = block.get("text") if isinstance(block, dict) and block.get("type") == "text" else None
+        if not isinstance(text, str):
+            run = []
+            continue
+        run.append((position, text))
+        found = _first_stop("".join(piece for _, piece in run), stops)
+        if found is None:
+            continue
+        at, matched = found
+        kept = content[: run[0][0]]
+        for place, piece in run:
+            kept.append({**content[place], "text": piece[:at]})
+            if at <= len(piece):
+                break
+            at -= len(piece)
+        return kept, matched
+    return content, None
 
 
 def cut_deltas(watch: StopWatch, deltas: list[Delta]) -> list[Delta]:

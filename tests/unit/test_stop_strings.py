@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gateway.upstreams.stop_strings import StopWatch, cut_choices, stops_of
+from gateway.upstreams.stop_strings import StopWatch, cut_blocks, cut_choices, stops_of
 
 
 def _streamed(pieces: list[str], stops: tuple[str, ...], *, ended: bool = True) -> tuple[str, str | None]:
@@ -76,3 +76,26 @@ def test_stops_of_reads_the_chat_field() -> None:
     assert stops_of("x") == ("x",)
     assert stops_of(["a", "", 3, "b"]) == ("a", "b")
     assert stops_of(None) == () and stops_of("") == ()
+
+
+_CALL = {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}}
+
+
+@pytest.mark.parametrize(
+    ("texts", "stops", "kept", "matched"),
+    [
+        (["Let me check.", None, "Done."], ("\n",), ["Let me check.", None, "Done."], None),  # t58: no joiner seen
+        (["Let me check.", None, "Done.\nLater"], ("\n",), ["Let me check.", None, "Done."], "\n"),  # the call stays
+        (["Thought\nmore", None, "Done."], ("\n",), ["Thought"], "\n"),  # a call after the cut goes
+        (["ab", "cd", None], ("bc",), ["a"], "bc"),  # text blocks in a row are one text
+        (["ab", None, "cd"], ("bc",), ["ab", None, "cd"], None),  # not across a call
+        (["x", "STOP"], ("STOP",), ["x"], "STOP"),
+    ],
+)
+def test_a_message_is_cut_at_its_first_stop_string_in_the_text_the_model_wrote(
+    texts: list[str | None], stops: tuple[str, ...], kept: list[str | None], matched: str | None
+) -> None:
+    blocks = [_CALL if text is None else {"type": "text", "text": text} for text in texts]
+    out, found = cut_blocks(blocks, stops)
+    assert [None if block["type"] == "tool_use" else block["text"] for block in out] == kept
+    assert found == matched

@@ -1,0 +1,423 @@
+"""Stop strings the gateway applies itself, met by clients of the official SDKs (t58).
+
+An upstream that refuses ``stop`` (OpenAI's reasoning models) or a stop of whitespace alone
+(Anthropic) writes on past the string: the client's stream ends at the cut, or waits for the usage
+it asked for with keep-alives its SDK skips, and the upstream is read to its end all the same, for
+the bill. The loopback upstream here writes the cut text, then holds until the test lets it go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import httpx2
+import msgspec
+import openai
+import pytest
+from aiohttp import web
+
+from gateway.services.redis_server import EmbeddedRedis
+from gateway.simulated import SimulatedUpstream
+from tests.conftest import closed_after_test
+from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+
+_WRITTEN = 5000
+"""The output tokens the upstream says it wrote: the cut text and all it wrote past it."""
+
+_MODELS = """  reasoner:
+    base_url: {url}/v1
+    upstream_model: o4-mini
+    tier: large
+    price: {{input: 1, output: 10}}
+    timeouts: {{connect: 2, first_byte: 10, total: 20, idle: 20}}
+  claude45:
+    provider: anthropic
+    base_url: {url}
+    upstream_model: claude-sonnet-4-5
+    tier: large
+    price: {{input: 3, output: 15}}
+    timeouts: {{connect: 2, first_byte: 10, total: 20, idle: 20}}
+"""
+
+
+@dataclass
+class HeldUpstream:
+    """OpenAI's reasoning model and Anthropic's Messages API: each streamed answer says its cut
+    text, then holds until :meth:`release` for the prompt (Anthropic's tool answer does not)."""
+
+    url: str = ""
+    loop: asyncio.AbstractEventLoop | None = None
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
+    finished: set[str] = field(default_factory=set)
+
+    def release(self, prompt: str) -> None:
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._gate(prompt).set)
+
+    def _gate(self, prompt: str) -> asyncio.Event:
+        return self.gates.setdefault(prompt, asyncio.Event())
+
+
+async def _sse(response: web.StreamResponse, data: Any, event: str | None = None) -> None:
+    head = f"event: {event}\n".encode() if event else b""
+    await response.write(head + b"data: " + (data if isinstance(data, bytes) else msgspec.json.encode(data)) + b"\n\n")
+
+
+async def _openai(request: web.Request, upstream: HeldUpstream) -> web.StreamResponse:
+    body = await request.json()
+    if body.get("stop") is not None:  # OpenAI's own words for a reasoning model
+        error = {"message": "Unsupported parameter: 'stop' is not supported with this model.", "param": "stop",
+                 "type": "invalid_request_error", "code": "unsupported_parameter"}  # fmt: skip
+        return web.json_response({"error": error}, status=400)
+    prompt = body["messages"][-1]["content"]
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"id": "chatcmpl-held", "object": "chat.completion.chunk", "created": 1, "model": "o4-mini",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+
+    await _sse(response, chunk({"role": "assistant", "content": ""}))
+    await _sse(response, chunk({"content": "Thought: look\nObservation: made up"}))
+    await upstream._gate(prompt).wait()
+    await _sse(response, chunk({"content": " and more"}, "stop"))
+    usage = {"prompt_tokens": 11, "completion_tokens": _WRITTEN, "total_tokens": 11 + _WRITTEN}
+    await _sse(response, {"id": "chatcmpl-held", "object": "chat.completion.chunk", "created": 1,
+                          "model": "o4-mini", "choices": [], "usage": usage})  # fmt: skip
+    await _sse(response, b"[DONE]")
+    upstream.finished.add(prompt)
+    return response
+
+
+_TOOL_ANSWER: list[dict[str, Any]] = [
+    {"type": "text", "text": "Let me check."},
+    {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"q": "x"}},
+    {"type": "text", "text": "Done."},
+]
+"""Claude's text, a call, and text again: the model wrote no newline."""
+
+
+async def _anthropic(request: web.Request, upstream: HeldUpstream) -> web.StreamResponse:
+    body = await request.json()
+    if any(not stop.strip() for stop in body.get("stop_sequences") or ()):
+        error = {
+            "type": "invalid_request_error",
+            "message": "stop_sequences: each stop sequence must contain non-whitespace",
+        }
+        return web.json_response({"type": "error", "error": error}, status=400)
+    prompt = body["messages"][-1]["content"]
+    prompt = prompt if isinstance(prompt, str) else prompt[0]["text"]
+    tools = prompt.startswith("TOOLS")
+    blocks: list[dict[str, Any]] = [dict(b) for b in _TOOL_ANSWER] if tools else [{"type": "text", "text": "one\ntwo"}]
+    if prompt.endswith("LATER"):  # a stop the model did write, in the text after the call
+        blocks[2]["text"] = "Done.\nLater."
+    reason = "tool_use" if tools else "end_turn"
+    usage = {"input_tokens": 12, "output_tokens": _WRITTEN}
+    if not body.get("stream"):
+        return web.json_response({"id": "msg_held", "type": "message", "role": "assistant", "model": body["model"],
+                                  "content": blocks, "stop_reason": reason, "stop_sequence": None, "usage": usage})  # fmt: skip
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    start = {"id": "msg_held", "type": "message", "role": "assistant", "model": body["model"], "content": [],
+             "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 12, "output_tokens": 1}}  # fmt: skip
+    await _sse(response, {"type": "message_start", "message": start}, "message_start")
+    for index, block in enumerate(blocks):
+        opening = {**block, "text": ""} if block["type"] == "text" else {**block, "input": {}}
+        await _sse(
+            response, {"type": "content_block_start", "index": index, "content_block": opening}, "content_block_start"
+        )
+        if block["type"] == "text":
+            delta = {"type": "text_delta", "text": block["text"]}
+        else:
+            delta = {"type": "input_json_delta", "partial_json": msgspec.json.encode(block["input"]).decode()}
+        await _sse(response, {"type": "content_block_delta", "index": index, "delta": delta}, "content_block_delta")
+        await _sse(response, {"type": "content_block_stop", "index": index}, "content_block_stop")
+    if not tools:
+        await upstream._gate(prompt).wait()
+    ending = {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": None}, "usage": usage}
+    await _sse(response, ending, "message_delta")
+    await _sse(response, {"type": "message_stop"}, "message_stop")
+    upstream.finished.add(prompt)
+    return response
+
+
+@pytest.fixture(scope="module")
+def held_upstream() -> Iterator[HeldUpstream]:
+    upstream = HeldUpstream()
+    loop = asyncio.new_event_loop()
+    upstream.loop = loop
+    ready = threading.Event()
+    runners: list[web.AppRunner] = []
+
+    async def serve() -> None:
+        app = web.Application()
+
+        async def chat(request: web.Request) -> web.StreamResponse:
+            return await _openai(request, upstream)
+
+        async def messages(request: web.Request) -> web.StreamResponse:
+            return await _anthropic(request, upstream)
+
+        app.router.add_post("/v1/chat/completions", chat)
+        app.router.add_post("/v1/messages", messages)
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        upstream.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        runners.append(runner)
+        ready.set()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True, name="held-upstream")
+    thread.start()
+    asyncio.run_coroutine_threadsafe(serve(), loop)
+    assert ready.wait(10)
+    try:
+        yield upstream
+    finally:
+        for gate in list(upstream.gates.values()):  # nothing is left holding
+            loop.call_soon_threadsafe(gate.set)
+        asyncio.run_coroutine_threadsafe(runners[0].cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+def _start(
+    workdir: Path, held: HeldUpstream, redis: EmbeddedRedis, small: SimulatedUpstream, large: SimulatedUpstream
+) -> GatewayProcess:
+    policy = policy_text(small, large, extra_models=_MODELS.format(url=held.url))
+    return start_gateway(workdir, policy, env={"REDIS_URL": redis.url, "TEST_LARGE_KEY": "k"})
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    held_upstream: HeldUpstream,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:
+    process = _start(tmp_path_factory.mktemp("stopcut"), held_upstream, redis_server, small_upstream, large_upstream)
+    yield process
+    process.stop()
+
+
+def _prompt(tag: str = "") -> str:
+    return f"{tag}{uuid.uuid4().hex}"
+
+
+class _ReleaseOnKeepAlive:
+    """An SDK's own connection (``http``: its httpx module), which lets the upstream go once a
+    keep-alive (``marker``) reached the client after the answer's text (``after``)."""
+
+    def __init__(self, http: Any, marker: bytes, after: bytes, release: Callable[[], None]) -> None:
+        self.seen = 0
+        spy, inner, read = self, http.HTTPTransport(), bytearray()
+
+        class Spied(http.SyncByteStream):  # type: ignore[misc]
+            def __init__(self, stream: Any) -> None:
+                self._stream = stream
+
+            def __iter__(self) -> Iterator[bytes]:
+                for piece in self._stream:
+                    read.extend(piece)
+                    if not spy.seen and after in read and marker in read[read.index(after) :]:
+                        spy.seen += 1
+                        release()
+                    yield piece
+
+            def close(self) -> None:
+                self._stream.close()
+
+        class Transport(http.BaseTransport):  # type: ignore[misc]
+            def handle_request(self, request: Any) -> Any:
+                response = inner.handle_request(request)
+                response.stream = Spied(response.stream)
+                return response
+
+            def close(self) -> None:
+                inner.close()
+
+        self.client = http.Client(transport=Transport(), timeout=30)
+
+
+def test_a_stream_ends_at_the_cut_while_the_upstream_writes_on(
+    gateway: GatewayProcess, held_upstream: HeldUpstream
+) -> None:
+    """The finish chunk, then [DONE] at once: the SDK's stream ends (t58: silence until the model
+    finished, and an SDK read timeout failed the complete answer). The log line has the upstream's
+    usage once it is done."""
+    oai = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0))
+    prompt = _prompt()
+    raw = oai.chat.completions.with_raw_response.create(
+        model="reasoner", messages=[{"role": "user", "content": prompt}], stop=["Observation:"], stream=True
+    )
+    chunks, request_id = list(raw.parse()), raw.headers["x-request-id"]
+    assert prompt not in held_upstream.finished  # the client has its [DONE]: the upstream is still held
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Thought: look\n"
+    finishes = [(c.choices[0].finish_reason, (c.choices[0].model_extra or {}).get("stop_reason")) for c in chunks if c.choices and c.choices[0].finish_reason]  # fmt: skip
+    assert finishes == [("stop", "Observation:")]
+    held_upstream.release(prompt)
+    record = gateway.wait_for_record(request_id, timeout_s=30)
+    assert (record["status"], record["completion_tokens"], record["tokens_source"]) == (200, _WRITTEN, "upstream")
+    assert record["finish_reason"] == "stop"
+
+
+def test_a_client_that_leaves_at_the_cut_is_billed_the_upstreams_usage(
+    gateway: GatewayProcess, held_upstream: HeldUpstream
+) -> None:
+    """t58: a client that closed once it saw the finish was logged with the gateway's count of the
+    cut text (4 tokens), not the 5000 the upstream wrote and bills."""
+    prompt = _prompt()
+    body = {
+        "model": "reasoner",
+        "messages": [{"role": "user", "content": prompt}],
+        "stop": "Observation:",
+        "stream": True,
+    }
+    with httpx.stream("POST", gateway.base_url + "/chat/completions", json=body, timeout=30) as response:
+        request_id = response.headers["x-request-id"]
+        for line in response.iter_lines():
+            if '"finish_reason":"stop"' in line:
+                break  # and the connection is closed
+    held_upstream.release(prompt)
+    record = gateway.wait_for_record(request_id, timeout_s=30)
+    assert (record["completion_tokens"], record["tokens_source"]) == (_WRITTEN, "upstream")
+    assert record["finish_reason"] == "stop"
+
+
+def test_a_chat_client_that_asked_for_the_usage_waits_for_it_with_keep_alives(
+    gateway: GatewayProcess, held_upstream: HeldUpstream
+) -> None:
+    """SSE comments, which the openai SDK skips, until the upstream's usage comes."""
+    prompt = _prompt()
+    spy = _ReleaseOnKeepAlive(httpx, b": keep-alive", b"Observation:", lambda: held_upstream.release(prompt))
+    client = closed_after_test(spy.client)
+    oai = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0, http_client=client))
+    chunks = list(
+        oai.chat.completions.create(
+            model="reasoner",
+            messages=[{"role": "user", "content": prompt}],
+            stop=["Observation:"],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert spy.seen and prompt in held_upstream.finished
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Thought: look\n"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == _WRITTEN
+
+
+def test_a_messages_client_waits_for_the_usage_with_pings(gateway: GatewayProcess, held_upstream: HeldUpstream) -> None:
+    """Claude under a whitespace stop writes on (4,096 tokens by default for a chat client): the
+    Messages client is sent Anthropic's ``ping`` events, which its SDK reads past, until the
+    usage of its ``message_delta`` comes."""
+    prompt = _prompt()
+    spy = _ReleaseOnKeepAlive(httpx2, b"event: ping", b"text_delta", lambda: held_upstream.release(prompt))
+    client = closed_after_test(spy.client)
+    claude = closed_after_test(
+        anthropic.Anthropic(base_url=gateway.url, api_key="x", max_retries=0, http_client=client)
+    )
+    with claude.messages.stream(
+        model="claude45", max_tokens=64, messages=[{"role": "user", "content": prompt}], stop_sequences=["\n"]
+    ) as events:
+        final = events.get_final_message()
+    assert spy.seen and prompt in held_upstream.finished
+    assert [(b.type, getattr(b, "text", None)) for b in final.content] == [("text", "one")]
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "\n")
+    assert final.usage.output_tokens == _WRITTEN
+
+
+_LOOKUP: Any = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+
+
+def test_a_newline_stop_does_not_match_the_line_the_gateway_starts_text_after_a_call_with(
+    gateway: GatewayProcess,
+) -> None:
+    """t58: Claude's text, a call, and text again came joined with a "\\n" the model never wrote;
+    ``stop: ["\\n"]`` cut there, and the call was lost (streamed: told ``stop``, not ``tool_calls``)."""
+    oai = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0))
+    claude = closed_after_test(anthropic.Anthropic(base_url=gateway.url, api_key="x", max_retries=0))
+    ask: Any = [{"role": "user", "content": _prompt("TOOLS")}]
+    whole = oai.chat.completions.create(model="claude45", messages=ask, tools=_LOOKUP, stop=["\n"])
+    message = whole.choices[0].message
+    assert message.content == "Let me check.\nDone."
+    calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or [] if c.type == "function"]
+    assert calls == [("lookup", '{"q":"x"}')]
+    assert whole.choices[0].finish_reason == "tool_calls"
+    chunks = list(oai.chat.completions.create(model="claude45", messages=ask, tools=_LOOKUP, stop=["\n"], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Let me check.\nDone."
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    tools: Any = [{"name": "lookup", "input_schema": {"type": "object"}}]
+    reply = claude.messages.create(model="claude45", max_tokens=64, messages=ask, tools=tools, stop_sequences=["\n"])
+    with claude.messages.stream(
+        model="claude45", max_tokens=64, messages=ask, tools=tools, stop_sequences=["\n"]
+    ) as events:
+        final = events.get_final_message()
+    for answer in (reply, final):
+        assert "".join(b.text for b in answer.content if b.type == "text") == "Let me check.\nDone."
+        assert [b.name for b in answer.content if b.type == "tool_use"] == ["lookup"]
+        assert (answer.stop_reason, answer.stop_sequence) == ("tool_use", None)
+
+
+def test_a_call_made_before_the_stop_is_kept_streamed_or_not(gateway: GatewayProcess) -> None:
+    """t58: the stop in text after a call cut the whole answer's call, while a stream had sent it."""
+    oai = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0))
+    ask: Any = [{"role": "user", "content": _prompt("TOOLS") + "LATER"}]
+    whole = oai.chat.completions.create(model="claude45", messages=ask, tools=_LOOKUP, stop=["\n"])
+    chunks = list(oai.chat.completions.create(model="claude45", messages=ask, tools=_LOOKUP, stop=["\n"], stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [t.function.name for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or [] if t.function and t.function.name]  # fmt: skip
+    finishes = [(c.choices[0].finish_reason, (c.choices[0].model_extra or {}).get("stop_reason")) for c in chunks if c.choices and c.choices[0].finish_reason]  # fmt: skip
+    assert whole.choices[0].message.content == streamed == "Let me check.\nDone."
+    made = [c.function.name for c in whole.choices[0].message.tool_calls or [] if c.type == "function"]
+    assert made == calls == ["lookup"]
+    assert finishes == [("stop", "\n")]
+    assert (whole.choices[0].finish_reason, (whole.choices[0].model_extra or {}).get("stop_reason")) == ("stop", "\n")
+
+
+def test_an_upstream_read_past_its_client_is_billed_before_the_worker_exits(
+    tmp_path: Path,
+    held_upstream: HeldUpstream,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> None:
+    """The rest of a cut stream is read by the gateway, not the client's request: at SIGTERM the
+    worker waits for it (up to its drain deadline) before the bill and the log close."""
+    process = _start(tmp_path, held_upstream, redis_server, small_upstream, large_upstream)
+    try:
+        oai = closed_after_test(openai.OpenAI(base_url=process.base_url, api_key="x", max_retries=0))
+        prompt = _prompt()
+        raw = oai.chat.completions.with_raw_response.create(
+            model="reasoner", messages=[{"role": "user", "content": prompt}], stop=["Observation:"], stream=True
+        )
+        chunks, request_id = list(raw.parse()), raw.headers["x-request-id"]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+        process.send_signal(signal.SIGTERM)
+        _until_closed(process)  # the server has stopped: the worker is on its way out
+        held_upstream.release(prompt)
+        assert process.process.wait(30) == 0
+        (record,) = [r for r in process.log_records() if r["request_id"] == request_id]
+        assert (record["completion_tokens"], record["tokens_source"]) == (_WRITTEN, "upstream")
+    finally:
+        process.stop()
+
+
+def _until_closed(process: GatewayProcess) -> None:
+    for _ in range(300):
+        try:
+            httpx.get(process.url + "/healthz", timeout=1)
+        except httpx.TransportError:
+            return
+        threading.Event().wait(0.1)
+    raise AssertionError("the gateway went on accepting after SIGTERM")
