@@ -98,6 +98,12 @@ class KeyValue(Protocol):
         or None (nothing stored) when it does not fit even so."""
         ...
 
+    async def get_bounded(self, keys: list[str], ledger: str, ttl_s: int, timeout_s: float) -> list[bytes | None]:
+        """:meth:`get_many` of keys :meth:`put_bounded` stored, in one round trip, each one found
+        in ``ledger`` used: it becomes the ledger's newest (the last its cap deletes) and its
+        ``ttl_s`` starts again. (A key that is not in the ledger is read and left as it is.)"""
+        ...
+
     async def delete_bounded(self, key: str, ledger: str, timeout_s: float) -> bool:
         """:meth:`delete` of a key :meth:`put_bounded` stored, taken out of its ledger."""
         ...

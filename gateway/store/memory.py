@@ -105,6 +105,17 @@ class MemoryKeyValue(_Outage):
         self._values[key] = (value, now + ttl_s)
         return deleted
 
+    async def get_bounded(self, keys: list[str], ledger: str, ttl_s: int, timeout_s: float) -> list[bytes | None]:
+        self._check()
+        now = self._clock()
+        held = self._ledgers.setdefault(ledger, {})
+        values = [self._live(key) for key in keys]
+        for key, value in zip(keys, values, strict=True):
+            if value is not None and key in held:
+                held[key] = (held.pop(key)[0], now)  # the newest now: last in the ledger's order
+                self._values[key] = (value, now + ttl_s)
+        return values
+
     async def delete_bounded(self, key: str, ledger: str, timeout_s: float) -> bool:
         self._check()
         self._ledgers.get(ledger, {}).pop(key, None)

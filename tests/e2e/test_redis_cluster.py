@@ -83,6 +83,7 @@ async def test_a_tenants_bounded_collection_evicts_on_its_own_slot(cluster: Loca
             for key in keys:
                 await kv.put_bounded(key, b"x" * 100, 60, ledger, 2 * (100 + BOUNDED_ENTRY_BYTES), 2.0)
             assert await kv.get_many(keys, 2.0) == [None, b"x" * 100, b"x" * 100]
+            assert await kv.get_bounded(keys, ledger, 60, 2.0) == [None, b"x" * 100, b"x" * 100]  # t60
             assert await kv.delete_bounded(keys[2], ledger, 2.0) is True
     finally:
         await shared.aclose()

@@ -337,6 +337,36 @@ async def test_a_bounded_collection_drops_its_oldest_keys_past_its_bytes(store: 
     assert await store.kv.get_many(keys, T) == [b"u" * 100, None, None, None]
 
 
+async def test_a_bounded_key_read_as_used_is_the_last_to_go(store: Store) -> None:
+    """t60: a conversation continued is read as used, so that a tenant past its cap loses its idle
+    turns first, not those of the conversations in use."""
+    tenant = _tenant()
+    ledger, w = keyspace.stored_responses(tenant), BOUNDED_ENTRY_BYTES
+    keys = [keyspace.response(tenant, f"u{i}") for i in range(4)]
+    outside, missing = keyspace.response(tenant, "outside"), keyspace.response(tenant, "missing")
+    cap = 300 + 3 * w
+    for key in keys[:3]:
+        assert await store.kv.put_bounded(key, b"x" * 100, 60, ledger, cap, T) == 0
+        await asyncio.sleep(0.002)
+    await store.kv.put(outside, b"o", 60, T)  # not in the ledger: read, and left as it is
+    assert await store.kv.get_bounded([keys[0], missing, outside], ledger, 60, T) == [b"x" * 100, None, b"o"]
+    assert await store.kv.get_bounded([], ledger, 60, T) == []
+    await asyncio.sleep(0.002)
+    assert await store.kv.put_bounded(keys[3], b"z" * 100, 60, ledger, cap, T) == 1
+    assert await store.kv.get_many(keys, T) == [b"x" * 100, None, b"x" * 100, b"z" * 100]  # keys[1] went
+    assert await store.kv.get(outside, T) == b"o"
+
+
+async def test_a_bounded_key_read_as_used_is_kept_its_ttl_again(store: Store) -> None:
+    tenant = _tenant()
+    ledger, key = keyspace.stored_responses(tenant), keyspace.response(tenant, "again")
+    assert await store.kv.put_bounded(key, b"x", 2, ledger, 1 << 20, T) == 0
+    await asyncio.sleep(1.2)
+    assert await store.kv.get_bounded([key], ledger, 2, T) == [b"x"]
+    await asyncio.sleep(1.2)  # past the first TTL, within the second
+    assert await store.kv.get(key, T) == b"x"
+
+
 async def test_one_call_deletes_a_bounded_number_of_keys(store: Store) -> None:
     """200,000 small keys deleted in one call held Redis, every tenant's, for a second (t17)."""
     tenant = _tenant()

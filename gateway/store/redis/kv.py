@@ -69,6 +69,30 @@ host agrees) and a hash of their sizes with the total under ``#``. A key already
 or evicted) is forgotten when it is the oldest or its time is up: until then its bytes still
 count, which errs on the side of the cap."""
 
+_GET_BOUNDED = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local ttl_ms = tonumber(ARGV[1]) * 1000
+local values = {}
+local used = false
+for i = 3, #KEYS do
+  local value = redis.call('GET', KEYS[i])
+  values[i - 2] = value
+  if value and redis.call('ZSCORE', KEYS[1], KEYS[i]) then
+    redis.call('ZADD', KEYS[1], now, KEYS[i])
+    redis.call('PEXPIRE', KEYS[i], ttl_ms)
+    used = true
+  end
+end
+if used then
+  redis.call('PEXPIRE', KEYS[1], ttl_ms)
+  redis.call('PEXPIRE', KEYS[2], ttl_ms)
+end
+return values
+"""
+"""A key used is stored again, as far as the ledger can tell: its time (the sorted set's score,
+which the expired keys' sweep also reads) and its TTL restart together."""
+
 _DELETE_BOUNDED = """
 local had = redis.call('HGET', KEYS[3], KEYS[1])
 if had then
@@ -87,6 +111,7 @@ class RedisKeyValue:
         self._release = client.register_script(_RELEASE) if client is not None else None
         self._put_and_release = client.register_script(_PUT_AND_RELEASE) if client is not None else None
         self._put_bounded = client.register_script(_PUT_BOUNDED) if client is not None else None
+        self._get_bounded = client.register_script(_GET_BOUNDED) if client is not None else None
         self._delete_bounded = client.register_script(_DELETE_BOUNDED) if client is not None else None
 
     async def get(self, key: str, timeout_s: float) -> bytes | None:
@@ -133,6 +158,16 @@ class RedisKeyValue:
         args: list[bytes | int | str] = [value, ttl_s, max_bytes, BOUNDED_ENTRY_BYTES, BOUNDED_EVICTIONS_AT_MOST]
         deleted = await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s)
         return None if deleted < 0 else int(deleted)
+
+    async def get_bounded(self, keys: list[str], ledger: str, ttl_s: int, timeout_s: float) -> list[bytes | None]:
+        script = self._get_bounded
+        if script is None:
+            raise StoreUnavailable
+        if not keys:
+            return []
+        every = [ledger, f"{ledger}:bytes", *keys]
+        raws = await self._redis.call(lambda r: script(keys=every, args=[ttl_s]), timeout_s)
+        return [raw.encode() if isinstance(raw, str) else raw for raw in raws]
 
     async def delete_bounded(self, key: str, ledger: str, timeout_s: float) -> bool:
         script = self._delete_bounded
