@@ -270,7 +270,8 @@ class UpstreamStatusError(UpstreamError):
         elif status in _THE_REQUESTS_FAULT:
             self.status_code = status
             self.error_type = "invalid_request_error"
-            self.code = "upstream_rejected_request"
+            code = error.get("code")
+            self.code = code if code in _CODES_CLIENTS_ACT_ON else "upstream_rejected_request"
             param = error.get("param")
             self.param = param if isinstance(param, str) else None  # the client's parameter the upstream named
             self.message = f"upstream '{upstream}': HTTP {status}: {_its_words(error)}"
@@ -304,6 +305,11 @@ def _its_words(error: dict[str, Any]) -> str:
     return said[:500] if isinstance(said, str) else "the upstream refused the request"
 
 
+_CODES_CLIENTS_ACT_ON = frozenset({"previous_response_not_found", "invalid_encrypted_content"})
+"""OpenAI's codes for a request's fault that clients recover from by their code (t60: Codex and the
+proxies in front of it drop a ``previous_response_id`` OpenAI no longer has, or the reasoning items
+another organisation encrypted, and send the whole conversation again): kept as the upstream wrote
+them. Others read ``upstream_rejected_request`` (one code for the metrics' labels and the log)."""
 _THE_REQUESTS_FAULT = frozenset({400, 413, 422})
 """Upstream statuses that blame the request the client sent: told with the upstream's own words."""
 _STATUS_WORDS = {

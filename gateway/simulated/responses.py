@@ -3,7 +3,7 @@
 It behaves as OpenAI's server does where a gateway can tell: the request is read as
 OpenAI reads it (hosted and custom tools are accepted and simply never called here);
 ``store`` (the default) keeps the turn, and ``previous_response_id`` continues it or is
-a 404 ``previous_response_not_found``; stored turns are per API key (per organisation
+a 400 ``previous_response_not_found``; stored turns are per API key (per organisation
 at OpenAI), so one key cannot read another's. The answer is the simulated chat answer
 to the same conversation, encoded by the gateway's own Responses codec. A continued
 conversation reports the earlier turns' tokens as cached once they reach 1,024, in
@@ -78,7 +78,7 @@ def plan_turn(raw: bytes, store: TurnStore, key: str) -> SimulatedTurn:
         stored = store.get(key, decoded.previous_response_id)
         if stored is None:
             raise ResponsesRequestError(
-                404,
+                400,  # OpenAI's status for it (t60), which clients act on with the code
                 f"Previous response with id '{decoded.previous_response_id}' not found.",
                 "previous_response_id",
                 "previous_response_not_found",

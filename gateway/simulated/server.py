@@ -170,6 +170,8 @@ class _Stats:
     last_path: str | None = None
     last_headers: Mapping[str, str] | None = None
     last_body: Any = None
+    last_stored_path: str | None = None
+    """The path and query of the last request for a stored response (``GET``, ``DELETE``, its items)."""
 
     def reset(self) -> None:
         """Zero everything but ``in_flight``: running handlers still decrement it."""
@@ -198,6 +200,7 @@ class _Stats:
             "in_flight": self.in_flight,
             "last_api_key": self.last_api_key,
             "last_request": last,
+            "last_stored_path": self.last_stored_path,
         }
 
 
@@ -810,6 +813,7 @@ async def _responses_handler(request: web.Request) -> web.StreamResponse:
 
 async def _stored_response_handler(request: web.Request) -> web.Response:
     state = request.app[_STATE]
+    state.stats.last_stored_path = request.path_qs
     fault = state.faults.popleft() if state.faults else _NO_FAULT  # OpenAI limits and fails these calls too
     if fault.status is not None:
         return _fault_response(fault, fault.status, anthropic=False)
