@@ -342,12 +342,15 @@ def _error_answer(record: RequestRecord, exc: GatewayError, started: float, info
 
 def _headers(record: RequestRecord, started: float, info: DispatchInfo) -> dict[str, str]:
     overhead_ms = (time.perf_counter() - started - info.upstream_seconds) * 1000
-    return {
+    headers = {
         "x-request-id": record.request_id,
-        "x-gateway-model": record.model or "",
-        "x-gateway-route": record.route or "",
         "x-gateway-cache": record.cache,
         "x-gateway-cost-usd": f"{record.cost_usd:.8f}",
         "x-gateway-overhead-ms": f"{max(0.0, overhead_ms):.3f}",
         "x-gateway-policy-version": record.policy_version or "",
     }
+    if record.model:  # an error before routing names no model (t60: no empty header)
+        headers["x-gateway-model"] = record.model
+    if record.route:
+        headers["x-gateway-route"] = record.route
+    return headers

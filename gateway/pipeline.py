@@ -1084,13 +1084,12 @@ class ChatPipeline:
         overhead_ms = (time.perf_counter() - x.started - x.info.upstream_seconds) * 1000
         headers = {
             "x-request-id": record.request_id,
-            "x-gateway-model": record.model or "",
-            "x-gateway-route": record.route or "",
             "x-gateway-cache": record.cache,
             "x-gateway-cost-usd": f"{record.cost_usd if cost is None else cost:.8f}",
             "x-gateway-overhead-ms": f"{overhead_ms:.3f}",
             "x-gateway-policy-version": record.policy_version or "",
         }
+        _name_the_model(headers, record.model, record.route)
         if record.cache_similarity is not None:
             headers["x-gateway-cache-similarity"] = f"{record.cache_similarity:.4f}"
         if record.cache_p_same is not None:
@@ -1360,3 +1359,12 @@ def _usage_chunk(chunk_id: str | None, created: int | None, model: str | None, r
     )  # fmt: skip
     chunk_id = chunk_id or f"chatcmpl-{record.request_id}"
     return chunk_body(chunk_id, created or int(time.time()), model or record.model, None, usage=usage)
+
+
+def _name_the_model(headers: dict[str, str], model: str | None, route: str | None) -> None:
+    """``x-gateway-model`` and ``x-gateway-route``, where the request got that far: an error raised
+    before routing (a malformed body) names none, rather than sending empty headers (t60)."""
+    if model:
+        headers["x-gateway-model"] = model
+    if route:
+        headers["x-gateway-route"] = route

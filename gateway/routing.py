@@ -133,7 +133,7 @@ class Router:
             )
         if holder not in self.ends(plan) and "*" not in allowed and holder not in allowed:
             raise PermissionDeniedError(
-                f"the previous response is kept by model '{holder}', which this key may not use",
+                "the previous response is kept by a model this key may not use",  # not named (t60)
                 param="previous_response_id",
             )
         return RoutePlan(plan.route, (holder,), plan.baseline, "previous_response", retry=plan.retry)
