@@ -1,19 +1,26 @@
 """Responses API turns kept in the shared store, per tenant, for ``previous_response_id`` and ``GET``.
 
-A stored turn is the response object as the client got it and the whole conversation
-up to and including its answer, as internal messages (the earlier turns', this turn's
-input items, the assistant's answer; never the ``instructions``, which OpenAI does not
-carry into the next turn). A later turn naming it loads one record, however long the
-chain: there is nothing to follow recursively.
+A stored turn is the response object as the client got it and what the turn added to the
+conversation, as internal messages (its input items and the assistant's answer; never the
+``instructions``, which OpenAI does not carry into the next turn), with the ids of the turns
+before it (``ancestors``). A turn then costs its own bytes, however long its conversation: a
+record holding the whole conversation so far made a chain of n turns cost n²/2 turns, and one
+long session pushed out its tenant's other conversations (t60). A later turn naming it reads
+its conversation back by the ids: :data:`ANCESTORS_AT_MOST` turns a round trip (one ``MGET``),
+and reading them marks them used, so that a tenant past its cap loses its idle turns first.
+One that is gone (expired, evicted or deleted) leaves its descendants readable but not
+continuable: ``previous_response_not_found``, as for a response that is gone itself.
+A turn stored before (``version`` 1) holds the whole conversation up to it, and is read so.
 
 A passed-through response lives at its upstream; its record holds only ``held_by``, and the
 client's own identifiers the upstream keeps as the tenant's digests (``own_ids``).
 
 Keys are :func:`gateway.store.keyspace.response` (``gw:{<tenant hash>}:resp:<id>``): a
-tenant's lookup can only ever reach its own turns. Records expire after
-:data:`RESPONSE_TTL_S` (30 days, OpenAI's retention for stored responses), or sooner when
-the tenant's kept turns outgrow its cap in bytes (its oldest go first): one tenant's turns
-never push out another's, which a full Redis evicting by TTL would otherwise do.
+tenant's lookup can only ever reach its own turns. Records expire :data:`RESPONSE_TTL_S`
+after they were last stored or continued from (30 days, OpenAI's retention for stored
+responses), or sooner when the tenant's kept turns outgrow its cap in bytes (the least
+recently used go first): one tenant's turns never push out another's, which a full Redis
+evicting by TTL would otherwise do.
 """
 
 from __future__ import annotations
@@ -28,19 +35,42 @@ from gateway.core.model import Message
 from gateway.store import keyspace
 from gateway.store.base import KeyValue
 
-__all__ = ["KEPT_ID_CHARS", "RESPONSE_TTL_S", "STORE_TIMEOUT_S", "ResponseStore", "StoredResponse", "kept_ids"]
+__all__ = [
+    "ANCESTORS_AT_MOST",
+    "KEPT_ID_CHARS",
+    "RESPONSE_TTL_S",
+    "STORE_TIMEOUT_S",
+    "ResponseStore",
+    "StoredResponse",
+    "kept_ids",
+]
 
 RESPONSE_TTL_S = 30 * 24 * 3600
 """How long a stored response is kept: 30 days, as OpenAI keeps them."""
 STORE_TIMEOUT_S = 1.0
-"""Deadline of one store call (a record holds a whole conversation: larger than a cache entry)."""
+"""Deadline of one store call (a call reads up to :data:`ANCESTORS_AT_MOST` turns: larger than a cache entry)."""
+ANCESTORS_AT_MOST = 100
+"""How many ids of the turns before it a turn's record names, the nearest first to go: the oldest
+of them names those before it. A conversation of n turns is read in 1 + n / 100 round trips, and
+a record's ids stay under 4 KB (every record naming all its ancestors would cost n²/2 ids again)."""
+VERSION = 2
+"""The version of the records :class:`ResponseStore` writes (see :attr:`StoredResponse.version`)."""
 
 
 class StoredResponse(msgspec.Struct, kw_only=True):
+    version: int = 1
+    """2: the turn holds what it added (``added``) and names the turns before it (``ancestors``);
+    1 (a record without the field, stored before t60): ``messages`` is the whole conversation."""
     response: dict[str, Any] = msgspec.field(default_factory=dict)
     """The response object, as ``GET /v1/responses/{id}`` returns it."""
-    messages: list[Message] = msgspec.field(default_factory=list)
-    """The conversation so far, this turn's answer last."""
+    messages: list[Message] | None = None
+    """Version 1: the conversation so far, this turn's answer last. None in version 2, so that a
+    gateway from before cannot decode the record (it answers ``previous_response_not_found``,
+    which clients recover from, instead of continuing a conversation with its history lost)."""
+    added: list[Message] = msgspec.field(default_factory=list)
+    """This turn's input items and its answer, last."""
+    ancestors: list[str] = msgspec.field(default_factory=list)
+    """The ids of the turns before this one, oldest first: the nearest :data:`ANCESTORS_AT_MOST`."""
     held_by: str | None = None
     """A passed-through response lives at its upstream: the model (policy name) that keeps it.
     The gateway then keeps only this, so that only the tenant that made it can read, continue
@@ -50,6 +80,25 @@ class StoredResponse(msgspec.Struct, kw_only=True):
     them (the tenant's digests, :mod:`gateway.protocols.tenant_ids`), each with the client's own
     value, which a digest cannot give back: reading the response tells the client its own (t48).
     ``None`` for a value longer than :data:`KEPT_ID_CHARS`, which is then read back as ``null``."""
+
+    @classmethod
+    def turn(cls, response: dict[str, Any], added: list[Message], ancestors: list[str]) -> StoredResponse:
+        """A turn the gateway answered."""
+        return cls(version=VERSION, response=response, added=added, ancestors=ancestors)
+
+    @classmethod
+    def held(cls, held_by: str, own_ids: dict[str, str | None]) -> StoredResponse:
+        """A passed-through response's record (``messages`` empty: a gateway from before reads it too)."""
+        return cls(version=VERSION, messages=[], held_by=held_by, own_ids=own_ids)
+
+    @property
+    def own(self) -> list[Message]:
+        """What this turn adds to the conversation before it (for version 1: the whole conversation)."""
+        return self.added if self.version >= 2 else self.messages or []
+
+    def then(self, response_id: str) -> list[str]:
+        """The ancestors of a turn that continues this one, ``response_id``."""
+        return [*self.ancestors, response_id][-ANCESTORS_AT_MOST:]
 
 
 KEPT_ID_CHARS = 256
@@ -80,14 +129,42 @@ class ResponseStore:
         self._cap = cap
         self._timeout_s = timeout_s
 
-    async def load(self, tenant: str, response_id: str) -> StoredResponse | None:
-        raw = await self._kv.get(keyspace.response(tenant, response_id), self._timeout_s)
-        if not raw:
-            return None
-        try:
-            return _decoder.decode(raw)
-        except msgspec.DecodeError:
-            return None  # written by an incompatible version: as good as gone
+    async def load(self, tenant: str, response_id: str, *, use: bool = False) -> StoredResponse | None:
+        """The turn; ``use``: it is being continued, which keeps it from its tenant's cap longer."""
+        key = keyspace.response(tenant, response_id)
+        if use:
+            (raw,) = await self._kv.get_bounded(
+                [key], keyspace.stored_responses(tenant), RESPONSE_TTL_S, self._timeout_s
+            )
+        else:
+            raw = await self._kv.get(key, self._timeout_s)
+        return _decoded(raw)
+
+    async def conversation(
+        self, tenant: str, record: StoredResponse, *, use: bool = False
+    ) -> tuple[list[Message], bool]:
+        """The conversation up to and including ``record``'s answer, and whether it is whole: with
+        an earlier turn gone, only what follows the latest gone one (``use``: as :meth:`load`).
+
+        Each round trip reads the ancestors one record names, whose oldest names those before."""
+        parts = [record.own]
+        ancestors = record.ancestors
+        ledger = keyspace.stored_responses(tenant)
+        while ancestors:
+            keys = [keyspace.response(tenant, ancestor) for ancestor in ancestors]
+            if use:
+                raws = await self._kv.get_bounded(keys, ledger, RESPONSE_TTL_S, self._timeout_s)
+            else:
+                raws = await self._kv.get_many(keys, self._timeout_s)
+            found = [_decoded(raw) for raw in raws]
+            for earlier in reversed(found):
+                if earlier is None:
+                    return _joined(parts), False
+                parts.append(earlier.own)
+            oldest = found[0]
+            assert oldest is not None
+            ancestors = oldest.ancestors
+        return _joined(parts), True
 
     async def save(self, tenant: str, response_id: str, record: StoredResponse) -> bool:
         """Whether it was kept: not when the record alone is larger than the tenant's cap.
@@ -116,3 +193,17 @@ class ResponseStore:
         return await self._kv.delete_bounded(
             keyspace.response(tenant, response_id), keyspace.stored_responses(tenant), self._timeout_s
         )
+
+
+def _decoded(raw: bytes | None) -> StoredResponse | None:
+    if not raw:
+        return None
+    try:
+        return _decoder.decode(raw)
+    except msgspec.DecodeError:
+        return None  # written by an incompatible version: as good as gone
+
+
+def _joined(parts: list[list[Message]]) -> list[Message]:
+    """The turns' messages, ``parts`` newest first, as one conversation, oldest first."""
+    return [message for part in reversed(parts) for message in part]

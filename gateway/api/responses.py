@@ -82,6 +82,10 @@ class ResponseStoreUnavailableError(ServiceUnavailableError):
     code = "response_store_unavailable"
 
 
+class _GoneUpstream(ResponseNotFoundError):
+    """A passed-through response its upstream no longer has: the gateway's record of it can go."""
+
+
 @dataclass(slots=True)
 class _Turn:
     """What the body reader learnt, for the answer: the request, its tenant, the earlier turns."""
@@ -89,6 +93,8 @@ class _Turn:
     decoded: codec.ResponsesRequest | None = None
     tenant: str = ""
     history: list[Message] = field(default_factory=list)
+    ancestors: list[str] = field(default_factory=list)
+    """The ids of the turns before this one, for its record (t60: a turn keeps only what it adds)."""
     own_ids: dict[str, str] = field(default_factory=dict)
     """A passed-through request's identifiers as sent upstream, and as the client wrote them."""
 
@@ -107,7 +113,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         decoded = await read_off_loop(raw, lambda: codec.decode_request(raw, passed_through=True))
         previous = None
         if decoded.previous_response_id is not None:
-            previous = await _load(store, turn.tenant, decoded.previous_response_id, "previous_response_id")
+            previous = await _load(store, turn.tenant, decoded.previous_response_id, "previous_response_id", use=True)
         if _served_by_responses_upstreams(runtime, decoded.request.model, principal.allowed) and (
             previous is None or previous.held_by is not None
         ):
@@ -118,8 +124,9 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
             return _readable(decoded)
         if previous is not None and previous.held_by is not None:
             raise InvalidRequestError(
-                f"previous_response_id: response '{decoded.previous_response_id}' is kept by the upstream of model "
-                f"'{previous.held_by}'; continue it with a model whose upstream serves the Responses API",
+                f"previous_response_id: response '{decoded.previous_response_id}' is kept by the upstream of "
+                f"{_holder(previous.held_by, principal.allowed)}; continue it with a model whose upstream serves "
+                "the Responses API",
                 param="previous_response_id",
             )
         decoded = await read_off_loop(
@@ -129,7 +136,9 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
             ),
         )
         turn.decoded = decoded
-        turn.history = previous.messages if previous is not None else []
+        if previous is not None and decoded.previous_response_id is not None:
+            turn.history = await _history(store, turn.tenant, decoded.previous_response_id, previous)
+            turn.ancestors = previous.then(decoded.previous_response_id)
         return codec.to_request(decoded, turn.history)
 
     _, answer = await hand_to_pipeline(request, protocol=_PROTOCOL, translate=translate, passthrough=passthrough)
@@ -177,29 +186,27 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
 @get("/v1/responses/{response_id:str}")
 async def retrieve_response(request: Request[Any, Any, Any], response_id: str) -> Response[bytes]:
     """A stored response of the caller's tenant, as it was answered (asked of its upstream if it keeps it)."""
-    state: GatewayState = request.app.state.gateway
     record = await _on_stored(request, lambda store, tenant: store.load(tenant, response_id))
     if record is None:
         raise _not_found(response_id)
-    if record.held_by is not None:
-        return await _ask_upstream(state, record.held_by, "GET", response_id, own_ids=record.own_ids)
+    if record.held_by is not None:  # include[], stream, starting_after: the upstream's to read (t60)
+        return await _read_upstream(request, record.held_by, response_id, "", record.own_ids)
     return Response(content=msgspec.json.encode(record.response), media_type="application/json")
 
 
 @get("/v1/responses/{response_id:str}/input_items")
 async def list_input_items(request: Request[Any, Any, Any], response_id: str) -> Response[bytes]:
     """The items a stored response of the caller's tenant answered, a page at a time
-    (``limit`` 1-100, default 20; ``order`` ``desc``, the default, or ``asc``; ``after`` an item id)."""
-    state: GatewayState = request.app.state.gateway
+    (``limit`` 1-100, default 20; ``order`` ``desc``, the default, or ``asc``; ``after`` an item id).
+    With an earlier turn gone (deleted, expired or evicted), the conversation after it."""
     record = await _on_stored(request, lambda store, tenant: store.load(tenant, response_id))
     if record is None:
         raise _not_found(response_id)
     limit, order, after = _page_query(request)
     if record.held_by is not None:
-        query = request.url.query
-        rest = "/input_items" + (f"?{query}" if query else "")
-        return await _ask_upstream(state, record.held_by, "GET", response_id, rest, own_ids=record.own_ids)
-    items = codec.input_items(record.messages[:-1], response_id)  # the last message is the response's own answer
+        return await _read_upstream(request, record.held_by, response_id, "/input_items", record.own_ids)
+    messages, _ = await _on_stored(request, lambda store, tenant: store.conversation(tenant, record))
+    items = codec.input_items(messages[:-1], response_id)  # the last message is the response's own answer
     if order == "desc":
         items.reverse()
     if after is not None:
@@ -277,6 +284,23 @@ async def _on_stored(request: Request[Any, Any, Any], operation: Callable[[Respo
         raise _unavailable(None) from None
 
 
+async def _read_upstream(
+    request: Request[Any, Any, Any], held_by: str, response_id: str, part: str, own_ids: Mapping[str, str | None]
+) -> Response[bytes]:
+    """``GET`` a passed-through response (``part`` of it) at its upstream, with the client's query;
+    one gone there (expired, deleted there, never kept by a Zero-Data-Retention organisation) is
+    forgotten here too: its record would otherwise claim it for 30 days (t60)."""
+    state: GatewayState = request.app.state.gateway
+    query = request.url.query
+    try:
+        return await _ask_upstream(
+            state, held_by, "GET", response_id, part + (f"?{query}" if query else ""), own_ids=own_ids
+        )
+    except _GoneUpstream:
+        await _on_stored(request, lambda store, tenant: store.delete(tenant, response_id))
+        raise
+
+
 # -- helpers ----------------------------------------------------------------------
 
 
@@ -300,16 +324,43 @@ def _unavailable(param: str | None) -> ResponseStoreUnavailableError:
     )
 
 
-async def _load(store: ResponseStore, tenant: str, response_id: str, param: str) -> StoredResponse:
+async def _load(
+    store: ResponseStore, tenant: str, response_id: str, param: str, *, use: bool = False
+) -> StoredResponse:
     try:
-        record = await store.load(tenant, response_id)
+        record = await store.load(tenant, response_id, use=use)
     except StoreUnavailable:
         raise _unavailable(param) from None
-    if record is None:  # OpenAI's answer, which clients such as Codex act on (a 400, not a 404)
-        raise InvalidRequestError(
-            f"Previous response with id '{response_id}' not found.", param=param, code="previous_response_not_found"
-        )
+    if record is None:
+        raise _previous_not_found(response_id, param)
     return record
+
+
+async def _history(store: ResponseStore, tenant: str, response_id: str, record: StoredResponse) -> list[Message]:
+    """The conversation a new turn continues (read as used: a conversation in use keeps its turns
+    from the tenant's cap longer than idle ones); one with an earlier turn gone cannot be
+    continued, as the response itself gone cannot (t60)."""
+    try:
+        messages, whole = await store.conversation(tenant, record, use=True)
+    except StoreUnavailable:
+        raise _unavailable("previous_response_id") from None
+    if not whole:
+        raise _previous_not_found(response_id, "previous_response_id")
+    return messages
+
+
+def _previous_not_found(response_id: str, param: str) -> InvalidRequestError:
+    """OpenAI's answer, which clients such as Codex act on (a 400, not a 404): they send the whole
+    conversation again."""
+    return InvalidRequestError(
+        f"Previous response with id '{response_id}' not found.", param=param, code="previous_response_not_found"
+    )
+
+
+def _holder(held_by: str, allowed: frozenset[str]) -> str:
+    """The model keeping a passed-through response, as told to a key: named only to a key that may
+    call it (t60; a key is otherwise told no model names but its own)."""
+    return f"model '{held_by}'" if "*" in allowed or held_by in allowed else "a model this key may not call"
 
 
 def _json_object_ok(runtime: Runtime, model: str, allowed: frozenset[str]) -> bool:
@@ -398,7 +449,7 @@ async def _passed_through(
     held_by = headers.get("x-gateway-model", "")
     keep = turn.decoded is not None and turn.decoded.store
     own_ids = _as_json(turn.own_ids)
-    record = StoredResponse(held_by=held_by, own_ids=kept_ids(turn.own_ids))
+    record = StoredResponse.held(held_by, kept_ids(turn.own_ids))
     if isinstance(answer, Answer):
         body = _own_ids(answer.body, own_ids)
         if keep:
@@ -545,10 +596,11 @@ async def _ask_upstream(
         answer = await provider.forward(method, f"responses/{response_id}{rest}")
     except UpstreamStatusError as exc:
         if exc.upstream_status == 404:  # gone upstream (expired, or deleted there)
-            raise _not_found(response_id) from None
+            raise _GoneUpstream(f"Response with id '{response_id}' not found.") from None
         raise  # in the gateway's words: the upstream's body can name its organisation (a 429's)
     content = _own_ids(answer.content, _as_json(own_ids)) if own_ids else answer.content
-    return Response(content=content, status_code=answer.status_code, media_type="application/json")
+    media_type = answer.headers.get("content-type") or "application/json"  # a GET with ?stream=true: events
+    return Response(content=content, status_code=answer.status_code, media_type=media_type)
 
 
 async def _keep(store: ResponseStore, turn: _Turn, response: dict[str, Any], answer: CoreAnswer) -> None:
@@ -557,9 +609,9 @@ async def _keep(store: ResponseStore, turn: _Turn, response: dict[str, Any], ans
     decoded = turn.decoded
     if decoded is None or not decoded.store:
         return
-    messages = [*turn.history, *decoded.request.messages, codec.assistant_message(answer)]
+    added = [*decoded.request.messages, codec.assistant_message(answer)]  # not the history: t60
     try:
-        if await store.save(turn.tenant, response["id"], StoredResponse(response=response, messages=messages)):
+        if await store.save(turn.tenant, response["id"], StoredResponse.turn(response, added, turn.ancestors)):
             return
         _not_stored(reason="larger than the tenant's cap on stored responses")
     except StoreUnavailable:

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import openai
 import pytest
+import redis
 from openai.types.responses import Response
 from pydantic import BaseModel
 
 from gateway.auth import hash_key
+from gateway.core.model import Message, TextPart
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
+from gateway.store import keyspace
 from tests.conftest import closed_after_test, inject, upstream_stats
 from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
@@ -242,7 +247,7 @@ def test_previous_response_id_continues_the_conversation(
     second = client.responses.create(model="fast", previous_response_id=first.id, input="What is my name?")
     third = client.responses.create(model="fast", previous_response_id=second.id, input="And again?")
     messages = _last_upstream_body(small_upstream)["messages"]
-    # Each stored turn holds the whole conversation; instructions are not carried over (as in OpenAI's API).
+    # The stored turns give the whole conversation; instructions are not carried over (as in OpenAI's API).
     assert [(m["role"], m["content"]) for m in messages] == [
         ("user", "My name is Zed."),
         ("assistant", first.output_text),
@@ -300,6 +305,86 @@ def test_a_stored_response_can_be_retrieved_and_deleted(client: openai.OpenAI) -
         client.responses.delete(created.id)
 
 
+def _stored_bytes(redis_server: EmbeddedRedis, tenant: str) -> int:
+    """What the tenant's kept turns count against its cap."""
+    with redis.Redis.from_url(redis_server.url) as store:
+        return int(store.hget(keyspace.stored_responses(tenant) + ":bytes", "#") or 0)
+
+
+def test_a_conversation_costs_its_tenant_each_turns_own_bytes_not_the_conversation_so_far(
+    client: openai.OpenAI, small_upstream: SimulatedUpstream, redis_server: EmbeddedRedis
+) -> None:
+    """t60: each turn held the whole conversation up to it, so a chain of n turns cost the cap
+    n²/2 turns, and one long session pushed the tenant's other conversations out."""
+    filler = "Note this for later, please. " * 70  # ~2 KB a turn
+    costs, previous = [], None
+    for n in range(12):
+        before = _stored_bytes(redis_server, "default")
+        turn = client.responses.create(model="fast", input=f"{n}: {filler}", previous_response_id=previous)
+        costs.append(_stored_bytes(redis_server, "default") - before)
+        previous = turn.id
+    # Linear: each turn costs its own text and answer, plus ~40 bytes per earlier turn's id (at most
+    # 100 of them); holding the conversation so far, the 12th turn cost 12 turns' text (~25 KB).
+    assert len(filler) < costs[0] and max(costs) - costs[0] < 12 * 48, costs
+    assert sum(costs) < 12 * (costs[0] + 12 * 48)
+    sent = _last_upstream_body(small_upstream)["messages"]
+    assert len(sent) == 2 * 12 - 1 and sent[0]["content"] == f"0: {filler}"  # still the whole conversation
+    assert [m["content"] for m in sent[::2]] == [f"{n}: {filler}" for n in range(12)]
+
+
+class _RecordBefore(msgspec.Struct, kw_only=True):
+    """A stored turn as the gateway wrote it before t60."""
+
+    response: dict[str, Any]
+    messages: list[Message]
+    held_by: str | None = None
+    own_ids: dict[str, str | None] = msgspec.field(default_factory=dict)
+
+
+def test_a_turn_stored_by_the_previous_version_is_read_and_continued(
+    client: openai.OpenAI, small_upstream: SimulatedUpstream, redis_server: EmbeddedRedis
+) -> None:
+    """Records from before t60 hold the whole conversation (no ``version``): they stay readable."""
+    old_id = "resp_" + uuid.uuid4().hex
+    response = {"id": old_id, "object": "response", "status": "completed", "model": "fast", "output": [],
+                "created_at": 1, "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}  # fmt: skip
+    said = ("My name is Ada.", "Hello Ada.", "I live in Oslo.", "Noted.")
+    conversation = [Message("user" if n % 2 == 0 else "assistant", (TextPart(text),)) for n, text in enumerate(said)]
+    written = msgspec.json.encode(_RecordBefore(response=response, messages=conversation))
+    with redis.Redis.from_url(redis_server.url) as store:
+        store.set(keyspace.response("default", old_id), written, ex=3600)
+    assert client.responses.retrieve(old_id).id == old_id
+    items = client.responses.input_items.list(old_id, order="asc").data
+    assert [item.content[0].text for item in items if item.type == "message"] == [  # type: ignore[union-attr]
+        "My name is Ada.", "Hello Ada.", "I live in Oslo."
+    ]  # fmt: skip
+    second = client.responses.create(model="fast", previous_response_id=old_id, input="Where do I live?")
+    client.responses.create(model="fast", previous_response_id=second.id, input="And my name?")
+    sent = [m["content"] for m in _last_upstream_body(small_upstream)["messages"]]
+    assert sent == ["My name is Ada.", "Hello Ada.", "I live in Oslo.", "Noted.", "Where do I live?",
+                    second.output_text, "And my name?"]  # fmt: skip
+
+
+def test_a_conversation_with_an_earlier_turn_deleted_is_read_but_not_continued(client: openai.OpenAI) -> None:
+    """t60: a turn holds only what it added, so a deleted (or expired, or evicted) earlier turn
+    leaves a gap: its descendants can be read, and continuing them is OpenAI's error for a response
+    that is gone, which clients recover from by sending the whole conversation."""
+    first = client.responses.create(model="fast", input="First, a secret: tulip.")
+    second = client.responses.create(model="fast", previous_response_id=first.id, input="Second.")
+    third = client.responses.create(model="fast", previous_response_id=second.id, input="Third.")
+    client.responses.delete(first.id)
+    assert client.responses.retrieve(third.id).output_text == third.output_text
+    listed = client.responses.input_items.list(third.id, order="asc").data
+    texts = [item.content[0].text for item in listed if item.type == "message"]  # type: ignore[union-attr]
+    assert texts == ["Second.", second.output_text, "Third."]  # what follows the gap: not the deleted secret
+    for descendant in (second, third):
+        with pytest.raises(openai.BadRequestError) as gone:
+            client.responses.create(model="fast", previous_response_id=descendant.id, input="Go on.")
+        assert gone.value.code == "previous_response_not_found" and gone.value.param == "previous_response_id"
+        said = gone.value.body["message"]  # type: ignore[index]
+        assert said == f"Previous response with id '{descendant.id}' not found."  # as for one gone itself
+
+
 def test_store_false_keeps_nothing(client: openai.OpenAI) -> None:
     response = client.responses.create(model="fast", input="Forget this.", store=False)
     assert _stored(response) is False
@@ -338,6 +423,7 @@ def test_errors_come_in_openais_shape(client: openai.OpenAI, gateway: GatewayPro
     ]:
         invalid = httpx.post(f"{gateway.base_url}/responses", json=body, timeout=10)
         assert invalid.status_code == 400 and invalid.json()["error"]["param"] == param, invalid.text
+        assert "x-gateway-model" not in invalid.headers  # refused before routing: no empty header (t60)
     with pytest.raises(openai.BadRequestError):
         # a role no message type has, on purpose: the SDK's types cannot express it, the gateway's 400 is the point
         client.responses.create(model="fast", input=[{"role": "robot", "content": "x"}])  # type: ignore[misc, list-item]
@@ -410,7 +496,8 @@ KEYS = """auth:
     - {id: a1, tenant: acme, hash: "%(a1)s"}
     - {id: a2, tenant: acme, hash: "%(a2)s"}
     - {id: b1, tenant: globex, hash: "%(b1)s"}
-""" % {name: hash_key(f"key-{name}") for name in ("a1", "a2", "b1")}
+    - {id: c1, tenant: initech, hash: "%(c1)s"}
+""" % {name: hash_key(f"key-{name}") for name in ("a1", "a2", "b1", "c1")}
 
 
 @pytest.fixture(scope="module")
@@ -420,7 +507,9 @@ def keyed_gateway(
     small_upstream: SimulatedUpstream,
     large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:
-    tenants = "\ntenants:\n  acme: {stored_responses_mib: 0.01}\n  globex: {}\n"  # acme keeps ~10 KB of turns
+    tenants = (  # acme keeps ~10 KB of turns, initech ~20 KB
+        "\ntenants:\n  acme: {stored_responses_mib: 0.01}\n  globex: {}\n  initech: {stored_responses_mib: 0.02}\n"
+    )
     policy = policy_text(small_upstream, large_upstream, auth=KEYS + tenants)
     process = start_gateway(Path(tmp_path_factory.mktemp("responses")), policy, env={"REDIS_URL": redis_server.url})
     yield process
@@ -473,6 +562,28 @@ def test_a_tenant_past_its_cap_loses_its_own_oldest_turns_and_no_one_elses(keyed
         alice.responses.delete(deleted.id)
         assert bob.responses.retrieve(theirs.id).output_text == theirs.output_text
     assert "stored_responses_evicted" in keyed_gateway.stderr_text()
+
+
+def test_a_tenant_past_its_cap_loses_its_idle_conversations_before_one_in_use(keyed_gateway: GatewayProcess) -> None:
+    """t60: turns went oldest stored first, so a conversation in use lost its first turn (and could
+    not be continued) while the tenant kept conversations nobody had touched since."""
+    with _client(keyed_gateway, "c1") as carol:
+        filler = "Here is some context for you. " * 35  # ~1 KB a turn: the cap holds about 7 turns
+        live = [carol.responses.create(model="fast", input=f"live 0: {filler}")]
+        idle = carol.responses.create(model="fast", input=f"idle: {filler}")
+        for n in range(1, 12):
+            live.append(
+                carol.responses.create(model="fast", input=f"live {n}: {filler}", previous_response_id=live[-1].id)
+            )
+            try:
+                carol.responses.retrieve(idle.id)
+            except openai.NotFoundError:
+                break  # the idle one went first
+        else:
+            pytest.fail("the idle conversation was never evicted")
+        assert all(_stored(turn) is True for turn in live)
+        assert carol.responses.retrieve(live[0].id).id == live[0].id  # stored before the idle one, used since
+        assert carol.responses.create(model="fast", previous_response_id=live[-1].id, input="Go on.").output_text
 
 
 def test_without_the_store_answers_go_on_but_continuations_are_503(

@@ -17,11 +17,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 
 from gateway.auth import hash_key
 from gateway.protocols.tenant_ids import scoped
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
+from gateway.store import keyspace
 from tests.conftest import closed_after_test, inject, upstream_stats
 from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
@@ -49,7 +51,8 @@ auth:
     - {id: a1, tenant: acme, hash: "%(a1)s"}
     - {id: b1, tenant: globex, hash: "%(b1)s"}
     - {id: a3, tenant: acme, hash: "%(a3)s", models: [gpt-a]}
-""" % {name: hash_key(f"key-{name}") for name in ("a1", "b1", "a3")}
+    - {id: a4, tenant: acme, hash: "%(a4)s", models: [fast]}
+""" % {name: hash_key(f"key-{name}") for name in ("a1", "b1", "a3", "a4")}
 
 CODEX_TOOLS: list[dict[str, Any]] = [
     {
@@ -208,6 +211,47 @@ def test_an_upstreams_refusal_to_read_or_delete_is_told_in_the_gateways_words_an
     alice.responses.delete(mine.id)
 
 
+def test_a_response_gone_upstream_is_told_in_openais_code_and_forgotten(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream, redis_server: EmbeddedRedis
+) -> None:
+    """t60: a response the upstream no longer has (its retention ended first, it was deleted there,
+    a Zero-Data-Retention organisation never kept it) was continued with ``upstream_rejected_request``,
+    which Codex-style clients do not recognise: they recover from ``previous_response_not_found``
+    by sending the whole conversation. A GET told 404 left the gateway's record claiming it."""
+    alice = _client(gateway)
+    gone = alice.responses.create(model="codex", input="Keep this upstream.")
+    key = upstream_stats(small_upstream)["last_api_key"]  # the gateway's, under which the upstream keeps it
+    upstream = httpx.delete(
+        f"{small_upstream.url}/responses/{gone.id}", headers={"authorization": f"Bearer {key}"} if key else {}
+    )
+    assert upstream.status_code == 200  # deleted behind the gateway's back
+    with pytest.raises(openai.BadRequestError) as continued:
+        alice.responses.create(model="codex", previous_response_id=gone.id, input="Go on.")
+    assert continued.value.code == "previous_response_not_found"
+    assert continued.value.param == "previous_response_id"
+    assert "previous_response_not_found" in continued.value.response.text  # what such clients look for
+    record = keyspace.response("acme", gone.id)
+    with redis.Redis.from_url(redis_server.url) as store:
+        assert store.exists(record)
+        with pytest.raises(openai.NotFoundError):
+            alice.responses.retrieve(gone.id)
+        assert not store.exists(record)  # forgotten: the upstream said it is gone
+
+
+def test_a_read_of_a_passed_through_response_takes_its_query_upstream(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t60: ``include[]`` and ``stream`` were dropped on the way (``input_items`` kept its query)."""
+    alice = _client(gateway)
+    kept = alice.responses.create(model="codex", input="Think about it.")
+    read = alice.responses.retrieve(kept.id, include=["reasoning.encrypted_content"])
+    assert read.id == kept.id
+    path = upstream_stats(small_upstream)["last_stored_path"]
+    assert path == f"/v1/responses/{kept.id}?include%5B%5D=reasoning.encrypted_content"
+    assert alice.responses.retrieve(kept.id).id == kept.id
+    assert upstream_stats(small_upstream)["last_stored_path"] == f"/v1/responses/{kept.id}"
+
+
 def test_a_background_response_is_refused_as_on_a_translated_route(
     gateway: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:
@@ -291,6 +335,7 @@ def test_a_response_id_does_not_reach_a_model_the_key_may_not_use(
     with pytest.raises(openai.PermissionDeniedError) as refused:
         _client(gateway, "a3").responses.create(model="gpt-a", input="Which number?", previous_response_id=kept.id)
     assert refused.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    assert "gpt-b" not in refused.value.message  # t60: a model the key may not call is not named
     assert upstream_stats(large_upstream)["requests"] == before
 
 
@@ -427,12 +472,34 @@ def test_an_upstream_rejection_is_the_callers_error(gateway: GatewayProcess) -> 
     assert "call_id" in rejected.value.message
 
 
+@pytest.mark.parametrize(
+    ("code", "told"),
+    [
+        ("invalid_encrypted_content", "invalid_encrypted_content"),  # t60: clients act on these two
+        ("previous_response_not_found", "previous_response_not_found"),
+        ("invalid_value", "upstream_rejected_request"),
+    ],
+)
+def test_an_upstreams_code_is_kept_where_clients_act_on_it(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream, code: str, told: str
+) -> None:
+    body = f'{{"error": {{"message": "refused: {code}", "type": "invalid_request_error", "code": "{code}"}}}}'
+    inject(small_upstream, {"status": 400, "body": body})
+    with pytest.raises(openai.BadRequestError) as rejected:
+        _client(gateway).responses.create(model="codex", input="Go on.")
+    assert rejected.value.code == told and f"refused: {code}" in rejected.value.message
+
+
 def test_an_upstream_held_response_cannot_be_continued_on_a_translated_route(gateway: GatewayProcess) -> None:
     client = _client(gateway)
     held = client.responses.create(model="codex", input="Remember the number 7.")
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(model="fast", previous_response_id=held.id, input="Which number?")
     assert "gpt-a" in refused.value.message and refused.value.param == "previous_response_id"
+    # t60: a key that may not call the model keeping it is not told that model's name
+    with pytest.raises(openai.BadRequestError) as refused:
+        _client(gateway, "a4").responses.create(model="fast", previous_response_id=held.id, input="Which number?")
+    assert "gpt-a" not in refused.value.message and "may not call" in refused.value.message
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,14 @@ from gateway.errors import InvalidRequestError
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
 from gateway.protocols import openai_responses as codec
-from gateway.responses_store import KEPT_ID_CHARS, RESPONSE_TTL_S, ResponseStore, StoredResponse, kept_ids
+from gateway.responses_store import (
+    ANCESTORS_AT_MOST,
+    KEPT_ID_CHARS,
+    RESPONSE_TTL_S,
+    ResponseStore,
+    StoredResponse,
+    kept_ids,
+)
 from gateway.store import keyspace
 from gateway.store.memory import MemoryKeyValue
 from gateway.upstreams.base import StreamTally
@@ -502,6 +509,83 @@ async def test_the_store_keeps_turns_per_tenant_and_deletes_them() -> None:
     assert await store.delete("acme", "resp_1")
     assert await store.load("acme", "resp_1") is None
     assert not await store.delete("acme", "resp_1")
+
+
+class _CountedReads(MemoryKeyValue):
+    """Counts the store's round trips for stored turns."""
+
+    reads = 0
+
+    async def get_bounded(self, keys: list[str], ledger: str, ttl_s: int, timeout_s: float) -> list[bytes | None]:
+        self.reads += 1
+        return await super().get_bounded(keys, ledger, ttl_s, timeout_s)
+
+    async def get_many(self, keys: list[str], timeout_s: float) -> list[bytes | None]:
+        self.reads += 1
+        return await super().get_many(keys, timeout_s)
+
+
+async def _chain(store: ResponseStore, turns: int, root: StoredResponse | None = None) -> tuple[str, StoredResponse]:
+    """A conversation of ``turns`` turns after ``root`` (a turn ``resp_root``, if given), as the gateway stores it."""
+    previous_id, previous = ("resp_root", root) if root is not None else (None, None)
+    if root is not None:
+        assert await store.save("acme", "resp_root", root)
+    for n in range(turns):
+        ancestors = previous.then(previous_id) if previous is not None and previous_id is not None else []
+        added = [Message("user", (TextPart(f"q{n}"),)), Message("assistant", (TextPart(f"a{n}"),))]
+        record = StoredResponse.turn({"id": f"resp_{n}"}, added, ancestors)
+        assert await store.save("acme", f"resp_{n}", record)
+        previous_id, previous = f"resp_{n}", record
+    assert previous is not None and previous_id is not None
+    return previous_id, previous
+
+
+async def test_a_long_conversation_is_read_back_whole_in_few_round_trips() -> None:
+    """t60: a turn keeps only what it added and the ids of the turns before it, at most
+    ANCESTORS_AT_MOST of them: a record stays small however long the conversation, and the oldest
+    of its ancestors leads on to the ones before."""
+    kv = _CountedReads()
+    store = ResponseStore(kv, lambda tenant: 1 << 30)
+    turns = 2 * ANCESTORS_AT_MOST + 50
+    last_id, last = await _chain(store, turns)
+    assert len(last.ancestors) == ANCESTORS_AT_MOST and last.ancestors[-1] == f"resp_{turns - 2}"
+    messages, whole = await store.conversation("acme", last, use=True)
+    assert whole and [m.text for m in messages] == [text for n in range(turns) for text in (f"q{n}", f"a{n}")]
+    assert kv.reads == 3  # 249 earlier turns: 100 a round trip
+    encoded = msgspec.json.encode(await store.load("acme", last_id))
+    assert len(encoded) < ANCESTORS_AT_MOST * 48 + 200  # its own two messages, and the ids
+
+
+async def test_a_conversation_from_a_turn_stored_before_t60_and_one_with_a_gap() -> None:
+    store = ResponseStore(MemoryKeyValue(), lambda tenant: 1 << 30)
+    before = [Message("user", (TextPart("old q"),)), Message("assistant", (TextPart("old a"),))]
+    root = msgspec.json.decode(
+        msgspec.json.encode({"response": {"id": "resp_root"}, "messages": before, "held_by": None, "own_ids": {}}),
+        type=StoredResponse,
+    )  # the whole conversation up to it, as the version before wrote it
+    assert root.version == 1 and root.own == before
+    _, last = await _chain(store, 3, root)
+    messages, whole = await store.conversation("acme", last)
+    assert whole and [m.text for m in messages] == ["old q", "old a", "q0", "a0", "q1", "a1", "q2", "a2"]
+    assert await store.delete("acme", "resp_0")
+    messages, whole = await store.conversation("acme", last)
+    assert not whole and [m.text for m in messages] == ["q1", "a1", "q2", "a2"]  # what follows the gap
+
+
+async def test_a_record_of_this_version_is_not_read_as_a_whole_conversation_by_the_one_before() -> None:
+    """A gateway rolled back finds no ``messages`` it can decode: the turn is gone to it (the client
+    is told ``previous_response_not_found``), not a conversation with its history lost."""
+
+    class Before(msgspec.Struct, kw_only=True):
+        response: dict[str, Any] = msgspec.field(default_factory=dict)
+        messages: list[Message] = msgspec.field(default_factory=list)
+        held_by: str | None = None
+
+    record = StoredResponse.turn({"id": "resp_1"}, [Message("user", (TextPart("q"),))], ["resp_0"])
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(msgspec.json.encode(record), type=Before)
+    held = msgspec.json.decode(msgspec.json.encode(StoredResponse.held("gpt", {})), type=Before)
+    assert held.held_by == "gpt"  # a passed-through response's record stays readable
 
 
 def _chat(decoded: codec.ResponsesRequest, history: Sequence[Message] = ()) -> dict[str, Any]:
