@@ -27,7 +27,7 @@ from gateway.auth import Principal
 from gateway.cache.audit import AuditJob, SemanticAudit, effective_threshold, judge_request
 from gateway.cache.entries import CachedAnswer
 from gateway.cache.exact import LEADER_LEFT, ExactCache, Lease
-from gateway.cache.plan import CachePlan, plan_cache
+from gateway.cache.plan import CachePlan, check_directives, plan_cache
 from gateway.cache.semantic import SemanticCache, ServeBar
 from gateway.classifier import ClassifierError
 from gateway.classifier.text import request_text, request_unreadable
@@ -502,7 +502,8 @@ class ChatPipeline:
             x.scored = True
             if self._scorer is not None:
                 text = request_text(x.request.messages)
-                x.unseen = request_unreadable(x.request.messages, text)
+                # a part the internal model has no place for (a PDF, audio) is as unseen as an image (t64)
+                x.unseen = x.request.unreadable is not None or request_unreadable(x.request.messages, text)
                 try:
                     x.score = await self._scorer.score(text, x.record.tenant)
                 except ClassifierError as exc:
@@ -689,6 +690,8 @@ class ChatPipeline:
         if learning is None or plan is None or plan.learning is None or score is None or score.features is None:
             return
         if plan.decision not in ("small", "large") or x.record.status != 200 or not x.answered:
+            return
+        if x.unseen:  # (t64) sent large for what the router cannot read: its score is no lesson
             return
         small, large = x.runtime.router.pair
         side: Side = "small" if x.record.model == small else "large"
@@ -1195,6 +1198,8 @@ def _read_chat(raw: bytes, tenant: str) -> tuple[dict[str, Any], Any, core.Reque
     and the request in the internal model."""
     body = scoped_body(parse_chat_request(raw), tenant)
     directives = body.pop("gateway_cache", None)
+    if directives is not None:
+        check_directives(directives)
     return body, directives, read_chat_request(body)
 
 

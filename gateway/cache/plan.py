@@ -8,9 +8,10 @@ from typing import Any
 from gateway.cache.keys import answer_params, exact_key, namespace_hash
 from gateway.config.schema import CachePolicy
 from gateway.core.model import Message, Request, TextPart
+from gateway.errors import InvalidRequestError
 from gateway.store import keyspace
 
-__all__ = ["SEMANTIC_MAX_CHARS", "CachePlan", "plan_cache"]
+__all__ = ["SEMANTIC_MAX_CHARS", "CachePlan", "check_directives", "plan_cache"]
 
 SEMANTIC_MAX_CHARS = 8_000
 """Longer prompts use the exact cache alone: the embedding reads their start, the verifier at
@@ -91,6 +92,32 @@ def _beyond_the_answer(request: Request) -> bool:
         or bool(request.extra.get("logprobs"))
         or (isinstance(modalities, list) and "audio" in modalities)
     )
+
+
+_DIRECTIVES = frozenset({"no-cache", "no-store"})
+
+
+def check_directives(field: Any) -> None:
+    """The chat body's ``gateway_cache`` field: ``"no-cache"``, ``"no-store"`` (or both, comma
+    separated or as a list), or ``{"read": false, "write": false}``; anything else is refused,
+    not ignored (t64: a misspelt directive read the cache the client meant to skip)."""
+    if isinstance(field, str):
+        given = [part.strip().lower() for part in field.split(",")]
+    elif isinstance(field, list) and all(isinstance(item, str) for item in field):
+        given = [item.strip().lower() for item in field]
+    elif (
+        isinstance(field, dict)
+        and set(field) <= {"read", "write"}
+        and all(isinstance(value, bool) for value in field.values())
+    ):
+        return
+    else:
+        given = [""]
+    if any(name not in _DIRECTIVES for name in given):
+        raise InvalidRequestError(
+            'gateway_cache: expected "no-cache", "no-store", a list of them, or {"read": false, "write": false}',
+            param="gateway_cache",
+        )
 
 
 def _directives(header: str | None, field: Any) -> set[str]:

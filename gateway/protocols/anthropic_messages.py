@@ -229,7 +229,28 @@ def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool =
         request.thinking = wire.thinking  # the route decides whether an upstream can honour it
     if wire.top_k is not None and not passed_through:  # passed through, it reaches Anthropic
         request.dropped.append("top_k")
+    if passed_through:
+        request.unreadable = _unread_in_last_turn(wire.messages)
     return request
+
+
+_READ_BLOCKS = frozenset({"text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking"})
+
+
+def _unread_in_last_turn(turns: list[_Turn]) -> str | None:
+    """What the last user turn holds that the view of a passed-through request leaves out (a PDF
+    ``document``, search results, an image by file id): the router cannot see what it asks (t64)."""
+    last = next((i for i in range(len(turns) - 1, -1, -1) if turns[i].role == "user"), None)
+    content = None if last is None else turns[last].content
+    if not isinstance(content, list):
+        return None
+    for index, block in enumerate(content):
+        unread = block.type not in _READ_BLOCKS or (
+            block.type == "image" and isinstance(block.source, _Source) and block.source.type == "file"
+        )
+        if unread:
+            return f"messages.{last}.content.{index}: a '{block.type}' block the gateway does not read"
+    return None
 
 
 def _output_schema(config: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -185,6 +185,8 @@ def decode_request(
         request.dropped.append("truncation")
     if not passed_through:  # a field this gateway does not read, or misspelt (t54: max_output_token, in silence)
         request.dropped.extend(_unread_fields(raw))
+    else:
+        request.unreadable = _unread_in_last_turn(wire.input)
     echo: dict[str, Any] = {
         "instructions": wire.instructions,
         "max_output_tokens": wire.max_output_tokens,
@@ -329,6 +331,28 @@ def _content(content: Any, where: str, lenient: bool = False) -> tuple[Part, ...
         elif not lenient:
             raise InvalidRequestError(f"{at}.type: content parts of type {kind!r} are not supported", param=at)
     return tuple(parts)
+
+
+_READ_PARTS = frozenset({"input_text", "output_text", "text", "refusal", "input_image"})
+
+
+def _unread_in_last_turn(given: Any) -> str | None:
+    """What the last user message holds that the view of a passed-through request leaves out (an
+    ``input_file``, ``input_audio``, an image by file id): the router cannot see what it asks (t64)."""
+    if not isinstance(given, list):
+        return None
+    last = next(
+        (i for i in range(len(given) - 1, -1, -1) if isinstance(given[i], dict) and given[i].get("role") == "user"),
+        None,
+    )
+    content = None if last is None else given[last].get("content")
+    if not isinstance(content, list):
+        return None
+    for index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in _READ_PARTS or (kind == "input_image" and not part.get("image_url")):
+            return f"input[{last}].content[{index}]: a {kind!r} part the gateway does not read"
+    return None
 
 
 def _joined_text(parts: tuple[Part, ...]) -> tuple[Part, ...]:

@@ -304,6 +304,13 @@ def test_cache_control_no_cache_and_no_store(cached_gateway: GatewayProcess, sma
         ]
         == "miss"
     )
+    # a directive the gateway does not know is refused, not ignored (t64: "no_cache" read the cache)
+    for given in ("no_cache", ["no-store", "nocache"], {"read": "no"}, 3):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="fast", messages=third, extra_body={"gateway_cache": given})
+        assert refused.value.body is not None and "gateway_cache" in str(refused.value.body)
+    for taken in ("no-cache, no-store", ["no-store"], {"read": False, "write": True}):
+        client.chat.completions.create(model="fast", messages=third, temperature=0, extra_body={"gateway_cache": taken})
 
 
 def test_tenants_never_see_each_others_cached_answers(

@@ -109,6 +109,7 @@ def test_usage_on_the_upstreams_finish_chunk_reaches_the_client_once(
         assert said == []
 
 
+_PDF = "data:application/pdf;base64,JVBERi0xLjQK"
 _IMAGE = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 
 
@@ -123,6 +124,11 @@ def test_a_prompt_the_router_cannot_read_leans_large(client: openai.OpenAI, gate
         [{"role": "user", "content": " "}],
         [{"role": "user", "content": "\u0000" * 50}],  # no character that shows reads as no text (t51)
         [{"role": "user", "content": "\u200b\u200b\u200b"}],
+        # a PDF or audio: scored on its caption alone, "Summarize this." went small (t64)
+        [{"role": "user", "content": [{"type": "text", "text": "Summarize this."},
+                                      {"type": "file", "file": {"filename": "a.pdf", "file_data": _PDF}}]}],
+        [{"role": "user", "content": [{"type": "text", "text": "Summarize this."},
+                                      {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}],
     ]  # fmt: skip
     for messages in asks:
         raw = client.chat.completions.with_raw_response.create(model="auto", messages=messages)

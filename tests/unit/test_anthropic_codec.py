@@ -790,3 +790,16 @@ def test_the_options_a_request_pays_more_for_are_read() -> None:
     assert (asked.speed, asked.inference_geo) == ("fast", "us")
     assert asked.server_tools == {"web_search": 4, "web_fetch": 1}
     assert anthropic.priced_options({"messages": []}) == anthropic.priced_options({"speed": None, "tools": "x"})
+
+
+def test_a_passed_through_document_is_named_unreadable_for_the_router() -> None:
+    """t64: a PDF in the last turn was scored on its caption alone ("Summarize this." went small);
+    the view of a passed-through request says what it left out, so the router leans large."""
+    document = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"}}
+    last = {"role": "user", "content": [{"type": "text", "text": "Summarize this."}, document]}
+    raw = msgspec.json.encode({"model": "c", "max_tokens": 10, "messages": [last]})
+    request = anthropic.decode_request(raw, passed_through=True)
+    assert request.unreadable == "messages.0.content.1: a 'document' block the gateway does not read"
+    earlier = {"model": "c", "max_tokens": 10, "messages": [last, {"role": "assistant", "content": "A summary."},
+                                                            {"role": "user", "content": "Thanks, shorter?"}]}  # fmt: skip
+    assert anthropic.decode_request(msgspec.json.encode(earlier), passed_through=True).unreadable is None

@@ -659,3 +659,15 @@ def test_a_name_streamed_in_pieces_or_repeated_is_read_whole_by_the_stream_and_t
     assert deltas[0] == ToolCallStart(0, "call_1", "get_weather")
     assert "".join(d.fragment for d in deltas if isinstance(d, ToolArgumentsDelta)) == '{"city": "Oslo"}'
     assert tally.message()["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+
+
+def test_a_passed_through_file_is_named_unreadable_for_the_router() -> None:
+    """t64: an input_file in the last user message: the router cannot see what it asks."""
+    given = {"role": "user", "content": [{"type": "input_text", "text": "Summarize this."},
+                                        {"type": "input_file", "file_id": "file-1"}]}  # fmt: skip
+    raw = msgspec.json.encode({"model": "m", "input": [given]})
+    assert codec.decode_request(raw, passed_through=True).request.unreadable == (
+        "input[0].content[1]: a 'input_file' part the gateway does not read"
+    )
+    plain = msgspec.json.encode({"model": "m", "input": "Summarize this."})
+    assert codec.decode_request(plain, passed_through=True).request.unreadable is None
