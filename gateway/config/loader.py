@@ -405,11 +405,16 @@ def _warnings(policy: Policy, environ: Mapping[str, str], key_file: Path | None 
                 f"models.{name}.timeouts.total: {timeouts.total:g} s is shorter than first_byte "
                 f"({timeouts.first_byte:g} s), which then never applies: the whole answer must come within total"
             )
-    callable_names = {*policy.routes, *(name for name, model in policy.models.items() if model.public)}
+    names = policy.routes.keys() | policy.models.keys()
     for key in policy.auth.keys:
-        unknown = [name for name in key.models if name != "*" and name not in callable_names]
+        unknown = [name for name in key.models if name != "*" and name not in names]
         if unknown:
             out.append(f"key {key.id}: models {', '.join(unknown)} are neither routes nor models; it cannot call them")
+        hidden = [
+            m for m in key.models if m not in policy.routes and m in policy.models and not policy.models[m].public
+        ]
+        if hidden:  # t63: they were said to be neither routes nor models
+            out.append(f"key {key.id}: models {', '.join(hidden)} are not public (public: false); it cannot call them")
         if policy.tenants and key.tenant not in policy.tenants:
             out.append(f"key {key.id}: tenant {key.tenant!r} is not under tenants:, so no tenant limits apply to it")
     if policy.auth.mode == "keys" and not policy.auth.keys:
