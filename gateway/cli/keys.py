@@ -1,4 +1,5 @@
-"""``python -m gateway keys new``: make an API key, print its secret once, store only its hash."""
+"""``python -m gateway keys new`` makes an API key, prints its secret once and stores only its hash;
+``keys revoke`` takes one out of the key file."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import yaml
 from gateway.auth import hash_key
 from gateway.cli._parsers import Subcommands
 from gateway.cli.check import report_invalid
-from gateway.config.edit import append_key
-from gateway.config.loader import load_keys
+from gateway.config.edit import append_key, remove_key
+from gateway.config.loader import KeyRing, load_keys, load_policy
 from gateway.config.schema import AuthKey
 from gateway.config.validate import Problems, convert
 from gateway.errors import ConfigError
@@ -21,6 +22,7 @@ from gateway.errors import ConfigError
 __all__ = ["register", "run"]
 
 _ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_PICKS_UP = "picks it up"
 
 
 def register(commands: Subcommands) -> None:
@@ -42,17 +44,16 @@ def register(commands: Subcommands) -> None:
     )
     new.add_argument("--policies", default="policies.yaml")
     new.set_defaults(run=run)
+    revoke = actions.add_parser("revoke", help="delete a key from the key file: a running gateway refuses it then")
+    revoke.add_argument("--id", required=True, help="the key's id")
+    revoke.add_argument("--policies", default="policies.yaml")
+    revoke.set_defaults(run=run_revoke)
 
 
 def run(args: argparse.Namespace) -> int:
-    """``keys new`` (the only action so far)."""
-    try:
-        ring = load_keys(args.policies)
-    except ConfigError as exc:
-        report_invalid(exc)
-        return 1
-    if ring.key_file is None:
-        print(f"{args.policies} names no auth.key_file; add e.g. 'key_file: keys.yaml' under auth:", file=sys.stderr)
+    """``keys new``."""
+    ring = _key_ring(args.policies)
+    if ring is None or ring.key_file is None:
         return 1
     key_id = args.id or f"{args.tenant}-{secrets.token_hex(3)}"
     if not _ID.fullmatch(key_id) or not args.tenant.strip():
@@ -91,14 +92,67 @@ def run(args: argparse.Namespace) -> int:
         print(f"cannot add the key to {ring.key_file}: {exc}", file=sys.stderr)
         return 1
     print(f"key id:  {key_id}\ntenant:  {args.tenant}\nsecret:  {secret}", flush=True)
-    print(
-        f"The secret is shown only now; {ring.key_file} holds its sha256. A running gateway picks it up by itself.",
-        file=sys.stderr,
-    )
-    if not ring.enabled:
+    print(f"The secret is shown only now; {ring.key_file} holds its sha256.", file=sys.stderr)
+    _say_when_it_applies(args.policies, ring, key_id, _PICKS_UP)
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    """``keys revoke --id ID``: the key's entry out of the key file, under the lock ``keys new`` takes (t63)."""
+    ring = _key_ring(args.policies)
+    if ring is None or ring.key_file is None:
+        return 1
+    try:
+        removed = remove_key(ring.key_file, args.id)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        print(f"cannot take the key out of {ring.key_file}: {exc}", file=sys.stderr)
+        return 1
+    if not removed:
+        inline = any(key.id == args.id for key in ring.keys)
+        where = f"it is written in {args.policies} under auth.keys: delete it there" if inline else "no such key"
+        print(f"{ring.key_file} lists no key {args.id!r}: {where}", file=sys.stderr)
+        return 1
+    print(f"key {args.id} removed from {ring.key_file}.", file=sys.stderr)
+    _say_when_it_applies(args.policies, ring, args.id, "stops accepting it")
+    return 0
+
+
+def _key_ring(policies: str) -> KeyRing | None:
+    """The policy's keys and key file (None, said on stderr, when the auth section or key file is invalid)."""
+    try:
+        ring = load_keys(policies)
+    except ConfigError as exc:
+        report_invalid(exc)
+        return None
+    if ring.key_file is None:
+        print(f"{policies} names no auth.key_file; add e.g. 'key_file: keys.yaml' under auth:", file=sys.stderr)
+    return ring
+
+
+def _say_when_it_applies(policies: str, ring: KeyRing, key_id: str, effect: str) -> None:
+    """What a running gateway does with the edited key file, and what ``check`` would note of the key.
+
+    The whole policy is read as ``check`` reads it (t63: ``keys new`` read only ``auth`` and said
+    nothing of a misspelt model or a tenant not under ``tenants:``, which ``check`` and serve warn
+    about; and it promised the key would work while the file was one the gateway rejects).
+    """
+    if not ring.enabled and effect == _PICKS_UP:
         print(
-            f"warning: {args.policies} has auth mode none: no key is asked for, so this one (and its limits) has "
+            f"warning: {policies} has auth mode none: no key is asked for, so this one (and its limits) has "
             "no effect until auth: {mode: keys}",
             file=sys.stderr,
         )
-    return 0
+    try:
+        loaded = load_policy(policies, unset_ok=True)
+    except ConfigError as exc:
+        print(
+            f"note: {policies} is invalid as it is now ({len(exc.problems)} problem{'s' if len(exc.problems) > 1 else ''}: `gateway check {policies}` "
+            f"lists them). A running gateway keeps the policy it has in force and applies {ring.key_file} "
+            f"on it, so it {effect} all the same; a gateway cannot start on the file until it is fixed.",
+            file=sys.stderr,
+        )
+        return
+    print(f"A running gateway {effect} by itself.", file=sys.stderr)
+    for warning in loaded.warnings:
+        if warning.startswith(f"key {key_id}:"):
+            print(f"warning: {warning}", file=sys.stderr)

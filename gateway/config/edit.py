@@ -21,7 +21,7 @@ from pathlib import Path
 import msgspec
 import yaml
 
-__all__ = ["append_key", "set_route_threshold"]
+__all__ = ["append_key", "remove_key", "set_route_threshold"]
 
 _KEY_FILE_HEADER = "# API keys: sha256 hashes only. Add with `python -m gateway keys new`.\n"
 
@@ -103,6 +103,56 @@ def _with_key(path: Path, item: str) -> str:
         at = len(text) if line_end < 0 else line_end + 1
         text = text[:at] + ("" if text[:at].endswith("\n") else "\n") + f"{dash}- {item}\n" + text[at:]
     return text
+
+
+def remove_key(path: str | Path, key_id: str) -> bool:
+    """Take the key ``key_id`` out of the key file's ``keys`` list, under the lock ``append_key``
+    takes, every other line as written (t63: revoking meant editing the file by hand). The last
+    key leaves ``keys: []``: a list left empty would read as a file cut short, which a running
+    gateway refuses. False when the file lists no such key."""
+    with _editing(Path(path)) as target:
+        text = target.read_text(encoding="utf-8") if target.exists() else ""
+        edited = _without_key(target, text, key_id)
+        if edited is None:
+            return False
+        _write(target, edited)
+        return True
+
+
+def _without_key(path: Path, text: str, key_id: str) -> str | None:
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    keys = _child(root, "keys")
+    if not isinstance(keys, yaml.SequenceNode):
+        return None
+    found = [i for i, item in enumerate(keys.value) if _scalar(_child(item, "id")) == key_id]
+    if not found:
+        return None
+    at, items = found[-1], keys.value
+    item = items[at]
+    if len(items) == 1 and keys.flow_style:
+        edited = text[: keys.start_mark.index] + "[]" + text[keys.end_mark.index :]
+    elif len(items) == 1:  # `keys: []` on the key's line: a block list may start at the key's column
+        [name] = [key for key, value in root.value if value is keys] if isinstance(root, yaml.MappingNode) else []
+        edited = text[: name.end_mark.index] + ": []" + text[_end(keys) :]
+    elif keys.flow_style:  # the item and one comma beside it
+        start, end = (
+            (item.start_mark.index, items[at + 1].start_mark.index)
+            if at + 1 < len(items)
+            else (_end(items[at - 1]), _end(item))
+        )
+        edited = text[:start] + text[end:]
+    else:  # the item's lines, from its dash to the end of the line it ends on
+        start = text.rfind("\n", 0, item.start_mark.index) + 1
+        line_end = text.find("\n", _end(item))
+        edited = text[:start] + text[len(text) if line_end < 0 else line_end + 1 :]
+    left = [entry.get("id") for entry in (yaml.safe_load(edited) or {}).get("keys") or []]
+    if left != [_scalar(_child(other, "id")) for i, other in enumerate(items) if i != at]:
+        raise ValueError(f"{path}: cannot take the key out of this layout; delete its entry by hand")
+    return edited
+
+
+def _scalar(node: yaml.Node | None) -> str | None:
+    return node.value if isinstance(node, yaml.ScalarNode) else None
 
 
 @contextlib.contextmanager

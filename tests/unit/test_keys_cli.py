@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from gateway.cli import main
-from gateway.config.edit import append_key
+from gateway.config.edit import append_key, remove_key
 from gateway.config.loader import load_keys
 
 HASH = "sha256:" + "c" * 64
@@ -186,3 +186,76 @@ def test_a_key_added_by_root_leaves_the_key_file_to_its_owner(tmp_path: Path) ->
     after = path.stat()
     assert (after.st_uid, after.st_gid, stat.S_IMODE(after.st_mode)) == (1234, 1234, 0o600)
     assert [entry["id"] for entry in yaml.safe_load(path.read_text())["keys"]] == ["first", "second"]
+
+
+def test_new_warns_of_what_check_warns_about(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """t63: a misspelt model and a tenant not under tenants: went unsaid, though check and serve warn."""
+    policy.write_text(POLICY + "tenants:\n  team: {}\n")
+    assert main(["keys", "new", "--tenant", "team-typo", "--id", "k", "--models", "fast,autoo",
+                 "--policies", str(policy)]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "warning: key k: models autoo are neither routes nor models; it cannot call them" in err
+    assert "warning: key k: tenant 'team-typo' is not under tenants:, so no tenant limits apply to it" in err
+    assert "A running gateway picks it up by itself." in err
+    assert _new(policy, "--id", "fine", "--models", "fast") == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_new_says_how_the_key_applies_while_the_policy_is_invalid(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """t63: it promised a running gateway picks the key up while the file was one the gateway rejects."""
+    policy.write_text(POLICY.replace("fast: {model: s}", "fast: {model: nope}"))
+    assert _new(policy, "--id", "k") == 0
+    err = capsys.readouterr().err
+    assert "picks it up by itself" not in err
+    assert f"note: {policy} is invalid as it is now (1 problem: `gateway check {policy}` lists them)" in err
+    assert "applies" in err and "so it picks it up all the same" in err
+
+
+def test_check_says_a_keys_model_is_not_public(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """t63: a model with public: false was said to be neither a route nor a model."""
+    hidden = POLICY.replace("tier: small}", "tier: small, public: false}")
+    policy.write_text(hidden.replace("keys: [{id: inline,", "keys: [{id: inline, models: [s, fast],"))
+    assert main(["check", str(policy)]) == 0
+    out = capsys.readouterr().out
+    assert "note: key inline: models s are not public (public: false); it cannot call them" in out
+    assert "neither" not in out
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ("keys:\n- {id: a, hash: x}  # first\n- {id: b, hash: y}\n", "keys:\n- {id: b, hash: y}\n"),
+        ("keys:\n- {id: b, hash: y}\n- {id: a, hash: x}\n\n# end\n", "keys:\n- {id: b, hash: y}\n\n# end\n"),
+        ("keys:\n  - id: a\n    models:\n      - fast\n  - id: b\n", "keys:\n  - id: b\n"),
+        ("keys: [{id: a}, {id: b}]\n", "keys: [{id: b}]\n"),
+        ("keys: [{id: b},\n  {id: a}]  # flow\n", "keys: [{id: b}]  # flow\n"),
+        ("# mine\nkeys:\n  - {id: a}  # the only one\n", "# mine\nkeys: []  # the only one\n"),
+        ("keys: [{id: a}]\n", "keys: []\n"),
+        ("keys:\n- id: a\n  hash: x\n", "keys: []\n"),
+        ("keys:\n- {id: a}", "keys: []"),
+    ],
+)
+def test_revoke_takes_only_that_key_out(tmp_path: Path, before: str, after: str) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(before)
+    assert remove_key(path, "a")
+    assert path.read_text() == after
+    assert not remove_key(path, "a")
+
+
+def test_revoke_from_the_cli(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """t63: no command revoked a key; the last one out leaves `keys: []`, which a gateway applies
+    (an empty file would be refused as one cut short)."""
+    assert _new(policy, "--id", "going") == 0
+    capsys.readouterr()
+    assert main(["keys", "revoke", "--id", "going", "--policies", str(policy)]) == 0
+    err = capsys.readouterr().err
+    assert "key going removed from" in err and "A running gateway stops accepting it by itself." in err
+    assert [key.id for key in load_keys(policy).keys] == ["inline"]
+    assert yaml.safe_load((policy.parent / "keys.yaml").read_text()) == {"keys": []}
+    assert main(["keys", "revoke", "--id", "going", "--policies", str(policy)]) == 1
+    assert "lists no key 'going': no such key" in capsys.readouterr().err
+    assert main(["keys", "revoke", "--id", "inline", "--policies", str(policy)]) == 1
+    assert f"it is written in {policy} under auth.keys: delete it there" in capsys.readouterr().err
