@@ -114,7 +114,7 @@ class RuntimeHolder:
         self._reload_waiting = False
         self._files_read: tuple[object, ...] | None = None
         """The policy's and key file's identities when a reload last read them."""
-        self._rejected: tuple[tuple[object, ...], str] | None = None
+        self._rejected: tuple[object, ...] | None = None
         """The files and problems of the last rejected reload."""
         self.last_reload_error: str | None = None
 
@@ -131,7 +131,10 @@ class RuntimeHolder:
         self._install(runtime)
         _log.info("policy_loaded", version=runtime.version, source=loaded.source, models=sorted(runtime.providers))
         if rejected:
-            self.last_reload_error = "; ".join(_shown_to_admins(rejected))
+            key_file = loaded.policy.auth.key_file  # read as it is now, as siblings do (t63)
+            self.last_reload_error = "; ".join(
+                [*_shown_to_admins(rejected), *([_key_file_in_force(key_file)] if key_file else [])]
+            )
             _log.error("policy_rejected", reason="start-up", problems=_loggable(rejected), kept=runtime.version)
         elif self.last_good is not None:
             keep_last_good(loaded, self.last_good)
@@ -155,22 +158,11 @@ class RuntimeHolder:
                 _refuse_weakening_by_omission(self.current.loaded, loaded)
                 _refuse_auth_off(loaded, self.auth_required)
             except ConfigError as exc:
-                said = (files, "; ".join(exc.problems))
-                if (
-                    reason != "file changed" or said != self._rejected
-                ):  # the folder's event and the look both saw it (t31)
-                    _log.error(
-                        "policy_rejected", reason=reason, problems=_loggable(exc.problems), kept=self.current.version
-                    )
-                self._rejected = said
-                self.last_reload_error = "; ".join(_shown_to_admins(exc.problems))
+                await self._rejected_edit(reason, exc.problems, quiet=reason == "file changed", files=files)
                 return False
             except Exception as exc:
                 # Named by its type only: its message may quote the file, which may hold secrets.
-                self.last_reload_error = f"the file could not be read ({type(exc).__name__})"
-                _log.error(
-                    "policy_rejected", reason=reason, problems=[self.last_reload_error], kept=self.current.version
-                )
+                await self._rejected_edit(reason, [f"the file could not be read ({type(exc).__name__})"])
                 return False
             self._rejected = None
             if loaded.version == self.current.version:
@@ -189,6 +181,61 @@ class RuntimeHolder:
             for warning in loaded.warnings:
                 _log.warning("policy_warning", detail=warning)
             return True
+
+    async def _rejected_edit(
+        self, reason: str, problems: list[str], *, quiet: bool = False, files: tuple[object, ...] | None = None
+    ) -> None:
+        """Keep the policy in force, with the key file as it is now (t63), and say why.
+
+        ``quiet``: the folder's event and the look both saw the same files (t31): said once.
+        """
+        key_file = self.current.policy.auth.key_file
+        state, key_problems = await self._key_file_alone(reason) if key_file else (None, [])
+        said = (files, "; ".join(problems), state == "pending", "; ".join(key_problems))
+        if not quiet or said != self._rejected:
+            extra: dict[str, object] = {"key_file": state} if state else {}
+            if key_problems:
+                extra["key_file_problems"] = _loggable(key_problems)
+            _log.error(
+                "policy_rejected", reason=reason, problems=_loggable(problems), kept=self.current.version, **extra
+            )
+        self._rejected = said
+        shown = _shown_to_admins(problems)
+        if key_file and state == "pending":
+            shown.append(f"{key_file}: its changes wait too ({'; '.join(_shown_to_admins(key_problems))})")
+        elif key_file:
+            shown.append(_key_file_in_force(key_file))
+        self.last_reload_error = "; ".join(shown)
+
+    async def _key_file_alone(self, reason: str) -> tuple[str, list[str]]:
+        """The policy in force read again with its key file as it is now, installed when it
+        differs: while policies.yaml held a rejected edit, a key deleted from the key file kept
+        answering 200 and one made by ``keys new`` 401 (t63). The safety rules of any reload hold
+        (an emptied key file is refused). A worker started later reads the key file as it is now
+        too (:func:`load_at_start`), so all workers agree.
+
+        Returns what the log says of the key file (``applied``, ``in force`` or ``pending``),
+        and why it is pending.
+        """
+        current = self.current.loaded
+        try:
+            loaded = await asyncio.to_thread(
+                load_policy_text, current.text, source=current.source, base_dir=self.path.parent
+            )
+            _refuse_weakening_by_omission(current, loaded)
+        except ConfigError as exc:
+            return "pending", exc.problems
+        except Exception as exc:  # named by its type only, as in reload
+            return "pending", [f"the key file could not be read ({type(exc).__name__})"]
+        if loaded.version == current.version:
+            return "in force", []
+        old = self.current
+        self._install(self._build(loaded, previous=old))
+        self._retire(list(old.providers.values()))
+        _log.info("policy_reloaded", reason=reason, version=loaded.version, previous=old.version, key_file_only=True)
+        for warning in loaded.warnings:
+            _log.warning("policy_warning", detail=warning)
+        return "applied", []
 
     def reload_on_sighup(self) -> None:
         """``kill -HUP`` reloads the policy, whether or not the file is watched.
@@ -385,6 +432,14 @@ def _shown_to_admins(problems: list[str], environ: Mapping[str, str] | None = No
 
 _GOT_VALUE = re.compile(r"(got |`: )(?:" + _QUOTED_VALUE.pattern + ")")
 """A value where another belongs: "must be ..., got 'x'", or msgspec's "Expected `int`, got `str`: 'x'"."""
+
+
+def _key_file_in_force(key_file: str) -> str:
+    """What ``/readyz`` adds to a rejected edit's problems when the key file still applies (t63)."""
+    return (
+        f"{key_file} as it is now is in force, on the policy kept: key changes apply, "
+        "only the edit of the policy file waits"
+    )
 
 
 def _refuse_weakening_by_omission(current: LoadedPolicy, new: LoadedPolicy) -> None:

@@ -228,6 +228,64 @@ def test_a_rejected_edits_text_is_shown_only_to_an_admin_key(gw: GatewayProcess)
         assert "no-such-model" not in response.text and "ops" not in response.text and policy["source"] is None
 
 
+def _keys_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", "keys", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_a_key_file_change_applies_while_a_policy_edit_is_rejected(gw: GatewayProcess) -> None:
+    """t63: while policies.yaml held a rejected edit, a key deleted from the key file kept answering
+    200 and one made by `keys new` 401, and nothing said the key file's change was held back."""
+    keys = gw.policy_path.with_name("keys.yaml")
+    admin = f'    - {{id: ops, tenant: ops, hash: "{hash_key("sk-ops")}", admin: true}}'
+    keyed = gw.policy_path.read_text().replace(
+        "auth: {mode: none}", f"auth:\n  mode: keys\n  key_file: keys.yaml\n  keys:\n{admin}"
+    )
+    listed = f'keys:\n  - {{id: leaving, tenant: team-a, hash: "{hash_key("sk-leaving")}"}}\n'
+    ops = {"authorization": "Bearer sk-ops"}
+
+    def admin_view() -> dict[str, Any]:
+        policy: dict[str, Any] = httpx.get(f"{gw.url}/readyz", headers=ops, timeout=5).json()["policy"]
+        return policy
+
+    try:
+        _write_atomically(keys, listed)
+        _write_atomically(gw.policy_path, keyed)
+        state = _poll(admin_view, lambda p: p["version"] == _version_of(keyed + listed), timeout_s=30)
+        assert state["version"] == _version_of(keyed + listed), gw.stderr_text()
+        assert _chat(gw, key="sk-leaving").status_code == 200
+
+        _write_atomically(gw.policy_path, keyed.replace(FAST_ROUTE, "fast: {model: no-such-model}"))
+        kept = _poll(admin_view, lambda p: p["last_reload_error"] is not None, timeout_s=30)["version"]
+        revoked = _keys_cli("revoke", "--id", "leaving", "--policies", str(gw.policy_path))
+        assert revoked.returncode == 0, revoked.stderr
+        assert "is invalid as it is now" in revoked.stderr and "stops accepting it all the same" in revoked.stderr
+        made = _keys_cli("new", "--tenant", "team-a", "--id", "fresh", "--policies", str(gw.policy_path))
+        assert made.returncode == 0, made.stderr
+        secret = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret:"))
+
+        statuses = _poll(lambda: (_chat(gw, key="sk-leaving").status_code, _chat(gw, key=secret).status_code),
+                         lambda codes: codes == (401, 200), timeout_s=30)  # fmt: skip
+        assert statuses == (401, 200), gw.stderr_text()
+        assert _chat(gw, key=secret).headers["x-gateway-model"] == "small"  # the rejected edit is not in force
+        state = admin_view()
+        assert state["version"] != kept
+        said = state["last_reload_error"]
+        assert "no-such-model" in said and "keys.yaml as it is now is in force, on the policy kept" in said
+        assert _wait_for_ops_event(gw, "policy_rejected", lambda r: r.get("key_file") == "applied", timeout_s=30)
+        assert _wait_for_ops_event(gw, "policy_reloaded", lambda r: r.get("key_file_only") is True, timeout_s=30)
+
+        # the rules of any reload hold: an emptied key file is refused, and said to wait
+        _write_atomically(keys, "")
+        said = _poll(admin_view, lambda p: "its changes wait too" in (p["last_reload_error"] or ""), timeout_s=30)[
+            "last_reload_error"
+        ]
+        assert "keys.yaml: its changes wait too" in said and "is missing, empty or has no `keys` list" in said
+        assert _chat(gw, key=secret).status_code == 200
+        assert _wait_for_ops_event(gw, "policy_rejected", lambda r: r.get("key_file") == "pending", timeout_s=30)
+    finally:
+        keys.unlink(missing_ok=True)
+
+
 def test_a_removed_keys_usage_stays_in_an_admins_usage(gw: GatewayProcess) -> None:
     """A key revoked today spent this month: /v1/usage lists it after the policy no longer does."""
     admin = f'    - {{id: ops, tenant: ops, hash: "{hash_key("sk-ops")}", admin: true}}'

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import httpx
 import msgspec
 import pytest
 
+from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.gateway_process import _worker_pids, free_port, policy_text, start_gateway
@@ -328,3 +330,57 @@ def test_two_workers_sharing_one_stdout_pipe_never_splice_lines() -> None:
     assert all(worker.wait(timeout=30) == 0 for worker in workers)
     decoded = [msgspec.json.decode(line) for line in lines]
     assert sorted((d["worker"], d["n"]) for d in decoded) == [(w, n) for w in range(2) for n in range(600)]
+
+
+def test_workers_agree_on_a_key_file_change_while_a_policy_edit_is_rejected(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t63: a key revoked while policies.yaml holds a rejected edit is refused by every worker, and
+    by a worker started after it too (which starts on the policy kept, with the key file as it is)."""
+    admin = f'    - {{id: ops, tenant: ops, hash: "{hash_key("sk-ops")}", admin: true}}'
+    auth = f"auth:\n  mode: keys\n  key_file: keys.yaml\n  keys:\n{admin}"
+    policy = policy_text(small_upstream, large_upstream, auth=auth)
+    (tmp_path / "keys.yaml").write_text(f'keys:\n  - {{id: leaving, tenant: t, hash: "{hash_key("sk-leaving")}"}}\n')
+    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url}, workers=2)
+    body = {"model": "fast", "messages": [{"role": "user", "content": "still let in?"}]}
+
+    def statuses(key: str) -> set[int]:  # a new connection each time: both workers answer
+        return {
+            httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=10,
+                       headers={"authorization": f"Bearer {key}"}).status_code
+            for _ in range(16)
+        }  # fmt: skip
+
+    def until(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 60
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    try:
+        assert statuses("sk-leaving") == {200}
+        gateway.policy_path.write_text(policy.replace("fast: {model: small, fallbacks: [large]}", "fast: {model: x}"))
+        until(lambda: bool(httpx.get(f"{gateway.url}/readyz", timeout=5).json()["policy"]["last_reload_error"]))
+        revoked = subprocess.run(
+            [sys.executable, "-m", "gateway", "keys", "revoke", "--id", "leaving", "--policies", str(gateway.policy_path)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert revoked.returncode == 0, revoked.stderr
+        until(lambda: statuses("sk-leaving") == {401})
+        assert statuses("sk-leaving") == {401}, gateway.err_path.read_text()[-3000:]
+
+        first, _ = sorted(_worker_pids(gateway.process.pid))
+        os.kill(first, signal.SIGKILL)
+        until(lambda: (workers := _worker_pids(gateway.process.pid)) is not None and len(workers) == 2
+              and first not in workers and statuses("sk-ops") == {200})  # fmt: skip
+        assert first not in _worker_pids(gateway.process.pid), gateway.err_path.read_text()[-3000:]
+        assert statuses("sk-leaving") == {401} and statuses("sk-ops") == {200}
+        said = {
+            httpx.get(f"{gateway.url}/readyz", headers={"authorization": "Bearer sk-ops"}, timeout=5)
+            .json()["policy"]["last_reload_error"]
+            .split("; ")[-1]
+            for _ in range(16)
+        }
+        assert said == {"keys.yaml as it is now is in force, on the policy kept: key changes apply, "
+                        "only the edit of the policy file waits"}  # fmt: skip
+    finally:
+        gateway.stop()
