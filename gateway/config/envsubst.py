@@ -1,4 +1,8 @@
-"""``${VAR}``, ``${VAR:-default}`` and nested defaults (``${A:-${B}}``) in policy values."""
+"""``${VAR}``, ``${VAR:-default}`` and nested defaults (``${A:-${B}}``) in policy values.
+
+Only values are substituted, never mapping keys: a model, route or tenant name is what clients,
+keys and metrics call it by, so it stays as written (``gateway.config.loader`` notes a ``${`` in one).
+"""
 
 from __future__ import annotations
 
@@ -41,6 +45,49 @@ def substitute(value: str, environ: Mapping[str, str]) -> str:
         out.append(value[i])
         i += 1
     return "".join(out)
+
+
+def malformed(value: str) -> list[str]:
+    """What in ``value`` looks meant as a reference but is not one, so stays text (t63).
+
+    ``${NAME:-x`` without its ``}`` or ``$NAME`` without braces was used as written (a model
+    named ``${SMALL_MODEL_NAME:-small`` was asked for upstream) with no word said. Only the
+    variable's name is quoted back: the rest of the value may be anything.
+    """
+    out: list[str] = []
+    i = value.find("$")
+    while i >= 0:
+        if not value.startswith("${", i):
+            bare = _NAME.match(value, i + 1)
+            if bare is not None:
+                out.append(f"`${bare.group()}` is not a reference (write `${{{bare.group()}}}`)")
+            i = value.find("$", i + 1)
+            continue
+        name = _NAME.match(value, i + 2)
+        if name is None:
+            out.append("`${` is not followed by a variable name (letters, digits and _)")
+            i = value.find("$", i + 2)
+            continue
+        end = name.end()
+        if value.startswith("}", end):
+            i = value.find("$", end + 1)
+            continue
+        close = _closing_brace(value, end + 2) if value.startswith(":-", end) else -1
+        if close >= 0:
+            out += malformed(value[end + 2 : close])
+            i = value.find("$", close + 1)
+            continue
+        out.append(_unclosed(name.group(), value[end : end + 2]))
+        i = value.find("$", end)
+    return out
+
+
+def _unclosed(name: str, after: str) -> str:
+    if after == ":-":
+        return f"`${{{name}:-` has no closing `}}`"
+    if not after:
+        return f"`${{{name}` has no closing `}}`"
+    return f"`${{{name}` is followed by {after[0]!r}: a reference is ${{{name}}} or ${{{name}:-default}}"
 
 
 def _closing_brace(text: str, start: int) -> int:

@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 import msgspec
 import yaml
 
-from gateway.config.envsubst import MissingVariable, substitute
-from gateway.config.schema import AuthKey, AuthPolicy, KeyFile, Policy
+from gateway.config.envsubst import MissingVariable, malformed, substitute
+from gateway.config.schema import AuthKey, AuthPolicy, KeyFile, Limits, Policy
 from gateway.config.validate import Path as _Path
 from gateway.config.validate import Problems, check_auth, check_policy, convert, convert_policy, dotted
 from gateway.errors import ConfigError
@@ -34,9 +34,52 @@ __all__ = [
     "request_log_problem",
 ]
 
-_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_YAML_11_ONLY = {_BOOL, _INT, _FLOAT, "tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value"}
+_CORE_INT = re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0o[0-7_]+|0x[0-9a-fA-F_]+)$")
+"""YAML 1.2's decimal, ``0o`` and ``0x`` ints (``_`` between digits kept from 1.1: files use ``1_000``).
+A leading zero (``010``, octal 8 in YAML 1.1, decimal 10 in 1.2) and ``1:30`` (1.1's base 60) are text."""
+_CORE_FLOAT = re.compile(
+    r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+"""PyYAML's floats less the base-60 ones (``1:30.5``)."""
+
+
+def _core_schema(base: type[yaml.SafeLoader]) -> type[yaml.SafeLoader]:
+    """``base`` reading plain scalars as YAML 1.2's core schema does (t63).
+
+    PyYAML's YAML 1.1 resolvers read ``no``, ``on`` and ``y`` as booleans (a tenant named
+    ``no`` became ``False``), ``010`` as 8, ``1:30`` as 90 and ``2023-06-01`` as a date:
+    here only ``true``/``false`` are booleans and dates are text, as in YAML 1.2.
+    """
+
+    class CoreLoader(base):  # type: ignore[valid-type,misc]
+        pass
+
+    CoreLoader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML_11_ONLY]
+        for first, resolvers in base.yaml_implicit_resolvers.items()
+    }
+
+    CoreLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    CoreLoader.add_implicit_resolver(_INT, _CORE_INT, list("-+0123456789"))
+    CoreLoader.add_implicit_resolver(_FLOAT, _CORE_FLOAT, list("-+0123456789."))
+    CoreLoader.add_constructor(_INT, _construct_int)
+    return CoreLoader
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    """Python's own int syntax (``!!int 010`` is refused, not read as octal)."""
+    assert isinstance(node, yaml.ScalarNode)
+    return int(node.value.replace("_", ""), 0)
+
+
+_Loader = _core_schema(getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 """Composes the node tree: libyaml's parser when PyYAML was built with it (the same nodes
 and marks, 0.5 ms instead of 4.4 ms for the shipped policies.yaml)."""
+_Constructor = _core_schema(yaml.SafeLoader)
+"""Builds values from nodes, with the same resolvers as :data:`_Loader`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +148,8 @@ def load_policy_text(
         raise ConfigError(source, ["the file is empty"])
     problems = Problems()
     notes: list[str] | None = [] if unset_ok else None
-    data = _NodeReader(source, environ, problems, notes).read(root, ())
+    reader = _NodeReader(source, environ, problems, notes)
+    data = reader.read(root, ())
     if not isinstance(data, dict):
         raise ConfigError(
             source, [*problems.messages, "the file must be a mapping of sections (version, models, routes, ...)"]
@@ -124,7 +168,12 @@ def load_policy_text(
             policy = msgspec.structs.replace(policy, auth=auth)
     if problems or policy is None:
         raise ConfigError(source, problems.messages)
-    warnings = [*(notes or []), *_warnings(policy, environ, key_file_path(policy, base_dir or Path(".")))]
+    warnings = [
+        *(notes or []),
+        *reader.warnings,
+        *_downgrade_warnings(policy),
+        *_warnings(policy, environ, key_file_path(policy, base_dir or Path("."))),
+    ]
     log = policy.request_log
     if base_dir is not None and log.enabled and log.path:
         unwritable = request_log_problem(base_dir / log.path)
@@ -254,7 +303,15 @@ def _compose(text: str, source: str) -> yaml.Node | None:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ConfigError(source, [f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+        problem = getattr(exc, "problem", exc)
+        if mark is not None and _char_at(text, mark.line, mark.column) == "\t":  # t63: libyaml never says "tab"
+            problem = "a tab character; YAML indents with spaces only"
+        raise ConfigError(source, [f"{where}not valid YAML: {problem}"]) from None
+
+
+def _char_at(text: str, line: int, column: int) -> str:
+    lines = text.splitlines()
+    return lines[line][column : column + 1] if line < len(lines) else ""
 
 
 _MAX_VALUES = 200_000
@@ -282,8 +339,10 @@ class _NodeReader:
         self._lines = problems.lines
         self._notes = notes
         """When a list: unset variables are noted here and a placeholder stands in for them."""
-        self._loader = yaml.SafeLoader("")
+        self._loader = _Constructor("")
         self._values = 0
+        self.warnings: list[str] = []
+        """Text that looks meant as a ``${VAR}`` but is used as written (t63)."""
 
     def read(self, node: yaml.Node, path: _Path) -> Any:
         """The node's value; a ConfigError past :data:`_MAX_VALUES` (aliases repeat a node wherever
@@ -304,7 +363,7 @@ class _NodeReader:
                 if not isinstance(key_node, yaml.ScalarNode):
                     self._problems.add(path, "a key must be a plain name, not a mapping or a list", line=line)
                     continue
-                key = self._construct(key_node, path)
+                key = self._key(key_node, path)
                 if key in out:
                     self._problems.add((*path, str(key)), "duplicate key", line=line)
                 out[key] = self.read(value_node, (*path, str(key)))
@@ -314,7 +373,34 @@ class _NodeReader:
         assert isinstance(node, yaml.ScalarNode)
         return self._scalar(node, path)
 
+    def _key(self, node: yaml.ScalarNode, path: _Path) -> Any:
+        """A mapping key: every one in a policy is a name (a field, model, route, tenant, header).
+
+        One that YAML reads as another type is a problem saying what was written (t63: a tenant
+        ``no`` was ``tenants.False: Expected str, got bool``), and the written text stands in.
+        """
+        key = self._construct(node, path)
+        line = node.start_mark.line + 1
+        if not isinstance(key, str):
+            written = node.value if len(node.value) <= 40 else node.value[:37] + "..."
+            self._problems.add(
+                (*path, written),
+                f"{written or '(empty)'} is read as {_KINDS.get(type(key), 'a value')}, not a name; "
+                f"write it in quotes ('{written}') to use it as a name",
+                line=line,
+            )
+            return node.value
+        if "${" in node.value:  # names are never substituted: see gateway.config.envsubst
+            self.warnings.append(
+                f"{dotted((*path, node.value))} (line {line}): ${{...}} is substituted in values, not in names; "
+                "this name is used as written"
+            )
+        return key
+
     def _scalar(self, node: yaml.ScalarNode, path: _Path) -> Any:
+        if "$" in node.value:
+            where = f"{dotted(path) or '(top level)'} (line {node.start_mark.line + 1})"
+            self.warnings += [f"{where}: {problem}; the value is used as written" for problem in malformed(node.value)]
         if "${" in node.value:
             value, unset = _with_placeholders(node.value, self._environ)
             if unset:  # a placeholder stands in, so the rest of the file is still checked
@@ -353,6 +439,9 @@ class _NodeReader:
             return None
 
 
+_KINDS: dict[type, str] = {bool: "true or false", int: "a number", float: "a number", type(None): "null (no value)"}
+
+
 def _with_placeholders(value: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
     """The value with each unset variable replaced by a URL that names it, and those variables."""
     filled, unset = dict(environ), list[str]()
@@ -382,6 +471,22 @@ def _key_warnings(model: str, variable: str, secret: str | None) -> list[str]:
             "requests to this model fail before they leave"
         ]
     return []
+
+
+def _downgrade_warnings(policy: Policy) -> list[str]:
+    """A tenant's ``downgrade_auto_at`` is a share of a USD budget, its own or one of its keys':
+    with none, it never applies (t63: accepted in silence)."""
+    budgeted = {key.tenant for key in policy.auth.keys if _has_budget(key.limits)}
+    return [
+        f"tenants.{name}.downgrade_auto_at: neither the tenant nor any of its keys has usd_per_day or "
+        "usd_per_month, so it never applies"
+        for name, tenant in policy.tenants.items()
+        if tenant.downgrade_auto_at is not None and not _has_budget(tenant.limits) and name not in budgeted
+    ]
+
+
+def _has_budget(limits: Limits) -> bool:
+    return limits.usd_per_day is not None or limits.usd_per_month is not None
 
 
 def _warnings(policy: Policy, environ: Mapping[str, str], key_file: Path | None = None) -> list[str]:

@@ -238,7 +238,51 @@ def _reason(data: Any, tp: Any, message: str) -> str:
     if metas and _fits(data, bare):  # the type is right, a constraint is not met
         shown = "a value not shown here" if any((m.extra or {}).get("secret") for m in metas) else _shown(data)
         return f"must be {' and '.join(_described(meta) for meta in metas)}, got {shown}"
-    return f"{message}: {_shown(data)}" if isinstance(data, str | int | float | bool) else message
+    expected = _expected(bare)
+    if expected is None:
+        return f"{message}: {_shown(data)}" if isinstance(data, str | int | float | bool) else message
+    return f"expected {expected}, got {_kind(data)}{_hint(data, bare)}"
+
+
+_TYPE_WORDS: dict[Any, str] = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
+
+
+def _expected(tp: Any) -> str | None:
+    """``int | None`` as "a whole number" (t63: ``Expected `int | null``` spoke msgspec's words);
+    None for a type with no words here. Null is left out: it is what leaving the field out gives."""
+    members = [arg for arg in _union_args(tp) if arg is not types.NoneType]
+    if int in members and float in members:
+        members.remove(int)
+    if not members or any(member not in _TYPE_WORDS for member in members):
+        return None
+    return " or ".join(_TYPE_WORDS[member] for member in members)
+
+
+_PLAIN_INT = re.compile(r"[-+]?(0|[1-9][0-9_]*)")
+_PLAIN_FLOAT = re.compile(r"[-+]?([0-9][0-9_]*)?\.?[0-9_]+([eE][-+]?[0-9]+)?")
+_LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
+_YAML_11_BOOLS = frozenset({"yes", "no", "y", "n", "on", "off"})
+
+
+def _hint(data: Any, tp: Any) -> str:
+    """What to write instead, where the value's YAML spelling is the likely slip (t63)."""
+    members = _union_args(tp)
+    if isinstance(data, str) and not _PLACEHOLDER.fullmatch(data):
+        text = data.strip()
+        if _LEADING_ZERO.fullmatch(text) and (int in members or float in members):
+            # YAML 1.1 read 010 as octal 8, YAML 1.2 reads 10: neither is assumed
+            return "; a number may not start with 0 (YAML 1.1 reads it as octal): write it without the leading 0"
+        if (
+            (int in members and _PLAIN_INT.fullmatch(text))
+            or (float in members and _PLAIN_FLOAT.fullmatch(text))
+            or (bool in members and text in ("true", "false"))
+        ):
+            return "; the quotes around it make it text: write it without them"
+        if bool in members and text.lower() in _YAML_11_BOOLS:
+            return "; YAML reads only true and false as booleans (not yes, no, on, off)"
+    elif str in members and isinstance(data, int | float):  # bool is an int
+        return "; write it in quotes to have it read as text"
+    return ""
 
 
 def _described(meta: msgspec.Meta) -> str:
@@ -292,11 +336,15 @@ def _shown(data: Any) -> str:
 def _kind(data: Any) -> str:
     if data is None:
         return "nothing"
+    if isinstance(data, bool):
+        return "true" if data else "false"
     if isinstance(data, dict):
         return "a mapping"
     if isinstance(data, list):
         return "a list"
-    return f"the string {_shown(data)}" if isinstance(data, str) else _shown(data)
+    if isinstance(data, str) and not _PLACEHOLDER.fullmatch(data):
+        return f"the string {_shown(data)}"
+    return _shown(data)
 
 
 @functools.cache
@@ -337,8 +385,8 @@ def check_policy(
     reference to one is not "unknown"); ``key_file``: its keys, and where to report about them.
     """
     dropped = dropped or {}
-    known = ", ".join(sorted(policy.models))
     invalid_models = dropped.get("models", set())
+    known = ", ".join(sorted({*policy.models, *invalid_models}))  # t63: one left out for an unset ${VAR} is known
 
     def check_model(path: Path, name: str | None) -> None:
         if name is not None and name not in policy.models and name not in invalid_models:
@@ -347,8 +395,10 @@ def check_policy(
     for role in ("small", "large"):
         name = getattr(policy.pair, role)
         check_model(("pair", role), name)
-        if name in policy.models and policy.models[name].tier != role:
-            problems.add(("pair", role), f"model {name!r} has tier {policy.models[name].tier!r}, expected {role!r}")
+        tier = policy.models[name].tier if name in policy.models else role
+        if tier != role:
+            has = f"tier {tier!r}" if tier else "no tier"  # t63: was "has tier None"
+            problems.add(("pair", role), f"model {name!r} has {has}; the pair's {role} model needs `tier: {role}`")
     if not policy.routes and not dropped.get("routes"):
         problems.add(("routes",), "at least one route is needed")
     for route_name, route in policy.routes.items():

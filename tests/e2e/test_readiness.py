@@ -171,6 +171,29 @@ def test_cli_check_names_field_and_line_of_a_problem(
     assert "no-such-model" in result.stderr
 
 
+def test_cli_check_notes_a_broken_reference_and_refuses_a_yaml_11_number(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t63: ``${NAME:-x`` without its ``}`` passed check with no word and was sent upstream as the
+    model's name; ``rpm: 010`` was read as 8 (YAML 1.1's octal)."""
+    text = policy_text(small_upstream, large_upstream).replace(
+        "upstream_model: claude-sim", "upstream_model: ${CLAUDE_MODEL:-claude-sim"
+    )
+    path = tmp_path / "policies.yaml"
+    path.write_text(text)
+    result = _check(path, {"TEST_LARGE_KEY": "x", "TEST_ANTHROPIC_KEY": "y"})
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    line = _line_of(text, "${CLAUDE_MODEL")
+    assert (
+        f"note: models.claude.upstream_model (line {line}): `${{CLAUDE_MODEL:-` has no closing `}}`; "
+        "the value is used as written"
+    ) in result.stdout, result.stdout
+    path.write_text(text + "tenants:\n  no: {limits: {rpm: 010}}\n")
+    result = _check(path, {"TEST_LARGE_KEY": "x", "TEST_ANTHROPIC_KEY": "y"})
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "tenants.no.limits.rpm" in result.stderr and "without the leading 0" in result.stderr, result.stderr
+
+
 def test_cli_check_notes_an_unset_variable_by_name_and_line(
     tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
 ) -> None:

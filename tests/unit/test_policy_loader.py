@@ -75,7 +75,7 @@ def test_version_changes_with_content() -> None:
 
 def test_wrong_type_names_model_field_and_line() -> None:
     [message] = problems(VALID.replace("input: 1,", 'input: "one",'))
-    assert message.startswith("models.l.price.input (line 10)") and "float" in message
+    assert message == "models.l.price.input (line 10): expected a number, got the string 'one'"
 
 
 def test_unknown_field_is_rejected() -> None:
@@ -486,7 +486,7 @@ def test_a_file_that_is_not_a_policy_is_refused_without_quoting_it(tmp_path: Pat
     assert problems(bomb) == ["more than 200,000 values (YAML aliases included): not a policy"]
     assert "not valid YAML" in problems("a: " + "[" * 1000 + "]" * 1000)[0]
     # a value YAML cannot build is a problem line with its field and line, its text never shown
-    built = problems(VALID + "version: 2026-02-30\n")
+    built = problems(VALID + "version: !!timestamp 2026-02-30\n")
     assert any(p.startswith("version (line 15): not a value YAML can build") for p in built), built
     assert all("sk-secret" not in p for p in problems(VALID.replace("input: 0.1", "input: !!int sk-secret-1")))
     assert problems(VALID.replace("input: 0.1", "input: .inf")) == [
@@ -589,3 +589,118 @@ def test_option_prices_are_read_and_checked() -> None:
         "models.l.price.server_tools.web_search (line 10): must be a finite number, got inf"
     ]
     assert problems(priced.replace("fast: 6", "fast: 0"))[0].startswith("models.l.price.speed")
+
+
+# ------------------------------------------------------------------ t63: YAML 1.2 scalars, ${...} notes, wording
+
+
+def test_scalars_are_read_as_yaml_12_core_not_yaml_11() -> None:
+    """t63: PyYAML's YAML 1.1 resolvers read ``rpm: 010`` as 8, ``rpm: 1:30`` as 90 and a
+    tenant named ``no`` as ``False``; a date-like header value was a date, not text."""
+    with_tenants = VALID + "tenants:\n  no: {limits: {rpm: 0o10}}\n  off: {limits: {rpm: 1_000, tpm: 0x10}}\n"
+    loaded = load_policy_text(with_tenants.replace("fast: {", "on: {"), environ={})
+    assert {name: t.limits.rpm for name, t in loaded.policy.tenants.items()} == {"no": 8, "off": 1000}
+    assert loaded.policy.tenants["off"].limits.tpm == 16 and set(loaded.policy.routes) == {"on"}
+    headers = load_policy_text(VALID.replace("tier: large", "tier: large\n    headers: {X-V: 2023-06-01}"), environ={})
+    assert headers.policy.models["l"].headers == {"X-V": "2023-06-01"}
+    octal, base60 = problems(VALID + "tenants:\n  a: {limits: {rpm: 010}}\n  b: {limits: {rpm: 1:30}}\n")
+    assert octal.startswith("tenants.a.limits.rpm (line 16): expected a whole number, got the string '010'; a number")
+    assert "without the leading 0" in octal
+    assert base60 == "tenants.b.limits.rpm (line 17): expected a whole number, got the string '1:30'"
+    [yes] = problems(VALID.replace("tier: small", "tier: small\n    simulated: yes"))
+    assert yes.startswith("models.s.simulated (line 7): expected true or false, got the string 'yes'; YAML reads only")
+
+
+def test_the_shipped_strings_that_look_like_yaml_11_booleans_stay_strings(tmp_path: Path) -> None:
+    """``on_redis_error: open`` and the like were strings under YAML 1.1 too: nothing shipped reads differently."""
+    loaded = load_policy_text(VALID + "limits: {on_redis_error: open}\n", environ={})
+    assert loaded.policy.limits.on_redis_error == "open"
+    key_file = tmp_path / "keys.yaml"
+    key_file.write_text(f"keys:\n  - {{id: no, tenant: off, hash: 'sha256:{'a' * 64}'}}\n")
+    policy = tmp_path / "policies.yaml"
+    policy.write_text(VALID.replace("auth: {mode: none}", "auth: {mode: keys, key_file: keys.yaml}"))
+    [key] = load_policy(policy, environ={}).policy.auth.keys
+    assert (key.id, key.tenant) == ("no", "off")
+
+
+def test_a_name_yaml_reads_as_a_number_or_boolean_says_to_quote_it() -> None:
+    """t63: a tenant ``2024`` gave ``Expected str, got int`` and ``true`` gave ``tenants.True``."""
+    assert problems(VALID + "tenants:\n  2024: {}\n  true: {}\n  ~: {}\n  '2025': {}\n") == [
+        "tenants.2024 (line 16): 2024 is read as a number, not a name; write it in quotes ('2024') to use it as a name",
+        "tenants.true (line 17): true is read as true or false, not a name; write it in quotes ('true') to use it as "
+        "a name",
+        "tenants.~ (line 18): ~ is read as null (no value), not a name; write it in quotes ('~') to use it as a name",
+    ]
+
+
+def test_text_that_is_not_a_complete_reference_is_noted_by_check_and_serve() -> None:
+    """t63: ``${NAME:-small`` (no ``}``) and ``$NAME`` were used as written, with no word: the
+    upstream was asked for a model named ``${SMALL_MODEL_NAME:-small``."""
+    from gateway.config.envsubst import malformed
+
+    assert malformed("${A}-${B:-${C}}-$5-$$") == []
+    assert malformed("${A:-x") == ["`${A:-` has no closing `}`"]
+    assert malformed("x-$A") == ["`$A` is not a reference (write `${A}`)"]
+    assert malformed("${A:-$B}") == ["`$B` is not a reference (write `${B}`)"]  # inside a default too
+    assert malformed("${A-x}") == ["`${A` is followed by '-': a reference is ${A} or ${A:-default}"]
+    assert malformed("${ A }") == ["`${` is not followed by a variable name (letters, digits and _)"]
+    text = VALID.replace("tier: small", "tier: small\n    upstream_model: ${M:-small\n    headers: {X-T: $TOKEN}")
+    for unset_ok in (False, True):  # serve's warnings and check's notes
+        loaded = load_policy_text(text, environ={}, unset_ok=unset_ok)
+        assert loaded.policy.models["s"].upstream_model == "${M:-small"
+        assert loaded.warnings == [
+            "models.s.upstream_model (line 7): `${M:-` has no closing `}`; the value is used as written",
+            "models.s.headers.X-T (line 8): `$TOKEN` is not a reference (write `${TOKEN}`); the value is used as written",
+        ]
+
+
+def test_a_reference_in_a_name_is_not_substituted_and_says_so() -> None:
+    """t63: a tenant written ``${TEAM:-team-x}:`` was a tenant of that literal name, in silence."""
+    loaded = load_policy_text(VALID + "tenants:\n  ${TEAM:-team-x}: {limits: {rpm: 5}}\n", environ={"TEAM": "a"})
+    assert set(loaded.policy.tenants) == {"${TEAM:-team-x}"}
+    assert loaded.warnings == [
+        "tenants.${TEAM:-team-x} (line 16): ${...} is substituted in values, not in names; this name is used as written"
+    ]
+
+
+def test_problem_wording_t63() -> None:
+    """t63's message nits: the tab, msgspec's ``int | null``, the quotes that make a number text, ``tier None``."""
+    assert problems(VALID.replace("    tier: small", "\ttier: small")) == [
+        "line 6: not valid YAML: a tab character; YAML indents with spaces only"
+    ]
+    assert problems(VALID + "tenants:\n  a: {limits: {rpm: 100O}}\n") == [
+        "tenants.a.limits.rpm (line 16): expected a whole number, got the string '100O'"
+    ]
+    assert problems(VALID.replace("${S_CTX:-4096}", '"${S_CTX:-4096}"')) == [
+        "models.s.context_window (line 7): expected a whole number, got the string '4096'; "
+        "the quotes around it make it text: write it without them"
+    ]
+    assert problems(VALID.replace("tier: small", "tier: small\n    upstream_model: 7")) == [
+        "models.s.upstream_model (line 7): expected text, got 7; write it in quotes to have it read as text"
+    ]
+    assert problems(VALID.replace("    tier: small\n", "")) == [
+        "pair.small (line 1): model 's' has no tier; the pair's small model needs `tier: small`",
+        "models.s (line 4): missing required field `tier` (`small` or `large`) for a chat model",
+    ]
+
+
+def test_a_model_standing_in_for_an_unset_variable_is_still_named_in_hints() -> None:
+    """t63: with ``${VAR}`` unset where check runs, its model was left out of "models are: ..."."""
+    text = VALID.replace("${S_CTX:-4096}", "${S_CTX}").replace("fast: {model: s,", "fast: {model: sx,")
+    with pytest.raises(ConfigError) as caught:
+        load_policy_text(text, environ={}, unset_ok=True)
+    assert caught.value.problems == ["routes.fast.model (line 13): unknown model 'sx'; models are: l, s"]
+
+
+def test_a_downgrade_without_any_budget_is_warned_of() -> None:
+    """t63: ``downgrade_auto_at`` is a share of a USD budget, the tenant's or one of its keys'."""
+    text = (
+        VALID + "tenants:\n  a: {downgrade_auto_at: 0.8}\n  b: {downgrade_auto_at: 0.8, limits: {usd_per_month: 5}}\n"
+    )
+    assert load_policy_text(text, environ={}).warnings == [
+        "tenants.a.downgrade_auto_at: neither the tenant nor any of its keys has usd_per_day or usd_per_month, "
+        "so it never applies"
+    ]
+    key = f"{{id: k, tenant: a, hash: 'sha256:{'a' * 64}', limits: {{usd_per_day: 1}}}}"
+    keyed = text.replace("auth: {mode: none}", f"auth: {{mode: keys, keys: [{key}]}}")
+    assert load_policy_text(keyed, environ={}).warnings == []
