@@ -3,7 +3,8 @@
 Requests that reserved nothing (no limits) are summed in memory and written every
 :data:`USAGE_FLUSH_S` in one batch, so they cost no store call each; requests that
 reserved are written with their settlement (see :class:`gateway.limits.Limiter`).
-Sums are kept :data:`USAGE_RETENTION_DAYS` days: each write deletes the day that left.
+Sums are kept :data:`USAGE_RETENTION_DAYS` days (today and the days before it), the days
+``/v1/usage`` answers for: each write deletes its key's day that left, one day later.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from gateway.accounting.usage import UsageFigures
 from gateway.store import keyspace
 from gateway.store.base import LimitCounters, StoreUnavailable
 
-__all__ = ["USAGE_FLUSH_S", "USAGE_RETENTION_DAYS", "UsageKeys", "UsageLedger", "usage_keys"]
+__all__ = ["USAGE_FLUSH_S", "USAGE_RETENTION_DAYS", "UsageKeys", "UsageLedger", "usage_kept_since", "usage_keys"]
 
 _log = structlog.get_logger("gateway.usage")
 
@@ -33,9 +34,19 @@ _SEPARATOR = "\x1f"
 
 USAGE_FLUSH_S = 1.0
 USAGE_RETENTION_DAYS = 92
+_DELETED_AFTER_DAYS = USAGE_RETENTION_DAYS + 1
+"""A key's write deletes its sums of this many days before: a day after they leave the retention,
+so that a read at midnight, or on a gateway whose clock is a little behind another's, never counts
+a day that some keys' writes have deleted already (t63)."""
 
 UsageKeys = tuple[tuple[str, str], tuple[str, str]]
-"""Today's sums (key, tenant), then the two that leave the retention period today."""
+"""Today's sums (key, tenant), then the two deleted today (see :data:`_DELETED_AFTER_DAYS`)."""
+
+
+def usage_kept_since(today: datetime) -> datetime:
+    """The first day whose usage is still whole on ``today`` (midnight UTC): older days are
+    deleted key by key, as each key writes, so their sums are partial or gone (t63)."""
+    return today - timedelta(days=USAGE_RETENTION_DAYS - 1)
 
 
 def usage_keys(tenant: str, key_id: str, now: float) -> UsageKeys:
@@ -46,7 +57,7 @@ def usage_keys(tenant: str, key_id: str, now: float) -> UsageKeys:
 def _usage_keys_of_day(tenant: str, key_id: str, day: int) -> UsageKeys:
     """Built once a day per key, not per request."""
     today, gone = (
-        datetime.fromtimestamp(number * 86400, UTC).strftime("%Y%m%d") for number in (day, day - USAGE_RETENTION_DAYS)
+        datetime.fromtimestamp(number * 86400, UTC).strftime("%Y%m%d") for number in (day, day - _DELETED_AFTER_DAYS)
     )
     return keyspace.usage(tenant, key_id, today), keyspace.usage(tenant, key_id, gone)
 
@@ -158,9 +169,7 @@ class UsageLedger:
         if self._to_index:
             index, self._to_index = self._to_index, {}
             try:
-                await self._counters.index_usage(
-                    index, (USAGE_RETENTION_DAYS + 1) * 86400, timeout_s or self._timeout_s
-                )
+                await self._counters.index_usage(index, (_DELETED_AFTER_DAYS + 1) * 86400, timeout_s or self._timeout_s)
             except StoreUnavailable:
                 for members in self._noted.values():  # noted again on the key's next request
                     members.clear()

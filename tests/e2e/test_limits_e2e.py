@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,12 @@ import anthropic
 import httpx
 import pytest
 
+from gateway.accounting.ledger import USAGE_RETENTION_DAYS
+from gateway.accounting.usage import UsageFigures
 from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
+from gateway.store import keyspace
 from tests.conftest import closed_after_test, inject
 from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
@@ -33,10 +37,14 @@ KEYS = """auth:
     - {id: saver, tenant: saver, hash: "%(saver)s", limits: {usd_per_day: 0.001}}
     - {id: admin, tenant: ops, hash: "%(admin)s", admin: true}
     - {id: counter, tenant: solo-count, hash: "%(counter)s", limits: {rpm: 3, usd_per_day: 0.0}}
+    - {id: ledger, tenant: ledger, hash: "%(ledger)s"}
 tenants:
   shared: {limits: {rpm: 6}}
   saver: {downgrade_auto_at: 0.3}
-""" % {name: hash_key(f"key-{name}") for name in ("rpm", "tpm", "budget", "s1", "s2", "saver", "admin", "counter")}
+""" % {
+    name: hash_key(f"key-{name}")
+    for name in ("rpm", "tpm", "budget", "s1", "s2", "saver", "admin", "counter", "ledger")
+}
 ROUTES = "  costly: {strategy: classifier, model: large, fallbacks: [small], threshold: 0.0}"  # always large
 
 
@@ -204,6 +212,55 @@ def test_usage_is_per_key_unless_admin(pair: tuple[GatewayProcess, GatewayProces
         == 400
     )
     assert httpx.get(f"{pair[1].base_url}/usage").status_code == 401
+
+
+def _usage(gateway: GatewayProcess, key: str, start: date, end: date) -> httpx.Response:
+    return httpx.get(
+        f"{gateway.base_url}/usage",
+        params={"start": start.isoformat(), "end": end.isoformat()},
+        headers={"authorization": f"Bearer key-{key}"},
+        timeout=15,
+    )
+
+
+def test_usage_refuses_days_no_longer_kept_and_counts_kept_ones_whole(
+    pair: tuple[GatewayProcess, GatewayProcess], redis_server: EmbeddedRedis
+) -> None:
+    """t63: /v1/usage summed periods of up to 366 days over sums kept 92, each key deleting its own
+    day -92 as it wrote: a 100-day total lost a day's spend after one new request, and said nothing.
+    A start before the first day kept (`kept_since`) is refused, naming `gateway report`; the kept
+    days are whole, and a write deletes its key's day only a day after that day left them."""
+    import redis as redis_sync
+
+    today = datetime.now(UTC).date()
+    kept_since = today - timedelta(days=USAGE_RETENTION_DAYS - 1)
+    seeded = dict(UsageFigures(requests=3, cost_usd=0.25).increments())
+    days = {ago: kept_since - timedelta(days=ago) for ago in (0, 1, 2)}  # kept, left today, left yesterday
+    names = {ago: keyspace.usage("ledger", "ledger", day.strftime("%Y%m%d")) for ago, day in days.items()}
+    with redis_sync.Redis.from_url(redis_server.url) as client:
+        for pair_names in names.values():
+            for name in pair_names:
+                client.hset(name, mapping=seeded)
+        refused = _usage(pair[0], "ledger", days[1], today)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["param"] == "start"
+        assert f"start must be {kept_since.isoformat()} or later" in error["message"]
+        assert "gateway report" in error["message"]
+        assert _chat(pair[0], "ledger").status_code == 200  # writes today: deletes the key's day that left yesterday
+        answer = _usage(pair[0], "ledger", kept_since, today)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["kept_since"] == kept_since.isoformat()
+        assert (body["total"]["requests"], body["total"]["cost_usd"]) == (4, pytest.approx(0.25, abs=0.01))
+        # the reading worker wrote its figures first: the day that left today is still there, so a
+        # read begun before midnight and summed after it (or on a slower clock) counts it whole
+        assert client.exists(*names[1]) == 2 and client.exists(*names[2]) == 0
+    # an end far ahead is today's figures, and the date a client sends is echoed as sent
+    ahead = _usage(pair[0], "ledger", today, date(9999, 12, 31)).json()
+    assert (ahead["end"], ahead["total"]["requests"]) == ("9999-12-31", 1)
+    ancient = _usage(pair[0], "ledger", date(1, 1, 1), today).json()["error"]["message"]
+    assert "(got 0001-01-01)" in ancient
 
 
 def test_new_key_is_created_once_and_picked_up_without_restart(pair: tuple[GatewayProcess, GatewayProcess]) -> None:
