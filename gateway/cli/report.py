@@ -6,10 +6,19 @@ import argparse
 import os
 import sys
 import zlib
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from gateway.cli._parsers import Subcommands
-from gateway.reporting.aggregate import DIMENSIONS, Aggregator, open_log, parse_dimensions, parse_when
+from gateway.reporting.aggregate import (
+    DIMENSIONS,
+    Aggregator,
+    open_log,
+    parse_dimensions,
+    parse_until,
+    parse_when,
+)
 from gateway.reporting.table import FORMATS, render, summary_line
 
 __all__ = ["register", "run"]
@@ -41,9 +50,16 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated grouping, any of {','.join(DIMENSIONS)} in the order wanted; '' for one total (default: day)",
     )
     parser.add_argument(
-        "--since", type=_when, help="first time included: 2026-11-20, 2026-11-20T12:00Z, or 7d / 24h / 30m / 2w ago"
+        "--since",
+        type=_when,
+        help="first time included: 2026-11-20 (from midnight UTC), 2026-11-20T12:00Z, or 7d / 24h / 30m / 2w ago",
     )
-    parser.add_argument("--until", type=_when, help="first time excluded, same forms as --since (default: no end)")
+    parser.add_argument(
+        "--until",
+        type=_until,
+        help="last day included, as /v1/usage's end: 2026-11-30 counts that whole day (UTC); a datetime "
+        "(2026-11-30T12:00Z) or 7d / 24h / ... ago is the first time excluded (default: no end)",
+    )
     parser.add_argument("--format", choices=FORMATS, default="table", help="output on stdout (default: table)")
     parser.add_argument("--png", metavar="FILE", help="also write a chart: cost per day by model, savings per day")
 
@@ -95,9 +111,13 @@ def _dimensions(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _when(text: str) -> Any:
+def _until(text: str) -> Any:
+    return _when(text, parse_until)
+
+
+def _when(text: str, parse: Callable[[str], datetime] = parse_when) -> Any:
     try:
-        return parse_when(text)
+        return parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     except OverflowError:  # "99999999d", "9999-12-31T23:59:59-05:00": before year 1 or after 9999

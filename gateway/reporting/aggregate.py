@@ -32,6 +32,7 @@ __all__ = [
     "aggregate_path",
     "open_log",
     "parse_dimensions",
+    "parse_until",
     "parse_when",
 ]
 
@@ -317,6 +318,21 @@ def parse_when(text: str, *, now: datetime | None = None) -> datetime:
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
     return parsed.astimezone(UTC)
+
+
+def parse_until(text: str, *, now: datetime | None = None) -> datetime:
+    """The first time excluded, from the forms :func:`parse_when` reads; but a date alone means
+    through that whole day (to the next midnight UTC), as ``/v1/usage``'s ``end`` does, so the
+    two agree on one pair of dates (t63: ``--until 2026-12-03`` left out the 3rd)."""
+    bound = parse_when(text, now=now)
+    try:
+        date.fromisoformat(text.strip())
+    except ValueError:  # a datetime, or a relative time: exact
+        return bound
+    try:
+        return bound + timedelta(days=1)
+    except OverflowError:  # through 9999-12-31: no end
+        return datetime.max.replace(tzinfo=UTC)
 
 
 @contextmanager

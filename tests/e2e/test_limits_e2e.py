@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import subprocess
 import sys
 import time
@@ -261,6 +262,31 @@ def test_usage_refuses_days_no_longer_kept_and_counts_kept_ones_whole(
     assert (ahead["end"], ahead["total"]["requests"]) == ("9999-12-31", 1)
     ancient = _usage(pair[0], "ledger", date(1, 1, 1), today).json()["error"]["message"]
     assert "(got 0001-01-01)" in ancient
+
+
+def _logged(pair: tuple[GatewayProcess, GatewayProcess], key_id: str) -> int:
+    return sum(1 for gateway in pair for record in gateway.log_records() if record["key_id"] == key_id)
+
+
+def test_report_until_a_date_counts_that_day_as_usage_end_does(pair: tuple[GatewayProcess, GatewayProcess]) -> None:
+    """t63: `gateway report --until 2026-12-03` left out the 3rd, which /v1/usage?end=2026-12-03
+    counts: finance reconciling the two with the same dates got different numbers."""
+    gateway = pair[1]
+    assert _chat(gateway, "ledger").status_code == 200
+    today = datetime.now(UTC).date()
+    usage = _usage(gateway, "ledger", today, today).json()["total"]["requests"]
+    deadline = time.monotonic() + 10  # the log's lines are written by a background thread
+    while _logged(pair, "ledger") < usage and time.monotonic() < deadline:
+        time.sleep(0.05)
+    day = today.isoformat()
+    report = subprocess.run(
+        [sys.executable, "-m", "gateway", "report", *(str(g.log_path) for g in pair), "--since", day, "--until", day,
+         "--by", "key", "--format", "json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    rows = {row["key"]: row for row in json.loads(report.stdout)["rows"]}
+    assert usage >= 1 and rows["ledger"]["requests"] == usage
+    assert f"[{day}T00:00:00Z, {today + timedelta(days=1)}T00:00:00Z)" in report.stderr
 
 
 def test_new_key_is_created_once_and_picked_up_without_restart(pair: tuple[GatewayProcess, GatewayProcess]) -> None:

@@ -25,7 +25,15 @@ import pytest
 
 from gateway.cli import main as cli_main
 from gateway.cli import report
-from gateway.reporting.aggregate import DIMENSIONS, Aggregator, Totals, aggregate_path, parse_dimensions, parse_when
+from gateway.reporting.aggregate import (
+    DIMENSIONS,
+    Aggregator,
+    Totals,
+    aggregate_path,
+    parse_dimensions,
+    parse_until,
+    parse_when,
+)
 
 _ROOT = Path(__file__).resolve().parents[2]
 
@@ -289,6 +297,16 @@ def test_parse_when_forms() -> None:
     for bad in ("yesterday", "7y", "", "2026-13-01"):
         with pytest.raises(ValueError):
             parse_when(bad)
+
+
+def test_until_a_date_is_through_that_day_and_a_datetime_is_exact() -> None:
+    """t63: a date --until counts its whole day, as /v1/usage's end; times stay the first left out."""
+    now = datetime(2026, 3, 10, 12, 30, 15, tzinfo=UTC)
+    assert parse_until("2026-03-01") == datetime(2026, 3, 2, tzinfo=UTC)
+    assert parse_until("2026-03-01T00:00Z") == datetime(2026, 3, 1, tzinfo=UTC)
+    assert parse_until("2026-03-01T06:00:00-05:00") == datetime(2026, 3, 1, 11, tzinfo=UTC)
+    assert parse_until("1d", now=now) == datetime(2026, 3, 9, 12, 30, 15, tzinfo=UTC)
+    assert parse_until("9999-12-31") == datetime.max.replace(tzinfo=UTC)
 
 
 def test_relative_since_through_the_cli(log_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
