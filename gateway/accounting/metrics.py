@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from gateway.accounting.request_log import RequestRecord
 
@@ -51,13 +55,8 @@ class Metrics:
         self.upstream_errors = Counter(
             "gateway_upstream_errors", "Failed upstream attempts", ["upstream", "code"], registry=r
         )
-        self.policy_info = Gauge(
-            "gateway_policy_info",
-            "Policy version in force (1 while any live worker uses it)",
-            ["version"],
-            registry=r,
-            multiprocess_mode="livemax",
-        )
+        self._policy_versions = _PolicyVersions(multiprocess_dir)
+        r.register(self._policy_versions)
         self.redis_up = Gauge(
             "gateway_redis_up",
             "1 when Redis answered the last call (every live worker)",
@@ -111,7 +110,6 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
-        self._policy_version: str | None = None
         self._children: dict[tuple[str, str, int, str], tuple] = {}  # type: ignore[type-arg]
 
     def observe(self, record: RequestRecord) -> None:
@@ -166,10 +164,7 @@ class Metrics:
         self.semantic_verify_threshold.labels(tenant, route).set(threshold or 0.0)
 
     def set_policy_version(self, version: str) -> None:
-        if self._policy_version is not None and self._policy_version != version:
-            self.policy_info.labels(self._policy_version).set(0)
-        self.policy_info.labels(version).set(1)
-        self._policy_version = version
+        self._policy_versions.put(version)
 
     def render(self) -> bytes:
         if self._multiprocess_dir is None:
@@ -177,7 +172,61 @@ class Metrics:
         _forget_dead_workers(self._multiprocess_dir)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+        registry.register(self._policy_versions)
         return generate_latest(registry)
+
+
+class _PolicyVersions(Collector):
+    """``gateway_policy_info``: 1 for each policy version a live worker has in force, and no series
+    for any other. A labelled gauge kept one series per version ever in force (t63: 10 after as
+    many reloads, 9 at 0), and every edit or `keys new` makes a version. prometheus_client cannot
+    remove a label in multiprocess mode (a worker's values stay in its file), so each worker
+    writes its version to a file of its own, which a scrape reads while that worker lives."""
+
+    _HELP = "Policy version in force (1 while any live worker uses it)"
+
+    def __init__(self, directory: str | None) -> None:
+        self._directory = directory
+        self._version: str | None = None
+
+    def put(self, version: str) -> None:
+        self._version = version
+        if self._directory is None:
+            return
+        path = os.path.join(self._directory, f"policy_version_{os.getpid()}")
+        with open(f"{path}.tmp", "w", encoding="utf-8") as file:
+            file.write(version)
+        os.replace(f"{path}.tmp", path)  # a scrape reads the old version or the new, never half of one
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("gateway_policy_info", self._HELP, labels=["version"])
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("gateway_policy_info", self._HELP, labels=["version"])
+        for version in sorted(self._versions()):
+            family.add_metric([version], 1)
+        yield family
+
+    def _versions(self) -> set[str]:
+        if self._directory is None:
+            return set() if self._version is None else {self._version}
+        versions: set[str] = set()
+        for name in os.listdir(self._directory):
+            found = _POLICY_VERSION_FILE.fullmatch(name)
+            if found is None:
+                continue
+            path = os.path.join(self._directory, name)
+            if not _alive(int(found.group(1))):  # replaced by the server: its version is not the gateway's
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            with contextlib.suppress(FileNotFoundError):  # removed by another worker's scrape
+                with open(path, encoding="utf-8") as file:
+                    versions.add(file.read())
+        return versions
+
+
+_POLICY_VERSION_FILE = re.compile(r"policy_version_(\d+)")
 
 
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
@@ -185,15 +234,21 @@ _LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
 
 def _forget_dead_workers(directory: str) -> None:
     """Drop the live-gauge files of workers that are gone (the server replaced them): their last
-    ``redis_up`` or policy version is not the gateway's. Counters keep every worker's counts."""
+    ``redis_up`` is not the gateway's. Counters keep every worker's counts."""
     for name in os.listdir(directory):
         found = _LIVE_GAUGE_FILE.fullmatch(name)
         if found is None:
             continue
         pid = int(found.group(1))
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
-        except PermissionError:  # alive, another user's
-            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -44,6 +45,39 @@ def test_metrics_are_whole_across_two_workers(
         totals = {_requests_total(httpx.get(f"{gateway.url}/metrics").text) for _ in range(6)}
         assert totals == {30.0}
         assert "gateway_redis_up 1.0" in httpx.get(f"{gateway.url}/metrics").text
+    finally:
+        gateway.stop()
+
+
+def _policy_info(text: str) -> set[str]:
+    return set(re.findall(r"^gateway_policy_info\{.*\} \S+$", text, re.M))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_policy_info_shows_only_the_versions_in_force(
+    tmp_path: Path,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+    workers: int,
+) -> None:
+    """t63: gateway_policy_info kept a series (at 0) for every version ever in force, and every
+    edit or `keys new` makes one; with several workers (prometheus_client's multiprocess files)
+    as with one, a scrape shows the versions live workers have in force, and no other."""
+    policy = policy_text(small_upstream, large_upstream)
+    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url}, workers=workers)
+    try:
+        for edit in range(3):
+            text = f"{policy}\n# edit {edit}\n"
+            gateway.policy_path.write_text(text)
+            version = hashlib.sha256(text.encode()).hexdigest()[:12]
+            wanted = {f'gateway_policy_info{{version="{version}"}} 1.0'}
+            deadline = time.monotonic() + 15  # each worker reloads on its own time
+            seen = _policy_info(httpx.get(f"{gateway.url}/metrics").text)
+            while seen != wanted and time.monotonic() < deadline:
+                time.sleep(0.1)
+                seen = _policy_info(httpx.get(f"{gateway.url}/metrics").text)
+            assert seen == wanted
     finally:
         gateway.stop()
 
