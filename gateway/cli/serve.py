@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -151,10 +151,6 @@ def run(args: argparse.Namespace) -> int:
         _say(f"policy {loaded.source} version {loaded.version}; auth {auth}")
         for warning in loaded.warnings:
             _say(f"warning: {warning}")
-        _say(
-            f"serving the OpenAI and Anthropic APIs at http://{args.host}:{args.port}/v1 "
-            f"with {args.workers} worker(s) on {args.server}"
-        )
         os.environ["GATEWAY_POLICIES"] = os.path.abspath(args.policies)
         os.environ["GATEWAY_POLICY_LAST_GOOD"] = _keep_policy_in_force(loaded.text, args.data_dir)
         if args.workers > 1:
@@ -168,7 +164,18 @@ def run(args: argparse.Namespace) -> int:
             _keep_stdout_for_the_request_log()
         else:  # uvicorn spawns its workers, which inherit no other descriptor: each one splits its own
             os.environ["GATEWAY_REQUEST_LOG_FD"] = "split"
-        _run_server(args.server, args.host, args.port, args.workers, kill_after_s=args.drain_s + 5)
+        banner = (
+            f"serving the OpenAI and Anthropic APIs at http://{args.host}:{args.port}/v1 "
+            f"with {args.workers} worker(s) on {args.server}"
+        )
+        _run_server(
+            args.server,
+            args.host,
+            args.port,
+            args.workers,
+            kill_after_s=args.drain_s + 5,
+            listening=lambda: _say(banner),
+        )
         _say(
             f"stopped: requests finished, or were ended in-band at the {args.drain_s:g}s drain deadline "
             "(the log says which); stopping what the gateway started"
@@ -194,13 +201,20 @@ def _sighup_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _run_server(server: str, host: str, port: int, workers: int, *, kill_after_s: float) -> None:
+def _run_server(
+    server: str, host: str, port: int, workers: int, *, kill_after_s: float, listening: Callable[[], None]
+) -> None:
+    """Serve until stopped; ``listening`` is called once the port is ours and listening (t63: the
+    banner said "serving" before the bind, and a port in use then failed the start)."""
     if server == "uvicorn":
-        _run_uvicorn(host, port, workers, kill_after_s=kill_after_s)
+        _run_uvicorn(host, port, workers, kill_after_s=kill_after_s, listening=listening)
         return
     from granian.constants import Interfaces
 
-    _granian_server()(
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with _bound(family, host, port, reuse_port=False):  # a port in use: said in a line, not granian's traceback
+        pass
+    granian = _granian_server()(
         "gateway.api.app:create_app",
         factory=True,
         address=host,
@@ -211,10 +225,13 @@ def _run_server(server: str, host: str, port: int, workers: int, *, kill_after_s
         log_level="warning",
         respawn_failed_workers=True,
         workers_kill_timeout=int(kill_after_s),
-    ).serve()
+    )
+    # its start-up hook comes once the socket is bound, but the workers listen on it: said once one accepts
+    granian.on_startup(lambda: _when_accepting(host, port, listening))
+    granian.serve()
 
 
-def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float) -> None:
+def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float, listening: Callable[[], None]) -> None:
     import uvicorn
 
     from gateway.services.http_head import BoundedHeadProtocol
@@ -237,11 +254,14 @@ def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float) -> 
         lifespan="on",
         timeout_graceful_shutdown=int(kill_after_s),
     )
-    server = uvicorn.Server(config)
+    server = _announcing_server()(config, listening)
     sockets: list[socket.socket] = []
     if workers > 1:  # bound here, so that a port in use exits non-zero (below, SystemExit means stopped)
         reuse_port = hasattr(socket, "SO_REUSEPORT")
         sockets = _listening_sockets(host, port, workers) if reuse_port else [config.bind_socket()]
+        for sock in sockets:  # the workers listen on them again, with the configured backlog
+            sock.listen(config.backlog)
+        listening()
     supervisor = _uvicorn_supervisor()(config, sockets=sockets) if sockets else None
     try:
         if supervisor is not None:
@@ -254,6 +274,46 @@ def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float) -> 
         # as uvicorn.run: the server did not start (it said why); a supervisor that restarts on
         # failure must see one (t44: a worker's replacement could not start, and serve exited 0)
         raise SystemExit(3)
+
+
+def _when_accepting(host: str, port: int, then: Callable[[], None]) -> None:
+    """Call ``then`` from a thread once ``host:port`` accepts a connection (given up after a minute:
+    a worker that cannot start ends the server, which says why)."""
+    import threading
+    import time
+
+    address = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+    def probe() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((address, port), timeout=1).close()
+            except OSError:
+                time.sleep(0.05)
+                continue
+            then()
+            return
+
+    threading.Thread(target=probe, name="gateway-listening", daemon=True).start()
+
+
+def _announcing_server() -> type:
+    import uvicorn
+
+    class AnnouncingServer(uvicorn.Server):
+        """One worker: the server binds after its lifespan's start-up, and says so then."""
+
+        def __init__(self, config: uvicorn.Config, listening: Callable[[], None]) -> None:
+            super().__init__(config)
+            self._listening = listening
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # else it said why, and exits
+                self._listening()
+
+    return AnnouncingServer
 
 
 def _listening_sockets(host: str, port: int, workers: int) -> list[socket.socket]:

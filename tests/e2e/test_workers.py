@@ -220,6 +220,42 @@ def test_a_port_in_use_is_a_failed_start_with_several_workers_too(
             )  # fmt: skip
         assert done.returncode != 0, done.stderr[-2000:]
         assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+        assert "serving" not in done.stderr  # t63: said before the bind
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
+def test_serve_says_it_serves_only_once_listening(
+    tmp_path: Path,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+    server: str,
+) -> None:
+    """t63: "serving ... at http://127.0.0.1:PORT" came before the bind, so a port in use showed
+    the banner, then the bind's error and exit 3. Said now once the port accepts connections."""
+    policy = tmp_path / "policies.yaml"
+    policy.write_text(policy_text(small_upstream, large_upstream))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--policies", str(policy), "--port", str(port),
+             "--server", server, "--data-dir", str(tmp_path / "taken")],
+            env={**os.environ, "REDIS_URL": redis_server.url}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "serving" not in done.stderr and "Traceback" not in done.stderr
+    assert "address already in use" in done.stderr.lower()
+    gateway = start_gateway(tmp_path / "free", policy.read_text(), env={"REDIS_URL": redis_server.url}, server=server)
+    try:
+        banner = f"serving the OpenAI and Anthropic APIs at http://127.0.0.1:{gateway.port}/v1"
+        deadline = time.monotonic() + 10  # the banner's thread may write it after the first answer
+        while banner not in gateway.stderr_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert banner in gateway.stderr_text()
+    finally:
+        gateway.stop()
 
 
 @pytest.mark.parametrize("server", ["uvicorn", "granian"])
