@@ -52,7 +52,7 @@ from gateway.learning.shadow import judge_request as shadow_judge_request
 from gateway.learning.shadow import judged_conversation
 from gateway.limits import Limiter, Reservation
 from gateway.limits.concurrency import InFlight, Slot
-from gateway.pricing import PricedOptions, cost_usd, unpriced
+from gateway.pricing import SERVICE_TIERS, PricedOptions, cost_usd, unpriced
 from gateway.protocols.body import LARGE_BODY_BYTES, read_off_loop
 from gateway.protocols.chat_request import parse_chat_request
 from gateway.protocols.openai_chat import (
@@ -329,7 +329,7 @@ class ChatPipeline:
                 record.passthrough = True
                 x.asked = passthrough.asked
             tier = x.request.extra.get("service_tier")
-            if isinstance(tier, str):  # OpenAI's priority and flex tiers price the estimate too
+            if tier in SERVICE_TIERS:  # OpenAI's priority and flex price the estimate too; no free text is logged
                 x.asked = replace(x.asked, service_tier=tier)
             x.plan = runtime.router.chat_plan(x.request.model, principal.allowed)
             record.route, record.decision, record.stream = x.plan.route, x.plan.decision, x.request.stream

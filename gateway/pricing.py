@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from gateway.config.schema import Price
 
-__all__ = ["PricedOptions", "Unpriced", "cost_usd", "unpriced"]
+__all__ = ["SERVICE_TIERS", "PricedOptions", "Unpriced", "cost_usd", "option_name", "unpriced"]
 
 _BASE_SPEED = "standard"
 _BASE_GEO = "global"
 _BASE_TIERS = frozenset({"auto", "default", "standard", "standard_only"})
 """OpenAI's and Anthropic's tiers at the list price."""
+_OPTION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+def option_name(value: object) -> str | None:
+    """A priced option's value as an upstream's usage reports it (``fast``, ``us``, ``priority``,
+    a server tool's name), or None: other text is neither priced nor logged, where a dashboard
+    would group by it."""
+    return value if isinstance(value, str) and _OPTION_NAME.fullmatch(value) else None
+
+
+SERVICE_TIERS = _BASE_TIERS | {"flex", "priority", "scale", "fast"}
+"""The ``service_tier`` values OpenAI's and Anthropic's APIs take: a client's other text is
+neither priced nor logged (it would be a dashboard's free-text group)."""
 
 
 @dataclass(frozen=True, slots=True)

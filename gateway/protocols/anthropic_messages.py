@@ -44,7 +44,7 @@ from gateway.core.model import (
     UsageReport,
 )
 from gateway.errors import InvalidRequestError, context_overflow
-from gateway.pricing import PricedOptions
+from gateway.pricing import PricedOptions, option_name
 from gateway.protocols.body import decode_body
 
 __all__ = [
@@ -655,15 +655,20 @@ def _priced_options(raw: dict[str, Any], known: Usage | None) -> dict[str, Any]:
     """What the answer ran with that its price depends on (t59: billed at the base price):
     ``speed``, ``inference_geo`` and ``server_tool_use``'s ``<tool>_requests`` counts, each one
     the event does not give keeping what is ``known`` (a stream's ``message_start``)."""
-    speed, geo = raw.get("speed"), raw.get("inference_geo")
+    speed, geo = option_name(raw.get("speed")), option_name(raw.get("inference_geo"))
     tools = dict(known.server_tool_requests) if known is not None else {}
     used = raw.get("server_tool_use")
     for name, count in used.items() if isinstance(used, dict) else ():
-        if isinstance(name, str) and name.endswith("_requests") and _count(count):
-            tools[name.removesuffix("_requests")] = _count(count)
+        tool = (
+            option_name(name.removesuffix("_requests"))
+            if isinstance(name, str) and name.endswith("_requests")
+            else None
+        )
+        if tool is not None and _count(count):
+            tools[tool] = _count(count)
     return {
-        "speed": speed if isinstance(speed, str) else known.speed if known is not None else None,
-        "inference_geo": geo if isinstance(geo, str) else known.inference_geo if known is not None else None,
+        "speed": speed if speed is not None else known.speed if known is not None else None,
+        "inference_geo": geo if geo is not None else known.inference_geo if known is not None else None,
         "server_tool_requests": tools,
     }
 

@@ -49,6 +49,7 @@ from gateway.core.model import (
 )
 from gateway.core.replay import deltas_of
 from gateway.errors import InvalidRequestError
+from gateway.pricing import option_name
 
 __all__ = [
     "CHAT_UPSTREAM_LOSSES",
@@ -588,7 +589,7 @@ def read_usage(
         output_tokens=completion,
         cached_input_tokens=min(prompt, cached) if isinstance(cached, int) and cached > 0 else 0,
         reasoning_tokens=min(completion, reasoning) if isinstance(reasoning, int) and reasoning > 0 else 0,
-        service_tier=service_tier if isinstance(service_tier, str) and service_tier else None,
+        service_tier=option_name(service_tier),
     )
 
 

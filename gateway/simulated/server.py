@@ -540,7 +540,7 @@ def _with_tier(answer: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
     """OpenAI says which tier processed a request that named one (``auto`` is the project's:
     ``default`` here); vLLM, which has none, says nothing."""
     asked = body.get("service_tier")
-    if isinstance(asked, str):
+    if asked in ("auto", "default", "flex", "priority", "scale"):  # OpenAI refuses others; vLLM ignores them
         answer["service_tier"] = "default" if asked == "auto" else asked
     return answer
 

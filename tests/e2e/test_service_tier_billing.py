@@ -101,3 +101,15 @@ def test_an_unpriced_tier_is_served_at_the_list_price_and_said_to_ops(gateway: G
     assert record["service_tier"] == "priority"
     said = [r for r in gateway.ops_records("unpriced_usage") if r.get("request_id") == "tier-unpriced"]
     assert said and said[0]["unpriced"] == ["models.large.price.service_tier.priority"]
+
+
+def test_a_tier_no_api_takes_is_not_logged_as_asked(gateway: GatewayProcess) -> None:
+    """The client's text would be a free-text group in the cost dashboards."""
+    raw = _client(gateway).chat.completions.with_raw_response.create(
+        model="plain-r",
+        messages=[{"role": "user", "content": "a made-up tier"}],
+        extra_body={"service_tier": "x" * 300},
+        extra_headers={"x-request-id": "tier-made-up"},
+    )
+    assert raw.http_response.status_code == 200
+    assert gateway.wait_for_record("tier-made-up")["service_tier"] is None

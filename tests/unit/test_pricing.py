@@ -142,3 +142,16 @@ def test_options_a_price_does_not_set_are_named_with_their_field() -> None:
     ]  # fmt: skip
     assert unpriced(_OPUS, asked) == []
     assert unpriced(plain, PricedOptions(speed="standard", inference_geo="global")) == []  # the base price's own
+
+
+def test_only_option_names_are_read_from_usage() -> None:
+    """A tier or speed an upstream echoes from the client's text is neither priced nor logged:
+    it would be a free-text group on the cost dashboards."""
+    from gateway.pricing import option_name
+    from gateway.protocols import openai_chat
+
+    assert option_name("priority") == "priority" and option_name("standard_only") == "standard_only"
+    for given in ("x" * 300, "Priority", "pri ority", "", None, 3):
+        assert option_name(given) is None
+    usage = openai_chat.read_usage({"prompt_tokens": 1, "completion_tokens": 1}, service_tier="<b>x</b>")
+    assert usage is not None and usage.service_tier is None
