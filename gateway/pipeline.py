@@ -201,6 +201,28 @@ _NOTHING_PRICED = PricedOptions()
 
 
 @dataclass(slots=True)
+class _ReadOn:
+    """A cut stream's upstream, read on past its client's answer for the usage (t58, t65)."""
+
+    why: str | None = None
+    """Why it was not (or will not be) read to its end: ``too_many_reads``, ``past_stop_timeout``,
+    ``slot_taken``, ``drain_deadline``, an upstream error's code, ``internal_error``."""
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the request is settled (its usage known, or given up on)."""
+    task: asyncio.Task[Any] | None = None
+    reading: bool = False
+    done: bool = False
+    """The upstream is let go and the request settled: it is logged once its client's stream ended too."""
+
+    def end_for_slot(self) -> None:
+        """The key's (or tenant's) next request takes the slot this read holds: the read ends there."""
+        if self.why is None:
+            self.why = "slot_taken"
+            if self.reading and self.task is not None:
+                self.task.cancel()
+
+
+@dataclass(slots=True)
 class _Exchange:
     """One request's state on its way through the pipeline."""
 
@@ -269,6 +291,8 @@ class ChatPipeline:
         self._in_flight = InFlight()
         self._whole_answers: dict[asyncio.Task[Any], _Exchange] = {}
         """Requests whose upstream writes a whole (non-streamed) answer, by their task."""
+        self._reading_on: dict[str, int] = {}
+        """Cut streams whose upstream is read on past the client's answer, by model (t65)."""
         self._scorer = scorer
         self._audit = audit or SemanticAudit(metrics)
         self._large_share = large_share
@@ -765,16 +789,19 @@ class ChatPipeline:
             return False  # t61: the budget's pick, not the route's: cached, it outlived the budget's reset
         return plan is not None and plan.write and x.record.status == 200 and x.info.provider is not None
 
-    async def _fill_cache(self, x: _Exchange, answer: core.Answer | None) -> CachedAnswer | None:
+    async def _fill_cache(
+        self, x: _Exchange, answer: core.Answer | None, counts: RequestRecord | None = None
+    ) -> CachedAnswer | None:
         """Store a complete, successful answer (exact, and semantic where it applies), when
         :meth:`_storing`; ``answer`` None: the internal answer cannot hold all of it (a refusal,
-        annotations, ...), and nothing is stored (a lease held is released when the request ends)."""
+        annotations, ...), and nothing is stored (a lease held is released when the request ends).
+        ``counts``: the answer's tokens and cost, when they are not the request's own."""
         plan = x.cache
         if plan is None or answer is None or not _complete(answer):
             return None
         policy = x.runtime.policy.cache
         timeout_s = policy.redis_timeout_ms / 1000
-        record = x.record
+        record = x.record if counts is None else counts
         entry = CachedAnswer(
             answer=msgspec.structs.replace(answer, id="", usage=core.Usage()),
             model=record.model or "",
@@ -839,7 +866,7 @@ class ChatPipeline:
         include_usage = _includes_usage(x.body)
         items = self._relay(x, stream, first, include_usage, typed)
         if x.slot is not None:  # a stream never iterated (its client gone first) gives its place back too
-            weakref.finalize(items, x.slot.release)
+            weakref.finalize(items, x.slot.release_unless_lent)
         if typed:
             return StreamingDeltas(headers, cast(AsyncIterator[DeltaBatch], items), x.prompt_tokens)
         return StreamingAnswer(headers, cast(AsyncIterator[bytes], items))
@@ -862,16 +889,36 @@ class ChatPipeline:
             return prefix + piece + suffix if isinstance(piece, bytes) else piece
 
         logged = False
-        rest: asyncio.Event | None = None
-        """Set once the upstream of a stream cut short was handed to a task that reads it to its
-        end, and that task has settled the request (it stores and logs it too)."""
+        rest: _ReadOn | None = None
+        """The upstream of a stream cut short, handed to a task that reads it to its end, settles
+        the request and logs it."""
+        ended: tuple[float, float] | None = None
+        """When the client's stream ended, and the upstream wait until then: what the request is
+        timed by (t65: a cut stream's latency and overhead counted the read past its end)."""
 
         def finish() -> None:
             nonlocal logged
             if not logged:
                 logged = True
                 _record_speculation(record, stream)
-                self._finish(x, upstream_wait)
+                if ended is None:
+                    self._finish(x, upstream_wait)
+                else:
+                    self._finish(x, ended[1], ended[0])
+
+        def rest_done() -> None:
+            if ended is not None:  # else logged when the client's stream ends
+                finish()
+
+        def client_ended() -> None:
+            """The client's stream is over while its upstream may still be read on: logged once both are."""
+            nonlocal ended
+            assert rest is not None
+            ended = (time.perf_counter(), upstream_wait)
+            if rest.done:
+                finish()
+            elif x.slot is not None:  # the key's new request may end the read and take its place (t65)
+                x.slot.lend(rest.end_for_slot)
 
         def stalled() -> None:
             """The client stopped taking what it holds the upstream for: settled and logged now, not
@@ -900,13 +947,17 @@ class ChatPipeline:
             tally = stream.tally
             if stream.cut_short:  # (t58) the answer is whole; its upstream writes on past the stop
                 record.finish_reason = tally.finish_reason
-                rest = self._read_rest(x, provider, stream, finish)
+                rest = self._read_rest(x, provider, stream, rest_done)
                 if typed or include_usage:  # the usage comes at the upstream's end
-                    while not rest.is_set():
-                        try:
-                            await asyncio.wait_for(rest.wait(), _KEEP_ALIVE_S)
-                        except TimeoutError:
-                            yield KEEP_ALIVE if typed else b": keep-alive\n\n"
+                    waited_from = time.perf_counter()
+                    try:
+                        while not rest.settled.is_set():
+                            try:
+                                await asyncio.wait_for(rest.settled.wait(), _KEEP_ALIVE_S)
+                            except TimeoutError:
+                                yield KEEP_ALIVE if typed else b": keep-alive\n\n"
+                    finally:  # time spent waiting on the upstream (t65)
+                        upstream_wait += time.perf_counter() - waited_from
                 for ending in _ending(tally, record, typed, include_usage):
                     yield ending
                 return
@@ -974,54 +1025,111 @@ class ChatPipeline:
                 await pace.aclose()
             if rest is None and stream.cut_short and not logged:  # the client left after the cut
                 record.finish_reason = stream.tally.finish_reason
-                rest = self._read_rest(x, provider, stream, finish)
-            if rest is None:
+                rest = self._read_rest(x, provider, stream, rest_done)
+            if rest is not None:
+                client_ended()
+            else:
                 with anyio.CancelScope(shield=True):  # the client may be gone: still close upstream and log
                     await stream.aclose()
                     await self._release_lease(x)
                 finish()
 
-    def _read_rest(
-        self, x: _Exchange, provider: Provider, stream: ChatStream, finish: Callable[[], None]
-    ) -> asyncio.Event:
+    def _read_rest(self, x: _Exchange, provider: Provider, stream: ChatStream, done: Callable[[], None]) -> _ReadOn:
         """Hand a stream cut short at a stop string the gateway applies to a task the gateway owns,
         which reads the upstream to its end whether the client stays or goes, then settles the
-        request on the upstream's usage, stores and logs it (t58: a client that left at the cut was
-        logged 499 and billed the gateway's count of the cut text). The event is set once settled."""
-        settled = asyncio.Event()
-        self._drain.spawn(self._settle_rest(x, provider, stream, settled, finish), "stream-rest")
-        return settled
+        request on the upstream's usage (t58: a client that left at the cut was logged 499 and
+        billed the gateway's count of the cut text). ``done`` is called once it is done.
+
+        The read holds an upstream connection: a model's cut streams may hold at most half of its
+        ``max_connections`` so (t65: one tenant's cut streams filled the pool, and another's
+        requests got 504 ``upstream_busy``); past that the upstream is let go at the cut."""
+        name = provider.name
+        held = self._reading_on.get(name, 0)
+        rest = _ReadOn(None if held < max(1, provider.config.max_connections // 2) else "too_many_reads")
+        self._reading_on[name] = held + 1
+        rest.task = self._drain.spawn(self._settle_rest(x, provider, stream, rest, done), "stream-rest")
+        return rest
 
     async def _settle_rest(
-        self, x: _Exchange, provider: Provider, stream: ChatStream, settled: asyncio.Event, finish: Callable[[], None]
+        self, x: _Exchange, provider: Provider, stream: ChatStream, rest: _ReadOn, done: Callable[[], None]
     ) -> None:
-        tally, whole = stream.tally, False
+        tally = stream.tally
         try:
-            await stream.read_rest()
-            whole = True
-        except UpstreamError as exc:  # the client's answer stands: settled on what came
-            self._metrics.upstream_error(exc.upstream, exc.code)
-        except asyncio.CancelledError:  # the drain deadline: the same
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-        except Exception as exc:
-            _internal_error(x, exc)
-        try:
-            self._settle(x, provider, tally.usage, tally.text, tally.said, cut=not whole)
-            settled.set()
-            if whole and tally.replayable and self._storing(x):
-                answer = answer_from_message(
-                    tally.message(), tally.finish_reason, model=tally.model or "", stop_sequence=tally.stop_sequence
+            with anyio.CancelScope(shield=True):  # (t65) the answer is whole: its followers are not kept waiting
+                await self._store_cut(x, provider, tally)
+            if rest.why is None:
+                rest.why = await self._read_on(x, provider, stream, rest)
+            self._settle(x, provider, tally.usage, tally.text, tally.said, cut=rest.why is not None)
+            if rest.why is not None:  # (t65) billed on the cut text alone: ops and finance are told
+                _log.warning(
+                    "stream_usage_unread",
+                    request_id=x.record.request_id,
+                    model=provider.name,
+                    reason=rest.why,
+                    completion_tokens=x.record.completion_tokens,
                 )
-                with anyio.CancelScope(shield=True):
-                    await self._fill_cache(x, answer)
         finally:
-            settled.set()
+            self._reading_on[provider.name] -= 1
+            if not self._reading_on[provider.name]:
+                del self._reading_on[provider.name]
+            rest.settled.set()
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
                 await self._release_lease(x)
-            finish()
+            rest.done = True
+            done()
+
+    async def _read_on(self, x: _Exchange, provider: Provider, stream: ChatStream, rest: _ReadOn) -> str | None:
+        """Read the upstream past the cut for its usage, for at most the model's ``timeouts.past_stop``
+        (t65); why it was not read to its end, if it was not."""
+        rest.reading = True
+        try:
+            async with asyncio.timeout(provider.config.timeouts.past_stop):
+                await stream.read_rest()
+            return None
+        except TimeoutError:
+            return "past_stop_timeout"
+        except UpstreamError as exc:  # the client's answer stands: settled on what came
+            self._metrics.upstream_error(exc.upstream, exc.code)
+            return exc.code
+        except asyncio.CancelledError:  # the drain deadline, or the key's next request took the slot
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            return rest.why or "drain_deadline"
+        except Exception as exc:
+            _internal_error(x, exc)
+            return "internal_error"
+        finally:
+            rest.reading = False
+
+    async def _store_cut(self, x: _Exchange, provider: Provider, tally: StreamTally) -> None:
+        """Store the answer cut at the stop, with the tokens the gateway counts in it (t65: the
+        requests coalesced on it waited for the whole generation past the cut). What the upstream
+        wrote past the cut is this request's bill, not the answer's: a hit gives the cut answer."""
+        if not (tally.replayable and self._storing(x)):
+            return
+        answer = answer_from_message(
+            tally.message(), tally.finish_reason, model=tally.model or "", stop_sequence=tally.stop_sequence
+        )
+        record = x.record
+        counts = msgspec.structs.replace(
+            record,
+            prompt_tokens=x.prompt_tokens,
+            completion_tokens=count_text(
+                tally.said if tally.said is not None else tally.text, provider.config.encoding
+            ),
+            cached_prompt_tokens=0,
+            cache_write_tokens=0,
+            cache_write_1h_tokens=0,
+            reasoning_tokens=0,
+            speed=x.asked.speed,
+            inference_geo=x.asked.inference_geo,
+            service_tier=x.asked.service_tier,
+            server_tool_requests=None,
+        )
+        counts.cost_usd = _cost(provider.config.price, counts)
+        await self._fill_cache(x, answer, counts)
 
     async def aclose(self) -> None:
         """At the worker's end: wait for the upstreams still read past their clients' answers (t58)."""
@@ -1121,14 +1229,15 @@ class ChatPipeline:
         headers.update(exc.headers)
         return Answer(exc.status_code, exc.to_body(), headers)
 
-    def _finish(self, x: _Exchange, upstream_seconds: float) -> None:
-        """Time the request now; account for it (metrics, log line, learning, limits) just after
+    def _finish(self, x: _Exchange, upstream_seconds: float, ended_at: float | None = None) -> None:
+        """Time the request now (or at ``ended_at``, when its client's answer ended before its
+        upstream was let go); account for it (metrics, log line, learning, limits) just after
         the answer went out: the client does not wait for its bookkeeping (~15 % of the proxy
         path's Python time)."""
         if x.slot is not None:
             x.slot.release()
         record = x.record
-        elapsed = time.perf_counter() - x.started
+        elapsed = (time.perf_counter() if ended_at is None else ended_at) - x.started
         record.latency_ms = round(elapsed * 1000, 3)
         record.overhead_ms = round(max(0.0, elapsed - upstream_seconds) * 1000, 3)
         record.retries = x.info.retries

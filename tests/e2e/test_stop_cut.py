@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +34,14 @@ from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 _WRITTEN = 5000
 """The output tokens the upstream says it wrote: the cut text and all it wrote past it."""
 
-_MODELS = """  reasoner:
+_MODELS = """  reasoner2:
+    base_url: {url}/v1
+    upstream_model: o4-mini
+    tier: large
+    price: {{input: 1, output: 10}}
+    max_connections: 2
+    timeouts: {{connect: 2, first_byte: 10, total: 20, idle: 20}}
+  reasoner:
     base_url: {url}/v1
     upstream_model: o4-mini
     tier: large
@@ -88,6 +96,9 @@ async def _openai(request: web.Request, upstream: HeldUpstream) -> web.StreamRes
 
     await _sse(response, chunk({"role": "assistant", "content": ""}))
     await _sse(response, chunk({"content": "Thought: look\nObservation: made up"}))
+    if prompt.startswith("BREAK"):  # a broken event past the cut, and the end
+        await _sse(response, b"not json")
+        return response
     await upstream._gate(prompt).wait()
     await _sse(response, chunk({"content": " and more"}, "stop"))
     usage = {"prompt_tokens": 11, "completion_tokens": _WRITTEN, "total_tokens": 11 + _WRITTEN}
@@ -421,3 +432,143 @@ def _until_closed(process: GatewayProcess) -> None:
             return
         threading.Event().wait(0.1)
     raise AssertionError("the gateway went on accepting after SIGTERM")
+
+
+# -- t65: what a cut stream's read past its client's answer may hold, and how it is told --------
+
+_CUT = "Thought: look\n"
+"""The answer at the cut."""
+
+
+@pytest.fixture
+def guarded(
+    tmp_path: Path,
+    held_upstream: HeldUpstream,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:
+    """The exact cache on, and the (anonymous) tenant held to 2 requests in flight."""
+    policy = policy_text(
+        small_upstream,
+        large_upstream,
+        extra_models=_MODELS.format(url=held_upstream.url),
+        cache="{enabled: true, redis_timeout_ms: 2000, semantic: {enabled: false}}",
+    )
+    policy += "\ntenants:\n  default: {limits: {max_concurrent: 2}}\n"
+    process = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k"})
+    yield process
+    process.stop()
+
+
+def _cut_stream(gateway: GatewayProcess, prompt: str, model: str = "reasoner", **extra: Any) -> tuple[str, list[Any]]:
+    """A cut stream read to its end by an openai SDK client: its request id and chunks."""
+    oai = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0, timeout=30))
+    raw = oai.chat.completions.with_raw_response.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        stop=["Observation:"],
+        stream=True,
+        temperature=0,
+        **extra,
+    )
+    return raw.headers["x-request-id"], list(raw.parse())
+
+
+def _unread(gateway: GatewayProcess, request_id: str) -> list[str]:
+    return [e["reason"] for e in gateway.ops_records("stream_usage_unread") if e["request_id"] == request_id]
+
+
+def _counted(text: str) -> int:
+    from gateway.tokens import count_text
+
+    return count_text(text, "cl100k_base")
+
+
+def test_the_keys_next_request_ends_a_cut_streams_read_and_takes_its_place(
+    guarded: GatewayProcess, held_upstream: HeldUpstream
+) -> None:
+    """t65: the place a request holds among its key's and tenant's ``max_concurrent`` was given
+    back at the cut, while the upstream was read on: a key allowed one request in flight ran any
+    number of generations at once. The read keeps the place; the tenant's next request ends the
+    oldest read there (billed on the cut text, and said so) rather than being refused."""
+    first, second = _prompt(), _prompt()
+    first_id, _ = _cut_stream(guarded, first)
+    second_id, _ = _cut_stream(guarded, second)  # both places are held by reads past the cut
+    oai = closed_after_test(openai.OpenAI(base_url=guarded.base_url, api_key="x", max_retries=0))
+    answer = oai.chat.completions.create(model="small", messages=[{"role": "user", "content": _prompt()}])
+    assert answer.choices[0].message.content
+    record = guarded.wait_for_record(first_id, timeout_s=30)  # the first read ended for it, its upstream held still
+    assert first not in held_upstream.finished
+    assert (record["status"], record["tokens_source"], record["completion_tokens"]) == (200, "gateway", _counted(_CUT))
+    assert _unread(guarded, first_id) == ["slot_taken"]
+    held_upstream.release(second)
+    held_upstream.release(first)
+    record = guarded.wait_for_record(second_id, timeout_s=30)
+    assert (record["tokens_source"], record["completion_tokens"]) == ("upstream", _WRITTEN)
+    assert _unread(guarded, second_id) == []
+
+
+def test_a_models_cut_streams_hold_at_most_half_its_connections(
+    guarded: GatewayProcess, held_upstream: HeldUpstream
+) -> None:
+    """t65: cut streams read on past their clients held every connection of a model's pool, and
+    other tenants' requests got 504 ``upstream_busy``. Past half of ``max_connections`` (2 here),
+    a cut stream's upstream is let go at the cut, billed on the cut text, and said so."""
+    kept, let_go = _prompt(), _prompt()
+    kept_id, _ = _cut_stream(guarded, kept, "reasoner2")
+    let_go_id, chunks = _cut_stream(guarded, let_go, "reasoner2")
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == _CUT
+    record = guarded.wait_for_record(let_go_id, timeout_s=30)
+    assert (record["status"], record["tokens_source"], record["completion_tokens"]) == (200, "gateway", _counted(_CUT))
+    assert _unread(guarded, let_go_id) == ["too_many_reads"]
+    held_upstream.release(kept)
+    held_upstream.release(let_go)
+    record = guarded.wait_for_record(kept_id, timeout_s=30)
+    assert (record["tokens_source"], record["completion_tokens"]) == ("upstream", _WRITTEN)
+
+
+def test_a_cut_answer_is_stored_at_the_cut(guarded: GatewayProcess, held_upstream: HeldUpstream) -> None:
+    """t65: the cache was filled, and the requests coalesced on the answer let go, only once the
+    upstream had written on to its end. The answer is whole at the cut: the same request is a hit
+    at once, with the tokens of the cut answer (the rest is the first request's bill alone)."""
+    prompt = _prompt()
+    first_id, _ = _cut_stream(guarded, prompt)
+    again_id, chunks = _cut_stream(guarded, prompt)
+    assert prompt not in held_upstream.finished
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == _CUT
+    hit = guarded.wait_for_record(again_id, timeout_s=30)
+    assert (hit["cache"], hit["tokens_source"], hit["completion_tokens"]) == ("exact", "cache", _counted(_CUT))
+    held_upstream.release(prompt)
+    record = guarded.wait_for_record(first_id, timeout_s=30)
+    assert (record["cache"], record["tokens_source"], record["completion_tokens"]) == ("miss", "upstream", _WRITTEN)
+
+
+def test_a_cut_streams_latency_ends_with_its_clients_stream(
+    gateway: GatewayProcess, held_upstream: HeldUpstream
+) -> None:
+    """t65: ``latency_ms`` and ``overhead_ms`` ran to the end of the read past the cut, not to
+    the client's last byte: no more than the client itself waited, with or without the usage."""
+    asks: list[dict[str, Any]] = [{}, {"stream_options": {"include_usage": True}}]
+    for extra in asks:
+        prompt = _prompt()
+        if extra:  # the usage comes once the upstream is let go
+            held_upstream.release(prompt)
+        started = time.perf_counter()
+        request_id, _ = _cut_stream(gateway, prompt, **extra)
+        waited_ms = (time.perf_counter() - started) * 1000
+        time.sleep(waited_ms / 1000)  # the upstream writes on past the client's end for as long again
+        held_upstream.release(prompt)
+        record = gateway.wait_for_record(request_id, timeout_s=30)
+        assert record["tokens_source"] == "upstream"
+        assert record["overhead_ms"] <= record["latency_ms"] <= waited_ms
+
+
+def test_a_read_past_the_cut_that_fails_is_told(gateway: GatewayProcess) -> None:
+    """t65: a read past the cut that failed (or timed out, or was ended by the drain deadline)
+    billed the cut text alone with nothing to tell it from a whole read but ``tokens_source``."""
+    request_id, chunks = _cut_stream(gateway, _prompt("BREAK"))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == _CUT
+    record = gateway.wait_for_record(request_id, timeout_s=30)
+    assert (record["status"], record["tokens_source"], record["completion_tokens"]) == (200, "gateway", _counted(_CUT))
+    assert _unread(gateway, request_id) == ["upstream_bad_response"]
