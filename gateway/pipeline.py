@@ -353,8 +353,8 @@ class ChatPipeline:
                 record.passthrough = True
                 x.asked = passthrough.asked
             tier = x.request.extra.get("service_tier")
-            if tier in SERVICE_TIERS:  # OpenAI's priority and flex price the estimate too; no free text is logged
-                x.asked = replace(x.asked, service_tier=tier)
+            if tier is not None:
+                x.asked = replace(x.asked, service_tier=_asked_tier(tier))
             x.plan = runtime.router.chat_plan(x.request.model, principal.allowed)
             record.route, record.decision, record.stream = x.plan.route, x.plan.decision, x.request.stream
             record.baseline_model = x.plan.baseline
@@ -1310,6 +1310,15 @@ def _read_chat(raw: bytes, tenant: str) -> tuple[dict[str, Any], Any, core.Reque
     if directives is not None:
         check_directives(directives)
     return body, directives, read_chat_request(body)
+
+
+def _asked_tier(tier: object) -> str | None:
+    """A chat body's ``service_tier``: OpenAI's priority and flex price the estimate too; another
+    string is neither priced nor logged (free text in a dashboard's group), and what is no string
+    is refused, as OpenAI refuses it (t67: a list was a 500)."""
+    if not isinstance(tier, str):
+        raise InvalidRequestError("service_tier: expected a string", param="service_tier")
+    return tier if tier in SERVICE_TIERS else None
 
 
 def _answers_asked(request: core.Request) -> int:

@@ -125,10 +125,10 @@ def _directives(header: str | None, field: Any) -> set[str]:
     found: set[str] = set()
     if header:
         found.update(part.strip().lower() for part in header.split(","))
-    if isinstance(field, str):
-        found.add(field.lower())
+    if isinstance(field, str):  # as check_directives reads it (t67: "no-cache, no-store" passed it, and stored)
+        found.update(part.strip().lower() for part in field.split(","))
     elif isinstance(field, list):
-        found.update(str(item).lower() for item in field)
+        found.update(str(item).strip().lower() for item in field)
     elif isinstance(field, dict):
         if field.get("read") is False:
             found.add("no-cache")

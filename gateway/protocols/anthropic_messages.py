@@ -143,8 +143,9 @@ _READ_FIELDS = frozenset(field.encode_name for field in msgspec.structs.fields(_
 
 def fields_not_read(body: dict[str, Any]) -> list[str]:
     """Top-level fields of a request body that :func:`decode_request` does not read (a
-    translation would lose them: ``container``, ``mcp_servers``, ``context_management``, ...)."""
-    return [name for name in body if name not in _READ_FIELDS]
+    translation would lose them: ``container``, ``mcp_servers``, ``context_management``, ...);
+    one set to null asks for nothing (t67: ``speed: null`` was refused on a mixed route)."""
+    return [name for name, value in body.items() if name not in _READ_FIELDS and value is not None]
 
 
 _CARRIED: dict[str, frozenset[str]] = {

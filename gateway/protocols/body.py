@@ -53,9 +53,23 @@ def decode_body(raw: bytes, into: type[T]) -> T:
             raise InvalidRequestError(f"the request body must be a JSON object ({message})") from None
         raise _field_error(message) from None
     except msgspec.DecodeError as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+        raise InvalidRequestError(f"the request body is not valid JSON: {_why(exc, raw)}") from None
     except RecursionError:
         raise InvalidRequestError("the request body is nested too deeply") from None
+
+
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])|(?<![0-9a-fA-F]{4})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+
+
+def _why(exc: msgspec.DecodeError, raw: bytes) -> str:
+    """msgspec's reason, but for a lone UTF-16 surrogate escape, which it calls truncated (t67)."""
+    if "truncated" in str(exc):
+        lone = _LONE_SURROGATE.search(raw)
+        if lone is not None:
+            return f"{lone[0].decode()} is half of a UTF-16 surrogate pair, which JSON text cannot hold alone"
+    return str(exc)
 
 
 def check_fields(body: dict[str, Any], view: type[T]) -> T:

@@ -75,7 +75,7 @@ from gateway.upstreams.base import (
     decode_json_object,
     usage_of,
 )
-from gateway.upstreams.stop_strings import StopWatch, cut_blocks, cut_deltas
+from gateway.upstreams.stop_strings import StopWatch, applied_here, cut_blocks, cut_deltas
 
 __all__ = ["AnthropicProvider"]
 
@@ -115,8 +115,9 @@ class AnthropicProvider(Provider):
     learned from its 400; from then on ``top_p`` is left out when both are set."""
 
     async def complete(self, request: core.Request, body: dict[str, Any] | None = None) -> Completion:
+        stops = applied_here(anthropic.stops_applied_here(request), self.name)  # refused before it is sent
         response = await self._post_messages(request, stream=False)
-        answer, usage = self._read(response.content, anthropic.stops_applied_here(request))
+        answer, usage = self._read(response.content, stops)
         return Completion(
             body=openai_chat.completion_from_answer(answer, None if usage is None else answer.usage),
             usage=usage,
@@ -133,8 +134,9 @@ class AnthropicProvider(Provider):
         )
 
     async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
+        stops = applied_here(anthropic.stops_applied_here(request), self.name)  # refused before it is sent
         response = await self._post_messages(request, stream=True)
-        return _AnthropicChatStream(self, response, anthropic.stops_applied_here(request))
+        return _AnthropicChatStream(self, response, stops)
 
     async def _post_messages(self, request: core.Request, *, stream: bool) -> UpstreamResponse:
         """The request as the upstream takes it: a client of OpenAI's API may set both samplers,

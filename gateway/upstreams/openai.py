@@ -39,7 +39,7 @@ from gateway.upstreams.base import (
     usage_of,
 )
 from gateway.upstreams.sse import SSEEvent
-from gateway.upstreams.stop_strings import StopWatch, cut_choices, stops_of
+from gateway.upstreams.stop_strings import StopWatch, applied_here, cut_choices, stops_of
 
 __all__ = ["OpenAIProvider", "chat_payload", "for_openai_upstream"]
 
@@ -88,6 +88,7 @@ class OpenAIProvider(Provider):
         for is lowered to the room the upstream says is left, once (t59)."""
         while True:
             sent = self._as_taken(payload)
+            stops = () if "stop" in sent else applied_here(stops_of(payload.get("stop")), self.name)
             try:
                 response = await self._post("chat/completions", sent, self._headers(), stream=stream)
             except UpstreamStatusError as exc:
@@ -99,7 +100,7 @@ class OpenAIProvider(Provider):
                 if not self._learned_from(exc, sent):
                     raise
                 continue  # each lesson is learned once: at most two more tries
-            return response, (stops_of(payload.get("stop")) if "stop" not in sent else ())
+            return response, stops
 
     def _as_taken(self, payload: dict[str, Any]) -> dict[str, Any]:
         if self.takes_max_completion_tokens:

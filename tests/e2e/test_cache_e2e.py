@@ -311,6 +311,14 @@ def test_cache_control_no_cache_and_no_store(cached_gateway: GatewayProcess, sma
         assert refused.value.body is not None and "gateway_cache" in str(refused.value.body)
     for taken in ("no-cache, no-store", ["no-store"], {"read": False, "write": True}):
         client.chat.completions.create(model="fast", messages=third, temperature=0, extra_body={"gateway_cache": taken})
+    # as they are checked, so they are read: with spaces, both skip the cache (t67: stored, and hit)
+    for both in ("no-cache,no-store", " no-store , no-cache", ["no-cache ", " no-store"]):
+        fourth = _unique("both")
+        for _ in range(2):
+            raw = client.chat.completions.with_raw_response.create(
+                model="fast", messages=fourth, temperature=0, extra_body={"gateway_cache": both}
+            )
+            assert raw.headers["x-gateway-cache"] == "bypass", both
 
 
 def test_tenants_never_see_each_others_cached_answers(

@@ -103,6 +103,16 @@ def test_an_unpriced_tier_is_served_at_the_list_price_and_said_to_ops(gateway: G
     assert said and said[0]["unpriced"] == ["models.large.price.service_tier.priority"]
 
 
+@pytest.mark.parametrize("given", [[], ["priority"], {}, {"a": 1}, 3])
+def test_a_tier_that_is_no_string_is_refused(gateway: GatewayProcess, given: object) -> None:
+    """t67: a list or an object was a 500 (``in`` a frozenset of strings)."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        _client(gateway).chat.completions.create(
+            model="tiered-r", messages=[{"role": "user", "content": "hi"}], extra_body={"service_tier": given}
+        )
+    assert refused.value.body is not None and "service_tier" in str(refused.value.body)
+
+
 def test_a_tier_no_api_takes_is_not_logged_as_asked(gateway: GatewayProcess) -> None:
     """The client's text would be a free-text group in the cost dashboards."""
     raw = _client(gateway).chat.completions.with_raw_response.create(

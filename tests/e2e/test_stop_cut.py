@@ -572,3 +572,15 @@ def test_a_read_past_the_cut_that_fails_is_told(gateway: GatewayProcess) -> None
     record = gateway.wait_for_record(request_id, timeout_s=30)
     assert (record["status"], record["tokens_source"], record["completion_tokens"]) == (200, "gateway", _counted(_CUT))
     assert _unread(gateway, request_id) == ["upstream_bad_response"]
+
+
+@pytest.mark.parametrize("model", ["reasoner", "claude45"])
+def test_more_stop_strings_than_the_gateway_applies_are_refused(gateway: GatewayProcess, model: str) -> None:
+    """t67: 80,000 stop strings the gateway matched itself held a worker's loop for 12 s."""
+    oai = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0))
+    stops = [f"\n{' ' * n}" for n in range(20)] if model == "claude45" else [f"STOP{n}" for n in range(20)]
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Say hi."}], extra_body={"stop": stops}
+        )
+    assert refused.value.body is not None and "at most 16" in str(refused.value.body)

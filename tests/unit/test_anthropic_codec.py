@@ -803,3 +803,9 @@ def test_a_passed_through_document_is_named_unreadable_for_the_router() -> None:
     earlier = {"model": "c", "max_tokens": 10, "messages": [last, {"role": "assistant", "content": "A summary."},
                                                             {"role": "user", "content": "Thanks, shorter?"}]}  # fmt: skip
     assert anthropic.decode_request(msgspec.json.encode(earlier), passed_through=True).unreadable is None
+
+
+def test_a_field_set_to_null_asks_for_nothing_a_translation_loses() -> None:
+    """t67: ``speed: null`` on a route that may reach a chat upstream was refused as not supported."""
+    assert anthropic.fields_not_read({"model": "m", "speed": None, "inference_geo": None}) == []
+    assert anthropic.fields_not_read({"model": "m", "speed": "fast"}) == ["speed"]

@@ -388,3 +388,16 @@ def test_a_number_out_of_range_names_no_parameter_rather_than_an_empty_one() -> 
     with pytest.raises(InvalidRequestError) as caught:
         decode_body(b'{"max_tokens": ' + b"9" * 5000 + b"}", dict[str, Any])
     assert caught.value.param is None and "out of range" in caught.value.message
+
+
+def test_a_lone_surrogate_is_named_not_called_truncated() -> None:
+    """t67: a whole body with ``"\\ud83d"`` in it was refused as 'Input data was truncated'."""
+    from gateway.protocols.body import decode_body
+
+    with pytest.raises(InvalidRequestError) as lone:
+        decode_body(b'{"a": "\\ud83d"}', dict[str, Any])
+    assert "\\ud83d is half of a UTF-16 surrogate pair" in lone.value.message
+    with pytest.raises(InvalidRequestError) as cut:
+        decode_body(b'{"a": "x', dict[str, Any])
+    assert "truncated" in cut.value.message
+    assert decode_body(b'{"a": "\\ud83d\\ude00"}', dict[str, Any]) == {"a": "\U0001f600"}
