@@ -11,6 +11,7 @@ from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import structlog
 
 from gateway.accounting.metrics import Metrics
@@ -164,10 +165,14 @@ class RuntimeHolder:
                 # Named by its type only: its message may quote the file, which may hold secrets.
                 await self._rejected_edit(reason, [f"the file could not be read ({type(exc).__name__})"])
                 return False
-            self._rejected = None
             if loaded.version == self.current.version:
+                if self._rejected is not None or self.last_reload_error is not None:
+                    # t66: an alert on policy_rejected never resolved when the edit was put back
+                    _log.info("policy_rejection_cleared", reason=reason, version=loaded.version)
+                self._rejected = None
                 self.last_reload_error = None  # e.g. a rejected edit was reverted
                 return True
+            self._rejected = None
             old = self.current
             new = self._build(loaded, previous=old)
             self._install(new)
@@ -461,14 +466,7 @@ def _refuse_weakening_by_omission(current: LoadedPolicy, new: LoadedPolicy) -> N
         )
     unset = _settings_left_out(current, new)
     if unset:
-        raise ConfigError(
-            new.source,
-            [
-                f"`{name}` is missing while the policy in force sets it, and its default differs "
-                "(write the setting to keep or change it)"
-                for name in unset
-            ],
-        )
+        raise ConfigError(new.source, [_left_out(path, current.policy, new.policy) for path in unset])
     if current.key_file_keys and new.policy.auth.key_file and new.key_file_keys is None:
         raise ConfigError(
             new.source,
@@ -480,7 +478,7 @@ def _refuse_weakening_by_omission(current: LoadedPolicy, new: LoadedPolicy) -> N
         )
 
 
-def _settings_left_out(current: LoadedPolicy, new: LoadedPolicy) -> list[str]:
+def _settings_left_out(current: LoadedPolicy, new: LoadedPolicy) -> list[tuple[str, ...]]:
     """Guarded settings the new file leaves out where the default differs from the value in force.
 
     t57: a file cut inside ``cache:`` (just after ``exact:``) turned semantic hits back on. A
@@ -499,7 +497,28 @@ def _settings_left_out(current: LoadedPolicy, new: LoadedPolicy) -> list[str]:
             continue
         if _setting(current.policy, path) != _setting(new.policy, path):
             unset.append(path)
-    return [".".join(path) for path in unset]
+    return unset
+
+
+def _left_out(path: tuple[str, ...], current: Policy, new: Policy) -> str:
+    """What a setting left out would change, and what to write (t66: ops putting an override
+    back to its default had no way out shown)."""
+    name, where, leaf = ".".join(path), ".".join(path[:-1]), path[-1]
+    was, default = _setting(current, path), _setting(new, path)
+    if isinstance(was, msgspec.Struct):
+        return (
+            f"`{name}` is missing while the policy in force sets it, and left out all of it takes its "
+            f"defaults: write `{leaf}: {{}}` under `{where}` to mean that"
+        )
+    return (
+        f"`{name}` is missing while the policy in force sets it to `{_yaml(was)}`, and left out it would be "
+        f"`{_yaml(default)}`: write `{leaf}: {_yaml(default)}` under `{where}` for the default (or `{path[-2]}: {{}}` "
+        f"for all of `{where}`'s defaults), or `{leaf}: {_yaml(was)}` to keep it"
+    )
+
+
+def _yaml(value: object) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _setting(policy: Policy, path: tuple[str, ...]) -> object:

@@ -138,7 +138,10 @@ async def test_a_file_cut_inside_its_cache_section_is_refused_where_a_default_wo
     holder.path.write_text(POLICY.replace(section, cut))
     assert not await holder.reload("test", settle=False)
     said = holder.last_reload_error or ""
-    assert "`cache.semantic` is missing while the policy in force sets it" in said
+    assert (
+        "`cache.semantic` is missing while the policy in force sets it, and left out all of it takes its "
+        "defaults: write `semantic: {}` under `cache` to mean that"
+    ) in said
     assert "`cache.coalesce`" in said and "cache.semantic.enabled" not in said  # the mapping, not each setting
     assert not holder.current.policy.cache.semantic.enabled
     # `enabled: true` and `ttl_s: 3600` are the defaults: leaving them out changes nothing
@@ -162,8 +165,30 @@ async def test_limits_on_redis_error_left_out_is_refused_while_in_force_closed(m
     assert await holder.reload("test", settle=False)
     holder.path.write_text(POLICY.replace(section, section + "limits: {max_body_bytes: 4194304}\n"))
     assert not await holder.reload("test", settle=False)
-    assert "`limits.on_redis_error` is missing" in (holder.last_reload_error or "")
+    assert (
+        "`limits.on_redis_error` is missing while the policy in force sets it to `closed`, and left out it "
+        "would be `open`: write `on_redis_error: open` under `limits` for the default (or `limits: {}` for "
+        "all of `limits`'s defaults), or `on_redis_error: closed` to keep it"
+    ) in (holder.last_reload_error or "")
     assert holder.current.policy.limits.on_redis_error == "closed"
     holder.path.write_text(POLICY.replace(section, section + "limits: {}\n"))
     assert await holder.reload("test", settle=False)  # the defaults, on purpose
     assert holder.current.policy.limits == LimitsPolicy()
+
+
+async def test_a_rejected_edit_put_back_says_so_in_the_log(
+    make_harness: MakeHarness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """t66: /readyz was clean again, but the last policy event stayed policy_rejected, and an alert
+    built on it never resolved."""
+    harness = await make_harness()
+    holder = harness.holder
+    holder.path.write_text(POLICY.replace("auth:", "auth:\n  nonsense: 1\n"))
+    assert not await holder.reload("test", settle=False)
+    capsys.readouterr()
+    holder.path.write_text(POLICY)
+    assert await holder.reload("test", settle=False)
+    assert holder.last_reload_error is None
+    assert "policy_rejection_cleared" in capsys.readouterr().out
+    assert await holder.reload("test", settle=False)  # once: nothing was rejected since
+    assert "policy_rejection_cleared" not in capsys.readouterr().out
