@@ -1173,7 +1173,7 @@ class ChatPipeline:
             record.reasoning_tokens = usage.reasoning_tokens
             record.speed, record.inference_geo = usage.speed, usage.inference_geo
             record.service_tier = usage.service_tier
-            record.server_tool_requests = dict(usage.server_tool_requests) or None
+            record.server_tool_requests = dict(usage.server_tool_requests) if usage.server_tool_requests else None
             record.tokens_source = "upstream"
             if cut:
                 counted = count_text(said if said is not None else text, provider.config.encoding)
@@ -1184,7 +1184,8 @@ class ChatPipeline:
             record.speed, record.inference_geo = x.asked.speed, x.asked.inference_geo  # as asked, unsaid
             record.service_tier = x.asked.service_tier
             record.tokens_source = "gateway"
-        _warn_unpriced(provider, record)
+        if record.speed or record.inference_geo or record.service_tier or record.server_tool_requests:
+            _warn_unpriced(provider, record)  # most answers ran with none of them
         record.cost_usd = _cost(provider.config.price, record)
         baseline = x.runtime.policy.models.get(record.baseline_model or "")
         if baseline is not None:

@@ -109,5 +109,7 @@ def cost_usd(
         cost *= price.inference_geo_multipliers.get(inference_geo, 1.0)
     if service_tier is not None:
         cost *= price.service_tier_multipliers.get(service_tier, 1.0)
-    fees = sum(count * price.server_tools_per_1k.get(name, 0.0) for name, count in (server_tool_requests or {}).items())
+    if not server_tool_requests:
+        return cost / 1_000_000
+    fees = sum(count * price.server_tools_per_1k.get(name, 0.0) for name, count in server_tool_requests.items())
     return cost / 1_000_000 + fees / 1000
