@@ -4,7 +4,9 @@ Each edit splices text at the position PyYAML's node marks give, so every other 
 of the file stays byte for byte as written. (ruamel.yaml's round trip was weighed and
 not taken: it re-emits the whole file, normalising what it does not model, such as
 mixed sequence indentation or an empty ``{}`` turned block, and writes floats such as
-``1e-06`` that the YAML 1.1 loader reads back as strings.)
+``1e-06`` that the YAML 1.1 loader reads back as strings.) The text is read as the gateway
+reads it (YAML 1.2's core scalars, ``gateway.config.loader``): an edit checked with PyYAML's
+YAML 1.1 reading took a key ``id: on`` for ``True`` (t66).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 import msgspec
 import yaml
 
+from gateway.config.loader import yaml_loader
+
 __all__ = ["append_key", "remove_key", "set_route_threshold"]
 
 _KEY_FILE_HEADER = "# API keys: sha256 hashes only. Add with `python -m gateway keys new`.\n"
@@ -34,7 +38,7 @@ def set_route_threshold(path: str | Path, route: str, threshold: float) -> None:
 
 def _with_threshold(path: Path, route: str, threshold: float) -> str:
     text = path.read_text(encoding="utf-8")
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    root = yaml.compose(text, Loader=yaml_loader())
     routes = _child(root, "routes")
     node = _child(routes, route) if routes is not None else None
     if not isinstance(node, yaml.MappingNode):
@@ -79,7 +83,7 @@ def append_key(path: str | Path, entry: dict[str, object]) -> None:
 
 def _with_key(path: Path, item: str) -> str:
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    root = yaml.compose(text, Loader=yaml_loader())
     if root is None:
         text = (text if text.strip() else _KEY_FILE_HEADER) + ("" if text.endswith("\n") or not text else "\n")
         return f"{text}keys:\n  - {item}\n"
@@ -120,7 +124,7 @@ def remove_key(path: str | Path, key_id: str) -> bool:
 
 
 def _without_key(path: Path, text: str, key_id: str) -> str | None:
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    root = yaml.compose(text, Loader=yaml_loader())
     keys = _child(root, "keys")
     if not isinstance(keys, yaml.SequenceNode):
         return None
@@ -145,10 +149,20 @@ def _without_key(path: Path, text: str, key_id: str) -> str | None:
         start = text.rfind("\n", 0, item.start_mark.index) + 1
         line_end = text.find("\n", _end(item))
         edited = text[:start] + text[len(text) if line_end < 0 else line_end + 1 :]
-    left = [entry.get("id") for entry in (yaml.safe_load(edited) or {}).get("keys") or []]
-    if left != [_scalar(_child(other, "id")) for i, other in enumerate(items) if i != at]:
-        raise ValueError(f"{path}: cannot take the key out of this layout; delete its entry by hand")
+    ids = _ids(text)
+    if _ids(edited) != ids[:at] + ids[at + 1 :]:  # the other keys, read back as the gateway reads them
+        raise ValueError(
+            f"the file read back after the edit did not list the other keys as before; it was left as it was: "
+            f"delete the entry of {key_id!r} by hand"
+        )
     return edited
+
+
+def _ids(text: str) -> list[object]:
+    """The ``id`` of each entry of the ``keys`` list, read as the gateway reads the file."""
+    data = yaml.load(text, Loader=yaml_loader())
+    keys = data.get("keys") if isinstance(data, dict) else None
+    return [entry.get("id") if isinstance(entry, dict) else None for entry in keys or []]
 
 
 def _scalar(node: yaml.Node | None) -> str | None:

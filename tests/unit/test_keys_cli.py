@@ -245,6 +245,18 @@ def test_revoke_takes_only_that_key_out(tmp_path: Path, before: str, after: str)
     assert not remove_key(path, "a")
 
 
+@pytest.mark.parametrize("other", ["on", "no", "0123", "2024-01-01", "1:30"])
+def test_revoke_reads_the_other_keys_ids_as_the_gateway_does(tmp_path: Path, other: str) -> None:
+    """t66: an id that YAML 1.1 reads as no text (`on` is True), which the gateway reads as text
+    (YAML 1.2), made every revoke fail: the check after the edit read the file as YAML 1.1."""
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"keys:\n  - id: {other}\n    hash: x\n  - id: leaked\n    hash: y\n")
+    assert remove_key(path, "leaked")
+    assert path.read_text() == f"keys:\n  - id: {other}\n    hash: x\n"
+    assert remove_key(path, other)
+    assert path.read_text() == "keys: []\n"
+
+
 def test_revoke_from_the_cli(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """t63: no command revoked a key; the last one out leaves `keys: []`, which a gateway applies
     (an empty file would be refused as one cut short)."""
