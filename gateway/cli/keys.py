@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import secrets
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -14,7 +16,7 @@ from gateway.auth import hash_key
 from gateway.cli._parsers import Subcommands
 from gateway.cli.check import report_invalid
 from gateway.config.edit import append_key, remove_key
-from gateway.config.loader import KeyRing, load_keys, load_policy
+from gateway.config.loader import KeyRing, auth_in_text, load_keys, load_policy
 from gateway.config.schema import AuthKey
 from gateway.config.validate import Problems, convert
 from gateway.errors import ConfigError
@@ -23,6 +25,14 @@ __all__ = ["register", "run"]
 
 _ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _PICKS_UP = "picks it up"
+NOT_CONFIRMED = 3
+"""The exit status when the key file was edited but a running gateway may not apply it: the
+policy file holds an edit the gateway rejects, and the policy it keeps in force reads another
+key file, or one this command cannot find out (t66: a revoked key kept answering 200)."""
+_DATA_DIR_HELP = (
+    "serve's --data-dir (default .gateway): its policy.last-accepted.yaml tells which key file a running "
+    "gateway reads while policies.yaml holds an edit it rejects"
+)
 
 
 def register(commands: Subcommands) -> None:
@@ -43,10 +53,12 @@ def register(commands: Subcommands) -> None:
         help="an operator's key: reads every tenant's usage (/v1/usage) and the policy's reload problems (/readyz)",
     )
     new.add_argument("--policies", default="policies.yaml")
+    new.add_argument("--data-dir", default=".gateway", help=_DATA_DIR_HELP)
     new.set_defaults(run=run)
     revoke = actions.add_parser("revoke", help="delete a key from the key file: a running gateway refuses it then")
     revoke.add_argument("--id", required=True, help="the key's id")
     revoke.add_argument("--policies", default="policies.yaml")
+    revoke.add_argument("--data-dir", default=".gateway", help=_DATA_DIR_HELP)
     revoke.set_defaults(run=run_revoke)
 
 
@@ -93,8 +105,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"key id:  {key_id}\ntenant:  {args.tenant}\nsecret:  {secret}", flush=True)
     print(f"The secret is shown only now; {ring.key_file} holds its sha256.", file=sys.stderr)
-    _say_when_it_applies(args.policies, ring, key_id, _PICKS_UP)
-    return 0
+    return _say_when_it_applies(args, ring, key_id, _PICKS_UP)
 
 
 def run_revoke(args: argparse.Namespace) -> int:
@@ -113,8 +124,7 @@ def run_revoke(args: argparse.Namespace) -> int:
         print(f"{ring.key_file} lists no key {args.id!r}: {where}", file=sys.stderr)
         return 1
     print(f"key {args.id} removed from {ring.key_file}.", file=sys.stderr)
-    _say_when_it_applies(args.policies, ring, args.id, "stops accepting it")
-    return 0
+    return _say_when_it_applies(args, ring, args.id, _STOPS)
 
 
 def _key_ring(policies: str) -> KeyRing | None:
@@ -129,30 +139,87 @@ def _key_ring(policies: str) -> KeyRing | None:
     return ring
 
 
-def _say_when_it_applies(policies: str, ring: KeyRing, key_id: str, effect: str) -> None:
-    """What a running gateway does with the edited key file, and what ``check`` would note of the key.
+def _say_when_it_applies(args: argparse.Namespace, ring: KeyRing, key_id: str, effect: str) -> int:
+    """What a running gateway does with the edited key file, and what ``check`` would note of the
+    key; the exit status (:data:`NOT_CONFIRMED` when a running gateway may not apply it).
 
     The whole policy is read as ``check`` reads it (t63: ``keys new`` read only ``auth`` and said
     nothing of a misspelt model or a tenant not under ``tenants:``, which ``check`` and serve warn
     about; and it promised the key would work while the file was one the gateway rejects).
     """
-    if not ring.enabled and effect == _PICKS_UP:
+    policies = args.policies
+    if not ring.enabled:  # t66: it went on to say a running gateway picks the key up
         print(
-            f"warning: {policies} has auth mode none: no key is asked for, so this one (and its limits) has "
-            "no effect until auth: {mode: keys}",
+            f"warning: {policies} has auth mode none: no key is asked for, so "
+            + (
+                "this one (and its limits) has no effect until auth: {mode: keys}"
+                if effect == _PICKS_UP
+                else "every request is served with or without this key until auth: {mode: keys}"
+            ),
             file=sys.stderr,
         )
     try:
         loaded = load_policy(policies, unset_ok=True)
     except ConfigError as exc:
-        print(
-            f"note: {policies} is invalid as it is now ({len(exc.problems)} problem{'s' if len(exc.problems) > 1 else ''}: `gateway check {policies}` "
-            f"lists them). A running gateway keeps the policy it has in force and applies {ring.key_file} "
-            f"on it, so it {effect} all the same; a gateway cannot start on the file until it is fixed.",
-            file=sys.stderr,
+        count = len(exc.problems)
+        invalid = (
+            f"{policies} is invalid as it is now ({count} problem{'s' if count > 1 else ''}: "
+            f"`gateway check {policies}` lists them); a gateway cannot start on it until it is fixed"
         )
-        return
-    print(f"A running gateway {effect} by itself.", file=sys.stderr)
+        return _while_rejected(args, ring, effect, invalid)
+    if ring.enabled:
+        print(f"A running gateway {effect} by itself.", file=sys.stderr)
     for warning in loaded.warnings:
         if warning.startswith(f"key {key_id}:"):
             print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+_STOPS = "stops accepting it"
+_NOT_DONE = {_PICKS_UP: "does not pick it up (the key gets 401)", _STOPS: "still accepts it"}
+
+
+def _while_rejected(args: argparse.Namespace, ring: KeyRing, effect: str, invalid: str) -> int:
+    """While policies.yaml holds an edit a running gateway rejects, it keeps the policy in force
+    and applies only that policy's key file as it is now (``gateway.runtime``). The edit may have
+    moved ``auth.key_file``: the key then changed in a file no running gateway reads (t66), which
+    is said on a WARNING line, with :data:`NOT_CONFIRMED` as the exit status."""
+    kept = Path(args.data_dir) / "policy.last-accepted.yaml"
+    try:
+        in_force, enabled = auth_in_text(
+            kept.read_text(encoding="utf-8"), source=str(kept), base_dir=Path(args.policies).parent
+        )
+    except (OSError, UnicodeDecodeError, ConfigError) as exc:
+        why = f"there is no {kept}" if isinstance(exc, FileNotFoundError) else f"{kept} cannot be read"
+        print(
+            f"WARNING: {invalid}. A running gateway keeps the policy it has in force and applies only that "
+            f"policy's key file; this command cannot confirm that it is {ring.key_file} ({why}: give serve's "
+            f"--data-dir), so a running gateway may not see this change until {args.policies} is fixed.",
+            file=sys.stderr,
+        )
+        return NOT_CONFIRMED
+    if in_force is None or ring.key_file is None or not _same_file(in_force, ring.key_file):
+        print(
+            f"WARNING: {invalid}. The policy a running gateway keeps in force (as {kept} has it) reads "
+            f"{in_force or 'no key file'}, not {ring.key_file}, so it {_NOT_DONE[effect]} until "
+            f"{args.policies} is fixed"
+            + (f" (or the key is taken out of {in_force} too)." if effect == _STOPS and in_force else "."),
+            file=sys.stderr,
+        )
+        return NOT_CONFIRMED
+    if not enabled:
+        print(
+            f"note: {invalid}. The policy in force (as {kept} has it) asks for no key (auth mode none).",
+            file=sys.stderr,
+        )
+        return 0
+    print(
+        f"note: {invalid}. A running gateway keeps the policy it has in force (as {kept} has it), which reads "
+        f"{ring.key_file} too, and applies that file as it is now, so it {effect} all the same.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)

@@ -27,6 +27,7 @@ from gateway.errors import ConfigError
 __all__ = [
     "KeyRing",
     "LoadedPolicy",
+    "auth_in_text",
     "key_file_path",
     "load_keys",
     "load_policy",
@@ -234,22 +235,37 @@ def load_keys(path: str | os.PathLike[str], environ: Mapping[str, str] | None = 
     """
     environ = os.environ if environ is None else environ
     source = str(path)
-    root = _compose(_read(Path(path)), source)
-    if not isinstance(root, yaml.MappingNode):
-        raise ConfigError(source, ["the file must be a mapping of sections (version, models, routes, auth, ...)"])
     problems = Problems()
-    nodes = [value for key, value in root.value if isinstance(key, yaml.ScalarNode) and key.value == "auth"]
-    if not nodes:
-        raise ConfigError(source, ["auth: required section is missing"])
-    auth = convert(_NodeReader(source, environ, problems).read(nodes[-1], ("auth",)), AuthPolicy, ("auth",), problems)
-    if auth is None:
-        raise ConfigError(source, problems.messages)
+    auth = _auth_section(_read(Path(path)), source, environ, problems)
     key_path = _key_file_path(auth, Path(path).parent)
     key_file = _read_key_file(key_path, environ, problems) if key_path is not None else None
     check_auth(auth, problems, key_file=key_file and (key_file.keys, key_file.problems))
     if problems:
         raise ConfigError(source, problems.messages)
     return KeyRing(key_path, [*auth.keys, *(key_file.keys if key_file else [])], auth.mode == "keys")
+
+
+def auth_in_text(
+    text: str, *, source: str, base_dir: Path, environ: Mapping[str, str] | None = None
+) -> tuple[Path | None, bool]:
+    """The key file (None: none named) and whether ``auth.mode`` is ``keys``, of a policy's text:
+    ``keys`` tells with it which key file the policy a gateway keeps in force reads (t66).
+    Only ``auth`` is read; a ConfigError when it is invalid."""
+    auth = _auth_section(text, source, os.environ if environ is None else environ, Problems())
+    return _key_file_path(auth, base_dir), auth.mode == "keys"
+
+
+def _auth_section(text: str, source: str, environ: Mapping[str, str], problems: Problems) -> AuthPolicy:
+    root = _compose(text, source)
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError(source, ["the file must be a mapping of sections (version, models, routes, auth, ...)"])
+    nodes = [value for key, value in root.value if isinstance(key, yaml.ScalarNode) and key.value == "auth"]
+    if not nodes:
+        raise ConfigError(source, ["auth: required section is missing"])
+    auth = convert(_NodeReader(source, environ, problems).read(nodes[-1], ("auth",)), AuthPolicy, ("auth",), problems)
+    if auth is None:
+        raise ConfigError(source, problems.messages)
+    return auth
 
 
 def _read(path: Path) -> str:

@@ -232,6 +232,47 @@ def _keys_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gateway", "keys", *args], capture_output=True, text=True, timeout=60)
 
 
+def _of(gw: GatewayProcess) -> tuple[str, ...]:
+    """The key tools' options for this gateway's policy file and data dir."""
+    return ("--policies", str(gw.policy_path), "--data-dir", str(gw.policy_path.parent / "data"))
+
+
+def test_the_key_tools_say_a_rejected_edit_that_moved_the_key_file_is_not_applied(gw: GatewayProcess) -> None:
+    """t66: with a rejected edit that also moved auth.key_file, `keys revoke` edited the new file and
+    promised the key was refused, but the policy in force reads the old one: the leaked key kept 200."""
+    keys, moved = gw.policy_path.with_name("keys.yaml"), gw.policy_path.with_name("keys2.yaml")
+    keyed = gw.policy_path.read_text().replace("auth: {mode: none}", "auth:\n  mode: keys\n  key_file: keys.yaml")
+    listed = f'keys:\n  - {{id: leaked, tenant: team-a, hash: "{hash_key("sk-leaked")}"}}\n'
+    try:
+        _write_atomically(keys, listed)
+        _write_atomically(gw.policy_path, keyed)
+        version = _poll(lambda: _readyz(gw)["policy"]["version"], _version_of(keyed + listed).__eq__, timeout_s=30)
+        assert version == _version_of(keyed + listed), gw.stderr_text()
+        assert _chat(gw, key="sk-leaked").status_code == 200
+        _write_atomically(moved, listed)
+        _write_atomically(
+            gw.policy_path,
+            keyed.replace("key_file: keys.yaml", "key_file: keys2.yaml").replace(FAST_ROUTE, "fast: {model: nope}"),
+        )
+        assert _poll(lambda: _readyz(gw)["policy"]["last_reload_error"], bool, timeout_s=30)
+
+        revoked = _keys_cli("revoke", "--id", "leaked", *_of(gw))
+        assert revoked.returncode == 3, revoked.stderr
+        assert "WARNING:" in revoked.stderr and "so it still accepts it" in revoked.stderr
+        made = _keys_cli("new", "--tenant", "team-a", *_of(gw))
+        assert made.returncode == 3, made.stderr
+        assert "so it does not pick it up (the key gets 401)" in made.stderr
+        secret = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret:"))
+        assert "leaked" not in moved.read_text()
+        # what the tools said is what the gateway does (its key file is re-read on each rejected reload)
+        os.kill(gw.process.pid, signal.SIGHUP)
+        assert _wait_for_ops_event(gw, "policy_rejected", lambda r: r.get("reason") == "SIGHUP", timeout_s=30)
+        assert (_chat(gw, key="sk-leaked").status_code, _chat(gw, key=secret).status_code) == (200, 401)
+    finally:
+        keys.unlink(missing_ok=True)
+        moved.unlink(missing_ok=True)
+
+
 def test_a_key_file_change_applies_while_a_policy_edit_is_rejected(gw: GatewayProcess) -> None:
     """t63: while policies.yaml held a rejected edit, a key deleted from the key file kept answering
     200 and one made by `keys new` 401, and nothing said the key file's change was held back."""
@@ -256,10 +297,10 @@ def test_a_key_file_change_applies_while_a_policy_edit_is_rejected(gw: GatewayPr
 
         _write_atomically(gw.policy_path, keyed.replace(FAST_ROUTE, "fast: {model: no-such-model}"))
         kept = _poll(admin_view, lambda p: p["last_reload_error"] is not None, timeout_s=30)["version"]
-        revoked = _keys_cli("revoke", "--id", "leaving", "--policies", str(gw.policy_path))
+        revoked = _keys_cli("revoke", "--id", "leaving", *_of(gw))
         assert revoked.returncode == 0, revoked.stderr
         assert "is invalid as it is now" in revoked.stderr and "stops accepting it all the same" in revoked.stderr
-        made = _keys_cli("new", "--tenant", "team-a", "--id", "fresh", "--policies", str(gw.policy_path))
+        made = _keys_cli("new", "--tenant", "team-a", "--id", "fresh", *_of(gw))
         assert made.returncode == 0, made.stderr
         secret = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret:"))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from gateway.cli import main
+from gateway.cli.keys import NOT_CONFIRMED
 from gateway.config.edit import append_key, remove_key
 from gateway.config.loader import load_keys
 
@@ -62,8 +64,13 @@ def test_a_key_made_while_auth_is_off_says_it_has_no_effect(policy: Path, capsys
     assert _new(policy) == 0
     assert "warning" not in capsys.readouterr().err
     policy.write_text(POLICY.replace("mode: keys", "mode: none"))
-    assert _new(policy) == 0
-    assert "auth mode none: no key is asked for" in capsys.readouterr().err
+    assert _new(policy, "--id", "unused") == 0
+    err = capsys.readouterr().err
+    assert "auth mode none: no key is asked for" in err
+    assert "picks it up" not in err  # t66: it went on to say a running gateway picks the key up
+    assert main(["keys", "revoke", "--id", "unused", "--policies", str(policy)]) == 0
+    err = capsys.readouterr().err
+    assert "every request is served with or without this key" in err and "stops accepting" not in err
 
 
 def test_existing_ids_are_those_the_loader_reads(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -205,12 +212,48 @@ def test_new_says_how_the_key_applies_while_the_policy_is_invalid(
     policy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """t63: it promised a running gateway picks the key up while the file was one the gateway rejects."""
+    data = _last_accepted(policy, POLICY)
     policy.write_text(POLICY.replace("fast: {model: s}", "fast: {model: nope}"))
-    assert _new(policy, "--id", "k") == 0
+    assert _new(policy, "--id", "k", "--data-dir", str(data)) == 0
     err = capsys.readouterr().err
     assert "picks it up by itself" not in err
     assert f"note: {policy} is invalid as it is now (1 problem: `gateway check {policy}` lists them)" in err
-    assert "applies" in err and "so it picks it up all the same" in err
+    assert f"which reads {policy.parent / 'keys.yaml'} too" in err and "so it picks it up all the same" in err
+
+
+def _last_accepted(policy: Path, text: str) -> Path:
+    """A data dir as serve leaves it: the policy in force in policy.last-accepted.yaml."""
+    data = policy.parent / "data"
+    data.mkdir(exist_ok=True)
+    (data / "policy.last-accepted.yaml").write_text(text)
+    return data
+
+
+@pytest.mark.parametrize("command", ["new", "revoke"])
+def test_the_key_tools_warn_when_a_rejected_edit_moved_the_key_file(
+    policy: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """t66: a rejected edit that also moved auth.key_file: `revoke` took the key out of the new file and
+    promised a running gateway stops accepting it, while the policy in force still read the old file."""
+    (policy.parent / "keys.yaml").write_text(f"keys: [{{id: app, tenant: t, hash: '{OTHER_HASH}'}}]\n")
+    data = _last_accepted(policy, POLICY)
+    shutil.copy(policy.parent / "keys.yaml", policy.parent / "keys2.yaml")
+    policy.write_text(POLICY.replace("key_file: keys.yaml", "key_file: keys2.yaml").replace("model: s}", "model: no}"))
+    args = ["--id", "app"] if command == "revoke" else ["--tenant", "t"]
+    status = main(["keys", command, *args, "--policies", str(policy), "--data-dir", str(data)])
+    err = capsys.readouterr().err
+    assert status == NOT_CONFIRMED, err
+    assert f"WARNING: {policy} is invalid as it is now" in err
+    assert f"reads {policy.parent / 'keys.yaml'}, not {policy.parent / 'keys2.yaml'}" in err
+    assert ("still accepts it" if command == "revoke" else "does not pick it up (the key gets 401)") in err
+    assert "all the same" not in err and "by itself" not in err
+
+    # where the policy in force cannot be read, the tool says it cannot confirm
+    shutil.copy(policy.parent / "keys.yaml", policy.parent / "keys2.yaml")
+    status = main(["keys", command, *args, "--policies", str(policy), "--data-dir", str(policy.parent / "none")])
+    err = capsys.readouterr().err
+    assert status == NOT_CONFIRMED, err
+    assert f"cannot confirm that it is {policy.parent / 'keys2.yaml'} (there is no {policy.parent / 'none'}" in err
 
 
 def test_check_says_a_keys_model_is_not_public(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
