@@ -18,12 +18,13 @@ class MissingVariable(LookupError):
         self.name = name
 
 
-def substitute(value: str, environ: Mapping[str, str]) -> str:
+def substitute(value: str, environ: Mapping[str, str], used: list[str] | None = None) -> str:
     """Replace each reference; an unset variable without a default raises :class:`MissingVariable`.
 
     ``${VAR:-default}`` uses the default when VAR is unset or empty, as the shell does; a
     default may hold references itself, resolved only when the default is used. Text
-    that is not a well-formed reference is kept as it is.
+    that is not a well-formed reference is kept as it is. ``used`` gathers the variables whose
+    values went in (t66: a problem with such a value names its variable, not only its line).
     """
     if "${" not in value:
         return value
@@ -34,12 +35,12 @@ def substitute(value: str, environ: Mapping[str, str]) -> str:
         if name is not None:
             end = name.end()
             if value.startswith("}", end):
-                out.append(_lookup(name.group(), None, environ))
+                out.append(_lookup(name.group(), None, environ, used))
                 i = end + 1
                 continue
             close = _closing_brace(value, end + 2) if value.startswith(":-", end) else -1
             if close >= 0:
-                out.append(_lookup(name.group(), value[end + 2 : close], environ))
+                out.append(_lookup(name.group(), value[end + 2 : close], environ, used))
                 i = close + 1
                 continue
         out.append(value[i])
@@ -107,12 +108,12 @@ def _closing_brace(text: str, start: int) -> int:
     return -1
 
 
-def _lookup(name: str, default: str | None, environ: Mapping[str, str]) -> str:
+def _lookup(name: str, default: str | None, environ: Mapping[str, str], used: list[str] | None) -> str:
     found = environ.get(name)
-    if found:
+    if found or (found is not None and default is None):
+        if used is not None and name not in used:
+            used.append(name)
         return found
     if default is not None:
-        return substitute(default, environ)
-    if found is not None:
-        return found
+        return substitute(default, environ, used)
     raise MissingVariable(name)

@@ -423,9 +423,14 @@ class _NodeReader:
     def _scalar(self, node: yaml.ScalarNode, path: _Path) -> Any:
         if "$" in node.value:
             where = f"{dotted(path) or '(top level)'} (line {node.start_mark.line + 1})"
-            self.warnings += [f"{where}: {problem}; the value is used as written" for problem in malformed(node.value)]
+            wrong = malformed(node.value)
+            self.warnings += [f"{where}: {problem}; the value is used as written" for problem in wrong]
+            if wrong:  # lost with the warnings when the file is refused: said with the value's problem too (t66)
+                self._problems.malformed[path] = wrong
         if "${" in node.value:
-            value, unset = _with_placeholders(node.value, self._environ)
+            value, unset, used = _with_placeholders(node.value, self._environ)
+            if used:
+                self._problems.from_env[path] = used
             if unset:  # a placeholder stands in, so the rest of the file is still checked
                 if self._notes is not None:
                     self._problems.standing_in.add(path)
@@ -465,12 +470,14 @@ class _NodeReader:
 _KINDS: dict[type, str] = {bool: "true or false", int: "a number", float: "a number", type(None): "null (no value)"}
 
 
-def _with_placeholders(value: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
-    """The value with each unset variable replaced by a URL that names it, and those variables."""
+def _with_placeholders(value: str, environ: Mapping[str, str]) -> tuple[str, list[str], list[str]]:
+    """The value with each unset variable replaced by a URL that names it, those variables, and
+    the set ones whose values went in."""
     filled, unset = dict(environ), list[str]()
     while True:
+        used: list[str] = []
         try:
-            return substitute(value, filled), unset
+            return substitute(value, filled, used), unset, [name for name in used if name not in unset]
         except MissingVariable as exc:
             unset.append(exc.name)
             filled[exc.name] = f"http://unset-{exc.name.lower().replace('_', '-')}.invalid"

@@ -50,6 +50,12 @@ class Problems:
         self.standing_in: set[Path] = set()
         """Paths whose value is a placeholder for an unset ``${VAR}`` (``gateway check``): what is
         wrong with it is the placeholder's, not the file's, and is not said."""
+        self.from_env: dict[Path, list[str]] = {}
+        """The variables whose values a path's value holds (its ``${VAR}``): a problem with the
+        value names them, and does not show it (t66: the line named held only ``${...}``)."""
+        self.malformed: dict[Path, list[str]] = {}
+        """What in a path's value looks meant as a ``${VAR}`` but is none: said with a problem of
+        the value (t66: only a valid value's warning said it)."""
 
     def sibling(self, file: str) -> Problems:
         """Problems of another file (the key file), added to the same list and naming that file."""
@@ -60,9 +66,13 @@ class Problems:
         if path in self.standing_in:
             return
         line = (line or self.line_of(path)) if in_file else None
-        self.messages.append(
-            f"{self._prefix}{dotted(path) or '(top level)'}{f' (line {line})' if line else ''}: {reason}"
-        )
+        where = [f"line {line}"] if line else []
+        if path in self.from_env:
+            where.append(f"from {' and '.join('$' + name for name in self.from_env[path])}")
+        if path in self.malformed:
+            reason += f" ({'; '.join(self.malformed[path])}: used as written)"
+        at = f" ({', '.join(where)})" if where else ""
+        self.messages.append(f"{self._prefix}{dotted(path) or '(top level)'}{at}: {reason}")
 
     def line_of(self, path: Path) -> int | None:
         """The line of ``path``, or of the nearest enclosing value read from the file."""
@@ -205,17 +215,18 @@ def _struct(data: Any, cls: type[msgspec.Struct], path: Path, problems: Problems
 
 
 def _leaf(data: Any, tp: Any, path: Path, problems: Problems) -> Any:
+    hidden = path in problems.from_env  # a variable's value may be a secret: its name is said instead (t66)
     if isinstance(data, str) and _EXPONENT.fullmatch(data.strip()) and _takes_a_number_not_text(tp):
         data = float(data)  # YAML 1.1 (PyYAML) reads ``2e-6``, without a dot, as a string (t41)
     try:
         value = msgspec.convert(data, tp, strict=True)
     except msgspec.ValidationError as exc:
-        problems.add(path, _reason(data, tp, str(exc)))
+        problems.add(path, _reason(data, tp, str(exc), hidden=hidden))
         return _INVALID
     if isinstance(value, float) and not math.isfinite(value):
         # no limit, price or timeout is meant as .inf or .nan: a key written with `--usd-per-day inf`
         # became a file no gateway could load (t41)
-        problems.add(path, f"must be a finite number, got {_shown(data)}")
+        problems.add(path, f"must be a finite number, got {_shown(data, hidden=hidden)}")
         return _INVALID
     return value
 
@@ -228,20 +239,23 @@ def _takes_a_number_not_text(tp: Any) -> bool:
     return float in members and str not in members
 
 
-def _reason(data: Any, tp: Any, message: str) -> str:
-    """Why ``data`` is not a ``tp``: the allowed literals, the constraint not met, or msgspec's words."""
+def _reason(data: Any, tp: Any, message: str, *, hidden: bool = False) -> str:
+    """Why ``data`` is not a ``tp``: the allowed literals, the constraint not met, or msgspec's words.
+    ``hidden``: the value is an environment variable's, not shown."""
     bare, metas = _without_constraints(tp)
     literals = [arg for arg in _union_args(bare) if typing.get_origin(arg) is typing.Literal]
     if literals:
         allowed = [f"`{value}`" for literal in literals for value in typing.get_args(literal)]
-        return f"must be one of {', '.join(allowed)}, got {_shown(data)}"
+        return f"must be one of {', '.join(allowed)}, got {_shown(data, hidden=hidden)}"
     if metas and _fits(data, bare):  # the type is right, a constraint is not met
-        shown = "a value not shown here" if any((m.extra or {}).get("secret") for m in metas) else _shown(data)
+        secret = hidden or any((m.extra or {}).get("secret") for m in metas)
+        shown = "a value not shown here" if secret else _shown(data)
         return f"must be {' and '.join(_described(meta) for meta in metas)}, got {shown}"
     expected = _expected(bare)
     if expected is None:
-        return f"{message}: {_shown(data)}" if isinstance(data, str | int | float | bool) else message
-    return f"expected {expected}, got {_kind(data)}{_hint(data, bare)}"
+        scalar = isinstance(data, str | int | float | bool)
+        return f"{message}: {_shown(data, hidden=hidden)}" if scalar else message
+    return f"expected {expected}, got {_kind(data, hidden=hidden)}{_hint(data, bare, hidden=hidden)}"
 
 
 _TYPE_WORDS: dict[Any, str] = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
@@ -264,14 +278,16 @@ _LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
 _YAML_11_BOOLS = frozenset({"yes", "no", "y", "n", "on", "off"})
 
 
-def _hint(data: Any, tp: Any) -> str:
-    """What to write instead, where the value's YAML spelling is the likely slip (t63)."""
+def _hint(data: Any, tp: Any, *, hidden: bool = False) -> str:
+    """What to write instead, where the value's YAML spelling is the likely slip (t63); ``hidden``:
+    the value is a variable's, which is then what to change (t66)."""
     members = _union_args(tp)
     if isinstance(data, str) and not _PLACEHOLDER.fullmatch(data):
         text = data.strip()
         if _LEADING_ZERO.fullmatch(text) and (int in members or float in members):
             # YAML 1.1 read 010 as octal 8, YAML 1.2 reads 10: neither is assumed
-            return "; a number may not start with 0 (YAML 1.1 reads it as octal): write it without the leading 0"
+            fix = "set the variable" if hidden else "write it"
+            return f"; a number may not start with 0 (YAML 1.1 reads it as octal): {fix} without the leading 0"
         if (
             (int in members and _PLAIN_INT.fullmatch(text))
             or (float in members and _PLAIN_FLOAT.fullmatch(text))
@@ -326,14 +342,20 @@ _PLACEHOLDER = re.compile(r"http://unset-[a-z0-9-]*\.invalid")
 """What stands in for an unset ``${VAR}`` while a file is checked (``config/loader.py``)."""
 
 
-def _shown(data: Any) -> str:
+def _shown(data: Any, *, hidden: bool = False) -> str:
     if isinstance(data, str) and _PLACEHOLDER.fullmatch(data):
         return "an unset variable"  # the placeholder is the gateway's, not the file's (t29)
+    if hidden:
+        return "a value not shown here"
     text = repr(data)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _kind(data: Any) -> str:
+def _kind(data: Any, *, hidden: bool = False) -> str:
+    if hidden and isinstance(data, str) and not _PLACEHOLDER.fullmatch(data):
+        return "text (not shown here)"
+    if hidden and isinstance(data, int | float) and not isinstance(data, bool):
+        return "a number (not shown here)"
     if data is None:
         return "nothing"
     if isinstance(data, bool):

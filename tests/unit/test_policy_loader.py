@@ -704,3 +704,31 @@ def test_a_downgrade_without_any_budget_is_warned_of() -> None:
     key = f"{{id: k, tenant: a, hash: 'sha256:{'a' * 64}', limits: {{usd_per_day: 1}}}}"
     keyed = text.replace("auth: {mode: none}", f"auth: {{mode: keys, keys: [{key}]}}")
     assert load_policy_text(keyed, environ={}).warnings == []
+
+
+def test_a_bad_value_from_a_variable_names_the_variable_and_hides_the_value() -> None:
+    """t66: `SMALL_CONTEXT_WINDOW=08192` got "(line 19): ... write it without the leading 0" for a line
+    that holds only `${...}`; the variable is named, and its value (perhaps a secret) is not shown."""
+    text = VALID.replace("tier: large", "tier: large\n    continue_final_message: ${L_CONT:-false}")
+    found = problems(text, {"S_CTX": "08192", "L_CONT": "yes"})
+    assert found == [
+        "models.s.context_window (line 7, from $S_CTX): expected a whole number, got text (not shown here); "
+        "a number may not start with 0 (YAML 1.1 reads it as octal): set the variable without the leading 0",
+        "models.l.continue_final_message (line 12, from $L_CONT): expected true or false, got text (not shown "
+        "here); YAML reads only true and false as booleans (not yes, no, on, off)",
+    ]
+    [url] = problems(VALID, {"S_URL": "ftp://user:hunter2@host"})
+    assert url.startswith("models.s.base_url (line 4, from $S_URL): must be a URL") and "hunter2" not in url
+    # a default written in the file is the file's: its value is shown, no variable named
+    [default] = problems(VALID.replace("${S_CTX:-4096}", "${S_CTX:-04096}"))
+    assert default.startswith("models.s.context_window (line 7): expected a whole number, got the string '04096'")
+
+
+def test_an_unclosed_reference_is_said_with_the_values_problem() -> None:
+    """t66: `${SMALL_MODEL_URL` (no `}`) in base_url got only the URL error; the note on the missing
+    `}` was a warning, which a refused file never shows."""
+    [message] = problems(VALID.replace("${S_URL:-http://127.0.0.1:1}", "${S_URL"))
+    assert message == (
+        "models.s.base_url (line 4): must be a URL starting with http:// or https://, no spaces, "
+        "got '${S_URL' (`${S_URL` has no closing `}`: used as written)"
+    )
