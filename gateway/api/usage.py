@@ -70,12 +70,13 @@ async def usage(request: Request[Any, Any, Any]) -> Response[bytes]:
 def _check_period(start: datetime, end: datetime, kept_since: datetime, *, end_given: bool) -> None:
     """A period must lie within the days still kept: finance would read a total over days partly
     deleted (each key's own days go as that key writes) as the period's whole spend (t63). The
-    request log keeps every request, so `gateway report` sums any period."""
+    request log keeps every request, so `gateway report` sums any period: said for a client, who
+    cannot run it, as a thing to ask the operator for (t66)."""
     if start < kept_since:
         raise InvalidRequestError(
             f"usage is kept {USAGE_RETENTION_DAYS} days: start must be {kept_since.date().isoformat()} or later "
-            f"(got {start.date().isoformat()}); for a longer period, "
-            "sum the request log: gateway report LOG --since DATE --until DATE --by key,tenant",
+            f"(got {start.date().isoformat()}); for an older period, ask the gateway's operator, "
+            "whose request log keeps every request (gateway report)",
             param="start",
         )
     if end < start:

@@ -247,7 +247,7 @@ def test_usage_refuses_days_no_longer_kept_and_counts_kept_ones_whole(
         error = refused.json()["error"]
         assert error["param"] == "start"
         assert f"start must be {kept_since.isoformat()} or later" in error["message"]
-        assert "gateway report" in error["message"]
+        assert "ask the gateway's operator" in error["message"]  # t66: not a command a client cannot run
         assert _chat(pair[0], "ledger").status_code == 200  # writes today: deletes the key's day that left yesterday
         answer = _usage(pair[0], "ledger", kept_since, today)
         assert answer.status_code == 200, answer.text
