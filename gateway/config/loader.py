@@ -523,8 +523,9 @@ def _warnings(policy: Policy, environ: Mapping[str, str], key_file: Path | None 
     """What is valid but likely not meant: each turns into a 401, a 404 or a limit that never applies."""
     out = []
     for name, model in policy.models.items():
-        if model.api_key_env:
-            out += _key_warnings(name, model.api_key_env, environ.get(model.api_key_env))
+        secret = environ.get(model.api_key_env) if model.api_key_env else None
+        if model.api_key_env and (secret or not model.simulated):  # t66: a simulated upstream needs no key
+            out += _key_warnings(name, model.api_key_env, secret)
         for price in msgspec.structs.fields(model.price):
             value = getattr(model.price, price.name)
             if (

@@ -732,3 +732,15 @@ def test_an_unclosed_reference_is_said_with_the_values_problem() -> None:
         "models.s.base_url (line 4): must be a URL starting with http:// or https://, no spaces, "
         "got '${S_URL' (`${S_URL` has no closing `}`: used as written)"
     )
+
+
+def test_a_simulated_model_is_not_said_to_lack_its_api_key() -> None:
+    """t66: `make run` printed three "api_key_env ... is not set" warnings for the simulated
+    upstreams, which need no key and about which a new user can do nothing."""
+    named = VALID.replace("    tier: large", "    tier: large\n    api_key_env: L_KEY\n    simulated: ${L_SIM:-false}")
+    assert not any("L_KEY" in note for note in load_policy_text(named, environ={"L_SIM": "true"}).warnings)
+    assert "models.l.api_key_env: L_KEY is not set; requests to it carry no API key" in (
+        load_policy_text(named, environ={}).warnings
+    )
+    broken = load_policy_text(named, environ={"L_SIM": "true", "L_KEY": "a\nb"}).warnings
+    assert any(note.startswith("models.l.api_key_env: L_KEY holds a line break") for note in broken)
