@@ -431,7 +431,8 @@ def test_workers_agree_on_a_key_file_change_while_a_policy_edit_is_rejected(
         gateway.policy_path.write_text(policy.replace("fast: {model: small, fallbacks: [large]}", "fast: {model: x}"))
         until(lambda: bool(httpx.get(f"{gateway.url}/readyz", timeout=5).json()["policy"]["last_reload_error"]))
         revoked = subprocess.run(
-            [sys.executable, "-m", "gateway", "keys", "revoke", "--id", "leaving", "--policies", str(gateway.policy_path)],
+            [sys.executable, "-m", "gateway", "keys", "revoke", "--id", "leaving", "--policies", str(gateway.policy_path),
+             "--data-dir", str(gateway.policy_path.parent / "data")],  # where it reads the policy in force (t66)
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert revoked.returncode == 0, revoked.stderr
