@@ -317,8 +317,9 @@ def test_defect10_the_drain_deadline_ends_silent_streams_in_band_and_logs_them(
     models = (f"  silent:\n    base_url: {faulty.url}\n    upstream_model: trickle\n    price: {{input: 1, output: 1}}\n"
               "    tier: small\n    timeouts: {connect: 1, first_byte: 2, total: 300, idle: 300}\n")  # fmt: skip
     policy = policy_text(small_upstream, large_upstream, extra_models=models, routes="  r-silent: {model: silent}\n")
-    env = {"REDIS_URL": redis_server.url, "GATEWAY_DRAIN_S": "1"}  # type: ignore[attr-defined]
-    gateway = start_gateway(tmp_path, policy, env=env)
+    env = {"REDIS_URL": redis_server.url}  # type: ignore[attr-defined]
+    # serve sets its workers' GATEWAY_DRAIN_S from --drain-s: the variable alone left 25 s
+    gateway = start_gateway(tmp_path, policy, env=env, serve_args=("--drain-s", "1"))
     lines: list[str] = []
     first_line = threading.Event()
 
