@@ -27,7 +27,7 @@ def register(commands: Subcommands) -> None:
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--policies", default="policies.yaml", help="policy file (default: ./policies.yaml)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--workers", type=_at_least_one, default=1)
     serve.add_argument(
         "--server",
@@ -340,7 +340,7 @@ def _bound(family: socket.AddressFamily, host: str, port: int, *, reuse_port: bo
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
-    except OSError as exc:
+    except (OSError, OverflowError) as exc:  # OverflowError: a port outside 0-65535 (t69)
         sock.close()
         _say(f"cannot listen on {host}:{port}: {exc}")
         raise SystemExit(3) from None
@@ -523,6 +523,17 @@ def _at_least_one(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _port(value: str) -> int:
+    """A TCP port: uvicorn's getaddrinfo kept the low 16 bits of 70000 and served on 4464 (t69)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {number}")
     return number
 
 

@@ -223,6 +223,30 @@ def test_a_port_in_use_is_a_failed_start_with_several_workers_too(
         assert "serving" not in done.stderr  # t63: said before the bind
 
 
+@pytest.mark.parametrize("port", ["70000", "-5"])
+def test_a_port_out_of_range_is_refused_before_anything_starts(tmp_path: Path, port: str) -> None:
+    """t69: --port 70000 served on 4464 (getaddrinfo keeps the low 16 bits), or, with two
+    workers, ended in bind's OverflowError traceback; -5 gave a getaddrinfo error."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--simulate-missing", "--port", port, "--workers", "2",
+         "--data-dir", str(tmp_path / "data")],
+        env={**os.environ, "SMALL_MODEL_URL": "", "LARGE_MODEL_URL": ""}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"--port: must be a port from 0 to 65535, got {port}" in done.stderr
+    assert "SIMULATED" not in done.stderr and "Traceback" not in done.stderr  # refused before the simulators
+
+
+def test_a_bind_overflow_is_a_cannot_listen_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """t69: bind raises OverflowError, not OSError, for a port past 65535: a traceback escaped."""
+    from gateway.cli.serve import _bound
+
+    with pytest.raises(SystemExit) as stopped:
+        _bound(socket.AF_INET, "127.0.0.1", 70000, reuse_port=False)
+    assert stopped.value.code == 3
+    assert "cannot listen on 127.0.0.1:70000" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("server", ["uvicorn", "granian"])
 def test_serve_says_it_serves_only_once_listening(
     tmp_path: Path,
