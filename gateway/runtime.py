@@ -10,6 +10,7 @@ import signal
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 import structlog
@@ -166,26 +167,30 @@ class RuntimeHolder:
                 await self._rejected_edit(reason, [f"the file could not be read ({type(exc).__name__})"])
                 return False
             if loaded.version == self.current.version:
-                if self._rejected is not None or self.last_reload_error is not None:
-                    # t66: an alert on policy_rejected never resolved when the edit was put back
-                    _log.info("policy_rejection_cleared", reason=reason, version=loaded.version)
-                self._rejected = None
-                self.last_reload_error = None  # e.g. a rejected edit was reverted
+                self._clear_rejection(reason, loaded.version, by="reverted")  # e.g. a rejected edit was put back
                 return True
-            self._rejected = None
             old = self.current
             new = self._build(loaded, previous=old)
             self._install(new)
-            self.last_reload_error = None
             if self.last_good is not None:
                 await asyncio.to_thread(keep_last_good, loaded, self.last_good)
             self._retire(list(old.providers.values()))
             _log.info("policy_reloaded", reason=reason, version=new.version, previous=old.version)
+            self._clear_rejection(reason, new.version, by="new_version")
             if new.policy.request_log != old.policy.request_log:  # its writer and file are opened at start-up
                 _log.warning("policy_needs_restart", section="request_log", detail="applies when the gateway restarts")
             for warning in loaded.warnings:
                 _log.warning("policy_warning", detail=warning)
             return True
+
+    def _clear_rejection(self, reason: str, version: str, *, by: Literal["reverted", "new_version"]) -> None:
+        """Forget the last rejected edit, and say so when there was one: an alert on
+        ``policy_rejected`` resolves on ``policy_rejection_cleared``, whether the edit was put
+        back (t66) or fixed in a new version (t69). ``by`` says which."""
+        if self._rejected is not None or self.last_reload_error is not None:
+            _log.info("policy_rejection_cleared", reason=reason, version=version, by=by)
+        self._rejected = None
+        self.last_reload_error = None
 
     async def _rejected_edit(
         self, reason: str, problems: list[str], *, quiet: bool = False, files: tuple[object, ...] | None = None

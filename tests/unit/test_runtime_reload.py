@@ -189,6 +189,32 @@ async def test_a_rejected_edit_put_back_says_so_in_the_log(
     holder.path.write_text(POLICY)
     assert await holder.reload("test", settle=False)
     assert holder.last_reload_error is None
-    assert "policy_rejection_cleared" in capsys.readouterr().out
+    assert "by=reverted" in _cleared(capsys.readouterr().out)
     assert await holder.reload("test", settle=False)  # once: nothing was rejected since
     assert "policy_rejection_cleared" not in capsys.readouterr().out
+
+
+async def test_a_rejected_edit_fixed_in_a_new_version_says_so_in_the_log(
+    make_harness: MakeHarness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """t69: fixing the typo but keeping the rest of the edit (the common fix) logged
+    policy_reloaded only, so an alert on policy_rejected never resolved."""
+    harness = await make_harness()
+    holder = harness.holder
+    holder.path.write_text(POLICY.replace("auth:", "auth:\n  nonsense: 1\n"))
+    assert not await holder.reload("test", settle=False)
+    capsys.readouterr()
+    holder.path.write_text(POLICY + "# the intended change\n")
+    assert await holder.reload("test", settle=False)
+    assert holder.last_reload_error is None
+    out = capsys.readouterr().out
+    assert "policy_reloaded" in out
+    assert "by=new_version" in _cleared(out)
+    holder.path.write_text(POLICY + "# and another\n")
+    assert await holder.reload("test", settle=False)  # a reload with no rejection before it: nothing cleared
+    assert "policy_rejection_cleared" not in capsys.readouterr().out
+
+
+def _cleared(log: str) -> str:
+    (line,) = [line for line in log.splitlines() if "policy_rejection_cleared" in line]
+    return line
