@@ -408,7 +408,8 @@ class ChatPipeline:
                 if completion.usage is None and whole is not None:  # none from upstream: the counts logged
                     whole = msgspec.structs.replace(whole, usage=_usage_of(record))
                 return Answer(200, b"", self._headers(x), typed=whole)
-            return Answer(200, completion.body, self._headers(x))
+            body = completion.body if completion.usage is not None else _with_billed_usage(completion.body, record)
+            return Answer(200, body, self._headers(x))
         except GatewayError as exc:
             if isinstance(exc, UpstreamError):
                 x.failure = exc
@@ -1477,12 +1478,26 @@ def _ending(tally: StreamTally, record: RequestRecord, typed: bool, include_usag
 
 
 def _usage_chunk(chunk_id: str | None, created: int | None, model: str | None, record: RequestRecord) -> bytes:
-    usage = usage_body(
+    chunk_id = chunk_id or f"chatcmpl-{record.request_id}"
+    return chunk_body(chunk_id, created or int(time.time()), model or record.model, None, usage=_billed_usage(record))
+
+
+def _billed_usage(record: RequestRecord) -> dict[str, Any]:
+    return usage_body(
         record.prompt_tokens, record.completion_tokens,
         cached_tokens=record.cached_prompt_tokens, reasoning_tokens=record.reasoning_tokens,
     )  # fmt: skip
-    chunk_id = chunk_id or f"chatcmpl-{record.request_id}"
-    return chunk_body(chunk_id, created or int(time.time()), model or record.model, None, usage=usage)
+
+
+def _with_billed_usage(body: bytes, record: RequestRecord) -> bytes:
+    """A chat answer whose upstream sent no usage, or none that reads as counts: the client is
+    told the counts it is billed, as a stream's usage chunk tells them (t69: no ``usage`` at all,
+    or the upstream's nulls and strings, while the bill used the gateway's count). That they are
+    the gateway's count is said in the log (``tokens_source``) only."""
+    data = msgspec.json.decode(body)
+    if not isinstance(data, dict):
+        return body
+    return msgspec.json.encode({**data, "usage": _billed_usage(record)})
 
 
 def _name_the_model(headers: dict[str, str], model: str | None, route: str | None) -> None:

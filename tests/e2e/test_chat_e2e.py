@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -190,6 +191,35 @@ def test_gateway_counts_tokens_when_upstream_reports_no_usage(
     assert record["tokens_source"] == "gateway"
     assert record["prompt_tokens"] == 3 + 3 * 2 + 2 + 3  # "be brief" = 2 tokens, "alpha beta gamma" = 3
     assert record["completion_tokens"] > 0 and record["cost_usd"] > 0
+
+
+@pytest.mark.parametrize(
+    "usage", [None, {"prompt_tokens": None, "completion_tokens": "10"}], ids=["absent", "not-counts"]
+)
+def test_an_answer_without_usable_usage_carries_the_usage_billed(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream, usage: dict[str, object] | None
+) -> None:
+    """t69: the client got no usage at all (or the upstream's null and string) while the bill used
+    the gateway's count; a stream's usage chunk already told the billed counts."""
+    answer: dict[str, object] = {
+        "id": "chatcmpl-u", "object": "chat.completion", "created": 1, "model": "small",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "a fine answer"}, "finish_reason": "stop"}],
+    }  # fmt: skip
+    if usage is not None:
+        answer["usage"] = usage
+    inject(small_upstream, {"status": 200, "body": json.dumps(answer)})
+    response = httpx.post(
+        f"{gateway.base_url}/chat/completions", json={"model": "fast", "messages": MESSAGES}, timeout=15
+    )
+    assert response.status_code == 200, response.text
+    record = gateway.wait_for_record(response.headers["x-request-id"])
+    assert record["tokens_source"] == "gateway"
+    body = response.json()
+    assert body["choices"][0]["message"]["content"] == "a fine answer" and body["id"] == "chatcmpl-u"
+    said = body["usage"]
+    assert (said["prompt_tokens"], said["completion_tokens"]) == (record["prompt_tokens"], record["completion_tokens"])
+    assert said["total_tokens"] == record["prompt_tokens"] + record["completion_tokens"]
+    assert "tokens_source" not in said  # said in the log only
 
 
 @pytest.mark.parametrize("stream", [False, True])
