@@ -25,7 +25,7 @@ from gateway.accounting.request_log import RequestRecord, exception_frames, log_
 from gateway.accounting.usage import UsageFigures
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.drain import DEFAULT_DRAIN_S, Drain
-from gateway.errors import GatewayError, InvalidRequestError, ShuttingDownError
+from gateway.errors import GatewayError, InvalidRequestError, ShuttingDownError, UpstreamError
 from gateway.limits import Limiter, Reservation
 from gateway.pipeline import Answer
 from gateway.pricing import cost_usd
@@ -337,6 +337,8 @@ def _response(request: _EmbeddingsRequest, vectors: list[np.ndarray], tokens: in
 def _error_answer(record: RequestRecord, exc: GatewayError, started: float, info: DispatchInfo) -> Answer:
     record.status = exc.status_code
     record.error_type = exc.code or exc.error_type
+    if isinstance(exc, UpstreamError):  # the status it answered with, as the chat log says it (t69)
+        record.upstream_status = getattr(exc, "upstream_status", None)
     return Answer(exc.status_code, exc.to_body(), {**_headers(record, started, info), **exc.headers})
 
 

@@ -444,6 +444,8 @@ class UpstreamProtocolError(UpstreamError):
     """The upstream answered something that is not the API it claims to speak."""
 
     code = "upstream_bad_response"
+    upstream_status: int | None = None
+    """The HTTP status that answer came with, where it had one (see :func:`~gateway.upstreams.base.answered`)."""
 
 
 class UpstreamUnavailableError(UpstreamError):

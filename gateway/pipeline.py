@@ -1394,7 +1394,9 @@ async def _opened(stream: ChatStream, typed: bool = False) -> tuple[ChatStream, 
         return stream, await (stream.next_deltas() if typed else stream.__anext__())
     except StopAsyncIteration:
         return stream, None
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, UpstreamProtocolError) and exc.upstream_status is None:
+            exc.upstream_status = 200  # the stream was open: its upstream had answered (t69)
         await stream.aclose()
         raise
 

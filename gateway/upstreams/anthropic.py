@@ -71,6 +71,7 @@ from gateway.upstreams.base import (
     UpstreamEvents,
     UpstreamResponse,
     Usage,
+    answered,
     decode_event,
     decode_json_object,
     usage_of,
@@ -117,7 +118,8 @@ class AnthropicProvider(Provider):
     async def complete(self, request: core.Request, body: dict[str, Any] | None = None) -> Completion:
         stops = applied_here(anthropic.stops_applied_here(request), self.name)  # refused before it is sent
         response = await self._post_messages(request, stream=False)
-        answer, usage = self._read(response.content, stops)
+        with answered(response):
+            answer, usage = self._read(response.content, stops)
         return Completion(
             body=openai_chat.completion_from_answer(answer, None if usage is None else answer.usage),
             usage=usage,
@@ -189,7 +191,8 @@ class AnthropicProvider(Provider):
 
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
         response = await self._post(_MESSAGES_PATH, body, {**self._headers(), **headers}, stream=False)
-        answer, usage = self._read(response.content)
+        with answered(response):
+            answer, usage = self._read(response.content)
         return Completion(
             body=response.content, usage=usage, text=answer.text or "", finish_reason=_logged_finish(answer)
         )

@@ -6,7 +6,8 @@ import asyncio
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -39,6 +40,7 @@ __all__ = [
     "UpstreamEvents",
     "UpstreamResponse",
     "Usage",
+    "answered",
     "usage_of",
 ]
 
@@ -656,6 +658,18 @@ def _duration(value: str | None) -> float | None:
     if not parts or "".join(number + unit for number, unit in parts) != text:
         return None
     return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+
+
+@contextmanager
+def answered(response: UpstreamResponse) -> Iterator[None]:
+    """Reading the body of an answer that came with a 2xx: a protocol error raised here carries
+    its status, so the log's ``upstream_status`` says the upstream answered (t69: a 200 with no
+    choices logged null, which reads as a connection error)."""
+    try:
+        yield
+    except UpstreamProtocolError as exc:
+        exc.upstream_status = response.status_code
+        raise
 
 
 def decode_event(upstream: str, data: bytes) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from gateway.upstreams.base import (
     StreamTally,
     UpstreamEvents,
     UpstreamResponse,
+    answered,
     decode_event,
     decode_json_object,
     usage_of,
@@ -66,12 +67,13 @@ class OpenAIProvider(Provider):
         payload = self._payload(request, body)
         response, stops = await self._post_chat(payload, stream=False, fills_window=request.fills_window)
         content = response.content
-        data = decode_json_object(self.name, content)
-        cut = bool(stops) and cut_choices(data, stops)
-        if cut or (b'"tool_calls"' in content and _arguments_as_text(data)):
-            content = msgspec.json.encode(data)
-        usage = usage_of(openai_chat.read_usage(data.get("usage"), service_tier=data.get("service_tier")))
-        text = _message_text(self.name, data)
+        with answered(response):
+            data = decode_json_object(self.name, content)
+            cut = bool(stops) and cut_choices(data, stops)
+            if cut or (b'"tool_calls"' in content and _arguments_as_text(data)):
+                content = msgspec.json.encode(data)
+            usage = usage_of(openai_chat.read_usage(data.get("usage"), service_tier=data.get("service_tier")))
+            text = _message_text(self.name, data)
         return Completion(body=content, usage=usage, text=text, said=_said(data, text), finish_reason=_finish(data))
 
     def _payload(self, request: core.Request, body: dict[str, Any] | None) -> dict[str, Any]:
@@ -136,7 +138,10 @@ class OpenAIProvider(Provider):
         if dimensions is not None:
             payload["dimensions"] = dimensions
         response = await self._post("embeddings", payload, self._headers(), stream=False)
-        data = decode_json_object(self.name, response.content)
+        with answered(response):
+            return self._embeddings(inputs, decode_json_object(self.name, response.content))
+
+    def _embeddings(self, inputs: list[str] | list[list[int]], data: dict[str, Any]) -> Embeddings:
         rows = data.get("data")
         if not isinstance(rows, list) or len(rows) != len(inputs):
             raise UpstreamProtocolError(self.name, f"answered {_count(rows)} embeddings for {len(inputs)} inputs")
@@ -159,14 +164,15 @@ class OpenAIProvider(Provider):
 
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
         response = await self._post("responses", body, {**self._headers(), **headers}, stream=False)
-        data = decode_json_object(self.name, response.content)
-        if data.get("object") != "response" or not isinstance(data.get("output"), list):
-            # Some servers and routers answer a failure with 200 and an error body: it is theirs, retried.
-            error = data.get("error")
-            if isinstance(error, dict) and error:  # as a streamed response.failed with that code reads
-                status = _failure_status(error)
-                raise UpstreamStatusError(self.name, status, _in_stream_error(error), body=response.content)
-            raise UpstreamProtocolError(self.name, "answer is not a Responses API response")
+        with answered(response):
+            data = decode_json_object(self.name, response.content)
+            if data.get("object") != "response" or not isinstance(data.get("output"), list):
+                # Some servers and routers answer a failure with 200 and an error body: it is theirs, retried.
+                error = data.get("error")
+                if isinstance(error, dict) and error:  # as a streamed response.failed with that code reads
+                    status = _failure_status(error)
+                    raise UpstreamStatusError(self.name, status, _in_stream_error(error), body=response.content)
+                raise UpstreamProtocolError(self.name, "answer is not a Responses API response")
         usage = responses.usage_from_wire(data.get("usage"), data.get("service_tier"))
         return Completion(
             body=response.content,

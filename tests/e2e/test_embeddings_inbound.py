@@ -77,6 +77,25 @@ def test_a_failing_embedding_model_falls_back(gateway: GatewayProcess, small_ups
     assert record["protocol"] == "openai.embeddings" and record["fallback_used"] is True
 
 
+def test_a_failed_embedding_logs_the_status_its_upstream_answered(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t69: an embeddings error logged upstream_status null, as if no upstream had answered."""
+    inject(small_upstream, *[{"status": 200, "body": '{"object": "list", "data": []}'}] * 2)
+    with _client(gateway, "x") as client:
+        with pytest.raises(openai.APIStatusError) as empty:
+            client.embeddings.create(model="embed", input=["hello"])
+        inject(small_upstream, {"status": 400, "body": '{"error": {"message": "no", "type": "invalid_request_error"}}'})
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.embeddings.create(model="embed", input=["hello"])
+    bad = gateway.wait_for_record(empty.value.response.headers["x-request-id"])
+    assert empty.value.status_code == 502 and (bad["error_type"], bad["upstream_status"]) == (
+        "upstream_bad_response",
+        200,
+    )
+    assert gateway.wait_for_record(refused.value.response.headers["x-request-id"])["upstream_status"] == 400
+
+
 def test_chat_and_embedding_models_do_not_mix(gateway: GatewayProcess) -> None:
     with _client(gateway, "x") as client:
         with pytest.raises(openai.BadRequestError) as chat_model:

@@ -104,6 +104,23 @@ def test_a_200_that_is_no_answer_says_what_came_and_not_what_it_held(
     message = str(_error(whole)["message"])
     assert whole.status_code == 502 and "not JSON (HTML, 61 bytes)" in message
     assert "internal-host-7" not in streamed.text + message
+    for answer in (streamed, whole):  # t69: null, as if no upstream had answered
+        assert gateway.wait_for_record(answer.headers["x-request-id"])["upstream_status"] == 200
+
+
+def test_a_200_without_choices_logs_the_status_it_came_with(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t69: the log said upstream_status null, which docs/request-log.md keeps for "no upstream
+    answered" (a connection error), for an upstream that answered 200 with ``choices: []``."""
+    empty = '{"id": "x", "object": "chat.completion", "created": 0, "model": "small", "choices": []}'
+    inject(small_upstream, *[{"status": 200, "body": empty}] * 2)
+    inject(large_upstream, *[{"status": 200, "body": '{"type": "message"}'}] * 2)  # Anthropic's API
+    for model, why in (("small", "answer has no choices"), ("claude", "answer is not an Anthropic message")):
+        response = _chat(gateway, model=model)
+        assert response.status_code == 502 and why in str(_error(response)["message"])
+        record = gateway.wait_for_record(response.headers["x-request-id"])
+        assert record["error_type"] == "upstream_bad_response" and record["upstream_status"] == 200
 
 
 def test_upstream_429_passes_through_with_retry_after(
