@@ -17,7 +17,7 @@ from gateway.cli._parsers import Subcommands
 from gateway.cli.check import report_invalid
 from gateway.config.edit import append_key, remove_key
 from gateway.config.loader import KeyRing, auth_in_text, load_keys, load_policy
-from gateway.config.schema import AuthKey
+from gateway.config.schema import AuthKey, TenantName
 from gateway.config.validate import Problems, convert
 from gateway.errors import ConfigError
 
@@ -67,9 +67,14 @@ def run(args: argparse.Namespace) -> int:
     ring = _key_ring(args.policies)
     if ring is None or ring.key_file is None:
         return 1
+    tenant = Problems()
+    if convert(args.tenant, TenantName, ("tenant",), tenant) is None:  # t69: blamed the key id made from it
+        report_invalid(ConfigError("the new key", tenant.messages))
+        return 1
     key_id = args.id or f"{args.tenant}-{secrets.token_hex(3)}"
-    if not _ID.fullmatch(key_id) or not args.tenant.strip():
-        print("key ids are 1-64 letters, digits, '.', '_' or '-'; the tenant must not be empty", file=sys.stderr)
+    if not _ID.fullmatch(key_id):
+        made = "" if args.id else f" (made from the tenant: {key_id!r}; give one with --id)"
+        print(f"key ids are 1-64 letters, digits, '.', '_' or '-'{made}", file=sys.stderr)
         return 1
     if key_id in {key.id for key in ring.keys}:
         print(f"a key with id {key_id!r} exists already", file=sys.stderr)

@@ -221,7 +221,8 @@ def _leaf(data: Any, tp: Any, path: Path, problems: Problems) -> Any:
     try:
         value = msgspec.convert(data, tp, strict=True)
     except msgspec.ValidationError as exc:
-        problems.add(path, _reason(data, tp, str(exc), hidden=hidden))
+        reason = _not_a_number(data, tp, hidden=hidden) or _reason(data, tp, str(exc), hidden=hidden)
+        problems.add(path, reason)
         return _INVALID
     if isinstance(value, float) and not math.isfinite(value):
         # no limit, price or timeout is meant as .inf or .nan: a key written with `--usd-per-day inf`
@@ -229,6 +230,16 @@ def _leaf(data: Any, tp: Any, path: Path, problems: Problems) -> Any:
         problems.add(path, f"must be a finite number, got {_shown(data, hidden=hidden)}")
         return _INVALID
     return value
+
+
+def _not_a_number(data: Any, tp: Any, *, hidden: bool) -> str | None:
+    """Why nan is refused: "must be >= 0, got nan" read as if nan were below 0 (t69)."""
+    if not (isinstance(data, float) and math.isnan(data)):
+        return None
+    metas = _without_constraints(tp)[1]
+    described = [meta.description for meta in metas if meta.description]
+    words = " and ".join(described) or "a finite number" + "".join(f" {_described(meta)}" for meta in metas)
+    return f"must be {words}, got {_shown(data, hidden=hidden)}"
 
 
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")

@@ -92,6 +92,19 @@ def test_a_key_the_gateway_would_refuse_is_not_written(policy: Path, capsys: pyt
     assert "limits.rpm: must be >= 0, got -1" in capsys.readouterr().err
     assert _new(policy, "--usd-per-day", "inf") == 1  # t41: written as Infinity, which no loader reads
     assert "limits.usd_per_day: must be a finite number, got inf" in capsys.readouterr().err
+    assert _new(policy, "--usd-per-day", "nan") == 1  # t69: said "must be >= 0, got nan"
+    assert "limits.usd_per_day: must be a finite number >= 0, got nan" in capsys.readouterr().err
+    assert not (policy.parent / "keys.yaml").exists()
+
+
+def test_a_bad_tenant_is_named_not_the_key_id_made_from_it(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """t69: a tenant with a tab was answered "key ids are 1-64 letters, digits, ..."."""
+    for tenant in ("ac\tme", " "):
+        assert main(["keys", "new", "--tenant", tenant, "--policies", str(policy)]) == 1
+        err = capsys.readouterr().err
+        assert "tenant: must be 1-128 characters, no control characters" in err and "key ids" not in err
+    assert main(["keys", "new", "--tenant", "ac me", "--policies", str(policy)]) == 1  # a valid tenant, no valid id
+    assert "(made from the tenant: 'ac me-" in capsys.readouterr().err
     assert not (policy.parent / "keys.yaml").exists()
 
 

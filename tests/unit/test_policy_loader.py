@@ -313,7 +313,7 @@ def test_numbers_are_finite_and_may_be_written_with_an_exponent() -> None:
     found = problems(VALID + "limits: {body_read_timeout_s: .inf}\nretry: {backoff_max_ms: .nan}\n")
     assert sorted(found) == [
         "limits.body_read_timeout_s (line 15): must be a finite number, got inf",
-        "retry.backoff_max_ms (line 16): must be >= 0 and <= 60000, got nan",
+        "retry.backoff_max_ms (line 16): must be a finite number >= 0 and <= 60000, got nan",  # t69
     ]
     loaded = load_policy_text(VALID.replace("input: 0.1", "input: 2e-1"), environ={})
     assert loaded.policy.models["s"].price.input_per_mtok == 0.2
