@@ -90,7 +90,13 @@ async def _run(args: argparse.Namespace) -> int:
             print(json.dumps(await _status(kv, scope, await active_version(kv, scope))))
             return 0
         if args.router_command == "rollback":
-            print(json.dumps(await _status(kv, scope, await rollback(kv, scope))))
+            before = await active_version(kv, scope)
+            after = await rollback(kv, scope)
+            print(json.dumps(await _status(kv, scope, after)))
+            if before is None and after is None:  # t69: exit 0, and only the status to tell
+                who = "the pooled router" if scope is None else f"tenant {scope!r}"
+                print(f"nothing to roll back: {who} has no learned router in force", file=sys.stderr)
+                return 1
             return 0
         return await _learn(kv, scope, args.tenant, args.promote)
     except UnreadableRouter as exc:  # gateways ignore it and serve the shipped router; a promotion replaces it
@@ -121,7 +127,14 @@ async def _status(kv: KeyValue, scope: str | None, active: str | None) -> dict[s
 
 async def _learn(kv: KeyValue, scope: str | None, tenants: list[str], promote_it: bool) -> int:
     from gateway.learning.examples import LabelledExample, LearningStore
-    from gateway.learning.learned import UnreadableRouter, active, fit_candidate, promote, same_classifier
+    from gateway.learning.learned import (
+        UnreadableRouter,
+        active,
+        fit_candidate,
+        latest_labels,
+        promote,
+        same_classifier,
+    )
 
     store = LearningStore(kv)
     examples: list[LabelledExample] = []
@@ -138,11 +151,12 @@ async def _learn(kv: KeyValue, scope: str | None, tenants: list[str], promote_it
     except ValueError as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    usable = same_classifier(sorted(examples, key=lambda e: e.at))
+    labelled = latest_labels(examples)  # a relabelled request counts once, as status counts it (t69)
+    usable = same_classifier(labelled)
     report = {
         "scope": scope or "global",
-        "labels": len(examples),
-        "labels_of_another_classifier": len(examples) - len(usable),
+        "labels": len(labelled),
+        "labels_of_another_classifier": len(labelled) - len(usable),
         "current": None if current is None else current.version,
         "candidate": candidate.version,
         **evaluation.to_dict(),

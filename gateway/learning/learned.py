@@ -43,6 +43,7 @@ __all__ = [
     "apgr",
     "cpt",
     "fit_candidate",
+    "latest_labels",
     "promote",
     "rollback",
     "same_classifier",
@@ -241,9 +242,7 @@ def fit_candidate(
     once counts once: by a person's last label (feedback) where it has one, whenever the shadow
     judge's verdict landed, else by the judge's last; request ids are the clients' to choose,
     so one names a request only within its tenant."""
-    ranked = sorted(examples, key=lambda e: (e.source == "feedback", e.at))
-    latest = {(e.tenant, e.request_id): e for e in ranked}
-    examples = same_classifier(sorted(latest.values(), key=lambda e: e.at))
+    examples = same_classifier(latest_labels(examples))
     inputs = examples[-1].inputs if examples else ""
     if current is not None and current.inputs != inputs:
         current = None  # fitted on another classifier's scores: not what serves these prompts now
@@ -334,6 +333,14 @@ def _split_by_prompt(
     train = [e for e, keep in zip(examples, kept, strict=True) if keep]
     test = [e for e, out in zip(examples, held_out, strict=True) if out]
     return train, test, groups[held_out]
+
+
+def latest_labels(examples: list[LabelledExample]) -> list[LabelledExample]:
+    """One label per request (oldest first): a person's last (feedback) where it has one,
+    whenever the shadow judge's verdict landed, else the judge's last."""
+    ranked = sorted(examples, key=lambda e: (e.source == "feedback", e.at))
+    latest = {(e.tenant, e.request_id): e for e in ranked}
+    return sorted(latest.values(), key=lambda e: e.at)
 
 
 def same_classifier(examples: list[LabelledExample]) -> list[LabelledExample]:

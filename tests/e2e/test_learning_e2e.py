@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import msgspec
+import numpy as np
 import pytest
 
 from gateway.accounting.metrics import Metrics
-from gateway.learning.examples import LearningStore
+from gateway.learning.examples import LabelledExample, LearningStore, RoutingTrace
 from gateway.learning.learned import fit_candidate, promote
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream, start_simulated_upstream
@@ -283,6 +285,39 @@ def test_learning_over_an_unreadable_router_in_force_compares_with_the_shipped_o
     learned = _learn(redis_server, "learn", "--tenant", "spoilt")
     assert "comparing with the shipped router" in learned.stderr
     assert "labelled requests" in learned.stderr  # it went on to the labels (none here)
+
+
+def test_learn_and_status_count_a_relabelled_request_once(redis_server: EmbeddedRedis) -> None:
+    """t69: learn reported 62 labels where status said 60: learn counted each relabel."""
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(60):
+        embedding = rng.normal(size=384)
+        trace = RoutingTrace.of("k", "taught", "small", 0.2, embedding / np.linalg.norm(embedding), rng.normal(size=12))
+        examples.append(LabelledExample.of(f"r{i}", trace, i % 3 == 0, "shadow", False))
+    relabelled = [msgspec.structs.replace(e, needed_large=not e.needed_large, source="feedback") for e in examples[:2]]
+
+    async def keep() -> None:
+        redis = SharedRedis(connect(redis_server.url, timeout_s=2.0), Metrics())
+        try:
+            for example in examples + relabelled:
+                await LearningStore(RedisKeyValue(redis)).add_label("relabelled-t69", example, 1000)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(keep())
+    learned = _learn(redis_server, "learn", "--tenant", "relabelled-t69")
+    status = _learn(redis_server, "status", "--tenant", "relabelled-t69")
+    assert learned.returncode == 0, learned.stderr
+    assert json.loads(learned.stdout)["labels"] == json.loads(status.stdout)["labels"] == 60
+
+
+def test_a_rollback_with_nothing_to_roll_back_says_so(redis_server: EmbeddedRedis) -> None:
+    """t69: it exited 0 with the status, as if a router had been put back."""
+    for args in (("--tenant", "never-taught-t69"), ("--global",)):
+        rolled = _learn(redis_server, "rollback", *args)
+        assert rolled.returncode == 1 and "nothing to roll back" in rolled.stderr
+        assert json.loads(rolled.stdout)["active"] is None
 
 
 def test_learning_refuses_a_candidate_that_is_not_better(gateway: GatewayProcess, redis_server: EmbeddedRedis) -> None:
