@@ -200,13 +200,15 @@ _NO_REQUEST = core.Request(model="", messages=[])
 _NOTHING_PRICED = PricedOptions()
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _ReadOn:
     """A cut stream's upstream, read on past its client's answer for the usage (t58, t65)."""
 
     why: str | None = None
-    """Why it was not (or will not be) read to its end: ``too_many_reads``, ``past_stop_timeout``,
-    ``slot_taken``, ``drain_deadline``, an upstream error's code, ``internal_error``."""
+    """Why it was not (or will not be) read to its end: ``too_many_reads``, ``too_many_key_reads``,
+    ``past_stop_timeout``, ``drain_deadline``, an upstream error's code, ``internal_error``."""
+    owner: tuple[str, str] | None = None
+    """The (tenant, key) whose reads it counts among, where the key's are bounded (t68)."""
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the request is settled (its usage known, or given up on)."""
     task: asyncio.Task[Any] | None = None
@@ -214,10 +216,11 @@ class _ReadOn:
     done: bool = False
     """The upstream is let go and the request settled: it is logged once its client's stream ended too."""
 
-    def end_for_slot(self) -> None:
-        """The key's (or tenant's) next request takes the slot this read holds: the read ends there."""
+    def end(self, why: str) -> None:
+        """Ended before the upstream's end (a newer read of the same key, the drain deadline): the
+        request is settled on what was read."""
         if self.why is None:
-            self.why = "slot_taken"
+            self.why = why
             if self.reading and self.task is not None:
                 self.task.cancel()
 
@@ -248,6 +251,9 @@ class _Exchange:
     reservation: Reservation | None = None
     slot: Slot | None = None
     """Its place among the key's and tenant's requests in flight (``max_concurrent``)."""
+    read_cap: int | None = None
+    """How many cut streams the key may have read on past their cut at once (t68): its
+    ``max_concurrent``, or its tenant's; None: no bound of its own."""
     score: PromptScore | None = None
     scored: bool = False
     unseen: bool = False
@@ -293,6 +299,8 @@ class ChatPipeline:
         """Requests whose upstream writes a whole (non-streamed) answer, by their task."""
         self._reading_on: dict[str, int] = {}
         """Cut streams whose upstream is read on past the client's answer, by model (t65)."""
+        self._key_reads: dict[tuple[str, str], list[_ReadOn]] = {}
+        """The same, by (tenant, key) where the key's are bounded (``read_cap``), oldest first (t68)."""
         self._scorer = scorer
         self._audit = audit or SemanticAudit(metrics)
         self._large_share = large_share
@@ -359,12 +367,12 @@ class ChatPipeline:
             record.route, record.decision, record.stream = x.plan.route, x.plan.decision, x.request.stream
             record.baseline_model = x.plan.baseline
             tenant = runtime.policy.tenants.get(principal.tenant)
+            tenant_cap = tenant.limits.max_concurrent if tenant is not None else None
             x.slot = self._in_flight.enter(
-                principal.key_id,
-                principal.tenant,
-                principal.limits.max_concurrent,
-                tenant.limits.max_concurrent if tenant is not None else None,
+                principal.key_id, principal.tenant, principal.limits.max_concurrent, tenant_cap
             )
+            cap = principal.limits.max_concurrent or tenant_cap
+            x.read_cap = None if cap is None else max(1, cap)
             self._refuse_unpriced(x)
             if self._limiter.enforces(runtime.policy, principal):
                 await self._count_prompt(x)  # the limits need the estimate before anything is served
@@ -867,7 +875,7 @@ class ChatPipeline:
         include_usage = _includes_usage(x.body)
         items = self._relay(x, stream, first, include_usage, typed)
         if x.slot is not None:  # a stream never iterated (its client gone first) gives its place back too
-            weakref.finalize(items, x.slot.release_unless_lent)
+            weakref.finalize(items, x.slot.release)
         if typed:
             return StreamingDeltas(headers, cast(AsyncIterator[DeltaBatch], items), x.prompt_tokens)
         return StreamingAnswer(headers, cast(AsyncIterator[bytes], items))
@@ -918,8 +926,6 @@ class ChatPipeline:
             ended = (time.perf_counter(), upstream_wait)
             if rest.done:
                 finish()
-            elif x.slot is not None:  # the key's new request may end the read and take its place (t65)
-                x.slot.lend(rest.end_for_slot)
 
         def stalled() -> None:
             """The client stopped taking what it holds the upstream for: settled and logged now, not
@@ -1043,13 +1049,38 @@ class ChatPipeline:
 
         The read holds an upstream connection: a model's cut streams may hold at most half of its
         ``max_connections`` so (t65: one tenant's cut streams filled the pool, and another's
-        requests got 504 ``upstream_busy``); past that the upstream is let go at the cut."""
+        requests got 504 ``upstream_busy``); past that the upstream is let go at the cut. It holds
+        no place among the key's requests in flight (t68: the key's next request, even one then
+        refused, ended it): a key has at most ``read_cap`` such reads of its own instead."""
+        if x.slot is not None:  # the client has its whole answer
+            x.slot.release()
         name = provider.name
         held = self._reading_on.get(name, 0)
         rest = _ReadOn(None if held < max(1, provider.config.max_connections // 2) else "too_many_reads")
         self._reading_on[name] = held + 1
+        if rest.why is None and x.read_cap is not None:
+            self._count_key_read(x.read_cap, (x.record.tenant, x.record.key_id), rest)
         rest.task = self._drain.spawn(self._settle_rest(x, provider, stream, rest, done), "stream-rest")
         return rest
+
+    def _count_key_read(self, cap: int, owner: tuple[str, str], rest: _ReadOn) -> None:
+        """Count ``rest`` among its key's reads past the cut; past ``cap``, the key's oldest is ended
+        (another key's never: one tenant's reads end another's only through the model's pool)."""
+        reads = self._key_reads.setdefault(owner, [])
+        while len(reads) >= cap:
+            reads.pop(0).end("too_many_key_reads")
+        reads.append(rest)
+        rest.owner = owner
+
+    def _uncount_key_read(self, rest: _ReadOn) -> None:
+        owner = rest.owner
+        if owner is None:
+            return
+        reads = self._key_reads.get(owner, [])
+        if rest in reads:  # else ended by a newer read, and taken out then
+            reads.remove(rest)
+        if not reads:
+            self._key_reads.pop(owner, None)
 
     async def _settle_rest(
         self, x: _Exchange, provider: Provider, stream: ChatStream, rest: _ReadOn, done: Callable[[], None]
@@ -1070,6 +1101,7 @@ class ChatPipeline:
                     completion_tokens=x.record.completion_tokens,
                 )
         finally:
+            self._uncount_key_read(rest)
             self._reading_on[provider.name] -= 1
             if not self._reading_on[provider.name]:
                 del self._reading_on[provider.name]
@@ -1093,7 +1125,7 @@ class ChatPipeline:
         except UpstreamError as exc:  # the client's answer stands: settled on what came
             self._metrics.upstream_error(exc.upstream, exc.code)
             return exc.code
-        except asyncio.CancelledError:  # the drain deadline, or the key's next request took the slot
+        except asyncio.CancelledError:  # the drain deadline, or a newer read of the key's (t68)
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()

@@ -26,6 +26,7 @@ import openai
 import pytest
 from aiohttp import web
 
+from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test
@@ -485,28 +486,102 @@ def _counted(text: str) -> int:
     return count_text(text, "cl100k_base")
 
 
-def test_the_keys_next_request_ends_a_cut_streams_read_and_takes_its_place(
-    guarded: GatewayProcess, held_upstream: HeldUpstream
+_KEYS = """
+auth:
+  mode: keys
+  keys:
+    - {id: one, tenant: agents, hash: "%(one)s", limits: {max_concurrent: 1, usd_per_day: 0.07}}
+    - {id: two, tenant: agents, hash: "%(two)s", limits: {max_concurrent: 1}}
+""" % {name: hash_key(f"key-{name}") for name in ("one", "two")}
+"""Two keys of one tenant, each allowed one request in flight; ``one``'s day budget takes a cut
+stream's estimate, and not that of a request asking for the model's whole window."""
+
+
+@pytest.fixture
+def keyed(
+    tmp_path: Path,
+    held_upstream: HeldUpstream,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:
+    """The exact cache on, and the keys of :data:`_KEYS` (a tenant of its own in the shared Redis)."""
+    policy = policy_text(
+        small_upstream,
+        large_upstream,
+        auth=_KEYS.replace("agents", f"agents{uuid.uuid4().hex[:8]}"),
+        extra_models=_MODELS.format(url=held_upstream.url),
+        cache="{enabled: true, redis_timeout_ms: 2000, semantic: {enabled: false}}",
+    )
+    process = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k"})
+    yield process
+    process.stop()
+
+
+def _keyed_cut(gateway: GatewayProcess, key: str, prompt: str) -> str:
+    """A cut stream of ``key`` read to its end: its request id."""
+    oai = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key=f"key-{key}", max_retries=0, timeout=30))
+    raw = oai.chat.completions.with_raw_response.create(
+        model="reasoner", messages=[{"role": "user", "content": prompt}], stop=["Observation:"], stream=True
+    )
+    chunks = list(raw.parse())
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == _CUT
+    return raw.headers["x-request-id"]
+
+
+def test_a_keys_other_requests_neither_wait_on_nor_end_its_read_past_the_cut(
+    keyed: GatewayProcess, held_upstream: HeldUpstream
 ) -> None:
-    """t65: the place a request holds among its key's and tenant's ``max_concurrent`` was given
-    back at the cut, while the upstream was read on: a key allowed one request in flight ran any
-    number of generations at once. The read keeps the place; the tenant's next request ends the
-    oldest read there (billed on the cut text, and said so) rather than being refused."""
-    first, second = _prompt(), _prompt()
-    first_id, _ = _cut_stream(guarded, first)
-    second_id, _ = _cut_stream(guarded, second)  # both places are held by reads past the cut
-    oai = closed_after_test(openai.OpenAI(base_url=guarded.base_url, api_key="x", max_retries=0))
-    answer = oai.chat.completions.create(model="small", messages=[{"role": "user", "content": _prompt()}])
-    assert answer.choices[0].message.content
-    record = guarded.wait_for_record(first_id, timeout_s=30)  # the first read ended for it, its upstream held still
+    """t68: the read past the cut held the key's place under ``max_concurrent: 1``, and the key's
+    next request took it, ending the read, even when that request was then refused or a cache
+    hit: an agent loop was billed the cut text of 4 turns in 5 (10 tokens for the upstream's
+    5,000). The client has its whole answer at the cut: the read no longer holds the key's
+    place, and nothing the key asks ends it, nor does another key's cut stream."""
+    read = _prompt()
+    read_id = _keyed_cut(keyed, "one", read)
+    oai = closed_after_test(openai.OpenAI(base_url=keyed.base_url, api_key="key-one", max_retries=0, timeout=30))
+    claude = closed_after_test(anthropic.Anthropic(base_url=keyed.url, api_key="key-one", max_retries=0))
+    with pytest.raises(anthropic.BadRequestError):  # fast mode, which the model has no price for
+        claude.messages.create(
+            model="claude45", max_tokens=64, messages=[{"role": "user", "content": "hi"}], extra_body={"speed": "fast"}
+        )
+    with pytest.raises(openai.RateLimitError) as over:  # its whole window is over the key's day budget
+        oai.chat.completions.create(model="reasoner", messages=[{"role": "user", "content": "hi"}], max_tokens=8192)
+    assert over.value.code == "insufficient_quota"
+    asked: Any = [{"role": "user", "content": _prompt()}]
+    assert oai.chat.completions.create(model="small", messages=asked).choices[0].message.content
+    hit = oai.chat.completions.with_raw_response.create(model="small", messages=asked)
+    assert hit.headers["x-gateway-cache"] == "exact"
+    other = _prompt()
+    other_id = _keyed_cut(keyed, "two", other)  # the tenant's other key, at its own cap of one
+    held_upstream.release(read)
+    held_upstream.release(other)
+    for request_id in (read_id, other_id):
+        record = keyed.wait_for_record(request_id, timeout_s=30)
+        assert (record["status"], record["tokens_source"], record["completion_tokens"]) == (200, "upstream", _WRITTEN)
+        assert _unread(keyed, request_id) == []
+
+
+def test_a_keys_reads_past_the_cut_are_held_to_its_max_concurrent(
+    keyed: GatewayProcess, held_upstream: HeldUpstream
+) -> None:
+    """t68: a key's reads past the cut are bounded on their own, at its ``max_concurrent``: its
+    new cut stream past that ends its oldest read (billed on the cut text, and said so), as
+    t65 bounded them; another key's read is left alone."""
+    first, theirs, second = _prompt(), _prompt(), _prompt()
+    first_id = _keyed_cut(keyed, "one", first)
+    theirs_id = _keyed_cut(keyed, "two", theirs)
+    second_id = _keyed_cut(keyed, "one", second)
+    record = keyed.wait_for_record(first_id, timeout_s=30)  # ended, its upstream held still
     assert first not in held_upstream.finished
     assert (record["status"], record["tokens_source"], record["completion_tokens"]) == (200, "gateway", _counted(_CUT))
-    assert _unread(guarded, first_id) == ["slot_taken"]
-    held_upstream.release(second)
-    held_upstream.release(first)
-    record = guarded.wait_for_record(second_id, timeout_s=30)
-    assert (record["tokens_source"], record["completion_tokens"]) == ("upstream", _WRITTEN)
-    assert _unread(guarded, second_id) == []
+    assert _unread(keyed, first_id) == ["too_many_key_reads"]
+    for prompt in (first, theirs, second):
+        held_upstream.release(prompt)
+    for request_id in (theirs_id, second_id):
+        record = keyed.wait_for_record(request_id, timeout_s=30)
+        assert (record["tokens_source"], record["completion_tokens"]) == ("upstream", _WRITTEN)
+        assert _unread(keyed, request_id) == []
 
 
 def test_a_models_cut_streams_hold_at_most_half_its_connections(
