@@ -1017,6 +1017,12 @@ class ChatPipeline:
             if not drain.ended_by_deadline(task):
                 record.error_type, record.status = "client_disconnected", 499
                 raise
+            if rest is not None:  # (t68) the answer is whole: it ends as a read past_stop cut short does
+                rest.end("drain_deadline")
+                await rest.settled.wait()
+                for ending in _ending(stream.tally, record, typed, include_usage):
+                    yield ending
+                return
             error = ShuttingDownError("the gateway is shutting down; the answer was cut at its drain deadline")
             record.error_type, record.status = error.code, error.status_code
             yield _failure(stream, error, typed)

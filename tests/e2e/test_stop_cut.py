@@ -425,6 +425,46 @@ def test_an_upstream_read_past_its_client_is_billed_before_the_worker_exits(
         process.stop()
 
 
+def test_a_whole_answer_waiting_for_its_usage_at_the_drain_deadline_ends_with_the_usage(
+    tmp_path: Path,
+    held_upstream: HeldUpstream,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> None:
+    """t68: at the drain deadline, a client that had its whole answer and waited for the usage
+    got an in-band ``shutting_down`` error (the SDK raised ``APIError`` after the text and the
+    finish), and the request was logged 503. It ends as a read cut short by ``past_stop`` does:
+    the usage the gateway bills, ``[DONE]``, status 200, and ``stream_usage_unread``."""
+    policy = policy_text(small_upstream, large_upstream, extra_models=_MODELS.format(url=held_upstream.url))
+    env = {"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k"}
+    process = start_gateway(tmp_path, policy, env=env, serve_args=("--drain-s", "1"))
+    try:
+        oai = closed_after_test(openai.OpenAI(base_url=process.base_url, api_key="x", max_retries=0, timeout=30))
+        raw = oai.chat.completions.with_raw_response.create(
+            model="reasoner",
+            messages=[{"role": "user", "content": _prompt()}],
+            stop=["Observation:"],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = []
+        for chunk in raw.parse():  # the upstream is held past the cut until the drain deadline
+            chunks.append(chunk)
+            if chunk.choices and chunk.choices[0].finish_reason:
+                process.send_signal(signal.SIGTERM)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == _CUT
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == _counted(_CUT)
+        assert process.process.wait(30) == 0
+        request_id = raw.headers["x-request-id"]
+        (record,) = [r for r in process.log_records() if r["request_id"] == request_id]
+        assert (record["status"], record["error_type"], record["finish_reason"]) == (200, None, "stop")
+        assert (record["tokens_source"], record["completion_tokens"]) == ("gateway", _counted(_CUT))
+        assert _unread(process, request_id) == ["drain_deadline"]
+    finally:
+        process.stop()
+
+
 def _until_closed(process: GatewayProcess) -> None:
     for _ in range(300):
         try:
