@@ -411,7 +411,10 @@ class ChatPipeline:
                 data = msgspec.json.decode(completion.body)
                 whole, storable = answer_from_completion(data), storable_answer(data)
             if storing:
-                await self._fill_cache(x, storable)
+                counts = (
+                    await self._cut_counts(x, provider, completion.said or completion.text) if completion.cut else None
+                )
+                await self._fill_cache(x, storable, counts)
             if typed:
                 if completion.usage is None and whole is not None:  # none from upstream: the counts logged
                     whole = msgspec.structs.replace(whole, usage=_usage_of(record))
@@ -1143,21 +1146,26 @@ class ChatPipeline:
             rest.reading = False
 
     async def _store_cut(self, x: _Exchange, provider: Provider, tally: StreamTally) -> None:
-        """Store the answer cut at the stop, with the tokens the gateway counts in it (t65: the
-        requests coalesced on it waited for the whole generation past the cut). What the upstream
-        wrote past the cut is this request's bill, not the answer's: a hit gives the cut answer."""
+        """Store the answer cut at the stop (t65: the requests coalesced on it waited for the whole
+        generation past the cut)."""
         if not (tally.replayable and self._storing(x)):
             return
         answer = answer_from_message(
             tally.message(), tally.finish_reason, model=tally.model or "", stop_sequence=tally.stop_sequence
         )
-        record = x.record
+        counts = await self._cut_counts(x, provider, tally.said if tally.said is not None else tally.text)
+        await self._fill_cache(x, answer, counts)
+
+    async def _cut_counts(self, x: _Exchange, provider: Provider, said: str) -> RequestRecord:
+        """What a cut answer is stored with: the tokens the gateway counts in it, streamed or not
+        (t68: a whole one was stored with the upstream's usage, 400 times a streamed one's). What
+        the upstream wrote past the cut is the asking request's bill, not the answer's, which a
+        hit gives; and a stream is stored at the cut, before the upstream says what it wrote."""
+        await self._count_prompt(x)
         counts = msgspec.structs.replace(
-            record,
+            x.record,
             prompt_tokens=x.prompt_tokens,
-            completion_tokens=count_text(
-                tally.said if tally.said is not None else tally.text, provider.config.encoding
-            ),
+            completion_tokens=count_text(said, provider.config.encoding),
             cached_prompt_tokens=0,
             cache_write_tokens=0,
             cache_write_1h_tokens=0,
@@ -1168,7 +1176,7 @@ class ChatPipeline:
             server_tool_requests=None,
         )
         counts.cost_usd = _cost(provider.config.price, counts)
-        await self._fill_cache(x, answer, counts)
+        return counts
 
     async def aclose(self) -> None:
         """At the worker's end: wait for the upstreams still read past their clients' answers (t58)."""

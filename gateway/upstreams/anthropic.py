@@ -119,7 +119,7 @@ class AnthropicProvider(Provider):
         stops = applied_here(anthropic.stops_applied_here(request), self.name)  # refused before it is sent
         response = await self._post_messages(request, stream=False)
         with answered(response):
-            answer, usage = self._read(response.content, stops)
+            answer, usage, cut = self._read(response.content, stops)
         return Completion(
             body=openai_chat.completion_from_answer(answer, None if usage is None else answer.usage),
             usage=usage,
@@ -133,6 +133,7 @@ class AnthropicProvider(Provider):
                 ]
             ),
             finish_reason=_logged_finish(answer),
+            cut=cut,
         )
 
     async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
@@ -192,15 +193,16 @@ class AnthropicProvider(Provider):
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
         response = await self._post(_MESSAGES_PATH, body, {**self._headers(), **headers}, stream=False)
         with answered(response):
-            answer, usage = self._read(response.content)
+            answer, usage, _ = self._read(response.content)
         return Completion(
             body=response.content, usage=usage, text=answer.text or "", finish_reason=_logged_finish(answer)
         )
 
-    def _read(self, content: bytes, stops: tuple[str, ...] = ()) -> tuple[Answer, Usage | None]:
-        """The message, and its usage as reported (None when the upstream reported none); with
-        ``stops``, ended where the first of them begins in its text (as a stream: t58)."""
+    def _read(self, content: bytes, stops: tuple[str, ...] = ()) -> tuple[Answer, Usage | None, bool]:
+        """The message, its usage as reported (None when the upstream reported none), and whether
+        it was cut: with ``stops``, ended where the first of them begins in its text (as a stream: t58)."""
         data = decode_json_object(self.name, content)
+        matched = None
         if stops and isinstance(blocks := data.get("content"), list):
             blocks, matched = cut_blocks(blocks, stops)
             if matched is not None:
@@ -208,7 +210,7 @@ class AnthropicProvider(Provider):
         answer = anthropic.decode_answer(data)
         if answer is None:
             raise UpstreamProtocolError(self.name, "answer is not an Anthropic message")
-        return answer, usage_of(anthropic.usage_from_wire(data.get("usage")))
+        return answer, usage_of(anthropic.usage_from_wire(data.get("usage"))), matched is not None
 
     async def open_relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> ChatStream:
         response = await self._post(_MESSAGES_PATH, body, {**self._headers(), **headers}, stream=True)

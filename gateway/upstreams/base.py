@@ -119,6 +119,8 @@ class Completion:
     what the gateway counts when ``usage`` is absent; None: the text alone."""
     finish_reason: str | None = None
     """Why the answer ended, in OpenAI's words, for the log (None: a passed-through answer)."""
+    cut: bool = False
+    """Ended at a stop string the gateway applies (t58): ``usage`` counts what the model wrote past it."""
 
 
 @dataclass(slots=True)

@@ -74,7 +74,8 @@ class OpenAIProvider(Provider):
                 content = msgspec.json.encode(data)
             usage = usage_of(openai_chat.read_usage(data.get("usage"), service_tier=data.get("service_tier")))
             text = _message_text(self.name, data)
-        return Completion(body=content, usage=usage, text=text, said=_said(data, text), finish_reason=_finish(data))
+        said, finish = _said(data, text), _finish(data)
+        return Completion(body=content, usage=usage, text=text, said=said, finish_reason=finish, cut=cut)
 
     def _payload(self, request: core.Request, body: dict[str, Any] | None) -> dict[str, Any]:
         payload = chat_payload(request, body, self.upstream_model, continues=self.config.continue_final_message)

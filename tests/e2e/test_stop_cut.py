@@ -659,6 +659,39 @@ def test_a_cut_answer_is_stored_at_the_cut(guarded: GatewayProcess, held_upstrea
     assert (record["cache"], record["tokens_source"], record["completion_tokens"]) == ("miss", "upstream", _WRITTEN)
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_cut_answer_is_cached_with_the_same_tokens_however_it_was_asked(
+    guarded: GatewayProcess, held_upstream: HeldUpstream, streamed: bool
+) -> None:
+    """t68: a whole (not streamed) cut answer was stored with the upstream's usage, so its hits
+    reported 5,000 completion tokens and saved the upstream's bill for a 1-token answer, while a
+    streamed one was stored with the gateway's count of the cut text: savings differed 400 times
+    over by how the first asker called. Both store the gateway's count of the cut answer."""
+    oai = closed_after_test(openai.OpenAI(base_url=guarded.base_url, api_key="x", max_retries=0, timeout=30))
+    asked: Any = [{"role": "user", "content": _prompt()}]
+    if streamed:  # Claude writes on past a newline stop, held until released
+        stream = oai.chat.completions.with_raw_response.create(
+            model="claude45", messages=asked, stop=["\n"], stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in stream.parse() if c.choices) == "one"
+        first_id = stream.headers["x-request-id"]
+    else:
+        whole = oai.chat.completions.with_raw_response.create(model="claude45", messages=asked, stop=["\n"])
+        assert whole.parse().choices[0].message.content == "one"
+        first_id = whole.headers["x-request-id"]
+    hit = oai.chat.completions.with_raw_response.create(model="claude45", messages=asked, stop=["\n"])
+    assert hit.headers["x-gateway-cache"] == "exact"
+    usage = hit.parse().usage
+    assert usage is not None and usage.completion_tokens == _counted("one")
+    record = guarded.wait_for_record(hit.headers["x-request-id"], timeout_s=30)
+    assert record["completion_tokens"] == _counted("one")
+    prompt_tokens = record["prompt_tokens"]
+    assert record["cache_saved_usd"] == pytest.approx((prompt_tokens * 3 + _counted("one") * 15) / 1_000_000)
+    held_upstream.release(asked[0]["content"])
+    asker = guarded.wait_for_record(first_id, timeout_s=30)
+    assert (asker["tokens_source"], asker["completion_tokens"]) == ("upstream", _WRITTEN)  # its own bill
+
+
 def test_a_cut_streams_latency_ends_with_its_clients_stream(
     gateway: GatewayProcess, held_upstream: HeldUpstream
 ) -> None:
