@@ -1366,6 +1366,7 @@ def _asked_tier(tier: object) -> str | None:
     is refused, as OpenAI refuses it (t67: a list was a 500)."""
     if not isinstance(tier, str):
         raise InvalidRequestError("service_tier: expected a string", param="service_tier")
+    tier = tier.lower()  # as the upstream's answer is read (t68)
     return tier if tier in SERVICE_TIERS else None
 
 

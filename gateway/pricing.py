@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 from gateway.config.schema import Price
 
-__all__ = ["SERVICE_TIERS", "PricedOptions", "Unpriced", "cost_usd", "option_name", "unpriced"]
+__all__ = ["SERVICE_TIERS", "PricedOptions", "Unpriced", "cost_usd", "option_name", "tier_name", "unpriced"]
 
 _BASE_SPEED = "standard"
 _BASE_GEO = "global"
@@ -23,6 +23,12 @@ def option_name(value: object) -> str | None:
     a server tool's name), or None: other text is neither priced nor logged, where a dashboard
     would group by it."""
     return value if isinstance(value, str) and _OPTION_NAME.fullmatch(value) else None
+
+
+def tier_name(value: object) -> str | None:
+    """A ``service_tier`` as an upstream writes it, read as :func:`option_name` reads it, whatever
+    its case (t68: an upstream's ``PRIORITY`` was billed at the base price, with no warning)."""
+    return option_name(value.lower() if isinstance(value, str) else value)
 
 
 SERVICE_TIERS = _BASE_TIERS | {"flex", "priority", "scale", "fast"}

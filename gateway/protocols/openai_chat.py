@@ -49,7 +49,7 @@ from gateway.core.model import (
 )
 from gateway.core.replay import deltas_of
 from gateway.errors import InvalidRequestError
-from gateway.pricing import option_name
+from gateway.pricing import tier_name
 
 __all__ = [
     "CHAT_UPSTREAM_LOSSES",
@@ -589,7 +589,7 @@ def read_usage(
         output_tokens=completion,
         cached_input_tokens=min(prompt, cached) if isinstance(cached, int) and cached > 0 else 0,
         reasoning_tokens=min(completion, reasoning) if isinstance(reasoning, int) and reasoning > 0 else 0,
-        service_tier=option_name(service_tier),
+        service_tier=tier_name(service_tier),
     )
 
 

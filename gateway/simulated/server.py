@@ -149,6 +149,11 @@ class _Fault(msgspec.Struct, forbid_unknown_fields=True):
     omit_message_stop: bool = False
     """Messages streams: the end of the stream right after ``message_delta`` (its stop reason and
     usage given), without ``message_stop``, as some Anthropic-compatible proxies end one."""
+    service_tier_as: str | None = None
+    """Chat: the ``service_tier`` the server says processed the request, as it spells it (an
+    OpenAI-compatible server's ``PRIORITY``), whatever was asked."""
+    tier_off_usage_chunk: bool = False
+    """Chat streams: the tier on the answer's chunks and not on the usage chunk (OpenAI's repeats it)."""
 
 
 _NO_FAULT = _Fault()
@@ -523,7 +528,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def _chunk_base(state: _State, body: dict[str, Any]) -> dict[str, Any]:
+def _chunk_base(state: _State, body: dict[str, Any], fault: _Fault = _NO_FAULT) -> dict[str, Any]:
     return _with_tier(
         {
             "id": f"chatcmpl-sim-{state.next_id()}",
@@ -533,14 +538,17 @@ def _chunk_base(state: _State, body: dict[str, Any]) -> dict[str, Any]:
             "system_fingerprint": "simulated",
         },
         body,
+        fault,
     )
 
 
-def _with_tier(answer: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+def _with_tier(answer: dict[str, Any], body: dict[str, Any], fault: _Fault = _NO_FAULT) -> dict[str, Any]:
     """OpenAI says which tier processed a request that named one (``auto`` is the project's:
     ``default`` here); vLLM, which has none, says nothing."""
     asked = body.get("service_tier")
-    if asked in ("auto", "default", "flex", "priority", "scale"):  # OpenAI refuses others; vLLM ignores them
+    if fault.service_tier_as is not None:
+        answer["service_tier"] = fault.service_tier_as
+    elif asked in ("auto", "default", "flex", "priority", "scale"):  # OpenAI refuses others; vLLM ignores them
         answer["service_tier"] = "default" if asked == "auto" else asked
     return answer
 
@@ -595,7 +603,7 @@ def _plain_completion(
     }
     if not fault.omit_usage:
         completion["usage"] = _usage(prompt_tokens, answer.n_tokens)
-    return _with_tier(completion, body)
+    return _with_tier(completion, body, fault)
 
 
 async def _chat_stream(
@@ -607,7 +615,7 @@ async def _chat_stream(
     answer: Answer,
 ) -> web.StreamResponse:
     include_usage = _include_usage(body)
-    base = _chunk_base(state, body)
+    base = _chunk_base(state, body, fault)
 
     def chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -631,6 +639,8 @@ async def _chat_stream(
         await sink.send(chunk({}, FINISH[answer.finish]))
     if include_usage and not fault.omit_usage and not fault.usage_on_finish_chunk:
         data = {**base, "choices": [], "usage": _usage(prompt_tokens, answer.n_tokens)}
+        if fault.tier_off_usage_chunk:
+            data.pop("service_tier", None)
         await sink.send(b"data: " + _encode_json(data) + b"\n\n")
     await sink.send(b"data: [DONE]\n\n")
     return await sink.finish()

@@ -132,6 +132,8 @@ class StreamTally:
     created: int | None = None
     model: str | None = None
     usage: Usage | None = None
+    service_tier: str | None = None
+    """The tier the stream's chunks last said processed it (an OpenAI chat stream's ``service_tier``)."""
     usage_exact: bool = False
     """``usage`` counts exactly what the stream has produced so far, at every step (the gateway's
     own speculative loop): a stream cut early is billed on it as it is (t49)."""

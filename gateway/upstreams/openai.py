@@ -23,6 +23,7 @@ from gateway.errors import (
     UpstreamStatusError,
     context_overflow,
 )
+from gateway.pricing import tier_name
 from gateway.protocols import openai_chat
 from gateway.protocols import openai_responses as responses
 from gateway.upstreams.base import (
@@ -279,8 +280,7 @@ class _OpenAIChatStream(ChatStream):
             rewritten = False
             if self._stops:
                 if not self._stopped_at_stops(chunk):  # past every choice's stop string: read on for the usage
-                    said = openai_chat.read_usage(chunk.get("usage"), service_tier=chunk.get("service_tier"))
-                    tally.usage = usage_of(said) or tally.usage
+                    _take_usage(tally, chunk)
                     continue
                 rewritten = True
             if (self._calls or b'"tool_calls"' in event.data) and self._calls_as_openai_sends(chunk):
@@ -322,9 +322,7 @@ class _OpenAIChatStream(ChatStream):
     async def read_rest(self) -> None:
         try:
             while (event := await self._events.next()) is not None and event.data != b"[DONE]":
-                chunk = decode_event(self._provider.name, event.data)
-                said = openai_chat.read_usage(chunk.get("usage"), service_tier=chunk.get("service_tier"))
-                self.tally.usage = usage_of(said) or self.tally.usage
+                _take_usage(self.tally, decode_event(self._provider.name, event.data))
         finally:
             await self.aclose()
 
@@ -540,9 +538,7 @@ def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:
         tally.id = chunk.get("id")
         tally.created = chunk.get("created")
         tally.model = chunk.get("model")
-    usage = usage_of(openai_chat.read_usage(chunk.get("usage"), service_tier=chunk.get("service_tier")))
-    if usage is not None:
-        tally.usage = usage
+    _take_usage(tally, chunk)
     if openai_chat.beyond_the_answer(chunk, "completion"):  # Perplexity's citations, ...: a replay would drop them
         tally.replayable = False
     choices = chunk.get("choices")
@@ -558,6 +554,20 @@ def _tally_chunk(tally: StreamTally, chunk: dict[str, Any]) -> None:
                 tally.finish_reason = choice["finish_reason"]
                 matched = choice.get("stop_reason")  # vLLM's: the stop string it matched
                 tally.stop_sequence = matched if isinstance(matched, str) and matched else None
+
+
+def _take_usage(tally: StreamTally, chunk: dict[str, Any]) -> None:
+    """The usage a chunk says, with the tier the stream said processed it on any chunk, the last
+    to say one winning (t68: OpenAI repeats it on the usage chunk, and a compatible server that
+    said it on the answer's chunks alone was billed at the base price)."""
+    tier = tier_name(chunk.get("service_tier"))
+    if tier is not None:
+        tally.service_tier = tier
+    usage = usage_of(openai_chat.read_usage(chunk.get("usage"), service_tier=tally.service_tier))
+    if usage is not None:
+        tally.usage = usage
+    elif tier is not None and tally.usage is not None:
+        tally.usage.service_tier = tier
 
 
 def _arguments_as_text(data: dict[str, Any]) -> bool:

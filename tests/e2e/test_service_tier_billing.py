@@ -17,7 +17,7 @@ import pytest
 
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
-from tests.conftest import closed_after_test
+from tests.conftest import closed_after_test, inject
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 MODELS = """
@@ -123,3 +123,44 @@ def test_a_tier_no_api_takes_is_not_logged_as_asked(gateway: GatewayProcess) -> 
     )
     assert raw.http_response.status_code == 200
     assert gateway.wait_for_record("tier-made-up")["service_tier"] is None
+
+
+def test_a_streamed_tier_is_read_from_any_chunk(gateway: GatewayProcess, large_upstream: SimulatedUpstream) -> None:
+    """t68: only the usage chunk's tier was read: a compatible server that said ``priority`` on
+    the answer's chunks alone was billed at the base price, with no ``unpriced_usage`` either."""
+    inject(large_upstream, {"tier_off_usage_chunk": True})
+    stream = _client(gateway).chat.completions.create(
+        model="tiered-r",
+        messages=[{"role": "user", "content": "say the tier on the answer alone"}],
+        service_tier="priority",
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-request-id": "tier-off-usage"},
+    )
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None][-1]
+    record = gateway.wait_for_record("tier-off-usage")
+    assert record["service_tier"] == "priority"
+    assert record["cost_usd"] == pytest.approx(_usd(usage.prompt_tokens, usage.completion_tokens, 2, 8) * 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tier_is_read_whatever_its_case(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream, stream: bool
+) -> None:
+    """t68: an upstream that wrote ``PRIORITY`` was billed at the base price, with no warning."""
+    request_id = f"tier-upper-{stream}"
+    inject(large_upstream, {"service_tier_as": "PRIORITY"})
+    raw = _client(gateway).chat.completions.with_raw_response.create(
+        model="tiered-r",
+        messages=[{"role": "user", "content": f"priority in capitals, streamed {stream}"}],
+        service_tier="priority",
+        stream=stream,
+        stream_options={"include_usage": True} if stream else None,
+        extra_headers={"x-request-id": request_id},
+    )
+    parsed = raw.parse()
+    usage = [c.usage for c in parsed if c.usage is not None][-1] if stream else parsed.usage  # type: ignore[union-attr]
+    assert usage is not None
+    record = gateway.wait_for_record(request_id)
+    assert record["service_tier"] == "priority"
+    assert record["cost_usd"] == pytest.approx(_usd(usage.prompt_tokens, usage.completion_tokens, 2, 8) * 2, rel=1e-6)
