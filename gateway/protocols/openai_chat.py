@@ -675,7 +675,7 @@ def answer_from_completion(body: dict[str, Any]) -> Answer:
         reason,
         answer_id=str(body.get("id") or ""),
         model=str(body.get("model") or ""),
-        usage=usage_from(body.get("usage")),
+        usage=read_usage(body.get("usage"), service_tier=body.get("service_tier")) or Usage(),
         stop_sequence=stop_sequence,
     )
 

@@ -659,6 +659,8 @@ def response_object(
         "model": decoded.request.model,
         "output": output,
         **decoded.echo,
+        # the tier the upstream says processed it, which the bill uses, as OpenAI's object says it (t68)
+        "service_tier": usage.service_tier if usage is not None else None,
         "usage": usage_body(usage) if usage is not None else None,
     }
     if status == "completed":

@@ -464,6 +464,24 @@ def test_a_field_the_gateway_does_not_read_is_named_not_passed_over_in_silence(
     assert upstream_stats(small_upstream)["last_request"]["body"]["service_tier"] == "flex"  # as a chat client's
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_response_says_the_tier_that_processed_it(
+    client: openai.OpenAI, small_upstream: SimulatedUpstream, stream: bool
+) -> None:
+    """t68: the response object never said which ``service_tier`` processed it, as OpenAI's does,
+    though the bill used it: the tier the upstream says, not the one asked."""
+    inject(small_upstream, {"service_tier_as": "default"})  # asked priority, served at the default tier
+    if stream:
+        with client.responses.stream(model="fast", input="Hi, streamed.", service_tier="priority") as events:
+            said = events.get_final_response().service_tier
+            response_id = events.get_final_response().id
+    else:
+        response = client.responses.create(model="fast", input="Hi.", service_tier="priority")
+        said, response_id = response.service_tier, response.id
+    assert said == "default"
+    assert client.responses.retrieve(response_id).service_tier == "default"
+
+
 def test_a_tool_results_image_a_chat_upstream_cannot_read_is_named_as_dropped(client: openai.OpenAI) -> None:
     """t43: it reached a chat upstream as a text-only tool message, with a 200 and no word."""
     items: Any = [
@@ -568,7 +586,9 @@ def test_a_tenant_past_its_cap_loses_its_idle_conversations_before_one_in_use(ke
     """t60: turns went oldest stored first, so a conversation in use lost its first turn (and could
     not be continued) while the tenant kept conversations nobody had touched since."""
     with _client(keyed_gateway, "c1") as carol:
-        filler = "Here is some context for you. " * 35  # ~1 KB a turn: the cap holds about 7 turns
+        # ~1 KB a turn: the cap holds about 7 turns. Sized for the idle turn alone to make room
+        # for the next live one (where two must go, a live turn goes too, as the README says).
+        filler = "Here is some context for you. " * 34
         live = [carol.responses.create(model="fast", input=f"live 0: {filler}")]
         idle = carol.responses.create(model="fast", input=f"idle: {filler}")
         for n in range(1, 12):
