@@ -619,7 +619,10 @@ class ChatPipeline:
             if served is not None:
                 return served
         if plan.write and plan.read and policy.coalesce.enabled:
+            began = time.perf_counter()
             answer, x.lease = await self._exact.join_or_lead(plan.exact_key, policy.coalesce.wait_s, timeout_s)
+            if x.lease is None or x.lease.waited:  # it waited on an identical request's upstream call:
+                x.info.upstream_seconds += time.perf_counter() - began  # upstream time, not overhead (t70)
             if isinstance(answer, UpstreamError):
                 x.record.coalesced = True
                 raise answer  # the identical request this one waited on failed upstream: so would this one

@@ -43,6 +43,9 @@ class Lease:
     held_in_store: bool
     expires_at: float = 0.0
     """When the store drops the lease by itself (the event loop's clock)."""
+    waited: bool = False
+    """It was taken after waiting on an identical request that gave no answer: that wait was
+    on an upstream call, not the gateway's work (t70)."""
 
 
 class ExactCache:
@@ -85,7 +88,9 @@ class ExactCache:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
+        waited = False
         while (local := self._flights.get(key)) is not None:
+            waited = True
             try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a client's cancel
                 async with asyncio.timeout(max(0.0, deadline - loop.time())):
                     outcome = await asyncio.shield(local)
@@ -97,13 +102,13 @@ class ExactCache:
         self._flights[key] = future
         token = secrets.token_hex(8)
         lock_ms = int(wait_s * 1000) + 1000
-        lease = Lease(key, token, future, held_in_store=True, expires_at=loop.time() + lock_ms / 1000)
+        lease = Lease(key, token, future, held_in_store=True, expires_at=loop.time() + lock_ms / 1000, waited=waited)
         try:
             while True:
                 try:
                     acquired = await self._store.acquire(key, token, lock_ms, timeout_s)
                 except StoreUnavailable:  # no lease to be had: this process answers alone
-                    return None, Lease(key, token, future, held_in_store=False)
+                    return None, Lease(key, token, future, held_in_store=False, waited=lease.waited)
                 if acquired:
                     return None, lease
                 # Another process is answering: wait for its answer to appear in the cache.
@@ -111,6 +116,7 @@ class ExactCache:
                 if not isinstance(answer, _LeaseFreed):
                     self._settle(key, future, answer)
                     return answer, None
+                lease.waited = True
                 # Its lease went without an answer (its client left, or the answer was not one to
                 # keep): this one takes the lead and the waiters here wait on it, rather than each
                 # calling upstream on its own (12 calls for one burst, t35).

@@ -357,6 +357,28 @@ def test_identical_concurrent_requests_are_coalesced(
     assert sum(1 for r in records if r.get("coalesced")) == 7
 
 
+def test_a_coalesced_wait_is_upstream_time_not_gateway_overhead(
+    cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t70: a follower's wait for its leader's upstream call was logged (and counted in
+    gateway_overhead_seconds, and sent as x-gateway-overhead-ms) as the gateway's own work."""
+    messages = _unique("coalesce overhead")
+    inject(small_upstream, {"delay_ms": 1500})
+    client = _client(cached_gateway)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(
+            lambda _: client.chat.completions.with_raw_response.create(model="fast", messages=messages, temperature=0),
+            range(4),
+        ))  # fmt: skip
+    records = {r.headers["x-request-id"]: cached_gateway.wait_for_record(r.headers["x-request-id"]) for r in results}
+    followers = [r for r in results if records[r.headers["x-request-id"]].get("coalesced")]
+    assert len(followers) == 3
+    for raw in followers:  # waiting is nearly all the follower did: its overhead is a small part of its latency
+        record = records[raw.headers["x-request-id"]]
+        assert record["overhead_ms"] < record["latency_ms"] / 2, record
+        assert float(raw.headers["x-gateway-overhead-ms"]) < record["latency_ms"] / 2, record
+
+
 def test_coalescing_and_cache_work_across_gateway_processes(
     tmp_path: Path, cached_gateway: GatewayProcess, redis_server: EmbeddedRedis,
     small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream,

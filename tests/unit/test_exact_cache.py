@@ -138,6 +138,7 @@ async def test_when_the_leaders_client_leaves_one_waiter_leads_and_the_others_wa
     assert len(leaders) == 1
     answer, new_lease = leaders[0].result()
     assert answer is None and new_lease is not None and new_lease.held_in_store
+    assert new_lease.waited and not lease.waited  # its wait is upstream time, not overhead (t70)
     await cache.release(new_lease, _answer("the answer"), T)
     rest = [await waiter for waiter in waiters if waiter is not leaders[0]]
     assert [(a.answer.text if isinstance(a, CachedAnswer) else a, lease) for a, lease in rest] == [
@@ -223,6 +224,7 @@ async def test_when_another_process_leader_goes_without_an_answer_one_waiter_her
     done, pending = await asyncio.wait(waiters, timeout=0.5)
     leads = [lease for task in done if (lease := task.result()[1]) is not None]
     assert len(leads) == 1 and len(pending) == 7
+    assert leads[0].waited and not leaders_lease.waited  # its wait is upstream time, not overhead (t70)
     await here.release(leads[0], _answer("one call"), T)
     answers = [(await task)[0] for task in pending]
     assert all(isinstance(answer, CachedAnswer) for answer in answers)
