@@ -27,7 +27,7 @@ from gateway.dispatch import DispatchInfo, dispatch
 from gateway.drain import DEFAULT_DRAIN_S, Drain
 from gateway.errors import GatewayError, InvalidRequestError, ShuttingDownError, UpstreamError
 from gateway.limits import Limiter, Reservation
-from gateway.pipeline import Answer
+from gateway.pipeline import Answer, name_the_failed_model
 from gateway.pricing import cost_usd
 from gateway.protocols.body import check_fields, decode_body
 from gateway.protocols.tenant_ids import scoped_body
@@ -109,6 +109,8 @@ class EmbeddingsPipeline:
             body = _response(request, vectors, record.prompt_tokens)
             return Answer(200, body, _headers(record, started, info))
         except GatewayError as exc:
+            if isinstance(exc, UpstreamError) and record.model is None:
+                name_the_failed_model(record, runtime.providers.get(exc.upstream))
             return _error_answer(record, exc, started, info)
         except Exception as exc:  # a bug of ours: answered and logged as what it is, never a lost request
             record.error_type = "internal_error"

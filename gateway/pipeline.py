@@ -1276,6 +1276,8 @@ class ChatPipeline:
         record.error_type = exc.code or exc.error_type
         if isinstance(exc, UpstreamError):
             record.upstream_status = getattr(exc, "upstream_status", None)
+            if record.model is None:
+                name_the_failed_model(record, x.runtime.providers.get(exc.upstream))
         headers = self._headers(x)
         headers.update(exc.headers)
         return Answer(exc.status_code, exc.to_body(), headers)
@@ -1550,6 +1552,14 @@ def _with_billed_usage(body: bytes, record: RequestRecord) -> bytes:
     if not isinstance(data, dict):
         return body
     return msgspec.json.encode({**data, "usage": _billed_usage(record)})
+
+
+def name_the_failed_model(record: RequestRecord, tried: Provider | None) -> None:
+    """A request that failed upstream is the failure of the last model tried (the one whose error
+    the client got): logged and counted with ``model="-"``, the error rate by model never showed a
+    model that was down (t70)."""
+    if tried is not None:
+        record.model, record.provider = tried.name, tried.kind
 
 
 def _name_the_model(headers: dict[str, str], model: str | None, route: str | None) -> None:

@@ -77,6 +77,19 @@ def test_a_failing_embedding_model_falls_back(gateway: GatewayProcess, small_ups
     assert record["protocol"] == "openai.embeddings" and record["fallback_used"] is True
 
 
+def test_an_embedding_whose_models_all_failed_names_the_last_one_tried(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t70: as for chat, the failure counts under a model, not model="-"."""
+    inject(small_upstream, {"status": 503}, {"status": 503})
+    inject(large_upstream, {"status": 503}, {"status": 503})
+    with _client(gateway, "x") as client, pytest.raises(openai.APIStatusError) as failed:
+        client.embeddings.create(model="vectors", input=["hello"])
+    assert failed.value.status_code == 502 and failed.value.response.headers["x-gateway-model"] == "embed-large"
+    record = gateway.wait_for_record(failed.value.response.headers["x-request-id"])
+    assert (record["model"], record["provider"]) == ("embed-large", "openai")
+
+
 def test_a_failed_embedding_logs_the_status_its_upstream_answered(
     gateway: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:

@@ -84,6 +84,27 @@ def test_exhausted_upstream_gives_502_naming_it(gateway: GatewayProcess, small_u
     assert gateway.wait_for_record(response.headers["x-request-id"])["error_type"] == "upstream_error"
 
 
+def test_a_request_whose_models_all_failed_is_the_failure_of_the_last_one_tried(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t70: logged with model null and counted with model="-", a route's failures never showed in
+    the dashboard's error rate filtered by model: a model that was down read 0 %."""
+    inject(small_upstream, {"status": 500}, {"status": 500})
+    inject(large_upstream, {"status": 500}, {"status": 500})
+    response = _chat(gateway, model="fast")
+    assert response.status_code == 502 and response.headers["x-gateway-model"] == "large"
+    record = gateway.wait_for_record(response.headers["x-request-id"])
+    assert (record["model"], record["provider"], record["fallback_used"]) == ("large", "openai", True)
+    unknown = _chat(gateway, model="no-such-model")  # refused before any model was tried: none
+    assert unknown.status_code == 404 and gateway.wait_for_record(unknown.headers["x-request-id"])["model"] is None
+    failed = [
+        line
+        for line in httpx.get(f"{gateway.url}/metrics", timeout=5).text.splitlines()
+        if line.startswith("gateway_requests_total{") and 'route="fast"' in line and 'status="502"' in line
+    ]
+    assert failed and all('model="large"' in line for line in failed), failed
+
+
 def test_upstream_timeout_gives_504(gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
     inject(small_upstream, {"delay_ms": 2500}, {"delay_ms": 2500})  # first_byte timeout is 1 s
     response = _chat(gateway, model="small")
