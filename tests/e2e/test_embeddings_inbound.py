@@ -141,6 +141,9 @@ def test_each_input_is_cached_apart_per_tenant(
     assert other_tenant.headers["x-gateway-cache"] == "miss"  # another tenant's cache is never read
     record = gateway_with_cache.wait_for_record(mixed.headers["x-request-id"])
     assert record["cache_saved_usd"] > 0 and record["cost_usd"] > 0
+    # (t70) as docs/request-log.md says: prompt_tokens counts both inputs, cost_usd the one sent upstream
+    assert record["cost_usd"] + record["cache_saved_usd"] == pytest.approx(record["prompt_tokens"] * 0.02 / 1e6)
+    assert record["cost_usd"] == pytest.approx(record["baseline_cost_usd"] - record["cache_saved_usd"])
 
 
 def test_a_hit_says_the_tokens_the_upstream_billed_for_its_input(gateway_with_cache: GatewayProcess) -> None:
