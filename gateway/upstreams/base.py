@@ -27,7 +27,7 @@ from gateway.errors import (
     upstream_error_fields,
 )
 from gateway.protocols import openai_chat
-from gateway.upstreams.http11 import Http11Transport
+from gateway.upstreams.http11 import BodyFailed, Http11Transport
 from gateway.upstreams.sending import note_sent
 from gateway.upstreams.sse import SSEEvent, SSELineTooLong, iter_sse
 
@@ -487,6 +487,8 @@ class Provider(ABC):
         if not stream and response.status_code < 400:
             try:
                 await response.aread()
+            except httpx.HTTPError as exc:
+                raise BodyFailed(response.status_code, exc) from exc
             finally:
                 await response.aclose()
         return response
@@ -507,6 +509,11 @@ class Provider(ABC):
 
     def transport_error(self, exc: Exception) -> UpstreamError:
         """Classify a transport failure by its root cause (some transports relabel disconnects as timeouts)."""
+        if isinstance(exc, BodyFailed) and isinstance(exc.__cause__, Exception):
+            error = self.transport_error(exc.__cause__)
+            if isinstance(error, UpstreamProtocolError):  # it answered: the status it came with (t70)
+                error.upstream_status = exc.status_code
+            return error
         root = exc.__cause__ or exc
         cause = type(root).__name__
         if isinstance(exc, httpx.ConnectError) or cause in {"ClientConnectorError", "ConnectionRefusedError"}:

@@ -40,6 +40,16 @@ class _StaleConnection(Exception):
     """A kept-alive connection closed before any byte of the answer: the request may be sent again."""
 
 
+class BodyFailed(httpx.TransportError):
+    """The answer's body failed after its status and headers came (the connection closed mid-body,
+    a coding that does not decode); ``status_code`` is the status it came with (t70: logged as
+    ``upstream_status`` null, as if nothing had answered)."""
+
+    def __init__(self, status_code: int, cause: httpx.HTTPError) -> None:
+        super().__init__(str(cause))
+        self.status_code = status_code
+
+
 class Http11Response:
     """An upstream's answer: status and headers at once, the body as it arrives.
 
@@ -448,6 +458,9 @@ class Http11Transport(httpx.AsyncBaseTransport):
                     else:
                         async with asyncio.timeout_at(deadline):
                             await response.aread()
+                except httpx.HTTPError as exc:
+                    await response.aclose()
+                    raise BodyFailed(response.status_code, exc) from exc
                 except BaseException:
                     await response.aclose()
                     raise

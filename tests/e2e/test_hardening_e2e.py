@@ -27,7 +27,7 @@ from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 _FAULTY_MODELS = (
     "comments", "trickle", "endless-line", "no-choices", "drop-after-finish", "stall-after-finish", "firehose",
-    "long-answer", "big-answer", "two-choices", "calls-at-zero", "odd-calls",
+    "long-answer", "big-answer", "two-choices", "calls-at-zero", "odd-calls", "marked",
 )  # fmt: skip
 
 
@@ -218,6 +218,16 @@ def test_a_connection_lost_after_the_answer_finished_leaves_the_answer_whole(gw:
     assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
     record = gw.wait_for_record(request_id)
     assert record["error_type"] is None and record["finish_reason"] == "stop" and record["completion_tokens"] == 3
+
+
+def test_an_answer_cut_after_its_200_logs_the_status_it_came_with(gw: GatewayProcess) -> None:
+    """t70: the 200 came, then the connection closed mid-body: logged upstream_status null, which
+    docs/request-log.md keeps for "no upstream answered" (a cut stream said 200)."""
+    body = {"model": "r-marked", "messages": [{"role": "user", "content": f"FAULT-CUT {time.time_ns()}"}]}
+    response = httpx.post(f"{gw.base_url}/chat/completions", json=body, timeout=15)
+    assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_bad_response"
+    record = gw.wait_for_record(response.headers["x-request-id"])
+    assert (record["error_type"], record["upstream_status"]) == ("upstream_bad_response", 200)
 
 
 def test_defect2_an_answer_without_a_choice_is_a_bad_upstream_response_never_cached(

@@ -15,7 +15,7 @@ import pytest
 
 from gateway.config.loader import load_policy_text
 from gateway.errors import UpstreamTimeoutError
-from gateway.upstreams.http11 import Http11Response, Http11Transport
+from gateway.upstreams.http11 import BodyFailed, Http11Response, Http11Transport
 from gateway.upstreams.registry import build_provider
 from gateway.upstreams.sending import SendMark, watch_sending
 
@@ -201,8 +201,9 @@ async def test_every_spelling_of_gzip_and_deflate_is_decoded(
 async def test_a_coding_the_gateway_cannot_read_is_a_decoding_error(serve: Serve, transport: Http11Transport) -> None:
     raw = b"HTTP/1.1 200 OK\r\ncontent-encoding: br\r\ncontent-length: 4\r\n\r\n\x0b\x01\x80\x03"
     server = await serve(answer(raw))
-    with pytest.raises(httpx.DecodingError):
+    with pytest.raises(BodyFailed) as caught:  # the status came: the error says it (t70)
         await _post(transport, server.url)
+    assert caught.value.status_code == 200 and isinstance(caught.value.__cause__, httpx.DecodingError)
 
 
 async def test_a_kept_alive_connection_the_server_dropped_is_retried_once_on_a_new_one(
@@ -226,8 +227,9 @@ async def test_a_new_connection_hung_up_without_an_answer_is_an_error_not_a_retr
 
 async def test_an_answer_cut_short_is_an_error(serve: Serve, transport: Http11Transport) -> None:
     server = await serve(answer(b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"partial', close=True))
-    with pytest.raises(httpx.RemoteProtocolError):
+    with pytest.raises(BodyFailed) as caught:  # after a 200, which the log says (t70)
         await _post(transport, server.url)
+    assert caught.value.status_code == 200 and isinstance(caught.value.__cause__, httpx.RemoteProtocolError)
     streamed = await _post(transport, server.url, stream=True)
     with pytest.raises(httpx.RemoteProtocolError):
         await streamed.aread()
