@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -115,10 +116,20 @@ def _table_figures(totals: Totals) -> list[str]:
         elif name == "savings_pct":
             out.append(f"{value:.1f}")
         elif isinstance(value, float):
-            out.append(f"{value:,.4f}")
+            out.append(_usd_cell(value))
         else:
             out.append(f"{value:,}")
     return out
+
+
+def _usd_cell(value: float) -> str:
+    """4 decimals, and under a cent 3 significant figures, down to the nano-dollar of JSON and CSV:
+    an embeddings route's cost or a cache saving of tens of micro-dollars read 0.0000 (t70)."""
+    size = abs(value)
+    if size >= 0.01 or size < 0.5 * 10**-_USD_DIGITS:
+        return f"{value:,.4f}"
+    decimals = min(_USD_DIGITS, 2 - math.floor(math.log10(size)))
+    return f"{value:.{decimals}f}"
 
 
 def _json_figures(totals: Totals) -> dict[str, int | float | None]:

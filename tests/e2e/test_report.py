@@ -34,6 +34,7 @@ from gateway.reporting.aggregate import (
     parse_until,
     parse_when,
 )
+from gateway.reporting.table import render_json, render_table
 
 _ROOT = Path(__file__).resolve().parents[2]
 
@@ -367,6 +368,21 @@ def test_cli_table(synthetic: SyntheticLog, log_file: Path, capsys: pytest.Captu
         for end in ends[1:]:
             assert line[end - 1] != " ", line
     assert f"{synthetic.malformed} malformed" in out[-1]
+
+
+def test_the_table_shows_sub_cent_amounts_not_zeros() -> None:
+    """t70: an embeddings route's cost and its cache savings read 0.0000 beside a savings_% of 50."""
+    aggregator = Aggregator()
+    aggregator.feed([msgspec.json.encode({
+        "event": "request", "ts": "2026-05-01T08:00:00Z", "key_id": "k", "tenant": "t", "route": "vectors",
+        "model": "embed", "cache": "miss", "status": 200, "prompt_tokens": 8, "completion_tokens": 0,
+        "cost_usd": 8e-08, "baseline_cost_usd": 1.6e-07, "cache_saved_usd": 8e-08,
+    })])  # fmt: skip
+    total_row = render_table(aggregator, ("model",)).splitlines()[4].split()
+    assert total_row[5:9] == ["0.000000080", "0.000000160", "0.000000080", "50.0"], total_row
+    assert total_row[-1] == "0.000000080"
+    figures = json.loads(render_json(aggregator, ("model",)))["total"]  # JSON keeps its 9 digits
+    assert (figures["cost_usd"], figures["cache_saved_usd"]) == (8e-08, 8e-08)
 
 
 def test_gzipped_log_gives_the_same_totals(synthetic: SyntheticLog, tmp_path: Path, aggregated: Aggregator) -> None:
