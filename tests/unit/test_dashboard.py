@@ -97,6 +97,20 @@ def test_loki_queries_read_request_lines_of_the_gateway(dashboard: dict[str, Any
         assert topic in titles
 
 
+def test_the_large_share_panel_counts_the_routers_documented_decisions(dashboard: dict[str, Any]) -> None:
+    """Ops compare this panel with a route's target_large_share (issue 15): it must count the
+    `decision` values the request log documents for the classifier's two outcomes."""
+    (panel,) = [p for p in _panels(dashboard) if "sent to large" in p["title"]]
+    expr = panel["targets"][0]["expr"]
+    numerator, denominator = expr.split(" / ")
+    assert re.findall(r'decision="(\w+)"', numerator) == ["decision", "large"]
+    assert re.findall(r'decision=~"([\w|]+)"', denominator) == ["small|large"]
+    documented = (Path(__file__).resolve().parents[2] / "docs" / "request-log.md").read_text(encoding="utf-8")
+    (row,) = [line for line in documented.splitlines() if line.startswith("| `decision` |")]
+    assert "`small`/`large` (the classifier)" in row
+    assert "by (route)" in numerator and "by (route)" in denominator
+
+
 def test_prometheus_queries_use_only_exported_metrics(dashboard: dict[str, Any]) -> None:
     used: set[str] = set()
     for panel in _panels(dashboard):
