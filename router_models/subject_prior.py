@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -126,27 +127,33 @@ def teacher_embeddings(texts: list[str], cache: Path, batch: int = 32) -> np.nda
     return out
 
 
-def _leave_one_subject_out_ridge(
-    emb: np.ndarray, y: np.ndarray, subjects: np.ndarray, pool: list[str], lam: float
+Predictor = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+"""(training embeddings, their targets, query embeddings) -> query scores"""
+
+
+def ridge(lam: float) -> Predictor:
+    def predict(train: np.ndarray, y: np.ndarray, query: np.ndarray) -> np.ndarray:
+        x = np.c_[train, np.ones(len(train))]
+        w = np.linalg.solve(x.T @ x + lam * np.eye(x.shape[1]), x.T @ y)
+        out: np.ndarray = np.c_[query, np.ones(len(query))] @ w
+        return out
+
+    return predict
+
+
+def knn(k: int) -> Predictor:
+    return lambda train, y, query: knn_scores(train, y, query, k)
+
+
+def _leave_one_subject_out(
+    emb: np.ndarray, y: np.ndarray, subjects: np.ndarray, pool: list[str], predict: Predictor
 ) -> np.ndarray:
+    """Each subject of ``pool`` scored by ``predict`` fitted on the pool's other subjects."""
     out = np.zeros(len(y))
     inside = np.isin(subjects, pool)
     for s in pool:
         q, r = subjects == s, inside & (subjects != s)
-        x = np.c_[emb[r], np.ones(r.sum())]
-        w = np.linalg.solve(x.T @ x + lam * np.eye(x.shape[1]), x.T @ y[r])
-        out[q] = np.c_[emb[q], np.ones(q.sum())] @ w
-    return out
-
-
-def _leave_one_subject_out_knn(
-    emb: np.ndarray, y: np.ndarray, subjects: np.ndarray, pool: list[str], k: int
-) -> np.ndarray:
-    out = np.zeros(len(y))
-    inside = np.isin(subjects, pool)
-    for s in pool:
-        q, r = subjects == s, inside & (subjects != s)
-        out[q] = knn_scores(emb[r], y[r], emb[q], k)
+        out[q] = predict(emb[r], y[r], emb[q])
     return out
 
 
@@ -189,10 +196,10 @@ def main() -> None:
     report("prompt length", np.array([len(p) for p, m in zip(rows.prompts, mmlu, strict=True) if m], float))
     report("random", rng.random(len(gain)))
     for k in (50, 200, 1000):
-        report(f"kNN need, k = {k}", _leave_one_subject_out_knn(emb, need, subjects, pool, k))
+        report(f"kNN need, k = {k}", _leave_one_subject_out(emb, need, subjects, pool, knn(k)))
     for lam in (1.0, 10.0, 100.0):
-        report(f"ridge need, lambda = {lam:g}", _leave_one_subject_out_ridge(emb, need, subjects, pool, lam))
-        report(f"ridge gain, lambda = {lam:g}", _leave_one_subject_out_ridge(emb, gain, subjects, pool, lam))
+        report(f"ridge need, lambda = {lam:g}", _leave_one_subject_out(emb, need, subjects, pool, ridge(lam)))
+        report(f"ridge gain, lambda = {lam:g}", _leave_one_subject_out(emb, gain, subjects, pool, ridge(lam)))
     if args.artifacts:
         prompts = [p for p, m in zip(rows.prompts, mmlu, strict=True) if m]
         _blend_with_graph(args.artifacts, prompts, emb, need, subjects, small, large)
@@ -215,9 +222,7 @@ def _blend_with_graph(
 
     train = ~np.isin(subjects, HELDOUT_SUBJECTS)
     dev = np.isin(subjects, sorted(set(HELDOUT_SUBJECTS) - set(HEAD_TEST_SUBJECTS) - set(BROKEN_LABELS)))
-    x = np.c_[emb[train], np.ones(train.sum())]
-    w = np.linalg.solve(x.T @ x + 100 * np.eye(x.shape[1]), x.T @ need[train])
-    prior = np.c_[emb[dev], np.ones(dev.sum())] @ w
+    prior = ridge(100.0)(emb[train], need[train], emb[dev])
     clf = load_classifier(artifacts, use_head=False)
     if clf is None:
         raise SystemExit(f"no router graph in {artifacts}")
