@@ -205,10 +205,11 @@ class _ReadOn:
     """A cut stream's upstream, read on past its client's answer for the usage (t58, t65)."""
 
     why: str | None = None
-    """Why it was not (or will not be) read to its end: ``too_many_reads``, ``too_many_key_reads``,
-    ``past_stop_timeout``, ``drain_deadline``, an upstream error's code, ``internal_error``."""
-    owner: tuple[str, str] | None = None
-    """The (tenant, key) whose reads it counts among, where the key's are bounded (t68)."""
+    """Why it was not (or will not be) read to its end: ``no_read_allowance``, ``too_many_reads``,
+    ``too_many_tenant_reads``, ``past_stop_timeout``, ``drain_deadline``, an upstream error's code,
+    ``internal_error``."""
+    tenant: str = ""
+    """Whose read it is: a tenant holds at most half of a model's reads (t71)."""
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the request is settled (its usage known, or given up on)."""
     task: asyncio.Task[Any] | None = None
@@ -217,8 +218,8 @@ class _ReadOn:
     """The upstream is let go and the request settled: it is logged once its client's stream ended too."""
 
     def end(self, why: str) -> None:
-        """Ended before the upstream's end (a newer read of the same key, the drain deadline): the
-        request is settled on what was read."""
+        """Ended before the upstream's end (a newer read of the same tenant, the drain deadline):
+        the request is settled on what was read."""
         if self.why is None:
             self.why = why
             if self.reading and self.task is not None:
@@ -251,9 +252,6 @@ class _Exchange:
     reservation: Reservation | None = None
     slot: Slot | None = None
     """Its place among the key's and tenant's requests in flight (``max_concurrent``)."""
-    read_cap: int | None = None
-    """How many cut streams the key may have read on past their cut at once (t68): its
-    ``max_concurrent``, or its tenant's; None: no bound of its own."""
     score: PromptScore | None = None
     scored: bool = False
     unseen: bool = False
@@ -297,10 +295,8 @@ class ChatPipeline:
         self._in_flight = InFlight()
         self._whole_answers: dict[asyncio.Task[Any], _Exchange] = {}
         """Requests whose upstream writes a whole (non-streamed) answer, by their task."""
-        self._reading_on: dict[str, int] = {}
-        """Cut streams whose upstream is read on past the client's answer, by model (t65)."""
-        self._key_reads: dict[tuple[str, str], list[_ReadOn]] = {}
-        """The same, by (tenant, key) where the key's are bounded (``read_cap``), oldest first (t68)."""
+        self._reading_on: dict[str, list[_ReadOn]] = {}
+        """Cut streams whose upstream is read on past the client's answer, by model, oldest first (t65)."""
         self._scorer = scorer
         self._audit = audit or SemanticAudit(metrics)
         self._large_share = large_share
@@ -367,12 +363,12 @@ class ChatPipeline:
             record.route, record.decision, record.stream = x.plan.route, x.plan.decision, x.request.stream
             record.baseline_model = x.plan.baseline
             tenant = runtime.policy.tenants.get(principal.tenant)
-            tenant_cap = tenant.limits.max_concurrent if tenant is not None else None
             x.slot = self._in_flight.enter(
-                principal.key_id, principal.tenant, principal.limits.max_concurrent, tenant_cap
+                principal.key_id,
+                principal.tenant,
+                principal.limits.max_concurrent,
+                tenant.limits.max_concurrent if tenant is not None else None,
             )
-            cap = principal.limits.max_concurrent or tenant_cap
-            x.read_cap = None if cap is None else max(1, cap)
             self._refuse_unpriced(x)
             if self._limiter.enforces(runtime.policy, principal):
                 await self._count_prompt(x)  # the limits need the estimate before anything is served
@@ -1063,36 +1059,45 @@ class ChatPipeline:
         ``max_connections`` so (t65: one tenant's cut streams filled the pool, and another's
         requests got 504 ``upstream_busy``); past that the upstream is let go at the cut. It holds
         no place among the key's requests in flight (t68: the key's next request, even one then
-        refused, ended it): a key has at most ``read_cap`` such reads of its own instead."""
+        refused, ended it), nor is it bounded by ``max_concurrent`` (t71: each cut turn of an
+        agent loop under ``max_concurrent: 1`` ended the previous turn's read): see
+        :meth:`_admit_read`."""
         if x.slot is not None:  # the client has its whole answer
             x.slot.release()
-        name = provider.name
-        held = self._reading_on.get(name, 0)
-        rest = _ReadOn(None if held < max(1, provider.config.max_connections // 2) else "too_many_reads")
-        self._reading_on[name] = held + 1
-        if rest.why is None and x.read_cap is not None:
-            self._count_key_read(x.read_cap, (x.record.tenant, x.record.key_id), rest)
+        rest = _ReadOn(tenant=x.record.tenant)
+        self._admit_read(provider, rest)
         rest.task = self._drain.spawn(self._settle_rest(x, provider, stream, rest, done), "stream-rest")
         return rest
 
-    def _count_key_read(self, cap: int, owner: tuple[str, str], rest: _ReadOn) -> None:
-        """Count ``rest`` among its key's reads past the cut; past ``cap``, the key's oldest is ended
-        (another key's never: one tenant's reads end another's only through the model's pool)."""
-        reads = self._key_reads.setdefault(owner, [])
-        while len(reads) >= cap:
-            reads.pop(0).end("too_many_key_reads")
-        reads.append(rest)
-        rest.owner = owner
+    def _admit_read(self, provider: Provider, rest: _ReadOn) -> None:
+        """Count ``rest`` among the model's reads past the cut, or say why it is let go at the cut.
 
-    def _uncount_key_read(self, rest: _ReadOn) -> None:
-        owner = rest.owner
-        if owner is None:
+        A model reads at most ``max_connections // 2`` at once (t71: with a pool of 1, one tenant's
+        read took the only connection and another tenant's request got 504 ``upstream_busy``), and
+        a tenant holds at most half of them (rounded up): its new cut past that ends its own
+        oldest read, never another tenant's, so no tenant can hold all of a model's reads."""
+        allowance = provider.config.max_connections // 2
+        if allowance < 1:
+            rest.why = "no_read_allowance"
             return
-        reads = self._key_reads.get(owner, [])
-        if rest in reads:  # else ended by a newer read, and taken out then
+        reads = self._reading_on.setdefault(provider.name, [])
+        theirs = [read for read in reads if read.tenant == rest.tenant]
+        share = -(-allowance // 2)
+        while len(theirs) >= share:
+            oldest = theirs.pop(0)
+            reads.remove(oldest)
+            oldest.end("too_many_tenant_reads")
+        if len(reads) >= allowance:
+            rest.why = "too_many_reads"
+        else:
+            reads.append(rest)
+
+    def _drop_read(self, provider: Provider, rest: _ReadOn) -> None:
+        reads = self._reading_on.get(provider.name, [])
+        if rest in reads:  # else let go at the cut, or ended by a newer read and taken out then
             reads.remove(rest)
         if not reads:
-            self._key_reads.pop(owner, None)
+            self._reading_on.pop(provider.name, None)
 
     async def _settle_rest(
         self, x: _Exchange, provider: Provider, stream: ChatStream, rest: _ReadOn, done: Callable[[], None]
@@ -1113,10 +1118,7 @@ class ChatPipeline:
                     completion_tokens=x.record.completion_tokens,
                 )
         finally:
-            self._uncount_key_read(rest)
-            self._reading_on[provider.name] -= 1
-            if not self._reading_on[provider.name]:
-                del self._reading_on[provider.name]
+            self._drop_read(provider, rest)
             rest.settled.set()
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
@@ -1137,7 +1139,7 @@ class ChatPipeline:
         except UpstreamError as exc:  # the client's answer stands: settled on what came
             self._metrics.upstream_error(exc.upstream, exc.code)
             return exc.code
-        except asyncio.CancelledError:  # the drain deadline, or a newer read of the key's (t68)
+        except asyncio.CancelledError:  # the drain deadline, or a newer read of the tenant's (t71)
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()

@@ -8,9 +8,10 @@ that many requests in flight in a process, from the moment it is admitted until 
 with a 429 at once.
 
 A stream cut at a stop string the gateway applies gives its place back at the cut: the read of
-its upstream past the cut, for the usage, is bounded on its own (the pipeline's per-key reads,
-the model's pool and ``timeouts.past_stop``), so that no new request of the key, nor one then
-refused, ends it (t68: an agent loop under ``max_concurrent: 1`` lost the usage of 4 turns in 5).
+its upstream past the cut, for the usage, is bounded by the model's pool (half its connections,
+a tenant half of those) and ``timeouts.past_stop``, not by ``max_concurrent``, so that no new
+request of the key, nor one then refused, nor its next cut turn ends it (t68, t71: an agent loop
+under ``max_concurrent: 1`` lost the usage of 4 turns in 5).
 """
 
 from __future__ import annotations

@@ -35,12 +35,19 @@ from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 _WRITTEN = 5000
 """The output tokens the upstream says it wrote: the cut text and all it wrote past it."""
 
-_MODELS = """  reasoner2:
+_MODELS = """  reasoner6:
     base_url: {url}/v1
     upstream_model: o4-mini
     tier: large
     price: {{input: 1, output: 10}}
-    max_connections: 2
+    max_connections: 6
+    timeouts: {{connect: 2, first_byte: 10, total: 20, idle: 20}}
+  reasoner1:
+    base_url: {url}/v1
+    upstream_model: o4-mini
+    tier: large
+    price: {{input: 1, output: 10}}
+    max_connections: 1
     timeouts: {{connect: 2, first_byte: 10, total: 20, idle: 20}}
   reasoner:
     base_url: {url}/v1
@@ -532,9 +539,13 @@ auth:
   keys:
     - {id: one, tenant: agents, hash: "%(one)s", limits: {max_concurrent: 1, usd_per_day: 0.07}}
     - {id: two, tenant: agents, hash: "%(two)s", limits: {max_concurrent: 1}}
-""" % {name: hash_key(f"key-{name}") for name in ("one", "two")}
+    - {id: three, tenant: loopers, hash: "%(three)s"}
+tenants:
+  loopers: {limits: {max_concurrent: 1}}
+""" % {name: hash_key(f"key-{name}") for name in ("one", "two", "three")}
 """Two keys of one tenant, each allowed one request in flight; ``one``'s day budget takes a cut
-stream's estimate, and not that of a request asking for the model's whole window."""
+stream's estimate, and not that of a request asking for the model's whole window. A key of
+another tenant, held to one request in flight by its tenant alone."""
 
 
 @pytest.fixture
@@ -545,11 +556,12 @@ def keyed(
     small_upstream: SimulatedUpstream,
     large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:
-    """The exact cache on, and the keys of :data:`_KEYS` (a tenant of its own in the shared Redis)."""
+    """The exact cache on, and the keys of :data:`_KEYS` (tenants of their own in the shared Redis)."""
+    suffix = uuid.uuid4().hex[:8]
     policy = policy_text(
         small_upstream,
         large_upstream,
-        auth=_KEYS.replace("agents", f"agents{uuid.uuid4().hex[:8]}"),
+        auth=_KEYS.replace("agents", f"agents{suffix}").replace("loopers", f"loopers{suffix}"),
         extra_models=_MODELS.format(url=held_upstream.url),
         cache="{enabled: true, redis_timeout_ms: 2000, semantic: {enabled: false}}",
     )
@@ -558,11 +570,11 @@ def keyed(
     process.stop()
 
 
-def _keyed_cut(gateway: GatewayProcess, key: str, prompt: str) -> str:
+def _keyed_cut(gateway: GatewayProcess, key: str, prompt: str, model: str = "reasoner") -> str:
     """A cut stream of ``key`` read to its end: its request id."""
     oai = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key=f"key-{key}", max_retries=0, timeout=30))
     raw = oai.chat.completions.with_raw_response.create(
-        model="reasoner", messages=[{"role": "user", "content": prompt}], stop=["Observation:"], stream=True
+        model=model, messages=[{"role": "user", "content": prompt}], stop=["Observation:"], stream=True
     )
     chunks = list(raw.parse())
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == _CUT
@@ -602,45 +614,75 @@ def test_a_keys_other_requests_neither_wait_on_nor_end_its_read_past_the_cut(
         assert _unread(keyed, request_id) == []
 
 
-def test_a_keys_reads_past_the_cut_are_held_to_its_max_concurrent(
-    keyed: GatewayProcess, held_upstream: HeldUpstream
+@pytest.mark.parametrize("key", ["two", "three"])
+def test_an_agent_loop_under_max_concurrent_one_is_billed_every_turn(
+    keyed: GatewayProcess, held_upstream: HeldUpstream, key: str
 ) -> None:
-    """t68: a key's reads past the cut are bounded on their own, at its ``max_concurrent``: its
-    new cut stream past that ends its oldest read (billed on the cut text, and said so), as
-    t65 bounded them; another key's read is left alone."""
-    first, theirs, second = _prompt(), _prompt(), _prompt()
-    first_id = _keyed_cut(keyed, "one", first)
-    theirs_id = _keyed_cut(keyed, "two", theirs)
-    second_id = _keyed_cut(keyed, "one", second)
-    record = keyed.wait_for_record(first_id, timeout_s=30)  # ended, its upstream held still
-    assert first not in held_upstream.finished
-    assert (record["status"], record["tokens_source"], record["completion_tokens"]) == (200, "gateway", _counted(_CUT))
-    assert _unread(keyed, first_id) == ["too_many_key_reads"]
-    for prompt in (first, theirs, second):
+    """t71: a key's reads past the cut were held to its ``max_concurrent`` (or its tenant's), so
+    each cut turn of an agent loop under a cap of one ended the previous turn's read: 4 turns in 5
+    were billed the cut text, and a capped key paid less than an uncapped one. Reads are bounded
+    by the model's pool alone: a key capped by itself (``two``) or by its tenant (``three``)
+    is billed every turn's upstream usage."""
+    turns = [_prompt() for _ in range(5)]
+    request_ids = [_keyed_cut(keyed, key, prompt) for prompt in turns]  # each upstream still writing
+    assert not held_upstream.finished.intersection(turns)
+    for prompt in turns:
         held_upstream.release(prompt)
-    for request_id in (theirs_id, second_id):
+    for request_id in request_ids:
         record = keyed.wait_for_record(request_id, timeout_s=30)
-        assert (record["tokens_source"], record["completion_tokens"]) == ("upstream", _WRITTEN)
+        assert (record["status"], record["tokens_source"], record["completion_tokens"]) == (200, "upstream", _WRITTEN)
         assert _unread(keyed, request_id) == []
 
 
-def test_a_models_cut_streams_hold_at_most_half_its_connections(
-    guarded: GatewayProcess, held_upstream: HeldUpstream
+def test_a_model_of_one_connection_reads_nothing_past_the_cut(
+    keyed: GatewayProcess, held_upstream: HeldUpstream
 ) -> None:
-    """t65: cut streams read on past their clients held every connection of a model's pool, and
-    other tenants' requests got 504 ``upstream_busy``. Past half of ``max_connections`` (2 here),
-    a cut stream's upstream is let go at the cut, billed on the cut text, and said so."""
-    kept, let_go = _prompt(), _prompt()
-    kept_id, _ = _cut_stream(guarded, kept, "reasoner2")
-    let_go_id, chunks = _cut_stream(guarded, let_go, "reasoner2")
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == _CUT
-    record = guarded.wait_for_record(let_go_id, timeout_s=30)
-    assert (record["status"], record["tokens_source"], record["completion_tokens"]) == (200, "gateway", _counted(_CUT))
-    assert _unread(guarded, let_go_id) == ["too_many_reads"]
-    held_upstream.release(kept)
-    held_upstream.release(let_go)
-    record = guarded.wait_for_record(kept_id, timeout_s=30)
-    assert (record["tokens_source"], record["completion_tokens"]) == ("upstream", _WRITTEN)
+    """t71: half of ``max_connections: 1`` was taken as one read, which held the only connection
+    for up to ``past_stop`` after its client had gone: another tenant's request waited
+    ``timeouts.connect`` and got 504 ``upstream_busy``. Such a model reads nothing past the cut:
+    the upstream is let go there, billed on the cut text, and said so."""
+    first, theirs = _prompt(), _prompt()
+    first_id = _keyed_cut(keyed, "one", first, "reasoner1")
+    theirs_id = _keyed_cut(keyed, "three", theirs, "reasoner1")  # answered on the one connection
+    for request_id in (first_id, theirs_id):
+        record = keyed.wait_for_record(request_id, timeout_s=30)
+        assert (record["status"], record["tokens_source"], record["completion_tokens"]) == (
+            200,
+            "gateway",
+            _counted(_CUT),
+        )
+        assert _unread(keyed, request_id) == ["no_read_allowance"]
+    assert first not in held_upstream.finished and theirs not in held_upstream.finished
+
+
+def test_a_tenant_over_its_share_of_reads_ends_its_own_oldest(
+    keyed: GatewayProcess, held_upstream: HeldUpstream
+) -> None:
+    """t65, t71: a model's cut streams read on past their clients hold at most half its
+    connections (3 of 6 here), and a tenant at most half of those (2): its new cut stream past
+    that ends its own oldest read, never another tenant's; a tenant under its share finds the
+    model's reads full and is let go at the cut. Either is billed on the cut text, and said so."""
+    ours = [_prompt() for _ in range(3)]
+    theirs, let_go = _prompt(), _prompt()
+    ours_ids = [_keyed_cut(keyed, "one", ours[0], "reasoner6"), _keyed_cut(keyed, "two", ours[1], "reasoner6")]
+    theirs_id = _keyed_cut(keyed, "three", theirs, "reasoner6")  # the model's third and last read
+    let_go_id = _keyed_cut(keyed, "three", let_go, "reasoner6")
+    ours_ids.append(_keyed_cut(keyed, "one", ours[2], "reasoner6"))  # past the tenant's share of 2
+    for request_id, why in ((let_go_id, "too_many_reads"), (ours_ids[0], "too_many_tenant_reads")):
+        record = keyed.wait_for_record(request_id, timeout_s=30)
+        assert (record["status"], record["tokens_source"], record["completion_tokens"]) == (
+            200,
+            "gateway",
+            _counted(_CUT),
+        )
+        assert _unread(keyed, request_id) == [why]
+    assert ours[0] not in held_upstream.finished
+    for prompt in (*ours, theirs, let_go):
+        held_upstream.release(prompt)
+    for request_id in (ours_ids[1], theirs_id, ours_ids[2]):
+        record = keyed.wait_for_record(request_id, timeout_s=30)
+        assert (record["tokens_source"], record["completion_tokens"]) == ("upstream", _WRITTEN)
+        assert _unread(keyed, request_id) == []
 
 
 def test_a_cut_answer_is_stored_at_the_cut(guarded: GatewayProcess, held_upstream: HeldUpstream) -> None:
