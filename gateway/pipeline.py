@@ -398,7 +398,7 @@ class ChatPipeline:
             assert provider is not None
             if completion.usage is None:
                 await self._count_prompt(x)  # tokenized only when the upstream does not say
-            self._settle(x, provider, completion.usage, completion.text, completion.said)
+            self._settle(x, provider, completion.usage, completion.text, completion.said, tier=completion.service_tier)
             record.upstream_status, record.finish_reason = 200, completion.finish_reason
             _record_speculation(record, completion)
             typed, storing = relay is None and record.protocol != "openai.chat", self._storing(x)
@@ -972,7 +972,8 @@ class ChatPipeline:
                 return
             # No finish reason (an Anthropic stream without message_delta): the usage may be
             # message_start's placeholder, as for a cut stream
-            self._settle(x, provider, tally.usage, tally.text, tally.said, cut=tally.finish_reason is None)
+            cut = tally.finish_reason is None
+            self._settle(x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier)
             record.finish_reason = tally.finish_reason
             if framed:  # the upstream's own events said all there is to say
                 if tally.failure is not None:  # ... and that the answer failed
@@ -1108,7 +1109,8 @@ class ChatPipeline:
                 await self._store_cut(x, provider, tally)
             if rest.why is None:
                 rest.why = await self._read_on(x, provider, stream, rest)
-            self._settle(x, provider, tally.usage, tally.text, tally.said, cut=rest.why is not None)
+            cut = rest.why is not None
+            self._settle(x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier)
             if rest.why is not None:  # (t65) billed on the cut text alone: ops and finance are told
                 _log.warning(
                     "stream_usage_unread",
@@ -1192,7 +1194,7 @@ class ChatPipeline:
     def _settle_cut(self, x: _Exchange, provider: Provider, tally: StreamTally) -> None:
         """A stream that ended early (broken, or its client gone): the tally's usage and text."""
         cut = tally.finish_reason is None and not tally.usage_exact
-        self._settle(x, provider, tally.usage, tally.text, tally.said, cut=cut)
+        self._settle(x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier)
 
     def _settle(
         self,
@@ -1203,13 +1205,15 @@ class ChatPipeline:
         said: str | None = None,
         *,
         cut: bool = False,
+        tier: str | None = None,
     ) -> None:
         """Tokens (the upstream's usage when it sent one) and costs, actual and baseline.
 
         ``said``: all the model wrote (reasoning and tool calls too), counted when the upstream
         reported no usage; ``cut``: the answer ended early, so a usage it reported may be its
         opening placeholder (Anthropic's ``message_start`` says 1 output token): the output is
-        then at least what was counted of it.
+        then at least what was counted of it; ``tier``: the ``service_tier`` the answer said
+        processed it, billed when there is no usage to carry it (t71: the asked one was billed).
         """
         record = x.record
         x.settled = True
@@ -1234,7 +1238,7 @@ class ChatPipeline:
             record.prompt_tokens = x.prompt_tokens
             record.completion_tokens = count_text(said if said is not None else text, provider.config.encoding)
             record.speed, record.inference_geo = x.asked.speed, x.asked.inference_geo  # as asked, unsaid
-            record.service_tier = x.asked.service_tier
+            record.service_tier = tier if tier is not None else x.asked.service_tier
             record.tokens_source = "gateway"
         if record.speed or record.inference_geo or record.service_tier or record.server_tool_requests:
             _warn_unpriced(provider, record)  # most answers ran with none of them

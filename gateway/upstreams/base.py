@@ -121,6 +121,9 @@ class Completion:
     """Why the answer ended, in OpenAI's words, for the log (None: a passed-through answer)."""
     cut: bool = False
     """Ended at a stop string the gateway applies (t58): ``usage`` counts what the model wrote past it."""
+    service_tier: str | None = None
+    """The tier the answer says processed it (OpenAI's ``service_tier``), kept where it has no
+    usage to carry it: the bill on the gateway's count uses it (t71)."""
 
 
 @dataclass(slots=True)

@@ -75,8 +75,10 @@ class OpenAIProvider(Provider):
                 content = msgspec.json.encode(data)
             usage = usage_of(openai_chat.read_usage(data.get("usage"), service_tier=data.get("service_tier")))
             text = _message_text(self.name, data)
-        said, finish = _said(data, text), _finish(data)
-        return Completion(body=content, usage=usage, text=text, said=said, finish_reason=finish, cut=cut)
+        said, finish, tier = _said(data, text), _finish(data), tier_name(data.get("service_tier"))
+        return Completion(
+            body=content, usage=usage, text=text, said=said, finish_reason=finish, cut=cut, service_tier=tier
+        )
 
     def _payload(self, request: core.Request, body: dict[str, Any] | None) -> dict[str, Any]:
         payload = chat_payload(request, body, self.upstream_model, continues=self.config.continue_final_message)
@@ -181,6 +183,7 @@ class OpenAIProvider(Provider):
             usage=usage_of(usage),
             text=responses.response_text(data),
             finish_reason=responses.finish_reason_of(data),  # logged as a streamed one's is (t25)
+            service_tier=tier_name(data.get("service_tier")),
         )
 
     async def open_relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> ChatStream:
@@ -420,6 +423,9 @@ class _ResponsesEventStream(RelayedStream):
             usage = usage_of(responses.usage_from_wire(response.get("usage"), response.get("service_tier")))
             if usage is not None:
                 tally.usage = usage
+            tier = tier_name(response.get("service_tier"))
+            if tier is not None:  # billed on the gateway's count where no usage comes (t71)
+                tally.service_tier = tier
             if kind in ("response.completed", "response.incomplete"):
                 tally.finish_reason = responses.finish_reason_of(response)
 

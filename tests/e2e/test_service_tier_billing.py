@@ -164,3 +164,41 @@ def test_a_tier_is_read_whatever_its_case(
     record = gateway.wait_for_record(request_id)
     assert record["service_tier"] == "priority"
     assert record["cost_usd"] == pytest.approx(_usd(usage.prompt_tokens, usage.completion_tokens, 2, 8) * 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tier_said_without_usage_is_billed_on_the_gateways_count(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream, stream: bool
+) -> None:
+    """t71: an answer with no usage is billed on the gateway's count, at the tier the request
+    asked (flex here), though the upstream said another (priority) processed it."""
+    request_id = f"tier-no-usage-{stream}"
+    inject(large_upstream, {"omit_usage": True, "service_tier_as": "priority"})
+    raw = _client(gateway).chat.completions.with_raw_response.create(
+        model="tiered-r",
+        messages=[{"role": "user", "content": f"no usage, streamed {stream}"}],
+        service_tier="flex",
+        stream=stream,
+        stream_options={"include_usage": True} if stream else None,
+        extra_headers={"x-request-id": request_id},
+    )
+    raw.parse()
+    record = gateway.wait_for_record(request_id)
+    assert (record["tokens_source"], record["service_tier"]) == ("gateway", "priority")
+    billed = _usd(record["prompt_tokens"], record["completion_tokens"], 2, 8) * 2
+    assert record["cost_usd"] == pytest.approx(billed, rel=1e-6)
+
+
+def test_a_responses_object_says_the_tier_said_without_usage(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    """t71: a Responses object billed on the gateway's count said ``service_tier: null``,
+    though the upstream's answer said priority: it says the tier the bill uses."""
+    inject(large_upstream, {"omit_usage": True, "service_tier_as": "priority"})
+    client = _client(gateway)
+    raw = client.responses.with_raw_response.create(model="tiered-r", input="no usage, on priority")
+    response = raw.parse()
+    assert response.service_tier == "priority"
+    assert client.responses.retrieve(response.id).service_tier == "priority"
+    record = gateway.wait_for_record(raw.headers["x-request-id"])
+    assert (record["tokens_source"], record["service_tier"]) == ("gateway", "priority")
