@@ -164,18 +164,14 @@ def run(args: argparse.Namespace) -> int:
             _keep_stdout_for_the_request_log()
         else:  # uvicorn spawns its workers, which inherit no other descriptor: each one splits its own
             os.environ["GATEWAY_REQUEST_LOG_FD"] = "split"
-        banner = (
-            f"serving the OpenAI and Anthropic APIs at http://{args.host}:{args.port}/v1 "
-            f"with {args.workers} worker(s) on {args.server}"
-        )
-        _run_server(
-            args.server,
-            args.host,
-            args.port,
-            args.workers,
-            kill_after_s=args.drain_s + 5,
-            listening=lambda: _say(banner),
-        )
+
+        def banner(port: int) -> None:  # the port bound: --port 0 lets the OS choose (t71)
+            _say(
+                f"serving the OpenAI and Anthropic APIs at http://{args.host}:{port}/v1 "
+                f"with {args.workers} worker(s) on {args.server}"
+            )
+
+        _run_server(args.server, args.host, args.port, args.workers, kill_after_s=args.drain_s + 5, listening=banner)
         _say(
             f"stopped: requests finished, or were ended in-band at the {args.drain_s:g}s drain deadline "
             "(the log says which); stopping what the gateway started"
@@ -202,18 +198,20 @@ def _sighup_held() -> Iterator[None]:
 
 
 def _run_server(
-    server: str, host: str, port: int, workers: int, *, kill_after_s: float, listening: Callable[[], None]
+    server: str, host: str, port: int, workers: int, *, kill_after_s: float, listening: Callable[[int], None]
 ) -> None:
-    """Serve until stopped; ``listening`` is called once the port is ours and listening (t63: the
-    banner said "serving" before the bind, and a port in use then failed the start)."""
+    """Serve until stopped; ``listening`` is called with the port once it is ours and listening
+    (t63: the banner said "serving" before the bind, and a port in use then failed the start)."""
     if server == "uvicorn":
         _run_uvicorn(host, port, workers, kill_after_s=kill_after_s, listening=listening)
         return
     from granian.constants import Interfaces
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with _bound(family, host, port, reuse_port=False):  # a port in use: said in a line, not granian's traceback
-        pass
+    with _bound(family, host, port, reuse_port=False) as free:  # a port in use: said in a line, not a traceback
+        # granian takes a port, not a socket: port 0 is the one the OS chose here (t71: the
+        # banner said port 0); were it taken before granian binds it, granian says so and exits
+        port = free.getsockname()[1]
     granian = _granian_server()(
         "gateway.api.app:create_app",
         factory=True,
@@ -231,7 +229,7 @@ def _run_server(
     granian.serve()
 
 
-def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float, listening: Callable[[], None]) -> None:
+def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float, listening: Callable[[int], None]) -> None:
     import uvicorn
 
     from gateway.services.http_head import BoundedHeadProtocol
@@ -261,7 +259,7 @@ def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float, lis
         sockets = _listening_sockets(host, port, workers) if reuse_port else [config.bind_socket()]
         for sock in sockets:  # the workers listen on them again, with the configured backlog
             sock.listen(config.backlog)
-        listening()
+        listening(sockets[0].getsockname()[1])
     supervisor = _uvicorn_supervisor()(config, sockets=sockets) if sockets else None
     try:
         if supervisor is not None:
@@ -276,7 +274,7 @@ def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float, lis
         raise SystemExit(3)
 
 
-def _when_accepting(host: str, port: int, then: Callable[[], None]) -> None:
+def _when_accepting(host: str, port: int, then: Callable[[int], None]) -> None:
     """Call ``then`` from a thread once ``host:port`` accepts a connection (given up after a minute:
     a worker that cannot start ends the server, which says why)."""
     import threading
@@ -292,7 +290,7 @@ def _when_accepting(host: str, port: int, then: Callable[[], None]) -> None:
             except OSError:
                 time.sleep(0.05)
                 continue
-            then()
+            then(port)
             return
 
     threading.Thread(target=probe, name="gateway-listening", daemon=True).start()
@@ -304,14 +302,15 @@ def _announcing_server() -> type:
     class AnnouncingServer(uvicorn.Server):
         """One worker: the server binds after its lifespan's start-up, and says so then."""
 
-        def __init__(self, config: uvicorn.Config, listening: Callable[[], None]) -> None:
+        def __init__(self, config: uvicorn.Config, listening: Callable[[int], None]) -> None:
             super().__init__(config)
             self._listening = listening
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             if self.started:  # else it said why, and exits
-                self._listening()
+                bound = [s.getsockname()[1] for server in self.servers for s in server.sockets or ()]
+                self._listening(bound[0] if bound else self.config.port)
 
     return AnnouncingServer
 
@@ -326,7 +325,9 @@ def _listening_sockets(host: str, port: int, workers: int) -> list[socket.socket
     # on the port, and split the traffic with it silently: a plain bind first says the port is taken.
     with _bound(family, host, port, reuse_port=False):
         pass
-    sockets = [_bound(family, host, port, reuse_port=True) for _ in range(workers)]
+    first = _bound(family, host, port, reuse_port=True)
+    port = first.getsockname()[1]  # port 0: the others join the port the OS chose for the first (t71)
+    sockets = [first, *(_bound(family, host, port, reuse_port=True) for _ in range(workers - 1))]
     for sock in sockets:
         sock.set_inheritable(True)
     return sockets

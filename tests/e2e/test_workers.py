@@ -282,6 +282,55 @@ def test_serve_says_it_serves_only_once_listening(
         gateway.stop()
 
 
+@pytest.mark.parametrize(("server", "workers"), [("uvicorn", 1), ("uvicorn", 2), ("granian", 1)])
+def test_port_zero_serves_on_the_port_the_os_chose_and_says_which(
+    tmp_path: Path,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+    server: str,
+    workers: int,
+) -> None:
+    """t71: ``--port 0`` said it served at ``http://127.0.0.1:0/v1``, so the port the OS chose
+    was shown nowhere. The banner names the port bound, and every worker serves on that one."""
+    policy = tmp_path / "policies.yaml"
+    policy.write_text(policy_text(small_upstream, large_upstream))
+    err_path = tmp_path / "gateway.err"
+    with err_path.open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--policies", str(policy), "--port", "0", "--server", server,
+             "--workers", str(workers), "--data-dir", str(tmp_path / "data")],
+            stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, env={**os.environ, "REDIS_URL": redis_server.url},
+        )  # fmt: skip
+    try:
+        banner = re.compile(r"serving the OpenAI and Anthropic APIs at http://127\.0\.0\.1:(\d+)/v1")
+        deadline = time.monotonic() + 60  # a generous start-up bound, not a measure
+        while not (found := banner.search(err_path.read_text(errors="replace"))) and time.monotonic() < deadline:
+            assert process.poll() is None, err_path.read_text(errors="replace")[-2000:]
+            time.sleep(0.1)
+        assert found is not None, err_path.read_text(errors="replace")[-2000:]
+        port = int(found.group(1))
+        assert port != 0
+        body = {"model": "fast", "messages": [{"role": "user", "content": "which port?"}]}
+        with ThreadPoolExecutor(8) as pool:  # connections spread over the workers' sockets
+            answers = list(
+                pool.map(
+                    lambda _: httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=30),
+                    range(16),
+                )
+            )
+        assert [answer.status_code for answer in answers] == [200] * 16
+        if workers > 1:  # each worker answered on that port
+            assert len(list((tmp_path / "data" / "metrics").glob("counter_*.db"))) == workers
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @pytest.mark.parametrize("server", ["uvicorn", "granian"])
 def test_a_worker_replaced_while_the_file_is_broken_starts_on_the_policy_in_force(
     tmp_path: Path,
