@@ -584,6 +584,8 @@ class ChatPipeline:
                 score_ranked = ranked(p_large)
                 x.plan = router.classify(plan, score_ranked, threshold)
                 tracker.observe(tenant, plan.route, score_ranked, target, plan.threshold, x.record.router_version or "")
+            if x.unseen:  # large, but not the classifier's pick: kept apart in logs and dashboards (t72)
+                x.plan = replace(x.plan, decision="unreadable")
             x.record.p_large = round(p_large, 4)
             if x.plan.threshold is not None:
                 x.record.threshold = round(x.plan.threshold, 4)

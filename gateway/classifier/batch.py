@@ -1,10 +1,10 @@
 """The classifier over a batch of prompts, for the ``route`` and ``calibrate`` commands (no upstream is called).
 
 route_jsonl: one JSON line in (``prompt`` string or ``messages`` list), one out:
-``{"p_large", "decision": "large"|"small", "model", "text_chars"}`` plus the input's
+``{"p_large", "decision": "large"|"small"|"unreadable", "model", "text_chars"}`` plus the input's
 ``id`` when it has one. Lines that are not valid get ``{"error": ...}`` and the run goes on.
 A prompt the router cannot read (no text that shows, an image in the last user turn) gets
-``p_large`` 1, as in the gateway (:func:`gateway.classifier.text.unreadable`).
+``p_large`` 1 and the decision ``unreadable``, as in the gateway (:func:`gateway.classifier.text.unreadable`).
 
 calibrate: the threshold that sends ``target_large_share`` of the sample to the large
 model (the (1 - share) quantile of ``p_large``), optionally written into a policy file.
@@ -145,7 +145,7 @@ def route_jsonl(
     dst, close_dst = _open_out(output)
     counts = {"lines": 0, "large": 0, "small": 0, "errors": 0}
     try:
-        for rec, text, p, err, _ in _scores(classifier, src):
+        for rec, text, p, err, unseen in _scores(classifier, src):
             counts["lines"] += 1
             out: dict[str, Any] = {}
             if rec is not None and "id" in rec:
@@ -159,7 +159,7 @@ def route_jsonl(
                 counts["large" if large else "small"] += 1
                 out |= {
                     "p_large": p,
-                    "decision": "large" if large else "small",
+                    "decision": "unreadable" if unseen else "large" if large else "small",  # as the gateway logs
                     "model": large_model if large else small_model,
                     "threshold": threshold,
                     "text_chars": len(text),

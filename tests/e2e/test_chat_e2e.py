@@ -133,7 +133,7 @@ def test_a_prompt_the_router_cannot_read_leans_large(client: openai.OpenAI, gate
     ]  # fmt: skip
     for messages in asks:
         raw = client.chat.completions.with_raw_response.create(model="auto", messages=messages)
-        assert raw.headers["x-gateway-decision"] == "large", messages
+        assert raw.headers["x-gateway-decision"] == "unreadable", messages  # large, not the classifier's pick
         assert float(raw.headers["x-gateway-p-large"]) == 1.0
     plain = client.chat.completions.with_raw_response.create(model="auto", messages=[{"role": "user", "content": "hi"}])
     assert float(plain.headers["x-gateway-p-large"]) < 1.0
@@ -153,7 +153,8 @@ def test_prompts_the_router_cannot_read_stay_out_of_the_target_share(
         ]
         for _ in range(60):  # past the tracker's update, every 50 scores
             raw = client.chat.completions.with_raw_response.create(model="auto-share", messages=shown)
-            assert raw.headers["x-gateway-decision"] == "large"
+            assert raw.headers["x-gateway-decision"] == "unreadable"
+            assert raw.headers["x-gateway-model"] == "large"
         assert not store.exists(window)
         for n in range(50):
             client.chat.completions.create(model="auto-share", messages=[{"role": "user", "content": f"Hi {n}"}])

@@ -327,7 +327,7 @@ def test_prompts_the_router_cannot_read_go_large_as_in_the_gateway(clf: Classifi
     counts = route_jsonl(clf, io.StringIO(lines), out, 0.99, "s", "l")
     rows = [json.loads(x) for x in out.getvalue().splitlines()]
     assert counts == {"lines": len(rows), "large": len(UNREADABLE), "small": 2, "errors": 0}
-    assert [(r["p_large"], r["decision"]) for r in rows[: len(UNREADABLE)]] == [(1.0, "large")] * len(UNREADABLE)
+    assert [(r["p_large"], r["decision"]) for r in rows[: len(UNREADABLE)]] == [(1.0, "unreadable")] * len(UNREADABLE)
     assert all(r["p_large"] < 1.0 for r in rows[len(UNREADABLE) :])
     # the rule is the gateway's: the same verdict on the request the gateway reads of those messages
     for case in UNREADABLE[:2] + UNREADABLE[4:7] + readable[1:]:

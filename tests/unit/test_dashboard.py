@@ -91,7 +91,7 @@ def test_loki_queries_read_request_lines_of_the_gateway(dashboard: dict[str, Any
             assert expr.count("(") == expr.count(")") and expr.count("[") == expr.count("]"), expr
             for unwrapped in re.findall(r"\| unwrap (\w+)", expr):
                 assert unwrapped in {"cost_usd", "baseline_cost_usd", "cache_saved_usd", "prompt_tokens",
-                                     "completion_tokens", "latency_ms", "overhead_ms"}, expr  # fmt: skip
+                                     "completion_tokens", "latency_ms", "overhead_ms", "large"}, expr  # fmt: skip
     titles = " ".join(p["title"].lower() for p in _panels(dashboard) if p["datasource"]["type"] == "loki")
     for topic in ("model", "tenant", "cache", "savings", "tokens", "p95"):
         assert topic in titles
@@ -102,13 +102,13 @@ def test_the_large_share_panel_counts_the_routers_documented_decisions(dashboard
     `decision` values the request log documents for the classifier's two outcomes."""
     (panel,) = [p for p in _panels(dashboard) if "sent to large" in p["title"]]
     expr = panel["targets"][0]["expr"]
-    numerator, denominator = expr.split(" / ")
-    assert re.findall(r'decision="(\w+)"', numerator) == ["decision", "large"]
-    assert re.findall(r'decision=~"([\w|]+)"', denominator) == ["small|large"]
+    # the classifier's two picks only; "unreadable" (an image, a file: large, outside the share) is not one (t72)
+    assert re.findall(r'decision=~"([\w|]+)"', expr) == ["small|large"]
+    assert '{{ if eq .decision "large" }}1{{ else }}0{{ end }}' in expr and "| unwrap large" in expr
+    assert expr.startswith("avg_over_time(") and expr.endswith("by (route)")  # a mean: 0, not a gap, with no large
     documented = (Path(__file__).resolve().parents[2] / "docs" / "request-log.md").read_text(encoding="utf-8")
     (row,) = [line for line in documented.splitlines() if line.startswith("| `decision` |")]
-    assert "`small`/`large` (the classifier)" in row
-    assert "by (route)" in numerator and "by (route)" in denominator
+    assert "`small`/`large` (the classifier)" in row and "`unreadable`" in row
 
 
 def test_prometheus_queries_use_only_exported_metrics(dashboard: dict[str, Any]) -> None:
