@@ -340,17 +340,22 @@ def test_tenants_never_see_each_others_cached_answers(
     assert same_tenant.headers["x-gateway-cache"] == "exact"
 
 
+def _at_once(client: openai.OpenAI, messages: Any, n: int) -> list[Any]:
+    """``n`` identical requests sent together: raw responses, in order."""
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        return list(pool.map(
+            lambda _: client.chat.completions.with_raw_response.create(model="fast", messages=messages, temperature=0),
+            range(n),
+        ))  # fmt: skip
+
+
 def test_identical_concurrent_requests_are_coalesced(
     cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:
     messages = _unique("coalesce")
     inject(small_upstream, {"delay_ms": 600})
     client = _client(cached_gateway)
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(
-            lambda _: client.chat.completions.with_raw_response.create(model="fast", messages=messages, temperature=0),
-            range(8),
-        ))  # fmt: skip
+    results = _at_once(client, messages, 8)
     assert upstream_stats(small_upstream)["chat_requests"] == 1
     assert len({r.parse().choices[0].message.content for r in results}) == 1
     records = [cached_gateway.wait_for_record(r.headers["x-request-id"]) for r in results]
@@ -365,11 +370,7 @@ def test_a_coalesced_wait_is_upstream_time_not_gateway_overhead(
     messages = _unique("coalesce overhead")
     inject(small_upstream, {"delay_ms": 1500})
     client = _client(cached_gateway)
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(
-            lambda _: client.chat.completions.with_raw_response.create(model="fast", messages=messages, temperature=0),
-            range(4),
-        ))  # fmt: skip
+    results = _at_once(client, messages, 4)
     records = {r.headers["x-request-id"]: cached_gateway.wait_for_record(r.headers["x-request-id"]) for r in results}
     followers = [r for r in results if records[r.headers["x-request-id"]].get("coalesced")]
     assert len(followers) == 3

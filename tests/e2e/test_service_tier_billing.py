@@ -74,19 +74,27 @@ def test_a_tier_is_billed_at_its_multiplier(gateway: GatewayProcess, tier: str, 
     assert record["cost_usd"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_a_streamed_priority_answer_is_billed_at_its_multiplier(gateway: GatewayProcess) -> None:
-    stream = _client(gateway).chat.completions.create(
+def _billed_at_priority(gateway: GatewayProcess, content: str, request_id: str, stream: bool = True) -> None:
+    """A chat request on ``tiered-r`` asking for priority: logged as priority and billed at twice the
+    price of the usage the client was given."""
+    raw = _client(gateway).chat.completions.with_raw_response.create(
         model="tiered-r",
-        messages=[{"role": "user", "content": "stream me on priority"}],
+        messages=[{"role": "user", "content": content}],
         service_tier="priority",
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_headers={"x-request-id": "tier-stream"},
+        stream=stream,
+        stream_options={"include_usage": True} if stream else None,
+        extra_headers={"x-request-id": request_id},
     )
-    usage = [chunk.usage for chunk in stream if chunk.usage is not None][-1]
-    record = gateway.wait_for_record("tier-stream")
+    parsed = raw.parse()
+    usage = [c.usage for c in parsed if c.usage is not None][-1] if stream else parsed.usage  # type: ignore[union-attr]
+    assert usage is not None
+    record = gateway.wait_for_record(request_id)
     assert record["service_tier"] == "priority"
     assert record["cost_usd"] == pytest.approx(_usd(usage.prompt_tokens, usage.completion_tokens, 2, 8) * 2, rel=1e-6)
+
+
+def test_a_streamed_priority_answer_is_billed_at_its_multiplier(gateway: GatewayProcess) -> None:
+    _billed_at_priority(gateway, "stream me on priority", "tier-stream")
 
 
 def test_an_unpriced_tier_is_served_at_the_list_price_and_said_to_ops(gateway: GatewayProcess) -> None:
@@ -129,18 +137,7 @@ def test_a_streamed_tier_is_read_from_any_chunk(gateway: GatewayProcess, large_u
     """t68: only the usage chunk's tier was read: a compatible server that said ``priority`` on
     the answer's chunks alone was billed at the base price, with no ``unpriced_usage`` either."""
     inject(large_upstream, {"tier_off_usage_chunk": True})
-    stream = _client(gateway).chat.completions.create(
-        model="tiered-r",
-        messages=[{"role": "user", "content": "say the tier on the answer alone"}],
-        service_tier="priority",
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_headers={"x-request-id": "tier-off-usage"},
-    )
-    usage = [chunk.usage for chunk in stream if chunk.usage is not None][-1]
-    record = gateway.wait_for_record("tier-off-usage")
-    assert record["service_tier"] == "priority"
-    assert record["cost_usd"] == pytest.approx(_usd(usage.prompt_tokens, usage.completion_tokens, 2, 8) * 2, rel=1e-6)
+    _billed_at_priority(gateway, "say the tier on the answer alone", "tier-off-usage")
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -148,30 +145,16 @@ def test_a_tier_is_read_whatever_its_case(
     gateway: GatewayProcess, large_upstream: SimulatedUpstream, stream: bool
 ) -> None:
     """t68: an upstream that wrote ``PRIORITY`` was billed at the base price, with no warning."""
-    request_id = f"tier-upper-{stream}"
     inject(large_upstream, {"service_tier_as": "PRIORITY"})
-    raw = _client(gateway).chat.completions.with_raw_response.create(
-        model="tiered-r",
-        messages=[{"role": "user", "content": f"priority in capitals, streamed {stream}"}],
-        service_tier="priority",
-        stream=stream,
-        stream_options={"include_usage": True} if stream else None,
-        extra_headers={"x-request-id": request_id},
-    )
-    parsed = raw.parse()
-    usage = [c.usage for c in parsed if c.usage is not None][-1] if stream else parsed.usage  # type: ignore[union-attr]
-    assert usage is not None
-    record = gateway.wait_for_record(request_id)
-    assert record["service_tier"] == "priority"
-    assert record["cost_usd"] == pytest.approx(_usd(usage.prompt_tokens, usage.completion_tokens, 2, 8) * 2, rel=1e-6)
+    _billed_at_priority(gateway, f"priority in capitals, streamed {stream}", f"tier-upper-{stream}", stream)
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_tier_said_without_usage_is_billed_on_the_gateways_count(
     gateway: GatewayProcess, large_upstream: SimulatedUpstream, stream: bool
 ) -> None:
-    """t71: an answer with no usage is billed on the gateway's count, at the tier the request
-    asked (flex here), though the upstream said another (priority) processed it."""
+    """t71: an answer with no usage, billed on the gateway's count, was billed at the tier the
+    request asked (flex here), though the upstream said another (priority) processed it."""
     request_id = f"tier-no-usage-{stream}"
     inject(large_upstream, {"omit_usage": True, "service_tier_as": "priority"})
     raw = _client(gateway).chat.completions.with_raw_response.create(
