@@ -49,6 +49,11 @@ class DispatchInfo:
     def retries(self) -> int:
         return max(0, self.attempts - 1)
 
+    @property
+    def last_failure(self) -> UpstreamError | None:
+        """The error of the last model called, if one was and failed: a circuit-open skip calls none (t72)."""
+        return next((f for f in reversed(self.failures) if not isinstance(f, UpstreamUnavailableError)), None)
+
 
 async def dispatch(
     candidates: tuple[str, ...],
@@ -58,7 +63,8 @@ async def dispatch(
     call: Callable[[Provider], Awaitable[T]],
     info: DispatchInfo,
 ) -> T:
-    """Run ``call`` on the first candidate that answers; raise the last error if none does.
+    """Run ``call`` on the first candidate that answers; if none does, raise the error of the
+    last one called (the circuit-open skip only when none was called).
 
     An error that is not retryable (a 4xx other than 408/429: the request itself is
     wrong) is raised at once: another model would reject it the same way. Those that say
@@ -66,13 +72,16 @@ async def dispatch(
     move on to the next model.
     """
     verdicts = _Verdicts()
+    # The error of the last model called. A model skipped (circuit open) was not: its "circuit
+    # open" hid the real failure of the one before it, and named the failure after it (t72).
     last_error: UpstreamError | None = None
+    skipped: UpstreamError | None = None
     try:
         for position, name in enumerate(candidates):
             provider, breaker = providers[name], breakers[name]
             if not breaker.allow():
-                last_error = UpstreamUnavailableError(name, "circuit open: the upstream is failing; skipped")
-                info.failures.append(last_error)
+                skipped = UpstreamUnavailableError(name, "circuit open: the upstream is failing; skipped")
+                info.failures.append(skipped)
                 continue
             verdicts.tried(breaker)
             for attempt in range(retry.max_attempts):
@@ -104,8 +113,9 @@ async def dispatch(
                     info.upstream_seconds += time.perf_counter() - started
     finally:
         verdicts.record()
-    assert last_error is not None
-    raise last_error
+    error = last_error or skipped  # a skip alone: no model was called, its circuit is the answer
+    assert error is not None
+    raise error
 
 
 class _Verdicts:

@@ -43,6 +43,7 @@ from gateway.errors import (
     ShuttingDownError,
     UpstreamError,
     UpstreamProtocolError,
+    UpstreamUnavailableError,
 )
 from gateway.judge import parse_yes_no
 from gateway.large_share import LargeShareTracker, ranked
@@ -1284,7 +1285,7 @@ class ChatPipeline:
         record.error_type = exc.code or exc.error_type
         if isinstance(exc, UpstreamError):
             record.upstream_status = getattr(exc, "upstream_status", None)
-            if record.model is None:
+            if record.model is None and not isinstance(exc, UpstreamUnavailableError):  # a skip: none called (t72)
                 name_the_failed_model(record, x.runtime.providers.get(exc.upstream))
         headers = self._headers(x)
         headers.update(exc.headers)
@@ -1565,7 +1566,7 @@ def _with_billed_usage(body: bytes, record: RequestRecord) -> bytes:
 def name_the_failed_model(record: RequestRecord, tried: Provider | None) -> None:
     """A request that failed upstream is the failure of the last model tried (the one whose error
     the client got): logged and counted with ``model="-"``, the error rate by model never showed a
-    model that was down (t70)."""
+    model that was down (t70). Tried is called: a model skipped for its open circuit is not (t72)."""
     if tried is not None:
         record.model, record.provider = tried.name, tried.kind
 

@@ -344,6 +344,39 @@ def test_circuit_breaker_skips_dead_upstream_then_probes_again(
     assert httpx.get(f"{breaker_gateway.url}/readyz").json()["upstreams"]["small"] == "closed"
 
 
+def test_a_fallback_skipped_for_its_open_circuit_is_not_the_model_that_failed(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t72: small answered 500 twice, then large was skipped (its circuit open): the request was
+    logged, counted and headed as large's failure, with ``upstream_status`` null, and the client
+    was told "circuit open", not the 500. A skip calls no model: it is never the model tried."""
+    policy = policy_text(small_upstream, large_upstream, breaker="{min_requests: 1, reset_after_s: 60}")
+    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url})
+    try:
+        inject(large_upstream, {"status": 500}, {"status": 500})
+        assert _chat(gateway, model="best").status_code == 502  # large alone failed: its circuit opens
+        inject(small_upstream, {"status": 500}, {"status": 500})
+        response = _chat(gateway, model="fast")  # small fails twice; large is skipped, not called
+        assert response.status_code == 502 and response.headers["x-gateway-model"] == "small"
+        assert "'small'" in str(_error(response)["message"]) and "HTTP 500" in str(_error(response)["message"])
+        record = gateway.wait_for_record(response.headers["x-request-id"])
+        assert (record["model"], record["upstream_status"], record["fallback_used"]) == ("small", 500, False)
+        assert upstream_stats(large_upstream)["chat_requests"] == 2  # best's two: fast's none
+        failed = [
+            line
+            for line in httpx.get(f"{gateway.url}/metrics", timeout=5).text.splitlines()
+            if line.startswith("gateway_requests_total{") and 'route="fast"' in line and 'status="502"' in line
+        ]
+        assert failed and all('model="small"' in line for line in failed), failed
+        skipped = _chat(gateway, model="fast")  # both circuits open now: no model is called at all
+        assert skipped.status_code == 502 and _error(skipped)["code"] == "upstream_unavailable"
+        assert "x-gateway-model" not in skipped.headers
+        record = gateway.wait_for_record(skipped.headers["x-request-id"])
+        assert (record["model"], record["upstream_status"], record["retries"]) == (None, None, 0)
+    finally:
+        gateway.stop()
+
+
 @pytest.mark.parametrize(
     "fault",
     [

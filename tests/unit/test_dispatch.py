@@ -10,7 +10,7 @@ import pytest
 from gateway.config.loader import load_policy_text
 from gateway.config.schema import RetryPolicy
 from gateway.dispatch import DispatchInfo, dispatch
-from gateway.errors import UpstreamStatusError
+from gateway.errors import UpstreamStatusError, UpstreamUnavailableError
 from gateway.upstreams.base import Completion, Provider
 from gateway.upstreams.breaker import CircuitBreaker
 from gateway.upstreams.registry import build_provider
@@ -78,6 +78,33 @@ async def test_an_upstream_that_fails_what_another_answers_opens_its_circuit(
     info = DispatchInfo()
     await _send(route, info)
     assert upstream.calls_to("a") == 4 and info.failures[0].code == "upstream_unavailable"
+
+
+async def test_a_fallback_skipped_for_its_open_circuit_does_not_hide_the_failure_before_it(
+    upstream: FakeUpstream, route: Any
+) -> None:
+    """t72: the skip's "circuit open" was raised, so the request was named after a model it never
+    called, and the client never saw the 500 that the first model answered."""
+    for _ in range(2):
+        route[1]["b"].record_failure()
+    assert route[1]["b"].state == "open"
+    upstream.fail("a", 500, times=2)
+    info = DispatchInfo()
+    with pytest.raises(UpstreamStatusError) as raised:
+        await _send(route, info)
+    assert (raised.value.upstream, raised.value.upstream_status) == ("a", 500)
+    assert info.last_failure is raised.value and info.failures[-1].code == "upstream_unavailable"
+    assert (info.attempts, info.fallback_used, upstream.calls_to("b")) == (2, False, 0)
+
+
+async def test_a_request_whose_every_circuit_is_open_is_told_so(upstream: FakeUpstream, route: Any) -> None:
+    for name in ("a", "b"):
+        for _ in range(2):
+            route[1][name].record_failure()
+    info = DispatchInfo()
+    with pytest.raises(UpstreamUnavailableError):
+        await _send(route, info)
+    assert info.attempts == 0 and info.last_failure is None and upstream.calls_to("a") == 0
 
 
 async def test_a_request_that_fails_everywhere_does_not_open_circuits(upstream: FakeUpstream, route: Any) -> None:
