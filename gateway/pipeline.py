@@ -434,6 +434,8 @@ class ChatPipeline:
                 with anyio.CancelScope(shield=True):  # as a cut stream's is (t43: $0 at the drain deadline)
                     await self._count_prompt(x)
                 self._settle(x, x.info.asked, None, "")
+            if record.model is None:
+                self._name_the_last_failure(x)  # left between attempts: one model was tried (t72)
             if ended:
                 return self._error_answer(
                     x,
@@ -1290,6 +1292,15 @@ class ChatPipeline:
         headers = self._headers(x)
         headers.update(exc.headers)
         return Answer(exc.status_code, exc.to_body(), headers)
+
+    def _name_the_last_failure(self, x: _Exchange) -> None:
+        """A request ended between attempts (its client gone in a backoff) is the failure of the model
+        that was called last, as it is when the error reaches the client: it was logged with model
+        null, and counted under ``model="-"`` (t72)."""
+        failed = x.info.last_failure
+        if failed is not None:
+            name_the_failed_model(x.record, x.runtime.providers.get(failed.upstream))
+            x.record.upstream_status = getattr(failed, "upstream_status", None)
 
     def _finish(self, x: _Exchange, upstream_seconds: float, ended_at: float | None = None) -> None:
         """Time the request now (or at ``ended_at``, when its client's answer ended before its

@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import pytest
 
+from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import inject, upstream_stats
-from tests.gateway_process import GatewayProcess
+from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 T = TypeVar("T")
 
@@ -89,6 +91,35 @@ def test_no_retry_or_fallback_is_made_for_a_client_that_left(
     time.sleep(0.3)
     assert upstream_stats(small_upstream)["chat_requests"] == 1
     assert upstream_stats(large_upstream)["chat_requests"] == 0
+
+
+def test_a_client_that_leaves_in_a_retrys_backoff_is_the_failure_of_the_model_tried(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t72: small answered 500 and the client left while the gateway waited to retry: logged with
+    model null (counted under model="-"), as if no model had been tried."""
+    routes = "  patient: {model: small, fallbacks: [large], retry: {max_attempts: 2, backoff_initial_ms: 20000}}\n"
+    gateway = start_gateway(tmp_path, policy_text(small_upstream, large_upstream, routes=routes),
+                            env={"REDIS_URL": redis_server.url})  # fmt: skip
+    try:
+        for stream in (False, True):
+            inject(small_upstream, {"status": 500})  # answered at once; the retry waits 10 s or more
+            request_id = _leave_after(gateway, {**_body(f"retry me later {stream}"), "model": "patient",
+                                                "stream": stream}, wait_s=1.0)  # fmt: skip
+            record = _record_with_id(gateway, request_id)
+            assert record is not None and (record["status"], record["error_type"]) == (499, "client_disconnected")
+            assert (record["model"], record["provider"], record["upstream_status"]) == ("small", "openai", 500)
+            assert record["cost_usd"] == 0 and record["fallback_used"] is False
+        calls = upstream_stats(small_upstream)["chat_requests"], upstream_stats(large_upstream)["chat_requests"]
+        assert calls == (2, 0)  # no retry and no fallback for a client that is gone
+        left = [
+            line
+            for line in httpx.get(f"{gateway.url}/metrics", timeout=5).text.splitlines()
+            if line.startswith("gateway_requests_total{") and 'route="patient"' in line
+        ]
+        assert left and all('model="small"' in line for line in left), left
+    finally:
+        gateway.stop()
 
 
 def test_streamed_disconnect_cancels_the_upstream_stream(
