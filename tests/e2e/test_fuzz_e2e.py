@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 from gateway.simulated import SimulatedUpstream
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
-_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "2000"))
+_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1200"))
 """Per test run (derandomized: the same bodies each run); FUZZ_EXAMPLES=20000 for a longer hunt.
-2,000 keeps the whole suite under 10 minutes on 2 cores."""
+1,200 keeps the whole suite under 10 minutes on 2 cores (this session added 38 tests)."""
 
 _scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**63),
