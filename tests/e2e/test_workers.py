@@ -323,12 +323,7 @@ def test_port_zero_serves_on_the_port_the_os_chose_and_says_which(
         if workers > 1:  # each worker answered on that port
             assert len(list((tmp_path / "data" / "metrics").glob("counter_*.db"))) == workers
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _interrupt(process)
 
 
 @pytest.mark.parametrize("server", ["uvicorn", "granian"])
@@ -437,12 +432,17 @@ def test_sighup_during_start_up_is_never_fatal(
         assert process.poll() is None, (tmp_path / "gateway.err").read_text()[-3000:]
         assert b"died" not in (tmp_path / "gateway.err").read_bytes()
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _interrupt(process)
+
+
+def _interrupt(process: subprocess.Popen[bytes]) -> None:
+    """Ctrl-C a gateway started by a test, killed if it has not stopped within 30 s."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _ignores_sighup(pid: int) -> bool:
