@@ -120,7 +120,6 @@ class SpeculativeProvider(Provider):
         self.client = target.client
         self.api_key = target.api_key
         self.upstream_model = target.upstream_model
-        self._timeout = target._timeout
         self.target = target
         self.draft = draft
         self.policy = policy
@@ -248,6 +247,9 @@ class SpeculativeProvider(Provider):
 
     # -- Provider ------------------------------------------------------------------
 
+    def salted(self, body: dict[str, Any], tenant: str | None) -> dict[str, Any]:
+        return self.target.salted(body, tenant)
+
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
         """Passed-through requests go to the target as they are: no token-level API there."""
         return await self.target.relay(body, headers)
@@ -270,7 +272,7 @@ class SpeculativeProvider(Provider):
     async def _complete(self, request: core.Request, body: dict[str, Any]) -> Completion:
         served = self._as_served(body)
         reason = await self._plain_reason(served)
-        run = await self._start(served, streaming=False) if reason is None else None
+        run = await self._start(served, request.tenant, streaming=False) if reason is None else None
         if run is None:
             stats = self._plain_stats(reason or _DOES_NOT_FIT)
             completion = await _said_plain(self.target.complete(request, body), stats)
@@ -311,7 +313,7 @@ class SpeculativeProvider(Provider):
             body = chat_payload(request, body, self.upstream_model, continues=self.config.continue_final_message)
             served = self._as_served(body)
             reason = await self._plain_reason(served)
-            run = await self._start(served, streaming=True) if reason is None else None
+            run = await self._start(served, request.tenant, streaming=True) if reason is None else None
             stream: _PlainStream | _SpeculativeStream
             if run is None:
                 stats = self._plain_stats(reason or _DOES_NOT_FIT)
@@ -396,12 +398,14 @@ class SpeculativeProvider(Provider):
             fallback_reason=reason,
         )
 
-    def _draft_source(self) -> DraftSource | None:
+    def _draft_source(self, tenant: str | None) -> DraftSource | None:
         if self.policy.draft_source == "prompt_lookup":
             return PromptLookupDraft()
         if self._draft_api is None:
             return None
-        return ModelDraft(self._draft_api, self._eos, self.policy.draft_timeout_ms / 1000, self._draft_failed)
+        return ModelDraft(
+            self._draft_api.for_tenant(tenant), self._eos, self.policy.draft_timeout_ms / 1000, self._draft_failed
+        )
 
     def _draft_failed(self) -> None:
         """A draft call failed or ran past its deadline: no speculation for ``draft_cooldown_s``."""
@@ -423,7 +427,7 @@ class SpeculativeProvider(Provider):
         self._draft_failed()
         self._pair = None
 
-    async def _start(self, body: dict[str, Any], *, streaming: bool) -> _Run | None:
+    async def _start(self, body: dict[str, Any], tenant: str | None, *, streaming: bool) -> _Run | None:
         """The loop for one request; None when the prompt, with the completion it asks for,
         does not fit the large server's window: sent plain, the server refuses it itself
         (vLLM's 400, which the route reads as ``context_length_exceeded``)."""
@@ -447,8 +451,8 @@ class SpeculativeProvider(Provider):
         )
         k = AdaptiveK(self.policy.k_initial, self.policy.k_min, self.policy.k_max, prior_alpha=self._alpha)
         decoder = Decoder(
-            self._target_api,
-            self._draft_source(),
+            self._target_api.for_tenant(tenant),
+            self._draft_source(tenant),
             self._eos,
             k,
             stats,

@@ -8,6 +8,7 @@ prompt given as token ids. Token ids come back as ``"token_id:123"`` strings whe
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -104,6 +105,17 @@ class TokenAPI:
         if provider.api_key:
             headers["authorization"] = f"Bearer {provider.api_key}"
         self._headers = headers
+        self._cache_salt: str | None = None
+
+    def for_tenant(self, tenant: str | None) -> TokenAPI:
+        """These calls made for ``tenant``: its generations carry the prefix-cache salt its
+        plain requests carry (``tenant_cache_salt``), so speculating opens no side channel."""
+        salt = self.provider.salted({}, tenant).get("cache_salt")
+        if salt is None:
+            return self
+        view = copy.copy(self)
+        view._cache_salt = salt
+        return view
 
     @property
     def name(self) -> str:
@@ -222,6 +234,8 @@ class TokenAPI:
             payload["logprobs"] = logprobs
         if seed is not None:
             payload["seed"] = seed
+        if self._cache_salt is not None:
+            payload["cache_salt"] = self._cache_salt
         return payload
 
     async def _call(self, path: str, payload: dict[str, Any], decode: Callable[[bytes], _Decoded]) -> _Decoded:

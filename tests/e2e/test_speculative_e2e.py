@@ -10,6 +10,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
 from tests.conftest import closed_after_test
 from tests.gateway_process import GatewayProcess, start_gateway
@@ -164,3 +165,48 @@ def test_a_request_the_large_window_cannot_hold_is_refused_as_the_server_refuses
     record = gateway.wait_for_record(response.headers["x-request-id"])
     assert record["status"] == 400 and record["cost_usd"] == 0
     assert record["speculation"]["mode"] == "plain" and record["speculation"]["fallback_reason"] == "context_length"
+
+
+def test_speculating_keeps_each_tenants_prefix_cache_its_own(
+    tmp_path: Path, redis_server: EmbeddedRedis, servers: tuple[ToyServer, ToyServer]
+) -> None:
+    """t77: with ``tenant_cache_salt`` the loop's own calls to both servers went out unsalted, so
+    a tenant's prompt, once speculated on, was in the large server's prefix cache for any tenant
+    to time; passed-through requests skipped the salt too (the wrapper did not forward it)."""
+    large, small = servers
+    keys = "\n".join(f'    - {{id: {t}, tenant: {t}, hash: "{hash_key("key-" + t)}"}}' for t in ("acme", "globex"))
+    policy = (
+        _policy(large, small)
+        .replace("    tier: small\n", "    tier: small\n    tenant_cache_salt: true\n", 1)
+        .replace(
+            "    tier: large\n    # min_speedup", "    tier: large\n    tenant_cache_salt: true\n    # min_speedup", 1
+        )
+        .replace("auth: {mode: none}", "auth:\n  mode: keys\n  keys:\n" + keys)
+    )
+    write_tokenizer_json(str(tmp_path / "tokenizer.json"))
+    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url})
+    try:
+        confidential = " ".join(PROMPTS * 12)  # many cache blocks long
+
+        def ask(tenant: str) -> tuple[int, int]:
+            before = large.stats()["prefill_tokens"]
+            response = httpx.post(
+                f"{gateway.base_url}/chat/completions",
+                headers={"authorization": f"Bearer key-{tenant}"},
+                json={"model": "best", "messages": [{"role": "user", "content": confidential}], "max_tokens": 8,
+                      "temperature": 0},
+                timeout=30,
+            )  # fmt: skip
+            assert response.status_code == 200, response.text
+            record = gateway.wait_for_record(response.headers["x-request-id"])
+            assert record["speculation"]["mode"] == "gateway", record
+            return large.stats()["prefill_tokens"] - before, response.json()["usage"]["prompt_tokens"]
+
+        ask("acme")  # checks the pair (its probes carry no tenant's text) and fills acme's cache
+        unsalted = (large.stats()["unsalted"], small.stats()["unsalted"])
+        again, prompt_tokens = ask("acme")
+        other, _ = ask("globex")
+        assert (large.stats()["unsalted"], small.stats()["unsalted"]) == unsalted
+        assert again < prompt_tokens // 2 <= prompt_tokens <= other  # acme hits its own blocks; globex none of them
+    finally:
+        gateway.stop()

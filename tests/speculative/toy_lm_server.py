@@ -182,6 +182,8 @@ class Stats:
     prefill_tokens: int = 0
     tokenize: int = 0
     detokenize: int = 0
+    unsalted: int = 0
+    """Generations (completions and chat) that came without a ``cache_salt``."""
 
 
 @dataclass(slots=True)
@@ -394,9 +396,10 @@ def _token_name(token: int, as_ids: bool, tokenizer: Tokenizer) -> str:
 # --------------------------------------------------------------------------- cost model
 
 
-def _uncached_tokens(state: State, seq: list[int]) -> int:
-    """Tokens of ``seq`` not covered by cached full blocks; caches all of its full blocks."""
-    cached, digest, hit = 0, 0, True
+def _uncached_tokens(state: State, seq: list[int], salt: str | None) -> int:
+    """Tokens of ``seq`` not covered by cached full blocks; caches all of its full blocks. As in
+    vLLM, a request's ``cache_salt`` goes into its first block's hash: it finds only its salt's blocks."""
+    cached, digest, hit = 0, hash(salt), True
     for start in range(0, len(seq) - _BLOCK + 1, _BLOCK):
         digest = hash((digest, tuple(seq[start : start + _BLOCK])))
         if hit and digest in state.block_cache:
@@ -450,6 +453,14 @@ class _Request:
     bias: dict[int, float]
     rng: random.Random
     repetition_penalty: float = 1.0
+    cache_salt: str | None = None
+
+
+def _salt(state: State, body: dict[str, Any]) -> str | None:
+    salt = body.get("cache_salt")
+    if salt is None:
+        state.stats.unsalted += 1
+    return salt if isinstance(salt, str) else None
 
 
 def _parse_completion(state: State, tokenizer: Tokenizer, body: dict[str, Any]) -> _Request:
@@ -478,6 +489,7 @@ def _parse_completion(state: State, tokenizer: Tokenizer, body: dict[str, Any]) 
         bias={int(k): float(v) for k, v in (body.get("logit_bias") or {}).items()},
         rng=random.Random(seed) if seed is not None else random.Random(),
         repetition_penalty=float(body.get("repetition_penalty", state.settings.default_repetition_penalty)),
+        cache_salt=_salt(state, body),
     )
 
 
@@ -536,7 +548,7 @@ async def _generate(state: State, req: _Request, on_token: Any = None) -> tuple[
     logprobs: list[np.ndarray] = []
     finish = "length"
     clock = _Clock(state, streamed=on_token is not None)
-    await clock.forward(_uncached_tokens(state, seq))
+    await clock.forward(_uncached_tokens(state, seq, req.cache_salt))
     for step in range(req.max_tokens):
         if step:
             await clock.forward(0)
@@ -550,7 +562,7 @@ async def _generate(state: State, req: _Request, on_token: Any = None) -> tuple[
         if token == EOS:
             finish = _eos_finish(state.settings, step, req.max_tokens)
             break
-    _uncached_tokens(state, seq)
+    _uncached_tokens(state, seq, req.cache_salt)
     await clock.settle()
     return tokens, logprobs, finish
 
@@ -675,7 +687,8 @@ def build_app(settings: Settings) -> web.Application:
         req = _Request(prompt, int(max_tokens),
                        float(body.get("temperature", settings.default_temperature)), None, None, False, {},
                        random.Random(body.get("seed")),
-                       float(body.get("repetition_penalty", settings.default_repetition_penalty)))  # fmt: skip
+                       float(body.get("repetition_penalty", settings.default_repetition_penalty)),
+                       _salt(state, body))  # fmt: skip
         tokens, text, finish, stop_reason = await _chat_generate(state, tokenizer, req, stops)
         usage = {"prompt_tokens": len(prompt), "completion_tokens": len(tokens),
                  "total_tokens": len(prompt) + len(tokens)}  # fmt: skip
@@ -743,7 +756,7 @@ async def _chat_generate(
     seq = list(req.prompt)
     tokens: list[int] = []
     clock = _Clock(state, streamed=False)
-    await clock.forward(_uncached_tokens(state, seq))
+    await clock.forward(_uncached_tokens(state, seq, req.cache_salt))
     for step in range(req.max_tokens):
         if step:
             await clock.forward(0)
@@ -766,7 +779,7 @@ async def _chat_generate(
             if index >= 0:
                 await clock.settle()
                 return tokens, text[:index], "stop", stop
-    _uncached_tokens(state, seq)
+    _uncached_tokens(state, seq, req.cache_salt)
     await clock.settle()
     return tokens, tokenizer.decode(tokens, skip_special=True), "length", None
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from gateway.config.loader import load_policy_text
 from gateway.protocols.openai_chat import read_chat_request
+from gateway.speculative import SpeculativeProvider
 from gateway.upstreams.registry import build_provider
 from tests.unit.fake_upstream import FakeUpstream
 
@@ -42,3 +43,19 @@ async def test_each_tenant_has_its_own_salt_whatever_the_client_sends() -> None:
     assert forged["cache_salt"] not in (theirs["cache_salt"], a["cache_salt"])
     # an upstream that refuses unknown fields (OpenAI's API) is sent none
     assert "cache_salt" not in await _sent("openai", "alpha", body, as_body=True)
+
+
+async def test_a_speculative_model_salts_what_it_passes_through() -> None:
+    """t77: the speculative wrapper kept Provider's no-op ``salted``, so a passed-through
+    Responses request to a salted, speculating model went out unsalted."""
+    salted_speculating = (
+        "tenant_cache_salt: true, responses_api: true, speculative: {mode: gateway, draft_source: prompt_lookup}}"
+    )
+    policy = load_policy_text(_POLICY.replace("tenant_cache_salt: true}", salted_speculating), environ={}).policy
+    upstream = FakeUpstream()
+    target = build_provider("vllm", policy.models["vllm"], {}, upstream.transport)
+    speculative = SpeculativeProvider(target, None, policy.models["vllm"].speculative)
+    body = {"model": "vllm", "input": "Our confidential system prompt ..."}
+    assert speculative.salted(body, "alpha") == target.salted(body, "alpha") != target.salted(body, "beta")
+    assert "cache_salt" in speculative.salted(body, "alpha")
+    await target.aclose()
