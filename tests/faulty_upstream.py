@@ -20,6 +20,9 @@ policy), so one server serves every fault:
 - ``odd-calls``: tool calls streamed in the shape the last user message names (one of
   :data:`CALL_SHAPES`): the id and name repeated whole in every chunk, indices 0 and 2, indices
   from 1, or calls with empty or absent arguments; not streamed, the message they add up to;
+- ``js-written``: an answer as a Node.js proxy writes it (t75): its text ends in half an emoji
+  (a lone surrogate escape, ``"\\ud83d"``, which ``JSON.stringify`` writes and the SDKs read)
+  and its usage counts are doubles (``22.0``), streamed or not;
 - ``marked``: a normal answer unless the prompt carries one of :data:`FAULTS`, which
   picks the failure (a 500, a body that is not JSON, no choices, an answer cut half-way,
   a hang, a stream of comments only);
@@ -93,6 +96,8 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
         return await _calls_at_zero(request, model, stream)
     if model == "odd-calls":
         return await _odd_calls(request, model, stream, str(body["messages"][-1]["content"]))
+    if model == "js-written":
+        return await _js_written(request, model, stream)
     if model == "no-choices" and not stream:
         return web.json_response({"id": "x", "object": "chat.completion", "created": 0, "model": model, "choices": []})
     if not stream:
@@ -163,6 +168,26 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
         await response.write(_chunk(model, {"role": "assistant", "content": "a fine"}))
         await response.write(_chunk(model, {"content": " answer"}, "stop"))
         await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+_JS_USAGE = b'{"prompt_tokens":22.0,"completion_tokens":7.0,"total_tokens":29.0}'
+
+
+async def _js_written(request: web.Request, model: str, stream: bool) -> web.StreamResponse:
+    head = b'{"id":"chatcmpl-js","created":0,"model":"%s",' % model.encode()
+    text = b'"half an emoji \\ud83d"'
+    if not stream:
+        body = head + b'"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":'
+        return web.Response(body=body + text + b'},"finish_reason":"stop"}],"usage":' + _JS_USAGE + b"}",
+                            content_type="application/json")  # fmt: skip
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    chunk = head + b'"object":"chat.completion.chunk","choices":['
+    await response.write(b"data: " + chunk + b'{"index":0,"delta":{"role":"assistant","content":' + text + b"}}]}\n\n")
+    await response.write(b"data: " + chunk + b'{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n')
+    await response.write(b"data: " + chunk + b'],"usage":' + _JS_USAGE + b"}\n\ndata: [DONE]\n\n")
     await response.write_eof()
     return response
 

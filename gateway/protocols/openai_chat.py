@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
-from typing import Any, TypeGuard
+from typing import Any
 
 import msgspec
 
@@ -578,23 +578,30 @@ def read_usage(
     ``service_tier``: the answer's own field beside its usage, the tier that processed it."""
     if not isinstance(raw, dict):
         return None
-    prompt, completion = raw.get(f"{inputs}_tokens"), raw.get(f"{outputs}_tokens")
-    if not (_is_count(prompt) and _is_count(completion)):
+    prompt, completion = _count_of(raw.get(f"{inputs}_tokens")), _count_of(raw.get(f"{outputs}_tokens"))
+    if prompt is None or completion is None:
         return None
     prompt_details, completion_details = raw.get(f"{inputs}_tokens_details"), raw.get(f"{outputs}_tokens_details")
-    cached = prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None
-    reasoning = completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else None
+    cached = _count_of(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else None
+    reasoning = _count_of(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else None
     return Usage(
         input_tokens=prompt,
         output_tokens=completion,
-        cached_input_tokens=min(prompt, cached) if isinstance(cached, int) and cached > 0 else 0,
-        reasoning_tokens=min(completion, reasoning) if isinstance(reasoning, int) and reasoning > 0 else 0,
+        cached_input_tokens=min(prompt, cached or 0),
+        reasoning_tokens=min(completion, reasoning or 0),
         service_tier=tier_name(service_tier),
     )
 
 
-def _is_count(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _count_of(value: Any) -> int | None:
+    """A token count, or None: a whole number written as a float (``22.0``, as a server that
+    keeps numbers as doubles writes it; the SDK reads it as 22) counts (t75); a negative, a
+    fraction or a boolean does not."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and value >= 0 else None
 
 
 _CHAT_FINISH: dict[FinishReason, str] = {

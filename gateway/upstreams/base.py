@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from abc import ABC, abstractmethod
@@ -279,7 +280,7 @@ class ChatStream(ABC):
             if waiting:
                 return waiting
             raise
-        return self._reader.read(msgspec.json.decode(payload))
+        return self._reader.read(decode_json(payload))
 
     def error_event(self, error: GatewayError) -> bytes:
         """The event that tells the client the stream failed, in the stream's protocol."""
@@ -693,12 +694,51 @@ def decode_event(upstream: str, data: bytes) -> dict[str, Any]:
 
 def decode_json_object(upstream: str, content: bytes, said: str = "answered with a body that is") -> dict[str, Any]:
     try:
-        data = msgspec.json.decode(content)
+        data = decode_json(content)
     except msgspec.DecodeError:
         raise UpstreamProtocolError(upstream, f"{said} not JSON ({_opening(content)})") from None
     if not isinstance(data, dict):
         raise UpstreamProtocolError(upstream, f"{said} not a JSON object")
     return data
+
+
+def decode_answer(upstream: str, content: bytes) -> tuple[dict[str, Any], bytes]:
+    """A whole answer's JSON object, and its bytes as the gateway passes them on: written again
+    when they had to be mended (:func:`decode_json`), so that whatever reads them later may."""
+    try:
+        data = msgspec.json.decode(content)
+    except msgspec.DecodeError:
+        mended = decode_json_object(upstream, content)
+        return mended, msgspec.json.encode(mended)
+    if not isinstance(data, dict):
+        raise UpstreamProtocolError(upstream, "answered with a body that is not a JSON object")
+    return data, content
+
+
+def decode_json(content: bytes) -> Any:
+    """An upstream's JSON. A lone surrogate escape (``"\\ud83d"``: half an emoji, as JavaScript's
+    ``JSON.stringify`` writes one) is read as U+FFFD rather than refused: the SDKs' own decoders
+    read such answers, so a gateway that refused them failed (and retried, unbilled) what the
+    client could read (t75). :class:`msgspec.DecodeError` when the content is not JSON."""
+    try:
+        return msgspec.json.decode(content)
+    except msgspec.DecodeError:
+        if b"\\ud" not in content.lower():
+            raise
+        try:
+            return _mended(json.loads(content))
+        except ValueError:
+            raise msgspec.DecodeError("not JSON") from None
+
+
+def _mended(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {_mended(key): _mended(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_mended(item) for item in value]
+    return value
 
 
 def _opening(content: bytes) -> str:

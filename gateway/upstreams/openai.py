@@ -36,6 +36,7 @@ from gateway.upstreams.base import (
     UpstreamEvents,
     UpstreamResponse,
     answered,
+    decode_answer,
     decode_event,
     decode_json_object,
     usage_of,
@@ -67,9 +68,8 @@ class OpenAIProvider(Provider):
     async def complete(self, request: core.Request, body: dict[str, Any] | None = None) -> Completion:
         payload = self._payload(request, body)
         response, stops = await self._post_chat(payload, stream=False, fills_window=request.fills_window)
-        content = response.content
         with answered(response):
-            data = decode_json_object(self.name, content)
+            data, content = decode_answer(self.name, response.content)
             cut = bool(stops) and cut_choices(data, stops)
             if cut or (b'"tool_calls"' in content and _arguments_as_text(data)):
                 content = msgspec.json.encode(data)
@@ -169,7 +169,7 @@ class OpenAIProvider(Provider):
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
         response = await self._post("responses", body, {**self._headers(), **headers}, stream=False)
         with answered(response):
-            data = decode_json_object(self.name, response.content)
+            data, content = decode_answer(self.name, response.content)
             if data.get("object") != "response" or not isinstance(data.get("output"), list):
                 # Some servers and routers answer a failure with 200 and an error body: it is theirs, retried.
                 error = data.get("error")
@@ -179,7 +179,7 @@ class OpenAIProvider(Provider):
                 raise UpstreamProtocolError(self.name, "answer is not a Responses API response")
         usage = responses.usage_from_wire(data.get("usage"), data.get("service_tier"))
         return Completion(
-            body=response.content,
+            body=content,
             usage=usage_of(usage),
             text=responses.response_text(data),
             finish_reason=responses.finish_reason_of(data),  # logged as a streamed one's is (t25)

@@ -19,6 +19,7 @@ import httpx
 import msgspec
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test
@@ -28,6 +29,7 @@ from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 _FAULTY_MODELS = (
     "comments", "trickle", "endless-line", "no-choices", "drop-after-finish", "stall-after-finish", "firehose",
     "long-answer", "big-answer", "two-choices", "calls-at-zero", "odd-calls", "marked",
+    "js-written",
 )  # fmt: skip
 
 
@@ -218,6 +220,33 @@ def test_a_connection_lost_after_the_answer_finished_leaves_the_answer_whole(gw:
     assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
     record = gw.wait_for_record(request_id)
     assert record["error_type"] is None and record["finish_reason"] == "stop" and record["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_written_by_javascript_is_read_and_billed_as_its_sdk_reads_it(
+    gw: GatewayProcess, stream: bool
+) -> None:
+    """t75: half an emoji (a lone surrogate escape) made the answer "not JSON": 502 after four
+    upstream calls the upstream billed and the log did not; counts written as doubles (22.0)
+    were dropped and the gateway's own count billed instead."""
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": f"js {time.time_ns()}"}]
+    with openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0, timeout=15) as client:
+        if stream:
+            with client.chat.completions.with_streaming_response.create(
+                model="r-js-written", messages=messages, stream=True, stream_options={"include_usage": True}
+            ) as response:
+                request_id = response.headers["x-request-id"]
+                chunks = list(response.parse())
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            usage = chunks[-1].usage
+        else:
+            raw = client.chat.completions.with_raw_response.create(model="r-js-written", messages=messages)
+            request_id, answer = raw.headers["x-request-id"], raw.parse()
+            text, usage = answer.choices[0].message.content or "", answer.usage
+    assert text.startswith("half an emoji ") and len(text) == len("half an emoji ") + 1
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (22, 7)
+    record = gw.wait_for_record(request_id)
+    assert (record["status"], record["prompt_tokens"], record["completion_tokens"]) == (200, 22, 7), record
 
 
 def test_an_answer_cut_after_its_200_logs_the_status_it_came_with(gw: GatewayProcess) -> None:
