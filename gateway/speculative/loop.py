@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from gateway.errors import UpstreamError, UpstreamStatusError
+from gateway.errors import UpstreamError, UpstreamProtocolError, UpstreamStatusError
 from gateway.speculative.adaptive import AdaptiveK
 from gateway.speculative.drafts import Draft, DraftSource
 from gateway.speculative.eos import EosTable
@@ -133,6 +133,9 @@ class Decoder:
                         yield step
                     return
                 step, verify_s = verified
+                if not step.tokens and step.finish_reason is None:
+                    # a server that answers a round with no token would be asked again for ever (t76)
+                    raise UpstreamProtocolError(self._target.name, "answered a completion without a token")
                 cpu = time.thread_time()
                 self.stats.output_tokens += len(step.tokens)
                 out.extend(step.tokens)

@@ -210,3 +210,23 @@ def test_speculating_keeps_each_tenants_prefix_cache_its_own(
         assert again < prompt_tokens // 2 <= prompt_tokens <= other  # acme hits its own blocks; globex none of them
     finally:
         gateway.stop()
+
+
+def test_a_large_server_that_answers_no_token_fails_the_request_rather_than_asking_for_ever(
+    gateway: GatewayProcess, servers: tuple[ToyServer, ToyServer]
+) -> None:
+    """t76: a round with nothing drafted (one token left, or prompt lookup without a match) whose
+    verification came back with no token made no progress, and the loop asked again: 28,510
+    calls to the large server in 15 s, until the request's total timeout."""
+    large, _ = servers
+    body = {"model": "best", "messages": [{"role": "user", "content": PROMPTS[2]}], "max_tokens": 1, "temperature": 0}
+    assert httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=30).status_code == 200  # pair checked
+    large.reset()
+    large.fail_after(0, "empty")
+    try:
+        response = httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=30)
+        calls = large.stats()["completions"]
+    finally:
+        large.reset()
+    assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_bad_response", response.text
+    assert calls <= 3

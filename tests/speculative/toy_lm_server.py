@@ -189,9 +189,10 @@ class Stats:
 @dataclass(slots=True)
 class Failure:
     after_calls: int = 0
-    kind: str = "500"  # "500" | "drop" | "hang" (never answers, as a wedged server) | "oov" (see below)
+    kind: str = "500"  # "500" | "drop" | "hang" (never answers, as a wedged server) | "oov" | "empty" (see below)
     """``oov``: completions answer 200 with token ids beyond the vocabulary, as a server redeployed
-    with another model's (larger) vocabulary would; a server given such ids answers vLLM's 400."""
+    with another model's (larger) vocabulary would; a server given such ids answers vLLM's 400.
+    ``empty``: non-streamed completions answer 200 with no token at all (t76)."""
     armed: bool = False
 
 
@@ -605,16 +606,16 @@ def build_app(settings: Settings) -> web.Application:
         text = tokenizer.decode([int(t) for t in body["tokens"]])  # special tokens kept, as tokenizer.decode
         return _json({"prompt": clean_up_tokenization(text) if settings.cleanup else text})
 
-    async def _maybe_fail(request: web.Request) -> bool:
-        """Fails the call as armed; True when its answer is to hold ids beyond the vocabulary."""
+    async def _maybe_fail(request: web.Request) -> str | None:
+        """Fails the call as armed; the kind when the call is answered, but oddly (``oov``, ``empty``)."""
         failure = state.failure
         if not failure.armed:
-            return False
+            return None
         if failure.after_calls > 0:
             failure.after_calls -= 1
-            return False
-        if failure.kind == "oov":
-            return True
+            return None
+        if failure.kind in ("oov", "empty"):
+            return failure.kind
         if failure.kind == "hang":
             await asyncio.sleep(3600)
         if failure.kind == "drop":
@@ -626,7 +627,7 @@ def build_app(settings: Settings) -> web.Application:
     async def completions(request: web.Request) -> web.StreamResponse:
         body = _decode(await request.read())
         state.stats.completions += 1
-        foreign = await _maybe_fail(request)
+        odd = await _maybe_fail(request)
         req = _parse_completion(state, tokenizer, body)
         created = int(time.time())
         if body.get("stream"):
@@ -657,8 +658,10 @@ def build_app(settings: Settings) -> web.Application:
             return resp
         prompt_lps = _prompt_logprobs(state, tokenizer, req) if req.prompt_logprobs is not None else None
         tokens, lps, finish = await _generate(state, req)
+        if odd == "empty":
+            tokens, lps, finish = [], [], "length"
         block = _logprobs_block(tokenizer, req, tokens, lps) if req.logprobs is not None else None
-        if foreign and block is not None and req.as_ids:
+        if odd == "oov" and block is not None and req.as_ids:
             block["tokens"] = [f"token_id:{VOCAB + 7 + i}" for i in range(len(tokens))]
         choice = {
             "index": 0,
