@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import httpx
 import msgspec
 
-from gateway.errors import UpstreamProtocolError
+from gateway.errors import UpstreamError, UpstreamProtocolError, UpstreamStatusError
 from gateway.upstreams.base import Provider, UpstreamEvents
 
 _Decoded = TypeVar("_Decoded")
@@ -203,9 +203,7 @@ class TokenAPI:
                 try:
                     chunk = _decode_completion(event.data)
                 except msgspec.DecodeError:
-                    raise UpstreamProtocolError(
-                        self.name, "sent a stream event that is not a completion chunk"
-                    ) from None
+                    raise _stream_failure(self.name, event.data) from None
                 for choice in chunk.choices:
                     tokens, _ = self._generated(choice.logprobs, False)
                     if tokens or choice.finish_reason:
@@ -302,3 +300,15 @@ def _prompt_tables(
         if tops is not None:
             tops.append({int(key): value.logprob for key, value in entry.items()})
     return tops, best
+
+
+def _stream_failure(upstream: str, data: bytes) -> UpstreamError:
+    """An event that is not a completion chunk: the server's own error event (vLLM's
+    ``{"error": {...}}`` mid-stream) says what went wrong, and is passed on as it said it (t76)."""
+    try:
+        error = msgspec.json.decode(data).get("error")
+    except (msgspec.DecodeError, AttributeError):
+        error = None
+    if isinstance(error, dict) and isinstance(message := error.get("message"), str):
+        return UpstreamStatusError(upstream, 500, message[:500])
+    return UpstreamProtocolError(upstream, "sent a stream event that is not a completion chunk")
