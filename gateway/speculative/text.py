@@ -178,7 +178,7 @@ class ServerTextAssembler(TextAssembler):
     """Text from the server's ``/detokenize``, over a window of recent tokens so each round costs one short call.
 
     A trailing U+FFFD (a multi-byte character cut between tokens) is held back until the
-    next token completes it.
+    next token completes it, and left out when none does.
     """
 
     def __init__(self, api: TokenAPI, stops: Sequence[str], *, incremental: bool = True) -> None:
@@ -203,7 +203,8 @@ class ServerTextAssembler(TextAssembler):
             first_new = len(self._ids)
             self._ids.extend(visible)
             window = await self._api.detokenize(self._ids[self._anchor :])
-            self.text = self.text[: self._before] + (window if final else window.rstrip("\ufffd"))
+            # half a character at the very end too: vLLM's detokenizer never writes one (t76)
+            self.text = self.text[: self._before] + window.rstrip("\ufffd")
             hit = self._find_stop(start)
             if hit is not None:
                 cut, end = hit

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
+import httpx
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from gateway.config.loader import load_policy_text
 from gateway.speculative.loop import Step
-from gateway.speculative.text import LocalTextAssembler, clean_up_tokenization
+from gateway.speculative.text import LocalTextAssembler, ServerTextAssembler, clean_up_tokenization
+from gateway.speculative.token_api import TokenAPI
+from gateway.upstreams.registry import build_provider
+
+_POLICY = """
+pair: {small: small, large: large}
+models:
+  small: {base_url: "http://small.test/v1", price: {input: 1, output: 1}, tier: small}
+  large: {base_url: "http://large.test/v1", price: {input: 1, output: 1}, tier: large}
+routes: {fast: {model: small}}
+auth: {mode: none}
+"""
 
 _CORPUS = [
     "from . import x, y ; isn't it ? café naïve Straße 東京 Москва مرحبا 🙂🚀",
@@ -91,3 +105,29 @@ def test_a_stop_string_cuts_where_the_tokens_first_contain_it() -> None:
         if "Straße" in tokenizer.decode(prompt + answer[:n])[len(tokenizer.decode(prompt)) :]
     )
     assert count == upto
+
+
+def test_without_a_tokenizer_an_answer_cut_mid_character_ends_before_it_as_vllm_writes_it() -> None:
+    """t76: ``max_tokens`` ending the answer inside a multi-byte character left a U+FFFD at its
+    end when the text came from the server's ``/detokenize``; vLLM's detokenizer (and the local
+    tokenizer's) never writes half a character."""
+    tokenizer = _byte_level()
+
+    def detokenize(request: httpx.Request) -> httpx.Response:
+        ids = json.loads(request.content)["tokens"]
+        return httpx.Response(200, json={"prompt": tokenizer.decode(ids, skip_special_tokens=False)})
+
+    policy = load_policy_text(_POLICY, environ={}).policy
+    provider = build_provider("large", policy.models["large"], {}, httpx.MockTransport(detokenize))
+    prompt, ids = tokenizer.encode("naïve ").ids, tokenizer.encode("東京 café").ids
+    answer = ids[: next(n for n in range(len(ids), 0, -1) if tokenizer.decode(ids[:n]).endswith("\ufffd"))]
+
+    async def assembled() -> str:
+        server = ServerTextAssembler(TokenAPI(provider), [], incremental=False)
+        text = await server.push(Step(answer, "length"))
+        await provider.aclose()
+        return text
+
+    served = asyncio.run(assembled())
+    local = asyncio.run(LocalTextAssembler(tokenizer, prompt, []).push(Step(answer, "length")))
+    assert served == local and served.startswith("東") and not served.endswith("\ufffd")
