@@ -14,9 +14,9 @@ import asyncio
 import os
 from typing import Any
 
-import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.errors import InvalidRequestError
 from gateway.protocols import anthropic_messages
 
 __all__ = ["HEAD_TIMEOUT_S", "MAX_HEAD_BYTES", "BoundedHeadProtocol"]
@@ -95,9 +95,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if getattr(self, "url", b"").startswith(b"/v1/messages"):  # in the caller's protocol (t45)
             body = anthropic_messages.encode_error(status, message)
         else:
-            body = msgspec.json.encode(
-                {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
-            )
+            body = InvalidRequestError(message).to_body()
         head = (
             f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
