@@ -3,7 +3,8 @@
 Every error the gateway returns is a :class:`GatewayError`; it knows its HTTP
 status and renders itself as OpenAI's error body
 (``{"error": {"message", "type", "param", "code"}}``), so handlers never build
-error JSON by hand.
+OpenAI error JSON by hand. An Anthropic client gets the same error in Anthropic's shape,
+which the Anthropic codec writes (``anthropic_messages.encode_error``).
 """
 
 from __future__ import annotations

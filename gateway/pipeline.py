@@ -2,8 +2,11 @@
 auth → policy → cache (exact, semantic, then coalescing) → router → upstreams → accounting,
 on the request in the internal model (:class:`gateway.core.model.Request`).
 
-The HTTP layer (``gateway.api``) only moves bytes; everything a request goes through
-is here, in the order it happens, and every outcome ends in one log line.
+Everything a generating request goes through is here, in the order it happens, and every
+outcome ends in one log line; the HTTP layer (``gateway.api``) reads, decodes and encodes it.
+Routes that generate nothing answer on their own in ``gateway.api``: counting tokens
+(``/v1/messages/count_tokens`` authenticates, limits and plans a route itself) and reading
+or deleting a stored response (``/v1/responses/{id}``).
 """
 
 from __future__ import annotations

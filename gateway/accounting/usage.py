@@ -1,7 +1,9 @@
-"""One day's usage of a key or a tenant: the one list of usage fields.
+"""One day's usage of a key or a tenant: the one list of the stored usage fields.
 
 The limiter adds a request's figures to Redis hashes of these fields, ``GET /v1/usage``
-reads them back and sums them; nothing else spells the field names out.
+reads them back and sums them; nothing else spells the stored field names out. The
+offline report (:class:`gateway.reporting.aggregate.Totals`) sums the request log's
+fields instead, on its own, and splits cache hits into exact and semantic ones.
 """
 
 from __future__ import annotations

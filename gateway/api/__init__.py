@@ -1,4 +1,5 @@
-"""The HTTP surface (Litestar): OpenAI's routes, health, readiness and metrics."""
+"""The HTTP surface (Litestar): OpenAI's and Anthropic's routes, usage, feedback, health,
+readiness and metrics."""
 
 from gateway.api.app import create_app
 

@@ -1,8 +1,12 @@
 """A request and its answer as the gateway understands them, whatever protocol carried them.
 
 Protocol codecs (:mod:`gateway.protocols`) decode their wire format into these types and
-encode these types back; nothing here knows JSON field names of any API. Streams are
-told as a sequence of :data:`Delta` values.
+encode these types back. Streams are told as a sequence of :data:`Delta` values.
+
+Not every field is protocol-neutral. :attr:`Request.extra` holds OpenAI chat parameters as
+the client wrote them, by their JSON names: the cache (its key and plan) and the pipeline
+(``n``, ``service_tier``) among others read it, and OpenAI-compatible upstreams get it as it is. The
+``thinking`` and ``cache_control`` fields hold Anthropic's JSON objects as the client wrote them.
 """
 
 from __future__ import annotations

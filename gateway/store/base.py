@@ -10,7 +10,7 @@
 Every method raises :class:`StoreUnavailable` when the store could not be asked or did
 not answer in time; callers decide what that means (the cache goes on without itself,
 the limiter fails open or closed by policy). ``gateway.store.redis`` implements them on
-Redis 8, ``gateway.store.memory`` in process (unit tests, one process). Key names come
+Redis 8, ``gateway.store.memory`` in process (for unit tests only). Key names come
 from :mod:`gateway.store.keyspace` only.
 """
 

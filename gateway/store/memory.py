@@ -1,4 +1,5 @@
-"""The store in process: the same contracts as the Redis store, for unit tests and one process.
+"""The store in process: the same contracts as the Redis store, for unit tests (nothing in the
+gateway itself uses it).
 
 Nothing is shared between processes and nothing survives a restart. ``clock`` is
 injectable so tests can move time (TTLs, leases, minute windows) without sleeping.

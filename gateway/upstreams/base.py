@@ -106,7 +106,8 @@ class Embeddings:
 
 @dataclass(slots=True)
 class Completion:
-    """A finished, non-streamed answer in OpenAI's ``chat.completion`` shape."""
+    """A finished, non-streamed answer: ``body`` is in the protocol the upstream was asked in
+    (a ``chat.completion``, or a passed-through Anthropic message or Responses object)."""
 
     body: bytes
     """The JSON returned to the client as is."""
@@ -119,7 +120,8 @@ class Completion:
     """Everything the model wrote (the text, its reasoning, its tool calls' names and arguments):
     what the gateway counts when ``usage`` is absent; None: the text alone."""
     finish_reason: str | None = None
-    """Why the answer ended, in OpenAI's words, for the log (None: a passed-through answer)."""
+    """Why the answer ended, in OpenAI chat's words (a passed-through answer's too, translated),
+    for the log (None: the answer says no reason those words name)."""
     cut: bool = False
     """Ended at a stop string the gateway applies (t58): ``usage`` counts what the model wrote past it."""
     service_tier: str | None = None
@@ -246,8 +248,8 @@ class StreamTally:
 class ChatStream(ABC):
     """An open streamed answer: yields OpenAI ``chat.completion.chunk`` JSON payloads (no SSE framing).
 
-    Usage-only chunks are not yielded; they land in :attr:`tally`, and the API layer
-    emits one if the client asked for it. ``[DONE]`` is the API layer's job too.
+    Usage-only chunks are not yielded; they land in :attr:`tally`, and the pipeline
+    emits one if the client asked for it. ``[DONE]`` is the pipeline's job too.
     A :attr:`framed` stream (a passed-through one) yields whole SSE events of its own
     protocol instead, which go to the client as they are, with nothing added.
     """
