@@ -28,23 +28,15 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 from gateway.config.schema import Timeouts
-from gateway.errors import GatewayError
+from gateway.errors import ClientStalled
 from gateway.upstreams.base import ChatStream
 
-__all__ = ["READ_AHEAD_BYTES", "ClientPace", "ClientStalled"]
+__all__ = ["READ_AHEAD_BYTES", "ClientPace"]
 
 READ_AHEAD_BYTES = 8 << 20
 """What one stream may read ahead of its client, at most."""
 
 Piece = TypeVar("Piece")
-
-
-class ClientStalled(GatewayError):
-    """The client took nothing for too long while it held the upstream: the upstream was let go."""
-
-    status_code = 408
-    error_type = "timeout_error"
-    code = "client_stalled"
 
 
 class ClientPace(Generic[Piece]):

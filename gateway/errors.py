@@ -5,6 +5,39 @@ status and renders itself as OpenAI's error body
 (``{"error": {"message", "type", "param", "code"}}``), so handlers never build
 OpenAI error JSON by hand. An Anthropic client gets the same error in Anthropic's shape,
 which the Anthropic codec writes (``anthropic_messages.encode_error``).
+
+The tree (each line a subclass of the one it is indented under)::
+
+    GatewayError                    500 server_error: everything a client is told
+        InvalidRequestError         400
+        AuthenticationError         401
+        PermissionDeniedError       403
+        ModelNotFoundError          404
+        NotFoundError               404 a request id the caller cannot see (feedback)
+            ResponseNotFoundError   404 a stored response (``code`` null, as OpenAI's)
+        ConflictError               409
+        RequestTimeoutError         408 the client's body came too slowly
+        ClientStalled               408 the client stopped reading a stream
+        PayloadTooLargeError        413
+        UnsupportedMediaTypeError   415
+        RateLimitError              429
+        BudgetExceededError         429 insufficient_quota
+        ServiceUnavailableError     503 a dependency the request needs is down
+            LimiterUnavailableError, UsageUnavailableError, FeedbackUnavailableError,
+            ResponseStoreUnavailableError, ShuttingDownError
+        UpstreamError               502 an upstream gave no answer (``retryable``, ``try_next``)
+            UpstreamStatusError     its HTTP error status (a 4xx of the client's own passes through)
+            UpstreamConnectError
+            UpstreamTimeoutError    504
+                UpstreamBusyError   504 the gateway's own connection pool is full
+            UpstreamProtocolError   an answer that is not the API it claims
+            UpstreamUnavailableError  its circuit is open: not called
+
+    ConfigError (an Exception, never told to a client): policies.yaml is invalid
+        PairMismatchError (gateway.speculative.errors)
+
+Errors that never reach a client stay beside the code that raises them (the store's
+``StoreUnavailable``, artifact and classifier errors).
 """
 
 from __future__ import annotations
@@ -18,16 +51,22 @@ import msgspec
 __all__ = [
     "AuthenticationError",
     "BudgetExceededError",
+    "ClientStalled",
     "ConfigError",
+    "ConflictError",
     "ContextOverflow",
+    "FeedbackUnavailableError",
     "GatewayError",
     "InvalidRequestError",
     "LimiterUnavailableError",
     "ModelNotFoundError",
+    "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "RateLimitError",
     "RequestTimeoutError",
+    "ResponseNotFoundError",
+    "ResponseStoreUnavailableError",
     "ServiceUnavailableError",
     "ShuttingDownError",
     "UnsupportedMediaTypeError",
@@ -107,7 +146,14 @@ class NotFoundError(GatewayError):
 
     status_code = 404
     error_type = "invalid_request_error"
-    code = "not_found"
+    code: str | None = "not_found"
+
+
+class ResponseNotFoundError(NotFoundError):
+    """A stored response (``/v1/responses/{id}``) the caller cannot see, told as OpenAI tells it:
+    with no ``code``."""
+
+    code = None
 
 
 class ConflictError(GatewayError):
@@ -138,6 +184,15 @@ class RequestTimeoutError(GatewayError):
     status_code = 408
     error_type = "invalid_request_error"
     code = "request_timeout"
+
+
+class ClientStalled(GatewayError):
+    """The client took nothing for too long while it held the upstream: the upstream was let go
+    (:class:`gateway.client_pace.ClientPace`)."""
+
+    status_code = 408
+    error_type = "timeout_error"
+    code = "client_stalled"
 
 
 class RateLimitError(GatewayError):
@@ -184,6 +239,12 @@ class UsageUnavailableError(ServiceUnavailableError):
 
 class FeedbackUnavailableError(ServiceUnavailableError):
     code = "feedback_unavailable"
+
+
+class ResponseStoreUnavailableError(ServiceUnavailableError):
+    """The store that keeps Responses API turns cannot answer."""
+
+    code = "response_store_unavailable"
 
 
 class ShuttingDownError(ServiceUnavailableError):

@@ -34,13 +34,14 @@ from gateway.cache.plan import CachePlan, check_directives, plan_cache
 from gateway.cache.semantic import SemanticCache, ServeBar
 from gateway.classifier import ClassifierError
 from gateway.classifier.text import request_text, request_unreadable
-from gateway.client_pace import ClientPace, ClientStalled
+from gateway.client_pace import ClientPace
 from gateway.config.schema import Price
 from gateway.core import model as core
 from gateway.core.headers import dropped_header
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.drain import DEFAULT_DRAIN_S, Drain
 from gateway.errors import (
+    ClientStalled,
     GatewayError,
     InvalidRequestError,
     ShuttingDownError,

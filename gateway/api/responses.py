@@ -44,7 +44,13 @@ from gateway.config.schema import Policy
 from gateway.core.model import Answer as CoreAnswer
 from gateway.core.model import Message, TextPart
 from gateway.core.model import Request as CoreRequest
-from gateway.errors import GatewayError, InvalidRequestError, ServiceUnavailableError, UpstreamStatusError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    ResponseNotFoundError,
+    ResponseStoreUnavailableError,
+    UpstreamStatusError,
+)
 from gateway.pipeline import Answer, KeepAlive, PassThrough, StreamingAnswer, StreamingDeltas
 from gateway.protocols import openai_chat
 from gateway.protocols import openai_responses as codec
@@ -57,8 +63,6 @@ from gateway.sparse_log import SparseLog
 from gateway.store.base import StoreUnavailable
 
 __all__ = [
-    "ResponseNotFoundError",
-    "ResponseStoreUnavailableError",
     "cancel_response",
     "create_response",
     "delete_response",
@@ -71,15 +75,6 @@ _PROTOCOL = "openai.responses"
 T = TypeVar("T")
 _log = structlog.get_logger("gateway.responses")
 _not_stored = SparseLog(_log, "response_not_stored")
-
-
-class ResponseNotFoundError(GatewayError):
-    status_code = 404
-    error_type = "invalid_request_error"
-
-
-class ResponseStoreUnavailableError(ServiceUnavailableError):
-    code = "response_store_unavailable"
 
 
 class _GoneUpstream(ResponseNotFoundError):

@@ -10,9 +10,10 @@ from collections import deque
 import pytest
 
 from gateway import client_pace
-from gateway.client_pace import ClientPace, ClientStalled
+from gateway.client_pace import ClientPace
 from gateway.config.schema import Timeouts
 from gateway.core import model as core
+from gateway.errors import ClientStalled
 from gateway.pipeline import _piece_size
 from gateway.upstreams.base import ChatStream
 
