@@ -137,19 +137,6 @@ class Totals:
             cache_saved_usd=acc[_SAVED],
         )
 
-    def _to_list(self) -> list[Any]:
-        return [
-            self.requests,
-            self.errors,
-            self.prompt_tokens,
-            self.completion_tokens,
-            self.cost_usd,
-            self.baseline_cost_usd,
-            self.cache_exact,
-            self.cache_semantic,
-            self.cache_saved_usd,
-        ]
-
 
 class Aggregator:
     """Totals over request lines whose ``ts`` lies in ``[since, until)``.
@@ -205,21 +192,21 @@ class Aggregator:
                 acc = get(cell)
                 if acc is None:
                     acc = cells[cell] = [0, 0, 0, 0, 0.0, 0.0, 0, 0, 0.0]
-                acc[0] += 1
+                acc[_REQUESTS] += 1
                 if r.status >= 400:
-                    acc[1] += 1
-                acc[2] += r.prompt_tokens
-                acc[3] += r.completion_tokens
-                acc[4] += r.cost_usd
-                acc[5] += r.baseline_cost_usd
+                    acc[_ERRORS] += 1
+                acc[_PROMPT] += r.prompt_tokens
+                acc[_COMPLETION] += r.completion_tokens
+                acc[_COST] += r.cost_usd
+                acc[_BASELINE] += r.baseline_cost_usd
                 cache = r.cache
                 if cache == "exact":
-                    acc[6] += 1
+                    acc[_EXACT] += 1
                 elif cache == "semantic":
-                    acc[7] += 1
+                    acc[_SEMANTIC] += 1
                 saved = r.cache_saved_usd
                 if saved:
-                    acc[8] += saved
+                    acc[_SAVED] += saved
         finally:
             self.lines += read
             self.out_of_period += skipped
