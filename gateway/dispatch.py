@@ -165,7 +165,11 @@ class _Verdicts:
 
 def _says_upstream_is_unhealthy(exc: UpstreamError) -> bool:
     """Connection errors, timeouts, 5xx, broken answers and refusing the gateway's own
-    credentials; not 429 or the request's own 4xx."""
+    credentials; not 429 or the request's own 4xx.
+
+    Laxer than the draft server's rule (:func:`gateway.speculative.drafts._says_server_is_unhealthy`,
+    t77): this one opens a circuit that takes the model from every client, and a busy upstream
+    (429, 408) is waited for and retried instead."""
     if isinstance(exc, UpstreamStatusError):
         return exc.upstream_status >= 500 or exc.code == "upstream_misconfigured"
     return not isinstance(exc, UpstreamUnavailableError | UpstreamBusyError)

@@ -80,7 +80,11 @@ class ModelDraft(DraftSource):
 def _says_server_is_unhealthy(exc: UpstreamError) -> bool:
     """A 400 is this request's (a context longer than the draft server's window): no cooldown for
     everyone. A 401, 403 or 404 is the draft's configuration (its key, its model name), which
-    every request would meet."""
+    every request would meet.
+
+    Stricter than :func:`gateway.dispatch._says_upstream_is_unhealthy` (t77): a busy draft server
+    (429, 408) makes speculation slower than none, and skipping the draft for a while costs only the
+    speed-up, where the dispatch rule opens a circuit that takes a model from every client."""
     status = getattr(exc, "upstream_status", None)
     return status is None or status >= 500 or status in (401, 403, 404, 408, 429)
 
