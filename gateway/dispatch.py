@@ -177,7 +177,7 @@ def _says_upstream_is_unhealthy(exc: UpstreamError) -> bool:
 
 def _backoff_s(retry: RetryPolicy, attempt: int, exc: UpstreamError) -> float | None:
     """Seconds to wait before the next attempt, or None to move to the next fallback now."""
-    retry_after = getattr(exc, "retry_after_s", None)
+    retry_after = exc.retry_after_s
     if retry_after is not None:
         return retry_after if retry_after <= retry.max_retry_after_s else None
     ceiling = min(retry.backoff_max_ms, retry.backoff_initial_ms * (2 ** min(attempt, 30))) / 1000

@@ -264,6 +264,8 @@ class UpstreamError(GatewayError):
     try_next = False
     speculation: dict[str, Any] | None = None
     """The speculative loop's work before the failure (its log fields): rounds ran and were paid for."""
+    retry_after_s: float | None = None
+    """How long the upstream asked to be left alone (its ``Retry-After``); None: it did not say."""
 
     def __init__(self, upstream: str, message: str, **kwargs: Any) -> None:
         super().__init__(f"upstream '{upstream}': {message}", **kwargs)

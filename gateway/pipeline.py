@@ -1373,8 +1373,8 @@ def _internal_error(x: _Exchange, exc: Exception) -> GatewayError:
     return GatewayError("internal error in the gateway; the request id is in x-request-id", code="internal_error")
 
 
-def _record_speculation(record: RequestRecord, result: object) -> None:
-    stats = getattr(result, "speculation", None)
+def _record_speculation(record: RequestRecord, result: Completion | ChatStream) -> None:
+    stats = result.speculation
     if stats is not None:
         record.speculation = stats.to_log()
 

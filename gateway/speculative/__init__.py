@@ -2,12 +2,13 @@
 
 ``SpeculativeProvider(target, draft, policy)`` is a :class:`~gateway.upstreams.base.Provider`
 for the large model whose answers come from the draft/verify loop (``mode: gateway``).
-Results carry a ``speculation`` attribute (:class:`SpeculationStats`) for the request log.
+Results carry their :class:`SpeculationStats` in ``speculation`` (a field of every
+:class:`~gateway.upstreams.base.Completion` and ``ChatStream``) for the request log.
 """
 
 from gateway.speculative.drafts import Draft, DraftSource, ModelDraft, PromptLookupDraft
 from gateway.speculative.errors import PairMismatchError
-from gateway.speculative.provider import PROBE_TEXT, SpeculativeCompletion, SpeculativeProvider
+from gateway.speculative.provider import PROBE_TEXT, SpeculativeProvider
 from gateway.speculative.stats import SpeculationStats
 
 __all__ = [
@@ -18,6 +19,5 @@ __all__ = [
     "PairMismatchError",
     "PromptLookupDraft",
     "SpeculationStats",
-    "SpeculativeCompletion",
     "SpeculativeProvider",
 ]

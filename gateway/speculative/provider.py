@@ -14,7 +14,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn, TypeVar
 
 import structlog
@@ -42,7 +41,7 @@ from gateway.speculative.token_api import TokenAPI
 from gateway.upstreams.base import ChatStream, Completion, Provider, UpstreamResponse, Usage
 from gateway.upstreams.openai import chat_payload
 
-__all__ = ["PROBE_TEXT", "SpeculativeCompletion", "SpeculativeProvider"]
+__all__ = ["PROBE_TEXT", "SpeculativeProvider"]
 
 _T = TypeVar("_T")
 
@@ -94,11 +93,6 @@ _UNSUPPORTED = (
 
 _DOES_NOT_FIT = "context_length"
 """Why a request went plain when it does not fit the large server's window."""
-
-
-@dataclass(slots=True)
-class SpeculativeCompletion(Completion):
-    speculation: SpeculationStats | None = None
 
 
 class SpeculativeProvider(Provider):
@@ -276,7 +270,7 @@ class SpeculativeProvider(Provider):
         if run is None:
             stats = self._plain_stats(reason or _DOES_NOT_FIT)
             completion = await _said_plain(self.target.complete(request, body), stats)
-            return SpeculativeCompletion(
+            return Completion(
                 completion.body,
                 completion.usage,
                 completion.text,
@@ -303,9 +297,7 @@ class SpeculativeProvider(Provider):
             run.assembler.finish_reason, usage_body(usage.prompt_tokens, usage.completion_tokens),
             stop_reason=run.assembler.stop_reason,
         )  # fmt: skip
-        return SpeculativeCompletion(
-            answer, usage, content, finish_reason=run.assembler.finish_reason, speculation=run.stats
-        )
+        return Completion(answer, usage, content, finish_reason=run.assembler.finish_reason, speculation=run.stats)
 
     async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
         self._inflight += 1
@@ -628,6 +620,7 @@ class _PlainStream(ChatStream):
     """The large model's own stream, passed through, with the stats saying why."""
 
     on_close: Callable[[], None] | None = None
+    speculation: SpeculationStats
 
     def __init__(self, inner: ChatStream, stats: SpeculationStats) -> None:
         super().__init__()

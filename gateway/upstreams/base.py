@@ -37,6 +37,7 @@ __all__ = [
     "Completion",
     "Provider",
     "RelayedStream",
+    "SpeculationLog",
     "StreamTally",
     "UpstreamEvents",
     "UpstreamResponse",
@@ -104,6 +105,14 @@ class Embeddings:
     prompt_tokens: int | None
 
 
+class SpeculationLog(Protocol):
+    """What an answer of the speculative loop says of its work (:class:`gateway.speculative.stats.SpeculationStats`)."""
+
+    def to_log(self) -> dict[str, Any]:
+        """The fields of the request log's ``speculation``."""
+        ...
+
+
 @dataclass(slots=True)
 class Completion:
     """A finished, non-streamed answer: ``body`` is in the protocol the upstream was asked in
@@ -127,6 +136,8 @@ class Completion:
     service_tier: str | None = None
     """The tier the answer says processed it (OpenAI's ``service_tier``), kept where it has no
     usage to carry it: the bill on the gateway's count uses it (t71)."""
+    speculation: SpeculationLog | None = None
+    """The speculative loop's work, when it answered (t77: was a subclass's field, read by getattr)."""
 
 
 @dataclass(slots=True)
@@ -255,6 +266,8 @@ class ChatStream(ABC):
     """
 
     framed: ClassVar[bool] = False
+    speculation: SpeculationLog | None = None
+    """The speculative loop's work, when it answers (read when the stream ends)."""
 
     def __init__(self) -> None:
         self.tally = StreamTally()

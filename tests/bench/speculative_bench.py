@@ -44,7 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from gateway.config.schema import SpeculationPolicy
-from gateway.speculative import SpeculativeProvider
+from gateway.speculative import SpeculationStats, SpeculativeProvider
 from gateway.speculative.adaptive import expected_tokens
 from gateway.upstreams.base import Provider
 from tests.chat_requests import as_sent
@@ -89,8 +89,8 @@ async def _speculative(
     cpu, started = time.process_time(), time.perf_counter()
     for prompt in prompts:
         completion = await spec.complete(*as_sent(_body(prompt, max_tokens, temperature)))
-        stats = completion.speculation  # type: ignore[attr-defined]
-        assert stats is not None and not stats.fallback_to_plain, stats
+        stats = completion.speculation
+        assert isinstance(stats, SpeculationStats) and not stats.fallback_to_plain, stats
         totals["tokens"] += stats.output_tokens
         for name in (
             "rounds",

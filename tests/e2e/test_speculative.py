@@ -16,11 +16,11 @@ import structlog
 
 from gateway.config.schema import ModelConfig, Price, SpeculationPolicy, Timeouts
 from gateway.errors import UpstreamError
-from gateway.speculative import PairMismatchError, SpeculativeProvider
+from gateway.speculative import PairMismatchError, SpeculationStats, SpeculativeProvider
 from gateway.speculative.adaptive import AdaptiveK, expected_tokens
 from gateway.speculative.drafts import lookup
 from gateway.speculative.sampling import verify_sampled
-from gateway.upstreams.base import Provider
+from gateway.upstreams.base import ChatStream, Completion, Provider
 from gateway.upstreams.registry import build_provider
 from tests.chat_requests import as_sent
 from tests.speculative.servers import ToyServer, start_toy_server, toy_tokenizer_file
@@ -113,6 +113,12 @@ def _body(prompt: str, **extra: Any) -> dict[str, Any]:
     return {"model": "large", "messages": [{"role": "user", "content": prompt}], "temperature": 0, **extra}
 
 
+def _stats(result: Completion | ChatStream) -> SpeculationStats:
+    """What the loop said it did (every answer of a SpeculativeProvider carries it)."""
+    assert isinstance(result.speculation, SpeculationStats), result
+    return result.speculation
+
+
 def _answer(completion: Any) -> tuple[str, str, int]:
     data = msgspec.json.decode(completion.body)
     choice = data["choices"][0]
@@ -176,7 +182,7 @@ async def test_greedy_output_is_the_large_models_own(pair: tuple[Provider, Provi
         want = await pair[0].complete(*as_sent(body))
         assert _answer(got) == _answer(want), prompt
         spaced += any(mark in _answer(want)[0] for mark in (" .", " ,", " n't", " 's"))
-        stats = got.speculation  # type: ignore[attr-defined]
+        stats = _stats(got)
         assert stats.mode == "gateway" and not stats.fallback_to_plain
         # Fewer large calls than tokens, the EOS probes aside: a cold pair probes each token first seen
         # as a correction once (on vLLM V1 a verify's 'length' finish says nothing of its last token).
@@ -205,7 +211,7 @@ async def test_a_cleaning_detokenize_without_the_tokenizer_file_goes_plain(pair:
         await spec.check_pair()
     body = _body(_PROMPTS[1], max_tokens=40)
     got = await spec.complete(*as_sent(body))
-    assert got.speculation.fallback_reason == "text_unfaithful"  # type: ignore[attr-defined]
+    assert _stats(got).fallback_reason == "text_unfaithful"
     assert _answer(got) == _answer(await pair[0].complete(*as_sent(body)))
 
 
@@ -219,7 +225,7 @@ async def test_a_faithful_detokenize_needs_no_tokenizer_file(faithful_large: Toy
             for stop in ([], [" the"]):
                 body = _body(prompt, max_tokens=60, stop=stop)
                 got = await spec.complete(*as_sent(body))
-                assert not got.speculation.fallback_to_plain  # type: ignore[attr-defined]
+                assert not _stats(got).fallback_to_plain
                 assert _answer(got) == _answer(await target.complete(*as_sent(body))), (prompt, stop)
     finally:
         await target.aclose()
@@ -231,7 +237,7 @@ async def test_another_models_tokenizer_file_is_refused(pair: tuple[Provider, Pr
     with pytest.raises(PairMismatchError, match="does not decode"):
         await spec.check_pair()
     got = await spec.complete(*as_sent(_body(_PROMPTS[2], max_tokens=10)))
-    assert got.speculation.fallback_reason == "tokenizer_mismatch"  # type: ignore[attr-defined]
+    assert _stats(got).fallback_reason == "tokenizer_mismatch"
 
 
 async def test_stop_strings_are_found_in_the_text_vllm_writes(pair: tuple[Provider, Provider]) -> None:
@@ -308,7 +314,7 @@ async def test_an_eos_as_the_last_token_allowed_is_a_length_finish_as_vllm_v1_sa
             small.reset()
             small.fail_after(0, "500")
             completion = await spec.complete(*as_sent(body))
-            assert completion.speculation.draft_failed  # type: ignore[attr-defined]
+            assert _stats(completion).draft_failed
             assert _answer(completion) == (text, "length", count), prompt
             plain_cases += 1
         assert plain_cases >= 2
@@ -358,7 +364,7 @@ async def test_draft_failure_mid_answer_finishes_on_the_large_model(
             got, stats = _streamed_answer(chunks, stream), stream.speculation
         else:
             completion = await spec.complete(*as_sent(body))
-            got, stats = _answer(completion), completion.speculation  # type: ignore[attr-defined]
+            got, stats = _answer(completion), _stats(completion)
         assert got == want  # nothing repeated, nothing lost
         assert stats.draft_failed and stats.rounds >= 3
         assert stats.draft_calls == stats.rounds + 1  # one per round, and the failed call (t49)
@@ -376,10 +382,10 @@ async def test_a_drafted_prompt_the_large_server_refuses_finishes_plainly_and_re
     small.fail_after(2, "oov")
     completion = await spec.complete(*as_sent(body))
     assert _answer(completion) == want  # the large model's own answer, nothing lost
-    stats = completion.speculation  # type: ignore[attr-defined]
+    stats = _stats(completion)
     assert stats.draft_failed and stats.rounds >= 2
     after = await spec.complete(*as_sent(body))  # the cooldown: plain, and the pair to be checked again
-    assert after.speculation.fallback_reason == "draft_unhealthy"  # type: ignore[attr-defined]
+    assert _stats(after).fallback_reason == "draft_unhealthy"
     assert spec._pair is None
 
 
@@ -392,7 +398,7 @@ async def test_a_request_with_an_image_goes_plain(pair: tuple[Provider, Provider
         "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}],
     }
     completion = await spec.complete(*as_sent(body))
-    assert completion.speculation.fallback_reason == "unsupported_media"  # type: ignore[attr-defined]
+    assert _stats(completion).fallback_reason == "unsupported_media"
 
 
 @pytest.mark.parametrize("kind", ["500", "drop"])
@@ -437,7 +443,7 @@ async def test_tokenizer_mismatch_is_refused(large: ToyServer, foreign: ToyServe
         with pytest.raises(PairMismatchError, match="tokenize the probe text differently"):
             await spec.check_pair()
         completion = await spec.complete(*as_sent(_body(_PROMPTS[0], max_tokens=10)))
-        assert completion.speculation.fallback_reason == "pair_refused"  # type: ignore[attr-defined]
+        assert _stats(completion).fallback_reason == "pair_refused"
         assert foreign.stats()["completions"] == 0
     finally:
         await target.aclose()
@@ -453,7 +459,7 @@ async def test_requests_the_loop_cannot_reproduce_go_plain(pair: tuple[Provider,
         ({**_body("hi", max_tokens=5), "temperature": 0.7}, "sampling_plain"),
     ):
         completion = await spec.complete(*as_sent(body))
-        assert completion.speculation.fallback_reason == reason  # type: ignore[attr-defined]
+        assert _stats(completion).fallback_reason == reason
     chunks, stream = await _stream(spec, {**_body("hi", max_tokens=5), "temperature": 0.7})
     assert stream.speculation.fallback_to_plain and chunks
 
@@ -468,7 +474,7 @@ async def test_prompt_lookup_draft_is_exact_and_cheap(pair: tuple[Provider, Prov
         body = _body(prompt, max_tokens=60)
         completion = await spec.complete(*as_sent(body))
         assert _answer(completion) == _answer(await pair[0].complete(*as_sent(body)))
-        assert completion.speculation.draft_source == "prompt_lookup"  # type: ignore[attr-defined]
+        assert _stats(completion).draft_source == "prompt_lookup"
     assert small.stats()["completions"] == 0
 
 
@@ -482,7 +488,7 @@ async def test_adaptive_k_stays_within_bounds(pair: tuple[Provider, Provider]) -
     spec = _spec(pair, k_initial=3, k_min=2, k_max=5)
     for prompt in _PROMPTS[:4]:
         completion = await spec.complete(*as_sent(_body(prompt, max_tokens=60)))
-        history = completion.speculation.k_history  # type: ignore[attr-defined]
+        history = _stats(completion).k_history
         assert history and max(history) <= 5
         assert min(history[:-1] or [2]) >= 2  # only the last round may be cut by max_tokens
 
@@ -551,7 +557,7 @@ async def test_sampled_requests_use_speculative_sampling(wide_pair: tuple[ToySer
             body = {**_body(_PROMPTS[seed], max_tokens=30), "temperature": 1.0}
             completion = await spec.complete(*as_sent(body))
             _text, finish, count = _answer(completion)
-            stats = completion.speculation  # type: ignore[attr-defined]
+            stats = _stats(completion)
             assert stats.sampling == "speculative" and not stats.fallback_to_plain and not stats.heavy_tail
             assert count <= 30 and finish in ("stop", "length")
             assert stats.rounds >= 1 and stats.accepted <= stats.drafted
@@ -572,13 +578,13 @@ async def test_seeded_sampled_requests_give_the_same_answer_each_time(
         answers = []
         for _ in range(3):
             completion = await spec.complete(*as_sent(body))
-            assert completion.speculation.fallback_reason == "seeded_sampling"  # type: ignore[attr-defined]
+            assert _stats(completion).fallback_reason == "seeded_sampling"
             answers.append(_answer(completion))
         chunks, stream = await _stream(spec, body)
         answers.append(_streamed_answer(chunks, stream))
         assert answers == [_answer(await target.complete(*as_sent(body)))] * 4
         unseeded = await spec.complete(*as_sent({**body, "seed": None}))
-        assert unseeded.speculation.sampling == "speculative" and unseeded.speculation.rounds >= 1  # type: ignore[attr-defined]
+        assert _stats(unseeded).sampling == "speculative" and _stats(unseeded).rounds >= 1
     finally:
         await target.aclose()
         await draft.aclose()
@@ -617,7 +623,7 @@ async def test_the_logprobs_mode_of_each_server_is_found(mode: str, scaled: tupl
             # the target verifies with prompt logprobs, the draft proposes with sampled ones
             assert spec._scaled_by_server == scaled
             body = {**_body(_PROMPTS[3], max_tokens=30), "temperature": 0.7}
-            stats = (await spec.complete(*as_sent(body))).speculation  # type: ignore[attr-defined]
+            stats = _stats(await spec.complete(*as_sent(body)))
             assert stats.sampling == "speculative" and not stats.fallback_to_plain and stats.rounds >= 1
         finally:
             await target.aclose()
@@ -630,10 +636,10 @@ async def test_a_heavy_tail_beyond_the_returned_logprobs_ends_speculation(pair: 
     spec = _spec(pair)  # top_logprobs 20, max_uncovered_mass 0.02
     body = {**_body(_PROMPTS[0], max_tokens=30), "temperature": 1.0}
     completion = await spec.complete(*as_sent(body))
-    stats = completion.speculation  # type: ignore[attr-defined]
+    stats = _stats(completion)
     assert stats.heavy_tail and stats.rounds == 1 and _answer(completion)[2] > 0
     too_hot = await spec.complete(*as_sent({**body, "temperature": 1.3}))
-    assert too_hot.speculation.fallback_reason == "unsupported_temperature_above_1"  # type: ignore[attr-defined]
+    assert _stats(too_hot).fallback_reason == "unsupported_temperature_above_1"
 
 
 async def test_a_hung_draft_costs_one_draft_deadline_then_speculation_pauses(
@@ -646,19 +652,19 @@ async def test_a_hung_draft_costs_one_draft_deadline_then_speculation_pauses(
     small.fail_after(0, "hang")  # the draft server accepts the call and never answers
     with structlog.testing.capture_logs() as logs:
         first = await spec.complete(*as_sent(body))
-    assert _answer(first) == want and first.speculation.draft_failed  # type: ignore[attr-defined]
+    assert _answer(first) == want and _stats(first).draft_failed
     (failed,) = [e for e in logs if e["event"] == "draft_failed"]
     assert "draft call over 300 ms" in failed["detail"]  # the draft's own deadline, not its 10 s first byte
     assert any(e["event"] == "draft_unhealthy" for e in logs)
     calls = small.stats()["completions"]
     second = await spec.complete(*as_sent(body))  # within the cool-down: straight to the large model
-    assert _answer(second) == want and second.speculation.fallback_reason == "draft_unhealthy"  # type: ignore[attr-defined]
+    assert _answer(second) == want and _stats(second).fallback_reason == "draft_unhealthy"
     assert small.stats()["completions"] == calls
     small.reset()  # healthy again
     await asyncio.sleep(0.6)
     third = await spec.complete(*as_sent(body))
     assert _answer(third) == want
-    assert not third.speculation.fallback_to_plain and third.speculation.draft_calls > 0  # type: ignore[attr-defined]
+    assert not _stats(third).fallback_to_plain and _stats(third).draft_calls > 0
 
 
 async def test_a_draft_slower_than_plain_decoding_is_given_up_and_paused(large: ToyServer) -> None:
@@ -673,7 +679,7 @@ async def test_a_draft_slower_than_plain_decoding_is_given_up_and_paused(large: 
         body, want = await _long_answer(target, max_tokens=40)
         with structlog.testing.capture_logs() as logs:
             first = await spec.complete(*as_sent(body))
-        stats = first.speculation  # type: ignore[attr-defined]
+        stats = _stats(first)
         assert _answer(first) == want  # the large model's own answer, nothing lost
         assert stats.mode == "gateway" and stats.fallback_reason == "draft_too_slow" and not stats.draft_failed
         assert stats.rounds == stats.draft_calls == 3  # judged after three drafted rounds, no draft call after
@@ -702,10 +708,10 @@ async def test_a_context_longer_than_the_drafts_window_pauses_no_one_else(large:
         long_body, long_want = await _long_answer(target, max_tokens=40)
         with structlog.testing.capture_logs() as logs:
             first = await spec.complete(*as_sent(long_body))
-        assert _answer(first) == long_want and first.speculation.draft_failed  # type: ignore[attr-defined]
+        assert _answer(first) == long_want and _stats(first).draft_failed
         assert not any(e["event"] == "draft_unhealthy" for e in logs)
         second = await spec.complete(*as_sent(_body("hi", max_tokens=8)))
-        assert second.speculation.fallback_reason is None and second.speculation.draft_calls > 0  # type: ignore[attr-defined]
+        assert _stats(second).fallback_reason is None and _stats(second).draft_calls > 0
     finally:
         await target.aclose()
         await draft.aclose()
@@ -722,12 +728,12 @@ async def test_vllm_sampling_fields_the_loop_does_not_reproduce_go_plain(
 ) -> None:
     spec = _spec(pair)
     completion = await spec.complete(*as_sent(_body(_PROMPTS[0], max_tokens=8, **extra)))
-    assert completion.speculation.fallback_to_plain  # type: ignore[attr-defined]
+    assert _stats(completion).fallback_to_plain
     name = next(iter(extra))
-    assert completion.speculation.fallback_reason in (f"unsupported_{name}", "unsupported_penalties")  # type: ignore[attr-defined]
+    assert _stats(completion).fallback_reason in (f"unsupported_{name}", "unsupported_penalties")
     # at their defaults they do not stop speculation
     defaults = await spec.complete(*as_sent(_body(_PROMPTS[0], max_tokens=8, min_tokens=0, ignore_eos=False)))
-    assert not defaults.speculation.fallback_to_plain  # type: ignore[attr-defined]
+    assert not _stats(defaults).fallback_to_plain
 
 
 async def test_a_server_that_splits_reasoning_off_is_asked_plainly_unless_thinking_is_off(
@@ -737,9 +743,9 @@ async def test_a_server_that_splits_reasoning_off_is_asked_plainly_unless_thinki
     reasoning_content; the loop would write it into the answer's text instead."""
     spec = _spec(pair, reasoning_parser=True)
     thinking = await spec.complete(*as_sent(_body(_PROMPTS[0], max_tokens=8)))
-    assert thinking.speculation.fallback_reason == "reasoning_parser"  # type: ignore[attr-defined]
+    assert _stats(thinking).fallback_reason == "reasoning_parser"
     quiet = _body(_PROMPTS[0], max_tokens=8, chat_template_kwargs={"enable_thinking": False})
-    assert not (await spec.complete(*as_sent(quiet))).speculation.fallback_to_plain  # type: ignore[attr-defined]
+    assert not _stats(await spec.complete(*as_sent(quiet))).fallback_to_plain
 
 
 async def test_max_inflight_speculates_only_while_the_large_model_has_room(pair: tuple[Provider, Provider]) -> None:
@@ -747,7 +753,7 @@ async def test_max_inflight_speculates_only_while_the_large_model_has_room(pair:
     await spec.check_pair()
     body = _body(_PROMPTS[0], max_tokens=24)
     first, second = await asyncio.gather(spec.complete(*as_sent(body)), spec.complete(*as_sent(body)))
-    reasons = sorted(str(c.speculation.fallback_reason) for c in (first, second))  # type: ignore[attr-defined]
+    reasons = sorted(str(_stats(c).fallback_reason) for c in (first, second))
     assert reasons == ["None", "busy"]
     assert _answer(first) == _answer(second)  # the busy one is the large model's own answer
     _, stream = await _stream(spec, body)  # alone again: speculates, and its slot is given back on close
@@ -803,7 +809,7 @@ async def test_an_unset_temperature_is_the_servers_default_not_one(
             own = _answer(await target.complete(*as_sent(body)))  # what the server itself answers: greedy
             got = await spec.complete(*as_sent(body))
             assert _answer(got) == own
-            assert got.speculation.sampling == "greedy" and not got.speculation.fallback_to_plain  # type: ignore[attr-defined]
+            assert _stats(got).sampling == "greedy" and not _stats(got).fallback_to_plain
     finally:
         await target.aclose()
         await draft.aclose()
@@ -818,12 +824,12 @@ async def test_a_server_default_penalty_sends_the_request_down_the_plain_path(
         own = _answer(await target.complete(*as_sent(body)))  # the server applies its penalty
         got = await spec.complete(*as_sent(body))
         assert _answer(got) == own
-        assert got.speculation.fallback_reason == "unsupported_penalties"  # type: ignore[attr-defined]
+        assert _stats(got).fallback_reason == "unsupported_penalties"
         # the loop's own calls carry every sampling field, so a server default never reaches them
         undeclared, target2, draft2 = await _with_large(penalised_by_default, small)
         try:
             penalty_free = await undeclared.complete(*as_sent(body))
-            assert not penalty_free.speculation.fallback_to_plain  # type: ignore[attr-defined]
+            assert not _stats(penalty_free).fallback_to_plain
         finally:
             await target2.aclose()
             await draft2.aclose()
@@ -838,6 +844,6 @@ async def test_more_logprobs_than_the_server_gives_sends_sampled_requests_plain(
     spec = _spec(pair, top_logprobs=50)  # the toy servers allow 20 (vLLM's default --max-logprobs)
     await spec.check_pair()
     sampled = await spec.complete(*as_sent({**_body(_PROMPTS[0], max_tokens=10), "temperature": 0.8}))
-    assert sampled.speculation.fallback_reason == "top_logprobs_refused"  # type: ignore[attr-defined]
+    assert _stats(sampled).fallback_reason == "top_logprobs_refused"
     greedy = await spec.complete(*as_sent(_body(_PROMPTS[0], max_tokens=10)))
-    assert not greedy.speculation.fallback_to_plain  # type: ignore[attr-defined]
+    assert not _stats(greedy).fallback_to_plain
