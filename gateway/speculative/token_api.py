@@ -194,7 +194,7 @@ class TokenAPI:
         """Plain decoding on this server, streamed: one :class:`Generation` per event that carries tokens."""
         payload = self._completion_payload(prompt, max_tokens, temperature, 1, seed)
         payload["stream"] = True
-        response = await self.provider._post("completions", payload, self._headers, stream=True)
+        response = await self.provider.post("completions", payload, self._headers, stream=True)
         events = UpstreamEvents(self.provider, response)
         try:
             while (event := await events.next()) is not None:
@@ -237,8 +237,8 @@ class TokenAPI:
         return payload
 
     async def _call(self, path: str, payload: dict[str, Any], decode: Callable[[bytes], _Decoded]) -> _Decoded:
-        # Provider._post is the shared plumbing: timeouts, transport and status errors → UpstreamError.
-        response = await self.provider._post(path, payload, self._headers, stream=False)
+        # Provider.post is the shared plumbing: timeouts, transport and status errors → UpstreamError.
+        response = await self.provider.post(path, payload, self._headers, stream=False)
         try:
             return decode(response.content)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:

@@ -150,13 +150,13 @@ class AnthropicProvider(Provider):
         if self.takes_one_sampler:
             payload = _one_sampler(payload)
         try:
-            return await self._post(_MESSAGES_PATH, payload, headers, stream=stream)
+            return await self.post(_MESSAGES_PATH, payload, headers, stream=stream)
         except UpstreamStatusError as exc:
             if self.takes_one_sampler or "top_p" not in payload or not _refuses_both_samplers(exc):
                 raise
             self.takes_one_sampler = True
             _log.info("upstream_takes_one_sampler", model=self.name)
-            return await self._post(_MESSAGES_PATH, _one_sampler(payload), headers, stream=stream)
+            return await self.post(_MESSAGES_PATH, _one_sampler(payload), headers, stream=stream)
 
     lacks_count_tokens_until = 0.0
     """Until when (monotonic seconds) the upstream is taken to have no ``count_tokens`` (it answered
@@ -173,7 +173,7 @@ class AnthropicProvider(Provider):
         payload = {name: value for name, value in body.items() if name in _COUNTED_FIELDS}
         payload["model"] = self.upstream_model
         try:
-            response = await self._post(f"{_MESSAGES_PATH}/count_tokens", payload, self._headers(betas), stream=False)
+            response = await self.post(f"{_MESSAGES_PATH}/count_tokens", payload, self._headers(betas), stream=False)
         except UpstreamStatusError as exc:
             if exc.upstream_status not in (404, 405):
                 raise
@@ -191,7 +191,7 @@ class AnthropicProvider(Provider):
         return counted
 
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
-        response = await self._post(_MESSAGES_PATH, body, {**self._headers(), **headers}, stream=False)
+        response = await self.post(_MESSAGES_PATH, body, {**self._headers(), **headers}, stream=False)
         with answered(response):
             answer, usage, _ = self._read(response.content)
         return Completion(
@@ -213,7 +213,7 @@ class AnthropicProvider(Provider):
         return answer, usage_of(anthropic.usage_from_wire(data.get("usage"))), matched is not None
 
     async def open_relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> ChatStream:
-        response = await self._post(_MESSAGES_PATH, body, {**self._headers(), **headers}, stream=True)
+        response = await self.post(_MESSAGES_PATH, body, {**self._headers(), **headers}, stream=True)
         return _RelayedMessageStream(self, response)
 
 

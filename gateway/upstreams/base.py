@@ -451,13 +451,15 @@ class Provider(ABC):
 
     # -- shared HTTP plumbing -------------------------------------------------
 
-    async def _post(
+    async def post(
         self, path: str, payload: dict[str, Any] | None, headers: dict[str, str], *, stream: bool, method: str = "POST"
     ) -> UpstreamResponse:
         """POST JSON (``method`` another verb, without a body when ``payload`` is None); map
         transport failures and HTTP errors to :class:`UpstreamError`.
 
-        With ``stream=True`` the caller owns the open response and must close it.
+        With ``stream=True`` the caller owns the open response and must close it. Public: the
+        speculative loop's token calls (:class:`~gateway.speculative.token_api.TokenAPI`) go through
+        it too (t77).
         """
         content = None if payload is None else msgspec.json.encode(payload)
         url = self._url(path, keep=method == "POST")

@@ -96,7 +96,7 @@ class OpenAIProvider(Provider):
             sent = self._as_taken(payload)
             stops = () if "stop" in sent else applied_here(stops_of(payload.get("stop")), self.name)
             try:
-                response = await self._post("chat/completions", sent, self._headers(), stream=stream)
+                response = await self.post("chat/completions", sent, self._headers(), stream=stream)
             except UpstreamStatusError as exc:
                 room = _room_left(exc, payload) if fills_window else None
                 if room is not None:
@@ -141,7 +141,7 @@ class OpenAIProvider(Provider):
         payload["encoding_format"] = "float"
         if dimensions is not None:
             payload["dimensions"] = dimensions
-        response = await self._post("embeddings", payload, self._headers(), stream=False)
+        response = await self.post("embeddings", payload, self._headers(), stream=False)
         with answered(response):
             return self._embeddings(inputs, decode_json_object(self.name, response.content))
 
@@ -167,7 +167,7 @@ class OpenAIProvider(Provider):
         return Embeddings(vectors, prompt if plausible else None)
 
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
-        response = await self._post("responses", body, {**self._headers(), **headers}, stream=False)
+        response = await self.post("responses", body, {**self._headers(), **headers}, stream=False)
         with answered(response):
             data, content = decode_answer(self.name, response.content)
             if data.get("object") != "response" or not isinstance(data.get("output"), list):
@@ -187,11 +187,11 @@ class OpenAIProvider(Provider):
         )
 
     async def open_relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> ChatStream:
-        response = await self._post("responses", body, {**self._headers(), **headers}, stream=True)
+        response = await self.post("responses", body, {**self._headers(), **headers}, stream=True)
         return _ResponsesEventStream(self, response)
 
     async def forward(self, method: str, path: str) -> UpstreamResponse:
-        return await self._post(path, None, self._headers(), stream=False, method=method)
+        return await self.post(path, None, self._headers(), stream=False, method=method)
 
     async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
         body = self._payload(request, body)

@@ -442,6 +442,6 @@ auth: {{mode: none}}
     try:
         for stream in (True, False):
             with pytest.raises(UpstreamTimeoutError):
-                await provider._post("chat/completions", {"model": "m"}, {}, stream=stream)
+                await provider.post("chat/completions", {"model": "m"}, {}, stream=stream)
     finally:
         await provider.aclose()
