@@ -386,7 +386,16 @@ class Provider(ABC):
 
     kind: ClassVar[str]
 
-    def __init__(self, name: str, config: ModelConfig, client: httpx.AsyncClient, api_key: str | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: ModelConfig,
+        client: httpx.AsyncClient,
+        api_key: str | None,
+        transport: httpx.AsyncBaseTransport,
+    ) -> None:
+        """``transport``: the pool ``client`` was made with, which requests go to straight (not
+        through the client: :meth:`_via_httpx`); passed in, for httpx keeps it private (t77)."""
         self.name = name
         self.config = config
         self.client = client
@@ -396,8 +405,8 @@ class Provider(ABC):
         replaces the default rather than going out beside it)."""
         self.upstream_model = config.upstream_model or name
         self._urls: dict[str, httpx.URL] = {}
-        self._transport: httpx.AsyncBaseTransport = client._transport
-        self._http11 = self._transport if isinstance(self._transport, Http11Transport) else None
+        self.transport = transport
+        self._http11 = transport if isinstance(transport, Http11Transport) else None
         self._timeout = httpx.Timeout(
             connect=config.timeouts.connect,
             read=config.timeouts.first_byte,
@@ -504,7 +513,7 @@ class Provider(ABC):
         # cookie layers cost ~0.3 ms a request, and a cookie jar shared by every
         # tenant's requests is something a gateway must not keep anyway.
         request = httpx.Request(method, url, content=content, headers=headers, extensions=self._extensions)
-        response = await self._transport.handle_async_request(request)
+        response = await self.transport.handle_async_request(request)
         if not stream and response.status_code < 400:
             try:
                 await response.aread()

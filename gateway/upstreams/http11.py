@@ -10,7 +10,7 @@ of a client, it keeps: a bounded pool per origin, connect and first-byte timeout
 TLS, streamed bodies with back-pressure, gzip/deflate answers, and one retry of a
 request that met a keep-alive connection the server had just closed. Failures raise
 httpx's exceptions, so the providers map them to upstream errors as before. Proxies
-are not spoken: :func:`~gateway.upstreams.registry.make_client` uses httpx's own
+are not spoken: :func:`~gateway.upstreams.registry.make_transport` uses httpx's own
 transport when the environment names a proxy for an upstream.
 """
 

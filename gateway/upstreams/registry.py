@@ -16,7 +16,7 @@ from gateway.upstreams.base import Provider
 from gateway.upstreams.http11 import Http11Transport
 from gateway.upstreams.openai import OpenAIProvider
 
-__all__ = ["PROVIDER_KINDS", "api_key", "build_provider", "make_client"]
+__all__ = ["PROVIDER_KINDS", "api_key", "build_provider", "make_transport"]
 
 PROVIDER_KINDS: dict[str, type[Provider]] = {
     OpenAIProvider.kind: OpenAIProvider,
@@ -29,35 +29,40 @@ Transport = Literal["http11", "aiohttp", "httpx"] | httpx.AsyncBaseTransport
 """A transport by name, or one to use as it is (unit tests pass an ``httpx.MockTransport``)."""
 
 
-def make_client(config: ModelConfig, transport: Transport = "http11") -> httpx.AsyncClient:
-    """One pooled keep-alive client per upstream, created once, never per request.
+def make_transport(config: ModelConfig, transport: Transport = "http11") -> httpx.AsyncBaseTransport:
+    """The connection pool of one upstream.
 
     ``http11`` is the gateway's own client (:mod:`gateway.upstreams.http11`); ``aiohttp``
     puts aiohttp's connection pool under the httpx API, ``httpx`` is httpx's own; ``make
     bench --compare-transports`` measures them side by side. An upstream the environment
     sends through a proxy (``HTTPS_PROXY``, ``NO_PROXY``, ...) goes through httpx, which speaks to proxies.
     """
-    limits = httpx.Limits(max_connections=config.max_connections, keepalive_expiry=60.0)
-    base_url = config.base_url.rstrip("/") + "/"
     if isinstance(transport, httpx.AsyncBaseTransport):
-        return httpx.AsyncClient(base_url=base_url, transport=transport, timeout=None)
-    if transport == "http11" and _proxied(base_url):
+        return transport
+    limits = httpx.Limits(max_connections=config.max_connections, keepalive_expiry=60.0)
+    if transport == "http11" and _proxied(_base_url(config)):
         _log.info("upstream_via_proxy", url=config.base_url, transport="httpx")
         transport = "httpx"
     if transport == "httpx":
-        return httpx.AsyncClient(base_url=base_url, limits=limits, timeout=None)
+        return httpx.AsyncHTTPTransport(limits=limits)  # what httpx.AsyncClient(limits=limits) makes itself
     if transport == "http11":
-        own = Http11Transport(max_connections=config.max_connections, keepalive_expiry=60.0)
-        return httpx.AsyncClient(base_url=base_url, transport=own, timeout=None)
+        return Http11Transport(max_connections=config.max_connections, keepalive_expiry=60.0)
     from httpx_aiohttp import AiohttpTransport
 
-    return httpx.AsyncClient(base_url=base_url, transport=AiohttpTransport(limits=limits), timeout=None)
+    return AiohttpTransport(limits=limits)
 
 
 def build_provider(
     name: str, config: ModelConfig, environ: Mapping[str, str] | None = None, transport: Transport = "http11"
 ) -> Provider:
-    return PROVIDER_KINDS[config.provider](name, config, make_client(config, transport), api_key(config, environ))
+    """One pooled keep-alive client per upstream, created once, never per request."""
+    pool = make_transport(config, transport)
+    client = httpx.AsyncClient(base_url=_base_url(config), transport=pool, timeout=None)
+    return PROVIDER_KINDS[config.provider](name, config, client, api_key(config, environ), pool)
+
+
+def _base_url(config: ModelConfig) -> str:
+    return config.base_url.rstrip("/") + "/"
 
 
 def api_key(config: ModelConfig, environ: Mapping[str, str] | None = None) -> str | None:

@@ -440,7 +440,7 @@ async def test_an_upstream_refusing_the_gateways_key_is_the_gateways_fault(
     upstream: tuple[FakeAnthropic, Provider],
 ) -> None:
     _server, base = upstream
-    provider = AnthropicProvider("claude", base.config, base.client, api_key="wrong")
+    provider = AnthropicProvider("claude", base.config, base.client, "wrong", base.transport)
     with pytest.raises(UpstreamStatusError) as caught:
         await provider.complete(*as_sent(_body()))
     assert caught.value.upstream_status == 401 and caught.value.status_code == 502
