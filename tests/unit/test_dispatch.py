@@ -124,24 +124,45 @@ async def test_a_bad_request_is_raised_without_trying_the_fallback(upstream: Fak
     assert raised.value.upstream_status == 422 and upstream.calls_to("b") == 0
 
 
+def _large() -> Provider:
+    from gateway.config.schema import ModelConfig, Price
+    from gateway.upstreams.registry import build_provider
+
+    return build_provider(
+        "large",
+        ModelConfig(base_url="http://127.0.0.1:9/v1", price=Price(input_per_mtok=1, output_per_mtok=1), tier="large"),
+    )
+
+
 def test_a_server_killed_mid_answer_is_a_502_not_a_timeout() -> None:
     import aiohttp
     import httpx
 
-    from gateway.config.schema import ModelConfig, Price
     from gateway.errors import UpstreamProtocolError
-    from gateway.upstreams.registry import build_provider
 
-    provider = build_provider(
-        "large",
-        ModelConfig(base_url="http://127.0.0.1:9/v1", price=Price(input_per_mtok=1, output_per_mtok=1), tier="large"),
-    )
     # httpx-aiohttp hands aiohttp's connection reset on as a read timeout
     relabelled = httpx.ReadTimeout("read timed out")
     relabelled.__cause__ = aiohttp.ClientOSError(104, "Connection reset by peer")
-    error = provider.transport_error(relabelled)
+    error = _large().transport_error(relabelled)
     assert isinstance(error, UpstreamProtocolError) and error.status_code == 502
     assert "ClientOSError" in error.message
+
+
+def test_transport_errors_are_told_by_type_so_subclasses_are_what_they_subclass() -> None:
+    """t77: by class name, aiohttp's newer subclasses fell through to a timeout (httpx-aiohttp hands
+    every aiohttp connection error on as a connect timeout)."""
+    import aiohttp
+    import httpx
+
+    from gateway.errors import UpstreamConnectError, UpstreamProtocolError
+
+    reset = httpx.ConnectTimeout("reset")
+    reset.__cause__ = aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+    assert isinstance(_large().transport_error(reset), UpstreamProtocolError)  # a ConnectionResetError
+    unresolved = httpx.ConnectTimeout("dns")
+    key = aiohttp.client_reqrep.ConnectionKey("x.invalid", 80, False, True, None, None, None)
+    unresolved.__cause__ = aiohttp.ClientConnectorDNSError(key, OSError(-2, "Name or service not known"))
+    assert isinstance(_large().transport_error(unresolved), UpstreamConnectError)  # as a refused connection
 
 
 async def test_a_full_connection_pool_moves_on_but_charges_no_circuit(route: Any) -> None:
