@@ -40,9 +40,12 @@ def make_transport(config: ModelConfig, transport: Transport = "http11") -> http
     if isinstance(transport, httpx.AsyncBaseTransport):
         return transport
     limits = httpx.Limits(max_connections=config.max_connections, keepalive_expiry=60.0)
-    if transport == "http11" and _proxied(_base_url(config)):
+    proxy = _proxy_for(_base_url(config))
+    if proxy is not None:
+        # the transport itself goes through the proxy: the provider sends through it, not through
+        # the client's proxy mounts (f73: with HTTPS_PROXY set, requests went straight out)
         _log.info("upstream_via_proxy", url=config.base_url, transport="httpx")
-        transport = "httpx"
+        return httpx.AsyncHTTPTransport(limits=limits, proxy=proxy)
     if transport == "httpx":
         return httpx.AsyncHTTPTransport(limits=limits)  # what httpx.AsyncClient(limits=limits) makes itself
     if transport == "http11":
@@ -74,10 +77,11 @@ def api_key(config: ModelConfig, environ: Mapping[str, str] | None = None) -> st
     return value.strip() if value is not None else None
 
 
-def _proxied(url: str) -> bool:
-    """Whether the environment names a proxy for ``url`` (the variables httpx and curl read)."""
+def _proxy_for(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (the variables httpx and curl read), if any."""
     parsed = httpx.URL(url)
     proxies = urllib.request.getproxies()
-    if not (proxies.get(parsed.scheme) or proxies.get("all")):
-        return False
-    return not urllib.request.proxy_bypass(parsed.host)
+    proxy = proxies.get(parsed.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(parsed.host):
+        return None
+    return proxy
