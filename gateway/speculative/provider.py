@@ -10,6 +10,7 @@ to the large model as they are (``fallback_to_plain`` with a reason in the stats
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections import deque
@@ -270,14 +271,8 @@ class SpeculativeProvider(Provider):
         if run is None:
             stats = self._plain_stats(reason or _DOES_NOT_FIT)
             completion = await _said_plain(self.target.complete(request, body), stats)
-            return Completion(
-                completion.body,
-                completion.usage,
-                completion.text,
-                said=completion.said,
-                finish_reason=completion.finish_reason,
-                speculation=stats,
-            )
+            # the target's answer as it is (its tier, a cut at a stop string), with the loop's figures
+            return dataclasses.replace(completion, speculation=stats)
         try:
             async with asyncio.timeout(self.config.timeouts.total):
                 text = [piece async for piece in run.pieces()]
