@@ -15,7 +15,11 @@ from typing import Any
 
 import httpx
 
-__all__ = ["FakeUpstream"]
+from gateway.config.loader import load_policy_text
+from gateway.upstreams.base import Provider
+from gateway.upstreams.registry import Transport, build_provider
+
+__all__ = ["FakeUpstream", "pair_provider"]
 
 
 class FakeUpstream:
@@ -95,3 +99,19 @@ async def _events(
         yield b"data: " + json.dumps(tail).encode() + b"\n\n"
     if done:
         yield b"data: [DONE]\n\n"
+
+
+_PAIR = """
+pair: {small: small, large: large}
+models:
+  small: {base_url: "http://small.test/v1", price: {input: 1, output: 1}, tier: small}
+  large: {base_url: "http://large.test/v1", price: {input: 1, output: 1}, tier: large}
+routes: {fast: {model: small}}
+auth: {mode: none}
+"""
+
+
+def pair_provider(model: str, transport: Transport) -> Provider:
+    """``small`` or ``large`` of a plain OpenAI-compatible pair (at ``http://{model}.test/v1``), through ``transport``."""
+    policy = load_policy_text(_PAIR, environ={}).policy
+    return build_provider(model, policy.models[model], {}, transport)

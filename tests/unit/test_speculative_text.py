@@ -10,20 +10,10 @@ import httpx
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from gateway.config.loader import load_policy_text
 from gateway.speculative.loop import Step
 from gateway.speculative.text import LocalTextAssembler, ServerTextAssembler, clean_up_tokenization
 from gateway.speculative.token_api import TokenAPI
-from gateway.upstreams.registry import build_provider
-
-_POLICY = """
-pair: {small: small, large: large}
-models:
-  small: {base_url: "http://small.test/v1", price: {input: 1, output: 1}, tier: small}
-  large: {base_url: "http://large.test/v1", price: {input: 1, output: 1}, tier: large}
-routes: {fast: {model: small}}
-auth: {mode: none}
-"""
+from tests.unit.fake_upstream import pair_provider
 
 _CORPUS = [
     "from . import x, y ; isn't it ? café naïve Straße 東京 Москва مرحبا 🙂🚀",
@@ -117,8 +107,7 @@ def test_without_a_tokenizer_an_answer_cut_mid_character_ends_before_it_as_vllm_
         ids = json.loads(request.content)["tokens"]
         return httpx.Response(200, json={"prompt": tokenizer.decode(ids, skip_special_tokens=False)})
 
-    policy = load_policy_text(_POLICY, environ={}).policy
-    provider = build_provider("large", policy.models["large"], {}, httpx.MockTransport(detokenize))
+    provider = pair_provider("large", httpx.MockTransport(detokenize))
     prompt, ids = tokenizer.encode("naïve ").ids, tokenizer.encode("東京 café").ids
     answer = ids[: next(n for n in range(len(ids), 0, -1) if tokenizer.decode(ids[:n]).endswith("\ufffd"))]
 

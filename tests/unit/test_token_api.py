@@ -5,19 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from gateway.config.loader import load_policy_text
 from gateway.errors import UpstreamStatusError
 from gateway.speculative.token_api import TokenAPI
-from gateway.upstreams.registry import build_provider
-
-_POLICY = """
-pair: {small: small, large: large}
-models:
-  small: {base_url: "http://small.test/v1", price: {input: 1, output: 1}, tier: small}
-  large: {base_url: "http://large.test/v1", price: {input: 1, output: 1}, tier: large}
-routes: {fast: {model: small}}
-auth: {mode: none}
-"""
+from tests.unit.fake_upstream import pair_provider
 
 _CHUNK = b'{"id":"cmpl-1","object":"text_completion","created":0,"model":"large","choices":[{"index":0,"text":"a",'
 _CHUNK += b'"logprobs":{"tokens":["token_id:7"],"token_logprobs":[-0.1],"top_logprobs":null},"finish_reason":null}]}'
@@ -32,8 +22,7 @@ def _mid_stream_error(request: httpx.Request) -> httpx.Response:
 async def test_an_error_event_mid_stream_is_passed_on_in_the_servers_words() -> None:
     """t76: vLLM's ``{"error": ...}`` event in the plain stream read as "not a completion chunk",
     and what the server said went wrong was lost."""
-    policy = load_policy_text(_POLICY, environ={}).policy
-    provider = build_provider("large", policy.models["large"], {}, httpx.MockTransport(_mid_stream_error))
+    provider = pair_provider("large", httpx.MockTransport(_mid_stream_error))
     tokens: list[int] = []
     with pytest.raises(UpstreamStatusError) as failed:
         async for generation in TokenAPI(provider).stream_generate([1, 2, 3], 8, temperature=0.0):

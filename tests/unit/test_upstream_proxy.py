@@ -7,18 +7,8 @@ import json
 
 import pytest
 
-from gateway.config.loader import load_policy_text
 from gateway.protocols.openai_chat import read_chat_request
-from gateway.upstreams.registry import build_provider
-
-_POLICY = """
-pair: {small: small, large: large}
-models:
-  small: {base_url: "http://upstream.invalid/v1", price: {input: 1, output: 1}, tier: small}
-  large: {base_url: "http://upstream.invalid/v1", price: {input: 1, output: 1}, tier: large}
-routes: {fast: {model: small}}
-auth: {mode: none}
-"""
+from tests.unit.fake_upstream import pair_provider
 
 _ANSWER = {
     "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "small",
@@ -52,8 +42,7 @@ async def test_a_proxied_upstream_is_reached_through_the_proxy(transport: str, m
     for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
-    policy = load_policy_text(_POLICY, environ={}).policy
-    provider = build_provider("small", policy.models["small"], {}, transport)  # type: ignore[arg-type]
+    provider = pair_provider("small", transport)  # type: ignore[arg-type]
     try:
         request = read_chat_request({"model": "small", "messages": [{"role": "user", "content": "hi"}]})
         completion = await provider.complete(request)
@@ -62,4 +51,4 @@ async def test_a_proxied_upstream_is_reached_through_the_proxy(transport: str, m
         server.close()
         await server.wait_closed()
     assert completion.text == "via the proxy"
-    assert seen == [b"POST http://upstream.invalid/v1/chat/completions HTTP/1.1"]
+    assert seen == [b"POST http://small.test/v1/chat/completions HTTP/1.1"]
