@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -10,6 +10,8 @@ import anthropic
 import httpx
 import openai
 import pytest
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
 from gateway.simulated import SimulatedUpstream, start_simulated_upstream
@@ -104,6 +106,23 @@ def claude(gateway: GatewayProcess) -> Iterator[anthropic.Anthropic]:
 async def aclient(gateway: GatewayProcess) -> AsyncIterator[openai.AsyncOpenAI]:
     async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=10) as client:
         yield client  # closed on the loop that opened it: its sockets must not outlive the test
+
+
+def sdk_chat(
+    client: openai.OpenAI, model: str, messages: Iterable[ChatCompletionMessageParam], *, stream: bool
+) -> tuple[str, str, CompletionUsage | None]:
+    """One chat request as an app makes it with the openai SDK, streamed (usage asked for) or not:
+    its ``x-request-id``, the answer's text and the usage the SDK read."""
+    if stream:
+        with client.chat.completions.with_streaming_response.create(
+            model=model, messages=messages, stream=True, stream_options={"include_usage": True}
+        ) as response:
+            chunks = list(response.parse())
+            request_id = response.headers["x-request-id"]
+        return request_id, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=messages)
+    answer = raw.parse()
+    return raw.headers["x-request-id"], answer.choices[0].message.content or "", answer.usage
 
 
 def inject(upstream: SimulatedUpstream, *faults: Mapping[str, object]) -> None:

@@ -14,7 +14,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from gateway.store import keyspace
-from tests.conftest import inject, upstream_stats
+from tests.conftest import inject, sdk_chat, upstream_stats
 from tests.gateway_process import GatewayProcess
 
 MESSAGES: list[ChatCompletionMessageParam] = [
@@ -260,19 +260,8 @@ def test_concrete_model_can_be_called_directly(client: openai.OpenAI) -> None:
 def test_anthropic_provider_end_to_end(
     client: openai.OpenAI, gateway: GatewayProcess, large_upstream: SimulatedUpstream, stream: bool
 ) -> None:
-    text: str | None
-    if stream:
-        with client.chat.completions.with_streaming_response.create(
-            model="claude", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
-        ) as response:
-            request_id = response.headers["x-request-id"]
-            chunks = list(response.parse())
-        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert chunks[-1].usage is not None
-    else:
-        raw = client.chat.completions.with_raw_response.create(model="claude", messages=MESSAGES)
-        request_id = raw.headers["x-request-id"]
-        text = raw.parse().choices[0].message.content
+    request_id, text, usage = sdk_chat(client, "claude", MESSAGES, stream=stream)
+    assert usage is not None
     assert text == "[simulated large] gamma beta alpha"
     sent = upstream_stats(large_upstream)["last_request"]
     assert sent["path"] == "/v1/messages"

@@ -22,7 +22,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.simulated import SimulatedUpstream
-from tests.conftest import closed_after_test
+from tests.conftest import closed_after_test, sdk_chat
 from tests.faulty_upstream import CALL_SHAPES, FaultyUpstream, start_faulty_upstream
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
@@ -231,18 +231,7 @@ def test_an_answer_written_by_javascript_is_read_and_billed_as_its_sdk_reads_it(
     were dropped and the gateway's own count billed instead."""
     messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": f"js {time.time_ns()}"}]
     with openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0, timeout=15) as client:
-        if stream:
-            with client.chat.completions.with_streaming_response.create(
-                model="r-js-written", messages=messages, stream=True, stream_options={"include_usage": True}
-            ) as response:
-                request_id = response.headers["x-request-id"]
-                chunks = list(response.parse())
-            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-            usage = chunks[-1].usage
-        else:
-            raw = client.chat.completions.with_raw_response.create(model="r-js-written", messages=messages)
-            request_id, answer = raw.headers["x-request-id"], raw.parse()
-            text, usage = answer.choices[0].message.content or "", answer.usage
+        request_id, text, usage = sdk_chat(client, "r-js-written", messages, stream=stream)
     assert text.startswith("half an emoji ") and len(text) == len("half an emoji ") + 1
     assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (22, 7)
     record = gw.wait_for_record(request_id)
