@@ -216,6 +216,7 @@ def _readable_part(body: dict[str, Any]) -> Request:
         stream=body.get("stream") is True,
         tools=tools,
         tool_choice=choice,
+        thinking=body["thinking"] if isinstance(body.get("thinking"), dict) else None,  # named where dropped (t78)
     )
 
 

@@ -427,8 +427,7 @@ class Provider(ABC):
         """Start a streamed answer; returns once the upstream accepted it (HTTP errors raise here)."""
 
     def not_carried(self, request: core.Request) -> list[str]:
-        """What of a chat client's request this upstream is not sent (for ``x-gateway-dropped``);
-        an OpenAI-compatible upstream gets the client's body as it came."""
+        """What of a chat client's request this upstream is not sent (for ``x-gateway-dropped``)."""
         return []
 
     async def embed(

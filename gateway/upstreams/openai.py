@@ -44,7 +44,7 @@ from gateway.upstreams.base import (
 from gateway.upstreams.sse import SSEEvent
 from gateway.upstreams.stop_strings import StopWatch, applied_here, cut_choices, stops_of
 
-__all__ = ["OpenAIProvider", "chat_payload", "for_openai_upstream"]
+__all__ = ["OpenAIProvider", "chat_payload", "for_openai_upstream", "not_for_openai_upstream"]
 
 _log = structlog.get_logger("gateway.upstreams")
 
@@ -79,6 +79,9 @@ class OpenAIProvider(Provider):
         return Completion(
             body=content, usage=usage, text=text, said=said, finish_reason=finish, cut=cut, service_tier=tier
         )
+
+    def not_carried(self, request: core.Request) -> list[str]:
+        return not_for_openai_upstream(request)
 
     def _payload(self, request: core.Request, body: dict[str, Any] | None) -> dict[str, Any]:
         payload = chat_payload(request, body, self.upstream_model, continues=self.config.continue_final_message)
@@ -457,7 +460,8 @@ def for_openai_upstream(body: dict[str, Any]) -> dict[str, Any]:
     """``body`` without what only Anthropic upstreams read (OpenAI-compatible servers do not
     define it; some refuse it): ``cache_control`` on content parts and tools, a top-level
     ``thinking`` setting, and assistant ``thinking`` / ``redacted_thinking`` parts. The same
-    object when there is none, the common case: plain string contents are not looked into."""
+    object when there is none, the common case: plain string contents are not looked into.
+    :func:`not_for_openai_upstream` names what it takes out."""
     messages = body.get("messages")
     tools = body.get("tools")
     thinking = isinstance(body.get("thinking"), dict)
@@ -482,6 +486,21 @@ def for_openai_upstream(body: dict[str, Any]) -> dict[str, Any]:
 
 
 _ANTHROPIC_ONLY_PARTS = ("thinking", "redacted_thinking")
+
+
+def not_for_openai_upstream(request: core.Request) -> list[str]:
+    """What :func:`for_openai_upstream` takes out of a chat client's request, for
+    ``x-gateway-dropped``: its ``thinking`` setting and signed reasoning, and its prompt-cache
+    breakpoints (t78: a chat client's ``thinking`` went nowhere without a word, where a
+    Messages client is told)."""
+    lost: list[str] = []
+    parts = [part for message in request.messages for part in message.parts]
+    if request.thinking is not None or any(isinstance(p, core.ThinkingPart | core.RedactedThinkingPart) for p in parts):
+        lost.append("thinking")
+    marked = any(getattr(part, "cache_control", None) is not None for part in parts)
+    if marked or any(tool.cache_control is not None for tool in request.tools):
+        lost.append("cache_control")
+    return lost
 
 
 def _marked(part: Any) -> bool:

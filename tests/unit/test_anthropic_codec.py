@@ -28,7 +28,7 @@ from gateway.core.model import (
 from gateway.errors import InvalidRequestError
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
-from gateway.upstreams.openai import for_openai_upstream
+from gateway.upstreams.openai import for_openai_upstream, not_for_openai_upstream
 
 
 def _decode(**body: Any) -> Any:
@@ -259,6 +259,31 @@ def test_signed_thinking_travels_in_the_chat_body_and_never_to_an_openai_upstrea
     assert plain["messages"][1]["tool_calls"] == body["messages"][1]["tool_calls"]
     simple = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     assert for_openai_upstream(simple) is simple  # nothing to take out: not copied
+
+
+def test_what_an_openai_upstream_is_not_sent_of_a_chat_clients_request_is_named() -> None:
+    """A chat client's ``thinking`` reached a vLLM route without a word (t78), where a Messages
+    client is told: what :func:`for_openai_upstream` takes out is named."""
+    marked = {"type": "text", "text": "Long context.", "cache_control": {"type": "ephemeral"}}
+    tool = {"type": "function", "function": {"name": "f"}, "cache_control": {"type": "ephemeral"}}
+    signed = {"type": "thinking", "thinking": "Hmm.", "signature": "sig=="}
+    hi: dict[str, Any] = {"role": "user", "content": "hi"}
+    asked: list[tuple[dict[str, Any], list[str]]] = [
+        ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, ["thinking"]),
+        ({"messages": [{"role": "user", "content": [marked]}]}, ["cache_control"]),
+        ({"tools": [tool]}, ["cache_control"]),
+        ({"messages": [hi, {"role": "assistant", "content": [signed, {"type": "text", "text": "4"}]}, hi]}, ["thinking"]),
+        ({"messages": [hi, {"role": "assistant", "content": "4", "thinking_blocks": [signed]}, hi]}, ["thinking"]),
+        ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}], "thinking": {"type": "enabled"}},
+         ["thinking"]),  # a body the internal model cannot hold whole
+        ({"messages": [hi, {"role": "assistant", "content": "4", "reasoning_content": "vLLM's"}, hi]}, []),
+        ({}, []),
+    ]  # fmt: skip
+    for extra, named in asked:
+        body = {"model": "m", "messages": [hi], **extra}
+        assert not_for_openai_upstream(openai_chat.read_chat_request(body)) == named, extra
+        if not named:
+            assert for_openai_upstream(body) is body  # nothing taken out
 
 
 @pytest.mark.parametrize("streamed", [False, True])
