@@ -270,20 +270,22 @@ def _internal_message(message: Any, i: int) -> Message:
     if not isinstance(message, dict):
         raise InvalidRequestError(f"messages[{i}] must be an object", param="messages")
     for field, value in message.items():
+        if field == "refusal" and message.get("role") == "assistant":
+            continue  # read below, as a refusal part is
         if field not in _MESSAGE_FIELDS and field not in _ECHOED_FIELDS and value not in (None, False, "", [], {}):
-            # prefix (a continuation), audio, a refusal, ...: the model has no place for them
+            # prefix (a continuation), audio, ...: the model has no place for them
             raise InvalidRequestError(f"messages[{i}].{field} cannot be sent to this upstream", param="messages")
     role, content = message.get("role"), message.get("content")
+    name = message.get("name") if isinstance(message.get("name"), str) and message.get("name") else None
     if role in ("system", "developer"):
         parts = _internal_parts(content, i)
         if not all(isinstance(part, TextPart) for part in parts):
             raise InvalidRequestError(f"messages[{i}]: only text parts are allowed here", param="messages")
-        return Message("system", parts)
-    name = message.get("name") if isinstance(message.get("name"), str) and message.get("name") else None
+        return Message("system", parts, name=name)
     if role == "user":
         return Message("user", _internal_parts(content, i), name=name)
     if role == "assistant":
-        parts = _internal_parts(content, i)
+        parts = (*_internal_parts(content, i), *_refusal(message, i))
         if message.get("thinking_blocks") and not any(
             isinstance(p, ThinkingPart | RedactedThinkingPart) for p in parts
         ):
@@ -295,6 +297,18 @@ def _internal_message(message: Any, i: int) -> Message:
             raise InvalidRequestError(f"messages[{i}]: a tool message needs a tool_call_id", param="messages")
         return Message("tool", _internal_parts(content, i), tool_call_id=call_id)
     raise InvalidRequestError(f"messages[{i}]: role {role!r} is not supported", param="messages")
+
+
+def _refusal(message: dict[str, Any], i: int) -> tuple[TextPart, ...]:
+    """An answer's ``refusal`` sent back with it, as the assistant's text, as a ``refusal``
+    part is: OpenAI takes it, and the model that reads the conversation next should see that it
+    declined (t78: a 400 on a Claude route, taken on a chat one, so ``auto`` decided)."""
+    refusal = message.get("refusal")
+    if refusal is None or refusal == "":
+        return ()
+    if not isinstance(refusal, str):
+        raise InvalidRequestError(f"messages[{i}].refusal must be a string", param="messages")
+    return (TextPart(refusal),)
 
 
 def _echoed_thinking(message: dict[str, Any]) -> list[ThinkingPart | RedactedThinkingPart]:

@@ -29,7 +29,7 @@ by :func:`gateway.protocols.anthropic_messages.encode_request`. For a chat clien
   ``response_format`` (a JSON schema aside), ``logprobs``, ``top_logprobs``, the
   deprecated ``functions`` / ``function_call`` and any other unknown field: each is named
   in ``x-gateway-dropped`` (:meth:`AnthropicProvider.not_carried`), as are an image's
-  ``detail`` and a temperature above 1.
+  ``detail``, a temperature above 1 and a message's ``name`` (``messages.name``).
 
 Response (Anthropic → OpenAI), through the internal model too: the Messages codec reads the
 message (``decode_answer``) or the stream (``StreamDecoder``), the chat codec writes the
@@ -248,6 +248,8 @@ def _not_carried(request: core.Request, one_sampler: bool = False) -> list[str]:
         lost.append("temperature")  # clamped to Anthropic's 1
     if any(isinstance(part, core.ImagePart) and part.detail for m in request.messages for part in m.parts):
         lost.append("image_url.detail")
+    if any(message.name for message in request.messages):
+        lost.append("messages.name")  # Anthropic's turns have no speaker's name (t78)
     return lost
 
 

@@ -328,6 +328,35 @@ def test_what_a_chat_request_cannot_carry_to_anthropic_is_named(upstream: tuple[
     assert provider.not_carried(as_sent(_body(response_format=schema))[0]) == []  # output_config.format
 
 
+def test_a_speakers_name_anthropic_has_no_place_for_is_named(upstream: tuple[FakeAnthropic, Provider]) -> None:
+    """Anthropic's turns have no ``name``: alice and bob reach it as one user turn (t78: without a word)."""
+    _, provider = upstream
+    body = _body(messages=[
+        {"role": "system", "content": "Moderate.", "name": "host"},
+        {"role": "user", "content": "a", "name": "alice"}, {"role": "user", "content": "hi", "name": "bob"},
+    ])  # fmt: skip
+    assert provider.not_carried(as_sent(body)[0]) == ["messages.name"]
+    assert provider.not_carried(as_sent(_body(messages=[{"role": "system", "content": "x", "name": "h"}]))[0]) == [
+        "messages.name"
+    ]
+    assert provider.not_carried(as_sent(_body())[0]) == []
+
+
+async def test_an_assistant_turns_refusal_reaches_anthropic_as_its_text(
+    upstream: tuple[FakeAnthropic, Provider],
+) -> None:
+    """An OpenAI answer's ``refusal`` sent back with it is the assistant's text, as a ``refusal``
+    part is (t78: a 400 on a Claude route, while a chat upstream took it)."""
+    server, provider = upstream
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "refusal": "I can't."},
+             {"role": "user", "content": "ok"}]  # fmt: skip
+    await provider.complete(*as_sent(_body(messages=turns)))
+    assert server.last_body["messages"][1] == {"role": "assistant", "content": "I can't."}
+    part = {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]}
+    await provider.complete(*as_sent(_body(messages=[turns[0], part, turns[2]])))
+    assert server.last_body["messages"][1] == {"role": "assistant", "content": "I can't."}  # the same
+
+
 async def test_n_above_one_is_refused(upstream: tuple[FakeAnthropic, Provider]) -> None:
     server, provider = upstream
     with pytest.raises(InvalidRequestError) as caught:
