@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from gateway.errors import InvalidRequestError
 from gateway.protocols.body import check_fields, decode_body
 from gateway.protocols.openai_fields import ChoiceCount, MaxTokens, Penalty, Stop, Temperature, TopP
 from gateway.protocols.shared_state import refuse_upstream_ids
@@ -70,5 +71,18 @@ def parse_chat_request(raw: bytes) -> dict[str, Any]:
     """Decode and check a request body; returns it as plain values."""
     body = decode_body(raw, dict[str, Any])
     check_fields(body, _ChatRequest)
+    _check_tool_choice(body)
     refuse_upstream_ids(body, raw)  # a ``file`` part's file_id names a file under the operator's key (t33)
     return body
+
+
+def _check_tool_choice(body: dict[str, Any]) -> None:
+    """A ``tool_choice`` without ``tools`` is a 400, as OpenAI and vLLM answer it: an Anthropic
+    upstream is sent no choice without tools, and answered it with text (t78). ``none`` asks for
+    nothing a request without tools does not get (vLLM takes it)."""
+    choice = body.get("tool_choice")
+    if choice is not None and choice != "none" and body.get("tools") is None:
+        raise InvalidRequestError(
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+            param="tool_choice",
+        )

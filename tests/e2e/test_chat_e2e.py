@@ -183,6 +183,44 @@ def test_unknown_fields_are_passed_through(client: openai.OpenAI, small_upstream
     assert sent["model"] == "small"  # the upstream's model name replaces the alias
 
 
+def test_what_a_chat_upstream_is_not_sent_is_named(client: openai.OpenAI, small_upstream: SimulatedUpstream) -> None:
+    """A chat client's ``thinking`` (the carrier for Anthropic's setting) is left out for an
+    OpenAI-compatible upstream and named, as a Messages client's is (t78: left out silently)."""
+    raw = client.chat.completions.with_raw_response.create(
+        model="fast", messages=MESSAGES, extra_body={"thinking": {"type": "enabled", "budget_tokens": 1024}}
+    )
+    assert raw.headers["x-gateway-model"] == "small" and raw.headers["x-gateway-dropped"] == "thinking"
+    assert "thinking" not in upstream_stats(small_upstream)["last_request"]["body"]
+    plain = client.chat.completions.with_raw_response.create(model="fast", messages=MESSAGES)
+    assert "x-gateway-dropped" not in plain.headers
+
+
+@pytest.mark.parametrize("model", ["fast", "claude"])
+def test_a_history_reads_the_same_on_every_route(
+    client: openai.OpenAI, large_upstream: SimulatedUpstream, model: str
+) -> None:
+    """What OpenAI takes or refuses is taken or refused on a chat and a Claude route alike, so
+    that ``auto``'s pick does not decide (t78): an answer's ``refusal`` sent back is taken (the
+    assistant's text for Claude), a ``tool_choice`` without ``tools`` is OpenAI's 400."""
+    history: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "a secret?", "name": "alice"},
+        {"role": "assistant", "content": None, "refusal": "I can't help with that."},
+        {"role": "user", "content": "alpha beta gamma", "name": "bob"},
+    ]
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=history)
+    assert raw.parse().choices[0].message.content
+    if model == "claude":
+        sent = upstream_stats(large_upstream)["last_request"]["body"]["messages"]
+        assert sent[1] == {"role": "assistant", "content": "I can't help with that."}
+        assert raw.headers["x-gateway-dropped"] == "messages.name"  # Anthropic's turns have no speaker
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=model, messages=MESSAGES, tool_choice={"type": "function", "function": {"name": "f"}}
+        )
+    assert refused.value.param == "tool_choice" and "only allowed when 'tools' are specified" in refused.value.message
+    assert client.chat.completions.create(model=model, messages=MESSAGES, tool_choice="none").choices
+
+
 def test_gateway_counts_tokens_when_upstream_reports_no_usage(
     client: openai.OpenAI, gateway: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:
