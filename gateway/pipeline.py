@@ -1564,6 +1564,7 @@ def _billed_usage(record: RequestRecord) -> dict[str, Any]:
     return usage_body(
         record.prompt_tokens, record.completion_tokens,
         cached_tokens=record.cached_prompt_tokens, reasoning_tokens=record.reasoning_tokens,
+        cache_write_tokens=record.cache_write_tokens,
     )  # fmt: skip
 
 

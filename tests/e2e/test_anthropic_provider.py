@@ -389,7 +389,8 @@ async def test_complete_text(upstream: tuple[FakeAnthropic, Provider]) -> None:
         }
     ]
     assert answer["usage"] == {
-        "prompt_tokens": 15, "completion_tokens": 5, "total_tokens": 20, "prompt_tokens_details": {"cached_tokens": 3}
+        "prompt_tokens": 15, "completion_tokens": 5, "total_tokens": 20,
+        "prompt_tokens_details": {"cached_tokens": 3, "cache_write_tokens": 2},  # (t78)
     }  # fmt: skip
 
 
