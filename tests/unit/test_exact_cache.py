@@ -228,3 +228,33 @@ async def test_when_another_process_leader_goes_without_an_answer_one_waiter_her
     await here.release(leads[0], _answer("one call"), T)
     answers = [(await task)[0] for task in pending]
     assert all(isinstance(answer, CachedAnswer) for answer in answers)
+
+
+class _Watched(MemoryKeyValue):
+    """Says when a process first looks for another's answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peeked = asyncio.Event()
+
+    async def peek(self, key: str, timeout_s: float) -> tuple[bytes | None, bool]:
+        self.peeked.set()
+        return await super().peek(key, timeout_s)
+
+
+async def test_when_the_store_fails_while_waiting_on_another_process_one_waiter_here_leads() -> None:
+    """t74: Redis gone while 8 identical requests here waited on another process's lease, each was
+    told to call upstream on its own: 7 upstream calls for 8 requests instead of 1."""
+    shared = _Watched()
+    here, there = ExactCache(shared), ExactCache(shared)
+    _, leaders_lease = await there.join_or_lead("k", 30.0, T)
+    assert leaders_lease is not None and leaders_lease.held_in_store
+    waiters = [asyncio.create_task(here.join_or_lead("k", 30.0, T)) for _ in range(8)]
+    await shared.peeked.wait()  # waiting on the other process's answer
+    shared.down = True  # Redis killed mid-wait
+    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    leads = [lease for task in done if (lease := task.result()[1]) is not None]
+    assert len(leads) == 1 and not leads[0].held_in_store and leads[0].waited
+    await here.release(leads[0], _answer("one call"), T)
+    answers = [(await task)[0] for task in waiters if task not in done]
+    assert len(answers) == 7 and all(isinstance(a, CachedAnswer) and a.answer.text == "one call" for a in answers)
