@@ -134,7 +134,7 @@ async def _start(settings: Settings) -> GatewayState:
     client = connect(settings.redis_url) if settings.redis_url else None
     redis = SharedRedis(client, metrics)
     store = redis_store(redis)
-    limiter = Limiter(store.counters, UsageLedger(store.counters))
+    limiter = Limiter(store.counters, UsageLedger(store.counters, store_configured=client is not None))
     classifier = await asyncio.to_thread(load_classifier, settings.router_artifacts)
     if classifier is None:
         _log.warning("router_not_loaded", artifacts=settings.router_artifacts, effect="auto uses its default model")

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from gateway.accounting.ledger import UsageKeys, UsageLedger, usage_keys
+from gateway.accounting.ledger import CLOSING_RETRY_S, UsageKeys, UsageLedger, usage_keys
 from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal
 from gateway.config.schema import Limits, Policy
@@ -419,19 +419,20 @@ class Limiter:
             await asyncio.wait(set(self._settling), timeout=timeout_s)
 
     async def aclose(self) -> None:
-        await self.drain(timeout_s=_CLOSING_DRAIN_S)
+        """Wait for the settlements still running, then for the ledger to write what it holds:
+        both within one :data:`CLOSING_RETRY_S` (the README's "up to 10 s more"), not each its own."""
+        until = asyncio.get_running_loop().time() + CLOSING_RETRY_S
+        await self.drain(timeout_s=CLOSING_RETRY_S)
         for task in self._settling:  # still waiting for a Redis that is gone: at most once, as documented
             task.cancel()
         await asyncio.gather(*self._settling, return_exceptions=True)
-        await self.ledger.aclose()
+        await self.ledger.aclose(until)
 
 
 _ACCOUNTING_TIMEOUT_S = 2.0
 """The least time a settlement or a usage batch is given: they run off the request's path, and a
 usage batch that times out is not sent again (it may have been applied, and would count twice),
 so a Redis pausing for a few hundred milliseconds (a fork for a snapshot) must not cost it."""
-_CLOSING_DRAIN_S = 10.0
-"""At shutdown, how long settlements still retrying are waited for."""
 
 
 def _past_budget(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -11,8 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.accounting.ledger import UsageLedger
+from gateway.accounting.metrics import Metrics
+from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
 from gateway.simulated import SimulatedUpstream, start_simulated_upstream
-from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+from gateway.store.redis import RedisLimitCounters, SharedRedis, connect
+from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
 
 def test_sigterm_lets_a_stream_finish_then_exits_cleanly(tmp_path: Path, large_upstream: SimulatedUpstream) -> None:
@@ -75,8 +80,6 @@ def _is_zombie(pid: int) -> bool:
 def test_sigterm_under_uvicorn_also_stops_the_embedded_redis(tmp_path: Path, large_upstream: SimulatedUpstream) -> None:
     import subprocess
     import sys
-
-    from tests.gateway_process import free_port
 
     with start_simulated_upstream("small") as small:
         policy = tmp_path / "policies.yaml"
@@ -154,3 +157,45 @@ def test_a_serve_killed_outright_leaves_no_worker_or_redis_behind(
     assert not alive
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{gateway.url}/healthz", timeout=2)
+
+
+def test_usage_held_while_redis_is_down_reaches_a_redis_back_during_the_shutdown(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t74: at SIGTERM the usage held through an outage was sent once, refused at once (Redis still
+    marked down), and dropped 0.17 s later, though the README promises it 10 s more."""
+    port = free_port()
+    server = start_embedded_redis(tmp_path / "redis", port=port, password="pw-74")
+    url = f"redis://:pw-74@127.0.0.1:{port}/0"
+    gateway = start_gateway(tmp_path / "gw", policy_text(small_upstream, large_upstream), env={"REDIS_URL": url})
+    back: EmbeddedRedis | None = None
+    try:
+        server.stop()  # Redis goes away
+        for n in range(3):
+            body = {"model": "fast", "messages": [{"role": "user", "content": f"held {n}"}]}
+            assert httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=10).status_code == 200
+        gateway.process.send_signal(signal.SIGTERM)
+        while gateway.process.poll() is None and not gateway.ops_records("usage_held_at_shutdown"):
+            time.sleep(0.05)  # until it has tried once at shutdown (or, unfixed, exited)
+        back = start_embedded_redis(tmp_path / "redis-back", port=port, password="pw-74")  # empty, same address
+        assert gateway.process.wait(30) == 0
+        assert not gateway.ops_records("usage_unrecorded")
+        assert asyncio.run(_requests_counted(url, "anonymous", "default")) == 3
+    finally:
+        gateway.stop()
+        if back is not None:
+            back.stop()
+
+
+async def _requests_counted(url: str, key_id: str, tenant: str) -> int:
+    """The requests today in the key's usage sums in that Redis."""
+    from datetime import UTC, datetime
+
+    shared = SharedRedis(connect(url, timeout_s=2), Metrics())
+    try:
+        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        totals = await UsageLedger(RedisLimitCounters(shared)).read([(key_id, tenant)], today, today)
+    finally:
+        await shared.aclose()
+    assert totals is not None
+    return totals[key_id, tenant].requests

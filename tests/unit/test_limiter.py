@@ -180,6 +180,7 @@ async def test_with_redis_marked_down_what_requests_cost_replaces_their_estimate
             limiter.settle_later(policy, reservation, UsageFigures(requests=1, cost_usd=0.3))
             let_through += 1
     assert let_through == 4  # 0.05 + 3 x 0.30 + 0.05 fits; then 1.25 is spent
+    counters.down = False  # back before the shutdown, which would otherwise try its 10 s for it (t74)
     await limiter.aclose()
 
 
@@ -589,3 +590,30 @@ async def test_token_counts_fail_open_or_closed_by_policy() -> None:
     counters.down = True
     with pytest.raises(LimiterUnavailableError):
         await limiter.admit_count(policy, _principal(rpm=1))
+
+
+class _CountedUsage(MemoryLimitCounters):
+    def __init__(self) -> None:
+        super().__init__()
+        self.usage_writes = 0
+
+    async def add_usage(
+        self,
+        sums: Mapping[str, UsageFigures],
+        expired: Iterable[str],
+        spent: Spent,
+        timeout_s: float,
+        batch: str | None = None,
+    ) -> None:
+        self.usage_writes += 1
+        await super().add_usage(sums, expired, spent, timeout_s, batch)
+
+
+async def test_with_no_store_configured_the_shutdown_does_not_wait_for_one() -> None:
+    """No Redis at all: nothing held is ever written, so the close tries once, not for 10 s (t74)."""
+    counters = _CountedUsage()
+    counters.down = True
+    ledger = UsageLedger(counters, store_configured=False)
+    ledger.record(usage_keys("t", "a", time.time()), UsageFigures(requests=1, cost_usd=0.5), 1.0)
+    await ledger.aclose()
+    assert counters.usage_writes == 1
