@@ -138,9 +138,11 @@ async def _learn(kv: KeyValue, scope: str | None, tenants: list[str], promote_it
 
     store = LearningStore(kv)
     examples: list[LabelledExample] = []
+    held_back = 0
     for tenant in tenants:
         found = await store.labels(tenant)
         examples.extend(e for e in found if scope is not None or e.poolable)
+        held_back += sum(1 for e in found if scope is None and not e.poolable)
     try:
         current = await active(kv, scope)
     except UnreadableRouter as exc:  # gateways serve the shipped router meanwhile: compare with that
@@ -150,6 +152,12 @@ async def _learn(kv: KeyValue, scope: str | None, tenants: list[str], promote_it
         candidate, evaluation = fit_candidate(examples, current)
     except ValueError as exc:
         print(str(exc), file=sys.stderr)
+        if held_back:  # t79: "0 labelled requests" for a tenant with hundreds, and no word why
+            print(
+                f"{held_back} labels of these tenants were left out: their route has learning scope "
+                "'tenant', so they are not pooled (set learning.scope: global on the route to pool them)",
+                file=sys.stderr,
+            )
         return 1
     labelled = latest_labels(examples)  # a relabelled request counts once, as status counts it (t69)
     usable = same_classifier(labelled)

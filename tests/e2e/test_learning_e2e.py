@@ -414,6 +414,7 @@ def test_labels_of_a_tenant_scoped_route_are_never_pooled(gateway: GatewayProces
     assert len(_labels(redis_server, "b")) >= 45
     pooled = _learn(redis_server, "learn", "--global", "--tenant", "b")
     assert pooled.returncode == 1 and "0 labelled requests" in pooled.stderr
+    assert "learning scope 'tenant', so they are not pooled" in pooled.stderr  # t79: and why
     own = _learn(redis_server, "learn", "--tenant", "b")  # the tenant's own router may use them
     assert own.returncode == 0, own.stderr
     assert json.loads(own.stdout)["labels"] >= 45
