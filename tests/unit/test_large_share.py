@@ -45,7 +45,9 @@ async def test_the_threshold_walks_to_the_target_share_in_bounded_steps() -> Non
     assert _share(scores[:20], 0.5) <= 0.05
     await _feed(tracker, "t", scores[:20], target=0.3)
     first = tracker.threshold("t", "auto", 0.5)
-    assert first < 0.5 and _share(scores[:20], first) <= _share(scores[:20], 0.5) + 0.05 + 1e-9  # one bounded step
+    gap = 0.3 - _share(scores[:20], 0.5)  # a step is 5 points, or half the gap when that is more (t79)
+    one_score = 1 / 20  # the quantile of 20 scores lands on one of them
+    assert first < 0.5 and _share(scores[:20], first) <= _share(scores[:20], 0.5) + max(0.05, gap / 2) + one_score
     await _feed(tracker, "t", scores[20:200], target=0.3)  # ~9 more updates: enough to get there
     assert _share(scores[:200], tracker.threshold("t", "auto", 0.5)) == pytest.approx(0.3, abs=0.05)
     await _feed(tracker, "t", scores[200:], target=0.3)
@@ -53,14 +55,18 @@ async def test_the_threshold_walks_to_the_target_share_in_bounded_steps() -> Non
 
 
 async def test_a_burst_of_odd_prompts_moves_the_share_by_one_step_at_most() -> None:
+    """50 prompts that all score high are a fifth of the 250 newest scores the share is judged on:
+    the share there is ~0.42, and one update closes half of that gap to 0.3, no more; on the
+    calm traffic that is about 9 points, for as long as the burst stays among the newest scores
+    (the price of following a real shift within a few updates, t79)."""
     tracker = LargeShareTracker(MemoryKeyValue(), window=1000, update_every=50, max_share_step=0.05)
     rng = random.Random(3)
     calm = [rng.random() for _ in range(1000)]
     await _feed(tracker, "t", calm, target=0.3)
     settled = tracker.threshold("t", "auto", 0.5)
-    assert _share(calm, settled) == pytest.approx(0.3, abs=0.03)
+    assert _share(calm, settled) == pytest.approx(0.3, abs=0.05)  # set on the newest 250: sampling
     await _feed(tracker, "t", [0.999] * 50, target=0.3)  # 50 prompts that all score high
-    assert _share(calm, tracker.threshold("t", "auto", 0.5)) >= _share(calm, settled) - 0.05 - 0.01
+    assert _share(calm, tracker.threshold("t", "auto", 0.5)) >= _share(calm, settled) - 0.1
 
 
 async def test_processes_share_one_threshold_and_tenants_do_not() -> None:
@@ -70,11 +76,11 @@ async def test_processes_share_one_threshold_and_tenants_do_not() -> None:
     await _feed(first, "t", [rng.random() * 0.4 for _ in range(400)], target=0.5)
     moved = first.threshold("t", "auto", 0.5)
     assert moved == pytest.approx(0.2, abs=0.05)
-    # the other process starts from the shared value: its first update moves the share by one step at most
+    # the other process starts from the shared value: its first update closes half the gap to the target
     recent = np.array([rng.random() * 0.4 for _ in range(200)])
     before = float((recent >= moved).mean())
     after = await second.update("t", "auto", recent, target=0.9, configured=0.5)
-    assert float((recent >= after).mean()) == pytest.approx(before + 0.05, abs=0.01)
+    assert float((recent >= after).mean()) == pytest.approx(before + (0.9 - before) / 2, abs=0.01)
     assert first.threshold("other-tenant", "auto", 0.5) == 0.5
 
 
@@ -116,14 +122,14 @@ async def test_with_the_store_away_a_process_steps_on_its_own_scores() -> None:
     traffic shift during an outage sent everything to large."""
     store = MemoryKeyValue()
     tracker = LargeShareTracker(store, update_every=1, max_share_step=0.1)
-    recent = np.linspace(0.0, 1.0, 101)
-    assert await tracker.update("t", "auto", recent, target=0.9, configured=0.5) == pytest.approx(0.4, abs=0.011)
-    store.down = True
+    recent = np.linspace(0.0, 1.0, 101)  # share 0.5 at 0.5: half the gap to 0.9 is 0.2, past the 0.1 step
     assert await tracker.update("t", "auto", recent, target=0.9, configured=0.5) == pytest.approx(0.3, abs=0.011)
-    assert tracker.threshold("t", "auto", 0.5) == pytest.approx(0.3, abs=0.011)  # in force here, not written
+    store.down = True
+    assert await tracker.update("t", "auto", recent, target=0.9, configured=0.5) == pytest.approx(0.2, abs=0.011)
+    assert tracker.threshold("t", "auto", 0.5) == pytest.approx(0.2, abs=0.011)  # in force here, not written
     store.down = False
     assert float(await store.get(keyspace.large_share_threshold("t", "auto"), 1.0) or b"x") == pytest.approx(
-        0.4, abs=0.011
+        0.3, abs=0.011
     )
 
 
@@ -253,3 +259,20 @@ async def test_a_route_with_a_target_share_sends_that_share_to_large_through_the
     await tracker.aclose()
     await limiter.drain()
     await holder.aclose()
+
+
+async def test_a_turn_from_easy_to_hard_traffic_is_followed_within_a_few_updates() -> None:
+    """t79: after 200 easy prompts, 600 hard ones got 83 %, 63 % and 54 % large answers per 200
+    against a 30 % target: the share was judged on the whole 1,000-score window, still holding
+    the easy traffic, in steps of 5 points; the first step after the turn even went the wrong way."""
+    tracker = LargeShareTracker(MemoryKeyValue())  # the gateway's own settings
+    rng = random.Random(13)
+    scores = [rng.betavariate(2, 8) for _ in range(300)] + [rng.betavariate(8, 2) for _ in range(900)]
+    sent = []
+    for score in scores:
+        sent.append(score >= tracker.threshold("t", "auto", 0.5))
+        tracker.observe("t", "auto", score, 0.3, configured=0.5)
+        await asyncio.sleep(0)
+    blocks = [sum(sent[i : i + 100]) / 100 for i in range(300, 1200, 100)]
+    assert max(blocks[3:]) == pytest.approx(0.3, abs=0.1)  # from 300 requests after the turn: on target
+    assert sum(blocks) / len(blocks) < 0.5  # the first 200 after the turn go large: the scores jumped
