@@ -57,6 +57,7 @@ from gateway.protocols import openai_responses as codec
 from gateway.protocols.body import read_off_loop
 from gateway.protocols.shared_state import refuse_upstream_ids
 from gateway.protocols.tenant_ids import told_back
+from gateway.protocols.upstream_json import decode_json
 from gateway.responses_store import ResponseStore, StoredResponse, kept_ids
 from gateway.runtime import Runtime
 from gateway.sparse_log import SparseLog
@@ -501,7 +502,7 @@ async def _claimed_events(
                 claimed = True
                 start = at + len(marker)
                 end = piece.find(b"\n\n", start)
-                data = msgspec.json.decode(piece[start : end if end >= 0 else len(piece)])
+                data = _event_json(piece[start : end if end >= 0 else len(piece)])
                 response = data.get("response") if isinstance(data, dict) else None
                 response_id = response.get("id") if isinstance(response, dict) else None
                 if isinstance(response_id, str) and not await _claim(_store(state), tenant, response_id, record):
@@ -516,6 +517,16 @@ async def _claimed_events(
             await close()
 
 
+def _event_json(data: bytes) -> Any:
+    """A passed-through event's JSON, read as the SDKs read it (a lone surrogate escape: U+FFFD), or
+    None when it is none: the event goes on to the client as it came either way (t80: the stream
+    was cut, with no ``response.failed``, on half an emoji)."""
+    try:
+        return decode_json(data)
+    except msgspec.DecodeError:
+        return None
+
+
 def _not_stored_events(piece: bytes) -> bytes:
     """The piece's events with every response object in them saying ``store: false``."""
     events = piece.split(b"\n\n")
@@ -523,7 +534,7 @@ def _not_stored_events(piece: bytes) -> bytes:
         at = event.find(b"data: ")
         if at < 0 or b'"store"' not in event:
             continue
-        data = msgspec.json.decode(event[at + 6 :])
+        data = _event_json(event[at + 6 :])
         response = data.get("response") if isinstance(data, dict) else None
         if isinstance(response, dict) and "store" in response:
             response["store"] = False

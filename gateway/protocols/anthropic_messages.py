@@ -46,6 +46,7 @@ from gateway.core.model import (
 from gateway.errors import InvalidRequestError, context_overflow
 from gateway.pricing import PricedOptions, option_name
 from gateway.protocols.body import decode_body
+from gateway.protocols.upstream_json import token_count
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -626,20 +627,21 @@ def _finish_of(stop_reason: Any) -> FinishReason | None:
 
 
 def _count(value: Any) -> int:
-    """A token count as reported; anything else (a negative, a boolean) as none."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    """A token count as reported (``22.0`` included); anything else (a negative, a boolean) as none."""
+    return token_count(value) or 0
 
 
 def _given(raw: dict[str, Any], name: str, default: int) -> int:
     """A count the event gives (null or absent: ``default``, the one known)."""
     value = raw.get(name)
-    return _count(value) if isinstance(value, int) and not isinstance(value, bool) else default
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    return _count(value) if whole and not isinstance(value, bool) else default
 
 
 def usage_from_wire(raw: Any) -> Usage | None:
     """Anthropic's usage as the internal model counts it (``input_tokens`` with the cache's reads
     and writes in it, as every other API counts a prompt); None when it reports none."""
-    if not isinstance(raw, dict) or not isinstance(raw.get("input_tokens"), int):
+    if not isinstance(raw, dict) or token_count(raw.get("input_tokens")) is None:
         return None
     read, write = _count(raw.get("cache_read_input_tokens")), _count(raw.get("cache_creation_input_tokens"))
     return Usage(

@@ -50,6 +50,7 @@ from gateway.core.model import (
 from gateway.core.replay import deltas_of
 from gateway.errors import InvalidRequestError
 from gateway.pricing import tier_name
+from gateway.protocols.upstream_json import token_count
 
 __all__ = [
     "CHAT_UPSTREAM_LOSSES",
@@ -604,12 +605,14 @@ def read_usage(
     ``service_tier``: the answer's own field beside its usage, the tier that processed it."""
     if not isinstance(raw, dict):
         return None
-    prompt, completion = _count_of(raw.get(f"{inputs}_tokens")), _count_of(raw.get(f"{outputs}_tokens"))
+    prompt, completion = token_count(raw.get(f"{inputs}_tokens")), token_count(raw.get(f"{outputs}_tokens"))
     if prompt is None or completion is None:
         return None
     prompt_details, completion_details = raw.get(f"{inputs}_tokens_details"), raw.get(f"{outputs}_tokens_details")
-    cached = _count_of(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else None
-    reasoning = _count_of(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else None
+    cached = token_count(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else None
+    reasoning = (
+        token_count(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else None
+    )
     return Usage(
         input_tokens=prompt,
         output_tokens=completion,
@@ -617,17 +620,6 @@ def read_usage(
         reasoning_tokens=min(completion, reasoning or 0),
         service_tier=tier_name(service_tier),
     )
-
-
-def _count_of(value: Any) -> int | None:
-    """A token count, or None: a whole number written as a float (``22.0``, as a server that
-    keeps numbers as doubles writes it; the SDK reads it as 22) counts (t75); a negative, a
-    fraction or a boolean does not."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return value if isinstance(value, int) and value >= 0 else None
 
 
 _CHAT_FINISH: dict[FinishReason, str] = {

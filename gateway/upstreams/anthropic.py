@@ -72,6 +72,7 @@ from gateway.upstreams.base import (
     UpstreamResponse,
     Usage,
     answered,
+    decode_answer,
     decode_event,
     decode_json_object,
     usage_of,
@@ -193,10 +194,9 @@ class AnthropicProvider(Provider):
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
         response = await self.post(_MESSAGES_PATH, body, {**self._headers(), **headers}, stream=False)
         with answered(response):
-            answer, usage, _ = self._read(response.content)
-        return Completion(
-            body=response.content, usage=usage, text=answer.text or "", finish_reason=_logged_finish(answer)
-        )
+            _, content = decode_answer(self.name, response.content)  # mended where it must be (t80)
+            answer, usage, _ = self._read(content)
+        return Completion(body=content, usage=usage, text=answer.text or "", finish_reason=_logged_finish(answer))
 
     def _read(self, content: bytes, stops: tuple[str, ...] = ()) -> tuple[Answer, Usage | None, bool]:
         """The message, its usage as reported (None when the upstream reported none), and whether

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import sys
 import time
@@ -29,6 +28,7 @@ from gateway.errors import (
     upstream_error_fields,
 )
 from gateway.protocols import openai_chat
+from gateway.protocols.upstream_json import decode_json
 from gateway.upstreams.http11 import BodyFailed, Http11Transport
 from gateway.upstreams.sending import note_sent
 from gateway.upstreams.sse import SSEEvent, SSELineTooLong, iter_sse
@@ -769,32 +769,6 @@ def decode_answer(upstream: str, content: bytes) -> tuple[dict[str, Any], bytes]
     if not isinstance(data, dict):
         raise UpstreamProtocolError(upstream, "answered with a body that is not a JSON object")
     return data, content
-
-
-def decode_json(content: bytes) -> Any:
-    """An upstream's JSON. A lone surrogate escape (``"\\ud83d"``: half an emoji, as JavaScript's
-    ``JSON.stringify`` writes one) is read as U+FFFD rather than refused: the SDKs' own decoders
-    read such answers, so a gateway that refused them failed (and retried, unbilled) what the
-    client could read (t75). :class:`msgspec.DecodeError` when the content is not JSON."""
-    try:
-        return msgspec.json.decode(content)
-    except msgspec.DecodeError:
-        if b"\\ud" not in content.lower():
-            raise
-        try:
-            return _mended(json.loads(content))
-        except ValueError:
-            raise msgspec.DecodeError("not JSON") from None
-
-
-def _mended(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    if isinstance(value, dict):
-        return {_mended(key): _mended(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_mended(item) for item in value]
-    return value
 
 
 def _opening(content: bytes) -> str:

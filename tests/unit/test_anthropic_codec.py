@@ -835,3 +835,18 @@ def test_a_field_set_to_null_asks_for_nothing_a_translation_loses() -> None:
     """t67: ``speed: null`` on a route that may reach a chat upstream was refused as not supported."""
     assert anthropic.fields_not_read({"model": "m", "speed": None, "inference_geo": None}) == []
     assert anthropic.fields_not_read({"model": "m", "speed": "fast"}) == ["speed"]
+
+
+def test_counts_written_as_doubles_are_counts_whole_and_streamed() -> None:
+    """t80: a server that keeps numbers as doubles writes ``222.0``; the SDKs read 222, and the
+    gateway billed 22 of the 244 tokens (the output and cache counts dropped), or its own count."""
+    wire = {"input_tokens": 222.0, "output_tokens": 22.0, "cache_read_input_tokens": 0.0,
+            "cache_creation_input_tokens": 0.0}  # fmt: skip
+    assert anthropic.usage_from_wire(wire) == Usage(input_tokens=222, output_tokens=22)
+    decoder = anthropic.StreamDecoder()
+    decoder.feed(
+        {"type": "message_start", "message": {"id": "m", "model": "c", "usage": {**wire, "output_tokens": 1.0}}}
+    )
+    decoder.feed({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 22.0}})
+    assert decoder.usage == Usage(input_tokens=222, output_tokens=22)
+    assert anthropic.usage_from_wire({"input_tokens": 2.5, "output_tokens": 1}) is None  # no count
