@@ -79,9 +79,10 @@ def parse_chat_request(raw: bytes) -> dict[str, Any]:
 def _check_tool_choice(body: dict[str, Any]) -> None:
     """A ``tool_choice`` without ``tools`` is a 400, as OpenAI and vLLM answer it: an Anthropic
     upstream is sent no choice without tools, and answered it with text (t78). ``none`` asks for
-    nothing a request without tools does not get (vLLM takes it)."""
+    nothing a request without tools does not get (vLLM takes it). ``tools: []`` is no tools (t80:
+    ``required`` with it was answered with text on a Claude route; OpenAI refuses an empty list)."""
     choice = body.get("tool_choice")
-    if choice is not None and choice != "none" and body.get("tools") is None:
+    if choice is not None and choice != "none" and not body.get("tools"):
         raise InvalidRequestError(
             "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
             param="tool_choice",

@@ -218,6 +218,9 @@ def test_a_history_reads_the_same_on_every_route(
             model=model, messages=MESSAGES, tool_choice={"type": "function", "function": {"name": "f"}}
         )
     assert refused.value.param == "tool_choice" and "only allowed when 'tools' are specified" in refused.value.message
+    with pytest.raises(openai.BadRequestError) as refused:  # an empty list is no tools (t80)
+        client.chat.completions.create(model=model, messages=MESSAGES, tools=[], tool_choice="required")
+    assert refused.value.param == "tool_choice"
     assert client.chat.completions.create(model=model, messages=MESSAGES, tool_choice="none").choices
 
 
