@@ -16,7 +16,7 @@ from gateway.auth import hash_key
 from gateway.cli._parsers import Subcommands
 from gateway.cli.check import report_invalid
 from gateway.config.edit import append_key, remove_key
-from gateway.config.loader import KeyRing, auth_in_text, load_keys, load_policy
+from gateway.config.loader import KeyRing, auth_in_text, keys_in_text, load_keys, load_policy
 from gateway.config.schema import AuthKey, TenantName
 from gateway.config.validate import Problems, convert
 from gateway.errors import ConfigError
@@ -64,7 +64,7 @@ def register(commands: Subcommands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``keys new``."""
-    ring = _key_ring(args.policies)
+    ring = _key_ring(args.policies, args.data_dir)
     if ring is None or ring.key_file is None:
         return 1
     tenant = Problems()
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_revoke(args: argparse.Namespace) -> int:
     """``keys revoke --id ID``: the key's entry out of the key file, under the lock ``keys new`` takes (t63)."""
-    ring = _key_ring(args.policies)
+    ring = _key_ring(args.policies, args.data_dir)
     if ring is None or ring.key_file is None:
         return 1
     try:
@@ -132,13 +132,25 @@ def run_revoke(args: argparse.Namespace) -> int:
     return _say_when_it_applies(args, ring, args.id, _STOPS)
 
 
-def _key_ring(policies: str) -> KeyRing | None:
-    """The policy's keys and key file (None, said on stderr, when the auth section or key file is invalid)."""
+def _key_ring(policies: str, data_dir: str) -> KeyRing | None:
+    """The policy's keys and key file (None, said on stderr, when the auth section or key file is
+    invalid). While policies.yaml cannot be read at all (a YAML slip), the keys of the policy a
+    running gateway keeps in force: a key must be revocable mid-incident, whatever else the file
+    holds (t81: revoke exited 1 on a tab, and the key stayed live)."""
     try:
         ring = load_keys(policies)
     except ConfigError as exc:
-        report_invalid(exc)
-        return None
+        kept = Path(data_dir) / "policy.last-accepted.yaml"
+        try:
+            ring = keys_in_text(kept.read_text(encoding="utf-8"), source=str(kept), base_dir=Path(policies).parent)
+        except (OSError, UnicodeDecodeError, ConfigError):
+            report_invalid(exc)
+            return None
+        print(
+            f"note: {policies} cannot be read ({exc.problems[0] if exc.problems else exc}); using the key "
+            f"file of the policy in force as {kept} has it",
+            file=sys.stderr,
+        )
     if ring.key_file is None:
         print(f"{policies} names no auth.key_file; add e.g. 'key_file: keys.yaml' under auth:", file=sys.stderr)
     return ring

@@ -29,6 +29,7 @@ __all__ = [
     "LoadedPolicy",
     "auth_in_text",
     "key_file_path",
+    "keys_in_text",
     "load_keys",
     "load_policy",
     "load_policy_text",
@@ -233,11 +234,16 @@ def load_keys(path: str | os.PathLike[str], environ: Mapping[str, str] | None = 
     The rest of the file is not read: its upstream URLs and such may be unset on the
     machine where keys are made (``gateway keys new``).
     """
+    return keys_in_text(_read(Path(path)), source=str(path), base_dir=Path(path).parent, environ=environ)
+
+
+def keys_in_text(text: str, *, source: str, base_dir: Path, environ: Mapping[str, str] | None = None) -> KeyRing:
+    """:func:`load_keys` of a policy's text, its key file named relative to ``base_dir`` (the
+    policy a gateway keeps in force, whose copy lives in the data folder)."""
     environ = os.environ if environ is None else environ
-    source = str(path)
     problems = Problems()
-    auth = _auth_section(_read(Path(path)), source, environ, problems)
-    key_path = _key_file_path(auth, Path(path).parent)
+    auth = _auth_section(text, source, environ, problems)
+    key_path = _key_file_path(auth, base_dir)
     key_file = _read_key_file(key_path, environ, problems) if key_path is not None else None
     check_auth(auth, problems, key_file=key_file and (key_file.keys, key_file.problems))
     if problems:

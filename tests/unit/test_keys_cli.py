@@ -327,3 +327,23 @@ def test_revoke_from_the_cli(policy: Path, capsys: pytest.CaptureFixture[str]) -
     assert "lists no key 'going': no such key" in capsys.readouterr().err
     assert main(["keys", "revoke", "--id", "inline", "--policies", str(policy)]) == 1
     assert f"it is written in {policy} under auth.keys: delete it there" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["new", "revoke"])
+def test_the_key_tools_work_while_the_policy_is_not_even_yaml(
+    policy: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """t81: with a tab in policies.yaml `keys revoke` printed the YAML error and exited 1, the key
+    still live, though a running gateway keeps the policy in force and applies its key file."""
+    (policy.parent / "keys.yaml").write_text(f"keys: [{{id: app, tenant: t, hash: '{OTHER_HASH}'}}]\n")
+    data = _last_accepted(policy, POLICY)
+    policy.write_text(POLICY.replace("  fast: {model: s}", "\tfast: {model: s}"))
+    args = ["--id", "app"] if command == "revoke" else ["--id", "fresh", "--tenant", "t"]
+    assert main(["keys", command, *args, "--policies", str(policy), "--data-dir", str(data)]) == 0
+    err = capsys.readouterr().err
+    assert f"using the key file of the policy in force as {data / 'policy.last-accepted.yaml'} has it" in err
+    assert "all the same" in err
+    ids = [key["id"] for key in yaml.safe_load((policy.parent / "keys.yaml").read_text())["keys"]]
+    assert ids == ([] if command == "revoke" else ["app", "fresh"])
+    # with no policy in force to fall back on, the YAML error is all there is
+    assert main(["keys", command, *args, "--policies", str(policy), "--data-dir", str(policy.parent / "none")]) == 1
