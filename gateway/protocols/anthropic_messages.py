@@ -46,7 +46,7 @@ from gateway.core.model import (
 from gateway.errors import InvalidRequestError, context_overflow
 from gateway.pricing import PricedOptions, option_name
 from gateway.protocols.body import decode_body
-from gateway.protocols.upstream_json import token_count
+from gateway.protocols.upstream_json import mended, token_count
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -967,9 +967,11 @@ def _thinking_block(part: ThinkingPart | RedactedThinkingPart) -> dict[str, Any]
 
 
 def _arguments(text: str) -> Any:
-    """Tool input as an object; arguments that do not parse are kept whole rather than lost."""
+    """Tool input as an object; arguments that do not parse are kept whole rather than lost. Half an
+    emoji escaped in them (``\\ud83d``) is U+FFFD: kept, it could not be written out (t82: the
+    Messages stream died after its tool call, unlogged and unbilled)."""
     try:
-        value = json.loads(text) if text else {}
+        value = mended(json.loads(text)) if text else {}
     except ValueError:
         return {"_raw_arguments": text}
     return value if isinstance(value, dict) else {"value": value}

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["decode_json", "token_count"]
+__all__ = ["decode_json", "mended", "token_count"]
 
 
 def token_count(value: Any) -> int | None:
@@ -32,16 +32,18 @@ def decode_json(content: bytes) -> Any:
         if b"\\ud" not in content.lower():
             raise
         try:
-            return _mended(json.loads(content))
+            return mended(json.loads(content))
         except ValueError:
             raise msgspec.DecodeError("not JSON") from None
 
 
-def _mended(value: Any) -> Any:
+def mended(value: Any) -> Any:
+    """``value`` (what the stdlib's ``json`` read) with each lone surrogate as U+FFFD, so that it
+    can be written out again as UTF-8 JSON."""
     if isinstance(value, str):
         return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     if isinstance(value, dict):
-        return {_mended(key): _mended(item) for key, item in value.items()}
+        return {mended(key): mended(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_mended(item) for item in value]
+        return [mended(item) for item in value]
     return value

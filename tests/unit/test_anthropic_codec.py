@@ -850,3 +850,14 @@ def test_counts_written_as_doubles_are_counts_whole_and_streamed() -> None:
     decoder.feed({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 22.0}})
     assert decoder.usage == Usage(input_tokens=222, output_tokens=22)
     assert anthropic.usage_from_wire({"input_tokens": 2.5, "output_tokens": 1}) is None  # no count
+
+
+def test_tool_arguments_with_half_an_emoji_are_written_out_not_crashed_on() -> None:
+    """t82: arguments text holding an escaped lone surrogate parsed to a str msgspec cannot encode:
+    a translated Messages stream died after its tool call, with no log line and no bill."""
+    answer = Answer(
+        id="x", model="m", text=None, tool_calls=[ToolCall("c1", "f", '{"q": "half \\ud83d"}')],
+        finish_reason="tool_calls", usage=Usage(input_tokens=1, output_tokens=1),
+    )  # fmt: skip
+    body = msgspec.json.decode(anthropic.encode_answer(answer, "msg_1", "claude-x"))
+    assert body["content"][0]["input"] == {"q": "half \ufffd"}
