@@ -145,6 +145,11 @@ def _key_ring(policies: str, data_dir: str) -> KeyRing | None:
             ring = keys_in_text(kept.read_text(encoding="utf-8"), source=str(kept), base_dir=Path(policies).parent)
         except (OSError, UnicodeDecodeError, ConfigError):
             report_invalid(exc)
+            print(
+                f"no policy in force found at {kept}: give serve's --data-dir, and this command uses the key "
+                "file of the policy a running gateway keeps in force",
+                file=sys.stderr,
+            )
             return None
         print(
             f"note: {policies} cannot be read ({exc.problems[0] if exc.problems else exc}); using the key "

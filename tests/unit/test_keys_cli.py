@@ -345,5 +345,6 @@ def test_the_key_tools_work_while_the_policy_is_not_even_yaml(
     assert "all the same" in err
     ids = [key["id"] for key in yaml.safe_load((policy.parent / "keys.yaml").read_text())["keys"]]
     assert ids == ([] if command == "revoke" else ["app", "fresh"])
-    # with no policy in force to fall back on, the YAML error is all there is
+    # with no policy in force to fall back on, the YAML error, and where to point the tool (t82)
     assert main(["keys", command, *args, "--policies", str(policy), "--data-dir", str(policy.parent / "none")]) == 1
+    assert "give serve's --data-dir" in capsys.readouterr().err
