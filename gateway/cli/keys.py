@@ -123,6 +123,20 @@ def run_revoke(args: argparse.Namespace) -> int:
     except (OSError, ValueError, yaml.YAMLError) as exc:
         print(f"cannot take the key out of {ring.key_file}: {exc}", file=sys.stderr)
         return 1
+    if not removed and (moved := _moved_from_the_key_file_in_force(args, ring)) is not None:
+        try:  # t82: "no such key", exit 1, and the key stayed live in the file the gateway reads
+            removed = remove_key(moved[0], args.id)
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            print(f"cannot take the key out of {moved[0]}: {exc}", file=sys.stderr)
+            return 1
+        if removed:
+            print(
+                f"{ring.key_file} lists no key {args.id!r}; key {args.id} removed from {moved[0]}, the key file "
+                f"of the policy a running gateway keeps in force (as {moved[1]} has it): it stops accepting it "
+                "by itself.",
+                file=sys.stderr,
+            )
+            return 0
     if not removed:
         inline = any(key.id == args.id for key in ring.keys)
         where = f"it is written in {args.policies} under auth.keys: delete it there" if inline else "no such key"
@@ -189,12 +203,39 @@ def _say_when_it_applies(args: argparse.Namespace, ring: KeyRing, key_id: str, e
             f"`gateway check {policies}` lists them); a gateway cannot start on it until it is fixed"
         )
         return _while_rejected(args, ring, effect, invalid)
+    moved = _moved_from_the_key_file_in_force(args, ring)
+    if ring.enabled and moved is not None:
+        print(
+            f"WARNING: {policies} names the key file {ring.key_file}, but the policy a running gateway keeps "
+            f"in force (as {moved[1]} has it) reads {moved[0]}, so it {_NOT_DONE[effect]} until it takes "
+            f"{policies} up (it rejected the edit that moved the key file, or has not read it yet: "
+            f"`touch {policies}` or SIGHUP makes it try again).",
+            file=sys.stderr,
+        )
+        return NOT_CONFIRMED
     if ring.enabled:
         print(f"A running gateway {effect} by itself.", file=sys.stderr)
     for warning in loaded.warnings:
         if warning.startswith(f"key {key_id}:"):
             print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _moved_from_the_key_file_in_force(args: argparse.Namespace, ring: KeyRing) -> tuple[Path, Path] | None:
+    """The key file of the policy a running gateway keeps in force, and where that policy is kept,
+    when it is another file than the one policies.yaml now names (t82: an edit naming a key file
+    that did not exist yet was rejected; the tool then created that file, so the edit loaded, and
+    it promised a running gateway would pick the key up). None when they agree or it cannot tell."""
+    kept = Path(args.data_dir) / "policy.last-accepted.yaml"
+    try:
+        in_force, _ = auth_in_text(
+            kept.read_text(encoding="utf-8"), source=str(kept), base_dir=Path(args.policies).parent
+        )
+    except (OSError, UnicodeDecodeError, ConfigError):
+        return None
+    if in_force is None or ring.key_file is None or _same_file(in_force, ring.key_file):
+        return None
+    return in_force, kept
 
 
 _STOPS = "stops accepting it"

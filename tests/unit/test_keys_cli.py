@@ -348,3 +348,20 @@ def test_the_key_tools_work_while_the_policy_is_not_even_yaml(
     # with no policy in force to fall back on, the YAML error, and where to point the tool (t82)
     assert main(["keys", command, *args, "--policies", str(policy), "--data-dir", str(policy.parent / "none")]) == 1
     assert "give serve's --data-dir" in capsys.readouterr().err
+
+
+def test_the_key_tools_follow_the_key_file_in_force_after_an_edit_moved_it_to_a_new_file(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """t82: an edit naming a key file that did not exist was rejected; `keys new` created that file,
+    so the edit loaded, and promised a running gateway would pick the key up (401 for 20 s and
+    more); `keys revoke` said "no such key" while the key stayed live in the file in force."""
+    (policy.parent / "keys.yaml").write_text(f"keys: [{{id: app, tenant: t, hash: '{OTHER_HASH}'}}]\n")
+    data = _last_accepted(policy, POLICY)
+    policy.write_text(POLICY.replace("key_file: keys.yaml", "key_file: other.yaml"))
+    assert _new(policy, "--id", "fresh", "--data-dir", str(data)) == NOT_CONFIRMED
+    err = capsys.readouterr().err
+    assert f"reads {policy.parent / 'keys.yaml'}, so it does not pick it up" in err and "by itself" not in err
+    assert main(["keys", "revoke", "--id", "app", "--policies", str(policy), "--data-dir", str(data)]) == 0
+    assert f"key app removed from {policy.parent / 'keys.yaml'}" in capsys.readouterr().err
+    assert yaml.safe_load((policy.parent / "keys.yaml").read_text()) == {"keys": []}
