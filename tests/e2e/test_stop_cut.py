@@ -108,12 +108,12 @@ async def _openai(request: web.Request, upstream: HeldUpstream) -> web.StreamRes
         await _sse(response, b"not json")
         return response
     await upstream._gate(prompt).wait()
+    upstream.finished.add(prompt)  # before the end is written: a client that has it may look at once
     await _sse(response, chunk({"content": " and more"}, "stop"))
     usage = {"prompt_tokens": 11, "completion_tokens": _WRITTEN, "total_tokens": 11 + _WRITTEN}
     await _sse(response, {"id": "chatcmpl-held", "object": "chat.completion.chunk", "created": 1,
                           "model": "o4-mini", "choices": [], "usage": usage})  # fmt: skip
     await _sse(response, b"[DONE]")
-    upstream.finished.add(prompt)
     return response
 
 
@@ -162,10 +162,10 @@ async def _anthropic(request: web.Request, upstream: HeldUpstream) -> web.Stream
         await _sse(response, {"type": "content_block_stop", "index": index}, "content_block_stop")
     if not tools:
         await upstream._gate(prompt).wait()
+    upstream.finished.add(prompt)  # before the end is written: a client that has it may look at once
     ending = {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": None}, "usage": usage}
     await _sse(response, ending, "message_delta")
     await _sse(response, {"type": "message_stop"}, "message_stop")
-    upstream.finished.add(prompt)
     return response
 
 
