@@ -6,7 +6,7 @@ about a share s of prompts goes to the large model whatever the scores' scale on
 traffic. Per tenant and route (traffic one tenant sends never moves another's routing).
 Every ``update_every`` scores a process adds them to the route's window in the store (the
 newest ``window`` scores of all processes), reads the window and the shared threshold, and
-moves the threshold so that the share the newest ``horizon`` scores would send to large
+moves the threshold so that the share the window would send to large
 comes closer to s by ``max_share_step``, or by ``catch_up`` of the gap when that is more
 (a bound in share, not in score: the routing head's scores are
 not on one scale across kinds of traffic, so a bound in score units took 1,600 prompts to
@@ -61,13 +61,12 @@ class LargeShareTracker:
         self,
         kv: KeyValue,
         *,
-        window: int = 1000,
+        window: int = 250,
         update_every: int = 50,
         max_share_step: float = 0.05,
-        horizon: int = 250,
         catch_up: float = 0.5,
     ) -> None:
-        """``horizon``: the newest scores of the window the share and its quantile are taken on;
+        """``window``: the newest scores, of all processes, the share and its quantile are taken on;
         ``catch_up``: a gap between that share and the target larger than ``max_share_step``
         closes by this fraction of it per update. With the whole 1,000-score window and steps of
         5 points, a tenant whose traffic turned from easy to hard got 83 %, 63 % and 54 % large
@@ -75,7 +74,6 @@ class LargeShareTracker:
         traffic, and the first step after the turn went the wrong way."""
         self._kv = kv
         self._window = window
-        self._horizon = min(horizon, window)
         self._catch_up = catch_up
         self._update_every = update_every
         self._max_share_step = max_share_step
@@ -165,7 +163,6 @@ class LargeShareTracker:
             shared = _readable(await self._kv.get(store_key, _TIMEOUT_S))
         except StoreUnavailable:  # this process steps on its own scores until the store is back
             reached = False
-        recent = recent[-self._horizon :]
         share_now = float((recent >= (current if shared is None else shared)).mean())
         step = 1.0 if rescale else max(self._max_share_step, abs(target - share_now) * self._catch_up)
         share_next = share_now + max(-step, min(step, target - share_now))

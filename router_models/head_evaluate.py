@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     stream = np.concatenate(unseen_p)
     report["target_large_share_stream"] = {
         "n": len(stream),
-        "note": "the gateway's LargeShareTracker (window 1000, update every 50, share judged on the newest 250, steps of 5 points or half the gap) over the unseen prompts in random order, starting from the shipped threshold",
+        "note": "the gateway's LargeShareTracker (window 250, update every 50, steps of 5 points or half the gap) over the unseen prompts in random order, starting from the shipped threshold",
         **{str(s): _share_stream(stream, s, thresholds[s]) for s in SHARES},
         "fixed_threshold": {str(s): round(float((stream >= t).mean()), 4) for s, t in thresholds.items()},
     }

@@ -38,7 +38,7 @@ def _share(scores: list[float], threshold: float) -> float:
 
 
 async def test_the_threshold_walks_to_the_target_share_in_bounded_steps() -> None:
-    tracker = LargeShareTracker(MemoryKeyValue(), window=400, update_every=20, max_share_step=0.05)
+    tracker = LargeShareTracker(MemoryKeyValue(), window=250, update_every=20, max_share_step=0.05)
     rng = random.Random(0)
     scores = [rng.betavariate(2, 8) for _ in range(4000)]  # today's traffic scores low: mean 0.2
     assert tracker.threshold("t", "auto", 0.5) == 0.5
@@ -59,7 +59,7 @@ async def test_a_burst_of_odd_prompts_moves_the_share_by_one_step_at_most() -> N
     the share there is ~0.42, and one update closes half of that gap to 0.3, no more; on the
     calm traffic that is about 9 points, for as long as the burst stays among the newest scores
     (the price of following a real shift within a few updates, t79)."""
-    tracker = LargeShareTracker(MemoryKeyValue(), window=1000, update_every=50, max_share_step=0.05)
+    tracker = LargeShareTracker(MemoryKeyValue(), window=250, update_every=50, max_share_step=0.05)
     rng = random.Random(3)
     calm = [rng.random() for _ in range(1000)]
     await _feed(tracker, "t", calm, target=0.3)
@@ -87,7 +87,7 @@ async def test_processes_share_one_threshold_and_tenants_do_not() -> None:
 async def test_prompts_that_score_alike_are_split_not_all_sent_to_large() -> None:
     """t28: with most of a tenant's prompts on one score (a fixed template, image-only
     prompts), the threshold landed on it and the share went from 0.26 to 1.00 in one update."""
-    tracker = LargeShareTracker(MemoryKeyValue(), window=400, update_every=20, max_share_step=0.05)
+    tracker = LargeShareTracker(MemoryKeyValue(), window=250, update_every=20, max_share_step=0.05)
     rng = random.Random(7)
     scores = [0.137 if rng.random() < 0.7 else rng.random() for _ in range(3000)]
     sent = []
@@ -105,7 +105,7 @@ async def test_processes_that_see_different_traffic_keep_the_overall_share_on_ta
     """t28: with easy prompts on one process and hard ones on the other (a sticky balancer),
     each stepped the shared threshold towards its own share and the total stayed near 0.5."""
     store = MemoryKeyValue()
-    easy, hard = (LargeShareTracker(store, window=400, update_every=20, max_share_step=0.05) for _ in range(2))
+    easy, hard = (LargeShareTracker(store, window=250, update_every=20, max_share_step=0.05) for _ in range(2))
     rng = random.Random(11)
     sent = []
     for _ in range(150):
@@ -142,7 +142,7 @@ def test_a_tie_broken_score_stays_a_probability() -> None:
 async def test_a_new_scorer_drops_the_old_scores_and_goes_straight_to_the_target() -> None:
     """A promoted learnt router scores on another scale: the share must not sit off target
     while the window still holds the old router's scores."""
-    tracker = LargeShareTracker(MemoryKeyValue(), window=1000, update_every=50, max_share_step=0.05)
+    tracker = LargeShareTracker(MemoryKeyValue(), window=250, update_every=50, max_share_step=0.05)
     rng = random.Random(5)
     for score in [rng.random() for _ in range(1000)]:
         tracker.observe("t", "auto", score, 0.3, configured=0.5, scorer="shipped")
