@@ -94,6 +94,8 @@ __all__ = [
 _log = structlog.get_logger("gateway.pipeline")
 
 _KEEP_ALIVE_S = 1.0
+_ANTHROPIC_OVERLOADED = 529
+"""Anthropic's status for an overloaded model, which its SDKs raise as their own error class."""
 """How often a client that has its whole answer and waits for the usage is told the stream is
 alive, while the upstream writes on past a stop string the gateway applied (t58)."""
 
@@ -1287,7 +1289,10 @@ class ChatPipeline:
 
     def _error_answer(self, x: _Exchange, exc: GatewayError) -> Answer:
         record = x.record
-        record.status = exc.status_code
+        status = exc.status_code
+        if status == _ANTHROPIC_OVERLOADED and record.protocol != "anthropic.messages":
+            status = 503  # OpenAI's word for it: its clients know no 529
+        record.status = status
         record.error_type = exc.code or exc.error_type
         if isinstance(exc, UpstreamError):
             record.upstream_status = getattr(exc, "upstream_status", None)
@@ -1295,7 +1300,7 @@ class ChatPipeline:
                 name_the_failed_model(record, x.runtime.providers.get(exc.upstream))
         headers = self._headers(x)
         headers.update(exc.headers)
-        return Answer(exc.status_code, exc.to_body(), headers)
+        return Answer(status, exc.to_body(), headers)
 
     def _name_the_last_failure(self, x: _Exchange) -> None:
         """A request ended between attempts (its client gone in a backoff) is the failure of the model

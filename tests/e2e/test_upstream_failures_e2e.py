@@ -42,10 +42,15 @@ def test_spent_retries_tell_the_sdk_not_to_retry_again(
     assert response.status_code == 502 and response.headers["x-should-retry"] == "false"
     httpx.post(f"{small_upstream.root_url}/_control/reset").raise_for_status()  # the 503s left over
     inject(small_upstream, *[{"status": 529}] * 5)
-    overloaded = _chat(gateway, model="small")  # Anthropic's clients have an error class for it
-    assert overloaded.status_code == 529 and overloaded.json()["error"]["code"] == "upstream_overloaded", (
+    overloaded = _chat(gateway, model="small")  # OpenAI says 503 where Anthropic says 529
+    assert overloaded.status_code == 503 and overloaded.json()["error"]["code"] == "upstream_overloaded", (
         overloaded.text
     )
+    inject(small_upstream, *[{"status": 529}] * 5)
+    claude = anthropic.Anthropic(base_url=gateway.url, api_key="k", max_retries=0)
+    with pytest.raises(anthropic.APIStatusError) as caught:  # its SDK has an error class for 529
+        claude.messages.create(model="small", max_tokens=20, messages=[{"role": "user", "content": "hello"}])
+    assert caught.value.status_code == 529, caught.value.body
 
 
 def test_5xx_is_retried_then_answered(gateway: GatewayProcess, small_upstream: SimulatedUpstream) -> None:
