@@ -88,7 +88,7 @@ def _check_period(start: datetime, end: datetime, kept_since: datetime, *, end_g
 
 
 def _row(figures: UsageFigures, **identity: str) -> dict[str, Any]:
-    return {**identity, **msgspec.structs.asdict(figures), "savings_usd": figures.savings_usd}
+    return {**identity, **figures.as_reported()}
 
 
 def _date(value: str | None, param: str) -> datetime | None:

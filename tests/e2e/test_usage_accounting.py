@@ -9,7 +9,7 @@ import pytest
 
 from gateway.accounting.ledger import UsageLedger
 from gateway.accounting.metrics import Metrics
-from gateway.accounting.usage import UsageFigures
+from gateway.accounting.usage import USAGE_FIELDS, UsageFigures
 from gateway.auth import Principal
 from gateway.config.loader import load_policy_text
 from gateway.config.schema import Limits
@@ -70,3 +70,13 @@ def test_adding_figures_covers_every_field() -> None:
     total.add(ones)
     total.add(ones)
     assert msgspec.structs.asdict(total) == {name: 2 * value for name, value in msgspec.structs.asdict(ones).items()}
+
+
+def test_reported_dollars_carry_no_float_noise() -> None:
+    """Finance reads ``savings_usd`` 0 as 0, not -2.8e-17 (an outside tester's find)."""
+    figures = UsageFigures(requests=3, cost_usd=0.1, baseline_cost_usd=0.3)
+    figures.add(UsageFigures(cost_usd=0.2, cache_saved_usd=0.1 + 0.2))
+    assert figures.baseline_cost_usd - figures.cost_usd != 0  # what summing floats leaves
+    reported = figures.as_reported()
+    assert reported["savings_usd"] == 0 and reported["cost_usd"] == 0.3 and reported["cache_saved_usd"] == 0.3
+    assert reported["requests"] == 3 and set(reported) == {*USAGE_FIELDS, "savings_usd"}
