@@ -41,7 +41,9 @@ __all__ = [
 ]
 
 Role = Literal["system", "user", "assistant", "tool"]
-FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "stop_sequence"]
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "stop_sequence", "pause_turn"]
+"""``pause_turn``: Anthropic paused a long turn of its server tools; the client sends the turn back to
+go on. Elsewhere it reads as a stop, and it is never cached: the answer is not whole."""
 
 
 class TextPart(msgspec.Struct, frozen=True, tag="text"):

@@ -617,7 +617,7 @@ _FINISH_OF: dict[str, FinishReason] = {
     "model_context_window_exceeded": "length",  # cut short, as by max_tokens
     "tool_use": "tool_calls",
     "refusal": "content_filter",
-    "pause_turn": "stop",
+    "pause_turn": "pause_turn",
 }
 
 
@@ -908,6 +908,7 @@ _STOP_REASON: dict[FinishReason, str] = {
     "tool_calls": "tool_use",
     "content_filter": "refusal",
     "stop_sequence": "stop_sequence",
+    "pause_turn": "pause_turn",
 }
 
 

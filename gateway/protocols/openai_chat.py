@@ -628,6 +628,7 @@ _CHAT_FINISH: dict[FinishReason, str] = {
     "tool_calls": "tool_calls",
     "content_filter": "content_filter",
     "stop_sequence": "stop",
+    "pause_turn": "stop",
 }
 
 

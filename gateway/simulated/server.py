@@ -43,7 +43,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +153,9 @@ class _Fault(msgspec.Struct, forbid_unknown_fields=True):
     """Chat: the ``service_tier`` the server says processed the request, as it spells it (an
     OpenAI-compatible server's ``PRIORITY``), whatever was asked."""
     tier_off_usage_chunk: bool = False
+    stop_reason: str | None = None
+    """Messages: the answer's ``stop_reason``, whatever the plan made (``pause_turn``: a server
+    tool's long turn, paused)."""
     """Chat streams: the tier on the answer's chunks and not on the usage chunk (OpenAI's repeats it)."""
 
 
@@ -941,6 +944,8 @@ async def _messages(request: web.Request, state: _State, body: Any, fault: _Faul
     if error is not None:
         return error
     plan = plan_messages(body, name=state.name, fault_text=fault.text)
+    if fault.stop_reason is not None:
+        plan = replace(plan, stop_reason=fault.stop_reason)
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"
     if body.get("stream") is True:
         return await _messages_stream(request, state, body, fault, msg_id, plan)

@@ -371,6 +371,7 @@ class _AnthropicChatStream(ChatStream):
             elif isinstance(delta, Finish):
                 tally.finish_reason = openai_chat.chat_finish_reason(delta.reason)
                 tally.stop_sequence = delta.stop_sequence
+                tally.replayable = tally.replayable and delta.reason != "pause_turn"  # not a whole answer
                 if chunks:
                     self._chunk({}, tally.finish_reason, tally.stop_sequence)
             elif (chunk := openai_chat.chunk_delta(delta)) is not None:

@@ -636,3 +636,31 @@ def test_a_claude_stream_that_ends_after_message_delta_is_answered_and_cached(
     with client.responses.stream(model="claude", input=f"no message_stop {time.monotonic_ns()}") as responses:
         answer = responses.get_final_response()
     assert answer.status == "completed" and answer.output_text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_paused_turn_reaches_the_client_as_paused_and_is_not_stored(
+    cached_gateway: GatewayProcess, large_upstream: SimulatedUpstream, stream: bool
+) -> None:
+    """t83: Anthropic's ``pause_turn`` (a server tool's long turn, paused: the client sends it back
+    to go on) read as ``end_turn`` once translated, so the agent loop stopped; and it was stored,
+    so the same request asked again got the unfinished turn from the cache, as whole."""
+    claude = closed_after_test(anthropic.Anthropic(base_url=cached_gateway.url, api_key="key-a1", max_retries=0))
+    ask: dict[str, Any] = {
+        "model": "claude",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": f"Look it up, then sum it up {time.monotonic_ns()}"}],
+        "extra_body": {"temperature": 0},
+    }
+    for _ in range(2):
+        inject(large_upstream, {"stop_reason": "pause_turn"})
+        if stream:
+            with claude.messages.stream(**ask) as events:
+                cache, message = events.response.headers["x-gateway-cache"], events.get_final_message()
+        else:
+            raw = claude.messages.with_raw_response.create(**ask)
+            cache, message = raw.headers["x-gateway-cache"], raw.parse()
+        assert (cache, message.stop_reason) == ("miss", "pause_turn")
+    inject(large_upstream, {"stop_reason": "pause_turn"})
+    chat = _client(cached_gateway).chat.completions.create(model="claude", messages=ask["messages"], temperature=0)
+    assert chat.choices[0].finish_reason == "stop"  # chat has no word for it
