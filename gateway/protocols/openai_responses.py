@@ -694,9 +694,10 @@ class StreamEncoder:
     """Deltas to OpenAI's Responses events, ``response.created`` first and ``response.completed`` last.
 
     A reasoning item (the model's reasoning, as vLLM's Responses API shows it) or a message
-    item (text) closes when the next item starts. Function call items stay open together
-    until the answer ends (or text follows them): vLLM announces parallel calls first and
-    then interleaves their arguments, and each delta names its item. An answer with no
+    item (text) closes when the next item starts. A function call item closes when the next
+    call starts with its arguments whole, as OpenAI streams them; calls whose arguments are still
+    to come stay open together until the answer ends (or text follows them): vLLM announces
+    parallel calls first and then interleaves their arguments, and each delta names its item. An answer with no
     output at all still ends with an (empty) message item.
     """
 
@@ -750,7 +751,7 @@ class StreamEncoder:
             elif isinstance(delta, RefusalDelta):
                 out += self._text_into("refusal", self._begin_refusal, "response.refusal.delta", delta.text)
             elif isinstance(delta, ToolCallStart):
-                out += self._close()
+                out += self._close() + self._close_whole_calls()
                 item = _Item("function_call", self._make_id("fc"), len(self._items), delta.id, delta.name)
                 self._items.append(item)
                 self._calls[delta.index] = item
@@ -878,6 +879,17 @@ class StreamEncoder:
         self._open = item
         return self._event("response.output_item.added", {"output_index": item.index, "item": item.body("in_progress")})
 
+    def _close_whole_calls(self) -> bytes:
+        """Close the open calls whose arguments are already whole JSON, when the next call starts:
+        OpenAI streams calls one after another and closes each before the next (t84: Codex runs a
+        call on its ``output_item.done``, so it waited for the whole turn). A call announced with
+        its arguments still to come (vLLM's parallel calls) stays open."""
+        whole = [call for call in self._open_calls if _whole_json(call.arguments)]
+        if not whole:
+            return b""
+        self._open_calls = [call for call in self._open_calls if call not in whole]
+        return b"".join(self._closed(call) for call in whole)
+
     def _close_calls(self) -> bytes:
         calls, self._open_calls = self._open_calls, []
         return b"".join(self._closed(call) for call in calls)
@@ -917,3 +929,11 @@ class StreamEncoder:
         data = {"type": name, "sequence_number": self._sequence, **payload}
         self._sequence += 1
         return b"event: " + name.encode() + b"\ndata: " + msgspec.json.encode(data) + b"\n\n"
+
+
+def _whole_json(text: str) -> bool:
+    try:
+        msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return False
+    return True

@@ -383,6 +383,25 @@ def test_parallel_calls_whose_arguments_interleave_close_with_all_their_argument
     assert names[-1] == "response.completed"
 
 
+def test_calls_streamed_one_after_another_close_one_after_another() -> None:
+    """t84: OpenAI and vLLM's chat stream parallel calls one after another; each closed only at the
+    end of the answer, so Codex, which runs a call on its ``output_item.done``, waited for all."""
+    encoder = codec.StreamEncoder(_decode(input="x", stream=True), "resp_1", 1, _ids())
+    out = encoder.start() + encoder.feed([ToolCallStart(0, "call_a", "f"), ToolArgumentsDelta(0, '{"a": 1}')])
+    out += encoder.feed([ToolCallStart(1, "call_b", "g"), ToolArgumentsDelta(1, "{}")])
+    out += encoder.feed([Finish("tool_calls")]) + encoder.finish()
+    names, events, state = _replay(out)
+    order = [(event.type, getattr(event, "output_index", None)) for event in events if "item" in event.type]
+    assert order == [
+        ("response.output_item.added", 0), ("response.output_item.done", 0),
+        ("response.output_item.added", 1), ("response.output_item.done", 1),
+    ]  # fmt: skip
+    done = [event.arguments for event in events if event.type == "response.function_call_arguments.done"]
+    assert done == ['{"a": 1}', "{}"] and names[-1] == "response.completed"
+    final = state._completed_response
+    assert final is not None and [getattr(item, "arguments", None) for item in final.output] == ['{"a": 1}', "{}"]
+
+
 def test_a_reasoning_models_reasoning_comes_as_a_reasoning_item_streamed_or_not() -> None:
     """What a chat upstream says as reasoning_content reaches a Responses client as vLLM's
     Responses API shows it: a reasoning item with the text, before the message."""
