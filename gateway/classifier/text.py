@@ -83,7 +83,8 @@ def messages_unreadable(messages: list[dict[str, Any]], text: str) -> bool:
     last = next((m for m in reversed(messages) if m.get("role") == "user"), None)
     content = None if last is None else last.get("content")
     image = isinstance(content, list) and any(
-        isinstance(part, Mapping) and part.get("type") in _IMAGE_PARTS for part in content
+        isinstance(part, Mapping) and isinstance(part.get("type"), str) and part["type"] in _IMAGE_PARTS
+        for part in content
     )
     return unreadable(text, image)
 

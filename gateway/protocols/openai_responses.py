@@ -350,7 +350,11 @@ def _unread_in_last_turn(given: Any) -> str | None:
         return None
     for index, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in _READ_PARTS or (kind == "input_image" and not part.get("image_url")):
+        if (
+            not isinstance(kind, str)
+            or kind not in _READ_PARTS
+            or (kind == "input_image" and not part.get("image_url"))
+        ):
             return f"input[{last}].content[{index}]: a {kind!r} part the gateway does not read"
     return None
 

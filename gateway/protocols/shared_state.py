@@ -61,7 +61,7 @@ def _named_state(value: Any, path: str, depth: int, dotted: bool) -> str | None:
     if depth > _DEPTH:
         return _TOO_DEEP  # an id hidden below what is looked at would go upstream unseen (t34)
     if isinstance(value, dict):
-        call = value.get("type") in _TOOL_CALLS
+        call = _type_of(value) in _TOOL_CALLS
         for name, item in value.items():
             if name in _CLIENT_DATA or (call and name == "input"):
                 continue
@@ -81,6 +81,13 @@ def _named_state(value: Any, path: str, depth: int, dotted: bool) -> str | None:
             if found is not None:
                 return found
     return None
+
+
+def _type_of(value: dict[str, Any]) -> str | None:
+    """A part's ``type``, when it is a string (a list there is the client's error, which the
+    request's validation answers with a 400: a set cannot hold it, t86)."""
+    kind = value.get("type")
+    return kind if isinstance(kind, str) else None
 
 
 def _at(path: str, index: int, dotted: bool) -> str:
@@ -106,7 +113,7 @@ def _told_back(turn: Any) -> bool:
     the conversation is taken so, never a part or field within one (t35)."""
     if not isinstance(turn, dict):
         return False
-    return turn.get("role") == "assistant" or turn.get("type") in _OUTPUT_ITEMS
+    return turn.get("role") == "assistant" or _type_of(turn) in _OUTPUT_ITEMS
 
 
 def _client_parts(value: Any, path: str, depth: int, dotted: bool) -> str | None:
@@ -114,7 +121,7 @@ def _client_parts(value: Any, path: str, depth: int, dotted: bool) -> str | None
     if depth > _DEPTH:
         return _TOO_DEEP
     if isinstance(value, dict):
-        if value.get("type") in _CLIENT_PARTS:
+        if _type_of(value) in _CLIENT_PARTS:
             return _named_state(value, path, depth, dotted)
         items: Any = ((f"{path}.{name}", item) for name, item in value.items() if name not in _CLIENT_DATA)
     elif isinstance(value, list):

@@ -321,6 +321,26 @@ def test_defect4_a_text_part_that_is_not_a_string_is_a_400_naming_it(gw: Gateway
     assert response.headers.get("x-request-id")
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/chat/completions", b'{"model": "fast", "messages": [{"role": "user", "content": "caf\\u00e9"}], "tools": [{"type": [], "function": {"name": "f"}}]}'),
+        ("/messages/count_tokens", b'{"model": "fast", "messages": [{"role": "user", "content": [{"type": [], "text": "caf\\u00e9"}]}]}'),
+        ("/messages", b'{"model": "fast", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": {}, "text": "caf\\u00e9"}]}]}'),
+        ("/responses", b'{"model": "fast", "input": [{"role": "user", "content": [{"type": [], "text": "hi"}]}]}'),
+        ("/responses", b'{"model": "fast", "input": [{"role": "user", "content": [{"type": {}, "text": "hi"}]}]}'),
+    ],
+)  # fmt: skip
+def test_a_list_where_a_type_belongs_is_a_400_not_a_500(gw: GatewayProcess, path: str, body: bytes) -> None:
+    """t86: a client's list or object as a part's ``type`` met a set lookup (TypeError: 500, which
+    the SDKs retry twice, each logged as the gateway's bug)."""
+    response = httpx.post(f"{gw.base_url}{path}", content=body, timeout=10,
+                          headers={"content-type": "application/json", "anthropic-version": "2023-06-01"})  # fmt: skip
+    assert response.status_code == 400, response.text
+    kind = response.json()["error"]["type"]
+    assert kind == "invalid_request_error", response.text
+
+
 def test_defect9_a_body_that_never_finishes_is_answered_408(gw: GatewayProcess) -> None:
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as connection:
         connection.sendall(
