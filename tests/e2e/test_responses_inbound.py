@@ -295,6 +295,9 @@ def test_a_stored_response_can_be_retrieved_and_deleted(client: openai.OpenAI) -
     retrieved = client.responses.retrieve(created.id)
     assert retrieved.id == created.id and retrieved.output_text == created.output_text
     assert retrieved.metadata == {"k": "v"} and retrieved.usage == created.usage
+    with pytest.raises(openai.BadRequestError) as streamed:  # t86: the SDK read the object as no events
+        list(client.responses.retrieve(created.id, stream=True))
+    assert streamed.value.param == "stream"
     client.responses.delete(created.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(created.id)
