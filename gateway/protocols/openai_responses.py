@@ -460,8 +460,8 @@ def _text_format(
         raise InvalidRequestError("text.format: an object is required", param="text.format")
     kind = raw.get("type")
     if kind == "json_object":
-        if not json_object_ok():
-            return {"type": "json_object"}, None, None, ["text.format"]
+        if not json_object_ok():  # what the model got is echoed, as a dropped top_p is (t84)
+            return {"type": "text"}, None, None, ["text.format"]
         return {"type": "json_object"}, None, {"type": "json_object"}, []
     if kind != "json_schema":
         raise InvalidRequestError(

@@ -237,6 +237,7 @@ def test_structured_output_formats() -> None:
     )
     assert asked == ["m"] and dropped.request.dropped == ["text.format"]
     assert "response_format" not in _chat(dropped)
+    assert dropped.echo["text"]["format"] == {"type": "text"}  # t84: not claimed as honoured
 
 
 def test_reasoning_and_verbosity_are_dropped_and_the_rest_accepted() -> None:
