@@ -13,8 +13,10 @@ not on one scale across kinds of traffic, so a bound in score units took 1,600 p
 follow a shift from chat to quiz traffic), and writes it back. Every process steps on the
 same window: two that see different traffic (a sticky load balancer) no longer undo each
 other's steps around their own shares (t28). A process reads the shared threshold when it
-first sees a tenant's route (a new or restarted process routes as the others do); while
-the store is unavailable a process steps its own threshold on its own recent scores.
+first sees a tenant's route (a new or restarted process routes as the others do), and again
+every ``refresh_s`` while it routes it (another process's update reaches it then, not only at
+its own next update: t85); while the store is unavailable a process steps its own threshold
+on its own recent scores.
 
 Scores are ranked with a tie-break far below the scores' precision (:func:`ranked`):
 prompts that score alike (one template, images the text model cannot see) would all fall
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections import deque
 
 import numpy as np
@@ -65,6 +68,7 @@ class LargeShareTracker:
         update_every: int = 50,
         max_share_step: float = 0.05,
         catch_up: float = 0.5,
+        refresh_s: float = 5.0,
     ) -> None:
         """``window``: the newest scores, of all processes, the share and its quantile are taken on;
         ``catch_up``: a gap between that share and the target larger than ``max_share_step``
@@ -86,6 +90,8 @@ class LargeShareTracker:
         self._scorers: dict[tuple[str, str], str] = {}
         self._rescale: set[tuple[str, str]] = set()
         self._reads: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._refresh_s = refresh_s
+        self._read_at: dict[tuple[str, str], float] = {}
         self._background = BackgroundTasks()
 
     async def prepare(self, tenant: str, route: str) -> None:
@@ -94,8 +100,13 @@ class LargeShareTracker:
         that does not answer leaves the configured threshold until the first update)."""
         key = (tenant, route)
         read = self._reads.get(key)
+        now = time.monotonic()
         if read is None:  # the first request: the others arriving meanwhile wait for the same read
-            read = self._reads[key] = asyncio.get_running_loop().create_task(self._read_shared(key))
+            self._read_at[key] = now
+            read = self._reads[key] = asyncio.get_running_loop().create_task(self._read_shared(key, first=True))
+        elif now - self._read_at[key] >= self._refresh_s:  # read again; this request routes on what it has
+            self._read_at[key] = now
+            self._background.spawn(self._read_shared(key), "large-share-refresh")
         if not read.done():
             await asyncio.shield(read)  # a request that leaves does not cancel the others' read
 
@@ -177,12 +188,14 @@ class LargeShareTracker:
             _log.info("route_threshold_moved", tenant=tenant, route=route, threshold=round(new, 4))
         return new
 
-    async def _read_shared(self, key: tuple[str, str]) -> None:
+    async def _read_shared(self, key: tuple[str, str], *, first: bool = False) -> None:
+        """``first``: a threshold this process already set (its own update, which also wrote the
+        store) stands; a later read takes the store's, where every process's updates land."""
         try:
             shared = _readable(await self._kv.get(keyspace.large_share_threshold(*key), _TIMEOUT_S))
         except StoreUnavailable:
             return
-        if shared is not None and key not in self._thresholds:
+        if shared is not None and not (first and key in self._thresholds):
             self._thresholds[key] = shared
 
     async def aclose(self) -> None:

@@ -175,6 +175,25 @@ async def test_a_new_process_starts_from_the_shared_threshold() -> None:
     assert third.threshold("t", "auto", 0.5) == 0.5
 
 
+async def test_a_process_follows_another_processs_update_within_its_refresh() -> None:
+    """t85: with two workers, a tenant's threshold moved by one worker reached the other only at
+    that worker's own next update (50 of the tenant's requests it routed itself): the same prompt
+    went small on one worker and large on the other."""
+    store = MemoryKeyValue()
+    busy, quiet = LargeShareTracker(store, update_every=10), LargeShareTracker(store, refresh_s=0.05)
+    await quiet.prepare("t", "auto")
+    assert quiet.threshold("t", "auto", 0.5) == 0.5  # nothing shared yet
+    await _feed(busy, "t", [random.Random(3).random() * 0.4 for _ in range(300)], target=0.5)
+    moved = busy.threshold("t", "auto", 0.5)
+    assert moved < 0.4
+    await quiet.prepare("t", "auto")  # within refresh_s of the first read: no read
+    assert quiet.threshold("t", "auto", 0.5) == 0.5
+    await asyncio.sleep(0.06)
+    await quiet.prepare("t", "auto")  # reads again in the background; this request routes on what it has
+    await asyncio.sleep(0.01)
+    assert quiet.threshold("t", "auto", 0.5) == pytest.approx(moved, abs=1e-9)
+
+
 class _SlowStore(MemoryKeyValue):
     async def get(self, key: str, timeout_s: float) -> bytes | None:
         await asyncio.sleep(0.05)
