@@ -2,10 +2,11 @@
 
 A stored turn is the response object as the client got it and what the turn added to the
 conversation, as internal messages (its input items and the assistant's answer; never the
-``instructions``, which OpenAI does not carry into the next turn), with the ids of the turns
-before it (``ancestors``). A turn then costs its own bytes, however long its conversation: a
-record holding the whole conversation so far made a chain of n turns cost n²/2 turns, and one
-long session pushed out its tenant's other conversations (t60). A later turn naming it reads
+``instructions``, which OpenAI does not carry into the next turn) with the ids its items keep
+(``item_ids``), and the ids of the turns before it (``ancestors``). A turn then costs its own
+bytes, however long its conversation: a record holding the whole conversation so far made a
+chain of n turns cost n²/2 turns, and one long session pushed out its tenant's other
+conversations (t60). A later turn naming it reads
 its conversation back by the ids: :data:`ANCESTORS_AT_MOST` turns a round trip (one ``MGET``),
 and reading them marks them used, so that a tenant past its cap loses its idle turns first.
 One that is gone (expired, evicted or deleted) leaves its descendants readable but not
@@ -71,6 +72,10 @@ class StoredResponse(msgspec.Struct, kw_only=True):
     """This turn's input items and its answer, last."""
     ancestors: list[str] = msgspec.field(default_factory=list)
     """The ids of the turns before this one, oldest first: the nearest :data:`ANCESTORS_AT_MOST`."""
+    item_ids: list[str] = msgspec.field(default_factory=list)
+    """The ids of ``added``'s items as ``input_items`` lists them (the ids they were sent with, or
+    their answer's output items'), which they keep in every later turn's listing, as in OpenAI's
+    API (f76). Empty in a record from before: its items' ids are derived from the listing's."""
     held_by: str | None = None
     """A passed-through response lives at its upstream: the model (policy name) that keeps it.
     The gateway then keeps only this, so that only the tenant that made it can read, continue
@@ -82,9 +87,11 @@ class StoredResponse(msgspec.Struct, kw_only=True):
     ``None`` for a value longer than :data:`KEPT_ID_CHARS`, which is then read back as ``null``."""
 
     @classmethod
-    def turn(cls, response: dict[str, Any], added: list[Message], ancestors: list[str]) -> StoredResponse:
+    def turn(
+        cls, response: dict[str, Any], added: list[Message], ancestors: list[str], item_ids: list[str] | None = None
+    ) -> StoredResponse:
         """A turn the gateway answered."""
-        return cls(version=VERSION, response=response, added=added, ancestors=ancestors)
+        return cls(version=VERSION, response=response, added=added, ancestors=ancestors, item_ids=item_ids or [])
 
     @classmethod
     def held(cls, held_by: str, own_ids: dict[str, str | None]) -> StoredResponse:
@@ -144,10 +151,17 @@ class ResponseStore:
         self, tenant: str, record: StoredResponse, *, use: bool = False
     ) -> tuple[list[Message], bool]:
         """The conversation up to and including ``record``'s answer, and whether it is whole: with
-        an earlier turn gone, only what follows the latest gone one (``use``: as :meth:`load`).
+        an earlier turn gone, only what follows the latest gone one (``use``: as :meth:`load`)."""
+        turns, whole = await self.turns(tenant, record, use=use)
+        return [message for turn in turns for message in turn.own], whole
+
+    async def turns(
+        self, tenant: str, record: StoredResponse, *, use: bool = False
+    ) -> tuple[list[StoredResponse], bool]:
+        """The turns of :meth:`conversation`, oldest first, ``record`` last.
 
         Each round trip reads the ancestors one record names, whose oldest names those before."""
-        parts = [record.own]
+        turns = [record]
         ancestors = record.ancestors
         ledger = keyspace.stored_responses(tenant)
         while ancestors:
@@ -159,12 +173,12 @@ class ResponseStore:
             found = [_decoded(raw) for raw in raws]
             for earlier in reversed(found):
                 if earlier is None:
-                    return _joined(parts), False
-                parts.append(earlier.own)
+                    return turns[::-1], False
+                turns.append(earlier)
             oldest = found[0]
             assert oldest is not None
             ancestors = oldest.ancestors
-        return _joined(parts), True
+        return turns[::-1], True
 
     async def save(self, tenant: str, response_id: str, record: StoredResponse) -> bool:
         """Whether it was kept: not when the record alone is larger than the tenant's cap.
@@ -202,8 +216,3 @@ def _decoded(raw: bytes | None) -> StoredResponse | None:
         return _decoder.decode(raw)
     except msgspec.DecodeError:
         return None  # written by an incompatible version: as good as gone
-
-
-def _joined(parts: list[list[Message]]) -> list[Message]:
-    """The turns' messages, ``parts`` newest first, as one conversation, oldest first."""
-    return [message for part in reversed(parts) for message in part]

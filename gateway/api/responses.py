@@ -207,8 +207,8 @@ async def list_input_items(request: Request[Any, Any, Any], response_id: str) ->
     limit, order, after = _page_query(request)
     if record.held_by is not None:
         return await _read_upstream(request, record.held_by, response_id, "/input_items", record.own_ids)
-    messages, _ = await _on_stored(request, lambda store, tenant: store.conversation(tenant, record))
-    items = codec.input_items(messages[:-1], response_id)  # the last message is the response's own answer
+    turns, _ = await _on_stored(request, lambda store, tenant: store.turns(tenant, record))
+    items = _input_items(turns, response_id)
     if order == "desc":
         items.reverse()
     if after is not None:
@@ -238,6 +238,18 @@ async def cancel_response(request: Request[Any, Any, Any], response_id: str) -> 
     if record.held_by is not None:
         return await _ask_upstream(state, record.held_by, "POST", response_id, "/cancel", own_ids=record.own_ids)
     raise InvalidRequestError("Only responses created with background=true can be cancelled.", param="response_id")
+
+
+def _input_items(turns: list[StoredResponse], response_id: str) -> list[dict[str, Any]]:
+    """The items the turns' conversation lists, each with the id its turn keeps for it (f76), but
+    the last turn's answer: it is the response's own output, not its input."""
+    messages: list[Message] = []
+    ids: list[str | None] = []
+    for turn in turns:
+        count = codec.item_count(turn.own)
+        ids += turn.item_ids if len(turn.item_ids) == count else [None] * count  # none: a record from before
+        messages += turn.own
+    return codec.input_items(messages[:-1], response_id, ids)
 
 
 def _page_query(request: Request[Any, Any, Any]) -> tuple[int, str, str | None]:
@@ -621,9 +633,13 @@ async def _keep(store: ResponseStore, turn: _Turn, response: dict[str, Any], ans
     decoded = turn.decoded
     if decoded is None or not decoded.store:
         return
-    added = [*decoded.request.messages, codec.assistant_message(answer)]  # not the history: t60
+    said = codec.assistant_message(answer)
+    added = [*decoded.request.messages, said]  # not the history: t60
+    item_ids = codec.turn_item_ids(decoded, said, response["output"])
     try:
-        if await store.save(turn.tenant, response["id"], StoredResponse.turn(response, added, turn.ancestors)):
+        if await store.save(
+            turn.tenant, response["id"], StoredResponse.turn(response, added, turn.ancestors, item_ids)
+        ):
             return
         _not_stored(reason="larger than the tenant's cap on stored responses")
     except StoreUnavailable:

@@ -62,11 +62,13 @@ __all__ = [
     "decode_request",
     "finish_reason_of",
     "input_items",
+    "item_count",
     "new_id",
     "output_items",
     "response_object",
     "response_text",
     "to_request",
+    "turn_item_ids",
     "usage_body",
     "usage_from_wire",
 ]
@@ -124,6 +126,9 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     """The request's fields as the response object repeats them (tools, tool_choice, text, ...)."""
     response_format: dict[str, Any] | None = None
     """The chat ``response_format`` for ``text.format`` (json_schema with its name, or json_object)."""
+    item_ids: list[str | None] = msgspec.field(default_factory=list)
+    """The ids the client gave ``request.messages``' items, in the order :func:`input_items` lists
+    them (None: an item sent without one); a stored turn keeps them, as OpenAI's API does (f76)."""
 
 
 def decode_request(
@@ -157,9 +162,10 @@ def decode_request(
     text_format, json_schema, response_format, dropped = _text_format(
         text.get("format"), lambda: json_object_ok is None or json_object_ok(wire.model)
     )
+    messages, item_ids = _input(wire.input, passed_through)
     request = Request(
         model=wire.model,
-        messages=_input(wire.input, passed_through),
+        messages=messages,
         max_tokens=wire.max_output_tokens,
         temperature=wire.temperature,
         top_p=wire.top_p,
@@ -213,6 +219,7 @@ def decode_request(
         store=echo["store"],
         echo=echo,
         response_format=response_format,
+        item_ids=item_ids,
     )
 
 
@@ -243,19 +250,24 @@ def _carried(wire: _ResponsesRequest) -> dict[str, Any]:
 # -- input items ------------------------------------------------------------------
 
 
-def _input(raw: str | list[Any] | None, lenient: bool = False) -> list[Message]:
+def _input(raw: str | list[Any] | None, lenient: bool = False) -> tuple[list[Message], list[str | None]]:
+    """The messages, and the ids their items are listed with (:attr:`ResponsesRequest.item_ids`)."""
     if raw is None:
-        return []
+        return [], []
     if isinstance(raw, str):
-        return [Message("user", (TextPart(raw),))]
+        return [Message("user", (TextPart(raw),))], [None]
     messages: list[Message] = []
-    pending: tuple[tuple[Part, ...], list[ToolCall]] | None = None
-    """An assistant message that later ``function_call`` items attach their calls to."""
+    ids: list[str | None] = []
+    pending: tuple[tuple[Part, ...], list[ToolCall], list[str | None]] | None = None
+    """An assistant message that later ``function_call`` items attach their calls to, and the ids
+    of its message item and its calls."""
 
     def flush() -> None:
         nonlocal pending
         if pending is not None:
-            messages.append(Message("assistant", pending[0], tuple(pending[1])))
+            parts, calls, own = pending
+            messages.append(Message("assistant", parts, tuple(calls)))
+            ids.extend(own if _text_listed(messages[-1]) else own[1:])  # no text beside calls: no message item
             pending = None
 
     for index, item in enumerate(raw):
@@ -268,10 +280,11 @@ def _input(raw: str | list[Any] | None, lenient: bool = False) -> list[Message]:
             parts = _content(item.get("content"), f"{where}.content", lenient)
             if role == "assistant":
                 flush()
-                pending = (parts, [])
+                pending = (parts, [], [_item_id(item, where, lenient)])
             elif role in ("user", "system", "developer"):
                 flush()
                 messages.append(Message("user" if role == "user" else "system", parts))
+                ids.append(_item_id(item, where, lenient))
             else:
                 raise InvalidRequestError(
                     f"{where}.role: expected 'user', 'assistant', 'system' or 'developer', got {role!r}",
@@ -282,8 +295,9 @@ def _input(raw: str | list[Any] | None, lenient: bool = False) -> list[Message]:
                 _string(item, "call_id", where), _string(item, "name", where), _string(item, "arguments", where)
             )
             if pending is None:
-                pending = ((), [])
+                pending = ((), [], [None])
             pending[1].append(call)
+            pending[2].append(_item_id(item, where, lenient))
         elif kind == "function_call_output":
             flush()
             call_id = _string(item, "call_id", where)
@@ -291,12 +305,23 @@ def _input(raw: str | list[Any] | None, lenient: bool = False) -> list[Message]:
             # also when passed through, which OpenAI's API takes)
             output = _content(item.get("output"), f"{where}.output", lenient)
             messages.append(Message("tool", _joined_text(output), tool_call_id=call_id))
+            ids.append(_item_id(item, where, lenient))
         elif kind == "reasoning" or lenient:
             continue  # the model's own reasoning (or, passed through, an item only the upstream reads)
         else:
             raise InvalidRequestError(f"{where}.type: input items of type {kind!r} are not supported", param=where)
     flush()
-    return messages
+    return messages, ids
+
+
+def _item_id(item: dict[str, Any], where: str, lenient: bool) -> str | None:
+    """The item's own id, which it keeps when listed (None: it came without one)."""
+    value = item.get("id")
+    if isinstance(value, str) and value:
+        return value
+    if value in (None, "") or lenient:
+        return None
+    raise InvalidRequestError(f"{where}.id: a non-empty string is required", param=f"{where}.id")
 
 
 def _string(item: dict[str, Any], name: str, where: str) -> str:
@@ -596,38 +621,82 @@ def output_items(answer: Answer, make_id: IdMaker = new_id) -> list[dict[str, An
     return items
 
 
-def input_items(messages: Sequence[Message], response_id: str) -> list[dict[str, Any]]:
+def input_items(messages: Sequence[Message], response_id: str, ids: Sequence[str | None] = ()) -> list[dict[str, Any]]:
     """What ``GET /v1/responses/{id}/input_items`` lists: the conversation a response answered
-    (earlier turns' inputs and answers, then its own input), oldest first, as Responses items.
-    Their ids are derived from the response's id and the item's place, so that they stay the
-    same from one read to the next (``after`` pages by them); the system role stands for
-    ``developer`` too, which the internal model does not tell apart."""
-    items: list[dict[str, Any]] = []
+    (earlier turns' inputs and answers, then its own input), oldest first, as Responses items;
+    the system role stands for ``developer`` too, which the internal model does not tell apart.
 
-    def item_id(prefix: str) -> str:
-        digest = hashlib.blake2b(f"{response_id}:{len(items)}".encode(), digest_size=16).hexdigest()
-        return f"{prefix}_{digest}"
-
-    for message in messages:
-        if message.role == "tool":
-            output = message.text
-            items.append({"type": "function_call_output", "id": item_id("fco"), "call_id": message.tool_call_id or "",
-                          "output": output, "status": "completed"})  # fmt: skip
-            continue
-        if message.role == "assistant":
-            if message.parts or not message.tool_calls:
-                items.append(_message_item(item_id("msg"), message.text, "completed"))
-            items += [_call_item(item_id("fc"), call, "completed") for call in message.tool_calls]
-            continue
-        content: list[dict[str, Any]] = []
-        for part in message.parts:
-            if isinstance(part, TextPart):
-                content.append({"type": "input_text", "text": part.text})
-            elif isinstance(part, ImagePart):
-                content.append({"type": "input_image", "image_url": part.url, "detail": part.detail or "auto"})
-        items.append({"type": "message", "id": item_id("msg"), "role": message.role, "content": content,
-                      "status": "completed"})  # fmt: skip
+    Each item has its id from ``ids``, in order: the one it was sent with or answered with, which
+    it keeps from turn to turn, as in OpenAI's API (f76: a client that rebuilt a conversation from
+    ``output`` and ``input_items`` got every item twice). One with none (a turn stored before the
+    ids were kept), or one already listed (a client may send an id twice), has an id derived from
+    the response's id and its place: the same from one read to the next, for ``after`` pages by it."""
+    items = [item for message in messages for item in _items_of(message)]
+    listed: set[str] = set()
+    for place, item in enumerate(items):
+        item_id = ids[place] if place < len(ids) else None
+        if item_id is None or item_id in listed:
+            digest = hashlib.blake2b(f"{response_id}:{place}".encode(), digest_size=16).hexdigest()
+            item_id = f"{_PREFIXES[item['type']]}_{digest}"
+        listed.add(item_id)
+        item["id"] = item_id
     return items
+
+
+def item_count(messages: Sequence[Message]) -> int:
+    """How many items :func:`input_items` lists for ``messages``."""
+    return sum(len(_items_of(message)) for message in messages)
+
+
+def turn_item_ids(decoded: ResponsesRequest, answer: Message, output: Sequence[dict[str, Any]]) -> list[str]:
+    """The ids a stored turn keeps for its items (its input, then ``answer``), in the order
+    :func:`input_items` lists them: an input item's own (a new one for an item sent without
+    one), and for the answer, those its items have in ``output``, the response's (reasoning, which
+    is not carried on, is not listed)."""
+    given: list[str | None] = [*decoded.item_ids, *_answer_ids(answer, output)]
+    items = [item for message in [*decoded.request.messages, answer] for item in _items_of(message)]
+    return [
+        (given[place] if place < len(given) else None) or new_id(_PREFIXES[item["type"]])
+        for place, item in enumerate(items)
+    ]
+
+
+def _answer_ids(answer: Message, output: Sequence[dict[str, Any]]) -> list[str | None]:
+    """The ids of ``output``'s items that ``answer``'s listed items stand for: its first message
+    item (a refusal beside text is listed in the same message) and its calls, in order."""
+    own = {kind: [item.get("id") for item in output if item.get("type") == kind] for kind in _PREFIXES}
+    ids: list[str | None] = []
+    for item in _items_of(answer):
+        found = own[item["type"]]
+        item_id = found.pop(0) if found else None
+        ids.append(item_id if isinstance(item_id, str) else None)
+    return ids
+
+
+_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+"""The prefix of an id the gateway makes, by the type of the item."""
+
+
+def _items_of(message: Message) -> list[dict[str, Any]]:
+    """The items ``message`` is listed as (an assistant's text and each of its calls are one), with no id yet."""
+    if message.role == "tool":
+        return [{"type": "function_call_output", "id": "", "call_id": message.tool_call_id or "",
+                 "output": message.text, "status": "completed"}]  # fmt: skip
+    if message.role == "assistant":
+        calls = [_call_item("", call, "completed") for call in message.tool_calls]
+        return [_message_item("", message.text, "completed"), *calls] if _text_listed(message) else calls
+    content: list[dict[str, Any]] = []
+    for part in message.parts:
+        if isinstance(part, TextPart):
+            content.append({"type": "input_text", "text": part.text})
+        elif isinstance(part, ImagePart):
+            content.append({"type": "input_image", "image_url": part.url, "detail": part.detail or "auto"})
+    return [{"type": "message", "id": "", "role": message.role, "content": content, "status": "completed"}]
+
+
+def _text_listed(message: Message) -> bool:
+    """Whether an assistant message is listed with a message item: not when it is calls alone."""
+    return bool(message.parts) or not message.tool_calls
 
 
 def assistant_message(answer: Answer) -> Message:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -290,6 +291,48 @@ def test_input_items_list_the_conversation_a_response_answered(client: openai.Op
         client.responses.cancel(second.id)
 
 
+def test_items_keep_their_ids_from_turn_to_turn_as_openai_keeps_them(client: openai.OpenAI) -> None:
+    """f76: every listing made new ids (from the listing response's id and the item's place), so
+    the client's own id was lost, one item had another id under each response, and an answer's
+    items were not those of its ``output``: a client that rebuilt a conversation from ``output``
+    and ``input_items``, one item once by its id, had every item twice."""
+    asked: Any = {"type": "message", "role": "user", "id": "msg_client_1", "content": "What is the weather in Oslo?"}
+    first = client.responses.create(model="fast", input=[asked], tools=[WEATHER_TOOL], tool_choice="required")
+    call = next(item for item in first.output if item.type == "function_call")
+    result: Any = {"type": "function_call_output", "call_id": call.call_id, "output": "-3C"}
+    with client.responses.stream(model="fast", previous_response_id=first.id, input=[result]) as stream:
+        second = stream.get_final_response()
+    third = client.responses.create(model="fast", previous_response_id=second.id, input="Thanks.")
+    answered = second.output[0]
+    assert answered.type == "message"
+
+    assert [item.id for item in client.responses.input_items.list(first.id).data] == ["msg_client_1"]
+    listed = client.responses.input_items.list(second.id, order="asc").data
+    assert [item.id for item in listed[:2]] == ["msg_client_1", call.id]  # as sent, and as answered
+    fco = listed[2].id
+    assert fco is not None and fco.startswith("fco_")  # sent without one: given one, kept from then on
+    later = [item.id for item in client.responses.input_items.list(third.id, order="asc").data]
+    assert later[:4] == ["msg_client_1", call.id, fco, answered.id]  # the streamed answer's too
+    assert len(set(later)) == len(later) == 5
+    assert later == [item.id for item in client.responses.input_items.list(third.id, order="asc").data]
+
+
+def test_an_id_sent_twice_is_listed_once_and_pages_by_after_reach_every_item(client: openai.OpenAI) -> None:
+    """Item ids page the listing (``after``): one the client sends again, in a turn or a later one,
+    is listed under another id, the same at every read."""
+    twice = [{"type": "message", "role": "user", "id": "msg_same", "content": text} for text in ("One.", "Two.")]
+    first = client.responses.create(model="fast", input=twice)  # type: ignore[arg-type]
+    again = [{"type": "message", "role": "user", "id": "msg_same", "content": "Three."}]
+    second = client.responses.create(model="fast", previous_response_id=first.id, input=again)  # type: ignore[arg-type]
+    listed = client.responses.input_items.list(second.id, order="asc").data
+    ids = [item.id for item in listed]
+    assert ids[0] == "msg_same" and ids[2] == first.output[0].id and len(set(ids)) == len(ids) == 4
+    paged = [item.id for item in client.responses.input_items.list(second.id, order="asc", limit=1)]
+    assert paged == ids
+    texts = [item.content[0].text for item in listed]  # type: ignore[union-attr,index]
+    assert texts == ["One.", "Two.", first.output_text, "Three."]
+
+
 def test_a_stored_response_can_be_retrieved_and_deleted(client: openai.OpenAI) -> None:
     created = client.responses.create(model="fast", input="Keep this.", metadata={"k": "v"})
     retrieved = client.responses.retrieve(created.id)
@@ -361,11 +404,22 @@ def test_a_turn_stored_by_the_previous_version_is_read_and_continued(
     assert [item.content[0].text for item in items if item.type == "message"] == [  # type: ignore[union-attr]
         "My name is Ada.", "Hello Ada.", "I live in Oslo."
     ]  # fmt: skip
+    assert [item.id for item in items] == _derived_ids(old_id, ["msg"] * 3)  # kept no ids: as listed before
     second = client.responses.create(model="fast", previous_response_id=old_id, input="Where do I live?")
-    client.responses.create(model="fast", previous_response_id=second.id, input="And my name?")
+    third = client.responses.create(model="fast", previous_response_id=second.id, input="And my name?")
     sent = [m["content"] for m in _last_upstream_body(small_upstream)["messages"]]
     assert sent == ["My name is Ada.", "Hello Ada.", "I live in Oslo.", "Noted.", "Where do I live?",
                     second.output_text, "And my name?"]  # fmt: skip
+    listed = [item.id for item in client.responses.input_items.list(third.id, order="asc").data]
+    assert listed[:4] == _derived_ids(third.id, ["msg"] * 4) and listed[5] == second.output[0].id
+    assert listed[4] == client.responses.input_items.list(second.id).data[0].id  # kept since: the same under each
+    assert len(set(listed)) == len(listed) == 7
+
+
+def _derived_ids(response_id: str, prefixes: list[str]) -> list[str]:
+    """The ids the gateway lists the items of a turn stored with none with: from the listing's id and their place."""
+    digests = [hashlib.blake2b(f"{response_id}:{n}".encode(), digest_size=16).hexdigest() for n in range(len(prefixes))]
+    return [f"{prefix}_{digest}" for prefix, digest in zip(prefixes, digests, strict=True)]
 
 
 def test_a_conversation_with_an_earlier_turn_deleted_is_read_but_not_continued(client: openai.OpenAI) -> None:

@@ -6,6 +6,7 @@ and streams are replayed through the SDK's stream accumulator, so a client parse
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -112,6 +113,51 @@ def test_a_function_call_without_an_assistant_message_makes_one() -> None:
     )
     assert decoded.request.messages[1] == Message("assistant", (), (ToolCall("c1", "f", "{}"),))
     assert _chat(decoded)["messages"][1]["content"] is None
+
+
+def test_an_items_own_id_is_kept_in_the_order_it_is_listed() -> None:
+    """f76: a listing made new ids, so an item's was lost. One listed item per message, but an
+    assistant's text and each of its calls are one each (an empty text beside calls is none)."""
+    decoded = _decode(
+        input=[
+            {"role": "user", "content": "hi", "id": "msg_client_1"},
+            {"type": "message", "role": "assistant", "content": [], "id": "msg_empty"},
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call", "call_id": "c2", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "id": "fco_1", "call_id": "c1", "output": "ok"},
+            {"type": "message", "role": "assistant", "content": "Done.", "id": None},
+        ]
+    )  # fmt: skip
+    assert decoded.item_ids == ["msg_client_1", "fc_1", None, "fco_1", None]
+    assert codec.item_count(decoded.request.messages) == len(decoded.item_ids)
+    listed = codec.input_items(decoded.request.messages, "resp_1", decoded.item_ids)
+    assert [item["id"] for item in listed][:2] == ["msg_client_1", "fc_1"] and listed[3]["id"] == "fco_1"
+    assert listed[2]["id"] == _derived("fc", "resp_1", 2) and listed[4]["id"] == _derived("msg", "resp_1", 4)
+    with pytest.raises(InvalidRequestError) as bad:
+        _decode(input=[{"role": "user", "content": "hi", "id": 7}])
+    assert bad.value.param == "input[0].id"
+
+
+def test_a_turn_keeps_its_answers_output_ids_and_lists_an_id_once() -> None:
+    """A turn keeps its input items' ids (new ones for those sent without) and its answer's output
+    items' (not its reasoning, not a refusal beside text: one message item holds both)."""
+    decoded = _decode(input=[{"role": "user", "content": "q", "id": "msg_q"}, {"role": "user", "content": "again"}])
+    answer = Answer(id="a", model="m", text="Let me look.", refusal="Not that.", tool_calls=[ToolCall("c1", "f", "{}")],
+                    thinking=[ThinkingPart("hmm")])  # fmt: skip
+    output = codec.output_items(answer, _ids())
+    assert [item["id"] for item in output] == ["rs_1", "msg_2", "msg_3", "fc_4"]
+    said = codec.assistant_message(answer)
+    kept = codec.turn_item_ids(decoded, said, output)
+    assert kept[0] == "msg_q" and kept[1].startswith("msg_") and kept[2:] == ["msg_2", "fc_4"]
+    twice = codec.input_items([*decoded.request.messages, said], "resp_2", ["msg_q", "msg_q", "msg_q"])
+    assert [item["id"] for item in twice] == ["msg_q", _derived("msg", "resp_2", 1), _derived("msg", "resp_2", 2),
+                                              _derived("fc", "resp_2", 3)]  # fmt: skip
+
+
+def _derived(prefix: str, response_id: str, place: int) -> str:
+    """The id of an item listed with none kept (from before f76), or one already listed."""
+    return f"{prefix}_{hashlib.blake2b(f'{response_id}:{place}'.encode(), digest_size=16).hexdigest()}"
 
 
 def test_a_tool_result_of_text_and_images_keeps_both() -> None:
