@@ -404,13 +404,32 @@ def plain_text(text: str) -> str:
 
 @lru_cache(maxsize=4096)
 def typed_text(text: str) -> str:
-    """The text with spacing, closing punctuation, number spelling and "what's" / "what is"
-    made uniform, and nothing else: two prompts equal here are one question, served without
-    asking the verifier. Case and marks stay as typed, unlike :func:`plain_text`: ``-d`` /
-    ``-D``, ``%m`` / ``%M``, バス / パス, schon / schön ask different things."""
-    text = unicodedata.normalize("NFC", text).strip().rstrip("?.! ")
+    """The text with spacing within lines, a sentence's closing mark, number spelling and
+    "what's" / "what is" made uniform, and nothing else: two prompts equal here are one
+    question, served without asking the verifier. Case and marks stay as typed, unlike
+    :func:`plain_text`: ``-d`` / ``-D``, ``%m`` / ``%M``, バス / パス, schon / schön ask
+    different things. So do line breaks, a line's indentation, spaces in a code span and a
+    mark that ends a word that is not all letters (t87: ``cd ..`` / ``cd``, ``https?`` /
+    ``https``, a tab / 4 spaces in a Makefile, a Markdown paragraph break were served as one)."""
+    text = unicodedata.normalize("NFC", text).strip()
+    text = _CLOSING_MARKS.sub("", text)
     text = _NUMBER_WORDS.sub(lambda m: str(_word_value(m)), _CONTRACTED_TYPED.sub(r"\1 is", text))
-    return " ".join(text.split())
+    return "\n".join(_spaced(line) for line in text.split("\n"))
+
+
+_CLOSING_MARKS = re.compile(r"(?<=\s[^\W_]|[^\W_]{2})[?.!]+$")
+"""A sentence's closing marks: after a word of letters or digits (``turkey?``), not after ``..``, ``https``'s
+``?`` in a code span (a backtick ends it) or a one-letter regex (``^a.``)."""
+
+
+def _spaced(line: str) -> str:
+    """A line with its trailing blanks gone and runs of blanks after its indentation made one,
+    except in a line with a code span, where they are the code's."""
+    line = line.rstrip()
+    if "`" in line:
+        return line
+    body = line.lstrip(" \t")
+    return line[: len(line) - len(body)] + " ".join(body.split())
 
 
 def same_question(stored: str, new: str) -> bool:
@@ -444,7 +463,11 @@ def _recasing_is_meaning(before: str, x: str, y: str, both_cased: bool) -> bool:
         return False  # someone typing all in lower case says nothing by it
     letters = x.lstrip("0123456789.,")
     unit = letters != x or before[-1:].isdigit()
-    return unit or (len(x) == 1 and x.lower() not in ("a", "i"))
+    if unit or len(x) == 1:
+        return unit or x.lower() not in ("a", "i")
+    # a capital within a sentence, where the writers use capitals, names something (t87: Turkey /
+    # turkey, Mercury / mercury, Polish / polish); at a sentence's start it says nothing
+    return bool(before) and before[-1:] not in ".!?:"
 
 
 _AROUND_WORDS = ".,;:!?()[]{}\"'\u201c\u201d\u2018\u2019"

@@ -160,6 +160,34 @@ def test_same_question_allows_case_only_where_no_rule_says_it_is_meaning() -> No
     assert same_question("Give me a short history of China.", "give me a short history of china")
 
 
+@pytest.mark.parametrize(
+    ("stored", "new"),
+    [
+        ("Tell me about Turkey.", "Tell me about turkey."),
+        ("What is Mercury made of?", "What is mercury made of?"),
+        ("How do I say Polish in French?", "How do I say polish in French?"),
+        ("Explain this shell command: cd ..", "Explain this shell command: cd"),
+        ("What does this command do: git add .", "What does this command do: git add"),
+        ("Explain sudo !!", "Explain sudo"),
+        ("Explain the regex ^a.", "Explain the regex ^a"),
+        ("What does this regex match: `a  b`", "What does this regex match: `a b`"),
+        ("Is this valid Python: if x: print(1)", "Is this valid Python:\nif x:\nprint(1)"),
+        ("Is this Makefile right?\n```\nall:\n\tgcc -o app main.c\n```", "Is this Makefile right?\n```\nall:\n    gcc -o app main.c\n```"),
+        ("Why is this Markdown one paragraph?\nfirst line\nsecond line", "Why is this Markdown one paragraph?\nfirst line\n\nsecond line"),
+    ],
+)  # fmt: skip
+def test_what_looks_like_retyping_but_changes_the_question_goes_to_the_verifier(stored: str, new: str) -> None:
+    """t87: served at p_same 1.0 without a verdict (the verifier never read them)."""
+    assert not same_question(stored, new)
+
+
+def test_retyping_that_changes_nothing_needs_no_verdict() -> None:
+    assert same_question("What is the capital of France?", "What is the capital of France")
+    assert same_question("Is it 5?", "Is it 5") and same_question("How  do vaccines work?  ", "How do vaccines work!")
+    assert same_question("Fix this:\n  x = 1   \n  y  = 2", "Fix this:\n  x = 1\n  y = 2")  # trailing and inner blanks
+    assert same_question("Tell me about Turkey.", "tell me about turkey")  # all in lower case says nothing
+
+
 def test_plain_text_makes_only_harmless_differences_uniform() -> None:
     assert plain_text("What is six times seven?") == plain_text("what's 6 times 7")
     assert plain_text("  Où est  la GARE ?") == plain_text("ou est la gare")
