@@ -657,8 +657,11 @@ class ChatPipeline:
             bar.raised(lambda t: effective_threshold(t, tightened_by)),
             semantic.guard,
             timeout_s,
+            verify_timeout_s=semantic.verify_timeout_ms / 1000,
         )
         x.record.semantic_guard_refusals = found.refused or None
+        if found.timed_out is not None:
+            self._metrics.semantic_timeout(found.timed_out)
         if found.hit is None:
             return None
         if found.hit.answer.prompt == prompt:

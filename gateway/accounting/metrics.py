@@ -68,6 +68,13 @@ class Metrics:
             "Redis calls abandoned at their deadline (the request went on without them)",
             registry=r,
         )
+        self.semantic_timeouts = Counter(
+            "gateway_semantic_cache_timeouts",
+            "Semantic lookups that gave up at a deadline and so were misses, by stage: the vector "
+            "search (the Redis timeout) or the verifier's verdicts (verify_timeout_ms)",
+            ["stage"],
+            registry=r,
+        )
         self.semantic_audits = Counter(
             "gateway_semantic_cache_audits",
             "Semantic hits also asked upstream; agree: true, false or undecided",
@@ -141,6 +148,9 @@ class Metrics:
 
     def upstream_error(self, upstream: str, code: str | None) -> None:
         self.upstream_errors.labels(upstream, code or "unknown").inc()
+
+    def semantic_timeout(self, stage: str) -> None:
+        self.semantic_timeouts.labels(stage).inc()
 
     def semantic_audit(self, route: str, agree: str) -> None:
         self.semantic_audits.labels(route, agree).inc()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +82,17 @@ class PairVerifier:
         scores = iter(np.asarray(p, dtype=np.float32).reshape(-1).tolist())
         return [Verdict(next(scores)) if ok else Verdict(0.0, unsure=True) for ok in fits]
 
-    async def judge(self, pairs: list[tuple[str, str]]) -> list[Verdict]:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.judge_sync, pairs)
+    async def judge(self, pairs: list[tuple[str, str]], deadline: float | None = None) -> list[Verdict]:
+        """``deadline`` (``time.monotonic()``, the event loop's clock): a batch whose turn in the one
+        thread comes after it is not run (TimeoutError): its lookup has given up, and under load the
+        thread would otherwise spend itself on verdicts no one waits for, and every later lookup
+        would time out too (t87)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._judge_until, pairs, deadline)
+
+    def _judge_until(self, pairs: list[tuple[str, str]], deadline: float | None) -> list[Verdict]:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError
+        return self.judge_sync(pairs)
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -431,6 +431,11 @@ class SemanticCachePolicy(_Struct, frozen=True, kw_only=True):
     max_entries: AtLeastOne = 10_000
     """Per vector set (tenant, route, system prompt, parameters); the oldest entries go first."""
     max_temperature: AtLeastZero = 0.5
+    verify_timeout_ms: AtLeastOne = 250
+    """How long a lookup may wait for the verifier's verdicts, after the vector search (which the
+    Redis timeout bounds). The verifier runs in one thread per process, so under load a verdict
+    waits its turn: a verdict in time saves an upstream call, and one past this is a miss (counted
+    in ``gateway_semantic_cache_timeouts_total``). It bounds what a miss can cost in latency."""
     multi_turn: bool = False
     tools: bool = False
     audit: SemanticAuditPolicy = SemanticAuditPolicy()

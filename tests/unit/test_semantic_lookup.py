@@ -10,7 +10,7 @@ import pytest
 
 from gateway.cache.entries import CachedAnswer
 from gateway.cache.semantic import SemanticCache, ServeBar
-from gateway.cache.verifier import PairVerifier, load_verifier
+from gateway.cache.verifier import PairVerifier, Verdict, load_verifier
 from gateway.core.model import Answer
 from gateway.store.memory import MemoryVectorIndex
 
@@ -170,3 +170,39 @@ def test_a_far_candidate_must_clear_the_far_bar() -> None:
     assert bar.at(0.74, matched=True) == 0.998
     assert bar.at(0.75, matched=False) == 0.98
     assert bar.raised(lambda t: min(0.999, t + 0.01)).at(0.5, matched=False) == 0.999
+
+
+async def test_a_verdict_waits_past_the_redis_timeout_and_a_late_one_is_a_miss_that_says_so(
+    verifier: PairVerifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """t87: held to the Redis timeout (50 ms), most lookups of 20 concurrent clients gave up on a
+    verdict queued behind the others' in the verifier's one thread, logged as plain misses."""
+    cache, vector = await _cache_with("How do I reverse a list in Python?", verifier)
+    reworded = "python: what's the way to reverse a list?"
+    judge = verifier.judge_sync
+
+    def busy(pairs: list[tuple[str, str]]) -> list[Verdict]:
+        time.sleep(0.1)  # the thread is busy with other requests' verdicts
+        return judge(pairs)
+
+    monkeypatch.setattr(verifier, "judge_sync", busy)
+    bar = ServeBar(0.8, 0.8)
+    served = await cache.lookup(INDEX, vector, reworded, 0.75, bar, True, 0.05, verify_timeout_s=1.0)
+    assert served.hit is not None and served.timed_out is None
+    late = await cache.lookup(INDEX, vector, reworded, 0.75, bar, True, 1.0, verify_timeout_s=0.02)
+    assert late.hit is None and late.timed_out == "verdict"
+
+
+async def test_a_batch_whose_lookup_gave_up_is_not_run(verifier: PairVerifier, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under load the one thread would spend itself on verdicts no one waits for any more."""
+    ran: list[int] = []
+    judge = verifier.judge_sync
+
+    def counted(pairs: list[tuple[str, str]]) -> list[Verdict]:
+        ran.append(len(pairs))
+        return judge(pairs)
+
+    monkeypatch.setattr(verifier, "judge_sync", counted)
+    with pytest.raises(TimeoutError):
+        await verifier.judge([("a", "b")], deadline=time.monotonic() - 1)
+    assert ran == [] and len(await verifier.judge([("a", "b")], deadline=time.monotonic() + 5)) == 1
