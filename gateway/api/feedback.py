@@ -56,10 +56,10 @@ async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
         raise InvalidRequestError("'score' must be between 0 and 1", param="score")
     learning = state.learning
     try:
-        trace = await _written_trace(
+        request_id, trace = await _written_trace(
             learning.store,
             principal.tenant,
-            given.request_id,
+            _ids_meant(given.request_id),
             lambda found: found.key_id == principal.key_id or principal.admin,
         )
     except StoreUnavailable:
@@ -77,9 +77,9 @@ async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
         raise ConflictError(f"route {trace.route!r} no longer learns from feedback")
     needed_large = _label(given, trace.side)
     if needed_large is not None:
-        example = LabelledExample.of(given.request_id, trace, needed_large, "feedback", policy.scope == "global")
+        example = LabelledExample.of(request_id, trace, needed_large, "feedback", policy.scope == "global")
         try:
-            times = await learning.store.count_label(principal.tenant, given.request_id, policy.keep_hours)
+            times = await learning.store.count_label(principal.tenant, request_id, policy.keep_hours)
             if times > MAX_LABELS_PER_REQUEST:
                 raise ConflictError(
                     f"this request has had {MAX_LABELS_PER_REQUEST} labels; no more are taken", param="request_id"
@@ -110,17 +110,28 @@ def _label(given: _Feedback, side: str) -> bool | None:
     return None
 
 
+def _ids_meant(request_id: str) -> tuple[str, ...]:
+    """The ids ``request_id`` may name: Anthropic's SDK gives its caller the ``request-id`` header
+    the gateway answers Messages clients with, ``req_`` and the gateway's id (t88: such feedback
+    was a 404, so apps on that SDK taught the router nothing)."""
+    if request_id.startswith("req_") and len(request_id) > 4:
+        return request_id, request_id[4:]
+    return (request_id,)
+
+
 async def _written_trace(
-    store: LearningStore, tenant: str, request_id: str, visible: Callable[[RoutingTrace], bool]
-) -> RoutingTrace | None:
-    """The request's routing trace, waited for a moment: it is written just after the answer goes
-    out (the client does not wait for the bookkeeping), so feedback sent on a stream's last
-    event can arrive first, and on another worker. One the caller may not see is waited for as
-    one not there: a 404 at once told that another key of the tenant had used the id (t46)."""
-    trace = await store.trace(tenant, request_id)
-    for wait_s in _TRACE_WAITS_S:
-        if trace is not None and visible(trace):
-            break
-        await asyncio.sleep(wait_s)
-        trace = await store.trace(tenant, request_id)
-    return trace if trace is not None and visible(trace) else None
+    store: LearningStore, tenant: str, request_ids: tuple[str, ...], visible: Callable[[RoutingTrace], bool]
+) -> tuple[str, RoutingTrace | None]:
+    """The request's id and routing trace (of the first of ``request_ids`` that has one), waited
+    for a moment: it is written just after the answer goes out (the client does not wait for the
+    bookkeeping), so feedback sent on a stream's last event can arrive first, and on another
+    worker. One the caller may not see is waited for as one not there: a 404 at once told that
+    another key of the tenant had used the id (t46)."""
+    for wait_s in (*_TRACE_WAITS_S, None):
+        for request_id in request_ids:
+            trace = await store.trace(tenant, request_id)
+            if trace is not None and visible(trace):
+                return request_id, trace
+        if wait_s is not None:
+            await asyncio.sleep(wait_s)
+    return request_ids[0], None

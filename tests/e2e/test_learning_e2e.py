@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import httpx
 import msgspec
 import numpy as np
@@ -145,6 +146,21 @@ def test_an_answer_that_is_a_tool_call_can_be_labelled(gateway: GatewayProcess) 
     assert message["tool_calls"] and not message.get("content")
     labelled = _feedback(gateway, "alice", {"request_id": response.headers["x-request-id"], "thumbs": "up"})
     assert labelled.status_code == 200, labelled.text
+
+
+def test_the_request_id_anthropics_sdk_gives_can_be_labelled(gateway: GatewayProcess) -> None:
+    """t88: Anthropic's SDK gives its caller ``message._request_id``, the ``request-id`` header
+    (``req_`` and the gateway's id): feedback on it was a 404, so apps on that SDK taught nothing."""
+    with anthropic.Anthropic(base_url=gateway.url, api_key=KEYS["alice"], max_retries=0, timeout=15) as claude:
+        message = claude.messages.create(
+            model="taught", max_tokens=64, messages=[{"role": "user", "content": "Name three colours of autumn."}]
+        )
+    assert message._request_id is not None and message._request_id.startswith("req_")
+    labelled = _feedback(gateway, "alice", {"request_id": message._request_id, "thumbs": "down"})
+    assert labelled.status_code == 200, labelled.text
+    assert labelled.json()["request_id"] == message._request_id and labelled.json()["label"] == "needed_large"
+    again = _feedback(gateway, "alice", {"request_id": message._request_id[4:], "thumbs": "up"})  # one request
+    assert again.status_code == 200 and again.json()["label"] == "small_was_enough"
 
 
 def test_a_reused_request_id_stays_with_the_key_that_used_it_first(gateway: GatewayProcess) -> None:
