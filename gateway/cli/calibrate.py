@@ -50,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{unreadable} line(s) could not be read; nothing written", file=sys.stderr)
         return 1
     if args.write:
-        set_route_threshold(args.policies, args.route, threshold)
+        try:
+            set_route_threshold(args.policies, args.route, threshold)
+        except ValueError as exc:  # a threshold the file shares through an anchor: not edited
+            print(exc, file=sys.stderr)
+            return 1
         print(f"wrote routes.{args.route}.threshold = {threshold!r} to {args.policies}", file=sys.stderr)
     return 0

@@ -31,9 +31,32 @@ _KEY_FILE_HEADER = "# API keys: sha256 hashes only. Add with `python -m gateway 
 
 
 def set_route_threshold(path: str | Path, route: str, threshold: float) -> None:
-    """Set ``routes.<route>.threshold``: replace the value where it is written, or add the key."""
+    """Set ``routes.<route>.threshold``: replace the value where it is written, or add the key.
+
+    The edited text is read back before it is written: it must be the file as it was but for
+    that one value. A threshold shared through a YAML anchor (``threshold: &t 0.8`` in one route,
+    ``*t`` in another) is refused (ValueError): the splice wrote the other route's line and
+    dropped the anchor, leaving a file the gateway refused, after saying it was written (t88).
+    """
     with _editing(Path(path)) as target:
-        _write(target, _with_threshold(target, route, threshold))
+        before = target.read_text(encoding="utf-8")
+        after = _with_threshold(target, route, threshold)
+        _check_only_threshold_moved(target, before, after, route, threshold)
+        _write(target, after)
+
+
+def _check_only_threshold_moved(path: Path, before: str, after: str, route: str, threshold: float) -> None:
+    expected = yaml.load(before, Loader=yaml_loader())
+    expected["routes"][route]["threshold"] = float(threshold)
+    try:
+        edited = yaml.load(after, Loader=yaml_loader())
+    except yaml.YAMLError:
+        edited = None
+    if edited != expected:
+        raise ValueError(
+            f"{path}: routes.{route}.threshold is not a value of its own (a YAML anchor or alias shares it "
+            f"with another route?); nothing written: set it to {threshold!r} by hand"
+        )
 
 
 def _with_threshold(path: Path, route: str, threshold: float) -> str:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gateway.config.edit import set_route_threshold
 
 PROMPTS = [
@@ -84,6 +86,27 @@ def test_threshold_edit_handles_flow_and_block_routes(tmp_path: Path) -> None:
     policy.write_text("routes:\n  empty: {}\n")
     set_route_threshold(policy, "empty", 0.4)  # no ", " before the first key of an empty flow mapping
     assert policy.read_text() == "routes:\n  empty: {threshold: 0.4}\n"
+
+
+def test_a_threshold_shared_through_a_yaml_anchor_is_refused_not_spliced(tmp_path: Path) -> None:
+    """t88: with ``threshold: &t 0.8`` in one route and ``*t`` in another, writing the second's
+    rewrote the first's line and dropped the anchor: said written (exit 0), the file no longer
+    YAML, and the gateway kept the old policy."""
+    policy = tmp_path / "p.yaml"
+    shared = "routes:\n  auto:\n    model: s\n    threshold: &t 0.8\n  glob:\n    model: s\n    threshold: *t\n"
+    for route in ("glob", "auto"):  # the alias, and the anchored value the alias reads
+        policy.write_text(shared)
+        with pytest.raises(ValueError, match="by hand"):
+            set_route_threshold(policy, route, 0.25)
+        assert policy.read_text() == shared
+    sample = "".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(20))
+    full = tmp_path / "policies.yaml"
+    text = Path("policies.yaml").read_text().replace("threshold: 0.80", "threshold: &shared 0.80", 1)
+    assert "&shared" in text
+    full.write_text(text + "\n# a later edit\n")
+    result = _run("calibrate", "--target-large-share", "0.25", "--jsonl", "-", "--policies", str(full), "--write",
+                  stdin=sample)  # fmt: skip
+    assert result.returncode == 0, result.stderr  # an anchor nothing else reads: the value is its own
 
 
 def test_calibrate_exits_1_when_lines_were_unreadable_as_route_does(tmp_path: Path) -> None:
