@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 import msgspec
 
-from gateway.core.model import Answer, Usage
+from gateway.core.model import Answer, ToolCall, Usage
 
 __all__ = ["CachedAnswer"]
 
@@ -40,8 +43,10 @@ class CachedAnswer(msgspec.Struct, kw_only=True):
             return None
 
     def served_as(self, answer_id: str, prompt_tokens: int | None = None) -> Answer:
-        """The answer under a new id, with the usage it had when it was first answered; with
-        ``prompt_tokens``, for another prompt (a semantic hit), whose count that is."""
+        """The answer under a new id, its tool calls too, with the usage it had when it was first
+        answered; with ``prompt_tokens``, for another prompt (a semantic hit), whose count that is.
+        A call's id is the upstream's, new with every answer: replayed as stored, two users of a
+        tenant got one id, which an app that keeps results by call id mixes up (t83, t87)."""
         usage = Usage(
             input_tokens=self.prompt_tokens if prompt_tokens is None else prompt_tokens,
             output_tokens=self.completion_tokens,
@@ -50,7 +55,21 @@ class CachedAnswer(msgspec.Struct, kw_only=True):
             cache_write_1h_tokens=self.cache_write_1h_tokens if prompt_tokens is None else 0,
             reasoning_tokens=self.reasoning_tokens,
         )
-        return msgspec.structs.replace(self.answer, id=answer_id, usage=usage)
+        if not self.answer.tool_calls:
+            return msgspec.structs.replace(self.answer, id=answer_id, usage=usage)
+        calls = [_renamed(call, answer_id, index) for index, call in enumerate(self.answer.tool_calls)]
+        return msgspec.structs.replace(self.answer, id=answer_id, usage=usage, tool_calls=calls)
+
+
+def _renamed(call: ToolCall, answer_id: str, index: int) -> ToolCall:
+    """``call`` under an id of this answer's, spelled as the upstream spells them (``call_``,
+    ``toolu_``): the same for the answer streamed or not."""
+    prefix = _ID_PREFIX.match(call.id)
+    digest = hashlib.blake2b(f"{answer_id}:{index}".encode(), digest_size=12).hexdigest()
+    return msgspec.structs.replace(call, id=(prefix[0] if prefix else "call_") + digest)
+
+
+_ID_PREFIX = re.compile(r"[A-Za-z]+_")
 
 
 _encoder = msgspec.msgpack.Encoder()

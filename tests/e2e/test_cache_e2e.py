@@ -562,14 +562,19 @@ def test_a_streamed_tool_call_fills_the_cache_and_replays_whole(
         model="fast", messages=messages, tools=[_WEATHER_TOOL], temperature=0, stream=True
     )
     assert again.headers["x-gateway-cache"] == "exact"
-    assert _stream_calls(again.parse()) == streamed
+    replayed_stream = _stream_calls(again.parse())
+    assert [(c["name"], c["arguments"]) for c in replayed_stream] == [(c["name"], c["arguments"]) for c in streamed]
     whole = client.chat.completions.create(model="fast", messages=messages, tools=[_WEATHER_TOOL], temperature=0)
     choice = whole.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls is not None
     replayed = [c for c in choice.message.tool_calls if isinstance(c, ChatCompletionMessageFunctionToolCall)]
-    assert [(c.id, c.function.name, c.function.arguments) for c in replayed] == [
-        (c["id"], c["name"], c["arguments"]) for c in streamed
+    assert [(c.function.name, c.function.arguments) for c in replayed] == [
+        (c["name"], c["arguments"]) for c in streamed
     ]
+    # t83, t87: each answer's calls have ids of their own, as the upstream's would (two users of a
+    # tenant got one id, which an app that keeps results by call id mixes up), spelled as it spells them
+    ids = [streamed[0]["id"], replayed_stream[0]["id"], replayed[0].id]
+    assert len(set(ids)) == 3 and all(i.startswith("call_") for i in ids), ids
     assert upstream_stats(small_upstream)["requests"] == calls
 
 
