@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.core.model import Request
+from gateway.core.model import Message, Request
 from gateway.store import keyspace
 
 __all__ = ["answer_params", "exact_key", "namespace_hash"]
@@ -34,8 +34,33 @@ def exact_key(tenant: str, route: str, request: Request) -> str:
     and ``max_completion_tokens`` are one field), so one question asked through two APIs has
     one key.
     """
-    digest = hashlib.sha256(_encoder.encode([route, request.messages, answer_params(request)])).hexdigest()
+    messages = _calls_by_place(request.messages)
+    digest = hashlib.sha256(_encoder.encode([route, messages, answer_params(request)])).hexdigest()
     return keyspace.exact(tenant, digest)
+
+
+def _calls_by_place(messages: list[Message]) -> list[Message]:
+    """The conversation with each tool call's id written as its place among the calls (``#0``,
+    ``#1``, ...), in the calls and in the results that name them. An upstream's call ids are new
+    with every answer, and so are a cached answer's each time it is served: an agent's later turns
+    would otherwise never be asked alike twice."""
+    if not any(message.tool_calls or message.tool_call_id for message in messages):
+        return messages
+    places: dict[str, str] = {}
+
+    def place(call_id: str) -> str:
+        return places.setdefault(call_id, f"#{len(places)}")
+
+    return [
+        msgspec.structs.replace(
+            message,
+            tool_calls=tuple(msgspec.structs.replace(call, id=place(call.id)) for call in message.tool_calls),
+            tool_call_id=None if message.tool_call_id is None else place(message.tool_call_id),
+        )
+        if message.tool_calls or message.tool_call_id
+        else message
+        for message in messages
+    ]
 
 
 def answer_params(request: Request) -> dict[str, Any]:

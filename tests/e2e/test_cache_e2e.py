@@ -578,6 +578,31 @@ def test_a_streamed_tool_call_fills_the_cache_and_replays_whole(
     assert upstream_stats(small_upstream)["requests"] == calls
 
 
+def test_an_agents_next_turn_is_a_hit_whatever_ids_its_calls_were_given(cached_gateway: GatewayProcess) -> None:
+    """A replayed call has an id of its own (above), so the turn that sends its result back names
+    another id than the first user's did: the key reads each call by its place, not its id."""
+    question: Any = [{"role": "user", "content": f"What's the weather in Lima? {time.monotonic_ns()}"}]
+
+    def turn(key: str) -> tuple[str, str]:
+        asked = _client(cached_gateway, key).chat.completions.with_raw_response.create(
+            model="fast", messages=question, tools=[_WEATHER_TOOL], temperature=0
+        )
+        call = asked.parse().choices[0].message.tool_calls[0]  # type: ignore[index]
+        assert isinstance(call, ChatCompletionMessageFunctionToolCall)
+        result: Any = [
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True)]},
+            {"role": "tool", "tool_call_id": call.id, "content": "14 C, drizzle"},
+        ]
+        answered = _client(cached_gateway, key).chat.completions.with_raw_response.create(
+            model="fast", messages=[*question, *result], tools=[_WEATHER_TOOL], temperature=0
+        )
+        return asked.headers["x-gateway-cache"] + "/" + answered.headers["x-gateway-cache"], call.id
+
+    first, first_id = turn("key-a1")
+    second, second_id = turn("key-a2")  # another key of the tenant: another user of the app
+    assert (first, second) == ("miss/miss", "exact/exact") and first_id != second_id
+
+
 def _stream_calls(stream: Any) -> list[dict[str, str]]:
     """The tool calls a chat stream spelled out, joined by index."""
     calls: dict[int, dict[str, str]] = {}

@@ -363,7 +363,10 @@ def test_a_cached_answer_is_the_internal_answer_and_each_serve_has_its_own_ident
     served = decoded.served_as("chatcmpl-new")
     replayed = msgspec.json.decode(openai_chat.completion_from_answer(served, served.usage))
     assert replayed["id"] == "chatcmpl-new" and replayed["model"] == "m"
-    assert replayed["choices"][0]["message"]["tool_calls"] == [call]
+    (replayed_call,) = replayed["choices"][0]["message"]["tool_calls"]
+    assert {**replayed_call, "id": "call_1"} == call and replayed_call["id"].startswith("call_")
+    assert replayed_call["id"] != "call_1" and served.tool_calls == decoded.served_as("chatcmpl-new").tool_calls
+    assert decoded.served_as("chatcmpl-other").tool_calls[0].id != replayed_call["id"]  # its own per serve
     assert replayed["choices"][0]["finish_reason"] == "tool_calls"
     assert replayed["usage"]["prompt_tokens"] == 3 and replayed["usage"]["completion_tokens"] == 4
     # what the internal answer cannot hold is never stored; an entry this version cannot read is a miss
