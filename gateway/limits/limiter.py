@@ -23,6 +23,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal
 
 import structlog
 
@@ -284,19 +285,26 @@ class Limiter:
             if word is not None and (word.day, word.month) == (day, month):
                 word.add(cost_usd - reservation.cost_usd)
 
-    async def admit_count(self, policy: Policy, principal: Principal) -> None:
-        """Check and count a token count (``count_tokens``) against the key's and tenant's ``rpm``.
+    async def admit_count(
+        self, policy: Policy, principal: Principal, kind: Literal["count", "feedback"] = "count"
+    ) -> None:
+        """Check and count a token count (``count_tokens``), or a ``feedback`` call, against the
+        key's and tenant's ``rpm``.
 
-        Counting spends no tokens and no money, so no ``tpm`` or budget applies; it is still
-        work (and, on an Anthropic route, a call to the operator's ``count_tokens``), so it has
-        a request window of its own, as Anthropic's counting has a rate limit apart from messages.
+        Neither spends tokens or money, so no ``tpm`` or budget applies; each is still work (on an
+        Anthropic route a call to the operator's ``count_tokens``; a feedback call waits up to
+        1.5 s for its request's trace, reading Redis as it waits: t88 sent 400 in 13 s on a key of
+        5 a minute), so each has a request window of its own, as Anthropic's counting has a rate
+        limit apart from messages.
         """
         limits = _limits(policy, principal)
         if limits[0].rpm is None and limits[1].rpm is None:
             return
         now = time.time()
         minute, day, month = _periods_of_minute(int(now // 60))
-        window, spend, tenant_window, tenant_spend = keyspace.count_counters(principal.tenant, principal.key_id)
+        window, spend, tenant_window, tenant_spend = keyspace.count_counters(
+            principal.tenant, principal.key_id, "c" if kind == "count" else "f"
+        )
         scopes = (
             CounterScope(window, spend, Caps(rpm=limits[0].rpm)),
             CounterScope(tenant_window, tenant_spend, Caps(rpm=limits[1].rpm)),

@@ -132,10 +132,11 @@ def pending_reservations(mark: str) -> str:
     return mark.rsplit(":r:", 1)[0] + ":pending"
 
 
-def count_counters(tenant: str, key_id: str) -> tuple[str, str, str, str]:
-    """Like :func:`limit_counters`, for token counts (``count_tokens``): their own ``rpm`` window."""
+def count_counters(tenant: str, key_id: str, kind: str = "c") -> tuple[str, str, str, str]:
+    """Like :func:`limit_counters`, for calls that spend no tokens, each ``kind`` in an ``rpm``
+    window of its own: token counts (``count_tokens``, ``c``), feedback (``f``)."""
     prefix = tenant_prefix(tenant)
-    key, scope = f"{prefix}:rlc:k:{key_id}", f"{prefix}:rlc:t"
+    key, scope = f"{prefix}:rl{kind}:k:{key_id}", f"{prefix}:rl{kind}:t"
     return f"{key}:win", f"{key}:spend", f"{scope}:win", f"{scope}:spend"
 
 

@@ -582,6 +582,18 @@ async def test_token_counts_use_a_request_window_of_their_own_and_no_budget() ->
     await limiter.admit_count(policy, _principal(usd_per_day=0.0))  # no rpm: nothing to count against
 
 
+async def test_feedback_has_a_request_window_of_its_own() -> None:
+    """t88: feedback ignored the key's rpm (400 calls in 13 s on a key of 5 a minute), each
+    holding a connection and reading Redis while it waits for its request's trace."""
+    policy, limiter, _ = _setup()
+    principal = _principal(rpm=1)
+    await limiter.admit_count(policy, principal, "feedback")
+    with pytest.raises(RateLimitError):
+        await limiter.admit_count(policy, principal, "feedback")
+    await limiter.admit_count(policy, principal)  # token counts keep their own window
+    await limiter.reserve(policy, principal, 10, 0.0)  # and so do messages
+
+
 async def test_token_counts_fail_open_or_closed_by_policy() -> None:
     policy, limiter, counters = _setup("open")
     counters.down = True
