@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from gateway.config.schema import RetryPolicy
 from gateway.errors import (
+    InvalidRequestError,
     UpstreamBusyError,
     UpstreamConnectError,
     UpstreamError,
@@ -94,6 +95,14 @@ async def dispatch(
                     verdicts.answered(breaker)
                     info.provider = provider
                     return result
+                except InvalidRequestError:
+                    info.asked = None
+                    if position == 0:
+                        raise  # the route's first model cannot take the request: the client's to change
+                    # A fallback that cannot carry what the first model took (n > 1 to Claude, a file
+                    # part): the client is told the failure that made the gateway fall back, not a
+                    # 400 its SDK would never retry (t91).
+                    break
                 except UpstreamError as exc:
                     info.asked = None  # it answered, with an error: a client leaving now is charged nothing
                     last_error = exc

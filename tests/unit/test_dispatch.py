@@ -10,7 +10,7 @@ import pytest
 from gateway.config.loader import load_policy_text
 from gateway.config.schema import RetryPolicy
 from gateway.dispatch import DispatchInfo, dispatch
-from gateway.errors import UpstreamStatusError, UpstreamUnavailableError
+from gateway.errors import InvalidRequestError, UpstreamStatusError, UpstreamUnavailableError
 from gateway.upstreams.base import Completion, Provider
 from gateway.upstreams.breaker import CircuitBreaker
 from gateway.upstreams.registry import build_provider
@@ -233,3 +233,25 @@ async def test_a_request_of_the_policy_before_a_reload_dispatches_on_its_models(
     info = DispatchInfo()
     completion = await dispatch(("a", "b"), providers, breakers.for_tenant("new"), _FAST_RETRY, _complete, info)
     assert completion.text and info.provider is not None and info.provider.name == "a"
+
+
+async def test_a_fallback_that_cannot_carry_the_request_leaves_the_first_models_failure(
+    upstream: FakeUpstream, route: Any
+) -> None:
+    """t91: a request the first model took (n > 1, a file part) and whose fallback (Claude) cannot
+    carry it: while the first model failed with a 500, the client got the fallback's 400, which
+    its SDK never retries, for a request that was fine."""
+    upstream.fail("a", 500, times=2)
+
+    async def complete(provider: Provider) -> Completion:
+        if provider.name == "b":
+            raise InvalidRequestError("n > 1 is not supported by anthropic upstream 'b'", param="n")
+        return await _complete(provider)
+
+    providers, breakers = route
+    info = DispatchInfo()
+    with pytest.raises(UpstreamStatusError) as failed:
+        await dispatch(("a", "b"), providers, breakers, _FAST_RETRY, complete, info)
+    assert failed.value.upstream_status == 500 and upstream.calls_to("a") == 2
+    with pytest.raises(InvalidRequestError):  # the route's first model: the request is the client's to change
+        await dispatch(("b", "a"), providers, breakers, _FAST_RETRY, complete, DispatchInfo())
