@@ -404,42 +404,45 @@ def plain_text(text: str) -> str:
 
 @lru_cache(maxsize=4096)
 def typed_text(text: str) -> str:
-    """The text with spacing within lines, a sentence's closing mark, number spelling and
-    "what's" / "what is" made uniform, and nothing else: two prompts equal here are one
-    question, served without asking the verifier. Case and marks stay as typed, unlike
-    :func:`plain_text`: ``-d`` / ``-D``, ``%m`` / ``%M``, バス / パス, schon / schön ask
-    different things. So do line breaks, a line's indentation, spaces in a code span and a
-    mark that ends a word that is not all letters (t87: ``cd ..`` / ``cd``, ``https?`` /
-    ``https``, a tab / 4 spaces in a Makefile, a Markdown paragraph break were served as one)."""
-    text = unicodedata.normalize("NFC", text).strip()
-    text = _CLOSING_MARKS.sub("", text)
+    """The text with spacing, closing punctuation, number spelling and "what's" / "what is"
+    made uniform, and nothing else: two sentences equal here are one, which the verifier need
+    not read (:func:`differing_parts`). Case and marks stay as typed, unlike :func:`plain_text`:
+    ``-d`` / ``-D``, ``%m`` / ``%M``, バス / パス, schon / schön ask different things."""
+    text = unicodedata.normalize("NFC", text).strip().rstrip("?.! ")
     text = _NUMBER_WORDS.sub(lambda m: str(_word_value(m)), _CONTRACTED_TYPED.sub(r"\1 is", text))
-    return "\n".join(_spaced(line) for line in text.split("\n"))
+    return " ".join(text.split())
 
 
-_CLOSING_MARKS = re.compile(r"(?<=\s[^\W_]|[^\W_]{2})[?.!]+$")
-"""A sentence's closing marks: after a word of letters or digits (``turkey?``), not after ``..``, ``https``'s
-``?`` in a code span (a backtick ends it) or a one-letter regex (``^a.``)."""
+@lru_cache(maxsize=4096)
+def _as_typed(text: str) -> str:
+    """:func:`typed_text` for a whole prompt served without a verdict: its lines kept, each line's
+    trailing blanks, number spelling and "what's" / "what is" made uniform, and, where the prompt
+    is prose, a sentence's closing mark and runs of blanks within a line too. In a prompt about
+    code or patterns those may be the question (t87, t90: ``cd ..`` / ``cd``, "regex: https?" /
+    "https", a tab / 4 spaces in a Makefile, `` `a  b` `` / `` `a b` ``, a Markdown paragraph break
+    were served as one): such pairs go to the verifier."""
+    text = unicodedata.normalize("NFC", text).strip()
+    prose = not _CODE_OR_PATTERN.search(text)
+    if prose:
+        text = _CLOSING_MARK.sub("", text)
+    text = _NUMBER_WORDS.sub(lambda m: str(_word_value(m)), _CONTRACTED_TYPED.sub(r"\1 is", text))
+    return "\n".join(" ".join(line.split()) if prose else line.rstrip() for line in text.split("\n"))
 
 
-def _spaced(line: str) -> str:
-    """A line with its trailing blanks gone and runs of blanks after its indentation made one,
-    except in a line with a code span, where they are the code's."""
-    line = line.rstrip()
-    if "`" in line:
-        return line
-    body = line.lstrip(" \t")
-    return line[: len(line) - len(body)] + " ".join(body.split())
+_CLOSING_MARK = re.compile(r"(?<=[^\W_])[?.!]+$")
+"""A sentence's closing marks, after a word (``work?``): not ``cd ..``, ``sudo !!`` or ``^a.``."""
+_CODE_OR_PATTERN = re.compile(r"[`^$*+\\|\[\]{}]|\b(?:regexp?|regular expression|glob|wildcard|pattern)", re.I)
+"""A prompt about code or a pattern, where ``https?`` or ``colou?`` is not a question mark."""
 
 
 def same_question(stored: str, new: str) -> bool:
-    """Equal but for what never changes an answer, so no verdict is needed: :func:`typed_text`'s
+    """Equal but for what never changes an answer, so no verdict is needed: :func:`_as_typed`'s
     differences, and case where it is not meaning. Each word typed in another case is looked at
     where it stands (the rules compare sets of words, and miss "500 MB" for "500 Mb" beside
     another "Mb"): an option, escape or format code, a word with capitals either way ("MB" /
     "Mb"), and, where both writers use capitals, a unit after a number or a one-letter word are
     meaning. Marks stay as typed."""
-    a, b = typed_text(stored), typed_text(new)
+    a, b = _as_typed(stored), _as_typed(new)
     if a == b:
         return True
     if a.casefold() != b.casefold() or {"case", "quoted"} & set(conflicts(stored, new)):

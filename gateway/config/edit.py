@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import yaml
@@ -35,7 +36,7 @@ def set_route_threshold(path: str | Path, route: str, threshold: float) -> None:
 
     The edited text is read back before it is written: it must be the file as it was but for
     that one value. A threshold shared through a YAML anchor (``threshold: &t 0.8`` in one route,
-    ``*t`` in another) is refused (ValueError): the splice wrote the other route's line and
+    ``*t`` in another, or a whole route aliased: ``glob: *auto``) is refused (ValueError): the splice wrote the other route's line and
     dropped the anchor, leaving a file the gateway refused, after saying it was written (t88).
     """
     with _editing(Path(path)) as target:
@@ -46,7 +47,7 @@ def set_route_threshold(path: str | Path, route: str, threshold: float) -> None:
 
 
 def _check_only_threshold_moved(path: Path, before: str, after: str, route: str, threshold: float) -> None:
-    expected = yaml.load(before, Loader=yaml_loader())
+    expected = _unshared(yaml.load(before, Loader=yaml_loader()))  # a route aliased whole (``glob: *auto``, t90)
     expected["routes"][route]["threshold"] = float(threshold)
     try:
         edited = yaml.load(after, Loader=yaml_loader())
@@ -80,6 +81,15 @@ def _with_threshold(path: Path, route: str, threshold: float) -> str:
         line_start = text.rfind("\n", 0, first_key.start_mark.index) + 1
         text = text[:line_start] + f"{indent}threshold: {value}\n" + text[line_start:]
     return text
+
+
+def _unshared(value: Any) -> Any:
+    """``value`` with every mapping and list its own: YAML gives an alias its anchor's very object."""
+    if isinstance(value, dict):
+        return {key: _unshared(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_unshared(item) for item in value]
+    return value
 
 
 def _plain_numbers(value: object) -> object:

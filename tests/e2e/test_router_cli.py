@@ -94,11 +94,13 @@ def test_a_threshold_shared_through_a_yaml_anchor_is_refused_not_spliced(tmp_pat
     YAML, and the gateway kept the old policy."""
     policy = tmp_path / "p.yaml"
     shared = "routes:\n  auto:\n    model: s\n    threshold: &t 0.8\n  glob:\n    model: s\n    threshold: *t\n"
-    for route in ("glob", "auto"):  # the alias, and the anchored value the alias reads
-        policy.write_text(shared)
-        with pytest.raises(ValueError, match="by hand"):
-            set_route_threshold(policy, route, 0.25)
-        assert policy.read_text() == shared
+    whole = "routes:\n  auto: &r\n    model: s\n    threshold: 0.8\n  glob: *r\n"  # t90: a route aliased whole
+    for text in (shared, whole):
+        for route in ("glob", "auto"):  # the alias, and the anchored value the alias reads
+            policy.write_text(text)
+            with pytest.raises(ValueError, match="by hand"):
+                set_route_threshold(policy, route, 0.25)
+            assert policy.read_text() == text
     sample = "".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(20))
     full = tmp_path / "policies.yaml"
     text = Path("policies.yaml").read_text().replace("threshold: 0.80", "threshold: &shared 0.80", 1)
