@@ -1559,13 +1559,14 @@ def _ending(tally: StreamTally, record: RequestRecord, typed: bool, include_usag
     if typed:
         return [[core.UsageReport(_usage_of(record))], None]
     if include_usage:
-        return [b"data: " + _usage_chunk(tally.id, tally.created, tally.model, record) + b"\n\n", b"data: [DONE]\n\n"]
+        return [b"data: " + _usage_chunk(tally, record) + b"\n\n", b"data: [DONE]\n\n"]
     return [b"data: [DONE]\n\n"]
 
 
-def _usage_chunk(chunk_id: str | None, created: int | None, model: str | None, record: RequestRecord) -> bytes:
-    chunk_id = chunk_id or f"chatcmpl-{record.request_id}"
-    return chunk_body(chunk_id, created or int(time.time()), model or record.model, None, usage=_billed_usage(record))
+def _usage_chunk(tally: StreamTally, record: RequestRecord) -> bytes:
+    chunk_id = tally.id or f"chatcmpl-{record.request_id}"
+    created, model = tally.created or int(time.time()), tally.model or record.model
+    return chunk_body(chunk_id, created, model, None, usage=_billed_usage(record), serving=tally.said_of_serving)
 
 
 def _billed_usage(record: RequestRecord) -> dict[str, Any]:

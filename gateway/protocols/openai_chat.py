@@ -575,16 +575,20 @@ def chunk_body(
     usage: dict[str, Any] | None = None,
     null_usage: bool = False,
     stop_reason: str | None = None,
+    serving: dict[str, str] | None = None,
 ) -> bytes:
     """A ``chat.completion.chunk`` of the first choice; ``delta`` None: the usage chunk, with no choices.
     ``null_usage``: say ``"usage": null``, as OpenAI does on every other chunk of a stream that asked for usage;
-    ``stop_reason``: as in :func:`completion_body`."""
+    ``stop_reason``: as in :func:`completion_body`; ``serving``: ``system_fingerprint`` and
+    ``service_tier``, as the upstream's chunks said them."""
     choices: list[dict[str, Any]] = []
     if delta is not None:
         choices.append({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason})
         if stop_reason is not None:
             choices[0]["stop_reason"] = stop_reason
     body: dict[str, Any] = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    if serving:
+        body.update(serving)
     body["choices"] = choices
     if usage is not None or null_usage:
         body["usage"] = usage

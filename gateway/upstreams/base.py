@@ -152,6 +152,10 @@ class StreamTally:
     usage: Usage | None = None
     service_tier: str | None = None
     """The tier the stream's chunks last said processed it (an OpenAI chat stream's ``service_tier``)."""
+    said_of_serving: dict[str, str] = field(default_factory=dict)
+    """``system_fingerprint`` and ``service_tier`` as the chunks last wrote them: OpenAI repeats
+    both on its usage chunk, and the gateway, which writes that chunk itself, does too (t91: the
+    SDK's final completion of a stream had no fingerprint)."""
     usage_exact: bool = False
     """``usage`` counts exactly what the stream has produced so far, at every step (the gateway's
     own speculative loop): a stream cut early is billed on it as it is (t49)."""

@@ -593,6 +593,10 @@ def _take_usage(tally: StreamTally, chunk: dict[str, Any]) -> None:
     tier = tier_name(chunk.get("service_tier"))
     if tier is not None:
         tally.service_tier = tier
+        tally.said_of_serving["service_tier"] = chunk["service_tier"]
+    fingerprint = chunk.get("system_fingerprint")
+    if isinstance(fingerprint, str):
+        tally.said_of_serving["system_fingerprint"] = fingerprint
     usage = usage_of(openai_chat.read_usage(chunk.get("usage"), service_tier=tally.service_tier))
     if usage is not None:
         tally.usage = usage

@@ -62,6 +62,9 @@ def test_streamed_answer_chunks_and_usage(client: openai.OpenAI, gateway: Gatewa
     assert 0 <= float(response.headers["x-gateway-p-large"]) <= 1
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    # t91: OpenAI repeats these on its usage chunk, which the gateway writes itself; the SDK's
+    # accumulated completion takes each chunk's, so it ended with no fingerprint
+    assert {c.system_fingerprint for c in chunks} == {"simulated"}
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finish == ["stop"]
     record = gateway.wait_for_record(request_id)
