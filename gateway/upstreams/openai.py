@@ -504,16 +504,11 @@ def not_for_openai_upstream(request: core.Request) -> list[str]:
 
 
 def _marked(part: Any) -> bool:
-    return isinstance(part, dict) and ("cache_control" in part or _anthropic_only(part))
-
-
-def _anthropic_only(part: dict[str, Any]) -> bool:
-    kind = part.get("type")
-    return isinstance(kind, str) and kind in _ANTHROPIC_ONLY_PARTS
+    return isinstance(part, dict) and ("cache_control" in part or part.get("type") in _ANTHROPIC_ONLY_PARTS)
 
 
 def _openai_content(parts: list[Any]) -> list[Any] | str | None:
-    kept = [_unmarked(p) for p in parts if not (isinstance(p, dict) and _anthropic_only(p))]
+    kept = [_unmarked(p) for p in parts if not (isinstance(p, dict) and p.get("type") in _ANTHROPIC_ONLY_PARTS)]
     return kept if kept else None
 
 
