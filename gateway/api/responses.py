@@ -187,7 +187,7 @@ async def retrieve_response(request: Request[Any, Any, Any], response_id: str) -
         raise _not_found(response_id)
     if record.held_by is not None:  # include[], stream, starting_after: the upstream's to read (t60)
         return await _read_upstream(request, record.held_by, response_id, "", record.own_ids)
-    if request.query_params.get("stream", "").lower() == "true":  # t86: the SDK read the object as no events
+    if request.query_params.get("stream", "").lower() in ("true", "1"):  # t86: the SDK read the object as no events
         raise InvalidRequestError(
             "stream: a retrieved response streams only while it runs in the background, which this "
             "gateway does not do; retrieve it without stream",

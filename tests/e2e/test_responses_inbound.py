@@ -341,6 +341,8 @@ def test_a_stored_response_can_be_retrieved_and_deleted(client: openai.OpenAI) -
     with pytest.raises(openai.BadRequestError) as streamed:  # t86: the SDK read the object as no events
         list(client.responses.retrieve(created.id, stream=True))
     assert streamed.value.param == "stream"
+    with pytest.raises(openai.BadRequestError):  # a query boolean spelled as a number
+        client.responses.retrieve(created.id, extra_query={"stream": 1})
     client.responses.delete(created.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(created.id)
