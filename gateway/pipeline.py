@@ -984,8 +984,8 @@ class ChatPipeline:
                 for ending in _ending(tally, record, typed, include_usage):
                     yield ending
                 return
-            # No finish reason (an Anthropic stream without message_delta): the usage may be
-            # message_start's placeholder, as for a cut stream
+            # No finish reason (an OpenAI-style stream whose [DONE] came first): the usage may
+            # be a placeholder, as for a cut stream
             cut = tally.finish_reason is None
             self._settle(x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier)
             record.finish_reason = tally.finish_reason

@@ -347,9 +347,12 @@ class _AnthropicChatStream(ChatStream):
         kind = event.get("type")
         if kind == "error":
             raise _stream_error(self._provider.name, event)
+        self._stopped = self._stopped or _gives_stop_reason(event)
         if kind == "message_stop":
             self._done = True
-        self._stopped = self._stopped or _gives_stop_reason(event)
+            if not self._stopped and not self.cut_short:
+                # No message_delta: whether the answer is whole is unknown, on every edge alike (t93)
+                raise UpstreamProtocolError(self._provider.name, "message_stop came without a stop reason")
         if not self._started and kind not in ("message_start", "ping"):
             raise UpstreamProtocolError(self._provider.name, f"stream event {kind!r} came before message_start")
         deltas = self._decoder.feed(event)

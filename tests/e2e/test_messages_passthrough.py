@@ -15,6 +15,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import openai
 import pytest
 
 from gateway.protocols.tenant_ids import scoped
@@ -224,6 +225,24 @@ def test_a_stream_without_message_delta_bills_what_was_written_not_the_placehold
     else:  # no stop reason came: not presented as an end_turn
         assert '"stop_reason":"end_turn"' not in text and text.rstrip().split("\n\n")[-1].startswith("event: error")
         assert record["error_type"] == "upstream_bad_response"
+
+
+def test_a_stream_without_message_delta_fails_on_the_chat_edge_too(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    """t93: the chat client got [DONE] and a 200 in the log for the answer the Messages edge
+    (rightly) failed: the same broken upstream counted as a success on one edge only."""
+    inject(large_upstream, {"omit_message_delta": True})
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="k", max_retries=0)
+    ask: Any = [{"role": "user", "content": "one two three four five six seven eight nine ten"}]
+    with pytest.raises(openai.APIError, match="without a stop reason"):
+        for _ in client.chat.completions.create(
+            model="claude", max_tokens=64, messages=ask, stream=True, extra_headers={"x-request-id": "no-delta-chat"}
+        ):
+            pass
+    record = gateway.wait_for_record("no-delta-chat")
+    assert record["error_type"] == "upstream_bad_response" and record["status"] == 502
+    assert record["completion_tokens"] > 5 and record["tokens_source"] == "upstream"
 
 
 def test_a_translated_stream_cut_midway_ends_with_anthropics_error_event(
