@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import msgspec
 import structlog
 
 from gateway.accounting.metrics import Metrics
 from gateway.auth import Authenticator
-from gateway.config.loader import GUARDED_SECTIONS, LoadedPolicy, key_file_path, load_policy, load_policy_text
+from gateway.config.guard import refuse_weakening_by_omission
+from gateway.config.loader import LoadedPolicy, key_file_path, load_policy, load_policy_text
 from gateway.config.schema import Policy
 from gateway.errors import ConfigError, UpstreamError
 from gateway.routing import Router
@@ -157,7 +157,7 @@ class RuntimeHolder:
                     await _wait_until_stable(self.path)
                 files = self._files_read = self._file_identities()
                 loaded = await asyncio.to_thread(load_policy, self.path)
-                _refuse_weakening_by_omission(self.current.loaded, loaded)
+                refuse_weakening_by_omission(self.current.loaded, loaded)
                 _refuse_auth_off(loaded, self.auth_required)
             except ConfigError as exc:
                 await self._rejected_edit(reason, exc.problems, quiet=reason == "file changed", files=files)
@@ -232,7 +232,7 @@ class RuntimeHolder:
             loaded = await asyncio.to_thread(
                 load_policy_text, current.text, source=current.source, base_dir=self.path.parent
             )
-            _refuse_weakening_by_omission(current, loaded)
+            refuse_weakening_by_omission(current, loaded)
         except ConfigError as exc:
             return "pending", exc.problems
         except Exception as exc:  # named by its type only, as in reload
@@ -450,87 +450,6 @@ def _key_file_in_force(key_file: str) -> str:
         f"{key_file} as it is now is in force, on the policy kept: key changes apply, "
         "only the edit of the policy file waits"
     )
-
-
-def _refuse_weakening_by_omission(current: LoadedPolicy, new: LoadedPolicy) -> None:
-    """A section that sets limits may be emptied on purpose, never dropped by a file cut short."""
-    if current.policy.tenants and "tenants" not in new.sections:
-        raise ConfigError(
-            new.source,
-            ["`tenants` is missing while the policy in force has tenants (write `tenants: {}` to remove them all)"],
-        )
-    # t56: a file cut before them turned the cache (semantic too) back on, and on_redis_error to open
-    dropped = [name for name in GUARDED_SECTIONS if name in current.sections and name not in new.sections]
-    if dropped:
-        raise ConfigError(
-            new.source,
-            [
-                f"`{name}` is missing while the policy in force sets it (write `{name}: {{}}` for the defaults)"
-                for name in dropped
-            ],
-        )
-    unset = _settings_left_out(current, new)
-    if unset:
-        raise ConfigError(new.source, [_left_out(path, current.policy, new.policy) for path in unset])
-    if current.key_file_keys and new.policy.auth.key_file and new.key_file_keys is None:
-        raise ConfigError(
-            new.source,
-            [
-                f"auth.key_file `{new.policy.auth.key_file}` is missing, empty or has no `keys` list while the "
-                f"policy in force has {current.key_file_keys} keys from `{current.policy.auth.key_file}` "
-                "(write `keys: []` there to remove them all)"
-            ],
-        )
-
-
-def _settings_left_out(current: LoadedPolicy, new: LoadedPolicy) -> list[tuple[str, ...]]:
-    """Guarded settings the new file leaves out where the default differs from the value in force.
-
-    t57: a file cut inside ``cache:`` (just after ``exact:``) turned semantic hits back on. A
-    mapping written empty (``semantic: {}``) takes its defaults on purpose, nothing inside a
-    mapping switched off counts, and a mapping left out is named once, not with each setting in it.
-    """
-    written = new.guarded
-    emptied = {path for path in written if not any(len(p) > len(path) and p[: len(path)] == path for p in written)}
-    unset: list[tuple[str, ...]] = []
-    for path in sorted(current.guarded - written):  # a mapping sorts before the settings in it
-        if any(path[:depth] in emptied for depth in range(1, len(path))):
-            continue
-        if any(_setting(new.policy, (*path[:depth], "enabled")) is False for depth in range(1, len(path))):
-            continue  # `cache: {enabled: false}` leaves nothing in it to weaken
-        if any(path[: len(above)] == above for above in unset):
-            continue
-        if _setting(current.policy, path) != _setting(new.policy, path):
-            unset.append(path)
-    return unset
-
-
-def _left_out(path: tuple[str, ...], current: Policy, new: Policy) -> str:
-    """What a setting left out would change, and what to write (t66: ops putting an override
-    back to its default had no way out shown)."""
-    name, where, leaf = ".".join(path), ".".join(path[:-1]), path[-1]
-    was, default = _setting(current, path), _setting(new, path)
-    if isinstance(was, msgspec.Struct):
-        return (
-            f"`{name}` is missing while the policy in force sets it, and left out all of it takes its "
-            f"defaults: write `{leaf}: {{}}` under `{where}` to mean that"
-        )
-    return (
-        f"`{name}` is missing while the policy in force sets it to `{_yaml(was)}`, and left out it would be "
-        f"`{_yaml(default)}`: write `{leaf}: {_yaml(default)}` under `{where}` for the default (or `{path[-2]}: {{}}` "
-        f"for all of `{where}`'s defaults), or `{leaf}: {_yaml(was)}` to keep it"
-    )
-
-
-def _yaml(value: object) -> str:
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _setting(policy: Policy, path: tuple[str, ...]) -> object:
-    value: object = policy
-    for name in path:
-        value = getattr(value, name, None)
-    return value
 
 
 def _refuse_auth_off(loaded: LoadedPolicy, auth_required: bool) -> None:

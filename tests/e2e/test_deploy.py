@@ -645,9 +645,10 @@ def test_entrypoint_check_accepts_the_k8s_and_compose_policies(tmp_path: Path) -
     (mount,) = [v for v in gateway["volumes"] if v["target"] == "/etc/gateway"]
     compose_policy = (DEPLOY / mount["source"]).resolve() / PurePosixPath(_flag(gateway["command"], "--policies")).name
 
+    nothing_in_force = ["--data-dir", str(tmp_path / "no-data-dir")]  # not a `make run`'s .gateway in ROOT
     runs = _run_all([
-        _gateway_command(["check", str(k8s_policy)], k8s_env),
-        _gateway_command(["check", str(compose_policy)], gateway["environment"]),
+        _gateway_command(["check", str(k8s_policy), *nothing_in_force], k8s_env),
+        _gateway_command(["check", str(compose_policy), *nothing_in_force], gateway["environment"]),
     ])  # fmt: skip
     for run in runs:
         assert run.returncode == 0, run.args[-1] + "\n" + run.stderr

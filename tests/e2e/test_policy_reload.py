@@ -273,6 +273,25 @@ def test_the_key_tools_say_a_rejected_edit_that_moved_the_key_file_is_not_applie
         moved.unlink(missing_ok=True)
 
 
+def test_check_refuses_with_the_gateways_words_an_edit_the_gateway_refuses(gw: GatewayProcess) -> None:
+    """t94: `gateway check` said ok to an edit that dropped a section the policy in force sets, and the
+    gateway then refused it; check now compares with the policy in force in serve's --data-dir."""
+    in_force = gw.policy_path.read_text()
+    data = gw.policy_path.parent / "data"
+    check = [sys.executable, "-m", "gateway", "check", str(gw.policy_path), "--data-dir", str(data)]
+    accepted = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    assert accepted.returncode == 0, accepted.stderr
+    assert f"compared with the policy in force at {data / 'policy.last-accepted.yaml'}" in accepted.stdout
+
+    _write_atomically(gw.policy_path, in_force.replace("cache: {enabled: false}\n", ""))
+    refused = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    rejected = _wait_for_ops_event(gw, "policy_rejected", lambda r: "`cache` is missing" in str(r.get("problems")))
+    assert rejected, gw.stderr_text()
+    assert refused.returncode == 1, refused.stdout
+    assert refused.stderr.splitlines()[1:] == [f"  - {problem}" for problem in rejected[-1]["problems"]]
+    assert _readyz(gw)["policy"]["last_reload_error"] == "; ".join(rejected[-1]["problems"])
+
+
 def test_a_key_file_change_applies_while_a_policy_edit_is_rejected(gw: GatewayProcess) -> None:
     """t63: while policies.yaml held a rejected edit, a key deleted from the key file kept answering
     200 and one made by `keys new` 401, and nothing said the key file's change was held back."""

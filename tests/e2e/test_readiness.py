@@ -7,12 +7,13 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from gateway.auth import hash_key
 from gateway.simulated import SimulatedUpstream
 from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
@@ -131,11 +132,24 @@ def test_redis_down_means_not_ready_but_still_serving(
 # --------------------------------------------------------------------------- the CLI
 
 
-def _check(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _check(
+    path: Path, env: dict[str, str] | None = None, data_dir: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``gateway check PATH --data-dir DATA_DIR``; by default a data dir that does not exist, so the
+    ``.gateway`` of a ``make run`` in the project's folder is never what the file is compared with."""
     child_env = {k: v for k, v in os.environ.items() if k != "GATEWAY_TEST_UNSET_VARIABLE"}
     child_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "gateway", "check", str(path)], capture_output=True, text=True,
-                          timeout=30, cwd=PROJECT_ROOT, env=child_env)  # fmt: skip
+    data = data_dir or path.parent / "no-data-dir"
+    return subprocess.run([sys.executable, "-m", "gateway", "check", str(path), "--data-dir", str(data)],
+                          capture_output=True, text=True, timeout=30, cwd=PROJECT_ROOT, env=child_env)  # fmt: skip
+
+
+def _in_force(folder: Path, text: str) -> Path:
+    """A data dir as ``serve`` leaves it: the policy in force in policy.last-accepted.yaml."""
+    data = folder / "data"
+    data.mkdir(exist_ok=True)
+    (data / "policy.last-accepted.yaml").write_text(text)
+    return data
 
 
 def _line_of(text: str, fragment: str) -> int:
@@ -214,3 +228,91 @@ def test_cli_check_notes_an_unset_variable_by_name_and_line(
     assert _check(path).returncode == 0
     path.write_text(text)
     assert _check(path, {"GATEWAY_TEST_UNSET_VARIABLE": small_upstream.url}).returncode == 0
+
+
+KEYED = "auth:\n  mode: keys\n  key_file: keys.yaml"
+TENANTS = "tenants:\n  team-a:\n    limits: {rpm: 600, usd_per_day: 10}\n"
+
+
+@pytest.mark.parametrize(
+    ("edit", "refusal"),
+    [
+        pytest.param(
+            lambda text: text.replace(TENANTS, ""),
+            "`tenants` is missing while the policy in force has tenants (write `tenants: {}` to remove them all)",
+            id="tenants-dropped",
+        ),
+        pytest.param(
+            lambda text: text.replace("key_file: keys.yaml", "key_file: key.yaml"),
+            "auth.key_file `key.yaml` is missing, empty or has no `keys` list while the policy in force has 2 keys "
+            "from `keys.yaml` (write `keys: []` there to remove them all)",
+            id="key-file-misspelt",
+        ),
+        pytest.param(
+            lambda text: text.replace("limits: {max_body_bytes: 65536, redis_timeout_ms: 2000}\n", ""),
+            "`limits` is missing while the policy in force sets it (write `limits: {}` for the defaults)",
+            id="limits-dropped",
+        ),
+        pytest.param(
+            lambda text: text.replace(", redis_timeout_ms: 2000}", "}"),
+            "`limits.redis_timeout_ms` is missing while the policy in force sets it to `2000.0`, and left out it "
+            "would be `100.0`: write `redis_timeout_ms: 100.0` under `limits` for the default (or `limits: {}` for "
+            "all of `limits`'s defaults), or `redis_timeout_ms: 2000.0` to keep it",
+            id="limits-setting-left-out",
+        ),
+    ],
+)
+def test_cli_check_refuses_what_a_running_gateway_refuses_by_its_policy_in_force(
+    tmp_path: Path,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+    edit: Callable[[str], str],
+    refusal: str,
+) -> None:
+    """t94: check said ok to edits the gateway then refused on reload (the tenants section dropped,
+    ``auth.key_file`` misspelt while the policy in force has keys, limits left out): it now compares
+    the file with the policy in force, as ``keys`` finds it (``--data-dir``), by the gateway's own rules."""
+    in_force = policy_text(small_upstream, large_upstream, auth=KEYED) + TENANTS
+    keys = [f"  - {{id: {name}, tenant: team-a, hash: '{hash_key(name)}'}}\n" for name in ("a", "b")]
+    (tmp_path / "keys.yaml").write_text("keys:\n" + "".join(keys))
+    data = _in_force(tmp_path, in_force)
+    path = tmp_path / "policies.yaml"
+    path.write_text(in_force)
+    result = _check(path, data_dir=data)
+    assert result.returncode == 0, result.stderr
+    kept = data / "policy.last-accepted.yaml"
+    assert f"compared with the policy in force at {kept} (version " in result.stdout
+
+    path.write_text(edit(in_force))
+    result = _check(path, data_dir=data)
+    assert result.returncode == 1, result.stdout
+    assert "ok" not in result.stdout
+    assert result.stderr.startswith(f"{path}: a running gateway refuses it (the policy it keeps in force: {kept}, ")
+    assert result.stderr.splitlines()[1:] == [f"  - {refusal}"]
+
+    # the same file without a policy in force to compare with: ok, and said not compared
+    result = _check(path)
+    assert result.returncode == 0, result.stderr
+    assert refusal not in result.stdout + result.stderr
+
+
+def test_cli_check_says_in_one_line_that_no_policy_in_force_was_found(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    path = tmp_path / "policies.yaml"
+    path.write_text(policy_text(small_upstream, large_upstream))
+    result = _check(path, data_dir=tmp_path / "elsewhere")
+    assert result.returncode == 0, result.stderr
+    [said] = [line for line in result.stdout.splitlines() if "not compared" in line]
+    kept = tmp_path / "elsewhere" / "policy.last-accepted.yaml"
+    assert said.startswith(f"  note: no policy in force at {kept}: not compared with the policy a running gateway")
+    assert "give serve's --data-dir" in said and "compared with the policy in force at" not in result.stdout
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "policy.last-accepted.yaml").write_text("version: 1\nmodels: [\n")  # not a policy
+    result = _check(path, data_dir=tmp_path / "data")
+    assert result.returncode == 0, result.stderr
+    [said] = [line for line in result.stdout.splitlines() if "not compared" in line]
+    assert said.startswith(
+        f"  note: the policy in force at {tmp_path / 'data' / 'policy.last-accepted.yaml'} cannot be read ("
+    )

@@ -1,0 +1,94 @@
+"""What a reload may not do by leaving something out: the rules ``gateway.runtime`` applies to
+every edit of the policy in force, and ``gateway check`` to a file against the policy a running
+gateway keeps in force (t94: check said ok to edits the gateway then refused), in one place."""
+
+from __future__ import annotations
+
+import msgspec
+
+from gateway.config.loader import GUARDED_SECTIONS, LoadedPolicy
+from gateway.config.schema import Policy
+from gateway.errors import ConfigError
+
+__all__ = ["refuse_weakening_by_omission"]
+
+
+def refuse_weakening_by_omission(current: LoadedPolicy, new: LoadedPolicy) -> None:
+    """A section that sets limits may be emptied on purpose, never dropped by a file cut short."""
+    if current.policy.tenants and "tenants" not in new.sections:
+        raise ConfigError(
+            new.source,
+            ["`tenants` is missing while the policy in force has tenants (write `tenants: {}` to remove them all)"],
+        )
+    # t56: a file cut before them turned the cache (semantic too) back on, and on_redis_error to open
+    dropped = [name for name in GUARDED_SECTIONS if name in current.sections and name not in new.sections]
+    if dropped:
+        raise ConfigError(
+            new.source,
+            [
+                f"`{name}` is missing while the policy in force sets it (write `{name}: {{}}` for the defaults)"
+                for name in dropped
+            ],
+        )
+    unset = _settings_left_out(current, new)
+    if unset:
+        raise ConfigError(new.source, [_left_out(path, current.policy, new.policy) for path in unset])
+    if current.key_file_keys and new.policy.auth.key_file and new.key_file_keys is None:
+        raise ConfigError(
+            new.source,
+            [
+                f"auth.key_file `{new.policy.auth.key_file}` is missing, empty or has no `keys` list while the "
+                f"policy in force has {current.key_file_keys} keys from `{current.policy.auth.key_file}` "
+                "(write `keys: []` there to remove them all)"
+            ],
+        )
+
+
+def _settings_left_out(current: LoadedPolicy, new: LoadedPolicy) -> list[tuple[str, ...]]:
+    """Guarded settings the new file leaves out where the default differs from the value in force.
+
+    t57: a file cut inside ``cache:`` (just after ``exact:``) turned semantic hits back on. A
+    mapping written empty (``semantic: {}``) takes its defaults on purpose, nothing inside a
+    mapping switched off counts, and a mapping left out is named once, not with each setting in it.
+    """
+    written = new.guarded
+    emptied = {path for path in written if not any(len(p) > len(path) and p[: len(path)] == path for p in written)}
+    unset: list[tuple[str, ...]] = []
+    for path in sorted(current.guarded - written):  # a mapping sorts before the settings in it
+        if any(path[:depth] in emptied for depth in range(1, len(path))):
+            continue
+        if any(_setting(new.policy, (*path[:depth], "enabled")) is False for depth in range(1, len(path))):
+            continue  # `cache: {enabled: false}` leaves nothing in it to weaken
+        if any(path[: len(above)] == above for above in unset):
+            continue
+        if _setting(current.policy, path) != _setting(new.policy, path):
+            unset.append(path)
+    return unset
+
+
+def _left_out(path: tuple[str, ...], current: Policy, new: Policy) -> str:
+    """What a setting left out would change, and what to write (t66: ops putting an override
+    back to its default had no way out shown)."""
+    name, where, leaf = ".".join(path), ".".join(path[:-1]), path[-1]
+    was, default = _setting(current, path), _setting(new, path)
+    if isinstance(was, msgspec.Struct):
+        return (
+            f"`{name}` is missing while the policy in force sets it, and left out all of it takes its "
+            f"defaults: write `{leaf}: {{}}` under `{where}` to mean that"
+        )
+    return (
+        f"`{name}` is missing while the policy in force sets it to `{_yaml(was)}`, and left out it would be "
+        f"`{_yaml(default)}`: write `{leaf}: {_yaml(default)}` under `{where}` for the default (or `{path[-2]}: {{}}` "
+        f"for all of `{where}`'s defaults), or `{leaf}: {_yaml(was)}` to keep it"
+    )
+
+
+def _yaml(value: object) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _setting(policy: Policy, path: tuple[str, ...]) -> object:
+    value: object = policy
+    for name in path:
+        value = getattr(value, name, None)
+    return value
