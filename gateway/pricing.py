@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import msgspec
+import structlog
+
 from gateway.config.schema import Price
+from gateway.sparse_log import SparseLog
 
 __all__ = ["SERVICE_TIERS", "PricedOptions", "Unpriced", "cost_usd", "option_name", "tier_name", "unpriced"]
 
@@ -16,6 +21,7 @@ _BASE_GEO = "global"
 _BASE_TIERS = frozenset({"auto", "default", "standard", "standard_only"})
 """OpenAI's and Anthropic's tiers at the list price."""
 _OPTION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_not_finite = SparseLog(structlog.get_logger("gateway.pricing"), "cost_not_finite", level="error")
 
 
 def option_name(value: object) -> str | None:
@@ -98,24 +104,34 @@ def cost_usd(
     ``speed``, ``inference_geo`` and ``service_tier`` (what the upstream says the answer ran with)
     multiply every token price, one on top of the other as Anthropic stacks them; ``server_tool_requests`` add
     their fee per use. One the policy does not price costs nothing more (a request that asks for
-    it is refused before it is sent: :func:`unpriced`)."""
-    cost = prompt_tokens * price.input_per_mtok + completion_tokens * price.output_per_mtok
-    if cached_prompt_tokens and price.cached_input_per_mtok is not None:
-        cost += cached_prompt_tokens * (price.cached_input_per_mtok - price.input_per_mtok)
-    write = price.input_per_mtok if price.cache_write_per_mtok is None else price.cache_write_per_mtok
-    if cache_write_tokens and price.cache_write_per_mtok is not None:
-        cost += cache_write_tokens * (write - price.input_per_mtok)
-    if cache_write_1h_tokens and price.cache_write_1h_per_mtok is not None:
-        cost += min(cache_write_1h_tokens, cache_write_tokens) * (price.cache_write_1h_per_mtok - write)
-    if reasoning_tokens and price.reasoning_per_mtok is not None:
-        cost += reasoning_tokens * (price.reasoning_per_mtok - price.output_per_mtok)
-    if speed is not None:
-        cost *= price.speed_multipliers.get(speed, 1.0)
-    if inference_geo is not None:
-        cost *= price.inference_geo_multipliers.get(inference_geo, 1.0)
-    if service_tier is not None:
-        cost *= price.service_tier_multipliers.get(service_tier, 1.0)
-    if not server_tool_requests:
-        return cost / 1_000_000
-    fees = sum(count * price.server_tools_per_1k.get(name, 0.0) for name, count in server_tool_requests.items())
-    return cost / 1_000_000 + fees / 1000
+    it is refused before it is sent: :func:`unpriced`).
+
+    A cost past a float's range (an upstream's absurd token count: the policy's prices are
+    bounded) is 0, logged as ``cost_not_finite``: inf was written to the log as null, made the
+    cost metric +Inf and was kept by Redis as the key's spend for the month (t94)."""
+    try:
+        cost = prompt_tokens * price.input_per_mtok + completion_tokens * price.output_per_mtok
+        if cached_prompt_tokens and price.cached_input_per_mtok is not None:
+            cost += cached_prompt_tokens * (price.cached_input_per_mtok - price.input_per_mtok)
+        write = price.input_per_mtok if price.cache_write_per_mtok is None else price.cache_write_per_mtok
+        if cache_write_tokens and price.cache_write_per_mtok is not None:
+            cost += cache_write_tokens * (write - price.input_per_mtok)
+        if cache_write_1h_tokens and price.cache_write_1h_per_mtok is not None:
+            cost += min(cache_write_1h_tokens, cache_write_tokens) * (price.cache_write_1h_per_mtok - write)
+        if reasoning_tokens and price.reasoning_per_mtok is not None:
+            cost += reasoning_tokens * (price.reasoning_per_mtok - price.output_per_mtok)
+        if speed is not None:
+            cost *= price.speed_multipliers.get(speed, 1.0)
+        if inference_geo is not None:
+            cost *= price.inference_geo_multipliers.get(inference_geo, 1.0)
+        if service_tier is not None:
+            cost *= price.service_tier_multipliers.get(service_tier, 1.0)
+        tools = server_tool_requests or {}
+        fees = sum(count * price.server_tools_per_1k.get(name, 0.0) for name, count in tools.items())
+        total = cost / 1_000_000 + fees / 1000
+    except OverflowError:  # an int past a float's range raises where a float would give inf
+        total = math.inf
+    if math.isfinite(total):
+        return total
+    _not_finite(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, price=msgspec.structs.asdict(price))
+    return 0.0

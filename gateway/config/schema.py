@@ -74,6 +74,16 @@ OptionValue = Annotated[
     str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="a lowercase name, as Anthropic writes it")
 ]
 Multiplier = Annotated[float, Meta(gt=0, le=100, description="a multiplier in (0, 100]")]
+MAX_PRICE = 1_000_000
+"""The most a price may be, in USD per million tokens or per 1,000 uses of a server tool: over a
+thousand times the dearest model's. A larger one is a slip (a unit, a paste), and 1e308 overflowed
+each request's cost to inf, which Redis then kept as the key's spend for the month (t94)."""
+TokenPrice = Annotated[
+    float, Meta(ge=0, le=MAX_PRICE, description=f"a price in USD per million tokens, from 0 to {MAX_PRICE:,}")
+]
+UsesPrice = Annotated[
+    float, Meta(ge=0, le=MAX_PRICE, description=f"a fee in USD per 1,000 uses, from 0 to {MAX_PRICE:,}")
+]
 
 
 class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -83,18 +93,18 @@ class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Price(_Struct, frozen=True, kw_only=True):
     """USD per million tokens."""
 
-    input_per_mtok: AtLeastZero = msgspec.field(name="input")
-    output_per_mtok: AtLeastZero = msgspec.field(name="output")
-    cached_input_per_mtok: AtLeastZero | None = msgspec.field(name="cached_input", default=None)
+    input_per_mtok: TokenPrice = msgspec.field(name="input")
+    output_per_mtok: TokenPrice = msgspec.field(name="output")
+    cached_input_per_mtok: TokenPrice | None = msgspec.field(name="cached_input", default=None)
     """Prompt tokens read from the upstream's prompt cache (OpenAI ``cached_tokens``, Anthropic
     ``cache_read_input_tokens``); unset: the input price."""
-    cache_write_per_mtok: AtLeastZero | None = msgspec.field(name="cache_write", default=None)
+    cache_write_per_mtok: TokenPrice | None = msgspec.field(name="cache_write", default=None)
     """Prompt tokens written to the upstream's prompt cache (Anthropic ``cache_creation_input_tokens``);
     unset: the input price."""
-    cache_write_1h_per_mtok: AtLeastZero | None = msgspec.field(name="cache_write_1h", default=None)
+    cache_write_1h_per_mtok: TokenPrice | None = msgspec.field(name="cache_write_1h", default=None)
     """Of those, the ones kept an hour (Anthropic's ``ttl: "1h"``: 2x input where 5 minutes is 1.25x);
     unset: the ``cache_write`` price."""
-    reasoning_per_mtok: AtLeastZero | None = msgspec.field(name="reasoning", default=None)
+    reasoning_per_mtok: TokenPrice | None = msgspec.field(name="reasoning", default=None)
     """Completion tokens spent reasoning (``reasoning_tokens``); unset: the output price."""
     speed_multipliers: dict[OptionValue, Multiplier] = msgspec.field(name="speed", default={})
     """Anthropic's ``speed``: every token price times this for an answer whose usage says it ran at
@@ -108,7 +118,7 @@ class Price(_Struct, frozen=True, kw_only=True):
     processed on that tier (``priority: 2``, ``flex: 0.5``; ``default``, ``auto`` and Anthropic's
     ``standard``/``standard_only`` are 1). A tier it reports that is not set here is billed at the
     base price and logged as ``unpriced_usage``."""
-    server_tools_per_1k: dict[OptionValue, AtLeastZero] = msgspec.field(name="server_tools", default={})
+    server_tools_per_1k: dict[OptionValue, UsesPrice] = msgspec.field(name="server_tools", default={})
     """USD per 1,000 uses of an upstream-run tool, by the name its usage counts them under
     (``server_tool_use.web_search_requests``: ``web_search: 10``; ``web_fetch: 0`` says it is free).
     A request offering a server tool not set here is refused (t59)."""

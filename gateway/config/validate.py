@@ -479,13 +479,6 @@ def check_policy(
                 problems.add(
                     ("models", name, "headers", header), "the key comes from `api_key_env`: give one or the other"
                 )
-        for field in msgspec.structs.fields(model.price):
-            value = getattr(model.price, field.name)
-            named = value.items() if isinstance(value, dict) else [(None, value)]  # t59: per-option prices
-            for option, number in named:
-                if number is not None and not math.isfinite(number):  # billed as inf: metrics +Inf, report skips it
-                    where = ("models", name, "price", field.encode_name, *(() if option is None else (option,)))
-                    problems.add(where, f"must be a finite number, got {number}")
     for route_name, route in policy.routes.items():
         names = [route.model, *route.fallbacks]
         kinds = {policy.models[n].kind for n in names if n in policy.models}

@@ -427,6 +427,38 @@ def test_invalid_edits_are_rejected_and_a_fix_is_picked_up(gw: GatewayProcess) -
     assert _readyz(gw)["policy"]["last_reload_error"] is None
 
 
+def test_a_price_past_the_bound_is_refused_and_the_old_one_keeps_billing(gw: GatewayProcess) -> None:
+    """t94: ``output: 1e308`` passed `check` and the reload; each request's cost was then inf
+    (null in the log, +Inf in the metrics), which Redis kept as the key's spend for the month."""
+    good = gw.policy_path.read_text()
+    version = _version_of(good)
+    absurd = good.replace("price: {input: 0.5, output: 1.5}", "price: {input: 0.5, output: 1e308}", 1)
+    assert absurd != good
+    line = next(n for n, text in enumerate(absurd.splitlines(), 1) if "1e308" in text)
+    expected = (
+        f"models.small.price.output (line {line}): must be a price in USD per million tokens, "
+        "from 0 to 1,000,000, got 1e+308"
+    )
+    _write_atomically(gw.policy_path, absurd)
+    policy = _poll(lambda: _readyz(gw)["policy"], lambda p: p["last_reload_error"] is not None)
+    assert expected in (policy["last_reload_error"] or ""), policy
+    assert policy["version"] == version, "a rejected edit must keep the previous policy in force"
+    checked = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", str(gw.policy_path)], capture_output=True, text=True, timeout=60
+    )
+    assert checked.returncode == 1 and expected in checked.stderr, checked.stdout + checked.stderr
+
+    answer = _chat(gw, content="priced at the price in force")
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-gateway-policy-version"] == version
+    record = gw.wait_for_record(answer.headers["x-request-id"])
+    billed = (record["prompt_tokens"] * 0.5 + record["completion_tokens"] * 1.5) / 1_000_000
+    assert record["cost_usd"] == pytest.approx(billed) and 0 < billed < 0.01, record
+    assert float(answer.headers["x-gateway-cost-usd"]) == pytest.approx(billed, abs=1e-8)
+    metrics = httpx.get(f"{gw.url}/metrics", timeout=5).text
+    assert "+Inf" not in "".join(line for line in metrics.splitlines() if line.startswith("gateway_cost_usd"))
+
+
 def test_reverting_a_rejected_edit_clears_the_reload_error(gw: GatewayProcess) -> None:
     """Undoing a bad edit brings back the version in force: /readyz must stop reporting the error."""
     good = gw.policy_path.read_text()

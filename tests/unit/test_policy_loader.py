@@ -179,7 +179,10 @@ def test_substitute_semantics() -> None:
 
 def test_range_checks_name_the_field_and_value() -> None:
     [message] = problems(VALID.replace("input: 1,", "input: -1,"))
-    assert message == "models.l.price.input (line 10): must be >= 0, got -1"
+    assert (
+        message
+        == "models.l.price.input (line 10): must be a price in USD per million tokens, from 0 to 1,000,000, got -1"
+    )
     [message] = problems(VALID.replace("fallbacks: [l]", "fallbacks: [l], threshold: 1.5"))
     assert message == "routes.fast.threshold (line 13): must be a number from 0 to 1, got 1.5"
     [message] = problems(VALID + "tenants:\n  t: {limits: {rpm: -1}}\n")
@@ -490,7 +493,7 @@ def test_a_file_that_is_not_a_policy_is_refused_without_quoting_it(tmp_path: Pat
     assert any(p.startswith("version (line 15): not a value YAML can build") for p in built), built
     assert all("sk-secret" not in p for p in problems(VALID.replace("input: 0.1", "input: !!int sk-secret-1")))
     assert problems(VALID.replace("input: 0.1", "input: .inf")) == [
-        "models.s.price.input (line 5): must be a finite number, got inf"
+        "models.s.price.input (line 5): must be a price in USD per million tokens, from 0 to 1,000,000, got inf"
     ]
 
 
@@ -541,6 +544,25 @@ def test_a_price_that_looks_per_token_is_warned_of() -> None:
     assert not any("per million" in w for w in load_policy_text(VALID, environ={}).warnings)
 
 
+def test_a_price_past_the_bound_is_refused_with_its_field_line_and_bound() -> None:
+    """t94: ``output: 1e308`` passed: each request's cost overflowed to inf, which Redis kept as
+    the key's spend for the month. A price is at most $1,000,000 per million tokens (or per 1,000
+    uses of a server tool), far above any model's."""
+    huge = VALID.replace("price: {input: 1, output: 2}", "price: {input: 1, output: 1e308, cached_input: 2000000}")
+    assert problems(huge) == [
+        "models.l.price.output (line 10): must be a price in USD per million tokens, from 0 to 1,000,000, got 1e+308",
+        "models.l.price.cached_input (line 10): must be a price in USD per million tokens, from 0 to 1,000,000, "
+        "got 2000000",
+    ]
+    fee = VALID.replace("price: {input: 1, output: 2}", "price: {input: 1, output: 2, server_tools: {web_search: 1e7}}")
+    assert problems(fee) == [
+        "models.l.price.server_tools.web_search (line 10): must be a fee in USD per 1,000 uses, from 0 to 1,000,000, "
+        "got 10000000.0"
+    ]
+    at_the_bound = VALID.replace("price: {input: 1, output: 2}", "price: {input: 1000000, output: 1000000}")
+    assert load_policy_text(at_the_bound, environ={}).policy.models["l"].price.output_per_mtok == 1_000_000
+
+
 def test_headers_the_gateway_writes_and_a_key_with_a_line_break_are_caught() -> None:
     """t31: a policy Host or Content-Length went out beside the gateway's own; a two-line Secret
     failed every request before it left, and check said nothing."""
@@ -586,7 +608,7 @@ def test_option_prices_are_read_and_checked() -> None:
     assert price.speed_multipliers == {"fast": 6} and price.inference_geo_multipliers == {"us": 1.1}
     assert price.server_tools_per_1k == {"web_search": 10}
     assert problems(priced.replace("web_search: 10", "web_search: .inf")) == [
-        "models.l.price.server_tools.web_search (line 10): must be a finite number, got inf"
+        "models.l.price.server_tools.web_search (line 10): must be a fee in USD per 1,000 uses, from 0 to 1,000,000, got inf"
     ]
     assert problems(priced.replace("fast: 6", "fast: 0"))[0].startswith("models.l.price.speed")
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
+from gateway import pricing
 from gateway.config.schema import Price
 from gateway.pricing import PricedOptions, cost_usd, unpriced
+from gateway.sparse_log import SparseLog
 from tests.unit.conftest import POLICY, MakeHarness, answer_of
 
 # $ per million tokens, as policies.yaml writes them (names as in the file).
@@ -36,6 +41,43 @@ def test_hour_long_cache_writes_have_their_own_price() -> None:
     assert both == pytest.approx(0.6 * 3.75 + 0.4 * 6.0)
     unset = Price(input_per_mtok=3.0, output_per_mtok=15.0, cache_write_per_mtok=3.75)  # the write price, as before
     assert cost_usd(unset, 1_000_000, 0, cache_write_tokens=1_000_000, cache_write_1h_tokens=1_000_000) == 3.75
+
+
+def test_a_cost_past_a_floats_range_is_zero_and_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    """t94: 1e308 per million tokens made each request's cost inf: null in the log, +Inf in the
+    metrics, and kept by Redis as the key's spend for the month. The policy's prices are bounded
+    now; an upstream's absurd token count can still overflow, or raise where an int is past a
+    float's range."""
+    monkeypatch.setattr(pricing, "_not_finite", SparseLog(structlog.get_logger("test"), "cost_not_finite", every_s=0))
+    dearest = Price(input_per_mtok=1e6, output_per_mtok=1e6, speed_multipliers={"fast": 100.0})
+    unbounded = Price(input_per_mtok=1e308, output_per_mtok=0.2)  # built by hand: the loader refuses it
+    with capture_logs() as logs:
+        assert cost_usd(dearest, 10**303, 0) == 0.0  # inf
+        assert cost_usd(dearest, 10**302, 10**302, speed="fast") == 0.0  # inf, times 100
+        assert cost_usd(dearest, 10**400, 1) == 0.0  # OverflowError
+        assert cost_usd(unbounded, 1000, 10) == 0.0
+        assert cost_usd(dearest, 1000, 10) == pytest.approx(1010.0)
+    said = [log for log in logs if log["event"] == "cost_not_finite"]
+    assert len(said) == 4 and said[0]["prompt_tokens"] == 10**303, said
+
+
+async def test_an_upstreams_absurd_token_count_bills_no_inf(make_harness: MakeHarness) -> None:
+    """The answer is served; its cost is 0 in the header, the log line and the usage, never inf."""
+    harness = await make_harness(
+        POLICY.replace("price: {input: 0.5, output: 1.5}", "price: {input: 1000000, output: 1}")
+    )
+    harness.upstream.usage = {"prompt_tokens": 10**303, "completion_tokens": 2, "total_tokens": 10**303 + 2}
+    with capture_logs() as logs:
+        status, _, headers = answer_of(await harness.ask("hello", cache_control="no-store"))
+        await asyncio.sleep(0)  # the request is accounted for just after its answer
+    assert status == 200 and headers["x-gateway-cost-usd"] == "0.00000000"
+    [line] = [log for log in logs if log["event"] == "request"]
+    assert line["cost_usd"] == 0.0 and line["prompt_tokens"] == 10**303
+    await harness.limiter.drain()
+    await harness.limiter.ledger.flush()
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    totals = await harness.limiter.ledger.read([("alice", "team-a")], today, today)
+    assert totals is not None and totals["alice", "team-a"].cost_usd == 0.0
 
 
 def test_unset_prices_charge_as_before() -> None:

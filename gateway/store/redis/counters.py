@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+import structlog
 
 from gateway.accounting.usage import UsageFigures
 from gateway.store import keyspace
@@ -30,10 +31,47 @@ from gateway.store.redis.client import SharedRedis
 
 __all__ = ["RedisLimitCounters"]
 
+_log = structlog.get_logger("gateway.redis")
+
 _KEPT_S = 35 * 24 * 3600
 """How long an unsettled reservation's mark and its tenant's pending set are kept: a month's
 budget counts it until the month ends, however long the tenant then stays away. A settled
 mark is rewritten 's' for 120 s, so only reservations whose process died stay this long."""
+
+# What the scripts below share. A spend field (d, mo) that holds no finite number (inf, kept by a
+# gateway before t94 from a price of 1e308) refused every later increment, which wedged its key's
+# settlements and budgets till the month ended: it is corrupt, and where a script meets it, it
+# starts afresh from 0 (what it held is unknown; a negative correction is then dropped) and is
+# named in the script's answer (``corrupt``), which the caller logs. A cost that is no finite
+# number is never written: it would be such a field.
+_SPEND = """
+local corrupt = {}
+local function finite(x) return x ~= nil and x == x and x > -math.huge and x < math.huge end
+local function reset(key, field, value)
+  redis.call('HSET', key, field, value)
+  corrupt[#corrupt + 1] = key .. ' ' .. field
+  return value
+end
+local function held(key, field, value)
+  if value and not finite(tonumber(value)) then return reset(key, field, 0) end
+  return tonumber(value or '0')
+end
+local function add(key, field, value, cost)
+  if value and not finite(tonumber(value)) then reset(key, field, math.max(tonumber(cost), 0))
+  else redis.call('HINCRBYFLOAT', key, field, cost) end
+end
+local function add_spend(key, day, month, cost, fresh)
+  if not finite(tonumber(cost)) then return end
+  local v = redis.call('HMGET', key, 'day', 'd', 'month', 'mo')
+  if v[1] == day then add(key, 'd', v[2], cost)
+  elseif fresh and (not v[1] or v[1] < day) then redis.call('HSET', key, 'day', day, 'd', cost) end
+  if v[3] == month then add(key, 'mo', v[4], cost)
+  elseif fresh and (not v[3] or v[3] < month) then redis.call('HSET', key, 'month', month, 'mo', cost) end
+end
+"""
+"""``held``: what a spend field holds; ``add_spend``: ``cost`` added to a spend counter's day and
+month, a period that has passed rolled over when ``fresh`` (else left alone, as is one older than
+the counter's)."""
 
 # KEYS: window, spend of each scope, then (optionally) the tenant's pending reservations and the
 # reservation's mark. ARGV: fraction, tokens, cost, minute, day, month, then rpm, tpm,
@@ -41,11 +79,15 @@ mark is rewritten 's' for 120 s, so only reservations whose process died stay th
 # refused measure's counts, this minute's and the previous one's. A marked reservation is also
 # pending, with what undoes it in its mark, until settled: one its process never settled (killed
 # mid-request) is undone by the tenant's next reservation once PENDING_S have passed, its mark
-# then 'x' (a settlement that still comes counts whole, as one never reserved).
-_RESERVE = """
+# then 'x' (a settlement that still comes counts whole, as one never reserved). The answer's fifth
+# item is ``corrupt``, then a rate refusal's counts.
+_RESERVE = (
+    _SPEND
+    + """
 local scopes = (#ARGV - 6) / 4
 local marked = #KEYS > scopes * 2
 local frac, tokens, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if not finite(cost) then cost = 0 end
 local minute, day, month = tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local now = (minute + frac) * 60
 if marked then
@@ -54,11 +96,7 @@ if marked then
     local v = redis.call('GET', m)
     if v and string.sub(v, 1, 2) == 'r{' then
       local u = cjson.decode(string.sub(v, 2))
-      for _, key in ipairs(u.spends) do
-        local d = redis.call('HMGET', key, 'day', 'month')
-        if d[1] == u.day then redis.call('HINCRBYFLOAT', key, 'd', -u.cost) end
-        if d[2] == u.month then redis.call('HINCRBYFLOAT', key, 'mo', -u.cost) end
-      end
+      for _, key in ipairs(u.spends) do add_spend(key, u.day, u.month, -u.cost, false) end
       redis.call('SET', m, 'x', 'EX', KEPT_S)
     end
     redis.call('ZREM', pending, m)
@@ -74,7 +112,7 @@ local function window(key)
 end
 local function spent(key)
   local v = redis.call('HMGET', key, 'day', 'd', 'month', 'mo')
-  return (v[1] == day) and tonumber(v[2]) or 0, (v[3] == month) and tonumber(v[4]) or 0
+  return (v[1] == day) and held(key, 'd', v[2]) or 0, (v[3] == month) and held(key, 'mo', v[4]) or 0
 end
 local share, seen, told = 0, {}, {}
 for s = 0, scopes - 1 do
@@ -88,14 +126,14 @@ for s = 0, scopes - 1 do
   local w = window(KEYS[s*2+1])
   local spent_day, spent_month = spent(KEYS[s*2+2])
   seen[s] = {w, spent_day, spent_month}
-  if rpm >= 0 and w[1] + w[2] * (1 - frac) + 1 > rpm then return {1, s .. '.rpm', '0', told, w[1], w[2]} end
-  if tpm >= 0 and w[3] + w[4] * (1 - frac) + tokens > tpm then return {1, s .. '.tpm', '0', told, w[3], w[4]} end
+  if rpm >= 0 and w[1] + w[2] * (1 - frac) + 1 > rpm then return {1, s .. '.rpm', '0', told, corrupt, w[1], w[2]} end
+  if tpm >= 0 and w[3] + w[4] * (1 - frac) + tokens > tpm then return {1, s .. '.tpm', '0', told, corrupt, w[3], w[4]} end
   if per_day >= 0 then
-    if spent_day + cost > per_day then return {1, s .. '.usd_per_day', tostring(spent_day), told} end
+    if spent_day + cost > per_day then return {1, s .. '.usd_per_day', tostring(spent_day), told, corrupt} end
     if per_day > 0 then share = math.max(share, spent_day / per_day) end
   end
   if per_month >= 0 then
-    if spent_month + cost > per_month then return {1, s .. '.usd_per_month', tostring(spent_month), told} end
+    if spent_month + cost > per_month then return {1, s .. '.usd_per_month', tostring(spent_month), told, corrupt} end
     if per_month > 0 then share = math.max(share, spent_month / per_month) end
   end
 end
@@ -107,13 +145,14 @@ end
 if marked then
   local spends = {}
   for s = 0, scopes - 1 do spends[#spends + 1] = KEYS[s*2+2] end
-  local undo = cjson.encode({cost = tonumber(ARGV[3]), day = day, month = month, spends = spends})
+  local undo = cjson.encode({cost = cost, day = day, month = month, spends = spends})
   redis.call('SET', KEYS[#KEYS], 'r' .. undo, 'EX', KEPT_S)
   redis.call('ZADD', KEYS[#KEYS - 1], now + PENDING_S, KEYS[#KEYS])
   redis.call('EXPIRE', KEYS[#KEYS - 1], KEPT_S)
 end
-return {0, '', tostring(share), told}
+return {0, '', tostring(share), told, corrupt}
 """.replace("PENDING_S", str(PENDING_S)).replace("KEPT_S", str(_KEPT_S))
+)
 
 # KEYS: window, spend of each scope, then the usage sums, the expired sums and (optionally) the
 # tenant's pending reservations and the reservation's mark. ARGV: token delta, cost delta, minute, day, month, number of scopes, number
@@ -121,14 +160,16 @@ return {0, '', tostring(share), told}
 # reservation is known to be made (its call answered), then field/value pairs to add to the
 # usage sums. A mark "s": this settlement was applied already (sent again after a timeout), and
 # is not applied twice. Else, for a reservation whose call timed out, "r" says it was made: the
-# deltas correct it; no mark, it never reached Redis: what was used counts whole.
-_SETTLE = """
+# deltas correct it; no mark, it never reached Redis: what was used counts whole. Answers ``corrupt``.
+_SETTLE = (
+    _SPEND
+    + """
 local scopes, sums = tonumber(ARGV[6]), tonumber(ARGV[7])
 local marked = ARGV[10] == '1'
 local made = true
 if marked then
   local state = redis.call('GET', KEYS[#KEYS])
-  if state == 's' then return 0 end
+  if state == 's' then return corrupt end
   if state == 'x' then made = false  -- undone as never settled: what was used counts whole
   else made = ARGV[11] == '1' or (state and string.sub(state, 1, 1) == 'r') end
   redis.call('ZREM', KEYS[#KEYS - 1], KEYS[#KEYS])
@@ -143,60 +184,46 @@ for s = 0, scopes - 1 do
     if m == minute then redis.call('HINCRBY', win, 't', token_delta)
     elseif m == minute + 1 then redis.call('HINCRBY', win, 'tp', token_delta) end
   end
-  if cost_delta ~= 0 then
-    local v = redis.call('HMGET', spend, 'day', 'month')
-    if v[1] == day then redis.call('HINCRBYFLOAT', spend, 'd', cost_delta)
-    elseif not made and (not v[1] or v[1] < day) then redis.call('HSET', spend, 'day', day, 'd', cost_delta) end
-    if v[2] == month then redis.call('HINCRBYFLOAT', spend, 'mo', cost_delta)
-    elseif not made and (not v[2] or v[2] < month) then redis.call('HSET', spend, 'month', month, 'mo', cost_delta) end
-  end
+  if cost_delta ~= 0 then add_spend(spend, day, month, cost_delta, not made) end
 end
 for i = scopes * 2 + 1, scopes * 2 + sums do
   for j = 12, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[i], ARGV[j], ARGV[j + 1]) end
 end
 for i = scopes * 2 + sums + 1, marked and #KEYS - 2 or #KEYS do redis.call('DEL', KEYS[i]) end
 if marked then redis.call('SET', KEYS[#KEYS], 's', 'EX', 120) end
-return 1
+return corrupt
 """
+)
 
 
 # KEYS: one spend counter. ARGV: day, month, USD. A request that reserved nothing (no limit
 # applied to it) spent this: counted as a reservation would count it, a period that has passed
 # rolled over, and one older than the counter's left alone. A negative amount (the correction of
-# a reservation's estimate) applies only to the period the reservation was counted in.
-_ADD_SPEND = """
-local day, month, cost = ARGV[1], ARGV[2], ARGV[3]
-local fresh = tonumber(cost) > 0
-local v = redis.call('HMGET', KEYS[1], 'day', 'month')
-if v[1] == day then redis.call('HINCRBYFLOAT', KEYS[1], 'd', cost)
-elseif fresh and (not v[1] or v[1] < day) then redis.call('HSET', KEYS[1], 'day', day, 'd', cost) end
-if v[2] == month then redis.call('HINCRBYFLOAT', KEYS[1], 'mo', cost)
-elseif fresh and (not v[2] or v[2] < month) then redis.call('HSET', KEYS[1], 'month', month, 'mo', cost) end
-return 1
+# a reservation's estimate) applies only to the period the reservation was counted in. Answers ``corrupt``.
+_ADD_SPEND = (
+    _SPEND
+    + """
+add_spend(KEYS[1], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[3]) > 0)
+return corrupt
 """
+)
 
 
-_ADD_USAGE = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+_ADD_USAGE = (
+    _SPEND
+    + """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return corrupt end
 local ops = cjson.decode(ARGV[2])
 for _, op in ipairs(ops.u) do
   if op[4] then redis.call('HINCRBYFLOAT', KEYS[op[1]], op[2], op[3])
   else redis.call('HINCRBY', KEYS[op[1]], op[2], op[3]) end
 end
 for _, at in ipairs(ops.x) do redis.call('DEL', KEYS[at]) end
-for _, op in ipairs(ops.s) do
-  local key, day, month, cost = KEYS[op[1]], op[2], op[3], op[4]
-  local fresh = tonumber(cost) > 0
-  local v = redis.call('HMGET', key, 'day', 'month')
-  if v[1] == day then redis.call('HINCRBYFLOAT', key, 'd', cost)
-  elseif fresh and (not v[1] or v[1] < day) then redis.call('HSET', key, 'day', day, 'd', cost) end
-  if v[2] == month then redis.call('HINCRBYFLOAT', key, 'mo', cost)
-  elseif fresh and (not v[2] or v[2] < month) then redis.call('HSET', key, 'month', month, 'mo', cost) end
-end
-return 1
+for _, op in ipairs(ops.s) do add_spend(KEYS[op[1]], op[2], op[3], op[4], tonumber(op[4]) > 0) end
+return corrupt
 """
-"""One tenant's part of a usage batch, applied once: its mark (``KEYS[1]``) is set with it. The
-spend arithmetic is :data:`_ADD_SPEND`'s."""
+)
+"""One tenant's part of a usage batch, applied once: its mark (``KEYS[1]``) is set with it. Answers ``corrupt``."""
 _BATCH_MARK_TTL_S = 3600
 """How long an applied batch is remembered: longer than a batch is sent again for."""
 
@@ -227,7 +254,10 @@ class RedisLimitCounters:
         ]
         for scope in request.scopes:
             args += _cap_args(scope.caps)
-        status, which, detail, told, *window = await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s)
+        status, which, detail, told, corrupt, *window = await self._redis.call(
+            lambda r: script(keys=keys, args=args), timeout_s
+        )
+        _said_corrupt(corrupt)
         spent = tuple(_spent_pair(pair) for pair in _text(told).split(";"))
         if int(status) == 0:
             return ReserveOutcome(None, 0.0, float(_text(detail)), spent=spent)
@@ -257,7 +287,7 @@ class RedisLimitCounters:
         ]
         for name, value in request.used.increments():
             args += [name, repr(value) if isinstance(value, float) else value]
-        await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s)
+        _said_corrupt(await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s))
 
     async def add_usage(
         self,
@@ -286,7 +316,7 @@ class RedisLimitCounters:
             # one script call per counter, not in the pipeline: a cluster's pipeline does not load scripts
             for (key, day, month), cost in spent.items():
                 if add_spend is not None and cost:
-                    await add_spend(keys=[key], args=[day, month, repr(cost)])
+                    _said_corrupt(await add_spend(keys=[key], args=[day, month, repr(cost)]))
 
         await self._redis.call(write, timeout_s)
 
@@ -320,7 +350,7 @@ class RedisLimitCounters:
         async def write(client: aioredis.Redis) -> None:
             for part in parts.values():
                 args: list[bytes | int] = [_BATCH_MARK_TTL_S, msgspec.json.encode(part.ops)]
-                await script(keys=part.keys, args=args)
+                _said_corrupt(await script(keys=part.keys, args=args))
 
         await self._redis.call(write, timeout_s)
 
@@ -369,6 +399,18 @@ class _BatchPart:
         """``name``'s position in the script's KEYS (1-based), added if new."""
         self.keys.append(name)
         return len(self.keys)
+
+
+def _said_corrupt(fields: Sequence[object]) -> None:
+    """Log each spend field a script found corrupt and set to 0: said once, as it is then a number."""
+    for field in fields:
+        key, name = _text(field).rsplit(" ", 1)
+        _log.warning(
+            "spend_counter_reset",
+            key=key,
+            field=name,
+            reason="held no finite number (what it held is unknown): set to 0",
+        )
 
 
 def _spent_pair(pair: str) -> tuple[float, float]:
