@@ -16,6 +16,7 @@ from gateway.auth import hash_key
 from gateway.cli._parsers import Subcommands
 from gateway.cli.check import report_invalid
 from gateway.config.edit import append_key, remove_key
+from gateway.config.kept import KEPT_POLICY, KeptForAnother, read_kept_policy
 from gateway.config.loader import KeyRing, auth_in_text, keys_in_text, load_keys, load_policy
 from gateway.config.schema import AuthKey, TenantName
 from gateway.config.validate import Problems, convert
@@ -30,8 +31,8 @@ NOT_CONFIRMED = 3
 policy file holds an edit the gateway rejects, and the policy it keeps in force reads another
 key file, or one this command cannot find out (t66: a revoked key kept answering 200)."""
 _DATA_DIR_HELP = (
-    "serve's --data-dir (default .gateway): its policy.last-accepted.yaml tells which key file a running "
-    "gateway reads while policies.yaml holds an edit it rejects"
+    "serve's --data-dir (default .gateway): its policy.last-accepted.yaml, kept for --policies, tells which "
+    "key file a running gateway reads while policies.yaml holds an edit it rejects"
 )
 
 
@@ -154,14 +155,14 @@ def _key_ring(policies: str, data_dir: str) -> KeyRing | None:
     try:
         ring = load_keys(policies)
     except ConfigError as exc:
-        kept = Path(data_dir) / "policy.last-accepted.yaml"
         try:
-            ring = keys_in_text(kept.read_text(encoding="utf-8"), source=str(kept), base_dir=Path(policies).parent)
-        except (OSError, UnicodeDecodeError, ConfigError):
+            kept, text, base_dir = read_kept_policy(data_dir, policies)
+            ring = keys_in_text(text, source=str(kept), base_dir=base_dir)
+        except (OSError, UnicodeDecodeError, ConfigError, KeptForAnother) as unread:
             report_invalid(exc)
             print(
-                f"no policy in force found at {kept}: give serve's --data-dir, and this command uses the key "
-                "file of the policy a running gateway keeps in force",
+                f"no policy in force found ({_why_not_kept(data_dir, unread)}): give serve's --data-dir, and this "
+                "command uses the key file of the policy a running gateway keeps in force",
                 file=sys.stderr,
             )
             return None
@@ -226,12 +227,10 @@ def _moved_from_the_key_file_in_force(args: argparse.Namespace, ring: KeyRing) -
     when it is another file than the one policies.yaml now names (t82: an edit naming a key file
     that did not exist yet was rejected; the tool then created that file, so the edit loaded, and
     it promised a running gateway would pick the key up). None when they agree or it cannot tell."""
-    kept = Path(args.data_dir) / "policy.last-accepted.yaml"
     try:
-        in_force, _ = auth_in_text(
-            kept.read_text(encoding="utf-8"), source=str(kept), base_dir=Path(args.policies).parent
-        )
-    except (OSError, UnicodeDecodeError, ConfigError):
+        kept, text, base_dir = read_kept_policy(args.data_dir, args.policies)
+        in_force, _ = auth_in_text(text, source=str(kept), base_dir=base_dir)
+    except (OSError, UnicodeDecodeError, ConfigError, KeptForAnother):
         return None
     if in_force is None or ring.key_file is None or _same_file(in_force, ring.key_file):
         return None
@@ -247,17 +246,15 @@ def _while_rejected(args: argparse.Namespace, ring: KeyRing, effect: str, invali
     and applies only that policy's key file as it is now (``gateway.runtime``). The edit may have
     moved ``auth.key_file``: the key then changed in a file no running gateway reads (t66), which
     is said on a WARNING line, with :data:`NOT_CONFIRMED` as the exit status."""
-    kept = Path(args.data_dir) / "policy.last-accepted.yaml"
     try:
-        in_force, enabled = auth_in_text(
-            kept.read_text(encoding="utf-8"), source=str(kept), base_dir=Path(args.policies).parent
-        )
-    except (OSError, UnicodeDecodeError, ConfigError) as exc:
-        why = f"there is no {kept}" if isinstance(exc, FileNotFoundError) else f"{kept} cannot be read"
+        kept, text, base_dir = read_kept_policy(args.data_dir, args.policies)
+        in_force, enabled = auth_in_text(text, source=str(kept), base_dir=base_dir)
+    except (OSError, UnicodeDecodeError, ConfigError, KeptForAnother) as exc:
         print(
             f"WARNING: {invalid}. A running gateway keeps the policy it has in force and applies only that "
-            f"policy's key file; this command cannot confirm that it is {ring.key_file} ({why}: give serve's "
-            f"--data-dir), so a running gateway may not see this change until {args.policies} is fixed.",
+            f"policy's key file; this command cannot confirm that it is {ring.key_file} "
+            f"({_why_not_kept(args.data_dir, exc)}: give serve's --data-dir), so a running gateway may not see "
+            f"this change until {args.policies} is fixed.",
             file=sys.stderr,
         )
         return NOT_CONFIRMED
@@ -282,6 +279,16 @@ def _while_rejected(args: argparse.Namespace, ring: KeyRing, effect: str, invali
         file=sys.stderr,
     )
     return 0
+
+
+def _why_not_kept(data_dir: str, exc: Exception) -> str:
+    """Why the policy kept in ``data_dir`` was not read: which file, and what was wrong with it."""
+    kept = Path(data_dir) / KEPT_POLICY
+    if isinstance(exc, FileNotFoundError):
+        return f"there is no {kept}"
+    if isinstance(exc, KeptForAnother):
+        return str(exc)
+    return f"{kept} cannot be read"
 
 
 def _same_file(a: Path, b: Path) -> bool:

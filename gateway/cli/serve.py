@@ -15,6 +15,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from gateway.cli._parsers import Subcommands
+from gateway.config.kept import keep_policy
 from gateway.config.loader import load_policy, request_log_problem
 from gateway.drain import DEFAULT_DRAIN_S
 from gateway.errors import ConfigError
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         for warning in loaded.warnings:
             _say(f"warning: {warning}")
         os.environ["GATEWAY_POLICIES"] = os.path.abspath(args.policies)
-        os.environ["GATEWAY_POLICY_LAST_GOOD"] = _keep_policy_in_force(loaded.text, args.data_dir)
+        os.environ["GATEWAY_POLICY_LAST_GOOD"] = _keep_policy_in_force(loaded.text, args.policies, args.data_dir)
         if args.workers > 1:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir(args.data_dir)
         os.environ["GATEWAY_DRAIN_S"] = str(args.drain_s)
@@ -502,9 +503,10 @@ def _fresh_metrics_dir(data_dir: str) -> str:
     return path
 
 
-def _keep_policy_in_force(text: str, data_dir: str) -> str:
+def _keep_policy_in_force(text: str, policies: str, data_dir: str) -> str:
     """Write the checked policy where a worker started later falls back to it when the file is
     broken by then (``gateway.runtime.load_at_start``); the workers rewrite it on every reload.
+    It is kept with the policy file's path: the key tools take it for that file's alone (t96).
 
     Under the data folder when it is writable, else a private temporary folder."""
     import tempfile
@@ -514,10 +516,7 @@ def _keep_policy_in_force(text: str, data_dir: str) -> str:
         folder = data_dir if os.access(data_dir, os.W_OK) else tempfile.mkdtemp(prefix="gateway-policy-")
     except OSError:
         folder = tempfile.mkdtemp(prefix="gateway-policy-")
-    path = os.path.abspath(os.path.join(folder, "policy.last-accepted.yaml"))
-    with open(path, "w", encoding="utf-8") as file:
-        file.write(text)
-    return path
+    return str(keep_policy(folder, text, policies))
 
 
 def _at_least_one(value: str) -> int:

@@ -19,6 +19,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -243,22 +244,26 @@ class _Dockerfile:
 
 
 def _run_all(commands: list[tuple[list[str], Mapping[str, str]]]) -> list[subprocess.CompletedProcess[str]]:
-    """Run the commands side by side (each is mostly interpreter start-up); results in order."""
-    procs = [
-        (
-            argv,
-            subprocess.Popen(argv, cwd=ROOT, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-        )
-        for argv, env in commands
-    ]
-    results = []
-    for argv, proc in procs:
-        try:
-            out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        results.append(subprocess.CompletedProcess(argv, proc.returncode, out, err))
+    """Run the commands side by side (each is mostly interpreter start-up); results in order.
+
+    In an empty folder, as the image's WORKDIR, with this checkout's package first on the path:
+    run in the checkout, the image's CMD (no --data-dir) took its ./.gateway, which a `make run`
+    holds, and was refused for that (t96)."""
+    with tempfile.TemporaryDirectory(prefix="gateway-workdir-") as workdir:
+        procs = []
+        for argv, env in commands:
+            path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+            proc = subprocess.Popen(argv, cwd=workdir, env={**env, "PYTHONPATH": path},
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            procs.append((argv, proc))
+        results = []
+        for argv, proc in procs:
+            try:
+                out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            results.append(subprocess.CompletedProcess(argv, proc.returncode, out, err))
     return results
 
 
@@ -592,11 +597,19 @@ def test_image_entrypoint_and_cmd_work_when_run_directly(tmp_path: Path) -> None
         assert flag in help_run.stdout
 
 
-def test_the_image_cmd_refuses_the_open_default_policy_on_every_interface() -> None:
-    """The image's own policy (the repository's) has auth off; on 0.0.0.0 anyone reaching the port
-    would spend the upstreams' keys. Compose publishes on loopback and allows it explicitly."""
+def test_the_image_cmd_refuses_the_open_default_policy_on_every_interface(tmp_path: Path) -> None:
+    """The image's own policy (the repository's, as shipped) has auth off; on 0.0.0.0 anyone reaching
+    the port would spend the upstreams' keys. Compose publishes on loopback and allows it explicitly.
+    An open policy of the tests' own: the checkout's is the user's to turn auth on in (t96)."""
     cmd = _Dockerfile(DEPLOY / "Dockerfile").exec_form("CMD")
-    swapped = [str(ROOT / "policies.yaml") if a == _flag(cmd, "--policies") else a for a in cmd]
+    policy = tmp_path / "policies.yaml"
+    policy.write_text(
+        "pair: {small: small, large: large}\nmodels:\n"
+        "  small: {base_url: '${SMALL_MODEL_URL}', price: {input: 0, output: 0}, tier: small}\n"
+        "  large: {base_url: '${LARGE_MODEL_URL}', price: {input: 0, output: 0}, tier: large}\n"
+        "routes: {fast: {model: small}}\nauth: {mode: none}\n"
+    )
+    swapped = [str(policy) if a == _flag(cmd, "--policies") else a for a in cmd]
     env = {
         "GATEWAY_ALLOW_NO_AUTH": "",
         "SMALL_MODEL_URL": "http://127.0.0.1:9/v1",

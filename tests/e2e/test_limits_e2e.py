@@ -293,7 +293,7 @@ def test_new_key_is_created_once_and_picked_up_without_restart(pair: tuple[Gatew
     gateway = pair[0]
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "keys", "new", "--tenant", "newcomer", "--models", "fast", "--rpm", "5",
-         "--policies", str(gateway.policy_path)],
+         "--policies", str(gateway.policy_path), "--data-dir", str(gateway.policy_path.parent / "data")],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     secret = next(line.split()[-1] for line in result.stdout.splitlines() if line.startswith("secret:"))

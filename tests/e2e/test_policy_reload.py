@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import httpx
 import msgspec
 import pytest
+import yaml
 
 from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
@@ -697,12 +698,17 @@ async def test_an_edit_made_while_a_worker_starts_is_not_lost(
 _KEYED_AUTH = 'auth:\n  mode: keys\n  keys:\n    - {id: app, tenant: team-a, hash: "sha256:' + "0" * 64 + '"}\n'
 
 
-def _shipped_with_keys() -> str:
-    """The shipped policies.yaml with auth on (an inline key nobody has the secret of)."""
+def _shipped_with_keys(auth: str = _KEYED_AUTH) -> str:
+    """The shipped policies.yaml with auth on (an inline key nobody has the secret of), or with
+    ``auth`` for its auth section, however that is written: the file is the user's to edit (t96:
+    the tests that read it must hold for any valid edit)."""
     shipped = (Path(__file__).parents[2] / "policies.yaml").read_text()
-    start = shipped.index("\nauth:\n") + 1
-    end = shipped.index("\n\n", start) + 1
-    return shipped[:start] + _KEYED_AUTH + shipped[end:]
+    root = yaml.compose(shipped, Loader=yaml.SafeLoader)
+    assert isinstance(root, yaml.MappingNode), "policies.yaml is no mapping of sections"
+    for key, value in root.value:
+        if key.value == "auth":  # to where the next section starts (a block) or the closing brace (flow)
+            return shipped[: key.start_mark.index] + auth + shipped[value.end_mark.index :]
+    return shipped + "\n" + auth
 
 
 async def test_defect3_no_truncated_prefix_of_the_policy_turns_auth_off(
@@ -774,8 +780,7 @@ async def test_auth_cannot_be_turned_off_by_an_edit_where_serve_required_it(
     monkeypatch.setenv("SMALL_MODEL_URL", "http://127.0.0.1:9/v1")
     monkeypatch.setenv("LARGE_MODEL_URL", "http://127.0.0.1:9/v1")
     keyed = _shipped_with_keys()
-    opened = (Path(__file__).parents[2] / "policies.yaml").read_text()
-    assert "mode: none" in opened
+    opened = _shipped_with_keys("auth:\n  mode: none\n")
     path, last_good = tmp_path / "policies.yaml", tmp_path / "last-good.yaml"
     path.write_text(keyed)
     holder = RuntimeHolder(path, Metrics(), last_good=last_good, auth_required=True)
@@ -913,7 +918,7 @@ def test_a_symlinked_policy_and_a_key_file_elsewhere_are_watched(
     try:
         made = subprocess.run(
             [sys.executable, "-m", "gateway", "keys", "new", "--tenant", "team-z", "--policies",
-             str(real / "policies.yaml")],
+             str(real / "policies.yaml"), "--data-dir", str(served / "data")],  # kept for the symlink: the same file
             capture_output=True, text=True, timeout=60, check=True,
         )  # fmt: skip
         secret = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret:"))

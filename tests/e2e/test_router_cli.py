@@ -18,6 +18,45 @@ PROMPTS = [
     {"prompt": "Which of the following is a prime number? A) 21 B) 27 C) 29 D) 33"},
 ] * 5
 
+POLICY = """\
+# policies.yaml: what ops edit (laid out as the shipped one, which is the user's to edit: t96).
+version: 1
+pair:
+  small: small
+  large: large
+models:
+  small:
+    base_url: ${SMALL_MODEL_URL}
+    price: {input: 0.20, output: 0.20}
+    tier: small
+  large:
+    base_url: ${LARGE_MODEL_URL}
+    price: {input: 2.50, output: 10.00}
+    tier: large
+routes:
+  auto:
+    strategy: classifier
+    model: small
+    fallbacks: [large]
+    # p_large at or above this goes to large; calibrate writes it
+    threshold: 0.80
+    # the route's other settings follow
+    target_large_share: 0.3
+  fast:
+    model: small
+    fallbacks: [large]
+auth:
+  mode: none
+"""
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> Path:
+    """The tests' own policy file: the checkout's policies.yaml is the user's (t96)."""
+    path = tmp_path / "policies.yaml"
+    path.write_text(POLICY)
+    return path
+
 
 def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -25,22 +64,20 @@ def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[st
     )
 
 
-def test_route_writes_one_decision_per_prompt(tmp_path: Path) -> None:
+def test_route_writes_one_decision_per_prompt(tmp_path: Path, policy: Path) -> None:
     sample = tmp_path / "prompts.jsonl"
     sample.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    result = _run("route", "--jsonl", str(sample), "--policies", "policies.yaml", "--threshold", "0.5")
+    result = _run("route", "--jsonl", str(sample), "--policies", str(policy), "--threshold", "0.5")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == len(PROMPTS)
     for line in lines:
         assert 0 <= line["p_large"] <= 1 and line["decision"] in ("small", "large")
-        assert line["model"] == line["decision"]  # the shipped pair is named small / large
+        assert line["model"] == line["decision"]  # the pair is named small / large
         assert (line["p_large"] >= 0.5) == (line["decision"] == "large")
 
 
-def test_calibrate_hits_the_share_and_writes_the_threshold_keeping_comments(tmp_path: Path) -> None:
-    policy = tmp_path / "policies.yaml"
-    policy.write_text(Path("policies.yaml").read_text())
+def test_calibrate_hits_the_share_and_writes_the_threshold_keeping_comments(policy: Path) -> None:
     sample = "".join(json.dumps({"prompt": f"question number {i} about {topic}"}) + "\n"
                      for i, topic in enumerate(["maths", "history", "chemistry", "law", "poetry"] * 8))  # fmt: skip
     result = _run(
@@ -71,7 +108,8 @@ def test_calibrate_hits_the_share_and_writes_the_threshold_keeping_comments(tmp_
     )
     text = policy.read_text()
     assert f"threshold: {threshold!r}" in text
-    assert "# policies.yaml: what ops edit." in text  # comments survive
+    assert "# p_large at or above this goes to large; calibrate writes it\n" in text  # comments survive
+    assert text == POLICY.replace("threshold: 0.80", f"threshold: {threshold!r}")  # and every other line
 
 
 def test_threshold_edit_handles_flow_and_block_routes(tmp_path: Path) -> None:
@@ -103,7 +141,7 @@ def test_a_threshold_shared_through_a_yaml_anchor_is_refused_not_spliced(tmp_pat
             assert policy.read_text() == text
     sample = "".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(20))
     full = tmp_path / "policies.yaml"
-    text = Path("policies.yaml").read_text().replace("threshold: 0.80", "threshold: &shared 0.80", 1)
+    text = POLICY.replace("threshold: 0.80", "threshold: &shared 0.80", 1)
     assert "&shared" in text
     full.write_text(text + "\n# a later edit\n")
     result = _run("calibrate", "--target-large-share", "0.25", "--jsonl", "-", "--policies", str(full), "--write",
@@ -111,52 +149,50 @@ def test_a_threshold_shared_through_a_yaml_anchor_is_refused_not_spliced(tmp_pat
     assert result.returncode == 0, result.stderr  # an anchor nothing else reads: the value is its own
 
 
-def test_calibrate_exits_1_when_lines_were_unreadable_as_route_does(tmp_path: Path) -> None:
-    policy = tmp_path / "policies.yaml"
-    policy.write_text(Path("policies.yaml").read_text())
+def test_calibrate_exits_1_when_lines_were_unreadable_as_route_does(policy: Path) -> None:
     sample = "".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(20)) + 'not json\n{"x": 1}\n'
     result = _run(
         "calibrate", "--target-large-share", "0.25", "--jsonl", "-", "--policies", str(policy), "--write", stdin=sample
     )
     assert result.returncode == 1 and "2 line(s) could not be read" in result.stderr
-    assert policy.read_text() == Path("policies.yaml").read_text()  # nothing written
+    assert policy.read_text() == POLICY  # nothing written
 
 
-def test_route_and_calibrate_go_on_past_a_lone_surrogate() -> None:
+def test_route_and_calibrate_go_on_past_a_lone_surrogate(policy: Path) -> None:
     """A \\ud83d escape alone (Python's json writes half an emoji so) took the whole run down
     with a traceback, the good lines before it never printed (t51)."""
     sample = '{"id": 1, "prompt": "hello"}\n{"id": 2, "prompt": "x \\ud83d y"}\n{"id": 3, "prompt": "after"}\n'
-    routed = _run("route", "--jsonl", "-", "--policies", "policies.yaml", stdin=sample)
+    routed = _run("route", "--jsonl", "-", "--policies", str(policy), stdin=sample)
     assert routed.returncode == 1 and "Traceback" not in routed.stderr
     rows = [json.loads(line) for line in routed.stdout.splitlines()]
     assert [row["id"] for row in rows] == [1, 2, 3]
     assert "p_large" in rows[0] and "lone surrogate" in rows[1]["error"] and "p_large" in rows[2]
-    calibrated = _run("calibrate", "--target-large-share", "0.5", "--jsonl", "-", "--policies", "policies.yaml",
+    calibrated = _run("calibrate", "--target-large-share", "0.5", "--jsonl", "-", "--policies", str(policy),
                       stdin=sample)  # fmt: skip
     assert calibrated.returncode == 1 and "Traceback" not in calibrated.stderr
     assert "1 line(s) could not be read" in calibrated.stderr
 
 
-def test_route_names_the_output_it_cannot_write(tmp_path: Path) -> None:
+def test_route_names_the_output_it_cannot_write(tmp_path: Path, policy: Path) -> None:
     """It said 'cannot read prompts.jsonl' of an input that was there (t51)."""
     sample = tmp_path / "prompts.jsonl"
     sample.write_text(json.dumps({"prompt": "hi"}) + "\n")
     out = tmp_path / "missing" / "out.jsonl"
-    result = _run("route", "--jsonl", str(sample), "--policies", "policies.yaml", "--output", str(out))
+    result = _run("route", "--jsonl", str(sample), "--policies", str(policy), "--output", str(out))
     assert result.returncode == 1
     assert result.stderr.strip() == f"cannot write {out}: No such file or directory"
 
 
-def test_route_never_empties_its_input_or_an_output_it_then_fails_to_write(tmp_path: Path) -> None:
+def test_route_never_empties_its_input_or_an_output_it_then_fails_to_write(tmp_path: Path, policy: Path) -> None:
     """--output set to the input emptied it and said '0 prompts'; an existing output was emptied
     before the classifier loaded, and lost when that failed (t55)."""
     sample = tmp_path / "prompts.jsonl"
     sample.write_text(json.dumps({"prompt": "hi"}) + "\n")
-    same = _run("route", "--jsonl", str(sample), "--policies", "policies.yaml", "--output", str(sample))
+    same = _run("route", "--jsonl", str(sample), "--policies", str(policy), "--output", str(sample))
     assert same.returncode == 1 and "is the input" in same.stderr
     assert sample.read_text() == json.dumps({"prompt": "hi"}) + "\n"
     kept = tmp_path / "earlier.jsonl"
     kept.write_text("an earlier run's decisions\n")
-    failed = _run("route", "--jsonl", str(sample), "--policies", "policies.yaml", "--output", str(kept),
+    failed = _run("route", "--jsonl", str(sample), "--policies", str(policy), "--output", str(kept),
                   "--artifacts", str(tmp_path / "no-artifacts"))  # fmt: skip
     assert failed.returncode != 0 and kept.read_text() == "an earlier run's decisions\n"

@@ -15,6 +15,7 @@ import yaml
 from gateway.cli import main
 from gateway.cli.keys import NOT_CONFIRMED
 from gateway.config.edit import append_key, remove_key
+from gateway.config.kept import keep_policy
 from gateway.config.loader import load_keys
 
 HASH = "sha256:" + "c" * 64
@@ -32,6 +33,13 @@ auth:
   key_file: keys.yaml
   keys: [{{id: inline, hash: "{HASH}"}}]
 """
+
+
+@pytest.fixture(autouse=True)
+def _in_a_folder_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tools' default --data-dir is ./.gateway: the checkout's, where `make run` leaves its
+    own (t96), unless the test runs elsewhere."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture
@@ -235,11 +243,47 @@ def test_new_says_how_the_key_applies_while_the_policy_is_invalid(
 
 
 def _last_accepted(policy: Path, text: str) -> Path:
-    """A data dir as serve leaves it: the policy in force in policy.last-accepted.yaml."""
+    """A data dir as serve leaves it: the policy in force in policy.last-accepted.yaml, kept for ``policy``."""
     data = policy.parent / "data"
     data.mkdir(exist_ok=True)
-    (data / "policy.last-accepted.yaml").write_text(text)
+    keep_policy(data, text, policy)
     return data
+
+
+def test_a_policy_kept_for_another_file_is_not_taken_for_the_one_in_force(
+    policy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """t96: `make run` left .gateway/ in the checkout; `keys new --policies` of a file elsewhere, its
+    auth section invalid, took that stopped, unrelated gateway's policy for the one in force and
+    wrote the key (exit 0) to the key file it names, read against the other file's folder."""
+    checkout = policy.parent / "checkout"
+    (checkout / ".gateway").mkdir(parents=True)
+    keep_policy(checkout / ".gateway", POLICY, checkout / "policies.yaml")
+    monkeypatch.chdir(checkout)
+    policy.write_text(POLICY.replace("mode: keys", "mode: key"))
+    assert _new(policy) == 1
+    err = capsys.readouterr().err
+    assert "auth.mode (line 8): must be one of `none`, `keys`, got 'key'" in err
+    kept = Path(".gateway") / "policy.last-accepted.yaml"
+    assert f"no policy in force found ({kept} was kept for {checkout / 'policies.yaml'}, not for {policy})" in err
+    assert not (policy.parent / "keys.yaml").exists()
+
+    # while the file holds an edit a gateway rejects, the tool says it cannot confirm, and why
+    policy.write_text(POLICY.replace("fast: {model: s}", "fast: {model: nope}"))
+    assert _new(policy, "--id", "k") == NOT_CONFIRMED
+    assert f"cannot confirm that it is {policy.parent / 'keys.yaml'} ({kept} was kept for" in capsys.readouterr().err
+
+    # a kept policy that does not say which file it was kept for is not taken either
+    (checkout / ".gateway" / "policy.last-accepted.source").unlink()
+    policy.write_text(POLICY.replace("mode: keys", "mode: key"))
+    assert _new(policy) == 1
+    assert f"({kept} does not say which policy file it was kept for)" in capsys.readouterr().err
+
+    # the same file through a symlink is the same file
+    keep_policy(checkout / ".gateway", POLICY, checkout / "policies.yaml")
+    (checkout / "policies.yaml").symlink_to(policy)
+    assert _new(policy, "--id", "k2") == 0
+    assert "using the key file of the policy in force" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["new", "revoke"])

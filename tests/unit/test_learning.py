@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -273,11 +274,12 @@ def test_building_the_cli_does_not_import_prometheus_before_serve_sets_its_multi
 
 
 def test_the_router_command_says_what_is_missing(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from gateway.cli import main
 
     monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.chdir(tmp_path)  # its default --data-dir, ./.gateway, is not a `make run`'s (t96)
     assert main(["router", "status", "--tenant", "a"]) == 1
     assert "REDIS_URL" in capsys.readouterr().err
     assert main(["router", "learn", "--redis", "redis://127.0.0.1:9"]) == 1
