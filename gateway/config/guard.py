@@ -7,7 +7,7 @@ from __future__ import annotations
 import msgspec
 
 from gateway.config.loader import GUARDED_SECTIONS, LoadedPolicy
-from gateway.config.schema import Policy
+from gateway.config.schema import Limits, Policy, TenantPolicy
 from gateway.errors import ConfigError
 
 __all__ = ["refuse_weakening_by_omission"]
@@ -50,6 +50,8 @@ def _settings_left_out(current: LoadedPolicy, new: LoadedPolicy) -> list[tuple[s
     t57: a file cut inside ``cache:`` (just after ``exact:``) turned semantic hits back on. A
     mapping written empty (``semantic: {}``) takes its defaults on purpose, nothing inside a
     mapping switched off counts, and a mapping left out is named once, not with each setting in it.
+    t94: the same inside ``tenants:`` (a file cut there served an over-budget tenant), where a
+    setting left out is no limit; a tenant's whole entry counts only while something still uses it.
     """
     written = new.guarded
     emptied = {path for path in written if not any(len(p) > len(path) and p[: len(path)] == path for p in written)}
@@ -61,6 +63,8 @@ def _settings_left_out(current: LoadedPolicy, new: LoadedPolicy) -> list[tuple[s
             continue  # `cache: {enabled: false}` leaves nothing in it to weaken
         if any(path[: len(above)] == above for above in unset):
             continue
+        if _retired(path, new.policy):
+            continue
         if _setting(current.policy, path) != _setting(new.policy, path):
             unset.append(path)
     return unset
@@ -70,15 +74,21 @@ def _left_out(path: tuple[str, ...], current: Policy, new: Policy) -> str:
     """What a setting left out would change, and what to write (t66: ops putting an override
     back to its default had no way out shown)."""
     name, where, leaf = ".".join(path), ".".join(path[:-1]), path[-1]
+    if path[0] == "tenants" and len(path) == 2:
+        return (
+            f"`{name}` is missing while the policy in force sets it, and {_users(new, leaf)}: left out, no tenant "
+            f"limits apply; write `{leaf}: {{}}` under `tenants` to mean that (a tenant no key names may be left out)"
+        )
     was, default = _setting(current, path), _setting(new, path)
     if isinstance(was, msgspec.Struct):
         return (
             f"`{name}` is missing while the policy in force sets it, and left out all of it takes its "
             f"defaults: write `{leaf}: {{}}` under `{where}` to mean that"
         )
+    meaning = " (no limit)" if default is None and isinstance(_setting(new, path[:-1]), Limits) else ""
     return (
         f"`{name}` is missing while the policy in force sets it to `{_yaml(was)}`, and left out it would be "
-        f"`{_yaml(default)}`: write `{leaf}: {_yaml(default)}` under `{where}` for the default (or `{path[-2]}: {{}}` "
+        f"`{_yaml(default)}`{meaning}: write `{leaf}: {_yaml(default)}` under `{where}` for the default (or `{path[-2]}: {{}}` "
         f"for all of `{where}`'s defaults), or `{leaf}: {_yaml(was)}` to keep it"
     )
 
@@ -87,8 +97,30 @@ def _yaml(value: object) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _retired(path: tuple[str, ...], new: Policy) -> bool:
+    """A tenant's entry the new file leaves out, with no key left to name it (retired, or renamed
+    with its keys): its limits no longer apply to anyone, so leaving them out weakens nothing."""
+    return path[0] == "tenants" and len(path) > 1 and path[1] not in new.tenants and not _users(new, path[1])
+
+
+def _users(policy: Policy, tenant: str) -> str:
+    """Who a tenant's limits apply to, said as a clause ("" for no one): its keys, or every request
+    while auth is off (``gateway.auth.ANONYMOUS`` is tenant ``default``)."""
+    if policy.auth.mode == "none":
+        return "auth mode none puts every request under it" if tenant == "default" else ""
+    ids = [key.id for key in policy.auth.keys if key.tenant == tenant]
+    if not ids:
+        return ""
+    shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+    return f"key{'s' if len(ids) > 1 else ''} {shown} still name{'' if len(ids) > 1 else 's'} it"
+
+
 def _setting(policy: Policy, path: tuple[str, ...]) -> object:
     value: object = policy
     for name in path:
-        value = getattr(value, name, None)
+        # tenants: one not listed has no tenant limits, as one written empty (gateway.limits.limiter._limits)
+        value = value.get(name, _UNLISTED_TENANT) if isinstance(value, dict) else getattr(value, name, None)
     return value
+
+
+_UNLISTED_TENANT = TenantPolicy()

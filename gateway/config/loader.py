@@ -101,8 +101,8 @@ class LoadedPolicy:
     sections: frozenset[str] = frozenset()
     """The top-level keys the file spelled out (the others took their defaults)."""
     guarded: frozenset[tuple[str, ...]] = frozenset()
-    """The settings the file spells out inside ``limits`` and ``cache``, as key paths: a reload
-    that leaves one out (a file cut inside the section) must not fall back to its default unseen."""
+    """The settings the file spells out inside ``limits``, ``cache`` and ``tenants``, as key paths: a
+    reload that leaves one out (a file cut inside the section) must not fall back to its default unseen."""
     text: str = ""
     """The file as it was read: a worker started later falls back to it (``gateway.runtime.load_at_start``)."""
     key_file_keys: int | None = None
@@ -195,7 +195,7 @@ def load_policy_text(
         source,
         warnings,
         frozenset(data),
-        frozenset(_key_paths({name: data[name] for name in GUARDED_SECTIONS if name in data})),
+        frozenset(_key_paths({name: data[name] for name in GUARDED_SETTINGS if name in data})),
         text,
         len(key_file.keys) if key_file is not None and listed else None,
     )
@@ -203,6 +203,11 @@ def load_policy_text(
 
 GUARDED_SECTIONS = ("limits", "cache")
 """Sections whose defaults are the permissive side (cache on, limits open when Redis fails)."""
+
+GUARDED_SETTINGS = (*GUARDED_SECTIONS, "tenants")
+"""Sections whose settings a reload may not leave out unseen: a tenant's too, whose limits left out
+are no limit (t94: a file cut inside the last section, ``tenants:``, let an over-budget tenant in).
+The ``tenants`` section itself is guarded on its own terms (only while it has tenants)."""
 
 
 def _key_paths(mapping: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:

@@ -293,6 +293,44 @@ def test_check_refuses_with_the_gateways_words_an_edit_the_gateway_refuses(gw: G
     assert _readyz(gw)["policy"]["last_reload_error"] == "; ".join(rejected[-1]["problems"])
 
 
+def test_a_file_written_in_two_steps_and_cut_inside_tenants_is_refused_until_it_is_whole(gw: GatewayProcess) -> None:
+    """t94: with ``tenants:`` last, an edit written in two steps (an editor on a slow mount, ``kubectl
+    cp``, a paste) and cut before a tenant's ``usd_per_day`` was a valid policy: it was installed, and
+    the tenant, over its budget, got 200 until the rest was written. Taking the budget off on purpose
+    (``usd_per_day: null``) is a reload like any other."""
+    tenant = f"cut-{uuid.uuid4().hex[:8]}"  # its own spend, whatever else this Redis has seen today
+    keyed = gw.policy_path.read_text().replace(
+        "auth: {mode: none}",
+        f'auth:\n  mode: keys\n  keys:\n    - {{id: cut, tenant: {tenant}, hash: "{hash_key("sk-cut")}"}}',
+    )
+    limited = keyed + f"tenants:\n  {tenant}:\n    limits:\n      rpm: 600\n      usd_per_day: 0.000001\n"
+    try:
+        version = _settle(gw, limited)
+        over = _chat(gw, key="sk-cut")  # a millionth of a dollar: less than a request is estimated to cost
+        assert (over.status_code, over.json()["error"]["code"]) == (429, "insufficient_quota"), over.text
+
+        edited = limited.replace("rpm: 600", "rpm: 599")
+        cut = edited.index("      usd_per_day")
+        with gw.policy_path.open("w") as handle:
+            handle.write(edited[:cut])
+            handle.flush()
+            rejected = _wait_for_ops_event(
+                gw, "policy_rejected", lambda r: f"tenants.{tenant}.limits.usd_per_day" in str(r.get("problems")), 10
+            )
+            assert rejected, gw.stderr_text()
+            during = _chat(gw, key="sk-cut")
+            assert (during.status_code, during.headers["x-gateway-policy-version"]) == (429, version)
+            handle.write(edited[cut:])
+        state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == _version_of(edited), timeout_s=10)
+        assert (state["version"], state["last_reload_error"]) == (_version_of(edited), None), gw.stderr_text()
+        assert _chat(gw, key="sk-cut").status_code == 429
+
+        _settle(gw, edited.replace("usd_per_day: 0.000001", "usd_per_day: null"))  # the budget off, on purpose
+        assert _chat(gw, key="sk-cut").status_code == 200
+    finally:
+        _settle(gw, keyed + "tenants: {}\n")  # so the fixture's reset (no tenants) is not refused
+
+
 def test_a_key_file_change_applies_while_a_policy_edit_is_rejected(gw: GatewayProcess) -> None:
     """t63: while policies.yaml held a rejected edit, a key deleted from the key file kept answering
     200 and one made by `keys new` 401, and nothing said the key file's change was held back."""

@@ -260,6 +260,20 @@ TENANTS = "tenants:\n  team-a:\n    limits: {rpm: 600, usd_per_day: 10}\n"
             "all of `limits`'s defaults), or `redis_timeout_ms: 2000.0` to keep it",
             id="limits-setting-left-out",
         ),
+        pytest.param(
+            lambda text: text.replace(", usd_per_day: 10}", "}"),
+            "`tenants.team-a.limits.usd_per_day` is missing while the policy in force sets it to `10.0`, and left out "
+            "it would be `null` (no limit): write `usd_per_day: null` under `tenants.team-a.limits` for the default "
+            "(or `limits: {}` for all of `tenants.team-a.limits`'s defaults), or `usd_per_day: 10.0` to keep it",
+            id="tenant-setting-left-out",
+        ),
+        pytest.param(
+            lambda text: text.replace(TENANTS, "tenants:\n  team-z: {}\n"),
+            "`tenants.team-a` is missing while the policy in force sets it, and keys a, b still name it: left out, "
+            "no tenant limits apply; write `team-a: {}` under `tenants` to mean that (a tenant no key names may be "
+            "left out)",
+            id="tenant-left-out-with-its-keys",
+        ),
     ],
 )
 def test_cli_check_refuses_what_a_running_gateway_refuses_by_its_policy_in_force(

@@ -8,6 +8,7 @@ import pytest
 
 from gateway.auth import hash_key
 from gateway.config.schema import LimitsPolicy
+from gateway.errors import ConfigError
 from tests.unit.conftest import POLICY, MakeHarness
 
 
@@ -174,6 +175,95 @@ async def test_limits_on_redis_error_left_out_is_refused_while_in_force_closed(m
     holder.path.write_text(POLICY.replace(section, section + "limits: {}\n"))
     assert await holder.reload("test", settle=False)  # the defaults, on purpose
     assert holder.current.policy.limits == LimitsPolicy()
+
+
+_TENANTS = "tenants:\n  team-a: {}\n  team-b: {}\n  team-c: {}\n  team-d: {}\n  team-e: {}\n"
+
+
+def _tenants_last(team_b: str, policy: str = POLICY) -> str:
+    """``policy`` with ``tenants:`` last (the part that grows) and team-b's entry as given."""
+    assert _TENANTS in policy
+    return policy.replace(_TENANTS, "") + _TENANTS.replace("  team-b: {}\n", team_b)
+
+
+async def test_a_file_cut_inside_a_tenants_entry_is_refused_where_a_limit_would_lift(
+    make_harness: MakeHarness,
+) -> None:
+    """t94: with ``tenants:`` last, a file written in two steps and cut just before team-b's
+    ``usd_per_day`` was installed, and the over-budget tenant was served until the rest came."""
+    policy = _tenants_last(
+        "  team-b:\n    limits:\n      rpm: 600\n      usd_per_day: 10\n    downgrade_auto_at: 0.8\n"
+    )
+    harness = await make_harness(policy)
+    holder = harness.holder
+    holder.path.write_text(policy[: policy.index("      usd_per_day")])
+    assert not await holder.reload("test", settle=False)
+    said = holder.last_reload_error or ""
+    assert (
+        "`tenants.team-b.limits.usd_per_day` is missing while the policy in force sets it to `10.0`, and left out "
+        "it would be `null` (no limit): write `usd_per_day: null` under `tenants.team-b.limits` for the default (or "
+        "`limits: {}` for all of `tenants.team-b.limits`'s defaults), or `usd_per_day: 10.0` to keep it"
+    ) in said
+    assert (
+        "`tenants.team-b.downgrade_auto_at` is missing while the policy in force sets it to `0.8`, and left out it "
+        "would be `null`: write `downgrade_auto_at: null` under `tenants.team-b` for the default (or `team-b: {}` "
+        "for all of `tenants.team-b`'s defaults), or `downgrade_auto_at: 0.8` to keep it"
+    ) in said
+    assert "team-c" not in said  # cut off too, but written empty in force: left out, it changes nothing
+    assert holder.current.policy.tenants["team-b"].limits.usd_per_day == 10
+    holder.path.write_text(policy[: policy.index("    downgrade_auto_at")])
+    assert not await holder.reload("test", settle=False)
+    # the limits taken off on purpose: the setting written null, the mapping written empty
+    holder.path.write_text(policy.replace("usd_per_day: 10", "usd_per_day: null"))
+    assert await holder.reload("test", settle=False)
+    assert holder.current.policy.tenants["team-b"].limits.usd_per_day is None
+    holder.path.write_text(_tenants_last("  team-b:\n    limits: {}\n    downgrade_auto_at: 0.8\n"))
+    assert await holder.reload("test", settle=False)
+    assert holder.current.policy.tenants["team-b"].limits.rpm is None
+
+
+async def test_a_tenant_left_out_is_refused_while_a_key_names_it(make_harness: MakeHarness) -> None:
+    """t94: a file cut before a tenant's entry dropped its limits for every key of the tenant. Its
+    entry written empty takes them off on purpose, and a tenant retired with its keys may go."""
+    limited = _tenants_last("  team-b: {limits: {usd_per_day: 10}}\n")
+    harness = await make_harness(limited)
+    holder = harness.holder
+    holder.path.write_text(limited.replace("  team-b: {limits: {usd_per_day: 10}}\n", ""))
+    assert not await holder.reload("test", settle=False)
+    assert holder.last_reload_error == (
+        "`tenants.team-b` is missing while the policy in force sets it, and key bob still names it: left out, no "
+        "tenant limits apply; write `team-b: {}` under `tenants` to mean that (a tenant no key names may be left out)"
+    )
+    assert holder.current.policy.tenants["team-b"].limits.usd_per_day == 10
+    holder.path.write_text(limited.replace("  team-a: {}\n", ""))  # in force without limits: nothing lifts
+    assert await holder.reload("test", settle=False)
+    holder.path.write_text(limited.replace("team-b: {limits: {usd_per_day: 10}}", "team-b: {}"))
+    assert await holder.reload("test", settle=False)
+    assert holder.current.policy.tenants["team-b"].limits.usd_per_day is None
+    holder.path.write_text(limited)
+    assert await holder.reload("test", settle=False)
+    bob = next(line for line in limited.splitlines(keepends=True) if "id: bob" in line)
+    holder.path.write_text(limited.replace(bob, "").replace("  team-b: {limits: {usd_per_day: 10}}\n", ""))
+    assert await holder.reload("test", settle=False)  # retired with its key: no one is left under its limits
+    assert "team-b" not in holder.current.policy.tenants
+
+
+def test_the_default_tenant_left_out_with_auth_off_is_refused() -> None:
+    """With ``auth: {mode: none}`` every request is tenant ``default``, though no key names it."""
+    from gateway.config.guard import refuse_weakening_by_omission
+    from gateway.config.loader import load_policy_text
+
+    auth = POLICY[POLICY.index("auth:\n") : POLICY.index("tenants:\n")]
+    open_policy = POLICY.replace(auth, "auth: {mode: none}\n")
+    current = load_policy_text(_tenants_last("  default: {limits: {rpm: 60}}\n", open_policy))
+    with pytest.raises(ConfigError) as refused:
+        refuse_weakening_by_omission(current, load_policy_text(_tenants_last("", open_policy)))
+    assert refused.value.problems == [
+        "`tenants.default` is missing while the policy in force sets it, and auth mode none puts every request under "
+        "it: left out, no tenant limits apply; write `default: {}` under `tenants` to mean that (a tenant no key names "
+        "may be left out)"
+    ]
+    refuse_weakening_by_omission(current, load_policy_text(_tenants_last("  default: {}\n", open_policy)))
 
 
 async def test_a_rejected_edit_put_back_says_so_in_the_log(
