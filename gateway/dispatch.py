@@ -24,6 +24,7 @@ from gateway.errors import (
 )
 from gateway.upstreams.base import Provider
 from gateway.upstreams.breaker import CircuitBreaker
+from gateway.upstreams.deadline import model_deadline
 
 __all__ = ["DispatchInfo", "dispatch"]
 
@@ -69,8 +70,12 @@ async def dispatch(
 
     An error that is not retryable (a 4xx other than 408/429: the request itself is
     wrong) is raised at once: another model would reject it the same way. Those that say
-    ``try_next`` (the gateway's own credentials, a prompt too long for this model's window)
-    move on to the next model.
+    ``try_next`` (the gateway's own credentials, a prompt too long for this model's window,
+    its total timeout run out) move on to the next model.
+
+    A model's ``timeouts.total`` bounds all of its attempts together (:mod:`gateway.upstreams.deadline`):
+    a retry gets what is left of it, and none is made once the backoff would outlast it; each
+    model of the route has its own.
     """
     verdicts = _Verdicts()
     # The error of the last model called. A model skipped (circuit open) was not: its "circuit
@@ -85,41 +90,44 @@ async def dispatch(
                 info.failures.append(skipped)
                 continue
             verdicts.tried(breaker)
-            for attempt in range(retry.max_attempts):
-                info.attempts += 1
-                info.fallback_used = position > 0
-                started = time.perf_counter()
-                info.asked = provider
-                try:
-                    result = await call(provider)
-                    verdicts.answered(breaker)
-                    info.provider = provider
-                    return result
-                except InvalidRequestError:
-                    info.asked = None
-                    if position == 0:
-                        raise  # the route's first model cannot take the request: the client's to change
-                    # A fallback that cannot carry what the first model took (n > 1 to Claude, a file
-                    # part): the client is told the failure that made the gateway fall back, not a
-                    # 400 its SDK would never retry (t91).
-                    break
-                except UpstreamError as exc:
-                    info.asked = None  # it answered, with an error: a client leaving now is charged nothing
-                    last_error = exc
-                    info.failures.append(exc)
-                    verdicts.failed(breaker, exc)
-                    if info.last_attempt:
-                        raise
-                    if exc.try_next:
+            with model_deadline(provider.config.timeouts.total) as deadline:  # all its attempts together
+                for attempt in range(retry.max_attempts):
+                    info.attempts += 1
+                    info.fallback_used = position > 0
+                    started = time.perf_counter()
+                    info.asked = provider
+                    try:
+                        result = await call(provider)
+                        verdicts.answered(breaker)
+                        info.provider = provider
+                        return result
+                    except InvalidRequestError:
+                        info.asked = None
+                        if position == 0:
+                            raise  # the route's first model cannot take the request: the client's to change
+                        # A fallback that cannot carry what the first model took (n > 1 to Claude, a file
+                        # part): the client is told the failure that made the gateway fall back, not a
+                        # 400 its SDK would never retry (t91).
                         break
-                    if not exc.retryable:
-                        raise
-                    delay = _backoff_s(retry, attempt, exc)
-                    if delay is None or attempt + 1 >= retry.max_attempts:
-                        break
-                    await asyncio.sleep(delay)
-                finally:
-                    info.upstream_seconds += time.perf_counter() - started
+                    except UpstreamError as exc:
+                        info.asked = None  # it answered, with an error: a client leaving now is charged nothing
+                        last_error = exc
+                        info.failures.append(exc)
+                        verdicts.failed(breaker, exc)
+                        if info.last_attempt:
+                            raise
+                        if exc.try_next:  # its total timeout among them: nothing is left of it
+                            break
+                        if not exc.retryable:
+                            raise
+                        delay = _backoff_s(retry, attempt, exc)
+                        if delay is None or attempt + 1 >= retry.max_attempts:
+                            break
+                        if asyncio.get_running_loop().time() + delay >= deadline:
+                            break  # the model's total would run out before the retry began
+                        await asyncio.sleep(delay)
+                    finally:
+                        info.upstream_seconds += time.perf_counter() - started
     finally:
         verdicts.record()
     error = last_error or skipped  # a skip alone: no model was called, its circuit is the answer

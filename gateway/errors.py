@@ -30,6 +30,7 @@ The tree (each line a subclass of the one it is indented under)::
             UpstreamConnectError
             UpstreamTimeoutError    504
                 UpstreamBusyError   504 the gateway's own connection pool is full
+                UpstreamTotalTimeoutError  504 the model's ``timeouts.total`` ran out (``try_next``)
             UpstreamProtocolError   an answer that is not the API it claims
             UpstreamUnavailableError  its circuit is open: not called
 
@@ -76,6 +77,7 @@ __all__ = [
     "UpstreamProtocolError",
     "UpstreamStatusError",
     "UpstreamTimeoutError",
+    "UpstreamTotalTimeoutError",
     "UpstreamUnavailableError",
     "UsageUnavailableError",
     "context_overflow",
@@ -502,6 +504,18 @@ class UpstreamBusyError(UpstreamTimeoutError):
     the upstream's health, so no tenant's circuit is charged for it."""
 
     code = "upstream_busy"
+
+
+class UpstreamTotalTimeoutError(UpstreamTimeoutError):
+    """The model's ``timeouts.total`` ran out. It bounds all of a request's attempts at the model
+    together, so nothing is left for a retry there; the route's next model has a total of its own
+    (t95: each attempt had its own, and a body that stalled took ``max_attempts`` times it)."""
+
+    code = "upstream_total_timeout"
+    try_next = True
+
+    def __init__(self, upstream: str, total_s: float, what: str = "no complete answer") -> None:
+        super().__init__(upstream, f"{what} within its total timeout of {total_s:g}s (retries included)")
 
 
 class UpstreamProtocolError(UpstreamError):

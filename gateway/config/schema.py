@@ -126,7 +126,8 @@ class Price(_Struct, frozen=True, kw_only=True):
 
 class Timeouts(_Struct, frozen=True, kw_only=True):
     """Seconds. ``first_byte`` bounds the wait for response headers; ``total`` bounds the whole
-    answer, streamed or not, whatever bytes arrive; ``idle`` bounds the gap between two stream
+    answer, streamed or not, whatever bytes arrive, and all of a request's attempts at the model
+    together (a retry gets what is left of it; the route's next model has its own); ``idle`` bounds the gap between two stream
     events (SSE comments and partial lines do not count as events). ``past_stop`` bounds how long
     a stream cut at a stop string the gateway applies is read on past its client's answer, for
     the usage (t65: each held a connection and its key's generation for up to ``total``)."""

@@ -157,6 +157,9 @@ class _Fault(msgspec.Struct, forbid_unknown_fields=True):
     """Messages: the answer's ``stop_reason``, whatever the plan made (``pause_turn``: a server
     tool's long turn, paused)."""
     """Chat streams: the tier on the answer's chunks and not on the usage chunk (OpenAI's repeats it)."""
+    stall_mid_body_ms: float | None = None
+    """Whole (non-streamed) answers: the headers and the first half of the body at once, then this
+    long silent before the rest, as a server stalled mid-answer (no first-byte timeout sees it)."""
 
 
 _NO_FAULT = _Fault()
@@ -367,7 +370,10 @@ async def _run_api_request(request: web.Request, handler: _Handler, kind: str) -
             return _fault_response(fault, fault.status, anthropic)
         if state.latency_s > 0:
             await asyncio.sleep(state.latency_s)
-        return await handler(request, state, body, fault)
+        answer = await handler(request, state, body, fault)
+        if fault.stall_mid_body_ms is not None and isinstance(answer, web.Response):
+            return await _stalled_mid_body(request, answer, fault.stall_mid_body_ms)
+        return answer
     except _DropConnection:
         _drop(request, flush=fault.cut_after_chunks is not None or fault.error_after_chunks is not None)
         # Ending the handler as cancelled makes aiohttp give up on the connection
@@ -378,6 +384,21 @@ async def _run_api_request(request: web.Request, handler: _Handler, kind: str) -
         raise asyncio.CancelledError from None
     finally:
         stats.in_flight -= 1
+
+
+async def _stalled_mid_body(request: web.Request, answer: web.Response, stall_ms: float) -> web.StreamResponse:
+    """``answer`` sent in two halves ``stall_ms`` apart, its length declared up front."""
+    body = answer.body
+    assert isinstance(body, bytes)
+    resp = web.StreamResponse(status=answer.status, headers=answer.headers)
+    resp.content_length = len(body)
+    await resp.prepare(request)
+    half = len(body) // 2
+    await resp.write(body[:half])
+    await _sleep_ms(stall_ms)
+    await resp.write(body[half:])
+    await resp.write_eof()
+    return resp
 
 
 def _api_key(request: web.Request) -> str | None:

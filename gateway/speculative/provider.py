@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 
 from gateway.config.schema import SpeculationPolicy
 from gateway.core import model as core
-from gateway.errors import UpstreamError, UpstreamStatusError, UpstreamTimeoutError
+from gateway.errors import UpstreamError, UpstreamStatusError, UpstreamTotalTimeoutError
 from gateway.protocols.openai_chat import chunk_body, completion_body, usage_body
 from gateway.speculative.adaptive import AdaptiveK
 from gateway.speculative.drafts import DraftSource, ModelDraft, PromptLookupDraft
@@ -40,6 +40,7 @@ from gateway.speculative.text import (
 )
 from gateway.speculative.token_api import TokenAPI
 from gateway.upstreams.base import ChatStream, Completion, Provider, UpstreamResponse, Usage
+from gateway.upstreams.deadline import total_deadline
 from gateway.upstreams.openai import chat_payload
 
 __all__ = ["PROBE_TEXT", "SpeculativeProvider"]
@@ -274,10 +275,10 @@ class SpeculativeProvider(Provider):
             # the target's answer as it is (its tier, a cut at a stop string), with the loop's figures
             return dataclasses.replace(completion, speculation=stats)
         try:
-            async with asyncio.timeout(self.config.timeouts.total):
+            async with asyncio.timeout_at(total_deadline(self.config.timeouts.total)):
                 text = [piece async for piece in run.pieces()]
         except TimeoutError:
-            failure = UpstreamTimeoutError(self.name, f"no complete answer within {self.config.timeouts.total:g}s")
+            failure = UpstreamTotalTimeoutError(self.name, self.config.timeouts.total)
             failure.speculation = run.stats.to_log()
             raise failure from None
         except UpstreamError as exc:
@@ -546,7 +547,7 @@ class _SpeculativeStream(ChatStream):
         self._run = run
         self.speculation = run.stats
         self._model = model
-        self._deadline = asyncio.get_running_loop().time() + total_s
+        self._deadline = total_deadline(total_s)
         self._total_s = total_s
         self._queue: deque[bytes] = deque()
         self._started = False
@@ -564,7 +565,7 @@ class _SpeculativeStream(ChatStream):
                 async with asyncio.timeout(max(0.0, remaining)):
                     text = await self._run.next_piece()
             except TimeoutError:
-                failure = UpstreamTimeoutError(self._run.provider.name, "stream exceeded its total timeout")
+                failure = UpstreamTotalTimeoutError(self._run.provider.name, self._total_s, "stream not finished")
                 failure.speculation = self._run.stats.to_log()
                 raise failure from None
             except UpstreamError as exc:  # before the first chunk the request log has only this (t49)

@@ -25,10 +25,12 @@ from gateway.errors import (
     UpstreamProtocolError,
     UpstreamStatusError,
     UpstreamTimeoutError,
+    UpstreamTotalTimeoutError,
     upstream_error_fields,
 )
 from gateway.protocols import openai_chat
 from gateway.protocols.upstream_json import decode_json
+from gateway.upstreams.deadline import total_deadline
 from gateway.upstreams.http11 import BodyFailed, Http11Transport
 from gateway.upstreams.sending import note_sent
 from gateway.upstreams.sse import SSEEvent, SSELineTooLong, iter_sse
@@ -477,7 +479,8 @@ class Provider(ABC):
         content = None if payload is None else msgspec.json.encode(payload)
         url = self._url(path, keep=method == "POST")
         timeouts = self.config.timeouts
-        deadline = asyncio.get_running_loop().time() + timeouts.total
+        loop = asyncio.get_running_loop()
+        deadline = total_deadline(timeouts.total)  # what is left of it, on a retry
         response: UpstreamResponse
         try:
             if self._http11 is not None:
@@ -489,7 +492,7 @@ class Provider(ABC):
                     connect_timeout_s=timeouts.connect,
                     first_byte_timeout_s=timeouts.first_byte,
                     stream=stream,
-                    total_timeout_s=timeouts.total,
+                    total_timeout_s=deadline - loop.time(),
                 )
             else:
                 note_sent()  # httpx does not say when it has written: taken as sent
@@ -505,7 +508,7 @@ class Provider(ABC):
         except UpstreamError:
             raise
         except TimeoutError:
-            raise UpstreamTimeoutError(self.name, f"no complete answer within {timeouts.total:g}s") from None
+            raise UpstreamTotalTimeoutError(self.name, timeouts.total) from None
         except httpx.HTTPError as exc:
             raise self.transport_error(exc) from None
         return response
@@ -633,8 +636,8 @@ class UpstreamEvents:
 
     The socket's read timer restarts on every byte, so an upstream that sends only
     comments (``: keep-alive``) or a line without end would otherwise hold the stream
-    open for ever: every wait here ends at the stream's ``total`` deadline, and at
-    ``idle`` seconds without a whole event.
+    open for ever: every wait here ends at the stream's ``total`` deadline (what is left of
+    its model's total, on a retry), and at ``idle`` seconds without a whole event.
     """
 
     __slots__ = ("_deadline", "_events", "_idle_s", "_provider")
@@ -642,7 +645,7 @@ class UpstreamEvents:
     def __init__(self, provider: Provider, response: UpstreamResponse) -> None:
         config = provider.config
         self._provider = provider
-        self._deadline = asyncio.get_running_loop().time() + config.timeouts.total
+        self._deadline = total_deadline(config.timeouts.total)
         self._idle_s = config.timeouts.idle
         self._events = iter_sse(response.aiter_bytes(), config.max_stream_line_bytes)
 
@@ -659,7 +662,7 @@ class UpstreamEvents:
         except TimeoutError:
             if idle_ends < self._deadline:
                 raise UpstreamTimeoutError(name, f"stream sent no event for {self._idle_s:g}s") from None
-            raise UpstreamTimeoutError(name, "stream exceeded its total timeout") from None
+            raise UpstreamTotalTimeoutError(name, self._provider.config.timeouts.total, "stream not finished") from None
         except SSELineTooLong as exc:
             raise UpstreamProtocolError(name, f"stream {exc}") from None
         except httpx.HTTPError as exc:

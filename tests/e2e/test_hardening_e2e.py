@@ -89,7 +89,8 @@ def test_defect1_a_comment_only_stream_ends_at_its_total_timeout(gw: GatewayProc
     response = httpx.post(f"{gw.base_url}/chat/completions", timeout=30, json={
         "model": "r-comments", "stream": True, "messages": [{"role": "user", "content": "hello"}]})  # fmt: skip
     assert time.monotonic() - started < 20  # would be "as long as the client waits" without the bound
-    assert response.status_code == 504 and response.json()["error"]["code"] == "upstream_timeout"
+    assert response.status_code == 504 and response.json()["error"]["code"] == "upstream_total_timeout"
+    assert gw.wait_for_record(response.headers["x-request-id"])["retries"] == 0  # t95: its total is spent
 
 
 def test_defect1_a_stream_that_stalls_mid_answer_ends_at_the_idle_timeout(gw: GatewayProcess) -> None:

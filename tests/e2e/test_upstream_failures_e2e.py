@@ -476,3 +476,75 @@ def test_an_upstream_400_that_quotes_the_gateways_key_reaches_the_client_without
                           json={"model": "best", "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
     assert answered.status_code == 400 and "Incorrect API key provided" in answered.text
     assert "sk-large-secret-123" not in answered.text
+
+
+_HASTY = """  hasty:
+    base_url: {url}
+    price: {{input: 0.5, output: 1.5}}
+    tier: small
+    simulated: true
+    timeouts: {{connect: 1, first_byte: 1.5, total: 2}}
+"""
+
+
+@pytest.fixture(scope="module")
+def hasty_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:
+    """Model ``hasty`` on the small upstream with a total of 2 s, alone, before ``large``, and with 3 attempts."""
+    routes = (
+        "  hasty-then-large: {model: hasty, fallbacks: [large]}\n"
+        "  hasty-thrice: {model: hasty, retry: {max_attempts: 3, backoff_initial_ms: 10, backoff_max_ms: 50}}\n"
+    )
+    policy = policy_text(
+        small_upstream, large_upstream, extra_models=_HASTY.format(url=small_upstream.url), routes=routes
+    )
+    process = start_gateway(Path(tmp_path_factory.mktemp("hasty")), policy,
+                            env={"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k"})  # fmt: skip
+    yield process
+    process.stop()
+
+
+def test_a_body_that_stalls_ends_at_its_models_total_not_once_per_attempt(
+    hasty_gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t95: headers and half the body, then silence. Each attempt had a total of its own, so the
+    504 came after ``max_attempts`` totals (40 s for a total of 20 s), and a client that gave up at
+    the total never saw it. The total is the model's, retries included: one attempt, then the 504."""
+    inject(small_upstream, *[{"stall_mid_body_ms": 6000}] * 2)
+    response = _chat(hasty_gateway, model="hasty")
+    assert response.status_code == 504
+    error = _error(response)
+    assert error["code"] == "upstream_total_timeout", error
+    assert "'hasty'" in str(error["message"]) and "total timeout of 2s (retries included)" in str(error["message"])
+    record = hasty_gateway.wait_for_record(response.headers["x-request-id"])
+    assert (record["error_type"], record["retries"], record["model"]) == ("upstream_total_timeout", 0, "hasty")
+    assert upstream_stats(small_upstream)["chat_requests"] == 1  # not asked again once its total ran out
+
+
+def test_a_model_whose_total_ran_out_falls_back_to_one_with_its_own(
+    hasty_gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    inject(small_upstream, *[{"stall_mid_body_ms": 6000}] * 2)
+    response = _chat(hasty_gateway, model="hasty-then-large")
+    assert response.status_code == 200 and response.headers["x-gateway-model"] == "large"
+    record = hasty_gateway.wait_for_record(response.headers["x-request-id"])
+    assert (record["retries"], record["fallback_used"]) == (1, True)  # hasty once, then large
+    assert upstream_stats(small_upstream)["chat_requests"] == 1
+    assert upstream_stats(large_upstream)["chat_requests"] == 1
+
+
+def test_a_retry_after_an_early_failure_gets_what_is_left_of_the_total(
+    hasty_gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """Each attempt answers 503 after 1.2 s, of a total of 2 s: the second is cut when the total runs
+    out (at 2 s, not 2.4 s), and no third is made, though the route allows three."""
+    inject(small_upstream, *[{"status": 503, "delay_ms": 1200}] * 3)
+    response = _chat(hasty_gateway, model="hasty-thrice")
+    assert response.status_code == 504 and _error(response)["code"] == "upstream_total_timeout", response.text
+    record = hasty_gateway.wait_for_record(response.headers["x-request-id"])
+    assert (record["error_type"], record["retries"]) == ("upstream_total_timeout", 1)
+    assert upstream_stats(small_upstream)["chat_requests"] == 2

@@ -255,3 +255,16 @@ async def test_a_fallback_that_cannot_carry_the_request_leaves_the_first_models_
     assert failed.value.upstream_status == 500 and upstream.calls_to("a") == 2
     with pytest.raises(InvalidRequestError):  # the route's first model: the request is the client's to change
         await dispatch(("b", "a"), providers, breakers, _FAST_RETRY, complete, DispatchInfo())
+
+
+async def test_a_retry_after_that_would_outlast_the_models_total_moves_to_the_fallback(upstream: FakeUpstream) -> None:
+    """t95: a model's total bounds all of its attempts together, so a wait that would spend it
+    (a Retry-After short enough to be worth waiting for otherwise) goes to the next model instead."""
+    text = _POLICY.replace("tier: small}", "tier: small, timeouts: {total: 0.3}}")
+    policy = load_policy_text(text, environ={}).policy
+    providers = {name: build_provider(name, config, {}, upstream.transport) for name, config in policy.models.items()}
+    breakers = {name: CircuitBreaker(policy.circuit_breaker) for name in providers}
+    upstream.fail("a", 429, headers={"retry-after": "0.4"})  # within max_retry_after_s (0.5)
+    info = DispatchInfo()
+    await dispatch(("a", "b"), providers, breakers, _FAST_RETRY, _complete, info)
+    assert (info.attempts, info.fallback_used, upstream.calls_to("a")) == (2, True, 1)

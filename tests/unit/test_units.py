@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from gateway.auth import Authenticator, hash_key
-from gateway.config.schema import AuthKey, AuthPolicy, CircuitBreakerPolicy, Price, RetryPolicy
+from gateway.config.schema import AuthKey, AuthPolicy, CircuitBreakerPolicy, Price, RetryPolicy, Timeouts
 from gateway.dispatch import _backoff_s
 from gateway.errors import (
     AuthenticationError,
@@ -264,7 +264,8 @@ async def _dispatch_many(failures: dict[str, Exception | None], candidates: tupl
 
     policy = CircuitBreakerPolicy(failure_rate=0.5, min_requests=5, window_s=60, reset_after_s=600)
     breakers = {name: CircuitBreaker(policy) for name in candidates}
-    providers = {name: SimpleNamespace(name=name, upstream_model=name) for name in candidates}
+    config = SimpleNamespace(timeouts=Timeouts())  # the total its attempts share
+    providers = {name: SimpleNamespace(name=name, upstream_model=name, config=config) for name in candidates}
 
     async def call(provider: Any) -> str:
         failure = failures.get(provider.name)
