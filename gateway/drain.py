@@ -1,6 +1,6 @@
 """The end of a worker's life: streams still open at the drain deadline are ended in-band.
 
-The server stops accepting on SIGTERM and waits for open requests, up to its kill
+The server stops accepting on SIGTERM (or Ctrl-C) and waits for open requests, up to its kill
 timeout; a stream whose upstream says nothing (or only ``: keep-alive``) would be cut
 there with no error event and no log line. :class:`Drain` ends such streams a little
 before that, through their own error path, so the client reads why and the request is
@@ -10,6 +10,7 @@ logged and charged like any other.
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 from collections.abc import Coroutine
 from typing import Any
@@ -61,7 +62,7 @@ class Drain:
 
     async def finish_work(self) -> None:
         """At the worker's end, before the bill and the log are closed: wait for the work
-        :meth:`spawn` started, up to the deadline (which starts now if no SIGTERM started it)."""
+        :meth:`spawn` started, up to the deadline (which starts now if no signal started it)."""
         if self._work:
             self.begin()
             await asyncio.gather(*self._work, return_exceptions=True)
@@ -84,22 +85,29 @@ class Drain:
             _log.info("drain_started", open_streams=len(self._streams), deadline_s=self.deadline_s)
 
     def install_signal_handler(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Begin on SIGTERM, keeping whatever the server installed for it.
+        """Begin on SIGTERM or SIGINT, passing the first of them on to whatever the server installed.
 
+        Ctrl-C is a stop like SIGTERM (t96: with one worker uvicorn took it alone, and streams
+        open then were cut at its kill timeout, with no error event and no log line). A later
+        one is the drain's: uvicorn takes a second SIGINT as "force quit", which skips the
+        application's shutdown, and with it the log lines and usage still to be written.
         The server's own asyncio handler keeps working: the event loop learns of the
         signal through its wakeup fd, whichever Python-level handler is set.
         """
-        previous = signal.getsignal(signal.SIGTERM)
+        stopping = False
 
-        def on_sigterm(signum: int, frame: Any) -> None:
+        def on_stop(signum: int, frame: Any, previous: Any) -> None:
+            nonlocal stopping
             loop.call_soon_threadsafe(self.begin)
-            if callable(previous):
+            first, stopping = not stopping, True
+            if first and callable(previous):
                 previous(signum, frame)
 
-        try:
-            signal.signal(signal.SIGTERM, on_sigterm)
-        except ValueError:  # not the main thread (an embedding server): no drain deadline
-            pass
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, functools.partial(on_stop, previous=signal.getsignal(sig)))
+            except ValueError:  # not the main thread (an embedding server): no drain deadline
+                return
 
     async def aclose(self) -> None:
         """At the worker's end: stop the countdown and say what the drain did."""

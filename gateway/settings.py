@@ -36,7 +36,7 @@ class Settings:
     """A spawned worker (uvicorn, several workers) takes stdout for the request log itself:
     ``serve`` could not hand it a descriptor of its own."""
     drain_s: float = DEFAULT_DRAIN_S
-    """After SIGTERM, streams still open this long are ended in-band (the server kills workers 5 s later)."""
+    """After SIGTERM or SIGINT, streams still open this long are ended in-band (the server kills workers 5 s later)."""
     policy_last_good: str | None = None
     """Where the workers keep the policy in force (set by ``serve``): a worker started while the
     file is broken starts on it (``gateway.runtime.load_at_start``)."""

@@ -190,10 +190,12 @@ def start_gateway(
     cwd: Path | None = None,
     server: str | None = None,
     serve_args: tuple[str, ...] = (),
+    own_group: bool = False,
 ) -> GatewayProcess:
     """``policy_path``: serve an existing policy file (shared with another gateway) instead of writing ``policy``.
     ``command``: what runs the gateway (default: this interpreter's ``python -m gateway``), in ``cwd``;
-    ``server``: ``serve --server`` (default: serve's own default); ``serve_args``: more of serve's options."""
+    ``server``: ``serve --server`` (default: serve's own default); ``serve_args``: more of serve's options;
+    ``own_group``: in a process group of its own, as a terminal runs it (Ctrl-C there is ``os.killpg``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     if policy_path is None:
         policy_path = workdir / "policies.yaml"
@@ -206,7 +208,7 @@ def start_gateway(
             [*(command or [sys.executable, "-m", "gateway"]), "serve", "--policies", str(policy_path), "--port",
              str(port), "--data-dir", str(workdir / "data"), "--workers", str(workers),
              *(["--server", server] if server else []), *serve_args],
-            stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=child_env, cwd=cwd,
+            stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=child_env, cwd=cwd, start_new_session=own_group,
         )  # fmt: skip
     gateway = GatewayProcess(process, port, policy_path, log_path, err_path)
     deadline = time.monotonic() + timeout_s

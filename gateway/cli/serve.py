@@ -46,7 +46,7 @@ def register(commands: Subcommands) -> None:
         "--drain-s",
         type=_seconds,
         default=DEFAULT_DRAIN_S,
-        help=f"after SIGTERM, end streams still open after this many seconds with an in-band error (default {DEFAULT_DRAIN_S:g})",
+        help=f"after SIGTERM or Ctrl-C, end streams still open after this many seconds with an in-band error (default {DEFAULT_DRAIN_S:g})",
     )
     serve.add_argument(
         "--allow-no-auth",
@@ -173,6 +173,10 @@ def run(args: argparse.Namespace) -> int:
             )
 
         _run_server(args.server, args.host, args.port, args.workers, kill_after_s=args.drain_s + 5, listening=banner)
+        # Served, logged and billed: one more Ctrl-C (or SIGTERM) would only cut short the stops below
+        # with a traceback; the embedded Redis ends with this process in any case (end_with_parent).
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, signal.SIG_IGN)
         _say(
             f"stopped: requests finished, or were ended in-band at the {args.drain_s:g}s drain deadline "
             "(the log says which); stopping what the gateway started"

@@ -145,6 +145,9 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             umask=0o077,
+            # a Ctrl-C in the terminal is the gateway's to handle (t96: it stopped Redis too, and the
+            # supervisor restarted it mid-drain); the gateway stops it last, after the log is flushed
+            start_new_session=True,
             preexec_fn=end_with_parent(),  # a gateway killed outright leaves no Redis behind
         )
         deadline = time.monotonic() + self._timeout_s

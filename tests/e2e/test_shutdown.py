@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 
 from gateway.accounting.ledger import UsageLedger
@@ -42,12 +44,14 @@ def test_sigterm_lets_a_stream_finish_then_exits_cleanly(tmp_path: Path, large_u
         assert "stopped" in gateway.stderr_text()
 
 
-def _stream_in_background(gateway: GatewayProcess, words: int) -> tuple[threading.Thread, list[str]]:
+def _stream_in_background(
+    gateway: GatewayProcess, words: int, model: str = "fast"
+) -> tuple[threading.Thread, list[str]]:
     """A streamed chat request read on a thread (started); its non-empty lines land in the list."""
     lines: list[str] = []
 
     def stream() -> None:
-        body = {"model": "fast", "stream": True, "messages": [{"role": "user", "content": " ".join(["word"] * words)}]}
+        body = {"model": model, "stream": True, "messages": [{"role": "user", "content": " ".join(["word"] * words)}]}
         with httpx.stream("POST", f"{gateway.base_url}/chat/completions", json=body, timeout=30) as response:
             lines.extend(line for line in response.iter_lines() if line)
 
@@ -107,6 +111,92 @@ def test_sigterm_under_uvicorn_also_stops_the_embedded_redis(tmp_path: Path, lar
         while Path(f"/proc/{redis_pid}").exists() and not _is_zombie(redis_pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not Path(f"/proc/{redis_pid}").exists() or _is_zombie(redis_pid)
+
+
+@pytest.mark.parametrize("again", [False, True], ids=["once", "again-and-again"])
+def test_ctrl_c_to_one_worker_drains_as_sigterm_does(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream, again: bool,
+) -> None:  # fmt: skip
+    """t96: with one worker (``make run``) uvicorn took SIGINT alone: the drain never began, so a
+    stream open then was cut at the kill timeout with no error event and no log line, and a request
+    still waiting went on past the deadline. A second Ctrl-C is uvicorn's "force quit", which skips
+    the application's shutdown (the log lines and usage not yet written); one after the server
+    stopped broke off serve's own stops with a traceback."""
+    with (
+        start_simulated_upstream("trickle", chunk_delay_ms=500) as trickling,
+        start_simulated_upstream("silent", latency_ms=8_000) as silent,
+    ):
+        patient = (
+            "price: {input: 1, output: 1}\n    tier: small\n    timeouts: {connect: 1, first_byte: 60, total: 120}"
+        )
+        models = f"  trickle:\n    base_url: {trickling.url}\n    {patient}\n  silent:\n    base_url: {silent.url}\n    {patient}\n"
+        routes = "  r-trickle: {model: trickle}\n  r-silent: {model: silent}\n"
+        policy = policy_text(small_upstream, large_upstream, extra_models=models, routes=routes)
+        env = {"REDIS_URL": redis_server.url}
+        gateway = start_gateway(tmp_path, policy, env=env, serve_args=("--drain-s", "2"), own_group=True)
+        try:
+            reader, lines = _stream_in_background(gateway, words=40, model="r-trickle")  # 20 s at its pace
+            answers: list[httpx.Response] = []
+            body = {"model": "r-silent", "messages": [{"role": "user", "content": "slow"}]}
+            asker = threading.Thread(
+                target=lambda: answers.append(httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=60))
+            )
+            asker.start()
+            time.sleep(1.5)  # the stream is under way, the other request waits on its upstream
+            assert lines
+            os.killpg(gateway.process.pid, signal.SIGINT)  # Ctrl-C in the terminal signals the group
+            while again and gateway.process.poll() is None:
+                time.sleep(0.05)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(gateway.process.pid, signal.SIGINT)
+            reader.join(30)
+            asker.join(30)
+            assert gateway.process.wait(30) == 0
+        finally:
+            gateway.stop()
+    errors = [msgspec.json.decode(line[6:]) for line in lines if line.startswith("data: {") and '"error"' in line]
+    assert errors and errors[-1]["error"]["code"] == "shutting_down", lines[-3:]
+    [answer] = answers
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "shutting_down"
+    records = sorted(gateway.log_records(), key=lambda record: bool(record["stream"]))
+    assert [(r["stream"], r["status"], r["error_type"]) for r in records] == [
+        (False, 503, "shutting_down"),
+        (True, 503, "shutting_down"),
+    ]
+    assert records[1]["completion_tokens"] > 0  # what the stream had written is billed
+    assert gateway.ops_records("drain_started")
+    assert "Traceback" not in gateway.stderr_text()
+
+
+def test_ctrl_c_in_the_terminal_leaves_the_embedded_redis_to_the_gateway(
+    tmp_path: Path, large_upstream: SimulatedUpstream
+) -> None:
+    """t96: the embedded Redis was in the gateway's process group, so a Ctrl-C stopped it too, and
+    the gateway restarted it in the middle of its drain. It is the gateway's to stop, last."""
+    with start_simulated_upstream("small", chunk_delay_ms=150) as slow_small:
+        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        gateway = start_gateway(tmp_path, policy_text(slow_small, large_upstream), env=env, own_group=True)
+        try:
+            redis_pid = _embedded_redis_pid(tmp_path)
+            assert redis_pid is not None
+            reader, lines = _stream_in_background(gateway, words=12)
+            time.sleep(0.5)  # the stream is under way: the gateway drains for a while yet
+            os.killpg(gateway.process.pid, signal.SIGINT)
+            reader.join(30)
+            assert gateway.process.wait(30) == 0
+        finally:
+            gateway.stop()
+    assert lines[-1] == "data: [DONE]"
+    [record] = gateway.log_records()
+    assert record["status"] == 200
+    assert "embedded Redis exited" not in gateway.stderr_text()
+    assert "Received SIGINT" not in (tmp_path / "data" / "redis" / "redis.log").read_text()
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{redis_pid}").exists() and not _is_zombie(redis_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{redis_pid}").exists() or _is_zombie(redis_pid)
+    assert _embedded_redis_pid(tmp_path) is None  # nor a restarted one
 
 
 def test_with_several_workers_a_new_connection_during_the_drain_is_refused_at_once(
