@@ -353,6 +353,20 @@ def _bound(family: socket.AddressFamily, host: str, port: int, *, reuse_port: bo
     return sock
 
 
+def _rebound(sock: socket.socket) -> socket.socket:
+    """A new socket bound where ``sock`` is, with SO_REUSEPORT, not listening."""
+    fresh = socket.socket(sock.family, socket.SOCK_STREAM)
+    try:
+        fresh.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        fresh.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        fresh.bind(sock.getsockname())
+    except OSError:
+        fresh.close()
+        raise
+    fresh.set_inheritable(True)
+    return fresh
+
+
 def _uvicorn_supervisor() -> type:
     from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
@@ -360,10 +374,11 @@ def _uvicorn_supervisor() -> type:
 
     class GatewaySupervisor(Multiprocess):
         """uvicorn's supervisor, with three changes. Worker *i* serves socket *i* only (see
-        :func:`_listening_sockets`), also when it is replaced after dying. SIGHUP to the
-        main process reloads the policy in every worker, in place (as under granian,
-        below), rather than uvicorn's rolling restart of the workers. SIGTERM and SIGINT
-        close this process's copies of the listening sockets first."""
+        :func:`_listening_sockets`); when it dies, its replacement gets a fresh socket *i*
+        (:meth:`_socket_for_replacement`). SIGHUP to the main process reloads the policy in
+        every worker, in place (as under granian, below), rather than uvicorn's rolling
+        restart of the workers. SIGTERM and SIGINT close this process's copies of the
+        listening sockets first."""
 
         startup_failed = False
 
@@ -375,7 +390,7 @@ def _uvicorn_supervisor() -> type:
                 self.processes.append(process)
 
         def keep_subprocess_alive(self) -> None:
-            """uvicorn's, except that a worker's replacement serves that worker's socket."""
+            """uvicorn's, except that a worker's replacement serves a fresh socket in that worker's place."""
             for index, process in enumerate(self.processes):
                 if self.should_exit.is_set():
                     return
@@ -386,13 +401,40 @@ def _uvicorn_supervisor() -> type:
                 if process.exitcode == STARTUP_FAILURE:  # it would fail the same way again
                     _say(f"worker {process.pid} failed to start; stopping")
                     self.startup_failed = True
+                    self._stop_listening()  # nobody will accept what would be queued meanwhile
                     self.should_exit.set()
                     return
                 _say(f"worker {process.pid} died; starting another")
-                replacement = Process(self.config, [self.sockets[index % len(self.sockets)]])
+                replacement = Process(self.config, [self._socket_for_replacement(index)])
                 with _sighup_held():
                     replacement.start()
                 self.processes[index] = replacement
+
+        def _socket_for_replacement(self, index: int) -> socket.socket:
+            """A fresh socket in place of dead worker *index*'s, which is closed here at once.
+
+            While this process held the dead worker's socket open, the kernel kept hashing a
+            share of new connections to it, and they waited in its queue until the replacement
+            had loaded its models and listened (seconds; probes with a short timeout failed
+            while another worker was idle). Closed, new connections go to the live workers,
+            and those already queued on it are reset (the client can retry; they went
+            unanswered anyway). The fresh socket is bound the same way (SO_REUSEPORT, the
+            same port, the one the OS chose for --port 0 too) before the old one is closed,
+            so the port stays ours, but not listening: the kernel sends it connections only
+            once the replacement, started, listens on it. One socket shared by all workers
+            (no SO_REUSEPORT), or a worker beyond those that own one, keeps the socket as is.
+            """
+            old = self.sockets[index % len(self.sockets)]
+            if len(self.sockets) == 1 or index >= len(self.sockets):
+                return old
+            try:
+                fresh = _rebound(old)
+            except OSError as exc:  # as before: the replacement serves the old one
+                _say(f"no fresh socket for the replacement ({exc}); new connections may wait for it")
+                return old
+            old.close()
+            self.sockets[index] = fresh
+            return fresh
 
         def handle_term(self) -> None:
             self._stop_listening()
