@@ -34,6 +34,13 @@ class _StoreLost:
 _STORE_LOST = _StoreLost()
 
 _RELEASE_RETRY_S = 0.5
+_LEASE_MS = 5000
+"""How long a lease lasts in the store unless its holder renews it: how long identical requests
+wait on a leader whose process died. (Set to the whole wait, ~31 s, and never renewed, the lease of
+a killed worker's request held every identical request, on every worker, for 20-33 s: t97.)"""
+_RENEW_S = 1.5
+"""How often a leader still at work renews its lease: three renewals may fail in a row (Redis slow,
+the event loop busy) before it lapses. A request answered sooner sends none."""
 
 Outcome = CachedAnswer | UpstreamError | _LeaderLeft | None
 """What a request waiting on an identical one is handed: its answer, its upstream error,
@@ -49,7 +56,12 @@ class Lease:
     future: asyncio.Future[Outcome]
     held_in_store: bool
     expires_at: float = 0.0
-    """When the store drops the lease by itself (the event loop's clock)."""
+    """When the store drops the lease by itself unless it is renewed (the event loop's clock)."""
+    renew_until: float = 0.0
+    """Renewals stop here, 1 s past the wait of the requests that came with it: as before leases
+    were renewed, one that came later leads a flight of its own after that."""
+    renewal: asyncio.TimerHandle | None = None
+    """The next renewal, while the lease is held."""
     waited: bool = False
     """It was taken after waiting on an identical request that gave no answer: that wait was
     on an upstream call, not the gateway's work (t70)."""
@@ -72,6 +84,8 @@ class ExactCache:
         """Store ``answer``; with the request's ``lease``, drop it in the same round trip and
         hand the answer to the requests waiting on it."""
         release = lease.token if lease is not None and lease.held_in_store else None
+        if lease is not None:
+            _stop_renewing(lease)
         try:
             await self._store.put(key, answer.encode(), ttl_s, timeout_s, release)
         except StoreUnavailable:  # an answer not stored is a later miss, nothing worse
@@ -110,15 +124,19 @@ class ExactCache:
         future: asyncio.Future[Outcome] = loop.create_future()
         self._flights[key] = future
         token = secrets.token_hex(8)
-        lock_ms = int(wait_s * 1000) + 1000
-        lease = Lease(key, token, future, held_in_store=True, expires_at=loop.time() + lock_ms / 1000, waited=waited)
+        lock_ms = int(wait_s * 1000) + 1000  # how long it is renewed at most
+        lease_ms = min(lock_ms, _LEASE_MS)
+        lease = Lease(key, token, future, held_in_store=True, expires_at=loop.time() + lease_ms / 1000, waited=waited)
         try:
             while True:
+                asked = loop.time()
                 try:
-                    acquired = await self._store.acquire(key, token, lock_ms, timeout_s)
+                    acquired = await self._store.acquire(key, token, lease_ms, timeout_s)
                 except StoreUnavailable:  # no lease to be had: this process answers alone
                     return None, Lease(key, token, future, held_in_store=False, waited=lease.waited)
                 if acquired:
+                    lease.expires_at, lease.renew_until = asked + lease_ms / 1000, asked + lock_ms / 1000
+                    self._keep(lease, timeout_s)
                     return None, lease
                 # Another process is answering: wait for its answer to appear in the cache.
                 answer = await self._await_other_process(key, max(0.0, deadline - loop.time()), timeout_s)
@@ -145,6 +163,7 @@ class ExactCache:
         """Drop the lease and hand the answer, the upstream's error, :data:`LEADER_LEFT` or None
         (not cacheable, or the request ended without either) to the waiters: the lease first,
         so that a waiter taking the lead finds it free."""
+        _stop_renewing(lease)
         if lease.held_in_store:
             try:
                 await self._store.release(lease.key, lease.token, timeout_s)
@@ -154,12 +173,42 @@ class ExactCache:
 
     async def _hand_over(self, lease: Lease, timeout_s: float) -> None:
         """Drop the lease of a request that left while taking the lead, then tell its waiters."""
+        _stop_renewing(lease)
         try:
             await self._store.release(lease.key, lease.token, timeout_s)
         except StoreUnavailable:
             self._release_later(lease, timeout_s)
         finally:
             self._settle(lease.key, lease.future, LEADER_LEFT)
+
+    def _keep(self, lease: Lease, timeout_s: float) -> None:
+        """Renew the lease in :data:`_RENEW_S`, up to its ``renew_until``: a live leader keeps it
+        as long as its waiters wait, however slow its upstream, and a dead one's lapses within
+        :data:`_LEASE_MS` (its waiters see it gone and one of them leads)."""
+        if lease.renew_until > lease.expires_at:
+            lease.renewal = asyncio.get_running_loop().call_later(_RENEW_S, self._start_renewal, lease, timeout_s)
+
+    def _start_renewal(self, lease: Lease, timeout_s: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._renew(lease, timeout_s))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _renew(self, lease: Lease, timeout_s: float) -> None:
+        """One renewal, and the next one unless the lease was lost or its request ended meanwhile
+        (a renewal that lands after the lease was dropped finds another token or none: a no-op)."""
+        asked = asyncio.get_running_loop().time()
+        ttl_ms = int(min(_LEASE_MS / 1000, lease.renew_until - asked) * 1000)
+        if ttl_ms <= 0:
+            return
+        try:
+            held = await self._store.renew(lease.key, lease.token, ttl_ms, timeout_s)
+        except StoreUnavailable:
+            held = True  # it may be held still: the next renewal may reach the store
+        else:
+            if held:
+                lease.expires_at = asked + ttl_ms / 1000
+        if held and lease.renewal is not None:
+            self._keep(lease, timeout_s)
 
     def _release_later(self, lease: Lease, timeout_s: float) -> None:
         """Drop a lease the store could not be told about, once it answers again: left to expire,
@@ -210,3 +259,10 @@ class ExactCache:
             if not leased:
                 return _FREED  # the leader finished without an answer (gone, an error, or not cacheable)
         return None
+
+
+def _stop_renewing(lease: Lease) -> None:
+    """Every way a lease's request ends: the store drops it, or it lapses within :data:`_LEASE_MS`."""
+    if lease.renewal is not None:
+        lease.renewal.cancel()
+        lease.renewal = None

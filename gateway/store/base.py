@@ -120,6 +120,10 @@ class KeyValue(Protocol):
         """Drop the lease on ``key`` if ``token`` still holds it."""
         ...
 
+    async def renew(self, key: str, token: str, ttl_ms: int, timeout_s: float) -> bool:
+        """Make the lease on ``key`` last ``ttl_ms`` from now if ``token`` still holds it; whether it does."""
+        ...
+
     async def peek(self, key: str, timeout_s: float) -> tuple[bytes | None, bool]:
         """The value under ``key`` and whether its lease is held, in one round trip."""
         ...

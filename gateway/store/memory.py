@@ -140,6 +140,14 @@ class MemoryKeyValue(_Outage):
         if self._live(lease) == token.encode():
             del self._values[lease]
 
+    async def renew(self, key: str, token: str, ttl_ms: int, timeout_s: float) -> bool:
+        self._check()
+        lease = keyspace.lease(key)
+        if self._live(lease) != token.encode():
+            return False
+        self._values[lease] = (token.encode(), self._clock() + ttl_ms / 1000)
+        return True
+
     async def peek(self, key: str, timeout_s: float) -> tuple[bytes | None, bool]:
         self._check()
         return self._live(key), self._live(keyspace.lease(key)) is not None

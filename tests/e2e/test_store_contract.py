@@ -81,6 +81,18 @@ async def test_a_leaders_answer_is_stored_and_its_lease_dropped_in_one_call(stor
     assert await store.kv.acquire(key, "next", 5_000, T)
 
 
+async def test_only_a_leases_holder_renews_it(store: Store) -> None:
+    key = keyspace.exact(_tenant(), "renewed")
+    assert await store.kv.acquire(key, "leader", 200, T)
+    assert await store.kv.renew(key, "leader", 5_000, T)
+    assert not await store.kv.renew(key, "someone-else", 5_000, T)
+    await asyncio.sleep(0.3)
+    assert (await store.kv.peek(key, T))[1] is True  # renewed past its first 200 ms
+    await store.kv.release(key, "leader", T)
+    assert not await store.kv.renew(key, "leader", 5_000, T)  # dropped: a late renewal brings nothing back
+    assert (await store.kv.peek(key, T))[1] is False
+
+
 async def test_the_nearest_vectors_come_first_with_cosine_similarity(store: Store) -> None:
     index = keyspace.semantic_index(_tenant(), "ns")
     assert await store.vectors.nearest(index, np.ones(4, dtype=np.float32), 4, T) == []

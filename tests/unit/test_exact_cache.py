@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import pytest
 
+from gateway.cache import exact
 from gateway.cache.entries import CachedAnswer
 from gateway.cache.exact import LEADER_LEFT, ExactCache, Lease
 from gateway.cache.keys import exact_key
@@ -258,3 +260,37 @@ async def test_when_the_store_fails_while_waiting_on_another_process_one_waiter_
     await here.release(leads[0], _answer("one call"), T)
     answers = [(await task)[0] for task in waiters if task not in done]
     assert len(answers) == 7 and all(isinstance(a, CachedAnswer) and a.answer.text == "one call" for a in answers)
+
+
+class _Renewals(MemoryKeyValue):
+    """Counts the renewals of each key's lease."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewals: dict[str, int] = {}
+
+    async def renew(self, key: str, token: str, ttl_ms: int, timeout_s: float) -> bool:
+        self.renewals[key] = self.renewals.get(key, 0) + 1
+        return await super().renew(key, token, ttl_ms, timeout_s)
+
+
+async def test_a_leader_renews_its_lease_only_while_its_request_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead leader's lease lapses for want of renewals; a live one's must not, and a request
+    answered before the first renewal is due costs the store nothing more than before."""
+    monkeypatch.setattr(exact, "_RENEW_S", 0.05)
+    store = _Renewals()
+    cache = ExactCache(store)
+    _, quick = await cache.join_or_lead("quick", 30.0, T)
+    assert quick is not None
+    await cache.put("quick", _answer("at once"), 60, T, quick)
+    _, slow = await cache.join_or_lead("slow", 30.0, T)
+    _, failed = await cache.join_or_lead("failed", 30.0, T)
+    assert slow is not None and failed is not None
+    await asyncio.sleep(0.3)
+    await cache.put("slow", _answer("slowly"), 60, T, slow)
+    await cache.release(failed, None, T)
+    renewed = dict(store.renewals)
+    await asyncio.sleep(0.2)
+    assert store.renewals == renewed and "quick" not in renewed  # none before it was due, none after
+    assert renewed["slow"] >= 2 and renewed["failed"] >= 2
+    assert (quick.renewal, slow.renewal, failed.renewal) == (None, None, None)

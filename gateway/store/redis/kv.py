@@ -1,5 +1,5 @@
-""":class:`~gateway.store.base.KeyValue` on Redis: ``GET``/``SET EX`` (``NX`` for :meth:`put_new`), leases as ``SET NX PX``,
-bounded lists as ``RPUSH``/``LTRIM``, float totals as ``INCRBYFLOAT``, collections bounded in bytes
+""":class:`~gateway.store.base.KeyValue` on Redis: ``GET``/``SET EX`` (``NX`` for :meth:`put_new`), leases as ``SET NX PX``
+(renewed by a script), bounded lists as ``RPUSH``/``LTRIM``, float totals as ``INCRBYFLOAT``, collections bounded in bytes
 as Lua scripts."""
 
 from __future__ import annotations
@@ -14,6 +14,11 @@ __all__ = ["RedisKeyValue"]
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
 
@@ -109,6 +114,7 @@ class RedisKeyValue:
         self._redis = redis
         client = redis.client
         self._release = client.register_script(_RELEASE) if client is not None else None
+        self._renew = client.register_script(_RENEW) if client is not None else None
         self._put_and_release = client.register_script(_PUT_AND_RELEASE) if client is not None else None
         self._put_bounded = client.register_script(_PUT_BOUNDED) if client is not None else None
         self._get_bounded = client.register_script(_GET_BOUNDED) if client is not None else None
@@ -188,6 +194,13 @@ class RedisKeyValue:
         if release is not None:
             lease = keyspace.lease(key)
             await self._redis.call(lambda r: release(keys=[lease], args=[token]), timeout_s)
+
+    async def renew(self, key: str, token: str, ttl_ms: int, timeout_s: float) -> bool:
+        renew = self._renew
+        if renew is None:
+            raise StoreUnavailable
+        lease = keyspace.lease(key)
+        return bool(await self._redis.call(lambda r: renew(keys=[lease], args=[token, ttl_ms]), timeout_s))
 
     async def peek(self, key: str, timeout_s: float) -> tuple[bytes | None, bool]:
         return await self._redis.call(lambda r: _value_and_lease(r, key), timeout_s)
