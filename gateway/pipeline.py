@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 
@@ -437,8 +437,10 @@ class ChatPipeline:
             ended = self._drain.ended_by_deadline(task)
             sent = x.sending is not None and x.sending.sent  # one still queued for a connection costs nothing (t48)
             if x.info.asked is not None and sent and not x.settled:  # the upstream was at work: its prompt is billed,
-                with anyio.CancelScope(shield=True):  # as a cut stream's is (t43: $0 at the drain deadline)
-                    await self._count_prompt(x)
+                try:  # as a cut stream's is (t43: $0 at the drain deadline)
+                    await _to_the_end(self._count_prompt(x))
+                except asyncio.CancelledError:  # cancelled again (its client left after the drain's deadline)
+                    ended = False  # no one is left to answer
                 self._settle(x, x.info.asked, None, "")
             if record.model is None:
                 self._name_the_last_failure(x)  # left between attempts: one model was tried (t72)
@@ -456,10 +458,22 @@ class ChatPipeline:
             if not streaming_started:
                 if task is not None:
                     self._whole_answers.pop(task, None)
-                await self._release_lease(x)  # an answer stored: the requests coalesced on it are given it
-                if x.client_left:
-                    record.status, record.error_type = 499, "client_disconnected"
-                self._finish(x, x.info.upstream_seconds)
+                await self._let_go(x)
+
+    async def _let_go(self, x: _Exchange) -> None:
+        """The end of a request answered whole, or not at all: its lease released (an answer stored:
+        the requests coalesced on it are given it), then its place among the requests in flight
+        given back and its line logged, however the release ends (t95: a client that left while it
+        was released held a place of its tenant's ``max_concurrent`` for good, and was never logged)."""
+        try:
+            await self._release_lease(x)
+        except asyncio.CancelledError:  # its client left meanwhile: the answer goes to no one
+            x.record.status, x.record.error_type = 499, "client_disconnected"
+            raise
+        finally:
+            if x.client_left:
+                x.record.status, x.record.error_type = 499, "client_disconnected"
+            self._finish(x, x.info.upstream_seconds)
 
     # -- steps -------------------------------------------------------------------
 
@@ -855,11 +869,20 @@ class ChatPipeline:
         return entry
 
     async def _release_lease(self, x: _Exchange) -> None:
+        """Drop the request's lease and tell the requests coalesced on it; to the end, even when
+        the task is cancelled meanwhile (the cancellation is raised after: :func:`_to_the_end`)."""
         if x.lease is not None:
             lease, x.lease = x.lease, None
             outcome = LEADER_LEFT if x.failure is None and x.record.status == 499 else x.failure
+            await _to_the_end(self._exact.release(lease, outcome, x.runtime.policy.cache.redis_timeout_ms / 1000))
+
+    async def _close_upstream(self, x: _Exchange, stream: ChatStream) -> None:
+        """Let a stream's upstream go and release its lease: the lease even if the closing is cut short."""
+        try:
             with anyio.CancelScope(shield=True):
-                await self._exact.release(lease, outcome, x.runtime.policy.cache.redis_timeout_ms / 1000)
+                await stream.aclose()
+        finally:
+            await self._release_lease(x)
 
     async def _start_stream(self, x: _Exchange) -> StreamingAnswer | StreamingDeltas:
         assert x.plan is not None
@@ -1051,18 +1074,20 @@ class ChatPipeline:
             raise
         finally:
             drain.untrack(task)
-            with anyio.CancelScope(shield=True):
-                await pace.aclose()
-            if rest is None and stream.cut_short and not logged:  # the client left after the cut
-                record.finish_reason = stream.tally.finish_reason
-                rest = self._read_rest(x, provider, stream, rest_done)
-            if rest is not None:
-                client_ended()
-            else:
-                with anyio.CancelScope(shield=True):  # the client may be gone: still close upstream and log
-                    await stream.aclose()
-                    await self._release_lease(x)
-                finish()
+            try:
+                with anyio.CancelScope(shield=True):
+                    await pace.aclose()
+            finally:  # a Task.cancel() cuts a shielded await short: what follows is done all the same (t95)
+                if rest is None and stream.cut_short and not logged:  # the client left after the cut
+                    record.finish_reason = stream.tally.finish_reason
+                    rest = self._read_rest(x, provider, stream, rest_done)
+                if rest is not None:
+                    client_ended()
+                else:
+                    try:  # the client may be gone: still close upstream and log
+                        await self._close_upstream(x, stream)
+                    finally:
+                        finish()
 
     def _read_rest(self, x: _Exchange, provider: Provider, stream: ChatStream, done: Callable[[], None]) -> _ReadOn:
         """Hand a stream cut short at a stop string the gateway applies to a task the gateway owns,
@@ -1119,8 +1144,13 @@ class ChatPipeline:
     ) -> None:
         tally = stream.tally
         try:
-            with anyio.CancelScope(shield=True):  # (t65) the answer is whole: its followers are not kept waiting
-                await self._store_cut(x, provider, tally)
+            try:  # (t65) the answer is whole: its followers are not kept waiting
+                await _to_the_end(self._store_cut(x, provider, tally))
+            except asyncio.CancelledError:  # the drain deadline: settled on the cut text, as in _read_on
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                rest.why = rest.why or "drain_deadline"
             if rest.why is None:
                 rest.why = await self._read_on(x, provider, stream, rest)
             cut = rest.why is not None
@@ -1136,11 +1166,11 @@ class ChatPipeline:
         finally:
             self._drop_read(provider, rest)
             rest.settled.set()
-            with anyio.CancelScope(shield=True):
-                await stream.aclose()
-                await self._release_lease(x)
-            rest.done = True
-            done()
+            try:
+                await self._close_upstream(x, stream)
+            finally:  # logged once the client's stream has ended too, however the closing ends (t95)
+                rest.done = True
+                done()
 
     async def _read_on(self, x: _Exchange, provider: Provider, stream: ChatStream, rest: _ReadOn) -> str | None:
         """Read the upstream past the cut for its usage, for at most the model's ``timeouts.past_stop``
@@ -1350,6 +1380,29 @@ class ChatPipeline:
         except Exception as exc:  # a bug of ours: the request is billed and logged all the same
             _log.error("accounting_failed", request_id=record.request_id, error=type(exc).__name__,
                        where=exception_frames(exc))  # fmt: skip
+
+
+async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
+    """Run a request's cleanup (its lease released, its prompt counted for the bill) to its end,
+    whatever cancels the task meanwhile; a cancellation that came is raised once it is done.
+
+    ``anyio.CancelScope(shield=True)`` keeps out an anyio scope's cancellation only: the client
+    leaving (:class:`~gateway.api.handoff.DisconnectWatch`) and the drain deadline call the task's
+    ``cancel()``, which cut such an await short, and what came after it was never done (t95: a
+    lease's release cut short left the request's place among its tenant's requests in flight held
+    for good, and the request unlogged). On a task of its own, the work is not cut; the shield
+    spares this wait an anyio scope's cancellation, delivered again at every turn of the loop."""
+    done = asyncio.ensure_future(work)
+    cancelled = False
+    with anyio.CancelScope(shield=True):
+        while not done.done():
+            try:
+                await asyncio.wait((done,))
+            except asyncio.CancelledError:
+                cancelled = True
+    if cancelled and (done.cancelled() or done.exception() is None):
+        raise asyncio.CancelledError
+    done.result()
 
 
 def _complete(answer: core.Answer) -> bool:

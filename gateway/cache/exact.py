@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.cache.entries import CachedAnswer
 from gateway.errors import UpstreamError
@@ -154,22 +156,26 @@ class ExactCache:
             # the lead in turn (left as it was, each later one waited its whole wait_s: t33), once
             # a lease the store may have granted it is dropped (told first, the one taking over
             # found the lease held and sent every waiter upstream on its own: t34).
-            task = loop.create_task(self._hand_over(lease, timeout_s))
-            self._releasing.add(task)
-            task.add_done_callback(self._releasing.discard)
+            self._in_background(self._hand_over(lease, timeout_s))
             raise
 
     async def release(self, lease: Lease, answer: Outcome, timeout_s: float) -> None:
         """Drop the lease and hand the answer, the upstream's error, :data:`LEADER_LEFT` or None
         (not cacheable, or the request ended without either) to the waiters: the lease first,
-        so that a waiter taking the lead finds it free."""
+        so that a waiter taking the lead finds it free; the waiters are told even when the release is
+        cut short (else each later identical request would wait its whole ``wait_s`` on them)."""
         _stop_renewing(lease)
-        if lease.held_in_store:
-            try:
-                await self._store.release(lease.key, lease.token, timeout_s)
-            except StoreUnavailable:
-                self._release_later(lease, timeout_s)
-        self._settle(lease.key, lease.future, answer)
+        try:
+            if lease.held_in_store:
+                try:
+                    await self._store.release(lease.key, lease.token, timeout_s)
+                except StoreUnavailable:
+                    self._release_later(lease, timeout_s)
+                except asyncio.CancelledError:  # the store may not have heard: told again, on a task of its own
+                    self._in_background(self._hand_over(lease, timeout_s))
+                    raise
+        finally:
+            self._settle(lease.key, lease.future, answer)
 
     async def _hand_over(self, lease: Lease, timeout_s: float) -> None:
         """Drop the lease of a request that left while taking the lead, then tell its waiters."""
@@ -213,7 +219,11 @@ class ExactCache:
     def _release_later(self, lease: Lease, timeout_s: float) -> None:
         """Drop a lease the store could not be told about, once it answers again: left to expire,
         every identical request in every process would wait its whole time (~30 s) after an outage."""
-        task = asyncio.get_running_loop().create_task(self._retry_release(lease, timeout_s))
+        self._in_background(self._retry_release(lease, timeout_s))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` past the request that started it (kept referenced until it ends)."""
+        task = asyncio.get_running_loop().create_task(work)
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 

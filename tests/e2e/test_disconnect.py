@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 import pytest
 
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
+from gateway.store.redis import kv as redis_kv
 from tests.conftest import inject, upstream_stats
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
@@ -198,3 +205,120 @@ def test_an_embeddings_client_leaving_is_logged_as_499(
                     headers={"x-request-id": request_id})  # fmt: skip
     record = _record_with_id(gateway, request_id)
     assert record is not None and (record["status"], record["error_type"]) == (499, "client_disconnected")
+
+
+class _HeldRedis:
+    """A TCP proxy in front of Redis that holds the first command carrying ``marker`` (and what
+    follows it on its connection) until :meth:`let_go`: a round trip as slow as the test needs."""
+
+    def __init__(self, redis: EmbeddedRedis, marker: bytes) -> None:
+        self._redis = redis
+        self._marker = marker
+        self.holding = threading.Event()
+        self._go = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        secret = quote(redis.password, safe="")
+        self.url = f"redis://:{secret}@127.0.0.1:{self._server.getsockname()[1]}/0"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def let_go(self) -> None:
+        self._go.set()
+
+    def close(self) -> None:
+        self._go.set()
+        self._server.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            if self._redis.port is not None:
+                redis = socket.create_connection(("127.0.0.1", self._redis.port))
+            else:
+                redis = socket.socket(socket.AF_UNIX)
+                redis.connect(str(self._redis.socket_path))
+            threading.Thread(target=self._pipe, args=(client, redis, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(redis, client, False), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, outgoing: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if outgoing and self._marker in data and not self.holding.is_set():
+                    self.holding.set()
+                    self._go.wait(30)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                end.close()
+
+
+@contextmanager
+def _stalling_upstream() -> Iterator[str]:
+    """An upstream that answers 200, its headers and half its JSON body, then says nothing more
+    (the base URL)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    answered: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            answered.append(connection)
+            head = b""
+            while b"\r\n\r\n" not in head and (data := connection.recv(65536)):
+                head += data
+            connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 400\r\n\r\n"
+                               b'{"id": "chatcmpl-stalled", "object": "chat.comp')  # fmt: skip
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/v1"
+    finally:
+        server.close()
+        for connection in answered:
+            connection.close()
+
+
+def test_a_client_leaving_while_a_failed_requests_lease_is_released_gives_its_place_back(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t95: the upstream sent half a body and went silent; the gateway gave up and released the
+    request's coalescing lease in Redis, and the client hung up during that round trip. The
+    cancellation cut the release short (through its anyio shield), and what came after it never
+    ran: no log line, and the tenant's place in flight held for good (429s under ``max_concurrent: 1``
+    until a restart). Here the round trip is held open while the client leaves."""
+    release_sha = hashlib.sha1(redis_kv._RELEASE.encode()).hexdigest().encode()
+    held = _HeldRedis(redis_server, release_sha)
+    with _stalling_upstream() as stalled_url:
+        models = (f"  stalled:\n    base_url: {stalled_url}\n    price: {{input: 1, output: 1}}\n    tier: small\n"
+                  "    timeouts: {connect: 1, first_byte: 1, total: 1}\n")  # fmt: skip
+        policy = policy_text(
+            small_upstream, large_upstream, extra_models=models,
+            routes="  stalling: {model: stalled, retry: {max_attempts: 1}}\n",
+            cache="{enabled: true, redis_timeout_ms: 5000, coalesce: {enabled: true, wait_s: 5}}",
+        ) + "tenants:\n  default: {limits: {max_concurrent: 1}}\n"  # fmt: skip
+        gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": held.url})
+        try:
+            request_id = f"leaves-at-release-{uuid.uuid4().hex}"
+            body = json.dumps(_body("stall, please", model="stalling")).encode()
+            head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                    f"content-length: {len(body)}\r\nx-request-id: {request_id}\r\n\r\n")  # fmt: skip
+            with socket.create_connection(("127.0.0.1", gateway.port)) as client:  # a raw client, to hang up at will
+                client.sendall(head.encode() + body)
+                assert held.holding.wait(10), "the gateway never released the failed request's lease"
+            time.sleep(0.5)  # the gateway sees the client gone while the release is still on its way
+            held.let_go()
+            record = gateway.wait_for_record(request_id)
+            assert (record["status"], record["error_type"]) == (499, "client_disconnected")
+            assert record["route"] == "stalling" and record["model"] == "stalled"
+            answer = httpx.post(f"{gateway.base_url}/chat/completions", json=_body("my turn"), timeout=10)
+            assert answer.status_code == 200, answer.text  # the tenant's one place came back
+        finally:
+            gateway.stop()
+            held.close()

@@ -294,3 +294,27 @@ async def test_a_leader_renews_its_lease_only_while_its_request_works(monkeypatc
     assert store.renewals == renewed and "quick" not in renewed  # none before it was due, none after
     assert renewed["slow"] >= 2 and renewed["failed"] >= 2
     assert (quick.renewal, slow.renewal, failed.renewal) == (None, None, None)
+
+
+class _SlowReleases(MemoryKeyValue):
+    async def release(self, key: str, token: str, timeout_s: float) -> None:
+        await asyncio.sleep(0.2)
+        await super().release(key, token, timeout_s)
+
+
+async def test_the_waiters_are_told_even_when_the_leaders_release_is_cut_short() -> None:
+    """A release cancelled in its round trip (t95) left the flight behind: every later identical
+    request waited its whole wait_s on it."""
+    cache = ExactCache(_SlowReleases())
+    lease, waiters = await _leader_and_waiters(cache, 2)
+    releasing = asyncio.create_task(cache.release(lease, LEADER_LEFT, T))
+    await asyncio.sleep(0.05)
+    releasing.cancel()
+    done, _ = await asyncio.wait(waiters, timeout=1, return_when=asyncio.FIRST_COMPLETED)  # not the whole 2 s
+    (leading,) = done
+    answer, taken = leading.result()
+    assert answer is None and taken is not None and taken.held_in_store  # the store's lease was dropped too
+    await cache.release(taken, _answer("its answer"), T)
+    (other,) = set(waiters) - done
+    got, _ = await asyncio.wait_for(other, 1)  # the other waited on the new leader
+    assert isinstance(got, CachedAnswer) and got.answer.text == "its answer"

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
+from typing import Any
 
 import msgspec
 import pytest
+from structlog.testing import capture_logs
 
+from gateway import pipeline as pipeline_module
 from gateway.pipeline import StreamingAnswer
+from gateway.tokens import count_prompt
 from tests.unit.conftest import POLICY, Harness, MakeHarness, answer_of
 
 
@@ -191,3 +196,108 @@ async def test_a_tenants_requests_in_flight_are_held_to_its_max_concurrent(make_
     for stream in (third, fourth):
         async for _ in stream.events:
             pass
+
+
+def _held_release(harness: Harness) -> tuple[asyncio.Event, asyncio.Event]:
+    """The store's lease release waits for the test: (the release began, let it go on)."""
+    began, go_on = asyncio.Event(), asyncio.Event()
+    kv = harness.store.kv
+    release = kv.release
+
+    async def held(key: str, token: str, timeout_s: float) -> None:
+        began.set()
+        await go_on.wait()
+        await release(key, token, timeout_s)
+
+    kv.release = held  # type: ignore[method-assign]
+    return began, go_on
+
+
+async def _cancelled(task: asyncio.Task[Any], at: asyncio.Event, go_on: asyncio.Event) -> None:
+    """Cancel ``task`` as the edge does when its client hangs up (``Task.cancel()``), once it waits
+    at ``at``; then let it go on, and wait for its end and its accounting."""
+    async with asyncio.timeout(5):
+        await at.wait()
+    task.cancel()
+    await asyncio.sleep(0.01)  # the cancellation lands before the wait ends
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0)  # each request is accounted for just after its answer
+
+
+async def test_a_client_leaving_while_a_failed_requests_lease_is_released_gives_its_place_back(
+    make_harness: MakeHarness,
+) -> None:
+    """t95: the client hung up while the failed request's coalescing lease was released (a Redis
+    round trip); the cancellation cut that await short through its anyio shield, and the request
+    was never logged nor gave back its place: under ``max_concurrent: 1`` the tenant got 429s until
+    a restart."""
+    harness = await make_harness(POLICY.replace("  team-b: {}", "  team-b: {limits: {max_concurrent: 1}}"))
+    harness.upstream.fail("small", 400)
+    began, go_on = _held_release(harness)
+    with capture_logs() as logs:
+        task = asyncio.create_task(harness.ask("refused, then left", key="bob"))
+        await _cancelled(task, began, go_on)
+    (line,) = [line for line in logs if line["event"] == "request"]
+    assert (line["status"], line["error_type"], line["tenant"]) == (499, "client_disconnected", "team-b")
+    harness.upstream.delay_s = 0.05
+    started = asyncio.get_running_loop().time()
+    status, _, headers = answer_of(await harness.ask("refused, then left", key="bob"))  # its twin was not kept waiting
+    assert status == 200 and headers["x-gateway-cache"] == "miss"  # the place came back
+    assert asyncio.get_running_loop().time() - started < 1  # the coalescing wait is 2 s
+    assert harness.upstream.calls_to("small") == 2
+
+
+async def test_a_client_leaving_while_a_streams_lease_is_released_is_logged(make_harness: MakeHarness) -> None:
+    """The same for a stream: its end (upstream let go, lease released, line logged) was cut short."""
+    harness = await make_harness(POLICY.replace("  team-b: {}", "  team-b: {limits: {max_concurrent: 1}}"))
+    harness.upstream.ending = ("", "content_filter")  # not stored: the lease is released at the stream's end
+    began, go_on = _held_release(harness)
+
+    async def read(answer: StreamingAnswer) -> None:
+        async for _ in answer.events:
+            pass
+
+    with capture_logs() as logs:
+        answer = await harness.ask("stream, then leave", key="bob", stream=True)
+        assert isinstance(answer, StreamingAnswer)
+        await _cancelled(asyncio.create_task(read(answer)), began, go_on)
+    (line,) = [line for line in logs if line["event"] == "request"]
+    assert (line["status"], line["stream"], line["tenant"]) == (200, True, "team-b")  # it had the whole answer
+    assert answer_of(await harness.ask("next", key="bob"))[0] == 200
+
+
+async def test_a_second_cancellation_while_a_left_requests_prompt_is_counted_still_bills_it(
+    make_harness: MakeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prompt of a request whose client left once it was sent is billed (t43), counted off the
+    event loop when long: a second cancellation then (the drain's deadline after the client's
+    leaving) cut the count short, and the request was logged as a 200 with no bill."""
+    harness = await make_harness(POLICY + "limits: {long_prompt_chars: 10}\n")
+    counting, go_on = asyncio.Event(), threading.Event()
+    loop = asyncio.get_running_loop()
+
+    def held(request: Any, encoding: str) -> int:
+        loop.call_soon_threadsafe(counting.set)
+        go_on.wait(5)
+        return count_prompt(request, encoding)
+
+    monkeypatch.setattr(pipeline_module, "count_prompt", held)
+    harness.upstream.delay_s = 5
+    with capture_logs() as logs:
+        task = asyncio.create_task(harness.ask("a prompt longer than ten characters", cache_control="no-store"))
+        while not harness.upstream.calls:  # sent: what the client leaves now is billed
+            await asyncio.sleep(0.01)
+        task.cancel()
+        async with asyncio.timeout(5):
+            await counting.wait()
+        task.cancel()
+        await asyncio.sleep(0.01)
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)
+    (line,) = [line for line in logs if line["event"] == "request"]
+    assert (line["status"], line["error_type"]) == (499, "client_disconnected")
+    assert line["prompt_tokens"] > 0 and line["cost_usd"] > 0
