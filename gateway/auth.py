@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from gateway.config.schema import AuthPolicy, Limits
 from gateway.errors import AuthenticationError
 
-__all__ = ["ANONYMOUS", "Authenticator", "Principal", "hash_key"]
+__all__ = ["ANONYMOUS", "AmbiguousKey", "Authenticator", "Credentials", "Principal", "hash_key"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +20,18 @@ class Principal:
     limits: Limits = Limits()  # noqa: RUF009 - a frozen struct: one shared default is safe
     admin: bool = False
 
+
+@dataclass(frozen=True, slots=True)
+class AmbiguousKey:
+    """A request that sent more than one key (``gateway.api.credentials``): refused, whichever
+    of them is valid, where keys are asked for."""
+
+    why: str
+    """Which headers disagree, never what they carry."""
+
+
+Credentials = str | AmbiguousKey | None
+"""What a request presents: an ``Authorization`` header value, more than one key, or none."""
 
 ANONYMOUS = Principal(key_id="anonymous", tenant="default", allowed=frozenset({"*"}))
 
@@ -35,9 +47,11 @@ class Authenticator:
             key.hash: Principal(key.id, key.tenant, frozenset(key.models), key.limits, key.admin) for key in policy.keys
         }
 
-    def authenticate(self, authorization: str | None) -> Principal:
+    def authenticate(self, authorization: Credentials) -> Principal:
         if not self.enabled:
             return ANONYMOUS
+        if isinstance(authorization, AmbiguousKey):
+            raise AuthenticationError(f"ambiguous API key: {authorization.why}; send one key", code="ambiguous_api_key")
         if not authorization:
             raise AuthenticationError(
                 "missing API key: send 'Authorization: Bearer <key>' (Anthropic clients: 'x-api-key: <key>')"

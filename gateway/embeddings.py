@@ -23,6 +23,7 @@ import structlog
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestRecord, exception_frames, log_request
 from gateway.accounting.usage import UsageFigures
+from gateway.auth import Credentials
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.drain import DEFAULT_DRAIN_S, Drain
 from gateway.errors import GatewayError, InvalidRequestError, ShuttingDownError, UpstreamError
@@ -66,7 +67,7 @@ class EmbeddingsPipeline:
     async def handle(
         self,
         read_body: Callable[[int, float], Awaitable[bytes]],
-        authorization: str | None,
+        authorization: Credentials,
         cache_control: str | None,
         request_id: str,
         started: float,

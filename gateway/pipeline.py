@@ -26,7 +26,7 @@ import structlog
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestRecord, exception_frames, log_request
 from gateway.accounting.usage import UsageFigures
-from gateway.auth import Principal
+from gateway.auth import Credentials, Principal
 from gateway.cache.audit import AuditJob, SemanticAudit, effective_threshold, judge_request
 from gateway.cache.entries import CachedAnswer
 from gateway.cache.exact import LEADER_LEFT, ExactCache, Lease
@@ -326,7 +326,7 @@ class ChatPipeline:
     async def handle(
         self,
         read_body: BodyReader,
-        authorization: str | None,
+        authorization: Credentials,
         cache_control: str | None,
         request_id: str,
         started: float,

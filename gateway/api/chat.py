@@ -105,10 +105,11 @@ def _headers_only(send: Send) -> Send:
 class _BareRequest:
     """What the hand-off reads of a request, straight from the ASGI scope (see :class:`Incoming`)."""
 
-    __slots__ = ("app", "headers", "receive")
+    __slots__ = ("app", "headers", "receive", "scope")
 
     def __init__(self, app: Litestar, scope: Scope, receive: Receive) -> None:
         self.app = app
+        self.scope = scope  # the key is read from its header lines, every one (gateway.api.credentials)
         # ASGI gives header names in lower case; a repeated header keeps its first value, as Litestar's get
         headers: dict[str, str] = {}
         for name, value in scope["headers"]:

@@ -47,7 +47,7 @@ class _Feedback(msgspec.Struct, forbid_unknown_fields=True):
 async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
     state: GatewayState = request.app.state.gateway
     runtime = state.holder.current
-    principal = runtime.auth.authenticate(authorization_of(request.headers))
+    principal = runtime.auth.authenticate(authorization_of(request))
     await state.limiter.admit_count(runtime.policy, principal, "feedback")  # before the body is read
     body = await read_body(request, _MAX_BODY, runtime.policy.limits.body_read_timeout_s)
     given = decode_body(body, _Feedback)  # a 400 naming the field that is wrong

@@ -16,7 +16,7 @@ from litestar.exceptions import InternalServerException
 from gateway.api.bodies import read_body
 from gateway.api.credentials import authorization_of
 from gateway.api.state import GatewayState
-from gateway.auth import Principal
+from gateway.auth import Credentials, Principal
 from gateway.core.model import Request
 from gateway.pipeline import Answer, BodyReader, PassThrough, StreamingAnswer, StreamingDeltas
 
@@ -60,6 +60,8 @@ class Incoming(Protocol):
     def app(self) -> Any: ...
     @property
     def headers(self) -> Mapping[str, str]: ...
+    @property
+    def scope(self) -> Mapping[str, Any]: ...
     def stream(self) -> AsyncIterator[bytes]: ...
     @property
     def receive(self) -> Callable[..., Awaitable[Any]]: ...
@@ -69,7 +71,7 @@ async def hand_to_pipeline(
     request: Incoming,
     *,
     protocol: str = "openai.chat",
-    authorization: str | None = None,
+    authorization: Credentials = None,
     translate: Callable[[bytes, Principal], Awaitable[Request]] | None = None,
     embeddings: bool = False,
     passthrough: PassThrough | None = None,
@@ -102,7 +104,7 @@ async def hand_to_pipeline(
             return await convert(await watch.read_body(limit, timeout_s), principal)
 
     try:
-        authorization = authorization if authorization is not None else authorization_of(headers)
+        authorization = authorization if authorization is not None else authorization_of(request)
         cache_control = headers.get("cache-control")
         answer: Answer | StreamingAnswer | StreamingDeltas
         if embeddings:

@@ -97,7 +97,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
     request_id, answer = await hand_to_pipeline(
         request,
         protocol=_PROTOCOL,
-        authorization=authorization_of(request.headers),
+        authorization=authorization_of(request),
         translate=translate,
         passthrough=passthrough,
     )
@@ -143,7 +143,7 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
     request_id = request_id_of(request.headers)
     ids = {"x-request-id": request_id, "request-id": f"req_{request_id}"}
     try:
-        principal = runtime.auth.authenticate(authorization_of(request.headers))
+        principal = runtime.auth.authenticate(authorization_of(request))
         await state.limiter.admit_count(runtime.policy, principal)  # before the body is read
         limits = runtime.policy.limits  # the same as for the message it counts
         raw = await read_body(request, limits.max_body_bytes, limits.body_read_timeout_s)

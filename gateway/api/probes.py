@@ -57,7 +57,7 @@ def _visible_models(request: Request[Any, Any, Any]) -> list[dict[str, object]]:
     """Routes and public models this caller's key may use."""
     state: GatewayState = request.app.state.gateway
     runtime = state.holder.current
-    principal = runtime.auth.authenticate(authorization_of(request.headers))
+    principal = runtime.auth.authenticate(authorization_of(request))
     policy = runtime.policy
     data = []
     for name in runtime.router.route_names:
@@ -127,7 +127,7 @@ def _may_see_details(runtime: Runtime, request: Request[Any, Any, Any]) -> bool:
     if not runtime.auth.enabled:
         return True
     try:
-        return runtime.auth.authenticate(authorization_of(request.headers)).admin
+        return runtime.auth.authenticate(authorization_of(request)).admin
     except GatewayError:
         return False
 

@@ -291,7 +291,7 @@ async def delete_response(request: Request[Any, Any, Any], response_id: str) -> 
 async def _on_stored(request: Request[Any, Any, Any], operation: Callable[[ResponseStore, str], Awaitable[T]]) -> T:
     """``operation`` on the caller's tenant's stored responses; a 503 when the store cannot answer."""
     state: GatewayState = request.app.state.gateway
-    tenant = state.holder.current.auth.authenticate(authorization_of(request.headers)).tenant
+    tenant = state.holder.current.auth.authenticate(authorization_of(request)).tenant
     try:
         return await operation(_store(state), tenant)
     except StoreUnavailable:

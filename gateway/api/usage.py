@@ -31,7 +31,7 @@ async def usage(request: Request[Any, Any, Any]) -> Response[bytes]:
     """
     state: GatewayState = request.app.state.gateway
     runtime = state.holder.current
-    principal = runtime.auth.authenticate(authorization_of(request.headers))
+    principal = runtime.auth.authenticate(authorization_of(request))
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     start = _date(request.query_params.get("start"), "start") or today.replace(day=1)
     end = _date(request.query_params.get("end"), "end") or today

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -200,6 +201,65 @@ def test_streamed_request_with_key_is_logged_with_its_tenant(gw: GatewayProcess)
     assert chunks
     record = gw.wait_for_record(request_id)
     assert (record["key_id"], record["tenant"], record["stream"], record["status"]) == ("app-1", "team-a", True, 200)
+
+
+def test_a_request_carrying_two_different_keys_is_refused_in_its_protocol(
+    gw: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t98: two ``Authorization`` (or ``x-api-key``) lines with different keys were served as the
+    first one, which a proxy in front reading the last would take for another caller."""
+    app, admin = f"Bearer {APP_SECRET}", f"Bearer {ADMIN_SECRET}"
+    for lines in (
+        [("authorization", admin), ("authorization", app)],
+        [("authorization", app), ("authorization", admin)],
+        [("x-api-key", APP_SECRET), ("x-api-key", ADMIN_SECRET)],
+        [("x-api-key", ADMIN_SECRET), ("authorization", app)],
+        [("authorization", admin), ("api-key", APP_SECRET)],
+    ):
+        refused = httpx.post(f"{gw.base_url}/chat/completions", json={"model": "best", "messages": _messages()},
+                             headers=lines, timeout=10)  # fmt: skip
+        error = _assert_openai_error(refused, 401, "authentication_error", "ambiguous_api_key")
+        said = str(error["message"])
+        assert said.startswith("ambiguous API key: the ") and "send one key" in said, said
+        assert APP_SECRET not in refused.text and ADMIN_SECRET not in refused.text
+        record = gw.wait_for_record(refused.headers["x-request-id"])
+        assert (record["status"], record["key_id"], record["error_type"]) == (401, "-", "ambiguous_api_key")
+        listed = httpx.get(f"{gw.base_url}/models", headers=lines, timeout=10)
+        _assert_openai_error(listed, 401, "authentication_error", "ambiguous_api_key")
+
+    # an Anthropic client is told in Anthropic's shape, and its SDK raises AuthenticationError
+    body = {"model": "fast", "max_tokens": 16, "messages": [{"role": "user", "content": MARKER}]}
+    both = [("x-api-key", APP_SECRET), ("authorization", admin)]
+    for path in ("/messages", "/messages/count_tokens"):
+        refused = httpx.post(f"{gw.base_url}{path}", json=body, headers=both, timeout=10)
+        assert refused.status_code == 401, (path, refused.text)
+        assert refused.json()["type"] == "error" and refused.json()["error"]["type"] == "authentication_error"
+        assert refused.json()["error"]["message"].startswith("ambiguous API key: the x-api-key and Authorization")
+    claude = closed_after_test(anthropic.Anthropic(base_url=gw.url, api_key=APP_SECRET, max_retries=0, timeout=10,
+                                                   default_headers={"x-api-key": ADMIN_SECRET}))  # fmt: skip
+    with pytest.raises(anthropic.AuthenticationError):
+        claude.messages.create(model="fast", max_tokens=16, messages=[{"role": "user", "content": MARKER}])
+    assert upstream_stats(small_upstream)["chat_requests"] == 0
+
+    # one key, however often and wherever it is sent, is that key; and the SDKs as they are used
+    for lines in (
+        [("authorization", app), ("authorization", app)],
+        [("x-api-key", APP_SECRET), ("authorization", app)],  # older anthropic SDKs, given the key both ways
+        [("x-api-key", APP_SECRET), ("api-key", APP_SECRET)],  # Anthropic's Foundry client sends both
+    ):
+        served = httpx.post(f"{gw.base_url}/chat/completions", json={"model": "fast", "messages": _messages()},
+                            headers=lines, timeout=10)  # fmt: skip
+        assert served.status_code == 200, served.text
+    for client in (
+        anthropic.Anthropic(base_url=gw.url, api_key=APP_SECRET, max_retries=0, timeout=10),
+        anthropic.Anthropic(base_url=gw.url, auth_token=APP_SECRET, max_retries=0, timeout=10),
+        anthropic.AnthropicFoundry(base_url=gw.url, api_key=APP_SECRET, max_retries=0, timeout=10),
+    ):
+        message = closed_after_test(client).messages.create(
+            model="fast", max_tokens=16, messages=[{"role": "user", "content": MARKER}]
+        )
+        assert message.content, client
+    assert _sdk(gw, APP_SECRET).chat.completions.create(model="fast", messages=_messages("one key")).choices
 
 
 def test_no_secrets_or_prompts_in_the_logs(gw: GatewayProcess) -> None:
