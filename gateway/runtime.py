@@ -17,7 +17,13 @@ import structlog
 from gateway.accounting.metrics import Metrics
 from gateway.auth import Authenticator
 from gateway.config.guard import refuse_weakening_by_omission
-from gateway.config.loader import LoadedPolicy, key_file_path, load_policy, load_policy_text
+from gateway.config.loader import (
+    LoadedPolicy,
+    key_file_path,
+    load_policy,
+    load_policy_text,
+    without_unlisted_keys,
+)
 from gateway.config.schema import Policy
 from gateway.errors import ConfigError, UpstreamError
 from gateway.routing import Router
@@ -201,7 +207,8 @@ class RuntimeHolder:
         """
         key_file = self.current.policy.auth.key_file
         state, key_problems = await self._key_file_alone(reason) if key_file else (None, [])
-        said = (files, "; ".join(problems), state == "pending", "; ".join(key_problems))
+        waits = state if state in ("pending", _REMOVALS_ONLY) else None
+        said = (files, "; ".join(problems), waits, "; ".join(key_problems))
         if not quiet or said != self._rejected:
             extra: dict[str, object] = {"key_file": state} if state else {}
             if key_problems:
@@ -211,8 +218,11 @@ class RuntimeHolder:
             )
         self._rejected = said
         shown = _shown_to_admins(problems)
+        why = "; ".join(_shown_to_admins(key_problems))
         if key_file and state == "pending":
-            shown.append(f"{key_file}: its changes wait too ({'; '.join(_shown_to_admins(key_problems))})")
+            shown.append(f"{key_file}: its changes wait too ({why})")
+        elif key_file and state == _REMOVALS_ONLY:
+            shown.append(f"{key_file}: a key taken out of it is refused, its other changes wait ({why})")
         elif key_file:
             shown.append(_key_file_in_force(key_file))
         self.last_reload_error = "; ".join(shown)
@@ -224,8 +234,8 @@ class RuntimeHolder:
         (an emptied key file is refused). A worker started later reads the key file as it is now
         too (:func:`load_at_start`), so all workers agree.
 
-        Returns what the log says of the key file (``applied``, ``in force`` or ``pending``),
-        and why it is pending.
+        Returns what the log says of the key file (``applied``, ``in force``, ``removals only``
+        or ``pending``), and why it is not applied whole.
         """
         current = self.current.loaded
         try:
@@ -234,7 +244,7 @@ class RuntimeHolder:
             )
             refuse_weakening_by_omission(current, loaded)
         except ConfigError as exc:
-            return "pending", exc.problems
+            return await self._drop_unlisted_keys(reason), exc.problems  # an invalid key file
         except Exception as exc:  # named by its type only, as in reload
             return "pending", [f"the key file could not be read ({type(exc).__name__})"]
         if loaded.version == current.version:
@@ -246,6 +256,29 @@ class RuntimeHolder:
         for warning in loaded.warnings:
             _log.warning("policy_warning", detail=warning)
         return "applied", []
+
+    async def _drop_unlisted_keys(self, reason: str) -> str:
+        """While the key file is invalid, refuse the keys it no longer lists (t98: a key revoked
+        while another line was bad kept answering 200), installed as a version of its own; its
+        other changes wait. ``removals only``, or ``pending`` when the file says nothing of its
+        keys (:func:`~gateway.config.loader.without_unlisted_keys`)."""
+        old = self.current
+        try:
+            narrowed = await asyncio.to_thread(without_unlisted_keys, old.loaded, self.path.parent)
+        except Exception as exc:  # never in the way of the rejection it is part of; named by its type only
+            _log.error("key_file_removals_unread", reason=reason, error=type(exc).__name__)
+            return "pending"
+        if narrowed is None:
+            return "pending"
+        loaded, dropped = narrowed
+        if dropped:
+            self._install(self._build(loaded, previous=old))
+            self._retire(list(old.providers.values()))
+            _log.info(
+                "policy_reloaded", reason=reason, version=loaded.version, previous=old.version,
+                key_file_only=True, keys_dropped=dropped,
+            )  # fmt: skip
+        return _REMOVALS_ONLY
 
     def reload_on_sighup(self) -> None:
         """``kill -HUP`` reloads the policy, whether or not the file is watched.
@@ -373,6 +406,8 @@ class RuntimeHolder:
             task.add_done_callback(self._retired.discard)
 
 
+_REMOVALS_ONLY = "removals only"
+"""The key file is invalid, and of its changes only keys taken out of it apply (t98)."""
 _SETTLE_S = 0.25
 _POLL_S = 2.0
 """How often the watcher looks at the files themselves, besides the folder's events."""

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -115,14 +117,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_revoke(args: argparse.Namespace) -> int:
-    """``keys revoke --id ID``: the key's entry out of the key file, under the lock ``keys new`` takes (t63)."""
-    ring = _key_ring(args.policies, args.data_dir)
+    """``keys revoke --id ID``: the key's entry out of the key file, under the lock ``keys new`` takes (t63),
+    every other line as written, valid or not (t98)."""
+    ring = _key_ring(args.policies, args.data_dir, revoking=True)
     if ring is None or ring.key_file is None:
         return 1
     try:
         removed = remove_key(ring.key_file, args.id)
     except (OSError, ValueError, yaml.YAMLError) as exc:
-        print(f"cannot take the key out of {ring.key_file}: {exc}", file=sys.stderr)
+        unread = (
+            ": it is not YAML as it is now (see above), and no running gateway applies a change to it, this one "
+            "included, until that is fixed; fix it, then run this again"
+            if isinstance(exc, yaml.YAMLError)
+            else f": {exc}"
+        )
+        print(f"cannot take the key out of {ring.key_file}{unread}", file=sys.stderr)
         return 1
     if not removed and (moved := _moved_from_the_key_file_in_force(args, ring)) is not None:
         try:  # t82: "no such key", exit 1, and the key stayed live in the file the gateway reads
@@ -147,17 +156,20 @@ def run_revoke(args: argparse.Namespace) -> int:
     return _say_when_it_applies(args, ring, args.id, _STOPS)
 
 
-def _key_ring(policies: str, data_dir: str) -> KeyRing | None:
+def _key_ring(policies: str, data_dir: str, *, revoking: bool = False) -> KeyRing | None:
     """The policy's keys and key file (None, said on stderr, when the auth section or key file is
     invalid). While policies.yaml cannot be read at all (a YAML slip), the keys of the policy a
     running gateway keeps in force: a key must be revocable mid-incident, whatever else the file
-    holds (t81: revoke exited 1 on a tab, and the key stayed live)."""
+    holds (t81: revoke exited 1 on a tab, and the key stayed live). So while only the key file is
+    invalid, ``revoking`` goes on with the auth section's own keys: a running gateway drops a key
+    taken out of it all the same (t98: one bad line kept a leaked key live, and the tool blamed
+    the kept policy)."""
     try:
-        ring = load_keys(policies)
+        ring, invalid = _ring_of(functools.partial(load_keys, policies))
     except ConfigError as exc:
         try:
             kept, text, base_dir = read_kept_policy(data_dir, policies)
-            ring = keys_in_text(text, source=str(kept), base_dir=base_dir)
+            ring, invalid = _ring_of(functools.partial(keys_in_text, text, source=str(kept), base_dir=base_dir))
         except (OSError, UnicodeDecodeError, ConfigError, KeptForAnother) as unread:
             report_invalid(exc)
             print(
@@ -173,7 +185,30 @@ def _key_ring(policies: str, data_dir: str) -> KeyRing | None:
         )
     if ring.key_file is None:
         print(f"{policies} names no auth.key_file; add e.g. 'key_file: keys.yaml' under auth:", file=sys.stderr)
+    elif invalid is not None:
+        report_invalid(ConfigError(str(ring.key_file), invalid.problems))
+        if not revoking:
+            print(
+                f"{ring.key_file} is invalid as it is now (the problems above): a running gateway takes no new key "
+                f"from it until they are fixed, so none is added; fix them (`gateway check {policies}`), then run "
+                "this again",
+                file=sys.stderr,
+            )
+            return None
     return ring
+
+
+def _ring_of(read: Callable[..., KeyRing]) -> tuple[KeyRing, ConfigError | None]:
+    """What ``read`` (:func:`load_keys` or :func:`keys_in_text`) reads; when only the key file is
+    invalid, the auth section's own keys, with the key file's problems. A ConfigError when the
+    auth section itself is invalid."""
+    try:
+        return read(), None
+    except ConfigError as exc:
+        try:
+            return read(read_key_file=False), exc
+        except ConfigError:
+            raise exc from None
 
 
 def _say_when_it_applies(args: argparse.Namespace, ring: KeyRing, key_id: str, effect: str) -> int:
@@ -199,11 +234,14 @@ def _say_when_it_applies(args: argparse.Namespace, ring: KeyRing, key_id: str, e
         loaded = load_policy(policies, unset_ok=True)
     except ConfigError as exc:
         count = len(exc.problems)
+        bad_key_file = _key_file_invalid(policies)  # t98: the key file alone, named as what is invalid
+        alone = bad_key_file is not None and len(bad_key_file.problems) == count
         invalid = (
-            f"{policies} is invalid as it is now ({count} problem{'s' if count > 1 else ''}: "
-            f"`gateway check {policies}` lists them); a gateway cannot start on it until it is fixed"
+            f"{ring.key_file if alone else policies} is invalid as it is now ({count} problem"
+            f"{'s' if count > 1 else ''}: `gateway check {policies}` lists them); a gateway cannot start on it "
+            "until it is fixed"
         )
-        return _while_rejected(args, ring, effect, invalid)
+        return _while_rejected(args, ring, effect, invalid, key_file_invalid=bad_key_file is not None)
     moved = _moved_from_the_key_file_in_force(args, ring)
     if ring.enabled and moved is not None:
         print(
@@ -220,6 +258,14 @@ def _say_when_it_applies(args: argparse.Namespace, ring: KeyRing, key_id: str, e
         if warning.startswith(f"key {key_id}:"):
             print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _key_file_invalid(policies: str) -> ConfigError | None:
+    """The key file's problems, when its auth section reads but its key file does not."""
+    try:
+        return _ring_of(functools.partial(load_keys, policies))[1]
+    except ConfigError:
+        return None
 
 
 def _moved_from_the_key_file_in_force(args: argparse.Namespace, ring: KeyRing) -> tuple[Path, Path] | None:
@@ -241,11 +287,14 @@ _STOPS = "stops accepting it"
 _NOT_DONE = {_PICKS_UP: "does not pick it up (the key gets 401)", _STOPS: "still accepts it"}
 
 
-def _while_rejected(args: argparse.Namespace, ring: KeyRing, effect: str, invalid: str) -> int:
+def _while_rejected(
+    args: argparse.Namespace, ring: KeyRing, effect: str, invalid: str, *, key_file_invalid: bool = False
+) -> int:
     """While policies.yaml holds an edit a running gateway rejects, it keeps the policy in force
     and applies only that policy's key file as it is now (``gateway.runtime``). The edit may have
     moved ``auth.key_file``: the key then changed in a file no running gateway reads (t66), which
-    is said on a WARNING line, with :data:`NOT_CONFIRMED` as the exit status."""
+    is said on a WARNING line, with :data:`NOT_CONFIRMED` as the exit status. ``key_file_invalid``:
+    the key file is what is invalid, of which a running gateway applies only keys taken out (t98)."""
     try:
         kept, text, base_dir = read_kept_policy(args.data_dir, args.policies)
         in_force, enabled = auth_in_text(text, source=str(kept), base_dir=base_dir)
@@ -254,7 +303,11 @@ def _while_rejected(args: argparse.Namespace, ring: KeyRing, effect: str, invali
             f"WARNING: {invalid}. A running gateway keeps the policy it has in force and applies only that "
             f"policy's key file; this command cannot confirm that it is {ring.key_file} "
             f"({_why_not_kept(args.data_dir, exc)}: give serve's --data-dir), so a running gateway may not see "
-            f"this change until {args.policies} is fixed.",
+            + (
+                f"this change, unless the policy it keeps in force reads {ring.key_file} too."
+                if key_file_invalid
+                else f"this change until {args.policies} is fixed."
+            ),
             file=sys.stderr,
         )
         return NOT_CONFIRMED
@@ -273,9 +326,14 @@ def _while_rejected(args: argparse.Namespace, ring: KeyRing, effect: str, invali
             file=sys.stderr,
         )
         return 0
+    applies = (
+        "drops the keys taken out of it even so (its other changes wait until it is valid)"
+        if key_file_invalid
+        else "applies that file as it is now"
+    )
     print(
         f"note: {invalid}. A running gateway keeps the policy it has in force (as {kept} has it), which reads "
-        f"{ring.key_file} too, and applies that file as it is now, so it {effect} all the same.",
+        f"{ring.key_file} too, and {applies}, so it {effect} all the same.",
         file=sys.stderr,
     )
     return 0
@@ -288,7 +346,9 @@ def _why_not_kept(data_dir: str, exc: Exception) -> str:
         return f"there is no {kept}"
     if isinstance(exc, KeptForAnother):
         return str(exc)
-    return f"{kept} cannot be read"
+    if isinstance(exc, ConfigError):  # t98: said "cannot be read" of a file read, for its key file's problem
+        return f"the auth section of {kept} is invalid: {exc.problems[0] if exc.problems else exc}"
+    return f"{kept} cannot be read ({type(exc).__name__})"
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -11,7 +11,7 @@ import hashlib
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,6 +34,7 @@ __all__ = [
     "load_policy",
     "load_policy_text",
     "request_log_problem",
+    "without_unlisted_keys",
     "yaml_loader",
 ]
 
@@ -233,23 +234,37 @@ def _with_tokenizer_paths(policy: Policy, base_dir: Path, problems: Problems) ->
     return msgspec.structs.replace(policy, models=models) if models != policy.models else policy
 
 
-def load_keys(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> KeyRing:
+def load_keys(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, *, read_key_file: bool = True
+) -> KeyRing:
     """The ``auth`` section and the key file, checked as :func:`load_policy` checks them.
 
     The rest of the file is not read: its upstream URLs and such may be unset on the
-    machine where keys are made (``gateway keys new``).
+    machine where keys are made (``gateway keys new``). ``read_key_file=False``: the section's
+    own keys only, its key file named but not read (``keys revoke`` takes a key out of a key file
+    invalid as a whole: t98).
     """
-    return keys_in_text(_read(Path(path)), source=str(path), base_dir=Path(path).parent, environ=environ)
+    text = _read(Path(path))
+    return keys_in_text(
+        text, source=str(path), base_dir=Path(path).parent, environ=environ, read_key_file=read_key_file
+    )
 
 
-def keys_in_text(text: str, *, source: str, base_dir: Path, environ: Mapping[str, str] | None = None) -> KeyRing:
+def keys_in_text(
+    text: str,
+    *,
+    source: str,
+    base_dir: Path,
+    environ: Mapping[str, str] | None = None,
+    read_key_file: bool = True,
+) -> KeyRing:
     """:func:`load_keys` of a policy's text, its key file named relative to ``base_dir`` (the
     policy a gateway keeps in force, whose copy lives in the data folder)."""
     environ = os.environ if environ is None else environ
     problems = Problems()
     auth = _auth_section(text, source, environ, problems)
     key_path = _key_file_path(auth, base_dir)
-    key_file = _read_key_file(key_path, environ, problems) if key_path is not None else None
+    key_file = _read_key_file(key_path, environ, problems) if key_path is not None and read_key_file else None
     check_auth(auth, problems, key_file=key_file and (key_file.keys, key_file.problems))
     if problems:
         raise ConfigError(source, problems.messages)
@@ -264,6 +279,48 @@ def auth_in_text(
     Only ``auth`` is read; a ConfigError when it is invalid."""
     auth = _auth_section(text, source, os.environ if environ is None else environ, Problems())
     return _key_file_path(auth, base_dir), auth.mode == "keys"
+
+
+def without_unlisted_keys(
+    loaded: LoadedPolicy, base_dir: Path, environ: Mapping[str, str] | None = None
+) -> tuple[LoadedPolicy, list[str]] | None:
+    """``loaded`` less the keys of its key file that the file, invalid as it is now, no longer
+    lists with the same id and hash, and their ids (none: ``loaded`` itself); None when the file
+    says nothing of its keys.
+
+    While the key file is invalid (a hand edit's bad line) the gateway keeps the keys in force,
+    and a key revoked meanwhile stayed live (t98). Each entry is read alone here, so the file
+    still says which keys it lists. Only ever fewer keys: an entry added or changed waits for a
+    valid file, and a file that says nothing of its keys (missing, empty, not YAML, no ``keys``
+    list: perhaps cut short) drops none. The version is the one in force with the ids dropped."""
+    key_path = key_file_path(loaded.policy, base_dir)
+    listed = _listed_keys(key_path, os.environ if environ is None else environ) if key_path is not None else None
+    if listed is None:
+        return None
+    keys = loaded.policy.auth.keys
+    inline = len(keys) - (loaded.key_file_keys or 0)  # the policy's own keys, then the key file's (load_policy_text)
+    dropped = [key.id for key in keys[inline:] if (key.id, key.hash) not in listed]
+    if not dropped:
+        return loaded, []
+    auth = msgspec.structs.replace(loaded.policy.auth, keys=[key for key in keys if key.id not in dropped])
+    version = hashlib.sha256(f"{loaded.version} without {' '.join(dropped)}".encode()).hexdigest()[:12]
+    policy = msgspec.structs.replace(loaded.policy, auth=auth)
+    return replace(loaded, policy=policy, version=version, key_file_keys=len(keys) - inline - len(dropped)), dropped
+
+
+def _listed_keys(path: Path, environ: Mapping[str, str]) -> set[tuple[str, str]] | None:
+    """The id and hash of each entry of the key file's ``keys`` list that has both as text, valid
+    or not; None when it has no such list to read."""
+    try:
+        root = _compose(path.read_text(encoding="utf-8"), str(path))
+        data = _NodeReader(str(path), environ, Problems(), None, _MAX_KEY_FILE_VALUES).read(root, ()) if root else None
+    except (OSError, UnicodeDecodeError, ConfigError):
+        return None
+    entries = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return None
+    pairs = [(entry.get("id"), entry.get("hash")) for entry in entries if isinstance(entry, dict)]
+    return {(key_id, digest) for key_id, digest in pairs if isinstance(key_id, str) and isinstance(digest, str)}
 
 
 def _auth_section(text: str, source: str, environ: Mapping[str, str], problems: Problems) -> AuthPolicy:

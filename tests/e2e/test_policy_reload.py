@@ -385,6 +385,66 @@ def test_a_key_file_change_applies_while_a_policy_edit_is_rejected(gw: GatewayPr
         keys.unlink(missing_ok=True)
 
 
+def test_a_key_revoked_while_the_key_file_holds_a_bad_line_is_refused_at_once(gw: GatewayProcess) -> None:
+    """t98: a hand edit left one invalid entry in the key file; the gateway held back every change to
+    it, and `keys revoke` exited 1 blaming the kept policy, so a leaked key kept answering 200. A key
+    taken out of an invalid key file is refused; what the bad edit adds waits for a valid file."""
+    keys = gw.policy_path.with_name("keys.yaml")
+    admin = f'    - {{id: ops, tenant: ops, hash: "{hash_key("sk-ops")}", admin: true}}'
+    keyed = gw.policy_path.read_text().replace(
+        "auth: {mode: none}", f"auth:\n  mode: keys\n  key_file: keys.yaml\n  keys:\n{admin}"
+    )
+    leaked = f'  - {{id: leaked, tenant: team-a, hash: "{hash_key("sk-leaked")}"}}\n'
+    staying = f'  - {{id: staying, tenant: team-b, hash: "{hash_key("sk-staying")}"}}  # by hand\n'
+    listed = "keys:\n" + leaked + staying
+    ops = {"authorization": "Bearer sk-ops"}
+
+    def admin_view() -> dict[str, Any]:
+        policy: dict[str, Any] = httpx.get(f"{gw.url}/readyz", headers=ops, timeout=5).json()["policy"]
+        return policy
+
+    def statuses() -> tuple[int, ...]:
+        return tuple(_chat(gw, key=f"sk-{key}").status_code for key in ("leaked", "staying", "added"))
+
+    try:
+        _write_atomically(keys, listed)
+        _write_atomically(gw.policy_path, keyed)
+        state = _poll(admin_view, lambda p: p["version"] == _version_of(keyed + listed), timeout_s=30)
+        assert state["version"] == _version_of(keyed + listed), gw.stderr_text()
+        assert statuses() == (200, 200, 401)
+
+        # a hand edit: a key added, and one line a gateway refuses
+        added = f'  - {{id: added, tenant: team-a, hash: "{hash_key("sk-added")}"}}\n'
+        bad = '  - {id: oops, tenant: team-b, hash: "sha256:NOTHEX"}\n'
+        _write_atomically(keys, listed + added + bad)
+        said = _poll(admin_view, lambda p: "keys.yaml" in (p["last_reload_error"] or ""), timeout_s=30)
+        assert "keys[3].hash" in said["last_reload_error"], said
+        assert said["version"] == state["version"] and statuses() == (200, 200, 401)  # nothing to take out yet
+
+        revoked = _keys_cli("revoke", "--id", "leaked", *_of(gw))
+        assert revoked.returncode == 0, revoked.stderr
+        assert "keys.yaml is invalid as it is now (1 problem" in revoked.stderr
+        assert "so it stops accepting it all the same" in revoked.stderr and "cannot be read" not in revoked.stderr
+        assert keys.read_text() == "keys:\n" + staying + added + bad  # its line only, the others as written
+        started = time.monotonic()
+        refused = _poll(statuses, lambda codes: codes[0] == 401, timeout_s=30)
+        took = time.monotonic() - started
+        assert refused == (401, 200, 401), gw.stderr_text()  # the bad edit's key waits for a valid file
+        assert took < 10, f"refused only after {took:.1f} s"
+        state = admin_view()
+        assert "keys.yaml: a key taken out of it is refused, its other changes wait" in state["last_reload_error"]
+        dropped = _wait_for_ops_event(gw, "policy_reloaded", lambda r: r.get("keys_dropped") == ["leaked"])
+        assert dropped and dropped[-1]["version"] == state["version"], gw.stderr_text()
+        assert _wait_for_ops_event(gw, "policy_rejected", lambda r: r.get("key_file") == "removals only")
+
+        _write_atomically(keys, "keys:\n" + staying + added)  # the bad line fixed: the rest of the edit applies
+        fixed = _poll(statuses, lambda codes: codes == (401, 200, 200), timeout_s=30)
+        assert fixed == (401, 200, 200), gw.stderr_text()
+        assert admin_view()["last_reload_error"] is None
+    finally:
+        keys.unlink(missing_ok=True)
+
+
 def test_a_removed_keys_usage_stays_in_an_admins_usage(gw: GatewayProcess) -> None:
     """A key revoked today spent this month: /v1/usage lists it after the policy no longer does."""
     admin = f'    - {{id: ops, tenant: ops, hash: "{hash_key("sk-ops")}", admin: true}}'

@@ -409,3 +409,53 @@ def test_the_key_tools_follow_the_key_file_in_force_after_an_edit_moved_it_to_a_
     assert main(["keys", "revoke", "--id", "app", "--policies", str(policy), "--data-dir", str(data)]) == 0
     assert f"key app removed from {policy.parent / 'keys.yaml'}" in capsys.readouterr().err
     assert yaml.safe_load((policy.parent / "keys.yaml").read_text()) == {"keys": []}
+
+
+def test_revoke_takes_a_key_out_of_a_key_file_another_line_of_which_is_invalid(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """t98: one bad line a hand edit left in the key file, and `keys revoke` exited 1, the file as it
+    was and the leaked key live, saying the kept policy "cannot be read"; a running gateway drops a
+    key taken out of an invalid key file (gateway.runtime), so the tool takes it out."""
+    key_file = policy.parent / "keys.yaml"
+    app = f'  - {{id: app, tenant: t, hash: "{OTHER_HASH}"}}  # leaked\n'
+    bad = '  - {id: oops, tenant: t, hash: "sha256:NOTHEX"}\n'
+    other = "  - {id: other, tenant: t, hash: 'sha256:" + "e" * 64 + "'}\n"
+    key_file.write_text("# by hand\nkeys:\n" + app + bad + other)
+    data = _last_accepted(policy, POLICY)
+    revoke = ["keys", "revoke", "--policies", str(policy), "--data-dir", str(data), "--id"]
+    assert main([*revoke, "app"]) == 0
+    err = capsys.readouterr().err
+    assert key_file.read_text() == "# by hand\nkeys:\n" + bad + other  # its line only: the others as written
+    assert f"{key_file}: invalid\n  - {key_file}: keys[1].hash (line 4): must be 'sha256:' followed by" in err
+    assert f"key app removed from {key_file}." in err
+    assert f"note: {key_file} is invalid as it is now (1 problem: `gateway check {policy}` lists them)" in err
+    assert "drops the keys taken out of it even so" in err and "so it stops accepting it all the same" in err
+    assert "cannot be read" not in err and "no policy in force found" not in err
+
+    # a key is not added to a file a running gateway takes no new key from
+    assert _new(policy, "--id", "fresh", "--data-dir", str(data)) == 1
+    err = capsys.readouterr().err
+    assert f"{key_file} is invalid as it is now (the problems above): a running gateway takes no new key" in err
+    assert "secret:" not in capsys.readouterr().out and "fresh" not in key_file.read_text()
+
+    # while policies.yaml is not even YAML, through the policy in force (t81), the same
+    policy.write_text(POLICY.replace("  fast: {model: s}", "\tfast: {model: s}"))
+    assert main([*revoke, "other"]) == 0
+    assert key_file.read_text() == "# by hand\nkeys:\n" + bad
+    assert "using the key file of the policy in force" in capsys.readouterr().err
+
+    # a key file that is not YAML: nothing can be taken out of it, and the tool says why
+    key_file.write_text("keys:\n" + bad + "  - {id: cut, hash: 'x\n")
+    policy.write_text(POLICY)
+    assert main([*revoke, "oops"]) == 1
+    assert f"cannot take the key out of {key_file}: it is not YAML as it is now" in capsys.readouterr().err
+
+    # a kept policy that was read is not said to be unreadable: what is wrong with it is
+    policy.write_text(POLICY.replace("  fast: {model: s}", "\tfast: {model: s}"))
+    keep_policy(data, POLICY.replace("mode: keys", "mode: key"), policy)
+    assert main([*revoke, "oops"]) == 1
+    kept = data / "policy.last-accepted.yaml"
+    assert f"no policy in force found (the auth section of {kept} is invalid: auth.mode (line 8)" in (
+        capsys.readouterr().err
+    )

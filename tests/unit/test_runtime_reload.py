@@ -8,7 +8,7 @@ import pytest
 
 from gateway.auth import hash_key
 from gateway.config.schema import LimitsPolicy
-from gateway.errors import ConfigError
+from gateway.errors import AuthenticationError, ConfigError
 from tests.unit.conftest import POLICY, MakeHarness
 
 
@@ -50,6 +50,63 @@ async def test_a_key_file_emptied_or_lost_is_refused_unless_it_says_keys_empty(m
     keys.write_text("keys: []\n")
     assert await holder.reload("test", settle=False)
     assert "carol" not in {key.id for key in holder.current.policy.auth.keys}
+
+
+def _entry(key_id: str, tenant: str = "team-a", extra: str = "") -> str:
+    return f'  - {{id: {key_id}, tenant: {tenant}, hash: "{hash_key("sk-" + key_id)}"{extra}}}\n'
+
+
+async def test_an_invalid_key_file_still_takes_keys_out_never_in(make_harness: MakeHarness) -> None:
+    """t98: with one bad line in the key file every change to it was held back, so a key revoked
+    then kept answering 200. Keys it no longer lists (id and hash) are refused at once; what it
+    adds or widens waits for a valid file."""
+    policy = POLICY.replace("auth:\n  mode: keys\n", "auth:\n  mode: keys\n  key_file: keys.yaml\n")
+    harness = await make_harness(policy)
+    holder = harness.holder
+    keys = holder.path.with_name("keys.yaml")
+    keys.write_text("keys:\n" + _entry("carol") + _entry("dave", extra=", models: [fast]") + _entry("erin"))
+    assert await holder.reload("test", settle=False)
+    in_force = holder.current.version
+
+    def ids() -> set[str]:
+        return {key.id for key in holder.current.policy.auth.keys}
+
+    bad = '  - {id: oops, tenant: team-b, hash: "sha256:NOTHEX"}\n'
+    edited = (
+        "keys:\n" + bad + _entry("dave", extra=", models: ['*'], admin: true")  # widened: waits
+        + _entry("erin", tenant="team-b")  # moved: waits
+        + _entry("frank")  # added: waits
+    )  # fmt: skip
+    keys.write_text(edited)  # carol taken out
+    assert not await holder.reload("test", settle=False)
+    assert ids() == {"alice", "bob", "capped", "frugal", "roomy", "dave", "erin"}
+    auth = holder.current.auth
+    assert (
+        auth.authenticate("Bearer sk-dave").allowed == frozenset({"fast"})
+        and not auth.authenticate("Bearer sk-dave").admin
+    )
+    assert auth.authenticate("Bearer sk-erin").tenant == "team-a"
+    for refused in ("carol", "frank"):
+        with pytest.raises(AuthenticationError):
+            auth.authenticate(f"Bearer sk-{refused}")
+    assert holder.current.version != in_force  # a version of its own, as /readyz shows
+    said = holder.last_reload_error or ""
+    assert "keys.yaml: a key taken out of it is refused, its other changes wait" in said and "keys[0].hash" in said
+
+    narrowed = holder.current.version
+    assert not await holder.reload("test", settle=False)  # read again: nothing more to take out
+    assert holder.current.version == narrowed
+    keys.write_text(edited.replace(_entry("dave", extra=", models: ['*'], admin: true"), ""))  # dave too
+    assert not await holder.reload("test", settle=False)
+    assert ids() == {"alice", "bob", "capped", "frugal", "roomy", "erin"}
+    keys.write_text(edited.replace('hash: "sha256:NOTHEX"', "hash: [cut"))  # not YAML: tells nothing
+    assert not await holder.reload("test", settle=False)
+    assert "its changes wait too" in (holder.last_reload_error or "") and "erin" in ids()
+
+    keys.write_text(edited.replace(bad, ""))  # fixed: the file as written applies, carol still out
+    assert await holder.reload("test", settle=False)
+    assert ids() == {"alice", "bob", "capped", "frugal", "roomy", "dave", "erin", "frank"}
+    assert holder.current.auth.authenticate("Bearer sk-dave").admin and holder.last_reload_error is None
 
 
 async def test_a_rejected_reload_logs_no_value_it_quotes(
