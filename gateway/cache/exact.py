@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
 
+from gateway.background import BackgroundTasks
 from gateway.cache.entries import CachedAnswer
 from gateway.errors import UpstreamError
 from gateway.store.base import KeyValue, StoreUnavailable
@@ -73,7 +72,8 @@ class ExactCache:
     def __init__(self, store: KeyValue) -> None:
         self._store = store
         self._flights: dict[str, asyncio.Future[Outcome]] = {}
-        self._releasing: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks()
+        """Releases and renewals that outlive the request that started them."""
 
     async def get(self, key: str, timeout_s: float) -> CachedAnswer | None:
         """The stored answer, or None; raises StoreUnavailable when the cache could not be asked."""
@@ -156,7 +156,7 @@ class ExactCache:
             # the lead in turn (left as it was, each later one waited its whole wait_s: t33), once
             # a lease the store may have granted it is dropped (told first, the one taking over
             # found the lease held and sent every waiter upstream on its own: t34).
-            self._in_background(self._hand_over(lease, timeout_s))
+            self._background.spawn(self._hand_over(lease, timeout_s))
             raise
 
     async def release(self, lease: Lease, answer: Outcome, timeout_s: float) -> None:
@@ -172,7 +172,7 @@ class ExactCache:
                 except StoreUnavailable:
                     self._release_later(lease, timeout_s)
                 except asyncio.CancelledError:  # the store may not have heard: told again, on a task of its own
-                    self._in_background(self._hand_over(lease, timeout_s))
+                    self._background.spawn(self._hand_over(lease, timeout_s))
                     raise
         finally:
             self._settle(lease.key, lease.future, answer)
@@ -195,9 +195,7 @@ class ExactCache:
             lease.renewal = asyncio.get_running_loop().call_later(_RENEW_S, self._start_renewal, lease, timeout_s)
 
     def _start_renewal(self, lease: Lease, timeout_s: float) -> None:
-        task = asyncio.get_running_loop().create_task(self._renew(lease, timeout_s))
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
+        self._background.spawn(self._renew(lease, timeout_s))
 
     async def _renew(self, lease: Lease, timeout_s: float) -> None:
         """One renewal, and the next one unless the lease was lost or its request ended meanwhile
@@ -219,13 +217,7 @@ class ExactCache:
     def _release_later(self, lease: Lease, timeout_s: float) -> None:
         """Drop a lease the store could not be told about, once it answers again: left to expire,
         every identical request in every process would wait its whole time (~30 s) after an outage."""
-        self._in_background(self._retry_release(lease, timeout_s))
-
-    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` past the request that started it (kept referenced until it ends)."""
-        task = asyncio.get_running_loop().create_task(work)
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
+        self._background.spawn(self._retry_release(lease, timeout_s))
 
     async def _retry_release(self, lease: Lease, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
