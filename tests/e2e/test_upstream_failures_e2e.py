@@ -160,6 +160,21 @@ def test_upstream_429_passes_through_with_retry_after(
     assert response.headers["retry-after"] == "30"
     assert _error(response)["type"] == "rate_limit_error"
     assert upstream_stats(small_upstream)["chat_requests"] == 1
+    assert response.headers["x-should-retry"] == "false"  # too long for the route: too long for the SDK
+
+
+def test_a_wait_too_long_for_the_route_is_not_waited_out_by_the_anthropic_sdk(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t100: the Anthropic SDK sleeps whatever Retry-After says (an OpenAI limit's reset of
+    8 h20m became 30000 s: 16 h over its two retries). The route did not wait that long, so the
+    SDK is told not to; the client still learns when the limit resets."""
+    inject(small_upstream, {"status": 429, "retry_after": 30})
+    claude = anthropic.Anthropic(base_url=gateway.url, api_key="k", max_retries=1)
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        claude.messages.create(model="small", max_tokens=20, messages=[{"role": "user", "content": "hello"}])
+    assert caught.value.response.headers["retry-after"] == "30"
+    assert upstream_stats(small_upstream)["chat_requests"] == 1
 
 
 def test_an_openai_429_without_retry_after_is_told_when_its_limit_resets(
