@@ -796,8 +796,12 @@ def stream_from_answer(answer: Answer, created: int, include_usage: bool) -> lis
             + b"\n\n"
         )
 
-    events = [event({"role": "assistant", "content": ""})]
-    for delta in deltas_of(answer):
+    deltas = list(deltas_of(answer))
+    # OpenAI opens tool calls or a refusal without text with content null (t100: a cache hit's
+    # final message, as the SDK's stream helper assembles it, said "" where the live one said None)
+    textless = answer.text is None and (answer.tool_calls or answer.refusal is not None)
+    events = [event({"role": "assistant", "content": None if textless else ""})]
+    for delta in deltas:
         if isinstance(delta, Finish):
             events.append(event({}, chat_finish_reason(delta.reason), stop_reason=delta.stop_sequence))
         elif isinstance(delta, UsageReport):

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.core.model import Answer, Message, TextPart, Usage
+from gateway.core.model import Answer, Message, TextPart, ToolCall, Usage
 from gateway.errors import InvalidRequestError
 from gateway.protocols import openai_chat
 from gateway.protocols import openai_completions as completions
@@ -201,3 +201,16 @@ def test_a_replayed_answer_reports_its_reasoning_tokens() -> None:
     events = openai_chat.stream_from_answer(answer, 0, include_usage=True)
     last = msgspec.json.decode(events[-2].removeprefix(b"data: "))
     assert last["usage"]["completion_tokens_details"] == {"reasoning_tokens": 90}
+
+
+def test_a_replayed_tool_call_stream_opens_with_null_content_as_openai_does() -> None:
+    """t100: a cached tool call streamed back opened with content "", so the SDK's assembled
+    message said "" on a hit and None live; an answer with text still opens with ""."""
+    calls = Answer(id="c", model="m", tool_calls=[ToolCall("call_1", "f", "{}")], finish_reason="tool_calls")
+    first = msgspec.json.decode(
+        openai_chat.stream_from_answer(calls, 0, include_usage=False)[0].removeprefix(b"data: ")
+    )
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": None}
+    text = Answer(id="c", model="m", text="Hi", finish_reason="stop")
+    first = msgspec.json.decode(openai_chat.stream_from_answer(text, 0, include_usage=False)[0].removeprefix(b"data: "))
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
