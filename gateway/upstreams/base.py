@@ -467,17 +467,26 @@ class Provider(ABC):
     # -- shared HTTP plumbing -------------------------------------------------
 
     async def post(
-        self, path: str, payload: dict[str, Any] | None, headers: dict[str, str], *, stream: bool, method: str = "POST"
+        self,
+        path: str,
+        payload: dict[str, Any] | None,
+        headers: dict[str, str],
+        *,
+        stream: bool,
+        method: str = "POST",
+        names_an_object: bool = False,
     ) -> UpstreamResponse:
         """POST JSON (``method`` another verb, without a body when ``payload`` is None); map
-        transport failures and HTTP errors to :class:`UpstreamError`.
+        transport failures and HTTP errors to :class:`UpstreamError`. ``names_an_object``: the path
+        holds an id (``responses/{id}/cancel``), so its parsed URL is not kept (t101: one kept per
+        cancelled response, never freed).
 
         With ``stream=True`` the caller owns the open response and must close it. Public: the
         speculative loop's token calls (:class:`~gateway.speculative.token_api.TokenAPI`) go through
         it too (t77).
         """
         content = None if payload is None else msgspec.json.encode(payload)
-        url = self._url(path, keep=method == "POST")
+        url = self._url(path, keep=not names_an_object)
         timeouts = self.config.timeouts
         loop = asyncio.get_running_loop()
         deadline = total_deadline(timeouts.total)  # what is left of it, on a retry

@@ -194,7 +194,7 @@ class OpenAIProvider(Provider):
         return _ResponsesEventStream(self, response)
 
     async def forward(self, method: str, path: str) -> UpstreamResponse:
-        return await self.post(path, None, self._headers(), stream=False, method=method)
+        return await self.post(path, None, self._headers(), stream=False, method=method, names_an_object=True)
 
     async def open_stream(self, request: core.Request, body: dict[str, Any] | None = None) -> ChatStream:
         body = self._payload(request, body)
