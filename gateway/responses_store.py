@@ -33,6 +33,7 @@ import msgspec
 import structlog
 
 from gateway.core.model import Message
+from gateway.sparse_log import SparseLog
 from gateway.store import keyspace
 from gateway.store.base import KeyValue
 
@@ -129,12 +130,15 @@ class ResponseStore:
     ``cap`` gives a tenant's bound on its kept turns, in bytes.
     """
 
-    __slots__ = ("_cap", "_kv", "_timeout_s")
+    __slots__ = ("_cap", "_evicted", "_kv", "_timeout_s")
 
     def __init__(self, kv: KeyValue, cap: Callable[[str], int], timeout_s: float = STORE_TIMEOUT_S) -> None:
         self._kv = kv
         self._cap = cap
         self._timeout_s = timeout_s
+        self._evicted: dict[str, SparseLog] = {}
+        """Per tenant (the policy's, a bounded set): a tenant at its cap evicts on every store
+        (t101: 2,429 lines for 3,000 responses), and one tenant's must not hide another's."""
 
     async def load(self, tenant: str, response_id: str, *, use: bool = False) -> StoredResponse | None:
         """The turn; ``use``: it is being continued, which keeps it from its tenant's cap longer."""
@@ -199,7 +203,10 @@ class ResponseStore:
             self._timeout_s,
         )
         if deleted:
-            _log.info("stored_responses_evicted", tenant=tenant, count=deleted, reason="over the tenant's cap")
+            said = self._evicted.get(tenant)
+            if said is None:
+                said = self._evicted[tenant] = SparseLog(_log, "stored_responses_evicted", level="info", every_s=60.0)
+            said(tenant=tenant, count=deleted, reason="over the tenant's cap")
         return deleted is not None
 
     async def delete(self, tenant: str, response_id: str) -> bool:

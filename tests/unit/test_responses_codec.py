@@ -17,6 +17,7 @@ from openai import omit
 from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
+from structlog.testing import capture_logs
 
 from gateway.core.model import (
     Answer,
@@ -543,6 +544,18 @@ async def test_a_passed_through_responses_record_is_outside_the_cap() -> None:
         assert await store.save("acme", f"resp_{n}", StoredResponse(held_by="gpt"))
     assert [(await store.load("acme", f"resp_{n}")) for n in range(3)] == [StoredResponse(held_by="gpt")] * 3
     assert not await store.save("acme", "resp_own", StoredResponse(response={"id": "resp_own"}))
+
+
+async def test_a_tenant_at_its_cap_is_logged_once_in_a_while_not_per_response() -> None:
+    """t101: a tenant at its cap wrote a stored_responses_evicted line per stored response (2,429
+    for 3,000); another tenant's evictions are still said."""
+    store = ResponseStore(MemoryKeyValue(), lambda tenant: 2000)  # a few of these fit
+    with capture_logs() as logs:
+        for n in range(20):
+            for tenant in ("acme", "globex"):
+                assert await store.save(tenant, f"resp_{n}", StoredResponse(response={"id": "x" * 200}))
+    evicted = [log["tenant"] for log in logs if log["event"] == "stored_responses_evicted"]
+    assert sorted(evicted) == ["acme", "globex"]
 
 
 async def test_a_passed_through_responses_record_keeps_the_clients_own_ids_bounded() -> None:
