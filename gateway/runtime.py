@@ -10,13 +10,14 @@ import signal
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import structlog
 
 from gateway.accounting.metrics import Metrics
 from gateway.auth import Authenticator
 from gateway.config.guard import refuse_weakening_by_omission
+from gateway.config.kept import kept_key_file, write_kept
 from gateway.config.loader import (
     LoadedPolicy,
     key_file_path,
@@ -33,7 +34,7 @@ from gateway.upstreams.base import Provider
 from gateway.upstreams.breaker import Breakers
 from gateway.upstreams.registry import Transport, api_key, build_provider
 
-__all__ = ["Runtime", "RuntimeHolder", "keep_last_good", "load_at_start"]
+__all__ = ["AtStart", "Runtime", "RuntimeHolder", "keep_last_good", "load_at_start"]
 
 _log = structlog.get_logger("gateway.policy")
 
@@ -56,14 +57,33 @@ class Runtime:
         return self.loaded.version
 
 
-def load_at_start(path: Path, last_good: Path | None, *, auth_required: bool = False) -> tuple[LoadedPolicy, list[str]]:
-    """The policy file; or, when it is broken, the last policy a worker of this gateway accepted,
-    with the file's problems.
+class AtStart(NamedTuple):
+    """What a worker starts on (:func:`load_at_start`)."""
 
-    ``serve`` checks the file before it starts any worker and writes ``last_good``, so only a
+    loaded: LoadedPolicy
+    rejected: list[str]
+    """The policy file's problems (its key file's among them), when it fell back to the policy last accepted."""
+    key_file: str | None
+    """Then, what a running worker's reload says of the key file (``applied``, ``in force``,
+    ``removals only`` or ``pending``: :meth:`RuntimeHolder._key_file_alone`); None when the
+    policy names none, or none was kept with it and the key file was read as it is now."""
+    key_file_problems: list[str]
+    """Why the key file as it is now is not applied whole."""
+
+
+def load_at_start(path: Path, last_good: Path | None, *, auth_required: bool = False) -> AtStart:
+    """The policy file; or, when it is invalid (its key file included), the last policy a worker
+    of this gateway accepted, with the file's problems.
+
+    ``serve`` checks the files before it starts any worker and writes ``last_good``, so only a
     worker started later can fall back: one that replaces a worker that died while ops had
     a broken edit on disk. Its siblings keep the policy in force; without the fallback it
-    could not start at all, and the server would stop the whole gateway.
+    could not start at all, and the server would stop the whole gateway (uvicorn on a worker
+    that fails to start, granian on a crash loop). The siblings apply the key file as it is now
+    to the policy in force (t63), or, while it is invalid, only the keys taken out of it (t98):
+    so does this worker, to the policy and key file last accepted, kept together
+    (:func:`keep_last_good`). With the policy alone kept, it read the key file as it is now,
+    and could not start while that held a bad line (f87).
     """
     try:
         try:
@@ -73,7 +93,7 @@ def load_at_start(path: Path, last_good: Path | None, *, auth_required: bool = F
         except Exception as unforeseen:
             raise ConfigError(str(path), [f"the file could not be read ({type(unforeseen).__name__})"]) from None
         _refuse_auth_off(loaded, auth_required)
-        return loaded, []
+        return AtStart(loaded, [], None, [])
     except ConfigError as exc:
         if last_good is None:
             raise
@@ -81,20 +101,49 @@ def load_at_start(path: Path, last_good: Path | None, *, auth_required: bool = F
             text = last_good.read_text(encoding="utf-8")
         except OSError:
             raise exc from None
-        loaded = load_policy_text(text, source=f"{path} (last accepted)", base_dir=path.parent)
-        return loaded, exc.problems
+        source = f"{path} (last accepted)"
+        kept_keys = _kept_text(kept_key_file(last_good))
+        accepted = load_policy_text(text, source=source, base_dir=path.parent, key_file_text=kept_keys)
+        if kept_keys is None or not accepted.policy.auth.key_file:  # none kept: read as it is now, as before
+            return AtStart(accepted, exc.problems, None, [])
+        loaded, state, key_problems = _with_key_file_now(accepted, path.parent)
+        return AtStart(loaded, exc.problems, state, key_problems)
+
+
+def _kept_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _with_key_file_now(accepted: LoadedPolicy, base_dir: Path) -> tuple[LoadedPolicy, str, list[str]]:
+    """``accepted`` as a running worker that has it in force serves it: read again with its key
+    file as it is now (:meth:`RuntimeHolder._key_file_alone`), or, while the key file is invalid,
+    less the keys the file no longer lists (:meth:`RuntimeHolder._drop_unlisted_keys`); with what
+    the log says of the key file, and why it is not applied whole."""
+    try:
+        loaded = load_policy_text(accepted.text, source=accepted.source, base_dir=base_dir)
+        refuse_weakening_by_omission(accepted, loaded)
+    except ConfigError as exc:
+        try:
+            narrowed = without_unlisted_keys(accepted, base_dir)
+        except Exception as unread:  # named by its type only, as in _drop_unlisted_keys
+            _log.error("key_file_removals_unread", reason="start-up", error=type(unread).__name__)
+            narrowed = None
+        if narrowed is None:
+            return accepted, "pending", exc.problems
+        return narrowed[0], _REMOVALS_ONLY, exc.problems
+    except Exception as exc:  # named by its type only, as in reload
+        return accepted, "pending", [f"the key file could not be read ({type(exc).__name__})"]
+    return loaded, "in force" if loaded.version == accepted.version else "applied", []
 
 
 def keep_last_good(loaded: LoadedPolicy, last_good: Path) -> None:
-    """Write the policy now in force where a later worker can fall back to it (atomically)."""
-    temporary = last_good.with_name(f"{last_good.name}.{os.getpid()}.tmp")
+    """Write the policy now in force, and its key file as read, where a later worker can fall back
+    to them (:func:`~gateway.config.kept.write_kept`: atomically, the owner's alone)."""
     try:
-        # the owner's alone, as a policy may hold secrets in headers (t56: 0644 beside a 0600 file)
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(descriptor, "w", encoding="utf-8") as file:
-            file.write(loaded.text)
-        os.chmod(temporary, 0o600)  # an old temporary file keeps its mode through O_TRUNC
-        os.replace(temporary, last_good)
+        write_kept(last_good, loaded.text, loaded.key_file_text)
     except OSError as exc:
         _log.warning("policy_not_kept", path=str(last_good), error=str(exc))
 
@@ -131,19 +180,22 @@ class RuntimeHolder:
         assert self._runtime is not None, "RuntimeHolder.start() was not called"
         return self._runtime
 
-    def start(self, first: tuple[LoadedPolicy, list[str]] | None = None) -> Runtime:
+    def start(self, first: AtStart | None = None) -> Runtime:
         """Install what :func:`load_at_start` loaded (loaded here when not given): an invalid
         policy with nothing to fall back to is fatal (raises ConfigError)."""
-        loaded, rejected = first or load_at_start(self.path, self.last_good)
+        loaded, rejected, state, key_problems = first or load_at_start(self.path, self.last_good)
         runtime = self._build(loaded)
         self._install(runtime)
         _log.info("policy_loaded", version=runtime.version, source=loaded.source, models=sorted(runtime.providers))
         if rejected:
-            key_file = loaded.policy.auth.key_file  # read as it is now, as siblings do (t63)
+            key_file = loaded.policy.auth.key_file  # applied as siblings apply it (t63, t98)
             self.last_reload_error = "; ".join(
-                [*_shown_to_admins(rejected), *([_key_file_in_force(key_file)] if key_file else [])]
+                [*_shown_to_admins(rejected), *([_key_file_said(key_file, state, key_problems)] if key_file else [])]
             )
-            _log.error("policy_rejected", reason="start-up", problems=_loggable(rejected), kept=runtime.version)
+            _log.error(
+                "policy_rejected", reason="start-up", problems=_loggable(rejected), kept=runtime.version,
+                **_key_file_logged(state, key_problems),
+            )  # fmt: skip
         elif self.last_good is not None:
             keep_last_good(loaded, self.last_good)
         for warning in runtime.loaded.warnings:
@@ -210,29 +262,23 @@ class RuntimeHolder:
         waits = state if state in ("pending", _REMOVALS_ONLY) else None
         said = (files, "; ".join(problems), waits, "; ".join(key_problems))
         if not quiet or said != self._rejected:
-            extra: dict[str, object] = {"key_file": state} if state else {}
-            if key_problems:
-                extra["key_file_problems"] = _loggable(key_problems)
             _log.error(
-                "policy_rejected", reason=reason, problems=_loggable(problems), kept=self.current.version, **extra
-            )
+                "policy_rejected", reason=reason, problems=_loggable(problems), kept=self.current.version,
+                **_key_file_logged(state, key_problems),
+            )  # fmt: skip
         self._rejected = said
         shown = _shown_to_admins(problems)
-        why = "; ".join(_shown_to_admins(key_problems))
-        if key_file and state == "pending":
-            shown.append(f"{key_file}: its changes wait too ({why})")
-        elif key_file and state == _REMOVALS_ONLY:
-            shown.append(f"{key_file}: a key taken out of it is refused, its other changes wait ({why})")
-        elif key_file:
-            shown.append(_key_file_in_force(key_file))
+        if key_file:
+            shown.append(_key_file_said(key_file, state, key_problems))
         self.last_reload_error = "; ".join(shown)
 
     async def _key_file_alone(self, reason: str) -> tuple[str, list[str]]:
         """The policy in force read again with its key file as it is now, installed when it
         differs: while policies.yaml held a rejected edit, a key deleted from the key file kept
         answering 200 and one made by ``keys new`` 401 (t63). The safety rules of any reload hold
-        (an emptied key file is refused). A worker started later reads the key file as it is now
-        too (:func:`load_at_start`), so all workers agree.
+        (an emptied key file is refused). What it applies is kept for a worker started later,
+        which applies the key file as it is now to it in the same way (:func:`load_at_start`),
+        so all workers agree.
 
         Returns what the log says of the key file (``applied``, ``in force``, ``removals only``
         or ``pending``), and why it is not applied whole.
@@ -251,6 +297,8 @@ class RuntimeHolder:
             return "in force", []
         old = self.current
         self._install(self._build(loaded, previous=old))
+        if self.last_good is not None:
+            await asyncio.to_thread(keep_last_good, loaded, self.last_good)
         self._retire(list(old.providers.values()))
         _log.info("policy_reloaded", reason=reason, version=loaded.version, previous=old.version, key_file_only=True)
         for warning in loaded.warnings:
@@ -477,6 +525,25 @@ def _shown_to_admins(problems: list[str], environ: Mapping[str, str] | None = No
 
 _GOT_VALUE = re.compile(r"(got |`: )(?:" + _QUOTED_VALUE.pattern + ")")
 """A value where another belongs: "must be ..., got 'x'", or msgspec's "Expected `int`, got `str`: 'x'"."""
+
+
+def _key_file_said(key_file: str, state: str | None, problems: list[str]) -> str:
+    """What ``/readyz`` adds to a rejected edit's problems of the key file, by what the log says of
+    it (``state``, see :meth:`RuntimeHolder._key_file_alone`; None: as it is now)."""
+    why = "; ".join(_shown_to_admins(problems))
+    if state == "pending":
+        return f"{key_file}: its changes wait too ({why})"
+    if state == _REMOVALS_ONLY:
+        return f"{key_file}: a key taken out of it is refused, its other changes wait ({why})"
+    return _key_file_in_force(key_file)
+
+
+def _key_file_logged(state: str | None, problems: list[str]) -> dict[str, object]:
+    """What ``policy_rejected`` says of the key file."""
+    logged: dict[str, object] = {"key_file": state} if state else {}
+    if problems:
+        logged["key_file_problems"] = _loggable(problems)
+    return logged
 
 
 def _key_file_in_force(key_file: str) -> str:

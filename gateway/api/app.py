@@ -106,8 +106,8 @@ def create_app(settings: Settings | None = None) -> ChatRoute:
 
 async def _start(settings: Settings) -> GatewayState:
     last_good = Path(settings.policy_last_good) if settings.policy_last_good else None
-    loaded, rejected = load_at_start(Path(settings.policies_path), last_good, auth_required=settings.auth_required)
-    log_policy = loaded.policy.request_log
+    first = load_at_start(Path(settings.policies_path), last_good, auth_required=settings.auth_required)
+    log_policy = first.loaded.policy.request_log
     stdout_fd = settings.request_log_fd
     if settings.split_stdout:  # a spawned worker: serve could not hand it the request log's descriptor
         stdout_fd = take_stdout()
@@ -130,7 +130,7 @@ async def _start(settings: Settings) -> GatewayState:
         last_good=last_good,
         auth_required=settings.auth_required,
     )
-    holder.start((loaded, rejected))
+    holder.start(first)
     client = connect(settings.redis_url) if settings.redis_url else None
     redis = SharedRedis(client, metrics)
     store = redis_store(redis)

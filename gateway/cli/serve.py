@@ -153,7 +153,9 @@ def run(args: argparse.Namespace) -> int:
         for warning in loaded.warnings:
             _say(f"warning: {warning}")
         os.environ["GATEWAY_POLICIES"] = os.path.abspath(args.policies)
-        os.environ["GATEWAY_POLICY_LAST_GOOD"] = _keep_policy_in_force(loaded.text, args.policies, args.data_dir)
+        os.environ["GATEWAY_POLICY_LAST_GOOD"] = _keep_policy_in_force(
+            loaded.text, loaded.key_file_text, args.policies, args.data_dir
+        )
         if args.workers > 1:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir(args.data_dir)
         os.environ["GATEWAY_DRAIN_S"] = str(args.drain_s)
@@ -549,9 +551,10 @@ def _fresh_metrics_dir(data_dir: str) -> str:
     return path
 
 
-def _keep_policy_in_force(text: str, policies: str, data_dir: str) -> str:
-    """Write the checked policy where a worker started later falls back to it when the file is
-    broken by then (``gateway.runtime.load_at_start``); the workers rewrite it on every reload.
+def _keep_policy_in_force(text: str, key_file_text: str | None, policies: str, data_dir: str) -> str:
+    """Write the checked policy, and its key file as read, where a worker started later falls back
+    to them when either file is invalid by then (``gateway.runtime.load_at_start``); the workers
+    rewrite them on every reload.
     It is kept with the policy file's path: the key tools take it for that file's alone (t96).
 
     Under the data folder when it is writable, else a private temporary folder."""
@@ -562,7 +565,7 @@ def _keep_policy_in_force(text: str, policies: str, data_dir: str) -> str:
         folder = data_dir if os.access(data_dir, os.W_OK) else tempfile.mkdtemp(prefix="gateway-policy-")
     except OSError:
         folder = tempfile.mkdtemp(prefix="gateway-policy-")
-    return str(keep_policy(folder, text, policies))
+    return str(keep_policy(folder, text, policies, key_file_text))
 
 
 def _at_least_one(value: str) -> int:

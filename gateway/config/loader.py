@@ -109,6 +109,9 @@ class LoadedPolicy:
     key_file_keys: int | None = None
     """How many keys ``auth.key_file`` lists; None when the file is missing, empty or has no
     ``keys`` entry (``keys: []`` is 0)."""
+    key_file_text: str | None = None
+    """The key file as it was read ("" when missing; None when the policy names none): kept
+    beside :attr:`text`, a worker started while the key file is invalid starts on it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,11 +149,14 @@ def load_policy_text(
     environ: Mapping[str, str] | None = None,
     base_dir: Path | None = None,
     unset_ok: bool = False,
+    key_file_text: str | None = None,
 ) -> LoadedPolicy:
     """Every problem of the file (and of its key file) at once, each naming its field and line.
 
     ``unset_ok`` (``gateway check``): a ``${VAR}`` without a value or default is a note, not a
     problem, and a placeholder stands in for it; the file is judged on what it says.
+    ``key_file_text``: the key file's content as kept with the policy last accepted, read in
+    place of the file (``gateway.runtime.load_at_start``).
     """
     environ = os.environ if environ is None else environ
     root = _compose(text, source)
@@ -169,7 +175,7 @@ def load_policy_text(
     if policy is not None:
         policy = _with_tokenizer_paths(policy, base_dir or Path("."), problems)
         key_path = key_file_path(policy, base_dir or Path("."))
-        key_file = _read_key_file(key_path, environ, problems, notes) if key_path is not None else None
+        key_file = _read_key_file(key_path, environ, problems, notes, key_file_text) if key_path is not None else None
         if key_file is not None:
             digest.update(key_file.text.encode())
         check_policy(policy, problems, dropped=dropped, key_file=key_file and (key_file.keys, key_file.problems))
@@ -199,6 +205,7 @@ def load_policy_text(
         frozenset(_key_paths({name: data[name] for name in GUARDED_SETTINGS if name in data})),
         text,
         len(key_file.keys) if key_file is not None and listed else None,
+        key_file.text if key_file is not None else None,
     )
 
 
@@ -359,13 +366,18 @@ class _KeyFileRead(NamedTuple):
 
 
 def _read_key_file(
-    path: Path, environ: Mapping[str, str], problems: Problems, notes: list[str] | None = None
+    path: Path,
+    environ: Mapping[str, str],
+    problems: Problems,
+    notes: list[str] | None = None,
+    text: str | None = None,
 ) -> _KeyFileRead:
-    """``keys: [...]`` from a file of its own; a missing file is an empty list (no keys made yet)."""
+    """``keys: [...]`` from a file of its own (or ``text``, its content as kept); a missing file
+    is an empty list (no keys made yet)."""
     source = str(path)
     where = problems.sibling(source)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8") if text is None else text
     except FileNotFoundError:
         return _KeyFileRead([], where, "")
     except OSError as exc:

@@ -888,7 +888,7 @@ async def test_auth_cannot_be_turned_off_by_an_edit_where_serve_required_it(
         assert not await holder.reload("test")
         assert holder.current.policy.auth.mode == "keys"
         assert holder.last_reload_error is not None and "auth.mode 'none' is refused" in holder.last_reload_error
-        loaded, problems = load_at_start(path, last_good, auth_required=True)  # a worker replaced now
+        loaded, problems, _, _ = load_at_start(path, last_good, auth_required=True)  # a worker replaced now
         assert loaded.policy.auth.mode == "keys" and "refused" in problems[0]
         assert load_at_start(path, last_good)[0].policy.auth.mode == "none"  # loopback: allowed
         open_holder = RuntimeHolder(path, Metrics())

@@ -602,3 +602,96 @@ def test_workers_agree_on_a_key_file_change_while_a_policy_edit_is_rejected(
                         "only the edit of the policy file waits"}  # fmt: skip
     finally:
         gateway.stop()
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
+def test_a_worker_replaced_while_the_key_file_holds_a_bad_line_serves_the_keys_its_siblings_do(
+    tmp_path: Path,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+    server: str,
+) -> None:
+    """f87: while the key file held a bad line, a worker's replacement fell back to the policy kept
+    but read the same key file, and could not start: uvicorn's supervisor then stopped the whole
+    gateway ("failed to start; stopping", exit 3), granian too ("Worker crash loop detected", exit
+    1). It starts on the keys its siblings serve: those last accepted, less the keys the file no
+    longer lists (t98), and says what they say."""
+    admin = f'    - {{id: ops, tenant: ops, hash: "{hash_key("sk-ops")}", admin: true}}'
+    policy = policy_text(
+        small_upstream, large_upstream, auth=f"auth:\n  mode: keys\n  key_file: keys.yaml\n  keys:\n{admin}"
+    )
+    leaked = f'  - {{id: leaked, tenant: t, hash: "{hash_key("sk-leaked")}"}}\n'
+    staying = f'  - {{id: staying, tenant: t, hash: "{hash_key("sk-staying")}"}}\n'
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n" + leaked + staying)
+    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url}, workers=2, server=server)
+    metrics = tmp_path / "data" / "metrics"
+    body = {"model": "fast", "messages": [{"role": "user", "content": "which keys?"}]}
+
+    def statuses(key: str) -> set[int]:  # a new connection each time: every worker answers
+        return {
+            httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=10,
+                       headers={"authorization": f"Bearer {key}"}).status_code
+            for _ in range(16)
+        }  # fmt: skip
+
+    def reload_errors() -> set[str]:
+        return {
+            httpx.get(f"{gateway.url}/readyz", headers={"authorization": "Bearer sk-ops"}, timeout=5).json()["policy"][
+                "last_reload_error"
+            ]
+            for _ in range(16)
+        }
+
+    try:
+        assert statuses("sk-leaked") == statuses("sk-staying") == {200}
+        edited = tmp_path / "keys.yaml.new"  # a hand edit: the leaked key out, and one line a gateway refuses
+        edited.write_text("keys:\n" + staying + '  - {id: oops, tenant: t, hash: "sha256:NOTHEX"}\n')
+        os.replace(edited, keys)
+        _until(lambda: statuses("sk-leaked") == {401})
+        [said] = reload_errors()
+        assert "keys.yaml: a key taken out of it is refused, its other changes wait" in said
+        [version] = {_policy_version(metrics, pid) for pid in _worker_pids(gateway.process.pid)}
+
+        first, second = sorted(_worker_pids(gateway.process.pid))
+        os.kill(first, signal.SIGKILL)
+        _until(lambda: first not in _worker_pids(gateway.process.pid))  # connections queued on it are reset
+        # until the replacement has answered both a key kept (200) and the key taken out (401)
+        deadline = time.monotonic() + 60  # a generous bound, not a measure
+        while True:
+            assert gateway.process.poll() is None, gateway.stderr_text()[-3000:]
+            assert statuses("sk-staying") == {200} and statuses("sk-leaked") == {401}, gateway.stderr_text()[-3000:]
+            replacements = set(_worker_pids(gateway.process.pid)) - {first, second}
+            if any(_statuses_answered(metrics, pid) >= {"200", "401"} for pid in replacements):
+                break
+            assert time.monotonic() < deadline, gateway.stderr_text()[-3000:]
+        [replacement] = replacements
+        assert sorted(_worker_pids(gateway.process.pid)) == sorted([second, replacement])
+        assert _policy_version(metrics, replacement) == version  # the siblings' keys, as a version
+        assert reload_errors() == {said}  # whichever worker answers, the same words
+        [started] = [r for r in gateway.ops_records("policy_rejected") if r["reason"] == "start-up"]
+        assert started["key_file"] == "removals only" and started["key_file_problems"]
+        assert re.search(r"failed to start|crash loop", gateway.stderr_text()) is None  # uvicorn's, granian's
+    finally:
+        gateway.stop()
+
+
+def _policy_version(metrics: Path, pid: int) -> str:
+    """The policy version worker ``pid`` has in force, as it writes it for ``gateway_policy_info``."""
+    return (metrics / f"policy_version_{pid}").read_text()
+
+
+def _statuses_answered(metrics: Path, pid: int) -> set[str]:
+    """The statuses worker ``pid`` has answered with, from its own metrics file."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    path = metrics / f"counter_{pid}.db"
+    if not path.exists():
+        return set()
+    found = set()
+    for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):  # type: ignore[no-untyped-call]
+        _, sample, labels, _ = msgspec.json.decode(key)
+        if sample == "gateway_requests_total" and value > 0:
+            found.add(labels["status"])
+    return found

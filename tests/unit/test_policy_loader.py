@@ -5,11 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
+from gateway.accounting.metrics import Metrics
+from gateway.auth import hash_key
 from gateway.config.envsubst import MissingVariable, substitute
+from gateway.config.kept import keep_policy, kept_key_file
 from gateway.config.loader import load_keys, load_policy, load_policy_text
 from gateway.errors import ConfigError
-from gateway.runtime import keep_last_good, load_at_start
+from gateway.runtime import RuntimeHolder, keep_last_good, load_at_start
 
 VALID = """\
 pair: {small: s, large: l}
@@ -443,13 +447,91 @@ def test_only_openai_chat_models_can_serve_the_responses_api() -> None:
 def test_a_broken_file_falls_back_to_the_policy_last_accepted_with_its_problems(tmp_path: Path) -> None:
     path, last_good = tmp_path / "policies.yaml", tmp_path / "last.yaml"
     path.write_text(VALID)
-    accepted, rejected = load_at_start(path, last_good)
+    accepted, rejected, _, _ = load_at_start(path, last_good)
     assert rejected == []
     keep_last_good(accepted, last_good)
     path.write_text("pair: [")
-    loaded, rejected = load_at_start(path, last_good)
+    loaded, rejected, _, _ = load_at_start(path, last_good)
     assert loaded.version == accepted.version and "(last accepted)" in loaded.source
     assert rejected and "not valid YAML" in rejected[0]
+
+
+KEYED = VALID.replace("auth: {mode: none}", "auth: {mode: keys, key_file: keys.yaml}")
+
+
+def _key(key_id: str, digest: str | None = None) -> str:
+    return f'  - {{id: {key_id}, tenant: t, hash: "{digest or hash_key(f"sk-{key_id}")}"}}\n'
+
+
+async def test_a_worker_started_while_the_key_file_holds_a_bad_line_serves_the_keys_its_siblings_do(
+    tmp_path: Path,
+) -> None:
+    """f87: the fallback read the key file as it is now, so while it held a bad line a worker's
+    replacement could not start (the server then stopped the whole gateway). It starts on the
+    keys last accepted, kept beside the policy, less those the file no longer lists, as a
+    running worker narrows them (t98), and says and logs what that worker says."""
+    path, last_good, keys = tmp_path / "policies.yaml", tmp_path / "last.yaml", tmp_path / "keys.yaml"
+    path.write_text(KEYED)
+    keys.write_text("keys:\n" + _key("leaked") + _key("staying"))
+    running = RuntimeHolder(path, Metrics(), last_good=last_good)
+    accepted = running.start()
+    kept = kept_key_file(last_good)
+    assert kept.read_text() == keys.read_text() and kept.stat().st_mode & 0o777 == 0o600
+    try:
+        keys.write_text("keys:\n" + _key("staying") + _key("added") + _key("oops", "sha256:NOTHEX"))
+        assert not await running.reload("test", settle=False)
+        with capture_logs() as logged:
+            replacement = RuntimeHolder(path, Metrics(), last_good=last_good)
+            started = replacement.start()
+        await replacement.aclose()
+    finally:
+        await running.aclose()
+    assert [key.id for key in running.current.policy.auth.keys] == ["staying"]  # the sibling's, as t98 has it
+    assert [key.id for key in started.policy.auth.keys] == ["staying"]  # "added" waits for a valid file
+    assert started.version == running.current.version != accepted.version
+    assert "(last accepted)" in started.loaded.source
+    said = running.last_reload_error
+    assert said and "keys.yaml: a key taken out of it is refused, its other changes wait" in said
+    assert replacement.last_reload_error == said
+    [rejected] = [line for line in logged if line["event"] == "policy_rejected"]
+    assert rejected["reason"] == "start-up" and rejected["key_file"] == "removals only"
+    assert "keys[2].hash" in rejected["key_file_problems"][0] and "NOTHEX" not in str(rejected)
+    assert kept.read_text() == "keys:\n" + _key("leaked") + _key("staying")  # not replaced by a rejected file
+
+
+def test_a_worker_started_while_the_key_file_is_emptied_keeps_the_keys_last_accepted(tmp_path: Path) -> None:
+    """As a running worker refuses an emptied key file (its changes wait), so does one started then."""
+    path, last_good, keys = tmp_path / "policies.yaml", tmp_path / "last.yaml", tmp_path / "keys.yaml"
+    path.write_text(KEYED)
+    keys.write_text("keys:\n" + _key("staying"))
+    accepted = load_at_start(path, last_good).loaded
+    keep_last_good(accepted, last_good)
+    keys.write_text("")
+    path.write_text("pair: [")
+    loaded, rejected, state, _ = load_at_start(path, last_good)
+    assert [key.id for key in loaded.policy.auth.keys] == ["staying"] and state == "pending"
+    assert loaded.version == accepted.version and "not valid YAML" in rejected[0]
+    keys.write_text("keys:\n" + _key("staying") + _key("added"))  # valid: applied as it is now (t63)
+    loaded, _, state, key_problems = load_at_start(path, last_good)
+    assert [key.id for key in loaded.policy.auth.keys] == ["staying", "added"]
+    assert (state, key_problems) == ("applied", [])
+
+
+def test_a_fresh_start_still_refuses_an_invalid_key_file(tmp_path: Path) -> None:
+    """Only a worker started later falls back; with nothing kept, the key file is read as it is now."""
+    path, last_good, keys = tmp_path / "policies.yaml", tmp_path / "last.yaml", tmp_path / "keys.yaml"
+    path.write_text(KEYED)
+    keys.write_text("keys:\n" + _key("oops", "sha256:NOTHEX"))
+    with pytest.raises(ConfigError):
+        load_at_start(path, None)
+    with pytest.raises(ConfigError):
+        load_at_start(path, last_good)  # nothing kept
+    keys.write_text("keys:\n" + _key("staying"))
+    keep_last_good(load_at_start(path, None).loaded, last_good)
+    kept_key_file(last_good).unlink()  # kept by a gateway before f87: the key file as it is now, as then
+    keys.write_text("keys:\n" + _key("oops", "sha256:NOTHEX"))
+    with pytest.raises(ConfigError):
+        load_at_start(path, last_good)
 
 
 def test_what_cannot_work_is_refused_by_check() -> None:
@@ -474,13 +556,23 @@ def test_retries_are_bounded() -> None:
 
 
 def test_the_policy_last_accepted_is_the_owners_alone(tmp_path: Path) -> None:
-    """A policy may hold secrets (an upstream's header): its copy was 0644 beside a 0600 file (t56)."""
-    path, last_good = tmp_path / "policies.yaml", tmp_path / "last.yaml"
-    path.write_text(VALID)
-    last_good.write_text("old")
-    last_good.chmod(0o644)
-    keep_last_good(load_at_start(path, None)[0], last_good)
-    assert last_good.stat().st_mode & 0o777 == 0o600
+    """A policy may hold secrets (an upstream's header): its copy was 0644 beside a 0600 file (t56).
+    So may its key file (hashes, or a secret pasted for one), kept beside it (f87), as serve keeps both."""
+    path, last_good, keys = tmp_path / "policies.yaml", tmp_path / "last.yaml", tmp_path / "keys.yaml"
+    path.write_text(KEYED)
+    keys.write_text("keys:\n" + _key("staying"))
+    for old in (last_good, kept_key_file(last_good)):
+        old.write_text("old")
+        old.chmod(0o644)
+    keep_last_good(load_at_start(path, None).loaded, last_good)
+    assert last_good.stat().st_mode & 0o777 == kept_key_file(last_good).stat().st_mode & 0o777 == 0o600
+    assert (last_good.read_text(), kept_key_file(last_good).read_text()) == (KEYED, keys.read_text())
+    (tmp_path / "data").mkdir()
+    kept = keep_policy(tmp_path / "data", KEYED, path, keys.read_text())
+    assert kept.stat().st_mode & 0o777 == kept_key_file(kept).stat().st_mode & 0o777 == 0o600
+    path.write_text(VALID)  # no key file named: none kept, none left from before
+    keep_last_good(load_at_start(path, None).loaded, last_good)
+    assert last_good.read_text() == VALID and not kept_key_file(last_good).exists()
 
 
 def test_a_broken_file_with_nothing_to_fall_back_to_is_fatal(tmp_path: Path) -> None:
