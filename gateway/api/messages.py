@@ -167,11 +167,12 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
                     raise
                 _log.warning("count_tokens_upstream_failed", upstream=first.name, error=exc.code)
         if tokens is None:
-            encoding = runtime.policy.models[plan.candidates[0]].encoding
+            model = runtime.policy.models[plan.candidates[0]]
+            encoding, kind = model.encoding, model.provider
             if prompt_chars(decoded) > limits.long_prompt_chars:  # seconds of CPU: not on the event loop
-                tokens = await asyncio.to_thread(count_prompt, decoded, encoding)
+                tokens = await asyncio.to_thread(count_prompt, decoded, encoding, provider=kind)
             else:
-                tokens = count_prompt(decoded, encoding)
+                tokens = count_prompt(decoded, encoding, provider=kind)
     except GatewayError as exc:
         return _error(exc.status_code, exc.message, {**exc.headers, **ids})
     return Response(content=msgspec.json.encode({"input_tokens": tokens}), headers=ids, media_type="application/json")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import zlib
 from typing import Any
 
 import anthropic
 import httpx
 import pytest
-from anthropic.types import MessageParam, TextBlockParam, ToolUnionParam
+from anthropic.types import ImageBlockParam, MessageParam, TextBlockParam, ToolUnionParam
 
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import inject, upstream_stats
@@ -280,6 +282,49 @@ def test_count_tokens(claude: anthropic.Anthropic) -> None:
     for model, messages in (("embed", [{"role": "user", "content": "hi"}]), ("fast", [])):
         with pytest.raises(anthropic.BadRequestError):
             claude.messages.count_tokens(model=model, messages=messages)  # type: ignore[arg-type]
+
+
+def _png(side: int) -> ImageBlockParam:
+    """An image block of a real PNG, ``side`` pixels square (1-bit grey: a 1568 px one is a few kB)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = side.to_bytes(4, "big") * 2 + b"\x01\x00\x00\x00\x00"
+    rows = (b"\x00" + bytes((side + 7) // 8)) * side
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": base64.b64encode(png).decode()},
+    }
+
+
+def test_images_are_counted_by_their_size(
+    claude: anthropic.Anthropic,
+    gateway: GatewayProcess,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> None:
+    """(t100) Every image was 85 tokens, whatever its size: ``count_tokens`` on a chat model's route,
+    the estimate budgets reserve and the prompt an answer without usage is billed at were 10-20
+    times low for a screenshot. Each is counted by the rule of the model's provider."""
+
+    def turn(side: int) -> list[MessageParam]:
+        return [{"role": "user", "content": [{"type": "text", "text": "Describe it."}, _png(side)]}]
+
+    counted = {
+        side: claude.messages.count_tokens(model="fast", messages=turn(side)).input_tokens for side in (32, 1568)
+    }
+    assert counted[1568] - counted[32] == 765 - 255  # OpenAI's tiles: 4 of them, and 1
+    for model, upstream, tokens in (("fast", small_upstream, (255, 765)), ("claude", large_upstream, (2, 1600))):
+        billed = []
+        for side in (32, 1568):
+            inject(upstream, {"omit_usage": True})
+            raw = claude.messages.with_raw_response.create(model=model, max_tokens=16, messages=turn(side))
+            record = gateway.wait_for_record(raw.headers["x-request-id"])
+            assert record["tokens_source"] == "gateway" and record["model"] == model.replace("fast", "small")
+            billed.append(record["prompt_tokens"])
+        assert billed[1] - billed[0] == tokens[1] - tokens[0], model
 
 
 def _claude_code_body(model: str) -> dict[str, object]:

@@ -278,10 +278,10 @@ async def test_a_second_cancellation_while_a_left_requests_prompt_is_counted_sti
     counting, go_on = asyncio.Event(), threading.Event()
     loop = asyncio.get_running_loop()
 
-    def held(request: Any, encoding: str) -> int:
+    def held(request: Any, encoding: str, **kinds: Any) -> int:
         loop.call_soon_threadsafe(counting.set)
         go_on.wait(5)
-        return count_prompt(request, encoding)
+        return count_prompt(request, encoding, **kinds)
 
     monkeypatch.setattr(pipeline_module, "count_prompt", held)
     harness.upstream.delay_s = 5

@@ -35,7 +35,8 @@ def test_prompt_tokens_follow_openai_chat_overhead() -> None:
 
 def test_content_parts_names_and_images_are_counted() -> None:
     parts = [{"type": "text", "text": "Hello world"}, {"type": "image_url", "image_url": {"url": "x"}}]
-    assert _count([{"role": "user", "content": parts, "name": "bob"}]) == 3 + 1 + 1 + 3 + 2 + 85
+    # an image whose size is not at hand costs what a full-size photo does at OpenAI's high detail
+    assert _count([{"role": "user", "content": parts, "name": "bob"}]) == 3 + 1 + 1 + 3 + 2 + 1105
 
 
 def test_what_the_model_cannot_hold_still_counts_its_text() -> None:
