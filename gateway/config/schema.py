@@ -276,6 +276,11 @@ class LearningPolicy(_Struct, frozen=True, kw_only=True):
     the text) stays available for feedback and shadow judging."""
     max_labels: Annotated[int, Meta(ge=100, le=1_000_000)] = 50_000
     """Labelled examples kept per tenant (the newest)."""
+    traces_mib_per_tenant: Annotated[float, Meta(ge=0.01, le=4096)] = 16.0
+    """What a tenant's traces on this route may take of the shared store (one per routed request,
+    about 1.3 KB: 16 MiB holds about 13,000): past it the tenant's oldest go first (feedback on
+    them is then a 404, as past ``keep_hours``), so that no tenant's traffic pushes every tenant's
+    cached answers out of a full Redis, which evicts the keys nearest their expiry first (t101)."""
     shadow_share: Probability = 0.0
     """Share of this route's answered requests that are also asked of the other model of the
     pair, off the request path, and judged (a label without waiting for users)."""
@@ -288,6 +293,11 @@ class LearningPolicy(_Struct, frozen=True, kw_only=True):
     scope: Literal["tenant", "global"] = "tenant"
     """``tenant``: a tenant's labels train only its own router. ``global``: they may also be
     pooled (``gateway router learn --global``) into the router of tenants without their own."""
+
+    @property
+    def traces_bytes_per_tenant(self) -> int:
+        """:attr:`traces_mib_per_tenant` as the store counts it."""
+        return int(self.traces_mib_per_tenant * 1024 * 1024)
 
 
 class RouteConfig(_Struct, frozen=True, kw_only=True):

@@ -2,7 +2,8 @@
 
 A routed request leaves a :class:`RoutingTrace` for ``learning.keep_hours``: the prompt's
 embedding and surface features as the router saw them, the score, and which side of the
-pair answered. Never the text: a trace says nothing a request log would not. Feedback or a
+pair answered (about 1.3 KB of Redis; a tenant's on a route are bounded by
+``learning.traces_mib_per_tenant``, the oldest going first). Never the text: a trace says nothing a request log would not. Feedback or a
 shadow judgement turns a trace into a :class:`LabelledExample` (did this prompt need the
 large model?), appended to the tenant's bounded list. Everything is under the tenant's
 keys: no lookup can reach another tenant's traces or labels.
@@ -123,11 +124,24 @@ class LearningStore:
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
 
-    async def keep_trace(self, tenant: str, request_id: str, trace: RoutingTrace, keep_hours: int) -> None:
-        """The first request under an id keeps it: a client may choose its ``x-request-id``, and
-        another key of the tenant reusing one must not take over the first one's feedback."""
-        key = keyspace.routing_trace(tenant, request_id)
-        await self._kv.put_new(key, _trace_encoder.encode(trace), keep_hours * 3600, _TIMEOUT_S)
+    async def keep_trace(
+        self, tenant: str, request_id: str, trace: RoutingTrace, keep_hours: int, max_bytes: int
+    ) -> bool:
+        """Whether it was kept. The first request under an id keeps it: a client may choose its
+        ``x-request-id``, and another key of the tenant reusing one must not take over the first
+        one's feedback. The tenant's traces on the route stay within ``max_bytes``, its oldest
+        going first: every request leaves one, for ``keep_hours``, and under ``volatile-ttl``
+        a full Redis would evict every tenant's cached answers before any of them (t101)."""
+        kept = await self._kv.put_bounded(
+            keyspace.routing_trace(tenant, request_id),
+            _trace_encoder.encode(trace),
+            keep_hours * 3600,
+            keyspace.routing_traces(tenant, trace.route),
+            max_bytes,
+            _TIMEOUT_S,
+            new_only=True,
+        )
+        return kept is not None
 
     async def trace(self, tenant: str, request_id: str) -> RoutingTrace | None:
         """None also for a value this gateway cannot read (written by another version, or by hand)."""

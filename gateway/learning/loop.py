@@ -50,13 +50,13 @@ class LearningLoop:
         all of it in the background."""
         signature = "" if self.inputs is None else self.inputs.signature
         trace = RoutingTrace.of(key_id, route, side, p_base, embedding, features, signature)
-        self._background.spawn(self._keep(tenant, request_id, trace, policy.keep_hours), "routing-trace")
+        self._background.spawn(self._keep(tenant, request_id, trace, policy), "routing-trace")
         if self.shadow.sample(policy):
             self.shadow.start(ShadowJob(policy, tenant, request_id, trace, answered, ask_other, judge))
 
-    async def _keep(self, tenant: str, request_id: str, trace: RoutingTrace, keep_hours: int) -> None:
+    async def _keep(self, tenant: str, request_id: str, trace: RoutingTrace, policy: LearningPolicy) -> None:
         try:
-            await self.store.keep_trace(tenant, request_id, trace, keep_hours)
+            await self.store.keep_trace(tenant, request_id, trace, policy.keep_hours, policy.traces_bytes_per_tenant)
         except StoreUnavailable:
             _trace_dropped(reason="store unavailable")
 

@@ -89,13 +89,22 @@ class KeyValue(Protocol):
         ...
 
     async def put_bounded(
-        self, key: str, value: bytes, ttl_s: int, ledger: str, max_bytes: int, timeout_s: float
+        self,
+        key: str,
+        value: bytes,
+        ttl_s: int,
+        ledger: str,
+        max_bytes: int,
+        timeout_s: float,
+        *,
+        new_only: bool = False,
     ) -> int | None:
         """Store ``value`` for ``ttl_s`` and count it in ``ledger`` (a tenant's collection: the
         keys share its hash tag, and every key in it has the same ``ttl_s``) as its bytes plus
         :data:`BOUNDED_ENTRY_BYTES`; the ledger's oldest keys are deleted until its total fits
         ``max_bytes``, at most :data:`BOUNDED_EVICTIONS_AT_MOST` of them. How many were deleted,
-        or None (nothing stored) when it does not fit even so."""
+        or None (nothing stored) when it does not fit even so, or (``new_only``, as
+        :meth:`put_new`) when ``key`` holds a value already, which is then left as it is."""
         ...
 
     async def get_bounded(self, keys: list[str], ledger: str, ttl_s: int, timeout_s: float) -> list[bytes | None]:

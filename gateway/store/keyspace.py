@@ -24,6 +24,7 @@ hashed, so any string is a safe key part.
     gw:{t}:share:<route>              a route's threshold kept on target_large_share (TTL: 7 days)
     gw:{t}:audit:<route>:<setting>    a route's semantic-cache audit state, and its outcomes (:o:<gen>) (TTL: 7 days)
     gw:{t}:learn:tr:<request id>      what the router saw of a routed request (TTL: learning.keep_hours)
+    gw:{t}:learn:trq:<route>, :bytes  the tenant's traces on a route by age, and their sizes (TTL: keep_hours, refreshed)
     gw:{t}:learn:labels               labelled routing examples, newest kept (TTL: refreshed on append)
     gw:{t}:learn:shadow:<route>:<day> a route's shadow-judging spend that UTC day (TTL: 2 days)
     gw:{t}:router:active|previous     the tenant's learnt router version in force, and the one before
@@ -51,6 +52,7 @@ __all__ = [
     "routing_label_count",
     "routing_labels",
     "routing_trace",
+    "routing_traces",
     "semantic_ages",
     "semantic_audit",
     "semantic_entry",
@@ -168,6 +170,12 @@ GLOBAL_SCOPE = "gw:{global}"
 
 def routing_trace(tenant: str, request_id: str) -> str:
     return f"{tenant_prefix(tenant)}:learn:tr:{hashlib.sha256(request_id.encode()).hexdigest()[:32]}"
+
+
+def routing_traces(tenant: str, route: str) -> str:
+    """The ledger of a tenant's traces on a route (their bytes, oldest first), which bounds them:
+    per route, as every key of a ledger has one TTL and ``keep_hours`` is the route's."""
+    return f"{tenant_prefix(tenant)}:learn:trq:{hashlib.sha256(route.encode()).hexdigest()[:16]}"
 
 
 def routing_label_count(tenant: str, request_id: str) -> str:

@@ -82,11 +82,19 @@ class MemoryKeyValue(_Outage):
             self._values[key] = (value, self._clock() + ttl_s)
 
     async def put_bounded(
-        self, key: str, value: bytes, ttl_s: int, ledger: str, max_bytes: int, timeout_s: float
+        self,
+        key: str,
+        value: bytes,
+        ttl_s: int,
+        ledger: str,
+        max_bytes: int,
+        timeout_s: float,
+        *,
+        new_only: bool = False,
     ) -> int | None:
         self._check()
         size = len(value) + BOUNDED_ENTRY_BYTES
-        if size > max_bytes:
+        if size > max_bytes or (new_only and self._live(key) is not None):
             return None
         now = self._clock()
         held = self._ledgers.setdefault(ledger, {})

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anthropic
@@ -20,6 +20,7 @@ import httpx
 import msgspec
 import numpy as np
 import pytest
+import redis
 
 from gateway.accounting.metrics import Metrics
 from gateway.learning.examples import LabelledExample, LearningStore, RoutingTrace
@@ -27,6 +28,8 @@ from gateway.learning.learned import fit_candidate, promote
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream, start_simulated_upstream
 from gateway.store import keyspace
+from gateway.store.base import BOUNDED_ENTRY_BYTES, KeyValue
+from gateway.store.memory import MemoryKeyValue
 from gateway.store.redis import RedisKeyValue, SharedRedis, connect
 from tests.conftest import inject
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
@@ -43,7 +46,9 @@ ROUTES = """  smart: {strategy: classifier, model: small, fallbacks: [large], th
            learning: {shadow_share: 1.0, usd_per_day: 100}}
   taught: {strategy: classifier, model: small, fallbacks: [large], threshold: 0.9999, learning: {}}
   stingy: {strategy: classifier, model: small, fallbacks: [large], threshold: 0.9999,
-           learning: {shadow_share: 1.0, usd_per_day: 0.0000001}}"""
+           learning: {shadow_share: 1.0, usd_per_day: 0.0000001}}
+  thrifty: {strategy: classifier, model: small, fallbacks: [large], threshold: 0.9999,
+            learning: {traces_mib_per_tenant: 0.02}}"""
 PROMPTS = [
     json.loads(line)["prompt"]
     for line in (Path(__file__).parents[2] / "router_models/data/routing/general_train_a.jsonl")
@@ -225,6 +230,74 @@ def test_feedback_sent_as_the_stream_ends_finds_its_request(gateway: GatewayProc
                     break
         answered = _feedback(gateway, "alice", {"request_id": request_id, "thumbs": "up"})
         assert answered.status_code == 200, answered.text
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def trace_kv(request: pytest.FixtureRequest) -> AsyncIterator[KeyValue]:
+    if request.param == "memory":
+        yield MemoryKeyValue()
+        return
+    server: EmbeddedRedis = request.getfixturevalue("redis_server")
+    shared = SharedRedis(connect(server.url, timeout_s=2), Metrics())
+    yield RedisKeyValue(shared)
+    await shared.aclose()
+
+
+async def test_a_tenants_traces_past_its_cap_lose_their_oldest_never_another_tenants(trace_kv: KeyValue) -> None:
+    """t101: every routed request left a trace for 72 h, unbounded; under ``volatile-ttl`` a full Redis
+    evicted every tenant's cached answers before any of them (one tenant's traffic took another's
+    hit rate from 197/200 to 18/200)."""
+    store, one, other = LearningStore(trace_kv), f"traces-{uuid.uuid4().hex}", f"traces-{uuid.uuid4().hex}"
+    trace = RoutingTrace.of("k", "taught", "small", 0.2, np.ones(384), np.ones(12))
+    cap = 10 * (len(msgspec.msgpack.encode(trace)) + BOUNDED_ENTRY_BYTES)
+    assert await store.keep_trace(other, "r0", trace, 1, cap)
+    elsewhere = msgspec.structs.replace(trace, route="smart")  # another route's traces: a ledger of their own
+    assert await store.keep_trace(one, "smart-0", elsewhere, 1, cap)
+    for i in range(25):
+        assert await store.keep_trace(one, f"r{i}", trace, 1, cap)
+        await asyncio.sleep(0.002)  # distinct times stored
+    assert [i for i in range(25) if await store.trace(one, f"r{i}") is not None] == list(range(15, 25))
+    assert await store.trace(other, "r0") == trace and await store.trace(one, "smart-0") == elsewhere
+    # the first request under an id keeps it, however often the id is used again
+    reused = msgspec.structs.replace(trace, key_id="another")
+    assert not await store.keep_trace(one, "r24", reused, 1, cap)
+    assert await store.trace(one, "r24") == trace
+    assert await store.keep_trace(one, "r25", trace, 1, cap)  # and it took no room: one more goes, not two
+    assert [i for i in range(26) if await store.trace(one, f"r{i}") is not None] == list(range(16, 26))
+
+
+def test_a_tenants_traces_stay_within_its_cap_and_feedback_on_one_gone_is_a_404(
+    gateway: GatewayProcess, redis_server: EmbeddedRedis
+) -> None:
+    """t101, end to end: a tenant's requests on a route with ``traces_mib_per_tenant`` keep its
+    newest traces within the cap; its oldest go, never another tenant's."""
+    alices = _ask(gateway, "alice", "thrifty", "Name a river that flows through Lisbon.").headers["x-request-id"]
+    bobs: list[str] = []
+    with httpx.Client(timeout=15) as client:
+        for i in range(60):  # no-store: nothing cached, a trace each all the same
+            prompt = f"Write a short poem about the number {i}."
+            response = client.post(
+                f"{gateway.base_url}/chat/completions",
+                json={"model": "thrifty", "messages": [{"role": "user", "content": prompt}]},
+                headers={"authorization": f"Bearer {KEYS['bob']}", "cache-control": "no-store"},
+            )
+            assert response.status_code == 200, response.text
+            bobs.append(response.headers["x-request-id"])
+    cap = int(0.02 * 1024 * 1024)
+    with redis.Redis.from_url(redis_server.url) as kept_in:
+        deadline = time.monotonic() + 5
+        while not kept_in.exists(keyspace.routing_trace("b", bobs[-1])) and time.monotonic() < deadline:
+            time.sleep(0.05)  # written in the background, after the answer
+        sizes = [int(kept_in.strlen(keyspace.routing_trace("b", request_id))) for request_id in bobs]
+        counted = int(kept_in.hget(keyspace.routing_traces("b", "thrifty") + ":bytes", "#") or 0)
+    kept = [i for i, size in enumerate(sizes) if size]
+    assert sum(sizes[i] + BOUNDED_ENTRY_BYTES for i in kept) <= counted <= cap
+    assert 8 <= len(kept) < 20 and kept[-1] == len(bobs) - 1 and kept[0] > 40, kept  # the newest, about 16
+    labelled = _feedback(gateway, "bob", {"request_id": bobs[-1], "thumbs": "down"})
+    assert labelled.status_code == 200 and labelled.json()["label"] == "needed_large", labelled.text
+    gone = _feedback(gateway, "bob", {"request_id": bobs[0], "thumbs": "down"})
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found", gone.text
+    assert _feedback(gateway, "alice", {"request_id": alices, "thumbs": "up"}).status_code == 200
 
 
 def test_feedback_without_a_valid_key_is_401(gateway: GatewayProcess) -> None:

@@ -407,6 +407,29 @@ async def test_a_bounded_collections_expired_keys_free_their_bytes(store: Store)
     assert await store.kv.get(second, T) == b"y" * 200
 
 
+async def test_a_bounded_key_stored_only_if_new_keeps_its_first_value_counted_once(store: Store) -> None:
+    """Routing traces (t101): bounded like stored Responses, and the first request under an id keeps it."""
+    tenant = _tenant()
+    ledger, w = keyspace.routing_traces(tenant, "auto"), BOUNDED_ENTRY_BYTES
+    first, second, outside = (keyspace.routing_trace(tenant, name) for name in ("first", "second", "outside"))
+    cap = 200 + 2 * w
+    assert await store.kv.put_bounded(first, b"a" * 100, 60, ledger, cap, T, new_only=True) == 0
+    for _ in range(3):  # not stored, not counted again, and the first one's time stands
+        assert await store.kv.put_bounded(first, b"b" * 100, 60, ledger, cap, T, new_only=True) is None
+    assert await store.kv.get(first, T) == b"a" * 100
+    await asyncio.sleep(0.002)
+    assert await store.kv.put_bounded(second, b"c" * 100, 60, ledger, cap, T, new_only=True) == 0  # both fit
+    assert await store.kv.put_new(outside, b"o", 60, T)  # written before traces were bounded: left as it is
+    assert await store.kv.put_bounded(outside, b"d" * 100, 60, ledger, cap, T, new_only=True) is None
+    assert await store.kv.get_many([first, second, outside], T) == [b"a" * 100, b"c" * 100, b"o"]
+    await asyncio.sleep(0.002)
+    third = keyspace.routing_trace(tenant, "third")
+    assert await store.kv.put_bounded(third, b"e" * 100, 60, ledger, cap, T, new_only=True) == 1  # the oldest goes
+    assert await store.kv.get_many([first, second, third], T) == [None, b"c" * 100, b"e" * 100]
+    assert await store.kv.put_bounded(first, b"f" * 100, 60, ledger, cap, T, new_only=True) == 1  # gone: new again
+    assert await store.kv.get_many([first, second, third], T) == [b"f" * 100, None, b"e" * 100]
+
+
 async def test_a_new_value_does_not_replace_one_that_is_there(store: Store) -> None:
     key = keyspace.exact(_tenant(), "first-wins")
     assert await store.kv.put_new(key, b"first", 60, T) is True

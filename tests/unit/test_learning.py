@@ -227,7 +227,7 @@ async def test_labels_are_kept_per_tenant_and_bounded() -> None:
     assert [e.request_id for e in await store.labels("a")] == [f"r{i}" for i in range(5, 30)]
     assert await store.labels("b") == []
     trace = RoutingTrace.of("key-1", "auto", "large", 0.7, np.zeros(384), np.zeros(12))
-    await store.keep_trace("a", "req-1", trace, keep_hours=1)
+    assert await store.keep_trace("a", "req-1", trace, keep_hours=1, max_bytes=1 << 20)
     assert await store.trace("a", "req-1") == trace
     assert await store.trace("b", "req-1") is None
 

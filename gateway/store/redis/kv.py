@@ -33,6 +33,7 @@ local size = string.len(ARGV[1]) + tonumber(ARGV[4])
 local ttl_ms = tonumber(ARGV[2]) * 1000
 local max = tonumber(ARGV[3])
 if size > max then return -1 end
+if ARGV[6] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local total = tonumber(redis.call('HGET', KEYS[3], '#') or '0')
@@ -155,13 +156,28 @@ class RedisKeyValue:
         await self._redis.call(write, timeout_s)
 
     async def put_bounded(
-        self, key: str, value: bytes, ttl_s: int, ledger: str, max_bytes: int, timeout_s: float
+        self,
+        key: str,
+        value: bytes,
+        ttl_s: int,
+        ledger: str,
+        max_bytes: int,
+        timeout_s: float,
+        *,
+        new_only: bool = False,
     ) -> int | None:
         script = self._put_bounded
         if script is None:
             raise StoreUnavailable
         keys = [key, ledger, f"{ledger}:bytes"]
-        args: list[bytes | int | str] = [value, ttl_s, max_bytes, BOUNDED_ENTRY_BYTES, BOUNDED_EVICTIONS_AT_MOST]
+        args: list[bytes | int | str] = [
+            value,
+            ttl_s,
+            max_bytes,
+            BOUNDED_ENTRY_BYTES,
+            BOUNDED_EVICTIONS_AT_MOST,
+            int(new_only),
+        ]
         deleted = await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s)
         return None if deleted < 0 else int(deleted)
 
