@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import pytest
 from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
-from tests.gateway_process import _worker_pids, free_port, policy_text, start_gateway
+from tests.gateway_process import GatewayProcess, _worker_pids, free_port, policy_text, start_gateway
 
 
 def _requests_total(text: str) -> float:
@@ -561,12 +561,8 @@ def test_workers_agree_on_a_key_file_change_while_a_policy_edit_is_rejected(
     gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url}, workers=2)
     body = {"model": "fast", "messages": [{"role": "user", "content": "still let in?"}]}
 
-    def statuses(key: str) -> set[int]:  # a new connection each time: both workers answer
-        return {
-            httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=10,
-                       headers={"authorization": f"Bearer {key}"}).status_code
-            for _ in range(16)
-        }  # fmt: skip
+    def statuses(key: str) -> set[int]:
+        return _statuses(gateway, body, key)
 
     def until(done: Callable[[], bool]) -> None:
         deadline = time.monotonic() + 60
@@ -629,12 +625,8 @@ def test_a_worker_replaced_while_the_key_file_holds_a_bad_line_serves_the_keys_i
     metrics = tmp_path / "data" / "metrics"
     body = {"model": "fast", "messages": [{"role": "user", "content": "which keys?"}]}
 
-    def statuses(key: str) -> set[int]:  # a new connection each time: every worker answers
-        return {
-            httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=10,
-                       headers={"authorization": f"Bearer {key}"}).status_code
-            for _ in range(16)
-        }  # fmt: skip
+    def statuses(key: str) -> set[int]:
+        return _statuses(gateway, body, key)
 
     def reload_errors() -> set[str]:
         return {
@@ -675,6 +667,15 @@ def test_a_worker_replaced_while_the_key_file_holds_a_bad_line_serves_the_keys_i
         assert re.search(r"failed to start|crash loop", gateway.stderr_text()) is None  # uvicorn's, granian's
     finally:
         gateway.stop()
+
+
+def _statuses(gateway: GatewayProcess, body: Mapping[str, object], key: str) -> set[int]:
+    """The statuses of 16 requests with ``key``, each on a new connection: every worker answers."""
+    return {
+        httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=10,
+                   headers={"authorization": f"Bearer {key}"}).status_code
+        for _ in range(16)
+    }  # fmt: skip
 
 
 def _policy_version(metrics: Path, pid: int) -> str:
