@@ -10,7 +10,7 @@ import pytest
 from gateway.core.model import ImagePart
 from gateway.image_size import data_url_size, image_size
 from gateway.protocols.openai_chat import read_chat_request
-from gateway.tokens import anthropic_image_tokens, count_prompt, image_tokens, openai_image_tokens
+from gateway.tokens import anthropic_image_tokens, count_prompt, image_tokens, openai_image_tokens, prompt_chars
 
 
 def _png(width: int, height: int) -> bytes:
@@ -194,3 +194,19 @@ def test_a_prompt_counts_its_images_by_size() -> None:
     assert count(_url(_png(1568, 1568)), "openai") == text + 765
     assert count(_url(_png(1568, 1568)), "anthropic") == text + 1600
     assert count(_url(_png(200, 200)), "anthropic") == text + 54
+
+
+def test_images_weigh_in_the_choice_to_count_off_the_event_loop() -> None:
+    """t102: prompt_chars ignored images, so a 4 MB body of 15,000 JPEG headers of fill bytes was
+    counted on the event loop (1.7 s). Each image weighs its URL's length, at least 1,000 chars."""
+    hostile = "data:image/jpeg;base64," + base64.b64encode(b"\xff\xd8" + b"\xff" * 130 + b"\xff\xc0").decode()
+    parts = [{"type": "image_url", "image_url": {"url": hostile}}] * 40
+    request = read_chat_request(
+        {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, *parts]}]}
+    )
+    assert prompt_chars(request) == 2 + 40 * 1_000 > 32_000  # the default limits.long_prompt_chars
+    big = "data:image/png;base64," + "A" * 50_000
+    one = read_chat_request(
+        {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": big}}]}]}
+    )
+    assert prompt_chars(one) == len(big)
