@@ -73,6 +73,10 @@ async def dispatch(
     ``try_next`` (the gateway's own credentials, a prompt too long for this model's window,
     its total timeout run out) move on to the next model.
 
+    The error raised when every model failed says ``x-should-retry: false`` when the route's
+    retries or fallbacks are spent (the SDKs' own retries would multiply them) or the upstream
+    asked for a wait too long to make; the ``Retry-After`` still says when.
+
     A model's ``timeouts.total`` bounds all of its attempts together (:mod:`gateway.upstreams.deadline`):
     a retry gets what is left of it, and none is made once the backoff would outlast it; each
     model of the route has its own.
@@ -132,7 +136,16 @@ async def dispatch(
         verdicts.record()
     error = last_error or skipped  # a skip alone: no model was called, its circuit is the answer
     assert error is not None
+    if info.attempts > 1 or _waits_too_long(retry, error):
+        error.headers["x-should-retry"] = "false"
     raise error
+
+
+def _waits_too_long(retry: RetryPolicy, exc: UpstreamError) -> bool:
+    """An upstream's Retry-After the route judged too long to wait for: so it is for the SDKs,
+    which would wait it out themselves, the Anthropic SDK any length (t100: an OpenAI limit's
+    ``x-ratelimit-reset`` of 8 h left a Claude client asleep for 16 h over two retries)."""
+    return exc.retry_after_s is not None and exc.retry_after_s > retry.max_retry_after_s
 
 
 class _Verdicts:

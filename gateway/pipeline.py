@@ -428,8 +428,6 @@ class ChatPipeline:
             if isinstance(exc, UpstreamError):
                 x.failure = exc
                 record.speculation = record.speculation or _failed_speculation(x.info.failures)
-                if x.info.attempts > 1 or _waits_too_long(exc, x):
-                    exc.headers["x-should-retry"] = "false"
             return self._error_answer(x, exc)
         except Exception as exc:  # a bug of ours: answered and logged as what it is, never a lost request
             return self._error_answer(x, _internal_error(x, exc))
@@ -1465,15 +1463,6 @@ def _answers_asked(request: core.Request) -> int:
     """``n``: each answer writes (and is billed) its own completion, so the estimate holds n."""
     n = request.extra.get("n")
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
-
-
-def _waits_too_long(exc: UpstreamError, x: _Exchange) -> bool:
-    """An upstream's Retry-After the route judged too long to wait for (``max_retry_after_s``):
-    the SDKs would wait it out themselves, the Anthropic SDK any length (t100: an OpenAI limit's
-    ``x-ratelimit-reset`` of 8 h left a Claude client asleep for 16 h over two retries). The
-    header still says when; whether to come back then is the application's choice."""
-    retry = (x.plan.retry if x.plan is not None else None) or x.runtime.policy.retry
-    return exc.retry_after_s is not None and exc.retry_after_s > retry.max_retry_after_s
 
 
 def _failed_speculation(failures: list[UpstreamError]) -> dict[str, Any] | None:

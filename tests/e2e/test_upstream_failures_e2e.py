@@ -177,6 +177,20 @@ def test_a_wait_too_long_for_the_route_is_not_waited_out_by_the_anthropic_sdk(
     assert upstream_stats(small_upstream)["chat_requests"] == 1
 
 
+def test_embeddings_tell_the_sdk_not_to_retry_as_chat_does(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t102: /v1/embeddings never said x-should-retry: the openai SDK's retries multiplied the
+    gateway's (6 upstream calls for one request), and a long Retry-After was waited out."""
+    inject(small_upstream, {"status": 429, "retry_after": 30})
+    response = httpx.post(f"{gateway.base_url}/embeddings", json={"model": "embed", "input": "hi"}, timeout=15)
+    assert response.status_code == 429 and response.headers["x-should-retry"] == "false"
+    assert response.headers["retry-after"] == "30"
+    inject(small_upstream, *[{"status": 503}] * 2)
+    spent = httpx.post(f"{gateway.base_url}/embeddings", json={"model": "embed", "input": "hi"}, timeout=15)
+    assert spent.status_code == 502 and spent.headers["x-should-retry"] == "false"
+
+
 def test_an_openai_429_without_retry_after_is_told_when_its_limit_resets(
     gateway: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:
