@@ -72,8 +72,9 @@ class AtStart(NamedTuple):
 
 
 def load_at_start(path: Path, last_good: Path | None, *, auth_required: bool = False) -> AtStart:
-    """The policy file; or, when it is invalid (its key file included), the last policy a worker
-    of this gateway accepted, with the file's problems.
+    """The policy file; or, when it is invalid (its key file included) or a running worker's
+    reload would refuse it (an emptied key file: f90), the last policy a worker of this gateway
+    accepted, with the file's problems.
 
     ``serve`` checks the files before it starts any worker and writes ``last_good``, so only a
     worker started later can fall back: one that replaces a worker that died while ops had
@@ -92,6 +93,7 @@ def load_at_start(path: Path, last_good: Path | None, *, auth_required: bool = F
             raise
         except Exception as unforeseen:
             raise ConfigError(str(path), [f"the file could not be read ({type(unforeseen).__name__})"]) from None
+        _refuse_weakening_since_kept(loaded, path, last_good)
         _refuse_auth_off(loaded, auth_required)
         return AtStart(loaded, [], None, [])
     except ConfigError as exc:
@@ -108,6 +110,33 @@ def load_at_start(path: Path, last_good: Path | None, *, auth_required: bool = F
             return AtStart(accepted, exc.problems, None, [])
         loaded, state, key_problems = _with_key_file_now(accepted, path.parent)
         return AtStart(loaded, exc.problems, state, key_problems)
+
+
+def _refuse_weakening_since_kept(loaded: LoadedPolicy, path: Path, last_good: Path | None) -> None:
+    """The rules a running worker's reload holds ``loaded`` to, held against the policy last
+    accepted, kept with its key file (ConfigError when they refuse it).
+
+    A policy that loads cleanly may still be one its siblings refuse: an emptied or deleted key
+    file loads as "no keys made yet", and a worker started then served no keys while its
+    siblings kept theirs, and kept the empty file in place of their keys, so every later
+    replacement started keyless too (f90). ``serve`` keeps the files it starts on before any
+    worker starts, so a fresh start is held to itself. Nothing to hold it to when nothing can be
+    read or loaded, or only the policy was kept (a gateway before f87): as before.
+    """
+    if last_good is None:
+        return
+    text, kept_keys = _kept_text(last_good), _kept_text(kept_key_file(last_good))
+    if text is None:
+        return
+    try:
+        accepted = load_policy_text(
+            text, source=f"{path} (last accepted)", base_dir=path.parent, key_file_text=kept_keys
+        )
+    except Exception:  # the fallback says so when it needs it; here it only cannot refuse anything
+        return
+    if kept_keys is None and accepted.policy.auth.key_file:
+        return
+    refuse_weakening_by_omission(accepted, loaded)
 
 
 def _kept_text(path: Path) -> str | None:

@@ -669,6 +669,62 @@ def test_a_worker_replaced_while_the_key_file_holds_a_bad_line_serves_the_keys_i
         gateway.stop()
 
 
+def test_a_worker_replaced_while_the_key_file_is_emptied_serves_the_keys_its_siblings_do(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """f90: an emptied key file loads cleanly ("no keys made yet"), so a worker's replacement
+    started on no keys (401 for every key) while its siblings refused the emptying, and kept the
+    empty file in place of their keys: once both workers were replaced every key got 401. It
+    is held to the reload rules against the policy kept, serves its siblings' keys and says what
+    they say; the kept key file stays as it was."""
+    admin = f'    - {{id: ops, tenant: ops, hash: "{hash_key("sk-ops")}", admin: true}}'
+    policy = policy_text(
+        small_upstream, large_upstream, auth=f"auth:\n  mode: keys\n  key_file: keys.yaml\n  keys:\n{admin}"
+    )
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f'keys:\n  - {{id: staying, tenant: t, hash: "{hash_key("sk-staying")}"}}\n')
+    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url}, workers=2, server="uvicorn")
+    metrics, kept = tmp_path / "data" / "metrics", tmp_path / "data" / "policy.last-accepted.keys.yaml"
+    body = {"model": "fast", "messages": [{"role": "user", "content": "which keys?"}]}
+
+    def reload_errors() -> set[str | None]:
+        return {
+            httpx.get(f"{gateway.url}/readyz", headers={"authorization": "Bearer sk-ops"}, timeout=5).json()["policy"][
+                "last_reload_error"
+            ]
+            for _ in range(16)
+        }
+
+    try:
+        assert _statuses(gateway, body, "sk-staying") == {200}
+        [version] = {_policy_version(metrics, pid) for pid in _worker_pids(gateway.process.pid)}
+        kept_before = kept.read_bytes()
+        keys.write_text("")
+        _until(lambda: all(said and "its changes wait too" in said for said in reload_errors()))
+        [said] = reload_errors()
+        assert _statuses(gateway, body, "sk-staying") == {200}  # both siblings refuse the emptying
+
+        first, second = sorted(_worker_pids(gateway.process.pid))
+        os.kill(first, signal.SIGKILL)
+        _until(lambda: first not in _worker_pids(gateway.process.pid))
+        deadline = time.monotonic() + 60  # a generous bound, not a measure
+        while True:  # until the replacement has answered the key with 200
+            assert gateway.process.poll() is None, gateway.stderr_text()[-3000:]
+            assert _statuses(gateway, body, "sk-staying") == {200}, gateway.stderr_text()[-3000:]
+            replacements = set(_worker_pids(gateway.process.pid)) - {first, second}
+            if any("200" in _statuses_answered(metrics, pid) for pid in replacements):
+                break
+            assert time.monotonic() < deadline, gateway.stderr_text()[-3000:]
+        [replacement] = replacements
+        assert _policy_version(metrics, replacement) == version
+        assert reload_errors() == {said}  # whichever worker answers, the same words
+        [started] = [r for r in gateway.ops_records("policy_rejected") if r["reason"] == "start-up"]
+        assert started["key_file"] == "pending"
+        assert kept.read_bytes() == kept_before  # a later replacement falls back to the same keys
+    finally:
+        gateway.stop()
+
+
 def _statuses(gateway: GatewayProcess, body: Mapping[str, object], key: str) -> set[int]:
     """The statuses of 16 requests with ``key``, each on a new connection: every worker answers."""
     return {

@@ -517,6 +517,45 @@ def test_a_worker_started_while_the_key_file_is_emptied_keeps_the_keys_last_acce
     assert (state, key_problems) == ("applied", [])
 
 
+@pytest.mark.parametrize("edit", ["emptied", "deleted"])
+async def test_a_worker_started_while_the_key_file_is_emptied_serves_its_siblings_keys(
+    tmp_path: Path, edit: str
+) -> None:
+    """f90: the policy file loads cleanly then (a missing or empty key file is "no keys made
+    yet"), so a worker started then served no keys while its siblings refused the emptying on
+    reload, and kept the empty file in place of the kept keys: every later replacement started
+    keyless too. It is held to the reload rules against the policy last accepted and falls back."""
+    path, last_good, keys = tmp_path / "policies.yaml", tmp_path / "last.yaml", tmp_path / "keys.yaml"
+    path.write_text(KEYED)
+    keys.write_text("keys:\n" + _key("staying"))
+    running = RuntimeHolder(path, Metrics(), last_good=last_good)
+    accepted = running.start()
+    kept = kept_key_file(last_good)
+    kept_policy, kept_keys = last_good.read_bytes(), kept.read_bytes()
+    try:
+        if edit == "emptied":
+            keys.write_text("")
+        else:
+            keys.unlink()
+        assert not await running.reload("test", settle=False)
+        with capture_logs() as logged:
+            replacement = RuntimeHolder(path, Metrics(), last_good=last_good)
+            started = replacement.start()
+        await replacement.aclose()
+    finally:
+        await running.aclose()
+    assert [key.id for key in running.current.policy.auth.keys] == ["staying"]  # the sibling refused it
+    assert [key.id for key in started.policy.auth.keys] == ["staying"]
+    assert started.version == running.current.version == accepted.version
+    said = running.last_reload_error
+    assert said and "keys.yaml: its changes wait too" in said and "is missing, empty" in said
+    assert replacement.last_reload_error == said
+    [rejected] = [line for line in logged if line["event"] == "policy_rejected"]
+    assert rejected["reason"] == "start-up" and rejected["key_file"] == "pending"
+    assert "is missing, empty" in rejected["problems"][0]
+    assert (last_good.read_bytes(), kept.read_bytes()) == (kept_policy, kept_keys)  # not replaced by the empty file
+
+
 def test_a_fresh_start_still_refuses_an_invalid_key_file(tmp_path: Path) -> None:
     """Only a worker started later falls back; with nothing kept, the key file is read as it is now."""
     path, last_good, keys = tmp_path / "policies.yaml", tmp_path / "last.yaml", tmp_path / "keys.yaml"
