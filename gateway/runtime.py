@@ -108,8 +108,8 @@ def load_at_start(path: Path, last_good: Path | None, *, auth_required: bool = F
         accepted = load_policy_text(text, source=source, base_dir=path.parent, key_file_text=kept_keys)
         if kept_keys is None or not accepted.policy.auth.key_file:  # none kept: read as it is now, as before
             return AtStart(accepted, exc.problems, None, [])
-        loaded, state, key_problems = _with_key_file_now(accepted, path.parent)
-        return AtStart(loaded, exc.problems, state, key_problems)
+        now = _with_key_file_now(accepted, path.parent, "start-up")
+        return AtStart(now.loaded, exc.problems, now.state, now.problems)
 
 
 def _refuse_weakening_since_kept(loaded: LoadedPolicy, path: Path, last_good: Path | None) -> None:
@@ -146,26 +146,39 @@ def _kept_text(path: Path) -> str | None:
         return None
 
 
-def _with_key_file_now(accepted: LoadedPolicy, base_dir: Path) -> tuple[LoadedPolicy, str, list[str]]:
-    """``accepted`` as a running worker that has it in force serves it: read again with its key
-    file as it is now (:meth:`RuntimeHolder._key_file_alone`), or, while the key file is invalid,
-    less the keys the file no longer lists (:meth:`RuntimeHolder._drop_unlisted_keys`); with what
-    the log says of the key file, and why it is not applied whole."""
+class _KeyFileNow(NamedTuple):
+    """A policy in force with its key file as it is now (:func:`_with_key_file_now`)."""
+
+    loaded: LoadedPolicy
+    state: str
+    """What the log says of the key file: ``applied``, ``in force``, ``removals only`` or ``pending``."""
+    problems: list[str]
+    """Why the key file is not applied whole."""
+    dropped: list[str]
+    """The ids of the keys taken out while the file is invalid."""
+
+
+def _with_key_file_now(accepted: LoadedPolicy, base_dir: Path, reason: str) -> _KeyFileNow:
+    """``accepted`` read again with its key file as it is now, under the rules of any reload (an
+    emptied key file is refused: t63); while the key file is invalid, ``accepted`` less the keys
+    the file no longer lists (t98: a key revoked while another line was bad kept answering 200).
+    The one decision a running worker (:meth:`RuntimeHolder._key_file_alone`) and a worker
+    started later (:func:`load_at_start`) both take, so that all workers agree (f87, f90)."""
     try:
         loaded = load_policy_text(accepted.text, source=accepted.source, base_dir=base_dir)
         refuse_weakening_by_omission(accepted, loaded)
-    except ConfigError as exc:
+    except ConfigError as exc:  # an invalid key file: only the keys taken out of it apply
         try:
             narrowed = without_unlisted_keys(accepted, base_dir)
-        except Exception as unread:  # named by its type only, as in _drop_unlisted_keys
-            _log.error("key_file_removals_unread", reason="start-up", error=type(unread).__name__)
+        except Exception as unread:  # never in the way of the rejection it is part of; named by its type only
+            _log.error("key_file_removals_unread", reason=reason, error=type(unread).__name__)
             narrowed = None
-        if narrowed is None:
-            return accepted, "pending", exc.problems
-        return narrowed[0], _REMOVALS_ONLY, exc.problems
+        if narrowed is None:  # the file says nothing of its keys
+            return _KeyFileNow(accepted, "pending", exc.problems, [])
+        return _KeyFileNow(narrowed[0], _REMOVALS_ONLY, exc.problems, narrowed[1])
     except Exception as exc:  # named by its type only, as in reload
-        return accepted, "pending", [f"the key file could not be read ({type(exc).__name__})"]
-    return loaded, "in force" if loaded.version == accepted.version else "applied", []
+        return _KeyFileNow(accepted, "pending", [f"the key file could not be read ({type(exc).__name__})"], [])
+    return _KeyFileNow(loaded, "in force" if loaded.version == accepted.version else "applied", [], [])
 
 
 def keep_last_good(loaded: LoadedPolicy, last_good: Path) -> None:
@@ -302,60 +315,31 @@ class RuntimeHolder:
         self.last_reload_error = "; ".join(shown)
 
     async def _key_file_alone(self, reason: str) -> tuple[str, list[str]]:
-        """The policy in force read again with its key file as it is now, installed when it
-        differs: while policies.yaml held a rejected edit, a key deleted from the key file kept
-        answering 200 and one made by ``keys new`` 401 (t63). The safety rules of any reload hold
-        (an emptied key file is refused). What it applies is kept for a worker started later,
-        which applies the key file as it is now to it in the same way (:func:`load_at_start`),
-        so all workers agree.
+        """The policy in force with its key file as it is now (:func:`_with_key_file_now`),
+        installed when it differs: while policies.yaml held a rejected edit, a key deleted from the
+        key file kept answering 200 and one made by ``keys new`` 401 (t63). What it applies whole
+        is kept for a worker started later, which takes the same decision (:func:`load_at_start`).
 
         Returns what the log says of the key file (``applied``, ``in force``, ``removals only``
         or ``pending``), and why it is not applied whole.
         """
-        current = self.current.loaded
-        try:
-            loaded = await asyncio.to_thread(
-                load_policy_text, current.text, source=current.source, base_dir=self.path.parent
-            )
-            refuse_weakening_by_omission(current, loaded)
-        except ConfigError as exc:
-            return await self._drop_unlisted_keys(reason), exc.problems  # an invalid key file
-        except Exception as exc:  # named by its type only, as in reload
-            return "pending", [f"the key file could not be read ({type(exc).__name__})"]
-        if loaded.version == current.version:
-            return "in force", []
         old = self.current
-        self._install(self._build(loaded, previous=old))
-        if self.last_good is not None:
-            await asyncio.to_thread(keep_last_good, loaded, self.last_good)
+        now = await asyncio.to_thread(_with_key_file_now, old.loaded, self.path.parent, reason)
+        if now.loaded.version == old.version:
+            return now.state, now.problems
+        self._install(self._build(now.loaded, previous=old))
+        if now.state == "applied" and self.last_good is not None:
+            await asyncio.to_thread(keep_last_good, now.loaded, self.last_good)
         self._retire(list(old.providers.values()))
-        _log.info("policy_reloaded", reason=reason, version=loaded.version, previous=old.version, key_file_only=True)
-        for warning in loaded.warnings:
-            _log.warning("policy_warning", detail=warning)
-        return "applied", []
-
-    async def _drop_unlisted_keys(self, reason: str) -> str:
-        """While the key file is invalid, refuse the keys it no longer lists (t98: a key revoked
-        while another line was bad kept answering 200), installed as a version of its own; its
-        other changes wait. ``removals only``, or ``pending`` when the file says nothing of its
-        keys (:func:`~gateway.config.loader.without_unlisted_keys`)."""
-        old = self.current
-        try:
-            narrowed = await asyncio.to_thread(without_unlisted_keys, old.loaded, self.path.parent)
-        except Exception as exc:  # never in the way of the rejection it is part of; named by its type only
-            _log.error("key_file_removals_unread", reason=reason, error=type(exc).__name__)
-            return "pending"
-        if narrowed is None:
-            return "pending"
-        loaded, dropped = narrowed
-        if dropped:
-            self._install(self._build(loaded, previous=old))
-            self._retire(list(old.providers.values()))
-            _log.info(
-                "policy_reloaded", reason=reason, version=loaded.version, previous=old.version,
-                key_file_only=True, keys_dropped=dropped,
-            )  # fmt: skip
-        return _REMOVALS_ONLY
+        dropped = {"keys_dropped": now.dropped} if now.dropped else {}
+        _log.info(
+            "policy_reloaded", reason=reason, version=now.loaded.version, previous=old.version,
+            key_file_only=True, **dropped,
+        )  # fmt: skip
+        if now.state == "applied":
+            for warning in now.loaded.warnings:
+                _log.warning("policy_warning", detail=warning)
+        return now.state, now.problems
 
     def reload_on_sighup(self) -> None:
         """``kill -HUP`` reloads the policy, whether or not the file is watched.
