@@ -76,10 +76,6 @@ class KeyValue(Protocol):
         token still holds it, in the same round trip (a coalescing leader's answer)."""
         ...
 
-    async def put_new(self, key: str, value: bytes, ttl_s: int, timeout_s: float) -> bool:
-        """Store ``value`` for ``ttl_s`` unless ``key`` holds one already; whether it was stored."""
-        ...
-
     async def get_many(self, keys: list[str], timeout_s: float) -> list[bytes | None]:
         """:meth:`get` of each key, in one round trip (the keys share one tenant's hash tag)."""
         ...
@@ -103,8 +99,8 @@ class KeyValue(Protocol):
         keys share its hash tag, and every key in it has the same ``ttl_s``) as its bytes plus
         :data:`BOUNDED_ENTRY_BYTES`; the ledger's oldest keys are deleted until its total fits
         ``max_bytes``, at most :data:`BOUNDED_EVICTIONS_AT_MOST` of them. How many were deleted,
-        or None (nothing stored) when it does not fit even so, or (``new_only``, as
-        :meth:`put_new`) when ``key`` holds a value already, which is then left as it is."""
+        or None (nothing stored) when it does not fit even so, or (``new_only``) when ``key``
+        holds a value already, which is then left as it is."""
         ...
 
     async def get_bounded(self, keys: list[str], ledger: str, ttl_s: int, timeout_s: float) -> list[bytes | None]:

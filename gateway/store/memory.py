@@ -65,13 +65,6 @@ class MemoryKeyValue(_Outage):
             if self._live(lease) == release.encode():
                 del self._values[lease]
 
-    async def put_new(self, key: str, value: bytes, ttl_s: int, timeout_s: float) -> bool:
-        self._check()
-        if self._live(key) is not None:
-            return False
-        self._values[key] = (value, self._clock() + ttl_s)
-        return True
-
     async def get_many(self, keys: list[str], timeout_s: float) -> list[bytes | None]:
         self._check()
         return [self._live(key) for key in keys]

@@ -419,7 +419,7 @@ async def test_a_bounded_key_stored_only_if_new_keeps_its_first_value_counted_on
     assert await store.kv.get(first, T) == b"a" * 100
     await asyncio.sleep(0.002)
     assert await store.kv.put_bounded(second, b"c" * 100, 60, ledger, cap, T, new_only=True) == 0  # both fit
-    assert await store.kv.put_new(outside, b"o", 60, T)  # written before traces were bounded: left as it is
+    await store.kv.put(outside, b"o", 60, T)  # written before traces were bounded: left as it is
     assert await store.kv.put_bounded(outside, b"d" * 100, 60, ledger, cap, T, new_only=True) is None
     assert await store.kv.get_many([first, second, outside], T) == [b"a" * 100, b"c" * 100, b"o"]
     await asyncio.sleep(0.002)
@@ -428,13 +428,6 @@ async def test_a_bounded_key_stored_only_if_new_keeps_its_first_value_counted_on
     assert await store.kv.get_many([first, second, third], T) == [None, b"c" * 100, b"e" * 100]
     assert await store.kv.put_bounded(first, b"f" * 100, 60, ledger, cap, T, new_only=True) == 1  # gone: new again
     assert await store.kv.get_many([first, second, third], T) == [b"f" * 100, None, b"e" * 100]
-
-
-async def test_a_new_value_does_not_replace_one_that_is_there(store: Store) -> None:
-    key = keyspace.exact(_tenant(), "first-wins")
-    assert await store.kv.put_new(key, b"first", 60, T) is True
-    assert await store.kv.put_new(key, b"second", 60, T) is False
-    assert await store.kv.get(key, T) == b"first"
 
 
 async def test_a_cancel_that_lands_during_a_redis_call_is_never_lost(redis_server: EmbeddedRedis) -> None:

@@ -1,4 +1,4 @@
-""":class:`~gateway.store.base.KeyValue` on Redis: ``GET``/``SET EX`` (``NX`` for :meth:`put_new`), leases as ``SET NX PX``
+""":class:`~gateway.store.base.KeyValue` on Redis: ``GET``/``SET EX``, leases as ``SET NX PX``
 (renewed by a script), bounded lists as ``RPUSH``/``LTRIM``, float totals as ``INCRBYFLOAT``, collections bounded in bytes
 as Lua scripts."""
 
@@ -133,9 +133,6 @@ class RedisKeyValue:
             keys = [key, keyspace.lease(key)]
             args: list[bytes | int | str] = [value, ttl_s, release]
             await self._redis.call(lambda r: script(keys=keys, args=args), timeout_s)
-
-    async def put_new(self, key: str, value: bytes, ttl_s: int, timeout_s: float) -> bool:
-        return bool(await self._redis.call(lambda r: r.set(key, value, ex=ttl_s, nx=True), timeout_s))
 
     async def get_many(self, keys: list[str], timeout_s: float) -> list[bytes | None]:
         if not keys:
