@@ -105,12 +105,14 @@ def test_a_client_that_leaves_in_a_retrys_backoff_is_the_failure_of_the_model_tr
 ) -> None:
     """t72: small answered 500 and the client left while the gateway waited to retry: logged with
     model null (counted under model="-"), as if no model had been tried."""
-    routes = "  patient: {model: small, fallbacks: [large], retry: {max_attempts: 2, backoff_initial_ms: 20000}}\n"
+    routes = "  patient: {model: small, fallbacks: [large], retry: {max_attempts: 2, backoff_initial_ms: 4000, backoff_max_ms: 4000}}\n"
     gateway = start_gateway(tmp_path, policy_text(small_upstream, large_upstream, routes=routes),
                             env={"REDIS_URL": redis_server.url})  # fmt: skip
     try:
         for stream in (False, True):
-            inject(small_upstream, {"status": 500})  # answered at once; the retry waits 10 s or more
+            # answered at once; the retry waits 2-4 s, within small's 5 s total (with the default
+            # backoff_max_ms of 2 s it waited 1-2 s, and leaving at 1 s once met the retry at work)
+            inject(small_upstream, {"status": 500})
             request_id = _leave_after(gateway, {**_body(f"retry me later {stream}"), "model": "patient",
                                                 "stream": stream}, wait_s=1.0)  # fmt: skip
             record = _record_with_id(gateway, request_id)
