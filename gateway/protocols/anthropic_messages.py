@@ -45,7 +45,7 @@ from gateway.core.model import (
 )
 from gateway.errors import InvalidRequestError, context_overflow
 from gateway.pricing import PricedOptions, option_name
-from gateway.protocols.body import decode_body
+from gateway.protocols.body import decode_body, refuse_choice_without_tools
 from gateway.protocols.upstream_json import mended, token_count
 
 __all__ = [
@@ -202,6 +202,11 @@ def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool =
         raise InvalidRequestError("max_tokens: Field required", param="max_tokens")
     if not wire.messages:  # counting too: a count for a request /v1/messages refuses tells nothing
         raise InvalidRequestError("messages: at least one message is required", param="messages")
+    refuse_choice_without_tools(  # as Anthropic answers it; dropped, it was answered with text on a chat route
+        wire.tool_choice.type if wire.tool_choice else None,
+        wire.tools,
+        "tool_choice may only be specified while providing tools",
+    )
     messages: list[Message] = []
     if wire.system:
         messages.append(Message("system", _parts(wire.system, "system", passed_through)))

@@ -12,7 +12,7 @@ import msgspec
 
 from gateway.errors import InvalidRequestError
 
-__all__ = ["LARGE_BODY_BYTES", "check_fields", "decode_body", "read_off_loop"]
+__all__ = ["LARGE_BODY_BYTES", "check_fields", "decode_body", "read_off_loop", "refuse_choice_without_tools"]
 
 T = TypeVar("T")
 
@@ -91,3 +91,10 @@ def _field_error(message: str) -> InvalidRequestError:
     return InvalidRequestError(
         f"invalid parameter '{param}': {reason}" if param else f"invalid request: {reason}", param=param
     )
+
+
+def refuse_choice_without_tools(choice: object, tools: object, message: str) -> None:
+    """A 400 for a ``tool_choice`` other than ``"none"`` without ``tools`` (``[]`` is none), as
+    OpenAI, vLLM and Anthropic answer it; ``message`` in the words of the API asked."""
+    if choice is not None and choice != "none" and not tools:
+        raise InvalidRequestError(message, param="tool_choice")

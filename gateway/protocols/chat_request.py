@@ -13,8 +13,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from gateway.errors import InvalidRequestError
-from gateway.protocols.body import check_fields, decode_body
+from gateway.protocols.body import check_fields, decode_body, refuse_choice_without_tools
 from gateway.protocols.openai_fields import ChoiceCount, MaxTokens, Penalty, Stop, Temperature, TopP
 from gateway.protocols.shared_state import refuse_upstream_ids
 
@@ -81,9 +80,8 @@ def _check_tool_choice(body: dict[str, Any]) -> None:
     upstream is sent no choice without tools, and answered it with text (t78). ``none`` asks for
     nothing a request without tools does not get (vLLM takes it). ``tools: []`` is no tools (t80:
     ``required`` with it was answered with text on a Claude route; OpenAI refuses an empty list)."""
-    choice = body.get("tool_choice")
-    if choice is not None and choice != "none" and not body.get("tools"):
-        raise InvalidRequestError(
-            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
-            param="tool_choice",
-        )
+    refuse_choice_without_tools(
+        body.get("tool_choice"),
+        body.get("tools"),
+        "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+    )

@@ -267,6 +267,31 @@ def test_errors_come_in_anthropics_shape_and_the_sdk_raises_its_own_types(
     assert response.status_code == 400 and "messages[0].role" in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("model", ["fast", "claude"])  # an OpenAI-compatible upstream, then Anthropic's
+def test_a_tool_choice_without_tools_is_refused_as_anthropic_refuses_it(
+    claude: anthropic.Anthropic, model: str
+) -> None:
+    """Anthropic's 400, on every route: on a chat route the choice was dropped, unnamed, and a call
+    the client forced was answered with text (found by an outside tester). ``none`` asks for nothing."""
+    ask: dict[str, Any] = {"model": model, "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]}
+    choices: list[Any] = [{"type": "any"}, {"type": "auto"}, {"type": "tool", "name": "get_x"}]
+    no_tools: list[dict[str, Any]] = [{}, {"tools": []}]  # an empty list is no tools
+    for choice in choices:
+        for tools in no_tools:
+            with pytest.raises(anthropic.BadRequestError) as refused:
+                claude.messages.create(**{**ask, **tools, "tool_choice": choice})
+            assert refused.value.body == {
+                "type": "error",
+                "error": {
+                    "type": "invalid_request_error",
+                    "message": "tool_choice may only be specified while providing tools",
+                },
+            }
+    with pytest.raises(anthropic.BadRequestError):  # what /v1/messages refuses is not counted either
+        claude.messages.count_tokens(model=model, messages=ask["messages"], tool_choice={"type": "any"})
+    assert claude.messages.create(**ask, tool_choice={"type": "none"}).content
+
+
 def test_count_tokens(claude: anthropic.Anthropic) -> None:
     short = claude.messages.count_tokens(model="fast", messages=[{"role": "user", "content": "hi"}])
     longer = claude.messages.count_tokens(
