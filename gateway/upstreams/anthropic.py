@@ -287,6 +287,8 @@ class _AnthropicChatStream(ChatStream):
         self._started = False
         self._said = False
         """Whether content (or the finish) came: until then what came is held back."""
+        self._opened = False
+        """Whether the role chunk is queued: it waits for the first chunk, which says its content."""
         self._stopped = False
         """``message_delta`` gave the stop reason: the model has finished, only ``message_stop`` is due."""
         self._done = False
@@ -364,8 +366,6 @@ class _AnthropicChatStream(ChatStream):
             self._started = True
             tally.id, tally.created = self._decoder.id, int(time.time())
             tally.model = self._decoder.model or self._provider.upstream_model
-            if chunks:
-                self._chunk({"role": "assistant", "content": ""})
         for delta in deltas:
             if not isinstance(delta, UsageReport):
                 self._said = True
@@ -385,6 +385,13 @@ class _AnthropicChatStream(ChatStream):
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None, stop: str | None = None) -> None:
         tally = self.tally
+        if not self._opened:
+            # The role opens the stream once its first content is known: OpenAI opens a tool call or
+            # a refusal with content null, as the cache's replay does (f93: "" live, None on a hit)
+            self._opened = True
+            textless = "tool_calls" in delta or "refusal" in delta
+            role = {"role": "assistant", "content": None if textless else ""}
+            self._pending.append(chunk_body(tally.id, tally.created, tally.model, role))
         self._pending.append(chunk_body(tally.id, tally.created, tally.model, delta, finish_reason, stop_reason=stop))
 
 

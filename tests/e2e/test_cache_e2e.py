@@ -578,6 +578,32 @@ def test_a_streamed_tool_call_fills_the_cache_and_replays_whole(
     assert upstream_stats(small_upstream)["requests"] == calls
 
 
+def test_a_claude_tool_call_streams_content_null_live_and_from_the_cache(cached_gateway: GatewayProcess) -> None:
+    """f93: a chat stream from Anthropic opened with content "" whatever came, so the openai SDK's
+    stream helper assembled a tool call's message with content "" live and None on a hit (whose
+    replay opens with null, as OpenAI's streams do). A text answer still opens with ""."""
+    client = _client(cached_gateway)
+    forced: Any = {"type": "function", "function": {"name": "get_weather"}}
+    tool_ask: Any = {"messages": _unique("weather in Oslo"), "tools": [_WEATHER_TOOL], "tool_choice": forced}
+
+    def streamed(label: str, **ask: Any) -> tuple[Any, Any, str]:
+        request_id = f"{label}-{time.monotonic_ns()}"
+        with client.chat.completions.stream(model="claude", extra_headers={"x-request-id": request_id}, **ask) as s:
+            chunks = [event.chunk for event in s if event.type == "chunk"]
+            message = s.get_final_completion().choices[0].message
+        return chunks[0].choices[0].delta, message, cached_gateway.wait_for_record(request_id)["cache"]
+
+    opening, live, cache = streamed("tool-live", **tool_ask)
+    assert (opening.role, opening.content, cache) == ("assistant", None, "miss")
+    assert live.content is None and live.tool_calls and live.tool_calls[0].function.name == "get_weather"
+    opening, hit, cache = streamed("tool-hit", **tool_ask)
+    assert (opening.role, opening.content, cache) == ("assistant", None, "exact")
+    assert hit.content is None and hit.tool_calls and hit.tool_calls[0].function.name == "get_weather"
+
+    opening, text, _ = streamed("text", messages=_unique("hello"))
+    assert (opening.role, opening.content) == ("assistant", "") and text.content
+
+
 def test_an_agents_next_turn_is_a_hit_whatever_ids_its_calls_were_given(cached_gateway: GatewayProcess) -> None:
     """A replayed call has an id of its own (above), so the turn that sends its result back names
     another id than the first user's did: the key reads each call by its place, not its id."""
