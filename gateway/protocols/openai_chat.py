@@ -797,9 +797,11 @@ def stream_from_answer(answer: Answer, created: int, include_usage: bool) -> lis
         )
 
     deltas = list(deltas_of(answer))
-    # OpenAI opens tool calls or a refusal without text with content null (t100: a cache hit's
-    # final message, as the SDK's stream helper assembles it, said "" where the live one said None)
-    textless = answer.text is None and (answer.tool_calls or answer.refusal is not None)
+    # OpenAI opens a tool call or a refusal with content null (t100: a cache hit's final message, as
+    # the SDK's stream helper assembles it, said "" where the live one said None); the first chunk
+    # decides, as in a live Claude stream (reasoning first: "", both ways)
+    first = next((d for d in deltas if not isinstance(d, (Finish, UsageReport))), None)
+    textless = isinstance(first, (ToolCallStart, RefusalDelta))
     events = [event({"role": "assistant", "content": None if textless else ""})]
     for delta in deltas:
         if isinstance(delta, Finish):

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.core.model import Answer, Message, TextPart, ToolCall, Usage
+from gateway.core.model import Answer, Message, TextPart, ThinkingPart, ToolCall, Usage
 from gateway.errors import InvalidRequestError
 from gateway.protocols import openai_chat
 from gateway.protocols import openai_completions as completions
@@ -213,4 +213,20 @@ def test_a_replayed_tool_call_stream_opens_with_null_content_as_openai_does() ->
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": None}
     text = Answer(id="c", model="m", text="Hi", finish_reason="stop")
     first = msgspec.json.decode(openai_chat.stream_from_answer(text, 0, include_usage=False)[0].removeprefix(b"data: "))
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+
+
+def test_a_replay_opens_as_its_first_chunk_says_like_a_live_claude_stream() -> None:
+    """Reasoning before a tool call opens with "" live (the first chunk is reasoning), so the
+    replay of that answer does too; the final message is then the same on a hit and live."""
+    answer = Answer(
+        id="c",
+        model="m",
+        thinking=[ThinkingPart("Let me look it up.", "")],
+        tool_calls=[ToolCall("call_1", "f", "{}")],
+        finish_reason="tool_calls",
+    )
+    first = msgspec.json.decode(
+        openai_chat.stream_from_answer(answer, 0, include_usage=False)[0].removeprefix(b"data: ")
+    )
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
