@@ -153,16 +153,17 @@ class ResponseStore:
 
     async def conversation(
         self, tenant: str, record: StoredResponse, *, use: bool = False
-    ) -> tuple[list[Message], bool]:
-        """The conversation up to and including ``record``'s answer, and whether it is whole: with
-        an earlier turn gone, only what follows the latest gone one (``use``: as :meth:`load`)."""
-        turns, whole = await self.turns(tenant, record, use=use)
-        return [message for turn in turns for message in turn.own], whole
+    ) -> tuple[list[Message], str | None]:
+        """The conversation up to and including ``record``'s answer, and the id of the latest
+        earlier turn that is gone (None: the conversation is whole): with one gone, only what
+        follows it (``use``: as :meth:`load`)."""
+        turns, gone = await self.turns(tenant, record, use=use)
+        return [message for turn in turns for message in turn.own], gone
 
     async def turns(
         self, tenant: str, record: StoredResponse, *, use: bool = False
-    ) -> tuple[list[StoredResponse], bool]:
-        """The turns of :meth:`conversation`, oldest first, ``record`` last.
+    ) -> tuple[list[StoredResponse], str | None]:
+        """The turns of :meth:`conversation`, oldest first, ``record`` last, and the gone one's id.
 
         Each round trip reads the ancestors one record names, whose oldest names those before."""
         turns = [record]
@@ -175,14 +176,14 @@ class ResponseStore:
             else:
                 raws = await self._kv.get_many(keys, self._timeout_s)
             found = [_decoded(raw) for raw in raws]
-            for earlier in reversed(found):
+            for ancestor, earlier in zip(reversed(ancestors), reversed(found), strict=True):
                 if earlier is None:
-                    return turns[::-1], False
+                    return turns[::-1], ancestor
                 turns.append(earlier)
             oldest = found[0]
             assert oldest is not None
             ancestors = oldest.ancestors
-        return turns[::-1], True
+        return turns[::-1], None
 
     async def save(self, tenant: str, response_id: str, record: StoredResponse) -> bool:
         """Whether it was kept: not when the record alone is larger than the tenant's cap.

@@ -107,12 +107,12 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         runtime = state.holder.current
         turn.tenant = principal.tenant
         decoded = await read_off_loop(raw, lambda: codec.decode_request(raw, passed_through=True))
+        # f92: an unknown model, or one the key may not call, is its 404 before what the body names is read
+        reachable = runtime.router.ends(runtime.router.chat_plan(decoded.request.model, principal.allowed))
         previous = None
         if decoded.previous_response_id is not None:
             previous = await _load(store, turn.tenant, decoded.previous_response_id, "previous_response_id", use=True)
-        if _served_by_responses_upstreams(runtime, decoded.request.model, principal.allowed) and (
-            previous is None or previous.held_by is not None
-        ):
+        if _served_by_responses_upstreams(runtime, reachable) and (previous is None or previous.held_by is not None):
             turn.decoded = decoded
             passthrough.body = _without_shared_state(msgspec.json.decode(raw), raw)
             turn.own_ids = told_back(passthrough.body, turn.tenant)
@@ -127,9 +127,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
             )
         decoded = await read_off_loop(
             raw,
-            lambda: codec.decode_request(
-                raw, json_object_ok=lambda model: _json_object_ok(runtime, model, principal.allowed)
-            ),
+            lambda: codec.decode_request(raw, json_object_ok=lambda model: _json_object_ok(runtime, reachable)),
         )
         turn.decoded = decoded
         if previous is not None and decoded.previous_response_id is not None:
@@ -355,20 +353,25 @@ async def _history(store: ResponseStore, tenant: str, response_id: str, record: 
     from the tenant's cap longer than idle ones); one with an earlier turn gone cannot be
     continued, as the response itself gone cannot (t60)."""
     try:
-        messages, whole = await store.conversation(tenant, record, use=True)
+        messages, gone = await store.conversation(tenant, record, use=True)
     except StoreUnavailable:
         raise _unavailable("previous_response_id") from None
-    if not whole:
-        raise _previous_not_found(response_id, "previous_response_id")
+    if gone is not None:
+        raise _previous_not_found(response_id, "previous_response_id", gone)
     return messages
 
 
-def _previous_not_found(response_id: str, param: str) -> InvalidRequestError:
+def _previous_not_found(response_id: str, param: str, gone: str | None = None) -> InvalidRequestError:
     """OpenAI's answer, which clients such as Codex act on (a 400, not a 404): they send the whole
-    conversation again."""
-    return InvalidRequestError(
-        f"Previous response with id '{response_id}' not found.", param=param, code="previous_response_not_found"
-    )
+    conversation again. ``gone``: an earlier turn of the conversation, which the message names
+    (f92: it said the response was not found, which ``GET`` still returned)."""
+    said = f"Previous response with id '{response_id}' not found."
+    if gone is not None:
+        said = (
+            f"Previous response with id '{response_id}' continues response '{gone}', which was not found "
+            "(deleted or expired)."
+        )
+    return InvalidRequestError(said, param=param, code="previous_response_not_found")
 
 
 def _holder(held_by: str, allowed: frozenset[str]) -> str:
@@ -377,25 +380,16 @@ def _holder(held_by: str, allowed: frozenset[str]) -> str:
     return f"model '{held_by}'" if "*" in allowed or held_by in allowed else "a model this key may not call"
 
 
-def _json_object_ok(runtime: Runtime, model: str, allowed: frozenset[str]) -> bool:
-    """JSON mode reaches the answer only if every model the request may go to honours it."""
-    try:
-        names = runtime.router.reachable(model, allowed)
-    except GatewayError:
-        return True  # the pipeline answers the unknown model with its own error
+def _json_object_ok(runtime: Runtime, names: tuple[str, ...]) -> bool:
+    """JSON mode reaches the answer only if every model the request may go to (``names``) honours it."""
     return all(runtime.policy.models[name].provider != "anthropic" for name in names)
 
 
 # -- passed through -------------------------------------------------------------------
 
 
-def _served_by_responses_upstreams(runtime: Runtime, model: str, allowed: frozenset[str]) -> bool:
-    """Whether every model the request may reach serves the Responses API (a name the key may
-    not call is unknown: the translated path answers it, as it answers one that is not there)."""
-    try:
-        names = runtime.router.reachable(model, allowed)
-    except GatewayError:
-        return False  # the translated path answers the unknown model with the pipeline's error
+def _served_by_responses_upstreams(runtime: Runtime, names: tuple[str, ...]) -> bool:
+    """Whether every model the request may reach (``names``) serves the Responses API."""
     return all(runtime.policy.models[name].responses_api for name in names)
 
 
@@ -433,7 +427,7 @@ def _readable(decoded: codec.ResponsesRequest) -> CoreRequest:
     Input that only the upstream can read (a custom tool's output, an item reference) may
     leave no message at all: the pipeline then reads one empty user turn."""
     if decoded.request.messages or decoded.instructions:
-        return codec.to_request(decoded)
+        return codec.to_request(decoded, upstream_keeps=True)
     return msgspec.structs.replace(decoded.request, messages=[Message("user", (TextPart(""),))])
 
 

@@ -507,18 +507,35 @@ def _text_format(
     return echo, schema, {"type": "json_schema", "json_schema": spec}, []
 
 
-def to_request(decoded: ResponsesRequest, history: Sequence[Message] = ()) -> Request:
+def to_request(decoded: ResponsesRequest, history: Sequence[Message] = (), *, upstream_keeps: bool = False) -> Request:
     """The whole request: the instructions, then the earlier turns' messages, then this input;
-    the chat ``response_format`` (a JSON schema's name and ``strict``, or JSON mode) in ``extra``."""
+    the chat ``response_format`` (a JSON schema's name and ``strict``, or JSON mode) in ``extra``.
+
+    ``upstream_keeps``: the conversation is the upstream's (a passed-through request continues
+    what it keeps): it is not checked here, the upstream checks it."""
     messages = list(history) + decoded.request.messages
     if not messages:
         raise InvalidRequestError("input: at least one input item is required", param="input")
+    if not upstream_keeps:
+        _refuse_unanswered_outputs(messages)
     if decoded.instructions:
         messages.insert(0, Message("system", (TextPart(decoded.instructions),)))
     extra = decoded.request.extra
     if decoded.response_format is not None:
         extra = {**extra, "response_format": decoded.response_format}
     return msgspec.structs.replace(decoded.request, messages=messages, extra=extra)
+
+
+def _refuse_unanswered_outputs(messages: Sequence[Message]) -> None:
+    """A ``function_call_output`` must answer a ``function_call`` of the conversation, as OpenAI's
+    API requires (f92: one answering no call went upstream as a tool message that a chat upstream
+    may take, or refuse with an error about messages the client never sent)."""
+    called = {call.id for message in messages for call in message.tool_calls}
+    for message in messages:
+        if message.role == "tool" and message.tool_call_id not in called:
+            raise InvalidRequestError(
+                f"No tool call found for function call output with call_id {message.tool_call_id}.", param="input"
+            )
 
 
 # -- the answer -------------------------------------------------------------------

@@ -229,6 +229,43 @@ def test_function_calls_and_their_outputs_round_trip(client: openai.OpenAI, smal
     assert messages[2] == {"role": "tool", "tool_call_id": calls[0].call_id, "content": "-3C and snowing"}
 
 
+def test_a_function_call_output_answering_no_call_of_the_conversation_is_refused(
+    client: openai.OpenAI, small_upstream: SimulatedUpstream
+) -> None:
+    """f92: it went upstream as a tool message answering no call; OpenAI's API refuses it."""
+    first = client.responses.create(
+        model="fast", input="What is the weather in Oslo?", tools=[WEATHER_TOOL], tool_choice="required"
+    )
+    call = next(item for item in first.output if item.type == "function_call")
+    before = upstream_stats(small_upstream)["requests"]
+    bogus: Any = {"type": "function_call_output", "call_id": "call_bogus", "output": "-3C"}
+    asked: Any = [
+        {"previous_response_id": first.id, "input": [bogus]},
+        {"input": [{"role": "user", "content": "Weather?"}, bogus]},
+        {"previous_response_id": first.id,  # a call of this input is answered, the bogus one still is not
+         "input": [{"type": "function_call", "call_id": "call_own", "name": "get_weather", "arguments": "{}"},
+                   {"type": "function_call_output", "call_id": "call_own", "output": "1C"}, bogus]},
+    ]  # fmt: skip
+    for body in asked:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model="fast", tools=[WEATHER_TOOL], **body)
+        said: Any = refused.value.body
+        assert said["type"] == "invalid_request_error" and refused.value.param == "input"
+        assert said["message"] == "No tool call found for function call output with call_id call_bogus."
+    assert upstream_stats(small_upstream)["requests"] == before  # nothing went upstream
+    answered = client.responses.create(  # the call's own output, and one this input calls, go on
+        model="fast",
+        previous_response_id=first.id,
+        tools=[WEATHER_TOOL],
+        input=[
+            {"type": "function_call_output", "call_id": call.call_id, "output": "-3C"},
+            {"type": "function_call", "call_id": "call_own", "name": "get_weather", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_own", "output": "1C"},
+        ],
+    )
+    assert answered.output_text
+
+
 def test_a_streamed_function_call(client: openai.OpenAI) -> None:
     with client.responses.stream(
         model="fast", input="What is the weather in Paris?", tools=[WEATHER_TOOL], tool_choice="required"
@@ -441,7 +478,27 @@ def test_a_conversation_with_an_earlier_turn_deleted_is_read_but_not_continued(c
             client.responses.create(model="fast", previous_response_id=descendant.id, input="Go on.")
         assert gone.value.code == "previous_response_not_found" and gone.value.param == "previous_response_id"
         said = gone.value.body["message"]  # type: ignore[index]
-        assert said == f"Previous response with id '{descendant.id}' not found."  # as for one gone itself
+        assert said == (  # f92: not that the descendant, which GET still returns, is not found
+            f"Previous response with id '{descendant.id}' continues response '{first.id}', which was not found "
+            "(deleted or expired)."
+        )
+
+
+def test_continuing_past_a_deleted_middle_turn_names_the_turn_that_is_gone(client: openai.OpenAI) -> None:
+    """f92: t1 -> t2 -> t3 with t2 deleted: continuing t3 said t3 was not found, while GET t3 answered."""
+    first = client.responses.create(model="fast", input="One.")
+    second = client.responses.create(model="fast", previous_response_id=first.id, input="Two.")
+    third = client.responses.create(model="fast", previous_response_id=second.id, input="Three.")
+    client.responses.delete(second.id)
+    assert client.responses.retrieve(third.id).id == third.id
+    with pytest.raises(openai.BadRequestError) as gone:
+        client.responses.create(model="fast", previous_response_id=third.id, input="Four.")
+    assert gone.value.status_code == 400 and gone.value.code == "previous_response_not_found"
+    assert gone.value.param == "previous_response_id"
+    said = gone.value.body["message"]  # type: ignore[index]
+    assert f"'{second.id}'" in said and "not found" in said
+    assert said != f"Previous response with id '{third.id}' not found."
+    assert client.responses.create(model="fast", previous_response_id=first.id, input="Two again.").output_text
 
 
 def test_store_false_keeps_nothing(client: openai.OpenAI) -> None:

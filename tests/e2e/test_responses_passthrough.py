@@ -502,6 +502,19 @@ def test_an_upstream_held_response_cannot_be_continued_on_a_translated_route(gat
     assert "gpt-a" not in refused.value.message and "may not call" in refused.value.message
 
 
+@pytest.mark.parametrize(("key", "model"), [("a4", "nonexistent"), ("a4", "codex"), ("a3", "codex")])
+def test_a_model_the_key_may_not_call_is_a_404_before_the_previous_response_is_read(
+    gateway: GatewayProcess, key: str, model: str
+) -> None:
+    """f92: with a previous response an upstream keeps, an unknown model (or a route the key may
+    not call) was a 400 about previous_response_id, not the 404 model_not_found it is without one."""
+    held = _client(gateway).responses.create(model="codex", input="Remember the number 7.")
+    for previous in (held.id, None):
+        with pytest.raises(openai.NotFoundError) as unknown:
+            _client(gateway, key).responses.create(model=model, previous_response_id=previous, input="Which number?")
+        assert unknown.value.code == "model_not_found" and unknown.value.param == "model"
+
+
 @pytest.mark.parametrize(
     "extra",
     [

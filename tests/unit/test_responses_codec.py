@@ -628,8 +628,8 @@ async def test_a_long_conversation_is_read_back_whole_in_few_round_trips() -> No
     turns = 2 * ANCESTORS_AT_MOST + 50
     last_id, last = await _chain(store, turns)
     assert len(last.ancestors) == ANCESTORS_AT_MOST and last.ancestors[-1] == f"resp_{turns - 2}"
-    messages, whole = await store.conversation("acme", last, use=True)
-    assert whole and [m.text for m in messages] == [text for n in range(turns) for text in (f"q{n}", f"a{n}")]
+    messages, gone = await store.conversation("acme", last, use=True)
+    assert gone is None and [m.text for m in messages] == [text for n in range(turns) for text in (f"q{n}", f"a{n}")]
     assert kv.reads == 3  # 249 earlier turns: 100 a round trip
     encoded = msgspec.json.encode(await store.load("acme", last_id))
     assert len(encoded) < ANCESTORS_AT_MOST * 48 + 200  # its own two messages, and the ids
@@ -644,11 +644,11 @@ async def test_a_conversation_from_a_turn_stored_before_t60_and_one_with_a_gap()
     )  # the whole conversation up to it, as the version before wrote it
     assert root.version == 1 and root.own == before
     _, last = await _chain(store, 3, root)
-    messages, whole = await store.conversation("acme", last)
-    assert whole and [m.text for m in messages] == ["old q", "old a", "q0", "a0", "q1", "a1", "q2", "a2"]
+    messages, gone = await store.conversation("acme", last)
+    assert gone is None and [m.text for m in messages] == ["old q", "old a", "q0", "a0", "q1", "a1", "q2", "a2"]
     assert await store.delete("acme", "resp_0")
-    messages, whole = await store.conversation("acme", last)
-    assert not whole and [m.text for m in messages] == ["q1", "a1", "q2", "a2"]  # what follows the gap
+    messages, gone = await store.conversation("acme", last)
+    assert gone == "resp_0" and [m.text for m in messages] == ["q1", "a1", "q2", "a2"]  # what follows the gap
 
 
 async def test_a_record_of_this_version_is_not_read_as_a_whole_conversation_by_the_one_before() -> None:
