@@ -6,6 +6,10 @@ as it grows), an unfinished one grew the worker by 500 MiB, and a client sending
 second held its connection for ever. Here a head may take :data:`MAX_HEAD_BYTES` and
 :data:`HEAD_TIMEOUT_S`; past either, the connection is answered 431 or 408 and closed. The
 body is not counted: once the headers are complete, the rest goes to the parser as it comes.
+
+It also tells a lost connection to every request on it still unanswered: uvicorn tells only the
+last one parsed, which for requests pipelined in one write is one queued behind the request
+being served, so that one never heard its client leave (logged 200 where it was 499).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import asyncio
 import os
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from gateway.errors import InvalidRequestError
 from gateway.protocols import anthropic_messages
@@ -37,6 +41,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_deadline: asyncio.TimerHandle | None = None
         self._refused = False
+        self._unanswered: list[RequestResponseCycle] = []
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -70,7 +75,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
+        before = self.cycle
         super().on_headers_complete()
+        if self.cycle is not before:  # a request (an upgrade makes none)
+            self._unanswered = [cycle for cycle in self._unanswered if not cycle.response_complete]
+            self._unanswered.append(self.cycle)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -80,6 +89,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
+        for cycle in self._unanswered:  # as uvicorn's does for the last request parsed, for each of them
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self._unanswered.clear()
         super().connection_lost(exc)
 
     def _head_too_slow(self) -> None:

@@ -209,6 +209,32 @@ def test_an_embeddings_client_leaving_is_logged_as_499(
     assert record is not None and (record["status"], record["error_type"]) == (499, "client_disconnected")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_pipelined_request_whose_client_leaves_is_logged_as_499(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream, stream: bool
+) -> None:
+    """Two requests in one write, and the client gone before the first answer: the first was logged
+    and counted as a 200 (uvicorn told the second request of the disconnect, the one queued behind
+    the first; an outside tester)."""
+    inject(small_upstream, {"delay_ms": 700})  # within the model's 1 s first-byte timeout
+    request_id = f"pipelined-{uuid.uuid4().hex}"
+    requests = b""
+    for n, more_headers in enumerate((f"x-request-id: {request_id}\r\n", "")):
+        body = json.dumps(_body(f"pipelined request {n}", stream=stream)).encode()
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\n{more_headers}\r\n")  # fmt: skip
+        requests += head.encode() + body
+    with socket.create_connection(("127.0.0.1", gateway.port)) as client:  # a raw client, to pipeline
+        client.sendall(requests)
+        stats = _poll(lambda: upstream_stats(small_upstream), lambda s: s["chat_requests"] >= 1, timeout_s=5.0)
+        assert stats["chat_requests"] == 1, stats
+    record = gateway.wait_for_record(request_id)
+    assert (record["status"], record["error_type"]) == (499, "client_disconnected")
+    if not stream:  # a whole answer is waited for, and billed
+        assert record["tokens_source"] == "upstream" and record["cost_usd"] > 0
+    assert upstream_stats(small_upstream)["chat_requests"] == 1  # the second was never dispatched
+
+
 class _HeldRedis:
     """A TCP proxy in front of Redis that holds the first command carrying ``marker`` (and what
     follows it on its connection) until :meth:`let_go`: a round trip as slow as the test needs."""
