@@ -165,7 +165,8 @@ class SpeculationPolicy(_Struct, frozen=True, kw_only=True):
     of the answer is decoded plainly (its distribution would not be the large model's)."""
     draft_timeout_ms: Annotated[int, Meta(ge=10, le=60_000)] = 1000
     """Each draft call's own deadline: a slow or hung draft server costs a request this much
-    (the answer then finishes on the large model), not the draft model's first-byte timeout."""
+    (the answer then finishes on the large model), not the draft model's first-byte timeout.
+    Each of the pair check's calls, to either server, has it too (t105)."""
     server_defaults: dict[
         Literal[
             "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"
@@ -183,7 +184,7 @@ class SpeculationPolicy(_Struct, frozen=True, kw_only=True):
     this gateway process, this one included (speculation pays when the large model's batch
     has room; under load its extra verify tokens cost more than they save). None: always."""
     draft_cooldown_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
-    """After a draft call fails or times out, or drafting is measured too slow to pay (t49),
+    """After a draft call or the pair check fails or times out, or drafting is measured too slow to pay (t49),
     requests skip speculation (plain decoding on the large model, no draft call) for this long;
     then speculation is tried again."""
     min_speedup: Annotated[float, Meta(ge=0, le=1)] = 0.5

@@ -42,6 +42,7 @@ from gateway.speculative.token_api import TokenAPI
 from gateway.upstreams.base import ChatStream, Completion, Provider, UpstreamResponse, Usage
 from gateway.upstreams.deadline import total_deadline
 from gateway.upstreams.openai import chat_payload
+from gateway.upstreams.stop_strings import stops_of, within_applied_limits
 
 __all__ = ["PROBE_TEXT", "SpeculativeProvider"]
 
@@ -121,6 +122,10 @@ class SpeculativeProvider(Provider):
         self.policy = policy
         self._target_api = TokenAPI(target)
         self._draft_api = TokenAPI(draft) if draft is not None else None
+        # The pair check's calls are as small as a draft call: each has the draft's deadline.
+        bound = policy.draft_timeout_ms / 1000
+        self._target_check = self._target_api.within(bound)
+        self._draft_check = self._draft_api.within(bound) if self._draft_api is not None else None
         self._eos = EosTable(eos_token_ids)
         self._pair: bool | None = None
         self._pair_problem: str | None = None
@@ -131,10 +136,10 @@ class SpeculativeProvider(Provider):
         """(target, draft) return logprobs at the request's temperature (vLLM V0) rather than raw."""
         self._sampling_problem: str | None = None
         """Why requests with temperature > 0 go plain (a server refuses ``top_logprobs`` logprobs)."""
-        self._check_lock: asyncio.Lock | None = None
+        self._checking = False  # a pair check is in flight: other requests go plain meanwhile (pair_checking)
         self._alpha = 0.7  # running acceptance across requests: the prior of each request's k controller
         self._draft_down_until = 0.0  # monotonic time until which requests skip speculation (draft_cooldown_s)
-        self._draft_down_reason = "draft_unhealthy"  # or draft_too_slow: the fallback_reason meanwhile
+        self._draft_down_reason = "draft_unhealthy"  # draft_too_slow, pair_unchecked: the fallback_reason meanwhile
         self._inflight = 0  # requests to this model through this provider, plain ones included (max_inflight)
 
     # -- the pair check ------------------------------------------------------------
@@ -144,9 +149,20 @@ class SpeculativeProvider(Provider):
 
         Both servers must tokenize :data:`PROBE_TEXT` alike; the answer's text must be
         reproducible as the large server's chat endpoint writes it; and each server's
-        logprobs are found to be raw or temperature-scaled. Transport and HTTP failures
-        raise ``UpstreamError`` (the pair is then still unchecked).
+        logprobs are found to be raw or temperature-scaled. Each call has the draft's deadline
+        (``draft_timeout_ms``); a call that fails or runs past it raises ``UpstreamError``: the
+        pair is then still unchecked, and requests skip speculation for ``draft_cooldown_s``.
         """
+        self._checking = True
+        try:
+            await self._check_pair()
+        except UpstreamError:
+            self._pause_drafting("pair_unchecked")
+            raise
+        finally:
+            self._checking = False
+
+    async def _check_pair(self) -> None:
         if self.policy.draft_source == "model":
             await self._check_vocabulary()
         await self._check_text()
@@ -155,18 +171,18 @@ class SpeculativeProvider(Provider):
         self._pair, self._pair_problem = True, None
 
     async def _check_vocabulary(self) -> None:
-        if self._draft_api is None:
+        draft = self._draft_check
+        if draft is None:
             self._refuse("draft_source 'model' needs a draft model, and none was given")
-        assert self._draft_api is not None
         ours, theirs = await asyncio.gather(
-            self._target_api.tokenize_text(PROBE_TEXT), self._draft_api.tokenize_text(PROBE_TEXT)
+            self._target_check.tokenize_text(PROBE_TEXT), draft.tokenize_text(PROBE_TEXT)
         )
         if ours != theirs:
             first = next(
                 (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs))
             )
             self._refuse(
-                f"'{self.name}' and draft '{self._draft_api.name}' tokenize the probe text differently "
+                f"'{self.name}' and draft '{draft.name}' tokenize the probe text differently "
                 f"({len(ours)} vs {len(theirs)} tokens, first difference at token {first}); "
                 "mode 'gateway' needs both servers to share one tokenizer (same model family and vocabulary)"
             )
@@ -174,7 +190,7 @@ class SpeculativeProvider(Provider):
     async def _check_text(self) -> None:
         path = self.policy.tokenizer
         if path is None:
-            if not await detokenize_is_faithful(self._target_api):
+            if not await detokenize_is_faithful(self._target_check):
                 self._refuse(
                     f"'{self.name}' answers /detokenize with text that is not the tokens' own (its tokenizer "
                     "cleans up spaces), so answers could not be written as its chat endpoint writes them; "
@@ -186,7 +202,7 @@ class SpeculativeProvider(Provider):
             tokenizer = await asyncio.to_thread(load_tokenizer, path)
         except Exception as exc:  # tokenizers raises bare Exceptions for unreadable files
             self._refuse(f"speculative.tokenizer {path} could not be read: {exc}", reason="tokenizer_unreadable")
-        if not await tokenizer_matches_server(tokenizer, self._target_api, PROBE_TEXT):
+        if not await tokenizer_matches_server(tokenizer, self._target_check, PROBE_TEXT):
             self._refuse(
                 f"speculative.tokenizer {path} does not decode '{self.name}' token ids to that server's text "
                 "(another model's tokenizer?)",
@@ -195,9 +211,9 @@ class SpeculativeProvider(Provider):
         self._tokenizer = tokenizer
 
     async def _check_logprobs(self) -> None:
-        prompt = (await self._target_api.tokenize_text(PROBE_TEXT))[:12]
-        apis = [self._target_api] + (
-            [self._draft_api] if self._draft_api and self.policy.draft_source == "model" else []
+        prompt = (await self._target_check.tokenize_text(PROBE_TEXT))[:12]
+        apis = [self._target_check] + (
+            [self._draft_check] if self._draft_check and self.policy.draft_source == "model" else []
         )
         n = self.policy.top_logprobs
         try:
@@ -226,19 +242,20 @@ class SpeculativeProvider(Provider):
         raise PairMismatchError(f"models.{self.name}.speculative", [problem])
 
     async def _pair_ready(self) -> str | None:
-        """None when the loop may run; otherwise why this request goes plain."""
+        """None when the loop may run; otherwise why this request goes plain.
+
+        The request that finds the pair unchecked checks it (within the calls' deadlines); the
+        others meanwhile go plain rather than wait for it (t105: they queued, a first-byte timeout each)."""
         if self._pair is None:
-            if self._check_lock is None:
-                self._check_lock = asyncio.Lock()
-            async with self._check_lock:
-                if self._pair is None:
-                    try:
-                        await self.check_pair()
-                    except PairMismatchError as exc:
-                        _log.error("speculation_refused", model=self.name, problems=exc.problems)
-                    except UpstreamError as exc:
-                        _log.warning("speculation_pair_unchecked", model=self.name, detail=exc.message)
-                        return "pair_unchecked"
+            if self._checking:
+                return "pair_checking"
+            try:
+                await self.check_pair()
+            except PairMismatchError as exc:
+                _log.error("speculation_refused", model=self.name, problems=exc.problems)
+            except UpstreamError as exc:
+                _log.warning("speculation_pair_unchecked", model=self.name, detail=exc.message)
+                return "pair_unchecked"
         return None if self._pair else self._refusal
 
     # -- Provider ------------------------------------------------------------------
@@ -337,7 +354,7 @@ class SpeculativeProvider(Provider):
             return f"mode_{self.policy.mode}"
         if self.policy.max_inflight is not None and self._inflight > self.policy.max_inflight:
             return "busy"
-        if self.policy.draft_source == "model" and time.monotonic() < self._draft_down_until:
+        if time.monotonic() < self._draft_down_until:  # a draft or a pair check failed (or too slow to pay)
             return self._draft_down_reason
         for name in _UNSUPPORTED:
             if body.get(name) is not None:
@@ -352,6 +369,8 @@ class SpeculativeProvider(Provider):
                 return f"unsupported_{name}"
         if (body.get("n") or 1) != 1:
             return "unsupported_n"
+        if not within_applied_limits(stops_of(body.get("stop"))):  # matched on the event loop, as applied stops
+            return "stop_over_limit"
         if body.get("logprobs") or body.get("top_logprobs"):
             return "unsupported_logprobs"
         if (

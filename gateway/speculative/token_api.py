@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import httpx
 import msgspec
 
-from gateway.errors import UpstreamError, UpstreamProtocolError, UpstreamStatusError
+from gateway.errors import UpstreamError, UpstreamProtocolError, UpstreamStatusError, UpstreamTimeoutError
 from gateway.upstreams.base import Provider, UpstreamEvents
 
 _Decoded = TypeVar("_Decoded")
@@ -106,6 +106,7 @@ class TokenAPI:
             headers["authorization"] = f"Bearer {provider.api_key}"
         self._headers = headers
         self._cache_salt: str | None = None
+        self._timeout_s: float | None = None
 
     def for_tenant(self, tenant: str | None) -> TokenAPI:
         """These calls made for ``tenant``: its generations carry the prefix-cache salt its
@@ -115,6 +116,13 @@ class TokenAPI:
             return self
         view = copy.copy(self)
         view._cache_salt = salt
+        return view
+
+    def within(self, timeout_s: float) -> TokenAPI:
+        """These calls, each given up after ``timeout_s`` (``UpstreamTimeoutError``) rather than
+        the model's first-byte timeout."""
+        view = copy.copy(self)
+        view._timeout_s = timeout_s
         return view
 
     @property
@@ -238,7 +246,16 @@ class TokenAPI:
 
     async def _call(self, path: str, payload: dict[str, Any], decode: Callable[[bytes], _Decoded]) -> _Decoded:
         # Provider.post is the shared plumbing: timeouts, transport and status errors → UpstreamError.
-        response = await self.provider.post(path, payload, self._headers, stream=False)
+        if self._timeout_s is None:
+            response = await self.provider.post(path, payload, self._headers, stream=False)
+        else:
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    response = await self.provider.post(path, payload, self._headers, stream=False)
+            except TimeoutError:
+                raise UpstreamTimeoutError(
+                    self.name, f"{path.rsplit('/', 1)[-1]} call over {self._timeout_s * 1000:g} ms"
+                ) from None
         try:
             return decode(response.content)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:

@@ -11,6 +11,7 @@ string begins, and it says so as vLLM does (``finish_reason: "stop"``, the strin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from gateway.core.model import Delta, Finish, TextDelta, UsageReport
@@ -25,6 +26,7 @@ __all__ = [
     "cut_choices",
     "cut_deltas",
     "stops_of",
+    "within_applied_limits",
 ]
 
 MOST_APPLIED = 16
@@ -35,13 +37,19 @@ every choice: 80,000 of them held a worker for 12 s (t67). OpenAI's API takes 4.
 
 def applied_here(stops: tuple[str, ...], upstream: str) -> tuple[str, ...]:
     """``stops`` for the gateway to apply, refused when more or longer than it matches."""
-    if len(stops) > MOST_APPLIED or any(len(stop) > LONGEST_APPLIED for stop in stops):
+    if not within_applied_limits(stops):
         raise InvalidRequestError(
             f"stop: model '{upstream}' does not take stop strings, and the gateway applies at most "
             f"{MOST_APPLIED} of them, each at most {LONGEST_APPLIED} characters, itself",
             param="stop",
         )
     return stops
+
+
+def within_applied_limits(stops: Sequence[str]) -> bool:
+    """Whether the gateway matches ``stops`` itself: at most :data:`MOST_APPLIED`, each at most
+    :data:`LONGEST_APPLIED` characters (the speculative loop matches its stops on the event loop too)."""
+    return len(stops) <= MOST_APPLIED and all(len(stop) <= LONGEST_APPLIED for stop in stops)
 
 
 def stops_of(value: Any) -> tuple[str, ...]:

@@ -23,7 +23,7 @@ from gateway.speculative.sampling import verify_sampled
 from gateway.upstreams.base import ChatStream, Completion, Provider
 from gateway.upstreams.registry import build_provider
 from tests.chat_requests import as_sent
-from tests.speculative.servers import ToyServer, start_toy_server, toy_tokenizer_file
+from tests.speculative.servers import ToyServer, start_toy_server, toy_provider, toy_tokenizer_file
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -464,6 +464,20 @@ async def test_requests_the_loop_cannot_reproduce_go_plain(pair: tuple[Provider,
     assert stream.speculation.fallback_to_plain and chunks
 
 
+async def test_more_stop_strings_than_the_gateway_matches_itself_go_plain(pair: tuple[Provider, Provider]) -> None:
+    """t105: the loop matched 2,000 stop strings of 1,000 characters on the event loop; past the
+    cap on the stops the gateway applies itself, the large server applies them."""
+    spec = _spec(pair)
+    await spec.check_pair()
+    for stops in (["zz"] * 17, ["z" * 1025]):
+        body = _body(_PROMPTS[0], max_tokens=8, stop=stops)
+        completion = await spec.complete(*as_sent(body))
+        assert _stats(completion).fallback_reason == "stop_over_limit"
+        assert _answer(completion) == _answer(await pair[0].complete(*as_sent(body)))
+    capped = await spec.complete(*as_sent(_body(_PROMPTS[0], max_tokens=8, stop=["z" * 1024] * 16)))
+    assert not _stats(capped).fallback_to_plain
+
+
 # --------------------------------------------------------------------------- draft sources and k
 
 
@@ -665,6 +679,57 @@ async def test_a_hung_draft_costs_one_draft_deadline_then_speculation_pauses(
     third = await spec.complete(*as_sent(body))
     assert _answer(third) == want
     assert not _stats(third).fallback_to_plain and _stats(third).draft_calls > 0
+
+
+def _calls(*servers: ToyServer) -> list[tuple[int, int]]:
+    """Each server's token-level calls so far (a pair check makes both kinds)."""
+    return [(stats["tokenize"], stats["completions"]) for stats in (server.stats() for server in servers)]
+
+
+@pytest.mark.parametrize("hung", ["small", "large"])
+async def test_a_server_that_hangs_during_the_pair_check_costs_one_draft_deadline_then_pauses(
+    large: ToyServer, small: ToyServer, hung: str
+) -> None:
+    """t105: the pair check called the servers with no deadline of its own: each request waited the
+    hung server's first-byte timeout (60 s), and the next request checked again. Now each check
+    call has draft_timeout_ms, and a failed check starts the cooldown as a failed draft call does."""
+    target, draft = toy_provider("large", large, "large"), toy_provider("small", small, "small")  # first byte 60 s
+    try:
+        spec = _spec((target, draft), draft_timeout_ms=300, draft_cooldown_s=60)
+        body, want = await _long_answer(target, max_tokens=20)
+        (large if hung == "large" else small).fail_after(0, "hang")  # /v1/completions accepts and never answers
+        async with asyncio.timeout(20):  # well under the 60 s first byte
+            with structlog.testing.capture_logs() as logs:
+                first = await spec.complete(*as_sent(body))
+            assert _answer(first) == want and _stats(first).fallback_reason == "pair_unchecked"
+            (unchecked,) = [e for e in logs if e["event"] == "speculation_pair_unchecked"]
+            assert f"upstream '{hung}': completions call over 300 ms" in unchecked["detail"]
+            calls = _calls(large, small)
+            second = await spec.complete(*as_sent(body))  # within the cooldown: no check, plain at once
+        assert _answer(second) == want and _stats(second).fallback_reason == "pair_unchecked"
+        assert _calls(large, small) == calls
+    finally:
+        await target.aclose()
+        await draft.aclose()
+
+
+async def test_requests_do_not_queue_behind_another_requests_pair_check(large: ToyServer, small: ToyServer) -> None:
+    """t105: concurrent requests queued on the check's lock, each then running its own check
+    (6, 11, 16 s with a 5 s first byte). The others now go plain while one request checks."""
+    target, draft = toy_provider("large", large, "large"), toy_provider("small", small, "small")
+    try:
+        spec = _spec((target, draft), draft_timeout_ms=300, draft_cooldown_s=60)
+        body, want = await _long_answer(target, max_tokens=20)
+        small.fail_after(0, "hang")
+        async with asyncio.timeout(20):
+            answers = await asyncio.gather(*(spec.complete(*as_sent(body)) for _ in range(3)))
+        assert [_answer(a) for a in answers] == [want] * 3
+        reasons = sorted(str(_stats(a).fallback_reason) for a in answers)
+        assert reasons == ["pair_checking", "pair_checking", "pair_unchecked"]
+        assert small.stats()["tokenize"] == 1  # one check, not one per request
+    finally:
+        await target.aclose()
+        await draft.aclose()
 
 
 async def test_a_draft_slower_than_plain_decoding_is_given_up_and_paused(large: ToyServer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -210,6 +211,45 @@ def test_speculating_keeps_each_tenants_prefix_cache_its_own(
         assert again < prompt_tokens // 2 <= prompt_tokens <= other  # acme hits its own blocks; globex none of them
     finally:
         gateway.stop()
+
+
+def test_a_hung_draft_server_costs_requests_no_first_byte_timeout(
+    tmp_path: Path, redis_server: EmbeddedRedis, servers: tuple[ToyServer, ToyServer]
+) -> None:
+    """t105: with the draft server hung, the pair check (at start, and on each request after it
+    failed) waited the small model's first-byte timeout, and concurrent requests queued behind it
+    one check after another. Now the check has the draft's deadline and starts the cooldown, and
+    no request waits for another's check: every request is answered plainly, at once."""
+    large, small = servers
+    policy = (
+        _policy(large, small)
+        .replace("    tier: small\n", "    tier: small\n    timeouts: {first_byte: 60}\n", 1)
+        .replace("min_speedup: 0}", "min_speedup: 0, draft_timeout_ms: 300, draft_cooldown_s: 60}", 1)
+    )
+    write_tokenizer_json(str(tmp_path / "tokenizer.json"))
+    small.reset()
+    small.fail_after(0, "hang")  # before the gateway starts: its own check at start meets it
+    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url})
+    try:
+        messages = [{"role": "user", "content": PROMPTS[0]}]
+
+        def ask(model: str) -> httpx.Response:
+            body = {"model": model, "messages": messages, "max_tokens": 12, "temperature": 0}
+            return httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=20)  # under the 60 s
+
+        want = ask("large-plain").json()["choices"][0]["message"]["content"]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            responses = list(pool.map(ask, ["best"] * 3))
+        for response in responses:
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["message"]["content"] == want
+            speculation = gateway.wait_for_record(response.headers["x-request-id"])["speculation"]
+            assert speculation["mode"] == "plain", speculation
+            assert speculation["fallback_reason"] in ("pair_unchecked", "pair_checking"), speculation
+        assert '"speculation_pair_unchecked"' in gateway.stderr_text()
+    finally:
+        gateway.stop()
+        small.reset()
 
 
 def test_a_large_server_that_answers_no_token_fails_the_request_rather_than_asking_for_ever(
