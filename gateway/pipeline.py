@@ -403,8 +403,10 @@ class ChatPipeline:
             )
             provider = x.info.provider
             assert provider is not None
-            if completion.usage is None:
-                await self._count_prompt(x)  # tokenized only when the upstream does not say
+            if completion.usage is None or _untrue(
+                completion.usage, x.request, provider, completion.said or completion.text
+            ):
+                await self._count_prompt(x)  # tokenized only when the upstream does not say, or says what cannot be
             self._settle(x, provider, completion.usage, completion.text, completion.said, tier=completion.service_tier)
             record.upstream_status, record.finish_reason = 200, completion.finish_reason
             _record_speculation(record, completion)
@@ -418,11 +420,14 @@ class ChatPipeline:
                     await self._cut_counts(x, provider, completion.said or completion.text) if completion.cut else None
                 )
                 await self._fill_cache(x, storable, counts)
+            # else the client is told the gateway's count it is billed (a relayed answer, in its
+            # own API, keeps the usage its upstream wrote in it)
+            told = record.tokens_source == "upstream" or (relay is not None and completion.usage is not None)
             if typed:
-                if completion.usage is None and whole is not None:  # none from upstream: the counts logged
+                if not told and whole is not None:
                     whole = msgspec.structs.replace(whole, usage=_usage_of(record))
                 return Answer(200, b"", self._headers(x), typed=whole)
-            body = completion.body if completion.usage is not None else _with_billed_usage(completion.body, record)
+            body = completion.body if told else _with_billed_usage(completion.body, record)
             return Answer(200, body, self._headers(x))
         except GatewayError as exc:
             if isinstance(exc, UpstreamError):
@@ -735,12 +740,13 @@ class ChatPipeline:
             usage, provider = completion.usage, info.provider
             cost = 0.0
             if provider is not None:
-                if usage is not None:
+                said = completion.said or completion.text or ""
+                if usage is not None and _untrue(usage, request, provider, said) is None:
                     prompt, written = usage.prompt_tokens, usage.completion_tokens
                 else:  # counted, as a client's request is: at $0 a judge's daily cap never bound (t32)
                     encoding = provider.config.encoding
                     prompt = await asyncio.to_thread(count_prompt, request, encoding, provider=provider.config.provider)
-                    written = count_text(completion.said or completion.text or "", encoding)
+                    written = count_text(said, encoding)
                 cost = cost_usd(provider.config.price, prompt, written)
             return (completion.text or completion.said or "") if whole else completion.text, cost
 
@@ -1257,11 +1263,22 @@ class ChatPipeline:
         opening placeholder (Anthropic's ``message_start`` says 1 output token): the output is
         then at least what was counted of it; ``tier``: the ``service_tier`` the answer said
         processed it, billed when there is no usage to carry it (t71: the asked one was billed).
+        A usage no answer can have (:func:`_untrue`) is not billed either: the gateway counts, and
+        the log says why (t103: a prompt of 10**15 tokens billed $10**9, and a tenant's budget
+        with it).
         """
         record = x.record
         x.settled = True
         record.model, record.provider = provider.name, provider.kind
         x.answered = text or said or ""  # an agent's turn is often a tool call alone: it can be labelled too
+        untrue = (
+            _untrue(usage, x.request, provider, said if said is not None else text, cut=cut)
+            if usage is not None
+            else None
+        )
+        if untrue is not None:
+            record.usage_refused, usage = untrue, None
+            _log.warning("usage_refused", request_id=record.request_id, model=provider.name, reason=untrue)
         if usage is not None:
             record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
             record.cached_prompt_tokens, record.cache_write_tokens = (
@@ -1457,6 +1474,28 @@ def _asked_tier(tier: object) -> str | None:
         raise InvalidRequestError("service_tier: expected a string", param="service_tier")
     tier = tier.lower()  # as the upstream's answer is read (t68)
     return tier if tier in SERVICE_TIERS else None
+
+
+def _untrue(usage: Usage, request: core.Request, provider: Provider, said: str, *, cut: bool = False) -> str | None:
+    """Why ``usage`` cannot be the upstream's count of this answer, or None (t103). No prompt is
+    longer than the model's context window, nor any of the ``n`` completions (reasoning
+    included, as OpenAI's ``max_completion_tokens`` and Anthropic's ``max_tokens`` bound them)
+    longer than the window or ``max_tokens``; text is never 0 tokens. A prompt an upstream-run
+    tool (web search) grew over several turns is not bounded by the window. ``cut``: the stream
+    ended early, and its usage may be the placeholder of one that had just begun."""
+    answers = _answers_asked(request)
+    window = provider.config.context_window
+    if usage.prompt_tokens > window and not usage.server_tool_requests:
+        return "prompt_over_window"
+    if usage.completion_tokens > window * answers:
+        return "completion_over_window"
+    if request.max_tokens is not None and usage.completion_tokens > request.max_tokens * answers:
+        return "completion_over_max_tokens"
+    if usage.completion_tokens == 0 and said and not cut:
+        return "no_completion_tokens"
+    if usage.prompt_tokens == 0 and prompt_chars(request) > 0:
+        return "no_prompt_tokens"
+    return None
 
 
 def _answers_asked(request: core.Request) -> int:

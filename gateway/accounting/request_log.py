@@ -80,6 +80,9 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     each billed ``price.server_tools``; None: none."""
     tokens_source: str | None = None
     """``upstream`` when the upstream reported usage, ``gateway`` when counted here."""
+    usage_refused: str | None = None
+    """Why the upstream's usage was not billed (counts no answer can have: a prompt past the
+    model's context window, a completion past ``max_tokens``, 0 for a text): it is counted here."""
     cost_usd: float = 0.0
     baseline_model: str | None = None
     baseline_cost_usd: float = 0.0

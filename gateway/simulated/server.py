@@ -157,6 +157,9 @@ class _Fault(msgspec.Struct, forbid_unknown_fields=True):
     """Messages: the answer's ``stop_reason``, whatever the plan made (``pause_turn``: a server
     tool's long turn, paused)."""
     """Chat streams: the tier on the answer's chunks and not on the usage chunk (OpenAI's repeats it)."""
+    usage: dict[str, int] | None = None
+    """Counts the server reports in place of its own, in its API's names (``prompt_tokens``,
+    ``input_tokens``, ...), where its usage has them: a usage no answer can have (t103)."""
     stall_mid_body_ms: float | None = None
     """Whole (non-streamed) answers: the headers and the first half of the body at once, then this
     long silent before the rest, as a server stalled mid-answer (no first-byte timeout sees it)."""
@@ -552,6 +555,11 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def _reported(usage: dict[str, Any], fault: _Fault) -> dict[str, Any]:
+    """``usage`` with the fault's counts written over those it has."""
+    return usage | {name: value for name, value in (fault.usage or {}).items() if name in usage}
+
+
 def _chunk_base(state: _State, body: dict[str, Any], fault: _Fault = _NO_FAULT) -> dict[str, Any]:
     return _with_tier(
         {
@@ -626,7 +634,7 @@ def _plain_completion(
         ],
     }
     if not fault.omit_usage:
-        completion["usage"] = _usage(prompt_tokens, answer.n_tokens)
+        completion["usage"] = _reported(_usage(prompt_tokens, answer.n_tokens), fault)
     return _with_tier(completion, body, fault)
 
 
@@ -657,12 +665,12 @@ async def _chat_stream(
         await sink.send(chunk({"content": piece}))
     if fault.usage_on_finish_chunk and include_usage:
         finish = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": FINISH[answer.finish]}
-        data = {**base, "choices": [finish], "usage": _usage(prompt_tokens, answer.n_tokens)}
+        data = {**base, "choices": [finish], "usage": _reported(_usage(prompt_tokens, answer.n_tokens), fault)}
         await sink.send(b"data: " + _encode_json(data) + b"\n\n")
     else:
         await sink.send(chunk({}, FINISH[answer.finish]))
     if include_usage and not fault.omit_usage and not fault.usage_on_finish_chunk:
-        data = {**base, "choices": [], "usage": _usage(prompt_tokens, answer.n_tokens)}
+        data = {**base, "choices": [], "usage": _reported(_usage(prompt_tokens, answer.n_tokens), fault)}
         if fault.tier_off_usage_chunk:
             data.pop("service_tier", None)
         await sink.send(b"data: " + _encode_json(data) + b"\n\n")
@@ -738,7 +746,7 @@ def _extras_completion(state: _State, body: dict[str, Any], fault: _Fault, plan:
         "choices": response_choices(plan),
     }
     if not fault.omit_usage:
-        completion["usage"] = _usage(plan.prompt_tokens, plan.completion_tokens)
+        completion["usage"] = _reported(_usage(plan.prompt_tokens, plan.completion_tokens), fault)
     return completion
 
 
@@ -759,7 +767,7 @@ async def _chat_extras_stream(
                 data["usage"] = None
             await sink.send(b"data: " + _encode_json(data) + b"\n\n")
     if include_usage and not fault.omit_usage:
-        data = {**base, "choices": [], "usage": _usage(plan.prompt_tokens, plan.completion_tokens)}
+        data = {**base, "choices": [], "usage": _reported(_usage(plan.prompt_tokens, plan.completion_tokens), fault)}
         await sink.send(b"data: " + _encode_json(data) + b"\n\n")
     await sink.send(b"data: [DONE]\n\n")
     return await sink.finish()
@@ -776,6 +784,8 @@ async def _embeddings(request: web.Request, state: _State, body: Any, fault: _Fa
         return _json_response(_openai_error(400, str(exc), exc.param), 400)
     if fault.omit_usage:
         del data["usage"]
+    else:
+        data["usage"] = _reported(data["usage"], fault)
     return _json_response(_encode_json(data))
 
 
@@ -980,7 +990,8 @@ async def _messages(request: web.Request, state: _State, body: Any, fault: _Faul
         "stop_sequence": plan.stop_sequence,
     }
     if not fault.omit_usage:
-        message["usage"] = _anthropic_usage(plan, plan.output_tokens) | _ran_with(body) | _server_tool_use(body)
+        usage = _reported(_anthropic_usage(plan, plan.output_tokens), fault)
+        message["usage"] = usage | _ran_with(body) | _server_tool_use(body)
     return _json_response(_encode_json(message))
 
 
@@ -1010,8 +1021,9 @@ async def _messages_stream(
         "delta": {"stop_reason": plan.stop_reason, "stop_sequence": plan.stop_sequence},
     }
     if not fault.omit_usage:
-        start["usage"] = _anthropic_usage(plan, 1) | _ran_with(body)
-        delta["usage"] = {"output_tokens": plan.output_tokens} | _server_tool_use(body)  # the final count
+        start["usage"] = _reported(_anthropic_usage(plan, 1), fault) | _ran_with(body)
+        final = _reported({"output_tokens": plan.output_tokens}, fault)
+        delta["usage"] = final | _server_tool_use(body)  # the final count
     sink = await _start_sse(request, fault, state)
     await sink.send(_event("message_start", {"type": "message_start", "message": start}))
     for index, block in enumerate(plan.blocks):
