@@ -536,8 +536,10 @@ def _shown_to_admins(problems: list[str], environ: Mapping[str, str] | None = No
     return [_QUOTED_VALUE.sub(hidden, _GOT_VALUE.sub(r"\1'…'", problem)) for problem in problems]
 
 
-_GOT_VALUE = re.compile(r"(got |`: )(?:" + _QUOTED_VALUE.pattern + ")")
-"""A value where another belongs: "must be ..., got 'x'", or msgspec's "Expected `int`, got `str`: 'x'"."""
+_GOT_VALUE = re.compile(r"(got (?:the string )?|`: )(?:" + _QUOTED_VALUE.pattern + ")")
+"""A value where another belongs: "must be ..., got 'x'", "expected a number, got the string 'x'"
+(t107: a secret typed into a number field reached an admin's /readyz), or msgspec's
+"Expected `int`, got `str`: 'x'"."""
 
 
 def _key_file_said(key_file: str, state: str | None, problems: list[str]) -> str:

@@ -164,6 +164,19 @@ def test_a_name_that_is_an_environment_variables_value_is_hidden_from_admins_too
     ]
 
 
+async def test_a_secret_typed_into_a_number_or_switch_field_is_hidden_from_admins(make_harness: MakeHarness) -> None:
+    """t107: "expected a number, got the string '…'" kept the value for an admin's /readyz, which
+    hid it after a bare "got" only."""
+    harness = await make_harness()
+    holder = harness.holder
+    edit = POLICY.replace("price: {input: 0.5", "price: {input: sk-PASTE1-aaaaaaaa")
+    holder.path.write_text(edit.replace("cache: {enabled: true", "cache: {enabled: sk-PASTE6-ffffffff"))
+    assert not await holder.reload("test", settle=False)
+    said = holder.last_reload_error or ""
+    assert "models.small.price.input" in said and "cache.enabled" in said
+    assert "PASTE" not in said and said.count("got the string '…'") == 2
+
+
 async def test_a_file_cut_before_its_cache_section_is_refused_not_read_as_the_defaults(
     make_harness: MakeHarness,
 ) -> None:
