@@ -317,13 +317,19 @@ def _cached(raw: bytes) -> tuple[np.ndarray, int]:
 
 
 def _shared_out(billed: int | None, counts: list[int]) -> list[int]:
-    """Each input's share of the tokens the upstream billed for them together (its tokenizer, its
-    start and end tokens): the gateway's own count of each, plus the difference spread evenly. A
-    hit of the input then says what embedding it cost (a lone input: exactly that)."""
+    """Each input's share of the tokens the upstream billed for them together, in proportion to the
+    gateway's own count of each (largest remainders get the odd tokens, the first input among
+    equals): the shares add up to the bill, so the batch's hits together report what it cost (a
+    share of 0 where the bill is smaller than the inputs). A lone input's share is its bill."""
     if billed is None:
         return counts
-    spread, left = divmod(billed - sum(counts), len(counts))
-    return [max(1, count + spread + (1 if i < left else 0)) for i, count in enumerate(counts)]
+    weights = counts if sum(counts) > 0 else [1] * len(counts)
+    total = sum(weights)
+    shares = [billed * weight // total for weight in weights]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(billed * weights[i] % total), i))
+    for i in by_remainder[: billed - sum(shares)]:
+        shares[i] += 1
+    return shares
 
 
 def _response(request: _EmbeddingsRequest, vectors: list[np.ndarray], tokens: int) -> bytes:

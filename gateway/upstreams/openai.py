@@ -144,11 +144,18 @@ class OpenAIProvider(Provider):
         payload["encoding_format"] = "float"
         if dimensions is not None:
             payload["dimensions"] = dimensions
-        response = await self.post("embeddings", payload, self._headers(), stream=False)
+        try:
+            response = await self.post("embeddings", payload, self._headers(), stream=False)
+        except UpstreamStatusError as exc:
+            if exc.code == "context_length_exceeded":
+                exc.param = "input"  # the embeddings API's field ("messages", as for chat, names none of it)
+            raise
         with answered(response):
-            return self._embeddings(inputs, decode_json_object(self.name, response.content))
+            return self._embeddings(inputs, decode_json_object(self.name, response.content), dimensions)
 
-    def _embeddings(self, inputs: list[str] | list[list[int]], data: dict[str, Any]) -> Embeddings:
+    def _embeddings(
+        self, inputs: list[str] | list[list[int]], data: dict[str, Any], dimensions: int | None = None
+    ) -> Embeddings:
         rows = data.get("data")
         if not isinstance(rows, list) or len(rows) != len(inputs):
             raise UpstreamProtocolError(self.name, f"answered {_count(rows)} embeddings for {len(inputs)} inputs")
@@ -161,11 +168,13 @@ class OpenAIProvider(Provider):
             if vectors[index]:
                 raise UpstreamProtocolError(self.name, f"answered two embeddings for input {index}")
             vectors[index] = vector
-        _check_vectors(self.name, vectors)  # a wrong vector would be served and cached as a 200
+        _check_vectors(self.name, vectors, dimensions)  # a wrong vector would be served and cached as a 200
         usage = data.get("usage")
         prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-        # A count no input could hold (none, negative, a bool, more tokens than bytes) is not billed: counted here.
-        most = sum(len(item.encode()) if isinstance(item, str) else len(item) for item in inputs) + len(inputs)
+        # A count no input could hold (none, negative, a bool, more tokens than bytes and the special
+        # tokens a model adds to each input) is not billed: counted here.
+        size = sum(len(item.encode()) if isinstance(item, str) else len(item) for item in inputs)
+        most = size + _SPECIAL_TOKENS_PER_INPUT * len(inputs)
         plausible = isinstance(prompt, int) and not isinstance(prompt, bool) and 0 < prompt <= most
         return Embeddings(vectors, prompt if plausible else None)
 
@@ -672,8 +681,17 @@ def _salt(secret: str, tenant: str, own: str) -> str:
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _check_vectors(upstream: str, vectors: list[list[float]]) -> None:
-    """Every vector finite numbers, all of one length (the upstream's embeddings of one model)."""
+_SPECIAL_TOKENS_PER_INPUT = 4
+"""Tokens an embedding model may add to each input besides its text's: BERT's ``[CLS]`` and
+``[SEP]`` (XLM-R's ``<s>`` and ``</s>``, a decoder's BOS and EOS) are 2, so ``"a"`` is billed 3;
+twice that leaves room for a model that adds a separator or an end-of-text besides, while an
+absurd count (thousands for a word) is still refused."""
+
+
+def _check_vectors(upstream: str, vectors: list[list[float]], dimensions: int | None = None) -> None:
+    """Every vector finite numbers, all of one length (the upstream's embeddings of one model), the
+    ``dimensions`` asked for where the request said (llama.cpp's server ignores it: its full-size
+    vectors would be cached under the smaller size's key)."""
     try:
         matrix = np.asarray(vectors)  # numbers only: a None, a string or a bool gives another dtype
     except ValueError:  # rows of different lengths
@@ -687,6 +705,10 @@ def _check_vectors(upstream: str, vectors: list[list[float]]) -> None:
     ):
         raise UpstreamProtocolError(
             upstream, "answered embeddings that are not vectors of finite numbers of one length"
+        )
+    if dimensions is not None and len(vectors[0]) != dimensions:
+        raise UpstreamProtocolError(
+            upstream, f"answered vectors of {len(vectors[0])} dimensions where {dimensions} were asked for"
         )
 
 

@@ -298,3 +298,71 @@ def test_a_fallback_of_another_size_is_asked_once(
     assert upstream_stats(large_upstream)["embeddings_requests"] == before + 1
     assert [len(item.embedding) for item in raw.parse().data] == [8, 8]
     assert gateway_with_cache.wait_for_record(raw.headers["x-request-id"])["prompt_tokens"] == 9
+
+
+def test_a_batchs_hits_report_what_the_batch_was_billed(
+    gateway_with_cache: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t108: each input's share of the bill was its own count plus an even part of the difference,
+    raised to 1: a batch billed 4 that the gateway counts as 26 + 1 said 16 tokens on a hit, and
+    saved four times what it had cost."""
+    batch = [f"Pneumonoultramicroscopicsilicovolcanoconiosis-XYZZYqwrtplkj-v{time.monotonic_ns()}", "r"]
+    with _client(gateway_with_cache, "key-a") as client:
+        inject(small_upstream, {"usage": {"prompt_tokens": 4, "total_tokens": 4}})
+        miss = client.embeddings.with_raw_response.create(model="embed", input=batch)
+        hit = client.embeddings.with_raw_response.create(model="embed", input=batch[::-1])
+    assert (miss.headers["x-gateway-cache"], hit.headers["x-gateway-cache"]) == ("miss", "exact")
+    assert miss.parse().usage.prompt_tokens == hit.parse().usage.prompt_tokens == 4
+    billed = gateway_with_cache.wait_for_record(miss.headers["x-request-id"])
+    saved = gateway_with_cache.wait_for_record(hit.headers["x-request-id"])
+    assert saved["prompt_tokens"] == 4 and saved["cache_saved_usd"] == pytest.approx(billed["cost_usd"])
+
+
+def test_the_special_tokens_of_a_bert_type_model_are_billed(gateway: GatewayProcess) -> None:
+    """t108: the simulated server bills "a" as [CLS] a [SEP], 3 tokens; more than its byte + 1, the
+    count was refused and the gateway's own 1 billed."""
+    with _client(gateway, "x") as client:
+        raw = client.embeddings.with_raw_response.create(model="embed", input="a")
+    record = gateway.wait_for_record(raw.headers["x-request-id"])
+    assert raw.parse().usage.prompt_tokens == record["prompt_tokens"] == 3 and record["tokens_source"] == "upstream"
+
+
+def test_an_input_too_long_for_the_embedding_model_is_named(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t108: the 400 said ``param: "messages"``, a field the embeddings API does not have."""
+    import json
+
+    said = "This model's maximum context length is 64 tokens, however you requested 101 tokens (101 in your prompt)."
+    inject(
+        small_upstream,
+        {"status": 400, "body": json.dumps({"error": {"message": said, "type": "invalid_request_error"}})},
+    )
+    with _client(gateway, "x") as client, pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model="embed", input="word " * 100)
+    assert refused.value.code == "context_length_exceeded" and refused.value.param == "input"
+
+
+def test_vectors_of_another_size_than_the_dimensions_asked_are_refused_and_never_cached(
+    gateway_with_cache: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t108: a server that ignores ``dimensions`` (llama.cpp's) answered full-size vectors: served
+    with a 200 and cached under the asked size's key. The route's fallback answers instead."""
+    import json
+
+    text = f"kappa dimensions text {time.monotonic_ns()}"
+    full = {"object": "list", "model": "embed", "usage": {"prompt_tokens": 4, "total_tokens": 4},
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.5] * 16}]}  # fmt: skip
+    ignored = {"status": 200, "body": json.dumps(full)}
+    with _client(gateway_with_cache, "key-a") as client:
+        inject(small_upstream, ignored, ignored)  # the first try and its retry
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.embeddings.create(model="embed", input=text, dimensions=4, encoding_format="float")
+        again = client.embeddings.with_raw_response.create(model="embed", input=text, dimensions=4)
+        inject(small_upstream, ignored, ignored)
+        fallback = client.embeddings.with_raw_response.create(
+            model="vectors", input=f"{text} fallback", dimensions=4, encoding_format="float"
+        )
+    assert refused.value.status_code == 502 and refused.value.code == "upstream_bad_response"
+    assert again.headers["x-gateway-cache"] == "miss" and len(again.parse().data[0].embedding) == 4
+    assert fallback.headers["x-gateway-model"] == "embed-large" and len(fallback.parse().data[0].embedding) == 4
