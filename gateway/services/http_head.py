@@ -10,6 +10,10 @@ body is not counted: once the headers are complete, the rest goes to the parser 
 It also tells a lost connection to every request on it still unanswered: uvicorn tells only the
 last one parsed, which for requests pipelined in one write is one queued behind the request
 being served, so that one never heard its client leave (logged 200 where it was 499).
+
+And what comes malformed, or past a bound, behind a request still unanswered is not answered:
+the 400 (or 431, 408) would reach the client first and be read as that request's answer, while
+the request went on upstream. The connection is closed instead, as if the client had left.
 """
 
 from __future__ import annotations
@@ -89,12 +93,40 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
-        for cycle in self._unanswered:  # as uvicorn's does for the last request parsed, for each of them
+        self._tell_unanswered_gone()
+        super().connection_lost(exc)
+
+    def _tell_unanswered_gone(self) -> None:
+        for cycle in self._unanswered:  # as uvicorn's connection_lost does for the last request parsed, for each
             if not cycle.response_complete:
                 cycle.disconnected = True
                 cycle.message_event.set()
         self._unanswered.clear()
-        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        if self._answer_pending():  # the 400 would be read as that request's answer
+            self._hang_up()
+            return
+        super().send_400_response(msg)
+
+    def _answer_pending(self) -> bool:
+        """Whether a request on this connection, received whole or already being answered, is unanswered.
+
+        An answer written for what comes after it (a malformed or refused request pipelined
+        behind it) would reach the client first, and be read as that request's answer."""
+        return any(
+            not cycle.response_complete and (not cycle.more_body or cycle.response_started)
+            for cycle in self._unanswered
+        )
+
+    def _hang_up(self) -> None:
+        """Closed with no answer: the requests unanswered hear their client gone (logged 499), as
+        for a client that left. They hear it now, not once the loss is reported: a request whose
+        body came in the same read would else go upstream, and be logged 200 if answered before
+        its disconnect watch began."""
+        self._refused = True
+        self._tell_unanswered_gone()
+        self.transport.close()
 
     def _head_too_slow(self) -> None:
         self._head_deadline = None
@@ -106,6 +138,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._refuse(408, "Request Timeout", f"request headers not received within {HEAD_TIMEOUT_S:g}s")
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
+        if self._answer_pending():
+            self._hang_up()
+            return
         if getattr(self, "url", b"").startswith(b"/v1/messages"):  # in the caller's protocol (t45)
             body = anthropic_messages.encode_error(status, message)
         else:

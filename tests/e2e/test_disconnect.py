@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import socket
 import threading
@@ -218,12 +219,8 @@ def test_a_pipelined_request_whose_client_leaves_is_logged_as_499(
     the first; an outside tester)."""
     inject(small_upstream, {"delay_ms": 700})  # within the model's 1 s first-byte timeout
     request_id = f"pipelined-{uuid.uuid4().hex}"
-    requests = b""
-    for n, more_headers in enumerate((f"x-request-id: {request_id}\r\n", "")):
-        body = json.dumps(_body(f"pipelined request {n}", stream=stream)).encode()
-        head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-                f"content-length: {len(body)}\r\n{more_headers}\r\n")  # fmt: skip
-        requests += head.encode() + body
+    requests = _raw_chat(_body("pipelined request 0", stream=stream), request_id)
+    requests += _raw_chat(_body("pipelined request 1", stream=stream))
     with socket.create_connection(("127.0.0.1", gateway.port)) as client:  # a raw client, to pipeline
         client.sendall(requests)
         stats = _poll(lambda: upstream_stats(small_upstream), lambda s: s["chat_requests"] >= 1, timeout_s=5.0)
@@ -233,6 +230,66 @@ def test_a_pipelined_request_whose_client_leaves_is_logged_as_499(
     if not stream:  # a whole answer is waited for, and billed
         assert record["tokens_source"] == "upstream" and record["cost_usd"] > 0
     assert upstream_stats(small_upstream)["chat_requests"] == 1  # the second was never dispatched
+
+
+_GARBAGE = b"NOT HTTP\r\n\r\n"
+_HEAD_TOO_LARGE = b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nx-big: " + b"a" * 1_000_000  # past the 64 KiB bound
+
+
+@pytest.mark.parametrize(
+    ("behind", "stream"),
+    [(_GARBAGE, False), (_GARBAGE, True), (_HEAD_TOO_LARGE, False)],
+    ids=["garbage", "garbage-stream", "head-too-large"],
+)
+def test_a_request_refused_behind_one_unanswered_closes_the_connection_unanswered(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream, behind: bytes, stream: bool
+) -> None:
+    """A valid request, then garbage on the same connection: uvicorn answered the garbage 400 at
+    once (a head too large was answered 431), which the client read as the answer to its first
+    request, while that one went upstream and was logged 200 (an outside tester). The connection
+    is closed unanswered now, and the first request hears its client gone."""
+    inject(small_upstream, {"delay_ms": 700})  # within the model's 1 s first-byte timeout
+    request_id = f"refused-behind-{uuid.uuid4().hex}"
+    received = b""
+    with socket.create_connection(("127.0.0.1", gateway.port)) as client:  # a raw client, to pipeline
+        client.settimeout(10)
+        try:
+            client.sendall(_raw_chat(_body("answer me first", stream=stream), request_id) + behind)
+            while data := client.recv(65536):
+                received += data
+        except ConnectionError:
+            pass  # closed with what we sent still unread
+    assert received == b""  # no answer the client would take for its first request's
+    record = gateway.wait_for_record(request_id)
+    assert (record["status"], record["error_type"]) == (499, "client_disconnected")
+    if behind == _GARBAGE:  # in the read that brought the first request: it was never sent on
+        assert upstream_stats(small_upstream)["chat_requests"] == 0
+
+
+def test_a_malformed_request_with_none_unanswered_before_it_is_still_answered_400(gateway: GatewayProcess) -> None:
+    """On a new connection, and on one whose earlier request was answered, the 400 answers no one else's."""
+    with socket.create_connection(("127.0.0.1", gateway.port)) as client:
+        client.settimeout(10)
+        client.sendall(_raw_chat(_body("answered first")))
+        answer = http.client.HTTPResponse(client)  # read whole, the connection kept alive
+        answer.begin()
+        answer.read()
+        assert answer.status == 200
+        client.sendall(_GARBAGE)
+        assert client.recv(65536).startswith(b"HTTP/1.1 400 ")
+    with socket.create_connection(("127.0.0.1", gateway.port)) as client:
+        client.settimeout(10)
+        client.sendall(_GARBAGE)
+        assert client.recv(65536).startswith(b"HTTP/1.1 400 ")
+
+
+def _raw_chat(body: dict[str, object], request_id: str | None = None) -> bytes:
+    """A chat request as a raw client writes it (to pipeline, or to follow it with garbage)."""
+    content = json.dumps(body).encode()
+    request_id_header = f"x-request-id: {request_id}\r\n" if request_id else ""
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(content)}\r\n{request_id_header}\r\n")  # fmt: skip
+    return head.encode() + content
 
 
 class _HeldRedis:
