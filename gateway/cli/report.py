@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import zlib
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -14,6 +13,7 @@ from gateway.cli._parsers import Subcommands
 from gateway.reporting.aggregate import (
     DIMENSIONS,
     Aggregator,
+    DamagedLog,
     open_log,
     parse_dimensions,
     parse_until,
@@ -21,7 +21,11 @@ from gateway.reporting.aggregate import (
 )
 from gateway.reporting.table import FORMATS, render, summary_line
 
-__all__ = ["register", "run"]
+__all__ = ["DAMAGED_LOG", "register", "run"]
+
+DAMAGED_LOG = 3
+"""The exit status when the table was printed but a gzipped log ended early or held corrupt data:
+only its lines before the damage are in the totals (t109: a cut log read as whole, exit 0)."""
 
 _DESCRIPTION = (
     'Totals from the request log (the JSON lines with "event": "request"): requests, errors, tokens, '
@@ -65,21 +69,18 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit status 0, or 1 when the log cannot be read or the chart cannot be drawn."""
+    """Exit status 0; 1 when a log cannot be read or the chart cannot be drawn; else :data:`DAMAGED_LOG`
+    when a gzipped log was damaged (the table is printed all the same)."""
     if args.since and args.until and args.since >= args.until:
         print("report: --since must be before --until", file=sys.stderr)
         return 1
     aggregator = Aggregator(args.since, args.until)
+    status = 0
     for path in args.logs:
         try:
-            with open_log(path) as stream:
-                aggregator.feed(stream)
-        except EOFError:  # a gzipped log cut short, e.g. copied while being written
-            print(
-                f"report: {path} ends early; lines before the cut are counted, up to the last 64 KiB of them",
-                file=sys.stderr,
-            )
-        except (OSError, zlib.error) as exc:  # includes gzip.BadGzipFile; zlib.error: corrupt compressed data
+            if not _feed(aggregator, path):
+                status = DAMAGED_LOG
+        except OSError as exc:
             print(f"report: cannot read {path}: {exc}", file=sys.stderr)
             return 1
     try:
@@ -101,7 +102,24 @@ def run(args: argparse.Namespace) -> int:
             print(f"report: cannot write {args.png}: {exc.strerror or exc}", file=sys.stderr)
             return 1
         print(f"report: chart written to {args.png}", file=sys.stderr)
-    return 0
+    return status
+
+
+def _feed(aggregator: Aggregator, path: str) -> bool:
+    """Add one log's lines: ``False`` for a damaged log, said on stderr with how many of its lines were read."""
+    lines_before = aggregator.lines
+    try:
+        with open_log(path) as lines:
+            aggregator.feed(lines)
+    except DamagedLog as exc:
+        read = aggregator.lines - lines_before
+        print(
+            f"report: {path} {exc.damage}: {read:,} whole lines read before that; the rest of it is not in the "
+            f"totals (exit status {DAMAGED_LOG})",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 def _dimensions(text: str) -> tuple[str, ...]:

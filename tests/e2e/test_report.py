@@ -10,10 +10,12 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
 import random
 import subprocess
 import sys
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -393,19 +395,65 @@ def test_gzipped_log_gives_the_same_totals(synthetic: SyntheticLog, tmp_path: Pa
     assert zipped.counters() == aggregated.counters()
 
 
+def _gzip_cut_at(data: bytes, at: int) -> bytes:
+    """``data`` gzipped and cut short where its first ``at`` bytes end: all of them inflate, nothing after."""
+    packer = zlib.compressobj(wbits=31)
+    return packer.compress(data[:at]) + packer.flush(zlib.Z_SYNC_FLUSH)
+
+
+def _whole_lines_before(data: bytes, at: int) -> bytes:
+    return data[: data.rindex(b"\n", 0, at) + 1]
+
+
+def test_a_cut_gzip_is_counted_to_its_last_whole_line_and_exits_3(synthetic: SyntheticLog, tmp_path: Path) -> None:
+    """t109: a gzipped log cut short (the first 3000 bytes of one) lost up to 64 KiB of its lines
+    before the cut, and the report exited 0: a cron job could not tell."""
+    at = synthetic.data.index(b"\n", len(synthetic.data) * 2 // 3) - 100  # the cut falls inside a line
+    cut = tmp_path / "cut.log.gz"
+    cut.write_bytes(_gzip_cut_at(synthetic.data, at))
+    whole = tmp_path / "whole-lines.log"
+    whole.write_bytes(_whole_lines_before(synthetic.data, at))
+    expected = aggregate_path(str(whole))
+    assert 0 < expected.requests < len(synthetic.records)
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "report", str(cut), "--by", "day,model", "--format", "json"],
+        capture_output=True, cwd=_ROOT, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == report.DAMAGED_LOG == 3, done.stderr
+    assert json.loads(done.stdout) == json.loads(render_json(expected, ("day", "model")))
+    assert f"report: {cut} ends early: {expected.lines:,} whole lines read before that" in done.stderr.decode()
+
+
 def test_several_logs_are_summed_and_a_cut_gzip_is_read_up_to_the_cut(
     synthetic: SyntheticLog, log_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    at = len(synthetic.data) - 200
     cut = tmp_path / "cut.log.gz"
-    cut.write_bytes(gzip.compress(synthetic.data)[:-200])
-    assert cli_main(["report", str(log_file), str(log_file), str(cut), "--by", "", "--format", "json"]) == 0
+    cut.write_bytes(_gzip_cut_at(synthetic.data, at))
+    whole = tmp_path / "whole-lines.log"
+    whole.write_bytes(_whole_lines_before(synthetic.data, at))
+    by = ["report", "--by", "tenant", "--format", "json"]
+    assert cli_main([*by, str(log_file), str(cut), str(log_file)]) == report.DAMAGED_LOG
     out = capsys.readouterr()
-    document = json.loads(out.out)
     assert "ends early" in out.err
-    expected = _reference(synthetic.records, ())[()]
-    # the third copy is counted up to the cut, less what was still in the 64 KiB read buffer
-    assert 2.5 * expected["requests"] < document["total"]["requests"] < 3 * expected["requests"]
-    assert document["lines"]["malformed"] >= 2 * synthetic.malformed
+    assert cli_main([*by, str(log_file), str(whole), str(log_file)]) == 0
+    assert json.loads(out.out) == json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("members", [1, 2, 3])
+def test_concatenated_gzip_members_are_one_log_and_exit_0(
+    synthetic: SyntheticLog, log_file: Path, tmp_path: Path, members: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``cat a.gz b.gz`` is one gzip file, as zcat reads it; members may part mid-line, and zeros may pad the end."""
+    data = synthetic.data
+    cuts = [0, *(len(data) * i // members + 37 for i in range(1, members)), len(data)]
+    packed = tmp_path / "members.log.gz"
+    packed.write_bytes(b"".join(gzip.compress(data[a:b]) for a, b in itertools.pairwise(cuts)) + b"\0" * 600)
+    assert cli_main(["report", str(packed), "--by", "day,key", "--format", "json"]) == 0
+    out = capsys.readouterr()
+    assert cli_main(["report", str(log_file), "--by", "day,key", "--format", "json"]) == 0
+    assert json.loads(out.out) == json.loads(capsys.readouterr().out)
+    assert "report:" not in out.err
 
 
 def test_bad_arguments(log_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -462,17 +510,28 @@ def test_chart_amounts_keep_significant_figures_below_a_dollar() -> None:
     assert usd(1234.567) == "1,234.57 USD"
 
 
-def test_a_corrupt_log_an_unwritable_chart_and_a_date_out_of_range_are_one_line_each(
+def test_a_corrupt_gzip_is_counted_up_to_the_damage_and_exits_3(
     log_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import gzip
-
-    packed = bytearray(gzip.compress(log_file.read_bytes()))
-    packed[-200:-150] = bytes(b ^ 0xFF for b in packed[-200:-150])  # corrupt data: zlib.error, not an OSError
+    data = log_file.read_bytes()
+    at = len(data) - 3000
+    packer = zlib.compressobj(wbits=31)
+    head = packer.compress(data[:at]) + packer.flush(zlib.Z_SYNC_FLUSH)  # all of data[:at] inflates from head
+    packed = bytearray(head + packer.compress(data[at:]) + packer.flush())
+    damage = slice(len(head) + 20, len(head) + 70)
+    packed[damage] = bytes(b ^ 0xFF for b in packed[damage])  # corrupt data: zlib.error, not an OSError
     corrupt = tmp_path / "corrupt.jsonl.gz"
     corrupt.write_bytes(bytes(packed))
-    assert cli_main(["report", str(corrupt)]) == 1
-    assert f"report: cannot read {corrupt}" in capsys.readouterr().err
+    assert cli_main(["report", str(corrupt), "--by", "", "--format", "json"]) == report.DAMAGED_LOG
+    out = capsys.readouterr()
+    assert f"report: {corrupt} holds corrupt data" in out.err
+    # every line before the damage is in, those inflated in the same call as the damage too
+    assert json.loads(out.out)["lines"]["lines"] >= _whole_lines_before(data, at).count(b"\n")
+
+
+def test_an_unwritable_chart_and_a_date_out_of_range_are_one_line_each(
+    log_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli_main(["report", str(log_file), "--png", str(tmp_path / "no" / "such" / "dir.png")]) == 1
     assert "report: cannot write" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exited:
