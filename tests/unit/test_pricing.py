@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from datetime import UTC, datetime
 
 import pytest
@@ -62,7 +63,9 @@ def test_a_cost_past_a_floats_range_is_zero_and_said(monkeypatch: pytest.MonkeyP
 
 
 async def test_an_upstreams_absurd_token_count_bills_no_inf(make_harness: MakeHarness) -> None:
-    """The answer is served; its cost is 0 in the header, the log line and the usage, never inf."""
+    """The answer is served and billed at the gateway's own count (a prompt past the model's window
+    is no count an answer can have, 168b11c), the same in the header, the log line and the usage:
+    never inf, never the upstream's 10**303."""
     harness = await make_harness(
         POLICY.replace("price: {input: 0.5, output: 1.5}", "price: {input: 1000000, output: 1}")
     )
@@ -70,14 +73,15 @@ async def test_an_upstreams_absurd_token_count_bills_no_inf(make_harness: MakeHa
     with capture_logs() as logs:
         status, _, headers = answer_of(await harness.ask("hello", cache_control="no-store"))
         await asyncio.sleep(0)  # the request is accounted for just after its answer
-    assert status == 200 and headers["x-gateway-cost-usd"] == "0.00000000"
     [line] = [log for log in logs if log["event"] == "request"]
-    assert line["cost_usd"] == 0.0 and line["prompt_tokens"] == 10**303
+    assert line["usage_refused"] == "prompt_over_window" and line["tokens_source"] == "gateway"
+    assert 0 < line["prompt_tokens"] < 100 and math.isfinite(line["cost_usd"]) and line["cost_usd"] > 0
+    assert status == 200 and float(headers["x-gateway-cost-usd"]) == pytest.approx(line["cost_usd"], rel=1e-6)
     await harness.limiter.drain()
     await harness.limiter.ledger.flush()
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     totals = await harness.limiter.ledger.read([("alice", "team-a")], today, today)
-    assert totals is not None and totals["alice", "team-a"].cost_usd == 0.0
+    assert totals is not None and totals["alice", "team-a"].cost_usd == pytest.approx(line["cost_usd"])
 
 
 def test_unset_prices_charge_as_before() -> None:
@@ -88,7 +92,7 @@ def test_unset_prices_charge_as_before() -> None:
 async def test_the_pipeline_charges_what_the_upstream_says_was_cached(make_harness: MakeHarness) -> None:
     policy = POLICY.replace(
         "small: {base_url: \"http://small.test/v1\", price: {input: 0.5, output: 1.5}, tier: small}",
-        "small: {base_url: \"http://small.test/v1\", price: {input: 3, output: 15, cached_input: 0.3, reasoning: 60}, tier: small}",
+        "small: {base_url: \"http://small.test/v1\", price: {input: 3, output: 15, cached_input: 0.3, reasoning: 60}, tier: small, context_window: 200000}",
     )  # fmt: skip
     assert policy != POLICY
     harness = await make_harness(policy)
