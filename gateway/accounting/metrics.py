@@ -117,6 +117,11 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self._request_log_lines_lost = Counter(
+            "gateway_request_log_lines_lost",
+            "Request log lines a sink could not take (a full disk, a closed pipe); also said on stderr",
+            registry=r,
+        )
         self._children: dict[tuple[str, str, int, str], tuple] = {}  # type: ignore[type-arg]
 
     def observe(self, record: RequestRecord) -> None:
@@ -148,6 +153,9 @@ class Metrics:
 
     def upstream_error(self, upstream: str, code: str | None) -> None:
         self.upstream_errors.labels(upstream, code or "unknown").inc()
+
+    def request_log_lines_lost(self, lines: int) -> None:
+        self._request_log_lines_lost.inc(lines)
 
     def semantic_timeout(self, stage: str) -> None:
         self.semantic_timeouts.labels(stage).inc()

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -159,12 +160,24 @@ class _Sink:
                 held = os.fstat(self.fd)
                 if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
                     return
-            fd = _open_to_append(self.path)
         except OSError:
             return  # tried again in a second
+        self.reopen(now)
+
+    def reopen(self, now: float) -> OSError | None:
+        """Open the path again now, whatever it names; why it could not be. The file held, if any,
+        is written on until that succeeds (t44: batches were thrown away); :meth:`follow_path`
+        tries again in a second."""
+        assert self.path is not None
+        self.looked_at = now
+        try:
+            fd = _open_to_append(self.path)
+        except OSError as exc:
+            return exc
         if self.fd is not None:
             os.close(self.fd)
         self.fd, self.torn = fd, False
+        return None
 
     @classmethod
     def of_stream(cls, stream: IO[str]) -> _Sink:
@@ -232,9 +245,11 @@ class RequestLogWriter:
         path: str | None = None,
         flush_every_s: float = 0.02,
         stdout_fd: int | None = None,
+        on_lost: Callable[[int], None] | None = None,
     ) -> None:
         """``stdout_fd``: where "stdout" really is, when ``serve`` moved the process's own stdout to
-        stderr so that nothing else (the ASGI server's warnings, a library's print) lands in the log."""
+        stderr so that nothing else (the ASGI server's warnings, a library's print) lands in the log.
+        ``on_lost``: called, on the writer's thread, with the number of lines a sink could not take."""
         self._sinks: list[_Sink] = []
         if stdout:
             self._sinks.append(
@@ -250,6 +265,8 @@ class RequestLogWriter:
         self._said_lines = 0
         self._said_at = -_SAY_EVERY_S
         self._last_error: Exception | None = None
+        self._on_lost = on_lost
+        self._reopen_asked = False
         self._pending: list[str] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -263,13 +280,23 @@ class RequestLogWriter:
         with self._lock:
             self._pending.append(line)
 
+    def reopen(self) -> None:
+        """Open the file again at its path before the next line is written (``kill -USR1``, from
+        logrotate's ``postrotate``: t109, with ``compress`` and no ``delaycompress`` the lines of
+        the second before the path was looked at again went into a file gzip had already read).
+        The writer's thread does it, between two batches: no line is cut or lost."""
+        self._reopen_asked = True
+
     def _run(self) -> None:
         while True:
             self._wake.wait(self._flush_every_s)
             closing = self._closing
+            now = time.monotonic()
+            if self._reopen_asked:
+                self._reopen_asked = False  # first: one asked while this reopens is not lost
+                self._reopen_paths(now)
             with self._lock:
                 batch, self._pending = self._pending, []
-            now = time.monotonic()
             if batch:
                 for sink in self._sinks:
                     sink.follow_path(now)
@@ -278,23 +305,35 @@ class RequestLogWriter:
                     except (OSError, ValueError) as exc:  # a broken sink must not take the thread down
                         self.dropped_lines += len(batch)
                         self._last_error = exc
+                        if self._on_lost is not None:
+                            self._on_lost(len(batch))
             if self.dropped_lines > self._said_lines and (closing or now - self._said_at >= _SAY_EVERY_S):
                 self._say_lost(now)
             if closing:
                 return
 
+    def _reopen_paths(self, now: float) -> None:
+        """Open each file sink again, and say so on stderr: logrotate's ``postrotate`` (or whoever
+        sent the signal) can tell when every worker writes to the new file."""
+        for sink in self._sinks:
+            if sink.path is None:
+                continue
+            failed = sink.reopen(now)
+            if failed is None:
+                _say({"event": "request_log_reopened", "level": "info", "path": sink.path, "pid": os.getpid()})
+            else:
+                _say({"event": "request_log_reopen_failed", "level": "error", "path": sink.path,
+                      "error": _reason(failed), "effect": "lines go on to the file held until the path opens"})  # fmt: skip
+
     def _say_lost(self, now: float) -> None:
         """Say on stderr how many lines did not land since it was last said (t41: a full disk lost
         every line in silence; t44: only the first failure of a minute was counted): written here,
         not through a logger, which may be what failed."""
-        exc = self._last_error
-        reason = errno.errorcode.get(exc.errno, "") if isinstance(exc, OSError) and exc.errno else type(exc).__name__
-        notice = {"event": "request_log_write_failed", "level": "error", "error": reason,
+        notice = {"event": "request_log_write_failed", "level": "error", "error": _reason(self._last_error),
                   "dropped_lines": self.dropped_lines - self._said_lines,
                   "dropped_lines_total": self.dropped_lines}  # fmt: skip
         self._said_at, self._said_lines = now, self.dropped_lines
-        with contextlib.suppress(OSError):
-            os.write(2, msgspec.json.encode(notice) + b"\n")
+        _say(notice)
 
     def close(self) -> None:
         """Write what is pending and stop (at shutdown: nothing is lost)."""
@@ -308,6 +347,16 @@ class RequestLogWriter:
 
 
 _SAY_EVERY_S = 60.0
+
+
+def _reason(exc: Exception | None) -> str:
+    return errno.errorcode.get(exc.errno, "") if isinstance(exc, OSError) and exc.errno else type(exc).__name__
+
+
+def _say(notice: dict[str, Any]) -> None:
+    """A line on stderr, written here, not through a logger, which may be what failed."""
+    with contextlib.suppress(OSError):
+        os.write(2, msgspec.json.encode(notice) + b"\n")
 
 
 def take_stdout() -> int:

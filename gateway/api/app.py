@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -112,16 +114,18 @@ async def _start(settings: Settings) -> GatewayState:
     if settings.split_stdout:  # a spawned worker: serve could not hand it the request log's descriptor
         stdout_fd = take_stdout()
     log_path = log_policy.path if log_policy.enabled and log_policy.path else None
+    metrics = Metrics(settings.metrics_dir)
     request_log = RequestLogWriter(
         stdout=log_policy.enabled and log_policy.stdout,
         # relative to policies.yaml, as auth.key_file is (not to wherever serve was started: t27)
         path=str(Path(settings.policies_path).parent / log_path) if log_path else None,
         stdout_fd=stdout_fd,
+        on_lost=metrics.request_log_lines_lost,
     )
     ops_log = RequestLogWriter(stdout=False, stderr=True)
     configure_logging(request_log, ops_log)
-    metrics = Metrics(settings.metrics_dir)
     loop = asyncio.get_running_loop()
+    _reopen_on_sigusr1(loop, request_log)
     _log.info("event_loop", implementation=f"{type(loop).__module__}.{type(loop).__qualname__}")
     holder = RuntimeHolder(
         settings.policies_path,
@@ -180,6 +184,15 @@ async def _start(settings: Settings) -> GatewayState:
     if not await state.redis.check():
         _log.warning("redis_not_ready", url_set=bool(settings.redis_url))
     return state
+
+
+def _reopen_on_sigusr1(loop: asyncio.AbstractEventLoop, request_log: RequestLogWriter) -> None:
+    """``kill -USR1`` (``serve`` passes it on to every worker) opens the request log file again at
+    its path, for logrotate's ``postrotate``. ``serve`` starts each worker with SIGUSR1 blocked
+    (its default action ends a process): unblocked here, once the handler is in place."""
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGUSR1, request_log.reopen)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
 
 
 def _gateway_error(request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:

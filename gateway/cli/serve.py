@@ -71,10 +71,12 @@ def run(args: argparse.Namespace) -> int:
     from gateway.services.parent_death import SUPERVISOR_PID
     from gateway.services.redis_server import start_embedded_redis
 
-    # SIGHUP's default action ends a process: until the server (several workers) or the
-    # runtime (one process) puts its reload handler in place, a reload asked during start-up
-    # is ignored rather than fatal. The runtime checks the file once more when its handler is in.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # SIGHUP's and SIGUSR1's default action ends a process: until the server (several workers)
+    # or the worker (one process) puts its handler in place, a reload or a request log reopen
+    # asked during start-up is ignored rather than fatal. The runtime checks the file once more
+    # when its handler is in; the request log is opened fresh at the start anyway.
+    for early in _WORKER_SIGNALS:
+        signal.signal(early, signal.SIG_IGN)
     with ExitStack() as cleanup:
         holder = _claim_data_dir(args.data_dir, cleanup)
         if holder is not None:
@@ -186,18 +188,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _sighup_held() -> Iterator[None]:
-    """Workers started in here start with SIGHUP blocked (a process inherits the signal mask).
+_WORKER_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
+"""What ``serve`` passes on to every worker: SIGHUP reloads the policy, SIGUSR1 opens the request
+log file again at its path (after logrotate's rename; USR1, as nginx and gunicorn reopen their logs)."""
 
-    SIGHUP's default action ends a process: a worker still loading its models when ops
+
+@contextlib.contextmanager
+def _worker_signals_held() -> Iterator[None]:
+    """Workers started in here start with SIGHUP and SIGUSR1 blocked (a process inherits the signal mask).
+
+    Their default action ends a process: a worker still loading its models when ops
     reload (or a replacement, when a reload comes right after a worker died) would die of
     it, and its replacement would start on whatever the file then holds. The worker
-    unblocks SIGHUP once its reload handler is in place (``RuntimeHolder.reload_on_sighup``);
-    one sent meanwhile waits until then. In the main process, one waits until the start
-    returns.
+    unblocks each once its handler is in place (``RuntimeHolder.reload_on_sighup``,
+    ``gateway.api.app._reopen_on_sigusr1``); one sent meanwhile waits until then. In the
+    main process, one waits until the start returns.
     """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(_WORKER_SIGNALS))
     try:
         yield
     finally:
@@ -379,15 +386,15 @@ def _uvicorn_supervisor() -> type:
         :func:`_listening_sockets`); when it dies, its replacement gets a fresh socket *i*
         (:meth:`_socket_for_replacement`). SIGHUP to the main process reloads the policy in
         every worker, in place (as under granian, below), rather than uvicorn's rolling
-        restart of the workers. SIGTERM and SIGINT close this process's copies of the
-        listening sockets first."""
+        restart of the workers, and SIGUSR1 reaches every worker (uvicorn ignores it).
+        SIGTERM and SIGINT close this process's copies of the listening sockets first."""
 
         startup_failed = False
 
         def init_processes(self) -> None:
             for index in range(self.processes_num):
                 process = Process(self.config, [self.sockets[index % len(self.sockets)]])
-                with _sighup_held():
+                with _worker_signals_held():
                     process.start()
                 self.processes.append(process)
 
@@ -408,7 +415,7 @@ def _uvicorn_supervisor() -> type:
                     return
                 _say(f"worker {process.pid} died; starting another")
                 replacement = Process(self.config, [self._socket_for_replacement(index)])
-                with _sighup_held():
+                with _worker_signals_held():
                     replacement.start()
                 self.processes[index] = replacement
 
@@ -456,12 +463,19 @@ def _uvicorn_supervisor() -> type:
                     sock.close()
 
         def handle_hup(self) -> None:
-            for process in self.processes:
-                if process.pid:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(process.pid, signal.SIGHUP)
+            _pass_on(signal.SIGHUP, [process.pid for process in self.processes])
+
+        def handle_usr1(self) -> None:
+            _pass_on(signal.SIGUSR1, [process.pid for process in self.processes])
 
     return GatewaySupervisor
+
+
+def _pass_on(sig: int, workers: list[int | None]) -> None:
+    for pid in workers:
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
 
 def _keep_stdout_for_the_request_log() -> None:
@@ -486,22 +500,23 @@ def _granian_server() -> type:
         Granian's own SIGHUP restarts the workers: in-flight requests would be cut, and
         with an invalid policy on disk the new workers would fail to start. Each worker
         already reloads on SIGHUP and keeps the policy in force when the new one is bad.
+        SIGUSR1, which granian leaves alone, is passed on to every worker too.
         """
 
+        def startup(self, *args: object, **kwargs: object) -> None:
+            signal.signal(signal.SIGUSR1, lambda *_: _pass_on(signal.SIGUSR1, [w._id() for w in self.wrks]))
+            super().startup(*args, **kwargs)
+
         def _spawn_workers(self, *args: object, **kwargs: object) -> None:
-            with _sighup_held():
+            with _worker_signals_held():
                 super()._spawn_workers(*args, **kwargs)
 
         def _respawn_workers(self, *args: object, **kwargs: object) -> None:
-            with _sighup_held():
+            with _worker_signals_held():
                 super()._respawn_workers(*args, **kwargs)
 
         def signal_handler_reload(self, *args: object, **kwargs: object) -> None:
-            for worker in self.wrks:
-                pid = worker._id()
-                if pid:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGHUP)
+            _pass_on(signal.SIGHUP, [worker._id() for worker in self.wrks])
 
     return GatewayServer
 

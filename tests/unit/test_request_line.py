@@ -107,15 +107,37 @@ def test_a_log_file_renamed_by_logrotate_is_opened_again_at_its_path(
     assert path.read_text() == '{"n": 2}\n'
 
 
+def test_a_reopen_moves_the_next_line_to_the_file_the_path_names_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """t109: logrotate's create + compress gzipped the renamed file while lines still went into it
+    (the path is looked at once a second): its postrotate asks for the reopen, which comes first."""
+    monkeypatch.setattr(request_log_module, "_LOOK_EVERY_S", 1e9)  # only the reopen moves it
+    path, rotated = tmp_path / "requests.jsonl", tmp_path / "requests.jsonl.1"
+    writer = RequestLogWriter(stdout=False, path=str(path), flush_every_s=0.005)
+    writer.write('{"n": 1}')
+    _wait_for(lambda: path.exists() and path.read_text() == '{"n": 1}\n')
+    path.rename(rotated)
+    path.touch()  # logrotate's create
+    writer.reopen()
+    writer.write('{"n": 2}')
+    writer.close()
+    assert rotated.read_text() == '{"n": 1}\n'
+    assert path.read_text() == '{"n": 2}\n'
+    said = [msgspec.json.decode(line) for line in capfd.readouterr().err.splitlines() if "request_log" in line]
+    assert said == [{"event": "request_log_reopened", "level": "info", "path": str(path), "pid": os.getpid()}]
+
+
 def test_lines_a_full_disk_refuses_are_counted_and_said(capfd: pytest.CaptureFixture[str]) -> None:
     """t41: with the log on a full disk every line was lost, with no word anywhere."""
-    writer = RequestLogWriter(stdout=False, path="/dev/full", flush_every_s=0.005)
+    lost: list[int] = []
+    writer = RequestLogWriter(stdout=False, path="/dev/full", flush_every_s=0.005, on_lost=lost.append)
     writer.write('{"n": 1}')
     writer.write('{"n": 2}')
     _wait_for(lambda: writer.dropped_lines == 2)
     writer.write('{"n": 3}')
     writer.close()
-    assert writer.dropped_lines == 3
+    assert writer.dropped_lines == sum(lost) == 3  # on_lost: the metric
     said = [msgspec.json.decode(line) for line in capfd.readouterr().err.splitlines() if "request_log" in line]
     # once a minute at most, and at the end: every line lost is counted (t44: only the first)
     assert [notice["error"] for notice in said] == ["ENOSPC", "ENOSPC"]
