@@ -100,10 +100,16 @@ class ClientPace(Generic[Piece]):
         if self._closing is not None:
             raise ClientStalled(f"the client took nothing for {self._idle_s:g}s; the upstream was released")
 
-    async def aclose(self) -> None:
-        """Stop watching and reading ahead; wait for the upstream's closing, when this let it go."""
+    def stop(self) -> None:
+        """Stop watching: the client is gone (a stall found while its request is settled would
+        settle it again, as a 408)."""
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
+
+    async def aclose(self) -> None:
+        """Stop watching and reading ahead; wait for the upstream's closing, when this let it go."""
+        self.stop()
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)

@@ -94,6 +94,16 @@ __all__ = [
 _log = structlog.get_logger("gateway.pipeline")
 
 _KEEP_ALIVE_S = 1.0
+_CHECK_EVERY = 64
+"""Every so many chunks a stream's relay yields to the event loop and measures what the upstream
+has written (t110: a fast upstream's chunks, buffered already, were relayed without the task ever
+waiting on a future that was not done: anyio never delivered the cancellation of a client that had
+hung up, the upstream was read until its total timeout, and other requests waited behind it)."""
+_CHARS_PER_TOKEN = 16
+"""What a stream may write, at most, per token the request allows (its ``max_tokens``, else the model's
+context window), in characters: past that the upstream is broken, and the stream is cut (t110: one
+that wrote for ever grew the worker by ~1 MB/s until the model's total timeout). A token is about
+4 characters of English, and 1 or 2 of Chinese; 16 leaves room for long ones (URLs, base64)."""
 _ANTHROPIC_OVERLOADED = 529
 """Anthropic's status for an overloaded model, which its SDKs raise as their own error class."""
 """How often a client that has its whole answer and waits for the usage is told the stream is
@@ -407,7 +417,9 @@ class ChatPipeline:
                 completion.usage, x.request, provider, completion.said or completion.text
             ):
                 await self._count_prompt(x)  # tokenized only when the upstream does not say, or says what cannot be
-            self._settle(x, provider, completion.usage, completion.text, completion.said, tier=completion.service_tier)
+            await self._settle_off_loop(
+                x, provider, completion.usage, completion.text, completion.said, tier=completion.service_tier
+            )
             record.upstream_status, record.finish_reason = 200, completion.finish_reason
             _record_speculation(record, completion)
             typed, storing = relay is None and record.protocol != "openai.chat", self._storing(x)
@@ -975,16 +987,22 @@ class ChatPipeline:
             """The client stopped taking what it holds the upstream for: settled and logged now, not
             whenever it hangs up (its in-band error waits behind the same full buffers)."""
             record.error_type, record.status = ClientStalled.code, ClientStalled.status_code
-            self._settle_cut(x, provider, stream.tally)
+            self._settle_cut_now(x, provider, stream.tally)
             finish()
 
         pace = ClientPace(stream, read, _piece_size, provider.config.timeouts, x.started, stalled)
+        most = _most_chars(x.request, provider)
+        countdown = _CHECK_EVERY
         try:
             if first is not None:
                 pace.offer()
                 yield frame(first)
                 pace.taken()
                 while True:
+                    countdown -= 1
+                    if not countdown:
+                        countdown = _CHECK_EVERY
+                        await _checkpoint(stream.tally, most, provider)
                     waited_from = time.perf_counter()
                     try:
                         piece = await pace.next()
@@ -1015,7 +1033,9 @@ class ChatPipeline:
             # No finish reason (an OpenAI-style stream whose [DONE] came first): the usage may
             # be a placeholder, as for a cut stream
             cut = tally.finish_reason is None
-            self._settle(x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier)
+            await self._settle_off_loop(
+                x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier
+            )
             record.finish_reason = tally.finish_reason
             if framed:  # the upstream's own events said all there is to say
                 if tally.failure is not None:  # ... and that the answer failed
@@ -1049,7 +1069,7 @@ class ChatPipeline:
             breaker = self._holder.breakers.for_tenant(record.tenant).get(provider.name)
             if breaker is not None:
                 breaker.record_broken()
-            self._settle_cut(x, provider, stream.tally)
+            await self._settle_cut(x, provider, stream.tally)
             yield _failure(stream, exc, typed)
         except Exception as exc:
             record.status = 500
@@ -1057,10 +1077,13 @@ class ChatPipeline:
         except asyncio.CancelledError:
             if logged:  # it stalled, and then went
                 raise
-            if not stream.cut_short:  # else settled on the upstream's usage once read to its end
-                self._settle_cut(x, provider, stream.tally)
-            if not drain.ended_by_deadline(task):
+            pace.stop()
+            by_deadline = drain.ended_by_deadline(task)
+            if not by_deadline:
                 record.error_type, record.status = "client_disconnected", 499
+            if not stream.cut_short and not x.settled:  # else settled on the upstream's usage once read to its end
+                await self._settle_cut(x, provider, stream.tally)
+            if not by_deadline:
                 raise
             if rest is not None:  # (t68) the answer is whole: it ends as a read past_stop cut short does
                 rest.end("drain_deadline")
@@ -1072,10 +1095,11 @@ class ChatPipeline:
             record.error_type, record.status = error.code, error.status_code
             yield _failure(stream, error, typed)
         except GeneratorExit:
+            pace.stop()
             if not logged:
                 record.error_type, record.status = "client_disconnected", 499
-                if not stream.cut_short:
-                    self._settle_cut(x, provider, stream.tally)
+                if not stream.cut_short and not x.settled:
+                    await self._settle_cut(x, provider, stream.tally)
             raise
         finally:
             drain.untrack(task)
@@ -1159,7 +1183,9 @@ class ChatPipeline:
             if rest.why is None:
                 rest.why = await self._read_on(x, provider, stream, rest)
             cut = rest.why is not None
-            self._settle(x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier)
+            await self._settle_off_loop(
+                x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier
+            )
             if rest.why is not None:  # (t65) billed on the cut text alone: ops and finance are told
                 _log.warning(
                     "stream_usage_unread",
@@ -1240,10 +1266,41 @@ class ChatPipeline:
 
     # -- accounting ----------------------------------------------------------------
 
-    def _settle_cut(self, x: _Exchange, provider: Provider, tally: StreamTally) -> None:
+    async def _settle_cut(self, x: _Exchange, provider: Provider, tally: StreamTally) -> None:
         """A stream that ended early (broken, or its client gone): the tally's usage and text."""
         cut = tally.finish_reason is None and not tally.usage_exact
+        await self._settle_off_loop(x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier)
+
+    def _settle_cut_now(self, x: _Exchange, provider: Provider, tally: StreamTally) -> None:
+        """:meth:`_settle_cut` on the event loop, for a caller that cannot wait (a timer's)."""
+        cut = tally.finish_reason is None and not tally.usage_exact
         self._settle(x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier)
+
+    async def _settle_off_loop(
+        self,
+        x: _Exchange,
+        provider: Provider,
+        usage: Usage | None,
+        text: str,
+        said: str | None = None,
+        *,
+        cut: bool = False,
+        tier: str | None = None,
+    ) -> None:
+        """:meth:`_settle`, with a long answer the gateway counts counted off the event loop, as a long
+        prompt is (t110: a stream of 41M tokens, counted at its cut, held the loop for 26 s); to its
+        end whatever cancels the task meanwhile (the cancellation is raised once it is settled)."""
+        written = said if said is not None else text
+        counts = usage is None or cut or _untrue(usage, x.request, provider, written, cut=cut) is not None
+        if not counts or len(written) <= x.runtime.policy.limits.long_prompt_chars:
+            self._settle(x, provider, usage, text, said, cut=cut, tier=tier)
+            return
+
+        async def count_then_settle() -> None:
+            counted = await asyncio.to_thread(count_text, written, provider.config.encoding)
+            self._settle(x, provider, usage, text, said, cut=cut, tier=tier, counted=counted)
+
+        await _to_the_end(count_then_settle())
 
     def _settle(
         self,
@@ -1255,6 +1312,7 @@ class ChatPipeline:
         *,
         cut: bool = False,
         tier: str | None = None,
+        counted: int | None = None,
     ) -> None:
         """Tokens (the upstream's usage when it sent one) and costs, actual and baseline.
 
@@ -1262,7 +1320,8 @@ class ChatPipeline:
         reported no usage; ``cut``: the answer ended early, so a usage it reported may be its
         opening placeholder (Anthropic's ``message_start`` says 1 output token): the output is
         then at least what was counted of it; ``tier``: the ``service_tier`` the answer said
-        processed it, billed when there is no usage to carry it (t71: the asked one was billed).
+        processed it, billed when there is no usage to carry it (t71: the asked one was billed);
+        ``counted``: the tokens of what it wrote, counted already (:meth:`_settle_off_loop`).
         A usage no answer can have (:func:`_untrue`) is not billed either: the gateway counts, and
         the log says why (t103: a prompt of 10**15 tokens billed $10**9, and a tenant's budget
         with it).
@@ -1292,11 +1351,14 @@ class ChatPipeline:
             record.server_tool_requests = dict(usage.server_tool_requests) if usage.server_tool_requests else None
             record.tokens_source = "upstream"
             if cut:
-                counted = count_text(said if said is not None else text, provider.config.encoding)
+                if counted is None:
+                    counted = count_text(said if said is not None else text, provider.config.encoding)
                 record.completion_tokens = max(record.completion_tokens, counted)
         else:
             record.prompt_tokens = x.prompt_tokens
-            record.completion_tokens = count_text(said if said is not None else text, provider.config.encoding)
+            if counted is None:
+                counted = count_text(said if said is not None else text, provider.config.encoding)
+            record.completion_tokens = counted
             record.speed, record.inference_geo = x.asked.speed, x.asked.inference_geo  # as asked, unsaid
             record.service_tier = tier if tier is not None else x.asked.service_tier
             record.tokens_source = "gateway"
@@ -1419,6 +1481,24 @@ async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
     if cancelled and (done.cancelled() or done.exception() is None):
         raise asyncio.CancelledError
     done.result()
+
+
+async def _checkpoint(tally: StreamTally, most: int, provider: Provider) -> None:
+    """Every :data:`_CHECK_EVERY` chunks of a stream: let the rest of the event loop run (the
+    client's hang-up among it, whose cancellation lands here), and cut an upstream that writes
+    far past what the request allows."""
+    await asyncio.sleep(0)
+    if tally.written() > most:
+        raise UpstreamProtocolError(
+            provider.name,
+            f"the stream wrote over {most} characters, {_CHARS_PER_TOKEN} per token the request allows: cut there",
+        )
+
+
+def _most_chars(request: core.Request, provider: Provider) -> int:
+    """What a stream may write before it is taken for broken (:data:`_CHARS_PER_TOKEN`)."""
+    window = provider.config.context_window
+    return min(request.max_tokens or window, window) * _answers_asked(request) * _CHARS_PER_TOKEN
 
 
 def _complete(answer: core.Answer) -> bool:

@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import httpx
@@ -181,6 +182,10 @@ class StreamTally:
     failure_status: int = 502
     """The status the failure counts as: 400 when the request was at fault (an image the
     upstream could not read), else the upstream's 502."""
+    _written: int = 0
+    """Characters of the parts :meth:`written` has measured so far."""
+    _measured: tuple[int, int, int] = (0, 0, 0)
+    """How many text, reasoning and refusal parts :meth:`written` has measured."""
 
     @property
     def text(self) -> str:
@@ -189,9 +194,21 @@ class StreamTally:
     @property
     def said(self) -> str:
         """Everything the stream wrote so far: what the gateway counts when the upstream's usage
-        did not come (or came only at the start, as Anthropic's ``message_start`` placeholder)."""
+        did not come (or came only at the start, as Anthropic's ``message_start`` placeholder).
+        Joined once (t110: a long answer's text, joined first on its own, was held twice)."""
         calls = (f"{call['function']['name']}{call['function']['arguments']}" for call in self.tool_calls.values())
-        return "".join((*self.reasoning_parts, self.text, *self.refusal_parts, *calls))
+        return "".join(chain(self.reasoning_parts, self.text_parts, self.refusal_parts, calls))
+
+    def written(self) -> int:
+        """About how many characters the stream has written so far (what :attr:`said` holds): what
+        bounds an upstream that writes on past the request's ``max_tokens``. Measures only the
+        parts added since the last call (it is asked every so many chunks, never per chunk)."""
+        lists = (self.text_parts, self.reasoning_parts, self.refusal_parts)
+        for parts, measured in zip(lists, self._measured, strict=True):
+            self._written += sum(map(len, parts[measured:]))
+        self._measured = (len(lists[0]), len(lists[1]), len(lists[2]))
+        calls = self.tool_calls.values()
+        return self._written + sum(len(call["function"]["name"]) + len(call["function"]["arguments"]) for call in calls)
 
     def take_delta(self, delta: dict[str, Any]) -> None:
         """Add one chunk's delta (first choice) to the message."""

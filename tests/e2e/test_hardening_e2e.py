@@ -33,6 +33,11 @@ _FAULTY_MODELS = (
 )  # fmt: skip
 
 
+_LONG_WRITERS = ("firehose", "long-answer", "big-answer")
+"""Models that write more than a default context window's worth (8192 tokens, 16 characters
+each, cuts a stream: t110): given a window of 100M tokens, so only what a test means ends them."""
+
+
 def _faulty_models(url: str) -> str:
     lines = []
     for name in _FAULTY_MODELS:
@@ -42,6 +47,7 @@ def _faulty_models(url: str) -> str:
         lines.append(
             f"  {name}:\n    base_url: {url}\n    price: {{input: 1, output: 1}}\n    tier: small\n"
             f"    timeouts: {{connect: 1, first_byte: 2, total: {total}, idle: {idle}}}\n"
+            + ("    context_window: 100000000\n" if name in _LONG_WRITERS else "")
         )
     return "".join(lines)
 
@@ -759,3 +765,59 @@ def test_odd_tool_calls_reach_a_chat_client_as_openai_sends_them(gw: GatewayProc
     whole_items = client.responses.create(model="r-odd-calls", input=shape, extra_headers=fresh).output
     for output in (items, whole_items):
         assert [(i.call_id, i.name, i.arguments) for i in output if i.type == "function_call"] == _ODD_CALLS[shape]
+
+
+def _released_after(faulty: FaultyUpstream, before: int, timeout_s: float = 10) -> int:
+    """How many firehose streams the gateway has closed, once it is more than ``before`` (or the wait ends)."""
+    deadline = time.monotonic() + timeout_s
+    while faulty.released.get("firehose", 0) <= before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return faulty.released.get("firehose", 0)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "go"}]}),
+        ("/v1/messages", {"max_tokens": 100000, "messages": [{"role": "user", "content": "go"}]}),
+        ("/v1/responses", {"input": "go", "store": False}),
+    ],
+)
+def test_a_client_that_hangs_up_on_a_fast_stream_lets_its_upstream_go(
+    gw: GatewayProcess, faulty: FaultyUpstream, path: str, body: dict[str, object]
+) -> None:
+    """t110: with the upstream's chunks buffered already, the relay never waited on a future that
+    was not done, so anyio never delivered the cancellation of a client that had hung up: the
+    upstream was read until its total timeout (30 s here), billed, and logged 504."""
+    before = faulty.released.get("firehose", 0)
+    request_id = f"hangs-up-{time.time_ns()}"
+    read = 0
+    body = {"model": "r-firehose", "stream": True, **body}
+    headers = {"x-request-id": request_id}
+    with httpx.stream("POST", f"{gw.url}{path}", json=body, headers=headers, timeout=10) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_raw():
+            read += len(chunk)
+            if read > 1 << 20:
+                break  # and hang up
+    assert _released_after(faulty, before) == before + 1, "the upstream was read on after the client left"
+    record = gw.wait_for_record(request_id, timeout_s=10)
+    assert (record["status"], record["error_type"]) == (499, "client_disconnected")
+    assert record["tokens_source"] == "gateway" and record["completion_tokens"] > 0
+
+
+def test_a_stream_far_past_its_max_tokens_is_cut_and_billed(gw: GatewayProcess, faulty: FaultyUpstream) -> None:
+    """t110: an upstream that writes for ever grew the worker ~1 MB/s until the model's total
+    timeout; one that writes more than 16 characters per token the request allows is broken."""
+    before = faulty.released.get("firehose", 0)
+    body = {"model": "r-firehose", "stream": True, "max_tokens": 5, "messages": [{"role": "user", "content": "go"}]}
+    with httpx.stream("POST", f"{gw.base_url}/chat/completions", json=body, timeout=10) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    error = _in_band_error(lines)
+    assert error["code"] == "upstream_bad_response" and "16 per token" in str(error["message"])
+    assert lines[-1] != "data: [DONE]"
+    assert _released_after(faulty, before) == before + 1  # the upstream was let go at the cut
+    record = gw.wait_for_record(response.headers["x-request-id"])
+    assert (record["status"], record["error_type"]) == (502, "upstream_bad_response")
+    assert record["tokens_source"] == "gateway" and record["completion_tokens"] > 5 and record["cost_usd"] > 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
-from typing import Any
+from collections.abc import AsyncGenerator
+from typing import Any, cast
 
 import msgspec
 import pytest
@@ -13,7 +14,7 @@ from structlog.testing import capture_logs
 
 from gateway import pipeline as pipeline_module
 from gateway.pipeline import StreamingAnswer
-from gateway.tokens import count_prompt
+from gateway.tokens import count_prompt, count_text
 from tests.unit.conftest import POLICY, Harness, MakeHarness, answer_of
 
 
@@ -301,3 +302,36 @@ async def test_a_second_cancellation_while_a_left_requests_prompt_is_counted_sti
     (line,) = [line for line in logs if line["event"] == "request"]
     assert (line["status"], line["error_type"]) == (499, "client_disconnected")
     assert line["prompt_tokens"] > 0 and line["cost_usd"] > 0
+
+
+@pytest.mark.parametrize("leaves", [False, True])
+async def test_a_long_answer_the_gateway_counts_is_counted_off_the_event_loop(
+    make_harness: MakeHarness, monkeypatch: pytest.MonkeyPatch, leaves: bool
+) -> None:
+    """t110: a stream of 41M tokens, counted at its cut on the event loop, held every other request
+    for 26 s. An answer longer than ``long_prompt_chars`` is counted in a thread, as a prompt is:
+    one cut short by its upstream (no finish), and one whose client left."""
+    harness = await make_harness(POLICY + "limits: {long_prompt_chars: 10}\n")
+    harness.upstream.ending = ("an answer longer than ten characters, cut short", None)
+    counted_in: list[str] = []
+
+    def where(text: str, encoding: str) -> int:
+        counted_in.append(threading.current_thread().name)
+        return count_text(text, encoding)
+
+    monkeypatch.setattr(pipeline_module, "count_text", where)
+    with capture_logs() as logs:
+        answer = await harness.ask("count me", stream=True, cache_control="no-store")
+        assert isinstance(answer, StreamingAnswer)
+        events = cast(AsyncGenerator[bytes, None], answer.events)
+        if leaves:
+            for _ in range(6):  # the role, then "an answer longer than ten"
+                await anext(events)
+            await events.aclose()  # the client hung up
+        else:
+            assert [event async for event in events][-1] == b"data: [DONE]\n\n"
+        await asyncio.sleep(0)  # logged just after the answer went out
+    (line,) = [line for line in logs if line["event"] == "request"]
+    assert line["status"] == (499 if leaves else 200)
+    assert line["completion_tokens"] >= 5  # at least the gateway's count of what came
+    assert counted_in and threading.current_thread().name not in counted_in

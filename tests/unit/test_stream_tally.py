@@ -126,3 +126,17 @@ def test_a_stream_whose_calls_share_an_index_is_not_stored() -> None:
     for call_id, name in (("call_a", "get_weather"), ("call_b", "get_time")):
         tally.take_delta({"tool_calls": [{"index": 0, "id": call_id, "function": {"name": name, "arguments": "{}"}}]})
     assert tally.replayable is False
+
+
+def test_what_a_stream_wrote_is_measured_as_it_grows() -> None:
+    """What bounds an upstream that writes on past the request's max_tokens (t110): every part
+    the stream said, measured once each, across calls."""
+    tally = StreamTally()
+    tally.take_delta({"content": "four", "reasoning_content": "think"})
+    assert tally.written() == 9
+    tally.take_delta(
+        {"content": " more", "tool_calls": [{"index": 0, "id": "c", "function": {"name": "f", "arguments": "{}"}}]}
+    )
+    tally.take_delta({"refusal": "no"})
+    assert tally.written() == 9 + 5 + 3 + 2 == len(tally.said)
+    assert tally.written() == len(tally.said)  # nothing counted twice
