@@ -103,7 +103,9 @@ _CHARS_PER_TOKEN = 16
 """What a stream may write, at most, per token the request allows (its ``max_tokens``, else the model's
 context window), in characters: past that the upstream is broken, and the stream is cut (t110: one
 that wrote for ever grew the worker by ~1 MB/s until the model's total timeout). A token is about
-4 characters of English, and 1 or 2 of Chinese; 16 leaves room for long ones (URLs, base64)."""
+4 characters of English, and 1 or 2 of Chinese; 16 leaves room for long ones (URLs, base64).
+Never less than :data:`_LEAST_CHARS`: one token can be a run of 80 spaces."""
+_LEAST_CHARS = 65_536
 _ANTHROPIC_OVERLOADED = 529
 """Anthropic's status for an overloaded model, which its SDKs raise as their own error class."""
 """How often a client that has its whole answer and waits for the usage is told the stream is
@@ -1498,7 +1500,8 @@ async def _checkpoint(tally: StreamTally, most: int, provider: Provider) -> None
 def _most_chars(request: core.Request, provider: Provider) -> int:
     """What a stream may write before it is taken for broken (:data:`_CHARS_PER_TOKEN`)."""
     window = provider.config.context_window
-    return min(request.max_tokens or window, window) * _answers_asked(request) * _CHARS_PER_TOKEN
+    allowed = min(request.max_tokens or window, window) * _answers_asked(request) * _CHARS_PER_TOKEN
+    return max(allowed, _LEAST_CHARS)
 
 
 def _complete(answer: core.Answer) -> bool:
