@@ -106,6 +106,8 @@ that wrote for ever grew the worker by ~1 MB/s until the model's total timeout).
 4 characters of English, and 1 or 2 of Chinese; 16 leaves room for long ones (URLs, base64).
 Never less than :data:`_LEAST_CHARS`: one token can be a run of 80 spaces."""
 _LEAST_CHARS = 65_536
+_BIG_PIECE = 16_384
+"""A piece this long is followed by a measure at once, not after :data:`_CHECK_EVERY` pieces."""
 _ANTHROPIC_OVERLOADED = 529
 """Anthropic's status for an overloaded model, which its SDKs raise as their own error class."""
 """How often a client that has its whole answer and waits for the usage is told the stream is
@@ -1012,6 +1014,8 @@ class ChatPipeline:
                         break
                     finally:
                         upstream_wait += time.perf_counter() - waited_from
+                    if type(piece) is bytes and len(piece) > _BIG_PIECE:
+                        countdown = 1  # measured before the next one: a few such pieces pass any bound (t111)
                     pace.offer()
                     yield frame(piece)
                     pace.taken()
@@ -1364,6 +1368,9 @@ class ChatPipeline:
             record.speed, record.inference_geo = x.asked.speed, x.asked.inference_geo  # as asked, unsaid
             record.service_tier = tier if tier is not None else x.asked.service_tier
             record.tokens_source = "gateway"
+        if record.tokens_source == "gateway" or cut:
+            # what the gateway counted of a runaway upstream is not billed past what the request let it write (t111)
+            record.completion_tokens = min(record.completion_tokens, _allowed_tokens(x.request, provider))
         if record.speed or record.inference_geo or record.service_tier or record.server_tool_requests:
             _warn_unpriced(provider, record)  # most answers ran with none of them
         record.cost_usd = _cost(provider.config.price, record)
@@ -1497,11 +1504,16 @@ async def _checkpoint(tally: StreamTally, most: int, provider: Provider) -> None
         )
 
 
+def _allowed_tokens(request: core.Request, provider: Provider) -> int:
+    """The most completion tokens an upstream can write (and bill) for the request: its
+    ``max_tokens``, else the model's window, for each of the ``n`` answers."""
+    window = provider.config.context_window
+    return min(request.max_tokens or window, window) * _answers_asked(request)
+
+
 def _most_chars(request: core.Request, provider: Provider) -> int:
     """What a stream may write before it is taken for broken (:data:`_CHARS_PER_TOKEN`)."""
-    window = provider.config.context_window
-    allowed = min(request.max_tokens or window, window) * _answers_asked(request) * _CHARS_PER_TOKEN
-    return max(allowed, _LEAST_CHARS)
+    return max(_allowed_tokens(request, provider) * _CHARS_PER_TOKEN, _LEAST_CHARS)
 
 
 def _complete(answer: core.Answer) -> bool:

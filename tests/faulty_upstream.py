@@ -9,6 +9,7 @@ policy), so one server serves every fault:
 - ``no-choices``: ``{"choices": []}``, or a stream of ``data: [DONE]`` alone;
 - ``firehose``: content chunks as fast as the gateway takes them, for ever (the connection's
   closing is counted in ``released``);
+- ``few-huge``: ten content chunks of 420 KB each, then the finish;
 - ``long-answer``: 200 KB of content chunks as fast as the gateway takes them, then the finish;
   ``big-answer``: the same with 4 MB;
 - ``two-choices``: ``n`` = 2 with usage in every chunk (vLLM's ``continuous_usage_stats``);
@@ -118,6 +119,17 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
         try:
             while True:
                 await response.write(piece)
+        except (ConnectionError, ClientConnectionResetError):
+            upstream.released[model] = upstream.released.get(model, 0) + 1
+            raise
+    elif model == "few-huge":
+        await response.write(_chunk(model, {"role": "assistant", "content": ""}))
+        piece = _chunk(model, {"content": "flood " * 70_000})
+        try:
+            for _ in range(10):
+                await response.write(piece)
+            await response.write(_chunk(model, {}, "stop"))
+            await response.write(b"data: [DONE]\n\n")
         except (ConnectionError, ClientConnectionResetError):
             upstream.released[model] = upstream.released.get(model, 0) + 1
             raise

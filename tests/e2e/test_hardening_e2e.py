@@ -29,7 +29,7 @@ from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 _FAULTY_MODELS = (
     "comments", "trickle", "endless-line", "no-choices", "drop-after-finish", "stall-after-finish", "firehose",
     "long-answer", "big-answer", "two-choices", "calls-at-zero", "odd-calls", "marked",
-    "js-written",
+    "js-written", "few-huge",
 )  # fmt: skip
 
 
@@ -820,4 +820,20 @@ def test_a_stream_far_past_its_max_tokens_is_cut_and_billed(gw: GatewayProcess, 
     assert _released_after(faulty, before) == before + 1  # the upstream was let go at the cut
     record = gw.wait_for_record(response.headers["x-request-id"])
     assert (record["status"], record["error_type"]) == (502, "upstream_bad_response")
-    assert record["tokens_source"] == "gateway" and record["completion_tokens"] > 5 and record["cost_usd"] > 0
+    # billed what the gateway counted, but never more than the request let the model write (t111)
+    assert record["tokens_source"] == "gateway" and record["completion_tokens"] == 5 and record["cost_usd"] > 0
+
+
+def test_a_few_huge_chunks_past_the_bound_are_cut_too(gw: GatewayProcess) -> None:
+    """t111: the bound was measured every 64 chunks, so ten chunks of 420 KB each reached a client
+    that asked for one token, whole, and were billed as 700,000 tokens."""
+    body = {"model": "r-few-huge", "stream": True, "max_tokens": 1, "messages": [{"role": "user", "content": "go"}]}
+    with httpx.stream("POST", f"{gw.base_url}/chat/completions", json=body, timeout=10) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+        received = sum(len(line) for line in lines)
+    assert _in_band_error(lines)["code"] == "upstream_bad_response" and lines[-1] != "data: [DONE]"
+    assert received < 3 * 420_000  # cut after the piece that passed the bound, not after all ten
+    record = gw.wait_for_record(response.headers["x-request-id"])
+    assert (record["status"], record["error_type"]) == (502, "upstream_bad_response")
+    assert record["completion_tokens"] == 1
