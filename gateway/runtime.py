@@ -531,11 +531,15 @@ def _shown_to_admins(problems: list[str], environ: Mapping[str, str] | None = No
 
     def hidden(match: re.Match[str]) -> str:
         quoted = match.group(0)
-        return "'…'" if quoted.strip("'\"") in values else quoted
+        value = quoted.strip("'\"")
+        return "'…'" if value in values or _LOOKS_LIKE_A_KEY.match(value) else quoted
 
     return [_QUOTED_VALUE.sub(hidden, _GOT_VALUE.sub(r"\1'…'", problem)) for problem in problems]
 
 
+_LOOKS_LIKE_A_KEY = re.compile(r"(?i)(?:sk|rk|pk)[-_]|(?:ghp|gho|xox[abpr])[-_]|AKIA[0-9A-Z]{12}")
+"""A name that reads as an API key's secret (t111: ``model: sk-live-...`` typed as a route's model
+showed in an admin's /readyz as an unknown model's name)."""
 _GOT_VALUE = re.compile(r"(got (?:the string )?|`: )(?:" + _QUOTED_VALUE.pattern + ")")
 """A value where another belongs: "must be ..., got 'x'", "expected a number, got the string 'x'"
 (t107: a secret typed into a number field reached an admin's /readyz), or msgspec's

@@ -162,6 +162,9 @@ def test_a_name_that_is_an_environment_variables_value_is_hidden_from_admins_too
         "routes.r.fallbacks[0] (line 10): unknown model '…'; models are: 'small'",
         said[2],
     ]
+    # t111: a key's secret typed in place (no variable holds it) reads as a key, and is hidden too
+    typed = ["routes.fast.model (line 9): unknown model 'sk-live-TOPSECRET-9f8e7d6c5b4a'; models are: 'small'"]
+    assert _shown_to_admins(typed, {}) == ["routes.fast.model (line 9): unknown model '…'; models are: 'small'"]
 
 
 async def test_a_secret_typed_into_a_number_or_switch_field_is_hidden_from_admins(make_harness: MakeHarness) -> None:
