@@ -19,7 +19,9 @@ Method
 * Real prompts (when ``../shared/data/routing`` is there): the same load phase, each caller
   cycling through the routing data's MMLU and GSM8K prompts (mixed lengths, so batches are
   padded to their longest prompt, as in production).
-* onnxruntime's intra-op threads = the cores this process may use (printed).
+* onnxruntime's intra-op threads = the cores this process may use (printed); the CPU
+  provider unless ``--gpu`` (then CUDA when it can start, as in the gateway; the
+  provider is in each result).
 Figures come from one run on a shared machine; compare only within one run.
 """
 
@@ -124,7 +126,7 @@ async def seq_async(clf: Classifier, text: str, n: int) -> list[float]:
 def bench_variant(name: str, art: Path, variant: str | None, args: argparse.Namespace) -> dict[str, Any]:
     clf = load_classifier(
         art,
-        prefer_gpu=False,
+        prefer_gpu=args.gpu,
         variant=variant,
         max_batch=args.max_batch,
         max_wait_s=args.max_wait_ms / 1e3,
@@ -143,6 +145,7 @@ def bench_variant(name: str, art: Path, variant: str | None, args: argparse.Name
     res: dict[str, Any] = {
         "variant": name,
         "file": clf.model_file,
+        "provider": clf.provider,
         "prompt_tokens": args.tokens,
         "window_tokens": min(args.tokens, clf.max_tokens),
         "single_p50_ms": round(pct(lat, 50) * 1e3, 2),
@@ -202,6 +205,7 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: cores)")
+    ap.add_argument("--gpu", action="store_true", help="use the CUDA provider when it can start (as the gateway does)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
 
