@@ -15,7 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ArtifactError", "OnnxModel", "cpu_count", "load_onnx_model", "sha256_file"]
+__all__ = [
+    "MAX_INTRA_OP_THREADS",
+    "ArtifactError",
+    "OnnxModel",
+    "cpu_count",
+    "intra_op_threads_for",
+    "load_onnx_model",
+    "sha256_file",
+]
+
+MAX_INTRA_OP_THREADS = 8
+"""A pass is one prompt's small window: past a few threads, waking them costs more than the
+split work saves. On a 16-core machine the router's 96-token pass took 6.1 ms p50 on 8 threads
+and 15.9 ms on all 16 (2026-12-04, one run of ``tests/bench/classifier_bench.py --threads``)."""
 
 
 class ArtifactError(Exception):
@@ -37,6 +50,8 @@ class OnnxModel:
     """The model file's sha256, first 16 hex digits."""
     provider: str
     why_not_cuda: str | None
+    threads: int
+    """onnxruntime's intra-op threads for this session."""
 
 
 def sha256_file(path: Path) -> str:
@@ -54,6 +69,11 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def intra_op_threads_for(workers: int = 1) -> int:
+    """Each worker's share of the cores this process may use, at most :data:`MAX_INTRA_OP_THREADS`."""
+    return max(1, min(MAX_INTRA_OP_THREADS, cpu_count() // max(1, workers)))
+
+
 def load_onnx_model(
     directory: str | Path,
     *,
@@ -65,7 +85,8 @@ def load_onnx_model(
 
     ``config["files"]`` maps variants ("int8", "fp32", ...) and "tokenizer" to file names,
     ``config["sha256"]`` their digests (checked), ``cpu_variant`` and optionally
-    ``gpu_variant`` the defaults. Raises :class:`ArtifactError`.
+    ``gpu_variant`` the defaults. ``intra_op_threads`` defaults to :func:`intra_op_threads_for`
+    one worker. Raises :class:`ArtifactError`.
     """
     d = Path(directory)
     config_path = d / "config.json"
@@ -100,7 +121,8 @@ def load_onnx_model(
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = intra_op_threads or cpu_count()
+    threads = intra_op_threads or intra_op_threads_for(1)
+    so.intra_op_num_threads = threads
     # Idle ONNX threads must not spin: they would take CPU from the event loop and the
     # other processes on a small machine (measured: embedding p50 12-16 ms -> ~6.5 ms under load).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -121,6 +143,7 @@ def load_onnx_model(
         version=version[:16],
         provider=session.get_providers()[0],
         why_not_cuda=why_not_cuda,
+        threads=threads,
     )
 
 

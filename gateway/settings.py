@@ -40,6 +40,9 @@ class Settings:
     policy_last_good: str | None = None
     """Where the workers keep the policy in force (set by ``serve``): a worker started while the
     file is broken starts on it (``gateway.runtime.load_at_start``)."""
+    onnx_threads: int | None = None
+    """onnxruntime's intra-op threads for each model this worker runs (``serve`` sets each
+    worker's share of the cores; None: :func:`gateway.inference.intra_op_threads_for` one worker)."""
     auth_required: bool = False
     """Set by ``serve`` on a public address: a policy with auth off is refused, at start-up and
     on every reload, since anyone who reaches the address could then spend the upstreams' keys."""
@@ -59,4 +62,14 @@ class Settings:
             split_stdout=log_fd == "split",
             policy_last_good=os.environ.get("GATEWAY_POLICY_LAST_GOOD") or None,
             auth_required=os.environ.get("GATEWAY_AUTH_REQUIRED", "") == "1",
+            onnx_threads=_positive_int(os.environ.get("GATEWAY_ONNX_THREADS")),
         )
+
+
+def _positive_int(text: str | None) -> int | None:
+    """``serve`` checks the value it is given; anything else left here means the default."""
+    try:
+        value = int(text or "")
+    except ValueError:
+        return None
+    return value if value > 0 else None

@@ -139,14 +139,16 @@ async def _start(settings: Settings) -> GatewayState:
     redis = SharedRedis(client, metrics)
     store = redis_store(redis)
     limiter = Limiter(store.counters, UsageLedger(store.counters, store_configured=client is not None))
-    classifier = await asyncio.to_thread(load_classifier, settings.router_artifacts)
+    classifier = await asyncio.to_thread(
+        load_classifier, settings.router_artifacts, intra_op_threads=settings.onnx_threads
+    )
     if classifier is None:
         _log.warning("router_not_loaded", artifacts=settings.router_artifacts, effect="auto uses its default model")
         classifier_info: dict[str, object] = {"loaded": False, "artifacts": settings.router_artifacts}
     else:
         classifier_info = {"loaded": True, **classifier.describe()}
         _log.info("router_loaded", **classifier_info)
-    verifier = await asyncio.to_thread(load_verifier)
+    verifier = await asyncio.to_thread(load_verifier, intra_op_threads=settings.onnx_threads)
     if verifier is None:
         _log.warning("cache_verifier_not_loaded", effect="the semantic cache serves no hits")
     audit = SemanticAudit(metrics, kv=store.kv)

@@ -101,11 +101,13 @@ class PairVerifier:
         return {"provider": self.provider, "version": self.version, "max_tokens": self.max_tokens}
 
 
-def load_verifier(directory: str | Path = DEFAULT_ARTIFACTS, *, prefer_gpu: bool = True) -> PairVerifier | None:
+def load_verifier(
+    directory: str | Path = DEFAULT_ARTIFACTS, *, prefer_gpu: bool = True, intra_op_threads: int | None = None
+) -> PairVerifier | None:
     """None (logged as ``cache_verifier_unavailable``) when the artifacts cannot be used:
     the semantic cache then serves no hits at all, rather than unverified ones."""
     try:
-        model = load_onnx_model(directory, prefer_gpu=prefer_gpu)
+        model = load_onnx_model(directory, prefer_gpu=prefer_gpu, intra_op_threads=intra_op_threads)
     except ArtifactError as exc:
         _log.warning("cache_verifier_unavailable", reason=exc.reason, **exc.details)
         return None
@@ -115,5 +117,5 @@ def load_verifier(directory: str | Path = DEFAULT_ARTIFACTS, *, prefer_gpu: bool
     except Exception as exc:
         _log.warning("cache_verifier_unavailable", reason="load_failed", path=str(directory), error=repr(exc))
         return None
-    _log.info("cache_verifier_loaded", **verifier.describe(), why_not_cuda=model.why_not_cuda)
+    _log.info("cache_verifier_loaded", **verifier.describe(), threads=model.threads, why_not_cuda=model.why_not_cuda)
     return verifier

@@ -444,7 +444,7 @@ def load_classifier(
         return None
     if model.why_not_cuda is None and clf.provider != "CUDAExecutionProvider":
         _log.warning("classifier_gpu_unavailable", reason="CUDA provider listed but failed to start; using CPU")
-    _log.info("classifier_loaded", **clf.describe(), why_not_cuda=model.why_not_cuda)
+    _log.info("classifier_loaded", **clf.describe(), threads=model.threads, why_not_cuda=model.why_not_cuda)
     return clf
 
 

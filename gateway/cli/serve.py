@@ -19,6 +19,7 @@ from gateway.config.kept import keep_policy
 from gateway.config.loader import load_policy, request_log_problem
 from gateway.drain import DEFAULT_DRAIN_S
 from gateway.errors import ConfigError
+from gateway.inference import MAX_INTRA_OP_THREADS, intra_op_threads_for
 from gateway.services.redis_server import DEFAULT_MAXMEMORY, RedisServerNotFound
 
 __all__ = ["register", "run"]
@@ -53,6 +54,13 @@ def register(commands: Subcommands) -> None:
         action="store_true",
         help="serve a policy with auth off on an address other than loopback (default: refused; "
         "also GATEWAY_ALLOW_NO_AUTH=1)",
+    )
+    serve.add_argument(
+        "--onnx-threads",
+        type=_at_least_one,
+        default=None,
+        help="onnxruntime threads for each of a worker's models (the router, the cache's verifier); "
+        f"default: the cores over the workers, at most {MAX_INTRA_OP_THREADS}",
     )
     serve.add_argument(
         "--data-dir",
@@ -161,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         if args.workers > 1:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir(args.data_dir)
         os.environ["GATEWAY_DRAIN_S"] = str(args.drain_s)
+        os.environ["GATEWAY_ONNX_THREADS"] = str(args.onnx_threads or intra_op_threads_for(args.workers))
         if not _loopback(args.host) and not _open_allowed(args):  # a reload to auth off is refused too
             os.environ["GATEWAY_AUTH_REQUIRED"] = "1"
         if args.server == "granian" or args.workers > 1:  # the workers are this process's children
