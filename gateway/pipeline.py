@@ -428,14 +428,17 @@ class ChatPipeline:
             _record_speculation(record, completion)
             typed, storing = relay is None and record.protocol != "openai.chat", self._storing(x)
             whole = storable = completion.answer
+            fingerprint: str | None = None
             if whole is None and (typed or storing):  # a chat upstream's completion, read once
                 data = msgspec.json.decode(completion.body)
                 whole, storable = answer_from_completion(data), storable_answer(data)
+                said = data.get("system_fingerprint")
+                fingerprint = said if isinstance(said, str) else None
             if storing:
                 counts = (
                     await self._cut_counts(x, provider, completion.said or completion.text) if completion.cut else None
                 )
-                await self._fill_cache(x, storable, counts)
+                await self._fill_cache(x, storable, counts, fingerprint)
             # else the client is told the gateway's count it is billed (a relayed answer, in its
             # own API, keeps the usage its upstream wrote in it)
             told = record.tokens_source == "upstream" or (relay is not None and completion.usage is not None)
@@ -837,10 +840,11 @@ class ChatPipeline:
         headers = self._headers(x)
         if record.protocol != "openai.chat":
             return Answer(200, b"", headers, typed=answer)  # the asking protocol renders it
+        serving = None if hit.system_fingerprint is None else {"system_fingerprint": hit.system_fingerprint}
         if not x.request.stream:
-            return Answer(200, completion_from_answer(answer, answer.usage), headers)
-        include_usage = _includes_usage(x.body)
-        return StreamingAnswer(headers, _iterate(stream_from_answer(answer, int(time.time()), include_usage)))
+            return Answer(200, completion_from_answer(answer, answer.usage, serving=serving), headers)
+        events = stream_from_answer(answer, int(time.time()), _includes_usage(x.body), serving=serving)
+        return StreamingAnswer(headers, _iterate(events))
 
     @staticmethod
     def _storing(x: _Exchange) -> bool:
@@ -850,12 +854,17 @@ class ChatPipeline:
         return plan is not None and plan.write and x.record.status == 200 and x.info.provider is not None
 
     async def _fill_cache(
-        self, x: _Exchange, answer: core.Answer | None, counts: RequestRecord | None = None
+        self,
+        x: _Exchange,
+        answer: core.Answer | None,
+        counts: RequestRecord | None = None,
+        fingerprint: str | None = None,
     ) -> CachedAnswer | None:
         """Store a complete, successful answer (exact, and semantic where it applies), when
         :meth:`_storing`; ``answer`` None: the internal answer cannot hold all of it (a refusal,
         annotations, ...), and nothing is stored (a lease held is released when the request ends).
-        ``counts``: the answer's tokens and cost, when they are not the request's own."""
+        ``counts``: the answer's tokens and cost, when they are not the request's own;
+        ``fingerprint``: the ``system_fingerprint`` an OpenAI chat upstream said."""
         plan = x.cache
         if plan is None or answer is None or not _complete(answer):
             return None
@@ -875,6 +884,7 @@ class ChatPipeline:
             cache_write_tokens=record.cache_write_tokens,
             reasoning_tokens=record.reasoning_tokens,
             cache_write_1h_tokens=record.cache_write_1h_tokens,
+            system_fingerprint=fingerprint,
         )
         await self._exact.put(plan.exact_key, entry, policy.exact.ttl_s, timeout_s, x.lease)
         x.lease = None  # released with the answer (a cancelled put leaves it to _release_lease)
@@ -1063,7 +1073,7 @@ class ChatPipeline:
                     tally.message(), tally.finish_reason, model=tally.model or "", stop_sequence=tally.stop_sequence
                 )
                 with anyio.CancelScope(shield=True):
-                    await self._fill_cache(x, answer)
+                    await self._fill_cache(x, answer, fingerprint=tally.said_of_serving.get("system_fingerprint"))
         except ClientStalled as exc:  # the client's doing (settled when it stalled): no circuit is charged
             yield _failure(stream, exc, typed)
         except UpstreamError as exc:
@@ -1242,7 +1252,7 @@ class ChatPipeline:
             tally.message(), tally.finish_reason, model=tally.model or "", stop_sequence=tally.stop_sequence
         )
         counts = await self._cut_counts(x, provider, tally.said if tally.said is not None else tally.text)
-        await self._fill_cache(x, answer, counts)
+        await self._fill_cache(x, answer, counts, tally.said_of_serving.get("system_fingerprint"))
 
     async def _cut_counts(self, x: _Exchange, provider: Provider, said: str) -> RequestRecord:
         """What a cut answer is stored with: the tokens the gateway counts in it, streamed or not

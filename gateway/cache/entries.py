@@ -29,6 +29,9 @@ class CachedAnswer(msgspec.Struct, kw_only=True):
     cache_write_1h_tokens: int = 0
     """How the first answer's tokens split (the upstream's prompt cache, its reasoning): a hit's
     baseline is priced on the same split as the miss's was."""
+    system_fingerprint: str | None = None
+    """What an OpenAI chat upstream said of its backend, said again by a chat client's hit (t116:
+    a hit said none); None where the upstream said none, and in entries stored before it."""
 
     def encode(self) -> bytes:
         return _encoder.encode(self)

@@ -547,9 +547,10 @@ def completion_body(
     usage: dict[str, Any] | None,
     *,
     stop_reason: str | None = None,
+    serving: dict[str, str] | None = None,
 ) -> bytes:
     """A one-choice ``chat.completion``; ``created`` defaults to now; ``stop_reason``: the stop
-    string that ended it, named as vLLM names it."""
+    string that ended it, named as vLLM names it; ``serving``: as in :func:`chunk_body`."""
     choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
     if stop_reason is not None:
         choice["stop_reason"] = stop_reason
@@ -562,6 +563,8 @@ def completion_body(
     }
     if usage is not None:
         body["usage"] = usage
+    if serving:
+        body.update(serving)
     return _encode(body)
 
 
@@ -652,9 +655,10 @@ def _usage_of(usage: Usage) -> dict[str, Any]:
     )
 
 
-def completion_from_answer(answer: Answer, usage: Usage | None) -> bytes:
+def completion_from_answer(answer: Answer, usage: Usage | None, *, serving: dict[str, str] | None = None) -> bytes:
     """The answer as a ``chat.completion`` (the reverse of :func:`answer_from_completion`);
-    ``usage`` None: the upstream reported none, and the completion carries none."""
+    ``usage`` None: the upstream reported none, and the completion carries none; ``serving``: as
+    in :func:`chunk_body`."""
     message: dict[str, Any] = {"role": "assistant", "content": answer.text}
     if answer.refusal:
         message["refusal"] = answer.refusal
@@ -673,6 +677,7 @@ def completion_from_answer(answer: Answer, usage: Usage | None) -> bytes:
         chat_finish_reason(answer.finish_reason),
         wire,
         stop_reason=answer.stop_sequence,  # t53: a cached repeat, a Claude route's, lost it
+        serving=serving,
     )
 
 
@@ -783,16 +788,21 @@ def storable_answer(body: dict[str, Any]) -> Answer | None:
     return answer_from_completion(body)
 
 
-def stream_from_answer(answer: Answer, created: int, include_usage: bool) -> list[bytes]:
+def stream_from_answer(
+    answer: Answer, created: int, include_usage: bool, *, serving: dict[str, str] | None = None
+) -> list[bytes]:
     """A finished answer as the SSE events of a chat stream: the role, its deltas, the finish,
-    the usage chunk when the client asked for it (``stream_options.include_usage``), ``[DONE]``."""
+    the usage chunk when the client asked for it (``stream_options.include_usage``), ``[DONE]``;
+    ``serving``: on every chunk, as in :func:`chunk_body`."""
     chunk_id, model = answer.id, answer.model
 
     def event(delta: dict[str, Any] | None, finish_reason: str | None = None, **extra: Any) -> bytes:
         null_usage = include_usage and "usage" not in extra  # OpenAI's chunks say usage: null until the last
         return (
             b"data: "
-            + chunk_body(chunk_id, created, model, delta, finish_reason, null_usage=null_usage, **extra)
+            + chunk_body(
+                chunk_id, created, model, delta, finish_reason, null_usage=null_usage, serving=serving, **extra
+            )
             + b"\n\n"
         )
 

@@ -181,6 +181,35 @@ def test_streamed_and_plain_requests_share_entries(cached_gateway: GatewayProces
 
 
 @pytest.mark.parametrize("stream_first", [False, True])
+def test_a_hit_says_the_system_fingerprint_its_miss_said(cached_gateway: GatewayProcess, stream_first: bool) -> None:
+    """t116: a hit, streamed or not, said no ``system_fingerprint`` where the miss it replays said
+    the upstream's; an Anthropic client's hit of the same entry grows no OpenAI field."""
+    client, messages = _client(cached_gateway), _unique("fingerprint")
+
+    def streamed() -> tuple[str, set[str | None]]:
+        with client.chat.completions.with_streaming_response.create(
+            model="fast", messages=messages, temperature=0, max_tokens=64, stream=True,
+            stream_options={"include_usage": True},
+        ) as response:  # fmt: skip
+            chunks = list(response.parse())
+            return response.headers["x-gateway-cache"], {c.system_fingerprint for c in chunks}
+
+    def plain() -> tuple[str, set[str | None]]:
+        raw = client.chat.completions.with_raw_response.create(
+            model="fast", messages=messages, temperature=0, max_tokens=64
+        )
+        return raw.headers["x-gateway-cache"], {raw.parse().system_fingerprint}
+
+    asked = [streamed, plain, streamed] if stream_first else [plain, streamed, plain]
+    assert [ask() for ask in asked] == [("miss", {"simulated"}), ("exact", {"simulated"}), ("exact", {"simulated"})]
+    message = httpx.post(
+        f"{cached_gateway.url}/v1/messages", headers={"x-api-key": "key-a1"}, timeout=15,
+        json={"model": "fast", "max_tokens": 64, "temperature": 0, "messages": messages},
+    )  # fmt: skip
+    assert message.headers["x-gateway-cache"] == "exact" and "system_fingerprint" not in message.text
+
+
+@pytest.mark.parametrize("stream_first", [False, True])
 def test_a_stop_sequence_answer_is_stored_and_replayed_with_its_stop(
     cached_gateway: GatewayProcess, stream_first: bool
 ) -> None:

@@ -60,6 +60,7 @@ def test_paraphrase_is_a_semantic_hit_with_its_similarity(
     similarity = float(second.headers["x-gateway-cache-similarity"])
     assert 0.85 <= similarity < 1.0
     assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
+    assert second.parse().system_fingerprint == first.parse().system_fingerprint == "simulated"  # t116
     assert upstream_stats(small_upstream)["chat_requests"] == 1
     record = gateway.wait_for_record(second.headers["x-request-id"])
     assert record["cache"] == "semantic" and record["cache_similarity"] == pytest.approx(similarity, abs=1e-4)
@@ -185,5 +186,7 @@ def test_streamed_request_replays_a_semantic_hit(gateway: GatewayProcess) -> Non
         messages=[{"role": "user", "content": "what is the boiling point of water at sea level"}],
     ) as response:  # fmt: skip
         assert response.headers["x-gateway-cache"] == "semantic"
-        text = "".join(c.choices[0].delta.content or "" for c in response.parse() if c.choices)
+        chunks = list(response.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.startswith("[simulated small]")
+    assert {c.system_fingerprint for c in chunks} == {"simulated"}  # t116: as the miss's chunks said it
