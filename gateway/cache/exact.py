@@ -200,6 +200,8 @@ class ExactCache:
     async def _renew(self, lease: Lease, timeout_s: float) -> None:
         """One renewal, and the next one unless the lease was lost or its request ended meanwhile
         (a renewal that lands after the lease was dropped finds another token or none: a no-op)."""
+        if lease.renewal is None:  # its request ended between the timer and this task's first step
+            return
         asked = asyncio.get_running_loop().time()
         ttl_ms = int(min(_LEASE_MS / 1000, lease.renew_until - asked) * 1000)
         if ttl_ms <= 0:
