@@ -45,6 +45,7 @@ from gateway.store.base import (
     SettleRequest,
     StoreTimedOut,
     StoreUnavailable,
+    past_budget,
 )
 
 __all__ = ["Limiter", "Reservation"]
@@ -452,7 +453,7 @@ def _past_budget(
         ("usd_per_day", limits.usd_per_day, day_spent),
         ("usd_per_month", limits.usd_per_month, month_spent),
     ):
-        if limit is not None and spent + cost > limit:
+        if limit is not None and past_budget(spent, cost, limit):
             owner = f"key '{principal.key_id}'" if index == 0 else f"tenant '{principal.tenant}'"
             return budget_error(cap, owner, limit, spent, cost, now, name=f"{_SCOPE_NAMES[index]}.{cap}")
     return None

@@ -27,6 +27,7 @@ from gateway.accounting.usage import UsageFigures
 __all__ = [
     "BOUNDED_ENTRY_BYTES",
     "BOUNDED_EVICTIONS_AT_MOST",
+    "BUDGET_ROUNDING",
     "PENDING_S",
     "Caps",
     "CounterScope",
@@ -41,6 +42,7 @@ __all__ = [
     "StoreUnavailable",
     "VectorIndex",
     "VectorMatch",
+    "past_budget",
 ]
 
 BOUNDED_ENTRY_BYTES = 320
@@ -53,6 +55,17 @@ PENDING_S = 3600
 """How long a reservation may stay unsettled before the tenant's next one undoes it (its process
 died mid-request, and nothing else ever would). Longer than a request lasts (a model's ``total``);
 one that outlasts it is settled as never reserved: its whole cost counts then."""
+
+BUDGET_ROUNDING = 1e-9
+"""The share of a budget by which what is spent plus a request's cost may pass it: float sums of
+USD are off by their rounding (0.2 + 0.1 > 0.3 refused a $0.30 budget's third $0.10 request, t114),
+which a month's sums keep far below a billionth of the budget, an amount that buys nothing."""
+
+
+def past_budget(spent: float, cost: float, budget: float) -> bool:
+    """Whether ``cost`` on top of ``spent`` passes ``budget``; one that spends it exactly does not.
+    The Redis scripts compute the same (``counters.py``)."""
+    return spent + cost > budget * (1 + BUDGET_ROUNDING)
 
 
 Spent = Mapping[tuple[str, str, str], float]

@@ -27,6 +27,7 @@ from gateway.store.base import (
     Store,
     StoreUnavailable,
     VectorMatch,
+    past_budget,
 )
 from gateway.store.keyspace import pending_reservations
 
@@ -330,7 +331,7 @@ class MemoryLimitCounters(_Outage):
             ):
                 if cap is None:
                     continue
-                if spent + request.cost_usd > cap:
+                if past_budget(spent, request.cost_usd, cap):
                     return ReserveOutcome(f"{index}.{name}", spent, 0.0, spent=told)
                 if cap > 0:
                     share = max(share, spent / cap)

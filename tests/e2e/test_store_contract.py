@@ -250,6 +250,35 @@ async def test_a_settlement_reads_whether_its_reservation_was_made_and_applies_o
     assert figures.requests == 3 and figures.cost_usd == pytest.approx(0.3)
 
 
+async def test_a_request_that_spends_a_budget_exactly_passes(store: Store) -> None:
+    """t114: a $0.30 budget refused its third $0.10 request, as 0.2 + 0.1 > 0.3 in floats."""
+    tenant = _tenant()
+    today, gone = keyspace.usage(tenant, "k", "20261130"), keyspace.usage(tenant, "k", "20260830")
+    scopes = _scopes(tenant, Caps(usd_per_month=0.3), Caps(usd_per_day=0.3))
+    settled = SettleRequest(scopes, 0, 0.0, 1000, "20261130", "202611", today, UsageFigures(requests=1), gone)
+    for _ in range(3):
+        assert (await store.counters.reserve(_ask(scopes, cost=0.1), T)).refused_by is None
+        await store.counters.settle(settled, T)
+    refused = await store.counters.reserve(_ask(scopes, cost=0.1), T)
+    assert refused.refused_by == "0.usd_per_month" and refused.spent_usd == pytest.approx(0.3)
+    assert (await store.counters.reserve(_ask(scopes, cost=1e-6), T)).refused_by == "0.usd_per_month"
+
+
+async def test_many_small_costs_may_add_up_to_a_budget_exactly(store: Store) -> None:
+    tenant = _tenant()
+    today, gone = keyspace.usage(tenant, "k", "20261130"), keyspace.usage(tenant, "k", "20260830")
+    scopes = _scopes(tenant, Caps(usd_per_day=0.3), Caps())
+    corrected = SettleRequest(scopes, 0, -0.02, 1000, "20261130", "202611", today, UsageFigures(requests=1), gone)
+    for _ in range(4):  # spent without a reservation, with the ledger's batches
+        await store.counters.add_usage({}, [], {(scopes[0].spend, "20261130", "202611"): 0.03}, T)
+    for _ in range(5):  # estimated at $0.05, settled at $0.03
+        assert (await store.counters.reserve(_ask(scopes, cost=0.05), T)).refused_by is None
+        await store.counters.settle(corrected, T)
+    assert (await store.counters.reserve(_ask(scopes, cost=0.03), T)).refused_by is None  # the tenth $0.03
+    refused = await store.counters.reserve(_ask(scopes, cost=0.01), T)
+    assert refused.refused_by == "0.usd_per_day" and refused.spent_usd == pytest.approx(0.3)
+
+
 async def test_spend_of_unlimited_requests_counts_for_a_budget_set_later(store: Store) -> None:
     tenant = _tenant()
     spend = keyspace.limit_counters(tenant, "k")[1]

@@ -184,6 +184,21 @@ async def test_with_redis_marked_down_what_requests_cost_replaces_their_estimate
     await limiter.aclose()
 
 
+async def test_with_redis_marked_down_a_request_that_spends_a_budget_exactly_passes() -> None:
+    """t114: 0.2 + 0.1 > 0.3 in floats refused the third $0.10 request of a $0.30 budget."""
+    policy, limiter, counters = _setup("open")
+    principal = _principal(usd_per_day=0.3)
+    await limiter.reserve(policy, principal, 10, 0.1)  # the store's word: nothing spent before it
+    counters.down = True
+    for _ in range(2):
+        await limiter.reserve(policy, principal, 10, 0.1)
+    with pytest.raises(BudgetExceededError) as refused:
+        await limiter.reserve(policy, principal, 10, 0.1)
+    assert "(key.usd_per_day)" in refused.value.message
+    counters.down = False
+    await limiter.aclose()
+
+
 class _Hanging(_Stalling):
     """Stalled settlements hang (a paused Redis: the call waits out its deadline) rather than fail."""
 

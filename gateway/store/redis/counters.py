@@ -19,6 +19,7 @@ import structlog
 from gateway.accounting.usage import UsageFigures
 from gateway.store import keyspace
 from gateway.store.base import (
+    BUDGET_ROUNDING,
     PENDING_S,
     Caps,
     ReserveOutcome,
@@ -114,6 +115,7 @@ local function spent(key)
   local v = redis.call('HMGET', key, 'day', 'd', 'month', 'mo')
   return (v[1] == day) and held(key, 'd', v[2]) or 0, (v[3] == month) and held(key, 'mo', v[4]) or 0
 end
+local function past(spent, usd, cap) return spent + usd > cap * (1 + BUDGET_ROUNDING) end  -- base.past_budget
 local share, seen, told = 0, {}, {}
 for s = 0, scopes - 1 do
   local spent_day, spent_month = spent(KEYS[s*2+2])
@@ -129,11 +131,11 @@ for s = 0, scopes - 1 do
   if rpm >= 0 and w[1] + w[2] * (1 - frac) + 1 > rpm then return {1, s .. '.rpm', '0', told, corrupt, w[1], w[2]} end
   if tpm >= 0 and w[3] + w[4] * (1 - frac) + tokens > tpm then return {1, s .. '.tpm', '0', told, corrupt, w[3], w[4]} end
   if per_day >= 0 then
-    if spent_day + cost > per_day then return {1, s .. '.usd_per_day', tostring(spent_day), told, corrupt} end
+    if past(spent_day, cost, per_day) then return {1, s .. '.usd_per_day', tostring(spent_day), told, corrupt} end
     if per_day > 0 then share = math.max(share, spent_day / per_day) end
   end
   if per_month >= 0 then
-    if spent_month + cost > per_month then return {1, s .. '.usd_per_month', tostring(spent_month), told, corrupt} end
+    if past(spent_month, cost, per_month) then return {1, s .. '.usd_per_month', tostring(spent_month), told, corrupt} end
     if per_month > 0 then share = math.max(share, spent_month / per_month) end
   end
 end
@@ -151,7 +153,9 @@ if marked then
   redis.call('EXPIRE', KEYS[#KEYS - 1], KEPT_S)
 end
 return {0, '', tostring(share), told, corrupt}
-""".replace("PENDING_S", str(PENDING_S)).replace("KEPT_S", str(_KEPT_S))
+""".replace("PENDING_S", str(PENDING_S))
+    .replace("KEPT_S", str(_KEPT_S))
+    .replace("BUDGET_ROUNDING", repr(BUDGET_ROUNDING))
 )
 
 # KEYS: window, spend of each scope, then the usage sums, the expired sums and (optionally) the
