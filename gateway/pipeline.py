@@ -1064,6 +1064,7 @@ class ChatPipeline:
                 # Messages or Responses client would be told end_turn / completed.
                 unfinished = UpstreamProtocolError(provider.name, "the answer ended without a finish reason")
                 record.error_type, record.status = unfinished.code, unfinished.status_code
+                x.failure = unfinished
                 yield _failure(stream, unfinished, typed)
                 return
             for ending in _ending(tally, record, typed, include_usage):
@@ -1082,6 +1083,7 @@ class ChatPipeline:
             # 200 went out with the headers; the outcome is the error's, for usage, reports and
             # metrics to count it as the failure it is (as an internal error here counts 500).
             record.error_type, record.status = exc.code, exc.status_code
+            x.failure = exc  # the requests coalesced on it are told it, not each sent upstream at once (t116)
             breaker = self._holder.breakers.for_tenant(record.tenant).get(provider.name)
             if breaker is not None:
                 breaker.record_broken()

@@ -409,6 +409,35 @@ def test_a_coalesced_wait_is_upstream_time_not_gateway_overhead(
         assert float(raw.headers["x-gateway-overhead-ms"]) < record["latency_ms"] / 2, record
 
 
+def test_requests_waiting_on_a_stream_that_fails_part_way_are_told_its_error(
+    cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t116: the leader's upstream closed the connection mid-stream (its client got an in-band
+    error), and every identical request waiting on it was sent upstream on its own at once: 4
+    failing calls, all billed. They are told its error, as for a failure before the stream began."""
+    messages = _unique("cut while others wait")
+    inject(small_upstream, *[{"cut_after_chunks": 2, "chunk_delay_ms": 300}] * 4)  # a stampede takes them all
+    client = _client(cached_gateway)
+
+    def ask(stream: bool) -> Any:
+        if stream:
+            return list(client.chat.completions.create(model="fast", messages=messages, temperature=0, stream=True))
+        return client.chat.completions.create(model="fast", messages=messages, temperature=0)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        leader = pool.submit(ask, True)
+        while not upstream_stats(small_upstream)["chat_requests"]:  # the others come while it is under way
+            time.sleep(0.02)
+        waiters = [pool.submit(ask, stream) for stream in (True, False, False)]
+        with pytest.raises(openai.APIError):  # in-band, after its 200
+            leader.result()
+        for waiter in waiters:
+            with pytest.raises(openai.APIStatusError) as told:
+                waiter.result()
+            assert told.value.status_code == 502
+    assert upstream_stats(small_upstream)["chat_requests"] == 1
+
+
 def test_coalescing_and_cache_work_across_gateway_processes(
     tmp_path: Path, cached_gateway: GatewayProcess, redis_server: EmbeddedRedis,
     small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream,
