@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,14 @@ __all__ = [
     "MAX_INTRA_OP_THREADS",
     "ArtifactError",
     "OnnxModel",
+    "cgroup_cpu_quota",
     "cpu_count",
     "intra_op_threads_for",
     "load_onnx_model",
     "sha256_file",
 ]
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 MAX_INTRA_OP_THREADS = 8
 """A pass is one prompt's small window: past a few threads, waking them costs more than the
@@ -62,11 +66,36 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def cpu_count() -> int:
+def cpu_count(cgroup_root: Path = _CGROUP_ROOT) -> int:
+    """The cores this process may use: its CPU affinity, or its container's CPU quota when
+    that is fewer (a pod limited to 2 CPUs on a 64-core node sees all 64 in its affinity)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root)
+    return cores if quota is None else min(cores, quota)
+
+
+def cgroup_cpu_quota(root: Path = _CGROUP_ROOT) -> int | None:
+    """The CPUs the cgroup's CFS quota allows, rounded up (cgroup v2 ``cpu.max``, else v1's
+    ``cpu.cfs_quota_us``); None when unlimited or not readable. Reads the cgroup namespace's
+    root, which is the container's own cgroup under Docker and Kubernetes."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        allowed, per = int(quota), int(period)
+    except ValueError:  # "max": no quota
+        return None
+    if allowed <= 0 or per <= 0:  # v1's -1: no quota
+        return None
+    return max(1, math.ceil(allowed / per))
 
 
 def intra_op_threads_for(workers: int = 1) -> int:
