@@ -12,7 +12,14 @@ import msgspec
 
 from gateway.errors import InvalidRequestError
 
-__all__ = ["LARGE_BODY_BYTES", "check_fields", "decode_body", "read_off_loop", "refuse_choice_without_tools"]
+__all__ = [
+    "LARGE_BODY_BYTES",
+    "check_fields",
+    "decode_body",
+    "read_off_loop",
+    "refuse_choice_without_tools",
+    "refuse_options_without_stream",
+]
 
 T = TypeVar("T")
 
@@ -98,3 +105,12 @@ def refuse_choice_without_tools(choice: object, tools: object, message: str) -> 
     OpenAI, vLLM and Anthropic answer it; ``message`` in the words of the API asked."""
     if choice is not None and choice != "none" and not tools:
         raise InvalidRequestError(message, param="tool_choice")
+
+
+def refuse_options_without_stream(stream: object, options: object) -> None:
+    """A 400 for ``stream_options`` on a request that does not stream, in OpenAI's words, as
+    OpenAI and vLLM answer it (t112); ``null`` is no options."""
+    if options is not None and stream is not True:
+        raise InvalidRequestError(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
+        )

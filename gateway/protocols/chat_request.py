@@ -13,7 +13,12 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from gateway.protocols.body import check_fields, decode_body, refuse_choice_without_tools
+from gateway.protocols.body import (
+    check_fields,
+    decode_body,
+    refuse_choice_without_tools,
+    refuse_options_without_stream,
+)
 from gateway.protocols.openai_fields import ChoiceCount, MaxTokens, Penalty, Stop, Temperature, TopP
 from gateway.protocols.shared_state import refuse_upstream_ids
 
@@ -70,6 +75,7 @@ def parse_chat_request(raw: bytes) -> dict[str, Any]:
     """Decode and check a request body; returns it as plain values."""
     body = decode_body(raw, dict[str, Any])
     check_fields(body, _ChatRequest)
+    refuse_options_without_stream(body.get("stream"), body.get("stream_options"))
     _check_tool_choice(body)
     refuse_upstream_ids(body, raw)  # a ``file`` part's file_id names a file under the operator's key (t33)
     return body

@@ -31,7 +31,7 @@ from gateway.core.model import (
     UsageReport,
 )
 from gateway.errors import InvalidRequestError
-from gateway.protocols.body import check_fields, decode_body
+from gateway.protocols.body import check_fields, decode_body, refuse_options_without_stream
 from gateway.protocols.openai_fields import ChoiceCount, MaxTokens, Penalty, Stop, Temperature, TopP
 
 __all__ = ["DEFAULT_MAX_TOKENS", "Completion", "StreamEncoder", "decode_request", "encode_answer"]
@@ -91,6 +91,7 @@ def decode_request(raw: bytes) -> Completion:
     body = decode_body(raw, dict[str, Any])
     wire = check_fields(body, _CompletionsRequest)
     prompt = _prompt(wire.prompt)
+    refuse_options_without_stream(wire.stream, wire.stream_options)
     _refuse_what_a_chat_upstream_cannot_do(wire)
     stop = [wire.stop] if isinstance(wire.stop, str) else list(wire.stop or [])
     request = Request(

@@ -198,6 +198,21 @@ def test_what_a_chat_upstream_is_not_sent_is_named(client: openai.OpenAI, small_
     assert "x-gateway-dropped" not in plain.headers
 
 
+def test_stream_options_without_stream_is_openais_400(client: openai.OpenAI) -> None:
+    """As OpenAI and vLLM answer it (t112); ``stream_options: null`` is no options, and taken."""
+    for asked in ({"stream": False}, {}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(
+                model="fast", messages=MESSAGES, stream_options={"include_usage": True}, **asked
+            )
+        assert isinstance(refused.value.body, dict) and refused.value.body["type"] == "invalid_request_error"
+        assert refused.value.param == "stream_options"
+        assert (
+            refused.value.body["message"] == "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+        )
+    assert client.chat.completions.create(model="fast", messages=MESSAGES, stream_options=None).choices
+
+
 @pytest.mark.parametrize("model", ["fast", "claude"])
 def test_a_history_reads_the_same_on_every_route(
     client: openai.OpenAI, large_upstream: SimulatedUpstream, model: str

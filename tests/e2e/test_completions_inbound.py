@@ -124,6 +124,19 @@ def test_errors_are_openais_and_the_sdk_raises_its_own_types(client: openai.Open
     assert record["protocol"] == "openai.completions" and record["status"] == 400
 
 
+def test_stream_options_without_stream_is_openais_400(client: openai.OpenAI) -> None:
+    """As OpenAI and vLLM answer it (t112); ``stream_options: null`` is no options, and taken."""
+    for asked in ({"stream": False}, {}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model="fast", prompt="x", stream_options={"include_usage": True}, **asked)
+        assert isinstance(refused.value.body, dict) and refused.value.body["type"] == "invalid_request_error"
+        assert refused.value.param == "stream_options"
+        assert (
+            refused.value.body["message"] == "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+        )
+    assert client.completions.create(model="fast", prompt="x", max_tokens=4, stream_options=None).choices
+
+
 def test_an_upstream_refusing_the_messages_names_the_prompt(
     client: openai.OpenAI, small_upstream: SimulatedUpstream
 ) -> None:

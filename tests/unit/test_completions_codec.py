@@ -59,7 +59,7 @@ def test_a_stream_asks_the_pipeline_for_usage_and_remembers_whether_the_client_d
     assert openai_chat.to_chat_body(plain.request)["stream_options"] == {"include_usage": True}
     assert plain.include_usage is False
     assert _decode(stream=True, stream_options={"include_usage": True}).include_usage is True
-    assert _decode(stream=False, stream_options={"include_usage": True}).include_usage is False
+    assert _decode(stream=True, stream_options={"include_usage": False}).include_usage is False
 
 
 def test_fields_outside_the_api_are_named_as_dropped() -> None:
