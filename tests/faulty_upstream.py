@@ -24,6 +24,8 @@ policy), so one server serves every fault:
 - ``js-written``: an answer as a Node.js proxy writes it (t75): its text ends in half an emoji
   (a lone surrogate escape, ``"\\ud83d"``, which ``JSON.stringify`` writes and the SDKs read)
   and its usage counts are doubles (``22.0``), streamed or not;
+- ``aborted``: a normal answer that ends with vLLM's ``finish_reason`` ``abort`` (a request
+  the engine aborted), streamed or not;
 - ``marked``: a normal answer unless the prompt carries one of :data:`FAULTS`, which
   picks the failure (a 500, a body that is not JSON, no choices, an answer cut half-way,
   a hang, a stream of comments only);
@@ -101,8 +103,11 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
         return await _js_written(request, model, stream)
     if model == "no-choices" and not stream:
         return web.json_response({"id": "x", "object": "chat.completion", "created": 0, "model": model, "choices": []})
+    finish = "abort" if model == "aborted" else "stop"
     if not stream:
-        return web.json_response(_completion(model, "a fine answer"))
+        completion = _completion(model, "a fine answer")
+        completion["choices"][0]["finish_reason"] = finish
+        return web.json_response(completion)
     response = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await response.prepare(request)
     if model == "no-choices":
@@ -178,7 +183,7 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
             await asyncio.sleep(0)
     else:
         await response.write(_chunk(model, {"role": "assistant", "content": "a fine"}))
-        await response.write(_chunk(model, {"content": " answer"}, "stop"))
+        await response.write(_chunk(model, {"content": " answer"}, finish))
         await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response

@@ -201,6 +201,9 @@ class Answer(msgspec.Struct, kw_only=True):
     protocol has one (Responses), else text with Anthropic's ``refusal`` stop reason."""
     tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
     finish_reason: FinishReason | None = None
+    other_finish: str | None = None
+    """The upstream's finish reason where it is none of :data:`FinishReason` (vLLM's ``abort``), as
+    it said it (``finish_reason`` is then None): a completions client is told it unchanged."""
     stop_sequence: str | None = None
     usage: Usage = msgspec.field(default_factory=Usage)
 
@@ -239,9 +242,12 @@ class ToolArgumentsDelta(msgspec.Struct, frozen=True):
 
 
 class Finish(msgspec.Struct, frozen=True):
-    reason: FinishReason
+    reason: FinishReason | None
+    """None: the upstream's reason is none of these, and ``other`` says it."""
     stop_sequence: str | None = None
     """The stop string that ended the answer, where the upstream said which (reason ``stop_sequence``)."""
+    other: str | None = None
+    """As :attr:`Answer.other_finish`."""
 
 
 class UsageReport(msgspec.Struct, frozen=True):

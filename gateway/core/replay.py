@@ -40,7 +40,8 @@ def deltas_of(answer: Answer) -> list[Delta]:
         deltas.append(ToolCallStart(index, call.id, call.name))
         if call.arguments:
             deltas.append(ToolArgumentsDelta(index, call.arguments))
-    deltas.append(Finish(answer.finish_reason or "stop", answer.stop_sequence))
+    reason = answer.finish_reason or (None if answer.other_finish else "stop")
+    deltas.append(Finish(reason, answer.stop_sequence, answer.other_finish))
     deltas.append(UsageReport(answer.usage))
     return deltas
 

@@ -100,6 +100,11 @@ def _finish_of(choice: dict[str, Any]) -> tuple[FinishReason | None, str | None]
     return reason, None
 
 
+def _other_finish(said: object) -> str | None:
+    """A finish reason the internal model has no name for (vLLM's ``abort``), as it was said."""
+    return said if isinstance(said, str) and said and said not in _FINISH else None
+
+
 CHAT_UPSTREAM_LOSSES = frozenset({"thinking", "tool_result.image", "tool_result.is_error"})
 """Every name :func:`lost_on_chat_upstreams` gives: what an Anthropic upstream does take."""
 
@@ -674,7 +679,7 @@ def completion_from_answer(answer: Answer, usage: Usage | None, *, serving: dict
         None,
         answer.model or None,
         message,
-        chat_finish_reason(answer.finish_reason),
+        answer.other_finish or chat_finish_reason(answer.finish_reason),
         wire,
         stop_reason=answer.stop_sequence,  # t53: a cached repeat, a Claude route's, lost it
         serving=serving,
@@ -705,10 +710,10 @@ def chunk_delta(delta: Delta) -> dict[str, Any] | None:
 def answer_from_completion(body: dict[str, Any]) -> Answer:
     """The first choice of a chat completion."""
     choice = (body.get("choices") or [{}])[0]
-    reason, stop_sequence = _finish_of(choice)
+    _, stop_sequence = _finish_of(choice)
     return answer_from_message(
         choice.get("message") or {},
-        reason,
+        choice.get("finish_reason"),
         answer_id=str(body.get("id") or ""),
         model=str(body.get("model") or ""),
         usage=read_usage(body.get("usage"), service_tier=body.get("service_tier")) or Usage(),
@@ -745,6 +750,7 @@ def answer_from_message(
         refusal=refusal if isinstance(refusal, str) and refusal else None,
         tool_calls=calls,
         finish_reason="stop_sequence" if stop_sequence else _FINISH.get(str(finish_reason)),
+        other_finish=None if stop_sequence else _other_finish(finish_reason),
         stop_sequence=stop_sequence or None,
         usage=usage or Usage(),
     )
@@ -815,7 +821,7 @@ def stream_from_answer(
     events = [event({"role": "assistant", "content": None if textless else ""})]
     for delta in deltas:
         if isinstance(delta, Finish):
-            events.append(event({}, chat_finish_reason(delta.reason), stop_reason=delta.stop_sequence))
+            events.append(event({}, delta.other or chat_finish_reason(delta.reason), stop_reason=delta.stop_sequence))
         elif isinstance(delta, UsageReport):
             if include_usage:
                 usage = delta.usage
@@ -892,9 +898,10 @@ class ChunkReader:
             for call in delta.get("tool_calls") or []:
                 self._read_call(call, deltas)
             reason, stop_sequence = _finish_of(choice)
-            if reason is not None:
+            other = _other_finish(choice.get("finish_reason"))
+            if reason is not None or other is not None:
                 deltas.extend(self.flush())
-                deltas.append(Finish(reason, stop_sequence))
+                deltas.append(Finish(reason, stop_sequence, other))
         if chunk.get("usage"):
             deltas.append(UsageReport(usage_from(chunk["usage"])))
         return deltas

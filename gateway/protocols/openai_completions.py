@@ -151,8 +151,9 @@ _FINISH: dict[FinishReason, str] = {
 }
 
 
-def _finish(reason: FinishReason | None) -> str:
-    return _FINISH.get(reason or "stop", "stop")
+def _finish(reason: FinishReason | None, other: str | None = None) -> str:
+    """The legacy API's reason; one the internal model has no name for goes as it came, as chat's does."""
+    return other or _FINISH.get(reason or "stop", "stop")
 
 
 def _usage(usage: Usage) -> dict[str, int]:
@@ -170,7 +171,7 @@ def encode_answer(answer: Answer, completion_id: str, model: str, created: int, 
         "text": text,
         "index": 0,
         "logprobs": None,
-        "finish_reason": _finish(answer.finish_reason),
+        "finish_reason": _finish(answer.finish_reason, answer.other_finish),
     }
     if answer.stop_sequence:
         choice["stop_reason"] = answer.stop_sequence  # the stop string, as vLLM names it (t55)
@@ -188,7 +189,7 @@ def encode_answer(answer: Answer, completion_id: str, model: str, created: int, 
 class StreamEncoder:
     """Deltas to legacy completion frames: text deltas, a frame with the finish reason, usage if asked, ``[DONE]``."""
 
-    __slots__ = ("_created", "_echo", "_finish", "_id", "_include_usage", "_model", "_stop", "_usage")
+    __slots__ = ("_created", "_echo", "_finish", "_id", "_include_usage", "_model", "_other", "_stop", "_usage")
 
     def __init__(
         self,
@@ -205,6 +206,7 @@ class StreamEncoder:
         self._echo = echo
         self._include_usage = include_usage
         self._finish: FinishReason | None = None
+        self._other: str | None = None
         self._stop: str | None = None
         self._usage = Usage()
 
@@ -218,13 +220,13 @@ class StreamEncoder:
             if isinstance(delta, TextDelta | RefusalDelta):  # a completion has no refusal: what was said
                 out += self._frame(delta.text, None)
             elif isinstance(delta, Finish):
-                self._finish, self._stop = delta.reason, delta.stop_sequence
+                self._finish, self._other, self._stop = delta.reason, delta.other, delta.stop_sequence
             elif isinstance(delta, UsageReport):
                 self._usage = delta.usage
         return out
 
     def finish(self) -> bytes:
-        out = self._frame("", _finish(self._finish), self._stop)
+        out = self._frame("", _finish(self._finish, self._other), self._stop)
         if self._include_usage:
             out += self._data({**self._head(), "choices": [], "usage": _usage(self._usage)})
         return out + b"data: [DONE]\n\n"

@@ -29,7 +29,7 @@ from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 _FAULTY_MODELS = (
     "comments", "trickle", "endless-line", "no-choices", "drop-after-finish", "stall-after-finish", "firehose",
     "long-answer", "big-answer", "two-choices", "calls-at-zero", "odd-calls", "marked",
-    "js-written", "few-huge",
+    "js-written", "few-huge", "aborted",
 )  # fmt: skip
 
 
@@ -227,6 +227,20 @@ def test_a_connection_lost_after_the_answer_finished_leaves_the_answer_whole(gw:
     assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
     record = gw.wait_for_record(request_id)
     assert record["error_type"] is None and record["finish_reason"] == "stop" and record["completion_tokens"] == 3
+
+
+def test_an_upstreams_own_finish_reason_reaches_a_completions_client_as_it_came(gw: GatewayProcess) -> None:
+    """t112: vLLM's ``abort`` reached a ``/v1/completions`` client as ``stop``, streamed or not,
+    while a chat client got it as it came."""
+    ask: dict[str, Any] = {"model": "r-aborted", "prompt": "hi", "extra_headers": {"cache-control": "no-cache"}}
+    with openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0, timeout=15) as client:
+        whole = client.completions.create(**ask)
+        chunks = list(client.completions.create(**ask, stream=True))
+        chat = client.chat.completions.create(model="r-aborted", messages=[{"role": "user", "content": "hi"}])
+    assert whole.choices[0].text == "a fine answer" and whole.choices[0].finish_reason == "abort"
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "a fine answer"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["abort"]
+    assert chat.choices[0].finish_reason == "abort"
 
 
 @pytest.mark.parametrize("stream", [False, True])
