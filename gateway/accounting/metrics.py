@@ -68,6 +68,12 @@ class Metrics:
             "Redis calls abandoned at their deadline (the request went on without them)",
             registry=r,
         )
+        self.redis_writes_refused = Counter(
+            "gateway_redis_writes_refused",
+            "Redis calls refused because its memory is full (maxmemory): skipped, the request went on; "
+            "readiness probes' writes included",
+            registry=r,
+        )
         self.semantic_timeouts = Counter(
             "gateway_semantic_cache_timeouts",
             "Semantic lookups that gave up at a deadline and so were misses, by stage: the vector "

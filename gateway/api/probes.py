@@ -94,7 +94,7 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
         rejected = "a policy reload was rejected (details: the gateway's log, or /readyz with an admin key)"
     body: dict[str, object] = {
         "ready": redis_ok,
-        "redis": "ok" if redis_ok else "unavailable",
+        "redis": ("full" if state.redis.full else "ok") if redis_ok else "unavailable",  # full: reads go on (t116)
         "policy": {
             "version": runtime.version,
             "source": runtime.loaded.source if detailed else None,

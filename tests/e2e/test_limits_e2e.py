@@ -15,11 +15,12 @@ from typing import Any
 import anthropic
 import httpx
 import pytest
+import redis as redis_sync
 
 from gateway.accounting.ledger import USAGE_RETENTION_DAYS
 from gateway.accounting.usage import UsageFigures
 from gateway.auth import hash_key
-from gateway.services.redis_server import EmbeddedRedis
+from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
 from gateway.simulated import SimulatedUpstream
 from gateway.store import keyspace
 from tests.conftest import closed_after_test, inject
@@ -57,8 +58,6 @@ def pair(
     """Two gateway processes behind an imaginary load balancer, one Redis."""
     policy = policy_text(small_upstream, large_upstream, auth=KEYS, routes=ROUTES, cache="{semantic: {enabled: false}}")
     redis_server_url = redis_server.url
-    import redis as redis_sync
-
     with redis_sync.Redis.from_url(redis_server_url) as client:  # closed: not left to the collector
         client.flushdb()  # fresh counters for this module
     root = Path(tmp_path_factory.mktemp("limits"))
@@ -332,3 +331,35 @@ def test_redis_down_fails_open_or_closed_by_policy(
         assert _chat(gateway, "admin").status_code == 200  # no limits on this key or its tenant: nothing to check
     finally:
         gateway.stop()
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("open", 200), ("closed", 503)])
+def test_a_full_redis_fails_open_or_closed_by_policy_and_never_past_a_spent_budget(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream, mode: str, expected: int
+) -> None:
+    """t116: a Redis whose memory is full is no longer down (its cache hits are served), but a
+    reservation it cannot write is counted nowhere: ``on_redis_error`` decides, as with Redis down,
+    and a budget Redis holds as spent is still refused."""
+    server = start_embedded_redis(tmp_path / "redis")
+    policy = policy_text(
+        small_upstream,
+        large_upstream,
+        auth=KEYS,
+        limits=f"max_body_bytes: 65536, on_redis_error: {mode}, redis_timeout_ms: 2000",
+    )
+    gateway = start_gateway(tmp_path / "gw", policy, env={"REDIS_URL": server.url})
+    try:
+        assert any(_chat(gateway, "budget", max_tokens=20).status_code == 429 for _ in range(60))  # spent
+        with redis_sync.Redis.from_url(server.url) as admin:
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", 1)
+        response = _chat(gateway, "rpm")
+        assert response.status_code == expected, response.text
+        if expected == 503:
+            assert response.json()["error"]["code"] == "limiter_unavailable"
+        assert _chat(gateway, "budget", max_tokens=20).status_code == 429
+        assert _chat(gateway, "admin").status_code == 200  # no limits on this key or its tenant: nothing to check
+        assert httpx.get(f"{gateway.url}/readyz", timeout=5).json()["redis"] == "full"
+    finally:
+        gateway.stop()
+        server.stop()

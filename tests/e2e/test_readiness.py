@@ -12,8 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from gateway.auth import hash_key
+from gateway.services.redis_server import start_embedded_redis
 from gateway.simulated import SimulatedUpstream
 from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
@@ -127,6 +129,48 @@ def test_redis_down_means_not_ready_but_still_serving(
     assert len(unavailable) == 1, f"expected one redis_unavailable line per outage, got {len(unavailable)}"
     assert unavailable[0]["level"] == "error"
     assert not gw.ops_records("redis_recovered")
+
+
+# ------------------------------------------------------------------------ Redis full
+
+
+def test_a_full_redis_keeps_the_gateway_ready_and_its_cache_hits_served(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t116: a Redis whose memory is full (``noeviction``) still answers reads, yet it was taken for
+    down: /readyz 503 (the shipped readinessProbe then takes every pod out at once), redis_up 0,
+    and cache hits lost. Its refused writes are skipped and counted instead."""
+    server = start_embedded_redis(tmp_path / "redis")
+    policy = policy_text(small_upstream, large_upstream, cache="{enabled: true, semantic: {enabled: false}}")
+    gw = start_gateway(tmp_path / "gw", policy, env={"REDIS_URL": server.url, "TEST_LARGE_KEY": "k"})
+    body = {"model": "fast", "messages": [{"role": "user", "content": "kept while full"}]}
+    try:
+        stored = httpx.post(f"{gw.base_url}/chat/completions", json=body, timeout=10)
+        assert stored.status_code == 200 and stored.headers["x-gateway-cache"] == "miss"
+        with redis.Redis.from_url(server.url) as admin:
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", 1)
+        for _ in range(3):  # hits, each after writes Redis refused (the new answer's, usage)
+            assert _chat(gw).status_code == 200
+            hit = httpx.post(f"{gw.base_url}/chat/completions", json=body, timeout=10)
+            assert hit.status_code == 200 and hit.headers["x-gateway-cache"] == "exact"
+        ready = httpx.get(f"{gw.url}/readyz", timeout=5)
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["ready"] is True and ready.json()["redis"] == "full"
+        lines = httpx.get(f"{gw.url}/metrics", timeout=5).text.splitlines()
+        assert "gateway_redis_up 1.0" in lines
+        refused = _metric_lines("\n".join(lines), "gateway_redis_writes_refused_total")
+        assert refused and float(refused[0].rsplit(" ", 1)[1]) >= 3, refused
+        time.sleep(0.2)  # ops lines are written by a background thread
+        assert not gw.ops_records("redis_unavailable")
+        full = gw.ops_records("redis_full")
+        assert len(full) == 1 and full[0]["level"] == "warning"  # said once in 10 s, not per write
+        with redis.Redis.from_url(server.url) as admin:
+            admin.config_set("maxmemory", 0)
+        assert httpx.get(f"{gw.url}/readyz", timeout=5).json()["redis"] == "ok"
+    finally:
+        gw.stop()
+        server.stop()
 
 
 # --------------------------------------------------------------------------- the CLI

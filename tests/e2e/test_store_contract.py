@@ -16,7 +16,7 @@ import pytest
 
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.usage import UsageFigures
-from gateway.services.redis_server import EmbeddedRedis, find_redis_server
+from gateway.services.redis_server import EmbeddedRedis, find_redis_server, start_embedded_redis
 from gateway.store import keyspace
 from gateway.store.base import (
     BOUNDED_ENTRY_BYTES,
@@ -26,6 +26,7 @@ from gateway.store.base import (
     ReserveRequest,
     SettleRequest,
     Store,
+    StoreTimedOut,
     StoreUnavailable,
 )
 from gateway.store.memory import memory_store
@@ -325,24 +326,41 @@ async def test_a_command_redis_refuses_fails_alone(redis_server: EmbeddedRedis) 
     await shared.aclose()
 
 
-async def test_a_redis_whose_memory_is_full_is_down_for_the_gateway(redis_server: EmbeddedRedis) -> None:
-    # reads still work, writes are refused: no limit can be counted, so /readyz and on_redis_error
-    # must hear of it (an outside tester was served 5 times a budget while /readyz said ok)
-    shared = SharedRedis(connect(redis_server.url, timeout_s=2), Metrics())
+async def test_a_redis_whose_memory_is_full_still_reads_and_refuses_each_write_alone(tmp_path: Path) -> None:
+    """t116: OOM marked a full Redis (``noeviction``) down: cache hits were lost and ``/readyz``
+    took every pod out of the Service. Reads go on; each refused write fails alone (applied: none),
+    counted, and a reservation still meets the counts Redis holds (one within them, which cannot
+    be counted, is left to ``on_redis_error``, as with Redis down)."""
+    server = start_embedded_redis(tmp_path)
+    metrics = Metrics()
+    shared = SharedRedis(connect(server.url, timeout_s=2), metrics)
+    store, tenant = redis_store(shared), _tenant()
+    kept, used = keyspace.exact(tenant, "kept"), _scopes(tenant, Caps(rpm=1), Caps())
     admin = shared.client
     assert admin is not None
-    before = {name: str(value) for name, value in (await admin.config_get("maxmemory*")).items()}
     try:
+        await store.kv.put(kept, b"answer", 60, T)
+        assert (await store.counters.reserve(_ask(used), T)).refused_by is None  # its one request a minute
         await admin.config_set("maxmemory-policy", "noeviction")
         await admin.config_set("maxmemory", 1)
-        with pytest.raises(StoreUnavailable):
-            await shared.call(lambda client: client.set(keyspace.exact(_tenant(), "full"), b"v", ex=5), T)
-        assert not shared.up
-        assert not await shared.check()  # the readiness probe writes: PING alone still answered
+        for write in (
+            store.kv.put(keyspace.exact(tenant, "new"), b"v", 60, T),
+            store.counters.reserve(_ask(_scopes(_tenant(), Caps(rpm=5), Caps())), T),
+        ):
+            with pytest.raises(StoreUnavailable) as refused:
+                await write
+            assert not isinstance(refused.value, StoreTimedOut)  # refused whole: nothing to correct later
+        assert await store.kv.get(kept, T) == b"answer"  # at once: not skipped as if Redis were down
+        assert (await store.counters.reserve(_ask(used), T)).refused_by == "0.rpm"
+        assert shared.up and await shared.check() and shared.full  # the probe's write is refused too
+        text = metrics.render().decode()
+        assert "gateway_redis_up 1.0" in text.splitlines()
+        assert "gateway_redis_writes_refused_total 3.0" in text.splitlines()
+        await admin.config_set("maxmemory", 0)
+        assert await shared.check() and not shared.full
     finally:
-        await admin.config_set("maxmemory", before["maxmemory"])
-        await admin.config_set("maxmemory-policy", before["maxmemory-policy"])
         await shared.aclose()
+        server.stop()
 
 
 async def test_many_values_are_read_and_written_in_one_call(store: Store) -> None:

@@ -8,7 +8,10 @@ mark Redis down (measured: at 8 connections on 2 cores, three timeouts in a row 
 often enough to switch the cache off for 1 s at a time). Timeouts with no answer in
 between for ``_DEGRADED_AFTER_S`` do: a hung or stopped server accepts connections and
 never answers. Then calls are skipped and probed as for a server that is down. A command
-Redis answers with an error (a bad argument, out of memory) fails that call alone.
+Redis answers with an error (a bad argument) fails that call alone. So does a write that a
+Redis whose memory is full refuses: it still answers reads (cache hits), so it is not down
+(t116: that took every pod out of the Service at once); its refusals are counted, and said in
+a ``redis_full`` line at most every 10 s.
 
 :meth:`SharedRedis.call` raises :class:`~gateway.store.base.StoreUnavailable` instead of
 returning a fallback; the store implementations beside this module are built on it.
@@ -39,15 +42,11 @@ _PROBE_S = 0.25
 """How long a fresh connection's PING may take, after a pooled connection failed, to show Redis is up."""
 _SLOW_LOG_EVERY_S = 10.0
 _DEGRADED_AFTER_S = 1.0
-_SERVER_STATE_ERRORS = (
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.OutOfMemoryError,
-)
+_SERVER_STATE_ERRORS = (redis.exceptions.ReadOnlyError, redis.exceptions.ClusterDownError)
 """Command errors that say the server cannot serve now (a replica after failover, a cluster
-without quorum, a full memory that takes no write: no limit can be counted, though reads still
-work): Redis is treated as down, so /readyz, the metric and ``on_redis_error`` say so. Any other
-command error fails only that command."""
+without quorum): Redis is treated as down, so /readyz, the metric and ``on_redis_error`` say so.
+Any other command error fails only that command (a reservation Redis could not write, for a full
+memory, included: the limiter then follows ``on_redis_error`` as for Redis down)."""
 
 
 def connect(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
@@ -75,12 +74,15 @@ class SharedRedis:
         self.client = client
         self._metrics = metrics
         self.up = client is not None
+        self.full = False
+        """Whether Redis's memory is full (it refuses writes): from the last refusal to the next probe that wrote."""
         self._down_since: float | None = None
         self._last_attempt = 0.0
         self._vector_sets: bool | None = None
         self._slow = SparseLog(_log, "redis_slow", every_s=_SLOW_LOG_EVERY_S)
         self._refused = SparseLog(_log, "redis_refused", level="error", every_s=_SLOW_LOG_EVERY_S)
         self._replaced = SparseLog(_log, "redis_connections_replaced", every_s=_SLOW_LOG_EVERY_S)
+        self._full = SparseLog(_log, "redis_full", every_s=_SLOW_LOG_EVERY_S)
         self._timeouts_since: float | None = None
         """When the current run of timeouts (with no answer in between) began."""
         metrics.redis_up.set(1 if self.up else 0)
@@ -118,6 +120,9 @@ class SharedRedis:
         except redis.exceptions.MaxConnectionsError as exc:  # our pool is busy, Redis is not down
             self._log_refused(exc)
             raise StoreUnavailable from None
+        except redis.exceptions.OutOfMemoryError:
+            self._refused_write()
+            raise _Full from None
         except aioredis.ResponseError as exc:
             if isinstance(exc, _SERVER_STATE_ERRORS):
                 self._mark_down(exc, "redis_unavailable")
@@ -139,9 +144,7 @@ class SharedRedis:
                 raise StoreTimedOut from None
             except (OSError, aioredis.RedisError):
                 raise StoreUnavailable from None
-        self._timeouts_since = None
-        if not self.up:
-            self._mark_up()
+        self._answered()
         if task is not None and task.cancelling() > cancels:
             # Cancelled during the call, yet it returned: redis-py (dropping and re-opening a
             # connection) can swallow a cancel. A client that left must not have its request go on.
@@ -149,11 +152,19 @@ class SharedRedis:
         return result
 
     async def check(self, timeout_s: float = 0.5) -> bool:
-        """Probe now with a small write (readiness probes), updating the state like any other call."""
+        """Probe now with a small write (readiness probes), updating the state like any other call:
+        whether Redis answered, full (:attr:`full`) or not."""
         if self.client is None:
             return False
         self._last_attempt = 0.0
-        return await self.run(_ping, False, timeout_s)
+        try:
+            await self.call(_ping, timeout_s)
+        except _Full:
+            return True
+        except StoreUnavailable:
+            return False
+        self.full = False
+        return True
 
     async def has_vector_sets(self, timeout_s: float = 0.5) -> bool | None:
         """Whether this Redis has vector sets (Redis 8), which the semantic cache needs; None
@@ -167,6 +178,19 @@ class SharedRedis:
 
     def _log_slow(self, timeout_s: float) -> None:
         self._slow(timeout_ms=round(timeout_s * 1000, 1), effect="call skipped; see gateway_redis_timeouts_total")
+
+    def _answered(self) -> None:
+        self._timeouts_since = None
+        if not self.up:
+            self._mark_up()
+
+    def _refused_write(self) -> None:
+        self._answered()
+        self.full = True
+        self._metrics.redis_writes_refused.inc()
+        self._full(
+            effect="write skipped (limits follow on_redis_error), reads go on; see gateway_redis_writes_refused_total"
+        )
 
     def _log_refused(self, exc: BaseException) -> None:
         self._refused(error=type(exc).__name__, detail=_without_secrets(str(exc))[:200])
@@ -214,6 +238,11 @@ class SharedRedis:
     async def aclose(self) -> None:
         if self.client is not None:
             await self.client.aclose()
+
+
+class _Full(StoreUnavailable):
+    """Redis answered, refusing a write: its memory is full. A command, script or transaction it
+    refuses applied nothing."""
 
 
 def _without_secrets(text: str) -> str:
