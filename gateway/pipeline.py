@@ -291,6 +291,9 @@ class _Exchange:
     """The client hung up while the upstream wrote a whole answer, which is waited for."""
     sending: SendMark | None = None
     """Whether the upstream call at work was sent (a whole answer's: :meth:`ChatPipeline.client_left`)."""
+    opening: ChatStream | None = None
+    """The stream the attempt at work opened, while its first piece is awaited: what its upstream
+    said before that piece (Anthropic's ``message_start`` and its usage) is in its tally."""
 
 
 class ChatPipeline:
@@ -463,7 +466,10 @@ class ChatPipeline:
                     await _to_the_end(self._count_prompt(x))
                 except asyncio.CancelledError:  # cancelled again (its client left after the drain's deadline)
                     ended = False  # no one is left to answer
-                self._settle(x, x.info.asked, None, "")
+                if x.opening is None:
+                    self._settle(x, x.info.asked, None, "")
+                else:  # f106: on the usage its upstream opened with (cached tokens), as a later leave is
+                    self._settle_cut_now(x, x.info.asked, x.opening.tally)
             if record.model is None:
                 self._name_the_last_failure(x)  # left between attempts: one model was tried (t72)
             if ended:
@@ -924,7 +930,7 @@ class ChatPipeline:
             runtime.providers,
             self._holder.breakers.for_tenant(x.record.tenant),
             x.plan.retry or runtime.policy.retry,
-            _stream_opener(x.request, x.body, typed) if relay is None else _open_relayed(relay, x.request.tenant),
+            _stream_opener(x, typed) if relay is None else _open_relayed(x, relay),
             x.info,
         )
         x.record.ttft_ms = (time.perf_counter() - x.started) * 1000
@@ -1643,11 +1649,11 @@ class _Ask(Protocol):
     ) -> tuple[str, float]: ...
 
 
-def _stream_opener(
-    request: core.Request, body: dict[str, Any] | None, typed: bool
-) -> Callable[[Provider], Awaitable[tuple[ChatStream, _Piece | None]]]:
+def _stream_opener(x: _Exchange, typed: bool) -> Callable[[Provider], Awaitable[tuple[ChatStream, _Piece | None]]]:
+    request, body = x.request, x.body
+
     async def call(provider: Provider) -> tuple[ChatStream, _Piece | None]:
-        return await _opened(await provider.open_stream(request, _for(provider, body)), typed)
+        return await _opened(x, provider.open_stream(request, _for(provider, body)), typed)
 
     return call
 
@@ -1670,8 +1676,13 @@ def _piece_size(piece: _Piece) -> int:
     return size
 
 
-async def _opened(stream: ChatStream, typed: bool = False) -> tuple[ChatStream, _Piece | None]:
-    """Wait for the stream's first chunk (or deltas), so failures before it can still be retried."""
+async def _opened(
+    x: _Exchange, opening: Awaitable[ChatStream], typed: bool = False
+) -> tuple[ChatStream, _Piece | None]:
+    """Open the stream and wait for its first chunk (or deltas), so failures before it can still
+    be retried; meanwhile it is the exchange's :attr:`~_Exchange.opening`."""
+    x.opening = None  # not a failed attempt's
+    stream = x.opening = await opening
     try:
         return stream, await (stream.next_deltas() if typed else stream.__anext__())
     except StopAsyncIteration:
@@ -1691,11 +1702,11 @@ def _relayed(relay: PassThrough, tenant: str | None) -> Callable[[Provider], Awa
 
 
 def _open_relayed(
-    relay: PassThrough, tenant: str | None
+    x: _Exchange, relay: PassThrough
 ) -> Callable[[Provider], Awaitable[tuple[ChatStream, _Piece | None]]]:
     async def call(provider: Provider) -> tuple[ChatStream, _Piece | None]:
-        body = provider.salted(_for(provider, relay.body) or {}, tenant)
-        return await _opened(await provider.open_relay(body, relay.headers))
+        body = provider.salted(_for(provider, relay.body) or {}, x.request.tenant)
+        return await _opened(x, provider.open_relay(body, relay.headers))
 
     return call
 

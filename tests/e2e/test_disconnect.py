@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+import anthropic
 import httpx
 import pytest
 
@@ -407,3 +408,104 @@ def test_a_client_leaving_while_a_failed_requests_lease_is_released_gives_its_pl
         finally:
             gateway.stop()
             held.close()
+
+
+_STARTED = {
+    "input_tokens": 25,
+    "cache_creation_input_tokens": 1000,
+    "cache_read_input_tokens": 2000,
+    "output_tokens": 1,
+}
+"""The usage a long prompt, mostly cached, opens its stream with."""
+
+
+def _sse_chunk(kind: str, data: dict[str, object]) -> bytes:
+    event = f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+    return f"{len(event):x}\r\n".encode() + event + b"\r\n"
+
+
+@contextmanager
+def _claude_still_reading() -> Iterator[str]:
+    """An Anthropic upstream that opens each stream with ``message_start`` (its usage) and a
+    ``ping``, then says nothing more, as one still reading a long prompt does (the base URL)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    answered: list[socket.socket] = []
+
+    def answer(connection: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head and (data := connection.recv(65536)):
+            head += data
+        length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                       if line.startswith(b"content-length:")), 0)  # fmt: skip
+        body = head.partition(b"\r\n\r\n")[2]
+        while len(body) < length and (data := connection.recv(65536)):
+            body += data
+        model = json.loads(body)["model"]
+        start = {"type": "message_start", "message": {"id": "msg_still_reading", "type": "message",
+                 "role": "assistant", "model": model, "content": [], "stop_reason": None,
+                 "stop_sequence": None, "usage": _STARTED}}  # fmt: skip
+        connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                           + _sse_chunk("message_start", start) + _sse_chunk("ping", {"type": "ping"}))  # fmt: skip
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            answered.append(connection)
+            threading.Thread(target=answer, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        for connection in answered:
+            connection.close()
+
+
+@pytest.fixture(scope="module")
+def claude_still_reading(
+    tmp_path_factory: pytest.TempPathFactory, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> Iterator[GatewayProcess]:
+    with _claude_still_reading() as url:
+        models = (f"  reading:\n    provider: anthropic\n    base_url: {url}\n    upstream_model: claude-sim\n"
+                  "    price: {input: 3, cached_input: 0.3, cache_write: 3.75, output: 15}\n    tier: large\n"
+                  "    timeouts: {connect: 1, first_byte: 5, idle: 30, total: 30}\n")  # fmt: skip
+        policy = policy_text(small_upstream, large_upstream, extra_models=models,
+                             routes="  still-reading: {model: reading, retry: {max_attempts: 1}}\n")  # fmt: skip
+        gateway = start_gateway(tmp_path_factory.mktemp("still-reading"), policy)
+        try:
+            yield gateway
+        finally:
+            gateway.stop()
+
+
+@pytest.mark.parametrize("passed_through", [False, True])
+def test_a_client_leaving_before_the_first_content_is_billed_the_usage_its_upstream_opened_with(
+    claude_still_reading: GatewayProcess, passed_through: bool
+) -> None:
+    """f106: Anthropic's ``message_start`` says the prompt's tokens, those read from and written to
+    its cache among them, and the gateway holds it until the first content. A client that left
+    in between (a long prompt, mostly cached, still being read) was billed the gateway's own
+    count of the prompt, every token at the input price, as if none were cached."""
+    request_id = f"still-reading-{passed_through}"
+    extra: dict[str, object] = {"context_management": {"edits": []}} if passed_through else {}
+    claude = anthropic.Anthropic(base_url=claude_still_reading.url, api_key="k", max_retries=0, timeout=1)
+    with claude, pytest.raises(anthropic.APITimeoutError):
+        claude.messages.create(
+            model="still-reading",
+            max_tokens=64,
+            messages=[{"role": "user", "content": "Summarise the repository we discussed."}],
+            stream=True,
+            extra_body=extra,
+            extra_headers={"x-request-id": request_id},
+        )
+    record = claude_still_reading.wait_for_record(request_id)
+    assert (record["status"], record["error_type"]) == (499, "client_disconnected")
+    assert record["passthrough"] is (True if passed_through else None)
+    assert record["tokens_source"] == "upstream"
+    assert (record["prompt_tokens"], record["cached_prompt_tokens"], record["cache_write_tokens"]) == (3025, 2000, 1000)
+    assert record["completion_tokens"] == 1
+    assert record["cost_usd"] == pytest.approx((25 * 3 + 2000 * 0.3 + 1000 * 3.75 + 1 * 15) / 1e6)
