@@ -21,7 +21,7 @@ import numpy as np
 import structlog
 
 from gateway.accounting.metrics import Metrics
-from gateway.accounting.request_log import RequestRecord, exception_frames, log_request
+from gateway.accounting.request_log import RequestRecord, exception_frames, log_request, utc_stamp
 from gateway.accounting.usage import UsageFigures
 from gateway.auth import Credentials
 from gateway.dispatch import DispatchInfo, dispatch
@@ -74,8 +74,14 @@ class EmbeddingsPipeline:
         protocol: str = "openai.embeddings",
     ) -> Answer:
         runtime = self._holder.current
+        at = time.time()  # the request's start: its usage's day and month, and its line's started_at
         record = RequestRecord(
-            request_id=request_id, key_id="-", tenant="-", policy_version=runtime.version, protocol=protocol
+            request_id=request_id,
+            key_id="-",
+            tenant="-",
+            policy_version=runtime.version,
+            protocol=protocol,
+            started_at=utc_stamp(at),
         )
         info = DispatchInfo()
         reservation: Reservation | None = None
@@ -100,7 +106,7 @@ class EmbeddingsPipeline:
             # Every key gets a reservation, one without limits too: settling it records the usage.
             # Priced at the dearest model the request may end at (a fallback may cost more).
             estimate = max(cost_usd(model.price, total_tokens, 0) for model in models)
-            reservation = await self._limiter.reserve(runtime.policy, principal, total_tokens, estimate)
+            reservation = await self._limiter.reserve(runtime.policy, principal, total_tokens, estimate, at)
             vectors = await self._answer(runtime, plan, request, inputs, extra, counts, record, info, cache_control)
             # The baseline is every input embedded by the route's model: what the cache saves shows
             # as savings, as for chat (without one, each request counted its cost as negative savings).
@@ -130,7 +136,7 @@ class EmbeddingsPipeline:
             raise
         finally:
             self._drain.untrack(task)
-            self._finish(runtime, record, info, started, reservation)
+            self._finish(runtime, record, info, started, at, reservation)
 
     async def _answer(
         self,
@@ -234,6 +240,7 @@ class EmbeddingsPipeline:
         record: RequestRecord,
         info: DispatchInfo,
         started: float,
+        at: float,
         reservation: Reservation | None,
     ) -> None:
         elapsed = time.perf_counter() - started
@@ -248,7 +255,7 @@ class EmbeddingsPipeline:
             self._limiter.settle_later(runtime.policy, reservation, UsageFigures.of_request(record))
         elif record.key_id != "-":  # authenticated, then refused
             self._limiter.record_unreserved(
-                runtime.policy, record.tenant, record.key_id, UsageFigures.of_request(record)
+                runtime.policy, record.tenant, record.key_id, UsageFigures.of_request(record), at
             )
 
 

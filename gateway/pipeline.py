@@ -24,7 +24,7 @@ import numpy as np
 import structlog
 
 from gateway.accounting.metrics import Metrics
-from gateway.accounting.request_log import RequestRecord, exception_frames, log_request
+from gateway.accounting.request_log import RequestRecord, exception_frames, log_request, utc_stamp
 from gateway.accounting.usage import UsageFigures
 from gateway.auth import Credentials, Principal
 from gateway.cache.audit import AuditJob, SemanticAudit, effective_threshold, judge_request
@@ -254,6 +254,8 @@ class _Exchange:
     runtime: Runtime
     record: RequestRecord
     started: float
+    at: float
+    """``time.time()`` at the start (``record.started_at``): the usage and budgets count then."""
     info: DispatchInfo = field(default_factory=DispatchInfo)
     request: core.Request = _NO_REQUEST
     """The request in the internal model: what every step reads."""
@@ -353,10 +355,13 @@ class ChatPipeline:
         """``protocol``: the API the client called, for the log. A client of another protocol than
         chat gets a stream in the internal model (:class:`StreamingDeltas`)."""
         runtime = self._holder.current  # one policy version for the whole request
-        record = RequestRecord(request_id=request_id, key_id="-", tenant="-", policy_version=runtime.version)
+        at = time.time()  # the request's start: its usage's day and month, and its line's started_at
+        record = RequestRecord(
+            request_id=request_id, key_id="-", tenant="-", policy_version=runtime.version, started_at=utc_stamp(at)
+        )
         if protocol != "openai.chat":
             record.protocol = protocol
-        x = _Exchange(runtime, record, started)
+        x = _Exchange(runtime, record, started, at)
         streaming_started = False
         task = self._drain.track()  # ended with a 503 at the drain deadline, not cut by the server's kill
         try:
@@ -572,7 +577,7 @@ class ChatPipeline:
             )
             for name in reachable
         )
-        x.reservation = await self._limiter.reserve(policy, principal, x.prompt_tokens + completion, estimate)
+        x.reservation = await self._limiter.reserve(policy, principal, x.prompt_tokens + completion, estimate, x.at)
         tenant = policy.tenants.get(principal.tenant)
         x.downgrade = (
             tenant is not None
@@ -1475,7 +1480,7 @@ class ChatPipeline:
             self._limiter.settle_later(x.runtime.policy, x.reservation, UsageFigures.of_request(record))
         elif record.key_id != "-":  # authenticated, then refused
             self._limiter.record_unreserved(
-                x.runtime.policy, record.tenant, record.key_id, UsageFigures.of_request(record)
+                x.runtime.policy, record.tenant, record.key_id, UsageFigures.of_request(record), x.at
             )
         try:
             for failure in x.info.failures:

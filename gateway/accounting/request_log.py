@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import functools
 import os
 import select
 import stat
@@ -34,6 +35,7 @@ __all__ = [
     "log_request",
     "request_line",
     "take_stdout",
+    "utc_stamp",
 ]
 
 SCHEMA_VERSION = 2
@@ -112,6 +114,9 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     ``openai.embeddings`` or ``anthropic.messages``."""
     passthrough: bool | None = None
     """True when the request went upstream as the client sent it (a Responses upstream)."""
+    started_at: str = msgspec.field(default_factory=lambda: utc_stamp(time.time()))
+    """When the request reached the handler, as ``ts`` is written: the instant its usage and budgets
+    count at (``Limiter.reserve``'s ``at``), and ``gateway report`` files it by (t114)."""
 
 
 @dataclass(slots=True)
@@ -435,6 +440,17 @@ def request_line(record: RequestRecord) -> str:
         _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()]
     head = _RECORD_ENCODER.encode(record)
     return (head[:-1] + _LINE_END % (SCHEMA_VERSION, _second[1], int((now - second) * 1e6))).decode()
+
+
+def utc_stamp(at: float) -> str:
+    """``at`` (seconds since the epoch) as ``ts`` is written: ISO 8601 UTC, microseconds."""
+    second = int(at)
+    return f"{_second_text(second)}.{int((at - second) * 1e6):06d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second_text(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 def request_event(record: RequestRecord) -> dict[str, Any]:

@@ -69,7 +69,7 @@ class Reservation:
     scopes: tuple[CounterScope, ...]
     """The key's and the tenant's counters; empty when nothing was reserved."""
     periods: tuple[int, str, str]
-    """The minute, UTC day and month the reservation was counted in."""
+    """The minute the reservation was counted in, and the UTC day and month of the request's start."""
     usage: UsageKeys
     tokens: int
     cost_usd: float
@@ -139,12 +139,19 @@ class Limiter:
         key_limits, tenant_limits = _limits(policy, principal)
         return key_limits.any or tenant_limits.any
 
-    async def reserve(self, policy: Policy, principal: Principal, tokens: int, cost_usd: float) -> Reservation:
-        """Check and reserve; raises RateLimitError / BudgetExceededError naming the limit."""
+    async def reserve(
+        self, policy: Policy, principal: Principal, tokens: int, cost_usd: float, at: float | None = None
+    ) -> Reservation:
+        """Check and reserve; raises RateLimitError / BudgetExceededError naming the limit.
+
+        ``at``: when the request started (its log line's ``started_at``; default now). Its usage and
+        budgets count in that UTC day and month, as ``gateway report`` files its line (t114); rate
+        windows are the present minute's."""
         now = time.time()
-        periods = _periods_of_minute(int(now // 60))
-        usage = usage_keys(principal.tenant, principal.key_id, now)
-        self.ledger.note(principal.tenant, principal.key_id, now)
+        at = now if at is None else at
+        periods = _periods(now, at)
+        usage = usage_keys(principal.tenant, principal.key_id, at)
+        self.ledger.note(principal.tenant, principal.key_id, at)
         window, spend, tenant_window, tenant_spend = keyspace.limit_counters(principal.tenant, principal.key_id)
         if not self.enforces(policy, principal):  # nothing to enforce: usage (and spend) is recorded in batches
             return Reservation((), periods, usage, 0, 0.0, 0.0, (spend, tenant_spend))
@@ -180,7 +187,7 @@ class Limiter:
                     "rate limits cannot be checked (Redis unavailable); refusing by policy"
                 )
             else:
-                share, refusal = self._without_word(principal, scopes, limits, periods, cost_usd, now)
+                share, refusal = self._without_word(principal, scopes, limits, periods, cost_usd, at)
             if refusal is not None:
                 if made is not None:  # a stalled store may apply it later: cancelled, outside the view
                     made.in_view = False
@@ -200,10 +207,10 @@ class Limiter:
             held = held or unsent > 0
             self._words[scope.spend] = _Word(day, month, spent_day + added + unsent, spent_month + added + unsent)
         if outcome.refused_by is not None:
-            raise _refusal(outcome, limits, principal, now, tokens, cost_usd)
+            raise _refusal(outcome, limits, principal, now, tokens, cost_usd, at)
         made = Reservation(scopes, periods, usage, tokens, cost_usd, outcome.budget_share, spends, mark, True, whose)
         if held:  # the store's word lacks what this process spent while it was away (t24): counted here
-            refusal = self._over_budget(principal, scopes, limits, now, cost_usd)
+            refusal = self._over_budget(principal, scopes, limits, at, cost_usd)
             if refusal is not None:
                 self.settle_later(policy, made, UsageFigures())
                 raise refusal
@@ -222,16 +229,16 @@ class Limiter:
         principal: Principal,
         scopes: tuple[CounterScope, ...],
         limits: tuple[Limits, Limits],
-        now: float,
+        at: float,
         cost: float,
     ) -> GatewayError | None:
         """A budget this process's view (the store's word, this request and the spend it holds)
-        says is spent, as a refusal."""
+        says is spent, as a refusal (for the periods of ``at``, the request's start)."""
         for index, (scope, scope_limits) in enumerate(zip(scopes, limits, strict=True)):
             word = self._words.get(scope.spend)
             if word is not None:  # its figures hold this request's cost already
                 refusal = _past_budget(principal, index, scope_limits, word.spent_day - cost, word.spent_month - cost,
-                                       cost, now)  # fmt: skip
+                                       cost, at)  # fmt: skip
                 if refusal is not None:
                     return refusal
         return None
@@ -243,7 +250,7 @@ class Limiter:
         limits: tuple[Limits, Limits],
         periods: tuple[int, str, str],
         cost: float,
-        now: float,
+        at: float,
     ) -> tuple[float, GatewayError | None]:
         """The budget share, and a refusal, by the store's last word on each spend counter this
         period plus what this process let through since. A budget this process has no word on
@@ -260,7 +267,7 @@ class Limiter:
             word.at(day, month, scope_limits)
             words.append(word)
             day_spent, month_spent = word.spent_day + word.since_day, word.spent_month + word.since_month
-            refusal = _past_budget(principal, index, scope_limits, day_spent, month_spent, cost, now)
+            refusal = _past_budget(principal, index, scope_limits, day_spent, month_spent, cost, at)
             if refusal is not None:
                 return share, refusal
             for limit, spent in ((scope_limits.usd_per_day, day_spent), (scope_limits.usd_per_month, month_spent)):
@@ -414,12 +421,15 @@ class Limiter:
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    def record_unreserved(self, policy: Policy, tenant: str, key_id: str, used: UsageFigures) -> None:
+    def record_unreserved(
+        self, policy: Policy, tenant: str, key_id: str, used: UsageFigures, at: float | None = None
+    ) -> None:
         """A request of a known key refused before it reserved (a bad body, a model it may not
-        use, a limit): counted in the key's usage like any other, as the request log counts it."""
-        now = time.time()
-        self.ledger.note(tenant, key_id, now)
-        self.ledger.record(usage_keys(tenant, key_id, now), used, _accounting_timeout_s(policy))
+        use, a limit): counted in the key's usage like any other, as the request log counts it,
+        on the day it started (``at``, as :meth:`reserve`'s; default now)."""
+        at = time.time() if at is None else at
+        self.ledger.note(tenant, key_id, at)
+        self.ledger.record(usage_keys(tenant, key_id, at), used, _accounting_timeout_s(policy))
 
     async def drain(self, timeout_s: float | None = None) -> None:
         """Wait for the settlements still running (before a usage read, and at shutdown), at most
@@ -445,17 +455,17 @@ so a Redis pausing for a few hundred milliseconds (a fork for a snapshot) must n
 
 
 def _past_budget(
-    principal: Principal, index: int, limits: Limits, day_spent: float, month_spent: float, cost: float, now: float
+    principal: Principal, index: int, limits: Limits, day_spent: float, month_spent: float, cost: float, at: float
 ) -> GatewayError | None:
     """The refusal when ``cost`` on top of what is spent passes the scope's (``index``: key 0,
-    tenant 1) daily or monthly budget."""
+    tenant 1) daily or monthly budget, that of ``at`` (the request's start)."""
     for cap, limit, spent in (
         ("usd_per_day", limits.usd_per_day, day_spent),
         ("usd_per_month", limits.usd_per_month, month_spent),
     ):
         if limit is not None and past_budget(spent, cost, limit):
             owner = f"key '{principal.key_id}'" if index == 0 else f"tenant '{principal.tenant}'"
-            return budget_error(cap, owner, limit, spent, cost, now, name=f"{_SCOPE_NAMES[index]}.{cap}")
+            return budget_error(cap, owner, limit, spent, cost, at, name=f"{_SCOPE_NAMES[index]}.{cap}")
     return None
 
 
@@ -474,9 +484,16 @@ def _spend_of(reservation: Reservation, usd: float) -> tuple[tuple[str, ...], st
 
 
 def _refusal(
-    outcome: ReserveOutcome, limits: tuple[Limits, Limits], principal: Principal, now: float, tokens: int, cost: float
+    outcome: ReserveOutcome,
+    limits: tuple[Limits, Limits],
+    principal: Principal,
+    now: float,
+    tokens: int,
+    cost: float,
+    at: float | None = None,
 ) -> GatewayError:
-    """The error naming the limit that refused (``outcome.refused_by``: ``"<scope index>.<cap>"``)."""
+    """The error naming the limit that refused (``outcome.refused_by``: ``"<scope index>.<cap>"``);
+    a budget's retry-after is the end of the period ``at`` (default ``now``) counted in."""
     index, cap = (outcome.refused_by or "").split(".")
     scope = int(index)
     name = f"{_SCOPE_NAMES[scope]}.{cap}"
@@ -485,7 +502,7 @@ def _refusal(
     if cap in RATE_CAPS:
         need = 1 if cap == "rpm" else tokens
         return rate_limit_error(cap, owner, limit, now, name=name, need=need, counted=outcome.window)
-    return budget_error(cap, owner, limit, outcome.spent_usd, cost, now, name=name)
+    return budget_error(cap, owner, limit, outcome.spent_usd, cost, now if at is None else at, name=name)
 
 
 _UNKNOWN_ROOM = 0.1
@@ -506,6 +523,14 @@ def _limits(policy: Policy, principal: Principal) -> tuple[Limits, Limits]:
 @functools.lru_cache(maxsize=256)
 def _caps(limits: Limits) -> Caps:
     return Caps(limits.rpm, limits.tpm, limits.usd_per_day, limits.usd_per_month)
+
+
+def _periods(now: float, at: float) -> tuple[int, str, str]:
+    """The present minute (rate windows), and the UTC day and month of ``at`` (usage and budgets)."""
+    minute, at_minute = int(now // 60), int(at // 60)
+    if minute == at_minute:
+        return _periods_of_minute(minute)
+    return minute, *_periods_of_minute(at_minute)[1:]
 
 
 @functools.lru_cache(maxsize=4)

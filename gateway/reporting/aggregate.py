@@ -59,6 +59,9 @@ class LogLine(msgspec.Struct, forbid_unknown_fields=False, gc=False):
     cost_usd: float
     baseline_cost_usd: float
     cache_saved_usd: float | None = None
+    started_at: Annotated[datetime, msgspec.Meta(tz=True)] | None = None
+    """When the request started, the instant its usage counts at; lines written before the field
+    have only ``ts``, its end."""
 
 
 class _EventOnly(msgspec.Struct, forbid_unknown_fields=False, gc=False):
@@ -139,7 +142,7 @@ class Totals:
 
 
 class Aggregator:
-    """Totals over request lines whose ``ts`` lies in ``[since, until)``.
+    """Totals over request lines whose ``started_at`` (``ts`` on a line without it) lies in ``[since, until)``.
 
     Line counters: ``lines`` read, ``blank``, ``malformed`` (not JSON, not an object,
     or a request line with a missing or mistyped field), ``ignored`` (other events),
@@ -183,7 +186,7 @@ class Aggregator:
                 if r.event != "request":
                     self.ignored += 1
                     continue
-                ts = r.ts
+                ts = r.started_at or r.ts  # the day /v1/usage and the budgets count it on (t114)
                 if (since is not None and ts < since) or (until is not None and ts >= until):
                     skipped += 1
                     continue

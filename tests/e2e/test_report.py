@@ -320,6 +320,29 @@ def test_relative_since_through_the_cli(log_file: Path, capsys: pytest.CaptureFi
     assert document["lines"]["out_of_period"] > 0
 
 
+def test_a_request_is_reported_on_the_day_it_started_as_usage_counts_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """t114: a request begun on January 31st and answered after midnight is January's in
+    ``/v1/usage`` and the budgets; the report filed it by ``ts`` (its end), in February. A line
+    from before ``started_at`` was logged still goes by ``ts``."""
+    line = {"event": "request", "key_id": "k", "tenant": "t", "route": "auto", "model": "m", "cache": "miss",
+            "status": 200, "prompt_tokens": 1, "completion_tokens": 1, "baseline_cost_usd": 2}  # fmt: skip
+    log = tmp_path / "requests.log"
+    log.write_text(
+        json.dumps(line | {"cost_usd": 1, "started_at": "2026-01-31T23:59:59.500000Z", "ts": "2026-02-01T00:00:01Z"})
+        + "\n"
+        + json.dumps(line | {"cost_usd": 4, "ts": "2026-02-01T00:00:02Z"})  # an older line: no started_at
+        + "\n"
+    )
+    assert cli_main(["report", str(log), "--by", "day", "--format", "json"]) == 0
+    rows = {row["day"]: row["cost_usd"] for row in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows == {"2026-01-31": 1, "2026-02-01": 4}
+    assert cli_main(["report", str(log), "--since", "2026-02-01", "--until", "2026-02-28", "--format", "json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert (document["total"]["cost_usd"], document["lines"]["out_of_period"]) == (4, 1)
+
+
 # --- the command line -------------------------------------------------------------------------
 
 

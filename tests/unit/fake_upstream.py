@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -36,6 +36,8 @@ class FakeUpstream:
         """How long each call waits before it answers (so identical requests overlap)."""
         self.omit_done = False
         """Streams end without ``data: [DONE]`` (some OpenAI-compatible servers close after the finish)."""
+        self.on_call: Callable[[], None] | None = None
+        """When set, run on every call before it answers (a test's clock moved on while it thinks)."""
 
     def fail(self, model: str, status: int, times: int = 1, headers: dict[str, str] | None = None) -> None:
         self._failures[model].extend([(status, headers or {})] * times)
@@ -48,6 +50,8 @@ class FakeUpstream:
         self.calls.append(body)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        if self.on_call is not None:
+            self.on_call()
         model = body["model"]
         if self._failures[model]:
             status, headers = self._failures[model].popleft()

@@ -334,6 +334,37 @@ async def test_usage_without_limits_is_batched_and_read_back_per_key() -> None:
     await limiter.aclose()
 
 
+async def test_a_request_counts_on_the_day_it_started_and_its_rates_in_the_present_minute() -> None:
+    """t114: the request's start (its log line's ``started_at``) picks the day and month of its
+    usage and budgets, as ``gateway report`` files it; a request begun before midnight is
+    yesterday's, and today's budget is untouched by it."""
+    policy, limiter, _ = _setup()
+    principal = Principal("app", "solo", frozenset({"*"}), Limits(usd_per_day=1.0, rpm=2))  # no tenant budget
+    minute = int(time.time() // 60)
+    before_midnight = time.time() // 86400 * 86400 - 0.5
+    yesterday = await limiter.reserve(policy, principal, 10, 0.9, at=before_midnight)
+    assert yesterday.periods[1:] == _days_of(before_midnight)
+    assert minute <= yesterday.periods[0] <= int(time.time() // 60)
+    assert yesterday.usage == usage_keys("solo", "app", before_midnight)
+    await limiter.settle(policy, yesterday, UsageFigures(requests=1, cost_usd=0.9))
+    await limiter.reserve(policy, principal, 10, 0.9)  # today's budget is its own
+    with pytest.raises(RateLimitError):  # the rates are the present minute's, whenever the request began
+        await limiter.reserve(policy, principal, 10, 0.0, at=before_midnight)
+    other = Principal("other", "solo", frozenset({"*"}), Limits(usd_per_day=1.0))
+    await limiter.settle(
+        policy, await limiter.reserve(policy, other, 10, 0.9, at=before_midnight), UsageFigures(cost_usd=0.9)
+    )
+    with pytest.raises(BudgetExceededError) as refused:  # yesterday's budget: it ended half a second after
+        await limiter.reserve(policy, other, 10, 0.2, at=before_midnight)
+    assert refused.value.headers["retry-after"] == "1"
+    await limiter.aclose()
+
+
+def _days_of(at: float) -> tuple[str, str]:
+    stamp = time.gmtime(at)
+    return time.strftime("%Y%m%d", stamp), time.strftime("%Y%m", stamp)
+
+
 async def test_a_budget_set_later_starts_from_what_was_spent_without_one() -> None:
     # finance sees a key spend too much and gives it a budget: what it spent today counts
     policy = load_policy_text(

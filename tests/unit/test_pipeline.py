@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import time
 from collections.abc import AsyncGenerator
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import msgspec
@@ -13,7 +15,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway import pipeline as pipeline_module
+from gateway.accounting.request_log import RequestRecord, request_line
 from gateway.pipeline import StreamingAnswer
+from gateway.reporting.aggregate import Aggregator
 from gateway.tokens import count_prompt, count_text
 from tests.unit.conftest import POLICY, Harness, MakeHarness, answer_of
 
@@ -144,6 +148,34 @@ async def test_a_budget_prices_a_request_at_the_dearest_model_it_may_end_at(make
     assert harness.upstream.calls == []
     status, _, _ = answer_of(await harness.ask("hi", key="frugal", model="fast", max_tokens=10))
     assert status == 200
+
+
+async def test_a_request_that_ends_past_midnight_is_on_its_first_day_in_usage_and_report(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """t114 (f107): the budget and ``/v1/usage`` count a request on the UTC day it started, and its
+    log line, written when its answer ended, was reported on the next: on January 31st, February's."""
+    started = datetime(2026, 1, 31, 23, 59, 59, 500000, tzinfo=UTC)
+    clock = [started.timestamp()]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    harness.upstream.on_call = lambda: clock.__setitem__(0, clock[0] + 1.0)  # it answers after midnight
+    with capture_logs() as logs:
+        assert answer_of(await harness.ask("a slow answer", key="roomy"))[0] == 200
+        await asyncio.sleep(0)  # the line and the settlement follow the answer
+    await harness.limiter.drain()
+    (event,) = [line for line in logs if line["event"] == "request"]
+    record = msgspec.convert({name: event[name] for name in RequestRecord.__struct_fields__}, RequestRecord)
+    line = msgspec.json.decode(request_line(record))  # as the writer writes it, now
+    assert (line["ts"][:10], line["started_at"]) == ("2026-02-01", "2026-01-31T23:59:59.500000Z")
+    await harness.limiter.ledger.flush()
+    day = started.replace(hour=0, minute=0, second=0, microsecond=0)
+    usage = await harness.limiter.ledger.read([("roomy", "team-e")], day, day)
+    aggregator = Aggregator()
+    aggregator.feed([msgspec.json.encode(line)])
+    ((reported_day,), reported), *later = aggregator.rows(("day",))
+    assert usage is not None and usage["roomy", "team-e"].requests == 1
+    assert (reported_day, reported.requests, later) == ("2026-01-31", 1, [])
+    assert reported.cost_usd == pytest.approx(usage["roomy", "team-e"].cost_usd) and reported.cost_usd > 0
 
 
 async def test_a_store_outage_bypasses_the_cache_and_still_answers(harness: Harness) -> None:
