@@ -62,7 +62,6 @@ from gateway.protocols.body import LARGE_BODY_BYTES, read_off_loop
 from gateway.protocols.chat_request import parse_chat_request
 from gateway.protocols.openai_chat import (
     answer_from_completion,
-    answer_from_message,
     chunk_body,
     completion_from_answer,
     read_chat_request,
@@ -1081,11 +1080,10 @@ class ChatPipeline:
             for ending in _ending(tally, record, typed, include_usage):
                 yield ending
             if tally.replayable and self._storing(x):
-                answer = answer_from_message(
-                    tally.message(), tally.finish_reason, model=tally.model or "", stop_sequence=tally.stop_sequence
-                )
                 with anyio.CancelScope(shield=True):
-                    await self._fill_cache(x, answer, fingerprint=tally.said_of_serving.get("system_fingerprint"))
+                    await self._fill_cache(
+                        x, tally.answer(), fingerprint=tally.said_of_serving.get("system_fingerprint")
+                    )
         except ClientStalled as exc:  # the client's doing (settled when it stalled): no circuit is charged
             yield _failure(stream, exc, typed)
         except UpstreamError as exc:
@@ -1261,11 +1259,8 @@ class ChatPipeline:
         generation past the cut)."""
         if not (tally.replayable and self._storing(x)):
             return
-        answer = answer_from_message(
-            tally.message(), tally.finish_reason, model=tally.model or "", stop_sequence=tally.stop_sequence
-        )
         counts = await self._cut_counts(x, provider, tally.said if tally.said is not None else tally.text)
-        await self._fill_cache(x, answer, counts, tally.said_of_serving.get("system_fingerprint"))
+        await self._fill_cache(x, tally.answer(), counts, tally.said_of_serving.get("system_fingerprint"))
 
     async def _cut_counts(self, x: _Exchange, provider: Provider, said: str) -> RequestRecord:
         """What a cut answer is stored with: the tokens the gateway counts in it, streamed or not
@@ -1539,13 +1534,15 @@ def _most_chars(request: core.Request, provider: Provider) -> int:
     return max(_allowed_tokens(request, provider) * _CHARS_PER_TOKEN, _LEAST_CHARS)
 
 
+_REPLAYED_FINISH = frozenset({"stop", "stop_sequence", "length", "model_context_window_exceeded", "tool_calls"})
+
+
 def _complete(answer: core.Answer) -> bool:
-    """Worth replaying: the model finished (or hit max_tokens, which the key holds) and said
-    something. An empty answer, a content filter's stop or a stream that never said why it
-    ended is what that one call got, not the answer to the prompt."""
-    return answer.finish_reason in ("stop", "stop_sequence", "length", "tool_calls") and bool(
-        answer.text or answer.tool_calls
-    )
+    """Worth replaying: the model finished (or hit max_tokens or its context window, which the
+    key's prompt and max_tokens decide) and said something. An empty answer, a content filter's
+    stop or a stream that never said why it ended is what that one call got, not the answer to
+    the prompt."""
+    return answer.finish_reason in _REPLAYED_FINISH and bool(answer.text or answer.tool_calls)
 
 
 def _unstreamed(request: core.Request, body: dict[str, Any] | None) -> tuple[core.Request, dict[str, Any] | None]:

@@ -41,9 +41,13 @@ __all__ = [
 ]
 
 Role = Literal["system", "user", "assistant", "tool"]
-FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "stop_sequence", "pause_turn"]
+FinishReason = Literal[
+    "stop", "length", "tool_calls", "content_filter", "stop_sequence", "pause_turn", "model_context_window_exceeded"
+]
 """``pause_turn``: Anthropic paused a long turn of its server tools; the client sends the turn back to
-go on. Elsewhere it reads as a stop, and it is never cached: the answer is not whole."""
+go on. Elsewhere it reads as a stop, and it is never cached: the answer is not whole.
+``model_context_window_exceeded``: Anthropic cut the answer at the model's context window; elsewhere
+it reads as ``length``, and it is cached as a ``max_tokens`` cut is (the key holds the prompt)."""
 
 
 class TextPart(msgspec.Struct, frozen=True, tag="text"):

@@ -619,7 +619,7 @@ _FINISH_OF: dict[str, FinishReason] = {
     "end_turn": "stop",
     "stop_sequence": "stop_sequence",
     "max_tokens": "length",
-    "model_context_window_exceeded": "length",  # cut short, as by max_tokens
+    "model_context_window_exceeded": "model_context_window_exceeded",
     "tool_use": "tool_calls",
     "refusal": "content_filter",
     "pause_turn": "pause_turn",
@@ -914,6 +914,7 @@ _STOP_REASON: dict[FinishReason, str] = {
     "content_filter": "refusal",
     "stop_sequence": "stop_sequence",
     "pause_turn": "pause_turn",
+    "model_context_window_exceeded": "model_context_window_exceeded",
 }
 
 

@@ -641,6 +641,7 @@ _CHAT_FINISH: dict[FinishReason, str] = {
     "content_filter": "content_filter",
     "stop_sequence": "stop",
     "pause_turn": "stop",
+    "model_context_window_exceeded": "length",
 }
 
 

@@ -147,6 +147,7 @@ _FINISH: dict[FinishReason, str] = {
     "stop_sequence": "stop",
     "tool_calls": "stop",
     "length": "length",
+    "model_context_window_exceeded": "length",
     "content_filter": "content_filter",
 }
 

@@ -588,7 +588,11 @@ def finish_reason_of(response: dict[str, Any]) -> FinishReason | None:
     return "tool_calls" if calls else "stop"
 
 
-_INCOMPLETE: dict[FinishReason, str] = {"length": "max_output_tokens", "content_filter": "content_filter"}
+_INCOMPLETE: dict[FinishReason, str] = {
+    "length": "max_output_tokens",
+    "model_context_window_exceeded": "max_output_tokens",
+    "content_filter": "content_filter",
+}
 
 
 def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:

@@ -38,8 +38,8 @@ text blocks are joined into ``message.content``
 (``null`` when there are none), ``tool_use`` blocks become ``message.tool_calls``,
 ``thinking`` blocks become ``message.reasoning_content`` (their text) and
 ``message.thinking_blocks`` (with signatures; redacted ones too); ``stop_reason`` maps to ``finish_reason``
-(end_turn/stop_sequence → stop, max_tokens → length, tool_use → tool_calls,
-refusal → content_filter); ``prompt_tokens`` counts cached input tokens too.
+(end_turn/stop_sequence/pause_turn → stop, max_tokens/model_context_window_exceeded → length,
+tool_use → tool_calls, refusal → content_filter); ``prompt_tokens`` counts cached input tokens too.
 Streams are re-encoded event by event as ``chat.completion.chunk`` payloads; usage
 goes to the stream's tally, never into a chunk.
 
@@ -372,7 +372,7 @@ class _AnthropicChatStream(ChatStream):
             if isinstance(delta, UsageReport):
                 tally.usage = usage_of(delta.usage)
             elif isinstance(delta, Finish):
-                tally.finish_reason = openai_chat.chat_finish_reason(delta.reason)
+                tally.finish_reason, tally.finish = openai_chat.chat_finish_reason(delta.reason), delta.reason
                 tally.stop_sequence = delta.stop_sequence
                 tally.replayable = tally.replayable and delta.reason != "pause_turn"  # not a whole answer
                 if chunks:
@@ -449,5 +449,6 @@ def _stream_error(upstream: str, event: dict[str, Any]) -> UpstreamStatusError:
 
 
 def _logged_finish(answer: Answer) -> str | None:
-    """The chat finish reason the log records (a stop sequence is a stop, as a stream's is)."""
-    return "stop" if answer.finish_reason == "stop_sequence" else answer.finish_reason
+    """The chat finish reason the log records, as a stream's (t115: ``pause_turn`` was logged as
+    itself, which the log's finish reasons do not name)."""
+    return openai_chat.chat_finish_reason(answer.finish_reason)

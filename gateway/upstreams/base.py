@@ -164,6 +164,10 @@ class StreamTally:
     own speculative loop): a stream cut early is billed on it as it is (t49)."""
     text_parts: list[str] = field(default_factory=list)
     finish_reason: str | None = None
+    finish: core.FinishReason | None = None
+    """Why the answer ended in the internal model's words, where the stream's upstream says more
+    than :attr:`finish_reason` (chat's words) can: Anthropic's ``model_context_window_exceeded``
+    is ``length`` there, and its replay to a Messages client says it as the miss did."""
     stop_sequence: str | None = None
     """The stop string that ended the answer, where the upstream said which."""
     chunks: int = 0
@@ -227,6 +231,13 @@ class StreamTally:
             self._take_call(call)
         if openai_chat.beyond_the_answer(delta, "message"):  # a refusal, audio, a legacy function_call, ...
             self.replayable = False
+
+    def answer(self) -> core.Answer:
+        """The finished stream's answer in the internal model, as the cache stores it."""
+        answer = openai_chat.answer_from_message(
+            self.message(), self.finish_reason, model=self.model or "", stop_sequence=self.stop_sequence
+        )
+        return answer if self.finish is None else msgspec.structs.replace(answer, finish_reason=self.finish)
 
     def message(self) -> dict[str, Any]:
         """The assistant message of a finished stream, as a ``chat.completion`` carries it."""

@@ -778,3 +778,63 @@ def test_a_paused_turn_reaches_the_client_as_paused_and_is_not_stored(
     inject(large_upstream, {"stop_reason": "pause_turn"})
     chat = _client(cached_gateway).chat.completions.create(model="claude", messages=ask["messages"], temperature=0)
     assert chat.choices[0].finish_reason == "stop"  # chat has no word for it
+
+
+def _ask_claude(claude: anthropic.Anthropic, ask: dict[str, Any], stream: bool, request_id: str) -> tuple[str, Any]:
+    """The cache's word and the message, streamed or not."""
+    headers = {"x-request-id": request_id}
+    if stream:
+        with claude.messages.stream(**ask, extra_headers=headers) as events:
+            return events.response.headers["x-gateway-cache"], events.get_final_message()
+    raw = claude.messages.with_raw_response.create(**ask, extra_headers=headers)
+    return raw.headers["x-gateway-cache"], raw.parse()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_claude_answer_cut_at_its_context_window_says_so_to_messages_clients_and_its_replay(
+    cached_gateway: GatewayProcess, large_upstream: SimulatedUpstream, stream: bool
+) -> None:
+    """t115 (B): Anthropic's ``model_context_window_exceeded`` reached a Messages client of a translated
+    route as ``max_tokens`` (a passed-through one got it as it is). It is a cut, stored and replayed
+    as a ``max_tokens`` cut is (the key holds the prompt and ``max_tokens``), and keeps its word there
+    too; chat clients read it as ``length``, and the log says ``length``, streamed or not."""
+    claude = closed_after_test(anthropic.Anthropic(base_url=cached_gateway.url, api_key="key-a1", max_retries=0))
+    ask: dict[str, Any] = {
+        "model": "claude",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": f"Read all of it {time.monotonic_ns()}"}],
+        "extra_body": {"temperature": 0},
+    }
+    inject(large_upstream, {"stop_reason": "model_context_window_exceeded"})
+    cache, message = _ask_claude(claude, ask, stream, f"window-{stream}-miss")
+    assert (cache, message.stop_reason) == ("miss", "model_context_window_exceeded") and message.content
+    assert cached_gateway.wait_for_record(f"window-{stream}-miss")["finish_reason"] == "length"
+    cache, again = _ask_claude(claude, ask, stream, f"window-{stream}-hit")
+    assert (cache, again.stop_reason) == ("exact", "model_context_window_exceeded")
+    assert again.content == message.content and upstream_stats(large_upstream)["messages_requests"] == 1
+    chat, asked = _client(cached_gateway), _unique("window")
+    inject(large_upstream, {"stop_reason": "model_context_window_exceeded"})
+    if stream:  # the SDK's stream helper raises on a length cut: the chunks as they come
+        chunks = chat.chat.completions.create(model="claude", messages=asked, max_tokens=64, stream=True)
+        finish = [choice.finish_reason for chunk in chunks for choice in chunk.choices if choice.finish_reason]
+    else:
+        finish = [chat.chat.completions.create(model="claude", messages=asked, max_tokens=64).choices[0].finish_reason]
+    assert finish == ["length"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_log_says_a_paused_turn_is_a_stop_streamed_or_not(
+    cached_gateway: GatewayProcess, large_upstream: SimulatedUpstream, stream: bool
+) -> None:
+    """t115 (A): a translated ``pause_turn`` was logged ``stop`` when streamed and ``pause_turn``
+    when not, a value docs/request-log.md does not list; the log keeps to OpenAI's words."""
+    claude = closed_after_test(anthropic.Anthropic(base_url=cached_gateway.url, api_key="key-a1", max_retries=0))
+    ask: dict[str, Any] = {
+        "model": "claude",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": f"Look it up {time.monotonic_ns()}"}],
+    }
+    inject(large_upstream, {"stop_reason": "pause_turn"})
+    _, message = _ask_claude(claude, ask, stream, f"paused-{stream}")
+    assert message.stop_reason == "pause_turn"
+    assert cached_gateway.wait_for_record(f"paused-{stream}")["finish_reason"] == "stop"

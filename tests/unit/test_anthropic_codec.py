@@ -311,11 +311,13 @@ def test_an_answers_signed_thinking_sent_back_by_a_chat_client_reaches_anthropic
     assert [block["type"] for block in plain["messages"][1]["content"]] == ["text", "tool_use"]
 
 
-def test_a_context_window_stop_reads_as_a_cut_answer() -> None:
+def test_a_context_window_stop_reads_as_a_cut_answer_and_keeps_its_word_for_messages_clients() -> None:
     message = {"id": "m", "type": "message", "role": "assistant", "model": "c", "content": [{"type": "text", "text": "a"}],
                "stop_reason": "model_context_window_exceeded", "usage": {"input_tokens": 1, "output_tokens": 1}}  # fmt: skip
     answer = anthropic.decode_answer(message)
-    assert answer is not None and answer.finish_reason == "length"
+    assert answer is not None and openai_chat.chat_finish_reason(answer.finish_reason) == "length"
+    encoded = msgspec.json.decode(anthropic.encode_answer(answer, "m", "c"))
+    assert encoded["stop_reason"] == "model_context_window_exceeded"  # t115: was max_tokens
 
 
 def test_text_on_both_sides_of_a_tool_call_does_not_fuse_but_cited_pieces_do() -> None:
