@@ -26,6 +26,8 @@ policy), so one server serves every fault:
   and its usage counts are doubles (``22.0``), streamed or not;
 - ``aborted``: a normal answer that ends with vLLM's ``finish_reason`` ``abort`` (a request
   the engine aborted), streamed or not;
+- ``reasoning``: an answer as vLLM's ``--reasoning-parser`` writes it: its reasoning in
+  ``reasoning_content`` (two chunks when streamed), then its text, streamed or not;
 - ``marked``: a normal answer unless the prompt carries one of :data:`FAULTS`, which
   picks the failure (a 500, a body that is not JSON, no choices, an answer cut half-way,
   a hang, a stream of comments only);
@@ -47,7 +49,7 @@ from typing import Any
 import msgspec
 from aiohttp import ClientConnectionResetError, web
 
-__all__ = ["CALL_SHAPES", "FAULTS", "FaultyUpstream", "start_faulty_upstream"]
+__all__ = ["CALL_SHAPES", "FAULTS", "REASONING", "FaultyUpstream", "start_faulty_upstream"]
 
 FAULTS = ("FAULT-500", "FAULT-GARBAGE", "FAULT-EMPTY", "FAULT-CUT", "FAULT-HANG", "FAULT-COMMENTS")
 
@@ -101,6 +103,8 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
         return await _odd_calls(request, model, stream, str(body["messages"][-1]["content"]))
     if model == "js-written":
         return await _js_written(request, model, stream)
+    if model == "reasoning":
+        return await _reasoning(request, model, stream)
     if model == "no-choices" and not stream:
         return web.json_response({"id": "x", "object": "chat.completion", "created": 0, "model": model, "choices": []})
     finish = "abort" if model == "aborted" else "stop"
@@ -205,6 +209,27 @@ async def _js_written(request: web.Request, model: str, stream: bool) -> web.Str
     await response.write(b"data: " + chunk + b'{"index":0,"delta":{"role":"assistant","content":' + text + b"}}]}\n\n")
     await response.write(b"data: " + chunk + b'{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n')
     await response.write(b"data: " + chunk + b'],"usage":' + _JS_USAGE + b"}\n\ndata: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+REASONING = ("2 and 2 ", "make 4.")
+
+
+async def _reasoning(request: web.Request, model: str, stream: bool) -> web.StreamResponse:
+    if not stream:
+        completion = _completion(model, "4")
+        completion["choices"][0]["message"]["reasoning_content"] = "".join(REASONING)
+        return web.json_response(completion)
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(_chunk(model, {"role": "assistant", "content": ""}))
+    for piece in REASONING:
+        await response.write(_chunk(model, {"reasoning_content": piece}))
+    usage = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
+    await response.write(_chunk(model, {"content": "4"}))
+    await response.write(_chunk(model, {}, "stop", usage=usage))
+    await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
 

@@ -971,7 +971,13 @@ class StreamEncoder:
         item = _Item("reasoning", self._make_id("rs"), len(self._items))
         self._items.append(item)
         self._open = item
-        return self._event("response.output_item.added", {"output_index": item.index, "item": item.body("in_progress")})
+        return self._event(
+            "response.output_item.added",
+            {"output_index": item.index, "item": {**item.body("in_progress"), "content": []}},
+        ) + self._event(
+            "response.content_part.added",
+            {**self._where(item), "content_index": 0, "part": {"type": "reasoning_text", "text": ""}},
+        )
 
     def _close_whole_calls(self) -> bytes:
         """Close the open calls whose arguments are already whole JSON, when the next call starts:
@@ -996,7 +1002,10 @@ class StreamEncoder:
         """An item's closing events."""
         where = self._where(item)
         if item.kind == "reasoning":
-            out = self._event("response.reasoning_text.done", {**where, "content_index": 0, "text": item.text})
+            part: dict[str, Any] = {"type": "reasoning_text", "text": item.text}
+            out = self._event(
+                "response.reasoning_text.done", {**where, "content_index": 0, "text": item.text}
+            ) + self._event("response.content_part.done", {**where, "content_index": 0, "part": part})
         elif item.kind == "message":
             part = {"type": "output_text", "text": item.text, "annotations": []}
             out = self._event(

@@ -23,13 +23,13 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test, sdk_chat
-from tests.faulty_upstream import CALL_SHAPES, FaultyUpstream, start_faulty_upstream
+from tests.faulty_upstream import CALL_SHAPES, REASONING, FaultyUpstream, start_faulty_upstream
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 _FAULTY_MODELS = (
     "comments", "trickle", "endless-line", "no-choices", "drop-after-finish", "stall-after-finish", "firehose",
     "long-answer", "big-answer", "two-choices", "calls-at-zero", "odd-calls", "marked",
-    "js-written", "few-huge", "aborted",
+    "js-written", "few-huge", "aborted", "reasoning",
 )  # fmt: skip
 
 
@@ -740,6 +740,51 @@ def test_a_chat_client_gets_each_tool_call_apart_with_json_arguments(gw: Gateway
         ("call_a", "get_weather", {"city": "Paris"}),
         ("call_b", "get_time", {"zone": "CET"}),
     ]
+
+
+_REASONING_EVENTS = [
+    "response.created", "response.in_progress",
+    "response.output_item.added", "response.content_part.added", "response.reasoning_text.delta",
+    "response.reasoning_text.done", "response.content_part.done", "response.output_item.done",
+    "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+    "response.output_text.done", "response.content_part.done", "response.output_item.done",
+    "response.completed",
+]  # fmt: skip
+"""A stream's event types, each run of deltas as one (the cache's replay pieces text its own way)."""
+
+
+def test_a_chat_upstreams_reasoning_reaches_a_responses_stream_with_its_part_announced(gw: GatewayProcess) -> None:
+    """t118: the reasoning item came with its content already in ``output_item.added`` and no
+    ``content_part.added`` / ``.done``, which a message's text has (and vLLM's Responses server
+    sends for reasoning_text): a client that builds content from part events never saw part 0.
+    The same from the cache's replay of the answer."""
+    client = closed_after_test(openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0))
+    ask = f"2 + 2? {time.time_ns()}"
+    reasoning = "".join(REASONING)
+    body = {"model": "reasoning", "input": ask, "stream": True, "store": False, "temperature": 0}
+    for expected_cache in ("miss", "exact"):
+        raw = httpx.post(f"{gw.base_url}/responses", json=body, timeout=10)
+        assert raw.headers["x-gateway-cache"] == expected_cache
+        events = [msgspec.json.decode(line[6:]) for line in raw.text.splitlines() if line.startswith("data: ")]
+        names = [event["type"] for event in events]
+        assert [name for i, name in enumerate(names) if name != names[i - 1]] == _REASONING_EVENTS
+        assert [event["sequence_number"] for event in events] == list(range(len(events)))
+        deltas = [event for event in events if event["type"] == "response.reasoning_text.delta"]
+        assert "".join(event["delta"] for event in deltas) == reasoning
+        added, part_added = events[2], events[3]
+        part_done, done = events[len(deltas) + 5], events[len(deltas) + 6]
+        assert added["item"]["type"] == "reasoning" and added["item"]["content"] == []
+        where = {"item_id": added["item"]["id"], "output_index": 0, "content_index": 0}
+        assert part_added == {**part_added, **where, "part": {"type": "reasoning_text", "text": ""}}
+        assert part_done == {**part_done, **where, "part": {"type": "reasoning_text", "text": reasoning}}
+        assert done["item"]["content"] == [{"type": "reasoning_text", "text": reasoning}]
+    with client.responses.stream(model="reasoning", input=ask, temperature=0, store=False) as stream:
+        parts = [event.part for event in stream if event.type == "response.content_part.added"]
+        final = stream.get_final_response()
+    assert [part.type for part in parts] == ["reasoning_text", "output_text"]
+    item = final.output[0]
+    assert item.type == "reasoning" and item.content is not None and item.content[0].text == reasoning
+    assert final.output_text == "4"
 
 
 _WEATHER, _TIME = ("call_a", "get_weather", '{"city": "Paris"}'), ("call_b", "get_time", '{"zone": "CET"}')

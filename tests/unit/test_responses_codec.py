@@ -456,13 +456,19 @@ def test_a_reasoning_models_reasoning_comes_as_a_reasoning_item_streamed_or_not(
     encoder = codec.StreamEncoder(_decode(input="x", stream=True), "resp_1", 1, _ids())
     out = encoder.start() + encoder.feed([ThinkingDelta("2 and 2 "), ThinkingDelta("make 4."), TextDelta("4")])
     out += encoder.feed([Finish("stop")]) + encoder.finish()
-    names, _, state = _replay(out)
-    assert names[2:5] == [
+    names, events, state = _replay(out)
+    assert names[2:10] == [
+        "response.output_item.added", "response.content_part.added",
+        "response.reasoning_text.delta", "response.reasoning_text.delta",
+        "response.reasoning_text.done", "response.content_part.done", "response.output_item.done",
         "response.output_item.added",
-        "response.reasoning_text.delta",
-        "response.reasoning_text.delta",
-    ]
-    assert "response.reasoning_text.done" in names
+    ]  # fmt: skip
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert events[2].item.content == []  # t118: its part is announced by content_part.added, as a message's is
+    assert events[3].part.type == "reasoning_text" and events[3].part.text == ""
+    assert (events[3].item_id, events[3].output_index, events[3].content_index) == (events[2].item.id, 0, 0)
+    assert events[7].part.type == "reasoning_text" and events[7].part.text == "2 and 2 make 4."
+    assert events[8].item.content[0].text == "2 and 2 make 4."
     final = state._completed_response
     assert final is not None and final.output_text == "4"
     reasoning = final.output[0]
