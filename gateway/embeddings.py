@@ -177,7 +177,7 @@ class EmbeddingsPipeline:
         price = runtime.policy.models[plan.candidates[0]].price
         hit_tokens = sum(kept_tokens[i] for i, vector in enumerate(found) if vector is not None)
         if not missing:
-            record.cache = "exact"
+            record.cache, record.decision = "exact", "cache"  # as a chat hit says: nothing was routed
             record.model = plan.candidates[0]
             record.prompt_tokens, record.tokens_source = hit_tokens, "cache"  # as a chat hit says
             record.cost_usd = 0.0

@@ -146,6 +146,22 @@ def test_each_input_is_cached_apart_per_tenant(
     assert record["cost_usd"] == pytest.approx(record["baseline_cost_usd"] - record["cache_saved_usd"])
 
 
+def test_an_embedding_answered_wholly_from_the_cache_logs_decision_cache(gateway_with_cache: GatewayProcess) -> None:
+    """t119: a whole hit logged the route's decision ("fixed"), where every other endpoint's hit
+    logs "cache" (nothing was routed); a partial hit was routed, and says so."""
+    text = f"decided by the cache {time.monotonic_ns()}"
+    with _client(gateway_with_cache, "key-a") as a:
+        miss = a.embeddings.with_raw_response.create(model="embed", input=[text])
+        hit = a.embeddings.with_raw_response.create(model="embed", input=[text])
+        partial = a.embeddings.with_raw_response.create(model="embed", input=[text, f"{text} and more"])
+    decisions = [gateway_with_cache.wait_for_record(raw.headers["x-request-id"]) for raw in (miss, hit, partial)]
+    assert [(line["cache"], line["decision"]) for line in decisions] == [
+        ("miss", "direct"),
+        ("exact", "cache"),
+        ("miss", "direct"),
+    ]
+
+
 def test_a_hit_says_the_tokens_the_upstream_billed_for_its_input(gateway_with_cache: GatewayProcess) -> None:
     """The simulated server counts as BERT-style models do (start and end tokens added): a hit
     said the gateway's own tiktoken count (6 where the miss had said 8: t50), and its savings
