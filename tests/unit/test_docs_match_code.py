@@ -46,3 +46,37 @@ def test_every_error_type_the_gateway_can_log_is_documented() -> None:
     documented = _documented_error_types()
     assert logged - documented == set(), "error types the request log can carry but its doc does not list"
     assert documented - logged == set(), "error types the doc lists but no code writes"
+
+
+def _families_in_the_code() -> dict[str, set[str]]:
+    """Every family ``/metrics`` exports, as a scrape names it, with its labels."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from gateway.accounting.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.set_policy_version("v")
+    labels = {
+        wrapper._name: set(wrapper._labelnames)
+        for wrapper in vars(metrics).values()
+        if isinstance(wrapper, MetricWrapperBase)
+    }
+    families: dict[str, set[str]] = {}
+    for family in metrics.registry.collect():
+        if family.name.endswith("_created"):  # prometheus_client's own series, not in multiprocess mode
+            continue
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        families[name] = labels.get(family.name, set())
+    families["gateway_policy_info"] = {"version"}  # a collector of its own, not a wrapper
+    return families
+
+
+def _families_in_the_readme() -> dict[str, set[str]]:
+    text = (_ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n### Metrics\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(gateway_\w+)` \| \w+ \|([^|]*)\|", section, flags=re.MULTILINE)
+    return {name: set(re.findall(r"`(\w+)`", labels)) for name, labels in rows}
+
+
+def test_every_metric_family_is_named_in_the_readme_with_its_labels() -> None:
+    assert _families_in_the_readme() == _families_in_the_code()
