@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import os
 import re
 import signal
+import sys
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,14 +250,17 @@ class RuntimeHolder:
     async def reload(self, reason: str = "manual", *, settle: bool = True) -> bool:
         """Try the file again; on any problem keep the policy in force and log why.
 
-        The file is read once it has stopped changing: an editor or ``kubectl cp`` that
-        is still writing would otherwise hand over a prefix that may well be valid YAML.
+        The file is read once it has stopped changing and no process holds it open for writing:
+        a ``kubectl cp`` that is still writing would otherwise hand over a prefix that may well be
+        a valid policy.
         """
         async with self._reload_lock:
             self._reload_waiting = False  # a request from now on reads the file after this one
+            if settle and not await _wait_until_stable(self.path):
+                still = f"the file is still open for writing after {_STABLE_WAIT_MAX_S:g} s: it is read once closed"
+                await self._rejected_edit(reason, [still], quiet=reason == "file changed")
+                return False
             try:
-                if settle:
-                    await _wait_until_stable(self.path)
                 files = self._files_read = self._file_identities()
                 loaded = await asyncio.to_thread(load_policy, self.path)
                 refuse_weakening_by_omission(self.current.loaded, loaded)
@@ -469,7 +475,9 @@ class RuntimeHolder:
 
 _REMOVALS_ONLY = "removals only"
 """The key file is invalid, and of its changes only keys taken out of it apply (t98)."""
-_SETTLE_S = 0.25
+_SETTLE_S = 1.0
+"""How long a changed file must hold still before it is read: a writer that paused for 0.25 s
+mid-file (scp over a slow link, a pipe) had a prefix that was itself a valid policy put in force (f110)."""
 _POLL_S = 2.0
 """How often the watcher looks at the files themselves, besides the folder's events."""
 
@@ -485,17 +493,24 @@ def _identity(path: Path) -> tuple[str, int, int, int, int] | None:
 _STABLE_WAIT_MAX_S = 5.0
 
 
-async def _wait_until_stable(path: Path) -> None:
-    """Return once the file's size and mtime held still for ``_SETTLE_S`` (or after ``_STABLE_WAIT_MAX_S``)."""
+async def _wait_until_stable(path: Path) -> bool:
+    """Return once the file's size and mtime held still for ``_SETTLE_S`` and no process holds it
+    open for writing (where that can be told, :func:`_open_for_writing`). After
+    ``_STABLE_WAIT_MAX_S``: False if one still does; a file that only kept changing is read then."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + _STABLE_WAIT_MAX_S
-    last = _signature(path)
+    last = await asyncio.to_thread(_look, path)
     while loop.time() < give_up:
         await asyncio.sleep(_SETTLE_S)
-        current = _signature(path)
-        if current == last:
-            return
+        current = await asyncio.to_thread(_look, path)
+        if current == last and not current[1]:
+            return True
         last = current
+    return not last[1]
+
+
+def _look(path: Path) -> tuple[tuple[int, int] | None, bool]:
+    return _signature(path), _open_for_writing(path)
 
 
 def _signature(path: Path) -> tuple[int, int] | None:
@@ -504,6 +519,30 @@ def _signature(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return stat.st_size, stat.st_mtime_ns
+
+
+def _open_for_writing(path: Path) -> bool:
+    """Whether a process holds the file open for writing: Linux refuses a read lease (EAGAIN)
+    while one does. False where that cannot be told: another OS, a file this user does not own
+    (no CAP_LEASE), leases switched off or not supported by the file system.
+
+    The lease is given back at once (a writer opening the file meanwhile waits that long); its
+    break is signalled with SIGURG, ignored by default, not SIGIO, whose default ends the process.
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return exc.errno == errno.EAGAIN
+    finally:
+        os.close(fd)  # gives the lease back
+    return False
 
 
 _QUOTED_VALUE = re.compile(

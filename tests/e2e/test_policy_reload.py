@@ -311,15 +311,14 @@ def test_a_file_written_in_two_steps_and_cut_inside_tenants_is_refused_until_it_
 
         edited = limited.replace("rpm: 600", "rpm: 599")
         cut = edited.index("      usd_per_day")
-        with gw.policy_path.open("w") as handle:
-            handle.write(edited[:cut])
-            handle.flush()
-            rejected = _wait_for_ops_event(
-                gw, "policy_rejected", lambda r: f"tenants.{tenant}.limits.usd_per_day" in str(r.get("problems")), 10
-            )
-            assert rejected, gw.stderr_text()
-            during = _chat(gw, key="sk-cut")
-            assert (during.status_code, during.headers["x-gateway-policy-version"]) == (429, version)
+        gw.policy_path.write_text(edited[:cut])  # closed between its steps: read, as a writer it cannot see (f110)
+        rejected = _wait_for_ops_event(
+            gw, "policy_rejected", lambda r: f"tenants.{tenant}.limits.usd_per_day" in str(r.get("problems")), 10
+        )
+        assert rejected, gw.stderr_text()
+        during = _chat(gw, key="sk-cut")
+        assert (during.status_code, during.headers["x-gateway-policy-version"]) == (429, version)
+        with gw.policy_path.open("a") as handle:
             handle.write(edited[cut:])
         state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == _version_of(edited), timeout_s=10)
         assert (state["version"], state["last_reload_error"]) == (_version_of(edited), None), gw.stderr_text()
@@ -866,6 +865,26 @@ def test_defect3_a_file_still_being_written_is_not_loaded(
     state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == _version_of(full), timeout_s=10.0)
     assert state["version"] == _version_of(full)
     assert len(gw.ops_records("policy_rejected")) == rejected_before
+
+
+def test_a_valid_prefix_is_not_put_in_force_while_its_writer_pauses(gw: GatewayProcess) -> None:
+    """f110: a writer that paused over 0.25 s (scp over a slow link, a pipe) put a prefix that
+    was itself a valid policy in force (logged ``policy_reloaded``, billed by it), then the whole."""
+    prefix = gw.policy_path.read_text().replace(FAST_ROUTE, FAST_ON_LARGE)
+    full = prefix + "# the writer's last line\n"
+    with gw.policy_path.open("w") as handle:
+        handle.write(prefix)
+        handle.flush()
+        seen = {_readyz(gw)["policy"]["version"]}
+        deadline = time.monotonic() + 1.5  # longer than the gateway waits for a file to stop changing
+        while time.monotonic() < deadline:
+            seen.add(_readyz(gw)["policy"]["version"])
+            time.sleep(0.05)
+        handle.write(full[len(prefix) :])
+    state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == _version_of(full), timeout_s=10.0)
+    assert state["version"] == _version_of(full)
+    assert _version_of(prefix) not in seen
+    assert _version_of(prefix) not in {record["version"] for record in gw.ops_records("policy_reloaded")}
 
 
 async def test_auth_cannot_be_turned_off_by_an_edit_where_serve_required_it(

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from gateway.auth import hash_key
+from gateway.config.loader import load_policy_text
 from gateway.config.schema import LimitsPolicy
 from gateway.errors import AuthenticationError, ConfigError
 from tests.unit.conftest import POLICY, MakeHarness
@@ -17,12 +21,94 @@ async def test_a_burst_of_reload_requests_reads_the_file_once_more(make_harness:
     holder = harness.holder
     assert [holder.request_reload("SIGHUP") for _ in range(50)].count(True) == 1  # the rest join it
     holder.path.write_text(POLICY.replace("fast: {model: small, fallbacks: [large]}", "fast: {model: large}"))
-    for _ in range(200):  # the waiting reload settles (0.25 s) and reads the edit
+    for _ in range(200):  # the waiting reload settles (1 s) and reads the edit
         await asyncio.sleep(0.05)
         if holder.current.policy.routes["fast"].model == "large":
             break
     assert holder.current.policy.routes["fast"].model == "large"
     assert holder.request_reload("SIGHUP")  # nothing waits now: a new request reads the file again
+
+
+def _slow_writer(path: Path, prefix: str, rest: str, pause_s: float, *, close_between: bool) -> threading.Thread:
+    """A writer (a thread, as ``kubectl cp`` or scp over a slow link is a process) that writes
+    ``prefix``, pauses, then ``rest``; returns once ``prefix`` is on disk, with the writer still
+    running. ``close_between``: it closes the file during the pause rather than holding it open."""
+    written = threading.Event()
+
+    def write() -> None:
+        with path.open("w") as handle:
+            handle.write(prefix)
+            handle.flush()
+            if close_between:
+                handle.close()
+            written.set()
+            time.sleep(pause_s)
+            if close_between:
+                with path.open("a") as again:
+                    again.write(rest)
+            else:
+                handle.write(rest)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    written.wait()
+    return thread
+
+
+_CUT_SHORT = POLICY.replace("fast: {model: small, fallbacks: [large]}", "fast: {model: large}")
+"""A valid policy that a writer still to write its last line leaves (f110)."""
+_WHOLE = _CUT_SHORT + "# the writer's last line\n"
+
+
+async def test_a_writer_that_pauses_for_half_a_second_is_waited_for(make_harness: MakeHarness) -> None:
+    """f110: a pause of over 0.25 s mid-write put the valid prefix in force, billed at its prices."""
+    harness = await make_harness()
+    holder = harness.holder
+    writer = _slow_writer(holder.path, _CUT_SHORT, _WHOLE[len(_CUT_SHORT) :], 0.5, close_between=True)
+    try:
+        assert await holder.reload("file changed")
+    finally:
+        writer.join()
+    assert holder.current.version == load_policy_text(_WHOLE).version
+
+
+async def test_a_file_held_open_for_writing_is_read_once_closed(
+    make_harness: MakeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """f110: however long the writer pauses, a file some process holds open for writing is not read."""
+    from gateway import runtime
+
+    monkeypatch.setattr(runtime, "_SETTLE_S", 0.05)  # only the writer's open file holds the reload back
+    harness = await make_harness()
+    holder = harness.holder
+    writer = _slow_writer(holder.path, _CUT_SHORT, _WHOLE[len(_CUT_SHORT) :], 0.6, close_between=False)
+    try:
+        assert await holder.reload("file changed")
+    finally:
+        writer.join()
+    assert holder.current.version == load_policy_text(_WHOLE).version
+
+
+async def test_a_file_held_open_past_the_wait_is_refused_until_closed(
+    make_harness: MakeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway import runtime
+
+    monkeypatch.setattr(runtime, "_SETTLE_S", 0.05)
+    monkeypatch.setattr(runtime, "_STABLE_WAIT_MAX_S", 0.3)
+    harness = await make_harness()
+    holder = harness.holder
+    in_force = holder.current.version
+    writer = _slow_writer(holder.path, _CUT_SHORT, _WHOLE[len(_CUT_SHORT) :], 1.0, close_between=False)
+    try:
+        assert not await holder.reload("file changed")
+        assert holder.current.version == in_force
+        assert "still open for writing" in (holder.last_reload_error or "")
+    finally:
+        writer.join()
+    assert await holder.reload("file changed")
+    assert holder.current.version == load_policy_text(_WHOLE).version
+    assert holder.last_reload_error is None
 
 
 async def test_a_key_file_emptied_or_lost_is_refused_unless_it_says_keys_empty(make_harness: MakeHarness) -> None:
