@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -325,7 +325,7 @@ class RequestLogWriter:
                 continue
             failed = sink.reopen(now)
             if failed is None:
-                _say({"event": "request_log_reopened", "level": "info", "path": sink.path, "pid": os.getpid()})
+                _say({"event": "request_log_reopened", "level": "info", "path": sink.path})
             else:
                 _say({"event": "request_log_reopen_failed", "level": "error", "path": sink.path,
                       "error": _reason(failed), "effect": "lines go on to the file held until the path opens"})  # fmt: skip
@@ -359,9 +359,10 @@ def _reason(exc: Exception | None) -> str:
 
 
 def _say(notice: dict[str, Any]) -> None:
-    """A line on stderr, written here, not through a logger, which may be what failed."""
+    """A line on stderr, written here, not through a logger, which may be what failed; with the
+    pid, as the ops log's lines have it."""
     with contextlib.suppress(OSError):
-        os.write(2, msgspec.json.encode(notice) + b"\n")
+        os.write(2, msgspec.json.encode({**notice, "pid": os.getpid()}) + b"\n")
 
 
 def take_stdout() -> int:
@@ -403,8 +404,16 @@ def configure_logging(request_writer: RequestLogWriter, ops_writer: RequestLogWr
     def factory(name: str | None = None, *_: Any) -> _QueuedLogger:
         return _QueuedLogger(request_writer if name == REQUEST_LOGGER else ops_writer)
 
+    def add_pid(logger: _QueuedLogger, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        """Which worker wrote an ops line: with ``--workers 2`` each says ``policy_reloaded``
+        (t113). Not the request log, whose schema is docs/request-log.md."""
+        if logger._writer is ops_writer:
+            event["pid"] = os.getpid()
+        return event
+
     structlog.configure(
         processors=[
+            add_pid,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
             structlog.processors.format_exc_info,

@@ -111,6 +111,12 @@ def test_sighup_to_the_main_process_reloads_every_worker_in_place(
         assert seen == {"large"}  # every worker answers with the new policy
         assert sorted(_worker_pids(gateway.process.pid)) == workers  # reloaded in place, not restarted
         assert httpx.get(f"{gateway.url}/readyz").json()["policy"]["version"] != old
+        said: list[int] = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and sorted(said) != workers:  # t113: each line says whose it is
+            said = [record["pid"] for record in gateway.ops_records("policy_reloaded")]
+            time.sleep(0.05)
+        assert sorted(said) == workers
         # an invalid policy on SIGHUP is rejected by each worker; nobody crashes
         gateway.policy_path.write_text("pair: [")
         os.kill(gateway.process.pid, signal.SIGHUP)

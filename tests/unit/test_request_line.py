@@ -91,6 +91,26 @@ def test_a_configured_gateway_writes_request_lines_to_the_request_log_only(tmp_p
     assert "r2" not in ops_log.read_text() and "something_else" in ops_log.read_text()
 
 
+def test_ops_lines_say_which_process_wrote_them_and_request_lines_do_not(tmp_path: Path) -> None:
+    """t113: with ``serve --workers 2`` each worker's ``policy_reloaded`` came twice, alike."""
+    request_log, ops_log = tmp_path / "requests.jsonl", tmp_path / "ops.jsonl"
+    requests = RequestLogWriter(stdout=False, path=str(request_log))
+    ops = RequestLogWriter(stdout=False, path=str(ops_log))
+    configure_logging(requests, ops)
+    try:
+        log_request(RequestRecord(request_id="r3", key_id="k", tenant="t"))
+        structlog.get_logger(request_log_module.REQUEST_LOGGER).info("request", request_id="r4")
+        structlog.get_logger("gateway.policy").info("policy_reloaded", version="abc")
+    finally:
+        requests.close()
+        ops.close()
+        structlog.reset_defaults()
+        request_log_module._request_writer = None
+    (line,) = ops_log.read_text().splitlines()
+    assert msgspec.json.decode(line)["pid"] == os.getpid()
+    assert [("pid" in msgspec.json.decode(line)) for line in request_log.read_text().splitlines()] == [False, False]
+
+
 def test_a_log_file_renamed_by_logrotate_is_opened_again_at_its_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
