@@ -476,8 +476,12 @@ class RuntimeHolder:
 _REMOVALS_ONLY = "removals only"
 """The key file is invalid, and of its changes only keys taken out of it apply (t98)."""
 _SETTLE_S = 1.0
-"""How long a changed file must hold still before it is read: a writer that paused for 0.25 s
-mid-file (scp over a slow link, a pipe) had a prefix that was itself a valid policy put in force (f110)."""
+"""How long a changed file must hold still before it is read where no one can tell whether a
+writer still holds it open: a writer that paused for 0.25 s mid-file (scp over a slow link, a
+pipe) had a prefix that was itself a valid policy put in force (f110)."""
+_SETTLE_TOLD_S = 0.25
+"""The same where :func:`_open_for_writing` can tell: a writer that pauses holding the file open
+is seen as such, so only one that closes it between its parts relies on this wait."""
 _POLL_S = 2.0
 """How often the watcher looks at the files themselves, besides the folder's events."""
 
@@ -501,7 +505,7 @@ async def _wait_until_stable(path: Path) -> bool:
     give_up = loop.time() + _STABLE_WAIT_MAX_S
     last = await asyncio.to_thread(_look, path)
     while loop.time() < give_up:
-        await asyncio.sleep(_SETTLE_S)
+        await asyncio.sleep(_SETTLE_S if last[1] is None else _SETTLE_TOLD_S)
         current = await asyncio.to_thread(_look, path)
         if current == last and not current[1]:
             return True
@@ -509,7 +513,7 @@ async def _wait_until_stable(path: Path) -> bool:
     return not last[1]
 
 
-def _look(path: Path) -> tuple[tuple[int, int] | None, bool]:
+def _look(path: Path) -> tuple[tuple[int, int] | None, bool | None]:
     return _signature(path), _open_for_writing(path)
 
 
@@ -521,25 +525,25 @@ def _signature(path: Path) -> tuple[int, int] | None:
     return stat.st_size, stat.st_mtime_ns
 
 
-def _open_for_writing(path: Path) -> bool:
+def _open_for_writing(path: Path) -> bool | None:
     """Whether a process holds the file open for writing: Linux refuses a read lease (EAGAIN)
-    while one does. False where that cannot be told: another OS, a file this user does not own
+    while one does. None where that cannot be told: another OS, a file this user does not own
     (no CAP_LEASE), leases switched off or not supported by the file system.
 
     The lease is given back at once (a writer opening the file meanwhile waits that long); its
     break is signalled with SIGURG, ignored by default, not SIGIO, whose default ends the process.
     """
     if sys.platform != "linux":
-        return False
+        return None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
-        return False
+        return None
     try:
         fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
     except OSError as exc:
-        return exc.errno == errno.EAGAIN
+        return True if exc.errno == errno.EAGAIN else None
     finally:
         os.close(fd)  # gives the lease back
     return False

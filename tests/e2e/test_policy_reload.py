@@ -821,6 +821,7 @@ async def test_defect3_no_truncated_prefix_of_the_policy_turns_auth_off(
     from gateway.runtime import RuntimeHolder
 
     monkeypatch.setattr(runtime, "_SETTLE_S", 0.001)  # the stability wait has its own test
+    monkeypatch.setattr(runtime, "_SETTLE_TOLD_S", 0.001)
     monkeypatch.setenv("SMALL_MODEL_URL", "http://127.0.0.1:9/v1")
     monkeypatch.setenv("LARGE_MODEL_URL", "http://127.0.0.1:9/v1")
     full = _shipped_with_keys()
@@ -897,6 +898,7 @@ async def test_auth_cannot_be_turned_off_by_an_edit_where_serve_required_it(
     from gateway.runtime import RuntimeHolder, keep_last_good, load_at_start
 
     monkeypatch.setattr(runtime, "_SETTLE_S", 0.001)
+    monkeypatch.setattr(runtime, "_SETTLE_TOLD_S", 0.001)
     monkeypatch.setenv("SMALL_MODEL_URL", "http://127.0.0.1:9/v1")
     monkeypatch.setenv("LARGE_MODEL_URL", "http://127.0.0.1:9/v1")
     keyed = _shipped_with_keys()
