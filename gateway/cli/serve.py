@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gateway.cli._parsers import Subcommands
 from gateway.config.kept import keep_policy
-from gateway.config.loader import load_policy, request_log_problem
+from gateway.config.loader import LoadedPolicy, load_policy, request_log_problem
 from gateway.drain import DEFAULT_DRAIN_S
 from gateway.errors import ConfigError
 from gateway.inference import MAX_INTRA_OP_THREADS, intra_op_threads_for
@@ -113,13 +113,17 @@ def run(args: argparse.Namespace) -> int:
                     os.environ[variable] = upstream.url
                     os.environ[f"{role.upper()}_MODEL_SIMULATED"] = "true"
                     _say(f"{variable} is unset: started a SIMULATED '{role}' upstream at {upstream.url}")
+        kept: Path | None = None  # the policy last accepted, started on in place of the invalid file
         try:
             loaded = load_policy(args.policies)
         except ConfigError as exc:
             _say(f"{exc.source} is invalid:")
             for problem in exc.problems:
                 _say(f"  - {problem}")
-            return 2
+            fallback = _policy_last_accepted(args.policies, args.data_dir)
+            if fallback is None:
+                return 2
+            loaded, kept = fallback
         log = loaded.policy.request_log
         log_path = Path(args.policies).parent / log.path if log.enabled and log.path else None
         unwritable = request_log_problem(log_path) if log_path is not None else None
@@ -163,8 +167,10 @@ def run(args: argparse.Namespace) -> int:
         for warning in loaded.warnings:
             _say(f"warning: {warning}")
         os.environ["GATEWAY_POLICIES"] = os.path.abspath(args.policies)
-        os.environ["GATEWAY_POLICY_LAST_GOOD"] = _keep_policy_in_force(
-            loaded.text, loaded.key_file_text, args.policies, args.data_dir
+        os.environ["GATEWAY_POLICY_LAST_GOOD"] = (
+            str(kept)  # as it is: each worker starts on it, and says the file was rejected
+            if kept is not None
+            else _keep_policy_in_force(loaded.text, loaded.key_file_text, args.policies, args.data_dir)
         )
         if args.workers > 1:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir(args.data_dir)
@@ -573,6 +579,43 @@ def _fresh_metrics_dir(data_dir: str) -> str:
     except OSError:
         path = tempfile.mkdtemp(prefix="gateway-metrics-")
     return path
+
+
+def _policy_last_accepted(policies: str, data_dir: str) -> tuple[LoadedPolicy, Path] | None:
+    """The policy that ``data_dir`` keeps in force for ``policies`` (the file is invalid), loaded as
+    a worker started now loads it (``gateway.runtime.load_at_start``: with the key file kept with
+    it), and where it is kept; None, having said why where there was one, when there is none to
+    start on: a fresh data folder, or one kept for another policy file (another gateway's state).
+
+    A container restarted while its ConfigMap holds an edit the running gateway rejected (a
+    liveness or OOM restart keeps the pod's emptyDir) exited 2 here, pod after pod (f113)."""
+    from gateway.config.kept import KeptForAnother, read_kept_policy
+    from gateway.runtime import load_at_start
+
+    try:
+        kept = read_kept_policy(data_dir, policies)[0].absolute()
+    except FileNotFoundError:
+        return None
+    except KeptForAnother as exc:
+        _say(f"not started on the policy last accepted: {exc}")
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        _say(f"the policy last accepted, in {data_dir}, cannot be read ({type(exc).__name__})")
+        return None
+    try:
+        first = load_at_start(Path(policies), kept)
+    except ConfigError as exc:
+        _say(f"the policy last accepted, {kept}, is invalid now too:")
+        for problem in exc.problems:
+            _say(f"  - {problem}")
+        return None
+    if not first.rejected:  # fixed meanwhile: the workers start on the file, and keep it
+        return first.loaded, kept
+    _say(
+        f"{policies} is invalid: serving the policy last accepted, version {first.loaded.version}, from {kept}, "
+        "until the file's next valid edit (/readyz and a policy_rejected log line show the rejection)"
+    )
+    return first.loaded, kept
 
 
 def _keep_policy_in_force(text: str, key_file_text: str | None, policies: str, data_dir: str) -> str:

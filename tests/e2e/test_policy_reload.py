@@ -1075,3 +1075,85 @@ def test_a_relative_request_log_path_is_taken_from_the_policys_folder(
         assert not (elsewhere / "requests.jsonl").exists()
     finally:
         gw.stop()
+
+
+def _serve_refused(policies: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--policies", str(policies), "--port", "1",
+         "--data-dir", str(data_dir), *extra],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "REDIS_URL": "redis://127.0.0.1:1",
+                                                          "GATEWAY_ALLOW_NO_AUTH": ""},
+    )  # fmt: skip
+
+
+def test_serve_restarted_while_the_file_is_invalid_serves_the_policy_last_accepted(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """f113: a pod's container restarted (liveness, OOMKill) while the ConfigMap held an edit the
+    running gateway had rejected exited 2 at the policy load, and every restart drained one more
+    pod (CrashLoopBackOff), although its data dir kept the policy in force. It starts on that
+    policy, says so, shows the rejection in /readyz, and takes the next valid edit; with no
+    policy kept for this file (a fresh data dir, or one kept for another file) it exits 2."""
+    text = _base_policy(small_upstream, large_upstream)
+    first = start_gateway(tmp_path / "gw", text, env=_env(redis_server))
+    first.stop()
+    policy, data = first.policy_path, tmp_path / "gw" / "data"
+    _write_atomically(policy, text.replace("version: 1", "version: 1\npair: [", 1))
+    gw = start_gateway(tmp_path / "gw", "", policy_path=policy, env=_env(redis_server))
+    try:
+        said = gw.stderr_text()
+        assert f"{policy} is invalid:" in said, said
+        kept = data / "policy.last-accepted.yaml"
+        assert f"serving the policy last accepted, version {_version_of(text)}, from {kept}" in said, said
+        state = _readyz(gw)["policy"]
+        assert state["version"] == _version_of(text) and state["last_reload_error"], state
+        assert _wait_for_ops_event(gw, "policy_rejected", lambda r: r["reason"] == "start-up")
+        answer = _chat(gw)
+        assert answer.status_code == 200 and answer.headers["x-gateway-model"] == "small"
+        assert kept.read_text() == text  # kept as it was: not the broken file
+        fixed = text.replace(FAST_ROUTE, FAST_ON_LARGE)
+        _settle(gw, fixed)
+        assert _chat(gw).headers["x-gateway-model"] == "large"
+        assert kept.read_text() == fixed
+    finally:
+        gw.stop()
+    _write_atomically(policy, fixed.replace("version: 1", "version: 1\npair: [", 1))
+    fresh = _serve_refused(policy, tmp_path / "fresh")  # a new pod: an empty emptyDir
+    assert fresh.returncode == 2 and f"{policy} is invalid:" in fresh.stderr, fresh.stderr
+    assert "serving" not in fresh.stderr and "Traceback" not in fresh.stderr
+    other = tmp_path / "other" / "policies.yaml"  # another deployment's file on this data dir
+    other.parent.mkdir()
+    shutil.copy(policy, other)
+    foreign = _serve_refused(other, data)
+    assert foreign.returncode == 2 and f"was kept for {policy}, not for {other}" in foreign.stderr, foreign.stderr
+    assert "serving" not in foreign.stderr
+    # the kept policy has auth off: on a public address it is refused as the file itself would be
+    public = _serve_refused(policy, data, "--host", "0.0.0.0")
+    assert public.returncode == 2 and "auth is off and --host 0.0.0.0" in public.stderr, public.stderr
+
+
+def test_serve_restarted_while_the_file_is_invalid_keeps_the_keys_last_accepted(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """f113: the policy kept with auth on starts with the keys kept with it, on a public address
+    too; an emptied key file beside the broken policy lets no one in and keeps no key out."""
+    secret = "gw-kept-key-secret-1"
+    text = _base_policy(small_upstream, large_upstream).replace(
+        "auth: {mode: none}", "auth: {mode: keys, key_file: keys.yaml}"
+    )
+    workdir = tmp_path / "gw"
+    workdir.mkdir()
+    (workdir / "keys.yaml").write_text(f'keys:\n  - {{id: k1, tenant: default, hash: "{hash_key(secret)}"}}\n')
+    env = {**_env(redis_server), "GATEWAY_ALLOW_NO_AUTH": ""}
+    first = start_gateway(workdir, text, env=env, serve_args=("--host", "0.0.0.0"))
+    first.stop()
+    _write_atomically(first.policy_path, text.replace("version: 1", "version: 1\npair: [", 1))
+    (workdir / "keys.yaml").write_text("")
+    gw = start_gateway(workdir, "", policy_path=first.policy_path, env=env, serve_args=("--host", "0.0.0.0"))
+    try:
+        assert "serving the policy last accepted" in gw.stderr_text()
+        assert "auth ON" in gw.stderr_text()
+        assert _chat(gw).status_code == 401
+        assert _chat(gw, key=secret).status_code == 200
+    finally:
+        gw.stop()
