@@ -537,6 +537,12 @@ def test_configmap_policy_validates_with_the_gateway_loader() -> None:
     assert {"auto", "fast", "best"} <= set(policy.routes)
     assert policy.auth.mode == "keys", "a cluster deployment must require keys"
     assert not loaded.warnings, loaded.warnings
+    # Both upstreams are vLLM, as in compose (*_MODEL_CONTINUES, *_MODEL_CACHE_SALT true):
+    # an Anthropic prefill is continued, and tenants are kept apart in the prefix cache.
+    for name in (policy.pair.small, policy.pair.large):
+        model = policy.models[name]
+        assert model.continue_final_message, f"{name}: vLLM continues a final assistant message"
+        assert model.tenant_cache_salt, f"{name}: vLLM salts its prefix cache per tenant"
     # Without the Deployment's environment the policy must NOT load: proves it is what supplies it.
     with pytest.raises(ConfigError):
         load_policy_text(text, environ={})
