@@ -583,6 +583,18 @@ def _key_warnings(model: str, variable: str, secret: str | None) -> list[str]:
     return []
 
 
+def _salt_warnings(model: str, secret: str | None, environ: Mapping[str, str]) -> list[str]:
+    """A ``tenant_cache_salt`` keyed on nothing secret: with no API key and no
+    GATEWAY_CACHE_SALT_KEY the salt's key is the model's name (gateway/upstreams/openai.py)."""
+    if (secret or "").strip() or environ.get("GATEWAY_CACHE_SALT_KEY"):
+        return []
+    return [
+        f"models.{model}.tenant_cache_salt: keyed on the model's name (no API key, GATEWAY_CACHE_SALT_KEY "
+        "unset): anyone who reaches the server directly can compute a tenant's salt; set "
+        "GATEWAY_CACHE_SALT_KEY to a secret all gateway processes share"
+    ]
+
+
 def _downgrade_warnings(policy: Policy) -> list[str]:
     """A tenant's ``downgrade_auto_at`` is a share of a USD budget, its own or one of its keys':
     with none, it never applies (t63: accepted in silence)."""
@@ -606,6 +618,8 @@ def _warnings(policy: Policy, environ: Mapping[str, str], key_file: Path | None 
         secret = environ.get(model.api_key_env) if model.api_key_env else None
         if model.api_key_env and (secret or not model.simulated):  # t66: a simulated upstream needs no key
             out += _key_warnings(name, model.api_key_env, secret)
+        if model.tenant_cache_salt and not model.simulated:
+            out += _salt_warnings(name, secret, environ)
         for price in msgspec.structs.fields(model.price):
             value = getattr(model.price, price.name)
             if (

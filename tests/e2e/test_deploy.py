@@ -141,8 +141,11 @@ def _secret_values(name: str) -> dict[str, str]:
     return {**secret.get("stringData", {}), **{k: "(base64)" for k in secret.get("data", {})}}
 
 
-def _container_environ(container: dict[str, Any], objects: list[dict[str, Any]]) -> dict[str, str]:
-    """The environment a container gets, from literal values, ConfigMaps and the example Secrets."""
+def _container_environ(
+    container: dict[str, Any], objects: list[dict[str, Any]], *, optional: bool = True
+) -> dict[str, str]:
+    """The environment a container gets, from literal values, ConfigMaps and the example Secrets;
+    without ``optional``, less the Secret keys it may start without."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         if "configMapRef" in source:
@@ -154,7 +157,8 @@ def _container_environ(container: dict[str, Any], objects: list[dict[str, Any]])
             env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), var["value"])
         elif "secretKeyRef" in var["valueFrom"]:
             ref = var["valueFrom"]["secretKeyRef"]
-            env[var["name"]] = _secret_values(ref["name"])[ref["key"]]
+            if optional or not ref.get("optional", False):
+                env[var["name"]] = _secret_values(ref["name"])[ref["key"]]
         elif "configMapKeyRef" in var["valueFrom"]:
             ref = var["valueFrom"]["configMapKeyRef"]
             env[var["name"]] = _one("ConfigMap", ref["name"], objects)["data"][ref["key"]]
@@ -543,6 +547,12 @@ def test_configmap_policy_validates_with_the_gateway_loader() -> None:
         model = policy.models[name]
         assert model.continue_final_message, f"{name}: vLLM continues a final assistant message"
         assert model.tenant_cache_salt, f"{name}: vLLM salts its prefix cache per tenant"
+    # Nor with the optional upstream keys left out (an in-cluster vLLM without --api-key): the
+    # tenants' cache salt is then keyed on GATEWAY_CACHE_SALT_KEY, not on the models' names.
+    bare = _container_environ(_gateway_container(), objects, optional=False)
+    assert "SMALL_MODEL_API_KEY" not in bare and "LARGE_MODEL_API_KEY" not in bare
+    unkeyed = load_policy_text(text, source="k8s/configmap-policies.yaml", environ=bare)
+    assert not [w for w in unkeyed.warnings if "tenant_cache_salt" in w], unkeyed.warnings
     # Without the Deployment's environment the policy must NOT load: proves it is what supplies it.
     with pytest.raises(ConfigError):
         load_policy_text(text, environ={})

@@ -131,6 +131,25 @@ def test_redis_down_means_not_ready_but_still_serving(
     assert not gw.ops_records("redis_recovered")
 
 
+def test_start_up_warns_of_a_cache_salt_keyed_on_nothing_secret(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t117: the Deployment salted vLLM's prefix cache per tenant with no upstream key and no
+    GATEWAY_CACHE_SALT_KEY, so the salt was keyed on the model's name, in silence."""
+    salted = f"  vllm: {{base_url: {small_upstream.url}, price: {{input: 0, output: 0}}, tier: small, "
+    salted += "tenant_cache_salt: true}\n"
+    gw = start_gateway(
+        tmp_path / "gw",
+        policy_text(small_upstream, large_upstream, extra_models=salted),
+        env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "GATEWAY_CACHE_SALT_KEY": ""},
+        expect_ready=False,
+    )
+    gw.stop()
+    said = "models.vllm.tenant_cache_salt: keyed on the model's name"
+    assert f"[gateway] warning: {said}" in gw.stderr_text()  # serve's start-up lines
+    assert any(line["detail"].startswith(said) for line in gw.ops_records("policy_warning"))  # the ops log
+
+
 # ------------------------------------------------------------------------ Redis full
 
 

@@ -59,3 +59,18 @@ async def test_a_speculative_model_salts_what_it_passes_through() -> None:
     assert speculative.salted(body, "alpha") == target.salted(body, "alpha") != target.salted(body, "beta")
     assert "cache_salt" in speculative.salted(body, "alpha")
     await target.aclose()
+
+
+def test_a_salt_keyed_on_nothing_secret_is_warned() -> None:
+    """t117: with no API key and no GATEWAY_CACHE_SALT_KEY the salt is keyed on the model's name,
+    which anyone who reaches the server directly can use to compute a tenant's salt."""
+    warned = "models.vllm.tenant_cache_salt: keyed on the model's name"
+    assert any(note.startswith(warned) for note in load_policy_text(_POLICY, environ={}).warnings)
+    keyed = _POLICY.replace("tenant_cache_salt: true}", "tenant_cache_salt: true, api_key_env: VLLM_KEY}")
+    assert not any(note.startswith(warned) for note in load_policy_text(keyed, environ={"VLLM_KEY": "k"}).warnings)
+    shared = load_policy_text(_POLICY, environ={"GATEWAY_CACHE_SALT_KEY": "s3cret"}).warnings
+    assert not any("tenant_cache_salt" in note for note in shared)
+    blank = load_policy_text(keyed, environ={"VLLM_KEY": " \n", "GATEWAY_CACHE_SALT_KEY": ""}).warnings
+    assert any(note.startswith(warned) for note in blank)  # a blank key keys nothing (registry.api_key strips it)
+    simulated = _POLICY.replace("tenant_cache_salt: true}", "tenant_cache_salt: true, simulated: true}")
+    assert not any("tenant_cache_salt" in note for note in load_policy_text(simulated, environ={}).warnings)
