@@ -355,7 +355,9 @@ def test_replicas_workers_autoscaler_and_disruption_budget() -> None:
     assert deployment["spec"]["replicas"] >= 2
     assert _flag(container["args"], "--workers") == "2"
     cmd = _Dockerfile(DEPLOY / "Dockerfile").exec_form("CMD")
-    assert _without(container["args"], "--workers", "--data-dir") == cmd, "the Deployment's args drifted from the CMD"
+    assert _without(container["args"], "--workers", "--data-dir", "--onnx-threads") == cmd, (
+        "the Deployment's args drifted from the CMD"
+    )
     assert container["resources"]["requests"]["cpu"], "HPA utilisation needs a CPU request"
     assert container["resources"]["limits"]["memory"]
 
@@ -467,6 +469,17 @@ def test_multi_worker_data_dir_is_writable_under_a_read_only_root() -> None:
     for args, mounts in ((container["args"], writable), (gateway["command"], gateway["tmpfs"])):
         if int(_flag(args, "--workers")) > 1:
             assert _under(_flag(args, "--data-dir"), mounts), (args, mounts)
+
+
+def test_the_deployment_sizes_onnx_threads_to_its_cpu_request() -> None:
+    """With no CPU limit the gateway sees the node's cores: left to itself each worker would run up to
+    8 onnxruntime threads per model on a big node, not the ~2 cores a pod is said to use (t117)."""
+    container = _gateway_container()
+    args = container["args"]
+    cpu = str(container["resources"]["requests"]["cpu"])
+    request = int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    threads = int(_flag(args, "--workers")) * int(_flag(args, "--onnx-threads"))
+    assert threads <= 2 * request, f"{threads} onnxruntime threads per model against a {cpu}-core request"
 
 
 def test_images_get_the_classifier_from_the_package_they_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -660,6 +673,8 @@ def test_compose_and_k8s_arguments_parse_as_the_image_cmd_does(monkeypatch: pyte
         assert namespace.server in ("uvicorn", "granian")  # both drain for --drain-s + 5 s (_drain_seconds)
         if "--workers" in args:
             assert namespace.workers == 2
+        if "--onnx-threads" in args:
+            assert namespace.onnx_threads == int(_flag(args, "--onnx-threads"))
 
 
 def test_entrypoint_check_accepts_the_k8s_and_compose_policies(tmp_path: Path) -> None:
