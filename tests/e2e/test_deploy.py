@@ -430,6 +430,16 @@ def test_env_references_only_secrets_and_configmaps_that_exist() -> None:
                     assert (kind, source[ref_kind]["name"]) in defined, f"missing {kind} {source[ref_kind]['name']}"
 
 
+def test_deploy_readme_puts_no_key_on_a_command_line() -> None:
+    """A key in a `kubectl exec` command line lands in the API server's audit log and the shell's
+    history (t117): the README's commands read it inside the container, from stdin."""
+    text = (DEPLOY / "README.md").read_text()
+    code = re.findall(r"```\w*\n(.*?)```", text, re.DOTALL) + re.findall(r"`([^`\n]+)`", text)
+    assert any("kubectl" in snippet for snippet in code)
+    for snippet in code:
+        assert not re.search(r"Bearer [<$\w]|x-api-key: ?[<$\w]", snippet, re.IGNORECASE), snippet
+
+
 def test_example_secret_holds_placeholders_only() -> None:
     for path in K8S.glob("*.example.yaml"):
         for doc in _yaml_docs(path):
