@@ -130,8 +130,13 @@ def load_onnx_model(
     except (ValueError, KeyError, TypeError) as exc:
         raise ArtifactError("bad_config", path=str(config_path), error=repr(exc)) from None
 
+    # onnxruntime 1.31 starts Microsoft telemetry at import, writing a device id and an event
+    # database under $HOME/.cache: off, by the variable it reads then (the call alone is too late).
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     import onnxruntime as ort
     from tokenizers import Tokenizer
+
+    ort.disable_telemetry_events()
 
     why_not_cuda = _cuda_probe(ort) if prefer_gpu else "not requested"
     use_gpu = why_not_cuda is None

@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +216,25 @@ async def test_a_run_at_work_on_a_burst_stops_for_another_tenants_prompt(clf: Cl
 
 def _capture() -> Any:
     return structlog.testing.capture_logs()
+
+
+def test_loading_writes_nothing_under_home(tmp_path: Path) -> None:
+    """t117: onnxruntime 1.31's telemetry wrote a device id and an event database under
+    $HOME/.cache/Microsoft at import: a gateway loads its models with it off. In a fresh
+    interpreter: this one may have imported onnxruntime already."""
+    home = tmp_path / "home"
+    home.mkdir()
+    load = "from gateway.classifier import load_classifier as l; import sys; assert l(sys.argv[1], prefer_gpu=False)"
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    done = subprocess.run(
+        [sys.executable, "-c", load, str(ARTIFACTS)],
+        env={**env, "HOME": str(home)},
+        capture_output=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    assert not [str(p.relative_to(home)) for p in home.rglob("*")]
 
 
 def test_missing_artifacts_give_none_and_log(tmp_path: Path) -> None:
