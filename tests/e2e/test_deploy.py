@@ -820,6 +820,8 @@ def test_dockerignore_lets_in_what_the_images_copy_and_nothing_secret() -> None:
     for dockerfile in DOCKERFILES:  # BuildKit uses <Dockerfile>.dockerignore next to the Dockerfile
         companion = dockerfile.with_name(dockerfile.name + ".dockerignore")
         assert companion.read_bytes() == canonical, f"{companion.name} differs from deploy/.dockerignore"
+    for named in re.findall(r"\b(?:tests|gateway|deploy)/[\w/.-]+\.py\b", canonical.decode()):
+        assert (ROOT / named).is_file(), f".dockerignore names {named}, which does not exist"
     rules = _dockerignore_rules(DEPLOY / ".dockerignore")
     for dockerfile in DOCKERFILES:
         for sources, _ in _Dockerfile(dockerfile).context_copies():
@@ -830,7 +832,7 @@ def test_dockerignore_lets_in_what_the_images_copy_and_nothing_secret() -> None:
     assert not _ignored(rules, "gateway/classifier/runtime.py")
     assert not _ignored(rules, "gateway/classifier/artifacts/router.int8.onnx")
     leaks = (".env", "deploy/.env", ".venv/bin/python", ".git/config", "bench-results/x.json",
-             "gateway/__pycache__/cli.cpython-311.pyc", "router_models/train.py", "tests/test_deploy.py")  # fmt: skip
+             "gateway/__pycache__/cli.cpython-311.pyc", "router_models/train.py", "tests/e2e/test_deploy.py")  # fmt: skip
     for leak in leaks:
         assert _ignored(rules, leak), f"{leak} would be sent to the builder"
 
