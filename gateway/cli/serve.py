@@ -392,19 +392,31 @@ def _rebound(sock: socket.socket) -> socket.socket:
 
 
 def _uvicorn_supervisor() -> type:
-    from uvicorn.config import STARTUP_FAILURE
+    import time
+
+    from uvicorn.config import STARTUP_FAILURE, Config
     from uvicorn.supervisors import Multiprocess
     from uvicorn.supervisors.multiprocess import Process
 
     class GatewaySupervisor(Multiprocess):
-        """uvicorn's supervisor, with three changes. Worker *i* serves socket *i* only (see
+        """uvicorn's supervisor, with four changes. Worker *i* serves socket *i* only (see
         :func:`_listening_sockets`); when it dies, its replacement gets a fresh socket *i*
         (:meth:`_socket_for_replacement`). SIGHUP to the main process reloads the policy in
         every worker, in place (as under granian, below), rather than uvicorn's rolling
         restart of the workers, and SIGUSR1 reaches every worker (uvicorn ignores it).
-        SIGTERM and SIGINT close this process's copies of the listening sockets first."""
+        SIGTERM and SIGINT close this process's copies of the listening sockets first. A worker
+        that dies before it started is a failed start whatever its exit code (t117: one that
+        could not import the app was replaced at once, for ever): see :meth:`_failed_start`."""
 
         startup_failed = False
+
+        def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
+            super().__init__(config, sockets)
+            self._started: set[int] = set()  # the pids of the live workers seen started
+            self._served = False  # some worker has started
+            self._failed_in_a_row = 0  # workers that died before they started, since one last started
+            self._deaths: list[float] = []  # when workers died, over the last minute
+            self._replace_at: dict[int, float] = {}  # dead worker *i*: when its replacement starts
 
         def init_processes(self) -> None:
             for index in range(self.processes_num):
@@ -414,25 +426,75 @@ def _uvicorn_supervisor() -> type:
                 self.processes.append(process)
 
         def keep_subprocess_alive(self) -> None:
-            """uvicorn's, except that a worker's replacement serves a fresh socket in that worker's place."""
+            """uvicorn's, except that a worker's replacement serves a fresh socket in that worker's
+            place, one that dies before it started counts as a failed start, and a worker that
+            dies soon after another is replaced after a backoff."""
             for index, process in enumerate(self.processes):
                 if self.should_exit.is_set():
                     return
+                if index in self._replace_at:
+                    if time.monotonic() >= self._replace_at[index]:
+                        del self._replace_at[index]
+                        self._replace(index)
+                    continue
                 if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                    self._note_started(process)
                     continue
                 process.kill()  # hung or dead
                 process.join()
-                if process.exitcode == STARTUP_FAILURE:  # it would fail the same way again
-                    _say(f"worker {process.pid} failed to start; stopping")
-                    self.startup_failed = True
+                started = process.pid in self._started
+                self._started.discard(process.pid)
+                how = _how_it_ended(process.exitcode)
+                if not started and self._failed_start(process, how):
                     self._stop_listening()  # nobody will accept what would be queued meanwhile
+                    self.startup_failed = True
                     self.should_exit.set()
                     return
-                _say(f"worker {process.pid} died; starting another")
-                replacement = Process(self.config, [self._socket_for_replacement(index)])
-                with _worker_signals_held():
-                    replacement.start()
-                self.processes[index] = replacement
+                delay = self._backoff()
+                after = f" in {delay:g}s ({len(self._deaths)} deaths within a minute)" if delay else ""
+                died = "died" if started else "died before it started"
+                _say(f"worker {process.pid} {died} ({how}); starting another{after}")
+                if delay:
+                    self._replace_at[index] = time.monotonic() + delay
+                else:
+                    self._replace(index)
+
+        def _note_started(self, process: Process) -> None:
+            pid = process.pid
+            if pid is None or pid in self._started or not _has_started(process):
+                return
+            self._started.add(pid)
+            self._served = True
+            self._failed_in_a_row = 0
+
+        def _failed_start(self, process: Process, how: str) -> bool:
+            """Whether the death of ``process``, which was never seen started, stops the gateway
+            (it says why): a start-up failure uvicorn reports (the app, or its socket, is broken),
+            any death before the gateway has served, or the third in a row after."""
+            for sibling in self.processes:  # one may have started since the last look
+                if sibling is not process and sibling.exitcode is None:
+                    self._note_started(sibling)
+            self._failed_in_a_row += 1
+            if process.exitcode == STARTUP_FAILURE or not self._served:
+                _say(f"worker {process.pid} failed to start ({how}); stopping")
+                return True
+            if self._failed_in_a_row >= _FAILED_STARTS_IN_A_ROW:
+                _say(f"worker {process.pid} failed to start ({how}), {self._failed_in_a_row} in a row; stopping")
+                return True
+            return False
+
+        def _backoff(self) -> float:
+            """Seconds to wait before replacing a worker that died just now: none for the first
+            death in a minute, then 0.5 s doubling to 10 s (a worker that crashes as it serves)."""
+            now = time.monotonic()
+            self._deaths = [*(t for t in self._deaths if now - t < 60), now]
+            return 0.0 if len(self._deaths) == 1 else min(0.5 * 2 ** (len(self._deaths) - 2), 10.0)
+
+        def _replace(self, index: int) -> None:
+            replacement = Process(self.config, [self._socket_for_replacement(index)])
+            with _worker_signals_held():
+                replacement.start()
+            self.processes[index] = replacement
 
         def _socket_for_replacement(self, index: int) -> socket.socket:
             """A fresh socket in place of dead worker *index*'s, which is closed here at once.
@@ -478,12 +540,37 @@ def _uvicorn_supervisor() -> type:
                     sock.close()
 
         def handle_hup(self) -> None:
-            _pass_on(signal.SIGHUP, [process.pid for process in self.processes])
+            _pass_on(signal.SIGHUP, self._live_pids())
 
         def handle_usr1(self) -> None:
-            _pass_on(signal.SIGUSR1, [process.pid for process in self.processes])
+            _pass_on(signal.SIGUSR1, self._live_pids())
+
+        def _live_pids(self) -> list[int | None]:
+            """Not a dead worker's, whose replacement waits out a backoff: its pid may be reused."""
+            return [process.pid for process in self.processes if process.exitcode is None]
 
     return GatewaySupervisor
+
+
+_FAILED_STARTS_IN_A_ROW = 3
+"""Once the gateway has served: workers in a row that die before they start stop it."""
+
+
+def _has_started(process: object) -> bool:
+    """Whether a live uvicorn worker says its server has started; one that cannot say (uvicorn
+    without ``Process.is_ready``) counts as started once alive, as uvicorn took it."""
+    is_ready = getattr(process, "is_ready", None)
+    return True if is_ready is None else bool(is_ready(timeout=1))
+
+
+def _how_it_ended(exitcode: int | None) -> str:
+    """``exit code N`` or ``killed by SIGNAME``, from a process's ``exitcode``."""
+    if exitcode is None or exitcode >= 0:
+        return f"exit code {exitcode}"
+    try:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    except ValueError:
+        return f"killed by signal {-exitcode}"
 
 
 def _pass_on(sig: int, workers: list[int | None]) -> None:

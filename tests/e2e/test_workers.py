@@ -303,6 +303,72 @@ def test_a_port_in_use_is_a_failed_start_with_several_workers_too(
         assert "serving" not in done.stderr  # t63: said before the bind
 
 
+def _shadowing(folder: Path) -> Path:
+    """``folder``, made to hold a ``litestar`` package that raises on import (a broken dependency,
+    which only the workers import); put first on PYTHONPATH."""
+    (folder / "litestar").mkdir(parents=True)
+    (folder / "litestar" / "__init__.py").write_text("raise RuntimeError('a broken dependency')\n")
+    return folder
+
+
+def _pythonpath_with(folder: Path) -> str:
+    return os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
+
+
+def test_workers_that_cannot_import_the_app_stop_the_gateway(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t117: a worker that died before it started, with another exit code than uvicorn's start-up
+    failure (3), was replaced at once and endlessly: 15 tracebacks in 20 s, never an exit, and a
+    Kubernetes pod burning its CPU until its probe gave up. Before the gateway has served, a
+    worker's death ends it (exit 3), saying which worker and how it ended."""
+    policy = tmp_path / "policies.yaml"
+    policy.write_text(policy_text(small_upstream, large_upstream))
+    env = {**os.environ, "REDIS_URL": redis_server.url, "PYTHONPATH": _pythonpath_with(_shadowing(tmp_path / "lib"))}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--policies", str(policy), "--port", str(free_port()),
+         "--workers", "2", "--data-dir", str(tmp_path / "data")],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert time.monotonic() - started < 30  # a generous bound: the workers fail within seconds
+    assert re.search(r"worker \d+ failed to start \(exit code 1\); stopping", done.stderr), done.stderr[-3000:]
+    assert 1 <= done.stderr.count("RuntimeError: a broken dependency") <= 2  # each worker once at most
+
+
+def test_replacements_that_cannot_start_stop_the_gateway_after_three_in_a_row(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t117: a killed worker's replacements that all die before they start (a dependency broken
+    on disk since the gateway started) stop the gateway after three in a row (exit 3), rather
+    than being replaced for ever; the killed one's line says the signal."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    env = {"REDIS_URL": redis_server.url, "PYTHONPATH": _pythonpath_with(lib)}
+    gateway = start_gateway(tmp_path, policy_text(small_upstream, large_upstream), env=env, workers=2)
+    try:
+
+        def healthz(_: int) -> int:
+            return httpx.get(f"{gateway.url}/healthz", timeout=60).status_code  # a new connection each
+
+        with ThreadPoolExecutor(16) as pool:  # all at once: both workers have started
+            assert set(pool.map(healthz, range(16))) == {200}
+        time.sleep(1.0)  # and the main process, which looks twice a second, has seen them started
+        first, _ = sorted(_worker_pids(gateway.process.pid))
+        _shadowing(lib)
+        os.kill(first, signal.SIGKILL)
+        gateway.process.wait(60)  # a generous bound: three starts that fail within seconds each
+        err = gateway.stderr_text()
+        assert gateway.process.returncode == 3, err[-3000:]
+        assert f"worker {first} died (killed by SIGKILL); starting another\n" in err, err[-3000:]
+        assert re.search(r"worker \d+ failed to start \(exit code 1\), 3 in a row; stopping", err), err[-3000:]
+        assert err.count("RuntimeError: a broken dependency") == 3
+        assert re.search(r"died before it started \(exit code 1\); starting another in [\d.]+s", err)  # a backoff
+    finally:
+        gateway.stop()
+
+
 @pytest.mark.parametrize("port", ["70000", "-5"])
 def test_a_port_out_of_range_is_refused_before_anything_starts(tmp_path: Path, port: str) -> None:
     """t69: --port 70000 served on 4464 (getaddrinfo keeps the low 16 bits), or, with two
