@@ -202,7 +202,7 @@ def test_stream_options_without_stream_is_openais_400(client: openai.OpenAI) -> 
     """As OpenAI and vLLM answer it (t112); ``stream_options: null`` is no options, and taken."""
     for asked in ({"stream": False}, {}):
         with pytest.raises(openai.BadRequestError) as refused:
-            client.chat.completions.create(
+            client.chat.completions.create(  # type: ignore[call-overload]
                 model="fast", messages=MESSAGES, stream_options={"include_usage": True}, **asked
             )
         assert isinstance(refused.value.body, dict) and refused.value.body["type"] == "invalid_request_error"

@@ -128,7 +128,7 @@ def test_stream_options_without_stream_is_openais_400(client: openai.OpenAI) -> 
     """As OpenAI and vLLM answer it (t112); ``stream_options: null`` is no options, and taken."""
     for asked in ({"stream": False}, {}):
         with pytest.raises(openai.BadRequestError) as refused:
-            client.completions.create(model="fast", prompt="x", stream_options={"include_usage": True}, **asked)
+            client.completions.create(model="fast", prompt="x", stream_options={"include_usage": True}, **asked)  # type: ignore[call-overload]
         assert isinstance(refused.value.body, dict) and refused.value.body["type"] == "invalid_request_error"
         assert refused.value.param == "stream_options"
         assert (

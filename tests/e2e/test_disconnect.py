@@ -441,7 +441,7 @@ def _claude_still_reading() -> Iterator[str]:
         while len(body) < length and (data := connection.recv(65536)):
             body += data
         model = json.loads(body)["model"]
-        start = {"type": "message_start", "message": {"id": "msg_still_reading", "type": "message",
+        start: dict[str, object] = {"type": "message_start", "message": {"id": "msg_still_reading", "type": "message",
                  "role": "assistant", "model": model, "content": [], "stop_reason": None,
                  "stop_sequence": None, "usage": _STARTED}}  # fmt: skip
         connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"

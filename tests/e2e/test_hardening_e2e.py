@@ -237,10 +237,10 @@ def test_an_upstreams_own_finish_reason_reaches_a_completions_client_as_it_came(
         whole = client.completions.create(**ask)
         chunks = list(client.completions.create(**ask, stream=True))
         chat = client.chat.completions.create(model="r-aborted", messages=[{"role": "user", "content": "hi"}])
-    assert whole.choices[0].text == "a fine answer" and whole.choices[0].finish_reason == "abort"
+    assert whole.choices[0].text == "a fine answer" and str(whole.choices[0].finish_reason) == "abort"
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "a fine answer"
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["abort"]
-    assert chat.choices[0].finish_reason == "abort"
+    assert str(chat.choices[0].finish_reason) == "abort"  # not among the SDK's literal reasons
 
 
 @pytest.mark.parametrize("stream", [False, True])
