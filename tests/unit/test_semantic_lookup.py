@@ -118,6 +118,25 @@ async def test_below_the_similarity_floor_nothing_is_judged(verifier: PairVerifi
     assert found.hit is None and found.refused == 0 and found.best_similarity is not None
 
 
+@pytest.mark.parametrize(
+    ("stored", "new"),
+    [
+        ("how many calories in a banana", "How many calories in an apple?"),
+        ("What is the population of Tokyo?", "what is the population of osaka"),
+        ("what is the capital of france", "What is the capital of Spain?"),
+    ],
+)
+def test_a_question_mark_on_one_side_only_does_not_pass_a_near_miss(
+    verifier: PairVerifier, stored: str, new: str
+) -> None:
+    """t121: the verifier had learnt that a closing "?" on one side only marks a rewording
+    (p 0.999 for these three); it judges the pair as if both closed alike."""
+    (as_sent,) = verifier.judge_sync([(stored, new)])
+    (both_asking,) = verifier.judge_sync([(stored.rstrip("?") + "?", new.rstrip("?") + "?")])
+    assert as_sent.p_same == pytest.approx(both_asking.p_same, abs=1e-6)
+    assert as_sent.p_same < 0.5
+
+
 def test_the_verifier_reads_pairs_in_a_batch_as_it_reads_them_alone(verifier: PairVerifier) -> None:
     a, b = "How do I reverse a list in Python?", "python: what's the way to reverse a list?"
     c, d = "What is the capital of France?", "What is the capital of Spain?"
