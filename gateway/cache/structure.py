@@ -635,6 +635,18 @@ _FILLER = frozenset(
         "okay",
         "hmm",
         "um",
+        # the frame of a question that a keyword query leaves out ("capital of australia" for
+        # "What is the capital of Australia?"); on development pairs typed with other habits
+        # 4 more of 120 paraphrases served, no near miss of any development file more
+        "what",
+        "whats",
+        "what's",
+        "is",
+        "are",
+        "do",
+        "does",
+        "how",
+        "to",
     ]
 )
 

@@ -47,22 +47,24 @@ class Verdict:
     """The pair did not fit the model's window: treat as different."""
 
 
-_ENDING = re.compile(r"[?.!。？！]\s*$")
-_ENDINGS = re.compile(r"[\s?.!。？！]+$")
+_CLOSING_MARKS = re.compile(r"[\s?.!。？！]+$")
 
 
 def _same_ending(stored: str, new: str) -> tuple[str, str]:
-    """The pair with one final mark, ``?`` if either asks: the verifier learnt that a final ``?``
-    on one side only marks a paraphrase (in its training pairs only rewordings dropped it), and
-    served 138 of 258 development near misses that end in ``?`` once the stored one lacked it
-    (2 with both marks alike, as now)."""
-    stored_end, new_end = _ENDING.search(stored), _ENDING.search(new)
-    stored_mark = stored_end.group(0).strip() if stored_end else ""
-    new_mark = new_end.group(0).strip() if new_end else ""
-    if stored_mark == new_mark:
+    """The pair with one closing run of marks, ``?`` if either asks: the verifier learnt that a
+    closing ``?`` on one side only marks a paraphrase (in its training pairs only rewordings
+    dropped it), and served 138 of 258 development near misses that end in ``?`` once the stored
+    one lacked it (2 with both marks alike, as now). ``??`` against ``?`` differs as much."""
+    stored_run, new_run = _closing_run(stored), _closing_run(new)
+    if stored_run == new_run:
         return stored, new
-    mark = "?" if {stored_mark, new_mark} & {"?", "？"} else ""
-    return _ENDINGS.sub("", stored) + mark, _ENDINGS.sub("", new) + mark
+    mark = "?" if any(q in stored_run + new_run for q in "?？") else ""
+    return _CLOSING_MARKS.sub("", stored) + mark, _CLOSING_MARKS.sub("", new) + mark
+
+
+def _closing_run(text: str) -> str:
+    found = _CLOSING_MARKS.search(text)
+    return "".join(found.group(0).split()) if found else ""
 
 
 class PairVerifier:

@@ -121,6 +121,8 @@ def test_reversed_added_and_swapped_language_words_are_refused(stored: str, new:
     ("stored", "new"),
     [
         ("Explain photosynthesis in one sentence.", "hey, quick question: explain photosynthesis in one sentence pls"),
+        ("What is the capital of Australia?", "capital of australia"),  # a keyword query drops the frame
+        ("How do I tie a tie?", "tie a tie"),
         ("Translate this German text to English: Guten Morgen", "to English please: Guten Morgen"),
         ("Who wrote 'Dune'?", "'Dune' was written by whom?"),
         ("Why is the sky blue?", "how come the sky is blue and not some other color"),

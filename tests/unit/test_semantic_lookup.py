@@ -11,6 +11,7 @@ import pytest
 from gateway.cache.entries import CachedAnswer
 from gateway.cache.semantic import SemanticCache, ServeBar
 from gateway.cache.verifier import PairVerifier, Verdict, load_verifier
+from gateway.config.schema import SemanticCachePolicy
 from gateway.core.model import Answer
 from gateway.store.memory import MemoryVectorIndex
 
@@ -124,17 +125,18 @@ async def test_below_the_similarity_floor_nothing_is_judged(verifier: PairVerifi
         ("how many calories in a banana", "How many calories in an apple?"),
         ("What is the population of Tokyo?", "what is the population of osaka"),
         ("what is the capital of france", "What is the capital of Spain?"),
+        ("How do I center a div horizontally in CSS?", "css center a div vertically??"),
     ],
 )
 def test_a_question_mark_on_one_side_only_does_not_pass_a_near_miss(
     verifier: PairVerifier, stored: str, new: str
 ) -> None:
     """t121: the verifier had learnt that a closing "?" on one side only marks a rewording
-    (p 0.999 for these three); it judges the pair as if both closed alike."""
+    (p 0.999 for the first three, "??" against "?" too); it judges the pair as if both closed alike."""
     (as_sent,) = verifier.judge_sync([(stored, new)])
     (both_asking,) = verifier.judge_sync([(stored.rstrip("?") + "?", new.rstrip("?") + "?")])
     assert as_sent.p_same == pytest.approx(both_asking.p_same, abs=1e-6)
-    assert as_sent.p_same < 0.5
+    assert as_sent.p_same < SemanticCachePolicy().verify_threshold  # not served
 
 
 def test_the_verifier_reads_pairs_in_a_batch_as_it_reads_them_alone(verifier: PairVerifier) -> None:
