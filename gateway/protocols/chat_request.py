@@ -57,7 +57,7 @@ class _StreamOptions(_View):
 class _ChatRequest(_View):
     model: Annotated[str, msgspec.Meta(min_length=1)]
     messages: Annotated[list[_Message], msgspec.Meta(min_length=1)]
-    stream: bool = False
+    stream: bool | None = False
     stream_options: _StreamOptions | None = None
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
@@ -75,6 +75,8 @@ def parse_chat_request(raw: bytes) -> dict[str, Any]:
     """Decode and check a request body; returns it as plain values."""
     body = decode_body(raw, dict[str, Any])
     check_fields(body, _ChatRequest)
+    if "stream" in body and body["stream"] is None:  # not streamed, as OpenAI reads it; some servers refuse null
+        del body["stream"]
     refuse_options_without_stream(body.get("stream"), body.get("stream_options"))
     _check_tool_choice(body)
     refuse_upstream_ids(body, raw)  # a ``file`` part's file_id names a file under the operator's key (t33)

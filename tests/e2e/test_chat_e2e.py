@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import httpx
 import openai
@@ -211,6 +212,25 @@ def test_stream_options_without_stream_is_openais_400(client: openai.OpenAI) -> 
             refused.value.body["message"] == "The 'stream_options' parameter is only allowed when 'stream' is enabled."
         )
     assert client.chat.completions.create(model="fast", messages=MESSAGES, stream_options=None).choices
+
+
+@pytest.mark.parametrize("model", ["fast", "claude"])
+def test_stream_null_is_not_streamed_on_every_openai_route(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream, model: str
+) -> None:
+    """t121 #3: ``"stream": null`` on chat was a 400 ("Expected `bool`, got `null`"), where OpenAI's
+    API takes it as not streamed; completions and Responses took it already."""
+    asks: dict[str, dict[str, Any]] = {
+        "chat/completions": {"messages": [{"role": "user", "content": "alpha beta"}]},
+        "completions": {"prompt": "alpha beta"},
+        "responses": {"input": "alpha beta", "store": False},
+    }
+    for path, ask in asks.items():
+        answer = httpx.post(f"{gateway.base_url}/{path}", json={"model": model, "stream": None, **ask}, timeout=10)
+        assert answer.status_code == 200, (path, answer.text)
+        assert answer.headers["content-type"].startswith("application/json"), path
+        if path == "chat/completions" and model == "fast":  # its body goes on as it came, less the null
+            assert "stream" not in upstream_stats(small_upstream)["last_request"]["body"]
 
 
 @pytest.mark.parametrize("model", ["fast", "claude"])
