@@ -371,4 +371,6 @@ def _headers(record: RequestRecord, started: float, info: DispatchInfo) -> dict[
         headers["x-gateway-model"] = record.model
     if record.route:
         headers["x-gateway-route"] = record.route
+    if record.decision is not None:  # as a chat answer says it: ``cache`` for a whole hit
+        headers["x-gateway-decision"] = record.decision
     return headers

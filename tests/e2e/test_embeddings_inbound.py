@@ -148,7 +148,8 @@ def test_each_input_is_cached_apart_per_tenant(
 
 def test_an_embedding_answered_wholly_from_the_cache_logs_decision_cache(gateway_with_cache: GatewayProcess) -> None:
     """t119: a whole hit logged the route's decision ("fixed"), where every other endpoint's hit
-    logs "cache" (nothing was routed); a partial hit was routed, and says so."""
+    logs "cache" (nothing was routed); a partial hit was routed, and says so. t121 #2: the answer
+    says the decision in ``x-gateway-decision``, as a chat answer does (it had no such header)."""
     text = f"decided by the cache {time.monotonic_ns()}"
     with _client(gateway_with_cache, "key-a") as a:
         miss = a.embeddings.with_raw_response.create(model="embed", input=[text])
@@ -160,6 +161,7 @@ def test_an_embedding_answered_wholly_from_the_cache_logs_decision_cache(gateway
         ("exact", "cache"),
         ("miss", "direct"),
     ]
+    assert [raw.headers.get("x-gateway-decision") for raw in (miss, hit, partial)] == ["direct", "cache", "direct"]
 
 
 def test_a_hit_says_the_tokens_the_upstream_billed_for_its_input(gateway_with_cache: GatewayProcess) -> None:
