@@ -526,6 +526,13 @@ class UpstreamProtocolError(UpstreamError):
     """The HTTP status that answer came with, where it had one (see :func:`~gateway.upstreams.base.answered`)."""
 
 
+class UpstreamGaveUpError(UpstreamError):
+    """The upstream answered, and said it gave the generation up part-way (vLLM's finish reason
+    ``abort``): what a Messages or Responses client is told, whose APIs have no word for it (t121)."""
+
+    upstream_status: int | None = 200
+
+
 class UpstreamUnavailableError(UpstreamError):
     """Skipped without a call: the upstream's circuit breaker is open."""
 

@@ -16,7 +16,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeGuard, cast
 
 import anyio
 import msgspec
@@ -46,6 +46,7 @@ from gateway.errors import (
     InvalidRequestError,
     ShuttingDownError,
     UpstreamError,
+    UpstreamGaveUpError,
     UpstreamProtocolError,
     UpstreamUnavailableError,
 )
@@ -434,6 +435,8 @@ class ChatPipeline:
             record.upstream_status, record.finish_reason = 200, completion.finish_reason
             _record_speculation(record, completion)
             typed, storing = relay is None and record.protocol != "openai.chat", self._storing(x)
+            if typed and _unsayable(completion.finish_reason, record.protocol):  # billed: the upstream did the work
+                raise _given_up(provider, completion.finish_reason)
             whole = storable = completion.answer
             fingerprint: str | None = None
             if whole is None and (typed or storing):  # a chat upstream's completion, read once
@@ -1069,10 +1072,14 @@ class ChatPipeline:
                     record.error_type = "upstream_rejected_request" if rejected else "upstream_error"
                     record.status = tally.failure_status
                 return
-            if typed and tally.finish_reason is None:
-                # The upstream never said it finished: a chat client sees that as it is, while a
-                # Messages or Responses client would be told end_turn / completed.
-                unfinished = UpstreamProtocolError(provider.name, "the answer ended without a finish reason")
+            if typed and (tally.finish_reason is None or _unsayable(tally.finish_reason, record.protocol)):
+                # The upstream never said it finished, or said it gave up: a chat client sees that as
+                # it is, while a Messages or Responses client would be told end_turn / completed.
+                unfinished = (
+                    UpstreamProtocolError(provider.name, "the answer ended without a finish reason")
+                    if tally.finish_reason is None
+                    else _given_up(provider, tally.finish_reason)
+                )
                 record.error_type, record.status = unfinished.code, unfinished.status_code
                 x.failure = unfinished
                 yield _failure(stream, unfinished, typed)
@@ -1532,6 +1539,21 @@ def _allowed_tokens(request: core.Request, provider: Provider) -> int:
 def _most_chars(request: core.Request, provider: Provider) -> int:
     """What a stream may write before it is taken for broken (:data:`_CHARS_PER_TOKEN`)."""
     return max(_allowed_tokens(request, provider) * _CHARS_PER_TOKEN, _LEAST_CHARS)
+
+
+_GIVEN_UP = frozenset({"abort", "error"})
+"""Finish reasons that say the upstream gave the generation up, wherever it was (vLLM's and SGLang's
+``abort``, Mistral's ``error``): chat and completions clients are told them as they came."""
+
+
+def _unsayable(reason: str | None, protocol: str) -> TypeGuard[str]:
+    """The upstream gave the answer up, and the client's API has no word for it: Messages and
+    Responses clients would read ``end_turn`` / ``completed``, a whole turn (t121)."""
+    return reason in _GIVEN_UP and protocol in ("anthropic.messages", "openai.responses")
+
+
+def _given_up(provider: Provider, reason: str) -> UpstreamGaveUpError:
+    return UpstreamGaveUpError(provider.name, f"it gave the answer up (finish_reason '{reason}'): it may be cut short")
 
 
 _REPLAYED_FINISH = frozenset({"stop", "stop_sequence", "length", "model_context_window_exceeded", "tool_calls"})

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
+import anthropic
 import httpx
 import msgspec
 import openai
@@ -241,6 +242,46 @@ def test_an_upstreams_own_finish_reason_reaches_a_completions_client_as_it_came(
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "a fine answer"
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["abort"]
     assert str(chat.choices[0].finish_reason) == "abort"  # not among the SDK's literal reasons
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_aborted_answer_reaches_messages_and_responses_clients_as_a_failure(
+    gw: GatewayProcess, stream: bool
+) -> None:
+    """t121 #1: vLLM's ``abort`` (the server gave the generation up: it may be cut short) reached a
+    Messages client as ``end_turn`` and a Responses client as ``completed``, so an agent took it for
+    a whole turn. Their APIs have no word for it: it is the upstream's failure, in-band after what
+    was streamed, a 502 otherwise; logged with the reason the upstream said."""
+    fresh = {"cache-control": "no-cache"}
+    claude = closed_after_test(anthropic.Anthropic(base_url=gw.url, api_key="x", max_retries=0, timeout=15))
+    ask: dict[str, Any] = {"model": "r-aborted", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+    request_ids = [f"aborted-messages-{stream}-{time.time_ns()}", f"aborted-responses-{stream}-{time.time_ns()}"]
+    streamed: list[str] = []
+    with pytest.raises(anthropic.APIStatusError) as refused:
+        if stream:
+            with claude.messages.stream(**ask, extra_headers={**fresh, "x-request-id": request_ids[0]}) as events:
+                streamed.extend(events.text_stream)
+        else:
+            claude.messages.create(**ask, extra_headers={**fresh, "x-request-id": request_ids[0]})
+    assert "abort" in refused.value.message and "".join(streamed) == ("a fine answer" if stream else "")
+    assert isinstance(refused.value.body, dict) and refused.value.body["type"] == "error"
+    assert refused.value.body["error"]["type"] == "api_error"
+    client = closed_after_test(openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0, timeout=15))
+    headers = {**fresh, "x-request-id": request_ids[1]}
+    if stream:
+        said = list(client.responses.create(model="r-aborted", input="hi", stream=True, extra_headers=headers))
+        failed = said[-1]
+        assert failed.type == "response.failed" and failed.response.error is not None
+        assert failed.response.error.code == "server_error" and "abort" in failed.response.error.message
+        assert not any(event.type in ("response.completed", "response.incomplete") for event in said)
+    else:
+        with pytest.raises(openai.InternalServerError) as failed_whole:
+            client.responses.create(model="r-aborted", input="hi", extra_headers=headers)
+        assert failed_whole.value.status_code == 502 and "abort" in failed_whole.value.message
+    for request_id in request_ids:
+        record = gw.wait_for_record(request_id)
+        assert (record["status"], record["error_type"], record["finish_reason"]) == (502, "upstream_error", "abort")
+        assert record["upstream_status"] == 200 and record["completion_tokens"] > 0  # the upstream's work is billed
 
 
 @pytest.mark.parametrize("stream", [False, True])
