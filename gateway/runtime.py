@@ -252,13 +252,22 @@ class RuntimeHolder:
 
         The file is read once it has stopped changing and no process holds it open for writing:
         a ``kubectl cp`` that is still writing would otherwise hand over a prefix that may well be
-        a valid policy.
+        a valid policy. So is its key file, when it changed since last read: a valid prefix of it
+        dropped the keys still to be written (t121).
         """
         async with self._reload_lock:
             self._reload_waiting = False  # a request from now on reads the file after this one
-            if settle and not await _wait_until_stable(self.path):
-                still = f"the file is still open for writing after {_STABLE_WAIT_MAX_S:g} s: it is read once closed"
-                await self._rejected_edit(reason, [still], quiet=reason == "file changed")
+            written = await self._still_written() if settle else []
+            if written:
+                still = [
+                    f"{'the file' if path == self.path else self.current.policy.auth.key_file} is still open "
+                    f"for writing after {_STABLE_WAIT_MAX_S:g} s: it is read once closed"
+                    for path in written
+                ]
+                key_file_written = any(path != self.path for path in written)
+                await self._rejected_edit(
+                    reason, still, quiet=reason == "file changed", key_file_written=key_file_written
+                )
                 return False
             try:
                 files = self._files_read = self._file_identities()
@@ -299,14 +308,26 @@ class RuntimeHolder:
         self.last_reload_error = None
 
     async def _rejected_edit(
-        self, reason: str, problems: list[str], *, quiet: bool = False, files: tuple[object, ...] | None = None
+        self,
+        reason: str,
+        problems: list[str],
+        *,
+        quiet: bool = False,
+        files: tuple[object, ...] | None = None,
+        key_file_written: bool = False,
     ) -> None:
         """Keep the policy in force, with the key file as it is now (t63), and say why.
 
         ``quiet``: the folder's event and the look both saw the same files (t31): said once.
+        ``key_file_written``: a writer still holds the key file open, so it is not read (t121).
         """
         key_file = self.current.policy.auth.key_file
-        state, key_problems = await self._key_file_alone(reason) if key_file else (None, [])
+        state: str | None = None
+        key_problems: list[str] = []
+        if key_file_written:
+            state, key_problems = "pending", ["it is still open for writing"]
+        elif key_file:
+            state, key_problems = await self._key_file_alone(reason)
         waits = state if state in ("pending", _REMOVALS_ONLY) else None
         said = (files, "; ".join(problems), waits, "; ".join(key_problems))
         if not quiet or said != self._rejected:
@@ -346,6 +367,16 @@ class RuntimeHolder:
             for warning in now.loaded.warnings:
                 _log.warning("policy_warning", detail=warning)
         return now.state, now.problems
+
+    async def _still_written(self) -> list[Path]:
+        """Wait for writers (:func:`_wait_until_stable`) of the policy file, and of its key file when
+        that changed since a reload last read it; the files still held open after the wait."""
+        key_file = key_file_path(self.current.policy, self.path.absolute().parent)
+        paths = [self.path]
+        if key_file is not None and (self._files_read is None or _identity(key_file) not in self._files_read):
+            paths.append(key_file)
+        stable = await asyncio.gather(*(_wait_until_stable(path) for path in paths))
+        return [path for path, done in zip(paths, stable, strict=True) if not done]
 
     def reload_on_sighup(self) -> None:
         """``kill -HUP`` reloads the policy, whether or not the file is watched.

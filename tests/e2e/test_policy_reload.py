@@ -238,6 +238,39 @@ def _of(gw: GatewayProcess) -> tuple[str, ...]:
     return ("--policies", str(gw.policy_path), "--data-dir", str(gw.policy_path.parent / "data"))
 
 
+def test_keys_still_to_be_written_to_a_key_file_written_in_place_keep_answering(gw: GatewayProcess) -> None:
+    """t121: the key file written in place (a pipe, scp, an editor that saves in place) was read while
+    its writer paused: its valid prefix was put in force, and the keys still to be written answered
+    401 until the rest was. It waits for the writer, as policies.yaml does (f110)."""
+    keys = gw.policy_path.with_name("keys.yaml")
+    keyed = gw.policy_path.read_text().replace("auth: {mode: none}", "auth:\n  mode: keys\n  key_file: keys.yaml")
+    ids = ("first", "second", "third")
+    whole = "keys:\n" + "".join(f'  - {{id: {i}, tenant: team-a, hash: "{hash_key("sk-" + i)}"}}\n' for i in ids)
+    try:
+        _write_atomically(keys, whole)
+        _write_atomically(gw.policy_path, keyed)
+        state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == _version_of(keyed + whole), 30)
+        assert state["version"] == _version_of(keyed + whole), gw.stderr_text()
+        prefix = whole[: whole.index("  - {id: second")]
+        seen: set[int] = set()
+        with keys.open("w") as handle:
+            handle.write(prefix)
+            handle.flush()
+            deadline = time.monotonic() + 1.5  # longer than the gateway waits for a file to stop changing
+            while time.monotonic() < deadline:
+                seen.add(_chat(gw, key="sk-third").status_code)
+                time.sleep(0.05)
+            handle.write(whole[len(prefix) :] + "# the writer's last line\n")
+        assert seen == {200}, gw.stderr_text()
+        written = _version_of(keyed + whole + "# the writer's last line\n")
+        state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == written, 10)
+        assert state["version"] == written and state["last_reload_error"] is None, gw.stderr_text()
+        assert _chat(gw, key="sk-third").status_code == 200
+        assert _version_of(keyed + prefix) not in {r["version"] for r in gw.ops_records("policy_reloaded")}
+    finally:
+        keys.unlink(missing_ok=True)
+
+
 def test_the_key_tools_say_a_rejected_edit_that_moved_the_key_file_is_not_applied(gw: GatewayProcess) -> None:
     """t66: with a rejected edit that also moved auth.key_file, `keys revoke` edited the new file and
     promised the key was refused, but the policy in force reads the old one: the leaked key kept 200."""

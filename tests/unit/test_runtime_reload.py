@@ -118,6 +118,67 @@ async def test_a_file_held_open_past_the_wait_is_refused_until_closed(
     assert holder.last_reload_error is None
 
 
+_WITH_KEY_FILE = POLICY.replace("auth:\n  mode: keys\n", "auth:\n  mode: keys\n  key_file: keys.yaml\n")
+
+
+def _key_entry(key_id: str) -> str:
+    return f'  - {{id: {key_id}, tenant: team-a, hash: "{hash_key("sk-" + key_id)}"}}\n'
+
+
+async def test_a_key_file_held_open_for_writing_is_read_once_closed(
+    make_harness: MakeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """t121: a key file written in place was read mid-write: its valid prefix put in force, the keys
+    still to be written answered 401 until the rest was. It waits for its writer as policies.yaml does."""
+    from gateway import runtime
+
+    monkeypatch.setattr(runtime, "_SETTLE_TOLD_S", 0.05)  # only the writer's open file holds the reload back
+    harness = await make_harness(_WITH_KEY_FILE)
+    holder = harness.holder
+    keys = holder.path.with_name("keys.yaml")
+    whole = "keys:\n" + _key_entry("carol") + _key_entry("dave") + _key_entry("erin")
+    keys.write_text(whole)
+    assert await holder.reload("test", settle=False)
+    prefix = "keys:\n" + _key_entry("carol")
+    writer = _slow_writer(keys, prefix, whole[len(prefix) :] + "# the writer's last line\n", 0.6, close_between=False)
+    try:
+        assert await holder.reload("file changed")
+        assert {"carol", "dave", "erin"} <= {key.id for key in holder.current.policy.auth.keys}
+    finally:
+        writer.join()
+    assert holder.current.policy.auth.keys and holder.last_reload_error is None
+
+
+async def test_a_key_file_held_open_past_the_wait_is_refused_until_closed(
+    make_harness: MakeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """t121: nor is the prefix of a key file still open after the wait applied as a rejected edit's
+    key file (t63): its changes wait, with every key of the file last read."""
+    from gateway import runtime
+
+    monkeypatch.setattr(runtime, "_SETTLE_TOLD_S", 0.05)
+    monkeypatch.setattr(runtime, "_STABLE_WAIT_MAX_S", 0.3)
+    harness = await make_harness(_WITH_KEY_FILE)
+    holder = harness.holder
+    keys = holder.path.with_name("keys.yaml")
+    whole = "keys:\n" + _key_entry("carol") + _key_entry("dave")
+    keys.write_text(whole)
+    assert await holder.reload("test", settle=False)
+    in_force = holder.current.version
+    prefix = "keys:\n" + _key_entry("carol")
+    writer = _slow_writer(keys, prefix, _key_entry("dave") + _key_entry("erin"), 1.0, close_between=False)
+    try:
+        assert not await holder.reload("file changed")
+        assert holder.current.version == in_force
+        said = holder.last_reload_error or ""
+        assert "keys.yaml is still open for writing" in said and "keys.yaml: its changes wait too" in said, said
+    finally:
+        writer.join()
+    assert await holder.reload("file changed")
+    assert {"carol", "dave", "erin"} <= {key.id for key in holder.current.policy.auth.keys}
+    assert holder.last_reload_error is None
+
+
 async def test_a_key_file_emptied_or_lost_is_refused_unless_it_says_keys_empty(make_harness: MakeHarness) -> None:
     # a key file cut short (or a `keys new` that lost a race) must not switch every key off
     policy = POLICY.replace("auth:\n  mode: keys\n", "auth:\n  mode: keys\n  key_file: keys.yaml\n")
