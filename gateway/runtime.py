@@ -241,6 +241,7 @@ class RuntimeHolder:
                 "policy_rejected", reason="start-up", problems=_loggable(rejected), kept=runtime.version,
                 **_key_file_logged(state, key_problems),
             )  # fmt: skip
+            self._rejected = _said(self._file_identities(), rejected, state, key_problems)  # once (t121)
         elif self.last_good is not None:
             keep_last_good(loaded, self.last_good)
         for warning in runtime.loaded.warnings:
@@ -266,7 +267,7 @@ class RuntimeHolder:
                 ]
                 key_file_written = any(path != self.path for path in written)
                 await self._rejected_edit(
-                    reason, still, quiet=reason == "file changed", key_file_written=key_file_written
+                    reason, still, quiet=reason in _UNASKED_RELOADS, key_file_written=key_file_written
                 )
                 return False
             try:
@@ -275,7 +276,7 @@ class RuntimeHolder:
                 refuse_weakening_by_omission(self.current.loaded, loaded)
                 _refuse_auth_off(loaded, self.auth_required)
             except ConfigError as exc:
-                await self._rejected_edit(reason, exc.problems, quiet=reason == "file changed", files=files)
+                await self._rejected_edit(reason, exc.problems, quiet=reason in _UNASKED_RELOADS, files=files)
                 return False
             except Exception as exc:
                 # Named by its type only: its message may quote the file, which may hold secrets.
@@ -318,7 +319,8 @@ class RuntimeHolder:
     ) -> None:
         """Keep the policy in force, with the key file as it is now (t63), and say why.
 
-        ``quiet``: the folder's event and the look both saw the same files (t31): said once.
+        ``quiet``: the folder's event and the look both saw the same files (t31), or the start-up
+        check the files a worker started on (t121): said once.
         ``key_file_written``: a writer still holds the key file open, so it is not read (t121).
         """
         key_file = self.current.policy.auth.key_file
@@ -328,8 +330,7 @@ class RuntimeHolder:
             state, key_problems = "pending", ["it is still open for writing"]
         elif key_file:
             state, key_problems = await self._key_file_alone(reason)
-        waits = state if state in ("pending", _REMOVALS_ONLY) else None
-        said = (files, "; ".join(problems), waits, "; ".join(key_problems))
+        said = _said(files, problems, state, key_problems)
         if not quiet or said != self._rejected:
             _log.error(
                 "policy_rejected", reason=reason, problems=_loggable(problems), kept=self.current.version,
@@ -504,6 +505,9 @@ class RuntimeHolder:
             task.add_done_callback(self._retired.discard)
 
 
+_UNASKED_RELOADS = ("file changed", "changed during start-up")
+"""The reasons of the reloads no one asked for: a rejection they find again, in the same files, is
+not said again (t31; t121: a worker started on the policy last accepted said it twice)."""
 _REMOVALS_ONLY = "removals only"
 """The key file is invalid, and of its changes only keys taken out of it apply (t98)."""
 _SETTLE_S = 1.0
@@ -618,6 +622,15 @@ _GOT_VALUE = re.compile(r"(got (?:the string )?|`: )(?:" + _QUOTED_VALUE.pattern
 """A value where another belongs: "must be ..., got 'x'", "expected a number, got the string 'x'"
 (t107: a secret typed into a number field reached an admin's /readyz), or msgspec's
 "Expected `int`, got `str`: 'x'"."""
+
+
+def _said(
+    files: tuple[object, ...] | None, problems: list[str], state: str | None, key_problems: list[str]
+) -> tuple[object, ...]:
+    """What tells a rejection apart from the last one: the files read, the problems, and whether
+    the key file's changes wait and why."""
+    waits = state if state in ("pending", _REMOVALS_ONLY) else None
+    return files, "; ".join(problems), waits, "; ".join(key_problems)
 
 
 def _key_file_said(key_file: str, state: str | None, problems: list[str]) -> str:

@@ -1148,6 +1148,8 @@ def test_serve_restarted_while_the_file_is_invalid_serves_the_policy_last_accept
         _settle(gw, fixed)
         assert _chat(gw).headers["x-gateway-model"] == "large"
         assert kept.read_text() == fixed
+        # once, not again by the start-up check of the same file (t121)
+        assert [r["reason"] for r in gw.ops_records("policy_rejected")] == ["start-up"], gw.stderr_text()
     finally:
         gw.stop()
     _write_atomically(policy, fixed.replace("version: 1", "version: 1\npair: [", 1))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from pathlib import Path
 
 import pytest
@@ -497,6 +499,33 @@ async def test_a_worker_started_while_the_key_file_holds_a_bad_line_serves_the_k
     assert rejected["reason"] == "start-up" and rejected["key_file"] == "removals only"
     assert "keys[2].hash" in rejected["key_file_problems"][0] and "NOTHEX" not in str(rejected)
     assert kept.read_text() == "keys:\n" + _key("leaked") + _key("staying")  # not replaced by a rejected file
+
+
+async def test_a_worker_started_on_the_policy_last_accepted_logs_the_rejection_once(tmp_path: Path) -> None:
+    """t121: its start-up check read the unchanged file again and logged ``policy_rejected`` a second
+    time ("changed during start-up"), so an alert counting them counted every worker's start twice.
+    A change during start-up is still read."""
+    path, last_good, keys = tmp_path / "policies.yaml", tmp_path / "last.yaml", tmp_path / "keys.yaml"
+    path.write_text(KEYED)
+    keys.write_text("keys:\n" + _key("staying"))
+    keep_last_good(load_at_start(path, last_good).loaded, last_good)
+    path.write_text("pair: [")
+    holder = RuntimeHolder(path, Metrics(), last_good=last_good)
+    try:
+        with capture_logs() as logged:
+            holder.start(load_at_start(path, last_good))
+            holder.reload_on_sighup()
+            await asyncio.sleep(0)  # the start-up check takes the reload lock: the next reload runs after it
+            assert not await holder.reload("file changed", settle=False)
+        assert [line["reason"] for line in logged if line["event"] == "policy_rejected"] == ["start-up"]
+        assert holder.last_reload_error and "not valid YAML" in holder.last_reload_error
+        path.write_text("pair: {small: nope")  # another problem: said
+        with capture_logs() as logged:
+            assert not await holder.reload("file changed", settle=False)
+        assert [line["event"] for line in logged] == ["policy_rejected"]
+    finally:
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        await holder.aclose()
 
 
 def test_a_worker_started_while_the_key_file_is_emptied_keeps_the_keys_last_accepted(tmp_path: Path) -> None:
