@@ -238,8 +238,9 @@ def _say_when_it_applies(args: argparse.Namespace, ring: KeyRing, key_id: str, e
         alone = bad_key_file is not None and len(bad_key_file.problems) == count
         invalid = (
             f"{ring.key_file if alone else policies} is invalid as it is now ({count} problem"
-            f"{'s' if count > 1 else ''}: `gateway check {policies}` lists them); a gateway cannot start on it "
-            "until it is fixed"
+            f"{'s' if count > 1 else ''}: `gateway check {policies}` lists them); `gateway serve` started now "
+            f"exits 2, unless its --data-dir keeps a policy last accepted for {policies} that it can start on, "
+            "which it then serves until the file is fixed"
         )
         return _while_rejected(args, ring, effect, invalid, key_file_invalid=bad_key_file is not None)
     moved = _moved_from_the_key_file_in_force(args, ring)

@@ -430,6 +430,11 @@ def test_revoke_takes_a_key_out_of_a_key_file_another_line_of_which_is_invalid(
     assert f"{key_file}: invalid\n  - {key_file}: keys[1].hash (line 4): must be 'sha256:' followed by" in err
     assert f"key app removed from {key_file}." in err
     assert f"note: {key_file} is invalid as it is now (1 problem: `gateway check {policy}` lists them)" in err
+    # t121: serve starts on the policy its data dir keeps (f113), so "a gateway cannot start on it" was untrue
+    assert "cannot start on it" not in err
+    assert (
+        f"`gateway serve` started now exits 2, unless its --data-dir keeps a policy last accepted for {policy}" in err
+    )
     assert "drops the keys taken out of it even so" in err and "so it stops accepting it all the same" in err
     assert "cannot be read" not in err and "no policy in force found" not in err
 
