@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
                     os.environ[f"{role.upper()}_MODEL_SIMULATED"] = "true"
                     _say(f"{variable} is unset: started a SIMULATED '{role}' upstream at {upstream.url}")
         kept: Path | None = None  # the policy last accepted, started on in place of the invalid file
+        on_kept = False  # the file is still invalid: that policy is what is served
         try:
             loaded = load_policy(args.policies)
         except ConfigError as exc:
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
             fallback = _policy_last_accepted(args.policies, args.data_dir)
             if fallback is None:
                 return 2
-            loaded, kept = fallback
+            loaded, kept, on_kept = fallback
         log = loaded.policy.request_log
         log_path = Path(args.policies).parent / log.path if log.enabled and log.path else None
         unwritable = request_log_problem(log_path) if log_path is not None else None
@@ -159,6 +160,11 @@ def run(args: argparse.Namespace) -> int:
                 )
         else:
             _say("using Redis at REDIS_URL")
+        if on_kept:  # said once the checks above have passed: it would not serve otherwise (t121)
+            _say(
+                f"{args.policies} is invalid: serving the policy last accepted, version {loaded.version}, from "
+                f"{kept}, until the file's next valid edit (/readyz and a policy_rejected log line show the rejection)"
+            )
         policy = loaded.policy
         auth = (
             "ON (API keys required)" if policy.auth.mode == "keys" else "OFF (any client may call; for local use only)"
@@ -668,10 +674,11 @@ def _fresh_metrics_dir(data_dir: str) -> str:
     return path
 
 
-def _policy_last_accepted(policies: str, data_dir: str) -> tuple[LoadedPolicy, Path] | None:
+def _policy_last_accepted(policies: str, data_dir: str) -> tuple[LoadedPolicy, Path, bool] | None:
     """The policy that ``data_dir`` keeps in force for ``policies`` (the file is invalid), loaded as
     a worker started now loads it (``gateway.runtime.load_at_start``: with the key file kept with
-    it), and where it is kept; None, having said why where there was one, when there is none to
+    it), where it is kept, and whether the file is still invalid (False: fixed meanwhile, loaded
+    from the file); None, having said why where there was one, when there is none to
     start on: a fresh data folder, or one kept for another policy file (another gateway's state).
 
     A container restarted while its ConfigMap holds an edit the running gateway rejected (a
@@ -696,13 +703,7 @@ def _policy_last_accepted(policies: str, data_dir: str) -> tuple[LoadedPolicy, P
         for problem in exc.problems:
             _say(f"  - {problem}")
         return None
-    if not first.rejected:  # fixed meanwhile: the workers start on the file, and keep it
-        return first.loaded, kept
-    _say(
-        f"{policies} is invalid: serving the policy last accepted, version {first.loaded.version}, from {kept}, "
-        "until the file's next valid edit (/readyz and a policy_rejected log line show the rejection)"
-    )
-    return first.loaded, kept
+    return first.loaded, kept, bool(first.rejected)  # not rejected: fixed meanwhile, the workers keep the file
 
 
 def _keep_policy_in_force(text: str, key_file_text: str | None, policies: str, data_dir: str) -> str:

@@ -1165,6 +1165,7 @@ def test_serve_restarted_while_the_file_is_invalid_serves_the_policy_last_accept
     # the kept policy has auth off: on a public address it is refused as the file itself would be
     public = _serve_refused(policy, data, "--host", "0.0.0.0")
     assert public.returncode == 2 and "auth is off and --host 0.0.0.0" in public.stderr, public.stderr
+    assert "serving" not in public.stderr  # t121: it announced serving the kept policy, then refused it
 
 
 def test_serve_restarted_while_the_file_is_invalid_keeps_the_keys_last_accepted(
