@@ -354,14 +354,15 @@ async def test_a_file_cut_inside_its_cache_section_is_refused_where_a_default_wo
     make_harness: MakeHarness,
 ) -> None:
     """t57: a file cut just after ``exact:`` reloaded with ``semantic.enabled`` at its default,
-    and semantic hits came back. A setting left out whose default is what the policy says is fine."""
+    and semantic hits came back (now the default is off: they went away). A setting left out
+    whose default is what the policy says is fine."""
     harness = await make_harness()
     holder = harness.holder
     section = "cache: {enabled: true, coalesce: {enabled: true, wait_s: 2}}\n"
-    written = "cache:\n  enabled: true\n  exact: {ttl_s: 3600}\n  semantic: {enabled: false}\n  coalesce: {wait_s: 2}\n"
+    written = "cache:\n  enabled: true\n  exact: {ttl_s: 3600}\n  semantic: {enabled: true}\n  coalesce: {wait_s: 2}\n"
     holder.path.write_text(POLICY.replace(section, written))
     assert await holder.reload("test", settle=False)
-    assert not holder.current.policy.cache.semantic.enabled
+    assert holder.current.policy.cache.semantic.enabled
     cut = "cache:\n  enabled: true\n  exact: {ttl_s: 3600}\n"
     holder.path.write_text(POLICY.replace(section, cut))
     assert not await holder.reload("test", settle=False)
@@ -371,14 +372,14 @@ async def test_a_file_cut_inside_its_cache_section_is_refused_where_a_default_wo
         "defaults: write `semantic: {}` under `cache` to mean that"
     ) in said
     assert "`cache.coalesce`" in said and "cache.semantic.enabled" not in said  # the mapping, not each setting
-    assert not holder.current.policy.cache.semantic.enabled
+    assert holder.current.policy.cache.semantic.enabled
     # `enabled: true` and `ttl_s: 3600` are the defaults: leaving them out changes nothing
-    holder.path.write_text(POLICY.replace(section, "cache:\n  semantic: {enabled: false}\n  coalesce: {wait_s: 2}\n"))
-    assert await holder.reload("test", settle=False)
-    # turning it back on is written out
     holder.path.write_text(POLICY.replace(section, "cache:\n  semantic: {enabled: true}\n  coalesce: {wait_s: 2}\n"))
     assert await holder.reload("test", settle=False)
-    assert holder.current.policy.cache.semantic.enabled
+    # turning it back off is written out
+    holder.path.write_text(POLICY.replace(section, "cache:\n  semantic: {enabled: false}\n  coalesce: {wait_s: 2}\n"))
+    assert await holder.reload("test", settle=False)
+    assert not holder.current.policy.cache.semantic.enabled
     holder.path.write_text(POLICY.replace(section, "cache: {enabled: false, semantic: {enabled: false}}\n"))
     assert await holder.reload("test", settle=False)
     holder.path.write_text(POLICY.replace(section, "cache: {enabled: false}\n"))
