@@ -139,6 +139,38 @@ def test_a_question_mark_on_one_side_only_does_not_pass_a_near_miss(
     assert as_sent.p_same < SemanticCachePolicy().verify_threshold  # not served
 
 
+@pytest.mark.parametrize(
+    ("stored", "new", "bare"),
+    [
+        (
+            "Sort numbers ascending in JavaScript",
+            "Sort numbers descending in JavaScript thanks",
+            "Sort numbers descending in JavaScript",
+        ),
+        (
+            "What is the capital of Austria?",
+            "What is the capital of Australia? thanks",
+            "What is the capital of Australia?",
+        ),
+        (
+            "How do I reverse a list in Python?",
+            "hey, how do I reverse a string in Python?",
+            "how do I reverse a string in Python?",
+        ),
+        ("Recommend a good sci-fi book.", "Recommend a good sci-fi movie pls.", "Recommend a good sci-fi movie."),
+    ],
+)
+def test_a_courtesy_word_at_either_end_does_not_pass_a_near_miss(
+    verifier: PairVerifier, stored: str, new: str, bare: str
+) -> None:
+    """t122: "... thanks" or "hey, ..." on one side only served 14-16 of 20 one-edit near misses
+    that the same pair without it did not get; the verifier reads the pair without them."""
+    (with_it,) = verifier.judge_sync([(stored, new)])
+    (without,) = verifier.judge_sync([(stored, bare)])
+    assert with_it.p_same == pytest.approx(without.p_same, abs=1e-6)
+    assert with_it.p_same < SemanticCachePolicy().verify_threshold  # not served
+
+
 def test_the_verifier_reads_pairs_in_a_batch_as_it_reads_them_alone(verifier: PairVerifier) -> None:
     a, b = "How do I reverse a list in Python?", "python: what's the way to reverse a list?"
     c, d = "What is the capital of France?", "What is the capital of Spain?"
