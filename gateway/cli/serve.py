@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
 
         def banner(port: int) -> None:  # the port bound: --port 0 lets the OS choose (t71)
             _say(
-                f"serving the OpenAI and Anthropic APIs at http://{args.host}:{port}/v1 "
+                f"serving the OpenAI and Anthropic APIs at http://{_url_host(args.host)}:{port}/v1 "
                 f"with {args.workers} worker(s) on {args.server}"
             )
 
@@ -754,6 +754,11 @@ def _seconds(value: str) -> float:
 
 def _say(message: str) -> None:
     print(f"[gateway] {message}", file=sys.stderr, flush=True)
+
+
+def _url_host(host: str) -> str:
+    """``host`` as a URL writes it: an IPv6 address in brackets (t122: ``http://::1:8000`` could not be used)."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _loopback(host: str) -> bool:

@@ -856,3 +856,40 @@ def test_each_worker_runs_its_models_on_its_share_of_the_cores(
         assert {record["threads"] for record in loaded} == {share}
     finally:
         gateway.stop()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_the_banner_writes_an_ipv6_host_in_brackets_and_its_url_serves(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t122: ``--host ::1`` said it served at ``http://::1:PORT/v1``, a URL no client can use."""
+    policy = tmp_path / "policies.yaml"
+    policy.write_text(policy_text(small_upstream, large_upstream))
+    err_path = tmp_path / "gateway.err"
+    with err_path.open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--policies", str(policy), "--host", "::1", "--port", "0",
+             "--data-dir", str(tmp_path / "data")],
+            stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, env={**os.environ, "REDIS_URL": redis_server.url},
+        )  # fmt: skip
+    try:
+        banner = re.compile(r"serving the OpenAI and Anthropic APIs at (http://\[::1\]:\d+/v1)")
+        deadline = time.monotonic() + 60  # a generous start-up bound, not a measure
+        while not (found := banner.search(err_path.read_text(errors="replace"))) and time.monotonic() < deadline:
+            assert process.poll() is None, err_path.read_text(errors="replace")[-2000:]
+            time.sleep(0.1)
+        assert found is not None, err_path.read_text(errors="replace")[-2000:]
+        body = {"model": "fast", "messages": [{"role": "user", "content": "over IPv6"}]}
+        assert httpx.post(f"{found.group(1)}/chat/completions", json=body, timeout=10).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
