@@ -449,12 +449,7 @@ def test_port_zero_serves_on_the_port_the_os_chose_and_says_which(
             stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, env={**os.environ, "REDIS_URL": redis_server.url},
         )  # fmt: skip
     try:
-        banner = re.compile(r"serving the OpenAI and Anthropic APIs at http://127\.0\.0\.1:(\d+)/v1")
-        deadline = time.monotonic() + 60  # a generous start-up bound, not a measure
-        while not (found := banner.search(err_path.read_text(errors="replace"))) and time.monotonic() < deadline:
-            assert process.poll() is None, err_path.read_text(errors="replace")[-2000:]
-            time.sleep(0.1)
-        assert found is not None, err_path.read_text(errors="replace")[-2000:]
+        found = _banner(process, err_path, r"serving the OpenAI and Anthropic APIs at http://127\.0\.0\.1:(\d+)/v1")
         port = int(found.group(1))
         assert port != 0
         body = {"model": "fast", "messages": [{"role": "user", "content": "which port?"}]}
@@ -858,6 +853,17 @@ def test_each_worker_runs_its_models_on_its_share_of_the_cores(
         gateway.stop()
 
 
+def _banner(process: subprocess.Popen[bytes], err_path: Path, pattern: str) -> re.Match[str]:
+    """The banner line matching ``pattern`` once serve has written it."""
+    banner = re.compile(pattern)
+    deadline = time.monotonic() + 60  # a generous start-up bound, not a measure
+    while not (found := banner.search(err_path.read_text(errors="replace"))) and time.monotonic() < deadline:
+        assert process.poll() is None, err_path.read_text(errors="replace")[-2000:]
+        time.sleep(0.1)
+    assert found is not None, err_path.read_text(errors="replace")[-2000:]
+    return found
+
+
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as probe:
@@ -882,12 +888,7 @@ def test_the_banner_writes_an_ipv6_host_in_brackets_and_its_url_serves(
             stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, env={**os.environ, "REDIS_URL": redis_server.url},
         )  # fmt: skip
     try:
-        banner = re.compile(r"serving the OpenAI and Anthropic APIs at (http://\[::1\]:\d+/v1)")
-        deadline = time.monotonic() + 60  # a generous start-up bound, not a measure
-        while not (found := banner.search(err_path.read_text(errors="replace"))) and time.monotonic() < deadline:
-            assert process.poll() is None, err_path.read_text(errors="replace")[-2000:]
-            time.sleep(0.1)
-        assert found is not None, err_path.read_text(errors="replace")[-2000:]
+        found = _banner(process, err_path, r"serving the OpenAI and Anthropic APIs at (http://\[::1\]:\d+/v1)")
         body = {"model": "fast", "messages": [{"role": "user", "content": "over IPv6"}]}
         assert httpx.post(f"{found.group(1)}/chat/completions", json=body, timeout=10).status_code == 200
     finally:
