@@ -564,14 +564,8 @@ async def _wait_until_stable(path: Path) -> bool:
 
 
 def _wait_until_stable_now(path: Path) -> bool:
-    """:func:`_wait_until_stable`, for code that may block: ``serve`` before its workers start.
-    A file that no process holds open for writing, where that can be told, is read at once: a
-    start is not a change of the file, and each start (every worker's, every test's) would
-    otherwise pay the settle."""
-    first = _look(path)
-    if first[1] is False:
-        return True
-    steps = _settling(first, time.monotonic)
+    """:func:`_wait_until_stable`, for code that may block: ``serve`` before its workers start."""
+    steps = _settling(_look(path), time.monotonic)
     try:
         pause = next(steps)
         while True:
