@@ -115,28 +115,16 @@ def run(args: argparse.Namespace) -> int:
                     _say(f"{variable} is unset: started a SIMULATED '{role}' upstream at {upstream.url}")
         kept: Path | None = None  # the policy last accepted, started on in place of the invalid file
         on_kept = False  # the file is still invalid: that policy is what is served
-        from gateway.runtime import still_written
-
-        # Read as a reload reads: once their writers are done. Never a half-written file kept as last accepted (t122).
-        written = still_written(Path(args.policies))
-        fallback = _policy_last_accepted(args.policies, args.data_dir, written) if written else None
-        if fallback is not None:
+        try:
+            loaded = load_policy(args.policies)
+        except ConfigError as exc:
+            _say(f"{exc.source} is invalid:")
+            for problem in exc.problems:
+                _say(f"  - {problem}")
+            fallback = _policy_last_accepted(args.policies, args.data_dir)
+            if fallback is None:
+                return 2
             loaded, kept, on_kept = fallback
-        else:
-            if written:
-                _say(f"{args.policies}: {'; '.join(written)}; nothing kept to start on meanwhile: waiting")
-            while written:
-                written = still_written(Path(args.policies))
-            try:
-                loaded = load_policy(args.policies)
-            except ConfigError as exc:
-                _say(f"{exc.source} is invalid:")
-                for problem in exc.problems:
-                    _say(f"  - {problem}")
-                fallback = _policy_last_accepted(args.policies, args.data_dir)
-                if fallback is None:
-                    return 2
-                loaded, kept, on_kept = fallback
         log = loaded.policy.request_log
         log_path = Path(args.policies).parent / log.path if log.enabled and log.path else None
         unwritable = request_log_problem(log_path) if log_path is not None else None
@@ -174,9 +162,8 @@ def run(args: argparse.Namespace) -> int:
             _say("using Redis at REDIS_URL")
         if on_kept:  # said once the checks above have passed: it would not serve otherwise (t121)
             _say(
-                f"{args.policies} {'is still open for writing' if written else 'is invalid'}: serving the policy "
-                f"last accepted, version {loaded.version}, from {kept}, until the file's next valid edit "
-                "(/readyz and a policy_rejected log line show the rejection)"
+                f"{args.policies} is invalid: serving the policy last accepted, version {loaded.version}, from "
+                f"{kept}, until the file's next valid edit (/readyz and a policy_rejected log line show the rejection)"
             )
         policy = loaded.policy
         auth = (
@@ -687,9 +674,7 @@ def _fresh_metrics_dir(data_dir: str) -> str:
     return path
 
 
-def _policy_last_accepted(
-    policies: str, data_dir: str, written: list[str] | None = None
-) -> tuple[LoadedPolicy, Path, bool] | None:
+def _policy_last_accepted(policies: str, data_dir: str) -> tuple[LoadedPolicy, Path, bool] | None:
     """The policy that ``data_dir`` keeps in force for ``policies`` (the file is invalid), loaded as
     a worker started now loads it (``gateway.runtime.load_at_start``: with the key file kept with
     it), where it is kept, and whether the file is still invalid (False: fixed meanwhile, loaded
@@ -697,8 +682,7 @@ def _policy_last_accepted(
     start on: a fresh data folder, or one kept for another policy file (another gateway's state).
 
     A container restarted while its ConfigMap holds an edit the running gateway rejected (a
-    liveness or OOM restart keeps the pod's emptyDir) exited 2 here, pod after pod (f113).
-    ``written``: a writer holds the file or its key file open (``gateway.runtime.still_written``)."""
+    liveness or OOM restart keeps the pod's emptyDir) exited 2 here, pod after pod (f113)."""
     from gateway.config.kept import KeptForAnother, read_kept_policy
     from gateway.runtime import load_at_start
 
@@ -713,7 +697,7 @@ def _policy_last_accepted(
         _say(f"the policy last accepted, in {data_dir}, cannot be read ({type(exc).__name__})")
         return None
     try:
-        first = load_at_start(Path(policies), kept, written=written)
+        first = load_at_start(Path(policies), kept)
     except ConfigError as exc:
         _say(f"the policy last accepted, {kept}, is invalid now too:")
         for problem in exc.problems:
