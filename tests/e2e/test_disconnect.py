@@ -343,9 +343,9 @@ class _HeldRedis:
 
 
 @contextmanager
-def _stalling_upstream() -> Iterator[str]:
-    """An upstream that answers 200, its headers and half its JSON body, then says nothing more
-    (the base URL)."""
+def _loopback_server(answer: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A loopback server that hands each connection to ``answer`` in a thread of its own and
+    closes them all at the end (the port)."""
     server = socket.create_server(("127.0.0.1", 0))
     answered: list[socket.socket] = []
 
@@ -356,19 +356,31 @@ def _stalling_upstream() -> Iterator[str]:
             except OSError:
                 return
             answered.append(connection)
-            head = b""
-            while b"\r\n\r\n" not in head and (data := connection.recv(65536)):
-                head += data
-            connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 400\r\n\r\n"
-                               b'{"id": "chatcmpl-stalled", "object": "chat.comp')  # fmt: skip
+            threading.Thread(target=answer, args=(connection,), daemon=True).start()
 
     threading.Thread(target=serve, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{server.getsockname()[1]}/v1"
+        yield int(server.getsockname()[1])
     finally:
         server.close()
         for connection in answered:
             connection.close()
+
+
+@contextmanager
+def _stalling_upstream() -> Iterator[str]:
+    """An upstream that answers 200, its headers and half its JSON body, then says nothing more
+    (the base URL)."""
+
+    def answer(connection: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head and (data := connection.recv(65536)):
+            head += data
+        connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 400\r\n\r\n"
+                           b'{"id": "chatcmpl-stalled", "object": "chat.comp')  # fmt: skip
+
+    with _loopback_server(answer) as port:
+        yield f"http://127.0.0.1:{port}/v1"
 
 
 def test_a_client_leaving_while_a_failed_requests_lease_is_released_gives_its_place_back(
@@ -428,8 +440,6 @@ def _sse_chunk(kind: str, data: dict[str, object]) -> bytes:
 def _claude_still_reading() -> Iterator[str]:
     """An Anthropic upstream that opens each stream with ``message_start`` (its usage) and a
     ``ping``, then says nothing more, as one still reading a long prompt does (the base URL)."""
-    server = socket.create_server(("127.0.0.1", 0))
-    answered: list[socket.socket] = []
 
     def answer(connection: socket.socket) -> None:
         head = b""
@@ -447,22 +457,8 @@ def _claude_still_reading() -> Iterator[str]:
         connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
                            + _sse_chunk("message_start", start) + _sse_chunk("ping", {"type": "ping"}))  # fmt: skip
 
-    def serve() -> None:
-        while True:
-            try:
-                connection, _ = server.accept()
-            except OSError:
-                return
-            answered.append(connection)
-            threading.Thread(target=answer, args=(connection,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    finally:
-        server.close()
-        for connection in answered:
-            connection.close()
+    with _loopback_server(answer) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
