@@ -7,8 +7,10 @@ report the same way which provider runs them and why not CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
+import io
 import json
 import math
 import os
@@ -195,6 +197,19 @@ def _cuda_probe(ort: Any) -> str | None:
     except OSError:
         return "no NVIDIA driver (libcuda.so.1)"
     provider_library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    try:
+        ctypes.CDLL(str(provider_library))
+    except OSError:
+        pass
+    else:
+        return None
+    # ``pip install onnxruntime-gpu[cuda,cudnn]`` puts CUDA's libraries in site-packages/nvidia,
+    # where the loader does not look; onnxruntime's own preload finds them there (and prints
+    # its findings, which a service's stdout does not want).
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Exception):
+            preload()
     try:
         ctypes.CDLL(str(provider_library))
     except OSError as exc:
