@@ -131,7 +131,7 @@ class _MessagesRequest(_Wire):
     temperature: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     top_k: int | None = None
-    stream: bool = False
+    stream: bool | None = False  # null: not streamed, as Anthropic reads a null optional field
     tools: list[_Tool] | None = None
     tool_choice: _ToolChoice | None = None
     metadata: _Metadata | None = None
@@ -219,7 +219,7 @@ def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool =
         temperature=wire.temperature,
         top_p=wire.top_p,
         stop=list(wire.stop_sequences or []),
-        stream=wire.stream,
+        stream=bool(wire.stream),
         tools=[
             _tool(tool, f"tools.{i}")
             for i, tool in enumerate(wire.tools or [])

@@ -292,6 +292,29 @@ def test_a_tool_choice_without_tools_is_refused_as_anthropic_refuses_it(
     assert claude.messages.create(**ask, tool_choice={"type": "none"}).content
 
 
+_OPTIONAL_FIELDS = (
+    "stream", "system", "temperature", "top_p", "top_k", "stop_sequences", "metadata", "tools", "tool_choice",
+    "thinking", "output_config", "service_tier", "container", "mcp_servers", "context_management", "cache_control",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("model", ["fast", "claude"])  # an OpenAI-compatible upstream, then Anthropic's
+def test_optional_fields_given_as_null_are_absent_as_anthropic_reads_them(gateway: GatewayProcess, model: str) -> None:
+    """f119: ``"stream": null`` (an SDK or proxy that writes None) was a 400 ("Expected `bool`, got
+    `null`"), where Anthropic's API takes a null optional field as not given: not streamed."""
+    ask = {"model": model, "max_tokens": 32, "messages": [{"role": "user", "content": "alpha beta"}]}
+    asks: list[dict[str, Any]] = [{**ask, **dict.fromkeys(_OPTIONAL_FIELDS)}]
+    if model == "claude":  # ``top_k`` passes it through: the body goes upstream as it came, null and all
+        asks.append({**ask, "stream": None, "top_k": 5})
+    for body in asks:
+        response = httpx.post(f"{gateway.url}/v1/messages", json=body, timeout=10)
+        assert response.status_code == 200, (body, response.text)
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.json()["type"] == "message" and response.json()["content"]
+        record = gateway.wait_for_record(response.headers["x-request-id"])
+        assert record["passthrough"] is (True if body.get("top_k") else None)
+
+
 def test_count_tokens(claude: anthropic.Anthropic) -> None:
     short = claude.messages.count_tokens(model="fast", messages=[{"role": "user", "content": "hi"}])
     longer = claude.messages.count_tokens(
