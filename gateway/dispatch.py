@@ -44,8 +44,9 @@ class DispatchInfo:
     upstream_seconds: float = 0.0
     """Time spent waiting on upstreams (backoff included): excluded from the gateway's overhead."""
     failures: list[UpstreamError] = field(default_factory=list)
-    last_attempt: bool = False
-    """The client left: the attempt at work is the last (none is made for a client that is gone)."""
+    last_attempt: Callable[[], bool] | None = None
+    """Set when the client left: whether the attempt at work, should it fail, is the last (none is
+    made for a client that is gone, unless identical requests wait on its answer then)."""
 
     @property
     def retries(self) -> int:
@@ -118,7 +119,7 @@ async def dispatch(
                         last_error = exc
                         info.failures.append(exc)
                         verdicts.failed(breaker, exc)
-                        if info.last_attempt:
+                        if info.last_attempt is not None and info.last_attempt():
                             raise
                         if exc.try_next:  # its total timeout among them: nothing is left of it
                             break

@@ -338,9 +338,14 @@ class ChatPipeline:
         if x is None or x.info.asked is None or x.sending is None or not x.sending.sent or self._drain.expired:
             return False  # nothing sent yet (a request queued for a connection, t43): nothing to bill
         x.client_left = True
-        # Requests coalesced on it wait for its answer: it is retried and falls back for them (t43)
-        x.info.last_attempt = x.lease is None
+        x.info.last_attempt = lambda: self._no_one_waits(x)
         return True
+
+    def _no_one_waits(self, x: _Exchange) -> bool:
+        """No identical request waits on the answer of ``x``, whose client left: a failed try is
+        the last. Those that wait when it fails are retried and fallen back for (t43); holding a
+        lease with none waiting is not reason enough (t123)."""
+        return x.lease is None or not self._exact.awaited(x.lease)
 
     async def handle(
         self,

@@ -72,6 +72,8 @@ class ExactCache:
     def __init__(self, store: KeyValue) -> None:
         self._store = store
         self._flights: dict[str, asyncio.Future[Outcome]] = {}
+        self._waiting: dict[str, int] = {}
+        """How many requests in this process wait on each key's flight now."""
         self._background = BackgroundTasks()
         """Releases and renewals that outlive the request that started them."""
 
@@ -116,11 +118,14 @@ class ExactCache:
         waited = False
         while (local := self._flights.get(key)) is not None:
             waited = True
+            self._waiting[key] = self._waiting.get(key, 0) + 1
             try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a client's cancel
                 async with asyncio.timeout(max(0.0, deadline - loop.time())):
                     outcome = await asyncio.shield(local)
             except TimeoutError:
                 return None, None
+            finally:
+                self._stop_waiting(key)
             if not isinstance(outcome, _LeaderLeft):
                 return outcome, None
         future: asyncio.Future[Outcome] = loop.create_future()
@@ -158,6 +163,17 @@ class ExactCache:
             # found the lease held and sent every waiter upstream on its own: t34).
             self._background.spawn(self._hand_over(lease, timeout_s))
             raise
+
+    def awaited(self, lease: Lease) -> bool:
+        """Whether a request in this process waits on ``lease``'s answer now. Those in other
+        processes are not seen: a leader that gives up leaves its lease without an answer, and
+        one of them calls upstream in its turn."""
+        return self._flights.get(lease.key) is lease.future and self._waiting.get(lease.key, 0) > 0
+
+    def _stop_waiting(self, key: str) -> None:
+        left = self._waiting.pop(key) - 1
+        if left:
+            self._waiting[key] = left
 
     async def release(self, lease: Lease, answer: Outcome, timeout_s: float) -> None:
         """Drop the lease and hand the answer, the upstream's error, :data:`LEADER_LEFT` or None

@@ -113,6 +113,43 @@ def test_a_twin_of_a_request_whose_client_left_is_still_retried_for(
     assert upstream_stats(small_upstream)["chat_requests"] == 2  # the failed try, and its retry
 
 
+def test_a_request_whose_client_left_is_not_retried_or_fallen_back_with_no_twin_waiting(
+    cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t123: holding a coalescing lease (the default) was taken for a twin waiting on it: the
+    failed try of a client that left was retried and billed for no one."""
+    inject(small_upstream, {"delay_ms": 500, "status": 500}, {"status": 500})  # a retry would fall back too
+    request_id = f"gone-{time.monotonic_ns()}"
+    client = closed_after_test(openai.OpenAI(base_url=cached_gateway.base_url, api_key="key-a1", max_retries=0,
+                                             timeout=0.2, default_headers={"x-request-id": request_id}))  # fmt: skip
+    with pytest.raises(openai.APITimeoutError):
+        client.chat.completions.create(model="fast", messages=_unique("gone"), temperature=0)
+    record = cached_gateway.wait_for_record(request_id)
+    assert (record["status"], record["error_type"]) == (499, "client_disconnected")
+    assert (record["retries"], record["fallback_used"], record["cost_usd"]) == (0, False, 0)
+    time.sleep(0.3)
+    assert upstream_stats(small_upstream)["chat_requests"] == 1
+    assert upstream_stats(large_upstream)["chat_requests"] == 0
+
+
+def test_a_twin_that_came_after_the_leaders_client_left_is_still_retried_for(
+    cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """Whether the failed try is retried is decided when it fails, by the twins waiting then."""
+    inject(small_upstream, {"delay_ms": 800, "status": 500})
+    messages = _unique("late twin")
+    leaver = closed_after_test(openai.OpenAI(base_url=cached_gateway.base_url, api_key="key-a1", max_retries=0,
+                                             timeout=0.2))  # fmt: skip
+    with pytest.raises(openai.APITimeoutError):
+        leaver.chat.completions.create(model="fast", messages=messages, temperature=0)
+    time.sleep(0.1)  # the leader's client is gone; its upstream answers its 500 in ~0.5 s
+    raw = _client(cached_gateway).chat.completions.with_raw_response.create(
+        model="fast", messages=messages, temperature=0
+    )
+    assert raw.http_response.status_code == 200
+    assert upstream_stats(small_upstream)["chat_requests"] == 2  # the failed try, and its retry
+
+
 def test_key_ignores_field_order_and_whitespace(cached_gateway: GatewayProcess) -> None:
     marker = f"order {time.monotonic_ns()}"
     compact = b'{"model":"fast","temperature":0,"messages":[{"role":"user","content":"%s"}]}' % marker.encode()
