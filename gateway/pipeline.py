@@ -831,6 +831,7 @@ class ChatPipeline:
             answered=x.answered,
             ask_other=ask_other,
             judge=judge,
+            max_labels=x.runtime.router.labels_kept,
         )
 
     def _cached_answer(self, x: _Exchange, hit: CachedAnswer, kind: str) -> Answer | StreamingAnswer:

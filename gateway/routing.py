@@ -65,6 +65,13 @@ class Router:
         self._fallbacks = {name: tuple(route.fallbacks) for name, route in policy.routes.items()}
         self._stores = {name: (model.base_url, model.api_key_env) for name, model in policy.models.items()}
         self.route_names = tuple(policy.routes)
+        self.labels_kept = max(
+            (route.learning.max_labels for route in policy.routes.values() if route.learning is not None),
+            default=LearningPolicy().max_labels,
+        )
+        """The labels a tenant keeps (its newest): one list holds those of every route, which
+        ``router learn`` fits together, so a route with a smaller ``max_labels`` must not cut
+        the others' (t125)."""
         self.model_names = tuple(name for name, model in policy.models.items() if model.public)
         self._embedding_models = frozenset(name for name, model in policy.models.items() if model.kind != "chat")
 

@@ -85,7 +85,7 @@ async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
                 raise ConflictError(
                     f"this request has had {MAX_LABELS_PER_REQUEST} labels; no more are taken", param="request_id"
                 )
-            await learning.store.add_label(principal.tenant, example, policy.max_labels)
+            await learning.store.add_label(principal.tenant, example, runtime.router.labels_kept)
         except StoreUnavailable:
             raise FeedbackUnavailableError("feedback cannot be recorded right now (Redis unavailable)") from None
     label = None if needed_large is None else ("needed_large" if needed_large else "small_was_enough")

@@ -276,7 +276,8 @@ class LearningPolicy(_Struct, frozen=True, kw_only=True):
     """How long what the router saw of a request (embedding, surface features, score; never
     the text) stays available for feedback and shadow judging."""
     max_labels: Annotated[int, Meta(ge=100, le=1_000_000)] = 50_000
-    """Labelled examples kept per tenant (the newest)."""
+    """Labelled examples kept per tenant (the newest): one list holds a tenant's labels of every
+    route, bounded by the largest ``max_labels`` of the policy's routes."""
     traces_mib_per_tenant: Annotated[float, Meta(ge=0.01, le=4096)] = 16.0
     """What a tenant's traces on this route may take of the shared store (one per routed request,
     about 1.3 KB: 16 MiB holds about 13,000): past it the tenant's oldest go first (feedback on

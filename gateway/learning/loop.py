@@ -45,6 +45,7 @@ class LearningLoop:
         answered: str,
         ask_other: Ask,
         judge: Judge,
+        max_labels: int,
     ) -> None:
         """Keep what the router saw (for feedback), and maybe judge the answer in the shadow;
         all of it in the background."""
@@ -52,7 +53,7 @@ class LearningLoop:
         trace = RoutingTrace.of(key_id, route, side, p_base, embedding, features, signature)
         self._background.spawn(self._keep(tenant, request_id, trace, policy), "routing-trace")
         if self.shadow.sample(policy):
-            self.shadow.start(ShadowJob(policy, tenant, request_id, trace, answered, ask_other, judge))
+            self.shadow.start(ShadowJob(policy, tenant, request_id, trace, answered, ask_other, judge, max_labels))
 
     async def _keep(self, tenant: str, request_id: str, trace: RoutingTrace, policy: LearningPolicy) -> None:
         try:

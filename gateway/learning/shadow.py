@@ -99,6 +99,8 @@ class ShadowJob:
     """The text the client received."""
     ask_other: Ask
     judge: Judge
+    max_labels: int
+    """The tenant's labels kept (``Router.labels_kept``: every route's, not this route's alone)."""
 
 
 class ShadowJudge:
@@ -158,7 +160,7 @@ class ShadowJudge:
                 example = LabelledExample.of(
                     job.request_id, job.trace, not verdict, "shadow", job.policy.scope == "global"
                 )
-                await self._store.add_label(tenant, example, job.policy.max_labels)
+                await self._store.add_label(tenant, example, job.max_labels)
         except asyncio.CancelledError:
             raise
         except (StoreUnavailable, Exception) as exc:  # a shadow call that fails teaches nothing

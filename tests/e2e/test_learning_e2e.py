@@ -34,9 +34,10 @@ from gateway.store.redis import RedisKeyValue, SharedRedis, connect
 from tests.conftest import inject
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
-KEYS = {name: f"sk-{name}-{uuid.uuid4().hex}" for name in ("alice", "alice2", "bob", "admin")}
+KEYS = {name: f"sk-{name}-{uuid.uuid4().hex}" for name in ("alice", "alice2", "bob", "carol", "admin")}
+TENANTS = {"bob": "b", "carol": "c"}
 AUTH = "auth:\n  mode: keys\n  keys:\n" + "".join(
-    f"    - {{id: {name}, tenant: {'b' if name == 'bob' else 'a'}, "
+    f"    - {{id: {name}, tenant: {TENANTS.get(name, 'a')}, "
     f'hash: "sha256:{hashlib.sha256(secret.encode()).hexdigest()}"'
     f"{', admin: true' if name == 'admin' else ''}}}\n"
     for name, secret in KEYS.items()
@@ -48,7 +49,9 @@ ROUTES = """  smart: {strategy: classifier, model: small, fallbacks: [large], th
   stingy: {strategy: classifier, model: small, fallbacks: [large], threshold: 0.9999,
            learning: {shadow_share: 1.0, usd_per_day: 0.0000001}}
   thrifty: {strategy: classifier, model: small, fallbacks: [large], threshold: 0.9999,
-            learning: {traces_mib_per_tenant: 0.02}}"""
+            learning: {traces_mib_per_tenant: 0.02}}
+  tiny: {strategy: classifier, model: small, fallbacks: [large], threshold: 0.9999,
+         learning: {max_labels: 100, shadow_share: 1.0, usd_per_day: 100}}"""
 PROMPTS = [
     json.loads(line)["prompt"]
     for line in (Path(__file__).parents[2] / "router_models/data/routing/general_train_a.jsonl")
@@ -103,6 +106,15 @@ def _events(gateway: GatewayProcess, event: str, count: int, timeout_s: float = 
             return found
         time.sleep(0.05)
     raise AssertionError(f"fewer than {count} {event} events:\n{gateway.stderr_text()[-3000:]}")
+
+
+def _event_of(gateway: GatewayProcess, event: str, request_id: str, timeout_s: float = 15) -> dict[str, object]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if found := [e for e in gateway.ops_records(event) if e.get("request_id") == request_id]:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no {event} event of {request_id}:\n{gateway.stderr_text()[-3000:]}")
 
 
 def _labels(redis_server: EmbeddedRedis, tenant: str) -> list[object]:
@@ -399,6 +411,35 @@ def test_learn_and_status_count_a_relabelled_request_once(redis_server: Embedded
     status = _learn(redis_server, "status", "--tenant", "relabelled-t69")
     assert learned.returncode == 0, learned.stderr
     assert json.loads(learned.stdout)["labels"] == json.loads(status.stdout)["labels"] == 60
+
+
+def test_a_routes_max_labels_does_not_cut_the_labels_of_the_tenants_other_routes(
+    gateway: GatewayProcess, redis_server: EmbeddedRedis
+) -> None:
+    """t125: every route's labels of a tenant share one list, which a label on a route with
+    ``max_labels: 100`` cut to its newest 100, silently."""
+    rng = np.random.default_rng(1)
+    earlier = []
+    for i in range(150):  # labelled on a route that keeps the default 50,000
+        embedding = rng.normal(size=384)
+        trace = RoutingTrace.of("carol", "taught", "small", 0.2, embedding / np.linalg.norm(embedding), np.zeros(12))
+        earlier.append(LabelledExample.of(f"taught-{i}", trace, i % 3 == 0, "feedback", False))
+
+    async def keep() -> None:
+        redis = SharedRedis(connect(redis_server.url, timeout_s=2.0), Metrics())
+        try:
+            for example in earlier:
+                await LearningStore(RedisKeyValue(redis)).add_label("c", example, 50_000)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(keep())
+    request_id = _ask(gateway, "carol", "tiny", "Suggest a name for a grey kitten.").headers["x-request-id"]
+    assert _feedback(gateway, "carol", {"request_id": request_id, "thumbs": "up"}).status_code == 200
+    _event_of(gateway, "shadow_judgement", request_id)
+    assert len(_labels(redis_server, "c")) == 152  # the feedback's label and the shadow's
+    status = _learn(redis_server, "status", "--tenant", "c")
+    assert json.loads(status.stdout)["labels"] == 151
 
 
 def test_a_rollback_with_nothing_to_roll_back_says_so(redis_server: EmbeddedRedis) -> None:

@@ -306,7 +306,7 @@ def _shadow_jobs(usd_per_day: float) -> tuple[LearningStore, ShadowJudge, Callab
     trace = RoutingTrace.of("k", "auto", "small", 0.2, np.zeros(384), np.zeros(12))
 
     def job(i: int, ask: Ask, grade: Judge) -> ShadowJob:
-        return ShadowJob(policy, "t", f"r{i}", trace, "answer", ask, grade)
+        return ShadowJob(policy, "t", f"r{i}", trace, "answer", ask, grade, policy.max_labels)
 
     return store, ShadowJudge(store, Metrics()), job
 
