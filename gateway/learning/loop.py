@@ -51,17 +51,29 @@ class LearningLoop:
         all of it in the background."""
         signature = "" if self.inputs is None else self.inputs.signature
         trace = RoutingTrace.of(key_id, route, side, p_base, embedding, features, signature)
-        self._background.spawn(self._keep(tenant, request_id, trace, policy), "routing-trace")
+        job = None
         if self.shadow.sample(policy):
-            self.shadow.start(ShadowJob(policy, tenant, request_id, trace, answered, ask_other, judge, max_labels))
+            job = ShadowJob(policy, tenant, request_id, trace, answered, ask_other, judge, max_labels)
+        self._background.spawn(self._keep(tenant, request_id, trace, policy, job), "routing-trace")
 
-    async def _keep(self, tenant: str, request_id: str, trace: RoutingTrace, policy: LearningPolicy) -> None:
+    async def _keep(
+        self, tenant: str, request_id: str, trace: RoutingTrace, policy: LearningPolicy, job: ShadowJob | None
+    ) -> None:
+        kept = False
         try:
-            await self.store.keep_trace(tenant, request_id, trace, policy.keep_hours, policy.traces_bytes_per_tenant)
+            kept = await self.store.keep_trace(
+                tenant, request_id, trace, policy.keep_hours, policy.traces_bytes_per_tenant
+            )
         except StoreUnavailable:
             _trace_dropped(reason="store unavailable")
+        if job is None:
+            return
+        if kept:
+            self.shadow.start(job)
+        else:  # most often the id is another request's (t125): a verdict would label that one's prompt
+            self.shadow.skip(job, "trace not kept")
 
     async def aclose(self) -> None:
+        await self._background.aclose()  # first: a trace kept starts its shadow job
         await self.shadow.aclose()
         await self.routers.aclose()
-        await self._background.aclose()

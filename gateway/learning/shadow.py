@@ -119,11 +119,14 @@ class ShadowJudge:
     def start(self, job: ShadowJob) -> None:
         key = (job.tenant, job.trace.route)
         if self._waiting.get(key, 0) >= MAX_WAITING:
-            self._metrics.shadow_judgement(job.trace.route, "skipped", 0.0)
-            _log.info("shadow_skipped", tenant=job.tenant, route=job.trace.route, reason="backlog")
+            self.skip(job, "backlog")
             return
         self._waiting[key] = self._waiting.get(key, 0) + 1
         self._background.spawn(self._run(job), "shadow-judge")
+
+    def skip(self, job: ShadowJob, reason: str) -> None:
+        self._metrics.shadow_judgement(job.trace.route, "skipped", 0.0)
+        _log.info("shadow_skipped", tenant=job.tenant, route=job.trace.route, request_id=job.request_id, reason=reason)
 
     async def _run(self, job: ShadowJob) -> None:
         # Checked before the calls and added after them: jobs run side by side would all pass

@@ -117,8 +117,8 @@ def _event_of(gateway: GatewayProcess, event: str, request_id: str, timeout_s: f
     raise AssertionError(f"no {event} event of {request_id}:\n{gateway.stderr_text()[-3000:]}")
 
 
-def _labels(redis_server: EmbeddedRedis, tenant: str) -> list[object]:
-    async def read() -> list[object]:
+def _labels(redis_server: EmbeddedRedis, tenant: str) -> list[LabelledExample]:
+    async def read() -> list[LabelledExample]:
         redis = SharedRedis(connect(redis_server.url, timeout_s=2.0), Metrics())
         try:
             return list(await LearningStore(RedisKeyValue(redis)).labels(tenant))
@@ -197,6 +197,36 @@ def test_a_reused_request_id_stays_with_the_key_that_used_it_first(gateway: Gate
         assert _feedback(gateway, "alice", {"request_id": chosen, "thumbs": thumbs}).status_code == 200
     flooded = _feedback(gateway, "alice", {"request_id": chosen, "thumbs": "down"})
     assert flooded.status_code == 409 and flooded.json()["error"]["param"] == "request_id"
+
+
+def test_a_reused_request_id_takes_no_shadow_label_over(gateway: GatewayProcess, redis_server: EmbeddedRedis) -> None:
+    """t125: the second request under an id (another key's) was judged too, and its verdict,
+    the newer, was the label of the first request's trace: learn trained one prompt on
+    another's verdict."""
+    chosen = f"shadow-reused-{time.monotonic_ns()}"
+    for key, prompt in (
+        ("alice", "Suggest a name for a grey kitten with white paws."),
+        ("alice2", "Please double-check the total on this invoice: 3 x 19.99 plus 7% VAT."),
+    ):
+        response = httpx.post(
+            f"{gateway.base_url}/chat/completions",
+            json={"model": "smart", "messages": [{"role": "user", "content": prompt}]},
+            headers={"authorization": f"Bearer {KEYS[key]}", "x-request-id": chosen},
+            timeout=15,
+        )
+        assert response.status_code == 200 and response.headers["x-request-id"] == chosen
+        if key == "alice":
+            assert _event_of(gateway, "shadow_judgement", chosen)["outcome"] == "small_enough"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # the second request's job: skipped, or (t125) judged
+        judged = [e for e in gateway.ops_records("shadow_judgement") if e.get("request_id") == chosen]
+        skipped = [e for e in gateway.ops_records("shadow_skipped") if e.get("request_id") == chosen]
+        if skipped or len(judged) > 1:
+            break
+        time.sleep(0.05)
+    labels = [e for e in _labels(redis_server, "a") if e.request_id == chosen]
+    assert len(judged) == len(labels) == 1 and labels[0].needed_large is False
+    assert [e["reason"] for e in skipped] == ["trace not kept"]
 
 
 def test_generated_request_ids_do_not_give_the_next_one_away(gateway: GatewayProcess) -> None:
@@ -346,7 +376,7 @@ def test_shadow_spend_stops_at_the_daily_budget(
     for prompt in ("What is 2+2?", "Name a primary colour.", "Spell 'cat' backwards."):
         _ask(gateway, "alice" if usage else "bob", "stingy", prompt)  # each its own tenant's daily budget
         time.sleep(0.3)  # one at a time: the first one's cost is booked before the next starts
-    skipped = _events(gateway, "shadow_skipped", before_skipped + 2)
+    skipped = _events(gateway, "shadow_skipped", before_skipped + 2)[before_skipped:]
     assert all(e["reason"] == "daily budget spent" for e in skipped)
     judged = _events(gateway, "shadow_judgement", before_judged + 1)[before_judged:]
     assert judged and all(float(e["cost_usd"]) > 0 for e in judged)  # type: ignore[arg-type]
