@@ -141,8 +141,10 @@ async def _learn(kv: KeyValue, scope: str | None, tenants: list[str], promote_it
     held_back = 0
     for tenant in tenants:
         found = await store.labels(tenant)
-        examples.extend(e for e in found if scope is not None or e.poolable)
-        held_back += sum(1 for e in found if scope is None and not e.poolable)
+        taken = [e for e in found if scope is not None or e.poolable]
+        examples.extend(taken)
+        # requests, as learn and status count them: a relabel counts once (t125)
+        held_back += len({e.request_id for e in found}) - len({e.request_id for e in taken})
     try:
         current = await active(kv, scope)
     except UnreadableRouter as exc:  # gateways serve the shipped router meanwhile: compare with that
@@ -154,7 +156,7 @@ async def _learn(kv: KeyValue, scope: str | None, tenants: list[str], promote_it
         print(str(exc), file=sys.stderr)
         if held_back:  # t79: "0 labelled requests" for a tenant with hundreds, and no word why
             print(
-                f"{held_back} labels of these tenants were left out: their route has learning scope "
+                f"{held_back} labelled requests of these tenants were left out: their route has learning scope "
                 "'tenant', so they are not pooled (set learning.scope: global on the route to pool them)",
                 file=sys.stderr,
             )

@@ -436,3 +436,17 @@ async def test_status_does_not_name_a_version_whose_router_is_gone() -> None:
     assert (await _status(kv, "a", await active_version(kv, "a")))["active"] == first.version
     await kv.delete(keyspace.learned_router("a", f"v:{first.version}"), 1.0)  # expired or evicted
     assert (await _status(kv, "a", await active_version(kv, "a")))["active"] is None
+
+
+async def test_learn_global_counts_a_relabelled_request_left_out_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """t125: the note on labels left out of the pool counted each relabel, as learn and status do not."""
+    from gateway.cli.router import _learn
+
+    kv = MemoryKeyValue()
+    store = LearningStore(kv)
+    examples = _examples(30, rule=True)  # a route with learning scope 'tenant': not poolable
+    relabelled = [msgspec.structs.replace(e, needed_large=not e.needed_large, source="feedback") for e in examples]
+    for example in examples + relabelled:
+        await store.add_label("a", example, max_labels=1000)
+    assert await _learn(kv, None, ["a"], False) == 1
+    assert "30 labelled requests of these tenants were left out" in capsys.readouterr().err
