@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gateway.speculative.token_api import TokenAPI
+from gateway.speculative.token_api import Generation, TokenAPI
 
 __all__ = ["EosTable"]
 
@@ -35,11 +35,12 @@ class EosTable:
     def known(self, token: int) -> bool:
         return token in self.eos or token in self.not_eos
 
-    async def probe(self, api: TokenAPI, token: int, context_token: int) -> bool:
-        """Ask the server whether ``token`` ends a sequence (one tiny, forced, two-token call)."""
+    async def probe(self, api: TokenAPI, token: int, context_token: int) -> Generation:
+        """Ask the server whether ``token`` ends a sequence (one tiny, forced, two-token call); the
+        table then knows. Returns the call's answer (what it wrote, for the loop's counts)."""
         generation = await api.generate([context_token], 2, temperature=0.0, logprobs=1, logit_bias={token: 100.0})
         if generation.tokens[:1] == [token] and (len(generation.tokens) > 1 or generation.finish_reason == "stop"):
             self.learn(generation.tokens, generation.finish_reason)
         else:  # the bias did not force it: assume it ends nothing, as the large model's text will show
             self.not_eos.add(token)
-        return token in self.eos
+        return generation

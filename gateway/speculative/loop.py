@@ -181,6 +181,9 @@ class Decoder:
             if self._draft.costly:
                 self.stats.draft_calls += 1
                 self.stats.draft_ms += elapsed * 1000
+        if self._draft.costly:
+            self.stats.draft_prompt_tokens += len(context)
+            self.stats.draft_completion_tokens += len(draft.tokens)
         return draft, elapsed
 
     def _draft_loses(self, at_token: int) -> bool:
@@ -221,6 +224,8 @@ class Decoder:
         cpu = time.thread_time()
         self.stats.rounds += 1
         self.stats.large_calls += 1
+        self.stats.large_prompt_tokens += len(context) + len(draft.tokens)
+        self.stats.large_completion_tokens += len(generation.tokens)
         self.stats.drafted += len(draft.tokens)
         self._eos.learn(generation.tokens, generation.finish_reason)
         if not draft.tokens:
@@ -266,9 +271,12 @@ class Decoder:
         stream = self._target.stream_generate(context, remaining, temperature=self._temperature, seed=self._next_seed())
         produced = 0
         async for generation in stream:
+            if not produced:  # its first event: the server has read the context
+                self.stats.large_prompt_tokens += len(context)
             self._eos.learn(generation.tokens, None)
             produced += len(generation.tokens)
             self.stats.output_tokens += len(generation.tokens)
+            self.stats.large_completion_tokens += len(generation.tokens)
             finish = generation.finish_reason
             if finish is None and produced >= remaining:
                 finish = "length"
@@ -282,7 +290,9 @@ class Decoder:
     async def _probe_eos(self, token: int, context_token: int) -> None:
         self.stats.eos_probes += 1
         self.stats.large_calls += 1
-        await self._eos.probe(self._target, token, context_token)
+        probed = await self._eos.probe(self._target, token, context_token)
+        self.stats.large_prompt_tokens += 1
+        self.stats.large_completion_tokens += len(probed.tokens)
 
     def _ends_at_eos(self, tokens: list[int], finish: str | None) -> bool:
         """Whether the last token is an end of sequence (kept out of the text): always in a 'stop'

@@ -23,6 +23,13 @@ class SpeculationStats:
     """Rounds that stopped at a disagreement (the rest accepted their whole draft)."""
     large_calls: int = 0
     draft_calls: int = 0
+    large_prompt_tokens: int = 0
+    large_completion_tokens: int = 0
+    """Tokens the large model's calls read and wrote (verify rounds, a plain finish, EOS probes): each
+    round reads the context again. The log's usage bills the answer as if it had answered alone (t124)."""
+    draft_prompt_tokens: int = 0
+    draft_completion_tokens: int = 0
+    """Tokens the draft calls that answered read and wrote (a failed one: none known)."""
     output_tokens: int = 0
     k_last: int = 0
     fallback_to_plain: bool = False

@@ -426,6 +426,38 @@ async def test_a_large_failure_mid_answer_keeps_the_loops_work_for_the_log(
     assert failed.value.speculation is not None and failed.value.speculation["mode"] == "gateway"
 
 
+@pytest.mark.parametrize("draft_fails", [False, True])
+async def test_the_loop_counts_the_tokens_each_server_read_and_wrote(
+    pair: tuple[Provider, Provider], large: ToyServer, small: ToyServer, draft_fails: bool
+) -> None:
+    """t124: the log said how many calls the loop made to each server, not the tokens they read and
+    wrote, so what speculation consumed beyond the answer billed as the large model's own was unseen.
+    A draft that fails midway: its failed call counts no tokens, the large model's plain finish does."""
+    spec = _spec(pair, draft_cooldown_s=0)
+    await spec.check_pair()
+    body, _ = await _long_answer(pair[0], max_tokens=70)
+    large.reset()
+    small.reset()
+    if draft_fails:
+        small.fail_after(3)
+    stats = _stats(await spec.complete(*as_sent(body)))
+    assert stats.draft_failed == draft_fails and stats.rounds >= 3 and stats.draft_calls >= 3
+    read, drafted = large.stats(), small.stats()
+    assert (stats.large_prompt_tokens, stats.large_completion_tokens) == (
+        read["prompt_tokens"],
+        read["completion_tokens"],
+    )
+    assert (stats.draft_prompt_tokens, stats.draft_completion_tokens) == (
+        drafted["prompt_tokens"],
+        drafted["completion_tokens"],
+    )
+    assert stats.draft_completion_tokens == stats.drafted
+    assert stats.large_prompt_tokens > stats.draft_prompt_tokens  # the large model also reads each draft
+    assert {"draft_prompt_tokens", "draft_completion_tokens", "large_prompt_tokens", "large_completion_tokens"} <= set(
+        stats.to_log()
+    )
+
+
 async def _long_answer(target: Provider, max_tokens: int) -> tuple[dict[str, Any], tuple[str, str, int]]:
     """A prompt whose answer runs to ``max_tokens`` (no early end of sequence)."""
     for prompt in _PROMPTS:

@@ -91,6 +91,11 @@ def test_speculative_answers_equal_the_large_models_own(gateway: GatewayProcess,
         speculation = record["speculation"]
         assert speculation["mode"] == "gateway" and speculation["rounds"] >= 1
         assert speculation["drafted"] >= speculation["accepted"] >= 0 and speculation["large_calls"] >= 1
+        # what each server read and wrote, beside the usage billed as the large model's alone (t124)
+        assert speculation["draft_completion_tokens"] == speculation["drafted"]
+        assert speculation["draft_prompt_tokens"] >= speculation["draft_calls"] * record["prompt_tokens"]
+        assert speculation["large_prompt_tokens"] >= speculation["rounds"] * record["prompt_tokens"]
+        assert speculation["large_completion_tokens"] >= speculation["rounds"]
     assert '"speculation_pair_ok"' in gateway.stderr_text()
 
 

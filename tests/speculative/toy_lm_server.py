@@ -182,6 +182,9 @@ class Stats:
     prefill_tokens: int = 0
     tokenize: int = 0
     detokenize: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    """Of the completion calls answered: the tokens they were given and wrote (t124)."""
     unsalted: int = 0
     """Generations (completions and chat) that came without a ``cache_salt``."""
 
@@ -649,6 +652,8 @@ def build_app(settings: Settings) -> web.Application:
                 await resp.write(b"data: " + _encode(chunk) + b"\n\n")
 
             tokens, _, finish = await _generate(state, req, send)
+            state.stats.prompt_tokens += len(req.prompt)
+            state.stats.completion_tokens += len(tokens)
             if finish == "length":
                 tail = {"id": "cmpl-toy", "object": "text_completion", "created": created, "model": settings.model_name,
                         "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}]}  # fmt: skip
@@ -660,6 +665,8 @@ def build_app(settings: Settings) -> web.Application:
         tokens, lps, finish = await _generate(state, req)
         if odd == "empty":
             tokens, lps, finish = [], [], "length"
+        state.stats.prompt_tokens += len(req.prompt)
+        state.stats.completion_tokens += len(tokens)
         block = _logprobs_block(tokenizer, req, tokens, lps) if req.logprobs is not None else None
         if odd == "oov" and block is not None and req.as_ids:
             block["tokens"] = [f"token_id:{VOCAB + 7 + i}" for i in range(len(tokens))]
