@@ -10,7 +10,8 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Coroutine, Mapping
+import time
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -23,6 +24,7 @@ from gateway.config.guard import refuse_weakening_by_omission
 from gateway.config.kept import kept_key_file, write_kept
 from gateway.config.loader import (
     LoadedPolicy,
+    auth_in_text,
     key_file_path,
     load_policy,
     load_policy_text,
@@ -37,7 +39,7 @@ from gateway.upstreams.base import Provider
 from gateway.upstreams.breaker import Breakers
 from gateway.upstreams.registry import Transport, api_key, build_provider
 
-__all__ = ["AtStart", "Runtime", "RuntimeHolder", "keep_last_good", "load_at_start"]
+__all__ = ["AtStart", "Runtime", "RuntimeHolder", "keep_last_good", "load_at_start", "still_written"]
 
 _log = structlog.get_logger("gateway.policy")
 
@@ -74,7 +76,9 @@ class AtStart(NamedTuple):
     """Why the key file as it is now is not applied whole."""
 
 
-def load_at_start(path: Path, last_good: Path | None, *, auth_required: bool = False) -> AtStart:
+def load_at_start(
+    path: Path, last_good: Path | None, *, auth_required: bool = False, written: list[str] | None = None
+) -> AtStart:
     """The policy file; or, when it is invalid (its key file included) or a running worker's
     reload would refuse it (an emptied key file: f90), the last policy a worker of this gateway
     accepted, with the file's problems.
@@ -88,8 +92,13 @@ def load_at_start(path: Path, last_good: Path | None, *, auth_required: bool = F
     so does this worker, to the policy and key file last accepted, kept together
     (:func:`keep_last_good`). With the policy alone kept, it read the key file as it is now,
     and could not start while that held a bad line (f87).
+
+    ``written``: what :func:`still_written` said of the files, waited for before the first read:
+    while a writer holds either open, the policy last accepted is started on (t122).
     """
     try:
+        if written:
+            raise ConfigError(str(path), written)
         try:
             loaded = load_policy(path)
         except ConfigError:
@@ -111,6 +120,8 @@ def load_at_start(path: Path, last_good: Path | None, *, auth_required: bool = F
         accepted = load_policy_text(text, source=source, base_dir=path.parent, key_file_text=kept_keys)
         if kept_keys is None or not accepted.policy.auth.key_file:  # none kept: read as it is now, as before
             return AtStart(accepted, exc.problems, None, [])
+        if written:  # not the key file as it is now: its writer is not done
+            return AtStart(accepted, exc.problems, "pending", ["it is still open for writing"])
         now = _with_key_file_now(accepted, path.parent, "start-up")
         return AtStart(now.loaded, exc.problems, now.state, now.problems)
 
@@ -219,16 +230,22 @@ class RuntimeHolder:
         self._rejected: tuple[object, ...] | None = None
         """The files and problems of the last rejected reload."""
         self.last_reload_error: str | None = None
+        self._written_at_start = False
+        """A writer held the files open at start-up: the check once started waits for it too."""
 
     @property
     def current(self) -> Runtime:
         assert self._runtime is not None, "RuntimeHolder.start() was not called"
         return self._runtime
 
-    def start(self, first: AtStart | None = None) -> Runtime:
+    def start(self, first: AtStart | None = None, *, written: bool = False) -> Runtime:
         """Install what :func:`load_at_start` loaded (loaded here when not given): an invalid
-        policy with nothing to fall back to is fatal (raises ConfigError)."""
+        policy with nothing to fall back to is fatal (raises ConfigError). ``written``: it was
+        loaded in place of files a writer held open (:func:`still_written`)."""
         loaded, rejected, state, key_problems = first or load_at_start(self.path, self.last_good)
+        self._written_at_start = written
+        if written:  # not read yet: the watcher reads them, once their writers are done
+            self._files_read = ()
         runtime = self._build(loaded)
         self._install(runtime)
         _log.info("policy_loaded", version=runtime.version, source=loaded.source, models=sorted(runtime.providers))
@@ -261,8 +278,7 @@ class RuntimeHolder:
             written = await self._still_written() if settle else []
             if written:
                 still = [
-                    f"{'the file' if path == self.path else self.current.policy.auth.key_file} is still open "
-                    f"for writing after {_STABLE_WAIT_MAX_S:g} s: it is read once closed"
+                    _still_open_said("the file" if path == self.path else str(self.current.policy.auth.key_file))
                     for path in written
                 ]
                 key_file_written = any(path != self.path for path in written)
@@ -391,7 +407,8 @@ class RuntimeHolder:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, lambda: self.request_reload("SIGHUP"))
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
-        self._spawn(self.reload("changed during start-up", settle=False))  # as fresh as the load it follows
+        # as fresh as the load it follows, unless that found a writer (t122)
+        self._spawn(self.reload("changed during start-up", settle=self._written_at_start))
 
     def request_reload(self, reason: str) -> bool:
         """Reload soon, unless a reload is already waiting to start: a burst of SIGHUPs (a config
@@ -536,19 +553,78 @@ async def _wait_until_stable(path: Path) -> bool:
     """Return once the file's size and mtime held still for ``_SETTLE_S`` and no process holds it
     open for writing (where that can be told, :func:`_open_for_writing`). After
     ``_STABLE_WAIT_MAX_S``: False if one still does; a file that only kept changing is read then."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + _STABLE_WAIT_MAX_S
-    last = await asyncio.to_thread(_look, path)
-    while loop.time() < give_up:
-        await asyncio.sleep(_SETTLE_S if last[1] is None else _SETTLE_TOLD_S)
-        current = await asyncio.to_thread(_look, path)
+    steps = _settling(await asyncio.to_thread(_look, path), asyncio.get_running_loop().time)
+    try:
+        pause = next(steps)
+        while True:
+            await asyncio.sleep(pause)
+            pause = steps.send(await asyncio.to_thread(_look, path))
+    except StopIteration as done:
+        return bool(done.value)
+
+
+def _wait_until_stable_now(path: Path) -> bool:
+    """:func:`_wait_until_stable`, for code that may block: ``serve`` before its workers start.
+    A file no one holds open for writing that has not changed for a settle's time is read at once:
+    the start of every worker, and of one replacing a worker that died, waits only for a writer."""
+    first = _look(path)
+    if _quiet(first):
+        return True
+    steps = _settling(first, time.monotonic)
+    try:
+        pause = next(steps)
+        while True:
+            time.sleep(pause)
+            pause = steps.send(_look(path))
+    except StopIteration as done:
+        return bool(done.value)
+
+
+_Look = tuple[tuple[int, int] | None, bool | None]
+
+
+def _quiet(look: _Look) -> bool:
+    """Whether the file :func:`_look` saw has held still as long as :func:`_settling` would wait for."""
+    signature, open_for_writing = look
+    if signature is None or open_for_writing:
+        return False
+    settle_s = _SETTLE_S if open_for_writing is None else _SETTLE_TOLD_S
+    return time.time_ns() - signature[1] >= settle_s * 1e9
+
+
+def _settling(first: _Look, now: Callable[[], float]) -> Generator[float, _Look, bool]:
+    """The wait of :func:`_wait_until_stable`: yields how long to sleep before the next look at
+    the file, which it is sent; returns whether no writer holds the file open."""
+    give_up = now() + _STABLE_WAIT_MAX_S
+    last = first
+    while now() < give_up:
+        current = yield _SETTLE_S if last[1] is None else _SETTLE_TOLD_S
         if current == last and not current[1]:
             return True
         last = current
     return not last[1]
 
 
-def _look(path: Path) -> tuple[tuple[int, int] | None, bool | None]:
+def still_written(path: Path) -> list[str]:
+    """Wait for writers of the policy file, then of the key file it names, as a reload does
+    (:func:`_wait_until_stable`), before the first read at start-up; what is said of those still
+    open for writing after the wait. A gateway started while its key file was written in place
+    served the keys written so far, and kept them as the ones last accepted (t122). Blocks."""
+    problems = [] if _wait_until_stable_now(path) else [_still_open_said("the file")]
+    try:
+        named = auth_in_text(path.read_text(encoding="utf-8"), source=str(path), base_dir=Path())[0]
+    except Exception:  # the load says what is wrong with the file
+        return problems
+    if named is not None and not _wait_until_stable_now(path.absolute().parent / named):
+        problems.append(_still_open_said(str(named)))
+    return problems
+
+
+def _still_open_said(name: str) -> str:
+    return f"{name} is still open for writing after {_STABLE_WAIT_MAX_S:g} s: it is read once closed"
+
+
+def _look(path: Path) -> _Look:
     return _signature(path), _open_for_writing(path)
 
 

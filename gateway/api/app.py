@@ -47,7 +47,7 @@ from gateway.learning.loop import LearningLoop
 from gateway.limits import Limiter
 from gateway.pipeline import ChatPipeline
 from gateway.protocols import anthropic_messages
-from gateway.runtime import RuntimeHolder, load_at_start
+from gateway.runtime import RuntimeHolder, load_at_start, still_written
 from gateway.services.parent_death import end_with_supervisor
 from gateway.settings import Settings
 from gateway.store.redis import SharedRedis, connect, redis_store
@@ -108,7 +108,9 @@ def create_app(settings: Settings | None = None) -> ChatRoute:
 
 async def _start(settings: Settings) -> GatewayState:
     last_good = Path(settings.policy_last_good) if settings.policy_last_good else None
-    first = load_at_start(Path(settings.policies_path), last_good, auth_required=settings.auth_required)
+    path = Path(settings.policies_path)
+    written = await asyncio.to_thread(still_written, path)  # never the half of a file being written (t122)
+    first = load_at_start(path, last_good, auth_required=settings.auth_required, written=written)
     log_policy = first.loaded.policy.request_log
     stdout_fd = settings.request_log_fd
     if settings.split_stdout:  # a spawned worker: serve could not hand it the request log's descriptor
@@ -134,7 +136,7 @@ async def _start(settings: Settings) -> GatewayState:
         last_good=last_good,
         auth_required=settings.auth_required,
     )
-    holder.start(first)
+    holder.start(first, written=bool(written))
     client = connect(settings.redis_url) if settings.redis_url else None
     redis = SharedRedis(client, metrics)
     store = redis_store(redis)

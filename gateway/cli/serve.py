@@ -94,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
                 "--data-dir (make run DATA_DIR=...)"
             )
             return 2
+        if args.workers > 1:
+            # Before anything here imports prometheus_client (gateway.runtime does): it picks its
+            # multiprocess mode at import, and granian's workers are forked from this process (t122).
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir(args.data_dir)
         if args.simulate_missing:
             for role in ("small", "large"):
                 variable = f"{role.upper()}_MODEL_URL"
@@ -115,16 +119,28 @@ def run(args: argparse.Namespace) -> int:
                     _say(f"{variable} is unset: started a SIMULATED '{role}' upstream at {upstream.url}")
         kept: Path | None = None  # the policy last accepted, started on in place of the invalid file
         on_kept = False  # the file is still invalid: that policy is what is served
-        try:
-            loaded = load_policy(args.policies)
-        except ConfigError as exc:
-            _say(f"{exc.source} is invalid:")
-            for problem in exc.problems:
-                _say(f"  - {problem}")
-            fallback = _policy_last_accepted(args.policies, args.data_dir)
-            if fallback is None:
-                return 2
+        from gateway.runtime import still_written
+
+        # Read as a reload reads: once their writers are done. Never a half-written file kept as last accepted (t122).
+        written = still_written(Path(args.policies))
+        fallback = _policy_last_accepted(args.policies, args.data_dir, written) if written else None
+        if fallback is not None:
             loaded, kept, on_kept = fallback
+        else:
+            if written:
+                _say(f"{args.policies}: {'; '.join(written)}; nothing kept to start on meanwhile: waiting")
+            while written:
+                written = still_written(Path(args.policies))
+            try:
+                loaded = load_policy(args.policies)
+            except ConfigError as exc:
+                _say(f"{exc.source} is invalid:")
+                for problem in exc.problems:
+                    _say(f"  - {problem}")
+                fallback = _policy_last_accepted(args.policies, args.data_dir)
+                if fallback is None:
+                    return 2
+                loaded, kept, on_kept = fallback
         log = loaded.policy.request_log
         log_path = Path(args.policies).parent / log.path if log.enabled and log.path else None
         unwritable = request_log_problem(log_path) if log_path is not None else None
@@ -162,8 +178,9 @@ def run(args: argparse.Namespace) -> int:
             _say("using Redis at REDIS_URL")
         if on_kept:  # said once the checks above have passed: it would not serve otherwise (t121)
             _say(
-                f"{args.policies} is invalid: serving the policy last accepted, version {loaded.version}, from "
-                f"{kept}, until the file's next valid edit (/readyz and a policy_rejected log line show the rejection)"
+                f"{args.policies} {'is still open for writing' if written else 'is invalid'}: serving the policy "
+                f"last accepted, version {loaded.version}, from {kept}, until the file's next valid edit "
+                "(/readyz and a policy_rejected log line show the rejection)"
             )
         policy = loaded.policy
         auth = (
@@ -178,8 +195,6 @@ def run(args: argparse.Namespace) -> int:
             if kept is not None
             else _keep_policy_in_force(loaded.text, loaded.key_file_text, args.policies, args.data_dir)
         )
-        if args.workers > 1:
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir(args.data_dir)
         os.environ["GATEWAY_DRAIN_S"] = str(args.drain_s)
         os.environ["GATEWAY_ONNX_THREADS"] = str(args.onnx_threads or intra_op_threads_for(args.workers))
         if not _loopback(args.host) and not _open_allowed(args):  # a reload to auth off is refused too
@@ -674,7 +689,9 @@ def _fresh_metrics_dir(data_dir: str) -> str:
     return path
 
 
-def _policy_last_accepted(policies: str, data_dir: str) -> tuple[LoadedPolicy, Path, bool] | None:
+def _policy_last_accepted(
+    policies: str, data_dir: str, written: list[str] | None = None
+) -> tuple[LoadedPolicy, Path, bool] | None:
     """The policy that ``data_dir`` keeps in force for ``policies`` (the file is invalid), loaded as
     a worker started now loads it (``gateway.runtime.load_at_start``: with the key file kept with
     it), where it is kept, and whether the file is still invalid (False: fixed meanwhile, loaded
@@ -682,7 +699,8 @@ def _policy_last_accepted(policies: str, data_dir: str) -> tuple[LoadedPolicy, P
     start on: a fresh data folder, or one kept for another policy file (another gateway's state).
 
     A container restarted while its ConfigMap holds an edit the running gateway rejected (a
-    liveness or OOM restart keeps the pod's emptyDir) exited 2 here, pod after pod (f113)."""
+    liveness or OOM restart keeps the pod's emptyDir) exited 2 here, pod after pod (f113).
+    ``written``: a writer holds the file or its key file open (``gateway.runtime.still_written``)."""
     from gateway.config.kept import KeptForAnother, read_kept_policy
     from gateway.runtime import load_at_start
 
@@ -697,7 +715,7 @@ def _policy_last_accepted(policies: str, data_dir: str) -> tuple[LoadedPolicy, P
         _say(f"the policy last accepted, in {data_dir}, cannot be read ({type(exc).__name__})")
         return None
     try:
-        first = load_at_start(Path(policies), kept)
+        first = load_at_start(Path(policies), kept, written=written)
     except ConfigError as exc:
         _say(f"the policy last accepted, {kept}, is invalid now too:")
         for problem in exc.problems:

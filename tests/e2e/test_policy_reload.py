@@ -1193,3 +1193,43 @@ def test_serve_restarted_while_the_file_is_invalid_keeps_the_keys_last_accepted(
         assert _chat(gw, key=secret).status_code == 200
     finally:
         gw.stop()
+
+
+def test_serve_started_while_its_key_file_is_written_in_place_keeps_no_half_of_it(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t122: a gateway started while its key file was written in place served the keys written so
+    far (the others 401 while the writer held the file), and kept them as the ones last accepted.
+    It waits for the writer as a reload does, and meanwhile serves the keys last accepted."""
+    from gateway.config.kept import kept_key_file, read_kept_policy
+
+    text = _base_policy(small_upstream, large_upstream).replace(
+        "auth: {mode: none}", "auth: {mode: keys, key_file: keys.yaml}"
+    )
+    workdir = tmp_path / "gw"
+    workdir.mkdir()
+    keys = workdir / "keys.yaml"
+    whole = "keys:\n" + "".join(f'  - {{id: {i}, tenant: team-a, hash: "{hash_key("sk-" + i)}"}}\n' for i in ("a", "b"))
+    keys.write_text(whole)
+    start_gateway(workdir, text, env=_env(redis_server)).stop()
+    prefix = whole[: whole.index("  - {id: b")]
+    kept = kept_key_file(read_kept_policy(workdir / "data", workdir / "policies.yaml")[0])
+    with keys.open("w") as handle:
+        handle.write(prefix)
+        handle.flush()
+        gw = start_gateway(workdir, "", policy_path=workdir / "policies.yaml", env=_env(redis_server), timeout_s=40)
+        try:
+            assert _chat(gw, key="sk-b").status_code == 200, gw.stderr_text()
+            assert kept.read_text() == whole
+            handle.write(whole[len(prefix) :] + "# the writer's last line\n")
+        except BaseException:
+            gw.stop()
+            raise
+    try:
+        written = _version_of(text + whole + "# the writer's last line\n")
+        state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == written, 20)
+        assert state["version"] == written and state["last_reload_error"] is None, gw.stderr_text()
+        assert _chat(gw, key="sk-b").status_code == 200
+        assert kept.read_text() == whole + "# the writer's last line\n"
+    finally:
+        gw.stop()

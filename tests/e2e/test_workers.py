@@ -29,11 +29,22 @@ def _requests_total(text: str) -> float:
     return sum(float(v) for v in re.findall(r'^gateway_requests_total\{[^}]*route="fast"[^}]*\} (\S+)$', text, re.M))
 
 
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
 def test_metrics_are_whole_across_two_workers(
-    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+    tmp_path: Path,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+    server: str,
 ) -> None:
+    """t122: granian forks its workers from serve, which had imported prometheus_client before it
+    set the metrics folder: no worker wrote its file, and each answered /metrics with its own."""
     gateway = start_gateway(
-        tmp_path, policy_text(small_upstream, large_upstream), env={"REDIS_URL": redis_server.url}, workers=2
+        tmp_path,
+        policy_text(small_upstream, large_upstream),
+        env={"REDIS_URL": redis_server.url},
+        workers=2,
+        server=server,
     )
     try:
         assert len(_worker_pids(gateway.process.pid)) == 2

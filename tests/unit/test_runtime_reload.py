@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -123,6 +124,23 @@ _WITH_KEY_FILE = POLICY.replace("auth:\n  mode: keys\n", "auth:\n  mode: keys\n 
 
 def _key_entry(key_id: str) -> str:
     return f'  - {{id: {key_id}, tenant: team-a, hash: "{hash_key("sk-" + key_id)}"}}\n'
+
+
+def test_a_start_waits_for_no_file_that_is_merely_invalid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """t122: every start (a worker replacing one that died included) waited a settle for each file,
+    however long ago it was written. Files no one writes that have held still that long are read at once."""
+    from gateway import runtime
+
+    monkeypatch.setattr(runtime, "_SETTLE_S", 5.0)
+    monkeypatch.setattr(runtime, "_SETTLE_TOLD_S", 5.0)
+    policy, keys = tmp_path / "policies.yaml", tmp_path / "keys.yaml"
+    policy.write_text(_WITH_KEY_FILE)
+    keys.write_text('keys:\n  - {id: oops, tenant: team-a, hash: "sha256:NOTHEX"}\n')
+    for path in (policy, keys):
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    started = time.monotonic()
+    assert runtime.still_written(policy) == []
+    assert time.monotonic() - started < 2
 
 
 async def test_a_key_file_held_open_for_writing_is_read_once_closed(
