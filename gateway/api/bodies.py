@@ -10,10 +10,20 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
+from litestar.exceptions import InternalServerException
+
 from gateway.api.content_encoding import decoded_body
 from gateway.errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError
 
-__all__ = ["BodySource", "read_body"]
+__all__ = ["BodySource", "BodyUnreadableError", "read_body"]
+
+
+class BodyUnreadableError(InvalidRequestError):
+    """The server said the client left before its body was whole. Logged 499 as a client gone,
+    and answered 400, which reaches only a client the server misreported: granian says so of a
+    chunk size it cannot parse, the client still there (t126: it was sent a bare 499)."""
+
+    code = "body_unreadable"
 
 
 class BodySource(Protocol):
@@ -25,8 +35,8 @@ class BodySource(Protocol):
 
 
 async def read_body(request: BodySource, limit: int, timeout_s: float) -> bytes:
-    """The body, inflated; raises a 413, 408 or 400 in the caller's error hierarchy (and
-    litestar's ``InternalServerException`` when the client left while sending)."""
+    """The body, inflated; raises a 413, 408 or 400 in the caller's error hierarchy
+    (:class:`BodyUnreadableError` when the client left while sending)."""
     announced = request.headers.get("content-length")
     if announced is not None:
         if not announced.isdigit():
@@ -45,6 +55,11 @@ async def read_body(request: BodySource, limit: int, timeout_s: float) -> bytes:
     except TimeoutError:
         raise RequestTimeoutError(
             f"the request body was not received within {timeout_s:g}s", headers={"connection": "close"}
+        ) from None
+    except InternalServerException:  # Litestar's (and the chat route's) word for the client leaving
+        raise BodyUnreadableError(
+            "the request body could not be read: the connection ended, or its chunked framing was invalid, "
+            "before the body was whole"
         ) from None
     body = b"".join(chunks)
     encoding = request.headers.get("content-encoding")

@@ -11,9 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-from litestar.exceptions import InternalServerException
-
-from gateway.api.bodies import read_body
+from gateway.api.bodies import BodyUnreadableError, read_body
 from gateway.api.credentials import authorization_of
 from gateway.api.state import GatewayState
 from gateway.auth import Credentials, Principal
@@ -77,7 +75,8 @@ async def hand_to_pipeline(
     passthrough: PassThrough | None = None,
     state: GatewayState | None = None,
 ) -> tuple[str, Answer | StreamingAnswer | StreamingDeltas | None]:
-    """The request id and the pipeline's answer; None when the client left before it.
+    """The request id and the pipeline's answer; None when the client left before it (a 400 when
+    the server said it left before its body was whole: :meth:`DisconnectWatch.left_answer`).
 
     ``translate`` decodes another protocol's body into the internal model for the authenticated
     caller, and may wait (the
@@ -119,10 +118,10 @@ async def hand_to_pipeline(
         if not watch.client_left:
             raise
         task.uncancel()  # our own cancellation: the client is gone, nothing more to do
-        return request_id, None
+        return request_id, watch.left_answer(request_id)
     finally:
         watch.stop()
-    return request_id, None if watch.client_left else answer
+    return request_id, watch.left_answer(request_id) if watch.client_left else answer
 
 
 class DisconnectWatch:
@@ -138,7 +137,7 @@ class DisconnectWatch:
 
     WATCH_AFTER_S = 0.01
 
-    __slots__ = ("_on_leave", "_request", "_task", "_timer", "_watcher", "client_left")
+    __slots__ = ("_on_leave", "_request", "_task", "_timer", "_unread", "_watcher", "client_left")
 
     def __init__(
         self, request: Incoming, task: asyncio.Task[object], on_leave: Callable[[asyncio.Task[Any]], bool] | None = None
@@ -150,6 +149,7 @@ class DisconnectWatch:
         self._on_leave = on_leave
         self._timer: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._unread: BodyUnreadableError | None = None
         self.client_left = False
 
     def read_chat_body(self, limit: int, timeout_s: float, principal: Principal) -> Awaitable[bytes]:
@@ -159,11 +159,19 @@ class DisconnectWatch:
     async def read_body(self, limit: int, timeout_s: float) -> bytes:
         try:
             body = await read_body(self._request, limit, timeout_s)
-        except InternalServerException:
-            self.client_left = True  # the client left while sending
+        except BodyUnreadableError as exc:
+            self.client_left, self._unread = True, exc  # the client left while sending (so the server says)
             raise asyncio.CancelledError from None
         self._timer = asyncio.get_running_loop().call_later(self.WATCH_AFTER_S, self._start_watching)
         return body
+
+    def left_answer(self, request_id: str) -> Answer | None:
+        """The answer for a client that left: none, or the 400 for a body the server said it left
+        half-sent, in case it did not (each route renders it in its own protocol)."""
+        unread = self._unread
+        if unread is None:
+            return None
+        return Answer(unread.status_code, unread.to_body(), {"x-request-id": request_id})
 
     def _start_watching(self) -> None:
         self._timer = None

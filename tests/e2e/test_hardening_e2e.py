@@ -523,6 +523,53 @@ def test_stdout_holds_request_lines_only_whatever_the_server_prints(
     assert all(msgspec.json.decode(line)["event"] == "request" for line in lines)
 
 
+_BODY_ROUTES = {
+    "/v1/chat/completions": "openai",
+    "/v1/messages": "anthropic",
+    "/v1/responses": "openai",
+    "/v1/embeddings": "openai",
+    "/v1/completions": "openai",
+    "/v1/messages/count_tokens": "anthropic",
+}
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
+def test_a_chunked_body_that_cannot_be_read_is_a_400_in_the_callers_protocol_never_a_499(
+    tmp_path: Path,
+    redis_server: object,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+    server: str,
+) -> None:
+    """t126: granian tells the app that a client whose chunk size it cannot parse has left; the
+    routes answered that 499 with an empty body (chat: granian's plain 500; count_tokens: a 500,
+    with no request id), which granian wrote to a client still there. uvicorn answers 400 itself."""
+    env = {"REDIS_URL": redis_server.url}  # type: ignore[attr-defined]
+    gateway = start_gateway(tmp_path, policy_text(small_upstream, large_upstream), env=env, server=server)
+    try:
+        for n, (path, protocol) in enumerate(_BODY_ROUTES.items()):
+            request_id = f"bad-chunk-{n}"
+            head, _, body = _raw(gateway, (
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                f"x-request-id: {request_id}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"
+            ).encode()).partition(b"\r\n\r\n")  # fmt: skip
+            assert head.startswith(b"HTTP/1.1 400 "), (path, head)
+            if server == "granian":  # the gateway's own answer (uvicorn's is its "Invalid HTTP request received.")
+                assert f"x-request-id: {request_id}".encode() in head.lower(), (path, head)
+                error = msgspec.json.decode(body)
+                if protocol == "anthropic":
+                    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+                else:
+                    assert error["error"]["code"] == "body_unreadable", (path, error)
+                assert "request body could not be read" in error["error"]["message"]
+            if path != "/v1/messages/count_tokens":  # counting is not a request of the log's
+                # logged as the server told it, under either server (nobody reads the 400 of a client gone)
+                record = gateway.wait_for_record(request_id)
+                assert (record["status"], record["error_type"]) == (499, "client_disconnected"), (server, path)
+    finally:
+        gateway.stop()
+
+
 def test_a_cache_hit_is_a_new_answer_with_its_own_id_and_says_it_came_from_the_cache(gw: GatewayProcess) -> None:
     body = {"model": "auto", "temperature": 0, "messages": [{"role": "user", "content": f"ids {time.time_ns()}"}]}
     first = httpx.post(f"{gw.base_url}/chat/completions", json=body, timeout=10)

@@ -15,6 +15,7 @@ _NO_LOG_LINE = {
     "feedback_unavailable": "/v1/feedback",
     "usage_unavailable": "/v1/usage",
     "service_unavailable": "the base class of the 503s, never raised as it is",
+    "body_unreadable": "answered for a body the server says its client left half-sent, logged client_disconnected",
 }
 """Codes only endpoints that write no request-log line answer with."""
 
