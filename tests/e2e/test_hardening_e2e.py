@@ -403,6 +403,31 @@ def test_a_list_where_a_type_belongs_is_a_400_not_a_500(gw: GatewayProcess, path
     assert kind == "invalid_request_error", response.text
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/chat/completions", b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "temperature": 1e999}', "temperature"),
+        ("/chat/completions", b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "top_p": -1e999}', "top_p"),
+        ("/chat/completions", b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1e999}', "max_tokens"),
+        ("/chat/completions", b'{"model": "fast", "messages": [{"role": "user", "content": "x", "w": [1, {"v": 1e999}]}]}', "messages[0].w[1].v"),
+        ("/completions", b'{"model": "fast", "prompt": "x", "temperature": 1e999}', "temperature"),
+        ("/embeddings", b'{"model": "vectors", "input": "x", "dimensions": 1e999}', "dimensions"),
+        ("/responses", b'{"model": "fast", "input": "x", "temperature": 1e999}', "temperature"),
+    ],
+)  # fmt: skip
+def test_a_number_out_of_range_is_a_400_naming_its_parameter(
+    gw: GatewayProcess, path: str, body: bytes, param: str
+) -> None:
+    """t126: chat answered ``1e999`` "invalid request: Number out of range" with ``param: null``
+    (msgspec says only "a value of the body"); /v1/messages named the field."""
+    response = httpx.post(
+        f"{gw.base_url}{path}", content=body, timeout=10, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["message"]) == (param, f"invalid parameter '{param}': Number out of range")
+
+
 def test_defect9_a_body_that_never_finishes_is_answered_408(gw: GatewayProcess) -> None:
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as connection:
         connection.sendall(

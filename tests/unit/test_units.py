@@ -390,13 +390,17 @@ def test_a_run_of_a_million_blanks_is_counted_not_a_crash() -> None:
     assert count_text(" " * 1_000_000 + "a", "cl100k_base") > 1000
 
 
-def test_a_number_out_of_range_names_no_parameter_rather_than_an_empty_one() -> None:
-    """msgspec says where only as "a value of the body" (``$[...]``): no parameter, not ``""``."""
+def test_a_number_out_of_range_names_its_parameter() -> None:
+    """msgspec says where only as "a value of the body" (``$[...]``): the parameter is found in
+    the body refused (t126: it was ``null``, where /v1/messages named it)."""
     from gateway.protocols.body import decode_body
 
     with pytest.raises(InvalidRequestError) as caught:
         decode_body(b'{"max_tokens": ' + b"9" * 5000 + b"}", dict[str, Any])
-    assert caught.value.param is None and "out of range" in caught.value.message
+    assert caught.value.param == "max_tokens" and "out of range" in caught.value.message
+    with pytest.raises(InvalidRequestError) as nested:
+        decode_body(b'{"a": 1, "b\\"c": {"d": [0, -1e999]}}', dict[str, Any])
+    assert nested.value.param == 'b"c.d[1]'
 
 
 def test_a_lone_surrogate_is_named_not_called_truncated() -> None:
