@@ -56,12 +56,12 @@ __all__ = [
     "CHAT_UPSTREAM_LOSSES",
     "CallNumbering",
     "CallRelay",
+    "ChunkDeltas",
     "ChunkReader",
     "answer_from_completion",
     "answer_from_message",
     "chat_finish_reason",
     "chunk_body",
-    "chunk_delta",
     "completion_body",
     "completion_from_answer",
     "grown_name",
@@ -319,8 +319,8 @@ def _refusal(message: dict[str, Any], i: int) -> tuple[TextPart, ...]:
 
 def _echoed_thinking(message: dict[str, Any]) -> list[ThinkingPart | RedactedThinkingPart]:
     """The signed reasoning of an answer (its ``thinking_blocks``) sent back with it: Anthropic
-    requires it before the tool calls it led to. A streamed answer's block has its text in the
-    ``reasoning_content`` deltas and only the signature in ``thinking_blocks``."""
+    requires it before the tool calls it led to. A streamed block's entry had only its signature
+    (before t128): one such block takes the text of ``reasoning_content``."""
     parts = [part for part in _thinking(message) if not isinstance(part, ThinkingPart) or part.signature]
     reasoning = reasoning_of(message)
     signed = [part for part in parts if isinstance(part, ThinkingPart)]
@@ -687,19 +687,46 @@ def completion_from_answer(answer: Answer, usage: Usage | None, *, serving: dict
     )
 
 
-def chunk_delta(delta: Delta) -> dict[str, Any] | None:
-    """A delta as a chunk's ``delta`` (the reverse of :class:`ChunkReader`); None for those a
-    chunk does not carry (:class:`Finish` and :class:`UsageReport` go elsewhere in a chunk)."""
+class ChunkDeltas:
+    """One stream's deltas as its chunks' ``delta`` (the reverse of :class:`ChunkReader`).
+
+    A thinking block's ``thinking_blocks`` entry has its ``index`` among the answer's blocks, as
+    a tool call's has (the openai SDK's stream helper merges list entries by it), and a signed
+    block's, which comes with its signature, has the text its ``reasoning_content`` deltas spelled
+    out: entries kept as they came, or merged, are each block whole, to be sent back (t128: two
+    blocks came with their texts only joined, and no ``index``, which the helper raised on).
+    """
+
+    __slots__ = ("_blocks", "_thought")
+
+    def __init__(self) -> None:
+        self._blocks = 0
+        self._thought: list[str] = []
+        """The text of the thinking since the last signed block."""
+
+    def delta(self, delta: Delta) -> dict[str, Any] | None:
+        """None for a delta a chunk does not carry (:class:`Finish` and :class:`UsageReport`
+        go elsewhere in a chunk)."""
+        if isinstance(delta, ThinkingDelta):
+            self._thought.append(delta.text)
+            return {"reasoning_content": delta.text}
+        if isinstance(delta, ThinkingSignature):
+            block = {"index": self._blocks, "type": "thinking", "thinking": "".join(self._thought),
+                     "signature": delta.signature}  # fmt: skip
+            self._thought.clear()
+        elif isinstance(delta, RedactedThinking):
+            block = {"index": self._blocks, "type": "redacted_thinking", "data": delta.data}
+        else:
+            return _chunk_delta(delta)
+        self._blocks += 1
+        return {"thinking_blocks": [block]}
+
+
+def _chunk_delta(delta: Delta) -> dict[str, Any] | None:
     if isinstance(delta, TextDelta):
         return {"content": delta.text}
     if isinstance(delta, RefusalDelta):
         return {"refusal": delta.text}
-    if isinstance(delta, ThinkingDelta):
-        return {"reasoning_content": delta.text}
-    if isinstance(delta, ThinkingSignature):
-        return {"thinking_blocks": [{"type": "thinking", "thinking": "", "signature": delta.signature}]}
-    if isinstance(delta, RedactedThinking):
-        return {"thinking_blocks": [{"type": "redacted_thinking", "data": delta.data}]}
     if isinstance(delta, ToolCallStart):
         function = {"name": delta.name, "arguments": ""}
         return {"tool_calls": [{"index": delta.index, "id": delta.id, "type": "function", "function": function}]}
@@ -820,6 +847,7 @@ def stream_from_answer(
     first = next((d for d in deltas if not isinstance(d, (Finish, UsageReport))), None)
     textless = isinstance(first, (ToolCallStart, RefusalDelta))
     events = [event({"role": "assistant", "content": None if textless else ""})]
+    chunk_deltas = ChunkDeltas()
     for delta in deltas:
         if isinstance(delta, Finish):
             events.append(event({}, delta.other or chat_finish_reason(delta.reason), stop_reason=delta.stop_sequence))
@@ -829,7 +857,7 @@ def stream_from_answer(
                 wire = _usage_of(usage)
                 events.append(event(None, usage=wire))  # as a non-streamed replay's (completion_from_answer)
         else:
-            events.append(event(chunk_delta(delta)))
+            events.append(event(chunk_deltas.delta(delta)))
     events.append(b"data: [DONE]\n\n")
     return events
 

@@ -33,7 +33,7 @@ by :func:`gateway.protocols.anthropic_messages.encode_request`. For a chat clien
 
 Response (Anthropic → OpenAI), through the internal model too: the Messages codec reads the
 message (``decode_answer``) or the stream (``StreamDecoder``), the chat codec writes the
-completion (``completion_from_answer``) or each chunk's delta (``chunk_delta``), so:
+completion (``completion_from_answer``) or each chunk's delta (``ChunkDeltas``), so:
 text blocks are joined into ``message.content``
 (``null`` when there are none), ``tool_use`` blocks become ``message.tool_calls``,
 ``thinking`` blocks become ``message.reasoning_content`` (their text) and
@@ -266,7 +266,7 @@ def _translate_request(upstream: str, model: str, request: core.Request, *, stre
 
 class _AnthropicChatStream(ChatStream):
     """Anthropic's stream events read as deltas (the Messages codec's :class:`StreamDecoder`),
-    written as OpenAI chunks (:func:`openai_chat.chunk_delta`) for a chat client, or given as
+    written as OpenAI chunks (:class:`openai_chat.ChunkDeltas`) for a chat client, or given as
     they are (:meth:`next_deltas`) to a client of another protocol; usage goes to the tally.
 
     Nothing is given before the first content or finish: Anthropic says "overloaded" as an
@@ -283,6 +283,7 @@ class _AnthropicChatStream(ChatStream):
         # with stops, the line that starts text resumed after a call is added past the watch (t58)
         self._decoder = anthropic.StreamDecoder(joined=not stops)
         self._joiner = anthropic.TextJoiner()
+        self._chunk_deltas = openai_chat.ChunkDeltas()
         self._pending: deque[bytes] = deque()
         self._started = False
         self._said = False
@@ -377,7 +378,7 @@ class _AnthropicChatStream(ChatStream):
                 tally.replayable = tally.replayable and delta.reason != "pause_turn"  # not a whole answer
                 if chunks:
                     self._chunk({}, tally.finish_reason, tally.stop_sequence)
-            elif (chunk := openai_chat.chunk_delta(delta)) is not None:
+            elif (chunk := self._chunk_deltas.delta(delta)) is not None:
                 tally.take_delta(chunk)
                 if chunks:
                     self._chunk(chunk)

@@ -128,10 +128,10 @@ def main() -> None:
 
     def stream_through_chunks() -> object:
         decoder, encoder = anthropic.StreamDecoder(), anthropic.StreamEncoder("msg_1", "claude", 0)
-        reader, out = openai_chat.ChunkReader(), []
+        reader, writer, out = openai_chat.ChunkReader(), openai_chat.ChunkDeltas(), []
         for event in events:
             for delta in decoder.feed(event):
-                chunk = openai_chat.chunk_delta(delta)
+                chunk = writer.delta(delta)
                 if chunk is not None:
                     frame = b"data: " + openai_chat.chunk_body("c", 1, "claude", chunk) + b"\n\n"
                     out.append(encoder.feed(reader.read(msgspec.json.decode(frame[6:-2]))))
