@@ -468,29 +468,39 @@ _CONTINUE_FINAL_MESSAGE = {"continue_final_message": True, "add_generation_promp
 def for_openai_upstream(body: dict[str, Any]) -> dict[str, Any]:
     """``body`` without what only Anthropic upstreams read (OpenAI-compatible servers do not
     define it; some refuse it): ``cache_control`` on content parts and tools, a top-level
-    ``thinking`` setting, and assistant ``thinking`` / ``redacted_thinking`` parts. The same
-    object when there is none, the common case: plain string contents are not looked into.
-    :func:`not_for_openai_upstream` names what it takes out."""
+    ``thinking`` setting, and assistant ``thinking`` / ``redacted_thinking`` parts and
+    ``thinking_blocks`` (an answer's, sent back). The same object when there is none, the common
+    case: plain string contents are not looked into. :func:`not_for_openai_upstream` names what
+    it takes out."""
     messages = body.get("messages")
     tools = body.get("tools")
     thinking = isinstance(body.get("thinking"), dict)
     marked_tools = isinstance(tools, list) and any(isinstance(t, dict) and "cache_control" in t for t in tools)
-    marked_messages = isinstance(messages, list) and any(
-        isinstance(m, dict) and isinstance(content := m.get("content"), list) and any(_marked(p) for p in content)
-        for m in messages
-    )
+    marked_messages = isinstance(messages, list) and any(_anthropic_only(m) for m in messages)
     if not (marked_tools or marked_messages or thinking):
         return body
     out = {k: v for k, v in body.items() if k != "thinking"} if thinking else dict(body)
     if marked_tools:
         out["tools"] = [_unmarked(t) for t in tools]  # type: ignore[union-attr]
     if marked_messages:
-        out["messages"] = [
-            {**m, "content": _openai_content(m["content"])}
-            if isinstance(m, dict) and isinstance(m.get("content"), list)
-            else m
-            for m in messages  # type: ignore[union-attr]
-        ]
+        out["messages"] = [_openai_message(m) for m in messages]  # type: ignore[union-attr]
+    return out
+
+
+def _anthropic_only(message: Any) -> bool:
+    """Whether a message holds what :func:`for_openai_upstream` takes out of it."""
+    if not isinstance(message, dict):
+        return False
+    content = message.get("content")
+    return "thinking_blocks" in message or (isinstance(content, list) and any(_marked(p) for p in content))
+
+
+def _openai_message(message: Any) -> Any:
+    if not isinstance(message, dict) or not ("thinking_blocks" in message or isinstance(message.get("content"), list)):
+        return message
+    out = {k: v for k, v in message.items() if k != "thinking_blocks"}
+    if isinstance(out.get("content"), list):
+        out["content"] = _openai_content(out["content"])
     return out
 
 

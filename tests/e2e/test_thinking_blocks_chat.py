@@ -7,6 +7,7 @@ text, streamed or not, and keeps every body it was sent, so a test sees what the
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from aiohttp import web
 
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
-from tests.conftest import closed_after_test
+from tests.conftest import closed_after_test, upstream_stats
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 _BLOCKS: list[dict[str, Any]] = [
@@ -44,6 +45,9 @@ _MODELS = """  claude2:
     price: {{input: 3, output: 15}}
     timeouts: {{connect: 2, first_byte: 10, total: 20}}
 """
+
+
+_OVERLOADED = "Claude is overloaded: fall back."
 
 
 @dataclass
@@ -80,6 +84,9 @@ def _events(model: str) -> list[tuple[str, dict[str, Any]]]:
 async def _messages(request: web.Request, upstream: ClaudeUpstream) -> web.StreamResponse:
     body = await request.json()
     upstream.bodies.append(body)
+    if body["messages"][-1]["content"] == _OVERLOADED:
+        error = {"type": "overloaded_error", "message": "Overloaded"}
+        return web.json_response({"type": "error", "error": error}, status=529)
     if not body.get("stream"):
         return web.json_response({"id": "msg_two", "type": "message", "role": "assistant", "model": body["model"],
                                   "content": _BLOCKS, "stop_reason": "end_turn", "stop_sequence": None,
@@ -137,7 +144,7 @@ def gateway(
         small_upstream,
         large_upstream,
         extra_models=_MODELS.format(url=claude_upstream.url),
-        routes="  two-thoughts: {model: claude2}\n",
+        routes="  two-thoughts: {model: claude2}\n  claude-then-chat: {model: claude2, fallbacks: [small]}\n",
     )
     process = start_gateway(
         tmp_path_factory.mktemp("thinking"), policy, env={"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k"}
@@ -198,3 +205,18 @@ def test_a_streams_thinking_block_entries_are_numbered_and_a_raw_client_can_send
         "thinking_blocks": entries,
     }
     assert _sent_back(oai, claude_upstream, turn) == _SENT_BACK
+
+
+def test_thinking_blocks_sent_back_do_not_reach_a_chat_upstream_the_route_falls_back_to(
+    oai: openai.OpenAI, small_upstream: SimulatedUpstream
+) -> None:
+    """t128: a turn's ``thinking_blocks`` (Anthropic's signatures included) reached the chat
+    upstream while ``x-gateway-dropped`` said the thinking was left out."""
+    message = oai.chat.completions.create(model="two-thoughts", messages=_ASK).choices[0].message
+    turn = message.model_dump(exclude_none=True)
+    messages: list[Any] = [*_ASK, turn, {"role": "user", "content": _OVERLOADED}]
+    raw = oai.chat.completions.with_raw_response.create(model="claude-then-chat", messages=messages)
+    assert raw.headers["x-gateway-model"] == "small" and raw.headers["x-gateway-dropped"] == "thinking"
+    sent = upstream_stats(small_upstream)["last_request"]["body"]["messages"][1]
+    assert "thinking_blocks" not in sent and sent["content"] == turn["content"]
+    assert "S1" not in json.dumps(sent)

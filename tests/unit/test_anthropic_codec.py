@@ -284,6 +284,7 @@ def test_what_an_openai_upstream_is_not_sent_of_a_chat_clients_request_is_named(
         assert not_for_openai_upstream(openai_chat.read_chat_request(body)) == named, extra
         if not named:
             assert for_openai_upstream(body) is body  # nothing taken out
+        assert "sig==" not in json.dumps(for_openai_upstream(body))  # t128: named, yet thinking_blocks went on
 
 
 @pytest.mark.parametrize("streamed", [False, True])
