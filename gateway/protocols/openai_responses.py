@@ -301,10 +301,10 @@ def _input(raw: str | list[Any] | None, lenient: bool = False) -> tuple[list[Mes
         elif kind == "function_call_output":
             flush()
             call_id = _string(item, "call_id", where)
-            # a list: text and images as a tool's result holds them (t38: images and files were a 400
-            # also when passed through, which OpenAI's API takes)
+            # a list: text and images in order, as a tool's result holds them (t38: images and files were
+            # a 400 also when passed through, which OpenAI's API takes; t128: texts were glued, images moved)
             output = _content(item.get("output"), f"{where}.output", lenient)
-            messages.append(Message("tool", _joined_text(output), tool_call_id=call_id))
+            messages.append(Message("tool", output, tool_call_id=call_id))
             ids.append(_item_id(item, where, lenient))
         elif kind == "reasoning" or lenient:
             continue  # the model's own reasoning (or, passed through, an item only the upstream reads)
@@ -382,12 +382,6 @@ def _unread_in_last_turn(given: Any) -> str | None:
         ):
             return f"input[{last}].content[{index}]: a {kind!r} part the gateway does not read"
     return None
-
-
-def _joined_text(parts: tuple[Part, ...]) -> tuple[Part, ...]:
-    """A tool result's parts with its texts as one (a chat upstream's tool message is one text)."""
-    texts = [part.text for part in parts if isinstance(part, TextPart)]
-    return (TextPart("".join(texts)), *(part for part in parts if not isinstance(part, TextPart)))
 
 
 # -- tools and formats ------------------------------------------------------------

@@ -611,6 +611,40 @@ def test_a_tool_results_image_a_chat_upstream_cannot_read_is_named_as_dropped(cl
     assert raw.parse().output_text and raw.headers["x-gateway-dropped"] == "tool_result.image"
 
 
+def test_a_tool_results_list_keeps_its_parts_in_order_as_the_other_protocols_do(
+    client: openai.OpenAI, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t128: its texts were glued ("resB1resB2") and its images moved after them: an Anthropic
+    upstream now reads its blocks in order, a chat upstream its texts a line apart, as a chat
+    or Anthropic client's tool result with the same content reaches them."""
+
+    def items(*output: dict[str, str]) -> Any:
+        return [
+            {"type": "message", "role": "user", "content": "Plot it."},
+            {"type": "function_call", "call_id": "c1", "name": "plot", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": list(output)},
+        ]
+
+    before, after = {"type": "input_text", "text": "before image."}, {"type": "input_text", "text": "after image."}
+    image = {"type": "input_image", "image_url": "https://x/c.png"}
+    client.responses.create(model="claude", input=items(before, image, after), store=False)
+    result = _last_upstream_body(large_upstream)["messages"][-1]["content"][0]
+    assert result["type"] == "tool_result" and result["content"] == [
+        {"type": "text", "text": "before image."},
+        {"type": "image", "source": {"type": "url", "url": "https://x/c.png"}},
+        {"type": "text", "text": "after image."},
+    ]
+    raw = client.responses.with_raw_response.create(model="fast", input=items(before, image, after), store=False)
+    assert raw.headers["x-gateway-dropped"] == "tool_result.image"
+    assert _last_upstream_body(small_upstream)["messages"][-1]["content"] == "before image.\nafter image."
+    texts = items({"type": "input_text", "text": "resB1"}, {"type": "input_text", "text": "resB2"})
+    raw = client.responses.with_raw_response.create(model="fast", input=texts, store=False)
+    assert "x-gateway-dropped" not in raw.headers
+    assert _last_upstream_body(small_upstream)["messages"][-1] == {
+        "role": "tool", "tool_call_id": "c1", "content": "resB1\nresB2"
+    }  # fmt: skip
+
+
 def test_reasoning_is_dropped_with_a_note_for_a_chat_upstream(gateway: GatewayProcess) -> None:
     body = {
         "model": "fast",

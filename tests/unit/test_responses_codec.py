@@ -162,8 +162,8 @@ def _derived(prefix: str, response_id: str, place: int) -> str:
 
 
 def test_a_tool_result_of_text_and_images_keeps_both() -> None:
-    """Its texts as one, as a chat tool message holds it, and its images after (an Anthropic
-    upstream takes them; a chat upstream's loss is named in x-gateway-dropped)."""
+    """Its parts in order (an Anthropic upstream takes them so; a chat upstream reads its texts a
+    line apart, and its loss of the images is named in x-gateway-dropped; t128)."""
     output = [{"type": "input_text", "text": "The chart "}, {"type": "input_image", "image_url": "https://x/c.png"},
               {"type": "output_text", "text": "is above."}]  # fmt: skip
     decoded = _decode(
@@ -174,7 +174,8 @@ def test_a_tool_result_of_text_and_images_keeps_both() -> None:
     )
     result = decoded.request.messages[1]
     assert result.role == "tool" and result.tool_call_id == "c1"
-    assert result.parts == (TextPart("The chart is above."), ImagePart("https://x/c.png"))
+    assert result.parts == (TextPart("The chart "), ImagePart("https://x/c.png"), TextPart("is above."))
+    assert _chat(decoded)["messages"][1]["content"] == "The chart \nis above."
     with pytest.raises(InvalidRequestError, match="input_file"):  # a chat upstream has no place for it
         _decode(input=[{"type": "function_call_output", "call_id": "c1", "output": [{"type": "input_file"}]}])
 
