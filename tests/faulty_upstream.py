@@ -20,7 +20,8 @@ policy), so one server serves every fault:
   servers number every call), their arguments sent as JSON objects rather than text;
 - ``odd-calls``: tool calls streamed in the shape the last user message names (one of
   :data:`CALL_SHAPES`): the id and name repeated whole in every chunk, indices 0 and 2, indices
-  from 1, or calls with empty or absent arguments; not streamed, the message they add up to;
+  from 1, a first call whose arguments begin after the second's, or calls with empty or absent
+  arguments; not streamed, the message they add up to;
 - ``js-written``: an answer as a Node.js proxy writes it (t75): its text ends in half an emoji
   (a lone surrogate escape, ``"\\ud83d"``, which ``JSON.stringify`` writes and the SDKs read)
   and its usage counts are doubles (``22.0``), streamed or not;
@@ -279,6 +280,12 @@ CALL_SHAPES: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
     "from-one": (  # numbered 1, 2
         [_call(1, "call_a", "get_weather", '{"city":'), _call(2, "call_b", "get_time", '{"zone": "CET"}'),
          _call(1, None, None, ' "Paris"}')],
+        [{"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+         {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "CET"}'}}],
+    ),
+    "late-arguments": (  # the first call's arguments begin after the second call's (t128)
+        [_call(0, "call_a", "get_weather", ""), _call(1, "call_b", "get_time", '{"zone":'),
+         _call(0, None, None, '{"city": "Paris"}'), _call(1, None, None, ' "CET"}')],
         [{"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
          {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "CET"}'}}],
     ),

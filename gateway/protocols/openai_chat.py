@@ -888,10 +888,11 @@ def reasoning_of(message: dict[str, Any]) -> str | None:
 class ChunkReader:
     """Chat completion chunks (first choice) to deltas; tool calls keep their upstream index.
 
-    A tool call starts once its name is whole, when its arguments begin (or the answer ends):
-    some OpenAI-compatible servers send a call's id or arguments before its name, or its name
-    in pieces, and a call started nameless stays nameless (the next turn would send it upstream
-    so). Until then its id, name and arguments wait here.
+    A tool call starts once its name is whole, when its arguments begin or a later call comes
+    (or the answer ends): some OpenAI-compatible servers send a call's id or arguments before its
+    name, or its name in pieces, and a call started nameless stays nameless (the next turn would
+    send it upstream so). Until then its id, name and arguments wait here, and so do the calls
+    after it: calls start in the order they came, as the non-streamed answer lists them (t128).
     """
 
     __slots__ = ("_answer_id", "_numbering", "_started", "_waiting")
@@ -936,7 +937,7 @@ class ChunkReader:
         return deltas
 
     def flush(self) -> list[Delta]:
-        """The calls whose name never came, started as they are (at the answer's end)."""
+        """The calls whose name never came, and those after them, started as they are (at the answer's end)."""
         deltas: list[Delta] = []
         for index in list(self._waiting):
             self._start(index, deltas)
@@ -956,7 +957,16 @@ class ChunkReader:
         if fragment is not None:
             arguments.append(fragment)
         self._waiting[index] = (call_id, name, arguments)
-        if name and arguments:  # the name is whole once the arguments begin
+        self._release(deltas)
+
+    def _release(self, deltas: list[Delta]) -> None:
+        """Start the waiting calls whose names are whole, in order, up to the first that is not.
+        A name is whole once its call's arguments begin, or once a later call has come (the
+        upstream has moved on; a call with no arguments would otherwise hold the rest to the end)."""
+        waiting = list(self._waiting.items())  # in the order the calls came: their indices' order
+        for at, (index, (_, name, arguments)) in enumerate(waiting):
+            if not name or not (arguments or at + 1 < len(waiting)):
+                return
             self._start(index, deltas)
 
     def _start(self, index: int, deltas: list[Delta]) -> None:

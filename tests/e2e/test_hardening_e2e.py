@@ -20,6 +20,7 @@ import httpx
 import msgspec
 import openai
 import pytest
+from anthropic.types import ToolUseBlock
 from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.simulated import SimulatedUpstream
@@ -905,6 +906,7 @@ _ODD_CALLS = {
     "repeated": [_WEATHER],
     "gap": [_WEATHER, _TIME],
     "from-one": [_WEATHER, _TIME],
+    "late-arguments": [_WEATHER, _TIME],
     "no-arguments": [("call_a", "get_weather", "{}"), ("call_b", "get_time", "{}")],
 }
 
@@ -914,7 +916,9 @@ def test_odd_tool_calls_reach_a_chat_client_as_openai_sends_them(gw: GatewayProc
     """A compatible server that repeats a call's id and name in every chunk (the client read
     ``aa`` and ``ff``), numbers its calls 0, 2 or from 1 (the SDK's ``stream()`` helper raised
     IndexError), or gives a call no arguments (``''`` where OpenAI sends ``"{}"``): each call
-    reaches chat and Responses clients whole, streamed or not, numbered from 0 (t58)."""
+    reaches chat and Responses clients whole, streamed or not, numbered from 0 (t58), and
+    Anthropic clients too, in the order the calls came even when the first call's arguments
+    begin after the second's (t128: streamed, the second came first)."""
     client = closed_after_test(openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0))
     ask: Any = [{"role": "user", "content": shape}]
     fresh = {"cache-control": "no-store"}
@@ -937,6 +941,16 @@ def test_odd_tool_calls_reach_a_chat_client_as_openai_sends_them(gw: GatewayProc
     whole_items = client.responses.create(model="r-odd-calls", input=shape, extra_headers=fresh).output
     for output in (items, whole_items):
         assert [(i.call_id, i.name, i.arguments) for i in output if i.type == "function_call"] == _ODD_CALLS[shape]
+    claude = closed_after_test(anthropic.Anthropic(base_url=gw.url, api_key="x", max_retries=0, timeout=15))
+    asked: Any = {"model": "r-odd-calls", "max_tokens": 64, "messages": ask, "extra_headers": fresh}
+    with claude.messages.stream(**asked) as messages:
+        blocks = messages.get_final_message().content
+    whole_blocks = claude.messages.create(**asked).content
+    for content in (blocks, whole_blocks):  # t128: streamed, a call whose arguments began later came first
+        uses = [
+            (b.id, b.name, json.dumps(b.input, separators=(", ", ": "))) for b in content if isinstance(b, ToolUseBlock)
+        ]
+        assert uses == _ODD_CALLS[shape]
 
 
 def _released_after(faulty: FaultyUpstream, before: int, timeout_s: float = 10) -> int:
