@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 
-from gateway.errors import BudgetExceededError
+from gateway.errors import BudgetExceededError, LimiterUnavailableError
 
-__all__ = ["BUDGET_CAPS", "budget_error"]
+__all__ = ["BUDGET_CAPS", "budget_error", "unchecked_budget_error"]
 
 BUDGET_CAPS = frozenset({"usd_per_day", "usd_per_month"})
 
@@ -23,6 +23,27 @@ def budget_error(
         f"and this request may cost up to ${cost_usd:.4f} ({name})",
     )
     error.headers["retry-after"] = str(_seconds_to_next_period(now, cap))
+    return error
+
+
+_UNCHECKED_RETRY_S = 5
+"""A refusal only for want of Redis's word: a restarted Redis answers within seconds, and the
+SDKs retry a 503 after its ``retry-after``."""
+
+
+def unchecked_budget_error(
+    cap: str, owner: str, limit: float, allowance: float, let_through: float, cost_usd: float, *, name: str
+) -> LimiterUnavailableError:
+    """A budget Redis cannot be asked about, whose ``allowance`` in this worker meanwhile (the share of
+    ``limit`` it lets through unchecked) ``cost_usd`` would pass: a 503 to retry shortly, as ``closed``
+    answers, not ``insufficient_quota``, for nothing says the budget itself is spent."""
+    period = "daily" if cap == "usd_per_day" else "monthly"
+    error = LimiterUnavailableError(
+        f"{period} budget cannot be checked while Redis is unreachable: this worker's allowance for {owner} "
+        f"meanwhile is ${_usd(allowance)} of its ${_usd(limit)}, ${let_through:.4f} was let through and this "
+        f"request may cost up to ${cost_usd:.4f} ({name}); retry shortly",
+    )
+    error.headers["retry-after"] = str(_UNCHECKED_RETRY_S)
     return error
 
 

@@ -32,7 +32,7 @@ from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal
 from gateway.config.schema import Limits, Policy
 from gateway.errors import GatewayError, LimiterUnavailableError
-from gateway.limits.budget import budget_error
+from gateway.limits.budget import budget_error, unchecked_budget_error
 from gateway.limits.rate import RATE_CAPS, rate_limit_error, too_large_error
 from gateway.store import keyspace
 from gateway.store.base import (
@@ -104,15 +104,17 @@ class _Word:
     """USD let through since the word (estimates, corrected to costs when their settlements do not
     land), this day; ``since_month``, this month."""
     since_month: float = 0.0
+    blind_day: bool = False
+    """The store said nothing of this day: what was spent is unknown, and only :data:`_UNKNOWN_ROOM`
+    of the budget is let through (``blind_month``, of this month)."""
+    blind_month: bool = False
 
-    def at(self, day: str, month: str, limits: Limits) -> None:
+    def at(self, day: str, month: str) -> None:
         """Carried into a later day or month, on which the store's word says nothing."""
         if month != self.month:
-            self.month, self.since_month = month, 0.0
-            self.spent_month = _unknown_share(limits.usd_per_month)
+            self.month, self.since_month, self.spent_month, self.blind_month = month, 0.0, 0.0, True
         if day != self.day:
-            self.day, self.since_day = day, 0.0
-            self.spent_day = _unknown_share(limits.usd_per_day)
+            self.day, self.since_day, self.spent_day, self.blind_day = day, 0.0, 0.0, True
 
     def add(self, usd: float) -> None:
         self.since_day += usd
@@ -254,7 +256,8 @@ class Limiter:
     ) -> tuple[float, GatewayError | None]:
         """The budget share, and a refusal, by the store's last word on each spend counter this
         period plus what this process let through since. A budget this process has no word on
-        lets a tenth of itself through (:func:`_unknown_share`); rates are open."""
+        lets a tenth of itself through (:func:`_past_allowance`), its share counting only that
+        tenth's use; rates are open."""
         _, day, month = periods
         words = []
         share = 0.0
@@ -264,10 +267,11 @@ class Limiter:
             word = self._words.get(scope.spend)
             if word is None:
                 word = self._words[scope.spend] = _Word("", "", 0.0, 0.0)
-            word.at(day, month, scope_limits)
+            word.at(day, month)
             words.append(word)
             day_spent, month_spent = word.spent_day + word.since_day, word.spent_month + word.since_month
             refusal = _past_budget(principal, index, scope_limits, day_spent, month_spent, cost, at)
+            refusal = refusal or _past_allowance(principal, index, scope_limits, word, cost)
             if refusal is not None:
                 return share, refusal
             for limit, spent in ((scope_limits.usd_per_day, day_spent), (scope_limits.usd_per_month, month_spent)):
@@ -510,9 +514,19 @@ _UNKNOWN_ROOM = 0.1
 (or a day or month) it has no word on yet: each process so, not the whole budget each."""
 
 
-def _unknown_share(budget: float | None) -> float:
-    """What a budget the store has said nothing of is taken to have spent: all but :data:`_UNKNOWN_ROOM`."""
-    return (budget or 0.0) * (1 - _UNKNOWN_ROOM)
+def _past_allowance(principal: Principal, index: int, limits: Limits, word: _Word, cost: float) -> GatewayError | None:
+    """The refusal when ``cost`` passes the :data:`_UNKNOWN_ROOM` of a budget the store has said
+    nothing of this period: told as unchecked, not as spent (t127: "$0.4912 is spent" of $0.50,
+    the nine tenths never spent, with a retry-after at midnight)."""
+    for cap, limit, blind, since in (
+        ("usd_per_day", limits.usd_per_day, word.blind_day, word.since_day),
+        ("usd_per_month", limits.usd_per_month, word.blind_month, word.since_month),
+    ):
+        if limit is not None and blind and past_budget(since, cost, limit * _UNKNOWN_ROOM):
+            owner = f"key '{principal.key_id}'" if index == 0 else f"tenant '{principal.tenant}'"
+            name = f"{_SCOPE_NAMES[index]}.{cap}"
+            return unchecked_budget_error(cap, owner, limit, limit * _UNKNOWN_ROOM, since, cost, name=name)
+    return None
 
 
 def _limits(policy: Policy, principal: Principal) -> tuple[Limits, Limits]:

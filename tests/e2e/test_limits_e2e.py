@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -14,6 +17,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import openai
 import pytest
 import redis as redis_sync
 
@@ -361,5 +365,56 @@ def test_a_full_redis_fails_open_or_closed_by_policy_and_never_past_a_spent_budg
         assert _chat(gateway, "admin").status_code == 200  # no limits on this key or its tenant: nothing to check
         assert httpx.get(f"{gateway.url}/readyz", timeout=5).json()["redis"] == "full"
     finally:
+        gateway.stop()
+        server.stop()
+
+
+def test_with_redis_paused_a_keys_used_up_allowance_is_told_as_unchecked_and_retryable(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t127: a key this worker had no word on gets a tenth of its budget while Redis is away; once
+    used, the refusal read "$0.4912 is spent" of $0.50 (the other nine tenths, never spent) with
+    ``x-should-retry: false`` and a Retry-After at midnight, and those nine tenths downgraded it."""
+    server = start_embedded_redis(tmp_path / "redis")
+    auth = """auth:
+  mode: keys
+  key_file: keys.yaml
+  keys:
+    - {id: blind, tenant: blind, hash: "%s", limits: {usd_per_day: 0.005}}
+tenants:
+  blind: {downgrade_auto_at: 0.5}
+""" % hash_key("key-blind")
+    policy = policy_text(small_upstream, large_upstream, auth=auth, routes=ROUTES,
+                         limits="max_body_bytes: 65536, on_redis_error: open, redis_timeout_ms: 200")  # fmt: skip
+    gateway = start_gateway(tmp_path / "gw", policy, env={"REDIS_URL": server.url})
+    client = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="key-blind", max_retries=0, timeout=15))
+    ask = client.chat.completions.with_raw_response.create
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        models: list[str] = []
+        with pytest.raises(openai.APIStatusError) as refused:
+            for i in range(40):  # a tenth of $0.005: a few requests of about $0.0002
+                answer = ask(model="costly", messages=[{"role": "user", "content": f"b{i}"}], max_tokens=10)
+                models.append(answer.headers["x-gateway-model"])
+        assert 1 <= len(models) < 10 and set(models) == {"large"}  # nothing spent: no downgrade
+        error = refused.value
+        assert error.status_code == 503, error.response.text
+        assert error.response.json()["error"]["code"] == "limiter_unavailable"
+        assert "Redis" in error.message and "is spent" not in error.message
+        assert "x-should-retry" not in error.response.headers
+        assert 1 <= int(error.response.headers["retry-after"]) <= 10
+        messages = closed_after_test(anthropic.Anthropic(base_url=gateway.url, api_key="key-blind", max_retries=0))
+        with pytest.raises(anthropic.APIStatusError) as told:  # in the caller's protocol
+            messages.messages.create(model="costly", max_tokens=10, messages=[{"role": "user", "content": "m"}])
+        assert told.value.status_code == 503 and "Redis" in told.value.message
+        assert "x-should-retry" not in told.value.response.headers and told.value.response.headers["retry-after"]
+        threading.Timer(1.0, os.kill, (server.pid, signal.SIGCONT)).start()
+        retrying = client.with_options(max_retries=2)  # the SDK waits out Retry-After, and Redis is back
+        answer = retrying.chat.completions.with_raw_response.create(
+            model="costly", messages=[{"role": "user", "content": "after"}], max_tokens=10
+        )
+        assert answer.http_response.status_code == 200
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
         gateway.stop()
         server.stop()

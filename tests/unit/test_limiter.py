@@ -159,8 +159,8 @@ async def test_in_a_stall_what_requests_cost_replaces_their_estimates(monkeypatc
         await limiter.reserve(policy, principal, 10, 0.1)  # 0.01 + 0.45 + 0.45 + 0.1 > 1.00
     tomorrow = time.time() + 86400
     monkeypatch.setattr("gateway.limits.limiter.time.time", lambda: tomorrow)
-    assert (await limiter.reserve(policy, principal, 10, 0.05)).budget_share == pytest.approx(0.9)
-    with pytest.raises(BudgetExceededError):  # a day the store said nothing of: a tenth of the budget
+    assert (await limiter.reserve(policy, principal, 10, 0.05)).budget_share == 0.0  # nothing known spent
+    with pytest.raises(LimiterUnavailableError):  # a day the store said nothing of: a tenth of the budget
         await limiter.reserve(policy, principal, 10, 0.06)
     await limiter.aclose()
 
@@ -303,9 +303,15 @@ async def test_with_no_word_from_the_store_yet_a_stall_lets_a_tenth_of_a_budget_
     counters = _Stalling()
     counters.stalled = True
     limiter = Limiter(counters, UsageLedger(counters))
-    assert (await limiter.reserve(policy, _principal(), 10, 0.06)).budget_share == pytest.approx(0.9)
-    with pytest.raises(BudgetExceededError):
-        await limiter.reserve(policy, _principal(), 10, 0.06)  # 0.9 taken as spent + 0.06 + 0.06 > 1.00
+    assert (await limiter.reserve(policy, _principal(), 10, 0.06)).budget_share == 0.0  # no downgrade for it
+    with pytest.raises(LimiterUnavailableError) as refused:  # 0.06 + 0.06 > a tenth of 1.00: unchecked, not spent
+        await limiter.reserve(policy, _principal(), 10, 0.06)
+    assert refused.value.message == (
+        "monthly budget cannot be checked while Redis is unreachable: this worker's allowance for tenant 'team' "
+        "meanwhile is $0.10 of its $1.00, $0.0600 was let through and this request may cost up to $0.0600 "
+        "(tenant.usd_per_month); retry shortly"
+    )
+    assert refused.value.headers == {"retry-after": "5"}  # soon, and no x-should-retry: false
     unlimited = Principal("free", "other", frozenset({"*"}), Limits())
     assert (await limiter.reserve(policy, unlimited, 10, 50.0)).budget_share == 0.0  # no budget: open
     await limiter.aclose()
