@@ -1,7 +1,9 @@
-"""Rate limits: requests and tokens per minute, over a sliding window.
+"""Rate limits: requests and tokens per minute, over an approximation of a sliding window.
 
 A request counts this minute's requests and tokens plus the previous minute's,
-weighted by how much of the previous minute still falls in the last 60 s.
+weighted by how much of the previous minute still falls in the last 60 s. Each clock
+minute keeps to the limit; 60 s straddling two can hold up to twice it, less one request
+(README, t127).
 """
 
 from __future__ import annotations

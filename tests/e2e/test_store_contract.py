@@ -163,6 +163,22 @@ async def test_the_previous_minute_counts_for_what_is_left_of_it(store: Store) -
     assert (await store.counters.reserve(_ask(scopes, tokens=100, minute=1003), T)).refused_by is None
 
 
+async def test_a_real_minute_across_a_boundary_can_hold_twice_the_rpm_less_one(store: Store) -> None:
+    """t127: the README called the window sliding; it is two minutes, the previous one weighted by
+    what is left of it. Every clock minute keeps to the limit, but 60 s straddling two can hold
+    2 x rpm - 1: a full burst late in a quiet minute, then the next minute's room as its weight fades."""
+    scopes = _scopes(_tenant(), Caps(rpm=30), Caps())
+    start = 58.5 / 60  # the 60 s window: minute 1000 from 58.5 s, minute 1001 until 58.5 s
+    burst = [await store.counters.reserve(_ask(scopes, minute=1000, fraction=start), T) for _ in range(31)]
+    assert [outcome.refused_by for outcome in burst].count(None) == 30
+    in_window = in_minute = 0
+    for tenth in range(600):  # every 0.1 s of minute 1001, as many as it lets through
+        while (await store.counters.reserve(_ask(scopes, minute=1001, fraction=tenth / 600), T)).refused_by is None:
+            in_minute += 1
+            in_window += tenth / 600 < start
+    assert in_minute <= 30 and 30 + in_window == 2 * 30 - 1  # each clock minute within the rpm, 60 s not
+
+
 async def test_budgets_report_what_was_spent_and_the_share_used(store: Store) -> None:
     scopes = _scopes(_tenant(), Caps(usd_per_day=1.0), Caps(usd_per_month=10.0))
     first = await store.counters.reserve(_ask(scopes, cost=0.6), T)
