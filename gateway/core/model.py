@@ -168,6 +168,9 @@ class Request(msgspec.Struct, kw_only=True):
     """Why part of the client's request has no place in this model (a content part, role or tool
     it has no type for). The request still goes, as it came, to an upstream of the client's own
     protocol; an upstream of another protocol refuses it with this reason, and it is not cached."""
+    unreadable_param: str = "messages"
+    """The field :attr:`unreadable` is about, the refusal's ``param`` (t128: a chat client's
+    ``tool_choice`` or ``tools`` was refused naming ``messages``)."""
 
 
 class Usage(msgspec.Struct, kw_only=True):

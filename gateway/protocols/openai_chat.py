@@ -191,7 +191,7 @@ def read_chat_request(body: dict[str, Any]) -> Request:
         request = request_from_chat_body(body)
     except InvalidRequestError as exc:
         request = _readable_part(body)
-        request.unreadable = exc.message
+        request.unreadable, request.unreadable_param = exc.message, exc.param or "messages"
     request.extra = {key: value for key, value in body.items() if key not in _MODELED}
     return request
 

@@ -257,7 +257,7 @@ def _translate_request(upstream: str, model: str, request: core.Request, *, stre
     """The internal request written by the Messages codec; refused when the client's request
     held what the internal model could not (:attr:`core.Request.unreadable`)."""
     if request.unreadable is not None:
-        raise InvalidRequestError(request.unreadable, param="messages")
+        raise InvalidRequestError(request.unreadable, param=request.unreadable_param)
     n = request.extra.get("n")
     if isinstance(n, int) and n > 1:
         raise InvalidRequestError(f"n > 1 is not supported by anthropic upstream '{upstream}'", param="n")

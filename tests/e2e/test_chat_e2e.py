@@ -262,6 +262,23 @@ def test_a_history_reads_the_same_on_every_route(
     assert client.chat.completions.create(model=model, messages=MESSAGES, tool_choice="none").choices
 
 
+def test_a_refused_tool_or_tool_choice_names_its_param_on_a_claude_route(client: openai.OpenAI) -> None:
+    """t128: an ``allowed_tools`` choice and a custom tool were 400s naming ``messages``."""
+    tools: Any = [{"type": "function", "function": {"name": "get", "parameters": {"type": "object"}}}]
+    allowed = {
+        "type": "allowed_tools",
+        "allowed_tools": {"mode": "auto", "tools": [{"type": "function", "function": {"name": "get"}}]},
+    }
+    asks: dict[str, dict[str, Any]] = {
+        "tool_choice": {"tools": tools, "tool_choice": allowed},
+        "tools": {"tools": [{"type": "custom", "custom": {"name": "grep"}}]},
+    }
+    for param, ask in asks.items():
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="claude", messages=MESSAGES, **ask)
+        assert refused.value.param == param, refused.value.body
+
+
 def test_gateway_counts_tokens_when_upstream_reports_no_usage(
     client: openai.OpenAI, gateway: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:
