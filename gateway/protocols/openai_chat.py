@@ -329,6 +329,24 @@ def _echoed_thinking(message: dict[str, Any]) -> list[ThinkingPart | RedactedThi
     return parts
 
 
+_PART_FIELDS: dict[Any, frozenset[str]] = {
+    "text": frozenset({"type", "text", "cache_control"}),
+    "refusal": frozenset({"type", "refusal", "cache_control"}),
+    "image_url": frozenset({"type", "image_url", "cache_control"}),
+    "thinking": frozenset({"type", "thinking", "signature"}),
+    "redacted_thinking": frozenset({"type", "data"}),
+}
+"""The keys the model reads of each content part it has a type for."""
+
+
+def _refuse_unknown_keys(raw: dict[str, Any], known: frozenset[str], where: str) -> None:
+    """A key the model has no place for, unless empty, is refused as a message's unknown field is
+    (OpenAI refuses both; t128: a part's was left out without a word)."""
+    for key, value in raw.items():
+        if key not in known and value not in (None, False, "", [], {}):
+            raise InvalidRequestError(f"{where}.{key} cannot be sent to this upstream", param="messages")
+
+
 def _internal_parts(content: Any, i: int) -> tuple[Part, ...]:
     """Empty text is left out (Anthropic refuses empty text blocks, and it says nothing)."""
     if content is None:
@@ -338,9 +356,12 @@ def _internal_parts(content: Any, i: int) -> tuple[Part, ...]:
     if not isinstance(content, list):
         raise InvalidRequestError(f"messages[{i}]: content must be a string or a list of parts", param="messages")
     parts: list[Part] = []
-    for raw in content:
+    for j, raw in enumerate(content):
         kind = raw.get("type") if isinstance(raw, dict) else None
         assert kind is None or isinstance(raw, dict)
+        known = _PART_FIELDS.get(kind)
+        if known is not None and not raw.keys() <= known:
+            _refuse_unknown_keys(raw, known, f"messages[{i}].content[{j}]")
         marked = (
             raw.get("cache_control") if isinstance(raw, dict) and isinstance(raw.get("cache_control"), dict) else None
         )

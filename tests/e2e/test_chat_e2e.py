@@ -279,6 +279,22 @@ def test_a_refused_tool_or_tool_choice_names_its_param_on_a_claude_route(client:
         assert refused.value.param == param, refused.value.body
 
 
+def test_an_unknown_key_in_a_content_part_is_refused_on_a_claude_route(
+    client: openai.OpenAI, large_upstream: SimulatedUpstream
+) -> None:
+    """t128: an unknown key of a content part was dropped without a word, where an unknown field of
+    a message is a 400 naming it (OpenAI refuses both); an empty one is taken, as a message's is."""
+    part: Any = {"type": "text", "text": "alpha beta gamma", "foo": 1}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="claude", messages=[{"role": "user", "content": [part]}])
+    assert refused.value.param == "messages"
+    assert isinstance(refused.value.body, dict)
+    assert refused.value.body["message"] == "messages[0].content[0].foo cannot be sent to this upstream"
+    assert upstream_stats(large_upstream)["requests"] == 0
+    part["foo"] = None
+    assert client.chat.completions.create(model="claude", messages=[{"role": "user", "content": [part]}]).choices
+
+
 def test_gateway_counts_tokens_when_upstream_reports_no_usage(
     client: openai.OpenAI, gateway: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:
