@@ -6,7 +6,8 @@ by :func:`gateway.protocols.anthropic_messages.encode_request`. For a chat clien
 
 - ``system`` and ``developer`` messages, wherever they are, become the top-level
   ``system`` string (joined with a blank line), or its text blocks when a part carries
-  ``cache_control``; ``cache_control`` on content parts and on tools is passed on.
+  ``cache_control`` (one after the conversation began is named ``system.position`` in
+  ``x-gateway-dropped``); ``cache_control`` on content parts and on tools is passed on.
 - ``user`` / ``assistant`` messages become ``messages``; content is a string or a list
   of parts: ``text`` → text block, ``image_url`` → image block (``data:`` URLs as a
   base64 source, http(s) URLs as a url source). Consecutive messages of one role are
@@ -250,7 +251,19 @@ def _not_carried(request: core.Request, one_sampler: bool = False) -> list[str]:
         lost.append("image_url.detail")
     if any(message.name for message in request.messages):
         lost.append("messages.name")  # Anthropic's turns have no speaker's name (t78)
+    if _system_after_turns(request.messages):
+        lost.append("system.position")  # in the top-level system: Anthropic's turns hold none (t128)
     return lost
+
+
+def _system_after_turns(messages: list[core.Message]) -> bool:
+    began = False
+    for message in messages:
+        if message.role != "system":
+            began = True
+        elif began:
+            return True
+    return False
 
 
 def _translate_request(upstream: str, model: str, request: core.Request, *, stream: bool) -> dict[str, Any]:

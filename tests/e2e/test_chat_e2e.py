@@ -262,6 +262,26 @@ def test_a_history_reads_the_same_on_every_route(
     assert client.chat.completions.create(model=model, messages=MESSAGES, tool_choice="none").choices
 
 
+def test_a_late_system_message_moved_for_anthropic_is_named(
+    client: openai.OpenAI, large_upstream: SimulatedUpstream
+) -> None:
+    """t128: a system message after the conversation began went into Claude's top-level ``system``
+    without a word; Anthropic's turns have no place for it. A leading one is where it was."""
+    late: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "system", "content": "LATE SYS"},
+        {"role": "user", "content": "alpha beta gamma"},
+    ]
+    raw = client.chat.completions.with_raw_response.create(model="claude", messages=late)
+    assert raw.headers["x-gateway-dropped"] == "system.position"
+    sent = upstream_stats(large_upstream)["last_request"]["body"]
+    assert sent["system"] == "LATE SYS" and [m["role"] for m in sent["messages"]] == ["user", "assistant", "user"]
+    leading: list[ChatCompletionMessageParam] = [*MESSAGES[:1], {"role": "developer", "content": "x"}, *late[:2]]
+    raw = client.chat.completions.with_raw_response.create(model="claude", messages=[*leading, late[-1]])
+    assert "x-gateway-dropped" not in raw.headers
+
+
 def test_a_refused_tool_or_tool_choice_names_its_param_on_a_claude_route(client: openai.OpenAI) -> None:
     """t128: an ``allowed_tools`` choice and a custom tool were 400s naming ``messages``."""
     tools: Any = [{"type": "function", "function": {"name": "get", "parameters": {"type": "object"}}}]
