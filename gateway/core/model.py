@@ -168,6 +168,11 @@ class Request(msgspec.Struct, kw_only=True):
     """Why part of the client's request has no place in this model (a content part, role or tool
     it has no type for). The request still goes, as it came, to an upstream of the client's own
     protocol; an upstream of another protocol refuses it with this reason, and it is not cached."""
+    unsigned_reasoning: str | None = None
+    """The field (``reasoning_content`` or ``reasoning``) in which a chat client sent an answer's
+    reasoning back without Anthropic's signature. The model holds no such reasoning (a chat
+    upstream gets the client's body, which has it); an Anthropic upstream, which refuses unsigned
+    reasoning, is not sent it, and names it."""
     unreadable_param: str = "messages"
     """The field :attr:`unreadable` is about, the refusal's ``param`` (t128: a chat client's
     ``tool_choice`` or ``tools`` was refused naming ``messages``)."""

@@ -255,6 +255,7 @@ def request_from_chat_body(body: dict[str, Any]) -> Request:
         user=body["user"] if isinstance(body.get("user"), str) and body["user"] else None,
     )
     request.tools, request.tool_choice = _internal_tools(body)
+    request.unsigned_reasoning = _unsigned_reasoning(messages, request.messages)
     response_format = body.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
         spec = response_format.get("json_schema")
@@ -303,6 +304,22 @@ def _internal_message(message: Any, i: int) -> Message:
             raise InvalidRequestError(f"messages[{i}]: a tool message needs a tool_call_id", param="messages")
         return Message("tool", _internal_parts(content, i), tool_call_id=call_id)
     raise InvalidRequestError(f"messages[{i}]: role {role!r} is not supported", param="messages")
+
+
+def _unsigned_reasoning(sent: list[dict[str, Any]], messages: list[Message]) -> str | None:
+    """The field of the first answer sent back with reasoning but no signed thinking (t128: an
+    Anthropic upstream left it out without a word)."""
+    for raw, message in zip(sent, messages, strict=True):
+        if (
+            message.role == "assistant"
+            and reasoning_of(raw)
+            and not any(
+                isinstance(part, RedactedThinkingPart) or (isinstance(part, ThinkingPart) and part.signature)
+                for part in message.parts
+            )
+        ):
+            return "reasoning_content" if raw.get("reasoning_content") else "reasoning"
+    return None
 
 
 def _refusal(message: dict[str, Any], i: int) -> tuple[TextPart, ...]:

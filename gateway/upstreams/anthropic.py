@@ -24,7 +24,8 @@ by :func:`gateway.protocols.anthropic_messages.encode_request`. For a chat clien
 - ``thinking`` (the gateway's carrier for Anthropic's setting) is passed on, and so are
   assistant ``thinking`` / ``redacted_thinking`` parts (signed reasoning from earlier
   turns, which Anthropic needs back before a tool result); unsigned reasoning (another
-  upstream's) is left out, since Anthropic would refuse it.
+  upstream's) is left out, since Anthropic would refuse it (an answer's ``reasoning_content``
+  sent back so is named in ``x-gateway-dropped``).
 - Dropped, having no Anthropic equivalent: ``n`` (``n > 1`` is refused with a 400),
   ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``seed``,
   ``response_format`` (a JSON schema aside), ``logprobs``, ``top_logprobs``, the
@@ -251,6 +252,8 @@ def _not_carried(request: core.Request, one_sampler: bool = False) -> list[str]:
         lost.append("image_url.detail")
     if any(message.name for message in request.messages):
         lost.append("messages.name")  # Anthropic's turns have no speaker's name (t78)
+    if request.unsigned_reasoning is not None:
+        lost.append(request.unsigned_reasoning)  # Anthropic refuses reasoning it did not sign
     if _system_after_turns(request.messages):
         lost.append("system.position")  # in the top-level system: Anthropic's turns hold none (t128)
     return lost

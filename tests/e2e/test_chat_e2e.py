@@ -282,6 +282,34 @@ def test_a_late_system_message_moved_for_anthropic_is_named(
     assert "x-gateway-dropped" not in raw.headers
 
 
+def test_unsigned_reasoning_sent_back_to_anthropic_is_named(
+    client: openai.OpenAI, large_upstream: SimulatedUpstream
+) -> None:
+    """t128: an answer's ``reasoning_content`` sent back without Anthropic's signed
+    ``thinking_blocks`` (another upstream's reasoning) was left out without a word: Anthropic
+    refuses unsigned reasoning. Signed, it goes, and nothing is named."""
+    for field in ("reasoning_content", "reasoning"):
+        history = [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b", field: "I thought"},
+            {"role": "user", "content": "alpha beta gamma"},
+        ]
+        raw = client.chat.completions.with_raw_response.create(model="claude", messages=history)  # type: ignore[arg-type]
+        assert raw.headers["x-gateway-dropped"] == field
+        assert upstream_stats(large_upstream)["last_request"]["body"]["messages"][1]["content"] == "b"
+    question: list[ChatCompletionMessageParam] = [{"role": "user", "content": "a"}]
+    thinking = {"thinking": {"type": "enabled", "budget_tokens": 1024}}
+    answer = client.chat.completions.create(model="claude", messages=question, extra_body=thinking).choices[0]
+    signed: Any = answer.message.model_dump(exclude_none=True)
+    assert signed["reasoning_content"] and signed["thinking_blocks"][0]["signature"]
+    raw = client.chat.completions.with_raw_response.create(
+        model="claude", messages=[*question, signed, {"role": "user", "content": "c"}]
+    )
+    assert "x-gateway-dropped" not in raw.headers
+    sent = upstream_stats(large_upstream)["last_request"]["body"]["messages"][1]["content"]
+    assert sent[0] == {"type": "thinking", "thinking": signed["reasoning_content"], **signed["thinking_blocks"][0]}
+
+
 def test_a_refused_tool_or_tool_choice_names_its_param_on_a_claude_route(client: openai.OpenAI) -> None:
     """t128: an ``allowed_tools`` choice and a custom tool were 400s naming ``messages``."""
     tools: Any = [{"type": "function", "function": {"name": "get", "parameters": {"type": "object"}}}]
