@@ -9,6 +9,7 @@ from pathlib import Path
 
 from gateway.cli._parsers import Subcommands
 from gateway.config.guard import refuse_weakening_by_omission
+from gateway.config.kept import KEPT_POLICY, kept_for
 from gateway.config.loader import LoadedPolicy, load_policy, load_policy_text
 from gateway.errors import ConfigError
 
@@ -36,8 +37,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         report_invalid(exc)
         return 1
-    kept = Path(args.data_dir) / "policy.last-accepted.yaml"
-    in_force = _in_force(kept, base_dir=Path(args.path).parent)
+    kept = Path(args.data_dir) / KEPT_POLICY
+    # its key file as the gateway reads it: beside the policy file in force, wherever this one is (t134)
+    in_force = _in_force(kept, base_dir=(kept_for(kept) or Path(args.path)).parent)
     if isinstance(in_force, LoadedPolicy):
         try:
             refuse_weakening_by_omission(in_force, loaded)

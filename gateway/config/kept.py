@@ -8,7 +8,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["KEPT_POLICY", "KeptForAnother", "keep_policy", "kept_key_file", "read_kept_policy", "write_kept"]
+__all__ = [
+    "KEPT_POLICY",
+    "KeptForAnother",
+    "keep_policy",
+    "kept_for",
+    "kept_key_file",
+    "read_kept_policy",
+    "write_kept",
+]
 
 KEPT_POLICY = "policy.last-accepted.yaml"
 _KEPT_FOR = "policy.last-accepted.source"
@@ -32,6 +40,16 @@ def keep_policy(
     kept.with_name(_KEPT_FOR).write_text(os.path.abspath(policies) + "\n", encoding="utf-8")
     write_kept(kept, text, key_file_text)
     return kept
+
+
+def kept_for(kept: Path) -> Path | None:
+    """The policy file the policy at ``kept`` was kept for (its relative paths, the key file's
+    among them, are read beside it); None when the folder does not say (not written by ``serve``)."""
+    try:
+        source = kept.with_name(_KEPT_FOR).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return Path(source) if source else None
 
 
 def kept_key_file(kept: Path) -> Path:
@@ -70,10 +88,9 @@ def read_kept_policy(data_dir: str | os.PathLike[str], policies: str | os.PathLi
     another file, or does not say which (a folder not written by ``serve``)."""
     kept = Path(data_dir) / KEPT_POLICY
     text = kept.read_text(encoding="utf-8")
-    try:
-        source = kept.with_name(_KEPT_FOR).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        raise KeptForAnother(f"{kept} does not say which policy file it was kept for") from None
+    source = kept_for(kept)
+    if source is None:
+        raise KeptForAnother(f"{kept} does not say which policy file it was kept for")
     if os.path.realpath(source) != os.path.realpath(policies):
         raise KeptForAnother(f"{kept} was kept for {source}, not for {policies}")
-    return kept, text, Path(source).parent
+    return kept, text, source.parent

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from gateway.auth import hash_key
+from gateway.config.kept import keep_policy
 from gateway.services.redis_server import start_embedded_redis
 from gateway.simulated import SimulatedUpstream
 from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
@@ -371,6 +372,50 @@ def test_cli_check_refuses_what_a_running_gateway_refuses_by_its_policy_in_force
     result = _check(path)
     assert result.returncode == 0, result.stderr
     assert refusal not in result.stdout + result.stderr
+
+
+def test_cli_check_reads_the_key_file_in_force_beside_the_policy_file_not_beside_the_candidate(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t134: a candidate staged in another folder (a release folder) was compared with the policy in
+    force read with the key file beside the candidate: it found no keys in force, so it passed
+    edits the gateway refuses (a tenant its keys name left out, an emptied key file), and gave the
+    version in force wrong. The data dir says which policy file is in force; its key file is beside it."""
+    in_force = policy_text(small_upstream, large_upstream, auth=KEYED) + TENANTS
+    keys = "keys:\n" + "".join(f"  - {{id: {n}, tenant: team-a, hash: '{hash_key(n)}'}}\n" for n in ("a", "b"))
+    (tmp_path / "keys.yaml").write_text(keys)
+    path = tmp_path / "policies.yaml"
+    path.write_text(in_force)
+    data = tmp_path / "data"
+    data.mkdir()
+    keep_policy(data, in_force, path, keys)
+    version = re.search(r"ok \(version (\w+)\)", _check(path).stdout)
+    assert version is not None
+    kept = data / "policy.last-accepted.yaml"
+
+    staged = tmp_path / "release"
+    staged.mkdir()
+    candidate = staged / "policies.yaml"
+    candidate.write_text(in_force.replace("key_file: keys.yaml", f"key_file: {tmp_path / 'keys.yaml'}"))
+    result = _check(candidate, data_dir=data)
+    assert result.returncode == 0, result.stderr
+    assert f"compared with the policy in force at {kept} (version {version[1]})" in result.stdout
+
+    # the candidate's own relative key_file is beside it: here none, so its keys are gone
+    candidate.write_text(in_force.replace(TENANTS, "tenants:\n  team-z: {}\n"))
+    result = _check(candidate, data_dir=data)
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith(
+        f"{candidate}: a running gateway refuses it (the policy it keeps in force: {kept}, "
+    )
+    refusal = "auth.key_file `keys.yaml` is missing, empty or has no `keys` list while the policy in force has 2 keys"
+    assert refusal in result.stderr
+
+    (staged / "keys.yaml").write_text("")
+    candidate.write_text(in_force)
+    result = _check(candidate, data_dir=data)
+    assert result.returncode == 1, result.stdout
+    assert refusal in result.stderr
 
 
 def test_cli_check_says_in_one_line_that_no_policy_in_force_was_found(
