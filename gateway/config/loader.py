@@ -170,19 +170,20 @@ def load_policy_text(
         raise ConfigError(
             source, [*problems.messages, "the file must be a mapping of sections (version, models, routes, ...)"]
         )
-    policy, dropped = convert_policy(data, problems)
+    policy, dropped, broken = convert_policy(data, problems)  # a broken section's stand-in: only for the rules
     digest = hashlib.sha256(text.encode())
-    if policy is not None:
-        policy = _with_tokenizer_paths(policy, base_dir or Path("."), problems)
-        key_path = key_file_path(policy, base_dir or Path("."))
-        key_file = _read_key_file(key_path, environ, problems, notes, key_file_text) if key_path is not None else None
-        if key_file is not None:
-            digest.update(key_file.text.encode())
-        check_policy(policy, problems, dropped=dropped, key_file=key_file and (key_file.keys, key_file.problems))
-        if key_file is not None and key_file.keys:
-            auth = msgspec.structs.replace(policy.auth, keys=[*policy.auth.keys, *key_file.keys])
-            policy = msgspec.structs.replace(policy, auth=auth)
-    if problems or policy is None:
+    policy = _with_tokenizer_paths(policy, base_dir or Path("."), problems)
+    key_path = key_file_path(policy, base_dir or Path("."))
+    key_file = _read_key_file(key_path, environ, problems, notes, key_file_text) if key_path is not None else None
+    if key_file is not None:
+        digest.update(key_file.text.encode())
+    check_policy(
+        policy, problems, dropped=dropped, broken=broken, key_file=key_file and (key_file.keys, key_file.problems)
+    )
+    if key_file is not None and key_file.keys:
+        auth = msgspec.structs.replace(policy.auth, keys=[*policy.auth.keys, *key_file.keys])
+        policy = msgspec.structs.replace(policy, auth=auth)
+    if problems or broken:
         raise ConfigError(source, problems.messages)
     warnings = [
         *(notes or []),

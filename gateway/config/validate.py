@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import msgspec
 import tiktoken
 
-from gateway.config.schema import SEMANTIC_CUTOFFS, AuthKey, AuthPolicy, Policy
+from gateway.config.schema import SEMANTIC_CUTOFFS, AuthKey, AuthPolicy, Pair, Policy
 
 _ENCODINGS = tuple(sorted(name for name in tiktoken.registry.list_encoding_names() if not name.endswith("_offline")))
 """tiktoken's encodings (the gateway's offline copies carry a suffix of their own)."""
@@ -109,17 +109,18 @@ def convert(data: Any, cls: type[T], path: Path, problems: Problems) -> T | None
     return None if value is _INVALID else typing.cast(T, value)
 
 
-def convert_policy(data: Mapping[str, Any], problems: Problems) -> tuple[Policy | None, dict[str, set[str]]]:
+def convert_policy(data: Mapping[str, Any], problems: Problems) -> tuple[Policy, dict[str, set[str]], frozenset[str]]:
     """The top level of policies.yaml, section by section.
 
     An optional section that is invalid is reported and replaced by its default, a model
-    or route that is invalid is reported and left out, so the rules still run on the rest;
-    the policy is None only when a required section is missing or invalid. Also returns,
-    per section, the names of the entries left out (a reference to one is not "unknown").
+    or route that is invalid is reported and left out, so the rules still run on the rest.
+    A required section that is missing or invalid is reported and named in the third value,
+    the policy then holding a stand-in for it that is only for :func:`check_policy` to run the
+    rules of the other sections (t134: an invalid `auth` hid an unknown fallback model). Also
+    returns, per section, the names of the entries left out (a reference to one is not "unknown").
     """
     fields = _fields(Policy)
     sections: dict[str, Any] = {}
-    complete = True
     for name, value in data.items():
         field = fields.get(name)
         if field is None:
@@ -129,20 +130,19 @@ def convert_policy(data: Mapping[str, Any], problems: Problems) -> tuple[Policy 
             )
             continue
         converted = _convert(value, field.type, (name,), problems)
-        if converted is _INVALID:
-            complete = complete and not _required(field)
-        else:
+        if converted is not _INVALID:
             sections[field.name] = converted
     for name, field in fields.items():
         if _required(field) and name not in data:
             problems.add((name,), "required section is missing", in_file=False)
-            complete = False
+    broken = frozenset(field.name for field in fields.values() if _required(field) and field.name not in sections)
     dropped = {
         name: {str(key) for key in value} - set(sections.get(name, ()))
         for name, value in data.items()
         if isinstance(value, dict) and name in ("models", "routes", "tenants")
     }
-    return (Policy(**sections) if complete else None), dropped
+    stand_ins = {"pair": Pair(small="", large=""), "models": {}, "routes": {}, "auth": AuthPolicy(mode="none")}
+    return Policy(**{**{name: stand_ins[name] for name in broken}, **sections}), dropped, broken
 
 
 def _convert(data: Any, tp: Any, path: Path, problems: Problems) -> Any:
@@ -410,29 +410,32 @@ def check_policy(
     problems: Problems,
     *,
     dropped: Mapping[str, Set[str]] | None = None,
+    broken: Set[str] = frozenset(),
     key_file: tuple[list[AuthKey], Problems] | None = None,
 ) -> None:
     """The rules that span fields and sections.
 
     ``dropped``: per section, the entries that failed to convert (already reported: a
-    reference to one is not "unknown"); ``key_file``: its keys, and where to report about them.
+    reference to one is not "unknown"); ``broken``: the required sections that are missing or
+    invalid (already reported: their stand-ins are not checked, nor references into them);
+    ``key_file``: its keys, and where to report about them.
     """
     dropped = dropped or {}
     invalid_models = dropped.get("models", set())
     known = ", ".join(sorted({*policy.models, *invalid_models}))  # t63: one left out for an unset ${VAR} is known
 
     def check_model(path: Path, name: str | None) -> None:
-        if name is not None and name not in policy.models and name not in invalid_models:
+        if name is not None and name not in policy.models and name not in invalid_models and "models" not in broken:
             problems.add(path, f"unknown model {name!r}; models are: {known}")
 
-    for role in ("small", "large"):
+    for role in () if "pair" in broken else ("small", "large"):
         name = getattr(policy.pair, role)
         check_model(("pair", role), name)
         tier = policy.models[name].tier if name in policy.models else role
         if tier != role:
             has = f"tier {tier!r}" if tier else "no tier"  # t63: was "has tier None"
             problems.add(("pair", role), f"model {name!r} has {has}; the pair's {role} model needs `tier: {role}`")
-    if not policy.routes and not dropped.get("routes"):
+    if not policy.routes and not dropped.get("routes") and "routes" not in broken:
         problems.add(("routes",), "at least one route is needed")
     for route_name, route in policy.routes.items():
         base: Path = ("routes", route_name)
@@ -505,7 +508,7 @@ def check_policy(
                 ("cors", "allow_origins", i),
                 f"{origin!r} is not an origin a browser sends: scheme://host[:port], no path (or '*')",
             )
-    for role in ("small", "large"):
+    for role in () if "pair" in broken else ("small", "large"):
         name = getattr(policy.pair, role)
         if name in policy.models and policy.models[name].kind != "chat":
             problems.add(("pair", role), f"model {name!r} is an embedding model; the pair routes chat")
@@ -523,7 +526,8 @@ def check_policy(
             elif spec.draft in policy.models and policy.models[spec.draft].kind != "chat":
                 problems.add((*base, "draft"), f"model {spec.draft!r} is an embedding model; a draft writes text")
     _check_semantic_cache(policy, problems, check_model)
-    check_auth(policy.auth, problems, key_file=key_file)
+    if "auth" not in broken:
+        check_auth(policy.auth, problems, key_file=key_file)
 
 
 def _check_semantic_cache(policy: Policy, problems: Problems, check_model: Callable[[Path, str | None], None]) -> None:

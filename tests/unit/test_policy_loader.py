@@ -234,6 +234,23 @@ def test_problems_across_sections_and_rules_come_together() -> None:
     assert "http:// or https://" in found[0] and "'ftp://x'" in found[0]
 
 
+def test_an_invalid_required_section_leaves_the_rules_of_the_others_running() -> None:
+    """t134: an invalid `auth` (or any required section) hid every cross-reference problem, so
+    check listed them one run at a time; the rules that need only valid sections run, and none is
+    said of a section that is invalid (no "unknown model" when `models` itself is not a mapping)."""
+
+    def fields(text: str) -> list[str]:
+        return [p.split(" ")[0].rstrip(":") for p in problems(text)]
+
+    smol = VALID.replace("fallbacks: [l]", "fallbacks: [smol]")
+    assert fields(smol.replace("mode: none", "mode: key")) == ["auth.mode", "routes.fast.fallbacks[0]"]
+    assert fields(smol.replace("auth: {mode: none}\n", "")) == ["auth", "routes.fast.fallbacks[0]"]
+    assert fields(smol.replace("{small: s, large: l}", "[s, l]")) == ["pair", "routes.fast.fallbacks[0]"]
+    smol = VALID.replace("large: l}", "large: smol}")
+    assert fields(smol.replace("models:\n", "models: []\nx:\n")) == ["models", "x"]  # nothing said of a model
+    assert fields(smol.replace("fast: {model: s, fallbacks: [l]}", "- fast")) == ["routes", "pair.large"]
+
+
 def test_unknown_field_suggests_the_close_one() -> None:
     [message] = problems(VALID.replace("tier: large", "tier: large\n    context_windw: 9"))
     assert message == "models.l.context_windw (line 12): unknown field; did you mean `context_window`?"
