@@ -20,8 +20,8 @@ import yaml
 
 from gateway.config.envsubst import MissingVariable, malformed, substitute
 from gateway.config.schema import AuthKey, AuthPolicy, KeyFile, Limits, Policy
+from gateway.config.validate import BLOCK_STYLE, Problems, check_auth, check_policy, convert, convert_policy, dotted
 from gateway.config.validate import Path as _Path
-from gateway.config.validate import Problems, check_auth, check_policy, convert, convert_policy, dotted
 from gateway.errors import ConfigError
 
 __all__ = [
@@ -410,12 +410,17 @@ def _compose(text: str, source: str) -> yaml.Node | None:
         problem = getattr(exc, "problem", exc)
         if mark is not None and _char_at(text, mark.line, mark.column) == "\t":  # t63: libyaml never says "tab"
             problem = "a tab character; YAML indents with spaces only"
+        elif mark is not None and _char_at(text, mark.line, mark.column - 1, 2) == "${":  # t134: "expected ','"
+            problem = (
+                "inside `{...}` or `[...]` a bare value ends at the `{` of `${`: quote the reference where "
+                f"the value is text, else {BLOCK_STYLE}"
+            )
         raise ConfigError(source, [f"{where}not valid YAML: {problem}"]) from None
 
 
-def _char_at(text: str, line: int, column: int) -> str:
+def _char_at(text: str, line: int, column: int, length: int = 1) -> str:
     lines = text.splitlines()
-    return lines[line][column : column + 1] if line < len(lines) else ""
+    return lines[line][max(column, 0) : column + length] if line < len(lines) else ""
 
 
 _MAX_VALUES = 200_000
@@ -448,9 +453,10 @@ class _NodeReader:
         self.warnings: list[str] = []
         """Text that looks meant as a ``${VAR}`` but is used as written (t63)."""
 
-    def read(self, node: yaml.Node, path: _Path) -> Any:
+    def read(self, node: yaml.Node, path: _Path, *, in_flow: bool = False) -> Any:
         """The node's value; a ConfigError past :data:`_MAX_VALUES` (aliases repeat a node wherever
-        they stand: eight levels of them in 8 KB would expand to gigabytes) or nesting too deep."""
+        they stand: eight levels of them in 8 KB would expand to gigabytes) or nesting too deep.
+        ``in_flow``: the node stands inside ``{...}`` or ``[...]``."""
         self._values += 1
         if self._values > self._max_values or len(path) > _MAX_DEPTH:
             too_deep = len(path) > _MAX_DEPTH
@@ -470,12 +476,12 @@ class _NodeReader:
                 key = self._key(key_node, path)
                 if key in out:
                     self._problems.add((*path, str(key)), "duplicate key", line=line)
-                out[key] = self.read(value_node, (*path, str(key)))
+                out[key] = self.read(value_node, (*path, str(key)), in_flow=node.flow_style is True)
             return out
         if isinstance(node, yaml.SequenceNode):
-            return [self.read(item, (*path, i)) for i, item in enumerate(node.value)]
+            return [self.read(item, (*path, i), in_flow=node.flow_style is True) for i, item in enumerate(node.value)]
         assert isinstance(node, yaml.ScalarNode)
-        return self._scalar(node, path)
+        return self._scalar(node, path, in_flow=in_flow)
 
     def _key(self, node: yaml.ScalarNode, path: _Path) -> Any:
         """A mapping key: every one in a policy is a name (a field, model, route, tenant, header).
@@ -501,7 +507,7 @@ class _NodeReader:
             )
         return key
 
-    def _scalar(self, node: yaml.ScalarNode, path: _Path) -> Any:
+    def _scalar(self, node: yaml.ScalarNode, path: _Path, *, in_flow: bool) -> Any:
         if "$" in node.value:
             where = f"{dotted(path) or '(top level)'} (line {node.start_mark.line + 1})"
             wrong = malformed(node.value)
@@ -531,6 +537,8 @@ class _NodeReader:
                 tag = self._loader.resolve(yaml.ScalarNode, value, (True, False))  # type: ignore[no-untyped-call]
                 node = yaml.ScalarNode(tag, value, node.start_mark, node.end_mark, node.style)
             else:
+                if in_flow:  # t134: quoted because YAML needs it there; the fix is block style, not no quotes
+                    self._problems.quoted_in_flow.add(path)
                 return value
         return self._construct(node, path)
 

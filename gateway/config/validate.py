@@ -31,10 +31,14 @@ from gateway.config.schema import SEMANTIC_CUTOFFS, AuthKey, AuthPolicy, Pair, P
 _ENCODINGS = tuple(sorted(name for name in tiktoken.registry.list_encoding_names() if not name.endswith("_offline")))
 """tiktoken's encodings (the gateway's offline copies carry a suffix of their own)."""
 
-__all__ = ["Path", "Problems", "check_auth", "check_policy", "convert", "convert_policy", "dotted"]
+__all__ = ["BLOCK_STYLE", "Path", "Problems", "check_auth", "check_policy", "convert", "convert_policy", "dotted"]
 
 Path = tuple[str | int, ...]
 T = TypeVar("T")
+
+BLOCK_STYLE = "write that mapping or list in block style, one `key: ${VAR}` or `- ${VAR}` a line"
+"""How a ``${VAR}`` that is no text is written where a mapping or list is in flow style
+(``{...}``, ``[...]``): there YAML takes it only quoted, which makes it text (t134)."""
 
 
 class Problems:
@@ -56,6 +60,9 @@ class Problems:
         self.malformed: dict[Path, list[str]] = {}
         """What in a path's value looks meant as a ``${VAR}`` but is none: said with a problem of
         the value (t66: only a valid value's warning said it)."""
+        self.quoted_in_flow: set[Path] = set()
+        """Paths whose value is a quoted ``${VAR}`` inside ``{...}`` or ``[...]``, where YAML takes
+        none bare: a value that is no text is then written in block style, not without the quotes."""
 
     def sibling(self, file: str) -> Problems:
         """Problems of another file (the key file), added to the same list and naming that file."""
@@ -221,7 +228,8 @@ def _leaf(data: Any, tp: Any, path: Path, problems: Problems) -> Any:
     try:
         value = msgspec.convert(data, tp, strict=True)
     except msgspec.ValidationError as exc:
-        reason = _not_a_number(data, tp, hidden=hidden) or _reason(data, tp, str(exc), hidden=hidden)
+        flow = path in problems.quoted_in_flow
+        reason = _not_a_number(data, tp, hidden=hidden) or _reason(data, tp, str(exc), hidden=hidden, flow=flow)
         problems.add(path, reason)
         return _INVALID
     if isinstance(value, float) and not math.isfinite(value):
@@ -250,9 +258,10 @@ def _takes_a_number_not_text(tp: Any) -> bool:
     return float in members and str not in members
 
 
-def _reason(data: Any, tp: Any, message: str, *, hidden: bool = False) -> str:
+def _reason(data: Any, tp: Any, message: str, *, hidden: bool = False, flow: bool = False) -> str:
     """Why ``data`` is not a ``tp``: the allowed literals, the constraint not met, or msgspec's words.
-    ``hidden``: the value is an environment variable's, not shown."""
+    ``hidden``: the value is an environment variable's, not shown; ``flow``: a quoted ``${VAR}``
+    inside ``{...}`` or ``[...]``."""
     bare, metas = _without_constraints(tp)
     literals = [arg for arg in _union_args(bare) if typing.get_origin(arg) is typing.Literal]
     if literals:
@@ -266,7 +275,7 @@ def _reason(data: Any, tp: Any, message: str, *, hidden: bool = False) -> str:
     if expected is None:
         scalar = isinstance(data, str | int | float | bool)
         return f"{message}: {_shown(data, hidden=hidden)}" if scalar else message
-    return f"expected {expected}, got {_kind(data, hidden=hidden)}{_hint(data, bare, hidden=hidden)}"
+    return f"expected {expected}, got {_kind(data, hidden=hidden)}{_hint(data, bare, hidden=hidden, flow=flow)}"
 
 
 _TYPE_WORDS: dict[Any, str] = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
@@ -289,7 +298,7 @@ _LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
 _YAML_11_BOOLS = frozenset({"yes", "no", "y", "n", "on", "off"})
 
 
-def _hint(data: Any, tp: Any, *, hidden: bool = False) -> str:
+def _hint(data: Any, tp: Any, *, hidden: bool = False, flow: bool = False) -> str:
     """What to write instead, where the value's YAML spelling is the likely slip (t63); ``hidden``:
     the value is a variable's, which is then what to change (t66)."""
     members = _union_args(tp)
@@ -304,6 +313,9 @@ def _hint(data: Any, tp: Any, *, hidden: bool = False) -> str:
             or (float in members and _PLAIN_FLOAT.fullmatch(text))
             or (bool in members and text in ("true", "false"))
         ):
+            if flow:  # without them, YAML refuses it there (t134)
+                needed = "inside `{...}` or `[...]` a `${...}` needs them"
+                return f"; the quotes around it make it text, and {needed}: {BLOCK_STYLE}, without the quotes"
             return "; the quotes around it make it text: write it without them"
         if bool in members and text.lower() in _YAML_11_BOOLS:
             return "; YAML reads only true and false as booleans (not yes, no, on, off)"

@@ -251,6 +251,29 @@ def test_an_invalid_required_section_leaves_the_rules_of_the_others_running() ->
     assert fields(smol.replace("fast: {model: s, fallbacks: [l]}", "- fast")) == ["routes", "pair.large"]
 
 
+def test_a_reference_in_flow_style_is_told_how_to_write_it() -> None:
+    """t134: YAML ends a bare value at the `{` of `${` inside `{...}` or `[...]`, and quoted it is
+    text: each message led to the other. Both now say what to write: quotes for text, block style
+    (where an unquoted reference reads as its value) for a number or true/false."""
+    flow = VALID.replace("tier: large", "tier: large\n    timeouts: {connect: ${CONNECT_S:-3}}")
+    assert problems(flow) == [
+        "line 12: not valid YAML: inside `{...}` or `[...]` a bare value ends at the `{` of `${`: quote the "
+        "reference where the value is text, else write that mapping or list in block style, one `key: ${VAR}` or "
+        "`- ${VAR}` a line"
+    ]
+    assert problems(flow.replace("${CONNECT_S:-3}", '"${CONNECT_S:-3}"')) == [
+        "models.l.timeouts.connect (line 12): expected a number, got the string '3'; the quotes around it make it "
+        "text, and inside `{...}` or `[...]` a `${...}` needs them: write that mapping or list in block style, one "
+        "`key: ${VAR}` or `- ${VAR}` a line, without the quotes"
+    ]
+    text = flow.replace("[l]", '["${FB:-l}"]').replace("${CONNECT_S:-3}", "3")  # text: quoted, as it says
+    assert load_policy_text(text, environ={}).policy.routes["fast"].fallbacks == ["l"]
+    block = VALID.replace("tier: large", "tier: large\n    timeouts:\n      connect: ${CONNECT_S:-3}")
+    assert load_policy_text(block, environ={}).policy.models["l"].timeouts.connect == 3
+    [message] = problems(block.replace("${CONNECT_S:-3}", '"${CONNECT_S:-3}"'))
+    assert message.endswith("the quotes around it make it text: write it without them")
+
+
 def test_unknown_field_suggests_the_close_one() -> None:
     [message] = problems(VALID.replace("tier: large", "tier: large\n    context_windw: 9"))
     assert message == "models.l.context_windw (line 12): unknown field; did you mean `context_window`?"
