@@ -39,7 +39,15 @@ from gateway.upstreams.base import Provider
 from gateway.upstreams.breaker import Breakers
 from gateway.upstreams.registry import Transport, api_key, build_provider
 
-__all__ = ["AtStart", "Runtime", "RuntimeHolder", "keep_last_good", "load_at_start", "still_written"]
+__all__ = [
+    "AtStart",
+    "Runtime",
+    "RuntimeHolder",
+    "keep_last_good",
+    "load_at_start",
+    "loggable_problems",
+    "still_written",
+]
 
 _log = structlog.get_logger("gateway.policy")
 
@@ -255,7 +263,7 @@ class RuntimeHolder:
                 [*_shown_to_admins(rejected), *([_key_file_said(key_file, state, key_problems)] if key_file else [])]
             )
             _log.error(
-                "policy_rejected", reason="start-up", problems=_loggable(rejected), kept=runtime.version,
+                "policy_rejected", reason="start-up", problems=loggable_problems(rejected), kept=runtime.version,
                 **_key_file_logged(state, key_problems),
             )  # fmt: skip
             self._rejected = _said(self._file_identities(), rejected, state, key_problems)  # once (t121)
@@ -349,7 +357,7 @@ class RuntimeHolder:
         said = _said(files, problems, state, key_problems)
         if not quiet or said != self._rejected:
             _log.error(
-                "policy_rejected", reason=reason, problems=_loggable(problems), kept=self.current.version,
+                "policy_rejected", reason=reason, problems=loggable_problems(problems), kept=self.current.version,
                 **_key_file_logged(state, key_problems),
             )  # fmt: skip
         self._rejected = said
@@ -666,12 +674,13 @@ _QUOTED_VALUE = re.compile(
 )
 
 
-def _loggable(problems: list[str]) -> list[str]:
+def loggable_problems(problems: list[str]) -> list[str]:
     """The problems without the values they quote ('...' or "..."): a value may be a key's secret
     pasted where its hash goes, or an upstream's key from ``${VAR}`` in the wrong field. Names the
     gateway itself writes (fields, sections, what to write instead) are in backticks and stay.
-    The operational log is shipped elsewhere; ``/readyz`` shows an admin key
-    :func:`_shown_to_admins`, ``gateway check`` ops the whole text."""
+    The operational log is shipped elsewhere (``policy_rejected``, and what ``serve`` says of a file
+    it refuses at start-up); ``/readyz`` shows an admin key :func:`_shown_to_admins`, ``gateway check``
+    ops the whole text."""
     return [_QUOTED_VALUE.sub("'…'", problem) for problem in problems]
 
 
@@ -724,7 +733,7 @@ def _key_file_logged(state: str | None, problems: list[str]) -> dict[str, object
     """What ``policy_rejected`` says of the key file."""
     logged: dict[str, object] = {"key_file": state} if state else {}
     if problems:
-        logged["key_file_problems"] = _loggable(problems)
+        logged["key_file_problems"] = loggable_problems(problems)
     return logged
 
 

@@ -40,14 +40,14 @@ from gateway.cache.verifier import load_verifier
 from gateway.classifier import load_classifier
 from gateway.drain import Drain
 from gateway.embeddings import EmbeddingsPipeline
-from gateway.errors import GatewayError, InvalidRequestError, ModelNotFoundError
+from gateway.errors import ConfigError, GatewayError, InvalidRequestError, ModelNotFoundError
 from gateway.large_share import LargeShareTracker
 from gateway.learning.learned import ClassifierInputs
 from gateway.learning.loop import LearningLoop
 from gateway.limits import Limiter
 from gateway.pipeline import ChatPipeline
 from gateway.protocols import anthropic_messages
-from gateway.runtime import RuntimeHolder, load_at_start, still_written
+from gateway.runtime import RuntimeHolder, load_at_start, loggable_problems, still_written
 from gateway.services.parent_death import end_with_supervisor
 from gateway.settings import Settings
 from gateway.store.redis import SharedRedis, connect, redis_store
@@ -110,7 +110,10 @@ async def _start(settings: Settings) -> GatewayState:
     last_good = Path(settings.policy_last_good) if settings.policy_last_good else None
     path = Path(settings.policies_path)
     written = await asyncio.to_thread(still_written, path)  # never the half of a file being written (t122)
-    first = load_at_start(path, last_good, auth_required=settings.auth_required, written=written)
+    try:
+        first = load_at_start(path, last_good, auth_required=settings.auth_required, written=written)
+    except ConfigError as exc:  # said on stderr, the operational log: no value a problem quotes (t134)
+        raise ConfigError(exc.source, loggable_problems(exc.problems)) from None
     log_policy = first.loaded.policy.request_log
     stdout_fd = settings.request_log_fd
     if settings.split_stdout:  # a spawned worker: serve could not hand it the request log's descriptor

@@ -134,9 +134,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 loaded = load_policy(args.policies)
             except ConfigError as exc:
-                _say(f"{exc.source} is invalid:")
-                for problem in exc.problems:
-                    _say(f"  - {problem}")
+                _say_problems(f"{exc.source} is invalid:", exc.problems, args.policies)
                 fallback = _policy_last_accepted(args.policies, args.data_dir)
                 if fallback is None:
                     return 2
@@ -717,9 +715,7 @@ def _policy_last_accepted(
     try:
         first = load_at_start(Path(policies), kept, written=written)
     except ConfigError as exc:
-        _say(f"the policy last accepted, {kept}, is invalid now too:")
-        for problem in exc.problems:
-            _say(f"  - {problem}")
+        _say_problems(f"the policy last accepted, {kept}, is invalid now too:", exc.problems, str(kept))
         return None
     return first.loaded, kept, bool(first.rejected)  # not rejected: fixed meanwhile, the workers keep the file
 
@@ -772,6 +768,22 @@ def _seconds(value: str) -> float:
 
 def _say(message: str) -> None:
     print(f"[gateway] {message}", file=sys.stderr, flush=True)
+
+
+def _say_problems(heading: str, problems: list[str], path: str) -> None:
+    """A refused policy's problems, one a line, without the values they quote, as a rejected reload
+    logs them: stderr is the operational log, and a value may be a secret pasted into the wrong
+    field (t134). ``gateway check`` shows ops the whole text."""
+    from gateway.runtime import loggable_problems
+
+    logged = loggable_problems(problems)
+    _say(heading)
+    for problem in logged:
+        _say(f"  - {problem}")
+    if logged != problems:
+        _say(
+            f"  (the values quoted are hidden here, as a secret may be one: `python -m gateway check {path}` shows them)"
+        )
 
 
 def _url_host(host: str) -> str:

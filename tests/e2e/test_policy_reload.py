@@ -24,7 +24,7 @@ from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import inject, upstream_stats
-from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
 T = TypeVar("T")
 
@@ -1233,3 +1233,44 @@ def test_serve_started_while_its_key_file_is_written_in_place_keeps_no_half_of_i
         assert kept.read_text() == whole + "# the writer's last line\n"
     finally:
         gw.stop()
+
+
+def test_serve_refusing_an_invalid_file_at_start_up_hides_the_values_it_quotes(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t134: a secret pasted into a price or a base_url was printed whole to stderr, the operational
+    log, when serve refused the file at start-up (a reload of the same file hid it), and so was one
+    in a policy last accepted that is invalid now too. `gateway check`, run by ops on a candidate
+    file, still shows the whole text."""
+    from gateway.config.kept import keep_policy
+
+    secret = "sk-proj-LEAKEDSECRET1234567890abcdef"
+    text = _base_policy(small_upstream, large_upstream)
+    pasted = text.replace("price: {input: 0.5,", f"price: {{input: {secret},", 1).replace(
+        f"base_url: {large_upstream.url}", f"base_url: {secret}", 1
+    )
+    assert pasted.count(secret) == 2
+    policy = tmp_path / "policies.yaml"
+    policy.write_text(pasted)
+    refused = _serve_refused(policy, tmp_path / "fresh")
+    assert refused.returncode == 2 and f"{policy} is invalid:" in refused.stderr, refused.stderr
+    assert "models.small.price.input" in refused.stderr and "models.large.base_url" in refused.stderr
+    assert secret not in refused.stderr and "LEAKED" not in refused.stderr, refused.stderr
+    assert f"gateway check {policy}` shows them" in refused.stderr
+    (tmp_path / "kept").mkdir()
+    keep_policy(tmp_path / "kept", pasted, policy)  # a kept copy that is invalid too
+    kept = _serve_refused(policy, tmp_path / "kept")
+    assert kept.returncode == 2 and "is invalid now too" in kept.stderr, kept.stderr
+    assert "LEAKED" not in kept.stderr, kept.stderr
+    worker = subprocess.run(  # a worker started on it with no policy kept to fall back to
+        [sys.executable, "-m", "uvicorn", "--factory", "gateway.api.app:create_app", "--port", str(free_port())],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "GATEWAY_POLICIES": str(policy), "GATEWAY_POLICY_LAST_GOOD": "", "REDIS_URL": ""},
+    )  # fmt: skip
+    assert worker.returncode != 0 and "worker failed to start: ConfigError" in worker.stderr, worker.stderr
+    assert "LEAKED" not in worker.stderr, worker.stderr
+    checked = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", str(policy), "--data-dir", str(tmp_path / "fresh")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert checked.returncode == 1 and secret in checked.stderr, checked.stderr

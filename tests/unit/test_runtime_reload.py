@@ -301,21 +301,24 @@ async def test_a_rejected_reload_logs_no_value_it_quotes(
 def test_a_rejected_values_text_is_left_out_of_the_log_even_cut_short() -> None:
     """Long values are shown cut, with no closing quote: the redaction missed them (a tester saw
     56 characters of an sk-proj key in policy_rejected)."""
-    from gateway.runtime import _loggable
+    from gateway.runtime import loggable_problems
 
     cut = "models.s.base_url (line 4): expected a URL, got 'sk-proj-0123456789abcdef0123456789abcdef0123456789..."
-    assert _loggable([cut]) == ["models.s.base_url (line 4): expected a URL, got '…'"]
+    assert loggable_problems([cut]) == ["models.s.base_url (line 4): expected a URL, got '…'"]
 
 
 def test_the_log_keeps_the_names_the_gateway_writes_and_drops_the_values_it_quotes() -> None:
     """t22: the redaction blanked the gateway's own words too ("'…' is missing ... (write '…')")."""
-    from gateway.runtime import _loggable
+    from gateway.runtime import loggable_problems
 
     said = [
         "`tenants` is missing while the policy in force has tenants (write `tenants: {}` to remove them all)",
         "limits.on_redis_error (line 3): must be one of `open`, `closed`, got 'sk-proj-secret'",
     ]
-    assert _loggable(said) == [said[0], "limits.on_redis_error (line 3): must be one of `open`, `closed`, got '…'"]
+    assert loggable_problems(said) == [
+        said[0],
+        "limits.on_redis_error (line 3): must be one of `open`, `closed`, got '…'",
+    ]
 
 
 def test_a_name_that_is_an_environment_variables_value_is_hidden_from_admins_too() -> None:
