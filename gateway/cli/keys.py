@@ -82,9 +82,12 @@ def run(args: argparse.Namespace) -> int:
     if key_id in {key.id for key in ring.keys}:
         print(f"a key with id {key_id!r} exists already", file=sys.stderr)
         return 1
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:  # t134: written as `models: []`, a key that can call nothing
+        print(f"--models {args.models!r} names no route or model (leave it out for all of them)", file=sys.stderr)
+        return 1
     secret = "gw-" + secrets.token_urlsafe(32)
     entry: dict[str, object] = {"id": key_id, "tenant": args.tenant, "hash": hash_key(secret)}
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
     if models != ["*"]:
         entry["models"] = models
     limits = {

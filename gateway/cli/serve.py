@@ -28,7 +28,7 @@ __all__ = ["register", "run"]
 def register(commands: Subcommands) -> None:
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--policies", default="policies.yaml", help="policy file (default: ./policies.yaml)")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", type=_host, default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--workers", type=_at_least_one, default=1)
     serve.add_argument(
@@ -753,6 +753,18 @@ def _port(value: str) -> int:
     if not 0 <= number <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {number}")
     return number
+
+
+def _host(value: str) -> str:
+    """An address this machine can listen on: one that did not resolve, or is not this machine's,
+    failed once the policy, the Redis and the models were loaded, with exit 3 (t134)."""
+    family = socket.AF_INET6 if ":" in value else socket.AF_INET  # as the servers pick it
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((value, 0))
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot listen on {value!r}: {exc.strerror or exc}") from None
+    return value
 
 
 def _seconds(value: str) -> float:

@@ -200,8 +200,11 @@ def start_embedded_redis(
     """Start it: on a unix socket only, unless ``port`` is given (tests use it, with ``password``, to
     start a server on an address a gateway already knows)."""
     data = Path(data_dir).resolve()
-    data.mkdir(parents=True, exist_ok=True)
-    data.chmod(0o700)
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+        data.chmod(0o700)
+    except OSError as exc:  # --data-dir is a file, or under one, or in /proc (t134: a traceback, exit 1)
+        raise RuntimeError(f"its folder {exc.filename or data} cannot be made: {exc.strerror or exc}") from None
     password = password or secrets.token_urlsafe(24)
     listen = (
         ["port 0", f"unixsocket {data / 'redis.sock'}", "unixsocketperm 700"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from gateway.simulated import SimulatedUpstream
 from gateway.store import keyspace
 from gateway.store.base import BOUNDED_ENTRY_BYTES
 from gateway.store.redis import SharedRedis, connect, redis_store
-from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 from tests.redis_cluster import LocalCluster, start_local_cluster
 
 KEYS = """auth:
@@ -101,3 +103,21 @@ async def test_a_usage_batch_over_tenants_on_every_slot_counts_once(cluster: Loc
         assert [figures.requests for figures in await counters.read_usage(list(sums), 2.0)] == [1] * 6
     finally:
         await shared.aclose()
+
+
+async def test_a_cluster_no_node_of_which_answers_is_a_redis_that_is_down() -> None:
+    """t134: the cluster client's "no node answers" is no RedisError and escaped the shared Redis:
+    a serve on a cluster that was down failed to start (on a plain Redis down it serves without the
+    cache and limits), and `gateway router status` printed redis-py's 84-line traceback."""
+    url = f"redis+cluster://:pw@127.0.0.1:{free_port()}"
+    shared = SharedRedis(connect(url), Metrics())
+    try:
+        assert await shared.check() is False and not shared.up
+    finally:
+        await shared.aclose()
+    said = subprocess.run(
+        [sys.executable, "-m", "gateway", "router", "status", "--tenant", "team-a", "--redis", url],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert said.returncode == 1 and said.stderr.endswith("Redis did not answer\n"), said.stderr
+    assert "Traceback" not in said.stderr and ":pw@" not in said.stderr

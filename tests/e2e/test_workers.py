@@ -394,6 +394,34 @@ def test_a_port_out_of_range_is_refused_before_anything_starts(tmp_path: Path, p
     assert "SIMULATED" not in done.stderr and "Traceback" not in done.stderr  # refused before the simulators
 
 
+@pytest.mark.parametrize("host", ["999.1.1.1", "192.0.2.1"])
+def test_a_host_it_cannot_listen_on_is_refused_before_anything_starts(tmp_path: Path, host: str) -> None:
+    """t134: a host that does not resolve, or is no address of this machine, was found out once
+    everything was loaded: `ERROR: [Errno -2] Name or service not known`, exit 3."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--simulate-missing", "--host", host, "--allow-no-auth",
+         "--data-dir", str(tmp_path / "data")],
+        env={**os.environ, "SMALL_MODEL_URL": "", "LARGE_MODEL_URL": ""}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"argument --host: cannot listen on '{host}'" in done.stderr, done.stderr[-2000:]
+    assert "SIMULATED" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_data_dir_the_private_redis_cannot_use_is_a_clear_line_and_exit_2(tmp_path: Path) -> None:
+    """t134: a --data-dir that is a regular file (or in /proc) ended in mkdir's traceback, exit 1."""
+    (tmp_path / "a-file").write_text("")
+    for data_dir, said in ((tmp_path / "a-file", "Not a directory"), (Path("/proc/gateway-t134"), "No such file")):
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--simulate-missing", "--data-dir", str(data_dir)],
+            env={**os.environ, "SMALL_MODEL_URL": "", "LARGE_MODEL_URL": "", "REDIS_URL": ""},
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "the private Redis did not start: its folder" in done.stderr and said in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and "serving" not in done.stderr
+
+
 def test_a_bind_overflow_is_a_cannot_listen_line(capsys: pytest.CaptureFixture[str]) -> None:
     """t69: bind raises OverflowError, not OSError, for a port past 65535: a traceback escaped."""
     from gateway.cli.serve import _bound

@@ -105,6 +105,15 @@ def test_a_key_the_gateway_would_refuse_is_not_written(policy: Path, capsys: pyt
     assert not (policy.parent / "keys.yaml").exists()
 
 
+def test_a_key_whose_models_name_nothing_is_not_written(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """t134: `--models ,,` wrote `models: []`, a key that can call nothing, with exit 0 and no word;
+    refused as an empty tenant is."""
+    for models in (",,", "", " , "):
+        assert _new(policy, "--models", models) == 1
+        assert f"--models {models!r} names no route or model" in capsys.readouterr().err
+    assert not (policy.parent / "keys.yaml").exists()
+
+
 def test_a_bad_tenant_is_named_not_the_key_id_made_from_it(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """t69: a tenant with a tab was answered "key ids are 1-64 letters, digits, ..."."""
     for tenant in ("ac\tme", " "):

@@ -48,6 +48,10 @@ without quorum): Redis is treated as down, so /readyz, the metric and ``on_redis
 Any other command error fails only that command (a reservation Redis could not write, for a full
 memory, included: the limiter then follows ``on_redis_error`` as for Redis down)."""
 
+_UNREACHABLE = (OSError, aioredis.RedisError, redis.exceptions.RedisClusterException)
+"""What a call raises when Redis cannot be reached. The cluster client's "no node answers"
+(``RedisClusterUnreachableError``) is no ``RedisError``: it failed a serve's start (t134)."""
+
 
 def connect(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
     """A client for ``REDIS_URL``: ``redis://`` / ``rediss://`` (TLS; ``rediss://:password@host``),
@@ -129,7 +133,7 @@ class SharedRedis:
             else:  # Redis answered and refused this one command: the others still work
                 self._log_refused(exc)
             raise StoreUnavailable from None
-        except (OSError, aioredis.RedisError) as exc:
+        except _UNREACHABLE as exc:
             if not (self.up and await self._answers_afresh(client)):
                 self._mark_down(exc, "redis_unavailable")
                 raise StoreUnavailable from None
@@ -142,7 +146,7 @@ class SharedRedis:
                     result = await operation(client)
             except TimeoutError:
                 raise StoreTimedOut from None
-            except (OSError, aioredis.RedisError):
+            except _UNREACHABLE:
                 raise StoreUnavailable from None
         self._answered()
         if task is not None and task.cancelling() > cancels:
@@ -211,7 +215,7 @@ class SharedRedis:
         try:
             async with asyncio.timeout(_PROBE_S):
                 await client.ping()
-        except (OSError, TimeoutError, aioredis.RedisError):
+        except (TimeoutError, *_UNREACHABLE):
             return False
         return True
 
