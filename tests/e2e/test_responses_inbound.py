@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from pydantic import BaseModel
 
 from gateway.auth import hash_key
 from gateway.core.model import Message, TextPart
-from gateway.services.redis_server import EmbeddedRedis
+from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
 from gateway.simulated import SimulatedUpstream
 from gateway.store import keyspace
 from tests.conftest import closed_after_test, inject, upstream_stats
@@ -786,3 +787,59 @@ def test_without_the_store_answers_go_on_but_continuations_are_503(
         gateway.stop()
     said = gateway.stderr_text()
     assert "response_not_stored" in said and "pw-9" not in said and "hello" not in said
+
+
+# -- a Redis of its own: full, or paused -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = start_embedded_redis(tmp_path_factory.mktemp("own-redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def own_redis_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    own_redis: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:
+    policy = policy_text(small_upstream, large_upstream)
+    process = start_gateway(Path(tmp_path_factory.mktemp("responses-own-redis")), policy,
+                            env={"REDIS_URL": own_redis.url})  # fmt: skip
+    yield process
+    process.stop()
+
+
+@contextmanager
+def _full(server: EmbeddedRedis) -> Iterator[None]:
+    """Redis's memory full (``noeviction``, a limit under what it holds): it refuses what could grow it."""
+    with redis.Redis.from_url(server.url) as admin:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        try:
+            yield
+        finally:
+            admin.config_set("maxmemory", 0)
+            admin.config_set("maxmemory-policy", "volatile-ttl")
+
+
+def _own_client(gateway: GatewayProcess) -> openai.OpenAI:
+    return closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=10))
+
+
+def test_a_full_redis_stores_no_response_and_the_response_says_so(
+    own_redis_gateway: GatewayProcess, own_redis: EmbeddedRedis
+) -> None:
+    """t130: a full Redis refused other writes, yet 40 responses of ~90 KB were stored, ~4 MB past
+    its ``maxmemory``, each said ``store: true``: the store script's first write was a removal, which
+    let the rest past Redis's check."""
+    client = _own_client(own_redis_gateway)
+    with _full(own_redis):
+        answered = client.responses.create(model="fast", input="Kept while Redis is full?")
+        assert answered.output_text and _stored(answered) is False
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(answered.id)
+    assert _stored(client.responses.create(model="fast", input="Kept once there is room?")) is True

@@ -28,7 +28,7 @@ if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
 return 1
 """
 
-_PUT_BOUNDED = """
+_PUT_BOUNDED = """#!lua
 local size = string.len(ARGV[1]) + tonumber(ARGV[4])
 local ttl_ms = tonumber(ARGV[2]) * 1000
 local max = tonumber(ARGV[3])
@@ -73,7 +73,9 @@ return deleted
 """The ledger is a sorted set of its keys by the time they were stored (Redis's clock: every
 host agrees) and a hash of their sizes with the total under ``#``. A key already gone (expired
 or evicted) is forgotten when it is the oldest or its time is up: until then its bytes still
-count, which errs on the side of the cap."""
+count, which errs on the side of the cap. The shebang (no flags; Redis 7) has a full Redis refuse
+the whole script: one without it is checked at its first write only, here a removal, and a full
+Redis kept every stored response past its ``maxmemory`` (t130)."""
 
 _GET_BOUNDED = """
 local clock = redis.call('TIME')
