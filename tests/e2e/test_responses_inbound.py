@@ -843,3 +843,25 @@ def test_a_full_redis_stores_no_response_and_the_response_says_so(
         with pytest.raises(openai.NotFoundError):
             client.responses.retrieve(answered.id)
     assert _stored(client.responses.create(model="fast", input="Kept once there is room?")) is True
+
+
+def test_a_conversation_is_continued_while_redis_is_full(
+    own_redis_gateway: GatewayProcess, own_redis: EmbeddedRedis, small_upstream: SimulatedUpstream
+) -> None:
+    """t130: continuing read the earlier turns with a script that marks them used, which a full
+    Redis refused: a 503 "cannot be read right now", while ``GET`` of the same turns worked."""
+    client = _own_client(own_redis_gateway)
+    first = client.responses.create(model="fast", input="My name is Ada.")
+    second = client.responses.create(model="fast", previous_response_id=first.id, input="What is my name?")
+    with _full(own_redis):
+        third = client.responses.create(model="fast", previous_response_id=second.id, input="And again?")
+        assert third.output_text and _stored(third) is False  # its own write is refused
+        messages = _last_upstream_body(small_upstream)["messages"]
+        assert [m["content"] for m in messages] == [
+            "My name is Ada.",
+            first.output_text,
+            "What is my name?",
+            second.output_text,
+            "And again?",
+        ]
+    assert client.responses.create(model="fast", previous_response_id=second.id, input="Once more?").output_text

@@ -77,7 +77,7 @@ count, which errs on the side of the cap. The shebang (no flags; Redis 7) has a 
 the whole script: one without it is checked at its first write only, here a removal, and a full
 Redis kept every stored response past its ``maxmemory`` (t130)."""
 
-_GET_BOUNDED = """
+_GET_BOUNDED = """#!lua flags=allow-oom
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local ttl_ms = tonumber(ARGV[1]) * 1000
@@ -99,7 +99,9 @@ end
 return values
 """
 """A key used is stored again, as far as the ledger can tell: its time (the sorted set's score,
-which the expired keys' sweep also reads) and its TTL restart together."""
+which the expired keys' sweep also reads) and its TTL restart together. A full Redis runs it too
+(``allow-oom``): it only changes what is there, a score and TTLs, and refusing it refused the read,
+so a conversation could not be continued while its turns could be read (t130)."""
 
 _DELETE_BOUNDED = """
 local had = redis.call('HGET', KEYS[3], KEYS[1])
