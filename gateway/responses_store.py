@@ -42,6 +42,7 @@ __all__ = [
     "KEPT_ID_CHARS",
     "RESPONSE_TTL_S",
     "STORE_TIMEOUT_S",
+    "WITHDRAWN_S",
     "ResponseStore",
     "StoredResponse",
     "kept_ids",
@@ -55,6 +56,10 @@ ANCESTORS_AT_MOST = 100
 """How many ids of the turns before it a turn's record names, the nearest first to go: the oldest
 of them names those before it. A conversation of n turns is read in 1 + n / 100 round trips, and
 a record's ids stay under 4 KB (every record naming all its ancestors would cost n²/2 ids again)."""
+WITHDRAWN_S = 3600
+"""How long the id of a turn :meth:`ResponseStore.withdraw` deleted stays out, for the write sent
+before it to reach Redis: a paused Redis reads both once it goes on, and TCP gives up resending
+a write after about 15 minutes."""
 VERSION = 2
 """The version of the records :class:`ResponseStore` writes (see :attr:`StoredResponse.version`)."""
 
@@ -202,6 +207,7 @@ class ResponseStore:
             keyspace.stored_responses(tenant),
             self._cap(tenant),
             self._timeout_s,
+            new_only=True,  # its id is new: only one withdrawn (:meth:`withdraw`) is there
         )
         if deleted:
             said = self._evicted.get(tenant)
@@ -214,6 +220,17 @@ class ResponseStore:
         """Whether there was a response to delete."""
         return await self._kv.delete_bounded(
             keyspace.response(tenant, response_id), keyspace.stored_responses(tenant), self._timeout_s
+        )
+
+    async def withdraw(self, tenant: str, response_id: str) -> None:
+        """Delete a turn whose :meth:`save` timed out: Redis may have stored it all the same, or
+        may yet (a write it reads late); its id is kept out for :data:`WITHDRAWN_S`, so such a
+        write then stores nothing, whichever comes first."""
+        await self._kv.delete_bounded(
+            keyspace.response(tenant, response_id),
+            keyspace.stored_responses(tenant),
+            self._timeout_s,
+            keep_out_s=WITHDRAWN_S,
         )
 
 

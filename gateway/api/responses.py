@@ -40,6 +40,7 @@ from gateway.api.credentials import authorization_of
 from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.auth import Principal
+from gateway.background import BackgroundTasks
 from gateway.config.schema import Policy
 from gateway.core.model import Answer as CoreAnswer
 from gateway.core.model import Message, TextPart
@@ -61,7 +62,7 @@ from gateway.protocols.upstream_json import decode_json
 from gateway.responses_store import ResponseStore, StoredResponse, kept_ids
 from gateway.runtime import Runtime
 from gateway.sparse_log import SparseLog
-from gateway.store.base import StoreUnavailable
+from gateway.store.base import StoreTimedOut, StoreUnavailable
 
 __all__ = [
     "cancel_response",
@@ -164,14 +165,14 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
             usage=completion.usage,
             finish_reason=completion.finish_reason,
         )
-        await _keep(store, turn, response, completion)
+        await _keep(store, turn, response, completion, state.background)
         return Response(
             content=msgspec.json.encode(response), status_code=200, headers=headers, media_type="application/json"
         )
     assert not isinstance(answer, StreamingAnswer)  # only a passed-through stream is the upstream's own
     encoder = codec.StreamEncoder(decoded, response_id, created_at)
     return Stream(
-        _events(answer, encoder, store, turn),
+        _events(answer, encoder, store, turn, state.background),
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
     )
@@ -621,9 +622,12 @@ async def _ask_upstream(
     return Response(content=content, status_code=answer.status_code, media_type=media_type)
 
 
-async def _keep(store: ResponseStore, turn: _Turn, response: dict[str, Any], answer: CoreAnswer) -> None:
+async def _keep(
+    store: ResponseStore, turn: _Turn, response: dict[str, Any], answer: CoreAnswer, background: BackgroundTasks
+) -> None:
     """Store the turn; when the store cannot take it, the response says ``store: false`` (a
-    client told true would later be told 404 for a response it was promised)."""
+    client told true would later be told 404 for a response it was promised). A write that timed
+    out may land all the same: it is withdrawn in the background, so ``false`` holds (t130)."""
     decoded = turn.decoded
     if decoded is None or not decoded.store:
         return
@@ -636,13 +640,54 @@ async def _keep(store: ResponseStore, turn: _Turn, response: dict[str, Any], ans
         ):
             return
         _not_stored(reason="larger than the tenant's cap on stored responses")
+    except StoreTimedOut:
+        _not_stored(reason="store timed out")
+        background.spawn(_withdraw(store, turn.tenant, response["id"]), "withdraw-response")
     except StoreUnavailable:
         _not_stored(reason="store unavailable")
     response["store"] = False
 
 
+_WITHDRAWING_AT_MOST = 1000
+"""Withdrawals waiting for Redis per process: each is a timed-out write of a request, so an outage
+that began mid-write makes a second's worth; Redis slow for long must not gather them unbounded."""
+_WITHDRAW_EVERY_S = 2.0
+_WITHDRAW_FOR_S = 600.0
+_withdrawing = 0
+
+
+async def _withdraw(store: ResponseStore, tenant: str, response_id: str) -> None:
+    """Withdraw a turn whose write timed out (:meth:`ResponseStore.withdraw`), tried again until
+    Redis answers; one not withdrawn is logged with its id, for ops to delete."""
+    global _withdrawing
+    if _withdrawing >= _WITHDRAWING_AT_MOST:
+        _log.warning("response_maybe_stored", tenant=tenant, response_id=response_id, error="withdrawals busy")
+        return
+    _withdrawing += 1
+    try:
+        deadline = time.monotonic() + _WITHDRAW_FOR_S
+        while True:
+            try:
+                await store.withdraw(tenant, response_id)
+                return
+            except StoreUnavailable:
+                if time.monotonic() >= deadline:
+                    break
+            await asyncio.sleep(_WITHDRAW_EVERY_S)
+        _log.warning("response_maybe_stored", tenant=tenant, response_id=response_id, error="no answer in 10 min")
+    except asyncio.CancelledError:  # shutting down
+        _log.warning("response_maybe_stored", tenant=tenant, response_id=response_id, error="shutdown")
+        raise
+    finally:
+        _withdrawing -= 1
+
+
 async def _events(
-    answer: Answer | StreamingDeltas, encoder: codec.StreamEncoder, store: ResponseStore, turn: _Turn
+    answer: Answer | StreamingDeltas,
+    encoder: codec.StreamEncoder,
+    store: ResponseStore,
+    turn: _Turn,
+    background: BackgroundTasks,
 ) -> AsyncIterator[bytes]:
     """The pipeline's answer as Responses events; the turn is stored before its last event,
     so the client can continue from it at once."""
@@ -654,7 +699,7 @@ async def _events(
                 ended = True
                 closing = encoder.close_items()
                 assert encoder.response is not None
-                await _keep(store, turn, encoder.response, encoder.answer())
+                await _keep(store, turn, encoder.response, encoder.answer(), background)
                 yield closing + encoder.completed()
             elif isinstance(batch, KeepAlive):
                 yield b": keep-alive\n\n"  # an SSE comment: the SDKs skip it

@@ -122,8 +122,10 @@ class KeyValue(Protocol):
         ``ttl_s`` starts again. (A key that is not in the ledger is read and left as it is.)"""
         ...
 
-    async def delete_bounded(self, key: str, ledger: str, timeout_s: float) -> bool:
-        """:meth:`delete` of a key :meth:`put_bounded` stored, taken out of its ledger."""
+    async def delete_bounded(self, key: str, ledger: str, timeout_s: float, *, keep_out_s: int = 0) -> bool:
+        """:meth:`delete` of a key :meth:`put_bounded` stored, taken out of its ledger; with
+        ``keep_out_s``, ``key`` then holds an empty value for that long, which a ``new_only``
+        :meth:`put_bounded` leaves as it is (one that timed out and reaches the store later)."""
         ...
 
     async def delete(self, key: str, timeout_s: float) -> bool:

@@ -119,10 +119,13 @@ class MemoryKeyValue(_Outage):
                 self._values[key] = (value, now + ttl_s)
         return values
 
-    async def delete_bounded(self, key: str, ledger: str, timeout_s: float) -> bool:
+    async def delete_bounded(self, key: str, ledger: str, timeout_s: float, *, keep_out_s: int = 0) -> bool:
         self._check()
         self._ledgers.get(ledger, {}).pop(key, None)
-        return await self.delete(key, timeout_s)
+        deleted = await self.delete(key, timeout_s)
+        if keep_out_s:
+            self._values[key] = (b"", self._clock() + keep_out_s)
+        return deleted
 
     async def delete(self, key: str, timeout_s: float) -> bool:
         self._check()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -865,3 +867,31 @@ def test_a_conversation_is_continued_while_redis_is_full(
             "And again?",
         ]
     assert client.responses.create(model="fast", previous_response_id=second.id, input="Once more?").output_text
+
+
+def test_a_response_whose_write_timed_out_says_store_false_and_is_not_kept(
+    own_redis_gateway: GatewayProcess, own_redis: EmbeddedRedis
+) -> None:
+    """t130: Redis paused (SIGSTOP) while a response was stored: the write timed out, the response
+    said ``store: false``, and Redis ran the write once it went on: the response was kept all the same."""
+    client = _own_client(own_redis_gateway)
+    assert _stored(client.responses.create(model="fast", input="Before the pause.")) is True  # connected
+    os.kill(own_redis.pid, signal.SIGSTOP)
+    try:
+        answered = client.responses.create(model="fast", input="Kept through a pause?")
+    finally:
+        os.kill(own_redis.pid, signal.SIGCONT)
+    assert answered.output_text and _stored(answered) is False
+    deadline = time.monotonic() + 10
+    while True:  # Redis is taken for down for a second or so: 503 until it answers again
+        try:
+            client.responses.retrieve(answered.id)
+        except openai.NotFoundError:
+            break
+        except openai.InternalServerError:
+            pass
+        assert time.monotonic() < deadline, "told store: false, yet it was kept"
+        time.sleep(0.2)
+    time.sleep(1)
+    with pytest.raises(openai.NotFoundError):  # and not stored since: the late write stores nothing
+        client.responses.retrieve(answered.id)

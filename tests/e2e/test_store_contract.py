@@ -493,6 +493,18 @@ async def test_a_bounded_key_stored_only_if_new_keeps_its_first_value_counted_on
     assert await store.kv.get_many([first, second, third], T) == [b"f" * 100, None, b"e" * 100]
 
 
+async def test_a_bounded_key_withdrawn_keeps_out_a_write_that_lands_late(store: Store) -> None:
+    """t130: a write that timed out may land before its withdrawal or after it: neither way is it kept."""
+    tenant = _tenant()
+    ledger = keyspace.stored_responses(tenant)
+    early, late = keyspace.response(tenant, "early"), keyspace.response(tenant, "late")
+    assert await store.kv.put_bounded(early, b"x" * 100, 60, ledger, 10_000, T, new_only=True) == 0
+    assert await store.kv.delete_bounded(early, ledger, T, keep_out_s=60) is True
+    assert await store.kv.delete_bounded(late, ledger, T, keep_out_s=60) is False
+    assert await store.kv.put_bounded(late, b"y" * 100, 60, ledger, 10_000, T, new_only=True) is None
+    assert await store.kv.get_many([early, late], T) == [b"", b""]  # kept out, for keep_out_s
+
+
 async def test_a_cancel_that_lands_during_a_redis_call_is_never_lost(redis_server: EmbeddedRedis) -> None:
     """A client that leaves cancels its request's task once; that cancel may land while the
     task is in a Redis call (redis-py, re-opening a connection, and Python 3.11's

@@ -103,15 +103,19 @@ which the expired keys' sweep also reads) and its TTL restart together. A full R
 (``allow-oom``): it only changes what is there, a score and TTLs, and refusing it refused the read,
 so a conversation could not be continued while its turns could be read (t130)."""
 
-_DELETE_BOUNDED = """
+_DELETE_BOUNDED = """#!lua flags=allow-oom
 local had = redis.call('HGET', KEYS[3], KEYS[1])
 if had then
   redis.call('HDEL', KEYS[3], KEYS[1])
   redis.call('HINCRBY', KEYS[3], '#', -tonumber(had))
 end
 redis.call('ZREM', KEYS[2], KEYS[1])
-return redis.call('DEL', KEYS[1])
+local deleted = redis.call('DEL', KEYS[1])
+if ARGV[1] ~= '0' then redis.call('SET', KEYS[1], '', 'EX', ARGV[1]) end
+return deleted
 """
+"""Run by a full Redis too: a delete frees memory, and the mark that keeps a late write out
+(``keep_out_s``) is a few bytes."""
 
 
 class RedisKeyValue:
@@ -192,12 +196,12 @@ class RedisKeyValue:
         raws = await self._redis.call(lambda r: script(keys=every, args=[ttl_s]), timeout_s)
         return [raw.encode() if isinstance(raw, str) else raw for raw in raws]
 
-    async def delete_bounded(self, key: str, ledger: str, timeout_s: float) -> bool:
+    async def delete_bounded(self, key: str, ledger: str, timeout_s: float, *, keep_out_s: int = 0) -> bool:
         script = self._delete_bounded
         if script is None:
             raise StoreUnavailable
         keys = [key, ledger, f"{ledger}:bytes"]
-        return bool(await self._redis.call(lambda r: script(keys=keys), timeout_s))
+        return bool(await self._redis.call(lambda r: script(keys=keys, args=[keep_out_s]), timeout_s))
 
     async def delete(self, key: str, timeout_s: float) -> bool:
         return bool(await self._redis.call(lambda r: r.delete(key), timeout_s))
