@@ -594,3 +594,41 @@ async def test_after_a_quiet_restart_the_dead_pooled_connections_are_no_outage(t
         await shared.aclose()
         server.kill()
         server.wait()
+
+
+async def test_a_change_of_why_redis_cannot_be_reached_is_logged(tmp_path: Path) -> None:
+    """t130: Redis restarted with a password the gateway lacks: the log said only the first
+    ``Connection refused``, never the authentication error that kept the outage going."""
+    import subprocess
+
+    from structlog.testing import capture_logs
+
+    from tests.gateway_process import free_port
+
+    port = free_port()
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        command = [find_redis_server(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", *args]
+        return subprocess.Popen(
+            [*command, "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    server = start()
+    shared = SharedRedis(connect(f"redis://127.0.0.1:{port}/0", timeout_s=2), Metrics())
+    try:
+        while not await shared.check(0.5):
+            await asyncio.sleep(0.05)
+        server.kill()
+        server.wait()
+        with capture_logs() as logs:
+            assert not await shared.check(0.5)
+            server = start("--requirepass", "s3cret-pw")
+            for _ in range(30):  # probes over ~6 s: the new cause said once, not once a probe
+                assert not await shared.check(0.5)  # it needs a password now
+                await asyncio.sleep(0.2)
+        said = [(line["event"], line["error"]) for line in logs if line["event"].startswith("redis_")]
+        assert said == [("redis_unavailable", "ConnectionError"), ("redis_still_unavailable", "AuthenticationError")]
+    finally:
+        await shared.aclose()
+        server.kill()
+        server.wait()

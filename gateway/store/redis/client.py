@@ -1,7 +1,8 @@
 """The shared Redis, used as an optimisation: every call is bounded and failure is an answer.
 
 A call that cannot reach Redis (refused, reset, unknown host) returns its fallback,
-the outage is logged once (not once per request), and further calls skip Redis for
+the outage is logged once (not once per request; again when its cause changes, such as a
+password Redis now asks for), and further calls skip Redis for
 a second before trying again, so a dead Redis costs requests nothing. A call that is
 merely slow returns its fallback at its deadline, but slow answers under load do not
 mark Redis down (measured: at 8 connections on 2 cores, three timeouts in a row came
@@ -81,6 +82,9 @@ class SharedRedis:
         self.full = False
         """Whether Redis's memory is full (it refuses writes): from the last refusal to the next probe that wrote."""
         self._down_since: float | None = None
+        self._down_error = ""
+        """Why Redis is down, as last logged: the error's class."""
+        self._down_error_said_at = float("-inf")
         self._last_attempt = 0.0
         self._vector_sets: bool | None = None
         self._slow = SparseLog(_log, "redis_slow", every_s=_SLOW_LOG_EVERY_S)
@@ -200,9 +204,16 @@ class SharedRedis:
         self._refused(error=type(exc).__name__, detail=_without_secrets(str(exc))[:200])
 
     def _mark_down(self, exc: BaseException, event: str) -> None:
+        now, error = time.monotonic(), type(exc).__name__
         if self.up or self._down_since is None:
-            self._down_since = time.monotonic()
-            _log.error(event, error=type(exc).__name__, detail=_without_secrets(str(exc))[:200])
+            self._down_since, self._down_error, self._down_error_said_at = now, error, float("-inf")
+            _log.error(event, error=error, detail=_without_secrets(str(exc))[:200])
+        elif error != self._down_error and now - self._down_error_said_at >= _SLOW_LOG_EVERY_S:
+            # A new cause keeps the outage going (t130: a Redis restarted with a password the
+            # gateway lacks); the first change at once, then at most every 10 s (a flapping cause).
+            self._down_error, self._down_error_said_at = error, now
+            down_s = round(now - self._down_since, 3)
+            _log.error("redis_still_unavailable", error=error, detail=_without_secrets(str(exc))[:200], down_s=down_s)
         self.up = False
         self._metrics.redis_up.set(0)
 
