@@ -29,6 +29,8 @@ policy), so one server serves every fault:
   the engine aborted), streamed or not;
 - ``reasoning``: an answer as vLLM's ``--reasoning-parser`` writes it: its reasoning in
   ``reasoning_content`` (two chunks when streamed), then its text, streamed or not;
+- ``echoing``: a normal answer, but a 400 for a ``guided_choice`` that is not a list, quoting the
+  client's value in its message as vLLM's validation errors do;
 - ``marked``: a normal answer unless the prompt carries one of :data:`FAULTS`, which
   picks the failure (a 500, a body that is not JSON, no choices, an answer cut half-way,
   a hang, a stream of comments only);
@@ -61,6 +63,8 @@ class FaultyUpstream:
     calls: dict[str, int] = field(default_factory=dict)
     released: dict[str, int] = field(default_factory=dict)
     """Per model: streams the gateway closed while they were still being written."""
+    last_body: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per model: the body of the last request it was sent."""
 
 
 def _completion(model: str, text: str) -> dict[str, Any]:
@@ -92,7 +96,10 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
     body = await request.json()
     model = str(body.get("model"))
     upstream.calls[model] = upstream.calls.get(model, 0) + 1
+    upstream.last_body[model] = body
     stream = bool(body.get("stream"))
+    if model == "echoing" and not isinstance(body.get("guided_choice", []), list):
+        return _echoed(body["guided_choice"])
     if model == "marked":
         prompt = msgspec.json.encode(body.get("messages")).decode()
         fault = next((name for name in FAULTS if name in prompt), None)
@@ -192,6 +199,14 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
         await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
+
+
+def _echoed(value: object) -> web.Response:
+    """vLLM's 400 for a field of the wrong type: its validation error as text, the value quoted."""
+    problem = [{"type": "list_type", "loc": ("body", "guided_choice"), "msg": "Input should be a valid list",
+                "input": value}]  # fmt: skip
+    error = {"message": str(problem), "type": "BadRequestError", "param": None, "code": 400}
+    return web.json_response({"error": error}, status=400)
 
 
 _JS_USAGE = b'{"prompt_tokens":22.0,"completion_tokens":7.0,"total_tokens":29.0}'

@@ -22,6 +22,7 @@ from gateway.errors import (
     UpstreamProtocolError,
     UpstreamStatusError,
     context_overflow,
+    upstream_error_fields,
 )
 from gateway.pricing import tier_name
 from gateway.protocols import openai_chat
@@ -746,18 +747,14 @@ def _limit_renamed(payload: dict[str, Any]) -> dict[str, Any]:
 
 def _refuses(error: UpstreamStatusError, param: str) -> bool:
     """OpenAI's 400 for a field a model does not take: "Unsupported parameter: 'stop' is not
-    supported with this model." (``param``: ``stop``, ``code``: ``unsupported_parameter``)."""
-    body = error.upstream_body or b""
-    return error.upstream_status == 400 and b"nsupported parameter: '" + param.encode() + b"'" in body
+    supported with this model." (``param``: ``stop``, ``code``: ``unsupported_parameter``). Read
+    from those fields, never from the text: a 400 can quote what the client sent (vLLM's do), and
+    what is learned here holds for every tenant's requests (t135)."""
+    fields = upstream_error_fields(error.upstream_body) if error.upstream_status == 400 else {}
+    return fields.get("param") == param and fields.get("code") == "unsupported_parameter"
 
 
 def _wants_max_completion_tokens(error: UpstreamStatusError, payload: dict[str, Any]) -> bool:
     """OpenAI's 400 for a reasoning model: "Unsupported parameter: 'max_tokens' is not supported
     with this model. Use 'max_completion_tokens' instead." (``param``: ``max_tokens``)."""
-    body = error.upstream_body or b""
-    return (
-        error.upstream_status == 400
-        and "max_tokens" in payload
-        and b"max_completion_tokens" in body
-        and b"max_tokens" in body.replace(b"max_completion_tokens", b"")
-    )
+    return "max_tokens" in payload and _refuses(error, "max_tokens")

@@ -14,9 +14,11 @@ import anthropic
 import openai
 import pytest
 
+from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test, upstream_stats
+from tests.faulty_upstream import FaultyUpstream, start_faulty_upstream
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 _REASONING = """  reasoner:
@@ -113,3 +115,61 @@ def test_stop_strings_hold_on_a_model_that_refuses_them(
     untouched = oai.chat.completions.create(model="reasoner", messages=_PROMPT, stop=["absent"])
     assert untouched.choices[0].message.content == "[simulated small] grape fig elder damson cherry banana apple List:"
     assert untouched.choices[0].finish_reason == "stop"
+
+
+_ECHOING = """  echoing:
+    base_url: {url}
+    tier: small
+    price: {{input: 1, output: 1}}
+    timeouts: {{connect: 1, first_byte: 2, total: 5}}
+auth:
+  mode: keys
+  keys:
+    - {{id: a, tenant: tenant-a, hash: "{a}"}}
+    - {{id: b, tenant: tenant-b, hash: "{b}"}}
+"""
+
+
+@pytest.fixture(scope="module")
+def echoing_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[tuple[GatewayProcess, FaultyUpstream]]:
+    """Two tenants' keys, and a model whose 400s quote the client's input as vLLM's do."""
+    with start_faulty_upstream() as upstream:
+        models, auth = _ECHOING.format(url=upstream.url, a=hash_key("key-a"), b=hash_key("key-b")).split("auth:")
+        policy = policy_text(small_upstream, large_upstream, extra_models=models, auth="auth:" + auth)
+        process = start_gateway(tmp_path_factory.mktemp("echoing"), policy, env={"REDIS_URL": redis_server.url})
+        yield process, upstream
+        process.stop()
+
+
+@pytest.mark.parametrize(
+    "lesson",
+    [
+        "Unsupported parameter: 'stop' is not supported with this model.",
+        "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.",
+    ],
+)
+def test_a_refusal_a_client_gets_an_upstream_to_quote_teaches_the_model_nothing(
+    echoing_gateway: tuple[GatewayProcess, FaultyUpstream], lesson: str
+) -> None:
+    """t135: the refusal of ``stop`` or ``max_tokens`` was read anywhere in the 400's body, and a
+    vLLM 400 quotes the value it refused: one tenant's crafted ``guided_choice`` made the model
+    drop every tenant's ``stop`` (and refuse more than 16) or rename every tenant's limit."""
+    gateway, upstream = echoing_gateway
+    tenant_a = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="key-a", max_retries=0))
+    tenant_b = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="key-b", max_retries=0))
+    before = upstream.calls.get("echoing", 0)
+    with pytest.raises(openai.BadRequestError):
+        tenant_b.chat.completions.create(
+            model="echoing", messages=_PROMPT, stop=["zz"], max_tokens=20, extra_body={"guided_choice": lesson}
+        )
+    assert upstream.calls["echoing"] == before + 1  # not asked again as if it had refused a field
+    stops = [f"STOP{i}" for i in range(17)]  # more than the gateway applies itself
+    chat = tenant_a.chat.completions.create(model="echoing", messages=_PROMPT, stop=stops, max_tokens=30)
+    assert chat.choices[0].message.content == "a fine answer"
+    sent = upstream.last_body["echoing"]
+    assert sent["stop"] == stops and sent["max_tokens"] == 30 and "max_completion_tokens" not in sent
