@@ -49,14 +49,20 @@ enough to decide alone (measured in ``docs/semantic-cache.md``):
   and an added word is not filler ("please", "hey", "quick question", ...): "random" /
   "non-random", "hello llamaindex chat" / "hello llamaindex complete chat", a constraint
   appended. A rewording that also changes any other word is the verifier's to judge.
+* ``names``: each prompt has a name (a word capitalized within a sentence) that the other
+  lacks: "the capital of France" / "of Germany", "in Lisbon" / "in Porto". A name recased,
+  inflected or shortened ("Africa" / "African", "PostgreSQL" / "Postgres") is kept; acronyms
+  are not compared (paraphrases expand them: "US" / "United States"), nor German, which
+  capitalizes every noun. A name on one side only is the verifier's.
 
-Everything else (wording, order, negation, entities, direction) is the verifier's to judge.
+Everything else (wording, order, negation, direction) is the verifier's to judge.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -132,6 +138,8 @@ class Structure:
     cased_words: frozenset[str] | None
     """Units after a number and one-letter words as typed (``5 Ms``, ``G``); None when the prompt
     has no capital at all: a writer who types everything in lower case says nothing by it."""
+    names: frozenset[str]
+    """Words capitalized within a sentence, folded (``france``): see :func:`_names`."""
 
 
 def conflicts(a: str, b: str) -> list[str]:
@@ -153,6 +161,8 @@ def conflicts(a: str, b: str) -> list[str]:
         found.append("question")
     if _only_added(x.words, y.words):
         found.append("added_words")
+    if x.names and y.names and _unnamed(x.names, y.typed_words) and _unnamed(y.names, x.typed_words):
+        found.append("names")
     if x.script != y.script:
         found.append("script")
     if x.code != y.code or (x.pasted_code and y.pasted_code and x.pasted_code != y.pasted_code):
@@ -208,6 +218,7 @@ def structure_of(text: str) -> Structure:
         tuple(m.group(1) or m.group(2) or m.group(3) for m in _QUOTED.finditer(typed)),
         frozenset(_FLAG.findall(typed)),
         _cased_words(typed) if any(c.isupper() for c in typed) else None,
+        _names(_CODE.sub(" ", typed)),
     )
 
 
@@ -329,6 +340,103 @@ def _cased_words(typed: str) -> frozenset[str]:
             continue
         found.add(word)
     return frozenset(found)
+
+
+# what may stand before a sentence's first word: blanks (not a line break), quotes, brackets, bullets
+_BEFORE_SENTENCE = " \t\r\u00a0\"'\u201c\u2018\u201e\u00ab([*#>\u2022\u00bf\u00a1-"
+_SENTENCE_CLOSES = frozenset(".?!:;\n\u2026\u3002\uff1f\uff01")
+_LONGEST_NAME = 40
+# capitalized in code, not names
+_NOT_NAMES = frozenset(["true", "false", "none", "null", "nan"])
+# German writes every noun with a capital: two of these words and a prompt's capitals say nothing
+_GERMAN = frozenset(
+    [
+        "der",
+        "das",
+        "und",
+        "ist",
+        "ich",
+        "nicht",
+        "ein",
+        "eine",
+        "einen",
+        "dem",
+        "für",
+        "auf",
+        "wir",
+        "sie",
+        "zum",
+        "zur",
+        "bei",
+        "mein",
+        "meine",
+        "kann",
+        "wird",
+        "welche",
+        "welcher",
+        "wenn",
+        "oder",
+        "auch",
+        "habe",
+        "sind",
+        "uns",
+        "gibt",
+        "über",
+    ]
+)
+
+
+def _names(prose: str) -> frozenset[str]:
+    """Words capitalized within a sentence (``France``, ``Emily``, ``Москва``), folded: names,
+    which a paraphrase keeps and a near miss replaces (t135: the verifier served "the capital of
+    Germany" for "the capital of France" at p 0.993). Not a sentence's first word, one letter,
+    an acronym (``US``, ``SQL``: paraphrases expand them, and code keywords are typed so) or
+    ``True``; none in German. Scripts without case have none."""
+    found = set()
+    german = 0
+    for match in _TYPED_WORD.finditer(prose):
+        word = match.group()
+        german += word.lower() in _GERMAN
+        if not 2 <= len(word) <= _LONGEST_NAME or not word[0].isupper() or word.isupper():
+            continue
+        folded = _folded(word)
+        if folded in _NOT_NAMES:
+            continue
+        before = prose[max(0, match.start() - 40) : match.start()].rstrip(_BEFORE_SENTENCE)
+        if (
+            not before
+            or before[-1] in _SENTENCE_CLOSES
+            or (before[-1] in ")\u201d\u2019" and before[-2:-1] in (".", "?", "!"))
+        ):
+            continue
+        found.add(folded)
+    return frozenset() if german >= 2 else frozenset(found)
+
+
+def _unnamed(names: frozenset[str], typed_words: frozenset[str]) -> bool:
+    """A name that no word of the other prompt spells, in any case or inflection: the two share
+    all but the last two letters of the shorter, and at least 4 (or all of it): "africa" /
+    "african", "москвой" / "москве", "postgresql" / "postgres". Linear: one lookup per prefix of a
+    name, not one comparison per word."""
+    words = sorted({_folded(word) for word in typed_words})
+    stems = {word[: _stem_length(len(word))] for word in words if len(word) >= 3}
+    return any(not _spelled(name, words, stems) for name in names)
+
+
+def _spelled(name: str, words: list[str], stems: set[str]) -> bool:
+    stem = name[: _stem_length(len(name))]
+    i = bisect_left(words, stem)
+    if i < len(words) and (words[i] == name or (len(stem) >= 3 and words[i].startswith(stem))):
+        return True  # a word as long or longer: "africa" / "african"
+    return any(name[:n] in stems for n in range(3, len(name) + 1))  # a shorter one: "excelu" / "excel"
+
+
+def _stem_length(n: int) -> int:
+    return min(n, max(4, n - 2))
+
+
+def _folded(word: str) -> str:
+    return _without_marks(unicodedata.normalize("NFKC", word).casefold())
 
 
 # a quoted literal: '...' "..." “...” ‘...’ «...» (a quote inside a word, as in "it's", opens none)
