@@ -1,4 +1,5 @@
-"""An OpenAI-compatible upstream that misbehaves the way real servers and proxies do.
+"""An OpenAI-compatible upstream (one model Anthropic-compatible) that misbehaves the way real
+servers and proxies do.
 
 The behaviour is the model name the gateway sends (``upstream_model`` in the test
 policy), so one server serves every fault:
@@ -31,6 +32,8 @@ policy), so one server serves every fault:
   ``reasoning_content`` (two chunks when streamed), then its text, streamed or not;
 - ``echoing``: a normal answer, but a 400 for a ``guided_choice`` that is not a list, quoting the
   client's value in its message as vLLM's validation errors do;
+- ``echoing-claude``, at ``/v1/messages``: an Anthropic message, but a 400 for a stop sequence
+  over 32 characters, quoting it in its message as vLLM's Anthropic endpoint's validation errors do;
 - ``marked``: a normal answer unless the prompt carries one of :data:`FAULTS`, which
   picks the failure (a 500, a body that is not JSON, no choices, an answer cut half-way,
   a hang, a stream of comments only);
@@ -201,6 +204,25 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
     return response
 
 
+async def _messages(request: web.Request, upstream: FaultyUpstream) -> web.Response:
+    """The Messages API: ``echoing-claude`` alone (see the module's docstring), never streamed."""
+    body = await request.json()
+    model = str(body.get("model"))
+    upstream.calls[model] = upstream.calls.get(model, 0) + 1
+    upstream.last_body[model] = body
+    long = [(at, stop) for at, stop in enumerate(body.get("stop_sequences") or []) if len(stop) > 32]
+    if long:
+        at, stop = long[0]
+        problem = [{"type": "string_too_long", "loc": ("body", "stop_sequences", at),
+                    "msg": "String should have at most 32 characters", "input": stop}]  # fmt: skip
+        error = {"type": "invalid_request_error", "message": str(problem)}
+        return web.json_response({"type": "error", "error": error}, status=400)
+    message = {"id": "msg_faulty", "type": "message", "role": "assistant", "model": model,
+               "content": [{"type": "text", "text": "a fine answer"}], "stop_reason": "end_turn",
+               "stop_sequence": None, "usage": {"input_tokens": 5, "output_tokens": 3}}  # fmt: skip
+    return web.json_response(message)
+
+
 def _echoed(value: object) -> web.Response:
     """vLLM's 400 for a field of the wrong type: its validation error as text, the value quoted."""
     problem = [{"type": "list_type", "loc": ("body", "guided_choice"), "msg": "Input should be a valid list",
@@ -367,7 +389,11 @@ def start_faulty_upstream() -> Iterator[FaultyUpstream]:
         async def handle(request: web.Request) -> web.StreamResponse:
             return await _handle(request, upstream)
 
+        async def messages(request: web.Request) -> web.Response:
+            return await _messages(request, upstream)
+
         app.router.add_post("/v1/chat/completions", handle)
+        app.router.add_post("/v1/messages", messages)
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

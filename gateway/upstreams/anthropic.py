@@ -56,11 +56,18 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 import structlog
 
 from gateway.core import model as core
 from gateway.core.model import Answer, Delta, Finish, TextDelta, ThinkingPart, UsageReport
-from gateway.errors import GatewayError, InvalidRequestError, UpstreamProtocolError, UpstreamStatusError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    upstream_error_fields,
+)
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
 from gateway.protocols.anthropic_messages import encode_error, encode_request
@@ -155,7 +162,7 @@ class AnthropicProvider(Provider):
         try:
             return await self.post(_MESSAGES_PATH, payload, headers, stream=stream)
         except UpstreamStatusError as exc:
-            if self.takes_one_sampler or "top_p" not in payload or not _refuses_both_samplers(exc):
+            if self.takes_one_sampler or "top_p" not in payload or not _refuses_both_samplers(exc, payload):
                 raise
             self.takes_one_sampler = True
             _log.info("upstream_takes_one_sampler", model=self.name)
@@ -231,11 +238,22 @@ def _one_sampler(payload: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in payload.items() if name != "top_p"}
 
 
-def _refuses_both_samplers(error: UpstreamStatusError) -> bool:
+_BOTH_SAMPLERS = b"temperature and top_p cannot both be specified"
+
+
+def _refuses_both_samplers(error: UpstreamStatusError, sent: dict[str, Any]) -> bool:
     """Anthropic's 400: "`temperature` and `top_p` cannot both be specified for this model.
-    Please use only one." """
-    body = (error.upstream_body or b"").replace(b"`", b"")
-    return error.upstream_status == 400 and b"temperature and top_p cannot both be specified" in body
+    Please use only one." It names no ``param``, so it is read from the error's message, and only
+    when the request sent does not hold that text: a 400 can quote what a client sent, and what is
+    learned here holds for every tenant's requests (t135 follow-up)."""
+    if error.upstream_status != 400:
+        return False
+    message = upstream_error_fields(error.upstream_body).get("message")
+    return (
+        isinstance(message, str)
+        and _BOTH_SAMPLERS in message.encode().replace(b"`", b"")
+        and _BOTH_SAMPLERS not in msgspec.json.encode(sent).replace(b"`", b"")
+    )
 
 
 def _not_carried(request: core.Request, one_sampler: bool = False) -> list[str]:

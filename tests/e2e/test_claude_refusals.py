@@ -15,9 +15,11 @@ import anthropic
 import openai
 import pytest
 
+from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test, inject, upstream_stats
+from tests.faulty_upstream import FaultyUpstream, start_faulty_upstream
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 _CLAUDE_45 = """  claude45:
@@ -100,6 +102,60 @@ def test_a_model_that_takes_one_sampler_is_sent_temperature_alone(
     top_p_alone = oai.chat.completions.create(model="claude45", messages=_ASK, top_p=0.9)
     assert top_p_alone.choices[0].message.content
     assert upstream_stats(large_upstream)["last_request"]["body"]["top_p"] == 0.9
+
+
+_ECHOING = """  echoing:
+    provider: anthropic
+    base_url: {url}
+    upstream_model: echoing-claude
+    api_key_env: TEST_ANTHROPIC_KEY
+    price: {{input: 3, output: 15}}
+    tier: large
+    timeouts: {{connect: 1, first_byte: 2, total: 5}}
+auth:
+  mode: keys
+  keys:
+    - {{id: a, tenant: tenant-a, hash: "{a}"}}
+    - {{id: b, tenant: tenant-b, hash: "{b}"}}
+"""
+
+
+@pytest.fixture(scope="module")
+def echoing_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[tuple[GatewayProcess, FaultyUpstream]]:
+    """Two tenants' keys, and an Anthropic model whose 400s quote the client's input."""
+    with start_faulty_upstream() as upstream:
+        root = upstream.url.removesuffix("/v1")
+        models, auth = _ECHOING.format(url=root, a=hash_key("key-a"), b=hash_key("key-b")).split("auth:")
+        policy = policy_text(small_upstream, large_upstream, extra_models=models, auth="auth:" + auth)
+        env = {"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k", "TEST_ANTHROPIC_KEY": "k"}
+        process = start_gateway(tmp_path_factory.mktemp("echoing"), policy, env=env)
+        yield process, upstream
+        process.stop()
+
+
+def test_a_sampler_refusal_a_client_gets_an_upstream_to_quote_teaches_the_model_nothing(
+    echoing_gateway: tuple[GatewayProcess, FaultyUpstream],
+) -> None:
+    """t135 follow-up: the refusal of both samplers was read anywhere in the 400's body: one tenant's stop
+    sequence, quoted back in a validation error, made the model drop every tenant's ``top_p``."""
+    gateway, upstream = echoing_gateway
+    tenant_a = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="key-a", max_retries=0))
+    tenant_b = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="key-b", max_retries=0))
+    lesson = "`temperature` and `top_p` cannot both be specified for this model. Please use only one."
+    before = upstream.calls.get("echoing-claude", 0)
+    with pytest.raises(openai.BadRequestError):
+        tenant_b.chat.completions.create(model="echoing", messages=_ASK, temperature=0.2, top_p=0.9, stop=[lesson])
+    assert upstream.calls["echoing-claude"] == before + 1  # not asked again as if it had refused top_p
+    raw = tenant_a.chat.completions.with_raw_response.create(model="echoing", messages=_ASK, temperature=0.2, top_p=0.9)
+    assert raw.parse().choices[0].message.content == "a fine answer"
+    assert "top_p" not in raw.headers.get("x-gateway-dropped", "")
+    sent = upstream.last_body["echoing-claude"]
+    assert sent["temperature"] == 0.2 and sent["top_p"] == 0.9
 
 
 def test_a_last_user_message_of_whitespace_alone_is_refused_not_continued(gateway: GatewayProcess) -> None:
