@@ -25,6 +25,7 @@ from gateway.errors import (
 from gateway.upstreams.base import Provider
 from gateway.upstreams.breaker import CircuitBreaker
 from gateway.upstreams.deadline import model_deadline
+from gateway.upstreams.sending import SendMark
 
 __all__ = ["DispatchInfo", "dispatch"]
 
@@ -47,6 +48,16 @@ class DispatchInfo:
     last_attempt: Callable[[], bool] | None = None
     """Set when the client left: whether the attempt at work, should it fail, is the last (none is
     made for a client that is gone, unless identical requests wait on its answer then)."""
+
+    def goes_on_without_client(self, sending: SendMark | None, last_attempt: Callable[[], bool]) -> bool:
+        """A client hung up on a whole (non-streamed) answer: whether its request goes on. An
+        upstream bills the whole answer it was sent (OpenAI's and Anthropic's go on after a
+        hang-up), so one at work on it is waited for, with no retry or fallback once
+        ``last_attempt()`` says so; one still queued for a connection (t43) is not sent, and costs nothing."""
+        if self.asked is None or sending is None or not sending.sent:
+            return False
+        self.last_attempt = last_attempt
+        return True
 
     @property
     def retries(self) -> int:

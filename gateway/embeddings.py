@@ -14,6 +14,7 @@ import hashlib
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -38,6 +39,7 @@ from gateway.store import keyspace
 from gateway.store.base import KeyValue, StoreUnavailable
 from gateway.tokens import count_text
 from gateway.upstreams.base import Embeddings, Provider
+from gateway.upstreams.sending import SendMark, watch_sending
 
 __all__ = ["EmbeddingsPipeline"]
 
@@ -54,6 +56,16 @@ class _EmbeddingsRequest(msgspec.Struct, forbid_unknown_fields=False):
     user: str | None = None
 
 
+@dataclass(slots=True)
+class _AtWork:
+    """A request whose upstream may be at work on its batch when its client hangs up."""
+
+    info: DispatchInfo
+    sending: SendMark
+    client_left: bool = False
+    """The client hung up while the upstream embedded the batch, which is waited for."""
+
+
 class EmbeddingsPipeline:
     def __init__(
         self, holder: RuntimeHolder, metrics: Metrics, store: KeyValue, limiter: Limiter, drain: Drain | None = None
@@ -63,6 +75,19 @@ class EmbeddingsPipeline:
         self._store = store
         self._limiter = limiter
         self._drain = drain or Drain(DEFAULT_DRAIN_S)
+        self._at_work: dict[asyncio.Task[Any], _AtWork] = {}
+
+    def client_left(self, task: asyncio.Task[Any]) -> bool:
+        """The edge saw ``task``'s client hang up: whether the request goes on, as a chat request's
+        whole answer does (:meth:`gateway.pipeline.ChatPipeline.client_left`): a batch sent upstream
+        is billed there whatever the client does, so it is waited for, billed, cached (the client's
+        retry is a hit) and logged as a 499 (t136: logged with 0 tokens and $0, and embedded and
+        billed again on the retry). No identical request waits on it: a failed attempt is the last."""
+        work = self._at_work.get(task)
+        if work is None or self._drain.expired or not work.info.goes_on_without_client(work.sending, lambda: True):
+            return False
+        work.client_left = True
+        return True
 
     async def handle(
         self,
@@ -85,6 +110,7 @@ class EmbeddingsPipeline:
         )
         info = DispatchInfo()
         reservation: Reservation | None = None
+        work: _AtWork | None = None
         task = self._drain.track()  # ended with a 503 at the drain deadline, not cut by the server's kill
         try:
             principal = runtime.auth.authenticate(authorization)
@@ -107,6 +133,9 @@ class EmbeddingsPipeline:
             # Priced at the dearest model the request may end at (a fallback may cost more).
             estimate = max(cost_usd(model.price, total_tokens, 0) for model in models)
             reservation = await self._limiter.reserve(runtime.policy, principal, total_tokens, estimate, at)
+            work = _AtWork(info, watch_sending())  # a client leaving before anything was sent is billed nothing
+            if task is not None:
+                self._at_work[task] = work
             vectors = await self._answer(runtime, plan, request, inputs, extra, counts, record, info, cache_control)
             # The baseline is every input embedded by the route's model: what the cache saves shows
             # as savings, as for chat (without one, each request counted its cost as negative savings).
@@ -136,6 +165,10 @@ class EmbeddingsPipeline:
             raise
         finally:
             self._drain.untrack(task)
+            if task is not None:
+                self._at_work.pop(task, None)
+            if work is not None and work.client_left:
+                record.status, record.error_type = 499, "client_disconnected"
             self._finish(runtime, record, info, started, at, reservation)
 
     async def _answer(

@@ -335,10 +335,13 @@ class ChatPipeline:
         client that is gone, billed, cached (the client's retry is a hit), and logged as a 499
         (t39: hanging up just before the answer cost the prompt alone, and never tripped a budget)."""
         x = self._whole_answers.get(task)
-        if x is None or x.info.asked is None or x.sending is None or not x.sending.sent or self._drain.expired:
-            return False  # nothing sent yet (a request queued for a connection, t43): nothing to bill
+        if (
+            x is None
+            or self._drain.expired
+            or not x.info.goes_on_without_client(x.sending, lambda: self._no_one_waits(x))
+        ):
+            return False
         x.client_left = True
-        x.info.last_attempt = lambda: self._no_one_waits(x)
         return True
 
     def _no_one_waits(self, x: _Exchange) -> bool:

@@ -94,7 +94,7 @@ async def hand_to_pipeline(
     request_id = request_id_of(headers)
     task = asyncio.current_task()
     assert task is not None
-    watch = DisconnectWatch(request, task, None if embeddings else state.pipeline.client_left)
+    watch = DisconnectWatch(request, task, (state.embeddings if embeddings else state.pipeline).client_left)
     read_body: BodyReader = watch.read_chat_body
     if translate is not None:
         convert = translate

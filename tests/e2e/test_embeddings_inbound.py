@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -384,3 +385,84 @@ def test_vectors_of_another_size_than_the_dimensions_asked_are_refused_and_never
     assert refused.value.status_code == 502 and refused.value.code == "upstream_bad_response"
     assert again.headers["x-gateway-cache"] == "miss" and len(again.parse().data[0].embedding) == 4
     assert fallback.headers["x-gateway-model"] == "embed-large" and len(fallback.parse().data[0].embedding) == 4
+
+
+def _hang_up(gateway: GatewayProcess, model: str, batch: list[str]) -> str:
+    """Ask for ``batch`` and hang up before the answer comes: the request's id."""
+    request_id = f"hang-up-{time.monotonic_ns()}"
+    with _client(gateway, "key-a") as client, pytest.raises(openai.APITimeoutError):
+        client.with_options(timeout=0.3).embeddings.create(
+            model=model, input=batch, extra_headers={"x-request-id": request_id}
+        )
+    return request_id
+
+
+def test_a_client_that_hangs_up_on_an_embedding_is_billed_the_batch_the_upstream_embeds(
+    gateway_with_cache: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t136: the upstream embedded and billed the batch, the gateway logged a 499 of 0 tokens and
+    $0 and cached nothing, and the client's retry was a miss billed again. As for chat, the
+    answer is waited for, billed, cached, and logged as a 499 with its tokens and cost."""
+    batch = [f"hung up on input {i} {time.monotonic_ns()}" for i in range(20)]
+    before = upstream_stats(small_upstream)["embeddings_requests"]
+    inject(small_upstream, {"delay_ms": 700})  # within the model's 1 s first-byte timeout
+    request_id = _hang_up(gateway_with_cache, "embed", batch)
+    record = gateway_with_cache.wait_for_record(request_id)
+    assert (record["status"], record["error_type"]) == (499, "client_disconnected")
+    assert (record["model"], record["tokens_source"], record["upstream_status"]) == ("embed", "upstream", 200)
+    assert record["prompt_tokens"] > 0 and record["cost_usd"] == pytest.approx(record["prompt_tokens"] * 0.02 / 1e6)
+    assert record["latency_ms"] >= 700  # logged when the answer came, with its bill
+    with _client(gateway_with_cache, "key-a") as client:
+        retry = client.embeddings.with_raw_response.create(model="embed", input=batch)
+    assert retry.headers["x-gateway-cache"] == "exact" and retry.parse().usage.prompt_tokens == record["prompt_tokens"]
+    assert upstream_stats(small_upstream)["embeddings_requests"] == before + 1
+
+
+def test_no_retry_or_fallback_is_made_for_an_embeddings_client_that_left(
+    gateway_with_cache: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t136: the attempt at work when the client left is the last (nothing waits on its answer)."""
+    before = (
+        upstream_stats(small_upstream)["embeddings_requests"],
+        upstream_stats(large_upstream)["embeddings_requests"],
+    )
+    inject(small_upstream, {"delay_ms": 3000})  # past the 1 s first-byte timeout: a retryable failure
+    request_id = _hang_up(gateway_with_cache, "vectors", [f"left for good {time.monotonic_ns()}"])
+    record = gateway_with_cache.wait_for_record(request_id)
+    assert (record["status"], record["error_type"]) == (499, "client_disconnected")
+    assert (record["model"], record["cost_usd"], record["fallback_used"]) == ("embed", 0, False)
+    time.sleep(0.3)
+    after = upstream_stats(small_upstream)["embeddings_requests"], upstream_stats(large_upstream)["embeddings_requests"]
+    assert after == (before[0] + 1, before[1])
+
+
+def test_an_embeddings_client_that_leaves_while_queued_for_a_connection_is_billed_nothing(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t136: a batch never sent is never billed upstream, so its hang-up costs nothing and is not sent later."""
+    one_connection = f"""  embed-one:
+    kind: embedding
+    base_url: {small_upstream.url}
+    price: {{input: 0.02, output: 0}}
+    max_connections: 1
+    timeouts: {{connect: 5, first_byte: 5, total: 10}}
+"""
+    policy = policy_text(small_upstream, large_upstream, extra_models=one_connection)
+    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url})
+    try:
+        before = upstream_stats(small_upstream)["embeddings_requests"]
+        inject(small_upstream, {"delay_ms": 1500})
+        with _client(gateway, "x") as client, ThreadPoolExecutor(1) as pool:
+            holder = pool.submit(client.embeddings.create, model="embed-one", input=["holds the connection"])
+            time.sleep(0.3)
+            with pytest.raises(openai.APITimeoutError):
+                client.with_options(timeout=0.3).embeddings.create(
+                    model="embed-one", input=["queued behind it"], extra_headers={"x-request-id": "queued-embedding"}
+                )
+            holder.result()
+        record = gateway.wait_for_record("queued-embedding")
+        assert (record["status"], record["cost_usd"], record["prompt_tokens"]) == (499, 0, 0)
+        time.sleep(0.3)
+        assert upstream_stats(small_upstream)["embeddings_requests"] == before + 1
+    finally:
+        gateway.stop()
