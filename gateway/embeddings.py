@@ -237,6 +237,7 @@ class EmbeddingsPipeline:
             write = False
             missing, hit_tokens, found = list(range(len(inputs))), 0, [None] * len(inputs)
         record.model, record.provider, record.upstream_status = provider.name, provider.kind, 200
+        _note_refused(record, provider, answered)
         billed = answered.prompt_tokens if answered.prompt_tokens is not None else sum(counts[i] for i in missing)
         record.tokens_source = "upstream" if answered.prompt_tokens is not None else "gateway"
         record.cost_usd = cost_usd(provider.config.price, billed, 0)
@@ -248,6 +249,7 @@ class EmbeddingsPipeline:
             # the cached vectors are of another size than the server's now (it serves another model
             # under the same name): the whole batch is embedded again, none of it from the cache
             answered = await provider.embed(inputs, request.dimensions, extra)
+            _note_refused(record, provider, answered)
             missing, hit_tokens, found = list(range(len(inputs))), 0, [None] * len(inputs)
             billed += answered.prompt_tokens if answered.prompt_tokens is not None else sum(counts)
             record.cost_usd = cost_usd(provider.config.price, billed, 0)
@@ -370,6 +372,13 @@ def _shared_out(billed: int | None, counts: list[int]) -> list[int]:
     for i in by_remainder[: billed - sum(shares)]:
         shares[i] += 1
     return shares
+
+
+def _note_refused(record: RequestRecord, provider: Provider, answered: Embeddings) -> None:
+    """Why the upstream's count is not billed, as a chat answer's log says it."""
+    if answered.usage_refused is not None:
+        record.usage_refused = answered.usage_refused
+        _log.warning("usage_refused", request_id=record.request_id, model=provider.name, reason=answered.usage_refused)
 
 
 def _response(request: _EmbeddingsRequest, vectors: list[np.ndarray], tokens: int) -> bytes:

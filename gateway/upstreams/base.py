@@ -107,6 +107,8 @@ class Embeddings:
 
     vectors: list[list[float]]
     prompt_tokens: int | None
+    usage_refused: str | None = None
+    """Why the count the upstream said is not billed (``prompt_over_window``), when it says one."""
 
 
 class SpeculationLog(Protocol):

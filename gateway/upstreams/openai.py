@@ -172,12 +172,9 @@ class OpenAIProvider(Provider):
         _check_vectors(self.name, vectors, dimensions)  # a wrong vector would be served and cached as a 200
         usage = data.get("usage")
         prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-        # A count no input could hold (none, negative, a bool, more tokens than bytes and the special
-        # tokens a model adds to each input) is not billed: counted here.
-        size = sum(len(item.encode()) if isinstance(item, str) else len(item) for item in inputs)
-        most = size + _SPECIAL_TOKENS_PER_INPUT * len(inputs)
-        plausible = isinstance(prompt, int) and not isinstance(prompt, bool) and 0 < prompt <= most
-        return Embeddings(vectors, prompt if plausible else None)
+        if not isinstance(prompt, int) or isinstance(prompt, bool) or prompt <= 0:
+            return Embeddings(vectors, None)
+        return _held_to_inputs(vectors, prompt, inputs, self.config.context_window)
 
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
         response = await self.post("responses", body, {**self._headers(), **headers}, stream=False)
@@ -690,6 +687,22 @@ def _salt(secret: str, tenant: str, own: str) -> str:
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _held_to_inputs(
+    vectors: list[list[float]], prompt: int, inputs: list[str] | list[list[int]], window: int
+) -> Embeddings:
+    """The count an upstream said for ``inputs``, unless no inputs could hold it (then counted by
+    the gateway): each input is no more tokens than its bytes and the special tokens a model adds
+    to it, nor than the model's context ``window`` (t136: a byte a token billed 30,000 tokens for
+    one input on a window of 8,192). Past the window, the log says so (``prompt_over_window``)."""
+    sizes = [
+        (len(item.encode()) if isinstance(item, str) else len(item)) + _SPECIAL_TOKENS_PER_INPUT for item in inputs
+    ]
+    if prompt <= sum(min(size, window) for size in sizes):
+        return Embeddings(vectors, prompt)
+    past_window = prompt <= sum(sizes) or prompt > window * len(inputs)  # not the bytes alone
+    return Embeddings(vectors, None, "prompt_over_window" if past_window else None)
 
 
 _SPECIAL_TOKENS_PER_INPUT = 4

@@ -191,3 +191,26 @@ def test_an_embeddings_count_that_cannot_be_true_is_the_gateways(
         assert record["tokens_source"] == "gateway" and raw.parse().usage.prompt_tokens == record["prompt_tokens"]
         billed.append((record["prompt_tokens"], record["cost_usd"]))
     assert billed[1] == billed[0] and billed[0][0] > 0
+
+
+def test_an_embeddings_count_past_the_window_of_each_input_is_the_gateways(
+    client: openai.OpenAI, gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t136: an upstream that bills a byte a token was billed 30,032 tokens for one 30,000-byte
+    input on a model of 8,192 (``tokens_source: "upstream"``): within the inputs' bytes, the count
+    was not held to the window. No input is longer than the window; a batch may be."""
+    long = "word " * 6000  # 30,000 bytes, some 6,000 tokens as the gateway counts them
+    inject(small_upstream, {"omit_usage": True})
+    counted = gateway.wait_for_record(
+        client.embeddings.with_raw_response.create(model="embed", input=[long, "short"]).headers["x-request-id"]
+    )
+    inject(small_upstream, {"usage": {"prompt_tokens": 30_000}})
+    raw = client.embeddings.with_raw_response.create(model="embed", input=[long, "short"])
+    record = gateway.wait_for_record(raw.headers["x-request-id"])
+    assert (record["tokens_source"], record["usage_refused"]) == ("gateway", "prompt_over_window")
+    assert raw.parse().usage.prompt_tokens == record["prompt_tokens"] == counted["prompt_tokens"] < 8192
+    assert _warned(gateway, raw.headers["x-request-id"]) == [("embed", "prompt_over_window")]
+    inject(small_upstream, {"usage": {"prompt_tokens": 12_000}})  # two long inputs: within two windows
+    raw = client.embeddings.with_raw_response.create(model="embed", input=[long, f"{long} again"])
+    record = gateway.wait_for_record(raw.headers["x-request-id"])
+    assert (record["tokens_source"], record["usage_refused"], record["prompt_tokens"]) == ("upstream", None, 12_000)
