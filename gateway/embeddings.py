@@ -51,7 +51,8 @@ class _EmbeddingsRequest(msgspec.Struct, forbid_unknown_fields=False):
     model: Annotated[str, msgspec.Meta(min_length=1)]
     input: Any
     """A string, strings, token ids, or lists of token ids (checked in :func:`_parse`)."""
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64"] | None = None
+    """None (unset, or null as the openai SDK sends for `encoding_format=None`): float."""
     dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
     user: str | None = None
 

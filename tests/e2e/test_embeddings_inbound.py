@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -466,3 +467,13 @@ def test_an_embeddings_client_that_leaves_while_queued_for_a_connection_is_bille
         assert upstream_stats(small_upstream)["embeddings_requests"] == before + 1
     finally:
         gateway.stop()
+
+
+def test_an_encoding_format_of_null_is_float(gateway: GatewayProcess) -> None:
+    """t136: the openai SDK sends ``"encoding_format": null`` for ``encoding_format=None``, which was
+    refused 400 (``Expected str, got null``); null is no format asked, as ``dimensions: null`` is."""
+    with _client(gateway, "x") as client:
+        null: Any = None  # typed out of the SDK's signature, which it still sends as null
+        unset = client.embeddings.create(model="embed", input=["null format"], encoding_format=null)
+        floats = client.embeddings.create(model="embed", input=["null format"], encoding_format="float")
+    assert unset.data[0].embedding == floats.data[0].embedding and len(unset.data[0].embedding) == 384
