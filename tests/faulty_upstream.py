@@ -45,7 +45,6 @@ It runs on loopback in a thread of its own, like the servers it stands in for.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,6 +53,8 @@ from typing import Any
 
 import msgspec
 from aiohttp import ClientConnectionResetError, web
+
+from tests.loopback_app import serve_app
 
 __all__ = ["CALL_SHAPES", "FAULTS", "REASONING", "FaultyUpstream", "start_faulty_upstream"]
 
@@ -378,50 +379,15 @@ async def _marked_fault(request: web.Request, fault: str, model: str, stream: bo
 
 @contextmanager
 def start_faulty_upstream() -> Iterator[FaultyUpstream]:
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict[str, Any] = {}
+    upstream = FaultyUpstream(url="")
 
-    async def serve() -> None:
-        app = web.Application()
-        upstream = FaultyUpstream(url="")
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await _handle(request, upstream)
 
-        async def handle(request: web.Request) -> web.StreamResponse:
-            return await _handle(request, upstream)
+    async def messages(request: web.Request) -> web.StreamResponse:
+        return await _messages(request, upstream)
 
-        async def messages(request: web.Request) -> web.Response:
-            return await _messages(request, upstream)
-
-        app.router.add_post("/v1/chat/completions", handle)
-        app.router.add_post("/v1/messages", messages)
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        upstream.url = f"http://127.0.0.1:{port}/v1"
-        holder["upstream"], holder["runner"] = upstream, runner
-        ready.set()
-
-    thread = threading.Thread(target=loop.run_forever, daemon=True, name="faulty-upstream")
-    thread.start()
-    asyncio.run_coroutine_threadsafe(serve(), loop)
-    if not ready.wait(10):
-        raise RuntimeError("the faulty upstream did not start")
-    try:
-        yield holder["upstream"]
-    finally:
-        asyncio.run_coroutine_threadsafe(_shutdown(holder["runner"]), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
-
-
-async def _shutdown(runner: web.AppRunner) -> None:
-    """Close the listener, then end the handlers still hanging or streaming comments."""
-    await runner.cleanup()
-    current = asyncio.current_task()
-    pending = [task for task in asyncio.all_tasks() if task is not current]
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
+    routes = {"/v1/chat/completions": handle, "/v1/messages": messages}
+    with serve_app(routes, name="faulty-upstream") as served:
+        upstream.url = f"{served.url}/v1"
+        yield upstream

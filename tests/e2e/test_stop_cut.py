@@ -31,6 +31,7 @@ from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+from tests.loopback_app import serve_app
 
 _WRITTEN = 5000
 """The output tokens the upstream says it wrote: the cut text and all it wrote past it."""
@@ -172,42 +173,20 @@ async def _anthropic(request: web.Request, upstream: HeldUpstream) -> web.Stream
 @pytest.fixture(scope="module")
 def held_upstream() -> Iterator[HeldUpstream]:
     upstream = HeldUpstream()
-    loop = asyncio.new_event_loop()
-    upstream.loop = loop
-    ready = threading.Event()
-    runners: list[web.AppRunner] = []
 
-    async def serve() -> None:
-        app = web.Application()
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await _openai(request, upstream)
 
-        async def chat(request: web.Request) -> web.StreamResponse:
-            return await _openai(request, upstream)
+    async def messages(request: web.Request) -> web.StreamResponse:
+        return await _anthropic(request, upstream)
 
-        async def messages(request: web.Request) -> web.StreamResponse:
-            return await _anthropic(request, upstream)
-
-        app.router.add_post("/v1/chat/completions", chat)
-        app.router.add_post("/v1/messages", messages)
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        upstream.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        runners.append(runner)
-        ready.set()
-
-    thread = threading.Thread(target=loop.run_forever, daemon=True, name="held-upstream")
-    thread.start()
-    asyncio.run_coroutine_threadsafe(serve(), loop)
-    assert ready.wait(10)
-    try:
-        yield upstream
-    finally:
-        for gate in list(upstream.gates.values()):  # nothing is left holding
-            loop.call_soon_threadsafe(gate.set)
-        asyncio.run_coroutine_threadsafe(runners[0].cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
+    with serve_app({"/v1/chat/completions": chat, "/v1/messages": messages}, name="held-upstream") as served:
+        upstream.loop, upstream.url = served.loop, served.url
+        try:
+            yield upstream
+        finally:
+            for gate in list(upstream.gates.values()):  # nothing is left holding
+                served.loop.call_soon_threadsafe(gate.set)
 
 
 def _start(

@@ -6,9 +6,7 @@ text, streamed or not, and keeps every body it was sent, so a test sees what the
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +20,7 @@ from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test, upstream_stats
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+from tests.loopback_app import serve_app
 
 _BLOCKS: list[dict[str, Any]] = [
     {"type": "thinking", "thinking": "First, the sky.", "signature": "S1"},
@@ -101,35 +100,13 @@ async def _messages(request: web.Request, upstream: ClaudeUpstream) -> web.Strea
 @pytest.fixture(scope="module")
 def claude_upstream() -> Iterator[ClaudeUpstream]:
     upstream = ClaudeUpstream()
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    runners: list[web.AppRunner] = []
 
-    async def serve() -> None:
-        app = web.Application()
+    async def messages(request: web.Request) -> web.StreamResponse:
+        return await _messages(request, upstream)
 
-        async def messages(request: web.Request) -> web.StreamResponse:
-            return await _messages(request, upstream)
-
-        app.router.add_post("/v1/messages", messages)
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        upstream.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        runners.append(runner)
-        ready.set()
-
-    thread = threading.Thread(target=loop.run_forever, daemon=True, name="claude-upstream")
-    thread.start()
-    asyncio.run_coroutine_threadsafe(serve(), loop)
-    assert ready.wait(10)
-    try:
+    with serve_app({"/v1/messages": messages}, name="claude-upstream") as served:
+        upstream.url = served.url
         yield upstream
-    finally:
-        asyncio.run_coroutine_threadsafe(runners[0].cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,76 @@
+"""A test upstream's aiohttp application, served on loopback from a thread of its own.
+
+Test upstreams that behave like real servers (vLLM, OpenAI, Anthropic) run their handlers on
+that thread's event loop, so a test's own client and the gateway process never share a loop
+with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from aiohttp import web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class ServedApp:
+    url: str
+    """``http://127.0.0.1:PORT``, without a path."""
+    loop: asyncio.AbstractEventLoop
+    """The loop the handlers run on: a test that steers them (an event to set) goes through it."""
+
+
+@contextmanager
+def serve_app(routes: Mapping[str, Handler], *, name: str) -> Iterator[ServedApp]:
+    """Serve ``routes`` (POST path -> handler) until the block ends; then close the listener and
+    end the handlers still running (a held stream, a hanging answer)."""
+    loop = asyncio.new_event_loop()
+
+    async def serve() -> tuple[web.AppRunner, int]:
+        app = web.Application()
+        for path, handler in routes.items():
+            app.router.add_post(path, _bound(handler))
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner, runner.addresses[0][1]
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True, name=name)
+    thread.start()
+    try:
+        runner, port = asyncio.run_coroutine_threadsafe(serve(), loop).result(10)
+    except BaseException:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+        raise
+    try:
+        yield ServedApp(url=f"http://127.0.0.1:{port}", loop=loop)
+    finally:
+        asyncio.run_coroutine_threadsafe(_shutdown(runner), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+def _bound(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:  # aiohttp wants a coroutine function
+        return await handler(request)
+
+    return handle
+
+
+async def _shutdown(runner: web.AppRunner) -> None:
+    """Close the listener, then end the handlers still hanging or streaming."""
+    await runner.cleanup()
+    current = asyncio.current_task()
+    pending = [task for task in asyncio.all_tasks() if task is not current]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
