@@ -626,9 +626,54 @@ def _sentences(text: str) -> list[tuple[int, int]]:
 
 
 def _same_sentence(a: str, x: tuple[int, int], b: str, y: tuple[int, int]) -> bool:
-    """Equal as typed (most shared context is), else equal but for what :func:`typed_text` makes uniform."""
+    """Equal as typed (most shared context is), else equal but for what :func:`typed_text` makes
+    uniform, else but for brackets, quotes and punctuation, and case where it is not meaning (t135:
+    "capital of france? (order 7731)" / "capital of germany? order 7731" was read with the
+    reference, which swayed the verifier to p 0.997; 0.023 without it)."""
     first, second = a[x[0] : x[1]], b[y[0] : y[1]]
-    return first == second or typed_text(first) == typed_text(second)
+    if first == second or typed_text(first) == typed_text(second):
+        return True
+    bare_first, bare_second = _bare_sentence(first), _bare_sentence(second)
+    if bare_first is None or bare_second is None or bare_first.casefold() != bare_second.casefold():
+        return False
+    words_first, words_second = bare_first.split(" "), bare_second.split(" ")
+    if len(words_first) != len(words_second):
+        return False
+    both_cased = any(map(str.isupper, a)) and any(map(str.isupper, b))
+    return not any(
+        _recasing_is_meaning(words_first[i - 1] if i else "", u, v, both_cased)
+        for i, (u, v) in enumerate(zip(words_first, words_second, strict=True))
+        if u != v
+    )
+
+
+_WRAPPERS = {
+    "(": ")", "[": "]", "{": "}", '"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb",
+    "\u201e": "\u201c", "\u300c": "\u300d", "\u300e": "\u300f", "\u3010": "\u3011", "\uff08": "\uff09",
+}  # fmt: skip
+_CLOSING_PUNCTUATION = ".,;:!?\u2026\u3002\u3001\uff0c\uff1b\uff1a\uff01\uff1f"
+# an opening bracket or quote before a word, a closing one or punctuation after one, a mark standing
+# alone; not within a word (``don't``, ``3.5``, ``e.g``) nor a dash, ``#``, ``%`` or ``/``
+_LOOSE_MARKS = re.compile(
+    r"(?<!\w)[(\"'\u201c\u2018\u00ab\u201e\u300c\u300e\u3010\uff08]+"
+    r"|[)\"'\u201d\u2019\u00bb\u300d\u300f\u3011\uff09.,;:!?\u2026\u3002\u3001\uff0c\uff1b\uff1a\uff01\uff1f]+(?!\w)"
+)
+
+
+@lru_cache(maxsize=4096)
+def _bare_sentence(text: str) -> str | None:
+    """:func:`typed_text` of the sentence without the brackets or quotes around it, nor those
+    around its words or the punctuation after them (``(order 7731)``, ``[order 7731].``,
+    ``"Ref: A-12"`` / ``Ref A-12``); None for code or a pattern, where these may be the question."""
+    text = unicodedata.normalize("NFC", text).strip().rstrip(_CLOSING_PUNCTUATION + " ")
+    for _ in range(3):  # a few levels only: each is a copy, and "((((...))))" would be quadratic
+        if len(text) < 2 or _WRAPPERS.get(text[0]) != text[-1]:
+            break
+        text = text[1:-1].strip().rstrip(_CLOSING_PUNCTUATION + " ")
+    if _CODE_OR_PATTERN.search(text):
+        return None
+    bare = typed_text(_LOOSE_MARKS.sub(" ", text))
+    return bare or None
 
 
 # NFKC makes "2³" "23": an exponent is kept as one ("2^3")

@@ -317,6 +317,30 @@ def test_the_verifier_reads_only_what_the_prompts_do_not_share(stored: str, new:
     assert differing_parts(stored, new) == parts
 
 
+@pytest.mark.parametrize(
+    ("stored", "new", "parts"),
+    [
+        # t135: a shared reference typed with brackets on one side only, in lower case: no rule
+        # sees france / germany, and the verifier, reading the reference, took them for one
+        ("capital of france? (order 7731)", "capital of germany? order 7731", ("capital of france?", "capital of germany?")),
+        ("Who wrote Hamlet? (ticket 88)", "Which author wrote Macbeth? ticket 88",
+         ("Who wrote Hamlet?", "Which author wrote Macbeth?")),
+        ("who wrote hamlet? Ticket 88.", "which author wrote macbeth? “ticket 88”",
+         ("who wrote hamlet?", "which author wrote macbeth?")),
+        ("[order 7731]\ncapital of france?", "Order 7731:\ncapital of germany?", ("capital of france?", "capital of germany?")),
+        # not where the marks or the case may be the question: read whole
+        ("What does it print? (x*2)", "What does it output? x*2", ("What does it print? (x*2)", "What does it output? x*2")),
+        ("What does it do? (-d)", "What does this do? d", ("What does it do? (-d)", "What does this do? d")),
+        ("Size is 500 MB. How long to download?", "Size is 500 Mb. How long will it take?",
+         ("Size is 500 MB. How long to download?", "Size is 500 Mb. How long will it take?")),
+    ],
+)  # fmt: skip
+def test_a_sentence_both_share_but_for_brackets_quotes_punctuation_or_case_is_not_read(
+    stored: str, new: str, parts: tuple[str, str]
+) -> None:
+    assert differing_parts(stored, new) == parts
+
+
 def test_each_side_keeps_a_sentence_when_one_prompt_extends_the_other() -> None:
     assert differing_parts("One. Two.", "One. Two. Three?") == ("Two.", "Two. Three?")
     assert differing_parts("Same words here.", "Same words here.") == ("Same words here.", "Same words here.")
@@ -335,6 +359,7 @@ def test_the_rules_are_linear_on_long_runs_of_blanks(unit: str, size: int) -> No
     started = time.perf_counter()
     conflicts(text + " A", text + " B")
     differing_parts(text + " A", text + " B")
+    differing_parts("A? " + "(" * size + "x" + ")" * size, "B? " + "x" + " " * size)
     assert time.perf_counter() - started < 10
 
 

@@ -171,6 +171,25 @@ def test_a_courtesy_word_at_either_end_does_not_pass_a_near_miss(
     assert with_it.p_same < SemanticCachePolicy().verify_threshold  # not served
 
 
+@pytest.mark.parametrize(
+    ("stored", "new", "bare"),
+    [
+        ("capital of france? (order 7731)", "capital of germany? order 7731", ("capital of france?", "capital of germany?")),
+        ("who wrote hamlet? Ticket 88", "which author wrote macbeth? ticket 88",
+         ("who wrote hamlet?", "which author wrote macbeth?")),
+    ],
+)  # fmt: skip
+def test_a_shared_reference_typed_otherwise_does_not_pass_a_near_miss(
+    verifier: PairVerifier, stored: str, new: str, bare: tuple[str, str]
+) -> None:
+    """t135: the reference, bracketed or capitalized on one side only, was read, and the verifier
+    took the two questions for one (p 0.997); it reads them without it, as when it is typed alike."""
+    (as_sent,) = verifier.judge_sync([(stored, new)])
+    (questions,) = verifier.judge_sync([bare])
+    assert as_sent.p_same == pytest.approx(questions.p_same, abs=1e-6)
+    assert as_sent.p_same < SemanticCachePolicy().verify_threshold  # not served
+
+
 def test_the_verifier_reads_pairs_in_a_batch_as_it_reads_them_alone(verifier: PairVerifier) -> None:
     a, b = "How do I reverse a list in Python?", "python: what's the way to reverse a list?"
     c, d = "What is the capital of France?", "What is the capital of Spain?"
