@@ -20,6 +20,7 @@ import time
 import traceback
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -360,9 +361,10 @@ def _reason(exc: Exception | None) -> str:
 
 def _say(notice: dict[str, Any]) -> None:
     """A line on stderr, written here, not through a logger, which may be what failed; with the
-    pid, as the ops log's lines have it."""
+    pid and ``ts``, as the ops log's lines have them (a shipper places a line by its ``ts``)."""
+    ts = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     with contextlib.suppress(OSError):
-        os.write(2, msgspec.json.encode({**notice, "pid": os.getpid()}) + b"\n")
+        os.write(2, msgspec.json.encode({**notice, "pid": os.getpid(), "ts": ts}) + b"\n")
 
 
 def take_stdout() -> int:

@@ -6,6 +6,7 @@ import errno
 import os
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import msgspec
@@ -145,7 +146,9 @@ def test_a_reopen_moves_the_next_line_to_the_file_the_path_names_now(
     assert rotated.read_text() == '{"n": 1}\n'
     assert path.read_text() == '{"n": 2}\n'
     said = [msgspec.json.decode(line) for line in capfd.readouterr().err.splitlines() if "request_log" in line]
+    stamps = [line.pop("ts") for line in said]  # t140: a shipper places an ops line by its ts, as any other
     assert said == [{"event": "request_log_reopened", "level": "info", "path": str(path), "pid": os.getpid()}]
+    assert all(datetime.fromisoformat(stamp).tzinfo is not None for stamp in stamps)
 
 
 def test_lines_a_full_disk_refuses_are_counted_and_said(capfd: pytest.CaptureFixture[str]) -> None:
