@@ -183,11 +183,11 @@ class StreamTally:
     """False when a delta was of a kind the tally does not rebuild (a legacy ``function_call``):
     the stream is then not stored in the cache."""
     failure: str | None = None
-    """The upstream's own last event said the answer failed (a Responses ``response.failed``):
-    the client has that event as it came; the gateway counts the request as failed."""
+    """The upstream's own last event said the answer failed for the request's own fault (a
+    Responses ``response.failed`` for an image it could not read): the client has that event
+    as it came; the gateway counts the request as failed. The upstream's own failure raises."""
     failure_status: int = 502
-    """The status the failure counts as: 400 when the request was at fault (an image the
-    upstream could not read), else the upstream's 502."""
+    """The status the failure counts as (400: the request was at fault)."""
     _written: int = 0
     """Characters of the parts :meth:`written` has measured so far."""
     _measured: tuple[int, int, int] = (0, 0, 0)

@@ -399,7 +399,9 @@ class _OpenAIChatStream(ChatStream):
 class _ResponsesEventStream(RelayedStream):
     """A Responses API stream passed through. The tally reads the response id, the text
     deltas and the final usage; an ``error`` event raises, and the gateway answers it, as
-    does a ``response.failed`` before any content (then it is retried and falls back)."""
+    does the upstream's own ``response.failed`` (a 5xx or 429): retried and falls back before
+    any content, else the stream ends with the gateway's ``error`` event (t138). One for the
+    request's own fault reaches the client as it came."""
 
     end_events = frozenset({"response.completed", "response.incomplete", "response.failed"})
     preamble_events = frozenset({"response.created", "response.in_progress"})
@@ -411,16 +413,6 @@ class _ResponsesEventStream(RelayedStream):
     def _take(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "error":
             raise UpstreamStatusError(self._provider.name, 500, _in_stream_error(data))
-        if kind == "response.failed":
-            response = data.get("response")
-            error = response.get("error") if isinstance(response, dict) else None
-            failure = _in_stream_error(error) if error else "the upstream's response failed"
-            status = _failure_status(error if isinstance(error, dict) else {})
-            upstreams = status >= 500 or status == 429  # else the request's own (an image it could not read)
-            if not self.content_began and upstreams:  # nothing has reached the client: retried
-                raise UpstreamStatusError(self._provider.name, status, failure)
-            # the request's own fault, or past the start: the client reads the event as it came
-            self.tally.failure, self.tally.failure_status = failure, 502 if upstreams else 400
         sequence = data.get("sequence_number")
         if isinstance(sequence, int):
             self._sequence = sequence
@@ -438,6 +430,24 @@ class _ResponsesEventStream(RelayedStream):
                 tally.service_tier = tier
             if kind in ("response.completed", "response.incomplete"):
                 tally.finish_reason = responses.finish_reason_of(response)
+        if kind != "response.failed":
+            return
+        failed = self._failure(data)
+        if failed.retryable:  # retried before any content, else the gateway's own event ends the stream (t138)
+            raise failed
+        # the request's own fault (an image it could not read): the client reads the event as it came
+        tally.failure, tally.failure_status = failed.message, 400
+
+    def _failure(self, data: dict[str, Any]) -> UpstreamStatusError:
+        """A ``response.failed`` as the upstream failure it is; retryable where it is the upstream's
+        (a 5xx or 429), not the request's."""
+        response = data.get("response")
+        error = response.get("error") if isinstance(response, dict) else None
+        failure = _in_stream_error(error) if error else "the upstream's response failed"
+        status = _failure_status(error if isinstance(error, dict) else {})
+        failed = UpstreamStatusError(self._provider.name, status, failure)
+        failed.retryable = status >= 500 or status == 429
+        return failed
 
     def error_event(self, error: GatewayError) -> bytes:
         self._sequence += 1

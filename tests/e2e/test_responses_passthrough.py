@@ -445,8 +445,9 @@ def test_a_response_failed_before_any_output_is_retried_and_after_it_counts_as_a
     gateway: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:
     """``response.failed`` is the Responses API's own way to say the answer failed: before any
-    output nothing has reached the client, so it is retried; after output it goes to the client
-    as it came, and the request counts as failed in the log, usage and metrics."""
+    output nothing has reached the client, so it is retried; after output (t138) the stream ends
+    with the gateway's own ``error`` event, as after an upstream ``error`` event (a 5xx's text is
+    the operator's), and the request counts as failed in the log, usage and metrics."""
     inject(small_upstream, {"failed_after_events": 1})
     with _client(gateway).responses.stream(
         model="codex", input="Still there?", extra_headers={"x-request-id": "relayed-failed-early"}
@@ -456,14 +457,20 @@ def test_a_response_failed_before_any_output_is_retried_and_after_it_counts_as_a
     early = gateway.wait_for_record("relayed-failed-early")
     assert early["retries"] == 1 and early["status"] == 200 and early["error_type"] is None
     inject(small_upstream, {"failed_after_events": 3})
-    body = {"model": "codex", "input": "Tell me a long story about the sea and the wind.", "stream": True}
-    headers = {"authorization": "Bearer key-a1", "x-request-id": "relayed-failed-late"}
-    with httpx.stream("POST", f"{gateway.base_url}/responses", json=body, headers=headers, timeout=10) as answer:
-        frames = [frame for frame in answer.read().decode().split("\n\n") if frame.strip()]
-    assert any(f.startswith("event: response.output_text.delta") for f in frames)
-    assert frames[-1].startswith("event: response.failed")
+    late_events = list(
+        _client(gateway).responses.create(
+            model="codex", input="Tell me a long story about the sea and the wind.", stream=True,
+            extra_headers={"x-request-id": "relayed-failed-late"},
+        )
+    )  # fmt: skip
+    kinds = [event.type for event in late_events]
+    assert "response.output_text.delta" in kinds and "response.failed" not in kinds
+    ended = late_events[-1]
+    assert ended.type == "error" and ended.code == "upstream_error"
+    assert "gpt-a" in ended.message and "failed to generate" not in ended.message  # the upstream's text is not told
     late = gateway.wait_for_record("relayed-failed-late")
     assert late["status"] == 502 and late["error_type"] == "upstream_error" and late["retries"] == 0
+    assert late["completion_tokens"] > 0 and late["cost_usd"] > 0  # billed as the upstream worked
 
 
 def test_an_upstream_rejection_is_the_callers_error(gateway: GatewayProcess) -> None:
