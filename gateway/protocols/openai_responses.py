@@ -7,7 +7,8 @@ this one as ``previous_response_id``: the caller prepends a stored turn's messag
 never hold its instructions). Only ``function`` tools are accepted: a chat upstream
 cannot run OpenAI's hosted tools (web search, file search, ...), so those are a 400
 naming them. ``reasoning``, ``text.verbosity`` and ``top_logprobs`` have no chat
-equivalent the gateway can promise and are named in ``Request.dropped``, as are ``include``
+equivalent the gateway can promise and are named in ``Request.dropped``, as are input
+``reasoning`` items (``input.reasoning``), ``include``
 and any top-level field the decoding does not read; ``safety_identifier``, ``prompt_cache_key``
 and ``service_tier`` go on as a chat client's do (in ``Request.extra``);
 ``truncation: "auto"`` is accepted and named as dropped (a chat upstream refuses a
@@ -185,6 +186,8 @@ def decode_request(
         request.dropped.append("top_logprobs")
     if wire.include:
         request.dropped.append("include")  # extra output items only OpenAI's own upstream makes
+    if not passed_through and _has_reasoning_item(wire.input):  # a chat upstream has no place for them (t138)
+        request.dropped.append("input.reasoning")
     if wire.max_tool_calls is not None:
         request.dropped.append("max_tool_calls")
     if wire.truncation == "auto":  # a chat upstream refuses an overlong conversation: nothing is cut (t25)
@@ -312,6 +315,10 @@ def _input(raw: str | list[Any] | None, lenient: bool = False) -> tuple[list[Mes
             raise InvalidRequestError(f"{where}.type: input items of type {kind!r} are not supported", param=where)
     flush()
     return messages, ids
+
+
+def _has_reasoning_item(raw: str | list[Any] | None) -> bool:
+    return isinstance(raw, list) and any(isinstance(item, dict) and item.get("type") == "reasoning" for item in raw)
 
 
 def _item_id(item: dict[str, Any], where: str, lenient: bool) -> str | None:

@@ -43,7 +43,9 @@ MODELS = """
     tenant_cache_salt: true
     timeouts: {{connect: 1, first_byte: 1, total: 5}}
 """
-ROUTES = "  codex: {model: gpt-a, fallbacks: [gpt-b]}"
+ROUTES = """
+  codex: {model: gpt-a, fallbacks: [gpt-b]}
+  mixed: {model: gpt-a, fallbacks: [small]}"""
 KEYS = """
 auth:
   mode: keys
@@ -540,3 +542,20 @@ def test_upstream_state_named_by_an_unchecked_id_is_refused(
         _client(gateway, "b1").responses.create(**body)
     assert "shared by every tenant" in refused.value.message
     assert upstream_stats(small_upstream)["responses_requests"] == 0  # nothing reached the upstream
+
+
+def test_a_reasoning_item_a_translated_request_cannot_carry_is_named_as_dropped(gateway: GatewayProcess) -> None:
+    """A route that can reach a model without ``responses_api`` translates the request to chat,
+    which has no place for the model's own reasoning items (t138: dropped without a word, where
+    the top-level ``reasoning`` and ``include`` are named)."""
+    raw = _client(gateway).responses.with_raw_response.create(
+        model="mixed",
+        input=[
+            {"role": "user", "content": "What is 2+2?"},
+            {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "enc:x"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3+3?"},
+        ],
+        store=False,
+    )
+    assert raw.parse().output_text and raw.headers["x-gateway-dropped"] == "input.reasoning"
