@@ -128,7 +128,11 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
             )
         decoded = await read_off_loop(
             raw,
-            lambda: codec.decode_request(raw, json_object_ok=lambda model: _json_object_ok(runtime, reachable)),
+            lambda: codec.decode_request(
+                raw,
+                json_object_ok=lambda model: _json_object_ok(runtime, reachable),
+                translated_because=_why_translated(runtime, reachable, principal.allowed),
+            ),
         )
         turn.decoded = decoded
         if previous is not None and decoded.previous_response_id is not None:
@@ -392,6 +396,16 @@ def _json_object_ok(runtime: Runtime, names: tuple[str, ...]) -> bool:
 def _served_by_responses_upstreams(runtime: Runtime, names: tuple[str, ...]) -> bool:
     """Whether every model the request may reach (``names``) serves the Responses API."""
     return all(runtime.policy.models[name].responses_api for name in names)
+
+
+def _why_translated(runtime: Runtime, names: tuple[str, ...], allowed: frozenset[str]) -> str:
+    """Why a request that may reach ``names`` is translated to chat rather than passed through;
+    the model that makes it so is named only to a key that may call it (t60)."""
+    chat = next((name for name in names if not runtime.policy.models[name].responses_api), None)
+    if chat is None:
+        return "previous_response_id names a response the gateway keeps, so the request is translated to chat"
+    named = f"model '{chat}'" if "*" in allowed or chat in allowed else "a model"
+    return f"the route can reach {named} without responses_api: true, so the request is translated to chat"
 
 
 def _without_shared_state(body: dict[str, Any], raw: bytes) -> dict[str, Any]:

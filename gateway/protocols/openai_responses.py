@@ -133,7 +133,11 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
 
 
 def decode_request(
-    raw: bytes, *, json_object_ok: Callable[[str], bool] | None = None, passed_through: bool = False
+    raw: bytes,
+    *,
+    json_object_ok: Callable[[str], bool] | None = None,
+    passed_through: bool = False,
+    translated_because: str | None = None,
 ) -> ResponsesRequest:
     """``json_object_ok(model)``: whether the model can be asked for a JSON object (else
     ``text.format`` is named in ``dropped``); asked only when a request wants one.
@@ -142,6 +146,8 @@ def decode_request(
     only gives the gateway its view (text for counting, routing and the log): hosted and
     custom tools, input items and content parts a chat upstream could not take are left out
     of the view instead of refused, since the upstream will read them itself.
+    ``translated_because``: why the request is translated rather than passed through, which a
+    refusal of tools that only a Responses upstream runs says.
     """
     wire = decode_body(raw, _ResponsesRequest)
     if wire.background:
@@ -155,7 +161,7 @@ def decode_request(
     for name in ("conversation", "prompt"):
         if not passed_through and getattr(wire, name) not in (None, False):
             raise InvalidRequestError(f"'{name}' is not supported by this gateway", param=name)
-    tools, echo_tools = _tools(wire.tools or [], passed_through)
+    tools, echo_tools = _tools(wire.tools or [], passed_through, translated_because)
     choice, echo_choice = _tool_choice(wire.tool_choice, wire.parallel_tool_calls)
     if not passed_through:
         _check_choice(choice, tools)
@@ -396,7 +402,9 @@ def _unread_in_last_turn(given: Any) -> str | None:
 _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 
-def _tools(raw: list[Any], lenient: bool = False) -> tuple[list[Tool], list[dict[str, Any]]]:
+def _tools(
+    raw: list[Any], lenient: bool = False, translated_because: str | None = None
+) -> tuple[list[Tool], list[dict[str, Any]]]:
     if lenient:
         raw = [tool for tool in raw if isinstance(tool, dict) and tool.get("type") == "function"]
     unsupported = [
@@ -406,8 +414,14 @@ def _tools(raw: list[Any], lenient: bool = False) -> tuple[list[Tool], list[dict
     ]
     if unsupported:
         names = ", ".join(dict.fromkeys(unsupported))
+        said = f"tools: tool type(s) {names} are not supported by this gateway; only 'function' tools are"
+        if translated_because is not None:  # t138: other routes pass them through
+            said = (
+                f"tools: tool type(s) {names} are not supported here: {translated_because}, which takes only "
+                "'function' tools; custom and hosted tools need a route whose every model declares responses_api"
+            )
         raise InvalidRequestError(
-            f"tools: tool type(s) {names} are not supported by this gateway; only 'function' tools are",
+            said,
             param="tools",
             code="unsupported_tool_type",
         )

@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 import redis
+from openai.types.responses import ToolParam
 
 from gateway.auth import hash_key
 from gateway.protocols.tenant_ids import scoped
@@ -54,7 +55,8 @@ auth:
     - {id: b1, tenant: globex, hash: "%(b1)s"}
     - {id: a3, tenant: acme, hash: "%(a3)s", models: [gpt-a]}
     - {id: a4, tenant: acme, hash: "%(a4)s", models: [fast]}
-""" % {name: hash_key(f"key-{name}") for name in ("a1", "b1", "a3", "a4")}
+    - {id: a5, tenant: acme, hash: "%(a5)s", models: [mixed]}
+""" % {name: hash_key(f"key-{name}") for name in ("a1", "b1", "a3", "a4", "a5")}
 
 CODEX_TOOLS: list[dict[str, Any]] = [
     {
@@ -559,3 +561,26 @@ def test_a_reasoning_item_a_translated_request_cannot_carry_is_named_as_dropped(
         store=False,
     )
     assert raw.parse().output_text and raw.headers["x-gateway-dropped"] == "input.reasoning"
+
+
+def test_a_custom_tool_on_a_translated_route_is_refused_saying_why(gateway: GatewayProcess) -> None:
+    """t138: the 400 said this gateway takes only function tools, while it passes custom and
+    hosted tools through on a route whose every model declares ``responses_api``."""
+    tools: list[ToolParam] = [
+        {"type": "custom", "name": "apply_patch", "description": "Apply a patch", "format": {"type": "text"}},
+        {"type": "web_search"},
+    ]
+    with pytest.raises(openai.BadRequestError) as refused:
+        _client(gateway).responses.create(model="mixed", input="Patch the file.", tools=tools)
+    said = refused.value.message
+    assert refused.value.code == "unsupported_tool_type" and "custom, web_search" in said
+    assert "model 'small'" in said and "translated" in said and "every model declares responses_api" in said
+    with pytest.raises(openai.BadRequestError) as refused:  # t60: a key that may call only the route
+        _client(gateway, "a5").responses.create(model="mixed", input="Patch the file.", tools=tools)
+    assert "small" not in refused.value.message and "translated" in refused.value.message
+    kept = _client(gateway).responses.create(model="mixed", input="Remember the number 7.")
+    with pytest.raises(openai.BadRequestError) as refused:  # every model passes through, but the gateway keeps it
+        _client(gateway).responses.create(
+            model="codex", input="Patch the file.", tools=tools, previous_response_id=kept.id
+        )
+    assert "previous_response_id" in refused.value.message and "translated" in refused.value.message
