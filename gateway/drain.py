@@ -22,6 +22,9 @@ __all__ = ["DEFAULT_DRAIN_S", "Drain"]
 DEFAULT_DRAIN_S = 25.0
 """The server kills workers 5 s after this (``serve`` sets its kill timeout to drain + 5)."""
 
+_LAST_WORDS_S = 2.0
+"""After the deadline, what the streams it ended are waited for: their in-band error, log line and usage."""
+
 _log = structlog.get_logger("gateway.drain")
 
 
@@ -33,13 +36,19 @@ class Drain:
         self.ended_streams = 0
         self._streams: set[asyncio.Task[Any]] = set()
         self._work: set[asyncio.Task[Any]] = set()
+        self._open: set[asyncio.Task[Any]] = set()
+        """The tracked streams' tasks until they are done: their bookkeeping comes after :meth:`untrack`."""
         self._timer: asyncio.TimerHandle | None = None
+        self._ends_at = 0.0
 
     def track(self) -> asyncio.Task[Any] | None:
         """Register the running stream's task; pass it to :meth:`untrack` when the stream ends."""
         task = asyncio.current_task()
         if task is not None:
             self._streams.add(task)
+            if task not in self._open:
+                self._open.add(task)
+                task.add_done_callback(self._open.discard)
             if self.expired:  # started after the deadline: it ends at its first wait, like the others
                 task.get_loop().call_soon(task.cancel)
         return task
@@ -62,10 +71,19 @@ class Drain:
 
     async def finish_work(self) -> None:
         """At the worker's end, before the bill and the log are closed: wait for the work
-        :meth:`spawn` started, up to the deadline (which starts now if no signal started it)."""
-        if self._work:
+        :meth:`spawn` started, and for the streams still open, up to the deadline (which starts
+        now if no signal started it) and a moment for those it ends to say so.
+
+        Under uvicorn no stream is open by then. Granian shuts the app down once the last
+        connection is closed, which a client does as soon as it has read ``[DONE]``: the stream's
+        task may still be storing its answer in the cache, its log line and usage to come
+        after (t132: the request log was closed first, and the request went unlogged, unbilled)."""
+        if self._work or self._open:
             self.begin()
             await asyncio.gather(*self._work, return_exceptions=True)
+            if self._open:
+                left_s = self._ends_at - asyncio.get_running_loop().time()
+                await asyncio.wait(set(self._open), timeout=max(left_s, 0.0) + _LAST_WORDS_S)
             await asyncio.sleep(0)  # their accounting is called soon after them
 
     def ended_by_deadline(self, task: asyncio.Task[Any] | None) -> bool:
@@ -81,6 +99,7 @@ class Drain:
         """Start the countdown (idempotent)."""
         if self._timer is None:
             loop = asyncio.get_running_loop()
+            self._ends_at = loop.time() + self.deadline_s
             self._timer = loop.call_later(self.deadline_s, self._end_streams)
             _log.info("drain_started", open_streams=len(self._streams), deadline_s=self.deadline_s)
 

@@ -289,3 +289,43 @@ async def _requests_counted(url: str, key_id: str, tenant: str) -> int:
         await shared.aclose()
     assert totals is not None
     return totals[key_id, tenant].requests
+
+
+def test_under_granian_a_stream_whose_bookkeeping_outlasts_its_last_byte_is_logged_and_billed(
+    tmp_path: Path, redis_server: EmbeddedRedis, large_upstream: SimulatedUpstream
+) -> None:
+    """t132: granian runs the app's shutdown once the last connection is closed, which an OpenAI
+    SDK does as soon as it reads ``[DONE]``; what the stream does after its last byte (its answer
+    stored in the cache, here held up by a Redis that pauses its writes; then its log line and
+    usage) came after the request log was closed: the client had its whole answer, and the
+    request was neither logged nor billed."""
+    import openai
+    import redis
+
+    with start_simulated_upstream("small", chunk_delay_ms=150) as slow_small:
+        policy = policy_text(slow_small, large_upstream, cache="{enabled: true, redis_timeout_ms: 5000}")
+        gateway = start_gateway(
+            tmp_path, policy, env={"REDIS_URL": redis_server.url}, server="granian", serve_args=("--drain-s", "8")
+        )
+        billed = asyncio.run(_requests_counted(redis_server.url, "anonymous", "default"))
+        client = openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0)
+        chunks = client.chat.completions.create(
+            model="fast", stream=True, stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": f"bookkeeping {time.time()} " + "word " * 12}],
+        )  # fmt: skip
+        seen = 0
+        usage = None
+        with redis.Redis.from_url(redis_server.url) as paused:
+            for chunk in chunks:
+                seen += 1
+                if seen == 2:
+                    gateway.process.send_signal(signal.SIGTERM)
+                if seen == 20:  # the stream ends (chunk 29) while Redis holds writes back
+                    paused.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
+                usage = chunk.usage or usage
+        assert usage is not None and usage.completion_tokens > 0  # the client has its whole answer
+        assert gateway.process.wait(30) == 0
+    [record] = gateway.log_records()
+    assert record["status"] == 200 and record["completion_tokens"] == usage.completion_tokens
+    assert not [r for r in gateway.ops_records("drain_finished") if r["still_open"]]
+    assert asyncio.run(_requests_counted(redis_server.url, "anonymous", "default")) == billed + 1
