@@ -8,8 +8,10 @@ never blocks the event loop; the thread writes in batches.
 from __future__ import annotations
 
 import atexit
+import bisect
 import contextlib
 import errno
+import fcntl
 import functools
 import os
 import select
@@ -132,13 +134,16 @@ class _Sink:
     """The most bytes one write may carry: ``PIPE_BUF`` for a pipe or terminal, where only
     writes that small are atomic (two workers share one stdout pipe); unbounded for a file
     opened to append, where each write lands whole."""
+    file: bool = False
+    """A regular file (``path``'s, or stdout redirected to one): a write a full disk cuts part way
+    is taken back (:meth:`_take_back`)."""
     path: str | None = None
     """The file the sink appends to, opened again when the path names another (t41: after a
     logrotate-style rename the lines went on into the renamed file, and dashboards lost them)."""
     looked_at: float = 0.0
     torn: bool = False
-    """A write failed part way (a full disk): the next starts on a line of its own, so that the
-    fragment does not spoil a good line (t44)."""
+    """A write failed part way (a full disk) and its fragment could not be taken back: the next
+    starts on a line of its own, so that the fragment does not spoil a good line (t44)."""
 
     @classmethod
     def of_path(cls, path: str) -> _Sink:
@@ -147,7 +152,7 @@ class _Sink:
         try:
             sink = cls.of_fd(_open_to_append(path), owned=True)
         except OSError:
-            sink = cls(None, None, owned=True, limit=1 << 62)
+            sink = cls(None, None, owned=True, limit=1 << 62, file=True)
         sink.path = path
         return sink
 
@@ -196,7 +201,7 @@ class _Sink:
     @classmethod
     def of_fd(cls, fd: int, *, owned: bool) -> _Sink:
         regular = stat.S_ISREG(os.fstat(fd).st_mode)
-        return cls(fd, None, owned=owned, limit=(1 << 62) if regular else select.PIPE_BUF)
+        return cls(fd, None, owned=owned, limit=(1 << 62) if regular else select.PIPE_BUF, file=regular)
 
     def write(self, lines: list[str]) -> None:
         if self.fd is None:
@@ -205,26 +210,70 @@ class _Sink:
             self.stream.write("".join(line + "\n" for line in lines))
             self.stream.flush()
             return
-        chunk = bytearray(b"\n" if self.torn else b"")
-        for line in lines:
-            encoded = line.encode() + b"\n"
-            if chunk and len(chunk) + len(encoded) > self.limit:
-                self._write_all(chunk)
-                chunk = bytearray()
-            chunk += encoded  # a line longer than the limit goes alone: no write can do better
-        if chunk:
-            self._write_all(chunk)
+        held = self._hold()
+        try:
+            landed = 0
+            chunk = bytearray(b"\n" if self.torn else b"")
+            start = len(chunk)
+            ends: list[int] = []  # where each line of the chunk ends in it
+            for line in lines:
+                encoded = line.encode() + b"\n"
+                if ends and len(chunk) + len(encoded) > self.limit:
+                    landed += self._write_lines(chunk, start, ends, held, len(lines) - landed)
+                    chunk, start, ends = bytearray(), 0, []
+                chunk += encoded  # a line longer than the limit goes alone: no write can do better
+                ends.append(len(chunk))
+            self._write_lines(chunk, start, ends, held, len(lines) - landed)
+        finally:
+            if held:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
-    def _write_all(self, data: bytearray) -> None:
+    def _hold(self) -> bool:
+        """A file to this process alone while it writes (a POSIX lock: the workers share stdout's
+        descriptor, and a lock of ``flock`` would be theirs together): whether it is held. Another
+        worker's line can then never land after a fragment before it is taken back (t132)."""
+        if not self.file or self.fd is None:
+            return False
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        except OSError:
+            return False  # written all the same; a cut line stays, on a line of its own
+        return True
+
+    def _write_lines(self, data: bytearray, start: int, ends: list[int], held: bool, left: int) -> int:
+        """Write ``data``, whose lines start at ``start`` (after the newline that ends a fragment
+        left before) and end at ``ends``; the lines written. When a write fails part way, the whole
+        lines written stay, the part of the next is taken off the file when the file is ``held``,
+        and :class:`_LinesLost` says how many of the ``left`` lines did not land."""
         assert self.fd is not None
-        view = memoryview(data)
-        while view:
+        written = 0
+        while written < len(data):
             try:
-                view = view[os.write(self.fd, view) :]
-            except OSError:
-                self.torn = self.torn or len(view) < len(data)
-                raise
+                written += os.write(self.fd, memoryview(data)[written:])
+            except OSError as exc:
+                whole = bisect.bisect_right(ends, written)
+                fragment = written - (ends[whole - 1] if whole else min(written, start))
+                if fragment:
+                    self.torn = not (held and self._take_back(fragment))
+                elif written >= start:  # the file ends where a line does
+                    self.torn = False
+                raise _LinesLost(left - whole, exc) from exc
         self.torn = False
+        return len(ends)
+
+    def _take_back(self, size: int) -> bool:
+        """Cut the last ``size`` bytes this sink wrote off the end of its file: whether it did (a
+        file grown meanwhile by a writer that takes no lock is left as it is)."""
+        assert self.fd is not None
+        try:
+            end = os.lseek(self.fd, 0, os.SEEK_CUR)  # where its last write ended
+            if os.fstat(self.fd).st_size != end:
+                return False
+            os.ftruncate(self.fd, end - size)
+            os.lseek(self.fd, end - size, os.SEEK_SET)  # stdout may not append: no gap before the next line
+        except OSError:
+            return False
+        return True
 
     def close(self) -> None:
         if self.owned and self.fd is not None:
@@ -232,6 +281,14 @@ class _Sink:
 
 
 _LOOK_EVERY_S = 1.0
+
+
+class _LinesLost(Exception):
+    """Of a batch, ``count`` lines a sink could not write whole, because of ``error``."""
+
+    def __init__(self, count: int, error: OSError) -> None:
+        super().__init__(count, error)
+        self.count, self.error = count, error
 
 
 def _open_to_append(path: str) -> int:
@@ -261,8 +318,11 @@ class RequestLogWriter:
             self._sinks.append(
                 _Sink.of_stream(sys.stdout) if stdout_fd is None else _Sink.of_fd(stdout_fd, owned=False)
             )
-        if stderr:
-            self._sinks.append(_Sink.of_stream(sys.stderr))
+        if stderr:  # the ops log, often the request log's file too (2>&1): left unlocked, so that
+            # its thread never releases the lock the request log's holds (a POSIX lock is the process's)
+            ops = _Sink.of_stream(sys.stderr)
+            ops.file = False
+            self._sinks.append(ops)
         if path:
             self._sinks.append(_Sink.of_path(path))
         self.dropped_lines = 0
@@ -308,15 +368,20 @@ class RequestLogWriter:
                     sink.follow_path(now)
                     try:
                         sink.write(batch)
+                    except _LinesLost as lost:  # those before the cut landed
+                        self._lost(lost.count, lost.error)
                     except (OSError, ValueError) as exc:  # a broken sink must not take the thread down
-                        self.dropped_lines += len(batch)
-                        self._last_error = exc
-                        if self._on_lost is not None:
-                            self._on_lost(len(batch))
+                        self._lost(len(batch), exc)
             if self.dropped_lines > self._said_lines and (closing or now - self._said_at >= _SAY_EVERY_S):
                 self._say_lost(now)
             if closing:
                 return
+
+    def _lost(self, lines: int, error: Exception) -> None:
+        self.dropped_lines += lines
+        self._last_error = error
+        if self._on_lost is not None:
+            self._on_lost(lines)
 
     def _reopen_paths(self, now: float) -> None:
         """Open each file sink again, and say so on stderr: logrotate's ``postrotate`` (or whoever

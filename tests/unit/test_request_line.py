@@ -204,9 +204,46 @@ def test_a_line_cut_by_a_full_disk_does_not_spoil_the_next(tmp_path: Path, monke
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "write", half_then_full)
-    with pytest.raises(OSError):
+    with pytest.raises(request_log_module._LinesLost):
         sink.write(['{"n": 1}'])
     monkeypatch.setattr(os, "write", real_write)
     sink.write(['{"n": 2}'])
     sink.close()
-    assert path.read_text().splitlines() == ['{"n":', '{"n": 2}']  # the fragment alone on its line
+    assert path.read_text().splitlines() == ['{"n": 2}']  # the fragment taken back (t132)
+
+
+_WRITE_LINES = """
+import resource, sys
+from gateway.accounting.request_log import RequestLogWriter
+path, first, count, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+if limit:  # writes past it fail with EFBIG, the first one part way: as on a disk that fills up
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+writer = RequestLogWriter(stdout=path == "-", path=None if path == "-" else path)
+for n in range(first, first + count):
+    writer.write('{"n": %d, "pad": "%s"}' % (n, "x" * 90))
+writer.close()
+print(writer.dropped_lines, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("sink", ["path", "stdout"])
+def test_a_line_a_full_disk_cuts_is_taken_off_the_file_and_counted_lost(tmp_path: Path, sink: str) -> None:
+    """t132: the part of a line a full disk let through stayed in the file, where the next line
+    another worker appended was glued to it: that line was spoilt too, and counted by no one."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "requests.jsonl"
+
+    def worker(first: int, count: int, file_size_limit: int) -> int:
+        argv = [sys.executable, "-c", _WRITE_LINES, "-" if sink == "stdout" else str(path), str(first), str(count),
+                str(file_size_limit)]  # fmt: skip
+        with path.open("ab") as stdout:  # serve > requests.jsonl
+            done = subprocess.run(argv, stdout=stdout, stderr=subprocess.PIPE, text=True, check=True, timeout=60)
+        return int(done.stderr.splitlines()[-1])
+
+    lost = worker(0, 12, 1000)  # lines of 110 bytes: the tenth is cut after 10
+    lost += worker(100, 3, 0)  # another worker's, after it
+    records = [msgspec.json.decode(line) for line in path.read_bytes().splitlines()]  # each line whole
+    assert [record["n"] for record in records] == [*range(9), 100, 101, 102]
+    assert lost == 3  # the cut line and those after it; not those that landed before it
