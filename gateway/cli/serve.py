@@ -228,8 +228,9 @@ log file again at its path (after logrotate's rename; USR1, as nginx and gunicor
 
 
 @contextlib.contextmanager
-def _worker_signals_held() -> Iterator[None]:
-    """Workers started in here start with SIGHUP and SIGUSR1 blocked (a process inherits the signal mask).
+def _worker_signals_held(*also: signal.Signals) -> Iterator[None]:
+    """Workers started in here start with SIGHUP and SIGUSR1 blocked (a process inherits the signal mask),
+    and ``also``, which they never unblock.
 
     Their default action ends a process: a worker still loading its models when ops
     reload (or a replacement, when a reload comes right after a worker died) would die of
@@ -238,7 +239,7 @@ def _worker_signals_held() -> Iterator[None]:
     ``gateway.api.app._reopen_on_sigusr1``); one sent meanwhile waits until then. In the
     main process, one waits until the start returns.
     """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(_WORKER_SIGNALS))
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {*_WORKER_SIGNALS, *also})
     try:
         yield
     finally:
@@ -622,6 +623,12 @@ def _granian_server() -> type:
         with an invalid policy on disk the new workers would fail to start. Each worker
         already reloads on SIGHUP and keeps the policy in force when the new one is bad.
         SIGUSR1, which granian leaves alone, is passed on to every worker too.
+
+        The workers never take SIGINT (blocked from their start): Ctrl-C in a terminal signals
+        the whole process group, and granian's handler in a worker, run a second time, blocked
+        its event loop for good (t132: streams stalled, then were cut at the kill timeout with
+        no error event and no log line). This process takes it, and stops each worker with
+        SIGTERM, once: a second Ctrl-C cuts nothing short, as under uvicorn.
         """
 
         def startup(self, *args: object, **kwargs: object) -> None:
@@ -629,11 +636,11 @@ def _granian_server() -> type:
             super().startup(*args, **kwargs)
 
         def _spawn_workers(self, *args: object, **kwargs: object) -> None:
-            with _worker_signals_held():
+            with _worker_signals_held(signal.SIGINT):
                 super()._spawn_workers(*args, **kwargs)
 
         def _respawn_workers(self, *args: object, **kwargs: object) -> None:
-            with _worker_signals_held():
+            with _worker_signals_held(signal.SIGINT):
                 super()._respawn_workers(*args, **kwargs)
 
         def signal_handler_reload(self, *args: object, **kwargs: object) -> None:

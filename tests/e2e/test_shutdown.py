@@ -113,16 +113,18 @@ def test_sigterm_under_uvicorn_also_stops_the_embedded_redis(tmp_path: Path, lar
         assert not Path(f"/proc/{redis_pid}").exists() or _is_zombie(redis_pid)
 
 
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
 @pytest.mark.parametrize("again", [False, True], ids=["once", "again-and-again"])
 def test_ctrl_c_to_one_worker_drains_as_sigterm_does(
     tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream,
-    large_upstream: SimulatedUpstream, again: bool,
+    large_upstream: SimulatedUpstream, again: bool, server: str,
 ) -> None:  # fmt: skip
     """t96: with one worker (``make run``) uvicorn took SIGINT alone: the drain never began, so a
     stream open then was cut at the kill timeout with no error event and no log line, and a request
     still waiting went on past the deadline. A second Ctrl-C is uvicorn's "force quit", which skips
     the application's shutdown (the log lines and usage not yet written); one after the server
-    stopped broke off serve's own stops with a traceback."""
+    stopped broke off serve's own stops with a traceback. t132: under granian a second Ctrl-C,
+    which reaches the worker too, blocked its event loop until granian killed it."""
     with (
         start_simulated_upstream("trickle", chunk_delay_ms=500) as trickling,
         start_simulated_upstream("silent", latency_ms=8_000) as silent,
@@ -134,7 +136,7 @@ def test_ctrl_c_to_one_worker_drains_as_sigterm_does(
         routes = "  r-trickle: {model: trickle}\n  r-silent: {model: silent}\n"
         policy = policy_text(small_upstream, large_upstream, extra_models=models, routes=routes)
         env = {"REDIS_URL": redis_server.url}
-        gateway = start_gateway(tmp_path, policy, env=env, serve_args=("--drain-s", "2"), own_group=True)
+        gateway = start_gateway(tmp_path, policy, env=env, server=server, serve_args=("--drain-s", "2"), own_group=True)
         try:
             reader, lines = _stream_in_background(gateway, words=40, model="r-trickle")  # 20 s at its pace
             answers: list[httpx.Response] = []
