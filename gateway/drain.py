@@ -10,6 +10,7 @@ logged and charged like any other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import signal
 from collections.abc import Coroutine
@@ -117,7 +118,10 @@ class Drain:
 
         def on_stop(signum: int, frame: Any, previous: Any) -> None:
             nonlocal stopping
-            loop.call_soon_threadsafe(self.begin)
+            # A signal after the worker's loop has closed (a Ctrl-C at the very end) has nothing
+            # left to drain; asking the closed loop would print a traceback on the way out.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self.begin)
             first, stopping = not stopping, True
             if first and callable(previous):
                 previous(signum, frame)
