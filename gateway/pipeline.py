@@ -1081,9 +1081,10 @@ class ChatPipeline:
                     record.error_type = "upstream_rejected_request" if rejected else "upstream_error"
                     record.status = tally.failure_status
                 return
-            if typed and (tally.finish_reason is None or _unsayable(tally.finish_reason, record.protocol)):
-                # The upstream never said it finished, or said it gave up: a chat client sees that as
-                # it is, while a Messages or Responses client would be told end_turn / completed.
+            if tally.finish_reason is None or (typed and _unsayable(tally.finish_reason, record.protocol)):
+                # The upstream never said it finished (its [DONE] came first: the answer may be cut, t143),
+                # or said it gave up: a chat client sees the latter as it is, while a Messages or
+                # Responses client would be told end_turn / completed.
                 unfinished = (
                     UpstreamProtocolError(provider.name, "the answer ended without a finish reason")
                     if tally.finish_reason is None

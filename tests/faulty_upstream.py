@@ -34,6 +34,9 @@ policy), so one server serves every fault:
   client's value in its message as vLLM's validation errors do;
 - ``echoing-claude``, at ``/v1/messages``: an Anthropic message, but a 400 for a stop sequence
   over 32 characters, quoting it in its message as vLLM's Anthropic endpoint's validation errors do;
+- ``flat-error``: streamed, a role chunk and some text, then vLLM's flat error object
+  (``{"object": "error", ...}``, no ``error`` key: a guided-decoding failure) and ``[DONE]``;
+  ``no-finish``: a role chunk and some text, then ``[DONE]`` with no finish reason;
 - ``marked``: a normal answer unless the prompt carries one of :data:`FAULTS`, which
   picks the failure (a 500, a body that is not JSON, no choices, an answer cut half-way,
   a hang, a stream of comments only);
@@ -117,6 +120,8 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
         return await _js_written(request, model, stream)
     if model == "reasoning":
         return await _reasoning(request, model, stream)
+    if model in ("flat-error", "no-finish") and stream:
+        return await _unfinished(request, model)
     if model == "no-choices" and not stream:
         return web.json_response({"id": "x", "object": "chat.completion", "created": 0, "model": model, "choices": []})
     finish = "abort" if model == "aborted" else "stop"
@@ -230,6 +235,23 @@ def _echoed(value: object) -> web.Response:
                 "input": value}]  # fmt: skip
     error = {"message": str(problem), "type": "BadRequestError", "param": None, "code": 400}
     return web.json_response({"error": error}, status=400)
+
+
+_GUIDED_DECODING_FAILED = {"object": "error", "message": "Guided decoding backend failed: bad schema",
+                           "type": "BadRequestError", "param": None, "code": 400}  # fmt: skip
+
+
+async def _unfinished(request: web.Request, model: str) -> web.StreamResponse:
+    """Some text, then no finish: vLLM's flat error object (``flat-error``) or nothing, then ``[DONE]``."""
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(_chunk(model, {"role": "assistant", "content": ""}))
+    await response.write(_chunk(model, {"content": "half an"}))
+    if model == "flat-error":
+        await response.write(b"data: " + msgspec.json.encode(_GUIDED_DECODING_FAILED) + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
 
 
 _JS_USAGE = b'{"prompt_tokens":22.0,"completion_tokens":7.0,"total_tokens":29.0}'

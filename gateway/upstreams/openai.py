@@ -288,8 +288,9 @@ class _OpenAIChatStream(ChatStream):
                 self._done = True
                 break
             chunk = decode_event(name, event.data)
-            if "error" in chunk:
-                raise UpstreamStatusError(name, 500, _in_stream_error(chunk["error"]))
+            error = _in_band_error(chunk)
+            if error is not None:
+                raise UpstreamStatusError(name, 500, _in_stream_error(error))
             rewritten = False
             if self._stops:
                 if not self._stopped_at_stops(chunk):  # past every choice's stop string: read on for the usage
@@ -667,6 +668,15 @@ def _said(data: dict[str, Any], text: str) -> str:
         if isinstance(function, dict):
             pieces += [str(function.get("name") or ""), str(function.get("arguments") or "")]
     return "".join([*pieces, text])
+
+
+def _in_band_error(chunk: dict[str, Any]) -> Any:
+    """A chunk's error: vLLM's ``{"error": {...}}``, or its flat error object (``{"object":
+    "error", "message": ...}``: a guided-decoding failure), which has no choices and was passed
+    over as a usage chunk (t143); None for a chunk of the answer."""
+    if "error" in chunk:
+        return chunk["error"]
+    return chunk if chunk.get("object") == "error" else None
 
 
 def _in_stream_error(error: Any) -> str:

@@ -31,7 +31,7 @@ from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 _FAULTY_MODELS = (
     "comments", "trickle", "endless-line", "no-choices", "drop-after-finish", "stall-after-finish", "firehose",
     "long-answer", "big-answer", "two-choices", "calls-at-zero", "odd-calls", "marked",
-    "js-written", "few-huge", "aborted", "reasoning",
+    "js-written", "few-huge", "aborted", "reasoning", "flat-error", "no-finish",
 )  # fmt: skip
 
 
@@ -243,6 +243,25 @@ def test_an_upstreams_own_finish_reason_reaches_a_completions_client_as_it_came(
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "a fine answer"
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["abort"]
     assert str(chat.choices[0].finish_reason) == "abort"  # not among the SDK's literal reasons
+
+
+@pytest.mark.parametrize("model", ["flat-error", "no-finish"])
+def test_a_chat_stream_that_ends_without_a_finish_is_an_in_band_failure(gw: GatewayProcess, model: str) -> None:
+    """t143 #1: vLLM's flat error object (``{"object": "error", ...}``, no ``error`` key) after some
+    text was skipped as a usage chunk, and the stream reached the chat client as a clean one ending
+    in ``[DONE]``, logged 200: a stream that reaches ``[DONE]`` without a finish reason is cut."""
+    request_id = f"unfinished-{model}-{time.time_ns()}"
+    said: list[str] = []
+    client = closed_after_test(openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0, timeout=15))
+    with pytest.raises(openai.APIError):
+        for chunk in client.chat.completions.create(
+            model=f"r-{model}", messages=[{"role": "user", "content": "hi"}], stream=True,
+            extra_headers={"cache-control": "no-cache", "x-request-id": request_id},
+        ):  # fmt: skip
+            said.extend(choice.delta.content or "" for choice in chunk.choices)
+    assert "".join(said) == "half an"
+    record = gw.wait_for_record(request_id)
+    assert record["status"] >= 400 and record["upstream_status"] == 200 and record["finish_reason"] is None
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -361,9 +361,10 @@ async def test_a_long_answer_the_gateway_counts_is_counted_off_the_event_loop(
                 await anext(events)
             await events.aclose()  # the client hung up
         else:
-            assert [event async for event in events][-1] == b"data: [DONE]\n\n"
+            last = [event async for event in events][-1]  # no finish: the answer may be cut (t143)
+            assert last.startswith(b'data: {"error"') and b"without a finish reason" in last
         await asyncio.sleep(0)  # logged just after the answer went out
     (line,) = [line for line in logs if line["event"] == "request"]
-    assert line["status"] == (499 if leaves else 200)
+    assert line["status"] == (499 if leaves else 502)
     assert line["completion_tokens"] >= 5  # at least the gateway's count of what came
     assert counted_in and threading.current_thread().name not in counted_in
