@@ -27,7 +27,7 @@ from gateway.upstreams.breaker import CircuitBreaker
 from gateway.upstreams.deadline import model_deadline
 from gateway.upstreams.sending import SendMark
 
-__all__ = ["DispatchInfo", "dispatch"]
+__all__ = ["DispatchInfo", "dispatch", "says_upstream_is_unhealthy"]
 
 T = TypeVar("T")
 
@@ -185,7 +185,7 @@ class _Verdicts:
         self._order.append(breaker)
 
     def failed(self, breaker: CircuitBreaker, exc: UpstreamError) -> None:
-        if _says_upstream_is_unhealthy(exc):
+        if says_upstream_is_unhealthy(exc):
             self._worst[breaker] = exc
 
     def answered(self, breaker: CircuitBreaker) -> None:
@@ -205,7 +205,7 @@ class _Verdicts:
                 breaker.abandon()  # no verdict; a half-open circuit lets the next request probe
 
 
-def _says_upstream_is_unhealthy(exc: UpstreamError) -> bool:
+def says_upstream_is_unhealthy(exc: UpstreamError) -> bool:
     """Connection errors, timeouts, 5xx, broken answers and refusing the gateway's own
     credentials; not 429 or the request's own 4xx.
 

@@ -38,7 +38,7 @@ from gateway.client_pace import ClientPace
 from gateway.config.schema import Price
 from gateway.core import model as core
 from gateway.core.headers import dropped_header
-from gateway.dispatch import DispatchInfo, dispatch
+from gateway.dispatch import DispatchInfo, dispatch, says_upstream_is_unhealthy
 from gateway.drain import DEFAULT_DRAIN_S, Drain
 from gateway.errors import (
     ClientStalled,
@@ -1111,7 +1111,7 @@ class ChatPipeline:
             record.error_type, record.status = exc.code, exc.status_code
             x.failure = exc  # the requests coalesced on it are told it, not each sent upstream at once (t116)
             breaker = self._holder.breakers.for_tenant(record.tenant).get(provider.name)
-            if breaker is not None:
+            if breaker is not None and says_upstream_is_unhealthy(exc):  # not the request's own 400
                 breaker.record_broken()
             await self._settle_cut(x, provider, stream.tally)
             yield _failure(stream, exc, typed)

@@ -37,6 +37,8 @@ policy), so one server serves every fault:
 - ``flat-error``: streamed, a role chunk and some text, then vLLM's flat error object
   (``{"object": "error", ...}``, no ``error`` key: a guided-decoding failure) and ``[DONE]``;
   ``no-finish``: a role chunk and some text, then ``[DONE]`` with no finish reason;
+- ``in-band-error``: streamed, a role chunk, then vLLM's ``{"error": {...}}`` whose ``code`` is the
+  status the last user message names (``"400"``, ``"503"``), then ``[DONE]``;
 - ``marked``: a normal answer unless the prompt carries one of :data:`FAULTS`, which
   picks the failure (a 500, a body that is not JSON, no choices, an answer cut half-way,
   a hang, a stream of comments only);
@@ -122,6 +124,8 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
         return await _reasoning(request, model, stream)
     if model in ("flat-error", "no-finish") and stream:
         return await _unfinished(request, model)
+    if model == "in-band-error" and stream:
+        return await _in_band_error(request, model, int(body["messages"][-1]["content"]))
     if model == "no-choices" and not stream:
         return web.json_response({"id": "x", "object": "chat.completion", "created": 0, "model": model, "choices": []})
     finish = "abort" if model == "aborted" else "stop"
@@ -249,6 +253,19 @@ async def _unfinished(request: web.Request, model: str) -> web.StreamResponse:
     await response.write(_chunk(model, {"content": "half an"}))
     if model == "flat-error":
         await response.write(b"data: " + msgspec.json.encode(_GUIDED_DECODING_FAILED) + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def _in_band_error(request: web.Request, model: str, code: int) -> web.StreamResponse:
+    """vLLM's error when generation fails before any text: in band, its status as ``code``."""
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(_chunk(model, {"role": "assistant", "content": ""}))
+    said = {"message": "engine dead", "type": "InternalServerError"} if code >= 500 else {}
+    error = {**_GUIDED_DECODING_FAILED, "code": code, **said}
+    await response.write(b"data: " + msgspec.json.encode({"error": error}) + b"\n\n")
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response

@@ -82,7 +82,7 @@ def _says_server_is_unhealthy(exc: UpstreamError) -> bool:
     everyone. A 401, 403 or 404 is the draft's configuration (its key, its model name), which
     every request would meet.
 
-    Stricter than :func:`gateway.dispatch._says_upstream_is_unhealthy` (t77): a busy draft server
+    Stricter than :func:`gateway.dispatch.says_upstream_is_unhealthy` (t77): a busy draft server
     (429, 408) makes speculation slower than none, and skipping the draft for a while costs only the
     speed-up, where the dispatch rule opens a circuit that takes a model from every client."""
     status = getattr(exc, "upstream_status", None)

@@ -290,7 +290,8 @@ class _OpenAIChatStream(ChatStream):
             chunk = decode_event(name, event.data)
             error = _in_band_error(chunk)
             if error is not None:
-                raise UpstreamStatusError(name, 500, _in_stream_error(error))
+                status = _status_said(error) or 500
+                raise UpstreamStatusError(name, status, _in_stream_error(error), body=event.data)
             rewritten = False
             if self._stops:
                 if not self._stopped_at_stops(chunk):  # past every choice's stop string: read on for the usage
@@ -560,12 +561,22 @@ request's own, 400: not retried, and no sign of an unhealthy upstream."""
 def _failure_status(error: dict[str, Any]) -> int:
     """The status a Responses error object stands for: an HTTP status where a router wrote one as
     its code, the server's own type, else :data:`_FAILED_STATUS`."""
+    status = _status_said(error)
+    if status is not None:
+        return status
     code = error.get("code")
-    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
-        return code
     if error.get("type") == "server_error" and code not in _FAILED_STATUS:
         return 500
     return _FAILED_STATUS.get(code, 400)
+
+
+def _status_said(error: Any) -> int | None:
+    """The HTTP status an in-band error object writes as its ``code`` (vLLM's 400 for a request it
+    cannot serve: t143, a made-up 500 was retried on every model and its message lost); None."""
+    code = error.get("code") if isinstance(error, dict) else None
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
+        return code
+    return None
 
 
 _OPENING_FIELDS = frozenset({"role", "content", "refusal"})

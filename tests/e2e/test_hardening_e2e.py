@@ -32,6 +32,7 @@ _FAULTY_MODELS = (
     "comments", "trickle", "endless-line", "no-choices", "drop-after-finish", "stall-after-finish", "firehose",
     "long-answer", "big-answer", "two-choices", "calls-at-zero", "odd-calls", "marked",
     "js-written", "few-huge", "aborted", "reasoning", "flat-error", "no-finish",
+    "in-band-error",
 )  # fmt: skip
 
 
@@ -66,6 +67,7 @@ def gw(
     small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:  # fmt: skip
     routes = "".join(f"  r-{name}: {{model: {name}}}\n" for name in _FAULTY_MODELS)
+    routes += "  r-in-band-or-small: {model: in-band-error, fallbacks: [small]}\n"
     policy = policy_text(
         small_upstream, large_upstream, extra_models=_faulty_models(faulty.url), routes=routes,
         limits="max_body_bytes: 65536, redis_timeout_ms: 2000, body_read_timeout_s: 1",
@@ -262,6 +264,34 @@ def test_a_chat_stream_that_ends_without_a_finish_is_an_in_band_failure(gw: Gate
     assert "".join(said) == "half an"
     record = gw.wait_for_record(request_id)
     assert record["status"] >= 400 and record["upstream_status"] == 200 and record["finish_reason"] is None
+    if model == "flat-error":  # its code blames the request: told with the upstream's words (t143 #2)
+        assert (record["status"], record["error_type"]) == (400, "upstream_rejected_request")
+
+
+def test_an_in_band_error_is_retried_by_the_status_its_code_says(gw: GatewayProcess, faulty: FaultyUpstream) -> None:
+    """t143 #2: vLLM's in-band ``{"error": {..., "code": 400}}`` before any text (guided decoding
+    that cannot serve the request's schema) was a made-up 500: retried on every model, and its
+    message lost. A 4xx code is the request's fault, told as an upfront 400 is; a 5xx is retried."""
+    client = closed_after_test(openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0, timeout=15))
+    ask: dict[str, Any] = {
+        "model": "r-in-band-or-small",
+        "stream": True,
+        "extra_headers": {"cache-control": "no-cache"},
+    }
+    before = faulty.calls.get("in-band-error", 0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**ask, messages=[{"role": "user", "content": "400"}])
+    assert "Guided decoding backend failed: bad schema" in refused.value.message
+    assert faulty.calls["in-band-error"] == before + 1  # neither retried nor fallen back from
+    record = gw.wait_for_record(refused.value.response.headers["x-request-id"])
+    assert (record["status"], record["error_type"], record["fallback_used"]) == (
+        400,
+        "upstream_rejected_request",
+        False,
+    )
+    chunks = list(client.chat.completions.create(**ask, messages=[{"role": "user", "content": "503"}]))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).startswith("[simulated small]")
+    assert faulty.calls["in-band-error"] > before + 2  # retried, then the fallback answered
 
 
 @pytest.mark.parametrize("stream", [False, True])
