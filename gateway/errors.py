@@ -389,8 +389,8 @@ _STATUS_WORDS = {
 
 def upstream_error_fields(body: bytes | None) -> dict[str, Any]:
     """The error object of an upstream's error body: ``{"error": {...}}`` as OpenAI, Anthropic and
-    vLLM from 0.10.2 write it, or vLLM's earlier flat ``{"object": "error", "message": ...}``; {}
-    when the body has neither."""
+    vLLM from 0.10.2 write it, or vLLM's earlier flat ``{"object": "error", "message": ...}``, or
+    FastAPI's ``{"detail": ...}`` (its message alone); {} when the body has none."""
     try:
         data = msgspec.json.decode(body) if body else None
     except msgspec.DecodeError:
@@ -400,7 +400,26 @@ def upstream_error_fields(body: bytes | None) -> dict[str, Any]:
     error = data.get("error")
     if isinstance(error, dict):
         return error
-    return data if data.get("object") == "error" else {}
+    if data.get("object") == "error":
+        return data
+    detail = _detail_text(data.get("detail"))
+    return {"message": detail} if detail else {}
+
+
+def _detail_text(detail: Any) -> str | None:
+    """FastAPI's ``detail``: a string, or pydantic's errors, each ``loc: msg`` (t143: a 422 in that
+    shape reached the client without the upstream's words)."""
+    if isinstance(detail, str):
+        return detail
+    if not isinstance(detail, list):
+        return None
+    said = []
+    for problem in detail:
+        if isinstance(problem, dict) and isinstance(problem.get("msg"), str):
+            loc = problem.get("loc")
+            where = ".".join(str(part) for part in loc) + ": " if isinstance(loc, list) and loc else ""
+            said.append(where + problem["msg"])
+    return "; ".join(said) or None
 
 
 def _names_the_model(error: dict[str, Any]) -> bool:

@@ -39,6 +39,8 @@ policy), so one server serves every fault:
   ``no-finish``: a role chunk and some text, then ``[DONE]`` with no finish reason;
 - ``in-band-error``: streamed, a role chunk, then vLLM's ``{"error": {...}}`` whose ``code`` is the
   status the last user message names (``"400"``, ``"503"``), then ``[DONE]``;
+- ``fastapi-422``: a 422 as FastAPI writes it, ``{"detail": [...]}`` (pydantic's errors), streamed
+  or not;
 - ``marked``: a normal answer unless the prompt carries one of :data:`FAULTS`, which
   picks the failure (a 500, a body that is not JSON, no choices, an answer cut half-way,
   a hang, a stream of comments only);
@@ -126,6 +128,10 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
         return await _unfinished(request, model)
     if model == "in-band-error" and stream:
         return await _in_band_error(request, model, int(body["messages"][-1]["content"]))
+    if model == "fastapi-422":
+        problems = [{"type": "missing", "loc": ["body", "messages", 0, "name"], "msg": "Field required", "input": None},
+                    {"type": "int_type", "loc": ["body", "seed"], "msg": "Input should be a valid integer"}]  # fmt: skip
+        return web.json_response({"detail": problems}, status=422)
     if model == "no-choices" and not stream:
         return web.json_response({"id": "x", "object": "chat.completion", "created": 0, "model": model, "choices": []})
     finish = "abort" if model == "aborted" else "stop"

@@ -32,7 +32,7 @@ _FAULTY_MODELS = (
     "comments", "trickle", "endless-line", "no-choices", "drop-after-finish", "stall-after-finish", "firehose",
     "long-answer", "big-answer", "two-choices", "calls-at-zero", "odd-calls", "marked",
     "js-written", "few-huge", "aborted", "reasoning", "flat-error", "no-finish",
-    "in-band-error",
+    "in-band-error", "fastapi-422",
 )  # fmt: skip
 
 
@@ -292,6 +292,22 @@ def test_an_in_band_error_is_retried_by_the_status_its_code_says(gw: GatewayProc
     chunks = list(client.chat.completions.create(**ask, messages=[{"role": "user", "content": "503"}]))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).startswith("[simulated small]")
     assert faulty.calls["in-band-error"] > before + 2  # retried, then the fallback answered
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_fastapi_422_reaches_the_client_with_its_details(gw: GatewayProcess, stream: bool) -> None:
+    """t143 #3: a 422 written ``{"detail": [...]}`` (FastAPI's, pydantic's errors) reached the client
+    as "the upstream refused the request", the upstream's words dropped."""
+    client = closed_after_test(openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0, timeout=15))
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        client.chat.completions.create(
+            model="r-fastapi-422", messages=[{"role": "user", "content": "hi"}], stream=stream
+        )
+    said = "body.messages.0.name: Field required; body.seed: Input should be a valid integer"
+    assert (
+        isinstance(refused.value.body, dict)
+        and refused.value.body["message"] == f"upstream 'fastapi-422': HTTP 422: {said}"
+    )
 
 
 @pytest.mark.parametrize("stream", [False, True])
