@@ -41,6 +41,8 @@ policy), so one server serves every fault:
   status the last user message names (``"400"``, ``"503"``), then ``[DONE]``;
 - ``fastapi-422``: a 422 as FastAPI writes it, ``{"detail": [...]}`` (pydantic's errors), streamed
   or not;
+- ``thinking-firehose``, at ``/v1/messages``, streamed: a thinking block's deltas as fast as the
+  gateway takes them, for ever (the connection's closing is counted in ``released``);
 - ``marked``: a normal answer unless the prompt carries one of :data:`FAULTS`, which
   picks the failure (a 500, a body that is not JSON, no choices, an answer cut half-way,
   a hang, a stream of comments only);
@@ -220,12 +222,14 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
     return response
 
 
-async def _messages(request: web.Request, upstream: FaultyUpstream) -> web.Response:
-    """The Messages API: ``echoing-claude`` alone (see the module's docstring), never streamed."""
+async def _messages(request: web.Request, upstream: FaultyUpstream) -> web.StreamResponse:
+    """The Messages API: ``echoing-claude`` and ``thinking-firehose`` (see the module's docstring)."""
     body = await request.json()
     model = str(body.get("model"))
     upstream.calls[model] = upstream.calls.get(model, 0) + 1
     upstream.last_body[model] = body
+    if model == "thinking-firehose" and body.get("stream"):
+        return await _thinking_firehose(request, upstream, model)
     long = [(at, stop) for at, stop in enumerate(body.get("stop_sequences") or []) if len(stop) > 32]
     if long:
         at, stop = long[0]
@@ -237,6 +241,29 @@ async def _messages(request: web.Request, upstream: FaultyUpstream) -> web.Respo
                "content": [{"type": "text", "text": "a fine answer"}], "stop_reason": "end_turn",
                "stop_sequence": None, "usage": {"input_tokens": 5, "output_tokens": 3}}  # fmt: skip
     return web.json_response(message)
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return b"event: " + str(data["type"]).encode() + b"\ndata: " + msgspec.json.encode(data) + b"\n\n"
+
+
+async def _thinking_firehose(request: web.Request, upstream: FaultyUpstream, model: str) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    message: dict[str, Any] = {"id": "msg_thinking", "type": "message", "role": "assistant", "model": model, "content": [],
+               "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 5, "output_tokens": 1}}  # fmt: skip
+    await response.write(_event({"type": "message_start", "message": message}))
+    block = {"type": "thinking", "thinking": "", "signature": ""}
+    await response.write(_event({"type": "content_block_start", "index": 0, "content_block": block}))
+    piece = _event(
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hmm " * 50}}
+    )
+    try:
+        while True:
+            await response.write(piece)
+    except (ConnectionError, ClientConnectionResetError):
+        upstream.released[model] = upstream.released.get(model, 0) + 1
+        raise
 
 
 def _echoed(value: object) -> web.Response:
@@ -430,7 +457,10 @@ def start_faulty_upstream() -> Iterator[FaultyUpstream]:
         return await _handle(request, upstream)
 
     async def messages(request: web.Request) -> web.StreamResponse:
-        return await _messages(request, upstream)
+        try:
+            return await _messages(request, upstream)
+        except (ConnectionError, ClientConnectionResetError):  # the gateway gave up on an endless answer
+            return web.Response(status=499)
 
     routes = {"/v1/chat/completions": handle, "/v1/messages": messages}
     with serve_app(routes, name="faulty-upstream") as served:

@@ -60,7 +60,7 @@ import msgspec
 import structlog
 
 from gateway.core import model as core
-from gateway.core.model import Answer, Delta, Finish, TextDelta, ThinkingPart, UsageReport
+from gateway.core.model import Answer, Delta, Finish, ThinkingPart, UsageReport
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -444,8 +444,10 @@ def _gives_stop_reason(event: dict[str, Any]) -> bool:
 
 class _RelayedMessageStream(RelayedStream):
     """A Messages stream passed through. The tally reads (through the codec's
-    :class:`StreamDecoder`) the message id, text, usage and stop reason; an ``error`` event
-    raises and the gateway answers it in Anthropic's shape."""
+    :class:`StreamDecoder`) the message id, usage and stop reason, and what the model wrote
+    (thinking, text, tool input) as a translated stream's does, for the count of a stream cut
+    short and the bound on what it may write (t142); an ``error`` event raises and the gateway
+    answers it in Anthropic's shape."""
 
     end_events = frozenset({"message_stop"})
     preamble_events = frozenset({"message_start", "ping"})
@@ -454,6 +456,7 @@ class _RelayedMessageStream(RelayedStream):
     def __init__(self, provider: AnthropicProvider, response: UpstreamResponse) -> None:
         super().__init__(provider, response)
         self._decoder = anthropic.StreamDecoder()
+        self._chunk_deltas = openai_chat.ChunkDeltas()
 
     def _take(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "error":
@@ -461,13 +464,13 @@ class _RelayedMessageStream(RelayedStream):
         self.finished = self.finished or _gives_stop_reason(data)
         tally = self.tally
         for delta in self._decoder.feed(data):
-            if isinstance(delta, TextDelta):
-                tally.text_parts.append(delta.text)
-            elif isinstance(delta, UsageReport):
+            if isinstance(delta, UsageReport):
                 tally.usage = usage_of(delta.usage)
             elif isinstance(delta, Finish):
                 tally.finish_reason = openai_chat.chat_finish_reason(delta.reason)
                 tally.stop_sequence = delta.stop_sequence
+            elif (chunk := self._chunk_deltas.delta(delta)) is not None:
+                tally.take_delta(chunk)
         if kind == "message_start":
             tally.id, tally.model = self._decoder.id, self._decoder.model
 

@@ -52,6 +52,12 @@ def _faulty_models(url: str) -> str:
             f"    timeouts: {{connect: 1, first_byte: 2, total: {total}, idle: {idle}}}\n"
             + ("    context_window: 100000000\n" if name in _LONG_WRITERS else "")
         )
+    lines.append(
+        f"  thinker:\n    provider: anthropic\n    base_url: {url.removesuffix('/v1')}\n"
+        "    upstream_model: thinking-firehose\n    api_key_env: TEST_ANTHROPIC_KEY\n"
+        "    price: {input: 3, output: 15}\n    tier: large\n    context_window: 200000\n"
+        "    timeouts: {connect: 1, first_byte: 2, total: 10, idle: 2}\n"
+    )
     return "".join(lines)
 
 
@@ -1018,12 +1024,12 @@ def test_odd_tool_calls_reach_a_chat_client_as_openai_sends_them(gw: GatewayProc
         assert uses == _ODD_CALLS[shape]
 
 
-def _released_after(faulty: FaultyUpstream, before: int, timeout_s: float = 10) -> int:
-    """How many firehose streams the gateway has closed, once it is more than ``before`` (or the wait ends)."""
+def _released_after(faulty: FaultyUpstream, before: int, timeout_s: float = 10, model: str = "firehose") -> int:
+    """How many ``model`` streams the gateway has closed, once it is more than ``before`` (or the wait ends)."""
     deadline = time.monotonic() + timeout_s
-    while faulty.released.get("firehose", 0) <= before and time.monotonic() < deadline:
+    while faulty.released.get(model, 0) <= before and time.monotonic() < deadline:
         time.sleep(0.05)
-    return faulty.released.get("firehose", 0)
+    return faulty.released.get(model, 0)
 
 
 @pytest.mark.parametrize(
@@ -1073,6 +1079,64 @@ def test_a_stream_far_past_its_max_tokens_is_cut_and_billed(gw: GatewayProcess, 
     assert (record["status"], record["error_type"]) == (502, "upstream_bad_response")
     # billed what the gateway counted, but never more than the request let the model write (t111)
     assert record["tokens_source"] == "gateway" and record["completion_tokens"] == 5 and record["cost_usd"] > 0
+
+
+_THINKING_ASK: dict[str, Any] = {
+    "model": "thinker", "thinking": {"type": "enabled", "budget_tokens": 60000},
+    "messages": [{"role": "user", "content": "Think it over."}],
+}  # fmt: skip
+"""A Messages request the internal model holds (translated); with ``top_k``, passed through as it came."""
+
+
+@pytest.mark.parametrize("passed_through", [False, True])
+def test_a_client_that_hangs_up_mid_thinking_is_billed_the_thinking_written(
+    gw: GatewayProcess, faulty: FaultyUpstream, passed_through: bool
+) -> None:
+    """t142: a passed-through stream's tally read its text alone, so a client that left after 100 KB
+    of thinking was billed message_start's placeholder (1 token), where a translated one was billed
+    the thinking."""
+    request_id = f"thinking-hang-up-{passed_through}-{time.time_ns()}"
+    before = faulty.released.get("thinking-firehose", 0)
+    claude = closed_after_test(anthropic.Anthropic(base_url=gw.url, api_key="k", max_retries=0, timeout=10))
+    read = 0
+    with claude.messages.stream(
+        **_THINKING_ASK, max_tokens=64000, extra_body={"top_k": 5} if passed_through else None,
+        extra_headers={"x-request-id": request_id},
+    ) as stream:  # fmt: skip
+        for event in stream:
+            if event.type == "thinking":
+                read += len(event.thinking)
+                if read > 100_000:
+                    break  # and hang up
+    assert _released_after(faulty, before, model="thinking-firehose") == before + 1
+    record = gw.wait_for_record(request_id, timeout_s=10)
+    assert record["passthrough"] is (True if passed_through else None)
+    assert (record["status"], record["error_type"]) == (499, "client_disconnected")
+    # at least what the client read ("hmm " is a token or so each), not the placeholder's 1 token
+    assert read // 8 < record["completion_tokens"] <= 64000
+
+
+@pytest.mark.parametrize("passed_through", [False, True])
+def test_a_thinking_stream_far_past_its_max_tokens_is_cut_and_billed(
+    gw: GatewayProcess, faulty: FaultyUpstream, passed_through: bool
+) -> None:
+    """t142: the bound on what a stream may write measured a passed-through stream's text alone, so
+    one that thought for ever reached the client until the model's total timeout."""
+    before = faulty.released.get("thinking-firehose", 0)
+    body = {**_THINKING_ASK, "thinking": {"type": "enabled", "budget_tokens": 2048}, "max_tokens": 8000,
+            "stream": True, **({"top_k": 5} if passed_through else {})}  # fmt: skip
+    request_id = f"thinking-runaway-{passed_through}-{time.time_ns()}"
+    headers = {"x-api-key": "k", "x-request-id": request_id}
+    with httpx.stream("POST", f"{gw.url}/v1/messages", json=body, headers=headers, timeout=15) as response:
+        assert response.status_code == 200
+        frames = [frame for frame in response.read().decode().split("\n\n") if frame.strip()]
+    assert frames[-1].startswith("event: error\ndata: ") and "16 per token" in frames[-1]
+    assert len("".join(frames)) < 2 * 8000 * 16 * 2  # cut near the bound (JSON-escaped events), not at the timeout
+    assert _released_after(faulty, before, model="thinking-firehose") == before + 1  # let go at the cut
+    record = gw.wait_for_record(request_id)
+    assert record["passthrough"] is (True if passed_through else None)
+    assert (record["status"], record["error_type"]) == (502, "upstream_bad_response")
+    assert record["completion_tokens"] == 8000  # what the gateway counted, but never more than the request allows
 
 
 def test_a_few_huge_chunks_past_the_bound_are_cut_too(gw: GatewayProcess) -> None:
