@@ -58,11 +58,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
 from aiohttp import ClientConnectionResetError, web
 
+from gateway.auth import hash_key
+from gateway.services.redis_server import EmbeddedRedis
+from gateway.simulated import SimulatedUpstream
+from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 from tests.loopback_app import serve_app
 
 __all__ = ["CALL_SHAPES", "FAULTS", "REASONING", "FaultyUpstream", "start_faulty_upstream"]
@@ -466,3 +471,35 @@ def start_faulty_upstream() -> Iterator[FaultyUpstream]:
     with serve_app(routes, name="faulty-upstream") as served:
         upstream.url = f"{served.url}/v1"
         yield upstream
+
+
+_TWO_TENANTS = """auth:
+  mode: keys
+  keys:
+    - {{id: a, tenant: tenant-a, hash: "{a}"}}
+    - {{id: b, tenant: tenant-b, hash: "{b}"}}
+"""
+
+
+@contextmanager
+def two_tenants_and_an_echoing_model(
+    workdir: Path,
+    model: str,
+    redis: EmbeddedRedis,
+    small: SimulatedUpstream,
+    large: SimulatedUpstream,
+    env: dict[str, str] | None = None,
+) -> Iterator[tuple[GatewayProcess, FaultyUpstream]]:
+    """A gateway whose keys ``key-a`` and ``key-b`` belong to two tenants, with ``model`` (a policy
+    entry whose ``{url}`` is this upstream's ``/v1`` URL, ``{root}`` the same without it) served by
+    a faulty upstream: a tenant's request that gets an upstream to quote it must teach nothing
+    that reaches the other tenant."""
+    with start_faulty_upstream() as upstream:
+        models = model.format(url=upstream.url, root=upstream.url.removesuffix("/v1"))
+        auth = _TWO_TENANTS.format(a=hash_key("key-a"), b=hash_key("key-b"))
+        policy = policy_text(small, large, extra_models=models, auth=auth)
+        process = start_gateway(workdir, policy, env={"REDIS_URL": redis.url, **(env or {})})
+        try:
+            yield process, upstream
+        finally:
+            process.stop()

@@ -15,11 +15,10 @@ import anthropic
 import openai
 import pytest
 
-from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test, inject, upstream_stats
-from tests.faulty_upstream import FaultyUpstream, start_faulty_upstream
+from tests.faulty_upstream import FaultyUpstream, two_tenants_and_an_echoing_model
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 _CLAUDE_45 = """  claude45:
@@ -106,17 +105,12 @@ def test_a_model_that_takes_one_sampler_is_sent_temperature_alone(
 
 _ECHOING = """  echoing:
     provider: anthropic
-    base_url: {url}
+    base_url: {root}
     upstream_model: echoing-claude
     api_key_env: TEST_ANTHROPIC_KEY
     price: {{input: 3, output: 15}}
     tier: large
     timeouts: {{connect: 1, first_byte: 2, total: 5}}
-auth:
-  mode: keys
-  keys:
-    - {{id: a, tenant: tenant-a, hash: "{a}"}}
-    - {{id: b, tenant: tenant-b, hash: "{b}"}}
 """
 
 
@@ -128,14 +122,10 @@ def echoing_gateway(
     large_upstream: SimulatedUpstream,
 ) -> Iterator[tuple[GatewayProcess, FaultyUpstream]]:
     """Two tenants' keys, and an Anthropic model whose 400s quote the client's input."""
-    with start_faulty_upstream() as upstream:
-        root = upstream.url.removesuffix("/v1")
-        models, auth = _ECHOING.format(url=root, a=hash_key("key-a"), b=hash_key("key-b")).split("auth:")
-        policy = policy_text(small_upstream, large_upstream, extra_models=models, auth="auth:" + auth)
-        env = {"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k", "TEST_ANTHROPIC_KEY": "k"}
-        process = start_gateway(tmp_path_factory.mktemp("echoing"), policy, env=env)
-        yield process, upstream
-        process.stop()
+    workdir = tmp_path_factory.mktemp("echoing")
+    env = {"TEST_LARGE_KEY": "k", "TEST_ANTHROPIC_KEY": "k"}
+    with two_tenants_and_an_echoing_model(workdir, _ECHOING, redis_server, small_upstream, large_upstream, env) as gw:
+        yield gw
 
 
 def test_a_sampler_refusal_a_client_gets_an_upstream_to_quote_teaches_the_model_nothing(

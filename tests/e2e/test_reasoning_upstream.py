@@ -14,11 +14,10 @@ import anthropic
 import openai
 import pytest
 
-from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test, upstream_stats
-from tests.faulty_upstream import FaultyUpstream, start_faulty_upstream
+from tests.faulty_upstream import FaultyUpstream, two_tenants_and_an_echoing_model
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 _REASONING = """  reasoner:
@@ -122,11 +121,6 @@ _ECHOING = """  echoing:
     tier: small
     price: {{input: 1, output: 1}}
     timeouts: {{connect: 1, first_byte: 2, total: 5}}
-auth:
-  mode: keys
-  keys:
-    - {{id: a, tenant: tenant-a, hash: "{a}"}}
-    - {{id: b, tenant: tenant-b, hash: "{b}"}}
 """
 
 
@@ -138,12 +132,10 @@ def echoing_gateway(
     large_upstream: SimulatedUpstream,
 ) -> Iterator[tuple[GatewayProcess, FaultyUpstream]]:
     """Two tenants' keys, and a model whose 400s quote the client's input as vLLM's do."""
-    with start_faulty_upstream() as upstream:
-        models, auth = _ECHOING.format(url=upstream.url, a=hash_key("key-a"), b=hash_key("key-b")).split("auth:")
-        policy = policy_text(small_upstream, large_upstream, extra_models=models, auth="auth:" + auth)
-        process = start_gateway(tmp_path_factory.mktemp("echoing"), policy, env={"REDIS_URL": redis_server.url})
-        yield process, upstream
-        process.stop()
+    workdir = tmp_path_factory.mktemp("echoing")
+    env = None
+    with two_tenants_and_an_echoing_model(workdir, _ECHOING, redis_server, small_upstream, large_upstream, env) as gw:
+        yield gw
 
 
 @pytest.mark.parametrize(
