@@ -33,7 +33,8 @@ policy), so one server serves every fault:
 - ``echoing``: a normal answer, but a 400 for a ``guided_choice`` that is not a list, quoting the
   client's value in its message as vLLM's validation errors do;
 - ``echoing-claude``, at ``/v1/messages``: an Anthropic message, but a 400 for a stop sequence
-  over 32 characters, quoting it in its message as vLLM's Anthropic endpoint's validation errors do;
+  over 32 characters, quoting it in its message as vLLM's Anthropic endpoint's validation errors do,
+  and one for an ``anthropic-beta`` value starting ``x-``, quoting it as Anthropic does;
 - ``flat-error``: streamed, a role chunk and some text, then vLLM's flat error object
   (``{"object": "error", ...}``, no ``error`` key: a guided-decoding failure) and ``[DONE]``;
   ``no-finish``: a role chunk and some text, then ``[DONE]`` with no finish reason;
@@ -235,6 +236,12 @@ async def _messages(request: web.Request, upstream: FaultyUpstream) -> web.Strea
     upstream.last_body[model] = body
     if model == "thinking-firehose" and body.get("stream"):
         return await _thinking_firehose(request, upstream, model)
+    betas = [beta for beta in request.headers.get("anthropic-beta", "").split(",") if beta.startswith("x-")]
+    if betas:  # as Anthropic answers a beta it does not know, quoting it
+        unknown = f"Unexpected value(s) `{betas[0]}` for the `anthropic-beta` header. Please consult our documentation."
+        return web.json_response(
+            {"type": "error", "error": {"type": "invalid_request_error", "message": unknown}}, status=400
+        )
     long = [(at, stop) for at, stop in enumerate(body.get("stop_sequences") or []) if len(stop) > 32]
     if long:
         at, stop = long[0]

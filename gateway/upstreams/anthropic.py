@@ -162,7 +162,7 @@ class AnthropicProvider(Provider):
         try:
             return await self.post(_MESSAGES_PATH, payload, headers, stream=stream)
         except UpstreamStatusError as exc:
-            if self.takes_one_sampler or "top_p" not in payload or not _refuses_both_samplers(exc, payload):
+            if self.takes_one_sampler or "top_p" not in payload or not _refuses_both_samplers(exc, payload, headers):
                 raise
             self.takes_one_sampler = True
             _log.info("upstream_takes_one_sampler", model=self.name)
@@ -241,18 +241,19 @@ def _one_sampler(payload: dict[str, Any]) -> dict[str, Any]:
 _BOTH_SAMPLERS = b"temperature and top_p cannot both be specified"
 
 
-def _refuses_both_samplers(error: UpstreamStatusError, sent: dict[str, Any]) -> bool:
+def _refuses_both_samplers(error: UpstreamStatusError, sent: dict[str, Any], headers: dict[str, str]) -> bool:
     """Anthropic's 400: "`temperature` and `top_p` cannot both be specified for this model.
     Please use only one." It names no ``param``, so it is read from the error's message, and only
-    when the request sent does not hold that text: a 400 can quote what a client sent, and what is
-    learned here holds for every tenant's requests (t135 follow-up)."""
+    when the request sent, body and headers, does not hold that text: a 400 can quote what a
+    client sent (a stop sequence, an ``anthropic-beta`` value: t144), and what is learned here
+    holds for every tenant's requests (t135 follow-up)."""
     if error.upstream_status != 400:
         return False
     message = upstream_error_fields(error.upstream_body).get("message")
     return (
         isinstance(message, str)
         and _BOTH_SAMPLERS in message.encode().replace(b"`", b"")
-        and _BOTH_SAMPLERS not in msgspec.json.encode(sent).replace(b"`", b"")
+        and _BOTH_SAMPLERS not in msgspec.json.encode([sent, headers]).replace(b"`", b"")
     )
 
 

@@ -128,8 +128,9 @@ def echoing_gateway(
         yield gw
 
 
+@pytest.mark.parametrize("through", ["stop", "anthropic-beta"])
 def test_a_sampler_refusal_a_client_gets_an_upstream_to_quote_teaches_the_model_nothing(
-    echoing_gateway: tuple[GatewayProcess, FaultyUpstream],
+    echoing_gateway: tuple[GatewayProcess, FaultyUpstream], through: str
 ) -> None:
     """t135 follow-up: the refusal of both samplers was read anywhere in the 400's body: one tenant's stop
     sequence, quoted back in a validation error, made the model drop every tenant's ``top_p``."""
@@ -138,8 +139,19 @@ def test_a_sampler_refusal_a_client_gets_an_upstream_to_quote_teaches_the_model_
     tenant_b = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="key-b", max_retries=0))
     lesson = "`temperature` and `top_p` cannot both be specified for this model. Please use only one."
     before = upstream.calls.get("echoing-claude", 0)
-    with pytest.raises(openai.BadRequestError):
-        tenant_b.chat.completions.create(model="echoing", messages=_ASK, temperature=0.2, top_p=0.9, stop=[lesson])
+    if through == "stop":
+        with pytest.raises(openai.BadRequestError):
+            tenant_b.chat.completions.create(model="echoing", messages=_ASK, temperature=0.2, top_p=0.9, stop=[lesson])
+    else:  # t144: a header the gateway sends on, quoted back as Anthropic quotes a beta it does not know
+        claude_b = closed_after_test(anthropic.Anthropic(base_url=gateway.url, api_key="key-b", max_retries=0))
+        with pytest.raises(anthropic.BadRequestError):
+            claude_b.messages.create(
+                model="echoing",
+                max_tokens=16,
+                messages=_ASK,
+                extra_body={"temperature": 0.2, "top_p": 0.9},
+                extra_headers={"anthropic-beta": f"x-{lesson}"},
+            )
     assert upstream.calls["echoing-claude"] == before + 1  # not asked again as if it had refused top_p
     raw = tenant_a.chat.completions.with_raw_response.create(model="echoing", messages=_ASK, temperature=0.2, top_p=0.9)
     assert raw.parse().choices[0].message.content == "a fine answer"
