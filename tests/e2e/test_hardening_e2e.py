@@ -1036,7 +1036,7 @@ def _released_after(faulty: FaultyUpstream, before: int, timeout_s: float = 10, 
     ("path", "body"),
     [
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "go"}]}),
-        ("/v1/messages", {"max_tokens": 100000, "messages": [{"role": "user", "content": "go"}]}),
+        ("/v1/messages", {"max_tokens": 10_000_000, "messages": [{"role": "user", "content": "go"}]}),
         ("/v1/responses", {"input": "go", "store": False}),
     ],
 )
