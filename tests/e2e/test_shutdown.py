@@ -19,6 +19,7 @@ from gateway.accounting.metrics import Metrics
 from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
 from gateway.simulated import SimulatedUpstream, start_simulated_upstream
 from gateway.store.redis import RedisLimitCounters, SharedRedis, connect
+from tests.conftest import upstream_stats
 from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
 
@@ -331,3 +332,43 @@ def test_under_granian_a_stream_whose_bookkeeping_outlasts_its_last_byte_is_logg
     assert record["status"] == 200 and record["completion_tokens"] == usage.completion_tokens
     assert not [r for r in gateway.ops_records("drain_finished") if r["still_open"]]
     assert asyncio.run(_requests_counted(redis_server.url, "anonymous", "default")) == billed + 1
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
+def test_with_several_workers_requests_in_flight_at_sigterm_all_finish_and_are_logged(
+    tmp_path: Path, large_upstream: SimulatedUpstream, server: str
+) -> None:
+    """t145: requests the gateway is serving at SIGTERM, on kept-alive connections and on new
+    ones, all finish and are logged, under either server."""
+    import openai
+
+    with start_simulated_upstream("small", latency_ms=600) as slow_small:
+        gateway = start_gateway(tmp_path, policy_text(slow_small, large_upstream), workers=2, server=server)
+
+        async def in_flight() -> list[object]:
+            clients = [openai.AsyncOpenAI(base_url=gateway.base_url, api_key="x", max_retries=0) for _ in range(11)]
+            shared, own = clients[0], clients[1:]
+
+            async def one(client: openai.AsyncOpenAI, text: str) -> int:
+                response = await client.chat.completions.with_raw_response.create(
+                    model="fast", messages=[{"role": "user", "content": text}]
+                )
+                return response.status_code
+
+            try:
+                await asyncio.gather(*(one(shared, f"warm {i}") for i in range(10)))  # ten kept alive
+                tasks = [asyncio.create_task(one(shared, f"kept alive {i}")) for i in range(10)]
+                tasks += [asyncio.create_task(one(client, f"new connection {i}")) for i, client in enumerate(own)]
+                while (await asyncio.to_thread(upstream_stats, slow_small))["in_flight"] < 20:
+                    await asyncio.sleep(0.02)  # all at the upstream: the gateway is serving each
+                gateway.process.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                for client in clients:
+                    await client.close()
+
+        statuses = asyncio.run(in_flight())
+        assert statuses == [200] * 20, [repr(s.__cause__ or s) if isinstance(s, Exception) else s for s in statuses]
+        assert gateway.process.wait(30) == 0
+    records = gateway.log_records()
+    assert len(records) == 30 and {r["status"] for r in records} == {200}
