@@ -127,6 +127,14 @@ class GatewayProcess:
             time.sleep(0.02)
         raise AssertionError(f"no log line for request {request_id}")
 
+    def wait_for_ops(self, event: str, count: int = 1, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+        """At least ``count`` ops log lines with ``event`` (stderr's lines reach the file when the
+        worker's log writer gets to them: a test that reads at once can find none yet)."""
+        deadline = time.monotonic() + timeout_s
+        while len(found := self.ops_records(event)) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return found
+
     def stderr_text(self) -> str:
         return self.err_path.read_text(errors="replace")
 
