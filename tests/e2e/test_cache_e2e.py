@@ -534,7 +534,7 @@ def test_gateway_serves_without_redis_and_uses_it_again_when_back(
         for _ in range(3):  # no request fails because of the cache, and none claims to have looked in it
             raw = client.chat.completions.with_raw_response.create(model="fast", messages=messages, temperature=0)
             assert raw.headers["x-gateway-cache"] == "bypass"
-        assert gateway.stderr_text().count('"redis_unavailable"') == 1  # once per incident
+        assert len(gateway.wait_for_ops("redis_unavailable")) == 1  # once per incident
         redis = start_embedded_redis(tmp_path / "redis", port=port, password="pw-1")
         deadline = time.monotonic() + 10
         cache = "bypass"
@@ -544,7 +544,7 @@ def test_gateway_serves_without_redis_and_uses_it_again_when_back(
                 model="fast", messages=messages, temperature=0
             ).headers["x-gateway-cache"]
         assert cache == "exact"
-        assert '"redis_recovered"' in gateway.stderr_text()
+        assert gateway.wait_for_ops("redis_recovered")
     finally:
         gateway.stop()
         if redis is not None:
