@@ -25,8 +25,9 @@ an upstream keeps on a translated route (a 400 that says so).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -580,34 +581,51 @@ async def _claim(store: ResponseStore, tenant: str, response_id: str, record: St
     return False
 
 
-_FORGETTING_AT_MOST = 2
+class _Slots:
+    """At most ``limit`` background jobs of one kind at once in this process."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit, self._taken = limit, 0
+
+    @contextlib.contextmanager
+    def one(self) -> Iterator[bool]:
+        """Whether a slot was free (and is held until the block ends)."""
+        if self._taken >= self._limit:
+            yield False
+            return
+        self._taken += 1
+        try:
+            yield True
+        finally:
+            self._taken -= 1
+
+
+_forgetting = _Slots(2)
 """Deletes of unclaimed responses in flight per process: they share the model's connection pool
 with live traffic, which a Redis outage must not let them starve."""
 _FORGET_TIMEOUT_S = 5.0
-_forgetting = 0
 
 
 async def _forget(state: GatewayState, held_by: str, response_id: str) -> None:
     """Ask the upstream to delete a response no tenant can reach (best effort: one that is not
     deleted is logged with its id, for ops to delete)."""
-    global _forgetting
-    if _forgetting >= _FORGETTING_AT_MOST:
-        _log.warning("unclaimed_response_kept_upstream", model=held_by, response_id=response_id, error="deletes busy")
-        return
-    _forgetting += 1
-    try:
-        async with asyncio.timeout(_FORGET_TIMEOUT_S):
-            await _ask_upstream(state, held_by, "DELETE", response_id)
-    except ResponseNotFoundError:
-        pass  # gone already
-    except (GatewayError, TimeoutError) as exc:
-        error = str(exc)[:200] or "no answer within 5 s"
-        _log.warning("unclaimed_response_kept_upstream", model=held_by, response_id=response_id, error=error)
-    except asyncio.CancelledError:  # shutting down
-        _log.warning("unclaimed_response_kept_upstream", model=held_by, response_id=response_id, error="shutdown")
-        raise
-    finally:
-        _forgetting -= 1
+    with _forgetting.one() as free:
+        if not free:
+            _log.warning(
+                "unclaimed_response_kept_upstream", model=held_by, response_id=response_id, error="deletes busy"
+            )
+            return
+        try:
+            async with asyncio.timeout(_FORGET_TIMEOUT_S):
+                await _ask_upstream(state, held_by, "DELETE", response_id)
+        except ResponseNotFoundError:
+            pass  # gone already
+        except (GatewayError, TimeoutError) as exc:
+            error = str(exc)[:200] or "no answer within 5 s"
+            _log.warning("unclaimed_response_kept_upstream", model=held_by, response_id=response_id, error=error)
+        except asyncio.CancelledError:  # shutting down
+            _log.warning("unclaimed_response_kept_upstream", model=held_by, response_id=response_id, error="shutdown")
+            raise
 
 
 async def _ask_upstream(
@@ -662,38 +680,34 @@ async def _keep(
     response["store"] = False
 
 
-_WITHDRAWING_AT_MOST = 1000
+_withdrawing = _Slots(1000)
 """Withdrawals waiting for Redis per process: each is a timed-out write of a request, so an outage
 that began mid-write makes a second's worth; Redis slow for long must not gather them unbounded."""
 _WITHDRAW_EVERY_S = 2.0
 _WITHDRAW_FOR_S = 600.0
-_withdrawing = 0
 
 
 async def _withdraw(store: ResponseStore, tenant: str, response_id: str) -> None:
     """Withdraw a turn whose write timed out (:meth:`ResponseStore.withdraw`), tried again until
     Redis answers; one not withdrawn is logged with its id, for ops to delete."""
-    global _withdrawing
-    if _withdrawing >= _WITHDRAWING_AT_MOST:
-        _log.warning("response_maybe_stored", tenant=tenant, response_id=response_id, error="withdrawals busy")
-        return
-    _withdrawing += 1
-    try:
-        deadline = time.monotonic() + _WITHDRAW_FOR_S
-        while True:
-            try:
-                await store.withdraw(tenant, response_id)
-                return
-            except StoreUnavailable:
-                if time.monotonic() >= deadline:
-                    break
-            await asyncio.sleep(_WITHDRAW_EVERY_S)
-        _log.warning("response_maybe_stored", tenant=tenant, response_id=response_id, error="no answer in 10 min")
-    except asyncio.CancelledError:  # shutting down
-        _log.warning("response_maybe_stored", tenant=tenant, response_id=response_id, error="shutdown")
-        raise
-    finally:
-        _withdrawing -= 1
+    with _withdrawing.one() as free:
+        if not free:
+            _log.warning("response_maybe_stored", tenant=tenant, response_id=response_id, error="withdrawals busy")
+            return
+        try:
+            deadline = time.monotonic() + _WITHDRAW_FOR_S
+            while True:
+                try:
+                    await store.withdraw(tenant, response_id)
+                    return
+                except StoreUnavailable:
+                    if time.monotonic() >= deadline:
+                        break
+                await asyncio.sleep(_WITHDRAW_EVERY_S)
+            _log.warning("response_maybe_stored", tenant=tenant, response_id=response_id, error="no answer in 10 min")
+        except asyncio.CancelledError:  # shutting down
+            _log.warning("response_maybe_stored", tenant=tenant, response_id=response_id, error="shutdown")
+            raise
 
 
 async def _events(
