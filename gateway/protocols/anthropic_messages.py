@@ -1038,11 +1038,12 @@ class StreamEncoder:
     """Deltas to Anthropic's event sequence: message_start, ping, content blocks, message_delta, message_stop.
 
     Thinking and text stream as they come, a block closing when the next one starts (a
-    thinking block also when its signature arrives). Tool calls are held to the end and sent
-    whole, each as one ``tool_use`` block whose input is the object the non-streamed answer
-    has: an OpenAI upstream may interleave parallel calls' arguments, and a small model's
-    arguments may not be JSON, and Anthropic's blocks can neither be reopened nor carry
-    input that is not an object (the SDKs raise on it).
+    thinking block also when its signature arrives), text resumed after a call going on in the
+    block it left. Tool calls are held to the end and sent whole, each as one ``tool_use``
+    block whose input is the object the non-streamed answer has: an OpenAI upstream may
+    interleave parallel calls' arguments, and a small model's arguments may not be JSON, and
+    Anthropic's blocks can neither be reopened nor carry input that is not an object (the SDKs
+    raise on it).
     """
 
     __slots__ = (
@@ -1122,7 +1123,8 @@ class StreamEncoder:
                 out += self._delta({"type": "text_delta", "text": delta.text})
                 self._refused = self._refused or isinstance(delta, RefusalDelta)
             elif isinstance(delta, ToolCallStart):
-                out += self._close()
+                # The open block stays open: text after the call goes on in it, as the whole
+                # message joins its texts ahead of the calls (f142: a second text block).
                 self._calls.setdefault(delta.index, (delta.id, delta.name, []))
             elif isinstance(delta, ToolArgumentsDelta):
                 self._calls.setdefault(delta.index, ("", "", []))[2].append(delta.fragment)

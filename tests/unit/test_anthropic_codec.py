@@ -170,6 +170,32 @@ def test_a_streamed_text_then_tool_call_becomes_two_content_blocks() -> None:
     assert events[9][1]["usage"]["output_tokens"] == 9 and events[9][1]["usage"]["input_tokens"] == 12
 
 
+def test_text_after_a_tool_call_streams_at_once_in_the_text_block_it_left() -> None:
+    """f142: the text after a call opened a second text block, while the whole message has one;
+    it still goes out as it comes, only the call is held."""
+    reader, encoder = openai_chat.ChunkReader(), anthropic.StreamEncoder("msg_1", "m", 0)
+    chunks: list[dict[str, Any]] = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Let me check."}}]},
+        _call(0, name="w", arguments='{"city": "Oslo"}'),
+        {"choices": [{"index": 0, "delta": {"content": " Done."}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+    ]
+    encoder.start()
+    sent = [_events(out) if (out := encoder.feed(reader.read(chunk))) else [] for chunk in chunks]
+    assert [[name for name, _ in events] for events in sent] == [
+        ["content_block_start", "content_block_delta"],
+        [],
+        ["content_block_delta"],
+        [],
+    ]
+    assert sent[2][0][1] == {"type": "content_block_delta", "index": 0,
+                             "delta": {"type": "text_delta", "text": " Done."}}  # fmt: skip
+    blocks = [
+        data["content_block"]["type"] for name, data in _events(encoder.finish()) if name == "content_block_start"
+    ]
+    assert blocks == ["tool_use"]
+
+
 @pytest.mark.parametrize(
     ("stop_reason", "expected"),
     [
