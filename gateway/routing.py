@@ -64,6 +64,7 @@ class Router:
         self.pair = (policy.pair.small, policy.pair.large)
         self._fallbacks = {name: tuple(route.fallbacks) for name, route in policy.routes.items()}
         self._stores = {name: (model.base_url, model.api_key_env) for name, model in policy.models.items()}
+        self._responses_api = frozenset(name for name, model in policy.models.items() if model.responses_api)
         self.route_names = tuple(policy.routes)
         self.labels_kept = max(
             (route.learning.max_labels for route in policy.routes.values() if route.learning is not None),
@@ -138,12 +139,28 @@ class Router:
                 f"cannot continue a response kept by model '{holder}'; start a new conversation",
                 param="previous_response_id",
             )
-        if holder not in self.ends(plan) and "*" not in allowed and holder not in allowed:
+        self.refuse_hidden_holder(holder, self.ends(plan), allowed)
+        return RoutePlan(plan.route, (holder,), plan.baseline, "previous_response", retry=plan.retry)
+
+    def refuse_hidden_holder(self, holder: str, names: tuple[str, ...], allowed: frozenset[str]) -> None:
+        """A 403 for a request that may end at ``names`` and continues a response ``holder``'s
+        upstream keeps, when the key may not call ``holder`` (by name, or as one of ``names``):
+        the same whether its route passes Responses requests through or translates them (t147)."""
+        if holder not in names and "*" not in allowed and holder not in allowed:
             raise PermissionDeniedError(
                 "the previous response is kept by a model this key may not use",  # not named (t60)
                 param="previous_response_id",
             )
-        return RoutePlan(plan.route, (holder,), plan.baseline, "previous_response", retry=plan.retry)
+
+    def reaches_held(self, holder: str, allowed: frozenset[str]) -> bool:
+        """Whether a key that may call ``allowed`` may read or delete a response ``holder``'s upstream
+        keeps: it may call ``holder`` (by name, or through a route that may end at it), or a Responses
+        model whose upstream shares its store, which a follow-up would go to (:meth:`continuing`)."""
+        if "*" in allowed or holder in allowed:
+            return True
+        store = self._stores.get(holder)
+        ends = (name for named in allowed if named in self._plans for name in self.ends(self._plans[named]))
+        return any(name == holder or (name in self._responses_api and self._stores[name] == store) for name in ends)
 
     def downgrade(self, plan: RoutePlan) -> RoutePlan:
         """The same route on the small model alone: a nearly spent budget must not reach the large one."""

@@ -18,8 +18,9 @@ When every model the request can reach serves the Responses API itself
 the pipeline reads it in the internal model, the upstream gets the body as it came and the client
 the upstream's answer. The upstream then keeps the response; the store keeps only which
 tenant owns its id (and which model holds it), so reading, deleting and continuing it
-stay within the tenant. A turn the gateway keeps cannot be continued upstream, nor one
-an upstream keeps on a translated route (a 400 that says so).
+stay within the tenant, and with the keys that may call that model. A turn the gateway keeps
+cannot be continued upstream, nor one an upstream keeps on a translated route (a 400 that says
+so; the 403 of a passed-through route for a key that may not call the model keeping it).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from gateway.core.model import Request as CoreRequest
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
+    PermissionDeniedError,
     ResponseNotFoundError,
     ResponseStoreUnavailableError,
     UpstreamStatusError,
@@ -121,10 +123,10 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
             passthrough.held_by = previous.held_by if previous is not None else None
             return _readable(decoded)
         if previous is not None and previous.held_by is not None:
-            raise InvalidRequestError(
+            runtime.router.refuse_hidden_holder(previous.held_by, reachable, principal.allowed)
+            raise InvalidRequestError(  # the key may call it: named (t60)
                 f"previous_response_id: response '{decoded.previous_response_id}' is kept by the upstream of "
-                f"{_holder(previous.held_by, principal.allowed)}; continue it with a model whose upstream serves "
-                "the Responses API",
+                f"model '{previous.held_by}'; continue it with a model whose upstream serves the Responses API",
                 param="previous_response_id",
             )
         decoded = await read_off_loop(
@@ -186,9 +188,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
 @get("/v1/responses/{response_id:str}")
 async def retrieve_response(request: Request[Any, Any, Any], response_id: str) -> Response[bytes]:
     """A stored response of the caller's tenant, as it was answered (asked of its upstream if it keeps it)."""
-    record = await _on_stored(request, lambda store, tenant: store.load(tenant, response_id))
-    if record is None:
-        raise _not_found(response_id)
+    record = await _record(request, response_id)
     if record.held_by is not None:  # include[], stream, starting_after: the upstream's to read (t60)
         return await _read_upstream(request, record.held_by, response_id, "", record.own_ids)
     if request.query_params.get("stream", "").lower() in ("true", "1"):  # t86: the SDK read the object as no events
@@ -205,9 +205,7 @@ async def list_input_items(request: Request[Any, Any, Any], response_id: str) ->
     """The items a stored response of the caller's tenant answered, a page at a time
     (``limit`` 1-100, default 20; ``order`` ``desc``, the default, or ``asc``; ``after`` an item id).
     With an earlier turn gone (deleted, expired or evicted), the conversation after it."""
-    record = await _on_stored(request, lambda store, tenant: store.load(tenant, response_id))
-    if record is None:
-        raise _not_found(response_id)
+    record = await _record(request, response_id)
     limit, order, after = _page_query(request)
     if record.held_by is not None:
         return await _read_upstream(request, record.held_by, response_id, "/input_items", record.own_ids)
@@ -236,9 +234,7 @@ async def cancel_response(request: Request[Any, Any, Any], response_id: str) -> 
     """Only a background response can be cancelled: one the upstream keeps is asked to; the
     gateway's own are never background (it refuses ``background``), so that is a 400, as OpenAI's."""
     state: GatewayState = request.app.state.gateway
-    record = await _on_stored(request, lambda store, tenant: store.load(tenant, response_id))
-    if record is None:
-        raise _not_found(response_id)
+    record = await _record(request, response_id)
     if record.held_by is not None:
         return await _ask_upstream(state, record.held_by, "POST", response_id, "/cancel", own_ids=record.own_ids)
     raise InvalidRequestError("Only responses created with background=true can be cancelled.", param="response_id")
@@ -274,9 +270,7 @@ def _page_query(request: Request[Any, Any, Any]) -> tuple[int, str, str | None]:
 @delete("/v1/responses/{response_id:str}", status_code=200)
 async def delete_response(request: Request[Any, Any, Any], response_id: str) -> Response[bytes]:
     state: GatewayState = request.app.state.gateway
-    record = await _on_stored(request, lambda store, tenant: store.load(tenant, response_id))
-    if record is None:
-        raise _not_found(response_id)
+    record = await _record(request, response_id)
     answer = None
     if record.held_by is not None:
         try:  # an upstream that did not delete it keeps the record: the tenant can try again
@@ -290,6 +284,24 @@ async def delete_response(request: Request[Any, Any, Any], response_id: str) -> 
         return answer
     body = {"id": response_id, "object": "response", "deleted": True}
     return Response(content=msgspec.json.encode(body), media_type="application/json")
+
+
+async def _record(request: Request[Any, Any, Any], response_id: str) -> StoredResponse:
+    """The caller's tenant's record of ``response_id`` (else a 404); one an upstream keeps is a 403 for
+    a key that may not reach its model, as continuing it is (t147: read and deleted at its upstream)."""
+    record = await _on_stored(request, lambda store, tenant: store.load(tenant, response_id))
+    if record is None:
+        raise _not_found(response_id)
+    if record.held_by is not None:
+        state: GatewayState = request.app.state.gateway
+        runtime = state.holder.current
+        allowed = runtime.auth.authenticate(authorization_of(request)).allowed
+        if not runtime.router.reaches_held(record.held_by, allowed):
+            raise PermissionDeniedError(
+                "the response is kept by a model this key may not use",  # not named (t60)
+                param="response_id",
+            )
+    return record
 
 
 async def _on_stored(request: Request[Any, Any, Any], operation: Callable[[ResponseStore, str], Awaitable[T]]) -> T:
@@ -378,12 +390,6 @@ def _previous_not_found(response_id: str, param: str, gone: str | None = None) -
             "(deleted or expired)."
         )
     return InvalidRequestError(said, param=param, code="previous_response_not_found")
-
-
-def _holder(held_by: str, allowed: frozenset[str]) -> str:
-    """The model keeping a passed-through response, as told to a key: named only to a key that may
-    call it (t60; a key is otherwise told no model names but its own)."""
-    return f"model '{held_by}'" if "*" in allowed or held_by in allowed else "a model this key may not call"
 
 
 def _json_object_ok(runtime: Runtime, names: tuple[str, ...]) -> bool:

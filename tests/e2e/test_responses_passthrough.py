@@ -343,6 +343,41 @@ def test_a_response_id_does_not_reach_a_model_the_key_may_not_use(
     assert upstream_stats(large_upstream)["requests"] == before
 
 
+def test_a_key_cannot_read_or_delete_a_response_kept_by_a_model_it_may_not_call(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    """t147: a3 may call gpt-a only, yet read and deleted at gpt-b's upstream what gpt-b keeps; it
+    is refused as continuing it is. A key that may call the model, or a Responses model sharing its
+    upstream (as a follow-up would go), reads it; a turn the gateway keeps reaches no model."""
+    alice, a3 = _client(gateway, "a1"), _client(gateway, "a3")
+    kept = alice.responses.create(model="gpt-b", input="Remember the number 7.")
+    alice.responses.input_items.list(kept.id, limit=3)
+    seen = upstream_stats(large_upstream)["last_stored_path"]
+    refusals: list[Any] = [
+        lambda: a3.responses.retrieve(kept.id),
+        lambda: a3.responses.input_items.list(kept.id),
+        lambda: a3.responses.cancel(kept.id),
+        lambda: a3.responses.delete(kept.id),
+    ]
+    for refused_call in refusals:
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            refused_call()
+        assert refused.value.code == "model_not_allowed" and refused.value.param == "response_id"
+        assert "gpt-b" not in refused.value.message  # t60: not named to a key that may not call it
+    assert upstream_stats(large_upstream)["last_stored_path"] == seen  # nothing reached gpt-b's upstream
+    assert alice.responses.retrieve(kept.id).id == kept.id  # not deleted
+    with pytest.raises(openai.NotFoundError):  # another tenant's is still not found
+        _client(gateway, "b1").responses.retrieve(kept.id)
+    routed = alice.responses.create(model="gpt-a", input="Remember the number 8.")
+    assert _client(gateway, "a5").responses.retrieve(routed.id).id == routed.id  # through its route 'mixed'
+    shared = alice.responses.create(model="gpt", input="Remember the number 9.")  # gpt-a's server and key
+    assert a3.responses.retrieve(shared.id).id == shared.id
+    with pytest.raises(openai.PermissionDeniedError):  # 'fast' shares that server, but speaks chat to it
+        _client(gateway, "a4").responses.retrieve(shared.id)
+    translated = alice.responses.create(model="fast", input="Remember the number 10.")
+    assert a3.responses.retrieve(translated.id).id == translated.id
+
+
 def test_a_response_the_gateway_cannot_claim_says_so_and_is_not_left_upstream(
     tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
 ) -> None:
@@ -507,10 +542,16 @@ def test_an_upstream_held_response_cannot_be_continued_on_a_translated_route(gat
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(model="fast", previous_response_id=held.id, input="Which number?")
     assert "gpt-a" in refused.value.message and refused.value.param == "previous_response_id"
-    # t60: a key that may not call the model keeping it is not told that model's name
-    with pytest.raises(openai.BadRequestError) as refused:
+    # t147: a key that may not call the model keeping it is refused as on a passed-through route
+    # (t60: not told that model's name)
+    with pytest.raises(openai.PermissionDeniedError) as denied:
         _client(gateway, "a4").responses.create(model="fast", previous_response_id=held.id, input="Which number?")
-    assert "gpt-a" not in refused.value.message and "may not call" in refused.value.message
+    assert denied.value.code == "model_not_allowed" and denied.value.param == "previous_response_id"
+    assert "gpt-a" not in denied.value.message
+    # a route that reaches it, translated for its chat fallback: the 400, naming the model it answers with
+    with pytest.raises(openai.BadRequestError) as refused:
+        _client(gateway, "a5").responses.create(model="mixed", previous_response_id=held.id, input="Which number?")
+    assert "gpt-a" in refused.value.message and refused.value.param == "previous_response_id"
 
 
 @pytest.mark.parametrize(("key", "model"), [("a4", "nonexistent"), ("a4", "codex"), ("a3", "codex")])
