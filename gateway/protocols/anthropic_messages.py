@@ -118,8 +118,11 @@ class _ToolChoice(_Wire):
     disable_parallel_tool_use: bool = False
 
 
-class _Metadata(_Wire):
-    user_id: str | None = None
+class _Metadata(msgspec.Struct, forbid_unknown_fields=True):
+    """Anthropic's ``metadata``: a ``user_id`` of at most 256 characters and nothing else, as Anthropic
+    refuses the rest (t147: a chat route took them)."""
+
+    user_id: Annotated[str, msgspec.Meta(max_length=256)] | None = None
 
 
 class _MessagesRequest(_Wire):

@@ -42,7 +42,7 @@ async def read_off_loop(raw: bytes, read: Callable[[], T]) -> T:
 
 _AT = re.compile(r" - at `\$\.?([^`]*)`$")
 _MISSING = re.compile(r"^Object missing required field `([^`]*)`$")
-_UNKNOWN = re.compile(r"^Object contains unknown field `([^`]*)`$")
+_UNKNOWN = re.compile(r"^Object contains unknown field `([^`]*)`(?: - at `\$\.?([^`]*)`)?$")
 
 
 def decode_body(raw: bytes, into: type[T]) -> T:
@@ -55,7 +55,8 @@ def decode_body(raw: bytes, into: type[T]) -> T:
         message = str(exc)
         unknown = _UNKNOWN.match(message)
         if unknown:
-            raise InvalidRequestError(f"unknown parameter '{unknown[1]}'", param=unknown[1]) from None
+            name = f"{unknown[2]}.{unknown[1]}" if unknown[2] else unknown[1]  # one in an object: its path
+            raise InvalidRequestError(f"unknown parameter '{name}'", param=name) from None
         if " - at `$" not in message and not _MISSING.match(message):  # the body itself: every view is an object
             raise InvalidRequestError(f"the request body must be a JSON object ({message})") from None
         if " - at `$[...]" in message:  # a map's value (a number out of range): msgspec does not say which

@@ -19,7 +19,15 @@ from gateway.protocols.body import (
     refuse_choice_without_tools,
     refuse_options_without_stream,
 )
-from gateway.protocols.openai_fields import ChoiceCount, MaxTokens, Penalty, Stop, Temperature, TopP
+from gateway.protocols.openai_fields import (
+    ChoiceCount,
+    MaxTokens,
+    Penalty,
+    Stop,
+    Temperature,
+    TopP,
+    check_metadata,
+)
 from gateway.protocols.shared_state import refuse_upstream_ids
 
 __all__ = ["parse_chat_request"]
@@ -69,12 +77,15 @@ class _ChatRequest(_View):
     tools: list[dict[str, Any]] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
+    metadata: dict[str, str] | None = None
 
 
 def parse_chat_request(raw: bytes) -> dict[str, Any]:
     """Decode and check a request body; returns it as plain values."""
     body = decode_body(raw, dict[str, Any])
-    check_fields(body, _ChatRequest)
+    checked = check_fields(body, _ChatRequest)
+    if checked.metadata:
+        check_metadata(checked.metadata)
     if "stream" in body and body["stream"] is None:  # not streamed, as OpenAI reads it; some servers refuse null
         del body["stream"]
     refuse_options_without_stream(body.get("stream"), body.get("stream_options"))

@@ -1,4 +1,4 @@
-"""The sampling fields OpenAI's chat and completions APIs share, with the ranges OpenAI accepts."""
+"""The fields OpenAI's chat, completions and Responses APIs share, with the ranges and limits OpenAI sets."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from typing import Annotated
 
 import msgspec
 
-__all__ = ["ChoiceCount", "MaxTokens", "Penalty", "Stop", "Temperature", "TopP"]
+from gateway.errors import InvalidRequestError
+
+__all__ = ["ChoiceCount", "MaxTokens", "Penalty", "Stop", "Temperature", "TopP", "check_metadata"]
 
 MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
 Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
@@ -15,3 +17,30 @@ ChoiceCount = Annotated[int, msgspec.Meta(ge=1, le=128)]
 Stop = str | list[str]
 """Any number of strings: OpenAI's API takes 4 and says so itself; vLLM and Anthropic take more."""
 Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
+
+_METADATA_PAIRS, _METADATA_KEY_CHARS, _METADATA_VALUE_CHARS = 16, 64, 512
+
+
+def check_metadata(metadata: dict[str, str]) -> None:
+    """A 400 for ``metadata`` past OpenAI's limits (16 pairs, keys of at most 64 characters, values
+    of at most 512), with OpenAI's param and message (no code, as for the other ranges the edge
+    checks): a chat upstream does not check them, and a Responses turn stored and echoed them (t147)."""
+    if len(metadata) > _METADATA_PAIRS:
+        raise InvalidRequestError(
+            f"Invalid 'metadata': too many properties. Expected an object with at most {_METADATA_PAIRS} "
+            f"properties, but got an object with {len(metadata)} properties instead.",
+            param="metadata",
+        )
+    for key, value in metadata.items():
+        if len(key) > _METADATA_KEY_CHARS:
+            raise InvalidRequestError(
+                f"Invalid property name in 'metadata': '{key}' is too long. Expected a string with maximum "
+                f"length {_METADATA_KEY_CHARS}, but got a string with length {len(key)} instead.",
+                param=f"metadata.{key}",
+            )
+        if len(value) > _METADATA_VALUE_CHARS:
+            raise InvalidRequestError(
+                f"Invalid 'metadata.{key}': string too long. Expected a string with maximum length "
+                f"{_METADATA_VALUE_CHARS}, but got a string with length {len(value)} instead.",
+                param=f"metadata.{key}",
+            )

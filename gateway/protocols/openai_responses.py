@@ -55,6 +55,7 @@ from gateway.core.model import (
 from gateway.errors import InvalidRequestError
 from gateway.protocols import openai_chat
 from gateway.protocols.body import decode_body
+from gateway.protocols.openai_fields import check_metadata
 
 __all__ = [
     "ResponsesRequest",
@@ -150,6 +151,8 @@ def decode_request(
     refusal of tools that only a Responses upstream runs says.
     """
     wire = decode_body(raw, _ResponsesRequest)
+    if wire.metadata:
+        check_metadata(wire.metadata)
     if wire.background:
         # Passed through too: the upstream answers "queued" with no usage and the answer comes to
         # a poll, which bills nothing, and past the tenant's budget (t38: $2.50 billed $0.00005).

@@ -415,9 +415,6 @@ class _ResponsesEventStream(RelayedStream):
     def _take(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "error":
             raise UpstreamStatusError(self._provider.name, 500, _in_stream_error(data))
-        sequence = data.get("sequence_number")
-        if isinstance(sequence, int):
-            self._sequence = sequence
         tally = self.tally
         if kind == "response.output_text.delta" and isinstance(data.get("delta"), str):
             tally.text_parts.append(data["delta"])
@@ -432,13 +429,15 @@ class _ResponsesEventStream(RelayedStream):
                 tally.service_tier = tier
             if kind in ("response.completed", "response.incomplete"):
                 tally.finish_reason = responses.finish_reason_of(response)
-        if kind != "response.failed":
-            return
-        failed = self._failure(data)
-        if failed.retryable:  # retried before any content, else the gateway's own event ends the stream (t138)
-            raise failed
-        # the request's own fault (an image it could not read): the client reads the event as it came
-        tally.failure, tally.failure_status = failed.message, 400
+        if kind == "response.failed":
+            failed = self._failure(data)
+            if failed.retryable:  # retried before any content, else the gateway's own event ends the stream (t138)
+                raise failed
+            # the request's own fault (an image it could not read): the client reads the event as it came
+            tally.failure, tally.failure_status = failed.message, 400
+        # only an event the client is given: the gateway's error event follows on from it (t147)
+        if isinstance(sequence := data.get("sequence_number"), int):
+            self._sequence = sequence
 
     def _failure(self, data: dict[str, Any]) -> UpstreamStatusError:
         """A ``response.failed`` as the upstream failure it is; retryable where it is the upstream's

@@ -292,6 +292,25 @@ def test_a_tool_choice_without_tools_is_refused_as_anthropic_refuses_it(
     assert claude.messages.create(**ask, tool_choice={"type": "none"}).content
 
 
+@pytest.mark.parametrize("model", ["fast", "claude"])  # an OpenAI-compatible upstream, then Anthropic's
+def test_metadata_is_a_user_id_of_at_most_256_characters_as_anthropic_takes_it(
+    claude: anthropic.Anthropic, model: str
+) -> None:
+    """t147: ``metadata`` holds only ``user_id`` in Anthropic's API; other keys, or a longer id,
+    were taken (a chat route has no place for them), where Anthropic refuses them."""
+    ask: dict[str, Any] = {"model": model, "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]}
+    refused_metadata: list[tuple[Any, str]] = [
+        ({"user_id": "u-1", "team": "blue"}, "metadata.team"),
+        ({"user_id": "u" * 257}, "metadata.user_id"),
+    ]
+    for metadata, named in refused_metadata:
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            claude.messages.create(**ask, metadata=metadata)
+        assert refused.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+        assert named in refused.value.body["error"]["message"]  # type: ignore[index]
+    assert claude.messages.create(**ask, metadata={"user_id": "u" * 256}).content
+
+
 _OPTIONAL_FIELDS = (
     "stream", "system", "temperature", "top_p", "top_k", "stop_sequences", "metadata", "tools", "tool_choice",
     "thinking", "output_config", "service_tier", "container", "mcp_servers", "context_management", "cache_control",

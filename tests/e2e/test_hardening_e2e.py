@@ -420,7 +420,8 @@ _DEEP = b'{"a": ' * 5000 + b"1" + b"}" * 5000
         ("/chat/completions", b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "metadata": %s}'),
         (
             "/messages",
-            b'{"model": "fast", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "metadata": %s}',
+            # a field the codec does not read: its value is skipped, not decoded
+            b'{"model": "fast", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "container": %s}',
         ),
         (
             "/messages",
@@ -428,7 +429,7 @@ _DEEP = b'{"a": ' * 5000 + b"1" + b"}" * 5000
         ),
         (
             "/messages/count_tokens",
-            b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "metadata": %s}',
+            b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "container": %s}',
         ),
         (
             "/responses",

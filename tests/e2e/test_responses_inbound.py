@@ -584,6 +584,49 @@ def test_a_field_the_gateway_does_not_read_is_named_not_passed_over_in_silence(
     assert upstream_stats(small_upstream)["last_request"]["body"]["service_tier"] == "flex"  # as a chat client's
 
 
+_LONG_KEY = "k" * 65
+_PAST_METADATA_LIMITS = [  # each metadata, and OpenAI's param and message for it
+    (
+        {f"k{i}": "v" for i in range(17)},
+        "metadata",
+        "Invalid 'metadata': too many properties. Expected an object with at most 16 properties, "
+        "but got an object with 17 properties instead.",
+    ),
+    (
+        {_LONG_KEY: "v"},
+        f"metadata.{_LONG_KEY}",
+        f"Invalid property name in 'metadata': '{_LONG_KEY}' is too long. Expected a string with maximum "
+        "length 64, but got a string with length 65 instead.",
+    ),
+    (
+        {"k": "界" * 513},
+        "metadata.k",
+        "Invalid 'metadata.k': string too long. Expected a string with maximum length 512, but got a string "
+        "with length 513 instead.",
+    ),
+]
+
+
+@pytest.mark.parametrize("api", ["responses", "chat"])
+def test_metadata_past_openais_limits_is_refused_as_openai_refuses_it(client: openai.OpenAI, api: str) -> None:
+    """t147: 17 pairs, a 65-character key or a 513-character value were answered 200, and a
+    Responses turn stored and echoed them back; OpenAI refuses them (16 pairs, keys of at most 64
+    characters, values of at most 512), and so does the gateway, in its words. At the limits, taken."""
+
+    def ask(metadata: dict[str, str]) -> dict[str, str] | None:
+        if api == "responses":
+            return client.responses.create(model="fast", input="Hi.", metadata=metadata).metadata
+        client.chat.completions.create(model="fast", messages=[{"role": "user", "content": "Hi."}], metadata=metadata)
+        return None
+
+    for metadata, param, message in _PAST_METADATA_LIMITS:
+        with pytest.raises(openai.BadRequestError) as refused:
+            ask(metadata)
+        assert refused.value.body == {"message": message, "type": "invalid_request_error", "param": param, "code": None}
+    at_limits = {f"{i:064}": "界" * 512 for i in range(16)}
+    assert ask(at_limits) == (at_limits if api == "responses" else None)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_response_says_the_tier_that_processed_it(
     client: openai.OpenAI, small_upstream: SimulatedUpstream, stream: bool

@@ -506,6 +506,8 @@ def test_a_response_failed_before_any_output_is_retried_and_after_it_counts_as_a
     assert "response.output_text.delta" in kinds and "response.failed" not in kinds
     ended = late_events[-1]
     assert ended.type == "error" and ended.code == "upstream_error"
+    # the error event's number follows the last event delivered, not the swallowed response.failed (t147)
+    assert [event.sequence_number for event in late_events] == list(range(len(late_events)))
     assert "gpt-a" in ended.message and "failed to generate" not in ended.message  # the upstream's text is not told
     late = gateway.wait_for_record("relayed-failed-late")
     assert late["status"] == 502 and late["error_type"] == "upstream_error" and late["retries"] == 0
