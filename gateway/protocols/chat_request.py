@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from gateway.errors import InvalidRequestError
 from gateway.protocols.body import (
     check_fields,
     decode_body,
@@ -20,6 +21,7 @@ from gateway.protocols.body import (
     refuse_options_without_stream,
 )
 from gateway.protocols.openai_fields import (
+    BestOf,
     ChoiceCount,
     MaxTokens,
     Penalty,
@@ -72,6 +74,7 @@ class _ChatRequest(_View):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     n: ChoiceCount | None = None
+    best_of: BestOf | None = None
     stop: Stop | None = None
     seed: int | None = None
     tools: list[dict[str, Any]] | None = None
@@ -90,8 +93,17 @@ def parse_chat_request(raw: bytes) -> dict[str, Any]:
         del body["stream"]
     refuse_options_without_stream(body.get("stream"), body.get("stream_options"))
     _check_tool_choice(body)
+    _refuse_best_of(body.get("best_of"))
     refuse_upstream_ids(body, raw)  # a ``file`` part's file_id names a file under the operator's key (t33)
     return body
+
+
+def _refuse_best_of(best_of: int | None) -> None:
+    """vLLM's ``best_of`` (OpenAI's chat API has none) generates that many sequences, and its usage
+    counts the one returned: neither the estimate nor the bill would hold the rest (t150), so it
+    is refused as on ``/v1/completions``."""
+    if best_of is not None and best_of > 1:
+        raise InvalidRequestError("invalid parameter 'best_of': best_of > 1 is not supported", param="best_of")
 
 
 def _check_tool_choice(body: dict[str, Any]) -> None:

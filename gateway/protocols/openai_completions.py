@@ -32,7 +32,7 @@ from gateway.core.model import (
 )
 from gateway.errors import InvalidRequestError
 from gateway.protocols.body import check_fields, decode_body, refuse_options_without_stream
-from gateway.protocols.openai_fields import ChoiceCount, MaxTokens, Penalty, Stop, Temperature, TopP
+from gateway.protocols.openai_fields import BestOf, ChoiceCount, MaxTokens, Penalty, Stop, Temperature, TopP
 
 __all__ = ["DEFAULT_MAX_TOKENS", "Completion", "StreamEncoder", "decode_request", "encode_answer"]
 
@@ -62,7 +62,7 @@ class _CompletionsRequest(_View):
     stream_options: _StreamOptions | None = None
     echo: bool | None = None
     suffix: str | None = None
-    best_of: Annotated[int, msgspec.Meta(ge=1, le=20)] | None = None
+    best_of: BestOf | None = None
     logprobs: int | None = None
     user: str | None = None
     seed: int | None = None

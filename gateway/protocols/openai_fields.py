@@ -8,12 +8,14 @@ import msgspec
 
 from gateway.errors import InvalidRequestError
 
-__all__ = ["ChoiceCount", "MaxTokens", "Penalty", "Stop", "Temperature", "TopP", "check_metadata"]
+__all__ = ["BestOf", "ChoiceCount", "MaxTokens", "Penalty", "Stop", "Temperature", "TopP", "check_metadata"]
 
 MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
 Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
 TopP = Annotated[float, msgspec.Meta(ge=0, le=1)]
 ChoiceCount = Annotated[int, msgspec.Meta(ge=1, le=128)]
+BestOf = Annotated[int, msgspec.Meta(ge=1, le=20)]
+"""OpenAI's legacy range. Only 1 is taken: an upstream's usage counts the one sequence it returns."""
 Stop = str | list[str]
 """Any number of strings: OpenAI's API takes 4 and says so itself; vLLM and Anthropic take more."""
 Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]

@@ -214,6 +214,23 @@ def test_stream_options_without_stream_is_openais_400(client: openai.OpenAI) -> 
     assert client.chat.completions.create(model="fast", messages=MESSAGES, stream_options=None).choices
 
 
+def test_best_of_above_one_is_refused_as_on_completions(
+    client: openai.OpenAI, small_upstream: SimulatedUpstream
+) -> None:
+    """vLLM generates ``best_of`` sequences and counts the one it returns in its usage: the
+    estimate and the bill held one answer of up to 20 (t150). 1 and null ask for nothing more."""
+    asked = upstream_stats(small_upstream)["requests"]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="fast", messages=MESSAGES, stream=stream, extra_body={"best_of": 3})
+        assert isinstance(refused.value.body, dict) and refused.value.body["type"] == "invalid_request_error"
+        assert refused.value.param == "best_of"
+        assert refused.value.body["message"] == "invalid parameter 'best_of': best_of > 1 is not supported"
+    assert upstream_stats(small_upstream)["requests"] == asked
+    for best_of in (1, None):
+        assert client.chat.completions.create(model="fast", messages=MESSAGES, extra_body={"best_of": best_of}).choices
+
+
 @pytest.mark.parametrize("model", ["fast", "claude"])
 def test_stream_null_is_not_streamed_on_every_openai_route(
     gateway: GatewayProcess, small_upstream: SimulatedUpstream, model: str
