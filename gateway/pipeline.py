@@ -1809,7 +1809,22 @@ def _ending(tally: StreamTally, record: RequestRecord, typed: bool, include_usag
 def _usage_chunk(tally: StreamTally, record: RequestRecord) -> bytes:
     chunk_id = tally.id or f"chatcmpl-{record.request_id}"
     created, model = tally.created or int(time.time()), tally.model or record.model
-    return chunk_body(chunk_id, created, model, None, usage=_billed_usage(record), serving=tally.said_of_serving)
+    usage = _billed_usage(record)
+    if record.tokens_source == "upstream" and tally.usage_said is not None:
+        usage = _with_details_said(usage, tally.usage_said)
+    return chunk_body(chunk_id, created, model, None, usage=usage, serving=tally.said_of_serving)
+
+
+def _with_details_said(billed: dict[str, Any], said: dict[str, Any]) -> dict[str, Any]:
+    """The billed usage with the rest of what the upstream's said (OpenAI's prediction and audio
+    tokens), as the whole answer carries it (t150: a stream's usage chunk dropped them); the
+    counts billed win where the two differ (an answer the gateway cut at a stop string)."""
+    usage = {**said, **billed}
+    for name in ("prompt_tokens_details", "completion_tokens_details"):
+        details = said.get(name)
+        if isinstance(details, dict):
+            usage[name] = {**details, **billed.get(name, {})}
+    return usage
 
 
 def _billed_usage(record: RequestRecord) -> dict[str, Any]:

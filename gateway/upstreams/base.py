@@ -155,6 +155,9 @@ class StreamTally:
     created: int | None = None
     model: str | None = None
     usage: Usage | None = None
+    usage_said: dict[str, Any] | None = None
+    """The upstream's usage object that :attr:`usage` was read from (an OpenAI-compatible
+    stream's): what else it says (prediction and audio tokens) the client's usage chunk says too."""
     service_tier: str | None = None
     """The tier the stream's chunks last said processed it (an OpenAI chat stream's ``service_tier``)."""
     said_of_serving: dict[str, str] = field(default_factory=dict)

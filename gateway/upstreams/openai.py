@@ -630,9 +630,10 @@ def _take_usage(tally: StreamTally, chunk: dict[str, Any]) -> None:
     fingerprint = chunk.get("system_fingerprint")
     if isinstance(fingerprint, str):
         tally.said_of_serving["system_fingerprint"] = fingerprint
-    usage = usage_of(openai_chat.read_usage(chunk.get("usage"), service_tier=tally.service_tier))
+    said = chunk.get("usage")
+    usage = usage_of(openai_chat.read_usage(said, service_tier=tally.service_tier))
     if usage is not None:
-        tally.usage = usage
+        tally.usage, tally.usage_said = usage, said
     elif tier is not None and tally.usage is not None:
         tally.usage.service_tier = tier
 
