@@ -396,6 +396,8 @@ class ChatPipeline:
             tier = x.request.extra.get("service_tier")
             if tier is not None:
                 x.asked = replace(x.asked, service_tier=_asked_tier(tier))
+            if x.request.unreadable is not None or not _PRICED_CHAT.isdisjoint(x.request.extra):
+                x.asked = _chat_priced(x.asked, x.request, x.body)
             x.plan = runtime.router.chat_plan(x.request.model, principal.allowed)
             record.route, record.decision, record.stream = x.plan.route, x.plan.decision, x.request.stream
             record.baseline_model = x.plan.baseline
@@ -580,10 +582,12 @@ class ChatPipeline:
                 policy.models[name].price,
                 x.prompt_tokens,
                 completion,
+                audio_prompt_tokens=x.prompt_tokens if asked.audio_input else 0,  # all of it at the audio price
+                audio_completion_tokens=completion if asked.audio_output is not None else 0,
                 speed=asked.speed,
                 inference_geo=asked.inference_geo,
                 service_tier=asked.service_tier,
-                server_tool_requests=asked.server_tools,
+                server_tool_requests=asked.tool_uses(),
             )
             for name in reachable
         )
@@ -959,6 +963,7 @@ class ChatPipeline:
             provider.config.price,
             x.prompt_tokens,
             0,
+            audio_prompt_tokens=x.prompt_tokens if asked.audio_input else 0,
             speed=asked.speed,
             inference_geo=asked.inference_geo,
             service_tier=asked.service_tier,
@@ -1293,6 +1298,8 @@ class ChatPipeline:
             cache_write_tokens=0,
             cache_write_1h_tokens=0,
             reasoning_tokens=0,
+            audio_prompt_tokens=0,
+            audio_completion_tokens=0,
             speed=x.asked.speed,
             inference_geo=x.asked.inference_geo,
             service_tier=x.asked.service_tier,
@@ -1387,6 +1394,8 @@ class ChatPipeline:
             )
             record.cache_write_1h_tokens = usage.cache_write_1h_tokens
             record.reasoning_tokens = usage.reasoning_tokens
+            record.audio_prompt_tokens = usage.audio_prompt_tokens
+            record.audio_completion_tokens = usage.audio_completion_tokens
             record.speed, record.inference_geo = usage.speed, usage.inference_geo
             record.service_tier = usage.service_tier
             record.server_tool_requests = dict(usage.server_tool_requests) if usage.server_tool_requests else None
@@ -1406,7 +1415,17 @@ class ChatPipeline:
         if record.tokens_source == "gateway" or cut:
             # what the gateway counted of a runaway upstream is not billed past what the request let it write (t111)
             record.completion_tokens = min(record.completion_tokens, _allowed_tokens(x.request, provider))
-        if record.speed or record.inference_geo or record.service_tier or record.server_tool_requests:
+        if x.asked.web_search_options and provider.kind == "openai":
+            # OpenAI's search models bill each chat request one search, which their usage does not count (t150)
+            record.server_tool_requests = {**(record.server_tool_requests or {}), "web_search": 1}
+        if (
+            record.speed
+            or record.inference_geo
+            or record.service_tier
+            or record.server_tool_requests
+            or record.audio_prompt_tokens
+            or record.audio_completion_tokens
+        ):
             _warn_unpriced(provider, record)  # most answers ran with none of them
         record.cost_usd = _cost(provider.config.price, record)
         baseline = x.runtime.policy.models.get(record.baseline_model or "")
@@ -1613,6 +1632,45 @@ def _read_chat(raw: bytes, tenant: str) -> tuple[dict[str, Any], Any, core.Reque
     return body, directives, read_chat_request(body)
 
 
+_PRICED_CHAT = frozenset({"modalities", "audio", "web_search_options"})
+"""Chat fields that may ask for what OpenAI bills above the text prices (t150)."""
+
+
+def _chat_priced(asked: PricedOptions, request: core.Request, body: dict[str, Any] | None) -> PricedOptions:
+    """What a chat request asks for that OpenAI bills above the text prices (t150): audio heard
+    (an ``input_audio`` part, or an earlier spoken answer sent back by its ``audio.id``, which the
+    model cannot read: :attr:`core.Request.unreadable`), audio spoken, a web search."""
+    extra = request.extra
+    modalities = extra.get("modalities")
+    if isinstance(modalities, list) and "audio" in modalities:
+        speaks: str | None = "modalities"
+    else:
+        speaks = "audio" if extra.get("audio") else None
+    return replace(
+        asked,
+        audio_input=request.unreadable is not None and body is not None and _hears(body),
+        audio_output=speaks,
+        web_search_options=extra.get("web_search_options") is not None,
+    )
+
+
+def _hears(body: dict[str, Any]) -> bool:
+    messages = body.get("messages")
+    return isinstance(messages, list) and any(_holds_audio(message) for message in messages)
+
+
+def _holds_audio(message: object) -> bool:
+    """An ``input_audio`` part, or a spoken answer sent back (its ``audio.id``): audio tokens of the prompt."""
+    if not isinstance(message, dict):
+        return False
+    content = message.get("content")
+    if isinstance(content, list) and any(
+        isinstance(part, dict) and part.get("type") == "input_audio" for part in content
+    ):
+        return True
+    return bool(message.get("audio"))
+
+
 def _asked_tier(tier: object) -> str | None:
     """A chat body's ``service_tier``: OpenAI's priority and flex price the estimate too; another
     string is neither priced nor logged (free text in a dashboard's group), and what is no string
@@ -1758,6 +1816,8 @@ def _usage_of(record: RequestRecord) -> core.Usage:
         cache_write_tokens=record.cache_write_tokens,
         cache_write_1h_tokens=record.cache_write_1h_tokens,
         reasoning_tokens=record.reasoning_tokens,
+        audio_input_tokens=record.audio_prompt_tokens,
+        audio_output_tokens=record.audio_completion_tokens,
         speed=record.speed,
         inference_geo=record.inference_geo,
         service_tier=record.service_tier,
@@ -1779,6 +1839,8 @@ def _cost(price: Price, record: RequestRecord) -> float:
         cache_write_tokens=record.cache_write_tokens,
         cache_write_1h_tokens=record.cache_write_1h_tokens,
         reasoning_tokens=record.reasoning_tokens,
+        audio_prompt_tokens=record.audio_prompt_tokens,
+        audio_completion_tokens=record.audio_completion_tokens,
         speed=record.speed,
         inference_geo=record.inference_geo,
         service_tier=record.service_tier,
@@ -1790,7 +1852,14 @@ def _warn_unpriced(provider: Provider, record: RequestRecord) -> None:
     """An option the upstream says it used that the policy does not price (a workspace's default
     ``inference_geo`` the request did not ask for, a ``priority`` tier): billed at the base price,
     and said to ops (t59)."""
-    asked = PricedOptions(record.speed, record.inference_geo, record.server_tool_requests or {}, record.service_tier)
+    asked = PricedOptions(
+        record.speed,
+        record.inference_geo,
+        record.server_tool_requests or {},
+        record.service_tier,
+        audio_input=record.audio_prompt_tokens > 0,
+        audio_output="modalities" if record.audio_completion_tokens else None,
+    )
     missing = unpriced(provider.config.price, asked)
     if missing:
         fields = [f"models.{provider.name}.price.{one.field}" for one in missing]

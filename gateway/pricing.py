@@ -55,6 +55,18 @@ class PricedOptions:
     request allows (its budget estimate)."""
     service_tier: str | None = None
     """OpenAI's processing tier (``priority`` is dearer, ``flex`` cheaper)."""
+    audio_input: bool = False
+    """A chat message holds an ``input_audio`` part (t150: audio tokens cost several times text's)."""
+    audio_output: str | None = None
+    """The chat field that asks for a spoken answer (``modalities`` or ``audio``); None: none."""
+    web_search_options: bool = False
+    """A chat request's ``web_search_options``: one web search, as OpenAI's search models bill each request."""
+
+    def tool_uses(self) -> Mapping[str, int]:
+        """:attr:`server_tools`, with a chat request's search counted as one ``web_search``."""
+        if not self.web_search_options:
+            return self.server_tools
+        return {**self.server_tools, "web_search": self.server_tools.get("web_search", 0) + 1}
 
 
 class Unpriced(NamedTuple):
@@ -80,6 +92,12 @@ def unpriced(price: Price, asked: PricedOptions) -> list[Unpriced]:
     tier = asked.service_tier
     if tier is not None and tier not in _BASE_TIERS and tier not in price.service_tier_multipliers:
         out.append(Unpriced("service_tier", f'service_tier: "{tier}"', f"service_tier.{tier}"))
+    if asked.audio_input and price.audio_input_per_mtok is None:
+        out.append(Unpriced("messages", "an input_audio part", "audio_input"))
+    if asked.audio_output is not None and price.audio_output_per_mtok is None:
+        out.append(Unpriced(asked.audio_output, "an audio answer", "audio_output"))
+    if asked.web_search_options and "web_search" not in price.server_tools_per_1k:
+        out.append(Unpriced("web_search_options", "a web search (web_search_options)", "server_tools.web_search"))
     return out
 
 
@@ -92,13 +110,15 @@ def cost_usd(
     cache_write_tokens: int = 0,
     cache_write_1h_tokens: int = 0,
     reasoning_tokens: int = 0,
+    audio_prompt_tokens: int = 0,
+    audio_completion_tokens: int = 0,
     speed: str | None = None,
     inference_geo: str | None = None,
     service_tier: str | None = None,
     server_tool_requests: Mapping[str, int] | None = None,
 ) -> float:
-    """``prompt_tokens`` and ``completion_tokens`` are totals: the cached, cache-write and
-    reasoning tokens are parts of them (and the hour-long writes part of the writes), priced at
+    """``prompt_tokens`` and ``completion_tokens`` are totals: the cached, cache-write, reasoning
+    and audio tokens are parts of them (and the hour-long writes part of the writes), priced at
     their own fields where the policy sets one.
 
     ``speed``, ``inference_geo`` and ``service_tier`` (what the upstream says the answer ran with)
@@ -120,6 +140,10 @@ def cost_usd(
             cost += min(cache_write_1h_tokens, cache_write_tokens) * (price.cache_write_1h_per_mtok - write)
         if reasoning_tokens and price.reasoning_per_mtok is not None:
             cost += reasoning_tokens * (price.reasoning_per_mtok - price.output_per_mtok)
+        if audio_prompt_tokens and price.audio_input_per_mtok is not None:
+            cost += audio_prompt_tokens * (price.audio_input_per_mtok - price.input_per_mtok)
+        if audio_completion_tokens and price.audio_output_per_mtok is not None:
+            cost += audio_completion_tokens * (price.audio_output_per_mtok - price.output_per_mtok)
         if speed is not None:
             cost *= price.speed_multipliers.get(speed, 1.0)
         if inference_geo is not None:

@@ -74,6 +74,10 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     """Of ``cache_write_tokens``, those kept an hour (Anthropic's ``ttl: "1h"``), priced at ``cache_write_1h``."""
     reasoning_tokens: int = 0
     """Of ``completion_tokens``, those spent reasoning (schema 2)."""
+    audio_prompt_tokens: int = 0
+    """Of ``prompt_tokens``, those of audio (OpenAI's ``input_audio`` parts), priced at ``price.audio_input``."""
+    audio_completion_tokens: int = 0
+    """Of ``completion_tokens``, those of a spoken answer, priced at ``price.audio_output``."""
     speed: str | None = None
     """What the upstream says the answer ran at (Anthropic's ``usage.speed``: ``fast`` is priced
     at the model's ``price.speed.fast``); None: it said nothing."""

@@ -106,6 +106,12 @@ class Price(_Struct, frozen=True, kw_only=True):
     unset: the ``cache_write`` price."""
     reasoning_per_mtok: TokenPrice | None = msgspec.field(name="reasoning", default=None)
     """Completion tokens spent reasoning (``reasoning_tokens``); unset: the output price."""
+    audio_input_per_mtok: TokenPrice | None = msgspec.field(name="audio_input", default=None)
+    """Prompt tokens of audio (OpenAI's ``prompt_tokens_details.audio_tokens``); unset: a chat
+    request with an ``input_audio`` part is refused, as it would be billed at the text price (t150)."""
+    audio_output_per_mtok: TokenPrice | None = msgspec.field(name="audio_output", default=None)
+    """Completion tokens of audio (``completion_tokens_details.audio_tokens``); unset: a chat
+    request asking for audio (``modalities``, ``audio``) is refused (t150)."""
     speed_multipliers: dict[OptionValue, Multiplier] = msgspec.field(name="speed", default={})
     """Anthropic's ``speed``: every token price times this for an answer whose usage says it ran at
     that speed (``fast: 6`` for Opus 4.6's fast mode); ``standard`` is 1. A request asking for a
@@ -121,7 +127,8 @@ class Price(_Struct, frozen=True, kw_only=True):
     server_tools_per_1k: dict[OptionValue, UsesPrice] = msgspec.field(name="server_tools", default={})
     """USD per 1,000 uses of an upstream-run tool, by the name its usage counts them under
     (``server_tool_use.web_search_requests``: ``web_search: 10``; ``web_fetch: 0`` says it is free).
-    A request offering a server tool not set here is refused (t59)."""
+    A request offering a server tool not set here is refused (t59). A chat request's
+    ``web_search_options`` is one ``web_search``, as OpenAI's search models bill it (t150)."""
 
 
 class Timeouts(_Struct, frozen=True, kw_only=True):

@@ -190,6 +190,10 @@ class Usage(msgspec.Struct, kw_only=True):
     """Of ``cache_write_tokens``, those kept an hour (Anthropic's ``ttl: "1h"``, dearer)."""
     reasoning_tokens: int = 0
     """Of ``output_tokens``, those spent reasoning."""
+    audio_input_tokens: int = 0
+    """Of ``input_tokens``, those of audio (OpenAI's ``prompt_tokens_details.audio_tokens``)."""
+    audio_output_tokens: int = 0
+    """Of ``output_tokens``, those of audio (a spoken answer's, ``completion_tokens_details.audio_tokens``)."""
     speed: str | None = None
     """How fast the upstream says it ran (Anthropic's ``usage.speed``: ``fast`` is dearer, t59)."""
     inference_geo: str | None = None

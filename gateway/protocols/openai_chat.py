@@ -659,15 +659,15 @@ def read_usage(
     if prompt is None or completion is None:
         return None
     prompt_details, completion_details = raw.get(f"{inputs}_tokens_details"), raw.get(f"{outputs}_tokens_details")
-    cached = token_count(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else None
-    reasoning = (
-        token_count(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else None
-    )
+    prompt_details = prompt_details if isinstance(prompt_details, dict) else {}
+    completion_details = completion_details if isinstance(completion_details, dict) else {}
     return Usage(
         input_tokens=prompt,
         output_tokens=completion,
-        cached_input_tokens=min(prompt, cached or 0),
-        reasoning_tokens=min(completion, reasoning or 0),
+        cached_input_tokens=min(prompt, token_count(prompt_details.get("cached_tokens")) or 0),
+        reasoning_tokens=min(completion, token_count(completion_details.get("reasoning_tokens")) or 0),
+        audio_input_tokens=min(prompt, token_count(prompt_details.get("audio_tokens")) or 0),
+        audio_output_tokens=min(completion, token_count(completion_details.get("audio_tokens")) or 0),
         service_tier=tier_name(service_tier),
     )
 

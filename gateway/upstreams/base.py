@@ -76,6 +76,8 @@ class Usage:
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
     cache_write_1h_tokens: int = 0
+    audio_prompt_tokens: int = 0
+    audio_completion_tokens: int = 0
     speed: str | None = None
     inference_geo: str | None = None
     service_tier: str | None = None
@@ -94,6 +96,8 @@ def usage_of(usage: core.Usage | None) -> Usage | None:
         cache_write_tokens=usage.cache_write_tokens,
         reasoning_tokens=usage.reasoning_tokens,
         cache_write_1h_tokens=usage.cache_write_1h_tokens,
+        audio_prompt_tokens=usage.audio_input_tokens,
+        audio_completion_tokens=usage.audio_output_tokens,
         speed=usage.speed,
         inference_geo=usage.inference_geo,
         service_tier=usage.service_tier,

@@ -129,11 +129,10 @@ def test_a_prompt_the_router_cannot_read_leans_large(client: openai.OpenAI, gate
         [{"role": "user", "content": " "}],
         [{"role": "user", "content": "\u0000" * 50}],  # no character that shows reads as no text (t51)
         [{"role": "user", "content": "\u200b\u200b\u200b"}],
-        # a PDF or audio: scored on its caption alone, "Summarize this." went small (t64)
+        # a PDF (or audio, where the models price it: test_chat_audio_billing) was scored on its
+        # caption alone: "Summarize this." went small (t64)
         [{"role": "user", "content": [{"type": "text", "text": "Summarize this."},
                                       {"type": "file", "file": {"filename": "a.pdf", "file_data": _PDF}}]}],
-        [{"role": "user", "content": [{"type": "text", "text": "Summarize this."},
-                                      {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}],
     ]  # fmt: skip
     for messages in asks:
         raw = client.chat.completions.with_raw_response.create(model="auto", messages=messages)

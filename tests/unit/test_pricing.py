@@ -6,6 +6,7 @@ import asyncio
 import math
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
 import structlog
 from structlog.testing import capture_logs
@@ -188,6 +189,21 @@ def test_options_a_price_does_not_set_are_named_with_their_field() -> None:
     ]  # fmt: skip
     assert unpriced(_OPUS, asked) == []
     assert unpriced(plain, PricedOptions(speed="standard", inference_geo="global")) == []  # the base price's own
+
+
+def test_audio_tokens_have_their_own_prices_and_unset_ones_are_named() -> None:
+    """t150: gpt-4o-audio's audio tokens ($40 in, $80 out) were billed at its text prices ($2.5, $10)."""
+    voice = Price(input_per_mtok=2.5, output_per_mtok=10.0, audio_input_per_mtok=40.0, audio_output_per_mtok=80.0)
+    cost = cost_usd(voice, 1_000_000, 100_000, audio_prompt_tokens=400_000, audio_completion_tokens=60_000)
+    assert cost == pytest.approx(0.6 * 2.5 + 0.4 * 40 + 0.04 * 10 + 0.06 * 80)
+    plain = Price(input_per_mtok=2.5, output_per_mtok=10.0)
+    assert cost_usd(plain, 1_000_000, 100_000, audio_prompt_tokens=400_000) == pytest.approx(2.5 + 1)
+    asked = PricedOptions(audio_input=True, audio_output="audio", web_search_options=True)
+    assert [(one.param, one.field) for one in unpriced(plain, asked)] == [
+        ("messages", "audio_input"), ("audio", "audio_output"), ("web_search_options", "server_tools.web_search")
+    ]  # fmt: skip
+    assert unpriced(msgspec.structs.replace(voice, server_tools_per_1k={"web_search": 25.0}), asked) == []
+    assert asked.tool_uses() == {"web_search": 1}
 
 
 def test_only_option_names_are_read_from_usage() -> None:
