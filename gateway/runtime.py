@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Generator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -30,7 +30,7 @@ from gateway.config.loader import (
     load_policy_text,
     without_unlisted_keys,
 )
-from gateway.config.schema import Policy
+from gateway.config.schema import Policy, RequestLogPolicy
 from gateway.errors import ConfigError, UpstreamError
 from gateway.routing import Router
 from gateway.speculative import SpeculativeProvider
@@ -203,6 +203,10 @@ def _with_key_file_now(accepted: LoadedPolicy, base_dir: Path, reason: str) -> _
     return _KeyFileNow(loaded, "in force" if loaded.version == accepted.version else "applied", [], [])
 
 
+def _needs_restart() -> None:
+    _log.warning("policy_needs_restart", section="request_log", detail="applies when the gateway restarts")
+
+
 def keep_last_good(loaded: LoadedPolicy, last_good: Path) -> None:
     """Write the policy now in force, and its key file as read, where a later worker can fall back
     to them (:func:`~gateway.config.kept.write_kept`: atomically, the owner's alone)."""
@@ -222,6 +226,7 @@ class RuntimeHolder:
         transport: Transport = "http11",
         last_good: str | os.PathLike[str] | None = None,
         auth_required: bool = False,
+        request_log: RequestLogPolicy | None = None,
     ) -> None:
         self.path = Path(path)
         self.auth_required = auth_required
@@ -240,6 +245,8 @@ class RuntimeHolder:
         self.last_reload_error: str | None = None
         self._written_at_start = False
         """A writer held the files open at start-up: the check once started waits for it too."""
+        self._request_log = request_log
+        """The request log's settings in force: read once, when ``serve`` started (None: the policy's at :meth:`start`)."""
 
     @property
     def current(self) -> Runtime:
@@ -257,6 +264,10 @@ class RuntimeHolder:
         runtime = self._build(loaded)
         self._install(runtime)
         _log.info("policy_loaded", version=runtime.version, source=loaded.source, models=sorted(runtime.providers))
+        if self._request_log is None:
+            self._request_log = loaded.policy.request_log
+        elif loaded.policy.request_log != self._request_log:  # a dead worker's replacement, started after an edit
+            _needs_restart()
         if rejected:
             key_file = loaded.policy.auth.key_file  # applied as siblings apply it (t63, t98)
             self.last_reload_error = "; ".join(
@@ -307,6 +318,8 @@ class RuntimeHolder:
                 await self._rejected_edit(reason, [f"the file could not be read ({type(exc).__name__})"])
                 return False
             if loaded.version == self.current.version:
+                if loaded.source != self.current.loaded.source:  # started on the policy last accepted: the file is it
+                    self._runtime = replace(self.current, loaded=replace(self.current.loaded, source=loaded.source))
                 self._clear_rejection(reason, loaded.version, by="reverted")  # e.g. a rejected edit was put back
                 return True
             old = self.current
@@ -317,8 +330,8 @@ class RuntimeHolder:
             self._retire(list(old.providers.values()))
             _log.info("policy_reloaded", reason=reason, version=new.version, previous=old.version)
             self._clear_rejection(reason, new.version, by="new_version")
-            if new.policy.request_log != old.policy.request_log:  # its writer and file are opened at start-up
-                _log.warning("policy_needs_restart", section="request_log", detail="applies when the gateway restarts")
+            if new.policy.request_log not in (old.policy.request_log, self._request_log):  # opened at start-up
+                _needs_restart()
             for warning in loaded.warnings:
                 _log.warning("policy_warning", detail=warning)
             return True

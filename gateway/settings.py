@@ -11,6 +11,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
+from gateway.config.schema import RequestLogPolicy
 from gateway.drain import DEFAULT_DRAIN_S
 
 __all__ = ["DEFAULT_ROUTER_ARTIFACTS", "Settings"]
@@ -46,6 +49,9 @@ class Settings:
     auth_required: bool = False
     """Set by ``serve`` on a public address: a policy with auth off is refused, at start-up and
     on every reload, since anyone who reaches the address could then spend the upstreams' keys."""
+    request_log: RequestLogPolicy | None = None
+    """The policy's ``request_log`` when ``serve`` started: a worker that replaces a dead one writes
+    where its siblings do, whatever the file says now (t149). None: the policy's at this worker's start."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -63,7 +69,16 @@ class Settings:
             policy_last_good=os.environ.get("GATEWAY_POLICY_LAST_GOOD") or None,
             auth_required=os.environ.get("GATEWAY_AUTH_REQUIRED", "") == "1",
             onnx_threads=_positive_int(os.environ.get("GATEWAY_ONNX_THREADS")),
+            request_log=_request_log(os.environ.get("GATEWAY_REQUEST_LOG_AT_START")),
         )
+
+
+def _request_log(text: str | None) -> RequestLogPolicy | None:
+    """As ``serve`` wrote it; anything else left here means the policy's."""
+    try:
+        return msgspec.json.decode(text, type=RequestLogPolicy) if text else None
+    except msgspec.DecodeError:
+        return None
 
 
 def _positive_int(text: str | None) -> int | None:

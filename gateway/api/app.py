@@ -114,7 +114,7 @@ async def _start(settings: Settings) -> GatewayState:
         first = load_at_start(path, last_good, auth_required=settings.auth_required, written=written)
     except ConfigError as exc:  # said on stderr, the operational log: no value a problem quotes (t134)
         raise ConfigError(exc.source, loggable_problems(exc.problems)) from None
-    log_policy = first.loaded.policy.request_log
+    log_policy = settings.request_log or first.loaded.policy.request_log
     stdout_fd = settings.request_log_fd
     if settings.split_stdout:  # a spawned worker: serve could not hand it the request log's descriptor
         stdout_fd = take_stdout()
@@ -138,6 +138,7 @@ async def _start(settings: Settings) -> GatewayState:
         transport=settings.upstream_transport,  # type: ignore[arg-type]
         last_good=last_good,
         auth_required=settings.auth_required,
+        request_log=log_policy,
     )
     holder.start(first, written=bool(written))
     client = connect(settings.redis_url) if settings.redis_url else None

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
+import msgspec
+
 from gateway.cli._parsers import Subcommands
 from gateway.config.kept import keep_policy
 from gateway.config.loader import LoadedPolicy, load_policy, request_log_problem
@@ -194,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
             else _keep_policy_in_force(loaded.text, loaded.key_file_text, args.policies, args.data_dir)
         )
         os.environ["GATEWAY_DRAIN_S"] = str(args.drain_s)
+        # what every worker writes the request log with until a restart, a dead one's replacement too (t149)
+        os.environ["GATEWAY_REQUEST_LOG_AT_START"] = msgspec.json.encode(log).decode()
         os.environ["GATEWAY_ONNX_THREADS"] = str(args.onnx_threads or intra_op_threads_for(args.workers))
         if not _loopback(args.host) and not _open_allowed(args):  # a reload to auth off is refused too
             os.environ["GATEWAY_AUTH_REQUIRED"] = "1"

@@ -16,7 +16,7 @@ import pytest
 
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
-from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+from tests.gateway_process import GatewayProcess, _worker_pids, policy_text, start_gateway
 
 
 def _chat(gateway: GatewayProcess, request_id: str) -> bool:
@@ -37,6 +37,7 @@ def _wait_for(done: Callable[[], bool], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not done():
         assert time.monotonic() < deadline
+        time.sleep(0.05)
         time.sleep(0.05)
 
 
@@ -118,3 +119,53 @@ def test_lines_a_full_disk_refuses_are_counted_in_the_metrics(
         assert {_lines_lost(gateway) for _ in range(6)} == {12}  # whichever worker answers
     finally:
         gateway.stop()
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
+def test_a_dead_workers_replacement_keeps_the_request_log_serve_started_with(
+    tmp_path: Path,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+    server: str,
+) -> None:
+    """t149: a replacement built its request log from the policy file as it was when it started,
+    so after an edit of ``request_log.path`` it wrote to the new file and its sibling to the
+    old one: half the lines went missing from the file `gateway report` and log shippers read.
+    Until a restart every worker keeps what serve started with, and the replacement says so."""
+    policy = policy_text(small_upstream, large_upstream)
+    gateway = start_gateway(
+        tmp_path,
+        # the variable the shipped policies.yaml reads: serve hands the workers its settings by another
+        policy + "\nrequest_log: {path: '${GATEWAY_REQUEST_LOG}', stdout: false}\n",
+        env={"REDIS_URL": redis_server.url, "GATEWAY_REQUEST_LOG": "requests.jsonl"},
+        workers=2,
+        server=server,
+    )
+    try:
+        first, second = sorted(_worker_pids(gateway.process.pid))
+        edited = tmp_path / "policies.yaml.new"
+        edited.write_text(policy + "\nrequest_log: {path: moved.jsonl, stdout: true}\n")
+        os.replace(edited, gateway.policy_path)
+        _wait_for(lambda: len(gateway.ops_records("policy_needs_restart")) == 2)  # each worker read the edit
+        os.kill(first, signal.SIGKILL)
+        _wait_for(lambda: len(gateway.ops_records("policy_loaded")) == 3, timeout_s=60)
+        [replacement] = set(_worker_pids(gateway.process.pid)) - {second}
+        sent: list[str] = []
+
+        def replacement_answered() -> bool:  # a new connection each: both workers take some
+            sent.append(f"after-{len(sent)}")
+            assert _chat(gateway, sent[-1])
+            # its histograms' file: written at its first answer (its counters' at its start)
+            return (tmp_path / "data" / "metrics" / f"histogram_{replacement}.db").exists()
+
+        _wait_for(replacement_answered, timeout_s=60)
+        sent += [f"more-{n}" for n in range(8)]
+        assert all(_chat(gateway, request_id) for request_id in sent[-8:])
+        _wait_for(lambda: len((tmp_path / "requests.jsonl").read_bytes().splitlines()) >= len(sent))
+        assert len(gateway.ops_records("policy_needs_restart")) == 3  # the replacement too, at its start
+    finally:
+        gateway.stop()
+    assert set(sent) <= set(_request_ids(tmp_path / "requests.jsonl"))
+    assert not (tmp_path / "moved.jsonl").exists()
+    assert '"request_id"' not in gateway.log_path.read_text()  # stdout: false, as serve started

@@ -14,6 +14,7 @@ from gateway.auth import hash_key
 from gateway.config.envsubst import MissingVariable, substitute
 from gateway.config.kept import keep_policy, kept_key_file
 from gateway.config.loader import load_keys, load_policy, load_policy_text
+from gateway.config.schema import RequestLogPolicy
 from gateway.errors import ConfigError
 from gateway.runtime import RuntimeHolder, keep_last_good, load_at_start
 
@@ -496,6 +497,49 @@ def test_a_broken_file_falls_back_to_the_policy_last_accepted_with_its_problems(
     loaded, rejected, _, _ = load_at_start(path, last_good)
     assert loaded.version == accepted.version and "(last accepted)" in loaded.source
     assert rejected and "not valid YAML" in rejected[0]
+
+
+async def test_a_worker_started_on_the_policy_last_accepted_names_the_file_once_the_edit_is_reverted(
+    tmp_path: Path,
+) -> None:
+    """t149: once the file in place was read again (the rejected edit put back: ``by: reverted``),
+    /readyz still said the policy came from ``(last accepted)`` until the next new version."""
+    path, last_good = tmp_path / "policies.yaml", tmp_path / "last.yaml"
+    path.write_text(VALID)
+    keep_last_good(load_at_start(path, last_good).loaded, last_good)
+    path.write_text("pair: [")
+    holder = RuntimeHolder(path, Metrics(), last_good=last_good)
+    try:
+        started = holder.start(load_at_start(path, last_good))
+        assert "(last accepted)" in started.loaded.source
+        path.write_text(VALID)
+        with capture_logs() as logged:
+            assert await holder.reload("test", settle=False)
+        assert [(line["event"], line.get("by")) for line in logged] == [("policy_rejection_cleared", "reverted")]
+        assert holder.current.loaded.source == str(path) and holder.current.version == started.version
+    finally:
+        await holder.aclose()
+
+
+async def test_a_request_log_edit_needs_a_restart_until_it_is_put_back_to_the_one_in_force(tmp_path: Path) -> None:
+    """t149: the request log is the one ``serve`` started with, in every worker; a worker started
+    after an edit of it (a dead one's replacement) says so at its start, and an edit back to the
+    one in force needs no restart."""
+    path = tmp_path / "policies.yaml"
+    in_force = RequestLogPolicy(path="requests.jsonl")
+    path.write_text(VALID + "request_log: {path: moved.jsonl}\n")
+    holder = RuntimeHolder(path, Metrics(), request_log=in_force)
+    try:
+        with capture_logs() as logged:
+            holder.start()
+            path.write_text(VALID + "request_log: {path: requests.jsonl}\n")
+            assert await holder.reload("test", settle=False)
+            path.write_text(VALID + "request_log: {path: requests.jsonl, stdout: false}\n")
+            assert await holder.reload("test", settle=False)
+        said = [line["event"] for line in logged if line["event"] in ("policy_reloaded", "policy_needs_restart")]
+        assert said == ["policy_needs_restart", "policy_reloaded", "policy_reloaded", "policy_needs_restart"]
+    finally:
+        await holder.aclose()
 
 
 KEYED = VALID.replace("auth: {mode: none}", "auth: {mode: keys, key_file: keys.yaml}")
