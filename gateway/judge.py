@@ -7,13 +7,16 @@ import re
 
 from gateway.core.model import Message, Request, TextPart
 
-__all__ = ["parse_yes_no", "yes_no_request"]
+__all__ = ["YES_NO_TOKENS", "parse_yes_no", "yes_no_request"]
+
+YES_NO_TOKENS = 3
+"""What a yes/no request lets the model write."""
 
 
 def yes_no_request(model: str, instructions: str, question: str) -> Request:
     """A deterministic request that leaves the model room for one word."""
     messages = [Message("system", (TextPart(instructions),)), Message("user", (TextPart(question),))]
-    return Request(model=model, messages=messages, temperature=0.0, max_tokens=3)
+    return Request(model=model, messages=messages, temperature=0.0, max_tokens=YES_NO_TOKENS)
 
 
 _VERDICT = re.compile(r"""[\s'"*_`\u2018\u2019\u201c\u201d(\[]*(yes|no)(?![\w/-])""", re.IGNORECASE)

@@ -54,8 +54,8 @@ from gateway.judge import parse_yes_no
 from gateway.large_share import LargeShareTracker, ranked
 from gateway.learning.examples import Side
 from gateway.learning.loop import LearningLoop
+from gateway.learning.shadow import ShadowCosts, judged_conversation, read_tokens
 from gateway.learning.shadow import judge_request as shadow_judge_request
-from gateway.learning.shadow import judged_conversation
 from gateway.limits import Limiter, Reservation
 from gateway.limits.concurrency import InFlight, Slot
 from gateway.pricing import SERVICE_TIERS, PricedOptions, cost_usd, unpriced
@@ -839,6 +839,7 @@ class ChatPipeline:
             ask_other=ask_other,
             judge=judge,
             max_labels=x.runtime.router.labels_kept,
+            costs=lambda: _shadow_costs(x, other, judge_model),
         )
 
     def _cached_answer(self, x: _Exchange, hit: CachedAnswer, kind: str) -> Answer | StreamingAnswer:
@@ -1601,6 +1602,28 @@ def _unstreamed(request: core.Request, body: dict[str, Any] | None) -> tuple[cor
     if body is not None:
         body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
     return msgspec.structs.replace(request, stream=False), body
+
+
+def _shadow_costs(x: _Exchange, other: str, judge: str) -> ShadowCosts:
+    """What a shadow job of this answered request may cost, from the counts already made (t152):
+    the other model asked as the request was reserved, the judge reading what it is shown of
+    the request and of the answer."""
+    policy, record, request, asked = x.runtime.policy, x.record, x.request, x.asked
+    model = policy.models[other]
+    written = min(request.max_tokens or policy.limits.default_completion_tokens, model.context_window)
+    written *= _answers_asked(request)
+    other_usd = cost_usd(
+        model.price,
+        record.prompt_tokens,
+        written,
+        speed=asked.speed,
+        inference_geo=asked.inference_geo,
+        service_tier=asked.service_tier,
+        server_tool_requests=asked.server_tools,
+    )
+    read = read_tokens(record.prompt_tokens, prompt_chars(request))
+    read += read_tokens(record.completion_tokens, len(x.answered))
+    return ShadowCosts(other_usd, policy.models[judge].price, read, written)
 
 
 def _includes_usage(body: dict[str, Any] | None) -> bool:

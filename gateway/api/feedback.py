@@ -89,7 +89,8 @@ async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
         except StoreUnavailable:
             raise FeedbackUnavailableError("feedback cannot be recorded right now (Redis unavailable)") from None
     label = None if needed_large is None else ("needed_large" if needed_large else "small_was_enough")
-    state.metrics.feedback_received(label or "none")
+    counted = "none" if needed_large is None else ("needed_large" if needed_large else "small_enough")
+    state.metrics.feedback_received(counted)  # as the shadow judgements count it (t152: the body's own word)
     out: dict[str, object] = {
         "object": "feedback",
         "request_id": given.request_id,

@@ -17,7 +17,10 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from gateway.cli._parsers import Subcommands
+from gateway.config.schema import TenantName
 
 if TYPE_CHECKING:
     from gateway.store.base import KeyValue
@@ -43,25 +46,36 @@ def register(commands: Subcommands) -> None:
             help="Redis URL (default: $REDIS_URL, else the private Redis a serve keeps in --data-dir)",
         )
         action.add_argument("--data-dir", default=".gateway", help="serve's --data-dir (default .gateway)")
-        action.add_argument("--tenant", action="append", default=[], help="tenant (repeat with --global)")
+        action.add_argument(
+            "--tenant",
+            action="append",
+            default=[],
+            type=_tenant,
+            help="tenant (learn: repeat with --global)" if name == "learn" else "tenant",
+        )
         action.add_argument("--global", dest="pooled", action="store_true", help="the router pooled across tenants")
+        if name != "learn":
+            action.add_argument(
+                "--policies",
+                default="policies.yaml",
+                help="policy file (default ./policies.yaml): which routes the pooled router serves",
+            )
         if name == "learn":
             action.add_argument("--promote", action="store_true", help="put the candidate in force if it is better")
         action.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    usage = _misused(args)
+    if usage is not None:
+        print(f"python -m gateway router {args.router_command}: error: {usage}", file=sys.stderr)
+        return 2
     if not args.redis:
         from gateway.services.redis_server import running_embedded_url
 
         args.redis = running_embedded_url(os.path.join(args.data_dir, "redis"))
     if not args.redis:
         print(f"give --redis or set REDIS_URL (no private Redis of a serve in {args.data_dir})", file=sys.stderr)
-        return 1
-    if (not args.pooled and len(args.tenant) != 1) or (
-        args.pooled and args.router_command == "learn" and not args.tenant
-    ):
-        print("give exactly one --tenant, or --global with the tenants whose labels to pool", file=sys.stderr)
         return 1
     from gateway.store.base import StoreUnavailable
 
@@ -70,6 +84,27 @@ def run(args: argparse.Namespace) -> int:
     except StoreUnavailable:
         print("Redis did not answer", file=sys.stderr)
         return 1
+
+
+def _tenant(text: str) -> str:
+    """A name a tenant can have: an empty one named none, and was taken (t152)."""
+    try:
+        return msgspec.convert(text, TenantName)
+    except msgspec.ValidationError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is no tenant name (1-128 characters, no control characters, no space at either end)"
+        ) from None
+
+
+def _misused(args: argparse.Namespace) -> str | None:
+    """What is wrong with the tenants given, as the command reads them; None: nothing."""
+    if not args.pooled:
+        return None if len(args.tenant) == 1 else "give exactly one --tenant, or --global"
+    if args.router_command == "learn":
+        return None if args.tenant else "give --global the tenants whose labels to pool (--tenant, repeated)"
+    if args.tenant:  # t152: status --global --tenant X answered for the pooled router, silently
+        return f"--global {args.router_command} is the pooled router's, for every tenant: leave --tenant out"
+    return None
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -85,14 +120,15 @@ async def _run(args: argparse.Namespace) -> int:
     redis = SharedRedis(client, Metrics())
     kv = redis_store(redis).kv
     scope = None if args.pooled else args.tenant[0]
+    pools = None if scope is None or args.router_command == "learn" else _pools(args.policies)
     try:
         if args.router_command == "status":
-            print(json.dumps(await _status(kv, scope, await active_version(kv, scope))))
+            print(json.dumps(await _status(kv, scope, await active_version(kv, scope), pools)))
             return 0
         if args.router_command == "rollback":
             before = await active_version(kv, scope)
             after = await rollback(kv, scope)
-            print(json.dumps(await _status(kv, scope, after)))
+            print(json.dumps(await _status(kv, scope, after, pools)))
             if before is None and after is None:  # t69: exit 0, and only the status to tell
                 who = "the pooled router" if scope is None else f"tenant {scope!r}"
                 print(f"nothing to roll back: {who} has no learned router in force", file=sys.stderr)
@@ -106,9 +142,28 @@ async def _run(args: argparse.Namespace) -> int:
         await redis.aclose()
 
 
-async def _status(kv: KeyValue, scope: str | None, active: str | None) -> dict[str, Any]:
+def _pools(path: str) -> bool | None:
+    """Whether a route of the policy at ``path`` pools labels (``learning.scope: global``): the
+    pooled router serves no other; None when the file cannot be read (said on stderr)."""
+    from gateway.config.loader import load_policy
+    from gateway.errors import ConfigError
+
+    try:
+        policy = load_policy(path, unset_ok=True).policy
+    except ConfigError as exc:
+        print(
+            f"{path}: not read ({exc.problems[0] if exc.problems else 'invalid'}): pooled_routes names the pooled "
+            "router, which serves only routes with learning.scope: global (give --policies)",
+            file=sys.stderr,
+        )
+        return None
+    return any(route.learning is not None and route.learning.scope == "global" for route in policy.routes.values())
+
+
+async def _status(kv: KeyValue, scope: str | None, active: str | None, pools: bool | None = None) -> dict[str, Any]:
     """What is in force: a tenant's own router (None: the shipped one) and, where a route pools
-    labels (``learning.scope: global``), the pooled router that stands in when it has none."""
+    labels (``learning.scope: global``; ``pools``: whether one does, None: not known), the
+    pooled router that stands in when it has none."""
     from gateway.learning.examples import LearningStore
     from gateway.learning.learned import active_version, load_version
 
@@ -116,7 +171,8 @@ async def _status(kv: KeyValue, scope: str | None, active: str | None) -> dict[s
         active = None  # its stored router expired or was evicted: gateways serve the shipped one
     if scope is None:
         return {"scope": "global", "active": active}
-    pooled = active or await active_version(kv, None)
+    # t152: where no route pools labels, no pooled router serves the tenant (its own one neither)
+    pooled = None if pools is False else (active or await active_version(kv, None))
     if pooled is not None and not active and await load_version(kv, None, pooled) is None:
         pooled = None
     labels = len({example.request_id for example in await LearningStore(kv).labels(scope)})  # relabels count once

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import structlog
 
@@ -10,7 +12,7 @@ from gateway.background import BackgroundTasks
 from gateway.config.schema import LearningPolicy
 from gateway.learning.examples import LearningStore, RoutingTrace, Side
 from gateway.learning.learned import ClassifierInputs, LearnedRouters
-from gateway.learning.shadow import Ask, Judge, ShadowJob, ShadowJudge
+from gateway.learning.shadow import Ask, Judge, ShadowCosts, ShadowJob, ShadowJudge
 from gateway.sparse_log import SparseLog
 from gateway.store.base import KeyValue, StoreUnavailable
 
@@ -46,14 +48,15 @@ class LearningLoop:
         ask_other: Ask,
         judge: Judge,
         max_labels: int,
+        costs: Callable[[], ShadowCosts],
     ) -> None:
         """Keep what the router saw (for feedback), and maybe judge the answer in the shadow;
-        all of it in the background."""
+        all of it in the background. ``costs`` is priced only for a request judged."""
         signature = "" if self.inputs is None else self.inputs.signature
         trace = RoutingTrace.of(key_id, route, side, p_base, embedding, features, signature)
         job = None
         if self.shadow.sample(policy):
-            job = ShadowJob(policy, tenant, request_id, trace, answered, ask_other, judge, max_labels)
+            job = ShadowJob(policy, tenant, request_id, trace, answered, ask_other, judge, max_labels, costs())
         self._background.spawn(self._keep(tenant, request_id, trace, policy, job), "routing-trace")
 
     async def _keep(

@@ -4,12 +4,16 @@ For a sampled share (``learning.shadow_share``) of a classifier route's answered
 after the client has its answer, the gateway asks the *other* model of the pair the same
 request and has a judge model compare the two answers (:func:`judge_request`, the prompt
 below). "The small model's answer is as good" labels the prompt *small was enough*;
-otherwise *needed large*. Shadow calls cost money: each tenant's route stops for the day
-once its shadow spend reaches ``learning.usd_per_day`` (its jobs run one at a time per
-process, so the cap is overrun by at most one job per worker); the spend is logged
-(``shadow_judgement``) and exported, never charged to the tenant. Each call's cost counts
-as soon as it is paid, so a judge that keeps failing cannot spend past the cap. A shadow
-call that fails is logged and dropped: it never touches what the client received. At most
+otherwise *needed large*. Shadow calls cost money: each tenant's route has
+``learning.usd_per_day`` a day. A job starts only when what it may cost (:class:`ShadowCosts`,
+priced from the counts the request path made) fits in what is left of it, and asks the judge
+only when the judge's call still fits once the other model's answer is paid (t152: one prompt
+of 60,000 words spent 15 times a cap it was checked against before the job only). Its jobs
+run one at a time per process, so the cap is overrun only by an estimate's error or by jobs
+of other workers running at the same time; the spend is logged (``shadow_judgement``) and
+exported, never charged to the tenant. Each call's cost counts as soon as it is paid, so a
+judge that keeps failing cannot spend past the cap. A shadow call that fails is logged and
+dropped: it never touches what the client received. At most
 :data:`MAX_WAITING` jobs wait per tenant and route in a process; more are skipped (a slow
 judge must not pile requests up in memory).
 """
@@ -25,13 +29,23 @@ import structlog
 
 from gateway.accounting.metrics import Metrics
 from gateway.background import BackgroundTasks
-from gateway.config.schema import LearningPolicy
+from gateway.config.schema import LearningPolicy, Price
 from gateway.core.model import Message, Request
-from gateway.judge import parse_yes_no, yes_no_request
+from gateway.judge import YES_NO_TOKENS, parse_yes_no, yes_no_request
 from gateway.learning.examples import LabelledExample, LearningStore, RoutingTrace
+from gateway.pricing import cost_usd
 from gateway.store.base import StoreUnavailable
 
-__all__ = ["JUDGE_INSTRUCTIONS", "ShadowJob", "ShadowJudge", "judge_request", "judged_conversation", "parse_verdict"]
+__all__ = [
+    "JUDGE_INSTRUCTIONS",
+    "ShadowCosts",
+    "ShadowJob",
+    "ShadowJudge",
+    "judge_request",
+    "judged_conversation",
+    "parse_verdict",
+    "read_tokens",
+]
 
 _log = structlog.get_logger("gateway.learning")
 
@@ -45,6 +59,8 @@ JUDGE_INSTRUCTIONS = (
 _MAX_CHARS = 12_000
 MAX_WAITING = 16
 """Shadow jobs that may wait per tenant and route in a process."""
+_FRAME_TOKENS = 200
+"""The judge's instructions and the headings around the texts (about 130 tokens)."""
 
 
 def judge_request(model: str, request: str, small_answer: str, large_answer: str) -> Request:
@@ -83,6 +99,33 @@ def parse_verdict(reply: str) -> bool | None:
     return parse_yes_no(reply)
 
 
+def read_tokens(tokens: int, chars: int) -> int:
+    """Of a text of ``tokens`` tokens in ``chars`` characters, what the judge reads: its share
+    left after clipping to :data:`_MAX_CHARS` characters."""
+    return tokens if chars <= _MAX_CHARS else -(-tokens * _MAX_CHARS // chars)
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowCosts:
+    """What a shadow job's two calls may cost, priced before they are made from what the request
+    path counted (nothing is tokenized again)."""
+
+    other_usd: float
+    """The other model's answer at most: the request's prompt and ``max_tokens`` (else the
+    policy's default), priced as the request's own reservation prices them."""
+    judge: Price
+    tokens_read: int
+    """What the judge reads of the request and of the answer the client received (:func:`read_tokens`)."""
+    most_written: int
+    """The most tokens the other model may write."""
+
+    def judge_usd(self, other_answer: str | None = None) -> float:
+        """The judge's call: the other model's answer taken at ``most_written`` tokens, and once
+        it is known at no more tokens than characters (a token holds a character at least)."""
+        other = self.most_written if other_answer is None else min(self.most_written, len(other_answer))
+        return cost_usd(self.judge, _FRAME_TOKENS + self.tokens_read + min(other, _MAX_CHARS), YES_NO_TOKENS)
+
+
 Ask = Callable[[], Awaitable[tuple[str, float]]]
 """The other model's answer's text and what it cost."""
 Judge = Callable[[str, str], Awaitable[tuple[str, float]]]
@@ -101,6 +144,7 @@ class ShadowJob:
     judge: Judge
     max_labels: int
     """The tenant's labels kept (``Router.labels_kept``: every route's, not this route's alone)."""
+    costs: ShadowCosts
 
 
 class ShadowJudge:
@@ -146,14 +190,13 @@ class ShadowJudge:
         cost = 0.0
         try:
             spent = await self._store.add_shadow_spend(tenant, route, 0.0)
-            if spent >= job.policy.usd_per_day:
-                self._metrics.shadow_judgement(route, "over_budget", 0.0)
-                _log.info(
-                    "shadow_skipped", tenant=tenant, route=route, reason="daily budget spent", spent_usd=round(spent, 6)
-                )
+            if self._over_budget(job, spent, job.costs.other_usd + job.costs.judge_usd(), cost):
                 return
             other, cost = await job.ask_other()
             spent = await self._store.add_shadow_spend(tenant, route, cost)  # paid, whatever the judge does
+            # again: the answer may have cost more than its estimate
+            if self._over_budget(job, spent, job.costs.judge_usd(other), cost):
+                return
             small, large = (job.answered, other) if job.trace.side == "small" else (other, job.answered)
             reply, judge_cost = await job.judge(small, large)
             cost += judge_cost
@@ -182,6 +225,25 @@ class ShadowJudge:
             cost_usd=round(cost, 8),
             spent_today_usd=round(spent, 6),
         )
+
+    def _over_budget(self, job: ShadowJob, spent: float, estimate: float, cost: float) -> bool:
+        """Whether the calls still to make (``estimate``) would take the day's spend past the cap;
+        ``cost``: what the job has paid so far."""
+        cap = job.policy.usd_per_day
+        if spent < cap and spent + estimate <= cap:
+            return False
+        self._metrics.shadow_judgement(job.trace.route, "over_budget", cost)
+        _log.info(
+            "shadow_skipped",
+            tenant=job.tenant,
+            route=job.trace.route,
+            request_id=job.request_id,
+            reason="daily budget spent",
+            spent_usd=round(spent, 6),
+            estimate_usd=round(estimate, 6),
+            cost_usd=round(cost, 8),
+        )
+        return True
 
     async def aclose(self) -> None:
         await self._background.aclose()

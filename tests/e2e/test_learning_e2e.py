@@ -34,8 +34,8 @@ from gateway.store.redis import RedisKeyValue, SharedRedis, connect
 from tests.conftest import inject
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
-KEYS = {name: f"sk-{name}-{uuid.uuid4().hex}" for name in ("alice", "alice2", "bob", "carol", "admin")}
-TENANTS = {"bob": "b", "carol": "c"}
+KEYS = {name: f"sk-{name}-{uuid.uuid4().hex}" for name in ("alice", "alice2", "bob", "carol", "dave", "admin")}
+TENANTS = {"bob": "b", "carol": "c", "dave": "d"}
 AUTH = "auth:\n  mode: keys\n  keys:\n" + "".join(
     f"    - {{id: {name}, tenant: {TENANTS.get(name, 'a')}, "
     f'hash: "sha256:{hashlib.sha256(secret.encode()).hexdigest()}"'
@@ -47,11 +47,14 @@ ROUTES = """  smart: {strategy: classifier, model: small, fallbacks: [large], th
            learning: {shadow_share: 1.0, usd_per_day: 100}}
   taught: {strategy: classifier, model: small, fallbacks: [large], threshold: 0.9999, learning: {}}
   stingy: {strategy: classifier, model: small, fallbacks: [large], threshold: 0.9999,
-           learning: {shadow_share: 1.0, usd_per_day: 0.0000001}}
+           learning: {shadow_share: 1.0, usd_per_day: 0.012}}
   thrifty: {strategy: classifier, model: small, fallbacks: [large], threshold: 0.9999,
             learning: {traces_mib_per_tenant: 0.02}}
   tiny: {strategy: classifier, model: small, fallbacks: [large], threshold: 0.9999,
-         learning: {max_labels: 100, shadow_share: 1.0, usd_per_day: 100}}"""
+         learning: {max_labels: 100, shadow_share: 1.0, usd_per_day: 100}}
+  capped: {strategy: classifier, model: small, fallbacks: [large], threshold: 0.9999,
+           learning: {shadow_share: 1.0, usd_per_day: 0.02}}
+  eager: {strategy: classifier, model: small, fallbacks: [large], threshold: 0.0, learning: {}}"""
 PROMPTS = [
     json.loads(line)["prompt"]
     for line in (Path(__file__).parents[2] / "router_models/data/routing/general_train_a.jsonl")
@@ -342,6 +345,34 @@ def test_a_tenants_traces_stay_within_its_cap_and_feedback_on_one_gone_is_a_404(
     assert _feedback(gateway, "alice", {"request_id": alices, "thumbs": "up"}).status_code == 200
 
 
+def _feedback_counts(gateway: GatewayProcess) -> dict[str, float]:
+    counts = {}
+    for line in httpx.get(f"{gateway.url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("gateway_router_feedback_total{"):
+            counts[line.split('label="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_feedback_is_counted_under_the_labels_readme_names(gateway: GatewayProcess) -> None:
+    """t152: ``gateway_router_feedback_total`` counted ``small_was_enough``, which README's
+    table (and the shadow counter) call ``small_enough``."""
+    small = [_ask(gateway, "alice", "taught", f"Say hello to {name}.") for name in ("Ann", "Bo")]
+    large = _ask(gateway, "alice", "eager", "Say hello to Cy.")
+    assert large.headers["x-gateway-model"] == "large"
+    before = _feedback_counts(gateway)
+    for response, body in (
+        (small[0], {"label": "small_was_enough"}),
+        (small[1], {"thumbs": "down"}),
+        (large, {"score": 1.0}),  # on the large model's answer: teaches nothing
+    ):
+        given = _feedback(gateway, "alice", {"request_id": response.headers["x-request-id"], **body})
+        assert given.status_code == 200, given.text
+    after = _feedback_counts(gateway)
+    assert {label: after[label] - before.get(label, 0) for label in after} == {
+        "small_enough": 1, "needed_large": 1, "none": 1,
+    }  # fmt: skip
+
+
 def test_feedback_without_a_valid_key_is_401(gateway: GatewayProcess) -> None:
     response = httpx.post(f"{gateway.base_url}/feedback", json={"request_id": "x", "score": 1}, timeout=10)
     assert response.status_code == 401
@@ -368,7 +399,9 @@ def test_shadow_judging_labels_what_the_small_model_gets_wrong_and_logs_no_text(
 def test_shadow_spend_stops_at_the_daily_budget(
     gateway: GatewayProcess, large_upstream: SimulatedUpstream, usage: bool
 ) -> None:
-    """Also when the upstream reports no usage: it was spent at $0, and the cap never bound (t32)."""
+    """Also when the upstream reports no usage: it was spent at $0, and the cap never bound (t32).
+    The $0.012 takes one job as estimated (~$0.0115, most of it the 512 tokens the large model
+    may write), not that one's cost (~$0.0013) and another's estimate."""
     if not usage:
         inject(large_upstream, *([{"omit_usage": True}] * 12))
     before_skipped = len(gateway.ops_records("shadow_skipped"))
@@ -380,6 +413,18 @@ def test_shadow_spend_stops_at_the_daily_budget(
     assert all(e["reason"] == "daily budget spent" for e in skipped)
     judged = _events(gateway, "shadow_judgement", before_judged + 1)[before_judged:]
     assert judged and all(float(e["cost_usd"]) > 0 for e in judged)  # type: ignore[arg-type]
+
+
+def test_a_shadow_job_that_would_overrun_the_days_cap_is_not_started(gateway: GatewayProcess) -> None:
+    """t152: the spend was checked before a job, never against what the job would cost: one
+    request with a 60,000-word prompt made one job spend $0.91 of a $0.06 cap."""
+    long = _ask(gateway, "dave", "capped", "Summarise this. " + "word " * 10_000)  # ~$0.05 to the large model
+    skipped = _event_of(gateway, "shadow_skipped", long.headers["x-request-id"])
+    assert skipped["reason"] == "daily budget spent" and skipped["spent_usd"] == 0
+    assert float(skipped["estimate_usd"]) > 0.02  # type: ignore[arg-type]
+    short = _ask(gateway, "dave", "capped", "What is 2+2?")  # its job fits in the $0.02: judged
+    judged = _event_of(gateway, "shadow_judgement", short.headers["x-request-id"])
+    assert 0 < float(judged["spent_today_usd"]) <= 0.02  # type: ignore[arg-type]
 
 
 def test_a_failing_shadow_call_never_touches_the_clients_answer(

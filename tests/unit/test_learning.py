@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gateway.accounting.metrics import Metrics
-from gateway.config.schema import LearningPolicy
+from gateway.config.schema import LearningPolicy, Price
 from gateway.core.model import Message, TextPart
 from gateway.learning.examples import LabelledExample, LearningStore, RoutingTrace
 from gateway.learning.learned import (
@@ -29,11 +29,13 @@ from gateway.learning.shadow import (
     MAX_WAITING,
     Ask,
     Judge,
+    ShadowCosts,
     ShadowJob,
     ShadowJudge,
     judge_request,
     judged_conversation,
     parse_verdict,
+    read_tokens,
 )
 from gateway.protocols.openai_chat import to_chat_body
 from gateway.simulated.quality import FAILURE, judge_verdict
@@ -282,10 +284,27 @@ def test_the_router_command_says_what_is_missing(
     monkeypatch.chdir(tmp_path)  # its default --data-dir, ./.gateway, is not a `make run`'s (t96)
     assert main(["router", "status", "--tenant", "a"]) == 1
     assert "REDIS_URL" in capsys.readouterr().err
-    assert main(["router", "learn", "--redis", "redis://127.0.0.1:9"]) == 1
-    assert main(["router", "learn", "--global", "--redis", "redis://127.0.0.1:9"]) == 1
-    assert main(["router", "learn", "--tenant", "a", "--tenant", "b", "--redis", "redis://127.0.0.1:9"]) == 1
+    assert main(["router", "learn", "--redis", "redis://127.0.0.1:9"]) == 2  # usage errors, as argparse's (t152)
     assert "exactly one --tenant" in capsys.readouterr().err
+    assert main(["router", "learn", "--global", "--redis", "redis://127.0.0.1:9"]) == 2
+    assert "the tenants whose labels to pool" in capsys.readouterr().err
+    assert main(["router", "learn", "--tenant", "a", "--tenant", "b", "--redis", "redis://127.0.0.1:9"]) == 2
+    assert "exactly one --tenant" in capsys.readouterr().err
+
+
+def test_the_router_command_refuses_a_tenant_it_would_not_use(capsys: pytest.CaptureFixture[str]) -> None:
+    """t152: ``status --global --tenant X`` ignored the tenant (exit 0), and ``--tenant ""`` was taken."""
+    from gateway.cli import main
+
+    offline = ("--redis", "redis://127.0.0.1:9")
+    for command in ("status", "rollback"):  # --global with tenants pools their labels: learn's alone
+        assert main(["router", command, "--global", "--tenant", "a", *offline]) == 2
+        assert "--global" in capsys.readouterr().err
+    for command in ("learn", "status", "rollback"):
+        for name in ("", " a", "a\tb"):  # no tenant can have such a name
+            with pytest.raises(SystemExit) as refused:
+                main(["router", command, "--tenant", name, *offline])
+            assert refused.value.code == 2 and "--tenant" in capsys.readouterr().err
 
 
 def test_a_request_labelled_twice_counts_once_by_its_last_label() -> None:
@@ -299,16 +318,48 @@ def test_a_request_labelled_twice_counts_once_by_its_last_label() -> None:
     assert relabelled.current_apgr != once.current_apgr  # judged on the flipped labels only
 
 
+_FREE = ShadowCosts(0.0, Price(input_per_mtok=0.0, output_per_mtok=0.0), 0, 0)
+"""Calls that cost nothing as estimated: only the spend paid stops a job."""
+
+
 def _shadow_jobs(usd_per_day: float) -> tuple[LearningStore, ShadowJudge, Callable[..., ShadowJob]]:
     """A store, a judge over it, and a maker of jobs of tenant t's route auto under that cap."""
     store = LearningStore(MemoryKeyValue())
     policy = LearningPolicy(shadow_share=1.0, usd_per_day=usd_per_day)
     trace = RoutingTrace.of("k", "auto", "small", 0.2, np.zeros(384), np.zeros(12))
 
-    def job(i: int, ask: Ask, grade: Judge) -> ShadowJob:
-        return ShadowJob(policy, "t", f"r{i}", trace, "answer", ask, grade, policy.max_labels)
+    def job(i: int, ask: Ask, grade: Judge, costs: ShadowCosts = _FREE) -> ShadowJob:
+        return ShadowJob(policy, "t", f"r{i}", trace, "answer", ask, grade, policy.max_labels, costs)
 
     return store, ShadowJudge(store, Metrics()), job
+
+
+async def test_a_shadow_job_runs_only_where_what_it_may_cost_fits_in_the_days_cap() -> None:
+    """t152: the spend was checked before a job, never against what the job would cost: with
+    $0.009 of a $0.06 cap left, one prompt of 60,000 words made one job spend $0.91."""
+    store, judge, job = _shadow_jobs(0.06)
+    await store.add_shadow_spend("t", "auto", 0.051)
+    asked = graded = 0
+
+    async def ask() -> tuple[str, float]:
+        nonlocal asked
+        asked += 1
+        return "other answer", 0.4
+
+    async def grade(small: str, large: str) -> tuple[str, float]:
+        nonlocal graded
+        graded += 1
+        return "yes", 0.001
+
+    price = Price(input_per_mtok=5.0, output_per_mtok=15.0)
+    long_prompt = ShadowCosts(0.4, price, read_tokens(80_000, 400_000), 512)
+    assert long_prompt.judge_usd() == pytest.approx((200 + 2_400 + 512) * 5e-6 + 3 * 15e-6)
+    await judge._run(job(0, ask, grade, long_prompt))
+    assert (asked, graded) == (0, 0)  # not started: $0.41 does not fit in $0.009
+    short = ShadowCosts(0.004, price, 300, 100)  # $0.0063 in all: it fits
+    await judge._run(job(1, ask, grade, short))  # ... but its answer cost $0.4: the judge is not asked
+    assert (asked, graded) == (1, 0)
+    assert await store.add_shadow_spend("t", "auto", 0.0) == pytest.approx(0.451)  # only what was paid
 
 
 async def test_concurrent_shadow_jobs_stay_within_the_days_cap() -> None:
@@ -436,6 +487,47 @@ async def test_status_does_not_name_a_version_whose_router_is_gone() -> None:
     assert (await _status(kv, "a", await active_version(kv, "a")))["active"] == first.version
     await kv.delete(keyspace.learned_router("a", f"v:{first.version}"), 1.0)  # expired or evicted
     assert (await _status(kv, "a", await active_version(kv, "a")))["active"] is None
+
+
+async def test_status_names_no_pooled_router_where_no_route_pools_labels() -> None:
+    """t152: ``pooled_routes`` named the pooled version for a policy whose every route has
+    ``learning.scope: tenant``, where no pooled router serves the tenant."""
+    from gateway.cli.router import _status
+
+    kv = MemoryKeyValue()
+    pooled, _ = fit_candidate(_examples(200, rule=True), None)
+    await promote(kv, None, pooled)
+    assert (await _status(kv, "a", None, pools=True))["pooled_routes"] == pooled.version
+    assert (await _status(kv, "a", None, pools=False))["pooled_routes"] is None
+    own, _ = fit_candidate(_examples(200, rule=True, seed=3), None)
+    await promote(kv, "a", own)
+    assert (await _status(kv, "a", own.version, pools=False)) | {"labels": 0} == {
+        "scope": "a", "active": own.version, "pooled_routes": None, "labels": 0,
+    }  # fmt: skip
+
+
+_POLICY = """
+version: 1
+pair: {{small: small, large: large}}
+models:
+  small: {{base_url: "${{SMALL_MODEL_URL}}", price: {{input: 0.2, output: 0.2}}, tier: small}}
+  large: {{base_url: "${{LARGE_MODEL_URL}}", price: {{input: 2.5, output: 10}}, tier: large}}
+routes:
+  auto: {{strategy: classifier, model: small, fallbacks: [large], learning: {{scope: {scope}}}}}
+  fast: {{model: small}}
+auth: {{mode: none}}
+"""
+
+
+def test_status_reads_which_routes_pool_from_the_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli.router import _pools
+
+    policy = tmp_path / "policies.yaml"
+    for scope, pools in (("tenant", False), ("global", True)):
+        policy.write_text(_POLICY.format(scope=scope))
+        assert _pools(str(policy)) is pools
+    assert _pools(str(tmp_path / "none.yaml")) is None
+    assert "pooled_routes names the pooled router" in capsys.readouterr().err
 
 
 async def test_learn_global_counts_a_relabelled_request_left_out_once(capsys: pytest.CaptureFixture[str]) -> None:
