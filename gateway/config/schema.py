@@ -28,21 +28,21 @@ Probability = Annotated[float, Meta(ge=0, le=1, description="a number from 0 to 
 HttpUrl = Annotated[
     str,
     Meta(
-        pattern=r"^https?://[^\s/?#]+(?:[/?#]\S*)?$", description="a URL starting with http:// or https://, no spaces"
+        pattern=r"^https?://[^\s/?#]+(?:[/?#]\S*)?\Z", description="a URL starting with http:// or https://, no spaces"
     ),
 ]
 """A space in the host passed as a URL and every request then failed over to the next model (t56)."""
 KeyHash = Annotated[
-    str, Meta(pattern=r"^sha256:[0-9a-f]{64}$", description="'sha256:' followed by 64 lowercase hex digits")
+    str, Meta(pattern=r"^sha256:[0-9a-f]{64}\Z", description="'sha256:' followed by 64 lowercase hex digits")
 ]
 SpeculationK = Annotated[int, Meta(ge=1, le=64)]
 KeyId = Annotated[
-    str, Meta(pattern=r"^[^\s\x00-\x1f\x7f]{1,128}$", description="1-128 characters, no spaces or control characters")
+    str, Meta(pattern=r"^[^\s\x00-\x1f\x7f]{1,128}\Z", description="1-128 characters, no spaces or control characters")
 ]
 TenantName = Annotated[
     str,
     Meta(
-        pattern=r"^[^\s\x00-\x1f\x7f]([^\x00-\x1f\x7f]{0,126}[^\s\x00-\x1f\x7f])?$",
+        pattern=r"^[^\s\x00-\x1f\x7f]([^\x00-\x1f\x7f]{0,126}[^\s\x00-\x1f\x7f])?\Z",
         description="1-128 characters, no control characters, no space at either end",
     ),
 ]
@@ -51,7 +51,7 @@ TenantName = Annotated[
 ModelName = Annotated[
     str,
     Meta(
-        pattern=r"^[^\s/\x00-\x1f\x7f]([^\s\x00-\x1f\x7f]{0,254}[^\s/\x00-\x1f\x7f])?$",
+        pattern=r"^[^\s/\x00-\x1f\x7f]([^\s\x00-\x1f\x7f]{0,254}[^\s/\x00-\x1f\x7f])?\Z",
         description="1-256 characters, no spaces or control characters, no '/' at either end",
     ),
 ]
@@ -62,7 +62,7 @@ as it is (a path drops a trailing slash)."""
 EnvVarName = Annotated[
     str,
     Meta(
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*\Z",
         description="the name of an environment variable (letters, digits and '_'), not the key itself",
         extra={"secret": True},
     ),
@@ -71,7 +71,7 @@ EnvVarName = Annotated[
 
 
 OptionValue = Annotated[
-    str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="a lowercase name, as Anthropic writes it")
+    str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}\Z", description="a lowercase name, as Anthropic writes it")
 ]
 Multiplier = Annotated[float, Meta(gt=0, le=100, description="a multiplier in (0, 100]")]
 MAX_PRICE = 1_000_000

@@ -6,11 +6,13 @@ import asyncio
 import signal
 from pathlib import Path
 
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
 from gateway.accounting.metrics import Metrics
 from gateway.auth import hash_key
+from gateway.config import schema
 from gateway.config.envsubst import MissingVariable, substitute
 from gateway.config.kept import keep_policy, kept_key_file
 from gateway.config.loader import load_keys, load_policy, load_policy_text
@@ -1029,3 +1031,23 @@ def test_a_simulated_model_is_not_said_to_lack_its_api_key() -> None:
     )
     broken = load_policy_text(named, environ={"L_SIM": "true", "L_KEY": "a\nb"}).warnings
     assert any(note.startswith("models.l.api_key_env: L_KEY holds a line break") for note in broken)
+
+
+@pytest.mark.parametrize(
+    ("kind", "good"),
+    [
+        (schema.TenantName, "acme"),
+        (schema.KeyId, "app-1"),
+        (schema.ModelName, "gpt-x"),
+        (schema.EnvVarName, "OPENAI_API_KEY"),
+        (schema.OptionValue, "fast"),
+        (schema.HttpUrl, "http://127.0.0.1:2/v1"),
+        (schema.KeyHash, "sha256:" + "0" * 64),
+    ],
+)
+def test_a_name_with_a_trailing_newline_is_refused(kind: object, good: str) -> None:
+    """``$`` matches before a final newline: ``"acme\\n"`` passed as a tenant name, and a
+    tenant the CLI was told as ``--tenant "acme\\n"`` was another tenant (f150)."""
+    assert msgspec.convert(good, kind) == good
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert(good + "\n", kind)
