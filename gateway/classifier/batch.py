@@ -2,7 +2,8 @@
 
 route_jsonl: one JSON line in (``prompt`` string or ``messages`` list), one out:
 ``{"p_large", "decision": "large"|"small"|"unreadable", "model", "text_chars"}`` plus the input's
-``id`` when it has one. Lines that are not valid get ``{"error": ...}`` and the run goes on.
+``id`` when it has one. Lines that are not valid (not UTF-8 text included: the input is decoded
+line by line) get ``{"error": ...}`` and the run goes on.
 A prompt the router cannot read (no text that shows, an image in the last user turn) gets
 ``p_large`` 1 and the decision ``unreadable``, as in the gateway (:func:`gateway.classifier.text.unreadable`).
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -26,11 +27,23 @@ from gateway.classifier.text import messages_unreadable, select_from_turns, sele
 BATCH = 32
 
 
-def _open_in(src: str | Path | IO[str] | None) -> tuple[IO[str], bool]:
+_Source = str | Path | IO[str] | IO[bytes] | None
+"""A path, ``-`` or None for stdin, or a file object (bytes are decoded line by line)."""
+
+
+class WriteFailed(Exception):
+    """The output could not be written (:attr:`error`): not the input's fault (t146)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _open_in(src: _Source) -> tuple[IO[str] | IO[bytes], bool]:
     if src is None or src == "-":
-        return sys.stdin, False
+        return sys.stdin.buffer, False
     if isinstance(src, (str, Path)):
-        return open(src, encoding="utf-8"), True
+        return open(src, "rb"), True
     return src, False
 
 
@@ -51,13 +64,21 @@ class _Prompt(NamedTuple):
     error: str | None = None
 
 
-def _texts(lines: IO[str]) -> Iterator[_Prompt]:
+def _texts(lines: Iterable[str | bytes]) -> Iterator[_Prompt]:
     """One per non-empty line."""
-    for raw in lines:
+    for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
+        line = raw
+        if isinstance(raw, bytes):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:  # t146: read as text, the file's first such byte ended the run
+                where = f"line {number}, byte {exc.start + 1} (0x{raw[exc.start]:02x})"
+                yield _Prompt(_id_of(raw), error=f"not UTF-8 text: {where}")
+                continue
         try:
-            rec = json.loads(raw)
+            rec = json.loads(line)
         except ValueError as exc:
             yield _Prompt(None, error=f"invalid JSON: {exc}")
             continue
@@ -82,6 +103,17 @@ def _texts(lines: IO[str]) -> Iterator[_Prompt]:
             yield _Prompt(rec, text, unreadable(text, image_last=False))
         else:
             yield _Prompt(rec, error="needs a 'prompt' string or a 'messages' list")
+
+
+def _id_of(raw: bytes) -> dict[str, Any] | None:
+    """The ``id`` of a line that is not UTF-8, where the line is JSON and the id itself is text."""
+    try:
+        rec = json.loads(raw.decode("utf-8", "surrogateescape"))
+    except ValueError:
+        return None
+    if isinstance(rec, dict) and "id" in rec and _lone_surrogate(rec["id"]) is None:
+        return {"id": rec["id"]}
+    return None
 
 
 def _lone_surrogate(value: Any) -> str | None:
@@ -111,7 +143,7 @@ _Scored = tuple[dict[str, Any] | None, str | None, float | None, str | None, boo
 the router could not read it (then ``p_large`` is 1, as the gateway sends it)."""
 
 
-def _scores(classifier: Classifier, src: IO[str]) -> Iterator[_Scored]:
+def _scores(classifier: Classifier, src: Iterable[str | bytes]) -> Iterator[_Scored]:
     pending: list[_Prompt] = []
 
     def flush() -> Iterator[_Scored]:
@@ -133,14 +165,15 @@ def _scores(classifier: Classifier, src: IO[str]) -> Iterator[_Scored]:
 
 def route_jsonl(
     classifier: Classifier,
-    input_path: str | Path | IO[str] | None,
+    input_path: _Source,
     output: str | Path | IO[str] | None,
     threshold: float,
     small_model: str,
     large_model: str,
 ) -> dict[str, int]:
     """Score every line of ``input_path`` (path, ``-``/None for stdin, or a file object)
-    and write one decision line per input to ``output``. Returns counts."""
+    and write one decision line per input to ``output``. Returns counts; :class:`WriteFailed`
+    when the output cannot be written."""
     src, close_src = _open_in(input_path)
     dst, close_dst = _open_out(output)
     counts = {"lines": 0, "large": 0, "small": 0, "errors": 0}
@@ -164,8 +197,14 @@ def route_jsonl(
                     "threshold": threshold,
                     "text_chars": len(text),
                 }
-            dst.write(json.dumps(out, ensure_ascii=False) + "\n")
-        dst.flush()
+            try:
+                dst.write(json.dumps(out, ensure_ascii=False) + "\n")
+            except OSError as exc:
+                raise WriteFailed(exc) from exc
+        try:
+            dst.flush()
+        except OSError as exc:
+            raise WriteFailed(exc) from exc
     finally:
         if close_src:
             src.close()
@@ -195,9 +234,7 @@ def threshold_for_share(p_large: np.ndarray | list[float], target_large_share: f
     return float(t)
 
 
-def calibrate(
-    classifier: Classifier, jsonl_path: str | Path | IO[str] | None, target_large_share: float
-) -> tuple[float, int]:
+def calibrate(classifier: Classifier, jsonl_path: _Source, target_large_share: float) -> tuple[float, int]:
     """Threshold on ``p_large`` that sends ``target_large_share`` of the sample to the large model,
     and how many lines could not be read (the caller decides whether that is fatal). Prompts the
     router cannot read go large outside the share, as the gateway's target share counts them (t55:

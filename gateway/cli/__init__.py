@@ -2,14 +2,18 @@
 
 One module per command, each with the same shape: ``register(subcommands)`` adds its
 parser (and sets ``run``), ``run(args)`` does the work and returns the exit status.
+A reader of stdout that goes away (``| head``) ends a command quietly, with exit status 1
+where it stopped part-way.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 
 from gateway.cli import calibrate, check, keys, report, route, router, serve
+from gateway.cli._stdout import stdout_gone
 
 __all__ = ["main"]
 
@@ -23,4 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.register(subcommands)
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
-    return run(args)
+    status = 1  # a command that stops part-way because its reader left did not do all it was asked
+    try:
+        status = run(args)
+        sys.stdout.flush()  # a reader gone is found here, not at the interpreter's exit (exit 120)
+    except BrokenPipeError:
+        stdout_gone()
+    return status

@@ -69,10 +69,10 @@ def load_route_or_exit(policy_path: Path, route: str) -> tuple[str, str, float]:
     return policy.pair.small, policy.pair.large, policy.routes[route].threshold
 
 
-def unreadable_input(path: str, exc: OSError | UnicodeDecodeError) -> int:
-    """A prompt file that cannot be read at all: said in one line, exit status 1."""
-    reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else (exc.strerror or str(exc))
-    print(f"cannot read {path}: {reason}", file=sys.stderr)
+def unreadable_input(path: str, exc: OSError) -> int:
+    """A prompt file that cannot be read at all: said in one line, exit status 1 (a line that is
+    not UTF-8 is that line's error)."""
+    print(f"cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
     return 1
 
 

@@ -38,14 +38,14 @@ def run(args: argparse.Namespace) -> int:
     classifier = load_classifier_or_exit(args.artifacts)
     try:
         threshold, unreadable = calibrate(classifier, args.jsonl, args.target_large_share)
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         return unreadable_input(args.jsonl, exc)
     except ValueError as exc:  # no prompt at all
         print(f"{args.jsonl}: {exc}", file=sys.stderr)
         return 1
     # Exact (the shortest text that reads back as the same float): the threshold may sit just
     # above a score it must exclude, or at one it must include, and any rounding can cross it.
-    print(repr(threshold))
+    print(repr(threshold), flush=True)  # a reader gone (`| head`) stops it here, before --write, buffered or not
     if unreadable:  # as route does: a sample with holes is not a calibration to write silently
         print(f"{unreadable} line(s) could not be read; nothing written", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from gateway.cli._parsers import Subcommands
+from gateway.cli._stdout import stdout_gone
 from gateway.config.guard import refuse_weakening_by_omission
 from gateway.config.kept import KEPT_POLICY, kept_for
 from gateway.config.loader import LoadedPolicy, load_policy, load_policy_text
@@ -48,6 +49,15 @@ def run(args: argparse.Namespace) -> int:
                 exc, f"a running gateway refuses it (the policy it keeps in force: {kept}, version {in_force.version})"
             )
             return 1
+    try:
+        _say_valid(loaded, kept, in_force)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `... | head -1`: the verdict stands
+        stdout_gone()
+    return 0
+
+
+def _say_valid(loaded: LoadedPolicy, kept: Path, in_force: LoadedPolicy | str) -> None:
     policy = loaded.policy
     print(f"{loaded.source}: ok (version {loaded.version})")
     print(
@@ -64,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
         )
     for warning in loaded.warnings:
         print(f"  note: {warning}")
-    return 0
 
 
 def _in_force(kept: Path, base_dir: Path) -> LoadedPolicy | str:

@@ -68,7 +68,10 @@ def register(commands: Subcommands) -> None:
 def run(args: argparse.Namespace) -> int:
     """``keys new``."""
     ring = _key_ring(args.policies, args.data_dir)
-    if ring is None or ring.key_file is None:
+    if ring is None:
+        return 1
+    if ring.key_file is None:
+        print(f"{args.policies} names no auth.key_file; add e.g. 'key_file: keys.yaml' under auth:", file=sys.stderr)
         return 1
     tenant = Problems()
     if convert(args.tenant, TenantName, ("tenant",), tenant) is None:  # t69: blamed the key id made from it
@@ -123,7 +126,16 @@ def run_revoke(args: argparse.Namespace) -> int:
     """``keys revoke --id ID``: the key's entry out of the key file, under the lock ``keys new`` takes (t63),
     every other line as written, valid or not (t98)."""
     ring = _key_ring(args.policies, args.data_dir, revoking=True)
-    if ring is None or ring.key_file is None:
+    if ring is None:
+        return 1
+    if ring.key_file is None:  # t146: it said to add a key file, which revokes nothing
+        inline = any(key.id == args.id for key in ring.keys)
+        where = (
+            f"key {args.id} is written in {args.policies} under auth.keys: delete it there"
+            if inline
+            else f"{args.policies} names no auth.key_file and lists no key {args.id!r} under auth.keys: no such key"
+        )
+        print(where, file=sys.stderr)
         return 1
     try:
         removed = remove_key(ring.key_file, args.id)
@@ -186,9 +198,7 @@ def _key_ring(policies: str, data_dir: str, *, revoking: bool = False) -> KeyRin
             f"file of the policy in force as {kept} has it",
             file=sys.stderr,
         )
-    if ring.key_file is None:
-        print(f"{policies} names no auth.key_file; add e.g. 'key_file: keys.yaml' under auth:", file=sys.stderr)
-    elif invalid is not None:
+    if ring.key_file is not None and invalid is not None:
         report_invalid(ConfigError(str(ring.key_file), invalid.problems))
         if not revoking:
             print(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from gateway.cli._parsers import Subcommands
+from gateway.cli._stdout import stdout_gone
 from gateway.reporting.aggregate import (
     DIMENSIONS,
     Aggregator,
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(render(aggregator, args.by, args.format))
         sys.stdout.flush()
     except BrokenPipeError:  # `... | head`: not an error
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
+        stdout_gone()
     if args.format != "table":
         print(summary_line(aggregator), file=sys.stderr)
     if args.png:

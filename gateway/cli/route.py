@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
+from typing import IO
 
 from gateway.cli._classifier import (
     add_classifier_arguments,
@@ -16,6 +17,7 @@ from gateway.cli._classifier import (
     unwritable_output,
 )
 from gateway.cli._parsers import Subcommands, share
+from gateway.cli._stdout import stdout_gone
 
 __all__ = ["register", "run"]
 
@@ -32,12 +34,13 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gateway.classifier.batch import route_jsonl
+    from gateway.classifier.batch import WriteFailed, route_jsonl
 
     small, large, threshold = load_route_or_exit(Path(args.policies), args.route)
     with ExitStack() as files:
         try:
-            src = sys.stdin if args.jsonl == "-" else files.enter_context(open(args.jsonl, encoding="utf-8"))
+            # bytes, decoded line by line: a line that is not UTF-8 is that line's error (t146)
+            src = sys.stdin.buffer if args.jsonl == "-" else files.enter_context(open(args.jsonl, "rb"))
         except OSError as exc:
             return unreadable_input(args.jsonl, exc)
         if args.output != "-" and args.jsonl != "-" and _same_file(args.jsonl, args.output):
@@ -50,14 +53,23 @@ def run(args: argparse.Namespace) -> int:
             return unwritable_output(args.output, exc)
         classifier = load_classifier_or_exit(args.artifacts)
         try:
-            dst = sys.stdout if args.output == "-" else files.enter_context(open(args.output, "w", encoding="utf-8"))
+            dst = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
             return unwritable_output(args.output, exc)
+        if dst is not sys.stdout:
+            files.callback(_close, dst)
         try:
             counts = route_jsonl(
                 classifier, src, dst, args.threshold if args.threshold is not None else threshold, small, large
             )
-        except (OSError, UnicodeDecodeError) as exc:
+        except WriteFailed as failed:
+            if args.output != "-":
+                return unwritable_output(args.output, failed.error)
+            stdout_gone()  # what it still buffers would fail again at exit
+            if isinstance(failed.error, BrokenPipeError):  # `| head`: the reader left, not an error to say
+                return 1
+            return unwritable_output("stdout", failed.error)
+        except OSError as exc:
             return unreadable_input(args.jsonl, exc)
     print(
         f"{counts['lines']} prompts: {counts['large']} large, {counts['small']} small, "
@@ -65,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0 if counts["errors"] == 0 else 1
+
+
+def _close(file: IO[str]) -> None:
+    """Closed after a write that failed too: what it still buffers fails again, and was said already."""
+    with suppress(OSError):
+        file.close()
 
 
 def _same_file(first: str, second: str) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ def set_route_threshold(path: str | Path, route: str, threshold: float) -> None:
     that one value. A threshold shared through a YAML anchor (``threshold: &t 0.8`` in one route,
     ``*t`` in another, or a whole route aliased: ``glob: *auto``) is refused (ValueError): the splice wrote the other route's line and
     dropped the anchor, leaving a file the gateway refused, after saying it was written (t88).
+    So is one read from the environment (``${THR:-0.8}``): the number would replace the reference.
     """
     with _editing(Path(path)) as target:
         before = target.read_text(encoding="utf-8")
@@ -69,6 +71,12 @@ def _with_threshold(path: Path, route: str, threshold: float) -> str:
         raise ValueError(f"{path}: no route {route!r} (a mapping under routes:)")
     value = repr(float(threshold))  # exact: a rounded threshold can fall on the wrong side of a score
     current = _child(node, "threshold")
+    if isinstance(current, yaml.ScalarNode) and "${" in current.value:  # t146: the variable went unread, unsaid
+        name = _REFERENCE.match(current.value)
+        raise ValueError(
+            f"{path}: routes.{route}.threshold is {current.value}, read from the environment: nothing written; "
+            f"set {name.group(1) if name else 'the variable'} to {threshold!r}, or write that value in its place"
+        )
     if current is not None:
         text = text[: current.start_mark.index] + value + text[current.end_mark.index :]
     elif node.flow_style:
@@ -81,6 +89,10 @@ def _with_threshold(path: Path, route: str, threshold: float) -> str:
         line_start = text.rfind("\n", 0, first_key.start_mark.index) + 1
         text = text[:line_start] + f"{indent}threshold: {value}\n" + text[line_start:]
     return text
+
+
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
+"""The first variable a ``${VAR}`` or ``${VAR:-default}`` value reads."""
 
 
 def _unshared(value: Any) -> Any:

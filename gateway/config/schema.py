@@ -33,7 +33,7 @@ HttpUrl = Annotated[
 ]
 """A space in the host passed as a URL and every request then failed over to the next model (t56)."""
 KeyHash = Annotated[
-    str, Meta(pattern=r"^sha256:[0-9a-f]{64}\Z", description="'sha256:' followed by 64 lowercase hex digits")
+    str, Meta(pattern=r"^sha256:[0-9a-f]{64}\Z", description="`sha256:` followed by 64 lowercase hex digits")
 ]
 SpeculationK = Annotated[int, Meta(ge=1, le=64)]
 KeyId = Annotated[
@@ -52,7 +52,7 @@ ModelName = Annotated[
     str,
     Meta(
         pattern=r"^[^\s/\x00-\x1f\x7f]([^\s\x00-\x1f\x7f]{0,254}[^\s/\x00-\x1f\x7f])?\Z",
-        description="1-256 characters, no spaces or control characters, no '/' at either end",
+        description="1-256 characters, no spaces or control characters, no `/` at either end",
     ),
 ]
 """A model's or route's name, which clients send and ``GET /v1/models/{id}`` must give back
@@ -63,7 +63,7 @@ EnvVarName = Annotated[
     str,
     Meta(
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*\Z",
-        description="the name of an environment variable (letters, digits and '_'), not the key itself",
+        description="the name of an environment variable (letters, digits and `_`), not the key itself",
         extra={"secret": True},
     ),
 ]

@@ -518,7 +518,7 @@ def check_policy(
         if origin != "*" and not _ORIGIN.fullmatch(origin.strip().rstrip("/")):
             problems.add(
                 ("cors", "allow_origins", i),
-                f"{origin!r} is not an origin a browser sends: scheme://host[:port], no path (or '*')",
+                f"{origin!r} is not an origin a browser sends: scheme://host[:port], no path (or `*`)",
             )
     for role in () if "pair" in broken else ("small", "large"):
         name = getattr(policy.pair, role)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -171,6 +172,96 @@ def test_route_and_calibrate_go_on_past_a_lone_surrogate(policy: Path) -> None:
                       stdin=sample)  # fmt: skip
     assert calibrated.returncode == 1 and "Traceback" not in calibrated.stderr
     assert "1 line(s) could not be read" in calibrated.stderr
+
+
+def test_route_and_calibrate_go_on_past_a_line_that_is_not_utf8(tmp_path: Path, policy: Path) -> None:
+    """t146: one Latin-1 byte and nothing was scored, not even the lines before it ("cannot read
+    ...: not UTF-8 text", exit 1): the line gets its error, with its number and id, as an invalid line does."""
+    sample = tmp_path / "latin1.jsonl"
+    sample.write_bytes(b'{"id": 1, "prompt": "hi"}\n\n{"id": 2, "prompt": "caf\xe9"}\n{"id": 3, "prompt": "bye"}\n')
+    for source, stdin in ((str(sample), None), ("-", sample.read_bytes())):
+        routed = subprocess.run(
+            [sys.executable, "-m", "gateway", "route", "--jsonl", source, "--policies", str(policy)],
+            input=stdin, capture_output=True, timeout=120,
+        )  # fmt: skip
+        assert routed.returncode == 1 and b"Traceback" not in routed.stderr, routed.stderr
+        rows = [json.loads(line) for line in routed.stdout.splitlines()]
+        assert [row["id"] for row in rows] == [1, 2, 3]
+        assert "p_large" in rows[0] and "p_large" in rows[2]
+        assert rows[1]["error"] == "not UTF-8 text: line 3, byte 25 (0xe9)"
+        assert b"3 prompts: " in routed.stderr and b"1 line(s) could not be read" in routed.stderr
+    calibrated = subprocess.run(
+        [sys.executable, "-m", "gateway", "calibrate", "--target-large-share", "0.5", "--jsonl", str(sample),
+         "--policies", str(policy), "--write"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert calibrated.returncode == 1 and "Traceback" not in calibrated.stderr
+    assert "1 line(s) could not be read; nothing written" in calibrated.stderr and float(calibrated.stdout)
+    assert policy.read_text() == POLICY
+
+
+def _into_a_closed_pipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m gateway ... | head -1`` where head has already gone: every write to stdout fails."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", *args], stdout=write, stderr=subprocess.PIPE, text=True, env=env,
+            timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+
+
+def _said(stderr: str) -> list[str]:
+    """What a command says on stderr, less the classifier's log line."""
+    return [line for line in stderr.splitlines() if "classifier_loaded" not in line]
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path, policy: Path) -> None:
+    """t146: `check p.yaml | head -1` ended in a BrokenPipeError traceback, and `route ... | head -1`
+    said "cannot read many.jsonl: Broken pipe", blaming the input for the output."""
+    sample = tmp_path / "many.jsonl"
+    sample.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS * 20))
+    for buffered in (True, False):  # the same either way: not left to when the buffer fills
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | (
+            {} if buffered else {"PYTHONUNBUFFERED": "1"}
+        )
+        checked = _into_a_closed_pipe("check", str(policy), "--data-dir", str(tmp_path / "no-data"), env=env)
+        assert (checked.returncode, checked.stderr) == (0, "")  # its verdict was made: the file is valid
+        routed = _into_a_closed_pipe("route", "--jsonl", str(sample), "--policies", str(policy), env=env)
+        assert (routed.returncode, _said(routed.stderr)) == (1, [])  # cut short: not every prompt was scored
+        calibrated = _into_a_closed_pipe("calibrate", "--target-large-share", "0.5", "--jsonl", str(sample),
+                                         "--policies", str(policy), "--write", env=env)  # fmt: skip
+        assert (calibrated.returncode, _said(calibrated.stderr)) == (1, []) and policy.read_text() == POLICY
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_route_names_the_output_it_cannot_finish_writing(tmp_path: Path, policy: Path) -> None:
+    """t146: a write that failed was said as "cannot read" of the input."""
+    sample = tmp_path / "prompts.jsonl"
+    sample.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    result = _run("route", "--jsonl", str(sample), "--policies", str(policy), "--output", "/dev/full")
+    assert (result.returncode, _said(result.stderr)) == (1, ["cannot write /dev/full: No space left on device"])
+
+
+def test_calibrate_does_not_write_over_a_threshold_read_from_the_environment(policy: Path) -> None:
+    """t146: `threshold: ${THR:-0.8}` was replaced by a number, the variable silently no longer read."""
+    text = POLICY.replace("threshold: 0.80", "threshold: ${THR:-0.8}")
+    policy.write_text(text)
+    sample = "".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(20))
+    result = _run(
+        "calibrate", "--target-large-share", "0.25", "--jsonl", "-", "--policies", str(policy), "--write", stdin=sample
+    )
+    threshold = float(result.stdout)
+    assert result.returncode == 1 and policy.read_text() == text
+    assert (
+        f"routes.auto.threshold is ${{THR:-0.8}}, read from the environment: nothing written; set THR to {threshold!r}"
+        in result.stderr
+    )
+    with pytest.raises(ValueError, match="nothing written"):
+        set_route_threshold(policy, "auto", 0.5)
+    assert policy.read_text() == text
 
 
 def test_route_names_the_output_it_cannot_write(tmp_path: Path, policy: Path) -> None:

@@ -374,6 +374,26 @@ def test_a_lone_surrogate_is_an_error_for_its_line_and_the_run_goes_on(clf: Clas
     assert unreadable == 2 and 0.0 <= threshold <= 1.0 + 1e-6
 
 
+def test_a_line_that_is_not_utf8_is_an_error_for_that_line_and_the_run_goes_on(clf: Classifier) -> None:
+    """t146: the input was read as text, and its first such byte ended the run, nothing scored."""
+    lines = (
+        b'{"id": 1, "prompt": "hi"}\n{"id": 2, "prompt": "caf\xe9"}\n{"id": "\xff"}\nnot json \xe9\n{"prompt": "bye"}\n'
+    )
+    out = io.StringIO()
+    counts = route_jsonl(clf, io.BytesIO(lines), out, 0.5, "s", "l")
+    rows = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert counts["lines"] == 5 and counts["errors"] == 3
+    assert [r.get("id") for r in rows] == [1, 2, None, None, None]  # an id that is not text itself is left out
+    assert [r.get("error") for r in rows[1:4]] == [
+        "not UTF-8 text: line 2, byte 25 (0xe9)",
+        "not UTF-8 text: line 3, byte 9 (0xff)",
+        "not UTF-8 text: line 4, byte 10 (0xe9)",
+    ]
+    assert "p_large" in rows[0] and "p_large" in rows[4]
+    threshold, unreadable = calibrate(clf, io.BytesIO(lines), 0.5)
+    assert unreadable == 3 and 0.0 <= threshold <= 1.0 + 1e-6
+
+
 def test_calibrate_leaves_prompts_it_cannot_read_out_of_the_share(clf: Classifier) -> None:
     """They go large outside the gateway's target share; counted in, blank prompts filled a 30 %
     share and calibrate wrote a threshold above 1, which the gateway refuses (t55)."""

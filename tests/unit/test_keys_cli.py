@@ -382,6 +382,19 @@ def test_revoke_from_the_cli(policy: Path, capsys: pytest.CaptureFixture[str]) -
     assert f"it is written in {policy} under auth.keys: delete it there" in capsys.readouterr().err
 
 
+def test_revoke_of_an_inline_key_with_no_key_file_says_where_it_is(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """t146: with keys only under auth.keys it said to add a key_file, which revokes nothing."""
+    policy.write_text(POLICY.replace("  key_file: keys.yaml\n", ""))
+    assert main(["keys", "revoke", "--id", "inline", "--policies", str(policy)]) == 1
+    err = capsys.readouterr().err
+    assert f"key inline is written in {policy} under auth.keys: delete it there" in err and "add e.g." not in err
+    assert main(["keys", "revoke", "--id", "nobody", "--policies", str(policy)]) == 1
+    assert f"{policy} names no auth.key_file and lists no key 'nobody' under auth.keys" in capsys.readouterr().err
+    assert not (policy.parent / "keys.yaml").exists()
+
+
 @pytest.mark.parametrize("command", ["new", "revoke"])
 def test_the_key_tools_work_while_the_policy_is_not_even_yaml(
     policy: Path, capsys: pytest.CaptureFixture[str], command: str
@@ -436,7 +449,7 @@ def test_revoke_takes_a_key_out_of_a_key_file_another_line_of_which_is_invalid(
     assert main([*revoke, "app"]) == 0
     err = capsys.readouterr().err
     assert key_file.read_text() == "# by hand\nkeys:\n" + bad + other  # its line only: the others as written
-    assert f"{key_file}: invalid\n  - {key_file}: keys[1].hash (line 4): must be 'sha256:' followed by" in err
+    assert f"{key_file}: invalid\n  - {key_file}: keys[1].hash (line 4): must be `sha256:` followed by" in err
     assert f"key app removed from {key_file}." in err
     assert f"note: {key_file} is invalid as it is now (1 problem: `gateway check {policy}` lists them)" in err
     # t121: serve starts on the policy its data dir keeps (f113), so "a gateway cannot start on it" was untrue

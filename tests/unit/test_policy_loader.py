@@ -121,7 +121,7 @@ def test_unknown_model_reference_names_route_and_line() -> None:
 @pytest.mark.parametrize("name", ["fast/", "/fast", "fast lane"])
 def test_a_name_that_cannot_round_trip_through_a_path_is_refused(name: str) -> None:
     [message] = problems(VALID.replace("  fast: {model: s", f"  {name!r}: {{model: s"))
-    assert message.startswith(f"routes.{name} (line 13)") and "no '/' at either end" in message
+    assert message.startswith(f"routes.{name} (line 13)") and "no `/` at either end" in message
 
 
 def test_a_name_may_hold_inner_slashes() -> None:
@@ -326,7 +326,7 @@ def test_key_file_problems_name_that_file_and_its_line(tmp_path: Path) -> None:
         load_policy(path, environ={})
     key_file = tmp_path / "keys.yaml"
     assert caught.value.problems == [
-        f"{key_file}: keys[2].hash (line 4): must be 'sha256:' followed by 64 lowercase hex digits, got 'md5'"
+        f"{key_file}: keys[2].hash (line 4): must be `sha256:` followed by 64 lowercase hex digits, got 'md5'"
     ]  # the file is judged as a whole: the duplicate waits for the next check
     other, third = "sha256:" + "b" * 64, "sha256:" + "c" * 64
     (tmp_path / "keys.yaml").write_text(f"keys:\n  - {{id: b, hash: '{other}'}}\n  - {{id: a, hash: '{third}'}}\n")

@@ -321,6 +321,26 @@ def test_the_log_keeps_the_names_the_gateway_writes_and_drops_the_values_it_quot
     ]
 
 
+@pytest.mark.parametrize(
+    ("edit", "hint"),
+    [
+        (("tier: large}", "tier: large, api_key_env: sk-live-SECRET-1234}"), "(letters, digits and `_`)"),
+        ((hash_key("sk-bob"), "md5"), "must be `sha256:` followed by 64 lowercase hex digits"),
+        (("  smart: {model: large}", "  smart/: {model: large}"), "no `/` at either end"),
+        (("cache: {", "cors: {allow_origins: [https://a.example/x]}\ncache: {"), "no path (or `*`)"),
+    ],
+)
+def test_the_log_keeps_the_gateways_own_hint_where_it_hides_the_value(edit: tuple[str, str], hint: str) -> None:
+    """t146: the schema's own `'_'` was hidden with the value: "(letters, digits and '…')"."""
+    from gateway.runtime import loggable_problems
+
+    assert edit[0] in POLICY
+    with pytest.raises(ConfigError) as rejected:
+        load_policy_text(POLICY.replace(edit[0], edit[1]))
+    [logged] = loggable_problems(rejected.value.problems)
+    assert hint in logged and "SECRET" not in logged and "a.example" not in logged
+
+
 def test_a_name_that_is_an_environment_variables_value_is_hidden_from_admins_too() -> None:
     """t48: ``model: ${AN_KEY}`` in a route: the unknown model's name, the upstream's key, reached
     an admin's /readyz (names the gateway cannot place stay, for ops to read)."""
