@@ -7,6 +7,7 @@ environment holds what policies.yaml names: its ``${VAR}`` references and each m
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,15 @@ import msgspec
 from gateway.config.schema import RequestLogPolicy
 from gateway.drain import DEFAULT_DRAIN_S
 
-__all__ = ["DEFAULT_ROUTER_ARTIFACTS", "Settings"]
+__all__ = ["DEFAULT_HEAD_TIMEOUT_S", "DEFAULT_ROUTER_ARTIFACTS", "HEAD_TIMEOUT_VARIABLE", "Settings", "head_timeout_s"]
 
 DEFAULT_ROUTER_ARTIFACTS = str(Path(__file__).resolve().parent / "classifier" / "artifacts")
 """The classifier that ships inside the package (package data of ``gateway.classifier``);
 ``GATEWAY_ROUTER_ARTIFACTS`` overrides it."""
+
+HEAD_TIMEOUT_VARIABLE = "GATEWAY_HEAD_TIMEOUT_S"
+DEFAULT_HEAD_TIMEOUT_S = 15.0
+_MAX_HEAD_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,3 +93,21 @@ def _positive_int(text: str | None) -> int | None:
     except ValueError:
         return None
     return value if value > 0 else None
+
+
+def head_timeout_s(text: str | None) -> float:
+    """``GATEWAY_HEAD_TIMEOUT_S`` (unset or empty: the default); a ValueError saying why for a value
+    it cannot be. ``serve`` refuses one at start (t146: ``abc`` was a traceback, ``nan`` failed every
+    connection, 0 or less closed them before they were read)."""
+    if not text:
+        return DEFAULT_HEAD_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= _MAX_HEAD_TIMEOUT_S):
+        raise ValueError(
+            f"{HEAD_TIMEOUT_VARIABLE}: must be a number of seconds above 0 and at most {_MAX_HEAD_TIMEOUT_S:g}, "
+            f"got {text!r}"
+        )
+    return value

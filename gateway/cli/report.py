@@ -69,11 +69,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit status 0; 1 when a log cannot be read or the chart cannot be drawn; else :data:`DAMAGED_LOG`
+    """Exit status 0; 2 for arguments it cannot use; 1 when a log cannot be read or the chart cannot be drawn; else :data:`DAMAGED_LOG`
     when a gzipped log was damaged (the table is printed all the same)."""
     if args.since and args.until and args.since >= args.until:
         print("report: --since must be before --until", file=sys.stderr)
-        return 1
+        return 2  # as argparse's own refusals: 1 is for a log that cannot be read (t146)
     aggregator = Aggregator(args.since, args.until)
     status = 0
     for path in args.logs:

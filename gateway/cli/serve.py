@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import ipaddress
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -23,6 +25,7 @@ from gateway.drain import DEFAULT_DRAIN_S
 from gateway.errors import ConfigError
 from gateway.inference import MAX_INTRA_OP_THREADS, intra_op_threads_for
 from gateway.services.redis_server import DEFAULT_MAXMEMORY, RedisServerNotFound
+from gateway.settings import HEAD_TIMEOUT_VARIABLE, head_timeout_s
 
 __all__ = ["register", "run"]
 
@@ -71,6 +74,7 @@ def register(commands: Subcommands) -> None:
     )
     serve.add_argument(
         "--redis-maxmemory",
+        type=_memory_size,
         default=DEFAULT_MAXMEMORY,
         help=f"memory bound of the embedded Redis; cache entries are evicted first (default {DEFAULT_MAXMEMORY})",
     )
@@ -87,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
     # when its handler is in; the request log is opened fresh at the start anyway.
     for early in _WORKER_SIGNALS:
         signal.signal(early, signal.SIG_IGN)
+    try:  # the workers read it: refused here, before anything starts, they never see a value they cannot use
+        head_timeout_s(os.environ.get(HEAD_TIMEOUT_VARIABLE))
+    except ValueError as exc:
+        _say(str(exc))
+        return 2
     with ExitStack() as cleanup:
         holder = _claim_data_dir(args.data_dir, cleanup)
         if holder is not None:
@@ -95,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
                 "metrics and kept policy are there, and a second one would break them; give this one its own "
                 "--data-dir (make run DATA_DIR=...)"
             )
+            return 2
+        taken = _listen_problem(args.host, args.port)
+        if taken is not None:
+            _say(f"--port {args.port}: {taken}")
             return 2
         if args.workers > 1:
             # Before anything here imports prometheus_client (gateway.runtime does): it picks its
@@ -399,6 +412,21 @@ def _bound(family: socket.AddressFamily, host: str, port: int, *, reuse_port: bo
         _say(f"cannot listen on {host}:{port}: {exc}")
         raise SystemExit(3) from None
     return sock
+
+
+def _listen_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound now, tried as the servers bind it (with SO_REUSEADDR): a port
+    another process listens on was found out only once the private Redis and the simulated upstreams
+    had started, exit 3 (t146). The servers still say so, exit 3, if it is taken meanwhile."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        hint = "; stop what listens there, or give another --port" if exc.errno == errno.EADDRINUSE else ""
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}"
+    return None
 
 
 def _rebound(sock: socket.socket) -> socket.socket:
@@ -775,6 +803,19 @@ def _host(value: str) -> str:
             probe.bind((value, 0))
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"cannot listen on {value!r}: {exc.strerror or exc}") from None
+    return value
+
+
+_REDIS_SIZE = re.compile(r"(\d+)(?:b|k|kb|m|mb|g|gb)?", re.IGNORECASE)
+"""A size as Redis reads ``maxmemory``: whole, with an optional unit."""
+
+
+def _memory_size(value: str) -> str:
+    """A Redis size above 0: ``maxmemory 0`` is no bound at all (t146), and what Redis cannot read
+    stopped the start only once the simulated upstreams were up."""
+    size = _REDIS_SIZE.fullmatch(value)
+    if size is None or int(size[1]) == 0:
+        raise argparse.ArgumentTypeError(f"must be a size above 0 such as 256mb or 2gb, got {value!r}")
     return value
 
 

@@ -616,6 +616,14 @@ def _downgrade_warnings(policy: Policy) -> list[str]:
     ]
 
 
+_REFUSED = "429, with a retry-after SDKs retry on"
+
+
+def _rates_of_zero(limits: Limits) -> list[str]:
+    """``rpm`` and ``tpm`` of 0: valid, as a zero budget is, but no request ever fits (t146)."""
+    return [name for name, value in (("rpm", limits.rpm), ("tpm", limits.tpm)) if value == 0]
+
+
 def _has_budget(limits: Limits) -> bool:
     return limits.usd_per_day is not None or limits.usd_per_month is not None
 
@@ -656,6 +664,17 @@ def _warnings(policy: Policy, environ: Mapping[str, str], key_file: Path | None 
             out.append(f"key {key.id}: models {', '.join(hidden)} are not public (public: false); it cannot call them")
         if policy.tenants and key.tenant not in policy.tenants:
             out.append(f"key {key.id}: tenant {key.tenant!r} is not under tenants:, so no tenant limits apply to it")
+        out += [
+            f"key {key.id}: limits.{rate} 0 refuses every request it makes ({_REFUSED}); leave it out for no "
+            "limit, or revoke the key"
+            for rate in _rates_of_zero(key.limits)
+        ]
+    for name, tenant in policy.tenants.items():
+        out += [
+            f"tenants.{name}.limits.{rate}: 0 refuses every request of the tenant's keys ({_REFUSED}); leave it "
+            "out for no limit"
+            for rate in _rates_of_zero(tenant.limits)
+        ]
     if policy.auth.mode == "keys" and not policy.auth.keys:
         where = (
             f" ({key_file} does not exist yet: `gateway keys new` writes it)"

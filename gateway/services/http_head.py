@@ -26,12 +26,22 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from gateway.errors import InvalidRequestError
 from gateway.protocols import anthropic_messages
+from gateway.settings import DEFAULT_HEAD_TIMEOUT_S, HEAD_TIMEOUT_VARIABLE, head_timeout_s
 
 __all__ = ["HEAD_TIMEOUT_S", "MAX_HEAD_BYTES", "BoundedHeadProtocol"]
 
 MAX_HEAD_BYTES = 64 * 1024
 """The request line and headers together (nginx's default allows 32 KiB)."""
-HEAD_TIMEOUT_S = float(os.environ.get("GATEWAY_HEAD_TIMEOUT_S", "15"))
+
+
+def _head_timeout_s() -> float:
+    try:
+        return head_timeout_s(os.environ.get(HEAD_TIMEOUT_VARIABLE))
+    except ValueError:  # serve refuses it before any worker starts
+        return DEFAULT_HEAD_TIMEOUT_S
+
+
+HEAD_TIMEOUT_S = _head_timeout_s()
 """From a head's first byte to its last (``GATEWAY_HEAD_TIMEOUT_S``)."""
 _LINGER_S = 0.5
 _PIECE_BYTES = 16 * 1024

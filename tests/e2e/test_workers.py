@@ -408,6 +408,56 @@ def test_a_host_it_cannot_listen_on_is_refused_before_anything_starts(tmp_path: 
     assert "SIMULATED" not in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_is_refused_before_anything_starts(tmp_path: Path, workers: str) -> None:
+    """t146: the private Redis and the simulated upstreams were started, then the server's bind
+    failed (uvicorn's `[Errno 98] address already in use`), exit 3; a --host it cannot listen on
+    was refused at once, exit 2."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--simulate-missing", "--port", str(port),
+             "--workers", workers, "--data-dir", str(tmp_path / "data")],
+            env={**os.environ, "SMALL_MODEL_URL": "", "LARGE_MODEL_URL": "", "REDIS_URL": ""},
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr, done.stderr
+    assert "SIMULATED" not in done.stderr and "Redis" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "inf", "0", "-1", "1e9"])
+def test_a_head_timeout_it_cannot_use_is_refused_before_anything_starts(tmp_path: Path, value: str) -> None:
+    """t146: GATEWAY_HEAD_TIMEOUT_S=abc ended in a traceback; nan started a gateway whose every
+    connection failed; 0 or less closed connections before they were read."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--simulate-missing", "--data-dir", str(tmp_path / "data")],
+        env={**os.environ, "SMALL_MODEL_URL": "", "LARGE_MODEL_URL": "", "REDIS_URL": "",
+             "GATEWAY_HEAD_TIMEOUT_S": value},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    said = f"GATEWAY_HEAD_TIMEOUT_S: must be a number of seconds above 0 and at most 3600, got {value!r}"
+    assert said in done.stderr, done.stderr[-2000:]
+    assert "SIMULATED" not in done.stderr and "Redis" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("size", ["0", "0mb", "-1", "1.5gb"])
+def test_a_redis_maxmemory_that_bounds_nothing_is_refused_before_anything_starts(tmp_path: Path, size: str) -> None:
+    """t146: `--redis-maxmemory 0` was written as `maxmemory 0`, which Redis reads as no bound."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--simulate-missing", "--redis-maxmemory", size,
+         "--data-dir", str(tmp_path / "data")],
+        env={**os.environ, "SMALL_MODEL_URL": "", "LARGE_MODEL_URL": "", "REDIS_URL": ""},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"argument --redis-maxmemory: must be a size above 0 such as 256mb or 2gb, got {size!r}" in done.stderr
+    assert "SIMULATED" not in done.stderr and "Traceback" not in done.stderr
+
+
 def test_a_data_dir_the_private_redis_cannot_use_is_a_clear_line_and_exit_2(tmp_path: Path) -> None:
     """t134: a --data-dir that is a regular file (or in /proc) ended in mkdir's traceback, exit 1."""
     (tmp_path / "a-file").write_text("")
@@ -453,7 +503,7 @@ def test_serve_says_it_serves_only_once_listening(
              "--server", server, "--data-dir", str(tmp_path / "taken")],
             env={**os.environ, "REDIS_URL": redis_server.url}, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
-    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.returncode == 2, done.stderr[-2000:]  # t146: refused before anything starts, not exit 3
     assert "serving" not in done.stderr and "Traceback" not in done.stderr
     assert "address already in use" in done.stderr.lower()
     gateway = start_gateway(tmp_path / "free", policy.read_text(), env={"REDIS_URL": redis_server.url}, server=server)

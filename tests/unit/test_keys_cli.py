@@ -238,6 +238,21 @@ def test_new_warns_of_what_check_warns_about(policy: Path, capsys: pytest.Captur
     assert "warning" not in capsys.readouterr().err
 
 
+def test_new_warns_of_a_rate_of_zero_which_refuses_every_request(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """t146: `--rpm 0` made, in silence, a key every request of which is a 429 with a retry-after,
+    which SDKs retry. The policy accepts it (as `rpm: 0` in a key file), so the tool does too, and
+    says what it does, as `check` and serve do."""
+    assert _new(policy, "--id", "idle", "--rpm", "0", "--tpm", "0") == 0
+    err = capsys.readouterr().err
+    for limit in ("rpm", "tpm"):
+        assert f"warning: key idle: limits.{limit} 0 refuses every request it makes (429, with a retry-after" in err, (
+            err
+        )
+    assert [key.limits.rpm for key in load_keys(policy).keys if key.id == "idle"] == [0]
+
+
 def test_new_says_how_the_key_applies_while_the_policy_is_invalid(
     policy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -993,6 +993,20 @@ def test_a_downgrade_without_any_budget_is_warned_of() -> None:
     assert load_policy_text(keyed, environ={}).warnings == []
 
 
+def test_a_rate_of_zero_is_warned_of() -> None:
+    """t146: `rpm: 0` or `tpm: 0` refuses every request (429 with a retry-after, which SDKs retry);
+    valid, as a zero budget is, but likely not meant."""
+    key = f"{{id: k, tenant: a, hash: 'sha256:{'a' * 64}', limits: {{tpm: 0, usd_per_day: 0}}}}"
+    text = VALID.replace("auth: {mode: none}", f"auth: {{mode: keys, keys: [{key}]}}")
+    text += "tenants:\n  a: {limits: {rpm: 0}}\n"
+    assert load_policy_text(text, environ={}).warnings == [
+        "key k: limits.tpm 0 refuses every request it makes (429, with a retry-after SDKs retry on); "
+        "leave it out for no limit, or revoke the key",
+        "tenants.a.limits.rpm: 0 refuses every request of the tenant's keys (429, with a retry-after SDKs "
+        "retry on); leave it out for no limit",
+    ]
+
+
 def test_a_bad_value_from_a_variable_names_the_variable_and_hides_the_value() -> None:
     """t66: `SMALL_CONTEXT_WINDOW=08192` got "(line 19): ... write it without the leading 0" for a line
     that holds only `${...}`; the variable is named, and its value (perhaps a secret) is not shown."""
