@@ -369,8 +369,11 @@ class SpeculativeProvider(Provider):
                 return f"unsupported_{name}"
         if (body.get("n") or 1) != 1:
             return "unsupported_n"
-        if not within_applied_limits(stops_of(body.get("stop"))):  # matched on the event loop, as applied stops
+        stop = body.get("stop")
+        if not within_applied_limits(stops_of(stop)):  # matched on the event loop, as applied stops
             return "stop_over_limit"
+        if stop == "" or (isinstance(stop, list) and "" in stop):
+            return "stop_empty"  # vLLM refuses it (400); the loop would drop it and answer in full (t154)
         if body.get("logprobs") or body.get("top_logprobs"):
             return "unsupported_logprobs"
         if (

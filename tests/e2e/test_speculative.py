@@ -496,6 +496,16 @@ async def test_requests_the_loop_cannot_reproduce_go_plain(pair: tuple[Provider,
     assert stream.speculation.fallback_to_plain and chunks
 
 
+async def test_an_empty_stop_string_goes_plain(pair: tuple[Provider, Provider]) -> None:
+    """t154: the loop dropped an empty stop and answered in full, where vLLM refuses it (400)."""
+    spec = _spec(pair)
+    await spec.check_pair()
+    for stop in ("", [""], ["zz", ""]):
+        completion = await spec.complete(*as_sent(_body(_PROMPTS[0], max_tokens=8, stop=stop)))
+        assert _stats(completion).fallback_reason == "stop_empty"
+    assert not _stats(await spec.complete(*as_sent(_body(_PROMPTS[0], max_tokens=8, stop=["zz"])))).fallback_to_plain
+
+
 async def test_more_stop_strings_than_the_gateway_matches_itself_go_plain(pair: tuple[Provider, Provider]) -> None:
     """t105: the loop matched 2,000 stop strings of 1,000 characters on the event loop; past the
     cap on the stops the gateway applies itself, the large server applies them."""
