@@ -41,6 +41,7 @@ from gateway.classifier import load_classifier
 from gateway.drain import Drain
 from gateway.embeddings import EmbeddingsPipeline
 from gateway.errors import ConfigError, GatewayError, InvalidRequestError, ModelNotFoundError
+from gateway.http_paths import in_messages_api
 from gateway.large_share import LargeShareTracker
 from gateway.learning.learned import ClassifierInputs
 from gateway.learning.loop import LearningLoop
@@ -55,7 +56,6 @@ from gateway.store.redis import SharedRedis, connect, redis_store
 __all__ = ["create_app"]
 
 _log = structlog.get_logger("gateway.app")
-_ANTHROPIC_PATH = "/v1/messages"
 
 
 def create_app(settings: Settings | None = None) -> ChatRoute:
@@ -225,7 +225,7 @@ def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response
 def _in_callers_shape(request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
     """Anthropic's SDK sends ``anthropic-version`` on every call, ``/v1/models`` included, and
     reads only Anthropic's error shape; everyone else gets OpenAI's."""
-    if "anthropic-version" in request.headers or request.url.path.startswith(_ANTHROPIC_PATH):
+    if "anthropic-version" in request.headers or in_messages_api(request.url.path):
         body = anthropic_messages.encode_error(exc.status_code, exc.message)
         return Response(body, status_code=exc.status_code, headers=exc.headers, media_type="application/json")
     return error_response(exc)

@@ -26,6 +26,7 @@ from gateway.api.handoff import Incoming, hand_to_pipeline
 from gateway.api.probes import internal_error
 from gateway.api.state import GatewayState
 from gateway.errors import GatewayError, InvalidRequestError
+from gateway.http_paths import canonical_path
 from gateway.pipeline import Answer, StreamingAnswer
 
 __all__ = ["CHAT_PATH", "ChatRoute"]
@@ -66,7 +67,7 @@ class ChatRoute:
                         await cors_headers.answer_preflight(scope, send, origin, cors)
                     return
                 send = cors_headers.with_cors_headers(send, origin)
-        if scope["path"] == CHAT_PATH:
+        if (path := scope["path"]) == CHAT_PATH or canonical_path(path) == CHAT_PATH:  # as Litestar routes (t155)
             method = scope["method"]
             if method == "POST" and state is not None:  # requests come after the lifespan's start
                 await _chat_completions(_BareRequest(self.app, scope, receive), receive, send, state)

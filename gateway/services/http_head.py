@@ -25,6 +25,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from gateway.errors import InvalidRequestError
+from gateway.http_paths import in_messages_api, target_path
 from gateway.protocols import anthropic_messages
 from gateway.settings import DEFAULT_HEAD_TIMEOUT_S, HEAD_TIMEOUT_VARIABLE, head_timeout_s
 
@@ -151,7 +152,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._answer_pending():
             self._hang_up()
             return
-        if getattr(self, "url", b"").startswith(b"/v1/messages"):  # in the caller's protocol (t45)
+        # in the caller's protocol (t45), told by the path as routed, whatever form the target has (t155)
+        if in_messages_api(target_path(getattr(self, "url", b""))):
             body = anthropic_messages.encode_error(status, message)
         else:
             body = InvalidRequestError(message).to_body()

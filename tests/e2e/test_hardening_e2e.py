@@ -847,6 +847,38 @@ def test_a_request_head_is_bounded_in_size_and_time_and_a_body_is_not_counted_in
     assert answered.status_code == 200, answered.text
 
 
+@pytest.mark.parametrize("target", ["http://{host}/v1/messages", "//v1/messages", "/v1//messages/"])
+def test_the_head_bounds_answer_the_messages_api_in_its_shape_whatever_form_its_path_takes(
+    gw: GatewayProcess, target: str
+) -> None:
+    """t155: a target in absolute form (``http://host/v1/messages``) or with a doubled slash got the
+    431 and 408 in OpenAI's shape: the head bound read the raw target, not its path as routed."""
+    line = f"POST {target.format(host=gw.url.removeprefix('http://'))} HTTP/1.1\r\nHost: x\r\n".encode()
+    huge, unfinished = line + b"X-Big: " + b"a" * 70_000 + b"\r\n\r\n", line + b"X-Slow: a"
+    for sent, status in ((huge, b"431"), (unfinished, b"408")):  # unfinished: answered at the 1 s deadline
+        head, _, body = _raw(gw, sent).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 " + status + b" "), head
+        assert msgspec.json.decode(body)["type"] == "error", body
+
+
+def test_a_path_with_a_trailing_or_doubled_slash_reaches_its_route_on_every_api(gw: GatewayProcess) -> None:
+    """t155: ``/v1/messages/`` and ``/v1//messages`` were served (Litestar routes them) while the same
+    forms of chat's path were a 404, so a client joining ``chat/completions`` to a base URL ending in
+    ``/v1/`` failed on chat alone; and a 405 there came in OpenAI's shape on the Messages API."""
+    ask = [{"role": "user", "content": "slashes"}]
+    for path in ("/v1/chat/completions/", "/v1//chat/completions", "//v1/chat/completions"):
+        answered = httpx.post(f"{gw.url}{path}", json={"model": "fast", "messages": ask}, timeout=10)
+        assert answered.status_code == 200 and answered.json()["object"] == "chat.completion", (path, answered.text)
+        not_allowed = httpx.get(f"{gw.url}{path}")
+        assert (not_allowed.status_code, not_allowed.headers["allow"]) == (405, "POST, OPTIONS"), path
+        assert not_allowed.json()["error"]["type"] == "invalid_request_error"
+    for path in ("/v1/messages/", "/v1//messages", "//v1/messages"):
+        answered = httpx.post(f"{gw.url}{path}", json={"model": "fast", "max_tokens": 20, "messages": ask}, timeout=10)
+        assert answered.status_code == 200 and answered.json()["type"] == "message", (path, answered.text)
+        not_allowed = httpx.get(f"{gw.url}{path}")  # no anthropic-version: told by the path
+        assert not_allowed.status_code == 405 and not_allowed.json()["type"] == "error", (path, not_allowed.text)
+
+
 def test_small_bodies_are_read_within_their_limit_and_an_unknown_fields_name_cannot_break_a_header(
     gw: GatewayProcess,
 ) -> None:
