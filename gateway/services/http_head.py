@@ -14,20 +14,29 @@ being served, so that one never heard its client leave (logged 200 where it was 
 And what comes malformed, or past a bound, behind a request still unanswered is not answered:
 the 400 (or 431, 408) would reach the client first and be read as that request's answer, while
 the request went on upstream. The connection is closed instead, as if the client had left.
+
+An upgrade it does not take (h2c, which curl --http2, Java's HttpClient and Ktor offer) is
+ignored and the request served as HTTP/1.1 (RFC 9110 §7.8): uvicorn lost its body, and what came
+after it (Kludex/uvicorn#2722). And an HTTP/1.0 client's answer of unknown length ends with the
+connection, not in chunks it cannot read (RFC 9112 §6.1).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from gateway.errors import InvalidRequestError
 from gateway.http_paths import in_messages_api, target_path
 from gateway.protocols import anthropic_messages
 from gateway.settings import DEFAULT_HEAD_TIMEOUT_S, HEAD_TIMEOUT_VARIABLE, head_timeout_s
+
+if TYPE_CHECKING:
+    from uvicorn._types import ASGISendEvent
 
 __all__ = ["HEAD_TIMEOUT_S", "MAX_HEAD_BYTES", "BoundedHeadProtocol"]
 
@@ -57,6 +66,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_deadline: asyncio.TimerHandle | None = None
         self._refused = False
         self._unanswered: list[RequestResponseCycle] = []
+        self._upgrade_ignored = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -68,7 +78,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._refused:
             return  # what the client still sends after our answer: read and dropped (see _refuse)
         if not self._in_head:
-            super().data_received(data)
+            self._feed(data)
             return
         if self._head_deadline is None:
             self._head_deadline = self.loop.call_later(HEAD_TIMEOUT_S, self._head_too_slow)
@@ -78,13 +88,48 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse(431, "Request Header Fields Too Large", f"request headers exceed {MAX_HEAD_BYTES} bytes")
                 return
-            super().data_received(piece)
+            self._feed(piece)
             if self.transport.is_closing() or self._refused:
                 return
         if data:  # the body, or a pipelined request that follows it
-            super().data_received(data)
+            self._feed(data)
+
+    def _feed(self, data: bytes | memoryview) -> None:
+        """uvicorn's data_received, but for an upgrade other than to a websocket (see _parse_as_http11)."""
+        self._unset_keepalive_if_required()
+        try:
+            while True:
+                try:
+                    self.parser.feed_data(data)
+                    return
+                except httptools.HttpParserUpgrade as upgrade:
+                    if not self._upgrade_ignored:
+                        self.handle_websocket_upgrade()
+                        return
+                    data = memoryview(data)[upgrade.args[0] :]  # the body, and what follows it
+                    self._parse_as_http11()
+        except httptools.HttpParserError:
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+
+    def _parse_as_http11(self) -> None:
+        """httptools ends a request that offers an upgrade at its head, its body unread, and its parser
+        stops there for good (Kludex/uvicorn#2722): a fresh parser takes over, given a head of the
+        request's own framing (not passed on: see on_headers_complete), so that it reads the body
+        and the requests after it as HTTP/1.1."""
+        framing = [name + b": " + value + b"\r\n" for name, value in self.cycle.scope["headers"]
+                   if name in (b"content-length", b"transfer-encoding")]  # fmt: skip
+        if not self.cycle.keep_alive:
+            framing.append(b"connection: close\r\n")
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn sets its own
+        self.parser.feed_data(b"POST / HTTP/1.1\r\n" + b"".join(framing) + b"\r\n")
 
     def on_headers_complete(self) -> None:
+        if self._upgrade_ignored:  # the head _parse_as_http11 made up: its request is already served
+            self._upgrade_ignored = False
+            return
         self._in_head = False
         self._head_bytes = 0
         if self._head_deadline is not None:
@@ -92,11 +137,17 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._head_deadline = None
         before = self.cycle
         super().on_headers_complete()
-        if self.cycle is not before:  # a request (an upgrade makes none)
+        if self.cycle is not before:  # a request (an upgrade to a websocket makes none)
             self._unanswered = [cycle for cycle in self._unanswered if not cycle.response_complete]
             self._unanswered.append(self.cycle)
+            self._upgrade_ignored = self.parser.should_upgrade()
+            if self.cycle.scope["http_version"] == "1.0":
+                # uvicorn makes the cycle itself; not yet run, it is given one that frames for HTTP/1.0
+                self.cycle.__class__ = _Http10Cycle
 
     def on_message_complete(self) -> None:
+        if self._upgrade_ignored:  # ended at its head by httptools: the body is still to come
+            return
         super().on_message_complete()
         self._in_head = True  # a keep-alive connection's next request begins with its head
 
@@ -166,3 +217,23 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # with the client's data unread, the kernel resets the connection, and the answer is lost.
         self._refused = True
         self.loop.call_later(_LINGER_S, self.transport.close)
+
+
+class _Http10Cycle(RequestResponseCycle):
+    """An HTTP/1.0 client cannot read chunks (RFC 9112 §6.1), which uvicorn frames an answer of
+    unknown length in: such an answer ends with the connection instead (uvicorn closes an HTTP/1.0
+    one after each answer)."""
+
+    _close_delimited = False
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if message["type"] == "http.response.start" and not self.response_started:
+            framed = any(
+                name.lower() in (b"content-length", b"transfer-encoding") for name, _ in message.get("headers", ())
+            )
+            if not framed:
+                self.chunked_encoding = False  # uvicorn chooses chunks where it is None
+                self._close_delimited = True
+        elif message["type"] == "http.response.body" and self._close_delimited:
+            self.expected_content_length = len(message.get("body", b""))  # uvicorn counts it down to 0
+        await super().send(message)

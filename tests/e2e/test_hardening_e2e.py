@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -877,6 +878,93 @@ def test_a_path_with_a_trailing_or_doubled_slash_reaches_its_route_on_every_api(
         assert answered.status_code == 200 and answered.json()["type"] == "message", (path, answered.text)
         not_allowed = httpx.get(f"{gw.url}{path}")  # no anthropic-version: told by the path
         assert not_allowed.status_code == 405 and not_allowed.json()["type"] == "error", (path, not_allowed.text)
+
+
+def _raw_in_writes(gateway: GatewayProcess, *writes: bytes) -> bytes:
+    """What the gateway answers on a raw connection to ``writes``, sent 0.2 s apart, until it closes."""
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        for data in writes:
+            sock.sendall(data)
+            time.sleep(0.2)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def _request(path: str, body: bytes, headers: str = "", *, version: str = "1.1", chunked: bool = False) -> bytes:
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(body)}"
+    head = f"POST {path} HTTP/{version}\r\nHost: x\r\nContent-Type: application/json\r\n{headers}{framing}\r\n\r\n"
+    return head.encode() + (b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked else body)
+
+
+def _head_and_body(request: bytes) -> tuple[bytes, bytes]:
+    end = request.index(b"\r\n\r\n") + 4
+    return request[:end], request[end:]
+
+
+_H2C = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
+def test_an_upgrade_offer_is_ignored_and_the_request_served_with_its_body_as_http_1_1(
+    tmp_path: Path, redis_server: object, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream,
+    server: str,
+) -> None:  # fmt: skip
+    """t155: curl --http2, Java's HttpClient and Ktor offer h2c on a POST; uvicorn's httptools
+    protocol (Kludex/uvicorn#2722) dropped the body (a 400 "body is empty"), never answered a
+    request pipelined behind it, and answered a body sent apart with a second, stray 400."""
+    env = {"REDIS_URL": redis_server.url}  # type: ignore[attr-defined]
+    gateway = start_gateway(tmp_path, policy_text(small_upstream, large_upstream), env=env, server=server)
+    chat = msgspec.json.encode({"model": "fast", "messages": [{"role": "user", "content": "hi"}]})
+    messages = msgspec.json.encode({"model": "fast", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]})
+    closing = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    try:
+        for writes in (
+            [_request("/v1/chat/completions", chat, _H2C) + closing],  # pipelined behind it, in one write
+            [*_head_and_body(_request("/v1/messages", messages, _H2C)), closing],  # the body in a write of its own
+            [
+                _request("/v1/chat/completions", chat, "Connection: upgrade\r\nUpgrade: foo/1\r\n", chunked=True),
+                closing,
+            ],
+            [b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + _H2C.encode() + b"\r\n" + closing],  # no body
+        ):
+            answer = _raw_in_writes(gateway, *writes)
+            assert re.findall(rb"HTTP/1\.1 (\d{3})", answer) == [b"200", b"200"], (server, writes[0][:40], answer)
+            assert b"Invalid HTTP request" not in answer
+        assert "Unsupported upgrade" not in gateway.stderr_text()
+    finally:
+        gateway.stop()
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
+def test_a_stream_to_an_http_1_0_client_is_not_chunked_and_ends_with_the_connection(
+    tmp_path: Path, redis_server: object, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream,
+    server: str,
+) -> None:  # fmt: skip
+    """t155: uvicorn sent HTTP/1.0 clients chunked answers, which RFC 9112 §6.1 forbids: an
+    answer of unknown length is delimited by the connection's close instead."""
+    env = {"REDIS_URL": redis_server.url}  # type: ignore[attr-defined]
+    gateway = start_gateway(tmp_path, policy_text(small_upstream, large_upstream), env=env, server=server)
+    try:
+        for path, body in (
+            ("/v1/chat/completions", {"model": "fast", "stream": True, "messages": [{"role": "user", "content": "hi"}]}),
+            ("/v1/messages", {"model": "fast", "stream": True, "max_tokens": 16,
+                              "messages": [{"role": "user", "content": "hi"}]}),
+        ):  # fmt: skip
+            answer = _raw(gateway, _request(path, msgspec.json.encode(body), version="1.0"))  # read to its close
+            head, _, rest = answer.partition(b"\r\n\r\n")
+            assert re.match(rb"HTTP/1\.[01] 200 ", head) and b"transfer-encoding" not in head.lower(), (server, head)
+            assert b"content-length" not in head.lower()
+            assert rest.startswith((b"data: ", b"event: ")) and rest.rstrip().endswith(
+                (b"[DONE]", b'message_stop"}')
+            ), rest[-80:]
+        plain = _raw(gateway, _request("/v1/chat/completions", msgspec.json.encode(
+            {"model": "fast", "messages": [{"role": "user", "content": "hi"}]}), version="1.0"))  # fmt: skip
+        assert b"content-length: " in plain.lower() and msgspec.json.decode(plain.partition(b"\r\n\r\n")[2])["choices"]
+    finally:
+        gateway.stop()
 
 
 def test_small_bodies_are_read_within_their_limit_and_an_unknown_fields_name_cannot_break_a_header(
