@@ -16,7 +16,9 @@ model's ``idle`` timeout holds the upstream; then the upstream is let go (as it 
 settled the same way: it holds only memory by then.
 
 The pipeline reads the upstream through :meth:`ClientPace.next` and calls
-:meth:`ClientPace.offer` before each ``yield`` and :meth:`ClientPace.taken` after it.
+:meth:`ClientPace.offer` before each ``yield`` and :meth:`ClientPace.taken` after it
+(:meth:`ClientPace.hand_last` before the events after the answer's end): what the yields took
+is :meth:`ClientPace.client_wait`, not the gateway's overhead (t151).
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class ClientPace(Generic[Piece]):
         self._ends = loop.time() + timeouts.total - (time.perf_counter() - started)
         self._since: float | None = None
         """When the event the client has not taken yet was handed over (None: none is out)."""
+        self._waited = 0.0
+        """Seconds the events taken were out, from their handing over to the client's asking for more."""
         self._timer: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[None] | None = None
         self._ahead: deque[Piece] = deque()
@@ -94,11 +98,27 @@ class ClientPace(Generic[Piece]):
         if self._timer is None:
             self._timer = self._loop.call_at(min(since + self._idle_s, self._ends), self._check)
 
+    def hand_last(self) -> None:
+        """Just before an event after the answer's end (its usage, ``[DONE]``) is handed over:
+        timed, no longer watched (:meth:`taken` after it)."""
+        self.stop()
+        self._since = self._loop.time()
+
     def taken(self) -> None:
         """The client asked for the next event; raises :class:`ClientStalled` when it came too late."""
-        self._since = None
+        since = self._since
+        if since is not None:
+            self._waited += self._loop.time() - since
+            self._since = None
         if self._closing is not None:
             raise ClientStalled(f"the client took nothing for {self._idle_s:g}s; the upstream was released")
+
+    def client_wait(self) -> float:
+        """Seconds the stream waited on its client: from each event's handing over to the server
+        until it asked for the next (the write, and any wait for a client slow to take the
+        bytes), the event out now included."""
+        since = self._since
+        return self._waited if since is None else self._waited + self._loop.time() - since
 
     def stop(self) -> None:
         """Stop watching: the client is gone (a stall found while its request is settled would

@@ -44,6 +44,8 @@ class DispatchInfo:
     fallback_used: bool = False
     upstream_seconds: float = 0.0
     """Time spent waiting on upstreams (backoff included): excluded from the gateway's overhead."""
+    client_seconds: float = 0.0
+    """Time spent waiting for the client to send its body: excluded from the overhead too (t151)."""
     failures: list[UpstreamError] = field(default_factory=list)
     last_attempt: Callable[[], bool] | None = None
     """Set when the client left: whether the attempt at work, should it fail, is the last (none is

@@ -98,7 +98,9 @@ class EmbeddingsPipeline:
         request_id: str,
         started: float,
         protocol: str = "openai.embeddings",
+        body_wait: Callable[[], float] | None = None,
     ) -> Answer:
+        """``body_wait()``: the seconds ``read_body`` waited for the client to send the body."""
         runtime = self._holder.current
         at = time.time()  # the request's start: its usage's day and month, and its line's started_at
         record = RequestRecord(
@@ -117,7 +119,12 @@ class EmbeddingsPipeline:
             principal = runtime.auth.authenticate(authorization)
             record.key_id, record.tenant = principal.key_id, principal.tenant
             limits = runtime.policy.limits
-            request, inputs, extra = _parse(await read_body(limits.max_body_bytes, limits.body_read_timeout_s))
+            try:
+                raw = await read_body(limits.max_body_bytes, limits.body_read_timeout_s)
+            finally:
+                if body_wait is not None:
+                    info.client_seconds = body_wait()
+            request, inputs, extra = _parse(raw)
             extra = scoped_body(extra, principal.tenant)
             plan = runtime.router.plan(request.model, principal.allowed)
             record.route, record.decision = plan.route, plan.decision
@@ -281,7 +288,8 @@ class EmbeddingsPipeline:
     ) -> None:
         elapsed = time.perf_counter() - started
         record.latency_ms = round(elapsed * 1000, 3)
-        record.overhead_ms = round(max(0.0, elapsed - info.upstream_seconds) * 1000, 3)
+        record.overhead_ms = round(max(0.0, elapsed - info.upstream_seconds - info.client_seconds) * 1000, 3)
+        record.client_wait_ms = round(info.client_seconds * 1000, 3)
         record.retries, record.fallback_used = info.retries, info.fallback_used
         for failure in info.failures:
             self._metrics.upstream_error(failure.upstream, failure.code)
@@ -402,7 +410,7 @@ def _error_answer(record: RequestRecord, exc: GatewayError, started: float, info
 
 
 def _headers(record: RequestRecord, started: float, info: DispatchInfo) -> dict[str, str]:
-    overhead_ms = (time.perf_counter() - started - info.upstream_seconds) * 1000
+    overhead_ms = (time.perf_counter() - started - info.upstream_seconds - info.client_seconds) * 1000
     headers = {
         "x-request-id": record.request_id,
         "x-gateway-cache": record.cache,

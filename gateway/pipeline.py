@@ -359,9 +359,11 @@ class ChatPipeline:
         started: float,
         protocol: str = "openai.chat",
         passthrough: PassThrough | None = None,
+        body_wait: Callable[[], float] | None = None,
     ) -> Answer | StreamingAnswer | StreamingDeltas:
         """``protocol``: the API the client called, for the log. A client of another protocol than
-        chat gets a stream in the internal model (:class:`StreamingDeltas`)."""
+        chat gets a stream in the internal model (:class:`StreamingDeltas`). ``body_wait()``: the
+        seconds ``read_body`` waited for the client to send the body (not the gateway's overhead)."""
         runtime = self._holder.current  # one policy version for the whole request
         at = time.time()  # the request's start: its usage's day and month, and its line's started_at
         record = RequestRecord(
@@ -376,7 +378,11 @@ class ChatPipeline:
             principal = runtime.auth.authenticate(authorization)
             record.key_id, record.tenant = principal.key_id, principal.tenant
             limits = runtime.policy.limits
-            body = await read_body(limits.max_body_bytes, limits.body_read_timeout_s, principal)
+            try:
+                body = await read_body(limits.max_body_bytes, limits.body_read_timeout_s, principal)
+            finally:
+                if body_wait is not None:
+                    x.info.client_seconds = body_wait()
             if isinstance(body, bytes):
                 if len(body) < LARGE_BODY_BYTES:
                     x.body, x.directives, x.request = _read_chat(body, principal.tenant)
@@ -518,7 +524,7 @@ class ChatPipeline:
         finally:
             if x.client_left:
                 x.record.status, x.record.error_type = 499, "client_disconnected"
-            self._finish(x, x.info.upstream_seconds)
+            self._finish(x, x.info.upstream_seconds, x.info.client_seconds)
 
     # -- steps -------------------------------------------------------------------
 
@@ -999,9 +1005,9 @@ class ChatPipeline:
         rest: _ReadOn | None = None
         """The upstream of a stream cut short, handed to a task that reads it to its end, settles
         the request and logs it."""
-        ended: tuple[float, float] | None = None
-        """When the client's stream ended, and the upstream wait until then: what the request is
-        timed by (t65: a cut stream's latency and overhead counted the read past its end)."""
+        ended: tuple[float, float, float] | None = None
+        """When the client's stream ended, and the upstream and client waits until then: what the request
+        is timed by (t65: a cut stream's latency and overhead counted the read past its end)."""
 
         def finish() -> None:
             nonlocal logged
@@ -1009,9 +1015,9 @@ class ChatPipeline:
                 logged = True
                 _record_speculation(record, stream)
                 if ended is None:
-                    self._finish(x, upstream_wait)
+                    self._finish(x, upstream_wait, x.info.client_seconds + pace.client_wait())
                 else:
-                    self._finish(x, ended[1], ended[0])
+                    self._finish(x, ended[1], ended[2], ended[0])
 
         def rest_done() -> None:
             if ended is not None:  # else logged when the client's stream ends
@@ -1021,7 +1027,7 @@ class ChatPipeline:
             """The client's stream is over while its upstream may still be read on: logged once both are."""
             nonlocal ended
             assert rest is not None
-            ended = (time.perf_counter(), upstream_wait)
+            ended = (time.perf_counter(), upstream_wait, x.info.client_seconds + pace.client_wait())
             if rest.done:
                 finish()
 
@@ -1072,7 +1078,9 @@ class ChatPipeline:
                     finally:  # time spent waiting on the upstream (t65)
                         upstream_wait += time.perf_counter() - waited_from
                 for ending in _ending(tally, record, typed, include_usage):
+                    pace.hand_last()
                     yield ending
+                    pace.taken()
                 return
             # No finish reason (an OpenAI-style stream whose [DONE] came first): the usage may
             # be a placeholder, as for a cut stream
@@ -1101,7 +1109,9 @@ class ChatPipeline:
                 yield _failure(stream, unfinished, typed)
                 return
             for ending in _ending(tally, record, typed, include_usage):
+                pace.hand_last()
                 yield ending
+                pace.taken()
             if tally.replayable and self._storing(x):
                 with anyio.CancelScope(shield=True):
                     await self._fill_cache(
@@ -1435,7 +1445,8 @@ class ChatPipeline:
 
     def _headers(self, x: _Exchange, cost: float | None = None) -> dict[str, str]:
         record = x.record
-        overhead_ms = (time.perf_counter() - x.started - x.info.upstream_seconds) * 1000
+        info = x.info
+        overhead_ms = (time.perf_counter() - x.started - info.upstream_seconds - info.client_seconds) * 1000
         headers = {
             "x-request-id": record.request_id,
             "x-gateway-cache": record.cache,
@@ -1486,17 +1497,20 @@ class ChatPipeline:
             name_the_failed_model(x.record, x.runtime.providers.get(failed.upstream))
             x.record.upstream_status = getattr(failed, "upstream_status", None)
 
-    def _finish(self, x: _Exchange, upstream_seconds: float, ended_at: float | None = None) -> None:
+    def _finish(
+        self, x: _Exchange, upstream_seconds: float, client_seconds: float, ended_at: float | None = None
+    ) -> None:
         """Time the request now (or at ``ended_at``, when its client's answer ended before its
-        upstream was let go); account for it (metrics, log line, learning, limits) just after
-        the answer went out: the client does not wait for its bookkeeping (~15 % of the proxy
-        path's Python time)."""
+        upstream was let go): its overhead is what waiting on the upstream and on the client
+        leaves; account for it (metrics, log line, learning, limits) just after the answer went
+        out: the client does not wait for its bookkeeping (~15 % of the proxy path's Python time)."""
         if x.slot is not None:
             x.slot.release()
         record = x.record
         elapsed = (time.perf_counter() if ended_at is None else ended_at) - x.started
         record.latency_ms = round(elapsed * 1000, 3)
-        record.overhead_ms = round(max(0.0, elapsed - upstream_seconds) * 1000, 3)
+        record.overhead_ms = round(max(0.0, elapsed - upstream_seconds - client_seconds) * 1000, 3)
+        record.client_wait_ms = round(client_seconds * 1000, 3)
         record.retries = x.info.retries
         record.fallback_used = x.info.fallback_used
         if record.ttft_ms is not None:

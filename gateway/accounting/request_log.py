@@ -99,6 +99,8 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     latency_ms: float = 0.0
     ttft_ms: float | None = None
     overhead_ms: float = 0.0
+    client_wait_ms: float = 0.0
+    """Time spent waiting on the client (its body, a stream's sends): in ``latency_ms``, not ``overhead_ms``."""
     upstream_status: int | None = None
     retries: int = 0
     fallback_used: bool = False

@@ -15,7 +15,7 @@ from litestar.exceptions import InternalServerException
 from gateway.api.content_encoding import decoded_body
 from gateway.errors import InvalidRequestError, PayloadTooLargeError, RequestTimeoutError
 
-__all__ = ["BodySource", "BodyUnreadableError", "read_body"]
+__all__ = ["BodySource", "BodyUnreadableError", "inflated_body", "read_body", "received_body"]
 
 
 class BodyUnreadableError(InvalidRequestError):
@@ -37,6 +37,11 @@ class BodySource(Protocol):
 async def read_body(request: BodySource, limit: int, timeout_s: float) -> bytes:
     """The body, inflated; raises a 413, 408 or 400 in the caller's error hierarchy
     (:class:`BodyUnreadableError` when the client left while sending)."""
+    return await inflated_body(request, await received_body(request, limit, timeout_s), limit)
+
+
+async def received_body(request: BodySource, limit: int, timeout_s: float) -> bytes:
+    """The body as the client sent it (not inflated): :func:`read_body`'s wait on the client."""
     announced = request.headers.get("content-length")
     if announced is not None:
         if not announced.isdigit():
@@ -61,6 +66,10 @@ async def read_body(request: BodySource, limit: int, timeout_s: float) -> bytes:
             "the request body could not be read: the connection ended, or its chunked framing was invalid, "
             "before the body was whole"
         ) from None
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def inflated_body(request: BodySource, body: bytes, limit: int) -> bytes:
+    """``body`` inflated as its ``Content-Encoding`` says, within ``limit``."""
     encoding = request.headers.get("content-encoding")
     return body if encoding is None else await decoded_body(body, encoding, limit)

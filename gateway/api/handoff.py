@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-from gateway.api.bodies import BodyUnreadableError, read_body
+from gateway.api.bodies import BodyUnreadableError, inflated_body, received_body
 from gateway.api.credentials import authorization_of
 from gateway.api.state import GatewayState
 from gateway.auth import Credentials, Principal
@@ -108,11 +108,11 @@ async def hand_to_pipeline(
         answer: Answer | StreamingAnswer | StreamingDeltas
         if embeddings:
             answer = await state.embeddings.handle(
-                watch.read_body, authorization, cache_control, request_id, started, protocol
+                watch.read_body, authorization, cache_control, request_id, started, protocol, watch.body_wait
             )
         else:
             answer = await state.pipeline.handle(
-                read_body, authorization, cache_control, request_id, started, protocol, passthrough
+                read_body, authorization, cache_control, request_id, started, protocol, passthrough, watch.body_wait
             )
     except asyncio.CancelledError:
         if not watch.client_left:
@@ -137,7 +137,7 @@ class DisconnectWatch:
 
     WATCH_AFTER_S = 0.01
 
-    __slots__ = ("_on_leave", "_request", "_task", "_timer", "_unread", "_watcher", "client_left")
+    __slots__ = ("_body_s", "_on_leave", "_request", "_task", "_timer", "_unread", "_watcher", "client_left")
 
     def __init__(
         self, request: Incoming, task: asyncio.Task[object], on_leave: Callable[[asyncio.Task[Any]], bool] | None = None
@@ -150,6 +150,7 @@ class DisconnectWatch:
         self._timer: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._unread: BodyUnreadableError | None = None
+        self._body_s = 0.0
         self.client_left = False
 
     def read_chat_body(self, limit: int, timeout_s: float, principal: Principal) -> Awaitable[bytes]:
@@ -157,13 +158,21 @@ class DisconnectWatch:
         return self.read_body(limit, timeout_s)
 
     async def read_body(self, limit: int, timeout_s: float) -> bytes:
+        began = time.perf_counter()
         try:
-            body = await read_body(self._request, limit, timeout_s)
+            body = await received_body(self._request, limit, timeout_s)
         except BodyUnreadableError as exc:
             self.client_left, self._unread = True, exc  # the client left while sending (so the server says)
             raise asyncio.CancelledError from None
+        finally:
+            self._body_s = time.perf_counter() - began
+        body = await inflated_body(self._request, body, limit)
         self._timer = asyncio.get_running_loop().call_later(self.WATCH_AFTER_S, self._start_watching)
         return body
+
+    def body_wait(self) -> float:
+        """Seconds spent waiting for the client to send its body (inflating it not included)."""
+        return self._body_s
 
     def left_answer(self, request_id: str) -> Answer | None:
         """The answer for a client that left: none, or the 400 for a body the server said it left

@@ -14,22 +14,28 @@ hashed, so any string is a safe key part.
     gw:{t}:v:<ns>:z                   elements by insertion time  (TTL)
     gw:{t}:rl:k:<key id>:win|spend    a key's rate and spend counters (no TTL: never evicted)
     gw:{t}:rl:t:win|spend             the tenant's
-    gw:{t}:rl:r:<reservation id>      a reservation made ("r"), then settled ("s") (TTL: 2 h, then 120 s)
-    gw:{t}:rlc:k:<key id>:win|spend   the same for token counts (count_tokens: rpm only)
+    gw:{t}:rl:r:<reservation id>      a reservation made ("r"), then settled ("s") (TTL: 35 days, then 120 s)
+    gw:{t}:rl:pending                 the tenant's unsettled reservations, by when they are given up (TTL: 35 days)
+    gw:{t}:rlc:k:<key id>:win|spend   the same for token counts (count_tokens: rpm only); rlf: for feedback
     gw:{t}:rlc:t:win|spend            the tenant's
     gw:{t}:use:k:<key id>:<yyyymmdd>  a key's usage that day      (deleted after the retention period)
     gw:{t}:use:t:<yyyymmdd>           the tenant's
+    gw:{t}:ub:<batch>                 a usage-flush batch applied, so a batch sent again adds nothing (TTL: 1 h)
+    gw:{usage}:keys:<yyyymmdd>        the tenant and key pairs with usage that day (TTL: a day past its usage keys')
     gw:{t}:resp:<response id>         a stored Responses API turn (TTL: 30 days)
     gw:{t}:respq, gw:{t}:respq:bytes  the tenant's stored turns by age, and their sizes (TTL: 30 days, refreshed)
     gw:{t}:share:<route>              a route's threshold kept on target_large_share (TTL: 7 days)
+    gw:{t}:share:<route>:w            its recent scores, all processes' (TTL: 7 days)
     gw:{t}:audit:<route>:<setting>    a route's semantic-cache audit state, and its outcomes (:o:<gen>) (TTL: 7 days)
     gw:{t}:learn:tr:<request id>      what the router saw of a routed request (TTL: learning.keep_hours)
     gw:{t}:learn:trq:<route>, :bytes  the tenant's traces on a route by age, and their sizes (TTL: keep_hours, refreshed)
     gw:{t}:learn:labels               labelled routing examples, newest kept (TTL: refreshed on append)
+    gw:{t}:learn:n:<request id>       how many labels a request has had (TTL: learning.keep_hours)
     gw:{t}:learn:shadow:<route>:<day> a route's shadow-judging spend that UTC day (TTL: 2 days)
     gw:{t}:router:active|previous     the tenant's learnt router version in force, and the one before
     gw:{t}:router:v:<version>         a learnt router (TTL: 90 days)
     gw:{global}:router:...            the same for the router learnt from pooled labels
+    gw:{probe}:ready                  the readiness probe's write (TTL: 60 s)
 """
 
 from __future__ import annotations

@@ -171,6 +171,9 @@ def test_a_client_that_stops_reading_does_not_hold_the_upstream(gw: GatewayProce
         record = gw.wait_for_record("stalled-client-1", timeout_s=10)
         assert record["error_type"] == "client_stalled" and record["status"] == 408
         assert record["completion_tokens"] > 0
+        # t151: the second it waited on the client is not the gateway's overhead
+        assert record["latency_ms"] >= 1000 and record["overhead_ms"] < record["latency_ms"] - 800
+        assert record["client_wait_ms"] >= 800
 
 
 def test_a_client_that_reads_slowly_but_steadily_gets_the_whole_answer(gw: GatewayProcess) -> None:
@@ -196,6 +199,9 @@ def test_a_client_that_leaves_while_the_rest_is_read_ahead_is_logged_as_gone(gw:
         time.sleep(2.5)  # past the idle timeout (1 s): the rest of the answer is read ahead meanwhile
     record = gw.wait_for_record("left-during-read-ahead", timeout_s=10)
     assert record["status"] == 499 and record["error_type"] == "client_disconnected"
+    # t151: the seconds its stream waited on the client are not the gateway's overhead
+    assert record["latency_ms"] >= 2000 and record["overhead_ms"] < record["latency_ms"] - 0.8 * 2000
+    assert record["client_wait_ms"] >= 0.8 * 2000
 
 
 def test_every_choice_of_n_is_whole_when_usage_comes_in_every_chunk(gw: GatewayProcess) -> None:
@@ -517,6 +523,30 @@ def test_defect9_a_body_that_never_finishes_is_answered_408(gw: GatewayProcess) 
             received += chunk
     assert received.startswith(b"HTTP/1.1 408"), received[:200]
     assert b"request_timeout" in received or b"content-length" in received.lower()
+
+
+def test_a_client_slow_to_send_its_body_is_not_the_gateways_overhead(gw: GatewayProcess) -> None:
+    """t151: ``overhead_ms`` (and ``gateway_overhead_seconds``) counted the time a client took to
+    send its body as the gateway's own: a few slow clients made the gateway look seconds slow."""
+    body = b'{"model": "fast", "messages": [{"role": "user", "content": "slow body %d"}]}' % time.time_ns()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    for request_id, rest, status in (("slow-body-1", body[12:], b"200"), ("slow-body-2", b"", b"408")):
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+            sock.sendall(
+                head
+                + b"x-request-id: %s\r\nconnection: close\r\n" % request_id.encode()
+                + b"content-length: %d\r\n\r\n" % len(body)
+                + body[:12]
+            )
+            time.sleep(0.7)  # body_read_timeout_s is 1: slow-body-2's never comes, a 408 at 1 s
+            sock.sendall(rest)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 " + status), received[:200]
+        record = gw.wait_for_record(request_id)
+        assert record["latency_ms"] >= 700 and record["overhead_ms"] < record["latency_ms"] - 0.8 * 700
+        assert record["client_wait_ms"] >= 0.8 * 700
 
 
 def test_defect10_the_drain_deadline_ends_silent_streams_in_band_and_logs_them(

@@ -111,6 +111,26 @@ async def test_a_client_that_keeps_up_reads_the_upstream_itself() -> None:
     await pace.aclose()
 
 
+async def test_the_time_events_wait_on_the_client_is_timed_and_the_upstreams_is_not() -> None:
+    """t151: what the stream waited on its client counted as the gateway's own overhead."""
+    upstream, stalls = _Upstream(3), deque[float]()
+    pace = _pace(upstream, stalls)
+    await pace.next()
+    pace.offer()
+    await asyncio.sleep(0.2)
+    assert pace.client_wait() >= 0.19  # the event out now counts (a client that stalls or leaves)
+    pace.taken()
+    waited = pace.client_wait()
+    await asyncio.sleep(0.1)
+    assert pace.client_wait() == waited  # no event is out: not the client's time
+    await _rest(pace)
+    pace.hand_last()  # the usage or [DONE]: timed, not watched
+    await asyncio.sleep(0.2)
+    pace.taken()
+    assert pace.client_wait() >= waited + 0.19 and not stalls
+    await pace.aclose()
+
+
 @pytest.mark.parametrize("kind", ["text", "tool", "bytes"])
 def test_read_ahead_bound_counts_what_pieces_really_hold(kind: str) -> None:
     """The bound is in bytes of memory: short deltas (a token each) hold far more than their text."""
