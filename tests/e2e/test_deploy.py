@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -915,3 +916,191 @@ def test_env_example_defines_every_required_variable_and_no_secret() -> None:
     # Without a .env, compose refuses to start rather than run Redis without a password.
     with pytest.raises(AssertionError, match="REDIS_PASSWORD"):
         _compose(env={})
+
+
+def _compose_policy(env: Mapping[str, str]) -> Any:
+    """The repository's policy as compose's gateway loads it, with compose's environment from ``env``."""
+    gateway = _compose(env)["services"]["gateway"]
+    (mount,) = [v for v in gateway["volumes"] if v["target"] == "/etc/gateway"]
+    path = (DEPLOY / mount["source"]).resolve() / PurePosixPath(_flag(gateway["command"], "--policies")).name
+    return load_policy_text(path.read_text(), source=str(path), environ=gateway["environment"]).policy
+
+
+_HOSTED = {"SMALL_MODEL_URL": "https://api.openai.com/v1", "LARGE_MODEL_URL": "https://api.openai.com/v1"}
+
+
+def test_compose_sends_vllm_only_fields_only_where_env_example_turns_them_on() -> None:
+    """t156 #1: compose defaulted continue_final_message and tenant_cache_salt on for any upstream.
+    Pointed at OpenAI as its comments said, every chat request carried `cache_salt` and every
+    Anthropic prefill `add_generation_prompt`: 400 "Unrecognized request argument" for both.
+    They are off unless .env says otherwise; .env.example turns them on for its vLLM pair."""
+    switches = ("SMALL_MODEL_CONTINUES", "LARGE_MODEL_CONTINUES", "SMALL_MODEL_CACHE_SALT", "LARGE_MODEL_CACHE_SALT")
+
+    def chat_models(env: Mapping[str, str]) -> list[Any]:
+        policy = _compose_policy(env)
+        return [policy.models[name] for name in (policy.pair.small, policy.pair.large)]
+
+    example = _env_example()
+    assert example.get("COMPOSE_PROFILES") == "models"
+    assert all(m.continue_final_message and m.tenant_cache_salt for m in chat_models(example)), "vLLM pair"
+    # A .env that sets none of them (written before they existed, or with the lines deleted).
+    bare = {k: v for k, v in example.items() if k not in switches and k != "COMPOSE_PROFILES"}
+    for model in chat_models({**bare, **_HOSTED}):
+        assert not model.continue_final_message and not model.tenant_cache_salt, model
+    # .env.example's hosted instructions, next to the URL lines, name the four switches.
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    url_line = next(i for i, line in enumerate(lines) if re.match(r"#\s*LARGE_MODEL_URL=https://", line))
+    nearby = "\n".join(lines[url_line - 6 : url_line + 10])
+    for switch in switches:
+        assert f"{switch}=true" in nearby, f"{switch} is not set beside the hosted URLs"
+    assert "false" in nearby and "400" in nearby
+
+
+def test_k8s_vllm_only_fields_are_set_beside_the_upstream_urls() -> None:
+    """t156 #1: the ConfigMap policy hard-coded them on while deploy/README said to edit only the
+    URLs for other upstreams. They come from gateway-upstreams, next to the URLs."""
+    objects = _k8s_objects(include_examples=True)
+    upstreams = _one("ConfigMap", "gateway-upstreams", objects)["data"]
+    text = _one("ConfigMap", "gateway-policies", objects)["data"]["policies.yaml"]
+    hosted = {
+        **_container_environ(_gateway_container(), objects),
+        **{k: "false" for k in upstreams if k.endswith(("_CONTINUES", "_CACHE_SALT"))},
+    }
+    policy = load_policy_text(text, environ=hosted).policy
+    for name in (policy.pair.small, policy.pair.large):
+        assert not policy.models[name].continue_final_message and not policy.models[name].tenant_cache_salt
+    readme = (DEPLOY / "README.md").read_text()
+    assert "vLLM-only" in readme and "continue_final_message" in readme and "tenant_cache_salt" in readme
+
+
+# The policy reads them, compose leaves them out: the images have no simulator, and a container logs to stdout.
+_NOT_FOR_COMPOSE = {"SMALL_MODEL_SIMULATED", "LARGE_MODEL_SIMULATED", "GATEWAY_REQUEST_LOG"}
+
+
+def test_compose_passes_every_variable_its_policy_reads() -> None:
+    """t156 #2: EMBEDDING_MODEL_URL / _NAME / _API_KEY never reached the container, so `embed`
+    always went to vllm-small, which serves no embeddings (502). Nor may compose pass a
+    variable nobody reads (a misspelt name)."""
+    gateway = _compose()["services"]["gateway"]
+    (mount,) = [v for v in gateway["volumes"] if v["target"] == "/etc/gateway"]
+    text = ((DEPLOY / mount["source"]).resolve() / "policies.yaml").read_text()
+    policy = yaml.safe_load(text)
+    referenced = set(re.findall(r"\$\{(\w+)", json.dumps(policy)))  # in values: not the comments' ${VAR}
+    referenced |= {m["api_key_env"] for m in policy["models"].values() if "api_key_env" in m}
+    passed = set(gateway["environment"])
+    assert not referenced - passed - _NOT_FOR_COMPOSE, "compose does not pass them to the gateway"
+    source = "\n".join(p.read_text() for p in (ROOT / "gateway").rglob("*.py"))
+    for name in passed - referenced:
+        assert f'"{name}"' in source, f"compose passes {name}, which neither the policy nor the gateway reads"
+    embedding = {"EMBEDDING_MODEL_URL": "https://api.openai.com/v1", "EMBEDDING_MODEL_NAME": "text-embedding-3-small"}
+    embed = _compose_policy({**_env_example(), **embedding}).models["embed"]
+    assert (embed.base_url, embed.upstream_model) == ("https://api.openai.com/v1", "text-embedding-3-small")
+    assert (
+        "EMBEDDING_MODEL_URL" in ENV_EXAMPLE.read_text() and "EMBEDDING_MODEL_URL" in (DEPLOY / "README.md").read_text()
+    )
+
+
+def test_compose_vllm_servers_split_qwen3_reasoning_off_the_answer() -> None:
+    """t156 #6: without a reasoning parser Qwen3's <think>...</think> is in the answer's content
+    (cached, and shown to Anthropic clients as text); with it, vLLM answers it as `reasoning`."""
+    services = _compose()["services"]
+    for name in ("vllm-large", "vllm-small"):
+        command = services[name]["command"]
+        assert command[0].startswith("Qwen/Qwen3"), command[0]
+        assert _flag(command, "--reasoning-parser") == "qwen3", name
+
+
+def test_every_docker_run_example_mounts_a_policy_or_allows_no_auth() -> None:
+    """t156 #3: the image's own policy has auth off and its CMD listens on 0.0.0.0, so a
+    `docker run` with env vars alone exits 2."""
+    for path in [*DOCKERFILES, DEPLOY / "README.md"]:
+        text = re.sub(r"\\\n#?\s*", " ", path.read_text())
+        runs = re.findall(r"docker run --.*", text)
+        assert runs or (path.suffix == ".md" and not runs), path
+        for run in runs:
+            if " ... " not in run:  # "the same, with --gpus 1"
+                assert "/etc/gateway" in run or "GATEWAY_ALLOW_NO_AUTH=1" in run, f"{path.name}: {run}"
+        assert "works with env vars alone" not in text, path.name
+
+
+def _build_checks(dockerfile: Path) -> list[list[str]]:
+    """The `python ... -c CODE` commands the Dockerfile's RUN instructions run, as argument lists."""
+    out = []
+    for run in _Dockerfile(dockerfile).all("RUN"):
+        for command in re.split(r"\s*&&\s*|;\s+(?=python)", run):
+            words = shlex.split(command) if re.match(r"python3?\s", command) else []
+            if "-c" in words:
+                out.append(words)
+    return out
+
+
+def test_the_image_builds_check_the_installed_package_not_the_source_tree(tmp_path: Path) -> None:
+    """t156 #4: the checks ran in WORKDIR /src, where `import gateway` finds the copied source
+    tree first, so a wheel without the classifier still passed; the cache verifier's artifacts
+    were not checked at all. `python -I` leaves the working folder off sys.path."""
+    installed = subprocess.run([sys.executable, "-I", "-c", "import gateway"], cwd=tmp_path, capture_output=True)
+    if installed.returncode != 0:
+        pytest.skip("the gateway is not installed in this interpreter (only on PYTHONPATH)")
+    source_tree = tmp_path / "src"
+    (source_tree / "gateway").mkdir(parents=True)
+    (source_tree / "gateway" / "__init__.py").write_text("raise SystemExit('imported the source tree')\n")
+    for dockerfile in DOCKERFILES:
+        checks = _build_checks(dockerfile)
+        assert checks, dockerfile.name
+        for words in checks:
+            assert words[1] == "-I", f"{dockerfile.name}: {shlex.join(words)[:80]} runs in the source tree"
+        artifacts = [w for w in checks if "DEFAULT_ROUTER_ARTIFACTS" in w[-1]]
+        assert len(artifacts) == 1 and "gateway.cache.verifier" in artifacts[0][-1], dockerfile.name
+        run = subprocess.run(
+            [sys.executable, *artifacts[0][1:]], cwd=source_tree, capture_output=True, text=True, timeout=60
+        )
+        assert run.returncode == 0, run.stderr
+        assert "classifier" in run.stdout and "cache" in run.stdout
+
+
+_FAKE_VLLM = """#!/usr/bin/env bash
+# vllm serve MODEL --served-model-name NAME ...: logs who it is and where, then fails or serves.
+echo "$$ ${CUDA_VISIBLE_DEVICES-all} $*" >> "$VLLM_LOG"
+case " $* " in *" --served-model-name $VLLM_FAILS "*) sleep 0.5; exit 1 ;; esac
+exec sleep 60
+"""
+
+
+@pytest.mark.parametrize("fails", ["large", "small"])
+def test_vllm_pair_gateway_mode_gives_each_server_its_gpus_and_stops_both(tmp_path: Path, fails: str) -> None:
+    """t156 #5: both servers started on the same GPUs at vLLM's default 0.9 memory share, so the
+    large one failed on GPU 0, and the small one, in the background, was left running."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "vllm").write_text(_FAKE_VLLM)
+    (bin_dir / "vllm").chmod(0o755)
+    log = tmp_path / "vllm.log"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "VLLM_LOG": str(log)}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    with (tmp_path / "out.txt").open("w") as out:  # a file, not a pipe: a server left running would hold it open
+        script = subprocess.Popen(
+            ["bash", str(DEPLOY / "speculative" / "vllm-pair.sh"), "gateway"],
+            env={**env, "VLLM_FAILS": fails}, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            returncode = script.wait(timeout=SUBPROCESS_TIMEOUT_S)
+        finally:
+            script.kill()
+            script.wait()
+            started: dict[str, tuple[int, str]] = {}
+            for line in log.read_text().splitlines() if log.exists() else ():
+                pid, devices, *argv = line.split()
+                started[_flag(argv, "--served-model-name")] = (int(pid), devices)
+            left_running = []
+            for server_pid, _ in started.values():
+                try:
+                    os.kill(server_pid, signal.SIGKILL)
+                    left_running.append(server_pid)
+                except ProcessLookupError:
+                    pass
+    assert returncode != 0, (tmp_path / "out.txt").read_text()
+    assert set(started) == {"small", "large"}
+    assert not left_running, f"{fails} failed and the other server was left running"
+    small, large = (set(started[name][1].split(",")) for name in ("small", "large"))
+    assert "all" not in small | large and not small & large, started
+    assert len(large) == 4  # LARGE_TP
