@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 
-from gateway.errors import BudgetExceededError, LimiterUnavailableError
+from gateway.errors import BudgetExceededError, GatewayError, LimiterUnavailableError, RateLimitError
+from gateway.store.base import past_budget
 
 __all__ = ["BUDGET_CAPS", "budget_error", "unchecked_budget_error"]
 
@@ -13,18 +14,45 @@ BUDGET_CAPS = frozenset({"usd_per_day", "usd_per_month"})
 
 
 def budget_error(
-    cap: str, owner: str, limit: float, spent_usd: float, cost_usd: float, now: float, *, name: str
-) -> BudgetExceededError:
+    cap: str,
+    owner: str,
+    limit: float,
+    spent_usd: float,
+    cost_usd: float,
+    now: float,
+    *,
+    name: str,
+    held_usd: float = 0.0,
+) -> GatewayError:
     """``cap`` is ``"usd_per_day"`` or ``"usd_per_month"``, ``name`` the limit as policies.yaml has it
-    (``tenant.usd_per_day``); ``retry-after`` is the start of the next period."""
+    (``tenant.usd_per_day``); ``held_usd`` is the part of ``spent_usd`` that requests in flight hold
+    (their estimates, until they settle). A budget spent waits for the next period (its ``retry-after``);
+    one the request would fit but for what is held is a short wait (t157: held for 3.5 s, told as
+    spent until midnight, with ``x-should-retry: false``)."""
     period = "daily" if cap == "usd_per_day" else "monthly"
+    held = min(max(held_usd, 0.0), spent_usd)
+    spent = spent_usd - held
+    if held > 0 and not past_budget(spent, cost_usd, limit):
+        return RateLimitError(
+            f"{period} budget held by requests in flight: {owner} may spend ${_usd(limit)}, ${spent:.4f} is "
+            f"spent and ${held:.4f} is reserved for requests still running, and this request may cost up to "
+            f"${cost_usd:.4f} ({name}); retry in a few seconds, as they finish",
+            retry_after_s=_HELD_RETRY_S,
+            code="rate_limit_exceeded",
+        )
+    in_flight = f" (and ${held:.4f} reserved for requests still running)" if held > 0 else ""
     error = BudgetExceededError(
-        f"{period} budget exhausted: {owner} may spend ${_usd(limit)}, ${spent_usd:.4f} is spent "
+        f"{period} budget exhausted: {owner} may spend ${_usd(limit)}, ${spent:.4f} is spent{in_flight} "
         f"and this request may cost up to ${cost_usd:.4f} ({name})",
     )
     error.headers["retry-after"] = str(_seconds_to_next_period(now, cap))
     return error
 
+
+_HELD_RETRY_S = 5
+"""A refusal only for what requests in flight hold: their settlements give back what they did not
+spend as they end, within seconds for most; the SDKs retry a 429 after a ``retry-after`` this short
+(twice by default: 10 s in all)."""
 
 _UNCHECKED_RETRY_S = 5
 """A refusal only for want of Redis's word: a restarted Redis answers within seconds, and the

@@ -108,17 +108,26 @@ class _Word:
     """The store said nothing of this day: what was spent is unknown, and only :data:`_UNKNOWN_ROOM`
     of the budget is let through (``blind_month``, of this month)."""
     blind_month: bool = False
+    held_day: float = 0.0
+    """The part of what is spent this day (the word's and since it) that requests in flight hold,
+    their estimates until they settle (``held_month``, this month): a refusal for it is short."""
+    held_month: float = 0.0
 
     def at(self, day: str, month: str) -> None:
         """Carried into a later day or month, on which the store's word says nothing."""
         if month != self.month:
             self.month, self.since_month, self.spent_month, self.blind_month = month, 0.0, 0.0, True
+            self.held_month = 0.0
         if day != self.day:
             self.day, self.since_day, self.spent_day, self.blind_day = day, 0.0, 0.0, True
+            self.held_day = 0.0
 
-    def add(self, usd: float) -> None:
+    def add(self, usd: float, held: float = 0.0) -> None:
+        """``usd`` let through, ``held`` more held by requests in flight (negative: released)."""
         self.since_day += usd
         self.since_month += usd
+        self.held_day = max(0.0, self.held_day + held)
+        self.held_month = max(0.0, self.held_month + held)
 
 
 class Limiter:
@@ -144,7 +153,8 @@ class Limiter:
     async def reserve(
         self, policy: Policy, principal: Principal, tokens: int, cost_usd: float, at: float | None = None
     ) -> Reservation:
-        """Check and reserve; raises RateLimitError / BudgetExceededError naming the limit.
+        """Check and reserve; raises RateLimitError / BudgetExceededError naming the limit (a budget
+        the request would fit but for what requests in flight hold: a RateLimitError, retried shortly).
 
         ``at``: when the request started (its log line's ``started_at``; default now). Its usage and
         budgets count in that UTC day and month, as ``gateway report`` files its line (t114); rate
@@ -204,10 +214,16 @@ class Limiter:
             return Reservation((), periods, usage, 0, cost_usd, share, spends, None, True, whose)
         added = cost_usd if outcome.refused_by is None else 0.0
         held = False
-        for scope, (spent_day, spent_month) in zip(scopes, outcome.spent, strict=False):
+        in_flight = outcome.held or ((0.0, 0.0),) * len(outcome.spent)
+        for scope, (spent_day, spent_month), (held_day, held_month) in zip(
+            scopes, outcome.spent, in_flight, strict=False
+        ):
             unsent = self.ledger.held_spend(scope.spend, day, month) + self._unconfirmed.get(scope.spend, 0.0)
             held = held or unsent > 0
-            self._words[scope.spend] = _Word(day, month, spent_day + added + unsent, spent_month + added + unsent)
+            self._words[scope.spend] = _Word(
+                day, month, spent_day + added + unsent, spent_month + added + unsent,
+                held_day=held_day + added, held_month=held_month + added,
+            )  # fmt: skip
         if outcome.refused_by is not None:
             raise _refusal(outcome, limits, principal, now, tokens, cost_usd, at)
         made = Reservation(scopes, periods, usage, tokens, cost_usd, outcome.budget_share, spends, mark, True, whose)
@@ -240,7 +256,7 @@ class Limiter:
             word = self._words.get(scope.spend)
             if word is not None:  # its figures hold this request's cost already
                 refusal = _past_budget(principal, index, scope_limits, word.spent_day - cost, word.spent_month - cost,
-                                       cost, at)  # fmt: skip
+                                       cost, at, (word.held_day - cost, word.held_month - cost))  # fmt: skip
                 if refusal is not None:
                     return refusal
         return None
@@ -270,7 +286,8 @@ class Limiter:
             word.at(day, month)
             words.append(word)
             day_spent, month_spent = word.spent_day + word.since_day, word.spent_month + word.since_month
-            refusal = _past_budget(principal, index, scope_limits, day_spent, month_spent, cost, at)
+            held = (word.held_day, word.held_month)
+            refusal = _past_budget(principal, index, scope_limits, day_spent, month_spent, cost, at, held)
             refusal = refusal or _past_allowance(principal, index, scope_limits, word, cost)
             if refusal is not None:
                 return share, refusal
@@ -278,7 +295,7 @@ class Limiter:
                 if limit:
                     share = max(share, spent / limit)
         for word in words:
-            word.add(cost)
+            word.add(cost, cost)  # held until the request settles
         return share, None
 
     def _record_unreserved(self, reservation: Reservation, used: UsageFigures, timeout_s: float) -> None:
@@ -295,7 +312,7 @@ class Limiter:
         for counter in reservation.spend:
             word = self._words.get(counter)
             if word is not None and (word.day, word.month) == (day, month):
-                word.add(cost_usd - reservation.cost_usd)
+                word.add(cost_usd - reservation.cost_usd, -reservation.cost_usd)
 
     async def admit_count(
         self, policy: Policy, principal: Principal, kind: Literal["count", "feedback"] = "count"
@@ -355,6 +372,7 @@ class Limiter:
             cost_usd=used.cost_usd,
             mark=reservation.mark,
             made=reservation.answered,
+            held_usd=reservation.cost_usd,
         )
         # What it cost replaces its estimate in this process's view at once: a stalled store takes
         # seconds to fail the call, and sequential requests passed a budget 3.4x meanwhile (t24).
@@ -459,17 +477,26 @@ so a Redis pausing for a few hundred milliseconds (a fork for a snapshot) must n
 
 
 def _past_budget(
-    principal: Principal, index: int, limits: Limits, day_spent: float, month_spent: float, cost: float, at: float
+    principal: Principal,
+    index: int,
+    limits: Limits,
+    day_spent: float,
+    month_spent: float,
+    cost: float,
+    at: float,
+    held: tuple[float, float] = (0.0, 0.0),
 ) -> GatewayError | None:
     """The refusal when ``cost`` on top of what is spent passes the scope's (``index``: key 0,
-    tenant 1) daily or monthly budget, that of ``at`` (the request's start)."""
-    for cap, limit, spent in (
-        ("usd_per_day", limits.usd_per_day, day_spent),
-        ("usd_per_month", limits.usd_per_month, month_spent),
+    tenant 1) daily or monthly budget, that of ``at`` (the request's start); ``held``: the part of
+    the day's and month's spend that requests in flight hold."""
+    for cap, limit, spent, in_flight in (
+        ("usd_per_day", limits.usd_per_day, day_spent, held[0]),
+        ("usd_per_month", limits.usd_per_month, month_spent, held[1]),
     ):
         if limit is not None and past_budget(spent, cost, limit):
             owner = f"key '{principal.key_id}'" if index == 0 else f"tenant '{principal.tenant}'"
-            return budget_error(cap, owner, limit, spent, cost, at, name=f"{_SCOPE_NAMES[index]}.{cap}")
+            name = f"{_SCOPE_NAMES[index]}.{cap}"
+            return budget_error(cap, owner, limit, spent, cost, at, name=name, held_usd=in_flight)
     return None
 
 
@@ -506,7 +533,9 @@ def _refusal(
     if cap in RATE_CAPS:
         need = 1 if cap == "rpm" else tokens
         return rate_limit_error(cap, owner, limit, now, name=name, need=need, counted=outcome.window)
-    return budget_error(cap, owner, limit, outcome.spent_usd, cost, now if at is None else at, name=name)
+    held = outcome.held[scope][0 if cap == "usd_per_day" else 1] if scope < len(outcome.held) else 0.0
+    when = now if at is None else at
+    return budget_error(cap, owner, limit, outcome.spent_usd, cost, when, name=name, held_usd=held)
 
 
 _UNKNOWN_ROOM = 0.1

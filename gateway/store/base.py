@@ -237,6 +237,9 @@ class ReserveOutcome:
     spent: tuple[tuple[float, float], ...] = ()
     """USD spent this day and this month in each scope before this request, as the store counts
     them (reserved or refused alike): what the caller goes by while the store cannot answer."""
+    held: tuple[tuple[float, float], ...] = ()
+    """The part of ``spent`` that marked reservations not yet settled hold (their estimates: the
+    requests in flight), each scope's day and month: a budget they fill is free again as they settle."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +266,9 @@ class SettleRequest:
     made: bool = True
     """The reservation call answered: it was made, whatever became of its mark (Redis may evict
     it under memory pressure). False: it timed out, and only the mark can tell."""
+    held_usd: float = 0.0
+    """The estimate a marked reservation held while in flight, released from what the scopes hold
+    when it was made (:attr:`ReserveOutcome.held`)."""
 
 
 class LimitCounters(Protocol):

@@ -270,6 +270,15 @@ class _Spend:
     spent_day: float = 0.0
     month: str = ""
     spent_month: float = 0.0
+    held_day: float = 0.0
+    """The part of ``spent_day`` that marked reservations not yet settled hold (``held_month``: of ``spent_month``)."""
+    held_month: float = 0.0
+
+    def release(self, day: str, month: str, usd: float) -> None:
+        if self.day == day:
+            self.held_day = max(0.0, self.held_day - usd)
+        if self.month == month:
+            self.held_month = max(0.0, self.held_month - usd)
 
 
 class MemoryLimitCounters(_Outage):
@@ -302,6 +311,8 @@ class MemoryLimitCounters(_Outage):
                         spend.spent_day -= cost
                     if spend is not None and spend.month == month:
                         spend.spent_month -= cost
+                    if spend is not None:
+                        spend.release(day, month, cost)
                 self.marks[mark] = "x"
 
     async def reserve(self, request: ReserveRequest, timeout_s: float) -> ReserveOutcome:
@@ -312,22 +323,22 @@ class MemoryLimitCounters(_Outage):
         share = 0.0
         seen = []
         rest = 1 - request.minute_fraction
-        spents = []
+        spents, helds = [], []
         for scope in request.scopes:
             spend = self.spends.get(scope.spend, _Spend())
-            day = spend.spent_day if spend.day == request.day else 0.0
-            month = spend.spent_month if spend.month == request.month else 0.0
-            spents.append((day, month))
-        told = tuple(spents)
+            same_day, same_month = spend.day == request.day, spend.month == request.month
+            spents.append((spend.spent_day if same_day else 0.0, spend.spent_month if same_month else 0.0))
+            helds.append((spend.held_day if same_day else 0.0, spend.held_month if same_month else 0.0))
+        told, held = tuple(spents), tuple(helds)
         for index, scope in enumerate(request.scopes):
             r, rp, t, tp = self.windows.get(scope.window, _Window()).seen_at(request.minute)
             day, month = spents[index]
             seen.append((r, rp, t, tp, day, month))
             caps: Caps = scope.caps
             if caps.rpm is not None and r + rp * rest + 1 > caps.rpm:
-                return ReserveOutcome(f"{index}.rpm", 0.0, 0.0, (r, rp), told)
+                return ReserveOutcome(f"{index}.rpm", 0.0, 0.0, (r, rp), told, held)
             if caps.tpm is not None and t + tp * rest + request.tokens > caps.tpm:
-                return ReserveOutcome(f"{index}.tpm", 0.0, 0.0, (t, tp), told)
+                return ReserveOutcome(f"{index}.tpm", 0.0, 0.0, (t, tp), told, held)
             for cap, spent, name in (
                 (caps.usd_per_day, day, "usd_per_day"),
                 (caps.usd_per_month, month, "usd_per_month"),
@@ -335,19 +346,22 @@ class MemoryLimitCounters(_Outage):
                 if cap is None:
                     continue
                 if past_budget(spent, request.cost_usd, cap):
-                    return ReserveOutcome(f"{index}.{name}", spent, 0.0, spent=told)
+                    return ReserveOutcome(f"{index}.{name}", spent, 0.0, spent=told, held=held)
                 if cap > 0:
                     share = max(share, spent / cap)
-        for scope, (r, rp, t, tp, day, month) in zip(request.scopes, seen, strict=True):
+        hold = request.cost_usd if request.mark is not None else 0.0
+        for scope, (r, rp, t, tp, day, month), (held_day, held_month) in zip(request.scopes, seen, held, strict=True):
             self.windows[scope.window] = _Window(request.minute, r + 1, rp, t + request.tokens, tp)
             cost = request.cost_usd
-            self.spends[scope.spend] = _Spend(request.day, day + cost, request.month, month + cost)
+            self.spends[scope.spend] = _Spend(
+                request.day, day + cost, request.month, month + cost, held_day + hold, held_month + hold
+            )
         if request.mark is not None:
             self.marks[request.mark] = "r"
             spends = tuple(scope.spend for scope in request.scopes)
             self._undo[request.mark] = (request.cost_usd, request.day, request.month, spends)
             self._pending[pending_reservations(request.mark)][request.mark] = now + PENDING_S
-        return ReserveOutcome(None, 0.0, share, spent=told)
+        return ReserveOutcome(None, 0.0, share, spent=told, held=held)
 
     async def settle(self, request: SettleRequest, timeout_s: float) -> None:
         self._check()
@@ -368,10 +382,12 @@ class MemoryLimitCounters(_Outage):
                     window.tokens += tokens
                 elif window.minute == request.minute + 1:
                     window.previous_tokens += tokens
+            spend = self.spends.get(scope.spend)
+            if request.mark is not None and made and spend is not None:
+                spend.release(request.day, request.month, request.held_usd)
             if not cost:
                 continue
             if made:
-                spend = self.spends.get(scope.spend)
                 if spend is not None and spend.day == request.day:
                     spend.spent_day += cost
                 if spend is not None and spend.month == request.month:
@@ -405,11 +421,11 @@ class MemoryLimitCounters(_Outage):
             if spend.day == day:
                 spend.spent_day += cost
             elif cost > 0 and spend.day < day:
-                spend.day, spend.spent_day = day, cost
+                spend.day, spend.spent_day, spend.held_day = day, cost, 0.0
             if spend.month == month:
                 spend.spent_month += cost
             elif cost > 0 and spend.month < month:
-                spend.month, spend.spent_month = month, cost
+                spend.month, spend.spent_month, spend.held_month = month, cost, 0.0
 
     async def index_usage(self, members: Mapping[str, Iterable[str]], ttl_s: int, timeout_s: float) -> None:
         self._check()

@@ -44,14 +44,16 @@ KEYS = """auth:
     - {id: admin, tenant: ops, hash: "%(admin)s", admin: true}
     - {id: counter, tenant: solo-count, hash: "%(counter)s", limits: {rpm: 3, usd_per_day: 0.0}}
     - {id: ledger, tenant: ledger, hash: "%(ledger)s"}
+    - {id: inflight, tenant: solo-inflight, hash: "%(inflight)s", limits: {usd_per_day: 0.0005}}
 tenants:
   shared: {limits: {rpm: 6}}
   saver: {downgrade_auto_at: 0.3}
 """ % {
     name: hash_key(f"key-{name}")
-    for name in ("rpm", "tpm", "budget", "s1", "s2", "saver", "admin", "counter", "ledger")
+    for name in ("rpm", "tpm", "budget", "s1", "s2", "saver", "admin", "counter", "ledger", "inflight")
 }
-ROUTES = "  costly: {strategy: classifier, model: large, fallbacks: [small], threshold: 0.0}"  # always large
+ROUTES = """  costly: {strategy: classifier, model: large, fallbacks: [small], threshold: 0.0}
+  cheap: {model: small}"""  # costly: always large
 
 
 @pytest.fixture(scope="module")
@@ -155,12 +157,14 @@ def test_asking_for_n_answers_reserves_n_completions(pair: tuple[GatewayProcess,
 def test_daily_budget_is_never_overspent_under_concurrent_load(pair: tuple[GatewayProcess, GatewayProcess]) -> None:
     responses = _burst(pair, "budget", 40, max_tokens=20)
     refused = [r for r in responses if r.status_code == 429]
-    assert refused and all(
-        r.json()["error"]["type"] == r.json()["error"]["code"] == "insufficient_quota" for r in refused
-    )
-    # its retry-after is the next day: SDKs that would wait it out are told not to retry
-    assert all(r.headers["x-should-retry"] == "false" and int(r.headers["retry-after"]) > 0 for r in refused)
-    assert "key.usd_per_day" in refused[0].json()["error"]["message"]
+    spent = [r for r in refused if r.json()["error"]["type"] == r.json()["error"]["code"] == "insufficient_quota"]
+    held = [r for r in refused if "held by requests in flight" in r.json()["error"]["message"]]
+    assert refused and len(spent) + len(held) == len(refused)
+    # spent: its retry-after is the next day, which SDKs would wait out: they are told not to retry
+    assert all(r.headers["x-should-retry"] == "false" and int(r.headers["retry-after"]) > 0 for r in spent)
+    # held by the estimates of requests in flight (t157): a short wait, retried
+    assert all("x-should-retry" not in r.headers and r.headers["retry-after"] == "5" for r in held)
+    assert all("key.usd_per_day" in r.json()["error"]["message"] for r in refused)
     time.sleep(0.5)  # settlement runs after each answer
     usage = httpx.get(f"{pair[0].base_url}/usage", headers={"authorization": "Bearer key-budget"}).json()
     spent = usage["total"]["cost_usd"]
@@ -171,6 +175,54 @@ def test_daily_budget_is_never_overspent_under_concurrent_load(pair: tuple[Gatew
         time.sleep(0.2)
         usage = httpx.get(f"{pair[0].base_url}/usage", headers={"authorization": "Bearer key-budget"}).json()
     assert (usage["total"]["requests"], usage["total"]["errors"]) == (len(responses), len(refused))  # as the log says
+
+
+def test_a_budget_held_by_requests_in_flight_is_told_apart_from_one_spent(
+    pair: tuple[GatewayProcess, GatewayProcess], small_upstream: SimulatedUpstream
+) -> None:
+    """t157: the estimates slow requests reserve were told as spent: "$0.0197 is spent" of $0.02
+    with ``x-should-retry: false`` and a Retry-After at midnight, while $0.0005 was, and the same
+    request passed 3.5 s later. Held for requests in flight, a budget is a short wait the SDKs
+    retry after; only a budget spent keeps the answer that waits for the next day."""
+    # In flight, each request holds its estimate (8 prompt + 100 completion tokens, ~$0.000154):
+    # three of them hold ~$0.00046 of $0.0005, and a fourth does not fit beside them.
+    inject(small_upstream, *[{"delay_ms": 3000}] * 3)
+    ask: dict[str, Any] = {"model": "cheap", "max_tokens": 100}
+    client = closed_after_test(openai.OpenAI(base_url=pair[0].base_url, api_key="key-inflight", timeout=15))
+    messages = closed_after_test(anthropic.Anthropic(base_url=pair[1].url, api_key="key-inflight", max_retries=0))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        slow = [pool.submit(_chat, pair[i % 2], "inflight", content=f"slow {i}", **ask) for i in range(3)]
+        time.sleep(0.5)
+        held = _chat(pair[1], "inflight", content="held", **ask)
+        with pytest.raises(anthropic.RateLimitError) as told:  # in the caller's protocol
+            messages.messages.create(messages=[{"role": "user", "content": "held"}], **ask)
+        # the SDK retries after Retry-After (its default max_retries), by when the three have settled
+        retried = pool.submit(
+            lambda: client.chat.completions.create(messages=[{"role": "user", "content": "sdk"}], **ask)
+        )
+        assert [f.result().status_code for f in slow] == [200, 200, 200], [f.result().text for f in slow]
+        assert retried.result().choices[0].message.content
+    assert held.status_code == 429, held.text
+    assert held.headers["retry-after"] == "5" and "x-should-retry" not in held.headers
+    error = held.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    assert "held by requests in flight" in error["message"] and "key.usd_per_day" in error["message"]
+    assert "$0.0000 is spent" in error["message"]  # none of the three had settled yet
+    assert told.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+    assert "held by requests in flight" in told.value.message
+    assert told.value.response.headers["retry-after"] == "5" and "x-should-retry" not in told.value.response.headers
+    # Spent (each answer reports its 100 completion tokens): nothing is in flight, and the refusal
+    # waits for the next day, which the SDKs are told not to wait out.
+    inject(small_upstream, *[{"usage": {"completion_tokens": 100}}] * 2)
+    for index in range(2):
+        assert _chat(pair[index], "inflight", content=f"spend {index}", **ask).status_code == 200
+        time.sleep(0.3)  # settlement runs after each answer
+    spent = _chat(pair[0], "inflight", content="spent", **ask)
+    assert spent.status_code == 429, spent.text
+    assert spent.json()["error"]["type"] == spent.json()["error"]["code"] == "insufficient_quota"
+    assert spent.headers["x-should-retry"] == "false" and "in flight" not in spent.json()["error"]["message"]
+    today_ends = datetime.combine(datetime.now(UTC).date() + timedelta(days=1), datetime.min.time(), UTC)
+    assert abs(int(spent.headers["retry-after"]) - (today_ends - datetime.now(UTC)).total_seconds()) < 5
 
 
 def test_tenant_limit_spans_its_keys(pair: tuple[GatewayProcess, GatewayProcess]) -> None:

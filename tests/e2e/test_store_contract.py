@@ -200,6 +200,39 @@ def _flat(spent: tuple[tuple[float, float], ...]) -> list[float]:
     return [amount for pair in spent for amount in pair]
 
 
+async def test_what_reservations_in_flight_hold_is_told_apart_from_what_is_spent(store: Store) -> None:
+    """t157: a budget the estimates of requests in flight fill was told as spent until midnight;
+    what marked reservations hold until their settlements is told beside what is spent."""
+    tenant = _tenant()
+    scopes = _scopes(tenant, Caps(usd_per_day=1.0), Caps(usd_per_month=10.0))
+    today, gone = keyspace.usage(tenant, "k", "20261130"), keyspace.usage(tenant, "k", "20260830")
+    marks = [keyspace.reservation(tenant, f"in-flight-{index}") for index in range(2)]
+    for mark in marks:
+        reserve = ReserveRequest(scopes, 10, 0.4, 1000, "20261130", "202611", 0.5, mark)
+        assert (await store.counters.reserve(reserve, T)).refused_by is None
+    refused = await store.counters.reserve(_ask(scopes, cost=0.3), T)
+    assert refused.refused_by == "0.usd_per_day" and refused.spent_usd == pytest.approx(0.8)
+    assert _flat(refused.held) == pytest.approx([0.8] * 4)  # all of it held: nothing spent yet
+
+    def settlement(mark: str, cost: float) -> SettleRequest:
+        used = UsageFigures(requests=1, cost_usd=cost)
+        return SettleRequest(scopes, 0, cost - 0.4, 1000, "20261130", "202611", today, used, gone, 10, cost, mark,
+                             held_usd=0.4)  # fmt: skip
+
+    await store.counters.settle(settlement(marks[0], 0.1), T)
+    await store.counters.settle(settlement(marks[0], 0.1), T)  # sent again after a timeout: released once
+    outcome = await store.counters.reserve(_ask(scopes, cost=0.3), T)  # unmarked: counted, not held
+    assert outcome.refused_by is None
+    assert _flat(outcome.spent) == pytest.approx([0.5] * 4) and _flat(outcome.held) == pytest.approx([0.4] * 4)
+    # a new day holds nothing of the last one's; its month holds the reservation still in flight
+    tomorrow = ReserveRequest(scopes, 10, 0.2, 3000, "20261201", "202611", 0.5)
+    assert _flat((await store.counters.reserve(tomorrow, T)).held) == pytest.approx([0.0, 0.4, 0.0, 0.4])
+    await store.counters.settle(settlement(marks[1], 0.05), T)  # settled after midnight: its month's
+    outcome = await store.counters.reserve(tomorrow, T)
+    assert _flat(outcome.held) == pytest.approx([0.0] * 4)
+    assert _flat(outcome.spent) == pytest.approx([0.2, 0.65, 0.2, 0.65])  # 0.1 + 0.3 + 0.2 + 0.05
+
+
 async def test_settling_corrects_the_estimate_and_adds_the_usage(store: Store) -> None:
     tenant = _tenant()
     scopes = _scopes(tenant, Caps(usd_per_day=1.0), Caps())

@@ -38,10 +38,13 @@ async def _lost_reservation_given_back(counters: LimitCounters) -> None:
     window, spend, tenant_window, tenant_spend = keyspace.limit_counters(tenant, "k|1")  # ids may hold "|"
     scopes = (CounterScope(window, spend, Caps(usd_per_day=1.0)), CounterScope(tenant_window, tenant_spend, Caps()))
 
+    held: list[float] = []
+
     async def reserve(minute: int, cost: float) -> tuple[str, float]:
         mark = keyspace.reservation(tenant, uuid.uuid4().hex)
         outcome = await counters.reserve(ReserveRequest(scopes, 10, cost, minute, DAY, MONTH, 0.5, mark), 2.0)
         assert outcome.refused_by is None, outcome
+        held.append(outcome.held[0][0])
         return mark, outcome.budget_share
 
     async def settle(mark: str, minute: int, estimate: float, cost: float) -> None:
@@ -55,6 +58,7 @@ async def _lost_reservation_given_back(counters: LimitCounters) -> None:
     later = MINUTE + PENDING_S // 60 + 1  # past the lost one's deadline, not the next one's
     _, share = await reserve(later, 0.05)
     assert share == pytest.approx(0.1)  # the lost 0.8 was given back; the 0.1 is not due yet
+    assert held[-1] == pytest.approx(0.1)  # nor held by a request in flight any more
     await settle(lost, later, 0.8, 0.0003)  # a settlement that comes after all counts whole
     _, share = await reserve(later, 0.0)
     assert share == pytest.approx(0.1 + 0.05 + 0.0003)

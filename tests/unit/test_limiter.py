@@ -54,7 +54,7 @@ async def test_the_rate_limit_names_the_limit_and_when_to_retry() -> None:
 
 async def test_the_tenants_budget_binds_every_key_of_the_tenant() -> None:
     policy, limiter, _ = _setup()
-    await limiter.reserve(policy, _principal(), 10, 0.7)
+    await limiter.settle(policy, await limiter.reserve(policy, _principal(), 10, 0.7), UsageFigures(cost_usd=0.7))
     with pytest.raises(BudgetExceededError) as refused:
         await limiter.reserve(policy, Principal("other", "team", frozenset({"*"}), Limits()), 10, 0.5)
     assert "tenant 'team' may spend $1.00, $0.7000 is spent" in refused.value.message
@@ -105,11 +105,12 @@ class _Stalling(MemoryLimitCounters):
 
 
 async def _a_dollar_a_day_with_nothing_spent(counters: _Stalling) -> tuple[Policy, Limiter, Principal]:
-    """A key with a $1.00 daily budget, and the store's word on it: nothing spent yet."""
+    """A key with a $1.00 daily budget, and the store's word on it: $0.01 spent, nothing in flight."""
     policy = load_policy_text(_POLICY % "open", environ={}).policy
     limiter = Limiter(counters, UsageLedger(counters))
     principal = Principal("app", "other", frozenset({"*"}), Limits(usd_per_day=1.0))
-    await limiter.reserve(policy, principal, 10, 0.01)
+    first = await limiter.reserve(policy, principal, 10, 0.01)
+    await limiter.settle(policy, first, UsageFigures(requests=1, cost_usd=0.01))
     return policy, limiter, principal
 
 
@@ -125,9 +126,11 @@ async def test_a_stalled_store_leaves_budgets_to_its_last_word_and_what_was_let_
     counters.stalled = True
     let_through = await limiter.reserve(policy, _principal(), 10, 0.3)
     assert let_through.budget_share == pytest.approx(0.5)  # a downgrade still sees the spend
-    with pytest.raises(BudgetExceededError) as refused:
+    with pytest.raises(RateLimitError) as refused:
         await limiter.reserve(policy, _principal(), 10, 0.3)  # 0.5 + 0.3 let through + 0.3 > 1.00
-    assert "(tenant.usd_per_month)" in refused.value.message
+    # the $0.30 let through is still in flight: a short wait, as with the store's word (t157)
+    assert "$0.5000 is spent and $0.3000 is reserved for requests still running" in refused.value.message
+    assert "(tenant.usd_per_month)" in refused.value.message and refused.value.headers["retry-after"] == "5"
     assert (await limiter.reserve(policy, _principal(), 10, 0.15)).budget_share == pytest.approx(0.8)
     counters.stalled = False
     with pytest.raises(BudgetExceededError):
@@ -188,13 +191,37 @@ async def test_with_redis_marked_down_a_request_that_spends_a_budget_exactly_pas
     """t114: 0.2 + 0.1 > 0.3 in floats refused the third $0.10 request of a $0.30 budget."""
     policy, limiter, counters = _setup("open")
     principal = _principal(usd_per_day=0.3)
-    await limiter.reserve(policy, principal, 10, 0.1)  # the store's word: nothing spent before it
+    first = await limiter.reserve(policy, principal, 10, 0.1)  # the store's word: nothing spent before it
+    await limiter.settle(policy, first, UsageFigures(requests=1, cost_usd=0.1))
     counters.down = True
     for _ in range(2):
-        await limiter.reserve(policy, principal, 10, 0.1)
+        limiter.settle_later(policy, await limiter.reserve(policy, principal, 10, 0.1), UsageFigures(cost_usd=0.1))
     with pytest.raises(BudgetExceededError) as refused:
         await limiter.reserve(policy, principal, 10, 0.1)
     assert "(key.usd_per_day)" in refused.value.message
+    counters.down = False
+    await limiter.aclose()
+
+
+async def test_with_redis_down_a_budget_held_by_requests_in_flight_is_a_short_wait() -> None:
+    """t157: the estimates of requests in flight were told as spent, until midnight, with
+    ``x-should-retry: false``; a worker's view, while Redis is away, tells them apart as Redis does."""
+    policy, limiter, counters = _setup("open")
+    principal = _principal(usd_per_day=1.0)
+    first = await limiter.reserve(policy, principal, 10, 0.1)  # the store's word: $0.10 spent
+    await limiter.settle(policy, first, UsageFigures(requests=1, cost_usd=0.1))
+    counters.down = True
+    in_flight = [await limiter.reserve(policy, principal, 10, 0.4) for _ in range(2)]
+    with pytest.raises(RateLimitError) as held:
+        await limiter.reserve(policy, principal, 10, 0.4)
+    assert "$0.1000 is spent and $0.8000 is reserved for requests still running" in held.value.message
+    assert held.value.headers["retry-after"] == "5" and "x-should-retry" not in held.value.headers
+    for reservation in in_flight:
+        limiter.settle_later(policy, reservation, UsageFigures(requests=1, cost_usd=0.4))
+    with pytest.raises(BudgetExceededError) as spent:  # now spent: 0.1 + 2 x 0.4 + 0.4 > 1.00
+        await limiter.reserve(policy, principal, 10, 0.4)
+    assert "$0.9000 is spent and" in spent.value.message and spent.value.headers["x-should-retry"] == "false"
+    await limiter.reserve(policy, principal, 10, 0.1)  # what is left still passes
     counters.down = False
     await limiter.aclose()
 

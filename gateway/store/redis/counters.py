@@ -2,9 +2,10 @@
 
 Each scope has two fixed-size hashes and no TTL: ``win`` holds this minute's and the
 previous minute's requests and tokens (m, r, rp, t, tp), ``spend`` today's and this
-month's USD (day, d, month, mo). A period that has passed is rolled over here rather
-than expired, so Redis's volatile-ttl eviction, which only takes keys with a TTL
-(cache entries), can never reset a limit.
+month's USD (day, d, month, mo) and the part of them that reservations not yet settled
+hold (hd, hm). A period that has passed is rolled over here rather than expired, so
+Redis's volatile-ttl eviction, which only takes keys with a TTL (cache entries), can
+never reset a limit.
 """
 
 from __future__ import annotations
@@ -65,14 +66,21 @@ local function add_spend(key, day, month, cost, fresh)
   if not finite(tonumber(cost)) then return end
   local v = redis.call('HMGET', key, 'day', 'd', 'month', 'mo')
   if v[1] == day then add(key, 'd', v[2], cost)
-  elseif fresh and (not v[1] or v[1] < day) then redis.call('HSET', key, 'day', day, 'd', cost) end
+  elseif fresh and (not v[1] or v[1] < day) then redis.call('HSET', key, 'day', day, 'd', cost, 'hd', 0) end
   if v[3] == month then add(key, 'mo', v[4], cost)
-  elseif fresh and (not v[3] or v[3] < month) then redis.call('HSET', key, 'month', month, 'mo', cost) end
+  elseif fresh and (not v[3] or v[3] < month) then redis.call('HSET', key, 'month', month, 'mo', cost, 'hm', 0) end
+end
+local function release(key, day, month, usd)
+  if not finite(usd) then return end
+  local v = redis.call('HMGET', key, 'day', 'hd', 'month', 'hm')
+  if v[1] == day and v[2] then redis.call('HSET', key, 'hd', math.max(0, (tonumber(v[2]) or 0) - usd)) end
+  if v[3] == month and v[4] then redis.call('HSET', key, 'hm', math.max(0, (tonumber(v[4]) or 0) - usd)) end
 end
 """
 """``held``: what a spend field holds; ``add_spend``: ``cost`` added to a spend counter's day and
 month, a period that has passed rolled over when ``fresh`` (else left alone, as is one older than
-the counter's)."""
+the counter's); ``release``: ``usd`` taken off what reservations in flight hold of that day and
+month (hd, hm: the part of d and mo that is estimates of requests not yet settled)."""
 
 # KEYS: window, spend of each scope, then (optionally) the tenant's pending reservations and the
 # reservation's mark. ARGV: fraction, tokens, cost, minute, day, month, then rpm, tpm,
@@ -97,7 +105,10 @@ if marked then
     local v = redis.call('GET', m)
     if v and string.sub(v, 1, 2) == 'r{' then
       local u = cjson.decode(string.sub(v, 2))
-      for _, key in ipairs(u.spends) do add_spend(key, u.day, u.month, -u.cost, false) end
+      for _, key in ipairs(u.spends) do
+        add_spend(key, u.day, u.month, -u.cost, false)
+        release(key, u.day, u.month, u.cost)
+      end
       redis.call('SET', m, 'x', 'EX', KEPT_S)
     end
     redis.call('ZREM', pending, m)
@@ -115,11 +126,16 @@ local function spent(key)
   local v = redis.call('HMGET', key, 'day', 'd', 'month', 'mo')
   return (v[1] == day) and held(key, 'd', v[2]) or 0, (v[3] == month) and held(key, 'mo', v[4]) or 0
 end
+local function in_flight(key)
+  local v = redis.call('HMGET', key, 'day', 'hd', 'month', 'hm')
+  return (v[1] == day) and tonumber(v[2] or '0') or 0, (v[3] == month) and tonumber(v[4] or '0') or 0
+end
 local function past(spent, usd, cap) return spent + usd > cap * (1 + BUDGET_ROUNDING) end  -- base.past_budget
 local share, seen, told = 0, {}, {}
 for s = 0, scopes - 1 do
   local spent_day, spent_month = spent(KEYS[s*2+2])
-  told[#told + 1] = string.format('%.17g,%.17g', spent_day, spent_month)
+  local held_day, held_month = in_flight(KEYS[s*2+2])
+  told[#told + 1] = string.format('%.17g,%.17g,%.17g,%.17g', spent_day, spent_month, held_day, held_month)
 end
 told = table.concat(told, ';')
 for s = 0, scopes - 1 do
@@ -139,10 +155,13 @@ for s = 0, scopes - 1 do
     if per_month > 0 then share = math.max(share, spent_month / per_month) end
   end
 end
+local hold = marked and cost or 0  -- a marked reservation is held until its settlement releases it
 for s = 0, scopes - 1 do
   local w, spent_day, spent_month = seen[s][1], seen[s][2], seen[s][3]
+  local held_day, held_month = in_flight(KEYS[s*2+2])
   redis.call('HSET', KEYS[s*2+1], 'm', minute, 'r', w[1] + 1, 'rp', w[2], 't', w[3] + tokens, 'tp', w[4])
-  redis.call('HSET', KEYS[s*2+2], 'day', day, 'd', spent_day + cost, 'month', month, 'mo', spent_month + cost)
+  redis.call('HSET', KEYS[s*2+2], 'day', day, 'd', spent_day + cost, 'month', month, 'mo', spent_month + cost,
+             'hd', held_day + hold, 'hm', held_month + hold)
 end
 if marked then
   local spends = {}
@@ -161,10 +180,11 @@ return {0, '', tostring(share), told, corrupt}
 # KEYS: window, spend of each scope, then the usage sums, the expired sums and (optionally) the
 # tenant's pending reservations and the reservation's mark. ARGV: token delta, cost delta, minute, day, month, number of scopes, number
 # of usage sums, tokens and cost used, 1 when the last key is the mark (else 0), 1 when the
-# reservation is known to be made (its call answered), then field/value pairs to add to the
-# usage sums. A mark "s": this settlement was applied already (sent again after a timeout), and
-# is not applied twice. Else, for a reservation whose call timed out, "r" says it was made: the
-# deltas correct it; no mark, it never reached Redis: what was used counts whole. Answers ``corrupt``.
+# reservation is known to be made (its call answered), the estimate it held, then field/value
+# pairs to add to the usage sums. A mark "s": this settlement was applied already (sent again after
+# a timeout), and is not applied twice. Else, for a reservation whose call timed out, "r" says it
+# was made: the deltas correct it, and its estimate is no longer held; no mark, it never reached
+# Redis: what was used counts whole. Answers ``corrupt``.
 _SETTLE = (
     _SPEND
     + """
@@ -189,9 +209,10 @@ for s = 0, scopes - 1 do
     elseif m == minute + 1 then redis.call('HINCRBY', win, 'tp', token_delta) end
   end
   if cost_delta ~= 0 then add_spend(spend, day, month, cost_delta, not made) end
+  if marked and made then release(spend, day, month, tonumber(ARGV[12])) end
 end
 for i = scopes * 2 + 1, scopes * 2 + sums do
-  for j = 12, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[i], ARGV[j], ARGV[j + 1]) end
+  for j = 13, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[i], ARGV[j], ARGV[j + 1]) end
 end
 for i = scopes * 2 + sums + 1, marked and #KEYS - 2 or #KEYS do redis.call('DEL', KEYS[i]) end
 if marked then redis.call('SET', KEYS[#KEYS], 's', 'EX', 120) end
@@ -262,11 +283,13 @@ class RedisLimitCounters:
             lambda r: script(keys=keys, args=args), timeout_s
         )
         _said_corrupt(corrupt)
-        spent = tuple(_spent_pair(pair) for pair in _text(told).split(";"))
+        figures = [[float(amount) for amount in scope.split(",")] for scope in _text(told).split(";")]
+        spent = tuple((day, month) for day, month, _, _ in figures)
+        held = tuple((day, month) for _, _, day, month in figures)
         if int(status) == 0:
-            return ReserveOutcome(None, 0.0, float(_text(detail)), spent=spent)
+            return ReserveOutcome(None, 0.0, float(_text(detail)), spent=spent, held=held)
         counted = (float(window[0]), float(window[1])) if window else (0.0, 0.0)
-        return ReserveOutcome(_text(which), float(_text(detail)), 0.0, counted, spent)
+        return ReserveOutcome(_text(which), float(_text(detail)), 0.0, counted, spent, held)
 
     async def settle(self, request: SettleRequest, timeout_s: float) -> None:
         script = self._settle
@@ -288,6 +311,7 @@ class RedisLimitCounters:
             repr(request.cost_usd),
             1 if request.mark is not None else 0,
             1 if request.made else 0,
+            repr(request.held_usd),
         ]
         for name, value in request.used.increments():
             args += [name, repr(value) if isinstance(value, float) else value]
@@ -415,11 +439,6 @@ def _said_corrupt(fields: Sequence[object]) -> None:
             field=name,
             reason="held no finite number (what it held is unknown): set to 0",
         )
-
-
-def _spent_pair(pair: str) -> tuple[float, float]:
-    day, month = pair.split(",")
-    return float(day), float(month)
 
 
 def _cap_args(caps: Caps) -> list[str]:
