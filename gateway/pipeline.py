@@ -859,15 +859,21 @@ class ChatPipeline:
             usage.output_tokens,
             "cache",
         )
-        record.cached_prompt_tokens, record.cache_write_tokens = usage.cached_input_tokens, usage.cache_write_tokens
-        record.cache_write_1h_tokens = usage.cache_write_1h_tokens
+        # no upstream read or wrote its prompt cache for this request (t158): those counts stay 0;
+        # the reasoning tokens are the answer's, as its completion tokens are
         record.reasoning_tokens = usage.reasoning_tokens
         record.cost_usd = 0.0
         record.cache_saved_usd = hit.cost_usd
         record.cache_similarity = None if x.similarity is None else round(x.similarity, 4)
         baseline = x.runtime.policy.models.get(record.baseline_model or "")
         if baseline is not None:  # on the miss's split of the tokens: a hit saves what the miss cost, no more
-            record.baseline_cost_usd = _cost(baseline.price, record)
+            split = msgspec.structs.replace(
+                record,
+                cached_prompt_tokens=usage.cached_input_tokens,
+                cache_write_tokens=usage.cache_write_tokens,
+                cache_write_1h_tokens=usage.cache_write_1h_tokens,
+            )
+            record.baseline_cost_usd = _cost(baseline.price, split)
         if record.decision is not None:
             record.decision = "cache"  # not the classifier's "default": nothing was routed
         headers = self._headers(x)

@@ -67,9 +67,9 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
-    """Of ``prompt_tokens``, those the upstream read from its prompt cache (schema 2)."""
+    """Of ``prompt_tokens``, those the upstream read from its prompt cache (schema 2); 0 on a cache hit."""
     cache_write_tokens: int = 0
-    """Of ``prompt_tokens``, those the upstream wrote to its prompt cache (schema 2)."""
+    """Of ``prompt_tokens``, those the upstream wrote to its prompt cache (schema 2); 0 on a cache hit."""
     cache_write_1h_tokens: int = 0
     """Of ``cache_write_tokens``, those kept an hour (Anthropic's ``ttl: "1h"``), priced at ``cache_write_1h``."""
     reasoning_tokens: int = 0
@@ -108,7 +108,7 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     finish_reason: str | None = None
     policy_version: str | None = None
     cache_saved_usd: float | None = None
-    """Cache hits: the cost the answer had when it was first paid for."""
+    """Cache hits: the cost the answer had when it was first paid for, the cache's share of the savings."""
     cache_similarity: float | None = None
     cache_p_same: float | None = None
     """Semantic hits: the verifier's probability that the stored prompt has the same answer."""

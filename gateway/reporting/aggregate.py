@@ -78,7 +78,8 @@ _FIELDS = 9
 
 @dataclass(slots=True)
 class Totals:
-    """Summed figures for one group; ``savings_usd`` already includes what caching saved."""
+    """Summed figures for one group; ``savings_usd`` is the cache's and routing's: ``cache_saved_usd``
+    is the cache's share, the rest routing's (negative where dearer models than the baseline answered)."""
 
     requests: int = 0
     errors: int = 0

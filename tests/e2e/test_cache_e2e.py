@@ -77,6 +77,41 @@ def test_repeat_is_an_exact_hit_with_cost_saved(
     assert float(second.headers["x-gateway-cost-usd"]) == 0
 
 
+def test_an_answer_no_upstream_gave_this_request_logs_no_prompt_cache_read_or_write(
+    cached_gateway: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    """t158 #1: an exact hit and a coalesced follower repeated the upstream's prompt-cache read and
+    write of the answer they were served, so the log's cache writes summed above the upstream's."""
+    client, messages = _client(cached_gateway), _unique("prompt cache")
+    inject(large_upstream, {"delay_ms": 600, "usage": {"cache_read_input_tokens": 4, "cache_creation_input_tokens": 6}})
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(
+            lambda _: client.chat.completions.with_raw_response.create(model="claude", messages=messages, temperature=0),
+            range(2),
+        ))  # fmt: skip
+    later = client.chat.completions.with_raw_response.create(model="claude", messages=messages, temperature=0)
+    records = [cached_gateway.wait_for_record(r.headers["x-request-id"]) for r in (*together, later)]
+    paid = next(r for r in records if r["tokens_source"] == "upstream")
+    served = [r for r in records if r is not paid]
+    assert (paid["cached_prompt_tokens"], paid["cache_write_tokens"]) == (4, 6)
+    assert sorted(r["coalesced"] is True for r in served) == [False, True]
+    for record in served:
+        assert (record["cache"], record["tokens_source"], record["cost_usd"]) == ("exact", "cache", 0)
+        assert (record["cached_prompt_tokens"], record["cache_write_tokens"], record["cache_write_1h_tokens"]) == (
+            0, 0, 0,
+        )  # fmt: skip
+        assert (record["prompt_tokens"], record["completion_tokens"]) == (
+            paid["prompt_tokens"],
+            paid["completion_tokens"],
+        )
+        assert record["reasoning_tokens"] == paid["reasoning_tokens"] and record["service_tier"] is None
+        assert record["baseline_cost_usd"] == pytest.approx(paid["baseline_cost_usd"])  # priced on the miss's split
+        assert record["cache_saved_usd"] == pytest.approx(paid["cost_usd"])
+        # t158 #2: the cache's share of the hit's savings; the rest is routing's, as on the miss
+        routing = record["baseline_cost_usd"] - record["cost_usd"] - record["cache_saved_usd"]
+        assert routing == pytest.approx(paid["baseline_cost_usd"] - paid["cost_usd"])
+
+
 def test_the_retry_of_a_client_that_timed_out_is_served_the_answer_it_left(
     cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:
