@@ -89,7 +89,8 @@ async def dispatch(
 
     The error raised when every model failed says ``x-should-retry: false`` when the route's
     retries or fallbacks are spent (the SDKs' own retries would multiply them) or the upstream
-    asked for a wait too long to make; the ``Retry-After`` still says when.
+    asked for a wait too long to make; the ``Retry-After`` still says when. One no retry can
+    change (the gateway's own key refused) says so from its first attempt (:class:`UpstreamStatusError`).
 
     A model's ``timeouts.total`` bounds all of its attempts together (:mod:`gateway.upstreams.deadline`):
     a retry gets what is left of it, and none is made once the backoff would outlast it; each

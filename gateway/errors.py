@@ -165,6 +165,10 @@ class ConflictError(GatewayError):
     error_type = "invalid_request_error"
     code = "conflict"
 
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers["x-should-retry"] = "false"  # the SDKs retry a 409 (a lock's); this one stays
+
 
 class PayloadTooLargeError(GatewayError):
     status_code = 413
@@ -282,7 +286,8 @@ class UpstreamStatusError(UpstreamError):
     upstream's (its text can quote the operator's key), and the next model is tried. A prompt
     too long for the model's context window is a 400 ``context_length_exceeded``, and the next
     model (perhaps with a longer window) is tried. Other 4xx are the client's fault, so they are
-    passed through with the upstream's own status and message and never retried.
+    passed through with the upstream's own status and message and never retried. Those the
+    gateway does not retry say ``x-should-retry: false``: the SDKs would only repeat them (t148).
     """
 
     def __init__(
@@ -345,6 +350,8 @@ class UpstreamStatusError(UpstreamError):
             self._misconfigured("the upstream refused the gateway's request; the gateway's operator can look into it")
         else:
             self.status_code = 502
+        if not self.retryable:
+            self.headers["x-should-retry"] = "false"
 
     def _misconfigured(self, why: str) -> None:
         """The gateway's own configuration (a 502 that names no upstream text: it can quote the

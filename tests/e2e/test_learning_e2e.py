@@ -200,6 +200,7 @@ def test_a_reused_request_id_stays_with_the_key_that_used_it_first(gateway: Gate
         assert _feedback(gateway, "alice", {"request_id": chosen, "thumbs": thumbs}).status_code == 200
     flooded = _feedback(gateway, "alice", {"request_id": chosen, "thumbs": "down"})
     assert flooded.status_code == 409 and flooded.json()["error"]["param"] == "request_id"
+    assert flooded.headers["x-should-retry"] == "false"  # the SDKs retry a 409; no retry takes another label (t148)
 
 
 def test_a_reused_request_id_takes_no_shadow_label_over(gateway: GatewayProcess, redis_server: EmbeddedRedis) -> None:

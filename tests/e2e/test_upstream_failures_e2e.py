@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ def _chat(gateway: GatewayProcess, **body: object) -> httpx.Response:
 
 
 def test_spent_retries_tell_the_sdk_not_to_retry_again(
-    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+    gateway: GatewayProcess, claude: anthropic.Anthropic, small_upstream: SimulatedUpstream
 ) -> None:
     """The SDKs retry a 5xx themselves: after the gateway's own retries that multiplies the calls."""
     inject(small_upstream, *[{"status": 503}] * 5)
@@ -47,7 +47,6 @@ def test_spent_retries_tell_the_sdk_not_to_retry_again(
         overloaded.text
     )
     inject(small_upstream, *[{"status": 529}] * 5)
-    claude = anthropic.Anthropic(base_url=gateway.url, api_key="k", max_retries=0)
     with pytest.raises(anthropic.APIStatusError) as caught:  # its SDK has an error class for 529
         claude.messages.create(model="small", max_tokens=20, messages=[{"role": "user", "content": "hello"}])
     assert caught.value.status_code == 529, caught.value.body
@@ -164,15 +163,16 @@ def test_upstream_429_passes_through_with_retry_after(
 
 
 def test_a_wait_too_long_for_the_route_is_not_waited_out_by_the_anthropic_sdk(
-    gateway: GatewayProcess, small_upstream: SimulatedUpstream
+    claude: anthropic.Anthropic, small_upstream: SimulatedUpstream
 ) -> None:
     """t100: the Anthropic SDK sleeps whatever Retry-After says (an OpenAI limit's reset of
     8 h20m became 30000 s: 16 h over its two retries). The route did not wait that long, so the
     SDK is told not to; the client still learns when the limit resets."""
     inject(small_upstream, {"status": 429, "retry_after": 30})
-    claude = anthropic.Anthropic(base_url=gateway.url, api_key="k", max_retries=1)
     with pytest.raises(anthropic.RateLimitError) as caught:
-        claude.messages.create(model="small", max_tokens=20, messages=[{"role": "user", "content": "hello"}])
+        claude.with_options(max_retries=1).messages.create(
+            model="small", max_tokens=20, messages=[{"role": "user", "content": "hello"}]
+        )
     assert caught.value.response.headers["retry-after"] == "30"
     assert upstream_stats(small_upstream)["chat_requests"] == 1
 
@@ -441,6 +441,41 @@ def test_an_upstream_refusing_the_gateways_own_request_is_a_502_and_the_fallback
     error = refused.json()["error"]
     assert error["code"] == "upstream_misconfigured" and "operator" in error["message"]
     assert "Xy9Q" not in refused.text and "access" not in refused.text and "gpt-x" not in refused.text
+
+
+def _asks(client: openai.OpenAI, claude: anthropic.Anthropic) -> dict[str, Callable[[], object]]:
+    """One request per protocol, each by its official SDK with its default retries (two)."""
+    gpt, claude = client.with_options(max_retries=2), claude.with_options(max_retries=2)
+    said: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+    asked: list[anthropic.types.MessageParam] = [{"role": "user", "content": "hi"}]
+    return {
+        "chat": lambda: gpt.chat.completions.create(model="small", messages=said),
+        "chat stream": lambda: gpt.chat.completions.create(model="small", messages=said, stream=True),
+        "completions": lambda: gpt.completions.create(model="small", prompt="hi"),
+        "embeddings": lambda: gpt.embeddings.create(model="embed", input="hi"),
+        "messages": lambda: claude.messages.create(model="small", max_tokens=20, messages=asked),
+        "messages stream": lambda: claude.messages.create(model="small", max_tokens=20, messages=asked, stream=True),
+        "responses": lambda: gpt.responses.create(model="gpt", input="hi"),
+        "responses stream": lambda: gpt.responses.create(model="gpt", input="hi", stream=True),
+    }
+
+
+@pytest.mark.parametrize("protocol", ["chat", "chat stream", "completions", "embeddings", "messages",
+                                      "messages stream", "responses", "responses stream"])  # fmt: skip
+def test_the_sdks_do_not_retry_an_upstream_refusing_the_gateways_own_key(
+    client: openai.OpenAI, claude: anthropic.Anthropic, small_upstream: SimulatedUpstream, protocol: str
+) -> None:
+    """t148: on a one-model route the 502 said nothing of retrying, so both SDKs sent the
+    gateway's refused key upstream three times (twice more, ~1.2 s, for nothing)."""
+    before = sum(upstream_stats(small_upstream)[f"{kind}_requests"] for kind in ("chat", "embeddings", "responses"))
+    inject(small_upstream, {"status": 401, "body": '{"error": {"message": "Incorrect API key provided"}}'})
+    with pytest.raises((openai.APIStatusError, anthropic.APIStatusError)) as caught:
+        _asks(client, claude)[protocol]()
+    refused = caught.value
+    assert isinstance(refused, openai.APIStatusError | anthropic.APIStatusError)
+    assert refused.status_code == 502 and refused.response.headers["x-should-retry"] == "false", refused.body
+    after = sum(upstream_stats(small_upstream)[f"{kind}_requests"] for kind in ("chat", "embeddings", "responses"))
+    assert after - before == 1  # the gateway's one call; no retry of the SDK's
 
 
 def test_one_tenants_failures_open_its_own_circuit_only(

@@ -152,6 +152,10 @@ def test_upstream_status_errors_map_to_client_statuses() -> None:
     assert UpstreamStatusError("u", 429, "x", retry_after_s=2.5).headers["retry-after"] == "3"  # up: t53
     bad = UpstreamStatusError("u", 400, "bad")
     assert bad.status_code == 400 and not bad.retryable
+    for status in (401, 403, 402, 409, 301):  # the gateway's own setup: no retry of the SDKs' can change it (t148)
+        assert UpstreamStatusError("u", status, "x").headers["x-should-retry"] == "false"
+    for status in (500, 503, 429, 408):  # the upstream's passing trouble: the gateway's retries decide (dispatch)
+        assert "x-should-retry" not in UpstreamStatusError("u", status, "x").headers
 
 
 _VLLM_CONTEXT = (
