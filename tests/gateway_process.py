@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,3 +235,13 @@ def start_gateway(
         time.sleep(0.1)
     gateway.stop()
     raise RuntimeError(f"gateway did not become ready:\n{gateway.stderr_text()}")
+
+
+@contextmanager
+def running_gateway(workdir: Path, policy: str, **options: Any) -> Iterator[GatewayProcess]:
+    """:func:`start_gateway` for the length of a block (a module's fixture), stopped after it."""
+    gateway = start_gateway(workdir, policy, **options)
+    try:
+        yield gateway
+    finally:
+        gateway.stop()

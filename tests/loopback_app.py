@@ -12,7 +12,9 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
+import msgspec
 from aiohttp import web
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -57,6 +59,13 @@ def serve_app(routes: Mapping[str, Handler], *, name: str) -> Iterator[ServedApp
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+async def write_sse(response: web.StreamResponse, data: Any, event: str | None = None) -> None:
+    """One server-sent event: ``data`` as JSON (bytes as they are, e.g. ``b"[DONE]"``), under ``event``
+    when it is named, as Anthropic's stream names each."""
+    head = f"event: {event}\n".encode() if event else b""
+    await response.write(head + b"data: " + (data if isinstance(data, bytes) else msgspec.json.encode(data)) + b"\n\n")
 
 
 def _bound(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

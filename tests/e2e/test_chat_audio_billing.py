@@ -27,7 +27,7 @@ from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test
-from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+from tests.gateway_process import GatewayProcess, policy_text, running_gateway
 from tests.loopback_app import serve_app
 
 _MODELS = """
@@ -171,9 +171,10 @@ def gateway(
     )
     for text_price in ("price: {input: 0.5, output: 1.5}", "price: {input: 5, output: 15}"):  # the pair hears audio
         policy = policy.replace(text_price, text_price[:-1] + ", audio_input: 20}", 1)
-    process = start_gateway(Path(tmp_path_factory.mktemp("audio")), policy, env={"REDIS_URL": redis_server.url})
-    yield process
-    process.stop()
+    with running_gateway(
+        Path(tmp_path_factory.mktemp("audio")), policy, env={"REDIS_URL": redis_server.url}
+    ) as process:
+        yield process
 
 
 def _client(gateway: GatewayProcess, key: str = "open") -> openai.OpenAI:

@@ -20,8 +20,8 @@ from anthropic.types import Message
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test
-from tests.gateway_process import GatewayProcess, policy_text, start_gateway
-from tests.loopback_app import serve_app
+from tests.gateway_process import GatewayProcess, policy_text, running_gateway
+from tests.loopback_app import serve_app, write_sse
 
 _MODELS = """  interleaving_chat:
     base_url: {url}/v1
@@ -45,11 +45,6 @@ _TEXTS = ["Let me check.", "Found one.", "Done."]
 _USAGE = {"input_tokens": 12, "output_tokens": 30}
 
 
-async def _sse(response: web.StreamResponse, data: Any, event: str | None = None) -> None:
-    head = f"event: {event}\n".encode() if event else b""
-    await response.write(head + b"data: " + (data if isinstance(data, bytes) else msgspec.json.encode(data)) + b"\n\n")
-
-
 def _claude_blocks() -> list[dict[str, Any]]:
     calls = [{"type": "tool_use", "id": i, "name": "lookup", "input": arguments} for i, arguments in _CALLS]
     return [{"type": "text", "text": _TEXTS[0]}, calls[0], {"type": "text", "text": _TEXTS[1]}, calls[1],
@@ -67,21 +62,23 @@ async def _anthropic(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     start = {"id": "msg_up", "type": "message", "role": "assistant", "model": model, "content": [],
              "stop_reason": None, "stop_sequence": None, "usage": {**_USAGE, "output_tokens": 1}}  # fmt: skip
-    await _sse(response, {"type": "message_start", "message": start}, "message_start")
+    await write_sse(response, {"type": "message_start", "message": start}, "message_start")
     for index, block in enumerate(blocks):
         text = block["type"] == "text"
         opening = {**block, "text": ""} if text else {**block, "input": {}}
-        await _sse(response, {"type": "content_block_start", "index": index, "content_block": opening},
+        await write_sse(response, {"type": "content_block_start", "index": index, "content_block": opening},
                    "content_block_start")  # fmt: skip
         if text:
             delta = {"type": "text_delta", "text": block["text"]}
         else:
             delta = {"type": "input_json_delta", "partial_json": msgspec.json.encode(block["input"]).decode()}
-        await _sse(response, {"type": "content_block_delta", "index": index, "delta": delta}, "content_block_delta")
-        await _sse(response, {"type": "content_block_stop", "index": index}, "content_block_stop")
+        await write_sse(
+            response, {"type": "content_block_delta", "index": index, "delta": delta}, "content_block_delta"
+        )
+        await write_sse(response, {"type": "content_block_stop", "index": index}, "content_block_stop")
     ending = {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None}, "usage": _USAGE}
-    await _sse(response, ending, "message_delta")
-    await _sse(response, {"type": "message_stop"}, "message_stop")
+    await write_sse(response, ending, "message_delta")
+    await write_sse(response, {"type": "message_stop"}, "message_stop")
     return response
 
 
@@ -105,7 +102,7 @@ async def _openai(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
 
     async def chunk(delta: dict[str, Any], finish: str | None = None) -> None:
-        await _sse(response, {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1,
+        await write_sse(response, {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1,
                               "model": "chat-model",
                               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})  # fmt: skip
 
@@ -115,9 +112,9 @@ async def _openai(request: web.Request) -> web.StreamResponse:
     await chunk({"tool_calls": [_openai_call(1)]})
     await chunk({"content": " " + _TEXTS[2]})
     await chunk({}, "tool_calls")
-    await _sse(response, {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1,
+    await write_sse(response, {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1,
                           "model": "chat-model", "choices": [], "usage": usage})  # fmt: skip
-    await _sse(response, b"[DONE]")
+    await write_sse(response, b"[DONE]")
     return response
 
 
@@ -132,11 +129,8 @@ def gateway(
     with serve_app(routes, name="interleaving-upstream") as served:
         policy = policy_text(small_upstream, large_upstream, extra_models=_MODELS.format(url=served.url))
         workdir: Path = tmp_path_factory.mktemp("textaftercalls")
-        process = start_gateway(workdir, policy, env={"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k"})
-        try:
+        with running_gateway(workdir, policy, env={"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k"}) as process:
             yield process
-        finally:
-            process.stop()
 
 
 def _blocks(message: Message) -> list[tuple[str, Any]]:

@@ -31,7 +31,7 @@ from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
-from tests.loopback_app import serve_app
+from tests.loopback_app import serve_app, write_sse
 
 _WRITTEN = 5000
 """The output tokens the upstream says it wrote: the cut text and all it wrote past it."""
@@ -84,11 +84,6 @@ class HeldUpstream:
         return self.gates.setdefault(prompt, asyncio.Event())
 
 
-async def _sse(response: web.StreamResponse, data: Any, event: str | None = None) -> None:
-    head = f"event: {event}\n".encode() if event else b""
-    await response.write(head + b"data: " + (data if isinstance(data, bytes) else msgspec.json.encode(data)) + b"\n\n")
-
-
 async def _openai(request: web.Request, upstream: HeldUpstream) -> web.StreamResponse:
     body = await request.json()
     if body.get("stop") is not None:  # OpenAI's own words for a reasoning model
@@ -103,18 +98,18 @@ async def _openai(request: web.Request, upstream: HeldUpstream) -> web.StreamRes
         return {"id": "chatcmpl-held", "object": "chat.completion.chunk", "created": 1, "model": "o4-mini",
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
 
-    await _sse(response, chunk({"role": "assistant", "content": ""}))
-    await _sse(response, chunk({"content": "Thought: look\nObservation: made up"}))
+    await write_sse(response, chunk({"role": "assistant", "content": ""}))
+    await write_sse(response, chunk({"content": "Thought: look\nObservation: made up"}))
     if prompt.startswith("BREAK"):  # a broken event past the cut, and the end
-        await _sse(response, b"not json")
+        await write_sse(response, b"not json")
         return response
     await upstream._gate(prompt).wait()
     upstream.finished.add(prompt)  # before the end is written: a client that has it may look at once
-    await _sse(response, chunk({"content": " and more"}, "stop"))
+    await write_sse(response, chunk({"content": " and more"}, "stop"))
     usage = {"prompt_tokens": 11, "completion_tokens": _WRITTEN, "total_tokens": 11 + _WRITTEN}
-    await _sse(response, {"id": "chatcmpl-held", "object": "chat.completion.chunk", "created": 1,
+    await write_sse(response, {"id": "chatcmpl-held", "object": "chat.completion.chunk", "created": 1,
                           "model": "o4-mini", "choices": [], "usage": usage})  # fmt: skip
-    await _sse(response, b"[DONE]")
+    await write_sse(response, b"[DONE]")
     return response
 
 
@@ -149,24 +144,26 @@ async def _anthropic(request: web.Request, upstream: HeldUpstream) -> web.Stream
     await response.prepare(request)
     start = {"id": "msg_held", "type": "message", "role": "assistant", "model": body["model"], "content": [],
              "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 12, "output_tokens": 1}}  # fmt: skip
-    await _sse(response, {"type": "message_start", "message": start}, "message_start")
+    await write_sse(response, {"type": "message_start", "message": start}, "message_start")
     for index, block in enumerate(blocks):
         opening = {**block, "text": ""} if block["type"] == "text" else {**block, "input": {}}
-        await _sse(
+        await write_sse(
             response, {"type": "content_block_start", "index": index, "content_block": opening}, "content_block_start"
         )
         if block["type"] == "text":
             delta = {"type": "text_delta", "text": block["text"]}
         else:
             delta = {"type": "input_json_delta", "partial_json": msgspec.json.encode(block["input"]).decode()}
-        await _sse(response, {"type": "content_block_delta", "index": index, "delta": delta}, "content_block_delta")
-        await _sse(response, {"type": "content_block_stop", "index": index}, "content_block_stop")
+        await write_sse(
+            response, {"type": "content_block_delta", "index": index, "delta": delta}, "content_block_delta"
+        )
+        await write_sse(response, {"type": "content_block_stop", "index": index}, "content_block_stop")
     if not tools:
         await upstream._gate(prompt).wait()
     upstream.finished.add(prompt)  # before the end is written: a client that has it may look at once
     ending = {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": None}, "usage": usage}
-    await _sse(response, ending, "message_delta")
-    await _sse(response, {"type": "message_stop"}, "message_stop")
+    await write_sse(response, ending, "message_delta")
+    await write_sse(response, {"type": "message_stop"}, "message_stop")
     return response
 
 

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import openai
 import pytest
 from aiohttp import web
@@ -19,8 +18,8 @@ from aiohttp import web
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test
-from tests.gateway_process import GatewayProcess, policy_text, start_gateway
-from tests.loopback_app import serve_app
+from tests.gateway_process import GatewayProcess, policy_text, running_gateway
+from tests.loopback_app import serve_app, write_sse
 
 _MODELS = """  detailed:
     base_url: {url}/v1
@@ -45,10 +44,6 @@ _USAGE = {
 _TEXT = "one two three"
 
 
-async def _sse(response: web.StreamResponse, data: Any) -> None:
-    await response.write(b"data: " + (data if isinstance(data, bytes) else msgspec.json.encode(data)) + b"\n\n")
-
-
 async def _openai(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     head = {"id": "chatcmpl-up", "created": 1, "model": "gpt-4o", "system_fingerprint": "fp_up"}
@@ -60,9 +55,9 @@ async def _openai(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     for delta, finish in (({"role": "assistant", "content": _TEXT}, None), ({}, "stop")):
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
-        await _sse(response, {**head, "object": "chat.completion.chunk", "choices": [choice], "usage": None})
-    await _sse(response, {**head, "object": "chat.completion.chunk", "choices": [], "usage": _USAGE})
-    await _sse(response, b"[DONE]")
+        await write_sse(response, {**head, "object": "chat.completion.chunk", "choices": [choice], "usage": None})
+    await write_sse(response, {**head, "object": "chat.completion.chunk", "choices": [], "usage": _USAGE})
+    await write_sse(response, b"[DONE]")
     return response
 
 
@@ -76,11 +71,8 @@ def gateway(
     with serve_app({"/v1/chat/completions": _openai}, name="usage-details-upstream") as served:
         policy = policy_text(small_upstream, large_upstream, extra_models=_MODELS.format(url=served.url))
         workdir: Path = tmp_path_factory.mktemp("usagedetails")
-        process = start_gateway(workdir, policy, env={"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k"})
-        try:
+        with running_gateway(workdir, policy, env={"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k"}) as process:
             yield process
-        finally:
-            process.stop()
 
 
 @pytest.mark.parametrize("max_tokens", [None, 2], ids=["upstream-usage", "usage-refused"])
