@@ -39,6 +39,7 @@ __all__ = [
     "request_line",
     "take_stdout",
     "utc_stamp",
+    "write_ops_line",
 ]
 
 SCHEMA_VERSION = 2
@@ -397,10 +398,11 @@ class RequestLogWriter:
                 continue
             failed = sink.reopen(now)
             if failed is None:
-                _say({"event": "request_log_reopened", "level": "info", "path": sink.path})
+                write_ops_line({"event": "request_log_reopened", "level": "info", "path": sink.path})
             else:
-                _say({"event": "request_log_reopen_failed", "level": "error", "path": sink.path,
-                      "error": _reason(failed), "effect": "lines go on to the file held until the path opens"})  # fmt: skip
+                write_ops_line({"event": "request_log_reopen_failed", "level": "error", "path": sink.path,
+                                "error": _reason(failed),
+                                "effect": "lines go on to the file held until the path opens"})  # fmt: skip
 
     def _say_lost(self, now: float) -> None:
         """Say on stderr how many lines did not land since it was last said (t41: a full disk lost
@@ -410,7 +412,7 @@ class RequestLogWriter:
                   "dropped_lines": self.dropped_lines - self._said_lines,
                   "dropped_lines_total": self.dropped_lines}  # fmt: skip
         self._said_at, self._said_lines = now, self.dropped_lines
-        _say(notice)
+        write_ops_line(notice)
 
     def close(self) -> None:
         """Write what is pending and stop (at shutdown: nothing is lost)."""
@@ -430,7 +432,7 @@ def _reason(exc: Exception | None) -> str:
     return errno.errorcode.get(exc.errno, "") if isinstance(exc, OSError) and exc.errno else type(exc).__name__
 
 
-def _say(notice: dict[str, Any]) -> None:
+def write_ops_line(notice: dict[str, Any]) -> None:
     """A line on stderr, written here, not through a logger, which may be what failed; with the
     pid and ``ts``, as the ops log's lines have them (a shipper places a line by its ``ts``)."""
     ts = datetime.now(UTC).isoformat().replace("+00:00", "Z")

@@ -50,6 +50,7 @@ from gateway.pipeline import ChatPipeline
 from gateway.protocols import anthropic_messages
 from gateway.runtime import RuntimeHolder, load_at_start, loggable_problems, still_written
 from gateway.services.parent_death import end_with_supervisor
+from gateway.services.server_log import say_unsaid
 from gateway.settings import Settings
 from gateway.store.redis import SharedRedis, connect, redis_store
 
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None) -> ChatRoute:
             yield
         finally:
             await state.aclose()
+            say_unsaid()  # the malformed requests counted since the last line (uvicorn)
 
     return ChatRoute(
         Litestar(

@@ -299,6 +299,7 @@ def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float, lis
     import uvicorn
 
     from gateway.services.http_head import BoundedHeadProtocol
+    from gateway.services.server_log import uvicorn_log_config
 
     # uvicorn re-raises SIGTERM after its graceful shutdown; with the default action the
     # process would die there and never stop what serve started (the embedded Redis).
@@ -315,6 +316,7 @@ def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float, lis
         proxy_headers=False,  # nothing reads the client's address: no X-Forwarded-For rewriting per request
         access_log=False,
         log_level="warning",
+        log_config=uvicorn_log_config(),  # JSON lines, as the rest of stderr; a client's malformed ones counted (t153)
         lifespan="on",
         timeout_graceful_shutdown=int(kill_after_s),
     )

@@ -699,6 +699,43 @@ def test_a_chunked_body_that_cannot_be_read_is_a_400_in_the_callers_protocol_nev
         gateway.stop()
 
 
+_MALFORMED_HEADS = (
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: \x1b[31mred\r\n\r\n",  # ESC in a value
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",  # NUL
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",  # a bare CR
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\r\n folded\r\n\r\n",  # a folded line
+)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_malformed_requests_add_json_lines_to_the_ops_log_a_bounded_number_of_them(
+    tmp_path: Path,
+    redis_server: object,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+    workers: int,
+) -> None:
+    """t153: uvicorn wrote a plain-text "WARNING:  Invalid HTTP request received." on stderr for each
+    malformed request, unbounded: anyone reaching the port added non-JSON lines to the JSON ops log
+    at will. Now they are counted in ``http_invalid_request`` lines, at most one a minute per worker."""
+    env = {"REDIS_URL": redis_server.url}  # type: ignore[attr-defined]
+    gateway = start_gateway(tmp_path, policy_text(small_upstream, large_upstream), env=env, workers=workers)
+    try:
+        for head in _MALFORMED_HEADS * 13:  # 52, spread over the workers
+            assert _raw(gateway, head).startswith(b"HTTP/1.1 400 ")
+        said = gateway.wait_for_ops("http_invalid_request")
+        assert httpx.get(f"{gateway.url}/healthz", timeout=5).status_code == 200
+    finally:
+        gateway.stop()
+    assert said and all(line["level"] == "warning" and line["count"] == 1 for line in said), said
+    said = gateway.ops_records("http_invalid_request")  # the first of each worker, then the rest at exit
+    assert len(said) <= 2 * workers and sum(line["count"] for line in said) == len(_MALFORMED_HEADS) * 13, said
+    for line in gateway.err_path.read_bytes().splitlines():  # serve's "[gateway] ..." lines are for who started it
+        assert line.startswith(b"[gateway] ") or isinstance(msgspec.json.decode(line), dict), line
+    assert not gateway.ops_records("server_log")
+    assert b"\x1b" not in gateway.err_path.read_bytes()
+
+
 def test_a_cache_hit_is_a_new_answer_with_its_own_id_and_says_it_came_from_the_cache(gw: GatewayProcess) -> None:
     body = {"model": "auto", "temperature": 0, "messages": [{"role": "user", "content": f"ids {time.time_ns()}"}]}
     first = httpx.post(f"{gw.base_url}/chat/completions", json=body, timeout=10)
