@@ -14,7 +14,8 @@ continuable: ``previous_response_not_found``, as for a response that is gone its
 A turn stored before (``version`` 1) holds the whole conversation up to it, and is read so.
 
 A passed-through response lives at its upstream; its record holds only ``held_by``, and the
-client's own identifiers the upstream keeps as the tenant's digests (``own_ids``).
+client's own identifiers the upstream keeps as the tenant's digests (``own_ids``), and counts in
+the tenant's cap as a turn does.
 
 Keys are :func:`gateway.store.keyspace.response` (``gw:{<tenant hash>}:resp:<id>``): a
 tenant's lookup can only ever reach its own turns. Records expire :data:`RESPONSE_TTL_S`
@@ -115,8 +116,8 @@ class StoredResponse(msgspec.Struct, kw_only=True):
 
 
 KEPT_ID_CHARS = 256
-"""The longest identifier value a passed-through response's record keeps (OpenAI allows 64): the
-record is outside the tenant's cap, so what a client writes there is bounded."""
+"""The longest identifier value a passed-through response's record keeps (OpenAI allows 64), so that
+the record stays about a kilobyte against the tenant's cap."""
 
 
 def kept_ids(own_ids: dict[str, str]) -> dict[str, str | None]:
@@ -193,13 +194,10 @@ class ResponseStore:
     async def save(self, tenant: str, response_id: str, record: StoredResponse) -> bool:
         """Whether it was kept: not when the record alone is larger than the tenant's cap.
 
-        A passed-through response's record (``held_by``) is outside the cap: evicting it would
-        leave the response at its upstream, where no tenant could reach or delete it. It is at
-        most about a kilobyte (three identifiers of :data:`KEPT_ID_CHARS`) for a paid upstream call."""
-        if record.held_by is not None:
-            key = keyspace.response(tenant, response_id)
-            await self._kv.put(key, _encoder.encode(record), RESPONSE_TTL_S, self._timeout_s)
-            return True
+        A passed-through response's record (``held_by``) counts in the cap too (t160: outside it,
+        one tenant's ~1 KB records, each for a tiny upstream call, filled Redis until it evicted
+        other tenants' turns). One evicted leaves its response at the upstream, which no tenant
+        can then reach through the gateway, until the upstream's own retention ends."""
         deleted = await self._kv.put_bounded(
             keyspace.response(tenant, response_id),
             _encoder.encode(record),
@@ -207,7 +205,9 @@ class ResponseStore:
             keyspace.stored_responses(tenant),
             self._cap(tenant),
             self._timeout_s,
-            new_only=True,  # its id is new: only one withdrawn (:meth:`withdraw`) is there
+            # a translated turn's id is new: only one withdrawn (:meth:`withdraw`) is there; a
+            # passed-through one's is the upstream's: refused, it would be deleted there
+            new_only=record.held_by is None,
         )
         if deleted:
             said = self._evicted.get(tenant)

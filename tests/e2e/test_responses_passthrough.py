@@ -56,7 +56,10 @@ auth:
     - {id: a3, tenant: acme, hash: "%(a3)s", models: [gpt-a]}
     - {id: a4, tenant: acme, hash: "%(a4)s", models: [fast]}
     - {id: a5, tenant: acme, hash: "%(a5)s", models: [mixed]}
-""" % {name: hash_key(f"key-{name}") for name in ("a1", "b1", "a3", "a4", "a5")}
+    - {id: c1, tenant: initech, hash: "%(c1)s"}
+tenants:
+  initech: {stored_responses_mib: 0.01}
+""" % {name: hash_key(f"key-{name}") for name in ("a1", "b1", "a3", "a4", "a5", "c1")}
 
 CODEX_TOOLS: list[dict[str, Any]] = [
     {
@@ -240,6 +243,43 @@ def test_a_response_gone_upstream_is_told_in_openais_code_and_forgotten(
         with pytest.raises(openai.NotFoundError):
             alice.responses.retrieve(gone.id)
         assert not store.exists(record)  # forgotten: the upstream said it is gone
+
+
+def test_a_tenants_passed_through_responses_count_in_its_own_cap_and_push_out_only_its_own(
+    gateway: GatewayProcess, redis_server: EmbeddedRedis
+) -> None:
+    """t160: the records of passed-through responses were outside the tenant's cap, so a tenant
+    could fill Redis with them (~1.1 KB each, for a tiny upstream call) until a Redis evicting
+    by TTL pushed out other tenants' stored turns. They count in the cap: its own oldest go."""
+    carol, bob = _client(gateway, "c1"), _client(gateway, "b1")
+    theirs = [
+        bob.responses.create(model="codex", input="Globex keeps this upstream."),
+        bob.responses.create(model="fast", input="Globex keeps this turn."),
+    ]
+    made = [  # each record keeps the three identifiers: ~1.4 KB of the ~10 KB cap
+        carol.responses.create(
+            model="codex", input=f"hi {n}", user="u" * 256, safety_identifier="s" * 256, prompt_cache_key="p" * 256
+        )
+        for n in range(16)
+    ]
+    assert all(_stored(response) is not False for response in made)
+    with pytest.raises(openai.NotFoundError):
+        carol.responses.retrieve(made[0].id)  # its oldest went to make room: no longer reachable here
+    with pytest.raises(openai.BadRequestError) as continued:
+        carol.responses.create(model="codex", previous_response_id=made[0].id, input="go on")
+    assert continued.value.code == "previous_response_not_found"
+    newest = carol.responses.retrieve(made[-1].id)
+    assert newest.id == made[-1].id and newest.user == "u" * 256  # the record keeps the client's own ids
+    with redis.Redis.from_url(redis_server.url) as store:
+        kept = store.hget(f"{keyspace.stored_responses('initech')}:bytes", "#")
+        assert kept is not None and 0 < int(kept) <= 0.01 * 1024 * 1024
+        assert sum(store.exists(keyspace.response("initech", response.id)) for response in made) < len(made)
+    for mine in theirs:  # another tenant's, passed through or translated, are all still there
+        assert bob.responses.retrieve(mine.id).id == mine.id
+
+
+def _stored(response: Any) -> Any:
+    return getattr(response, "store", None)
 
 
 def test_a_read_of_a_passed_through_response_takes_its_query_upstream(

@@ -160,7 +160,7 @@ def test_a_continued_passed_through_response_reads_back_each_turns_own_identifie
 
 
 def test_an_identifier_too_long_to_keep_is_read_back_as_null_not_as_the_digest(two_tenants: GatewayProcess) -> None:
-    """The ownership record is outside the tenant's cap on stored turns: what it keeps is bounded."""
+    """What the ownership record keeps is bounded: it stays about a kilobyte of the tenant's cap."""
     oai = _openai(two_tenants, "key-a")
     long = "u" * 300
     created = oai.responses.create(model="gpt", input="Say hello.", user=long, prompt_cache_key="session-1")

@@ -48,6 +48,7 @@ from gateway.responses_store import (
     kept_ids,
 )
 from gateway.store import keyspace
+from gateway.store.base import BOUNDED_ENTRY_BYTES
 from gateway.store.memory import MemoryKeyValue
 from gateway.upstreams.base import StreamTally
 
@@ -542,15 +543,20 @@ def test_a_broken_stream_ends_with_response_failed() -> None:
     assert failed.store is False  # only completed turns are kept: none to look up or continue from
 
 
-async def test_a_passed_through_responses_record_is_outside_the_cap() -> None:
-    """Evicting it would leave the response upstream where no tenant could reach or delete it (t17:
-    0 upstream DELETEs for 173 records the cap pushed out)."""
-    kv = MemoryKeyValue()
-    store = ResponseStore(kv, lambda tenant: 1)  # a cap nothing fits in
-    for n in range(3):
-        assert await store.save("acme", f"resp_{n}", StoredResponse(held_by="gpt"))
-    assert [(await store.load("acme", f"resp_{n}")) for n in range(3)] == [StoredResponse(held_by="gpt")] * 3
-    assert not await store.save("acme", "resp_own", StoredResponse(response={"id": "resp_own"}))
+async def test_a_passed_through_responses_record_counts_in_its_tenants_cap() -> None:
+    """t160: outside the cap, one tenant's ~1 KB records (each for a tiny upstream call) filled a
+    Redis that then evicted other tenants' turns by TTL. They count as turns do: the tenant's own
+    oldest go, never another's (t17: the response evicted stays upstream until its retention ends)."""
+    one = len(msgspec.json.encode(StoredResponse.held("gpt", {}))) + BOUNDED_ENTRY_BYTES
+    store = ResponseStore(MemoryKeyValue(), lambda tenant: 3 * one)
+    assert await store.save("globex", "resp_theirs", StoredResponse.held("gpt", {}))
+    for n in range(5):
+        assert await store.save("acme", f"resp_{n}", StoredResponse.held("gpt", {}))
+    assert [await store.load("acme", f"resp_{n}") is not None for n in range(5)] == [False, False, True, True, True]
+    assert await store.load("globex", "resp_theirs") == StoredResponse.held("gpt", {})
+    assert not await ResponseStore(MemoryKeyValue(), lambda tenant: one - 1).save(
+        "acme", "resp_big", StoredResponse.held("gpt", {})
+    )  # larger than the whole cap: not kept (the client is told store: false)
 
 
 async def test_a_tenant_at_its_cap_is_logged_once_in_a_while_not_per_response() -> None:
@@ -567,9 +573,9 @@ async def test_a_tenant_at_its_cap_is_logged_once_in_a_while_not_per_response() 
 
 async def test_a_passed_through_responses_record_keeps_the_clients_own_ids_bounded() -> None:
     """t48: read back, the response said the tenant's digests; the record keeps the client's own
-    values, none longer than KEPT_ID_CHARS (it is outside the cap), and one written before it did
-    reads as keeping none."""
-    store = ResponseStore(MemoryKeyValue(), lambda tenant: 1)
+    values, none longer than KEPT_ID_CHARS (a record stays about a kilobyte of the tenant's cap),
+    and one written before it did reads as keeping none."""
+    store = ResponseStore(MemoryKeyValue(), lambda tenant: 1 << 20)
     long = "u" * (KEPT_ID_CHARS + 1)
     own = kept_ids({"d1": "user-1", "d2": "s" * KEPT_ID_CHARS, "d3": long})
     assert own == {"d1": "user-1", "d2": "s" * KEPT_ID_CHARS, "d3": None}
