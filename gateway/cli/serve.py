@@ -105,6 +105,12 @@ def run(args: argparse.Namespace) -> int:
                 "--data-dir (make run DATA_DIR=...)"
             )
             return 2
+        if args.simulate_missing and not _simulator_installed():
+            _say(
+                "--simulate-missing needs the simulator, which the installed package leaves out: "
+                "run from a source checkout (pip install -e '.[simulator]'), or set SMALL_MODEL_URL and LARGE_MODEL_URL"
+            )
+            return 2
         taken = _listen_problem(args.host, args.port)
         if taken is not None:
             _say(f"--port {args.port}: {taken}")
@@ -117,16 +123,8 @@ def run(args: argparse.Namespace) -> int:
             for role in ("small", "large"):
                 variable = f"{role.upper()}_MODEL_URL"
                 if not os.environ.get(variable):
-                    try:
-                        from gateway.simulated import start_simulated_upstream
-                    except ModuleNotFoundError as exc:
-                        if exc.name != "gateway.simulated":
-                            raise
-                        _say(
-                            "--simulate-missing needs the simulator, which the installed package leaves out: "
-                            "run from a source checkout (pip install -e '.[simulator]'), or set SMALL_MODEL_URL and LARGE_MODEL_URL"
-                        )
-                        return 2
+                    from gateway.simulated import start_simulated_upstream
+
                     upstream = start_simulated_upstream(role)
                     cleanup.callback(upstream.stop)
                     os.environ[variable] = upstream.url
@@ -414,6 +412,20 @@ def _bound(family: socket.AddressFamily, host: str, port: int, *, reuse_port: bo
         _say(f"cannot listen on {host}:{port}: {exc}")
         raise SystemExit(3) from None
     return sock
+
+
+def _simulator_installed() -> bool:
+    """Whether ``--simulate-missing`` can run: a built wheel leaves ``gateway.simulated`` out. Asked
+    before anything starts, so a missing simulator is the one line said, not a port or a Redis."""
+    if os.environ.get("SMALL_MODEL_URL") and os.environ.get("LARGE_MODEL_URL"):
+        return True
+    try:
+        import gateway.simulated  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name != "gateway.simulated":
+            raise
+        return False
+    return True
 
 
 def _listen_problem(host: str, port: int) -> str | None:
