@@ -27,7 +27,13 @@ from gateway.accounting.usage import UsageFigures
 from gateway.auth import Credentials
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.drain import DEFAULT_DRAIN_S, Drain
-from gateway.errors import GatewayError, InvalidRequestError, ShuttingDownError, UpstreamError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    ShuttingDownError,
+    UpstreamError,
+    UpstreamStatusError,
+)
 from gateway.limits import Limiter, Reservation
 from gateway.pipeline import Answer, name_the_failed_model
 from gateway.pricing import cost_usd
@@ -45,6 +51,9 @@ __all__ = ["EmbeddingsPipeline"]
 
 _log = structlog.get_logger("gateway.embeddings")
 _MAX_INPUTS = 2048
+_PER_KEY_S = 0.0001
+"""What a batch's cache read or write may take per key above ``cache.redis_timeout_ms`` (t161:
+2,048 keys in one MGET passed 50 ms on a loaded host); at most 2,048 keys: 205 ms more."""
 
 
 class _EmbeddingsRequest(msgspec.Struct, forbid_unknown_fields=False):
@@ -140,7 +149,9 @@ class EmbeddingsPipeline:
             # Every key gets a reservation, one without limits too: settling it records the usage.
             # Priced at the dearest model the request may end at (a fallback may cost more).
             estimate = max(cost_usd(model.price, total_tokens, 0) for model in models)
-            reservation = await self._limiter.reserve(runtime.policy, principal, total_tokens, estimate, at)
+            reservation = await self._limiter.reserve(
+                runtime.policy, principal, total_tokens, estimate, at, inputs=True
+            )
             work = _AtWork(info, watch_sending())  # a client leaving before anything was sent is billed nothing
             if task is not None:
                 self._at_work[task] = work
@@ -150,7 +161,7 @@ class EmbeddingsPipeline:
             # Its tokens are the ones billed (the upstream's count where it gave one), so a miss saves nothing.
             record.baseline_model = plan.candidates[0]
             record.baseline_cost_usd = cost_usd(first.price, record.prompt_tokens, 0)
-            body = _response(request, vectors, record.prompt_tokens)
+            body = _response(request, vectors, record.model or request.model, record.prompt_tokens)
             return Answer(200, body, _headers(record, started, info))
         except GatewayError as exc:
             if isinstance(exc, UpstreamError) and record.model is None:
@@ -207,7 +218,7 @@ class EmbeddingsPipeline:
         record.cache = "bypass"
         if read:
             try:
-                raws = await self._store.get_many(keys, timeout_s)  # one round trip for up to 2,048 inputs
+                raws = await self._store.get_many(keys, _batch_timeout_s(timeout_s, len(keys)))  # one round trip
                 for index, raw in enumerate(raws):
                     if raw:
                         found[index], kept_tokens[index] = _cached(raw)
@@ -229,7 +240,12 @@ class EmbeddingsPipeline:
         async def embed(provider: Provider) -> Embeddings:
             # A fallback's vectors live in another space than the primary's cached ones: it embeds the whole batch.
             batch = asked if provider.name == primary else inputs
-            return await provider.embed(batch, request.dimensions, extra)  # type: ignore[arg-type]
+            try:
+                return await provider.embed(batch, request.dimensions, extra)  # type: ignore[arg-type]
+            except UpstreamStatusError as exc:
+                if exc.code == "context_length_exceeded":  # the client's to shorten: another model is another space
+                    exc.try_next = False
+                raise
 
         answered = await dispatch(
             plan.candidates,
@@ -272,7 +288,7 @@ class EmbeddingsPipeline:
                 items = [
                     (keys[i], _entry(vector, count)) for i, vector, count in zip(missing, new, tokens, strict=True)
                 ]
-                await self._store.put_many(items, ttl_s, timeout_s)
+                await self._store.put_many(items, ttl_s, _batch_timeout_s(timeout_s, len(items)))
             except StoreUnavailable:
                 pass  # a later miss, nothing worse
         return [vector for vector in found if vector is not None]
@@ -333,6 +349,10 @@ def _parse(raw: bytes) -> tuple[_EmbeddingsRequest, list[str] | list[list[int]],
     return request, inputs, extra
 
 
+def _batch_timeout_s(base_s: float, keys: int) -> float:
+    return base_s + keys * _PER_KEY_S
+
+
 def _is_token(item: object) -> bool:
     return isinstance(item, int) and not isinstance(item, bool) and item >= 0
 
@@ -390,7 +410,9 @@ def _note_refused(record: RequestRecord, provider: Provider, answered: Embedding
         _log.warning("usage_refused", request_id=record.request_id, model=provider.name, reason=answered.usage_refused)
 
 
-def _response(request: _EmbeddingsRequest, vectors: list[np.ndarray], tokens: int) -> bytes:
+def _response(request: _EmbeddingsRequest, vectors: list[np.ndarray], model: str, tokens: int) -> bytes:
+    """``model``: the policy's model whose space the vectors are in (``x-gateway-model``'s, a
+    fallback's too), as OpenAI names the model that answered."""
     encode: Callable[[np.ndarray], Any] = (
         (lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode())
         if request.encoding_format == "base64"
@@ -398,7 +420,7 @@ def _response(request: _EmbeddingsRequest, vectors: list[np.ndarray], tokens: in
     )
     data = [{"object": "embedding", "index": i, "embedding": encode(vector)} for i, vector in enumerate(vectors)]
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-    return msgspec.json.encode({"object": "list", "data": data, "model": request.model, "usage": usage})
+    return msgspec.json.encode({"object": "list", "data": data, "model": model, "usage": usage})
 
 
 def _error_answer(record: RequestRecord, exc: GatewayError, started: float, info: DispatchInfo) -> Answer:

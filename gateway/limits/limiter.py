@@ -151,14 +151,21 @@ class Limiter:
         return key_limits.any or tenant_limits.any
 
     async def reserve(
-        self, policy: Policy, principal: Principal, tokens: int, cost_usd: float, at: float | None = None
+        self,
+        policy: Policy,
+        principal: Principal,
+        tokens: int,
+        cost_usd: float,
+        at: float | None = None,
+        *,
+        inputs: bool = False,
     ) -> Reservation:
         """Check and reserve; raises RateLimitError / BudgetExceededError naming the limit (a budget
         the request would fit but for what requests in flight hold: a RateLimitError, retried shortly).
 
         ``at``: when the request started (its log line's ``started_at``; default now). Its usage and
         budgets count in that UTC day and month, as ``gateway report`` files its line (t114); rate
-        windows are the present minute's."""
+        windows are the present minute's. ``inputs``: an embeddings batch (its too-large 429's words)."""
         now = time.time()
         at = now if at is None else at
         periods = _periods(now, at)
@@ -175,7 +182,9 @@ class Limiter:
         for scope_index, scope_limits in enumerate(limits):
             if scope_limits.tpm is not None and tokens > scope_limits.tpm:
                 owner = f"key '{principal.key_id}'" if scope_index == 0 else f"tenant '{principal.tenant}'"
-                raise too_large_error(owner, scope_limits.tpm, tokens, name=f"{_SCOPE_NAMES[scope_index]}.tpm")
+                raise too_large_error(
+                    owner, scope_limits.tpm, tokens, name=f"{_SCOPE_NAMES[scope_index]}.tpm", inputs=inputs
+                )
         minute, day, month = periods
         whose = (principal.tenant, principal.key_id)
         mark = keyspace.reservation(principal.tenant, next(_RESERVATION_IDS))

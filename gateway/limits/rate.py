@@ -31,12 +31,17 @@ def rate_limit_error(
     )
 
 
-def too_large_error(owner: str, limit: int, tokens: int, *, name: str) -> RateLimitError:
+def too_large_error(owner: str, limit: int, tokens: int, *, name: str, inputs: bool = False) -> RateLimitError:
     """A request that alone counts more tokens than a minute allows: no retry can pass, so
-    none is invited (``x-should-retry: false``, which the OpenAI and Anthropic SDKs obey)."""
+    none is invited (``x-should-retry: false``, which the OpenAI and Anthropic SDKs obey).
+    ``inputs``: an embeddings batch, which has input tokens and no max_tokens."""
+    counted, fix = (
+        ("input tokens", "send fewer or shorter inputs")
+        if inputs
+        else ("tokens (prompt and max_tokens)", "send a shorter prompt or a lower max_tokens")
+    )
     error = RateLimitError(
-        f"request too large: it counts {tokens} tokens (prompt and max_tokens) and {owner} allows {limit} "
-        f"tokens per minute ({name}); send a shorter prompt or a lower max_tokens",
+        f"request too large: it counts {tokens} {counted} and {owner} allows {limit} tokens per minute ({name}); {fix}",
         code="request_too_large_for_limit",
     )
     error.headers["x-should-retry"] = "false"

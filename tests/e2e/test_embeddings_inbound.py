@@ -74,6 +74,7 @@ def test_a_failing_embedding_model_falls_back(gateway: GatewayProcess, small_ups
     with _client(gateway, "x") as client:
         raw = client.embeddings.with_raw_response.create(model="vectors", input=["hello"])
     assert raw.headers["x-gateway-model"] == "embed-large"
+    assert raw.parse().model == "embed-large"  # t161: the body said "vectors", another model's space unnamed
     assert float(raw.headers["x-gateway-overhead-ms"]) >= 0  # as on every other endpoint
     record = gateway.wait_for_record(raw.headers["x-request-id"])
     assert record["protocol"] == "openai.embeddings" and record["fallback_used"] is True
@@ -274,7 +275,7 @@ def test_a_fallback_embeds_the_whole_batch_and_is_not_cached_as_the_primary(
         inject(small_upstream, {"status": 503}, {"status": 503})
         before = upstream_stats(large_upstream)["embeddings_requests"]
         fallback = client.embeddings.with_raw_response.create(model="vectors", input=[known, new])
-        assert fallback.headers["x-gateway-model"] == "embed-large"
+        assert fallback.headers["x-gateway-model"] == "embed-large" and fallback.parse().model == "embed-large"
         assert upstream_stats(large_upstream)["embeddings_requests"] == before + 1  # both inputs, one call
         record = gateway_with_cache.wait_for_record(fallback.headers["x-request-id"])
         assert not record["cache_saved_usd"]
@@ -361,6 +362,36 @@ def test_an_input_too_long_for_the_embedding_model_is_named(
     with _client(gateway, "x") as client, pytest.raises(openai.BadRequestError) as refused:
         client.embeddings.create(model="embed", input="word " * 100)
     assert refused.value.code == "context_length_exceeded" and refused.value.param == "input"
+
+
+def test_an_input_too_long_for_the_primary_embedding_model_does_not_fall_back(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t161: the fallback embedded the whole batch in its own vector space and answered 200; each
+    embedding model is its own space, so the client is told its input is too long instead."""
+    import json
+
+    said = "This model's maximum context length is 64 tokens, however you requested 101 tokens (101 in your prompt)."
+    inject(
+        small_upstream,
+        {"status": 400, "body": json.dumps({"error": {"message": said, "type": "invalid_request_error"}})},
+    )
+    before = upstream_stats(large_upstream)["embeddings_requests"]
+    with _client(gateway, "x") as client, pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model="vectors", input=["short", "word " * 100])
+    assert refused.value.code == "context_length_exceeded" and refused.value.param == "input"
+    assert refused.value.response.headers["x-gateway-model"] == "embed"
+    assert upstream_stats(large_upstream)["embeddings_requests"] == before
+
+
+def test_a_batch_too_large_for_the_tokens_per_minute_is_told_in_embeddings_words(
+    gateway_with_cache: GatewayProcess,
+) -> None:
+    """t161: the 429 spoke of a prompt and max_tokens, which an embeddings request does not have."""
+    with _client(gateway_with_cache, "key-tiny") as client, pytest.raises(openai.RateLimitError) as refused:
+        client.embeddings.create(model="embed", input=["word " * 30, "word " * 30])
+    assert refused.value.code == "request_too_large_for_limit"
+    assert "input tokens" in refused.value.message and "max_tokens" not in refused.value.message
 
 
 def test_vectors_of_another_size_than_the_dimensions_asked_are_refused_and_never_cached(

@@ -112,3 +112,11 @@ def test_the_testers_batch_and_a_lone_input_are_shared_out() -> None:
     assert _shared_out(4, [26, 1]) == [4, 0]
     assert _shared_out(7, [2]) == [7] and _shared_out(None, [2, 3]) == [2, 3]
     assert _shared_out(10, [1, 1, 1]) == [4, 3, 3]  # equal remainders: the first input's
+
+
+def test_a_batchs_cache_call_has_more_time_the_more_keys_it_holds() -> None:
+    """t161: a 2,048-input MGET ran under the 50 ms of one key and timed out on a loaded host."""
+    from gateway.embeddings import _batch_timeout_s
+
+    assert _batch_timeout_s(0.05, 1) == pytest.approx(0.0501)
+    assert _batch_timeout_s(0.05, 2048) == pytest.approx(0.2548)
