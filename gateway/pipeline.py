@@ -402,8 +402,10 @@ class ChatPipeline:
             tier = x.request.extra.get("service_tier")
             if tier is not None:
                 x.asked = replace(x.asked, service_tier=_asked_tier(tier))
-            if x.request.unreadable is not None or not _PRICED_CHAT.isdisjoint(x.request.extra):
-                x.asked = _chat_priced(x.asked, x.request, x.body)
+            if x.body is not None and (
+                x.request.unreadable is not None or not _PRICED_CHAT.isdisjoint(x.request.extra)
+            ):
+                x.asked = _chat_priced(x.asked, x.request, x.body)  # a chat client's (other edges read their own)
             x.plan = runtime.router.chat_plan(x.request.model, principal.allowed)
             record.route, record.decision, record.stream = x.plan.route, x.plan.decision, x.request.stream
             record.baseline_model = x.plan.baseline
@@ -588,7 +590,7 @@ class ChatPipeline:
                 policy.models[name].price,
                 x.prompt_tokens,
                 completion,
-                audio_prompt_tokens=x.prompt_tokens if asked.audio_input else 0,  # all of it at the audio price
+                audio_prompt_tokens=x.prompt_tokens if asked.audio_input is not None else 0,  # all at the audio price
                 audio_completion_tokens=completion if asked.audio_output is not None else 0,
                 speed=asked.speed,
                 inference_geo=asked.inference_geo,
@@ -976,7 +978,7 @@ class ChatPipeline:
             provider.config.price,
             x.prompt_tokens,
             0,
-            audio_prompt_tokens=x.prompt_tokens if asked.audio_input else 0,
+            audio_prompt_tokens=x.prompt_tokens if asked.audio_input is not None else 0,
             speed=asked.speed,
             inference_geo=asked.inference_geo,
             service_tier=asked.service_tier,
@@ -1679,19 +1681,22 @@ _PRICED_CHAT = frozenset({"modalities", "audio", "web_search_options"})
 """Chat fields that may ask for what OpenAI bills above the text prices (t150)."""
 
 
-def _chat_priced(asked: PricedOptions, request: core.Request, body: dict[str, Any] | None) -> PricedOptions:
+def _chat_priced(asked: PricedOptions, request: core.Request, body: dict[str, Any]) -> PricedOptions:
     """What a chat request asks for that OpenAI bills above the text prices (t150): audio heard
     (an ``input_audio`` part, or an earlier spoken answer sent back by its ``audio.id``, which the
-    model cannot read: :attr:`core.Request.unreadable`), audio spoken, a web search."""
+    model cannot read: :attr:`core.Request.unreadable`), audio spoken (any ``audio`` but null: t159,
+    ``{}`` went on unpriced), a web search."""
     extra = request.extra
     modalities = extra.get("modalities")
-    if isinstance(modalities, list) and "audio" in modalities:
+    if modalities is not None and not isinstance(modalities, list):  # t159: "audio" went on, read as no audio
+        raise InvalidRequestError("modalities: an array of strings is required", param="modalities")
+    if modalities is not None and "audio" in modalities:
         speaks: str | None = "modalities"
     else:
-        speaks = "audio" if extra.get("audio") else None
+        speaks = "audio" if extra.get("audio") is not None else None
     return replace(
         asked,
-        audio_input=request.unreadable is not None and body is not None and _hears(body),
+        audio_input="messages" if request.unreadable is not None and _hears(body) else None,
         audio_output=speaks,
         web_search_options=extra.get("web_search_options") is not None,
     )
@@ -1900,7 +1905,7 @@ def _warn_unpriced(provider: Provider, record: RequestRecord) -> None:
         record.inference_geo,
         record.server_tool_requests or {},
         record.service_tier,
-        audio_input=record.audio_prompt_tokens > 0,
+        audio_input="messages" if record.audio_prompt_tokens else None,
         audio_output="modalities" if record.audio_completion_tokens else None,
     )
     missing = unpriced(provider.config.price, asked)

@@ -55,8 +55,9 @@ class PricedOptions:
     request allows (its budget estimate)."""
     service_tier: str | None = None
     """OpenAI's processing tier (``priority`` is dearer, ``flex`` cheaper)."""
-    audio_input: bool = False
-    """A chat message holds an ``input_audio`` part (t150: audio tokens cost several times text's)."""
+    audio_input: str | None = None
+    """The field whose ``input_audio`` part asks for audio heard (chat's ``messages``, Responses'
+    ``input``; t150: audio tokens cost several times text's); None: none."""
     audio_output: str | None = None
     """The chat field that asks for a spoken answer (``modalities`` or ``audio``); None: none."""
     web_search_options: bool = False
@@ -92,8 +93,8 @@ def unpriced(price: Price, asked: PricedOptions) -> list[Unpriced]:
     tier = asked.service_tier
     if tier is not None and tier not in _BASE_TIERS and tier not in price.service_tier_multipliers:
         out.append(Unpriced("service_tier", f'service_tier: "{tier}"', f"service_tier.{tier}"))
-    if asked.audio_input and price.audio_input_per_mtok is None:
-        out.append(Unpriced("messages", "an input_audio part", "audio_input"))
+    if asked.audio_input is not None and price.audio_input_per_mtok is None:
+        out.append(Unpriced(asked.audio_input, "an input_audio part", "audio_input"))
     if asked.audio_output is not None and price.audio_output_per_mtok is None:
         out.append(Unpriced(asked.audio_output, "an audio answer", "audio_output"))
     if asked.web_search_options and "web_search" not in price.server_tools_per_1k:

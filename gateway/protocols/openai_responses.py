@@ -23,6 +23,7 @@ OpenAI sends (``response.created`` ... ``response.completed``), each with its
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -53,11 +54,13 @@ from gateway.core.model import (
     UsageReport,
 )
 from gateway.errors import InvalidRequestError
+from gateway.pricing import PricedOptions
 from gateway.protocols import openai_chat
 from gateway.protocols.body import decode_body
 from gateway.protocols.openai_fields import check_metadata
 
 __all__ = [
+    "HostedToolUses",
     "ResponsesRequest",
     "StreamEncoder",
     "assistant_message",
@@ -67,6 +70,7 @@ __all__ = [
     "item_count",
     "new_id",
     "output_items",
+    "priced_options",
     "response_object",
     "response_text",
     "to_request",
@@ -604,6 +608,82 @@ def finish_reason_of(response: dict[str, Any]) -> FinishReason | None:
         isinstance(item, dict) and str(item.get("type")).endswith("_call") for item in output
     )
     return "tool_calls" if calls else "stop"
+
+
+# -- what OpenAI bills above the token prices (a request passed through) -----------------
+
+_WEB_SEARCH = re.compile(r"web_search(_preview)?(_\d{4}_\d{2}_\d{2})?")
+_BILLED_CALLS = {
+    "web_search_call": "web_search",
+    "file_search_call": "file_search",
+    "code_interpreter_call": "code_interpreter",
+}
+"""The output items of OpenAI's hosted tools it bills per use, by the tool's name in ``price.server_tools``."""
+
+
+def priced_options(body: dict[str, Any]) -> PricedOptions:
+    """What a request passed through to a Responses upstream asks for that OpenAI bills above the
+    token prices (t159): its hosted tools billed per use (web search, file search, code
+    interpreter), each with the most calls ``max_tool_calls`` allows (1 when unset, for the budget
+    estimate), and an ``input_audio`` part anywhere in its input."""
+    tools, limit = body.get("tools"), body.get("max_tool_calls")
+    uses = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 1
+    server_tools: dict[str, int] = {}
+    for tool in tools if isinstance(tools, list) else ():
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind in ("file_search", "code_interpreter"):
+            server_tools[kind] = uses
+        elif isinstance(kind, str) and _WEB_SEARCH.fullmatch(kind):
+            server_tools["web_search"] = uses
+    given = body.get("input")
+    heard = isinstance(given, list) and any(_holds_audio(item) for item in given)
+    return PricedOptions(server_tools=server_tools, audio_input="input" if heard else None)
+
+
+def _holds_audio(item: object) -> bool:
+    """An input item (a message's ``content``, a tool result's ``output``) with an ``input_audio`` part."""
+    if not isinstance(item, dict):
+        return False
+    return any(
+        isinstance(parts, list) and any(isinstance(part, dict) and part.get("type") == "input_audio" for part in parts)
+        for parts in (item.get("content"), item.get("output"))
+    )
+
+
+class HostedToolUses:
+    """The hosted tools' uses an answer's output items show, as OpenAI bills them: a web or file
+    search per call, the code interpreter per container (its session) however many runs it
+    holds (t159). An item is counted once by its id (or place), read from a stream's
+    ``response.output_item.done`` and again from its final response."""
+
+    __slots__ = ("_units",)
+
+    def __init__(self) -> None:
+        self._units: dict[str, set[str]] = {}
+
+    def add(self, item: Any, index: Any) -> bool:
+        """Count ``item`` (at ``output_index`` ``index``); whether it is a billed tool's."""
+        kind = item.get("type") if isinstance(item, dict) else None
+        name = _BILLED_CALLS.get(kind) if isinstance(kind, str) else None
+        if name is None:
+            return False
+        own = item.get("id")
+        unit = own if isinstance(own, str) else f"#{index}"
+        container = item.get("container_id")
+        if name == "code_interpreter" and isinstance(container, str):
+            unit = container
+        self._units.setdefault(name, set()).add(unit)
+        return True
+
+    def add_output(self, output: Any) -> bool:
+        """Count a response's ``output`` items; whether any is a billed tool's."""
+        counted = False
+        for index, item in enumerate(output if isinstance(output, list) else ()):
+            counted = self.add(item, index) or counted
+        return counted
+
+    def uses(self) -> dict[str, int]:
+        return {name: len(units) for name, units in self._units.items()}
 
 
 _INCOMPLETE: dict[FinishReason, str] = {

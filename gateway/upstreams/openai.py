@@ -36,6 +36,7 @@ from gateway.upstreams.base import (
     StreamTally,
     UpstreamEvents,
     UpstreamResponse,
+    Usage,
     answered,
     decode_answer,
     decode_event,
@@ -187,10 +188,13 @@ class OpenAIProvider(Provider):
                     status = _failure_status(error)
                     raise UpstreamStatusError(self.name, status, _in_stream_error(error), body=response.content)
                 raise UpstreamProtocolError(self.name, "answer is not a Responses API response")
-        usage = responses.usage_from_wire(data.get("usage"), data.get("service_tier"))
+        usage = usage_of(responses.usage_from_wire(data.get("usage"), data.get("service_tier")))
+        tools = responses.HostedToolUses()
+        if tools.add_output(data["output"]):
+            _bill_tools(usage, tools)
         return Completion(
             body=content,
-            usage=usage_of(usage),
+            usage=usage,
             text=responses.response_text(data),
             finish_reason=responses.finish_reason_of(data),  # logged as a streamed one's is (t25)
             service_tier=tier_name(data.get("service_tier")),
@@ -411,6 +415,7 @@ class _ResponsesEventStream(RelayedStream):
     def __init__(self, provider: OpenAIProvider, response: UpstreamResponse) -> None:
         super().__init__(provider, response)
         self._sequence = -1
+        self._tools = responses.HostedToolUses()
 
     def _take(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "error":
@@ -418,6 +423,9 @@ class _ResponsesEventStream(RelayedStream):
         tally = self.tally
         if kind == "response.output_text.delta" and isinstance(data.get("delta"), str):
             tally.text_parts.append(data["delta"])
+        elif kind == "response.output_item.done":
+            if self._tools.add(data.get("item"), data.get("output_index")):
+                _bill_tools(tally.usage, self._tools)
         elif kind.startswith("response.") and isinstance(response := data.get("response"), dict):
             if tally.id is None and isinstance(response.get("id"), str):
                 tally.id, tally.model = response["id"], response.get("model")
@@ -429,6 +437,8 @@ class _ResponsesEventStream(RelayedStream):
                 tally.service_tier = tier
             if kind in ("response.completed", "response.incomplete"):
                 tally.finish_reason = responses.finish_reason_of(response)
+            if self._tools.add_output(response.get("output")) or usage is not None:
+                _bill_tools(tally.usage, self._tools)
         if kind == "response.failed":
             failed = self._failure(data)
             if failed.retryable:  # retried before any content, else the gateway's own event ends the stream (t138)
@@ -455,6 +465,14 @@ class _ResponsesEventStream(RelayedStream):
         data = {"type": "error", "code": error.code or error.error_type, "message": error.message,
                 "param": error.param, "sequence_number": self._sequence}  # fmt: skip
         return b"event: error\ndata: " + msgspec.json.encode(data) + b"\n\n"
+
+
+def _bill_tools(usage: Usage | None, tools: responses.HostedToolUses) -> None:
+    """The hosted tools' uses an answer's output shows onto its usage, which does not count them
+    (t159: billed at the text prices)."""
+    uses = tools.uses()
+    if usage is not None and uses:
+        usage.server_tool_requests = {**usage.server_tool_requests, **uses}
 
 
 def chat_payload(

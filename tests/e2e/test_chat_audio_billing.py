@@ -216,6 +216,7 @@ def test_a_streamed_audio_answer_is_billed_at_the_audio_prices(gateway: GatewayP
     [
         ("voiceless-r", {"messages": _ASK, **_SPEAK}, "modalities", "models.voiceless.price.audio_output"),
         ("voiceless-r", {"messages": _ASK, "audio": _SPEAK["audio"]}, "audio", "models.voiceless.price.audio_output"),
+        ("voiceless-r", {"messages": _ASK, "audio": {}}, "audio", "models.voiceless.price.audio_output"),  # t159
         ("voiceless-r", {"messages": _HEARD}, "messages", "models.voiceless.price.audio_input"),
         ("voiceless-r", {"messages": _SPOKEN_BACK}, "messages", "models.voiceless.price.audio_input"),
         ("voice-or-voiceless", {"messages": _ASK, **_SPEAK}, "modalities", "models.voiceless.price.audio_output"),
@@ -233,6 +234,19 @@ def test_audio_or_a_search_the_policy_does_not_price_is_refused_unsent(
         _client(gateway).chat.completions.create(model=route, **asked)
     assert refused.value.param == param
     assert field in refused.value.message and "billed above the base price" in refused.value.message
+    assert len(audio_upstream.bodies) == sent
+
+
+@pytest.mark.parametrize("route", ["voiceless-r", "voice-r"])
+def test_modalities_that_are_not_a_list_are_refused_unsent(
+    gateway: GatewayProcess, audio_upstream: _Upstream, route: str
+) -> None:
+    """t159: ``"modalities": "audio"`` went upstream unpriced, read as asking for no audio; OpenAI
+    refuses a string there."""
+    sent = len(audio_upstream.bodies)
+    with pytest.raises(openai.BadRequestError) as refused:
+        _client(gateway).chat.completions.create(model=route, messages=_ASK, extra_body={"modalities": "audio"})
+    assert refused.value.param == "modalities" and "array" in refused.value.message
     assert len(audio_upstream.bodies) == sent
 
 

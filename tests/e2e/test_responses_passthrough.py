@@ -33,13 +33,13 @@ MODELS = """
     base_url: {small}
     upstream_model: gpt-upstream-a
     responses_api: true
-    price: {{input: 2, cached_input: 0.5, output: 8}}
+    price: {{input: 2, cached_input: 0.5, output: 8, server_tools: {{web_search: 10}}}}
     tier: small
     timeouts: {{connect: 1, first_byte: 1, total: 5}}
   gpt-b:
     base_url: {large}
     responses_api: true
-    price: {{input: 4, output: 16}}
+    price: {{input: 4, output: 16, server_tools: {{web_search: 10}}}}
     tier: large
     tenant_cache_salt: true
     timeouts: {{connect: 1, first_byte: 1, total: 5}}

@@ -198,7 +198,7 @@ def test_audio_tokens_have_their_own_prices_and_unset_ones_are_named() -> None:
     assert cost == pytest.approx(0.6 * 2.5 + 0.4 * 40 + 0.04 * 10 + 0.06 * 80)
     plain = Price(input_per_mtok=2.5, output_per_mtok=10.0)
     assert cost_usd(plain, 1_000_000, 100_000, audio_prompt_tokens=400_000) == pytest.approx(2.5 + 1)
-    asked = PricedOptions(audio_input=True, audio_output="audio", web_search_options=True)
+    asked = PricedOptions(audio_input="messages", audio_output="audio", web_search_options=True)
     assert [(one.param, one.field) for one in unpriced(plain, asked)] == [
         ("messages", "audio_input"), ("audio", "audio_output"), ("web_search_options", "server_tools.web_search")
     ]  # fmt: skip

@@ -763,3 +763,22 @@ def test_a_passed_through_file_is_named_unreadable_for_the_router() -> None:
     )
     plain = msgspec.json.encode({"model": "m", "input": "Summarize this."})
     assert codec.decode_request(plain, passed_through=True).request.unreadable is None
+
+
+def test_hosted_tools_and_audio_are_priced_options_and_each_use_is_counted() -> None:
+    """t159: a passed-through request's hosted tools and audio went on at the text prices."""
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    body = {
+        "tools": [{"type": "web_search_preview_2025_03_11"}, {"type": "code_interpreter"}, {"type": "function"}],
+        "max_tool_calls": 4,
+        "input": [{"type": "function_call_output", "call_id": "c", "output": [audio]}],
+    }
+    asked = codec.priced_options(body)
+    assert asked.server_tools == {"web_search": 4, "code_interpreter": 4} and asked.audio_input == "input"
+    assert codec.priced_options({"tools": [{"type": "web_search"}], "input": "x"}).server_tools == {"web_search": 1}
+    uses = codec.HostedToolUses()
+    runs = [{"type": "code_interpreter_call", "id": f"ci_{n}", "container_id": "cntr_1"} for n in (1, 2)]
+    output = [{"type": "web_search_call", "id": "ws_1"}, {"type": "web_search_call"}, *runs, {"type": "message"}]
+    assert uses.add(output[0], 0) and not uses.add(output[-1], 4)
+    assert uses.add_output(output)  # read again from the final response: each item once
+    assert uses.uses() == {"web_search": 2, "code_interpreter": 1}
