@@ -77,10 +77,12 @@ def _texts(lines: Iterable[str | bytes]) -> Iterator[_Prompt]:
                 where = f"line {number}, byte {exc.start + 1} (0x{raw[exc.start]:02x})"
                 yield _Prompt(_id_of(raw), error=f"not UTF-8 text: {where}")
                 continue
+        if number == 1:
+            line = line.removeprefix("\ufeff")  # the byte-order mark a Windows editor writes
         try:
             rec = json.loads(line)
-        except ValueError as exc:
-            yield _Prompt(None, error=f"invalid JSON: {exc}")
+        except ValueError as exc:  # the parser's own position is within the line: say which line (t162)
+            yield _Prompt(None, error=f"invalid JSON on line {number}: {exc}")
             continue
         if not isinstance(rec, dict):
             yield _Prompt(None, error="line is not a JSON object")

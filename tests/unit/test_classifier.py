@@ -394,6 +394,17 @@ def test_a_line_that_is_not_utf8_is_an_error_for_that_line_and_the_run_goes_on(c
     assert unreadable == 3 and 0.0 <= threshold <= 1.0 + 1e-6
 
 
+def test_a_files_byte_order_mark_is_read_past_and_a_json_error_names_the_files_line(clf: Classifier) -> None:
+    """t162: a file saved with a BOM failed on its first line, and a JSON error said the parser's
+    "line 1" of the one line, not the file's line."""
+    lines = b'\xef\xbb\xbf{"id": 1, "prompt": "hi"}\n{"id": 2, "prompt": "x"}\n\xef\xbb\xbf{"id": 3}\n'
+    out = io.StringIO()
+    route_jsonl(clf, io.BytesIO(lines), out, 0.5, "s", "l")
+    rows = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert "p_large" in rows[0] and rows[0]["id"] == 1 and "p_large" in rows[1]
+    assert rows[2]["error"].startswith("invalid JSON on line 3: ")
+
+
 def test_calibrate_leaves_prompts_it_cannot_read_out_of_the_share(clf: Classifier) -> None:
     """They go large outside the gateway's target share; counted in, blank prompts filled a 30 %
     share and calibrate wrote a threshold above 1, which the gateway refuses (t55)."""
