@@ -9,6 +9,7 @@ route treats those forms alike.
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 
 __all__ = ["MESSAGES_PATH", "canonical_path", "in_messages_api", "target_path"]
 
@@ -33,8 +34,9 @@ def in_messages_api(path: str) -> bool:
 
 def target_path(target: bytes) -> str:
     """The path of a request line's target, in origin form (``/v1/messages?beta=true``) or absolute
-    form (``http://host:8000/v1/messages``); part of one, as a head cut short has, gives what is there."""
+    form (``http://host:8000/v1/messages``); part of one, as a head cut short has, gives what is there.
+    Percent-decoded as uvicorn decodes the path it routes (``/v1/%6Dessages`` is ``/v1/messages``)."""
     text = target.decode("latin-1").partition("?")[0]
     if not text.startswith("/"):  # absolute form: the path begins at the first slash after the authority
         text = "/" + text.partition("://")[2].partition("/")[2]
-    return text
+    return unquote(text) if "%" in text else text
