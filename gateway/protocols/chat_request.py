@@ -80,7 +80,7 @@ class _ChatRequest(_View):
     tools: list[dict[str, Any]] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    metadata: dict[str, str] | None = None
+    metadata: dict[str, Any] | None = None  # its values' types checked in OpenAI's words
 
 
 def parse_chat_request(raw: bytes) -> dict[str, Any]:

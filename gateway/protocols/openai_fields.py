@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -23,10 +23,18 @@ Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
 _METADATA_PAIRS, _METADATA_KEY_CHARS, _METADATA_VALUE_CHARS = 16, 64, 512
 
 
-def check_metadata(metadata: dict[str, str]) -> None:
+def check_metadata(metadata: dict[str, Any]) -> None:
     """A 400 for ``metadata`` past OpenAI's limits (16 pairs, keys of at most 64 characters, values
     of at most 512), with OpenAI's param and message (no code, as for the other ranges the edge
-    checks): a chat upstream does not check them, and a Responses turn stored and echoed them (t147)."""
+    checks): a chat upstream does not check them, and a Responses turn stored and echoed them (t147).
+    A value not a string is refused first, as OpenAI's schema does, in its words and code (t159)."""
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise InvalidRequestError(
+                f"Invalid type for 'metadata.{key}': expected a string, but got {_json_type(value)} instead.",
+                param=f"metadata.{key}",
+                code="invalid_type",
+            )
     if len(metadata) > _METADATA_PAIRS:
         raise InvalidRequestError(
             f"Invalid 'metadata': too many properties. Expected an object with at most {_METADATA_PAIRS} "
@@ -46,3 +54,16 @@ def check_metadata(metadata: dict[str, str]) -> None:
                 f"{_METADATA_VALUE_CHARS}, but got a string with length {len(value)} instead.",
                 param=f"metadata.{key}",
             )
+
+
+def _json_type(value: object) -> str:
+    """A decoded JSON value's type as OpenAI's messages name it, with its article."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    return "an array" if isinstance(value, list) else "an object"

@@ -106,7 +106,7 @@ class _ResponsesRequest(_Wire):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     service_tier: str | None = None
-    metadata: dict[str, str] | None = None
+    metadata: dict[str, Any] | None = None  # its values' types checked in OpenAI's words
     stream: bool | None = None
     store: bool | None = None
     previous_response_id: Annotated[str, msgspec.Meta(min_length=1)] | None = None

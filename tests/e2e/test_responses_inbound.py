@@ -539,7 +539,7 @@ def test_errors_come_in_openais_shape(client: openai.OpenAI, gateway: GatewayPro
         ({"input": "x"}, "model"),
         ({"model": "fast", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
         ({"model": "fast", "input": "x", "temperature": 3}, "temperature"),
-        ({"model": "fast", "input": "x", "metadata": {"k": {"nested": 1}}}, "metadata"),
+        ({"model": "fast", "input": "x", "metadata": {"k": {"nested": 1}}}, "metadata.k"),
     ]:
         invalid = httpx.post(f"{gateway.base_url}/responses", json=body, timeout=10)
         assert invalid.status_code == 400 and invalid.json()["error"]["param"] == param, invalid.text
@@ -625,6 +625,36 @@ def test_metadata_past_openais_limits_is_refused_as_openai_refuses_it(client: op
         assert refused.value.body == {"message": message, "type": "invalid_request_error", "param": param, "code": None}
     at_limits = {f"{i:064}": "界" * 512 for i in range(16)}
     assert ask(at_limits) == (at_limits if api == "responses" else None)
+
+
+_NOT_STRINGS: list[tuple[object, str]] = [
+    (1, "an integer"),
+    (1.5, "a number"),
+    (True, "a boolean"),
+    (None, "null"),
+    ([], "an array"),
+    ({}, "an object"),
+]
+
+
+@pytest.mark.parametrize("api", ["responses", "chat"])
+def test_a_metadata_value_not_a_string_is_refused_as_openai_refuses_it(client: openai.OpenAI, api: str) -> None:
+    """t159: a value not a string was refused in msgspec's words (``Expected `str`, got `int```)
+    with ``param: "metadata"``; OpenAI names the key and the type, before counting the pairs."""
+    sixteen: dict[str, object] = {f"k{i}": "v" for i in range(16)}
+    cases = [({"k": value}, "k", named) for value, named in _NOT_STRINGS] + [({**sixteen, "z": 2}, "z", "an integer")]
+    for metadata, key, named in cases:
+        with pytest.raises(openai.BadRequestError) as refused:
+            if api == "responses":
+                client.responses.create(model="fast", input="Hi.", extra_body={"metadata": metadata})
+            else:
+                client.chat.completions.create(
+                    model="fast", messages=[{"role": "user", "content": "Hi."}], extra_body={"metadata": metadata}
+                )
+        message = f"Invalid type for 'metadata.{key}': expected a string, but got {named} instead."
+        assert refused.value.body == {
+            "message": message, "type": "invalid_request_error", "param": f"metadata.{key}", "code": "invalid_type"
+        }  # fmt: skip
 
 
 @pytest.mark.parametrize("stream", [False, True])
