@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,9 @@ DEFAULT_ROUTER_ARTIFACTS = str(Path(__file__).resolve().parent / "classifier" / 
 
 HEAD_TIMEOUT_VARIABLE = "GATEWAY_HEAD_TIMEOUT_S"
 DEFAULT_HEAD_TIMEOUT_S = 15.0
-_MAX_HEAD_TIMEOUT_S = 3600.0
+_MIN_HEAD_TIMEOUT_S, _MAX_HEAD_TIMEOUT_S = 1.0, 3600.0
+"""It runs from the connection's accept: under a second, a client on a slow network is refused its head."""
+_PLAIN_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?")  # not \d, which matches any script's digits
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,16 +101,14 @@ def _positive_int(text: str | None) -> int | None:
 def head_timeout_s(text: str | None) -> float:
     """``GATEWAY_HEAD_TIMEOUT_S`` (unset or empty: the default); a ValueError saying why for a value
     it cannot be. ``serve`` refuses one at start (t146: ``abc`` was a traceback, ``nan`` failed every
-    connection, 0 or less closed them before they were read)."""
+    connection, 0 or less closed them before they were read; t159: so did ``1e-9``, and float()'s
+    ``" 5 "`` and ``1_0`` were taken): a plain decimal number, from 1 s."""
     if not text:
         return DEFAULT_HEAD_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 < value <= _MAX_HEAD_TIMEOUT_S):
+    value = float(text) if _PLAIN_NUMBER.fullmatch(text) else math.nan
+    if not _MIN_HEAD_TIMEOUT_S <= value <= _MAX_HEAD_TIMEOUT_S:  # nan compares false
         raise ValueError(
-            f"{HEAD_TIMEOUT_VARIABLE}: must be a number of seconds above 0 and at most {_MAX_HEAD_TIMEOUT_S:g}, "
-            f"got {text!r}"
+            f"{HEAD_TIMEOUT_VARIABLE}: must be a plain number of seconds from {_MIN_HEAD_TIMEOUT_S:g} to "
+            f"{_MAX_HEAD_TIMEOUT_S:g} (15, 2.5), got {text!r}"
         )
     return value

@@ -820,16 +820,21 @@ def _host(value: str) -> str:
     return value
 
 
-_REDIS_SIZE = re.compile(r"(\d+)(?:b|k|kb|m|mb|g|gb)?", re.IGNORECASE)
+_REDIS_SIZE = re.compile(r"([0-9]+)(b|k|kb|m|mb|g|gb)?", re.IGNORECASE)
 """A size as Redis reads ``maxmemory``: whole, with an optional unit."""
+_REDIS_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}
+_REDIS_MAX_BYTES = 2**63 - 1
+"""Redis 8 refuses more, but for 2^64 bytes (``17179869184gb``), which it wraps round to 0: no bound."""
 
 
 def _memory_size(value: str) -> str:
     """A Redis size above 0: ``maxmemory 0`` is no bound at all (t146), and what Redis cannot read
-    stopped the start only once the simulated upstreams were up."""
+    stopped the start only once the simulated upstreams were up (t159: a size past its bound)."""
     size = _REDIS_SIZE.fullmatch(value)
-    if size is None or int(size[1]) == 0:
-        raise argparse.ArgumentTypeError(f"must be a size above 0 such as 256mb or 2gb, got {value!r}")
+    if size is None or not 0 < int(size[1]) * _REDIS_UNITS[(size[2] or "").lower()] <= _REDIS_MAX_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"must be a size above 0 and below 8 EiB (2^63 bytes, Redis's bound) such as 256mb or 2gb, got {value!r}"
+        )
     return value
 
 

@@ -428,10 +428,11 @@ def test_a_port_in_use_is_refused_before_anything_starts(tmp_path: Path, workers
     assert "SIMULATED" not in done.stderr and "Redis" not in done.stderr and "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("value", ["abc", "nan", "inf", "0", "-1", "1e9"])
+@pytest.mark.parametrize("value", ["abc", "nan", "inf", "0", "-1", "1e9", "1e-9", "0.5", " 5 ", "1_0", "1e1"])
 def test_a_head_timeout_it_cannot_use_is_refused_before_anything_starts(tmp_path: Path, value: str) -> None:
     """t146: GATEWAY_HEAD_TIMEOUT_S=abc ended in a traceback; nan started a gateway whose every
-    connection failed; 0 or less closed connections before they were read."""
+    connection failed; 0 or less closed connections before they were read. t159: so did 1e-9,
+    taken as above 0; and `` 5 `` or ``1_0``, which float() reads, were taken as numbers."""
     done = subprocess.run(
         [sys.executable, "-m", "gateway", "serve", "--simulate-missing", "--data-dir", str(tmp_path / "data")],
         env={**os.environ, "SMALL_MODEL_URL": "", "LARGE_MODEL_URL": "", "REDIS_URL": "",
@@ -439,14 +440,18 @@ def test_a_head_timeout_it_cannot_use_is_refused_before_anything_starts(tmp_path
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]
-    said = f"GATEWAY_HEAD_TIMEOUT_S: must be a number of seconds above 0 and at most 3600, got {value!r}"
+    said = f"GATEWAY_HEAD_TIMEOUT_S: must be a plain number of seconds from 1 to 3600 (15, 2.5), got {value!r}"
     assert said in done.stderr, done.stderr[-2000:]
     assert "SIMULATED" not in done.stderr and "Redis" not in done.stderr and "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("size", ["0", "0mb", "-1", "1.5gb"])
+@pytest.mark.parametrize(
+    "size", ["0", "0mb", "-1", "1.5gb", "99999999999999999999gb", "17179869184gb", "9223372036854775808"]
+)
 def test_a_redis_maxmemory_that_bounds_nothing_is_refused_before_anything_starts(tmp_path: Path, size: str) -> None:
-    """t146: `--redis-maxmemory 0` was written as `maxmemory 0`, which Redis reads as no bound."""
+    """t146: `--redis-maxmemory 0` was written as `maxmemory 0`, which Redis reads as no bound.
+    t159: a size past 2^63 bytes passed, and Redis refused to start or, at 2^64 (``17179869184gb``),
+    wrapped it round to 0: no bound."""
     done = subprocess.run(
         [sys.executable, "-m", "gateway", "serve", "--simulate-missing", "--redis-maxmemory", size,
          "--data-dir", str(tmp_path / "data")],
@@ -454,7 +459,11 @@ def test_a_redis_maxmemory_that_bounds_nothing_is_refused_before_anything_starts
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]
-    assert f"argument --redis-maxmemory: must be a size above 0 such as 256mb or 2gb, got {size!r}" in done.stderr
+    said = (
+        "argument --redis-maxmemory: must be a size above 0 and below 8 EiB (2^63 bytes, Redis's bound) "
+        f"such as 256mb or 2gb, got {size!r}"
+    )
+    assert said in done.stderr, done.stderr[-2000:]
     assert "SIMULATED" not in done.stderr and "Traceback" not in done.stderr
 
 
