@@ -64,6 +64,7 @@ from gateway.protocols.chat_request import parse_chat_request
 from gateway.protocols.openai_chat import (
     answer_from_completion,
     chunk_body,
+    client_usage,
     completion_from_answer,
     read_chat_request,
     storable_answer,
@@ -1936,6 +1937,7 @@ def _with_details_said(billed: dict[str, Any], said: dict[str, Any]) -> dict[str
     """The billed usage with the rest of what the upstream's said (OpenAI's prediction and audio
     tokens), as the whole answer carries it (t150: a stream's usage chunk dropped them); the
     counts billed win where the two differ (an answer the gateway cut at a stop string)."""
+    said = client_usage(said)  # OpenAI's fields alone: no router's cost of the operator's account (t159)
     usage = {**said, **billed}
     for name in ("prompt_tokens_details", "completion_tokens_details"):
         details = said.get(name)

@@ -62,6 +62,7 @@ __all__ = [
     "answer_from_message",
     "chat_finish_reason",
     "chunk_body",
+    "client_usage",
     "completion_body",
     "completion_from_answer",
     "grown_name",
@@ -579,6 +580,27 @@ def usage_body(
     if reasoning_tokens is not None:
         usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
     return usage
+
+
+_USAGE_COUNTS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens"})
+_USAGE_DETAILS = {
+    "prompt_tokens_details": frozenset({"cached_tokens", "audio_tokens", "cache_write_tokens"}),
+    "completion_tokens_details": frozenset(
+        {"reasoning_tokens", "audio_tokens", "accepted_prediction_tokens", "rejected_prediction_tokens"}
+    ),
+}
+
+
+def client_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    """An upstream's usage object with only the fields OpenAI's defines (and the gateway's own
+    ``cache_write_tokens``): what else it says, such as a router's ``cost``, is of the operator's
+    account, not the tenant's (t159)."""
+    kept = {name: value for name, value in usage.items() if name in _USAGE_COUNTS}
+    for name, fields in _USAGE_DETAILS.items():
+        if name in usage:
+            details = usage[name]
+            kept[name] = {k: v for k, v in details.items() if k in fields} if isinstance(details, dict) else details
+    return kept
 
 
 def completion_body(

@@ -73,7 +73,8 @@ class OpenAIProvider(Provider):
         with answered(response):
             data, content = decode_answer(self.name, response.content)
             cut = bool(stops) and cut_choices(data, stops)
-            if cut or (b'"tool_calls"' in content and _arguments_as_text(data)):
+            trimmed = _usage_for_the_client(data)
+            if cut or (b'"tool_calls"' in content and _arguments_as_text(data)) or trimmed:
                 content = msgspec.json.encode(data)
             usage = usage_of(openai_chat.read_usage(data.get("usage"), service_tier=data.get("service_tier")))
             text = _message_text(self.name, data)
@@ -311,10 +312,12 @@ class _OpenAIChatStream(ChatStream):
             if not choices:
                 continue  # the usage chunk: kept in the tally, re-emitted by the gateway if asked for
             self._choices_seen = True
-            if chunk.get("usage") and not self._continuous_usage:
+            if (said := chunk.get("usage")) and not self._continuous_usage:
                 # TGI and llama.cpp put it on the finish chunk: the gateway's usage chunk tells it,
                 # once (a client that adds up its chunks' usage counted the request twice: t27)
                 event = SSEEvent(event.event, msgspec.json.encode({**chunk, "usage": None}))
+            elif isinstance(said, dict) and (kept := openai_chat.client_usage(said)) != said:
+                event = SSEEvent(event.event, msgspec.json.encode({**chunk, "usage": kept}))  # asked on every chunk
             for choice in choices:
                 if isinstance(choice, dict):
                     if choice.get("finish_reason") is None:
@@ -654,6 +657,19 @@ def _take_usage(tally: StreamTally, chunk: dict[str, Any]) -> None:
         tally.usage, tally.usage_said = usage, said
     elif tier is not None and tally.usage is not None:
         tally.usage.service_tier = tier
+
+
+def _usage_for_the_client(data: dict[str, Any]) -> bool:
+    """The answer's usage with OpenAI's fields alone (:func:`openai_chat.client_usage`); whether
+    it had others."""
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return False
+    kept = openai_chat.client_usage(usage)
+    if kept == usage:
+        return False
+    data["usage"] = kept
+    return True
 
 
 def _arguments_as_text(data: dict[str, Any]) -> bool:

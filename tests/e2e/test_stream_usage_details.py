@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import openai
 import pytest
 from aiohttp import web
@@ -29,7 +30,7 @@ _MODELS = """  detailed:
     timeouts: {{connect: 2, first_byte: 10, total: 20}}
 """
 
-_USAGE = {
+_OPENAIS_USAGE: dict[str, Any] = {
     "prompt_tokens": 12,
     "completion_tokens": 6,
     "total_tokens": 18,
@@ -40,6 +41,14 @@ _USAGE = {
         "accepted_prediction_tokens": 2,
         "rejected_prediction_tokens": 3,
     },
+}
+_USAGE = {  # with what a router says of the operator's account beside it (OpenRouter's cost)
+    **_OPENAIS_USAGE,
+    "cost": 0.00042,
+    "is_byok": False,
+    "cost_details": {"upstream_inference_cost": 0.0004},
+    "prompt_tokens_details": {**_OPENAIS_USAGE["prompt_tokens_details"], "operator_only": 1},
+    "completion_tokens_details": {**_OPENAIS_USAGE["completion_tokens_details"], "operator_only": 2},
 }
 _TEXT = "one two three"
 
@@ -53,9 +62,11 @@ async def _openai(request: web.Request) -> web.StreamResponse:
         return web.json_response({**head, "object": "chat.completion", "choices": [choice], "usage": _USAGE})
     response = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await response.prepare(request)
+    every = (body.get("stream_options") or {}).get("continuous_usage_stats")  # vLLM's: usage on every chunk
     for delta, finish in (({"role": "assistant", "content": _TEXT}, None), ({}, "stop")):
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
-        await write_sse(response, {**head, "object": "chat.completion.chunk", "choices": [choice], "usage": None})
+        usage = _USAGE if every else None
+        await write_sse(response, {**head, "object": "chat.completion.chunk", "choices": [choice], "usage": usage})
     await write_sse(response, {**head, "object": "chat.completion.chunk", "choices": [], "usage": _USAGE})
     await write_sse(response, b"[DONE]")
     return response
@@ -108,3 +119,23 @@ def test_a_streamed_usage_chunk_carries_the_whole_answers_details(
     else:
         assert record["tokens_source"] == "gateway" and record["usage_refused"] == "completion_over_max_tokens"
         assert details is not None and details.accepted_prediction_tokens is None
+
+
+def test_a_client_is_told_only_the_usage_fields_openai_defines(gateway: GatewayProcess) -> None:
+    """t159: what else an upstream's usage said (OpenRouter's ``cost`` of the operator's account,
+    any private field, in the usage or its details) reached the tenant, in the whole answer and
+    in the stream's usage chunk."""
+    client = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0))
+    ask: Any = {"model": "detailed", "messages": [{"role": "user", "content": "Count."}]}
+    whole = client.chat.completions.with_raw_response.create(**ask)
+    assert msgspec.json.decode(whole.content)["usage"] == _OPENAIS_USAGE
+    with client.chat.completions.with_streaming_response.create(
+        **ask, stream=True, stream_options={"include_usage": True}
+    ) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: {")]
+    assert msgspec.json.decode(lines[-1].removeprefix("data: "))["usage"] == _OPENAIS_USAGE
+    every: Any = {"include_usage": True, "continuous_usage_stats": True}  # as vLLM takes it, on every chunk
+    with client.chat.completions.with_streaming_response.create(**ask, stream=True, stream_options=every) as response:
+        said = [msgspec.json.decode(line.removeprefix("data: "))["usage"] for line in response.iter_lines()
+                if line.startswith("data: {")]  # fmt: skip
+    assert len(said) == 3 and all(usage == _OPENAIS_USAGE for usage in said), said
