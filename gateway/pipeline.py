@@ -969,7 +969,8 @@ class ChatPipeline:
             _stream_opener(x, typed) if relay is None else _open_relayed(x, relay),
             x.info,
         )
-        x.record.ttft_ms = (time.perf_counter() - x.started) * 1000
+        # from the body's arrival (t159): client_seconds is, until the stream begins, the body's upload
+        x.record.ttft_ms = (time.perf_counter() - x.started - x.info.client_seconds) * 1000
         x.record.upstream_status = 200
         provider = x.info.provider
         assert provider is not None

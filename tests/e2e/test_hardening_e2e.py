@@ -527,16 +527,22 @@ def test_defect9_a_body_that_never_finishes_is_answered_408(gw: GatewayProcess) 
 
 def test_a_client_slow_to_send_its_body_is_not_the_gateways_overhead(gw: GatewayProcess) -> None:
     """t151: ``overhead_ms`` (and ``gateway_overhead_seconds``) counted the time a client took to
-    send its body as the gateway's own: a few slow clients made the gateway look seconds slow."""
+    send its body as the gateway's own: a few slow clients made the gateway look seconds slow.
+    t159: a stream's ``ttft_ms`` counted it too, though it times the gateway and its upstream."""
     body = b'{"model": "fast", "messages": [{"role": "user", "content": "slow body %d"}]}' % time.time_ns()
+    streamed = body.replace(b"slow body", b"slow stream")[:-1] + b', "stream": true}'  # not slow-body-1's cached
     head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-    for request_id, rest, status in (("slow-body-1", body[12:], b"200"), ("slow-body-2", b"", b"408")):
+    for request_id, sent, rest, status in (
+        ("slow-body-1", body, body[12:], b"200"),
+        ("slow-body-2", body, b"", b"408"),
+        ("slow-body-3", streamed, streamed[12:], b"200"),
+    ):
         with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
             sock.sendall(
                 head
                 + b"x-request-id: %s\r\nconnection: close\r\n" % request_id.encode()
-                + b"content-length: %d\r\n\r\n" % len(body)
-                + body[:12]
+                + b"content-length: %d\r\n\r\n" % len(sent)
+                + sent[:12]
             )
             time.sleep(0.7)  # body_read_timeout_s is 1: slow-body-2's never comes, a 408 at 1 s
             sock.sendall(rest)
@@ -547,6 +553,8 @@ def test_a_client_slow_to_send_its_body_is_not_the_gateways_overhead(gw: Gateway
         record = gw.wait_for_record(request_id)
         assert record["latency_ms"] >= 700 and record["overhead_ms"] < record["latency_ms"] - 0.8 * 700
         assert record["client_wait_ms"] >= 0.8 * 700
+        if record["stream"]:  # from the body's arrival: the upstream's first chunk, not the client's pause
+            assert record["ttft_ms"] is not None and record["ttft_ms"] < record["latency_ms"] - 0.8 * 700, record
 
 
 def test_defect10_the_drain_deadline_ends_silent_streams_in_band_and_logs_them(
