@@ -69,8 +69,9 @@ def _texts(lines: Iterable[str | bytes]) -> Iterator[_Prompt]:
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
-        line = raw
-        if isinstance(raw, bytes):
+        if isinstance(raw, str):
+            line = raw
+        else:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:  # t146: read as text, the file's first such byte ended the run
