@@ -16,6 +16,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Protocol, TypeGuard, cast
 
 import anyio
@@ -274,6 +275,8 @@ class _Exchange:
     lease: Lease | None = None
     similarity: float | None = None
     reservation: Reservation | None = None
+    gave_back: bool = False
+    """Its reservation was given back as it waited on an identical request in flight (:meth:`ChatPipeline._give_back`)."""
     slot: Slot | None = None
     """Its place among the key's and tenant's requests in flight (``max_concurrent``)."""
     score: PromptScore | None = None
@@ -424,6 +427,8 @@ class ChatPipeline:
             cached = await self._from_cache(x, cache_control)
             if cached is not None:
                 return cached  # a hit carries its own token counts: no tokenizing
+            if x.gave_back:  # it waited on an identical request that left it no answer: it asks upstream itself
+                await self._reserve(x, principal)
             await self._route(x, principal)
             x.sending = watch_sending()  # a client leaving before anything was sent is billed nothing (t48)
             if x.request.stream:
@@ -698,7 +703,10 @@ class ChatPipeline:
                 return served
         if plan.write and plan.read and policy.coalesce.enabled:
             began = time.perf_counter()
-            answer, x.lease = await self._exact.join_or_lead(plan.exact_key, policy.coalesce.wait_s, timeout_s)
+            give_back = partial(self._give_back, x) if x.reservation is not None and x.reservation.cost_usd else None
+            answer, x.lease = await self._exact.join_or_lead(
+                plan.exact_key, policy.coalesce.wait_s, timeout_s, give_back
+            )
             if x.lease is None or x.lease.waited:  # it waited on an identical request's upstream call:
                 x.info.upstream_seconds += time.perf_counter() - began  # upstream time, not overhead (t70)
             if isinstance(answer, UpstreamError):
@@ -708,6 +716,17 @@ class ChatPipeline:
                 x.record.coalesced = True
                 return self._cached_answer(x, answer, "exact")
         return None
+
+    def _give_back(self, x: _Exchange) -> None:
+        """A request waiting on an identical one in flight is answered from its answer at $0: its
+        estimate is given back now, not held to its end (t162: four identical requests held four
+        estimates, and a fifth, itself free, was refused as held by requests in flight). One that
+        calls upstream after all (its wait ran out, its leader's client left) reserves again, and
+        counts twice in its ``rpm``; one answered counts in its usage, not in its ``tpm``."""
+        reservation, x.reservation = x.reservation, None
+        if reservation is not None:
+            x.gave_back = True
+            self._limiter.settle_later(x.runtime.policy, reservation, UsageFigures())
 
     async def _semantic_hit(
         self, x: _Exchange, semantic_set: str, score: PromptScore, prompt: str, timeout_s: float

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.background import BackgroundTasks
@@ -99,7 +100,7 @@ class ExactCache:
             self._settle(lease.key, lease.future, answer)
 
     async def join_or_lead(
-        self, key: str, wait_s: float, timeout_s: float
+        self, key: str, wait_s: float, timeout_s: float, on_wait: Callable[[], None] | None = None
     ) -> tuple[CachedAnswer | UpstreamError | None, Lease | None]:
         """Coalesce identical in-flight requests, within this process and across processes.
 
@@ -111,12 +112,15 @@ class ExactCache:
         When the request waited on in this process was abandoned by its client, or the one in
         another process went without an answer or could no longer be watched (the store failed),
         one of the waiters here takes the lead and the others wait on it (not each its own
-        upstream call).
+        upstream call). ``on_wait`` is called once, when it first waits on an identical request
+        (in this process or another).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         waited = False
         while (local := self._flights.get(key)) is not None:
+            if not waited and on_wait is not None:
+                on_wait()
             waited = True
             self._waiting[key] = self._waiting.get(key, 0) + 1
             try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a client's cancel
@@ -146,6 +150,8 @@ class ExactCache:
                     self._keep(lease, timeout_s)
                     return None, lease
                 # Another process is answering: wait for its answer to appear in the cache.
+                if not lease.waited and on_wait is not None:
+                    on_wait()
                 answer = await self._await_other_process(key, max(0.0, deadline - loop.time()), timeout_s)
                 if isinstance(answer, _StoreLost):  # as when no lease could be had; the waiters here wait on it
                     return None, Lease(key, token, future, held_in_store=False, waited=True)

@@ -45,12 +45,13 @@ KEYS = """auth:
     - {id: counter, tenant: solo-count, hash: "%(counter)s", limits: {rpm: 3, usd_per_day: 0.0}}
     - {id: ledger, tenant: ledger, hash: "%(ledger)s"}
     - {id: inflight, tenant: solo-inflight, hash: "%(inflight)s", limits: {usd_per_day: 0.0005}}
+    - {id: twins, tenant: solo-twins, hash: "%(twins)s", limits: {usd_per_day: 0.0005}}
 tenants:
   shared: {limits: {rpm: 6}}
   saver: {downgrade_auto_at: 0.3}
 """ % {
     name: hash_key(f"key-{name}")
-    for name in ("rpm", "tpm", "budget", "s1", "s2", "saver", "admin", "counter", "ledger", "inflight")
+    for name in ("rpm", "tpm", "budget", "s1", "s2", "saver", "admin", "counter", "ledger", "inflight", "twins")
 }
 ROUTES = """  costly: {strategy: classifier, model: large, fallbacks: [small], threshold: 0.0}
   cheap: {model: small}"""  # costly: always large
@@ -223,6 +224,38 @@ def test_a_budget_held_by_requests_in_flight_is_told_apart_from_one_spent(
     assert spent.headers["x-should-retry"] == "false" and "in flight" not in spent.json()["error"]["message"]
     today_ends = datetime.combine(datetime.now(UTC).date() + timedelta(days=1), datetime.min.time(), UTC)
     assert abs(int(spent.headers["retry-after"]) - (today_ends - datetime.now(UTC)).total_seconds()) < 5
+
+
+def test_requests_coalesced_on_one_in_flight_give_back_what_they_reserved(
+    pair: tuple[GatewayProcess, GatewayProcess], small_upstream: SimulatedUpstream, redis_server: EmbeddedRedis
+) -> None:
+    """t162: identical requests waiting on one in flight each held a whole estimate until their
+    end, though they were answered from its answer at $0; four held four estimates, and a fifth
+    identical one was refused as held by requests in flight. Waiting, they hold nothing."""
+    # each holds ~$0.000158 (a few prompt tokens, 100 completion ones) of $0.0005: three fit at once
+    inject(small_upstream, {"chunk_delay_ms": 300})  # its stream lasts a few seconds
+    ask: dict[str, Any] = {"model": "cheap", "max_tokens": 100}
+    content = f"twins {time.monotonic_ns()}"
+    spend = keyspace.limit_counters("solo-twins", "twins")[1]
+    client = closed_after_test(redis_sync.Redis.from_url(redis_server.url))
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        first = pool.submit(_chat, pair[0], "twins", content=content, stream=True, **ask)
+        time.sleep(0.5)  # it is upstream; the others wait on it, in its process and in the other one
+        twins = []
+        for index in range(4):
+            twins.append(pool.submit(_chat, pair[index % 2], "twins", content=content, **ask))
+            time.sleep(0.3)
+        held = float(client.hget(spend, "hd") or 0)
+        responses = [first.result(), *(twin.result() for twin in twins)]
+    assert [r.status_code for r in responses] == [200] * 5, [r.text for r in responses]
+    assert 0.0001 < held < 0.0002  # the leader's estimate alone
+    assert all(r.json()["usage"]["completion_tokens"] > 0 for r in responses[1:])
+    time.sleep(1.5)  # the usage batch of the requests that reserved nothing at the end
+    usage = httpx.get(f"{pair[0].base_url}/usage", headers={"authorization": "Bearer key-twins"}).json()
+    assert usage["total"]["requests"] == 5 and usage["total"]["cache_hits"] == 4
+    # nothing is held once they are answered, and one upstream call is what the key spent
+    assert float(client.hget(spend, "hd") or 0) == 0.0
+    assert 0 < float(client.hget(spend, "d") or 0) < 0.0002
 
 
 def test_tenant_limit_spans_its_keys(pair: tuple[GatewayProcess, GatewayProcess]) -> None:
