@@ -11,7 +11,7 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -59,6 +59,34 @@ def serve_app(routes: Mapping[str, Handler], *, name: str) -> Iterator[ServedApp
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+@dataclass
+class RecordingUpstream:
+    """A test upstream's address and the request bodies it was sent, in order."""
+
+    url: str = ""
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+
+
+RecordingHandler = Callable[[web.Request, RecordingUpstream], Awaitable[web.StreamResponse]]
+
+
+@contextmanager
+def serve_recording(routes: Mapping[str, RecordingHandler], *, name: str) -> Iterator[RecordingUpstream]:
+    """:func:`serve_app` for handlers that are handed the upstream they answer for (to record the
+    bodies they were sent); the block gets that upstream, its ``url`` set."""
+    upstream = RecordingUpstream()
+    with serve_app({path: _handing(handler, upstream) for path, handler in routes.items()}, name=name) as served:
+        upstream.url = served.url
+        yield upstream
+
+
+def _handing(handler: RecordingHandler, upstream: RecordingUpstream) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await handler(request, upstream)
+
+    return handle
 
 
 async def write_sse(response: web.StreamResponse, data: Any, event: str | None = None) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test
 from tests.gateway_process import GatewayProcess, policy_text, running_gateway
-from tests.loopback_app import serve_app
+from tests.loopback_app import RecordingUpstream, serve_recording
 
 _MODELS = """
   voice:
@@ -93,12 +92,6 @@ _SPOKEN_BACK: Any = [*_ASK, {"role": "assistant", "audio": {"id": "audio_1"}}, {
 """A spoken answer sent back by its id: OpenAI bills it as prompt audio."""
 
 
-@dataclass
-class _Upstream:
-    url: str = ""
-    bodies: list[dict[str, Any]] = field(default_factory=list)
-
-
 def _speaks(body: dict[str, Any]) -> bool:
     return "audio" in (body.get("modalities") or ())
 
@@ -120,7 +113,7 @@ def _message(body: dict[str, Any]) -> dict[str, Any]:
     return {"role": "assistant", "content": None, "audio": audio}
 
 
-async def _chat(request: web.Request, upstream: _Upstream) -> web.StreamResponse:
+async def _chat(request: web.Request, upstream: RecordingUpstream) -> web.StreamResponse:
     body = await request.json()
     upstream.bodies.append(body)
     head = {"id": "chatcmpl-a", "created": 1, "model": body["model"]}
@@ -143,21 +136,15 @@ async def _chat(request: web.Request, upstream: _Upstream) -> web.StreamResponse
 
 
 @pytest.fixture(scope="module")
-def audio_upstream() -> Iterator[_Upstream]:
-    upstream = _Upstream()
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        return await _chat(request, upstream)
-
-    with serve_app({"/v1/chat/completions": chat}, name="audio-upstream") as served:
-        upstream.url = served.url
+def audio_upstream() -> Iterator[RecordingUpstream]:
+    with serve_recording({"/v1/chat/completions": _chat}, name="audio-upstream") as upstream:
         yield upstream
 
 
 @pytest.fixture(scope="module")
 def gateway(
     tmp_path_factory: pytest.TempPathFactory,
-    audio_upstream: _Upstream,
+    audio_upstream: RecordingUpstream,
     redis_server: EmbeddedRedis,
     small_upstream: SimulatedUpstream,
     large_upstream: SimulatedUpstream,
@@ -227,7 +214,12 @@ def test_a_streamed_audio_answer_is_billed_at_the_audio_prices(gateway: GatewayP
     ],
 )  # fmt: skip
 def test_audio_or_a_search_the_policy_does_not_price_is_refused_unsent(
-    gateway: GatewayProcess, audio_upstream: _Upstream, route: str, asked: dict[str, Any], param: str, field: str
+    gateway: GatewayProcess,
+    audio_upstream: RecordingUpstream,
+    route: str,
+    asked: dict[str, Any],
+    param: str,
+    field: str,
 ) -> None:
     sent = len(audio_upstream.bodies)
     with pytest.raises(openai.BadRequestError) as refused:
@@ -239,7 +231,7 @@ def test_audio_or_a_search_the_policy_does_not_price_is_refused_unsent(
 
 @pytest.mark.parametrize("route", ["voiceless-r", "voice-r"])
 def test_modalities_that_are_not_a_list_are_refused_unsent(
-    gateway: GatewayProcess, audio_upstream: _Upstream, route: str
+    gateway: GatewayProcess, audio_upstream: RecordingUpstream, route: str
 ) -> None:
     """t159: ``"modalities": "audio"`` went upstream unpriced, read as asking for no audio; OpenAI
     refuses a string there."""
@@ -259,7 +251,7 @@ def test_text_on_a_voiceless_model_needs_no_audio_price(gateway: GatewayProcess)
     assert gateway.wait_for_record("text-only")["cost_usd"] > 0
 
 
-def test_a_chat_search_is_billed_one_search_fee(gateway: GatewayProcess, audio_upstream: _Upstream) -> None:
+def test_a_chat_search_is_billed_one_search_fee(gateway: GatewayProcess, audio_upstream: RecordingUpstream) -> None:
     """OpenAI's search models bill each chat request one search; its usage does not count them."""
     raw = _client(gateway).chat.completions.with_raw_response.create(
         model="searcher-r",
@@ -274,7 +266,9 @@ def test_a_chat_search_is_billed_one_search_fee(gateway: GatewayProcess, audio_u
     assert record["cost_usd"] == pytest.approx(_TEXT_USD + 25 / 1000, rel=1e-6)
 
 
-def test_budgets_reserve_the_audio_and_search_prices(gateway: GatewayProcess, audio_upstream: _Upstream) -> None:
+def test_budgets_reserve_the_audio_and_search_prices(
+    gateway: GatewayProcess, audio_upstream: RecordingUpstream
+) -> None:
     """100 completion tokens at $10 are $0.001, under the $0.005 a day; at the $80 of audio, or
     with a $0.025 search, the estimate is over it, and the request is refused unsent."""
     thrifty = _client(gateway, "thrifty")

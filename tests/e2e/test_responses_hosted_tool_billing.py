@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test
 from tests.gateway_process import GatewayProcess, policy_text, running_gateway
-from tests.loopback_app import serve_app, write_sse
+from tests.loopback_app import RecordingUpstream, serve_recording, write_sse
 
 _MODELS = """
   tooled:
@@ -74,12 +73,6 @@ _HEARD: Any = [
 ]
 
 
-@dataclass
-class _Upstream:
-    url: str = ""
-    bodies: list[dict[str, Any]] = field(default_factory=list)
-
-
 def _calls(body: dict[str, Any]) -> list[dict[str, Any]]:
     """The hosted tools' calls an answer makes: two searches, two runs in one container, one file search."""
     kinds = {str(tool.get("type")) for tool in body.get("tools") or ()}
@@ -112,7 +105,7 @@ def _response(body: dict[str, Any], status: str, output: list[dict[str, Any]]) -
             "usage": usage if status == "completed" else None}  # fmt: skip
 
 
-async def _responses(request: web.Request, upstream: _Upstream) -> web.StreamResponse:
+async def _responses(request: web.Request, upstream: RecordingUpstream) -> web.StreamResponse:
     body = await request.json()
     upstream.bodies.append(body)
     text = {"type": "output_text", "text": "Found it.", "annotations": []}
@@ -133,21 +126,15 @@ async def _responses(request: web.Request, upstream: _Upstream) -> web.StreamRes
 
 
 @pytest.fixture(scope="module")
-def responses_upstream() -> Iterator[_Upstream]:
-    upstream = _Upstream()
-
-    async def responses(request: web.Request) -> web.StreamResponse:
-        return await _responses(request, upstream)
-
-    with serve_app({"/v1/responses": responses}, name="responses-tools-upstream") as served:
-        upstream.url = served.url
+def responses_upstream() -> Iterator[RecordingUpstream]:
+    with serve_recording({"/v1/responses": _responses}, name="responses-tools-upstream") as upstream:
         yield upstream
 
 
 @pytest.fixture(scope="module")
 def gateway(
     tmp_path_factory: pytest.TempPathFactory,
-    responses_upstream: _Upstream,
+    responses_upstream: RecordingUpstream,
     redis_server: EmbeddedRedis,
     small_upstream: SimulatedUpstream,
     large_upstream: SimulatedUpstream,
@@ -184,7 +171,12 @@ def _client(gateway: GatewayProcess, key: str = "open") -> openai.OpenAI:
     ],
 )  # fmt: skip
 def test_a_hosted_tool_or_audio_the_policy_does_not_price_is_refused_unsent(
-    gateway: GatewayProcess, responses_upstream: _Upstream, route: str, asked: dict[str, Any], param: str, field: str
+    gateway: GatewayProcess,
+    responses_upstream: RecordingUpstream,
+    route: str,
+    asked: dict[str, Any],
+    param: str,
+    field: str,
 ) -> None:
     sent = len(responses_upstream.bodies)
     with pytest.raises(openai.BadRequestError) as refused:
@@ -246,7 +238,7 @@ def test_audio_input_is_billed_at_the_audio_price(gateway: GatewayProcess) -> No
     assert record["cost_usd"] == pytest.approx((60 * 2 + 40 * 40 + 20 * 8) / 1_000_000, rel=1e-6)
 
 
-def test_budgets_reserve_each_tool_call_allowed(gateway: GatewayProcess, responses_upstream: _Upstream) -> None:
+def test_budgets_reserve_each_tool_call_allowed(gateway: GatewayProcess, responses_upstream: RecordingUpstream) -> None:
     """Three searches allowed (``max_tool_calls``) at $0.01 are over the $0.025 a day: refused
     unsent; one is not."""
     sparing = _client(gateway, "sparing")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -20,7 +19,7 @@ from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import closed_after_test, upstream_stats
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
-from tests.loopback_app import serve_app
+from tests.loopback_app import RecordingUpstream, serve_recording
 
 _BLOCKS: list[dict[str, Any]] = [
     {"type": "thinking", "thinking": "First, the sky.", "signature": "S1"},
@@ -49,12 +48,6 @@ _MODELS = """  claude2:
 _OVERLOADED = "Claude is overloaded: fall back."
 
 
-@dataclass
-class ClaudeUpstream:
-    url: str = ""
-    bodies: list[dict[str, Any]] = field(default_factory=list)
-
-
 def _events(model: str) -> list[tuple[str, dict[str, Any]]]:
     start: dict[str, Any] = {"id": "msg_two", "type": "message", "role": "assistant", "model": model, "content": [],
                              "stop_reason": None, "stop_sequence": None,
@@ -80,7 +73,7 @@ def _events(model: str) -> list[tuple[str, dict[str, Any]]]:
     return events
 
 
-async def _messages(request: web.Request, upstream: ClaudeUpstream) -> web.StreamResponse:
+async def _messages(request: web.Request, upstream: RecordingUpstream) -> web.StreamResponse:
     body = await request.json()
     upstream.bodies.append(body)
     if body["messages"][-1]["content"] == _OVERLOADED:
@@ -98,21 +91,15 @@ async def _messages(request: web.Request, upstream: ClaudeUpstream) -> web.Strea
 
 
 @pytest.fixture(scope="module")
-def claude_upstream() -> Iterator[ClaudeUpstream]:
-    upstream = ClaudeUpstream()
-
-    async def messages(request: web.Request) -> web.StreamResponse:
-        return await _messages(request, upstream)
-
-    with serve_app({"/v1/messages": messages}, name="claude-upstream") as served:
-        upstream.url = served.url
+def claude_upstream() -> Iterator[RecordingUpstream]:
+    with serve_recording({"/v1/messages": _messages}, name="claude-upstream") as upstream:
         yield upstream
 
 
 @pytest.fixture(scope="module")
 def gateway(
     tmp_path_factory: pytest.TempPathFactory,
-    claude_upstream: ClaudeUpstream,
+    claude_upstream: RecordingUpstream,
     redis_server: EmbeddedRedis,
     small_upstream: SimulatedUpstream,
     large_upstream: SimulatedUpstream,
@@ -138,7 +125,7 @@ def oai(gateway: GatewayProcess) -> openai.OpenAI:
 _ASK: list[Any] = [{"role": "user", "content": "What colour are the sky and the sea?"}]
 
 
-def _sent_back(oai: openai.OpenAI, upstream: ClaudeUpstream, turn: dict[str, Any]) -> list[dict[str, Any]]:
+def _sent_back(oai: openai.OpenAI, upstream: RecordingUpstream, turn: dict[str, Any]) -> list[dict[str, Any]]:
     """The assistant turn ``turn`` as the next request gives it to Anthropic: its thinking, then its text."""
     messages: list[Any] = [*_ASK, turn, {"role": "user", "content": "Why?"}]
     oai.chat.completions.create(model="two-thoughts", messages=messages)
@@ -148,7 +135,7 @@ def _sent_back(oai: openai.OpenAI, upstream: ClaudeUpstream, turn: dict[str, Any
 
 
 def test_the_stream_helper_accumulates_each_thinking_block_and_it_goes_back_whole(
-    oai: openai.OpenAI, claude_upstream: ClaudeUpstream
+    oai: openai.OpenAI, claude_upstream: RecordingUpstream
 ) -> None:
     """t128: each streamed ``thinking_blocks`` entry lacked an ``index``, and the SDK's helper,
     which merges list entries by it (as tool calls'), raised; the blocks' texts came only joined,
@@ -160,7 +147,7 @@ def test_the_stream_helper_accumulates_each_thinking_block_and_it_goes_back_whol
     assert _sent_back(oai, claude_upstream, message.model_dump(exclude_none=True)) == _SENT_BACK
 
 
-def test_a_whole_answers_thinking_blocks_go_back_whole(oai: openai.OpenAI, claude_upstream: ClaudeUpstream) -> None:
+def test_a_whole_answers_thinking_blocks_go_back_whole(oai: openai.OpenAI, claude_upstream: RecordingUpstream) -> None:
     message = oai.chat.completions.create(model="two-thoughts", messages=_ASK).choices[0].message
     blocks = (message.model_extra or {})["thinking_blocks"]
     assert [(b["thinking"], b["signature"]) for b in blocks] == [("First, the sky.", "S1"), ("Then, the sea.", "S2")]
@@ -168,7 +155,7 @@ def test_a_whole_answers_thinking_blocks_go_back_whole(oai: openai.OpenAI, claud
 
 
 def test_a_streams_thinking_block_entries_are_numbered_and_a_raw_client_can_send_them_back(
-    oai: openai.OpenAI, claude_upstream: ClaudeUpstream
+    oai: openai.OpenAI, claude_upstream: RecordingUpstream
 ) -> None:
     """A client reading the chunks itself, collecting the ``thinking_blocks`` entries as they come."""
     chunks = list(oai.chat.completions.create(model="two-thoughts", messages=_ASK, stream=True))
