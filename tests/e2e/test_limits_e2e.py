@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -178,8 +178,18 @@ def test_daily_budget_is_never_overspent_under_concurrent_load(pair: tuple[Gatew
     assert (usage["total"]["requests"], usage["total"]["errors"]) == (len(responses), len(refused))  # as the log says
 
 
+def _held_until(redis: redis_sync.Redis, key: str, done: Callable[[float], bool], timeout_s: float = 15) -> float:
+    """The key's budget held by requests in flight, once ``done`` says so (or the deadline passes)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held = float(redis.hget(key, "hd") or 0)
+        if done(held) or time.monotonic() > deadline:
+            return held
+        time.sleep(0.05)
+
+
 def test_a_budget_held_by_requests_in_flight_is_told_apart_from_one_spent(
-    pair: tuple[GatewayProcess, GatewayProcess], small_upstream: SimulatedUpstream
+    pair: tuple[GatewayProcess, GatewayProcess], small_upstream: SimulatedUpstream, redis_server: EmbeddedRedis
 ) -> None:
     """t157: the estimates slow requests reserve were told as spent: "$0.0197 is spent" of $0.02
     with ``x-should-retry: false`` and a Retry-After at midnight, while $0.0005 was, and the same
@@ -189,11 +199,13 @@ def test_a_budget_held_by_requests_in_flight_is_told_apart_from_one_spent(
     # three of them hold ~$0.00046 of $0.0005, and a fourth does not fit beside them.
     inject(small_upstream, *[{"delay_ms": 3000}] * 3)
     ask: dict[str, Any] = {"model": "cheap", "max_tokens": 100}
+    redis = closed_after_test(redis_sync.Redis.from_url(redis_server.url))
+    spend = keyspace.limit_counters("solo-inflight", "inflight")[1]
     client = closed_after_test(openai.OpenAI(base_url=pair[0].base_url, api_key="key-inflight", timeout=15))
     messages = closed_after_test(anthropic.Anthropic(base_url=pair[1].url, api_key="key-inflight", max_retries=0))
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         slow = [pool.submit(_chat, pair[i % 2], "inflight", content=f"slow {i}", **ask) for i in range(3)]
-        time.sleep(0.5)
+        _held_until(redis, spend, lambda held: held > 0.0004)  # all three have reserved
         held = _chat(pair[1], "inflight", content="held", **ask)
         with pytest.raises(anthropic.RateLimitError) as told:  # in the caller's protocol
             messages.messages.create(messages=[{"role": "user", "content": "held"}], **ask)
@@ -217,7 +229,7 @@ def test_a_budget_held_by_requests_in_flight_is_told_apart_from_one_spent(
     inject(small_upstream, *[{"usage": {"completion_tokens": 100}}] * 2)
     for index in range(2):
         assert _chat(pair[index], "inflight", content=f"spend {index}", **ask).status_code == 200
-        time.sleep(0.3)  # settlement runs after each answer
+        _held_until(redis, spend, lambda held: held < 1e-9)  # settlement runs after each answer
     spent = _chat(pair[0], "inflight", content="spent", **ask)
     assert spent.status_code == 429, spent.text
     assert spent.json()["error"]["type"] == spent.json()["error"]["code"] == "insufficient_quota"
