@@ -257,7 +257,7 @@ def test_requests_coalesced_on_one_in_flight_give_back_what_they_reserved(
         for index in range(4):
             twins.append(pool.submit(_chat, pair[index % 2], "twins", content=content, **ask))
             time.sleep(0.3)
-        held = float(client.hget(spend, "hd") or 0)
+        held = _held_until(client, spend, lambda held: held < 0.0002, timeout_s=2)  # while the leader streams
         responses = [first.result(), *(twin.result() for twin in twins)]
     assert [r.status_code for r in responses] == [200] * 5, [r.text for r in responses]
     assert 0.0001 < held < 0.0002  # the leader's estimate alone
