@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from gateway.config.schema import Timeouts
@@ -39,6 +39,7 @@ READ_AHEAD_BYTES = 8 << 20
 """What one stream may read ahead of its client, at most."""
 
 Piece = TypeVar("Piece")
+Event = TypeVar("Event")
 
 
 class ClientPace(Generic[Piece]):
@@ -103,6 +104,13 @@ class ClientPace(Generic[Piece]):
         timed, no longer watched (:meth:`taken` after it)."""
         self.stop()
         self._since = self._loop.time()
+
+    def hand_over_last(self, events: Iterable[Event]) -> Iterator[Event]:
+        """The events after the answer's end, each timed as :meth:`hand_last` and :meth:`taken` time it."""
+        for event in events:
+            self.hand_last()
+            yield event
+            self.taken()
 
     def taken(self) -> None:
         """The client asked for the next event; raises :class:`ClientStalled` when it came too late."""

@@ -1106,10 +1106,8 @@ class ChatPipeline:
                                 yield KEEP_ALIVE if typed else b": keep-alive\n\n"
                     finally:  # time spent waiting on the upstream (t65)
                         upstream_wait += time.perf_counter() - waited_from
-                for ending in _ending(tally, record, typed, include_usage):
-                    pace.hand_last()
+                for ending in pace.hand_over_last(_ending(tally, record, typed, include_usage)):
                     yield ending
-                    pace.taken()
                 return
             # No finish reason (an OpenAI-style stream whose [DONE] came first): the usage may
             # be a placeholder, as for a cut stream
@@ -1137,10 +1135,8 @@ class ChatPipeline:
                 x.failure = unfinished
                 yield _failure(stream, unfinished, typed)
                 return
-            for ending in _ending(tally, record, typed, include_usage):
-                pace.hand_last()
+            for ending in pace.hand_over_last(_ending(tally, record, typed, include_usage)):
                 yield ending
-                pace.taken()
             if tally.replayable and self._storing(x):
                 with anyio.CancelScope(shield=True):
                     await self._fill_cache(
