@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,11 +20,28 @@ import msgspec
 
 from gateway.simulated import SimulatedUpstream
 
+_PORTS_PER_WORKER = 3000
+_handed: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port no other test process hands out: each xdist worker draws from a range of its own,
+    below the kernel's ephemeral ports. A port bound at 0, closed and handed on, was taken in
+    between by the other worker's gateway, which then answered this one's requests."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    base = 20000 + worker % 4 * _PORTS_PER_WORKER
+    for _ in range(500):
+        port = base + random.randrange(_PORTS_PER_WORKER)
+        if port in _handed:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed.add(port)
+        return port
+    raise RuntimeError(f"no free port left in {base}-{base + _PORTS_PER_WORKER}")
 
 
 def policy_text(
