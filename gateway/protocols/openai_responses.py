@@ -617,6 +617,7 @@ _BILLED_CALLS = {
     "web_search_call": "web_search",
     "file_search_call": "file_search",
     "code_interpreter_call": "code_interpreter",
+    "image_generation_call": "image_generation",
 }
 """The output items of OpenAI's hosted tools it bills per use, by the tool's name in ``price.server_tools``."""
 
@@ -624,14 +625,15 @@ _BILLED_CALLS = {
 def priced_options(body: dict[str, Any]) -> PricedOptions:
     """What a request passed through to a Responses upstream asks for that OpenAI bills above the
     token prices (t159): its hosted tools billed per use (web search, file search, code
-    interpreter), each with the most calls ``max_tool_calls`` allows (1 when unset, for the budget
-    estimate), and an ``input_audio`` part anywhere in its input."""
+    interpreter, image generation: an image per call), each with the most calls
+    ``max_tool_calls`` allows (1 when unset, for the budget estimate), and an ``input_audio``
+    part anywhere in its input."""
     tools, limit = body.get("tools"), body.get("max_tool_calls")
     uses = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 1
     server_tools: dict[str, int] = {}
     for tool in tools if isinstance(tools, list) else ():
         kind = tool.get("type") if isinstance(tool, dict) else None
-        if kind in ("file_search", "code_interpreter"):
+        if kind in ("file_search", "code_interpreter", "image_generation"):
             server_tools[kind] = uses
         elif isinstance(kind, str) and _WEB_SEARCH.fullmatch(kind):
             server_tools["web_search"] = uses

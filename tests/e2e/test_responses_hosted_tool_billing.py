@@ -7,7 +7,8 @@ text's. Chat refused them unpriced and billed them (t150); this path sent them o
 prices. A request offering a tool (or holding an ``input_audio`` part) that a model it may end at
 does not price is refused unsent, with ``param`` ``tools`` (or ``input``); a priced one is billed
 each use the answer's output items show, whole or streamed. The loopback upstream answers as
-OpenAI's Responses API does: a ``web_search_call`` per search, a ``code_interpreter_call`` per run.
+OpenAI's Responses API does: a ``web_search_call`` per search, a ``code_interpreter_call`` per run,
+an ``image_generation_call`` per image.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ _MODELS = """
     upstream_model: gpt-5
     responses_api: true
     price: {{input: 2, output: 8, audio_input: 40,
-             server_tools: {{web_search: 10, code_interpreter: 30, file_search: 2.5}}}}
+             server_tools: {{web_search: 10, code_interpreter: 30, file_search: 2.5, image_generation: 40}}}}
     tier: large
     timeouts: {{connect: 2, first_byte: 5, total: 10}}
   plain:
@@ -88,6 +89,8 @@ def _calls(body: dict[str, Any]) -> list[dict[str, Any]]:
         ]  # fmt: skip
     if "file_search" in kinds:
         calls.append({"type": "file_search_call", "id": "fs_1", "status": "completed", "queries": ["x"]})
+    if "image_generation" in kinds:
+        calls.append({"type": "image_generation_call", "id": "ig_1", "status": "completed", "result": _WAV})
     return calls
 
 
@@ -165,6 +168,8 @@ def _client(gateway: GatewayProcess, key: str = "open") -> openai.OpenAI:
          "models.plain.price.server_tools.code_interpreter"),
         ("plain-r", {"tools": [{"type": "file_search", "vector_store_ids": []}]}, "tools",
          "models.plain.price.server_tools.file_search"),
+        ("plain-r", {"tools": [{"type": "image_generation"}]}, "tools",
+         "models.plain.price.server_tools.image_generation"),
         ("tooled-or-plain", {"tools": [{"type": "web_search"}]}, "tools",
          "models.plain.price.server_tools.web_search"),
         ("plain-r", {"input": _HEARD}, "input", "models.plain.price.audio_input"),
@@ -226,6 +231,22 @@ def test_the_code_interpreter_is_billed_per_container(gateway: GatewayProcess, s
     record = gateway.wait_for_record(request_id)
     assert record["server_tool_requests"] == {"code_interpreter": 1, "file_search": 1}
     assert record["cost_usd"] == pytest.approx(_TEXT_USD + 30 / 1000 + 2.5 / 1000, rel=1e-6)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_generated_image_is_billed(gateway: GatewayProcess, stream: bool) -> None:
+    """OpenAI bills the image generation tool per image, far above the tokens around it."""
+    request_id = f"drawn-{stream}"
+    asked: Any = {"model": "tooled-r", "input": "Draw a cat.", "tools": [{"type": "image_generation"}]}
+    if stream:
+        with _client(gateway).responses.stream(**asked, extra_headers={"x-request-id": request_id}) as events:
+            output = events.get_final_response().output
+    else:
+        output = _client(gateway).responses.create(**asked, extra_headers={"x-request-id": request_id}).output
+    assert [item.type for item in output] == ["image_generation_call", "message"]
+    record = gateway.wait_for_record(request_id)
+    assert record["server_tool_requests"] == {"image_generation": 1}
+    assert record["cost_usd"] == pytest.approx(_TEXT_USD + 40 / 1000, rel=1e-6)
 
 
 def test_audio_input_is_billed_at_the_audio_price(gateway: GatewayProcess) -> None:
