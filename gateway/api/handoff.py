@@ -104,7 +104,7 @@ async def hand_to_pipeline(
 
     try:
         authorization = authorization if authorization is not None else authorization_of(request)
-        cache_control = headers.get("cache-control")
+        cache_control = _cache_control(request.scope)
         answer: Answer | StreamingAnswer | StreamingDeltas
         if embeddings:
             answer = await state.embeddings.handle(
@@ -122,6 +122,13 @@ async def hand_to_pipeline(
     finally:
         watch.stop()
     return request_id, watch.left_answer(request_id) if watch.client_left else answer
+
+
+def _cache_control(scope: Mapping[str, Any]) -> str | None:
+    """Every ``Cache-Control`` line, read as HTTP reads several: one comma-separated list (t163:
+    a second line's ``no-cache`` was ignored). ASGI servers give header names in lower case."""
+    lines = [value.decode("latin-1") for name, value in scope["headers"] if name == b"cache-control"]
+    return ", ".join(lines) if lines else None
 
 
 class DisconnectWatch:

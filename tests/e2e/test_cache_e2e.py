@@ -413,6 +413,14 @@ def test_cache_control_no_cache_and_no_store(cached_gateway: GatewayProcess, sma
         ]
         == "miss"
     )
+    # two Cache-Control lines are one list, as HTTP reads them (t163: the second was ignored: a hit)
+    lines = httpx.post(
+        f"{cached_gateway.base_url}/chat/completions",
+        json={"model": "fast", "messages": messages, "temperature": 0},
+        headers=[("authorization", "Bearer key-a1"), ("cache-control", "max-age=10"), ("cache-control", "no-cache")],
+        timeout=15,
+    )
+    assert lines.status_code == 200 and lines.headers["x-gateway-cache"] == "bypass"
     # a directive the gateway does not know is refused, not ignored (t64: "no_cache" read the cache)
     for given in ("no_cache", ["no-store", "nocache"], {"read": "no"}, 3):
         with pytest.raises(openai.BadRequestError) as refused:
