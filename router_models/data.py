@@ -118,7 +118,10 @@ GENERAL_LONG_TRAIN_FILES: tuple[str, ...] = (
     "general_long_dev.jsonl",  # it chose how a long prompt is read; training data since
     *(f"general_long_train_{c}.jsonl" for c in "abcde"),
 )
-GENERAL_TRAIN_FILES: tuple[str, ...] = (*(f"general_train_{c}.jsonl" for c in "abcdefg"), *GENERAL_LONG_TRAIN_FILES)
+GENERAL_TRAIN_FILES: tuple[str, ...] = (
+    *(f"general_train_{c}.jsonl" for c in "abcdefghijkl"),
+    *GENERAL_LONG_TRAIN_FILES,
+)
 GENERAL_TEST_FILE = "general_test.jsonl"
 
 
