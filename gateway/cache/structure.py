@@ -9,6 +9,15 @@ enough to decide alone (measured in ``docs/semantic-cache.md``):
   sentence-free list of numbers, so a paraphrase that moves a clause ("at 4 pm, 3 of
   us" / "3 of us at 4 pm") is compared as a multiset *and* the pairs that keep their
   neighbours: see :func:`_numbers_agree`.
+* ``identifiers``: ids, codes and formulas, words with a digit after a letter ("a72b1428",
+  "ABC-4521", "v1.2.3", "SF6", "Z_8") or of six or more hex digits ("840140ec"), which
+  ``numbers`` does not read or reads only in part, as a multiset (case, "-" and "_" aside): each
+  prompt having one the other lacks is refused. The verifier, reading the shared words, served
+  "lookup d7bf14ec" the answer to "lookup a72b1428" (t163, p 0.997). One on one side only ("WW1"
+  / "World War I", "O2" / "oxygen": 61 paraphrases of the hand-written files) is the verifier's,
+  as for numbers; a quantity ("12-page", "100MB", "3x") is the ``numbers`` rule's. On the 8,040
+  hand-written pairs of each kind it refuses 22 more near misses (SF4 / SF6, C3 / C4 plants, L1
+  / L2, Z_8 / Z_16) and 1 paraphrase (two examples of one escape, ``\\u00e9`` / ``\\u00fc``).
 * ``options``: the lettered answer options ("A. x", "(A) x", "a) x", on separate lines
   or one), by letter: the same letters with the same texts (case, accents and
   punctuation aside), so reordered or replaced options are refused.
@@ -61,6 +70,7 @@ Everything else (wording, order, negation, direction) is the verifier's to judge
 from __future__ import annotations
 
 import re
+import string
 import unicodedata
 from bisect import bisect_left
 from collections import Counter
@@ -120,6 +130,8 @@ _NUMBER = re.compile(r"(?<![\w.])(?:(?:^|(?<=[\s(=:\[]))-(?=\d)|(?<=[=(:]) ?- )?
 @dataclass(frozen=True, slots=True)
 class Structure:
     numbers: tuple[str, ...]
+    identifiers: tuple[str, ...]
+    """Ids, codes and formulas (``a72b1428``, ``abc4521``, ``sf6``), folded and sorted: see :func:`_identifiers`."""
     options: tuple[tuple[str, str], ...]
     code: tuple[str, ...]
     pasted_code: tuple[str, ...]
@@ -184,6 +196,8 @@ def conflicts(a: str, b: str) -> list[str]:
         found.append("options")
     if not _numbers_agree(x.numbers, y.numbers):
         found.append("numbers")
+    if _replaced(x.identifiers, y.identifiers):
+        found.append("identifiers")
     return found
 
 
@@ -205,6 +219,7 @@ def structure_of(text: str) -> Structure:
     typed = unicodedata.normalize("NFC", text)
     return Structure(
         _numbers(prose),
+        _identifiers(prose),
         options,
         code,
         _pasted_code(prose),
@@ -731,6 +746,33 @@ def _numbers(prose: str) -> tuple[str, ...]:
             continue
         out.append(sign + f"{value:g}" + factorial)
     return tuple(out)
+
+
+# letters and digits joined by single "-", "_" or "." ("ABC-4521", "v1.2.3", "Z_8"); a digit after a
+# letter (or after one and a joint) makes it an id, and so do six or more hex digits ("840140ec"):
+# "12-page", "100MB" and "3x" are quantities
+_JOINED = re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9]+(?:[-._][A-Za-z0-9]+)*")
+_DIGIT_AFTER_LETTER = re.compile(r"[A-Za-z][-._]?[0-9]")
+_HEX = re.compile(r"[0-9]+[a-fA-F]+")
+_JOINT = re.compile(r"[-._]")
+_AFTER_LAST_DIGIT = string.ascii_letters + "-._"
+
+
+def _identifiers(prose: str) -> tuple[str, ...]:
+    """The ids in a prompt, up to the end of the part holding the last digit ("L1-regularized"
+    is "l1", "file2.txt" "file2"), in lower case and without "-" or "_" ("GPT-4" / "gpt4")."""
+    found = []
+    for token in _JOINED.findall(prose):
+        if not (_DIGIT_AFTER_LETTER.search(token) or (len(token) >= 6 and _HEX.fullmatch(token))):
+            continue
+        joint = _JOINT.search(token, len(token.rstrip(_AFTER_LAST_DIGIT)))
+        found.append(token[: joint.start() if joint else None].lower().replace("-", "").replace("_", ""))
+    return tuple(sorted(found))
+
+
+def _replaced(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
+    """Each side has one the other lacks; one on one side only is left to the verifier."""
+    return bool(Counter(x) - Counter(y)) and bool(Counter(y) - Counter(x))
 
 
 def _numbers_agree(x: tuple[str, ...], y: tuple[str, ...]) -> bool:

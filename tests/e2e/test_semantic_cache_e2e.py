@@ -104,6 +104,13 @@ def test_guard_refuses_a_near_identical_prompt_with_another_number(gateway: Gate
     assert gateway.wait_for_record(other.headers["x-request-id"])["semantic_guard_refusals"] >= 1
 
 
+def test_guard_refuses_a_short_prompt_with_another_identifier(gateway: GatewayProcess) -> None:
+    _ask(gateway, "lookup a72b1428")
+    other = _ask(gateway, "lookup d7bf14ec")  # t163: served the stored id's answer (cosine 0.81, p 0.997)
+    assert other.headers["x-gateway-cache"] == "miss"
+    assert gateway.wait_for_record(other.headers["x-request-id"])["semantic_guard_refusals"] >= 1
+
+
 def test_a_question_appended_past_the_embedding_window_is_not_served_the_old_answer(gateway: GatewayProcess) -> None:
     story = (
         "A bakery sells loaves, rolls and cakes to cafes across the city, delivering every morning before "

@@ -93,6 +93,51 @@ def test_a_number_only_one_prompt_has_is_not_a_number_conflict() -> None:
 
 
 @pytest.mark.parametrize(
+    ("stored", "new"),
+    [
+        ("lookup a72b1428", "lookup d7bf14ec"),  # t163: served at p 0.997
+        ("CUTNOMAX 3f9a2c71", "CUTNOMAX 0b7e4d15"),
+        ("Hash 840140ec", "Hash 05895cbc"),  # hex digits first
+        ("Where is my order ABC-4521?", "Where is my order XYZ-4521?"),
+        ("What changed in release v1.2.3?", "What changed in release v1.3.0?"),
+        ("Status of job 550e8400-e29b-41d4-a716-446655440000?", "Status of job 6fa459ea-ee8a-3ca4-894e-db77e160355e?"),
+        ("What is the hybridization of the central atom in SF4?", "What is the hybridization of the central atom in SF6?"),
+        ("In C4 plants, which enzyme fixes CO2 first?", "In C3 plants, which enzyme fixes CO2 first?"),
+        ("What is the order of (2, 2) in Z_6 × Z_8?", "What is the order of (2, 2) in Z_6 × Z_16?"),
+        ("What does error 0x1F mean?", "What does error 0x2F mean?"),
+    ],
+)  # fmt: skip
+def test_an_identifier_replaced_by_another_is_refused(stored: str, new: str) -> None:
+    # digits after a letter are no number to the numbers rule, and an id is no name: the
+    # verifier read the shared words and served another id's answer
+    assert "identifiers" in conflicts(stored, new)
+    assert "identifiers" in conflicts(new, stored)
+
+
+@pytest.mark.parametrize(
+    ("stored", "new"),
+    [
+        ("lookup a72b1428", "please look up a72b1428"),
+        ("Where is my order ABC-4521?", "where's order abc4521"),  # case and separators aside
+        ("What changed in GPT-4?", "what changed in gpt4"),
+        ("In L1-regularized linear regression, what does a larger lambda do?", "lasso (L1) regression: larger lambda?"),
+        ("What were the main causes of World War I?", "main causes of WW1?"),  # on one side only
+        ("How many moles of oxygen burn 2 moles of methane?", "moles of O2 to burn 2 mol of CH4?"),
+        ("Find files larger than 100 MB in a 12-page list", "find files over 100MB in a 12 page list"),  # quantities
+        ("Solve for x: 3x + 7 = 2x - 5", "solve 3x+7=2x-5 for x"),
+    ],
+)  # fmt: skip
+def test_the_same_identifier_retyped_or_on_one_side_only_is_no_identifiers_conflict(stored: str, new: str) -> None:
+    assert "identifiers" not in conflicts(stored, new)
+    assert "identifiers" not in conflicts(new, stored)
+
+
+def test_identifiers_are_read_with_a_digit_after_a_letter_case_and_joins_aside() -> None:
+    text = "Ship ABC-4521, a72b1428, 840140ec and a 3x3 grid (v1.2.3, Z_8, L1-regularized) by 5pm: 12-page, 100MB, 3x faster"
+    assert structure_of(text).identifiers == ("3x3", "840140ec", "a72b1428", "abc4521", "l1", "v1.2.3", "z8")
+
+
+@pytest.mark.parametrize(
     ("stored", "new", "rule"),
     [
         ("Convert this string to an integer in Python", "Convert this integer to a string in Python", "direction"),

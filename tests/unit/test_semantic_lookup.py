@@ -64,6 +64,16 @@ async def test_the_rules_refuse_before_the_verifier_is_asked(verifier: PairVerif
     assert found.hit is None and found.refused == 1  # refused even at verify_threshold 0
 
 
+async def test_another_identifier_is_refused_before_the_verifier_is_asked(verifier: PairVerifier) -> None:
+    """t163: a short prompt that differs from the stored one only by an id was served its answer
+    (similarity 0.81, p 0.997): the digits after a letter were no number to the rules."""
+    cache, vector = await _cache_with("lookup a72b1428", verifier)
+    found = await cache.lookup(INDEX, vector, "lookup d7bf14ec", 0.75, ServeBar(0.0, 0.0), True, 1.0)
+    assert found.hit is None and found.refused == 1
+    same = await cache.lookup(INDEX, vector, "Lookup A72B1428?", 0.75, ServeBar(0.0, 0.0), True, 1.0)
+    assert same.hit is not None and same.refused == 0
+
+
 async def test_without_a_verifier_nothing_is_served() -> None:
     cache, vector = await _cache_with("How do I reverse a list in Python?", None)
     found = await cache.lookup(INDEX, vector, "How do I reverse a list in Python?", 0.75, ServeBar(0.8, 0.8), True, 1.0)
