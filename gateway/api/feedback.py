@@ -31,6 +31,8 @@ __all__ = ["MAX_LABELS_PER_REQUEST", "feedback"]
 
 _MAX_BODY = 4096
 _TRACE_WAITS_S = (0.05, 0.1, 0.2, 0.4, 0.8)
+_RETRY_AFTER_S = 5
+"""As ``limiter_unavailable``'s: a restarted Redis answers within seconds, and the SDKs retry a 503 after it."""
 MAX_LABELS_PER_REQUEST = 3
 """A changed mind is a label or two more; beyond that a request's labels would only push the
 tenant's other labels out of its bounded list."""
@@ -64,7 +66,7 @@ async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
             lambda found: found.key_id == principal.key_id or principal.admin,
         )
     except StoreUnavailable:
-        raise FeedbackUnavailableError("feedback cannot be recorded right now (Redis unavailable)") from None
+        raise _unavailable() from None
     if trace is None:
         raise NotFoundError(
             "no routed request with this id for this key: only answers the router chose the model for can be "
@@ -80,14 +82,15 @@ async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
     if needed_large is not None:
         example = LabelledExample.of(request_id, trace, needed_large, "feedback", policy.scope == "global")
         try:
-            times = await learning.store.count_label(principal.tenant, request_id, policy.keep_hours)
-            if times > MAX_LABELS_PER_REQUEST:
-                raise ConflictError(
-                    f"this request has had {MAX_LABELS_PER_REQUEST} labels; no more are taken", param="request_id"
-                )
-            await learning.store.add_label(principal.tenant, example, runtime.router.labels_kept)
+            added = await learning.store.add_counted_label(
+                principal.tenant, example, runtime.router.labels_kept, policy.keep_hours, MAX_LABELS_PER_REQUEST
+            )
         except StoreUnavailable:
-            raise FeedbackUnavailableError("feedback cannot be recorded right now (Redis unavailable)") from None
+            raise _unavailable() from None
+        if not added:
+            raise ConflictError(
+                f"this request has had {MAX_LABELS_PER_REQUEST} labels; no more are taken", param="request_id"
+            )
     label = None if needed_large is None else ("needed_large" if needed_large else "small_was_enough")
     counted = "none" if needed_large is None else ("needed_large" if needed_large else "small_enough")
     state.metrics.feedback_received(counted)  # as the shadow judgements count it (t152: the body's own word)
@@ -100,6 +103,12 @@ async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
     if label is None:
         out["note"] = "a score on the large model's answer says nothing about the small model; not learnt from"
     return Response(msgspec.json.encode(out), media_type="application/json")
+
+
+def _unavailable() -> FeedbackUnavailableError:
+    error = FeedbackUnavailableError("feedback cannot be recorded right now (Redis unavailable)")
+    error.headers["retry-after"] = str(_RETRY_AFTER_S)
+    return error
 
 
 def _label(given: _Feedback, side: str) -> bool | None:

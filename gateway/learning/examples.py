@@ -29,6 +29,7 @@ _log = structlog.get_logger("gateway.learning")
 Side = Literal["small", "large"]
 _TIMEOUT_S = 0.2
 _SHADOW_TTL_S = 2 * 86400
+_LABELS_KEEP_DAYS = 180
 
 
 class RoutingTrace(msgspec.Struct, frozen=True):
@@ -154,9 +155,28 @@ class LearningStore:
             _unreadable(kind="routing_trace")
             return None
 
-    async def add_label(self, tenant: str, example: LabelledExample, max_labels: int, keep_days: int = 180) -> None:
+    async def add_label(
+        self, tenant: str, example: LabelledExample, max_labels: int, keep_days: int = _LABELS_KEEP_DAYS
+    ) -> None:
         key = keyspace.routing_labels(tenant)
         await self._kv.append(key, _trace_encoder.encode(example), max_labels, keep_days * 86400, _TIMEOUT_S)
+
+    async def add_counted_label(
+        self, tenant: str, example: LabelledExample, max_labels: int, keep_hours: int, at_most: int
+    ) -> bool:
+        """:meth:`add_label`, unless the request has had ``at_most`` labels (a bound on relabelling);
+        whether it was added. Counted and kept in one step: a label counted and not kept (its write
+        failed) was refused later for labels no one had (t165)."""
+        return await self._kv.append_counted(
+            keyspace.routing_labels(tenant),
+            _trace_encoder.encode(example),
+            max_labels,
+            _LABELS_KEEP_DAYS * 86400,
+            keyspace.routing_label_count(tenant, example.request_id),
+            keep_hours * 3600,
+            at_most,
+            _TIMEOUT_S,
+        )
 
     async def labels(self, tenant: str, timeout_s: float = 5.0) -> list[LabelledExample]:
         """The tenant's labels; one this gateway cannot read is left out (and logged)."""
@@ -168,11 +188,6 @@ class LearningStore:
             except msgspec.DecodeError:
                 _unreadable(kind="routing_label")
         return examples
-
-    async def count_label(self, tenant: str, request_id: str, keep_hours: int) -> int:
-        """How many labels the request has had, this one included (a bound on relabelling)."""
-        key = keyspace.routing_label_count(tenant, request_id)
-        return int(await self._kv.add_float(key, 1.0, keep_hours * 3600, _TIMEOUT_S))
 
     async def add_shadow_spend(self, tenant: str, route: str, usd: float) -> float:
         """Today's shadow spend on this tenant's route after adding ``usd``."""

@@ -153,6 +153,14 @@ class KeyValue(Protocol):
         ``ttl_s`` after its last append."""
         ...
 
+    async def append_counted(
+        self, key: str, value: bytes, max_len: int, ttl_s: int, counter: str, counter_ttl_s: int, at_most: int,
+        timeout_s: float,
+    ) -> bool:  # fmt: skip
+        """:meth:`append` and :meth:`add_float` of 1 to ``counter`` (``key``'s hash tag) in one step,
+        both or neither, unless ``counter`` is at ``at_most`` already; whether it was done."""
+        ...
+
     async def read_list(self, key: str, timeout_s: float) -> list[bytes]:
         """The list under ``key``, oldest first (empty when there is none)."""
         ...

@@ -165,6 +165,18 @@ class MemoryKeyValue(_Outage):
         kept = [*items[0], value][-max_len:]
         self._lists[key] = (kept, self._clock() + ttl_s)
 
+    async def append_counted(
+        self, key: str, value: bytes, max_len: int, ttl_s: int, counter: str, counter_ttl_s: int, at_most: int,
+        timeout_s: float,
+    ) -> bool:  # fmt: skip
+        self._check()
+        current = self._live(counter)
+        if current is not None and float(current) >= at_most:
+            return False
+        await self.append(key, value, max_len, ttl_s, timeout_s)
+        await self.add_float(counter, 1.0, counter_ttl_s, timeout_s)
+        return True
+
     async def read_list(self, key: str, timeout_s: float) -> list[bytes]:
         self._check()
         items = self._lists.get(key)

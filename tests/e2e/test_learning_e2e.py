@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -23,19 +25,20 @@ import pytest
 import redis
 
 from gateway.accounting.metrics import Metrics
+from gateway.api.feedback import MAX_LABELS_PER_REQUEST
 from gateway.learning.examples import LabelledExample, LearningStore, RoutingTrace
 from gateway.learning.learned import fit_candidate, promote
-from gateway.services.redis_server import EmbeddedRedis
+from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
 from gateway.simulated import SimulatedUpstream, start_simulated_upstream
 from gateway.store import keyspace
-from gateway.store.base import BOUNDED_ENTRY_BYTES, KeyValue
+from gateway.store.base import BOUNDED_ENTRY_BYTES, KeyValue, StoreTimedOut, StoreUnavailable
 from gateway.store.memory import MemoryKeyValue
 from gateway.store.redis import RedisKeyValue, SharedRedis, connect
 from tests.conftest import inject
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
-KEYS = {name: f"sk-{name}-{uuid.uuid4().hex}" for name in ("alice", "alice2", "bob", "carol", "dave", "admin")}
-TENANTS = {"bob": "b", "carol": "c", "dave": "d"}
+KEYS = {name: f"sk-{name}-{uuid.uuid4().hex}" for name in ("alice", "alice2", "bob", "carol", "dave", "erin", "admin")}
+TENANTS = {"bob": "b", "carol": "c", "dave": "d", "erin": "e"}
 AUTH = "auth:\n  mode: keys\n  keys:\n" + "".join(
     f"    - {{id: {name}, tenant: {TENANTS.get(name, 'a')}, "
     f'hash: "sha256:{hashlib.sha256(secret.encode()).hexdigest()}"'
@@ -312,6 +315,14 @@ async def test_a_tenants_traces_past_its_cap_lose_their_oldest_never_another_ten
     assert [i for i in range(26) if await store.trace(one, f"r{i}") is not None] == list(range(16, 26))
 
 
+async def test_a_requests_labels_past_its_bound_are_neither_counted_nor_kept(trace_kv: KeyValue) -> None:
+    store, tenant = LearningStore(trace_kv), f"counted-{uuid.uuid4().hex}"
+    trace = RoutingTrace.of("k", "taught", "small", 0.2, np.ones(384), np.ones(12))
+    example = LabelledExample.of("r", trace, True, "feedback", False)
+    assert [await store.add_counted_label(tenant, example, 100, 1, at_most=2) for _ in range(3)] == [True, True, False]
+    assert len(await store.labels(tenant)) == 2
+
+
 def test_a_tenants_traces_stay_within_its_cap_and_feedback_on_one_gone_is_a_404(
     gateway: GatewayProcess, redis_server: EmbeddedRedis
 ) -> None:
@@ -344,6 +355,62 @@ def test_a_tenants_traces_stay_within_its_cap_and_feedback_on_one_gone_is_a_404(
     gone = _feedback(gateway, "bob", {"request_id": bobs[0], "thumbs": "down"})
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found", gone.text
     assert _feedback(gateway, "alice", {"request_id": alices, "thumbs": "up"}).status_code == 200
+
+
+def test_a_label_redis_refuses_to_keep_is_not_counted(gateway: GatewayProcess, redis_server: EmbeddedRedis) -> None:
+    """t165: the label was counted, then stored in a second call; one that failed (timed out,
+    refused) was a 503 all the same counted, so a client retrying it three times got a 409 with no
+    label kept. Here Redis refuses the write for real: the tenant's labels key holds no list."""
+    request_id = _ask(gateway, "erin", "taught", "Say hello to my neighbour for me.").headers["x-request-id"]
+    body = {"request_id": request_id, "thumbs": "down"}
+    with redis.Redis.from_url(redis_server.url) as direct:
+        direct.set(keyspace.routing_labels("e"), b"not a list")
+        try:
+            for _ in range(MAX_LABELS_PER_REQUEST):
+                refused = httpx.post(f"{gateway.base_url}/feedback", json=body, headers={"x-api-key": KEYS["erin"]})
+                assert refused.status_code == 503 and refused.json()["error"]["code"] == "feedback_unavailable"
+                assert refused.headers["retry-after"] == "5"  # as limiter_unavailable's: the SDKs retry after it
+        finally:
+            direct.delete(keyspace.routing_labels("e"))
+    for thumbs in ("down", "up", "down"):
+        labelled = _feedback(gateway, "erin", {**body, "thumbs": thumbs})
+        assert labelled.status_code == 200, labelled.text
+    assert _feedback(gateway, "erin", body).status_code == 409
+    assert [e.needed_large for e in _labels(redis_server, "e")] == [True, False, True]
+
+
+async def test_a_label_whose_write_timed_out_is_counted_and_kept_together(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """t165: Redis paused (SIGSTOP) while a label is written: the write times out and Redis runs
+    it when it goes on. Counted in one call and kept in another, the count ran and the label did
+    not: the request's three labels were counted with two kept. Now each label counted is kept."""
+    server = start_embedded_redis(tmp_path_factory.mktemp("paused-redis"))
+    shared = SharedRedis(connect(server.url, timeout_s=2), Metrics())
+    store = LearningStore(RedisKeyValue(shared))
+    trace = RoutingTrace.of("k", "taught", "small", 0.2, np.ones(384), np.ones(12))
+    try:
+        # another request's label first: connected, and the script loaded (a write Redis runs late)
+        assert await store.add_counted_label("t", LabelledExample.of("r0", trace, True, "feedback", False), 100, 1, 3)
+        example = LabelledExample.of("r1", trace, True, "feedback", False)
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreTimedOut):
+                await store.add_counted_label("t", example, 100, 1, at_most=3)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        for _ in range(6):  # as a client retries its 503, until the 409
+            try:
+                if not await store.add_counted_label("t", example, 100, 1, at_most=3):
+                    break
+            except StoreUnavailable:  # Redis taken for down a moment after the timeout
+                await asyncio.sleep(0.5)
+        with redis.Redis.from_url(server.url) as direct:
+            counted = float(direct.get(keyspace.routing_label_count("t", "r1")) or 0)
+        assert counted == len([e for e in await store.labels("t") if e.request_id == "r1"]) == 3
+    finally:
+        await shared.aclose()
+        server.stop()
 
 
 def _feedback_counts(gateway: GatewayProcess) -> dict[str, float]:

@@ -117,6 +117,21 @@ return deleted
 """Run by a full Redis too: a delete frees memory, and the mark that keeps a late write out
 (``keep_out_s``) is a few bytes."""
 
+_APPEND_COUNTED = """#!lua
+local count = tonumber(redis.call('GET', KEYS[2]) or '0')
+if count == nil then return redis.error_reply('ERR the count is not a number') end
+if count >= tonumber(ARGV[5]) then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('INCRBYFLOAT', KEYS[2], 1)
+redis.call('EXPIRE', KEYS[2], ARGV[4], 'NX')
+return 1
+"""
+"""A script runs whole unless a command in it fails, and what ran before stays: the commands that
+can fail (a key holding another type) come before any write, and a full Redis refuses it whole
+(the shebang). ``INCRBYFLOAT``: the count is the one :meth:`add_float` kept, as older gateways keep it."""
+
 
 class RedisKeyValue:
     def __init__(self, redis: SharedRedis) -> None:
@@ -128,6 +143,7 @@ class RedisKeyValue:
         self._put_bounded = client.register_script(_PUT_BOUNDED) if client is not None else None
         self._get_bounded = client.register_script(_GET_BOUNDED) if client is not None else None
         self._delete_bounded = client.register_script(_DELETE_BOUNDED) if client is not None else None
+        self._append_counted = client.register_script(_APPEND_COUNTED) if client is not None else None
 
     async def get(self, key: str, timeout_s: float) -> bytes | None:
         raw = await self._redis.call(lambda r: r.get(key), timeout_s)
@@ -235,6 +251,16 @@ class RedisKeyValue:
                 await pipe.execute()
 
         await self._redis.call(write, timeout_s)
+
+    async def append_counted(
+        self, key: str, value: bytes, max_len: int, ttl_s: int, counter: str, counter_ttl_s: int, at_most: int,
+        timeout_s: float,
+    ) -> bool:  # fmt: skip
+        script = self._append_counted
+        if script is None:
+            raise StoreUnavailable
+        args: list[bytes | int | str] = [value, max_len, ttl_s, counter_ttl_s, at_most]
+        return bool(await self._redis.call(lambda r: script(keys=[key, counter], args=args), timeout_s))
 
     async def read_list(self, key: str, timeout_s: float) -> list[bytes]:
         items = await self._redis.call(lambda r: r.lrange(key, 0, -1), timeout_s)
