@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from gateway.cli import calibrate, check, keys, report, route, router, serve
 from gateway.cli._stdout import stdout_gone
@@ -20,9 +21,20 @@ __all__ = ["main"]
 _COMMANDS = (serve, check, keys, report, route, calibrate, router)
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser, which refuses what it does not take with its own usage: argparse hands
+    a subcommand's leftovers up to the top level, whose usage says nothing of the command's (t166)."""
+
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+        parsed, extras = super().parse_known_args(*args, **kwargs)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway", description="OpenAI-compatible LLM routing gateway")
-    subcommands = parser.add_subparsers(dest="command", required=True)
+    subcommands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     for command in _COMMANDS:
         command.register(subcommands)
     args = parser.parse_args(argv)

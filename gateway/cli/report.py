@@ -69,7 +69,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit status 0; 2 for arguments it cannot use; 1 when a log cannot be read or the chart cannot be drawn; else :data:`DAMAGED_LOG`
+    """Exit status 0; 2 for arguments it cannot use; 1 when a log cannot be read, holds no line that reads as a
+    request line but malformed ones (not a request log), or the chart cannot be drawn; else :data:`DAMAGED_LOG`
     when a gzipped log was damaged (the table is printed all the same)."""
     if args.since and args.until and args.since >= args.until:
         print("report: --since must be before --until", file=sys.stderr)
@@ -83,6 +84,15 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"report: cannot read {path}: {exc}", file=sys.stderr)
             return 1
+    if not (aggregator.requests or aggregator.out_of_period) and aggregator.malformed:
+        # t166: a YAML file or a serve's stderr read as a log of no requests, exit 0
+        print(
+            f"report: {', '.join(args.logs)}: not a request log: no line of it reads as a request line "
+            f"({aggregator.malformed:,} malformed, {aggregator.ignored:,} other events); the policy's "
+            "request_log.path names the log",
+            file=sys.stderr,
+        )
+        return 1
     try:
         sys.stdout.write(render(aggregator, args.by, args.format))
         sys.stdout.flush()

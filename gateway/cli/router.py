@@ -120,8 +120,12 @@ async def _run(args: argparse.Namespace) -> int:
     redis = SharedRedis(client, Metrics())
     kv = redis_store(redis).kv
     scope = None if args.pooled else args.tenant[0]
-    pools = None if scope is None or args.router_command == "learn" else _pools(args.policies)
     try:
+        pools = None
+        if scope is not None and args.router_command != "learn":
+            pools = _pools(args.policies)
+            if pools is None:  # t166: it answered without it, exit 0; route, calibrate and keys exit 1
+                return 1
         if args.router_command == "status":
             print(json.dumps(await _status(kv, scope, await active_version(kv, scope), pools)))
             return 0
@@ -144,16 +148,18 @@ async def _run(args: argparse.Namespace) -> int:
 
 def _pools(path: str) -> bool | None:
     """Whether a route of the policy at ``path`` pools labels (``learning.scope: global``): the
-    pooled router serves no other; None when the file cannot be read (said on stderr)."""
+    pooled router serves no other; None when the file cannot be read or is invalid (said on stderr)."""
+    from gateway.cli.check import report_invalid
     from gateway.config.loader import load_policy
     from gateway.errors import ConfigError
 
     try:
         policy = load_policy(path, unset_ok=True).policy
     except ConfigError as exc:
+        report_invalid(exc)
         print(
-            f"{path}: not read ({exc.problems[0] if exc.problems else 'invalid'}): pooled_routes names the pooled "
-            "router, which serves only routes with learning.scope: global (give --policies)",
+            "--policies tells which routes the pooled router serves (learning.scope: global): give the "
+            "gateway's policy file",
             file=sys.stderr,
         )
         return None

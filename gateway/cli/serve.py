@@ -150,6 +150,11 @@ def run(args: argparse.Namespace) -> int:
                 _say_problems(f"{exc.source} is invalid:", exc.problems, args.policies)
                 fallback = _policy_last_accepted(args.policies, args.data_dir)
                 if fallback is None:
+                    if _only_unset_model_urls(exc.problems) and _simulator_installed():
+                        _say(
+                            "hint: --simulate-missing (what `make run` passes) starts simulated upstreams for "
+                            "SMALL_MODEL_URL and LARGE_MODEL_URL when they are unset"
+                        )
                     return 2
                 loaded, kept, on_kept = fallback
         log = loaded.policy.request_log
@@ -426,6 +431,15 @@ def _simulator_installed() -> bool:
             raise
         return False
     return True
+
+
+_UNSET_MODEL_URL = re.compile(r".*: environment variable (SMALL|LARGE)_MODEL_URL is not set and has no default .*")
+"""A problem ``--simulate-missing`` solves, as the loader words it."""
+
+
+def _only_unset_model_urls(problems: list[str]) -> bool:
+    """Whether every problem is a model URL ``--simulate-missing`` would start a simulator for (t166)."""
+    return bool(problems) and all(_UNSET_MODEL_URL.fullmatch(problem) for problem in problems)
 
 
 def _listen_problem(host: str, port: int) -> str | None:

@@ -84,14 +84,15 @@ def render_json(aggregator: Aggregator, by: Sequence[str]) -> str:
 
 
 def render_csv(aggregator: Aggregator, by: Sequence[str]) -> str:
-    """One header line and one line per group; no totals row, so the file sums cleanly."""
+    """One header line and one line per group; no totals row, so the file sums cleanly. A missing
+    model or route is ``-``, as in the table (t166); a figure there is none of is empty."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([*by, *(name for name, _ in _COLUMNS)])
     for group, totals in aggregator.rows(by):
         figures = _json_figures(totals)
-        values = [*group, *(figures[name] for name, _ in _COLUMNS)]
-        writer.writerow(["" if v is None else v for v in values])
+        values = [figures[name] for name, _ in _COLUMNS]
+        writer.writerow([*(_label(v) for v in group), *("" if v is None else v for v in values)])
     return buffer.getvalue()
 
 

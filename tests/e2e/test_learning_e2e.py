@@ -593,6 +593,17 @@ def test_a_rollback_with_nothing_to_roll_back_says_so(redis_server: EmbeddedRedi
         assert json.loads(rolled.stdout)["active"] is None
 
 
+def test_status_and_rollback_refuse_a_policy_file_they_cannot_read(redis_server: EmbeddedRedis, tmp_path: Path) -> None:
+    """t166: ``status --policies nope.yaml`` said the file was not read, then answered, exit 0,
+    where route, calibrate and keys exit 1 on a --policies they cannot read."""
+    missing = tmp_path / "nope.yaml"
+    for command in ("status", "rollback"):
+        refused = _learn(redis_server, command, "--tenant", "a", "--policies", str(missing))
+        assert refused.returncode == 1, refused.stderr
+        assert refused.stdout == "" and "nothing to roll back" not in refused.stderr
+        assert f"{missing}: invalid\n  - cannot read the file: No such file or directory\n" in refused.stderr
+
+
 def test_learning_refuses_a_candidate_that_is_not_better(gateway: GatewayProcess, redis_server: EmbeddedRedis) -> None:
     # labels by feedback that carry no pattern: every third one says "needed large"
     for i, prompt in enumerate(PROMPTS[:48]):

@@ -366,10 +366,14 @@ def test_cli_csv(synthetic: SyntheticLog, log_file: Path, capsys: pytest.Capture
     out = capsys.readouterr()
     table = list(csv.DictReader(io.StringIO(out.out)))
     assert list(table[0])[:4] == ["day", "route", "requests", "errors"]
+    assert all(row["route"] for row in table)  # t166: a missing route is "-", as the table prints it
     rows = {
-        (row["day"], row["route"] or None): {k: float(v) for k, v in row.items() if k not in ("day", "route") and v}
+        (row["day"], None if row["route"] == "-" else row["route"]): {
+            k: float(v) for k, v in row.items() if k not in ("day", "route") and v
+        }
         for row in table
     }  # fmt: skip
+    assert any(route is None for _, route in rows)
     expected = _reference(synthetic.records, ("day", "route"))
     assert set(rows) == set(expected)
     for group, figures in expected.items():
@@ -491,6 +495,32 @@ def test_bad_arguments(log_file: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "cannot read" in capsys.readouterr().err
     with pytest.raises(ValueError):
         parse_dimensions("day,day")
+
+
+def test_a_file_that_is_no_request_log_exits_1(
+    log_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """t166: a YAML file, or a serve's stderr, gave a table of zeros and exit 0."""
+    stderr = tmp_path / "serve.err"
+    stderr.write_text(
+        "[gateway] policy policies.yaml version 3e38e763051f; auth OFF\n"
+        + json.dumps({"event": "event_loop", "level": "info", "ts": "2026-03-01T00:00:00Z"})
+        + "\n"
+    )
+    policy = tmp_path / "policies.yaml"
+    policy.write_text("pair: {small: s, large: l}\nmodels: {}\n")
+    for path in (stderr, policy):
+        for fmt in ("table", "json"):
+            assert cli_main(["report", str(path), "--format", fmt]) == 1
+            out = capsys.readouterr()
+            assert out.out == "", out.out
+            assert f"report: {path}: not a request log: no line of it reads as a request line" in out.err, out.err
+    # an empty log, and a log with no request in the period, are no such mistake
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert cli_main(["report", str(empty)]) == 0
+    assert cli_main(["report", str(log_file), "--since", "2030-01-01"]) == 0
+    assert "not a request log" not in capsys.readouterr().err
 
 
 def test_the_report_command_registers_like_every_command() -> None:

@@ -467,6 +467,29 @@ def test_a_redis_maxmemory_that_bounds_nothing_is_refused_before_anything_starts
     assert "SIMULATED" not in done.stderr and "Traceback" not in done.stderr
 
 
+def test_unset_model_urls_point_to_simulate_missing_and_other_problems_do_not(tmp_path: Path) -> None:
+    """t166: the shipped policy without SMALL_MODEL_URL and LARGE_MODEL_URL listed them unset, exit 2,
+    with no word of --simulate-missing, which `make run` passes."""
+    shipped = (Path(__file__).resolve().parents[2] / "policies.yaml").read_text()
+    hint = "--simulate-missing (what `make run` passes) starts simulated upstreams"
+    env = {name: value for name, value in os.environ.items() if name not in ("SMALL_MODEL_URL", "LARGE_MODEL_URL")}
+    env["REDIS_URL"] = "redis://127.0.0.1:1"
+    for name, text, hinted in (
+        ("shipped.yaml", shipped, True),
+        ("typo.yaml", shipped.replace("pair:", "pairs:", 1), False),  # --simulate-missing would not start it
+    ):
+        policy = tmp_path / name
+        policy.write_text(text)
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--policies", str(policy), "--port", "0",
+             "--data-dir", str(tmp_path / "data")],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "environment variable SMALL_MODEL_URL is not set" in done.stderr, done.stderr
+        assert (hint in done.stderr) is hinted, done.stderr
+
+
 def test_a_data_dir_the_private_redis_cannot_use_is_a_clear_line_and_exit_2(tmp_path: Path) -> None:
     """t134: a --data-dir that is a regular file (or in /proc) ended in mkdir's traceback, exit 1."""
     (tmp_path / "a-file").write_text("")

@@ -501,3 +501,34 @@ def test_revoke_takes_a_key_out_of_a_key_file_another_line_of_which_is_invalid(
     assert f"no policy in force found (the auth section of {kept} is invalid: auth.mode (line 8)" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "extra"),
+    [
+        (["check", "--bogus", "policies.yaml"], "python -m gateway check", "--bogus"),
+        (["keys", "new", "--tenant", "team-a", "--id", "a", "b"], "python -m gateway keys new", "b"),
+        (["keys", "--bogus", "new", "--tenant", "team-a"], "python -m gateway keys", "--bogus"),
+        (["router", "status", "--tenant", "a", "--bogus"], "python -m gateway router status", "--bogus"),
+        (["report", "log.jsonl", "--bogus"], "python -m gateway report", "--bogus"),
+    ],
+)
+def test_an_argument_a_command_does_not_take_is_refused_with_that_commands_usage(
+    argv: list[str], usage: str, extra: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """t166: the top level's usage (`python -m gateway [-h] {serve,check,...}`) was printed instead."""
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    err = capsys.readouterr().err
+    assert refused.value.code == 2
+    assert err.startswith(f"usage: {usage} ") and f"{usage}: error: unrecognized arguments: {extra}\n" in err, err
+
+
+@pytest.mark.parametrize("given", ["", "  "])
+def test_an_empty_key_id_is_refused_not_made_up(policy: Path, given: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """t166: ``--id ''`` made an id from the tenant, as if --id had been left out."""
+    with pytest.raises(SystemExit) as refused:
+        _new(policy, "--id", given)
+    assert refused.value.code == 2
+    assert "argument --id: empty: leave --id out for one made from the tenant" in capsys.readouterr().err
+    assert not (policy.parent / "keys.yaml").exists()

@@ -527,7 +527,7 @@ def test_status_reads_which_routes_pool_from_the_policy(tmp_path: Path, capsys: 
         policy.write_text(_POLICY.format(scope=scope))
         assert _pools(str(policy)) is pools
     assert _pools(str(tmp_path / "none.yaml")) is None
-    assert "pooled_routes names the pooled router" in capsys.readouterr().err
+    assert "--policies tells which routes the pooled router serves" in capsys.readouterr().err
 
 
 async def test_learn_global_counts_a_relabelled_request_left_out_once(capsys: pytest.CaptureFixture[str]) -> None:
