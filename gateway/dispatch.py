@@ -88,7 +88,8 @@ async def dispatch(
     its total timeout run out) move on to the next model.
 
     The error raised when every model failed says ``x-should-retry: false`` when the route's
-    retries or fallbacks are spent (the SDKs' own retries would multiply them) or the upstream
+    retries or fallbacks are spent (the SDKs' own retries would multiply them), every model was
+    skipped for its open circuit (their retries would find it open again: t166) or the upstream
     asked for a wait too long to make; the ``Retry-After`` still says when. One no retry can
     change (the gateway's own key refused) says so from its first attempt (:class:`UpstreamStatusError`).
 
@@ -151,7 +152,7 @@ async def dispatch(
         verdicts.record()
     error = last_error or skipped  # a skip alone: no model was called, its circuit is the answer
     assert error is not None
-    if info.attempts > 1 or _waits_too_long(retry, error):
+    if info.attempts > 1 or error is skipped or _waits_too_long(retry, error):
         error.headers["x-should-retry"] = "false"
     raise error
 

@@ -320,7 +320,10 @@ class RuntimeHolder:
             if loaded.version == self.current.version:
                 if loaded.source != self.current.loaded.source:  # started on the policy last accepted: the file is it
                     self._runtime = replace(self.current, loaded=replace(self.current.loaded, source=loaded.source))
-                self._clear_rejection(reason, loaded.version, by="reverted")  # e.g. a rejected edit was put back
+                cleared = self._clear_rejection(reason, loaded.version, by="reverted")  # e.g. a rejected edit put back
+                # A SIGHUP's sender can tell it arrived (t166); the file's watch stays quiet.
+                if not cleared and reason not in _UNASKED_RELOADS:
+                    _log.info("policy_unchanged", reason=reason, version=loaded.version)
                 return True
             old = self.current
             new = self._build(loaded, previous=old)
@@ -336,14 +339,16 @@ class RuntimeHolder:
                 _log.warning("policy_warning", detail=warning)
             return True
 
-    def _clear_rejection(self, reason: str, version: str, *, by: Literal["reverted", "new_version"]) -> None:
+    def _clear_rejection(self, reason: str, version: str, *, by: Literal["reverted", "new_version"]) -> bool:
         """Forget the last rejected edit, and say so when there was one: an alert on
         ``policy_rejected`` resolves on ``policy_rejection_cleared``, whether the edit was put
-        back (t66) or fixed in a new version (t69). ``by`` says which."""
-        if self._rejected is not None or self.last_reload_error is not None:
+        back (t66) or fixed in a new version (t69). ``by`` says which. True when it said so."""
+        said = self._rejected is not None or self.last_reload_error is not None
+        if said:
             _log.info("policy_rejection_cleared", reason=reason, version=version, by=by)
         self._rejected = None
         self.last_reload_error = None
+        return said
 
     async def _rejected_edit(
         self,

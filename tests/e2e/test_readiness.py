@@ -75,6 +75,7 @@ def test_metrics_are_prometheus_text(gateway: GatewayProcess, small_upstream: Si
     assert "gateway_redis_up 1.0" in text.splitlines()
     version = httpx.get(f"{gateway.url}/readyz", timeout=5).json()["policy"]["version"]
     assert f'gateway_policy_info{{version="{version}"}} 1.0' in text.splitlines()
+    assert "_created" not in text  # t166: prometheus_client's own series, which the README does not list
     # Every sample line parses as "<name>{labels} <float>".
     for line in text.splitlines():
         if line and not line.startswith("#"):

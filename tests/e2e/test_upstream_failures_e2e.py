@@ -412,6 +412,43 @@ def test_a_fallback_skipped_for_its_open_circuit_is_not_the_model_that_failed(
         gateway.stop()
 
 
+def test_the_sdks_do_not_retry_a_model_skipped_for_its_open_circuit(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t166: the 502 ``upstream_unavailable`` of a route whose every model was skipped (its circuit
+    open) said nothing of retrying, so both SDKs asked twice more, only to find the circuit open again."""
+    policy = policy_text(small_upstream, large_upstream, breaker="{min_requests: 1, reset_after_s: 60}")
+    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url})
+    gpt = openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=2, timeout=10)
+    claude = anthropic.Anthropic(base_url=gateway.url, api_key="sk-unused", max_retries=2, timeout=10)
+    said: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+    asked: list[anthropic.types.MessageParam] = [{"role": "user", "content": "hi"}]
+    asks: list[Callable[[], object]] = [
+        lambda: gpt.chat.completions.create(model="small", messages=said),
+        lambda: gpt.chat.completions.create(model="small", messages=said, stream=True),
+        lambda: claude.messages.create(model="small", max_tokens=20, messages=asked),
+        lambda: claude.messages.create(model="small", max_tokens=20, messages=asked, stream=True),
+    ]
+    try:
+        inject(small_upstream, {"status": 500}, {"status": 500})
+        assert _chat(gateway, model="small").status_code == 502  # small alone failed: its circuit opens
+        called = upstream_stats(small_upstream)["chat_requests"]
+        for asked_so_far, ask in enumerate(asks, start=1):
+            with pytest.raises((openai.APIStatusError, anthropic.APIStatusError)) as caught:
+                ask()
+            skipped = caught.value
+            assert isinstance(skipped, openai.APIStatusError | anthropic.APIStatusError)
+            assert skipped.status_code == 502 and skipped.response.headers.get("x-should-retry") == "false"
+            gateway.wait_for_record(skipped.response.headers["x-request-id"])  # lines are written in order
+            answered = [r for r in gateway.log_records() if r.get("error_type") == "upstream_unavailable"]
+            assert len(answered) == asked_so_far  # no retry of the SDK's
+        assert upstream_stats(small_upstream)["chat_requests"] == called  # skipped, never called
+    finally:
+        gpt.close()
+        claude.close()
+        gateway.stop()
+
+
 @pytest.mark.parametrize(
     "fault",
     [

@@ -108,6 +108,13 @@ def test_sighup_to_the_main_process_reloads_every_worker_in_place(
     try:
         workers = sorted(_worker_pids(gateway.process.pid))
         old = httpx.get(f"{gateway.url}/readyz").json()["policy"]["version"]
+        os.kill(gateway.process.pid, signal.SIGHUP)  # t166: on the file as it is, each worker says the signal came
+        unchanged: list[int] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sorted(unchanged) != workers:
+            unchanged = [record["pid"] for record in gateway.ops_records("policy_unchanged")]
+            time.sleep(0.05)
+        assert sorted(unchanged) == workers
         gateway.policy_path.write_text(
             policy.replace("fast: {model: small, fallbacks: [large]}", "fast: {model: large}")
         )

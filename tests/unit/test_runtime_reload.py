@@ -577,3 +577,20 @@ async def test_a_rejected_edit_fixed_in_a_new_version_says_so_in_the_log(
 def _cleared(log: str) -> str:
     (line,) = [line for line in log.splitlines() if "policy_rejection_cleared" in line]
     return line
+
+
+async def test_a_reload_asked_for_on_an_unchanged_file_says_so_once(
+    make_harness: MakeHarness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """t166: a SIGHUP on an unchanged policies.yaml logged nothing, so an operator could not tell
+    the signal had arrived. A reload the file's watch makes on its own stays quiet (no spam)."""
+    harness = await make_harness()
+    holder = harness.holder
+    version = holder.current.version
+    capsys.readouterr()
+    assert await holder.reload("SIGHUP", settle=False)
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "policy_" in line]
+    assert "policy_unchanged" in line and f"version={version}" in line and "reason=SIGHUP" in line
+    holder.path.touch()
+    assert await holder.reload("file changed", settle=False)
+    assert "policy_" not in capsys.readouterr().out
