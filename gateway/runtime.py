@@ -203,6 +203,16 @@ def _with_key_file_now(accepted: LoadedPolicy, base_dir: Path, reason: str) -> _
     return _KeyFileNow(loaded, "in force" if loaded.version == accepted.version else "applied", [], [])
 
 
+def _judged(path: Path, current: LoadedPolicy, auth_required: bool) -> LoadedPolicy:
+    """The file, read and held to the rules of a reload: all in one thread, since a policy of some
+    thousand tenants takes seconds of CPU that on the event loop held every request (t164)."""
+    loaded = load_policy(path)
+    if loaded.version != current.version:  # the same bytes leave out nothing: an unchanged SIGHUP is cheap
+        refuse_weakening_by_omission(current, loaded)
+    _refuse_auth_off(loaded, auth_required)
+    return loaded
+
+
 def _needs_restart() -> None:
     _log.warning("policy_needs_restart", section="request_log", detail="applies when the gateway restarts")
 
@@ -307,9 +317,8 @@ class RuntimeHolder:
                 return False
             try:
                 files = self._files_read = self._file_identities()
-                loaded = await asyncio.to_thread(load_policy, self.path)
-                refuse_weakening_by_omission(self.current.loaded, loaded)
-                _refuse_auth_off(loaded, self.auth_required)
+                # under the reload lock: what it is judged against is still in force when it is installed
+                loaded = await asyncio.to_thread(_judged, self.path, self.current.loaded, self.auth_required)
             except ConfigError as exc:
                 await self._rejected_edit(reason, exc.problems, quiet=reason in _UNASKED_RELOADS, files=files)
                 return False

@@ -30,9 +30,10 @@ def refuse_weakening_by_omission(current: LoadedPolicy, new: LoadedPolicy) -> No
                 for name in dropped
             ],
         )
-    unset = _settings_left_out(current, new)
+    key_ids = _key_ids(new.policy)
+    unset = _settings_left_out(current, new, key_ids)
     if unset:
-        raise ConfigError(new.source, [_left_out(path, current.policy, new.policy) for path in unset])
+        raise ConfigError(new.source, [_left_out(path, current.policy, new.policy, key_ids) for path in unset])
     if current.key_file_keys and new.policy.auth.key_file and new.key_file_keys is None:
         raise ConfigError(
             new.source,
@@ -44,7 +45,9 @@ def refuse_weakening_by_omission(current: LoadedPolicy, new: LoadedPolicy) -> No
         )
 
 
-def _settings_left_out(current: LoadedPolicy, new: LoadedPolicy) -> list[tuple[str, ...]]:
+def _settings_left_out(
+    current: LoadedPolicy, new: LoadedPolicy, key_ids: dict[str, list[str]]
+) -> list[tuple[str, ...]]:
     """Guarded settings the new file leaves out where the default differs from the value in force.
 
     t57: a file cut inside ``cache:`` (just after ``exact:``) turned semantic hits back on. A
@@ -54,29 +57,31 @@ def _settings_left_out(current: LoadedPolicy, new: LoadedPolicy) -> list[tuple[s
     setting left out is no limit; a tenant's whole entry counts only while something still uses it.
     """
     written = new.guarded
-    emptied = {path for path in written if not any(len(p) > len(path) and p[: len(path)] == path for p in written)}
-    unset: list[tuple[str, ...]] = []
+    # each written path against its own prefixes, not against every other path (t164: quadratic,
+    # a reload of 2,000 tenants held every worker for seconds)
+    emptied = written - {path[:depth] for path in written for depth in range(1, len(path))}
+    unset: dict[tuple[str, ...], None] = {}  # in order, and looked up by prefix
     for path in sorted(current.guarded - written):  # a mapping sorts before the settings in it
         if any(path[:depth] in emptied for depth in range(1, len(path))):
             continue
         if any(_setting(new.policy, (*path[:depth], "enabled")) is False for depth in range(1, len(path))):
             continue  # `cache: {enabled: false}` leaves nothing in it to weaken
-        if any(path[: len(above)] == above for above in unset):
+        if any(path[:depth] in unset for depth in range(1, len(path))):
             continue
-        if _retired(path, new.policy):
+        if _retired(path, new.policy, key_ids):
             continue
         if _setting(current.policy, path) != _setting(new.policy, path):
-            unset.append(path)
-    return unset
+            unset[path] = None
+    return list(unset)
 
 
-def _left_out(path: tuple[str, ...], current: Policy, new: Policy) -> str:
+def _left_out(path: tuple[str, ...], current: Policy, new: Policy, key_ids: dict[str, list[str]]) -> str:
     """What a setting left out would change, and what to write (t66: ops putting an override
     back to its default had no way out shown)."""
     name, where, leaf = ".".join(path), ".".join(path[:-1]), path[-1]
     if path[0] == "tenants" and len(path) == 2:
         return (
-            f"`{name}` is missing while the policy in force sets it, and {_users(new, leaf)}: left out, no tenant "
+            f"`{name}` is missing while the policy in force sets it, and {_users(new, leaf, key_ids)}: left out, no tenant "
             f"limits apply; write `{leaf}: {{}}` under `tenants` to mean that (a tenant no key names may be left out)"
         )
     was, default = _setting(current, path), _setting(new, path)
@@ -97,22 +102,30 @@ def _yaml(value: object) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _retired(path: tuple[str, ...], new: Policy) -> bool:
+def _retired(path: tuple[str, ...], new: Policy, key_ids: dict[str, list[str]]) -> bool:
     """A tenant's entry the new file leaves out, with no key left to name it (retired, or renamed
     with its keys): its limits no longer apply to anyone, so leaving them out weakens nothing."""
-    return path[0] == "tenants" and len(path) > 1 and path[1] not in new.tenants and not _users(new, path[1])
+    return path[0] == "tenants" and len(path) > 1 and path[1] not in new.tenants and not _users(new, path[1], key_ids)
 
 
-def _users(policy: Policy, tenant: str) -> str:
+def _users(policy: Policy, tenant: str, key_ids: dict[str, list[str]]) -> str:
     """Who a tenant's limits apply to, said as a clause ("" for no one): its keys, or every request
     while auth is off (``gateway.auth.ANONYMOUS`` is tenant ``default``)."""
     if policy.auth.mode == "none":
         return "auth mode none puts every request under it" if tenant == "default" else ""
-    ids = [key.id for key in policy.auth.keys if key.tenant == tenant]
+    ids = key_ids.get(tenant, [])
     if not ids:
         return ""
     shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
     return f"key{'s' if len(ids) > 1 else ''} {shown} still name{'' if len(ids) > 1 else 's'} it"
+
+
+def _key_ids(policy: Policy) -> dict[str, list[str]]:
+    """Each tenant's key ids, in the file's order: looked up per tenant, not searched for each."""
+    ids: dict[str, list[str]] = {}
+    for key in policy.auth.keys:
+        ids.setdefault(key.tenant, []).append(key.id)
+    return ids
 
 
 def _setting(policy: Policy, path: tuple[str, ...]) -> object:

@@ -535,6 +535,72 @@ def test_the_default_tenant_left_out_with_auth_off_is_refused() -> None:
     refuse_weakening_by_omission(current, load_policy_text(_tenants_last("  default: {}\n", open_policy)))
 
 
+def _many_tenants(entry: str, count: int = 2000, keys: str = "") -> str:
+    """POLICY with ``keys`` added to its keys, and ``tenants:`` last with ``count`` tenants ``t0000``...
+    each written as ``entry``."""
+    tenants = "".join(f"  t{n:04}: {entry}\n" for n in range(count))
+    return POLICY.replace(_TENANTS, "").replace("  keys:\n", "  keys:\n" + keys) + "tenants:\n" + tenants
+
+
+def test_the_guard_gives_the_same_verdicts_over_thousands_of_tenants() -> None:
+    """t164: the guard held each path against every other, and a SIGHUP with 2,000 tenants held
+    every worker for 6 s. It says the same of each setting left out as it did."""
+    from gateway.config.guard import refuse_weakening_by_omission
+
+    keys = "".join(
+        f'    - {{id: {name}, tenant: {tenant}, hash: "{hash_key("sk-" + name)}"}}\n'
+        for name, tenant in (("k0007", "t0007"), ("k1500", "t1500"), ("k1999a", "t1999"), ("k1999b", "t1999"))
+    )
+    limited = "{limits: {rpm: 5, usd_per_day: 10}}"
+    current = load_policy_text(_many_tenants(limited, keys=keys))
+    refuse_weakening_by_omission(current, load_policy_text(_many_tenants(limited, keys=keys) + "# touched\n"))
+    for emptied in ("{}", "{limits: {}}"):
+        refuse_weakening_by_omission(current, load_policy_text(_many_tenants(emptied, keys=keys)))
+    refuse_weakening_by_omission(current, load_policy_text(POLICY.replace(_TENANTS, "tenants: {}\n")))
+    with pytest.raises(ConfigError) as refused:
+        refuse_weakening_by_omission(current, load_policy_text(_many_tenants("{limits: {usd_per_day: 10}}", keys=keys)))
+    assert refused.value.problems == [
+        f"`tenants.t{n:04}.limits.rpm` is missing while the policy in force sets it to `5`, and left out it would be "
+        f"`null` (no limit): write `rpm: null` under `tenants.t{n:04}.limits` for the default (or `limits: {{}}` for "
+        f"all of `tenants.t{n:04}.limits`'s defaults), or `rpm: 5` to keep it"
+        for n in range(2000)
+    ]
+    cut = _many_tenants(limited, keys=keys)
+    with pytest.raises(ConfigError) as refused:  # cut inside the tenants: only those a key names count
+        refuse_weakening_by_omission(current, load_policy_text(cut[: cut.index("  t1000:")]))
+    assert refused.value.problems == [
+        f"`tenants.{tenant}` is missing while the policy in force sets it, and {users}: left out, no tenant limits "
+        f"apply; write `{tenant}: {{}}` under `tenants` to mean that (a tenant no key names may be left out)"
+        for tenant, users in (("t1500", "key k1500 still names it"), ("t1999", "keys k1999a, k1999b still name it"))
+    ]
+
+
+async def test_a_reload_judges_a_changed_file_off_the_event_loop(
+    make_harness: MakeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """t164: the guard ran on the event loop, and a reload of 2,000 tenants held /healthz for 6 s;
+    an unchanged file (a SIGHUP, a touch) paid it too, for nothing."""
+    from gateway import runtime
+    from gateway.config.guard import refuse_weakening_by_omission as guard
+    from gateway.config.loader import LoadedPolicy
+
+    judged_in: list[str] = []
+
+    def watched(current: LoadedPolicy, new: LoadedPolicy) -> None:
+        judged_in.append(threading.current_thread().name)
+        guard(current, new)
+
+    monkeypatch.setattr(runtime, "refuse_weakening_by_omission", watched)
+    harness = await make_harness()
+    holder = harness.holder
+    assert await holder.reload("SIGHUP", settle=False)
+    assert judged_in == []  # the same bytes: nothing to hold them to
+    holder.path.write_text(POLICY + "# touched\n")
+    assert await holder.reload("file changed", settle=False)
+    assert judged_in and threading.current_thread().name not in judged_in
+    assert holder.current.version == load_policy_text(POLICY + "# touched\n").version
+
+
 async def test_a_rejected_edit_put_back_says_so_in_the_log(
     make_harness: MakeHarness, capsys: pytest.CaptureFixture[str]
 ) -> None:
