@@ -3,8 +3,9 @@
 Only comparisons that a paraphrase keeps and an answer-changing edit breaks, reliably
 enough to decide alone (measured in ``docs/semantic-cache.md``):
 
-* ``numbers``: the numbers in order, with their signs, as digits ("twenty-one" = "21",
-  "80,000" = "80000", "5.00" = "5", "- 14" = "−14" = "-14"). A paraphrase keeps every
+* ``numbers``: the numbers in order, with their signs, as digits, every one of them ("twenty-one"
+  = "21", "80,000" = "80000", "5.00" = "5", "- 14" = "−14" = "-14"; "电话13812345678": a digit
+  right after a Chinese, Japanese, Korean or Thai letter starts one). A paraphrase keeps every
   number; a near miss changes one, drops one or swaps two. Order counts only within a
   sentence-free list of numbers, so a paraphrase that moves a clause ("at 4 pm, 3 of
   us" / "3 of us at 4 pm") is compared as a multiset *and* the pairs that keep their
@@ -75,6 +76,7 @@ import unicodedata
 from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass
+from decimal import MAX_PREC, Context, Decimal, InvalidOperation
 from functools import lru_cache
 
 __all__ = [
@@ -123,8 +125,16 @@ _WORD_VALUE = {w: i for i, w in enumerate(_UNITS)} | {w: 20 + 10 * i for i, w in
 _NUMBER_WORDS = re.compile(
     r"\b(?:(" + "|".join(_TENS) + r")[- ](" + "|".join(_UNITS[1:10]) + r")|(" + "|".join(_WORD_VALUE) + r"))\b", re.I
 )
-# a sign is "-14" anywhere, "- 14" after "=", "(" or ":" and not a "- " list bullet
-_NUMBER = re.compile(r"(?<![\w.])(?:(?:^|(?<=[\s(=:\[]))-(?=\d)|(?<=[=(:]) ?- )?\d+(?:[.,]\d+)*", re.M)
+# Letters that make words without spaces between them (Chinese, Japanese, Korean, Thai)
+_UNSPACED_LETTERS = "\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\u0e00-\u0e7f"
+# A number starts after no word character, but a letter of those scripts ("电话13812345678", "注文番号は58213";
+# Hangul as the jamo ``_fold`` decomposes it into): after a Latin or Cyrillic one a digit is part of a
+# word ("a72b1428", "м2"), the identifiers rule's. A sign is "-14" anywhere, "- 14" after "=", "(" or ":"
+# and not a "- " list bullet.
+_NUMBER = re.compile(
+    rf"(?<![^\W{_UNSPACED_LETTERS}\u1100-\u11ff])(?<!\.)(?:(?:^|(?<=[\s(=:\[]))-(?=\d)|(?<=[=(:]) ?- )?\d+(?:[.,]\d+)*",
+    re.M,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -726,6 +736,10 @@ def _number_word(m: re.Match[str]) -> str:
     return " " if (m.group(3) or "").lower() == "one" else str(_word_value(m))
 
 
+# every digit: "{:g}" kept six significant ones (two phone numbers read as one), Decimal's default context 28
+_EXACT = Context(prec=MAX_PREC)
+
+
 def _numbers(prose: str) -> tuple[str, ...]:
     prose = _NUMBER_WORDS.sub(_number_word, prose)
     prose = _OPTION_LINE.sub(lambda m: m.group(3), prose)
@@ -740,11 +754,10 @@ def _numbers(prose: str) -> tuple[str, ...]:
         elif re.fullmatch(r"\d+,\d+", digits):
             digits = digits.replace(",", ".")  # a decimal comma (most of Europe)
         try:
-            value = float(digits)
-        except ValueError:
-            out.append(sign + digits + factorial)
-            continue
-        out.append(sign + f"{value:g}" + factorial)
+            value = f"{Decimal(digits).normalize(_EXACT):f}"
+        except InvalidOperation:
+            value = digits
+        out.append(sign + value + factorial)
     return tuple(out)
 
 
@@ -958,8 +971,7 @@ def _question_word(words: tuple[str, ...]) -> str | None:
 
 
 _MIN_SHARED = 0.15
-# Letters that make words without spaces between them: read as character bigrams
-_UNSPACED_LETTERS = "\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\u0e00-\u0e7f"
+# words of the scripts written without spaces (``_UNSPACED_LETTERS``) are read as character bigrams
 _UNSPACED = re.compile(f"[{_UNSPACED_LETTERS}]")
 _RUNS = re.compile(f"[{_UNSPACED_LETTERS}]+|[^{_UNSPACED_LETTERS}]+")
 # the bigrams of the polite endings nearly every Japanese request has

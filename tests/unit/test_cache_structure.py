@@ -25,6 +25,7 @@ MCQ = "Which planet is largest?\nA. Mars\nB. Jupiter\nC. Venus\nD. Earth\nAnswer
         ("Solve x + 3 = - 14", "Solve x + 3 = 14", "numbers"),
         ("What is −14 squared plus 2?", "What is 14 squared plus 2?", "numbers"),
         ("Convert 80,000 m to km", "Convert 8,000 m to km", "numbers"),
+        ("Whose number is 13812345678?", "Whose number is 13812345687?", "numbers"),  # every digit counts
         (MCQ, MCQ.replace("A. Mars\nB. Jupiter", "A. Jupiter\nB. Mars"), "options"),
         (MCQ, "Which planet is largest? A. Mars B. Saturn C. Venus D. Earth", "options"),
         ("Fix this: `x = y + 1`", "Fix this: `x = y - 1`", "code"),
@@ -84,6 +85,33 @@ def test_numbers_are_read_as_values_with_their_signs() -> None:
     assert structure_of("Add twenty-one and 4.50, then subtract 1,000").numbers == ("21", "4.5", "1000")
     assert structure_of("x = - 7 and y = -3; a 5-3 win").numbers == ("-7", "-3", "5", "3")
     assert structure_of("3,5 kg").numbers == ("3.5",)  # a decimal comma
+
+
+@pytest.mark.parametrize(
+    ("stored", "new"),
+    [
+        ("电话13812345678", "电话13812345687"),
+        ("注文番号は58213です。", "注文番号は58231です。"),  # train_t8e: left to the verifier before
+        ("一辆汽车每小时行驶80公里", "一辆汽车每小时行驶60公里"),
+        ("내일 오후3시 회의", "내일 오후4시 회의"),  # Hangul, decomposed into jamo by the folding
+        ("ขายจานละ50 บาท", "ขายจานละ60 บาท"),
+    ],
+)  # fmt: skip
+def test_digits_written_straight_after_cjk_thai_or_hangul_are_numbers(stored: str, new: str) -> None:
+    # these scripts put no space before a number: the letter before it is no part of an id
+    assert "numbers" in conflicts(stored, new)
+    assert "numbers" in conflicts(new, stored)
+    assert "identifiers" not in conflicts(stored, new)
+
+
+def test_a_cjk_paraphrase_with_the_same_numbers_and_latin_ids_keep_their_verdicts() -> None:
+    assert structure_of("电话13812345678").numbers == ("13812345678",)
+    assert "numbers" not in conflicts("请帮我查一下电话13812345678的归属地", "13812345678这个号码是哪里的？")
+    assert conflicts("注文番号は58213です。届いていません", "注文番号58213の商品がまだ届いていません") == []
+    # a digit after a Latin (or Cyrillic) letter is still part of a word: the identifiers rule's
+    assert structure_of("lookup a72b1428, 23 м2").numbers == ("23",)
+    assert structure_of("订单a72b1428").identifiers == ("a72b1428",)
+    assert structure_of("订单a72b1428").numbers == ()
 
 
 def test_a_number_only_one_prompt_has_is_not_a_number_conflict() -> None:
