@@ -19,7 +19,7 @@ import numpy as np
 
 from gateway.classifier import load_classifier
 from router_models.evaluate import score_texts
-from router_models.head_evaluate import RESAMPLES, auc
+from router_models.head_evaluate import RESAMPLES, auc, emit
 
 
 def compare(file: Path, previous: str, current: str, seed: int = 0) -> dict[str, Any]:
@@ -58,10 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     report = [compare(file, args.previous_artifacts, args.artifacts) for file in args.file]
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,15 @@ RESAMPLES = 1000
 SHARES = (0.2, 0.3, 0.5)
 
 
+def emit(report: Any, out: str | None) -> None:
+    """Print a report as JSON, and write it to ``out`` (a bench-results file) when given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+
+
 def auc(y: np.ndarray, s: np.ndarray) -> float:
     """ROC AUC of ``s`` for y=1 vs y=0 (ties count half)."""
     y = np.asarray(y, bool)
@@ -221,10 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         **{str(s): _share_stream(stream, s, thresholds[s]) for s in SHARES},
         "fixed_threshold": {str(s): round(float((stream >= t).mean()), 4) for s, t in thresholds.items()},
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 from gateway.classifier import load_classifier
 from router_models.data import GENERAL_TRAIN_FILES, load_general
 from router_models.evaluate import knn_scores, score_texts
-from router_models.head_evaluate import auc, auc_report
+from router_models.head_evaluate import auc, auc_report, emit
 
 SHIPPED_SHARE = "0.3"
 
@@ -88,11 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, s in (("router", p), ("previous_version", p_prev), ("start_only", p_start))
         },
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
