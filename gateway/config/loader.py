@@ -321,7 +321,7 @@ def _listed_keys(path: Path, environ: Mapping[str, str]) -> set[tuple[str, str]]
     or not; None when it has no such list to read."""
     try:
         root = _compose(path.read_text(encoding="utf-8"), str(path))
-        data = _NodeReader(str(path), environ, Problems(), None, _MAX_KEY_FILE_VALUES).read(root, ()) if root else None
+        data = _NodeReader(str(path), environ, Problems(), None, key_file=True).read(root, ()) if root else None
     except (OSError, UnicodeDecodeError, ConfigError):
         return None
     entries = data.get("keys") if isinstance(data, dict) else None
@@ -392,7 +392,11 @@ def _read_key_file(
     except ConfigError as exc:
         problems.messages.extend(f"{source}: {problem}" for problem in exc.problems)
         return _KeyFileRead([], where, text)
-    data = _NodeReader(source, environ, where, notes, _MAX_KEY_FILE_VALUES).read(root, ()) if root else {}
+    try:
+        data = _NodeReader(source, environ, where, notes, key_file=True).read(root, ()) if root else {}
+    except ConfigError as exc:
+        problems.messages.extend(f"{source}: {problem}" for problem in exc.problems)
+        return _KeyFileRead([], where, text)
     key_file = convert(data, KeyFile, (), where)
     listed = isinstance(data, dict) and "keys" in data
     return _KeyFileRead(key_file.keys if key_file is not None else [], where, text, listed)
@@ -425,13 +429,84 @@ def _char_at(text: str, line: int, column: int, length: int = 1) -> str:
 
 _MAX_VALUES = 200_000
 """Values a policy file may hold (aliases expanded); its key file has a room of its own."""
-_MAX_KEY_FILE_VALUES = 5_000_000
-"""A key file's: ~12 values a key with limits and models, so about 400,000 keys."""
+_MAX_KEY_FILE_VALUES = 2_000_000
+"""A key file's: a key with every field and three models is 15 values, so 100,000 such keys are
+1.5 million (``keys new`` writes 4 for a key with no models or limits given)."""
 _MAX_DEPTH = 64
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class _Endless(Exception):
+    """What :func:`_values_in` finds: an alias inside the node it names, or nesting past :data:`_MAX_DEPTH`."""
+
+
+def _values_in(root: yaml.Node, bound: int) -> int:
+    """How many values reading ``root`` makes, an alias counting as the node it repeats (a number
+    past ``bound`` once that is certain); :class:`_Endless` for what no reading of it could end.
+
+    Each collection is counted once (an alias is the very node of its anchor), so this takes
+    time in the file's size, not in what its aliases expand to: 700 bytes of them can expand to
+    10**8 values. 0.4 s for 100,000 keys written in full, against 20 s to compose them."""
+    sizes: dict[int, int] = {}
+
+    def count(node: yaml.Node, depth: int) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            if known < 0:
+                raise _Endless("a YAML alias inside the value it names (it never ends)")
+            return known
+        if depth > _MAX_DEPTH:
+            raise _Endless(f"nested deeper than {_MAX_DEPTH} (YAML aliases included)")
+        sizes[id(node)] = -1  # counting: met again below itself, it is a cycle
+        children = (value for _, value in node.value) if isinstance(node, yaml.MappingNode) else node.value
+        total = 1
+        for child in children:
+            total += 1 if isinstance(child, yaml.ScalarNode) else count(child, depth + 1)
+            if total > bound:
+                break
+        sizes[id(node)] = total
+        return total
+
+    return 1 if isinstance(root, yaml.ScalarNode) else count(root, 0)
+
+
+class _Lines:
+    """The line each path's value starts on, looked up in the composed tree when a problem is said:
+    not kept per value, as a million values' paths would take hundreds of MB."""
+
+    def __init__(self, node: yaml.Node, path: _Path) -> None:
+        self._node = node
+        self._path = path
+        self._keys: dict[int, dict[str, yaml.Node]] = {}
+        """Each mapping looked into, by its keys (the last of a duplicate, as the reader keeps)."""
+
+    def __call__(self, path: _Path) -> int | None:
+        """The line of ``path``, or of the nearest enclosing value read from the file."""
+        if path[: len(self._path)] != self._path:
+            return None
+        node = self._node
+        for part in path[len(self._path) :]:
+            child = self._child(node, part)
+            if child is None:
+                break
+            node = child
+        return node.start_mark.line + 1
+
+    def _child(self, node: yaml.Node, part: str | int) -> yaml.Node | None:
+        if isinstance(node, yaml.SequenceNode):
+            return node.value[part] if isinstance(part, int) and 0 <= part < len(node.value) else None
+        if not isinstance(node, yaml.MappingNode) or not isinstance(part, str):
+            return None
+        keys = self._keys.get(id(node))
+        if keys is None:
+            keys = self._keys[id(node)] = {
+                key.value: value for key, value in node.value if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE
+            }
+        return keys.get(part)
 
 
 class _NodeReader:
-    """Turns a composed YAML tree into plain values, recording each path's line in ``problems.lines``."""
+    """Turns a composed YAML tree into plain values; ``problems`` finds each path's line in it."""
 
     def __init__(
         self,
@@ -439,35 +514,45 @@ class _NodeReader:
         environ: Mapping[str, str],
         problems: Problems,
         notes: list[str] | None = None,
-        max_values: int = _MAX_VALUES,
+        *,
+        key_file: bool = False,
     ) -> None:
         self._source = source
-        self._max_values = max_values
+        self._max_values = _MAX_KEY_FILE_VALUES if key_file else _MAX_VALUES
+        self._what = "a key file" if key_file else "a policy"
         self._environ = environ
         self._problems = problems
-        self._lines = problems.lines
         self._notes = notes
         """When a list: unset variables are noted here and a placeholder stands in for them."""
         self._loader = _Constructor("")
-        self._values = 0
         self.warnings: list[str] = []
         """Text that looks meant as a ``${VAR}`` but is used as written (t63)."""
 
-    def read(self, node: yaml.Node, path: _Path, *, in_flow: bool = False) -> Any:
+    def read(self, node: yaml.Node, path: _Path) -> Any:
         """The node's value; a ConfigError past :data:`_MAX_VALUES` (aliases repeat a node wherever
-        they stand: eight levels of them in 8 KB would expand to gigabytes) or nesting too deep.
-        ``in_flow``: the node stands inside ``{...}`` or ``[...]``."""
-        self._values += 1
-        if self._values > self._max_values or len(path) > _MAX_DEPTH:
-            too_deep = len(path) > _MAX_DEPTH
-            problem = f"nested deeper than {_MAX_DEPTH}" if too_deep else f"more than {self._max_values:,} values"
-            raise ConfigError(self._source, [f"{problem} (YAML aliases included): not a policy"])
-        self._lines[path] = node.start_mark.line + 1
+        they stand: eight levels of them in 1 KB would expand to gigabytes), counted before
+        anything is built, or nesting too deep."""
+        try:
+            values = _values_in(node, self._max_values)
+        except _Endless as exc:
+            raise ConfigError(self._source, [f"{exc}: not {self._what}"]) from None
+        if values > self._max_values:
+            problem = f"more than {self._max_values:,} values (YAML aliases included)"
+            raise ConfigError(self._source, [f"{problem}: not {self._what}"])
+        self._problems.line_at = _Lines(node, path)
+        return self._read(node, path)
+
+    def _read(self, node: yaml.Node, path: _Path, *, in_flow: bool = False) -> Any:
+        """``in_flow``: the node stands inside ``{...}`` or ``[...]``."""
+        if len(path) > _MAX_DEPTH:
+            raise ConfigError(
+                self._source, [f"nested deeper than {_MAX_DEPTH} (YAML aliases included): not {self._what}"]
+            )
         if isinstance(node, yaml.MappingNode):
             out: dict[Any, Any] = {}
             for key_node, value_node in node.value:
                 line = key_node.start_mark.line + 1
-                if key_node.tag == "tag:yaml.org,2002:merge":
+                if key_node.tag == _MERGE:
                     self._problems.add(path, "YAML merge keys (<<) are not supported", line=line)
                     continue
                 if not isinstance(key_node, yaml.ScalarNode):
@@ -476,10 +561,10 @@ class _NodeReader:
                 key = self._key(key_node, path)
                 if key in out:
                     self._problems.add((*path, str(key)), "duplicate key", line=line)
-                out[key] = self.read(value_node, (*path, str(key)), in_flow=node.flow_style is True)
+                out[key] = self._read(value_node, (*path, str(key)), in_flow=node.flow_style is True)
             return out
         if isinstance(node, yaml.SequenceNode):
-            return [self.read(item, (*path, i), in_flow=node.flow_style is True) for i, item in enumerate(node.value)]
+            return [self._read(item, (*path, i), in_flow=node.flow_style is True) for i, item in enumerate(node.value)]
         assert isinstance(node, yaml.ScalarNode)
         return self._scalar(node, path, in_flow=in_flow)
 

@@ -44,11 +44,9 @@ BLOCK_STYLE = "write that mapping or list in block style, one `key: ${VAR}` or `
 class Problems:
     """Problem lines, each ``<field path> (line N): <reason>``; siblings share one list across files."""
 
-    def __init__(
-        self, lines: dict[Path, int] | None = None, messages: list[str] | None = None, *, file: str = ""
-    ) -> None:
-        self.lines = {} if lines is None else lines
-        """The line of each path read from the file (filled in as it is read)."""
+    def __init__(self, messages: list[str] | None = None, *, file: str = "") -> None:
+        self.line_at: Callable[[Path], int | None] = lambda path: None
+        """The line of a path, or of the nearest enclosing value read from the file (set as it is read)."""
         self.messages = [] if messages is None else messages
         self._prefix = f"{file}: " if file else ""
         self.standing_in: set[Path] = set()
@@ -66,7 +64,7 @@ class Problems:
 
     def sibling(self, file: str) -> Problems:
         """Problems of another file (the key file), added to the same list and naming that file."""
-        return Problems({}, self.messages, file=file)
+        return Problems(self.messages, file=file)
 
     def add(self, path: Path, reason: str, *, line: int | None = None, in_file: bool = True) -> None:
         """``line``: where it is, when not where ``path`` starts; ``in_file``: False when ``path`` is not written at all."""
@@ -83,11 +81,7 @@ class Problems:
 
     def line_of(self, path: Path) -> int | None:
         """The line of ``path``, or of the nearest enclosing value read from the file."""
-        while path:
-            if path in self.lines:
-                return self.lines[path]
-            path = path[:-1]
-        return self.lines.get(())
+        return self.line_at(path)
 
     def __len__(self) -> int:
         return len(self.messages)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -15,7 +16,7 @@ from gateway.auth import hash_key
 from gateway.config import schema
 from gateway.config.envsubst import MissingVariable, substitute
 from gateway.config.kept import keep_policy, kept_key_file
-from gateway.config.loader import load_keys, load_policy, load_policy_text
+from gateway.config.loader import load_keys, load_policy, load_policy_text, without_unlisted_keys
 from gateway.config.schema import RequestLogPolicy
 from gateway.errors import ConfigError
 from gateway.runtime import RuntimeHolder, keep_last_good, load_at_start
@@ -312,6 +313,47 @@ def _with_key_file(tmp_path: Path, policy: str, keys: str) -> Path:
     return path
 
 
+def _alias_bomb(levels: int) -> str:
+    """Under 1 KB of YAML that expands to 10 ** (levels + 1) values."""
+    return "x-a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"x-{i}: &l{i} [{', '.join([f'*{prev}'] * 10)}]\n"
+        for i, prev in enumerate(["a", *(f"l{j}" for j in range(1, levels))], 1)
+    )
+
+
+def test_an_alias_bomb_in_the_key_file_is_refused_before_it_is_expanded(tmp_path: Path) -> None:
+    """f170: the key file's bound was 5,000,000 values, each read and its path kept before the bound
+    refused it: 700 bytes of aliases cost each worker half a minute and 3 GB on a reload. The
+    values are counted on the composed tree (each node once) before anything is built."""
+    hashed = "sha256:" + "a" * 64
+    path = _with_key_file(tmp_path, KEYED, f"keys: [{{id: a, hash: '{hashed}'}}]\n" + _alias_bomb(7))
+    with pytest.raises(ConfigError) as caught:
+        load_policy(path, environ={})
+    key_file = tmp_path / "keys.yaml"
+    assert caught.value.problems == [f"{key_file}: more than 2,000,000 values (YAML aliases included): not a key file"]
+    kept = load_policy_text(KEYED, environ={}, key_file_text=f"keys: [{{id: a, hash: '{hashed}'}}]\n")
+    assert without_unlisted_keys(kept, tmp_path, environ={}) is None  # says nothing of its keys: none dropped
+
+
+def test_a_key_file_of_100000_keys_with_every_field_is_within_the_bound(tmp_path: Path) -> None:
+    """f170: the bound leaves room for a large key file, its entries written in full (three models
+    each: 15 values a key); 2,000 of them are read here, as loading 100,000 takes half a minute."""
+    import yaml
+
+    from gateway.config import loader
+
+    limits = "&l {rpm: 60, tpm: 100000, usd_per_day: 5, usd_per_month: 100, max_concurrent: 4}"
+    entry = "  - {{id: k{n}, tenant: t, hash: 'sha256:{n:064x}', models: {models}, limits: {limits}, admin: false}}\n"
+    text = "keys:\n" + entry.format(n=0, models="&m [fast, s, l]", limits=limits)
+    text += "".join(entry.format(n=n, models="*m", limits="*l") for n in range(1, 2_000))
+    loaded = load_policy(_with_key_file(tmp_path, KEYED, text), environ={})
+    assert len(loaded.policy.auth.keys) == 2_000 and loaded.policy.auth.keys[-1].limits.max_concurrent == 4
+    root = yaml.compose(text, Loader=loader._Loader)
+    assert root is not None
+    per_key = (loader._values_in(root, 10**9) - 2) / 2_000
+    assert per_key == 15 and 2 + 100_000 * per_key <= loader._MAX_KEY_FILE_VALUES * 0.8
+
+
 def test_key_file_problems_name_that_file_and_its_line(tmp_path: Path) -> None:
     hashed = "sha256:" + "a" * 64
     policy = VALID.replace(
@@ -423,8 +465,15 @@ def test_libyaml_and_pure_python_composers_agree_on_lines() -> None:
         root = yaml.compose(text, Loader=composer)
         assert root is not None
         data = loader._NodeReader("<policy>", {}, problems, notes=[]).read(root, ())
-        results.append((data, problems.lines))
+        results.append((data, [(path, problems.line_of(path)) for path in _paths(data)]))
     assert results[0] == results[1]
+
+
+def _paths(value: object, path: tuple[str | int, ...] = ()) -> Iterator[tuple[str | int, ...]]:
+    yield path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+    for key, item in items:
+        yield from _paths(item, (*path, key))
 
 
 def test_a_target_large_share_needs_a_classifier_route(tmp_path: Path) -> None:
@@ -747,11 +796,10 @@ def test_a_file_that_is_not_a_policy_is_refused_without_quoting_it(tmp_path: Pat
         load_policy(latin1)
     at = len(VALID.encode()) + len("# caf")
     assert caught.value.problems == [f"not UTF-8 text: byte {at} (0xe9) cannot be read"]
-    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"l{i}: &l{i} [{', '.join([f'*{prev}'] * 10)}]\n"
-        for i, prev in enumerate(["a", *(f"l{j}" for j in range(1, 8))], 1)
-    )
-    assert problems(bomb) == ["more than 200,000 values (YAML aliases included): not a policy"]
+    assert problems(_alias_bomb(8)) == ["more than 200,000 values (YAML aliases included): not a policy"]
+    assert problems(VALID + "x-loop: &loop [*loop]\n") == [
+        "a YAML alias inside the value it names (it never ends): not a policy"
+    ]
     assert "not valid YAML" in problems("a: " + "[" * 1000 + "]" * 1000)[0]
     # a value YAML cannot build is a problem line with its field and line, its text never shown
     built = problems(VALID + "version: !!timestamp 2026-02-30\n")
