@@ -10,6 +10,11 @@ import re
 from collections.abc import Mapping
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_BRACES = re.compile(r"\$\{|\}")
+
+MAX_NESTING = 16
+"""How deep ``${...}`` may nest in defaults: :func:`substitute` and :func:`malformed` recurse once a
+level, and 500 levels ran out of Python's stack (t164); a policy needs two or three."""
 
 
 class MissingVariable(LookupError):
@@ -46,6 +51,19 @@ def substitute(value: str, environ: Mapping[str, str], used: list[str] | None = 
         out.append(value[i])
         i += 1
     return "".join(out)
+
+
+def nesting(value: str) -> int:
+    """How deep ``${`` nest in ``value`` (1: references with none in their defaults); one not
+    closed stays open to the end, as :func:`_closing_brace` reads it."""
+    depth = deepest = 0
+    for brace in _BRACES.finditer(value):
+        if brace.group() == "${":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif depth:
+            depth -= 1
+    return deepest
 
 
 def malformed(value: str) -> list[str]:

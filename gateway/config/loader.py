@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import msgspec
 import yaml
 
-from gateway.config.envsubst import MissingVariable, malformed, substitute
+from gateway.config.envsubst import MAX_NESTING, MissingVariable, malformed, nesting, substitute
 from gateway.config.schema import AuthKey, AuthPolicy, KeyFile, Limits, Policy
 from gateway.config.validate import BLOCK_STYLE, Problems, check_auth, check_policy, convert, convert_policy, dotted
 from gateway.config.validate import Path as _Path
@@ -593,6 +593,10 @@ class _NodeReader:
         return key
 
     def _scalar(self, node: yaml.ScalarNode, path: _Path, *, in_flow: bool) -> Any:
+        if "${" in node.value and nesting(node.value) > MAX_NESTING:
+            self._problems.add(path, f"`${{...}}` nested more than {MAX_NESTING} deep in defaults")
+            self._problems.standing_in.add(path)  # the value as written is no one's to judge
+            return node.value
         if "$" in node.value:
             where = f"{dotted(path) or '(top level)'} (line {node.start_mark.line + 1})"
             wrong = malformed(node.value)

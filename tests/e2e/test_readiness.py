@@ -273,6 +273,25 @@ def test_cli_check_notes_a_broken_reference_and_refuses_a_yaml_11_number(
     assert "tenants.no.limits.rpm" in result.stderr and "without the leading 0" in result.stderr, result.stderr
 
 
+def test_cli_check_refuses_references_nested_past_the_bound_without_a_traceback(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t164: 500 levels of ``${A:-${A:-...}}`` crashed check with a RecursionError's traceback."""
+    nested = "${GATEWAY_TEST_UNSET_VARIABLE:-" * 500 + small_upstream.url + "}" * 500
+    text = policy_text(small_upstream, large_upstream).replace(
+        f"base_url: {small_upstream.url}", f"base_url: {nested}", 1
+    )
+    path = tmp_path / "policies.yaml"
+    path.write_text(text)
+    result = _check(path, {"TEST_LARGE_KEY": "x", "TEST_ANTHROPIC_KEY": "y"})
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    line = _line_of(text, "${GATEWAY_TEST_UNSET_VARIABLE:-${")
+    assert (
+        f"  - models.small.base_url (line {line}): `${{...}}` nested more than 16 deep in defaults\n" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
 def test_cli_check_notes_an_unset_variable_by_name_and_line(
     tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
 ) -> None:

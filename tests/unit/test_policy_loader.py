@@ -989,6 +989,17 @@ def test_text_that_is_not_a_complete_reference_is_noted_by_check_and_serve() -> 
         ]
 
 
+def test_references_nested_past_the_bound_are_refused() -> None:
+    """t164: 500 levels of ``${A:-${A:-...}}`` raised a RecursionError (330 were read)."""
+
+    def nested(levels: int) -> str:
+        return VALID.replace("${S_URL:-http://127.0.0.1:1}", "${A:-" * levels + "http://127.0.0.1:1" + "}" * levels)
+
+    assert load_policy_text(nested(16), environ={}).policy.models["s"].base_url == "http://127.0.0.1:1"
+    for levels in (17, 500, 5_000):
+        assert problems(nested(levels)) == ["models.s.base_url (line 4): `${...}` nested more than 16 deep in defaults"]
+
+
 def test_a_reference_in_a_name_is_not_substituted_and_says_so() -> None:
     """t63: a tenant written ``${TEAM:-team-x}:`` was a tenant of that literal name, in silence."""
     loaded = load_policy_text(VALID + "tenants:\n  ${TEAM:-team-x}: {limits: {rpm: 5}}\n", environ={"TEAM": "a"})
