@@ -48,6 +48,10 @@ _CORE_FLOAT = re.compile(
     r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
 )
 """PyYAML's floats less the base-60 ones (``1:30.5``)."""
+_EXPONENT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
+"""Floats of YAML 1.2 that :data:`_CORE_FLOAT` leaves as text (``2e-6``, ``1.5e3``): a field that
+takes a number reads them as one where they are written plain (``Problems.exponents``)."""
+_STR = "tag:yaml.org,2002:str"
 
 
 def _core_schema(base: type[yaml.SafeLoader]) -> type[yaml.SafeLoader]:
@@ -629,6 +633,8 @@ class _NodeReader:
                 if in_flow:  # t134: quoted because YAML needs it there; the fix is block style, not no quotes
                     self._problems.quoted_in_flow.add(path)
                 return value
+        if not node.style and node.tag == _STR and _EXPONENT.fullmatch(node.value):
+            self._problems.exponents.add(path)
         return self._construct(node, path)
 
     def _construct(self, node: yaml.Node, path: _Path) -> Any:

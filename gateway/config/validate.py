@@ -58,6 +58,10 @@ class Problems:
         self.malformed: dict[Path, list[str]] = {}
         """What in a path's value looks meant as a ``${VAR}`` but is none: said with a problem of
         the value (t66: only a valid value's warning said it)."""
+        self.exponents: set[Path] = set()
+        """Paths whose value is a number with an exponent that PyYAML's YAML 1.1 resolvers leave as
+        text (``2e-6``, ``1.5e3``), written plain (or a plain ``${VAR}``'s value): a field that takes a
+        number reads it as one, as YAML 1.2 does (t41). Quoted, it is text, as ``"2"`` is (t164)."""
         self.quoted_in_flow: set[Path] = set()
         """Paths whose value is a quoted ``${VAR}`` inside ``{...}`` or ``[...]``, where YAML takes
         none bare: a value that is no text is then written in block style, not without the quotes."""
@@ -217,8 +221,8 @@ def _struct(data: Any, cls: type[msgspec.Struct], path: Path, problems: Problems
 
 def _leaf(data: Any, tp: Any, path: Path, problems: Problems) -> Any:
     hidden = path in problems.from_env  # a variable's value may be a secret: its name is said instead (t66)
-    if isinstance(data, str) and _EXPONENT.fullmatch(data.strip()) and _takes_a_number_not_text(tp):
-        data = float(data)  # YAML 1.1 (PyYAML) reads ``2e-6``, without a dot, as a string (t41)
+    if isinstance(data, str) and path in problems.exponents and _takes_a_number_not_text(tp):
+        data = float(data)
     try:
         value = msgspec.convert(data, tp, strict=True)
     except msgspec.ValidationError as exc:
@@ -242,9 +246,6 @@ def _not_a_number(data: Any, tp: Any, *, hidden: bool) -> str | None:
     described = [meta.description for meta in metas if meta.description]
     words = " and ".join(described) or "a finite number" + "".join(f" {_described(meta)}" for meta in metas)
     return f"must be {words}, got {_shown(data, hidden=hidden)}"
-
-
-_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _takes_a_number_not_text(tp: Any) -> bool:
@@ -307,6 +308,8 @@ def _hint(data: Any, tp: Any, *, hidden: bool = False, flow: bool = False) -> st
             or (float in members and _PLAIN_FLOAT.fullmatch(text))
             or (bool in members and text in ("true", "false"))
         ):
+            if hidden and text != data:  # t164: no quotes to drop
+                return "; the variable's value has spaces around it, which make it text: set it without them"
             if flow:  # without them, YAML refuses it there (t134)
                 needed = "inside `{...}` or `[...]` a `${...}` needs them"
                 return f"; the quotes around it make it text, and {needed}: {BLOCK_STYLE}, without the quotes"

@@ -434,6 +434,30 @@ def test_numbers_are_finite_and_may_be_written_with_an_exponent() -> None:
     assert loaded.policy.models["s"].price.input_per_mtok == 0.2
 
 
+def test_a_quoted_number_is_text_whatever_its_spelling() -> None:
+    """t164: ``" 1e3 "`` (and ``"1e3"``) was read as 1000.0 where ``" 2 "`` is refused; a variable's
+    ``' 1e3 '`` too, and its ``' 2 '`` was told to drop quotes it did not have. A number with an
+    exponent and no dot is read as a number only where written plain, as YAML 1.2 reads it."""
+    for written in ('" 1e3 "', '"1e3"', '" 2 "', '"2"'):
+        assert problems(VALID.replace("input: 0.1", f"input: {written}")) == [
+            f"models.s.price.input (line 5): expected a number, got the string {written[1:-1]!r}; "
+            "the quotes around it make it text: write it without them"
+        ]
+    block = VALID.replace("price: {input: 0.1, output: 0.2}", "price:\n      input: ${PRICE}\n      output: 0.2")
+    for value in (" 1e3 ", " 2 "):
+        assert problems(block, {"PRICE": value}) == [
+            "models.s.price.input (line 6, from $PRICE): expected a number, got text (not shown here); "
+            "the variable's value has spaces around it, which make it text: set it without them"
+        ]
+    for value, price in (("1e3", 1000.0), ("2", 2), ("2.5E-1", 0.25)):
+        assert load_policy_text(block, environ={"PRICE": value}).policy.models["s"].price.input_per_mtok == price
+    for value in ("1e3", "2"):
+        assert problems(block.replace("${PRICE}", '"${PRICE}"'), {"PRICE": value}) == [
+            "models.s.price.input (line 6, from $PRICE): expected a number, got text (not shown here); "
+            "the quotes around it make it text: write it without them"
+        ]
+
+
 def test_load_keys_reads_only_auth_and_the_key_file(tmp_path: Path) -> None:
     hashed = "sha256:" + "b" * 64
     policy = VALID.replace("http://127.0.0.1:2", "${UNSET_URL}").replace(
