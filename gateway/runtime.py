@@ -11,10 +11,10 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Generator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TextIO
 
 import structlog
 
@@ -145,20 +145,26 @@ def _refuse_weakening_since_kept(loaded: LoadedPolicy, path: Path, last_good: Pa
     worker starts, so a fresh start is held to itself. Nothing to hold it to when nothing can be
     read or loaded, or only the policy was kept (a gateway before f87): as before.
     """
-    if last_good is None:
-        return
+    accepted = _kept_policy(path, last_good) if last_good is not None else None
+    if accepted is not None:
+        refuse_weakening_by_omission(accepted, loaded)
+
+
+def _kept_policy(path: Path, last_good: Path) -> LoadedPolicy | None:
+    """The policy last accepted by a worker of this gateway, with its key file as kept; None when
+    it cannot be read or loaded, or only the policy was kept (a gateway before f87)."""
     text, kept_keys = _kept_text(last_good), _kept_text(kept_key_file(last_good))
     if text is None:
-        return
+        return None
     try:
         accepted = load_policy_text(
             text, source=f"{path} (last accepted)", base_dir=path.parent, key_file_text=kept_keys
         )
     except Exception:  # the fallback says so when it needs it; here it only cannot refuse anything
-        return
+        return None
     if kept_keys is None and accepted.policy.auth.key_file:
-        return
-    refuse_weakening_by_omission(accepted, loaded)
+        return None
+    return accepted
 
 
 def _kept_text(path: Path) -> str | None:
@@ -217,13 +223,15 @@ def _needs_restart() -> None:
     _log.warning("policy_needs_restart", section="request_log", detail="applies when the gateway restarts")
 
 
-def keep_last_good(loaded: LoadedPolicy, last_good: Path) -> None:
+def keep_last_good(loaded: LoadedPolicy, last_good: Path) -> bool:
     """Write the policy now in force, and its key file as read, where a later worker can fall back
-    to them (:func:`~gateway.config.kept.write_kept`: atomically, the owner's alone)."""
+    to them (:func:`~gateway.config.kept.write_kept`: atomically, the owner's alone); whether they were."""
     try:
         write_kept(last_good, loaded.text, loaded.key_file_text)
     except OSError as exc:
         _log.warning("policy_not_kept", path=str(last_good), error=str(exc))
+        return False
+    return True
 
 
 class RuntimeHolder:
@@ -257,6 +265,8 @@ class RuntimeHolder:
         """A writer held the files open at start-up: the check once started waits for it too."""
         self._request_log = request_log
         """The request log's settings in force: read once, when ``serve`` started (None: the policy's at :meth:`start`)."""
+        self._not_kept = False
+        """The policy in force could not be kept: the one kept may be older, and is not held against edits."""
 
     @property
     def current(self) -> Runtime:
@@ -289,7 +299,7 @@ class RuntimeHolder:
             )  # fmt: skip
             self._rejected = _said(self._file_identities(), rejected, state, key_problems)  # once (t121)
         elif self.last_good is not None:
-            keep_last_good(loaded, self.last_good)
+            self._not_kept = not keep_last_good(loaded, self.last_good)
         for warning in runtime.loaded.warnings:
             _log.warning("policy_warning", detail=warning)
         return runtime
@@ -315,38 +325,79 @@ class RuntimeHolder:
                     reason, still, quiet=reason in _UNASKED_RELOADS, key_file_written=key_file_written
                 )
                 return False
-            try:
-                files = self._files_read = self._file_identities()
-                # under the reload lock: what it is judged against is still in force when it is installed
-                loaded = await asyncio.to_thread(_judged, self.path, self.current.loaded, self.auth_required)
-            except ConfigError as exc:
-                await self._rejected_edit(reason, exc.problems, quiet=reason in _UNASKED_RELOADS, files=files)
-                return False
-            except Exception as exc:
-                # Named by its type only: its message may quote the file, which may hold secrets.
-                await self._rejected_edit(reason, [f"the file could not be read ({type(exc).__name__})"])
-                return False
-            if loaded.version == self.current.version:
-                if loaded.source != self.current.loaded.source:  # started on the policy last accepted: the file is it
-                    self._runtime = replace(self.current, loaded=replace(self.current.loaded, source=loaded.source))
-                cleared = self._clear_rejection(reason, loaded.version, by="reverted")  # e.g. a rejected edit put back
-                # A SIGHUP's sender can tell it arrived (t166); the file's watch stays quiet.
-                if not cleared and reason not in _UNASKED_RELOADS:
-                    _log.info("policy_unchanged", reason=reason, version=loaded.version)
-                return True
-            old = self.current
-            new = self._build(loaded, previous=old)
-            self._install(new)
-            if self.last_good is not None:
-                await asyncio.to_thread(keep_last_good, loaded, self.last_good)
-            self._retire(list(old.providers.values()))
-            _log.info("policy_reloaded", reason=reason, version=new.version, previous=old.version)
-            self._clear_rejection(reason, new.version, by="new_version")
-            if new.policy.request_log not in (old.policy.request_log, self._request_log):  # opened at start-up
-                _needs_restart()
-            for warning in loaded.warnings:
-                _log.warning("policy_warning", detail=warning)
+            async with self._one_worker_at_a_time():
+                return await self._read_and_judge(reason)
+
+    async def _read_and_judge(self, reason: str) -> bool:
+        """The file read and judged against the policy last accepted by any worker (t164: against
+        each worker's own, one that had missed an edit its sibling took refused the next edit its
+        sibling accepted), then put in force, or refused with that policy kept in force."""
+        kept = await asyncio.to_thread(_kept_policy, self.path, self.last_good) if self.last_good else None
+        if kept is not None and (self._not_kept or kept.text == self.current.loaded.text):
+            kept = None  # this worker's own (the key file's changes each worker applies alike: f87, f90)
+        try:
+            files = self._files_read = self._file_identities()
+            loaded = await asyncio.to_thread(_judged, self.path, kept or self.current.loaded, self.auth_required)
+        except ConfigError as exc:
+            await self._adopt(kept, reason)
+            await self._rejected_edit(reason, exc.problems, quiet=reason in _UNASKED_RELOADS, files=files)
+            return False
+        except Exception as exc:
+            await self._adopt(kept, reason)
+            # Named by its type only: its message may quote the file, which may hold secrets.
+            await self._rejected_edit(reason, [f"the file could not be read ({type(exc).__name__})"])
+            return False
+        if loaded.version == self.current.version:
+            if loaded.source != self.current.loaded.source:  # started on the policy last accepted: the file is it
+                self._runtime = replace(self.current, loaded=replace(self.current.loaded, source=loaded.source))
+            cleared = self._clear_rejection(reason, loaded.version, by="reverted")  # e.g. a rejected edit put back
+            # A SIGHUP's sender can tell it arrived (t166); the file's watch stays quiet.
+            if not cleared and reason not in _UNASKED_RELOADS:
+                _log.info("policy_unchanged", reason=reason, version=loaded.version)
             return True
+        old = self.current
+        new = self._build(loaded, previous=old)
+        self._install(new)
+        if self.last_good is not None:
+            self._not_kept = not await asyncio.to_thread(keep_last_good, loaded, self.last_good)
+        self._retire(list(old.providers.values()))
+        _log.info("policy_reloaded", reason=reason, version=new.version, previous=old.version)
+        self._clear_rejection(reason, new.version, by="new_version")
+        if new.policy.request_log not in (old.policy.request_log, self._request_log):  # opened at start-up
+            _needs_restart()
+        for warning in loaded.warnings:
+            _log.warning("policy_warning", detail=warning)
+        return True
+
+    async def _adopt(self, kept: LoadedPolicy | None, reason: str) -> None:
+        """Put in force the policy a sibling accepted in place of this worker's older one, with the
+        key file as it is now, as the siblings apply it (:func:`_with_key_file_now`): a worker that
+        missed an edit refuses the next one with them, and serves what they serve (t164)."""
+        if kept is None:
+            return
+        old = self.current
+        now = await asyncio.to_thread(_with_key_file_now, kept, self.path.parent, reason)
+        self._install(self._build(now.loaded, previous=old))
+        self._retire(list(old.providers.values()))
+        _log.info(
+            "policy_reloaded", reason=reason, version=now.loaded.version, previous=old.version, last_accepted=True
+        )
+        if now.loaded.policy.request_log not in (old.policy.request_log, self._request_log):
+            _needs_restart()
+
+    @contextlib.asynccontextmanager
+    async def _one_worker_at_a_time(self) -> AsyncIterator[None]:
+        """Hold the lock beside the policy kept while a reload reads, judges and keeps the file:
+        each worker judges it against what the one before it kept, so all take the same verdict
+        (t164). Where no lock can be had, as before: each on its own."""
+        lock = await asyncio.to_thread(_open_lock, self.last_good) if self.last_good is not None else None
+        try:
+            while lock is not None and not _locked(lock):
+                await asyncio.sleep(_LOCK_WAIT_S)
+            yield
+        finally:
+            if lock is not None:
+                lock.close()  # lets it go
 
     def _clear_rejection(self, reason: str, version: str, *, by: Literal["reverted", "new_version"]) -> bool:
         """Forget the last rejected edit, and say so when there was one: an alert on
@@ -408,7 +459,7 @@ class RuntimeHolder:
             return now.state, now.problems
         self._install(self._build(now.loaded, previous=old))
         if now.state == "applied" and self.last_good is not None:
-            await asyncio.to_thread(keep_last_good, now.loaded, self.last_good)
+            self._not_kept = not await asyncio.to_thread(keep_last_good, now.loaded, self.last_good)
         self._retire(list(old.providers.values()))
         dropped = {"keys_dropped": now.dropped} if now.dropped else {}
         _log.info(
@@ -571,6 +622,29 @@ _SETTLE_TOLD_S = 0.25
 is seen as such, so only one that closes it between its parts relies on this wait."""
 _POLL_S = 2.0
 """How often the watcher looks at the files themselves, besides the folder's events."""
+
+
+_LOCK_WAIT_S = 0.05
+"""How often a reload looks whether a sibling's is done with the lock (:meth:`RuntimeHolder._one_worker_at_a_time`)."""
+
+
+def _open_lock(kept: Path) -> TextIO | None:
+    try:
+        return open(kept.with_name(f"{kept.name}.lock"), "a")
+    except OSError:
+        return None
+
+
+def _locked(lock: TextIO) -> bool:
+    """Whether the lock was taken; False while a sibling holds it. True where locks are not
+    supported: the reload goes on without one."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _identity(path: Path) -> tuple[str, int, int, int, int] | None:

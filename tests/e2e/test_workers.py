@@ -1022,3 +1022,55 @@ def test_the_banner_writes_an_ipv6_host_in_brackets_and_its_url_serves(
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("first_edit", "agreed"),
+    [("usd_per_day: null", "second edit"), ("usd_per_day: 3", "first edit")],
+    ids=["second-edit-allowed", "second-edit-refused"],
+)
+def test_workers_agree_on_an_edit_whatever_earlier_edit_each_saw(
+    tmp_path: Path,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+    first_edit: str,
+    agreed: str,
+) -> None:
+    """t164: each worker judged an edit against the version it had in force itself, so one that
+    missed an edit (each looks at the files on its own time) refused the next one that its sibling
+    accepted, and the two served different policies until the file changed again. Only the first
+    worker is told of the first edit here; whatever it took, both end on one version: the second
+    edit, which leaves out the budget the first one wrote as no limit, or, when the first edit
+    tightened the budget, the first edit, which the policy kept holds the second one to."""
+    base = policy_text(small_upstream, large_upstream) + "tenants:\n  team-a: {limits: {rpm: 1000, usd_per_day: 5}}\n"
+    env = {"REDIS_URL": redis_server.url, "GATEWAY_WATCH_POLICIES": "0"}  # reloads only when told
+    gateway = start_gateway(tmp_path, base, env=env, workers=2)
+    metrics = tmp_path / "data" / "metrics"
+    edits = {
+        "first edit": base.replace("usd_per_day: 5", first_edit),
+        "second edit": base.replace(", usd_per_day: 5", ""),
+    }
+    versions = {name: hashlib.sha256(text.encode()).hexdigest()[:12] for name, text in edits.items()}
+
+    def outcomes(pid: int) -> int:
+        said = [*gateway.ops_records("policy_reloaded"), *gateway.ops_records("policy_rejected")]
+        return sum(1 for record in said if record["pid"] == pid and record["reason"] == "SIGHUP")
+
+    try:
+        first, second = sorted(_worker_pids(gateway.process.pid))
+        # each worker says it refused this, after its look at the file at start-up: none reads it again unasked
+        gateway.policy_path.write_text("pair: [")
+        os.kill(gateway.process.pid, signal.SIGHUP)  # to both
+        _until(lambda: outcomes(first) == outcomes(second) == 1)
+        gateway.policy_path.write_text(edits["first edit"])
+        os.kill(first, signal.SIGHUP)  # the second worker misses the first edit
+        _until(lambda: outcomes(first) == 2)
+        assert _policy_version(metrics, first) == versions["first edit"]
+        gateway.policy_path.write_text(edits["second edit"])
+        os.kill(gateway.process.pid, signal.SIGHUP)
+        _until(lambda: outcomes(first) >= 3 and outcomes(second) >= 2)
+        in_force = {pid: _policy_version(metrics, pid) for pid in (first, second)}
+        assert in_force == {first: versions[agreed], second: versions[agreed]}, gateway.stderr_text()[-3000:]
+    finally:
+        gateway.stop()
