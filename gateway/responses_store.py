@@ -82,7 +82,7 @@ class StoredResponse(msgspec.Struct, kw_only=True):
     item_ids: list[str] = msgspec.field(default_factory=list)
     """The ids of ``added``'s items as ``input_items`` lists them (the ids they were sent with, or
     their answer's output items'), which they keep in every later turn's listing, as in OpenAI's
-    API (f76). Empty in a record from before: its items' ids are derived from the listing's."""
+    API (f76). Empty in a record from before: its items' ids are derived from its id and their place (t167)."""
     held_by: str | None = None
     """A passed-through response lives at its upstream: the model (policy name) that keeps it.
     The gateway then keeps only this, so that only the tenant that made it can read, continue

@@ -211,7 +211,7 @@ async def list_input_items(request: Request[Any, Any, Any], response_id: str) ->
     if record.held_by is not None:
         return await _read_upstream(request, record.held_by, response_id, "/input_items", record.own_ids)
     turns, _ = await _on_stored(request, lambda store, tenant: store.turns(tenant, record))
-    items = _input_items(turns, response_id)
+    items = _input_items(turns)
     if order == "desc":
         items.reverse()
     if after is not None:
@@ -241,16 +241,18 @@ async def cancel_response(request: Request[Any, Any, Any], response_id: str) -> 
     raise InvalidRequestError("Only responses created with background=true can be cancelled.", param="response_id")
 
 
-def _input_items(turns: list[StoredResponse], response_id: str) -> list[dict[str, Any]]:
+def _input_items(turns: list[StoredResponse]) -> list[dict[str, Any]]:
     """The items the turns' conversation lists, each with the id its turn keeps for it (f76), but
     the last turn's answer: it is the response's own output, not its input."""
     messages: list[Message] = []
     ids: list[str | None] = []
+    counts: list[tuple[str, int]] = []
     for turn in turns:
         count = codec.item_count(turn.own)
         ids += turn.item_ids if len(turn.item_ids) == count else [None] * count  # none: a record from before
         messages += turn.own
-    return codec.input_items(messages[:-1], response_id, ids)
+        counts.append((turn.response["id"], count))
+    return codec.input_items(messages[:-1], counts, ids)
 
 
 def _page_query(request: Request[Any, Any, Any]) -> tuple[int, str, str | None]:

@@ -29,6 +29,7 @@ from gateway.protocols.openai_fields import (
     Temperature,
     TopP,
     check_metadata,
+    check_schema_name,
 )
 from gateway.protocols.shared_state import refuse_upstream_ids
 
@@ -93,6 +94,7 @@ def parse_chat_request(raw: bytes) -> dict[str, Any]:
         del body["stream"]
     refuse_options_without_stream(body.get("stream"), body.get("stream_options"))
     _check_tool_choice(body)
+    _check_schema_name(body.get("response_format"))
     _refuse_best_of(body.get("best_of"))
     refuse_upstream_ids(body, raw)  # a ``file`` part's file_id names a file under the operator's key (t33)
     return body
@@ -104,6 +106,14 @@ def _refuse_best_of(best_of: int | None) -> None:
     is refused as on ``/v1/completions``."""
     if best_of is not None and best_of > 1:
         raise InvalidRequestError("invalid parameter 'best_of': best_of > 1 is not supported", param="best_of")
+
+
+def _check_schema_name(response_format: Any) -> None:
+    """A JSON schema's name as OpenAI checks it, as on Responses (``text.format.name``)."""
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        spec = response_format.get("json_schema")
+        if isinstance(spec, dict) and spec.get("name") is not None:
+            check_schema_name(spec["name"], "response_format.json_schema.name")
 
 
 def _check_tool_choice(body: dict[str, Any]) -> None:

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import msgspec
 
 from gateway.errors import InvalidRequestError
 
-__all__ = ["BestOf", "ChoiceCount", "MaxTokens", "Penalty", "Stop", "Temperature", "TopP", "check_metadata"]
+__all__ = [
+    "BestOf",
+    "ChoiceCount",
+    "MaxTokens",
+    "Penalty",
+    "Stop",
+    "Temperature",
+    "TopP",
+    "check_metadata",
+    "check_schema_name",
+]
 
 MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
 Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
@@ -54,6 +65,36 @@ def check_metadata(metadata: dict[str, Any]) -> None:
                 f"{_METADATA_VALUE_CHARS}, but got a string with length {len(value)} instead.",
                 param=f"metadata.{key}",
             )
+
+
+_SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]+")
+_SCHEMA_NAME_CHARS = 64
+
+
+def check_schema_name(name: object, param: str) -> None:
+    """A 400 for a JSON schema's ``name`` (Responses' ``text.format.name``, chat's
+    ``response_format.json_schema.name``) that OpenAI refuses, in its words and code: a chat
+    upstream may take it, and an OpenAI one refused it only after the request was routed (t167)."""
+    if not isinstance(name, str):
+        raise InvalidRequestError(
+            f"Invalid type for '{param}': expected a string, but got {_json_type(name)} instead.",
+            param=param,
+            code="invalid_type",
+        )
+    if len(name) > _SCHEMA_NAME_CHARS:
+        raise InvalidRequestError(
+            f"Invalid '{param}': string too long. Expected a string with maximum length {_SCHEMA_NAME_CHARS}, "
+            f"but got a string with length {len(name)} instead.",
+            param=param,
+            code="string_above_max_length",
+        )
+    if not _SCHEMA_NAME.fullmatch(name):
+        raise InvalidRequestError(
+            f"Invalid '{param}': string does not match pattern. Expected a string that matches the pattern "
+            "'^[a-zA-Z0-9_-]+$'.",
+            param=param,
+            code="invalid_value",
+        )
 
 
 def _json_type(value: object) -> str:

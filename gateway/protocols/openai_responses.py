@@ -57,7 +57,7 @@ from gateway.errors import InvalidRequestError
 from gateway.pricing import PricedOptions
 from gateway.protocols import openai_chat
 from gateway.protocols.body import decode_body
-from gateway.protocols.openai_fields import check_metadata
+from gateway.protocols.openai_fields import check_metadata, check_schema_name
 
 __all__ = [
     "HostedToolUses",
@@ -518,8 +518,9 @@ def _text_format(
     schema, name = raw.get("schema"), raw.get("name")
     if not isinstance(schema, dict):
         raise InvalidRequestError("text.format.schema: a JSON schema object is required", param="text.format.schema")
-    if not isinstance(name, str) or not name:
+    if name is None:
         raise InvalidRequestError("text.format.name: a name is required", param="text.format.name")
+    check_schema_name(name, "text.format.name")
     spec: dict[str, Any] = {"name": name, "schema": schema}
     if isinstance(raw.get("description"), str):
         spec["description"] = raw["description"]
@@ -742,7 +743,9 @@ def output_items(answer: Answer, make_id: IdMaker = new_id) -> list[dict[str, An
     return items
 
 
-def input_items(messages: Sequence[Message], response_id: str, ids: Sequence[str | None] = ()) -> list[dict[str, Any]]:
+def input_items(
+    messages: Sequence[Message], turns: Sequence[tuple[str, int]], ids: Sequence[str | None] = ()
+) -> list[dict[str, Any]]:
     """What ``GET /v1/responses/{id}/input_items`` lists: the conversation a response answered
     (earlier turns' inputs and answers, then its own input), oldest first, as Responses items;
     the system role stands for ``developer`` too, which the internal model does not tell apart.
@@ -751,13 +754,17 @@ def input_items(messages: Sequence[Message], response_id: str, ids: Sequence[str
     it keeps from turn to turn, as in OpenAI's API (f76: a client that rebuilt a conversation from
     ``output`` and ``input_items`` got every item twice). One with none (a turn stored before the
     ids were kept), or one already listed (a client may send an id twice), has an id derived from
-    the response's id and its place: the same from one read to the next, for ``after`` pages by it."""
+    the turn that stored it and its place there (``turns``: each turn's id and how many items it
+    added, oldest first): the same from one read to the next, for ``after`` pages by it, and in
+    every later turn's list (t167: one derived from the listed response's id changed each turn)."""
     items = [item for message in messages for item in _items_of(message)]
+    places = [(turn_id, place) for turn_id, count in turns for place in range(count)]
     listed: set[str] = set()
-    for place, item in enumerate(items):
-        item_id = ids[place] if place < len(ids) else None
+    for index, item in enumerate(items):
+        item_id = ids[index] if index < len(ids) else None
         if item_id is None or item_id in listed:
-            digest = hashlib.blake2b(f"{response_id}:{place}".encode(), digest_size=16).hexdigest()
+            turn_id, place = places[index]
+            digest = hashlib.blake2b(f"{turn_id}:{place}".encode(), digest_size=16).hexdigest()
             item_id = f"{_PREFIXES[item['type']]}_{digest}"
         listed.add(item_id)
         item["id"] = item_id

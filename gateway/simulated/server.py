@@ -53,7 +53,13 @@ from aiohttp import web
 from gateway.core.model import UsageReport
 from gateway.protocols.openai_chat import answer_from_completion
 from gateway.protocols.openai_responses import StreamEncoder as ResponsesStreamEncoder
-from gateway.protocols.openai_responses import assistant_message, input_items, output_items, response_object
+from gateway.protocols.openai_responses import (
+    assistant_message,
+    input_items,
+    item_count,
+    output_items,
+    response_object,
+)
 from gateway.simulated.answers import (
     Answer,
     content_parts,
@@ -873,7 +879,8 @@ async def _stored_response_handler(request: web.Request) -> web.Response:
         message = "Only responses created with background=true can be cancelled."
         return _responses_error(ResponsesRequestError(400, message))
     if request.path.endswith("/input_items"):
-        items = input_items(stored[1][:-1], response_id)
+        conversation = stored[1][:-1]  # the whole of it, as one turn
+        items = input_items(conversation, [(response_id, item_count(conversation))])
         if request.query.get("order", "desc") == "desc":
             items.reverse()
         limit = int(request.query.get("limit", "20"))

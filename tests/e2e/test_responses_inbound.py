@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -374,6 +375,21 @@ def test_an_id_sent_twice_is_listed_once_and_pages_by_after_reach_every_item(cli
     assert texts == ["One.", "Two.", first.output_text, "Three."]
 
 
+def test_an_id_sent_again_is_listed_under_one_other_id_in_every_later_turns_list(client: openai.OpenAI) -> None:
+    """t167 #1: the other id was derived from the listed response's id and the item's place, so
+    each later turn listed the item under a new one: it is derived from the turn that stored it."""
+    twice: Any = [{"type": "message", "role": "user", "id": "msg_same", "content": text} for text in ("One.", "Two.")]
+    turns = [client.responses.create(model="fast", input=twice)]
+    again: Any = [{"type": "message", "role": "user", "id": "msg_same", "content": "Three."}]
+    turns.append(client.responses.create(model="fast", previous_response_id=turns[0].id, input=again))
+    for text in ("Four.", "Five."):
+        turns.append(client.responses.create(model="fast", previous_response_id=turns[-1].id, input=text))
+    lists = [[item.id for item in client.responses.input_items.list(turn.id, order="asc").data] for turn in turns]
+    assert lists[0][0] == "msg_same" and len(set(lists[-1])) == len(lists[-1]) == 2 + 3 * 2
+    for earlier, later in itertools.pairwise(lists):
+        assert later[: len(earlier)] == earlier  # each item under the id it had in the turn before
+
+
 def test_a_stored_response_can_be_retrieved_and_deleted(client: openai.OpenAI) -> None:
     created = client.responses.create(model="fast", input="Keep this.", metadata={"k": "v"})
     retrieved = client.responses.retrieve(created.id)
@@ -454,13 +470,13 @@ def test_a_turn_stored_by_the_previous_version_is_read_and_continued(
     assert sent == ["My name is Ada.", "Hello Ada.", "I live in Oslo.", "Noted.", "Where do I live?",
                     second.output_text, "And my name?"]  # fmt: skip
     listed = [item.id for item in client.responses.input_items.list(third.id, order="asc").data]
-    assert listed[:4] == _derived_ids(third.id, ["msg"] * 4) and listed[5] == second.output[0].id
+    assert listed[:4] == _derived_ids(old_id, ["msg"] * 4) and listed[5] == second.output[0].id  # as its own (t167)
     assert listed[4] == client.responses.input_items.list(second.id).data[0].id  # kept since: the same under each
     assert len(set(listed)) == len(listed) == 7
 
 
 def _derived_ids(response_id: str, prefixes: list[str]) -> list[str]:
-    """The ids the gateway lists the items of a turn stored with none with: from the listing's id and their place."""
+    """The ids the gateway lists the items of a turn stored with none with: from its id and their place in it."""
     digests = [hashlib.blake2b(f"{response_id}:{n}".encode(), digest_size=16).hexdigest() for n in range(len(prefixes))]
     return [f"{prefix}_{digest}" for prefix, digest in zip(prefixes, digests, strict=True)]
 
@@ -655,6 +671,43 @@ def test_a_metadata_value_not_a_string_is_refused_as_openai_refuses_it(client: o
         assert refused.value.body == {
             "message": message, "type": "invalid_request_error", "param": f"metadata.{key}", "code": "invalid_type"
         }  # fmt: skip
+
+
+@pytest.mark.parametrize("api", ["responses", "chat"])
+def test_a_json_schema_name_openai_refuses_is_refused_as_openai_refuses_it(
+    client: openai.OpenAI, small_upstream: SimulatedUpstream, api: str
+) -> None:
+    """t167 #2: a name outside ``^[a-zA-Z0-9_-]{1,64}$`` went upstream, where OpenAI refuses it."""
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+
+    def ask(name: object) -> None:
+        if api == "responses":
+            text: Any = {"format": {"type": "json_schema", "name": name, "schema": schema}}
+            client.responses.create(model="fast", input="Hi.", text=text, store=False)
+        else:
+            response_format: Any = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+            client.chat.completions.create(
+                model="fast", messages=[{"role": "user", "content": "Hi."}], response_format=response_format
+            )
+
+    param = "text.format.name" if api == "responses" else "response_format.json_schema.name"
+    pattern = "Expected a string that matches the pattern '^[a-zA-Z0-9_-]+$'."
+    refusals = [
+        ("bad name!", f"Invalid '{param}': string does not match pattern. {pattern}", "invalid_value"),
+        ("n" * 65, f"Invalid '{param}': string too long. Expected a string with maximum length 64, but got a "
+                   "string with length 65 instead.", "string_above_max_length"),
+        (7, f"Invalid type for '{param}': expected a string, but got an integer instead.", "invalid_type"),
+    ]  # fmt: skip
+    before = upstream_stats(small_upstream)["requests"]
+    for name, message, code in refusals:
+        with pytest.raises(openai.BadRequestError) as refused:
+            ask(name)
+        assert refused.value.body == {"message": message, "type": "invalid_request_error", "param": param,
+                                      "code": code}  # fmt: skip
+    assert upstream_stats(small_upstream)["requests"] == before  # none went upstream
+    ask("Answer_v2-" + "n" * 54)  # 64 characters of the pattern's
+    body = _last_upstream_body(small_upstream)
+    assert body["response_format"]["json_schema"]["name"] == "Answer_v2-" + "n" * 54
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -133,7 +133,7 @@ def test_an_items_own_id_is_kept_in_the_order_it_is_listed() -> None:
     )  # fmt: skip
     assert decoded.item_ids == ["msg_client_1", "fc_1", None, "fco_1", None]
     assert codec.item_count(decoded.request.messages) == len(decoded.item_ids)
-    listed = codec.input_items(decoded.request.messages, "resp_1", decoded.item_ids)
+    listed = codec.input_items(decoded.request.messages, [("resp_1", len(decoded.item_ids))], decoded.item_ids)
     assert [item["id"] for item in listed][:2] == ["msg_client_1", "fc_1"] and listed[3]["id"] == "fco_1"
     assert listed[2]["id"] == _derived("fc", "resp_1", 2) and listed[4]["id"] == _derived("msg", "resp_1", 4)
     with pytest.raises(InvalidRequestError) as bad:
@@ -152,13 +152,26 @@ def test_a_turn_keeps_its_answers_output_ids_and_lists_an_id_once() -> None:
     said = codec.assistant_message(answer)
     kept = codec.turn_item_ids(decoded, said, output)
     assert kept[0] == "msg_q" and kept[1].startswith("msg_") and kept[2:] == ["msg_2", "fc_4"]
-    twice = codec.input_items([*decoded.request.messages, said], "resp_2", ["msg_q", "msg_q", "msg_q"])
+    twice = codec.input_items([*decoded.request.messages, said], [("resp_2", 4)], ["msg_q", "msg_q", "msg_q"])
     assert [item["id"] for item in twice] == ["msg_q", _derived("msg", "resp_2", 1), _derived("msg", "resp_2", 2),
                                               _derived("fc", "resp_2", 3)]  # fmt: skip
 
 
+def test_an_id_derived_for_an_item_is_its_turns_not_the_listed_responses() -> None:
+    """t167 #1: one derived from the listed response's id and the item's place changed each turn:
+    it is derived from the id of the turn that stored the item and its place there."""
+    conversation = [Message("user", (TextPart(text),)) for text in ("a", "b", "c", "d")]
+    turns = [("resp_1", 2), ("resp_2", 2)]
+    listed = codec.input_items(conversation, turns, ["msg_same", "msg_same", None, "msg_same"])
+    assert [item["id"] for item in listed] == [
+        "msg_same", _derived("msg", "resp_1", 1), _derived("msg", "resp_2", 0), _derived("msg", "resp_2", 1)
+    ]  # fmt: skip
+    later = codec.input_items([*conversation, *conversation[:1]], [*turns, ("resp_3", 1)], ["msg_same"] * 5)
+    assert [item["id"] for item in later][:4] == [item["id"] for item in listed]  # the same in every later turn's
+
+
 def _derived(prefix: str, response_id: str, place: int) -> str:
-    """The id of an item listed with none kept (from before f76), or one already listed."""
+    """The id of an item listed with none kept (from before f76), or one already listed: from its turn's id and its place there."""
     return f"{prefix}_{hashlib.blake2b(f'{response_id}:{place}'.encode(), digest_size=16).hexdigest()}"
 
 
