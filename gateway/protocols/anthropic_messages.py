@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -50,6 +50,7 @@ from gateway.protocols.upstream_json import mended, token_count
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "ContainerUses",
     "StreamDecoder",
     "StreamEncoder",
     "TextJoiner",
@@ -684,9 +685,13 @@ def _priced_options(raw: dict[str, Any], known: Usage | None) -> dict[str, Any]:
     }
 
 
-_PRICED_SERVER_TOOL = re.compile(r"(web_search|web_fetch)_\d{8}")
-"""Server tools Anthropic bills per use (web fetch at $0, which the policy says explicitly), by
-version-dated type; the name is the one ``server_tool_use`` counts them under."""
+_PRICED_SERVER_TOOL = re.compile(r"(web_search|web_fetch|code_execution)_(\d{8})")
+"""Server tools Anthropic bills above the token prices (web fetch at $0, which the policy says
+explicitly), by version-dated type; the name is the one ``server_tool_use`` counts them under
+(code execution: :class:`ContainerUses` where it does not)."""
+_CODE_RUNNING_SEARCH = "20260209"
+"""The version of the web search and fetch tools from which they run code themselves (dynamic
+filtering): Anthropic charges no code execution in a request offering one."""
 
 
 def priced_options(body: dict[str, Any]) -> PricedOptions:
@@ -701,11 +706,65 @@ def priced_options(body: dict[str, Any]) -> PricedOptions:
         if matched is not None:
             uses = _count(tool.get("max_uses")) or 1
             server_tools[matched[1]] = server_tools.get(matched[1], 0) + uses
+    if "code_execution" in server_tools and _code_execution_free(tools):
+        del server_tools["code_execution"]
     return PricedOptions(
         speed=speed if isinstance(speed, str) else None,
         inference_geo=geo if isinstance(geo, str) else None,
         server_tools=server_tools,
     )
+
+
+def _code_execution_free(tools: Any) -> bool:
+    """Whether ``tools`` offers a web search or fetch tool that runs code itself, with which
+    Anthropic charges no code execution."""
+    for tool in tools if isinstance(tools, list) else ():
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        matched = _PRICED_SERVER_TOOL.fullmatch(kind) if isinstance(kind, str) else None
+        if matched is not None and matched[1] != "code_execution" and matched[2] >= _CODE_RUNNING_SEARCH:
+            return True
+    return False
+
+
+_CODE_EXECUTION_CALLS = frozenset({"code_execution", "bash_code_execution", "text_editor_code_execution"})
+
+
+class ContainerUses:
+    """The code execution an answer to ``body`` ran, as the gateway bills it (f175): Anthropic
+    bills the container's time, which its usage does not count, so each container the answer
+    names (``container.id``: the message's, a stream's ``message_start`` or ``message_delta``'s)
+    is one use per request, and one that ran code (a code execution ``server_tool_use`` block)
+    but named none is one; none in a request whose web search or fetch runs code itself."""
+
+    __slots__ = ("_free", "_ids", "_ran")
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self._free = _code_execution_free(body.get("tools"))
+        self._ids: set[str] = set()
+        self._ran = False
+
+    def add(self, holder: Any) -> None:
+        """Count the ``container`` a message (or a ``message_delta``'s delta) names, and its blocks."""
+        if not isinstance(holder, dict):
+            return
+        container = holder.get("container")
+        if isinstance(container, dict) and isinstance(container.get("id"), str):
+            self._ids.add(container["id"])
+        content = holder.get("content")
+        for block in content if isinstance(content, list) else ():
+            self.add_block(block)
+
+    def add_block(self, block: Any) -> None:
+        if isinstance(block, dict) and block.get("type") == "server_tool_use":
+            self._ran = self._ran or block.get("name") in _CODE_EXECUTION_CALLS
+
+    def uses(self, counted: Mapping[str, int]) -> dict[str, int]:
+        """The ``server_tool_requests`` to bill: ``counted`` (the usage's), with the containers
+        as ``code_execution`` where the usage counted none."""
+        uses = len(self._ids) or int(self._ran)
+        if not uses or self._free or "code_execution" in counted:
+            return dict(counted)
+        return {**counted, "code_execution": uses}
 
 
 def _hour_long(raw: dict[str, Any], default: int) -> int:

@@ -16,7 +16,8 @@ Endpoints:
 * ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``: the Anthropic Messages
   API, with tools, thinking and structured output (:mod:`.anthropic_extras`); its usage
   says the ``speed`` and ``inference_geo`` asked, and counts each web search or fetch tool
-  offered as used ``max_uses`` times (``server_tool_use``), as Anthropic bills them.
+  offered as used ``max_uses`` times (``server_tool_use``), as Anthropic bills them; a code
+  execution tool offered is taken as run, in a ``container`` the answer names.
 * ``GET /v1/models``, ``GET /healthz``.
 
 Token counts use tiktoken's offline ``cl100k_base`` encoding. ``/_control/*`` endpoints
@@ -977,6 +978,19 @@ def _server_tool_use(body: dict[str, Any]) -> dict[str, Any]:
     return {"server_tool_use": used} if used else {}
 
 
+_CODE_EXECUTION = re.compile(r"code_execution_\d{8}")
+
+
+def _container(body: dict[str, Any], msg_id: str) -> dict[str, Any]:
+    """The ``container`` Anthropic's answer names when a code execution tool is offered (taken as
+    run: its usage counts no runs, and Anthropic bills the container's time)."""
+    tools = body.get("tools")
+    if not any(isinstance(tool, dict) and _CODE_EXECUTION.fullmatch(str(tool.get("type"))) for tool in tools or ()):
+        return {}
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    return {"container": {"id": f"container_{msg_id.removeprefix('msg_')}", "expires_at": expires}}
+
+
 async def _messages(request: web.Request, state: _State, body: Any, fault: _Fault) -> web.StreamResponse:
     error = _anthropic_request_error(request, body)
     if error is not None:
@@ -995,6 +1009,7 @@ async def _messages(request: web.Request, state: _State, body: Any, fault: _Faul
         "content": [block.content() for block in plan.blocks],
         "stop_reason": plan.stop_reason,
         "stop_sequence": plan.stop_sequence,
+        **_container(body, msg_id),
     }
     if not fault.omit_usage:
         usage = _reported(_anthropic_usage(plan, plan.output_tokens), fault)
@@ -1025,7 +1040,7 @@ async def _messages_stream(
     }
     delta: dict[str, Any] = {
         "type": "message_delta",
-        "delta": {"stop_reason": plan.stop_reason, "stop_sequence": plan.stop_sequence},
+        "delta": {"stop_reason": plan.stop_reason, "stop_sequence": plan.stop_sequence, **_container(body, msg_id)},
     }
     if not fault.omit_usage:
         start["usage"] = _reported(_anthropic_usage(plan, 1), fault) | _ran_with(body)

@@ -204,12 +204,15 @@ class AnthropicProvider(Provider):
         response = await self.post(_MESSAGES_PATH, body, {**self._headers(), **headers}, stream=False)
         with answered(response):
             _, content = decode_answer(self.name, response.content)  # mended where it must be (t80)
-            answer, usage, _ = self._read(content)
+            answer, usage, _ = self._read(content, containers=anthropic.ContainerUses(body))
         return Completion(body=content, usage=usage, text=answer.text or "", finish_reason=_logged_finish(answer))
 
-    def _read(self, content: bytes, stops: tuple[str, ...] = ()) -> tuple[Answer, Usage | None, bool]:
-        """The message, its usage as reported (None when the upstream reported none), and whether
-        it was cut: with ``stops``, ended where the first of them begins in its text (as a stream: t58)."""
+    def _read(
+        self, content: bytes, stops: tuple[str, ...] = (), containers: anthropic.ContainerUses | None = None
+    ) -> tuple[Answer, Usage | None, bool]:
+        """The message, its usage as reported (None when the upstream reported none; with
+        ``containers``, the code execution it ran added: f175), and whether it was cut: with
+        ``stops``, ended where the first of them begins in its text (as a stream: t58)."""
         data = decode_json_object(self.name, content)
         matched = None
         if stops and isinstance(blocks := data.get("content"), list):
@@ -219,11 +222,15 @@ class AnthropicProvider(Provider):
         answer = anthropic.decode_answer(data)
         if answer is None:
             raise UpstreamProtocolError(self.name, "answer is not an Anthropic message")
-        return answer, usage_of(anthropic.usage_from_wire(data.get("usage"))), matched is not None
+        usage = usage_of(anthropic.usage_from_wire(data.get("usage")))
+        if usage is not None and containers is not None:
+            containers.add(data)
+            usage.server_tool_requests = containers.uses(usage.server_tool_requests)
+        return answer, usage, matched is not None
 
     async def open_relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> ChatStream:
         response = await self.post(_MESSAGES_PATH, body, {**self._headers(), **headers}, stream=True)
-        return _RelayedMessageStream(self, response)
+        return _RelayedMessageStream(self, response, anthropic.ContainerUses(body))
 
 
 # -- request translation ------------------------------------------------------
@@ -454,10 +461,13 @@ class _RelayedMessageStream(RelayedStream):
     preamble_events = frozenset({"message_start", "ping"})
     closing_event = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
-    def __init__(self, provider: AnthropicProvider, response: UpstreamResponse) -> None:
+    def __init__(
+        self, provider: AnthropicProvider, response: UpstreamResponse, containers: anthropic.ContainerUses
+    ) -> None:
         super().__init__(provider, response)
         self._decoder = anthropic.StreamDecoder()
         self._chunk_deltas = openai_chat.ChunkDeltas()
+        self._containers = containers
 
     def _take(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "error":
@@ -474,6 +484,16 @@ class _RelayedMessageStream(RelayedStream):
                 tally.take_delta(chunk)
         if kind == "message_start":
             tally.id, tally.model = self._decoder.id, self._decoder.model
+            self._containers.add(data.get("message"))
+        elif kind == "message_delta":
+            self._containers.add(data.get("delta"))
+        elif kind == "content_block_start":
+            self._containers.add_block(data.get("content_block"))
+        else:
+            return
+        counted = self._decoder.usage  # the usage's own count, which the tally's below adds to (f175)
+        if tally.usage is not None and counted is not None:
+            tally.usage.server_tool_requests = self._containers.uses(counted.server_tool_requests)
 
     def error_event(self, error: GatewayError) -> bytes:
         return b"event: error\ndata: " + encode_error(error.status_code, error.message) + b"\n\n"

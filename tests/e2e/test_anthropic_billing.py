@@ -29,7 +29,7 @@ MODELS = """
     base_url: {root}
     upstream_model: claude-sim
     price: {{input: 5, output: 25, speed: {{fast: 6}}, inference_geo: {{us: 1.1}},
-             server_tools: {{web_search: 10, web_fetch: 0}}}}
+             server_tools: {{web_search: 10, web_fetch: 0, code_execution: 50}}}}
     tier: large
   sonnet:
     provider: anthropic
@@ -138,6 +138,24 @@ def test_web_searches_are_billed_their_fee_each(gateway: GatewayProcess, stream:
     record = gateway.wait_for_record(request_id)
     assert record["server_tool_requests"] == {"web_search": 3}
     assert record["cost_usd"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_simulated_code_execution_is_billed_once_per_container(gateway: GatewayProcess, stream: bool) -> None:
+    """The simulated upstream names a container when the tool is offered, as Anthropic does (f175)."""
+    tools: Any = [{"type": "code_execution_20250825", "name": "code_execution"}]
+    request_id = f"billing-code-{stream}"
+    asked: Any = {"model": "opus-r", "max_tokens": 64, "messages": ASK, "tools": tools,
+                  "extra_headers": {"x-request-id": request_id}}  # fmt: skip
+    if stream:
+        with _claude(gateway).messages.stream(**asked) as streamed:
+            message = streamed.get_final_message()
+    else:
+        message = _claude(gateway).messages.create(**asked)
+    assert message.container is not None and message.container.id.startswith("container_")
+    record = gateway.wait_for_record(request_id)
+    assert record["server_tool_requests"] == {"code_execution": 1}
+    assert record["cost_usd"] == pytest.approx(_tokens_usd(message.usage, 5, 25) + 50 / 1000, rel=1e-6)
 
 
 @pytest.mark.parametrize(
