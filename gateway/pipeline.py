@@ -605,7 +605,9 @@ class ChatPipeline:
             )
             for name in reachable
         )
-        x.reservation = await self._limiter.reserve(policy, principal, x.prompt_tokens + completion, estimate, x.at)
+        tokens = x.prompt_tokens + completion
+        requests = 0 if x.gave_back else 1  # it gave its first reservation back (_give_back): in rpm already
+        x.reservation = await self._limiter.reserve(policy, principal, tokens, estimate, x.at, requests=requests)
         tenant = policy.tenants.get(principal.tenant)
         x.downgrade = (
             tenant is not None
@@ -721,8 +723,9 @@ class ChatPipeline:
         """A request waiting on an identical one in flight is answered from its answer at $0: its
         estimate is given back now, not held to its end (t162: four identical requests held four
         estimates, and a fifth, itself free, was refused as held by requests in flight). One that
-        calls upstream after all (its wait ran out, its leader's client left) reserves again, and
-        counts twice in its ``rpm``; one answered counts in its usage, not in its ``tpm``."""
+        calls upstream after all (its wait ran out, its leader's client left) reserves again, its
+        tokens and cost but not its request, which its ``rpm`` counts once (f173); one answered
+        counts in its usage, not in its ``tpm``."""
         reservation, x.reservation = x.reservation, None
         if reservation is not None:
             x.gave_back = True

@@ -159,13 +159,15 @@ class Limiter:
         at: float | None = None,
         *,
         inputs: bool = False,
+        requests: int = 1,
     ) -> Reservation:
         """Check and reserve; raises RateLimitError / BudgetExceededError naming the limit (a budget
         the request would fit but for what requests in flight hold: a RateLimitError, retried shortly).
 
         ``at``: when the request started (its log line's ``started_at``; default now). Its usage and
         budgets count in that UTC day and month, as ``gateway report`` files its line (t114); rate
-        windows are the present minute's. ``inputs``: an embeddings batch (its too-large 429's words)."""
+        windows are the present minute's. ``inputs``: an embeddings batch (its too-large 429's words).
+        ``requests``: 0 for a request counted in ``rpm`` already (:attr:`ReserveRequest.requests`)."""
         now = time.time()
         at = now if at is None else at
         periods = _periods(now, at)
@@ -188,7 +190,7 @@ class Limiter:
         minute, day, month = periods
         whose = (principal.tenant, principal.key_id)
         mark = keyspace.reservation(principal.tenant, next(_RESERVATION_IDS))
-        request = ReserveRequest(scopes, tokens, cost_usd, minute, day, month, now / 60 - minute, mark)
+        request = ReserveRequest(scopes, tokens, cost_usd, minute, day, month, now / 60 - minute, mark, requests)
         spends = (spend, tenant_spend)
         try:
             outcome = await self._counters.reserve(request, policy.limits.redis_timeout_ms / 1000)

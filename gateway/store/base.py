@@ -229,6 +229,10 @@ class ReserveRequest:
     mark: str | None = None
     """Where a reservation made says so (``keyspace.reservation``), for its settlement to read:
     a reservation whose call timed out may or may not have reached the store."""
+    requests: int = 1
+    """The requests it counts in ``rpm``: 0 for one counted already (it gave its reservation back
+    to wait on an identical request, and reserves again to call upstream itself), which no
+    ``rpm`` refuses either."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -347,7 +347,7 @@ class MemoryLimitCounters(_Outage):
             day, month = spents[index]
             seen.append((r, rp, t, tp, day, month))
             caps: Caps = scope.caps
-            if caps.rpm is not None and r + rp * rest + 1 > caps.rpm:
+            if caps.rpm is not None and request.requests and r + rp * rest + request.requests > caps.rpm:
                 return ReserveOutcome(f"{index}.rpm", 0.0, 0.0, (r, rp), told, held)
             if caps.tpm is not None and t + tp * rest + request.tokens > caps.tpm:
                 return ReserveOutcome(f"{index}.tpm", 0.0, 0.0, (t, tp), told, held)
@@ -363,7 +363,7 @@ class MemoryLimitCounters(_Outage):
                     share = max(share, spent / cap)
         hold = request.cost_usd if request.mark is not None else 0.0
         for scope, (r, rp, t, tp, day, month), (held_day, held_month) in zip(request.scopes, seen, held, strict=True):
-            self.windows[scope.window] = _Window(request.minute, r + 1, rp, t + request.tokens, tp)
+            self.windows[scope.window] = _Window(request.minute, r + request.requests, rp, t + request.tokens, tp)
             cost = request.cost_usd
             self.spends[scope.spend] = _Spend(
                 request.day, day + cost, request.month, month + cost, held_day + hold, held_month + hold

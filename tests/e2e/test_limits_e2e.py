@@ -27,7 +27,7 @@ from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
 from gateway.simulated import SimulatedUpstream
 from gateway.store import keyspace
-from tests.conftest import closed_after_test, inject
+from tests.conftest import closed_after_test, inject, upstream_stats
 from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
 # small costs $0.5/M input and $1.5/M output in the test policy.
@@ -46,12 +46,13 @@ KEYS = """auth:
     - {id: ledger, tenant: ledger, hash: "%(ledger)s"}
     - {id: inflight, tenant: solo-inflight, hash: "%(inflight)s", limits: {usd_per_day: 0.0005}}
     - {id: twins, tenant: solo-twins, hash: "%(twins)s", limits: {usd_per_day: 0.0005}}
+    - {id: once, tenant: solo-once, hash: "%(once)s", limits: {rpm: 2}}
 tenants:
   shared: {limits: {rpm: 6}}
   saver: {downgrade_auto_at: 0.3}
 """ % {
     name: hash_key(f"key-{name}")
-    for name in ("rpm", "tpm", "budget", "s1", "s2", "saver", "admin", "counter", "ledger", "inflight", "twins")
+    for name in ("rpm", "tpm", "budget", "s1", "s2", "saver", "admin", "counter", "ledger", "inflight", "twins", "once")
 }
 ROUTES = """  costly: {strategy: classifier, model: large, fallbacks: [small], threshold: 0.0}
   cheap: {model: small}"""  # costly: always large
@@ -272,6 +273,35 @@ def test_requests_coalesced_on_one_in_flight_give_back_what_they_reserved(
     # nothing is held once they are answered, and one upstream call is what the key spent
     assert float(client.hget(spend, "hd") or 0) == 0.0
     assert 0 < float(client.hget(spend, "d") or 0) < 0.0002
+
+
+def test_a_request_that_waited_on_a_twin_and_then_asks_upstream_itself_counts_once_in_rpm(
+    pair: tuple[GatewayProcess, GatewayProcess], small_upstream: SimulatedUpstream, redis_server: EmbeddedRedis
+) -> None:
+    """f173: a request waiting on an identical one in flight gives its reservation back (t162);
+    when the leader's client left and it called upstream itself, it reserved again and counted
+    twice in its key's and tenant's rpm: of a key's 2 a minute, the second of two was refused."""
+    inject(small_upstream, {"chunk_delay_ms": 300})  # the leader's stream lasts a few seconds
+    content = f"once {time.monotonic_ns()}"
+    body = {"model": "cheap", "max_tokens": 100, "messages": [{"role": "user", "content": content}], "stream": True}
+    calls = upstream_stats(small_upstream)["chat_requests"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, httpx.Client(timeout=15) as client:
+        url, headers = f"{pair[0].base_url}/chat/completions", {"authorization": "Bearer key-once"}
+        with client.stream("POST", url, json=body, headers=headers) as leader:
+            assert leader.status_code == 200
+            chunks = leader.iter_bytes()  # kept: a dropped iterator closes the response
+            next(chunks)  # it is upstream, holding the lease
+            twin = pool.submit(_chat, pair[0], "once", "cheap", content, max_tokens=100)
+            time.sleep(0.5)  # the twin waits on it; then the leader's client leaves
+        answered = twin.result()
+    assert answered.status_code == 200, answered.text
+    assert answered.headers["x-gateway-cache"] == "miss"  # it asked upstream itself
+    assert upstream_stats(small_upstream)["chat_requests"] == calls + 2
+    redis = closed_after_test(redis_sync.Redis.from_url(redis_server.url))
+    window, _, tenant_window, _ = keyspace.limit_counters("solo-once", "once")
+    for counted in (window, tenant_window):
+        requests = [int(redis.hget(counted, field) or 0) for field in ("r", "rp")]
+        assert sum(requests) == 2, (counted, requests)  # this minute's and the last one's: one each
 
 
 def test_tenant_limit_spans_its_keys(pair: tuple[GatewayProcess, GatewayProcess]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,20 @@ async def test_a_request_is_counted_only_if_every_scope_allows_it(store: Store) 
     key_only = (CounterScope(scopes[0].window, scopes[0].spend, Caps(rpm=3)),)
     assert (await store.counters.reserve(_ask(key_only), T)).refused_by is None
     assert (await store.counters.reserve(_ask(key_only), T)).refused_by == "0.rpm"
+
+
+async def test_a_reservation_of_a_request_counted_already_is_held_to_tokens_and_budgets_alone(store: Store) -> None:
+    """f173: a request that gave its reservation back to wait on an identical one, and then calls
+    upstream itself, reserves again: that reservation counts no request, and no ``rpm`` refuses it."""
+    scopes = _scopes(_tenant(), Caps(rpm=1, tpm=100, usd_per_day=1.0), Caps(rpm=1))
+    assert (await store.counters.reserve(_ask(scopes, tokens=20), T)).refused_by is None
+    again = replace(_ask(scopes, tokens=20, cost=0.5), requests=0)
+    assert (await store.counters.reserve(again, T)).refused_by is None  # at its rpm, and not refused
+    refused = await store.counters.reserve(_ask(scopes), T)
+    assert refused.refused_by == "0.rpm" and refused.window == (1, 0)  # the request counted once
+    assert (await store.counters.reserve(replace(again, tokens=61), T)).refused_by == "0.tpm"  # 40 + 61 > 100
+    over = await store.counters.reserve(replace(again, cost_usd=0.6), T)
+    assert over.refused_by == "0.usd_per_day" and over.spent_usd == pytest.approx(0.51)
 
 
 async def test_the_previous_minute_counts_for_what_is_left_of_it(store: Store) -> None:

@@ -83,21 +83,21 @@ the counter's); ``release``: ``usd`` taken off what reservations in flight hold 
 month (hd, hm: the part of d and mo that is estimates of requests not yet settled)."""
 
 # KEYS: window, spend of each scope, then (optionally) the tenant's pending reservations and the
-# reservation's mark. ARGV: fraction, tokens, cost, minute, day, month, then rpm, tpm,
-# usd_per_day, usd_per_month of each scope (-1: no limit). A rate refusal also returns the
-# refused measure's counts, this minute's and the previous one's. A marked reservation is also
-# pending, with what undoes it in its mark, until settled: one its process never settled (killed
-# mid-request) is undone by the tenant's next reservation once PENDING_S have passed, its mark
-# then 'x' (a settlement that still comes counts whole, as one never reserved). The answer's fifth
-# item is ``corrupt``, then a rate refusal's counts.
+# reservation's mark. ARGV: fraction, tokens, cost, minute, day, month, requests (0: counted
+# already, and no rpm refuses it), then rpm, tpm, usd_per_day, usd_per_month of each scope (-1: no
+# limit). A rate refusal also returns the refused measure's counts, this minute's and the previous
+# one's. A marked reservation is also pending, with what undoes it in its mark, until settled: one
+# its process never settled (killed mid-request) is undone by the tenant's next reservation once
+# PENDING_S have passed, its mark then 'x' (a settlement that still comes counts whole, as one never
+# reserved). The answer's fifth item is ``corrupt``, then a rate refusal's counts.
 _RESERVE = (
     _SPEND
     + """
-local scopes = (#ARGV - 6) / 4
+local scopes = (#ARGV - 7) / 4
 local marked = #KEYS > scopes * 2
 local frac, tokens, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 if not finite(cost) then cost = 0 end
-local minute, day, month = tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local minute, day, month, requests = tonumber(ARGV[4]), ARGV[5], ARGV[6], tonumber(ARGV[7])
 local now = (minute + frac) * 60
 if marked then
   local pending = KEYS[#KEYS - 1]
@@ -139,12 +139,12 @@ for s = 0, scopes - 1 do
 end
 told = table.concat(told, ';')
 for s = 0, scopes - 1 do
-  local a = 6 + s * 4
+  local a = 7 + s * 4
   local rpm, tpm, per_day, per_month = tonumber(ARGV[a+1]), tonumber(ARGV[a+2]), tonumber(ARGV[a+3]), tonumber(ARGV[a+4])
   local w = window(KEYS[s*2+1])
   local spent_day, spent_month = spent(KEYS[s*2+2])
   seen[s] = {w, spent_day, spent_month}
-  if rpm >= 0 and w[1] + w[2] * (1 - frac) + 1 > rpm then return {1, s .. '.rpm', '0', told, corrupt, w[1], w[2]} end
+  if rpm >= 0 and requests > 0 and w[1] + w[2] * (1 - frac) + requests > rpm then return {1, s .. '.rpm', '0', told, corrupt, w[1], w[2]} end
   if tpm >= 0 and w[3] + w[4] * (1 - frac) + tokens > tpm then return {1, s .. '.tpm', '0', told, corrupt, w[3], w[4]} end
   if per_day >= 0 then
     if past(spent_day, cost, per_day) then return {1, s .. '.usd_per_day', tostring(spent_day), told, corrupt} end
@@ -159,7 +159,7 @@ local hold = marked and cost or 0  -- a marked reservation is held until its set
 for s = 0, scopes - 1 do
   local w, spent_day, spent_month = seen[s][1], seen[s][2], seen[s][3]
   local held_day, held_month = in_flight(KEYS[s*2+2])
-  redis.call('HSET', KEYS[s*2+1], 'm', minute, 'r', w[1] + 1, 'rp', w[2], 't', w[3] + tokens, 'tp', w[4])
+  redis.call('HSET', KEYS[s*2+1], 'm', minute, 'r', w[1] + requests, 'rp', w[2], 't', w[3] + tokens, 'tp', w[4])
   redis.call('HSET', KEYS[s*2+2], 'day', day, 'd', spent_day + cost, 'month', month, 'mo', spent_month + cost,
              'hd', held_day + hold, 'hm', held_month + hold)
 end
@@ -276,6 +276,7 @@ class RedisLimitCounters:
             request.minute,
             request.day,
             request.month,
+            request.requests,
         ]
         for scope in request.scopes:
             args += _cap_args(scope.caps)
