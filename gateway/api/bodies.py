@@ -47,7 +47,7 @@ async def received_body(request: BodySource, limit: int, timeout_s: float) -> by
         if not announced.isdigit():
             raise InvalidRequestError("invalid Content-Length header")
         if int(announced) > limit:
-            raise PayloadTooLargeError(f"request body of {announced} bytes exceeds the limit of {limit} bytes")
+            raise _too_large(f"request body of {announced} bytes exceeds the limit of {limit} bytes")
     chunks: list[bytes] = []
     size = 0
     try:
@@ -55,7 +55,7 @@ async def received_body(request: BodySource, limit: int, timeout_s: float) -> by
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
+                    raise _too_large(f"request body exceeds the limit of {limit} bytes")
                 chunks.append(chunk)
     except TimeoutError:
         raise RequestTimeoutError(
@@ -67,6 +67,13 @@ async def received_body(request: BodySource, limit: int, timeout_s: float) -> by
             "before the body was whole"
         ) from None
     return b"".join(chunks)
+
+
+def _too_large(message: str) -> PayloadTooLargeError:
+    """A 413 before the body is whole: the rest is not read, and the connection not kept. Said in a
+    header, as granian otherwise sometimes closed it unannounced, failing a kept-alive client's next
+    request (t168); uvicorn would read the rest, however large, only to drop it."""
+    return PayloadTooLargeError(message, headers={"connection": "close"})
 
 
 async def inflated_body(request: BodySource, body: bytes, limit: int) -> bytes:

@@ -7,6 +7,11 @@ second held its connection for ever. Here a head may take :data:`MAX_HEAD_BYTES`
 :data:`HEAD_TIMEOUT_S`; past either, the connection is answered 431 or 408 and closed. The
 body is not counted: once the headers are complete, the rest goes to the parser as it comes.
 
+A chunked body's trailer section is bounded as a head is (closed unanswered past it: its request is
+still open), and its fields are dropped: uvicorn added them to the request's headers, so a key sent
+only there authenticated the request when it came in the same read as the head (RFC 9110 §6.5.1:
+trailer fields are not headers, and a proxy in front authorizing by header would judge another caller).
+
 It also tells a lost connection to every request on it still unanswered: uvicorn tells only the
 last one parsed, which for requests pipelined in one write is one queued behind the request
 being served, so that one never heard its client leave (logged 200 where it was 499).
@@ -67,6 +72,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._refused = False
         self._unanswered: list[RequestResponseCycle] = []
         self._upgrade_ignored = False
+        self._chunk_open = False
+        """A chunk's size line is read and none of its data yet: what follows is its data or, after the
+        last chunk, the trailer section."""
+        self._trailer_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -78,7 +87,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._refused:
             return  # what the client still sends after our answer: read and dropped (see _refuse)
         if not self._in_head:
-            self._feed(data)
+            self._feed_body(data)
             return
         if self._head_deadline is None:
             self._head_deadline = self.loop.call_later(HEAD_TIMEOUT_S, self._head_too_slow)
@@ -92,6 +101,21 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             if self.transport.is_closing() or self._refused:
                 return
         if data:  # the body, or a pipelined request that follows it
+            self._feed_body(data)
+
+    def _feed_body(self, data: bytes) -> None:
+        """Data once a head is complete; after a chunk's size line, in pieces, so that a trailer section
+        (which httptools grows a field of by copying, as it does a header) is held to the head's bound."""
+        while data and self._chunk_open:
+            piece, data = data[:_PIECE_BYTES], data[_PIECE_BYTES:]
+            self._trailer_bytes += len(piece)
+            if self._trailer_bytes > MAX_HEAD_BYTES:
+                self._hang_up()
+                return
+            self._feed(piece)
+            if self.transport.is_closing() or self._refused:
+                return
+        if data:
             self._feed(data)
 
     def _feed(self, data: bytes | memoryview) -> None:
@@ -126,6 +150,18 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn sets its own
         self.parser.feed_data(b"POST / HTTP/1.1\r\n" + b"".join(framing) + b"\r\n")
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:  # else a chunked body's trailer field (or the head _parse_as_http11 made up): dropped
+            super().on_header(name, value)
+
+    def on_chunk_header(self) -> None:
+        self._chunk_open = True
+        self._trailer_bytes = 0
+
+    def on_body(self, body: bytes) -> None:
+        self._chunk_open = False
+        super().on_body(body)
+
     def on_headers_complete(self) -> None:
         if self._upgrade_ignored:  # the head _parse_as_http11 made up: its request is already served
             self._upgrade_ignored = False
@@ -146,6 +182,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
                 self.cycle.__class__ = _Http10Cycle
 
     def on_message_complete(self) -> None:
+        self._chunk_open = False
         if self._upgrade_ignored:  # ended at its head by httptools: the body is still to come
             return
         super().on_message_complete()

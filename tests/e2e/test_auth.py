@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import re
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import anthropic
 import httpx
+import msgspec
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
@@ -312,3 +315,40 @@ def test_a_forbidden_name_and_an_unknown_one_get_the_same_answer_on_every_path(
             (response.status_code, response.text.replace(model, "NAME"), response.headers.get("x-gateway-dropped"))
         )
     assert seen[0] == seen[1]
+
+
+def _chunked_with_trailer(gw: GatewayProcess, target: str, body: bytes, headers: str, trailer: str) -> bytes:
+    """The answer to a chunked request whose trailer section holds ``trailer``, all sent in one write."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    request = (
+        f"{target} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n{headers}"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode() + b"%x\r\n%s\r\n0\r\n%s\r\n" % (len(body), body, trailer.encode())
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_key_or_request_id_in_a_chunked_trailer_is_not_a_request_header(
+    gw: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """t168: uvicorn's httptools protocol added a trailer's fields to the request's headers when it
+    came in the same read as the head: a key sent only there was served (RFC 9110 §6.5.1: trailer
+    fields are not headers; a proxy authorizing by header would disagree about who calls)."""
+    chat = msgspec.json.encode({"model": "fast", "messages": _messages("trailer")})
+    messages = msgspec.json.encode({"model": "fast", "max_tokens": 16, "messages": _messages("trailer")})
+    for target, body, trailer in (
+        ("POST /v1/chat/completions", chat, f"Authorization: Bearer {APP_SECRET}\r\n"),
+        ("POST /v1/messages", messages, f"x-api-key: {APP_SECRET}\r\n"),
+        ("GET /v1/usage", b"{}", f"Authorization: Bearer {ADMIN_SECRET}\r\n"),
+    ):
+        answer = _chunked_with_trailer(gw, target, body, "", trailer)
+        assert answer.startswith(b"HTTP/1.1 401 "), (target, answer[:200])
+    assert upstream_stats(small_upstream)["chat_requests"] == 0
+    answer = _chunked_with_trailer(gw, "POST /v1/chat/completions", chat, f"Authorization: Bearer {APP_SECRET}\r\n",
+                                   "x-request-id: from-the-trailer\r\n")  # fmt: skip
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert re.search(rb"(?i)\r\nx-request-id: [^\r]+", answer) and b"from-the-trailer" not in answer
