@@ -25,6 +25,7 @@ from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestRecord, exception_frames, log_request, utc_stamp
 from gateway.accounting.usage import UsageFigures
 from gateway.auth import Credentials
+from gateway.cache.plan import directives
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.drain import DEFAULT_DRAIN_S, Drain
 from gateway.errors import (
@@ -203,9 +204,9 @@ class EmbeddingsPipeline:
         cache_control: str | None,
     ) -> list[np.ndarray]:
         policy = runtime.policy.cache
-        directives = {part.strip().lower() for part in (cache_control or "").split(",")}
+        told = directives(cache_control)
         use_cache = policy.enabled and policy.exact.enabled
-        read, write = use_cache and "no-cache" not in directives, use_cache and "no-store" not in directives
+        read, write = use_cache and "no-cache" not in told, use_cache and "no-store" not in told
         timeout_s = policy.redis_timeout_ms / 1000
         primary = plan.candidates[0]
         shaping = {name: value for name, value in extra.items() if name != "user"}  # truncation changes a vector

@@ -126,9 +126,17 @@ async def hand_to_pipeline(
 
 def _cache_control(scope: Mapping[str, Any]) -> str | None:
     """Every ``Cache-Control`` line, read as HTTP reads several: one comma-separated list (t163:
-    a second line's ``no-cache`` was ignored). ASGI servers give header names in lower case."""
-    lines = [value.decode("latin-1") for name, value in scope["headers"] if name == b"cache-control"]
-    return ", ".join(lines) if lines else None
+    a second line's ``no-cache`` was ignored); without one, ``Pragma: no-cache`` is ``no-cache``
+    (RFC 9111, 5.4). ASGI servers give header names in lower case."""
+    lines, pragma = [], False
+    for name, value in scope["headers"]:
+        if name == b"cache-control":
+            lines.append(value.decode("latin-1"))
+        elif name == b"pragma":
+            pragma = pragma or b"no-cache" in value.lower()
+    if lines:
+        return ", ".join(lines)
+    return "no-cache" if pragma else None
 
 
 class DisconnectWatch:

@@ -11,7 +11,7 @@ from gateway.core.model import Message, Request, TextPart
 from gateway.errors import InvalidRequestError
 from gateway.store import keyspace
 
-__all__ = ["SEMANTIC_MAX_CHARS", "CachePlan", "check_directives", "plan_cache"]
+__all__ = ["SEMANTIC_MAX_CHARS", "CachePlan", "check_directives", "directives", "plan_cache"]
 
 SEMANTIC_MAX_CHARS = 8_000
 """Longer prompts use the exact cache alone: the embedding reads their start, the verifier at
@@ -37,8 +37,8 @@ def plan_cache(
     ``gateway_cache`` directives, which the edge took out of the body."""
     if not policy.enabled:
         return None
-    directives = _directives(cache_control, field)
-    read, write = "no-cache" not in directives, "no-store" not in directives
+    asked = directives(cache_control, field)
+    read, write = "no-cache" not in asked, "no-store" not in asked
     extra = request.extra
     if extra.get("n") not in (None, 1) or not (read or write) or _beyond_the_answer(request):
         return None
@@ -120,11 +120,15 @@ def check_directives(field: Any) -> None:
         )
 
 
-def _directives(header: str | None, field: Any) -> set[str]:
-    """``Cache-Control: no-cache`` (don't read), ``no-store`` (don't write); or the body field ``gateway_cache``."""
+def directives(header: str | None, field: Any = None) -> set[str]:
+    """``Cache-Control: no-cache`` (don't read), ``no-store`` (don't write); or the body field
+    ``gateway_cache``. ``max-age=0`` is ``no-cache`` too: no stored answer is young enough for it,
+    and it is how HTTP clients and proxies ask for a fresh one (t169: it was served a hit)."""
     found: set[str] = set()
     if header:
         found.update(part.strip().lower() for part in header.split(","))
+        if "max-age=0" in found:
+            found.add("no-cache")
     if isinstance(field, str):  # as check_directives reads it (t67: "no-cache, no-store" passed it, and stored)
         found.update(part.strip().lower() for part in field.split(","))
     elif isinstance(field, list):

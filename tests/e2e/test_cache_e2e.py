@@ -421,6 +421,12 @@ def test_cache_control_no_cache_and_no_store(cached_gateway: GatewayProcess, sma
         timeout=15,
     )
     assert lines.status_code == 200 and lines.headers["x-gateway-cache"] == "bypass"
+    # max-age=0 asks for a fresh answer, and so does Pragma: no-cache without a Cache-Control (t169: hits)
+    for fresh_asked in ({"cache-control": "max-age=0"}, {"pragma": "no-cache"}):
+        raw = client.chat.completions.with_raw_response.create(
+            model="fast", messages=messages, temperature=0, extra_headers=fresh_asked
+        )
+        assert raw.headers["x-gateway-cache"] == "bypass", fresh_asked
     # a directive the gateway does not know is refused, not ignored (t64: "no_cache" read the cache)
     for given in ("no_cache", ["no-store", "nocache"], {"read": "no"}, 3):
         with pytest.raises(openai.BadRequestError) as refused:
