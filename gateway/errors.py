@@ -479,6 +479,12 @@ _OVERFLOW_WORDS: tuple[tuple[re.Pattern[str], tuple[str, str, str | None]], ...]
     # vLLM 0.11+: "... maximum context length of W tokens. You requested a total of N tokens: P tokens
     # from the input messages and C tokens for the completion"
     (re.compile(r"maximum context length of (?P<w>\d+) tokens.*?(?P<p>\d+) tokens from the input messages(?: and (?P<c>\d+) tokens for the completion)?"), ("w", "p", "c")),
+    # vLLM 0.10.2+: "maximum context length is W tokens. However, your request has P input tokens." (t170)
+    (re.compile(r"maximum context length is (?P<w>\d+) tokens\. However, your request has (?P<p>\d+) input tokens"), ("w", "p", None)),
+    # vLLM before 0.10, prompt alone: "maximum context length is W tokens. However, you requested P tokens in the messages"
+    (re.compile(r"maximum context length is (?P<w>\d+) tokens.*?you requested (?P<p>\d+) tokens in the messages"), ("w", "p", None)),
+    # vLLM V1 engine: "Input length (P) exceeds model's maximum context length (W)."
+    (re.compile(r"Input length \((?P<p>\d+)\) exceeds model's maximum context length \((?P<w>\d+)\)"), ("w", "p", None)),
     # OpenAI, prompt alone: "maximum context length is W tokens. However, your messages resulted in P tokens"
     (re.compile(r"maximum context length is (?P<w>\d+) tokens.*?resulted in (?P<p>\d+) tokens"), ("w", "p", None)),
     # Anthropic: "prompt is too long: P tokens > W maximum"

@@ -801,6 +801,23 @@ def test_a_tool_results_cache_breakpoint_reaches_anthropic_through_a_translation
             "input length and `max_tokens` exceed context limit: 4000 + 1000 > 4096, decrease input length or "
             "`max_tokens` and try again",
         ),
+        (  # vLLM 0.10.2+ (t170: the sizes were not read)
+            "upstream 'vllm': HTTP 400: This model's maximum context length is 1024 tokens. However, your request has "
+            "1044 input tokens. Please reduce the length of the input messages.",
+            600,
+            "prompt is too long: 1044 tokens > 1024 maximum",
+        ),
+        (  # vLLM before 0.10, the prompt alone (t170)
+            "upstream 'vllm': HTTP 400: This model's maximum context length is 32768 tokens. However, you requested "
+            "32818 tokens in the messages, Please reduce the length of the messages.",
+            512,
+            "prompt is too long: 32818 tokens > 32768 maximum",
+        ),
+        (  # vLLM's V1 engine (t170)
+            "upstream 'vllm': HTTP 400: Input length (196905) exceeds model's maximum context length (196608).",
+            512,
+            "prompt is too long: 196905 tokens > 196608 maximum",
+        ),
         (  # llama.cpp
             "upstream 'local': HTTP 400: request (24071 tokens) exceeds the available context size (8192 tokens)",
             512,
