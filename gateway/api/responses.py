@@ -424,8 +424,10 @@ def _without_shared_state(body: dict[str, Any], raw: bytes) -> dict[str, Any]:
     The upstream keeps conversations, items, files, vector stores and containers for every
     tenant under one key: a ``conversation`` id, an ``item_reference``, a ``file_id``, a
     file search's ``vector_store_ids`` or a code interpreter's ``container`` id would reach
-    whatever another tenant made (t26). A reasoning item is sent on by its id: agents replay
-    their own (the Agents SDK's default), and an id cannot be guessed.
+    whatever another tenant made (t26). A stored ``prompt`` is the operator's, shared by every
+    tenant too, and the hosted tools it offers would run unpriced: only the body's are (t169).
+    A reasoning item is sent on by its id: agents replay their own (the Agents SDK's default),
+    and an id cannot be guessed.
     (``previous_response_id`` is checked against the tenant's own responses before this.)
     """
     if body.get("conversation") is not None:
@@ -433,6 +435,12 @@ def _without_shared_state(body: dict[str, Any], raw: bytes) -> dict[str, Any]:
             "'conversation' is not supported by this gateway (an upstream conversation is shared by every "
             "tenant); continue with previous_response_id",
             param="conversation",
+        )
+    if body.get("prompt") is not None:
+        raise InvalidRequestError(
+            "'prompt' is not supported by this gateway (an upstream stored prompt is shared by every tenant, "
+            "and its tools are not priced); send its instructions and tools in the request",
+            param="prompt",
         )
     items = body.get("input")
     for index, item in enumerate(items if isinstance(items, list) else ()):

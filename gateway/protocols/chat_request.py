@@ -112,8 +112,8 @@ def _check_schema_name(response_format: Any) -> None:
     """A JSON schema's name as OpenAI checks it, as on Responses (``text.format.name``)."""
     if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
         spec = response_format.get("json_schema")
-        if isinstance(spec, dict) and spec.get("name") is not None:
-            check_schema_name(spec["name"], "response_format.json_schema.name")
+        if isinstance(spec, dict):
+            check_schema_name(spec.get("name"), "response_format.json_schema.name")
 
 
 def _check_tool_choice(body: dict[str, Any]) -> None:

@@ -74,7 +74,12 @@ _SCHEMA_NAME_CHARS = 64
 def check_schema_name(name: object, param: str) -> None:
     """A 400 for a JSON schema's ``name`` (Responses' ``text.format.name``, chat's
     ``response_format.json_schema.name``) that OpenAI refuses, in its words and code: a chat
-    upstream may take it, and an OpenAI one refused it only after the request was routed (t167)."""
+    upstream may take it, and an OpenAI one refused it only after the request was routed (t167).
+    ``None``: the name is missing (t169)."""
+    if name is None:
+        raise InvalidRequestError(
+            f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
     if not isinstance(name, str):
         raise InvalidRequestError(
             f"Invalid type for '{param}': expected a string, but got {_json_type(name)} instead.",

@@ -518,8 +518,6 @@ def _text_format(
     schema, name = raw.get("schema"), raw.get("name")
     if not isinstance(schema, dict):
         raise InvalidRequestError("text.format.schema: a JSON schema object is required", param="text.format.schema")
-    if name is None:
-        raise InvalidRequestError("text.format.name: a name is required", param="text.format.name")
     check_schema_name(name, "text.format.name")
     spec: dict[str, Any] = {"name": name, "schema": schema}
     if isinstance(raw.get("description"), str):

@@ -677,15 +677,17 @@ def test_a_metadata_value_not_a_string_is_refused_as_openai_refuses_it(client: o
 def test_a_json_schema_name_openai_refuses_is_refused_as_openai_refuses_it(
     client: openai.OpenAI, small_upstream: SimulatedUpstream, api: str
 ) -> None:
-    """t167 #2: a name outside ``^[a-zA-Z0-9_-]{1,64}$`` went upstream, where OpenAI refuses it."""
+    """t167 #2: a name outside ``^[a-zA-Z0-9_-]{1,64}$`` went upstream, where OpenAI refuses it;
+    t169 #2: on chat, so did a schema without a name, which OpenAI requires as Responses does."""
     schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
 
     def ask(name: object) -> None:
+        named = {} if name is None else {"name": name}
         if api == "responses":
-            text: Any = {"format": {"type": "json_schema", "name": name, "schema": schema}}
+            text: Any = {"format": {"type": "json_schema", **named, "schema": schema}}
             client.responses.create(model="fast", input="Hi.", text=text, store=False)
         else:
-            response_format: Any = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+            response_format: Any = {"type": "json_schema", "json_schema": {**named, "schema": schema}}
             client.chat.completions.create(
                 model="fast", messages=[{"role": "user", "content": "Hi."}], response_format=response_format
             )
@@ -697,6 +699,7 @@ def test_a_json_schema_name_openai_refuses_is_refused_as_openai_refuses_it(
         ("n" * 65, f"Invalid '{param}': string too long. Expected a string with maximum length 64, but got a "
                    "string with length 65 instead.", "string_above_max_length"),
         (7, f"Invalid type for '{param}': expected a string, but got an integer instead.", "invalid_type"),
+        (None, f"Missing required parameter: '{param}'.", "missing_required_parameter"),
     ]  # fmt: skip
     before = upstream_stats(small_upstream)["requests"]
     for name, message, code in refusals:

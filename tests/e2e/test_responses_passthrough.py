@@ -613,6 +613,7 @@ def test_a_model_the_key_may_not_call_is_a_404_before_the_previous_response_is_r
     "extra",
     [
         {"conversation": "conv_of_another_tenant"},
+        {"prompt": {"id": "pmpt_of_the_operator", "version": "2"}},  # t169 #1: its tools are not priced
         {"input": [{"type": "item_reference", "id": "msg_of_another_tenant"}]},
         {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file_of_another_tenant"}]}]},
         {"tools": [{"type": "file_search", "vector_store_ids": ["vs_of_another_tenant"]}]},
