@@ -551,7 +551,9 @@ def test_a_client_slow_to_send_its_body_is_not_the_gateways_overhead(gw: Gateway
                 received += chunk
         assert received.startswith(b"HTTP/1.1 " + status), received[:200]
         record = gw.wait_for_record(request_id)
-        assert record["latency_ms"] >= 700 and record["overhead_ms"] < record["latency_ms"] - 0.8 * 700
+        # the gateway's clock starts once it has read the head, which under load may be a little after
+        # the client sent it (a fresh clone's run logged 690 ms): the pause is bounded below as the wait is
+        assert record["latency_ms"] >= 0.8 * 700 and record["overhead_ms"] < record["latency_ms"] - 0.8 * 700
         assert record["client_wait_ms"] >= 0.8 * 700
         if record["stream"]:  # from the body's arrival: the upstream's first chunk, not the client's pause
             assert record["ttft_ms"] is not None and record["ttft_ms"] < record["latency_ms"] - 0.8 * 700, record
