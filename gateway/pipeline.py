@@ -1116,7 +1116,14 @@ class ChatPipeline:
             # be a placeholder, as for a cut stream
             cut = tally.finish_reason is None
             await self._settle_off_loop(
-                x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier
+                x,
+                provider,
+                tally.usage,
+                tally.text,
+                tally.said,
+                cut=cut,
+                tier=tally.service_tier,
+                tools=tally.server_tools,
             )
             record.finish_reason = tally.finish_reason
             if framed:  # the upstream's own events said all there is to say
@@ -1272,7 +1279,14 @@ class ChatPipeline:
                 rest.why = await self._read_on(x, provider, stream, rest)
             cut = rest.why is not None
             await self._settle_off_loop(
-                x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier
+                x,
+                provider,
+                tally.usage,
+                tally.text,
+                tally.said,
+                cut=cut,
+                tier=tally.service_tier,
+                tools=tally.server_tools,
             )
             if rest.why is not None:  # (t65) billed on the cut text alone: ops and finance are told
                 _log.warning(
@@ -1356,12 +1370,16 @@ class ChatPipeline:
     async def _settle_cut(self, x: _Exchange, provider: Provider, tally: StreamTally) -> None:
         """A stream that ended early (broken, or its client gone): the tally's usage and text."""
         cut = tally.finish_reason is None and not tally.usage_exact
-        await self._settle_off_loop(x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier)
+        await self._settle_off_loop(
+            x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier, tools=tally.server_tools
+        )
 
     def _settle_cut_now(self, x: _Exchange, provider: Provider, tally: StreamTally) -> None:
         """:meth:`_settle_cut` on the event loop, for a caller that cannot wait (a timer's)."""
         cut = tally.finish_reason is None and not tally.usage_exact
-        self._settle(x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier)
+        self._settle(
+            x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier, tools=tally.server_tools
+        )
 
     async def _settle_off_loop(
         self,
@@ -1373,6 +1391,7 @@ class ChatPipeline:
         *,
         cut: bool = False,
         tier: str | None = None,
+        tools: dict[str, int] | None = None,
     ) -> None:
         """:meth:`_settle`, with a long answer the gateway counts counted off the event loop, as a long
         prompt is (t110: a stream of 41M tokens, counted at its cut, held the loop for 26 s); to its
@@ -1380,12 +1399,12 @@ class ChatPipeline:
         written = said if said is not None else text
         counts = usage is None or cut or _untrue(usage, x.request, provider, written, cut=cut) is not None
         if not counts or len(written) <= x.runtime.policy.limits.long_prompt_chars:
-            self._settle(x, provider, usage, text, said, cut=cut, tier=tier)
+            self._settle(x, provider, usage, text, said, cut=cut, tier=tier, tools=tools)
             return
 
         async def count_then_settle() -> None:
             counted = await asyncio.to_thread(count_text, written, provider.config.encoding)
-            self._settle(x, provider, usage, text, said, cut=cut, tier=tier, counted=counted)
+            self._settle(x, provider, usage, text, said, cut=cut, tier=tier, tools=tools, counted=counted)
 
         await _to_the_end(count_then_settle())
 
@@ -1399,6 +1418,7 @@ class ChatPipeline:
         *,
         cut: bool = False,
         tier: str | None = None,
+        tools: dict[str, int] | None = None,
         counted: int | None = None,
     ) -> None:
         """Tokens (the upstream's usage when it sent one) and costs, actual and baseline.
@@ -1408,6 +1428,7 @@ class ChatPipeline:
         opening placeholder (Anthropic's ``message_start`` says 1 output token): the output is
         then at least what was counted of it; ``tier``: the ``service_tier`` the answer said
         processed it, billed when there is no usage to carry it (t71: the asked one was billed);
+        ``tools``: the hosted tools' uses a stream showed, billed likewise (f176);
         ``counted``: the tokens of what it wrote, counted already (:meth:`_settle_off_loop`).
         A usage no answer can have (:func:`_untrue`) is not billed either: the gateway counts, and
         the log says why (t103: a prompt of 10**15 tokens billed $10**9, and a tenant's budget
@@ -1450,6 +1471,7 @@ class ChatPipeline:
             record.completion_tokens = counted
             record.speed, record.inference_geo = x.asked.speed, x.asked.inference_geo  # as asked, unsaid
             record.service_tier = tier if tier is not None else x.asked.service_tier
+            record.server_tool_requests = dict(tools) if tools else None
             record.tokens_source = "gateway"
         if record.tokens_source == "gateway" or cut:
             # what the gateway counted of a runaway upstream is not billed past what the request let it write (t111)

@@ -654,8 +654,9 @@ def _holds_audio(item: object) -> bool:
 class HostedToolUses:
     """The hosted tools' uses an answer's output items show, as OpenAI bills them: a web or file
     search per call, the code interpreter per container (its session) however many runs it
-    holds (t159). An item is counted once by its id (or place), read from a stream's
-    ``response.output_item.done`` and again from its final response."""
+    holds (t159). An item is counted once by its place in the output, read from a stream's
+    ``response.output_item.done`` and again from its final response (f176: by its id, one the
+    final response listed without was counted twice)."""
 
     __slots__ = ("_units",)
 
@@ -669,7 +670,7 @@ class HostedToolUses:
         if name is None:
             return False
         own = item.get("id")
-        unit = own if isinstance(own, str) else f"#{index}"
+        unit = f"#{index}" if isinstance(index, int) or not isinstance(own, str) else own
         container = item.get("container_id")
         if name == "code_interpreter" and isinstance(container, str):
             unit = container

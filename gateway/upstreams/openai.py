@@ -428,7 +428,7 @@ class _ResponsesEventStream(RelayedStream):
             tally.text_parts.append(data["delta"])
         elif kind == "response.output_item.done":
             if self._tools.add(data.get("item"), data.get("output_index")):
-                _bill_tools(tally.usage, self._tools)
+                self._bill_tools()
         elif kind.startswith("response.") and isinstance(response := data.get("response"), dict):
             if tally.id is None and isinstance(response.get("id"), str):
                 tally.id, tally.model = response["id"], response.get("model")
@@ -441,7 +441,7 @@ class _ResponsesEventStream(RelayedStream):
             if kind in ("response.completed", "response.incomplete"):
                 tally.finish_reason = responses.finish_reason_of(response)
             if self._tools.add_output(response.get("output")) or usage is not None:
-                _bill_tools(tally.usage, self._tools)
+                self._bill_tools()
         if kind == "response.failed":
             failed = self._failure(data)
             if failed.retryable:  # retried before any content, else the gateway's own event ends the stream (t138)
@@ -451,6 +451,10 @@ class _ResponsesEventStream(RelayedStream):
         # only an event the client is given: the gateway's error event follows on from it (t147)
         if isinstance(sequence := data.get("sequence_number"), int):
             self._sequence = sequence
+
+    def _bill_tools(self) -> None:
+        self.tally.server_tools = self._tools.uses()
+        _bill_tools(self.tally.usage, self._tools)
 
     def _failure(self, data: dict[str, Any]) -> UpstreamStatusError:
         """A ``response.failed`` as the upstream failure it is; retryable where it is the upstream's

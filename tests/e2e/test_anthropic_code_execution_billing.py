@@ -119,8 +119,9 @@ async def _messages(request: web.Request, upstream: RecordingUpstream) -> web.St
             events.append({"type": "content_block_delta", "index": index, "delta": partial})
         events.append({"type": "content_block_stop", "index": index})
     delta = {"stop_reason": "end_turn", "stop_sequence": None, "container": container}
-    events.append({"type": "message_delta", "delta": delta, "usage": _usage(body, 20)})
-    events.append({"type": "message_stop"})
+    if "CUT" not in str(body.get("messages")):  # else the upstream breaks after the runs
+        events.append({"type": "message_delta", "delta": delta, "usage": _usage(body, 20)})
+        events.append({"type": "message_stop"})
     for event in events:
         await write_sse(response, event, event["type"])
     return response
@@ -212,6 +213,23 @@ def test_code_execution_is_billed_per_container_or_as_usage_counts_it(
     record = gateway.wait_for_record(request_id)
     assert record["passthrough"] is True and record["server_tool_requests"] == {"code_execution": runs}
     assert record["cost_usd"] == pytest.approx(_TEXT_USD + runs * _RUN_USD, rel=1e-6)
+
+
+def test_a_stream_cut_after_its_runs_bills_them(gateway: GatewayProcess) -> None:
+    """f176: the stream ends before ``message_delta`` (its container, its final usage): the runs the
+    client was shown are billed, on ``message_start``'s usage and the gateway's count."""
+    asked: Any = {
+        "model": "opus-r",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "Compute. CUT"}],
+        "tools": _CODE,
+        "extra_headers": {"x-request-id": "code-cut", "anthropic-beta": "code-execution-2025-08-25"},
+    }
+    with pytest.raises(anthropic.APIStatusError):
+        for _ in _claude(gateway).messages.create(**asked, stream=True):
+            pass
+    record = gateway.wait_for_record("code-cut")
+    assert record["status"] == 502 and record["server_tool_requests"] == {"code_execution": 1}
 
 
 def test_an_answer_without_code_execution_bills_none(gateway: GatewayProcess) -> None:

@@ -8,11 +8,14 @@ prices. A request offering a tool (or holding an ``input_audio`` part) that a mo
 does not price is refused unsent, with ``param`` ``tools`` (or ``input``); a priced one is billed
 each use the answer's output items show, whole or streamed. The loopback upstream answers as
 OpenAI's Responses API does: a ``web_search_call`` per search, a ``code_interpreter_call`` per run,
-an ``image_generation_call`` per image.
+an ``image_generation_call`` per image. An input that says ``HOLD`` is held after the output items
+(a client leaves it), one that says ``CUT`` ends there (the upstream breaks), and one that says
+``DROPIDS`` lists the final response's items without their ids (f176).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,9 +125,15 @@ async def _responses(request: web.Request, upstream: RecordingUpstream) -> web.S
     for index, item in enumerate(output):
         events.append({"type": "response.output_item.added", "output_index": index, "item": item})
         events.append({"type": "response.output_item.done", "output_index": index, "item": item})
-    events.append({"type": "response.completed", "response": _response(body, "completed", output)})
+    said = str(body.get("input"))
+    if "DROPIDS" in said:
+        output = [{k: v for k, v in item.items() if k != "id"} for item in output]
+    if "CUT" not in said and "HOLD" not in said:
+        events.append({"type": "response.completed", "response": _response(body, "completed", output)})
     for number, event in enumerate(events):
         await write_sse(response, {**event, "sequence_number": number}, event["type"])
+    if "HOLD" in said:
+        await asyncio.sleep(10)  # the client leaves meanwhile
     return response
 
 
@@ -247,6 +256,65 @@ def test_each_generated_image_is_billed(gateway: GatewayProcess, stream: bool) -
     record = gateway.wait_for_record(request_id)
     assert record["server_tool_requests"] == {"image_generation": 1}
     assert record["cost_usd"] == pytest.approx(_TEXT_USD + 40 / 1000, rel=1e-6)
+
+
+_DRAWN_AND_SEARCHED: Any = [{"type": "image_generation"}, {"type": "web_search"}]
+_FEES_USD = 40 / 1000 + 2 * 10 / 1000
+"""An image and two searches at ``tooled``'s prices."""
+
+
+def test_an_abandoned_stream_bills_the_tool_uses_its_client_was_given(gateway: GatewayProcess) -> None:
+    """f176: the client has every output item (an image, two searches) and hangs up before
+    ``response.completed``, the only event with a usage: the uses are billed with the gateway's
+    count of the tokens, as OpenAI bills the work it did."""
+    stream = _client(gateway).responses.create(
+        model="tooled-r",
+        input="Draw and search. HOLD",
+        tools=_DRAWN_AND_SEARCHED,
+        stream=True,
+        extra_headers={"x-request-id": "abandoned-tools"},
+    )
+    done = 0
+    for event in stream:
+        done += event.type == "response.output_item.done"
+        if done == 4:  # the image, two searches, the message
+            break
+    stream.close()
+    record = gateway.wait_for_record("abandoned-tools")
+    assert record["status"] == 499 and record["tokens_source"] == "gateway"
+    assert record["server_tool_requests"] == {"image_generation": 1, "web_search": 2}
+    assert record["cost_usd"] > _FEES_USD
+
+
+def test_a_stream_its_upstream_cuts_bills_the_tool_uses_it_gave(gateway: GatewayProcess) -> None:
+    """f176: the upstream ends the stream after the output items, without ``response.completed``."""
+    events = _client(gateway).responses.create(
+        model="tooled-r",
+        input="Draw and search. CUT",
+        tools=_DRAWN_AND_SEARCHED,
+        stream=True,
+        extra_headers={"x-request-id": "cut-tools"},
+    )
+    assert [event.type for event in events][-1] == "error"
+    record = gateway.wait_for_record("cut-tools")
+    assert record["status"] == 502 and record["tokens_source"] == "gateway"
+    assert record["server_tool_requests"] == {"image_generation": 1, "web_search": 2}
+    assert record["cost_usd"] > _FEES_USD
+
+
+def test_a_final_response_without_item_ids_bills_each_use_once(gateway: GatewayProcess) -> None:
+    """f176: the stream's items had ids and its final response's did not: each is one item, by its
+    place in the output, not two."""
+    with _client(gateway).responses.stream(
+        model="tooled-r",
+        input="Draw and search. DROPIDS",
+        tools=_DRAWN_AND_SEARCHED,
+        extra_headers={"x-request-id": "dropped-ids"},
+    ) as events:
+        assert events.get_final_response().output_text == "Found it."
+    record = gateway.wait_for_record("dropped-ids")
+    assert record["server_tool_requests"] == {"image_generation": 1, "web_search": 2}
+    assert record["cost_usd"] == pytest.approx(_TEXT_USD + _FEES_USD, rel=1e-6)
 
 
 def test_audio_input_is_billed_at_the_audio_price(gateway: GatewayProcess) -> None:
