@@ -11,8 +11,9 @@ enough to decide alone (measured in ``docs/semantic-cache.md``):
   us" / "3 of us at 4 pm") is compared as a multiset *and* the pairs that keep their
   neighbours: see :func:`_numbers_agree`.
 * ``identifiers``: ids, codes and formulas, words with a digit after a letter ("a72b1428",
-  "ABC-4521", "v1.2.3", "SF6", "Z_8") or of six or more hex digits ("840140ec"), which
-  ``numbers`` does not read or reads only in part, as a multiset (case, "-" and "_" aside): each
+  "ABC-4521", "v1.2.3", "SF6", "Z_8", "номер58213") or of six or more hex digits ("840140ec"), which
+  ``numbers`` does not read or reads only in part, as a multiset (case, "-" and "_" aside, digits
+  of any script as ASCII: "ID٥٨٢١٣" = "ID58213"; t169): each
   prompt having one the other lacks is refused. The verifier, reading the shared words, served
   "lookup d7bf14ec" the answer to "lookup a72b1428" (t163, p 0.997). One on one side only ("WW1"
   / "World War I", "O2" / "oxygen": 61 paraphrases of the hand-written files) is the verifier's,
@@ -71,7 +72,6 @@ Everything else (wording, order, negation, direction) is the verifier's to judge
 from __future__ import annotations
 
 import re
-import string
 import unicodedata
 from bisect import bisect_left
 from collections import Counter
@@ -128,7 +128,7 @@ _NUMBER_WORDS = re.compile(
 # Letters that make words without spaces between them (Chinese, Japanese, Korean, Thai)
 _UNSPACED_LETTERS = "\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\u0e00-\u0e7f"
 # A number starts after no word character, but a letter of those scripts ("电话13812345678", "注文番号は58213";
-# Hangul as the jamo ``_fold`` decomposes it into): after a Latin or Cyrillic one a digit is part of a
+# Hangul as the jamo ``_fold`` decomposes it into): after a letter of another script a digit is part of a
 # word ("a72b1428", "м2"), the identifiers rule's. A sign is "-14" anywhere, "- 14" after "=", "(" or ":"
 # and not a "- " list bullet.
 _NUMBER = re.compile(
@@ -761,26 +761,37 @@ def _numbers(prose: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-# letters and digits joined by single "-", "_" or "." ("ABC-4521", "v1.2.3", "Z_8"); a digit after a
-# letter (or after one and a joint) makes it an id, and so do six or more hex digits ("840140ec"):
-# "12-page", "100MB" and "3x" are quantities
-_JOINED = re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9]+(?:[-._][A-Za-z0-9]+)*")
-_DIGIT_AFTER_LETTER = re.compile(r"[A-Za-z][-._]?[0-9]")
+# letters and digits of any script joined by single "-", "_" or "." ("ABC-4521", "v1.2.3", "Z_8",
+# "номер58213", "ID٥٨٢١٣"); a digit after a letter (or after one and a joint) makes it an id, and so do
+# six or more hex digits ("840140ec"): "12-page", "100MB" and "3x" are quantities. A letter of the
+# scripts written without spaces is no part of one: a digit after it starts a number (``_NUMBER``).
+_ID_LETTER = rf"[^\W\d_{_UNSPACED_LETTERS}\u1100-\u11ff]"
+_ID_CHAR = rf"(?:\d|{_ID_LETTER})"
+_JOINED = re.compile(rf"(?<!{_ID_CHAR}){_ID_CHAR}+(?:[-._]{_ID_CHAR}+)*")
+_DIGIT_AFTER_LETTER = re.compile(rf"{_ID_LETTER}[-._]?\d")
 _HEX = re.compile(r"[0-9]+[a-fA-F]+")
 _JOINT = re.compile(r"[-._]")
-_AFTER_LAST_DIGIT = string.ascii_letters + "-._"
+_THROUGH_LAST_DIGIT = re.compile(r".*\d")
+_DIGIT = re.compile(r"\d")
 
 
 def _identifiers(prose: str) -> tuple[str, ...]:
     """The ids in a prompt, up to the end of the part holding the last digit ("L1-regularized"
-    is "l1", "file2.txt" "file2"), in lower case and without "-" or "_" ("GPT-4" / "gpt4")."""
+    is "l1", "file2.txt" "file2"), in lower case, without "-" or "_" ("GPT-4" / "gpt4") and with
+    ASCII digits ("ID٥٨٢١٣" / "id58213")."""
     found = []
     for token in _JOINED.findall(prose):
+        token = _DIGIT.sub(_ascii_digit, token) if not token.isascii() else token
         if not (_DIGIT_AFTER_LETTER.search(token) or (len(token) >= 6 and _HEX.fullmatch(token))):
             continue
-        joint = _JOINT.search(token, len(token.rstrip(_AFTER_LAST_DIGIT)))
+        through_digits = _THROUGH_LAST_DIGIT.match(token)
+        joint = _JOINT.search(token, through_digits.end() if through_digits else 0)
         found.append(token[: joint.start() if joint else None].lower().replace("-", "").replace("_", ""))
     return tuple(sorted(found))
+
+
+def _ascii_digit(m: re.Match[str]) -> str:
+    return str(unicodedata.decimal(m.group()))
 
 
 def _replaced(x: tuple[str, ...], y: tuple[str, ...]) -> bool:

@@ -145,6 +145,33 @@ def test_an_identifier_replaced_by_another_is_refused(stored: str, new: str) -> 
 @pytest.mark.parametrize(
     ("stored", "new"),
     [
+        ("What is the status of order ID٥٨٢١٣?", "What is the status of order ID٥٨٢٣١?"),  # t169
+        ("Explain the error code E५८२१३ on my washing machine.", "Explain the error code E५८२३१ on my washing machine."),
+        ("What is the status of order ID５８２１３?", "What is the status of order ID５８２３１?"),  # NFKC folds these
+        ("Каков статус заказа номер58213?", "Каков статус заказа номер58231?"),
+        ("Каков статус заказа номер٥٨٢١٣?", "Каков статус заказа номер٥٨٢٣١?"),
+        ("Ελέγξτε την παραγγελία αρ58213", "Ελέγξτε την παραγγελία αρ58231"),
+        ("Lookup ticket Ω58213 please", "Lookup ticket Ω58231 please"),
+        ("ما حالة الطلب رقم٥٨٢١٣؟", "ما حالة الطلب رقم٥٨٢٣١؟"),
+    ],
+)  # fmt: skip
+def test_an_identifier_in_another_script_replaced_by_another_is_refused(stored: str, new: str) -> None:
+    # t169: the rules read only ASCII ids, and only the verifier's close bar (p up to 0.994) refused these
+    assert "identifiers" in conflicts(stored, new)
+    assert "identifiers" in conflicts(new, stored)
+
+
+def test_the_same_identifier_with_digits_of_another_script_is_one_id() -> None:
+    assert structure_of("order ID٥٨٢١٣").identifiers == structure_of("order ID58213").identifiers == ("id58213",)
+    assert conflicts("What is the status of order ID٥٨٢١٣?", "What is the status of order ID58213?") == []
+    assert "identifiers" not in conflicts("Каков статус заказа номер٥٨٢١٣?", "Каков статус заказа номер58213?")
+    # a letter of a script written without spaces is no part of an id (the numbers rule reads the digits)
+    assert structure_of("请问订单58213的状态").identifiers == ()
+
+
+@pytest.mark.parametrize(
+    ("stored", "new"),
+    [
         ("lookup a72b1428", "please look up a72b1428"),
         ("Where is my order ABC-4521?", "where's order abc4521"),  # case and separators aside
         ("What changed in GPT-4?", "what changed in gpt4"),
