@@ -439,6 +439,9 @@ class _AnthropicChatStream(ChatStream):
 
 
 _MESSAGE_STOP: dict[str, Any] = {"type": "message_stop"}
+_COUNTED_CALLS = frozenset({"web_search", "web_fetch"})
+"""The server tools Anthropic's usage counts (``server_tool_use.<name>_requests``), in the final
+``message_delta`` alone: a stream counts their ``server_tool_use`` blocks until it comes (f180)."""
 
 
 def _gives_stop_reason(event: dict[str, Any]) -> bool:
@@ -454,8 +457,9 @@ class _RelayedMessageStream(RelayedStream):
     """A Messages stream passed through. The tally reads (through the codec's
     :class:`StreamDecoder`) the message id, usage and stop reason, and what the model wrote
     (thinking, text, tool input) as a translated stream's does, for the count of a stream cut
-    short and the bound on what it may write (t142); an ``error`` event raises and the gateway
-    answers it in Anthropic's shape."""
+    short and the bound on what it may write (t142), and the web searches and fetches it ran,
+    billed where it ends before the usage that counts them (f180); an ``error`` event raises and
+    the gateway answers it in Anthropic's shape."""
 
     end_events = frozenset({"message_stop"})
     preamble_events = frozenset({"message_start", "ping"})
@@ -468,6 +472,7 @@ class _RelayedMessageStream(RelayedStream):
         self._decoder = anthropic.StreamDecoder()
         self._chunk_deltas = openai_chat.ChunkDeltas()
         self._containers = containers
+        self._calls: dict[str, int] = {}
 
     def _take(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "error":
@@ -487,13 +492,23 @@ class _RelayedMessageStream(RelayedStream):
             self._containers.add(data.get("message"))
         elif kind == "message_delta":
             self._containers.add(data.get("delta"))
+            if isinstance(data.get("usage"), dict) and self._decoder.usage is not None:
+                self._calls = {}  # its count of them wins: a failed search is not billed
         elif kind == "content_block_start":
-            self._containers.add_block(data.get("content_block"))
+            block = data.get("content_block")
+            self._containers.add_block(block)
+            if (
+                isinstance(block, dict)
+                and block.get("type") == "server_tool_use"
+                and block.get("name") in _COUNTED_CALLS
+            ):
+                self._calls[block["name"]] = self._calls.get(block["name"], 0) + 1
         else:
             return
         counted = self._decoder.usage  # the usage's own count, which the tally's below adds to (f175)
+        tally.server_tools = {**self._calls, **(counted.server_tool_requests if counted is not None else {})}
         if tally.usage is not None and counted is not None:
-            tally.usage.server_tool_requests = self._containers.uses(counted.server_tool_requests)
+            tally.usage.server_tool_requests = self._containers.uses(tally.server_tools)
 
     def error_event(self, error: GatewayError) -> bytes:
         return b"event: error\ndata: " + encode_error(error.status_code, error.message) + b"\n\n"

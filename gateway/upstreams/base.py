@@ -180,9 +180,9 @@ class StreamTally:
     stop_sequence: str | None = None
     """The stop string that ended the answer, where the upstream said which."""
     server_tools: dict[str, int] = field(default_factory=dict)
-    """The hosted tools' uses the stream showed so far (a Responses stream's output items): billed
-    with the gateway's count where no usage came (f176: a stream cut before ``response.completed``
-    billed none)."""
+    """The hosted tools' uses the stream showed so far (a Responses stream's output items, a Messages
+    stream's web searches and fetches: f180): billed with the gateway's count where no usage came
+    (f176: a stream cut before ``response.completed`` billed none)."""
     chunks: int = 0
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     reasoning_parts: list[str] = field(default_factory=list)

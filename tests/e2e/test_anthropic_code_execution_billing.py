@@ -7,11 +7,15 @@ the answer names the container (``container.id``: the message's, or a stream's
 A request offering it that a model it may end at does not price (``server_tools.code_execution``)
 is refused unsent; a priced one is billed once per container the answer names (or per run its
 usage counts, where it counts them), whole or streamed. The loopback upstream answers as
-Anthropic's API does: ``server_tool_use`` blocks for its runs, their results, the container.
+Anthropic's API does: ``server_tool_use`` blocks for its runs, their results, the container;
+asked to ``SEARCH``, two web searches and a fetch where those tools are offered (``ERRED``: the
+second search fails, unbilled). A question that says ``CUT`` ends the stream after the blocks
+(the upstream breaks), one that says ``HOLD`` holds it there (a client leaves it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +37,7 @@ _MODELS = """
     provider: anthropic
     base_url: {url}
     upstream_model: claude-opus-4-6
-    price: {{input: 5, output: 25, server_tools: {{code_execution: 50, web_search: 10}}}}
+    price: {{input: 5, output: 25, server_tools: {{code_execution: 50, web_search: 10, web_fetch: 0}}}}
     tier: large
     timeouts: {{connect: 2, first_byte: 5, total: 10}}
   haiku:
@@ -84,9 +88,39 @@ def _runs() -> list[dict[str, Any]]:
     return blocks
 
 
-def _usage(body: dict[str, Any], output_tokens: int) -> dict[str, Any]:
-    """Anthropic's usage: no count of code runs, but where the question asks it to ("counted")."""
-    used: dict[str, int] = {"web_search_requests": 0, "web_fetch_requests": 0}
+def _searches(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Two web searches and a fetch, of the tools offered, as Anthropic's answer shows them."""
+    offered = " ".join(str(tool.get("type")) for tool in body.get("tools") or ())
+    if "SEARCH" not in str(body.get("messages")):
+        return []
+    blocks: list[dict[str, Any]] = []
+    for n in (1, 2) if "web_search_" in offered else ():
+        blocks.append({"type": "server_tool_use", "id": f"srvtoolu_s{n}", "name": "web_search",
+                       "input": {"query": f"news {n}"}})  # fmt: skip
+        found: Any = [{"type": "web_search_result", "url": f"https://example.com/{n}", "title": f"News {n}",
+                       "encrypted_content": "Eo8BCioIAhgBIiQ", "page_age": None}]  # fmt: skip
+        if n == 2 and "ERRED" in str(body.get("messages")):
+            found = {"type": "web_search_tool_result_error", "error_code": "unavailable"}
+        blocks.append({"type": "web_search_tool_result", "tool_use_id": f"srvtoolu_s{n}", "content": found})
+    if "web_fetch_" in offered:
+        blocks.append({"type": "server_tool_use", "id": "srvtoolu_f1", "name": "web_fetch",
+                       "input": {"url": "https://example.com/1"}})  # fmt: skip
+        document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "News."},
+                    "title": "News 1"}  # fmt: skip
+        fetched = {"type": "web_fetch_result", "url": "https://example.com/1", "content": document,
+                   "retrieved_at": "2026-05-23T21:13:31Z"}  # fmt: skip
+        blocks.append({"type": "web_fetch_tool_result", "tool_use_id": "srvtoolu_f1", "content": fetched})
+    return blocks
+
+
+def _usage(body: dict[str, Any], output_tokens: int, *, final: bool = True) -> dict[str, Any]:
+    """Anthropic's usage: no count of code runs, but where the question asks it to ("counted");
+    the searches and fetches that did not fail, counted in the final usage alone."""
+    searched = [block for block in _searches(body) if block["type"].endswith("_tool_result")] if final else []
+    used: dict[str, int] = {
+        "web_search_requests": sum(isinstance(b["content"], list) for b in searched if b["type"].startswith("web_s")),
+        "web_fetch_requests": sum(b["type"].startswith("web_f") for b in searched),
+    }
     if "counted" in str(body.get("messages")):
         used["code_execution_requests"] = 3
     return {"input_tokens": 100, "output_tokens": output_tokens, "cache_creation_input_tokens": 0,
@@ -99,6 +133,7 @@ async def _messages(request: web.Request, upstream: RecordingUpstream) -> web.St
     ran = any(str(tool.get("type")).startswith("code_execution_") for tool in body.get("tools") or ())
     content = [
         {"type": "text", "text": "Let me compute."},
+        *_searches(body),
         *(_runs() if ran else ()),
         {"type": "text", "text": "2 and 3."},
     ]
@@ -109,7 +144,7 @@ async def _messages(request: web.Request, upstream: RecordingUpstream) -> web.St
         return web.json_response({**message, "content": content, "container": container, "usage": _usage(body, 20)})
     response = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await response.prepare(request)
-    start = {**message, "content": [], "stop_reason": None, "container": None, "usage": _usage(body, 1)}
+    start = {**message, "content": [], "stop_reason": None, "container": None, "usage": _usage(body, 1, final=False)}
     events: list[dict[str, Any]] = [{"type": "message_start", "message": start}]
     for index, block in enumerate(content):
         opened = {**block, "input": {}} if block["type"] == "server_tool_use" else block
@@ -119,11 +154,14 @@ async def _messages(request: web.Request, upstream: RecordingUpstream) -> web.St
             events.append({"type": "content_block_delta", "index": index, "delta": partial})
         events.append({"type": "content_block_stop", "index": index})
     delta = {"stop_reason": "end_turn", "stop_sequence": None, "container": container}
-    if "CUT" not in str(body.get("messages")):  # else the upstream breaks after the runs
+    said = str(body.get("messages"))
+    if "CUT" not in said and "HOLD" not in said:  # else the upstream breaks (or holds) after the blocks
         events.append({"type": "message_delta", "delta": delta, "usage": _usage(body, 20)})
         events.append({"type": "message_stop"})
     for event in events:
         await write_sse(response, event, event["type"])
+    if "HOLD" in said:
+        await asyncio.sleep(10)  # the client leaves meanwhile
     return response
 
 
@@ -271,3 +309,69 @@ def test_code_execution_with_a_code_running_web_search_is_free(gateway: GatewayP
     record = gateway.wait_for_record(request_id)
     assert record["server_tool_requests"] is None
     assert record["cost_usd"] == pytest.approx(_TEXT_USD, rel=1e-6)
+
+
+_SEARCHING: Any = [
+    {"type": "web_search_20250305", "name": "web_search"},
+    {"type": "web_fetch_20250910", "name": "web_fetch"},
+]
+_SEARCHES_USD = 2 * 10 / 1000
+"""Two web searches at ``opus``'s $10 per 1,000 (its fetches are free)."""
+
+
+@pytest.mark.parametrize(("question", "searches"), [("SEARCH for news.", 2), ("SEARCH for news. ERRED", 1)])
+def test_a_finished_stream_bills_the_searches_its_usage_counts(
+    gateway: GatewayProcess, question: str, searches: int
+) -> None:
+    """f180: the searches streamed are counted as they come, and the final usage's count wins: no
+    search billed twice, and one that failed (which Anthropic does not bill) not billed."""
+    request_id = f"searched-{searches}"
+    with _claude(gateway).messages.stream(
+        model="opus-r",
+        max_tokens=64,
+        messages=[{"role": "user", "content": question}],
+        tools=_SEARCHING,
+        extra_headers={"x-request-id": request_id},
+    ) as streamed:
+        message = streamed.get_final_message()
+    assert message.usage.server_tool_use is not None and message.usage.server_tool_use.web_search_requests == searches
+    record = gateway.wait_for_record(request_id)
+    assert record["server_tool_requests"] == {"web_search": searches, "web_fetch": 1}
+    assert record["cost_usd"] == pytest.approx(_TEXT_USD + searches * 10 / 1000, rel=1e-6)
+
+
+def test_an_abandoned_stream_bills_the_searches_its_client_was_given(gateway: GatewayProcess) -> None:
+    """f180: the client has the searches' and the fetch's results and hangs up before
+    ``message_delta``, the only event that counts them: they are billed, as Anthropic bills them."""
+    stream = _claude(gateway).messages.create(
+        model="opus-r",
+        max_tokens=64,
+        messages=[{"role": "user", "content": "SEARCH for news. HOLD"}],
+        tools=_SEARCHING,
+        stream=True,
+        extra_headers={"x-request-id": "searched-abandoned"},
+    )
+    for event in stream:
+        if event.type == "content_block_start" and event.content_block.type == "web_fetch_tool_result":
+            break
+    stream.close()
+    record = gateway.wait_for_record("searched-abandoned")
+    assert record["status"] == 499 and record["server_tool_requests"] == {"web_search": 2, "web_fetch": 1}
+    assert record["cost_usd"] > _SEARCHES_USD
+
+
+def test_a_stream_cut_after_its_searches_bills_them(gateway: GatewayProcess) -> None:
+    """f180: the upstream ends the stream after the searches' results, before ``message_delta``."""
+    with pytest.raises(anthropic.APIStatusError):
+        for _ in _claude(gateway).messages.create(
+            model="opus-r",
+            max_tokens=64,
+            messages=[{"role": "user", "content": "SEARCH for news. CUT"}],
+            tools=_SEARCHING,
+            stream=True,
+            extra_headers={"x-request-id": "searched-cut"},
+        ):
+            pass
+    record = gateway.wait_for_record("searched-cut")
+    assert record["status"] == 502 and record["server_tool_requests"] == {"web_search": 2, "web_fetch": 1}
+    assert record["cost_usd"] > _SEARCHES_USD
