@@ -17,7 +17,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Protocol, TypeGuard, cast
+from typing import Any, Protocol, cast
 
 import anyio
 import msgspec
@@ -109,7 +109,7 @@ that wrote for ever grew the worker by ~1 MB/s until the model's total timeout).
 Never less than :data:`_LEAST_CHARS`: one token can be a run of 80 spaces."""
 _LEAST_CHARS = 65_536
 _BIG_PIECE = 16_384
-"""A piece this long is followed by a measure at once, not after :data:`_CHECK_EVERY` pieces."""
+"""A piece this long (its bytes, or a batch's text) is measured at once, not after :data:`_CHECK_EVERY` pieces."""
 _ANTHROPIC_OVERLOADED = 529
 """Anthropic's status for an overloaded model, which its SDKs raise as their own error class."""
 """How often a client that has its whole answer and waits for the usage is told the stream is
@@ -460,7 +460,7 @@ class ChatPipeline:
             _record_speculation(record, completion)
             typed, storing = relay is None and record.protocol != "openai.chat", self._storing(x)
             if typed and _unsayable(completion.finish_reason, record.protocol):  # billed: the upstream did the work
-                raise _given_up(provider, completion.finish_reason)
+                raise _unfinished(provider, completion.finish_reason)
             whole = storable = completion.answer
             fingerprint: str | None = None
             if whole is None and (typed or storing):  # a chat upstream's completion, read once
@@ -1075,6 +1075,8 @@ class ChatPipeline:
         countdown = _CHECK_EVERY
         try:
             if first is not None:
+                if (len(first) if isinstance(first, bytes) else _text_chars(first)) > _BIG_PIECE:
+                    await _checkpoint(stream.tally, most, provider)
                 pace.offer()
                 yield frame(first)
                 pace.taken()
@@ -1090,11 +1092,14 @@ class ChatPipeline:
                         break
                     finally:
                         upstream_wait += time.perf_counter() - waited_from
-                    if type(piece) is bytes and len(piece) > _BIG_PIECE:
-                        countdown = 1  # measured before the next one: a few such pieces pass any bound (t111)
+                    if (len(piece) if isinstance(piece, bytes) else _text_chars(piece)) > _BIG_PIECE:
+                        # measured before it goes out, a batch of deltas too (f179): a few such
+                        # pieces pass any bound (t111)
+                        await _checkpoint(stream.tally, most, provider)
                     pace.offer()
                     yield frame(piece)
                     pace.taken()
+            await _checkpoint(stream.tally, most, provider)  # the end too: pieces since the last measure (f179)
             tally = stream.tally
             if stream.cut_short:  # (t58) the answer is whole; its upstream writes on past the stop
                 record.finish_reason = tally.finish_reason
@@ -1136,11 +1141,7 @@ class ChatPipeline:
                 # The upstream never said it finished (its [DONE] came first: the answer may be cut, t143),
                 # or said it gave up: a chat client sees the latter as it is, while a Messages or
                 # Responses client would be told end_turn / completed.
-                unfinished = (
-                    UpstreamProtocolError(provider.name, "the answer ended without a finish reason")
-                    if tally.finish_reason is None
-                    else _given_up(provider, tally.finish_reason)
-                )
+                unfinished = _unfinished(provider, tally.finish_reason)
                 record.error_type, record.status = unfinished.code, unfinished.status_code
                 x.failure = unfinished
                 yield _failure(stream, unfinished, typed)
@@ -1640,13 +1641,19 @@ _GIVEN_UP = frozenset({"abort", "error"})
 ``abort``, Mistral's ``error``): chat and completions clients are told them as they came."""
 
 
-def _unsayable(reason: str | None, protocol: str) -> TypeGuard[str]:
-    """The upstream gave the answer up, and the client's API has no word for it: Messages and
-    Responses clients would read ``end_turn`` / ``completed``, a whole turn (t121)."""
-    return reason in _GIVEN_UP and protocol in ("anthropic.messages", "openai.responses")
+def _unsayable(reason: str | None, protocol: str) -> bool:
+    """The upstream gave the answer up, or never said it finished, and the client's API has no word
+    for it: Messages and Responses clients would read ``end_turn`` / ``completed``, a whole turn
+    (t121; f179: a whole answer whose ``finish_reason`` is null, as a stream without one)."""
+    return (reason is None or reason in _GIVEN_UP) and protocol in ("anthropic.messages", "openai.responses")
 
 
-def _given_up(provider: Provider, reason: str) -> UpstreamGaveUpError:
+def _unfinished(provider: Provider, reason: str | None) -> UpstreamError:
+    """The upstream's failure for an answer it gave up (``reason``) or never said it finished (None)."""
+    if reason is None:
+        unsaid = UpstreamProtocolError(provider.name, "the answer ended without a finish reason")
+        unsaid.upstream_status = 200  # it answered (t69)
+        return unsaid
     return UpstreamGaveUpError(provider.name, f"it gave the answer up (finish_reason '{reason}'): it may be cut short")
 
 
@@ -1843,6 +1850,17 @@ def _stream_opener(x: _Exchange, typed: bool) -> Callable[[Provider], Awaitable[
 def _for(provider: Provider, body: dict[str, Any] | None) -> dict[str, Any] | None:
     """A chat client's body as this provider's upstream is sent it: its own model name."""
     return None if body is None else {**body, "model": provider.upstream_model}
+
+
+def _text_chars(deltas: list[core.Delta]) -> int:
+    """The text and tool arguments a batch of deltas adds (what :meth:`StreamTally.written` counts)."""
+    chars = 0
+    for delta in deltas:
+        if isinstance(delta, core.TextDelta | core.ThinkingDelta | core.RefusalDelta):
+            chars += len(delta.text)
+        elif isinstance(delta, core.ToolArgumentsDelta):
+            chars += len(delta.fragment)
+    return chars
 
 
 def _piece_size(piece: _Piece) -> int:

@@ -11,6 +11,7 @@ policy), so one server serves every fault:
 - ``firehose``: content chunks as fast as the gateway takes them, for ever (the connection's
   closing is counted in ``released``);
 - ``few-huge``: ten content chunks of 420 KB each, then the finish;
+- ``one-huge``: one content chunk of 900 KB, then the finish and a usage of 1 token;
 - ``long-answer``: 200 KB of content chunks as fast as the gateway takes them, then the finish;
   ``big-answer``: the same with 4 MB;
 - ``two-choices``: ``n`` = 2 with usage in every chunk (vLLM's ``continuous_usage_stats``);
@@ -37,7 +38,8 @@ policy), so one server serves every fault:
   and one for an ``anthropic-beta`` value starting ``x-``, quoting it as Anthropic does;
 - ``flat-error``: streamed, a role chunk and some text, then vLLM's flat error object
   (``{"object": "error", ...}``, no ``error`` key: a guided-decoding failure) and ``[DONE]``;
-  ``no-finish``: a role chunk and some text, then ``[DONE]`` with no finish reason;
+  ``no-finish``: a role chunk and some text, then ``[DONE]`` with no finish reason (not
+  streamed, an answer whose ``finish_reason`` is null);
 - ``in-band-error``: streamed, a role chunk, then vLLM's ``{"error": {...}}`` whose ``code`` is the
   status the last user message names (``"400"``, ``"503"``), then ``[DONE]``;
 - ``fastapi-422``: a 422 as FastAPI writes it, ``{"detail": [...]}`` (pydantic's errors), streamed
@@ -142,7 +144,7 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
         return web.json_response({"detail": problems}, status=422)
     if model == "no-choices" and not stream:
         return web.json_response({"id": "x", "object": "chat.completion", "created": 0, "model": model, "choices": []})
-    finish = "abort" if model == "aborted" else "stop"
+    finish = "abort" if model == "aborted" else None if model == "no-finish" else "stop"
     if not stream:
         completion = _completion(model, "a fine answer")
         completion["choices"][0]["finish_reason"] = finish
@@ -177,6 +179,11 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
         except (ConnectionError, ClientConnectionResetError):
             upstream.released[model] = upstream.released.get(model, 0) + 1
             raise
+    elif model == "one-huge":
+        await response.write(_chunk(model, {"role": "assistant", "content": ""}))
+        await response.write(_chunk(model, {"content": "x" * 900_000}))
+        await response.write(_chunk(model, {}, "stop", usage={"prompt_tokens": 5, "completion_tokens": 1}))
+        await response.write(b"data: [DONE]\n\n")
     elif model in ("long-answer", "big-answer"):
         await response.write(_chunk(model, {"role": "assistant", "content": ""}))
         piece = _chunk(model, {"content": "flood " * 200})

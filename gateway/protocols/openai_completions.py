@@ -152,9 +152,10 @@ _FINISH: dict[FinishReason, str] = {
 }
 
 
-def _finish(reason: FinishReason | None, other: str | None = None) -> str:
-    """The legacy API's reason; one the internal model has no name for goes as it came, as chat's does."""
-    return other or _FINISH.get(reason or "stop", "stop")
+def _finish(reason: FinishReason | None, other: str | None = None) -> str | None:
+    """The legacy API's reason; one the internal model has no name for goes as it came, as chat's
+    does, and so does none at all (f179: ``stop`` would say the answer is whole)."""
+    return other or (None if reason is None else _FINISH.get(reason, "stop"))
 
 
 def _usage(usage: Usage) -> dict[str, int]:

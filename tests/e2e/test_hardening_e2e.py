@@ -32,7 +32,7 @@ from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 _FAULTY_MODELS = (
     "comments", "trickle", "endless-line", "no-choices", "drop-after-finish", "stall-after-finish", "firehose",
     "long-answer", "big-answer", "two-choices", "calls-at-zero", "odd-calls", "marked",
-    "js-written", "few-huge", "aborted", "reasoning", "flat-error", "no-finish",
+    "js-written", "few-huge", "one-huge", "aborted", "reasoning", "flat-error", "no-finish",
     "in-band-error", "fastapi-422",
 )  # fmt: skip
 
@@ -361,6 +361,45 @@ def test_an_aborted_answer_reaches_messages_and_responses_clients_as_a_failure(
         record = gw.wait_for_record(request_id)
         assert (record["status"], record["error_type"], record["finish_reason"]) == (502, "upstream_error", "abort")
         assert record["upstream_status"] == 200 and record["completion_tokens"] > 0  # the upstream's work is billed
+
+
+@pytest.mark.parametrize("api", ["chat", "completions", "messages", "responses"])
+def test_an_answer_without_a_finish_reason_is_no_whole_turn_for_messages_and_responses(
+    gw: GatewayProcess, api: str
+) -> None:
+    """f179 (t170 #2): a whole answer whose ``finish_reason`` is null reached a Messages client as
+    ``end_turn``, a Responses client as ``completed`` and a completions client as ``stop``, while
+    streamed it is the upstream's failure. Messages and Responses clients get the 502 the stream's
+    end gives; chat and completions clients get the null the upstream said."""
+    request_id = f"no-finish-whole-{api}-{time.time_ns()}"
+    headers = {"cache-control": "no-cache", "x-request-id": request_id}
+    client = closed_after_test(openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0, timeout=15))
+    if api == "chat":
+        chat = client.chat.completions.create(
+            model="r-no-finish", messages=[{"role": "user", "content": "hi"}], extra_headers=headers
+        )
+        assert chat.choices[0].message.content == "a fine answer" and chat.choices[0].finish_reason is None
+    elif api == "completions":
+        legacy = client.completions.create(model="r-no-finish", prompt="hi", extra_headers=headers)
+        assert legacy.choices[0].text == "a fine answer" and legacy.choices[0].finish_reason is None
+    elif api == "messages":
+        claude = closed_after_test(anthropic.Anthropic(base_url=gw.url, api_key="x", max_retries=0, timeout=15))
+        with pytest.raises(anthropic.InternalServerError) as failed:
+            claude.messages.create(
+                model="r-no-finish", max_tokens=64, messages=[{"role": "user", "content": "hi"}], extra_headers=headers
+            )
+        assert failed.value.status_code == 502 and "without a finish reason" in failed.value.message
+    else:
+        with pytest.raises(openai.InternalServerError) as refused:
+            client.responses.create(model="r-no-finish", input="hi", extra_headers=headers)
+        assert refused.value.status_code == 502 and "without a finish reason" in refused.value.message
+    record = gw.wait_for_record(request_id)
+    assert record["finish_reason"] is None and record["upstream_status"] == 200
+    if api in ("messages", "responses"):
+        assert (record["status"], record["error_type"]) == (502, "upstream_bad_response")
+        assert record["completion_tokens"] == 3  # the upstream's work is billed
+    else:
+        assert (record["status"], record["error_type"]) == (200, None)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -1404,3 +1443,49 @@ def test_a_few_huge_chunks_past_the_bound_are_cut_too(gw: GatewayProcess) -> Non
     record = gw.wait_for_record(response.headers["x-request-id"])
     assert (record["status"], record["error_type"]) == (502, "upstream_bad_response")
     assert record["completion_tokens"] == 1
+
+
+@pytest.mark.parametrize("api", ["chat", "completions", "messages", "responses"])
+def test_one_huge_chunk_past_the_bound_is_cut_on_every_api(gw: GatewayProcess, api: str) -> None:
+    """f179 (t170 #1): only a chat stream's big chunk was measured at once, and a stream's end never
+    was, so one 900 KB delta, its finish and a usage of 1 token reached a Messages, Responses or
+    completions client that asked for 50 tokens whole, billed 1 token. It is cut before it goes out."""
+    request_id = f"one-huge-{api}-{time.time_ns()}"
+    headers = {"cache-control": "no-cache", "x-request-id": request_id}
+    client = closed_after_test(openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0, timeout=15))
+    said: list[str] = []
+    if api == "messages":
+        claude = closed_after_test(anthropic.Anthropic(base_url=gw.url, api_key="x", max_retries=0, timeout=15))
+        ask: dict[str, Any] = {"model": "r-one-huge", "max_tokens": 50, "messages": [{"role": "user", "content": "go"}]}
+        with pytest.raises(anthropic.APIStatusError) as cut:
+            with claude.messages.stream(**ask, extra_headers=headers) as events:
+                said.extend(events.text_stream)
+        assert "per token the request allows" in cut.value.message
+    elif api == "responses":
+        said_events = list(
+            client.responses.create(
+                model="r-one-huge", input="go", max_output_tokens=50, stream=True, extra_headers=headers
+            )
+        )
+        said.extend(event.delta for event in said_events if event.type == "response.output_text.delta")
+        failed = said_events[-1]
+        assert failed.type == "response.failed" and failed.response.error is not None
+        assert "per token the request allows" in failed.response.error.message
+    else:
+        with pytest.raises(openai.APIError) as broke:
+            if api == "chat":
+                for chunk in client.chat.completions.create(
+                    model="r-one-huge", messages=[{"role": "user", "content": "go"}], max_tokens=50, stream=True,
+                    extra_headers=headers,
+                ):  # fmt: skip
+                    said.extend(choice.delta.content or "" for choice in chunk.choices)
+            else:
+                for legacy in client.completions.create(
+                    model="r-one-huge", prompt="go", max_tokens=50, stream=True, extra_headers=headers
+                ):
+                    said.extend(choice.text for choice in legacy.choices)
+        assert "per token the request allows" in broke.value.message
+    assert len("".join(said)) < 900_000  # cut before the piece past the bound went out
+    record = gw.wait_for_record(request_id)
+    assert (record["status"], record["error_type"]) == (502, "upstream_bad_response")
+    assert record["completion_tokens"] == 50  # the gateway's count, never past what the request allowed

@@ -132,10 +132,11 @@ def test_an_answer_is_a_text_completion_with_the_model_the_client_asked() -> Non
 
 @pytest.mark.parametrize(
     ("reason", "wire"),
-    [("stop", "stop"), ("stop_sequence", "stop"), (None, "stop"), ("length", "length"),
+    [("stop", "stop"), ("stop_sequence", "stop"), (None, None), ("length", "length"),
      ("content_filter", "content_filter"), ("tool_calls", "stop")],
 )  # fmt: skip
-def test_finish_reasons(reason: Any, wire: str) -> None:
+def test_finish_reasons(reason: Any, wire: str | None) -> None:
+    """None: the upstream said no reason, which goes as it came, as chat's does (f179: ``stop`` said it was whole)."""
     answer = Answer(id="x", model="m", text="t", finish_reason=reason)
     assert msgspec.json.decode(completions.encode_answer(answer, "c", "m", 1))["choices"][0]["finish_reason"] == wire
 
