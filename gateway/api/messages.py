@@ -189,7 +189,8 @@ def _dropped(request: Request[Any, Any, Any], asked: CoreRequest, answered_by: s
         provider = runtime.providers.get(answered_by or "")
         if provider is not None and "top_p" in provider.not_carried(asked):  # a model that takes one sampler (t53)
             kept.append("top_p")
-        return [*kept, "thinking"] if anthropic.thinking_left_out(asked) else kept
+        lost_thinking = anthropic.thinking_left_out(asked) or anthropic.holds_unsigned_thinking(asked)
+        return [*kept, "thinking"] if lost_thinking else kept
     if asked.continues_last_turn and answerer is not None and not answerer.continue_final_message:
         return [*asked.dropped, "prefill"]  # answered as a new turn, not continued
     return asked.dropped

@@ -62,6 +62,7 @@ __all__ = [
     "end_user",
     "error_type_for",
     "fields_not_read",
+    "holds_unsigned_thinking",
     "nested_fields_not_carried",
     "priced_options",
     "thinking_left_out",
@@ -483,6 +484,13 @@ def thinking_left_out(request: Request) -> bool:
     """Whether an Anthropic upstream is sent this request without its ``thinking`` (a tool loop
     another model opened: :func:`_thinking_can_go_on`), for the edge to say so."""
     return request.thinking is not None and not _thinking_can_go_on(_turns(request.messages)[1])
+
+
+def holds_unsigned_thinking(request: Request) -> bool:
+    """Whether the conversation holds a thinking block no Anthropic model signed (another model's
+    reasoning sent back), which an Anthropic upstream is not sent (it refuses it), for the edge to
+    say so (t171)."""
+    return any(isinstance(part, ThinkingPart) and not part.signature for m in request.messages for part in m.parts)
 
 
 def _tool_results(turn: dict[str, Any]) -> bool:

@@ -280,6 +280,8 @@ def _not_carried(request: core.Request, one_sampler: bool = False) -> list[str]:
         lost.append("messages.name")  # Anthropic's turns have no speaker's name (t78)
     if request.unsigned_reasoning is not None:
         lost.append(request.unsigned_reasoning)  # Anthropic refuses reasoning it did not sign
+    elif anthropic.holds_unsigned_thinking(request):
+        lost.append("thinking")  # an unsigned block sent back, such as a small model's reasoning (t171)
     if _system_after_turns(request.messages):
         lost.append("system.position")  # in the top-level system: Anthropic's turns hold none (t128)
     return lost

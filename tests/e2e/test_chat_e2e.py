@@ -6,6 +6,7 @@ import json
 import time
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -324,6 +325,23 @@ def test_unsigned_reasoning_sent_back_to_anthropic_is_named(
     assert "x-gateway-dropped" not in raw.headers
     sent = upstream_stats(large_upstream)["last_request"]["body"]["messages"][1]["content"]
     assert sent[0] == {"type": "thinking", "thinking": signed["reasoning_content"], **signed["thinking_blocks"][0]}
+
+
+def test_an_unsigned_thinking_block_a_messages_client_sends_back_to_anthropic_is_named(
+    claude: anthropic.Anthropic, large_upstream: SimulatedUpstream
+) -> None:
+    """t171: a Messages client's thinking block without a signature (a small model's reasoning,
+    shown to it unsigned on an earlier turn) was left out of an Anthropic upstream's request
+    without a word, where a chat upstream's request named it."""
+    history: Any = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "let me think", "signature": ""},
+                                          {"type": "text", "text": "b"}]},
+        {"role": "user", "content": "alpha beta gamma"},
+    ]  # fmt: skip
+    raw = claude.messages.with_raw_response.create(model="claude", max_tokens=64, messages=history)
+    assert raw.headers["x-gateway-dropped"] == "thinking"
+    assert upstream_stats(large_upstream)["last_request"]["body"]["messages"][1]["content"] == "b"
 
 
 def test_a_refused_tool_or_tool_choice_names_its_param_on_a_claude_route(client: openai.OpenAI) -> None:
