@@ -13,6 +13,7 @@ steps of 128, as OpenAI's automatic prompt caching does.
 from __future__ import annotations
 
 import itertools
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,9 +54,12 @@ class TurnStore:
 
     turns: dict[tuple[str, str], tuple[dict[str, Any], list[Message]]] = field(default_factory=dict)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    run: str = field(default_factory=lambda: secrets.token_hex(6))
+    """This server's own part of its ids: unique across servers, as a real upstream's ids are (two
+    simulators numbering from 1 gave one id to two tenants' responses where they shared a Redis)."""
 
     def new_id(self) -> str:
-        return f"resp_sim{next(self.ids):06d}"
+        return f"resp_sim{self.run}{next(self.ids):06d}"
 
     def keep(self, key: str, response: dict[str, Any], messages: list[Message]) -> None:
         self.turns[(key, response["id"])] = (response, messages)
