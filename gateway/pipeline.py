@@ -1119,17 +1119,7 @@ class ChatPipeline:
                 return
             # No finish reason (an OpenAI-style stream whose [DONE] came first): the usage may
             # be a placeholder, as for a cut stream
-            cut = tally.finish_reason is None
-            await self._settle_off_loop(
-                x,
-                provider,
-                tally.usage,
-                tally.text,
-                tally.said,
-                cut=cut,
-                tier=tally.service_tier,
-                tools=tally.server_tools,
-            )
+            await self._settle_tally(x, provider, tally, cut=tally.finish_reason is None)
             record.finish_reason = tally.finish_reason
             if framed:  # the upstream's own events said all there is to say
                 if tally.failure is not None:  # ... and that the answer failed
@@ -1278,17 +1268,7 @@ class ChatPipeline:
                 rest.why = rest.why or "drain_deadline"
             if rest.why is None:
                 rest.why = await self._read_on(x, provider, stream, rest)
-            cut = rest.why is not None
-            await self._settle_off_loop(
-                x,
-                provider,
-                tally.usage,
-                tally.text,
-                tally.said,
-                cut=cut,
-                tier=tally.service_tier,
-                tools=tally.server_tools,
-            )
+            await self._settle_tally(x, provider, tally, cut=rest.why is not None)
             if rest.why is not None:  # (t65) billed on the cut text alone: ops and finance are told
                 _log.warning(
                     "stream_usage_unread",
@@ -1370,7 +1350,10 @@ class ChatPipeline:
 
     async def _settle_cut(self, x: _Exchange, provider: Provider, tally: StreamTally) -> None:
         """A stream that ended early (broken, or its client gone): the tally's usage and text."""
-        cut = tally.finish_reason is None and not tally.usage_exact
+        await self._settle_tally(x, provider, tally, cut=tally.finish_reason is None and not tally.usage_exact)
+
+    async def _settle_tally(self, x: _Exchange, provider: Provider, tally: StreamTally, *, cut: bool) -> None:
+        """A stream's bill from its tally: usage, text, service tier and the tool uses it showed."""
         await self._settle_off_loop(
             x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier, tools=tally.server_tools
         )
