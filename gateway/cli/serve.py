@@ -383,6 +383,15 @@ def _announcing_server() -> type:
                 bound = [s.getsockname()[1] for server in self.servers for s in server.sockets or ()]
                 self._listening(bound[0] if bound else self.config.port)
 
+        async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+            """Served, logged and billed once this returns: a Ctrl-C from then on is ignored. Left to
+            asyncio's handler, one that came while the event loop closed broke off the close, and a
+            thread of the loop's printed a traceback on the way out (the CI of 31e849b)."""
+            try:
+                await super().serve(sockets)
+            finally:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     return AnnouncingServer
 
 

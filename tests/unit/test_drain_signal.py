@@ -34,3 +34,31 @@ def test_a_signal_after_the_loop_closed_is_taken_quietly() -> None:
     assert callable(handler)
     handler(signal.SIGINT, None)  # raised RuntimeError('Event loop is closed') before
     handler(signal.SIGINT, None)
+
+
+@pytest.mark.usefixtures("restored_handlers")
+def test_a_ctrl_c_once_one_worker_has_served_does_not_break_off_its_close() -> None:
+    """The CI of 31e849b: a Ctrl-C repeated while uvicorn's one worker closed its event loop raised
+    KeyboardInterrupt in the loop's close, and a thread of the loop's printed a traceback."""
+    import uvicorn
+
+    from gateway.cli.serve import _announcing_server
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        raise AssertionError("no request comes")
+
+    servers: list[uvicorn.Server] = []
+
+    def listening(port: int) -> None:
+        servers[0].should_exit = True  # stops at once, as after a drain
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning")
+    servers.append(_announcing_server()(config, listening))
+
+    async def served_then_interrupted() -> None:
+        await servers[0].serve()
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C from here on lands in what closes the loop
+        await asyncio.sleep(0)
+
+    asyncio.run(served_then_interrupted())  # raised KeyboardInterrupt before
+    assert servers[0].started
