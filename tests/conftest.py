@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol, TypeVar
 
 import anthropic
@@ -15,7 +17,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
 from gateway.simulated import SimulatedUpstream, start_simulated_upstream
-from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+from tests.gateway_process import GatewayProcess, policy_text, running_gateway, start_gateway
 
 
 class _Closable(Protocol):
@@ -87,6 +89,39 @@ def gateway(
     )
     yield process
     process.stop()
+
+
+class PairGateway(Protocol):
+    def __call__(
+        self, name: str, *, env: Mapping[str, str] = ..., edit: Callable[[str], str] | None = ..., **policy: str
+    ) -> AbstractContextManager[GatewayProcess]: ...
+
+
+@pytest.fixture(scope="session")
+def pair_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> PairGateway:
+    """A module's own gateway, for a block, on the shared pair and Redis: ``policy`` as
+    :func:`policy_text` takes it (a test upstream's ``extra_models``, ``routes``, ``auth``...),
+    then ``edit``-ed; ``env`` besides ``REDIS_URL``."""
+
+    @contextmanager
+    def started(
+        name: str,
+        *,
+        env: Mapping[str, str] = MappingProxyType({}),
+        edit: Callable[[str], str] | None = None,
+        **policy: str,
+    ) -> Iterator[GatewayProcess]:
+        text = policy_text(small_upstream, large_upstream, **policy)
+        workdir = tmp_path_factory.mktemp(name)
+        with running_gateway(workdir, edit(text) if edit else text, env={"REDIS_URL": redis_server.url, **env}) as gw:
+            yield gw
+
+    return started
 
 
 @pytest.fixture

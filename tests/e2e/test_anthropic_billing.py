@@ -10,7 +10,6 @@ reserve the dearer estimate.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -18,10 +17,9 @@ import pytest
 from anthropic.types import Message, MessageParam, Usage
 
 from gateway.auth import hash_key
-from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
-from tests.conftest import closed_after_test, upstream_stats
-from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+from tests.conftest import PairGateway, closed_after_test, upstream_stats
+from tests.gateway_process import GatewayProcess
 
 MODELS = """
   opus:
@@ -56,21 +54,12 @@ FAST = "fast-mode-2026-02-01"
 
 @pytest.fixture(scope="module")
 def gateway(
-    tmp_path_factory: pytest.TempPathFactory,
-    redis_server: EmbeddedRedis,
-    small_upstream: SimulatedUpstream,
+    pair_gateway: PairGateway,
     large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:
-    policy = policy_text(
-        small_upstream,
-        large_upstream,
-        auth=KEYS,
-        extra_models=MODELS.format(root=large_upstream.root_url),
-        routes=ROUTES,
-    )
-    process = start_gateway(Path(tmp_path_factory.mktemp("billing")), policy, env={"REDIS_URL": redis_server.url})
-    yield process
-    process.stop()
+    models = MODELS.format(root=large_upstream.root_url)
+    with pair_gateway("billing", auth=KEYS, extra_models=models, routes=ROUTES) as process:
+        yield process
 
 
 def _claude(gateway: GatewayProcess, key: str = "open") -> anthropic.Anthropic:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -23,10 +22,8 @@ import pytest
 from aiohttp import web
 
 from gateway.auth import hash_key
-from gateway.services.redis_server import EmbeddedRedis
-from gateway.simulated import SimulatedUpstream
-from tests.conftest import closed_after_test
-from tests.gateway_process import GatewayProcess, policy_text, running_gateway
+from tests.conftest import PairGateway, closed_after_test
+from tests.gateway_process import GatewayProcess
 from tests.loopback_app import RecordingUpstream, serve_recording
 
 _MODELS = """
@@ -143,25 +140,18 @@ def audio_upstream() -> Iterator[RecordingUpstream]:
 
 @pytest.fixture(scope="module")
 def gateway(
-    tmp_path_factory: pytest.TempPathFactory,
+    pair_gateway: PairGateway,
     audio_upstream: RecordingUpstream,
-    redis_server: EmbeddedRedis,
-    small_upstream: SimulatedUpstream,
-    large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:
-    policy = policy_text(
-        small_upstream,
-        large_upstream,
-        auth=_KEYS,
-        extra_models=_MODELS.format(url=audio_upstream.url),
-        routes=_ROUTES,
-    )
-    for text_price in ("price: {input: 0.5, output: 1.5}", "price: {input: 5, output: 15}"):  # the pair hears audio
-        policy = policy.replace(text_price, text_price[:-1] + ", audio_input: 20}", 1)
-    with running_gateway(
-        Path(tmp_path_factory.mktemp("audio")), policy, env={"REDIS_URL": redis_server.url}
-    ) as process:
+    models = _MODELS.format(url=audio_upstream.url)
+    with pair_gateway("audio", auth=_KEYS, extra_models=models, routes=_ROUTES, edit=_pair_hears_audio) as process:
         yield process
+
+
+def _pair_hears_audio(policy: str) -> str:
+    for text_price in ("price: {input: 0.5, output: 1.5}", "price: {input: 5, output: 15}"):
+        policy = policy.replace(text_price, text_price[:-1] + ", audio_input: 20}", 1)
+    return policy
 
 
 def _client(gateway: GatewayProcess, key: str = "open") -> openai.OpenAI:

@@ -9,17 +9,15 @@ gateway says in ``x-gateway-dropped``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anthropic
 import openai
 import pytest
 
-from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
-from tests.conftest import upstream_stats
-from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+from tests.conftest import PairGateway, upstream_stats
+from tests.gateway_process import GatewayProcess
 
 _VLLM = """  vllm:
     base_url: {url}
@@ -36,17 +34,11 @@ _PREFILLED: list[Any] = [
 
 @pytest.fixture(scope="module")
 def gateway(
-    tmp_path_factory: pytest.TempPathFactory,
-    redis_server: EmbeddedRedis,
+    pair_gateway: PairGateway,
     small_upstream: SimulatedUpstream,
-    large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:
-    policy = policy_text(
-        small_upstream, large_upstream, extra_models=_VLLM.format(url=small_upstream.url), cache="{enabled: true}"
-    )
-    process = start_gateway(Path(tmp_path_factory.mktemp("prefill")), policy, env={"REDIS_URL": redis_server.url})
-    yield process
-    process.stop()
+    with pair_gateway("prefill", extra_models=_VLLM.format(url=small_upstream.url), cache="{enabled: true}") as process:
+        yield process
 
 
 def _sent(upstream: SimulatedUpstream) -> dict[str, Any]:

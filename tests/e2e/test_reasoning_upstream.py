@@ -16,9 +16,9 @@ import pytest
 
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
-from tests.conftest import closed_after_test, upstream_stats
+from tests.conftest import PairGateway, closed_after_test, upstream_stats
 from tests.faulty_upstream import FaultyUpstream, two_tenants_and_an_echoing_model
-from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+from tests.gateway_process import GatewayProcess
 
 _REASONING = """  reasoner:
     base_url: {url}
@@ -31,15 +31,11 @@ _REASONING = """  reasoner:
 
 @pytest.fixture(scope="module")
 def gateway_to_o4(
-    tmp_path_factory: pytest.TempPathFactory,
-    redis_server: EmbeddedRedis,
+    pair_gateway: PairGateway,
     small_upstream: SimulatedUpstream,
-    large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:
-    policy = policy_text(small_upstream, large_upstream, extra_models=_REASONING.format(url=small_upstream.url))
-    process = start_gateway(tmp_path_factory.mktemp("o4"), policy, env={"REDIS_URL": redis_server.url})
-    yield process
-    process.stop()
+    with pair_gateway("o4", extra_models=_REASONING.format(url=small_upstream.url)) as process:
+        yield process
 
 
 def test_each_api_reaches_a_model_that_refuses_max_tokens(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -26,10 +25,8 @@ import pytest
 from aiohttp import web
 
 from gateway.auth import hash_key
-from gateway.services.redis_server import EmbeddedRedis
-from gateway.simulated import SimulatedUpstream
-from tests.conftest import closed_after_test
-from tests.gateway_process import GatewayProcess, policy_text, running_gateway
+from tests.conftest import PairGateway, closed_after_test
+from tests.gateway_process import GatewayProcess
 from tests.loopback_app import RecordingUpstream, serve_recording, write_sse
 
 _MODELS = """
@@ -145,22 +142,11 @@ def responses_upstream() -> Iterator[RecordingUpstream]:
 
 @pytest.fixture(scope="module")
 def gateway(
-    tmp_path_factory: pytest.TempPathFactory,
+    pair_gateway: PairGateway,
     responses_upstream: RecordingUpstream,
-    redis_server: EmbeddedRedis,
-    small_upstream: SimulatedUpstream,
-    large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:
-    policy = policy_text(
-        small_upstream,
-        large_upstream,
-        auth=_KEYS,
-        extra_models=_MODELS.format(url=responses_upstream.url),
-        routes=_ROUTES,
-    )
-    with running_gateway(
-        Path(tmp_path_factory.mktemp("hosted-tools")), policy, env={"REDIS_URL": redis_server.url}
-    ) as process:
+    models = _MODELS.format(url=responses_upstream.url)
+    with pair_gateway("hosted-tools", auth=_KEYS, extra_models=models, routes=_ROUTES) as process:
         yield process
 
 

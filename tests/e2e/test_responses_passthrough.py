@@ -25,7 +25,7 @@ from gateway.protocols.tenant_ids import scoped
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from gateway.store import keyspace
-from tests.conftest import closed_after_test, inject, upstream_stats
+from tests.conftest import PairGateway, closed_after_test, inject, upstream_stats
 from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
 MODELS = """
@@ -76,22 +76,13 @@ CODEX_TOOLS: list[dict[str, Any]] = [
 
 @pytest.fixture(scope="module")
 def gateway(
-    tmp_path_factory: pytest.TempPathFactory,
-    redis_server: EmbeddedRedis,
+    pair_gateway: PairGateway,
     small_upstream: SimulatedUpstream,
     large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:
-    policy = policy_text(
-        small_upstream,
-        large_upstream,
-        auth=KEYS,
-        extra_models=MODELS.format(small=small_upstream.url, large=large_upstream.url),
-        routes=ROUTES,
-        cache="{enabled: true}",
-    )
-    process = start_gateway(Path(tmp_path_factory.mktemp("passthrough")), policy, env={"REDIS_URL": redis_server.url})
-    yield process
-    process.stop()
+    models = MODELS.format(small=small_upstream.url, large=large_upstream.url)
+    with pair_gateway("passthrough", auth=KEYS, extra_models=models, routes=ROUTES, cache="{enabled: true}") as process:
+        yield process
 
 
 def _client(gateway: GatewayProcess, key: str = "a1") -> openai.OpenAI:

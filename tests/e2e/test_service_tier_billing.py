@@ -10,15 +10,13 @@ serves any.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
 
-from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
-from tests.conftest import closed_after_test, inject
-from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+from tests.conftest import PairGateway, closed_after_test, inject
+from tests.gateway_process import GatewayProcess
 
 MODELS = """
   tiered:
@@ -36,17 +34,11 @@ ROUTES = """
 
 @pytest.fixture(scope="module")
 def gateway(
-    tmp_path_factory: pytest.TempPathFactory,
-    redis_server: EmbeddedRedis,
-    small_upstream: SimulatedUpstream,
+    pair_gateway: PairGateway,
     large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:
-    policy = policy_text(
-        small_upstream, large_upstream, extra_models=MODELS.format(root=large_upstream.url), routes=ROUTES
-    )
-    process = start_gateway(Path(tmp_path_factory.mktemp("tiers")), policy, env={"REDIS_URL": redis_server.url})
-    yield process
-    process.stop()
+    with pair_gateway("tiers", extra_models=MODELS.format(root=large_upstream.url), routes=ROUTES) as process:
+        yield process
 
 
 def _client(gateway: GatewayProcess) -> openai.OpenAI:

@@ -22,11 +22,11 @@ from gateway.accounting.metrics import Metrics
 from gateway.accounting.usage import UsageFigures
 from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis
-from gateway.simulated import SimulatedUpstream
 from gateway.store import keyspace
 from gateway.store.base import Caps, CounterScope, ReserveRequest, SettleRequest
 from gateway.store.redis import RedisLimitCounters, SharedRedis, connect
-from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+from tests.conftest import PairGateway
+from tests.gateway_process import GatewayProcess
 
 DAY, MONTH = "20261203", "202612"
 MINUTE = 29_401_000
@@ -108,15 +108,10 @@ tenants:
 
 @pytest.fixture(scope="module")
 def budget_gateway(
-    tmp_path_factory: pytest.TempPathFactory,
-    redis_server: EmbeddedRedis,
-    small_upstream: SimulatedUpstream,
-    large_upstream: SimulatedUpstream,
+    pair_gateway: PairGateway,
 ) -> Iterator[GatewayProcess]:
-    policy = policy_text(small_upstream, large_upstream, auth=_AUTH)
-    gw = start_gateway(tmp_path_factory.mktemp("spend-counters"), policy, env={"REDIS_URL": redis_server.url})
-    yield gw
-    gw.stop()
+    with pair_gateway("spend-counters", auth=_AUTH) as process:
+        yield process
 
 
 def _requests_recorded(gw: GatewayProcess) -> int:

@@ -15,10 +15,9 @@ import openai
 import pytest
 from aiohttp import web
 
-from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
-from tests.conftest import closed_after_test, upstream_stats
-from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+from tests.conftest import PairGateway, closed_after_test, upstream_stats
+from tests.gateway_process import GatewayProcess
 from tests.loopback_app import RecordingUpstream, serve_recording
 
 _BLOCKS: list[dict[str, Any]] = [
@@ -98,23 +97,13 @@ def claude_upstream() -> Iterator[RecordingUpstream]:
 
 @pytest.fixture(scope="module")
 def gateway(
-    tmp_path_factory: pytest.TempPathFactory,
+    pair_gateway: PairGateway,
     claude_upstream: RecordingUpstream,
-    redis_server: EmbeddedRedis,
-    small_upstream: SimulatedUpstream,
-    large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:
-    policy = policy_text(
-        small_upstream,
-        large_upstream,
-        extra_models=_MODELS.format(url=claude_upstream.url),
-        routes="  two-thoughts: {model: claude2}\n  claude-then-chat: {model: claude2, fallbacks: [small]}\n",
-    )
-    process = start_gateway(
-        tmp_path_factory.mktemp("thinking"), policy, env={"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k"}
-    )
-    yield process
-    process.stop()
+    routes = "  two-thoughts: {model: claude2}\n  claude-then-chat: {model: claude2, fallbacks: [small]}\n"
+    models = _MODELS.format(url=claude_upstream.url)
+    with pair_gateway("thinking", extra_models=models, routes=routes, env={"TEST_LARGE_KEY": "k"}) as process:
+        yield process
 
 
 @pytest.fixture
