@@ -994,10 +994,11 @@ class StreamEncoder:
         return self._event(name, {"response": self.response})
 
     def fail(self, message: str, code: str = "server_error") -> bytes:
-        """The stream broke after it began: ``response.failed`` with what was output so far."""
+        """The stream broke after it began: ``response.failed`` with what was output so far, and no
+        usage: an upstream's count so far (Anthropic's ``message_start``) is not what is billed."""
         cut = [self._open, *self._open_calls]
         output = [item.body("incomplete" if item in cut else "completed") for item in self._items]
-        response = self._response("failed", output, self._usage, error={"code": code, "message": message})
+        response = self._response("failed", output, None, error={"code": code, "message": message})
         response["store"] = False  # the gateway keeps completed turns only: a lookup would be a 404
         return self._event("response.failed", {"response": response})
 

@@ -556,6 +556,17 @@ def test_a_broken_stream_ends_with_response_failed() -> None:
     assert failed.store is False  # only completed turns are kept: none to look up or continue from
 
 
+def test_a_broken_stream_says_no_usage_rather_than_its_first_count() -> None:
+    """t174: Anthropic's ``message_start`` counts 1 output token; a stream broken later said so in
+    ``response.failed`` while the log billed what was streamed. The count of a broken stream is
+    the request log's and ``/v1/usage``'s, as when an OpenAI upstream's usage never came."""
+    encoder = codec.StreamEncoder(_decode(input="x"), "resp_1", 1, _ids())
+    started = [UsageReport(Usage(input_tokens=9, output_tokens=1)), TextDelta("one two three")]
+    frames = encoder.start() + encoder.feed(started) + encoder.fail("overloaded")
+    _, events, _ = _replay(frames)
+    assert events[-1].response.status == "failed" and events[-1].response.usage is None
+
+
 async def test_a_passed_through_responses_record_counts_in_its_tenants_cap() -> None:
     """t160: outside the cap, one tenant's ~1 KB records (each for a tiny upstream call) filled a
     Redis that then evicted other tenants' turns by TTL. They count as turns do: the tenant's own
