@@ -281,9 +281,10 @@ class UpstreamError(GatewayError):
 class UpstreamStatusError(UpstreamError):
     """The upstream answered with an HTTP error status.
 
-    429 and 5xx are retryable. A 401 or 403, or a 404 for the model, is the gateway's own
-    configuration (the client's key never goes upstream): a 502 that names no detail of the
-    upstream's (its text can quote the operator's key), and the next model is tried. A prompt
+    429 and 5xx are retryable. A 401 or 403, a 404 for the model, or OpenAI's 429
+    ``insufficient_quota`` (the operator's quota or billing is spent: no wait refills it), is the
+    gateway's own configuration (the client's key never goes upstream): a 502 that names no detail
+    of the upstream's (its text can quote the operator's key), and the next model is tried. A prompt
     too long for the model's context window is a 400 ``context_length_exceeded``, and the next
     model (perhaps with a longer window) is tried. Other 4xx are the client's fault, so they are
     passed through with the upstream's own status and message and never retried. Those the
@@ -309,7 +310,12 @@ class UpstreamStatusError(UpstreamError):
         # page naming hosts and versions, a traceback): the client is told the status, and the
         # upstream's message only where it blames the request the client sent.
         self.message = f"upstream '{upstream}': HTTP {status}: " + _STATUS_WORDS.get(status, "the upstream failed")
-        if status == 429:
+        if status == 429 and _out_of_quota(error):
+            self._misconfigured(
+                "the upstream says the gateway's account is out of quota (its plan or billing); "
+                "the gateway's operator can fix this"
+            )
+        elif status == 429:
             self.status_code = 429
             self.error_type = "rate_limit_error"
             self.code = "upstream_rate_limited"
@@ -365,6 +371,12 @@ class UpstreamStatusError(UpstreamError):
 _ACCOUNT_PHRASES = ("credit balance", "billing", "must be verified", "payment", "account is not active")
 """A 400 that blames the operator's account, not the request (Anthropic's "Your credit balance is too
 low", OpenAI's "Your organization must be verified"): the route's next model may answer."""
+
+
+def _out_of_quota(error: dict[str, Any]) -> bool:
+    """OpenAI's 429 for an account whose quota is spent, told by its ``code`` or ``type`` (t174):
+    a message can quote the client's text."""
+    return "insufficient_quota" in (error.get("code"), error.get("type"))
 
 
 def _about_the_account(error: dict[str, Any]) -> bool:

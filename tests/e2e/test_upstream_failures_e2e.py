@@ -480,6 +480,48 @@ def test_an_upstream_refusing_the_gateways_own_request_is_a_502_and_the_fallback
     assert "Xy9Q" not in refused.text and "access" not in refused.text and "gpt-x" not in refused.text
 
 
+_OUT_OF_QUOTA = {
+    "status": 429,
+    "body": '{"error": {"message": "You exceeded your current quota, please check your plan and billing details. '
+    "For more information on this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors."
+    '", "type": "insufficient_quota", "param": null, "code": "insufficient_quota"}}',
+    "headers": {
+        "x-ratelimit-limit-requests": "10000",
+        "x-ratelimit-remaining-requests": "9999",
+        "x-ratelimit-reset-requests": "6ms",
+        "x-ratelimit-limit-tokens": "2000000",
+        "x-ratelimit-remaining-tokens": "1999990",
+        "x-ratelimit-reset-tokens": "0s",
+    },
+}
+"""OpenAI's 429 for an account whose quota or billing is spent, as it comes."""
+
+
+def test_an_upstream_out_of_quota_is_the_operators_account_not_a_rate_limit(
+    gateway: GatewayProcess, client: openai.OpenAI, small_upstream: SimulatedUpstream
+) -> None:
+    """t174: OpenAI's 429 ``insufficient_quota`` was read as a passing rate limit: retried on every
+    request, never counted by the circuit, and told the client to come back in a second."""
+    httpx.post(f"{small_upstream.root_url}/_control/reset").raise_for_status()
+    inject(small_upstream, _OUT_OF_QUOTA, _OUT_OF_QUOTA)  # a retry would meet it again
+    answered = _chat(gateway, model="fast")  # small, then its fallback large
+    assert answered.status_code == 200 and answered.headers["x-gateway-model"] == "large", answered.text
+    assert upstream_stats(small_upstream)["chat_requests"] == 1  # not retried: waiting does not refill a quota
+    record = gateway.wait_for_record(answered.headers["x-request-id"])
+    assert record["fallback_used"] is True and record["retries"] == 1  # small's one attempt, then large's
+    httpx.post(f"{small_upstream.root_url}/_control/reset").raise_for_status()
+    inject(small_upstream, _OUT_OF_QUOTA, _OUT_OF_QUOTA, _OUT_OF_QUOTA)
+    with pytest.raises(openai.APIStatusError) as caught:  # no fallback; the SDK's two retries of its own
+        client.with_options(max_retries=2).chat.completions.create(model="small", messages=MESSAGES)
+    refused = caught.value
+    assert refused.status_code == 502 and upstream_stats(small_upstream)["chat_requests"] == 1, refused.body
+    assert refused.response.headers["x-should-retry"] == "false" and "retry-after" not in refused.response.headers
+    error = refused.response.json()["error"]
+    assert error["code"] == "upstream_misconfigured" and "operator" in error["message"]
+    assert "current quota" not in refused.response.text
+    httpx.post(f"{small_upstream.root_url}/_control/reset").raise_for_status()  # the faults left over
+
+
 def _asks(client: openai.OpenAI, claude: anthropic.Anthropic) -> dict[str, Callable[[], object]]:
     """One request per protocol, each by its official SDK with its default retries (two)."""
     gpt, claude = client.with_options(max_retries=2), claude.with_options(max_retries=2)

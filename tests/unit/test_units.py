@@ -11,7 +11,7 @@ import pytest
 
 from gateway.auth import Authenticator, hash_key
 from gateway.config.schema import AuthKey, AuthPolicy, CircuitBreakerPolicy, Price, RetryPolicy, Timeouts
-from gateway.dispatch import _backoff_s
+from gateway.dispatch import _backoff_s, says_upstream_is_unhealthy
 from gateway.errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -144,6 +144,14 @@ def test_an_upstreams_own_words_on_its_failures_and_limits_stay_with_the_operato
         account = UpstreamStatusError("small", 400, "x", body=body)  # t19: the operator's, and the next model is tried
         assert (account.status_code, account.code, account.try_next) == (502, "upstream_misconfigured", True)
         assert words not in account.message
+    quota = {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}
+    spent = UpstreamStatusError("small", 429, "x", retry_after_s=1, body=msgspec.json.encode({"error": quota}))
+    assert (spent.status_code, spent.code, spent.try_next) == (502, "upstream_misconfigured", True)
+    assert not spent.retryable and spent.headers["x-should-retry"] == "false"
+    assert "retry-after" not in spent.headers and says_upstream_is_unhealthy(spent)  # t174: a circuit's verdict
+    quoted = {"message": "insufficient_quota", "type": "requests", "code": "rate_limit_exceeded"}  # its words: not read
+    limited = UpstreamStatusError("small", 429, "x", body=msgspec.json.encode({"error": quoted}))
+    assert limited.code == "upstream_rate_limited" and limited.retryable and not says_upstream_is_unhealthy(limited)
 
 
 def test_upstream_status_errors_map_to_client_statuses() -> None:
