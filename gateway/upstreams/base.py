@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import sys
 import time
@@ -625,9 +626,7 @@ class Provider(ABC):
             self.name,
             response.status_code,
             f"redirected to {location[:200]}" if location else _error_detail(content),
-            retry_after_s=_retry_after(response.headers.get("retry-after"))
-            if "retry-after" in response.headers or response.status_code != 429
-            else _rate_limit_reset(response.headers),
+            retry_after_s=_come_back_in(response.headers, response.status_code),
             body=content,
         )
 
@@ -742,14 +741,39 @@ def _error_detail(content: bytes) -> str:
     return content[:200].decode("utf-8", "replace") or "no detail"
 
 
+def _come_back_in(headers: Mapping[str, str], status: int) -> float | None:
+    """Seconds the upstream asks to be left alone, read as the openai SDK reads them: ``retry-after-ms``
+    first (Azure OpenAI sends only it; t174: a 429 was retried 45 ms later), then ``Retry-After``,
+    then, for a 429, OpenAI's ``x-ratelimit-reset-*``."""
+    seconds = _retry_after_ms(headers.get("retry-after-ms"))
+    if seconds is None:
+        seconds = _retry_after(headers.get("retry-after"))
+    if seconds is None and status == 429:
+        seconds = _rate_limit_reset(headers)
+    return seconds
+
+
+def _retry_after_ms(value: str | None) -> float | None:
+    """Seconds from a ``retry-after-ms`` header (milliseconds, perhaps with a fraction)."""
+    if not value:
+        return None
+    try:
+        milliseconds = float(value)
+    except ValueError:
+        return None
+    return max(0.0, milliseconds / 1000) if math.isfinite(milliseconds) else None
+
+
 def _retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:  # "inf" and "nan" parse, and no wait or header can be made of them
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     from email.utils import parsedate_to_datetime
 
     try:
