@@ -382,9 +382,20 @@ def _out_of_quota(error: dict[str, Any]) -> bool:
     return "insufficient_quota" in (error.get("code"), error.get("type"))
 
 
+_QUOTED = re.compile(r"""(?<!\w)'(?:\\.?|[^\\])*?(?:'(?!\w)|\Z)|"(?:\\.?|[^\\])*?(?:"|\Z)|`[^`]*(?:`|\Z)""", re.DOTALL)
+"""Text an error quotes, to its closing quote or the end: '...' (not an apostrophe within a word),
+"..." and `...`, with their backslash escapes (Python's repr of vLLM's validation errors)."""
+
+
 def _about_the_account(error: dict[str, Any]) -> bool:
+    """Read from the upstream's own words, not what it quotes: a 400 can quote what the client
+    sent (vLLM's validation errors quote the value refused), and taking the client's "billing"
+    for the account's tries the next model and counts against the model's circuit (t174)."""
     message = error.get("message")
-    return isinstance(message, str) and any(phrase in message.lower() for phrase in _ACCOUNT_PHRASES)
+    if not isinstance(message, str):
+        return False
+    own = _QUOTED.sub(" ", message[:1000]).lower()  # an account's words are few; a quote cut off here ends here
+    return any(phrase in own for phrase in _ACCOUNT_PHRASES)
 
 
 def _its_words(error: dict[str, Any]) -> str:

@@ -503,16 +503,17 @@ def two_tenants_and_an_echoing_model(
     small: SimulatedUpstream,
     large: SimulatedUpstream,
     env: dict[str, str] | None = None,
+    **policy: str,
 ) -> Iterator[tuple[GatewayProcess, FaultyUpstream]]:
     """A gateway whose keys ``key-a`` and ``key-b`` belong to two tenants, with ``model`` (a policy
     entry whose ``{url}`` is this upstream's ``/v1`` URL, ``{root}`` the same without it) served by
     a faulty upstream: a tenant's request that gets an upstream to quote it must teach nothing
-    that reaches the other tenant."""
+    that reaches the other tenant. ``policy``: more of :func:`policy_text`'s arguments."""
     with start_faulty_upstream() as upstream:
         models = model.format(url=upstream.url, root=upstream.url.removesuffix("/v1"))
         auth = _TWO_TENANTS.format(a=hash_key("key-a"), b=hash_key("key-b"))
-        policy = policy_text(small, large, extra_models=models, auth=auth)
-        process = start_gateway(workdir, policy, env={"REDIS_URL": redis.url, **(env or {})})
+        text = policy_text(small, large, extra_models=models, auth=auth, **policy)
+        process = start_gateway(workdir, text, env={"REDIS_URL": redis.url, **(env or {})})
         try:
             yield process, upstream
         finally:

@@ -127,10 +127,18 @@ def echoing_gateway(
     small_upstream: SimulatedUpstream,
     large_upstream: SimulatedUpstream,
 ) -> Iterator[tuple[GatewayProcess, FaultyUpstream]]:
-    """Two tenants' keys, and a model whose 400s quote the client's input as vLLM's do."""
+    """Two tenants' keys, and a model whose 400s quote the client's input as vLLM's do (alone, or
+    with a fallback; one failure opens a tenant's circuit on it)."""
     workdir = tmp_path_factory.mktemp("echoing")
-    env = None
-    with two_tenants_and_an_echoing_model(workdir, _ECHOING, redis_server, small_upstream, large_upstream, env) as gw:
+    with two_tenants_and_an_echoing_model(
+        workdir,
+        _ECHOING,
+        redis_server,
+        small_upstream,
+        large_upstream,
+        routes="  echoing-or-large: {model: echoing, fallbacks: [large]}\n",
+        breaker="{min_requests: 1, reset_after_s: 30}",
+    ) as gw:
         yield gw
 
 
@@ -161,3 +169,23 @@ def test_a_refusal_a_client_gets_an_upstream_to_quote_teaches_the_model_nothing(
     assert chat.choices[0].message.content == "a fine answer"
     sent = upstream.last_body["echoing"]
     assert sent["stop"] == stops and sent["max_tokens"] == 30 and "max_completion_tokens" not in sent
+
+
+def test_a_400_quoting_a_clients_billing_words_is_the_clients_not_the_accounts(
+    echoing_gateway: tuple[GatewayProcess, FaultyUpstream], large_upstream: SimulatedUpstream
+) -> None:
+    """t174: a vLLM 400 quoting a client's value with "billing" or "payment" in it was taken for the
+    upstream refusing the gateway's account: the fallback was called (and billed), the tenant's
+    circuit on the model opened, so its next valid requests went to the fallback too, and without
+    one the client got a 502 it was told not to retry."""
+    gateway, upstream = echoing_gateway
+    tenant = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="key-b", max_retries=0))
+    before, fallback_before = upstream.calls.get("echoing", 0), upstream_stats(large_upstream)["chat_requests"]
+    for model, value in (("echoing-or-large", "billing-report"), ("echoing", "payment due"), ("echoing-or-large", "x")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            tenant.chat.completions.create(model=model, messages=_PROMPT, extra_body={"guided_choice": value})
+        assert refused.value.code == "upstream_rejected_request" and value in refused.value.message
+    assert upstream.calls["echoing"] == before + 3
+    assert upstream_stats(large_upstream)["chat_requests"] == fallback_before  # no fallback for the client's fault
+    answered = tenant.chat.completions.with_raw_response.create(model="echoing-or-large", messages=_PROMPT)
+    assert answered.headers["x-gateway-model"] == "echoing"  # the tenant's circuit on it stayed closed

@@ -152,6 +152,17 @@ def test_an_upstreams_own_words_on_its_failures_and_limits_stay_with_the_operato
     quoted = {"message": "insufficient_quota", "type": "requests", "code": "rate_limit_exceeded"}  # its words: not read
     limited = UpstreamStatusError("small", 429, "x", body=msgspec.json.encode({"error": quoted}))
     assert limited.code == "upstream_rate_limited" and limited.retryable and not says_upstream_is_unhealthy(limited)
+    for words in (  # t174: the client's own text, quoted back: the upstream blames the request, not the account
+        *(str([{"type": "literal_error", "loc": ("body", "reasoning_effort"), "msg": "Input should be 'low', "
+                "'medium' or 'high'", "input": value}])  # vLLM's validation error, as Python writes it
+          for value in ("billing-report", 'it\'s the "payment" run', "the billing team's", {"note": "Billing\n"})),
+        "Unexpected value(s) `payment-beta` for the `anthropic-beta` header.",
+        "Invalid value: 'a credit balance note",  # cut off before its closing quote
+    ):  # fmt: skip
+        body = msgspec.json.encode({"error": {"message": words, "type": "BadRequestError", "code": 400}})
+        quoted = UpstreamStatusError("small", 400, "x", body=body)
+        assert (quoted.status_code, quoted.code, quoted.try_next) == (400, "upstream_rejected_request", False), words
+        assert words in quoted.message
 
 
 def test_upstream_status_errors_map_to_client_statuses() -> None:
