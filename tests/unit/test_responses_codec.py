@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 
 from gateway.core.model import (
     Answer,
+    Delta,
     Finish,
     ImagePart,
     Message,
@@ -561,7 +562,7 @@ def test_a_broken_stream_says_no_usage_rather_than_its_first_count() -> None:
     ``response.failed`` while the log billed what was streamed. The count of a broken stream is
     the request log's and ``/v1/usage``'s, as when an OpenAI upstream's usage never came."""
     encoder = codec.StreamEncoder(_decode(input="x"), "resp_1", 1, _ids())
-    started = [UsageReport(Usage(input_tokens=9, output_tokens=1)), TextDelta("one two three")]
+    started: list[Delta] = [UsageReport(Usage(input_tokens=9, output_tokens=1)), TextDelta("one two three")]
     frames = encoder.start() + encoder.feed(started) + encoder.fail("overloaded")
     _, events, _ = _replay(frames)
     assert events[-1].response.status == "failed" and events[-1].response.usage is None

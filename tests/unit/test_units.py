@@ -149,8 +149,8 @@ def test_an_upstreams_own_words_on_its_failures_and_limits_stay_with_the_operato
     assert (spent.status_code, spent.code, spent.try_next) == (502, "upstream_misconfigured", True)
     assert not spent.retryable and spent.headers["x-should-retry"] == "false"
     assert "retry-after" not in spent.headers and says_upstream_is_unhealthy(spent)  # t174: a circuit's verdict
-    quoted = {"message": "insufficient_quota", "type": "requests", "code": "rate_limit_exceeded"}  # its words: not read
-    limited = UpstreamStatusError("small", 429, "x", body=msgspec.json.encode({"error": quoted}))
+    limit = {"message": "insufficient_quota", "type": "requests", "code": "rate_limit_exceeded"}  # its words: not read
+    limited = UpstreamStatusError("small", 429, "x", body=msgspec.json.encode({"error": limit}))
     assert limited.code == "upstream_rate_limited" and limited.retryable and not says_upstream_is_unhealthy(limited)
     for words in (  # t174: the client's own text, quoted back: the upstream blames the request, not the account
         *(str([{"type": "literal_error", "loc": ("body", "reasoning_effort"), "msg": "Input should be 'low', "
