@@ -116,10 +116,11 @@ _ANTHROPIC_OVERLOADED = 529
 alive, while the upstream writes on past a stop string the gateway applied (t58)."""
 
 
-BodyReader = Callable[[int, float, Principal], Awaitable[bytes | core.Request]]
-"""Reads the request body: PayloadTooLargeError past the byte limit, RequestTimeoutError past the seconds.
-Bytes: a chat client's request; a request in the internal model: another protocol's, decoded by its codec
-for the authenticated caller (its tenant, and the names it may call)."""
+BodyReader = Callable[[int, float, Principal], Awaitable[bytes]]
+"""Reads the request body: PayloadTooLargeError past the byte limit, RequestTimeoutError past the seconds."""
+Translate = Callable[[bytes, Principal], Awaitable[core.Request]]
+"""Decodes another protocol's body into the internal model, by its codec for the authenticated
+caller (its tenant, and the names it may call); a GatewayError for a bad body."""
 
 
 class PromptScore(Protocol):
@@ -364,10 +365,12 @@ class ChatPipeline:
         protocol: str = "openai.chat",
         passthrough: PassThrough | None = None,
         body_wait: Callable[[], float] | None = None,
+        translate: Translate | None = None,
     ) -> Answer | StreamingAnswer | StreamingDeltas:
         """``protocol``: the API the client called, for the log. A client of another protocol than
         chat gets a stream in the internal model (:class:`StreamingDeltas`). ``body_wait()``: the
-        seconds ``read_body`` waited for the client to send the body (not the gateway's overhead)."""
+        seconds ``read_body`` waited for the client to send the body (not the gateway's overhead).
+        ``translate``: reads another protocol's body (without it, the body is a chat request)."""
         runtime = self._holder.current  # one policy version for the whole request
         at = time.time()  # the request's start: its usage's day and month, and its line's started_at
         record = RequestRecord(
@@ -383,19 +386,23 @@ class ChatPipeline:
             record.key_id, record.tenant = principal.key_id, principal.tenant
             limits = runtime.policy.limits
             try:
-                body = await read_body(limits.max_body_bytes, limits.body_read_timeout_s, principal)
+                raw = await read_body(limits.max_body_bytes, limits.body_read_timeout_s, principal)
             finally:
                 if body_wait is not None:
                     x.info.client_seconds = body_wait()
-            if isinstance(body, bytes):
-                if len(body) < LARGE_BODY_BYTES:
-                    x.body, x.directives, x.request = _read_chat(body, principal.tenant)
+            try:
+                if translate is not None:
+                    x.request = await translate(raw, principal)
+                    scoped_request(x.request, principal.tenant)
+                elif len(raw) < LARGE_BODY_BYTES:
+                    x.body, x.directives, x.request = _read_chat(raw, principal.tenant)
                 else:  # off the event loop (t51: bodies of 100,000 messages held it for seconds)
-                    raw, owner = body, principal.tenant
+                    owner = principal.tenant
                     x.body, x.directives, x.request = await read_off_loop(raw, lambda: _read_chat(raw, owner))
-            else:
-                x.request = body
-                scoped_request(x.request, principal.tenant)
+            except GatewayError:  # a refused body is logged with the stream it asked for all the same (t175)
+                record.stream = await read_off_loop(raw, lambda: _asks_stream(raw))
+                raise
+            record.stream = x.request.stream
             x.request.tenant = principal.tenant
             if passthrough is not None and passthrough.body is not None:
                 anthropic = protocol == "anthropic.messages"
@@ -411,7 +418,7 @@ class ChatPipeline:
             ):
                 x.asked = _chat_priced(x.asked, x.request, x.body)  # a chat client's (other edges read their own)
             x.plan = runtime.router.chat_plan(x.request.model, principal.allowed)
-            record.route, record.decision, record.stream = x.plan.route, x.plan.decision, x.request.stream
+            record.route, record.decision = x.plan.route, x.plan.decision
             record.baseline_model = x.plan.baseline
             tenant = runtime.policy.tenants.get(principal.tenant)
             x.slot = self._in_flight.enter(
@@ -1707,6 +1714,18 @@ def _read_chat(raw: bytes, tenant: str) -> tuple[dict[str, Any], Any, core.Reque
     if directives is not None:
         check_directives(directives)
     return body, directives, read_chat_request(body)
+
+
+class _Streamed(msgspec.Struct):
+    stream: Any = None
+
+
+def _asks_stream(raw: bytes) -> bool:
+    """Whether a body its protocol refused asks for a stream: a JSON object whose ``stream`` is ``true``."""
+    try:
+        return msgspec.json.decode(raw, type=_Streamed).stream is True
+    except (msgspec.DecodeError, RecursionError):  # not JSON, or not an object: it asks for nothing
+        return False
 
 
 _PRICED_CHAT = frozenset({"modalities", "audio", "web_search_options"})

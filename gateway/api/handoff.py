@@ -15,8 +15,7 @@ from gateway.api.bodies import BodyUnreadableError, inflated_body, received_body
 from gateway.api.credentials import authorization_of
 from gateway.api.state import GatewayState
 from gateway.auth import Credentials, Principal
-from gateway.core.model import Request
-from gateway.pipeline import Answer, BodyReader, PassThrough, StreamingAnswer, StreamingDeltas
+from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas, Translate
 
 __all__ = ["DisconnectWatch", "Incoming", "hand_to_pipeline"]
 
@@ -70,7 +69,7 @@ async def hand_to_pipeline(
     *,
     protocol: str = "openai.chat",
     authorization: Credentials = None,
-    translate: Callable[[bytes, Principal], Awaitable[Request]] | None = None,
+    translate: Translate | None = None,
     embeddings: bool = False,
     passthrough: PassThrough | None = None,
     state: GatewayState | None = None,
@@ -95,13 +94,6 @@ async def hand_to_pipeline(
     task = asyncio.current_task()
     assert task is not None
     watch = DisconnectWatch(request, task, (state.embeddings if embeddings else state.pipeline).client_left)
-    read_body: BodyReader = watch.read_chat_body
-    if translate is not None:
-        convert = translate
-
-        async def read_body(limit: int, timeout_s: float, principal: Principal) -> bytes | Request:
-            return await convert(await watch.read_body(limit, timeout_s), principal)
-
     try:
         authorization = authorization if authorization is not None else authorization_of(request)
         cache_control = _cache_control(request.scope)
@@ -112,7 +104,15 @@ async def hand_to_pipeline(
             )
         else:
             answer = await state.pipeline.handle(
-                read_body, authorization, cache_control, request_id, started, protocol, passthrough, watch.body_wait
+                watch.read_chat_body,
+                authorization,
+                cache_control,
+                request_id,
+                started,
+                protocol,
+                passthrough,
+                watch.body_wait,
+                translate,
             )
     except asyncio.CancelledError:
         if not watch.client_left:
@@ -169,7 +169,7 @@ class DisconnectWatch:
         self.client_left = False
 
     def read_chat_body(self, limit: int, timeout_s: float, principal: Principal) -> Awaitable[bytes]:
-        """:meth:`read_body` as the pipeline asks for a body (a chat body is read whoever calls)."""
+        """:meth:`read_body` as the pipeline asks for a body (a body is read whoever calls)."""
         return self.read_body(limit, timeout_s)
 
     async def read_body(self, limit: int, timeout_s: float) -> bytes:
