@@ -149,8 +149,13 @@ class _Sink:
     logrotate-style rename the lines went on into the renamed file, and dashboards lost them)."""
     looked_at: float = 0.0
     torn: bool = False
-    """A write failed part way (a full disk) and its fragment could not be taken back: the next
-    starts on a line of its own, so that the fragment does not spoil a good line (t44)."""
+    """A write failed part way (a full disk) and its fragment could not be taken back, or the file
+    ends mid-line (t175: a host crash, a sibling worker killed in a write): the next starts on a
+    line of its own, so that the fragment does not spoil a good line (t44)."""
+    end: int | None = None
+    """The file's size after this sink's last write; None before the first. Another size means
+    another writer wrote since (a sibling worker, perhaps killed part way through a line): the
+    file's last byte is looked at before the next line (t175), not on every batch."""
 
     @classmethod
     def of_path(cls, path: str) -> _Sink:
@@ -194,7 +199,7 @@ class _Sink:
             return exc
         if self.fd is not None:
             os.close(self.fd)
-        self.fd, self.torn = fd, False
+        self.fd, self.torn, self.end = fd, False, None
         return None
 
     @classmethod
@@ -219,6 +224,8 @@ class _Sink:
             return
         held = self._hold()
         try:
+            if self.file:
+                self._look_at_end()
             landed = 0
             chunk = bytearray(b"\n" if self.torn else b"")
             start = len(chunk)
@@ -247,6 +254,20 @@ class _Sink:
             return False  # written all the same; a cut line stays, on a line of its own
         return True
 
+    def _look_at_end(self) -> None:
+        """One ``fstat`` a batch: when the file grew or shrank since this sink's last write (or none
+        was written yet), whether it ends mid-line (t175: the next line was glued to the fragment)."""
+        assert self.fd is not None
+        try:
+            size = os.fstat(self.fd).st_size
+        except OSError:
+            return
+        if size != self.end:
+            ends_a_line = _ends_a_line(self.fd, size)
+            if ends_a_line is not None:
+                self.torn = not ends_a_line
+            self.end = size
+
     def _write_lines(self, data: bytearray, start: int, ends: list[int], held: bool, left: int) -> int:
         """Write ``data``, whose lines start at ``start`` (after the newline that ends a fragment
         left before) and end at ``ends``; the lines written. When a write fails part way, the whole
@@ -258,6 +279,7 @@ class _Sink:
             try:
                 written += os.write(self.fd, memoryview(data)[written:])
             except OSError as exc:
+                self.end = None  # the file is looked at again before the next line
                 whole = bisect.bisect_right(ends, written)
                 fragment = written - (ends[whole - 1] if whole else min(written, start))
                 if fragment:
@@ -266,6 +288,8 @@ class _Sink:
                     self.torn = False
                 raise _LinesLost(left - whole, exc) from exc
         self.torn = False
+        if self.end is not None:
+            self.end += len(data)
         return len(ends)
 
     def _take_back(self, size: int) -> bool:
@@ -296,6 +320,24 @@ class _LinesLost(Exception):
     def __init__(self, count: int, error: OSError) -> None:
         super().__init__(count, error)
         self.count, self.error = count, error
+
+
+def _ends_a_line(fd: int, size: int) -> bool | None:
+    """Whether the file ``fd`` writes, ``size`` bytes long, ends where a line does; None when it
+    cannot be read. ``fd`` is open to write only: the file is read through ``/proc``, which names
+    the file itself, not its path (a rename may have moved the path on)."""
+    if size == 0:
+        return True
+    try:
+        reader = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.pread(reader, 1, size - 1) == b"\n"
+    except OSError:
+        return None
+    finally:
+        os.close(reader)
 
 
 def _open_to_append(path: str) -> int:

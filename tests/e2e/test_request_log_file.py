@@ -14,6 +14,7 @@ import httpx
 import msgspec
 import pytest
 
+from gateway.reporting.aggregate import aggregate_path
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from tests.gateway_process import GatewayProcess, _worker_pids, policy_text, start_gateway
@@ -169,3 +170,29 @@ def test_a_dead_workers_replacement_keeps_the_request_log_serve_started_with(
     assert set(sent) <= set(_request_ids(tmp_path / "requests.jsonl"))
     assert not (tmp_path / "moved.jsonl").exists()
     assert '"request_id"' not in gateway.log_path.read_text()  # stdout: false, as serve started
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_gateway_started_on_a_log_that_ends_mid_line_writes_its_first_request_on_a_line_of_its_own(
+    tmp_path: Path,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+    workers: int,
+) -> None:
+    """t175: a log left ending mid-line (a host crash, a worker killed in a write) glued the next
+    request's line onto the fragment, and `gateway report` dropped that request as malformed."""
+    log = tmp_path / "requests.jsonl"
+    log.write_bytes(b'{"request_id":"whole"}\n{"request_id":"PARTIAL","key_id":"k1","decision":"fi')
+    policy = policy_text(small_upstream, large_upstream) + "\nrequest_log: {path: requests.jsonl, stdout: false}\n"
+    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url}, workers=workers)
+    try:
+        assert _chat(gateway, "after-torn")
+        _wait_for(lambda: log.read_bytes().endswith(b"\n"))
+    finally:
+        gateway.stop()
+    *_, fragment, line = log.read_bytes().splitlines()
+    assert fragment.endswith(b'"decision":"fi')
+    assert msgspec.json.decode(line)["request_id"] == "after-torn"
+    counted = aggregate_path(str(log))
+    assert (counted.requests, counted.malformed) == (1, 1)  # the fragment alone is malformed

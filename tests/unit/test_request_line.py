@@ -212,6 +212,41 @@ def test_a_line_cut_by_a_full_disk_does_not_spoil_the_next(tmp_path: Path, monke
     assert path.read_text().splitlines() == ['{"n": 2}']  # the fragment taken back (t132)
 
 
+@pytest.mark.parametrize("sink", ["path", "stdout"])
+def test_a_line_another_worker_left_cut_does_not_spoil_the_next(tmp_path: Path, sink: str) -> None:
+    """t175: a sibling killed part way through a write (SIGKILL, the OOM killer) left the file
+    ending mid-line, and this worker's next line was glued onto the fragment."""
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(b'{"n": 0, "cut')  # as a host crash left it
+    stdout = os.open(path, os.O_WRONLY | os.O_APPEND)  # serve >> requests.jsonl
+    mine = (
+        request_log_module._Sink.of_path(str(path))
+        if sink == "path"
+        else request_log_module._Sink.of_fd(stdout, owned=False)
+    )
+    sibling = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        mine.write(['{"n": 1}'])
+        os.write(sibling, b'{"n": 2}\n{"n": 3, "cut')  # a line, then the part of one it was killed in
+        mine.write(['{"n": 4}', '{"n": 5}'])
+        os.write(sibling, b'{"n": 6}\n')  # whole lines after it: nothing to mend
+        mine.write(['{"n": 7}'])
+    finally:
+        mine.close()
+        os.close(sibling)
+        os.close(stdout)
+    assert path.read_bytes().splitlines() == [
+        b'{"n": 0, "cut',
+        b'{"n": 1}',
+        b'{"n": 2}',
+        b'{"n": 3, "cut',
+        b'{"n": 4}',
+        b'{"n": 5}',
+        b'{"n": 6}',
+        b'{"n": 7}',
+    ]
+
+
 _WRITE_LINES = """
 import resource, sys
 from gateway.accounting.request_log import RequestLogWriter
