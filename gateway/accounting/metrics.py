@@ -16,7 +16,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.accounting.request_log import RequestRecord
@@ -41,7 +41,6 @@ class Metrics:
 
     def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry()
-        self._multiprocess_dir = multiprocess_dir
         r = self.registry
         self.requests = Counter(
             "gateway_requests", "Finished requests", ["route", "model", "status", "cache"], registry=r
@@ -141,6 +140,7 @@ class Metrics:
             registry=r,
         )
         self._children: dict[tuple[str, str, int, str], tuple] = {}  # type: ignore[type-arg]
+        self._workers = None if multiprocess_dir is None else _Workers(multiprocess_dir, r, self._policy_versions)
 
     def observe(self, record: RequestRecord) -> None:
         route = record.route or "-"
@@ -203,13 +203,35 @@ class Metrics:
         self._policy_versions.put(version)
 
     def render(self) -> bytes:
-        if self._multiprocess_dir is None:
-            return generate_latest(self.registry)
-        _forget_dead_workers(self._multiprocess_dir)
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
-        registry.register(self._policy_versions)
-        return generate_latest(registry)
+        return generate_latest(self.registry if self._workers is None else self._workers)
+
+
+class _Workers(Collector):
+    """Every worker's figures added up from prometheus_client's multiprocess files, family by family
+    as one worker's registry has them. Those files have no family that no worker has a sample of
+    yet (a labelled one nothing counted): a scrape has it as a worker starts with it, HELP and TYPE
+    and a label-less one's 0, so that absent() alerts and dashboards do not go by the worker count (t175)."""
+
+    def __init__(self, directory: str, registry: CollectorRegistry, policy_versions: _PolicyVersions) -> None:
+        self._directory = directory
+        self._files = multiprocess.MultiProcessCollector(None, path=directory)  # type: ignore[no-untyped-call]
+        self._policy_versions = policy_versions
+        self._as_started = [_as_started(family) for family in registry.collect()]
+
+    def collect(self) -> Iterator[Metric]:
+        _forget_dead_workers(self._directory)
+        merged: dict[str, Metric] = {family.name: family for family in self._files.collect()}  # type: ignore[no-untyped-call]
+        merged.update((family.name, family) for family in self._policy_versions.collect())
+        for family in self._as_started:
+            yield merged.pop(family.name, family)
+        yield from merged.values()
+
+
+def _as_started(family: Metric) -> Metric:
+    """``family`` before anything is counted: no labelled series, and its label-less one at 0."""
+    started = Metric(family.name, family.documentation, family.type, family.unit)
+    started.samples = [sample._replace(value=0.0) for sample in family.samples if not sample.labels]
+    return started
 
 
 class _PolicyVersions(Collector):
