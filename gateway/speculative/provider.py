@@ -408,13 +408,16 @@ class SpeculativeProvider(Provider):
             fallback_reason=reason,
         )
 
-    def _draft_source(self, tenant: str | None) -> DraftSource | None:
+    def _draft_source(self, tenant: str | None, client_salt: object) -> DraftSource | None:
         if self.policy.draft_source == "prompt_lookup":
             return PromptLookupDraft()
         if self._draft_api is None:
             return None
         return ModelDraft(
-            self._draft_api.for_tenant(tenant), self._eos, self.policy.draft_timeout_ms / 1000, self._draft_failed
+            self._draft_api.for_tenant(tenant, client_salt),
+            self._eos,
+            self.policy.draft_timeout_ms / 1000,
+            self._draft_failed,
         )
 
     def _draft_failed(self) -> None:
@@ -459,10 +462,11 @@ class SpeculativeProvider(Provider):
             draft_source=self.policy.draft_source,
             sampling="speculative" if temperature > 0 else "greedy",
         )
+        client_salt = body.get("cache_salt")  # within the tenant's salt, as on the plain path (t176)
         k = AdaptiveK(self.policy.k_initial, self.policy.k_min, self.policy.k_max, prior_alpha=self._alpha)
         decoder = Decoder(
-            self._target_api.for_tenant(tenant),
-            self._draft_source(tenant),
+            self._target_api.for_tenant(tenant, client_salt),
+            self._draft_source(tenant, client_salt),
             self._eos,
             k,
             stats,

@@ -108,11 +108,13 @@ class TokenAPI:
         self._cache_salt: str | None = None
         self._timeout_s: float | None = None
 
-    def for_tenant(self, tenant: str | None) -> TokenAPI:
+    def for_tenant(self, tenant: str | None, client_salt: object) -> TokenAPI:
         """These calls made for ``tenant``: its generations carry the prefix-cache salt its
-        plain requests carry (``tenant_cache_salt``), so speculating opens no side channel."""
-        salt = self.provider.salted({}, tenant).get("cache_salt")
-        if salt is None:
+        plain request carries (``tenant_cache_salt``), the client's own ``client_salt`` folded
+        in as there (t176), so speculating opens no side channel."""
+        own = {} if client_salt is None else {"cache_salt": client_salt}
+        salt = self.provider.salted(own, tenant).get("cache_salt")
+        if not isinstance(salt, str):
             return self
         view = copy.copy(self)
         view._cache_salt = salt

@@ -218,6 +218,57 @@ def test_speculating_keeps_each_tenants_prefix_cache_its_own(
         gateway.stop()
 
 
+def test_speculating_salts_with_the_clients_own_cache_salt_as_a_plain_request_does(
+    tmp_path: Path, redis_server: EmbeddedRedis, servers: tuple[ToyServer, ToyServer]
+) -> None:
+    """t176: the loop's own calls salted with the tenant alone, leaving out the client's own
+    ``cache_salt``, so the end users of one tenant shared the prefix cache whenever a request
+    speculated. Each server must get the salt a plain request with that client salt gets."""
+    large, small = servers
+    keys = f'    - {{id: acme, tenant: acme, hash: "{hash_key("key-acme")}"}}'
+    policy = (
+        _policy(large, small)
+        .replace("    tier: small\n", "    tier: small\n    tenant_cache_salt: true\n", 1)
+        .replace(
+            "    tier: large\n    # min_speedup", "    tier: large\n    tenant_cache_salt: true\n    # min_speedup", 1
+        )
+        .replace("    tier: large\nroutes", "    tier: large\n    tenant_cache_salt: true\nroutes", 1)
+        .replace("auth: {mode: none}", "auth:\n  mode: keys\n  keys:\n" + keys)
+    )
+    write_tokenizer_json(str(tmp_path / "tokenizer.json"))
+    # one secret for every model, so "large-plain" salts as "large" does (keyed on the name otherwise)
+    env = {"REDIS_URL": redis_server.url, "GATEWAY_CACHE_SALT_KEY": "spec-salt-secret"}
+    gateway = start_gateway(tmp_path, policy, env=env)
+
+    def salts(model: str, client_salt: str | None) -> tuple[list[str], list[str]]:
+        large.reset()
+        small.reset()
+        extra = {} if client_salt is None else {"cache_salt": client_salt}
+        response = httpx.post(
+            f"{gateway.base_url}/chat/completions",
+            headers={"authorization": "Bearer key-acme"},
+            json={"model": model, "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 8,
+                  "temperature": 0, **extra},
+            timeout=30,
+        )  # fmt: skip
+        assert response.status_code == 200, response.text
+        if model == "best":
+            record = gateway.wait_for_record(response.headers["x-request-id"])
+            assert record["speculation"]["mode"] == "gateway", record
+        return large.stats()["salts"], small.stats()["salts"]
+
+    try:
+        seen: dict[str | None, tuple[list[str], list[str]]] = {}
+        for client_salt in ("u1", "u2", None):
+            plain = (salts("large-plain", client_salt)[0], salts("small", client_salt)[1])
+            assert len(plain[0]) == len(plain[1]) == 1, plain
+            seen[client_salt] = salts("best", client_salt)
+            assert seen[client_salt] == plain, client_salt
+        assert len({large_salts[0] for large_salts, _ in seen.values()}) == 3  # one partition per client salt
+    finally:
+        gateway.stop()
+
+
 def test_a_hung_draft_server_costs_requests_no_first_byte_timeout(
     tmp_path: Path, redis_server: EmbeddedRedis, servers: tuple[ToyServer, ToyServer]
 ) -> None:

@@ -187,6 +187,8 @@ class Stats:
     """Of the completion calls answered: the tokens they were given and wrote (t124)."""
     unsalted: int = 0
     """Generations (completions and chat) that came without a ``cache_salt``."""
+    salts: list[str] = field(default_factory=list)
+    """The ``cache_salt`` values generations came with, each once, in the order first seen."""
 
 
 @dataclass(slots=True)
@@ -464,6 +466,8 @@ def _salt(state: State, body: dict[str, Any]) -> str | None:
     salt = body.get("cache_salt")
     if salt is None:
         state.stats.unsalted += 1
+    elif isinstance(salt, str) and salt not in state.stats.salts:
+        state.stats.salts.append(salt)
     return salt if isinstance(salt, str) else None
 
 
