@@ -461,7 +461,13 @@ class ChatPipeline:
             ):
                 await self._count_prompt(x)  # tokenized only when the upstream does not say, or says what cannot be
             await self._settle_off_loop(
-                x, provider, completion.usage, completion.text, completion.said, tier=completion.service_tier
+                x,
+                provider,
+                completion.usage,
+                completion.text,
+                completion.said,
+                tier=completion.service_tier,
+                tools=completion.server_tools,
             )
             record.upstream_status, record.finish_reason = 200, completion.finish_reason
             _record_speculation(record, completion)

@@ -149,6 +149,9 @@ class Completion:
     usage to carry it: the bill on the gateway's count uses it (t71)."""
     speculation: SpeculationLog | None = None
     """The speculative loop's work, when it answered (t77: was a subclass's field, read by getattr)."""
+    server_tools: dict[str, int] = field(default_factory=dict)
+    """The hosted tools' uses the answer shows, by name in ``price.server_tools``: billed on the
+    gateway's count too, where ``usage`` is absent or refused, as a stream's are."""
 
 
 @dataclass(slots=True)

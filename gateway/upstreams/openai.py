@@ -199,6 +199,7 @@ class OpenAIProvider(Provider):
             text=responses.response_text(data),
             finish_reason=responses.finish_reason_of(data),  # logged as a streamed one's is (t25)
             service_tier=tier_name(data.get("service_tier")),
+            server_tools=tools.uses(),
         )
 
     async def open_relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> ChatStream:

@@ -115,7 +115,10 @@ async def _responses(request: web.Request, upstream: RecordingUpstream) -> web.S
     message = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed", "content": [text]}
     output = [*_calls(body), message]
     if not body.get("stream"):
-        return web.json_response(_response(body, "completed", output))
+        whole = _response(body, "completed", output)
+        if "NOUSAGE" in str(body.get("input")):
+            whole["usage"] = None
+        return web.json_response(whole)
     response = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await response.prepare(request)
     events: list[dict[str, Any]] = [{"type": "response.created", "response": _response(body, "in_progress", [])}]
@@ -201,6 +204,17 @@ def test_each_web_search_the_answer_shows_is_billed(gateway: GatewayProcess, str
     record = gateway.wait_for_record(request_id)
     assert record["passthrough"] is True and record["server_tool_requests"] == {"web_search": 2}
     assert record["cost_usd"] == pytest.approx(_TEXT_USD + 2 * 10 / 1000, rel=1e-6)
+
+
+def test_an_answer_without_usage_bills_its_searches_on_the_gateways_count(gateway: GatewayProcess) -> None:
+    """A whole answer that says no usage is billed on the gateway's count of its tokens, and its
+    searches were dropped with the usage they would have gone onto (as a stream's are not)."""
+    asked: Any = {"model": "tooled-r", "input": "Weather? NOUSAGE", "tools": [{"type": "web_search"}]}
+    said = _client(gateway).responses.create(**asked, extra_headers={"x-request-id": "searched-unsaid"})
+    assert said.output_text == "Found it.", said.usage
+    record = gateway.wait_for_record("searched-unsaid")
+    assert record["tokens_source"] == "gateway" and record["server_tool_requests"] == {"web_search": 2}
+    assert record["cost_usd"] > 2 * 10 / 1000
 
 
 @pytest.mark.parametrize("stream", [False, True])
