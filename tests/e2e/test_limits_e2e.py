@@ -135,16 +135,24 @@ def test_tokens_per_minute_reserve_the_estimate_while_in_flight(
     pair: tuple[GatewayProcess, GatewayProcess], small_upstream: SimulatedUpstream
 ) -> None:
     # In flight, each request holds prompt tokens + max_tokens (8 + 90): three fit in 300, the fourth does not.
-    inject(small_upstream, *[{"delay_ms": 700}] * 3)
+    inject(small_upstream, *[{"delay_ms": 1500}] * 3)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(_chat, pair[i % 2], "tpm", content=f"t{i}", max_tokens=90) for i in range(3)]
-        time.sleep(0.3)
+        # All three reserved and upstream, not a guessed 0.3 s: on a busy machine the fourth came
+        # before the third (which was then refused), or after the first had settled (and fitted).
+        deadline = time.monotonic() + 30
+        while upstream_stats(small_upstream)["chat_requests"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
         fourth = _chat(pair[1], "tpm", content="t3", max_tokens=90)
         assert [f.result().status_code for f in futures] == [200, 200, 200]
     assert fourth.status_code == 429 and "key.tpm" in fourth.json()["error"]["message"]
-    # After the answers, the reservation is replaced by the tokens really used, which leaves room again.
-    time.sleep(0.3)
-    assert _chat(pair[0], "tpm", content="t4", max_tokens=90).status_code == 200
+    # After the answers, the reservation is replaced by the tokens really used, which leaves room again:
+    # settlement runs in the background after each answer, so it is waited for (a refusal books nothing).
+    deadline = time.monotonic() + 15
+    while (again := _chat(pair[0], "tpm", content="t4", max_tokens=90)).status_code == 429:
+        assert time.monotonic() < deadline, again.text
+        time.sleep(0.1)
+    assert again.status_code == 200
 
 
 def test_asking_for_n_answers_reserves_n_completions(pair: tuple[GatewayProcess, GatewayProcess]) -> None:
