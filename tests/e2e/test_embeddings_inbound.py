@@ -486,7 +486,10 @@ def test_an_embeddings_client_that_leaves_while_queued_for_a_connection_is_bille
         inject(small_upstream, {"delay_ms": 1500})
         with _client(gateway, "x") as client, ThreadPoolExecutor(1) as pool:
             holder = pool.submit(client.embeddings.create, model="embed-one", input=["holds the connection"])
-            time.sleep(0.3)
+            # the holder upstream, not a guessed 0.3 s: on a busy machine the other one took the connection first
+            deadline = time.monotonic() + 30
+            while upstream_stats(small_upstream)["embeddings_requests"] == before and time.monotonic() < deadline:
+                time.sleep(0.02)
             with pytest.raises(openai.APITimeoutError):
                 client.with_options(timeout=0.3).embeddings.create(
                     model="embed-one", input=["queued behind it"], extra_headers={"x-request-id": "queued-embedding"}
