@@ -37,8 +37,9 @@ def _poll(probe: Callable[[], T], done: Callable[[T], bool], timeout_s: float, s
     return value
 
 
-def _record_with_id(gateway: GatewayProcess, request_id: str, timeout_s: float = 3.0) -> dict[str, Any] | None:
-    """The log line of a request we only know by the x-request-id we sent, among all of them."""
+def _record_with_id(gateway: GatewayProcess, request_id: str, timeout_s: float = 30.0) -> dict[str, Any] | None:
+    """The log line of a request we only know by the x-request-id we sent, among all of them (a
+    generous deadline: the poll ends when the line is there, and a busy machine writes it late)."""
     found = _poll(lambda: [r for r in gateway.log_records() if r["request_id"] == request_id], bool, timeout_s)
     assert len(found) <= 1, found
     return found[0] if found else None
@@ -93,7 +94,7 @@ def test_no_retry_or_fallback_is_made_for_a_client_that_left(
 ) -> None:
     inject(small_upstream, {"delay_ms": 3000})  # past the 1 s first-byte timeout: a retryable failure
     request_id = _leave_after(gateway, _body("please wait for me"))
-    record = _record_with_id(gateway, request_id, timeout_s=5.0)
+    record = _record_with_id(gateway, request_id)
     assert record is not None and (record["status"], record["error_type"]) == (499, "client_disconnected")
     assert record["latency_ms"] < 2500  # the one attempt's timeout, no more
     assert record["cost_usd"] == 0  # the upstream answered nothing: an error costs nothing
@@ -141,7 +142,7 @@ def test_streamed_disconnect_cancels_the_upstream_stream(
     request_id, events = _read_then_leave(f"{gateway.base_url}/chat/completions", _body(words, stream=True), "data: ")
     assert len(events) == 2 and "[DONE]" not in events[-1]
 
-    stats = _poll(lambda: upstream_stats(small_upstream), lambda s: s["cancelled"] >= 1, timeout_s=3.0)
+    stats = _poll(lambda: upstream_stats(small_upstream), lambda s: s["cancelled"] >= 1, timeout_s=30)
     assert stats["cancelled"] >= 1, f"the upstream stream was not cancelled: {stats}"
     assert stats["in_flight"] == 0
 
@@ -163,7 +164,7 @@ def test_gateway_serves_normally_after_disconnects(gateway: GatewayProcess, smal
     with httpx.Client(timeout=5) as client:
         with client.stream("POST", f"{gateway.base_url}/chat/completions", json=_body("a b c d e", stream=True)) as r:
             next(r.iter_lines())
-    _poll(lambda: upstream_stats(small_upstream), lambda s: s["cancelled"] >= 2 and s["in_flight"] == 0, timeout_s=3)
+    _poll(lambda: upstream_stats(small_upstream), lambda s: s["cancelled"] >= 2 and s["in_flight"] == 0, timeout_s=30)
 
     with httpx.Client(timeout=10) as client:
         answer = client.post(f"{gateway.base_url}/chat/completions", json=_body("one two three"))
@@ -191,7 +192,7 @@ def test_a_messages_client_leaving_mid_stream_cancels_the_upstream_stream(
     body = {"model": "fast", "max_tokens": 64, "stream": True, "messages": [{"role": "user", "content": words}]}
     request_id, frames = _read_then_leave(f"{gateway.url}/v1/messages", body, "event: content_block_delta")
     assert len(frames) == 2
-    stats = _poll(lambda: upstream_stats(small_upstream), lambda s: s["cancelled"] >= 1, timeout_s=3.0)
+    stats = _poll(lambda: upstream_stats(small_upstream), lambda s: s["cancelled"] >= 1, timeout_s=30)
     assert stats["cancelled"] >= 1, f"the upstream stream was not cancelled: {stats}"
     record = gateway.wait_for_record(request_id)
     assert record["status"] == 499 and record["error_type"] == "client_disconnected"
