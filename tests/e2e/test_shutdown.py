@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -31,7 +32,7 @@ def test_sigterm_lets_a_stream_finish_then_exits_cleanly(tmp_path: Path, large_u
         redis_pid = _embedded_redis_pid(tmp_path)
         assert redis_pid is not None
         reader, lines = _stream_in_background(gateway, words=12)
-        time.sleep(0.5)  # the stream is under way
+        _until(lambda: bool(lines))  # the stream is under way
         gateway.process.send_signal(signal.SIGTERM)
         reader.join(30)
         assert lines[-1] == "data: [DONE]" and len(lines) > 10
@@ -59,6 +60,15 @@ def _stream_in_background(
     reader = threading.Thread(target=stream)
     reader.start()
     return reader, lines
+
+
+def _until(done: Callable[[], bool], timeout_s: float = 30) -> None:
+    """Until ``done``: a guessed sleep before a signal sent it, on a busy machine, before the
+    request it was to find in flight had reached the gateway."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def _embedded_redis_pid(workdir: Path) -> int | None:
@@ -146,8 +156,8 @@ def test_ctrl_c_to_one_worker_drains_as_sigterm_does(
                 target=lambda: answers.append(httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=60))
             )
             asker.start()
-            time.sleep(1.5)  # the stream is under way, the other request waits on its upstream
-            assert lines
+            # the stream is under way, the other request waits on its upstream
+            _until(lambda: bool(lines) and upstream_stats(silent)["chat_requests"] >= 1)
             os.killpg(gateway.process.pid, signal.SIGINT)  # Ctrl-C in the terminal signals the group
             while again and gateway.process.poll() is None:
                 time.sleep(0.05)
@@ -184,7 +194,7 @@ def test_ctrl_c_in_the_terminal_leaves_the_embedded_redis_to_the_gateway(
             redis_pid = _embedded_redis_pid(tmp_path)
             assert redis_pid is not None
             reader, lines = _stream_in_background(gateway, words=12)
-            time.sleep(0.5)  # the stream is under way: the gateway drains for a while yet
+            _until(lambda: bool(lines))  # the stream is under way: the gateway drains for a while yet
             os.killpg(gateway.process.pid, signal.SIGINT)
             reader.join(30)
             assert gateway.process.wait(30) == 0
