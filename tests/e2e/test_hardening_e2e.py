@@ -1171,20 +1171,25 @@ def test_a_client_that_leaves_while_queued_for_a_connection_is_billed_nothing(
     env = {"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k", "TEST_ANTHROPIC_KEY": "k"}  # type: ignore[attr-defined]
     gateway = start_gateway(tmp_path, policy, env=env)
     try:
-        httpx.post(f"{small_upstream.root_url}/_control/faults", json={"faults": [{"delay_ms": 1500}]})
+        httpx.post(
+            f"{small_upstream.root_url}/_control/faults", json={"faults": [{"delay_ms": 2500}]}
+        )  # past both queued
         url = f"{gateway.base_url}/chat/completions"
         prompt = [{"role": "user", "content": "a long prompt to pay for " * 50}]
         holder = threading.Thread(
             target=httpx.post, args=(url,), kwargs={"json": {"model": "one-conn", "messages": prompt}, "timeout": 10}
         )
         holder.start()
-        time.sleep(0.3)  # the holder has the one connection
+        deadline = time.monotonic() + 30  # the holder has the one connection (a guessed 0.3 s was not always enough)
+        while httpx.get(f"{small_upstream.root_url}/_control/stats").json()["chat_requests"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         for stream in (False, True):
             with pytest.raises(httpx.ReadTimeout):
                 body = {"model": "one-conn", "messages": prompt, "stream": stream}
                 httpx.post(url, json=body, timeout=0.3)
         holder.join()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while len(records := gateway.log_records()) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         left = [record for record in records if record["status"] == 499]
