@@ -205,7 +205,7 @@ def test_workers_run_on_uvloop_and_say_so(
 ) -> None:
     gateway = start_gateway(tmp_path, policy_text(small_upstream, large_upstream), env={"REDIS_URL": redis_server.url})
     try:
-        (started,) = gateway.ops_records("event_loop")
+        (started,) = gateway.wait_for_ops("event_loop")  # written by the worker's log thread, maybe after /readyz
         assert started["implementation"] == "uvloop.Loop"  # a hard dependency, not an accident of extras
     finally:
         gateway.stop()
