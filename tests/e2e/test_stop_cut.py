@@ -506,7 +506,7 @@ def _cut_stream(gateway: GatewayProcess, prompt: str, model: str = "reasoner", *
 def _unread(gateway: GatewayProcess, request_id: str, expect: bool = True) -> list[str]:
     """The ``stream_usage_unread`` reasons of one request. The warning follows its request line,
     so where one is expected it is waited for (a loaded machine read the file between the two)."""
-    deadline = time.monotonic() + (5 if expect else 0)
+    deadline = time.monotonic() + (30 if expect else 0)
     while True:
         said = [e["reason"] for e in gateway.ops_records("stream_usage_unread") if e["request_id"] == request_id]
         if said or time.monotonic() >= deadline:
