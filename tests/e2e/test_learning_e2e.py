@@ -660,7 +660,9 @@ def test_a_promoted_router_swaps_in_under_load_and_rolls_back_and_stays_with_its
     for worker in workers:
         worker.start()
     try:
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30  # answered by the shipped router first, not a guessed 0.5 s of it
+        while not versions and time.monotonic() < deadline:
+            time.sleep(0.05)
         version = asyncio.run(promote_one())
         deadline = time.monotonic() + 15
         while version not in versions[-4:] and time.monotonic() < deadline:
