@@ -545,7 +545,9 @@ def test_coalescing_and_cache_work_across_gateway_processes(
             leader = pool.submit(
                 _client(cached_gateway).chat.completions.create, model="fast", messages=messages, temperature=0
             )
-            time.sleep(0.3)
+            # it leads: after a guessed 0.3 s, a loaded machine could let the follower come first, and lead
+            while not upstream_stats(small_upstream)["chat_requests"]:
+                time.sleep(0.02)
             follower = pool.submit(
                 _client(second).chat.completions.with_raw_response.create,
                 model="fast",
