@@ -137,8 +137,9 @@ class GatewayProcess:
         """JSON ops log lines (stderr) with this ``event``."""
         return _records(self.err_path.read_bytes(), event)
 
-    def wait_for_record(self, request_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
-        """The log line of one request (lines are written by a background thread, so poll)."""
+    def wait_for_record(self, request_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        """The log line of one request (lines are written by a background thread, so poll; the
+        deadline is generous, as a busy CI machine may run that thread late, and costs nothing)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for record in self.log_records():
@@ -147,7 +148,7 @@ class GatewayProcess:
             time.sleep(0.02)
         raise AssertionError(f"no log line for request {request_id}")
 
-    def wait_for_ops(self, event: str, count: int = 1, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+    def wait_for_ops(self, event: str, count: int = 1, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         """At least ``count`` ops log lines with ``event`` (stderr's lines reach the file when the
         worker's log writer gets to them: a test that reads at once can find none yet)."""
         deadline = time.monotonic() + timeout_s
