@@ -653,7 +653,10 @@ def test_a_request_still_waiting_at_the_drain_deadline_gets_a_503_not_a_cut(
 
         asker = threading.Thread(target=ask)
         asker.start()
-        time.sleep(1.0)  # the request waits on the upstream
+        deadline = time.monotonic() + 30  # the request waits on the upstream (a guessed 1 s could signal first)
+        while httpx.get(f"{slow.root_url}/_control/stats").json()["chat_requests"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         gateway.process.send_signal(signal.SIGTERM)
         asker.join(30)
         assert gateway.process.wait(30) == 0
