@@ -109,7 +109,7 @@ def test_policy_info_shows_only_the_versions_in_force(
             gateway.policy_path.write_text(text)
             version = hashlib.sha256(text.encode()).hexdigest()[:12]
             wanted = {f'gateway_policy_info{{version="{version}"}} 1.0'}
-            deadline = time.monotonic() + 15  # each worker reloads on its own time
+            deadline = time.monotonic() + 30  # each worker reloads on its own time
             seen = _policy_info(httpx.get(f"{gateway.url}/metrics").text)
             while seen != wanted and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -135,7 +135,7 @@ def test_sighup_to_the_main_process_reloads_every_worker_in_place(
         old = httpx.get(f"{gateway.url}/readyz").json()["policy"]["version"]
         os.kill(gateway.process.pid, signal.SIGHUP)  # t166: on the file as it is, each worker says the signal came
         unchanged: list[int] = []
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline and sorted(unchanged) != workers:
             unchanged = [record["pid"] for record in gateway.ops_records("policy_unchanged")]
             time.sleep(0.05)
@@ -144,7 +144,7 @@ def test_sighup_to_the_main_process_reloads_every_worker_in_place(
             policy.replace("fast: {model: small, fallbacks: [large]}", "fast: {model: large}")
         )
         os.kill(gateway.process.pid, signal.SIGHUP)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         seen: set[str] = set()
         while time.monotonic() < deadline and seen != {"large"}:
             seen = {httpx.post(f"{gateway.base_url}/chat/completions",
@@ -155,7 +155,7 @@ def test_sighup_to_the_main_process_reloads_every_worker_in_place(
         assert sorted(_worker_pids(gateway.process.pid)) == workers  # reloaded in place, not restarted
         assert httpx.get(f"{gateway.url}/readyz").json()["policy"]["version"] != old
         said: list[int] = []
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline and sorted(said) != workers:  # t113: each line says whose it is
             said = [record["pid"] for record in gateway.ops_records("policy_reloaded")]
             time.sleep(0.05)
@@ -163,7 +163,7 @@ def test_sighup_to_the_main_process_reloads_every_worker_in_place(
         # an invalid policy on SIGHUP is rejected by each worker; nobody crashes
         gateway.policy_path.write_text("pair: [")
         os.kill(gateway.process.pid, signal.SIGHUP)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         errors: list[object] = [None]
         while time.monotonic() < deadline and not all(errors):  # each worker reloads on its own time
             errors = [httpx.get(f"{gateway.url}/readyz").json()["policy"]["last_reload_error"] for _ in range(8)]
@@ -185,7 +185,7 @@ def test_a_policy_edit_is_picked_up_by_two_gateway_processes(
     second = start_gateway(tmp_path / "b", "", env={"REDIS_URL": redis_server.url}, policy_path=first.policy_path)
     try:
         first.policy_path.write_text(policy.replace("fast: {model: small, fallbacks: [large]}", "fast: {model: large}"))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         models: set[str] = set()
         while time.monotonic() < deadline and models != {"large"}:
             time.sleep(0.2)
@@ -573,7 +573,7 @@ def test_serve_says_it_serves_only_once_listening(
     gateway = start_gateway(tmp_path / "free", policy.read_text(), env={"REDIS_URL": redis_server.url}, server=server)
     try:
         banner = f"serving the OpenAI and Anthropic APIs at http://127.0.0.1:{gateway.port}/v1"
-        deadline = time.monotonic() + 10  # the banner's thread may write it after the first answer
+        deadline = time.monotonic() + 30  # the banner's thread may write it after the first answer
         while banner not in gateway.stderr_text() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert banner in gateway.stderr_text()
@@ -661,7 +661,7 @@ def test_a_worker_replaced_while_the_file_is_broken_starts_on_the_policy_in_forc
         )
         os.kill(gateway.process.pid, signal.SIGHUP)
         seen: set[str] = set()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline and seen != {"large"}:
             seen = {httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=10).headers["x-gateway-model"]
                     for _ in range(8)}  # fmt: skip
@@ -717,7 +717,7 @@ def test_sighup_during_start_up_is_never_fatal(
             time.sleep(0.05)
         body = {"model": "fast", "messages": [{"role": "user", "content": "after start-up"}]}
         models: set[str] = set()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline and models != {"large"}:  # a reload may still be settling
             models = {httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=10).headers[
                 "x-gateway-model"] for _ in range(8)}  # fmt: skip
