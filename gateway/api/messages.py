@@ -40,7 +40,7 @@ from gateway.protocols import openai_chat
 from gateway.protocols.body import read_off_loop
 from gateway.protocols.shared_state import refuse_upstream_ids
 from gateway.tokens import count_prompt, prompt_chars
-from gateway.upstreams.anthropic import AnthropicProvider
+from gateway.upstreams.anthropic import AnthropicProvider, joined_betas
 
 __all__ = ["count_message_tokens", "create_message"]
 
@@ -59,6 +59,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
 
     def read(raw: bytes, principal: Principal) -> CoreRequest:
         body = _json_object(raw)
+        betas = _betas(request)
         if _only_anthropic_upstreams(request, body, principal.allowed):
             decoded = _translatable(raw, body)
             if decoded is None:  # the translation would lose something: the body goes as it came
@@ -69,9 +70,8 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
                     passthrough.body = {name: value for name, value in passthrough.body.items() if name != "thinking"}
                 if passthrough.body is not None:  # only passed through do these reach Anthropic (t59)
                     passthrough.asked = anthropic.priced_options(passthrough.body)
-                beta = request.headers.get("anthropic-beta")
-                if beta:
-                    passthrough.headers["anthropic-beta"] = beta
+                if betas:
+                    passthrough.headers["anthropic-beta"] = betas
         else:
             unread = anthropic.fields_not_read(body) if body is not None else []
             hints = [name for name in unread if name in _HINTS]  # changes no answer: left out, and named (t40)
@@ -89,7 +89,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
             lost += anthropic.nested_fields_not_carried(body) if body is not None else []
             lost += hints
             decoded.dropped.extend(name for name in dict.fromkeys(lost) if name not in decoded.dropped)
-        decoded.betas = request.headers.get("anthropic-beta") or None  # a translated request's too
+        decoded.betas = betas  # a translated request's too
         decoded.fills_window = True  # as Anthropic's models do: max_tokens is a ceiling, not a demand (t59)
         asked.append(decoded)
         return decoded
@@ -123,6 +123,11 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
     )
+
+
+def _betas(request: Request[Any, Any, Any]) -> str | None:
+    """The client's ``anthropic-beta``: every line of it, as one list (RFC 9110; ``get`` reads the first alone)."""
+    return joined_betas(*request.headers.getall("anthropic-beta", []))
 
 
 def _without_shared_state(body: dict[str, Any], raw: bytes) -> dict[str, Any]:
@@ -161,7 +166,7 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
         tokens = None
         if isinstance(first, AnthropicProvider) and body is not None:
             try:
-                tokens = await first.count_tokens(body, request.headers.get("anthropic-beta"))
+                tokens = await first.count_tokens(body, _betas(request))
             except UpstreamError as exc:
                 if exc.error_type == "invalid_request_error":  # the request's own fault: told as the upstream says
                     raise

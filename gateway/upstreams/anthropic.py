@@ -88,7 +88,7 @@ from gateway.upstreams.base import (
 )
 from gateway.upstreams.stop_strings import StopWatch, applied_here, cut_blocks, cut_deltas
 
-__all__ = ["AnthropicProvider"]
+__all__ = ["AnthropicProvider", "joined_betas"]
 
 _log = structlog.get_logger("gateway.upstreams")
 
@@ -111,12 +111,19 @@ class AnthropicProvider(Provider):
     kind = "anthropic"
 
     def _headers(self, betas: str | None = None) -> dict[str, str]:
+        """The headers of a call, with the client's ``betas`` added to any the model's ``headers``
+        pin: a client's replaced the operator's (t177)."""
         headers = {"content-type": "application/json", "anthropic-version": ANTHROPIC_VERSION, **self.extra_headers}
         if self.api_key:
             headers["x-api-key"] = self.api_key
-        if betas:
-            headers["anthropic-beta"] = betas
+        if joined := joined_betas(self.extra_headers.get("anthropic-beta", ""), betas or ""):
+            headers["anthropic-beta"] = joined
         return headers
+
+    def _relayed_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """A passed-through request's headers: the client's ``anthropic-beta`` added to the model's,
+        as on every call; none of the client's replaces the gateway's own."""
+        return {**headers, **self._headers(headers.get("anthropic-beta"))}
 
     def not_carried(self, request: core.Request) -> list[str]:
         return _not_carried(request, self.takes_one_sampler)
@@ -201,7 +208,7 @@ class AnthropicProvider(Provider):
         return counted
 
     async def relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> Completion:
-        response = await self.post(_MESSAGES_PATH, body, {**self._headers(), **headers}, stream=False)
+        response = await self.post(_MESSAGES_PATH, body, self._relayed_headers(headers), stream=False)
         with answered(response):
             _, content = decode_answer(self.name, response.content)  # mended where it must be (t80)
             answer, usage, _ = self._read(content, containers=anthropic.ContainerUses(body))
@@ -229,8 +236,15 @@ class AnthropicProvider(Provider):
         return answer, usage, matched is not None
 
     async def open_relay(self, body: dict[str, Any], headers: Mapping[str, str]) -> ChatStream:
-        response = await self.post(_MESSAGES_PATH, body, {**self._headers(), **headers}, stream=True)
+        response = await self.post(_MESSAGES_PATH, body, self._relayed_headers(headers), stream=True)
         return _RelayedMessageStream(self, response, anthropic.ContainerUses(body))
+
+
+def joined_betas(*lists: str) -> str | None:
+    """``anthropic-beta`` lists (header lines, comma-separated) as one line: each beta once, in
+    the order first given; None when they name none."""
+    betas = dict.fromkeys(beta for line in lists for part in line.split(",") if (beta := part.strip()))
+    return ",".join(betas) or None
 
 
 # -- request translation ------------------------------------------------------
