@@ -357,9 +357,9 @@ class RuntimeHolder:
             return True
         old = self.current
         new = self._build(loaded, previous=old)
-        self._install(new)
-        if self.last_good is not None:
+        if self.last_good is not None:  # kept first: /readyz never shows the new version with the old rejection
             self._not_kept = not await asyncio.to_thread(keep_last_good, loaded, self.last_good)
+        self._install(new)
         self._retire(list(old.providers.values()))
         _log.info("policy_reloaded", reason=reason, version=new.version, previous=old.version)
         self._clear_rejection(reason, new.version, by="new_version")
