@@ -30,14 +30,15 @@ class ServedApp:
 
 @contextmanager
 def serve_app(routes: Mapping[str, Handler], *, name: str) -> Iterator[ServedApp]:
-    """Serve ``routes`` (POST path -> handler) until the block ends; then close the listener and
-    end the handlers still running (a held stream, a hanging answer)."""
+    """Serve ``routes`` (POST path -> handler; ``"GET /path"`` for another method) until the block
+    ends; then close the listener and end the handlers still running (a held stream, a hanging answer)."""
     loop = asyncio.new_event_loop()
 
     async def serve() -> tuple[web.AppRunner, int]:
         app = web.Application()
-        for path, handler in routes.items():
-            app.router.add_post(path, _bound(handler))
+        for route, handler in routes.items():
+            method, _, path = route.rpartition(" ")
+            app.router.add_route(method or "POST", path, _bound(handler))
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -67,6 +68,8 @@ class RecordingUpstream:
 
     url: str = ""
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+    """Each request's method, raw path and query as received (``POST /v1/x?a=b``), in order."""
 
 
 RecordingHandler = Callable[[web.Request, RecordingUpstream], Awaitable[web.StreamResponse]]
@@ -84,6 +87,7 @@ def serve_recording(routes: Mapping[str, RecordingHandler], *, name: str) -> Ite
 
 def _handing(handler: RecordingHandler, upstream: RecordingUpstream) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
+        upstream.targets.append(f"{request.method} {request.raw_path}")
         return await handler(request, upstream)
 
     return handle

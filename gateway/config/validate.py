@@ -459,10 +459,7 @@ def check_policy(
         if route_name in policy.models and policy.models[route_name].public:
             problems.add(base, f"route {route_name!r} has the name of a public model; rename one of them")
     for name, model in policy.models.items():
-        try:
-            urlsplit(model.base_url).port  # noqa: B018 - raises for a port past 65535 (t57: every call failed over)
-        except ValueError as exc:
-            problems.add(("models", name, "base_url"), f"not a usable URL: {exc}")
+        _check_base_url(problems, name, model.base_url)
         if model.encoding not in _ENCODINGS:
             problems.add(
                 ("models", name, "encoding"),
@@ -537,6 +534,24 @@ def check_policy(
     _check_semantic_cache(policy, problems, check_model)
     if "auth" not in broken:
         check_auth(policy.auth, problems, key_file=key_file)
+
+
+def _check_base_url(problems: Problems, name: str, base_url: str) -> None:
+    """A URL every call can be made from: its query goes on each call (t177), but not a fragment,
+    which is never sent, nor a user or password, which the gateway does not send (and is not shown)."""
+    path = ("models", name, "base_url")
+    try:
+        parts = urlsplit(base_url)
+        parts.port  # noqa: B018 - raises for a port past 65535 (t57: every call failed over)
+    except ValueError as exc:
+        problems.add(path, f"not a usable URL: {exc}")
+        return
+    if "@" in parts.netloc:
+        problems.add(
+            path, "holds a user name or password, which the gateway does not send: give the key in `api_key_env`"
+        )
+    if "#" in base_url:
+        problems.add(path, "holds a fragment (`#...`), which is never sent; remove it")
 
 
 def _check_semantic_cache(policy: Policy, problems: Problems, check_model: Callable[[Path, str | None], None]) -> None:

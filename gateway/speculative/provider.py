@@ -115,6 +115,7 @@ class SpeculativeProvider(Provider):
         self.name = target.name
         self.config = target.config
         self.client = target.client
+        self.base_url = target.base_url
         self.api_key = target.api_key
         self.upstream_model = target.upstream_model
         self.target = target

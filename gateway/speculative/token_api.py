@@ -77,9 +77,10 @@ class Generation:
     """For the last ``prompt_tail`` prompt positions: the rank-1 token (the large model's greedy choice)."""
 
 
-def server_root(client: httpx.AsyncClient) -> str:
-    """``http://host:port/v1/`` → ``http://host:port/`` (vLLM serves tokenization at the root)."""
-    base = str(client.base_url).rstrip("/")
+def server_root(base_url: httpx.URL) -> str:
+    """``http://host:port/v1/`` → ``http://host:port/`` (vLLM serves tokenization at the root);
+    ``base_url`` without its query, which the provider puts on every call."""
+    base = str(base_url).rstrip("/")
     if base.endswith("/v1"):
         base = base[: -len("/v1")]
     return base + "/"
@@ -100,7 +101,7 @@ class TokenAPI:
 
     def __init__(self, provider: Provider) -> None:
         self.provider = provider
-        self._root = server_root(provider.client)
+        self._root = server_root(provider.base_url)
         headers = {"content-type": "application/json", **provider.extra_headers}
         if provider.api_key:
             headers["authorization"] = f"Bearer {provider.api_key}"

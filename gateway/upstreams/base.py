@@ -48,6 +48,7 @@ __all__ = [
     "UpstreamResponse",
     "Usage",
     "answered",
+    "split_base_url",
     "usage_of",
 ]
 
@@ -456,6 +457,8 @@ class Provider(ABC):
         """The policy's ``headers``, named as the gateway names its own (``Anthropic-Version`` then
         replaces the default rather than going out beside it)."""
         self.upstream_model = config.upstream_model or name
+        self.base_url, self._base_query = split_base_url(config.base_url)
+        """The base URL, its path ending in ``/`` and without its query, which every call keeps (t177)."""
         self._urls: dict[str, httpx.URL] = {}
         self.transport = transport
         self._http11 = transport if isinstance(transport, Http11Transport) else None
@@ -585,15 +588,17 @@ class Provider(ABC):
         return response
 
     def _url(self, path: str, *, keep: bool = True) -> httpx.URL:
-        """The absolute URL for ``path``, parsed once (httpx would parse a relative path on every
-        request); ``keep=False`` for paths that name one object (an id), which are not kept."""
+        """The absolute URL for ``path`` (a query after it is the client's), parsed once (httpx would
+        parse a relative path on every request); ``keep=False`` for paths that name one object (an
+        id), which are not kept. The base URL's query (Azure OpenAI's ``api-version``) comes first."""
         url = self._urls.get(path)
         if url is None:
             if "://" in path:  # already absolute (e.g. a server-root endpoint)
                 url = httpx.URL(path)
             else:
-                base = self.client.base_url
-                url = base.copy_with(raw_path=base.raw_path + path.lstrip("/").encode())
+                url = self.base_url.copy_with(raw_path=self.base_url.raw_path + path.lstrip("/").encode())
+            if self._base_query:
+                url = url.copy_with(query=self._base_query + b"&" + url.query if url.query else self._base_query)
             if keep:
                 self._urls[path] = url
         return url
@@ -632,6 +637,15 @@ class Provider(ABC):
             retry_after_s=_come_back_in(response.headers, response.status_code),
             body=content,
         )
+
+
+def split_base_url(base_url: str) -> tuple[httpx.URL, bytes]:
+    """A model's ``base_url`` as calls are made from it: the URL, its path ending in ``/`` and with
+    no query, and the query (as written), which goes on every call. A call's path goes after the
+    base's path, not after its query (t177: ``...dep1?api-version=1/chat/completions``)."""
+    url = httpx.URL(base_url)
+    path, _, query = url.raw_path.partition(b"?")
+    return url.copy_with(raw_path=path.rstrip(b"/") + b"/", fragment=None), query
 
 
 class _Kinds(NamedTuple):

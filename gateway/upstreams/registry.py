@@ -12,7 +12,7 @@ import structlog
 
 from gateway.config.schema import ModelConfig
 from gateway.upstreams.anthropic import AnthropicProvider
-from gateway.upstreams.base import Provider
+from gateway.upstreams.base import Provider, split_base_url
 from gateway.upstreams.http11 import Http11Transport
 from gateway.upstreams.openai import OpenAIProvider
 
@@ -40,11 +40,12 @@ def make_transport(config: ModelConfig, transport: Transport = "http11") -> http
     if isinstance(transport, httpx.AsyncBaseTransport):
         return transport
     limits = httpx.Limits(max_connections=config.max_connections, keepalive_expiry=60.0)
-    proxy = _proxy_for(_base_url(config))
+    proxy = _proxy_for(config.base_url)
     if proxy is not None:
         # the transport itself goes through the proxy: the provider sends through it, not through
         # the client's proxy mounts (f73: with HTTPS_PROXY set, requests went straight out)
-        _log.info("upstream_via_proxy", url=config.base_url, transport="httpx")
+        shown = str(split_base_url(config.base_url)[0])  # without its query, which may hold a token
+        _log.info("upstream_via_proxy", url=shown, transport="httpx")
         return httpx.AsyncHTTPTransport(limits=limits, proxy=proxy)
     if transport == "httpx":
         return httpx.AsyncHTTPTransport(limits=limits)  # what httpx.AsyncClient(limits=limits) makes itself
@@ -60,12 +61,9 @@ def build_provider(
 ) -> Provider:
     """One pooled keep-alive client per upstream, created once, never per request."""
     pool = make_transport(config, transport)
-    client = httpx.AsyncClient(base_url=_base_url(config), transport=pool, timeout=None)
+    # the client's base has no query: httpx would put its trailing slash after it (the provider keeps it)
+    client = httpx.AsyncClient(base_url=split_base_url(config.base_url)[0], transport=pool, timeout=None)
     return PROVIDER_KINDS[config.provider](name, config, client, api_key(config, environ), pool)
-
-
-def _base_url(config: ModelConfig) -> str:
-    return config.base_url.rstrip("/") + "/"
 
 
 def api_key(config: ModelConfig, environ: Mapping[str, str] | None = None) -> str | None:

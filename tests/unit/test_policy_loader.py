@@ -775,6 +775,18 @@ def test_what_cannot_work_is_refused_by_check() -> None:
     assert message.startswith("routes.fast.baseline") and "embedding model" in message
 
 
+def test_a_base_url_with_a_fragment_or_credentials_is_refused_and_one_with_a_query_is_taken() -> None:
+    """t177: a fragment is never sent, and the gateway sends no user or password from a URL (and
+    would log it); a query (Azure OpenAI's ``api-version``) goes on every call."""
+    [fragment] = problems(VALID.replace("http://127.0.0.1:2", "http://127.0.0.1:2/v1#part"))
+    assert fragment.startswith("models.l.base_url") and "fragment" in fragment
+    [userinfo] = problems(VALID.replace("http://127.0.0.1:2", "http://user:secret@127.0.0.1:2/v1"))
+    assert userinfo.startswith("models.l.base_url") and "user name or password" in userinfo
+    assert "secret" not in userinfo
+    azure = "http://127.0.0.1:2/openai/deployments/dep1?api-version=2024-10-21"
+    assert load_policy_text(VALID.replace("http://127.0.0.1:2", azure), environ={}).policy.models["l"].base_url == azure
+
+
 def test_retries_are_bounded() -> None:
     """t56: max_attempts 3000 made one request call a failing upstream 1,025 times, then a 500
     (2**attempt overflowed); a Retry-After of a day was waited for."""
