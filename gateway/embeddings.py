@@ -13,7 +13,7 @@ import base64
 import hashlib
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -26,6 +26,7 @@ from gateway.accounting.request_log import RequestRecord, exception_frames, log_
 from gateway.accounting.usage import UsageFigures
 from gateway.auth import Credentials
 from gateway.cache.plan import directives
+from gateway.core.headers import dropped_header
 from gateway.dispatch import DispatchInfo, dispatch
 from gateway.drain import DEFAULT_DRAIN_S, Drain
 from gateway.errors import (
@@ -39,6 +40,7 @@ from gateway.limits import Limiter, Reservation
 from gateway.pipeline import Answer, name_the_failed_model
 from gateway.pricing import cost_usd
 from gateway.protocols.body import check_fields, decode_body
+from gateway.protocols.engine_fields import without_engine_fields
 from gateway.protocols.tenant_ids import scoped_body
 from gateway.routing import RoutePlan
 from gateway.runtime import Runtime, RuntimeHolder
@@ -124,6 +126,7 @@ class EmbeddingsPipeline:
         info = DispatchInfo()
         reservation: Reservation | None = None
         work: _AtWork | None = None
+        engine: list[str] = []  # the operator's engine fields the client sent: not sent on (t177)
         task = self._drain.track()  # ended with a 503 at the drain deadline, not cut by the server's kill
         try:
             principal = runtime.auth.authenticate(authorization)
@@ -135,7 +138,7 @@ class EmbeddingsPipeline:
                 if body_wait is not None:
                     info.client_seconds = body_wait()
             request, inputs, extra = _parse(raw)
-            extra = scoped_body(extra, principal.tenant)
+            extra, engine = without_engine_fields(scoped_body(extra, principal.tenant))
             plan = runtime.router.plan(request.model, principal.allowed)
             record.route, record.decision = plan.route, plan.decision
             models = [runtime.policy.models[name] for name in plan.candidates]
@@ -163,11 +166,11 @@ class EmbeddingsPipeline:
             record.baseline_model = plan.candidates[0]
             record.baseline_cost_usd = cost_usd(first.price, record.prompt_tokens, 0)
             body = _response(request, vectors, record.model or request.model, record.prompt_tokens)
-            return Answer(200, body, _headers(record, started, info))
+            return Answer(200, body, _headers(record, started, info, engine))
         except GatewayError as exc:
             if isinstance(exc, UpstreamError) and record.model is None:
                 name_the_failed_model(record, runtime.providers.get(exc.upstream))
-            return _error_answer(record, exc, started, info)
+            return _error_answer(record, exc, started, info, engine)
         except Exception as exc:  # a bug of ours: answered and logged as what it is, never a lost request
             record.error_type = "internal_error"
             _log.error("internal_error", request_id=request_id, error=type(exc).__name__, where=exception_frames(exc))
@@ -424,15 +427,17 @@ def _response(request: _EmbeddingsRequest, vectors: list[np.ndarray], model: str
     return msgspec.json.encode({"object": "list", "data": data, "model": model, "usage": usage})
 
 
-def _error_answer(record: RequestRecord, exc: GatewayError, started: float, info: DispatchInfo) -> Answer:
+def _error_answer(
+    record: RequestRecord, exc: GatewayError, started: float, info: DispatchInfo, dropped: Sequence[str] = ()
+) -> Answer:
     record.status = exc.status_code
     record.error_type = exc.code or exc.error_type
     if isinstance(exc, UpstreamError):  # the status it answered with, as the chat log says it (t69)
         record.upstream_status = getattr(exc, "upstream_status", None)
-    return Answer(exc.status_code, exc.to_body(), {**_headers(record, started, info), **exc.headers})
+    return Answer(exc.status_code, exc.to_body(), {**_headers(record, started, info, dropped), **exc.headers})
 
 
-def _headers(record: RequestRecord, started: float, info: DispatchInfo) -> dict[str, str]:
+def _headers(record: RequestRecord, started: float, info: DispatchInfo, dropped: Sequence[str] = ()) -> dict[str, str]:
     overhead_ms = (time.perf_counter() - started - info.upstream_seconds - info.client_seconds) * 1000
     headers = {
         "x-request-id": record.request_id,
@@ -447,4 +452,6 @@ def _headers(record: RequestRecord, started: float, info: DispatchInfo) -> dict[
         headers["x-gateway-route"] = record.route
     if record.decision is not None:  # as a chat answer says it: ``cache`` for a whole hit
         headers["x-gateway-decision"] = record.decision
+    if said := dropped_header(dropped):
+        headers["x-gateway-dropped"] = said
     return headers

@@ -62,6 +62,7 @@ from gateway.limits.concurrency import InFlight, Slot
 from gateway.pricing import SERVICE_TIERS, PricedOptions, cost_usd, unpriced
 from gateway.protocols.body import LARGE_BODY_BYTES, read_off_loop
 from gateway.protocols.chat_request import parse_chat_request
+from gateway.protocols.engine_fields import without_engine_fields
 from gateway.protocols.openai_chat import (
     answer_from_completion,
     chunk_body,
@@ -1515,7 +1516,8 @@ class ChatPipeline:
             x.body is not None and record.model
         ):  # a chat client's request, which a translating upstream may not carry whole
             provider = x.runtime.providers.get(record.model)
-            dropped = dropped_header(provider.not_carried(x.request)) if provider is not None else None
+            lost = provider.not_carried(x.request) if provider is not None else []
+            dropped = dropped_header([*x.request.dropped, *lost])
             if dropped:
                 headers["x-gateway-dropped"] = dropped
         return headers
@@ -1713,13 +1715,15 @@ def _record_speculation(record: RequestRecord, result: Completion | ChatStream) 
 
 
 def _read_chat(raw: bytes, tenant: str) -> tuple[dict[str, Any], Any, core.Request]:
-    """A chat body: the body (its end-user ids the tenant's own), its ``gateway_cache`` directives,
-    and the request in the internal model."""
-    body = scoped_body(parse_chat_request(raw), tenant)
+    """A chat body: the body (its end-user ids the tenant's own, without the operator's engine
+    fields), its ``gateway_cache`` directives, and the request in the internal model."""
+    body, engine = without_engine_fields(scoped_body(parse_chat_request(raw), tenant))
     directives = body.pop("gateway_cache", None)
     if directives is not None:
         check_directives(directives)
-    return body, directives, read_chat_request(body)
+    request = read_chat_request(body)
+    request.dropped = engine
+    return body, directives, request
 
 
 class _Streamed(msgspec.Struct):

@@ -59,6 +59,7 @@ from gateway.pipeline import Answer, KeepAlive, PassThrough, StreamingAnswer, St
 from gateway.protocols import openai_chat
 from gateway.protocols import openai_responses as codec
 from gateway.protocols.body import read_off_loop
+from gateway.protocols.engine_fields import without_engine_fields
 from gateway.protocols.shared_state import refuse_upstream_ids
 from gateway.protocols.tenant_ids import told_back
 from gateway.protocols.upstream_json import decode_json
@@ -97,6 +98,8 @@ class _Turn:
     """The ids of the turns before this one, for its record (t60: a turn keeps only what it adds)."""
     own_ids: dict[str, str] = field(default_factory=dict)
     """A passed-through request's identifiers as sent upstream, and as the client wrote them."""
+    engine_fields: list[str] = field(default_factory=list)
+    """The operator's engine fields a passed-through request came with: not sent (t177)."""
 
 
 @post("/v1/responses", request_max_body_size=None, status_code=200)
@@ -118,7 +121,8 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
             previous = await _load(store, turn.tenant, decoded.previous_response_id, "previous_response_id", use=True)
         if _served_by_responses_upstreams(runtime, reachable) and (previous is None or previous.held_by is not None):
             turn.decoded = decoded
-            passthrough.body = _without_shared_state(msgspec.json.decode(raw), raw)
+            body = _without_shared_state(msgspec.json.decode(raw), raw)
+            passthrough.body, turn.engine_fields = without_engine_fields(body)
             passthrough.asked = codec.priced_options(passthrough.body)  # hosted tools and audio (t159)
             turn.own_ids = told_back(passthrough.body, turn.tenant)
             passthrough.held_by = previous.held_by if previous is not None else None
@@ -155,6 +159,8 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
             headers["x-gateway-dropped"] = dropped
         if "top_p" in names:  # left out for a model that takes one sampler: not echoed as if honoured (t55)
             decoded.echo["top_p"] = None
+    elif dropped := dropped_header(turn.engine_fields):  # passed through: the upstream reads all else itself
+        headers["x-gateway-dropped"] = dropped
     if decoded is None or (isinstance(answer, Answer) and answer.status != 200):
         assert isinstance(answer, Answer)  # nothing decoded: the pipeline answered with an error
         return Response(content=answer.body, status_code=answer.status, headers=headers, media_type="application/json")

@@ -173,6 +173,33 @@ def test_a_request_the_large_window_cannot_hold_is_refused_as_the_server_refuses
     assert record["speculation"]["mode"] == "plain" and record["speculation"]["fallback_reason"] == "context_length"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_neither_server_is_sent_a_clients_engine_fields(
+    gateway: GatewayProcess, servers: tuple[ToyServer, ToyServer], stream: bool
+) -> None:
+    """t177: vLLM's engine-level fields are the operator's; the loop's own calls never carried
+    them, and a request sent plain (or not speculated) must not either."""
+    large, small = servers
+    client = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0, timeout=30))
+    engine = {"request_id": "fixed-id", "priority": -100, "kv_transfer_params": {"remote_host": "10.0.0.1"},
+              "vllm_xargs": {"plugin_arg": 1}}  # fmt: skip
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPTS[1]}]
+    for model in ("best", "large-plain"):
+        large.reset()
+        small.reset()
+        with client.chat.completions.with_streaming_response.create(
+            model=model, messages=messages, temperature=0, max_tokens=16, stream=stream, extra_body=engine
+        ) as response:
+            answer = response.parse()
+            if stream:
+                list(answer)
+            request_id, dropped = response.headers["x-request-id"], response.headers["x-gateway-dropped"]
+        assert set(dropped.split(",")) == set(engine)
+        if model == "best":
+            assert gateway.wait_for_record(request_id)["speculation"]["mode"] == "gateway"
+        assert (large.stats()["engine_fields"], small.stats()["engine_fields"]) == ([], []), model
+
+
 def test_speculating_keeps_each_tenants_prefix_cache_its_own(
     tmp_path: Path, redis_server: EmbeddedRedis, servers: tuple[ToyServer, ToyServer]
 ) -> None:

@@ -189,6 +189,8 @@ class Stats:
     """Generations (completions and chat) that came without a ``cache_salt``."""
     salts: list[str] = field(default_factory=list)
     """The ``cache_salt`` values generations came with, each once, in the order first seen."""
+    engine_fields: list[str] = field(default_factory=list)
+    """vLLM's engine-level fields (``request_id``, ``priority``, ...) generations came with, each once (t177)."""
 
 
 @dataclass(slots=True)
@@ -463,6 +465,9 @@ class _Request:
 
 
 def _salt(state: State, body: dict[str, Any]) -> str | None:
+    for name in ("kv_transfer_params", "priority", "request_id", "vllm_xargs"):  # read where the salt is
+        if name in body and name not in state.stats.engine_fields:
+            state.stats.engine_fields.append(name)
     salt = body.get("cache_salt")
     if salt is None:
         state.stats.unsalted += 1
