@@ -207,6 +207,7 @@ def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool =
         raise InvalidRequestError("max_tokens: Field required", param="max_tokens")
     if not wire.messages:  # counting too: a count for a request /v1/messages refuses tells nothing
         raise InvalidRequestError("messages: at least one message is required", param="messages")
+    _refuse_empty_content(wire.messages)
     refuse_choice_without_tools(  # as Anthropic answers it; dropped, it was answered with text on a chat route
         wire.tool_choice.type if wire.tool_choice else None,
         wire.tools,
@@ -244,6 +245,24 @@ def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool =
     if passed_through:
         request.unreadable = _unread_in_last_turn(wire.messages)
     return request
+
+
+def _refuse_empty_content(turns: list[_Turn]) -> None:
+    """Anthropic's 400s for a turn with no content (``""`` or ``[]``) but a final assistant one (a
+    prefill), and for a text block with no text (t178: such a user turn was answered, the router
+    reading no text as a long prompt); refused on every route, passed through too, before any
+    upstream is called."""
+    for index, turn in enumerate(turns):
+        if not turn.content and not (turn.role == "assistant" and index == len(turns) - 1):
+            raise InvalidRequestError(
+                f"messages.{index}: all messages must have non-empty content except for the optional final "
+                "assistant message",
+                param=f"messages.{index}.content",
+            )
+        for position, block in enumerate(turn.content if isinstance(turn.content, list) else ()):
+            if block.type == "text" and block.text == "":
+                where = f"messages.{index}.content.{position}.text"
+                raise InvalidRequestError(f"{where}: text content blocks must be non-empty", param=where)
 
 
 _READ_BLOCKS = frozenset({"text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking"})

@@ -497,3 +497,50 @@ def test_the_anthropic_sdk_lists_and_pages_the_models(claude: anthropic.Anthropi
     assert [model.id for model in first.data] == everything[:2] and first.has_more
     assert all(model.type == "model" and model.display_name and model.created_at for model in first.data)
     assert [model.id for model in claude.models.list(limit=2)] == everything  # auto-paging by last_id
+
+
+_EMPTY = "all messages must have non-empty content except for the optional final assistant message"
+
+
+@pytest.mark.parametrize(
+    ("model", "extra"),
+    [("auto", {}), ("fast", {}), ("claude", {}), ("claude", {"top_k": 5})],  # the last passed through
+)
+def test_empty_content_is_refused_as_anthropic_refuses_it(
+    claude: anthropic.Anthropic,
+    gateway: GatewayProcess,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+    model: str,
+    extra: dict[str, Any],
+) -> None:
+    """t178: a user turn of ``content: []`` was answered (the router read no text: ``unreadable``,
+    to the large model), where Anthropic refuses it with a 400 that names the turn; a text block
+    of no text too. Only a final assistant turn (a prefill) may be empty. Refused at the edge,
+    nothing reaches an upstream, and the refusal is logged, not billed."""
+    hi: MessageParam = {"role": "user", "content": "hi"}
+    refused: list[tuple[list[MessageParam], str]] = [
+        ([{"role": "user", "content": []}], f"messages.0: {_EMPTY}"),
+        ([{"role": "user", "content": ""}], f"messages.0: {_EMPTY}"),
+        ([hi, {"role": "assistant", "content": []}, hi], f"messages.1: {_EMPTY}"),
+        (
+            [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": ""}]}],
+            "messages.0.content.1.text: text content blocks must be non-empty",
+        ),
+    ]
+    before = {name: upstream_stats(up) for name, up in (("small", small_upstream), ("large", large_upstream))}
+    for messages, message in refused:
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            claude.messages.create(model=model, max_tokens=32, messages=messages, extra_body=extra)
+        assert caught.value.body == {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+        record = gateway.wait_for_record(caught.value.response.headers["x-request-id"])
+        assert record["status"] == 400 and not record["cost_usd"]
+        with pytest.raises(anthropic.BadRequestError) as counted:  # nor counted
+            claude.messages.count_tokens(model=model, messages=messages)
+        assert counted.value.body["error"]["message"] == message  # type: ignore[index]
+    for name, up in (("small", small_upstream), ("large", large_upstream)):
+        now = upstream_stats(up)
+        for kind in ("chat_requests", "messages_requests", "count_tokens_requests"):
+            assert now[kind] == before[name][kind], (name, kind)
+    prefill: list[MessageParam] = [hi, {"role": "assistant", "content": ""}]  # a final assistant turn may be empty
+    assert claude.messages.create(model=model, max_tokens=32, messages=prefill, extra_body=extra).content
