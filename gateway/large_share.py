@@ -25,6 +25,12 @@ on one side of a threshold at their score, and the share jumped from a quarter t
 When the scorer changes (a learnt router is promoted or rolled back), the scores seen before
 are on another scale: they are dropped, and the first update on the new scorer's scores goes
 straight to their quantile for the target, with no step bound.
+
+The shared threshold is stored with the target it was kept on: after a policy reload that gives
+the route another target (or removes it and adds another), no process follows a threshold kept
+on another target, its own copy included; the route starts again from its configured
+``threshold`` (t178: one learnt for 0.7 stayed in force after the target went to 0.3, and half
+the prompts went large).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from gateway.background import BackgroundTasks
 from gateway.store import keyspace
 from gateway.store.base import KeyValue, StoreUnavailable
 
-__all__ = ["LargeShareTracker", "ranked"]
+__all__ = ["LargeShareTracker", "ranked", "shared_threshold"]
 
 _log = structlog.get_logger("gateway.routing")
 
@@ -86,7 +92,8 @@ class LargeShareTracker:
         self._unsent: dict[tuple[str, str], list[float]] = {}
         """Scores since the last update, for the shared window."""
         self._seen: dict[tuple[str, str], int] = {}
-        self._thresholds: dict[tuple[str, str], float] = {}
+        self._thresholds: dict[tuple[str, str], tuple[float, float]] = {}
+        """The threshold in force here, with the target it was kept on."""
         self._scorers: dict[tuple[str, str], str] = {}
         self._rescale: set[tuple[str, str]] = set()
         self._reads: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -94,7 +101,7 @@ class LargeShareTracker:
         self._read_at: dict[tuple[str, str], float] = {}
         self._background = BackgroundTasks()
 
-    async def prepare(self, tenant: str, route: str) -> None:
+    async def prepare(self, tenant: str, route: str, target: float) -> None:
         """Read the shared threshold the first time this process routes the tenant's route, so a
         new or restarted process routes its first request as the others do (one read; a store
         that does not answer leaves the configured threshold until the first update)."""
@@ -103,16 +110,21 @@ class LargeShareTracker:
         now = time.monotonic()
         if read is None:  # the first request: the others arriving meanwhile wait for the same read
             self._read_at[key] = now
-            read = self._reads[key] = asyncio.get_running_loop().create_task(self._read_shared(key, first=True))
+            read = self._reads[key] = asyncio.get_running_loop().create_task(self._read_shared(key, target, first=True))
         elif now - self._read_at[key] >= self._refresh_s:  # read again; this request routes on what it has
             self._read_at[key] = now
-            self._background.spawn(self._read_shared(key), "large-share-refresh")
+            self._background.spawn(self._read_shared(key, target), "large-share-refresh")
         if not read.done():
             await asyncio.shield(read)  # a request that leaves does not cancel the others' read
 
-    def threshold(self, tenant: str, route: str, configured: float) -> float:
-        """The threshold in force for this tenant's route (the shared one, once read)."""
-        return self._thresholds.get((tenant, route), configured)
+    def threshold(self, tenant: str, route: str, target: float, configured: float) -> float:
+        """The threshold in force for this tenant's route (the shared one, once read), or
+        ``configured`` while none was kept on ``target``."""
+        return self._kept((tenant, route), target, configured)
+
+    def _kept(self, key: tuple[str, str], target: float, configured: float) -> float:
+        held = self._thresholds.get(key)
+        return held[1] if held is not None and held[0] == target else configured
 
     def observe(
         self, tenant: str, route: str, p_large: float, target: float, configured: float, scorer: str = ""
@@ -162,7 +174,7 @@ class LargeShareTracker:
         process's own scores, stand in for a window the store does not give."""
         key = (tenant, route)
         store_key = keyspace.large_share_threshold(tenant, route)
-        current = self._thresholds.get(key, configured)
+        current = self._kept(key, target, configured)
         shared: float | None = None
         reached = True
         try:
@@ -171,7 +183,7 @@ class LargeShareTracker:
                 batches = -(-self._window // max(batch.size, 1))
                 await self._kv.append(window, _packed(scorer, batch), batches, _TTL_S, _TIMEOUT_S)
                 recent = _unpacked(await self._kv.read_list(window, _TIMEOUT_S), scorer, self._window, recent)
-            shared = _readable(await self._kv.get(store_key, _TIMEOUT_S))
+            shared = await shared_threshold(self._kv, tenant, route, target)
         except StoreUnavailable:  # this process steps on its own scores until the store is back
             reached = False
         share_now = float((recent >= (current if shared is None else shared)).mean())
@@ -182,21 +194,22 @@ class LargeShareTracker:
             # whole: rounded, the threshold lands off the tie-broken scores it was taken from, and
             # the share measured against it next time is not the one that was set (t30)
             with contextlib.suppress(StoreUnavailable):
-                await self._kv.put(store_key, repr(new).encode(), _TTL_S, _TIMEOUT_S)
-        self._thresholds[key] = new
+                await self._kv.put(store_key, f"{new!r} {target!r}".encode(), _TTL_S, _TIMEOUT_S)
+        self._thresholds[key] = (target, new)
         if abs(new - current) >= 0.05:
             _log.info("route_threshold_moved", tenant=tenant, route=route, threshold=round(new, 4))
         return new
 
-    async def _read_shared(self, key: tuple[str, str], *, first: bool = False) -> None:
+    async def _read_shared(self, key: tuple[str, str], target: float, *, first: bool = False) -> None:
         """``first``: a threshold this process already set (its own update, which also wrote the
         store) stands; a later read takes the store's, where every process's updates land."""
         try:
-            shared = _readable(await self._kv.get(keyspace.large_share_threshold(*key), _TIMEOUT_S))
+            shared = await shared_threshold(self._kv, *key, target)
         except StoreUnavailable:
             return
-        if shared is not None and not (first and key in self._thresholds):
-            self._thresholds[key] = shared
+        held = self._thresholds.get(key)
+        if shared is not None and not (first and held is not None and held[0] == target):
+            self._thresholds[key] = (target, shared)
 
     async def aclose(self) -> None:
         await self._background.aclose()
@@ -224,13 +237,17 @@ def _unpacked(batches: list[bytes], scorer: str, window: int, fallback: np.ndarr
     return scores if scores.size else fallback
 
 
-def _readable(raw: bytes | None) -> float | None:
-    """A stored threshold; None when there is none, or it is not a probability (then it is
-    overwritten by the next update rather than freezing the route on it)."""
+async def shared_threshold(
+    kv: KeyValue, tenant: str, route: str, target: float, timeout_s: float = _TIMEOUT_S
+) -> float | None:
+    """The threshold the tenant's route shares for ``target``; None when there is none, it was
+    kept on another target, or it is not a probability (then it is overwritten by the next update
+    rather than freezing the route on it). Raises :class:`StoreUnavailable`."""
+    raw = await kv.get(keyspace.large_share_threshold(tenant, route), timeout_s)
     if raw is None:
         return None
     try:
-        value = float(raw)
-    except ValueError:  # not a number, or bytes that are not text
+        value, kept_on = (float(part) for part in raw.split(b" "))  # "<threshold> <target>"
+    except ValueError:  # not two numbers (one alone: written before the target was kept), not text
         return None
-    return value if 0.0 <= value <= 1.0 else None  # NaN fails both comparisons
+    return value if kept_on == target and 0.0 <= value <= 1.0 else None  # NaN fails both comparisons

@@ -678,10 +678,10 @@ class ChatPipeline:
             elif x.unseen:
                 # large, and outside the target share: counted in, such prompts (images, 40 % of a
                 # tenant's traffic) filled the share at 1.0 and every hard text prompt went small (t51)
-                x.plan = router.classify(plan, p_large, tracker.threshold(tenant, plan.route, plan.threshold))
+                x.plan = router.classify(plan, p_large, tracker.threshold(tenant, plan.route, target, plan.threshold))
             else:
-                await tracker.prepare(tenant, plan.route)
-                threshold = tracker.threshold(tenant, plan.route, plan.threshold)
+                await tracker.prepare(tenant, plan.route, target)
+                threshold = tracker.threshold(tenant, plan.route, target, plan.threshold)
                 score_ranked = ranked(p_large)
                 x.plan = router.classify(plan, score_ranked, threshold)
                 tracker.observe(tenant, plan.route, score_ranked, target, plan.threshold, x.record.router_version or "")
@@ -1512,6 +1512,8 @@ class ChatPipeline:
         if record.p_large is not None:
             headers["x-gateway-p-large"] = f"{record.p_large:.4f}"
             headers["x-gateway-router-version"] = record.router_version or "shipped"
+            if record.threshold is not None:  # a target share moves it: the client sees what held (t178)
+                headers["x-gateway-threshold"] = f"{record.threshold:.4f}"
         if (
             x.body is not None and record.model
         ):  # a chat client's request, which a translating upstream may not carry whole

@@ -98,7 +98,7 @@ def _share_stream(p: np.ndarray, target: float, configured: float, seed: int = 0
         tracker = LargeShareTracker(MemoryKeyValue())
         sent: list[bool] = []
         for i in order:
-            t = tracker.threshold("eval", "auto", configured)
+            t = tracker.threshold("eval", "auto", target, configured)
             sent.append(bool(p[i] >= t))
             tracker.observe("eval", "auto", float(p[i]), target, configured)
             await asyncio.sleep(0)

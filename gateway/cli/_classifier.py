@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from gateway.cli.check import report_invalid
 from gateway.config.loader import load_policy
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from gateway.classifier.runtime import Classifier
 
 __all__ = [
+    "RouteSettings",
     "add_classifier_arguments",
     "load_classifier_or_exit",
     "load_route_or_exit",
@@ -44,8 +45,15 @@ def load_classifier_or_exit(artifacts: str) -> Classifier:
     return classifier
 
 
-def load_route_or_exit(policy_path: Path, route: str) -> tuple[str, str, float]:
-    """The pair's models and the route's threshold, from the policy loaded as the gateway loads it.
+class RouteSettings(NamedTuple):
+    small: str
+    large: str
+    threshold: float
+    target_large_share: float | None
+
+
+def load_route_or_exit(policy_path: Path, route: str) -> RouteSettings:
+    """The pair's models and the route's threshold and target share, from the policy loaded as the gateway loads it.
 
     Unset ``${VAR}``s are let through, as ``gateway check`` lets them: the upstream URLs may
     not be set where prompts are scored. An invalid file, or no such route, exits with 1.
@@ -66,7 +74,8 @@ def load_route_or_exit(policy_path: Path, route: str) -> tuple[str, str, float]:
             file=sys.stderr,
         )
         raise SystemExit(1)
-    return policy.pair.small, policy.pair.large, policy.routes[route].threshold
+    config = policy.routes[route]
+    return RouteSettings(policy.pair.small, policy.pair.large, config.threshold, config.target_large_share)
 
 
 def unreadable_input(path: str, exc: OSError) -> int:

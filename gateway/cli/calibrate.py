@@ -34,7 +34,8 @@ def register(commands: Subcommands) -> None:
 def run(args: argparse.Namespace) -> int:
     from gateway.classifier.batch import calibrate
 
-    load_route_or_exit(Path(args.policies), args.route)  # the file and the route are checked before the work
+    # the file and the route are checked before the work
+    target = load_route_or_exit(Path(args.policies), args.route).target_large_share
     classifier = load_classifier_or_exit(args.artifacts)
     try:
         threshold, unreadable = calibrate(classifier, args.jsonl, args.target_large_share)
@@ -56,4 +57,11 @@ def run(args: argparse.Namespace) -> int:
             print(exc, file=sys.stderr)
             return 1
         print(f"wrote routes.{args.route}.threshold = {threshold!r} to {args.policies}", file=sys.stderr)
+        if target is not None and target != args.target_large_share:  # t178: the route keeps its own share
+            print(
+                f"note: routes.{args.route} has target_large_share {target!r}, not {args.target_large_share!r}: its "
+                "threshold moves to keep that share on the large model, and the one written is only where it starts "
+                "(before its first shared value for that target)",
+                file=sys.stderr,
+            )
     return 0

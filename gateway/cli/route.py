@@ -36,7 +36,7 @@ def register(commands: Subcommands) -> None:
 def run(args: argparse.Namespace) -> int:
     from gateway.classifier.batch import WriteFailed, route_jsonl
 
-    small, large, threshold = load_route_or_exit(Path(args.policies), args.route)
+    small, large, threshold, _ = load_route_or_exit(Path(args.policies), args.route)
     with ExitStack() as files:
         try:
             # bytes, decoded line by line: a line that is not UTF-8 is that line's error (t146)

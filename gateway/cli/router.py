@@ -23,6 +23,7 @@ from gateway.cli._parsers import Subcommands
 from gateway.config.schema import TenantName
 
 if TYPE_CHECKING:
+    from gateway.config.schema import Policy
     from gateway.store.base import KeyValue
 
 # The store and the metrics are imported when the command runs, not when the CLI is built:
@@ -37,7 +38,7 @@ def register(commands: Subcommands) -> None:
     for name, text in (
         ("learn", "fit a candidate router on the labels and compare it with the one in force"),
         ("rollback", "put the previous learnt router back in force"),
-        ("status", "the learnt router versions in force"),
+        ("status", "the learnt router versions in force, and the target-share thresholds shared now"),
     ):
         action = actions.add_parser(name, help=text)
         action.add_argument(
@@ -121,13 +122,17 @@ async def _run(args: argparse.Namespace) -> int:
     kv = redis_store(redis).kv
     scope = None if args.pooled else args.tenant[0]
     try:
-        pools = None
+        pools = policy = None
         if scope is not None and args.router_command != "learn":
-            pools = _pools(args.policies)
-            if pools is None:  # t166: it answered without it, exit 0; route, calibrate and keys exit 1
+            policy = _policy(args.policies)
+            if policy is None:  # t166: it answered without it, exit 0; route, calibrate and keys exit 1
                 return 1
+            pools = _pools(policy)
         if args.router_command == "status":
-            print(json.dumps(await _status(kv, scope, await active_version(kv, scope), pools)))
+            status = await _status(kv, scope, await active_version(kv, scope), pools)
+            if scope is not None and policy is not None:
+                status["target_share_thresholds"] = await _target_share_thresholds(kv, scope, policy)
+            print(json.dumps(status))
             return 0
         if args.router_command == "rollback":
             before = await active_version(kv, scope)
@@ -146,24 +151,46 @@ async def _run(args: argparse.Namespace) -> int:
         await redis.aclose()
 
 
-def _pools(path: str) -> bool | None:
-    """Whether a route of the policy at ``path`` pools labels (``learning.scope: global``): the
-    pooled router serves no other; None when the file cannot be read or is invalid (said on stderr)."""
+def _policy(path: str) -> Policy | None:
+    """The policy at ``path``; None when the file cannot be read or is invalid (said on stderr)."""
     from gateway.cli.check import report_invalid
     from gateway.config.loader import load_policy
     from gateway.errors import ConfigError
 
     try:
-        policy = load_policy(path, unset_ok=True).policy
+        return load_policy(path, unset_ok=True).policy
     except ConfigError as exc:
         report_invalid(exc)
         print(
-            "--policies tells which routes the pooled router serves (learning.scope: global): give the "
-            "gateway's policy file",
+            "--policies tells which routes the pooled router serves (learning.scope: global) and which keep "
+            "a target_large_share: give the gateway's policy file",
             file=sys.stderr,
         )
         return None
+
+
+def _pools(policy: Policy) -> bool:
+    """Whether a route of the policy pools labels (``learning.scope: global``): the pooled router serves no other."""
     return any(route.learning is not None and route.learning.scope == "global" for route in policy.routes.values())
+
+
+async def _target_share_thresholds(kv: KeyValue, tenant: str, policy: Policy) -> dict[str, dict[str, float | None]]:
+    """Each route with a ``target_large_share``: that target and the threshold the tenant's
+    prompts are held against there, shared by the gateways (rounded as the log and the
+    ``x-gateway-threshold`` header round it); ``null``: none kept on that target yet, the route's
+    own ``threshold`` holds (t178: only the request log showed it)."""
+    from gateway.large_share import shared_threshold
+
+    shown: dict[str, dict[str, float | None]] = {}
+    for name, route in policy.routes.items():
+        if route.target_large_share is None:
+            continue
+        threshold = await shared_threshold(kv, tenant, name, route.target_large_share, timeout_s=5.0)
+        shown[name] = {
+            "target_large_share": route.target_large_share,
+            "threshold": None if threshold is None else round(threshold, 4),
+        }
+    return shown
 
 
 async def _status(kv: KeyValue, scope: str | None, active: str | None, pools: bool | None = None) -> dict[str, Any]:

@@ -24,7 +24,7 @@ hashed, so any string is a safe key part.
     gw:{usage}:keys:<yyyymmdd>        the tenant and key pairs with usage that day (TTL: a day past its usage keys')
     gw:{t}:resp:<response id>         a stored Responses API turn (TTL: 30 days)
     gw:{t}:respq, gw:{t}:respq:bytes  the tenant's stored turns by age, and their sizes (TTL: 30 days, refreshed)
-    gw:{t}:share:<route>              a route's threshold kept on target_large_share (TTL: 7 days)
+    gw:{t}:share:<route>              a route's threshold kept on target_large_share, and that target (TTL: 7 days)
     gw:{t}:share:<route>:w            its recent scores, all processes' (TTL: 7 days)
     gw:{t}:audit:<route>:<setting>    a route's semantic-cache audit state, and its outcomes (:o:<gen>) (TTL: 7 days)
     gw:{t}:learn:tr:<request id>      what the router saw of a routed request (TTL: learning.keep_hours)

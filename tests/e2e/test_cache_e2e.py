@@ -77,6 +77,16 @@ def test_repeat_is_an_exact_hit_with_cost_saved(
     assert float(second.headers["x-gateway-cost-usd"]) == 0
 
 
+def test_a_cache_hit_says_no_threshold_as_it_says_no_p_large(cached_gateway: GatewayProcess) -> None:
+    """t178: a hit is not routed: neither the classifier's score nor a threshold is in its answer."""
+    client, messages = _client(cached_gateway), _unique("threshold")
+    first = client.chat.completions.with_raw_response.create(model="auto", messages=messages, temperature=0)
+    second = client.chat.completions.with_raw_response.create(model="auto", messages=messages, temperature=0)
+    assert first.headers["x-gateway-cache"] == "miss" and first.headers["x-gateway-threshold"] == "0.5000"
+    assert second.headers["x-gateway-cache"] == "exact" and second.headers["x-gateway-decision"] == "cache"
+    assert "x-gateway-threshold" not in second.headers and "x-gateway-p-large" not in second.headers
+
+
 def test_an_answer_no_upstream_gave_this_request_logs_no_prompt_cache_read_or_write(
     cached_gateway: GatewayProcess, large_upstream: SimulatedUpstream
 ) -> None:

@@ -143,6 +143,29 @@ def test_a_prompt_the_router_cannot_read_leans_large(client: openai.OpenAI, gate
     assert float(plain.headers["x-gateway-p-large"]) < 1.0
 
 
+def test_an_answer_routed_by_the_classifier_says_the_threshold_it_was_held_against(
+    client: openai.OpenAI, claude: anthropic.Anthropic, gateway: GatewayProcess
+) -> None:
+    """t178: p_large 0.31 went large and 0.04 small, and only the request log said why: the
+    moving threshold of a target-share route (0.0445 then) was in no header."""
+    for route in ("auto", "auto-share"):
+        raw = client.chat.completions.with_raw_response.create(
+            model=route, messages=[{"role": "user", "content": "Explain how a hash map resolves collisions"}]
+        )
+        record = gateway.wait_for_record(raw.headers["x-request-id"])
+        assert raw.headers["x-gateway-threshold"] == f"{record['threshold']:.4f}", route
+        assert raw.headers["x-gateway-p-large"] == f"{record['p_large']:.4f}"
+    with client.chat.completions.with_streaming_response.create(model="auto", messages=MESSAGES, stream=True) as stream:
+        assert stream.headers["x-gateway-threshold"] == "0.5000"  # the route's threshold: the policy's default
+        list(stream.parse())
+    message = claude.messages.with_raw_response.create(
+        model="auto", max_tokens=32, messages=[{"role": "user", "content": "hello"}]
+    )
+    assert message.headers["x-gateway-threshold"] == "0.5000"
+    fixed = client.chat.completions.with_raw_response.create(model="fast", messages=MESSAGES)
+    assert "x-gateway-threshold" not in fixed.headers and "x-gateway-p-large" not in fixed.headers  # no classifier
+
+
 def test_prompts_the_router_cannot_read_stay_out_of_the_target_share(
     client: openai.OpenAI, redis_server: EmbeddedRedis
 ) -> None:

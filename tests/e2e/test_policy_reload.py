@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -194,6 +195,85 @@ def test_a_route_pointed_at_another_model_does_not_serve_the_old_models_answers(
     _settle(gw, cached.replace(FAST_ROUTE, FAST_ON_LARGE))
     after = _chat(gw, content=question)
     assert (after.headers["x-gateway-cache"], after.headers["x-gateway-model"]) == ("miss", "large")
+
+
+def _with_share_route(text: str, route: str, target: float | None) -> str:
+    """``text`` with a classifier route ``route`` at threshold 0.99, keeping ``target`` of its prompts on large."""
+    share = "" if target is None else f", target_large_share: {target}"
+    return text.replace(
+        FAST_ROUTE, f"{FAST_ROUTE}\n  {route}: {{strategy: classifier, model: small, threshold: 0.99{share}}}"
+    )
+
+
+def _threshold_in_force(gw: GatewayProcess, route: str, n: int) -> float:
+    """The threshold request ``n`` of ``route`` was held against (the log's: the header is t178's too)."""
+    answer = _chat(gw, model=route, content=f"Question {n}: what is {n} times {n % 7}, and why?")
+    assert answer.status_code == 200, answer.text
+    threshold: float = gw.wait_for_record(answer.headers["x-request-id"])["threshold"]
+    return threshold
+
+
+def _learn_threshold(gw: GatewayProcess, route: str) -> float:
+    """Route prompts on ``route`` until its moving threshold leaves the policy's 0.99; that threshold."""
+    for n in range(400):
+        threshold = _threshold_in_force(gw, route, n)
+        if threshold != 0.99:
+            return threshold
+    raise AssertionError("the threshold never moved")
+
+
+def _router_status(gw: GatewayProcess, redis_server: EmbeddedRedis) -> dict[str, Any]:
+    said = subprocess.run(
+        [sys.executable, "-m", "gateway", "router", "status", "--tenant", "default", "--redis", redis_server.url,
+         "--policies", str(gw.policy_path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert said.returncode == 0, said.stderr
+    assert redis_server.url not in said.stdout + said.stderr
+    status: dict[str, Any] = json.loads(said.stdout)
+    return status
+
+
+def test_router_status_shows_the_shared_threshold_of_each_target_share_route(
+    gw: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream,
+    redis_server: EmbeddedRedis,
+) -> None:  # fmt: skip
+    """t178: the threshold a target-share route holds prompts against, shared in Redis, was shown
+    by nothing but the request log."""
+    route = f"status-{uuid.uuid4().hex[:8]}"
+    _settle(gw, _with_share_route(_base_policy(small_upstream, large_upstream), route, 0.5))
+    assert _router_status(gw, redis_server)["target_share_thresholds"][route] == {
+        "target_large_share": 0.5,
+        "threshold": None,  # nothing shared yet: the route holds prompts against its policy's 0.99
+    }
+    learnt = _learn_threshold(gw, route)
+    shown = _router_status(gw, redis_server)["target_share_thresholds"]
+    assert shown[route] == {"target_large_share": 0.5, "threshold": learnt}  # as the log rounds it
+    assert "fast" not in shown and "auto" not in shown  # routes without a target share
+
+
+def test_a_reload_that_changes_a_routes_target_share_starts_its_threshold_again(
+    gw: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream,
+    redis_server: EmbeddedRedis,
+) -> None:  # fmt: skip
+    """t178: the threshold learnt for a 0.7 target stayed in force (in the worker and in Redis)
+    after a reload set 0.3, and half the prompts went large."""
+    route, base = f"share-{uuid.uuid4().hex[:8]}", _base_policy(small_upstream, large_upstream)
+    _settle(gw, _with_share_route(base, route, 0.7))
+    learnt = _learn_threshold(gw, route)
+    assert learnt < 0.9
+    assert _threshold_in_force(gw, route, 1000) == learnt  # the same target: kept
+    _settle(gw, _with_share_route(base, route, 0.3))
+    assert _threshold_in_force(gw, route, 1001) == 0.99  # another target: the policy's threshold again
+    assert _router_status(gw, redis_server)["target_share_thresholds"][route]["threshold"] is None
+    _settle(gw, _with_share_route(base, route, None))  # removed, then added again with another value
+    _settle(gw, _with_share_route(base, route, 0.3))
+    assert _threshold_in_force(gw, route, 1002) == 0.99
+    relearnt = _learn_threshold(gw, route)  # and it moves for the new target, shared as before
+    assert _router_status(gw, redis_server)["target_share_thresholds"][route] == {
+        "target_large_share": 0.3,
+        "threshold": relearnt,
+    }
 
 
 def test_a_request_log_change_is_applied_and_said_to_need_a_restart(gw: GatewayProcess) -> None:

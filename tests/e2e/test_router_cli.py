@@ -113,6 +113,24 @@ def test_calibrate_hits_the_share_and_writes_the_threshold_keeping_comments(poli
     assert text == POLICY.replace("threshold: 0.80", f"threshold: {threshold!r}")  # and every other line
 
 
+def test_calibrate_writing_for_another_share_than_the_routes_target_says_so(policy: Path) -> None:
+    """t178: the route keeps its own target_large_share, and the threshold written for another
+    share is only where it starts: said in one line, the threshold still written."""
+    sample = "".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(20))
+    result = _run("calibrate", "--target-large-share", "0.25", "--jsonl", "-", "--policies", str(policy), "--write",
+                  stdin=sample)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in _said(result.stderr) if line.startswith("note: ")]
+    assert notes == [
+        "note: routes.auto has target_large_share 0.3, not 0.25: its threshold moves to keep that share on the "
+        "large model, and the one written is only where it starts (before its first shared value for that target)"
+    ]
+    assert f"threshold: {float(result.stdout)!r}" in policy.read_text()
+    same = _run("calibrate", "--target-large-share", "0.3", "--jsonl", "-", "--policies", str(policy), "--write",
+                stdin=sample)  # fmt: skip
+    assert same.returncode == 0 and not [line for line in _said(same.stderr) if line.startswith("note: ")]
+
+
 def test_threshold_edit_handles_flow_and_block_routes(tmp_path: Path) -> None:
     policy = tmp_path / "p.yaml"
     policy.write_text("routes:\n  auto: {strategy: classifier, model: s}  # keep me\n  blocky:\n    model: s\n")

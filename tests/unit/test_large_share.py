@@ -16,7 +16,7 @@ from gateway.accounting.metrics import Metrics
 from gateway.auth import Principal
 from gateway.cache.exact import ExactCache
 from gateway.cache.semantic import SemanticCache
-from gateway.large_share import LargeShareTracker, ranked
+from gateway.large_share import LargeShareTracker, ranked, shared_threshold
 from gateway.limits import Limiter
 from gateway.pipeline import Answer, ChatPipeline
 from gateway.runtime import RuntimeHolder
@@ -41,17 +41,17 @@ async def test_the_threshold_walks_to_the_target_share_in_bounded_steps() -> Non
     tracker = LargeShareTracker(MemoryKeyValue(), window=250, update_every=20, max_share_step=0.05)
     rng = random.Random(0)
     scores = [rng.betavariate(2, 8) for _ in range(4000)]  # today's traffic scores low: mean 0.2
-    assert tracker.threshold("t", "auto", 0.5) == 0.5
+    assert tracker.threshold("t", "auto", 0.3, 0.5) == 0.5
     assert _share(scores[:20], 0.5) <= 0.05
     await _feed(tracker, "t", scores[:20], target=0.3)
-    first = tracker.threshold("t", "auto", 0.5)
+    first = tracker.threshold("t", "auto", 0.3, 0.5)
     gap = 0.3 - _share(scores[:20], 0.5)  # a step is 5 points, or half the gap when that is more (t79)
     one_score = 1 / 20  # the quantile of 20 scores lands on one of them
     assert first < 0.5 and _share(scores[:20], first) <= _share(scores[:20], 0.5) + max(0.05, gap / 2) + one_score
     await _feed(tracker, "t", scores[20:200], target=0.3)  # ~9 more updates: enough to get there
-    assert _share(scores[:200], tracker.threshold("t", "auto", 0.5)) == pytest.approx(0.3, abs=0.05)
+    assert _share(scores[:200], tracker.threshold("t", "auto", 0.3, 0.5)) == pytest.approx(0.3, abs=0.05)
     await _feed(tracker, "t", scores[200:], target=0.3)
-    assert _share(scores[-400:], tracker.threshold("t", "auto", 0.5)) == pytest.approx(0.3, abs=0.05)
+    assert _share(scores[-400:], tracker.threshold("t", "auto", 0.3, 0.5)) == pytest.approx(0.3, abs=0.05)
 
 
 async def test_a_burst_of_odd_prompts_moves_the_share_by_one_step_at_most() -> None:
@@ -63,10 +63,10 @@ async def test_a_burst_of_odd_prompts_moves_the_share_by_one_step_at_most() -> N
     rng = random.Random(3)
     calm = [rng.random() for _ in range(1000)]
     await _feed(tracker, "t", calm, target=0.3)
-    settled = tracker.threshold("t", "auto", 0.5)
+    settled = tracker.threshold("t", "auto", 0.3, 0.5)
     assert _share(calm, settled) == pytest.approx(0.3, abs=0.05)  # set on the newest 250: sampling
     await _feed(tracker, "t", [0.999] * 50, target=0.3)  # 50 prompts that all score high
-    assert _share(calm, tracker.threshold("t", "auto", 0.5)) >= _share(calm, settled) - 0.1
+    assert _share(calm, tracker.threshold("t", "auto", 0.3, 0.5)) >= _share(calm, settled) - 0.1
 
 
 async def test_processes_share_one_threshold_and_tenants_do_not() -> None:
@@ -74,14 +74,14 @@ async def test_processes_share_one_threshold_and_tenants_do_not() -> None:
     first, second = (LargeShareTracker(store, window=200, update_every=10, max_share_step=0.05) for _ in range(2))
     rng = random.Random(1)
     await _feed(first, "t", [rng.random() * 0.4 for _ in range(400)], target=0.5)
-    moved = first.threshold("t", "auto", 0.5)
+    moved = first.threshold("t", "auto", 0.5, 0.5)
     assert moved == pytest.approx(0.2, abs=0.05)
     # the other process starts from the shared value: its first update closes half the gap to the target
-    recent = np.array([rng.random() * 0.4 for _ in range(200)])
+    recent = np.array([rng.random() * 0.25 for _ in range(200)])  # its own traffic: the gap is past a step
     before = float((recent >= moved).mean())
-    after = await second.update("t", "auto", recent, target=0.9, configured=0.5)
-    assert float((recent >= after).mean()) == pytest.approx(before + (0.9 - before) / 2, abs=0.01)
-    assert first.threshold("other-tenant", "auto", 0.5) == 0.5
+    after = await second.update("t", "auto", recent, target=0.5, configured=0.5)
+    assert float((recent >= after).mean()) == pytest.approx(before + (0.5 - before) / 2, abs=0.01)
+    assert first.threshold("other-tenant", "auto", 0.5, 0.5) == 0.5
 
 
 async def test_prompts_that_score_alike_are_split_not_all_sent_to_large() -> None:
@@ -93,7 +93,7 @@ async def test_prompts_that_score_alike_are_split_not_all_sent_to_large() -> Non
     sent = []
     for start in range(0, len(scores), 20):
         batch = [ranked(score) for score in scores[start : start + 20]]
-        threshold = tracker.threshold("t", "auto", 0.5)
+        threshold = tracker.threshold("t", "auto", 0.3, 0.5)
         sent += [score >= threshold for score in batch]
         await _feed(tracker, "t", batch, target=0.3)
     blocks = [sum(sent[i : i + 200]) / 200 for i in range(0, len(sent), 200)]
@@ -111,7 +111,7 @@ async def test_processes_that_see_different_traffic_keep_the_overall_share_on_ta
     for _ in range(150):
         for tracker, low in ((easy, 0.0), (hard, 0.5)):
             batch = [low + 0.5 * rng.random() for _ in range(20)]
-            threshold = tracker.threshold("t", "auto", 0.5)
+            threshold = tracker.threshold("t", "auto", 0.3, 0.5)
             sent += [score >= threshold for score in batch]
             await _feed(tracker, "t", batch, target=0.3)
     assert sum(sent[-2000:]) / 2000 == pytest.approx(0.3, abs=0.05)
@@ -126,11 +126,9 @@ async def test_with_the_store_away_a_process_steps_on_its_own_scores() -> None:
     assert await tracker.update("t", "auto", recent, target=0.9, configured=0.5) == pytest.approx(0.3, abs=0.011)
     store.down = True
     assert await tracker.update("t", "auto", recent, target=0.9, configured=0.5) == pytest.approx(0.2, abs=0.011)
-    assert tracker.threshold("t", "auto", 0.5) == pytest.approx(0.2, abs=0.011)  # in force here, not written
+    assert tracker.threshold("t", "auto", 0.9, 0.5) == pytest.approx(0.2, abs=0.011)  # in force here, not written
     store.down = False
-    assert float(await store.get(keyspace.large_share_threshold("t", "auto"), 1.0) or b"x") == pytest.approx(
-        0.3, abs=0.011
-    )
+    assert await shared_threshold(store, "t", "auto", 0.9) == pytest.approx(0.3, abs=0.011)
 
 
 def test_a_tie_broken_score_stays_a_probability() -> None:
@@ -148,7 +146,7 @@ async def test_a_new_scorer_drops_the_old_scores_and_goes_straight_to_the_target
         tracker.observe("t", "auto", score, 0.3, configured=0.5, scorer="shipped")
         await asyncio.sleep(0)
     await asyncio.sleep(0.01)
-    assert _share([rng.random() for _ in range(2000)], tracker.threshold("t", "auto", 0.5)) == pytest.approx(
+    assert _share([rng.random() for _ in range(2000)], tracker.threshold("t", "auto", 0.3, 0.5)) == pytest.approx(
         0.3, abs=0.05
     )
     lower = [rng.random() * 0.5 for _ in range(50)]  # the new router's scale
@@ -156,23 +154,23 @@ async def test_a_new_scorer_drops_the_old_scores_and_goes_straight_to_the_target
         tracker.observe("t", "auto", score, 0.3, configured=0.5, scorer="learnt-1")
         await asyncio.sleep(0)
     await asyncio.sleep(0.01)
-    assert _share(lower, tracker.threshold("t", "auto", 0.5)) == pytest.approx(0.3, abs=0.03)
+    assert _share(lower, tracker.threshold("t", "auto", 0.3, 0.5)) == pytest.approx(0.3, abs=0.03)
 
 
 async def test_a_new_process_starts_from_the_shared_threshold() -> None:
     store = MemoryKeyValue()
     first = LargeShareTracker(store, update_every=10)
     await _feed(first, "t", [random.Random(2).random() * 0.4 for _ in range(300)], target=0.5)
-    shared = first.threshold("t", "auto", 0.5)
+    shared = first.threshold("t", "auto", 0.5, 0.5)
     assert shared < 0.4
     second = LargeShareTracker(store, update_every=10)
-    await second.prepare("t", "auto")  # before its first request of the tenant's route
-    assert second.threshold("t", "auto", 0.5) == pytest.approx(shared, abs=1e-6)
+    await second.prepare("t", "auto", 0.5)  # before its first request of the tenant's route
+    assert second.threshold("t", "auto", 0.5, 0.5) == pytest.approx(shared, abs=1e-6)
     store.down = True
     third = LargeShareTracker(store, update_every=10)
-    await third.prepare("t", "auto")  # no answer: the configured threshold, and no second wait
-    await third.prepare("t", "auto")
-    assert third.threshold("t", "auto", 0.5) == 0.5
+    await third.prepare("t", "auto", 0.5)  # no answer: the configured threshold, and no second wait
+    await third.prepare("t", "auto", 0.5)
+    assert third.threshold("t", "auto", 0.5, 0.5) == 0.5
 
 
 async def test_a_process_follows_another_processs_update_within_its_refresh() -> None:
@@ -181,17 +179,34 @@ async def test_a_process_follows_another_processs_update_within_its_refresh() ->
     went small on one worker and large on the other."""
     store = MemoryKeyValue()
     busy, quiet = LargeShareTracker(store, update_every=10), LargeShareTracker(store, refresh_s=0.05)
-    await quiet.prepare("t", "auto")
-    assert quiet.threshold("t", "auto", 0.5) == 0.5  # nothing shared yet
+    await quiet.prepare("t", "auto", 0.5)
+    assert quiet.threshold("t", "auto", 0.5, 0.5) == 0.5  # nothing shared yet
     await _feed(busy, "t", [random.Random(3).random() * 0.4 for _ in range(300)], target=0.5)
-    moved = busy.threshold("t", "auto", 0.5)
+    moved = busy.threshold("t", "auto", 0.5, 0.5)
     assert moved < 0.4
-    await quiet.prepare("t", "auto")  # within refresh_s of the first read: no read
-    assert quiet.threshold("t", "auto", 0.5) == 0.5
+    await quiet.prepare("t", "auto", 0.5)  # within refresh_s of the first read: no read
+    assert quiet.threshold("t", "auto", 0.5, 0.5) == 0.5
     await asyncio.sleep(0.06)
-    await quiet.prepare("t", "auto")  # reads again in the background; this request routes on what it has
+    await quiet.prepare("t", "auto", 0.5)  # reads again in the background; this request routes on what it has
     await asyncio.sleep(0.01)
-    assert quiet.threshold("t", "auto", 0.5) == pytest.approx(moved, abs=1e-9)
+    assert quiet.threshold("t", "auto", 0.5, 0.5) == pytest.approx(moved, abs=1e-9)
+
+
+async def test_a_threshold_kept_on_another_target_is_not_followed() -> None:
+    """t178: after a reload from a 0.7 target to 0.3 the threshold learnt for 0.7 stayed in force,
+    in the process and in the store, and half the prompts went large."""
+    store = MemoryKeyValue()
+    tracker = LargeShareTracker(store, update_every=10)
+    await _feed(tracker, "t", [random.Random(4).random() * 0.4 for _ in range(300)], target=0.7)
+    assert tracker.threshold("t", "auto", 0.7, 0.5) < 0.4
+    assert tracker.threshold("t", "auto", 0.3, 0.5) == 0.5  # the configured threshold, for the new target
+    fresh = LargeShareTracker(store)
+    await fresh.prepare("t", "auto", 0.3)
+    assert fresh.threshold("t", "auto", 0.3, 0.5) == 0.5
+    recent = np.linspace(0.0, 1.0, 101)  # share 0.5 at 0.5: half the gap to 0.3 is a step of 0.1
+    assert await tracker.update("t", "auto", recent, target=0.3, configured=0.5) == pytest.approx(0.6, abs=0.011)
+    assert await shared_threshold(store, "t", "auto", 0.3) == pytest.approx(0.6, abs=0.011)
+    assert await shared_threshold(store, "t", "auto", 0.7) is None  # one value, kept on one target
 
 
 class _SlowStore(MemoryKeyValue):
@@ -204,19 +219,21 @@ async def test_first_requests_that_arrive_together_all_wait_for_the_shared_thres
     """The first request marked the read done before it ended: a burst's others routed on the
     configured threshold meanwhile (an outside tester saw the window in the code)."""
     store = _SlowStore()
-    await store.put(keyspace.large_share_threshold("t", "auto"), b"0.125000", 60, 1.0)
+    await store.put(keyspace.large_share_threshold("t", "auto"), b"0.125000 0.3", 60, 1.0)
     tracker = LargeShareTracker(store)
     seen: list[float] = []
 
     async def first_request() -> None:
-        await tracker.prepare("t", "auto")
-        seen.append(tracker.threshold("t", "auto", 0.5))
+        await tracker.prepare("t", "auto", 0.3)
+        seen.append(tracker.threshold("t", "auto", 0.3, 0.5))
 
     await asyncio.gather(*(first_request() for _ in range(5)))
     assert seen == [0.125] * 5
 
 
-@pytest.mark.parametrize("stored", [b"abc", b"\xff\xfe", b"nan", b"inf", b"-0.5", b"7"])
+@pytest.mark.parametrize(
+    "stored", [b"abc", b"\xff\xfe", b"nan 0.5", b"inf 0.5", b"-0.5 0.5", b"7 0.5", b"0.4 nan", b"0.4 0.5 0.5"]
+)
 async def test_a_stored_threshold_that_is_not_a_probability_is_replaced_not_followed(stored: bytes) -> None:
     store = MemoryKeyValue()
     tracker = LargeShareTracker(store, update_every=1, max_share_step=0.05)
@@ -224,9 +241,7 @@ async def test_a_stored_threshold_that_is_not_a_probability_is_replaced_not_foll
     await store.put(keyspace.large_share_threshold("t", "auto"), stored, 60, 1.0)
     new = await tracker.update("t", "auto", recent, target=0.5, configured=0.5)
     assert new == pytest.approx(0.5, abs=0.011)  # one bounded step from the configured threshold (on target)
-    assert float(await store.get(keyspace.large_share_threshold("t", "auto"), 1.0) or b"x") == pytest.approx(
-        new, abs=1e-6
-    )
+    assert await shared_threshold(store, "t", "auto", 0.5) == pytest.approx(new, abs=1e-6)
 
 
 @dataclass(frozen=True)
@@ -289,7 +304,7 @@ async def test_a_turn_from_easy_to_hard_traffic_is_followed_within_a_few_updates
     scores = [rng.betavariate(2, 8) for _ in range(300)] + [rng.betavariate(8, 2) for _ in range(900)]
     sent = []
     for score in scores:
-        sent.append(score >= tracker.threshold("t", "auto", 0.5))
+        sent.append(score >= tracker.threshold("t", "auto", 0.3, 0.5))
         tracker.observe("t", "auto", score, 0.3, configured=0.5)
         await asyncio.sleep(0)
     blocks = [sum(sent[i : i + 100]) / 100 for i in range(300, 1200, 100)]

@@ -520,13 +520,14 @@ auth: {{mode: none}}
 
 
 def test_status_reads_which_routes_pool_from_the_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.cli.router import _pools
+    from gateway.cli.router import _policy, _pools
 
     policy = tmp_path / "policies.yaml"
     for scope, pools in (("tenant", False), ("global", True)):
         policy.write_text(_POLICY.format(scope=scope))
-        assert _pools(str(policy)) is pools
-    assert _pools(str(tmp_path / "none.yaml")) is None
+        loaded = _policy(str(policy))
+        assert loaded is not None and _pools(loaded) is pools
+    assert _policy(str(tmp_path / "none.yaml")) is None
     assert "--policies tells which routes the pooled router serves" in capsys.readouterr().err
 
 
