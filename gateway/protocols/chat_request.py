@@ -94,7 +94,10 @@ def parse_chat_request(raw: bytes) -> dict[str, Any]:
         del body["stream"]
     refuse_options_without_stream(body.get("stream"), body.get("stream_options"))
     _check_tool_choice(body)
+    _check_tool_names(checked.tools)
+    _check_tool_answers(checked.messages)
     _check_schema_name(body.get("response_format"))
+    _check_json_mode(body.get("response_format"), checked.messages)
     _refuse_best_of(body.get("best_of"))
     refuse_upstream_ids(body, raw)  # a ``file`` part's file_id names a file under the operator's key (t33)
     return body
@@ -116,6 +119,67 @@ def _check_schema_name(response_format: Any) -> None:
             check_schema_name(spec.get("name"), "response_format.json_schema.name")
 
 
+def _check_json_mode(response_format: Any, messages: list[_Message]) -> None:
+    """JSON mode needs the word "json" in the messages, as OpenAI refuses it otherwise: the model
+    may write whitespace until ``max_tokens``, billed (t179)."""
+    if not (isinstance(response_format, dict) and response_format.get("type") == "json_object"):
+        return
+    for message in messages:
+        content = message.content
+        texts = [content] if isinstance(content, str) else [part.text or "" for part in content or ()]
+        if any("json" in text.lower() for text in texts):
+            return
+    raise InvalidRequestError(
+        "'messages' must contain the word 'json' in some form, to use 'response_format' of type 'json_object'.",
+        param="messages",
+    )
+
+
+def _check_tool_names(tools: list[dict[str, Any]] | None) -> None:
+    """A function tool's name as OpenAI checks it, as a JSON schema's (t179)."""
+    for i, tool in enumerate(tools or ()):
+        function = tool.get("function")
+        if isinstance(function, dict):
+            check_schema_name(function.get("name"), f"tools[{i}].function.name")
+
+
+def _check_tool_answers(messages: list[_Message]) -> None:
+    """Each ``tool`` message answers a call of the assistant message just before it, and each call
+    is answered before the next other message, as OpenAI refuses it otherwise: an agent's history
+    trimming that split a call from its answer is told so, not answered (t179). The legacy
+    ``function`` role is not checked, as before."""
+    unanswered: dict[str, None] = {}  # the calls of the assistant message at index ``asked``, in order
+    asked = 0
+    for i, message in enumerate(messages):
+        if message.role == "tool":
+            call_id = message.tool_call_id
+            if call_id is None:
+                raise InvalidRequestError(
+                    f"Missing required parameter: 'messages.[{i}].tool_call_id'.",
+                    param=f"messages.[{i}].tool_call_id",
+                    code="missing_required_parameter",
+                )
+            if call_id not in unanswered:
+                raise InvalidRequestError(
+                    "Invalid parameter: messages with role 'tool' must be a response to a preceeding message "
+                    "with 'tool_calls'.",  # sic, OpenAI's words
+                    param=f"messages.[{i}].role",
+                )
+            del unanswered[call_id]
+        elif unanswered:
+            break
+        elif message.tool_calls:
+            unanswered = {call["id"]: None for call in message.tool_calls if isinstance(call.get("id"), str)}
+            asked = i
+    if unanswered:
+        raise InvalidRequestError(
+            "An assistant message with 'tool_calls' must be followed by tool messages responding to each "
+            f"'tool_call_id'. The following tool_call_ids did not have response messages: "
+            f"{', '.join(unanswered)}",
+            param=f"messages.[{asked}].role",
+        )
+
+
 def _check_tool_choice(body: dict[str, Any]) -> None:
     """A ``tool_choice`` without ``tools`` is a 400, as OpenAI and vLLM answer it: an Anthropic
     upstream is sent no choice without tools, and answered it with text (t78). ``none`` asks for
@@ -126,3 +190,9 @@ def _check_tool_choice(body: dict[str, Any]) -> None:
         body.get("tools"),
         "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
     )
+    if body.get("parallel_tool_calls") is not None and not body.get("tools"):  # null: not set (t179)
+        raise InvalidRequestError(
+            "Invalid value for 'parallel_tool_calls': 'parallel_tool_calls' is only allowed when 'tools' are "
+            "specified.",
+            param="parallel_tool_calls",
+        )

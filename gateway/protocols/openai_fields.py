@@ -73,8 +73,9 @@ _SCHEMA_NAME_CHARS = 64
 
 def check_schema_name(name: object, param: str) -> None:
     """A 400 for a JSON schema's ``name`` (Responses' ``text.format.name``, chat's
-    ``response_format.json_schema.name``) that OpenAI refuses, in its words and code: a chat
-    upstream may take it, and an OpenAI one refused it only after the request was routed (t167).
+    ``response_format.json_schema.name``) or a chat tool's ``function.name`` (t179) that OpenAI
+    refuses, in its words and code: a chat upstream may take it, and an OpenAI one refused it only
+    after the request was routed (t167).
     ``None``: the name is missing (t169)."""
     if name is None:
         raise InvalidRequestError(

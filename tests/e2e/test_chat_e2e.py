@@ -498,3 +498,76 @@ async def test_concurrent_requests_all_answered(aclient: openai.AsyncOpenAI) -> 
         )
     )
     assert [r.choices[0].message.content for r in results] == [f"[simulated small] n{i}" for i in range(40)]
+
+
+_CALLED: ChatCompletionMessageParam = {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_w", "arguments": "{}"}}],
+}
+_WEATHER: Any = [{"type": "function", "function": {"name": "get_w", "parameters": {"type": "object"}}}]
+
+
+@pytest.mark.parametrize(
+    ("asked", "param", "message"),
+    [
+        (  # a history trimmed between a call and its answer
+            {"messages": [*MESSAGES, {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]},
+            "messages.[2].role",
+            "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with "
+            "'tool_calls'.",
+        ),
+        (
+            {"messages": [*MESSAGES, _CALLED, {"role": "user", "content": "and?"}], "tools": _WEATHER},
+            "messages.[2].role",
+            "An assistant message with 'tool_calls' must be followed by tool messages responding to each "
+            "'tool_call_id'. The following tool_call_ids did not have response messages: call_1",
+        ),
+        (
+            {"messages": MESSAGES, "response_format": {"type": "json_object"}},
+            "messages",
+            "'messages' must contain the word 'json' in some form, to use 'response_format' of type 'json_object'.",
+        ),
+        (
+            {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "get weather"}}]},
+            "tools[0].function.name",
+            "Invalid 'tools[0].function.name': string does not match pattern. Expected a string that matches the "
+            "pattern '^[a-zA-Z0-9_-]+$'.",
+        ),
+        (
+            {"messages": MESSAGES, "parallel_tool_calls": False},
+            "parallel_tool_calls",
+            "Invalid value for 'parallel_tool_calls': 'parallel_tool_calls' is only allowed when 'tools' are "
+            "specified.",
+        ),
+    ],
+)
+def test_what_openai_refuses_in_a_conversation_or_its_tools_is_refused_before_it_is_served(
+    client: openai.OpenAI, small_upstream: SimulatedUpstream, asked: dict[str, Any], param: str, message: str
+) -> None:
+    """OpenAI refuses these with a 400; the gateway served and billed them (t179): JSON mode without
+    the word may write whitespace until ``max_tokens``, and an agent learns its trimming split a call
+    from its answer."""
+    sent = upstream_stats(small_upstream)["requests"]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="fast", stream=stream, **asked)
+        assert isinstance(refused.value.body, dict) and refused.value.body["type"] == "invalid_request_error"
+        assert (refused.value.param, refused.value.body["message"]) == (param, message)
+    assert upstream_stats(small_upstream)["requests"] == sent
+
+
+@pytest.mark.parametrize("model", ["fast", "claude"])
+def test_an_answered_call_and_json_mode_said_in_a_part_are_served(client: openai.OpenAI, model: str) -> None:
+    answered: list[ChatCompletionMessageParam] = [
+        *MESSAGES,
+        _CALLED,
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    assert client.chat.completions.create(
+        model=model, messages=answered, tools=_WEATHER, parallel_tool_calls=False
+    ).choices
+    json_said: list[ChatCompletionMessageParam] = [{"role": "user", "content": [{"type": "text", "text": "JSON"}]}]
+    assert client.chat.completions.create(
+        model=model, messages=json_said, response_format={"type": "json_object"}
+    ).choices
