@@ -334,6 +334,8 @@ class UpstreamStatusError(UpstreamError):
         elif status == 529:  # Anthropic's "overloaded": its clients have an error class for it
             self.code = "upstream_overloaded"
             self.status_code = 529
+            if retry_after_s is not None:  # as a 503's (t181)
+                self.headers["retry-after"] = _whole_seconds(retry_after_s)
         elif status in (400, 413) and _exceeds_context(error):
             # Too long for this model; a later model of the route may have a longer window.
             self.status_code = 400

@@ -771,14 +771,15 @@ def _come_back_in(headers: Mapping[str, str], status: int) -> float | None:
 
 
 def _retry_after_ms(value: str | None) -> float | None:
-    """Seconds from a ``retry-after-ms`` header (milliseconds, perhaps with a fraction)."""
+    """Seconds from a ``retry-after-ms`` header (milliseconds, perhaps with a fraction); None for no
+    time, as the openai SDK reads it (t181: ``0`` beside ``retry-after: 30`` retried at once)."""
     if not value:
         return None
     try:
         milliseconds = float(value)
     except ValueError:
         return None
-    return max(0.0, milliseconds / 1000) if math.isfinite(milliseconds) else None
+    return milliseconds / 1000 if math.isfinite(milliseconds) and milliseconds > 0 else None
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -138,3 +138,16 @@ def test_a_wait_that_is_no_number_of_seconds_is_no_wait(gateway: GatewayProcess,
     script.answers.append((429, {"retry-after": "inf", "retry-after-ms": "nan"}))
     answer = _openai(gateway).chat.completions.create(model="azure", messages=_MESSAGES)
     assert answer.choices[0].message.content == "hi" and len(script.arrivals) == 2
+
+
+def test_a_retry_after_ms_of_no_time_leaves_the_retry_after_in_force(
+    gateway: GatewayProcess, script: _Scripted
+) -> None:
+    """t181: ``retry-after-ms: 0`` (or below) beside ``retry-after: 30`` was read as no wait: retried at
+    once and the client told 1 s. The openai SDK takes a ``retry-after-ms`` only above 0."""
+    script.answers.extend([(429, {"retry-after-ms": ms, "retry-after": "30"}) for ms in ("0", "-500")])
+    for _ in range(2):
+        with pytest.raises(openai.RateLimitError) as caught:
+            _openai(gateway).chat.completions.create(model="azure", messages=_MESSAGES)
+        assert caught.value.response.headers["retry-after"] == "30"  # longer than the route waits: not retried
+    assert len(script.arrivals) == 2

@@ -172,6 +172,9 @@ def test_upstream_status_errors_map_to_client_statuses() -> None:
     assert UpstreamStatusError("u", 500, "x", retry_after_s=1.5).status_code == 502
     assert UpstreamStatusError("u", 429, "x", retry_after_s=3).headers["retry-after"] == "3"
     assert UpstreamStatusError("u", 429, "x", retry_after_s=2.5).headers["retry-after"] == "3"  # up: t53
+    overloaded = UpstreamStatusError("u", 529, "x", retry_after_s=30)  # told on as a 503's is (t181)
+    assert (overloaded.status_code, overloaded.headers["retry-after"]) == (529, "30")
+    assert "retry-after" not in UpstreamStatusError("u", 529, "x").headers
     bad = UpstreamStatusError("u", 400, "bad")
     assert bad.status_code == 400 and not bad.retryable
     for status in (401, 403, 402, 409, 301):  # the gateway's own setup: no retry of the SDKs' can change it (t148)
