@@ -6,8 +6,14 @@ added a random suffix, vllm#10583, and could crash it with several API servers, 
 ``priority`` (under ``--scheduling-policy priority`` a tenant goes ahead of every other),
 ``kv_transfer_params`` (with prefill and decode disaggregated: the host a decode server pulls KV
 blocks from, and which blocks) and ``vllm_xargs`` (arguments to the server's custom logits
-processors and plugins). They are taken out of every body an OpenAI-compatible upstream would be
-sent as the client wrote it, and named in ``x-gateway-dropped`` (t177).
+processors and plugins); ``logits_processors`` (processor classes the server imports by name) and
+``chat_template`` (a Jinja template the server renders, which vLLM takes from a request only when
+its operator trusts them). SGLang's alike (t181): ``rid`` (its request id), ``bootstrap_host``,
+``bootstrap_port`` and ``bootstrap_room`` (its disaggregated prefill's peer),
+``data_parallel_rank``, ``custom_logit_processor`` (serialized code the server runs when it allows
+it), ``lora_path`` (an adapter loaded from the server's disk) and ``return_hidden_states``. They are
+taken out of every body an OpenAI-compatible upstream would be sent as the client wrote it, and
+named in ``x-gateway-dropped`` (t177).
 """
 
 from __future__ import annotations
@@ -16,13 +22,30 @@ from typing import Any
 
 __all__ = ["ENGINE_FIELDS", "without_engine_fields"]
 
-ENGINE_FIELDS = ("kv_transfer_params", "priority", "request_id", "vllm_xargs")
+ENGINE_FIELDS = frozenset(
+    {
+        "bootstrap_host",
+        "bootstrap_port",
+        "bootstrap_room",
+        "chat_template",
+        "custom_logit_processor",
+        "data_parallel_rank",
+        "kv_transfer_params",
+        "logits_processors",
+        "lora_path",
+        "priority",
+        "request_id",
+        "return_hidden_states",
+        "rid",
+        "vllm_xargs",
+    }
+)
 
 
 def without_engine_fields(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """``body`` without the engine fields, and the names of those it had; the same dict when it
     has none."""
-    if not ("request_id" in body or "priority" in body or "kv_transfer_params" in body or "vllm_xargs" in body):
-        return body, []  # the usual request: four lookups on the hot path
-    found = [name for name in ENGINE_FIELDS if name in body]
+    if ENGINE_FIELDS.isdisjoint(body):
+        return body, []  # the usual request: one look at each of its fields on the hot path
+    found = sorted(name for name in body if name in ENGINE_FIELDS)
     return {name: value for name, value in body.items() if name not in ENGINE_FIELDS}, found

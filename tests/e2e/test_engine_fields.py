@@ -55,6 +55,17 @@ _ENGINE: dict[str, Any] = {
     "priority": -100,
     "request_id": "fixed-id",
     "vllm_xargs": {"plugin_arg": 1},
+    "logits_processors": ["my_module.Processor"],
+    "chat_template": "{{ messages }}",
+    # SGLang's (t181)
+    "rid": "fixed-rid",
+    "bootstrap_host": "10.0.0.2",
+    "bootstrap_port": 8998,
+    "bootstrap_room": 7,
+    "data_parallel_rank": 0,
+    "custom_logit_processor": "gASV...",
+    "lora_path": "/etc/passwd",
+    "return_hidden_states": True,
 }
 _EXTRA: dict[str, Any] = {**_ENGINE, "top_k": 5}
 """The engine fields, and one of vLLM's sampling fields, which goes on as unknown fields do."""
