@@ -154,7 +154,7 @@ def test_defect7_a_killed_embedded_redis_is_restarted_and_readiness_returns(
                 ready = True
                 break
         assert ready, gateway.stderr_text()[-2000:]
-        said_by = time.monotonic() + 5  # the supervisor says so once its ping answers, maybe after readiness
+        said_by = time.monotonic() + 30  # the supervisor says so once its ping answers, maybe after readiness
         while "embedded Redis restarted" not in gateway.stderr_text() and time.monotonic() < said_by:
             time.sleep(0.05)
         assert "embedded Redis restarted" in gateway.stderr_text()
@@ -193,7 +193,7 @@ def test_defect8_a_hung_redis_is_reported_degraded_and_the_cache_says_bypass(
                 ask(model="fast", messages=messages, temperature=0)
                 metrics = httpx.get(f"{gateway.url}/metrics", timeout=5).text
             assert "gateway_redis_up 0.0" in metrics.splitlines()
-            logged_by = time.monotonic() + 5  # the ops log is written by a background thread
+            logged_by = time.monotonic() + 30  # the ops log is written by a background thread
             while '"redis_degraded"' not in gateway.stderr_text() and time.monotonic() < logged_by:
                 time.sleep(0.05)
             assert '"redis_degraded"' in gateway.stderr_text()

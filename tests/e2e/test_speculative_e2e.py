@@ -96,7 +96,7 @@ def test_speculative_answers_equal_the_large_models_own(gateway: GatewayProcess,
         assert speculation["draft_prompt_tokens"] >= speculation["draft_calls"] * record["prompt_tokens"]
         assert speculation["large_prompt_tokens"] >= speculation["rounds"] * record["prompt_tokens"]
         assert speculation["large_completion_tokens"] >= speculation["rounds"]
-    assert '"speculation_pair_ok"' in gateway.stderr_text()
+    assert gateway.wait_for_ops("speculation_pair_ok"), gateway.stderr_text()
 
 
 def test_non_speculative_models_log_no_speculation(gateway: GatewayProcess) -> None:
@@ -329,7 +329,9 @@ def test_a_hung_draft_server_costs_requests_no_first_byte_timeout(
             speculation = gateway.wait_for_record(response.headers["x-request-id"])["speculation"]
             assert speculation["mode"] == "plain", speculation
             assert speculation["fallback_reason"] in ("pair_unchecked", "pair_checking"), speculation
-        assert '"speculation_pair_unchecked"' in gateway.stderr_text()
+        assert gateway.wait_for_ops("speculation_pair_unchecked"), (
+            gateway.stderr_text()
+        )  # the check's own line comes late
     finally:
         gateway.stop()
         small.reset()
