@@ -31,6 +31,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import unquote_plus
 
 import msgspec
 import structlog
@@ -77,6 +78,12 @@ __all__ = [
 ]
 
 _CLIENT_GONE = Response(content=b"", status_code=499)
+_READ_QUERY = {
+    "": frozenset({"include", "include[]", "include_obfuscation", "starting_after", "stream"}),
+    "/input_items": frozenset({"after", "before", "include", "include[]", "limit", "order"}),
+}
+"""The query parameters OpenAI's API defines for each read of a passed-through response (and
+``before``, Azure OpenAI's); the client's others are not sent upstream (t181)."""
 _PROTOCOL = "openai.responses"
 T = TypeVar("T")
 _log = structlog.get_logger("gateway.responses")
@@ -326,11 +333,12 @@ async def _on_stored(request: Request[Any, Any, Any], operation: Callable[[Respo
 async def _read_upstream(
     request: Request[Any, Any, Any], held_by: str, response_id: str, part: str, own_ids: Mapping[str, str | None]
 ) -> Response[bytes]:
-    """``GET`` a passed-through response (``part`` of it) at its upstream, with the client's query;
-    one gone there (expired, deleted there, never kept by a Zero-Data-Retention organisation) is
-    forgotten here too: its record would otherwise claim it for 30 days (t60)."""
+    """``GET`` a passed-through response (``part`` of it) at its upstream, with the parameters of the
+    client's query that OpenAI defines for it; one gone there (expired, deleted there, never kept by a
+    Zero-Data-Retention organisation) is forgotten here too: its record would otherwise claim it for
+    30 days (t60)."""
     state: GatewayState = request.app.state.gateway
-    query = request.url.query
+    query = _forwarded_query(request.url.query, _READ_QUERY[part])
     try:
         return await _ask_upstream(
             state, held_by, "GET", response_id, part + (f"?{query}" if query else ""), own_ids=own_ids
@@ -341,6 +349,12 @@ async def _read_upstream(
 
 
 # -- helpers ----------------------------------------------------------------------
+
+
+def _forwarded_query(query: str, names: frozenset[str]) -> str:
+    """The parameters of the client's ``query`` named in ``names``, each as the client encoded it; no
+    other is the client's to send (t181: a repeated ``api-version`` or proxy token after the base URL's)."""
+    return "&".join(pair for pair in query.split("&") if unquote_plus(pair.partition("=")[0]) in names)
 
 
 def _store(state: GatewayState) -> ResponseStore:

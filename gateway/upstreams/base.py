@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, ClassVar, NamedTuple, Protocol
+from urllib.parse import unquote_plus
 
 import httpx
 import msgspec
@@ -590,7 +591,8 @@ class Provider(ABC):
     def _url(self, path: str, *, keep: bool = True) -> httpx.URL:
         """The absolute URL for ``path`` (a query after it is the client's), parsed once (httpx would
         parse a relative path on every request); ``keep=False`` for paths that name one object (an
-        id), which are not kept. The base URL's query (Azure OpenAI's ``api-version``) comes first."""
+        id), which are not kept. The base URL's query (Azure OpenAI's ``api-version``) comes first, and
+        a parameter it sets is not the client's to set again."""
         url = self._urls.get(path)
         if url is None:
             if "://" in path:  # already absolute (e.g. a server-root endpoint)
@@ -598,7 +600,7 @@ class Provider(ABC):
             else:
                 url = self.base_url.copy_with(raw_path=self.base_url.raw_path + path.lstrip("/").encode())
             if self._base_query:
-                url = url.copy_with(query=self._base_query + b"&" + url.query if url.query else self._base_query)
+                url = url.copy_with(query=_after_base_query(self._base_query, url.query))
             if keep:
                 self._urls[path] = url
         return url
@@ -646,6 +648,21 @@ def split_base_url(base_url: str) -> tuple[httpx.URL, bytes]:
     url = httpx.URL(base_url)
     path, _, query = url.raw_path.partition(b"?")
     return url.copy_with(raw_path=path.rstrip(b"/") + b"/", fragment=None), query
+
+
+def _after_base_query(base: bytes, query: bytes) -> bytes:
+    """The base URL's query, then the call's (the client's) parameters that it does not set: a repeated
+    ``api-version`` or token is the client's to a server that reads the last one, or refused (t181)."""
+    if not query:
+        return base
+    taken = {_query_name(pair) for pair in base.split(b"&")}
+    return b"&".join([base, *(pair for pair in query.split(b"&") if pair and _query_name(pair) not in taken)])
+
+
+def _query_name(pair: bytes) -> str:
+    """A query parameter's name as a server may read it: decoded, its case folded (ASP.NET's, as
+    Azure's, ignores case)."""
+    return unquote_plus(pair.partition(b"=")[0].decode("latin-1")).casefold()
 
 
 class _Kinds(NamedTuple):

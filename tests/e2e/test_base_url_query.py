@@ -3,8 +3,10 @@
 Azure OpenAI wants ``api-version`` on every call (``.../openai/deployments/dep1?api-version=...``),
 and a proxy may want a token in the query. The gateway appended each call's path after the query
 (``POST /openai/deployments/dep1?api-version=2024-10-21/chat/completions``): every call went to the
-deployment's bare path, and ``count_tokens`` quietly fell back to the gateway's own count. The
-loopback upstream records the path and query each call came to.
+deployment's bare path, and ``count_tokens`` quietly fell back to the gateway's own count. A read of a
+passed-through response then put the client's whole query after the base's, so a client could repeat
+the base's ``api-version`` or token (t181). The loopback upstream records the path and query each
+call came to.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 from aiohttp import web
@@ -29,6 +32,13 @@ _MODELS = """
     price: {{input: 2, output: 8}}
     tier: large
     timeouts: {{connect: 2, first_byte: 5, total: 10}}
+  azure-tok:
+    base_url: {url}/openai/deployments/dep2?api-version=2024-10-21&tok=a%26b
+    upstream_model: gpt-4o
+    responses_api: true
+    price: {{input: 2, output: 8}}
+    tier: large
+    timeouts: {{connect: 2, first_byte: 5, total: 10}}
   proxied-claude:
     provider: anthropic
     base_url: {url}/anthropic/?tok=abc
@@ -38,6 +48,8 @@ _MODELS = """
     timeouts: {{connect: 2, first_byte: 5, total: 10}}
 """
 _AZURE = "/openai/deployments/dep1"
+_TOKEN = "/openai/deployments/dep2"
+_BASE_QUERY = "api-version=2024-10-21&tok=a%26b"
 _USAGE = {"input_tokens": 10, "output_tokens": 2}
 
 
@@ -49,10 +61,10 @@ async def _chat(request: web.Request, upstream: RecordingUpstream) -> web.Stream
                               "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}})  # fmt: skip
 
 
-def _response(model: str) -> dict[str, Any]:
+def _response(model: str, response_id: str = "resp_1") -> dict[str, Any]:
     text = {"type": "output_text", "text": "Hi.", "annotations": []}
     message = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed", "content": [text]}
-    return {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed", "model": model,
+    return {"id": response_id, "object": "response", "created_at": 1, "status": "completed", "model": model,
             "output": [message], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
             "usage": {**_USAGE, "total_tokens": 12, "input_tokens_details": {"cached_tokens": 0},
                       "output_tokens_details": {"reasoning_tokens": 0}}}  # fmt: skip
@@ -63,7 +75,18 @@ async def _responses(request: web.Request, upstream: RecordingUpstream) -> web.S
 
 
 async def _stored(request: web.Request, upstream: RecordingUpstream) -> web.StreamResponse:
-    return web.json_response(_response("gpt-4o"))
+    return web.json_response(_response("gpt-4o", request.match_info.get("id", "resp_1")))
+
+
+async def _responses_2(request: web.Request, upstream: RecordingUpstream) -> web.StreamResponse:
+    return web.json_response(_response((await request.json())["model"], "resp_2"))
+
+
+async def _input_items(request: web.Request, upstream: RecordingUpstream) -> web.StreamResponse:
+    item = {"type": "message", "id": "msg_0", "role": "user", "status": "completed",
+            "content": [{"type": "input_text", "text": "Hi"}]}  # fmt: skip
+    return web.json_response({"object": "list", "data": [item], "first_id": "msg_0", "last_id": "msg_0",
+                              "has_more": False})  # fmt: skip
 
 
 async def _messages(request: web.Request, upstream: RecordingUpstream) -> web.StreamResponse:
@@ -83,6 +106,9 @@ def upstream() -> Iterator[RecordingUpstream]:
         f"{_AZURE}/chat/completions": _chat,
         f"{_AZURE}/responses": _responses,
         f"GET {_AZURE}/responses/{{id}}": _stored,
+        f"{_TOKEN}/responses": _responses_2,
+        f"GET {_TOKEN}/responses/{{id}}": _stored,
+        f"GET {_TOKEN}/responses/{{id}}/input_items": _input_items,
         "/anthropic/v1/messages": _messages,
         "/anthropic/v1/messages/count_tokens": _count_tokens,
     }
@@ -122,6 +148,29 @@ def test_a_passed_through_response_and_its_read_keep_the_api_version_before_the_
     assert _last(upstream, sent) == [
         f"POST {_AZURE}/responses?api-version=2024-10-21",
         f"GET {_AZURE}/responses/resp_1?api-version=2024-10-21&include%5B%5D=reasoning.encrypted_content",
+    ]
+
+
+def test_a_read_forwards_only_openais_parameters_never_the_base_urls_own(
+    gateway: GatewayProcess, upstream: RecordingUpstream
+) -> None:
+    """t181: the client's whole query went after the base's, so ``?api-version=evil`` came second to
+    the operator's: a server reading the last value took the client's, and Azure may refuse a repeat."""
+    client = _openai(gateway)
+    made = client.responses.create(model="azure-tok", input="Hi")
+    sent = len(upstream.targets)
+    smuggled = {"api-version": "evil", "tok": "x", "junk": "1"}
+    read = client.responses.retrieve(made.id, include=["reasoning.encrypted_content"], extra_query=smuggled)
+    items = client.responses.input_items.list(made.id, limit=2, order="asc", after="msg_9", extra_query=smuggled)
+    # as sent by hand: the names percent-encoded or in capitals, which a server may read as the same
+    raw = "include%5B%5D=x&api%2Dversion=evil&API-VERSION=evil&tok=y&starting_after=3&include_obfuscation=false"
+    by_hand = httpx.get(f"{gateway.base_url}/responses/{made.id}?{raw}", headers={"authorization": "Bearer unused"})
+    assert read.id == made.id == "resp_2" and [item.id for item in items.data] == ["msg_0"]
+    assert by_hand.status_code == 200, by_hand.text
+    assert _last(upstream, sent) == [
+        f"GET {_TOKEN}/responses/resp_2?{_BASE_QUERY}&include%5B%5D=reasoning.encrypted_content",
+        f"GET {_TOKEN}/responses/resp_2/input_items?{_BASE_QUERY}&after=msg_9&limit=2&order=asc",
+        f"GET {_TOKEN}/responses/resp_2?{_BASE_QUERY}&include%5B%5D=x&starting_after=3&include_obfuscation=false",
     ]
 
 

@@ -68,3 +68,23 @@ async def test_every_call_keeps_the_base_urls_query_before_its_own() -> None:
         b"POST /tokenize?api-version=2024-10-21",
         b"POST /detokenize?api-version=2024-10-21",
     ]
+
+
+async def test_a_client_never_sets_again_a_parameter_the_base_urls_query_sets() -> None:
+    """t181: the client's query went after the base's whole, so a server reading the last value took the
+    client's ``api-version`` (or token); a name percent-encoded or in capitals is the same name."""
+    seen: list[bytes] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.query)
+        return httpx.Response(200, json={"id": "resp_1"})
+
+    azure = _POLICY.replace('"http://s.test/v1"', '"http://s.test/v1?api-version=2024-10-21&tok=a%26b"', 1)
+    provider = build_provider(
+        "s", load_policy_text(azure, environ={}).policy.models["s"], {}, httpx.MockTransport(answer)
+    )
+    try:
+        await provider.forward("GET", "responses/resp_1?limit=2&api-version=x&&api%2Dversion=y&TOK=z&tok=&after=m")
+    finally:
+        await provider.aclose()
+    assert seen == [b"api-version=2024-10-21&tok=a%26b&limit=2&after=m"]
