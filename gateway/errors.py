@@ -282,13 +282,14 @@ class UpstreamStatusError(UpstreamError):
     """The upstream answered with an HTTP error status.
 
     429 and 5xx are retryable. A 401 or 403, a 404 for the model, or OpenAI's 429
-    ``insufficient_quota`` (the operator's quota or billing is spent: no wait refills it), is the
-    gateway's own configuration (the client's key never goes upstream): a 502 that names no detail
-    of the upstream's (its text can quote the operator's key), and the next model is tried. A prompt
-    too long for the model's context window is a 400 ``context_length_exceeded``, and the next
-    model (perhaps with a longer window) is tried. Other 4xx are the client's fault, so they are
-    passed through with the upstream's own status and message and never retried. Those the
-    gateway does not retry say ``x-should-retry: false``: the SDKs would only repeat them (t148).
+    ``insufficient_quota`` or ``billing_not_active`` (the operator's quota or billing is spent or
+    stopped: no wait refills it), is the gateway's own configuration (the client's key never goes
+    upstream): a 502 that names no detail of the upstream's (its text can quote the operator's key),
+    and the next model is tried. A prompt too long for the model's context window is a 400
+    ``context_length_exceeded``, and the next model (perhaps with a longer window) is tried. Other
+    4xx are the client's fault, so they are passed through with the upstream's own status and
+    message and never retried. Those the gateway does not retry say ``x-should-retry: false``: the
+    SDKs would only repeat them (t148).
     """
 
     def __init__(
@@ -312,7 +313,7 @@ class UpstreamStatusError(UpstreamError):
         self.message = f"upstream '{upstream}': HTTP {status}: " + _STATUS_WORDS.get(status, "the upstream failed")
         if status == 429 and _out_of_quota(error):
             self._misconfigured(
-                "the upstream says the gateway's account is out of quota (its plan or billing); "
+                "the upstream says the gateway's account is out of quota or not active (its plan or billing); "
                 "the gateway's operator can fix this"
             )
         elif status == 429:
@@ -344,7 +345,7 @@ class UpstreamStatusError(UpstreamError):
             self.param = _context_param(error)
             self.retryable, self.try_next = False, True
             self.message = f"upstream '{upstream}': HTTP {status}: {_its_words(error)}"
-        elif status in _THE_REQUESTS_FAULT and _about_the_account(error):
+        elif status in (400, 413) and _about_the_account(error):  # a 422 is a validation error: the request's
             self._misconfigured("the upstream refused the gateway's account (its billing or verification)")
         elif status in _THE_REQUESTS_FAULT:
             self.status_code = status
@@ -373,15 +374,25 @@ class UpstreamStatusError(UpstreamError):
         self.message = f"upstream '{self.upstream}': HTTP {self.upstream_status}: {why}"
 
 
-_ACCOUNT_PHRASES = ("credit balance", "billing", "must be verified", "payment", "account is not active")
-"""A 400 that blames the operator's account, not the request (Anthropic's "Your credit balance is too
-low", OpenAI's "Your organization must be verified"): the route's next model may answer."""
+_ACCOUNT_PHRASES = (
+    "credit balance is too low",  # Anthropic: "Your credit balance is too low to access the Anthropic API."
+    "organization must be verified",  # OpenAI: "Your organization must be verified to stream this model."
+    "account is not active",  # OpenAI: "Your account is not active, please check your billing details ..."
+    "exceeded your current quota",  # OpenAI's insufficient_quota, from a server that sends it as a 400
+    "insufficient credits",  # OpenRouter's and others' 402, from a server that sends it as a 400
+)
+"""A 400 that blames the operator's account, not the request: the route's next model may answer.
+Whole phrases of the providers' messages, never a word a client's name can hold (a tool
+``billing_lookup``, a field ``payment_method``: t181)."""
+
+_ACCOUNT_CODES = frozenset({"insufficient_quota", "billing_not_active"})
+"""OpenAI's 429s for the account: its quota or billing spent, or its billing not active."""
 
 
 def _out_of_quota(error: dict[str, Any]) -> bool:
-    """OpenAI's 429 for an account whose quota is spent, told by its ``code`` or ``type`` (t174):
-    a message can quote the client's text."""
-    return "insufficient_quota" in (error.get("code"), error.get("type"))
+    """OpenAI's 429 for an account whose quota is spent or whose billing is not active, told by its
+    ``code`` or ``type`` (t174): a message can quote the client's text."""
+    return error.get("code") in _ACCOUNT_CODES or error.get("type") in _ACCOUNT_CODES
 
 
 _QUOTED = re.compile(r"""(?<!\w)'(?:\\.?|[^\\])*?(?:'(?!\w)|\Z)|"(?:\\.?|[^\\])*?(?:"|\Z)|`[^`]*(?:`|\Z)""", re.DOTALL)
@@ -394,7 +405,7 @@ def _about_the_account(error: dict[str, Any]) -> bool:
     sent (vLLM's validation errors quote the value refused), and taking the client's "billing"
     for the account's tries the next model and counts against the model's circuit (t174)."""
     message = error.get("message")
-    if not isinstance(message, str):
+    if not isinstance(message, str) or error.get("type") == _VALIDATION:
         return False
     own = _QUOTED.sub(" ", message[:1000]).lower()  # an account's words are few; a quote cut off here ends here
     return any(phrase in own for phrase in _ACCOUNT_PHRASES)
@@ -437,15 +448,21 @@ def upstream_error_fields(body: bytes | None) -> dict[str, Any]:
         return error
     if data.get("object") == "error":
         return data
-    detail = _detail_text(data.get("detail"))
-    return {"message": detail} if detail else {}
+    detail = data.get("detail")
+    if isinstance(detail, str):
+        return {"message": detail}
+    said = _detail_text(detail)
+    return {"message": said, "type": _VALIDATION} if said else {}
+
+
+_VALIDATION = "validation_error"
+"""The ``type`` of FastAPI's ``detail`` list, pydantic's errors: the request's by definition, and
+what they say names the client's fields (``loc``) and values (t181)."""
 
 
 def _detail_text(detail: Any) -> str | None:
-    """FastAPI's ``detail``: a string, or pydantic's errors, each ``loc: msg`` (t143: a 422 in that
-    shape reached the client without the upstream's words)."""
-    if isinstance(detail, str):
-        return detail
+    """FastAPI's ``detail`` list, pydantic's errors, each ``loc: msg`` (t143: a 422 in that shape
+    reached the client without the upstream's words)."""
     if not isinstance(detail, list):
         return None
     said = []

@@ -32,7 +32,9 @@ policy), so one server serves every fault:
 - ``reasoning``: an answer as vLLM's ``--reasoning-parser`` writes it: its reasoning in
   ``reasoning_content`` (two chunks when streamed), then its text, streamed or not;
 - ``echoing``: a normal answer, but a 400 for a ``guided_choice`` that is not a list, quoting the
-  client's value in its message as vLLM's validation errors do;
+  client's value in its message as vLLM's validation errors do; a 422 as FastAPI writes it for a
+  ``payment_method`` (a field it does not take: its name in ``loc``, its value in ``input``); and a
+  400 in vLLM's flat shape for any tool, naming it unquoted;
 - ``echoing-claude``, at ``/v1/messages``: an Anthropic message, but a 400 for a stop sequence
   over 32 characters, quoting it in its message as vLLM's Anthropic endpoint's validation errors do,
   and one for an ``anthropic-beta`` value starting ``x-``, quoting it as Anthropic does;
@@ -121,6 +123,15 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
     stream = bool(body.get("stream"))
     if model == "echoing" and not isinstance(body.get("guided_choice", []), list):
         return _echoed(body["guided_choice"])
+    if model == "echoing" and "payment_method" in body:
+        extra = {"type": "extra_forbidden", "loc": ["body", "payment_method"], "msg": "Extra inputs are not permitted",
+                 "input": body["payment_method"]}  # fmt: skip
+        return web.json_response({"detail": [extra]}, status=422)
+    if model == "echoing" and body.get("tools"):
+        name = body["tools"][0]["function"]["name"]
+        refused = {"object": "error", "message": f"Value error, tool name {name} is not allowed",
+                   "type": "BadRequestError", "param": None, "code": 400}  # fmt: skip
+        return web.json_response(refused, status=400)
     if model == "marked":
         prompt = msgspec.json.encode(body.get("messages")).decode()
         fault = next((name for name in FAULTS if name in prompt), None)

@@ -189,3 +189,30 @@ def test_a_400_quoting_a_clients_billing_words_is_the_clients_not_the_accounts(
     assert upstream_stats(large_upstream)["chat_requests"] == fallback_before  # no fallback for the client's fault
     answered = tenant.chat.completions.with_raw_response.create(model="echoing-or-large", messages=_PROMPT)
     assert answered.headers["x-gateway-model"] == "echoing"  # the tenant's circuit on it stayed closed
+
+
+def test_a_refusal_naming_a_clients_field_or_tool_is_the_clients_not_the_accounts(
+    echoing_gateway: tuple[GatewayProcess, FaultyUpstream], large_upstream: SimulatedUpstream
+) -> None:
+    """t181: an upstream's refusal naming, unquoted, a client's field (FastAPI's 422 for
+    ``payment_method``: ``body.payment_method``) or tool (vLLM's "tool name billing_lookup is not
+    allowed") was taken for the upstream refusing the gateway's account: a 502, the fallback called
+    and billed, and the tenant's circuit on the model opened for its valid requests."""
+    gateway, upstream = echoing_gateway
+    tenant = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="key-a", max_retries=0))
+    before, fallback_before = upstream.calls.get("echoing", 0), upstream_stats(large_upstream)["chat_requests"]
+    with pytest.raises(openai.UnprocessableEntityError) as unprocessable:
+        tenant.chat.completions.create(
+            model="echoing-or-large", messages=_PROMPT, extra_body={"payment_method": "card"}
+        )
+    assert unprocessable.value.code == "upstream_rejected_request"
+    assert "body.payment_method: Extra inputs are not permitted" in unprocessable.value.message
+    tool: Any = {"type": "function", "function": {"name": "billing_lookup", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        tenant.chat.completions.create(model="echoing-or-large", messages=_PROMPT, tools=[tool])
+    assert refused.value.code == "upstream_rejected_request"
+    assert "tool name billing_lookup is not allowed" in refused.value.message
+    assert upstream.calls["echoing"] == before + 2
+    assert upstream_stats(large_upstream)["chat_requests"] == fallback_before  # no fallback for the client's fault
+    answered = tenant.chat.completions.with_raw_response.create(model="echoing-or-large", messages=_PROMPT)
+    assert answered.headers["x-gateway-model"] == "echoing"  # the tenant's circuit on it stayed closed

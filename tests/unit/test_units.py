@@ -138,11 +138,19 @@ def test_an_upstreams_own_words_on_its_failures_and_limits_stay_with_the_operato
     client_fault = UpstreamStatusError("small", 400, "x", body=said)
     assert "Invalid 'temperature': 7" in client_fault.message  # the client's own mistake: told as the upstream says
     assert client_fault.param == "temperature"
-    for words in ("Your credit balance is too low to access the Anthropic API.",
-                  "Your organization must be verified to stream this model."):  # fmt: skip
-        body = msgspec.json.encode({"error": {"message": words, "type": "invalid_request_error"}})
-        account = UpstreamStatusError("small", 400, "x", body=body)  # t19: the operator's, and the next model is tried
-        assert (account.status_code, account.code, account.try_next) == (502, "upstream_misconfigured", True)
+    for status, words in (
+        (400, "Your credit balance is too low to access the Anthropic API."),
+        (400, "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade "
+              "or purchase credits."),  # Anthropic's, whole
+        (400, "Your organization must be verified to stream this model."),
+        (400, "Your organization must be verified to use the model `o3`. Please go to: https://platform.openai.com/"
+              "settings/organization/general and click on Verify Organization."),  # OpenAI's, naming its model
+        (429, "Your account is not active, please check your billing details on our website."),  # billing_not_active
+    ):  # fmt: skip
+        its = {"message": words, "type": "invalid_request_error" if status == 400 else "billing_not_active"}
+        body = msgspec.json.encode({"error": its})
+        account = UpstreamStatusError("small", status, "x", body=body)  # t19: the operator's; the next model is tried
+        assert (account.status_code, account.code, account.try_next) == (502, "upstream_misconfigured", True), words
         assert words not in account.message
     quota = {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}
     spent = UpstreamStatusError("small", 429, "x", retry_after_s=1, body=msgspec.json.encode({"error": quota}))
@@ -163,6 +171,26 @@ def test_an_upstreams_own_words_on_its_failures_and_limits_stay_with_the_operato
         quoted = UpstreamStatusError("small", 400, "x", body=body)
         assert (quoted.status_code, quoted.code, quoted.try_next) == (400, "upstream_rejected_request", False), words
         assert words in quoted.message
+    for status, refusal, told in (  # t181: the client's own names, unquoted, in the upstream's refusal of its request
+        (422, {"detail": [{"type": "extra_forbidden", "loc": ["body", "payment_method"],
+                           "msg": "Extra inputs are not permitted", "input": "card"}]},
+         "body.payment_method: Extra inputs are not permitted"),  # FastAPI's, for {"payment_method": "card"}
+        (422, {"detail": [{"type": "string_type", "loc": ["body", "metadata", "billing"],
+                           "msg": "Input should be a valid string", "input": 7}]},
+         "body.metadata.billing: Input should be a valid string"),
+        (400, {"detail": [{"type": "value_error", "loc": ["body", "user"], "msg": "Value error, your credit balance "
+                           "is too low to access the Anthropic API", "input": "x"}]},
+         "body.user: Value error, your credit balance"),  # pydantic's validation: the request's, whatever it says
+        (400, {"object": "error", "message": "Value error, tool name billing_lookup is not allowed",
+               "type": "BadRequestError", "param": None, "code": 400},
+         "tool name billing_lookup is not allowed"),  # vLLM's, the client's tool name as it is
+        (400, {"error": {"message": "Invalid 'tools[0].function.name': payment_method_for_account_is_not_active",
+                         "type": "invalid_request_error"}},
+         "payment_method_for_account_is_not_active"),
+    ):  # fmt: skip
+        refused = UpstreamStatusError("small", status, "x", body=msgspec.json.encode(refusal))
+        assert (refused.status_code, refused.code, refused.try_next) == (status, "upstream_rejected_request", False)
+        assert told in refused.message and not says_upstream_is_unhealthy(refused), told
 
 
 def test_upstream_status_errors_map_to_client_statuses() -> None:
