@@ -215,6 +215,7 @@ def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool =
     )
     messages: list[Message] = []
     if wire.system:
+        _refuse_empty_system(wire.system)
         messages.append(Message("system", _parts(wire.system, "system", passed_through)))
     for index, turn in enumerate(wire.messages):
         messages += _turn(turn, f"messages.{index}", passed_through)
@@ -249,20 +250,43 @@ def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool =
 
 def _refuse_empty_content(turns: list[_Turn]) -> None:
     """Anthropic's 400s for a turn with no content (``""`` or ``[]``) but a final assistant one (a
-    prefill), and for a text block with no text (t178: such a user turn was answered, the router
-    reading no text as a long prompt); refused on every route, passed through too, before any
-    upstream is called."""
+    prefill), for a text block with no text (t178: such a user turn was answered, the router
+    reading no text as a long prompt), for a turn of whitespace alone and a prefill ending in
+    whitespace (t180: a route to Claude left them out, joining the turns around them); refused on
+    every route, passed through too, before any upstream is called."""
     for index, turn in enumerate(turns):
-        if not turn.content and not (turn.role == "assistant" and index == len(turns) - 1):
+        prefill = turn.role == "assistant" and index == len(turns) - 1
+        if not turn.content and not prefill:
             raise InvalidRequestError(
                 f"messages.{index}: all messages must have non-empty content except for the optional final "
                 "assistant message",
                 param=f"messages.{index}.content",
             )
-        for position, block in enumerate(turn.content if isinstance(turn.content, list) else ()):
+        blocks = turn.content if isinstance(turn.content, list) else [_Block("text", text=turn.content)]
+        for position, block in enumerate(blocks if turn.content else ()):
             if block.type == "text" and block.text == "":
                 where = f"messages.{index}.content.{position}.text"
                 raise InvalidRequestError(f"{where}: text content blocks must be non-empty", param=where)
+        last = blocks[-1] if blocks else None
+        if prefill and last is not None and last.type == "text" and last.text and last.text[-1].isspace():
+            raise InvalidRequestError(
+                f"messages.{index}: final assistant content cannot end with trailing whitespace",
+                param=f"messages.{index}.content",
+            )
+        if not prefill and all(block.type == "text" and (block.text or "").isspace() for block in blocks):
+            raise InvalidRequestError(
+                f"messages.{index}: text content blocks must contain non-whitespace text",
+                param=f"messages.{index}.content",
+            )
+
+
+def _refuse_empty_system(system: str | list[_Block]) -> None:
+    """Anthropic's 400 for a system text block with no text (t180: a route to Claude left it out,
+    and the request went without a system prompt)."""
+    for position, block in enumerate(system if isinstance(system, list) else ()):
+        if block.type == "text" and block.text == "":
+            where = f"system.{position}.text"
+            raise InvalidRequestError(f"{where}: text content blocks must be non-empty", param=where)
 
 
 _READ_BLOCKS = frozenset({"text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking"})
@@ -540,10 +564,12 @@ def _turns(messages: list[Message]) -> tuple[str | list[Block], list[dict[str, A
             role, blocks = message.role, [b for part in message.parts if (b := _block(part, i)) is not None]
             blocks += [_tool_use(call, i) for call in message.tool_calls]
         if not blocks:
-            if i == last and role == "user":  # left out, the turn before it would be continued (t53)
+            # Left out, the turns around it would be joined, or the last user turn's answer be
+            # continued (t53, t180); but a final assistant one is a prefill of nothing, and a turn
+            # of unsigned reasoning alone is named dropped (``thinking``)
+            if not (role == "assistant" and i == last) and not any(isinstance(p, ThinkingPart) for p in message.parts):
                 raise InvalidRequestError(
-                    f"messages[{i}]: the last user message has no content but whitespace, which Anthropic's "
-                    "models refuse",
+                    f"messages[{i}]: the message has no content but whitespace, which Anthropic's models refuse",
                     param=f"messages[{i}]",
                 )
             continue

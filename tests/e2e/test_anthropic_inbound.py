@@ -544,3 +544,60 @@ def test_empty_content_is_refused_as_anthropic_refuses_it(
             assert now[kind] == before[name][kind], (name, kind)
     prefill: list[MessageParam] = [hi, {"role": "assistant", "content": ""}]  # a final assistant turn may be empty
     assert claude.messages.create(model=model, max_tokens=32, messages=prefill, extra_body=extra).content
+
+
+_BLANK = "text content blocks must contain non-whitespace text"
+
+
+@pytest.mark.parametrize(
+    ("model", "extra"),
+    [("auto", {}), ("fast", {}), ("claude", {}), ("claude", {"top_k": 5})],  # the last passed through
+)
+def test_whitespace_alone_is_refused_as_anthropic_refuses_it(
+    claude: anthropic.Anthropic,
+    gateway: GatewayProcess,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+    model: str,
+    extra: dict[str, Any],
+) -> None:
+    """t180: a turn of whitespace alone was left out on a route to Claude, the turns around it
+    joined into one (a conversation opening with the assistant's turn when it was the first) and
+    taken as written elsewhere; a final assistant turn (a prefill) ending in whitespace, and an
+    empty system block, left the request with no prefill or no system prompt. Anthropic refuses
+    each with a 400; so does the gateway on every route, before any upstream is called. A
+    whitespace block beside a real one is taken, as Anthropic takes it."""
+    a: MessageParam = {"role": "user", "content": "a"}
+    b: MessageParam = {"role": "user", "content": "b"}
+    spaces: list[TextBlockParam] = [{"type": "text", "text": " "}, {"type": "text", "text": "\n\t"}]
+    refused: list[tuple[list[MessageParam], Any, str]] = [
+        ([a, {"role": "assistant", "content": "  "}, b], None, f"messages.1: {_BLANK}"),
+        ([{"role": "user", "content": " "}, {"role": "assistant", "content": "x"}, b], None, f"messages.0: {_BLANK}"),
+        ([{"role": "user", "content": spaces}], None, f"messages.0: {_BLANK}"),
+        ([a, {"role": "assistant", "content": " \n"}], None, "messages.1: " + _TRAILING),
+        ([a, {"role": "assistant", "content": [{"type": "text", "text": "Sure, "}]}], None, "messages.1: " + _TRAILING),
+        ([a], [{"type": "text", "text": ""}], "system.0.text: text content blocks must be non-empty"),
+    ]
+    before = {name: upstream_stats(up) for name, up in (("small", small_upstream), ("large", large_upstream))}
+    for messages, system, message in refused:
+        given = {"system": system} if system is not None else {}
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            claude.messages.create(model=model, max_tokens=32, messages=messages, extra_body={**extra, **given})
+        assert caught.value.body == {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+        record = gateway.wait_for_record(caught.value.response.headers["x-request-id"])
+        assert record["status"] == 400 and not record["cost_usd"]
+        with pytest.raises(anthropic.BadRequestError) as counted:  # nor counted
+            claude.messages.count_tokens(model=model, messages=messages, extra_body=given)
+        assert counted.value.body["error"]["message"] == message  # type: ignore[index]
+    for name, up in (("small", small_upstream), ("large", large_upstream)):
+        now = upstream_stats(up)
+        for kind in ("chat_requests", "messages_requests", "count_tokens_requests"):
+            assert now[kind] == before[name][kind], (name, kind)
+    beside: list[MessageParam] = [
+        {"role": "user", "content": [{"type": "text", "text": " "}, {"type": "text", "text": "b"}]}
+    ]
+    if not extra:  # passed through, the block reaches the (simulated) upstream as written
+        assert claude.messages.create(model=model, max_tokens=32, messages=beside).content
+
+
+_TRAILING = "final assistant content cannot end with trailing whitespace"

@@ -173,6 +173,32 @@ def test_a_last_user_message_of_whitespace_alone_is_refused_not_continued(gatewa
     assert "messages[2]" in refused.value.message
 
 
+@pytest.mark.parametrize("blank", [0, 1])
+def test_an_earlier_message_of_whitespace_alone_is_refused_not_left_out(
+    gateway: GatewayProcess, large_upstream: SimulatedUpstream, blank: int
+) -> None:
+    """t180: left out, the turns around it were joined into one (a conversation opening with the
+    assistant's turn when it was the first). OpenAI takes it; Claude refuses it, so does its route,
+    naming the message, before Claude is asked. A final assistant message of whitespace alone is
+    still left out (a prefill of nothing)."""
+    oai = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0))
+    turns: Any = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "x"},
+        {"role": "user", "content": "b"},
+    ]
+    turns[blank] = {**turns[blank], "content": " \n"}
+    before = upstream_stats(large_upstream)["messages_requests"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(model="claude45", messages=turns)
+    assert f"messages[{blank}]: the message has no content but whitespace" in refused.value.message
+    assert refused.value.param == f"messages[{blank}]"
+    assert upstream_stats(large_upstream)["messages_requests"] == before
+    oai.chat.completions.create(model="claude45", messages=[*turns[2:], {"role": "assistant", "content": " "}])
+    sent = upstream_stats(large_upstream)["last_request"]["body"]["messages"]
+    assert sent == [{"role": "user", "content": "b"}]
+
+
 def test_a_completions_client_is_told_what_a_claude_route_left_out_and_which_stop_ended_it(
     gateway: GatewayProcess, large_upstream: SimulatedUpstream
 ) -> None:
