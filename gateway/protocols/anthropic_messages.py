@@ -207,7 +207,9 @@ def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool =
         raise InvalidRequestError("max_tokens: Field required", param="max_tokens")
     if not wire.messages:  # counting too: a count for a request /v1/messages refuses tells nothing
         raise InvalidRequestError("messages: at least one message is required", param="messages")
-    _refuse_empty_content(wire.messages)
+    _check_tool_names(wire.tools)
+    if _refuse_empty_content(wire.messages):
+        _check_tool_pairing(wire.messages)
     refuse_choice_without_tools(  # as Anthropic answers it; dropped, it was answered with text on a chat route
         wire.tool_choice.type if wire.tool_choice else None,
         wire.tools,
@@ -248,12 +250,14 @@ def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool =
     return request
 
 
-def _refuse_empty_content(turns: list[_Turn]) -> None:
+def _refuse_empty_content(turns: list[_Turn]) -> bool:
     """Anthropic's 400s for a turn with no content (``""`` or ``[]``) but a final assistant one (a
     prefill), for a text block with no text (t178: such a user turn was answered, the router
     reading no text as a long prompt), for a turn of whitespace alone and a prefill ending in
     whitespace (t180: a route to Claude left them out, joining the turns around them); refused on
-    every route, passed through too, before any upstream is called."""
+    every route, passed through too, before any upstream is called. Returns whether a turn holds a
+    ``tool_use`` or ``tool_result`` block."""
+    tooled = False
     for index, turn in enumerate(turns):
         prefill = turn.role == "assistant" and index == len(turns) - 1
         if not turn.content and not prefill:
@@ -267,6 +271,7 @@ def _refuse_empty_content(turns: list[_Turn]) -> None:
             if block.type == "text" and block.text == "":
                 where = f"messages.{index}.content.{position}.text"
                 raise InvalidRequestError(f"{where}: text content blocks must be non-empty", param=where)
+            tooled = tooled or block.type in _TOOL_BLOCKS
         last = blocks[-1] if blocks else None
         if prefill and last is not None and last.type == "text" and last.text and last.text[-1].isspace():
             raise InvalidRequestError(
@@ -278,6 +283,7 @@ def _refuse_empty_content(turns: list[_Turn]) -> None:
                 f"messages.{index}: text content blocks must contain non-whitespace text",
                 param=f"messages.{index}.content",
             )
+    return tooled
 
 
 def _refuse_empty_system(system: str | list[_Block]) -> None:
@@ -287,6 +293,87 @@ def _refuse_empty_system(system: str | list[_Block]) -> None:
         if block.type == "text" and block.text == "":
             where = f"system.{position}.text"
             raise InvalidRequestError(f"{where}: text content blocks must be non-empty", param=where)
+
+
+_TOOL_BLOCKS = frozenset({"tool_use", "tool_result"})
+_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,128}")
+
+
+def _check_tool_names(tools: list[_Tool] | None) -> None:
+    """A custom tool's name as Anthropic checks it (a server tool's is fixed), and each name once
+    (f196: a chat route took them, an Anthropic one refused them)."""
+    for i, tool in enumerate(tools or ()):
+        if tool.type in (None, "custom") and not _TOOL_NAME.fullmatch(tool.name):
+            where = f"tools.{i}.custom.name"
+            raise InvalidRequestError(f"{where}: String should match pattern '^[a-zA-Z0-9_-]{{1,128}}$'", param=where)
+    if tools and len({tool.name for tool in tools}) < len(tools):
+        raise InvalidRequestError("tools: Tool names must be unique.", param="tools")
+
+
+def _check_tool_pairing(turns: list[_Turn]) -> None:
+    """Each ``tool_result`` answers a ``tool_use`` of the assistant turn just before, each
+    ``tool_use`` is answered by the next turn, which begins with its results, and no turn repeats
+    an id, as Anthropic refuses it otherwise, after merging consecutive turns of a role, as it
+    does (f196: a chat route answered an agent whose history trimming split a call from its
+    answer, and billed it). A final assistant turn's calls (a prefill) are not checked."""
+    calls: dict[str, int] = {}  # the tool_use ids of the assistant turn before, each with its turn's index
+    answered: set[str] = set()
+    opened = seen = leading = 0  # the user turn's (first) index, its blocks, the tool_result ones it begins with
+    for index, turn in enumerate(turns):
+        if index and turn.role != turns[index - 1].role:
+            if turn.role == "assistant":
+                _check_answers(calls, answered, opened, leading)
+                calls = {}
+            else:
+                answered, opened, seen, leading = set(), index, 0, 0
+        blocks = turn.content if isinstance(turn.content, list) else ()
+        if turn.role == "assistant":
+            for position, block in enumerate(blocks):
+                if block.type == "tool_use" and block.id is not None:
+                    if block.id in calls:
+                        where = f"messages.{index}.content.{position}"
+                        raise InvalidRequestError(f"{where}: `tool_use` ids must be unique", param=where)
+                    calls[block.id] = index
+            continue
+        unexpected: list[tuple[int, str]] = []
+        for position, block in enumerate(blocks):
+            if block.type == "tool_result" and block.tool_use_id is not None:
+                if block.tool_use_id not in calls:
+                    unexpected.append((position, block.tool_use_id))
+                answered.add(block.tool_use_id)
+                leading += seen == leading
+            seen += 1
+        if isinstance(turn.content, str):  # a text block
+            seen += 1
+        if unexpected:
+            where = f"messages.{index}.content.{unexpected[0][0]}"
+            raise InvalidRequestError(
+                f"{where}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                f"{', '.join(tool_id for _, tool_id in unexpected)}. Each `tool_result` block must have a "
+                "corresponding `tool_use` block in the previous message.",
+                param=where,
+            )
+    if turns and turns[-1].role == "user":
+        _check_answers(calls, answered, opened, leading)
+
+
+def _check_answers(calls: dict[str, int], answered: set[str], opened: int, leading: int) -> None:
+    """Whether the user turn at ``opened`` answers every call of the assistant turn before it, first."""
+    unanswered = [tool_id for tool_id in calls if tool_id not in answered]
+    if unanswered:
+        where = f"messages.{calls[unanswered[0]]}"
+        raise InvalidRequestError(
+            f"{where}: `tool_use` ids were found without `tool_result` blocks immediately after: "
+            f"{', '.join(unanswered)}. Each `tool_use` block must have a corresponding `tool_result` block in the "
+            "next message.",
+            param=where,
+        )
+    if leading < len(calls):
+        raise InvalidRequestError(
+            f"messages.{opened}: Did not find {len(calls)} `tool_result` block(s) at the beginning of this message. "
+            "Messages following `tool_use` blocks must begin with a matching number of `tool_result` blocks.",
+            param=f"messages.{opened}",
+        )
 
 
 _READ_BLOCKS = frozenset({"text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking"})

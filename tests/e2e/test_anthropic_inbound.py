@@ -601,3 +601,110 @@ def test_whitespace_alone_is_refused_as_anthropic_refuses_it(
 
 
 _TRAILING = "final assistant content cannot end with trailing whitespace"
+
+
+_GET_WEATHER: ToolUnionParam = _WEATHER[0]
+_ASKED: MessageParam = {"role": "user", "content": "weather?"}
+
+
+def _called(*ids: str) -> MessageParam:
+    return {
+        "role": "assistant",
+        "content": [{"type": "tool_use", "id": i, "name": "get_weather", "input": {}} for i in ids],
+    }
+
+
+def _answered(*ids: str) -> list[Any]:
+    return [{"type": "tool_result", "tool_use_id": i, "content": "sunny"} for i in ids]
+
+
+_ANSWER_RULES = "Each `tool_result` block must have a corresponding `tool_use` block in the previous message."
+_CALL_RULES = "Each `tool_use` block must have a corresponding `tool_result` block in the next message."
+
+
+@pytest.mark.parametrize(
+    ("model", "extra"),
+    [("auto", {}), ("fast", {}), ("claude", {}), ("claude", {"top_k": 5})],  # the last passed through
+)
+def test_tool_turns_and_names_anthropic_refuses_are_refused_on_every_route(
+    claude: anthropic.Anthropic,
+    gateway: GatewayProcess,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+    model: str,
+    extra: dict[str, Any],
+) -> None:
+    """f196: a chat route (and ``auto`` when it picked the small model) answered and billed what
+    Anthropic refuses: a result answering no call of the turn before (an agent's history trimming
+    split them), a call left unanswered, a turn repeating a call's id, results after text (passed
+    on reordered), a custom tool's name outside Anthropic's pattern, and a name twice. Refused at
+    the edge in Anthropic's words, counted by no one, nothing reaching an upstream."""
+    refused: list[tuple[list[MessageParam], list[ToolUnionParam], str]] = [
+        (
+            [{"role": "user", "content": _answered("toolu_zzz")}],
+            [_GET_WEATHER],
+            f"messages.0.content.0: unexpected `tool_use_id` found in `tool_result` blocks: toolu_zzz. {_ANSWER_RULES}",
+        ),
+        (
+            [_ASKED, _called("toolu_01"), {"role": "user", "content": _answered("toolu_01", "toolu_zzz")}],
+            [_GET_WEATHER],
+            f"messages.2.content.1: unexpected `tool_use_id` found in `tool_result` blocks: toolu_zzz. {_ANSWER_RULES}",
+        ),
+        (
+            [_ASKED, _called("toolu_01", "toolu_02"), {"role": "user", "content": "never mind"}],
+            [_GET_WEATHER],
+            f"messages.1: `tool_use` ids were found without `tool_result` blocks immediately after: toolu_01, "
+            f"toolu_02. {_CALL_RULES}",
+        ),
+        (
+            [_ASKED, _called("toolu_01", "toolu_01"), {"role": "user", "content": _answered("toolu_01", "toolu_01")}],
+            [_GET_WEATHER],
+            "messages.1.content.1: `tool_use` ids must be unique",
+        ),
+        (
+            [
+                _ASKED,
+                _called("toolu_01"),
+                {"role": "user", "content": [{"type": "text", "text": "here:"}, *_answered("toolu_01")]},
+            ],
+            [_GET_WEATHER],
+            "messages.2: Did not find 1 `tool_result` block(s) at the beginning of this message. Messages following "
+            "`tool_use` blocks must begin with a matching number of `tool_result` blocks.",
+        ),
+        (
+            [_ASKED],
+            [_GET_WEATHER, {"name": "get weather!", "input_schema": {"type": "object"}}],
+            "tools.1.custom.name: String should match pattern '^[a-zA-Z0-9_-]{1,128}$'",
+        ),
+        ([_ASKED], [_GET_WEATHER, _GET_WEATHER], "tools: Tool names must be unique."),
+    ]
+    before = {name: upstream_stats(up) for name, up in (("small", small_upstream), ("large", large_upstream))}
+    for messages, tools, message in refused:
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            claude.messages.create(model=model, max_tokens=32, messages=messages, tools=tools, extra_body=extra)
+        assert caught.value.body == {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+        record = gateway.wait_for_record(caught.value.response.headers["x-request-id"])
+        assert record["status"] == 400 and not record["cost_usd"]
+        with pytest.raises(anthropic.BadRequestError) as counted:  # nor counted
+            claude.messages.count_tokens(model=model, messages=messages, tools=tools)
+        assert counted.value.body["error"]["message"] == message  # type: ignore[index]
+    for name, up in (("small", small_upstream), ("large", large_upstream)):
+        now = upstream_stats(up)
+        for kind in ("chat_requests", "messages_requests", "count_tokens_requests"):
+            assert now[kind] == before[name][kind], (name, kind)
+
+
+@pytest.mark.parametrize(("model", "extra"), [("fast", {}), ("claude", {}), ("claude", {"top_k": 5})])
+def test_answered_calls_split_over_consecutive_user_turns_are_served(
+    claude: anthropic.Anthropic, model: str, extra: dict[str, Any]
+) -> None:
+    """Anthropic merges consecutive turns of a role, so results split over two user turns answer
+    the calls of the one turn before them."""
+    split: list[MessageParam] = [
+        _ASKED,
+        _called("toolu_01", "toolu_02"),
+        {"role": "user", "content": _answered("toolu_01")},
+        {"role": "user", "content": [*_answered("toolu_02"), {"type": "text", "text": "and?"}]},
+    ]
+    assert claude.messages.create(model=model, max_tokens=32, messages=split, tools=[_GET_WEATHER], extra_body=extra)
+    assert claude.messages.count_tokens(model=model, messages=split, tools=[_GET_WEATHER]).input_tokens

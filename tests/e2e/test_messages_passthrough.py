@@ -394,7 +394,13 @@ def test_thinking_with_tools_goes_as_it_came_so_interleaved_blocks_keep_their_or
     )
     said = [block.model_dump(exclude_none=True) for block in first.parse().content]
     assert gateway.wait_for_record("interleaved-1")["passthrough"] is True  # the answer comes back as written
-    turns += [{"role": "assistant", "content": said}, {"role": "user", "content": "And in Quito?"}]
+    answers = [
+        {"type": "tool_result", "tool_use_id": b["id"], "content": "sunny"} for b in said if b["type"] == "tool_use"
+    ]
+    turns += [
+        {"role": "assistant", "content": said},
+        {"role": "user", "content": [*answers, {"type": "text", "text": "And in Quito?"}]},
+    ]
     assert claude.messages.create(**ask, messages=turns).content
     assert _last_request(large_upstream)["body"]["messages"] == turns  # the turn told back, in its order
 

@@ -42,8 +42,8 @@ def test_tool_results_come_first_as_tool_messages_then_the_rest_of_the_turn() ->
             {"role": "user", "content": "weather?"},
             {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "w", "input": {"city": "Oslo"}}]},
             {"role": "user", "content": [
-                {"type": "text", "text": "and now?"},
                 {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "-3C"}], "is_error": False},
+                {"type": "text", "text": "and now?"},
             ]},
         ],
     )  # fmt: skip
@@ -91,9 +91,10 @@ def test_images_tools_and_choices_translate() -> None:
         ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [
             {"type": "tool_use", "id": "t", "name": "f", "input": {}}, {"type": "video"}]}]},
          "messages.1.content.1.type"),
-        ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}, {"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text"}]}]}]},
-         "messages.0.content.0.content.0.text"),
+         "messages.2.content.0.content.0.text"),
         ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
           "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tools"),
     ],
