@@ -132,6 +132,9 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     """The request's fields as the response object repeats them (tools, tool_choice, text, ...)."""
     response_format: dict[str, Any] | None = None
     """The chat ``response_format`` for ``text.format`` (json_schema with its name, or json_object)."""
+    json_mode: bool = False
+    """``text.format`` asks for a JSON object, whether or not the model is asked for one: OpenAI
+    refuses it without the word "json" in the input (t182)."""
     item_ids: list[str | None] = msgspec.field(default_factory=list)
     """The ids the client gave ``request.messages``' items, in the order :func:`input_items` lists
     them (None: an item sent without one); a stored turn keeps them, as OpenAI's API does (f76)."""
@@ -235,6 +238,7 @@ def decode_request(
         store=echo["store"],
         echo=echo,
         response_format=response_format,
+        json_mode=isinstance(text.get("format"), dict) and text["format"].get("type") == "json_object",
         item_ids=item_ids,
     )
 
@@ -436,6 +440,8 @@ def _tools(
     echo: list[dict[str, Any]] = []
     strict: dict[str, bool] = {}
     for index, tool in enumerate(raw):
+        if not lenient:  # as OpenAI checks it (t182); a passed-through request's, the upstream checks
+            check_schema_name(tool.get("name"), f"tools[{index}].name")
         name = _string(tool, "name", f"tools[{index}]")
         parameters = tool.get("parameters")
         if parameters is not None and not isinstance(parameters, dict):
@@ -538,7 +544,9 @@ def to_request(decoded: ResponsesRequest, history: Sequence[Message] = (), *, up
     if not messages:
         raise InvalidRequestError("input: at least one input item is required", param="input")
     if not upstream_keeps:
-        _refuse_unanswered_outputs(messages)
+        _refuse_unpaired_calls(messages)
+        if decoded.json_mode:
+            _refuse_json_mode_unsaid(messages)
     if decoded.instructions:
         messages.insert(0, Message("system", (TextPart(decoded.instructions),)))
     extra = decoded.request.extra
@@ -547,16 +555,41 @@ def to_request(decoded: ResponsesRequest, history: Sequence[Message] = (), *, up
     return msgspec.structs.replace(decoded.request, messages=messages, extra=extra)
 
 
-def _refuse_unanswered_outputs(messages: Sequence[Message]) -> None:
-    """A ``function_call_output`` must answer a ``function_call`` of the conversation, as OpenAI's
-    API requires (f92: one answering no call went upstream as a tool message that a chat upstream
-    may take, or refuse with an error about messages the client never sent)."""
+def _refuse_unpaired_calls(messages: Sequence[Message]) -> None:
+    """A ``function_call_output`` must answer a ``function_call`` of the conversation, and each
+    call be answered by an output after it (in this input, for a stored turn's call: the Codex
+    loop), as OpenAI's API requires (f92: one answering no call went upstream as a tool message
+    that a chat upstream may take, or refuse with an error about messages the client never sent;
+    t182: a call left unanswered was served and billed)."""
     called = {call.id for message in messages for call in message.tool_calls}
     for message in messages:
         if message.role == "tool" and message.tool_call_id not in called:
             raise InvalidRequestError(
                 f"No tool call found for function call output with call_id {message.tool_call_id}.", param="input"
             )
+    answered: set[str | None] = set()
+    unanswered: str | None = None  # the first in the conversation's order
+    for message in reversed(messages):
+        if message.role == "tool":
+            answered.add(message.tool_call_id)
+        for call in reversed(message.tool_calls):
+            if call.id not in answered:
+                unanswered = call.id
+    if unanswered is not None:
+        raise InvalidRequestError(f"No tool output found for function call {unanswered}.", param="input")
+
+
+def _refuse_json_mode_unsaid(messages: Sequence[Message]) -> None:
+    """JSON mode needs the word "json" in the conversation's messages (not ``instructions``), as
+    OpenAI refuses it otherwise: the model may write whitespace until the token limit, billed (t182).
+    A stored turn's input counts too."""
+    for message in messages:
+        if any(isinstance(part, TextPart) and "json" in part.text.lower() for part in message.parts):
+            return
+    raise InvalidRequestError(
+        "Response input messages must contain the word 'json' in some form to use 'text.format' of type 'json_object'.",
+        param="text.format",
+    )
 
 
 # -- the answer -------------------------------------------------------------------

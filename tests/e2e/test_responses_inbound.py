@@ -271,6 +271,90 @@ def test_a_function_call_output_answering_no_call_of_the_conversation_is_refused
     assert answered.output_text
 
 
+@pytest.mark.parametrize(
+    ("asked", "param", "message", "code"),
+    [
+        (  # instructions do not count: OpenAI reads the input messages only
+            {"instructions": "Answer in JSON.", "input": "Say hi.", "text": {"format": {"type": "json_object"}}},
+            "text.format",
+            "Response input messages must contain the word 'json' in some form to use 'text.format' of type "
+            "'json_object'.",
+            None,
+        ),
+        (  # a history trimmed between a call and its output
+            {"input": [{"role": "user", "content": "Weather?"},
+                       {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+                       {"type": "function_call", "call_id": "call_2", "name": "get_weather", "arguments": "{}"},
+                       {"type": "function_call_output", "call_id": "call_2", "output": "1C"},
+                       {"role": "user", "content": "And?"}]},
+            "input",
+            "No tool output found for function call call_1.",
+            None,
+        ),
+        (
+            {"input": "Hi.", "tools": [{**WEATHER_TOOL, "name": "get weather"}]},
+            "tools[0].name",
+            "Invalid 'tools[0].name': string does not match pattern. Expected a string that matches the pattern "
+            "'^[a-zA-Z0-9_-]+$'.",
+            "invalid_value",
+        ),
+    ],
+)  # fmt: skip
+def test_what_openai_refuses_in_an_input_or_its_tools_is_refused_before_it_is_served(
+    client: openai.OpenAI,
+    small_upstream: SimulatedUpstream,
+    asked: dict[str, Any],
+    param: str,
+    message: str,
+    code: str | None,
+) -> None:
+    """t182: OpenAI refuses these with a 400; translated to a chat upstream they were served and
+    billed (JSON mode without the word may write whitespace until the token limit)."""
+    sent = upstream_stats(small_upstream)["requests"]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model="fast", stream=stream, **{"tools": [WEATHER_TOOL], **asked})
+        assert refused.value.body == {"message": message, "type": "invalid_request_error", "param": param,
+                                      "code": code}  # fmt: skip
+    assert upstream_stats(small_upstream)["requests"] == sent
+
+
+def test_a_stored_call_left_unanswered_is_refused_and_one_answered_in_this_input_goes_on(
+    client: openai.OpenAI, small_upstream: SimulatedUpstream
+) -> None:
+    """t182: a turn continuing one whose answer called a tool must carry the call's output, as
+    OpenAI requires; this input's output answering it is the Codex loop."""
+    first = client.responses.create(
+        model="fast", input="What is the weather in Oslo? Answer in JSON.", tools=[WEATHER_TOOL],
+        tool_choice="required",
+    )  # fmt: skip
+    call = next(item for item in first.output if item.type == "function_call")
+    sent = upstream_stats(small_upstream)["requests"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="fast", previous_response_id=first.id, input="Well?", tools=[WEATHER_TOOL])
+    said: Any = refused.value.body
+    assert refused.value.param == "input"
+    assert said["message"] == f"No tool output found for function call {call.call_id}."
+    assert upstream_stats(small_upstream)["requests"] == sent
+    answered = client.responses.create(  # the word said in an earlier turn's input counts for JSON mode
+        model="fast",
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "-3C"}],
+        tools=[WEATHER_TOOL],
+        text={"format": {"type": "json_object"}},
+    )
+    assert answered.status == "completed"
+    renamed: Any = [{**WEATHER_TOOL, "name": "Get-weather_v2"}]  # the pattern's characters
+    in_a_part: Any = [{"role": "user", "content": [{"type": "input_text", "text": "Reply as JSON."}]}]
+    said_in_a_part = client.responses.create(
+        model="fast",
+        input=in_a_part,
+        text={"format": {"type": "json_object"}},
+        tools=renamed,
+    )
+    assert said_in_a_part.status == "completed"
+
+
 def test_a_streamed_function_call(client: openai.OpenAI) -> None:
     with client.responses.stream(
         model="fast", input="What is the weather in Paris?", tools=[WEATHER_TOOL], tool_choice="required"

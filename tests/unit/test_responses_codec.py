@@ -286,7 +286,7 @@ def test_structured_output_formats() -> None:
     assert decoded.echo["text"] == {"format": fmt}
     plain = _decode(input="x", text={"format": {"type": "text"}})
     assert "response_format" not in _chat(plain)
-    json_mode = _decode(input="x", text={"format": {"type": "json_object"}})
+    json_mode = _decode(input="x as JSON", text={"format": {"type": "json_object"}})
     assert _chat(json_mode)["response_format"] == {"type": "json_object"}
     asked: list[str] = []
 
@@ -295,7 +295,7 @@ def test_structured_output_formats() -> None:
         return False
 
     dropped = codec.decode_request(
-        msgspec.json.encode({"model": "m", "input": "x", "text": {"format": {"type": "json_object"}}}),
+        msgspec.json.encode({"model": "m", "input": "x json", "text": {"format": {"type": "json_object"}}}),
         json_object_ok=never,
     )
     assert asked == ["m"] and dropped.request.dropped == ["text.format"]
