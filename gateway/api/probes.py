@@ -12,7 +12,7 @@ from litestar import Request, Response, get
 from gateway.accounting.request_log import exception_frames
 from gateway.api.credentials import authorization_of
 from gateway.api.state import GatewayState
-from gateway.errors import GatewayError, ModelNotFoundError
+from gateway.errors import GatewayError, InvalidRequestError, ModelNotFoundError
 from gateway.learning.learned import active_version
 from gateway.runtime import Runtime
 from gateway.store.base import StoreUnavailable
@@ -25,14 +25,21 @@ _log = structlog.get_logger("gateway.app")
 @get("/v1/models")
 async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
     """OpenAI's list, which Anthropic's clients read too: its paging fields (``limit``,
-    ``after_id``; ``has_more``, ``first_id``, ``last_id``) are there for them."""
+    ``after_id``, ``before_id``; ``has_more``, ``first_id``, ``last_id``) are there for them.
+    Without ``limit`` the whole list comes, as OpenAI's does."""
     data = _visible_models(request)
-    after = request.query_params.get("after_id")
-    if after is not None:
-        ids = [entry["id"] for entry in data]
-        data = data[ids.index(after) + 1 :] if after in ids else []
-    limit = request.query_params.get("limit")
-    shown = data[: int(limit)] if limit is not None and limit.isdigit() and int(limit) > 0 else data
+    query = request.query_params
+    after, before, limit = query.get("after_id"), query.get("before_id"), _page_size(query.get("limit"))
+    if after is not None and before is not None:
+        raise InvalidRequestError("after_id and before_id cannot both be given", param="before_id")
+    ids = [entry["id"] for entry in data]
+    if before is not None:  # the page just before it; has_more: there are more before the page (t183)
+        data = data[: ids.index(before)] if before in ids else []
+        shown = data[-limit:] if limit is not None else data
+    else:
+        if after is not None:
+            data = data[ids.index(after) + 1 :] if after in ids else []
+        shown = data[:limit] if limit is not None else data
     body = {
         "object": "list",
         "data": shown,
@@ -41,6 +48,15 @@ async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
         "last_id": shown[-1]["id"] if shown else None,
     }
     return Response(msgspec.json.encode(body), media_type="application/json")
+
+
+def _page_size(limit: str | None) -> int | None:
+    """``limit`` as Anthropic takes it, 1 to 1000 (t183: 0 or ``abc`` gave the whole list)."""
+    if limit is None:
+        return None
+    if not (limit.isdigit() and 1 <= int(limit) <= 1000):
+        raise InvalidRequestError("limit: must be an integer from 1 to 1000", param="limit")
+    return int(limit)
 
 
 @get("/v1/models/{model_id:path}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import zlib
 from typing import Any
@@ -497,6 +498,22 @@ def test_the_anthropic_sdk_lists_and_pages_the_models(claude: anthropic.Anthropi
     assert [model.id for model in first.data] == everything[:2] and first.has_more
     assert all(model.type == "model" and model.display_name and model.created_at for model in first.data)
     assert [model.id for model in claude.models.list(limit=2)] == everything  # auto-paging by last_id
+
+
+def test_the_anthropic_sdk_pages_the_models_backwards_and_ends(claude: anthropic.Anthropic) -> None:
+    """t183: ``before_id`` was not read: the first page came back, and the SDK's auto-paging asked
+    for the page before it for ever. ``limit`` outside 1-1000 gave the whole list."""
+    everything = [model.id for model in claude.models.list(limit=100)]
+    last = everything[-1]
+    backwards = [model.id for model in itertools.islice(claude.models.list(before_id=last, limit=2), 100)]
+    assert sorted(backwards) == sorted(everything[:-1])  # each page the one before, then an end
+    page = claude.models.list(before_id=last, limit=2)
+    assert [model.id for model in page.data] == everything[-3:-1] and page.has_more == (len(everything) > 3)
+    assert claude.models.list(before_id=everything[0]).data == []
+    for limit in (0, 1001):
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            claude.models.list(limit=limit)
+        assert "limit" in str(refused.value.body)
 
 
 _EMPTY = "all messages must have non-empty content except for the optional final assistant message"
