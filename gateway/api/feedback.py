@@ -69,9 +69,9 @@ async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
         raise _unavailable() from None
     if trace is None:
         raise NotFoundError(
-            "no routed request with this id for this key: only answers the router chose the model for can be "
-            "rated (not cache hits, nor prompts it could not read and sent large), for the route's "
-            "learning.keep_hours",
+            "no routed request with this id for this key: only answers the router chose the model for, on a "
+            "route with `learning` on, can be rated (not cache hits, nor prompts it could not read and sent "
+            "large), for the route's learning.keep_hours",
             param="request_id",
         )
     route = runtime.policy.routes.get(trace.route)
