@@ -953,6 +953,10 @@ def decode_answer(data: dict[str, Any]) -> Answer | None:
     )
 
 
+_PROMPT_COUNTS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+"""A usage's counts of the prompt, which a stream's ``message_delta`` repeats (cumulative)."""
+
+
 class StreamDecoder:
     """An upstream's stream events as deltas (the reverse of :class:`StreamEncoder`).
 
@@ -1013,6 +1017,10 @@ class StreamDecoder:
         if not isinstance(raw, dict):
             return []
         known = self.usage
+        if known is not None and known.input_tokens and not any(raw.get(name) for name in _PROMPT_COUNTS):
+            # zeros for the whole prompt after message_start counted it: no cumulative count falls so
+            # far; a proxy's filler, which billed the stream on the gateway's count (t186: 88x short)
+            raw = {name: value for name, value in raw.items() if name not in _PROMPT_COUNTS}
         if known is None:
             first = usage_from_wire(raw)
             if first is None:  # no prompt count (an upstream that is not Anthropic's own): counted here (t47: $0)

@@ -393,6 +393,22 @@ def test_a_message_deltas_null_cache_counts_keep_what_message_start_said() -> No
     assert late.usage is None
 
 
+def test_a_message_delta_of_zeros_for_the_prompt_keeps_what_message_start_counted() -> None:
+    """t186: a proxy's ``message_delta`` said 0 for every prompt count after ``message_start`` had
+    counted 55,100: the usage was refused as having no prompt, and the stream billed on the
+    gateway's count, 88 times short, its output count lost with it."""
+    decoder = anthropic.StreamDecoder()
+    start = {"input_tokens": 100, "cache_read_input_tokens": 50_000, "cache_creation_input_tokens": 5_000,
+             "output_tokens": 1, "cache_creation": {"ephemeral_5m_input_tokens": 2_000, "ephemeral_1h_input_tokens": 3_000}}  # fmt: skip
+    decoder.feed({"type": "message_start", "message": {"id": "m", "model": "c", "usage": start}})
+    zeros = {"input_tokens": 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "output_tokens": 40}
+    decoder.feed({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": zeros})
+    assert decoder.usage == Usage(
+        input_tokens=55_100, output_tokens=40, cached_input_tokens=50_000, cache_write_tokens=5_000,
+        cache_write_1h_tokens=3_000,
+    )  # fmt: skip
+
+
 def test_hour_long_cache_writes_are_read_whole_and_streamed_and_told_back() -> None:
     raw = {"input_tokens": 5, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 0, "output_tokens": 3,
            "cache_creation": {"ephemeral_5m_input_tokens": 30, "ephemeral_1h_input_tokens": 70}}  # fmt: skip
