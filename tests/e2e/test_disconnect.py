@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import json
@@ -18,12 +19,14 @@ from urllib.parse import quote
 import anthropic
 import httpx
 import pytest
+from aiohttp import web
 
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from gateway.store.redis import kv as redis_kv
-from tests.conftest import inject, upstream_stats
+from tests.conftest import PairGateway, inject, upstream_stats
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+from tests.loopback_app import RecordingUpstream, serve_recording, write_sse
 
 T = TypeVar("T")
 
@@ -506,3 +509,158 @@ def test_a_client_leaving_before_the_first_content_is_billed_the_usage_its_upstr
     assert (record["prompt_tokens"], record["cached_prompt_tokens"], record["cache_write_tokens"]) == (3025, 2000, 1000)
     assert record["completion_tokens"] == 1
     assert record["cost_usd"] == pytest.approx((25 * 3 + 2000 * 0.3 + 1000 * 3.75 + 1 * 15) / 1e6)
+
+
+_PAUSE_S = 10.0
+"""How long the pausing upstream is silent after its first event (a long thinking or prefill pause)."""
+_LEFT: set[str] = set()
+"""The marker of each request whose gateway connection closed while its upstream was silent."""
+_BEFORE_TEXT = "before any text"
+Events = list[tuple[str, dict[str, Any]]]
+
+
+async def _silent_after_start(request: web.Request, marker: str, opening: Events, rest: Events) -> web.StreamResponse:
+    """Stream ``opening`` (its first event alone for a ``marker`` that says ``_BEFORE_TEXT``), be
+    silent up to ``_PAUSE_S`` (noting in ``_LEFT`` the gateway leaving), then the rest."""
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    if _BEFORE_TEXT in marker:
+        opening, rest = opening[:1], [*opening[1:], *rest]
+    for kind, data in opening:
+        await write_sse(response, data, kind)
+    deadline = time.monotonic() + _PAUSE_S
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        if request.transport is None or request.transport.is_closing():
+            _LEFT.add(marker)
+            return response
+    for kind, data in rest:
+        await write_sse(response, data, kind)
+    return response
+
+
+async def _pausing_messages(request: web.Request, upstream: RecordingUpstream) -> web.StreamResponse:
+    body = await request.json()
+    upstream.bodies.append(body)
+    message = {"id": "msg_pausing", "type": "message", "role": "assistant", "model": body["model"], "content": [],
+               "stop_reason": None, "stop_sequence": None, "usage": _STARTED}  # fmt: skip
+    block = {"type": "text", "text": ""}
+    ended = {"stop_reason": "end_turn", "stop_sequence": None}
+    opening: Events = [
+        ("message_start", {"type": "message_start", "message": message}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}),
+        _text_delta("Let me think."),
+    ]
+    rest: Events = [
+        _text_delta(" Thought it over."),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": ended, "usage": {"output_tokens": 40}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return await _silent_after_start(request, str(body["messages"][0]["content"]), opening, rest)
+
+
+def _text_delta(text: str) -> tuple[str, dict[str, Any]]:
+    delta = {"type": "text_delta", "text": text}
+    return "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
+
+
+async def _pausing_responses(request: web.Request, upstream: RecordingUpstream) -> web.StreamResponse:
+    body = await request.json()
+    upstream.bodies.append(body)
+    response: dict[str, Any] = {"id": "resp_pausing", "object": "response", "created_at": 1, "status": "in_progress",
+                                "model": body["model"], "output": [], "usage": None}  # fmt: skip
+    item = {"type": "message", "id": "msg_1", "role": "assistant", "status": "in_progress", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    at = {"output_index": 0, "item_id": "msg_1", "content_index": 0}
+    opening: Events = [
+        ("response.created", {"type": "response.created", "response": response}),
+        ("response.output_item.added", {"type": "response.output_item.added", "output_index": 0, "item": item}),
+        ("response.content_part.added", {"type": "response.content_part.added", **at, "part": part}),
+        ("response.output_text.delta", {"type": "response.output_text.delta", **at, "delta": "Let me think."}),
+    ]
+    said = {**part, "text": "Let me think."}
+    whole = {**item, "status": "completed", "content": [said]}
+    usage = {"input_tokens": 30, "output_tokens": 40, "total_tokens": 70}
+    rest: Events = [
+        ("response.output_text.done", {"type": "response.output_text.done", **at, "text": "Let me think."}),
+        ("response.content_part.done", {"type": "response.content_part.done", **at, "part": said}),
+        ("response.output_item.done", {"type": "response.output_item.done", "output_index": 0, "item": whole}),
+        ("response.completed", {"type": "response.completed",
+                                "response": {**response, "status": "completed", "output": [whole], "usage": usage}}),
+    ]  # fmt: skip
+    numbered = [(kind, {**event, "sequence_number": n}) for n, (kind, event) in enumerate([*opening, *rest])]
+    return await _silent_after_start(request, str(body["input"]), numbered[: len(opening)], numbered[len(opening) :])
+
+
+@pytest.fixture(scope="module")
+def pausing_gateway(pair_gateway: PairGateway) -> Iterator[GatewayProcess]:
+    routes = {"/v1/messages": _pausing_messages, "/v1/responses": _pausing_responses}
+    with serve_recording(routes, name="pausing-upstream") as upstream:
+        models = (f"  pausing-claude:\n    provider: anthropic\n    base_url: {upstream.url}\n"
+                  "    upstream_model: claude-sim\n    price: {input: 3, cached_input: 0.3, cache_write: 3.75, output: 15}\n"
+                  "    tier: large\n    timeouts: {connect: 1, first_byte: 5, idle: 30, total: 30}\n"
+                  f"  pausing-gpt:\n    base_url: {upstream.url}/v1\n    upstream_model: gpt-5\n    responses_api: true\n"
+                  "    price: {input: 2, output: 8}\n    tier: small\n"
+                  "    timeouts: {connect: 1, first_byte: 5, idle: 30, total: 30}\n")  # fmt: skip
+        routes_text = "  thinking-claude: {model: pausing-claude}\n  thinking-gpt: {model: pausing-gpt}\n"
+        with pair_gateway("pausing", extra_models=models, routes=routes_text) as process:
+            yield process
+
+
+@pytest.mark.parametrize("before_text", [False, True], ids=["after-text", "before-text"])
+@pytest.mark.parametrize(
+    ("path", "asked"),
+    [
+        ("/v1/messages", {"model": "thinking-claude", "max_tokens": 64}),
+        ("/v1/messages", {"model": "thinking-claude", "max_tokens": 64, "context_management": {"edits": []}}),
+        ("/v1/responses", {"model": "thinking-gpt"}),
+        ("/v1/responses", {"model": "thinking-claude"}),
+        ("/v1/chat/completions", {"model": "thinking-claude"}),
+        ("/v1/completions", {"model": "thinking-claude"}),
+    ],
+    ids=[
+        "messages-translated",
+        "messages-passed-through",
+        "responses-passed-through",
+        "responses-translated",
+        "chat",
+        "completions",
+    ],
+)
+def test_a_client_leaving_while_its_upstream_is_silent_cuts_the_upstream(
+    pausing_gateway: GatewayProcess, path: str, asked: dict[str, Any], before_text: bool
+) -> None:
+    """t186: a client that leaves while its upstream says nothing (a long thinking or prefill
+    pause), before the first text (the gateway holds the stream until then) or after some, is
+    seen without a byte being written: the upstream is let go, the request logged 499 and billed
+    what was streamed (an Anthropic upstream's ``message_start`` counts, and the output so far)."""
+    marker = f"think it over {_BEFORE_TEXT if before_text else ''} {uuid.uuid4().hex}"
+    prompts: dict[str, dict[str, object]] = {"/v1/responses": {"input": marker}, "/v1/completions": {"prompt": marker}}
+    said = prompts.get(path, {"messages": [{"role": "user", "content": marker}]})
+    request_id = f"silent-{uuid.uuid4().hex}"
+    headers = {"x-request-id": request_id, "anthropic-version": "2023-06-01"}
+    body = {**asked, **said, "stream": True}
+    if before_text:  # nothing comes: the client gives up
+        with httpx.Client(timeout=1) as client, pytest.raises(httpx.ReadTimeout):
+            client.post(f"{pausing_gateway.url}{path}", json=body, headers=headers)
+    else:
+        with httpx.Client(timeout=5) as client:
+            with client.stream("POST", f"{pausing_gateway.url}{path}", json=body, headers=headers) as response:
+                assert response.status_code == 200
+                assert any("Let me think." in line for line in response.iter_lines())
+    record = pausing_gateway.wait_for_record(request_id)
+    assert (record["status"], record["error_type"]) == (499, "client_disconnected")
+    assert _poll(lambda: any(marker in left for left in _LEFT), bool, timeout_s=30), (
+        "the upstream was read on after the client left"
+    )
+    if "claude" in str(asked["model"]):
+        assert record["tokens_source"] == "upstream"
+        assert (record["prompt_tokens"], record["cached_prompt_tokens"], record["cache_write_tokens"]) == (
+            3025,
+            2000,
+            1000,
+        )
+        assert 1 <= record["completion_tokens"] < 40  # what was written, not the whole answer
+        prompt_usd = (25 * 3 + 2000 * 0.3 + 1000 * 3.75) / 1e6
+        assert record["cost_usd"] == pytest.approx(prompt_usd + record["completion_tokens"] * 15 / 1e6)
