@@ -516,6 +516,34 @@ def test_the_anthropic_sdk_pages_the_models_backwards_and_ends(claude: anthropic
         assert "limit" in str(refused.value.body)
 
 
+def _refused_at_the_edge(
+    claude: anthropic.Anthropic,
+    gateway: GatewayProcess,
+    upstreams: tuple[SimulatedUpstream, SimulatedUpstream],
+    model: str,
+    extra: dict[str, Any],
+    refused: list[tuple[dict[str, Any], str]],
+) -> None:
+    """Each request (its ``messages``, ``tools``, an ``extra_body``) refused with Anthropic's 400 and
+    ``message`` on ``model``'s route (``extra``: fields that make it passed through), logged and not
+    billed, refused by ``count_tokens`` too, and no upstream asked anything."""
+    before = [upstream_stats(upstream) for upstream in upstreams]
+    for asked, message in refused:
+        fields = {**asked, "extra_body": {**extra, **asked.get("extra_body", {})}}
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            claude.messages.create(model=model, max_tokens=32, **fields)
+        assert caught.value.body == {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+        record = gateway.wait_for_record(caught.value.response.headers["x-request-id"])
+        assert record["status"] == 400 and not record["cost_usd"]
+        with pytest.raises(anthropic.BadRequestError) as counted:  # nor counted
+            claude.messages.count_tokens(model=model, **asked)
+        assert counted.value.body["error"]["message"] == message  # type: ignore[index]
+    for upstream, then in zip(upstreams, before, strict=True):
+        now = upstream_stats(upstream)
+        for kind in ("chat_requests", "messages_requests", "count_tokens_requests"):
+            assert now[kind] == then[kind], (upstream.name, kind)
+
+
 _EMPTY = "all messages must have non-empty content except for the optional final assistant message"
 
 
@@ -545,20 +573,8 @@ def test_empty_content_is_refused_as_anthropic_refuses_it(
             "messages.0.content.1.text: text content blocks must be non-empty",
         ),
     ]
-    before = {name: upstream_stats(up) for name, up in (("small", small_upstream), ("large", large_upstream))}
-    for messages, message in refused:
-        with pytest.raises(anthropic.BadRequestError) as caught:
-            claude.messages.create(model=model, max_tokens=32, messages=messages, extra_body=extra)
-        assert caught.value.body == {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
-        record = gateway.wait_for_record(caught.value.response.headers["x-request-id"])
-        assert record["status"] == 400 and not record["cost_usd"]
-        with pytest.raises(anthropic.BadRequestError) as counted:  # nor counted
-            claude.messages.count_tokens(model=model, messages=messages)
-        assert counted.value.body["error"]["message"] == message  # type: ignore[index]
-    for name, up in (("small", small_upstream), ("large", large_upstream)):
-        now = upstream_stats(up)
-        for kind in ("chat_requests", "messages_requests", "count_tokens_requests"):
-            assert now[kind] == before[name][kind], (name, kind)
+    cases = [({"messages": messages}, message) for messages, message in refused]
+    _refused_at_the_edge(claude, gateway, (small_upstream, large_upstream), model, extra, cases)
     prefill: list[MessageParam] = [hi, {"role": "assistant", "content": ""}]  # a final assistant turn may be empty
     assert claude.messages.create(model=model, max_tokens=32, messages=prefill, extra_body=extra).content
 
@@ -595,21 +611,11 @@ def test_whitespace_alone_is_refused_as_anthropic_refuses_it(
         ([a, {"role": "assistant", "content": [{"type": "text", "text": "Sure, "}]}], None, "messages.1: " + _TRAILING),
         ([a], [{"type": "text", "text": ""}], "system.0.text: text content blocks must be non-empty"),
     ]
-    before = {name: upstream_stats(up) for name, up in (("small", small_upstream), ("large", large_upstream))}
-    for messages, system, message in refused:
-        given = {"system": system} if system is not None else {}
-        with pytest.raises(anthropic.BadRequestError) as caught:
-            claude.messages.create(model=model, max_tokens=32, messages=messages, extra_body={**extra, **given})
-        assert caught.value.body == {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
-        record = gateway.wait_for_record(caught.value.response.headers["x-request-id"])
-        assert record["status"] == 400 and not record["cost_usd"]
-        with pytest.raises(anthropic.BadRequestError) as counted:  # nor counted
-            claude.messages.count_tokens(model=model, messages=messages, extra_body=given)
-        assert counted.value.body["error"]["message"] == message  # type: ignore[index]
-    for name, up in (("small", small_upstream), ("large", large_upstream)):
-        now = upstream_stats(up)
-        for kind in ("chat_requests", "messages_requests", "count_tokens_requests"):
-            assert now[kind] == before[name][kind], (name, kind)
+    cases = [
+        ({"messages": messages, "extra_body": {"system": system} if system is not None else {}}, message)
+        for messages, system, message in refused
+    ]
+    _refused_at_the_edge(claude, gateway, (small_upstream, large_upstream), model, extra, cases)
     beside: list[MessageParam] = [
         {"role": "user", "content": [{"type": "text", "text": " "}, {"type": "text", "text": "b"}]}
     ]
@@ -695,20 +701,8 @@ def test_tool_turns_and_names_anthropic_refuses_are_refused_on_every_route(
         ),
         ([_ASKED], [_GET_WEATHER, _GET_WEATHER], "tools: Tool names must be unique."),
     ]
-    before = {name: upstream_stats(up) for name, up in (("small", small_upstream), ("large", large_upstream))}
-    for messages, tools, message in refused:
-        with pytest.raises(anthropic.BadRequestError) as caught:
-            claude.messages.create(model=model, max_tokens=32, messages=messages, tools=tools, extra_body=extra)
-        assert caught.value.body == {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
-        record = gateway.wait_for_record(caught.value.response.headers["x-request-id"])
-        assert record["status"] == 400 and not record["cost_usd"]
-        with pytest.raises(anthropic.BadRequestError) as counted:  # nor counted
-            claude.messages.count_tokens(model=model, messages=messages, tools=tools)
-        assert counted.value.body["error"]["message"] == message  # type: ignore[index]
-    for name, up in (("small", small_upstream), ("large", large_upstream)):
-        now = upstream_stats(up)
-        for kind in ("chat_requests", "messages_requests", "count_tokens_requests"):
-            assert now[kind] == before[name][kind], (name, kind)
+    cases = [({"messages": messages, "tools": tools}, message) for messages, tools, message in refused]
+    _refused_at_the_edge(claude, gateway, (small_upstream, large_upstream), model, extra, cases)
 
 
 @pytest.mark.parametrize(("model", "extra"), [("fast", {}), ("claude", {}), ("claude", {"top_k": 5})])
