@@ -47,7 +47,9 @@ policy), so one server serves every fault:
 - ``fastapi-422``: a 422 as FastAPI writes it, ``{"detail": [...]}`` (pydantic's errors), streamed
   or not;
 - ``thinking-firehose``, at ``/v1/messages``, streamed: a thinking block's deltas as fast as the
-  gateway takes them, for ever (the connection's closing is counted in ``released``);
+  gateway takes them for the first 256 KiB, then one every 20 ms, for ever (the connection's
+  closing is counted in ``released``). The drip keeps a slow client's hang-up ahead of the
+  gateway's 16-bytes-per-token bound on a loaded machine, where loopback buffers take megabytes;
 - ``marked``: a normal answer unless the prompt carries one of :data:`FAULTS`, which
   picks the failure (a 500, a body that is not JSON, no choices, an answer cut half-way,
   a hang, a stream of comments only);
@@ -288,9 +290,13 @@ async def _thinking_firehose(request: web.Request, upstream: FaultyUpstream, mod
     piece = _event(
         {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hmm " * 50}}
     )
+    written = 0
     try:
         while True:
             await response.write(piece)
+            written += len(piece)
+            if written > 256 * 1024:
+                await asyncio.sleep(0.02)
     except (ConnectionError, ClientConnectionResetError):
         upstream.released[model] = upstream.released.get(model, 0) + 1
         raise
