@@ -99,7 +99,7 @@ class _ResponsesRequest(_Wire):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     text: dict[str, Any] | None = None
-    max_output_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_output_tokens: int | None = None  # its minimum checked in OpenAI's words
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     user: str | None = None
@@ -158,6 +158,7 @@ def decode_request(
     refusal of tools that only a Responses upstream runs says.
     """
     wire = decode_body(raw, _ResponsesRequest)
+    _check_max_output_tokens(wire.max_output_tokens, passed_through)
     if wire.metadata:
         check_metadata(wire.metadata)
     if wire.background:
@@ -241,6 +242,24 @@ def decode_request(
         json_mode=isinstance(text.get("format"), dict) and text["format"].get("type") == "json_object",
         item_ids=item_ids,
     )
+
+
+_MIN_OUTPUT_TOKENS = 16
+"""OpenAI's least ``max_output_tokens``, which a chat upstream does not have (f201)."""
+
+
+def _check_max_output_tokens(value: int | None, passed_through: bool) -> None:
+    """A 400 in OpenAI's words for a ``max_output_tokens`` below its minimum (a chat upstream
+    served and billed one); passed through, the upstream checks its own, and only one below 1
+    is refused."""
+    least = 1 if passed_through else _MIN_OUTPUT_TOKENS
+    if value is not None and value < least:
+        raise InvalidRequestError(
+            f"Invalid 'max_output_tokens': integer below minimum value. Expected a value >= {least}, "
+            f"but got {value} instead.",
+            param="max_output_tokens",
+            code="integer_below_min_value",
+        )
 
 
 _READ_FIELDS = frozenset(field.encode_name for field in msgspec.structs.fields(_ResponsesRequest))

@@ -298,6 +298,12 @@ def test_a_function_call_output_answering_no_call_of_the_conversation_is_refused
             "'^[a-zA-Z0-9_-]+$'.",
             "invalid_value",
         ),
+        (  # f201: OpenAI's minimum, which a chat upstream does not have
+            {"input": "Hi.", "max_output_tokens": 15},
+            "max_output_tokens",
+            "Invalid 'max_output_tokens': integer below minimum value. Expected a value >= 16, but got 15 instead.",
+            "integer_below_min_value",
+        ),
     ],
 )  # fmt: skip
 def test_what_openai_refuses_in_an_input_or_its_tools_is_refused_before_it_is_served(

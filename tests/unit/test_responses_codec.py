@@ -361,8 +361,20 @@ def test_a_response_object_the_sdk_parses() -> None:
     assert response.incomplete_details is None and response.error is None
 
 
+def test_max_output_tokens_below_openais_minimum_is_refused_unless_passed_through() -> None:
+    """f201: OpenAI refuses one below 16; a Responses upstream checks its own."""
+    with pytest.raises(InvalidRequestError) as refused:
+        _decode(input="x", max_output_tokens=0)
+    assert (refused.value.param, refused.value.code) == ("max_output_tokens", "integer_below_min_value")
+    assert refused.value.message.endswith("Expected a value >= 16, but got 0 instead.")
+    raw = msgspec.json.encode({"model": "m", "input": "x", "max_output_tokens": 5})
+    assert codec.decode_request(raw, passed_through=True).request.max_tokens == 5
+    with pytest.raises(InvalidRequestError, match="Expected a value >= 1, but got 0 instead"):
+        codec.decode_request(msgspec.json.encode({"model": "m", "max_output_tokens": 0}), passed_through=True)
+
+
 def test_an_answer_cut_by_max_output_tokens_is_incomplete() -> None:
-    decoded = _decode(input="x", max_output_tokens=3)
+    decoded = _decode(input="x", max_output_tokens=16)
     answer = _answer("one two three", [], "length", Usage(input_tokens=3, output_tokens=3))
     body = codec.response_object(
         decoded, "resp_1", 1, output=codec.output_items(answer), usage=answer.usage, finish_reason="length"
@@ -370,7 +382,7 @@ def test_an_answer_cut_by_max_output_tokens_is_incomplete() -> None:
     response = Response.model_validate(body)
     assert response.status == "incomplete" and response.incomplete_details is not None
     assert response.incomplete_details.reason == "max_output_tokens"
-    assert body["output"][0]["status"] == "incomplete" and body["max_output_tokens"] == 3
+    assert body["output"][0]["status"] == "incomplete" and body["max_output_tokens"] == 16
 
 
 def _replay(frames: bytes) -> tuple[list[str], list[Any], ResponseStreamState[Any]]:
@@ -519,7 +531,7 @@ def test_a_stream_with_no_output_still_has_a_message_and_a_cut_one_is_incomplete
     names, _, state = _replay(encoder.start() + encoder.finish())
     assert "response.output_item.added" in names and names[-1] == "response.completed"
     assert state._completed_response is not None and state._completed_response.output_text == ""
-    cut = codec.StreamEncoder(_decode(input="x", max_output_tokens=2), "resp_2", 1, _ids())
+    cut = codec.StreamEncoder(_decode(input="x", max_output_tokens=16), "resp_2", 1, _ids())
     frames = cut.start() + cut.feed([TextDelta("a b"), Finish("length")]) + cut.finish()
     names, events, _ = _replay(frames)
     assert names[-1] == "response.incomplete"
@@ -528,7 +540,7 @@ def test_a_stream_with_no_output_still_has_a_message_and_a_cut_one_is_incomplete
 
 def test_a_call_the_length_limit_cut_is_incomplete_streamed_or_not() -> None:
     """Its arguments are broken JSON: an agent must not run it as a completed call."""
-    decoded = _decode(input="x", max_output_tokens=5)
+    decoded = _decode(input="x", max_output_tokens=16)
     call = ToolCall("call_1", "get_weather", '{"ci')
     answer = _answer("Checking.", [call], "length", Usage(input_tokens=3, output_tokens=5))
     statuses = [item["status"] for item in codec.output_items(answer)]
