@@ -144,11 +144,12 @@ def _check_tool_names(tools: list[dict[str, Any]] | None) -> None:
 
 
 def _check_tool_answers(messages: list[_Message]) -> None:
-    """Each ``tool`` message answers a call of the assistant message just before it, and each call
-    is answered before the next other message, as OpenAI refuses it otherwise: an agent's history
-    trimming that split a call from its answer is told so, not answered (t179). The legacy
-    ``function`` role is not checked, as before."""
-    unanswered: dict[str, None] = {}  # the calls of the assistant message at index ``asked``, in order
+    """Each ``tool`` message answers a call of the assistant message just before it, once, and each
+    call is answered before the next other message, as OpenAI refuses it otherwise: an agent's history
+    trimming that split a call from its answer is told so, not answered (t179), as is one that kept
+    two answers to a call (f202). The legacy ``function`` role is not checked, as before."""
+    calls: dict[str, int | None] = {}  # the calls of the assistant message at ``asked``, each its answer's index
+    pending = 0
     asked = 0
     for i, message in enumerate(messages):
         if message.role == "tool":
@@ -159,23 +160,34 @@ def _check_tool_answers(messages: list[_Message]) -> None:
                     param=f"messages.[{i}].tool_call_id",
                     code="missing_required_parameter",
                 )
-            if call_id not in unanswered:
+            if call_id not in calls:
                 raise InvalidRequestError(
                     "Invalid parameter: messages with role 'tool' must be a response to a preceeding message "
                     "with 'tool_calls'.",  # sic, OpenAI's words
                     param=f"messages.[{i}].role",
                 )
-            del unanswered[call_id]
-        elif unanswered:
+            answered = calls[call_id]
+            if answered is not None:
+                raise InvalidRequestError(
+                    f"Invalid parameter: Duplicate value for 'tool_call_id' of '{call_id}', in messages[{answered}] "
+                    f"and messages[{i}].",
+                    param=f"messages.[{i}].tool_call_id",
+                )
+            calls[call_id] = i
+            pending -= 1
+        elif pending:
             break
         elif message.tool_calls:
-            unanswered = {call["id"]: None for call in message.tool_calls if isinstance(call.get("id"), str)}
+            calls = {call["id"]: None for call in message.tool_calls if isinstance(call.get("id"), str)}
+            pending = len(calls)
             asked = i
-    if unanswered:
+        elif calls:
+            calls = {}  # a tool message after this one answers no call
+    if pending:
         raise InvalidRequestError(
             "An assistant message with 'tool_calls' must be followed by tool messages responding to each "
             f"'tool_call_id'. The following tool_call_ids did not have response messages: "
-            f"{', '.join(unanswered)}",
+            f"{', '.join(call_id for call_id, answered in calls.items() if answered is None)}",
             param=f"messages.[{asked}].role",
         )
 

@@ -517,6 +517,19 @@ _WEATHER: Any = [{"type": "function", "function": {"name": "get_w", "parameters"
             "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with "
             "'tool_calls'.",
         ),
+        (  # an agent that kept an aborted call's answer and its retry's (f202)
+            {
+                "messages": [
+                    *MESSAGES,
+                    _CALLED,
+                    {"role": "tool", "tool_call_id": "call_1", "content": "aborted"},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+                ],
+                "tools": _WEATHER,
+            },
+            "messages.[4].tool_call_id",
+            "Invalid parameter: Duplicate value for 'tool_call_id' of 'call_1', in messages[3] and messages[4].",
+        ),
         (
             {"messages": [*MESSAGES, _CALLED, {"role": "user", "content": "and?"}], "tools": _WEATHER},
             "messages.[2].role",

@@ -39,13 +39,30 @@ _NOT_A_RESPONSE = (
     [
         [_ASK, _answer("call_1")],  # answers nothing
         [_ASK, _calls("call_1"), _answer("call_zzz")],  # answers no call asked
-        [_ASK, _calls("call_1"), _answer("call_1"), _answer("call_1")],  # answered twice
+        [_ASK, _calls("call_1"), _answer("call_1"), _ASK, _answer("call_1")],  # answered in an earlier turn
     ],
 )
 def test_a_tool_message_answering_no_call_is_refused_in_openais_words(messages: list[dict[str, Any]]) -> None:
     refused = _refusal(messages=messages)
     assert refused.message == _NOT_A_RESPONSE
     assert refused.param == f"messages.[{len(messages) - 1}].role" and refused.error_type == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [_ASK, _calls("call_1"), _answer("call_1"), _answer("call_1")],
+        [_ASK, _calls("call_1", "call_2"), _answer("call_1"), _answer("call_1"), _answer("call_2")],
+        [_ASK, _calls("call_1", "call_1"), _answer("call_1"), _answer("call_1")],
+    ],
+)
+def test_a_call_answered_twice_is_refused_naming_both_answers(messages: list[dict[str, Any]]) -> None:
+    """As OpenAI refuses it (f202): the second answer is named, not taken as answering nothing."""
+    refused = _refusal(messages=messages)
+    assert refused.message == (
+        "Invalid parameter: Duplicate value for 'tool_call_id' of 'call_1', in messages[2] and messages[3]."
+    )
+    assert (refused.param, refused.code) == ("messages.[3].tool_call_id", None)
 
 
 @pytest.mark.parametrize("after", [[_ASK], []])
