@@ -73,15 +73,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
                 if betas:
                     passthrough.headers["anthropic-beta"] = betas
         else:
-            unread = anthropic.fields_not_read(body) if body is not None else []
-            hints = [name for name in unread if name in _HINTS]  # changes no answer: left out, and named (t40)
-            unread = [name for name in unread if name not in _HINTS]
-            if unread:  # Anthropic's own fields (``thread``, ``context_management``, ...): no translation holds them
-                raise InvalidRequestError(
-                    f"{', '.join(unread)}: not supported on a route that may reach a model other than "
-                    "Anthropic's (use a route whose models are all Anthropic's)",
-                    param=unread[0],
-                )
+            hints = _refuse_unread(body) if body is not None else []
             decoded = anthropic.decode_request(raw)
             # no upstream of the route but Anthropic's can honour these
             lost = ["thinking"] if decoded.thinking is not None else []
@@ -158,6 +150,8 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
             if body is not None:  # counted upstream, an id would tell whether a file exists, and its size (t33)
                 refuse_upstream_ids(body, raw, dotted=True)
             lenient = _only_anthropic_upstreams(request, body, principal.allowed)  # blocks only Anthropic reads
+            if body is not None and not lenient:  # as /v1/messages refuses them on this route (f200)
+                _refuse_unread(body)
             return body, anthropic.decode_request(raw, counting=True, passed_through=lenient)
 
         body, decoded = await read_off_loop(raw, read)  # t55: a 3.5 MB count held /healthz for 0.4 s
@@ -228,6 +222,21 @@ _HINTS = frozenset({"cache_control", "service_tier"})
 """Top-level fields that shape how an upstream serves, not what it answers: Anthropic's automatic
 prompt caching (the SDK's ``cache_control`` argument, left out where a route may reach another
 upstream, as block-level breakpoints are) and its ``service_tier`` (t47)."""
+
+
+def _refuse_unread(body: dict[str, Any]) -> list[str]:
+    """Refuses, naming them, the fields a translation does not read, Anthropic's own (``thread``,
+    ``context_management``, ...) that no translation holds; returns the :data:`_HINTS` among them,
+    which it leaves out and names (t40)."""
+    unread = anthropic.fields_not_read(body)
+    refused = [name for name in unread if name not in _HINTS]
+    if refused:
+        raise InvalidRequestError(
+            f"{', '.join(refused)}: not supported on a route that may reach a model other than "
+            "Anthropic's (use a route whose models are all Anthropic's)",
+            param=refused[0],
+        )
+    return [name for name in unread if name in _HINTS]
 
 
 def _translatable(raw: bytes, body: dict[str, Any] | None) -> CoreRequest | None:

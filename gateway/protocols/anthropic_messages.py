@@ -208,6 +208,7 @@ def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool =
     if not wire.messages:  # counting too: a count for a request /v1/messages refuses tells nothing
         raise InvalidRequestError("messages: at least one message is required", param="messages")
     _check_tool_names(wire.tools)
+    _check_limits(wire)
     if _refuse_empty_content(wire.messages):
         _check_tool_pairing(wire.messages)
     refuse_choice_without_tools(  # as Anthropic answers it; dropped, it was answered with text on a chat route
@@ -293,6 +294,44 @@ def _refuse_empty_system(system: str | list[_Block]) -> None:
         if block.type == "text" and block.text == "":
             where = f"system.{position}.text"
             raise InvalidRequestError(f"{where}: text content blocks must be non-empty", param=where)
+
+
+_MIN_THINKING_BUDGET = 1024
+_BUDGET_PAST_MAX = (
+    "`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our documentation at "
+    "https://docs.claude.com/en/docs/build-with-claude/extended-thinking#max-tokens-and-context-window-size"
+)
+_MOST_CACHE_MARKS = 4
+
+
+def _check_limits(wire: _MessagesRequest) -> None:
+    """Anthropic's 400s for a thinking budget under 1024 or not under ``max_tokens`` (but with
+    tools, where interleaved thinking spends it over the turn), more than 4 blocks with
+    ``cache_control`` (system blocks, tools and the turns' blocks) and an empty stop string (f200:
+    a chat route answered them). A stop of whitespace alone is taken: the gateway applies it where
+    Claude would refuse it (t52)."""
+    thinking = wire.thinking or {}
+    budget = thinking.get("budget_tokens")
+    if thinking.get("type") == "enabled" and isinstance(budget, int) and not isinstance(budget, bool):
+        if budget < _MIN_THINKING_BUDGET:
+            where = "thinking.enabled.budget_tokens"
+            raise InvalidRequestError(
+                f"{where}: Input should be greater than or equal to {_MIN_THINKING_BUDGET}", param=where
+            )
+        if wire.max_tokens is not None and budget >= wire.max_tokens and not wire.tools:
+            raise InvalidRequestError(_BUDGET_PAST_MAX, param="max_tokens")
+    marks = sum(tool.cache_control is not None for tool in wire.tools or ())
+    if isinstance(wire.system, list):
+        marks += sum(block.cache_control is not None for block in wire.system)
+    for turn in wire.messages:
+        if isinstance(turn.content, list):
+            marks += sum(block.cache_control is not None for block in turn.content)
+    if marks > _MOST_CACHE_MARKS:
+        raise InvalidRequestError(
+            f"A maximum of {_MOST_CACHE_MARKS} blocks with cache_control may be provided. Found {marks}."
+        )
+    if wire.stop_sequences and "" in wire.stop_sequences:
+        raise InvalidRequestError("stop_sequences: each stop sequence must be non-empty", param="stop_sequences")
 
 
 _TOOL_BLOCKS = frozenset({"tool_use", "tool_result"})

@@ -705,6 +705,68 @@ def test_tool_turns_and_names_anthropic_refuses_are_refused_on_every_route(
     _refused_at_the_edge(claude, gateway, (small_upstream, large_upstream), model, extra, cases)
 
 
+_BUDGET_PAST_MAX = (
+    "`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our documentation at "
+    "https://docs.claude.com/en/docs/build-with-claude/extended-thinking#max-tokens-and-context-window-size"
+)
+
+
+@pytest.mark.parametrize(
+    ("model", "extra"),
+    [("auto", {}), ("fast", {}), ("claude", {}), ("claude", {"top_k": 5})],  # the last passed through
+)
+def test_budgets_breakpoints_and_stops_anthropic_refuses_are_refused_on_every_route(
+    claude: anthropic.Anthropic,
+    gateway: GatewayProcess,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+    model: str,
+    extra: dict[str, Any],
+) -> None:
+    """f200: a chat route (and ``auto`` when it picked the small model) answered and billed a
+    thinking budget under 1024 or not under ``max_tokens``, a fifth ``cache_control`` block and an
+    empty stop string, all of which Anthropic refuses: refused at the edge in its words, counted by
+    no one (``max_tokens`` is checked where the count is sent it), nothing reaching an upstream."""
+    hi: list[MessageParam] = [{"role": "user", "content": "hi"}]
+    mark: Any = {"type": "ephemeral"}
+    marked: list[MessageParam] = [
+        {"role": "user", "content": [{"type": "text", "text": "a", "cache_control": mark}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "b", "cache_control": mark}]},
+        {"role": "user", "content": [{"type": "text", "text": "c", "cache_control": mark}]},
+    ]
+    system: list[TextBlockParam] = [{"type": "text", "text": "Be brief.", "cache_control": mark}]
+    tools: Any = [{**_GET_WEATHER, "cache_control": mark}]
+    refused: list[tuple[dict[str, Any], str]] = [
+        (
+            {"messages": hi, "thinking": {"type": "enabled", "budget_tokens": 1023}},
+            "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024",
+        ),
+        (
+            {
+                "messages": hi,
+                "thinking": {"type": "enabled", "budget_tokens": 1024},
+                "extra_body": {"max_tokens": 1024},
+            },
+            _BUDGET_PAST_MAX,
+        ),
+        (
+            {"messages": marked, "tools": tools, "extra_body": {"system": system}},
+            "A maximum of 4 blocks with cache_control may be provided. Found 5.",
+        ),
+        (
+            {"messages": hi, "extra_body": {"stop_sequences": ["END", ""]}},
+            "stop_sequences: each stop sequence must be non-empty",
+        ),
+    ]
+    _refused_at_the_edge(claude, gateway, (small_upstream, large_upstream), model, extra, refused)
+    if model == "fast":  # four breakpoints are taken; with tools, interleaved thinking may spend past max_tokens
+        taken = claude.messages.create(
+            model=model, max_tokens=1024, messages=marked, tools=[_GET_WEATHER], system=system,
+            thinking={"type": "enabled", "budget_tokens": 1024}, stop_sequences=["END"],
+        )  # fmt: skip
+        assert taken.content
+
+
 @pytest.mark.parametrize(("model", "extra"), [("fast", {}), ("claude", {}), ("claude", {"top_k": 5})])
 def test_answered_calls_split_over_consecutive_user_turns_are_served(
     claude: anthropic.Anthropic, model: str, extra: dict[str, Any]

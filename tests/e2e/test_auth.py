@@ -290,7 +290,7 @@ def test_no_secrets_or_prompts_in_the_logs(gw: GatewayProcess) -> None:
 @pytest.mark.parametrize(
     ("path", "forbidden", "body"),
     [
-        ("/messages", "claude", {"max_tokens": 64, "thinking": {"type": "enabled", "budget_tokens": 1024},
+        ("/messages", "claude", {"max_tokens": 2048, "thinking": {"type": "enabled", "budget_tokens": 1024},
                                  "messages": [{"role": "user", "content": "hi"}]}),
         ("/messages", "claude", {"max_tokens": 64, "messages": [{"role": "user", "content": [
             {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}]}]}),

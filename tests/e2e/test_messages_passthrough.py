@@ -347,17 +347,25 @@ def test_ids_of_upstream_state_every_tenant_shares_are_refused(
 
 
 @pytest.mark.parametrize(
-    "field", ["thread", "context_management", "container"]
+    "field", ["thread", "context_management", "container", "foo_bar"]
 )  # service_tier: left out and named (t47)
 def test_a_route_that_may_reach_another_upstream_refuses_anthropics_own_fields_naming_them(
     gateway: GatewayProcess, field: str
 ) -> None:
     """The SDK's tool runner sends only the new turns with ``thread``: answered without it, the
-    model would see a lone tool result (and the SDK falls back to whole turns on a 400)."""
+    model would see a lone tool result (and the SDK falls back to whole turns on a 400). f200:
+    ``count_tokens`` counted such a request; it refuses it in the same words."""
     body = {"model": "fast", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}], field: {"type": "x"}}
     answer = httpx.post(f"{gateway.url}/v1/messages", json=body, headers={"x-api-key": "k"})
     assert answer.status_code == 400 and answer.json()["error"]["type"] == "invalid_request_error"
     assert answer.json()["error"]["message"].startswith(f"{field}: not supported on a route that may reach")
+    counted = httpx.post(f"{gateway.url}/v1/messages/count_tokens", json=body, headers={"x-api-key": "k"})
+    assert counted.status_code == 400 and counted.json() == answer.json()
+    hinted = {**body, "service_tier": "auto"}  # left out of a translation, not refused: counted
+    counted = httpx.post(
+        f"{gateway.url}/v1/messages/count_tokens", json={**hinted, field: None}, headers={"x-api-key": "k"}
+    )
+    assert counted.status_code == 200, counted.text
 
 
 def test_a_block_field_a_translation_would_lose_sends_the_request_through_as_it_came(

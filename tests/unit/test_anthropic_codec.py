@@ -112,6 +112,30 @@ def test_count_tokens_needs_no_max_tokens() -> None:
         anthropic.decode_request(b'{"model": "m", "messages": []}', counting=True)
 
 
+def test_what_anthropic_takes_of_budgets_breakpoints_and_stops_is_taken() -> None:
+    """f200 refuses a budget under 1024 or not under ``max_tokens``, a fifth ``cache_control`` block
+    and an empty stop string; what Anthropic takes around them is taken: a budget past
+    ``max_tokens`` with tools (interleaved thinking spends it over the turn), one with no
+    ``max_tokens`` to pass (a count), four breakpoints, and a stop of whitespace alone, which the
+    gateway applies itself where Claude would refuse it (t52)."""
+    mark = {"type": "ephemeral"}
+    thinking = {"type": "enabled", "budget_tokens": 4096}
+    tools = [{"name": "f", "input_schema": {"type": "object"}, "cache_control": mark}]
+    turns = [{"role": "user", "content": [{"type": "text", "text": t, "cache_control": mark} for t in "ab"]}]
+    taken = _decode(max_tokens=1024, thinking=thinking, tools=tools, messages=turns, stop_sequences=["\n"],
+                    system=[{"type": "text", "text": "s", "cache_control": mark}])  # fmt: skip
+    assert taken.thinking == thinking and taken.stop == ["\n"]
+    counted = anthropic.decode_request(
+        msgspec.json.encode({"model": "m", "thinking": thinking, "messages": [{"role": "user", "content": "x"}]}),
+        counting=True,
+    )
+    assert counted.thinking == thinking
+    with pytest.raises(InvalidRequestError, match="greater than `thinking\\.budget_tokens`"):
+        _decode(max_tokens=4096, thinking=thinking, messages=turns)
+    with pytest.raises(InvalidRequestError, match="Found 5"):
+        _decode(tools=tools, messages=[*turns, {"role": "assistant", "content": turns[0]["content"]}])
+
+
 def test_usage_reports_cache_reads_and_writes_apart_from_input_tokens() -> None:
     answer = Answer(
         id="x", model="m", text="hi", tool_calls=[ToolCall("c1", "f", '{"a": 1}'), ToolCall("c2", "g", "{oops")],
@@ -262,6 +286,7 @@ def test_streamed_arguments_that_are_not_an_object_arrive_as_the_non_streamed_an
 
 def test_signed_thinking_travels_in_the_chat_body_and_never_to_an_openai_upstream() -> None:
     request = _decode(
+        max_tokens=2048,
         thinking={"type": "enabled", "budget_tokens": 1024},
         messages=[
             {"role": "user", "content": "weather?"},
@@ -500,7 +525,7 @@ CLAUDE_CODE_SHAPED: dict[str, Any] = {
     "temperature": 0.2,
     "stop_sequences": ["END"],
     "metadata": {"user_id": "u-1"},
-    "thinking": {"type": "enabled", "budget_tokens": 512},
+    "thinking": {"type": "enabled", "budget_tokens": 1024},
     "stream": True,
 }
 
@@ -721,7 +746,8 @@ def test_thinking_goes_without_the_signed_thinking_of_a_turn_another_model_answe
     def sent(assistant: list[dict[str, Any]]) -> dict[str, Any]:
         messages = [{"role": "user", "content": "list files"}, {"role": "assistant", "content": assistant},
                     {"role": "user", "content": [result]}]  # fmt: skip
-        return anthropic.encode_request(_decode(messages=messages, thinking=thinking), "claude", stream=False)
+        request = _decode(max_tokens=4096, messages=messages, thinking=thinking)
+        return anthropic.encode_request(request, "claude", stream=False)
 
     signed = {"type": "thinking", "thinking": "ls it", "signature": "sig"}
     assert sent([signed, call])["thinking"] == thinking
@@ -732,20 +758,28 @@ def test_thinking_goes_without_the_signed_thinking_of_a_turn_another_model_answe
     after = [{"role": "user", "content": "list files"}, {"role": "assistant", "content": [call]},
              {"role": "user", "content": [result]}, {"role": "assistant", "content": "a.py"},
              {"role": "user", "content": "and now?"}]  # fmt: skip
-    assert anthropic.encode_request(_decode(messages=after, thinking=thinking), "claude", stream=False)["thinking"]
+    assert anthropic.encode_request(
+        _decode(max_tokens=4096, messages=after, thinking=thinking), "claude", stream=False
+    )["thinking"]
     plain = [{"role": "user", "content": "hi"}]
-    assert anthropic.encode_request(_decode(messages=plain, thinking=thinking), "claude", stream=False)["thinking"]
+    assert anthropic.encode_request(
+        _decode(max_tokens=4096, messages=plain, thinking=thinking), "claude", stream=False
+    )["thinking"]
     # a loop is one assistant turn to Anthropic: without interleaved thinking Claude thinks once, at its
     # start, and its later calls come bare; thinking stays on (t24 saw it dropped mid-turn)
     second = {**call, "id": "toolu_2"}
     loop = [{"role": "user", "content": "list files"}, {"role": "assistant", "content": [signed, call]},
             {"role": "user", "content": [result]}, {"role": "assistant", "content": [second]},
             {"role": "user", "content": [{**result, "tool_use_id": "toolu_2"}]}]  # fmt: skip
-    assert anthropic.encode_request(_decode(messages=loop, thinking=thinking), "claude", stream=False)["thinking"]
+    assert anthropic.encode_request(_decode(max_tokens=4096, messages=loop, thinking=thinking), "claude", stream=False)[
+        "thinking"
+    ]
     opened_elsewhere = [loop[0], {"role": "assistant", "content": [call]}, *loop[2:]]
-    assert anthropic.thinking_left_out(_decode(messages=opened_elsewhere, thinking=thinking))  # said in a header
-    assert not anthropic.thinking_left_out(_decode(messages=loop, thinking=thinking))
-    assert "thinking" not in anthropic.encode_request(_decode(messages=opened_elsewhere, thinking=thinking), "claude",
+    assert anthropic.thinking_left_out(
+        _decode(max_tokens=4096, messages=opened_elsewhere, thinking=thinking)
+    )  # said in a header
+    assert not anthropic.thinking_left_out(_decode(max_tokens=4096, messages=loop, thinking=thinking))
+    assert "thinking" not in anthropic.encode_request(_decode(max_tokens=4096, messages=opened_elsewhere, thinking=thinking), "claude",
                                                       stream=False)  # fmt: skip
 
 
