@@ -884,11 +884,21 @@ async def _stored_response_handler(request: web.Request) -> web.Response:
         items = input_items(conversation, [(response_id, item_count(conversation))])
         if request.query.get("order", "desc") == "desc":
             items.reverse()
+        items = _items_between(items, request.query.get("after"), request.query.get("before"))
         limit = int(request.query.get("limit", "20"))
         page = {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
         page.update(first_id=items[0]["id"] if items else None, last_id=items[:limit][-1]["id"] if items else None)
         return _json_response(_encode_json(page))
     return _json_response(_encode_json(stored[0]))
+
+
+def _items_between(items: list[dict[str, Any]], after: str | None, before: str | None) -> list[dict[str, Any]]:
+    """The listed items after ``after`` and before ``before`` (ids, in the list's order), as OpenAI
+    pages ``input_items``: the SDKs' auto-paging asks ``after`` the last id it was given."""
+    ids = [item["id"] for item in items]
+    start = ids.index(after) + 1 if after in ids else 0
+    end = ids.index(before) if before in ids else len(items)
+    return items[start:end]
 
 
 def _anthropic_bad(message: str) -> web.Response:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
@@ -188,6 +188,20 @@ def test_a_tenant_cannot_read_continue_or_delete_another_tenants_upstream_respon
     alice.responses.delete(mine.id)
     with pytest.raises(openai.NotFoundError):
         alice.responses.retrieve(mine.id)
+
+
+def test_the_sdks_auto_paging_of_an_upstream_responses_input_items_ends(gateway: GatewayProcess) -> None:
+    """t190: the simulated upstream read ``limit`` but not ``after``, so the openai SDK's auto-paging
+    of ``input_items`` on a passed-through route got the first page back for ever."""
+    alice = _client(gateway, "a1")
+    said = [{"role": "user", "content": f"Line {n}."} for n in range(5)]
+    made = alice.responses.create(model="codex", input=cast(Any, said))
+    listed = [item for item in alice.responses.input_items.list(made.id, limit=2, order="asc")]
+    texts = [
+        part.text for item in listed if item.type == "message" for part in item.content if part.type == "input_text"
+    ]
+    assert texts == [f"Line {n}." for n in range(5)]
+    assert len({item.id for item in listed}) == len(listed) == 5
 
 
 def test_an_upstreams_refusal_to_read_or_delete_is_told_in_the_gateways_words_and_keeps_the_record(
