@@ -277,20 +277,67 @@ class _Window:
 
 
 @dataclass(slots=True)
+class _Period:
+    """What one day or month has spent, and the part of it marked reservations not yet settled hold."""
+
+    name: str = ""
+    spent: float = 0.0
+    held: float = 0.0
+
+
+@dataclass(slots=True)
+class _Periods:
+    """A counter's latest day (or month) and the one before it, as the Redis scripts keep them: a
+    request started before midnight counts in its own period after it, never over the newer one (f203)."""
+
+    latest: _Period = field(default_factory=_Period)
+    before: _Period = field(default_factory=_Period)
+
+    def find(self, name: str) -> _Period | None:
+        """Where ``name`` is counted, or None."""
+        if self.latest.name == name:
+            return self.latest
+        return self.before if self.before.name == name else None
+
+    def open(self, name: str) -> _Period | None:
+        """Where ``name`` is counted, made room for where it is new: None for one older than both."""
+        found = self.find(name)
+        if found is not None:
+            return found
+        if self.latest.name < name:
+            self.before, self.latest = self.latest, _Period(name)
+            return self.latest
+        if self.before.name < name:  # between the two: nothing was counted in it
+            self.before = _Period(name)
+            return self.before
+        return None
+
+    def release(self, name: str, usd: float) -> None:
+        found = self.find(name)
+        if found is not None:
+            found.held = max(0.0, found.held - usd)
+
+
+@dataclass(slots=True)
 class _Spend:
-    day: str = ""
-    spent_day: float = 0.0
-    month: str = ""
-    spent_month: float = 0.0
-    held_day: float = 0.0
-    """The part of ``spent_day`` that marked reservations not yet settled hold (``held_month``: of ``spent_month``)."""
-    held_month: float = 0.0
+    days: _Periods = field(default_factory=_Periods)
+    months: _Periods = field(default_factory=_Periods)
+
+    @property
+    def spent_day(self) -> float:
+        """What the latest day has spent."""
+        return self.days.latest.spent
 
     def release(self, day: str, month: str, usd: float) -> None:
-        if self.day == day:
-            self.held_day = max(0.0, self.held_day - usd)
-        if self.month == month:
-            self.held_month = max(0.0, self.held_month - usd)
+        self.days.release(day, usd)
+        self.months.release(month, usd)
+
+    def add(self, day: str, month: str, cost: float, fresh: bool) -> None:
+        """``cost`` added to its day and month where counted; a new period opened when ``fresh``."""
+        for periods, name in ((self.days, day), (self.months, month)):
+            found = periods.open(name) if fresh else periods.find(name)
+            if found is not None:
+                found.spent += cost
 
 
 class MemoryLimitCounters(_Outage):
@@ -319,11 +366,8 @@ class MemoryLimitCounters(_Outage):
                 cost, day, month, spends = self._undo.pop(mark)
                 for key in spends:
                     spend = self.spends.get(key)
-                    if spend is not None and spend.day == day:
-                        spend.spent_day -= cost
-                    if spend is not None and spend.month == month:
-                        spend.spent_month -= cost
                     if spend is not None:
+                        spend.add(day, month, -cost, fresh=False)
                         spend.release(day, month, cost)
                 self.marks[mark] = "x"
 
@@ -338,9 +382,9 @@ class MemoryLimitCounters(_Outage):
         spents, helds = [], []
         for scope in request.scopes:
             spend = self.spends.get(scope.spend, _Spend())
-            same_day, same_month = spend.day == request.day, spend.month == request.month
-            spents.append((spend.spent_day if same_day else 0.0, spend.spent_month if same_month else 0.0))
-            helds.append((spend.held_day if same_day else 0.0, spend.held_month if same_month else 0.0))
+            of_day, of_month = spend.days.find(request.day) or _Period(), spend.months.find(request.month) or _Period()
+            spents.append((of_day.spent, of_month.spent))
+            helds.append((of_day.held, of_month.held))
         told, held = tuple(spents), tuple(helds)
         for index, scope in enumerate(request.scopes):
             r, rp, t, tp = self.windows.get(scope.window, _Window()).seen_at(request.minute)
@@ -362,12 +406,14 @@ class MemoryLimitCounters(_Outage):
                 if cap > 0:
                     share = max(share, spent / cap)
         hold = request.cost_usd if request.mark is not None else 0.0
-        for scope, (r, rp, t, tp, day, month), (held_day, held_month) in zip(request.scopes, seen, held, strict=True):
+        for scope, (r, rp, t, tp, _, _) in zip(request.scopes, seen, strict=True):
             self.windows[scope.window] = _Window(request.minute, r + request.requests, rp, t + request.tokens, tp)
-            cost = request.cost_usd
-            self.spends[scope.spend] = _Spend(
-                request.day, day + cost, request.month, month + cost, held_day + hold, held_month + hold
-            )
+            spend = self.spends.setdefault(scope.spend, _Spend())
+            for periods, name in ((spend.days, request.day), (spend.months, request.month)):
+                found = periods.open(name)
+                if found is not None:  # None: older than both periods kept (it outlasted a day)
+                    found.spent += request.cost_usd
+                    found.held += hold
         if request.mark is not None:
             self.marks[request.mark] = "r"
             spends = tuple(scope.spend for scope in request.scopes)
@@ -400,10 +446,8 @@ class MemoryLimitCounters(_Outage):
             if not cost:
                 continue
             if made:
-                if spend is not None and spend.day == request.day:
-                    spend.spent_day += cost
-                if spend is not None and spend.month == request.month:
-                    spend.spent_month += cost
+                if spend is not None:
+                    spend.add(request.day, request.month, cost, fresh=False)
             else:  # never reserved: counted as spend without a reservation is
                 await self.add_usage({}, (), {(scope.spend, request.day, request.month): cost}, timeout_s)
         await self.add_usage(dict.fromkeys(request.usage_keys, request.used), request.expired_keys, {}, timeout_s)
@@ -429,15 +473,7 @@ class MemoryLimitCounters(_Outage):
         for key in expired:
             self.usage.pop(key, None)
         for (key, day, month), cost in spent.items():
-            spend = self.spends.setdefault(key, _Spend())
-            if spend.day == day:
-                spend.spent_day += cost
-            elif cost > 0 and spend.day < day:
-                spend.day, spend.spent_day, spend.held_day = day, cost, 0.0
-            if spend.month == month:
-                spend.spent_month += cost
-            elif cost > 0 and spend.month < month:
-                spend.month, spend.spent_month, spend.held_month = month, cost, 0.0
+            self.spends.setdefault(key, _Spend()).add(day, month, cost, fresh=cost > 0)
 
     async def index_usage(self, members: Mapping[str, Iterable[str]], ttl_s: int, timeout_s: float) -> None:
         self._check()

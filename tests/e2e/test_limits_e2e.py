@@ -47,12 +47,13 @@ KEYS = """auth:
     - {id: inflight, tenant: solo-inflight, hash: "%(inflight)s", limits: {usd_per_day: 0.0005}}
     - {id: twins, tenant: solo-twins, hash: "%(twins)s", limits: {usd_per_day: 0.0005}}
     - {id: once, tenant: solo-once, hash: "%(once)s", limits: {rpm: 2}}
+    - {id: late, tenant: solo-late, hash: "%(late)s", limits: {usd_per_month: 0.001}}
 tenants:
   shared: {limits: {rpm: 6}}
   saver: {downgrade_auto_at: 0.3}
 """ % {
     name: hash_key(f"key-{name}")
-    for name in ("rpm", "tpm", "budget", "s1", "s2", "saver", "admin", "counter", "ledger", "inflight", "twins", "once")
+    for name in ["rpm", "tpm", "budget", "s1", "s2", "saver", "admin", "counter", "ledger", "inflight", "twins", "once", "late"]
 }
 ROUTES = """  costly: {strategy: classifier, model: large, fallbacks: [small], threshold: 0.0}
   cheap: {model: small}"""  # costly: always large
@@ -311,6 +312,44 @@ def test_a_request_that_waited_on_a_twin_and_then_asks_upstream_itself_counts_on
     for counted in (window, tenant_window):
         requests = [int(redis.hget(counted, field) or 0) for field in ("r", "rp")]
         assert sum(requests) == 2, (counted, requests)  # this minute's and the last one's: one each
+
+
+def test_a_request_begun_before_its_counter_moved_on_counts_in_its_own_month(
+    pair: tuple[GatewayProcess, GatewayProcess], redis_server: EmbeddedRedis
+) -> None:
+    """f203: a request begun at 23:59:50 on December 31 that reserved after midnight wrote December
+    over January's counter, and January's budget let 3.5 times itself through. Here the counter is
+    a month ahead of the request (another worker's request begun after midnight reserved first):
+    the request counts in its own month, kept beside the newer one, which is left as it was."""
+    today = datetime.now(UTC).date()
+    ahead = (today.replace(day=1) + timedelta(days=32)).replace(day=1)  # the next month's first day
+    if (datetime.now(UTC) + timedelta(seconds=10)).date() != today:
+        pytest.skip("too near midnight UTC: the request could begin in the next day")
+    spend = keyspace.limit_counters("solo-late", "late")[1]
+    redis = closed_after_test(redis_sync.Redis.from_url(redis_server.url))
+    day, month = ahead.strftime("%Y%m%d").encode(), ahead.strftime("%Y%m").encode()
+    redis.hset(spend, mapping={"day": day, "d": "0.0009", "month": month, "mo": "0.0009", "hd": "0", "hm": "0"})
+    response = _chat(pair[0], "late", model="cheap", content=f"late {time.monotonic_ns()}", max_tokens=20)
+    assert response.status_code == 200, response.text  # this month's budget is its own: nothing spent yet
+    cost = float(response.headers["x-gateway-cost-usd"])
+    deadline = time.monotonic() + 15  # settled after the answer
+    while float(redis.hget(spend, "pd") or 0) != pytest.approx(cost) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    counter = redis.hgetall(spend)
+    assert [counter[name] for name in (b"day", b"d", b"month", b"mo")] == [
+        day,
+        b"0.0009",
+        month,
+        b"0.0009",
+    ]  # untouched
+    assert (counter[b"pday"], counter[b"pmonth"]) == (
+        today.strftime("%Y%m%d").encode(),
+        today.strftime("%Y%m").encode(),
+    )
+    assert cost > 0 and float(counter[b"pd"]) == float(counter[b"pmo"]) == pytest.approx(cost)
+    assert float(counter[b"phd"]) == float(counter[b"phm"]) == 0.0  # settled: nothing held
+    usage = httpx.get(f"{pair[1].base_url}/usage", headers={"authorization": "Bearer key-late"}).json()
+    assert usage["total"]["cost_usd"] == pytest.approx(cost)  # filed on the day the counter counts it in
 
 
 def test_tenant_limit_spans_its_keys(pair: tuple[GatewayProcess, GatewayProcess]) -> None:

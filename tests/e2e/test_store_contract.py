@@ -248,6 +248,40 @@ async def test_what_reservations_in_flight_hold_is_told_apart_from_what_is_spent
     assert _flat(outcome.spent) == pytest.approx([0.2, 0.65, 0.2, 0.65])  # 0.1 + 0.3 + 0.2 + 0.05
 
 
+async def test_a_request_begun_in_the_last_period_counts_there_and_leaves_the_new_one_alone(store: Store) -> None:
+    """f203: a request begun at 23:59:50 on December 31 that reserved after midnight read January's
+    counter as empty and wrote December over it: a $0.03 monthly budget let $0.1056 through in
+    January's first seconds. December is kept beside January, and each checks its own requests."""
+    tenant = _tenant()
+    scopes = _scopes(tenant, Caps(), Caps(usd_per_month=0.03, usd_per_day=0.03))
+    today, gone = keyspace.usage(tenant, "k", "20261231"), keyspace.usage(tenant, "k", "20261001")
+
+    def ask(day: str, cost: float, mark: str | None = None) -> ReserveRequest:
+        return ReserveRequest(scopes, 10, cost, 1000, day, day[:6], 0.5, mark)
+
+    assert (await store.counters.reserve(ask("20261231", 0.02), T)).refused_by is None
+    assert (await store.counters.reserve(ask("20270101", 0.025), T)).refused_by is None  # January starts afresh
+    refused = await store.counters.reserve(ask("20261231", 0.011), T)  # late, begun in December: its budget
+    assert refused.refused_by == "1.usd_per_day" and _flat(refused.spent)[2:] == pytest.approx([0.02, 0.02])
+    late = keyspace.reservation(tenant, "late")
+    assert (await store.counters.reserve(ask("20261231", 0.008, late), T)).refused_by is None
+    january = await store.counters.reserve(ask("20270101", 0.006), T)
+    assert january.refused_by == "1.usd_per_day" and _flat(january.spent)[2:] == pytest.approx([0.025, 0.025])
+    assert _flat(january.held) == pytest.approx([0.0] * 4)  # December's request holds nothing of January
+    used = UsageFigures(requests=1, cost_usd=0.001)
+    await store.counters.settle(SettleRequest(scopes, 0, 0.001 - 0.008, 1000, "20261231", "202612", today, used,
+                                              gone, 10, 0.001, late, held_usd=0.008), T)  # fmt: skip
+    december = await store.counters.reserve(ask("20261231", 0.0), T)
+    assert _flat(december.spent)[2:] == pytest.approx([0.021, 0.021]) and _flat(december.held) == [0.0] * 4
+    assert (await store.counters.reserve(ask("20270101", 0.005), T)).refused_by is None  # January's 0.03 exactly
+    # what arrives late for December (a usage batch) counts there too, and never opens it again
+    await store.counters.add_usage({}, [], {(scopes[1].spend, "20261231", "202612"): 0.004}, T)
+    await store.counters.add_usage({}, [], {(scopes[1].spend, "20261130", "202611"): 0.5}, T)  # older: dropped
+    december = await store.counters.reserve(ask("20261231", 0.0), T)
+    assert _flat(december.spent)[2:] == pytest.approx([0.025, 0.025])
+    assert (await store.counters.reserve(ask("20270101", 1e-6), T)).refused_by == "1.usd_per_day"
+
+
 async def test_settling_corrects_the_estimate_and_adds_the_usage(store: Store) -> None:
     tenant = _tenant()
     scopes = _scopes(tenant, Caps(usd_per_day=1.0), Caps())
@@ -350,7 +384,7 @@ async def test_spend_of_unlimited_requests_counts_for_a_budget_set_later(store: 
     key = keyspace.usage(tenant, "k", "20261130")[0]
     await store.counters.add_usage({key: UsageFigures(requests=1)}, [], {(spend, "20261129", "202611"): 0.3}, T)
     await store.counters.add_usage({key: UsageFigures(requests=1)}, [], {(spend, "20261130", "202611"): 0.5}, T)
-    # a batch that arrives late for a day already gone counts for nothing that day, but for its month
+    # a batch that arrives late for the day before counts in it (kept beside today), and in its month
     await store.counters.add_usage({key: UsageFigures(requests=1)}, [], {(spend, "20261129", "202611"): 0.1}, T)
     # a correction (negative) applies to its own period only, never opening one below zero
     await store.counters.add_usage({}, [], {(spend, "20261130", "202611"): -0.05}, T)

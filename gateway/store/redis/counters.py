@@ -3,7 +3,8 @@
 Each scope has two fixed-size hashes and no TTL: ``win`` holds this minute's and the
 previous minute's requests and tokens (m, r, rp, t, tp), ``spend`` today's and this
 month's USD (day, d, month, mo) and the part of them that reservations not yet settled
-hold (hd, hm). A period that has passed is rolled over here rather than expired, so
+hold (hd, hm), and the same of the day and the month before (pday, pd, phd, pmonth, pmo,
+phm). A period that has passed is rolled over here rather than expired, so
 Redis's volatile-ttl eviction, which only takes keys with a TTL (cache entries), can
 never reset a limit.
 """
@@ -62,24 +63,70 @@ local function add(key, field, value, cost)
   if value and not finite(tonumber(value)) then reset(key, field, math.max(tonumber(cost), 0))
   else redis.call('HINCRBYFLOAT', key, field, cost) end
 end
+-- A request counts in the day and month it started (t114), and one started before midnight may
+-- reserve, settle or be given up after it (f203: a slow upload from 23:59:50 reserved at 00:00:12,
+-- and wrote December over January's counter, whose budget then let 3.5 times itself through). So
+-- each counter keeps its latest day and month and the one before each: an older period is counted
+-- in its own place and checked against its own budget, and never replaces a newer one.
+local DAY = {'day', 'd', 'hd', 'pday', 'pd', 'phd'}
+local MONTH = {'month', 'mo', 'hm', 'pmonth', 'pmo', 'phm'}
+-- Where period p of kind f counts in key: 1 the latest, 2 the one before, 3 newer than the latest
+-- (which becomes the one before), 4 between the two (nothing was counted in it), 0 older than both
+-- (a request that outlasted a whole day: not counted).
+local function slot(key, f, p)
+  local v = redis.call('HMGET', key, f[1], f[4])
+  if v[1] == p then return 1 end
+  if v[2] == p then return 2 end
+  if not v[1] or v[1] < p then return 3 end
+  if not v[2] or v[2] < p then return 4 end
+  return 0
+end
+-- The spend and held fields of a slot counted in (1 or 2), else nil.
+local function fields(f, at)
+  if at == 1 then return f[2], f[3] end
+  if at == 2 then return f[5], f[6] end
+end
+-- What period p (in slot at) has spent and holds: 0 where nothing is counted in it yet.
+local function tally(key, f, at)
+  local spent, holding = fields(f, at)
+  if not spent then return 0, 0 end
+  local v = redis.call('HMGET', key, spent, holding)
+  return held(key, spent, v[1]), tonumber(v[2] or '0')
+end
+-- Period p's spend and held set in slot at, room made for a new one.
+local function put(key, f, p, at, spent, holding)
+  if at == 3 then
+    local v = redis.call('HMGET', key, f[1], f[2], f[3])
+    if v[1] then redis.call('HSET', key, f[4], v[1], f[5], v[2] or 0, f[6], v[3] or 0) end
+    redis.call('HSET', key, f[1], p, f[2], spent, f[3], holding)
+  elseif at == 1 then redis.call('HSET', key, f[2], spent, f[3], holding)
+  elseif at ~= 0 then redis.call('HSET', key, f[4], p, f[5], spent, f[6], holding) end
+end
+local function add_period(key, f, p, cost, fresh)
+  local at = slot(key, f, p)
+  local spent = fields(f, at)
+  if spent then add(key, spent, redis.call('HGET', key, spent), cost)
+  elseif fresh and at ~= 0 then put(key, f, p, at, cost, 0) end
+end
 local function add_spend(key, day, month, cost, fresh)
   if not finite(tonumber(cost)) then return end
-  local v = redis.call('HMGET', key, 'day', 'd', 'month', 'mo')
-  if v[1] == day then add(key, 'd', v[2], cost)
-  elseif fresh and (not v[1] or v[1] < day) then redis.call('HSET', key, 'day', day, 'd', cost, 'hd', 0) end
-  if v[3] == month then add(key, 'mo', v[4], cost)
-  elseif fresh and (not v[3] or v[3] < month) then redis.call('HSET', key, 'month', month, 'mo', cost, 'hm', 0) end
+  add_period(key, DAY, day, cost, fresh)
+  add_period(key, MONTH, month, cost, fresh)
+end
+local function release_period(key, f, p, usd)
+  local _, holding = fields(f, slot(key, f, p))
+  local v = holding and redis.call('HGET', key, holding)
+  if v then redis.call('HSET', key, holding, math.max(0, (tonumber(v) or 0) - usd)) end
 end
 local function release(key, day, month, usd)
   if not finite(usd) then return end
-  local v = redis.call('HMGET', key, 'day', 'hd', 'month', 'hm')
-  if v[1] == day and v[2] then redis.call('HSET', key, 'hd', math.max(0, (tonumber(v[2]) or 0) - usd)) end
-  if v[3] == month and v[4] then redis.call('HSET', key, 'hm', math.max(0, (tonumber(v[4]) or 0) - usd)) end
+  release_period(key, DAY, day, usd)
+  release_period(key, MONTH, month, usd)
 end
 """
 """``held``: what a spend field holds; ``add_spend``: ``cost`` added to a spend counter's day and
-month, a period that has passed rolled over when ``fresh`` (else left alone, as is one older than
-the counter's); ``release``: ``usd`` taken off what reservations in flight hold of that day and
+month (the latest or the one before), a new period opened when ``fresh`` (else left alone, as is
+one older than both); ``release``: ``usd`` taken off what reservations in flight hold of that day and
 month (hd, hm: the part of d and mo that is estimates of requests not yet settled)."""
 
 # KEYS: window, spend of each scope, then (optionally) the tenant's pending reservations and the
@@ -122,19 +169,14 @@ local function window(key)
   if m == minute - 1 then return {0, r, 0, t} end
   return {0, 0, 0, 0}
 end
-local function spent(key)
-  local v = redis.call('HMGET', key, 'day', 'd', 'month', 'mo')
-  return (v[1] == day) and held(key, 'd', v[2]) or 0, (v[3] == month) and held(key, 'mo', v[4]) or 0
-end
-local function in_flight(key)
-  local v = redis.call('HMGET', key, 'day', 'hd', 'month', 'hm')
-  return (v[1] == day) and tonumber(v[2] or '0') or 0, (v[3] == month) and tonumber(v[4] or '0') or 0
-end
 local function past(spent, usd, cap) return spent + usd > cap * (1 + BUDGET_ROUNDING) end  -- base.past_budget
 local share, seen, told = 0, {}, {}
 for s = 0, scopes - 1 do
-  local spent_day, spent_month = spent(KEYS[s*2+2])
-  local held_day, held_month = in_flight(KEYS[s*2+2])
+  local key = KEYS[s*2+2]
+  local at_day, at_month = slot(key, DAY, day), slot(key, MONTH, month)
+  local spent_day, held_day = tally(key, DAY, at_day)
+  local spent_month, held_month = tally(key, MONTH, at_month)
+  seen[s] = {at_day, at_month, spent_day, spent_month, held_day, held_month}
   told[#told + 1] = string.format('%.17g,%.17g,%.17g,%.17g', spent_day, spent_month, held_day, held_month)
 end
 told = table.concat(told, ';')
@@ -142,8 +184,8 @@ for s = 0, scopes - 1 do
   local a = 7 + s * 4
   local rpm, tpm, per_day, per_month = tonumber(ARGV[a+1]), tonumber(ARGV[a+2]), tonumber(ARGV[a+3]), tonumber(ARGV[a+4])
   local w = window(KEYS[s*2+1])
-  local spent_day, spent_month = spent(KEYS[s*2+2])
-  seen[s] = {w, spent_day, spent_month}
+  local spent_day, spent_month = seen[s][3], seen[s][4]
+  seen[s].w = w
   if rpm >= 0 and requests > 0 and w[1] + w[2] * (1 - frac) + requests > rpm then return {1, s .. '.rpm', '0', told, corrupt, w[1], w[2]} end
   if tpm >= 0 and w[3] + w[4] * (1 - frac) + tokens > tpm then return {1, s .. '.tpm', '0', told, corrupt, w[3], w[4]} end
   if per_day >= 0 then
@@ -157,11 +199,10 @@ for s = 0, scopes - 1 do
 end
 local hold = marked and cost or 0  -- a marked reservation is held until its settlement releases it
 for s = 0, scopes - 1 do
-  local w, spent_day, spent_month = seen[s][1], seen[s][2], seen[s][3]
-  local held_day, held_month = in_flight(KEYS[s*2+2])
+  local w, v = seen[s].w, seen[s]
   redis.call('HSET', KEYS[s*2+1], 'm', minute, 'r', w[1] + requests, 'rp', w[2], 't', w[3] + tokens, 'tp', w[4])
-  redis.call('HSET', KEYS[s*2+2], 'day', day, 'd', spent_day + cost, 'month', month, 'mo', spent_month + cost,
-             'hd', held_day + hold, 'hm', held_month + hold)
+  put(KEYS[s*2+2], DAY, day, v[1], v[3] + cost, v[5] + hold)
+  put(KEYS[s*2+2], MONTH, month, v[2], v[4] + cost, v[6] + hold)
 end
 if marked then
   local spends = {}
