@@ -36,6 +36,7 @@ from gateway.limits.budget import budget_error, unchecked_budget_error
 from gateway.limits.rate import RATE_CAPS, rate_limit_error, too_large_error
 from gateway.store import keyspace
 from gateway.store.base import (
+    HELD_DUST,
     PENDING_S,
     Caps,
     CounterScope,
@@ -126,8 +127,13 @@ class _Word:
         """``usd`` let through, ``held`` more held by requests in flight (negative: released)."""
         self.since_day += usd
         self.since_month += usd
-        self.held_day = max(0.0, self.held_day + held)
-        self.held_month = max(0.0, self.held_month + held)
+        self.held_day = _held(self.held_day + held)
+        self.held_month = _held(self.held_month + held)
+
+
+def _held(usd: float) -> float:
+    """What requests in flight hold, none for the float dust their released estimates leave."""
+    return usd if usd > HELD_DUST else 0.0
 
 
 class Limiter:

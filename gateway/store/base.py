@@ -28,6 +28,7 @@ __all__ = [
     "BOUNDED_ENTRY_BYTES",
     "BOUNDED_EVICTIONS_AT_MOST",
     "BUDGET_ROUNDING",
+    "HELD_DUST",
     "PENDING_S",
     "Caps",
     "CounterScope",
@@ -51,6 +52,9 @@ the objects' headers): a 46-byte record took ~390 bytes (an outside tester's mea
 BOUNDED_EVICTIONS_AT_MOST = 1000
 """Keys one store call deletes at most to make room: 200,000 held Redis (every tenant's) for a second."""
 
+HELD_DUST = 1e-12
+"""USD held by requests in flight below which none is: what releasing the estimates held leaves
+of their float sum (t189: 5.6e-17 held by nothing told every refusal "$0.0000 reserved")."""
 PENDING_S = 3600
 """How long a reservation may stay unsettled before the tenant's next one undoes it (its process
 died mid-request, and nothing else ever would). Longer than a request lasts (a model's ``total``);

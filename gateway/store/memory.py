@@ -18,6 +18,7 @@ from gateway.store import keyspace
 from gateway.store.base import (
     BOUNDED_ENTRY_BYTES,
     BOUNDED_EVICTIONS_AT_MOST,
+    HELD_DUST,
     PENDING_S,
     Caps,
     ReserveOutcome,
@@ -315,7 +316,8 @@ class _Periods:
     def release(self, name: str, usd: float) -> None:
         found = self.find(name)
         if found is not None:
-            found.held = max(0.0, found.held - usd)
+            left = found.held - usd
+            found.held = left if left > HELD_DUST else 0.0
 
 
 @dataclass(slots=True)

@@ -282,6 +282,24 @@ async def test_a_request_begun_in_the_last_period_counts_there_and_leaves_the_ne
     assert (await store.counters.reserve(ask("20270101", 1e-6), T)).refused_by == "1.usd_per_day"
 
 
+async def test_what_settled_reservations_held_is_given_back_to_exactly_nothing(store: Store) -> None:
+    """t189: 0.1 + 0.2 held and then released left 5.6e-17 held, and every later budget refusal
+    said "(and $0.0000 reserved for requests still running)"."""
+    tenant = _tenant()
+    scopes = _scopes(tenant, Caps(usd_per_day=1.0), Caps(usd_per_month=1.0))
+    today, gone = keyspace.usage(tenant, "k", "20261130"), keyspace.usage(tenant, "k", "20260830")
+    for index, cost in enumerate((0.1, 0.2)):
+        mark = keyspace.reservation(tenant, f"dust-{index}")
+        assert (await store.counters.reserve(ReserveRequest(scopes, 10, cost, 1000, "20261130", "202611", 0.5, mark),
+                                             T)).refused_by is None  # fmt: skip
+    for index, cost in enumerate((0.1, 0.2)):
+        mark = keyspace.reservation(tenant, f"dust-{index}")
+        used = UsageFigures(requests=1, cost_usd=cost)
+        await store.counters.settle(SettleRequest(scopes, 0, 0.0, 1000, "20261130", "202611", today, used, gone, 10,
+                                                  cost, mark, held_usd=cost), T)  # fmt: skip
+    assert _flat((await store.counters.reserve(_ask(scopes, cost=0.0), T)).held) == [0.0] * 4
+
+
 async def test_settling_corrects_the_estimate_and_adds_the_usage(store: Store) -> None:
     tenant = _tenant()
     scopes = _scopes(tenant, Caps(usd_per_day=1.0), Caps())

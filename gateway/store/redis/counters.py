@@ -22,6 +22,7 @@ from gateway.accounting.usage import UsageFigures
 from gateway.store import keyspace
 from gateway.store.base import (
     BUDGET_ROUNDING,
+    HELD_DUST,
     PENDING_S,
     Caps,
     ReserveOutcome,
@@ -116,14 +117,15 @@ end
 local function release_period(key, f, p, usd)
   local _, holding = fields(f, slot(key, f, p))
   local v = holding and redis.call('HGET', key, holding)
-  if v then redis.call('HSET', key, holding, math.max(0, (tonumber(v) or 0) - usd)) end
+  local left = v and (tonumber(v) or 0) - usd
+  if left then redis.call('HSET', key, holding, left > HELD_DUST and left or 0) end  -- float leftovers: none held
 end
 local function release(key, day, month, usd)
   if not finite(usd) then return end
   release_period(key, DAY, day, usd)
   release_period(key, MONTH, month, usd)
 end
-"""
+""".replace("HELD_DUST", repr(HELD_DUST))
 """``held``: what a spend field holds; ``add_spend``: ``cost`` added to a spend counter's day and
 month (the latest or the one before), a new period opened when ``fresh`` (else left alone, as is
 one older than both); ``release``: ``usd`` taken off what reservations in flight hold of that day and
