@@ -30,6 +30,7 @@ from gateway.store import keyspace
 from tests.conftest import closed_after_test, inject, upstream_stats
 from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
+_KEY_NAMES = "rpm tpm budget s1 s2 saver admin counter ledger inflight twins once late"
 # small costs $0.5/M input and $1.5/M output in the test policy.
 KEYS = """auth:
   mode: keys
@@ -51,10 +52,7 @@ KEYS = """auth:
 tenants:
   shared: {limits: {rpm: 6}}
   saver: {downgrade_auto_at: 0.3}
-""" % {
-    name: hash_key(f"key-{name}")
-    for name in ["rpm", "tpm", "budget", "s1", "s2", "saver", "admin", "counter", "ledger", "inflight", "twins", "once", "late"]
-}
+""" % {name: hash_key(f"key-{name}") for name in _KEY_NAMES.split()}
 ROUTES = """  costly: {strategy: classifier, model: large, fallbacks: [small], threshold: 0.0}
   cheap: {model: small}"""  # costly: always large
 
