@@ -211,7 +211,7 @@ def start_gateway(
     policy: str,
     *,
     env: dict[str, str] | None = None,
-    timeout_s: float = 30.0,
+    timeout_s: float = 60.0,  # returns once ready; two workers importing on a loaded CI box took over 30 s
     expect_ready: bool = True,
     workers: int = 1,
     policy_path: Path | None = None,

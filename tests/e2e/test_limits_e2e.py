@@ -271,13 +271,13 @@ def test_requests_coalesced_on_one_in_flight_give_back_what_they_reserved(
     assert [r.status_code for r in responses] == [200] * 5, [r.text for r in responses]
     assert 0.0001 < held < 0.0002  # the leader's estimate alone
     assert all(r.json()["usage"]["completion_tokens"] > 0 for r in responses[1:])
-    deadline = time.monotonic() + 15  # the usage batch of the requests that reserved nothing lands a while later
-    while True:
-        usage = httpx.get(f"{pair[0].base_url}/usage", headers={"authorization": "Bearer key-twins"}).json()
-        if usage["total"]["requests"] == 5 or time.monotonic() > deadline:
+    deadline = time.monotonic() + 30  # the usage batch of the requests that reserved nothing lands a while later
+    while True:  # (a loaded CI machine once answered one look without a "total": each look must be whole)
+        usage = httpx.get(f"{pair[0].base_url}/usage", headers={"authorization": "Bearer key-twins"}, timeout=30).json()
+        if usage.get("total", {}).get("requests") == 5 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert usage["total"]["requests"] == 5 and usage["total"]["cache_hits"] == 4
+    assert usage["total"]["requests"] == 5 and usage["total"]["cache_hits"] == 4, usage
     # nothing is held once they are answered, and one upstream call is what the key spent
     assert float(client.hget(spend, "hd") or 0) == 0.0
     assert 0 < float(client.hget(spend, "d") or 0) < 0.0002

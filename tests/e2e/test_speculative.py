@@ -701,7 +701,9 @@ async def test_a_heavy_tail_beyond_the_returned_logprobs_ends_speculation(pair: 
 async def test_a_hung_draft_costs_one_draft_deadline_then_speculation_pauses(
     pair: tuple[Provider, Provider], small: ToyServer
 ) -> None:
-    spec = _spec(pair, draft_timeout_ms=300, draft_cooldown_s=0.5)
+    # a cool-down long enough that the first answer's own end (the large model's 40 tokens) cannot
+    # outlast it on a loaded machine, where 0.5 s ran out before the second request (CI, f204)
+    spec = _spec(pair, draft_timeout_ms=300, draft_cooldown_s=4.0)
     await spec.check_pair()
     body, want = await _long_answer(pair[0], max_tokens=40)
     small.reset()
@@ -717,7 +719,7 @@ async def test_a_hung_draft_costs_one_draft_deadline_then_speculation_pauses(
     assert _answer(second) == want and _stats(second).fallback_reason == "draft_unhealthy"
     assert small.stats()["completions"] == calls
     small.reset()  # healthy again
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(4.1)
     third = await spec.complete(*as_sent(body))
     assert _answer(third) == want
     assert not _stats(third).fallback_to_plain and _stats(third).draft_calls > 0
