@@ -387,7 +387,7 @@ def test_a_cut_stream_is_never_cached(cached_gateway: GatewayProcess, small_upst
         )
     # Until the cut stream is over (logged), an identical request coalesces on it and is told its
     # failure: a CI run under load sent the next one that early and got the cut's 502.
-    cached_gateway.wait_for_record(cut_id, timeout_s=10)
+    cached_gateway.wait_for_record(cut_id, timeout_s=30)
     raw = client.chat.completions.with_raw_response.create(model="small", messages=messages, temperature=0)
     assert raw.headers["x-gateway-cache"] == "miss"
 
@@ -597,7 +597,7 @@ def test_gateway_serves_without_redis_and_uses_it_again_when_back(
             assert raw.headers["x-gateway-cache"] == "bypass"
         assert len(gateway.wait_for_ops("redis_unavailable")) == 1  # once per incident
         redis = start_embedded_redis(tmp_path / "redis", port=port, password="pw-1")
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         cache = "bypass"
         while cache != "exact" and time.monotonic() < deadline:
             time.sleep(0.3)

@@ -228,7 +228,7 @@ def test_a_pipelined_request_whose_client_leaves_is_logged_as_499(
     requests += _raw_chat(_body("pipelined request 1", stream=stream))
     with socket.create_connection(("127.0.0.1", gateway.port)) as client:  # a raw client, to pipeline
         client.sendall(requests)
-        stats = _poll(lambda: upstream_stats(small_upstream), lambda s: s["chat_requests"] >= 1, timeout_s=5.0)
+        stats = _poll(lambda: upstream_stats(small_upstream), lambda s: s["chat_requests"] >= 1, timeout_s=30.0)
         assert stats["chat_requests"] == 1, stats
     record = gateway.wait_for_record(request_id)
     assert (record["status"], record["error_type"]) == (499, "client_disconnected")

@@ -188,7 +188,7 @@ def test_defect8_a_hung_redis_is_reported_degraded_and_the_cache_says_bypass(
         try:
             caches = [ask(model="fast", messages=messages, temperature=0).headers["x-gateway-cache"] for _ in range(5)]
             assert set(caches) == {"bypass"}  # the cache could not be asked: never "miss"
-            deadline, metrics = time.monotonic() + 10, ""
+            deadline, metrics = time.monotonic() + 30, ""
             while "gateway_redis_up 0.0" not in metrics and time.monotonic() < deadline:  # degraded after 1 s
                 ask(model="fast", messages=messages, temperature=0)
                 metrics = httpx.get(f"{gateway.url}/metrics", timeout=5).text
@@ -199,7 +199,7 @@ def test_defect8_a_hung_redis_is_reported_degraded_and_the_cache_says_bypass(
             assert '"redis_degraded"' in gateway.stderr_text()
         finally:
             os.kill(server.pid, signal.SIGCONT)
-        deadline, cache = time.monotonic() + 10, "bypass"
+        deadline, cache = time.monotonic() + 30, "bypass"
         while cache != "exact" and time.monotonic() < deadline:
             time.sleep(0.3)
             cache = ask(model="fast", messages=messages, temperature=0).headers["x-gateway-cache"]

@@ -19,7 +19,7 @@ def _llm(gateway: GatewayProcess, **options: object) -> OpenAILike:
 
 def _completion_records(gateway: GatewayProcess, at_least: int) -> list[dict[str, object]]:
     """The log lines of ``/v1/completions`` requests, once ``at_least`` are written (the last may lag its answer)."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while True:
         records = [r for r in gateway.log_records() if r.get("protocol") == "openai.completions"]
         if len(records) >= at_least or time.monotonic() > deadline:

@@ -583,7 +583,7 @@ def test_a_removed_keys_usage_stays_in_an_admins_usage(gw: GatewayProcess) -> No
     def leaving_app_rows() -> list[dict[str, Any]]:
         # a loaded machine can make the usage read time out on Redis: a 503 that says so, asked again
         answer = _poll(lambda: httpx.get(f"{gw.base_url}/usage", headers=ops, timeout=10),
-                       lambda r: r.status_code != 503, timeout_s=20)  # fmt: skip
+                       lambda r: r.status_code != 503, timeout_s=30)  # fmt: skip
         assert answer.status_code == 200, answer.text
         return [row for row in answer.json()["data"] if row["key_id"] == "leaving-app"]
 
@@ -985,7 +985,7 @@ def test_defect3_a_file_still_being_written_is_not_loaded(
             time.sleep(0.02)  # a writer that pauses, but for far less than the settle time
             handle.write(full[start : start + 200])
             handle.flush()
-    state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == _version_of(full), timeout_s=10.0)
+    state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == _version_of(full), timeout_s=30.0)
     assert state["version"] == _version_of(full)
     assert len(gw.ops_records("policy_rejected")) == rejected_before
 
@@ -1004,7 +1004,7 @@ def test_a_valid_prefix_is_not_put_in_force_while_its_writer_pauses(gw: GatewayP
             seen.add(_readyz(gw)["policy"]["version"])
             time.sleep(0.05)
         handle.write(full[len(prefix) :])
-    state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == _version_of(full), timeout_s=10.0)
+    state = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == _version_of(full), timeout_s=30.0)
     assert state["version"] == _version_of(full)
     assert _version_of(prefix) not in seen
     assert _version_of(prefix) not in {record["version"] for record in gw.ops_records("policy_reloaded")}
@@ -1167,12 +1167,12 @@ def test_a_symlinked_policy_and_a_key_file_elsewhere_are_watched(
         )  # fmt: skip
         secret = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("secret:"))
         assert (secrets / "keys.yaml").exists()
-        answered = _poll(lambda: _chat(gw, key=secret), lambda r: r.status_code == 200, timeout_s=15)
+        answered = _poll(lambda: _chat(gw, key=secret), lambda r: r.status_code == 200, timeout_s=30)
         assert answered.status_code == 200, "the new key in a file outside the policy's folder was not picked up"
         edited = text.replace(FAST_ROUTE, FAST_ON_LARGE)
         _write_atomically(real / "policies.yaml", edited)  # the symlink's target, in another folder
         after = _poll(lambda: _chat(gw, key="sk-ops"), lambda r: r.headers.get("x-gateway-model") == "large",
-                      timeout_s=15)  # fmt: skip
+                      timeout_s=30)  # fmt: skip
         assert after.headers["x-gateway-model"] == "large", "an edit behind the symlink was not picked up"
     finally:
         gw.stop()

@@ -443,7 +443,7 @@ def test_a_response_the_gateway_cannot_claim_says_so_and_is_not_left_upstream(
                 streamed = stream.get_final_response()
         assert made.output_text and getattr(made, "store", None) is False and getattr(streamed, "store", None) is False
         for response_id in (made.id, streamed.id):  # deleted in the background, after the answer
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 30
             while httpx.get(f"{small_upstream.url}/responses/{response_id}", timeout=5).status_code != 404:
                 assert time.monotonic() < deadline, f"{response_id} is still kept upstream"
                 time.sleep(0.05)

@@ -50,7 +50,7 @@ def _ask(gateway: GatewayProcess, content: str) -> tuple[str, str]:
 
 
 def _wait_for(gateway: GatewayProcess, event: str, count: int) -> list[dict[str, object]]:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if len(found := gateway.ops_records(event)) >= count:
             return found

@@ -60,7 +60,7 @@ async def _stats(control: httpx.AsyncClient) -> dict[str, Any]:
 
 
 async def _wait_for(control: httpx.AsyncClient, key: str, value: int) -> dict[str, Any]:
-    deadline = time.monotonic() + 3.0
+    deadline = time.monotonic() + 30.0
     while True:
         stats = await _stats(control)
         if stats[key] == value or time.monotonic() > deadline:

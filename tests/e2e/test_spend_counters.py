@@ -141,7 +141,7 @@ def test_a_key_whose_spend_an_older_gateway_left_at_inf_is_billed_and_counted_ag
                 timeout=15,
             )
             assert answer.status_code == 200, answer.text
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while _requests_recorded(gw) < before + 3 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _requests_recorded(gw) == before + 3, gw.stderr_text()[-2000:]

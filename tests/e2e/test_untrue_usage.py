@@ -60,7 +60,7 @@ def _counted(
 def _warned(gateway: GatewayProcess, request_id: str) -> list[tuple[str, str]]:
     """The ``usage_refused`` warnings of one request (model, reason), waited for: stderr is
     written apart from the request log, and may be read between the two."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while True:
         said = [
             (e["model"], e["reason"]) for e in gateway.ops_records("usage_refused") if e["request_id"] == request_id
