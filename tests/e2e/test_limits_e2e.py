@@ -261,7 +261,11 @@ def test_requests_coalesced_on_one_in_flight_give_back_what_they_reserved(
     client = closed_after_test(redis_sync.Redis.from_url(redis_server.url))
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
         first = pool.submit(_chat, pair[0], "twins", content=content, stream=True, **ask)
-        time.sleep(0.5)  # it is upstream; the others wait on it, in its process and in the other one
+        # it is upstream, not a guessed 0.5 s: the others wait on it, in its process and in the other one,
+        # and its stream's few seconds run from there, so the held estimate is read while it streams
+        deadline = time.monotonic() + 30
+        while upstream_stats(small_upstream)["chat_requests"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
         twins = []
         for index in range(4):
             twins.append(pool.submit(_chat, pair[index % 2], "twins", content=content, **ask))
