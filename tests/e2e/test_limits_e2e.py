@@ -63,7 +63,10 @@ def pair(
     small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream,
 ) -> Iterator[tuple[GatewayProcess, GatewayProcess]]:  # fmt: skip
     """Two gateway processes behind an imaginary load balancer, one Redis."""
-    policy = policy_text(small_upstream, large_upstream, auth=KEYS, routes=ROUTES, cache="{semantic: {enabled: false}}")
+    policy = policy_text(
+        small_upstream, large_upstream, auth=KEYS, routes=ROUTES,
+        cache="{semantic: {enabled: false}, redis_timeout_ms: 2000}",
+    )  # fmt: skip
     redis_server_url = redis_server.url
     with redis_sync.Redis.from_url(redis_server_url) as client:  # closed: not left to the collector
         client.flushdb()  # fresh counters for this module
