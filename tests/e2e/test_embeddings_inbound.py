@@ -38,7 +38,10 @@ def gateway_with_cache(
     large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:
     policy = policy_text(
-        small_upstream, large_upstream, auth=_AUTH, cache="{enabled: true, semantic: {enabled: false}}"
+        small_upstream,
+        large_upstream,
+        auth=_AUTH,
+        cache="{enabled: true, semantic: {enabled: false}, redis_timeout_ms: 2000}",
     )
     process = start_gateway(tmp_path_factory.mktemp("embeddings"), policy, env={"REDIS_URL": redis_server.url})
     yield process

@@ -183,7 +183,7 @@ def test_a_route_pointed_at_another_model_does_not_serve_the_old_models_answers(
     """t56: after the reload the exact cache served the old model's answer for its whole ttl_s,
     named as the old model, at no cost."""
     cached = _base_policy(small_upstream, large_upstream).replace(
-        "cache: {enabled: false}", "cache: {enabled: true, semantic: {enabled: false}}"
+        "cache: {enabled: false}", "cache: {enabled: true, semantic: {enabled: false}, redis_timeout_ms: 2000}"
     )
     assert cached != _base_policy(small_upstream, large_upstream)
     _settle(gw, cached)

@@ -37,7 +37,9 @@ def gateway(
     pair_gateway: PairGateway,
     small_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:
-    with pair_gateway("prefill", extra_models=_VLLM.format(url=small_upstream.url), cache="{enabled: true}") as process:
+    with pair_gateway(
+        "prefill", extra_models=_VLLM.format(url=small_upstream.url), cache="{enabled: true, redis_timeout_ms: 2000}"
+    ) as process:
         yield process
 
 

@@ -161,7 +161,9 @@ def test_a_full_redis_keeps_the_gateway_ready_and_its_cache_hits_served(
     down: /readyz 503 (the shipped readinessProbe then takes every pod out at once), redis_up 0,
     and cache hits lost. Its refused writes are skipped and counted instead."""
     server = start_embedded_redis(tmp_path / "redis")
-    policy = policy_text(small_upstream, large_upstream, cache="{enabled: true, semantic: {enabled: false}}")
+    policy = policy_text(
+        small_upstream, large_upstream, cache="{enabled: true, semantic: {enabled: false}, redis_timeout_ms: 2000}"
+    )
     gw = start_gateway(tmp_path / "gw", policy, env={"REDIS_URL": server.url, "TEST_LARGE_KEY": "k"})
     body = {"model": "fast", "messages": [{"role": "user", "content": "kept while full"}]}
     try:
