@@ -356,7 +356,8 @@ def breaker_gateway(
     small_upstream: SimulatedUpstream,
     large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:
-    policy = policy_text(small_upstream, large_upstream, breaker="{min_requests: 1, reset_after_s: 1}")
+    # reset_after_s: the two requests and /readyz below fit in it on a loaded machine (1 s did not always)
+    policy = policy_text(small_upstream, large_upstream, breaker="{min_requests: 1, reset_after_s: 5}")
     process = start_gateway(Path(tmp_path_factory.mktemp("breaker")), policy, env={"REDIS_URL": redis_server.url})
     yield process
     process.stop()
@@ -373,7 +374,10 @@ def test_circuit_breaker_skips_dead_upstream_then_probes_again(
     assert second.headers["x-gateway-model"] == "large"
     assert upstream_stats(small_upstream)["chat_requests"] == calls_before
     assert httpx.get(f"{breaker_gateway.url}/readyz").json()["upstreams"]["small"] == "open"
-    time.sleep(1.1)
+    deadline = time.monotonic() + 30  # until reset_after_s has passed: the next request probes
+    while httpx.get(f"{breaker_gateway.url}/readyz").json()["upstreams"]["small"] != "half_open":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
     third = _chat(breaker_gateway, model="fast")  # one probe goes through, succeeds, closes the circuit
     assert third.headers["x-gateway-model"] == "small"
     assert httpx.get(f"{breaker_gateway.url}/readyz").json()["upstreams"]["small"] == "closed"
