@@ -506,12 +506,14 @@ def _uvicorn_supervisor() -> type:
             self._failed_in_a_row = 0  # workers that died before they started, since one last started
             self._deaths: list[float] = []  # when workers died, over the last minute
             self._replace_at: dict[int, float] = {}  # dead worker *i*: when its replacement starts
+            self._spawned: dict[int, float] = {}  # a worker not yet seen started: when it was spawned
 
         def init_processes(self) -> None:
             for index in range(self.processes_num):
                 process = Process(self.config, [self.sockets[index % len(self.sockets)]])
                 with _worker_signals_held():
                     process.start()
+                self._note_spawned(process)
                 self.processes.append(process)
 
         def keep_subprocess_alive(self) -> None:
@@ -529,10 +531,13 @@ def _uvicorn_supervisor() -> type:
                 if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
                     self._note_started(process)
                     continue
+                if self._still_starting(process):
+                    continue
                 process.kill()  # hung or dead
                 process.join()
                 started = process.pid in self._started
                 self._started.discard(process.pid)
+                self._spawned.pop(process.pid or 0, None)
                 how = _how_it_ended(process.exitcode)
                 if not started and self._failed_start(process, how):
                     self._stop_listening()  # nobody will accept what would be queued meanwhile
@@ -553,8 +558,20 @@ def _uvicorn_supervisor() -> type:
             if pid is None or pid in self._started or not _has_started(process):
                 return
             self._started.add(pid)
+            self._spawned.pop(pid, None)
             self._served = True
             self._failed_in_a_row = 0
+
+        def _note_spawned(self, process: Process) -> None:
+            if process.pid is not None:
+                self._spawned[process.pid] = time.monotonic()
+
+        def _still_starting(self, process: Process) -> bool:
+            """Whether a live worker that has not yet started, and left a health check unanswered, is
+            within :data:`_START_GRACE_S` of its spawn: slow to import and load, not hung."""
+            spawned = self._spawned.get(process.pid or 0)
+            alive = process.process.is_alive()
+            return alive and spawned is not None and time.monotonic() - spawned < _START_GRACE_S
 
         def _failed_start(self, process: Process, how: str) -> bool:
             """Whether the death of ``process``, which was never seen started, stops the gateway
@@ -583,6 +600,7 @@ def _uvicorn_supervisor() -> type:
             replacement = Process(self.config, [self._socket_for_replacement(index)])
             with _worker_signals_held():
                 replacement.start()
+            self._note_spawned(replacement)
             self.processes[index] = replacement
 
         def _socket_for_replacement(self, index: int) -> socket.socket:
@@ -643,6 +661,12 @@ def _uvicorn_supervisor() -> type:
 
 _FAILED_STARTS_IN_A_ROW = 3
 """Once the gateway has served: workers in a row that die before they start stop it."""
+
+_START_GRACE_S = 60.0
+"""How long a worker that has not yet started may leave uvicorn's health check (5 s) unanswered
+before it is taken for hung: importing the app and loading the models on a host busy elsewhere
+outlasted 5 s on a CI box at load 15, the worker was killed as hung, and the gateway stopped as
+one that could not start (t188)."""
 
 
 def _has_started(process: object) -> bool:

@@ -380,6 +380,43 @@ def test_workers_that_cannot_import_the_app_stop_the_gateway(
     assert 1 <= done.stderr.count("RuntimeError: a broken dependency") <= 2  # each worker once at most
 
 
+_SLOW_IMPORT = """\
+import os, sys, time
+
+# Hold the GIL for 8 s, as importing and loading models on a busy host can, so that the worker's
+# health-check thread cannot answer uvicorn's 5 s ping; then load the real package.
+sys.setswitchinterval(60)
+_until = time.monotonic() + 8
+while time.monotonic() < _until:
+    pass
+sys.setswitchinterval(0.005)
+_here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+del sys.modules["litestar"]
+import litestar as _real  # noqa: E402
+
+sys.modules["litestar"] = _real
+"""
+
+
+def test_workers_slow_to_start_are_waited_for_not_killed_as_hung(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t188: uvicorn's supervisor takes a worker that leaves its 5 s health check unanswered for
+    hung and kills it; a worker still importing the app on a loaded CI box was killed so, and the
+    gateway stopped (exit 3) as one that could not start. A worker not yet started has a minute."""
+    lib = tmp_path / "lib"
+    (lib / "litestar").mkdir(parents=True)
+    (lib / "litestar" / "__init__.py").write_text(_SLOW_IMPORT)
+    env = {"REDIS_URL": redis_server.url, "PYTHONPATH": _pythonpath_with(lib)}
+    gateway = start_gateway(tmp_path, policy_text(small_upstream, large_upstream), env=env, workers=2)
+    try:
+        assert httpx.get(f"{gateway.url}/readyz", timeout=10).status_code == 200
+        assert "failed to start" not in gateway.stderr_text() and "died" not in gateway.stderr_text()
+    finally:
+        gateway.stop()
+
+
 def test_replacements_that_cannot_start_stop_the_gateway_after_three_in_a_row(
     tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
 ) -> None:
