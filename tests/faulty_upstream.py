@@ -13,7 +13,9 @@ policy), so one server serves every fault:
 - ``few-huge``: ten content chunks of 420 KB each, then the finish;
 - ``one-huge``: one content chunk of 900 KB, then the finish and a usage of 1 token;
 - ``long-answer``: 200 KB of content chunks as fast as the gateway takes them, then the finish;
-  ``big-answer``: the same with 4 MB;
+  ``big-answer``: the same with 5.5 MB (more than a loopback socket's send buffer grows to,
+  ``net.ipv4.tcp_wmem``'s usual 4 MB, so that it cannot all be handed to the kernel, and less
+  than the 8 MB the gateway reads ahead of a client);
 - ``two-choices``: ``n`` = 2 with usage in every chunk (vLLM's ``continuous_usage_stats``);
   the first choice finishes, then 2.5 s of silence before the second goes on;
 - ``drop-after-finish``: a whole streamed answer (its finish and usage chunks), then the
@@ -200,7 +202,7 @@ async def _answer(request: web.Request, upstream: FaultyUpstream) -> web.StreamR
     elif model in ("long-answer", "big-answer"):
         await response.write(_chunk(model, {"role": "assistant", "content": ""}))
         piece = _chunk(model, {"content": "flood " * 200})
-        for _ in range((200_000 if model == "long-answer" else 4_000_000) // len(piece)):
+        for _ in range((200_000 if model == "long-answer" else 5_500_000) // len(piece)):
             await response.write(piece)
         await response.write(_chunk(model, {}, "stop"))
         await response.write(b"data: [DONE]\n\n")
