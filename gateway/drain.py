@@ -70,6 +70,15 @@ class Drain:
             task.get_loop().call_soon(task.cancel)
         return task
 
+    def keep(self, work: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run a request's bookkeeping that ends on its own (its bill counted in a thread, then its
+        log line): waited for at the worker's end, never ended at the deadline (a task cancelled
+        before its first step would skip it all)."""
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+        return task
+
     async def finish_work(self) -> None:
         """At the worker's end, before the bill and the log are closed: wait for the work
         :meth:`spawn` started, and for the streams still open, up to the deadline (which starts
@@ -85,6 +94,8 @@ class Drain:
             if self._open:
                 left_s = self._ends_at - asyncio.get_running_loop().time()
                 await asyncio.wait(set(self._open), timeout=max(left_s, 0.0) + _LAST_WORDS_S)
+            if self._work:  # started by the streams meanwhile (a stalled client's bill counted in a thread)
+                await asyncio.gather(*self._work, return_exceptions=True)
             await asyncio.sleep(0)  # their accounting is called soon after them
 
     def ended_by_deadline(self, task: asyncio.Task[Any] | None) -> bool:

@@ -1079,10 +1079,25 @@ class ChatPipeline:
 
         def stalled() -> None:
             """The client stopped taking what it holds the upstream for: settled and logged now, not
-            whenever it hangs up (its in-band error waits behind the same full buffers)."""
+            whenever it hangs up (its in-band error waits behind the same full buffers); what it was
+            sent is counted off the event loop when long, as at any cut (t191: 14 MB counted in the
+            pace's timer held every tenant's requests for 0.5 s)."""
+            nonlocal logged
+            logged = True  # by the task below, whatever the relay meets meanwhile
             record.error_type, record.status = ClientStalled.code, ClientStalled.status_code
-            self._settle_cut_now(x, provider, stream.tally)
-            finish()
+            _record_speculation(record, stream)
+            if x.slot is not None:  # its upstream is let go now
+                x.slot.release()
+            settling = self._settle_cut_as_it_is(x, provider, stream.tally)
+            at, waited, client_wait = time.perf_counter(), upstream_wait, x.info.client_seconds + pace.client_wait()
+
+            async def settle_then_log() -> None:
+                try:
+                    await settling
+                finally:
+                    self._finish(x, waited, client_wait, at)
+
+            drain.keep(settle_then_log(), "stream-stalled")
 
         pace = ClientPace(stream, read, _piece_size, provider.config.timeouts, x.started, stalled)
         most = _most_chars(x.request, provider)
@@ -1377,6 +1392,15 @@ class ChatPipeline:
         cut = tally.finish_reason is None and not tally.usage_exact
         self._settle(
             x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier, tools=tally.server_tools
+        )
+
+    def _settle_cut_as_it_is(self, x: _Exchange, provider: Provider, tally: StreamTally) -> Coroutine[Any, Any, None]:
+        """:meth:`_settle_cut` on the tally as it is now, for a caller that cannot wait (a timer's)
+        to run later: what the upstream wrote after is not the request's."""
+        cut = tally.finish_reason is None and not tally.usage_exact
+        tools = dict(tally.server_tools) if tally.server_tools else None
+        return self._settle_off_loop(
+            x, provider, tally.usage, tally.text, tally.said, cut=cut, tier=tally.service_tier, tools=tools
         )
 
     async def _settle_off_loop(

@@ -14,9 +14,14 @@ import msgspec
 import pytest
 from structlog.testing import capture_logs
 
+from gateway import client_pace
 from gateway import pipeline as pipeline_module
+from gateway.accounting.metrics import Metrics
 from gateway.accounting.request_log import RequestRecord, request_line
-from gateway.pipeline import StreamingAnswer
+from gateway.cache.exact import ExactCache
+from gateway.cache.semantic import SemanticCache
+from gateway.drain import Drain
+from gateway.pipeline import ChatPipeline, StreamingAnswer
 from gateway.reporting.aggregate import Aggregator
 from gateway.tokens import count_prompt, count_text
 from tests.unit.conftest import POLICY, Harness, MakeHarness, answer_of
@@ -368,3 +373,85 @@ async def test_a_long_answer_the_gateway_counts_is_counted_off_the_event_loop(
     assert line["status"] == (499 if leaves else 502)
     assert line["completion_tokens"] >= 5  # at least the gateway's count of what came
     assert counted_in and threading.current_thread().name not in counted_in
+
+
+async def test_a_stalled_clients_long_answer_is_counted_off_the_event_loop(
+    make_harness: MakeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """t191: a client that stopped reading was settled at its cut from the pace's timer, so what
+    it was sent was counted on the event loop (14 MB of a 1M-token model's answer held every
+    tenant's requests for 0.5 s). It is counted in a thread, as any long answer is (t110), and
+    the request is still logged once, as the 408 the client is told in-band."""
+    policy = POLICY.replace("tier: small}", "tier: small, timeouts: {idle: 0.05}}")
+    harness = await make_harness(policy + "limits: {long_prompt_chars: 10}\n")
+    harness.upstream.ending = ("an answer longer than ten characters that the client never takes", "stop")
+    monkeypatch.setattr(client_pace, "READ_AHEAD_BYTES", 1)  # a piece read ahead is the most: cut at the idle timeout
+    counted_in: list[str] = []
+
+    def where(text: str, encoding: str) -> int:
+        counted_in.append(threading.current_thread().name)
+        return count_text(text, encoding)
+
+    monkeypatch.setattr(pipeline_module, "count_text", where)
+    with capture_logs() as logs:
+        answer = await harness.ask("count me", stream=True, cache_control="no-store")
+        assert isinstance(answer, StreamingAnswer)
+        events = cast(AsyncGenerator[bytes, None], answer.events)
+        for _ in range(4):  # the role, then "an answer longer"
+            await anext(events)
+        async with asyncio.timeout(5):  # the client takes nothing more: cut at the idle timeout
+            while not [line for line in logs if line["event"] == "request"]:
+                await asyncio.sleep(0.01)
+        rest = [event async for event in events]
+        await asyncio.sleep(0)
+    assert rest and b"client_stalled" in rest[-1]  # told in-band once it reads again
+    (line,) = [line for line in logs if line["event"] == "request"]
+    assert (line["status"], line["error_type"]) == (408, "client_stalled")
+    assert line["completion_tokens"] >= 3 and line["cost_usd"] > 0
+    assert counted_in and threading.current_thread().name not in counted_in
+
+
+async def test_a_stalled_clients_count_is_waited_for_at_the_workers_end(
+    make_harness: MakeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stalled request's count, in a thread (t191), is its bill and its log line: the worker's
+    end waits for it, past the drain's deadline, and the client's hanging up meanwhile logs nothing more."""
+    policy = POLICY.replace("tier: small}", "tier: small, timeouts: {idle: 0.05}}")
+    harness = await make_harness(policy + "limits: {long_prompt_chars: 10}\n")
+    harness.pipeline = ChatPipeline(
+        harness.holder, Metrics(), ExactCache(harness.store.kv), SemanticCache(harness.store.vectors, None),
+        harness.limiter, None, drain=Drain(0.01),
+    )  # fmt: skip
+    harness.upstream.ending = ("an answer longer than ten characters that the client never takes", "stop")
+    monkeypatch.setattr(client_pace, "READ_AHEAD_BYTES", 1)
+    counting, go_on = asyncio.Event(), threading.Event()
+    loop = asyncio.get_running_loop()
+
+    def held(text: str, encoding: str) -> int:
+        loop.call_soon_threadsafe(counting.set)
+        go_on.wait(5)
+        return count_text(text, encoding)
+
+    monkeypatch.setattr(pipeline_module, "count_text", held)
+
+    async def client() -> None:  # a task of its own, as a server's request is: done once it hangs up
+        answer = await harness.ask("count me", stream=True, cache_control="no-store")
+        assert isinstance(answer, StreamingAnswer)
+        events = cast(AsyncGenerator[bytes, None], answer.events)
+        for _ in range(4):
+            await anext(events)
+        async with asyncio.timeout(5):
+            await counting.wait()
+        await events.aclose()  # the client hangs up while it is counted
+
+    with capture_logs() as logs:
+        await asyncio.create_task(client())
+        closing = asyncio.create_task(harness.pipeline.aclose())
+        await asyncio.sleep(0.1)  # past the drain's deadline
+        assert not closing.done() and not [line for line in logs if line["event"] == "request"]
+        go_on.set()
+        async with asyncio.timeout(5):
+            await closing
+    (line,) = [line for line in logs if line["event"] == "request"]
+    assert (line["status"], line["error_type"]) == (408, "client_stalled")
+    assert line["completion_tokens"] >= 3 and line["cost_usd"] > 0
