@@ -12,6 +12,7 @@ or deleting a stored response (``/v1/responses/{id}``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -547,6 +548,21 @@ class ChatPipeline:
             if x.client_left:
                 x.record.status, x.record.error_type = 499, "client_disconnected"
             self._finish(x, x.info.upstream_seconds, x.info.client_seconds)
+
+    def refused_method(self, authorization: Credentials, request_id: str, protocol: str, started: float) -> None:
+        """A model endpoint's 405 (a method it does not take), answered before its body is read:
+        logged as any refusal is (t191: it wrote no line), its key's when it authenticates."""
+        runtime = self._holder.current
+        at = time.time()
+        record = RequestRecord(
+            request_id=request_id, key_id="-", tenant="-", policy_version=runtime.version, started_at=utc_stamp(at)
+        )
+        record.protocol = protocol
+        with contextlib.suppress(GatewayError):  # the 405 stands whatever the key: the line says whose it was
+            principal = runtime.auth.authenticate(authorization)
+            record.key_id, record.tenant = principal.key_id, principal.tenant
+        record.status, record.error_type = 405, InvalidRequestError.error_type
+        self._finish(_Exchange(runtime, record, started, at), 0.0, 0.0)
 
     # -- steps -------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from gateway.api.chat import ChatRoute
 from gateway.api.completions import create_completion
 from gateway.api.embeddings import create_embeddings
 from gateway.api.feedback import feedback
+from gateway.api.handoff import log_refused_method
 from gateway.api.messages import count_message_tokens, create_message
 from gateway.api.probes import error_response, healthz, internal_error, list_models, metrics, readyz, retrieve_model
 from gateway.api.responses import (
@@ -41,7 +42,7 @@ from gateway.classifier import load_classifier
 from gateway.drain import Drain
 from gateway.embeddings import EmbeddingsPipeline
 from gateway.errors import ConfigError, GatewayError, InvalidRequestError, ModelNotFoundError
-from gateway.http_paths import in_messages_api
+from gateway.http_paths import canonical_path, in_messages_api
 from gateway.large_share import LargeShareTracker
 from gateway.learning.learned import ClassifierInputs
 from gateway.learning.loop import LearningLoop
@@ -205,6 +206,15 @@ def _reopen_on_sigusr1(loop: asyncio.AbstractEventLoop, request_log: RequestLogW
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
 
 
+_MODEL_ENDPOINTS = {
+    "/v1/completions": "openai.completions",
+    "/v1/responses": "openai.responses",
+    "/v1/messages": "anthropic.messages",
+    "/v1/embeddings": "openai.embeddings",
+}
+"""The model endpoints Litestar routes (chat is :class:`ChatRoute`'s): their 405 writes a request line."""
+
+
 def _gateway_error(request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
     return _in_callers_shape(request, exc)
 
@@ -214,6 +224,10 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
         return _in_callers_shape(request, ModelNotFoundError("no such endpoint", code="not_found"))
     error = InvalidRequestError(str(exc.detail), headers=dict(exc.headers or {}))  # a 405's Allow among them
     error.status_code = exc.status_code
+    if exc.status_code == 405 and (protocol := _MODEL_ENDPOINTS.get(canonical_path(request.url.path))):
+        state: GatewayState | None = getattr(request.app.state, "gateway", None)
+        if state is not None:  # requests come after the lifespan's start
+            error.headers["x-request-id"] = log_refused_method(request, state, protocol)
     allowed = error.headers.get("allow", "")
     if "GET" in allowed.split(", "):  # served for HEAD too (ChatRoute)
         error.headers["allow"] = allowed.replace("GET", "GET, HEAD", 1)

@@ -22,7 +22,7 @@ from litestar import Litestar
 from litestar.exceptions import InternalServerException
 
 from gateway.api import cors as cors_headers
-from gateway.api.handoff import Incoming, hand_to_pipeline
+from gateway.api.handoff import Incoming, hand_to_pipeline, log_refused_method
 from gateway.api.probes import internal_error
 from gateway.api.state import GatewayState
 from gateway.errors import GatewayError, InvalidRequestError
@@ -78,6 +78,9 @@ class ChatRoute:
             else:
                 not_allowed = InvalidRequestError("Method Not Allowed")
                 not_allowed.status_code, not_allowed.headers["allow"] = 405, _ALLOWED.decode()
+                if state is not None:
+                    request = _BareRequest(self.app, scope, receive)
+                    not_allowed.headers["x-request-id"] = log_refused_method(request, state, "openai.chat")
                 await _send_error(send, not_allowed)
         elif scope["method"] == "HEAD":
             # RFC 9110: what serves GET serves HEAD (load balancers and uptime checks probe with it)

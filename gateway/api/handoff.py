@@ -17,7 +17,7 @@ from gateway.api.state import GatewayState
 from gateway.auth import Credentials, Principal
 from gateway.pipeline import Answer, PassThrough, StreamingAnswer, StreamingDeltas, Translate
 
-__all__ = ["DisconnectWatch", "Incoming", "hand_to_pipeline"]
+__all__ = ["DisconnectWatch", "Incoming", "hand_to_pipeline", "log_refused_method"]
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
@@ -122,6 +122,13 @@ async def hand_to_pipeline(
     finally:
         watch.stop()
     return request_id, watch.left_answer(request_id) if watch.client_left else answer
+
+
+def log_refused_method(request: Incoming, state: GatewayState, protocol: str) -> str:
+    """A model endpoint's 405, logged as the pipeline logs any refusal; the id it is logged under."""
+    request_id = request_id_of(request.headers)
+    state.pipeline.refused_method(authorization_of(request), request_id, protocol, time.perf_counter())
+    return request_id
 
 
 def _cache_control(scope: Mapping[str, Any]) -> str | None:

@@ -96,6 +96,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._head_bytes += len(piece)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse(431, "Request Header Fields Too Large", f"request headers exceed {MAX_HEAD_BYTES} bytes")
+                self.logger.warning("Request head too large.")  # counted in the ops log, as uvicorn's 400s are
                 return
             self._feed(piece)
             if self.transport.is_closing() or self._refused:
@@ -235,6 +236,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         self._refuse(408, "Request Timeout", f"request headers not received within {HEAD_TIMEOUT_S:g}s")
+        self.logger.warning("Request head too slow.")
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
         if self._answer_pending():

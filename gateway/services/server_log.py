@@ -24,6 +24,8 @@ CLIENT_CAUSED_EVERY_S = 60.0
 _CLIENT_CAUSED = {
     "Invalid HTTP request received.": "http_invalid_request",  # answered 400 by uvicorn
     "Unsupported upgrade request.": "http_unsupported_upgrade",  # an Upgrade uvicorn ignores (h2c)
+    "Request head too large.": "http_head_too_large",  # answered 431 (gateway.services.http_head)
+    "Request head too slow.": "http_head_timeout",  # answered 408 (gateway.services.http_head)
 }
 """uvicorn's texts (a record's ``msg``, before any argument) that any client can cause, by event name."""
 

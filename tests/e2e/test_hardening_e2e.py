@@ -863,6 +863,31 @@ def test_head_options_and_405_answer_as_http_says(gw: GatewayProcess) -> None:
     assert (on_chat.status_code, on_chat.headers["allow"]) == (405, "POST, OPTIONS")
 
 
+@pytest.mark.parametrize(("path", "protocol"), [("/v1/chat/completions", "openai.chat"),
+                                              ("/v1/messages", "anthropic.messages")])  # fmt: skip
+def test_a_405_on_a_model_endpoint_writes_its_request_line(gw: GatewayProcess, path: str, protocol: str) -> None:
+    """t191: a method a model endpoint does not take was answered 405 with no request line, while
+    every refused request to one writes a line."""
+    for method in ("GET", "PUT", "DELETE", "PATCH", "HEAD"):
+        request_id = f"wrong-method-{method}-{protocol}-{time.time_ns()}"
+        answer = _raw(gw, f"{method} {path} HTTP/1.1\r\nHost: x\r\nx-request-id: {request_id}\r\n"
+                          "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())  # fmt: skip
+        head = answer.partition(b"\r\n\r\n")[0].lower()
+        assert head.startswith(b"http/1.1 405 ") and b"x-request-id: " + request_id.lower().encode() in head, head
+        record = gw.wait_for_record(request_id, timeout_s=10)
+        assert (record["status"], record["error_type"], record["protocol"]) == (405, "invalid_request_error", protocol)
+        assert (record["model"], record["cost_usd"]) == (None, 0.0)
+
+
+def test_a_head_over_its_bound_on_a_model_endpoint_is_said_in_the_ops_log(gw: GatewayProcess) -> None:
+    """t191: the server's 431 (a head over 64 KiB), answered before the gateway reads the request,
+    said nothing anywhere; it is counted in the ops log, as the server's malformed requests are."""
+    huge = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+    assert _raw(gw, huge).startswith(b"HTTP/1.1 431 ")
+    said = gw.wait_for_ops("http_head_too_large", timeout_s=10)
+    assert said and said[0]["level"] == "warning" and said[0]["count"] >= 1, said
+
+
 def test_the_simulator_answers_400_to_a_faults_body_without_faults(small_upstream: SimulatedUpstream) -> None:
     response = httpx.post(f"{small_upstream.root_url}/_control/faults", json={"fault": []}, timeout=5)
     assert response.status_code == 400

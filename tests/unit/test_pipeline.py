@@ -455,3 +455,21 @@ async def test_a_stalled_clients_count_is_waited_for_at_the_workers_end(
     (line,) = [line for line in logs if line["event"] == "request"]
     assert (line["status"], line["error_type"]) == (408, "client_stalled")
     assert line["completion_tokens"] >= 3 and line["cost_usd"] > 0
+
+
+@pytest.mark.parametrize(("authorization", "key", "tenant"), [("Bearer sk-bob", "bob", "team-b"), (None, "-", "-")])
+async def test_a_405_is_logged_as_its_keys_refusal(
+    harness: Harness, authorization: str | None, key: str, tenant: str
+) -> None:
+    """t191: a model endpoint's 405 wrote no request line; it writes one, its key's when it has a good one."""
+    with capture_logs() as logs:
+        harness.pipeline.refused_method(authorization, "req-405", "anthropic.messages", time.perf_counter())
+        await asyncio.sleep(0)  # logged just after
+    (line,) = [line for line in logs if line["event"] == "request"]
+    assert (line["request_id"], line["status"], line["error_type"]) == ("req-405", 405, "invalid_request_error")
+    assert (line["key_id"], line["tenant"], line["protocol"], line["cost_usd"]) == (
+        key,
+        tenant,
+        "anthropic.messages",
+        0,
+    )
