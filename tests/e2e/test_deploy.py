@@ -553,6 +553,51 @@ def test_redis_url_names_the_redis_service() -> None:
     assert _one("Service", statefulset["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
 
 
+def _redis_bytes(value: str) -> int:
+    """A Kubernetes quantity (2Gi) or a redis.conf size (1152mb: both count in powers of 1024) in bytes."""
+    match = re.fullmatch(r"(\d+)([kmg])(?:i|b)", value, re.IGNORECASE)
+    assert match, value
+    return int(match[1]) << 10 * " kmg".index(match[2].lower())
+
+
+_FAKE_REDIS_CLI = """#!/bin/sh
+# redis-cli ping: the reply (or connection error) the test sets, on the stream it names.
+if [ "$REDIS_CLI_STREAM" = stderr ]; then echo "$REDIS_CLI_REPLY" >&2; else echo "$REDIS_CLI_REPLY"; fi
+"""
+
+
+def test_redis_leaves_room_for_its_forks_and_liveness_waits_out_a_load(tmp_path: Path) -> None:
+    """t192 #2: maxmemory was 75 % of the 2Gi limit with AOF on: an AOF rewrite or RDB save forks,
+    and the copy-on-write of pages the cache writes meanwhile (with fragmentation and client
+    buffers) could pass the limit, an OOM kill turning every gateway pod unready. And liveness
+    failed while Redis answered LOADING, so a big AOF reloading restart-looped the pod."""
+    container = _one("StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0]
+    maxmemory = _redis_bytes(_flag(container["args"], "--maxmemory"))
+    limit = _redis_bytes(container["resources"]["limits"]["memory"])
+    assert maxmemory <= 0.6 * limit, f"maxmemory is {maxmemory / limit:.0%} of the memory limit"
+    assert _flag(container["args"], "--maxmemory-policy") == "volatile-ttl"
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "redis-cli").write_text(_FAKE_REDIS_CLI)
+    (bin_dir / "redis-cli").chmod(0o755)
+    replies = {
+        "PONG": (True, True),
+        "LOADING Redis is loading the dataset in memory": (False, True),
+        "Could not connect to Redis at 127.0.0.1:6379: Connection refused": (False, False),
+        "NOAUTH Authentication required.": (False, False),
+        "MASTERDOWN Link with MASTER is down": (False, False),
+    }
+    for probe, ready_or_live in (("readinessProbe", 0), ("livenessProbe", 1)):
+        command = container[probe]["exec"]["command"]
+        for reply, expected in replies.items():
+            for stream in ("stdout",) if reply == "PONG" else ("stdout", "stderr"):  # where an error may go
+                env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                       "REDIS_CLI_REPLY": reply, "REDIS_CLI_STREAM": stream}  # fmt: skip
+                run = subprocess.run(command, env=env, capture_output=True, timeout=SUBPROCESS_TIMEOUT_S)
+                assert (run.returncode == 0) is expected[ready_or_live], (probe, reply, stream)
+
+
 def test_configmap_policy_validates_with_the_gateway_loader() -> None:
     objects = _k8s_objects(include_examples=True)
     environ = _container_environ(_gateway_container(), objects)
