@@ -598,6 +598,28 @@ def test_redis_leaves_room_for_its_forks_and_liveness_waits_out_a_load(tmp_path:
                 assert (run.returncode == 0) is expected[ready_or_live], (probe, reply, stream)
 
 
+def test_deploy_readme_sizes_a_pods_memory_by_the_requests_it_holds() -> None:
+    """t192 #3: the 2Gi limit is reached by ~100-120 requests of near-maximum bodies in flight in a
+    pod, and the README said only that memory grows with concurrency. It gives the measured
+    figures for the Deployment's limit and body cap, and caps whose worst case fits the limit."""
+    container = _gateway_container()
+    limit = container["resources"]["limits"]["memory"]
+    policy = yaml.safe_load(_one("ConfigMap", "gateway-policies")["data"]["policies.yaml"])
+    max_body_mib = policy.get("limits", {}).get("max_body_bytes", 4 * 2**20) / 2**20
+    note = re.search(
+        r"\* Memory grows with the requests in flight.*?(?=\n\* )", (DEPLOY / "README.md").read_text(), re.S
+    )
+    assert note, "deploy/README.md's scaling notes say nothing of memory"
+    text = " ".join(note[0].split())
+    assert f"reach the {limit} limit" in text and f"`limits.max_body_bytes`, {max_body_mib:g} MiB" in text
+    assert "`max_concurrent`" in text and "`--workers`" in text
+    caps = re.search(r"caps adding up to at most (\d+) \((\d+) a pod", text)
+    assert caps, text
+    workers = int(_flag(container["args"], "--workers"))
+    assert int(caps[2]) == workers * int(caps[1])
+    assert int(caps[2]) * 17 + 600 <= _redis_bytes(limit) >> 20, "the advised caps do not fit the limit"
+
+
 def test_configmap_policy_validates_with_the_gateway_loader() -> None:
     objects = _k8s_objects(include_examples=True)
     environ = _container_environ(_gateway_container(), objects)
