@@ -620,6 +620,18 @@ def test_deploy_readme_sizes_a_pods_memory_by_the_requests_it_holds() -> None:
     assert int(caps[2]) * 17 + 600 <= _redis_bytes(limit) >> 20, "the advised caps do not fit the limit"
 
 
+def test_deploy_files_say_the_counters_have_no_ttl() -> None:
+    """t192 #4: compose.yaml, redis.yaml and deploy/README said the rate-limit and usage counters
+    expire in months, so volatile-ttl would evict them after the cache. They have no TTL (the
+    main README says so): never evicted, and once only they are left Redis refuses writes."""
+    assert "no\nlimit or budget counter has a TTL" in (ROOT / "README.md").read_text()
+    for path in (COMPOSE, K8S / "redis.yaml", DEPLOY / "README.md"):
+        text = " ".join(re.sub(r"^\s*#", "", path.read_text(), flags=re.M).split())
+        assert "volatile-ttl" in text, path.name
+        assert not re.search(r"counters[^.]*\bmonths\b", text), f"{path.name}: the counters do not expire"
+        assert "never evicted" in text and "refuses writes" in text, path.name
+
+
 def test_configmap_policy_validates_with_the_gateway_loader() -> None:
     objects = _k8s_objects(include_examples=True)
     environ = _container_environ(_gateway_container(), objects)
