@@ -176,6 +176,15 @@ def _env_example() -> dict[str, str]:
     return values
 
 
+# What .env.example leaves blank for a secret of the user's own, which compose will not start without.
+_FILLED_BY_THE_USER = {"GATEWAY_CACHE_SALT_KEY": "5f" * 32}
+
+
+def _dot_env() -> dict[str, str]:
+    """deploy/.env as a user makes it: .env.example with its blank secrets filled in."""
+    return {**_env_example(), **_FILLED_BY_THE_USER}
+
+
 _COMPOSE_VAR = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
 
 
@@ -204,7 +213,7 @@ def _interpolate(value: Any, env: Mapping[str, str]) -> Any:
 
 def _compose(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     (doc,) = _yaml_docs(COMPOSE)
-    compose: dict[str, Any] = _interpolate(doc, _env_example() if env is None else env)
+    compose: dict[str, Any] = _interpolate(doc, _dot_env() if env is None else env)
     return compose
 
 
@@ -985,7 +994,15 @@ def test_compose_policy_validates_with_the_gateway_loader() -> None:
 def test_env_example_defines_every_required_variable_and_no_secret() -> None:
     example = _env_example()
     required = {m.group(1) for m in _COMPOSE_VAR.finditer(COMPOSE.read_text()) if m.group(2) in (":?", "?")}
-    assert required <= {k for k, v in example.items() if v}, "a required variable is missing from .env.example"
+    assert required <= {k for k, v in example.items() if v} | set(_FILLED_BY_THE_USER), (
+        "a required variable is missing from .env.example"
+    )
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    for key in _FILLED_BY_THE_USER:  # left blank, with how to make one, and compose says it is missing
+        (at,) = [i for i, line in enumerate(lines) if line.startswith(f"{key}=")]
+        assert example[key] == "" and "openssl rand" in "\n".join(lines[at - 4 : at]), key
+        with pytest.raises(AssertionError, match=key):
+            _compose(env=example)
     for key, value in example.items():
         if key.endswith(("_API_KEY", "HF_TOKEN")):
             assert value == "", f"{key} must be empty in the example"
@@ -995,6 +1012,28 @@ def test_env_example_defines_every_required_variable_and_no_secret() -> None:
     # Without a .env, compose refuses to start rather than run Redis without a password.
     with pytest.raises(AssertionError, match="REDIS_PASSWORD"):
         _compose(env={})
+
+
+def test_compose_requires_the_key_of_the_cache_salt_it_turns_on() -> None:
+    """t192 #5: .env.example turns tenant_cache_salt on for the vLLM pair with no upstream keys and
+    GATEWAY_CACHE_SALT_KEY blank, so the default stack salted each tenant's prefix cache with a
+    value anyone who reaches vLLM can compute from the model's name. Kubernetes requires the key;
+    compose now refuses to start without it too."""
+    example = _env_example()
+    assert example["SMALL_MODEL_CACHE_SALT"] == example["LARGE_MODEL_CACHE_SALT"] == "true"
+    assert example["SMALL_MODEL_API_KEY"] == example["LARGE_MODEL_API_KEY"] == ""
+    with pytest.raises(AssertionError, match="GATEWAY_CACHE_SALT_KEY"):
+        _compose(env=example)
+    gateway = _compose()["services"]["gateway"]
+    assert gateway["environment"]["GATEWAY_CACHE_SALT_KEY"] == _FILLED_BY_THE_USER["GATEWAY_CACHE_SALT_KEY"]
+    (mount,) = [v for v in gateway["volumes"] if v["target"] == "/etc/gateway"]
+    path = (DEPLOY / mount["source"]).resolve() / PurePosixPath(_flag(gateway["command"], "--policies")).name
+    loaded = load_policy_text(path.read_text(), source=str(path), environ=gateway["environment"])
+    policy = loaded.policy
+    assert all(policy.models[name].tenant_cache_salt for name in (policy.pair.small, policy.pair.large))
+    assert not [w for w in loaded.warnings if "tenant_cache_salt" in w], loaded.warnings
+    (ref,) = [v for v in _gateway_container()["env"] if v["name"] == "GATEWAY_CACHE_SALT_KEY"]
+    assert not ref["valueFrom"]["secretKeyRef"].get("optional", False), "Kubernetes requires it as well"
 
 
 def _compose_policy(env: Mapping[str, str]) -> Any:
@@ -1019,7 +1058,7 @@ def test_compose_sends_vllm_only_fields_only_where_env_example_turns_them_on() -
         policy = _compose_policy(env)
         return [policy.models[name] for name in (policy.pair.small, policy.pair.large)]
 
-    example = _env_example()
+    example = _dot_env()
     assert example.get("COMPOSE_PROFILES") == "models"
     assert all(m.continue_final_message and m.tenant_cache_salt for m in chat_models(example)), "vLLM pair"
     # A .env that sets none of them (written before they existed, or with the lines deleted).
@@ -1072,7 +1111,7 @@ def test_compose_passes_every_variable_its_policy_reads() -> None:
     for name in passed - referenced:
         assert f'"{name}"' in source, f"compose passes {name}, which neither the policy nor the gateway reads"
     embedding = {"EMBEDDING_MODEL_URL": "https://api.openai.com/v1", "EMBEDDING_MODEL_NAME": "text-embedding-3-small"}
-    embed = _compose_policy({**_env_example(), **embedding}).models["embed"]
+    embed = _compose_policy({**_dot_env(), **embedding}).models["embed"]
     assert (embed.base_url, embed.upstream_model) == ("https://api.openai.com/v1", "text-embedding-3-small")
     assert (
         "EMBEDDING_MODEL_URL" in ENV_EXAMPLE.read_text() and "EMBEDDING_MODEL_URL" in (DEPLOY / "README.md").read_text()
