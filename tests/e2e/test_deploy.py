@@ -714,9 +714,81 @@ def test_cpu_image_pins_one_onnxruntime() -> None:
     """t117: `onnxruntime>=1.20` took whatever PyPI had on the day of the build. The pin is not
     held to the version this venv resolved: a new onnxruntime-gpu on PyPI would turn CI red."""
     (spec,) = re.findall(
-        r"pip install \"(onnxruntime[^\"]*)\"", " ".join(_Dockerfile(DEPLOY / "Dockerfile").all("RUN"))
+        r"pip install (?:-c \S+ )?\"(onnxruntime[^\"]*)\"", " ".join(_Dockerfile(DEPLOY / "Dockerfile").all("RUN"))
     )
     assert re.fullmatch(r"onnxruntime==\d+\.\d+\.\d+", spec), f"{spec} is not one version"
+
+
+CONSTRAINTS = DEPLOY / "constraints.txt"
+_OWN_ONNXRUNTIME = {"onnxruntime", "onnxruntime-gpu"}  # each Dockerfile pins its own build
+
+
+def _pinned() -> dict[str, str]:
+    """deploy/constraints.txt as {canonical name: version}; every line ``name==version``."""
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            match = re.fullmatch(r"([A-Za-z0-9._-]+)==([\w.+!-]+)", line.strip())
+            assert match, f"constraints.txt: {line!r} is not name==version"
+            name = canonicalize_name(match[1])
+            assert name not in pins, f"constraints.txt pins {name} twice"
+            pins[name] = match[2]
+    return pins
+
+
+def _image_requirements() -> dict[str, Any]:
+    """What `pip install <the gateway's wheel>` installs here: pyproject's dependencies and theirs,
+    as this interpreter has them installed ({canonical name: the Requirement that pulled it in})."""
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found: dict[str, Any] = {}
+    read: set[tuple[str, str]] = set()
+    todo = [
+        (Requirement(r), "") for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    ]
+    while todo:
+        requirement, extra = todo.pop()
+        if requirement.marker and not requirement.marker.evaluate({"extra": extra}):
+            continue
+        name = canonicalize_name(requirement.name)
+        found.setdefault(name, requirement)
+        for wanted in {"", *requirement.extras} - {e for n, e in read if n == name}:
+            read.add((name, wanted))
+            todo += [(Requirement(r), wanted) for r in metadata.requires(requirement.name) or []]
+    return found
+
+
+def test_the_images_install_the_versions_the_tests_ran() -> None:
+    """t192 #6: only onnxruntime was pinned; everything else resolved on the day of the build,
+    though gateway/cli/serve.py subclasses uvicorn's internals (tested with 0.55.0). Every package
+    the images' `pip install` brings in is pinned in deploy/constraints.txt, and both use it."""
+    from packaging.specifiers import SpecifierSet
+
+    pins = _pinned()
+    wanted = _image_requirements()
+    assert not set(pins) & _OWN_ONNXRUNTIME, "the Dockerfiles pin onnxruntime themselves (the GPU one below 1.27)"
+    missing = sorted(set(wanted) - set(pins) - _OWN_ONNXRUNTIME)
+    assert not missing, f"deploy/constraints.txt does not pin {missing}: regenerate it (its header says how)"
+    for name, requirement in wanted.items():
+        if name in pins:
+            assert pins[name] in SpecifierSet(str(requirement.specifier)), f"{name}=={pins[name]}: not {requirement}"
+    for dockerfile in DOCKERFILES:
+        d = _Dockerfile(dockerfile)
+        (copied,) = [dest for sources, dest in d.context_copies() if sources == ["deploy/constraints.txt"]]
+        installs = [c for run in d.all("RUN") for c in re.split(r"\s*&&\s*", run) if re.match(r"pip install\b", c)]
+        assert installs, dockerfile.name
+        for command in installs:
+            words = shlex.split(command)
+            assert "-c" in words and PurePosixPath(words[words.index("-c") + 1]).name == "constraints.txt", (
+                f"{dockerfile.name}: {command}"
+            )
+            assert words[words.index("-c") + 1] in (copied, str(PurePosixPath(copied) / "constraints.txt"))
 
 
 def test_image_entrypoint_and_cmd_work_when_run_directly(tmp_path: Path) -> None:
