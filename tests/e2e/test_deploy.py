@@ -112,6 +112,15 @@ def _without(args: list[str], *flags: str) -> list[str]:
     return out
 
 
+def _with_flags(args: list[str], values: Mapping[str, str]) -> list[str]:
+    """The argument list with each ``--flag VALUE`` of ``values`` given that value instead."""
+    out = list(args)
+    for i, arg in enumerate(args[:-1]):
+        if arg in values:
+            out[i + 1] = values[arg]
+    return out
+
+
 def _resolve_port(container: dict[str, Any], port: int | str) -> int:
     if isinstance(port, int):
         return port
@@ -365,7 +374,7 @@ def test_replicas_workers_autoscaler_and_disruption_budget() -> None:
     assert deployment["spec"]["replicas"] >= 2
     assert _flag(container["args"], "--workers") == "2"
     cmd = _Dockerfile(DEPLOY / "Dockerfile").exec_form("CMD")
-    assert _without(container["args"], "--workers", "--data-dir", "--onnx-threads") == cmd, (
+    assert _without(container["args"], "--workers", "--onnx-threads") == cmd, (
         "the Deployment's args drifted from the CMD"
     )
     assert container["resources"]["requests"]["cpu"], "HPA utilisation needs a CPU request"
@@ -450,6 +459,45 @@ def test_deploy_readme_puts_no_key_on_a_command_line() -> None:
         assert not re.search(r"Bearer [<$\w]|x-api-key: ?[<$\w]", snippet, re.IGNORECASE), snippet
 
 
+class _NotReady(http.server.BaseHTTPRequestHandler):
+    """/readyz of a pod that lost Redis: 503, and the JSON that says why."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"ready": False, "redis": "down", "auth": self.headers.get("Authorization")}).encode()
+        self.send_response(503 if self.path == "/readyz" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_deploy_readme_readyz_commands_show_why_a_pod_is_not_ready() -> None:
+    """t192 #7: the README's /readyz commands used urlopen(...).read(), which raises HTTPError on
+    a 503: the JSON saying why the pod is not ready was never shown. Each is run here, as the
+    pod would run it, against a /readyz that answers 503."""
+    text = (DEPLOY / "README.md").read_text()
+    commands = re.findall(r"kubectl [^`\n]*exec [^`\n]*-- python -c \"([^\"]*/readyz[^\"]*)\"", text)
+    assert len(commands) == 2, commands
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotReady)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for code in commands:
+            assert "127.0.0.1:8000" in code, code
+            local = code.replace("127.0.0.1:8000", f"127.0.0.1:{server.server_address[1]}")
+            run = subprocess.run([sys.executable, "-c", local], input="the-admin-key\n", capture_output=True,
+                                 text=True, timeout=SUBPROCESS_TIMEOUT_S)  # fmt: skip
+            assert run.returncode == 0 and "503" in run.stdout, run.stdout + run.stderr
+            shown = json.loads(run.stdout.split(" ", 1)[1])
+            assert shown["redis"] == "down"
+            assert shown["auth"] == ("Bearer the-admin-key" if "stdin" in code else None)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_example_secret_holds_placeholders_only() -> None:
     for path in K8S.glob("*.example.yaml"):
         for doc in _yaml_docs(path):
@@ -489,6 +537,15 @@ def test_multi_worker_data_dir_is_writable_under_a_read_only_root() -> None:
     for args, mounts in ((container["args"], writable), (gateway["command"], gateway["tmpfs"])):
         if int(_flag(args, "--workers")) > 1:
             assert _under(_flag(args, "--data-dir"), mounts), (args, mounts)
+    # t192 #7: a plain `docker run` kept the policy last accepted in a fresh temporary folder at
+    # each start, so a restarted container had none. The CMD names the one Compose and the
+    # Deployment do, under HOME=/tmp, the folder the images leave writable.
+    for dockerfile in DOCKERFILES:
+        d = _Dockerfile(dockerfile)
+        env = " ".join(rest for k, rest in d.final_stage() if k == "ENV")
+        data_dir = _flag(d.exec_form("CMD"), "--data-dir")
+        assert "HOME=/tmp" in env and _under(data_dir, ["/tmp"]), dockerfile.name
+        assert data_dir == _flag(container["args"], "--data-dir") == _flag(gateway["command"], "--data-dir")
 
 
 def test_the_deployment_sizes_onnx_threads_to_its_cpu_request() -> None:
@@ -690,6 +747,7 @@ def test_dockerfiles_are_multi_stage_non_root_and_share_entrypoint_and_cmd() -> 
     assert parsed[0].exec_form("CMD") == parsed[1].exec_form("CMD")
     assert parsed[0].exec_form("CMD") == [
         "serve", "--host", "0.0.0.0", "--port", "8000", "--policies", "/etc/gateway/policies.yaml",
+        "--data-dir", "/tmp/gateway",
     ]  # fmt: skip
 
 
@@ -797,7 +855,7 @@ def test_image_entrypoint_and_cmd_work_when_run_directly(tmp_path: Path) -> None
     # parser must accept every argument and the server must stop at loading the policy
     # (exit 2), before it would start Redis or listen.
     missing = tmp_path / "absent" / "policies.yaml"
-    swapped = [str(missing) if a == _flag(cmd, "--policies") else a for a in cmd]
+    swapped = _with_flags(cmd, {"--policies": str(missing), "--data-dir": str(tmp_path / "data")})
     help_run, run = _run_all([_gateway_command([cmd[0], "--help"]), _gateway_command(swapped)])
     assert help_run.returncode == 0, help_run.stderr
     assert run.returncode == 2, (run.stdout, run.stderr)
@@ -818,7 +876,7 @@ def test_the_image_cmd_refuses_the_open_default_policy_on_every_interface(tmp_pa
         "  large: {base_url: '${LARGE_MODEL_URL}', price: {input: 0, output: 0}, tier: large}\n"
         "routes: {fast: {model: small}}\nauth: {mode: none}\n"
     )
-    swapped = [str(policy) if a == _flag(cmd, "--policies") else a for a in cmd]
+    swapped = _with_flags(cmd, {"--policies": str(policy), "--data-dir": str(tmp_path / "data")})
     env = {
         "GATEWAY_ALLOW_NO_AUTH": "",
         "SMALL_MODEL_URL": "http://127.0.0.1:9/v1",
@@ -1018,7 +1076,7 @@ def test_compose_services_dependencies_and_healthchecks() -> None:
     assert (DEPLOY / gateway["build"]["context"]).resolve() == ROOT
     assert _flag(gateway["command"], "--workers") == "2"
     cmd = _Dockerfile(DEPLOY / "Dockerfile").exec_form("CMD")
-    assert _without(gateway["command"], "--workers", "--data-dir") == cmd, "compose's command drifted from the CMD"
+    assert _without(gateway["command"], "--workers") == cmd, "compose's command drifted from the CMD"
 
 
 def test_compose_mounts_the_repo_policy_folder_where_policies_points() -> None:
