@@ -42,6 +42,10 @@ Piece = TypeVar("Piece")
 Event = TypeVar("Event")
 
 
+def _closed() -> None:
+    """What a closed pace holds in place of its ``on_stall``."""
+
+
 class ClientPace(Generic[Piece]):
     """One timer per stream, re-armed only when it fires (a timer per event cost 5 us)."""
 
@@ -138,11 +142,18 @@ class ClientPace(Generic[Piece]):
     async def aclose(self) -> None:
         """Stop watching and reading ahead; wait for the upstream's closing, when this let it go."""
         self.stop()
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-        if self._closing is not None:
-            await asyncio.gather(self._closing, return_exceptions=True)
+        # Nothing stalls or is read now. The caller's on_stall closes over what holds this pace, and
+        # the end read ahead to holds, in its traceback's frames, this pace and the caller's: cycles
+        # that kept a stream's answer in memory until the collector's next full pass (f205).
+        self._on_stall = _closed
+        try:
+            if self._reader is not None:
+                self._reader.cancel()
+                await asyncio.gather(self._reader, return_exceptions=True)
+            if self._closing is not None:
+                await asyncio.gather(self._closing, return_exceptions=True)
+        finally:
+            self._ended = None
 
     def _check(self) -> None:
         self._timer = None

@@ -499,7 +499,7 @@ class ChatPipeline:
             return Answer(200, body, self._headers(x))
         except GatewayError as exc:
             if isinstance(exc, UpstreamError):
-                x.failure = exc
+                x.failure = exc.with_traceback(None)  # its frames hold x: a cycle (f205)
                 record.speculation = record.speculation or _failed_speculation(x.info.failures)
             return self._error_answer(x, exc)
         except Exception as exc:  # a bug of ours: answered and logged as what it is, never a lost request
@@ -1196,7 +1196,9 @@ class ChatPipeline:
             # 200 went out with the headers; the outcome is the error's, for usage, reports and
             # metrics to count it as the failure it is (as an internal error here counts 500).
             record.error_type, record.status = exc.code, exc.status_code
-            x.failure = exc  # the requests coalesced on it are told it, not each sent upstream at once (t116)
+            # the requests coalesced on it are told it, not each sent upstream at once (t116); without
+            # its traceback, whose frames hold x: a cycle that kept the answer in memory (f205)
+            x.failure = exc.with_traceback(None)
             breaker = self._holder.breakers.for_tenant(record.tenant).get(provider.name)
             if breaker is not None and says_upstream_is_unhealthy(exc):  # not the request's own 400
                 breaker.record_broken()

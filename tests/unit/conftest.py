@@ -57,14 +57,21 @@ class Harness:
     limiter: Limiter
 
     async def ask(
-        self, content: str, *, key: str = "alice", model: str = "fast", cache_control: str | None = None, **extra: Any
+        self,
+        content: str,
+        *,
+        key: str = "alice",
+        model: str = "fast",
+        cache_control: str | None = None,
+        started: float = 0.0,
+        **extra: Any,
     ) -> Answer | StreamingAnswer | StreamingDeltas:
         body = msgspec.json.encode({"model": model, "messages": [{"role": "user", "content": content}], **extra})
 
         async def read_body(limit: int, timeout_s: float, principal: Principal) -> bytes:
             return body
 
-        return await self.pipeline.handle(read_body, f"Bearer sk-{key}", cache_control, "req-1", 0.0)
+        return await self.pipeline.handle(read_body, f"Bearer sk-{key}", cache_control, "req-1", started)
 
 
 def answer_of(result: Answer | StreamingAnswer | StreamingDeltas) -> tuple[int, dict[str, Any], dict[str, str]]:

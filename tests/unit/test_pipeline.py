@@ -212,6 +212,39 @@ async def test_a_stream_is_relayed_and_then_served_from_the_cache(harness: Harne
     assert harness.upstream.calls_to("small") == 1
 
 
+@pytest.mark.parametrize("client", ["keeps_up", "slow", "cut"])
+async def test_a_streams_state_is_freed_when_it_ends_not_at_the_next_full_collection(
+    make_harness: MakeHarness, client: str
+) -> None:
+    """f205: the relay's stall callback and its pace held each other, as did the pace and the end
+    it read ahead to, and the exchange and the error it failed on (their tracebacks' frames hold
+    them), so a stream's exchange and its answer's text (14 MB for a long one) waited for the cycle
+    collector's next full pass: a worker's RSS grew 28 MiB per such stream."""
+    harness = await make_harness(POLICY.replace("tier: small}", "tier: small, timeouts: {idle: 0.05}}"))
+    if client == "cut":  # past 64 Ki characters, all one max_tokens allows: cut as broken
+        harness.upstream.ending = ("word " * 20_000, "stop")
+    gc.collect()
+    gc.disable()  # what outlives its stream now is held by a reference cycle, not yet collected
+    try:
+        result = await harness.ask(
+            "stream me", stream=True, max_tokens=1, stream_options={"include_usage": True}, started=time.perf_counter()
+        )
+        assert isinstance(result, StreamingAnswer)
+        events = aiter(result.events)
+        await anext(events)
+        if client == "slow":  # the rest is read ahead of it, to the upstream's end
+            await asyncio.sleep(0.3)
+        rest = b"".join([event async for event in events])
+        assert (b"upstream_bad_response" in rest) is (client == "cut")
+        await harness.limiter.drain()
+        await asyncio.sleep(0)  # the request's accounting, scheduled as its stream ended
+        del result, events
+        held = [o for o in gc.get_objects() if isinstance(o, pipeline_module._Exchange)]
+    finally:
+        gc.enable()
+    assert held == []
+
+
 async def test_a_tenants_requests_in_flight_are_held_to_its_max_concurrent(make_harness: MakeHarness) -> None:
     """t26: one tenant's slow streams held every connection of the pool, and another's requests
     waited, then went to the fallback at its price. A cap keeps each tenant's share."""
