@@ -82,6 +82,18 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for stop in _STOP_SIGNALS:  # first thing: see _StartStops
+        signal.signal(stop, _START_STOPS.take)
+    try:
+        return _start_and_serve(args)
+    except _Stopped as stopped:
+        _say(
+            f"{signal.Signals(stopped.signum).name} before serving: stopped (what the gateway had started is stopped too)"
+        )
+        return 0
+
+
+def _start_and_serve(args: argparse.Namespace) -> int:
     from gateway.services.parent_death import SUPERVISOR_PID
     from gateway.services.redis_server import start_embedded_redis
 
@@ -125,8 +137,9 @@ def run(args: argparse.Namespace) -> int:
                 if not os.environ.get(variable):
                     from gateway.simulated import start_simulated_upstream
 
-                    upstream = start_simulated_upstream(role)
-                    cleanup.callback(upstream.stop)
+                    with _START_STOPS.waiting():
+                        upstream = start_simulated_upstream(role)
+                        cleanup.callback(upstream.stop)
                     os.environ[variable] = upstream.url
                     os.environ[f"{role.upper()}_MODEL_SIMULATED"] = "true"
                     _say(f"{variable} is unset: started a SIMULATED '{role}' upstream at {upstream.url}")
@@ -143,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
             if written:
                 _say(f"{args.policies}: {'; '.join(written)}; nothing kept to start on meanwhile: waiting")
             while written:
+                _START_STOPS.check()
                 written = still_written(Path(args.policies))
             try:
                 loaded = load_policy(args.policies)
@@ -172,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
         if not os.environ.get("REDIS_URL"):
             try:
-                redis = start_embedded_redis(os.path.join(args.data_dir, "redis"), maxmemory=args.redis_maxmemory)
+                with _START_STOPS.waiting():
+                    redis = start_embedded_redis(os.path.join(args.data_dir, "redis"), maxmemory=args.redis_maxmemory)
+                    cleanup.callback(redis.stop)
             except RedisServerNotFound:
                 # As with a Redis that is down: requests are served, without the cache and limits.
                 _say(
@@ -183,7 +199,6 @@ def run(args: argparse.Namespace) -> int:
                 _say(f"the private Redis did not start: {exc}")
                 return 2
             else:
-                cleanup.callback(redis.stop)
                 redis.supervise(_say)
                 os.environ["REDIS_URL"] = redis.url
                 _say(
@@ -230,16 +245,71 @@ def run(args: argparse.Namespace) -> int:
                 f"with {args.workers} worker(s) on {args.server}"
             )
 
+        _START_STOPS.check()
         _run_server(args.server, args.host, args.port, args.workers, kill_after_s=args.drain_s + 5, listening=banner)
         # Served, logged and billed: one more Ctrl-C (or SIGTERM) would only cut short the stops below
         # with a traceback; the embedded Redis ends with this process in any case (end_with_parent).
-        for stop in (signal.SIGINT, signal.SIGTERM):
+        for stop in _STOP_SIGNALS:
             signal.signal(stop, signal.SIG_IGN)
         _say(
             f"stopped: requests finished, or were ended in-band at the {args.drain_s:g}s drain deadline "
             "(the log says which); stopping what the gateway started"
         )
     return 0
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""A stop, with a drain once serving: Ctrl-C is taken as SIGTERM is."""
+
+
+class _Stopped(SystemExit):
+    """A stop signal that came before the server took the signals: a normal stop, exit 0."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(0)
+        self.signum = signum
+
+
+class _StartStops:
+    """SIGTERM and SIGINT until the server puts its handlers in place (uvicorn's one server puts
+    this one back once stopped, and raises the signal again: taken quietly).
+
+    As PID 1 of its PID namespace (a pod without an init, `docker run`) the process never gets a
+    signal it has no handler for: a SIGTERM while serve started was dropped, and the gateway served
+    on until SIGKILL (t192). Taken here, it is noted, and the start stops at its next step, or at
+    once in a wait for something it started to answer, whose code stops that on any exception. An
+    exception raised anywhere else could land in a C extension's call back into Python (msgspec's
+    decoders, built as modules are imported, crashed on one), or between starting something and
+    handing it to the clean-up.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._waiting = False
+
+    def take(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        if self._waiting:
+            self._waiting = False
+            raise _Stopped(signum)
+
+    def check(self) -> None:
+        """Stop here if a stop signal came."""
+        if self.signum is not None:
+            raise _Stopped(self.signum)
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """A wait that a stop signal breaks off at once."""
+        self.check()
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
+
+
+_START_STOPS = _StartStops()
 
 
 _WORKER_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
@@ -304,9 +374,6 @@ def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float, lis
     from gateway.services.http_head import BoundedHeadProtocol
     from gateway.services.server_log import uvicorn_log_config
 
-    # uvicorn re-raises SIGTERM after its graceful shutdown; with the default action the
-    # process would die there and never stop what serve started (the embedded Redis).
-    signal.signal(signal.SIGTERM, _exit_after_shutdown)
     config = uvicorn.Config(
         "gateway.api.app:create_app",
         factory=True,
@@ -330,14 +397,16 @@ def _run_uvicorn(host: str, port: int, workers: int, *, kill_after_s: float, lis
         sockets = _listening_sockets(host, port, workers) if reuse_port else [config.bind_socket()]
         for sock in sockets:  # the workers listen on them again, with the configured backlog
             sock.listen(config.backlog)
-        listening(sockets[0].getsockname()[1])
     supervisor = _uvicorn_supervisor()(config, sockets=sockets) if sockets else None
+    _START_STOPS.check()  # one that came until the supervisor took the signals (as it was made)
+    if supervisor is not None:
+        listening(sockets[0].getsockname()[1])
     try:
         if supervisor is not None:
             supervisor.run()
         else:
             server.run()
-    except (KeyboardInterrupt, SystemExit):  # uvicorn raises the signal that stopped it again, once stopped
+    except (KeyboardInterrupt, SystemExit):  # uvicorn's exit when it could not start (it said why)
         pass
     if (workers == 1 and not server.started) or (supervisor is not None and supervisor.startup_failed):
         # as uvicorn.run: the server did not start (it said why); a supervisor that restarts on
@@ -382,6 +451,13 @@ def _announcing_server() -> type:
             if self.started:  # else it said why, and exits
                 bound = [s.getsockname()[1] for server in self.servers for s in server.sockets or ()]
                 self._listening(bound[0] if bound else self.config.port)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                if _START_STOPS.signum is not None:  # it came as uvicorn took the signals: uvicorn's to act on
+                    self.handle_exit(_START_STOPS.signum, None)
+                yield
 
         async def serve(self, sockets: list[socket.socket] | None = None) -> None:
             """Served, logged and billed once this returns: a Ctrl-C from then on is ignored. Left to
@@ -702,10 +778,6 @@ def _keep_stdout_for_the_request_log() -> None:
     os.environ["GATEWAY_REQUEST_LOG_FD"] = str(request_log)
 
 
-def _exit_after_shutdown(signum: int, frame: object) -> None:
-    raise SystemExit(0)
-
-
 def _granian_server() -> type:
     from granian import Granian
 
@@ -729,6 +801,9 @@ def _granian_server() -> type:
             super().startup(*args, **kwargs)
 
         def _spawn_workers(self, *args: object, **kwargs: object) -> None:
+            if _START_STOPS.signum is not None:  # it came as granian took the signals: stopped before any worker
+                self.signal_handler_interrupt()
+                return
             with _worker_signals_held(signal.SIGINT):
                 super()._spawn_workers(*args, **kwargs)
 

@@ -151,12 +151,19 @@ class EmbeddedRedis:
             preexec_fn=end_with_parent(),  # a gateway killed outright leaves no Redis behind
         )
         deadline = time.monotonic() + self._timeout_s
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {process.returncode}; see {self.data_dir / 'redis.log'}")
-            if self._answers_ping():
-                return process
-            time.sleep(0.05)
+        try:
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"redis-server exited with {process.returncode}; see {self.data_dir / 'redis.log'}"
+                    )
+                if self._answers_ping():
+                    return process
+                time.sleep(0.05)
+        except BaseException:  # a stop meanwhile (serve's SIGTERM handler raises): none left behind
+            process.kill()
+            process.wait()
+            raise
         process.kill()
         process.wait()
         raise RuntimeError(

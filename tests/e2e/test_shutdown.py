@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -62,12 +65,14 @@ def _stream_in_background(
     return reader, lines
 
 
-def _until(done: Callable[[], bool], timeout_s: float = 30) -> None:
+def _until(done: Callable[[], bool], timeout_s: float = 30, *, strict: bool = True) -> None:
     """Until ``done``: a guessed sleep before a signal sent it, on a busy machine, before the
-    request it was to find in flight had reached the gateway."""
+    request it was to find in flight had reached the gateway. Not ``strict``: at most ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while not done():
-        assert time.monotonic() < deadline, "timed out"
+        if time.monotonic() >= deadline:
+            assert not strict, "timed out"
+            return
         time.sleep(0.02)
 
 
@@ -93,9 +98,6 @@ def _is_zombie(pid: int) -> bool:
 
 
 def test_sigterm_under_uvicorn_also_stops_the_embedded_redis(tmp_path: Path, large_upstream: SimulatedUpstream) -> None:
-    import subprocess
-    import sys
-
     with start_simulated_upstream("small") as small:
         policy = tmp_path / "policies.yaml"
         policy.write_text(policy_text(small, large_upstream))
@@ -382,3 +384,111 @@ def test_with_several_workers_requests_in_flight_at_sigterm_all_finish_and_are_l
         assert gateway.process.wait(30) == 0
     records = gateway.log_records()
     assert len(records) == 30 and {r["status"] for r in records} == {200}
+
+
+def _pid_namespace_available() -> bool:
+    """Whether this user may start a process as PID 1 of a new PID namespace (``unshare``, as root)."""
+    if shutil.which("unshare") is None:
+        return False
+    try:
+        done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+@pytest.mark.parametrize("as_pid_1", [True, False], ids=["pid-1", "pid-n"])
+@pytest.mark.parametrize("moment", ["importing", "starting-upstreams", "redis-started"])
+def test_sigterm_while_starting_stops_it_and_what_it_started(tmp_path: Path, moment: str, as_pid_1: bool) -> None:
+    """t192: as PID 1 of its PID namespace (a pod without an init, `docker run`), the kernel drops a
+    signal the process has no handler for, and serve had none until its server started: a SIGTERM
+    in its first second was ignored, and it served on until SIGKILL (a pod deleted as it started
+    waited out its whole grace period). Anywhere else that SIGTERM killed it outright, exit -15,
+    with none of its clean-up. Either way it is a stop: what it had started is stopped, exit 0."""
+    said = {"starting-upstreams": "SMALL_MODEL_URL is unset: started a SIMULATED", "redis-started": "private Redis"}
+    status, err, gateway = _sigterm_while_starting(tmp_path, as_pid_1=as_pid_1, once_said=said.get(moment))
+    assert status == 0, err[-2000:]
+    assert "Traceback" not in err and "serving the OpenAI" not in err, err[-2000:]
+    assert _embedded_redis_pid(tmp_path) is None  # stopped by the gateway itself, before it exited
+    if not as_pid_1:  # in its namespace, whatever its PID 1 leaves is killed with it
+        assert not [p for p in _processes_with(f"--parent-pid {gateway} ") if not _is_zombie(p)]  # nor an upstream
+
+
+@pytest.mark.parametrize(("server", "workers"), [("uvicorn", "1"), ("uvicorn", "2"), ("granian", "2")])
+def test_sigterm_as_the_server_takes_over_stops_it(tmp_path: Path, server: str, workers: str) -> None:
+    """t192: a SIGTERM that serve took just before its server put its own handlers in place is the
+    server's to act on, as PID 1 too: stopped before serving, or drained once started."""
+    status, err, _ = _sigterm_while_starting(
+        tmp_path, as_pid_1=True, once_said="; auth ", serve_args=("--server", server, "--workers", workers)
+    )
+    assert status == 0, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert _embedded_redis_pid(tmp_path) is None
+
+
+def _sigterm_while_starting(
+    tmp_path: Path, *, as_pid_1: bool, once_said: str | None, serve_args: tuple[str, ...] = ()
+) -> tuple[int, str, int]:
+    """Start the shipped policy on simulated upstreams and the embedded Redis, as PID 1 of a PID
+    namespace or not, send SIGTERM once stderr says ``once_said`` (None: as soon as the process takes
+    SIGTERM, or half a second into its start, which before t192 it did not), and wait at most 15 s
+    for it to end: its exit status, stderr and pid (as seen from here)."""
+    if as_pid_1 and not _pid_namespace_available():
+        pytest.skip("unshare --pid --fork --mount-proc is not available to this user")
+    shipped = Path(__file__).resolve().parents[2] / "policies.yaml"
+    err_path = tmp_path / "gateway.err"
+    serve = [sys.executable, "-m", "gateway", "serve", "--simulate-missing", "--policies", str(shipped),
+             "--port", str(free_port()), "--data-dir", str(tmp_path / "data"), *serve_args]  # fmt: skip
+    env = {**os.environ, "SMALL_MODEL_URL": "", "LARGE_MODEL_URL": "", "REDIS_URL": ""}
+    with err_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            [*(["unshare", "--pid", "--fork", "--mount-proc"] if as_pid_1 else []), *serve],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
+    try:
+        gateway = _gateway_pid(process.pid) if as_pid_1 else process.pid  # unshare forks it, then waits for it
+        if once_said is None:
+            _until(lambda: _catches(gateway, signal.SIGTERM), timeout_s=0.5, strict=False)
+        else:
+            _until(lambda: once_said in err_path.read_text(errors="replace"))
+        os.kill(gateway, signal.SIGTERM)
+        try:
+            status = process.wait(15)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running 15 s after SIGTERM: {err_path.read_text()[-2000:]}") from None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return status, err_path.read_text(errors="replace"), gateway
+
+
+def _gateway_pid(unshare: int) -> int:
+    """The process ``unshare --fork`` started, seen from here, once it runs Python (not ``unshare`` itself)."""
+    found: list[int] = []
+
+    def started() -> bool:
+        found[:] = [int(pid) for pid in Path(f"/proc/{unshare}/task/{unshare}/children").read_text().split()]
+        return bool(found) and b"gateway" in Path(f"/proc/{found[0]}/cmdline").read_bytes()
+
+    _until(started)
+    return found[0]
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (its SigCgt mask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def _processes_with(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes().replace(b"\0", b" "):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
