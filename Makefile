@@ -9,10 +9,12 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: run test unit lint bench soak check venv clean router
 
-$(STAMP): pyproject.toml
+# The gateway's own dependencies at the versions the images install (deploy/constraints.txt), so
+# that the tests run what ships and a new release on PyPI cannot change a CI run's outcome.
+$(STAMP): pyproject.toml deploy/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench,embedded-redis,simulator]'
+	$(PY) -m pip install -q -c deploy/constraints.txt -e '.[test,bench,embedded-redis,simulator]'
 	touch $(STAMP)
 
 venv: $(STAMP)
