@@ -544,13 +544,17 @@ def _refused_at_the_edge(
             assert now[kind] == then[kind], (upstream.name, kind)
 
 
-_EMPTY = "all messages must have non-empty content except for the optional final assistant message"
-
-
-@pytest.mark.parametrize(
+_EVERY_ROUTE = pytest.mark.parametrize(
     ("model", "extra"),
     [("auto", {}), ("fast", {}), ("claude", {}), ("claude", {"top_k": 5})],  # the last passed through
 )
+"""A refusal test's routes: ``auto``, a chat model, Claude translated, and Claude passed through."""
+
+
+_EMPTY = "all messages must have non-empty content except for the optional final assistant message"
+
+
+@_EVERY_ROUTE
 def test_empty_content_is_refused_as_anthropic_refuses_it(
     claude: anthropic.Anthropic,
     gateway: GatewayProcess,
@@ -582,10 +586,7 @@ def test_empty_content_is_refused_as_anthropic_refuses_it(
 _BLANK = "text content blocks must contain non-whitespace text"
 
 
-@pytest.mark.parametrize(
-    ("model", "extra"),
-    [("auto", {}), ("fast", {}), ("claude", {}), ("claude", {"top_k": 5})],  # the last passed through
-)
+@_EVERY_ROUTE
 def test_whitespace_alone_is_refused_as_anthropic_refuses_it(
     claude: anthropic.Anthropic,
     gateway: GatewayProcess,
@@ -645,10 +646,7 @@ _ANSWER_RULES = "Each `tool_result` block must have a corresponding `tool_use` b
 _CALL_RULES = "Each `tool_use` block must have a corresponding `tool_result` block in the next message."
 
 
-@pytest.mark.parametrize(
-    ("model", "extra"),
-    [("auto", {}), ("fast", {}), ("claude", {}), ("claude", {"top_k": 5})],  # the last passed through
-)
+@_EVERY_ROUTE
 def test_tool_turns_and_names_anthropic_refuses_are_refused_on_every_route(
     claude: anthropic.Anthropic,
     gateway: GatewayProcess,
@@ -711,10 +709,7 @@ _BUDGET_PAST_MAX = (
 )
 
 
-@pytest.mark.parametrize(
-    ("model", "extra"),
-    [("auto", {}), ("fast", {}), ("claude", {}), ("claude", {"top_k": 5})],  # the last passed through
-)
+@_EVERY_ROUTE
 def test_budgets_breakpoints_and_stops_anthropic_refuses_are_refused_on_every_route(
     claude: anthropic.Anthropic,
     gateway: GatewayProcess,

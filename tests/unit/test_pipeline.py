@@ -374,6 +374,18 @@ async def test_a_second_cancellation_while_a_left_requests_prompt_is_counted_sti
     assert line["prompt_tokens"] > 0 and line["cost_usd"] > 0
 
 
+def _threads_counting(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads the pipeline counts answers' text in, as it counts them."""
+    counted_in: list[str] = []
+
+    def where(text: str, encoding: str) -> int:
+        counted_in.append(threading.current_thread().name)
+        return count_text(text, encoding)
+
+    monkeypatch.setattr(pipeline_module, "count_text", where)
+    return counted_in
+
+
 @pytest.mark.parametrize("leaves", [False, True])
 async def test_a_long_answer_the_gateway_counts_is_counted_off_the_event_loop(
     make_harness: MakeHarness, monkeypatch: pytest.MonkeyPatch, leaves: bool
@@ -383,13 +395,7 @@ async def test_a_long_answer_the_gateway_counts_is_counted_off_the_event_loop(
     one cut short by its upstream (no finish), and one whose client left."""
     harness = await make_harness(POLICY + "limits: {long_prompt_chars: 10}\n")
     harness.upstream.ending = ("an answer longer than ten characters, cut short", None)
-    counted_in: list[str] = []
-
-    def where(text: str, encoding: str) -> int:
-        counted_in.append(threading.current_thread().name)
-        return count_text(text, encoding)
-
-    monkeypatch.setattr(pipeline_module, "count_text", where)
+    counted_in = _threads_counting(monkeypatch)
     with capture_logs() as logs:
         answer = await harness.ask("count me", stream=True, cache_control="no-store")
         assert isinstance(answer, StreamingAnswer)
@@ -419,13 +425,7 @@ async def test_a_stalled_clients_long_answer_is_counted_off_the_event_loop(
     harness = await make_harness(policy + "limits: {long_prompt_chars: 10}\n")
     harness.upstream.ending = ("an answer longer than ten characters that the client never takes", "stop")
     monkeypatch.setattr(client_pace, "READ_AHEAD_BYTES", 1)  # a piece read ahead is the most: cut at the idle timeout
-    counted_in: list[str] = []
-
-    def where(text: str, encoding: str) -> int:
-        counted_in.append(threading.current_thread().name)
-        return count_text(text, encoding)
-
-    monkeypatch.setattr(pipeline_module, "count_text", where)
+    counted_in = _threads_counting(monkeypatch)
     with capture_logs() as logs:
         answer = await harness.ask("count me", stream=True, cache_control="no-store")
         assert isinstance(answer, StreamingAnswer)
