@@ -114,14 +114,20 @@ class _Word:
     their estimates until they settle (``held_month``, this month): a refusal for it is short."""
     held_month: float = 0.0
 
-    def at(self, day: str, month: str) -> None:
-        """Carried into a later day or month, on which the store's word says nothing."""
+    def at(self, day: str, month: str) -> bool:
+        """Carried into a later day or month, on which the store's word says nothing; whether the
+        view holds that day and month now. An earlier one (a request begun before midnight that
+        reserves after it) leaves the view alone: taking it back a day wiped the new day's
+        spend, and the next request's day started from nothing (t193)."""
+        if day < self.day or month < self.month:
+            return False
         if month != self.month:
             self.month, self.since_month, self.spent_month, self.blind_month = month, 0.0, 0.0, True
             self.held_month = 0.0
         if day != self.day:
             self.day, self.since_day, self.spent_day, self.blind_day = day, 0.0, 0.0, True
             self.held_day = 0.0
+        return True
 
     def add(self, usd: float, held: float = 0.0) -> None:
         """``usd`` let through, ``held`` more held by requests in flight (negative: released)."""
@@ -237,6 +243,9 @@ class Limiter:
         ):
             unsent = self.ledger.held_spend(scope.spend, day, month) + self._unconfirmed.get(scope.spend, 0.0)
             held = held or unsent > 0
+            known = self._words.get(scope.spend)
+            if known is not None and (known.day > day or known.month > month):
+                continue  # the store's word on an earlier day (t193): the view keeps the later one
             self._words[scope.spend] = _Word(
                 day, month, spent_day + added + unsent, spent_month + added + unsent,
                 held_day=held_day + added, held_month=held_month + added,
@@ -300,7 +309,8 @@ class Limiter:
             word = self._words.get(scope.spend)
             if word is None:
                 word = self._words[scope.spend] = _Word("", "", 0.0, 0.0)
-            word.at(day, month)
+            if not word.at(day, month):  # a day the view has left: the store counts it in its own
+                continue
             words.append(word)
             day_spent, month_spent = word.spent_day + word.since_day, word.spent_month + word.since_month
             held = (word.held_day, word.held_month)

@@ -708,3 +708,25 @@ async def test_with_no_store_configured_the_shutdown_does_not_wait_for_one() -> 
     ledger.record(usage_keys("t", "a", time.time()), UsageFigures(requests=1, cost_usd=0.5), 1.0)
     await ledger.aclose()
     assert counters.usage_writes == 1
+
+
+async def test_with_redis_down_a_request_begun_before_midnight_leaves_the_new_days_view_alone() -> None:
+    """t193: with Redis down, a request begun before midnight that reserved after it took this
+    process's view of the budget back a day, and the next request of the new day started from
+    nothing: a spent $0.10 budget let two more requests through. The late one counts in its own
+    day (the store files it there); the new day's view keeps what it knew."""
+    policy, limiter, counters = _setup("open")
+    principal = Principal("app", "solo", frozenset({"*"}), Limits(usd_per_day=1.0))  # no tenant budget
+    before_midnight = time.time() // 86400 * 86400 - 0.5
+    spent = await limiter.reserve(policy, principal, 10, 0.9)  # the store's word on today: $0.90 spent
+    await limiter.settle(policy, spent, UsageFigures(requests=1, cost_usd=0.9))
+    more = await limiter.reserve(policy, principal, 10, 0.05)
+    await limiter.settle(policy, more, UsageFigures(requests=1, cost_usd=0.05))
+    await limiter.reserve(policy, principal, 10, 0.0)  # the store's word, as this process keeps it: $0.95 of $1.00
+    counters.down = True
+    late = await limiter.reserve(policy, principal, 10, 0.05, at=before_midnight)  # yesterday's request
+    assert late.periods[1:] == _days_of(before_midnight)
+    with pytest.raises(BudgetExceededError):  # today's view still holds today's $0.95
+        await limiter.reserve(policy, principal, 10, 0.1)
+    counters.down = False
+    await limiter.aclose()
