@@ -13,12 +13,13 @@ import asyncio
 import contextlib
 import functools
 import signal
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from contextvars import ContextVar
 from typing import Any
 
 import structlog
 
-__all__ = ["DEFAULT_DRAIN_S", "Drain"]
+__all__ = ["CONNECTION_RESET", "DEFAULT_DRAIN_S", "Drain"]
 
 DEFAULT_DRAIN_S = 25.0
 """The server kills workers 5 s after this (``serve`` sets its kill timeout to drain + 5)."""
@@ -27,6 +28,10 @@ _LAST_WORDS_S = 2.0
 """After the deadline, what the streams it ended are waited for: their in-band error, log line and usage."""
 
 _log = structlog.get_logger("gateway.drain")
+
+CONNECTION_RESET: ContextVar[Callable[[], None] | None] = ContextVar("gateway_connection_reset", default=None)
+"""In a request's task: resets the connection it is answered on (set by uvicorn's protocol,
+:mod:`gateway.services.http_head`; None under granian, which has no such hook)."""
 
 
 class Drain:
@@ -41,6 +46,8 @@ class Drain:
         """The tracked streams' tasks until they are done: their bookkeeping comes after :meth:`untrack`."""
         self._timer: asyncio.TimerHandle | None = None
         self._ends_at = 0.0
+        self._resets: dict[asyncio.Task[Any], tuple[Callable[[], None], asyncio.TimerHandle]] = {}
+        """The streams cut for a stalled client, still writing to it: their connections' resets."""
 
     def track(self) -> asyncio.Task[Any] | None:
         """Register the running stream's task; pass it to :meth:`untrack` when the stream ends."""
@@ -79,6 +86,29 @@ class Drain:
         task.add_done_callback(self._work.discard)
         return task
 
+    def reset_later(self, task: asyncio.Task[Any], reset: Callable[[], None], after_s: float) -> None:
+        """A stream cut for a stalled client (settled and logged) whose in-band error waits behind
+        the client's full buffers: its connection is reset ``after_s`` from now, or at the drain's
+        start (the stream is done for its bill and log), unless its task ends first (t193: the
+        connection was held as long as the client held on, and the worker's exit to the server's
+        kill timeout, then cancelled with a traceback)."""
+        if self._timer is not None:
+            after_s = 0.0
+        timer = task.get_loop().call_later(after_s, self._reset, task)
+        self._resets[task] = (reset, timer)
+        task.add_done_callback(self._forget_reset)
+
+    def _reset(self, task: asyncio.Task[Any]) -> None:
+        entry = self._resets.pop(task, None)
+        if entry is not None:
+            entry[1].cancel()
+            entry[0]()
+
+    def _forget_reset(self, task: asyncio.Task[Any]) -> None:
+        entry = self._resets.pop(task, None)
+        if entry is not None:
+            entry[1].cancel()
+
     async def finish_work(self) -> None:
         """At the worker's end, before the bill and the log are closed: wait for the work
         :meth:`spawn` started, and for the streams still open, up to the deadline (which starts
@@ -114,6 +144,8 @@ class Drain:
             self._ends_at = loop.time() + self.deadline_s
             self._timer = loop.call_later(self.deadline_s, self._end_streams)
             _log.info("drain_started", open_streams=len(self._streams), deadline_s=self.deadline_s)
+            for task in list(self._resets):
+                self._reset(task)
 
     def install_signal_handler(self, loop: asyncio.AbstractEventLoop) -> None:
         """Begin on SIGTERM or SIGINT, passing the first of them on to whatever the server installed.

@@ -41,7 +41,7 @@ from gateway.config.schema import Price
 from gateway.core import model as core
 from gateway.core.headers import dropped_header
 from gateway.dispatch import DispatchInfo, dispatch, says_upstream_is_unhealthy
-from gateway.drain import DEFAULT_DRAIN_S, Drain
+from gateway.drain import CONNECTION_RESET, DEFAULT_DRAIN_S, Drain
 from gateway.errors import (
     ClientStalled,
     GatewayError,
@@ -1114,6 +1114,11 @@ class ChatPipeline:
                     self._finish(x, waited, client_wait, at)
 
             drain.keep(settle_then_log(), "stream-stalled")
+            # Its in-band error waits behind the client's full buffers: it gets another idle timeout
+            # to go out, then the connection is reset (the pace's timer runs in the task's context).
+            reset = CONNECTION_RESET.get()
+            if reset is not None and task is not None:
+                drain.reset_later(task, reset, provider.config.timeouts.idle)
 
         pace = ClientPace(stream, read, _piece_size, provider.config.timeouts, x.started, stalled)
         most = _most_chars(x.request, provider)

@@ -24,17 +24,24 @@ An upgrade it does not take (h2c, which curl --http2, Java's HttpClient and Ktor
 ignored and the request served as HTTP/1.1 (RFC 9110 §7.8): uvicorn lost its body, and what came
 after it (Kludex/uvicorn#2722). And an HTTP/1.0 client's answer of unknown length ends with the
 connection, not in chunks it cannot read (RFC 9112 §6.1).
+
+Each request's task is given a way to reset its connection (:data:`~gateway.drain.CONNECTION_RESET`):
+a stream cut for a stalled client otherwise held it for as long as the client did (t193).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
+import struct
 from typing import TYPE_CHECKING, Any
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from gateway.drain import CONNECTION_RESET
 from gateway.errors import InvalidRequestError
 from gateway.http_paths import in_messages_api, target_path
 from gateway.protocols import anthropic_messages
@@ -76,6 +83,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         """A chunk's size line is read and none of its data yet: what follows is its data or, after the
         last chunk, the trailer section."""
         self._trailer_bytes = 0
+        self._lost = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -189,7 +197,26 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._in_head = True  # a keep-alive connection's next request begins with its head
 
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        token = CONNECTION_RESET.set(self._reset)  # the task's context is copied from this one
+        try:
+            super()._start_asgi_task(cycle, app)
+        finally:
+            CONNECTION_RESET.reset(token)
+
+    def _reset(self) -> None:
+        """Closed at once, with a reset: what the kernel still holds for the client is dropped (a
+        stalled client's, see :meth:`~gateway.drain.Drain.reset_later`)."""
+        if self._lost:  # its descriptor may be another connection's by now
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import json
 import os
 import re
+import select
 import signal
 import socket
 import threading
@@ -143,14 +145,19 @@ def test_defect1_an_endless_line_is_cut_at_the_line_cap_and_the_gateway_stays_re
 
 
 @contextlib.contextmanager
-def _small_window_stream(gw: GatewayProcess, model: str, request_id: str) -> Iterator[socket.socket]:
-    """A raw client of a streamed chat answer with a 4 KB receive window (the connection closes
-    after the answer), for tests of clients that read slowly or not at all."""
-    body = b'{"model": "%s", "stream": true, "messages": [{"role": "user", "content": "go"}]}' % model.encode()
+def _small_window_stream(
+    gw: GatewayProcess, model: str, request_id: str, path: str = "/v1/chat/completions"
+) -> Iterator[socket.socket]:
+    """A raw client of a streamed chat (or Responses) answer with a 4 KB receive window (the
+    connection closes after the answer), for tests of clients that read slowly or not at all."""
+    if path == "/v1/responses":
+        body = b'{"model": "%s", "stream": true, "input": "go"}' % model.encode()
+    else:
+        body = b'{"model": "%s", "stream": true, "messages": [{"role": "user", "content": "go"}]}' % model.encode()
     with socket.create_connection(("127.0.0.1", gw.port)) as client:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         client.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n" % path.encode()
             + b"x-request-id: %s\r\nconnection: close\r\n" % request_id.encode()
             + b"content-length: %d\r\n\r\n" % len(body)
             + body
@@ -174,6 +181,34 @@ def test_a_client_that_stops_reading_does_not_hold_the_upstream(gw: GatewayProce
         # t151: the second it waited on the client is not the gateway's overhead
         assert record["latency_ms"] >= 1000 and record["overhead_ms"] < record["latency_ms"] - 800
         assert record["client_wait_ms"] >= 800
+
+
+def _reset_within(client: socket.socket, timeout_s: float) -> float | None:
+    """Seconds until the gateway reset the connection, without reading it (None: not within ``timeout_s``)."""
+    began = time.monotonic()
+    poll = select.poll()
+    poll.register(client, select.POLLPRI)  # no urgent data comes: only a hang-up or an error is reported
+    if not poll.poll(timeout_s * 1000):
+        return None
+    assert client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+    return time.monotonic() - began
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_a_stalled_clients_connection_is_reset_once_its_in_band_error_had_the_idle_timeout(
+    gw: GatewayProcess, path: str
+) -> None:
+    """f209 (t193): a stream cut for a client that stopped reading kept waiting to write its in-band
+    error into the client's full buffers, holding its task and connection for as long as the client
+    held on. The error now gets the model's idle timeout (1 s here) to go out, then the connection
+    is reset, whatever the protocol."""
+    request_id = f"stalled-then-reset-{path.rsplit('/', 1)[1]}"
+    with _small_window_stream(gw, "r-firehose", request_id, path) as client:
+        record = gw.wait_for_record(request_id, timeout_s=30)  # logged at the cut
+        assert record["error_type"] == "client_stalled" and record["status"] == 408
+        waited = _reset_within(client, timeout_s=10)
+        assert waited is not None, "the connection was still open 10 s after the cut"
+        assert waited < 4
 
 
 def test_a_client_that_reads_slowly_but_steadily_gets_the_whole_answer(gw: GatewayProcess) -> None:
@@ -633,6 +668,34 @@ def test_defect10_the_drain_deadline_ends_silent_streams_in_band_and_logs_them(
     drained = [msgspec.json.decode(line) for line in gateway.stderr_text().splitlines() if "drain_finished" in line]
     assert drained and drained[0]["ended_in_band"] == 1
     assert "in-flight requests finished" not in gateway.stderr_text()
+
+
+def test_sigterm_does_not_wait_for_a_stream_already_cut_for_its_stalled_client(
+    tmp_path: Path, faulty: FaultyUpstream, redis_server: object,
+    small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream,
+) -> None:  # fmt: skip
+    """f209 (t193): a stream cut for a stalled client (settled and logged at the cut) held the
+    worker's exit past the drain deadline, still writing its in-band error into full buffers, and
+    the server then cancelled it with an "Exception in ASGI application" traceback. At the drain's
+    start its connection is reset, well before its own idle timeout (5 s here) would reset it."""
+    models = (f"  hose:\n    base_url: {faulty.url}\n    upstream_model: firehose\n    price: {{input: 1, output: 1}}\n"
+              "    tier: small\n    context_window: 100000000\n"
+              "    timeouts: {connect: 1, first_byte: 2, total: 300, idle: 5}\n")  # fmt: skip
+    policy = policy_text(small_upstream, large_upstream, extra_models=models, routes="  r-hose: {model: hose}\n")
+    env = {"REDIS_URL": redis_server.url}  # type: ignore[attr-defined]
+    gateway = start_gateway(tmp_path, policy, env=env, serve_args=("--drain-s", "10"))
+    try:
+        with _small_window_stream(gateway, "r-hose", "stalled-at-sigterm") as client:
+            record = gateway.wait_for_record("stalled-at-sigterm", timeout_s=40)
+            assert record["error_type"] == "client_stalled"
+            gateway.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            assert gateway.process.wait(20) == 0
+            assert time.monotonic() - signalled < 3.5
+            assert _reset_within(client, timeout_s=1) is not None
+    finally:
+        gateway.stop()
+    assert "Exception in ASGI application" not in gateway.stderr_text()
 
 
 def test_a_request_still_waiting_at_the_drain_deadline_gets_a_503_not_a_cut(
