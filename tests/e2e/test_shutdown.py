@@ -411,7 +411,9 @@ def test_sigterm_while_starting_stops_it_and_what_it_started(tmp_path: Path, mom
     assert "Traceback" not in err and "serving the OpenAI" not in err, err[-2000:]
     assert _embedded_redis_pid(tmp_path) is None  # stopped by the gateway itself, before it exited
     if not as_pid_1:  # in its namespace, whatever its PID 1 leaves is killed with it
-        assert not [p for p in _processes_with(f"--parent-pid {gateway} ") if not _is_zombie(p)]  # nor an upstream
+        # nor an upstream: stopped by the gateway, or (one spawned as the signal came, on a loaded
+        # machine) ended by its own watch on its parent, which looks every so often
+        _until(lambda: not [p for p in _processes_with(f"--parent-pid {gateway} ") if not _is_zombie(p)])
 
 
 @pytest.mark.parametrize(("server", "workers"), [("uvicorn", "1"), ("uvicorn", "2"), ("granian", "2")])
