@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import functools
 import itertools
 import json
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import anthropic
@@ -516,6 +518,18 @@ def test_the_anthropic_sdk_pages_the_models_backwards_and_ends(claude: anthropic
         assert "limit" in str(refused.value.body)
 
 
+RefusalCheck = Callable[[str, dict[str, Any], list[tuple[dict[str, Any], str]]], None]
+"""Asks each refused body on a route (``model``, with ``extra``): :func:`_refused_at_the_edge`."""
+
+
+@pytest.fixture
+def refused_at_the_edge(
+    claude: anthropic.Anthropic, gateway: GatewayProcess, small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> RefusalCheck:  # fmt: skip
+    return functools.partial(_refused_at_the_edge, claude, gateway, (small_upstream, large_upstream))
+
+
 def _refused_at_the_edge(
     claude: anthropic.Anthropic,
     gateway: GatewayProcess,
@@ -556,12 +570,7 @@ _EMPTY = "all messages must have non-empty content except for the optional final
 
 @_EVERY_ROUTE
 def test_empty_content_is_refused_as_anthropic_refuses_it(
-    claude: anthropic.Anthropic,
-    gateway: GatewayProcess,
-    small_upstream: SimulatedUpstream,
-    large_upstream: SimulatedUpstream,
-    model: str,
-    extra: dict[str, Any],
+    claude: anthropic.Anthropic, refused_at_the_edge: RefusalCheck, model: str, extra: dict[str, Any]
 ) -> None:
     """t178: a user turn of ``content: []`` was answered (the router read no text: ``unreadable``,
     to the large model), where Anthropic refuses it with a 400 that names the turn; a text block
@@ -578,7 +587,7 @@ def test_empty_content_is_refused_as_anthropic_refuses_it(
         ),
     ]
     cases = [({"messages": messages}, message) for messages, message in refused]
-    _refused_at_the_edge(claude, gateway, (small_upstream, large_upstream), model, extra, cases)
+    refused_at_the_edge(model, extra, cases)
     prefill: list[MessageParam] = [hi, {"role": "assistant", "content": ""}]  # a final assistant turn may be empty
     assert claude.messages.create(model=model, max_tokens=32, messages=prefill, extra_body=extra).content
 
@@ -588,12 +597,7 @@ _BLANK = "text content blocks must contain non-whitespace text"
 
 @_EVERY_ROUTE
 def test_whitespace_alone_is_refused_as_anthropic_refuses_it(
-    claude: anthropic.Anthropic,
-    gateway: GatewayProcess,
-    small_upstream: SimulatedUpstream,
-    large_upstream: SimulatedUpstream,
-    model: str,
-    extra: dict[str, Any],
+    claude: anthropic.Anthropic, refused_at_the_edge: RefusalCheck, model: str, extra: dict[str, Any]
 ) -> None:
     """t180: a turn of whitespace alone was left out on a route to Claude, the turns around it
     joined into one (a conversation opening with the assistant's turn when it was the first) and
@@ -616,7 +620,7 @@ def test_whitespace_alone_is_refused_as_anthropic_refuses_it(
         ({"messages": messages, "extra_body": {"system": system} if system is not None else {}}, message)
         for messages, system, message in refused
     ]
-    _refused_at_the_edge(claude, gateway, (small_upstream, large_upstream), model, extra, cases)
+    refused_at_the_edge(model, extra, cases)
     beside: list[MessageParam] = [
         {"role": "user", "content": [{"type": "text", "text": " "}, {"type": "text", "text": "b"}]}
     ]
@@ -648,12 +652,7 @@ _CALL_RULES = "Each `tool_use` block must have a corresponding `tool_result` blo
 
 @_EVERY_ROUTE
 def test_tool_turns_and_names_anthropic_refuses_are_refused_on_every_route(
-    claude: anthropic.Anthropic,
-    gateway: GatewayProcess,
-    small_upstream: SimulatedUpstream,
-    large_upstream: SimulatedUpstream,
-    model: str,
-    extra: dict[str, Any],
+    claude: anthropic.Anthropic, refused_at_the_edge: RefusalCheck, model: str, extra: dict[str, Any]
 ) -> None:
     """f196: a chat route (and ``auto`` when it picked the small model) answered and billed what
     Anthropic refuses: a result answering no call of the turn before (an agent's history trimming
@@ -700,7 +699,7 @@ def test_tool_turns_and_names_anthropic_refuses_are_refused_on_every_route(
         ([_ASKED], [_GET_WEATHER, _GET_WEATHER], "tools: Tool names must be unique."),
     ]
     cases = [({"messages": messages, "tools": tools}, message) for messages, tools, message in refused]
-    _refused_at_the_edge(claude, gateway, (small_upstream, large_upstream), model, extra, cases)
+    refused_at_the_edge(model, extra, cases)
 
 
 _BUDGET_PAST_MAX = (
@@ -711,12 +710,7 @@ _BUDGET_PAST_MAX = (
 
 @_EVERY_ROUTE
 def test_budgets_breakpoints_and_stops_anthropic_refuses_are_refused_on_every_route(
-    claude: anthropic.Anthropic,
-    gateway: GatewayProcess,
-    small_upstream: SimulatedUpstream,
-    large_upstream: SimulatedUpstream,
-    model: str,
-    extra: dict[str, Any],
+    claude: anthropic.Anthropic, refused_at_the_edge: RefusalCheck, model: str, extra: dict[str, Any]
 ) -> None:
     """f200: a chat route (and ``auto`` when it picked the small model) answered and billed a
     thinking budget under 1024 or not under ``max_tokens``, a fifth ``cache_control`` block and an
@@ -753,7 +747,7 @@ def test_budgets_breakpoints_and_stops_anthropic_refuses_are_refused_on_every_ro
             "stop_sequences: each stop sequence must be non-empty",
         ),
     ]
-    _refused_at_the_edge(claude, gateway, (small_upstream, large_upstream), model, extra, refused)
+    refused_at_the_edge(model, extra, refused)
     if model == "fast":  # four breakpoints are taken; with tools, interleaved thinking may spend past max_tokens
         taken = claude.messages.create(
             model=model, max_tokens=1024, messages=marked, tools=[_GET_WEATHER], system=system,
