@@ -14,13 +14,18 @@ its operator trusts them). SGLang's alike (t181): ``rid`` (its request id), ``bo
 it), ``lora_path`` (an adapter loaded from the server's disk) and ``return_hidden_states``. They are
 taken out of every body an OpenAI-compatible upstream would be sent as the client wrote it, and
 named in ``x-gateway-dropped`` (t177).
+
+:data:`SAMPLING_FIELDS` are vLLM's other kind: sampling fields of the one request (``top_k``,
+``min_p``, ``repetition_penalty``, ...), a tenant's own to set. A chat body takes them on as it
+takes any unknown field; an edge that reads only its API's fields (legacy completions) carries
+these into the chat request too (f213), so they mean the same on every route.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ENGINE_FIELDS", "without_engine_fields"]
+__all__ = ["ENGINE_FIELDS", "SAMPLING_FIELDS", "without_engine_fields"]
 
 ENGINE_FIELDS = frozenset(
     {
@@ -40,6 +45,27 @@ ENGINE_FIELDS = frozenset(
         "vllm_xargs",
     }
 )
+
+SAMPLING_FIELDS = frozenset(
+    {
+        "allowed_token_ids",
+        "bad_words",
+        "ignore_eos",
+        "include_stop_str_in_output",
+        "length_penalty",
+        "min_p",
+        "min_tokens",
+        "repetition_penalty",
+        "skip_special_tokens",
+        "spaces_between_special_tokens",
+        "stop_token_ids",
+        "top_k",
+        "truncate_prompt_tokens",
+        "use_beam_search",
+    }
+)
+"""vLLM's sampling fields that mean the same in its chat and completions requests (its
+``SamplingParams``); none an OpenAI chat field, none one of :data:`ENGINE_FIELDS`."""
 
 
 def without_engine_fields(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -5,8 +5,9 @@ Only what a chat upstream can honour is accepted: one text prompt (a string, or 
 of one string), ``n`` of 1, no ``suffix``, ``best_of`` or ``logprobs``; ``echo`` is
 honoured by putting the prompt before the answer's text. ``max_tokens`` defaults to 16,
 as in OpenAI's API. ``seed``, ``presence_penalty``, ``frequency_penalty`` and
-``logit_bias`` mean the same in a chat request and are carried into it as they are;
-other fields the API does not define are named in ``Request.dropped``.
+``logit_bias`` mean the same in a chat request and are carried into it as they are, as are
+vLLM's sampling fields (``top_k``, ``min_p``, ...: :data:`SAMPLING_FIELDS`), which a chat body
+takes on; other fields the API does not define are named in ``Request.dropped``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from gateway.core.model import (
 )
 from gateway.errors import InvalidRequestError
 from gateway.protocols.body import check_fields, decode_body, refuse_options_without_stream
+from gateway.protocols.engine_fields import SAMPLING_FIELDS
 from gateway.protocols.openai_fields import BestOf, ChoiceCount, MaxTokens, Penalty, Stop, Temperature, TopP
 
 __all__ = ["DEFAULT_MAX_TOKENS", "Completion", "StreamEncoder", "decode_request", "encode_answer"]
@@ -71,9 +73,10 @@ class _CompletionsRequest(_View):
     logit_bias: dict[str, float] | None = None
 
 
-_KNOWN = frozenset(_CompletionsRequest.__struct_fields__)
-_CARRIED = ("seed", "presence_penalty", "frequency_penalty", "logit_bias")
-"""Fields a chat request has with the same meaning: carried in the request's ``extra`` as they came."""
+_KNOWN = frozenset(_CompletionsRequest.__struct_fields__) | SAMPLING_FIELDS
+_CARRIED = frozenset({"seed", "presence_penalty", "frequency_penalty", "logit_bias"}) | SAMPLING_FIELDS
+"""Fields a chat request has with the same meaning: carried in the request's ``extra`` as they came
+(null: not set)."""
 
 
 @dataclass(slots=True)
@@ -104,7 +107,7 @@ def decode_request(raw: bytes) -> Completion:
         stream=bool(wire.stream),
         user=wire.user,
         dropped=sorted(name for name in body if name not in _KNOWN),
-        extra={name: getattr(wire, name) for name in _CARRIED if getattr(wire, name) is not None},
+        extra={name: value for name, value in body.items() if name in _CARRIED and value is not None},
     )
     return Completion(
         request=request,

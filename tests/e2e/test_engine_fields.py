@@ -172,6 +172,55 @@ def test_a_completions_clients_engine_fields_do_not_reach_vllm(oai: openai.OpenA
     assert _dropped(raw.headers) == set(ENGINE_FIELDS)
 
 
+_SAMPLING: dict[str, Any] = {
+    "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.05, "length_penalty": 1.0, "stop_token_ids": [151643],
+    "include_stop_str_in_output": False, "ignore_eos": False, "min_tokens": 1, "skip_special_tokens": True,
+    "spaces_between_special_tokens": True, "truncate_prompt_tokens": 512, "allowed_token_ids": None,
+    "bad_words": ["spam"], "use_beam_search": False,
+}  # fmt: skip
+"""vLLM's sampling fields, which a chat client's request takes on to vLLM (``allowed_token_ids``
+null: not set)."""
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_completions_clients_vllm_sampling_fields_reach_vllm_as_a_chat_clients_do(
+    oai: openai.OpenAI, vllm: RecordingUpstream, stream: bool
+) -> None:
+    """f213: the legacy completions edge dropped them (a Qwen model's recommended ``top_k`` and
+    ``repetition_penalty`` went nowhere), where chat sends them on."""
+    extra = {**_SAMPLING, **_ENGINE}
+    if stream:
+        with oai.completions.with_streaming_response.create(
+            model="vllm-r", prompt="Say hello.", stream=True, extra_body=extra
+        ) as response:
+            text = "".join(chunk.choices[0].text for chunk in response.parse() if chunk.choices)
+            headers = response.headers
+    else:
+        raw = oai.completions.with_raw_response.create(model="vllm-r", prompt="Say hello.", extra_body=extra)
+        text, headers = raw.parse().choices[0].text, raw.headers
+    assert text == "Hello."
+    sent = vllm.bodies[-1]
+    _sent_without_engine_fields(sent)
+    assert {name: sent.get(name) for name in _SAMPLING} == _SAMPLING
+    assert _dropped(headers) == set(ENGINE_FIELDS)  # the operator's, as chat names them
+    oai.chat.completions.create(model="vllm-r", messages=_ASK, extra_body=extra)
+    as_chat = vllm.bodies[-1]
+    assert {name: as_chat.get(name) for name in _SAMPLING} == _SAMPLING
+
+
+def test_on_an_anthropic_route_completions_name_vllms_sampling_fields_as_chat_does(
+    oai: openai.OpenAI, large_upstream: SimulatedUpstream
+) -> None:
+    """Anthropic takes none of them: the upstream is not sent them and both edges name the same ones."""
+    chat = oai.chat.completions.with_raw_response.create(model="claude", messages=_ASK, extra_body=_SAMPLING)
+    assert chat.parse().choices[0].message.content
+    completion = oai.completions.with_raw_response.create(model="claude", prompt="Say hello.", extra_body=_SAMPLING)
+    assert completion.parse().choices[0].text
+    assert not set(_SAMPLING) & set(upstream_stats(large_upstream)["last_request"]["body"])
+    named = {name for name, value in _SAMPLING.items() if value is not None}
+    assert _dropped(completion.headers) == _dropped(chat.headers) == named
+
+
 def test_an_embeddings_clients_engine_fields_do_not_reach_vllm(oai: openai.OpenAI, vllm: RecordingUpstream) -> None:
     """vLLM's embeddings requests take ``priority`` and ``request_id`` too; the gateway sends a
     client's other fields on (``truncate_prompt_tokens``), these not."""

@@ -11,6 +11,7 @@ from gateway.core.model import Answer, Message, TextPart, ThinkingPart, ToolCall
 from gateway.errors import InvalidRequestError
 from gateway.protocols import openai_chat
 from gateway.protocols import openai_completions as completions
+from gateway.protocols.engine_fields import SAMPLING_FIELDS
 
 
 def _decode(**body: Any) -> completions.Completion:
@@ -63,9 +64,19 @@ def test_a_stream_asks_the_pipeline_for_usage_and_remembers_whether_the_client_d
 
 
 def test_fields_outside_the_api_are_named_as_dropped() -> None:
-    decoded = _decode(top_k=5, repetition_penalty=1.1)
-    assert decoded.request.dropped == ["repetition_penalty", "top_k"]
-    assert "top_k" not in openai_chat.to_chat_body(decoded.request)
+    decoded = _decode(vendor_option=5, request_id="fixed-id")
+    assert decoded.request.dropped == ["request_id", "vendor_option"]
+    assert "vendor_option" not in openai_chat.to_chat_body(decoded.request)
+
+
+def test_vllms_sampling_fields_are_carried_into_the_chat_body_as_a_chat_client_sends_them() -> None:
+    """f213: a chat body takes them on to vLLM; a completions client's went nowhere."""
+    decoded = _decode(top_k=20, min_p=0.05, repetition_penalty=1.05, stop_token_ids=[7], allowed_token_ids=None)
+    assert decoded.request.dropped == []
+    body = openai_chat.to_chat_body(decoded.request)
+    assert {name: body[name] for name in SAMPLING_FIELDS if name in body} == {
+        "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.05, "stop_token_ids": [7]
+    }  # fmt: skip
 
 
 def test_echo_keeps_the_prompt_for_the_answer() -> None:
