@@ -19,8 +19,11 @@ from gateway.core.model import (
 
 __all__ = ["deltas_of"]
 
-PIECE_CHARS = 24
-"""Text is replayed in pieces of about a token's worth of words, as a live stream sends it."""
+_FIRST_PIECE_CHARS = 32
+"""Text is replayed in pieces: a first small one, a few words as a live stream's first delta, then
+each twice the last's length up to :data:`_MOST_PIECE_CHARS` (f211: pieces of a token's worth each
+carried a whole event's envelope, ~10 times the answer's bytes on the wire)."""
+_MOST_PIECE_CHARS = 2048
 
 
 def deltas_of(answer: Answer) -> list[Delta]:
@@ -47,4 +50,11 @@ def deltas_of(answer: Answer) -> list[Delta]:
 
 
 def _pieces(text: str) -> list[str]:
-    return [text[start : start + PIECE_CHARS] for start in range(0, len(text), PIECE_CHARS)]
+    """``text`` cut at code points (a str's indices: a UTF-8 character, or a character beyond the BMP
+    that JSON writes as a surrogate pair, is never split)."""
+    pieces: list[str] = []
+    start, size = 0, _FIRST_PIECE_CHARS
+    while start < len(text):
+        pieces.append(text[start : start + size])
+        start, size = start + size, min(2 * size, _MOST_PIECE_CHARS)
+    return pieces

@@ -944,3 +944,53 @@ def test_the_log_says_a_paused_turn_is_a_stop_streamed_or_not(
     _, message = _ask_claude(claude, ask, stream, f"paused-{stream}")
     assert message.stop_reason == "pause_turn"
     assert cached_gateway.wait_for_record(f"paused-{stream}")["finish_reason"] == "stop"
+
+
+def test_a_long_cache_hit_streams_in_few_events_in_every_protocol(
+    cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream
+) -> None:
+    """f211 (t193): a hit was replayed in 24-character pieces, each in a whole event: a 50 KB answer
+    took ~9 times its bytes on the wire, in thousands of events. It comes whole, in few events,
+    its characters unsplit (accents, CJK, an emoji: one code point beyond the BMP)."""
+    text = "Fjörd naïve café 海洋 😀 the quick brown fox jumps over the lazy dog. " * 700
+    question = f"Write it all out. {time.monotonic_ns()}"
+    client = _client(cached_gateway)
+    inject(small_upstream, {"text": text})
+    filled = client.chat.completions.create(
+        model="fast", messages=[{"role": "user", "content": question}], max_tokens=30_000, temperature=0
+    )
+    assert filled.choices[0].message.content == text
+    size, most_events = len(text.encode()), len(text) // 1000 + 20
+
+    with client.chat.completions.with_streaming_response.create(
+        model="fast", messages=[{"role": "user", "content": question}], max_tokens=30_000, temperature=0, stream=True
+    ) as raw:
+        chunks = list(raw.parse())
+        wire = raw.http_response.num_bytes_downloaded
+    assert raw.headers["x-gateway-cache"] == "exact"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert len(chunks) <= most_events and wire < 1.5 * size
+
+    claude = closed_after_test(anthropic.Anthropic(base_url=cached_gateway.url, api_key="key-a1", max_retries=0))
+    with claude.messages.with_streaming_response.create(
+        model="fast", max_tokens=30_000, messages=[{"role": "user", "content": question}], stream=True,
+        extra_body={"temperature": 0},
+    ) as told:  # fmt: skip
+        events = list(told.parse())
+        wire = told.http_response.num_bytes_downloaded
+    assert told.headers["x-gateway-cache"] == "exact"
+    assert (
+        "".join(e.delta.text for e in events if e.type == "content_block_delta" and e.delta.type == "text_delta")
+        == text
+    )
+    assert len(events) <= most_events and wire < 1.5 * size
+
+    with client.responses.with_streaming_response.create(
+        model="fast", input=question, max_output_tokens=30_000, temperature=0, store=False, stream=True
+    ) as response:
+        said = list(response.parse())
+        wire = response.http_response.num_bytes_downloaded
+    assert response.headers["x-gateway-cache"] == "exact"
+    assert "".join(e.delta for e in said if e.type == "response.output_text.delta") == text
+    # the text, then again whole in output_text.done, content_part.done, output_item.done and completed
+    assert len(said) <= most_events and wire < 5.5 * size
