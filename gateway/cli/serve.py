@@ -137,9 +137,9 @@ def _start_and_serve(args: argparse.Namespace) -> int:
                 if not os.environ.get(variable):
                     from gateway.simulated import start_simulated_upstream
 
-                    with _START_STOPS.waiting():
-                        upstream = start_simulated_upstream(role)
-                        cleanup.callback(upstream.stop)
+                    _START_STOPS.check()
+                    upstream = start_simulated_upstream(role, waiting=_START_STOPS.waiting)
+                    cleanup.callback(upstream.stop)
                     os.environ[variable] = upstream.url
                     os.environ[f"{role.upper()}_MODEL_SIMULATED"] = "true"
                     _say(f"{variable} is unset: started a SIMULATED '{role}' upstream at {upstream.url}")
@@ -186,9 +186,11 @@ def _start_and_serve(args: argparse.Namespace) -> int:
             return 2
         if not os.environ.get("REDIS_URL"):
             try:
-                with _START_STOPS.waiting():
-                    redis = start_embedded_redis(os.path.join(args.data_dir, "redis"), maxmemory=args.redis_maxmemory)
-                    cleanup.callback(redis.stop)
+                _START_STOPS.check()
+                redis = start_embedded_redis(
+                    os.path.join(args.data_dir, "redis"), maxmemory=args.redis_maxmemory, waiting=_START_STOPS.waiting
+                )
+                cleanup.callback(redis.stop)
             except RedisServerNotFound:
                 # As with a Redis that is down: requests are served, without the cache and limits.
                 _say(
@@ -280,7 +282,8 @@ class _StartStops:
     once in a wait for something it started to answer, whose code stops that on any exception. An
     exception raised anywhere else could land in a C extension's call back into Python (msgspec's
     decoders, built as modules are imported, crashed on one), or between starting something and
-    handing it to the clean-up.
+    handing it to the clean-up, or within ``subprocess.Popen`` once it has forked (f212: a child that
+    serve never learnt of outlived it): the wait starts once the child is spawned.
     """
 
     def __init__(self) -> None:
@@ -300,7 +303,7 @@ class _StartStops:
 
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:
-        """A wait that a stop signal breaks off at once."""
+        """A wait that a stop signal breaks off at once: never a spawn (see above)."""
         self.check()
         self._waiting = True
         try:

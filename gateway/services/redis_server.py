@@ -18,6 +18,7 @@ Responses, labels and learned routers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -61,8 +62,19 @@ def find_redis_server() -> str:
     )
 
 
+_Waiting = Callable[[], contextlib.AbstractContextManager[object]]
+
+
 class EmbeddedRedis:
-    def __init__(self, config_path: Path, data_dir: Path, password: str, port: int | None, timeout_s: float) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        data_dir: Path,
+        password: str,
+        port: int | None,
+        timeout_s: float,
+        waiting: _Waiting = contextlib.nullcontext,
+    ) -> None:
         self.config_path = config_path
         self.data_dir = data_dir
         self.password = password
@@ -73,7 +85,7 @@ class EmbeddedRedis:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
-        self.process = self._spawn()
+        self.process = self._spawn(waiting)
 
     @property
     def url(self) -> str:
@@ -138,7 +150,9 @@ class EmbeddedRedis:
             self.restarts += 1
             say(f"embedded Redis restarted (pid {replacement.pid}, restart {self.restarts})")
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def _spawn(self, waiting: _Waiting = contextlib.nullcontext) -> subprocess.Popen[bytes]:
+        """``waiting``: entered once the child is spawned, for the wait until it answers (see
+        :func:`start_embedded_redis`)."""
         process = subprocess.Popen(
             [find_redis_server(), str(self.config_path)],
             stdin=subprocess.DEVNULL,
@@ -152,14 +166,15 @@ class EmbeddedRedis:
         )
         deadline = time.monotonic() + self._timeout_s
         try:
-            while time.monotonic() < deadline:
-                if process.poll() is not None:
-                    raise RuntimeError(
-                        f"redis-server exited with {process.returncode}; see {self.data_dir / 'redis.log'}"
-                    )
-                if self._answers_ping():
-                    return process
-                time.sleep(0.05)
+            with waiting():
+                while time.monotonic() < deadline:
+                    if process.poll() is not None:
+                        raise RuntimeError(
+                            f"redis-server exited with {process.returncode}; see {self.data_dir / 'redis.log'}"
+                        )
+                    if self._answers_ping():
+                        return process
+                    time.sleep(0.05)
         except BaseException:  # a stop meanwhile (serve's SIGTERM handler raises): none left behind
             process.kill()
             process.wait()
@@ -203,9 +218,12 @@ def start_embedded_redis(
     password: str | None = None,
     maxmemory: str = DEFAULT_MAXMEMORY,
     timeout_s: float = 15.0,
+    waiting: _Waiting = contextlib.nullcontext,
 ) -> EmbeddedRedis:
     """Start it: on a unix socket only, unless ``port`` is given (tests use it, with ``password``, to
-    start a server on an address a gateway already knows)."""
+    start a server on an address a gateway already knows). ``waiting``: entered for the wait until
+    it answers only, once it is spawned: an exception it raises (``serve``'s stop) stops the server,
+    where one raised within the spawn would leave it behind."""
     data = Path(data_dir).resolve()
     try:
         data.mkdir(parents=True, exist_ok=True)
@@ -243,7 +261,7 @@ def start_embedded_redis(
     for existing in data.iterdir():  # files an older version left readable
         if existing.is_file():
             existing.chmod(0o600)
-    return EmbeddedRedis(config_path, data, password, port, timeout_s)
+    return EmbeddedRedis(config_path, data, password, port, timeout_s, waiting)
 
 
 def running_embedded_url(data_dir: str | Path) -> str | None:

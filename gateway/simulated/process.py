@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -102,11 +104,14 @@ def start_simulated_upstream(
     timeout_s: float = 15.0,
     weak_on: tuple[str, ...] = (),
     max_model_len: int | None = None,
+    waiting: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
 ) -> SimulatedUpstream:
     """Spawn a simulated upstream and wait until it answers ``/healthz``.
 
     Raises RuntimeError (with the exit code where there is one) if it fails.
     The child exits on its own if this process dies (``--parent-pid``).
+    ``waiting``: entered for the wait only, once the child is spawned: an exception it raises
+    (``serve``'s stop) stops the child, where one raised within the spawn would leave it behind.
     """
     deadline = time.monotonic() + timeout_s
     tmpdir = Path(tempfile.mkdtemp(prefix="simulated-upstream-"))
@@ -139,9 +144,10 @@ def start_simulated_upstream(
         start_new_session=True,  # a Ctrl-C in the terminal is the parent's to handle
     )
     try:
-        bound_port = _wait_for_port(process, ready_file, deadline)
-        upstream = SimulatedUpstream(name=name, port=bound_port, process=process)
-        _check_health(upstream.root_url, deadline)
+        with waiting():
+            bound_port = _wait_for_port(process, ready_file, deadline)
+            upstream = SimulatedUpstream(name=name, port=bound_port, process=process)
+            _check_health(upstream.root_url, deadline)
     except BaseException as exc:
         _terminate(process)
         if isinstance(exc, (OSError, ValueError)):

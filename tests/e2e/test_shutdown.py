@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import shutil
 import signal
@@ -418,9 +417,8 @@ def test_sigterm_while_starting_stops_it_and_what_it_started(tmp_path: Path, mom
         assert "Traceback" not in err, err[-2000:]
         assert _embedded_redis_pid(workdir) is None  # stopped by the gateway itself, before it exited
         if not as_pid_1:  # in its namespace, whatever its PID 1 leaves is killed with it
-            # nor an upstream: stopped by the gateway, or (one spawned as the signal came, on a loaded
-            # machine) ended by its own watch on its parent, which looks every so often
-            _until(functools.partial(_no_live_child_of, gateway))
+            # nor an upstream: the gateway stopped each, one spawned as the signal came too (f212)
+            assert _no_live_child_of(gateway)
         if "serving the OpenAI" not in err:
             return
     raise AssertionError(f"every one of {_TRIES_TO_LAND_BEFORE_SERVING} SIGTERMs came after serving: {err[-2000:]}")
@@ -443,6 +441,66 @@ def test_sigterm_as_the_server_takes_over_stops_it(tmp_path: Path, server: str, 
     assert status == 0, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
     assert _embedded_redis_pid(tmp_path) is None
+
+
+@pytest.mark.parametrize("spawned", ["gateway.simulated", "redis-server"])
+def test_sigterm_as_serve_spawns_a_child_stops_that_child_too(tmp_path: Path, spawned: str) -> None:
+    """f212: a SIGTERM that came while ``subprocess.Popen`` waited for a child's exec broke off the
+    Popen, after the fork: serve never learnt of that child, which lived on after serve had exited
+    (an upstream until its own watch on its parent noticed). Here the child itself sends it, from
+    Popen's preexec_fn, so it lands there every time; the moment the child is gone is serve's exit."""
+    shipped = Path(__file__).resolve().parents[2] / "policies.yaml"
+    pid_file = tmp_path / "signalled-from"
+    serve = [sys.executable, "-c", _SIGTERM_FROM_INSIDE_A_SPAWN, spawned, str(pid_file), "serve", "--simulate-missing",
+             "--policies", str(shipped), "--port", str(free_port()), "--data-dir", str(tmp_path / "data")]  # fmt: skip
+    env = {**os.environ, "SMALL_MODEL_URL": "", "LARGE_MODEL_URL": "", "REDIS_URL": ""}
+    err_path = tmp_path / "gateway.err"  # a file: a pipe would be read to its end, once the child too had exited
+    with err_path.open("wb") as stderr:
+        process = subprocess.Popen(serve, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    said = err_path.read_text(errors="replace")
+    assert process.returncode == 0, said[-2000:]
+    assert "SIGTERM before serving: stopped" in said and "Traceback" not in said, said[-2000:]
+    child = int(pid_file.read_text())
+    assert not Path(f"/proc/{child}").exists() or _is_zombie(child), f"{spawned} (pid {child}) outlived serve"
+    assert _no_live_child_of(process.pid)  # the upstreams started before it too
+    assert _embedded_redis_pid(tmp_path) is None
+
+
+_SIGTERM_FROM_INSIDE_A_SPAWN = """
+import os, runpy, signal, subprocess, sys
+
+spawned, pid_file = sys.argv[1:3]
+serve = os.getpid()
+
+
+class SignalledAsItSpawns(subprocess.Popen):
+    def __init__(self, args, *rest, **kwargs):
+        then = kwargs.get("preexec_fn")
+        if spawned in " ".join(map(str, args)) and not os.path.exists(pid_file):
+
+            def preexec():  # in the child, between the fork and the exec: serve waits in Popen
+                if then is not None:
+                    then()
+                with open(pid_file, "w") as out:
+                    out.write(str(os.getpid()))
+                os.kill(serve, signal.SIGTERM)
+
+            kwargs["preexec_fn"] = preexec
+        super().__init__(args, *rest, **kwargs)
+
+
+subprocess.Popen = SignalledAsItSpawns
+sys.argv = ["gateway", *sys.argv[3:]]
+runpy.run_module("gateway", run_name="__main__", alter_sys=True)
+"""
+"""``python -m gateway`` with a SIGTERM sent to it from the first child whose command names ``argv[1]``,
+as Popen spawns it; that child's pid is written to ``argv[2]``."""
 
 
 def _sigterm_while_starting(
