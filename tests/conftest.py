@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -167,6 +170,32 @@ def inject(upstream: SimulatedUpstream, *faults: Mapping[str, object]) -> None:
 def upstream_stats(upstream: SimulatedUpstream) -> dict[str, Any]:
     stats: dict[str, Any] = httpx.get(f"{upstream.root_url}/_control/stats").json()
     return stats
+
+
+def leave_once_upstream_has_it(
+    url: str,
+    body: Mapping[str, object],
+    upstream: SimulatedUpstream,
+    request_id: str,
+    *,
+    counter: str = "chat_requests",
+    headers: Mapping[str, str] = MappingProxyType({}),
+) -> None:
+    """POST ``body`` to ``url`` on a raw connection and hang up once ``upstream`` has the request
+    (its ``counter`` went up), not at a guessed client timeout: on a loaded machine a timeout of a
+    few hundred ms could end before the gateway sent the request on, or after its answer came."""
+    target = httpx.URL(url)
+    before = upstream_stats(upstream)[counter]
+    content = json.dumps(body).encode()
+    more = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    head = (f"POST {target.raw_path.decode()} HTTP/1.1\r\nhost: {target.host}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(content)}\r\nx-request-id: {request_id}\r\n{more}\r\n")  # fmt: skip
+    with socket.create_connection((target.host, target.port or 80)) as client:
+        client.sendall(head.encode() + content)
+        deadline = time.monotonic() + 30
+        while upstream_stats(upstream)[counter] == before:
+            assert time.monotonic() < deadline, f"the request never reached the upstream: {upstream_stats(upstream)}"
+            time.sleep(0.02)
 
 
 @pytest.fixture

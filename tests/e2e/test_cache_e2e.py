@@ -19,7 +19,7 @@ from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageFunction
 from gateway.auth import hash_key
 from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
 from gateway.simulated import SimulatedUpstream
-from tests.conftest import closed_after_test, inject, upstream_stats
+from tests.conftest import closed_after_test, inject, leave_once_upstream_has_it, upstream_stats
 from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
 
 CACHE_ON = "{enabled: true, semantic: {enabled: false}, coalesce: {wait_s: 5}, redis_timeout_ms: 1000}"
@@ -93,7 +93,10 @@ def test_an_answer_no_upstream_gave_this_request_logs_no_prompt_cache_read_or_wr
     """t158 #1: an exact hit and a coalesced follower repeated the upstream's prompt-cache read and
     write of the answer they were served, so the log's cache writes summed above the upstream's."""
     client, messages = _client(cached_gateway), _unique("prompt cache")
-    inject(large_upstream, {"delay_ms": 600, "usage": {"cache_read_input_tokens": 4, "cache_creation_input_tokens": 6}})
+    # claude's first-byte timeout is the default minute: 3 s for the second request to join the first
+    inject(
+        large_upstream, {"delay_ms": 3000, "usage": {"cache_read_input_tokens": 4, "cache_creation_input_tokens": 6}}
+    )
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         together = list(pool.map(
             lambda _: client.chat.completions.with_raw_response.create(model="claude", messages=messages, temperature=0),
@@ -127,13 +130,14 @@ def test_the_retry_of_a_client_that_timed_out_is_served_the_answer_it_left(
 ) -> None:
     """A client whose timeout ended its wait: the upstream's answer is still billed and stored, so
     its retry is a hit rather than a second bill."""
-    inject(small_upstream, {"delay_ms": 600})
-    content = json.dumps({"model": "fast", "messages": _unique("timed out"), "temperature": 0}).encode()
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{cached_gateway.base_url}/chat/completions", content=content, timeout=0.2,
-                   headers={"authorization": "Bearer key-a1", "content-type": "application/json"})  # fmt: skip
-    time.sleep(0.8)  # the answer comes, and is stored
-    again = _post(cached_gateway, content)
+    # its headers at once (small's 1 s first-byte timeout is not in play), the rest of it 1.5 s on
+    inject(small_upstream, {"stall_mid_body_ms": 1500})
+    body = {"model": "fast", "messages": _unique("timed out"), "temperature": 0}
+    request_id = f"timed-out-{time.monotonic_ns()}"
+    leave_once_upstream_has_it(f"{cached_gateway.base_url}/chat/completions", body, small_upstream, request_id,
+                               headers={"authorization": "Bearer key-a1"})  # fmt: skip
+    assert cached_gateway.wait_for_record(request_id)["status"] == 499  # the answer came, billed (and stored)
+    again = _post(cached_gateway, json.dumps(body).encode())
     assert again.status_code == 200 and again.headers["x-gateway-cache"] == "exact"
     assert upstream_stats(small_upstream)["chat_requests"] == 1
 
@@ -163,12 +167,13 @@ def test_a_request_whose_client_left_is_not_retried_or_fallen_back_with_no_twin_
 ) -> None:
     """t123: holding a coalescing lease (the default) was taken for a twin waiting on it: the
     failed try of a client that left was retried and billed for no one."""
-    inject(small_upstream, {"delay_ms": 500, "status": 500}, {"status": 500})  # a retry would fall back too
+    # the client leaves while its try waits on the 500 (or, on a loaded machine, on the 1 s first-byte
+    # timeout, as retryable a failure)
+    inject(small_upstream, {"delay_ms": 900, "status": 500}, {"status": 500})  # a retry would fall back too
     request_id = f"gone-{time.monotonic_ns()}"
-    client = closed_after_test(openai.OpenAI(base_url=cached_gateway.base_url, api_key="key-a1", max_retries=0,
-                                             timeout=0.2, default_headers={"x-request-id": request_id}))  # fmt: skip
-    with pytest.raises(openai.APITimeoutError):
-        client.chat.completions.create(model="fast", messages=_unique("gone"), temperature=0)
+    body = {"model": "fast", "messages": _unique("gone"), "temperature": 0}
+    leave_once_upstream_has_it(f"{cached_gateway.base_url}/chat/completions", body, small_upstream, request_id,
+                               headers={"authorization": "Bearer key-a1"})  # fmt: skip
     record = cached_gateway.wait_for_record(request_id)
     assert (record["status"], record["error_type"]) == (499, "client_disconnected")
     assert (record["retries"], record["fallback_used"], record["cost_usd"]) == (0, False, 0)
@@ -486,7 +491,8 @@ def test_identical_concurrent_requests_are_coalesced(
     cached_gateway: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:
     messages = _unique("coalesce")
-    inject(small_upstream, {"delay_ms": 600})
+    # its headers at once, the rest 2.5 s on: all eight join it, within small's 1 s first-byte timeout
+    inject(small_upstream, {"stall_mid_body_ms": 2500})
     client = _client(cached_gateway)
     results = _at_once(client, messages, 8)
     assert upstream_stats(small_upstream)["chat_requests"] == 1
@@ -501,7 +507,7 @@ def test_a_coalesced_wait_is_upstream_time_not_gateway_overhead(
     """t70: a follower's wait for its leader's upstream call was logged (and counted in
     gateway_overhead_seconds, and sent as x-gateway-overhead-ms) as the gateway's own work."""
     messages = _unique("coalesce overhead")
-    inject(small_upstream, {"delay_ms": 1500})
+    inject(small_upstream, {"stall_mid_body_ms": 2500})  # the answer's headers come within the first-byte timeout
     client = _client(cached_gateway)
     results = _at_once(client, messages, 4)
     records = {r.headers["x-request-id"]: cached_gateway.wait_for_record(r.headers["x-request-id"]) for r in results}
@@ -550,7 +556,8 @@ def test_coalescing_and_cache_work_across_gateway_processes(
     second = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url})
     try:
         messages = _unique("cross-process")
-        inject(small_upstream, {"delay_ms": 800})
+        # the leader's call is under way 2 s, within small's 1 s first-byte timeout (no retry to count)
+        inject(small_upstream, {"stall_mid_body_ms": 2000})
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             leader = pool.submit(
                 _client(cached_gateway).chat.completions.create, model="fast", messages=messages, temperature=0
