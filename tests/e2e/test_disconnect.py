@@ -24,7 +24,7 @@ from aiohttp import web
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from gateway.store.redis import kv as redis_kv
-from tests.conftest import PairGateway, inject, upstream_stats
+from tests.conftest import PairGateway, inject, leave_once_upstream_has_it, upstream_stats
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 from tests.loopback_app import RecordingUpstream, serve_recording, write_sse
 
@@ -79,13 +79,17 @@ def test_a_client_that_leaves_a_whole_answer_is_billed_the_answer_the_upstream_w
 ) -> None:
     """An upstream bills the whole answer it was asked for (OpenAI's and Anthropic's go on after a
     hang-up): hanging up just before it came cost the prompt alone, and never tripped a budget (t39)."""
-    inject(small_upstream, {"delay_ms": 700})  # within the model's 1 s first-byte timeout
-    request_id = _leave_after(gateway, _body("please wait for me"))
+    # its headers at once (the model's 1 s first-byte timeout is not in play), the rest 1.5 s on;
+    # the client hangs up once the upstream has the request
+    inject(small_upstream, {"stall_mid_body_ms": 1500})
+    request_id = f"disconnect-{uuid.uuid4().hex}"
+    leave_once_upstream_has_it(f"{gateway.base_url}/chat/completions", _body("please wait for me"), small_upstream,
+                               request_id)  # fmt: skip
     record = _record_with_id(gateway, request_id)
     assert record is not None, "no log line for the abandoned request"
     assert (record["status"], record["error_type"]) == (499, "client_disconnected")
     assert record["route"] == "fast" and record["stream"] is False and record["model"] == "small"
-    assert record["latency_ms"] >= 700  # logged when the answer came, with its bill
+    assert record["latency_ms"] >= 1500  # logged when the answer came, with its bill
     assert record["tokens_source"] == "upstream" and record["completion_tokens"] > 0
     assert record["cost_usd"] > 0
     stats = upstream_stats(small_upstream)
@@ -96,7 +100,9 @@ def test_no_retry_or_fallback_is_made_for_a_client_that_left(
     gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
 ) -> None:
     inject(small_upstream, {"delay_ms": 3000})  # past the 1 s first-byte timeout: a retryable failure
-    request_id = _leave_after(gateway, _body("please wait for me"))
+    request_id = f"disconnect-{uuid.uuid4().hex}"
+    leave_once_upstream_has_it(f"{gateway.base_url}/chat/completions", _body("please wait for me"), small_upstream,
+                               request_id)  # fmt: skip
     record = _record_with_id(gateway, request_id)
     assert record is not None and (record["status"], record["error_type"]) == (499, "client_disconnected")
     assert record["latency_ms"] < 2500  # the one attempt's timeout, no more
@@ -222,7 +228,9 @@ def test_a_pipelined_request_whose_client_leaves_is_logged_as_499(
     """Two requests in one write, and the client gone before the first answer: the first was logged
     and counted as a 200 (uvicorn told the second request of the disconnect, the one queued behind
     the first; an outside tester)."""
-    inject(small_upstream, {"delay_ms": 700})  # within the model's 1 s first-byte timeout
+    # streamed: 700 ms before its first byte (a first-byte timeout on a loaded machine is still a 499 for
+    # a client gone); whole: its headers at once, the rest 1.5 s on, so that its answer and bill come
+    inject(small_upstream, {"delay_ms": 700} if stream else {"stall_mid_body_ms": 1500})
     request_id = f"pipelined-{uuid.uuid4().hex}"
     requests = _raw_chat(_body("pipelined request 0", stream=stream), request_id)
     requests += _raw_chat(_body("pipelined request 1", stream=stream))
@@ -492,7 +500,8 @@ def test_a_client_leaving_before_the_first_content_is_billed_the_usage_its_upstr
     count of the prompt, every token at the input price, as if none were cached."""
     request_id = f"still-reading-{passed_through}"
     extra: dict[str, object] = {"context_management": {"edits": []}} if passed_through else {}
-    claude = anthropic.Anthropic(base_url=claude_still_reading.url, api_key="k", max_retries=0, timeout=1)
+    # the client leaves 3 s on: its upstream's message_start reached the gateway on a loaded machine too
+    claude = anthropic.Anthropic(base_url=claude_still_reading.url, api_key="k", max_retries=0, timeout=3)
     with claude, pytest.raises(anthropic.APITimeoutError):
         claude.messages.create(
             model="still-reading",
