@@ -221,20 +221,24 @@ def test_with_several_workers_a_new_connection_during_the_drain_is_refused_at_on
     # kernel queued new connections no one accepted, and each hung, then was reset.
     with start_simulated_upstream("small", chunk_delay_ms=150) as slow_small:
         gateway = start_gateway(tmp_path, policy_text(slow_small, large_upstream), workers=2, server="uvicorn")
-        reader, finished = _stream_in_background(gateway, words=20)
-        time.sleep(0.5)  # the stream is under way
+        reader, finished = _stream_in_background(gateway, words=60)  # 9 s at its pace
+        _until(lambda: bool(finished))  # the stream is under way
         gateway.process.send_signal(signal.SIGTERM)
-        time.sleep(1.5)  # the supervisor handles its signals every 0.5 s
+        # the supervisor handles its signals every 0.5 s (a loaded machine's worker later still): until then
+        # a new request is answered; once the workers stop listening it is refused, and never left queued
         late = {"model": "fast", "messages": [{"role": "user", "content": "too late"}]}
-        try:
-            httpx.post(f"{gateway.base_url}/chat/completions", json=late, timeout=5)
-            outcome = "answered"
-        except httpx.ConnectError:
-            outcome = "refused"
-        except httpx.HTTPError as exc:
-            outcome = type(exc).__name__  # ReadError/ReadTimeout: accepted by no one
+        outcome = "answered"
+        while outcome == "answered" and reader.is_alive():
+            try:
+                httpx.post(f"{gateway.base_url}/chat/completions", json=late, timeout=5)
+                time.sleep(0.1)
+            except httpx.ConnectError:
+                outcome = "refused"
+            except httpx.HTTPError as exc:
+                outcome = type(exc).__name__  # ReadError/ReadTimeout: accepted by no one
+        draining = reader.is_alive()
         reader.join(30)
-        assert outcome == "refused"
+        assert outcome == "refused" and draining  # refused while the stream still drained
         assert finished[-1] == "data: [DONE]"  # the stream in flight still finished
         assert gateway.process.wait(30) == 0
 
@@ -320,7 +324,7 @@ def test_under_granian_a_stream_whose_bookkeeping_outlasts_its_last_byte_is_logg
     with start_simulated_upstream("small", chunk_delay_ms=150) as slow_small:
         policy = policy_text(slow_small, large_upstream, cache="{enabled: true, redis_timeout_ms: 5000}")
         gateway = start_gateway(
-            tmp_path, policy, env={"REDIS_URL": redis_server.url}, server="granian", serve_args=("--drain-s", "8")
+            tmp_path, policy, env={"REDIS_URL": redis_server.url}, server="granian", serve_args=("--drain-s", "20")
         )
         billed = asyncio.run(_requests_counted(redis_server.url, "anonymous", "default"))
         client = openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0)
@@ -354,7 +358,7 @@ def test_with_several_workers_requests_in_flight_at_sigterm_all_finish_and_are_l
     ones, all finish and are logged, under either server."""
     import openai
 
-    with start_simulated_upstream("small", latency_ms=600) as slow_small:
+    with start_simulated_upstream("small", latency_ms=3000) as slow_small:  # 3 s for all twenty to reach it
         gateway = start_gateway(tmp_path, policy_text(slow_small, large_upstream), workers=2, server=server)
 
         async def in_flight() -> list[object]:
@@ -371,7 +375,9 @@ def test_with_several_workers_requests_in_flight_at_sigterm_all_finish_and_are_l
                 await asyncio.gather(*(one(shared, f"warm {i}") for i in range(10)))  # ten kept alive
                 tasks = [asyncio.create_task(one(shared, f"kept alive {i}")) for i in range(10)]
                 tasks += [asyncio.create_task(one(client, f"new connection {i}")) for i, client in enumerate(own)]
+                deadline = time.monotonic() + 60
                 while (await asyncio.to_thread(upstream_stats, slow_small))["in_flight"] < 20:
+                    assert time.monotonic() < deadline, "the twenty requests were never at the upstream together"
                     await asyncio.sleep(0.02)  # all at the upstream: the gateway is serving each
                 gateway.process.send_signal(signal.SIGTERM)
                 return await asyncio.gather(*tasks, return_exceptions=True)
