@@ -156,6 +156,10 @@ class _Sink:
     """The file's size after this sink's last write; None before the first. Another size means
     another writer wrote since (a sibling worker, perhaps killed part way through a line): the
     file's last byte is looked at before the next line (t175), not on every batch."""
+    reader: int | None = None
+    """A descriptor the file's end is read through (:meth:`_ends_a_line`), kept open as long as
+    ``fd``: it is read under the lock, and closing any descriptor of a file lets go of every POSIX
+    lock the process holds on it (t194: a sibling's batch landed mid-batch, and left blank lines)."""
 
     @classmethod
     def of_path(cls, path: str) -> _Sink:
@@ -199,6 +203,7 @@ class _Sink:
             return exc
         if self.fd is not None:
             os.close(self.fd)
+        self._close_reader()
         self.fd, self.torn, self.end = fd, False, None
         return None
 
@@ -244,8 +249,9 @@ class _Sink:
 
     def _hold(self) -> bool:
         """A file to this process alone while it writes (a POSIX lock: the workers share stdout's
-        descriptor, and a lock of ``flock`` would be theirs together): whether it is held. Another
-        worker's line can then never land after a fragment before it is taken back (t132)."""
+        descriptor, and a lock of ``flock`` or ``F_OFD_SETLK`` would be theirs together): whether it
+        is held. Another worker's line can then never land after a fragment before it is taken back
+        (t132). No descriptor of the file is closed while it is held (:attr:`reader`)."""
         if not self.file or self.fd is None:
             return False
         try:
@@ -263,10 +269,30 @@ class _Sink:
         except OSError:
             return
         if size != self.end:
-            ends_a_line = _ends_a_line(self.fd, size)
+            ends_a_line = self._ends_a_line(size)
             if ends_a_line is not None:
                 self.torn = not ends_a_line
             self.end = size
+
+    def _ends_a_line(self, size: int) -> bool | None:
+        """Whether the file, ``size`` bytes long, ends where a line does; None when it cannot be
+        read. ``fd`` is open to write only: the file is read through ``/proc``, which names the file
+        itself, not its path (a rename may have moved the path on)."""
+        if size == 0:
+            return True
+        try:
+            if self.reader is None:
+                self.reader = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY)
+            return os.pread(self.reader, 1, size - 1) == b"\n"
+        except OSError:
+            return None
+
+    def _close_reader(self) -> None:
+        """Never while the lock is held (:attr:`reader`)."""
+        if self.reader is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.reader)
+            self.reader = None
 
     def _write_lines(self, data: bytearray, start: int, ends: list[int], held: bool, left: int) -> int:
         """Write ``data``, whose lines start at ``start`` (after the newline that ends a fragment
@@ -307,6 +333,7 @@ class _Sink:
         return True
 
     def close(self) -> None:
+        self._close_reader()
         if self.owned and self.fd is not None:
             os.close(self.fd)
 
@@ -320,24 +347,6 @@ class _LinesLost(Exception):
     def __init__(self, count: int, error: OSError) -> None:
         super().__init__(count, error)
         self.count, self.error = count, error
-
-
-def _ends_a_line(fd: int, size: int) -> bool | None:
-    """Whether the file ``fd`` writes, ``size`` bytes long, ends where a line does; None when it
-    cannot be read. ``fd`` is open to write only: the file is read through ``/proc``, which names
-    the file itself, not its path (a rename may have moved the path on)."""
-    if size == 0:
-        return True
-    try:
-        reader = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        return os.pread(reader, 1, size - 1) == b"\n"
-    except OSError:
-        return None
-    finally:
-        os.close(reader)
 
 
 def _open_to_append(path: str) -> int:

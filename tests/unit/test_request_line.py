@@ -282,3 +282,124 @@ def test_a_line_a_full_disk_cuts_is_taken_off_the_file_and_counted_lost(tmp_path
     records = [msgspec.json.decode(line) for line in path.read_bytes().splitlines()]  # each line whole
     assert [record["n"] for record in records] == [*range(9), 100, 101, 102]
     assert lost == 3  # the cut line and those after it; not those that landed before it
+
+
+_WRITE_IN_BATCHES = """
+import sys, time
+from gateway.accounting.request_log import RequestLogWriter
+path, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+writer = RequestLogWriter(stdout=path == "-", path=None if path == "-" else path, flush_every_s=0.0005)
+for n in range(first, first + count):
+    writer.write('{"n": %d, "pad": "%s"}' % (n, "x" * 3000))
+    if n % 3 == 0:
+        time.sleep(0.0005)  # many small batches, each taking the lock
+writer.close()
+"""
+
+
+@pytest.mark.parametrize("sink", ["path", "stdout"])
+def test_two_workers_writing_one_log_leave_no_blank_or_cut_line(tmp_path: Path, sink: str) -> None:
+    """t194: looking at the file's end, under the lock, closed a descriptor of the file, which
+    let go of the lock: a sibling's batch then landed while this worker's was half written, it
+    saw a cut line at the end and began its own with a newline, and the log had blank lines."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(b'{"n": -1}\n')  # not empty: the end is read before the first batch
+    count, target = 3000, "-" if sink == "stdout" else str(path)
+    with path.open("ab") as stdout:  # serve > requests.jsonl: one description the workers share
+        workers = [
+            subprocess.Popen([sys.executable, "-c", _WRITE_IN_BATCHES, target, str(first), str(count)], stdout=stdout)
+            for first in (0, 100_000)
+        ]
+        assert [worker.wait(timeout=60) for worker in workers] == [0, 0]
+    lines = path.read_bytes().split(b"\n")
+    assert lines.pop() == b""  # the file ends with a newline
+    assert [line for line in lines if not line] == []
+    numbers = [msgspec.json.decode(line)["n"] for line in lines]  # each line whole
+    assert sorted(numbers) == [-1, *range(count), *range(100_000, 100_000 + count)]
+
+
+_TRY_THE_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except OSError:
+    sys.exit(3)
+"""
+
+
+def _locked_by_another_process(path: Path) -> bool:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _TRY_THE_LOCK, str(path)], timeout=30, check=False)
+    assert done.returncode in (0, 3)
+    return done.returncode == 3
+
+
+@pytest.mark.parametrize("sink", ["path", "stdout"])
+def test_the_file_stays_locked_while_a_batch_is_written_after_its_end_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sink: str
+) -> None:
+    """t194: closing any descriptor of a file lets go of every POSIX lock the process holds on
+    it; the one the end was read through was closed before the batch was written."""
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(b'{"n": 0}\n')  # not empty: its last byte is read
+    stdout = os.open(path, os.O_WRONLY | os.O_APPEND)  # serve >> requests.jsonl
+    mine = (
+        request_log_module._Sink.of_path(str(path))
+        if sink == "path"
+        else request_log_module._Sink.of_fd(stdout, owned=False)
+    )
+    real_write = os.write
+    locked: list[bool] = []
+
+    def looking_at_the_lock(fd: int, data: bytes | memoryview) -> int:
+        locked.append(_locked_by_another_process(path))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", looking_at_the_lock)
+    try:
+        mine.write(['{"n": 1}'])
+    finally:
+        monkeypatch.setattr(os, "write", real_write)
+        mine.close()
+        os.close(stdout)
+    assert locked == [True]
+    assert not _locked_by_another_process(path)  # and let go after the batch
+    assert path.read_bytes().splitlines() == [b'{"n": 0}', b'{"n": 1}']
+
+
+def test_a_cut_line_is_taken_back_under_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """t194: the take-back after a full disk (t132) ran after the lock had been let go, where it
+    could cut off a line a sibling appended meanwhile."""
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(b'{"n": 0}\n')
+    sink = request_log_module._Sink.of_path(str(path))
+    real_write, real_truncate = os.write, os.ftruncate
+    locked: list[bool] = []
+
+    def half_then_full(fd: int, data: bytes | memoryview) -> int:
+        if not locked:
+            locked.append(True)
+            return real_write(fd, bytes(data)[:5])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def looking_at_the_lock(fd: int, length: int) -> None:
+        locked.append(_locked_by_another_process(path))
+        real_truncate(fd, length)
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    monkeypatch.setattr(os, "ftruncate", looking_at_the_lock)
+    try:
+        with pytest.raises(request_log_module._LinesLost):
+            sink.write(['{"n": 1}'])
+    finally:
+        monkeypatch.setattr(os, "write", real_write)
+        monkeypatch.setattr(os, "ftruncate", real_truncate)
+        sink.close()
+    assert locked == [True, True]  # the take-back ran, with the file locked
+    assert path.read_bytes() == b'{"n": 0}\n'
