@@ -149,7 +149,9 @@ def test_tokens_per_minute_reserve_the_estimate_while_in_flight(
     pair: tuple[GatewayProcess, GatewayProcess], small_upstream: SimulatedUpstream
 ) -> None:
     # In flight, each request holds prompt tokens + max_tokens (8 + 90): three fit in 300, the fourth does not.
-    inject(small_upstream, *[{"delay_ms": 1500}] * 3)
+    # Their answers' headers come at once and their bodies 3 s on: a 1.5 s delay raced small's 1 s
+    # first-byte timeout, and the three were in flight for a timeout and a retry, not for the upstream.
+    inject(small_upstream, *[{"stall_mid_body_ms": 3000}] * 3)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(_chat, pair[i % 2], "tpm", content=f"t{i}", max_tokens=90) for i in range(3)]
         # All three reserved and upstream, not a guessed 0.3 s: on a busy machine the fourth came
@@ -220,8 +222,10 @@ def test_a_budget_held_by_requests_in_flight_is_told_apart_from_one_spent(
     request passed 3.5 s later. Held for requests in flight, a budget is a short wait the SDKs
     retry after; only a budget spent keeps the answer that waits for the next day."""
     # In flight, each request holds its estimate (8 prompt + 100 completion tokens, ~$0.000154):
-    # three of them hold ~$0.00046 of $0.0005, and a fourth does not fit beside them.
-    inject(small_upstream, *[{"delay_ms": 3000}] * 3)
+    # three of them hold ~$0.00046 of $0.0005, and a fourth does not fit beside them. Slow bodies, not
+    # slow headers: a 3 s delay is past small's 1 s first-byte timeout, and each request's retry then
+    # took another's delay (timed out twice: a 504) or none (answered at once, its estimate released).
+    inject(small_upstream, *[{"stall_mid_body_ms": 3000}] * 3)
     ask: dict[str, Any] = {"model": "cheap", "max_tokens": 100}
     redis = closed_after_test(redis_sync.Redis.from_url(redis_server.url))
     spend = keyspace.limit_counters("solo-inflight", "inflight")[1]
