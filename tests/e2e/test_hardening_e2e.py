@@ -79,7 +79,7 @@ def gw(
     routes += "  r-in-band-or-small: {model: in-band-error, fallbacks: [small]}\n"
     policy = policy_text(
         small_upstream, large_upstream, extra_models=_faulty_models(faulty.url), routes=routes,
-        limits="max_body_bytes: 65536, redis_timeout_ms: 2000, body_read_timeout_s: 1",
+        limits="max_body_bytes: 65536, redis_timeout_ms: 2000, body_read_timeout_s: 2",
         cache="{enabled: true, redis_timeout_ms: 2000}",
     )  # fmt: skip
     env = {"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k", "TEST_ANTHROPIC_KEY": "k",  # type: ignore[attr-defined]
@@ -617,7 +617,7 @@ def test_a_client_slow_to_send_its_body_is_not_the_gateways_overhead(gw: Gateway
                 + b"content-length: %d\r\n\r\n" % len(sent)
                 + sent[:12]
             )
-            time.sleep(0.7)  # body_read_timeout_s is 1: slow-body-2's never comes, a 408 at 1 s
+            time.sleep(0.7)  # body_read_timeout_s is 2 (1 s was 0.3 s from this pause): slow-body-2's never comes
             sock.sendall(rest)
             received = b""
             while chunk := sock.recv(65536):
