@@ -141,6 +141,15 @@ async def _post(
     )
 
 
+async def _until(done: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Until ``done`` says so: what a fixed sleep stood for, which a loaded machine's stalled loop
+    could end before the steps it waited for had run."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not done():
+        assert asyncio.get_running_loop().time() < deadline, "not within the deadline"
+        await asyncio.sleep(0.01)
+
+
 async def test_a_kept_alive_connection_serves_the_next_request(serve: Serve, transport: Http11Transport) -> None:
     server = await serve(answer(_OK))
     first = await _post(transport, server.url)
@@ -255,8 +264,9 @@ async def test_a_full_pool_waits_for_a_connection_then_times_out(serve: Serve) -
     server = await serve(stay_silent)
     transport = Http11Transport(max_connections=1)
     try:
-        hung = asyncio.create_task(_post(transport, server.url, first_byte_s=0.6))
-        await asyncio.sleep(0.05)
+        # it holds the connection 1.5 s past the server's having it, well past the other's 0.2 s wait
+        hung = asyncio.create_task(_post(transport, server.url, first_byte_s=1.5))
+        await _until(lambda: len(server.requests) == 1)
         with pytest.raises(httpx.PoolTimeout):
             await _post(transport, server.url, connect_s=0.2)
         with pytest.raises(httpx.ReadTimeout):
@@ -332,7 +342,7 @@ async def test_a_cancelled_request_does_not_leave_its_connection_in_the_pool(
 ) -> None:
     server = await serve(stay_silent, answer(_OK))
     task = asyncio.create_task(_post(transport, server.url))
-    await asyncio.sleep(0.05)
+    await _until(lambda: len(server.requests) == 1)  # cancelled on a live connection, not before it
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -358,9 +368,9 @@ async def test_an_unread_stream_stops_reading_the_socket_and_loses_nothing(
     raw = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + bytes(range(256)) * (size // 256)
     server = await serve(answer(raw))
     response = await _post(transport, server.url, stream=True)
-    await asyncio.sleep(0.3)  # the server writes; the client must stop reading past its buffer
     connection = response._connection
-    assert connection is not None and connection.paused
+    assert connection is not None
+    await _until(lambda: connection.paused)  # the server writes; the client must stop reading past its buffer
     assert response._unread < size
     body = await response.aread()
     assert len(body) == size and body[:512] == bytes(range(256)) * 2
@@ -380,7 +390,7 @@ async def test_an_answer_that_completes_while_reading_is_paused_leaves_a_live_co
     await asyncio.sleep(0.3)  # a reader busy elsewhere (a slow client downstream)
     assert len(await response.aread()) == size
     await response.aclose()
-    follow_up = await _post(transport, server.url, first_byte_s=1.0)
+    follow_up = await _post(transport, server.url)  # a deaf connection hangs to the 5 s first-byte timeout
     assert follow_up.content == b'{"ok":true}'
     assert server.connections == 1
 
