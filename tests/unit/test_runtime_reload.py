@@ -22,10 +22,9 @@ async def test_a_burst_of_reload_requests_reads_the_file_once_more(make_harness:
     holder = harness.holder
     assert [holder.request_reload("SIGHUP") for _ in range(50)].count(True) == 1  # the rest join it
     holder.path.write_text(POLICY.replace("fast: {model: small, fallbacks: [large]}", "fast: {model: large}"))
-    for _ in range(200):  # the waiting reload settles (1 s) and reads the edit
+    deadline = asyncio.get_running_loop().time() + 30  # the waiting reload settles (1 s) and reads the edit
+    while holder.current.policy.routes["fast"].model != "large" and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
-        if holder.current.policy.routes["fast"].model == "large":
-            break
     assert holder.current.policy.routes["fast"].model == "large"
     assert holder.request_reload("SIGHUP")  # nothing waits now: a new request reads the file again
 
@@ -61,18 +60,19 @@ _CUT_SHORT = POLICY.replace("fast: {model: small, fallbacks: [large]}", "fast: {
 _WHOLE = _CUT_SHORT + "# the writer's last line\n"
 
 
-async def test_a_writer_that_pauses_for_half_a_second_is_waited_for_where_no_one_can_tell_it_writes(
+async def test_a_writer_that_pauses_mid_write_is_waited_for_where_no_one_can_tell_it_writes(
     make_harness: MakeHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """f110: a pause of over 0.25 s mid-write put the valid prefix in force, billed at its prices.
     Where the OS cannot say whether a writer holds the file (another OS, a file of another user),
-    the settle is long enough for such a pause."""
+    the settle (1 s) is long enough for such a pause (0.3 s here: a 0.5 s one was half the settle,
+    which a writer thread woken late on a loaded machine could pass)."""
     from gateway import runtime
 
     monkeypatch.setattr(runtime, "_open_for_writing", lambda path: None)  # as on a system without leases
     harness = await make_harness()
     holder = harness.holder
-    writer = _slow_writer(holder.path, _CUT_SHORT, _WHOLE[len(_CUT_SHORT) :], 0.5, close_between=True)
+    writer = _slow_writer(holder.path, _CUT_SHORT, _WHOLE[len(_CUT_SHORT) :], 0.3, close_between=True)
     try:
         assert await holder.reload("file changed")
     finally:
@@ -107,7 +107,8 @@ async def test_a_file_held_open_past_the_wait_is_refused_until_closed(
     harness = await make_harness()
     holder = harness.holder
     in_force = holder.current.version
-    writer = _slow_writer(holder.path, _CUT_SHORT, _WHOLE[len(_CUT_SHORT) :], 1.0, close_between=False)
+    # held 2 s, far past the 0.3 s wait: a look there made late by a loaded machine still finds it open
+    writer = _slow_writer(holder.path, _CUT_SHORT, _WHOLE[len(_CUT_SHORT) :], 2.0, close_between=False)
     try:
         assert not await holder.reload("file changed")
         assert holder.current.version == in_force
@@ -131,8 +132,8 @@ def test_a_start_waits_for_no_file_that_is_merely_invalid(tmp_path: Path, monkey
     however long ago it was written. Files no one writes that have held still that long are read at once."""
     from gateway import runtime
 
-    monkeypatch.setattr(runtime, "_SETTLE_S", 5.0)
-    monkeypatch.setattr(runtime, "_SETTLE_TOLD_S", 5.0)
+    monkeypatch.setattr(runtime, "_SETTLE_S", 30.0)  # a wait is 30 s a file, far past the bound
+    monkeypatch.setattr(runtime, "_SETTLE_TOLD_S", 30.0)
     policy, keys = tmp_path / "policies.yaml", tmp_path / "keys.yaml"
     policy.write_text(_WITH_KEY_FILE)
     keys.write_text('keys:\n  - {id: oops, tenant: team-a, hash: "sha256:NOTHEX"}\n')
@@ -140,7 +141,7 @@ def test_a_start_waits_for_no_file_that_is_merely_invalid(tmp_path: Path, monkey
         os.utime(path, (time.time() - 60, time.time() - 60))
     started = time.monotonic()
     assert runtime.still_written(policy) == []
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 10
 
 
 async def test_a_key_file_held_open_for_writing_is_read_once_closed(
@@ -184,7 +185,7 @@ async def test_a_key_file_held_open_past_the_wait_is_refused_until_closed(
     assert await holder.reload("test", settle=False)
     in_force = holder.current.version
     prefix = "keys:\n" + _key_entry("carol")
-    writer = _slow_writer(keys, prefix, _key_entry("dave") + _key_entry("erin"), 1.0, close_between=False)
+    writer = _slow_writer(keys, prefix, _key_entry("dave") + _key_entry("erin"), 2.0, close_between=False)  # as above
     try:
         assert not await holder.reload("file changed")
         assert holder.current.version == in_force
