@@ -51,6 +51,25 @@ async def test_a_leader_that_fails_lets_the_waiters_go_at_once() -> None:
     assert got is None
 
 
+async def _until_dropped(store: MemoryKeyValue, key: str) -> None:
+    """Until the store no longer holds ``key``'s lease (within 10 s, a third of the leases' 30 s): a
+    fixed 0.7 s was 0.2 s past the drop's retry, which a stalled loop could reach with it still due."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while (await store.peek(key, T))[1]:
+        assert asyncio.get_running_loop().time() < deadline, "the lease was left to expire"
+        await asyncio.sleep(0.02)
+
+
+async def _one_leads_and_the_rest_wait(waiters: list[asyncio.Task[Joined]]) -> tuple[Lease, set[asyncio.Task[Joined]]]:
+    """The one waiter that leads once its leader went, and the others, still waiting 0.6 s on: the
+    first is awaited, not expected within a fixed 0.5-0.6 s that a stalled loop could outrun."""
+    done, pending = await asyncio.wait(waiters, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    more, pending = await asyncio.wait(pending, timeout=0.6)  # no other leads meanwhile
+    leads = [lease for task in done | more if (lease := task.result()[1]) is not None]
+    assert len(leads) == 1 and len(pending) == len(waiters) - 1, (done, more)
+    return leads[0], pending
+
+
 async def _leader_and_waiters(cache: ExactCache, count: int) -> tuple[Lease, list[asyncio.Task[Joined]]]:
     """One request leading on key ``k``, and ``count`` identical ones waiting on it in this process."""
     _, lease = await cache.join_or_lead("k", 2.0, T)
@@ -158,8 +177,7 @@ async def test_a_lease_the_store_could_not_be_told_to_drop_is_dropped_once_it_an
     await cache.put("k", _answer("an answer"), 60, T, lease)
     shared.down = False
     assert (await shared.peek("k", T))[1]  # still held in the store
-    await asyncio.sleep(0.7)
-    assert not (await shared.peek("k", T))[1]
+    await _until_dropped(shared, "k")
 
 
 class _SlowLocks(MemoryKeyValue):
@@ -181,7 +199,7 @@ async def test_a_request_cancelled_while_it_takes_the_lead_leaves_no_flight_behi
     answer, lease = await asyncio.wait_for(waiting, 5)  # leads in turn, at once
     assert answer is None and lease is not None
     await cache.release(lease, None, T)
-    await asyncio.sleep(0.7)  # the lease the store may have granted the one that left is dropped too
+    await _until_dropped(shared, "k")  # the lease the store may have granted the one that left is dropped too
     answer, lease = await asyncio.wait_for(other_process.join_or_lead("k", 30.0, T), 5)
     assert answer is None and lease is not None and lease.held_in_store
     await other_process.release(lease, None, T)
@@ -205,10 +223,8 @@ async def test_a_leader_that_left_after_the_store_granted_its_lease_hands_over_t
     waiters = [asyncio.create_task(cache.join_or_lead("k", 5.0, T)) for _ in range(8)]
     await asyncio.sleep(0.05)
     leaving.cancel()
-    done, pending = await asyncio.wait(waiters, timeout=0.6)  # the others wait on the one that leads now
-    leads = [lease for task in done if (lease := task.result()[1]) is not None]
-    assert len(leads) == 1 and len(pending) == 7
-    await cache.release(leads[0], _answer("the one answer"), T)
+    lead, pending = await _one_leads_and_the_rest_wait(waiters)  # the others wait on the one that leads now
+    await cache.release(lead, _answer("the one answer"), T)
     answers = [(await task)[0] for task in pending]
     assert all(isinstance(a, CachedAnswer) and a.answer.text == "the one answer" for a in answers)
 
@@ -223,11 +239,9 @@ async def test_when_another_process_leader_goes_without_an_answer_one_waiter_her
     waiters = [asyncio.create_task(here.join_or_lead("k", 5.0, T)) for _ in range(8)]
     await asyncio.sleep(0.05)
     await there.release(leaders_lease, LEADER_LEFT, T)  # its client left: no answer
-    done, pending = await asyncio.wait(waiters, timeout=0.5)
-    leads = [lease for task in done if (lease := task.result()[1]) is not None]
-    assert len(leads) == 1 and len(pending) == 7
-    assert leads[0].waited and not leaders_lease.waited  # its wait is upstream time, not overhead (t70)
-    await here.release(leads[0], _answer("one call"), T)
+    lead, pending = await _one_leads_and_the_rest_wait(waiters)
+    assert lead.waited and not leaders_lease.waited  # its wait is upstream time, not overhead (t70)
+    await here.release(lead, _answer("one call"), T)
     answers = [(await task)[0] for task in pending]
     assert all(isinstance(answer, CachedAnswer) for answer in answers)
 
