@@ -6,6 +6,7 @@ import asyncio
 import time
 import tracemalloc
 from collections import deque
+from collections.abc import Callable
 
 import pytest
 
@@ -45,6 +46,15 @@ def _pace(upstream: _Upstream, stalls: deque[float], *, idle: float = 0.05, tota
     return ClientPace(upstream, upstream.__anext__, len, timeouts, time.perf_counter(), lambda: stalls.append(1))
 
 
+async def _until(done: Callable[[], bool]) -> None:
+    """Until ``done`` says so (10 s at most): the upstream's pieces come each after a 1 ms sleep,
+    whose wake-ups a loaded machine delays, so a fixed 0.5 s could end before fifty of them."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while not done():
+        assert asyncio.get_running_loop().time() < deadline, "not within 10 s"
+        await asyncio.sleep(0.01)
+
+
 async def _rest(pace: ClientPace[bytes]) -> list[bytes]:
     pieces = []
     while True:
@@ -60,7 +70,8 @@ async def test_a_slow_client_is_read_ahead_of_and_gets_every_piece_in_order() ->
     first = await pace.next()
     pace.offer()
     await asyncio.sleep(0.5)  # the client takes nothing for ten idle timeouts: a slow link
-    assert upstream.left == 0 and not upstream.closed  # the upstream was read to its end meanwhile
+    await _until(lambda: upstream.left == 0 or bool(stalls))
+    assert upstream.left == 0 and not upstream.closed and not stalls  # the upstream was read to its end meanwhile
     pace.taken()
     assert [first, *await _rest(pace)] == [b"%099d" % n for n in range(1, 51)]
     assert not stalls
@@ -75,8 +86,8 @@ async def test_a_client_far_behind_that_takes_nothing_lets_the_upstream_go_and_i
     pace = _pace(upstream, stalls)
     await pace.next()
     pace.offer()
-    await asyncio.sleep(0.5)
-    assert upstream.closed and 10 <= upstream.read <= 12  # read ahead to the cap, then let go
+    await _until(lambda: upstream.closed)
+    assert 10 <= upstream.read <= 12  # read ahead to the cap, then let go
     assert list(stalls) == [1]  # settled and logged without waiting for the client
     with pytest.raises(ClientStalled):
         pace.taken()
@@ -85,12 +96,12 @@ async def test_a_client_far_behind_that_takes_nothing_lets_the_upstream_go_and_i
 
 async def test_a_client_that_takes_nothing_after_the_end_is_settled_at_the_total_timeout() -> None:
     upstream, stalls = _Upstream(5), deque[float]()
-    pace = _pace(upstream, stalls, total=0.3)
+    pace = _pace(upstream, stalls, total=1.0)  # 0.3 s was 0.15 s from the look below
     await pace.next()
     pace.offer()
-    await asyncio.sleep(0.15)
+    await asyncio.sleep(0.3)
     assert upstream.left == 0 and not stalls  # all read; the client holds memory only, for now
-    await asyncio.sleep(0.4)
+    await _until(lambda: bool(stalls))
     assert list(stalls) == [1]
     await pace.aclose()
 
