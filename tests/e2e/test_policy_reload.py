@@ -37,9 +37,9 @@ FAST_ON_LARGE = "fast: {model: large}"
 
 
 def _base_policy(small: SimulatedUpstream, large: SimulatedUpstream) -> str:
-    # A first-byte timeout well above the 2.5 s delay of the in-flight test, so a slow
-    # 2-core machine never turns that request into a timeout-and-fallback.
-    text = policy_text(small, large).replace("first_byte: 1,", "first_byte: 4,")
+    # Timeouts well above the in-flight test's slow answers (a 6 s body, an 8 s stream), so a slow
+    # 2-core machine never turns one of them into a timeout-and-fallback.
+    text = policy_text(small, large).replace("first_byte: 1, total: 5}", "first_byte: 4, total: 30}")
     assert FAST_ROUTE in text
     return text
 
@@ -722,9 +722,10 @@ def test_in_flight_requests_survive_a_reload(
     gw: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
 ) -> None:
     old_version = _readyz(gw)["policy"]["version"]
-    # The non-streamed request waits 2.5 s on its first byte; the stream sends a token every 300 ms.
-    # (With 800 / 150 ms, a slow host's reload came after the slow request had ended.)
-    inject(small_upstream, {"delay_ms": 2500}, {"chunk_delay_ms": 300})
+    # The non-streamed answer's body comes 6 s after its headers; the stream sends a token every
+    # 500 ms (~8 s). With a 2.5 s delay (1.6 s from the 4 s first-byte timeout) and 300 ms, the two
+    # and a reload that waits out a settle had about 3 s to overlap on a loaded machine.
+    inject(small_upstream, {"stall_mid_body_ms": 6000}, {"chunk_delay_ms": 500})
 
     def slow_stream() -> tuple[int, dict[str, str], list[str]]:
         with httpx.stream(
@@ -735,7 +736,7 @@ def test_in_flight_requests_survive_a_reload(
             return response.status_code, dict(response.headers), [line for line in response.iter_lines() if line]
 
     with ThreadPoolExecutor(2) as pool:
-        slow = pool.submit(_chat, gw)
+        slow = pool.submit(_chat, gw, timeout=30)
         _poll(lambda: upstream_stats(small_upstream)["in_flight"], lambda n: n >= 1, timeout_s=30)
         streamed = pool.submit(slow_stream)
         _poll(lambda: upstream_stats(small_upstream)["in_flight"], lambda n: n >= 2, timeout_s=30)
@@ -755,8 +756,8 @@ def test_in_flight_requests_survive_a_reload(
         assert not slow.done(), "the slow request finished before the reload: the test proves nothing"
         assert not streamed.done(), "the stream finished before the reload: the test proves nothing"
 
-        answer = slow.result(timeout=15)
-        status, headers, events = streamed.result(timeout=15)
+        answer = slow.result(timeout=30)
+        status, headers, events = streamed.result(timeout=30)
 
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-gateway-model"] == "small"  # the policy the request started under
