@@ -17,7 +17,7 @@ from gateway.auth import hash_key
 from gateway.protocols.tenant_ids import scoped
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
-from tests.conftest import inject, upstream_stats
+from tests.conftest import inject, leave_once_upstream_has_it, upstream_stats
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
 _AUTH = f"""auth:
@@ -422,13 +422,12 @@ def test_vectors_of_another_size_than_the_dimensions_asked_are_refused_and_never
     assert fallback.headers["x-gateway-model"] == "embed-large" and len(fallback.parse().data[0].embedding) == 4
 
 
-def _hang_up(gateway: GatewayProcess, model: str, batch: list[str]) -> str:
-    """Ask for ``batch`` and hang up before the answer comes: the request's id."""
+def _hang_up(gateway: GatewayProcess, upstream: SimulatedUpstream, model: str, batch: list[str]) -> str:
+    """Ask for ``batch`` and hang up once ``upstream`` has it, before the answer comes: the request's
+    id. Not at a 0.3 s client timeout, which a loaded gateway could reach before sending it on."""
     request_id = f"hang-up-{time.monotonic_ns()}"
-    with _client(gateway, "key-a") as client, pytest.raises(openai.APITimeoutError):
-        client.with_options(timeout=0.3).embeddings.create(
-            model=model, input=batch, extra_headers={"x-request-id": request_id}
-        )
+    leave_once_upstream_has_it(f"{gateway.base_url}/embeddings", {"model": model, "input": batch}, upstream,
+                               request_id, counter="embeddings_requests", headers={"authorization": "Bearer key-a"})  # fmt: skip
     return request_id
 
 
@@ -440,13 +439,14 @@ def test_a_client_that_hangs_up_on_an_embedding_is_billed_the_batch_the_upstream
     answer is waited for, billed, cached, and logged as a 499 with its tokens and cost."""
     batch = [f"hung up on input {i} {time.monotonic_ns()}" for i in range(20)]
     before = upstream_stats(small_upstream)["embeddings_requests"]
-    inject(small_upstream, {"delay_ms": 700})  # within the model's 1 s first-byte timeout
-    request_id = _hang_up(gateway_with_cache, "embed", batch)
+    # the answer's headers at once and its body 1.5 s on: a 700 ms delay raced the 1 s first-byte timeout
+    inject(small_upstream, {"stall_mid_body_ms": 1500})
+    request_id = _hang_up(gateway_with_cache, small_upstream, "embed", batch)
     record = gateway_with_cache.wait_for_record(request_id)
     assert (record["status"], record["error_type"]) == (499, "client_disconnected")
     assert (record["model"], record["tokens_source"], record["upstream_status"]) == ("embed", "upstream", 200)
     assert record["prompt_tokens"] > 0 and record["cost_usd"] == pytest.approx(record["prompt_tokens"] * 0.02 / 1e6)
-    assert record["latency_ms"] >= 700  # logged when the answer came, with its bill
+    assert record["latency_ms"] >= 1400  # logged when the answer came, with its bill
     with _client(gateway_with_cache, "key-a") as client:
         retry = client.embeddings.with_raw_response.create(model="embed", input=batch)
     assert retry.headers["x-gateway-cache"] == "exact" and retry.parse().usage.prompt_tokens == record["prompt_tokens"]
@@ -462,11 +462,11 @@ def test_no_retry_or_fallback_is_made_for_an_embeddings_client_that_left(
         upstream_stats(large_upstream)["embeddings_requests"],
     )
     inject(small_upstream, {"delay_ms": 3000})  # past the 1 s first-byte timeout: a retryable failure
-    request_id = _hang_up(gateway_with_cache, "vectors", [f"left for good {time.monotonic_ns()}"])
+    request_id = _hang_up(gateway_with_cache, small_upstream, "vectors", [f"left for good {time.monotonic_ns()}"])
     record = gateway_with_cache.wait_for_record(request_id)
     assert (record["status"], record["error_type"]) == (499, "client_disconnected")
     assert (record["model"], record["cost_usd"], record["fallback_used"]) == ("embed", 0, False)
-    time.sleep(0.3)
+    time.sleep(1.5)  # past the first-byte timeout (1 s from the call) and a retry's backoff: none may come
     after = upstream_stats(small_upstream)["embeddings_requests"], upstream_stats(large_upstream)["embeddings_requests"]
     assert after == (before[0] + 1, before[1])
 
