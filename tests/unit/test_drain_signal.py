@@ -4,6 +4,7 @@ note: "RuntimeError: Event loop is closed" in a drain test under load)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
 from collections.abc import Iterator
@@ -62,3 +63,24 @@ def test_a_ctrl_c_once_one_worker_has_served_does_not_break_off_its_close() -> N
 
     asyncio.run(served_then_interrupted())  # raised KeyboardInterrupt before
     assert servers[0].started
+
+
+@pytest.mark.usefixtures("restored_handlers")
+@pytest.mark.parametrize("ends", ["stopped before serving", "served", "failed to start"])
+def test_serve_leaves_its_stop_signals_ignored_as_it_returns(monkeypatch: pytest.MonkeyPatch, ends: str) -> None:
+    """t195: serve returned 0 after a stop before serving with its own handler still in place, and
+    Python's finalization put the default action back: a second SIGTERM (an orchestrator's and then
+    `docker stop`'s, or Ctrl-C pressed twice) ended it by the signal, exit -15, where it had stopped
+    cleanly."""
+    from gateway.cli import serve
+
+    def start_and_serve(args: object) -> int:
+        if ends == "stopped before serving":
+            raise serve._Stopped(signal.SIGTERM)
+        return 0 if ends == "served" else 2
+
+    monkeypatch.setattr(serve, "_start_and_serve", start_and_serve)
+    monkeypatch.setattr(serve, "_START_STOPS", serve._StartStops())
+    assert serve.run(argparse.Namespace()) in (0, 2)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
