@@ -208,7 +208,7 @@ async def _status(kv: KeyValue, scope: str | None, active: str | None, pools: bo
     pooled = None if pools is False else (active or await active_version(kv, None))
     if pooled is not None and not active and await load_version(kv, None, pooled) is None:
         pooled = None
-    labels = len({example.request_id for example in await LearningStore(kv).labels(scope)})  # relabels count once
+    labels = len({example.request for example in await LearningStore(kv).labels(scope)})  # relabels count once
     if not labels and active is None:  # a misspelt tenant looked like one on the shipped router (t32)
         print(f"no labels and no router kept for tenant {scope!r}: is the name right?", file=sys.stderr)
     return {"scope": scope, "active": active, "pooled_routes": pooled, "labels": labels}
@@ -233,7 +233,7 @@ async def _learn(kv: KeyValue, scope: str | None, tenants: list[str], promote_it
         taken = [e for e in found if scope is not None or e.poolable]
         examples.extend(taken)
         # requests, as learn and status count them: a relabel counts once (t125)
-        held_back += len({e.request_id for e in found}) - len({e.request_id for e in taken})
+        held_back += len({e.request for e in found}) - len({e.request for e in taken})
     try:
         current = await active(kv, scope)
     except UnreadableRouter as exc:  # gateways serve the shipped router meanwhile: compare with that

@@ -84,6 +84,15 @@ class LabelledExample(msgspec.Struct, frozen=True):
     """Whose label it is: set when labels are read (request ids are unique only within a tenant)."""
     inputs: str = ""
     """The classifier that scored the request (its trace's ``inputs``)."""
+    traced_at: float = 0.0
+    """Its trace's ``at``: with the id, which request it labels. A client may use its id (a session's)
+    again once the trace of the first request under it is gone (evicted, expired), and labels outlive
+    traces; 0.0 in labels kept before it was recorded."""
+
+    @property
+    def request(self) -> tuple[str, str, float]:
+        """The request it labels: relabels of one request share it; requests that reused an id do not."""
+        return self.tenant, self.request_id, self.traced_at
 
     @classmethod
     def of(
@@ -106,6 +115,7 @@ class LabelledExample(msgspec.Struct, frozen=True):
             time.time(),
             poolable,
             inputs=trace.inputs,
+            traced_at=trace.at,
         )
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
@@ -166,13 +176,14 @@ class LearningStore:
     ) -> bool:
         """:meth:`add_label`, unless the request has had ``at_most`` labels (a bound on relabelling);
         whether it was added. Counted and kept in one step: a label counted and not kept (its write
-        failed) was refused later for labels no one had (t165)."""
+        failed) was refused later for labels no one had (t165). Counted per trace: a count under the
+        id alone outlived an evicted trace, and the next request under the id took no label (t196)."""
         return await self._kv.append_counted(
             keyspace.routing_labels(tenant),
             _trace_encoder.encode(example),
             max_labels,
             _LABELS_KEEP_DAYS * 86400,
-            keyspace.routing_label_count(tenant, example.request_id),
+            keyspace.routing_label_count(tenant, example.request_id, example.traced_at),
             keep_hours * 3600,
             at_most,
             _TIMEOUT_S,

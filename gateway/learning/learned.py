@@ -336,10 +336,10 @@ def _split_by_prompt(
 
 
 def latest_labels(examples: list[LabelledExample]) -> list[LabelledExample]:
-    """One label per request (oldest first): a person's last (feedback) where it has one,
-    whenever the shadow judge's verdict landed, else the judge's last."""
+    """One label per request (:attr:`LabelledExample.request`; oldest first): a person's last
+    (feedback) where it has one, whenever the shadow judge's verdict landed, else the judge's last."""
     ranked = sorted(examples, key=lambda e: (e.source == "feedback", e.at))
-    latest = {(e.tenant, e.request_id): e for e in ranked}
+    latest = {e.request: e for e in ranked}
     return sorted(latest.values(), key=lambda e: e.at)
 
 

@@ -30,7 +30,7 @@ hashed, so any string is a safe key part.
     gw:{t}:learn:tr:<request id>      what the router saw of a routed request (TTL: learning.keep_hours)
     gw:{t}:learn:trq:<route>, :bytes  the tenant's traces on a route by age, and their sizes (TTL: keep_hours, refreshed)
     gw:{t}:learn:labels               labelled routing examples, newest kept (TTL: refreshed on append)
-    gw:{t}:learn:n:<request id>       how many labels a request has had (TTL: learning.keep_hours)
+    gw:{t}:learn:n:<request id, trace> how many labels a request has had (TTL: learning.keep_hours)
     gw:{t}:learn:shadow:<route>:<day> a route's shadow-judging spend that UTC day (TTL: 2 days)
     gw:{t}:router:active|previous     the tenant's learnt router version in force, and the one before
     gw:{t}:router:v:<version>         a learnt router (TTL: 90 days)
@@ -184,8 +184,10 @@ def routing_traces(tenant: str, route: str) -> str:
     return f"{tenant_prefix(tenant)}:learn:trq:{hashlib.sha256(route.encode()).hexdigest()[:16]}"
 
 
-def routing_label_count(tenant: str, request_id: str) -> str:
-    return f"{tenant_prefix(tenant)}:learn:n:{hashlib.sha256(request_id.encode()).hexdigest()[:32]}"
+def routing_label_count(tenant: str, request_id: str, traced_at: float) -> str:
+    """Per trace (its ``at``): a client may use its id again once the first request's trace is gone."""
+    request = f"{request_id}\n{traced_at.hex()}"
+    return f"{tenant_prefix(tenant)}:learn:n:{hashlib.sha256(request.encode()).hexdigest()[:32]}"
 
 
 def routing_labels(tenant: str) -> str:

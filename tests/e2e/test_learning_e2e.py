@@ -27,7 +27,7 @@ import redis
 from gateway.accounting.metrics import Metrics
 from gateway.api.feedback import MAX_LABELS_PER_REQUEST
 from gateway.learning.examples import LabelledExample, LearningStore, RoutingTrace
-from gateway.learning.learned import fit_candidate, promote
+from gateway.learning.learned import fit_candidate, latest_labels, promote
 from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
 from gateway.simulated import SimulatedUpstream, start_simulated_upstream
 from gateway.store import keyspace
@@ -323,6 +323,66 @@ async def test_a_requests_labels_past_its_bound_are_neither_counted_nor_kept(tra
     assert len(await store.labels(tenant)) == 2
 
 
+async def test_another_request_under_an_id_whose_trace_is_gone_has_a_label_count_of_its_own(
+    trace_kv: KeyValue,
+) -> None:
+    """t196: the count of the first request under an id outlived its trace (evicted by the
+    tenant's trace cap, or expired), so the next request under that id took no label at all."""
+    store, tenant = LearningStore(trace_kv), f"reused-{uuid.uuid4().hex}"
+    first = RoutingTrace.of("k", "taught", "small", 0.2, np.ones(384), np.ones(12))
+    later = msgspec.structs.replace(first, p_large=0.7, at=first.at + 3600)  # the id's next request
+    for trace in (first, later):
+        example = LabelledExample.of("conversation-1", trace, True, "feedback", False)
+        assert [await store.add_counted_label(tenant, example, 100, 1, at_most=2) for _ in range(3)] == [
+            True, True, False,
+        ]  # fmt: skip
+    assert len(await store.labels(tenant)) == 4
+
+
+def _ask_as(gateway: GatewayProcess, key: str, route: str, prompt: str, request_id: str | None = None) -> str:
+    """The request's id: not cached (each one leaves a trace), under ``request_id`` if given."""
+    headers = {"authorization": f"Bearer {KEYS[key]}", "cache-control": "no-store"}
+    if request_id is not None:
+        headers["x-request-id"] = request_id
+    response = httpx.post(
+        f"{gateway.base_url}/chat/completions",
+        json={"model": route, "messages": [{"role": "user", "content": prompt}]},
+        headers=headers,
+        timeout=15,
+    )
+    assert response.status_code == 200, response.text
+    return response.headers["x-request-id"]
+
+
+def test_a_request_reusing_an_id_whose_trace_was_evicted_takes_labels_of_its_own(
+    gateway: GatewayProcess, redis_server: EmbeddedRedis
+) -> None:
+    """t196, end to end: a client reusing its own id (a conversation's) once the tenant's trace cap
+    evicted the trace of the first request under it got a 409 on the next request's first label;
+    and learn would have kept one of the two requests' labels."""
+    chosen = f"conversation-{time.monotonic_ns()}"
+    assert _ask_as(gateway, "dave", "thrifty", "Name a river that flows through Lisbon.", chosen) == chosen
+    for thumbs in ("up", "down", "up"):
+        assert _feedback(gateway, "dave", {"request_id": chosen, "thumbs": thumbs}).status_code == 200
+    assert _feedback(gateway, "dave", {"request_id": chosen, "thumbs": "up"}).status_code == 409
+    newest = ""
+    for i in range(30):  # about 16 fit in the route's cap: the first request's trace goes
+        newest = _ask_as(gateway, "dave", "thrifty", f"Write a short poem about the number {i}.")
+    with redis.Redis.from_url(redis_server.url) as kept_in:
+        deadline = time.monotonic() + 30
+        while not kept_in.exists(keyspace.routing_trace("d", newest)) and time.monotonic() < deadline:
+            time.sleep(0.05)  # written in the background, after the answer
+        assert not kept_in.exists(keyspace.routing_trace("d", chosen))
+    assert _ask_as(gateway, "dave", "thrifty", "Derive the quadratic formula step by step.", chosen) == chosen
+    for thumbs in ("down", "up", "down"):
+        labelled = _feedback(gateway, "dave", {"request_id": chosen, "thumbs": thumbs})
+        assert labelled.status_code == 200, labelled.text
+    assert _feedback(gateway, "dave", {"request_id": chosen, "thumbs": "up"}).status_code == 409
+    labels = [e for e in _labels(redis_server, "d") if e.request_id == chosen]
+    assert [e.needed_large for e in labels] == [False, True, False, True, False, True]
+    assert [e.needed_large for e in latest_labels(labels)] == [False, True]  # two requests, each its last label
+
+
 def test_a_tenants_traces_stay_within_its_cap_and_feedback_on_one_gone_is_a_404(
     gateway: GatewayProcess, redis_server: EmbeddedRedis
 ) -> None:
@@ -406,7 +466,7 @@ async def test_a_label_whose_write_timed_out_is_counted_and_kept_together(
             except StoreUnavailable:  # Redis taken for down a moment after the timeout
                 await asyncio.sleep(0.5)
         with redis.Redis.from_url(server.url) as direct:
-            counted = float(direct.get(keyspace.routing_label_count("t", "r1")) or 0)
+            counted = float(direct.get(keyspace.routing_label_count("t", "r1", trace.at)) or 0)
         assert counted == len([e for e in await store.labels("t") if e.request_id == "r1"]) == 3
     finally:
         await shared.aclose()
@@ -552,6 +612,34 @@ def test_learn_and_status_count_a_relabelled_request_once(redis_server: Embedded
     asyncio.run(keep())
     learned = _learn(redis_server, "learn", "--tenant", "relabelled-t69")
     status = _learn(redis_server, "status", "--tenant", "relabelled-t69")
+    assert learned.returncode == 0, learned.stderr
+    assert json.loads(learned.stdout)["labels"] == json.loads(status.stdout)["labels"] == 60
+
+
+def test_learn_and_status_count_each_request_that_reused_an_id(redis_server: EmbeddedRedis) -> None:
+    """t196: labels are kept 180 days and traces 72 h, so a client's stable id (a session's) names
+    several requests over time; learn and status counted the id once, learn training on its last
+    labelled prompt alone. A request labelled twice still counts once."""
+    rng = np.random.default_rng(2)
+    examples = []
+    for i in range(60):
+        embedding = rng.normal(size=384)
+        trace = RoutingTrace.of("k", "taught", "small", 0.2, embedding / np.linalg.norm(embedding), rng.normal(size=12))
+        examples.append(LabelledExample.of(f"session-{i % 30}", trace, i % 3 == 0, "feedback", False))
+        time.sleep(0.001)  # as requests days apart: each trace its own time
+    relabelled = [msgspec.structs.replace(e, needed_large=not e.needed_large) for e in examples[:2]]
+
+    async def keep() -> None:
+        redis = SharedRedis(connect(redis_server.url, timeout_s=2.0), Metrics())
+        try:
+            for example in examples + relabelled:
+                await LearningStore(RedisKeyValue(redis)).add_label("reused-t196", example, 1000)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(keep())
+    learned = _learn(redis_server, "learn", "--tenant", "reused-t196")
+    status = _learn(redis_server, "status", "--tenant", "reused-t196")
     assert learned.returncode == 0, learned.stderr
     assert json.loads(learned.stdout)["labels"] == json.loads(status.stdout)["labels"] == 60
 

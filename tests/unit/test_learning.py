@@ -21,6 +21,7 @@ from gateway.learning.learned import (
     apgr,
     cpt,
     fit_candidate,
+    latest_labels,
     promote,
     rollback,
     same_classifier,
@@ -220,6 +221,21 @@ async def test_values_a_gateway_cannot_read_are_skipped_not_raised() -> None:
     assert [e.request_id for e in await store.labels("a")] == ["r0", "r1", "r2"]
     await kv.put(keyspace.routing_trace("a", "req-9"), b"\x93garbage", 60, 1.0)
     assert await store.trace("a", "req-9") is None
+
+
+async def test_labels_kept_before_they_named_their_requests_trace_still_read_and_count_once() -> None:
+    """t196: a label now names its request by its id and its trace's time; one kept before has
+    the id alone, and a relabel of it still counts once."""
+    kv = MemoryKeyValue()
+    older = _examples(1, rule=True)[0]
+    fields = msgspec.structs.asdict(older)
+    del fields["traced_at"], fields["tenant"]  # as an older gateway wrote it
+    for needed_large in (True, False):
+        await kv.append(keyspace.routing_labels("a"), msgspec.msgpack.encode({**fields, "needed_large": needed_large}),
+                        25, 60, 1.0)  # fmt: skip
+    read = await LearningStore(kv).labels("a")
+    assert [(e.request_id, e.traced_at, e.needed_large) for e in read] == [("r0", 0.0, True), ("r0", 0.0, False)]
+    assert [e.needed_large for e in latest_labels(read)] == [False]
 
 
 async def test_labels_are_kept_per_tenant_and_bounded() -> None:
