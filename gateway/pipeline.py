@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Protocol, cast
@@ -40,6 +40,7 @@ from gateway.client_pace import ClientPace
 from gateway.config.schema import Price
 from gateway.core import model as core
 from gateway.core.headers import dropped_header
+from gateway.core.replay import deltas_of
 from gateway.dispatch import DispatchInfo, dispatch, says_upstream_is_unhealthy
 from gateway.drain import CONNECTION_RESET, DEFAULT_DRAIN_S, Drain
 from gateway.errors import (
@@ -197,6 +198,8 @@ class StreamingDeltas:
     deltas: AsyncIterator[DeltaBatch]
     prompt_tokens: int = 0
     """The gateway's count of the prompt, for protocols that tell it when the stream starts."""
+    usage: core.Usage | None = None
+    """The whole answer's usage, known before it streams: a cache hit's replay."""
 
 
 @dataclass(slots=True)
@@ -303,6 +306,8 @@ class _Exchange:
     opening: ChatStream | None = None
     """The stream the attempt at work opened, while its first piece is awaited: what its upstream
     said before that piece (Anthropic's ``message_start`` and its usage) is in its tally."""
+    replaying: bool = False
+    """A cache hit's replay began: its end logs the request (:meth:`ChatPipeline._replay`)."""
 
 
 class ChatPipeline:
@@ -435,6 +440,7 @@ class ChatPipeline:
             await self._reserve(x, principal)
             cached = await self._from_cache(x, cache_control)
             if cached is not None:
+                streaming_started = not isinstance(cached, Answer)  # a replay is logged at its end
                 return cached  # a hit carries its own token counts: no tokenizing
             if x.gave_back:  # it waited on an identical request that left it no answer: it asks upstream itself
                 await self._reserve(x, principal)
@@ -708,7 +714,9 @@ class ChatPipeline:
                 x.record.threshold = round(x.plan.threshold, 4)
         x.record.decision = x.plan.decision
 
-    async def _from_cache(self, x: _Exchange, cache_control: str | None) -> Answer | StreamingAnswer | None:
+    async def _from_cache(
+        self, x: _Exchange, cache_control: str | None
+    ) -> Answer | StreamingAnswer | StreamingDeltas | None:
         """Exact hit, then semantic hit, then a coalesced answer; None means: ask upstream."""
         assert x.plan is not None
         if x.passthrough is not None:
@@ -763,7 +771,7 @@ class ChatPipeline:
 
     async def _semantic_hit(
         self, x: _Exchange, semantic_set: str, score: PromptScore, prompt: str, timeout_s: float
-    ) -> Answer | StreamingAnswer | None:
+    ) -> Answer | StreamingAnswer | StreamingDeltas | None:
         assert x.plan is not None
         semantic = x.runtime.policy.cache.semantic
         tenant, route = x.record.tenant, x.plan.route
@@ -903,7 +911,7 @@ class ChatPipeline:
             costs=lambda: _shadow_costs(x, other, judge_model),
         )
 
-    def _cached_answer(self, x: _Exchange, hit: CachedAnswer, kind: str) -> Answer | StreamingAnswer:
+    def _cached_answer(self, x: _Exchange, hit: CachedAnswer, kind: str) -> Answer | StreamingAnswer | StreamingDeltas:
         record = x.record
         record.cache, record.model, record.provider = kind, hit.model, hit.provider
         # a semantic hit answers another prompt: its own is the one counted here
@@ -933,12 +941,66 @@ class ChatPipeline:
             record.decision = "cache"  # not the classifier's "default": nothing was routed
         headers = self._headers(x)
         if record.protocol != "openai.chat":
-            return Answer(200, b"", headers, typed=answer)  # the asking protocol renders it
+            if not x.request.stream:
+                return Answer(200, b"", headers, typed=answer)  # the asking protocol renders it
+            batches: list[DeltaBatch] = [[delta] for delta in deltas_of(answer)]  # each piece an event, as live
+            batches.append(None)
+            replay = self._replayed(x, batches, typed=True)
+            return StreamingDeltas(headers, cast(AsyncIterator[DeltaBatch], replay), usage.input_tokens, usage)
         serving = None if hit.system_fingerprint is None else {"system_fingerprint": hit.system_fingerprint}
         if not x.request.stream:
             return Answer(200, completion_from_answer(answer, answer.usage, serving=serving), headers)
         events = stream_from_answer(answer, int(time.time()), _includes_usage(x.body), serving=serving)
-        return StreamingAnswer(headers, _iterate(events))
+        return StreamingAnswer(headers, cast(AsyncIterator[bytes], self._replayed(x, events, typed=False)))
+
+    def _replayed(
+        self, x: _Exchange, items: Sequence[bytes] | Sequence[DeltaBatch], *, typed: bool
+    ) -> AsyncIterator[bytes | DeltaBatch]:
+        replay = self._replay(x, items, typed)
+        # one dropped before it began (its client gone as it was handed over) runs no end of its own
+        weakref.finalize(replay, self._never_replayed, x).atexit = False
+        return replay
+
+    async def _replay(
+        self, x: _Exchange, items: Sequence[bytes] | Sequence[DeltaBatch], typed: bool
+    ) -> AsyncIterator[bytes | DeltaBatch]:
+        """A cache hit told as a stream, logged once it ended, as a live stream is (t195: it was
+        logged 200 before its replay began, a client that left it mid-way too): a 499 when its
+        client left first, its client's pace in ``client_wait_ms``, ended in-band at the drain
+        deadline (:meth:`_relay`). It costs what any hit does: nothing."""
+        x.replaying = True
+        record, drain = x.record, self._drain
+        task = drain.track()
+        waited, since = 0.0, None
+        try:
+            for item in items:
+                since = time.perf_counter()
+                yield item
+                waited += time.perf_counter() - since
+                since = None
+                # From memory, with a send() that returns at once once its client has left, the replay
+                # would never pause: let the client's leaving, or the drain's deadline, land here.
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            if not drain.ended_by_deadline(task):
+                record.error_type, record.status = "client_disconnected", 499
+                raise
+            error = ShuttingDownError("the gateway is shutting down; the answer was cut at its drain deadline")
+            record.error_type, record.status = error.code, error.status_code
+            yield StreamBroke(msgspec.json.decode(error.to_body())) if typed else b"data: " + error.to_body() + b"\n\n"
+        except GeneratorExit:
+            record.error_type, record.status = "client_disconnected", 499
+            raise
+        finally:
+            drain.untrack(task)
+            if since is not None:  # the event out when its client left
+                waited += time.perf_counter() - since
+            self._finish(x, x.info.upstream_seconds, x.info.client_seconds + waited)
+
+    def _never_replayed(self, x: _Exchange) -> None:
+        if not x.replaying:
+            x.record.error_type, x.record.status = "client_disconnected", 499
+            self._finish(x, x.info.upstream_seconds, x.info.client_seconds)
 
     @staticmethod
     def _storing(x: _Exchange) -> bool:
@@ -1992,11 +2054,6 @@ def _usage_of(record: RequestRecord) -> core.Usage:
         service_tier=record.service_tier,
         server_tool_requests=dict(record.server_tool_requests or {}),
     )
-
-
-async def _iterate(events: list[bytes]) -> AsyncIterator[bytes]:
-    for event in events:
-        yield event
 
 
 def _cost(price: Price, record: RequestRecord) -> float:

@@ -20,7 +20,7 @@ from gateway.api.answers import StreamBroke, answer_of, delta_batches, dropped_h
 from gateway.api.handoff import hand_to_pipeline
 from gateway.auth import Principal
 from gateway.core import model as core
-from gateway.pipeline import Answer, KeepAlive, StreamingAnswer, StreamingDeltas
+from gateway.pipeline import Answer, KeepAlive, StreamingDeltas
 from gateway.protocols import openai_completions as completions
 from gateway.protocols.body import read_off_loop
 
@@ -51,11 +51,11 @@ async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] 
         return Response(content=body, status_code=answer.status, headers=headers, media_type="application/json")
     decoded = asked[0]
     model, completion_id = decoded.request.model, f"cmpl-{request_id}"
-    if not streams(answer, decoded.request.stream):
+    if not streams(answer):
         assert isinstance(answer, Answer)
         body = completions.encode_answer(answer_of(answer), completion_id, model, int(time.time()), decoded.echo)
         return Response(content=body, status_code=200, headers=headers, media_type="application/json")
-    assert not isinstance(answer, StreamingAnswer)  # nothing is passed through here
+    assert isinstance(answer, StreamingDeltas)  # nothing is passed through here
     encoder = completions.StreamEncoder(completion_id, model, echo=decoded.echo, include_usage=decoded.include_usage)
     return Stream(
         _frames(answer, encoder),
@@ -64,7 +64,7 @@ async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] 
     )
 
 
-async def _frames(answer: Answer | StreamingDeltas, encoder: completions.StreamEncoder) -> AsyncIterator[bytes]:
+async def _frames(answer: StreamingDeltas, encoder: completions.StreamEncoder) -> AsyncIterator[bytes]:
     """The pipeline's answer as completion frames; an error frame (the stream broke after it
     began) is passed on as it is, as OpenAI sends it."""
     start = encoder.start()

@@ -102,12 +102,13 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
         headers["x-gateway-dropped"] = dropped
     if isinstance(answer, Answer) and answer.status != 200:
         return _error(answer.status, _message_of(answer.body, asked[0].max_tokens if asked else None), headers)
-    if not streams(answer, bool(asked and asked[0].stream)):
+    if not streams(answer):
         assert isinstance(answer, Answer)
         if passthrough.body is not None:  # the upstream's own message
             return Response(content=answer.body, status_code=200, headers=headers, media_type="application/json")
         body = anthropic.encode_answer(answer_of(answer), f"msg_{request_id}", model)
         return Response(content=body, status_code=200, headers=headers, media_type="application/json")
+    assert not isinstance(answer, Answer)
     return Stream(
         answer.events  # passed through: the upstream's own events
         if isinstance(answer, StreamingAnswer)
@@ -279,15 +280,12 @@ def _error(status: int, message: str, headers: dict[str, str]) -> Response[bytes
     )
 
 
-async def _events(answer: Answer | StreamingDeltas, message_id: str, model: str) -> AsyncIterator[bytes]:
+async def _events(answer: StreamingDeltas, message_id: str, model: str) -> AsyncIterator[bytes]:
     """The pipeline's answer as Anthropic events."""
     # Anthropic's message_start says the prompt's tokens; the output's come in message_delta
     # (a whole answer replayed, a cache hit's, knows its usage: cache reads apart, as Anthropic counts)
-    known = None if isinstance(answer, StreamingDeltas) else answer_of(answer).usage
-    prompt_tokens = (
-        answer.prompt_tokens if isinstance(answer, StreamingDeltas) else answer_of(answer).usage.input_tokens
-    )
-    encoder = anthropic.StreamEncoder(message_id, model, prompt_tokens)
+    known = answer.usage
+    encoder = anthropic.StreamEncoder(message_id, model, answer.prompt_tokens)
     starting = True
     async for batch in delta_batches(answer):
         if starting:  # the first batch is at hand already: an Anthropic upstream's usage leads it

@@ -175,7 +175,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         assert not isinstance(answer, StreamingDeltas)  # the upstream's own body or events
         return await _passed_through(answer, headers, state, turn)
     response_id = codec.new_id("resp")
-    if not streams(answer, decoded.request.stream):
+    if not streams(answer):
         assert isinstance(answer, Answer)
         completion = answer_of(answer)
         response = codec.response_object(
@@ -190,7 +190,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         return Response(
             content=msgspec.json.encode(response), status_code=200, headers=headers, media_type="application/json"
         )
-    assert not isinstance(answer, StreamingAnswer)  # only a passed-through stream is the upstream's own
+    assert isinstance(answer, StreamingDeltas)  # only a passed-through stream is the upstream's own
     encoder = codec.StreamEncoder(decoded, response_id, created_at)
     return Stream(
         _events(answer, encoder, store, turn, state.background),
@@ -748,7 +748,7 @@ async def _withdraw(store: ResponseStore, tenant: str, response_id: str) -> None
 
 
 async def _events(
-    answer: Answer | StreamingDeltas,
+    answer: StreamingDeltas,
     encoder: codec.StreamEncoder,
     store: ResponseStore,
     turn: _Turn,
@@ -778,6 +778,6 @@ async def _events(
         if not ended:
             yield encoder.fail("the answer ended before it was complete")
     finally:
-        close = getattr(answer.deltas, "aclose", None) if isinstance(answer, StreamingDeltas) else None
+        close = getattr(answer.deltas, "aclose", None)
         if close is not None:
             await close()

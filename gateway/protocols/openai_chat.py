@@ -710,13 +710,13 @@ def chat_finish_reason(reason: FinishReason | None) -> str | None:
 
 
 def _usage_of(usage: Usage) -> dict[str, Any]:
-    """The internal usage on the wire, reasoning tokens included when there were some (a cache
-    hit dropped them: t12)."""
+    """The internal usage on the wire, with its reasoning tokens, 0 too, as the gateway says a live
+    stream's (a cache hit dropped them: t12; said none where there were none: t195)."""
     return usage_body(
         usage.input_tokens,
         usage.output_tokens,
         cached_tokens=usage.cached_input_tokens,
-        reasoning_tokens=usage.reasoning_tokens or None,
+        reasoning_tokens=usage.reasoning_tokens,
         cache_write_tokens=usage.cache_write_tokens,
     )
 

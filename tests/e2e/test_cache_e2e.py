@@ -1001,3 +1001,28 @@ def test_a_long_cache_hit_streams_in_few_events_in_every_protocol(
     assert "".join(e.delta for e in said if e.type == "response.output_text.delta") == text
     # the text, then again whole in output_text.done, content_part.done, output_item.done and completed
     assert len(said) <= most_events and wire < 5.5 * size
+
+
+@pytest.mark.parametrize(("model", "live_streams"), [("fast", True), ("claude", True), ("claude", False)])
+def test_a_hits_chat_usage_has_the_details_its_live_answer_had(
+    cached_gateway: GatewayProcess, model: str, live_streams: bool
+) -> None:
+    """t195: a hit's usage, streamed or not, had no ``completion_tokens_details`` where the live answer
+    said ``reasoning_tokens: 0``. (A live whole answer of an OpenAI-compatible upstream carries the
+    usage that upstream wrote, whose details no hit knows.)"""
+    client, messages = _client(cached_gateway), _unique(f"usage details {model} {live_streams}")
+
+    def usage(stream: bool) -> tuple[Any, str]:
+        if stream:
+            with client.chat.completions.with_streaming_response.create(
+                model=model, messages=messages, temperature=0, stream=True, stream_options={"include_usage": True}
+            ) as response:
+                return list(response.parse())[-1].usage, response.headers["x-gateway-cache"]
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=messages, temperature=0)
+        return raw.parse().usage, raw.headers["x-gateway-cache"]
+
+    live, cache = usage(live_streams)
+    assert cache == "miss" and live.completion_tokens_details is not None
+    for stream in (True, False):
+        hit, cache = usage(stream)
+        assert cache == "exact" and hit.model_dump() == live.model_dump(), stream

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -726,10 +727,17 @@ async def test_a_replayed_hits_message_start_counts_cache_reads_apart() -> None:
     """message_start of a cache hit told as a stream carries the whole usage, as message_delta does:
     input_tokens without the upstream's cache reads (LangChain reads it from message_start)."""
     from gateway.api.messages import _events
-    from gateway.pipeline import Answer as PipelineAnswer
+    from gateway.core.replay import deltas_of
+    from gateway.pipeline import DeltaBatch, StreamingDeltas
 
     usage = Usage(input_tokens=100, output_tokens=7, cached_input_tokens=60)
-    hit = PipelineAnswer(200, b"", {}, typed=Answer(id="", model="m", text="Hello.", finish_reason="stop", usage=usage))
+
+    async def replayed() -> AsyncIterator[DeltaBatch]:  # as the pipeline replays a hit
+        for delta in deltas_of(Answer(id="", model="m", text="Hello.", finish_reason="stop", usage=usage)):
+            yield [delta]
+        yield None
+
+    hit = StreamingDeltas({}, replayed(), usage.input_tokens, usage)
     events = [event async for event in _events(hit, "msg_1", "m")]
     start = json.loads(events[0].split(b"data: ", 1)[1].split(b"\n", 1)[0])["message"]["usage"]
     assert (start["input_tokens"], start["cache_read_input_tokens"], start["output_tokens"]) == (40, 60, 0)

@@ -1,0 +1,125 @@
+"""A streamed cache hit is logged once its replay ended, as a live stream is (t195).
+
+A hit was logged by the pipeline as it handed the answer over, and replayed after: a client that
+left a long replay mid-way was logged 200, and one reading it slowly was logged at once, its
+latency the gateway's alone. The answer here is longer than the sockets' and the server's buffers
+hold, so its replay waits on a client that takes little at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from aiohttp import web
+
+from gateway.services.redis_server import EmbeddedRedis
+from gateway.simulated import SimulatedUpstream
+from tests.gateway_process import GatewayProcess, policy_text, running_gateway
+from tests.loopback_app import serve_app
+
+_LONG = "The quick brown fox jumps over the lazy dog again; " * 180_000
+"""9 MB."""
+
+_MODELS = """  long:
+    base_url: {url}/v1
+    tier: large
+    context_window: 4000000
+    price: {{input: 1, output: 2}}
+    timeouts: {{connect: 2, first_byte: 10, total: 30}}
+"""
+
+
+async def _long_answer(request: web.Request) -> web.StreamResponse:
+    await request.read()
+    message = {"role": "assistant", "content": _LONG}
+    usage = {"prompt_tokens": 12, "completion_tokens": 1_980_000, "total_tokens": 1_980_012}
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    body = {"id": "chatcmpl-long", "object": "chat.completion", "created": 1, "model": "long", "choices": [choice]}
+    return web.json_response({**body, "usage": usage})
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: EmbeddedRedis,
+    small_upstream: SimulatedUpstream,
+    large_upstream: SimulatedUpstream,
+) -> Iterator[GatewayProcess]:
+    with serve_app({"/v1/chat/completions": _long_answer}, name="long-answer-upstream") as served:
+        policy = policy_text(
+            small_upstream,
+            large_upstream,
+            extra_models=_MODELS.format(url=served.url),
+            cache="{enabled: true, semantic: {enabled: false}, redis_timeout_ms: 2000}",
+        )
+        workdir: Path = tmp_path_factory.mktemp("streamedhit")
+        with running_gateway(workdir, policy, env={"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k"}) as process:
+            yield process
+
+
+_ASKED = {
+    "/v1/chat/completions": {},
+    "/v1/messages": {"max_tokens": 2_000_000},
+    "/v1/responses": {"max_output_tokens": 2_000_000, "store": False},
+}
+"""What each API is asked, besides its question."""
+
+
+def _filled(gateway: GatewayProcess, path: str) -> dict[str, object]:
+    """A question in ``path``'s API whose long answer is in the cache."""
+    question = f"All of it. {time.monotonic_ns()}"
+    said = {"input": question} if path == "/v1/responses" else {"messages": [{"role": "user", "content": question}]}
+    ask = {"model": "long", "temperature": 0, **said, **_ASKED[path]}
+    filled = httpx.post(f"{gateway.url}{path}", json=ask, timeout=30)
+    assert filled.status_code == 200 and filled.headers["x-gateway-cache"] == "miss", filled.text[:300]
+    return ask
+
+
+def _streamed_hit(gateway: GatewayProcess, path: str, ask: dict[str, object], request_id: str) -> socket.socket:
+    """The request streamed, on a raw connection that takes little at a time (a 4 KB receive window)."""
+    target = httpx.URL(gateway.url)
+    body = json.dumps({**ask, "stream": True}).encode()
+    head = (f"POST {path} HTTP/1.1\r\nhost: {target.host}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n")  # fmt: skip
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.settimeout(30)
+    client.connect((target.host, target.port or 80))
+    client.sendall(head.encode() + body)
+    return client
+
+
+@pytest.mark.parametrize("path", list(_ASKED))
+def test_a_client_leaving_a_long_streamed_hit_is_logged_499(gateway: GatewayProcess, path: str) -> None:
+    ask, request_id = _filled(gateway, path), f"left-replay-{time.monotonic_ns()}"
+    with _streamed_hit(gateway, path, ask, request_id) as client:
+        read = b""
+        while len(read) < 400:
+            read += client.recv(4096)
+    assert read.startswith(b"HTTP/1.1 200") and b"x-gateway-cache: exact" in read
+    record = gateway.wait_for_record(request_id)
+    assert (record["status"], record["error_type"], record["cache"]) == (499, "client_disconnected", "exact")
+    # a hit costs nothing, whether its client stays or not; it says what the answer saved
+    assert (record["cost_usd"], record["completion_tokens"]) == (0, 1_980_000) and record["cache_saved_usd"] > 0
+
+
+def test_a_streamed_hits_line_is_written_once_its_slow_client_read_it(gateway: GatewayProcess) -> None:
+    path = "/v1/chat/completions"
+    ask, request_id = _filled(gateway, path), f"slow-replay-{time.monotonic_ns()}"
+    with _streamed_hit(gateway, path, ask, request_id) as client:
+        read = client.recv(4096)
+        time.sleep(1.0)
+        assert not [r for r in gateway.log_records() if r["request_id"] == request_id], "logged mid-replay"
+        while chunk := client.recv(1 << 20):
+            read += chunk
+    assert b"data: [DONE]" in read[-64:]
+    record = gateway.wait_for_record(request_id)
+    assert (record["status"], record["cache"], record["cost_usd"]) == (200, "exact", 0)
+    # its latency is the client's pace, not the gateway's time
+    assert record["latency_ms"] >= 1000 and record["client_wait_ms"] >= 900, record
