@@ -631,6 +631,12 @@ _HASTY = """  hasty:
     tier: small
     simulated: true
     timeouts: {{connect: 1, first_byte: 1.5, total: 2}}
+  measured:
+    base_url: {url}
+    price: {{input: 0.5, output: 1.5}}
+    tier: small
+    simulated: true
+    timeouts: {{connect: 1, first_byte: 8, total: 8}}
 """
 
 
@@ -641,10 +647,11 @@ def hasty_gateway(
     small_upstream: SimulatedUpstream,
     large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:
-    """Model ``hasty`` on the small upstream with a total of 2 s, alone, before ``large``, and with 3 attempts."""
+    """Model ``hasty`` on the small upstream with a total of 2 s, alone and before ``large``; model
+    ``measured`` with a total of 8 s, alone with 3 attempts."""
     routes = (
         "  hasty-then-large: {model: hasty, fallbacks: [large]}\n"
-        "  hasty-thrice: {model: hasty, retry: {max_attempts: 3, backoff_initial_ms: 10, backoff_max_ms: 50}}\n"
+        "  measured-thrice: {model: measured, retry: {max_attempts: 3, backoff_initial_ms: 10, backoff_max_ms: 50}}\n"
     )
     policy = policy_text(
         small_upstream, large_upstream, extra_models=_HASTY.format(url=small_upstream.url), routes=routes
@@ -687,10 +694,12 @@ def test_a_model_whose_total_ran_out_falls_back_to_one_with_its_own(
 def test_a_retry_after_an_early_failure_gets_what_is_left_of_the_total(
     hasty_gateway: GatewayProcess, small_upstream: SimulatedUpstream
 ) -> None:
-    """Each attempt answers 503 after 1.2 s, of a total of 2 s: the second is cut when the total runs
-    out (at 2 s, not 2.4 s), and no third is made, though the route allows three."""
-    inject(small_upstream, *[{"status": 503, "delay_ms": 1200}] * 3)
-    response = _chat(hasty_gateway, model="hasty-thrice")
+    """Each attempt answers 503 after 5 s, of a total of 8 s: the second is cut when the total runs
+    out (at 8 s, not 10 s), and no third is made, though the route allows three. Seconds apart on
+    both sides (the first 503 is 3 s inside the total, the second would be 2 s past it): a loaded
+    machine's lateness moves neither across."""
+    inject(small_upstream, *[{"status": 503, "delay_ms": 5000}] * 3)
+    response = _chat(hasty_gateway, model="measured-thrice")
     assert response.status_code == 504 and _error(response)["code"] == "upstream_total_timeout", response.text
     record = hasty_gateway.wait_for_record(response.headers["x-request-id"])
     assert (record["error_type"], record["retries"]) == ("upstream_total_timeout", 1)
