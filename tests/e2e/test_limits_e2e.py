@@ -55,6 +55,13 @@ tenants:
 """ % {name: hash_key(f"key-{name}") for name in _KEY_NAMES.split()}
 ROUTES = """  costly: {strategy: classifier, model: large, fallbacks: [small], threshold: 0.0}
   cheap: {model: small}"""  # costly: always large
+UNHURRIED = """  unhurried:
+    base_url: %s
+    price: {input: 0.5, output: 1.5}
+    tier: small
+    simulated: true
+    timeouts: {connect: 1, first_byte: 1, total: 30}
+"""  # small's price and a total that a stream of seconds stays well within
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +71,7 @@ def pair(
 ) -> Iterator[tuple[GatewayProcess, GatewayProcess]]:  # fmt: skip
     """Two gateway processes behind an imaginary load balancer, one Redis."""
     policy = policy_text(
-        small_upstream, large_upstream, auth=KEYS, routes=ROUTES,
+        small_upstream, large_upstream, auth=KEYS, routes=ROUTES, extra_models=UNHURRIED % small_upstream.url,
         cache="{semantic: {enabled: false}, redis_timeout_ms: 2000}",
     )  # fmt: skip
     redis_server_url = redis_server.url
@@ -273,23 +280,33 @@ def test_requests_coalesced_on_one_in_flight_give_back_what_they_reserved(
     end, though they were answered from its answer at $0; four held four estimates, and a fifth
     identical one was refused as held by requests in flight. Waiting, they hold nothing."""
     # each holds ~$0.000158 (a few prompt tokens, 100 completion ones) of $0.0005: three fit at once
-    inject(small_upstream, {"chunk_delay_ms": 300})  # its stream lasts a few seconds
-    ask: dict[str, Any] = {"model": "cheap", "max_tokens": 100}
+    # its stream lasts ~8 s, past the twins' arrivals, and within its model's total (small's 5 s cut it)
+    inject(small_upstream, {"chunk_delay_ms": 600})
+    ask: dict[str, Any] = {"model": "unhurried", "max_tokens": 100}
     content = f"twins {time.monotonic_ns()}"
-    spend = keyspace.limit_counters("solo-twins", "twins")[1]
+    window, spend = keyspace.limit_counters("solo-twins", "twins")[:2]
     client = closed_after_test(redis_sync.Redis.from_url(redis_server.url))
+
+    def reserved() -> int:  # requests the key's rpm counted (the module starts on a flushed Redis)
+        return sum(int(client.hget(window, field) or 0) for field in ("r", "rp"))
+
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
         first = pool.submit(_chat, pair[0], "twins", content=content, stream=True, **ask)
         # it is upstream, not a guessed 0.5 s: the others wait on it, in its process and in the other one,
-        # and its stream's few seconds run from there, so the held estimate is read while it streams
+        # and its stream's seconds run from there, so the held estimate is read while it streams
         deadline = time.monotonic() + 30
         while upstream_stats(small_upstream)["chat_requests"] < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
         twins = []
         for index in range(4):
+            # one at a time, each once the one before reserved and gave its estimate back, not every
+            # 0.3 s: on a loaded machine two twins' estimates beside the leader's (three fit) and
+            # a third one's were held together, and it was refused
             twins.append(pool.submit(_chat, pair[index % 2], "twins", content=content, **ask))
-            time.sleep(0.3)
-        held = _held_until(client, spend, lambda held: held < 0.0002, timeout_s=2)  # while the leader streams
+            deadline = time.monotonic() + 30
+            while reserved() < index + 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            held = _held_until(client, spend, lambda held: held < 0.0002)  # while the leader streams
         responses = [first.result(), *(twin.result() for twin in twins)]
     assert [r.status_code for r in responses] == [200] * 5, [r.text for r in responses]
     assert 0.0001 < held < 0.0002  # the leader's estimate alone
