@@ -480,21 +480,27 @@ def test_an_embeddings_client_that_leaves_while_queued_for_a_connection_is_bille
     base_url: {small_upstream.url}
     price: {{input: 0.02, output: 0}}
     max_connections: 1
-    timeouts: {{connect: 5, first_byte: 5, total: 10}}
+    timeouts: {{connect: 5, first_byte: 5, total: 30}}
 """
     policy = policy_text(small_upstream, large_upstream, extra_models=one_connection)
     gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url})
     try:
         before = upstream_stats(small_upstream)["embeddings_requests"]
-        inject(small_upstream, {"delay_ms": 1500})
+        # The holder's headers at once and its body 6 s on: the one connection is held well past the
+        # queued client's 2 s, a time the gateway surely has its request by (a 0.3 s client timeout
+        # could end before a loaded gateway read the request, and the holder's 1.5 s delay before it
+        # was queued).
+        inject(small_upstream, {"stall_mid_body_ms": 6000})
         with _client(gateway, "x") as client, ThreadPoolExecutor(1) as pool:
-            holder = pool.submit(client.embeddings.create, model="embed-one", input=["holds the connection"])
+            holder = pool.submit(
+                client.with_options(timeout=30).embeddings.create, model="embed-one", input=["holds the connection"]
+            )
             # the holder upstream, not a guessed 0.3 s: on a busy machine the other one took the connection first
             deadline = time.monotonic() + 30
             while upstream_stats(small_upstream)["embeddings_requests"] == before and time.monotonic() < deadline:
                 time.sleep(0.02)
             with pytest.raises(openai.APITimeoutError):
-                client.with_options(timeout=0.3).embeddings.create(
+                client.with_options(timeout=2).embeddings.create(
                     model="embed-one", input=["queued behind it"], extra_headers={"x-request-id": "queued-embedding"}
                 )
             holder.result()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import gzip
@@ -27,7 +28,7 @@ from anthropic.types import ToolUseBlock
 from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.simulated import SimulatedUpstream
-from tests.conftest import closed_after_test, sdk_chat
+from tests.conftest import closed_after_test, inject, sdk_chat, upstream_stats
 from tests.faulty_upstream import CALL_SHAPES, REASONING, FaultyUpstream, start_faulty_upstream
 from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 
@@ -1253,7 +1254,7 @@ _ONE_CONNECTION = """  one-conn:
     price: {{input: 5, output: 15}}
     tier: small
     max_connections: 1
-    timeouts: {{connect: 5, first_byte: 5, total: 10}}
+    timeouts: {{connect: 5, first_byte: 5, total: 30}}
 """
 
 
@@ -1266,30 +1267,35 @@ def test_a_client_that_leaves_while_queued_for_a_connection_is_billed_nothing(
     env = {"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k", "TEST_ANTHROPIC_KEY": "k"}  # type: ignore[attr-defined]
     gateway = start_gateway(tmp_path, policy, env=env)
     try:
-        httpx.post(
-            f"{small_upstream.root_url}/_control/faults", json={"faults": [{"delay_ms": 2500}]}
-        )  # past both queued
+        # The holder's headers come at once and its body 6 s on: the one connection is held well past
+        # the two queued clients' 2 s, a time the gateway surely has each request by (they left at a
+        # 0.3 s client timeout one after the other, which a loaded gateway could reach before reading
+        # the request; and the holder's 2.5 s delay could end before the second one was queued).
+        inject(small_upstream, {"stall_mid_body_ms": 6000})
         url = f"{gateway.base_url}/chat/completions"
         prompt = [{"role": "user", "content": "a long prompt to pay for " * 50}]
         holder = threading.Thread(
-            target=httpx.post, args=(url,), kwargs={"json": {"model": "one-conn", "messages": prompt}, "timeout": 10}
+            target=httpx.post, args=(url,), kwargs={"json": {"model": "one-conn", "messages": prompt}, "timeout": 30}
         )
         holder.start()
         deadline = time.monotonic() + 30  # the holder has the one connection (a guessed 0.3 s was not always enough)
-        while httpx.get(f"{small_upstream.root_url}/_control/stats").json()["chat_requests"] < 1:
+        while upstream_stats(small_upstream)["chat_requests"] < 1:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        for stream in (False, True):
+
+        def leave_while_queued(stream: bool) -> None:
             with pytest.raises(httpx.ReadTimeout):
-                body = {"model": "one-conn", "messages": prompt, "stream": stream}
-                httpx.post(url, json=body, timeout=0.3)
+                httpx.post(url, json={"model": "one-conn", "messages": prompt, "stream": stream}, timeout=2)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(leave_while_queued, (False, True)))
         holder.join()
         deadline = time.monotonic() + 30
         while len(records := gateway.log_records()) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         left = [record for record in records if record["status"] == 499]
         assert len(left) == 2 and all(record["cost_usd"] == 0 for record in left), left
-        assert httpx.get(f"{small_upstream.root_url}/_control/stats").json()["chat_requests"] == 1
+        assert upstream_stats(small_upstream)["chat_requests"] == 1
     finally:
         gateway.stop()
 
