@@ -228,9 +228,10 @@ def test_a_pipelined_request_whose_client_leaves_is_logged_as_499(
     """Two requests in one write, and the client gone before the first answer: the first was logged
     and counted as a 200 (uvicorn told the second request of the disconnect, the one queued behind
     the first; an outside tester)."""
-    # streamed: 700 ms before its first byte (a first-byte timeout on a loaded machine is still a 499 for
-    # a client gone); whole: its headers at once, the rest 1.5 s on, so that its answer and bill come
-    inject(small_upstream, {"delay_ms": 700} if stream else {"stall_mid_body_ms": 1500})
+    # streamed: its first chunk at once, the next ones 1 s apart (700 ms before the first byte was 300 ms
+    # from the 1 s first-byte timeout, whose retry a gateway that heard the hang-up late sent upstream);
+    # whole: its headers at once, the rest 1.5 s on, so that its answer and bill come
+    inject(small_upstream, {"chunk_delay_ms": 1000} if stream else {"stall_mid_body_ms": 1500})
     request_id = f"pipelined-{uuid.uuid4().hex}"
     requests = _raw_chat(_body("pipelined request 0", stream=stream), request_id)
     requests += _raw_chat(_body("pipelined request 1", stream=stream))
