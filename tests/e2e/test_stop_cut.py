@@ -734,11 +734,14 @@ def test_a_cut_streams_latency_ends_with_its_clients_stream(
         started = time.perf_counter()
         request_id, _ = _cut_stream(gateway, prompt, **extra)
         waited_ms = (time.perf_counter() - started) * 1000
-        time.sleep(waited_ms / 1000)  # the upstream writes on past the client's end for as long again
+        time.sleep(waited_ms / 1000 + 2)  # the upstream writes on past the client's end for 2 s and more
         held_upstream.release(prompt)
         record = gateway.wait_for_record(request_id, timeout_s=30)
         assert record["tokens_source"] == "upstream"
-        assert record["overhead_ms"] <= record["latency_ms"] <= waited_ms
+        # The client's end, not the read's 2 s on: timed when the gateway's stream ends, just after its
+        # last write, which a loaded machine's client read and timed first (it was asserted within
+        # ``waited_ms`` to the millisecond); a second of that lateness allowed, a second short of the read's.
+        assert record["overhead_ms"] <= record["latency_ms"] <= waited_ms + 1000
 
 
 def test_a_read_past_the_cut_that_fails_is_told(gateway: GatewayProcess) -> None:
