@@ -109,7 +109,9 @@ async def test_a_live_leader_slower_than_its_lease_keeps_it_and_its_waiters(
 ) -> None:
     """The lease is short, so it is renewed while its request waits on its upstream: else a
     waiter elsewhere would see it lapse and call upstream again for the same answer."""
-    monkeypatch.setattr(exact, "_LEASE_MS", 300)
+    # renewed 0.9 s before it would lapse: a loaded machine that ran the renewal 200 ms late (of a
+    # 300 ms lease renewed every 0.1 s) let it lapse, and a waiter led
+    monkeypatch.setattr(exact, "_LEASE_MS", 1000)
     monkeypatch.setattr(exact, "_RENEW_S", 0.1)
     key = _key("slow")
     leader, elsewhere = processes(), processes()
@@ -117,7 +119,7 @@ async def test_a_live_leader_slower_than_its_lease_keeps_it_and_its_waiters(
     assert lease is not None and lease.held_in_store
     waiters = [asyncio.create_task(elsewhere.join_or_lead(key, 30.0, T)) for _ in range(3)]
     tasks.extend(waiters)
-    await asyncio.sleep(1.5)  # its upstream call: five times the lease
+    await asyncio.sleep(3)  # its upstream call: three times the lease
     led: list[Lease] = [lease for task in waiters if task.done() and (lease := task.result()[1]) is not None]
     assert led == [] and not any(task.done() for task in waiters)
     await leader.put(key, _answer("the slow answer"), 60, T, lease)
