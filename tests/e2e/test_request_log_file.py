@@ -23,7 +23,10 @@ from tests.gateway_process import GatewayProcess, _worker_pids, policy_text, sta
 def _chat(gateway: GatewayProcess, request_id: str) -> bool:
     body = {"model": "fast", "max_tokens": 5, "messages": [{"role": "user", "content": f"hi {request_id}"}]}
     try:
-        answer = httpx.post(f"{gateway.base_url}/chat/completions", json=body, headers={"x-request-id": request_id})
+        # not httpx's default 5 s: one that ran out on a loaded machine was logged by the gateway and not counted here
+        answer = httpx.post(
+            f"{gateway.base_url}/chat/completions", json=body, headers={"x-request-id": request_id}, timeout=30
+        )
     except httpx.HTTPError:  # a gateway the signal ended (its default action, without a handler)
         return False
     return answer.status_code == 200
