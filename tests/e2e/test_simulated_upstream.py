@@ -242,15 +242,22 @@ async def test_fault_cut_after_chunks(control: httpx.AsyncClient) -> None:
 
 
 async def test_fault_delay_and_client_timeout_counts_cancelled(control: httpx.AsyncClient) -> None:
-    await _faults(control, {"delay_ms": 2000})
-    with pytest.raises(httpx.ReadTimeout):
-        await control.post("/v1/chat/completions", json={"model": "m", "messages": USER}, timeout=0.2)
+    await _faults(control, {"delay_ms": 30_000})
+    asking = asyncio.create_task(
+        control.post("/v1/chat/completions", json={"model": "m", "messages": USER}, timeout=60)
+    )
+    # the client leaves once the server has the request, not at a 0.2 s timeout that a loaded
+    # machine could reach before the server read it (no handler ran: nothing was cancelled)
+    assert (await _wait_for(control, "in_flight", 1))["in_flight"] == 1
+    asking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asking
     stats = await _wait_for(control, "cancelled", 1)
     assert stats["cancelled"] == 1 and stats["in_flight"] == 0
 
 
 async def test_client_disconnect_mid_stream(control: httpx.AsyncClient) -> None:
-    await _faults(control, {"chunk_delay_ms": 100})
+    await _faults(control, {"chunk_delay_ms": 500})  # the stream outlasts a loaded client's hang-up by seconds
     body = {"model": "m", "messages": USER, "stream": True}
     async with control.stream("POST", "/v1/chat/completions", json=body) as resp:
         async for line in resp.aiter_lines():
@@ -285,8 +292,10 @@ async def test_stats_and_reset(oai: openai.AsyncOpenAI, control: httpx.AsyncClie
 
 
 async def test_reset_keeps_in_flight_accurate(control: httpx.AsyncClient) -> None:
-    await _faults(control, {"delay_ms": 300})
-    slow = asyncio.create_task(control.post("/v1/chat/completions", json={"model": "m", "messages": USER}))
+    # in flight for 3 s: seen in flight by a look that a loaded machine may make late (300 ms had
+    # ended before it, and in_flight was 0 whatever the reset did)
+    await _faults(control, {"delay_ms": 3000})
+    slow = asyncio.create_task(control.post("/v1/chat/completions", json={"model": "m", "messages": USER}, timeout=30))
     assert (await _wait_for(control, "in_flight", 1))["in_flight"] == 1
     await control.post("/_control/reset")
     assert (await slow).status_code == 200
