@@ -703,7 +703,9 @@ async def test_a_hung_draft_costs_one_draft_deadline_then_speculation_pauses(
 ) -> None:
     # a cool-down long enough that the first answer's own end (the large model's 40 tokens) cannot
     # outlast it on a loaded machine, where 0.5 s ran out before the second request (CI, f204)
-    spec = _spec(pair, draft_timeout_ms=300, draft_cooldown_s=4.0)
+    # the default 1 s deadline, not 300 ms, which a healthy draft's call (the third request's) could
+    # run past on a loaded machine
+    spec = _spec(pair, draft_timeout_ms=1000, draft_cooldown_s=4.0)
     await spec.check_pair()
     body, want = await _long_answer(pair[0], max_tokens=40)
     small.reset()
@@ -712,7 +714,7 @@ async def test_a_hung_draft_costs_one_draft_deadline_then_speculation_pauses(
         first = await spec.complete(*as_sent(body))
     assert _answer(first) == want and _stats(first).draft_failed
     (failed,) = [e for e in logs if e["event"] == "draft_failed"]
-    assert "draft call over 300 ms" in failed["detail"]  # the draft's own deadline, not its 10 s first byte
+    assert "draft call over 1000 ms" in failed["detail"]  # the draft's own deadline, not its 10 s first byte
     assert any(e["event"] == "draft_unhealthy" for e in logs)
     calls = small.stats()["completions"]
     second = await spec.complete(*as_sent(body))  # within the cool-down: straight to the large model
@@ -739,7 +741,8 @@ async def test_a_server_that_hangs_during_the_pair_check_costs_one_draft_deadlin
     call has draft_timeout_ms, and a failed check starts the cooldown as a failed draft call does."""
     target, draft = toy_provider("large", large, "large"), toy_provider("small", small, "small")  # first byte 60 s
     try:
-        spec = _spec((target, draft), draft_timeout_ms=300, draft_cooldown_s=60)
+        # 1 s for each check call, not 300 ms, which the healthy server's could run past on a loaded machine
+        spec = _spec((target, draft), draft_timeout_ms=1000, draft_cooldown_s=60)
         body, want = await _long_answer(target, max_tokens=20)
         (large if hung == "large" else small).fail_after(0, "hang")  # /v1/completions accepts and never answers
         async with asyncio.timeout(20):  # well under the 60 s first byte
@@ -747,7 +750,7 @@ async def test_a_server_that_hangs_during_the_pair_check_costs_one_draft_deadlin
                 first = await spec.complete(*as_sent(body))
             assert _answer(first) == want and _stats(first).fallback_reason == "pair_unchecked"
             (unchecked,) = [e for e in logs if e["event"] == "speculation_pair_unchecked"]
-            assert f"upstream '{hung}': completions call over 300 ms" in unchecked["detail"]
+            assert f"upstream '{hung}': completions call over 1000 ms" in unchecked["detail"]
             calls = _calls(large, small)
             second = await spec.complete(*as_sent(body))  # within the cooldown: no check, plain at once
         assert _answer(second) == want and _stats(second).fallback_reason == "pair_unchecked"
@@ -762,7 +765,7 @@ async def test_requests_do_not_queue_behind_another_requests_pair_check(large: T
     (6, 11, 16 s with a 5 s first byte). The others now go plain while one request checks."""
     target, draft = toy_provider("large", large, "large"), toy_provider("small", small, "small")
     try:
-        spec = _spec((target, draft), draft_timeout_ms=300, draft_cooldown_s=60)
+        spec = _spec((target, draft), draft_timeout_ms=1000, draft_cooldown_s=60)  # the healthy check calls' 1 s
         body, want = await _long_answer(target, max_tokens=20)
         small.fail_after(0, "hang")
         async with asyncio.timeout(20):
@@ -780,10 +783,13 @@ async def test_a_draft_slower_than_plain_decoding_is_given_up_and_paused(large: 
     """t49: a draft server that answers inside its deadline, but slowly (an overloaded small-model
     server), made every answer many times slower, and adaptive k only drafted more per call. After
     a few measured rounds the answer finishes plainly and speculation pauses for the cooldown."""
-    slow = start_toy_server(role="small", agreement=0.8, pass_ms=40)  # the large model's passes cost nothing
+    # the large model's passes cost nothing; 150 ms a draft pass, not 40: a verify call's 25 ms of
+    # HTTP on a loaded machine made a 40 ms draft worth its cost (speedup 0.5), 125 ms do not
+    slow = start_toy_server(role="small", agreement=0.8, pass_ms=150)
     target, draft = _provider("large", large), _provider("small", slow, "small")
     try:
-        spec = _spec((target, draft), draft_cooldown_s=60, min_speedup=0.5)  # 0.5: the default
+        # min_speedup 0.5: the default; a 4-token draft (600 ms) well inside its deadline
+        spec = _spec((target, draft), draft_cooldown_s=60, min_speedup=0.5, draft_timeout_ms=5000)
         await spec.check_pair()
         body, want = await _long_answer(target, max_tokens=40)
         with structlog.testing.capture_logs() as logs:
