@@ -64,8 +64,13 @@ def gateway(
     folder = Path(tmp_path_factory.mktemp("spec"))
     write_tokenizer_json(str(folder / "tokenizer.json"))  # named relative to the policy file
     process = start_gateway(folder, _policy(*servers), env={"REDIS_URL": redis_server.url})
-    yield process
-    process.stop()
+    # the pair checked by the check spawned at start: a request while it runs goes plain ("pair_checking"),
+    # which a loaded machine's first request could meet
+    try:
+        assert process.wait_for_ops("speculation_pair_ok"), process.stderr_text()[-3000:]
+        yield process
+    finally:
+        process.stop()
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -219,6 +224,7 @@ def test_speculating_keeps_each_tenants_prefix_cache_its_own(
     write_tokenizer_json(str(tmp_path / "tokenizer.json"))
     gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url})
     try:
+        assert gateway.wait_for_ops("speculation_pair_ok"), gateway.stderr_text()[-3000:]  # else it goes plain
         confidential = " ".join(PROMPTS * 12)  # many cache blocks long
 
         def ask(tenant: str) -> tuple[int, int]:
@@ -285,6 +291,7 @@ def test_speculating_salts_with_the_clients_own_cache_salt_as_a_plain_request_do
         return large.stats()["salts"], small.stats()["salts"]
 
     try:
+        assert gateway.wait_for_ops("speculation_pair_ok"), gateway.stderr_text()[-3000:]  # else it goes plain
         seen: dict[str | None, tuple[list[str], list[str]]] = {}
         for client_salt in ("u1", "u2", None):
             plain = (salts("large-plain", client_salt)[0], salts("small", client_salt)[1])
