@@ -239,9 +239,17 @@ def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response
 
 
 def _in_callers_shape(request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
-    """Anthropic's SDK sends ``anthropic-version`` on every call, ``/v1/models`` included, and
-    reads only Anthropic's error shape; everyone else gets OpenAI's."""
-    if "anthropic-version" in request.headers or in_messages_api(request.url.path):
+    """Anthropic's error shape on the Messages API, and on ``/v1/models`` for Anthropic's SDK (it
+    sends ``anthropic-version`` on every call and reads only its own shape); OpenAI's on every
+    path Anthropic's API has no version of, whatever the headers (t197: feedback's were Anthropic's)."""
+    path = request.url.path
+    if in_messages_api(path) or ("anthropic-version" in request.headers and _in_models_api(path)):
         body = anthropic_messages.encode_error(exc.status_code, exc.message)
         return Response(body, status_code=exc.status_code, headers=exc.headers, media_type="application/json")
     return error_response(exc)
+
+
+def _in_models_api(path: str) -> bool:
+    """Whether ``path`` is ``/v1/models`` or a model under it, which Anthropic's API has too."""
+    path = canonical_path(path)
+    return path == "/v1/models" or path.startswith("/v1/models/")

@@ -37,7 +37,7 @@ from gateway.errors import GatewayError, InvalidRequestError, UpstreamError
 from gateway.pipeline import Answer, KeepAlive, PassThrough, StreamingAnswer, StreamingDeltas
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
-from gateway.protocols.body import read_off_loop
+from gateway.protocols.body import decode_body, read_off_loop
 from gateway.protocols.shared_state import refuse_upstream_ids
 from gateway.tokens import count_prompt, prompt_chars
 from gateway.upstreams.anthropic import AnthropicProvider, joined_betas
@@ -64,21 +64,20 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
             decoded = _translatable(raw, body)
             if decoded is None:  # the translation would lose something: the body goes as it came
                 decoded = anthropic.decode_request(raw, passed_through=True)
-                passthrough.body = _without_shared_state(body, raw) if body is not None else body
-                if passthrough.body is not None and anthropic.thinking_left_out(decoded):  # a loop another
-                    # model opened (t21), on a route of Anthropic's models now: it goes without thinking
+                passthrough.body = _without_shared_state(body, raw)
+                if anthropic.thinking_left_out(decoded):  # a loop another model opened (t21), on a
+                    # route of Anthropic's models now: it goes without thinking
                     passthrough.body = {name: value for name, value in passthrough.body.items() if name != "thinking"}
-                if passthrough.body is not None:  # only passed through do these reach Anthropic (t59)
-                    passthrough.asked = anthropic.priced_options(passthrough.body)
+                passthrough.asked = anthropic.priced_options(passthrough.body)  # only so they reach Anthropic (t59)
                 if betas:
                     passthrough.headers["anthropic-beta"] = betas
         else:
-            hints = _refuse_unread(body) if body is not None else []
+            hints = _refuse_unread(body)
             decoded = anthropic.decode_request(raw)
             # no upstream of the route but Anthropic's can honour these
             lost = ["thinking"] if decoded.thinking is not None else []
             lost += openai_chat.lost_on_chat_upstreams(decoded)
-            lost += anthropic.nested_fields_not_carried(body) if body is not None else []
+            lost += anthropic.nested_fields_not_carried(body)
             lost += hints
             decoded.dropped.extend(name for name in dict.fromkeys(lost) if name not in decoded.dropped)
         decoded.betas = betas  # a translated request's too
@@ -146,12 +145,12 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
         limits = runtime.policy.limits  # the same as for the message it counts
         raw = await read_body(request, limits.max_body_bytes, limits.body_read_timeout_s)
 
-        def read() -> tuple[dict[str, Any] | None, CoreRequest]:
+        def read() -> tuple[dict[str, Any], CoreRequest]:
             body = _json_object(raw)
-            if body is not None:  # counted upstream, an id would tell whether a file exists, and its size (t33)
-                refuse_upstream_ids(body, raw, dotted=True)
+            # counted upstream, an id would tell whether a file exists, and its size (t33)
+            refuse_upstream_ids(body, raw, dotted=True)
             lenient = _only_anthropic_upstreams(request, body, principal.allowed)  # blocks only Anthropic reads
-            if body is not None and not lenient:  # as /v1/messages refuses them on this route (f200)
+            if not lenient:  # as /v1/messages refuses them on this route (f200)
                 _refuse_unread(body)
             return body, anthropic.decode_request(raw, counting=True, passed_through=lenient)
 
@@ -159,7 +158,7 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
         plan = runtime.router.chat_plan(decoded.model, principal.allowed)  # what /v1/messages refuses, too
         first = runtime.providers[plan.candidates[0]]
         tokens = None
-        if isinstance(first, AnthropicProvider) and body is not None:
+        if isinstance(first, AnthropicProvider):
             try:
                 tokens = await first.count_tokens(body, _betas(request))
             except UpstreamError as exc:
@@ -196,12 +195,10 @@ def _dropped(request: Request[Any, Any, Any], asked: CoreRequest, answered_by: s
     return asked.dropped
 
 
-def _only_anthropic_upstreams(
-    request: Request[Any, Any, Any], body: dict[str, Any] | None, allowed: frozenset[str]
-) -> bool:
+def _only_anthropic_upstreams(request: Request[Any, Any, Any], body: dict[str, Any], allowed: frozenset[str]) -> bool:
     """Whether every model the body's ``model`` can reach is Anthropic's (what decides how it is
     decoded); a name the key may not call is as unknown as one that is not there."""
-    model = body.get("model") if body is not None else None
+    model = body.get("model")
     runtime = request.app.state.gateway.holder.current
     try:
         names = runtime.router.reachable(model if isinstance(model, str) else "", allowed)
@@ -210,13 +207,11 @@ def _only_anthropic_upstreams(
     return all(runtime.policy.models[name].provider == "anthropic" for name in names)
 
 
-def _json_object(raw: bytes) -> dict[str, Any] | None:
-    """The body, read once; None when it is not a JSON object (the decoder then says what is wrong)."""
-    try:
-        body = msgspec.json.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
-        return None
-    return body if isinstance(body, dict) else None
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """The body, read once, whole: the 400 of every edge when it is not a JSON object. The typed
+    decoding skips a field it does not read unchecked (t197: a name not UTF-8 went to Anthropic,
+    or was dropped unnamed)."""
+    return decode_body(raw, dict[str, Any])
 
 
 _HINTS = frozenset({"cache_control", "service_tier"})
@@ -240,14 +235,12 @@ def _refuse_unread(body: dict[str, Any]) -> list[str]:
     return [name for name in unread if name in _HINTS]
 
 
-def _translatable(raw: bytes, body: dict[str, Any] | None) -> CoreRequest | None:
+def _translatable(raw: bytes, body: dict[str, Any]) -> CoreRequest | None:
     """The request, when the internal model holds all of it (then it is translated, and can be
     served from the cache); None when it has blocks, tools or fields only Anthropic reads, or
     when its answer may interleave thinking with tool calls: the internal answer holds thinking,
     text and calls apart, and the agent sends the turn back, which Anthropic wants as it wrote it
     (t40: reordered, and for Claude Code a rebuilt thinking turn)."""
-    if body is None:
-        return None  # the lenient decoding says what is wrong
     try:
         decoded = anthropic.decode_request(raw)
     except GatewayError:

@@ -59,7 +59,7 @@ from gateway.errors import (
 from gateway.pipeline import Answer, KeepAlive, PassThrough, StreamingAnswer, StreamingDeltas
 from gateway.protocols import openai_chat
 from gateway.protocols import openai_responses as codec
-from gateway.protocols.body import read_off_loop
+from gateway.protocols.body import decode_body, read_off_loop
 from gateway.protocols.engine_fields import without_engine_fields
 from gateway.protocols.shared_state import refuse_upstream_ids
 from gateway.protocols.tenant_ids import told_back
@@ -128,7 +128,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
             previous = await _load(store, turn.tenant, decoded.previous_response_id, "previous_response_id", use=True)
         if _served_by_responses_upstreams(runtime, reachable) and (previous is None or previous.held_by is not None):
             turn.decoded = decoded
-            body = _without_shared_state(msgspec.json.decode(raw), raw)
+            body = _without_shared_state(decode_body(raw, dict[str, Any]), raw)  # read whole: what the view skips too
             passthrough.body, turn.engine_fields = without_engine_fields(body)
             passthrough.asked = codec.priced_options(passthrough.body)  # hosted tools and audio (t159)
             turn.own_ids = told_back(passthrough.body, turn.tenant)

@@ -63,7 +63,7 @@ def decode_body(raw: bytes, into: type[T]) -> T:
             raise _value_error(message, raw) from None
         raise _field_error(message) from None
     except msgspec.DecodeError as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {_why(exc, raw)}") from None
+        raise _not_json(str(exc), raw) from None
     except RecursionError:
         raise InvalidRequestError("the request body is nested too deeply") from None
 
@@ -73,13 +73,14 @@ _LONE_SURROGATE = re.compile(
 )
 
 
-def _why(exc: msgspec.DecodeError, raw: bytes) -> str:
-    """msgspec's reason, but for a lone UTF-16 surrogate escape, which it calls truncated (t67)."""
-    if "truncated" in str(exc):
+def _not_json(reason: str, raw: bytes) -> InvalidRequestError:
+    """The 400 for a body that is not JSON: msgspec's ``reason``, but for a lone UTF-16 surrogate
+    escape, which it calls truncated (t67)."""
+    if "truncated" in reason:
         lone = _LONE_SURROGATE.search(raw)
         if lone is not None:
-            return f"{lone[0].decode()} is half of a UTF-16 surrogate pair, which JSON text cannot hold alone"
-    return str(exc)
+            reason = f"{lone[0].decode()} is half of a UTF-16 surrogate pair, which JSON text cannot hold alone"
+    return InvalidRequestError(f"the request body is not valid JSON: {reason}")
 
 
 def check_fields(body: dict[str, Any], view: type[T]) -> T:
@@ -91,6 +92,7 @@ def check_fields(body: dict[str, Any], view: type[T]) -> T:
 
 
 _CONTAINER = dict[str, msgspec.Raw] | list[msgspec.Raw]
+_POSITION = re.compile(r" \(byte \d+\)$")
 _PATH_DEPTH = 16
 """How deep the failing value is looked for: each level reads what is under it again."""
 
@@ -102,6 +104,8 @@ def _value_error(message: str, raw: bytes) -> InvalidRequestError:
         path = _failing_path(raw).removeprefix(".")
     except RecursionError:
         path = ""
+    except msgspec.DecodeError as exc:  # not JSON further on (t197: a 500); the position is in a part read again
+        return _not_json(_POSITION.sub("", str(exc)), raw)
     if not path:
         return _field_error(message)
     reason = message[: message.index(" - at `$")]

@@ -266,8 +266,9 @@ _READ_FIELDS = frozenset(field.encode_name for field in msgspec.structs.fields(_
 
 
 def _unread_fields(raw: bytes) -> list[str]:
-    """The body's top-level fields the decoding does not read (the body is a JSON object by now)."""
-    names = msgspec.json.decode(raw, type=dict[str, msgspec.Raw])
+    """The body's top-level fields the decoding does not read (the body is a JSON object by now,
+    but a field it skipped is read here first: t197, a name not UTF-8 was a 500)."""
+    names = decode_body(raw, dict[str, msgspec.Raw])
     return sorted(name for name in names if name not in _READ_FIELDS)
 
 

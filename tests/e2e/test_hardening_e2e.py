@@ -582,6 +582,87 @@ def test_a_number_out_of_range_is_a_400_naming_its_parameter(
     assert (error["param"], error["message"]) == (param, f"invalid parameter '{param}': Number out of range")
 
 
+_NINES = b"9" * 5000
+_NOT_UTF8_NAME = b'"z\xff": 1'
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "why"),
+    [
+        ("/chat/completions", b'{"max_tokens": %s, "model": "fast", "user": "\\ud800"}' % _NINES, "\\ud800 is half"),
+        ("/completions", b'{"max_tokens": %s, "model": "fast", "user": "\\ud800"}' % _NINES, "\\ud800 is half"),
+        ("/embeddings", b'{"dimensions": %s, "model": "vectors", "user": "\\ud800"}' % _NINES, "\\ud800 is half"),
+        ("/completions", b'{"temperature": 1e400, "model": "fast", "prompt": "x", "temperature": 0.5, "stream": "\xed\xa0\x80"}', "Invalid UTF-8"),
+        ("/responses", b'{"model": "fast", "input": "hi", %s}' % _NOT_UTF8_NAME, "Invalid UTF-8"),
+        ("/messages", b'{"model": "fast", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], %s}' % _NOT_UTF8_NAME, "Invalid UTF-8"),
+        ("/messages", b'{"model": "thinker", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], %s}' % _NOT_UTF8_NAME, "Invalid UTF-8"),
+    ],
+)  # fmt: skip
+def test_a_body_that_is_not_json_is_its_protocols_400_whatever_else_is_wrong_with_it(
+    gw: GatewayProcess, path: str, body: bytes, why: str
+) -> None:
+    """t197: a number out of range, then a lone surrogate or bytes not UTF-8, was a 500 (the
+    parameter was looked for in the body again, which raised past the 400); a field's name not
+    UTF-8 was a 500 on /v1/responses, and on /v1/messages answered (a translated route) or sent
+    to Anthropic as it came, where a well-formed unknown field is a 400."""
+    request_id = f"not-json-{time.time_ns()}"
+    response = httpx.post(f"{gw.base_url}{path}", content=body, timeout=10,
+                          headers={"content-type": "application/json", "x-request-id": request_id})  # fmt: skip
+    assert response.status_code == 400, response.text
+    answer = response.json()
+    if path == "/messages":
+        assert answer["type"] == "error" and set(answer["error"]) == {"type", "message"}, answer
+    else:
+        assert "type" not in answer and answer["error"]["param"] is None, answer
+    assert answer["error"]["type"] == "invalid_request_error"
+    assert answer["error"]["message"].startswith("the request body is not valid JSON: "), answer
+    assert why in answer["error"]["message"] and "(byte " not in answer["error"]["message"]
+    assert gw.wait_for_record(request_id)["status"] == 400
+
+
+def test_a_count_of_a_body_that_is_not_json_is_a_400_in_anthropics_shape(gw: GatewayProcess) -> None:
+    """t197: the count's read of the whole body let a field's name not UTF-8 through to the decoder,
+    which skips a field it does not read."""
+    for model in ("fast", "thinker"):
+        body = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], %s}' % (
+            model.encode(),
+            _NOT_UTF8_NAME,
+        )
+        response = httpx.post(f"{gw.base_url}/messages/count_tokens", content=body, timeout=10,
+                              headers={"content-type": "application/json"})  # fmt: skip
+        assert response.status_code == 400, (model, response.text)
+        assert response.json() == {"type": "error", "error": {
+            "type": "invalid_request_error", "message": "the request body is not valid JSON: Invalid UTF-8 encoded string"}}  # fmt: skip
+
+
+def test_anthropic_version_gives_anthropics_error_shape_only_on_anthropics_paths(gw: GatewayProcess) -> None:
+    """t197: Anthropic's ``anthropic-version`` header turned the errors of endpoints Anthropic's API
+    has no version of (feedback, a stored response) into Anthropic's shape; its SDK sends it to
+    the Messages API and ``/v1/models``, which keep it."""
+    version = {"anthropic-version": "2023-06-01", "content-type": "application/json"}
+    openai_only = [
+        httpx.post(f"{gw.base_url}/feedback", content=b"{}", headers=version, timeout=10),
+        httpx.get(f"{gw.base_url}/responses/resp_nope", headers=version, timeout=10),
+        httpx.post(
+            f"{gw.base_url}/feedback", content=b"{}", timeout=10, headers={**version, "content-encoding": "compress"}
+        ),
+        httpx.post(f"{gw.base_url}/chat/completions", content=b"{}", headers=version, timeout=10),
+    ]
+    assert [response.status_code for response in openai_only] == [400, 404, 415, 400]
+    for response in openai_only:
+        assert "type" not in response.json() and response.json()["error"]["type"], (response.url, response.text)
+    anthropics = [
+        httpx.get(f"{gw.base_url}/models/nope", headers=version, timeout=10),
+        httpx.delete(f"{gw.base_url}/models", headers=version, timeout=10),
+        httpx.post(f"{gw.base_url}/messages", content=b"{}", headers=version, timeout=10),
+        httpx.post(f"{gw.base_url}/messages", content=b"{}", timeout=10),  # told by the path
+    ]
+    assert [response.status_code for response in anthropics] == [404, 405, 400, 400]
+    for response in anthropics:
+        assert response.json()["type"] == "error", (response.url, response.text)
+    assert "type" not in httpx.get(f"{gw.base_url}/models/nope", timeout=10).json()
+
+
 def test_defect9_a_body_that_never_finishes_is_answered_408(gw: GatewayProcess) -> None:
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as connection:
         connection.sendall(

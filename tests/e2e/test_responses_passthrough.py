@@ -673,3 +673,17 @@ def test_a_custom_tool_on_a_translated_route_is_refused_saying_why(gateway: Gate
             model="codex", input="Patch the file.", tools=tools, previous_response_id=kept.id
         )
     assert "previous_response_id" in refused.value.message and "translated" in refused.value.message
+
+
+def test_a_field_name_not_utf8_is_the_not_json_400_not_sent_on(gateway: GatewayProcess) -> None:
+    """t197: the view's decoding skipped a field it does not read unchecked, and the whole body's
+    read before it was passed through raised past the 400: a 500."""
+    body = b'{"model": "codex", "input": "hi", "z\xff": 1}'
+    response = httpx.post(f"{gateway.base_url}/responses", content=body, timeout=10,
+                          headers={"authorization": "Bearer key-a1", "content-type": "application/json",
+                                   "x-request-id": "passed-not-json"})  # fmt: skip
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["message"]) == (
+        "invalid_request_error", "the request body is not valid JSON: Invalid UTF-8 encoded string")  # fmt: skip
+    assert gateway.wait_for_record("passed-not-json")["status"] == 400

@@ -471,3 +471,24 @@ def test_a_lone_surrogate_is_named_not_called_truncated() -> None:
         decode_body(b'{"a": "x', dict[str, Any])
     assert "truncated" in cut.value.message
     assert decode_body(b'{"a": "\\ud83d\\ude00"}', dict[str, Any]) == {"a": "\U0001f600"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b'{"max_tokens": ' + b"9" * 5000 + b', "user": "\\ud800"}', "\\ud800 is half of a UTF-16 surrogate pair"),
+        (b'{"temperature": 1e400, "temperature": 0.5, "stream": "\xed\xa0\x80"}', "Invalid UTF-8 encoded string"),
+        (b'{"a": [1e400], "b": [1, }', "JSON is malformed: invalid character"),
+        (b'{"a": 1e400, "z\xff": 1}', "Invalid UTF-8 encoded string"),
+    ],
+)
+def test_a_number_out_of_range_in_a_body_that_is_not_json_is_the_not_json_400(raw: bytes, why: str) -> None:
+    """t197: looking for the number's parameter read the rest of the body again, and what made it
+    not JSON (a lone surrogate, bytes not UTF-8) raised past the 400: a 500. The body is not JSON,
+    the first thing wrong with it; a position found in a part of it is not the body's."""
+    from gateway.protocols.body import decode_body
+
+    with pytest.raises(InvalidRequestError) as caught:
+        decode_body(raw, dict[str, Any])
+    assert caught.value.message.startswith("the request body is not valid JSON: ") and why in caught.value.message
+    assert caught.value.param is None and "(byte " not in caught.value.message
