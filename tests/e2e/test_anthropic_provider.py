@@ -391,6 +391,7 @@ async def test_complete_text(upstream: tuple[FakeAnthropic, Provider]) -> None:
     assert answer["usage"] == {
         "prompt_tokens": 15, "completion_tokens": 5, "total_tokens": 20,
         "prompt_tokens_details": {"cached_tokens": 3, "cache_write_tokens": 2},  # (t78)
+        "completion_tokens_details": {"reasoning_tokens": 0},  # as OpenAI's, and a cache hit's (t195)
     }  # fmt: skip
 
 
@@ -409,7 +410,8 @@ async def test_complete_tool_calls(upstream: tuple[FakeAnthropic, Provider]) -> 
     assert call["function"]["name"] == "get_weather"
     assert msgspec.json.decode(call["function"]["arguments"]) == {"city": "Paris"}
     assert answer["usage"] == {
-        "prompt_tokens": 20, "completion_tokens": 7, "total_tokens": 27, "prompt_tokens_details": {"cached_tokens": 0}
+        "prompt_tokens": 20, "completion_tokens": 7, "total_tokens": 27, "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
     }  # fmt: skip
 
 
