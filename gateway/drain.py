@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-__all__ = ["CONNECTION_RESET", "DEFAULT_DRAIN_S", "Drain"]
+__all__ = ["CONNECTION_RESET", "DEFAULT_DRAIN_S", "Drain", "redeliver_deadline"]
 
 DEFAULT_DRAIN_S = 25.0
 """The server kills workers 5 s after this (``serve`` sets its kill timeout to drain + 5)."""
@@ -32,6 +32,22 @@ _log = structlog.get_logger("gateway.drain")
 CONNECTION_RESET: ContextVar[Callable[[], None] | None] = ContextVar("gateway_connection_reset", default=None)
 """In a request's task: resets the connection it is answered on (set by uvicorn's protocol,
 :mod:`gateway.services.http_head`; None under granian, which has no such hook)."""
+
+_TRACKED_BY: ContextVar[Drain | None] = ContextVar("gateway_tracked_by", default=None)
+"""In a stream's task: the drain that tracks it (set by :meth:`Drain.track`)."""
+
+
+def redeliver_deadline(task: asyncio.Task[Any]) -> bool:
+    """An edge's send to a slow client was cancelled: when the drain's deadline did it, the
+    cancellation is delivered again, at the stream's next wait, which ends it in-band as any
+    stream the deadline finds waiting (t198: the stream, suspended at its ``yield``, never saw
+    it: a chat client's was logged 499, another protocol's not at all); True then."""
+    drain = _TRACKED_BY.get()
+    if drain is None or not drain.expired or task not in drain._streams:
+        return False
+    task.uncancel()
+    task.cancel()
+    return True
 
 
 class Drain:
@@ -53,6 +69,7 @@ class Drain:
         """Register the running stream's task; pass it to :meth:`untrack` when the stream ends."""
         task = asyncio.current_task()
         if task is not None:
+            _TRACKED_BY.set(self)
             self._streams.add(task)
             if task not in self._open:
                 self._open.add(task)

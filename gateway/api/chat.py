@@ -22,6 +22,7 @@ from litestar import Litestar
 from litestar.exceptions import InternalServerException
 
 from gateway.api import cors as cors_headers
+from gateway.api.answers import send_events
 from gateway.api.handoff import Incoming, hand_to_pipeline, log_refused_method
 from gateway.api.probes import internal_error
 from gateway.api.state import GatewayState
@@ -159,18 +160,10 @@ async def _stream(events: AsyncIterator[bytes], receive: Receive, send: Send) ->
             pass
         scope.cancel()
 
-    try:
-        async with anyio.create_task_group() as group:
-            group.start_soon(listen, group.cancel_scope)
-            async for event in events:
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            group.cancel_scope.cancel()
-    finally:
-        close = getattr(events, "aclose", None)
-        if close is not None:
-            with anyio.CancelScope(shield=True):
-                await close()
+    async with anyio.create_task_group() as group:
+        group.start_soon(listen, group.cancel_scope)
+        await send_events(events, send)
+        group.cancel_scope.cancel()
 
 
 async def _send_error(send: Send, exc: Exception) -> None:

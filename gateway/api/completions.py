@@ -8,6 +8,7 @@ the log apply unchanged; the pipeline's answer is encoded back as a ``text_compl
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -16,7 +17,7 @@ import msgspec
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from gateway.api.answers import StreamBroke, answer_of, delta_batches, dropped_header, streams
+from gateway.api.answers import EventStream, StreamBroke, answer_of, delta_batches, dropped_header, streams
 from gateway.api.handoff import hand_to_pipeline
 from gateway.auth import Principal
 from gateway.core import model as core
@@ -57,7 +58,7 @@ async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] 
         return Response(content=body, status_code=200, headers=headers, media_type="application/json")
     assert isinstance(answer, StreamingDeltas)  # nothing is passed through here
     encoder = completions.StreamEncoder(completion_id, model, echo=decoded.echo, include_usage=decoded.include_usage)
-    return Stream(
+    return EventStream(
         _frames(answer, encoder),
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
@@ -70,17 +71,18 @@ async def _frames(answer: StreamingDeltas, encoder: completions.StreamEncoder) -
     start = encoder.start()
     if start:
         yield start
-    async for batch in delta_batches(answer):
-        if batch is None:
-            yield encoder.finish()
-        elif isinstance(batch, KeepAlive):
-            yield b": keep-alive\n\n"  # an SSE comment: the SDKs skip it
-        elif isinstance(batch, StreamBroke):
-            yield b"data: " + msgspec.json.encode(batch.chunk) + b"\n\n"
-        else:
-            out = encoder.feed(batch)
-            if out:
-                yield out
+    async with contextlib.aclosing(delta_batches(answer)) as batches:
+        async for batch in batches:
+            if batch is None:
+                yield encoder.finish()
+            elif isinstance(batch, KeepAlive):
+                yield b": keep-alive\n\n"  # an SSE comment: the SDKs skip it
+            elif isinstance(batch, StreamBroke):
+                yield b"data: " + msgspec.json.encode(batch.chunk) + b"\n\n"
+            else:
+                out = encoder.feed(batch)
+                if out:
+                    yield out
 
 
 def _in_completions_terms(body: bytes) -> bytes:

@@ -17,6 +17,7 @@ translated as before, and so can be served from the cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,7 +26,7 @@ import structlog
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from gateway.api.answers import StreamBroke, answer_of, delta_batches, dropped_header, streams
+from gateway.api.answers import EventStream, StreamBroke, answer_of, delta_batches, dropped_header, streams
 from gateway.api.bodies import read_body
 from gateway.api.credentials import authorization_of
 from gateway.api.handoff import hand_to_pipeline, request_id_of
@@ -108,7 +109,7 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
         body = anthropic.encode_answer(answer_of(answer), f"msg_{request_id}", model)
         return Response(content=body, status_code=200, headers=headers, media_type="application/json")
     assert not isinstance(answer, Answer)
-    return Stream(
+    return EventStream(
         answer.events  # passed through: the upstream's own events
         if isinstance(answer, StreamingAnswer)
         else _events(answer, f"msg_{request_id}", model),
@@ -280,25 +281,26 @@ async def _events(answer: StreamingDeltas, message_id: str, model: str) -> Async
     known = answer.usage
     encoder = anthropic.StreamEncoder(message_id, model, answer.prompt_tokens)
     starting = True
-    async for batch in delta_batches(answer):
-        if starting:  # the first batch is at hand already: an Anthropic upstream's usage leads it
-            starting = False
-            first = batch if isinstance(batch, list) else []
-            if first and isinstance(first[0], UsageReport):
-                yield encoder.start(first[0].usage)
+    async with contextlib.aclosing(delta_batches(answer)) as batches:
+        async for batch in batches:
+            if starting:  # the first batch is at hand already: an Anthropic upstream's usage leads it
+                starting = False
+                first = batch if isinstance(batch, list) else []
+                if first and isinstance(first[0], UsageReport):
+                    yield encoder.start(first[0].usage)
+                else:
+                    yield encoder.start(None if known is None else msgspec.structs.replace(known, output_tokens=0))
+            if batch is None:
+                yield encoder.finish()
+            elif isinstance(batch, KeepAlive):
+                yield _PING  # the SDKs skip it, as Anthropic's own
+            elif isinstance(batch, StreamBroke):
+                error = batch.error
+                yield encoder.error(_status_of(error), str(error.get("message") or "upstream error"))
             else:
-                yield encoder.start(None if known is None else msgspec.structs.replace(known, output_tokens=0))
-        if batch is None:
-            yield encoder.finish()
-        elif isinstance(batch, KeepAlive):
-            yield _PING  # the SDKs skip it, as Anthropic's own
-        elif isinstance(batch, StreamBroke):
-            error = batch.error
-            yield encoder.error(_status_of(error), str(error.get("message") or "upstream error"))
-        else:
-            out = encoder.feed(batch)
-            if out:
-                yield out
+                out = encoder.feed(batch)
+                if out:
+                    yield out
 
 
 _PING = b'event: ping\ndata: {"type":"ping"}\n\n'

@@ -38,7 +38,7 @@ import structlog
 from litestar import Request, Response, delete, get, post
 from litestar.response import Stream
 
-from gateway.api.answers import StreamBroke, answer_of, delta_batches, dropped_header, streams
+from gateway.api.answers import EventStream, StreamBroke, answer_of, delta_batches, dropped_header, streams
 from gateway.api.credentials import authorization_of
 from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
@@ -192,7 +192,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         )
     assert isinstance(answer, StreamingDeltas)  # only a passed-through stream is the upstream's own
     encoder = codec.StreamEncoder(decoded, response_id, created_at)
-    return Stream(
+    return EventStream(
         _events(answer, encoder, store, turn, state.background),
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
@@ -522,7 +522,7 @@ async def _passed_through(
                 state.background.spawn(_forget(state, held_by, response_id), "forget-unclaimed-response")
         return Response(content=body, status_code=200, headers=headers, media_type="application/json")
     events = _with_own_ids(answer.events, own_ids) if own_ids else answer.events
-    return Stream(
+    return EventStream(
         _claimed_events(events, state, turn.tenant, record) if keep else events,
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},

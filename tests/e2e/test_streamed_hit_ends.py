@@ -9,7 +9,9 @@ hold, so its replay waits on a client that takes little at a time.
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from aiohttp import web
 
 from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
-from tests.gateway_process import GatewayProcess, policy_text, running_gateway
+from tests.gateway_process import GatewayProcess, policy_text, running_gateway, start_gateway
 from tests.loopback_app import serve_app
 
 _LONG = "The quick brown fox jumps over the lazy dog again; " * 180_000
@@ -123,3 +125,56 @@ def test_a_streamed_hits_line_is_written_once_its_slow_client_read_it(gateway: G
     assert (record["status"], record["cache"], record["cost_usd"]) == (200, "exact", 0)
     # its latency is the client's pace, not the gateway's time
     assert record["latency_ms"] >= 1000 and record["client_wait_ms"] >= 900, record
+
+
+def _read_slowly(client: socket.socket, read: list[bytes]) -> None:
+    """2 KB every 10 ms until the gateway closes: a client slower than the answer, never stalled."""
+    with client:
+        while chunk := client.recv(2048):
+            read.append(chunk[-600:])
+            time.sleep(0.01)
+
+
+def test_streamed_hits_to_slow_clients_at_the_drain_deadline_end_in_band_and_are_logged(
+    tmp_path: Path, redis_server: EmbeddedRedis, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t198: a hit replaying to a slow client is waiting in the server's send, not in the replay,
+    when the deadline comes: chat's was logged 499, the other protocols' not at all, with an
+    "Exception in ASGI application" each. Each ends as a live stream there does: in-band, 503."""
+    with serve_app({"/v1/chat/completions": _long_answer}, name="long-answer-upstream") as served:
+        policy = policy_text(
+            small_upstream,
+            large_upstream,
+            extra_models=_MODELS.format(url=served.url),
+            cache="{enabled: true, semantic: {enabled: false}, redis_timeout_ms: 2000}",
+        )
+        env = {"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k"}
+        gateway = start_gateway(tmp_path, policy, env=env, serve_args=("--drain-s", "2"))
+        try:
+            # (a Responses client is sent the whole output so far in its response.failed: megabytes, too slow here)
+            paths = ["/v1/chat/completions", "/v1/messages"]
+            asked = {path: _filled(gateway, path) for path in paths}
+            reads: dict[str, list[bytes]] = {}
+            readers = []
+            for path in paths:
+                request_id = f"drained-replay-{path.rsplit('/', 1)[1]}-{time.monotonic_ns()}"
+                reads[request_id] = []
+                client = _streamed_hit(gateway, path, asked[path], request_id)
+                readers.append(threading.Thread(target=_read_slowly, args=(client, reads[request_id])))
+            for reader in readers:
+                reader.start()
+            while not all(len(read) > 10 for read in reads.values()):  # every replay is under way
+                time.sleep(0.05)
+            gateway.process.send_signal(signal.SIGTERM)
+            for reader in readers:
+                reader.join(60)
+            assert gateway.process.wait(30) == 0
+        finally:
+            gateway.stop()
+    records = [r for r in gateway.log_records() if r["request_id"] in reads]
+    assert sorted((r["request_id"], r["status"], r["error_type"]) for r in records) == [
+        (request_id, 503, "shutting_down") for request_id in sorted(reads)
+    ]
+    for request_id, read in reads.items():
+        assert b"the gateway is shutting down" in b"".join(read[-3:]), (request_id, read[-3:])  # in its own protocol
+    assert "Exception in ASGI application" not in gateway.stderr_text()
