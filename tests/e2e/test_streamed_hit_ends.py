@@ -46,6 +46,16 @@ async def _long_answer(request: web.Request) -> web.StreamResponse:
     return web.json_response({**body, "usage": usage})
 
 
+def _policy(long_answers_url: str, small: SimulatedUpstream, large: SimulatedUpstream) -> str:
+    """The test policy with the long answers' model, and an exact cache that Redis has time for."""
+    return policy_text(
+        small,
+        large,
+        extra_models=_MODELS.format(url=long_answers_url),
+        cache="{enabled: true, semantic: {enabled: false}, redis_timeout_ms: 2000}",
+    )
+
+
 @pytest.fixture(scope="module")
 def gateway(
     tmp_path_factory: pytest.TempPathFactory,
@@ -54,12 +64,7 @@ def gateway(
     large_upstream: SimulatedUpstream,
 ) -> Iterator[GatewayProcess]:
     with serve_app({"/v1/chat/completions": _long_answer}, name="long-answer-upstream") as served:
-        policy = policy_text(
-            small_upstream,
-            large_upstream,
-            extra_models=_MODELS.format(url=served.url),
-            cache="{enabled: true, semantic: {enabled: false}, redis_timeout_ms: 2000}",
-        )
+        policy = _policy(served.url, small_upstream, large_upstream)
         workdir: Path = tmp_path_factory.mktemp("streamedhit")
         with running_gateway(workdir, policy, env={"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k"}) as process:
             yield process
@@ -142,12 +147,7 @@ def test_streamed_hits_to_slow_clients_at_the_drain_deadline_end_in_band_and_are
     when the deadline comes: chat's was logged 499, the other protocols' not at all, with an
     "Exception in ASGI application" each. Each ends as a live stream there does: in-band, 503."""
     with serve_app({"/v1/chat/completions": _long_answer}, name="long-answer-upstream") as served:
-        policy = policy_text(
-            small_upstream,
-            large_upstream,
-            extra_models=_MODELS.format(url=served.url),
-            cache="{enabled: true, semantic: {enabled: false}, redis_timeout_ms: 2000}",
-        )
+        policy = _policy(served.url, small_upstream, large_upstream)
         env = {"REDIS_URL": redis_server.url, "TEST_LARGE_KEY": "k"}
         gateway = start_gateway(tmp_path, policy, env=env, serve_args=("--drain-s", "2"))
         try:
