@@ -600,20 +600,7 @@ def test_learn_and_status_count_a_relabelled_request_once(redis_server: Embedded
         trace = RoutingTrace.of("k", "taught", "small", 0.2, embedding / np.linalg.norm(embedding), rng.normal(size=12))
         examples.append(LabelledExample.of(f"r{i}", trace, i % 3 == 0, "shadow", False))
     relabelled = [msgspec.structs.replace(e, needed_large=not e.needed_large, source="feedback") for e in examples[:2]]
-
-    async def keep() -> None:
-        redis = SharedRedis(connect(redis_server.url, timeout_s=2.0), Metrics())
-        try:
-            for example in examples + relabelled:
-                await LearningStore(RedisKeyValue(redis)).add_label("relabelled-t69", example, 1000)
-        finally:
-            await redis.aclose()
-
-    asyncio.run(keep())
-    learned = _learn(redis_server, "learn", "--tenant", "relabelled-t69")
-    status = _learn(redis_server, "status", "--tenant", "relabelled-t69")
-    assert learned.returncode == 0, learned.stderr
-    assert json.loads(learned.stdout)["labels"] == json.loads(status.stdout)["labels"] == 60
+    assert _labels_learnt_and_counted(redis_server, "relabelled-t69", examples + relabelled) == (60, 60)
 
 
 def test_learn_and_status_count_each_request_that_reused_an_id(redis_server: EmbeddedRedis) -> None:
@@ -628,20 +615,28 @@ def test_learn_and_status_count_each_request_that_reused_an_id(redis_server: Emb
         examples.append(LabelledExample.of(f"session-{i % 30}", trace, i % 3 == 0, "feedback", False))
         time.sleep(0.001)  # as requests days apart: each trace its own time
     relabelled = [msgspec.structs.replace(e, needed_large=not e.needed_large) for e in examples[:2]]
+    assert _labels_learnt_and_counted(redis_server, "reused-t196", examples + relabelled) == (60, 60)
+
+
+def _labels_learnt_and_counted(
+    redis_server: EmbeddedRedis, tenant: str, examples: list[LabelledExample]
+) -> tuple[int, int]:
+    """Keep ``examples`` as ``tenant``'s labels, then the labels ``router learn`` trained on and
+    those ``router status`` counts."""
 
     async def keep() -> None:
         redis = SharedRedis(connect(redis_server.url, timeout_s=2.0), Metrics())
         try:
-            for example in examples + relabelled:
-                await LearningStore(RedisKeyValue(redis)).add_label("reused-t196", example, 1000)
+            for example in examples:
+                await LearningStore(RedisKeyValue(redis)).add_label(tenant, example, 1000)
         finally:
             await redis.aclose()
 
     asyncio.run(keep())
-    learned = _learn(redis_server, "learn", "--tenant", "reused-t196")
-    status = _learn(redis_server, "status", "--tenant", "reused-t196")
+    learned = _learn(redis_server, "learn", "--tenant", tenant)
+    status = _learn(redis_server, "status", "--tenant", tenant)
     assert learned.returncode == 0, learned.stderr
-    assert json.loads(learned.stdout)["labels"] == json.loads(status.stdout)["labels"] == 60
+    return json.loads(learned.stdout)["labels"], json.loads(status.stdout)["labels"]
 
 
 def test_a_routes_max_labels_does_not_cut_the_labels_of_the_tenants_other_routes(
