@@ -596,8 +596,7 @@ def test_learn_and_status_count_a_relabelled_request_once(redis_server: Embedded
     rng = np.random.default_rng(0)
     examples = []
     for i in range(60):
-        embedding = rng.normal(size=384)
-        trace = RoutingTrace.of("k", "taught", "small", 0.2, embedding / np.linalg.norm(embedding), rng.normal(size=12))
+        trace = _random_trace(rng)
         examples.append(LabelledExample.of(f"r{i}", trace, i % 3 == 0, "shadow", False))
     relabelled = [msgspec.structs.replace(e, needed_large=not e.needed_large, source="feedback") for e in examples[:2]]
     assert _labels_learnt_and_counted(redis_server, "relabelled-t69", examples + relabelled) == (60, 60)
@@ -610,12 +609,17 @@ def test_learn_and_status_count_each_request_that_reused_an_id(redis_server: Emb
     rng = np.random.default_rng(2)
     examples = []
     for i in range(60):
-        embedding = rng.normal(size=384)
-        trace = RoutingTrace.of("k", "taught", "small", 0.2, embedding / np.linalg.norm(embedding), rng.normal(size=12))
+        trace = _random_trace(rng)
         examples.append(LabelledExample.of(f"session-{i % 30}", trace, i % 3 == 0, "feedback", False))
         time.sleep(0.001)  # as requests days apart: each trace its own time
     relabelled = [msgspec.structs.replace(e, needed_large=not e.needed_large) for e in examples[:2]]
     assert _labels_learnt_and_counted(redis_server, "reused-t196", examples + relabelled) == (60, 60)
+
+
+def _random_trace(rng: np.random.Generator) -> RoutingTrace:
+    """A trace of a request routed small, at a random unit embedding."""
+    embedding = rng.normal(size=384)
+    return RoutingTrace.of("k", "taught", "small", 0.2, embedding / np.linalg.norm(embedding), rng.normal(size=12))
 
 
 def _labels_learnt_and_counted(
