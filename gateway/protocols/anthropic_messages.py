@@ -288,12 +288,17 @@ def _refuse_empty_content(turns: list[_Turn]) -> bool:
 
 
 def _refuse_empty_system(system: str | list[_Block]) -> None:
-    """Anthropic's 400 for a system text block with no text (t180: a route to Claude left it out,
-    and the request went without a system prompt)."""
+    """Anthropic's 400s for a system text block with no text (t180: a route to Claude left it out,
+    and the request went without a system prompt) or of whitespace alone, beside others too
+    (Anthropic: ``system: text content blocks must contain non-whitespace text``; a chat route sent
+    it on, f222)."""
     for position, block in enumerate(system if isinstance(system, list) else ()):
         if block.type == "text" and block.text == "":
             where = f"system.{position}.text"
             raise InvalidRequestError(f"{where}: text content blocks must be non-empty", param=where)
+        if block.type == "text" and (block.text or "").isspace():
+            where = f"system.{position}.text"
+            raise InvalidRequestError(f"{where}: text content blocks must contain non-whitespace text", param=where)
 
 
 _MIN_THINKING_BUDGET = 1024
@@ -308,8 +313,9 @@ def _check_limits(wire: _MessagesRequest) -> None:
     """Anthropic's 400s for a thinking budget under 1024 or not under ``max_tokens`` (but with
     tools, where interleaved thinking spends it over the turn), more than 4 blocks with
     ``cache_control`` (system blocks, tools and the turns' blocks) and an empty stop string (f200:
-    a chat route answered them). A stop of whitespace alone is taken: the gateway applies it where
-    Claude would refuse it (t52)."""
+    a chat route answered them), or one of whitespace alone (f222: a chat route sent it on, vLLM
+    stopping at it, and the gateway applied it for Claude, where a passed-through request was
+    Anthropic's 400; a chat client's ``stop: ["\\n"]`` is still applied for Claude: t52)."""
     thinking = wire.thinking or {}
     budget = thinking.get("budget_tokens")
     if thinking.get("type") == "enabled" and isinstance(budget, int) and not isinstance(budget, bool):
@@ -332,6 +338,10 @@ def _check_limits(wire: _MessagesRequest) -> None:
         )
     if wire.stop_sequences and "" in wire.stop_sequences:
         raise InvalidRequestError("stop_sequences: each stop sequence must be non-empty", param="stop_sequences")
+    if wire.stop_sequences and any(stop.isspace() for stop in wire.stop_sequences):
+        raise InvalidRequestError(
+            "stop_sequences: each stop sequence must contain non-whitespace", param="stop_sequences"
+        )
 
 
 _TOOL_BLOCKS = frozenset({"tool_use", "tool_result"})

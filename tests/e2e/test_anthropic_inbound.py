@@ -756,6 +756,33 @@ def test_budgets_breakpoints_and_stops_anthropic_refuses_are_refused_on_every_ro
         assert taken.content
 
 
+@_EVERY_ROUTE
+def test_whitespace_stops_and_system_blocks_are_refused_as_anthropic_refuses_them(
+    claude: anthropic.Anthropic, refused_at_the_edge: RefusalCheck, model: str, extra: dict[str, Any]
+) -> None:
+    """f222: a stop of whitespace alone went to a chat upstream, which stopped at it, and was applied
+    by the gateway for Claude, where a passed-through request got Anthropic's 400; a system block of
+    whitespace alone (beside a real one too) reached a chat upstream as written. Anthropic refuses
+    both: so does the gateway, on every route, before any upstream is asked."""
+    hi: list[MessageParam] = [{"role": "user", "content": "hi"}]
+    blank: list[TextBlockParam] = [{"type": "text", "text": " \n\t"}]
+    beside: list[TextBlockParam] = [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "\n\n"}]
+    refused: list[tuple[dict[str, Any], str]] = [
+        ({"messages": hi, "extra_body": {"stop_sequences": ["\n"]}},
+         "stop_sequences: each stop sequence must contain non-whitespace"),
+        ({"messages": hi, "extra_body": {"stop_sequences": ["END", " \t"]}},
+         "stop_sequences: each stop sequence must contain non-whitespace"),
+        ({"messages": hi, "extra_body": {"system": blank}}, f"system.0.text: {_BLANK}"),
+        ({"messages": hi, "extra_body": {"system": beside}}, f"system.1.text: {_BLANK}"),
+    ]  # fmt: skip
+    refused_at_the_edge(model, extra, refused)
+    padded: list[TextBlockParam] = [{"type": "text", "text": " Be brief. "}]
+    taken = claude.messages.create(  # text around a visible stop or system text is no blank
+        model=model, max_tokens=32, messages=hi, system=padded, stop_sequences=["\nEND"], extra_body=extra
+    )
+    assert taken.content
+
+
 @pytest.mark.parametrize(("model", "extra"), [("fast", {}), ("claude", {}), ("claude", {"top_k": 5})])
 def test_answered_calls_split_over_consecutive_user_turns_are_served(
     claude: anthropic.Anthropic, model: str, extra: dict[str, Any]

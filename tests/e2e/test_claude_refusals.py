@@ -51,6 +51,7 @@ def gateway(
 def test_a_stop_string_of_whitespace_alone_is_applied_by_the_gateway(
     gateway: GatewayProcess, large_upstream: SimulatedUpstream
 ) -> None:
+    """A chat client's, which OpenAI takes (a Messages client's is Anthropic's 400 on every route: f222)."""
     oai = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0))
     inject(large_upstream, {"text": _TWO_LINES})
     whole = oai.chat.completions.create(model="claude45", messages=_ASK, stop=["\n", "never"])
@@ -63,12 +64,6 @@ def test_a_stop_string_of_whitespace_alone_is_applied_by_the_gateway(
     chunks = list(oai.chat.completions.create(model="claude45", messages=_ASK, stop="\n", stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "first line"
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
-    claude = closed_after_test(anthropic.Anthropic(base_url=gateway.url, api_key="x", max_retries=0))
-    inject(large_upstream, {"text": _TWO_LINES})
-    with claude.messages.stream(model="claude45", max_tokens=64, messages=_ASK, stop_sequences=["\n"]) as events:
-        final = events.get_final_message()
-    assert final.content[0].type == "text" and final.content[0].text == "first line"
-    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "\n")
 
 
 def test_a_text_part_of_whitespace_alone_is_left_out(

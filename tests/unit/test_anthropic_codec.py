@@ -117,15 +117,15 @@ def test_what_anthropic_takes_of_budgets_breakpoints_and_stops_is_taken() -> Non
     """f200 refuses a budget under 1024 or not under ``max_tokens``, a fifth ``cache_control`` block
     and an empty stop string; what Anthropic takes around them is taken: a budget past
     ``max_tokens`` with tools (interleaved thinking spends it over the turn), one with no
-    ``max_tokens`` to pass (a count), four breakpoints, and a stop of whitespace alone, which the
-    gateway applies itself where Claude would refuse it (t52)."""
+    ``max_tokens`` to pass (a count), four breakpoints, and a stop with text around its whitespace
+    (one of whitespace alone is Anthropic's 400: f222)."""
     mark = {"type": "ephemeral"}
     thinking = {"type": "enabled", "budget_tokens": 4096}
     tools = [{"name": "f", "input_schema": {"type": "object"}, "cache_control": mark}]
     turns = [{"role": "user", "content": [{"type": "text", "text": t, "cache_control": mark} for t in "ab"]}]
-    taken = _decode(max_tokens=1024, thinking=thinking, tools=tools, messages=turns, stop_sequences=["\n"],
+    taken = _decode(max_tokens=1024, thinking=thinking, tools=tools, messages=turns, stop_sequences=["\nEND"],
                     system=[{"type": "text", "text": "s", "cache_control": mark}])  # fmt: skip
-    assert taken.thinking == thinking and taken.stop == ["\n"]
+    assert taken.thinking == thinking and taken.stop == ["\nEND"]
     counted = anthropic.decode_request(
         msgspec.json.encode({"model": "m", "thinking": thinking, "messages": [{"role": "user", "content": "x"}]}),
         counting=True,
