@@ -587,6 +587,7 @@ def _refuse_unpaired_calls(messages: Sequence[Message]) -> None:
             raise InvalidRequestError(
                 f"No tool call found for function call output with call_id {message.tool_call_id}.", param="input"
             )
+    _refuse_ambiguous_pairs(messages)
     answered: set[str | None] = set()
     unanswered: str | None = None  # the first in the conversation's order
     for message in reversed(messages):
@@ -597,6 +598,36 @@ def _refuse_unpaired_calls(messages: Sequence[Message]) -> None:
                 unanswered = call.id
     if unanswered is not None:
         raise InvalidRequestError(f"No tool output found for function call {unanswered}.", param="input")
+
+
+_ONE_OUTPUT_EACH = "Each function_call must have exactly one matching function_call_output"
+
+
+def _refuse_ambiguous_pairs(messages: Sequence[Message]) -> None:
+    """A ``call_id`` called again before an output answered it, or answered twice, as OpenAI's API
+    refuses a second output ("Duplicate function_call_output for call_id ..."): the output could
+    answer either call, and a chat upstream was sent both (f222). An id called again once answered
+    starts a new pair, as upstreams that number their calls per turn (``call_0``) reuse it."""
+    waiting: set[str | None] = set()
+    answered: set[str | None] = set()
+    for message in messages:
+        for call in message.tool_calls:
+            if call.id in waiting:
+                raise InvalidRequestError(
+                    f"Duplicate function_call for call_id '{call.id}'. {_ONE_OUTPUT_EACH}", param="input"
+                )
+            waiting.add(call.id)
+            answered.discard(call.id)
+        if message.role != "tool":
+            continue
+        if message.tool_call_id in answered:
+            raise InvalidRequestError(
+                f"Duplicate function_call_output for call_id '{message.tool_call_id}'. {_ONE_OUTPUT_EACH}",
+                param="input",
+            )
+        if message.tool_call_id in waiting:
+            waiting.discard(message.tool_call_id)
+            answered.add(message.tool_call_id)
 
 
 def _refuse_json_mode_unsaid(messages: Sequence[Message]) -> None:

@@ -325,6 +325,44 @@ def test_what_openai_refuses_in_an_input_or_its_tools_is_refused_before_it_is_se
     assert upstream_stats(small_upstream)["requests"] == sent
 
 
+_ONE_OUTPUT_EACH = "Each function_call must have exactly one matching function_call_output"
+
+
+def test_a_call_id_called_again_while_waiting_or_answered_twice_is_refused_as_openai_refuses_it(
+    client: openai.OpenAI, small_upstream: SimulatedUpstream
+) -> None:
+    """f222: which call does the output answer? Two calls of one id, or two outputs of one call,
+    went to the chat upstream as they came. OpenAI refuses a second output; the gateway refuses
+    both, streamed or not, nothing going upstream. Servers that number their calls per turn
+    (``call_0``) reuse an id once it is answered: each output follows its own call, and that goes on."""
+    call: Any = {"type": "function_call", "call_id": "call_0", "name": "get_weather", "arguments": "{}"}
+    ask: Any = {"role": "user", "content": "Weather?"}
+
+    def output(text: str) -> Any:
+        return {"type": "function_call_output", "call_id": "call_0", "output": text}
+
+    refused = [
+        ([ask, call, call, output("1C")], f"Duplicate function_call for call_id 'call_0'. {_ONE_OUTPUT_EACH}"),
+        ([ask, call, output("1C"), output("2C")], f"Duplicate function_call_output for call_id 'call_0'. {_ONE_OUTPUT_EACH}"),
+    ]  # fmt: skip
+    sent = upstream_stats(small_upstream)["requests"]
+    for given, message in refused:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.responses.create(model="fast", stream=stream, tools=[WEATHER_TOOL], input=given)
+            assert caught.value.body == {"message": message, "type": "invalid_request_error", "param": "input",
+                                         "code": None}  # fmt: skip
+    assert upstream_stats(small_upstream)["requests"] == sent
+    again = client.responses.create(
+        model="fast", tools=[WEATHER_TOOL], input=[ask, call, output("1C"), call, output("2C")]
+    )
+    assert again.status == "completed"
+    messages = _last_upstream_body(small_upstream)["messages"]
+    assert [(m["role"], m.get("tool_call_id")) for m in messages] == [
+        ("user", None), ("assistant", None), ("tool", "call_0"), ("assistant", None), ("tool", "call_0")
+    ]  # fmt: skip
+
+
 def test_a_stored_call_left_unanswered_is_refused_and_one_answered_in_this_input_goes_on(
     client: openai.OpenAI, small_upstream: SimulatedUpstream
 ) -> None:
