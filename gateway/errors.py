@@ -357,9 +357,10 @@ class UpstreamStatusError(UpstreamError):
             self.message = f"upstream '{upstream}': HTTP {status}: {_its_words(error)}"
         elif 400 <= status < 500 and status != 408:  # 402, 405, 409, ...: the operator's account or setup
             self._misconfigured("the upstream refused the gateway's request; the gateway's operator can look into it")
-        elif status == 503 and retry_after_s is not None:  # HTTP's "unavailable, come back then" (t174)
+        elif status == 503:  # HTTP's "unavailable": overloaded (OpenAI's word for it), not broken (f222)
             self.status_code = 503
-            self.headers["retry-after"] = _whole_seconds(retry_after_s)
+            if retry_after_s is not None:  # "come back then" (t174)
+                self.headers["retry-after"] = _whole_seconds(retry_after_s)
         else:
             self.status_code = 502
         if not self.retryable:

@@ -91,7 +91,7 @@ def test_an_embedding_whose_models_all_failed_names_the_last_one_tried(
     inject(large_upstream, {"status": 503}, {"status": 503})
     with _client(gateway, "x") as client, pytest.raises(openai.APIStatusError) as failed:
         client.embeddings.create(model="vectors", input=["hello"])
-    assert failed.value.status_code == 502 and failed.value.response.headers["x-gateway-model"] == "embed-large"
+    assert failed.value.status_code == 503 and failed.value.response.headers["x-gateway-model"] == "embed-large"
     record = gateway.wait_for_record(failed.value.response.headers["x-request-id"])
     assert (record["model"], record["provider"]) == ("embed-large", "openai")
 

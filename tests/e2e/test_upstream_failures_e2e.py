@@ -37,9 +37,13 @@ def test_spent_retries_tell_the_sdk_not_to_retry_again(
     gateway: GatewayProcess, claude: anthropic.Anthropic, small_upstream: SimulatedUpstream
 ) -> None:
     """The SDKs retry a 5xx themselves: after the gateway's own retries that multiplies the calls."""
-    inject(small_upstream, *[{"status": 503}] * 5)
+    inject(small_upstream, *[{"status": 500}] * 5)
     response = _chat(gateway, model="small")
     assert response.status_code == 502 and response.headers["x-should-retry"] == "false"
+    httpx.post(f"{small_upstream.root_url}/_control/reset").raise_for_status()  # the 500s left over
+    inject(small_upstream, *[{"status": 503}] * 5)
+    unavailable = _chat(gateway, model="small")  # unavailable, not broken (f222)
+    assert unavailable.status_code == 503 and unavailable.headers["x-should-retry"] == "false"
     httpx.post(f"{small_upstream.root_url}/_control/reset").raise_for_status()  # the 503s left over
     inject(small_upstream, *[{"status": 529}] * 5)
     overloaded = _chat(gateway, model="small")  # OpenAI says 503 where Anthropic says 529
@@ -188,7 +192,7 @@ def test_embeddings_tell_the_sdk_not_to_retry_as_chat_does(
     assert response.headers["retry-after"] == "30"
     inject(small_upstream, *[{"status": 503}] * 2)
     spent = httpx.post(f"{gateway.base_url}/embeddings", json={"model": "embed", "input": "hi"}, timeout=15)
-    assert spent.status_code == 502 and spent.headers["x-should-retry"] == "false"
+    assert spent.status_code == 503 and spent.headers["x-should-retry"] == "false"  # unavailable: f222
 
 
 def test_an_openai_429_without_retry_after_is_told_when_its_limit_resets(

@@ -2,8 +2,9 @@
 
 Azure OpenAI answers a 429 with ``retry-after-ms`` alone (OpenAI's SDK reads it first): the
 gateway retried 45 ms later, a retry certain to fail, and told the client nothing of when to come
-back. An upstream's 503 with ``Retry-After`` reached the client as a 502 without it. The loopback
-upstream answers as each test scripts it and notes when each request arrived.
+back. An upstream's 503 with ``Retry-After`` reached the client as a 502 without it (f222: a 503
+without one too). The loopback upstream answers as each test scripts it and notes when each
+request arrived.
 """
 
 from __future__ import annotations
@@ -121,6 +122,26 @@ def test_an_upstream_503_saying_when_to_come_back_is_told_to_the_client(
     heard = refused.value.response
     assert (heard.status_code, heard.headers["retry-after"], heard.headers["x-should-retry"]) == (503, "86400", "false")
     assert len(script.arrivals) == 2
+
+
+def test_an_upstream_503_that_says_no_when_is_a_503_all_the_same(gateway: GatewayProcess, script: _Scripted) -> None:
+    """f222: an upstream's 503 without Retry-After (OpenAI's "engine is currently overloaded") reached
+    the client as a 502, a broken upstream's status, once the route's two attempts were spent, where
+    Anthropic's overload (529) reaches an OpenAI client as a 503. It is a 503: unavailable for now,
+    with no wait to tell, and its SDKs told not to retry what the gateway retried."""
+    script.answers.extend([(503, {})] * 2)
+    with pytest.raises(openai.InternalServerError) as caught:
+        _openai(gateway, max_retries=2).chat.completions.create(model="azure", messages=_MESSAGES)
+    told = caught.value.response
+    assert (told.status_code, told.headers["x-should-retry"], "retry-after" in told.headers) == (503, "false", False)
+    assert caught.value.code == "upstream_error" and len(script.arrivals) == 2
+    record = gateway.wait_for_record(told.headers["x-request-id"])
+    assert (record["status"], record["error_type"], record["upstream_status"]) == (503, "upstream_error", 503)
+    script.answers.extend([(503, {})] * 2)
+    claude = closed_after_test(anthropic.Anthropic(base_url=gateway.url, api_key="unused", max_retries=2, timeout=15))
+    with pytest.raises(anthropic.ServiceUnavailableError) as refused:
+        claude.messages.create(model="azure", max_tokens=20, messages=[{"role": "user", "content": "hello"}])
+    assert refused.value.response.headers["x-should-retry"] == "false" and len(script.arrivals) == 4
 
 
 def test_a_503_with_retry_after_ms_is_waited_for_then_told(gateway: GatewayProcess, script: _Scripted) -> None:

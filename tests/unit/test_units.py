@@ -194,7 +194,8 @@ def test_an_upstreams_own_words_on_its_failures_and_limits_stay_with_the_operato
 
 
 def test_upstream_status_errors_map_to_client_statuses() -> None:
-    assert UpstreamStatusError("u", 503, "x").status_code == 502
+    overloaded_503 = UpstreamStatusError("u", 503, "x")  # unavailable, with no wait to tell (f222)
+    assert (overloaded_503.status_code, "retry-after" in overloaded_503.headers) == (503, False)
     unavailable = UpstreamStatusError("u", 503, "x", retry_after_s=1.5)  # come back later, as HTTP says it (t174)
     assert (unavailable.status_code, unavailable.headers["retry-after"]) == (503, "2")
     assert UpstreamStatusError("u", 500, "x", retry_after_s=1.5).status_code == 502
