@@ -242,7 +242,10 @@ class AnthropicProvider(Provider):
 
 def joined_betas(*lists: str) -> str | None:
     """``anthropic-beta`` lists (header lines, comma-separated) as one line: each beta once, in
-    the order first given; None when they name none."""
+    the order first given, the whitespace around it trimmed; None when they name none. Names are
+    compared as written, case and all, as Anthropic reads them: it takes only the exact names it
+    documents and refuses others ("Unexpected value(s) `...` for the `anthropic-beta` header"), so
+    folding case would send on, or cache apart, a beta the client did not name (f222)."""
     betas = dict.fromkeys(beta for line in lists for part in line.split(",") if (beta := part.strip()))
     return ",".join(betas) or None
 
