@@ -326,10 +326,19 @@ _WORKER_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
 log file again at its path (after logrotate's rename; USR1, as nginx and gunicorn reopen their logs)."""
 
 
+_HELD_IN_A_GRANIAN_WORKER = (signal.SIGINT, signal.SIGTERM)
+"""Blocked in a worker granian forks, from the fork. SIGINT for good (see ``GatewayServer``). SIGTERM
+until granian's handler for it is in place, just before the application's lifespan, which unblocks
+it (``gateway.api.app._take_sigterm``): until then the worker has serve's handler, inherited with the
+fork, which notes a stop in serve's copy of granian's state, and a stop passed on to a worker still
+importing the application was lost (t199: that worker started and served, and the stop waited out
+granian's kill timeout). Held, it comes once the worker has started, which then stops."""
+
+
 @contextlib.contextmanager
 def _worker_signals_held(*also: signal.Signals) -> Iterator[None]:
     """Workers started in here start with SIGHUP and SIGUSR1 blocked (a process inherits the signal mask),
-    and ``also``, which they never unblock.
+    and ``also`` (granian's: ``_HELD_IN_A_GRANIAN_WORKER``).
 
     Their default action ends a process: a worker still loading its models when ops
     reload (or a replacement, when a reload comes right after a worker died) would die of
@@ -813,11 +822,11 @@ def _granian_server() -> type:
             if _START_STOPS.signum is not None:  # it came as granian took the signals: stopped before any worker
                 self.signal_handler_interrupt()
                 return
-            with _worker_signals_held(signal.SIGINT):
+            with _worker_signals_held(*_HELD_IN_A_GRANIAN_WORKER):
                 super()._spawn_workers(*args, **kwargs)
 
         def _respawn_workers(self, *args: object, **kwargs: object) -> None:
-            with _worker_signals_held(signal.SIGINT):
+            with _worker_signals_held(*_HELD_IN_A_GRANIAN_WORKER):
                 super()._respawn_workers(*args, **kwargs)
 
         def signal_handler_reload(self, *args: object, **kwargs: object) -> None:

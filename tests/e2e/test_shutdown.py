@@ -454,6 +454,73 @@ def test_sigterm_as_the_server_takes_over_stops_it(tmp_path: Path, server: str, 
     assert _embedded_redis_pid(tmp_path) is None
 
 
+def test_under_granian_a_sigterm_to_a_worker_as_it_starts_stops_it(tmp_path: Path) -> None:
+    """t199: a worker forked by granian kept serve's handler for SIGTERM (granian's, which notes a stop
+    in serve's copy of its state) until its own went in, after the application was imported: a stop
+    passed on to a worker meanwhile was lost, and the worker started, served, and was killed at
+    granian's kill timeout (a 30 s stop, or SIGKILL first, and "serving" said after the SIGTERM). Here
+    the first worker itself, once forked, sends serve the SIGTERM and goes on only once serve has
+    passed it on: it lands there every time."""
+    shipped = Path(__file__).resolve().parents[2] / "policies.yaml"
+    pid_file = tmp_path / "signalled-from"
+    serve = [sys.executable, "-c", _SIGTERM_FROM_A_STARTING_WORKER, str(pid_file), "serve", "--simulate-missing",
+             "--policies", str(shipped), "--port", str(free_port()), "--data-dir", str(tmp_path / "data"),
+             "--server", "granian", "--workers", "2"]  # fmt: skip
+    env = {**os.environ, "SMALL_MODEL_URL": "", "LARGE_MODEL_URL": "", "REDIS_URL": ""}
+    err_path = tmp_path / "gateway.err"
+    with err_path.open("wb") as stderr:
+        process = subprocess.Popen(serve, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    said = err_path.read_text(errors="replace")
+    assert pid_file.exists(), said[-2000:]  # a worker did send it
+    assert process.returncode == 0, said[-2000:]
+    assert "refused to gracefully stop" not in said and "Traceback" not in said, said[-2000:]
+    assert _no_live_child_of(process.pid)
+    assert _embedded_redis_pid(tmp_path) is None
+
+
+_SIGTERM_FROM_A_STARTING_WORKER = """
+import multiprocessing.util, os, runpy, signal, sys, time
+
+pid_file = sys.argv[1]
+
+
+def as_a_worker_starts(_):  # in each worker granian forks, before granian's code in it runs
+    try:
+        out = os.open(pid_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return  # the first worker only
+    os.write(out, str(os.getpid()).encode())
+    os.close(out)
+    came = []
+    handler = signal.getsignal(signal.SIGTERM)
+    if callable(handler):  # taken at once: noted, then handled as it would have been
+        signal.signal(signal.SIGTERM, lambda signum, frame: (came.append(signum), handler(signum, frame)))
+    os.kill(os.getppid(), signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while not came and signal.SIGTERM not in signal.sigpending() and time.monotonic() < deadline:
+        time.sleep(0.01)  # until serve has passed it on to this worker, taken or held
+    signal.signal(signal.SIGTERM, handler)
+
+
+class Hook:
+    pass
+
+
+hook = Hook()
+multiprocessing.util.register_after_fork(hook, as_a_worker_starts)
+sys.argv = ["gateway", *sys.argv[2:]]
+runpy.run_module("gateway", run_name="__main__", alter_sys=True)
+"""
+"""``python -m gateway`` whose first forked worker sends serve a SIGTERM as it starts, and waits until
+serve has passed it on to that worker; that worker's pid is written to ``argv[1]``."""
+
+
 @pytest.mark.parametrize("spawned", ["gateway.simulated", "redis-server"])
 def test_sigterm_as_serve_spawns_a_child_stops_that_child_too(tmp_path: Path, spawned: str) -> None:
     """f212: a SIGTERM that came while ``subprocess.Popen`` waited for a child's exec broke off the
