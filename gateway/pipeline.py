@@ -1197,6 +1197,11 @@ class ChatPipeline:
                     if not countdown:
                         countdown = _CHECK_EVERY
                         await _checkpoint(stream.tally, most, provider)
+                    elif drain.expired:
+                        # The deadline's cancel, landed in a slow client's send and delivered again
+                        # (send_events), lands here: the next piece may be read without a wait, and
+                        # the cancel would land in the next send, where it cuts the stream (499).
+                        await asyncio.sleep(0)
                     waited_from = time.perf_counter()
                     try:
                         piece = await pace.next()
@@ -1293,6 +1298,9 @@ class ChatPipeline:
                 return
             error = ShuttingDownError("the gateway is shutting down; the answer was cut at its drain deadline")
             record.error_type, record.status = error.code, error.status_code
+            # Logged now: the error waits behind what a slow client has yet to take, which can
+            # outlast the server's kill timeout (the line and the bill were lost with the worker).
+            finish()
             yield _failure(stream, error, typed)
         except GeneratorExit:
             pace.stop()
