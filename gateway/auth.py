@@ -19,6 +19,8 @@ class Principal:
     """Route and model names this key may call; ``*`` for all."""
     limits: Limits = Limits()  # noqa: RUF009 - a frozen struct: one shared default is safe
     admin: bool = False
+    engine_fields: frozenset[str] = frozenset()
+    """The engine fields its requests may send on (``AuthKey.engine_fields``); none for most keys."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +46,10 @@ class Authenticator:
     def __init__(self, policy: AuthPolicy) -> None:
         self.enabled = policy.mode == "keys"
         self._by_hash = {
-            key.hash: Principal(key.id, key.tenant, frozenset(key.models), key.limits, key.admin) for key in policy.keys
+            key.hash: Principal(
+                key.id, key.tenant, frozenset(key.models), key.limits, key.admin, frozenset(key.engine_fields)
+            )
+            for key in policy.keys
         }
 
     def authenticate(self, authorization: Credentials) -> Principal:

@@ -138,7 +138,7 @@ class EmbeddingsPipeline:
                 if body_wait is not None:
                     info.client_seconds = body_wait()
             request, inputs, extra = _parse(raw)
-            extra, engine = without_engine_fields(scoped_body(extra, principal.tenant))
+            extra, engine = without_engine_fields(scoped_body(extra, principal.tenant), principal.engine_fields)
             plan = runtime.router.plan(request.model, principal.allowed)
             record.route, record.decision = plan.route, plan.decision
             models = [runtime.policy.models[name] for name in plan.candidates]
@@ -212,7 +212,8 @@ class EmbeddingsPipeline:
         read, write = use_cache and "no-cache" not in told, use_cache and "no-store" not in told
         timeout_s = policy.redis_timeout_ms / 1000
         primary = plan.candidates[0]
-        shaping = {name: value for name, value in extra.items() if name != "user"}  # truncation changes a vector
+        # truncation changes a vector; an end user and a key's kept queue `priority` (f223) do not
+        shaping = {name: value for name, value in extra.items() if name not in _NOT_SHAPING}
         model = runtime.policy.models[primary]
         # the server too: a policy that points the model elsewhere must not mix two spaces in one answer
         space = (primary, model.base_url, model.upstream_model or primary, request.dimensions, shaping)
@@ -324,6 +325,8 @@ class EmbeddingsPipeline:
 
 
 _READ = frozenset({"model", "input", "encoding_format", "dimensions"})
+_NOT_SHAPING = frozenset({"user", "priority"})
+"""Extra fields that do not change a vector, so not part of its cache key."""
 
 
 def _parse(raw: bytes) -> tuple[_EmbeddingsRequest, list[str] | list[list[int]], dict[str, Any]]:

@@ -402,10 +402,10 @@ class ChatPipeline:
                     x.request = await translate(raw, principal)
                     scoped_request(x.request, principal.tenant)
                 elif len(raw) < LARGE_BODY_BYTES:
-                    x.body, x.directives, x.request = _read_chat(raw, principal.tenant)
+                    x.body, x.directives, x.request = _read_chat(raw, principal)
                 else:  # off the event loop (t51: bodies of 100,000 messages held it for seconds)
-                    owner = principal.tenant
-                    x.body, x.directives, x.request = await read_off_loop(raw, lambda: _read_chat(raw, owner))
+                    caller = principal
+                    x.body, x.directives, x.request = await read_off_loop(raw, lambda: _read_chat(raw, caller))
             except GatewayError:  # a refused body is logged with the stream it asked for all the same (t175)
                 record.stream = await read_off_loop(raw, lambda: _asks_stream(raw))
                 raise
@@ -1833,10 +1833,13 @@ def _record_speculation(record: RequestRecord, result: Completion | ChatStream) 
         record.speculation = stats.to_log()
 
 
-def _read_chat(raw: bytes, tenant: str) -> tuple[dict[str, Any], Any, core.Request]:
+def _read_chat(raw: bytes, principal: Principal) -> tuple[dict[str, Any], Any, core.Request]:
     """A chat body: the body (its end-user ids the tenant's own, without the operator's engine
-    fields), its ``gateway_cache`` directives, and the request in the internal model."""
-    body, engine = without_engine_fields(scoped_body(parse_chat_request(raw), tenant))
+    fields but those the key may send), its ``gateway_cache`` directives, and the request in the
+    internal model (a kept field in its ``extra``, so in the cache key, as unknown fields are)."""
+    body, engine = without_engine_fields(
+        scoped_body(parse_chat_request(raw), principal.tenant), principal.engine_fields
+    )
     directives = body.pop("gateway_cache", None)
     if directives is not None:
         check_directives(directives)

@@ -35,8 +35,8 @@ _PROTOCOL = "openai.completions"
 async def create_completion(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     asked: list[completions.Completion] = []
 
-    async def translate(raw: bytes, _: Principal) -> core.Request:
-        decoded = await read_off_loop(raw, lambda: completions.decode_request(raw))
+    async def translate(raw: bytes, principal: Principal) -> core.Request:
+        decoded = await read_off_loop(raw, lambda: completions.decode_request(raw, principal.engine_fields))
         asked.append(decoded)
         return decoded.request
 

@@ -129,7 +129,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         if _served_by_responses_upstreams(runtime, reachable) and (previous is None or previous.held_by is not None):
             turn.decoded = decoded
             body = _without_shared_state(decode_body(raw, dict[str, Any]), raw)  # read whole: what the view skips too
-            passthrough.body, turn.engine_fields = without_engine_fields(body)
+            passthrough.body, turn.engine_fields = without_engine_fields(body, principal.engine_fields)
             passthrough.asked = codec.priced_options(passthrough.body)  # hosted tools and audio (t159)
             turn.own_ids = told_back(passthrough.body, turn.tenant)
             passthrough.held_by = previous.held_by if previous is not None else None

@@ -13,11 +13,23 @@ from gateway.store import keyspace
 __all__ = ["answer_params", "exact_key", "namespace_hash"]
 
 _NOT_IN_KEY = frozenset(
-    {"stream_options", "metadata", "store", "service_tier", "gateway_cache", "safety_identifier", "prompt_cache_key"}
+    {
+        "stream_options",
+        "metadata",
+        "store",
+        "service_tier",
+        "gateway_cache",
+        "safety_identifier",
+        "prompt_cache_key",
+        "priority",
+    }
 )
 """Unmodeled fields (:attr:`Request.extra`) that do not change the answer. Every other one,
 unknown fields included, is part of the key. An end user's or prompt-cache group's id is not,
-as ``user`` is not: one tenant's end users share its answers, through any API (t48)."""
+as ``user`` is not: one tenant's end users share its answers, through any API (t48). Nor is
+vLLM's ``priority``, which a key's ``engine_fields`` may let through (f223): it orders the
+server's queue, not what the model writes. Its other engine fields such a key sends on are part
+of the key (``vllm_xargs``, ``chat_template``, ``lora_path`` change the answer)."""
 
 _DEFAULTS: dict[str, object] = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False}
 """Unmodeled fields whose value here is the API's default: sent or left out, one key."""

@@ -362,6 +362,10 @@ class AuthKey(_Struct, frozen=True, kw_only=True):
     limits: Limits = Limits()
     admin: bool = False
     """May read every key's usage from ``/v1/usage``."""
+    engine_fields: list[str] = []
+    """vLLM's and SGLang's engine-level fields (``gateway.protocols.engine_fields``) this key's
+    requests may send on, where every other key's are taken out: an application the operator
+    trusts with the server every tenant shares (``priority`` for a batch job)."""
 
 
 class AuthPolicy(_Struct, frozen=True, kw_only=True):

@@ -27,6 +27,7 @@ import msgspec
 import tiktoken
 
 from gateway.config.schema import SEMANTIC_CUTOFFS, AuthKey, AuthPolicy, Pair, Policy
+from gateway.protocols.engine_fields import ENGINE_FIELDS
 
 _ENCODINGS = tuple(sorted(name for name in tiktoken.registry.list_encoding_names() if not name.endswith("_offline")))
 """tiktoken's encodings (the gateway's offline copies carry a suffix of their own)."""
@@ -575,7 +576,8 @@ def _check_semantic_cache(policy: Policy, problems: Problems, check_model: Calla
 
 
 def check_auth(auth: AuthPolicy, problems: Problems, *, key_file: tuple[list[AuthKey], Problems] | None = None) -> None:
-    """Key ids and secrets are unique across the policy and its key file; ``mode: keys`` has a way to get keys."""
+    """Key ids and secrets are unique across the policy and its key file; a key's ``engine_fields``
+    are engine fields; ``mode: keys`` has a way to get keys."""
     located: list[tuple[AuthKey, Problems, Path]] = [
         (key, problems, ("auth", "keys", i)) for i, key in enumerate(auth.keys)
     ]
@@ -591,5 +593,12 @@ def check_auth(auth: AuthPolicy, problems: Problems, *, key_file: tuple[list[Aut
         if key.hash in hashes:  # one secret, two keys: it would act as whichever was read last
             where.add((*path, "hash"), f"key {key.id!r} has the same secret as key {hashes[key.hash]!r}")
         hashes.setdefault(key.hash, key.id)
+        for i, name in enumerate(key.engine_fields):
+            if name not in ENGINE_FIELDS:
+                where.add(
+                    (*path, "engine_fields", i),
+                    f"key {key.id!r} names {name!r}, which is no engine field; `engine_fields` takes "
+                    f"{', '.join(f'`{field}`' for field in sorted(ENGINE_FIELDS))}",
+                )
     if auth.mode == "keys" and not auth.keys and not auth.key_file:
         problems.add(("auth", "keys"), "auth mode `keys` needs at least one key (or a `key_file`)")

@@ -13,7 +13,9 @@ its operator trusts them). SGLang's alike (t181): ``rid`` (its request id), ``bo
 ``data_parallel_rank``, ``custom_logit_processor`` (serialized code the server runs when it allows
 it), ``lora_path`` (an adapter loaded from the server's disk) and ``return_hidden_states``. They are
 taken out of every body an OpenAI-compatible upstream would be sent as the client wrote it, and
-named in ``x-gateway-dropped`` (t177).
+named in ``x-gateway-dropped`` (t177), but for those an API key's ``engine_fields`` lets its
+requests send on (f223: an operator's trusted batch job at a low ``priority``, an internal service's
+``vllm_xargs`` for its own logits processor).
 
 :data:`SAMPLING_FIELDS` are vLLM's other kind: sampling fields of the one request (``top_k``,
 ``min_p``, ``repetition_penalty``, ...), a tenant's own to set. A chat body takes them on as it
@@ -68,10 +70,13 @@ SAMPLING_FIELDS = frozenset(
 ``SamplingParams``); none an OpenAI chat field, none one of :data:`ENGINE_FIELDS`."""
 
 
-def without_engine_fields(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """``body`` without the engine fields, and the names of those it had; the same dict when it
-    has none."""
+def without_engine_fields(body: dict[str, Any], kept: frozenset[str] = frozenset()) -> tuple[dict[str, Any], list[str]]:
+    """``body`` without the engine fields but those ``kept`` (the key's ``engine_fields``), and
+    the names of those it had; the same dict when it has none to take out."""
     if ENGINE_FIELDS.isdisjoint(body):
         return body, []  # the usual request: one look at each of its fields on the hot path
-    found = sorted(name for name in body if name in ENGINE_FIELDS)
-    return {name: value for name, value in body.items() if name not in ENGINE_FIELDS}, found
+    dropped = ENGINE_FIELDS.difference(kept) if kept else ENGINE_FIELDS
+    found = sorted(name for name in body if name in dropped)
+    if not found:
+        return body, []  # only fields its key may send
+    return {name: value for name, value in body.items() if name not in dropped}, found

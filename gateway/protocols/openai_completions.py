@@ -7,7 +7,8 @@ honoured by putting the prompt before the answer's text. ``max_tokens`` defaults
 as in OpenAI's API. ``seed``, ``presence_penalty``, ``frequency_penalty`` and
 ``logit_bias`` mean the same in a chat request and are carried into it as they are, as are
 vLLM's sampling fields (``top_k``, ``min_p``, ...: :data:`SAMPLING_FIELDS`), which a chat body
-takes on; other fields the API does not define are named in ``Request.dropped``.
+takes on, and the engine fields the caller's key may send (``engine_fields``); other fields the
+API does not define are named in ``Request.dropped``.
 """
 
 from __future__ import annotations
@@ -90,8 +91,10 @@ class Completion:
     """``stream_options.include_usage``: a usage frame before ``[DONE]``."""
 
 
-def decode_request(raw: bytes) -> Completion:
+def decode_request(raw: bytes, engine_fields: frozenset[str] = frozenset()) -> Completion:
+    """``engine_fields``: the engine fields the caller's key may send on, carried as a chat body's are."""
     body = decode_body(raw, dict[str, Any])
+    known, carried = (_KNOWN | engine_fields, _CARRIED | engine_fields) if engine_fields else (_KNOWN, _CARRIED)
     wire = check_fields(body, _CompletionsRequest)
     prompt = _prompt(wire.prompt)
     refuse_options_without_stream(wire.stream, wire.stream_options)
@@ -106,8 +109,8 @@ def decode_request(raw: bytes) -> Completion:
         stop=stop,
         stream=bool(wire.stream),
         user=wire.user,
-        dropped=sorted(name for name in body if name not in _KNOWN),
-        extra={name: value for name, value in body.items() if name in _CARRIED and value is not None},
+        dropped=sorted(name for name in body if name not in known),
+        extra={name: value for name, value in body.items() if name in carried and value is not None},
     )
     return Completion(
         request=request,

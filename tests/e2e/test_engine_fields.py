@@ -10,18 +10,28 @@ clients are the official openai SDK, the fields in its ``extra_body``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
+import httpx
 import openai
 import pytest
 from aiohttp import web
 
+from gateway.auth import hash_key
 from gateway.protocols.engine_fields import ENGINE_FIELDS
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import PairGateway, closed_after_test, upstream_stats
-from tests.gateway_process import GatewayProcess
+from tests.gateway_process import GatewayProcess, policy_text, start_gateway
 from tests.loopback_app import RecordingUpstream, serve_recording, write_sse
+
+T = TypeVar("T")
 
 _MODELS = """
   vllm:
@@ -264,3 +274,177 @@ def test_an_anthropic_upstream_is_not_sent_a_chat_clients_engine_fields(
     assert raw.parse().choices[0].message.content
     _sent_without_engine_fields(upstream_stats(large_upstream)["last_request"]["body"])
     assert _dropped(raw.headers) == set(ENGINE_FIELDS)
+
+
+# ------------------------------------------------ a key the operator trusts with some of them (f223)
+
+_TRUSTED, _OTHER, _OPS = "sk-trusted-batch", "sk-other-app", "sk-ops-admin"
+_KEPT = frozenset({"priority", "vllm_xargs"})
+
+
+def _keyed_auth(trusted: str = "[priority, vllm_xargs]") -> str:
+    return f"""auth:
+  mode: keys
+  keys:
+    - {{id: batch, tenant: team-a, hash: "{hash_key(_TRUSTED)}", engine_fields: {trusted}}}
+    - {{id: app, tenant: team-a, hash: "{hash_key(_OTHER)}"}}
+    - {{id: ops, tenant: ops, hash: "{hash_key(_OPS)}", admin: true}}
+"""
+
+
+@pytest.fixture(scope="module")
+def keyed(pair_gateway: PairGateway, vllm: RecordingUpstream) -> Iterator[GatewayProcess]:
+    """Auth on, the exact cache on: key ``batch`` may send ``priority`` and ``vllm_xargs`` on,
+    key ``app`` (the same tenant) none."""
+    models = _MODELS.format(url=vllm.url)
+    env = {"TEST_ANTHROPIC_KEY": "sk-ant", "TEST_LARGE_KEY": "sk-large"}
+    cache = "{enabled: true, semantic: {enabled: false}, redis_timeout_ms: 2000}"
+    with pair_gateway(
+        "engine-fields-keyed", extra_models=models, routes=_ROUTES, env=env, auth=_keyed_auth(), cache=cache
+    ) as process:
+        yield process
+
+
+def _sdk(gateway: GatewayProcess, secret: str) -> openai.OpenAI:
+    return closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key=secret, max_retries=0, timeout=20))
+
+
+def _ask(oai: openai.OpenAI, edge: str, extra: dict[str, Any]) -> Any:
+    """One request of ``edge`` with ``extra`` in its body: the answer's headers."""
+    unique = f"Say hello ({uuid.uuid4().hex})."  # never a cache hit
+    if edge == "chat-stream":
+        with oai.chat.completions.with_streaming_response.create(
+            model="vllm-r", messages=[{"role": "user", "content": unique}], stream=True, extra_body=extra
+        ) as response:
+            assert "".join(c.choices[0].delta.content or "" for c in response.parse() if c.choices) == "Hello."
+            return response.headers
+    if edge == "chat":
+        raw: Any = oai.chat.completions.with_raw_response.create(
+            model="vllm-r", messages=[{"role": "user", "content": unique}], extra_body=extra
+        )
+    elif edge == "completions":
+        raw = oai.completions.with_raw_response.create(model="vllm-r", prompt=unique, extra_body=extra)
+    elif edge == "embeddings":
+        raw = oai.embeddings.with_raw_response.create(model="vllm-embed-r", input=unique, extra_body=extra)
+    else:  # passed through
+        raw = oai.responses.with_raw_response.create(model="vllm-responses-r", input=unique, extra_body=extra)
+    raw.parse()
+    return raw.headers
+
+
+_EDGES = ["chat", "chat-stream", "completions", "embeddings", "responses"]
+
+
+@pytest.mark.parametrize("edge", _EDGES)
+def test_a_key_allowed_engine_fields_sends_those_on_and_no_other(
+    keyed: GatewayProcess, vllm: RecordingUpstream, edge: str
+) -> None:
+    headers = _ask(_sdk(keyed, _TRUSTED), edge, _ENGINE)
+    sent = vllm.bodies[-1]
+    assert {name: sent[name] for name in ENGINE_FIELDS if name in sent} == {name: _ENGINE[name] for name in _KEPT}
+    assert _dropped(headers) == set(ENGINE_FIELDS - _KEPT)
+    headers = _ask(_sdk(keyed, _TRUSTED), edge, {"priority": 10})
+    assert vllm.bodies[-1]["priority"] == 10
+    assert "x-gateway-dropped" not in headers
+
+
+@pytest.mark.parametrize("edge", _EDGES)
+def test_another_keys_engine_fields_are_dropped_as_before(
+    keyed: GatewayProcess, vllm: RecordingUpstream, edge: str
+) -> None:
+    headers = _ask(_sdk(keyed, _OTHER), edge, _ENGINE)
+    _sent_without_engine_fields(vllm.bodies[-1])
+    assert _dropped(headers) == set(ENGINE_FIELDS)
+
+
+def test_an_anthropic_upstream_is_not_sent_what_a_trusted_key_may_send_vllm(
+    keyed: GatewayProcess, large_upstream: SimulatedUpstream
+) -> None:
+    raw = _sdk(keyed, _TRUSTED).chat.completions.with_raw_response.create(
+        model="claude", messages=_ASK, extra_body=_ENGINE
+    )
+    assert raw.parse().choices[0].message.content
+    _sent_without_engine_fields(upstream_stats(large_upstream)["last_request"]["body"])
+    assert _dropped(raw.headers) == set(ENGINE_FIELDS)
+
+
+def test_the_cache_keeps_an_answer_shaped_by_vllm_xargs_apart(keyed: GatewayProcess, vllm: RecordingUpstream) -> None:
+    """``vllm_xargs`` steers the server's logits processors: its answer is not a plain request's,
+    nor the other way round. ``priority`` orders the server's queue alone: it shares the entry."""
+    trusted, other = _sdk(keyed, _TRUSTED), _sdk(keyed, _OTHER)
+    ask: Any = [{"role": "user", "content": f"Say hello ({uuid.uuid4().hex})."}]
+
+    def chat(oai: openai.OpenAI, extra: dict[str, Any]) -> str:
+        raw = oai.chat.completions.with_raw_response.create(
+            model="vllm-r", messages=ask, temperature=0, extra_body=extra
+        )
+        raw.parse()
+        return str(raw.headers["x-gateway-cache"])
+
+    sent = len(vllm.bodies)
+    assert chat(trusted, {}) == "miss"
+    assert chat(trusted, {"vllm_xargs": {"plugin_arg": 1}}) == "miss"  # not the plain answer
+    assert len(vllm.bodies) == sent + 2 and vllm.bodies[-1]["vllm_xargs"] == {"plugin_arg": 1}
+    assert chat(trusted, {"vllm_xargs": {"plugin_arg": 2}}) == "miss"  # nor another argument's
+    assert chat(trusted, {"vllm_xargs": {"plugin_arg": 1}}) == "exact"
+    assert chat(trusted, {"priority": -5}) == "exact"  # the plain answer, whatever the queue's order
+    assert chat(other, {"vllm_xargs": {"plugin_arg": 1}}) == "exact"  # dropped: a plain request
+    assert len(vllm.bodies) == sent + 3
+
+
+@pytest.mark.parametrize("name", ["temperature", "foo"])
+def test_a_key_naming_what_is_no_engine_field_is_refused_at_start(
+    tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream, name: str
+) -> None:
+    policy = policy_text(small_upstream, large_upstream, auth=_keyed_auth(f"[priority, {name}]"))
+    with pytest.raises(RuntimeError, match="is invalid") as refused:
+        start_gateway(tmp_path, policy, env={"REDIS_URL": "redis://127.0.0.1:1"})
+    said = str(refused.value)  # the names quoted are hidden from the ops log, as a secret may be one
+    assert "auth.keys[0].engine_fields[1] (line" in said and "no engine field" in said, said
+    checked = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", str(tmp_path / "policies.yaml")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 1 and f"key 'batch' names '{name}'" in checked.stdout + checked.stderr, checked
+
+
+def _poll(probe: Callable[[], T], done: Callable[[T], bool], timeout_s: float = 30.0) -> T:
+    """``probe``'s value once ``done`` takes it, or its last at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not done(value := probe()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """As an editor saves: a new file renamed over the old one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@pytest.mark.parametrize("name", ["temperature", "foo"])
+def test_a_reload_naming_what_is_no_engine_field_is_refused_and_the_old_policy_kept(
+    keyed: GatewayProcess, vllm: RecordingUpstream, name: str
+) -> None:
+    good = keyed.policy_path.read_text()
+    admin = {"authorization": f"Bearer {_OPS}"}
+
+    def policy() -> dict[str, Any]:
+        state: dict[str, Any] = httpx.get(f"{keyed.url}/readyz", headers=admin, timeout=5).json()["policy"]
+        return state
+
+    version = policy()["version"]
+    bad = good.replace("engine_fields: [priority, vllm_xargs]", f"engine_fields: [{name}, priority]")
+    assert bad != good
+    _write_atomically(keyed.policy_path, bad)
+    try:
+        error = _poll(lambda: policy()["last_reload_error"], lambda e: e is not None and name in e)
+        assert error is not None and "auth.keys[0].engine_fields[0]" in error, error
+        assert f"key 'batch' names '{name}'" in error, error
+        assert policy()["version"] == version
+        _ask(_sdk(keyed, _TRUSTED), "chat", {"priority": 3, "vllm_xargs": {"plugin_arg": 3}})  # as before
+        assert {vllm.bodies[-1]["priority"], str(vllm.bodies[-1]["vllm_xargs"])} == {3, "{'plugin_arg': 3}"}
+    finally:
+        _write_atomically(keyed.policy_path, good)
+        assert _poll(lambda: policy()["last_reload_error"], lambda e: e is None) is None
