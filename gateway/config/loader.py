@@ -401,7 +401,10 @@ def _read_key_file(
     except ConfigError as exc:
         problems.messages.extend(f"{source}: {problem}" for problem in exc.problems)
         return _KeyFileRead([], where, text)
+    said = len(where)
     key_file = convert(data, KeyFile, (), where)
+    if key_file is None and len(where) > said:  # for the rules only (the file is refused): the keys beside a bad one
+        key_file = convert(data, KeyFile, (), where.unsaid())
     listed = isinstance(data, dict) and "keys" in data
     return _KeyFileRead(key_file.keys if key_file is not None else [], where, text, listed)
 

@@ -441,25 +441,25 @@ class SemanticCachePolicy(_Struct, frozen=True, kw_only=True):
     misses (docs/semantic-cache.md, "Typing habits"). Only requests at ``temperature`` ≤
     ``max_temperature`` use it, and a request without one counts as 1.0."""
     ttl_s: AtLeastOne = 3600
-    threshold: float = 0.65
+    threshold: Probability = 0.65
     """Cosine similarity (router embedding) from which a stored prompt is a candidate: a
     floor for the search; whether it is served is the verifier's call."""
-    verify_threshold: float = 0.993
+    verify_threshold: Probability = 0.993
     """The verifier's P(same answer) from which a candidate is served (docs/semantic-cache.md)."""
-    verify_threshold_matched: float = 0.993
+    verify_threshold_matched: Probability = 0.993
     """The same where the rules matched numbers or answer options in both prompts (``guard`` on).
     A lower one served more paraphrases on development pairs, and near misses that ask another
     question of the same numbers ("how many pizzas" / "how many slices left over") with them."""
-    verify_threshold_close: float = 0.998
+    verify_threshold_close: Probability = 0.998
     """What a candidate at cosine ≥ ``close_similarity`` must reach instead, if higher: a
     small edit of the stored prompt is a near miss more often than a rewording is."""
-    close_similarity: float = 0.92
+    close_similarity: Probability = 0.92
     """Cosine (router embedding) from which a candidate counts as close."""
-    verify_threshold_far: float = 0.998
+    verify_threshold_far: Probability = 0.998
     """What a candidate at cosine < ``far_similarity`` must reach instead, if higher: the
     embedding barely vouches for it, and there a near miss asks another question about the
     same thing more often than a rewording moves that far."""
-    far_similarity: float = 0.75
+    far_similarity: Probability = 0.75
     """Cosine (router embedding) below which a candidate counts as far."""
     guard: bool = True
     """Refuse a candidate whose numbers, answer options, code or script differ, before the verifier."""

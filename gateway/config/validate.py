@@ -9,6 +9,13 @@ Two steps, both collecting every problem rather than stopping at the first:
   ``Meta`` constraints.
 * :func:`check_policy` (and :func:`check_auth`, which it calls) holds the rules that
   span several fields or sections: references to models, the pair's tiers, key ids.
+
+A struct with a refused value is refused as a whole; when a file has such problems, the rules run
+on a stand-in built by a second, silent pass (:meth:`Problems.unsaid`), in which each refused value
+takes its default (or a placeholder), so that they still judge the rest of that model, route or
+section (t200: a bad value in ``cache`` hid the checks of its other values until the next run).
+A rule that reads a refused value (:attr:`Problems.refused`) is not run: its problem depends on
+one already said.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from urllib.parse import urlsplit
 import msgspec
 import tiktoken
 
-from gateway.config.schema import SEMANTIC_CUTOFFS, AuthKey, AuthPolicy, Pair, Policy
+from gateway.config.schema import AuthKey, AuthPolicy, Pair, Policy
 from gateway.protocols.engine_fields import ENGINE_FIELDS
 
 _ENCODINGS = tuple(sorted(name for name in tiktoken.registry.list_encoding_names() if not name.endswith("_offline")))
@@ -66,6 +73,22 @@ class Problems:
         self.quoted_in_flow: set[Path] = set()
         """Paths whose value is a quoted ``${VAR}`` inside ``{...}`` or ``[...]``, where YAML takes
         none bare: a value that is no text is then written in block style, not without the quotes."""
+        self.refused: set[Path] = set()
+        """Paths whose value :func:`convert` refused (a problem said of it, or of a part of it)."""
+        self.for_rules = False
+        """A silent pass that builds what the rules run on (:meth:`unsaid`)."""
+
+    def unsaid(self) -> Problems:
+        """A pass over the same file that says nothing and builds, where :func:`convert` refuses a
+        struct, a stand-in for the rules only: each refused value at its default, or, where it has
+        none, at a placeholder (:func:`_placeholder`). None is built for a struct that is no
+        mapping or lacks a required field, nor for one whose refused value has no placeholder."""
+        unsaid = _Unsaid()
+        unsaid.line_at = self.line_at
+        unsaid.standing_in, unsaid.from_env, unsaid.malformed = self.standing_in, self.from_env, self.malformed
+        unsaid.exponents, unsaid.quoted_in_flow = self.exponents, self.quoted_in_flow
+        unsaid.for_rules = True
+        return unsaid
 
     def sibling(self, file: str) -> Problems:
         """Problems of another file (the key file), added to the same list and naming that file."""
@@ -90,6 +113,13 @@ class Problems:
 
     def __len__(self) -> int:
         return len(self.messages)
+
+
+class _Unsaid(Problems):
+    """:meth:`Problems.unsaid`: every problem is already said by the first pass."""
+
+    def add(self, path: Path, reason: str, *, line: int | None = None, in_file: bool = True) -> None:
+        return
 
 
 def dotted(path: Path) -> str:
@@ -118,13 +148,31 @@ def convert(data: Any, cls: type[T], path: Path, problems: Problems) -> T | None
 def convert_policy(data: Mapping[str, Any], problems: Problems) -> tuple[Policy, dict[str, set[str]], frozenset[str]]:
     """The top level of policies.yaml, section by section.
 
-    An optional section that is invalid is reported and replaced by its default, a model
-    or route that is invalid is reported and left out, so the rules still run on the rest.
-    A required section that is missing or invalid is reported and named in the third value,
-    the policy then holding a stand-in for it that is only for :func:`check_policy` to run the
-    rules of the other sections (t134: an invalid `auth` hid an unknown fallback model). Also
-    returns, per section, the names of the entries left out (a reference to one is not "unknown").
+    An optional section that is invalid is reported, a model or route that is invalid is
+    reported and left out; a required section that is missing or invalid is reported and named
+    in the third value. Where any value was refused, the policy returned is only for
+    :func:`check_policy` to run the rules on (t134: an invalid `auth` hid an unknown fallback
+    model): built again by :meth:`Problems.unsaid`, each refused value at its default (t200), and
+    a required section none can be built for replaced by a stand-in. Also returns, per section,
+    the names of the entries left out (a reference to one is not "unknown").
     """
+    said = len(problems)
+    sections = _sections(data, problems)
+    if len(problems) > said:
+        sections = _sections(data, problems.unsaid())
+    fields = _fields(Policy)
+    broken = frozenset(field.name for field in fields.values() if _required(field) and field.name not in sections)
+    dropped = {
+        name: {str(key) for key in value} - set(sections.get(name, ()))
+        for name, value in data.items()
+        if isinstance(value, dict) and name in ("models", "routes", "tenants")
+    }
+    stand_ins = {"pair": Pair(small="", large=""), "models": {}, "routes": {}, "auth": AuthPolicy(mode="none")}
+    return Policy(**{**{name: stand_ins[name] for name in broken}, **sections}), dropped, broken
+
+
+def _sections(data: Mapping[str, Any], problems: Problems) -> dict[str, Any]:
+    """The sections of the policy that convert, by their attribute names."""
     fields = _fields(Policy)
     sections: dict[str, Any] = {}
     for name, value in data.items():
@@ -141,17 +189,17 @@ def convert_policy(data: Mapping[str, Any], problems: Problems) -> tuple[Policy,
     for name, field in fields.items():
         if _required(field) and name not in data:
             problems.add((name,), "required section is missing", in_file=False)
-    broken = frozenset(field.name for field in fields.values() if _required(field) and field.name not in sections)
-    dropped = {
-        name: {str(key) for key in value} - set(sections.get(name, ()))
-        for name, value in data.items()
-        if isinstance(value, dict) and name in ("models", "routes", "tenants")
-    }
-    stand_ins = {"pair": Pair(small="", large=""), "models": {}, "routes": {}, "auth": AuthPolicy(mode="none")}
-    return Policy(**{**{name: stand_ins[name] for name in broken}, **sections}), dropped, broken
+    return sections
 
 
 def _convert(data: Any, tp: Any, path: Path, problems: Problems) -> Any:
+    value = _converted(data, tp, path, problems)
+    if value is _INVALID:
+        problems.refused.add(path)
+    return value
+
+
+def _converted(data: Any, tp: Any, path: Path, problems: Problems) -> Any:
     if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
         return _struct(data, tp, path, problems)
     origin = typing.get_origin(tp)
@@ -173,6 +221,8 @@ def _convert(data: Any, tp: Any, path: Path, problems: Problems) -> Any:
             problems.add(path, f"expected a list, got {_kind(data)}")
             return _INVALID
         items = [_convert(item, item_type, (*path, i), problems) for i, item in enumerate(data)]
+        if problems.for_rules:  # a refused item's placeholder keeps each other item at its index
+            items = [_placeholder(item_type) if item is _INVALID else item for item in items]
         return _INVALID if any(item is _INVALID for item in items) else items
     if origin in (typing.Union, types.UnionType):
         structs = [arg for arg in typing.get_args(tp) if isinstance(arg, type) and issubclass(arg, msgspec.Struct)]
@@ -217,7 +267,27 @@ def _struct(data: Any, cls: type[msgspec.Struct], path: Path, problems: Problems
     missing = [name for name, field in fields.items() if _required(field) and name not in data]
     for name in missing:
         problems.add(path, f"missing required field `{name}`")
+    if problems.for_rules:  # a stand-in: each refused value at its default, or a placeholder where it has none
+        for name, field in fields.items():
+            if _required(field) and field.name not in values and name in data:
+                values[field.name] = _placeholder(field.type)
+        unbuilt = [
+            field.name for field in fields.values() if _required(field) and values.get(field.name, _INVALID) is _INVALID
+        ]
+        return _INVALID if unbuilt else cls(**values)
     return cls(**values) if valid and not missing else _INVALID
+
+
+def _placeholder(tp: Any) -> Any:
+    """A value of ``tp`` in place of a refused one that has no default, in a stand-in
+    (:meth:`Problems.unsaid`): text, a number or a literal. The rules never read it
+    (:attr:`Problems.refused`); they read the values beside it."""
+    for member in _union_args(_without_constraints(tp)[0]):
+        if typing.get_origin(member) is typing.Literal:
+            return typing.get_args(member)[0]
+        if member in (str, int, float, bool):
+            return member()
+    return _INVALID
 
 
 def _leaf(data: Any, tp: Any, path: Path, problems: Problems) -> Any:
@@ -428,13 +498,22 @@ def check_policy(
     ``dropped``: per section, the entries that failed to convert (already reported: a
     reference to one is not "unknown"); ``broken``: the required sections that are missing or
     invalid (already reported: their stand-ins are not checked, nor references into them);
-    ``key_file``: its keys, and where to report about them.
+    ``key_file``: its keys, and where to report about them. A rule that reads a value
+    conversion refused (at its default in ``policy``) is not run: what it would say depends on a
+    problem already said.
     """
     dropped = dropped or {}
+
+    def judged(*paths: Path) -> bool:
+        """Whether the rules may read these values: none was refused."""
+        return not any(path in problems.refused for path in paths)
+
     invalid_models = dropped.get("models", set())
     known = ", ".join(sorted({*policy.models, *invalid_models}))  # t63: one left out for an unset ${VAR} is known
 
     def check_model(path: Path, name: str | None) -> None:
+        if path in problems.refused:  # said already; a stand-in's placeholder or default is in its place
+            return
         if name is not None and name not in policy.models and name not in invalid_models and "models" not in broken:
             problems.add(path, f"unknown model {name!r}; models are: {known}")
 
@@ -442,7 +521,7 @@ def check_policy(
         name = getattr(policy.pair, role)
         check_model(("pair", role), name)
         tier = policy.models[name].tier if name in policy.models else role
-        if tier != role:
+        if tier != role and judged(("models", name, "tier")):
             has = f"tier {tier!r}" if tier else "no tier"  # t63: was "has tier None"
             problems.add(("pair", role), f"model {name!r} has {has}; the pair's {role} model needs `tier: {role}`")
     if not policy.routes and not dropped.get("routes") and "routes" not in broken:
@@ -457,7 +536,11 @@ def check_policy(
             problems.add(
                 (*base, "baseline"), f"model {route.baseline!r} is an embedding model; a baseline answers chat"
             )
-        if route_name in policy.models and policy.models[route_name].public:
+        if (
+            route_name in policy.models
+            and policy.models[route_name].public
+            and judged(("models", route_name, "public"))
+        ):
             problems.add(base, f"route {route_name!r} has the name of a public model; rename one of them")
     for name, model in policy.models.items():
         _check_base_url(problems, name, model.base_url)
@@ -466,7 +549,7 @@ def check_policy(
                 ("models", name, "encoding"),
                 f"unknown encoding {model.encoding!r}; encodings are: {', '.join(_ENCODINGS)}",
             )
-        if model.kind == "chat" and model.tier is None:
+        if model.kind == "chat" and model.tier is None and judged(("models", name, "kind"), ("models", name, "tier")):
             problems.add(("models", name), "missing required field `tier` (`small` or `large`) for a chat model")
         if model.kind == "embedding" and model.provider != "openai":
             problems.add(("models", name, "kind"), f"provider {model.provider!r} serves no embeddings; use `openai`")
@@ -492,18 +575,19 @@ def check_policy(
     for route_name, route in policy.routes.items():
         names = [route.model, *route.fallbacks]
         kinds = {policy.models[n].kind for n in names if n in policy.models}
-        if len(kinds) > 1:
+        if len(kinds) > 1 and judged(*(("models", n, "kind") for n in names)):
             problems.add(
                 ("routes", route_name), "a route's model and fallbacks must all be chat or all embedding models"
             )
-        if route.target_large_share is not None and route.strategy != "classifier":
+        strategy_read = judged(("routes", route_name, "strategy"))
+        if route.target_large_share is not None and route.strategy != "classifier" and strategy_read:
             problems.add(
                 ("routes", route_name, "target_large_share"), "only a classifier route has a large share to keep"
             )
         if route.strategy == "classifier" and "embedding" in kinds:
             problems.add(("routes", route_name, "strategy"), "an embedding route cannot use the classifier")
         if route.learning is not None:
-            if route.strategy != "classifier":
+            if route.strategy != "classifier" and strategy_read:
                 problems.add(("routes", route_name, "learning"), "only a classifier route has a router to teach")
             judge = route.learning.judge
             check_model(("routes", route_name, "learning", "judge"), judge)
@@ -522,10 +606,15 @@ def check_policy(
     for name, model in policy.models.items():
         spec = model.speculative
         base = ("models", name, "speculative")
-        if not spec.k_min <= spec.k_initial <= spec.k_max:
+        ks = (*base, "k_min"), (*base, "k_initial"), (*base, "k_max")
+        if not spec.k_min <= spec.k_initial <= spec.k_max and judged(*ks):
             problems.add(base, f"need k_min <= k_initial <= k_max, got {spec.k_min}, {spec.k_initial}, {spec.k_max}")
         if spec.mode == "gateway":
-            if spec.draft is None and spec.draft_source == "model":
+            if (
+                spec.draft is None
+                and spec.draft_source == "model"
+                and judged((*base, "draft"), (*base, "draft_source"))
+            ):
                 problems.add((*base, "draft"), "mode `gateway` with draft_source `model` needs a draft model")
             check_model((*base, "draft"), spec.draft)
             if spec.draft == name:
@@ -541,6 +630,8 @@ def _check_base_url(problems: Problems, name: str, base_url: str) -> None:
     """A URL every call can be made from: its query goes on each call (t177), but not a fragment,
     which is never sent, nor a user or password, which the gateway does not send (and is not shown)."""
     path = ("models", name, "base_url")
+    if path in problems.refused:
+        return
     try:
         parts = urlsplit(base_url)
         parts.port  # noqa: B018 - raises for a port past 65535 (t57: every call failed over)
@@ -556,19 +647,8 @@ def _check_base_url(problems: Problems, name: str, base_url: str) -> None:
 
 
 def _check_semantic_cache(policy: Policy, problems: Problems, check_model: Callable[[Path, str | None], None]) -> None:
-    semantic = policy.cache.semantic
+    audit = policy.cache.semantic.audit
     base: Path = ("cache", "semantic")
-    for name in SEMANTIC_CUTOFFS:
-        value = getattr(semantic, name)
-        if not 0.0 <= value <= 1.0:
-            problems.add((*base, name), f"must be between 0 and 1, got {value}")
-    audit = semantic.audit
-    for name in ("sample_rate", "max_false_hit_rate"):
-        value = getattr(audit, name)
-        if not 0.0 <= value <= 1.0:
-            problems.add((*base, "audit", name), f"must be between 0 and 1, got {value}")
-    if audit.max_per_minute < 0 or audit.min_audits < 1:
-        problems.add((*base, "audit"), "max_per_minute must be >= 0 and min_audits >= 1")
     check_model((*base, "audit", "judge_model"), audit.judge_model)
     judge = policy.models.get(audit.judge_model or "")
     if judge is not None and judge.kind != "chat":
@@ -586,19 +666,22 @@ def check_auth(auth: AuthPolicy, problems: Problems, *, key_file: tuple[list[Aut
         located += [(key, where, ("keys", i)) for i, key in enumerate(keys)]
     seen: set[str] = set()
     hashes: dict[str, str] = {}
-    for key, where, path in located:
-        if key.id in seen:
-            where.add((*path, "id"), f"duplicate key id {key.id!r}")
-        seen.add(key.id)
-        if key.hash in hashes:  # one secret, two keys: it would act as whichever was read last
-            where.add((*path, "hash"), f"key {key.id!r} has the same secret as key {hashes[key.hash]!r}")
-        hashes.setdefault(key.hash, key.id)
+    for key, where, path in located:  # a refused value (said already) has a placeholder in its place
+        if (*path, "id") not in where.refused:
+            if key.id in seen:
+                where.add((*path, "id"), f"duplicate key id {key.id!r}")
+            seen.add(key.id)
+        if (*path, "hash") not in where.refused:
+            if key.hash in hashes:  # one secret, two keys: it would act as whichever was read last
+                where.add((*path, "hash"), f"key {key.id!r} has the same secret as key {hashes[key.hash]!r}")
+            hashes.setdefault(key.hash, key.id)
         for i, name in enumerate(key.engine_fields):
-            if name not in ENGINE_FIELDS:
+            if name not in ENGINE_FIELDS and (*path, "engine_fields", i) not in where.refused:
                 where.add(
                     (*path, "engine_fields", i),
                     f"key {key.id!r} names {name!r}, which is no engine field; `engine_fields` takes "
                     f"{', '.join(f'`{field}`' for field in sorted(ENGINE_FIELDS))}",
                 )
-    if auth.mode == "keys" and not auth.keys and not auth.key_file:
+    unread = ("auth", "keys") in problems.refused or ("auth", "key_file") in problems.refused  # at their defaults
+    if auth.mode == "keys" and not auth.keys and not auth.key_file and not unread:
         problems.add(("auth", "keys"), "auth mode `keys` needs at least one key (or a `key_file`)")

@@ -650,6 +650,40 @@ def test_invalid_edits_are_rejected_and_a_fix_is_picked_up(gw: GatewayProcess) -
     assert _poll(lambda: _readyz(gw)["policy"]["last_reload_error"], lambda e: e is None) is None
 
 
+def test_a_rejected_edit_names_every_problem_of_every_section_at_once(gw: GatewayProcess) -> None:
+    """t200: a bad value elsewhere in a section (or a route) hid the problems its rules would find
+    there: /readyz and `policy_rejected` named the first few, the rest only once those were fixed."""
+    good = gw.policy_path.read_text()
+    version = _version_of(good)
+    edits = {
+        "retry: {max_attempts: 2,": "retry: {max_attempts: 50,",
+        "cache: {enabled: false}": "cache: {enabled: false, semantic: {verify_threshold: 1.993, close_similarity: -3, "
+        "max_temperature: -1}}",
+        FAST_ROUTE: "fast: {model: small, fallbacks: [larg], threshold: 7}",
+    }
+    bad = good
+    for old, new in edits.items():
+        assert bad.count(old) == 1, old
+        bad = bad.replace(old, new)
+    _write_atomically(gw.policy_path, bad)
+    named = [
+        "retry.max_attempts",
+        "cache.semantic.verify_threshold",
+        "cache.semantic.close_similarity",
+        "cache.semantic.max_temperature",
+        "routes.fast.threshold",
+        "routes.fast.fallbacks[0]",
+    ]
+    policy = _poll(lambda: _readyz(gw)["policy"], lambda p: p["last_reload_error"] is not None)
+    said = policy["last_reload_error"] or ""
+    assert [name in said for name in named] == [True] * len(named), said
+    assert "unknown model 'larg'" in said and policy["version"] == version
+    rejected = _wait_for_ops_event(gw, "policy_rejected", lambda r: "routes.fast.threshold" in str(r.get("problems")))
+    logged = rejected[-1]["problems"]
+    assert [any(line.startswith(f"{name} ") for line in logged) for name in named] == [True] * len(named), logged
+    assert len(logged) == len(named), logged
+
+
 def test_a_price_past_the_bound_is_refused_and_the_old_one_keeps_billing(gw: GatewayProcess) -> None:
     """t94: ``output: 1e308`` passed `check` and the reload; each request's cost was then inf
     (null in the log, +Inf in the metrics), which Redis kept as the key's spend for the month."""

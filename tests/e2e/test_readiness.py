@@ -250,6 +250,48 @@ def test_cli_check_names_field_and_line_of_a_problem(
     assert "no-such-model" in result.stderr
 
 
+def test_cli_check_names_every_problem_of_every_section_in_one_run(tmp_path: Path) -> None:
+    """t200: a bad value elsewhere in a section (or a model, or a route) hid the problems its
+    rules would find there until the next run: the shipped file with a bad `retry` and
+    semantic cache said only `retry.max_attempts`, then the cutoffs."""
+    shipped = (PROJECT_ROOT / "policies.yaml").read_text()
+    edits = {
+        "max_attempts: 2 ": "max_attempts: 50 ",
+        "verify_threshold: 0.993 ": "verify_threshold: 1.993 ",
+        "close_similarity: 0.92 ": "close_similarity: -3 ",
+        "max_temperature: 0.5 ": "max_temperature: -1 ",
+        "threshold: 0.78\n": "threshold: 7.8\n",
+        "fallbacks: [large]\n    # p_large": "fallbacks: [larg]\n    # p_large",
+        "price: {input: 2.50,": "price: {input: -2.50,",
+        "encoding: cl100k_base\n    context_window: ${LARGE": "encoding: cl200k\n    context_window: ${LARGE",
+    }
+    text = shipped
+    for old, new in edits.items():
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    path = tmp_path / "policies.yaml"
+    path.write_text(text)
+    result = _check(path)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    named = [
+        f"retry.max_attempts (line {_line_of(text, 'max_attempts: 50')}): must be >= 1 and <= 10, got 50",
+        f"cache.semantic.verify_threshold (line {_line_of(text, 'verify_threshold: 1.993')}): must be a number "
+        "from 0 to 1, got 1.993",
+        f"cache.semantic.close_similarity (line {_line_of(text, 'close_similarity: -3')}): must be a number from "
+        "0 to 1, got -3",
+        f"cache.semantic.max_temperature (line {_line_of(text, 'max_temperature: -1')}): must be >= 0, got -1",
+        f"routes.auto.threshold (line {_line_of(text, 'threshold: 7.8')}): must be a number from 0 to 1, got 7.8",
+        f"routes.auto.fallbacks[0] (line {_line_of(text, 'fallbacks: [larg]')}): unknown model 'larg'",
+        f"models.large.price.input (line {_line_of(text, 'input: -2.50')}): must be a price",
+        f"models.large.encoding (line {_line_of(text, 'encoding: cl200k')}): unknown encoding 'cl200k'",
+    ]
+    problems = [line for line in result.stderr.splitlines() if line.startswith("  - ")]
+    assert [any(line.startswith(f"  - {said}") for line in problems) for said in named] == [True] * len(named), (
+        result.stderr
+    )
+    assert len(problems) == len(named), result.stderr  # and nothing said of the stand-ins' defaults
+
+
 def test_cli_check_notes_a_broken_reference_and_refuses_a_yaml_11_number(
     tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
 ) -> None:

@@ -368,13 +368,50 @@ def test_key_file_problems_name_that_file_and_its_line(tmp_path: Path) -> None:
         load_policy(path, environ={})
     key_file = tmp_path / "keys.yaml"
     assert caught.value.problems == [
-        f"{key_file}: keys[2].hash (line 4): must be `sha256:` followed by 64 lowercase hex digits, got 'md5'"
-    ]  # the file is judged as a whole: the duplicate waits for the next check
+        f"{key_file}: keys[2].hash (line 4): must be `sha256:` followed by 64 lowercase hex digits, got 'md5'",
+        f"{key_file}: keys[0].hash (line 2): key 'b' has the same secret as key 'a'",
+        f"{key_file}: keys[1].id (line 3): duplicate key id 'a'",
+        f"{key_file}: keys[1].hash (line 3): key 'a' has the same secret as key 'a'",
+    ]  # t200: the keys beside a bad one are judged in the same check, not the next one
     other, third = "sha256:" + "b" * 64, "sha256:" + "c" * 64
     (tmp_path / "keys.yaml").write_text(f"keys:\n  - {{id: b, hash: '{other}'}}\n  - {{id: a, hash: '{third}'}}\n")
     with pytest.raises(ConfigError) as caught:
         load_policy(path, environ={})
     assert caught.value.problems == [f"{key_file}: keys[1].id (line 3): duplicate key id 'a'"]
+
+
+def test_the_rules_judge_the_rest_of_an_entry_with_a_bad_value_and_say_nothing_of_its_stand_in() -> None:
+    """t200: the rules run on a stand-in of a refused model, route or section, so that they judge
+    its other values in the same run; what a rule would say only of the stand-in's defaults (a
+    tier or strategy misspelt, a key list with a bad key) is not said."""
+    hashed = "sha256:" + "a" * 64
+    text = (
+        VALID.replace("tier: small\n", "tier: smal\n    encoding: cl200k\n")
+        .replace("tier: large\n", "tier: large\n    speculative: {k_min: 10, k_initial: 20, k_max: 100}\n")
+        .replace(
+            "fast: {model: s, fallbacks: [l]}",
+            "fast: {model: s, fallbacks: [l, 7, nope], strategy: clasifier, target_large_share: 0.3}",
+        )
+        .replace(
+            "auth: {mode: none}",
+            f"auth: {{mode: keys, keys: [{{id: a, hash: '{hashed}'}}, {{id: a, hash: md5}}, {{id: a, hash: '{hashed}'}}]}}",
+        )
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_policy_text(text, environ={})
+    assert caught.value.problems == [
+        "models.s.tier (line 6): must be one of `small`, `large`, got 'smal'",
+        "models.l.speculative.k_max (line 13): must be >= 1 and <= 64, got 100",
+        "routes.fast.fallbacks[1] (line 15): expected text, got 7; write it in quotes to have it read as text",
+        "routes.fast.strategy (line 15): must be one of `fixed`, `classifier`, got 'clasifier'",
+        "auth.keys[1].hash (line 16): must be `sha256:` followed by 64 lowercase hex digits, got 'md5'",
+        "routes.fast.fallbacks[2] (line 15): unknown model 'nope'; models are: l, s",
+        "models.s.encoding (line 7): unknown encoding 'cl200k'; encodings are: "
+        "cl100k_base, gpt2, o200k_base, o200k_harmony, p50k_base, p50k_edit, r50k_base",
+        "auth.keys[1].id (line 16): duplicate key id 'a'",
+        "auth.keys[2].id (line 16): duplicate key id 'a'",
+        "auth.keys[2].hash (line 16): key 'a' has the same secret as key 'a'",
+    ]
 
 
 def test_two_keys_with_one_secret_are_refused(tmp_path: Path) -> None:
