@@ -781,8 +781,21 @@ def loggable_problems(problems: list[str]) -> list[str]:
     gateway itself writes (fields, sections, what to write instead) are in backticks and stay.
     The operational log is shipped elsewhere (``policy_rejected``, and what ``serve`` says of a file
     it refuses at start-up); ``/readyz`` shows an admin key :func:`_shown_to_admins`, ``gateway check``
-    ops the whole text."""
-    return [_QUOTED_VALUE.sub("'…'", problem) for problem in problems]
+    ops the whole text. A YAML syntax error keeps the parser's own tokens (t200: ``expected ',' or
+    ']'`` read ``expected '…' or '…'``)."""
+    return [_QUOTED_VALUE.sub(_parsers_own if _SYNTAX in problem else "'…'", problem) for problem in problems]
+
+
+_SYNTAX = "not valid YAML: "
+"""What each problem the YAML parser finds says (``gateway.config.loader``)."""
+_PARSER_TOKEN = re.compile(r"'(?:[^\w\s'\\]{1,2}|<[a-z ]{1,24}>)'")
+"""What a YAML parser quotes of its own: the punctuation it expected (``','``, ``']'``) or a token's
+name (``'<block end>'``). A value from the file (an alias's or tag's name) holds a letter or a digit."""
+
+
+def _parsers_own(match: re.Match[str]) -> str:
+    quoted = match.group(0)
+    return quoted if _PARSER_TOKEN.fullmatch(quoted) else "'…'"
 
 
 def _shown_to_admins(problems: list[str], environ: Mapping[str, str] | None = None) -> list[str]:

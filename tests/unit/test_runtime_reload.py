@@ -342,6 +342,27 @@ def test_the_log_keeps_the_gateways_own_hint_where_it_hides_the_value(edit: tupl
     assert hint in logged and "SECRET" not in logged and "a.example" not in logged
 
 
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (("pair: {", "pair: ["), "did not find expected ',' or ']'"),
+        (("  smart: {model: large}", "  smart: {model: large"), "did not find expected ',' or '}'"),
+        (("  smart: {model: large}", "  smart: *sk-live-SECRET-1234"), "found undefined alias"),
+        (("  smart: {model: large}", "  smart: {model: !sk-live-SECRET-1234 large}"), "for the tag '…'"),
+    ],
+)
+def test_the_log_keeps_the_yaml_parsers_own_words_and_hides_the_files(edit: tuple[str, str], said: str) -> None:
+    """t200: `pair: [` was logged as "did not find expected '…' or '…'": the parser's own
+    punctuation was hidden as if it were a value of the file."""
+    from gateway.runtime import loggable_problems
+
+    assert edit[0] in POLICY
+    with pytest.raises(ConfigError) as rejected:
+        load_policy_text(POLICY.replace(edit[0], edit[1], 1))
+    logged = loggable_problems(rejected.value.problems)
+    assert "not valid YAML" in logged[0] and said in logged[0] and "SECRET" not in str(logged), logged
+
+
 def test_a_name_that_is_an_environment_variables_value_is_hidden_from_admins_too() -> None:
     """t48: ``model: ${AN_KEY}`` in a route: the unknown model's name, the upstream's key, reached
     an admin's /readyz (names the gateway cannot place stay, for ops to read)."""
