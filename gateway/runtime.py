@@ -289,7 +289,7 @@ class RuntimeHolder:
         elif loaded.policy.request_log != self._request_log:  # a dead worker's replacement, started after an edit
             _needs_restart()
         if rejected:
-            key_file = loaded.policy.auth.key_file  # applied as siblings apply it (t63, t98)
+            key_file, state = self._key_file_spoken(state)  # applied as siblings apply it (t63, t98)
             self.last_reload_error = "; ".join(
                 [*_shown_to_admins(rejected), *([_key_file_said(key_file, state, key_problems)] if key_file else [])]
             )
@@ -432,6 +432,7 @@ class RuntimeHolder:
             state, key_problems = "pending", ["it is still open for writing"]
         elif key_file:
             state, key_problems = await self._key_file_alone(reason)
+        key_file, state = self._key_file_spoken(state)
         said = _said(files, problems, state, key_problems)
         if not quiet or said != self._rejected:
             _log.error(
@@ -443,6 +444,17 @@ class RuntimeHolder:
         if key_file:
             shown.append(_key_file_said(key_file, state, key_problems))
         self.last_reload_error = "; ".join(shown)
+
+    def _key_file_spoken(self, state: str | None) -> tuple[str | None, str | None]:
+        """The key file a rejected edit speaks of, and what the log says of it (``state``): none
+        where the policy in force names one that does not exist and none of its changes waits
+        (t200: the shipped policy's keys.yaml, never made, was said to be "in force")."""
+        policy = self.current.policy
+        key_file = policy.auth.key_file
+        if key_file is None or state in ("pending", _REMOVALS_ONLY):
+            return key_file, state
+        path = key_file_path(policy, self.path.absolute().parent)
+        return (key_file, state) if path is not None and path.exists() else (None, None)
 
     async def _key_file_alone(self, reason: str) -> tuple[str, list[str]]:
         """The policy in force with its key file as it is now (:func:`_with_key_file_now`),

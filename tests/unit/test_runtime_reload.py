@@ -282,6 +282,28 @@ async def test_an_invalid_key_file_still_takes_keys_out_never_in(make_harness: M
     assert holder.current.auth.authenticate("Bearer sk-dave").admin and holder.last_reload_error is None
 
 
+async def test_a_rejected_edit_says_nothing_of_a_key_file_that_does_not_exist(
+    make_harness: MakeHarness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """t200: with the shipped policy (auth off, `key_file: keys.yaml`, no such file), an invalid
+    edit said "keys.yaml as it is now is in force ... key changes apply" and `key_file: in force`."""
+    policy = POLICY.replace("auth:\n  mode: keys\n", "auth:\n  mode: keys\n  key_file: never-made.yaml\n")
+    harness = await make_harness(policy)
+    holder = harness.holder
+    capsys.readouterr()
+    holder.path.write_text(policy.replace("fast: {model: small,", "fast: {model: no-such-model,"))
+    assert not await holder.reload("test", settle=False)
+    said = holder.last_reload_error or ""
+    assert "no-such-model" in said and "never-made.yaml" not in said and "in force" not in said, said
+    [rejected] = [line for line in capsys.readouterr().out.splitlines() if "policy_rejected" in line]
+    assert "key_file" not in rejected and "never-made.yaml" not in rejected, rejected
+
+    holder.path.with_name("never-made.yaml").write_text("keys:\n" + _key_entry("carol"))  # made: it applies
+    holder.path.write_text(policy.replace("fast: {model: small,", "fast: {model: other-model,"))
+    assert not await holder.reload("test", settle=False)
+    assert "never-made.yaml as it is now is in force" in (holder.last_reload_error or ""), holder.last_reload_error
+
+
 async def test_a_rejected_reload_logs_no_value_it_quotes(
     make_harness: MakeHarness, capsys: pytest.CaptureFixture[str]
 ) -> None:
