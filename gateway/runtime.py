@@ -273,6 +273,14 @@ class RuntimeHolder:
         assert self._runtime is not None, "RuntimeHolder.start() was not called"
         return self._runtime
 
+    @property
+    def restart_needed(self) -> list[str]:
+        """The sections of the policy in force that differ from what this process read when
+        ``serve`` started and apply only once it restarts (``policy_needs_restart``); ``/readyz``
+        shows them (t200: only stderr said so)."""
+        read = self._request_log
+        return ["request_log"] if read is not None and self.current.policy.request_log != read else []
+
     def start(self, first: AtStart | None = None, *, written: bool = False) -> Runtime:
         """Install what :func:`load_at_start` loaded (loaded here when not given): an invalid
         policy with nothing to fall back to is fatal (raises ConfigError). ``written``: it was

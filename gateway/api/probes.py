@@ -115,6 +115,7 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
             "version": runtime.version,
             "source": runtime.loaded.source if detailed else None,
             "last_reload_error": rejected,
+            "restart_needed": state.holder.restart_needed,
         },
         "classifier": state.classifier_info or {"loaded": False},
         **await _semantic_cache(state, runtime),

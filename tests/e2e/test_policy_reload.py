@@ -282,6 +282,10 @@ def test_a_request_log_change_is_applied_and_said_to_need_a_restart(gw: GatewayP
     said = _wait_for_ops_event(gw, "policy_needs_restart", lambda r: r.get("section") == "request_log")
     assert said and said[0]["level"] == "warning", gw.stderr_text()
     assert _chat(gw).headers["x-gateway-policy-version"] == version  # the rest of the edit is in force
+    # t200: /readyz says so too, until the edit is reverted
+    assert _readyz(gw)["policy"]["restart_needed"] == ["request_log"]
+    _settle(gw, edited.replace("\nrequest_log: {path: never-opened.jsonl}\n", "\n# reverted\n"))
+    assert _readyz(gw)["policy"]["restart_needed"] == []
 
 
 def test_a_rejected_edits_text_is_shown_only_to_an_admin_key(gw: GatewayProcess) -> None:
