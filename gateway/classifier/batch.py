@@ -3,7 +3,7 @@
 route_jsonl: one JSON line in (``prompt`` string or ``messages`` list), one out:
 ``{"p_large", "decision": "large"|"small"|"unreadable", "model", "text_chars"}`` plus the input's
 ``id`` when it has one. Lines that are not valid (not UTF-8 text included: the input is decoded
-line by line) get ``{"error": ...}`` and the run goes on.
+line by line) get ``{"error": ...}``, which names the line (and its ``id``), and the run goes on.
 A prompt the router cannot read (no text that shows, an image in the last user turn) gets
 ``p_large`` 1 and the decision ``unreadable``, as in the gateway (:func:`gateway.classifier.text.unreadable`).
 
@@ -65,7 +65,7 @@ class _Prompt(NamedTuple):
 
 
 def _texts(lines: Iterable[str | bytes]) -> Iterator[_Prompt]:
-    """One per non-empty line."""
+    """One per non-empty line; an error names the line, and its ``id`` where it has one (t200)."""
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
@@ -75,29 +75,31 @@ def _texts(lines: Iterable[str | bytes]) -> Iterator[_Prompt]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:  # t146: read as text, the file's first such byte ended the run
-                where = f"line {number}, byte {exc.start + 1} (0x{raw[exc.start]:02x})"
-                yield _Prompt(_id_of(raw), error=f"not UTF-8 text: {where}")
+                named = _id_of(raw)
+                undecoded = f"not UTF-8 text: byte {exc.start + 1} (0x{raw[exc.start]:02x})"
+                yield _Prompt(named, error=_on_line(number, named, undecoded))
                 continue
         if number == 1:
             line = line.removeprefix("\ufeff")  # the byte-order mark a Windows editor writes
         try:
             rec = json.loads(line)
-        except ValueError as exc:  # the parser's own position is within the line: say which line (t162)
-            yield _Prompt(None, error=f"invalid JSON on line {number}: {exc}")
+        except ValueError as exc:  # the parser's own "line 1" is within the line: say which line (t162)
+            said = f"{exc.msg} (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else str(exc)
+            yield _Prompt(None, error=_on_line(number, None, f"invalid JSON: {said}"))
             continue
         if not isinstance(rec, dict):
-            yield _Prompt(None, error="line is not a JSON object")
+            yield _Prompt(None, error=_on_line(number, None, "not a JSON object"))
             continue
         surrogate = _lone_surrogate(rec)
         if surrogate is not None:  # the tokenizer raised on it, and took the whole batch down (t51)
-            named = "id" in rec and _lone_surrogate(rec["id"]) is None
-            yield _Prompt({"id": rec["id"]} if named else None, error=surrogate)
+            named = {"id": rec["id"]} if "id" in rec and _lone_surrogate(rec["id"]) is None else None
+            yield _Prompt(named, error=_on_line(number, named, surrogate))
             continue
         messages = rec.get("messages")
         if isinstance(messages, list):
             problem = _messages_problem(messages)
             if problem is not None:
-                yield _Prompt(rec, error=problem)
+                yield _Prompt(rec, error=_on_line(number, rec, problem))
             else:
                 text = select_text(messages)
                 yield _Prompt(rec, text, messages_unreadable(messages, text))
@@ -105,7 +107,21 @@ def _texts(lines: Iterable[str | bytes]) -> Iterator[_Prompt]:
             text = select_from_turns([("user", rec["prompt"])])  # as the gateway reads one user turn
             yield _Prompt(rec, text, unreadable(text, image_last=False))
         else:
-            yield _Prompt(rec, error="needs a 'prompt' string or a 'messages' list")
+            yield _Prompt(rec, error=_on_line(number, rec, "needs a 'prompt' string or a 'messages' list"))
+
+
+_ID_SHOWN = 64
+"""Characters of an ``id`` an error quotes: the output line carries it whole."""
+
+
+def _on_line(number: int, record: dict[str, Any] | None, problem: str) -> str:
+    """``line 4 (id "q7"): <problem>``: the output's error lines are found in the input by either."""
+    if record is None or "id" not in record:
+        return f"line {number}: {problem}"
+    shown = json.dumps(record["id"], ensure_ascii=False)
+    if len(shown) > _ID_SHOWN:
+        shown = shown[: _ID_SHOWN - 3] + "..."
+    return f"line {number} (id {shown}): {problem}"
 
 
 def _id_of(raw: bytes) -> dict[str, Any] | None:

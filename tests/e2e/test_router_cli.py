@@ -206,7 +206,7 @@ def test_route_and_calibrate_go_on_past_a_line_that_is_not_utf8(tmp_path: Path, 
         rows = [json.loads(line) for line in routed.stdout.splitlines()]
         assert [row["id"] for row in rows] == [1, 2, 3]
         assert "p_large" in rows[0] and "p_large" in rows[2]
-        assert rows[1]["error"] == "not UTF-8 text: line 3, byte 25 (0xe9)"
+        assert rows[1]["error"] == "line 3 (id 2): not UTF-8 text: byte 25 (0xe9)"
         assert b"3 prompts: " in routed.stderr and b"1 line(s) could not be read" in routed.stderr
     calibrated = subprocess.run(
         [sys.executable, "-m", "gateway", "calibrate", "--target-large-share", "0.5", "--jsonl", str(sample),
@@ -216,6 +216,37 @@ def test_route_and_calibrate_go_on_past_a_line_that_is_not_utf8(tmp_path: Path, 
     assert calibrated.returncode == 1 and "Traceback" not in calibrated.stderr
     assert "1 line(s) could not be read; nothing written" in calibrated.stderr and float(calibrated.stdout)
     assert policy.read_text() == POLICY
+
+
+def test_every_line_route_cannot_read_is_named_by_its_line_and_id(policy: Path) -> None:
+    """t200: "invalid JSON on line 3" named its line, but a line of the wrong shape, such as
+    `{"prompt": 5}`, got an error naming neither its line nor its id."""
+    sample = (
+        '{"id": "ok", "prompt": "hi"}\n'
+        '{"prompt": 5}\n'
+        "\n"
+        '{"id": "q7", "prompt": 5}\n'
+        "[1, 2]\n"
+        '{"id": 9, "messages": ["hi"]}\n'
+        '{"id": "x", "prompt": "a \\ud83d b"}\n'
+        "not json\n"
+        '{"id": "ok2", "messages": [{"role": "user", "content": "hello"}]}\n'
+    )
+    routed = _run("route", "--jsonl", "-", "--policies", str(policy), stdin=sample)
+    assert routed.returncode == 1 and "Traceback" not in routed.stderr, routed.stderr
+    rows = [json.loads(line) for line in routed.stdout.splitlines()]
+    assert [row.get("error") for row in rows] == [
+        None,
+        "line 2: needs a 'prompt' string or a 'messages' list",
+        "line 4 (id \"q7\"): needs a 'prompt' string or a 'messages' list",
+        "line 5: not a JSON object",
+        "line 6 (id 9): messages[0] is not an object",
+        'line 7 (id "x"): not valid Unicode: a lone surrogate (\\ud83d), half of a character',
+        "line 8: invalid JSON: Expecting value (column 1)",
+        None,
+    ]
+    assert [row.get("id") for row in rows] == ["ok", None, "q7", None, 9, "x", None, "ok2"]
+    assert "8 prompts: " in routed.stderr and "6 line(s) could not be read" in routed.stderr
 
 
 def _into_a_closed_pipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -317,7 +317,12 @@ def test_messages_the_gateway_would_refuse_are_reported_not_scored(clf: Classifi
     out = io.StringIO()
     counts = route_jsonl(clf, io.StringIO("".join(json.dumps(x) + "\n" for x in lines)), out, 0.5, "s", "l")
     rows = [json.loads(x) for x in out.getvalue().splitlines()]
-    assert counts["errors"] == 3 and [r.get("error", "")[:11] for r in rows[:3]] == ["messages[0]"] * 3
+    assert counts["errors"] == 3
+    assert [r.get("error") for r in rows[:3]] == [
+        "line 1: messages[0] is not an object",
+        "line 2: messages[0] is not an object",
+        "line 3: messages[0].content must be a string or a list of parts",
+    ]
     assert rows[3]["p_large"] == rows[4]["p_large"]  # a prompt is read as the gateway reads a user turn
 
 
@@ -385,9 +390,9 @@ def test_a_line_that_is_not_utf8_is_an_error_for_that_line_and_the_run_goes_on(c
     assert counts["lines"] == 5 and counts["errors"] == 3
     assert [r.get("id") for r in rows] == [1, 2, None, None, None]  # an id that is not text itself is left out
     assert [r.get("error") for r in rows[1:4]] == [
-        "not UTF-8 text: line 2, byte 25 (0xe9)",
-        "not UTF-8 text: line 3, byte 9 (0xff)",
-        "not UTF-8 text: line 4, byte 10 (0xe9)",
+        "line 2 (id 2): not UTF-8 text: byte 25 (0xe9)",
+        "line 3: not UTF-8 text: byte 9 (0xff)",
+        "line 4: not UTF-8 text: byte 10 (0xe9)",
     ]
     assert "p_large" in rows[0] and "p_large" in rows[4]
     threshold, unreadable = calibrate(clf, io.BytesIO(lines), 0.5)
@@ -402,7 +407,7 @@ def test_a_files_byte_order_mark_is_read_past_and_a_json_error_names_the_files_l
     route_jsonl(clf, io.BytesIO(lines), out, 0.5, "s", "l")
     rows = [json.loads(x) for x in out.getvalue().splitlines()]
     assert "p_large" in rows[0] and rows[0]["id"] == 1 and "p_large" in rows[1]
-    assert rows[2]["error"].startswith("invalid JSON on line 3: ")
+    assert rows[2]["error"] == "line 3: invalid JSON: Unexpected UTF-8 BOM (decode using utf-8-sig) (column 1)"
 
 
 def test_calibrate_leaves_prompts_it_cannot_read_out_of_the_share(clf: Classifier) -> None:
