@@ -9,6 +9,7 @@ where it stopped part-way.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from gateway.cli._stdout import stdout_gone
 __all__ = ["main"]
 
 _COMMANDS = (serve, check, keys, report, route, calibrate, router)
+_DISTRIBUTION = "llm-gateway"
 
 
 class _CommandParser(argparse.ArgumentParser):
@@ -34,6 +36,7 @@ class _CommandParser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway", description="OpenAI-compatible LLM routing gateway")
+    parser.add_argument("-V", "--version", action="version", version=f"{_DISTRIBUTION} {_version()}")
     subcommands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     for command in _COMMANDS:
         command.register(subcommands)
@@ -46,3 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         stdout_gone()
     return status
+
+
+def _version() -> str:
+    """The installed package's version (a source tree run without installing it has none)."""
+    try:
+        return importlib.metadata.version(_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"

@@ -1,14 +1,16 @@
 """``python -m gateway keys new`` makes an API key, prints its secret once and stores only its hash;
-``keys revoke`` takes one out of the key file."""
+``keys revoke`` takes one out of the key file; ``keys list`` shows them all (``gateway.cli.keys_list``)."""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import re
 import secrets
 import sys
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,12 +19,14 @@ import yaml
 from gateway.auth import hash_key
 from gateway.cli._parsers import Subcommands
 from gateway.cli.check import report_invalid
+from gateway.cli.keys_list import listing, table
 from gateway.config.edit import append_key, remove_key
 from gateway.config.kept import KEPT_POLICY, KeptForAnother, read_kept_policy
 from gateway.config.loader import KeyRing, auth_in_text, keys_in_text, load_keys, load_policy
 from gateway.config.schema import AuthKey, TenantName
-from gateway.config.validate import Problems, convert
+from gateway.config.validate import ENGINE_FIELDS_TAKEN, Problems, convert
 from gateway.errors import ConfigError
+from gateway.protocols.engine_fields import ENGINE_FIELDS
 
 __all__ = ["register", "run"]
 
@@ -43,7 +47,7 @@ def register(commands: Subcommands) -> None:
     actions = keys.add_subparsers(dest="keys_command", required=True)
     new = actions.add_parser("new", help="create a key: prints the secret once, writes its hash to the key file")
     new.add_argument("--tenant", required=True)
-    new.add_argument("--id", type=_given_id, help="key id (default: <tenant>-<random>)")
+    new.add_argument("--id", type=_given_id, help="key id (default: made from the tenant, <tenant>-<random>)")
     new.add_argument("--models", default="*", help="comma-separated routes/models it may call (default: all)")
     new.add_argument("--rpm", type=int)
     new.add_argument("--tpm", type=int)
@@ -55,6 +59,13 @@ def register(commands: Subcommands) -> None:
         action="store_true",
         help="an operator's key: reads every tenant's usage (/v1/usage) and the policy's reload problems (/readyz)",
     )
+    new.add_argument(
+        "--engine-fields",
+        type=_engine_fields,
+        metavar="NAME[,NAME]",
+        help="vLLM/SGLang engine fields the key's requests may send on (e.g. priority,vllm_xargs); "
+        "every other key's are taken out",
+    )
     new.add_argument("--policies", default="policies.yaml")
     new.add_argument("--data-dir", default=".gateway", help=_DATA_DIR_HELP)
     new.set_defaults(run=run)
@@ -63,6 +74,13 @@ def register(commands: Subcommands) -> None:
     revoke.add_argument("--policies", default="policies.yaml")
     revoke.add_argument("--data-dir", default=".gateway", help=_DATA_DIR_HELP)
     revoke.set_defaults(run=run_revoke)
+    shown = actions.add_parser(
+        "list", help="the keys of policies.yaml's auth.keys and its key file: no secret, no whole hash"
+    )
+    shown.add_argument("--json", action="store_true", help="one JSON document, for machines")
+    shown.add_argument("--policies", default="policies.yaml")
+    shown.add_argument("--data-dir", default=".gateway", help=_DATA_DIR_HELP)
+    shown.set_defaults(run=run_list)
 
 
 def _given_id(text: str) -> str:
@@ -72,9 +90,20 @@ def _given_id(text: str) -> str:
     return text
 
 
+def _engine_fields(text: str) -> list[str]:
+    """``--engine-fields priority,vllm_xargs``: names of ENGINE_FIELDS only, as the policy takes them."""
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no engine field (leave it out for none)")
+    for name in names:
+        if name not in ENGINE_FIELDS:
+            raise argparse.ArgumentTypeError(f"{name!r} is no engine field; it takes {ENGINE_FIELDS_TAKEN}")
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
     """``keys new``."""
-    ring = _key_ring(args.policies, args.data_dir)
+    ring = _key_ring(args.policies, args.data_dir, _NONE_ADDED)
     if ring is None:
         return 1
     if ring.key_file is None:
@@ -84,10 +113,9 @@ def run(args: argparse.Namespace) -> int:
     if convert(args.tenant, TenantName, ("tenant",), tenant) is None:  # t69: blamed the key id made from it
         report_invalid(ConfigError("the new key", tenant.messages))
         return 1
-    key_id = args.id or f"{args.tenant}-{secrets.token_hex(3)}"
+    key_id = args.id or _id_for(args.tenant, {key.id for key in ring.keys})
     if not _ID.fullmatch(key_id):
-        made = "" if args.id else f" (made from the tenant: {key_id!r}; give one with --id)"
-        print(f"key ids are 1-64 letters, digits, '.', '_' or '-'{made}", file=sys.stderr)
+        print("key ids are 1-64 letters, digits, '.', '_' or '-'", file=sys.stderr)
         return 1
     if key_id in {key.id for key in ring.keys}:
         print(f"a key with id {key_id!r} exists already", file=sys.stderr)
@@ -115,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         entry["limits"] = limits
     if args.admin:
         entry["admin"] = True
+    if args.engine_fields:
+        entry["engine_fields"] = args.engine_fields
     problems = Problems()
     if convert(entry, AuthKey, (), problems) is None:  # the checks the gateway will make when it loads the key
         report_invalid(ConfigError("the new key", problems.messages))
@@ -129,10 +159,39 @@ def run(args: argparse.Namespace) -> int:
     return _say_when_it_applies(args, ring, key_id, _PICKS_UP)
 
 
+def _id_for(tenant: str, taken: set[str]) -> str:
+    """``<tenant>-<random>`` for any valid tenant (t200: ``--tenant "a b"`` made an invalid id): the
+    tenant's letters (accents taken off), digits, ``.`` and ``_``, each run of anything else one ``-``,
+    ``key`` where nothing is left."""
+    ascii_only = unicodedata.normalize("NFKD", tenant).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^A-Za-z0-9._]+", "-", ascii_only).strip("-._")[: 64 - 7].strip("-._") or "key"
+    while True:
+        key_id = f"{slug}-{secrets.token_hex(3)}"
+        if key_id not in taken:
+            return key_id
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """``keys list``: the keys the policy gives, those of ``auth.keys`` first, each with where it is
+    written (``--json``: one document). Found as ``keys new`` finds them."""
+    ring = _key_ring(args.policies, args.data_dir, _NONE_LISTED)
+    if ring is None:
+        return 1
+    document = listing(ring)
+    sys.stdout.write(json.dumps(document, ensure_ascii=False, indent=2) + "\n" if args.json else table(document))
+    in_file = f", {len(ring.keys) - ring.inline} in {ring.key_file}" if ring.key_file is not None else ""
+    count = f"{len(ring.keys)} key{'' if len(ring.keys) == 1 else 's'}"
+    print(f"{count}: {ring.inline} in {ring.source} (auth.keys){in_file}", file=sys.stderr)
+    if not ring.enabled:
+        note = "has auth mode none: no key is asked for, so none of these has any effect"
+        print(f"note: {ring.source} {note}", file=sys.stderr)
+    return 0
+
+
 def run_revoke(args: argparse.Namespace) -> int:
     """``keys revoke --id ID``: the key's entry out of the key file, under the lock ``keys new`` takes (t63),
     every other line as written, valid or not (t98)."""
-    ring = _key_ring(args.policies, args.data_dir, revoking=True)
+    ring = _key_ring(args.policies, args.data_dir, None)
     if ring is None:
         return 1
     if ring.key_file is None:  # t146: it said to add a key file, which revokes nothing
@@ -178,14 +237,19 @@ def run_revoke(args: argparse.Namespace) -> int:
     return _say_when_it_applies(args, ring, args.id, _STOPS)
 
 
-def _key_ring(policies: str, data_dir: str, *, revoking: bool = False) -> KeyRing | None:
+_NONE_ADDED = "a running gateway takes no new key from it until they are fixed, so none is added"
+_NONE_LISTED = "its keys are not listed until they are fixed"
+
+
+def _key_ring(policies: str, data_dir: str, refused: str | None) -> KeyRing | None:
     """The policy's keys and key file (None, said on stderr, when the auth section or key file is
     invalid). While policies.yaml cannot be read at all (a YAML slip), the keys of the policy a
     running gateway keeps in force: a key must be revocable mid-incident, whatever else the file
-    holds (t81: revoke exited 1 on a tab, and the key stayed live). So while only the key file is
-    invalid, ``revoking`` goes on with the auth section's own keys: a running gateway drops a key
-    taken out of it all the same (t98: one bad line kept a leaked key live, and the tool blamed
-    the kept policy)."""
+    holds (t81: revoke exited 1 on a tab, and the key stayed live). While only the key file is
+    invalid, its problems are said, then ``refused`` why the command stops there (None: it goes on
+    with the auth section's own keys, as ``revoke`` does: a running gateway drops a key taken out
+    of it all the same; t98: one bad line kept a leaked key live, and the tool blamed the kept
+    policy)."""
     try:
         ring, invalid = _ring_of(functools.partial(load_keys, policies))
     except ConfigError as exc:
@@ -207,11 +271,10 @@ def _key_ring(policies: str, data_dir: str, *, revoking: bool = False) -> KeyRin
         )
     if ring.key_file is not None and invalid is not None:
         report_invalid(ConfigError(str(ring.key_file), invalid.problems))
-        if not revoking:
+        if refused is not None:
             print(
-                f"{ring.key_file} is invalid as it is now (the problems above): a running gateway takes no new key "
-                f"from it until they are fixed, so none is added; fix them (`gateway check {policies}`), then run "
-                "this again",
+                f"{ring.key_file} is invalid as it is now (the problems above): {refused}; fix them "
+                f"(`gateway check {policies}`), then run this again",
                 file=sys.stderr,
             )
             return None

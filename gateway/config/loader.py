@@ -128,6 +128,10 @@ class KeyRing:
     """Inline keys, then the key file's."""
     enabled: bool = True
     """``auth.mode`` is ``keys``: with ``none`` no key is asked for, so none has any effect."""
+    inline: int = 0
+    """How many of :attr:`keys`, the first ones, are written in the policy file (``auth.keys``)."""
+    source: str = ""
+    """The policy file they were read from (the copy kept in the data folder, for the policy in force)."""
 
 
 def load_policy(
@@ -280,7 +284,8 @@ def keys_in_text(
     check_auth(auth, problems, key_file=key_file and (key_file.keys, key_file.problems))
     if problems:
         raise ConfigError(source, problems.messages)
-    return KeyRing(key_path, [*auth.keys, *(key_file.keys if key_file else [])], auth.mode == "keys")
+    keys = [*auth.keys, *(key_file.keys if key_file else [])]
+    return KeyRing(key_path, keys, auth.mode == "keys", len(auth.keys), source)
 
 
 def auth_in_text(

@@ -39,7 +39,17 @@ from gateway.protocols.engine_fields import ENGINE_FIELDS
 _ENCODINGS = tuple(sorted(name for name in tiktoken.registry.list_encoding_names() if not name.endswith("_offline")))
 """tiktoken's encodings (the gateway's offline copies carry a suffix of their own)."""
 
-__all__ = ["BLOCK_STYLE", "Path", "Problems", "check_auth", "check_policy", "convert", "convert_policy", "dotted"]
+__all__ = [
+    "BLOCK_STYLE",
+    "ENGINE_FIELDS_TAKEN",
+    "Path",
+    "Problems",
+    "check_auth",
+    "check_policy",
+    "convert",
+    "convert_policy",
+    "dotted",
+]
 
 Path = tuple[str | int, ...]
 T = TypeVar("T")
@@ -655,6 +665,10 @@ def _check_semantic_cache(policy: Policy, problems: Problems, check_model: Calla
         problems.add((*base, "audit", "judge_model"), f"model {audit.judge_model!r} is an embedding model")
 
 
+ENGINE_FIELDS_TAKEN = ", ".join(f"`{field}`" for field in sorted(ENGINE_FIELDS))
+"""The names a key's ``engine_fields`` takes, as its errors list them (``keys new --engine-fields`` too)."""
+
+
 def check_auth(auth: AuthPolicy, problems: Problems, *, key_file: tuple[list[AuthKey], Problems] | None = None) -> None:
     """Key ids and secrets are unique across the policy and its key file; a key's ``engine_fields``
     are engine fields; ``mode: keys`` has a way to get keys."""
@@ -680,7 +694,7 @@ def check_auth(auth: AuthPolicy, problems: Problems, *, key_file: tuple[list[Aut
                 where.add(
                     (*path, "engine_fields", i),
                     f"key {key.id!r} names {name!r}, which is no engine field; `engine_fields` takes "
-                    f"{', '.join(f'`{field}`' for field in sorted(ENGINE_FIELDS))}",
+                    f"{ENGINE_FIELDS_TAKEN}",
                 )
     unread = ("auth", "keys") in problems.refused or ("auth", "key_file") in problems.refused  # at their defaults
     if auth.mode == "keys" and not auth.keys and not auth.key_file and not unread:

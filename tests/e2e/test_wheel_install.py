@@ -120,6 +120,14 @@ def test_the_wheel_carries_the_classifier_and_leaves_the_simulator_out(installed
     assert size_mb < 40, f"wheel is {size_mb:.1f} MB"
 
 
+def test_gateway_version_is_the_installed_wheels(installed: FreshInstall) -> None:
+    """t200: there was no ``--version``; an operator asks the console script what it runs."""
+    version = installed.wheel.name.split("-")[1]
+    for flag in ("--version", "-V"):
+        result = installed.run(installed.bin("gateway"), flag)
+        assert (result.returncode, result.stdout, result.stderr) == (0, f"llm-gateway {version}\n", "")
+
+
 def test_gateway_route_scores_with_the_packaged_classifier(installed: FreshInstall) -> None:
     prompts = installed.outside / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in (("easy", EASY), ("hard", HARD))))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -120,9 +122,82 @@ def test_a_bad_tenant_is_named_not_the_key_id_made_from_it(policy: Path, capsys:
         assert main(["keys", "new", "--tenant", tenant, "--policies", str(policy)]) == 1
         err = capsys.readouterr().err
         assert "tenant: must be 1-128 characters, no control characters" in err and "key ids" not in err
-    assert main(["keys", "new", "--tenant", "ac me", "--policies", str(policy)]) == 1  # a valid tenant, no valid id
-    assert "(made from the tenant: 'ac me-" in capsys.readouterr().err
     assert not (policy.parent / "keys.yaml").exists()
+    assert main(["keys", "new", "--tenant", "ac me", "--policies", str(policy)]) == 0  # t200: a valid tenant, an id
+    assert "key id:  ac-me-" in capsys.readouterr().out
+
+
+def test_an_id_made_from_the_tenant_is_valid_and_unused_whatever_the_tenant(policy: Path) -> None:
+    """t200: the id made from a valid tenant ("a b") was invalid; ``--id`` is not needed for any tenant."""
+    tenants = ["a b", " a" + "x" * 120 + "é", "/ .. /", "日本", "a\u00a0b", "-._-x-._-"]
+    for tenant in tenants:
+        assert main(["keys", "new", f"--tenant={tenant.strip()}", "--policies", str(policy)]) == 0
+    ids = [key.id for key in load_keys(policy).keys][1:]
+    assert [key_id[:-7] for key_id in ids] == ["a-b", "a" + "x" * 56, "key", "key", "a-b", "x"]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]{1,64}", key_id) for key_id in ids), ids
+
+
+def _list(policy: Path, *args: str) -> int:
+    return main(["keys", "list", "--policies", str(policy), *args])
+
+
+def test_keys_list_says_where_each_key_is_and_what_it_may_do(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """t200: no command listed the keys; they were to be read in keys.yaml and policies.yaml by hand."""
+    assert _list(policy) == 0  # a key file named but not made yet: the inline key alone
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1].split() == ["inline", "default", "*", "-", "-", "no", HASH[:15], f"{policy}:auth.keys"]
+    assert f"1 key: 1 in {policy} (auth.keys), 0 in {policy.parent / 'keys.yaml'}" in err
+
+    assert _new(policy, "--id", "batch", "--tpm", "1000", "--max-concurrent", "2", "--admin",
+                "--engine-fields", "vllm_xargs,priority,vllm_xargs") == 0  # fmt: skip
+    capsys.readouterr()
+    assert _list(policy, "--json") == 0
+    out, err = capsys.readouterr()
+    document = json.loads(out)
+    assert [(key["id"], key["source"]) for key in document["keys"]] == [("inline", "auth.keys"), ("batch", "key_file")]
+    batch = document["keys"][1]
+    assert (batch["tenant"], batch["admin"], batch["engine_fields"]) == ("team", True, ["vllm_xargs", "priority"])
+    assert batch["limits"] == {"tpm": 1000, "max_concurrent": 2} and batch["file"] == str(policy.parent / "keys.yaml")
+    assert "hash" not in batch and len(batch["hash_prefix"]) == len("sha256:") + 8
+    assert "note:" not in err
+
+    policy.write_text(POLICY.replace("mode: keys", "mode: none").replace("  key_file: keys.yaml\n", ""))
+    assert _list(policy, "--json") == 0
+    out, err = capsys.readouterr()
+    assert (json.loads(out)["key_file"], [key["id"] for key in json.loads(out)["keys"]]) == (None, ["inline"])
+    assert f"1 key: 1 in {policy} (auth.keys)\n" in err
+    assert "auth mode none: no key is asked for, so none of these has any effect" in err
+
+
+def test_keys_list_of_an_invalid_key_file_lists_nothing_and_says_why(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key_file = policy.parent / "keys.yaml"
+    key_file.write_text('keys:\n  - {id: oops, tenant: t, hash: "sha256:NOTHEX"}\n')
+    assert _list(policy) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"{key_file}: keys[0].hash (line 2): must be `sha256:` followed by" in err
+    assert f"{key_file} is invalid as it is now (the problems above): its keys are not listed until they are" in err
+
+
+def test_keys_list_reads_the_policy_in_force_while_policies_yaml_is_not_yaml(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As `new` and `revoke` find the keys (t81): through --data-dir's policy.last-accepted.yaml."""
+    (policy.parent / "keys.yaml").write_text(f"keys: [{{id: app, tenant: t, hash: '{OTHER_HASH}'}}]\n")
+    data = _last_accepted(policy, POLICY)
+    policy.write_text(POLICY.replace("  fast: {model: s}", "\tfast: {model: s}"))
+    assert _list(policy, "--data-dir", str(data)) == 0
+    out, err = capsys.readouterr()
+    kept = data / "policy.last-accepted.yaml"
+    assert [row.split()[0] for row in out.splitlines()[1:]] == ["inline", "app"]
+    assert out.splitlines()[1].endswith(f"{kept}:auth.keys") and out.splitlines()[2].endswith(
+        str(policy.parent / "keys.yaml")
+    )
+    assert f"using the key file of the policy in force as {kept} has it" in err
+    assert _list(policy, "--data-dir", str(policy.parent / "none")) == 1
+    assert "give serve's --data-dir" in capsys.readouterr().err
 
 
 def test_route_names_an_unknown_route_before_loading_the_classifier(
