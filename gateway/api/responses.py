@@ -170,7 +170,8 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         headers["x-gateway-dropped"] = dropped
     if decoded is None or (isinstance(answer, Answer) and answer.status != 200):
         assert isinstance(answer, Answer)  # nothing decoded: the pipeline answered with an error
-        return Response(content=answer.body, status_code=answer.status, headers=headers, media_type="application/json")
+        body = _in_responses_terms(answer.body)
+        return Response(content=body, status_code=answer.status, headers=headers, media_type="application/json")
     if passthrough.body is not None:
         assert not isinstance(answer, StreamingDeltas)  # the upstream's own body or events
         return await _passed_through(answer, headers, state, turn)
@@ -197,6 +198,24 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
     )
+
+
+_CHAT_PARAMS = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens"}
+
+
+def _in_responses_terms(body: bytes) -> bytes:
+    """An error that names a chat request's field (an upstream's refusal of the prompt, ``messages``,
+    or of the answer's length, ``max_tokens``) in the Responses API's: the client sent ``input`` and
+    ``max_output_tokens`` (t200: ``param: "messages"``, a field it has not)."""
+    if b'"param":"m' not in body:
+        return body
+    error = msgspec.json.decode(body)
+    param = error["error"]["param"]
+    said = _CHAT_PARAMS.get(param) or ("input" if param.split(".")[0].split("[")[0] == "messages" else None)
+    if said is None:
+        return body
+    error["error"]["param"] = said
+    return msgspec.json.encode(error)
 
 
 @get("/v1/responses/{response_id:str}")

@@ -117,6 +117,10 @@ def test_an_openai_client_is_told_openais_code(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(model="small", input=_LONG)
     assert refused.value.code == "context_length_exceeded"
+    assert refused.value.param == "input"  # t200: "messages", which the Responses API has not
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="small", input="hi", max_output_tokens=1000)
+    assert refused.value.code == "context_length_exceeded" and refused.value.param == "max_output_tokens"
 
 
 @pytest.mark.parametrize(
