@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -26,6 +27,10 @@ from gateway.errors import ConfigError
 from gateway.inference import MAX_INTRA_OP_THREADS, intra_op_threads_for
 from gateway.services.redis_server import DEFAULT_MAXMEMORY, RedisServerNotFound
 from gateway.settings import HEAD_TIMEOUT_VARIABLE, head_timeout_s
+
+if TYPE_CHECKING:
+    from gateway.config.schema import Policy
+    from gateway.simulated import SimulatedUpstream
 
 __all__ = ["register", "run"]
 
@@ -137,6 +142,7 @@ def _start_and_serve(args: argparse.Namespace) -> int:
             # Before anything here imports prometheus_client (gateway.runtime does): it picks its
             # multiprocess mode at import, and granian's workers are forked from this process (t122).
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir(args.data_dir)
+        simulated: list[SimulatedUpstream] = []
         if args.simulate_missing:
             for role in ("small", "large"):
                 variable = f"{role.upper()}_MODEL_URL"
@@ -146,6 +152,7 @@ def _start_and_serve(args: argparse.Namespace) -> int:
                     _START_STOPS.check()
                     upstream = start_simulated_upstream(role, waiting=_START_STOPS.waiting)
                     cleanup.callback(upstream.stop)
+                    simulated.append(upstream)
                     os.environ[variable] = upstream.url
                     os.environ[f"{role.upper()}_MODEL_SIMULATED"] = "true"
                     _say(f"{variable} is unset: started a SIMULATED '{role}' upstream at {upstream.url}")
@@ -222,6 +229,13 @@ def _start_and_serve(args: argparse.Namespace) -> int:
                 "(/readyz and a policy_rejected log line show the rejection)"
             )
         policy = loaded.policy
+        for upstream in simulated:  # each refuses a prompt its model's window cannot hold, as the model's server would
+            try:
+                upstream.set_windows(_windows_at(policy, upstream.url))
+            except (OSError, RuntimeError) as exc:
+                _say(
+                    f"warning: the simulated '{upstream.name}' upstream took no context windows ({exc}): it answers any prompt"
+                )
         auth = (
             "ON (API keys required)" if policy.auth.mode == "keys" else "OFF (any client may call; for local use only)"
         )
@@ -520,6 +534,15 @@ def _bound(family: socket.AddressFamily, host: str, port: int, *, reuse_port: bo
         _say(f"cannot listen on {host}:{port}: {exc}")
         raise SystemExit(3) from None
     return sock
+
+
+def _windows_at(policy: Policy, url: str) -> dict[str, int]:
+    """The ``context_window`` of each chat model the policy sends to ``url``, by the name it sends."""
+    return {
+        model.upstream_model or name: model.context_window
+        for name, model in policy.models.items()
+        if model.kind == "chat" and model.provider == "openai" and model.base_url.rstrip("/") == url
+    }
 
 
 def _simulator_installed() -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -11,7 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -21,6 +22,8 @@ __all__ = ["SimulatedUpstream", "start_simulated_upstream"]
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _POLL_S = 0.02
 _STOP_TIMEOUT_S = 5.0
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""No proxies: an HTTP(S)_PROXY in the environment must not capture loopback."""
 
 
 @dataclass
@@ -36,6 +39,19 @@ class SimulatedUpstream:
     def __post_init__(self) -> None:
         self.root_url = f"http://127.0.0.1:{self.port}"
         self.url = f"{self.root_url}/v1"
+
+    def set_windows(self, windows: Mapping[str, int], timeout_s: float = 5.0) -> None:
+        """The context window of each model name it stands in for: a chat prompt that does not fit
+        is refused with vLLM's 400, as the model's server would (``serve --simulate-missing`` sets
+        the policy's ``context_window``)."""
+        request = urllib.request.Request(
+            f"{self.root_url}/_control/windows",
+            data=json.dumps(dict(windows)).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with _OPENER.open(request, timeout=timeout_s) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"simulated upstream {self.name!r} refused its windows: HTTP {resp.status}")
 
     def stop(self) -> int | None:
         """SIGTERM, wait up to 5 s, then SIGKILL. Idempotent; returns the exit code."""
@@ -86,10 +102,8 @@ def _wait_for_port(process: subprocess.Popen[bytes], ready_file: Path, deadline:
 
 
 def _check_health(root_url: str, deadline: float) -> None:
-    # No proxies: an HTTP(S)_PROXY in the environment must not capture loopback.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     timeout = max(0.5, deadline - time.monotonic())
-    with opener.open(f"{root_url}/healthz", timeout=timeout) as resp:
+    with _OPENER.open(f"{root_url}/healthz", timeout=timeout) as resp:
         if resp.status != 200:
             raise RuntimeError(f"simulated upstream /healthz answered HTTP {resp.status}")
 

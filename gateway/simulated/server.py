@@ -22,7 +22,8 @@ Endpoints:
 
 Token counts use tiktoken's offline ``cl100k_base`` encoding. ``/_control/*`` endpoints
 let tests queue faults (each applies to the next API request: chat, embeddings,
-messages or count_tokens) and inspect what the server received.
+messages or count_tokens) and inspect what the server received; ``/_control/windows``
+gives each model name the context window a chat prompt must fit (vLLM's 400 otherwise).
 
 Client disconnects: the server runs with ``handler_cancellation=True``, so
 aiohttp cancels the handler task (``asyncio.CancelledError``) when the peer goes
@@ -235,6 +236,9 @@ class _State:
     """Topics this model answers badly (gateway/simulated/quality.py)."""
     max_model_len: int | None = None
     """vLLM's ``--max-model-len``: a chat prompt and the completion it asks for must fit in it."""
+    windows: dict[str, int] = field(default_factory=dict)
+    """The window of each model name it stands in for (``/_control/windows``: ``serve --simulate-missing``
+    sets the policy's ``context_window``), before ``max_model_len``; kept across ``/_control/reset``."""
     stats: _Stats = field(default_factory=_Stats)  # never replaced, see _Stats.reset
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     turns: TurnStore = field(default_factory=TurnStore)
@@ -242,6 +246,10 @@ class _State:
 
     def next_id(self) -> int:
         return next(self.ids)
+
+    def window(self, model: str) -> int | None:
+        """The context window a chat request for ``model`` must fit in; None: any prompt fits."""
+        return self.windows.get(model, self.max_model_len)
 
 
 _STATE = web.AppKey("simulated_state", _State)
@@ -599,8 +607,9 @@ def _include_usage(body: dict[str, Any]) -> bool:
 
 async def _chat(request: web.Request, state: _State, body: Any, fault: _Fault) -> web.StreamResponse:
     error = _openai_request_error(body)
-    if error is None and state.max_model_len is not None:
-        error = _context_error(body, state.max_model_len)
+    window = state.window(body["model"]) if error is None else None
+    if window is not None:
+        error = _context_error(body, window)
     if error is not None:
         return error
     if fault.refusal is not None:
@@ -1124,6 +1133,19 @@ async def _stats_handler(request: web.Request) -> web.Response:
     return _json_response(_encode_json(request.app[_STATE].stats.to_json()))
 
 
+async def _windows_handler(request: web.Request) -> web.Response:
+    """``{"model name": tokens, ...}``: the context window of each model this server stands in for."""
+    state = request.app[_STATE]
+    try:
+        windows = msgspec.convert(await _read_json(request), dict[str, int])
+        if any(tokens < 1 for tokens in windows.values()):
+            raise ValueError("each window must be a positive number of tokens")
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        return _json_response(_openai_error(400, f"bad windows: {exc}"), 400)
+    state.windows.update(windows)
+    return _json_response(_encode_json({"windows": state.windows}))
+
+
 async def _reset_handler(request: web.Request) -> web.Response:
     state = request.app[_STATE]
     state.faults.clear()
@@ -1167,6 +1189,7 @@ def build_app(
     app.router.add_post("/_control/faults", _faults_handler)
     app.router.add_get("/_control/stats", _stats_handler)
     app.router.add_post("/_control/reset", _reset_handler)
+    app.router.add_post("/_control/windows", _windows_handler)
     return app
 
 
