@@ -39,7 +39,7 @@ from gateway.errors import (
 from gateway.limits import Limiter, Reservation
 from gateway.pipeline import Answer, name_the_failed_model
 from gateway.pricing import cost_usd
-from gateway.protocols.body import check_fields, decode_body
+from gateway.protocols.body import check_fields, decode_body, named_model
 from gateway.protocols.engine_fields import without_engine_fields
 from gateway.protocols.tenant_ids import scoped_body
 from gateway.routing import RoutePlan
@@ -137,7 +137,11 @@ class EmbeddingsPipeline:
             finally:
                 if body_wait is not None:
                     info.client_seconds = body_wait()
-            request, inputs, extra = _parse(raw)
+            try:
+                request, inputs, extra = _parse(raw)
+            except InvalidRequestError:  # an unknown model is named first, whatever else is wrong
+                runtime.router.refuse_unknown(named_model(raw), principal.allowed)
+                raise
             extra, engine = without_engine_fields(scoped_body(extra, principal.tenant), principal.engine_fields)
             plan = runtime.router.plan(request.model, principal.allowed)
             record.route, record.decision = plan.route, plan.decision

@@ -62,7 +62,7 @@ from gateway.learning.shadow import judge_request as shadow_judge_request
 from gateway.limits import Limiter, Reservation
 from gateway.limits.concurrency import InFlight, Slot
 from gateway.pricing import SERVICE_TIERS, PricedOptions, cost_usd, unpriced
-from gateway.protocols.body import LARGE_BODY_BYTES, read_off_loop
+from gateway.protocols.body import LARGE_BODY_BYTES, named_model, read_off_loop
 from gateway.protocols.chat_request import parse_chat_request
 from gateway.protocols.engine_fields import without_engine_fields
 from gateway.protocols.openai_chat import (
@@ -406,8 +406,10 @@ class ChatPipeline:
                 else:  # off the event loop (t51: bodies of 100,000 messages held it for seconds)
                     caller = principal
                     x.body, x.directives, x.request = await read_off_loop(raw, lambda: _read_chat(raw, caller))
-            except GatewayError:  # a refused body is logged with the stream it asked for all the same (t175)
+            except GatewayError as refused:  # a refused body is logged with the stream it asked for all the same (t175)
                 record.stream = await read_off_loop(raw, lambda: _asks_stream(raw))
+                if refused.status_code == 400:  # an unknown model is named first, whatever else is wrong
+                    runtime.router.refuse_unknown(await read_off_loop(raw, lambda: named_model(raw)), principal.allowed)
                 raise
             record.stream = x.request.stream
             x.request.tenant = principal.tenant

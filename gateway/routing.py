@@ -96,6 +96,13 @@ class Router:
             )
         return plan
 
+    def refuse_unknown(self, requested: str | None, allowed: frozenset[str] = frozenset({"*"})) -> None:
+        """:meth:`plan`'s 404 for a name the caller has no route or model of: a body that is wrong
+        besides is told so after it, as if it named a model that exists (f226: a Messages field
+        refused "on a route that may reach a model other than Anthropic's" where there was no route)."""
+        if requested is not None:
+            self.plan(requested, allowed)
+
     def chat_plan(self, requested: str, allowed: frozenset[str] = frozenset({"*"})) -> RoutePlan:
         """:meth:`plan` for a request that asks a chat model (messages, completions, a token count)."""
         plan = self.plan(requested, allowed)

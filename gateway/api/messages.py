@@ -38,7 +38,7 @@ from gateway.errors import GatewayError, InvalidRequestError, UpstreamError
 from gateway.pipeline import Answer, KeepAlive, PassThrough, StreamingAnswer, StreamingDeltas
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
-from gateway.protocols.body import decode_body, read_off_loop
+from gateway.protocols.body import decode_body, named_model, read_off_loop
 from gateway.protocols.shared_state import refuse_upstream_ids
 from gateway.tokens import count_prompt, prompt_chars
 from gateway.upstreams.anthropic import AnthropicProvider, joined_betas
@@ -155,7 +155,11 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
                 _refuse_unread(body)
             return body, anthropic.decode_request(raw, counting=True, passed_through=lenient)
 
-        body, decoded = await read_off_loop(raw, read)  # t55: a 3.5 MB count held /healthz for 0.4 s
+        try:
+            body, decoded = await read_off_loop(raw, read)  # t55: a 3.5 MB count held /healthz for 0.4 s
+        except InvalidRequestError:  # an unknown model is named first, whatever else is wrong
+            runtime.router.refuse_unknown(await read_off_loop(raw, lambda: named_model(raw)), principal.allowed)
+            raise
         plan = runtime.router.chat_plan(decoded.model, principal.allowed)  # what /v1/messages refuses, too
         first = runtime.providers[plan.candidates[0]]
         tokens = None

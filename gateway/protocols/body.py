@@ -16,6 +16,7 @@ __all__ = [
     "LARGE_BODY_BYTES",
     "check_fields",
     "decode_body",
+    "named_model",
     "read_off_loop",
     "refuse_choice_without_tools",
     "refuse_options_without_stream",
@@ -66,6 +67,20 @@ def decode_body(raw: bytes, into: type[T]) -> T:
         raise _not_json(str(exc), raw) from None
     except RecursionError:
         raise InvalidRequestError("the request body is nested too deeply") from None
+
+
+class _Named(msgspec.Struct):
+    model: Any = None
+
+
+def named_model(raw: bytes) -> str | None:
+    """The ``model`` a body names as a string (every model API's field), whatever else is wrong with
+    the body; None where it is no JSON object naming one."""
+    try:
+        model = msgspec.json.decode(raw, type=_Named).model
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+    return model if isinstance(model, str) else None
 
 
 _LONE_SURROGATE = re.compile(
