@@ -62,7 +62,7 @@ def decode_body(raw: bytes, into: type[T]) -> T:
             raise InvalidRequestError(f"the request body must be a JSON object ({message})") from None
         if " - at `$[...]" in message:  # a map's value (a number out of range): msgspec does not say which
             raise _value_error(message, raw) from None
-        raise _field_error(message) from None
+        raise _field_error(message, into) from None
     except msgspec.DecodeError as exc:
         raise _not_json(str(exc), raw) from None
     except RecursionError:
@@ -103,7 +103,7 @@ def check_fields(body: dict[str, Any], view: type[T]) -> T:
     try:
         return msgspec.convert(body, view, strict=True)
     except msgspec.ValidationError as exc:
-        raise _field_error(str(exc)) from None
+        raise _field_error(str(exc), view) from None
 
 
 _CONTAINER = dict[str, msgspec.Raw] | list[msgspec.Raw]
@@ -145,17 +145,46 @@ def _failing_path(raw: bytes, depth: int = _PATH_DEPTH) -> str:
     return ""
 
 
-def _field_error(message: str) -> InvalidRequestError:
-    """msgspec's validation message as a 400 that names the parameter, as OpenAI's do."""
+def _field_error(message: str, into: Any = None) -> InvalidRequestError:
+    """msgspec's validation message as a 400 that names the parameter, as OpenAI's do; a value
+    outside a set of them (``into``'s ``Literal`` there) with the values taken."""
     missing = _MISSING.match(message)
     if missing:
         return InvalidRequestError(f"{missing.group(1)}: Field required", param=missing.group(1))
     match = _AT.search(message)
     param = (match.group(1).replace("[...]", "") if match else "") or None  # a map's value: the map is the parameter
     reason = message[: match.start()] if match else message
+    if into is not None and match and reason.startswith("Invalid enum value"):
+        taken = _values_at(msgspec.inspect.type_info(into), _STEP.findall(match.group(1)))
+        if taken:  # t200: feedback's label without the two it takes
+            reason += f"; expected one of {', '.join(repr(value) for value in dict.fromkeys(taken))}"
     return InvalidRequestError(
         f"invalid parameter '{param}': {reason}" if param else f"invalid request: {reason}", param=param
     )
+
+
+_STEP = re.compile(r"\[[^\]]*\]|[^.\[]+")
+"""A step of a msgspec path: a field's name, or an index (``[0]``, a map's ``[...]``)."""
+
+
+def _values_at(info: msgspec.inspect.Type, steps: list[str]) -> list[object]:
+    """The values the ``Literal`` (or ``Enum``) at ``steps`` into a type allows; [] where none is."""
+    inspect = msgspec.inspect
+    if isinstance(info, inspect.UnionType):
+        return [value for member in info.types for value in _values_at(member, steps)]
+    if not steps:
+        if isinstance(info, inspect.LiteralType):
+            return list(info.values)
+        return [member.value for member in info.cls] if isinstance(info, inspect.EnumType) else []
+    step, rest = steps[0], steps[1:]
+    if step.startswith("["):
+        if isinstance(info, inspect.ListType | inspect.VarTupleType | inspect.SetType | inspect.FrozenSetType):
+            return _values_at(info.item_type, rest)
+        return _values_at(info.value_type, rest) if isinstance(info, inspect.DictType) else []
+    if isinstance(info, inspect.StructType | inspect.TypedDictType | inspect.DataclassType):
+        field = next((field for field in info.fields if field.encode_name == step), None)
+        return [] if field is None else _values_at(field.type, rest)
+    return _values_at(info.value_type, rest) if isinstance(info, inspect.DictType) else []
 
 
 def refuse_choice_without_tools(choice: object, tools: object, message: str) -> None:

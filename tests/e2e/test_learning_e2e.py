@@ -266,6 +266,16 @@ def test_a_bad_feedback_value_names_its_parameter(gateway: GatewayProcess) -> No
     assert unknown["param"] == "comment" and "unknown parameter 'comment'" in unknown["message"]
 
 
+def test_a_label_it_does_not_take_is_told_the_labels_it_does(gateway: GatewayProcess) -> None:
+    """t200: the metric's label is ``small_enough``, the API's ``small_was_enough``: the 400 said
+    "Invalid enum value 'small_enough'" without the values taken (thumbs' too)."""
+    error = _feedback(gateway, "alice", {"request_id": "x", "label": "small_enough"}).json()["error"]
+    assert error["param"] == "label"
+    assert error["message"].endswith("'small_enough'; expected one of 'needed_large', 'small_was_enough'"), error
+    error = _feedback(gateway, "alice", {"request_id": "x", "thumbs": "yes"}).json()["error"]
+    assert error["param"] == "thumbs" and error["message"].endswith("expected one of 'down', 'up'"), error
+
+
 def test_feedback_sent_as_the_stream_ends_finds_its_request(gateway: GatewayProcess) -> None:
     """The routing trace is written just after the answer goes out; thumbs on a streamed chat
     are sent the moment the last event arrives."""

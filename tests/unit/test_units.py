@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import pytest
@@ -493,3 +493,26 @@ def test_a_number_out_of_range_in_a_body_that_is_not_json_is_the_not_json_400(ra
         decode_body(raw, dict[str, Any])
     assert caught.value.message.startswith("the request body is not valid JSON: ") and why in caught.value.message
     assert caught.value.param is None and "(byte " not in caught.value.message
+
+
+class _Tool(msgspec.Struct):
+    type: Literal["function", "custom"]
+
+
+class _Tools(msgspec.Struct):
+    tools: list[_Tool] = []
+    by_name: dict[str, _Tool] = {}
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [(b'{"tools": [{"type": "f"}]}', "tools[0].type"), (b'{"by_name": {"a": {"type": "f"}}}', "by_name.type")],
+)
+def test_a_value_outside_a_literal_is_told_the_values_taken(raw: bytes, param: str) -> None:
+    """t200: "Invalid enum value 'small_enough'", and not which values it takes."""
+    from gateway.protocols.body import decode_body
+
+    with pytest.raises(InvalidRequestError) as caught:
+        decode_body(raw, _Tools)
+    assert caught.value.param == param
+    assert caught.value.message.endswith("Invalid enum value 'f'; expected one of 'custom', 'function'")
