@@ -42,7 +42,7 @@ from gateway.classifier import load_classifier
 from gateway.drain import Drain
 from gateway.embeddings import EmbeddingsPipeline
 from gateway.errors import ConfigError, GatewayError, InvalidRequestError, ModelNotFoundError
-from gateway.http_paths import canonical_path, in_messages_api
+from gateway.http_paths import base_url_hint, canonical_path, in_messages_api, names_messages
 from gateway.large_share import LargeShareTracker
 from gateway.learning.learned import ClassifierInputs
 from gateway.learning.loop import LearningLoop
@@ -229,7 +229,9 @@ def _gateway_error(request: Request[Any, Any, Any], exc: GatewayError) -> Respon
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     if exc.status_code == 404:
-        return _in_callers_shape(request, ModelNotFoundError("no such endpoint", code="not_found"))
+        hint = base_url_hint(request.url.path)  # the documented SDK mistakes (t200: a bare "no such endpoint")
+        said = "no such endpoint" if hint is None else f"no such endpoint: {hint}"
+        return _in_callers_shape(request, ModelNotFoundError(said, code="not_found"))
     error = InvalidRequestError(str(exc.detail), headers=dict(exc.headers or {}))  # a 405's Allow among them
     error.status_code = exc.status_code
     if exc.status_code == 405 and (protocol := _MODEL_ENDPOINTS.get(canonical_path(request.url.path))):
@@ -247,11 +249,16 @@ def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response
 
 
 def _in_callers_shape(request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
-    """Anthropic's error shape on the Messages API, and on ``/v1/models`` for Anthropic's SDK (it
+    """Anthropic's error shape on the Messages API (and for a path that ends as its paths do, which
+    is not served: ``/v1/v1/messages``), and on ``/v1/models`` for Anthropic's SDK (it
     sends ``anthropic-version`` on every call and reads only its own shape); OpenAI's on every
     path Anthropic's API has no version of, whatever the headers (t197: feedback's were Anthropic's)."""
     path = request.url.path
-    if in_messages_api(path) or ("anthropic-version" in request.headers and _in_models_api(path)):
+    if (
+        in_messages_api(path)
+        or (exc.status_code == 404 and names_messages(path))  # an Anthropic SDK's base URL ending in /v1
+        or ("anthropic-version" in request.headers and _in_models_api(path))
+    ):
         body = anthropic_messages.encode_error(exc.status_code, exc.message)
         return Response(body, status_code=exc.status_code, headers=exc.headers, media_type="application/json")
     return error_response(exc)
