@@ -6,9 +6,9 @@ import math
 from datetime import UTC, datetime, timedelta
 
 from gateway.errors import BudgetExceededError, GatewayError, LimiterUnavailableError, RateLimitError
-from gateway.store.base import past_budget
+from gateway.store.base import BUDGET_ROUNDING, past_budget
 
-__all__ = ["BUDGET_CAPS", "budget_error", "unchecked_budget_error"]
+__all__ = ["BUDGET_CAPS", "budget_error", "too_large_for_budget_error", "unchecked_budget_error"]
 
 BUDGET_CAPS = frozenset({"usd_per_day", "usd_per_month"})
 
@@ -26,8 +26,9 @@ def budget_error(
 ) -> GatewayError:
     """``cap`` is ``"usd_per_day"`` or ``"usd_per_month"``, ``name`` the limit as policies.yaml has it
     (``tenant.usd_per_day``); ``held_usd`` is the part of ``spent_usd`` that requests in flight hold
-    (their estimates, until they settle). A budget spent waits for the next period (its ``retry-after``);
-    one the request would fit but for what is held is a short wait (t157: held for 3.5 s, told as
+    (their estimates, until they settle). A budget spent ("exhausted"), or one with less left than the
+    request's estimate ("would exceed", which a smaller request may fit), waits for the next period (its
+    ``retry-after``, which the message names); one the request would fit but for what is held is a short wait (t157: held for 3.5 s, told as
     spent until midnight, with ``x-should-retry: false``)."""
     period = "daily" if cap == "usd_per_day" else "monthly"
     held = min(max(held_usd, 0.0), spent_usd)
@@ -36,16 +37,55 @@ def budget_error(
         return RateLimitError(
             f"{period} budget held by requests in flight: {owner} may spend ${_usd(limit)}, ${spent:.4f} is "
             f"spent and ${held:.4f} is reserved for requests still running, and this request may cost up to "
-            f"${cost_usd:.4f} ({name}); retry in a few seconds, as they finish",
+            f"${_cost(cost_usd)} ({name}); retry in a few seconds, as they finish",
             retry_after_s=_HELD_RETRY_S,
             code="rate_limit_exceeded",
         )
     in_flight = f" (and ${held:.4f} reserved for requests still running)" if held > 0 else ""
-    error = BudgetExceededError(
-        f"{period} budget exhausted: {owner} may spend ${_usd(limit)}, ${spent:.4f} is spent{in_flight} "
-        f"and this request may cost up to ${cost_usd:.4f} ({name})",
+    renewal = _next_period(now, cap)
+    renews = f"it renews at {renewal:%Y-%m-%d %H:%M} UTC"
+    if limit <= 0:
+        message = f"{period} budget exhausted: {owner} may spend nothing ({name} is 0)"
+    elif spent >= limit * (1 - BUDGET_ROUNDING):
+        message = (
+            f"{period} budget exhausted: {owner} may spend ${_usd(limit)}, ${spent:.4f} is spent{in_flight} "
+            f"and this request may cost up to ${_cost(cost_usd)} ({name}); {renews}"
+        )
+    else:  # room is left, less than this request's estimate (t200: told as "exhausted" with $0.0000 spent)
+        left = max(limit - spent_usd, 0.0)
+        message = (
+            f"this request would exceed the {period} budget: {owner} may spend ${_usd(limit)}, ${spent:.4f} is "
+            f"spent{in_flight}, ${_cost(left)} is left and this request may cost up to ${_cost(cost_usd)} ({name}); "
+            f"a smaller request (a lower max_tokens) may fit what is left, or {renews}"
+        )
+    error = BudgetExceededError(message)
+    error.headers["retry-after"] = str(max(1, math.ceil(renewal.timestamp() - now)))
+    return error
+
+
+def too_large_for_budget_error(
+    cap: str, owner: str, limit: float, cost_usd: float, *, name: str, default_completion_tokens: int, inputs: bool
+) -> RateLimitError:
+    """A request whose estimate alone passes a whole budget: no retry can pass, so none is invited
+    (``x-should-retry: false``), as a request too large for its ``tpm`` (t200: a fresh key with
+    $0.001 a day was told its budget was "exhausted", $0.0000 spent, back at midnight).
+    ``inputs``: an embeddings batch, which has input tokens and no max_tokens."""
+    per = "a day" if cap == "usd_per_day" else "a month"
+    counted, fix = (
+        ("its inputs", "send fewer or shorter inputs")
+        if inputs
+        else (
+            "its prompt and max_tokens at the dearest model its route may use",
+            f"set a lower max_tokens (a request without one is counted at {default_completion_tokens} completion "
+            "tokens) or ask for a cheaper model or route",
+        )
     )
-    error.headers["retry-after"] = str(_seconds_to_next_period(now, cap))
+    error = RateLimitError(
+        f"request too large for the budget: it may cost up to ${_cost(cost_usd)} ({counted}) and {owner} may spend "
+        f"${_usd(limit)} {per} ({name}), so no retry can pass; {fix}",
+        code="request_too_large_for_budget",
+    )
+    error.headers["x-should-retry"] = "false"
     return error
 
 
@@ -80,11 +120,16 @@ def _usd(amount: float) -> str:
     return f"{amount:.2f}" if round(amount, 2) == amount else f"{amount:.6g}"
 
 
-def _seconds_to_next_period(now: float, cap: str) -> int:
+def _cost(amount: float) -> str:
+    """Four decimals, or two significant digits where that would read $0.0000 (an embedding's cost)."""
+    if amount <= 0 or amount >= 0.0001:
+        return f"{amount:.4f}"
+    return f"{amount:.{1 - math.floor(math.log10(amount))}f}"
+
+
+def _next_period(now: float, cap: str) -> datetime:
     stamp = datetime.fromtimestamp(now, UTC)
     if cap == "usd_per_day":
-        boundary = (stamp + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    else:
-        year, month = (stamp.year + 1, 1) if stamp.month == 12 else (stamp.year, stamp.month + 1)
-        boundary = stamp.replace(year=year, month=month, day=1, hour=0, minute=0, second=0, microsecond=0)
-    return max(1, math.ceil(boundary.timestamp() - now))
+        return (stamp + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    year, month = (stamp.year + 1, 1) if stamp.month == 12 else (stamp.year, stamp.month + 1)
+    return stamp.replace(year=year, month=month, day=1, hour=0, minute=0, second=0, microsecond=0)

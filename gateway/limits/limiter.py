@@ -32,7 +32,7 @@ from gateway.accounting.usage import UsageFigures
 from gateway.auth import Principal
 from gateway.config.schema import Limits, Policy
 from gateway.errors import GatewayError, LimiterUnavailableError
-from gateway.limits.budget import budget_error, unchecked_budget_error
+from gateway.limits.budget import budget_error, too_large_for_budget_error, unchecked_budget_error
 from gateway.limits.rate import RATE_CAPS, rate_limit_error, too_large_error
 from gateway.store import keyspace
 from gateway.store.base import (
@@ -174,7 +174,8 @@ class Limiter:
         requests: int = 1,
     ) -> Reservation:
         """Check and reserve; raises RateLimitError / BudgetExceededError naming the limit (a budget
-        the request would fit but for what requests in flight hold: a RateLimitError, retried shortly).
+        the request would fit but for what requests in flight hold: a RateLimitError, retried shortly;
+        a request too large for a ``tpm`` or a whole budget: a RateLimitError no retry can pass).
 
         ``at``: when the request started (its log line's ``started_at``; default now). Its usage and
         budgets count in that UTC day and month, as ``gateway report`` files its line (t114); rate
@@ -195,10 +196,20 @@ class Limiter:
         )
         for scope_index, scope_limits in enumerate(limits):
             if scope_limits.tpm is not None and tokens > scope_limits.tpm:
-                owner = f"key '{principal.key_id}'" if scope_index == 0 else f"tenant '{principal.tenant}'"
                 raise too_large_error(
-                    owner, scope_limits.tpm, tokens, name=f"{_SCOPE_NAMES[scope_index]}.tpm", inputs=inputs
-                )
+                    _owner(principal, scope_index), scope_limits.tpm, tokens, name=f"{_SCOPE_NAMES[scope_index]}.tpm",
+                    inputs=inputs,
+                )  # fmt: skip
+            for cap, budget in (
+                ("usd_per_day", scope_limits.usd_per_day),
+                ("usd_per_month", scope_limits.usd_per_month),
+            ):
+                if budget and past_budget(0.0, cost_usd, budget):  # a budget of 0 is spent, not too small
+                    raise too_large_for_budget_error(
+                        cap, _owner(principal, scope_index), budget, cost_usd,
+                        name=f"{_SCOPE_NAMES[scope_index]}.{cap}", inputs=inputs,
+                        default_completion_tokens=policy.limits.default_completion_tokens,
+                    )  # fmt: skip
         minute, day, month = periods
         whose = (principal.tenant, principal.key_id)
         mark = keyspace.reservation(principal.tenant, next(_RESERVATION_IDS))
@@ -583,6 +594,10 @@ def _past_allowance(principal: Principal, index: int, limits: Limits, word: _Wor
             name = f"{_SCOPE_NAMES[index]}.{cap}"
             return unchecked_budget_error(cap, owner, limit, limit * _UNKNOWN_ROOM, since, cost, name=name)
     return None
+
+
+def _owner(principal: Principal, index: int) -> str:
+    return f"key '{principal.key_id}'" if index == 0 else f"tenant '{principal.tenant}'"
 
 
 def _limits(policy: Policy, principal: Principal) -> tuple[Limits, Limits]:

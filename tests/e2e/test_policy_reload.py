@@ -427,7 +427,7 @@ def test_a_file_written_in_two_steps_and_cut_inside_tenants_is_refused_until_it_
     try:
         version = _settle(gw, limited)
         over = _chat(gw, key="sk-cut")  # a millionth of a dollar: less than a request is estimated to cost
-        assert (over.status_code, over.json()["error"]["code"]) == (429, "insufficient_quota"), over.text
+        assert (over.status_code, over.json()["error"]["code"]) == (429, "request_too_large_for_budget"), over.text
 
         edited = limited.replace("rpm: 600", "rpm: 599")
         cut = edited.index("      usd_per_day")

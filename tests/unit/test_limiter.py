@@ -220,7 +220,9 @@ async def test_with_redis_down_a_budget_held_by_requests_in_flight_is_a_short_wa
         limiter.settle_later(policy, reservation, UsageFigures(requests=1, cost_usd=0.4))
     with pytest.raises(BudgetExceededError) as spent:  # now spent: 0.1 + 2 x 0.4 + 0.4 > 1.00
         await limiter.reserve(policy, principal, 10, 0.4)
-    assert "$0.9000 is spent and" in spent.value.message and spent.value.headers["x-should-retry"] == "false"
+    assert (
+        "$0.9000 is spent, $0.1000 is left" in spent.value.message and spent.value.headers["x-should-retry"] == "false"
+    )
     await limiter.reserve(policy, principal, 10, 0.1)  # what is left still passes
     counters.down = False
     await limiter.aclose()
