@@ -81,11 +81,9 @@ def _texts(lines: Iterable[str | bytes]) -> Iterator[_Prompt]:
                 continue
         if number == 1:
             line = line.removeprefix("\ufeff")  # the byte-order mark a Windows editor writes
-        try:
-            rec = json.loads(line)
-        except ValueError as exc:  # the parser's own "line 1" is within the line: say which line (t162)
-            said = f"{exc.msg} (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else str(exc)
-            yield _Prompt(None, error=_on_line(number, None, f"invalid JSON: {said}"))
+        rec, unread = _decoded(line)
+        if unread is not None:
+            yield _Prompt(None, error=_on_line(number, None, unread))
             continue
         if not isinstance(rec, dict):
             yield _Prompt(None, error=_on_line(number, None, "not a JSON object"))
@@ -124,12 +122,43 @@ def _on_line(number: int, record: dict[str, Any] | None, problem: str) -> str:
     return f"line {number} (id {shown}): {problem}"
 
 
+_DEPTH = 64
+"""How deep a line's JSON may nest (a prompt's nests a few levels): Python's parser, and its writer
+that checks the text, stop at its recursion limit, which a line 50,000 deep reached, ending the run (t201)."""
+_TOO_DEEP = f"JSON nested too deeply (more than {_DEPTH} levels)"
+
+
+def _decoded(line: str) -> tuple[Any, str | None]:
+    """The line's JSON value, or why it has none. The line's end is left out: with it, an error at the
+    end of a cut line was the parser's line 2, column 1 (t201)."""
+    try:
+        value = json.loads(line.rstrip("\r\n"))
+    except RecursionError:
+        return None, _TOO_DEEP
+    except ValueError as exc:  # the parser's own "line 1" is within the line: the caller says which line (t162)
+        said = f"{exc.msg} (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else str(exc)
+        return None, f"invalid JSON: {said}"
+    return (None, _TOO_DEEP) if _deeper_than(value, _DEPTH) else (value, None)
+
+
+def _deeper_than(value: Any, levels: int) -> bool:
+    """Whether more than ``levels`` lists and objects nest in ``value``, found level by level, not by recursion."""
+    level = [value]
+    for _ in range(levels):
+        level = [
+            item
+            for container in level
+            if isinstance(container, dict | list)
+            for item in (container.values() if isinstance(container, dict) else container)
+        ]
+        if not level:
+            return False
+    return any(isinstance(item, dict | list) for item in level)
+
+
 def _id_of(raw: bytes) -> dict[str, Any] | None:
     """The ``id`` of a line that is not UTF-8, where the line is JSON and the id itself is text."""
-    try:
-        rec = json.loads(raw.decode("utf-8", "surrogateescape"))
-    except ValueError:
-        return None
+    rec, _ = _decoded(raw.decode("utf-8", "surrogateescape"))
     if isinstance(rec, dict) and "id" in rec and _lone_surrogate(rec["id"]) is None:
         return {"id": rec["id"]}
     return None

@@ -523,6 +523,22 @@ def test_a_file_that_is_no_request_log_exits_1(
     assert "not a request log" not in capsys.readouterr().err
 
 
+def test_a_line_nested_too_deep_to_read_is_counted_malformed_and_the_rest_is_reported(tmp_path: Path) -> None:
+    """t201: one line nested 50,000 deep raised RecursionError out of the decoder: a traceback, no table."""
+    line = b'{"event":"request","ts":"2026-01-01T00:00:00Z","key_id":"k","tenant":"t","route":"auto","model":"m",' \
+           b'"cache":"miss","status":200,"prompt_tokens":1,"completion_tokens":1,"cost_usd":1,"baseline_cost_usd":2}\n'  # fmt: skip
+    deep = b'{"event":"request","x":' + b"[" * 50_000 + b"]" * 50_000 + b"}\n"
+    log = tmp_path / "requests.jsonl"
+    log.write_bytes(line + deep + line)
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "report", str(log), "--format", "json"],
+        capture_output=True, cwd=_ROOT, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
+    document = json.loads(done.stdout)
+    assert (document["total"]["requests"], document["lines"]["malformed"]) == (2, 1)
+
+
 def test_the_report_command_registers_like_every_command() -> None:
     import argparse
 

@@ -249,6 +249,30 @@ def test_every_line_route_cannot_read_is_named_by_its_line_and_id(policy: Path) 
     assert "8 prompts: " in routed.stderr and "6 line(s) could not be read" in routed.stderr
 
 
+def test_route_and_calibrate_go_on_past_a_line_nested_too_deep(policy: Path) -> None:
+    """t201: one line 50,000 deep ended the run with a RecursionError traceback, the lines after it unscored."""
+    sample = (
+        '{"id": 1, "prompt": "hi"}\n'
+        + '{"id": ' + "[" * 50_000 + "]" * 50_000 + ', "prompt": "hi"}\n'
+        + '{"id":"f","prompt":"x"\n'
+        + '{"id": 3, "prompt": "after"}\n'
+    )  # fmt: skip
+    routed = _run("route", "--jsonl", "-", "--policies", str(policy), stdin=sample)
+    assert routed.returncode == 1 and "Traceback" not in routed.stderr, routed.stderr
+    rows = [json.loads(line) for line in routed.stdout.splitlines()]
+    assert [row.get("error") for row in rows] == [
+        None,
+        "line 2: JSON nested too deeply (more than 64 levels)",
+        "line 3: invalid JSON: Expecting ',' delimiter (column 23)",
+        None,
+    ]
+    assert rows[3]["id"] == 3 and "p_large" in rows[3]
+    calibrated = _run("calibrate", "--target-large-share", "0.5", "--jsonl", "-", "--policies", str(policy),
+                      stdin=sample)  # fmt: skip
+    assert calibrated.returncode == 1 and "Traceback" not in calibrated.stderr, calibrated.stderr
+    assert "2 line(s) could not be read" in calibrated.stderr
+
+
 def _into_a_closed_pipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``python -m gateway ... | head -1`` where head has already gone: every write to stdout fails."""
     read, write = os.pipe()

@@ -410,6 +410,39 @@ def test_a_files_byte_order_mark_is_read_past_and_a_json_error_names_the_files_l
     assert rows[2]["error"] == "line 3: invalid JSON: Unexpected UTF-8 BOM (decode using utf-8-sig) (column 1)"
 
 
+def test_a_line_nested_too_deep_is_an_error_for_that_line_and_the_run_goes_on(clf: Classifier) -> None:
+    """t201: one line 50,000 deep raised RecursionError out of the parser, and the lines after it
+    were never scored; one just inside the parser's reach raised it when its text was checked."""
+    deep = [f'{{"id": {"[" * depth}{"]" * depth}, "prompt": "hi"}}\n' for depth in (50_000, 990, 65)]
+    lines = '{"id": 1, "prompt": "hi"}\n' + "".join(deep) + '{"id": [[1]], "prompt": "bye"}\n'
+    not_utf8 = b'{"id": ' + b"[" * 990 + b"]" * 990 + b', "prompt": "caf\xe9"}\n'  # its id looked for all the same
+    for source in (io.StringIO(lines), io.BytesIO(lines.encode()), io.BytesIO(lines.encode() + not_utf8)):
+        out = io.StringIO()
+        counts = route_jsonl(clf, source, out, 0.5, "s", "l")
+        rows = [json.loads(x) for x in out.getvalue().splitlines()]
+        assert [r.get("error") for r in rows[1:4]] == [
+            f"line {n}: JSON nested too deeply (more than 64 levels)" for n in (2, 3, 4)
+        ]
+        assert "p_large" in rows[0] and "p_large" in rows[4] and rows[4]["id"] == [[1]]
+        assert rows[5:] in ([], [{"error": "line 6: not UTF-8 text: byte 2004 (0xe9)"}])
+        assert counts["errors"] == len(rows) - 2
+    threshold, unreadable = calibrate(clf, io.StringIO(lines), 0.5)
+    assert unreadable == 3 and 0.0 <= threshold <= 1.0 + 1e-6
+
+
+def test_a_json_error_names_its_column_in_the_line(clf: Classifier) -> None:
+    """t201: a line cut short was "Expecting ',' delimiter (column 1)": the parser's line 2, past the newline."""
+    lines = '{"id":"f","prompt":"x"\n{"id":"g","prompt":"x"}}\r\n{"id":"h","prompt":"x"'
+    for source in (io.StringIO(lines), io.BytesIO(lines.encode())):
+        out = io.StringIO()
+        route_jsonl(clf, source, out, 0.5, "s", "l")
+        assert [json.loads(x)["error"] for x in out.getvalue().splitlines()] == [
+            "line 1: invalid JSON: Expecting ',' delimiter (column 23)",
+            "line 2: invalid JSON: Extra data (column 24)",
+            "line 3: invalid JSON: Expecting ',' delimiter (column 23)",
+        ]
+
+
 def test_calibrate_leaves_prompts_it_cannot_read_out_of_the_share(clf: Classifier) -> None:
     """They go large outside the gateway's target share; counted in, blank prompts filled a 30 %
     share and calibrate wrote a threshold above 1, which the gateway refuses (t55)."""
