@@ -51,6 +51,7 @@ _CORE_FLOAT = re.compile(
 _EXPONENT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
 """Floats of YAML 1.2 that :data:`_CORE_FLOAT` leaves as text (``2e-6``, ``1.5e3``): a field that
 takes a number reads them as one where they are written plain (``Problems.exponents``)."""
+_YAML_TAG = "tag:yaml.org,2002:"
 _STR = "tag:yaml.org,2002:str"
 
 
@@ -275,10 +276,12 @@ def keys_in_text(
     read_key_file: bool = True,
 ) -> KeyRing:
     """:func:`load_keys` of a policy's text, its key file named relative to ``base_dir`` (the
-    policy a gateway keeps in force, whose copy lives in the data folder)."""
+    policy a gateway keeps in force, whose copy lives in the data folder). Every problem of the
+    section :func:`load_policy` names (t201: a refused value hid the rules' problems, which only
+    ``gateway check`` said)."""
     environ = os.environ if environ is None else environ
     problems = Problems()
-    auth = _auth_section(text, source, environ, problems)
+    auth = _auth_section(text, source, environ, problems, stand_in=True)
     key_path = _key_file_path(auth, base_dir)
     key_file = _read_key_file(key_path, environ, problems) if key_path is not None and read_key_file else None
     check_auth(auth, problems, key_file=key_file and (key_file.keys, key_file.problems))
@@ -340,14 +343,22 @@ def _listed_keys(path: Path, environ: Mapping[str, str]) -> set[tuple[str, str]]
     return {(key_id, digest) for key_id, digest in pairs if isinstance(key_id, str) and isinstance(digest, str)}
 
 
-def _auth_section(text: str, source: str, environ: Mapping[str, str], problems: Problems) -> AuthPolicy:
+def _auth_section(
+    text: str, source: str, environ: Mapping[str, str], problems: Problems, *, stand_in: bool = False
+) -> AuthPolicy:
+    """The ``auth`` section; a ConfigError when it is refused, unless ``stand_in``: then, as
+    :func:`convert_policy` builds one, a stand-in for :func:`check_auth` to run on, with the
+    problems in ``problems`` (a ConfigError still where none can be built)."""
     root = _compose(text, source)
     if not isinstance(root, yaml.MappingNode):
         raise ConfigError(source, ["the file must be a mapping of sections (version, models, routes, auth, ...)"])
     nodes = [value for key, value in root.value if isinstance(key, yaml.ScalarNode) and key.value == "auth"]
     if not nodes:
         raise ConfigError(source, ["auth: required section is missing"])
-    auth = convert(_NodeReader(source, environ, problems).read(nodes[-1], ("auth",)), AuthPolicy, ("auth",), problems)
+    data = _NodeReader(source, environ, problems).read(nodes[-1], ("auth",))
+    auth = convert(data, AuthPolicy, ("auth",), problems)
+    if auth is None and stand_in and problems:
+        auth = convert(data, AuthPolicy, ("auth",), problems.unsaid())
     if auth is None:
         raise ConfigError(source, problems.messages)
     return auth
@@ -401,12 +412,12 @@ def _read_key_file(
     except ConfigError as exc:
         problems.messages.extend(f"{source}: {problem}" for problem in exc.problems)
         return _KeyFileRead([], where, text)
+    said = len(where)  # a problem said as it is read counts (t201: a value YAML cannot build is refused unsaid)
     try:
         data = _NodeReader(source, environ, where, notes, key_file=True).read(root, ()) if root else {}
     except ConfigError as exc:
         problems.messages.extend(f"{source}: {problem}" for problem in exc.problems)
         return _KeyFileRead([], where, text)
-    said = len(where)
     key_file = convert(data, KeyFile, (), where)
     if key_file is None and len(where) > said:  # for the rules only (the file is refused): the keys beside a bad one
         key_file = convert(data, KeyFile, (), where.unsaid())
@@ -586,7 +597,7 @@ class _NodeReader:
         One that YAML reads as another type is a problem saying what was written (t63: a tenant
         ``no`` was ``tenants.False: Expected str, got bool``), and the written text stands in.
         """
-        key = self._construct(node, path)
+        key = self._construct(node, path, of_key=True)
         line = node.start_mark.line + 1
         if not isinstance(key, str):
             written = node.value if len(node.value) <= 40 else node.value[:37] + "..."
@@ -645,17 +656,23 @@ class _NodeReader:
             self._problems.exponents.add(path)
         return self._construct(node, path)
 
-    def _construct(self, node: yaml.Node, path: _Path) -> Any:
+    def _construct(self, node: yaml.Node, path: _Path, *, of_key: bool = False) -> Any:
+        """``of_key``: the node is a key of the mapping at ``path``, not its value."""
         try:
             return self._loader.construct_object(node)
         except yaml.constructor.ConstructorError as exc:  # an unknown tag (!foo), a bad !!binary...
             self._problems.add(path, f"not valid YAML: {exc.problem}", line=node.start_mark.line + 1)
             return node.value if isinstance(node, yaml.ScalarNode) else None  # reported once: checks go on
-        except Exception as exc:
-            # Named by its type and tag only: the value may be a secret written in the wrong place.
+        except Exception:
+            # Named by its tag only: the value may be a secret written in the wrong place.
+            tag = node.tag.replace(_YAML_TAG, "!!", 1)
             self._problems.add(
-                path, f"not a value YAML can build as {node.tag} ({type(exc).__name__})", line=node.start_mark.line + 1
+                path,
+                f"not a value YAML can build as `{tag}` (the value is not shown here): remove the tag or fix the value",
+                line=node.start_mark.line + 1,
             )
+            if not of_key:  # t201: the None in its place was judged too ("must be one of ..., got None")
+                self._problems.standing_in.add(path)
             return None
 
 

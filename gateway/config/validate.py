@@ -166,9 +166,8 @@ def convert_policy(data: Mapping[str, Any], problems: Problems) -> tuple[Policy,
     a required section none can be built for replaced by a stand-in. Also returns, per section,
     the names of the entries left out (a reference to one is not "unknown").
     """
-    said = len(problems)
     sections = _sections(data, problems)
-    if len(problems) > said:
+    if problems:  # said as it was read too (t201: a value YAML cannot build, which is refused unsaid)
         sections = _sections(data, problems.unsaid())
     fields = _fields(Policy)
     broken = frozenset(field.name for field in fields.values() if _required(field) and field.name not in sections)
@@ -681,20 +680,21 @@ def check_auth(auth: AuthPolicy, problems: Problems, *, key_file: tuple[list[Aut
     seen: set[str] = set()
     hashes: dict[str, str] = {}
     for key, where, path in located:  # a refused value (said already) has a placeholder in its place
-        if (*path, "id") not in where.refused:
+        id_read = (*path, "id") not in where.refused
+        named = f"key {key.id!r}" if id_read else f"the key at {dotted(path)}"  # t201: not the placeholder's ''
+        if id_read:
             if key.id in seen:
                 where.add((*path, "id"), f"duplicate key id {key.id!r}")
             seen.add(key.id)
         if (*path, "hash") not in where.refused:
             if key.hash in hashes:  # one secret, two keys: it would act as whichever was read last
-                where.add((*path, "hash"), f"key {key.id!r} has the same secret as key {hashes[key.hash]!r}")
-            hashes.setdefault(key.hash, key.id)
+                where.add((*path, "hash"), f"{named} has the same secret as {hashes[key.hash]}")
+            hashes.setdefault(key.hash, named)
         for i, name in enumerate(key.engine_fields):
             if name not in ENGINE_FIELDS and (*path, "engine_fields", i) not in where.refused:
                 where.add(
                     (*path, "engine_fields", i),
-                    f"key {key.id!r} names {name!r}, which is no engine field; `engine_fields` takes "
-                    f"{ENGINE_FIELDS_TAKEN}",
+                    f"{named} names {name!r}, which is no engine field; `engine_fields` takes {ENGINE_FIELDS_TAKEN}",
                 )
     unread = ("auth", "keys") in problems.refused or ("auth", "key_file") in problems.refused  # at their defaults
     if auth.mode == "keys" and not auth.keys and not auth.key_file and not unread:

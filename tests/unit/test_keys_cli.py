@@ -181,6 +181,26 @@ def test_keys_list_of_an_invalid_key_file_lists_nothing_and_says_why(
     assert f"{key_file} is invalid as it is now (the problems above): its keys are not listed until they are" in err
 
 
+def test_keys_list_says_every_problem_of_the_auth_section_that_check_says(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """t201: with a key's id refused, `keys list` said that alone, and `check` the engine fields
+    beside it too (of that key, and of another)."""
+    policy.write_text(
+        POLICY.replace(
+            f'keys: [{{id: inline, hash: "{HASH}"}}]',
+            f"keys:\n    - {{id: 'bad id!', hash: '{HASH}', engine_fields: [nope]}}\n"
+            f"    - {{id: other, hash: '{OTHER_HASH}', engine_fields: [zzz]}}",
+        )
+    )
+    assert main(["check", str(policy)]) == 1
+    checked = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  - auth.")]
+    assert _list(policy) == 1
+    listed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  - ")]
+    assert len(checked) == 3 and listed == checked
+    assert "the key at auth.keys[0] names 'nope'" in listed[1] and "key 'other' names 'zzz'" in listed[2]
+
+
 def test_keys_list_reads_the_policy_in_force_while_policies_yaml_is_not_yaml(
     policy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -18,6 +18,7 @@ from gateway.config.envsubst import MissingVariable, substitute
 from gateway.config.kept import keep_policy, kept_key_file
 from gateway.config.loader import load_keys, load_policy, load_policy_text, without_unlisted_keys
 from gateway.config.schema import RequestLogPolicy
+from gateway.config.validate import ENGINE_FIELDS_TAKEN
 from gateway.errors import ConfigError
 from gateway.runtime import RuntimeHolder, keep_last_good, load_at_start
 
@@ -412,6 +413,63 @@ def test_the_rules_judge_the_rest_of_an_entry_with_a_bad_value_and_say_nothing_o
         "auth.keys[2].id (line 16): duplicate key id 'a'",
         "auth.keys[2].hash (line 16): key 'a' has the same secret as key 'a'",
     ]
+
+
+def test_a_key_whose_id_is_refused_is_named_by_its_place_and_load_keys_says_all_that_check_says(
+    tmp_path: Path,
+) -> None:
+    """t201: a key whose id was refused was called ``key ''`` (its placeholder's) by the rules, and
+    load_keys (``keys list``, ``new``, ``revoke``) said only the refused id, not the rules' problems."""
+    a, b, c = ("sha256:" + digit * 64 for digit in "abc")
+    policy = VALID.replace(
+        "auth: {mode: none}",
+        "auth:\n  mode: keys\n  key_file: keys.yaml\n  keys:\n"
+        f"    - {{id: ok, hash: '{a}'}}\n"
+        f"    - {{id: 'bad id!', hash: '{b}', engine_fields: [priority, nope]}}\n"
+        f"    - {{id: other, hash: '{c}', engine_fields: [zzz]}}\n",
+    )
+    path = _with_key_file(tmp_path, policy, f"keys:\n  - {{id: 'x y', hash: '{a}'}}\n")
+    key_file = tmp_path / "keys.yaml"
+    no_engine_field = f"which is no engine field; `engine_fields` takes {ENGINE_FIELDS_TAKEN}"
+    id_refused = "must be 1-128 characters, no spaces or control characters, got"
+    with pytest.raises(ConfigError) as checked:
+        load_policy(path, environ={})
+    assert checked.value.problems == [
+        f"auth.keys[1].id (line 19): {id_refused} 'bad id!'",
+        f"{key_file}: keys[0].id (line 2): {id_refused} 'x y'",
+        f"auth.keys[1].engine_fields[1] (line 19): the key at auth.keys[1] names 'nope', {no_engine_field}",
+        f"auth.keys[2].engine_fields[0] (line 20): key 'other' names 'zzz', {no_engine_field}",
+        f"{key_file}: keys[0].hash (line 2): the key at keys[0] has the same secret as key 'ok'",
+    ]
+    with pytest.raises(ConfigError) as read:
+        load_keys(path, environ={})
+    assert read.value.problems == checked.value.problems
+
+
+def test_a_value_yaml_cannot_build_is_one_problem_and_the_rest_is_judged(tmp_path: Path) -> None:
+    """t201: `mode: !!int sk-...` said "(ValueError)", then "must be one of `none`, `keys`, got None"
+    of the None in its place; the keys beside it, and those beside a key file's such value, were judged too."""
+    a = "sha256:" + "a" * 64
+    policy = VALID.replace(
+        "auth: {mode: none}",
+        f"auth:\n  mode: !!int sk-secret-1\n  key_file: keys.yaml\n  keys: [{{id: ok, hash: '{a}', engine_fields: [zzz]}}]\n",
+    )
+    path = _with_key_file(tmp_path, policy, "keys:\n  - {id: k, hash: !!int sk-secret-2}\n  - {id: ok, hash: md5}\n")
+    key_file = tmp_path / "keys.yaml"
+    unbuilt = "not a value YAML can build as `!!int` (the value is not shown here): remove the tag or fix the value"
+    with pytest.raises(ConfigError) as checked:
+        load_policy(path, environ={})
+    assert checked.value.problems == [
+        f"auth.mode (line 15): {unbuilt}",
+        f"{key_file}: keys[0].hash (line 2): {unbuilt}",
+        f"{key_file}: keys[1].hash (line 3): must be `sha256:` followed by 64 lowercase hex digits, got 'md5'",
+        "auth.keys[0].engine_fields[0] (line 17): key 'ok' names 'zzz', which is no engine field; `engine_fields` "
+        f"takes {ENGINE_FIELDS_TAKEN}",
+        f"{key_file}: keys[1].id (line 3): duplicate key id 'ok'",
+    ]
+    with pytest.raises(ConfigError) as read:
+        load_keys(path, environ={})
+    assert read.value.problems == checked.value.problems
 
 
 def test_two_keys_with_one_secret_are_refused(tmp_path: Path) -> None:
