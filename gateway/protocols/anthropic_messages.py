@@ -46,6 +46,7 @@ from gateway.core.model import (
 from gateway.errors import InvalidRequestError, context_overflow
 from gateway.pricing import PricedOptions, option_name
 from gateway.protocols.body import decode_body, refuse_choice_without_tools
+from gateway.protocols.call_ids import distinct_call_id
 from gateway.protocols.upstream_json import mended, token_count
 
 __all__ = [
@@ -686,6 +687,7 @@ def _turns(messages: list[Message]) -> tuple[str | list[Block], list[dict[str, A
     system_texts: list[str] = []
     system_blocks: list[Block] = []
     turns: list[tuple[str, list[Block]]] = []
+    ids = _ToolIds()
     last = max((i for i, m in enumerate(messages) if m.role != "system"), default=-1)
     for i, message in enumerate(messages):
         if message.role == "system":
@@ -695,10 +697,10 @@ def _turns(messages: list[Message]) -> tuple[str | list[Block], list[dict[str, A
                     system_blocks.append(_marked({"type": "text", "text": part.text}, part.cache_control))
             continue
         if message.role == "tool":
-            role, blocks = "user", [_tool_result(message)]
+            role, blocks = "user", [_tool_result(message, ids)]
         else:
             role, blocks = message.role, [b for part in message.parts if (b := _block(part, i)) is not None]
-            blocks += [_tool_use(call, i) for call in message.tool_calls]
+            blocks += [_tool_use(call, i, ids) for call in message.tool_calls]
         if not blocks:
             # Left out, the turns around it would be joined, or the last user turn's answer be
             # continued (t53, t180); but a final assistant one is a prefill of nothing, and a turn
@@ -760,14 +762,14 @@ def _image_source(url: str, i: int) -> dict[str, str]:
     raise InvalidRequestError(f"messages[{i}]: image URLs must be data: or http(s) URLs", param="messages")
 
 
-def _tool_use(call: ToolCall, i: int) -> Block:
+def _tool_use(call: ToolCall, i: int, ids: _ToolIds) -> Block:
     try:
         tool_input = msgspec.json.decode(call.arguments or "{}")
     except msgspec.DecodeError:
         raise InvalidRequestError(f"messages[{i}]: tool call arguments are not valid JSON", param="messages") from None
     if not isinstance(tool_input, dict):
         raise InvalidRequestError(f"messages[{i}]: tool call arguments must be a JSON object", param="messages")
-    return {"type": "tool_use", "id": _tool_id(call.id), "name": call.name, "input": tool_input}
+    return {"type": "tool_use", "id": ids.call(call.id), "name": call.name, "input": tool_input}
 
 
 def _tool_id(call_id: str | None) -> str | None:
@@ -784,8 +786,35 @@ _ANTHROPIC_ID = re.compile(r"[a-zA-Z0-9_-]+")
 _NOT_IN_AN_ID = re.compile(r"[^a-zA-Z0-9_-]")
 
 
-def _tool_result(message: Message) -> Block:
-    block: Block = {"type": "tool_result", "tool_use_id": _tool_id(message.tool_call_id)}
+class _ToolIds:
+    """Each ``tool_use`` id once in the conversation, as Anthropic refuses one twice ("`tool_use` ids
+    must be unique"), while chat servers that number their calls per answer (vLLM's and Qwen's
+    ``call_0``) reuse them, and a Responses or chat conversation may call an id again once it is
+    answered (f230: such a conversation was refused in words its client never wrote). A call under
+    an id used before goes under a fresh one (:func:`distinct_call_id`), and so does the result
+    that answers it: a result answers the first call of its id still waiting, as the edges pair
+    them. The same conversation gets the same ids every turn (Anthropic's prompt cache holds), and
+    the client never sees them: Anthropic's answer names its own calls."""
+
+    __slots__ = ("_used", "_waiting")
+
+    def __init__(self) -> None:
+        self._used: set[str] = set()
+        self._waiting: dict[str, list[str]] = {}
+        """Per id the client gave, the ids sent for its calls not answered yet, in order."""
+
+    def call(self, call_id: str) -> str:
+        sent = distinct_call_id(_tool_id(call_id) or "", self._used)
+        self._waiting.setdefault(call_id, []).append(sent)
+        return sent
+
+    def result(self, call_id: str | None) -> str | None:
+        waiting = self._waiting.get(call_id) if call_id is not None else None
+        return waiting.pop(0) if waiting else _tool_id(call_id)
+
+
+def _tool_result(message: Message, ids: _ToolIds) -> Block:
+    block: Block = {"type": "tool_result", "tool_use_id": ids.result(message.tool_call_id)}
     parts = message.parts
     if len(parts) == 1 and isinstance(parts[0], TextPart) and parts[0].cache_control is None:
         block["content"] = parts[0].text

@@ -14,7 +14,9 @@ by :func:`gateway.protocols.anthropic_messages.encode_request`. For a chat clien
   merged, since Anthropic requires user/assistant alternation; empty text is dropped
   (Anthropic rejects empty text blocks).
 - Assistant ``tool_calls`` → ``tool_use`` blocks (arguments JSON-decoded to ``input``);
-  ``tool`` messages → a user message of ``tool_result`` blocks.
+  ``tool`` messages → a user message of ``tool_result`` blocks. An id a conversation calls
+  again (a chat server's ``call_0`` every turn) goes under one of its own in the call and its
+  result, since Anthropic refuses ``tool_use`` ids that repeat.
 - ``max_tokens`` / ``max_completion_tokens`` → ``max_tokens`` (4096 when absent, since
   Anthropic requires it); ``temperature`` (clamped to [0, 1]); ``top_p``; ``stop`` →
   ``stop_sequences``; ``user`` → ``metadata.user_id``; ``tools`` → ``tools``
