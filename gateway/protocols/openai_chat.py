@@ -50,6 +50,7 @@ from gateway.core.model import (
 from gateway.core.replay import deltas_of
 from gateway.errors import InvalidRequestError
 from gateway.pricing import tier_name
+from gateway.protocols.call_ids import distinct_call_id
 from gateway.protocols.upstream_json import token_count
 
 __all__ = [
@@ -1070,17 +1071,21 @@ class CallNumbering:
 class CallRelay:
     """A chat upstream's streamed tool calls rewritten, in place, into what OpenAI sends a chat
     client, which adds up each call's fields chunk by chunk: indices from :class:`CallNumbering`,
-    arguments as JSON text (some compatible servers send the object: t48), an id or a name a
+    an id of its own for each call (:func:`distinct_call_id`: vLLM may give parallel calls one
+    ``call_0``, f230), arguments as JSON text (some compatible servers send the object: t48), an id or a name a
     server repeats whole in every chunk sent once (t58: the client read ``ff``; the other
     protocols' readers already took it once, :func:`grown_name`), and ``"{}"`` for a call that
     ended with no arguments (t58: the client read ``''``; OpenAI sends ``"{}"``, and a Claude
     upstream's input-less ``tool_use`` reads so too, t52)."""
 
-    __slots__ = ("_argued", "_ids", "_names", "_numbering")
+    __slots__ = ("_argued", "_given", "_ids", "_names", "_numbering")
 
     def __init__(self) -> None:
         self._numbering = CallNumbering()
         self._ids: dict[int, str] = {}
+        """Each call's id as the upstream gave it."""
+        self._given: set[str] = set()
+        """The ids given to the client: a call under one of them gets another (f230)."""
         self._names: dict[int, str] = {}
         self._argued: set[int] = set()
 
@@ -1093,8 +1098,10 @@ class CallRelay:
         if call_id and self._ids.get(index) == call_id:  # the call's id again
             del call["id"]
             changed = True
-        elif call_id:
+        elif isinstance(call_id, str) and call_id:
             self._ids[index] = call_id
+            if (unique := distinct_call_id(call_id, self._given)) != call_id:
+                call["id"], changed = unique, True
         function = call.get("function")
         if not isinstance(function, dict):
             self._names.setdefault(index, "")

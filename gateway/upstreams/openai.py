@@ -27,6 +27,7 @@ from gateway.errors import (
 from gateway.pricing import tier_name
 from gateway.protocols import openai_chat
 from gateway.protocols import openai_responses as responses
+from gateway.protocols.call_ids import distinct_call_id
 from gateway.upstreams.base import (
     ChatStream,
     Completion,
@@ -74,7 +75,7 @@ class OpenAIProvider(Provider):
             data, content = decode_answer(self.name, response.content)
             cut = bool(stops) and cut_choices(data, stops)
             trimmed = _usage_for_the_client(data)
-            if cut or (b'"tool_calls"' in content and _arguments_as_text(data)) or trimmed:
+            if cut or (b'"tool_calls"' in content and _calls_as_openai_gives(data)) or trimmed:
                 content = msgspec.json.encode(data)
             usage = usage_of(openai_chat.read_usage(data.get("usage"), service_tier=data.get("service_tier")))
             text = _message_text(self.name, data)
@@ -677,15 +678,21 @@ def _usage_for_the_client(data: dict[str, Any]) -> bool:
     return True
 
 
-def _arguments_as_text(data: dict[str, Any]) -> bool:
+def _calls_as_openai_gives(data: dict[str, Any]) -> bool:
     """Each tool call's arguments as the JSON text OpenAI sends, where a compatible server sent the
     object (t48: a chat client's SDK could not parse them), or none (t58: ``"{}"``, as a stream's
-    are); whether any was."""
+    are), and each call of an answer under an id of its own, as a stream gives them
+    (:class:`openai_chat.CallRelay`: vLLM may give parallel calls one ``call_0``, f230); whether any
+    was changed."""
     changed = False
     for choice in data.get("choices") or ():
         message = choice.get("message") if isinstance(choice, dict) else None
         calls = message.get("tool_calls") if isinstance(message, dict) else None
+        given: set[str] = set()
         for call in calls if isinstance(calls, list) else ():
+            call_id = call.get("id") if isinstance(call, dict) else None
+            if isinstance(call_id, str) and call_id and (unique := distinct_call_id(call_id, given)) != call_id:
+                call["id"], changed = unique, True
             function = call.get("function") if isinstance(call, dict) else None
             if not isinstance(function, dict):
                 continue

@@ -273,3 +273,69 @@ def test_a_messages_clients_reused_id_goes_to_anthropic_as_it_came_passed_throug
     assert _wire_ids(claude_upstream.bodies[-1])[2] == ("tool_use", "call_0")
     assert claude.messages.create(**asked).content[0].type == "text"
     _paired_apart(_wire_ids(claude_upstream.bodies[-1]))
+
+
+def _apart(ids: list[str]) -> None:
+    """Two calls under ids of their own, the first as the upstream gave it."""
+    assert len(ids) == 2 and ids[0] == "call_0" and ids[1] != "call_0"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_two_calls_of_one_answer_under_one_id_reach_a_responses_client_apart_and_are_stored_so(
+    gateway: GatewayProcess, vllm: RecordingUpstream, stream: bool
+) -> None:
+    """t201: vLLM answered two calls both ``call_0``; the gateway gave and stored them so, and
+    answering both was a 400 ("Duplicate function_call for call_id 'call_0'"). Each call now has
+    an id of its own, in the stream's events, the response and the stored turn alike, and its
+    output goes upstream under it."""
+    oai = _oai(gateway)
+    first, streamed_ids = _response(oai, stream, model="vllm-r", tools=[_RESPONSES_TOOL], input="Weather twice?")
+    ids = [item.call_id for item in first.output if item.type == "function_call"]
+    outputs: Any = [{"type": "function_call_output", "call_id": i, "output": "1C"} for i in ids]
+    second, _ = _response(
+        oai, stream, model="vllm-r", tools=[_RESPONSES_TOOL], previous_response_id=first.id, input=outputs
+    )
+    assert second.status == "completed" and second.output_text == "Sunny."
+    _apart(ids)
+    assert streamed_ids in (None, ids)
+    sent = vllm.bodies[-1]["messages"]
+    assert [call["id"] for call in sent[1]["tool_calls"]] == ids
+    assert [m["tool_call_id"] for m in sent[2:]] == ids
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_two_calls_of_one_answer_under_one_id_reach_a_chat_client_apart(
+    gateway: GatewayProcess, vllm: RecordingUpstream, stream: bool
+) -> None:
+    """The chat client sent the answer back with an output for each call: a 400 ("Duplicate value
+    for 'tool_call_id' of 'call_0'"), as OpenAI refuses two outputs of one call."""
+    oai = _oai(gateway)
+    ask: Any = {"role": "user", "content": "Weather twice?"}
+    message = _chat_calls(oai, stream, [ask])
+    ids = [call.id for call in message.tool_calls or ()]
+    answers = [{"role": "tool", "tool_call_id": i, "content": "1C"} for i in ids]
+    assert _chat_calls(oai, stream, [ask, message.model_dump(exclude_none=True), *answers]).content == "Sunny."
+    _apart(ids)
+    assert [m.get("tool_call_id") for m in vllm.bodies[-1]["messages"][2:]] == ids
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_two_calls_of_one_answer_under_one_id_reach_a_messages_client_apart(
+    gateway: GatewayProcess, vllm: RecordingUpstream, stream: bool
+) -> None:
+    """The Messages client sent the turn back with a result for each call: a 400 ("`tool_use` ids
+    must be unique"), as Anthropic refuses it."""
+    claude = _claude(gateway)
+    asked: Any = {"model": "vllm-r", "max_tokens": 64, "tools": [_CLAUDE_TOOL]}
+    turn: Any = [{"role": "user", "content": "Weather twice?"}]
+    if stream:
+        with claude.messages.stream(**asked, messages=turn) as streaming:
+            called = streaming.get_final_message()
+    else:
+        called = claude.messages.create(**asked, messages=turn)
+    uses = [block for block in called.content if block.type == "tool_use"]
+    results = [{"type": "tool_result", "tool_use_id": use.id, "content": "1C"} for use in uses]
+    turn += [{"role": "assistant", "content": [use.model_dump() for use in uses]}, {"role": "user", "content": results}]
+    assert claude.messages.create(**asked, messages=turn).content[0].type == "text"
+    _apart([use.id for use in uses])
+    assert [m.get("tool_call_id") for m in vllm.bodies[-1]["messages"][2:]] == [use.id for use in uses]
