@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 from gateway.config.schema import SpeculationPolicy
 from gateway.core import model as core
 from gateway.errors import UpstreamError, UpstreamStatusError, UpstreamTotalTimeoutError
+from gateway.protocols.engine_fields import ENGINE_FIELDS
 from gateway.protocols.openai_chat import chunk_body, completion_body, usage_body
 from gateway.speculative.adaptive import AdaptiveK
 from gateway.speculative.drafts import DraftSource, ModelDraft, PromptLookupDraft
@@ -66,7 +67,6 @@ _VLLM_DEFAULTS: dict[str, object] = {
     "spaces_between_special_tokens": True,
     "bad_words": None,
     "allowed_token_ids": None,
-    "logits_processors": None,
     "prompt_logprobs": None,
     "truncate_prompt_tokens": None,
     "use_beam_search": False,
@@ -90,9 +90,15 @@ _UNSUPPORTED = (
     "guided_choice",
     "guided_grammar",
     "structured_outputs",
-    "chat_template",  # the loop's /tokenize would apply the server's own
     "documents",
 )
+
+_ENGINE_FIELDS = tuple(sorted(ENGINE_FIELDS))
+"""vLLM's and SGLang's engine-level fields, which reach a request only from a key whose
+``engine_fields`` keeps them (f223). The loop's calls carry none: a ``lora_path`` or ``vllm_xargs``
+(or a ``chat_template``) changes the model the draft would have to agree with, a ``priority``
+or ``kv_transfer_params`` belongs to one request's place on the server, not to dozens of
+draft/verify calls. Such a request goes plain, sent with them (f229)."""
 
 _DOES_NOT_FIT = "context_length"
 """Why a request went plain when it does not fit the large server's window."""
@@ -357,6 +363,9 @@ class SpeculativeProvider(Provider):
             return "busy"
         if time.monotonic() < self._draft_down_until:  # a draft or a pair check failed (or too slow to pay)
             return self._draft_down_reason
+        for name in _ENGINE_FIELDS:
+            if name in body:  # whatever its value: the server judges it, as without speculation
+                return f"unsupported_{name}"
         for name in _UNSUPPORTED:
             if body.get(name) is not None:
                 return f"unsupported_{name}"

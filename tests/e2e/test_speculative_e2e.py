@@ -205,6 +205,56 @@ def test_neither_server_is_sent_a_clients_engine_fields(
         assert (large.stats()["engine_fields"], small.stats()["engine_fields"]) == ([], []), model
 
 
+def test_a_request_with_engine_fields_its_key_keeps_is_sent_plain_with_them(
+    tmp_path: Path, redis_server: EmbeddedRedis, servers: tuple[ToyServer, ToyServer]
+) -> None:
+    """f229 (t201): the loop's calls carry no engine field, so a trusted key's ``lora_path``,
+    ``vllm_xargs`` or ``priority`` was dropped without a word whenever a request speculated: the
+    client got the base model's answer, not its adapter's, its batch job's calls went at the
+    default priority. A request that carries one is decoded plainly, the fields sent on."""
+    large, small = servers
+    kept = ["lora_path", "vllm_xargs", "priority", "kv_transfer_params"]
+    key = f'    - {{id: batch, tenant: acme, hash: "{hash_key("key-batch")}", engine_fields: [{", ".join(kept)}]}}'
+    policy = _policy(large, small).replace("auth: {mode: none}", "auth:\n  mode: keys\n  keys:\n" + key)
+    write_tokenizer_json(str(tmp_path / "tokenizer.json"))
+    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_server.url})
+    client = closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="key-batch", max_retries=0, timeout=30))
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPTS[2]}]
+
+    def ask(extra: dict[str, object], stream: bool) -> tuple[str, dict[str, object]]:
+        large.reset()
+        small.reset()
+        with client.chat.completions.with_streaming_response.create(
+            model="best", messages=messages, temperature=0, max_tokens=16, stream=stream, extra_body=extra
+        ) as response:
+            answer = response.parse()
+            text = (
+                "".join(c.choices[0].delta.content or "" for c in answer if c.choices)  # type: ignore[union-attr]
+                if stream
+                else answer.choices[0].message.content or ""  # type: ignore[union-attr]
+            )
+            assert "x-gateway-dropped" not in response.headers
+            speculation: dict[str, object] = gateway.wait_for_record(response.headers["x-request-id"])["speculation"]
+        return text, speculation
+
+    try:
+        assert gateway.wait_for_ops("speculation_pair_ok"), gateway.stderr_text()[-3000:]  # else it goes plain
+        want, speculation = ask({}, stream=False)
+        assert speculation["mode"] == "gateway", speculation  # the key's other requests still speculate
+        engine: dict[str, object] = {"lora_path": "/adapters/sql", "vllm_xargs": {"plugin_arg": 1}, "priority": 10,
+                                     "kv_transfer_params": {"do_remote_decode": True}}  # fmt: skip
+        for stream in (False, True):
+            for name in kept:
+                text, speculation = ask({name: engine[name]}, stream)
+                assert text == want  # the toy server reads none of them
+                assert speculation["mode"] == "plain", speculation
+                assert speculation["fallback_reason"] == f"unsupported_{name}", speculation
+                assert large.stats()["engine_fields"] == [name] and large.stats()["chat"] == 1
+                assert small.stats()["completions"] == small.stats()["chat"] == 0  # nothing drafted
+    finally:
+        gateway.stop()
+
+
 def test_speculating_keeps_each_tenants_prefix_cache_its_own(
     tmp_path: Path, redis_server: EmbeddedRedis, servers: tuple[ToyServer, ToyServer]
 ) -> None:

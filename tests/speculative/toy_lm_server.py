@@ -464,8 +464,16 @@ class _Request:
     cache_salt: str | None = None
 
 
+_ENGINE_FIELDS = (
+    *("bootstrap_host", "bootstrap_port", "bootstrap_room", "chat_template", "custom_logit_processor"),
+    *("data_parallel_rank", "kv_transfer_params", "logits_processors", "lora_path", "priority", "request_id"),
+    *("return_hidden_states", "rid", "vllm_xargs"),
+)
+"""vLLM's and SGLang's engine-level fields (the gateway's ``ENGINE_FIELDS``; this script imports nothing of it)."""
+
+
 def _salt(state: State, body: dict[str, Any]) -> str | None:
-    for name in ("kv_transfer_params", "priority", "request_id", "vllm_xargs"):  # read where the salt is
+    for name in _ENGINE_FIELDS:  # read where the salt is
         if name in body and name not in state.stats.engine_fields:
             state.stats.engine_fields.append(name)
     salt = body.get("cache_salt")
