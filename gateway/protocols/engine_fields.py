@@ -27,7 +27,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ENGINE_FIELDS", "SAMPLING_FIELDS", "without_engine_fields"]
+from gateway.errors import InvalidRequestError
+from gateway.protocols.openai_fields import json_type
+
+__all__ = ["ENGINE_FIELDS", "SAMPLING_FIELDS", "check_kept", "without_engine_fields"]
 
 ENGINE_FIELDS = frozenset(
     {
@@ -72,11 +75,27 @@ SAMPLING_FIELDS = frozenset(
 
 def without_engine_fields(body: dict[str, Any], kept: frozenset[str] = frozenset()) -> tuple[dict[str, Any], list[str]]:
     """``body`` without the engine fields but those ``kept`` (the key's ``engine_fields``), and
-    the names of those it had; the same dict when it has none to take out."""
+    the names of those it had; the same dict when it has none to take out. A 400 for a kept one
+    the server would refuse (:func:`check_kept`)."""
     if ENGINE_FIELDS.isdisjoint(body):
         return body, []  # the usual request: one look at each of its fields on the hot path
+    check_kept(body, kept)
     dropped = ENGINE_FIELDS.difference(kept) if kept else ENGINE_FIELDS
     found = sorted(name for name in body if name in dropped)
     if not found:
         return body, []  # only fields its key may send
     return {name: value for name, value in body.items() if name not in dropped}, found
+
+
+def check_kept(body: dict[str, Any], kept: frozenset[str]) -> None:
+    """A 400 for a kept ``priority`` that is not an integer, in OpenAI's words and code: vLLM
+    refuses it, but ``priority`` is not in the cache key, so a hit answered 200 what a miss got
+    refused (f229). Other kept fields are in the key, and the server judges them."""
+    if "priority" in kept and "priority" in body:
+        value = body["priority"]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidRequestError(
+                f"Invalid type for 'priority': expected an integer, but got {json_type(value)} instead.",
+                param="priority",
+                code="invalid_type",
+            )

@@ -34,7 +34,7 @@ from gateway.core.model import (
 )
 from gateway.errors import InvalidRequestError
 from gateway.protocols.body import check_fields, decode_body, refuse_options_without_stream
-from gateway.protocols.engine_fields import SAMPLING_FIELDS
+from gateway.protocols.engine_fields import SAMPLING_FIELDS, check_kept
 from gateway.protocols.openai_fields import BestOf, ChoiceCount, MaxTokens, Penalty, Stop, Temperature, TopP
 
 __all__ = ["DEFAULT_MAX_TOKENS", "Completion", "StreamEncoder", "decode_request", "encode_answer"]
@@ -95,6 +95,7 @@ def decode_request(raw: bytes, engine_fields: frozenset[str] = frozenset()) -> C
     """``engine_fields``: the engine fields the caller's key may send on, carried as a chat body's are."""
     body = decode_body(raw, dict[str, Any])
     known, carried = (_KNOWN | engine_fields, _CARRIED | engine_fields) if engine_fields else (_KNOWN, _CARRIED)
+    check_kept(body, engine_fields)
     wire = check_fields(body, _CompletionsRequest)
     prompt = _prompt(wire.prompt)
     refuse_options_without_stream(wire.stream, wire.stream_options)

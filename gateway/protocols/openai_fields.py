@@ -19,6 +19,7 @@ __all__ = [
     "TopP",
     "check_metadata",
     "check_schema_name",
+    "json_type",
 ]
 
 MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
@@ -42,7 +43,7 @@ def check_metadata(metadata: dict[str, Any]) -> None:
     for key, value in metadata.items():
         if not isinstance(value, str):
             raise InvalidRequestError(
-                f"Invalid type for 'metadata.{key}': expected a string, but got {_json_type(value)} instead.",
+                f"Invalid type for 'metadata.{key}': expected a string, but got {json_type(value)} instead.",
                 param=f"metadata.{key}",
                 code="invalid_type",
             )
@@ -83,7 +84,7 @@ def check_schema_name(name: object, param: str) -> None:
         )
     if not isinstance(name, str):
         raise InvalidRequestError(
-            f"Invalid type for '{param}': expected a string, but got {_json_type(name)} instead.",
+            f"Invalid type for '{param}': expected a string, but got {json_type(name)} instead.",
             param=param,
             code="invalid_type",
         )
@@ -103,7 +104,7 @@ def check_schema_name(name: object, param: str) -> None:
         )
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
     """A decoded JSON value's type as OpenAI's messages name it, with its article."""
     if value is None:
         return "null"
@@ -113,4 +114,6 @@ def _json_type(value: object) -> str:
         return "an integer"
     if isinstance(value, float):
         return "a number"
+    if isinstance(value, str):
+        return "a string"
     return "an array" if isinstance(value, list) else "an object"

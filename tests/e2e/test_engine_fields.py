@@ -392,6 +392,42 @@ def test_the_cache_keeps_an_answer_shaped_by_vllm_xargs_apart(keyed: GatewayProc
     assert len(vllm.bodies) == sent + 3
 
 
+@pytest.mark.parametrize("edge", _EDGES)
+def test_a_kept_priority_that_is_no_integer_is_refused_at_the_edge(
+    keyed: GatewayProcess, vllm: RecordingUpstream, edge: str
+) -> None:
+    """f229 (t201): vLLM's ``priority`` is an integer, and it is not in the cache key: ``"high"``
+    was answered 200 from the cache where a miss got vLLM's 400. It is refused before either."""
+    oai, sent = _sdk(keyed, _TRUSTED), len(vllm.bodies)
+    for value in ("high", "5", True, 2.5, None, [1]):
+        with pytest.raises(openai.BadRequestError) as refused:
+            _ask(oai, edge, {"priority": value, "vllm_xargs": {"plugin_arg": 1}})
+        assert (refused.value.param, refused.value.code) == ("priority", "invalid_type"), refused.value
+        assert "Invalid type for 'priority': expected an integer" in refused.value.message, refused.value
+    assert len(vllm.bodies) == sent
+    _ask(oai, edge, {"priority": -3})  # an integer goes on
+    assert vllm.bodies[-1]["priority"] == -3
+
+
+def test_a_kept_priority_that_is_no_integer_is_refused_whatever_the_cache_holds(keyed: GatewayProcess) -> None:
+    trusted = _sdk(keyed, _TRUSTED)
+    ask: Any = [{"role": "user", "content": f"Say hello ({uuid.uuid4().hex})."}]
+    raw = trusted.chat.completions.with_raw_response.create(
+        model="vllm-r", messages=ask, temperature=0, extra_body={"priority": 1}
+    )
+    raw.parse()
+    assert raw.headers["x-gateway-cache"] == "miss"
+    with pytest.raises(openai.BadRequestError) as refused:
+        trusted.chat.completions.create(model="vllm-r", messages=ask, temperature=0, extra_body={"priority": "high"})
+    assert refused.value.param == "priority"
+
+
+def test_another_keys_priority_is_dropped_whatever_its_value(keyed: GatewayProcess, vllm: RecordingUpstream) -> None:
+    """A key that may not send ``priority`` is not told what a trusted key's must be: it is dropped, as before."""
+    headers = _ask(_sdk(keyed, _OTHER), "chat", {"priority": "high"})
+    assert _dropped(headers) == {"priority"} and "priority" not in vllm.bodies[-1]
+
+
 @pytest.mark.parametrize("name", ["temperature", "foo"])
 def test_a_key_naming_what_is_no_engine_field_is_refused_at_start(
     tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream, name: str
