@@ -184,12 +184,15 @@ class _KeyFileNow(NamedTuple):
     """Why the key file is not applied whole."""
     dropped: list[str]
     """The ids of the keys taken out while the file is invalid."""
+    narrowed: list[str]
+    """The ids of the keys some of whose ``engine_fields`` are taken back while the file is invalid."""
 
 
 def _with_key_file_now(accepted: LoadedPolicy, base_dir: Path, reason: str) -> _KeyFileNow:
     """``accepted`` read again with its key file as it is now, under the rules of any reload (an
     emptied key file is refused: t63); while the key file is invalid, ``accepted`` less the keys
-    the file no longer lists (t98: a key revoked while another line was bad kept answering 200).
+    the file no longer lists (t98: a key revoked while another line was bad kept answering 200)
+    and the engine fields it no longer grants (f229).
     The one decision a running worker (:meth:`RuntimeHolder._key_file_alone`) and a worker
     started later (:func:`load_at_start`) both take, so that all workers agree (f87, f90)."""
     try:
@@ -202,11 +205,11 @@ def _with_key_file_now(accepted: LoadedPolicy, base_dir: Path, reason: str) -> _
             _log.error("key_file_removals_unread", reason=reason, error=type(unread).__name__)
             narrowed = None
         if narrowed is None:  # the file says nothing of its keys
-            return _KeyFileNow(accepted, "pending", exc.problems, [])
-        return _KeyFileNow(narrowed[0], _REMOVALS_ONLY, exc.problems, narrowed[1])
+            return _KeyFileNow(accepted, "pending", exc.problems, [], [])
+        return _KeyFileNow(narrowed.loaded, _REMOVALS_ONLY, exc.problems, narrowed.dropped, narrowed.narrowed)
     except Exception as exc:  # named by its type only, as in reload
-        return _KeyFileNow(accepted, "pending", [f"the key file could not be read ({type(exc).__name__})"], [])
-    return _KeyFileNow(loaded, "in force" if loaded.version == accepted.version else "applied", [], [])
+        return _KeyFileNow(accepted, "pending", [f"the key file could not be read ({type(exc).__name__})"], [], [])
+    return _KeyFileNow(loaded, "in force" if loaded.version == accepted.version else "applied", [], [], [])
 
 
 def _judged(path: Path, current: LoadedPolicy, auth_required: bool) -> LoadedPolicy:
@@ -481,7 +484,9 @@ class RuntimeHolder:
         if now.state == "applied" and self.last_good is not None:
             self._not_kept = not await asyncio.to_thread(keep_last_good, now.loaded, self.last_good)
         self._retire(list(old.providers.values()))
-        dropped = {"keys_dropped": now.dropped} if now.dropped else {}
+        dropped: dict[str, object] = {"keys_dropped": now.dropped} if now.dropped else {}
+        if now.narrowed:
+            dropped["engine_fields_taken_back"] = now.narrowed
         _log.info(
             "policy_reloaded", reason=reason, version=now.loaded.version, previous=old.version,
             key_file_only=True, **dropped,

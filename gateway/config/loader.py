@@ -27,6 +27,7 @@ from gateway.errors import ConfigError
 __all__ = [
     "KeyRing",
     "LoadedPolicy",
+    "Removals",
     "auth_in_text",
     "key_file_path",
     "keys_in_text",
@@ -301,18 +302,30 @@ def auth_in_text(
     return _key_file_path(auth, base_dir), auth.mode == "keys"
 
 
+class Removals(NamedTuple):
+    """:func:`without_unlisted_keys`: the policy in force less what an invalid key file takes out."""
+
+    loaded: LoadedPolicy
+    dropped: list[str]
+    """The ids of the keys the file no longer lists with the same id and hash."""
+    narrowed: list[str]
+    """The ids of the keys left whose ``engine_fields`` the file takes some back from."""
+
+
 def without_unlisted_keys(
     loaded: LoadedPolicy, base_dir: Path, environ: Mapping[str, str] | None = None
-) -> tuple[LoadedPolicy, list[str]] | None:
+) -> Removals | None:
     """``loaded`` less the keys of its key file that the file, invalid as it is now, no longer
-    lists with the same id and hash, and their ids (none: ``loaded`` itself); None when the file
-    says nothing of its keys.
+    lists with the same id and hash, and less the ``engine_fields`` it no longer grants the others
+    (none of either: ``loaded`` itself); None when the file says nothing of its keys.
 
     While the key file is invalid (a hand edit's bad line) the gateway keeps the keys in force,
-    and a key revoked meanwhile stayed live (t98). Each entry is read alone here, so the file
-    still says which keys it lists. Only ever fewer keys: an entry added or changed waits for a
-    valid file, and a file that says nothing of its keys (missing, empty, not YAML, no ``keys``
-    list: perhaps cut short) drops none. The version is the one in force with the ids dropped."""
+    and a key revoked meanwhile stayed live (t98), as did an engine field taken back (f229). Each
+    entry is read alone here, so the file still says which keys it lists and what each may send
+    on. Only ever less: an entry added or changed otherwise, or a grant widened, waits for a valid
+    file, and a file that says nothing of its keys (missing, empty, not YAML, no ``keys`` list:
+    perhaps cut short) drops none; an entry whose ``engine_fields`` is no list takes back none.
+    The version is the one in force with what was taken out."""
     key_path = key_file_path(loaded.policy, base_dir)
     listed = _listed_keys(key_path, os.environ if environ is None else environ) if key_path is not None else None
     if listed is None:
@@ -320,17 +333,32 @@ def without_unlisted_keys(
     keys = loaded.policy.auth.keys
     inline = len(keys) - (loaded.key_file_keys or 0)  # the policy's own keys, then the key file's (load_policy_text)
     dropped = [key.id for key in keys[inline:] if (key.id, key.hash) not in listed]
-    if not dropped:
-        return loaded, []
-    auth = msgspec.structs.replace(loaded.policy.auth, keys=[key for key in keys if key.id not in dropped])
-    version = hashlib.sha256(f"{loaded.version} without {' '.join(dropped)}".encode()).hexdigest()[:12]
+    kept: list[AuthKey] = [*keys[:inline]]
+    narrowed: list[str] = []
+    for key in keys[inline:]:
+        if key.id in dropped:
+            continue
+        granted = listed[(key.id, key.hash)]
+        if granted is not None and not granted.issuperset(key.engine_fields):
+            key = msgspec.structs.replace(key, engine_fields=[name for name in key.engine_fields if name in granted])
+            narrowed.append(key.id)
+        kept.append(key)
+    if not dropped and not narrowed:
+        return Removals(loaded, [], [])
+    auth = msgspec.structs.replace(loaded.policy.auth, keys=kept)
+    taken = f"{loaded.version} without {' '.join(dropped)}"
+    if narrowed:
+        taken += " narrowing " + " ".join(f"{key.id}:{','.join(key.engine_fields)}" for key in kept[inline:])
+    version = hashlib.sha256(taken.encode()).hexdigest()[:12]
     policy = msgspec.structs.replace(loaded.policy, auth=auth)
-    return replace(loaded, policy=policy, version=version, key_file_keys=len(keys) - inline - len(dropped)), dropped
+    keyed = replace(loaded, policy=policy, version=version, key_file_keys=len(keys) - inline - len(dropped))
+    return Removals(keyed, dropped, sorted(narrowed))
 
 
-def _listed_keys(path: Path, environ: Mapping[str, str]) -> set[tuple[str, str]] | None:
+def _listed_keys(path: Path, environ: Mapping[str, str]) -> dict[tuple[str, str], frozenset[str] | None] | None:
     """The id and hash of each entry of the key file's ``keys`` list that has both as text, valid
-    or not; None when it has no such list to read."""
+    or not, with the engine fields its entries grant (None: one's ``engine_fields`` is no list);
+    None when it has no such list to read."""
     try:
         root = _compose(path.read_text(encoding="utf-8"), str(path))
         data = _NodeReader(str(path), environ, Problems(), None, key_file=True).read(root, ()) if root else None
@@ -339,8 +367,19 @@ def _listed_keys(path: Path, environ: Mapping[str, str]) -> set[tuple[str, str]]
     entries = data.get("keys") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         return None
-    pairs = [(entry.get("id"), entry.get("hash")) for entry in entries if isinstance(entry, dict)]
-    return {(key_id, digest) for key_id, digest in pairs if isinstance(key_id, str) and isinstance(digest, str)}
+    listed: dict[tuple[str, str], frozenset[str] | None] = {}
+    for entry in entries:
+        key_id, digest = (entry.get("id"), entry.get("hash")) if isinstance(entry, dict) else (None, None)
+        if not (isinstance(key_id, str) and isinstance(digest, str)):
+            continue
+        names = entry.get("engine_fields", [])
+        granted = frozenset(name for name in names if isinstance(name, str)) if isinstance(names, list) else None
+        pair = (key_id, digest)
+        if pair in listed:  # listed twice: what either grants is kept
+            before = listed[pair]
+            granted = None if before is None or granted is None else before | granted
+        listed[pair] = granted
+    return listed
 
 
 def _auth_section(

@@ -484,3 +484,46 @@ def test_a_reload_naming_what_is_no_engine_field_is_refused_and_the_old_policy_k
     finally:
         _write_atomically(keyed.policy_path, good)
         assert _poll(lambda: policy()["last_reload_error"], lambda e: e is None) is None
+
+
+def test_a_grant_taken_back_while_the_key_file_holds_a_bad_line_applies_at_once(
+    tmp_path: Path, pair_gateway: PairGateway, vllm: RecordingUpstream
+) -> None:
+    """f229 (t201): narrowing a key's ``engine_fields`` in a key file that another line made invalid
+    was held back with the rest of the edit: the key kept sending ``vllm_xargs``. A grant taken
+    back is a removal, applied as a key taken out is; a grant widened waits for a valid file."""
+    keys = tmp_path / "keys.yaml"
+
+    def entry(key_id: str, engine_fields: str | None) -> str:
+        granted = "" if engine_fields is None else f", engine_fields: {engine_fields}"
+        return f'  - {{id: {key_id}, tenant: team-a, hash: "{hash_key("sk-" + key_id)}"{granted}}}\n'
+
+    _write_atomically(
+        keys, "keys:\n" + entry("k", "[priority, vllm_xargs]") + entry("j", "[priority]") + entry("w", "[]")
+    )
+    inline = f'    - {{id: ops, tenant: ops, hash: "{hash_key(_OPS)}", admin: true}}'  # the policy's own, first
+    auth = f"auth:\n  mode: keys\n  key_file: {keys}\n  keys:\n{inline}\n"
+    sent = {"priority": 2, "vllm_xargs": {"plugin_arg": 2}}
+    started = pair_gateway("engine-fields-key-file", extra_models=_MODELS.format(url=vllm.url), routes=_ROUTES,
+                           env={"TEST_LARGE_KEY": "sk-large"}, auth=auth)  # fmt: skip
+    with started as gateway:
+
+        def dropped(key_id: str) -> set[str]:
+            return _dropped(_ask(_sdk(gateway, "sk-" + key_id), "chat", sent)) - {""}
+
+        assert (dropped("k"), dropped("j"), dropped("w")) == (set(), {"vllm_xargs"}, set(sent))
+        bad = '  - {id: oops, tenant: team-b, hash: "sha256:NOTHEX"}\n'
+        narrowed = entry("k", "[priority]") + entry("j", None) + entry("w", "[vllm_xargs]")
+        _write_atomically(keys, "keys:\n" + narrowed + bad)
+        assert _poll(lambda: dropped("k"), lambda d: d == {"vllm_xargs"}) == {"vllm_xargs"}, gateway.stderr_text()
+        assert vllm.bodies[-1]["priority"] == 2  # what the file still grants it goes on
+        assert dropped("j") == set(sent)  # no `engine_fields` at all: none
+        assert dropped("w") == set(sent)  # widened: waits for a valid file
+        reloaded = gateway.wait_for_ops("policy_reloaded")
+        assert [line.get("engine_fields_taken_back") for line in reloaded if line.get("key_file_only")] == [["j", "k"]]
+        rejected = gateway.wait_for_ops("policy_rejected")
+        assert rejected[-1]["key_file"] == "removals only", rejected
+
+        _write_atomically(keys, "keys:\n" + narrowed)  # fixed: the rest of the edit applies
+        assert _poll(lambda: dropped("w"), lambda d: d == {"priority"}) == {"priority"}, gateway.stderr_text()
+        assert (dropped("k"), dropped("j")) == ({"vllm_xargs"}, set(sent))

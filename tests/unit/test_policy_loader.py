@@ -755,6 +755,36 @@ async def test_a_worker_started_while_the_key_file_holds_a_bad_line_serves_the_k
     assert kept.read_text() == "keys:\n" + _key("leaked") + _key("staying")  # not replaced by a rejected file
 
 
+def test_an_invalid_key_file_takes_back_engine_fields_never_grants_them(tmp_path: Path) -> None:
+    """f229: a grant taken back is a removal, applied while the file is invalid as a key taken out
+    is; a grant widened waits, as does one whose ``engine_fields`` no longer reads as a list."""
+
+    def entry(key_id: str, granted: str) -> str:
+        return _key(key_id).replace("}\n", f", engine_fields: {granted}}}\n")
+
+    written = ("k", "[priority, vllm_xargs]"), ("w", "[priority]"), ("s", "[priority, rid]"), ("d", "[priority]")
+    kept = load_policy_text(
+        KEYED, environ={}, base_dir=tmp_path, key_file_text="keys:\n" + "".join(entry(*e) for e in written)
+    )
+    bad = _key("oops", "sha256:NOTHEX")
+    (tmp_path / "keys.yaml").write_text(
+        "keys:\n" + entry("k", "[vllm_xargs]") + entry("w", "[priority, lora_path]") + entry("s", "priority")
+        + entry("d", "[priority, rid]") + entry("d", "[]") + bad
+    )  # fmt: skip
+    removals = without_unlisted_keys(kept, tmp_path, environ={})
+    assert removals is not None and (removals.dropped, removals.narrowed) == ([], ["k"])
+    granted = {key.id: key.engine_fields for key in removals.loaded.policy.auth.keys}
+    assert granted == {"k": ["vllm_xargs"], "w": ["priority"], "s": ["priority", "rid"], "d": ["priority"]}
+    assert removals.loaded.version != kept.version
+    (tmp_path / "keys.yaml").write_text("keys:\n" + entry("k", "[priority, vllm_xargs]") + _key("w") + bad)
+    removals = without_unlisted_keys(kept, tmp_path, environ={})
+    assert removals is not None and (removals.dropped, removals.narrowed) == (["s", "d"], ["w"])
+    assert {key.id: key.engine_fields for key in removals.loaded.policy.auth.keys} == {
+        "k": ["priority", "vllm_xargs"],
+        "w": [],
+    }
+
+
 async def test_a_worker_started_on_the_policy_last_accepted_logs_the_rejection_once(tmp_path: Path) -> None:
     """t121: its start-up check read the unchanged file again and logged ``policy_rejected`` a second
     time ("changed during start-up"), so an alert counting them counted every worker's start twice.
