@@ -973,7 +973,7 @@ class ChatPipeline:
         x.replaying = True
         record, drain = x.record, self._drain
         task = drain.track()
-        waited, since = 0.0, None
+        waited, since, logged = 0.0, None, False
         try:
             for item in items:
                 since = time.perf_counter()
@@ -989,15 +989,20 @@ class ChatPipeline:
                 raise
             error = ShuttingDownError("the gateway is shutting down; the answer was cut at its drain deadline")
             record.error_type, record.status = error.code, error.status_code
+            # Logged now, as a live stream is (_relay): the error waits behind what a slow client has
+            # yet to take, which can outlast the server's kill timeout.
+            logged = True
+            self._finish(x, x.info.upstream_seconds, x.info.client_seconds + waited)
             yield StreamBroke(msgspec.json.decode(error.to_body())) if typed else b"data: " + error.to_body() + b"\n\n"
         except GeneratorExit:
             record.error_type, record.status = "client_disconnected", 499
             raise
         finally:
             drain.untrack(task)
-            if since is not None:  # the event out when its client left
-                waited += time.perf_counter() - since
-            self._finish(x, x.info.upstream_seconds, x.info.client_seconds + waited)
+            if not logged:
+                if since is not None:  # the event out when its client left
+                    waited += time.perf_counter() - since
+                self._finish(x, x.info.upstream_seconds, x.info.client_seconds + waited)
 
     def _never_replayed(self, x: _Exchange) -> None:
         if not x.replaying:
@@ -1295,6 +1300,9 @@ class ChatPipeline:
             if rest is not None:  # (t68) the answer is whole: it ends as a read past_stop cut short does
                 rest.end("drain_deadline")
                 await rest.settled.wait()
+                # Logged now (once its upstream is let go), as below: its end waits behind what a slow
+                # client has yet to take.
+                client_ended()
                 for ending in _ending(stream.tally, record, typed, include_usage):
                     yield ending
                 return
@@ -1321,7 +1329,8 @@ class ChatPipeline:
                     record.finish_reason = stream.tally.finish_reason
                     rest = self._read_rest(x, provider, stream, rest_done)
                 if rest is not None:
-                    client_ended()
+                    if ended is None:
+                        client_ended()
                 else:
                     try:  # the client may be gone: still close upstream and log
                         await self._close_upstream(x, stream)
