@@ -777,8 +777,11 @@ async def _events(
     so the client can continue from it at once."""
     yield encoder.start()
     ended = False
-    try:
-        async for batch in delta_batches(answer):
+    # Closed here, in this task, however the stream ends, as on the other edges: left to the collector,
+    # the batches of a stream closed mid-way were closed on a task of their own, while the pipeline's
+    # stream was still closing ("aclose(): asynchronous generator is already running", f227).
+    async with contextlib.aclosing(delta_batches(answer)) as batches:
+        async for batch in batches:
             if batch is None:
                 ended = True
                 closing = encoder.close_items()
@@ -796,7 +799,3 @@ async def _events(
                     yield out
         if not ended:
             yield encoder.fail("the answer ended before it was complete")
-    finally:
-        close = getattr(answer.deltas, "aclose", None)
-        if close is not None:
-            await close()
