@@ -50,6 +50,17 @@ def redeliver_deadline(task: asyncio.Task[Any]) -> bool:
     return True
 
 
+def _wakes_no_loop() -> bool:
+    """No event loop's wakeup fd is set: a signal that came now reached no loop (asyncio's own loop
+    keeps its fd while it is not running, and acts on the signal once it runs). Only ever asked
+    with the loop stopped, from a signal handler: both on the main thread."""
+    fd = signal.set_wakeup_fd(-1)
+    if fd == -1:
+        return True
+    signal.set_wakeup_fd(fd)
+    return False
+
+
 class Drain:
     def __init__(self, deadline_s: float) -> None:
         self.deadline_s = deadline_s
@@ -185,6 +196,14 @@ class Drain:
             first, stopping = not stopping, True
             if first and callable(previous):
                 previous(signum, frame)
+                if not loop.is_running() and _wakes_no_loop():
+                    # uvloop hears of a signal through its wakeup fd only while it runs: granian's worker
+                    # runs it for the lifespan's start, then again to serve, and a stop in between was
+                    # noted (previous) and acted on only when another signal came: the worker served on
+                    # until granian's kill timeout (t199). Raised again once the loop runs, it wakes it,
+                    # which acts on it once; here it is not the first, and passed on to no one.
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(signal.raise_signal, signum)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:

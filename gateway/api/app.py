@@ -67,7 +67,6 @@ def create_app(settings: Settings | None = None) -> ChatRoute:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         end_with_supervisor()  # a worker does not outlive a serve killed outright
-        _take_sigterm()
         try:
             state = await _start(settings)
         except Exception as exc:
@@ -166,6 +165,7 @@ async def _start(settings: Settings) -> GatewayState:
     learning = LearningLoop(store.kv, metrics, None if classifier is None else ClassifierInputs.of(classifier))
     drain = Drain(settings.drain_s)
     drain.install_signal_handler(asyncio.get_running_loop())
+    _take_sigterm()
     pipeline = ChatPipeline(
         holder,
         metrics,
@@ -200,8 +200,10 @@ async def _start(settings: Settings) -> GatewayState:
 
 def _take_sigterm() -> None:
     """A SIGTERM held since ``serve`` forked this worker (``serve._HELD_IN_A_GRANIAN_WORKER``) comes
-    now, to the server's handler, in place by the lifespan: the worker stops once started. Blocked
-    nowhere else: nothing changes."""
+    now, to the drain's handler and through it to the server's, in place by the lifespan: the worker
+    stops once started. The drain's sees every stop the worker takes, the first passed on: it acts on
+    one that came as granian's loop was not running, and must know whether the server had one already
+    (``Drain.install_signal_handler``). Blocked nowhere else: nothing changes."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 

@@ -343,7 +343,7 @@ log file again at its path (after logrotate's rename; USR1, as nginx and gunicor
 _HELD_IN_A_GRANIAN_WORKER = (signal.SIGINT, signal.SIGTERM)
 """Blocked in a worker granian forks, from the fork. SIGINT for good (see ``GatewayServer``). SIGTERM
 until granian's handler for it is in place, just before the application's lifespan, which unblocks
-it (``gateway.api.app._take_sigterm``): until then the worker has serve's handler, inherited with the
+it once the drain's is in too (``gateway.api.app._take_sigterm``): until then the worker has serve's handler, inherited with the
 fork, which notes a stop in serve's copy of granian's state, and a stop passed on to a worker still
 importing the application was lost (t199: that worker started and served, and the stop waited out
 granian's kill timeout). Held, it comes once the worker has started, which then stops."""

@@ -521,6 +521,71 @@ runpy.run_module("gateway", run_name="__main__", alter_sys=True)
 serve has passed it on to that worker; that worker's pid is written to ``argv[1]``."""
 
 
+def test_under_granian_a_sigterm_to_a_worker_between_its_start_and_serving_stops_it(tmp_path: Path) -> None:
+    """f227 (t199's find): granian's worker runs the application's lifespan start, then its own set-up,
+    then serves, each on its event loop, which is not running in between. uvloop listens for signals
+    only while it runs: a SIGTERM in between was noted and acted on only once another signal came,
+    and the worker served on until granian killed it at its kill timeout. Here the worker, as granian
+    makes its server in that gap, sends serve the SIGTERM and goes on once serve has passed it on."""
+    shipped = Path(__file__).resolve().parents[2] / "policies.yaml"
+    pid_file = tmp_path / "signalled-from"
+    serve = [sys.executable, "-c", _SIGTERM_FROM_A_WORKER_ABOUT_TO_SERVE, str(pid_file), "serve", "--simulate-missing",
+             "--policies", str(shipped), "--port", str(free_port()), "--data-dir", str(tmp_path / "data"),
+             "--server", "granian", "--workers", "1", "--drain-s", "2"]  # fmt: skip
+    env = {**os.environ, "SMALL_MODEL_URL": "", "LARGE_MODEL_URL": "", "REDIS_URL": ""}
+    err_path = tmp_path / "gateway.err"
+    with err_path.open("wb") as stderr:
+        process = subprocess.Popen(serve, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    said = err_path.read_text(errors="replace")
+    assert pid_file.exists(), said[-2000:]  # the worker did send it, in the gap
+    assert process.returncode == 0, said[-2000:]
+    assert "refused to gracefully stop" not in said and "Traceback" not in said, said[-2000:]
+    assert _no_live_child_of(process.pid)
+    assert _embedded_redis_pid(tmp_path) is None
+
+
+_SIGTERM_FROM_A_WORKER_ABOUT_TO_SERVE = """
+import os, runpy, signal, sys, time
+
+import granian.server.mp
+
+pid_file = sys.argv[1]
+make_server = granian.server.mp.ASGIWorker
+
+
+def about_to_serve(*args, **kwargs):  # in a worker, as granian makes its server: its event loop is not running
+    try:
+        out = os.open(pid_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return make_server(*args, **kwargs)  # the first worker only
+    os.write(out, str(os.getpid()).encode())
+    os.close(out)
+    came = []
+    handler = signal.getsignal(signal.SIGTERM)
+    if callable(handler):  # taken at once: noted, then handled as it would have been
+        signal.signal(signal.SIGTERM, lambda signum, frame: (came.append(signum), handler(signum, frame)))
+    os.kill(os.getppid(), signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while not came and time.monotonic() < deadline:
+        time.sleep(0.01)  # until serve has passed it on to this worker
+    signal.signal(signal.SIGTERM, handler)
+    return make_server(*args, **kwargs)
+
+
+granian.server.mp.ASGIWorker = about_to_serve
+sys.argv = ["gateway", *sys.argv[2:]]
+runpy.run_module("gateway", run_name="__main__", alter_sys=True)
+"""
+"""``python -m gateway`` whose first granian worker, between its application's start and its serving,
+sends serve a SIGTERM and waits until serve has passed it on; that worker's pid is written to ``argv[1]``."""
+
+
 @pytest.mark.parametrize("spawned", ["gateway.simulated", "redis-server"])
 def test_sigterm_as_serve_spawns_a_child_stops_that_child_too(tmp_path: Path, spawned: str) -> None:
     """f212: a SIGTERM that came while ``subprocess.Popen`` waited for a child's exec broke off the

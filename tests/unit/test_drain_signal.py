@@ -84,3 +84,38 @@ def test_serve_leaves_its_stop_signals_ignored_as_it_returns(monkeypatch: pytest
     assert serve.run(argparse.Namespace()) in (0, 2)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+@pytest.mark.usefixtures("restored_handlers")
+@pytest.mark.parametrize("kind", ["uvloop", "asyncio"])
+def test_a_stop_between_two_runs_of_the_loop_is_acted_on_once_it_runs_once(kind: str) -> None:
+    """f227 (t199's find): granian's worker runs its loop for the application's lifespan start, then
+    again to serve. uvloop hears of a signal through its wakeup fd only while it runs: a SIGTERM in
+    between was noted, and acted on only once another signal came (the worker served on until
+    granian's kill timeout). Acted on once the loop runs, and once only: the server's handler run
+    twice locked up granian's worker (t132); asyncio's loop, which keeps its wakeup fd, hears it
+    itself."""
+    import uvloop
+
+    loop = uvloop.new_event_loop() if kind == "uvloop" else asyncio.new_event_loop()
+    try:
+        heard: list[str] = []
+        loop.add_signal_handler(signal.SIGTERM, heard.append, "stop")  # the server's, as granian's worker's
+        drain = Drain(deadline_s=60.0)
+
+        async def start() -> None:  # the lifespan's start
+            drain.install_signal_handler(loop)
+
+        loop.run_until_complete(start())
+        signal.raise_signal(signal.SIGTERM)  # with the loop stopped
+
+        async def serve() -> None:
+            while not heard or drain._timer is None:
+                await asyncio.sleep(0.01)
+            for _ in range(20):  # a second would have come by now: a turn to raise it, one to hear it
+                await asyncio.sleep(0)
+
+        loop.run_until_complete(asyncio.wait_for(serve(), 30))  # TimeoutError before: never heard
+        assert heard == ["stop"]
+    finally:
+        loop.close()
