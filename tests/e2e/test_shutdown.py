@@ -461,11 +461,18 @@ def test_under_granian_a_sigterm_to_a_worker_as_it_starts_stops_it(tmp_path: Pat
     granian's kill timeout (a 30 s stop, or SIGKILL first, and "serving" said after the SIGTERM). Here
     the first worker itself, once forked, sends serve the SIGTERM and goes on only once serve has
     passed it on: it lands there every time."""
+    _assert_a_worker_signalled_granian_stops_cleanly(tmp_path, _SIGTERM_FROM_A_STARTING_WORKER, "--workers", "2")
+
+
+def _assert_a_worker_signalled_granian_stops_cleanly(tmp_path: Path, script: str, *serve_args: str) -> None:
+    """Run ``python -c script PID_FILE serve ...`` (the shipped policy, simulated upstreams, granian),
+    whose worker sends serve a SIGTERM at the moment ``script`` picks, and assert a clean stop: the
+    worker did send it, exit 0, no worker killed at granian's kill timeout, nothing left running."""
     shipped = Path(__file__).resolve().parents[2] / "policies.yaml"
     pid_file = tmp_path / "signalled-from"
-    serve = [sys.executable, "-c", _SIGTERM_FROM_A_STARTING_WORKER, str(pid_file), "serve", "--simulate-missing",
+    serve = [sys.executable, "-c", script, str(pid_file), "serve", "--simulate-missing",
              "--policies", str(shipped), "--port", str(free_port()), "--data-dir", str(tmp_path / "data"),
-             "--server", "granian", "--workers", "2"]  # fmt: skip
+             "--server", "granian", *serve_args]  # fmt: skip
     env = {**os.environ, "SMALL_MODEL_URL": "", "LARGE_MODEL_URL": "", "REDIS_URL": ""}
     err_path = tmp_path / "gateway.err"
     with err_path.open("wb") as stderr:
@@ -477,7 +484,7 @@ def test_under_granian_a_sigterm_to_a_worker_as_it_starts_stops_it(tmp_path: Pat
             process.kill()
             process.wait()
     said = err_path.read_text(errors="replace")
-    assert pid_file.exists(), said[-2000:]  # a worker did send it
+    assert pid_file.exists(), said[-2000:]  # the worker did send it
     assert process.returncode == 0, said[-2000:]
     assert "refused to gracefully stop" not in said and "Traceback" not in said, said[-2000:]
     assert _no_live_child_of(process.pid)
@@ -527,27 +534,9 @@ def test_under_granian_a_sigterm_to_a_worker_between_its_start_and_serving_stops
     only while it runs: a SIGTERM in between was noted and acted on only once another signal came,
     and the worker served on until granian killed it at its kill timeout. Here the worker, as granian
     makes its server in that gap, sends serve the SIGTERM and goes on once serve has passed it on."""
-    shipped = Path(__file__).resolve().parents[2] / "policies.yaml"
-    pid_file = tmp_path / "signalled-from"
-    serve = [sys.executable, "-c", _SIGTERM_FROM_A_WORKER_ABOUT_TO_SERVE, str(pid_file), "serve", "--simulate-missing",
-             "--policies", str(shipped), "--port", str(free_port()), "--data-dir", str(tmp_path / "data"),
-             "--server", "granian", "--workers", "1", "--drain-s", "2"]  # fmt: skip
-    env = {**os.environ, "SMALL_MODEL_URL": "", "LARGE_MODEL_URL": "", "REDIS_URL": ""}
-    err_path = tmp_path / "gateway.err"
-    with err_path.open("wb") as stderr:
-        process = subprocess.Popen(serve, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        process.wait(60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    said = err_path.read_text(errors="replace")
-    assert pid_file.exists(), said[-2000:]  # the worker did send it, in the gap
-    assert process.returncode == 0, said[-2000:]
-    assert "refused to gracefully stop" not in said and "Traceback" not in said, said[-2000:]
-    assert _no_live_child_of(process.pid)
-    assert _embedded_redis_pid(tmp_path) is None
+    _assert_a_worker_signalled_granian_stops_cleanly(
+        tmp_path, _SIGTERM_FROM_A_WORKER_ABOUT_TO_SERVE, "--workers", "1", "--drain-s", "2"
+    )
 
 
 _SIGTERM_FROM_A_WORKER_ABOUT_TO_SERVE = """
