@@ -70,6 +70,8 @@ __all__ = [
     "ResponseStoreUnavailableError",
     "ServiceUnavailableError",
     "ShuttingDownError",
+    "ThreadNotFoundError",
+    "ThreadStoreUnavailableError",
     "UnsupportedMediaTypeError",
     "UpstreamBusyError",
     "UpstreamConnectError",
@@ -156,6 +158,12 @@ class ResponseNotFoundError(NotFoundError):
     with no ``code``."""
 
     code = None
+
+
+class ThreadNotFoundError(NotFoundError):
+    """An Anthropic thread ``continue`` naming a message the gateway did not answer for the tenant."""
+
+    code = "thread_not_found"
 
 
 class ConflictError(GatewayError):
@@ -251,6 +259,10 @@ class ResponseStoreUnavailableError(ServiceUnavailableError):
     """The store that keeps Responses API turns cannot answer."""
 
     code = "response_store_unavailable"
+
+
+class ThreadStoreUnavailableError(ServiceUnavailableError):
+    code = "thread_store_unavailable"
 
 
 class ShuttingDownError(ServiceUnavailableError):

@@ -33,6 +33,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from gateway.config.schema import Policy
 from gateway.core.model import Message
 from gateway.sparse_log import SparseLog
 from gateway.store import keyspace
@@ -47,6 +48,7 @@ __all__ = [
     "ResponseStore",
     "StoredResponse",
     "kept_ids",
+    "stored_bytes_cap",
 ]
 
 RESPONSE_TTL_S = 30 * 24 * 3600
@@ -118,6 +120,13 @@ class StoredResponse(msgspec.Struct, kw_only=True):
 KEPT_ID_CHARS = 256
 """The longest identifier value a passed-through response's record keeps (OpenAI allows 64), so that
 the record stays about a kilobyte against the tenant's cap."""
+
+
+def stored_bytes_cap(policy: Policy, tenant: str) -> int:
+    """The bytes ``tenant`` may keep of responses (and of thread messages: :mod:`gateway.thread_store`)."""
+    own = policy.tenants.get(tenant)
+    mib = own.stored_responses_mib if own is not None else None
+    return int((mib if mib is not None else policy.limits.stored_responses_mib_per_tenant) * 1024 * 1024)
 
 
 def kept_ids(own_ids: dict[str, str]) -> dict[str, str | None]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -34,12 +35,22 @@ from gateway.api.state import GatewayState
 from gateway.auth import Principal
 from gateway.core.model import Request as CoreRequest
 from gateway.core.model import UsageReport
-from gateway.errors import GatewayError, InvalidRequestError, UpstreamError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    ThreadNotFoundError,
+    ThreadStoreUnavailableError,
+    UpstreamError,
+)
 from gateway.pipeline import Answer, KeepAlive, PassThrough, StreamingAnswer, StreamingDeltas
 from gateway.protocols import anthropic_messages as anthropic
 from gateway.protocols import openai_chat
+from gateway.protocols.anthropic_threads import continued_message
 from gateway.protocols.body import decode_body, named_model, read_off_loop
 from gateway.protocols.shared_state import refuse_upstream_ids
+from gateway.responses_store import stored_bytes_cap
+from gateway.store.base import StoreUnavailable
+from gateway.thread_store import ThreadStore
 from gateway.tokens import count_prompt, prompt_chars
 from gateway.upstreams.anthropic import AnthropicProvider, joined_betas
 
@@ -54,9 +65,15 @@ _log = structlog.get_logger("gateway.messages")
 async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     asked: list[CoreRequest] = []
     passthrough = PassThrough()
+    thread = _Thread()
 
     async def translate(raw: bytes, principal: Principal) -> CoreRequest:
-        return await read_off_loop(raw, lambda: read(raw, principal))
+        decoded = await read_off_loop(raw, lambda: read(raw, principal))
+        if thread.asked:
+            thread.tenant = principal.tenant
+            if thread.continues is not None:
+                await _own_thread(_threads(request), principal.tenant, thread.continues)
+        return decoded
 
     def read(raw: bytes, principal: Principal) -> CoreRequest:
         body = _json_object(raw)
@@ -64,7 +81,9 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
         if _only_anthropic_upstreams(request, body, principal.allowed):
             decoded = _translatable(raw, body)
             if decoded is None:  # the translation would lose something: the body goes as it came
-                decoded = anthropic.decode_request(raw, passed_through=True)
+                thread.asked = body.get("thread") is not None
+                thread.continues = continued_message(body)  # own-checked in translate
+                decoded = anthropic.decode_request(raw, passed_through=True, continued=thread.continues is not None)
                 passthrough.body = _without_shared_state(body, raw)
                 if anthropic.thinking_left_out(decoded):  # a loop another model opened (t21), on a
                     # route of Anthropic's models now: it goes without thinking
@@ -105,17 +124,95 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
     if not streams(answer):
         assert isinstance(answer, Answer)
         if passthrough.body is not None:  # the upstream's own message
+            if thread.asked:
+                await _claim_answer(_threads(request), thread.tenant, answer.body)
             return Response(content=answer.body, status_code=200, headers=headers, media_type="application/json")
         body = anthropic.encode_answer(answer_of(answer), f"msg_{request_id}", model)
         return Response(content=body, status_code=200, headers=headers, media_type="application/json")
     assert not isinstance(answer, Answer)
+    if isinstance(answer, StreamingAnswer):  # passed through: the upstream's own events
+        events = _claimed_events(answer.events, _threads(request), thread.tenant) if thread.asked else answer.events
+    else:
+        events = _events(answer, f"msg_{request_id}", model)
     return EventStream(
-        answer.events  # passed through: the upstream's own events
-        if isinstance(answer, StreamingAnswer)
-        else _events(answer, f"msg_{request_id}", model),
+        events,
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
     )
+
+
+@dataclass(slots=True)
+class _Thread:
+    """A passed-through request's ``thread`` (Anthropic's message-threads beta)."""
+
+    asked: bool = False
+    """Whether it has one: the message answered is then claimed for the tenant."""
+    continues: str | None = None
+    """The message a ``continue`` names, which must be the tenant's."""
+    tenant: str = ""
+
+
+def _threads(request: Request[Any, Any, Any]) -> ThreadStore:
+    state: GatewayState = request.app.state.gateway
+    return ThreadStore(state.kv, lambda tenant: stored_bytes_cap(state.holder.current.policy, tenant))
+
+
+async def _own_thread(threads: ThreadStore, tenant: str, message_id: str) -> None:
+    """Refuses a ``continue`` of a message the gateway did not answer for ``tenant`` in a thread:
+    the upstream keeps every tenant's threads under one key (t202). Told as a thread unknown
+    upstream is, a 404, so another tenant's is not told from one that never was."""
+    try:
+        owned = await threads.owns(tenant, message_id)
+    except StoreUnavailable:
+        raise ThreadStoreUnavailableError(
+            "thread: the gateway cannot tell whose thread this is right now (its store is unavailable); retry later",
+            param="thread.previous_message_id",
+        ) from None
+    if not owned:
+        raise ThreadNotFoundError(
+            f"thread.previous_message_id: no thread message '{message_id}' was found (unknown or expired)",
+            param="thread.previous_message_id",
+        )
+
+
+async def _claim_answer(threads: ThreadStore, tenant: str, body: bytes) -> None:
+    """Claims the message an upstream answered to a request with a ``thread`` for ``tenant``."""
+    try:
+        message = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return
+    message_id = message.get("id") if isinstance(message, dict) else None
+    if isinstance(message_id, str) and message_id and not await threads.claim(tenant, message_id):
+        _log.warning("thread_message_unclaimed")  # it cannot be continued through the gateway
+
+
+_LOOKED_AT = 65536
+"""The bytes of a stream looked through for its ``message_start`` (Anthropic's first event)."""
+
+
+async def _claimed_events(events: AsyncIterator[bytes], threads: ThreadStore, tenant: str) -> AsyncIterator[bytes]:
+    """The upstream's events, its message claimed for ``tenant`` before the client sees its id."""
+    seen = b""
+    looking = True
+    try:
+        async for piece in events:
+            if looking:
+                seen += piece
+                for line in seen.split(b"\n")[:-1]:
+                    if line.startswith(b"data:") and b"message_start" in line:
+                        looking = False
+                        with contextlib.suppress(msgspec.DecodeError):
+                            started = msgspec.json.decode(line[5:])
+                            message = started.get("message") if isinstance(started, dict) else None
+                            if isinstance(message, dict):
+                                await _claim_answer(threads, tenant, msgspec.json.encode(message))
+                        break
+                looking = looking and len(seen) < _LOOKED_AT
+            yield piece
+    finally:
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def _betas(request: Request[Any, Any, Any]) -> str | None:
@@ -146,17 +243,23 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
         limits = runtime.policy.limits  # the same as for the message it counts
         raw = await read_body(request, limits.max_body_bytes, limits.body_read_timeout_s)
 
-        def read() -> tuple[dict[str, Any], CoreRequest]:
+        def read() -> tuple[dict[str, Any], CoreRequest, str | None]:
             body = _json_object(raw)
             # counted upstream, an id would tell whether a file exists, and its size (t33)
             refuse_upstream_ids(body, raw, dotted=True)
             lenient = _only_anthropic_upstreams(request, body, principal.allowed)  # blocks only Anthropic reads
             if not lenient:  # as /v1/messages refuses them on this route (f200)
                 _refuse_unread(body)
-            return body, anthropic.decode_request(raw, counting=True, passed_through=lenient)
+            continues = continued_message(body) if lenient else None  # own-checked below, as /v1/messages does
+            counted = anthropic.decode_request(
+                raw, counting=True, passed_through=lenient, continued=continues is not None
+            )
+            return body, counted, continues
 
         try:
-            body, decoded = await read_off_loop(raw, read)  # t55: a 3.5 MB count held /healthz for 0.4 s
+            body, decoded, continues = await read_off_loop(raw, read)  # t55: a 3.5 MB count held /healthz for 0.4 s
+            if continues is not None:
+                await _own_thread(_threads(request), principal.tenant, continues)
         except InvalidRequestError:  # an unknown model is named first, whatever else is wrong
             runtime.router.refuse_unknown(await read_off_loop(raw, lambda: named_model(raw)), principal.allowed)
             raise

@@ -44,7 +44,6 @@ from gateway.api.handoff import hand_to_pipeline
 from gateway.api.state import GatewayState
 from gateway.auth import Principal
 from gateway.background import BackgroundTasks
-from gateway.config.schema import Policy
 from gateway.core.model import Answer as CoreAnswer
 from gateway.core.model import Message, TextPart
 from gateway.core.model import Request as CoreRequest
@@ -64,7 +63,7 @@ from gateway.protocols.engine_fields import without_engine_fields
 from gateway.protocols.shared_state import refuse_upstream_ids
 from gateway.protocols.tenant_ids import told_back
 from gateway.protocols.upstream_json import decode_json
-from gateway.responses_store import ResponseStore, StoredResponse, kept_ids
+from gateway.responses_store import ResponseStore, StoredResponse, kept_ids, stored_bytes_cap
 from gateway.runtime import Runtime
 from gateway.sparse_log import SparseLog
 from gateway.store.base import StoreTimedOut, StoreUnavailable
@@ -377,13 +376,7 @@ def _forwarded_query(query: str, names: frozenset[str]) -> str:
 
 
 def _store(state: GatewayState) -> ResponseStore:
-    return ResponseStore(state.kv, lambda tenant: _stored_bytes_cap(state.holder.current.policy, tenant))
-
-
-def _stored_bytes_cap(policy: Policy, tenant: str) -> int:
-    own = policy.tenants.get(tenant)
-    mib = own.stored_responses_mib if own is not None else None
-    return int((mib if mib is not None else policy.limits.stored_responses_mib_per_tenant) * 1024 * 1024)
+    return ResponseStore(state.kv, lambda tenant: stored_bytes_cap(state.holder.current.policy, tenant))
 
 
 def _not_found(response_id: str) -> ResponseNotFoundError:

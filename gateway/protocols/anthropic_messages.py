@@ -195,13 +195,17 @@ def nested_fields_not_carried(body: dict[str, Any]) -> list[str]:
     return sorted(lost)
 
 
-def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool = False) -> Request:
+def decode_request(
+    raw: bytes, *, counting: bool = False, passed_through: bool = False, continued: bool = False
+) -> Request:
     """A Messages request; ``counting``: for ``count_tokens``, where ``max_tokens`` is not required.
 
     ``passed_through``: the request goes to an Anthropic upstream as it is, and this decoding
     only gives the gateway its view (text for counting, routing and the log): blocks and
     server tools the internal model has no place for (documents, search results, web search,
     ...) are left out of the view instead of refused, since the upstream reads them itself.
+    ``continued``: the request continues a thread the upstream keeps (the tenant's own, checked by
+    the caller), whose last turn may hold the ``tool_use`` blocks the first results answer.
     """
     wire = decode_body(raw, _MessagesRequest)
     if wire.max_tokens is None and not counting:
@@ -211,7 +215,7 @@ def decode_request(raw: bytes, *, counting: bool = False, passed_through: bool =
     _check_tool_names(wire.tools)
     _check_limits(wire)
     if _refuse_empty_content(wire.messages):
-        _check_tool_pairing(wire.messages)
+        _check_tool_pairing(wire.messages, continued=continued)
     refuse_choice_without_tools(  # as Anthropic answers it; dropped, it was answered with text on a chat route
         wire.tool_choice.type if wire.tool_choice else None,
         wire.tools,
@@ -360,16 +364,19 @@ def _check_tool_names(tools: list[_Tool] | None) -> None:
         raise InvalidRequestError("tools: Tool names must be unique.", param="tools")
 
 
-def _check_tool_pairing(turns: list[_Turn]) -> None:
+def _check_tool_pairing(turns: list[_Turn], *, continued: bool = False) -> None:
     """Each ``tool_result`` answers a ``tool_use`` of the assistant turn just before, each
     ``tool_use`` is answered by the next turn, which begins with its results, and no turn repeats
     an id, as Anthropic refuses it otherwise, after merging consecutive turns of a role, as it
     does (f196: a chat route answered an agent whose history trimming split a call from its
-    answer, and billed it). A final assistant turn's calls (a prefill) are not checked."""
+    answer, and billed it). A final assistant turn's calls (a prefill) are not checked, nor
+    (``continued``) the results before the first assistant turn: their calls are in the thread."""
     calls: dict[str, int] = {}  # the tool_use ids of the assistant turn before, each with its turn's index
     answered: set[str] = set()
     opened = seen = leading = 0  # the user turn's (first) index, its blocks, the tool_result ones it begins with
+    in_thread = continued  # the turns before the first assistant one answer the thread's calls
     for index, turn in enumerate(turns):
+        in_thread = in_thread and turn.role != "assistant"
         if index and turn.role != turns[index - 1].role:
             if turn.role == "assistant":
                 _check_answers(calls, answered, opened, leading)
@@ -388,7 +395,7 @@ def _check_tool_pairing(turns: list[_Turn]) -> None:
         unexpected: list[tuple[int, str]] = []
         for position, block in enumerate(blocks):
             if block.type == "tool_result" and block.tool_use_id is not None:
-                if block.tool_use_id not in calls:
+                if block.tool_use_id not in calls and not in_thread:
                     unexpected.append((position, block.tool_use_id))
                 answered.add(block.tool_use_id)
                 leading += seen == leading

@@ -24,6 +24,8 @@ hashed, so any string is a safe key part.
     gw:{usage}:keys:<yyyymmdd>        the tenant and key pairs with usage that day (TTL: a day past its usage keys')
     gw:{t}:resp:<response id>         a stored Responses API turn (TTL: 30 days)
     gw:{t}:respq, gw:{t}:respq:bytes  the tenant's stored turns by age, and their sizes (TTL: 30 days, refreshed)
+    gw:{t}:thread:<message id hash>  an Anthropic message a thread answered for the tenant (TTL: 1 day)
+    gw:{t}:threadq, :threadq:bytes   the tenant's thread messages by age, and their sizes (TTL: 1 day, refreshed)
     gw:{t}:share:<route>              a route's threshold kept on target_large_share, and that target (TTL: 7 days)
     gw:{t}:share:<route>:w            its recent scores, all processes' (TTL: 7 days)
     gw:{t}:audit:<route>:<setting>    a route's semantic-cache audit state, and its outcomes (:o:<gen>) (TTL: 7 days)
@@ -67,6 +69,8 @@ __all__ = [
     "shadow_spend",
     "stored_responses",
     "tenant_prefix",
+    "thread_message",
+    "thread_messages",
     "usage",
     "usage_index",
 ]
@@ -163,6 +167,17 @@ def usage_index(day: str) -> str:
 def response(tenant: str, response_id: str) -> str:
     """A response kept for ``GET /v1/responses/{id}`` and ``previous_response_id``."""
     return f"{tenant_prefix(tenant)}:resp:{response_id}"
+
+
+def thread_message(tenant: str, message_id: str) -> str:
+    """An Anthropic message answered in a thread (message-threads beta) for ``tenant``, which a
+    ``continue`` may name as its ``previous_message_id``."""
+    return f"{tenant_prefix(tenant)}:thread:{hashlib.sha256(message_id.encode()).hexdigest()[:32]}"
+
+
+def thread_messages(tenant: str) -> str:
+    """The ledger of a tenant's thread messages (oldest first), which bounds them."""
+    return f"{tenant_prefix(tenant)}:threadq"
 
 
 def stored_responses(tenant: str) -> str:
