@@ -8,6 +8,7 @@ counts are then approximate (upstream ``usage`` stays authoritative).
 
 from __future__ import annotations
 
+import binascii
 import functools
 import math
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import tiktoken
 import tiktoken.registry
 
 from gateway.config.schema import ProviderKind
-from gateway.core.model import ImagePart, Request, TextPart
+from gateway.core.model import FilePart, ImagePart, Request, TextPart
 from gateway.image_size import data_url_size
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "count_prompt",
     "count_text",
     "encoding_for",
+    "file_tokens",
     "image_tokens",
     "openai_image_tokens",
     "prompt_chars",
@@ -59,6 +61,15 @@ _ANTHROPIC_MAX_TOKENS = 1600
 # only panoramas cost more, up to 1,445). Anthropic scales every image of 1.2 MP or more to its cap.
 _OPENAI_UNSEEN = _OPENAI_BASE + 6 * _OPENAI_TILE
 _ANTHROPIC_UNSEEN = _ANTHROPIC_MAX_TOKENS
+# Files. A text file is its text, counted. A PDF is billed per page, by both: Anthropic reads each
+# page's text (1,500 to 3,000 tokens a page, its PDF guide says) and its image (up to 1,600), OpenAI
+# the same (text and an image of each page). The pages are not counted (a PDF's page tree is often
+# compressed): a page is taken per 100 kB of the file, at least one and at most 100 (Anthropic's
+# page limit), each 3,000 tokens. A file the gateway cannot see (a URL, a file id) is one page. An
+# estimate, for budgets before the upstream's usage arrives, which is what is billed.
+_FILE_PAGE_TOKENS = 3_000
+_FILE_BYTES_PER_PAGE = 100_000
+_FILE_MAX_PAGES = 100
 _IMAGE_CHARS = 1_000
 """What an image weighs in :func:`prompt_chars` at least: reading its size costs about what
 tokenizing that much text does, at worst (a JPEG walked through 128 segments, ~0.1-0.25 ms)."""
@@ -123,6 +134,8 @@ def count_prompt(request: Request, encoding: str, *, provider: ProviderKind = "o
                 texts.append(part.text)
             elif isinstance(part, ImagePart):
                 total += image_tokens(part, provider)
+            elif isinstance(part, FilePart):
+                total += file_tokens(part, encoding)
         if message.tool_calls:
             texts.append(_as_text(message.tool_calls))
     if request.tools:
@@ -143,6 +156,21 @@ def image_tokens(image: ImagePart, provider: ProviderKind) -> int:
     if provider == "anthropic":
         return _ANTHROPIC_UNSEEN if size is None else anthropic_image_tokens(*size)
     return _OPENAI_UNSEEN if size is None else openai_image_tokens(*size)
+
+
+def file_tokens(file: FilePart, encoding: str) -> int:
+    """An estimate of what a file costs as a prompt (see :data:`_FILE_PAGE_TOKENS`): a text file's
+    tokens, a PDF's (or another file's) pages at a flat rate."""
+    data = (file.data or "").partition(",")[2]
+    media_type = file.media_type or ""
+    if media_type.startswith("text/"):
+        try:
+            return count_text(binascii.a2b_base64(data).decode("utf-8", "replace"), encoding)
+        except binascii.Error:
+            pass  # the upstream refuses it; counted as pages
+    size = len(data) * 3 // 4
+    pages = min(max(-(-size // _FILE_BYTES_PER_PAGE), 1), _FILE_MAX_PAGES)
+    return pages * _FILE_PAGE_TOKENS
 
 
 def openai_image_tokens(width: int, height: int, detail: str | None = None) -> int:
@@ -180,6 +208,8 @@ def prompt_chars(request: Request) -> int:
                 chars += len(part.text)
             elif isinstance(part, ImagePart):
                 chars += max(len(part.url), _IMAGE_CHARS)
+            elif isinstance(part, FilePart):
+                chars += max(len(part.data or ""), _IMAGE_CHARS)  # a text file is decoded and tokenized
     if request.tools:
         chars += len(_as_text(request.tools))
     chars += sum(len(call.arguments) + len(call.name) for m in request.messages for call in m.tool_calls)

@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from gateway.core.model import ImagePart, Message, TextPart
+from gateway.core.model import FilePart, ImagePart, Message, TextPart
 
 SHORT_TURN_CHARS = 24
 _IMAGE_PARTS = frozenset({"image_url", "image", "input_image"})
@@ -74,7 +74,7 @@ def unreadable(text: str, image_last: bool) -> bool:
 def request_unreadable(messages: Sequence[Message], text: str) -> bool:
     """:func:`unreadable` for a request in the internal model that the router reads as ``text``."""
     last = next((m for m in reversed(messages) if m.role == "user"), None)
-    return unreadable(text, last is not None and any(isinstance(part, ImagePart) for part in last.parts))
+    return unreadable(text, last is not None and any(isinstance(part, ImagePart | FilePart) for part in last.parts))
 
 
 def messages_unreadable(messages: list[dict[str, Any]], text: str) -> bool:

@@ -18,6 +18,7 @@ import msgspec
 __all__ = [
     "Answer",
     "Delta",
+    "FilePart",
     "Finish",
     "ImagePart",
     "Message",
@@ -66,6 +67,30 @@ class ImagePart(msgspec.Struct, frozen=True, tag="image"):
     """OpenAI's ``low`` or ``high`` resolution (another detail can be another answer); None: ``auto``."""
 
 
+class FilePart(msgspec.Struct, frozen=True, tag="file"):
+    """A document (a PDF, a text file) given inline, by a URL, or by the id of a file uploaded to
+    OpenAI's Files API: one of ``data``, ``url`` and ``file_id`` is set."""
+
+    data: str | None = None
+    """A ``data:<media type>;base64,...`` URL (OpenAI's ``file_data``)."""
+    url: str | None = None
+    """An ``https://`` URL the upstream fetches (Responses' ``file_url``)."""
+    file_id: str | None = None
+    """The id of a file in OpenAI's Files API (``file-...``): only an OpenAI upstream can read it."""
+    filename: str | None = None
+    cache_control: dict[str, Any] | None = None
+    """A prompt-cache breakpoint (Anthropic), as on :class:`TextPart`."""
+
+    @property
+    def media_type(self) -> str | None:
+        """The media type a data URL names (lower case), or None."""
+        if self.data is None or not self.data.startswith("data:"):
+            return None
+        comma = self.data.find(",", 5, 261)
+        media_type = self.data[5:comma].partition(";")[0].strip().lower() if comma > 0 else ""
+        return media_type or None
+
+
 class ThinkingPart(msgspec.Struct, frozen=True, tag="thinking"):
     """The model's reasoning in an earlier assistant turn (Anthropic's ``thinking`` block).
 
@@ -82,7 +107,7 @@ class RedactedThinkingPart(msgspec.Struct, frozen=True, tag="redacted_thinking")
     """Encrypted reasoning, returned to Anthropic as it came."""
 
 
-Part = TextPart | ImagePart | ThinkingPart | RedactedThinkingPart
+Part = TextPart | ImagePart | FilePart | ThinkingPart | RedactedThinkingPart
 
 
 class ToolCall(msgspec.Struct, frozen=True):

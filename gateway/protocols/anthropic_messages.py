@@ -9,6 +9,8 @@ writes, which are reported in their own fields.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import re
@@ -21,6 +23,7 @@ import msgspec
 from gateway.core.model import (
     Answer,
     Delta,
+    FilePart,
     Finish,
     FinishReason,
     ImagePart,
@@ -734,6 +737,8 @@ def _block(part: Part, i: int) -> Block | None:
         return _marked({"type": "text", "text": part.text}, part.cache_control) if _visible(part.text) else None
     if isinstance(part, ImagePart):
         return _marked({"type": "image", "source": _image_source(part.url, i)}, part.cache_control)
+    if isinstance(part, FilePart):
+        return _marked(_document(part, i), part.cache_control)
     if isinstance(part, ThinkingPart):
         if not part.signature:
             return None  # reasoning no Anthropic model signed
@@ -767,6 +772,45 @@ def _image_source(url: str, i: int) -> dict[str, str]:
     if url.startswith(("http://", "https://")):
         return {"type": "url", "url": url}
     raise InvalidRequestError(f"messages[{i}]: image URLs must be data: or http(s) URLs", param="messages")
+
+
+def _document(part: FilePart, i: int) -> Block:
+    """A file as Anthropic's ``document`` block: a PDF as base64 (or by its URL), a text file as
+    plain text (Anthropic's text source is ``text/plain`` alone; CSV, Markdown and others are text
+    to it as to OpenAI, which extracts their text). Anthropic reads no other kind of file."""
+    where = f"messages[{i}]"
+    if part.file_id is not None:
+        raise InvalidRequestError(
+            f"{where}: a file uploaded to OpenAI's Files API (file_id) cannot be read by an Anthropic model; "
+            "send the file's content as file_data (a data URL)",
+            param="messages",
+        )
+    block: Block = {"type": "document"}
+    if part.url is not None:
+        block["source"] = {"type": "url", "url": part.url}  # Anthropic fetches PDFs by URL
+    else:
+        media_type = part.media_type
+        data = (part.data or "").partition(",")[2]
+        if media_type == "application/pdf":
+            block["source"] = {"type": "base64", "media_type": media_type, "data": data}
+        elif media_type is not None and media_type.startswith("text/"):
+            block["source"] = {"type": "text", "media_type": "text/plain", "data": _text_of(data, where)}
+        else:
+            raise InvalidRequestError(
+                f"{where}: a file of type {media_type!r} cannot be sent to an Anthropic model, which reads "
+                "application/pdf and text/plain documents",
+                param="messages",
+            )
+    if part.filename:
+        block["title"] = part.filename
+    return block
+
+
+def _text_of(data: str, where: str) -> str:
+    try:
+        return base64.b64decode(data, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise InvalidRequestError(f"{where}: a text file must be UTF-8 text in base64", param="messages") from None
 
 
 def _tool_use(call: ToolCall, i: int, ids: _ToolIds) -> Block:

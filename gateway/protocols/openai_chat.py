@@ -25,6 +25,7 @@ import msgspec
 from gateway.core.model import (
     Answer,
     Delta,
+    FilePart,
     Finish,
     FinishReason,
     ImagePart,
@@ -352,6 +353,7 @@ _PART_FIELDS: dict[Any, frozenset[str]] = {
     "text": frozenset({"type", "text", "cache_control"}),
     "refusal": frozenset({"type", "refusal", "cache_control"}),
     "image_url": frozenset({"type", "image_url", "cache_control"}),
+    "file": frozenset({"type", "file", "cache_control"}),
     "thinking": frozenset({"type", "thinking", "signature"}),
     "redacted_thinking": frozenset({"type", "data"}),
 }
@@ -402,11 +404,45 @@ def _internal_parts(content: Any, i: int) -> tuple[Part, ...]:
             detail = image.get("detail") if isinstance(image, dict) else None
             detail = detail if isinstance(detail, str) and detail != "auto" else None  # auto: the default, said or not
             parts.append(ImagePart(url, cache_control=marked, detail=detail))
+        elif kind == "file":
+            parts.append(_file_part(raw.get("file"), f"messages[{i}].content[{j}]", marked))
         else:
             raise InvalidRequestError(
                 f"messages[{i}]: content part type {kind!r} cannot be sent to this upstream", param="messages"
             )
     return tuple(parts)
+
+
+_FILE_FIELDS = frozenset({"file_data", "file_id", "filename"})
+
+
+def _file_part(file: Any, where: str, marked: dict[str, Any] | None) -> FilePart:
+    """A ``file`` part (``{"file_data": "data:application/pdf;base64,...", "filename": ...}`` or a
+    ``file_id``), as OpenAI's chat API takes it."""
+    if not isinstance(file, dict):
+        raise InvalidRequestError(f"{where}: a file part needs a 'file' object", param="messages")
+    _refuse_unknown_keys(file, _FILE_FIELDS, f"{where}.file")
+    data, file_id, filename = file.get("file_data"), file.get("file_id"), file.get("filename")
+    filename = filename if isinstance(filename, str) and filename else None
+    if isinstance(data, str) and data:
+        return FilePart(
+            data=checked_file_data(data, f"{where}.file.file_data"), filename=filename, cache_control=marked
+        )
+    if isinstance(file_id, str) and file_id:
+        return FilePart(file_id=file_id, filename=filename, cache_control=marked)
+    raise InvalidRequestError(f"{where}.file: a file part needs file_data or a file_id", param="messages")
+
+
+def checked_file_data(data: str, where: str, param: str = "messages") -> str:
+    """``data`` if it is a ``data:<media type>;base64,<data>`` URL, as OpenAI's APIs take file data;
+    another upstream is told the media type from it."""
+    comma = data.find(",", 0, 261)
+    header = data[5:comma].split(";") if data.startswith("data:") and comma > 0 else []
+    if len(header) < 2 or not header[0].strip() or header[-1].strip().lower() != "base64":
+        raise InvalidRequestError(
+            f"{where}: file data must be a data URL, data:<media type>;base64,<data>", param=param
+        )
+    return data
 
 
 def _internal_calls(tool_calls: Any, i: int) -> tuple[ToolCall, ...]:
@@ -496,6 +532,8 @@ def _tool(tool: Tool) -> dict[str, Any]:
 
 
 def _part(part: Part) -> dict[str, Any]:
+    if isinstance(part, FilePart):
+        return _file(part)
     if isinstance(part, ImagePart):
         image: dict[str, Any] = {"type": "image_url", "image_url": {"url": part.url}}
         if part.detail is not None:
@@ -510,6 +548,21 @@ def _part(part: Part) -> dict[str, Any]:
     if part.cache_control is not None:
         return {"type": "text", "text": part.text, "cache_control": part.cache_control}
     return {"type": "text", "text": part.text}
+
+
+def _file(part: FilePart) -> dict[str, Any]:
+    """A chat ``file`` part: OpenAI's chat API takes file data or an uploaded file's id, not a URL."""
+    if part.url is not None:
+        raise InvalidRequestError(
+            "a file given by file_url cannot be sent to a chat completions upstream (it takes file_data or a "
+            "file_id): send the file's data",
+            param="input",
+        )
+    file = _drop_none({"filename": part.filename, "file_data": part.data, "file_id": part.file_id})
+    out: dict[str, Any] = {"type": "file", "file": file}
+    if part.cache_control is not None:
+        out["cache_control"] = part.cache_control
+    return out
 
 
 def _plain(part: Part) -> bool:

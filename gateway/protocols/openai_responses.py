@@ -34,6 +34,7 @@ import msgspec
 from gateway.core.model import (
     Answer,
     Delta,
+    FilePart,
     Finish,
     FinishReason,
     ImagePart,
@@ -397,9 +398,40 @@ def _content(content: Any, where: str, lenient: bool = False) -> tuple[Part, ...
                 )
             detail = part.get("detail")
             parts.append(ImagePart(url, detail=detail if isinstance(detail, str) and detail != "auto" else None))
+        elif kind == "input_file":
+            file = _file_part(part, at, lenient)
+            if file is not None:
+                parts.append(file)
         elif not lenient:
             raise InvalidRequestError(f"{at}.type: content parts of type {kind!r} are not supported", param=at)
     return tuple(parts)
+
+
+def _file_part(part: dict[str, Any], at: str, lenient: bool) -> FilePart | None:
+    """An ``input_file``: its data (a data URL) or URL goes to any upstream that takes files; a
+    ``file_id`` names a file in OpenAI's Files API, which only a passed-through request reaches."""
+    filename = part.get("filename") if isinstance(part.get("filename"), str) and part.get("filename") else None
+    data, url, file_id = (part.get(name) for name in ("file_data", "file_url", "file_id"))
+    if isinstance(data, str) and data:
+        return FilePart(
+            data=data if lenient else openai_chat.checked_file_data(data, f"{at}.file_data", f"{at}.file_data"),
+            filename=filename,
+        )
+    if isinstance(url, str) and url:
+        if not lenient and not url.startswith(("https://", "http://")):
+            raise InvalidRequestError(f"{at}.file_url: an http(s) URL is required", param=f"{at}.file_url")
+        return FilePart(url=url, filename=filename)
+    if isinstance(file_id, str) and file_id:
+        if not lenient:
+            raise InvalidRequestError(
+                f"{at}.file_id: a file uploaded to OpenAI's Files API cannot be read by this route's model, "
+                "which is not OpenAI's Responses API; send the file's content as file_data (a data URL)",
+                param=f"{at}.file_id",
+            )
+        return FilePart(file_id=file_id, filename=filename)
+    if lenient:
+        return None  # the upstream reads it, and says what it misses
+    raise InvalidRequestError(f"{at}: an input_file needs file_data, a file_url or a file_id", param=at)
 
 
 _READ_PARTS = frozenset({"input_text", "output_text", "text", "refusal", "input_image"})
@@ -902,6 +934,9 @@ def _items_of(message: Message) -> list[dict[str, Any]]:
             content.append({"type": "input_text", "text": part.text})
         elif isinstance(part, ImagePart):
             content.append({"type": "input_image", "image_url": part.url, "detail": part.detail or "auto"})
+        elif isinstance(part, FilePart):
+            fields = {"file_data": part.data, "file_url": part.url, "file_id": part.file_id, "filename": part.filename}
+            content.append({"type": "input_file", **{k: v for k, v in fields.items() if v is not None}})
     return [{"type": "message", "id": "", "role": message.role, "content": content, "status": "completed"}]
 
 

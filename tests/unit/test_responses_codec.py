@@ -241,7 +241,7 @@ def test_hosted_tools_are_refused_naming_every_type() -> None:
     [
         ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "'item_reference'"),
-        ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "'input_file'"),
+        ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "file_id"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]}, "image_url"),
         ({"input": "x", "tool_choice": {"type": "web_search"}}, "tool_choice"),
         ({"input": "x", "text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format.name"),

@@ -1,0 +1,178 @@
+"""PDFs and other files reach a model the route translates to (f235, t202).
+
+A Responses ``input_file`` (what the AI SDK sends a PDF as) was a 400 on every translated route, and
+a chat ``file`` part was a 400 on the way to Claude, which reads PDFs as ``document`` blocks. The
+loopback upstreams record what they are sent: one as vLLM (chat ``file`` parts), one as Anthropic.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import web
+
+from tests.conftest import PairGateway, closed_after_test
+from tests.gateway_process import GatewayProcess
+from tests.loopback_app import RecordingUpstream, serve_recording
+
+_MODELS = """
+  vllm:
+    base_url: {vllm}/v1
+    upstream_model: qwen
+    price: {{input: 1, output: 2}}
+    tier: small
+    timeouts: {{connect: 2, first_byte: 5, total: 10}}
+  claude-up:
+    provider: anthropic
+    base_url: {claude}
+    upstream_model: claude-x
+    price: {{input: 3, output: 15}}
+    tier: large
+    timeouts: {{connect: 2, first_byte: 5, total: 10}}
+"""
+_ROUTES = """
+  vllm-r: {model: vllm}
+  claude-r: {model: claude-up}
+"""
+_CACHE = "{enabled: true, semantic: {enabled: false}, coalesce: {wait_s: 5}, redis_timeout_ms: 1000}"
+_PDF = base64.b64encode(b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF").decode()
+_PDF_URL = f"data:application/pdf;base64,{_PDF}"
+
+
+async def _chat(request: web.Request, upstream: RecordingUpstream) -> web.StreamResponse:
+    body = await request.json()
+    upstream.bodies.append(body)
+    choice = {"index": 0, "message": {"role": "assistant", "content": "A PDF."}, "finish_reason": "stop"}
+    usage = {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
+    return web.json_response({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": body["model"],
+                              "choices": [choice], "usage": usage})  # fmt: skip
+
+
+async def _messages(request: web.Request, upstream: RecordingUpstream) -> web.StreamResponse:
+    body = await request.json()
+    upstream.bodies.append(body)
+    return web.json_response({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": body["model"], "stop_sequence": None,
+        "content": [{"type": "text", "text": "A PDF."}], "stop_reason": "end_turn",
+        "usage": {"input_tokens": 9, "output_tokens": 2},
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def vllm() -> Iterator[RecordingUpstream]:
+    with serve_recording({"/v1/chat/completions": _chat}, name="file-parts-vllm") as upstream:
+        yield upstream
+
+
+@pytest.fixture(scope="module")
+def claude_upstream() -> Iterator[RecordingUpstream]:
+    with serve_recording({"/v1/messages": _messages}, name="file-parts-claude") as upstream:
+        yield upstream
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    pair_gateway: PairGateway, vllm: RecordingUpstream, claude_upstream: RecordingUpstream
+) -> Iterator[GatewayProcess]:
+    models = _MODELS.format(vllm=vllm.url, claude=claude_upstream.url)
+    with pair_gateway("file-parts", extra_models=models, routes=_ROUTES, cache=_CACHE) as gw:
+        yield gw
+
+
+def _oai(gateway: GatewayProcess) -> openai.OpenAI:
+    return closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=15))
+
+
+def _input_file(**file: str) -> Any:
+    return [{"role": "user", "content": [{"type": "input_file", **file}, {"type": "input_text", "text": "Summarize."}]}]
+
+
+def _chat_file(**file: str) -> Any:
+    return [{"role": "user", "content": [{"type": "file", "file": file}, {"type": "text", "text": "Summarize."}]}]
+
+
+def _first_part(upstream: RecordingUpstream) -> Any:
+    content = upstream.bodies[-1]["messages"][-1]["content"]
+    assert isinstance(content, list) and content[1]["text"] == "Summarize."
+    return content[0]
+
+
+def test_a_responses_pdf_reaches_claude_as_a_document_block(
+    gateway: GatewayProcess, claude_upstream: RecordingUpstream
+) -> None:
+    answer = _oai(gateway).responses.create(model="claude-r", input=_input_file(filename="a.pdf", file_data=_PDF_URL))
+    assert answer.output_text == "A PDF."
+    assert _first_part(claude_upstream) == {
+        "type": "document", "title": "a.pdf", "source": {"type": "base64", "media_type": "application/pdf", "data": _PDF}
+    }  # fmt: skip
+
+
+def test_a_chat_pdf_reaches_claude_as_a_document_block(
+    gateway: GatewayProcess, claude_upstream: RecordingUpstream
+) -> None:
+    messages = _chat_file(filename="b.pdf", file_data=_PDF_URL)
+    answer = _oai(gateway).chat.completions.create(model="claude-r", messages=messages)
+    assert answer.choices[0].message.content == "A PDF."
+    assert _first_part(claude_upstream) == {
+        "type": "document", "title": "b.pdf", "source": {"type": "base64", "media_type": "application/pdf", "data": _PDF}
+    }  # fmt: skip
+
+
+def test_a_text_file_reaches_claude_as_a_plain_text_document(
+    gateway: GatewayProcess, claude_upstream: RecordingUpstream
+) -> None:
+    text = base64.b64encode("Zeile 1\nZeile 2 ü".encode()).decode()
+    file = _input_file(filename="n.md", file_data=f"data:text/markdown;base64,{text}")
+    _oai(gateway).responses.create(model="claude-r", input=file)
+    assert _first_part(claude_upstream) == {
+        "type": "document", "title": "n.md", "source": {"type": "text", "media_type": "text/plain", "data": "Zeile 1\nZeile 2 ü"}
+    }  # fmt: skip
+
+
+def test_a_responses_pdf_reaches_a_chat_upstream_as_a_file_part(
+    gateway: GatewayProcess, vllm: RecordingUpstream
+) -> None:
+    answer = _oai(gateway).responses.create(model="vllm-r", input=_input_file(filename="c.pdf", file_data=_PDF_URL))
+    assert answer.output_text == "A PDF."
+    assert _first_part(vllm) == {"type": "file", "file": {"filename": "c.pdf", "file_data": _PDF_URL}}
+
+
+@pytest.mark.parametrize(
+    ("route", "file", "named"),
+    [
+        ("claude-r", {"filename": "z.zip", "file_data": "data:application/zip;base64,UEsDBA=="}, "'application/zip'"),
+        ("claude-r", {"file_id": "file-abc"}, "file_id"),
+        ("vllm-r", {"file_id": "file-abc"}, "file_id"),
+        ("vllm-r", {"file_url": "https://example.com/d.pdf"}, "file_url"),
+        ("vllm-r", {"filename": "d.pdf", "file_data": _PDF}, "data URL"),
+    ],
+)
+def test_a_file_the_upstream_cannot_read_is_refused_naming_why(
+    gateway: GatewayProcess, vllm: RecordingUpstream, claude_upstream: RecordingUpstream,
+    route: str, file: dict[str, str], named: str,
+) -> None:  # fmt: skip
+    sent = len(vllm.bodies), len(claude_upstream.bodies)
+    with pytest.raises(openai.BadRequestError) as refused:
+        _oai(gateway).responses.create(model=route, input=_input_file(**file))
+    assert named in str(refused.value.message)
+    assert (len(vllm.bodies), len(claude_upstream.bodies)) == sent
+
+
+def test_another_file_under_the_same_words_is_another_cache_key(
+    gateway: GatewayProcess, claude_upstream: RecordingUpstream
+) -> None:
+    oai = _oai(gateway)
+    other = base64.b64encode(b"%PDF-1.4\n% another one\n%%EOF").decode()
+    asked = [
+        _input_file(filename="k.pdf", file_data=data)
+        for data in (_PDF_URL, _PDF_URL, f"data:application/pdf;base64,{other}")
+    ]
+    said = [
+        oai.responses.with_raw_response.create(model="claude-r", input=i, temperature=0, store=False) for i in asked
+    ]
+    assert [r.headers["x-gateway-cache"] for r in said] == ["miss", "exact", "miss"]
+    assert claude_upstream.bodies[-1]["messages"][-1]["content"][0]["source"]["data"] == other
