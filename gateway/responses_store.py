@@ -166,6 +166,17 @@ class ResponseStore:
             raw = await self._kv.get(key, self._timeout_s)
         return _decoded(raw)
 
+    async def load_many(
+        self, tenant: str, response_ids: list[str], *, use: bool = False
+    ) -> list[StoredResponse | None]:
+        """:meth:`load` of each, in one round trip."""
+        keys = [keyspace.response(tenant, response_id) for response_id in response_ids]
+        if use:
+            raws = await self._kv.get_bounded(keys, keyspace.stored_responses(tenant), RESPONSE_TTL_S, self._timeout_s)
+        else:
+            raws = await self._kv.get_many(keys, self._timeout_s)
+        return [_decoded(raw) for raw in raws]
+
     async def conversation(
         self, tenant: str, record: StoredResponse, *, use: bool = False
     ) -> tuple[list[Message], str | None]:

@@ -140,12 +140,14 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
                 f"model '{previous.held_by}'; continue it with a model whose upstream serves the Responses API",
                 param="previous_response_id",
             )
+        referenced = await _referenced(store, turn.tenant, await read_off_loop(raw, lambda: codec.item_references(raw)))
         decoded = await read_off_loop(
             raw,
             lambda: codec.decode_request(
                 raw,
                 json_object_ok=lambda model: _json_object_ok(runtime, reachable),
                 translated_because=_why_translated(runtime, reachable, principal.allowed),
+                referenced=referenced,
             ),
         )
         turn.decoded = decoded
@@ -182,7 +184,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
             decoded,
             response_id,
             created_at,
-            output=codec.output_items(completion),
+            output=codec.output_items(completion, codec.output_ids(response_id)),
             usage=completion.usage,
             finish_reason=completion.finish_reason,
         )
@@ -191,7 +193,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
             content=msgspec.json.encode(response), status_code=200, headers=headers, media_type="application/json"
         )
     assert isinstance(answer, StreamingDeltas)  # only a passed-through stream is the upstream's own
-    encoder = codec.StreamEncoder(decoded, response_id, created_at)
+    encoder = codec.StreamEncoder(decoded, response_id, created_at, codec.output_ids(response_id))
     return EventStream(
         _events(answer, encoder, store, turn, state.background),
         media_type="text/event-stream",
@@ -401,6 +403,30 @@ async def _load(
     return record
 
 
+async def _referenced(store: ResponseStore, tenant: str, item_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The output items of the tenant's own translated responses that ``item_ids`` name, by id
+    (each response read as used, as continuing it is); an id not found is left out, for the
+    decoding to refuse as OpenAI does. A passed-through response's items are its upstream's."""
+    if not item_ids:
+        return {}
+    wanted = {item_id: codec.response_of_item(item_id) for item_id in item_ids}
+    response_ids = list(dict.fromkeys(response_id for response_id in wanted.values() if response_id is not None))
+    if not response_ids:
+        return {}
+    try:
+        records = await store.load_many(tenant, response_ids, use=True)
+    except StoreUnavailable:
+        raise _unavailable("input") from None
+    output = {
+        item["id"]: item
+        for record in records
+        if record is not None and record.held_by is None
+        for item in record.response.get("output", ())
+        if isinstance(item, dict) and isinstance(item.get("id"), str)
+    }
+    return {item_id: output[item_id] for item_id in item_ids if item_id in output}
+
+
 async def _history(store: ResponseStore, tenant: str, response_id: str, record: StoredResponse) -> list[Message]:
     """The conversation a new turn continues (read as used: a conversation in use keeps its turns
     from the tenant's cap longer than idle ones); one with an earlier turn gone cannot be
@@ -476,7 +502,7 @@ def _without_shared_state(body: dict[str, Any], raw: bytes) -> dict[str, Any]:
         )
     items = body.get("input")
     for index, item in enumerate(items if isinstance(items, list) else ()):
-        if isinstance(item, dict) and item.get("type") == "item_reference":
+        if codec.reference_id(item) is not None:
             raise InvalidRequestError(
                 f"input[{index}]: item references are not supported by this gateway (upstream items are shared "
                 "by every tenant); send the item itself",

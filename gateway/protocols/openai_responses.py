@@ -23,10 +23,11 @@ OpenAI sends (``response.created`` ... ``response.completed``), each with its
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -54,7 +55,7 @@ from gateway.core.model import (
     Usage,
     UsageReport,
 )
-from gateway.errors import InvalidRequestError
+from gateway.errors import InvalidRequestError, ResponseNotFoundError
 from gateway.pricing import PricedOptions
 from gateway.protocols import openai_chat
 from gateway.protocols.body import decode_body
@@ -69,10 +70,14 @@ __all__ = [
     "finish_reason_of",
     "input_items",
     "item_count",
+    "item_references",
     "new_id",
+    "output_ids",
     "output_items",
     "priced_options",
+    "reference_id",
     "response_object",
+    "response_of_item",
     "response_text",
     "to_request",
     "turn_item_ids",
@@ -86,6 +91,28 @@ IdMaker = Callable[[str], str]
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
+
+
+_OUTPUT_PREFIXES = frozenset({"msg", "fc", "rs"})
+_HEX = re.compile(r"[0-9a-f]{32}[0-9a-f]+")
+
+
+def output_ids(response_id: str) -> IdMaker:
+    """The ids of a translated response's output items: its own id's digits, then the item's
+    number, so that an ``item_reference`` to one is found by reading its response, the tenant's
+    own (f234: the Vercel AI SDK's default sends them from its second step on)."""
+    digits = response_id.partition("_")[2]
+    numbers = itertools.count()
+    return lambda prefix: f"{prefix}_{digits}{next(numbers):x}"
+
+
+def response_of_item(item_id: str) -> str | None:
+    """The id of the response whose output holds ``item_id`` (:func:`output_ids`); None for an id
+    no translated response can have made."""
+    prefix, _, rest = item_id.partition("_")
+    if prefix not in _OUTPUT_PREFIXES or not _HEX.fullmatch(rest):
+        return None
+    return f"resp_{rest[:32]}"
 
 
 class _Wire(msgspec.Struct, forbid_unknown_fields=False):
@@ -147,6 +174,7 @@ def decode_request(
     json_object_ok: Callable[[str], bool] | None = None,
     passed_through: bool = False,
     translated_because: str | None = None,
+    referenced: Mapping[str, dict[str, Any]] | None = None,
 ) -> ResponsesRequest:
     """``json_object_ok(model)``: whether the model can be asked for a JSON object (else
     ``text.format`` is named in ``dropped``); asked only when a request wants one.
@@ -157,8 +185,13 @@ def decode_request(
     of the view instead of refused, since the upstream will read them itself.
     ``translated_because``: why the request is translated rather than passed through, which a
     refusal of tools that only a Responses upstream runs says.
+    ``referenced``: the items the input's ``item_reference`` items name (:func:`item_references`),
+    by id, each read as if the client had sent it; one not there is OpenAI's 404. None: a
+    reference is refused as an item of a type not supported (or, passed through, left to the upstream).
     """
     wire = decode_body(raw, _ResponsesRequest)
+    if referenced is not None and isinstance(wire.input, list):
+        wire.input = [_referenced_item(item, referenced) for item in wire.input]
     _check_max_output_tokens(wire.max_output_tokens, passed_through)
     if wire.metadata:
         check_metadata(wire.metadata)
@@ -315,6 +348,12 @@ def _input(raw: str | list[Any] | None, lenient: bool = False) -> tuple[list[Mes
         where = f"input[{index}]"
         if not isinstance(item, dict):
             raise InvalidRequestError(f"{where}: an input item must be an object", param=where)
+        if reference_id(item) is not None:  # resolved before, when the gateway keeps the items
+            if lenient:
+                continue
+            raise InvalidRequestError(
+                f"{where}.type: input items of type 'item_reference' are not supported", param=where
+            )
         kind = item.get("type")
         if kind is None or kind == "message":
             role = item.get("role")
@@ -353,6 +392,39 @@ def _input(raw: str | list[Any] | None, lenient: bool = False) -> tuple[list[Mes
             raise InvalidRequestError(f"{where}.type: input items of type {kind!r} are not supported", param=where)
     flush()
     return messages, ids
+
+
+class _InputOnly(_Wire):
+    input: str | list[Any] | None = None
+
+
+def item_references(raw: bytes) -> list[str]:
+    """The ids the body's ``item_reference`` input items name, each once: ``{"type": "item_reference",
+    "id": ...}``, or an item with only an ``id`` (its ``type`` is optional in OpenAI's API)."""
+    given = decode_body(raw, _InputOnly).input
+    found = (reference_id(item) for item in given) if isinstance(given, list) else ()
+    return list(dict.fromkeys(item_id for item_id in found if item_id is not None))
+
+
+def reference_id(item: Any) -> str | None:
+    """The id an input item references (None: it is no ``item_reference``)."""
+    if not isinstance(item, dict):
+        return None
+    kind = item.get("type")
+    if kind == "item_reference" or (kind is None and "role" not in item and "content" not in item):
+        item_id = item.get("id")
+        return item_id if isinstance(item_id, str) else None
+    return None
+
+
+def _referenced_item(item: Any, referenced: Mapping[str, dict[str, Any]]) -> Any:
+    item_id = reference_id(item)
+    if item_id is None:
+        return item
+    found = referenced.get(item_id)
+    if found is None:  # OpenAI's words and status (a 404, param ``input``, no code)
+        raise ResponseNotFoundError(f"Item with id '{item_id}' not found.", param="input")
+    return found
 
 
 def _has_reasoning_item(raw: str | list[Any] | None) -> bool:

@@ -411,6 +411,76 @@ def test_a_streamed_function_call(client: openai.OpenAI) -> None:
     assert names[-1] == "response.completed"
 
 
+def _text_and_call(city: str) -> dict[str, Any]:
+    """A fault that makes the upstream answer with text and a call to get_weather, as a model may."""
+    call = {
+        "id": "call_w1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
+    }
+    completion = {
+        "id": "chatcmpl-f234",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "small",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Let me look.", "tool_calls": [call]},
+                "finish_reason": "tool_calls",
+            }
+        ],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    }
+    return {"status": 200, "body": json.dumps(completion)}
+
+
+def test_item_references_to_the_tenants_own_output_items_read_as_the_items_themselves(
+    client: openai.OpenAI, small_upstream: SimulatedUpstream
+) -> None:
+    """f234: the Vercel AI SDK's default (``store: true``) sends a step's output back as item references."""
+    prompt = f"What is the weather in Paris? ({uuid.uuid4().hex})"
+    inject(small_upstream, _text_and_call("Paris"))
+    first = client.responses.create(model="fast", input=prompt, tools=[WEATHER_TOOL])
+    message, call = first.output
+    assert message.type == "message" and call.type == "function_call" and message.id and call.id
+    second = client.responses.create(
+        model="fast",
+        tools=[WEATHER_TOOL],
+        input=[
+            {"role": "user", "content": prompt},
+            {"type": "item_reference", "id": message.id},
+            {"id": call.id},  # the shorthand: an item reference's type is optional in OpenAI's API
+            {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+        ],
+    )
+    assert second.status == "completed" and second.output_text
+    messages = _last_upstream_body(small_upstream)["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool"]
+    assert messages[1]["content"] == "Let me look."
+    assert messages[1]["tool_calls"] == [
+        {"id": call.call_id, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    ]
+    assert messages[2] == {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}
+    listed = [item.id for item in client.responses.input_items.list(second.id, order="asc")]
+    assert listed[1:3] == [message.id, call.id]  # the items keep their ids, as if sent whole
+
+
+def test_an_item_reference_to_a_streamed_responses_output_reads_as_the_item(
+    client: openai.OpenAI, small_upstream: SimulatedUpstream
+) -> None:
+    prompt = f"Say something about the sea. ({uuid.uuid4().hex})"
+    with client.responses.stream(model="fast", input=prompt) as events:
+        first = events.get_final_response()
+    (message,) = first.output
+    assert message.type == "message"
+    client.responses.create(
+        model="fast", input=[{"role": "user", "content": prompt}, {"type": "item_reference", "id": message.id}]
+    )
+    messages = _last_upstream_body(small_upstream)["messages"]
+    assert [(m["role"], m["content"]) for m in messages] == [("user", prompt), ("assistant", first.output_text)]
+
+
 def test_previous_response_id_continues_the_conversation(
     client: openai.OpenAI, small_upstream: SimulatedUpstream
 ) -> None:
@@ -967,6 +1037,28 @@ def test_a_tenant_cannot_read_continue_or_delete_another_tenants_response(keyed_
             assert colleague.responses.retrieve(mine.id).id == mine.id
             with _client(keyed_gateway, "wrong") as stranger, pytest.raises(openai.AuthenticationError):
                 stranger.responses.retrieve(mine.id)
+
+
+@pytest.mark.parametrize("named", ["another tenant's", "unknown"])
+def test_an_item_reference_to_no_item_of_the_tenant_is_openais_404_and_reaches_no_upstream(
+    keyed_gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream, named: str
+) -> None:
+    with _client(keyed_gateway, "a1") as alice, _client(keyed_gateway, "b1") as bob:
+        theirs = alice.responses.create(model="fast", input=f"A secret of acme. ({uuid.uuid4().hex})")
+        item_id = theirs.output[0].id if named == "another tenant's" else f"msg_{uuid.uuid4().hex}0"
+        asked = [upstream_stats(upstream)["chat_requests"] for upstream in (small_upstream, large_upstream)]
+        for reference in ({"type": "item_reference", "id": item_id}, {"id": item_id}):
+            with pytest.raises(openai.NotFoundError) as refused:
+                bob.responses.create(model="fast", input=[{"role": "user", "content": "Go on."}, reference])  # type: ignore[list-item]
+            error = refused.value.body
+            assert isinstance(error, dict)
+            assert error == {
+                "message": f"Item with id '{item_id}' not found.",
+                "type": "invalid_request_error",
+                "param": "input",
+                "code": None,
+            }
+        assert [upstream_stats(upstream)["chat_requests"] for upstream in (small_upstream, large_upstream)] == asked
 
 
 def test_a_tenant_past_its_cap_loses_its_own_oldest_turns_and_no_one_elses(keyed_gateway: GatewayProcess) -> None:

@@ -620,6 +620,7 @@ def test_a_model_the_key_may_not_call_is_a_404_before_the_previous_response_is_r
         {"conversation": "conv_of_another_tenant"},
         {"prompt": {"id": "pmpt_of_the_operator", "version": "2"}},  # t169 #1: its tools are not priced
         {"input": [{"type": "item_reference", "id": "msg_of_another_tenant"}]},
+        {"input": [{"id": "msg_of_another_tenant"}]},  # f234: an item reference's type is optional
         {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file_of_another_tenant"}]}]},
         {"tools": [{"type": "file_search", "vector_store_ids": ["vs_of_another_tenant"]}]},
         {"tools": [{"type": "code_interpreter", "container": "cntr_of_another_tenant"}]},
