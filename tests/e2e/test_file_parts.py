@@ -159,6 +159,8 @@ def test_a_file_the_upstream_cannot_read_is_refused_naming_why(
     with pytest.raises(openai.BadRequestError) as refused:
         _oai(gateway).responses.create(model=route, input=_input_file(**file))
     assert named in str(refused.value.message)
+    if "file_url" in file:  # t203: not pointed to file_id, itself refused on every route
+        assert "file_data" in refused.value.message and "file_id" not in refused.value.message
     assert (len(vllm.bodies), len(claude_upstream.bodies)) == sent
 
 
