@@ -355,6 +355,8 @@ def _translatable(raw: bytes, body: dict[str, Any]) -> CoreRequest | None:
         return None
     if decoded.dropped or anthropic.fields_not_read(body) or anthropic.nested_fields_not_carried(body):
         return None
+    if anthropic.holds_documents(body):  # translated, a text document would reach Claude as text
+        return None
     if decoded.thinking is not None and decoded.tools:
         return None
     return decoded

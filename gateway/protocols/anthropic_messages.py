@@ -15,7 +15,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -66,6 +66,7 @@ __all__ = [
     "end_user",
     "error_type_for",
     "fields_not_read",
+    "holds_documents",
     "holds_unsigned_thinking",
     "nested_fields_not_carried",
     "priced_options",
@@ -102,6 +103,10 @@ class _Block(_Wire):
     thinking: str | None = None
     signature: str | None = None
     data: str | None = None
+    title: str | None = None
+    """A ``document``'s, as are ``context`` and ``citations`` (a text block's are a list)."""
+    context: str | None = None
+    citations: Any = None
 
 
 class _Turn(_Wire):
@@ -171,10 +176,8 @@ _CARRIED: dict[str, frozenset[str]] = {
 _TOOL_CARRIED = frozenset({"name", "input_schema", "description", "type", "cache_control", "strict"})
 
 
-def nested_fields_not_carried(body: dict[str, Any]) -> list[str]:
-    """Fields of blocks and tools a translation would lose, as ``<block type>.<field>``
-    (``text.citations``, ...)."""
-    lost: dict[str, None] = {}
+def _blocks(body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The content blocks of a request body: its system prompt's, its turns', its tool results'."""
     system = body.get("system")
     blocks: list[Any] = list(system) if isinstance(system, list) else []
     for turn in body.get("messages") or ():
@@ -183,15 +186,28 @@ def nested_fields_not_carried(body: dict[str, Any]) -> list[str]:
             blocks.extend(content)
     while blocks:
         block = blocks.pop()
-        if not isinstance(block, dict):
-            continue
+        if isinstance(block, dict):
+            yield block
+            if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+                blocks.extend(block["content"])
+
+
+def holds_documents(body: dict[str, Any]) -> bool:
+    """Whether a request body holds a ``document`` block: a route of Anthropic's models alone passes
+    it through, as Anthropic reads it (a text document as a document, not as text)."""
+    return any(block.get("type") == "document" for block in _blocks(body))
+
+
+def nested_fields_not_carried(body: dict[str, Any]) -> list[str]:
+    """Fields of blocks and tools a translation would lose, as ``<block type>.<field>``
+    (``text.citations``, ...)."""
+    lost: dict[str, None] = {}
+    for block in _blocks(body):
         kind = block.get("type")
         carried = _CARRIED.get(kind) if isinstance(kind, str) else None
         if carried is None:
             continue  # a block the decoder refuses or names itself
         lost.update((f"{kind}.{name}", None) for name in block if name not in carried)
-        if kind == "tool_result" and isinstance(block.get("content"), list):
-            blocks.extend(block["content"])
     for tool in body.get("tools") or ():
         if isinstance(tool, dict):
             lost.update((f"tools.{name}", None) for name in tool if name not in _TOOL_CARRIED)
@@ -227,7 +243,7 @@ def decode_request(
     messages: list[Message] = []
     if wire.system:
         _refuse_empty_system(wire.system)
-        messages.append(Message("system", _parts(wire.system, "system", passed_through)))
+        messages.append(Message("system", _parts(wire.system, "system", passed_through, documents=False)))
     for index, turn in enumerate(wire.messages):
         messages += _turn(turn, f"messages.{index}", passed_through)
     request = Request(
@@ -476,9 +492,12 @@ def _parts(
     where: str,
     lenient: bool = False,
     positions: Sequence[int] | None = None,
+    *,
+    documents: bool = True,
 ) -> tuple[Part, ...]:
     """``positions``: each block's index in the list the client sent (others of it were taken
-    apart), for the field an error names."""
+    apart), for the field an error names; ``documents``: whether ``document`` blocks may be there
+    (not in a system prompt, as Anthropic has it)."""
     if isinstance(content, str):
         return (TextPart(content),)
     if isinstance(content, dict):  # a server tool's result: only Anthropic reads it
@@ -495,6 +514,8 @@ def _parts(
             lenient and isinstance(block.source, _Source) and block.source.type == "file"
         ):
             parts.append(ImagePart(_image_url(block, f"{where}.{index}"), cache_control=block.cache_control))
+        elif block.type == "document" and documents and not lenient:  # passed through, Anthropic reads it
+            parts.append(_document_part(block, f"{where}.{index}"))
         elif block.type == "thinking":
             parts.append(ThinkingPart(block.thinking or "", block.signature or ""))
         elif block.type == "redacted_thinking":
@@ -513,6 +534,40 @@ def _image_url(block: _Block, where: str) -> str:
     if source.type == "url" and source.url:
         return source.url
     raise InvalidRequestError(f"{where}.source: an image needs base64 data with a media_type, or a url")
+
+
+def _document_part(block: _Block, where: str) -> Part:
+    """A ``document`` block as the internal model holds it, for a model the route translates to: a
+    PDF (base64) as a file in a data URL, one by URL as a file by URL (which a chat upstream
+    refuses), a plain text document as its text under its title, which is how a chat model reads a
+    document best (a chat ``file`` part is for PDFs, and vLLM takes none). What only Anthropic
+    reads (citations, a context, a document of content blocks or from its Files API) is refused."""
+    only_anthropic = "can only be read by an Anthropic model (use a route whose models are all Anthropic's)"
+    if block.citations is not None and not (isinstance(block.citations, dict) and not block.citations.get("enabled")):
+        raise InvalidRequestError(f"{where}.citations: citations {only_anthropic}", param=f"{where}.citations")
+    if block.context is not None:
+        raise InvalidRequestError(f"{where}.context: a document's context {only_anthropic}", param=f"{where}.context")
+    source = block.source
+    if not isinstance(source, _Source):
+        raise InvalidRequestError(f"{where}.source: an object is required", param=f"{where}.source")
+    title = block.title or None
+    if source.type == "base64" and source.data and source.media_type:
+        data = f"data:{source.media_type};base64,{source.data}"
+        return FilePart(data=data, filename=title, cache_control=block.cache_control)
+    if source.type == "url" and source.url:
+        return FilePart(url=source.url, filename=title, cache_control=block.cache_control)
+    if source.type == "text" and source.data:
+        text = f"# {title}\n\n{source.data}" if title else source.data
+        return TextPart(text, cache_control=block.cache_control)
+    if source.type in ("base64", "url", "text"):
+        raise InvalidRequestError(
+            f"{where}.source: a {source.type} document needs {'a url' if source.type == 'url' else 'data'}"
+            + (" with a media_type" if source.type == "base64" else ""),
+            param=f"{where}.source",
+        )
+    raise InvalidRequestError(
+        f"{where}.source: a document of type {source.type!r} {only_anthropic}", param=f"{where}.source"
+    )
 
 
 def _turn(turn: _Turn, where: str, lenient: bool = False) -> list[Message]:

@@ -554,8 +554,8 @@ def _file(part: FilePart) -> dict[str, Any]:
     """A chat ``file`` part: OpenAI's chat API takes file data or an uploaded file's id, not a URL."""
     if part.url is not None:
         raise InvalidRequestError(
-            "a file given by file_url cannot be sent to a chat completions upstream: send the file's data "
-            "inline, as file_data (a data: URL)",
+            "a file given by URL (file_url, or a document's url source) cannot be sent to a chat completions "
+            "upstream: send the file's data inline, as file_data (a data: URL) or a document's base64 source",
             param="input",
         )
     file = _drop_none({"filename": part.filename, "file_data": part.data, "file_id": part.file_id})

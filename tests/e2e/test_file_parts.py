@@ -11,6 +11,7 @@ import base64
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 from aiohttp import web
@@ -37,6 +38,7 @@ _MODELS = """
 _ROUTES = """
   vllm-r: {model: vllm}
   claude-r: {model: claude-up}
+  claude-or-vllm: {model: claude-up, fallbacks: [vllm]}
 """
 _CACHE = "{enabled: true, semantic: {enabled: false}, coalesce: {wait_s: 5}, redis_timeout_ms: 1000}"
 _PDF = base64.b64encode(b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF").decode()
@@ -85,6 +87,18 @@ def gateway(
 
 def _oai(gateway: GatewayProcess) -> openai.OpenAI:
     return closed_after_test(openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=15))
+
+
+def _claude(gateway: GatewayProcess) -> anthropic.Anthropic:
+    return closed_after_test(anthropic.Anthropic(base_url=gateway.url, api_key="unused", max_retries=0, timeout=15))
+
+
+def _document(source: dict[str, str], **fields: Any) -> Any:
+    document = {"type": "document", "source": source, **fields}
+    return [{"role": "user", "content": [document, {"type": "text", "text": "Summarize."}]}]
+
+
+_PDF_SOURCE = {"type": "base64", "media_type": "application/pdf", "data": _PDF}
 
 
 def _input_file(**file: str) -> Any:
@@ -178,3 +192,62 @@ def test_another_file_under_the_same_words_is_another_cache_key(
     ]
     assert [r.headers["x-gateway-cache"] for r in said] == ["miss", "exact", "miss"]
     assert claude_upstream.bodies[-1]["messages"][-1]["content"][0]["source"]["data"] == other
+
+
+def test_a_messages_pdf_document_reaches_a_chat_upstream_as_a_file_part(
+    gateway: GatewayProcess, vllm: RecordingUpstream
+) -> None:
+    """f236: an Anthropic SDK's document block was a 400 on a route to a chat upstream."""
+    messages = _document(_PDF_SOURCE, title="p.pdf")
+    answer = _claude(gateway).messages.create(model="vllm-r", max_tokens=20, messages=messages)
+    assert answer.content[0].type == "text" and answer.content[0].text == "A PDF."
+    assert _first_part(vllm) == {"type": "file", "file": {"filename": "p.pdf", "file_data": _PDF_URL}}
+
+
+def test_a_messages_text_document_reaches_a_chat_upstream_as_its_text_under_its_title(
+    gateway: GatewayProcess, vllm: RecordingUpstream
+) -> None:
+    source = {"type": "text", "media_type": "text/plain", "data": "Zeile 1\nZeile 2 ü"}
+    _claude(gateway).messages.create(model="vllm-r", max_tokens=20, messages=_document(source, title="notes.txt"))
+    # a chat model reads a document best as text (vLLM takes no file part); the two text parts are joined
+    assert vllm.bodies[-1]["messages"][-1]["content"] == "# notes.txt\n\nZeile 1\nZeile 2 ü\nSummarize."
+
+
+@pytest.mark.parametrize(
+    ("source", "fields", "named"),
+    [
+        ({"type": "url", "url": "https://example.com/d.pdf"}, {}, "url source"),
+        ({"type": "content", "content": [{"type": "text", "text": "x"}]}, {}, "'content'"),
+        (_PDF_SOURCE, {"citations": {"enabled": True}}, "citations"),
+        (_PDF_SOURCE, {"context": "A report."}, "context"),
+    ],
+)
+def test_a_messages_document_a_chat_upstream_cannot_read_is_refused_naming_why(
+    gateway: GatewayProcess, vllm: RecordingUpstream, source: dict[str, Any], fields: dict[str, Any], named: str
+) -> None:
+    sent = len(vllm.bodies)
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        _claude(gateway).messages.create(model="vllm-r", max_tokens=20, messages=_document(source, **fields))
+    assert named in str(refused.value.message)
+    assert len(vllm.bodies) == sent
+
+
+def test_a_messages_document_translated_for_claude_is_the_same_document_block(
+    gateway: GatewayProcess, claude_upstream: RecordingUpstream
+) -> None:
+    """A route that may reach a chat model translates it; Claude gets the block as it was sent."""
+    messages = _document(_PDF_SOURCE, title="q.pdf", cache_control={"type": "ephemeral"})
+    answer = _claude(gateway).messages.create(model="claude-or-vllm", max_tokens=20, messages=messages)
+    assert answer.content[0].type == "text" and answer.content[0].text == "A PDF."
+    assert _first_part(claude_upstream) == messages[0]["content"][0]
+
+
+@pytest.mark.parametrize("fields", [{}, {"citations": {"enabled": True}}])
+def test_a_messages_document_on_a_route_of_claude_alone_goes_as_it_came(
+    gateway: GatewayProcess, claude_upstream: RecordingUpstream, fields: dict[str, Any]
+) -> None:
+    """Passed through, not translated: a text document stays a document (not text under a title)."""
+    source = {"type": "text", "media_type": "text/plain", "data": "Plain words."}
+    messages = _document(source, title="w.txt", **fields)
+    _claude(gateway).messages.create(model="claude-r", max_tokens=20, messages=messages)
+    assert _first_part(claude_upstream) == messages[0]["content"][0]
