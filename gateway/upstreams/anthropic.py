@@ -171,10 +171,12 @@ class AnthropicProvider(Provider):
         try:
             return await self.post(_MESSAGES_PATH, payload, headers, stream=stream)
         except UpstreamStatusError as exc:
-            if self.takes_one_sampler or "top_p" not in payload or not _refuses_both_samplers(exc, payload, headers):
+            # sent again whether or not another request in flight learned it first (f232)
+            if _one_sampler(payload) is payload or not _refuses_both_samplers(exc, payload, headers):
                 raise
-            self.takes_one_sampler = True
-            _log.info("upstream_takes_one_sampler", model=self.name)
+            if not self.takes_one_sampler:
+                self.takes_one_sampler = True
+                _log.info("upstream_takes_one_sampler", model=self.name)
             return await self.post(_MESSAGES_PATH, _one_sampler(payload), headers, stream=stream)
 
     lacks_count_tokens_until = 0.0

@@ -112,7 +112,7 @@ class OpenAIProvider(Provider):
                     continue
                 if not self._learned_from(exc, sent):
                     raise
-                continue  # each lesson is learned once: at most two more tries
+                continue  # what was refused is left out of what is sent next: at most two more tries
             return response, stops
 
     def _as_taken(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -123,14 +123,18 @@ class OpenAIProvider(Provider):
         return payload
 
     def _learned_from(self, error: UpstreamStatusError, sent: dict[str, Any]) -> bool:
-        """Whether the 400 names a field the upstream refuses that it was not known to."""
-        if not self.takes_max_completion_tokens and _wants_max_completion_tokens(error, sent):
-            self.takes_max_completion_tokens = True
-            _log.info("upstream_takes_max_completion_tokens", model=self.name)
+        """Whether the 400 refuses a field this request was sent with, which it is sent without
+        from now on. Whether another request taught it first does not matter: those in flight
+        when the first refusal came back got it too, and only the first was sent again (f232)."""
+        if _wants_max_completion_tokens(error, sent):
+            if not self.takes_max_completion_tokens:
+                self.takes_max_completion_tokens = True
+                _log.info("upstream_takes_max_completion_tokens", model=self.name)
             return True
-        if not self.refuses_stop and sent.get("stop") is not None and _refuses(error, "stop"):
-            self.refuses_stop = True
-            _log.info("upstream_refuses_stop", model=self.name)
+        if sent.get("stop") is not None and _refuses(error, "stop"):
+            if not self.refuses_stop:
+                self.refuses_stop = True
+                _log.info("upstream_refuses_stop", model=self.name)
             return True
         return False
 
