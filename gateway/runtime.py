@@ -184,15 +184,16 @@ class _KeyFileNow(NamedTuple):
     """Why the key file is not applied whole."""
     dropped: list[str]
     """The ids of the keys taken out while the file is invalid."""
-    narrowed: list[str]
-    """The ids of the keys some of whose ``engine_fields`` are taken back while the file is invalid."""
+    taken_back: dict[str, list[str]]
+    """By field (``engine_fields``, ``models``, ``admin``), the ids of the keys some of it is taken
+    back from while the file is invalid."""
 
 
 def _with_key_file_now(accepted: LoadedPolicy, base_dir: Path, reason: str) -> _KeyFileNow:
     """``accepted`` read again with its key file as it is now, under the rules of any reload (an
     emptied key file is refused: t63); while the key file is invalid, ``accepted`` less the keys
     the file no longer lists (t98: a key revoked while another line was bad kept answering 200)
-    and the engine fields it no longer grants (f229).
+    and the engine fields (f229), models and admin (f232) it no longer grants.
     The one decision a running worker (:meth:`RuntimeHolder._key_file_alone`) and a worker
     started later (:func:`load_at_start`) both take, so that all workers agree (f87, f90)."""
     try:
@@ -205,11 +206,11 @@ def _with_key_file_now(accepted: LoadedPolicy, base_dir: Path, reason: str) -> _
             _log.error("key_file_removals_unread", reason=reason, error=type(unread).__name__)
             narrowed = None
         if narrowed is None:  # the file says nothing of its keys
-            return _KeyFileNow(accepted, "pending", exc.problems, [], [])
-        return _KeyFileNow(narrowed.loaded, _REMOVALS_ONLY, exc.problems, narrowed.dropped, narrowed.narrowed)
+            return _KeyFileNow(accepted, "pending", exc.problems, [], {})
+        return _KeyFileNow(narrowed.loaded, _REMOVALS_ONLY, exc.problems, narrowed.dropped, narrowed.taken_back)
     except Exception as exc:  # named by its type only, as in reload
-        return _KeyFileNow(accepted, "pending", [f"the key file could not be read ({type(exc).__name__})"], [], [])
-    return _KeyFileNow(loaded, "in force" if loaded.version == accepted.version else "applied", [], [], [])
+        return _KeyFileNow(accepted, "pending", [f"the key file could not be read ({type(exc).__name__})"], [], {})
+    return _KeyFileNow(loaded, "in force" if loaded.version == accepted.version else "applied", [], [], {})
 
 
 def _judged(path: Path, current: LoadedPolicy, auth_required: bool) -> LoadedPolicy:
@@ -485,8 +486,7 @@ class RuntimeHolder:
             self._not_kept = not await asyncio.to_thread(keep_last_good, now.loaded, self.last_good)
         self._retire(list(old.providers.values()))
         dropped: dict[str, object] = {"keys_dropped": now.dropped} if now.dropped else {}
-        if now.narrowed:
-            dropped["engine_fields_taken_back"] = now.narrowed
+        dropped.update((f"{name}_taken_back", ids) for name, ids in now.taken_back.items())
         _log.info(
             "policy_reloaded", reason=reason, version=now.loaded.version, previous=old.version,
             key_file_only=True, **dropped,
@@ -864,7 +864,10 @@ def _key_file_said(key_file: str, state: str | None, problems: list[str]) -> str
     if state == "pending":
         return f"{key_file}: its changes wait too ({why})"
     if state == _REMOVALS_ONLY:
-        return f"{key_file}: a key taken out of it is refused, its other changes wait ({why})"
+        return (
+            f"{key_file}: a key taken out of it is refused and models, admin or engine_fields taken back from a "
+            f"key apply; its other changes wait ({why})"
+        )
     return _key_file_in_force(key_file)
 
 

@@ -411,7 +411,8 @@ def _while_rejected(
         )
         return 0
     applies = (
-        "drops the keys taken out of it even so (its other changes wait until it is valid)"
+        "drops the keys taken out of it even so, and takes back the models, admin or engine_fields it takes from "
+        "a key (its other changes wait until it is valid)"
         if key_file_invalid
         else "applies that file as it is now"
     )

@@ -308,24 +308,49 @@ class Removals(NamedTuple):
     loaded: LoadedPolicy
     dropped: list[str]
     """The ids of the keys the file no longer lists with the same id and hash."""
-    narrowed: list[str]
-    """The ids of the keys left whose ``engine_fields`` the file takes some back from."""
+    taken_back: dict[str, list[str]]
+    """By field (``engine_fields``, ``models``, ``admin``), the ids of the keys left that the file
+    takes some of it back from; only fields something is taken back from."""
+
+
+class _Grants(NamedTuple):
+    """What a key file's entries for one key grant it, each read alone; None: the field is not
+    what the file's schema takes (not a list, not a boolean), so nothing of it is taken back."""
+
+    engine_fields: frozenset[str] | None
+    models: frozenset[str] | None
+    """``*``: every route and model."""
+    admin: bool | None
+
+    def __or__(self, other: _Grants) -> _Grants:
+        """A key listed twice keeps what either entry grants."""
+        return _Grants(
+            _either(self.engine_fields, other.engine_fields),
+            _either(self.models, other.models),
+            None if self.admin is None or other.admin is None else self.admin or other.admin,
+        )
+
+
+def _either(one: frozenset[str] | None, other: frozenset[str] | None) -> frozenset[str] | None:
+    return None if one is None or other is None else one | other
 
 
 def without_unlisted_keys(
     loaded: LoadedPolicy, base_dir: Path, environ: Mapping[str, str] | None = None
 ) -> Removals | None:
     """``loaded`` less the keys of its key file that the file, invalid as it is now, no longer
-    lists with the same id and hash, and less the ``engine_fields`` it no longer grants the others
-    (none of either: ``loaded`` itself); None when the file says nothing of its keys.
+    lists with the same id and hash, and less what it no longer grants the others: ``engine_fields``,
+    ``models`` and ``admin`` (none of either: ``loaded`` itself); None when the file says nothing
+    of its keys.
 
     While the key file is invalid (a hand edit's bad line) the gateway keeps the keys in force,
-    and a key revoked meanwhile stayed live (t98), as did an engine field taken back (f229). Each
-    entry is read alone here, so the file still says which keys it lists and what each may send
-    on. Only ever less: an entry added or changed otherwise, or a grant widened, waits for a valid
-    file, and a file that says nothing of its keys (missing, empty, not YAML, no ``keys`` list:
-    perhaps cut short) drops none; an entry whose ``engine_fields`` is no list takes back none.
-    The version is the one in force with what was taken out."""
+    and a key revoked meanwhile stayed live (t98), as did an engine field (f229), a model or admin
+    (f232) taken back. Each entry is read alone here, so the file still says which keys it lists
+    and what each may do. Only ever less: an entry added or changed otherwise, or a grant widened,
+    waits for a valid file, and a file that says nothing of its keys (missing, empty, not YAML, no
+    ``keys`` list: perhaps cut short) drops none; a field that does not read as its schema says
+    (``models`` no list, ``admin`` no boolean) takes back none of it. The version is the one in
+    force with what was taken out."""
     key_path = key_file_path(loaded.policy, base_dir)
     listed = _listed_keys(key_path, os.environ if environ is None else environ) if key_path is not None else None
     if listed is None:
@@ -334,31 +359,45 @@ def without_unlisted_keys(
     inline = len(keys) - (loaded.key_file_keys or 0)  # the policy's own keys, then the key file's (load_policy_text)
     dropped = [key.id for key in keys[inline:] if (key.id, key.hash) not in listed]
     kept: list[AuthKey] = [*keys[:inline]]
-    narrowed: list[str] = []
+    taken_back: dict[str, list[str]] = {}
     for key in keys[inline:]:
         if key.id in dropped:
             continue
-        granted = listed[(key.id, key.hash)]
-        if granted is not None and not granted.issuperset(key.engine_fields):
-            key = msgspec.structs.replace(key, engine_fields=[name for name in key.engine_fields if name in granted])
-            narrowed.append(key.id)
-        kept.append(key)
-    if not dropped and not narrowed:
-        return Removals(loaded, [], [])
+        less = _less(key, listed[(key.id, key.hash)])
+        for name in less:
+            taken_back.setdefault(name, []).append(key.id)
+        kept.append(msgspec.structs.replace(key, **less) if less else key)
+    if not dropped and not taken_back:
+        return Removals(loaded, [], {})
     auth = msgspec.structs.replace(loaded.policy.auth, keys=kept)
     taken = f"{loaded.version} without {' '.join(dropped)}"
-    if narrowed:
-        taken += " narrowing " + " ".join(f"{key.id}:{','.join(key.engine_fields)}" for key in kept[inline:])
+    if taken_back:
+        taken += " narrowing " + " ".join(
+            f"{key.id}:{','.join(key.engine_fields)}:{','.join(key.models)}:{key.admin}" for key in kept[inline:]
+        )
     version = hashlib.sha256(taken.encode()).hexdigest()[:12]
     policy = msgspec.structs.replace(loaded.policy, auth=auth)
     keyed = replace(loaded, policy=policy, version=version, key_file_keys=len(keys) - inline - len(dropped))
-    return Removals(keyed, dropped, sorted(narrowed))
+    return Removals(keyed, dropped, {name: sorted(ids) for name, ids in taken_back.items()})
 
 
-def _listed_keys(path: Path, environ: Mapping[str, str]) -> dict[tuple[str, str], frozenset[str] | None] | None:
+def _less(key: AuthKey, granted: _Grants) -> dict[str, Any]:
+    """What of ``key`` in force its entries no longer grant, as its fields would be without it."""
+    less: dict[str, Any] = {}
+    if granted.engine_fields is not None and not granted.engine_fields.issuperset(key.engine_fields):
+        less["engine_fields"] = [name for name in key.engine_fields if name in granted.engine_fields]
+    models = granted.models
+    if models is not None and "*" not in models and not models.issuperset(key.models):
+        # "*" in force: every model, so what the entry names is all that is left of it
+        less["models"] = sorted(models) if "*" in key.models else [name for name in key.models if name in models]
+    if key.admin and granted.admin is False:
+        less["admin"] = False
+    return less
+
+
+def _listed_keys(path: Path, environ: Mapping[str, str]) -> dict[tuple[str, str], _Grants] | None:
     """The id and hash of each entry of the key file's ``keys`` list that has both as text, valid
-    or not, with the engine fields its entries grant (None: one's ``engine_fields`` is no list);
-    None when it has no such list to read."""
+    or not, with what its entries grant; None when it has no such list to read."""
     try:
         root = _compose(path.read_text(encoding="utf-8"), str(path))
         data = _NodeReader(str(path), environ, Problems(), None, key_file=True).read(root, ()) if root else None
@@ -367,19 +406,23 @@ def _listed_keys(path: Path, environ: Mapping[str, str]) -> dict[tuple[str, str]
     entries = data.get("keys") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         return None
-    listed: dict[tuple[str, str], frozenset[str] | None] = {}
+    listed: dict[tuple[str, str], _Grants] = {}
     for entry in entries:
         key_id, digest = (entry.get("id"), entry.get("hash")) if isinstance(entry, dict) else (None, None)
         if not (isinstance(key_id, str) and isinstance(digest, str)):
             continue
-        names = entry.get("engine_fields", [])
-        granted = frozenset(name for name in names if isinstance(name, str)) if isinstance(names, list) else None
+        admin = entry.get("admin", False)
+        granted = _Grants(
+            _names(entry.get("engine_fields", [])), _names(entry.get("models", ["*"])),
+            admin if isinstance(admin, bool) else None,
+        )  # fmt: skip
         pair = (key_id, digest)
-        if pair in listed:  # listed twice: what either grants is kept
-            before = listed[pair]
-            granted = None if before is None or granted is None else before | granted
-        listed[pair] = granted
+        listed[pair] = listed[pair] | granted if pair in listed else granted
     return listed
+
+
+def _names(value: object) -> frozenset[str] | None:
+    return frozenset(name for name in value if isinstance(name, str)) if isinstance(value, list) else None
 
 
 def _auth_section(

@@ -554,7 +554,10 @@ def test_a_key_revoked_while_the_key_file_holds_a_bad_line_is_refused_at_once(gw
         assert refused == (401, 200, 401), gw.stderr_text()  # the bad edit's key waits for a valid file
         assert took < 10, f"refused only after {took:.1f} s"
         state = admin_view()
-        assert "keys.yaml: a key taken out of it is refused, its other changes wait" in state["last_reload_error"]
+        assert (
+            "keys.yaml: a key taken out of it is refused and models, admin or engine_fields taken back from a key apply; its other changes wait"
+            in state["last_reload_error"]
+        )
         dropped = _wait_for_ops_event(gw, "policy_reloaded", lambda r: r.get("keys_dropped") == ["leaked"])
         assert dropped and dropped[-1]["version"] == state["version"], gw.stderr_text()
         assert _wait_for_ops_event(gw, "policy_rejected", lambda r: r.get("key_file") == "removals only")
@@ -566,6 +569,52 @@ def test_a_key_revoked_while_the_key_file_holds_a_bad_line_is_refused_at_once(gw
         # still says so until the next look at the files, which reads the fixed one again.
         cleared = _poll(admin_view, lambda p: p["last_reload_error"] is None, timeout_s=30)
         assert cleared["last_reload_error"] is None, gw.stderr_text()
+    finally:
+        keys.unlink(missing_ok=True)
+
+
+def test_models_and_admin_taken_back_while_the_key_file_holds_a_bad_line_apply_at_once(gw: GatewayProcess) -> None:
+    """f232: narrowing a key's ``models``, or taking its ``admin`` away, in a key file another line
+    made invalid waited with the rest of the edit, so the key kept calling the model and reading
+    every key's usage. Taking back is a removal, applied as a key taken out is; widening waits."""
+    keys = gw.policy_path.with_name("keys.yaml")
+    keyed = gw.policy_path.read_text().replace("auth: {mode: none}", "auth:\n  mode: keys\n  key_file: keys.yaml")
+
+    def entry(key_id: str, more: str = "") -> str:
+        return f'  - {{id: {key_id}, tenant: team-a, hash: "{hash_key("sk-" + key_id)}"{more}}}\n'
+
+    def state() -> tuple[int, int, int, bool]:
+        """What app calling fast, app large and narrow fast are answered; whether boss is an admin."""
+        boss = httpx.get(f"{gw.url}/readyz", headers={"authorization": "Bearer sk-boss"}, timeout=5).json()
+        return (
+            _chat(gw, model="fast", key="sk-app").status_code,
+            _chat(gw, model="large", key="sk-app").status_code,
+            _chat(gw, model="fast", key="sk-narrow").status_code,
+            boss["policy"]["source"] is not None,  # the policy's path: an admin's alone
+        )
+
+    listed = (
+        entry("app", ", models: [fast, large]") + entry("narrow", ", models: [best]") + entry("boss", ", admin: true")
+    )
+    try:
+        _write_atomically(keys, "keys:\n" + listed)
+        _write_atomically(gw.policy_path, keyed)
+        ready = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == _version_of(keyed + "keys:\n" + listed))
+        assert ready["last_reload_error"] is None, gw.stderr_text()
+        assert state() == (200, 200, 404, True)
+
+        bad = '  - {id: oops, tenant: team-b, hash: "sha256:NOTHEX"}\n'
+        edited = entry("app", ", models: [large]") + entry("narrow", ", models: [best, fast]") + entry("boss")
+        _write_atomically(keys, "keys:\n" + edited + bad)
+        taken = _poll(state, lambda s: s == (404, 200, 404, False))
+        assert taken == (404, 200, 404, False), gw.stderr_text()  # narrow's fast waits for a valid file
+        reloaded = _wait_for_ops_event(gw, "policy_reloaded", lambda r: "models_taken_back" in r)
+        assert [(r["models_taken_back"], r.get("admin_taken_back")) for r in reloaded] == [(["app"], ["boss"])]
+        assert _wait_for_ops_event(gw, "policy_rejected", lambda r: r.get("key_file") == "removals only")
+
+        _write_atomically(keys, "keys:\n" + edited)  # fixed: the rest of the edit applies
+        fixed = _poll(state, lambda s: s == (404, 200, 200, False))
+        assert fixed == (404, 200, 200, False), gw.stderr_text()
     finally:
         keys.unlink(missing_ok=True)
 

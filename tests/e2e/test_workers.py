@@ -907,7 +907,10 @@ def test_a_worker_replaced_while_the_key_file_holds_a_bad_line_serves_the_keys_i
         # each worker reloads on its own time: the one that answered all 16 may not be the only one
         _until(lambda: len(errors := reload_errors()) == 1 and None not in errors)
         [said] = reload_errors()
-        assert "keys.yaml: a key taken out of it is refused, its other changes wait" in said
+        assert (
+            "keys.yaml: a key taken out of it is refused and models, admin or engine_fields taken back from a key apply; its other changes wait"
+            in said
+        )
         [version] = {_policy_version(metrics, pid) for pid in _worker_pids(gateway.process.pid)}
 
         first, second = sorted(_worker_pids(gateway.process.pid))

@@ -747,7 +747,11 @@ async def test_a_worker_started_while_the_key_file_holds_a_bad_line_serves_the_k
     assert started.version == running.current.version != accepted.version
     assert "(last accepted)" in started.loaded.source
     said = running.last_reload_error
-    assert said and "keys.yaml: a key taken out of it is refused, its other changes wait" in said
+    assert (
+        said
+        and "keys.yaml: a key taken out of it is refused and models, admin or engine_fields taken back from a key apply; its other changes wait"
+        in said
+    )
     assert replacement.last_reload_error == said
     [rejected] = [line for line in logged if line["event"] == "policy_rejected"]
     assert rejected["reason"] == "start-up" and rejected["key_file"] == "removals only"
@@ -772,17 +776,54 @@ def test_an_invalid_key_file_takes_back_engine_fields_never_grants_them(tmp_path
         + entry("d", "[priority, rid]") + entry("d", "[]") + bad
     )  # fmt: skip
     removals = without_unlisted_keys(kept, tmp_path, environ={})
-    assert removals is not None and (removals.dropped, removals.narrowed) == ([], ["k"])
+    assert removals is not None and (removals.dropped, removals.taken_back) == ([], {"engine_fields": ["k"]})
     granted = {key.id: key.engine_fields for key in removals.loaded.policy.auth.keys}
     assert granted == {"k": ["vllm_xargs"], "w": ["priority"], "s": ["priority", "rid"], "d": ["priority"]}
     assert removals.loaded.version != kept.version
     (tmp_path / "keys.yaml").write_text("keys:\n" + entry("k", "[priority, vllm_xargs]") + _key("w") + bad)
     removals = without_unlisted_keys(kept, tmp_path, environ={})
-    assert removals is not None and (removals.dropped, removals.narrowed) == (["s", "d"], ["w"])
+    assert removals is not None and (removals.dropped, removals.taken_back) == (["s", "d"], {"engine_fields": ["w"]})
     assert {key.id: key.engine_fields for key in removals.loaded.policy.auth.keys} == {
         "k": ["priority", "vllm_xargs"],
         "w": [],
     }
+
+
+def test_an_invalid_key_file_takes_back_models_and_admin_never_grants_them(tmp_path: Path) -> None:
+    """f232: a key's ``models`` narrowed, or its ``admin`` taken away, in a key file another line
+    made invalid waited with the rest of the edit, so the key kept what the operator took back.
+    Taking back is a removal, applied as a key taken out is; a grant widened waits, as does one
+    whose ``models`` no longer reads as a list or whose ``admin`` is no boolean."""
+
+    def entry(key_id: str, more: str) -> str:
+        return _key(key_id).replace("}\n", f", {more}}}\n")
+
+    written = (
+        ("all", "admin: true"),  # every model, and admin
+        ("two", "models: [fast, s]"),
+        ("one", "models: [s]"),
+        ("odd", "models: [s, l], admin: true"),
+    )
+    kept = load_policy_text(
+        KEYED, environ={}, base_dir=tmp_path, key_file_text="keys:\n" + "".join(entry(*e) for e in written)
+    )
+    bad = _key("oops", "sha256:NOTHEX")
+    (tmp_path / "keys.yaml").write_text(
+        "keys:\n" + entry("all", "models: [fast]") + entry("two", "models: [s, l]") + entry("one", "admin: true")
+        + entry("odd", "models: s, admin: 'no'") + bad
+    )  # fmt: skip
+    removals = without_unlisted_keys(kept, tmp_path, environ={})
+    assert removals is not None and removals.dropped == []
+    assert removals.taken_back == {"models": ["all", "two"], "admin": ["all"]}
+    keys = {key.id: (key.models, key.admin) for key in removals.loaded.policy.auth.keys}
+    assert keys == {"all": (["fast"], False), "two": (["s"], False), "one": (["s"], False), "odd": (["s", "l"], True)}
+    assert removals.loaded.version != kept.version
+    (tmp_path / "keys.yaml").write_text(  # listed twice: what either grants is kept
+        "keys:\n" + entry("all", "models: [s]") + entry("all", "models: ['*'], admin: true") + "".join(
+            entry(*e) for e in written[1:]) + bad
+    )  # fmt: skip
+    removals = without_unlisted_keys(kept, tmp_path, environ={})
+    assert removals is not None and removals.taken_back == {} and removals.loaded.version == kept.version
 
 
 async def test_a_worker_started_on_the_policy_last_accepted_logs_the_rejection_once(tmp_path: Path) -> None:
