@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -819,8 +819,44 @@ def _keep_stdout_for_the_request_log() -> None:
     os.environ["GATEWAY_REQUEST_LOG_FD"] = str(request_log)
 
 
+def _granian_stops_taken_once() -> None:
+    """A granian worker's loop takes the first stop (SIGTERM, SIGINT) alone: granian's handler there
+    sends its stop to a channel that holds one until the server takes it, blocking, the event loop
+    and all, on a second, and before serving nothing takes it. A SIGTERM to the process group
+    (``kill -TERM -PGID``, systemd's stop) reaches each worker, and serve passes one more on: two
+    that came while a worker's loop ran its application's start (or landed on another thread before
+    the drain's handler saw the first, which no Python-level handler can hold back: the loop acts on
+    each it reads from its wakeup fd) ran it twice, and the worker was killed at the kill timeout
+    (f232, t201; a SIGINT: t132). The workers forked from here take this in place of granian's."""
+    import granian._signals
+
+    granians: Callable[[Any], Any] = granian._signals.set_loop_signals
+    if getattr(granians, "taken_once", False):
+        return
+
+    def set_loop_signals(loop: Any) -> Any:
+        stop = granians(loop)
+        taken = False
+
+        def take(signum: int, frame: object) -> None:
+            nonlocal taken
+            if not taken:
+                taken = True
+                stop.set()
+
+        with contextlib.suppress(NotImplementedError):  # no such loop: granian's are Python-level handlers
+            for sig in _STOP_SIGNALS:
+                loop.add_signal_handler(sig, take, sig, None)
+        return stop
+
+    set_loop_signals.taken_once = True  # type: ignore[attr-defined]
+    granian._signals.set_loop_signals = set_loop_signals
+
+
 def _granian_server() -> type:
     from granian import Granian
+
+    _granian_stops_taken_once()
 
     class GatewayServer(Granian):  # type: ignore[misc, valid-type]
         """SIGHUP to the main process reloads the policy in every worker, in place.

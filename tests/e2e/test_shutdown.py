@@ -575,6 +575,85 @@ runpy.run_module("gateway", run_name="__main__", alter_sys=True)
 sends serve a SIGTERM and waits until serve has passed it on; that worker's pid is written to ``argv[1]``."""
 
 
+def test_under_granian_a_sigterm_to_the_group_in_a_workers_start_stops_it(tmp_path: Path) -> None:
+    """f232 (t201's find): a SIGTERM to serve's process group (``kill -TERM -PGID``, systemd's stop)
+    reaches each worker, and serve passes one more on. Granian's handler in a worker ran for each
+    its loop read, and the second, in the application's start where nothing takes granian's stop
+    yet, blocked the worker for good: it was killed at the kill timeout. Here the worker, in its start
+    with the drain's handler in place, sends the group's SIGTERM to serve, takes its own and serve's
+    on another of its threads (where a process's signal may land, and no Python-level handler sees it
+    before the loop does), and goes on once serve has passed one on."""
+    shipped = Path(__file__).resolve().parents[2] / "policies.yaml"
+    marker = tmp_path / "signalled"
+    serve = [sys.executable, "-c", _SIGTERM_TO_THE_GROUP_IN_A_WORKERS_START, str(marker), "serve",
+             "--simulate-missing", "--policies", str(shipped), "--port", str(free_port()), "--data-dir",
+             str(tmp_path / "data"), "--server", "granian", "--workers", "1", "--drain-s", "2"]  # fmt: skip
+    env = {**os.environ, "SMALL_MODEL_URL": "", "LARGE_MODEL_URL": "", "REDIS_URL": ""}
+    err_path = tmp_path / "gateway.err"
+    with err_path.open("wb") as stderr:
+        process = subprocess.Popen(serve, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    said = err_path.read_text(errors="replace")
+    assert marker.with_suffix(".passed").exists(), said[-2000:]  # serve did pass one on, in the worker's start
+    assert process.returncode == 0, said[-2000:]
+    assert "refused to gracefully stop" not in said and "Traceback" not in said, said[-2000:]
+    assert _no_live_child_of(process.pid)
+    assert _embedded_redis_pid(tmp_path) is None
+
+
+_SIGTERM_TO_THE_GROUP_IN_A_WORKERS_START = """
+import os, runpy, signal, sys, threading, time
+
+import granian.server.mp
+
+from gateway.runtime import RuntimeHolder
+
+marker = sys.argv[1]
+passed = os.path.splitext(marker)[0] + ".passed"
+terminate = granian.server.mp.WorkerProcess.terminate
+reload_on_sighup = RuntimeHolder.reload_on_sighup
+
+
+def passed_on(self):  # serve, stopping its worker
+    terminate(self)
+    open(passed, "w").close()
+
+
+def on_another_thread():
+    for _ in range(2):  # the group's and serve's
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+
+def in_start(self):  # in the worker's application start, after the drain's handler: its loop runs
+    reload_on_sighup(self)
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return  # once
+    os.kill(os.getppid(), signal.SIGTERM)  # the group's, to serve
+    thread = threading.Thread(target=on_another_thread)
+    thread.start()
+    thread.join()
+    deadline = time.monotonic() + 30
+    while not os.path.exists(passed) and time.monotonic() < deadline:
+        time.sleep(0.01)  # until serve has passed one on, the start going on
+
+
+granian.server.mp.WorkerProcess.terminate = passed_on
+RuntimeHolder.reload_on_sighup = in_start
+sys.argv = ["gateway", *sys.argv[2:]]
+runpy.run_module("gateway", run_name="__main__", alter_sys=True)
+"""
+"""``python -m gateway`` whose granian worker, in its application's start, sends serve the SIGTERM a
+process group's stop sends it, takes that stop's and serve's on a thread of its own, and goes on once
+serve has passed one on (``argv[1]`` is made then, its ``.passed`` sibling once serve has)."""
+
+
 @pytest.mark.parametrize("spawned", ["gateway.simulated", "redis-server"])
 def test_sigterm_as_serve_spawns_a_child_stops_that_child_too(tmp_path: Path, spawned: str) -> None:
     """f212: a SIGTERM that came while ``subprocess.Popen`` waited for a child's exec broke off the
