@@ -464,10 +464,13 @@ def test_under_granian_a_sigterm_to_a_worker_as_it_starts_stops_it(tmp_path: Pat
     _assert_a_worker_signalled_granian_stops_cleanly(tmp_path, _SIGTERM_FROM_A_STARTING_WORKER, "--workers", "2")
 
 
-def _assert_a_worker_signalled_granian_stops_cleanly(tmp_path: Path, script: str, *serve_args: str) -> None:
+def _assert_a_worker_signalled_granian_stops_cleanly(
+    tmp_path: Path, script: str, *serve_args: str, evidence: str = ""
+) -> None:
     """Run ``python -c script PID_FILE serve ...`` (the shipped policy, simulated upstreams, granian),
     whose worker sends serve a SIGTERM at the moment ``script`` picks, and assert a clean stop: the
-    worker did send it, exit 0, no worker killed at granian's kill timeout, nothing left running."""
+    worker did send it (``PID_FILE``, or its sibling with the suffix ``evidence``), exit 0, no worker
+    killed at granian's kill timeout, nothing left running."""
     shipped = Path(__file__).resolve().parents[2] / "policies.yaml"
     pid_file = tmp_path / "signalled-from"
     serve = [sys.executable, "-c", script, str(pid_file), "serve", "--simulate-missing",
@@ -484,7 +487,7 @@ def _assert_a_worker_signalled_granian_stops_cleanly(tmp_path: Path, script: str
             process.kill()
             process.wait()
     said = err_path.read_text(errors="replace")
-    assert pid_file.exists(), said[-2000:]  # the worker did send it
+    assert (pid_file.with_suffix(evidence) if evidence else pid_file).exists(), said[-2000:]  # the worker did send it
     assert process.returncode == 0, said[-2000:]
     assert "refused to gracefully stop" not in said and "Traceback" not in said, said[-2000:]
     assert _no_live_child_of(process.pid)
@@ -583,27 +586,9 @@ def test_under_granian_a_sigterm_to_the_group_in_a_workers_start_stops_it(tmp_pa
     with the drain's handler in place, sends the group's SIGTERM to serve, takes its own and serve's
     on another of its threads (where a process's signal may land, and no Python-level handler sees it
     before the loop does), and goes on once serve has passed one on."""
-    shipped = Path(__file__).resolve().parents[2] / "policies.yaml"
-    marker = tmp_path / "signalled"
-    serve = [sys.executable, "-c", _SIGTERM_TO_THE_GROUP_IN_A_WORKERS_START, str(marker), "serve",
-             "--simulate-missing", "--policies", str(shipped), "--port", str(free_port()), "--data-dir",
-             str(tmp_path / "data"), "--server", "granian", "--workers", "1", "--drain-s", "2"]  # fmt: skip
-    env = {**os.environ, "SMALL_MODEL_URL": "", "LARGE_MODEL_URL": "", "REDIS_URL": ""}
-    err_path = tmp_path / "gateway.err"
-    with err_path.open("wb") as stderr:
-        process = subprocess.Popen(serve, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        process.wait(60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    said = err_path.read_text(errors="replace")
-    assert marker.with_suffix(".passed").exists(), said[-2000:]  # serve did pass one on, in the worker's start
-    assert process.returncode == 0, said[-2000:]
-    assert "refused to gracefully stop" not in said and "Traceback" not in said, said[-2000:]
-    assert _no_live_child_of(process.pid)
-    assert _embedded_redis_pid(tmp_path) is None
+    _assert_a_worker_signalled_granian_stops_cleanly(
+        tmp_path, _SIGTERM_TO_THE_GROUP_IN_A_WORKERS_START, "--workers", "1", "--drain-s", "2", evidence=".passed"
+    )  # serve did pass one on, in the worker's start
 
 
 _SIGTERM_TO_THE_GROUP_IN_A_WORKERS_START = """
