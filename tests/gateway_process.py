@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from gateway.services.redis_server import start_embedded_redis
 from gateway.simulated import SimulatedUpstream
 
 _PORTS_PER_WORKER = 3000
@@ -42,6 +44,26 @@ def free_port() -> int:
         _handed.add(port)
         return port
     raise RuntimeError(f"no free port left in {base}-{base + _PORTS_PER_WORKER}")
+
+
+def vllm_and_claude_models(vllm_url: str, claude_url: str) -> str:
+    """``extra_models`` for :func:`policy_text`: ``vllm`` (a vLLM-like upstream, small) and
+    ``claude-up`` (an Anthropic-like upstream, large), each under its own name upstream."""
+    return f"""
+  vllm:
+    base_url: {vllm_url}/v1
+    upstream_model: qwen
+    price: {{input: 1, output: 2}}
+    tier: small
+    timeouts: {{connect: 2, first_byte: 5, total: 10}}
+  claude-up:
+    provider: anthropic
+    base_url: {claude_url}
+    upstream_model: claude-x
+    price: {{input: 3, output: 15}}
+    tier: large
+    timeouts: {{connect: 2, first_byte: 5, total: 10}}
+"""
 
 
 def policy_text(
@@ -254,6 +276,21 @@ def start_gateway(
         time.sleep(0.1)
     gateway.stop()
     raise RuntimeError(f"gateway did not become ready:\n{gateway.stderr_text()}")
+
+
+def stop_with_its_redis_back(gateway: GatewayProcess, redis_url: str, data_dir: Path) -> None:
+    """Stop a gateway whose Redis was down, once a Redis answers at its address: at shutdown a
+    gateway tries to write the usage it holds for up to 10 s, so a stop with Redis still down took
+    those 10 s; one that is back takes it at once. ``redis_url`` names a password: the Redis
+    started there requires one."""
+    address = urllib.parse.urlsplit(redis_url)
+    if not address.password:
+        raise ValueError(f"{redis_url} names no password, which the Redis started there requires")
+    server = start_embedded_redis(data_dir, port=address.port, password=address.password)
+    try:
+        gateway.stop()
+    finally:
+        server.stop()
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
 from gateway.simulated import SimulatedUpstream
 from gateway.store import keyspace
 from tests.conftest import closed_after_test, inject, upstream_stats
-from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
+from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway, stop_with_its_redis_back
 
 _KEY_NAMES = "rpm tpm budget s1 s2 saver admin counter ledger inflight twins once late"
 # small costs $0.5/M input and $1.5/M output in the test policy.
@@ -541,9 +541,8 @@ def test_redis_down_fails_open_or_closed_by_policy(
         auth=KEYS,
         limits=f"max_body_bytes: 65536, on_redis_error: {mode}, redis_timeout_ms: 2000",
     )
-    gateway = start_gateway(
-        tmp_path, policy, env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, expect_ready=False
-    )
+    redis_url = f"redis://:pw-down@127.0.0.1:{free_port()}/0"
+    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_url}, expect_ready=False)
     try:
         response = _chat(gateway, "rpm")
         assert response.status_code == expected
@@ -551,7 +550,7 @@ def test_redis_down_fails_open_or_closed_by_policy(
             assert response.json()["error"]["code"] == "limiter_unavailable"
         assert _chat(gateway, "admin").status_code == 200  # no limits on this key or its tenant: nothing to check
     finally:
-        gateway.stop()
+        stop_with_its_redis_back(gateway, redis_url, tmp_path / "redis")
 
 
 @pytest.mark.parametrize(("mode", "expected"), [("open", 200), ("closed", 503)])
@@ -582,6 +581,8 @@ def test_a_full_redis_fails_open_or_closed_by_policy_and_never_past_a_spent_budg
         assert _chat(gateway, "admin").status_code == 200  # no limits on this key or its tenant: nothing to check
         assert httpx.get(f"{gateway.url}/readyz", timeout=5).json()["redis"] == "full"
     finally:
+        with redis_sync.Redis.from_url(server.url) as admin:
+            admin.config_set("maxmemory", 0)  # the usage the gateway holds is written at its stop, not tried for 10 s
         gateway.stop()
         server.stop()
 

@@ -18,7 +18,7 @@ from gateway.auth import hash_key
 from gateway.config.kept import keep_policy
 from gateway.services.redis_server import start_embedded_redis
 from gateway.simulated import SimulatedUpstream
-from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
+from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway, stop_with_its_redis_back
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,15 +89,16 @@ def test_metrics_are_prometheus_text(gateway: GatewayProcess, small_upstream: Si
 def redisless_gateway(
     tmp_path_factory: pytest.TempPathFactory, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
 ) -> Iterator[GatewayProcess]:
-    dead_port = free_port()  # nothing listens there
+    redis_url = f"redis://:pw-down@127.0.0.1:{free_port()}/0"  # nothing listens there
+    workdir = tmp_path_factory.mktemp("redisless-gw")
     gw = start_gateway(
-        tmp_path_factory.mktemp("redisless-gw"),
+        workdir,
         policy_text(small_upstream, large_upstream),
-        env={"REDIS_URL": f"redis://127.0.0.1:{dead_port}/0", "TEST_LARGE_KEY": "sk-large-secret-123"},
+        env={"REDIS_URL": redis_url, "TEST_LARGE_KEY": "sk-large-secret-123"},
         expect_ready=False,
     )
     yield gw
-    gw.stop()
+    stop_with_its_redis_back(gw, redis_url, workdir / "redis")
 
 
 def test_redis_down_means_not_ready_but_still_serving(

@@ -28,7 +28,7 @@ from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
 from gateway.simulated import SimulatedUpstream
 from gateway.store import keyspace
 from tests.conftest import closed_after_test, inject, upstream_stats
-from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
+from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway, stop_with_its_redis_back
 
 WEATHER_TOOL: Any = {
     "type": "function",
@@ -1116,8 +1116,8 @@ def test_without_the_store_answers_go_on_but_continuations_are_503(
     tmp_path: Path, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
 ) -> None:
     policy = policy_text(small_upstream, large_upstream)
-    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": f"redis://:pw-9@127.0.0.1:{free_port()}/0"},
-                            expect_ready=False)  # fmt: skip
+    redis_url = f"redis://:pw-9@127.0.0.1:{free_port()}/0"
+    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_url}, expect_ready=False)
     try:
         with openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=10) as client:
             answered = client.responses.create(model="fast", input="hello")
@@ -1135,7 +1135,7 @@ def test_without_the_store_answers_go_on_but_continuations_are_503(
             with pytest.raises(openai.InternalServerError):
                 client.responses.retrieve(answered.id)
     finally:
-        gateway.stop()
+        stop_with_its_redis_back(gateway, redis_url, tmp_path / "redis")
     said = gateway.stderr_text()
     assert "response_not_stored" in said and "pw-9" not in said and "hello" not in said
 

@@ -26,7 +26,7 @@ from gateway.services.redis_server import EmbeddedRedis
 from gateway.simulated import SimulatedUpstream
 from gateway.store import keyspace
 from tests.conftest import PairGateway, closed_after_test, inject, upstream_stats
-from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway
+from tests.gateway_process import GatewayProcess, free_port, policy_text, start_gateway, stop_with_its_redis_back
 
 MODELS = """
   gpt-a:
@@ -434,8 +434,8 @@ def test_a_response_the_gateway_cannot_claim_says_so_and_is_not_left_upstream(
         extra_models=MODELS.format(small=small_upstream.url, large=large_upstream.url),
         routes=ROUTES,
     )
-    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},
-                            expect_ready=False)  # fmt: skip
+    redis_url = f"redis://:pw-down@127.0.0.1:{free_port()}/0"
+    gateway = start_gateway(tmp_path, policy, env={"REDIS_URL": redis_url}, expect_ready=False)
     try:
         with openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=10) as client:
             made = client.responses.create(model="gpt-a", input="Remember the number 7.")
@@ -448,7 +448,7 @@ def test_a_response_the_gateway_cannot_claim_says_so_and_is_not_left_upstream(
                 assert time.monotonic() < deadline, f"{response_id} is still kept upstream"
                 time.sleep(0.05)
     finally:
-        gateway.stop()
+        stop_with_its_redis_back(gateway, redis_url, tmp_path / "redis")
 
 
 def test_a_response_failed_for_the_requests_own_fault_reaches_the_client_as_it_came(
