@@ -22,24 +22,9 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import PairGateway, closed_after_test
-from tests.gateway_process import GatewayProcess
+from tests.gateway_process import GatewayProcess, vllm_and_claude_models
 from tests.loopback_app import RecordingUpstream, serve_recording, write_sse
 
-_MODELS = """
-  vllm:
-    base_url: {vllm}/v1
-    upstream_model: qwen
-    price: {{input: 1, output: 2}}
-    tier: small
-    timeouts: {{connect: 2, first_byte: 5, total: 10}}
-  claude-up:
-    provider: anthropic
-    base_url: {claude}
-    upstream_model: claude-x
-    price: {{input: 3, output: 15}}
-    tier: large
-    timeouts: {{connect: 2, first_byte: 5, total: 10}}
-"""
 _ROUTES = """
   vllm-r: {model: vllm}
   claude-r: {model: claude-up}
@@ -165,7 +150,7 @@ def claude_upstream() -> Iterator[RecordingUpstream]:
 def gateway(
     pair_gateway: PairGateway, vllm: RecordingUpstream, claude_upstream: RecordingUpstream
 ) -> Iterator[GatewayProcess]:
-    models = _MODELS.format(vllm=vllm.url, claude=claude_upstream.url)
+    models = vllm_and_claude_models(vllm.url, claude_upstream.url)
     with pair_gateway("repeated-tool-call-ids", extra_models=models, routes=_ROUTES) as gw:
         yield gw
 

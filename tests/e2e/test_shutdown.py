@@ -467,17 +467,25 @@ def test_under_granian_a_sigterm_to_a_worker_as_it_starts_stops_it(tmp_path: Pat
 def _assert_a_worker_signalled_granian_stops_cleanly(
     tmp_path: Path, script: str, *serve_args: str, evidence: str = ""
 ) -> None:
-    """Run ``python -c script PID_FILE serve ...`` (the shipped policy, simulated upstreams, granian),
-    whose worker sends serve a SIGTERM at the moment ``script`` picks, and assert a clean stop: the
-    worker did send it (``PID_FILE``, or its sibling with the suffix ``evidence``), exit 0, no worker
-    killed at granian's kill timeout, nothing left running."""
-    shipped = Path(__file__).resolve().parents[2] / "policies.yaml"
+    """Run serve (granian) under ``script``, whose worker sends serve a SIGTERM at the moment
+    ``script`` picks, and assert a clean stop: the worker did send it (``PID_FILE``, or its sibling
+    with the suffix ``evidence``), exit 0, no worker killed at granian's kill timeout, nothing left running."""
     pid_file = tmp_path / "signalled-from"
-    serve = [sys.executable, "-c", script, str(pid_file), "serve", "--simulate-missing",
-             "--policies", str(shipped), "--port", str(free_port()), "--data-dir", str(tmp_path / "data"),
-             "--server", "granian", *serve_args]  # fmt: skip
+    returncode, said = _serve_signalled(tmp_path, script, [str(pid_file)], ["--server", "granian", *serve_args])
+    assert (pid_file.with_suffix(evidence) if evidence else pid_file).exists(), said[-2000:]  # the worker did send it
+    assert returncode == 0, said[-2000:]
+    assert "refused to gracefully stop" not in said and "Traceback" not in said, said[-2000:]
+
+
+def _serve_signalled(tmp_path: Path, script: str, script_args: list[str], serve_args: list[str]) -> tuple[int, str]:
+    """Run ``python -c script *script_args serve ... *serve_args`` (the shipped policy, simulated
+    upstreams, embedded Redis) to its exit: its exit code and what it wrote to stderr, once it
+    left no child running and no embedded Redis behind."""
+    shipped = Path(__file__).resolve().parents[2] / "policies.yaml"
+    serve = [sys.executable, "-c", script, *script_args, "serve", "--simulate-missing", "--policies", str(shipped),
+             "--port", str(free_port()), "--data-dir", str(tmp_path / "data"), *serve_args]  # fmt: skip
     env = {**os.environ, "SMALL_MODEL_URL": "", "LARGE_MODEL_URL": "", "REDIS_URL": ""}
-    err_path = tmp_path / "gateway.err"
+    err_path = tmp_path / "gateway.err"  # a file: a pipe would be read to its end, once a child too had exited
     with err_path.open("wb") as stderr:
         process = subprocess.Popen(serve, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
@@ -487,11 +495,9 @@ def _assert_a_worker_signalled_granian_stops_cleanly(
             process.kill()
             process.wait()
     said = err_path.read_text(errors="replace")
-    assert (pid_file.with_suffix(evidence) if evidence else pid_file).exists(), said[-2000:]  # the worker did send it
-    assert process.returncode == 0, said[-2000:]
-    assert "refused to gracefully stop" not in said and "Traceback" not in said, said[-2000:]
-    assert _no_live_child_of(process.pid)
-    assert _embedded_redis_pid(tmp_path) is None
+    assert _no_live_child_of(process.pid), said[-2000:]
+    assert _embedded_redis_pid(tmp_path) is None, said[-2000:]
+    return process.returncode, said
 
 
 _SIGTERM_FROM_A_STARTING_WORKER = """
@@ -645,27 +651,12 @@ def test_sigterm_as_serve_spawns_a_child_stops_that_child_too(tmp_path: Path, sp
     Popen, after the fork: serve never learnt of that child, which lived on after serve had exited
     (an upstream until its own watch on its parent noticed). Here the child itself sends it, from
     Popen's preexec_fn, so it lands there every time; the moment the child is gone is serve's exit."""
-    shipped = Path(__file__).resolve().parents[2] / "policies.yaml"
     pid_file = tmp_path / "signalled-from"
-    serve = [sys.executable, "-c", _SIGTERM_FROM_INSIDE_A_SPAWN, spawned, str(pid_file), "serve", "--simulate-missing",
-             "--policies", str(shipped), "--port", str(free_port()), "--data-dir", str(tmp_path / "data")]  # fmt: skip
-    env = {**os.environ, "SMALL_MODEL_URL": "", "LARGE_MODEL_URL": "", "REDIS_URL": ""}
-    err_path = tmp_path / "gateway.err"  # a file: a pipe would be read to its end, once the child too had exited
-    with err_path.open("wb") as stderr:
-        process = subprocess.Popen(serve, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        process.wait(60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    said = err_path.read_text(errors="replace")
-    assert process.returncode == 0, said[-2000:]
+    returncode, said = _serve_signalled(tmp_path, _SIGTERM_FROM_INSIDE_A_SPAWN, [spawned, str(pid_file)], [])
+    assert returncode == 0, said[-2000:]
     assert "SIGTERM before serving: stopped" in said and "Traceback" not in said, said[-2000:]
     child = int(pid_file.read_text())
     assert not Path(f"/proc/{child}").exists() or _is_zombie(child), f"{spawned} (pid {child}) outlived serve"
-    assert _no_live_child_of(process.pid)  # the upstreams started before it too
-    assert _embedded_redis_pid(tmp_path) is None
 
 
 _SIGTERM_FROM_INSIDE_A_SPAWN = """
