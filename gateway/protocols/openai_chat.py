@@ -108,20 +108,22 @@ def _other_finish(said: object) -> str | None:
     return said if isinstance(said, str) and said and said not in _FINISH else None
 
 
-CHAT_UPSTREAM_LOSSES = frozenset({"thinking", "tool_result.image", "tool_result.is_error"})
+CHAT_UPSTREAM_LOSSES = frozenset({"thinking", "tool_result.image", "tool_result.file", "tool_result.is_error"})
 """Every name :func:`lost_on_chat_upstreams` gives: what an Anthropic upstream does take."""
 
 
 def lost_on_chat_upstreams(request: Request) -> list[str]:
     """What of ``request``'s turns a chat completions upstream cannot be sent (for ``x-gateway-dropped``):
-    signed thinking, and a tool result's images or error flag (its content is text there)."""
+    signed thinking, and a tool result's images, files or error flag (its content is text there)."""
     lost: dict[str, None] = {}
     for message in request.messages:
         if any(isinstance(part, ThinkingPart | RedactedThinkingPart) for part in message.parts):
             lost["thinking"] = None
         if message.role == "tool":
-            if any(not isinstance(part, TextPart) for part in message.parts):
+            if any(isinstance(part, ImagePart) for part in message.parts):
                 lost["tool_result.image"] = None
+            if any(isinstance(part, FilePart) for part in message.parts):
+                lost["tool_result.file"] = None
             if message.is_error:
                 lost["tool_result.is_error"] = None
     return list(lost)

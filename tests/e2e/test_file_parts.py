@@ -236,3 +236,25 @@ def test_a_messages_document_on_a_route_of_claude_alone_goes_as_it_came(
     messages = _document(source, title="w.txt", **fields)
     _claude(gateway).messages.create(model="claude-r", max_tokens=20, messages=messages)
     assert _first_part(claude_upstream) == messages[0]["content"][0]
+
+
+def test_a_tool_results_pdf_reaches_claude_in_its_tool_result_and_is_named_where_a_chat_upstream_cannot_read_it(
+    gateway: GatewayProcess, vllm: RecordingUpstream, claude_upstream: RecordingUpstream
+) -> None:
+    """A chat tool message is text: a function_call_output's PDF was named ``tool_result.image``
+    there, which sent a client looking for an image it never sent."""
+    items: Any = [
+        {"type": "message", "role": "user", "content": "Fetch the report."},
+        {"type": "function_call", "call_id": "c1", "name": "fetch", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": [
+            {"type": "input_text", "text": "The report:"}, {"type": "input_file", "filename": "r.pdf", "file_data": _PDF_URL}]},
+    ]  # fmt: skip
+    client = _oai(gateway)
+    client.responses.create(model="claude-r", input=items, store=False)
+    result = claude_upstream.bodies[-1]["messages"][-1]["content"][0]
+    assert result["type"] == "tool_result" and result["content"][1] == {
+        "type": "document", "title": "r.pdf", "source": {"type": "base64", "media_type": "application/pdf", "data": _PDF}
+    }  # fmt: skip
+    raw = client.responses.with_raw_response.create(model="vllm-r", input=items, store=False)
+    assert raw.headers["x-gateway-dropped"] == "tool_result.file"
+    assert vllm.bodies[-1]["messages"][-1] == {"role": "tool", "tool_call_id": "c1", "content": "The report:"}
