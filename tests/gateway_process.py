@@ -46,24 +46,21 @@ def free_port() -> int:
     raise RuntimeError(f"no free port left in {base}-{base + _PORTS_PER_WORKER}")
 
 
+def model_entry(name: str, base_url: str, upstream_model: str, price: str, tier: str = "", **more: str) -> str:
+    """One entry of ``models`` for :func:`policy_text`'s ``extra_models``, on a loopback upstream
+    (``price`` as YAML, ``{input: 1, output: 2}``; ``more`` as YAML values: ``provider="anthropic"``)."""
+    lines = [f"base_url: {base_url}", f"upstream_model: {upstream_model}", f"price: {price}"]
+    lines += [f"tier: {tier}"] if tier else []
+    lines += [f"{key}: {value}" for key, value in more.items()]
+    lines.append("timeouts: {connect: 2, first_byte: 5, total: 10}")
+    return f"  {name}:\n" + "".join(f"    {line}\n" for line in lines)
+
+
 def vllm_and_claude_models(vllm_url: str, claude_url: str) -> str:
-    """``extra_models`` for :func:`policy_text`: ``vllm`` (a vLLM-like upstream, small) and
-    ``claude-up`` (an Anthropic-like upstream, large), each under its own name upstream."""
-    return f"""
-  vllm:
-    base_url: {vllm_url}/v1
-    upstream_model: qwen
-    price: {{input: 1, output: 2}}
-    tier: small
-    timeouts: {{connect: 2, first_byte: 5, total: 10}}
-  claude-up:
-    provider: anthropic
-    base_url: {claude_url}
-    upstream_model: claude-x
-    price: {{input: 3, output: 15}}
-    tier: large
-    timeouts: {{connect: 2, first_byte: 5, total: 10}}
-"""
+    """``vllm`` (a vLLM-like upstream, small) and ``claude-up`` (an Anthropic-like one, large)."""
+    return model_entry("vllm", f"{vllm_url}/v1", "qwen", "{input: 1, output: 2}", "small") + model_entry(
+        "claude-up", claude_url, "claude-x", "{input: 3, output: 15}", "large", provider="anthropic"
+    )
 
 
 def policy_text(

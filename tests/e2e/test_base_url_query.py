@@ -21,32 +21,20 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import PairGateway, closed_after_test
-from tests.gateway_process import GatewayProcess
+from tests.gateway_process import GatewayProcess, model_entry
 from tests.loopback_app import RecordingUpstream, serve_recording
 
-_MODELS = """
-  azure:
-    base_url: {url}/openai/deployments/dep1?api-version=2024-10-21
-    upstream_model: gpt-4o
-    responses_api: true
-    price: {{input: 2, output: 8}}
-    tier: large
-    timeouts: {{connect: 2, first_byte: 5, total: 10}}
-  azure-tok:
-    base_url: {url}/openai/deployments/dep2?api-version=2024-10-21&tok=a%26b
-    upstream_model: gpt-4o
-    responses_api: true
-    price: {{input: 2, output: 8}}
-    tier: large
-    timeouts: {{connect: 2, first_byte: 5, total: 10}}
-  proxied-claude:
-    provider: anthropic
-    base_url: {url}/anthropic/?tok=abc
-    upstream_model: claude-sonnet-4-6
-    price: {{input: 3, output: 15}}
-    tier: large
-    timeouts: {{connect: 2, first_byte: 5, total: 10}}
-"""
+
+def _models(url: str) -> str:
+    azure = {"price": "{input: 2, output: 8}", "tier": "large", "responses_api": "true"}
+    return (
+        model_entry("azure", f"{url}/openai/deployments/dep1?api-version=2024-10-21", "gpt-4o", **azure)
+        + model_entry("azure-tok", f"{url}/openai/deployments/dep2?api-version=2024-10-21&tok=a%26b", "gpt-4o", **azure)
+        + model_entry("proxied-claude", f"{url}/anthropic/?tok=abc", "claude-sonnet-4-6", "{input: 3, output: 15}",
+                      "large", provider="anthropic")
+    )  # fmt: skip
+
+
 _AZURE = "/openai/deployments/dep1"
 _TOKEN = "/openai/deployments/dep2"
 _BASE_QUERY = "api-version=2024-10-21&tok=a%26b"
@@ -118,7 +106,7 @@ def upstream() -> Iterator[RecordingUpstream]:
 
 @pytest.fixture(scope="module")
 def gateway(pair_gateway: PairGateway, upstream: RecordingUpstream) -> Iterator[GatewayProcess]:
-    with pair_gateway("base-url-query", extra_models=_MODELS.format(url=upstream.url)) as process:
+    with pair_gateway("base-url-query", extra_models=_models(upstream.url)) as process:
         yield process
 
 

@@ -28,32 +28,20 @@ from gateway.auth import hash_key
 from gateway.protocols.engine_fields import ENGINE_FIELDS
 from gateway.simulated import SimulatedUpstream
 from tests.conftest import PairGateway, closed_after_test, upstream_stats
-from tests.gateway_process import GatewayProcess, policy_text, start_gateway
+from tests.gateway_process import GatewayProcess, model_entry, policy_text, start_gateway
 from tests.loopback_app import RecordingUpstream, serve_recording, write_sse
 
 T = TypeVar("T")
 
-_MODELS = """
-  vllm:
-    base_url: {url}/v1
-    upstream_model: qwen
-    price: {{input: 1, output: 2}}
-    tier: small
-    timeouts: {{connect: 2, first_byte: 5, total: 10}}
-  vllm-responses:
-    base_url: {url}/v1
-    upstream_model: qwen
-    responses_api: true
-    price: {{input: 1, output: 2}}
-    tier: small
-    timeouts: {{connect: 2, first_byte: 5, total: 10}}
-  vllm-embed:
-    kind: embedding
-    base_url: {url}/v1
-    upstream_model: bge
-    price: {{input: 0.02, output: 0}}
-    timeouts: {{connect: 2, first_byte: 5, total: 10}}
-"""
+
+def _models(url: str) -> str:
+    return (
+        model_entry("vllm", f"{url}/v1", "qwen", "{input: 1, output: 2}", "small")
+        + model_entry("vllm-responses", f"{url}/v1", "qwen", "{input: 1, output: 2}", "small", responses_api="true")
+        + model_entry("vllm-embed", f"{url}/v1", "bge", "{input: 0.02, output: 0}", kind="embedding")
+    )
+
+
 _ROUTES = """
   vllm-r: {model: vllm}
   vllm-responses-r: {model: vllm-responses}
@@ -130,7 +118,7 @@ def vllm() -> Iterator[RecordingUpstream]:
 
 @pytest.fixture(scope="module")
 def gateway(pair_gateway: PairGateway, vllm: RecordingUpstream) -> Iterator[GatewayProcess]:
-    models = _MODELS.format(url=vllm.url)
+    models = _models(vllm.url)
     env = {"TEST_ANTHROPIC_KEY": "sk-ant", "TEST_LARGE_KEY": "sk-large"}
     with pair_gateway("engine-fields", extra_models=models, routes=_ROUTES, env=env) as process:
         yield process
@@ -296,7 +284,7 @@ def _keyed_auth(trusted: str = "[priority, vllm_xargs]") -> str:
 def keyed(pair_gateway: PairGateway, vllm: RecordingUpstream) -> Iterator[GatewayProcess]:
     """Auth on, the exact cache on: key ``batch`` may send ``priority`` and ``vllm_xargs`` on,
     key ``app`` (the same tenant) none."""
-    models = _MODELS.format(url=vllm.url)
+    models = _models(vllm.url)
     env = {"TEST_ANTHROPIC_KEY": "sk-ant", "TEST_LARGE_KEY": "sk-large"}
     cache = "{enabled: true, semantic: {enabled: false}, redis_timeout_ms: 2000}"
     with pair_gateway(
@@ -504,7 +492,7 @@ def test_a_grant_taken_back_while_the_key_file_holds_a_bad_line_applies_at_once(
     inline = f'    - {{id: ops, tenant: ops, hash: "{hash_key(_OPS)}", admin: true}}'  # the policy's own, first
     auth = f"auth:\n  mode: keys\n  key_file: {keys}\n  keys:\n{inline}\n"
     sent = {"priority": 2, "vllm_xargs": {"plugin_arg": 2}}
-    started = pair_gateway("engine-fields-key-file", extra_models=_MODELS.format(url=vllm.url), routes=_ROUTES,
+    started = pair_gateway("engine-fields-key-file", extra_models=_models(vllm.url), routes=_ROUTES,
                            env={"TEST_LARGE_KEY": "sk-large"}, auth=auth)  # fmt: skip
     with started as gateway:
 
