@@ -309,18 +309,21 @@ class Removals(NamedTuple):
     dropped: list[str]
     """The ids of the keys the file no longer lists with the same id and hash."""
     taken_back: dict[str, list[str]]
-    """By field (``engine_fields``, ``models``, ``admin``), the ids of the keys left that the file
-    takes some of it back from; only fields something is taken back from."""
+    """By field (``engine_fields``, ``models``, ``admin``, ``limits``), the ids of the keys left
+    that the file takes some of it back from; only fields something is taken back from."""
 
 
 class _Grants(NamedTuple):
     """What a key file's entries for one key grant it, each read alone; None: the field is not
-    what the file's schema takes (not a list, not a boolean), so nothing of it is taken back."""
+    what the file's schema takes (not a list, not a boolean, not a mapping), so nothing of it is
+    taken back."""
 
     engine_fields: frozenset[str] | None
     models: frozenset[str] | None
     """``*``: every route and model."""
     admin: bool | None
+    limits: dict[str, float] | None
+    """The caps the entry sets as the schema takes them (a cap it leaves out, or sets otherwise, is none)."""
 
     def __or__(self, other: _Grants) -> _Grants:
         """A key listed twice keeps what either entry grants."""
@@ -328,6 +331,7 @@ class _Grants(NamedTuple):
             _either(self.engine_fields, other.engine_fields),
             _either(self.models, other.models),
             None if self.admin is None or other.admin is None else self.admin or other.admin,
+            _looser(self.limits, other.limits),
         )
 
 
@@ -335,22 +339,50 @@ def _either(one: frozenset[str] | None, other: frozenset[str] | None) -> frozens
     return None if one is None or other is None else one | other
 
 
+def _looser(one: dict[str, float] | None, other: dict[str, float] | None) -> dict[str, float] | None:
+    """Each cap both set, at the higher of the two: one that either leaves out is no cap."""
+    if one is None or other is None:
+        return None
+    return {cap: max(value, other[cap]) for cap, value in one.items() if cap in other}
+
+
+_CAP_LEAST = {"rpm": 0, "tpm": 0, "usd_per_day": 0, "usd_per_month": 0, "max_concurrent": 1}
+"""Each cap of :class:`~gateway.config.schema.Limits`, and the least value its schema takes."""
+_WHOLE_CAPS = frozenset({"rpm", "tpm", "max_concurrent"})
+
+
+def _caps(value: object) -> dict[str, float] | None:
+    """The caps of an entry's ``limits`` that read as its schema takes them; None: no mapping."""
+    if not isinstance(value, dict):
+        return None
+    caps: dict[str, float] = {}
+    for cap, least in _CAP_LEAST.items():
+        given = value.get(cap)
+        if isinstance(given, bool) or not isinstance(given, int | float) or given < least:
+            continue
+        if cap in _WHOLE_CAPS and not isinstance(given, int):
+            continue
+        caps[cap] = given
+    return caps
+
+
 def without_unlisted_keys(
     loaded: LoadedPolicy, base_dir: Path, environ: Mapping[str, str] | None = None
 ) -> Removals | None:
     """``loaded`` less the keys of its key file that the file, invalid as it is now, no longer
     lists with the same id and hash, and less what it no longer grants the others: ``engine_fields``,
-    ``models`` and ``admin`` (none of either: ``loaded`` itself); None when the file says nothing
-    of its keys.
+    ``models`` and ``admin``, and ``limits`` it lowers (none of either: ``loaded`` itself); None
+    when the file says nothing of its keys.
 
     While the key file is invalid (a hand edit's bad line) the gateway keeps the keys in force,
     and a key revoked meanwhile stayed live (t98), as did an engine field (f229), a model or admin
-    (f232) taken back. Each entry is read alone here, so the file still says which keys it lists
-    and what each may do. Only ever less: an entry added or changed otherwise, or a grant widened,
-    waits for a valid file, and a file that says nothing of its keys (missing, empty, not YAML, no
-    ``keys`` list: perhaps cut short) drops none; a field that does not read as its schema says
-    (``models`` no list, ``admin`` no boolean) takes back none of it. The version is the one in
-    force with what was taken out."""
+    (f232) taken back, and a budget or rate cut for a key that overspends. Each entry is read alone
+    here, so the file still says which keys it lists and what each may do. Only ever less: an entry
+    added or changed otherwise, or a grant widened (a cap raised or left out), waits for a valid
+    file, and a file that says nothing of its keys (missing, empty, not YAML, no ``keys`` list:
+    perhaps cut short) drops none; a field that does not read as its schema says (``models`` no
+    list, ``admin`` no boolean, ``limits`` no mapping, a cap no number the schema takes) takes back
+    none of it. The version is the one in force with what was taken out."""
     key_path = key_file_path(loaded.policy, base_dir)
     listed = _listed_keys(key_path, os.environ if environ is None else environ) if key_path is not None else None
     if listed is None:
@@ -373,12 +405,17 @@ def without_unlisted_keys(
     taken = f"{loaded.version} without {' '.join(dropped)}"
     if taken_back:
         taken += " narrowing " + " ".join(
-            f"{key.id}:{','.join(key.engine_fields)}:{','.join(key.models)}:{key.admin}" for key in kept[inline:]
+            f"{key.id}:{','.join(key.engine_fields)}:{','.join(key.models)}:{key.admin}:{_written(key.limits)}"
+            for key in kept[inline:]
         )
     version = hashlib.sha256(taken.encode()).hexdigest()[:12]
     policy = msgspec.structs.replace(loaded.policy, auth=auth)
     keyed = replace(loaded, policy=policy, version=version, key_file_keys=len(keys) - inline - len(dropped))
     return Removals(keyed, dropped, {name: sorted(ids) for name, ids in taken_back.items()})
+
+
+def _written(limits: Limits) -> str:
+    return ",".join(f"{cap}={getattr(limits, cap)}" for cap in _CAP_LEAST if getattr(limits, cap) is not None)
 
 
 def _less(key: AuthKey, granted: _Grants) -> dict[str, Any]:
@@ -392,6 +429,14 @@ def _less(key: AuthKey, granted: _Grants) -> dict[str, Any]:
         less["models"] = sorted(models) if "*" in key.models else [name for name in key.models if name in models]
     if key.admin and granted.admin is False:
         less["admin"] = False
+    if granted.limits:
+        narrowed = {
+            cap: value
+            for cap, value in granted.limits.items()
+            if (in_force := getattr(key.limits, cap)) is None or value < in_force
+        }
+        if narrowed:
+            less["limits"] = msgspec.structs.replace(key.limits, **narrowed)
     return less
 
 
@@ -414,7 +459,7 @@ def _listed_keys(path: Path, environ: Mapping[str, str]) -> dict[tuple[str, str]
         admin = entry.get("admin", False)
         granted = _Grants(
             _names(entry.get("engine_fields", [])), _names(entry.get("models", ["*"])),
-            admin if isinstance(admin, bool) else None,
+            admin if isinstance(admin, bool) else None, _caps(entry.get("limits", {})),
         )  # fmt: skip
         pair = (key_id, digest)
         listed[pair] = listed[pair] | granted if pair in listed else granted

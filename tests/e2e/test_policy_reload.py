@@ -573,48 +573,56 @@ def test_a_key_revoked_while_the_key_file_holds_a_bad_line_is_refused_at_once(gw
         keys.unlink(missing_ok=True)
 
 
-def test_models_and_admin_taken_back_while_the_key_file_holds_a_bad_line_apply_at_once(gw: GatewayProcess) -> None:
+def test_models_admin_and_limits_taken_back_while_the_key_file_holds_a_bad_line_apply_at_once(
+    gw: GatewayProcess,
+) -> None:
     """f232: narrowing a key's ``models``, or taking its ``admin`` away, in a key file another line
     made invalid waited with the rest of the edit, so the key kept calling the model and reading
-    every key's usage. Taking back is a removal, applied as a key taken out is; widening waits."""
+    every key's usage; so did a budget cut to stop a key that overspends. Taking back is a removal,
+    applied as a key taken out is; widening waits."""
     keys = gw.policy_path.with_name("keys.yaml")
     keyed = gw.policy_path.read_text().replace("auth: {mode: none}", "auth:\n  mode: keys\n  key_file: keys.yaml")
 
     def entry(key_id: str, more: str = "") -> str:
         return f'  - {{id: {key_id}, tenant: team-a, hash: "{hash_key("sk-" + key_id)}"{more}}}\n'
 
-    def state() -> tuple[int, int, int, bool]:
-        """What app calling fast, app large and narrow fast are answered; whether boss is an admin."""
+    def state() -> tuple[int, int, int, int, bool]:
+        """What app calling fast, app large, narrow fast and spender fast are answered; whether boss is an admin."""
         boss = httpx.get(f"{gw.url}/readyz", headers={"authorization": "Bearer sk-boss"}, timeout=5).json()
         return (
             _chat(gw, model="fast", key="sk-app").status_code,
             _chat(gw, model="large", key="sk-app").status_code,
             _chat(gw, model="fast", key="sk-narrow").status_code,
+            _chat(gw, model="fast", key="sk-spender").status_code,
             boss["policy"]["source"] is not None,  # the policy's path: an admin's alone
         )
 
     listed = (
         entry("app", ", models: [fast, large]") + entry("narrow", ", models: [best]") + entry("boss", ", admin: true")
-    )
+        + entry("spender", ", limits: {usd_per_day: 5}")
+    )  # fmt: skip
     try:
         _write_atomically(keys, "keys:\n" + listed)
         _write_atomically(gw.policy_path, keyed)
         ready = _poll(lambda: _readyz(gw)["policy"], lambda p: p["version"] == _version_of(keyed + "keys:\n" + listed))
         assert ready["last_reload_error"] is None, gw.stderr_text()
-        assert state() == (200, 200, 404, True)
+        assert state() == (200, 200, 404, 200, True)
 
         bad = '  - {id: oops, tenant: team-b, hash: "sha256:NOTHEX"}\n'
         edited = entry("app", ", models: [large]") + entry("narrow", ", models: [best, fast]") + entry("boss")
+        edited += entry("spender", ", limits: {usd_per_day: 0}")  # spent: refused from now on
         _write_atomically(keys, "keys:\n" + edited + bad)
-        taken = _poll(state, lambda s: s == (404, 200, 404, False))
-        assert taken == (404, 200, 404, False), gw.stderr_text()  # narrow's fast waits for a valid file
+        taken = _poll(state, lambda s: s == (404, 200, 404, 429, False))
+        assert taken == (404, 200, 404, 429, False), gw.stderr_text()  # narrow's fast waits for a valid file
         reloaded = _wait_for_ops_event(gw, "policy_reloaded", lambda r: "models_taken_back" in r)
-        assert [(r["models_taken_back"], r.get("admin_taken_back")) for r in reloaded] == [(["app"], ["boss"])]
+        assert [(r["models_taken_back"], r.get("admin_taken_back"), r.get("limits_taken_back")) for r in reloaded] == [
+            (["app"], ["boss"], ["spender"])
+        ]
         assert _wait_for_ops_event(gw, "policy_rejected", lambda r: r.get("key_file") == "removals only")
 
         _write_atomically(keys, "keys:\n" + edited)  # fixed: the rest of the edit applies
-        fixed = _poll(state, lambda s: s == (404, 200, 200, False))
-        assert fixed == (404, 200, 200, False), gw.stderr_text()
+        fixed = _poll(state, lambda s: s == (404, 200, 200, 429, False))
+        assert fixed == (404, 200, 200, 429, False), gw.stderr_text()
     finally:
         keys.unlink(missing_ok=True)
 

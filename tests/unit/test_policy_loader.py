@@ -17,7 +17,7 @@ from gateway.config import schema
 from gateway.config.envsubst import MissingVariable, substitute
 from gateway.config.kept import keep_policy, kept_key_file
 from gateway.config.loader import load_keys, load_policy, load_policy_text, without_unlisted_keys
-from gateway.config.schema import RequestLogPolicy
+from gateway.config.schema import Limits, RequestLogPolicy
 from gateway.config.validate import ENGINE_FIELDS_TAKEN
 from gateway.errors import ConfigError
 from gateway.runtime import RuntimeHolder, keep_last_good, load_at_start
@@ -824,6 +824,46 @@ def test_an_invalid_key_file_takes_back_models_and_admin_never_grants_them(tmp_p
     )  # fmt: skip
     removals = without_unlisted_keys(kept, tmp_path, environ={})
     assert removals is not None and removals.taken_back == {} and removals.loaded.version == kept.version
+
+
+def test_an_invalid_key_file_lowers_limits_never_raises_them(tmp_path: Path) -> None:
+    """A budget or rate cut for a key that overspends, in a key file another line made invalid,
+    waited with the rest of the edit: the key went on spending. A cap lowered (or set where none
+    was) is a removal, applied as a key taken out is; a cap raised or left out waits, as does one
+    that is no number the schema takes, and a ``limits`` that is no mapping takes back nothing."""
+
+    def entry(key_id: str, limits: str) -> str:
+        return _key(key_id).replace("}\n", f", limits: {limits}}}\n")
+
+    written = (
+        ("spender", "{usd_per_day: 5, rpm: 100}"),
+        ("free", "{}"),
+        ("raised", "{usd_per_day: 1, tpm: 1000}"),
+        ("odd", "{rpm: 10, max_concurrent: 4}"),
+    )
+    kept = load_policy_text(
+        KEYED, environ={}, base_dir=tmp_path, key_file_text="keys:\n" + "".join(entry(*e) for e in written)
+    )
+    bad = _key("oops", "sha256:NOTHEX")
+    (tmp_path / "keys.yaml").write_text(
+        "keys:\n" + entry("spender", "{usd_per_day: 0, rpm: 100}") + entry("free", "{usd_per_month: 20, rpm: 5}")
+        + entry("raised", "{usd_per_day: 2}") + entry("odd", "{rpm: '1', max_concurrent: 0.5, tpm: true}") + bad
+    )  # fmt: skip
+    removals = without_unlisted_keys(kept, tmp_path, environ={})
+    assert removals is not None and removals.dropped == []
+    assert removals.taken_back == {"limits": ["free", "spender"]}
+    limits = {key.id: key.limits for key in removals.loaded.policy.auth.keys}
+    assert limits["spender"] == Limits(usd_per_day=0, rpm=100)
+    assert limits["free"] == Limits(usd_per_month=20, rpm=5)
+    assert limits["raised"] == Limits(usd_per_day=1, tpm=1000) and limits["odd"] == Limits(rpm=10, max_concurrent=4)
+    assert removals.loaded.version != kept.version
+    (tmp_path / "keys.yaml").write_text(  # listed twice: the higher of each cap both set, none where either sets none
+        "keys:\n" + entry("spender", "{usd_per_day: 1}") + entry("spender", "{usd_per_day: 2, rpm: 10}")
+        + entry("free", "{rpm: 5}") + entry("free", "limits_are_not_a_mapping") + "".join(entry(*e) for e in written[2:]) + bad
+    )  # fmt: skip
+    removals = without_unlisted_keys(kept, tmp_path, environ={})
+    assert removals is not None and removals.taken_back == {"limits": ["spender"]}
+    assert {key.id: key.limits for key in removals.loaded.policy.auth.keys}["spender"] == Limits(usd_per_day=2, rpm=100)
 
 
 async def test_a_worker_started_on_the_policy_last_accepted_logs_the_rejection_once(tmp_path: Path) -> None:
