@@ -167,6 +167,8 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
             headers["x-gateway-dropped"] = dropped
         if "top_p" in names:  # left out for a model that takes one sampler: not echoed as if honoured (t55)
             decoded.echo["top_p"] = None
+        if "reasoning" in names:
+            decoded.echo["reasoning"] = {"effort": None, "summary": None}
     elif dropped := dropped_header(turn.engine_fields):  # passed through: the upstream reads all else itself
         headers["x-gateway-dropped"] = dropped
     if decoded is None or (isinstance(answer, Answer) and answer.status != 200):
@@ -533,6 +535,8 @@ def _dropped(state: GatewayState, decoded: codec.ResponsesRequest, headers: Mapp
     if answerer is None:
         return decoded.request.dropped
     lost = provider.not_carried(decoded.request) if provider is not None else []
+    # the client sent reasoning.effort: an upstream not sent it is named by the client's name
+    lost = ["reasoning" if name == "reasoning_effort" else name for name in lost]
     if answerer.provider != "anthropic":
         lost += openai_chat.lost_on_chat_upstreams(decoded.request)
     return [*decoded.request.dropped, *lost]  # dropped_header names each once

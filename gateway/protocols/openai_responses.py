@@ -229,8 +229,9 @@ def decode_request(
         dropped=dropped,
         extra=_carried(wire),
     )
-    if wire.reasoning is not None and any(value is not None for value in wire.reasoning.values()):
-        request.dropped.append("reasoning")
+    for name, value in (wire.reasoning or {}).items():  # but an effort, carried as reasoning_effort
+        if value is not None and (name != "effort" or not isinstance(value, str)):
+            request.dropped.append(f"reasoning.{name}")  # a summary: a chat upstream gives none
     if text.get("verbosity") is not None:
         request.dropped.append("text.verbosity")
     if wire.top_logprobs:
@@ -254,7 +255,7 @@ def decode_request(
         "parallel_tool_calls": True if wire.parallel_tool_calls is None else wire.parallel_tool_calls,
         "previous_response_id": wire.previous_response_id,
         # what was done, as for truncation: a dropped setting is not echoed as if honoured (t38)
-        "reasoning": {"effort": None, "summary": None} if "reasoning" in request.dropped else wire.reasoning,
+        "reasoning": {"effort": _effort(wire.reasoning), "summary": None},  # the edge: None where not sent
         "safety_identifier": wire.safety_identifier,
         "prompt_cache_key": wire.prompt_cache_key,
         "store": True if wire.store is None else wire.store,
@@ -309,16 +310,24 @@ def _unread_fields(raw: bytes) -> list[str]:
 def _carried(wire: _ResponsesRequest) -> dict[str, Any]:
     """The fields a chat request has with the same meaning, carried as a chat client's are (in
     ``extra``): a chat upstream is sent them, and one that is not names them as dropped (t48: the
-    prompt-cache key went nowhere unnamed, and the safety identifier was lost beside ``user``)."""
+    prompt-cache key went nowhere unnamed, and the safety identifier was lost beside ``user``).
+    ``reasoning.effort`` is chat's ``reasoning_effort`` (t204: an agent's reasoning setting never
+    reached a reasoning model served by vLLM)."""
     return {
         name: value
         for name, value in (
             ("safety_identifier", wire.safety_identifier),
             ("prompt_cache_key", wire.prompt_cache_key),
             ("service_tier", wire.service_tier),  # OpenAI's flex or priority processing, priced as such
+            ("reasoning_effort", _effort(wire.reasoning)),
         )
         if value is not None
     }
+
+
+def _effort(reasoning: dict[str, Any] | None) -> str | None:
+    effort = reasoning.get("effort") if reasoning else None
+    return effort if isinstance(effort, str) else None
 
 
 # -- input items ------------------------------------------------------------------

@@ -975,15 +975,28 @@ def test_a_tool_results_list_keeps_its_parts_in_order_as_the_other_protocols_do(
     }  # fmt: skip
 
 
-def test_reasoning_is_dropped_with_a_note_for_a_chat_upstream(gateway: GatewayProcess) -> None:
+def test_a_reasoning_effort_reaches_a_chat_upstream_as_reasoning_effort_and_claude_names_it_dropped(
+    gateway: GatewayProcess, small_upstream: SimulatedUpstream, large_upstream: SimulatedUpstream
+) -> None:
+    """t204: an agent's ``reasoning.effort`` was dropped on every translated route, so a reasoning
+    model served by vLLM never got it; chat's ``reasoning_effort`` is the same setting. A summary
+    has no place in a chat request, and Claude takes no effort: each is named, not echoed (t38)."""
     body = {
         "model": "fast",
         "input": "2+2?",
-        "reasoning": {"effort": "high"},
+        "reasoning": {"effort": "high", "summary": "auto"},
         "include": ["reasoning.encrypted_content"],
+        "store": False,
     }
     response = httpx.post(f"{gateway.base_url}/responses", json=body, timeout=15)
-    assert response.status_code == 200 and response.headers["x-gateway-dropped"] == "reasoning,include"
+    assert response.status_code == 200 and response.headers["x-gateway-dropped"] == "reasoning.summary,include"
+    assert _last_upstream_body(small_upstream)["reasoning_effort"] == "high"
+    assert response.json()["reasoning"] == {"effort": "high", "summary": None}
+    response = httpx.post(f"{gateway.base_url}/responses", json={**body, "model": "claude"}, timeout=15)
+    assert (
+        response.status_code == 200 and response.headers["x-gateway-dropped"] == "reasoning.summary,include,reasoning"
+    )
+    assert "reasoning_effort" not in _last_upstream_body(large_upstream)
     assert response.json()["reasoning"] == {"effort": None, "summary": None}  # not echoed as if honoured (t38)
 
 

@@ -303,7 +303,7 @@ def test_structured_output_formats() -> None:
     assert dropped.echo["text"]["format"] == {"type": "text"}  # t84: not claimed as honoured
 
 
-def test_reasoning_and_verbosity_are_dropped_and_the_rest_accepted() -> None:
+def test_a_reasoning_summary_and_verbosity_are_dropped_an_effort_carried_and_the_rest_accepted() -> None:
     decoded = _decode(
         input="x",
         reasoning={"effort": "high", "summary": "auto"},
@@ -314,7 +314,9 @@ def test_reasoning_and_verbosity_are_dropped_and_the_rest_accepted() -> None:
         service_tier="auto",
         metadata={"k": "v"},
     )
-    assert decoded.request.dropped == ["reasoning", "text.verbosity", "include", "truncation"]
+    assert decoded.request.dropped == ["reasoning.summary", "text.verbosity", "include", "truncation"]
+    assert decoded.request.extra["reasoning_effort"] == "high"  # chat's name for it (t204)
+    assert decoded.echo["reasoning"] == {"effort": "high", "summary": None}
     assert decoded.store is False and decoded.echo["metadata"] == {"k": "v"}
     assert decoded.echo["truncation"] == "disabled"  # what was done: nothing is cut (t25)
     assert _decode(input="x", reasoning={"effort": None}).request.dropped == []
