@@ -532,7 +532,7 @@ def _past_budget(
         ("usd_per_month", limits.usd_per_month, month_spent, held[1]),
     ):
         if limit is not None and past_budget(spent, cost, limit):
-            owner = f"key '{principal.key_id}'" if index == 0 else f"tenant '{principal.tenant}'"
+            owner = _owner(principal, index)
             name = f"{_SCOPE_NAMES[index]}.{cap}"
             return budget_error(cap, owner, limit, spent, cost, at, name=name, held_usd=in_flight)
     return None
@@ -566,7 +566,7 @@ def _refusal(
     index, cap = (outcome.refused_by or "").split(".")
     scope = int(index)
     name = f"{_SCOPE_NAMES[scope]}.{cap}"
-    owner = f"key '{principal.key_id}'" if scope == 0 else f"tenant '{principal.tenant}'"
+    owner = _owner(principal, scope)
     limit = getattr(limits[scope], cap)
     if cap in RATE_CAPS:
         need = 1 if cap == "rpm" else tokens
@@ -590,7 +590,7 @@ def _past_allowance(principal: Principal, index: int, limits: Limits, word: _Wor
         ("usd_per_month", limits.usd_per_month, word.blind_month, word.since_month),
     ):
         if limit is not None and blind and past_budget(since, cost, limit * _UNKNOWN_ROOM):
-            owner = f"key '{principal.key_id}'" if index == 0 else f"tenant '{principal.tenant}'"
+            owner = _owner(principal, index)
             name = f"{_SCOPE_NAMES[index]}.{cap}"
             return unchecked_budget_error(cap, owner, limit, limit * _UNKNOWN_ROOM, since, cost, name=name)
     return None
