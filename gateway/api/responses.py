@@ -181,7 +181,7 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
     response_id = codec.new_id("resp")
     if not streams(answer):
         assert isinstance(answer, Answer)
-        completion = answer_of(answer)
+        completion = codec.with_namespaces(answer_of(answer), decoded)
         response = codec.response_object(
             decoded,
             response_id,

@@ -110,11 +110,16 @@ class RedactedThinkingPart(msgspec.Struct, frozen=True, tag="redacted_thinking")
 Part = TextPart | ImagePart | FilePart | ThinkingPart | RedactedThinkingPart
 
 
-class ToolCall(msgspec.Struct, frozen=True):
+class ToolCall(msgspec.Struct, frozen=True, omit_defaults=True):
     id: str
     name: str
+    """The name the upstream knows the function by."""
     arguments: str
     """The arguments as JSON text, as the model wrote them (it may not parse)."""
+    namespace: str | None = None
+    """The Responses API namespace the function is in (its client's name for it is ``name`` less
+    the namespace's prefix: the upstream knows it by the joined name). Left out when None, so
+    that cache keys and stored turns without one read as before."""
 
 
 class Message(msgspec.Struct, frozen=True):

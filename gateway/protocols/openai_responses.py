@@ -4,7 +4,9 @@ A request's ``input`` (a string, or a list of items: messages, ``function_call``
 ``function_call_output``) becomes internal messages; ``instructions`` is a system
 message put first (and, as in OpenAI's API, not carried into a later turn that names
 this one as ``previous_response_id``: the caller prepends a stored turn's messages, which
-never hold its instructions). Only ``function`` tools are accepted: a chat upstream
+never hold its instructions). Only ``function`` tools are accepted, alone or in a
+``namespace`` tool (whose functions the upstream knows by joined names, :func:`joined_name`,
+and whose calls come back with their own names and the namespace): a chat upstream
 cannot run OpenAI's hosted tools (web search, file search, ...), so those are a 400
 naming them. ``reasoning``, ``text.verbosity`` and ``top_logprobs`` have no chat
 equivalent the gateway can promise and are named in ``Request.dropped``, as are input
@@ -71,9 +73,11 @@ __all__ = [
     "input_items",
     "item_count",
     "item_references",
+    "joined_name",
     "new_id",
     "output_ids",
     "output_items",
+    "own_name",
     "priced_options",
     "reference_id",
     "response_object",
@@ -83,6 +87,7 @@ __all__ = [
     "turn_item_ids",
     "usage_body",
     "usage_from_wire",
+    "with_namespaces",
 ]
 
 IdMaker = Callable[[str], str]
@@ -166,6 +171,9 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     item_ids: list[str | None] = msgspec.field(default_factory=list)
     """The ids the client gave ``request.messages``' items, in the order :func:`input_items` lists
     them (None: an item sent without one); a stored turn keeps them, as OpenAI's API does (f76)."""
+    namespaces: dict[str, str] = msgspec.field(default_factory=dict)
+    """The namespace of each function a ``namespace`` tool holds, by the name the upstream knows
+    it by (:func:`joined_name`): a call to one is answered with the function's own name and its namespace."""
 
 
 def decode_request(
@@ -206,7 +214,7 @@ def decode_request(
     for name in ("conversation", "prompt"):
         if not passed_through and getattr(wire, name) not in (None, False):
             raise InvalidRequestError(f"'{name}' is not supported by this gateway", param=name)
-    tools, echo_tools = _tools(wire.tools or [], passed_through, translated_because)
+    tools, echo_tools, namespaces = _tools(wire.tools or [], passed_through, translated_because)
     choice, echo_choice = _tool_choice(wire.tool_choice, wire.parallel_tool_calls)
     if not passed_through:
         _check_choice(choice, tools)
@@ -276,6 +284,7 @@ def decode_request(
         response_format=response_format,
         json_mode=isinstance(text.get("format"), dict) and text["format"].get("type") == "json_object",
         item_ids=item_ids,
+        namespaces=namespaces,
     )
 
 
@@ -380,8 +389,12 @@ def _input(raw: str | list[Any] | None, lenient: bool = False) -> tuple[list[Mes
                     param=f"{where}.role",
                 )
         elif kind == "function_call":
+            name, namespace = _string(item, "name", where), _namespace_of(item, where, lenient)
             call = ToolCall(
-                _string(item, "call_id", where), _string(item, "name", where), _string(item, "arguments", where)
+                _string(item, "call_id", where),
+                name if namespace is None else joined_name(namespace, name),  # as the upstream called it
+                _string(item, "arguments", where),
+                namespace,
             )
             if pending is None:
                 pending = ((), [], [None])
@@ -448,6 +461,16 @@ def _item_id(item: dict[str, Any], where: str, lenient: bool) -> str | None:
     if value in (None, "") or lenient:
         return None
     raise InvalidRequestError(f"{where}.id: a non-empty string is required", param=f"{where}.id")
+
+
+def _namespace_of(item: dict[str, Any], where: str, lenient: bool) -> str | None:
+    """A ``function_call`` item's ``namespace`` (None: none, or ``null``)."""
+    value = item.get("namespace")
+    if value is None or (lenient and not isinstance(value, str)):
+        return None
+    if not isinstance(value, str) or not value:
+        raise InvalidRequestError(f"{where}.namespace: a non-empty string is required", param=f"{where}.namespace")
+    return value
 
 
 def _string(item: dict[str, Any], name: str, where: str) -> str:
@@ -548,14 +571,13 @@ _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 def _tools(
     raw: list[Any], lenient: bool = False, translated_because: str | None = None
-) -> tuple[list[Tool], list[dict[str, Any]]]:
+) -> tuple[list[Tool], list[dict[str, Any]], dict[str, str]]:
+    """The tools, as the upstream is sent them and as the response echoes them, and the
+    namespace of each function a ``namespace`` tool holds, by the name the upstream knows it by
+    (:func:`joined_name`)."""
     if lenient:
         raw = [tool for tool in raw if isinstance(tool, dict) and tool.get("type") == "function"]
-    unsupported = [
-        str(tool.get("type")) if isinstance(tool, dict) else repr(tool)
-        for tool in raw
-        if not isinstance(tool, dict) or tool.get("type") != "function"
-    ]
+    unsupported = [kind for tool in raw for kind in _unsupported_kinds(tool)]
     if unsupported:
         names = ", ".join(dict.fromkeys(unsupported))
         said = f"tools: tool type(s) {names} are not supported by this gateway; only 'function' tools are"
@@ -572,7 +594,14 @@ def _tools(
     tools: list[Tool] = []
     echo: list[dict[str, Any]] = []
     strict: dict[str, bool] = {}
+    namespaces: dict[str, str] = {}
+    top_level = {tool.get("name") for tool in raw if tool.get("type") == "function"}
     for index, tool in enumerate(raw):
+        if tool.get("type") == "namespace":
+            functions, echoed = _namespace(tool, f"tools[{index}]", top_level, namespaces)
+            tools += functions
+            echo.append(echoed)
+            continue
         if not lenient:  # as OpenAI checks it (t182); a passed-through request's, the upstream checks
             check_schema_name(tool.get("name"), f"tools[{index}].name")
         name = _string(tool, "name", f"tools[{index}]")
@@ -601,7 +630,92 @@ def _tools(
                 "strict": strict.get(name, False),  # what the chat upstream applies: strict only when asked
             }
         )
-    return tools, echo
+    return tools, echo, namespaces
+
+
+def _unsupported_kinds(tool: Any) -> list[str]:
+    """The tool's type, when a chat upstream cannot take it; a namespace's, its tools' that it cannot."""
+    if not isinstance(tool, dict):
+        return [repr(tool)]
+    kind = tool.get("type")
+    if kind == "function":
+        return []
+    if kind == "namespace":  # its tools are checked by :func:`_namespace`, their types here
+        inner = tool.get("tools")
+        return [
+            str(each.get("type")) if isinstance(each, dict) else repr(each)
+            for each in (inner if isinstance(inner, list) else ())
+            if not isinstance(each, dict) or each.get("type") != "function"
+        ]
+    return [str(kind)]
+
+
+_UPSTREAM_NAME_CHARS = 64
+"""The longest function name OpenAI's chat API takes (``^[a-zA-Z0-9_-]{1,64}$``; Anthropic's rule is no stricter)."""
+
+
+def joined_name(namespace: str, name: str) -> str:
+    """The name a chat or Anthropic upstream knows function ``name`` of ``namespace`` by: it has
+    no namespaces, and a name in its rules is a namespace's and a function's joined by ``__``."""
+    return f"{namespace}__{name}"
+
+
+def _namespace(
+    tool: dict[str, Any], where: str, top_level: set[Any], namespaces: dict[str, str]
+) -> tuple[list[Tool], dict[str, Any]]:
+    """A ``namespace`` tool's functions as plain ones, each under its joined name and with the
+    namespace's description before its own (Codex's ``multi_agent_v1``, f239); its echo."""
+    check_schema_name(tool.get("name"), f"{where}.name")
+    namespace: str = tool["name"]
+    about = tool.get("description")
+    inner = tool.get("tools")
+    if not isinstance(inner, list):
+        raise InvalidRequestError(f"{where}.tools: a list of function tools is required", param=f"{where}.tools")
+    tools: list[Tool] = []
+    echo: list[dict[str, Any]] = []
+    for index, function in enumerate(inner):
+        at = f"{where}.tools[{index}]"
+        check_schema_name(function.get("name"), f"{at}.name")
+        name: str = function["name"]
+        joined = joined_name(namespace, name)
+        if len(joined) > _UPSTREAM_NAME_CHARS:
+            raise InvalidRequestError(
+                f"{at}.name: function '{name}' of namespace '{namespace}' is sent to this route's model as "
+                f"'{joined}', longer than the {_UPSTREAM_NAME_CHARS} characters a function's name may have; "
+                "shorten the namespace's or the function's name",
+                param=f"{at}.name",
+            )
+        if joined in top_level or joined in namespaces:
+            raise InvalidRequestError(
+                f"{at}.name: function '{name}' of namespace '{namespace}' is sent to this route's model as "
+                f"'{joined}', the name of another of the request's tools; rename one of them",
+                param=f"{at}.name",
+            )
+        namespaces[joined] = namespace
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise InvalidRequestError(f"{at}.parameters: a JSON schema object is required", param=f"{at}.parameters")
+        description = function.get("description") if isinstance(function.get("description"), str) else None
+        strict = function["strict"] if isinstance(function.get("strict"), bool) else None
+        said = f"Namespace {namespace}" + (f": {about}" if isinstance(about, str) and about else "")
+        tools.append(
+            Tool(
+                joined,
+                parameters or _EMPTY_PARAMETERS,
+                f"{said}\n\n{description}" if description else said,
+                strict=strict,
+            )
+        )
+        echo.append(
+            {
+                "type": "function",
+                "name": name,
+                "description": description,
+                "parameters": parameters,
+                "strict": bool(strict),
+            }
+        )
+    return tools, {"type": "namespace", "name": namespace, "description": about, "tools": echo}
 
 
 def _tool_choice(
@@ -911,14 +1025,25 @@ def _reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
 
 
 def _call_item(item_id: str, call: ToolCall, status: str) -> dict[str, Any]:
-    return {
-        "type": "function_call",
-        "id": item_id,
-        "call_id": call.id,
-        "name": call.name,
-        "arguments": call.arguments,
-        "status": status,
-    }
+    item = {"type": "function_call", "id": item_id, "call_id": call.id, "name": own_name(call)}
+    if call.namespace is not None:
+        item["namespace"] = call.namespace
+    return {**item, "arguments": call.arguments, "status": status}
+
+
+def own_name(call: ToolCall) -> str:
+    """The name the client knows a call's function by: a namespaced one's, without its namespace."""
+    if call.namespace is None:
+        return call.name
+    return call.name.removeprefix(joined_name(call.namespace, ""))
+
+
+def with_namespaces(answer: Answer, decoded: ResponsesRequest) -> Answer:
+    """The answer with each call to a function of a ``namespace`` tool naming its namespace."""
+    if not decoded.namespaces or not any(call.name in decoded.namespaces for call in answer.tool_calls):
+        return answer
+    calls = [msgspec.structs.replace(call, namespace=decoded.namespaces.get(call.name)) for call in answer.tool_calls]
+    return msgspec.structs.replace(answer, tool_calls=calls)
 
 
 def output_items(answer: Answer, make_id: IdMaker = new_id) -> list[dict[str, Any]]:
@@ -1072,11 +1197,13 @@ def response_object(
 
 
 class _Item:
-    __slots__ = ("arguments", "call_id", "id", "index", "kind", "name", "text")
+    __slots__ = ("arguments", "call_id", "id", "index", "kind", "name", "namespace", "text")
 
-    def __init__(self, kind: str, item_id: str, index: int, call_id: str = "", name: str = "") -> None:
+    def __init__(
+        self, kind: str, item_id: str, index: int, call_id: str = "", name: str = "", namespace: str | None = None
+    ) -> None:
         self.kind, self.id, self.index = kind, item_id, index
-        self.call_id, self.name = call_id, name
+        self.call_id, self.name, self.namespace = call_id, name, namespace
         self.text = ""
         self.arguments = ""
 
@@ -1087,7 +1214,10 @@ class _Item:
             return _refusal_item(self.id, self.text, status)
         if self.kind == "reasoning":
             return _reasoning_item(self.id, self.text, status)
-        return _call_item(self.id, ToolCall(self.call_id, self.name, self.arguments), status)
+        return _call_item(self.id, self.call(), status)
+
+    def call(self) -> ToolCall:
+        return ToolCall(self.call_id, self.name, self.arguments, self.namespace)
 
 
 class StreamEncoder:
@@ -1152,7 +1282,8 @@ class StreamEncoder:
                 out += self._text_into("refusal", self._begin_refusal, "response.refusal.delta", delta.text)
             elif isinstance(delta, ToolCallStart):
                 out += self._close() + self._close_whole_calls()
-                item = _Item("function_call", self._make_id("fc"), len(self._items), delta.id, delta.name)
+                namespace = self._decoded.namespaces.get(delta.name)
+                item = _Item("function_call", self._make_id("fc"), len(self._items), delta.id, delta.name, namespace)
                 self._items.append(item)
                 self._calls[delta.index] = item
                 self._open_calls.append(item)
@@ -1206,9 +1337,7 @@ class StreamEncoder:
         """What was streamed, as an answer (the text, the calls, the finish reason and usage)."""
         texts = [item.text for item in self._items if item.kind == "message"]
         refusals = [item.text for item in self._items if item.kind == "refusal"]
-        calls = [
-            ToolCall(item.call_id, item.name, item.arguments) for item in self._items if item.kind == "function_call"
-        ]
+        calls = [item.call() for item in self._items if item.kind == "function_call"]
         return Answer(
             id=self._response_id,
             model=self._decoded.request.model,
@@ -1325,7 +1454,8 @@ class StreamEncoder:
             ) + self._event("response.content_part.done", {**where, "content_index": 0, "part": part})
         else:
             out = self._event(
-                "response.function_call_arguments.done", {**where, "name": item.name, "arguments": item.arguments}
+                "response.function_call_arguments.done",
+                {**where, "name": own_name(item.call()), "arguments": item.arguments},
             )
         return out + self._event(
             "response.output_item.done", {"output_index": item.index, "item": item.body(self._status_of(item))}

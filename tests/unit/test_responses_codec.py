@@ -821,3 +821,117 @@ def test_hosted_tools_and_audio_are_priced_options_and_each_use_is_counted() -> 
     assert uses.add(output[0], 0) and not uses.add(output[-1], 4)
     assert uses.add_output(output)  # read again from the final response: each item once
     assert uses.uses() == {"web_search": 2, "code_interpreter": 1}
+
+
+_AGENTS: Any = {
+    "type": "namespace",
+    "name": "multi_agent_v1",
+    "description": "Tools for spawning and managing sub-agents.",
+    "tools": [
+        {"type": "function", "name": "close_agent", "description": "Close an agent.", "strict": False,
+         "parameters": {"type": "object", "properties": {"target": {"type": "string"}}, "required": ["target"]}},
+        {"type": "function", "name": "wait_agent", "parameters": {"type": "object", "properties": {}}},
+    ],
+}  # fmt: skip
+"""Codex's namespace tool (f239), as the Codex CLI 0.171 sends it, shortened."""
+
+
+def test_a_namespaces_functions_reach_the_upstream_as_plain_functions_under_joined_names() -> None:
+    """f239: Codex's ``multi_agent_v1`` namespace was a 400 on a translated route."""
+    decoded = _decode(input="x", tools=[{"type": "function", "name": "shell"}, _AGENTS])
+    sent = [tool["function"] for tool in _chat(decoded)["tools"]]
+    assert [tool["name"] for tool in sent] == ["shell", "multi_agent_v1__close_agent", "multi_agent_v1__wait_agent"]
+    assert sent[1]["description"] == (
+        "Namespace multi_agent_v1: Tools for spawning and managing sub-agents.\n\nClose an agent."
+    )
+    assert sent[1]["parameters"] == _AGENTS["tools"][0]["parameters"] and sent[1]["strict"] is False
+    assert sent[2]["description"] == "Namespace multi_agent_v1: Tools for spawning and managing sub-agents."
+    claude = anthropic.encode_request(codec.to_request(decoded), "claude", stream=False)
+    assert [tool["name"] for tool in claude["tools"]][1:] == [
+        "multi_agent_v1__close_agent",
+        "multi_agent_v1__wait_agent",
+    ]
+    echoed = decoded.echo["tools"][1]  # as sent: the SDK reads it as a NamespaceTool
+    assert echoed["type"] == "namespace" and [tool["name"] for tool in echoed["tools"]] == ["close_agent", "wait_agent"]
+    body = codec.response_object(decoded, "resp_1", 1, output=[], usage=None)
+    assert Response.model_validate(body).tools[1].type == "namespace"
+    viewed = codec.decode_request(
+        msgspec.json.encode({"model": "m", "input": "x", "tools": [_AGENTS]}), passed_through=True
+    )
+    assert viewed.request.tools == [] and viewed.namespaces == {}  # passed through: the upstream reads it
+
+
+def test_a_call_to_a_namespaced_function_comes_back_with_its_name_and_namespace_streamed_or_not() -> None:
+    decoded = _decode(input="x", tools=[_AGENTS])
+    joined = ToolCall("call_1", "multi_agent_v1__close_agent", '{"target":"a1"}')
+    answer = codec.with_namespaces(_answer(None, [joined], "tool_calls", Usage()), decoded)
+    output = codec.output_items(answer, _ids())
+    call = Response.model_validate(codec.response_object(decoded, "resp_1", 1, output=output, usage=Usage())).output[0]
+    assert call.type == "function_call" and (call.name, call.namespace) == ("close_agent", "multi_agent_v1")
+    encoder = codec.StreamEncoder(_decode(input="x", tools=[_AGENTS], stream=True), "resp_1", 1, _ids())
+    out = encoder.start() + encoder.feed(
+        [ToolCallStart(0, "call_1", "multi_agent_v1__close_agent"), ToolArgumentsDelta(0, '{"target":"a1"}')]
+    )
+    out += encoder.feed([Finish("tool_calls")]) + encoder.finish()
+    names, events, state = _replay(out)
+    added, done = events[names.index("response.output_item.added")], events[names.index("response.output_item.done")]
+    assert (added.item.name, added.item.namespace) == (done.item.name, done.item.namespace) == (
+        "close_agent", "multi_agent_v1"
+    )  # fmt: skip
+    assert events[names.index("response.function_call_arguments.done")].name == "close_agent"
+    final = state._completed_response
+    assert final is not None and final.output[0].type == "function_call"
+    assert (final.output[0].name, final.output[0].namespace) == ("close_agent", "multi_agent_v1")
+    said = codec.assistant_message(encoder.answer())  # what the store keeps: the joined name, and the namespace
+    assert said.tool_calls == (ToolCall("call_1", "multi_agent_v1__close_agent", '{"target":"a1"}', "multi_agent_v1"),)
+    kept = msgspec.json.decode(
+        msgspec.json.encode(StoredResponse.turn({"id": "resp_1"}, [said], [])), type=StoredResponse
+    )
+    listed = codec.input_items(kept.added, [("resp_1", 1)])
+    assert (listed[0]["name"], listed[0]["namespace"]) == ("close_agent", "multi_agent_v1")
+    assert _chat(
+        _decode(input=[{"type": "function_call_output", "call_id": "call_1", "output": "closed"}]), kept.added
+    )["messages"][0]["tool_calls"][0]["function"]["name"] == (
+        "multi_agent_v1__close_agent"
+    )  # a later turn sends it upstream as the upstream called it
+
+
+def test_a_function_call_item_with_a_namespace_goes_upstream_under_the_joined_name() -> None:
+    """Codex sends its earlier turns back whole (``store: false``), each call with its namespace."""
+    decoded = _decode(
+        tools=[_AGENTS],
+        input=[
+            {"role": "user", "content": "close a1"},
+            {"type": "function_call", "call_id": "c1", "name": "close_agent", "namespace": "multi_agent_v1",
+             "arguments": '{"target":"a1"}'},
+            {"type": "function_call_output", "call_id": "c1", "output": "closed"},
+        ],
+    )  # fmt: skip
+    messages = _chat(decoded)["messages"]
+    assert messages[1]["tool_calls"][0]["function"]["name"] == "multi_agent_v1__close_agent"
+    assert messages[2] == {"role": "tool", "tool_call_id": "c1", "content": "closed"}
+    claude = anthropic.encode_request(codec.to_request(decoded), "claude", stream=False)["messages"]
+    assert claude[1]["content"][0]["name"] == "multi_agent_v1__close_agent"
+    listed = codec.input_items(decoded.request.messages, [("resp_1", 3)])
+    assert (listed[1]["name"], listed[1]["namespace"]) == ("close_agent", "multi_agent_v1")
+    with pytest.raises(InvalidRequestError) as bad:
+        _decode(input=[{"type": "function_call", "call_id": "c1", "name": "f", "namespace": 7, "arguments": "{}"}])
+    assert bad.value.param == "input[0].namespace"
+
+
+@pytest.mark.parametrize(
+    ("tools", "param", "said"),
+    [
+        ([{**_AGENTS, "tools": [{"type": "custom", "name": "patch"}]}], "tools", "tool type(s) custom are not"),
+        ([{**_AGENTS, "name": "n" * 60}], "tools[0].tools[0].name", "longer than the 64 characters"),
+        ([{"type": "function", "name": "multi_agent_v1__wait_agent"}, _AGENTS], "tools[1].tools[1].name", "another"),
+        ([_AGENTS, _AGENTS], "tools[1].tools[0].name", "the name of another of the request's tools"),
+        ([{**_AGENTS, "name": "multi agent"}], "tools[0].name", "does not match pattern"),
+    ],
+)
+def test_a_namespace_that_cannot_reach_a_chat_upstream_is_a_400_saying_why(
+    tools: list[Any], param: str, said: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        _decode(input="x", tools=tools)
+    assert refused.value.status_code == 400 and refused.value.param == param and said in refused.value.message
