@@ -7,9 +7,10 @@ in Anthropic's shapes. ``x-api-key`` is accepted as well as ``Authorization: Bea
 ``anthropic-version`` and ``anthropic-beta`` are accepted and need nothing from us.
 
 When every model the request can reach is Anthropic's and the internal model cannot hold
-all of the request (documents, server tools, ``top_k``, ``container``, ...), it is passed
-through (:class:`~gateway.pipeline.PassThrough`): the pipeline reads the internal model's
-view of it, the upstream gets the body as it came (with the client's ``anthropic-beta``),
+all of the request (documents, server tools, ``top_k``, ``container``, a ``system`` message in
+``messages``, ...), it is passed through (:class:`~gateway.pipeline.PassThrough`): the
+pipeline reads the internal model's view of it, the upstream gets the body as it came (with
+the client's ``anthropic-beta``),
 and the client the upstream's message or events. What the internal model holds is
 translated as before, and so can be served from the cache.
 """
@@ -116,7 +117,10 @@ async def create_message(request: Request[Any, Any, Any]) -> Response[bytes] | S
         return _CLIENT_GONE
     model = asked[0].model if asked else ""
     headers = {**answer.headers, "request-id": f"req_{request_id}"}
-    dropped = dropped_header(_dropped(request, asked[0], headers.get("x-gateway-model")) if asked else [])
+    answered_by = headers.get("x-gateway-model")
+    dropped = dropped_header(
+        _dropped(request, asked[0], answered_by, translated=passthrough.body is None) if asked else []
+    )
     if dropped:
         headers["x-gateway-dropped"] = dropped
     if isinstance(answer, Answer) and answer.status != 200:
@@ -243,7 +247,7 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
         limits = runtime.policy.limits  # the same as for the message it counts
         raw = await read_body(request, limits.max_body_bytes, limits.body_read_timeout_s)
 
-        def read() -> tuple[dict[str, Any], CoreRequest, str | None]:
+        def read() -> tuple[dict[str, Any], CoreRequest, str | None, bool]:
             body = _json_object(raw)
             # counted upstream, an id would tell whether a file exists, and its size (t33)
             refuse_upstream_ids(body, raw, dotted=True)
@@ -254,10 +258,12 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
             counted = anthropic.decode_request(
                 raw, counting=True, passed_through=lenient, continued=continues is not None
             )
-            return body, counted, continues
+            return body, counted, continues, lenient
 
         try:
-            body, decoded, continues = await read_off_loop(raw, read)  # t55: a 3.5 MB count held /healthz for 0.4 s
+            body, decoded, continues, lenient = await read_off_loop(
+                raw, read
+            )  # t55: a 3.5 MB count held /healthz for 0.4 s
             if continues is not None:
                 await _own_thread(_threads(request), principal.tenant, continues)
         except InvalidRequestError:  # an unknown model is named first, whatever else is wrong
@@ -267,8 +273,10 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
         first = runtime.providers[plan.candidates[0]]
         tokens = None
         if isinstance(first, AnthropicProvider):
+            # translated, /v1/messages sends Claude a system message in the top-level system (t206)
+            counted_body = body if lenient else anthropic.with_system_hoisted(body)
             try:
-                tokens = await first.count_tokens(body, _betas(request))
+                tokens = await first.count_tokens(counted_body, _betas(request))
             except UpstreamError as exc:
                 if exc.error_type == "invalid_request_error":  # the request's own fault: told as the upstream says
                     raise
@@ -285,17 +293,23 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
     return Response(content=msgspec.json.encode({"input_tokens": tokens}), headers=ids, media_type="application/json")
 
 
-def _dropped(request: Request[Any, Any, Any], asked: CoreRequest, answered_by: str | None) -> list[str]:
+def _dropped(
+    request: Request[Any, Any, Any], asked: CoreRequest, answered_by: str | None, *, translated: bool
+) -> list[str]:
     """What did not reach the model that answered: what a chat upstream cannot take is named only
     when one answered (an Anthropic model takes ``thinking`` and a tool result's images), and so
-    is a prefill one did not continue."""
+    is a prefill one did not continue, and the place of a ``system`` message a translation moved
+    into Claude's top-level ``system``."""
     runtime = request.app.state.gateway.holder.current
     answerer = runtime.policy.models.get(answered_by or "")
     if answerer is not None and answerer.provider == "anthropic":  # what no translation carries
         kept = [name for name in asked.dropped if name not in openai_chat.CHAT_UPSTREAM_LOSSES]
         provider = runtime.providers.get(answered_by or "")
-        if provider is not None and "top_p" in provider.not_carried(asked):  # a model that takes one sampler (t53)
+        lost = provider.not_carried(asked) if provider is not None else []
+        if "top_p" in lost:  # a model that takes one sampler (t53)
             kept.append("top_p")
+        if translated and "system.position" in lost:  # passed through, it reached Claude in its place (t206)
+            kept.append("system.position")
         lost_thinking = anthropic.thinking_left_out(asked) or anthropic.holds_unsigned_thinking(asked)
         return [*kept, "thinking"] if lost_thinking else kept
     if asked.continues_last_turn and answerer is not None and not answerer.continue_final_message:
@@ -345,7 +359,8 @@ def _refuse_unread(body: dict[str, Any]) -> list[str]:
 
 def _translatable(raw: bytes, body: dict[str, Any]) -> CoreRequest | None:
     """The request, when the internal model holds all of it (then it is translated, and can be
-    served from the cache); None when it has blocks, tools or fields only Anthropic reads, or
+    served from the cache); None when it has blocks, tools or fields only Anthropic reads (a
+    ``system`` message in ``messages``, which only Claude reads in place), or
     when its answer may interleave thinking with tool calls: the internal answer holds thinking,
     text and calls apart, and the agent sends the turn back, which Anthropic wants as it wrote it
     (t40: reordered, and for Claude Code a rebuilt thinking turn)."""
@@ -356,6 +371,8 @@ def _translatable(raw: bytes, body: dict[str, Any]) -> CoreRequest | None:
     if decoded.dropped or anthropic.fields_not_read(body) or anthropic.nested_fields_not_carried(body):
         return None
     if anthropic.holds_documents(body):  # translated, a text document would reach Claude as text
+        return None
+    if anthropic.holds_system_messages(body):  # translated, it would reach Claude in the top-level system (t206)
         return None
     if decoded.thinking is not None and decoded.tools:
         return None

@@ -1,10 +1,11 @@
 """Anthropic Messages (``POST /v1/messages``): requests in, messages, stream events and errors out.
 
 Decoding follows the API's rules where they differ from OpenAI's: ``max_tokens`` is
-required; ``system`` is a string or text blocks; a user turn's ``tool_result`` blocks
-become tool messages placed before the rest of the turn (OpenAI wants them right
-after the assistant's calls); ``input_tokens`` in the usage excludes cache reads and
-writes, which are reported in their own fields.
+required; ``system`` is a string or text blocks, and so is a ``system`` message in
+``messages`` (a system message in its place, placed as Anthropic places it); a user
+turn's ``tool_result`` blocks become tool messages placed before the rest of the turn
+(OpenAI wants them right after the assistant's calls); ``input_tokens`` in the usage
+excludes cache reads and writes, which are reported in their own fields.
 """
 
 from __future__ import annotations
@@ -67,12 +68,14 @@ __all__ = [
     "error_type_for",
     "fields_not_read",
     "holds_documents",
+    "holds_system_messages",
     "holds_unsigned_thinking",
     "nested_fields_not_carried",
     "priced_options",
     "thinking_left_out",
     "usage_body",
     "usage_from_wire",
+    "with_system_hoisted",
 ]
 
 
@@ -110,7 +113,8 @@ class _Block(_Wire):
 
 
 class _Turn(_Wire):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
+    """``system``: a mid-conversation system message (Claude Opus 4.8 reads it in place)."""
     content: str | list[_Block]
 
 
@@ -198,6 +202,35 @@ def holds_documents(body: dict[str, Any]) -> bool:
     return any(block.get("type") == "document" for block in _blocks(body))
 
 
+def holds_system_messages(body: dict[str, Any]) -> bool:
+    """Whether ``messages`` holds a ``system`` message: only Anthropic reads one in place (a
+    translation to Claude moves it into the top-level ``system``), so a route of Anthropic's
+    models alone passes it through."""
+    return any(_is_system_turn(turn) for turn in body.get("messages") or ())
+
+
+def _is_system_turn(turn: Any) -> bool:
+    return isinstance(turn, dict) and turn.get("role") == "system"
+
+
+def with_system_hoisted(body: dict[str, Any]) -> dict[str, Any]:
+    """The body with its ``system`` messages moved to the end of the top-level ``system``, as a
+    translation sends it to Claude (``system.position``): what ``count_tokens`` asks a Claude of a
+    route that may reach another upstream to count, as the models other than Opus 4.8 refuse them
+    in place."""
+    turns = body.get("messages")
+    if not isinstance(turns, list) or not any(_is_system_turn(turn) for turn in turns):
+        return body
+    system = body.get("system")
+    blocks: list[Any] = [{"type": "text", "text": system}] if isinstance(system, str) and system else []
+    blocks += system if isinstance(system, list) else []
+    for turn in filter(_is_system_turn, turns):
+        content = turn.get("content")
+        blocks += [{"type": "text", "text": content}] if isinstance(content, str) else list(content or ())
+    kept = [turn for turn in turns if not _is_system_turn(turn)]
+    return {**body, "system": blocks, "messages": kept}
+
+
 def nested_fields_not_carried(body: dict[str, Any]) -> list[str]:
     """Fields of blocks and tools a translation would lose, as ``<block type>.<field>``
     (``text.citations``, ...)."""
@@ -233,6 +266,7 @@ def decode_request(
         raise InvalidRequestError("messages: at least one message is required", param="messages")
     _check_tool_names(wire.tools)
     _check_limits(wire)
+    _check_system_turns(wire.messages)
     if _refuse_empty_content(wire.messages):
         _check_tool_pairing(wire.messages, continued=continued)
     refuse_choice_without_tools(  # as Anthropic answers it; dropped, it was answered with text on a chat route
@@ -325,6 +359,42 @@ def _refuse_empty_system(system: str | list[_Block]) -> None:
             raise InvalidRequestError(f"{where}: text content blocks must contain non-whitespace text", param=where)
 
 
+def _check_system_turns(turns: list[_Turn]) -> None:
+    """Anthropic's placement of a ``system`` message in ``messages`` (its mid-conversation system
+    messages): not the first; right after a user turn, or an assistant turn ending in server tool
+    use (a paused turn); last, or followed by an assistant turn; text alone. Refused on every
+    route, passed through too, as a chat upstream would take one anywhere (t206)."""
+    for index, turn in enumerate(turns):
+        if turn.role != "system":
+            continue
+        if not index:
+            raise InvalidRequestError(
+                'messages.0: Unexpected role "system" for the first message. The Messages API accepts a top-level '
+                '`system` parameter for the system prompt; a "system" message may only follow a user message.',
+                param="messages.0.role",
+            )
+        before = turns[index - 1]
+        last = before.content[-1] if isinstance(before.content, list) and before.content else None
+        paused = before.role == "assistant" and last is not None and last.type == "server_tool_use"
+        if before.role != "user" and not paused:
+            raise InvalidRequestError(
+                f"messages.{index}: a system message must immediately follow a user message (or an assistant "
+                "message that ends in server tool use)",
+                param=f"messages.{index}",
+            )
+        if index + 1 < len(turns) and turns[index + 1].role != "assistant":
+            raise InvalidRequestError(
+                f"messages.{index}: a system message must be the last message or be followed by an assistant message",
+                param=f"messages.{index}",
+            )
+        for position, block in enumerate(turn.content if isinstance(turn.content, list) else ()):
+            if block.type != "text":
+                where = f"messages.{index}.content.{position}.type"
+                raise InvalidRequestError(
+                    f"{where}: Input should be 'text': a system message holds text blocks alone", param=where
+                )
+
+
 _MIN_THINKING_BUDGET = 1024
 _BUDGET_PAST_MAX = (
     "`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our documentation at "
@@ -389,19 +459,25 @@ def _check_tool_pairing(turns: list[_Turn], *, continued: bool = False) -> None:
     an id, as Anthropic refuses it otherwise, after merging consecutive turns of a role, as it
     does (f196: a chat route answered an agent whose history trimming split a call from its
     answer, and billed it). A final assistant turn's calls (a prefill) are not checked, nor
-    (``continued``) the results before the first assistant turn: their calls are in the thread."""
+    (``continued``) the results before the first assistant turn: their calls are in the thread.
+    A ``system`` message between turns is no turn here: results before it answer the calls of the
+    assistant turn before them, and assistant turns around it are one."""
     calls: dict[str, int] = {}  # the tool_use ids of the assistant turn before, each with its turn's index
     answered: set[str] = set()
     opened = seen = leading = 0  # the user turn's (first) index, its blocks, the tool_result ones it begins with
     in_thread = continued  # the turns before the first assistant one answer the thread's calls
+    previous: str | None = None  # the role of the turn before, system messages aside
     for index, turn in enumerate(turns):
+        if turn.role == "system":
+            continue
         in_thread = in_thread and turn.role != "assistant"
-        if index and turn.role != turns[index - 1].role:
+        if previous is not None and turn.role != previous:
             if turn.role == "assistant":
                 _check_answers(calls, answered, opened, leading)
                 calls = {}
             else:
                 answered, opened, seen, leading = set(), index, 0, 0
+        previous = turn.role
         blocks = turn.content if isinstance(turn.content, list) else ()
         if turn.role == "assistant":
             for position, block in enumerate(blocks):
@@ -429,7 +505,7 @@ def _check_tool_pairing(turns: list[_Turn], *, continued: bool = False) -> None:
                 "corresponding `tool_use` block in the previous message.",
                 param=where,
             )
-    if turns and turns[-1].role == "user":
+    if previous == "user":
         _check_answers(calls, answered, opened, leading)
 
 
@@ -571,6 +647,8 @@ def _document_part(block: _Block, where: str) -> Part:
 
 
 def _turn(turn: _Turn, where: str, lenient: bool = False) -> list[Message]:
+    if turn.role == "system":  # in its place: a chat upstream reads it there, Claude in the top-level system
+        return [Message("system", _parts(turn.content, f"{where}.content", lenient, documents=False))]
     if isinstance(turn.content, str):
         return [Message(turn.role, (TextPart(turn.content),))]
     if turn.role == "assistant":

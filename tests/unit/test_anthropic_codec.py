@@ -966,3 +966,99 @@ def test_tool_arguments_with_half_an_emoji_are_written_out_not_crashed_on() -> N
     )  # fmt: skip
     body = msgspec.json.decode(anthropic.encode_answer(answer, "msg_1", "claude-x"))
     assert body["content"][0]["input"] == {"q": "half \ufffd"}
+
+
+_TOLD = {"role": "system", "content": "From now on, answer in French."}
+"""A mid-conversation system message, as Claude Code sends one for a model it does not know (t206)."""
+
+
+@pytest.mark.parametrize("passed_through", [False, True])
+def test_a_system_message_in_the_turns_is_decoded_in_its_place(passed_through: bool) -> None:
+    """t206: ``messages[1].role: 'system'`` was a 400 on every route, Claude Code exiting on its first
+    request. It is a system message where it stands: a chat upstream gets it there, Claude (translated)
+    in the top-level system, and tool results before it still answer the calls before them."""
+    called = {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]}
+    answered = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "done"}]}
+    turns = [{"role": "user", "content": "q"}, called, answered, _TOLD,
+             {"role": "assistant", "content": "Fini."}, {"role": "user", "content": "Merci."}]  # fmt: skip
+    body = {"model": "m", "max_tokens": 10, "system": "Be brief.", "messages": turns}
+    request = anthropic.decode_request(msgspec.json.encode(body), passed_through=passed_through)
+    assert [m.role for m in request.messages] == ["system", "user", "assistant", "tool", "system", "assistant", "user"]
+    assert request.messages[4].parts == (TextPart(_TOLD["content"]),)
+    chat = openai_chat.to_chat_body(request)["messages"]
+    assert [m["role"] for m in chat] == ["system", "user", "assistant", "tool", "system", "assistant", "user"]
+    assert chat[4] == _TOLD
+    sent = anthropic.encode_request(request, "claude", stream=False)
+    assert sent["system"] == f"Be brief.\n\n{_TOLD['content']}"
+    assert [turn["role"] for turn in sent["messages"]] == ["user", "assistant", "user", "assistant", "user"]
+    last = [{"type": "text", "text": "Answer in French.", "cache_control": {"type": "ephemeral"}}]
+    told_last = anthropic.decode_request(  # last, after a user turn; text blocks, marked
+        msgspec.json.encode({**body, "messages": [*turns, {"role": "system", "content": last}]}),
+        passed_through=passed_through,
+    )
+    assert told_last.messages[-1].parts == (TextPart("Answer in French.", cache_control={"type": "ephemeral"}),)
+    assert not told_last.continues_last_turn
+    assert anthropic.holds_system_messages(body) and not anthropic.holds_system_messages({**body, "messages": []})
+
+
+def test_a_system_message_after_a_paused_server_tool_turn_passes_through() -> None:
+    """Anthropic takes one after an assistant turn that ends in server tool use (``pause_turn``)."""
+    paused = {"role": "assistant", "content": [
+        {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "q"}}]}  # fmt: skip
+    body = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "q"}, paused, _TOLD]}
+    request = anthropic.decode_request(msgspec.json.encode(body), passed_through=True)
+    assert [m.role for m in request.messages] == ["user", "assistant", "system"]
+
+
+_USER = {"role": "user", "content": "q"}
+_ASSISTANT = {"role": "assistant", "content": "a"}
+_AFTER = (
+    "a system message must immediately follow a user message (or an assistant message that ends in server tool use)"
+)
+_BEFORE = "a system message must be the last message or be followed by an assistant message"
+
+
+@pytest.mark.parametrize(
+    ("messages", "said", "param"),
+    [
+        ([_TOLD, _USER], 'messages.0: Unexpected role "system" for the first message.', "messages.0.role"),
+        ([_USER, _ASSISTANT, _TOLD], f"messages.2: {_AFTER}", "messages.2"),
+        ([_USER, _TOLD, _TOLD], f"messages.1: {_BEFORE}", "messages.1"),
+        ([_USER, _TOLD, _USER], f"messages.1: {_BEFORE}", "messages.1"),
+        ([_USER, {"role": "system", "content": [{"type": "image", "source": {"type": "url", "url": "https://x/a.png"}}]}],
+         "messages.1.content.0.type: Input should be 'text'", "messages.1.content.0.type"),
+        ([_USER, {"role": "system", "content": ""}], "messages.1: all messages must have non-empty content",
+         "messages.1.content"),
+        ([_USER, {"role": "system", "content": " \n"}], "messages.1: text content blocks must contain non-whitespace",
+         "messages.1.content"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("passed_through", [False, True])
+@pytest.mark.parametrize("counting", [False, True])
+def test_a_misplaced_system_message_is_refused_as_anthropic_places_it(
+    messages: list[Any], said: str, param: str, passed_through: bool, counting: bool
+) -> None:
+    body = {"model": "m", "max_tokens": 10, "messages": messages}
+    with pytest.raises(InvalidRequestError) as refused:
+        anthropic.decode_request(msgspec.json.encode(body), passed_through=passed_through, counting=counting)
+    assert refused.value.message.startswith(said) and refused.value.param == param
+
+
+def test_tool_pairing_is_still_checked_around_a_system_message() -> None:
+    called = {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]}
+    unanswered = [_USER, called, {"role": "user", "content": "never mind"}, _TOLD]
+    with pytest.raises(InvalidRequestError, match=r"messages\.1: `tool_use` ids were found without `tool_result`"):
+        _decode(messages=unanswered)
+
+
+def test_the_exact_cache_key_tells_a_system_message_and_its_place() -> None:
+    """The same turns without it, or with its text in the top-level system, are other questions."""
+    from gateway.cache.keys import exact_key
+
+    def key(**body: Any) -> str:
+        return exact_key("tenant", "route", _decode(**body))
+
+    told = key(messages=[_USER, _TOLD])
+    assert told != key(messages=[_USER])
+    assert told != key(system=_TOLD["content"], messages=[_USER])
+    assert told == key(messages=[_USER, {"role": "system", "content": [{"type": "text", "text": _TOLD["content"]}]}])
