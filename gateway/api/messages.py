@@ -247,23 +247,25 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
         limits = runtime.policy.limits  # the same as for the message it counts
         raw = await read_body(request, limits.max_body_bytes, limits.body_read_timeout_s)
 
-        def read() -> tuple[dict[str, Any], CoreRequest, str | None, bool]:
+        def read() -> tuple[dict[str, Any], CoreRequest, str | None, bool, list[str]]:
             body = _json_object(raw)
             # counted upstream, an id would tell whether a file exists, and its size (t33)
             refuse_upstream_ids(body, raw, dotted=True)
             lenient = _only_anthropic_upstreams(request, body, principal.allowed)  # blocks only Anthropic reads
-            if not lenient:  # as /v1/messages refuses them on this route (f200)
-                _refuse_unread(body)
+            # as /v1/messages refuses them on this route (f200), and leaves out its hints: the count is of
+            # the request it sends (Anthropic's count applies context_management's edits)
+            hints = [] if lenient else _refuse_unread(body)
             continues = continued_message(body) if lenient else None  # own-checked below, as /v1/messages does
             counted = anthropic.decode_request(
                 raw, counting=True, passed_through=lenient, continued=continues is not None
             )
-            return body, counted, continues, lenient
+            kept = {name: value for name, value in body.items() if name not in hints}
+            return kept, counted, continues, lenient, hints
 
         try:
-            body, decoded, continues, lenient = await read_off_loop(
+            body, decoded, continues, lenient, hints = await read_off_loop(
                 raw, read
-            )  # t55: a 3.5 MB count held /healthz for 0.4 s
+            )  # t55: a 3.5 MB count held /healthz 0.4 s
             if continues is not None:
                 await _own_thread(_threads(request), principal.tenant, continues)
         except InvalidRequestError:  # an unknown model is named first, whatever else is wrong
@@ -290,6 +292,8 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
                 tokens = count_prompt(decoded, encoding, provider=kind)
     except GatewayError as exc:
         return _error(exc.status_code, exc.message, {**exc.headers, **ids})
+    if left_out := dropped_header(hints):
+        ids["x-gateway-dropped"] = left_out
     return Response(content=msgspec.json.encode({"input_tokens": tokens}), headers=ids, media_type="application/json")
 
 
@@ -336,15 +340,18 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return decode_body(raw, dict[str, Any])
 
 
-_HINTS = frozenset({"cache_control", "service_tier"})
-"""Top-level fields that shape how an upstream serves, not what it answers: Anthropic's automatic
-prompt caching (the SDK's ``cache_control`` argument, left out where a route may reach another
-upstream, as block-level breakpoints are) and its ``service_tier`` (t47)."""
+_HINTS = frozenset({"cache_control", "service_tier", "context_management"})
+"""Top-level fields that steer only Anthropic's serving, left out where a route may reach another
+upstream: its automatic prompt caching (the SDK's ``cache_control`` argument, as block-level
+breakpoints are), its ``service_tier`` (t47) and its context editing (``context_management``:
+pruning of the context Anthropic keeps, which Claude Code sends with thinking on; a chat upstream
+is sent the whole conversation the client sent, without the thinking those edits clear, and a
+translated request reaching Claude has no place for it, nor its answer for the edits applied, t206)."""
 
 
 def _refuse_unread(body: dict[str, Any]) -> list[str]:
     """Refuses, naming them, the fields a translation does not read, Anthropic's own (``thread``,
-    ``context_management``, ...) that no translation holds; returns the :data:`_HINTS` among them,
+    ``container``, ...) that no translation holds; returns the :data:`_HINTS` among them,
     which it leaves out and names (t40)."""
     unread = anthropic.fields_not_read(body)
     refused = [name for name in unread if name not in _HINTS]

@@ -20,7 +20,7 @@ import pytest
 
 from gateway.protocols.tenant_ids import scoped
 from gateway.simulated import SimulatedUpstream
-from tests.conftest import inject, upstream_stats
+from tests.conftest import PairGateway, inject, upstream_stats
 from tests.gateway_process import GatewayProcess
 
 CLAUDE_CODE_BETA = "claude-code-20250219,context-management-2025-06-27"
@@ -347,8 +347,8 @@ def test_ids_of_upstream_state_every_tenant_shares_are_refused(
 
 
 @pytest.mark.parametrize(
-    "field", ["thread", "context_management", "container", "foo_bar"]
-)  # service_tier: left out and named (t47)
+    "field", ["thread", "container", "foo_bar"]
+)  # service_tier (t47) and context_management (t206): left out and named
 def test_a_route_that_may_reach_another_upstream_refuses_anthropics_own_fields_naming_them(
     gateway: GatewayProcess, field: str
 ) -> None:
@@ -430,6 +430,62 @@ def test_what_only_steers_anthropic_is_left_out_and_named_where_a_route_may_reac
     sent = _last_request(small_upstream)["body"]
     assert "cache_control" not in sent and "output_config" not in sent and "effort" not in json.dumps(sent)
     assert "service_tier" not in sent
+
+
+_CONTEXT_EDITING = {"context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}}
+"""What Claude Code sends with every request once thinking is on."""
+
+
+def test_claude_codes_context_editing_is_left_out_and_named_where_a_route_may_reach_a_chat_upstream(
+    claude: anthropic.Anthropic, small_upstream: SimulatedUpstream
+) -> None:
+    """t206: it was a 400 on every route that may reach a chat upstream, so Claude Code could not use
+    one (but with ``CLAUDE_CODE_DISABLE_EXPERIMENTAL_BETAS=1``): its edits prune the context
+    Anthropic keeps, the thinking a chat upstream is not sent anyway."""
+    ask: Any = {"model": "fast", "max_tokens": 2048, "messages": [{"role": "user", "content": "one two three"}],
+                "thinking": {"type": "enabled", "budget_tokens": 1024}}  # fmt: skip
+    raw = claude.messages.with_raw_response.create(**ask, extra_body=_CONTEXT_EDITING)
+    assert raw.parse().content
+    assert set(raw.headers["x-gateway-dropped"].split(",")) == {"context_management", "thinking"}
+    sent = _last_request(small_upstream)["body"]
+    assert "context_management" not in sent and "clear_thinking" not in json.dumps(sent)
+    del ask["max_tokens"]
+    counted = claude.messages.with_raw_response.count_tokens(**ask, extra_body=_CONTEXT_EDITING)
+    assert counted.parse().input_tokens > 0 and counted.headers["x-gateway-dropped"] == "context_management"
+
+
+def test_context_editing_reaches_claude_only_on_a_route_of_anthropics_models(
+    pair_gateway: PairGateway, large_upstream: SimulatedUpstream
+) -> None:
+    """t206: a translated request that reaches Claude on a route with a chat fallback goes without it,
+    as ``output_config.effort`` does (the internal model holds neither, nor the edits an answer says
+    it applied), and says so; a count there is of that request. Passed through, it goes as sent."""
+    routes = "  claude-first: {model: claude, fallbacks: [small]}\n"
+    env = {"TEST_LARGE_KEY": "sk-large-secret-123", "TEST_ANTHROPIC_KEY": "sk-ant-456"}
+    ask: Any = {"max_tokens": 64, "messages": [{"role": "user", "content": "one two three"}]}
+    with (
+        pair_gateway("claude-first", routes=routes, env=env) as gw,
+        anthropic.Anthropic(base_url=gw.url, api_key="k", max_retries=0, timeout=15) as claude,
+    ):
+        raw = claude.messages.with_raw_response.create(model="claude-first", **ask, extra_body=_CONTEXT_EDITING)
+        assert raw.parse().content and raw.headers["x-gateway-model"] == "claude"
+        assert raw.headers["x-gateway-dropped"] == "context_management"
+        sent = _last_request(large_upstream)
+        assert sent["path"] == "/v1/messages" and "context_management" not in sent["body"]
+        counted = claude.messages.with_raw_response.count_tokens(
+            model="claude-first", messages=ask["messages"], extra_body=_CONTEXT_EDITING
+        )
+        assert counted.parse().input_tokens > 0 and counted.headers["x-gateway-dropped"] == "context_management"
+        sent = _last_request(large_upstream)
+        assert sent["path"] == "/v1/messages/count_tokens" and "context_management" not in sent["body"]
+        raw = claude.messages.with_raw_response.create(model="claude", **ask, extra_body=_CONTEXT_EDITING)
+        assert raw.parse().content and "x-gateway-dropped" not in raw.headers
+        assert _last_request(large_upstream)["body"]["context_management"] == _CONTEXT_EDITING["context_management"]
+        counted = claude.messages.with_raw_response.count_tokens(
+            model="claude", messages=ask["messages"], extra_body=_CONTEXT_EDITING
+        )
+        assert counted.parse().input_tokens > 0 and "x-gateway-dropped" not in counted.headers
+        assert _last_request(large_upstream)["body"]["context_management"] == _CONTEXT_EDITING["context_management"]
 
 
 def test_a_request_the_internal_model_holds_is_translated(
