@@ -459,6 +459,6 @@ def _headers(record: RequestRecord, started: float, info: DispatchInfo, dropped:
         headers["x-gateway-route"] = record.route
     if record.decision is not None:  # as a chat answer says it: ``cache`` for a whole hit
         headers["x-gateway-decision"] = record.decision
-    if said := dropped_header(dropped):
+    if record.model and (said := dropped_header(dropped)):  # none where no model was called (t206)
         headers["x-gateway-dropped"] = said
     return headers

@@ -96,6 +96,9 @@ def _in_completions_terms(body: bytes) -> bytes:
 
 def _dropped(request: Request[Any, Any, Any], asked: core.Request, headers: Mapping[str, str]) -> list[str]:
     """What did not reach the model that answered: the codec's, and what that model's upstream is
-    not sent (t55: a Claude route's ``top_p`` went unnamed to a completions client)."""
-    provider = request.app.state.gateway.holder.current.providers.get(headers.get("x-gateway-model", ""))
+    not sent (t55: a Claude route's ``top_p`` went unnamed to a completions client); nothing where
+    no model was called (a refusal before any upstream, t206)."""
+    if not headers.get("x-gateway-model"):
+        return []
+    provider = request.app.state.gateway.holder.current.providers.get(headers["x-gateway-model"])
     return [*asked.dropped, *(provider.not_carried(asked) if provider is not None else ())]  # the header dedupes

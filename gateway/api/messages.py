@@ -303,7 +303,10 @@ def _dropped(
     """What did not reach the model that answered: what a chat upstream cannot take is named only
     when one answered (an Anthropic model takes ``thinking`` and a tool result's images), and so
     is a prefill one did not continue, and the place of a ``system`` message a translation moved
-    into Claude's top-level ``system``."""
+    into Claude's top-level ``system``; nothing where no model was called (t206: a 404 for an
+    unknown model named what it would have left out)."""
+    if not answered_by:
+        return []
     runtime = request.app.state.gateway.holder.current
     answerer = runtime.policy.models.get(answered_by or "")
     if answerer is not None and answerer.provider == "anthropic":  # what no translation carries

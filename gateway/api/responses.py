@@ -169,8 +169,8 @@ async def create_response(request: Request[Any, Any, Any]) -> Response[bytes] | 
             decoded.echo["top_p"] = None
         if "reasoning" in names:
             decoded.echo["reasoning"] = {"effort": None, "summary": None}
-    elif dropped := dropped_header(turn.engine_fields):  # passed through: the upstream reads all else itself
-        headers["x-gateway-dropped"] = dropped
+    elif "x-gateway-model" in headers and (dropped := dropped_header(turn.engine_fields)):
+        headers["x-gateway-dropped"] = dropped  # passed through: the upstream reads all else itself
     if decoded is None or (isinstance(answer, Answer) and answer.status != 200):
         assert isinstance(answer, Answer)  # nothing decoded: the pipeline answered with an error
         body = _in_responses_terms(answer.body)
@@ -528,9 +528,11 @@ def _dropped(state: GatewayState, decoded: codec.ResponsesRequest, headers: Mapp
     """What did not reach the model that answered: what its upstream is not sent, as for a chat
     client (an Anthropic upstream's: ``prompt_cache_key``, ``safety_identifier`` beside ``user``;
     t48: dropped without a word), and a tool result's images where a chat upstream answered
-    (its tool message is text; t43)."""
+    (its tool message is text; t43); nothing where no model was called (t206)."""
     runtime = state.holder.current
     model = headers.get("x-gateway-model", "")
+    if not model:
+        return []
     answerer, provider = runtime.policy.models.get(model), runtime.providers.get(model)
     if answerer is None:
         return decoded.request.dropped

@@ -8,8 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
+
+from tests.gateway_process import GatewayProcess
 
 _CLAUDE_CODES_MODEL = "claude-sonnet-4-5-20250929"
 _SAID = f"model '{_CLAUDE_CODES_MODEL}' does not exist or this key may not use it; available: "
@@ -88,3 +91,33 @@ def test_a_known_model_is_told_what_its_body_gets_wrong(client: openai.OpenAI) -
     with pytest.raises(openai.BadRequestError) as refused:
         client.embeddings.create(model="embed", input=[])
     assert refused.value.param == "input"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        pytest.param(
+            "/v1/messages",
+            {"model": _CLAUDE_CODES_MODEL, "max_tokens": 32000, "thinking": {"type": "adaptive"},
+             "output_config": {"effort": "high"}, "messages": [{"role": "user", "content": "hi"}]},
+            404,
+            id="messages",
+        ),
+        pytest.param("/v1/completions", {"model": _CLAUDE_CODES_MODEL, "prompt": "hi", "foo_bar": 1}, 404,
+                     id="completions"),
+        pytest.param("/v1/embeddings", {"model": _CLAUDE_CODES_MODEL, "input": "hi", "priority": 1}, 404,
+                     id="embeddings"),
+        pytest.param(  # routed, then refused before any upstream: the policy prices no web search for it
+            "/v1/responses", {"model": "gpt", "input": "hi", "tools": [{"type": "web_search"}], "priority": 1}, 400,
+            id="responses",
+        ),
+    ],
+)  # fmt: skip
+def test_a_refusal_before_any_model_was_called_names_nothing_as_dropped(
+    gateway: GatewayProcess, path: str, body: dict[str, Any], status: int
+) -> None:
+    """t206: a 404 for Claude Code's model name said ``x-gateway-dropped: output_config.effort,thinking``,
+    though nothing was sent anywhere: the header says what did not reach the model that answered."""
+    answer = httpx.post(f"{gateway.url}{path}", json=body, timeout=10)
+    assert answer.status_code == status, answer.text
+    assert "x-gateway-model" not in answer.headers and "x-gateway-dropped" not in answer.headers
