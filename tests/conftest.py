@@ -20,7 +20,14 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.services.redis_server import EmbeddedRedis, start_embedded_redis
 from gateway.simulated import SimulatedUpstream, start_simulated_upstream
-from tests.gateway_process import GatewayProcess, policy_text, running_gateway, start_gateway
+from tests.gateway_process import (
+    GatewayProcess,
+    policy_text,
+    running_gateway,
+    start_gateway,
+    vllm_and_claude_models,
+)
+from tests.loopback_app import RecordingHandler, RecordingUpstream, serve_recording
 
 
 class _Closable(Protocol):
@@ -125,6 +132,35 @@ def pair_gateway(
             yield gw
 
     return started
+
+
+def recording_vllm_and_claude(
+    name: str, chat: RecordingHandler, messages: RecordingHandler, **policy: str
+) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+    """A module's ``vllm`` and ``claude_upstream`` fixtures (recording upstreams answering chat
+    completions with ``chat`` and Messages with ``messages``) and its ``gateway`` over them, with
+    the models :func:`~tests.gateway_process.vllm_and_claude_models` names and ``policy``;
+    assign them to those names: ``vllm, claude_upstream, gateway = recording_vllm_and_claude(...)``."""
+
+    @pytest.fixture(scope="module", name="vllm")
+    def vllm_fixture() -> Iterator[RecordingUpstream]:
+        with serve_recording({"/v1/chat/completions": chat}, name=f"{name}-vllm") as upstream:
+            yield upstream
+
+    @pytest.fixture(scope="module", name="claude_upstream")
+    def claude_fixture() -> Iterator[RecordingUpstream]:
+        with serve_recording({"/v1/messages": messages}, name=f"{name}-claude") as upstream:
+            yield upstream
+
+    @pytest.fixture(scope="module", name="gateway")
+    def gateway_fixture(
+        pair_gateway: PairGateway, vllm: RecordingUpstream, claude_upstream: RecordingUpstream
+    ) -> Iterator[GatewayProcess]:
+        options: dict[str, Any] = {"extra_models": vllm_and_claude_models(vllm.url, claude_upstream.url), **policy}
+        with pair_gateway(name, **options) as gw:
+            yield gw
+
+    return vllm_fixture, claude_fixture, gateway_fixture
 
 
 @pytest.fixture

@@ -115,3 +115,28 @@ async def _shutdown(runner: web.AppRunner) -> None:
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def claude_text(
+    request: web.Request, body: dict[str, Any], text: str, usage: Mapping[str, int]
+) -> web.StreamResponse:
+    """Anthropic's answer of ``text`` to the Messages request ``body``: the message, or its event
+    stream when ``body`` asks for one."""
+    message: dict[str, Any] = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
+                               "stop_sequence": None}  # fmt: skip
+    if not body.get("stream"):
+        content = [{"type": "text", "text": text}]
+        return web.json_response({**message, "content": content, "stop_reason": "end_turn", "usage": usage})
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": {**message, "content": [], "stop_reason": None, "usage": usage}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": usage},
+        {"type": "message_stop"},
+    ]
+    for event in events:
+        await write_sse(response, event, event["type"])
+    return response

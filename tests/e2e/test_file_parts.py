@@ -8,7 +8,6 @@ loopback upstreams record what they are sent: one as vLLM (chat ``file`` parts),
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from typing import Any
 
 import anthropic
@@ -16,9 +15,9 @@ import openai
 import pytest
 from aiohttp import web
 
-from tests.conftest import PairGateway, closed_after_test
-from tests.gateway_process import GatewayProcess, vllm_and_claude_models
-from tests.loopback_app import RecordingUpstream, serve_recording
+from tests.conftest import closed_after_test, recording_vllm_and_claude
+from tests.gateway_process import GatewayProcess
+from tests.loopback_app import RecordingUpstream
 
 _ROUTES = """
   vllm-r: {model: vllm}
@@ -49,25 +48,7 @@ async def _messages(request: web.Request, upstream: RecordingUpstream) -> web.St
     })  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def vllm() -> Iterator[RecordingUpstream]:
-    with serve_recording({"/v1/chat/completions": _chat}, name="file-parts-vllm") as upstream:
-        yield upstream
-
-
-@pytest.fixture(scope="module")
-def claude_upstream() -> Iterator[RecordingUpstream]:
-    with serve_recording({"/v1/messages": _messages}, name="file-parts-claude") as upstream:
-        yield upstream
-
-
-@pytest.fixture(scope="module")
-def gateway(
-    pair_gateway: PairGateway, vllm: RecordingUpstream, claude_upstream: RecordingUpstream
-) -> Iterator[GatewayProcess]:
-    models = vllm_and_claude_models(vllm.url, claude_upstream.url)
-    with pair_gateway("file-parts", extra_models=models, routes=_ROUTES, cache=_CACHE) as gw:
-        yield gw
+vllm, claude_upstream, gateway = recording_vllm_and_claude("file-parts", _chat, _messages, routes=_ROUTES, cache=_CACHE)
 
 
 def _oai(gateway: GatewayProcess) -> openai.OpenAI:

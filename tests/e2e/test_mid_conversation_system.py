@@ -24,7 +24,7 @@ from anthropic.types import MessageParam
 
 from tests.conftest import PairGateway, closed_after_test
 from tests.gateway_process import GatewayProcess, model_entry
-from tests.loopback_app import RecordingUpstream, serve_recording, write_sse
+from tests.loopback_app import RecordingUpstream, claude_text, serve_recording, write_sse
 
 _OPUS = "claude-opus-4-8"
 """The one model of the loopback Anthropic that reads a system message in ``messages``."""
@@ -64,24 +64,7 @@ async def _messages(request: web.Request, upstream: RecordingUpstream) -> web.St
         return web.json_response(error, status=400)
     if request.path.endswith("/count_tokens"):
         return web.json_response({"input_tokens": 7})
-    message: dict[str, Any] = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
-                               "stop_sequence": None}  # fmt: skip
-    if not body.get("stream"):
-        content = [{"type": "text", "text": "Bonjour."}]
-        return web.json_response({**message, "content": content, "stop_reason": "end_turn", "usage": _CLAUDE_USAGE})
-    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
-    await response.prepare(request)
-    events: list[dict[str, Any]] = [
-        {"type": "message_start", "message": {**message, "content": [], "stop_reason": None, "usage": _CLAUDE_USAGE}},
-        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Bonjour."}},
-        {"type": "content_block_stop", "index": 0},
-        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": _CLAUDE_USAGE},
-        {"type": "message_stop"},
-    ]
-    for event in events:
-        await write_sse(response, event, event["type"])
-    return response
+    return await claude_text(request, body, "Bonjour.", _CLAUDE_USAGE)
 
 
 async def _chat(request: web.Request, upstream: RecordingUpstream) -> web.StreamResponse:

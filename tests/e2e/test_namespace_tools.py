@@ -13,16 +13,15 @@ API: with a call to the joined name when the user asks, and with text once a too
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
 from aiohttp import web
 
-from tests.conftest import PairGateway, closed_after_test
-from tests.gateway_process import GatewayProcess, vllm_and_claude_models
-from tests.loopback_app import RecordingUpstream, serve_recording, write_sse
+from tests.conftest import closed_after_test, recording_vllm_and_claude
+from tests.gateway_process import GatewayProcess
+from tests.loopback_app import RecordingUpstream, write_sse
 
 _ROUTES = """
   vllm-r: {model: vllm}
@@ -88,25 +87,7 @@ async def _messages(request: web.Request, upstream: RecordingUpstream) -> web.St
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def vllm() -> Iterator[RecordingUpstream]:
-    with serve_recording({"/v1/chat/completions": _chat}, name="namespace-vllm") as upstream:
-        yield upstream
-
-
-@pytest.fixture(scope="module")
-def claude_upstream() -> Iterator[RecordingUpstream]:
-    with serve_recording({"/v1/messages": _messages}, name="namespace-claude") as upstream:
-        yield upstream
-
-
-@pytest.fixture(scope="module")
-def gateway(
-    pair_gateway: PairGateway, vllm: RecordingUpstream, claude_upstream: RecordingUpstream
-) -> Iterator[GatewayProcess]:
-    models = vllm_and_claude_models(vllm.url, claude_upstream.url)
-    with pair_gateway("namespace-tools", extra_models=models, routes=_ROUTES) as gw:
-        yield gw
+vllm, claude_upstream, gateway = recording_vllm_and_claude("namespace-tools", _chat, _messages, routes=_ROUTES)
 
 
 def _oai(gateway: GatewayProcess) -> openai.OpenAI:

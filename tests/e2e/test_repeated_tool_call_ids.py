@@ -13,7 +13,6 @@ Anthropic's API (refusing repeated ``tool_use`` ids and results that answer no c
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import anthropic
@@ -21,9 +20,9 @@ import openai
 import pytest
 from aiohttp import web
 
-from tests.conftest import PairGateway, closed_after_test
-from tests.gateway_process import GatewayProcess, vllm_and_claude_models
-from tests.loopback_app import RecordingUpstream, serve_recording, write_sse
+from tests.conftest import closed_after_test, recording_vllm_and_claude
+from tests.gateway_process import GatewayProcess
+from tests.loopback_app import RecordingUpstream, claude_text, write_sse
 
 _ROUTES = """
   vllm-r: {model: vllm}
@@ -114,45 +113,10 @@ async def _messages(request: web.Request, upstream: RecordingUpstream) -> web.St
     if refused is not None:
         error = {"type": "error", "error": {"type": "invalid_request_error", "message": refused}}
         return web.json_response(error, status=400)
-    message: dict[str, Any] = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
-                               "stop_sequence": None}  # fmt: skip
-    if not body.get("stream"):
-        content = [{"type": "text", "text": "Sunny."}]
-        return web.json_response({**message, "content": content, "stop_reason": "end_turn", "usage": _CLAUDE_USAGE})
-    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
-    await response.prepare(request)
-    events: list[dict[str, Any]] = [
-        {"type": "message_start", "message": {**message, "content": [], "stop_reason": None, "usage": _CLAUDE_USAGE}},
-        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Sunny."}},
-        {"type": "content_block_stop", "index": 0},
-        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": _CLAUDE_USAGE},
-        {"type": "message_stop"},
-    ]
-    for event in events:
-        await write_sse(response, event, event["type"])
-    return response
+    return await claude_text(request, body, "Sunny.", _CLAUDE_USAGE)
 
 
-@pytest.fixture(scope="module")
-def vllm() -> Iterator[RecordingUpstream]:
-    with serve_recording({"/v1/chat/completions": _chat}, name="repeated-ids-vllm") as upstream:
-        yield upstream
-
-
-@pytest.fixture(scope="module")
-def claude_upstream() -> Iterator[RecordingUpstream]:
-    with serve_recording({"/v1/messages": _messages}, name="repeated-ids-claude") as upstream:
-        yield upstream
-
-
-@pytest.fixture(scope="module")
-def gateway(
-    pair_gateway: PairGateway, vllm: RecordingUpstream, claude_upstream: RecordingUpstream
-) -> Iterator[GatewayProcess]:
-    models = vllm_and_claude_models(vllm.url, claude_upstream.url)
-    with pair_gateway("repeated-tool-call-ids", extra_models=models, routes=_ROUTES) as gw:
-        yield gw
+vllm, claude_upstream, gateway = recording_vllm_and_claude("repeated-tool-call-ids", _chat, _messages, routes=_ROUTES)
 
 
 def _oai(gateway: GatewayProcess) -> openai.OpenAI:
