@@ -72,6 +72,9 @@ def _validate_messages(messages: list[Any]) -> None:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise _fail(f"messages.{i}: Input should be a valid dictionary")
+        if message.get("role") == "system" and i > 0:  # mid-conversation, as Claude Opus 4.8 takes it
+            _validate_system(message.get("content"))
+            continue
         if message.get("role") not in _ROLES:
             raise _fail(f"messages.{i}.role: Input should be 'user' or 'assistant'")
         content = message.get("content")
@@ -182,6 +185,22 @@ def _output_schema(body: dict[str, Any]) -> Any:
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
         raise _fail("output_config.format: Input should be {'type': 'json_schema', 'schema': {...}}")
     return fmt["schema"]
+
+
+def without_system_messages(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` with its mid-conversation system messages read into its ``system``, as the
+    answer and the count read them (a validated body's)."""
+    messages: list[Any] = body["messages"]
+    placed = [message for message in messages if message.get("role") == "system"]
+    if not placed:
+        return body
+    system = body.get("system")
+    blocks = [{"type": "text", "text": system}] if isinstance(system, str) else list(system or [])
+    for message in placed:
+        content = message.get("content")
+        blocks += [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+    kept = [message for message in messages if message.get("role") != "system"]
+    return {**body, "system": blocks, "messages": kept}
 
 
 def validate(body: dict[str, Any]) -> None:

@@ -77,6 +77,7 @@ from gateway.simulated.anthropic_extras import (
     input_tokens,
     plan_messages,
     validate,
+    without_system_messages,
 )
 from gateway.simulated.embeddings import EmbeddingInputError, embeddings_response
 from gateway.simulated.openai_extras import (
@@ -1014,6 +1015,7 @@ async def _messages(request: web.Request, state: _State, body: Any, fault: _Faul
     error = _anthropic_request_error(request, body)
     if error is not None:
         return error
+    body = without_system_messages(body)
     plan = plan_messages(body, name=state.name, fault_text=fault.text)
     if fault.stop_reason is not None:
         plan = replace(plan, stop_reason=fault.stop_reason)
@@ -1093,7 +1095,7 @@ async def _count_tokens(request: web.Request, state: _State, body: Any, fault: _
     error = _anthropic_request_error(request, body, count_only=True)
     if error is not None:
         return error
-    return _json_response(_encode_json({"input_tokens": input_tokens(body)}))
+    return _json_response(_encode_json({"input_tokens": input_tokens(without_system_messages(body))}))
 
 
 async def _count_tokens_handler(request: web.Request) -> web.StreamResponse:

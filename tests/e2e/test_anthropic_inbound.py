@@ -34,6 +34,18 @@ def test_a_message_is_answered_in_anthropics_shape(claude: anthropic.Anthropic, 
     assert record["protocol"] == "anthropic.messages" and record["status"] == 200
 
 
+def test_the_simulated_claude_takes_a_system_message_placed_in_the_conversation(claude: anthropic.Anthropic) -> None:
+    """t208: `make run`'s simulated Claude refused a mid-conversation system message, which Claude
+    Opus 4.8 takes and Claude Code sends for a model name it does not know: Claude Code's first
+    request on such a route was a 400 from the simulator, though the gateway passed it on as sent."""
+    messages: Any = [{"role": "user", "content": "Hello."}, {"role": "system", "content": "Answer in French."}]
+    answer = claude.messages.create(model="claude", max_tokens=64, messages=messages)
+    assert answer.stop_reason == "end_turn" and answer.content
+    events = claude.messages.create(model="claude", max_tokens=64, messages=messages, stream=True)
+    assert [event.type for event in events][-1] == "message_stop"
+    assert claude.messages.count_tokens(model="claude", messages=messages).input_tokens > 0
+
+
 def test_the_stream_helper_accumulates_the_same_answer(claude: anthropic.Anthropic) -> None:
     ask = {
         "model": "fast",
