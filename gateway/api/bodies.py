@@ -48,19 +48,18 @@ async def received_body(request: BodySource, limit: int, timeout_s: float) -> by
         if not announced.isdigit():
             raise InvalidRequestError("invalid Content-Length header")
         if int(announced) > limit:
-            if int(announced) <= DRAINED_AT_MOST:
+            if int(announced) <= _DRAINED_AT_MOST:
                 await _drain(request.stream(), timeout_s)
             raise _too_large(f"request body of {announced} bytes exceeds the limit of {limit} bytes")
     chunks: list[bytes] = []
     size = 0
+    stream = request.stream()
     try:
         async with asyncio.timeout(timeout_s):
-            stream = request.stream()
             async for chunk in stream:
                 size += len(chunk)
                 if size > limit:
-                    await _drain(stream, timeout_s, size)
-                    raise _too_large(f"request body exceeds the limit of {limit} bytes")
+                    break
                 chunks.append(chunk)
     except TimeoutError:
         raise RequestTimeoutError(
@@ -71,10 +70,13 @@ async def received_body(request: BodySource, limit: int, timeout_s: float) -> by
             "the request body could not be read: the connection ended, or its chunked framing was invalid, "
             "before the body was whole"
         ) from None
+    if size > limit:  # drained with a time of its own: a 413, not a 408, however slowly the rest comes
+        await _drain(stream, timeout_s, size)
+        raise _too_large(f"request body exceeds the limit of {limit} bytes")
     return b"".join(chunks)
 
 
-DRAINED_AT_MOST = 32 << 20
+_DRAINED_AT_MOST = 32 << 20
 """A body past the limit is still read, and dropped, up to this size before the 413 goes out: a
 server that closes while the client still sends resets the connection, and a client whose
 sending failed never reads the answer (t205: 11 of 20 bodies of 3 MB over a 64 kB limit reached
@@ -82,18 +84,18 @@ the openai SDK's async client as a connection error, not a 413). A larger one is
 
 
 async def _drain(stream: AsyncIterator[bytes], timeout_s: float, size: int = 0) -> None:
-    """Read ``stream`` to its end and drop it, while it stays within :data:`DRAINED_AT_MOST`
+    """Read ``stream`` to its end and drop it, while it stays within :data:`_DRAINED_AT_MOST`
     and ``timeout_s``; a client that leaves meanwhile is left to the 413's write."""
     with contextlib.suppress(TimeoutError, InternalServerException):
         async with asyncio.timeout(timeout_s):
             async for chunk in stream:
                 size += len(chunk)
-                if size > DRAINED_AT_MOST:
+                if size > _DRAINED_AT_MOST:
                     return
 
 
 def _too_large(message: str) -> PayloadTooLargeError:
-    """A 413: the connection is not kept (the rest of a body past :data:`DRAINED_AT_MOST` was not
+    """A 413: the connection is not kept (the rest of a body past :data:`_DRAINED_AT_MOST` was not
     read). Said in a header, as granian otherwise sometimes closed it unannounced, failing a
     kept-alive client's next request (t168)."""
     return PayloadTooLargeError(message, headers={"connection": "close"})
