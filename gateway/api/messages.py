@@ -263,9 +263,7 @@ async def count_message_tokens(request: Request[Any, Any, Any]) -> Response[byte
             return kept, counted, continues, lenient, hints
 
         try:
-            body, decoded, continues, lenient, hints = await read_off_loop(
-                raw, read
-            )  # t55: a 3.5 MB count held /healthz 0.4 s
+            body, decoded, continues, lenient, hints = await read_off_loop(raw, read)  # t55: off the event loop
             if continues is not None:
                 await _own_thread(_threads(request), principal.tenant, continues)
         except InvalidRequestError:  # an unknown model is named first, whatever else is wrong
@@ -308,10 +306,10 @@ def _dropped(
     if not answered_by:
         return []
     runtime = request.app.state.gateway.holder.current
-    answerer = runtime.policy.models.get(answered_by or "")
+    answerer = runtime.policy.models.get(answered_by)
     if answerer is not None and answerer.provider == "anthropic":  # what no translation carries
         kept = [name for name in asked.dropped if name not in openai_chat.CHAT_UPSTREAM_LOSSES]
-        provider = runtime.providers.get(answered_by or "")
+        provider = runtime.providers.get(answered_by)
         lost = provider.not_carried(asked) if provider is not None else []
         if "top_p" in lost:  # a model that takes one sampler (t53)
             kept.append("top_p")

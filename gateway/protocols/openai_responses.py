@@ -593,7 +593,6 @@ def _tools(
         )
     tools: list[Tool] = []
     echo: list[dict[str, Any]] = []
-    strict: dict[str, bool] = {}
     namespaces: dict[str, str] = {}
     top_level = {tool.get("name") for tool in raw if tool.get("type") == "function"}
     for index, tool in enumerate(raw):
@@ -604,33 +603,31 @@ def _tools(
             continue
         if not lenient:  # as OpenAI checks it (t182); a passed-through request's, the upstream checks
             check_schema_name(tool.get("name"), f"tools[{index}].name")
-        name = _string(tool, "name", f"tools[{index}]")
-        parameters = tool.get("parameters")
-        if parameters is not None and not isinstance(parameters, dict):
-            raise InvalidRequestError(
-                f"tools[{index}].parameters: a JSON schema object is required", param=f"tools[{index}].parameters"
-            )
-        description = tool.get("description")
-        if isinstance(tool.get("strict"), bool):
-            strict[name] = tool["strict"]
-        tools.append(
-            Tool(
-                name,
-                parameters or _EMPTY_PARAMETERS,
-                description if isinstance(description, str) else None,
-                strict=strict.get(name),
-            )
-        )
-        echo.append(
-            {
-                "type": "function",
-                "name": name,
-                "description": description,
-                "parameters": parameters,
-                "strict": strict.get(name, False),  # what the chat upstream applies: strict only when asked
-            }
-        )
+        sent, echoed = _function(tool, f"tools[{index}]", _string(tool, "name", f"tools[{index}]"))
+        tools.append(sent)
+        echo.append(echoed)
     return tools, echo, namespaces
+
+
+def _function(
+    tool: dict[str, Any], where: str, name: str, *, sent_as: str | None = None, about: str | None = None
+) -> tuple[Tool, dict[str, Any]]:
+    """A ``function`` tool as the upstream is sent it (under ``sent_as``, its description after
+    ``about`` where given) and as the response echoes it."""
+    parameters = tool.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise InvalidRequestError(f"{where}.parameters: a JSON schema object is required", param=f"{where}.parameters")
+    description = tool.get("description") if isinstance(tool.get("description"), str) else None
+    strict = tool["strict"] if isinstance(tool.get("strict"), bool) else None
+    told = description if about is None else f"{about}\n\n{description}" if description else about
+    echoed = {
+        "type": "function",
+        "name": name,
+        "description": tool.get("description"),
+        "parameters": parameters,
+        "strict": bool(strict),  # what the chat upstream applies: strict only when asked
+    }
+    return Tool(sent_as or name, parameters or _EMPTY_PARAMETERS, told, strict=strict), echoed
 
 
 def _unsupported_kinds(tool: Any) -> list[str]:
@@ -671,6 +668,7 @@ def _namespace(
     inner = tool.get("tools")
     if not isinstance(inner, list):
         raise InvalidRequestError(f"{where}.tools: a list of function tools is required", param=f"{where}.tools")
+    said = f"Namespace {namespace}" + (f": {about}" if isinstance(about, str) and about else "")
     tools: list[Tool] = []
     echo: list[dict[str, Any]] = []
     for index, function in enumerate(inner):
@@ -692,29 +690,9 @@ def _namespace(
                 param=f"{at}.name",
             )
         namespaces[joined] = namespace
-        parameters = function.get("parameters")
-        if parameters is not None and not isinstance(parameters, dict):
-            raise InvalidRequestError(f"{at}.parameters: a JSON schema object is required", param=f"{at}.parameters")
-        description = function.get("description") if isinstance(function.get("description"), str) else None
-        strict = function["strict"] if isinstance(function.get("strict"), bool) else None
-        said = f"Namespace {namespace}" + (f": {about}" if isinstance(about, str) and about else "")
-        tools.append(
-            Tool(
-                joined,
-                parameters or _EMPTY_PARAMETERS,
-                f"{said}\n\n{description}" if description else said,
-                strict=strict,
-            )
-        )
-        echo.append(
-            {
-                "type": "function",
-                "name": name,
-                "description": description,
-                "parameters": parameters,
-                "strict": bool(strict),
-            }
-        )
+        sent, echoed = _function(function, at, name, sent_as=joined, about=said)
+        tools.append(sent)
+        echo.append(echoed)
     return tools, {"type": "namespace", "name": namespace, "description": about, "tools": echo}
 
 
